@@ -1,0 +1,29 @@
+# `make run` and `make test` bootstrap .venv on first use and whenever
+# pyproject.toml changes, so a fresh clone needs only python3 and make.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench screenshots clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/taskwatch
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) bench/throughput.py
+
+screenshots: $(STAMP)
+	$(PY) -m taskwatch.tui.screenshots screenshots
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,80 @@
+"""taskwatch.engine: run and watch background work in asyncio programs.
+
+The public API of the engine; nothing here imports Textual.
+"""
+
+from .backends import AsyncioBackend, Backend, InlineBackend
+from .bus import EventBus, Subscription
+from .context import TaskContext
+from .engine import Engine
+from .errors import (
+    DuplicateTask,
+    EngineNotRunning,
+    InvalidParams,
+    NotLeader,
+    ProtocolError,
+    QueueFull,
+    RunNotCancellable,
+    RunNotFound,
+    RunNotRetryable,
+    TaskDefinitionError,
+    TaskwatchError,
+    UnknownPeriodic,
+    UnknownTask,
+)
+from .events import (
+    EVENT_ADAPTER,
+    EVENT_KINDS,
+    BaseEvent,
+    Event,
+    event_from_dict,
+    event_from_json,
+    event_to_dict,
+    event_to_json,
+)
+from .handle import RunHandle
+from .lease import Leadership
+from .runs import EngineStats, Progress, RunError, RunRecord, RunStatus
+from .tasks import TaskSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EVENT_ADAPTER",
+    "EVENT_KINDS",
+    "AsyncioBackend",
+    "Backend",
+    "BaseEvent",
+    "DuplicateTask",
+    "Engine",
+    "EngineNotRunning",
+    "EngineStats",
+    "Event",
+    "EventBus",
+    "InlineBackend",
+    "InvalidParams",
+    "Leadership",
+    "NotLeader",
+    "Progress",
+    "ProtocolError",
+    "QueueFull",
+    "RunError",
+    "RunHandle",
+    "RunNotCancellable",
+    "RunNotFound",
+    "RunNotRetryable",
+    "RunRecord",
+    "RunStatus",
+    "Subscription",
+    "TaskContext",
+    "TaskDefinitionError",
+    "TaskSpec",
+    "TaskwatchError",
+    "UnknownPeriodic",
+    "UnknownTask",
+    "event_from_dict",
+    "event_from_json",
+    "event_to_dict",
+    "event_to_json",
+    "__version__",
+]

@@ -1,0 +1,287 @@
+"""The debug-event bus: typed events fanned out to bounded subscribers.
+
+Publishing never waits: each subscriber owns a bounded buffer, and events
+that do not fit are dropped *for that subscriber alone* and counted. The
+subscriber reads the count (``Subscription.dropped``) and is also handed an
+:class:`~taskwatch.engine.events.EventsDropped` event before the next event it
+does receive. A ring buffer keeps the last events so late subscribers can
+replay recent history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from .events import BaseEvent, EventsDropped
+
+log = logging.getLogger("taskwatch.bus")
+
+E = TypeVar("E", bound=BaseEvent)
+
+DEFAULT_BUFFER = 10_000
+DEFAULT_REPLAY = 1_000
+
+
+class KindFilter:
+    """Matches event kinds exactly, or by prefix when a pattern ends with ``.``."""
+
+    __slots__ = ("_exact", "_prefixes", "_cache")
+
+    def __init__(self, kinds: Iterable[str] | None) -> None:
+        kinds = list(kinds or ())
+        self._exact = frozenset(k for k in kinds if not k.endswith("."))
+        self._prefixes = tuple(k for k in kinds if k.endswith("."))
+        self._cache: dict[str, bool] = {}
+
+    @property
+    def matches_all(self) -> bool:
+        return not self._exact and not self._prefixes
+
+    def __call__(self, kind: str) -> bool:
+        hit = self._cache.get(kind)
+        if hit is None:
+            hit = kind in self._exact or kind.startswith(self._prefixes)
+            self._cache[kind] = hit
+        return hit
+
+
+class Subscription:
+    """An async iterator over events, with its own bounded buffer.
+
+    Use as ``async for event in sub`` or drain in batches with
+    :meth:`get_batch`. Iteration ends after the bus closes and the buffer is
+    empty. Close it (or use ``async with``) when done so the bus stops feeding it.
+    """
+
+    def __init__(self, bus: EventBus, maxsize: int, kinds: Iterable[str] | None) -> None:
+        if maxsize < 1:
+            raise ValueError("a subscription buffer needs room for at least one event")
+        self._bus = bus
+        self.maxsize = maxsize
+        self._filter = KindFilter(kinds)
+        self._all = self._filter.matches_all
+        self._buffer: deque[BaseEvent] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._unreported = 0
+        #: events this subscriber missed because its buffer was full
+        self.dropped = 0
+        #: events delivered into this subscriber's buffer
+        self.received = 0
+        self.closed = False
+
+    # called by the bus, on the engine's loop
+    def _offer(self, event: BaseEvent) -> None:
+        if not self._all and not self._filter(event.kind):  # type: ignore[attr-defined]
+            return
+        if len(self._buffer) >= self.maxsize:
+            self.dropped += 1
+            self._unreported += 1
+            self._bus.dropped_total += 1
+            return
+        self._buffer.append(event)
+        self.received += 1
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _take_one(self) -> BaseEvent:
+        if self._unreported:
+            count, self._unreported = self._unreported, 0
+            return self._bus.make(EventsDropped, count=count, total=self.dropped)
+        return self._buffer.popleft()
+
+    def pending(self) -> int:
+        """Events buffered and not yet read."""
+        return len(self._buffer)
+
+    def get_batch(self, limit: int | None = None) -> list[BaseEvent]:
+        """Take up to ``limit`` buffered events at once without waiting."""
+        out: list[BaseEvent] = []
+        if self._unreported:
+            out.append(self._take_one())
+        buf = self._buffer
+        n = len(buf) if limit is None else min(limit, len(buf))
+        for _ in range(n):
+            out.append(buf.popleft())
+        return out
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait until an event is buffered or the bus closes. True if events are ready."""
+        if self._buffer or self._unreported:
+            return True
+        if self.closed:
+            return False
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._waiter), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiter = None
+        return bool(self._buffer or self._unreported)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> BaseEvent:
+        while not (self._buffer or self._unreported):
+            if self.closed:
+                raise StopAsyncIteration
+            await self.wait()
+        return self._take_one()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._bus._remove(self)
+            self._wake()
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Callback:
+    __slots__ = ("fn", "filter", "errors")
+
+    def __init__(self, fn: Callable[[BaseEvent], Any], kinds: Iterable[str] | None) -> None:
+        self.fn = fn
+        self.filter = KindFilter(kinds)
+        self.errors = 0
+
+
+class EventBus:
+    """Fans events out to subscribers. Publish from the engine's event loop only."""
+
+    def __init__(self, node: str = "", replay: int = DEFAULT_REPLAY) -> None:
+        self.node = node
+        self._seq = 0
+        self._ring: deque[BaseEvent] = deque(maxlen=max(0, replay))
+        self._subs: list[Subscription] = []
+        self._callbacks: list[_Callback] = []
+        self.published = 0
+        self.dropped_total = 0
+        self.callback_errors = 0
+        self.closed = False
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    def make(self, cls: type[E], **fields: Any) -> E:
+        """Build an event stamped with this bus's node and clock, without publishing it."""
+        return cls(seq=self._seq, ts=time.time(), node=self.node, **fields)
+
+    def emit(self, cls: type[E], **fields: Any) -> E:
+        """Build an event with the next ``seq`` and publish it."""
+        self._seq += 1
+        event = cls(seq=self._seq, ts=time.time(), node=self.node, **fields)
+        self._deliver(event)
+        return event
+
+    def publish(self, event: BaseEvent) -> BaseEvent:
+        """Publish a ready-made event, restamping it with the next ``seq``."""
+        self._seq += 1
+        event = event.model_copy(update={"seq": self._seq, "node": event.node or self.node})
+        self._deliver(event)
+        return event
+
+    def _deliver(self, event: BaseEvent) -> None:
+        self.published += 1
+        self._ring.append(event)
+        for sub in self._subs:
+            sub._offer(event)
+        if self._callbacks:
+            kind: str = event.kind  # type: ignore[attr-defined]
+            for cb in self._callbacks:
+                if cb.filter(kind):
+                    try:
+                        cb.fn(event)
+                    except Exception:
+                        cb.errors += 1
+                        self.callback_errors += 1
+                        if cb.errors == 1:
+                            log.exception("event callback %r raised; errors are counted", cb.fn)
+
+    def subscribe(
+        self,
+        replay: int = 0,
+        kinds: Iterable[str] | None = None,
+        maxsize: int = DEFAULT_BUFFER,
+    ) -> Subscription:
+        """Subscribe to events from now on, after the last ``replay`` past events.
+
+        ``kinds`` filters by exact kind (``"run.failed"``) or prefix (``"run."``).
+        ``maxsize`` bounds the buffer; overflow is dropped for this subscriber only.
+        """
+        sub = Subscription(self, maxsize, kinds)
+        if replay > 0:
+            for event in list(self._ring)[-replay:]:
+                sub._offer(event)
+        if self.closed:
+            sub.closed = True
+        else:
+            self._subs.append(sub)
+        return sub
+
+    def add_callback(
+        self, fn: Callable[[BaseEvent], Any], kinds: Iterable[str] | None = None
+    ) -> Callable[[], None]:
+        """Call ``fn(event)`` synchronously for each event; returns an unsubscribe function.
+
+        Callbacks run inside ``publish``: keep them fast. Exceptions are caught,
+        counted in ``callback_errors`` and logged once per callback.
+        """
+        cb = _Callback(fn, kinds)
+        self._callbacks.append(cb)
+
+        def unsubscribe() -> None:
+            if cb in self._callbacks:
+                self._callbacks.remove(cb)
+
+        return unsubscribe
+
+    def recent(self, limit: int | None = None) -> list[BaseEvent]:
+        events = list(self._ring)
+        return events if limit is None else events[-limit:]
+
+    def _remove(self, sub: Subscription) -> None:
+        if sub in self._subs:
+            self._subs.remove(sub)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subs) + len(self._callbacks)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "published": self.published,
+            "subscribers": self.subscribers,
+            "dropped": self.dropped_total,
+            "callback_errors": self.callback_errors,
+            "last_seq": self._seq,
+        }
+
+    def close(self) -> None:
+        """End every subscription once its buffer is read. The bus stays readable."""
+        self.closed = True
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            sub.closed = True
+            sub._wake()
+
+    def reopen(self) -> None:
+        self.closed = False

@@ -1,0 +1,69 @@
+"""The context object handed to every running task."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import NotLeader
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .runs import Run
+
+
+class TaskContext:
+    """What a task may know and do about its own run.
+
+    ``await ctx.progress(done, total, message)`` publishes progress;
+    ``await ctx.ensure_leader()`` raises :class:`NotLeader` once this node has
+    lost the leader lease; ``ctx.term`` is the fencing token to attach to
+    destructive writes so a stale leader's writes can be refused.
+    """
+
+    __slots__ = ("_engine", "_run", "name", "resources")
+
+    def __init__(self, engine: Engine, run: Run | None, name: str, resources: dict[str, Any] | None = None) -> None:
+        self._engine = engine
+        self._run = run
+        self.name = name
+        self.resources: dict[str, Any] = resources or {}
+
+    @property
+    def run_id(self) -> str | None:
+        return self._run.id if self._run is not None else None
+
+    @property
+    def attempt(self) -> int:
+        return self._run.attempt if self._run is not None else 1
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self._run.params if self._run is not None else {}
+
+    @property
+    def node_id(self) -> str:
+        return self._engine.node_id
+
+    @property
+    def is_leader(self) -> bool:
+        return self._engine._leader.is_leader
+
+    @property
+    def term(self) -> int:
+        """The fencing token of this node's current leadership term (0 if not leader)."""
+        return self._engine._leader.term if self._engine._leader.is_leader else 0
+
+    async def progress(self, done: float, total: float | None = None, message: str = "") -> None:
+        """Report progress; published as a ``run.progress`` event."""
+        if self._run is not None:
+            self._engine._progress(self._run, done, total, message)
+
+    async def ensure_leader(self) -> int:
+        """Return the current fencing token, or raise :class:`NotLeader` if leadership is lost."""
+        leader = self._engine._leader
+        if not leader.is_leader or not leader.lease_valid():
+            raise NotLeader(self._engine.node_id, leader.holder)
+        return leader.term
+
+    def __repr__(self) -> str:
+        return f"<TaskContext {self.name} run={self.run_id} attempt={self.attempt}>"

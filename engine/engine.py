@@ -1,0 +1,765 @@
+"""The engine: registers tasks, admits and tracks runs, publishes events.
+
+One :class:`Engine` owns every run it accepted and every loop it started; the
+backend executes runs, the bus carries what happens to them. ``async with
+engine`` (or ``start()`` / ``stop()``) bounds its life: ``stop`` drains, then
+cancels, then awaits, so no asyncio task outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError, to_jsonable_python
+
+from .backends import Backend, make_backend
+from .bus import DEFAULT_REPLAY, EventBus
+from .context import TaskContext
+from .errors import (
+    DuplicateTask,
+    EngineNotRunning,
+    InvalidParams,
+    QueueFull,
+    RunNotCancellable,
+    RunNotFound,
+    RunNotRetryable,
+    UnknownTask,
+)
+from .events import (
+    EngineStarted,
+    EngineStopped,
+    EngineStopping,
+    RunCancelled,
+    RunFailed,
+    RunProgressed,
+    RunRetrying,
+    RunStarted,
+    RunSubmitted,
+    RunSucceeded,
+)
+from .handle import RunHandle
+from .lease import LeaderElector, Leadership
+from .runs import CancelReason, EngineStats, Run, RunError, RunRecord, RunStatus
+from .tasks import TaskFn, TaskSpec, params_model_of
+
+F = TypeVar("F", bound=TaskFn)
+
+_PENDING = RunStatus.PENDING
+_RUNNING = RunStatus.RUNNING
+_SUCCEEDED = RunStatus.SUCCEEDED
+_FAILED = RunStatus.FAILED
+_CANCELLED = RunStatus.CANCELLED
+
+
+class Engine:
+    """An asyncio background-task engine.
+
+    Parameters
+    ----------
+    max_concurrency:
+        Runs executing at once, across all tasks.
+    max_queue:
+        Runs waiting for a slot; ``submit`` raises :class:`QueueFull` beyond it.
+    history:
+        Finished runs kept for queries; older ones are evicted oldest-finished first.
+    backend:
+        ``"asyncio"`` (default), ``"inline"``, or a :class:`Backend` instance.
+    node_id:
+        This engine's name in events and leader election (default: host-pid).
+    cancel_grace:
+        Seconds a cancelled running run gets to finish its cleanup.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_concurrency: int = 8,
+        max_queue: int = 10_000,
+        history: int = 1_000,
+        backend: str | Backend = "asyncio",
+        node_id: str | None = None,
+        lease: Any = None,
+        resources: dict[str, Any] | None = None,
+        flags: dict[str, bool] | None = None,
+        replay: int = DEFAULT_REPLAY,
+        cancel_grace: float = 5.0,
+        throughput_window: float = 10.0,
+        health_interval: float | None = 1.0,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        if max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
+        if history < 0:
+            raise ValueError("history must be zero or more")
+        self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self.history = history
+        self.cancel_grace = cancel_grace
+        self.resources: dict[str, Any] = dict(resources or {})
+        self.flags: dict[str, bool] = dict(flags or {})
+        self.health_interval = health_interval
+        self.bus = EventBus(node=self.node_id, replay=replay)
+        self._backend = make_backend(backend)
+        self._backend.bind(self)
+        self._tasks: dict[str, TaskSpec] = {}
+        self._runs: dict[str, Run] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._keys: dict[str, Run] = {}
+        self._counts: dict[RunStatus, int] = {s: 0 for s in RunStatus}
+        self._retry_timers: set[Run] = set()
+        self._submitted_total = 0
+        self._finished_total = 0
+        self._totals = {_SUCCEEDED: 0, _FAILED: 0, _CANCELLED: 0}
+        self._retries_total = 0
+        self._tp_window = throughput_window
+        # per-second buckets of [second, finished, failed] for throughput figures
+        self._tp: deque[list[int]] = deque()
+        self._idle: asyncio.Future[None] | None = None
+        self._state = "new"
+        self._started_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._leader = LeaderElector(self, lease)
+        # the loops that issue-specific modules run; each has start() and stop(deadline)
+        self._services: list[Any] = []
+
+    # ------------------------------------------------------------------ registry
+
+    def task(
+        self,
+        fn: F | None = None,
+        *,
+        name: str | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+        concurrency: int | None = None,
+        params: type[BaseModel] | None = None,
+        backoff: float = 0.5,
+        backoff_max: float = 60.0,
+        description: str | None = None,
+    ) -> Any:
+        """Register an ``async def task(ctx, params)`` function. Usable bare or with options."""
+
+        def decorate(func: F) -> F:
+            self.register(
+                func,
+                name=name,
+                retries=retries,
+                timeout=timeout,
+                concurrency=concurrency,
+                params=params,
+                backoff=backoff,
+                backoff_max=backoff_max,
+                description=description,
+            )
+            return func
+
+        return decorate(fn) if fn is not None else decorate
+
+    def register(
+        self,
+        fn: TaskFn,
+        *,
+        name: str | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+        concurrency: int | None = None,
+        params: type[BaseModel] | None = None,
+        backoff: float = 0.5,
+        backoff_max: float = 60.0,
+        description: str | None = None,
+        kind: str = "task",
+        resources: tuple[str, ...] = (),
+    ) -> TaskSpec:
+        task_name = name or fn.__name__
+        if task_name in self._tasks:
+            raise DuplicateTask("task", task_name)
+        if retries < 0:
+            raise ValueError(f"retries for task {task_name!r} must be zero or more")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout for task {task_name!r} must be positive seconds")
+        if concurrency is not None and concurrency < 1:
+            raise ValueError(f"concurrency for task {task_name!r} must be at least 1")
+        model = None if kind == "periodic" else params_model_of(fn, params, task_name)
+        spec = TaskSpec(
+            name=task_name,
+            fn=fn,
+            params_model=model,
+            retries=retries,
+            timeout=timeout,
+            concurrency=concurrency,
+            backoff=backoff,
+            backoff_max=backoff_max,
+            kind=kind,
+            resources=resources,
+            description=description or (fn.__doc__ or "").strip().split("\n")[0],
+        )
+        self._tasks[task_name] = spec
+        return spec
+
+    def tasks(self) -> dict[str, TaskSpec]:
+        """Registered tasks by name (read-only view)."""
+        return dict(self._tasks)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def state(self) -> str:
+        """``new``, ``running``, ``stopping`` or ``stopped``."""
+        return self._state
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @property
+    def started_at(self) -> float | None:
+        return self._started_at
+
+    async def start(self) -> None:
+        if self._state == "running":
+            return
+        if self._state == "stopping":
+            raise EngineNotRunning("stopping")
+        self._loop = asyncio.get_running_loop()
+        self.bus.reopen()
+        self._state = "running"
+        self._started_at = time.time()
+        self.bus.emit(EngineStarted, backend=self._backend.name)
+        started: list[Any] = []
+        try:
+            await self._leader.start()
+            for service in self._services:
+                await service.start()
+                started.append(service)
+        except BaseException:
+            deadline = self._loop.time() + 1.0
+            for service in reversed(started):
+                await service.stop(deadline)
+            await self._leader.stop(deadline)
+            self._state = "stopped"
+            raise
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting work, drain for up to ``timeout`` seconds, cancel the rest, await all."""
+        if self._state in ("new", "stopped"):
+            return
+        if self._state == "stopping":
+            while self._state == "stopping":
+                await asyncio.sleep(0.01)
+            return
+        loop = asyncio.get_running_loop()
+        self._state = "stopping"
+        deadline = loop.time() + max(0.0, timeout)
+        self.bus.emit(
+            EngineStopping,
+            timeout=timeout,
+            pending=self._counts[_PENDING],
+            running=self._counts[_RUNNING],
+        )
+        # producers stop first so the drain below has a fixed amount of work
+        for service in reversed(self._services):
+            await service.stop(deadline)
+        await self._wait_idle(deadline - loop.time())
+        cancelled_pending = 0
+        for run in list(self._retry_timers):
+            self._cancel_retry_timer(run)
+            self._finish_cancelled(run, "shutdown", was_running=False)
+            cancelled_pending += 1
+        for run in self._backend.drain_pending():
+            self._finish_cancelled(run, "shutdown", was_running=False, discard=False)
+            cancelled_pending += 1
+        tasks = self._backend.running_tasks()
+        for t in tasks:
+            run = self._run_of_task(t)
+            if run is not None and run.cancel_reason is None:
+                run.cancel_reason = "shutdown"
+            t.cancel()
+        await self._await_tasks(tasks)
+        await self._leader.stop(loop.time() + 1.0)
+        self.bus.emit(EngineStopped, cancelled_pending=cancelled_pending, cancelled_running=len(tasks))
+        self.bus.close()
+        self._state = "stopped"
+
+    async def _await_tasks(self, tasks: list[asyncio.Task[Any]]) -> None:
+        """Await cancelled tasks; re-cancel ones that swallow cancellation, a few times."""
+        remaining = [t for t in tasks if not t.done()]
+        for _ in range(3):
+            if not remaining:
+                return
+            done, pending = await asyncio.wait(remaining, timeout=self.cancel_grace)
+            for t in pending:
+                t.cancel()
+            remaining = list(pending)
+        if remaining:
+            # a task that ignores cancellation this long is a bug in that task; waiting
+            # forever would hang the caller's shutdown, so wait once more without bound
+            # only if the loop is not closing anyway.
+            await asyncio.wait(remaining)
+
+    def _run_of_task(self, task: asyncio.Task[Any]) -> Run | None:
+        name = task.get_name()
+        if name.startswith("taskwatch-run-"):
+            return self._runs.get(name[len("taskwatch-run-"):])
+        return None
+
+    async def _wait_idle(self, timeout: float) -> bool:
+        if self._counts[_PENDING] + self._counts[_RUNNING] == 0:
+            return True
+        if timeout <= 0:
+            return False
+        self._idle = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._idle), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._idle = None
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def add_service(self, service: Any) -> None:
+        """Attach a loop the engine starts and stops with itself (``start()``, ``stop(deadline)``)."""
+        self._services.append(service)
+        if self._state == "running":
+            raise RuntimeError("add services before the engine starts")
+
+    # ------------------------------------------------------------------ submit
+
+    def _require_running(self) -> None:
+        if self._state != "running":
+            raise EngineNotRunning(self._state)
+
+    def _admit(
+        self,
+        task: str,
+        params: BaseModel | dict[str, Any] | None,
+        key: str | None,
+        source: str,
+    ) -> tuple[Run, bool]:
+        """Validate and create a pending run; or return the pending run holding ``key``.
+
+        The flag says whether the run is new (and so must be queued).
+        """
+        self._require_running()
+        spec = self._tasks.get(task)
+        if spec is None:
+            raise UnknownTask(task, (n for n, s in self._tasks.items() if s.submittable))
+        if key is not None:
+            existing = self._keys.get(key)
+            if existing is not None and existing.status is _PENDING:
+                return existing, False
+        if self._counts[_PENDING] >= self.max_queue:
+            raise QueueFull(f"the engine's run queue", self.max_queue)
+        model_cls = spec.params_model
+        if model_cls is None:
+            if params:
+                raise InvalidParams(
+                    task,
+                    [{"loc": ("params",), "msg": f"task {task!r} takes no params", "type": "extra_forbidden"}],
+                )
+            model = None
+            dumped: dict[str, Any] = {}
+        else:
+            try:
+                if isinstance(params, model_cls):
+                    model = params
+                elif isinstance(params, BaseModel):
+                    model = model_cls.model_validate(params.model_dump())
+                else:
+                    model = model_cls.model_validate(params if params is not None else {})
+                dumped = model.model_dump(mode="json")
+            except ValidationError as exc:
+                raise InvalidParams(
+                    task, exc.errors(include_url=False, include_context=False, include_input=False)
+                ) from None
+        now = time.time()
+        run = Run(os.urandom(8).hex(), spec, dumped, model, now, key, source)
+        self._runs[run.id] = run
+        self._counts[_PENDING] += 1
+        self._submitted_total += 1
+        if key is not None:
+            self._keys[key] = run
+        self.bus.emit(
+            RunSubmitted,
+            run_id=run.id,
+            task=spec.name,
+            params=dumped,
+            key=key,
+            source=source,
+            max_attempts=spec.retries + 1,
+        )
+        return run, True
+
+    async def submit(
+        self,
+        task: str,
+        params: BaseModel | dict[str, Any] | None = None,
+        *,
+        key: str | None = None,
+    ) -> RunHandle:
+        """Validate ``params`` and queue a run of ``task``; returns its handle at once.
+
+        With ``key``, a run holding the same key that is still pending is
+        returned instead of queueing a second one. Raises :class:`UnknownTask`,
+        :class:`InvalidParams`, :class:`QueueFull` or :class:`EngineNotRunning`,
+        and in each case nothing is queued. (The inline backend returns only
+        once the run has finished.)
+        """
+        run, new = self._admit(task, params, key, "submit")
+        if new:
+            self._backend.enqueue(run)
+            await self._backend.settle(run)
+        return RunHandle(self, run)
+
+    def submit_nowait(
+        self,
+        task: str,
+        params: BaseModel | dict[str, Any] | None = None,
+        *,
+        key: str | None = None,
+        source: str = "submit",
+        extra_args: tuple[Any, ...] = (),
+    ) -> RunHandle:
+        """Like :meth:`submit`, for synchronous code on the engine's loop; never waits."""
+        run, new = self._admit(task, params, key, source)
+        if new:
+            run.extra_args = extra_args
+            self._backend.enqueue(run)
+        return RunHandle(self, run)
+
+    async def retry(self, run_id: str) -> RunHandle:
+        """Submit a new run of a failed or cancelled run's task with the same params."""
+        old = self._lookup(run_id)
+        if old.status not in (_FAILED, _CANCELLED):
+            raise RunNotRetryable(run_id, old.status.value)
+        run, new = self._admit(old.spec.name, old.params, None, f"retry:{run_id}")
+        if new:
+            run.extra_args = old.extra_args
+            self._backend.enqueue(run)
+            await self._backend.settle(run)
+        return RunHandle(self, run)
+
+    # ------------------------------------------------------------------ cancel
+
+    async def cancel(self, run_id: str, grace: float | None = None) -> RunRecord:
+        """Cancel a pending or running run and return its record.
+
+        A pending run is cancelled at once. A running run is cancelled
+        cooperatively (its ``await`` raises ``CancelledError``) and given
+        ``grace`` seconds (default ``cancel_grace``) to finish; if it is still
+        running after that, the record returned says so. Raises
+        :class:`RunNotFound` or :class:`RunNotCancellable`.
+        """
+        run = self._lookup(run_id)
+        if run.status.finished:
+            raise RunNotCancellable(run_id, run.status.value)
+        if run.status is _PENDING:
+            if run in self._retry_timers:
+                self._cancel_retry_timer(run)
+                self._finish_cancelled(run, "user", was_running=False, discard=False)
+            else:
+                self._finish_cancelled(run, "user", was_running=False)
+            return run.record()
+        run.cancel_reason = "user"
+        if run.task is not None:
+            run.task.cancel()
+        await self._wait_finished(run, self.cancel_grace if grace is None else grace)
+        return run.record()
+
+    # ------------------------------------------------------------------ queries
+
+    def _lookup(self, run_id: str) -> Run:
+        run = self._runs.get(run_id)
+        if run is None:
+            raise RunNotFound(run_id)
+        return run
+
+    def get(self, run_id: str) -> RunRecord:
+        """The current record of a run. Raises :class:`RunNotFound` for unknown or evicted ids."""
+        return self._lookup(run_id).record()
+
+    def runs(
+        self,
+        status: RunStatus | str | Iterable[RunStatus | str] | None = None,
+        *,
+        task: str | None = None,
+        limit: int | None = 50,
+    ) -> list[RunRecord]:
+        """Known runs, newest first, optionally filtered by status(es) and task name."""
+        wanted: set[RunStatus] | None
+        if status is None:
+            wanted = None
+        elif isinstance(status, str):
+            wanted = {RunStatus(status)}
+        else:
+            wanted = {RunStatus(s) for s in status}
+        out: list[RunRecord] = []
+        for run in reversed(self._runs.values()):
+            if wanted is not None and run.status not in wanted:
+                continue
+            if task is not None and run.spec.name != task:
+                continue
+            out.append(run.record())
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def stats(self) -> EngineStats:
+        now = int(time.monotonic())
+        window = self._tp_window
+        finished = sum(b[1] for b in self._tp if b[0] > now - window)
+        services: dict[str, dict[str, Any]] = {"queues": {}, "triggers": {}, "supervised": {}}
+        for service in self._services:
+            contribute = getattr(service, "stats_into", None)
+            if contribute is not None:
+                contribute(services)
+        return EngineStats(
+            node_id=self.node_id,
+            state=self._state,
+            by_status={s.value: n for s, n in self._counts.items()},
+            queue_depth=self._backend.queue_depth,
+            running=self._counts[_RUNNING],
+            submitted_total=self._submitted_total,
+            finished_total=self._finished_total,
+            succeeded_total=self._totals[_SUCCEEDED],
+            failed_total=self._totals[_FAILED],
+            cancelled_total=self._totals[_CANCELLED],
+            retries_total=self._retries_total,
+            throughput=finished / window,
+            throughput_window=window,
+            queues=services["queues"],
+            triggers=services["triggers"],
+            supervised=services["supervised"],
+            bus=self.bus.stats(),
+        )
+
+    def rates(self, seconds: float = 1.0) -> tuple[float, float]:
+        """Runs finished and failed per second over the last ``seconds`` whole seconds."""
+        now = int(time.monotonic())
+        span = max(1, int(seconds))
+        done = failed = 0
+        for second, fin, fail in self._tp:
+            if now - span <= second < now:
+                done += fin
+                failed += fail
+        return done / span, failed / span
+
+    def leadership(self) -> Leadership:
+        """Who leads, as this node sees it."""
+        return self._leader.snapshot()
+
+    # ------------------------------------------------------------------ execution
+
+    async def _execute(self, run: Run) -> None:
+        """Run one attempt of ``run`` and record its outcome. Called by the backend."""
+        spec = run.spec
+        counts = self._counts
+        counts[_PENDING] -= 1
+        counts[_RUNNING] += 1
+        run.status = _RUNNING
+        run.started_at = time.time()
+        if run.key is not None and self._keys.get(run.key) is run:
+            del self._keys[run.key]
+        self.bus.emit(RunStarted, run_id=run.id, task=spec.name, attempt=run.attempt)
+        ctx = TaskContext(self, run, spec.name)
+        args: tuple[Any, ...] = (ctx,) if run.model is None else (ctx, run.model)
+        kwargs = {name: self.resources[name] for name in spec.resources} if spec.resources else {}
+        try:
+            if spec.timeout is None:
+                result = await spec.fn(*args, **kwargs)
+            else:
+                async with asyncio.timeout(spec.timeout):
+                    result = await spec.fn(*args, **kwargs)
+            if result is not None:
+                result = to_jsonable_python(result)
+        except asyncio.CancelledError:
+            reason = run.cancel_reason or "external"
+            self._finish_cancelled(run, reason, was_running=True)
+            if reason == "external":
+                raise
+            # our own cancel: the run is recorded, the task ends normally
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            return
+        except TimeoutError as exc:
+            if spec.timeout is not None and run.cancel_reason is None:
+                error = RunError(
+                    type="TimeoutError",
+                    message=f"run exceeded its {spec.timeout:g} s timeout",
+                    traceback=RunError.from_exception(exc).traceback,
+                )
+            else:
+                error = RunError.from_exception(exc)
+        except PydanticSerializationError as exc:
+            error = RunError(
+                type="ResultNotSerializable",
+                message=f"task {spec.name!r} returned a value that is not JSON-serialisable: {exc}",
+            )
+        except Exception as exc:
+            error = RunError.from_exception(exc)
+        else:
+            now = time.time()
+            run.result = result
+            self._finish(run, _SUCCEEDED, now)
+            self.bus.emit(
+                RunSucceeded,
+                run_id=run.id,
+                task=spec.name,
+                attempt=run.attempt,
+                duration=now - run.started_at,
+                result=result,
+            )
+            return
+        if run.cancel_reason is not None:
+            # cancelled while it was failing: the user's intent wins
+            self._finish_cancelled(run, run.cancel_reason, was_running=True)
+            return
+        run.error = error
+        if run.attempt <= spec.retries and self._state != "stopped":
+            self._schedule_retry(run, error)
+            return
+        now = time.time()
+        self._finish(run, _FAILED, now)
+        self.bus.emit(
+            RunFailed,
+            run_id=run.id,
+            task=spec.name,
+            attempt=run.attempt,
+            duration=now - run.started_at,
+            error=error,
+        )
+
+    def _schedule_retry(self, run: Run, error: RunError) -> None:
+        spec = run.spec
+        delay = min(spec.backoff_max, spec.backoff * 2 ** (run.attempt - 1))
+        delay *= random.uniform(0.5, 1.0)  # jitter so retries of a burst spread out
+        self._counts[_RUNNING] -= 1
+        self._counts[_PENDING] += 1
+        run.status = _PENDING
+        run.attempt += 1
+        self._retries_total += 1
+        if run.key is not None and run.key not in self._keys:
+            self._keys[run.key] = run
+        self.bus.emit(
+            RunRetrying, run_id=run.id, task=spec.name, attempt=run.attempt, delay=delay, error=error
+        )
+        loop = asyncio.get_running_loop()
+        run.retry_handle = loop.call_later(delay, self._retry_due, run)
+        self._retry_timers.add(run)
+
+    def _retry_due(self, run: Run) -> None:
+        run.retry_handle = None
+        self._retry_timers.discard(run)
+        if run.status is _PENDING:
+            self._backend.enqueue(run)
+
+    def _cancel_retry_timer(self, run: Run) -> None:
+        if run.retry_handle is not None:
+            run.retry_handle.cancel()
+            run.retry_handle = None
+        self._retry_timers.discard(run)
+
+    def _progress(self, run: Run, done: float, total: float | None, message: str) -> None:
+        run.done = done
+        run.total = total
+        run.message = message
+        self.bus.emit(
+            RunProgressed, run_id=run.id, task=run.spec.name, done=done, total=total, message=message
+        )
+
+    def _finish_cancelled(
+        self, run: Run, reason: CancelReason, *, was_running: bool, discard: bool = True
+    ) -> None:
+        if run.status.finished:
+            return
+        if not was_running and discard:
+            self._backend.discard(run)
+        run.cancel_reason = reason
+        self._finish(run, _CANCELLED, time.time())
+        self.bus.emit(
+            RunCancelled,
+            run_id=run.id,
+            task=run.spec.name,
+            attempt=run.attempt,
+            reason=reason,
+            was_running=was_running,
+        )
+
+    def _finish(self, run: Run, status: RunStatus, now: float) -> None:
+        counts = self._counts
+        counts[run.status] -= 1
+        counts[status] += 1
+        run.status = status
+        run.finished_at = now
+        if run.key is not None and self._keys.get(run.key) is run:
+            del self._keys[run.key]
+        self._finished_total += 1
+        self._totals[status] += 1
+        second = int(time.monotonic())
+        tp = self._tp
+        if tp and tp[-1][0] == second:
+            bucket = tp[-1]
+        else:
+            bucket = [second, 0, 0]
+            tp.append(bucket)
+            horizon = second - max(self._tp_window, 60)
+            while tp[0][0] < horizon:
+                tp.popleft()
+        bucket[1] += 1
+        if status is _FAILED:
+            bucket[2] += 1
+        waiters = run.waiters
+        if waiters:
+            run.waiters = None
+            record = run.record()
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(record)
+        finished = self._finished
+        finished[run.id] = None
+        if len(finished) > self.history:
+            evicted, _ = finished.popitem(last=False)
+            old = self._runs.pop(evicted, None)
+            if old is not None:
+                counts[old.status] -= 1
+        idle = self._idle
+        if idle is not None and counts[_PENDING] + counts[_RUNNING] == 0 and not idle.done():
+            idle.set_result(None)
+
+    async def _wait_finished(self, run: Run, timeout: float | None) -> RunRecord:
+        if run.status.finished:
+            return run.record()
+        fut: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
+        if run.waiters is None:
+            run.waiters = []
+        run.waiters.append(fut)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            return run.record()
+        finally:
+            if run.waiters is not None and fut in run.waiters:
+                run.waiters.remove(fut)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Engine {self.node_id} {self._state} tasks={len(self._tasks)} "
+            f"pending={self._counts[_PENDING]} running={self._counts[_RUNNING]}>"
+        )

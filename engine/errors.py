@@ -1,0 +1,134 @@
+"""Every error taskwatch raises, in one place.
+
+All of them derive from :class:`TaskwatchError`, so callers can catch the whole
+family with one ``except``. Each message says what went wrong and what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+class TaskwatchError(Exception):
+    """Base class of every error raised by taskwatch."""
+
+
+class TaskDefinitionError(TaskwatchError, TypeError):
+    """A task function or decorator call is malformed (raised at registration time)."""
+
+
+class DuplicateTask(TaskwatchError, ValueError):
+    """A task, periodic task, queue or trigger name is already registered."""
+
+    def __init__(self, kind: str, name: str) -> None:
+        self.name = name
+        super().__init__(f"a {kind} named {name!r} is already registered; pick another name")
+
+
+class UnknownTask(TaskwatchError, LookupError):
+    """``submit`` named a task that is not registered."""
+
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        self.name = name
+        self.known = sorted(known)
+        listing = ", ".join(self.known) if self.known else "none registered yet"
+        super().__init__(
+            f"unknown task {name!r}; register it with @engine.task first. Known tasks: {listing}"
+        )
+
+
+class InvalidParams(TaskwatchError, ValueError):
+    """Params did not validate against the task's pydantic model. Nothing was queued."""
+
+    def __init__(self, task: str, errors: list[dict[str, Any]]) -> None:
+        self.task = task
+        #: pydantic's error list (``ValidationError.errors()``), JSON-serialisable.
+        self.errors = errors
+        lines = []
+        for err in errors:
+            loc = ".".join(str(part) for part in err.get("loc", ())) or "(params)"
+            lines.append(f"  {loc}: {err.get('msg', 'invalid')}")
+        super().__init__(
+            f"invalid params for task {task!r}; nothing was queued. Fix these fields:\n"
+            + "\n".join(lines)
+        )
+
+
+class QueueFull(TaskwatchError):
+    """A bounded queue is at its limit; the item was not accepted."""
+
+    def __init__(self, queue: str, limit: int) -> None:
+        self.queue = queue
+        self.limit = limit
+        super().__init__(
+            f"{queue} is full ({limit} items waiting); nothing was queued. "
+            "Retry later, or raise its limit"
+        )
+
+
+class RunNotFound(TaskwatchError, LookupError):
+    """No run with that id is known (never submitted, or evicted from history)."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(
+            f"no run with id {run_id!r}; it was never submitted here or has been evicted "
+            "from history (raise Engine(history=...) to keep more)"
+        )
+
+
+class RunNotCancellable(TaskwatchError):
+    """Cancel was asked for a run that has already finished."""
+
+    def __init__(self, run_id: str, status: str) -> None:
+        self.run_id = run_id
+        self.status = status
+        super().__init__(f"run {run_id} is already {status}; only pending or running runs can be cancelled")
+
+
+class RunNotRetryable(TaskwatchError):
+    """Retry was asked for a run that is not finished."""
+
+    def __init__(self, run_id: str, status: str) -> None:
+        self.run_id = run_id
+        self.status = status
+        super().__init__(
+            f"run {run_id} is {status}; only failed or cancelled runs can be retried"
+        )
+
+
+class EngineNotRunning(TaskwatchError, RuntimeError):
+    """The engine is not started, or is stopping, so it accepts no work."""
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+        super().__init__(
+            f"the engine is {state} and accepts no work; use `async with engine:` "
+            "or `await engine.start()` first"
+        )
+
+
+class NotLeader(TaskwatchError):
+    """This node does not hold the leader lease (or lost it); stop destructive work."""
+
+    def __init__(self, node_id: str, holder: str | None) -> None:
+        self.node_id = node_id
+        self.holder = holder
+        held = f"held by {holder!r}" if holder else "not held by anyone"
+        super().__init__(
+            f"node {node_id!r} is not the leader (lease {held}); leader-only work must stop here"
+        )
+
+
+class UnknownPeriodic(TaskwatchError, LookupError):
+    """No periodic task with that name is registered."""
+
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        self.name = name
+        listing = ", ".join(sorted(known)) or "none registered"
+        super().__init__(f"no periodic task named {name!r}; known periodic tasks: {listing}")
+
+
+class ProtocolError(TaskwatchError, ValueError):
+    """A wire message could not be decoded or is not allowed."""

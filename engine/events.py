@@ -1,0 +1,306 @@
+"""The typed events the engine publishes on its debug-event bus.
+
+Every event is a frozen pydantic model with a ``kind`` discriminator, a
+per-engine monotonic ``seq``, a wall-clock ``ts`` (UNIX seconds) and the
+``node`` that emitted it. :data:`Event` is the discriminated union of all of
+them; :func:`event_to_json` and :func:`event_from_json` round-trip losslessly.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from .runs import CancelReason, RunError
+
+
+class BaseEvent(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    seq: int = 0
+    ts: float = 0.0
+    node: str = ""
+
+
+# ---------------------------------------------------------------- runs
+
+
+class RunEvent(BaseEvent):
+    run_id: str
+    task: str
+
+
+class RunSubmitted(RunEvent):
+    kind: Literal["run.submitted"] = "run.submitted"
+    params: dict[str, Any] = Field(default_factory=dict)
+    key: str | None = None
+    source: str = "submit"
+    max_attempts: int = 1
+
+
+class RunStarted(RunEvent):
+    kind: Literal["run.started"] = "run.started"
+    attempt: int = 1
+
+
+class RunProgressed(RunEvent):
+    kind: Literal["run.progress"] = "run.progress"
+    done: float = 0
+    total: float | None = None
+    message: str = ""
+
+
+class RunRetrying(RunEvent):
+    kind: Literal["run.retrying"] = "run.retrying"
+    attempt: int = Field(description="the attempt that will run next")
+    delay: float
+    error: RunError
+
+
+class RunSucceeded(RunEvent):
+    kind: Literal["run.succeeded"] = "run.succeeded"
+    attempt: int = 1
+    duration: float = 0.0
+    result: Any = None
+
+
+class RunFailed(RunEvent):
+    kind: Literal["run.failed"] = "run.failed"
+    attempt: int = 1
+    duration: float = 0.0
+    error: RunError
+
+
+class RunCancelled(RunEvent):
+    kind: Literal["run.cancelled"] = "run.cancelled"
+    attempt: int = 1
+    reason: CancelReason = "user"
+    was_running: bool = False
+
+
+# ---------------------------------------------------------------- engine and bus
+
+
+class EngineStarted(BaseEvent):
+    kind: Literal["engine.started"] = "engine.started"
+    backend: str = "asyncio"
+
+
+class EngineStopping(BaseEvent):
+    kind: Literal["engine.stopping"] = "engine.stopping"
+    timeout: float
+    pending: int = 0
+    running: int = 0
+
+
+class EngineStopped(BaseEvent):
+    kind: Literal["engine.stopped"] = "engine.stopped"
+    cancelled_pending: int = 0
+    cancelled_running: int = 0
+
+
+class EventsDropped(BaseEvent):
+    """Told to one subscriber whose buffer overflowed: it missed ``count`` events."""
+
+    kind: Literal["bus.dropped"] = "bus.dropped"
+    count: int
+    total: int
+
+
+# ---------------------------------------------------------------- periodic scheduler
+
+
+class PeriodicRegistered(BaseEvent):
+    kind: Literal["periodic.registered"] = "periodic.registered"
+    name: str
+    trigger: str
+    enabled: bool
+    reason: str | None = None
+    next_due: float | None = None
+
+
+class PeriodicSkipped(BaseEvent):
+    """A tick came due while the previous run was still going; it was not overlapped."""
+
+    kind: Literal["periodic.skipped"] = "periodic.skipped"
+    name: str
+    running_run_id: str | None = None
+    skipped_total: int = 0
+
+
+class PeriodicPaused(BaseEvent):
+    kind: Literal["periodic.paused"] = "periodic.paused"
+    name: str
+
+
+class PeriodicResumed(BaseEvent):
+    kind: Literal["periodic.resumed"] = "periodic.resumed"
+    name: str
+    next_due: float | None = None
+
+
+# ---------------------------------------------------------------- queues
+
+
+class QueueJobFailed(BaseEvent):
+    kind: Literal["queue.job_failed"] = "queue.job_failed"
+    queue: str
+    job: Any = None
+    error: RunError
+
+
+class QueueStatsEvent(BaseEvent):
+    kind: Literal["queue.stats"] = "queue.stats"
+    queue: str
+    depth: int
+    in_flight: int
+    processed: int
+    failed: int
+    maxsize: int
+
+
+class QueueDrainIncomplete(BaseEvent):
+    """``engine.stop`` hit its timeout with jobs still queued: they were not run."""
+
+    kind: Literal["queue.drain_incomplete"] = "queue.drain_incomplete"
+    queue: str
+    left: int
+
+
+# ---------------------------------------------------------------- triggers
+
+
+class TriggerFired(BaseEvent):
+    kind: Literal["trigger.fired"] = "trigger.fired"
+    trigger: str
+    key: str
+    reason: Literal["size", "staleness"]
+    count: int
+    run_id: str | None = None
+
+
+# ---------------------------------------------------------------- supervised workers
+
+
+class WorkerStarted(BaseEvent):
+    kind: Literal["worker.started"] = "worker.started"
+    name: str
+    restarts: int = 0
+    term: int | None = None
+
+
+class WorkerCrashed(BaseEvent):
+    kind: Literal["worker.crashed"] = "worker.crashed"
+    name: str
+    error: RunError
+    restarts: int
+    restart_in: float
+
+
+class WorkerStopped(BaseEvent):
+    kind: Literal["worker.stopped"] = "worker.stopped"
+    name: str
+    reason: Literal["returned", "cancelled", "leadership_lost", "shutdown"]
+
+
+# ---------------------------------------------------------------- leadership
+
+
+class LeaseEvent(BaseEvent):
+    holder: str | None = None
+    term: int = 0
+    expires_at: float | None = None
+
+
+class LeaseAcquired(LeaseEvent):
+    kind: Literal["lease.acquired"] = "lease.acquired"
+
+
+class LeaseRenewed(LeaseEvent):
+    kind: Literal["lease.renewed"] = "lease.renewed"
+
+
+class LeaseLost(LeaseEvent):
+    kind: Literal["lease.lost"] = "lease.lost"
+
+
+class LeaseReleased(LeaseEvent):
+    kind: Literal["lease.released"] = "lease.released"
+
+
+# ---------------------------------------------------------------- health
+
+
+class HealthSample(BaseEvent):
+    kind: Literal["health"] = "health"
+    cpu_percent: float
+    rss_bytes: int
+    threads: int
+    open_fds: int
+    loop_lag_ms: float
+    running: int
+    queue_depth: int
+    queue_depths: dict[str, int] = Field(default_factory=dict)
+    finished_per_s: float
+    failed_per_s: float
+
+
+Event = Annotated[
+    RunSubmitted
+    | RunStarted
+    | RunProgressed
+    | RunRetrying
+    | RunSucceeded
+    | RunFailed
+    | RunCancelled
+    | EngineStarted
+    | EngineStopping
+    | EngineStopped
+    | EventsDropped
+    | PeriodicRegistered
+    | PeriodicSkipped
+    | PeriodicPaused
+    | PeriodicResumed
+    | QueueJobFailed
+    | QueueStatsEvent
+    | QueueDrainIncomplete
+    | TriggerFired
+    | WorkerStarted
+    | WorkerCrashed
+    | WorkerStopped
+    | LeaseAcquired
+    | LeaseRenewed
+    | LeaseLost
+    | LeaseReleased
+    | HealthSample,
+    Field(discriminator="kind"),
+]
+
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+#: every event kind, e.g. for a dashboard's filter menu
+EVENT_KINDS: tuple[str, ...] = tuple(
+    cls.model_fields["kind"].default
+    for cls in BaseEvent.__subclasses__() + RunEvent.__subclasses__() + LeaseEvent.__subclasses__()
+    if "kind" in cls.model_fields
+)
+
+FINISHED_RUN_KINDS = frozenset({"run.succeeded", "run.failed", "run.cancelled"})
+
+
+def event_to_json(event: BaseEvent) -> str:
+    return event.model_dump_json()
+
+
+def event_from_json(data: str | bytes) -> Event:
+    """Parse one event; raises pydantic's ``ValidationError`` on anything malformed."""
+    return EVENT_ADAPTER.validate_json(data)
+
+
+def event_to_dict(event: BaseEvent) -> dict[str, Any]:
+    return event.model_dump(mode="json")
+
+
+def event_from_dict(data: dict[str, Any]) -> Event:
+    return EVENT_ADAPTER.validate_python(data)

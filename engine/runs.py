@@ -1,0 +1,206 @@
+"""Run records: the public pydantic models and the engine's internal run state.
+
+A run is one submission of a task. The engine keeps a cheap mutable
+:class:`Run` per submission and hands out immutable :class:`RunRecord`
+snapshots, which are JSON-serialisable so a durable or distributed store can
+hold them unchanged.
+"""
+
+from __future__ import annotations
+
+import traceback
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from .tasks import TaskSpec
+
+
+class RunStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+
+_FINISHED = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
+
+#: Why a run was cancelled: by a user (``engine.cancel``), by ``engine.stop``
+#: (a durable backend may re-queue these), or by something outside the engine.
+CancelReason = Literal["user", "shutdown", "external"]
+
+
+class Progress(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    done: float = 0
+    total: float | None = None
+    message: str = ""
+
+    @property
+    def fraction(self) -> float | None:
+        if not self.total:
+            return None
+        return max(0.0, min(1.0, self.done / self.total))
+
+
+class RunError(BaseModel):
+    """What went wrong in a failed attempt."""
+
+    model_config = ConfigDict(frozen=True)
+
+    type: str
+    message: str
+    traceback: str = ""
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> RunError:
+        return cls(
+            type=type(exc).__qualname__,
+            message=str(exc),
+            traceback="".join(traceback.format_exception(exc)),
+        )
+
+
+class RunRecord(BaseModel):
+    """An immutable snapshot of one run. Times are UNIX timestamps in seconds."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    task: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    status: RunStatus
+    attempt: int = 1
+    max_attempts: int = 1
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: Progress = Field(default_factory=Progress)
+    result: Any = None
+    error: RunError | None = None
+    key: str | None = None
+    source: str = "submit"
+    cancel_reason: CancelReason | None = None
+
+    @property
+    def duration(self) -> float | None:
+        if self.started_at is None:
+            return None
+        if self.finished_at is None:
+            return None
+        return self.finished_at - self.started_at
+
+
+class EngineStats(BaseModel):
+    """Counters describing an engine at one moment."""
+
+    model_config = ConfigDict(frozen=True)
+
+    node_id: str
+    state: str
+    by_status: dict[str, int]
+    queue_depth: int
+    running: int
+    submitted_total: int
+    finished_total: int
+    succeeded_total: int
+    failed_total: int
+    cancelled_total: int
+    retries_total: int
+    throughput: float = Field(description="runs finished per second over the last window")
+    throughput_window: float
+    #: per-queue and per-trigger counters, and supervised-worker restart counts
+    queues: dict[str, dict[str, int]] = Field(default_factory=dict)
+    triggers: dict[str, dict[str, int]] = Field(default_factory=dict)
+    supervised: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    bus: dict[str, int] = Field(default_factory=dict)
+
+
+class Run:
+    """The engine's mutable state for one run (never handed to callers)."""
+
+    __slots__ = (
+        "id",
+        "spec",
+        "params",
+        "model",
+        "status",
+        "attempt",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "done",
+        "total",
+        "message",
+        "result",
+        "error",
+        "key",
+        "source",
+        "cancel_reason",
+        "task",
+        "waiters",
+        "retry_handle",
+        "extra_args",
+    )
+
+    def __init__(
+        self,
+        run_id: str,
+        spec: TaskSpec,
+        params: dict[str, Any],
+        model: BaseModel | None,
+        created_at: float,
+        key: str | None,
+        source: str,
+    ) -> None:
+        self.id = run_id
+        self.spec = spec
+        self.params = params
+        self.model = model
+        self.status = RunStatus.PENDING
+        self.attempt = 1
+        self.created_at = created_at
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.done: float = 0
+        self.total: float | None = None
+        self.message = ""
+        self.result: Any = None
+        self.error: RunError | None = None
+        self.key = key
+        self.source = source
+        self.cancel_reason: CancelReason | None = None
+        self.task: asyncio.Task[Any] | None = None
+        self.waiters: list[asyncio.Future[RunRecord]] | None = None
+        self.retry_handle: asyncio.TimerHandle | None = None
+        #: extra positional arguments after params (periodic tasks' resources)
+        self.extra_args: tuple[Any, ...] = ()
+
+    def record(self) -> RunRecord:
+        return RunRecord(
+            id=self.id,
+            task=self.spec.name,
+            params=self.params,
+            status=self.status,
+            attempt=self.attempt,
+            max_attempts=self.spec.retries + 1,
+            created_at=self.created_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            progress=Progress(done=self.done, total=self.total, message=self.message),
+            result=self.result,
+            error=self.error,
+            key=self.key,
+            source=self.source,
+            cancel_reason=self.cancel_reason,
+        )

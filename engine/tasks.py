@@ -1,0 +1,87 @@
+"""Task definitions: what ``@engine.task`` records about a function."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from .errors import TaskDefinitionError
+
+TaskFn = Callable[..., Awaitable[Any]]
+
+
+@dataclass(slots=True)
+class TaskSpec:
+    name: str
+    fn: TaskFn
+    params_model: type[BaseModel] | None
+    retries: int = 0
+    timeout: float | None = None
+    concurrency: int | None = None
+    backoff: float = 0.5
+    backoff_max: float = 60.0
+    #: where runs of this task come from: "task", "periodic", "trigger"
+    kind: str = "task"
+    #: names of engine resources passed to the function as keyword arguments
+    resources: tuple[str, ...] = ()
+    description: str = ""
+    running: int = field(default=0, repr=False)
+
+    @property
+    def submittable(self) -> bool:
+        return self.kind == "task"
+
+    def params_schema(self) -> dict[str, Any]:
+        """JSON schema of the params model (empty object schema when there are no params)."""
+        if self.params_model is None:
+            return {"type": "object", "properties": {}, "title": f"{self.name} params"}
+        return self.params_model.model_json_schema()
+
+
+def params_model_of(fn: TaskFn, explicit: type[BaseModel] | None, name: str) -> type[BaseModel] | None:
+    """Find the pydantic params model of a task function from its signature."""
+    if not inspect.iscoroutinefunction(fn):
+        raise TaskDefinitionError(
+            f"task {name!r} must be an `async def` function taking (ctx, params); "
+            "wrap blocking code with `await asyncio.to_thread(...)`"
+        )
+    sig = inspect.signature(fn)
+    positional = [
+        p
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if not positional:
+        raise TaskDefinitionError(
+            f"task {name!r} must take a TaskContext as its first argument: "
+            f"async def {fn.__name__}(ctx: TaskContext, params: MyParams)"
+        )
+    if explicit is not None:
+        if not (isinstance(explicit, type) and issubclass(explicit, BaseModel)):
+            raise TaskDefinitionError(f"params= for task {name!r} must be a pydantic BaseModel subclass")
+        return explicit
+    if len(positional) < 2:
+        return None
+    if len(positional) > 2:
+        raise TaskDefinitionError(
+            f"task {name!r} takes {len(positional)} positional arguments; a task takes "
+            "(ctx) or (ctx, params) where params is one pydantic model"
+        )
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as exc:  # unresolvable forward references
+        raise TaskDefinitionError(
+            f"cannot resolve the type hints of task {name!r} ({exc}); pass params=Model to the decorator"
+        ) from exc
+    model = hints.get(positional[1].name)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise TaskDefinitionError(
+            f"the params argument {positional[1].name!r} of task {name!r} must be annotated with "
+            f"a pydantic BaseModel subclass (got {model!r}), or pass params=Model to the decorator"
+        )
+    return model
