@@ -35,9 +35,14 @@ from .events import (
 from .handle import RunHandle
 from .lease import Leadership
 from .runs import EngineStats, Progress, RunError, RunRecord, RunStatus
-from .tasks import TaskSpec
+from .queues import QueueInfo, WorkQueue
+from .scheduler import PeriodicInfo
+from .snapshot import Snapshot
+from .supervisor import WorkerInfo
+from .tasks import TaskInfo, TaskSpec
+from .triggers import Trigger, TriggerKeyState, TriggerState
+from .version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "EVENT_ADAPTER",
@@ -66,7 +71,16 @@ __all__ = [
     "RunRecord",
     "RunStatus",
     "Subscription",
+    "PeriodicInfo",
+    "QueueInfo",
+    "Snapshot",
     "TaskContext",
+    "TaskInfo",
+    "Trigger",
+    "TriggerKeyState",
+    "TriggerState",
+    "WorkQueue",
+    "WorkerInfo",
     "TaskDefinitionError",
     "TaskSpec",
     "TaskwatchError",

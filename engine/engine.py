@@ -46,9 +46,16 @@ from .events import (
     RunSucceeded,
 )
 from .handle import RunHandle
+from .health import HealthSampler
 from .lease import LeaderElector, Leadership
+from .queues import QueueInfo, WorkQueue
 from .runs import CancelReason, EngineStats, Run, RunError, RunRecord, RunStatus
-from .tasks import TaskFn, TaskSpec, params_model_of
+from .scheduler import PeriodicInfo, Scheduler
+from .supervisor import Supervisor, WorkerInfo
+from .snapshot import Snapshot
+from .tasks import TaskFn, TaskInfo, TaskSpec, params_model_of
+from .version import __version__
+from .triggers import Trigger, TriggerState
 
 F = TypeVar("F", bound=TaskFn)
 
@@ -129,8 +136,13 @@ class Engine:
         self._started_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._leader = LeaderElector(self, lease)
-        # the loops that issue-specific modules run; each has start() and stop(deadline)
-        self._services: list[Any] = []
+        self._scheduler = Scheduler(self)
+        self._queues: dict[str, WorkQueue] = {}
+        self._triggers: dict[str, Trigger] = {}
+        self._supervisor = Supervisor(self)
+        self._health = HealthSampler(self, health_interval)
+        # control endpoints started by serve(); stopped last so clients see the shutdown
+        self._servers: list[Any] = []
 
     # ------------------------------------------------------------------ registry
 
@@ -237,17 +249,28 @@ class Engine:
         self.bus.emit(EngineStarted, backend=self._backend.name)
         started: list[Any] = []
         try:
-            await self._leader.start()
-            for service in self._services:
+            for service in self._services_in_start_order():
                 await service.start()
                 started.append(service)
         except BaseException:
             deadline = self._loop.time() + 1.0
             for service in reversed(started):
                 await service.stop(deadline)
-            await self._leader.stop(deadline)
             self._state = "stopped"
+            self.bus.close()
             raise
+
+    def _services_in_start_order(self) -> list[Any]:
+        # leadership first so leader-only workers see the outcome of the first
+        # election; the scheduler last so nothing it submits finds a half-started engine
+        return [
+            self._leader,
+            self._health,
+            *self._queues.values(),
+            *self._triggers.values(),
+            self._supervisor,
+            self._scheduler,
+        ]
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting work, drain for up to ``timeout`` seconds, cancel the rest, await all."""
@@ -266,9 +289,14 @@ class Engine:
             pending=self._counts[_PENDING],
             running=self._counts[_RUNNING],
         )
-        # producers stop first so the drain below has a fixed amount of work
-        for service in reversed(self._services):
-            await service.stop(deadline)
+        # producers stop first so the drain below has a fixed amount of work;
+        # queues drain within the deadline, supervised workers are cancelled
+        await self._scheduler.stop(deadline)
+        for trigger in self._triggers.values():
+            await trigger.stop(deadline)
+        for queue in self._queues.values():
+            await queue.stop(deadline)
+        await self._supervisor.stop(deadline)
         await self._wait_idle(deadline - loop.time())
         cancelled_pending = 0
         for run in list(self._retry_timers):
@@ -286,7 +314,11 @@ class Engine:
             t.cancel()
         await self._await_tasks(tasks)
         await self._leader.stop(loop.time() + 1.0)
+        await self._health.stop(loop.time())
         self.bus.emit(EngineStopped, cancelled_pending=cancelled_pending, cancelled_running=len(tasks))
+        for server in self._servers:
+            await server.stop()
+        self._servers.clear()
         self.bus.close()
         self._state = "stopped"
 
@@ -332,12 +364,6 @@ class Engine:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-
-    def add_service(self, service: Any) -> None:
-        """Attach a loop the engine starts and stops with itself (``start()``, ``stop(deadline)``)."""
-        self._services.append(service)
-        if self._state == "running":
-            raise RuntimeError("add services before the engine starts")
 
     # ------------------------------------------------------------------ submit
 
@@ -524,11 +550,6 @@ class Engine:
         now = int(time.monotonic())
         window = self._tp_window
         finished = sum(b[1] for b in self._tp if b[0] > now - window)
-        services: dict[str, dict[str, Any]] = {"queues": {}, "triggers": {}, "supervised": {}}
-        for service in self._services:
-            contribute = getattr(service, "stats_into", None)
-            if contribute is not None:
-                contribute(services)
         return EngineStats(
             node_id=self.node_id,
             state=self._state,
@@ -543,9 +564,24 @@ class Engine:
             retries_total=self._retries_total,
             throughput=finished / window,
             throughput_window=window,
-            queues=services["queues"],
-            triggers=services["triggers"],
-            supervised=services["supervised"],
+            queues={
+                q.name: {
+                    "depth": q.depth,
+                    "in_flight": q.in_flight,
+                    "processed": q.processed,
+                    "failed": q.failed,
+                    "rejected": q.rejected,
+                }
+                for q in (queue.info() for queue in self._queues.values())
+            },
+            triggers={
+                t.name: {"keys": len(t.keys), "fired": t.fired}
+                for t in (trigger.state() for trigger in self._triggers.values())
+            },
+            supervised={
+                w.name: {"state": w.state, "restarts": w.restarts, "crashes": w.crashes}
+                for w in self._supervisor.workers()
+            },
             bus=self.bus.stats(),
         )
 
@@ -563,6 +599,158 @@ class Engine:
     def leadership(self) -> Leadership:
         """Who leads, as this node sees it."""
         return self._leader.snapshot()
+
+    def snapshot(self, runs_limit: int = 500) -> Snapshot:
+        """Everything a dashboard needs to draw itself, in one JSON-serialisable model."""
+        return Snapshot(
+            node_id=self.node_id,
+            version=__version__,
+            state=self._state,
+            started_at=self._started_at,
+            runs=self.runs(limit=runs_limit),
+            tasks=self.catalog(),
+            schedule=self.schedule(),
+            queues=self.queues(),
+            triggers=self.triggers(),
+            workers=self.workers(),
+            stats=self.stats(),
+            leadership=self.leadership(),
+            last_seq=self.bus.last_seq,
+        )
+
+    # ------------------------------------------------------------------ elsewhere: threads, sockets
+
+    def start_background(self, **options: Any) -> Any:
+        """Run this engine on its own event loop in a daemon thread; returns a thread-safe facade."""
+        from .background import BackgroundEngine
+
+        return BackgroundEngine.launch(self, **options)
+
+    async def serve(self, address: str | None = None, **options: Any) -> Any:
+        """Expose this engine to dashboards in other processes (Unix socket or tcp://127.0.0.1:PORT)."""
+        from .server import ControlServer
+
+        self._require_running()
+        server = ControlServer(self, address, **options)
+        await server.start()
+        self._servers.append(server)
+        return server
+
+    def catalog(self) -> list[TaskInfo]:
+        """Every registered task with its params schema (what a submit form needs)."""
+        return [spec.info() for spec in self._tasks.values()]
+
+    # ------------------------------------------------------------------ periodic tasks
+
+    def periodic(
+        self,
+        fn: Any = None,
+        *,
+        every: float | None = None,
+        cron: str | None = None,
+        name: str | None = None,
+        initial_delay: float = 0.0,
+        requires: tuple[str, ...] | list[str] = (),
+        opt_in: str | None = None,
+        jitter: float = 0.0,
+        fixed_rate: bool = False,
+        retries: int = 0,
+        timeout: float | None = None,
+    ) -> Any:
+        """Register ``async def fn(ctx, **resources)`` to run on an interval or a cron expression.
+
+        ``requires`` names resources from ``Engine(resources=...)`` passed in by
+        name; ``opt_in`` names a flag from ``Engine(flags=...)`` that must be
+        true. A task whose needs are not met is registered disabled, with the
+        reason shown in :meth:`schedule` and published as an event.
+        """
+
+        def decorate(func: Any) -> Any:
+            self._scheduler.add(
+                func,
+                every=every,
+                cron=cron,
+                name=name,
+                initial_delay=initial_delay,
+                requires=tuple(requires),
+                opt_in=opt_in,
+                jitter=jitter,
+                fixed_rate=fixed_rate,
+                retries=retries,
+                timeout=timeout,
+            )
+            return func
+
+        return decorate(fn) if fn is not None else decorate
+
+    def schedule(self) -> list[PeriodicInfo]:
+        """Every periodic task: trigger, enabled or why not, next due, last outcome, counts."""
+        return self._scheduler.schedule()
+
+    def pause_periodic(self, name: str) -> PeriodicInfo:
+        return self._scheduler.pause(name)
+
+    def resume_periodic(self, name: str) -> PeriodicInfo:
+        return self._scheduler.resume(name)
+
+    # ------------------------------------------------------------------ queues and triggers
+
+    def queue(
+        self, name: str, handler: Any, *, concurrency: int = 1, maxsize: int = 1000
+    ) -> WorkQueue:
+        """Create a named queue whose jobs ``handler(job)`` consumes with ``concurrency`` workers."""
+        if name in self._queues:
+            raise DuplicateTask("queue", name)
+        queue = WorkQueue(self, name, handler, concurrency=concurrency, maxsize=maxsize)
+        self._queues[name] = queue
+        if self._state == "running":
+            queue.launch()
+        return queue
+
+    def queues(self) -> list[QueueInfo]:
+        return [q.info() for q in self._queues.values()]
+
+    def trigger(self, name: str, fn: Any, **options: Any) -> Trigger:
+        """Create a threshold trigger: ``notify(key)`` counts; a key runs ``fn`` when due.
+
+        Options: ``size_threshold``, ``staleness`` (timedelta or seconds),
+        ``staleness_min``, ``check_interval``, ``retries``, ``timeout``.
+        """
+        if name in self._triggers:
+            raise DuplicateTask("trigger", name)
+        trigger = Trigger(self, name, fn, **options)
+        self._triggers[name] = trigger
+        if self._state == "running":
+            trigger.launch()
+        return trigger
+
+    def triggers(self) -> list[TriggerState]:
+        return [t.state() for t in self._triggers.values()]
+
+    # ------------------------------------------------------------------ supervised workers
+
+    def supervised(
+        self,
+        fn: Any = None,
+        *,
+        name: str | None = None,
+        leader_only: bool = False,
+        backoff: float = 1.0,
+        backoff_max: float = 60.0,
+    ) -> Any:
+        """Register a long-lived ``async def worker(ctx)`` restarted with backoff when it crashes."""
+
+        def decorate(func: Any) -> Any:
+            self._supervisor.add(
+                func, name=name, leader_only=leader_only, backoff=backoff, backoff_max=backoff_max
+            )
+            return func
+
+        return decorate(fn) if fn is not None else decorate
+
+    def workers(self) -> list[WorkerInfo]:
+        return self._supervisor.workers()
+
 
     # ------------------------------------------------------------------ execution
 

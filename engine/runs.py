@@ -117,7 +117,8 @@ class EngineStats(BaseModel):
     failed_total: int
     cancelled_total: int
     retries_total: int
-    throughput: float = Field(description="runs finished per second over the last window")
+    #: runs finished per second over the last ``throughput_window`` seconds
+    throughput: float
     throughput_window: float
     #: per-queue and per-trigger counters, and supervised-worker restart counts
     queues: dict[str, dict[str, int]] = Field(default_factory=dict)

@@ -8,11 +8,26 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import TaskDefinitionError
 
 TaskFn = Callable[..., Awaitable[Any]]
+
+
+class TaskInfo(BaseModel):
+    """A registered task as a client sees it: enough to build a submit form."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    kind: str
+    description: str = ""
+    submittable: bool
+    retries: int
+    timeout: float | None
+    concurrency: int | None
+    params_schema: dict[str, Any] = Field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -35,6 +50,18 @@ class TaskSpec:
     @property
     def submittable(self) -> bool:
         return self.kind == "task"
+
+    def info(self) -> TaskInfo:
+        return TaskInfo(
+            name=self.name,
+            kind=self.kind,
+            description=self.description,
+            submittable=self.submittable,
+            retries=self.retries,
+            timeout=self.timeout,
+            concurrency=self.concurrency,
+            params_schema=self.params_schema(),
+        )
 
     def params_schema(self) -> dict[str, Any]:
         """JSON schema of the params model (empty object schema when there are no params)."""

@@ -1,0 +1,45 @@
+"""Shared test helpers: bounded polling instead of sleeping, and event collection."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from taskwatch.engine import BaseEvent, Engine
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = 3.0, interval: float = 0.005) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+        await asyncio.sleep(interval)
+
+
+class Recorder:
+    """Records every event an engine publishes (a synchronous bus callback)."""
+
+    def __init__(self, engine: Engine, kinds: tuple[str, ...] | None = None) -> None:
+        self.events: list[BaseEvent] = []
+        self._unsubscribe = engine.bus.add_callback(self.events.append, kinds)
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self.events]  # type: ignore[attr-defined]
+
+    def of(self, kind: str) -> list[Any]:
+        return [e for e in self.events if e.kind == kind]  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self._unsubscribe()
+
+
+def stray_tasks() -> set[asyncio.Task[Any]]:
+    """Tasks still alive on this loop other than the current one."""
+    current = asyncio.current_task()
+    return {t for t in asyncio.all_tasks() if t is not current and not t.done()}
