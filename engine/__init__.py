@@ -33,7 +33,7 @@ from .events import (
     event_to_json,
 )
 from .handle import RunHandle
-from .lease import Leadership
+from .lease import InProcessLease, Leadership, Lease, LeaseState
 from .runs import EngineStats, Progress, RunError, RunRecord, RunStatus
 from .queues import QueueInfo, WorkQueue
 from .scheduler import PeriodicInfo
@@ -58,7 +58,10 @@ __all__ = [
     "EventBus",
     "InlineBackend",
     "InvalidParams",
+    "InProcessLease",
     "Leadership",
+    "Lease",
+    "LeaseState",
     "NotLeader",
     "Progress",
     "ProtocolError",

@@ -30,19 +30,18 @@ DEFAULT_REPLAY = 1_000
 class KindFilter:
     """Matches event kinds exactly, or by prefix when a pattern ends with ``.``."""
 
-    __slots__ = ("_exact", "_prefixes", "_cache")
+    __slots__ = ("_exact", "_prefixes", "_cache", "matches_all")
 
     def __init__(self, kinds: Iterable[str] | None) -> None:
         kinds = list(kinds or ())
         self._exact = frozenset(k for k in kinds if not k.endswith("."))
         self._prefixes = tuple(k for k in kinds if k.endswith("."))
         self._cache: dict[str, bool] = {}
-
-    @property
-    def matches_all(self) -> bool:
-        return not self._exact and not self._prefixes
+        self.matches_all = not kinds
 
     def __call__(self, kind: str) -> bool:
+        if self.matches_all:
+            return True
         hit = self._cache.get(kind)
         if hit is None:
             hit = kind in self._exact or kind.startswith(self._prefixes)
@@ -222,14 +221,21 @@ class EventBus:
         kinds: Iterable[str] | None = None,
         maxsize: int = DEFAULT_BUFFER,
     ) -> Subscription:
-        """Subscribe to events from now on, after the last ``replay`` past events.
+        """Subscribe to events from now on, after the last ``replay`` past events that match.
 
         ``kinds`` filters by exact kind (``"run.failed"``) or prefix (``"run."``).
         ``maxsize`` bounds the buffer; overflow is dropped for this subscriber only.
         """
         sub = Subscription(self, maxsize, kinds)
         if replay > 0:
-            for event in list(self._ring)[-replay:]:
+            # the last ``replay`` events this subscriber would have received
+            picked: list[BaseEvent] = []
+            for event in reversed(self._ring):
+                if sub._filter(event.kind):  # type: ignore[attr-defined]
+                    picked.append(event)
+                    if len(picked) >= replay:
+                        break
+            for event in reversed(picked):
                 sub._offer(event)
         if self.closed:
             sub.closed = True

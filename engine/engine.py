@@ -237,6 +237,11 @@ class Engine:
     def started_at(self) -> float | None:
         return self._started_at
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the engine was started on (None before the first start)."""
+        return self._loop
+
     async def start(self) -> None:
         if self._state == "running":
             return
@@ -536,6 +541,8 @@ class Engine:
         else:
             wanted = {RunStatus(s) for s in status}
         out: list[RunRecord] = []
+        if limit is not None and limit <= 0:
+            return out
         for run in reversed(self._runs.values()):
             if wanted is not None and run.status not in wanted:
                 continue

@@ -132,3 +132,87 @@ class UnknownPeriodic(TaskwatchError, LookupError):
 
 class ProtocolError(TaskwatchError, ValueError):
     """A wire message could not be decoded or is not allowed."""
+
+
+class MalformedMessage(ProtocolError):
+    """A wire message is not valid JSON, or does not match any message model."""
+
+    reason = "malformed"
+
+
+class MessageTooLarge(ProtocolError):
+    """A wire message is longer than the receiver's ``max_message`` limit."""
+
+    reason = "oversized"
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"message of {size} bytes exceeds the {limit}-byte limit and was discarded; "
+            "send smaller messages or raise max_message"
+        )
+
+
+class UnknownCommand(ProtocolError):
+    """A wire message has a ``type`` this side does not understand (or not at this point)."""
+
+    reason = "unknown"
+
+
+class IncompatibleVersion(ProtocolError):
+    """The two ends of a connection speak different protocol versions."""
+
+    reason = "version"
+
+    def __init__(self, ours: int, theirs: object) -> None:
+        self.ours = ours
+        self.theirs = theirs
+        super().__init__(
+            f"peer speaks protocol version {theirs!r}, this side speaks {ours}; "
+            "install the same taskwatch version on both ends"
+        )
+
+
+class AuthenticationFailed(TaskwatchError, PermissionError):
+    """A control connection presented a missing or wrong token; it was disconnected."""
+
+    def __init__(self, message: str = "authentication failed: missing or wrong token") -> None:
+        super().__init__(message)
+
+
+class RemoteError(TaskwatchError):
+    """A remote engine reported an error this client has no matching class for."""
+
+    def __init__(self, error_type: str, message: str, details: dict[str, Any] | None = None) -> None:
+        self.error_type = error_type
+        self.details = dict(details or {})
+        super().__init__(f"{error_type}: {message}")
+
+
+class ConnectionClosed(TaskwatchError, ConnectionError):
+    """The connection to a remote engine closed (or was never opened)."""
+
+
+class LoopThreadError(TaskwatchError, RuntimeError):
+    """A blocking call was made from the background engine's own event-loop thread."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        super().__init__(
+            f"BackgroundEngine.{method}() blocks until the engine's loop answers, and this is "
+            "that loop's own thread, so it would wait forever. Code running on the engine's "
+            "loop should call the Engine itself, or await the `a`-prefixed variant"
+        )
+
+
+class JobNotSerializable(TaskwatchError, TypeError):
+    """A queue job is neither a pydantic model nor JSON-serialisable. Nothing was queued."""
+
+    def __init__(self, queue: str, type_name: str, detail: str) -> None:
+        self.queue = queue
+        self.type_name = type_name
+        super().__init__(
+            f"a {type_name} job cannot be put into queue {queue!r}: jobs must be pydantic models "
+            f"or JSON-serialisable values (dicts, lists, str, numbers); nothing was queued ({detail})"
+        )

@@ -1,21 +1,54 @@
 """Leader leases and the elector that holds one for an engine.
 
-(Foundation stub: without a lease an engine is its own permanent leader.)
+A :class:`Lease` is the shared record that says which node leads: acquired
+with a TTL, kept alive by renewing, released on shutdown. Every successful
+acquire starts a new *term*, a number that only ever grows; it is the fencing
+token leader-only work attaches to destructive writes, so a store can refuse
+writes from a stale leader. Every operation that changes the lease is a
+compare-and-set on (holder, term), and times are wall-clock UNIX seconds, so
+the same interface can sit on a shared store (Redis, a database row) and be
+read by other processes. :class:`InProcessLease` is the in-memory version:
+several engines in one process that share one object elect one leader.
+
+:class:`LeaderElector` is the engine's side: it makes a first acquire attempt
+at start, then one background task renews the lease (or, as a follower, tries
+to acquire it) every ``renew_interval`` seconds, publishes every change as an
+event and tells its listeners (the supervisor) when leadership starts or
+ends. Without a lease an engine is its own permanent leader (term 1).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
-from typing import TYPE_CHECKING
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel, ConfigDict
+
+from .events import LeaseAcquired, LeaseEvent, LeaseLost, LeaseReleased, LeaseRenewed
 
 if TYPE_CHECKING:
     from .engine import Engine
 
+log = logging.getLogger("taskwatch.lease")
+
+T = TypeVar("T")
+
+#: called with True when this node becomes leader, False when it stops being one
+LeadershipListener = Callable[[bool], None]
+
 
 class Leadership(BaseModel):
-    """Who leads, as seen from one node."""
+    """Who leads, as seen from one node.
+
+    ``term`` and ``expires_at`` are this node's own when it leads, otherwise
+    those of the holder it last saw (``None`` when it has seen none).
+    ``expires_at`` is ``None`` for an engine without a lease (permanent leader).
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -26,29 +59,302 @@ class Leadership(BaseModel):
     expires_at: float | None = None
 
 
+class LeaseState(BaseModel):
+    """One term of a lease: who holds it, its fencing token, when it lapses (UNIX seconds)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    holder: str
+    term: int
+    expires_at: float
+
+
+class Lease(ABC):
+    """A leader lease shared by the nodes that compete for leadership.
+
+    Implementations must make each method atomic with respect to other nodes
+    and must keep terms strictly increasing over the lease's whole life
+    (release included), so no two leaders ever share a fencing token.
+
+    ``ttl`` is how long an acquire or renew keeps the lease; ``renew_interval``
+    (default ``ttl / 3``) is how often a holder renews. It must leave room for
+    at least one more renew before the lease lapses, so it is at most ``ttl / 2``.
+    """
+
+    def __init__(self, ttl: float, *, renew_interval: float | None = None) -> None:
+        if ttl <= 0:
+            raise ValueError(f"lease ttl must be positive seconds, got {ttl!r}")
+        interval = ttl / 3 if renew_interval is None else renew_interval
+        if interval <= 0 or interval > ttl / 2:
+            raise ValueError(
+                f"renew_interval must be positive and at most half the ttl ({ttl / 2:g} s) "
+                f"so a holder gets a second chance to renew; got {interval!r}"
+            )
+        self.ttl = ttl
+        self.renew_interval = interval
+
+    def now(self) -> float:
+        """The lease's clock (UNIX seconds); expiry is judged against it."""
+        return time.time()
+
+    @abstractmethod
+    async def acquire(self, node_id: str) -> LeaseState | None:
+        """Take the lease for ``node_id`` if it is free, expired, or already ``node_id``'s.
+
+        Success always starts a new, higher term. Returns ``None`` when another
+        node holds an unexpired lease.
+        """
+
+    @abstractmethod
+    async def renew(self, node_id: str, term: int) -> LeaseState | None:
+        """Extend the lease by ``ttl`` if ``node_id`` still holds ``term`` unexpired, else ``None``."""
+
+    @abstractmethod
+    async def release(self, node_id: str, term: int) -> bool:
+        """Give the lease up if ``node_id`` still holds ``term`` unexpired; says whether it did."""
+
+    @abstractmethod
+    async def holder(self) -> LeaseState | None:
+        """The current unexpired term, or ``None`` if nobody holds the lease."""
+
+
+class InProcessLease(Lease):
+    """A lease kept in memory: engines in one process sharing this object elect one leader.
+
+    ``clock`` (default :func:`time.time`) lets tests expire a lease without sleeping.
+    """
+
+    def __init__(
+        self,
+        ttl: float = 2.0,
+        *,
+        renew_interval: float | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        super().__init__(ttl, renew_interval=renew_interval)
+        self._clock = clock or time.time
+        self._state: LeaseState | None = None
+        # the last term handed out; kept across releases so terms never repeat
+        self._last_term = 0
+
+    def now(self) -> float:
+        return self._clock()
+
+    def _current(self) -> LeaseState | None:
+        state = self._state
+        if state is not None and state.expires_at <= self.now():
+            return None
+        return state
+
+    def _holds(self, node_id: str, term: int) -> bool:
+        current = self._current()
+        return current is not None and current.holder == node_id and current.term == term
+
+    # no awaits inside these methods, so each one is atomic on the event loop
+
+    async def acquire(self, node_id: str) -> LeaseState | None:
+        current = self._current()
+        if current is not None and current.holder != node_id:
+            return None
+        self._last_term += 1
+        self._state = LeaseState(holder=node_id, term=self._last_term, expires_at=self.now() + self.ttl)
+        return self._state
+
+    async def renew(self, node_id: str, term: int) -> LeaseState | None:
+        if not self._holds(node_id, term):
+            return None
+        self._state = LeaseState(holder=node_id, term=term, expires_at=self.now() + self.ttl)
+        return self._state
+
+    async def release(self, node_id: str, term: int) -> bool:
+        if not self._holds(node_id, term):
+            return False
+        self._state = None
+        return True
+
+    async def holder(self) -> LeaseState | None:
+        return self._current()
+
+    def __repr__(self) -> str:
+        return f"<InProcessLease ttl={self.ttl:g} state={self._current()!r}>"
+
+
 class LeaderElector:
-    def __init__(self, engine: Engine, lease: object | None = None) -> None:
+    """Holds (or competes for) the leader lease on behalf of one engine."""
+
+    def __init__(self, engine: Engine, lease: Lease | None = None) -> None:
+        if lease is not None and not isinstance(lease, Lease):
+            raise TypeError(
+                f"lease must be a taskwatch Lease (e.g. InProcessLease(ttl=2.0)), "
+                f"got {type(lease).__name__}"
+            )
         self._engine = engine
         self.lease = lease
-        self.is_leader = True
-        self.term = 1
-        self.holder: str | None = engine.node_id
+        self._listeners: list[LeadershipListener] = []
+        self._task: asyncio.Task[None] | None = None
+        if lease is None:
+            # nobody to compete with: this engine leads, for good
+            self.is_leader = True
+            self.term = 1
+            self.holder: str | None = engine.node_id
+        else:
+            self.is_leader = False
+            self.term = 0
+            self.holder = None
         self.expires_at: float | None = None
 
+    @property
+    def node_id(self) -> str:
+        return self._engine.node_id
+
+    @property
+    def renew_interval(self) -> float | None:
+        return self.lease.renew_interval if self.lease is not None else None
+
     def lease_valid(self) -> bool:
-        return self.expires_at is None or self.expires_at > time.time()
+        """Whether the lease this node last saw has not lapsed (always true without a lease)."""
+        if self.expires_at is None or self.lease is None:
+            return True
+        return self.expires_at > self.lease.now()
 
     def snapshot(self) -> Leadership:
         return Leadership(
-            node_id=self._engine.node_id,
+            node_id=self.node_id,
             is_leader=self.is_leader,
             holder=self.holder,
             term=self.term,
             expires_at=self.expires_at,
         )
 
+    def add_listener(self, listener: LeadershipListener) -> Callable[[], None]:
+        """Call ``listener(is_leader)`` on every change of leadership; returns a remover."""
+        self._listeners.append(listener)
+
+        def remove() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return remove
+
+    # ------------------------------------------------------------------ lifecycle
+
     async def start(self) -> None:
-        pass
+        if self.lease is None or self._task is not None:
+            return
+        # one attempt before returning, so the engine's other components (and
+        # the caller) start with the outcome of the first election
+        await self._try_acquire()
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"taskwatch-lease-{self.node_id}"
+        )
 
     async def stop(self, deadline: float) -> None:
-        pass
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.lease is None or not self.is_leader:
+            return
+        lease, term = self.lease, self.term
+        remaining = deadline - asyncio.get_running_loop().time()
+        # past the deadline a release still gets one short try: it saves the
+        # other nodes a whole ttl of waiting
+        timeout = remaining if remaining > 0 else lease.renew_interval
+        released = await self._call(lease.release(self.node_id, term), timeout, "release")
+        event: type[LeaseEvent] = LeaseReleased if released else LeaseLost
+        self._change(False, event, holder=None, term=term, expires_at=None if released else self.expires_at)
+
+    # ------------------------------------------------------------------ the renew loop
+
+    async def _run(self) -> None:
+        assert self.lease is not None
+        while True:
+            await asyncio.sleep(self._next_wait())
+            try:
+                if self.is_leader:
+                    await self._renew()
+                else:
+                    await self._try_acquire()
+            except Exception:
+                # a bug in a listener or an event callback must not end elections
+                # for this node; a leader that stops renewing loses its lease anyway
+                log.exception("leader election step failed on %s", self.node_id)
+
+    def _next_wait(self) -> float:
+        assert self.lease is not None
+        interval = self.lease.renew_interval
+        if self.is_leader and self.expires_at is not None:
+            # wake by the expiry at the latest, so a lapse is noticed promptly
+            interval = min(interval, max(0.0, self.expires_at - self.lease.now()))
+        return interval
+
+    async def _renew(self) -> None:
+        assert self.lease is not None
+        if not self.lease_valid():
+            log.warning("lease of %s (term %d) lapsed before it was renewed", self.node_id, self.term)
+            self._lose()
+            return
+        state = await self._call(
+            self.lease.renew(self.node_id, self.term), self.lease.renew_interval, "renew"
+        )
+        if state is None or state.holder != self.node_id or state.expires_at <= self.lease.now():
+            self._lose()
+            return
+        self.term, self.expires_at = state.term, state.expires_at
+        self._engine.bus.emit(LeaseRenewed, holder=self.node_id, term=state.term, expires_at=state.expires_at)
+
+    async def _try_acquire(self) -> None:
+        assert self.lease is not None
+        lease = self.lease
+        state = await self._call(lease.acquire(self.node_id), lease.renew_interval, "acquire")
+        if state is not None and state.holder == self.node_id and state.expires_at > lease.now():
+            self._change(True, LeaseAcquired, holder=self.node_id, term=state.term, expires_at=state.expires_at)
+            return
+        # a follower only reports who leads (unknown if the lookup fails); the
+        # term it saw stays, so a dashboard can tell how far elections have gone
+        seen = await self._call(lease.holder(), lease.renew_interval, "holder lookup")
+        self.holder = seen.holder if seen is not None else None
+        self.expires_at = seen.expires_at if seen is not None else None
+        if seen is not None:
+            self.term = seen.term
+
+    async def _call(self, op: Awaitable[T], timeout: float, what: str) -> T | None:
+        """Await one lease operation, bounded; an error or a timeout counts as failure.
+
+        A call that outlives the renew interval is as good as failed: by the time
+        it returned, the lease it reports on could have changed hands.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                return await op
+        except Exception as exc:  # includes TimeoutError
+            log.warning("lease %s by %s failed: %r", what, self.node_id, exc)
+            return None
+
+    def _lose(self) -> None:
+        self._change(False, LeaseLost, holder=None, term=self.term, expires_at=self.expires_at)
+
+    def _change(
+        self,
+        is_leader: bool,
+        event: type[LeaseEvent],
+        *,
+        holder: str | None,
+        term: int,
+        expires_at: float | None,
+    ) -> None:
+        """Record a change of leadership, publish it, and tell the listeners."""
+        self.is_leader = is_leader
+        self.holder = holder
+        self.term = term
+        self.expires_at = expires_at
+        self._engine.bus.emit(event, holder=holder, term=term, expires_at=expires_at)
+        for listener in list(self._listeners):
+            try:
+                listener(is_leader)
+            except Exception:
+                log.exception("leadership listener %r raised", listener)
+
+    def __repr__(self) -> str:
+        return f"<LeaderElector {self.node_id} leader={self.is_leader} term={self.term}>"

@@ -1,16 +1,65 @@
 """Periodic tasks: the decorator registry, interval and cron triggers, pause/resume.
 
-(Stub: to be implemented.)
+``@engine.periodic(...)`` records a function here and registers it as an
+engine task of kind ``"periodic"``, so every tick is an ordinary engine run
+(statuses, retries, timeout, progress, events) with source ``periodic:NAME``.
+
+Time model
+----------
+Due times are wall-clock UNIX seconds (what :class:`PeriodicInfo` shows).
+Cron expressions are evaluated in the **local time zone**, like cron itself:
+``"0 3 * * *"`` means 03:00 local wall-clock time. Intervals are measured from
+the end of the previous run by default, or from its scheduled start with
+``fixed_rate=True``. The next-due arithmetic lives in small pure functions
+(:func:`next_interval_due`, :func:`next_cron_due`, :func:`jitter_delay`) that
+take explicit times, so it can be tested without a clock.
+
+Overlap
+-------
+A tick that comes due while the previous run of the same task is still going
+is skipped and counted (``PeriodicSkipped``); runs of one periodic task never
+overlap. With the default end-based interval this cannot happen by
+construction, except right after a resume while a run started before the
+pause is still going.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, tzinfo
 from typing import TYPE_CHECKING, Any, Literal
 
+from cronsim import CronSim, CronSimError
 from pydantic import BaseModel, ConfigDict
+
+from .errors import EngineNotRunning, QueueFull, TaskDefinitionError, UnknownPeriodic
+from .events import (
+    FINISHED_RUN_KINDS,
+    BaseEvent,
+    PeriodicPaused,
+    PeriodicRegistered,
+    PeriodicResumed,
+    PeriodicSkipped,
+)
+from .runs import RunStatus
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .handle import RunHandle
+
+log = logging.getLogger("taskwatch.scheduler")
+
+#: longest single sleep: a wall-clock jump (suspend, NTP step) is noticed within this
+_MAX_SLEEP = 30.0
+#: pause before retrying after an unexpected error inside a loop, so it cannot spin
+_ERROR_BACKOFF = 1.0
 
 
 class PeriodicInfo(BaseModel):
@@ -28,7 +77,172 @@ class PeriodicInfo(BaseModel):
     reason: str | None = None  # why disabled
     paused: bool = False
     next_due: float | None = None
+    #: the run in progress, if any
     running_run_id: str | None = None
+    #: the most recently *finished* run: id, final status, start time and duration
+    last_run_id: str | None = None
+    last_status: str | None = None
+    last_started: float | None = None
+    last_duration: float | None = None
+    #: runs submitted, runs that ended failed, ticks skipped
+    runs: int = 0
+    failures: int = 0
+    skipped: int = 0
+    requires: tuple[str, ...] = ()
+    opt_in: str | None = None
+    jitter: float = 0.0
+
+
+# ---------------------------------------------------------------- pure next-due computation
+
+
+def jitter_delay(span: float, fraction: float, rng: random.Random | None = None) -> float:
+    """A random extra delay in ``[0, span * fraction]`` (0 when there is no jitter)."""
+    if fraction <= 0 or span <= 0:
+        return 0.0
+    return (rng or random).uniform(0.0, span * fraction)
+
+
+def next_interval_due(
+    last_start: float | None,
+    last_end: float | None,
+    every: float,
+    fixed_rate: bool = False,
+    jitter_fraction: float = 0.0,
+    rng: random.Random | None = None,
+    *,
+    now: float | None = None,
+) -> float:
+    """When an interval task is next due.
+
+    End-based (default): ``last_end + every``. Fixed rate: ``last_start +
+    every``, where ``last_start`` should be the previous *scheduled* time so
+    ticks do not drift; with ``now`` given, slots already in the past are
+    skipped except the latest one, so a loop held up for a while runs once
+    rather than in a burst. Jitter adds a random delay of up to
+    ``jitter_fraction * every``.
+    """
+    if fixed_rate:
+        if last_start is None:
+            raise ValueError("a fixed-rate interval needs the previous start time")
+        due = last_start + every
+        if now is not None and due < now:
+            due += every * math.floor((now - due) / every)
+    else:
+        if last_end is None:
+            raise ValueError("an end-based interval needs the previous end time")
+        due = last_end + every
+    return due + jitter_delay(every, jitter_fraction, rng)
+
+
+def next_cron_due(expr: str, after: float, tz: tzinfo | None = None) -> float:
+    """The first time strictly after ``after`` (UNIX seconds) that ``expr`` matches.
+
+    With ``tz=None`` the expression is read in the local time zone, as cron
+    does: naive local wall-clock times are converted with the platform's
+    rules, so DST changes are honoured. Pass a ``tzinfo`` (e.g.
+    ``datetime.timezone.utc``) to use another zone. Raises ``StopIteration``
+    if the expression never matches again.
+    """
+    start = datetime.fromtimestamp(after) if tz is None else datetime.fromtimestamp(after, tz)
+    # cronsim drops sub-second parts and then steps one second, so the result is > after
+    return next(CronSim(expr, start)).timestamp()
+
+
+def trigger_text(every: float | None, cron: str | None) -> str:
+    return f"cron {cron}" if cron is not None else f"every {every:g}s"
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _validate(
+    fn: Any,
+    name: str,
+    every: float | None,
+    cron: str | None,
+    initial_delay: float,
+    requires: tuple[str, ...],
+    jitter: float,
+) -> None:
+    """Raise :class:`TaskDefinitionError` for anything that would fail only later."""
+    if (every is None) == (cron is None):
+        raise TaskDefinitionError(
+            f"periodic task {name!r} needs exactly one of every= (seconds) or cron= (expression)"
+        )
+    if every is not None and not (isinstance(every, int | float) and math.isfinite(every) and every > 0):
+        raise TaskDefinitionError(f"every= for periodic task {name!r} must be positive seconds, got {every!r}")
+    if cron is not None:
+        try:
+            CronSim(cron, datetime.now())
+        except (CronSimError, ValueError, TypeError, AttributeError) as exc:
+            raise TaskDefinitionError(
+                f"cron= for periodic task {name!r} does not parse: {cron!r} ({exc})"
+            ) from None
+    if not (math.isfinite(initial_delay) and initial_delay >= 0):
+        raise TaskDefinitionError(f"initial_delay= for periodic task {name!r} must be zero or more seconds")
+    if not (0.0 <= jitter <= 1.0):
+        raise TaskDefinitionError(
+            f"jitter= for periodic task {name!r} is a fraction of the interval between 0 and 1, got {jitter!r}"
+        )
+    _validate_signature(fn, name, requires)
+
+
+def _validate_signature(fn: Any, name: str, requires: tuple[str, ...]) -> None:
+    if not inspect.iscoroutinefunction(fn):
+        raise TaskDefinitionError(
+            f"periodic task {name!r} must be an `async def` function taking (ctx, **resources)"
+        )
+    params = list(inspect.signature(fn).parameters.values())
+    if not params or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+        raise TaskDefinitionError(
+            f"periodic task {name!r} must take a TaskContext as its first argument: "
+            f"async def {getattr(fn, '__name__', name)}(ctx, ...)"
+        )
+    rest = params[1:]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in rest)
+    by_keyword = {p.name for p in rest if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    not_accepted = [r for r in requires if r not in by_keyword and not takes_any]
+    if not_accepted:
+        raise TaskDefinitionError(
+            f"periodic task {name!r} requires {', '.join(not_accepted)} but has no keyword "
+            f"parameter of that name; add it to the signature: (ctx, {', '.join(requires)})"
+        )
+    unfilled = [
+        p.name
+        for p in rest
+        if p.name not in requires
+        and p.default is p.empty
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if unfilled:
+        raise TaskDefinitionError(
+            f"periodic task {name!r} has parameters {', '.join(unfilled)} that nothing fills; "
+            "list them in requires=(...) to receive engine resources of those names"
+        )
+
+
+# ---------------------------------------------------------------- registry and loops
+
+
+@dataclass(slots=True, eq=False)
+class _Periodic:
+    name: str
+    every: float | None
+    cron: str | None
+    initial_delay: float
+    requires: tuple[str, ...]
+    opt_in: str | None
+    jitter: float
+    fixed_rate: bool
+    enabled: bool = True
+    reason: str | None = None
+    paused: bool = False
+    #: the nominal (un-jittered) time of the next tick, and when it is actually due
+    slot: float | None = None
+    next_due: float | None = None
+    current: RunHandle | None = None
+    task: asyncio.Task[None] | None = None
     last_run_id: str | None = None
     last_status: str | None = None
     last_started: float | None = None
@@ -37,25 +251,312 @@ class PeriodicInfo(BaseModel):
     failures: int = 0
     skipped: int = 0
 
+    @property
+    def trigger(self) -> str:
+        return trigger_text(self.every, self.cron)
+
 
 class Scheduler:
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    """Owns the periodic tasks of one engine and one asyncio task per enabled, unpaused one."""
 
-    def add(self, fn: Any, **options: Any) -> Any:
-        raise NotImplementedError
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._engine = engine
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._entries: dict[str, _Periodic] = {}
+        #: run id -> periodic task and handle, for runs not yet finished
+        self._inflight: dict[str, tuple[_Periodic, RunHandle]] = {}
+        #: every loop task not yet finished, including ones cancelled by pause
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._running = False
+        self._unsubscribe: Callable[[], None] | None = None
+
+    # ------------------------------------------------------------ registry
+
+    def add(
+        self,
+        fn: Any,
+        *,
+        every: float | None = None,
+        cron: str | None = None,
+        name: str | None = None,
+        initial_delay: float = 0.0,
+        requires: tuple[str, ...] = (),
+        opt_in: str | None = None,
+        jitter: float = 0.0,
+        fixed_rate: bool = False,
+        retries: int = 0,
+        timeout: float | None = None,
+    ) -> PeriodicInfo:
+        """Validate and record a periodic task; raises :class:`TaskDefinitionError`.
+
+        The engine task is registered now (so a name clash fails at decoration
+        time); whether it is enabled is decided when the engine starts.
+        """
+        task_name = name or getattr(fn, "__name__", None) or repr(fn)
+        requires = tuple(requires)
+        _validate(fn, task_name, every, cron, initial_delay, requires, jitter)
+        self._engine.register(
+            fn, name=task_name, retries=retries, timeout=timeout, kind="periodic", resources=requires
+        )
+        entry = _Periodic(
+            name=task_name,
+            every=float(every) if every is not None else None,
+            cron=cron,
+            initial_delay=initial_delay,
+            requires=requires,
+            opt_in=opt_in,
+            jitter=jitter,
+            fixed_rate=fixed_rate,
+        )
+        entry.reason = self._unmet_needs(entry)
+        entry.enabled = entry.reason is None
+        self._entries[task_name] = entry
+        if self._unsubscribe is None:
+            self._unsubscribe = self._engine.bus.add_callback(self._on_run_finished, FINISHED_RUN_KINDS)
+        if self._running:
+            self._activate(entry)
+        return self._info(entry)
+
+    def _unmet_needs(self, p: _Periodic) -> str | None:
+        engine = self._engine
+        reasons = []
+        missing = [r for r in p.requires if r not in engine.resources]
+        if missing:
+            noun = "resource" if len(missing) == 1 else "resources"
+            reasons.append(f"missing {noun}: {', '.join(missing)}")
+        if p.opt_in is not None and not engine.flags.get(p.opt_in, False):
+            reasons.append(f"flag {p.opt_in} is off")
+        return "; ".join(reasons) or None
+
+    def _get(self, name: str) -> _Periodic:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise UnknownPeriodic(name, self._entries)
+        return entry
+
+    # ------------------------------------------------------------ queries and control
 
     def schedule(self) -> list[PeriodicInfo]:
-        return []
+        return [self._info(p) for p in self._entries.values()]
+
+    def info(self, name: str) -> PeriodicInfo:
+        return self._info(self._get(name))
+
+    def _info(self, p: _Periodic) -> PeriodicInfo:
+        current = p.current
+        return PeriodicInfo(
+            name=p.name,
+            trigger=p.trigger,
+            trigger_kind="cron" if p.cron is not None else "interval",
+            every=p.every,
+            cron=p.cron,
+            fixed_rate=p.fixed_rate,
+            enabled=p.enabled,
+            reason=p.reason,
+            paused=p.paused,
+            next_due=p.next_due,
+            running_run_id=current.id if current is not None and not current.done else None,
+            last_run_id=p.last_run_id,
+            last_status=p.last_status,
+            last_started=p.last_started,
+            last_duration=p.last_duration,
+            runs=p.runs,
+            failures=p.failures,
+            skipped=p.skipped,
+            requires=p.requires,
+            opt_in=p.opt_in,
+            jitter=p.jitter,
+        )
 
     def pause(self, name: str) -> PeriodicInfo:
-        raise NotImplementedError
+        """Stop scheduling ``name`` (a run in progress finishes normally)."""
+        p = self._get(name)
+        if not p.paused:
+            p.paused = True
+            self._halt(p)
+            self._engine.bus.emit(PeriodicPaused, name=p.name)
+        return self._info(p)
 
     def resume(self, name: str) -> PeriodicInfo:
-        raise NotImplementedError
+        """Schedule ``name`` again; its next due time is computed from now."""
+        p = self._get(name)
+        if p.paused:
+            p.paused = False
+            if self._running and p.enabled:
+                self._launch(p, self._resume_slot(p))
+            self._engine.bus.emit(PeriodicResumed, name=p.name, next_due=p.next_due)
+        return self._info(p)
+
+    # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        pass
+        self._running = True
+        for p in self._entries.values():
+            self._activate(p)
 
     async def stop(self, deadline: float) -> None:
-        pass
+        """Cancel and await every loop; runs already submitted are the engine's to drain."""
+        self._running = False
+        for p in self._entries.values():
+            self._halt(p)
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            # the loops never swallow cancellation, so this returns promptly
+            await asyncio.wait(tasks)
+        self._tasks.clear()
+
+    def _activate(self, p: _Periodic) -> None:
+        """Decide enabled/disabled from the engine's resources and flags, start the loop, tell."""
+        p.reason = self._unmet_needs(p)
+        p.enabled = p.reason is None
+        if p.enabled and not p.paused:
+            self._launch(p, self._first_slot(p))
+        self._engine.bus.emit(
+            PeriodicRegistered,
+            name=p.name,
+            trigger=p.trigger,
+            enabled=p.enabled,
+            reason=p.reason,
+            next_due=p.next_due,
+        )
+
+    def _launch(self, p: _Periodic, slot: float | None) -> None:
+        self._halt(p)
+        if slot is None:
+            self._never_again(p)
+            return
+        self._plan(p, slot)
+        task = asyncio.get_running_loop().create_task(self._loop(p), name=f"taskwatch-periodic-{p.name}")
+        p.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _halt(self, p: _Periodic) -> None:
+        p.next_due = None
+        p.slot = None
+        task, p.task = p.task, None
+        if task is not None:
+            task.cancel()  # stays in self._tasks until done, so stop() still awaits it
+
+    # ------------------------------------------------------------ due times
+
+    def _first_slot(self, p: _Periodic) -> float | None:
+        start = self._clock() + p.initial_delay
+        return start if p.cron is None else self._cron_after(p, start - 1e-6)
+
+    def _resume_slot(self, p: _Periodic) -> float | None:
+        now = self._clock()
+        return now + p.every if p.every is not None else self._cron_after(p, now)
+
+    def _cron_after(self, p: _Periodic, after: float) -> float | None:
+        assert p.cron is not None
+        try:
+            return next_cron_due(p.cron, after)
+        except StopIteration:
+            return None
+
+    def _never_again(self, p: _Periodic) -> None:
+        # only a cron expression can run out of future times (cronsim looks 50 years ahead)
+        p.enabled = False
+        p.reason = "cron expression never matches again"
+        p.next_due = p.slot = None
+
+    def _plan(self, p: _Periodic, slot: float) -> None:
+        """Set the nominal slot and the jittered due time of the next tick."""
+        p.slot = slot
+        span = p.every
+        if span is None and p.jitter > 0:
+            following = self._cron_after(p, slot)
+            span = following - slot if following is not None else 0.0
+        p.next_due = slot + jitter_delay(span or 0.0, p.jitter, self._rng)
+
+    def _slot_after_tick(self, p: _Periodic, slot: float, end: float | None) -> float | None:
+        now = self._clock()
+        if p.cron is not None:
+            # from now, not from the slot: a loop that woke late fires once, not in a burst
+            return self._cron_after(p, max(slot, now))
+        assert p.every is not None
+        if p.fixed_rate:
+            return next_interval_due(slot, None, p.every, True, now=now)
+        return next_interval_due(None, end if end is not None else now, p.every, False)
+
+    # ------------------------------------------------------------ the loop
+
+    async def _loop(self, p: _Periodic) -> None:
+        while p.next_due is not None and p.slot is not None:
+            try:
+                await self._sleep_until(p.next_due)
+                slot = p.slot
+                self._tick(p)
+                end = None
+                if p.cron is None and not p.fixed_rate:
+                    # end-based: the next interval starts when this run (or the
+                    # one a skipped tick found still going) has finished
+                    p.next_due = None
+                    end = await self._wait_current(p)
+                following = self._slot_after_tick(p, slot, end)
+            except EngineNotRunning:
+                return
+            except Exception:
+                # a bug here must not end the schedule; try again shortly
+                log.exception("periodic task %r: scheduling error; retrying", p.name)
+                following = self._clock() + _ERROR_BACKOFF
+            if following is None:
+                self._never_again(p)
+                return
+            self._plan(p, following)
+
+    async def _sleep_until(self, due: float) -> None:
+        while (delay := due - self._clock()) > 0:
+            await asyncio.sleep(min(delay, _MAX_SLEEP))
+
+    async def _wait_current(self, p: _Periodic) -> float | None:
+        current = p.current
+        if current is None:
+            return None
+        record = await current.wait()
+        return record.finished_at
+
+    def _tick(self, p: _Periodic) -> None:
+        """Submit one run, or skip the tick if the previous run is still going."""
+        current = p.current
+        if current is not None and not current.done:
+            self._skip(p, current.id)
+            return
+        try:
+            handle = self._engine.submit_nowait(p.name, None, source=f"periodic:{p.name}")
+        except QueueFull:
+            log.warning("periodic task %r: engine run queue full; tick skipped", p.name)
+            self._skip(p, None)
+            return
+        p.current = handle
+        p.runs += 1
+        self._inflight[handle.id] = (p, handle)
+
+    def _skip(self, p: _Periodic, running_run_id: str | None) -> None:
+        p.skipped += 1
+        self._engine.bus.emit(PeriodicSkipped, name=p.name, running_run_id=running_run_id, skipped_total=p.skipped)
+
+    def _on_run_finished(self, event: BaseEvent) -> None:
+        """Bus callback: record the outcome of one of our runs as soon as it finishes."""
+        found = self._inflight.pop(event.run_id, None)  # type: ignore[attr-defined]
+        if found is None:
+            return
+        p, handle = found
+        # the handle, not the engine's history: the run may already be evicted from it
+        record = handle.record()
+        p.last_run_id = record.id
+        p.last_status = record.status.value
+        p.last_started = record.started_at
+        p.last_duration = record.duration
+        if record.status is RunStatus.FAILED:
+            p.failures += 1

@@ -1,21 +1,61 @@
 """Supervised long-lived workers: restarted with backoff, optionally leader-only.
 
-(Stub: to be implemented.)
+A supervised worker is an ``async def worker(ctx)`` meant to run for the
+engine's whole life. Each one gets a supervising asyncio task that runs it and
+restarts it:
+
+* after a crash, with exponential backoff: ``backoff`` seconds doubling per
+  consecutive crash up to ``backoff_max``. No jitter: only one node runs a
+  leader-only worker, so there is no herd of restarts to spread out;
+* after a clean return, after the base ``backoff`` (a supervised worker is
+  meant to run forever, so returning is treated as "run me again"), with the
+  crash streak reset; a ``worker.stopped`` event with reason ``returned`` says so;
+* a run that lasted at least ``backoff_max`` before crashing also resets the
+  streak, so a worker that crashes once a day is not stuck at the cap forever.
+
+A ``leader_only`` worker runs only while this node holds the leader lease: the
+supervisor listens to the engine's :class:`~.lease.LeaderElector`, cancels such
+workers when leadership is lost and starts them again when it is regained.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import asyncio
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from .context import TaskContext
+from .errors import DuplicateTask, NotLeader, TaskDefinitionError
+from .events import WorkerCrashed, WorkerStarted, WorkerStopped
 from .runs import RunError
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from .engine import Engine
+
+log = logging.getLogger("taskwatch.supervisor")
+
+WorkerState = Literal["running", "backoff", "waiting_for_leadership", "stopped", "returned"]
+StopReason = Literal["cancelled", "leadership_lost", "shutdown"]
+
+#: how often stop() re-cancels a worker that keeps swallowing cancellation
+#: before it waits for it without a bound (no task may outlive the engine)
+_CANCEL_ROUNDS = 3
 
 
 class WorkerInfo(BaseModel):
+    """One supervised worker as ``engine.workers()`` reports it. Times are UNIX seconds.
+
+    ``restarts`` counts starts after a crash or a clean return (not the first
+    start, nor starts on regaining leadership); ``crashes`` counts crashes.
+    """
+
     model_config = ConfigDict(frozen=True)
 
     name: str
@@ -29,18 +69,272 @@ class WorkerInfo(BaseModel):
     next_restart_at: float | None = None
 
 
+@dataclass(slots=True, eq=False)
+class _Worker:
+    """The supervisor's mutable record of one worker."""
+
+    name: str
+    fn: Callable[[TaskContext], Awaitable[Any]]
+    leader_only: bool
+    backoff: float
+    backoff_max: float
+    state: WorkerState = "stopped"
+    restarts: int = 0
+    crashes: int = 0
+    #: crashes since the last clean return or long healthy run; sets the next delay
+    streak: int = 0
+    started_at: float | None = None
+    last_error: RunError | None = None
+    last_error_at: float | None = None
+    next_restart_at: float | None = None
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+    #: set by whoever cancels ``task``, so the task can tell why it ends
+    stop_reason: StopReason | None = None
+
+    def delay_after_crash(self) -> float:
+        return min(self.backoff_max, self.backoff * 2 ** (self.streak - 1))
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            name=self.name,
+            leader_only=self.leader_only,
+            state=self.state,
+            restarts=self.restarts,
+            crashes=self.crashes,
+            started_at=self.started_at,
+            last_error=self.last_error,
+            last_error_at=self.last_error_at,
+            next_restart_at=self.next_restart_at,
+        )
+
+
 class Supervisor:
+    """Runs the engine's supervised workers and keeps them running."""
+
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._workers: dict[str, _Worker] = {}
+        self._running = False
+        engine._leader.add_listener(self.on_leadership)
 
-    def add(self, fn: Any, **options: Any) -> Any:
-        raise NotImplementedError
+    # ------------------------------------------------------------------ registry
+
+    def add(
+        self,
+        fn: Callable[[TaskContext], Awaitable[Any]],
+        *,
+        name: str | None = None,
+        leader_only: bool = False,
+        backoff: float = 1.0,
+        backoff_max: float = 60.0,
+    ) -> WorkerInfo:
+        """Register a worker; started at once if the engine is already running."""
+        worker_name = name or getattr(fn, "__name__", None) or repr(fn)
+        if not inspect.iscoroutinefunction(fn):
+            raise TaskDefinitionError(
+                f"supervised worker {worker_name!r} must be an `async def worker(ctx)` function"
+            )
+        if worker_name in self._workers:
+            raise DuplicateTask("supervised worker", worker_name)
+        if backoff <= 0:
+            raise ValueError(f"backoff for worker {worker_name!r} must be positive seconds")
+        if backoff_max < backoff:
+            raise ValueError(f"backoff_max for worker {worker_name!r} must be at least backoff ({backoff:g})")
+        worker = _Worker(worker_name, fn, leader_only, backoff, backoff_max)
+        self._workers[worker_name] = worker
+        if self._running:
+            self._reconcile(worker)
+        return worker.info()
 
     def workers(self) -> list[WorkerInfo]:
-        return []
+        return [w.info() for w in self._workers.values()]
+
+    # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        pass
+        self._running = True
+        for worker in self._workers.values():
+            self._reconcile(worker)
 
     async def stop(self, deadline: float) -> None:
-        pass
+        self._running = False
+        tasks = [t for w in self._workers.values() if (t := self._cancel(w, "shutdown")) is not None]
+        await self._await_cancelled(tasks, deadline)
+        for worker in self._workers.values():
+            worker.state = "stopped"
+            worker.next_restart_at = None
+
+    def on_leadership(self, is_leader: bool) -> None:
+        """The elector's listener: start or cancel the leader-only workers."""
+        if not self._running:
+            # the elector outlives the supervisor at shutdown; nothing to do then
+            return
+        for worker in self._workers.values():
+            if not worker.leader_only:
+                continue
+            if is_leader:
+                self._reconcile(worker)
+            else:
+                self._cancel(worker, "leadership_lost")
+                worker.state = "waiting_for_leadership"
+                worker.next_restart_at = None
+
+    # ------------------------------------------------------------------ internals
+
+    def _may_run(self, worker: _Worker) -> bool:
+        if not self._running:
+            return False
+        if not worker.leader_only:
+            return True
+        leader = self._engine._leader
+        return leader.is_leader and leader.lease_valid()
+
+    def _reconcile(self, worker: _Worker) -> None:
+        """Start ``worker`` if it should run and is not running already."""
+        if worker.task is not None and not worker.task.done():
+            # still unwinding from a cancel: its done-callback reconciles again
+            return
+        if not self._may_run(worker):
+            if worker.leader_only and self._running:
+                worker.state = "waiting_for_leadership"
+            return
+        worker.stop_reason = None
+        task = asyncio.get_running_loop().create_task(
+            self._supervise(worker), name=f"taskwatch-worker-{worker.name}"
+        )
+        worker.task = task
+        task.add_done_callback(lambda t: self._task_done(worker, t))
+
+    def _task_done(self, worker: _Worker, task: asyncio.Task[None]) -> None:
+        if worker.task is task:
+            worker.task = None
+        # leadership may have come back while the old task was unwinding
+        if worker.stop_reason == "leadership_lost":
+            self._reconcile(worker)
+
+    def _cancel(self, worker: _Worker, reason: StopReason) -> asyncio.Task[None] | None:
+        task = worker.task
+        if task is None or task.done():
+            return None
+        if worker.stop_reason is None:
+            worker.stop_reason = reason
+        task.cancel()
+        return task
+
+    async def _await_cancelled(self, tasks: list[asyncio.Task[None]], deadline: float) -> None:
+        """Await cancelled worker tasks; re-cancel ones that swallow cancellation."""
+        loop = asyncio.get_running_loop()
+        pending = {t for t in tasks if not t.done()}
+        for _ in range(_CANCEL_ROUNDS):
+            if not pending:
+                return
+            # cleanup gets until the deadline, or the engine's grace once it has passed
+            remaining = deadline - loop.time()
+            timeout = remaining if remaining > 0 else self._engine.cancel_grace
+            _, pending = await asyncio.wait(pending, timeout=timeout)
+            for task in pending:
+                task.cancel()
+        if pending:
+            log.warning(
+                "supervised workers %s ignore cancellation; waiting for them to end",
+                sorted(t.get_name() for t in pending),
+            )
+            await asyncio.wait(pending)
+
+    async def _supervise(self, worker: _Worker) -> None:
+        """Run ``worker`` until cancelled, restarting it after crashes and returns."""
+        delay: float | None = None
+        try:
+            while True:
+                if delay is not None:
+                    await self._pause(worker, delay)
+                    if not self._may_run(worker):
+                        # leadership lapsed during the pause; the elector's
+                        # notification (or a later one) starts it again
+                        worker.state = "waiting_for_leadership"
+                        return
+                    worker.restarts += 1
+                delay = await self._run_once(worker)
+                if delay is None:
+                    return
+        except asyncio.CancelledError:
+            self._stopped(worker, worker.stop_reason or "cancelled")
+            raise
+
+    async def _pause(self, worker: _Worker, delay: float) -> None:
+        worker.next_restart_at = time.time() + delay
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            worker.next_restart_at = None
+
+    async def _run_once(self, worker: _Worker) -> float | None:
+        """Run the worker function once; return the delay before the next start, or None to end."""
+        engine = self._engine
+        leader = engine._leader
+        worker.state = "running"
+        worker.started_at = time.time()
+        engine.bus.emit(
+            WorkerStarted,
+            name=worker.name,
+            restarts=worker.restarts,
+            term=leader.term if worker.leader_only else None,
+        )
+        started = asyncio.get_running_loop().time()
+        try:
+            await worker.fn(TaskContext(engine, None, worker.name))
+        except asyncio.CancelledError as exc:
+            if _cancel_requested():
+                raise
+            # raised by the worker's own code, not a cancel of this task: a crash
+            error: BaseException = exc
+        except NotLeader as exc:
+            if worker.leader_only and not self._may_run(worker):
+                # ensure_leader() noticed the lost lease before the elector did
+                worker.stop_reason = "leadership_lost"
+                self._stopped(worker, "leadership_lost")
+                return None
+            error = exc
+        except Exception as exc:
+            error = exc
+        else:
+            if worker.stop_reason is not None:
+                # swallowed a cancel and returned: it was stopped all the same
+                self._stopped(worker, worker.stop_reason)
+                return None
+            worker.streak = 0
+            worker.state = "returned"
+            engine.bus.emit(WorkerStopped, name=worker.name, reason="returned")
+            return worker.backoff
+        if worker.stop_reason is not None:
+            # failed while cleaning up after a cancel: stopping wins, no restart
+            self._stopped(worker, worker.stop_reason)
+            return None
+        ran_for = asyncio.get_running_loop().time() - started
+        return self._crashed(worker, error, ran_for)
+
+    def _crashed(self, worker: _Worker, exc: BaseException, ran_for: float) -> float:
+        # a run that stayed up as long as the longest delay was healthy; start over
+        worker.streak = 1 if ran_for >= worker.backoff_max else worker.streak + 1
+        worker.crashes += 1
+        delay = worker.delay_after_crash()
+        error = RunError.from_exception(exc)
+        worker.state = "backoff"
+        worker.last_error = error
+        worker.last_error_at = time.time()
+        log.warning("supervised worker %r crashed (%s); restart in %.3g s", worker.name, error.type, delay)
+        self._engine.bus.emit(
+            WorkerCrashed, name=worker.name, error=error, restarts=worker.restarts, restart_in=delay
+        )
+        return delay
+
+    def _stopped(self, worker: _Worker, reason: StopReason) -> None:
+        worker.state = "waiting_for_leadership" if reason == "leadership_lost" else "stopped"
+        worker.next_restart_at = None
+        self._engine.bus.emit(WorkerStopped, name=worker.name, reason=reason)
+
+
+def _cancel_requested() -> bool:
+    """Whether someone asked to cancel the current task (rather than code inside it raising)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -99,16 +99,40 @@ def params_model_of(fn: TaskFn, explicit: type[BaseModel] | None, name: str) -> 
             f"task {name!r} takes {len(positional)} positional arguments; a task takes "
             "(ctx) or (ctx, params) where params is one pydantic model"
         )
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception as exc:  # unresolvable forward references
-        raise TaskDefinitionError(
-            f"cannot resolve the type hints of task {name!r} ({exc}); pass params=Model to the decorator"
-        ) from exc
-    model = hints.get(positional[1].name)
+    model = _resolve_annotation(fn, positional[1].name, name)
     if not (isinstance(model, type) and issubclass(model, BaseModel)):
         raise TaskDefinitionError(
             f"the params argument {positional[1].name!r} of task {name!r} must be annotated with "
             f"a pydantic BaseModel subclass (got {model!r}), or pass params=Model to the decorator"
         )
     return model
+
+
+def _resolve_annotation(fn: TaskFn, param: str, name: str) -> Any:
+    """Resolve one parameter's annotation, including string annotations of local classes.
+
+    ``from __future__ import annotations`` turns annotations into strings; a model
+    defined inside a function (common in tests and scripts) is then only found in
+    the frame that applies the decorator, so look there after the module globals.
+    """
+    try:
+        return typing.get_type_hints(fn).get(param)
+    except NameError:
+        pass
+    raw = inspect.signature(fn).parameters[param].annotation
+    if not isinstance(raw, str):
+        return raw
+    frame = inspect.currentframe()
+    try:
+        depth = 0
+        while frame is not None and depth < 8:
+            if raw in frame.f_locals:
+                return frame.f_locals[raw]
+            frame = frame.f_back
+            depth += 1
+    finally:
+        del frame
+    raise TaskDefinitionError(
+        f"cannot resolve the params annotation {raw!r} of task {name!r}; "
+        "define the model at module level or pass params=Model to the decorator"
+    )

@@ -1,16 +1,53 @@
 """Threshold triggers: per-key counters that enqueue one run per key when due.
 
-(Stub: to be implemented.)
+``engine.trigger("compile", run_compile, size_threshold=50, staleness=...)``
+returns a :class:`Trigger`. ``notify(key)`` counts work for a key on the hot
+path (O(1), never blocks). A key fires a run of ``fn(ctx, key)`` when
+
+* its count reaches ``size_threshold`` (checked inline by ``notify``), or
+* its last run (or, if it never ran, its first notify) is older than
+  ``staleness`` and its count is at least ``staleness_min`` (checked by a
+  sweep every ``check_interval`` seconds, or by calling :meth:`Trigger.check`).
+
+Each fire is an ordinary engine run of the task ``trigger:NAME`` (params
+``{"key": ...}``, source ``trigger:NAME``), published as ``TriggerFired``. A
+key never has two runs queued or running at once; notifies keep counting
+meanwhile. When a run succeeds or fails, the key's count drops by the count
+captured when it fired (notifies that arrived during the run are kept) and
+its last-run time is recorded. A run cancelled before doing its work (e.g. by
+shutdown) leaves the count as it was, so the key fires again later.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .context import TaskContext
+from .errors import EngineNotRunning, QueueFull, TaskDefinitionError
+from .events import BaseEvent, TriggerFired
+from .runs import RunStatus
+
 if TYPE_CHECKING:
     from .engine import Engine
+    from .handle import RunHandle
+
+log = logging.getLogger("taskwatch.triggers")
+
+#: the sweep never waits longer than this, whatever the staleness
+_MAX_CHECK_INTERVAL = 60.0
+
+_RUN_KINDS = ("run.started", "run.retrying", "run.succeeded", "run.failed", "run.cancelled")
 
 
 class TriggerKeyState(BaseModel):
@@ -22,6 +59,9 @@ class TriggerKeyState(BaseModel):
     first_seen_at: float | None = None
     queued: bool = False
     running: bool = False
+    #: the run queued or running for this key now, else the last one that finished
+    run_id: str | None = None
+    last_status: str | None = None
 
 
 class TriggerState(BaseModel):
@@ -33,21 +73,301 @@ class TriggerState(BaseModel):
     staleness_min: int = 1
     fired: int = 0
     keys: list[TriggerKeyState] = Field(default_factory=list)
+    check_interval: float | None = None
+    #: fires refused because the engine's run queue was full (retried later)
+    rejected: int = 0
+
+
+class TriggerKey(BaseModel):
+    """The params of a trigger's engine task: which key to process."""
+
+    key: str
+
+
+@dataclass(slots=True, eq=False)
+class _Key:
+    count: int = 0
+    first_seen_at: float | None = None
+    last_run_at: float | None = None
+    last_status: str | None = None
+    #: the run queued or running for this key (None when idle)
+    run_id: str | None = None
+    last_run_id: str | None = None
+    running: bool = False
+    #: the count when the current run fired; subtracted when it finishes
+    captured: int = 0
+
+
+def _seconds(staleness: timedelta | float | None) -> float | None:
+    if staleness is None:
+        return None
+    return staleness.total_seconds() if isinstance(staleness, timedelta) else float(staleness)
+
+
+def _check_fn(fn: Any, name: str) -> None:
+    if not inspect.iscoroutinefunction(fn):
+        raise TaskDefinitionError(f"the function of trigger {name!r} must be `async def fn(ctx, key)`")
+    positional = [
+        p
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(positional) < 2 and not any(
+        p.kind is p.VAR_POSITIONAL for p in inspect.signature(fn).parameters.values()
+    ):
+        raise TaskDefinitionError(
+            f"the function of trigger {name!r} must take (ctx, key): async def {fn.__name__}(ctx, key: str)"
+        )
 
 
 class Trigger:
-    def __init__(self, engine: Engine, name: str, fn: Any, **options: Any) -> None:
+    """Per-key counters that fire engine runs on size or staleness. See the module docstring.
+
+    Options: ``size_threshold`` (required), ``staleness`` (timedelta or
+    seconds; None disables staleness), ``staleness_min`` (default 1),
+    ``check_interval`` (default ``min(staleness / 10, 60)`` seconds),
+    ``retries``, ``timeout`` (for the engine task), and ``clock`` (a
+    ``time.time``-like callable, so tests can move time without sleeping).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        name: str,
+        fn: Any,
+        *,
+        size_threshold: int,
+        staleness: timedelta | float | None = None,
+        staleness_min: int = 1,
+        check_interval: float | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        stale = _seconds(staleness)
+        if size_threshold < 1:
+            raise ValueError(f"size_threshold of trigger {name!r} must be at least 1")
+        if stale is not None and not (math.isfinite(stale) and stale > 0):
+            raise ValueError(f"staleness of trigger {name!r} must be positive")
+        if staleness_min < 1:
+            raise ValueError(f"staleness_min of trigger {name!r} must be at least 1")
+        if check_interval is not None and not check_interval > 0:
+            raise ValueError(f"check_interval of trigger {name!r} must be positive seconds")
+        _check_fn(fn, name)
         self._engine = engine
         self.name = name
+        self.fn = fn
+        self.size_threshold = size_threshold
+        self.staleness = stale
+        self.staleness_min = staleness_min
+        self.check_interval = (
+            None if stale is None else check_interval or min(stale / 10, _MAX_CHECK_INTERVAL)
+        )
+        self._clock = clock
+        self.task_name = f"trigger:{name}"
+        self.source = f"trigger:{name}"
+        engine.register(
+            self._run_key,
+            name=self.task_name,
+            retries=retries,
+            timeout=timeout,
+            kind="trigger",
+            params=TriggerKey,
+            description=f"runs {getattr(fn, '__name__', fn)!s} for one key of trigger {name!r}",
+        )
+        self._keys: dict[str, _Key] = {}
+        #: run id -> key, for runs queued or running
+        self._active: dict[str, str] = {}
+        self.fired = 0
+        self.rejected = 0
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        engine.bus.add_callback(self._on_run_event, _RUN_KINDS)
+
+    async def _run_key(self, ctx: TaskContext, params: TriggerKey) -> Any:
+        return await self.fn(ctx, params.key)
+
+    # ------------------------------------------------------------ hot path
+
+    def notify(self, key: str, n: int = 1) -> None:
+        """Count ``n`` units of work for ``key``; fires at once if it reaches the size threshold.
+
+        O(1) and non-blocking. From another thread the count is handed to the
+        engine's loop.
+        """
+        loop = self._loop
+        if loop is not None and threading.get_ident() != self._loop_thread:
+            try:
+                loop.call_soon_threadsafe(self._count, key, n)
+                return
+            except RuntimeError:
+                pass  # the loop is closed: nothing else touches the counters any more
+        self._count(key, n)
+
+    def _count(self, key: str, n: int) -> None:
+        st = self._keys.get(key)
+        if st is None:
+            st = self._keys[key] = _Key(first_seen_at=self._clock())
+        st.count += n
+        if st.count >= self.size_threshold and st.run_id is None:
+            self._fire(key, st, "size")
+
+    # ------------------------------------------------------------ firing
+
+    def _fire(self, key: str, st: _Key, reason: str) -> RunHandle | None:
+        try:
+            handle = self._engine.submit_nowait(self.task_name, TriggerKey(key=key), source=self.source)
+        except QueueFull:
+            # the count stays, so the next notify or sweep tries again
+            self.rejected += 1
+            return None
+        except EngineNotRunning:
+            return None  # counts keep accumulating until the engine runs
+        st.run_id = handle.id
+        st.captured = st.count
+        self._active[handle.id] = key
+        self.fired += 1
+        self._engine.bus.emit(
+            TriggerFired, trigger=self.name, key=key, reason=reason, count=st.count, run_id=handle.id
+        )
+        return handle
+
+    def check(self) -> int:
+        """Run the sweep once: fire every idle key that is due by size or staleness.
+
+        Returns how many runs were fired.
+        """
+        now = self._clock()
+        fired = 0
+        for key, st in list(self._keys.items()):
+            if st.run_id is not None or st.count <= 0:
+                continue
+            reason = self._due_reason(st, now)
+            if reason is not None and self._fire(key, st, reason) is not None:
+                fired += 1
+        return fired
+
+    def _due_reason(self, st: _Key, now: float) -> str | None:
+        if st.count >= self.size_threshold:
+            return "size"
+        if self.staleness is None or st.count < self.staleness_min:
+            return None
+        since = st.last_run_at if st.last_run_at is not None else st.first_seen_at
+        if since is not None and now - since >= self.staleness:
+            return "staleness"
+        return None
+
+    def _on_run_event(self, event: BaseEvent) -> None:
+        """Bus callback: follow our runs from queued to running to finished."""
+        key = self._active.get(event.run_id)  # type: ignore[attr-defined]
+        if key is None:
+            return
+        st = self._keys[key]
+        kind: str = event.kind  # type: ignore[attr-defined]
+        if kind == "run.started":
+            st.running = True
+            return
+        if kind == "run.retrying":
+            st.running = False
+            return
+        del self._active[event.run_id]  # type: ignore[attr-defined]
+        st.running = False
+        st.last_run_id, st.run_id = st.run_id, None
+        if kind == "run.cancelled":
+            st.last_status = RunStatus.CANCELLED.value
+        else:
+            st.last_status = RunStatus.SUCCEEDED.value if kind == "run.succeeded" else RunStatus.FAILED.value
+            st.count = max(0, st.count - st.captured)
+            st.last_run_at = self._clock()
+        st.captured = 0
+        if st.count >= self.size_threshold and self._loop is not None:
+            # notifies during the run reached the threshold again; fire after this
+            # event has been delivered, so events stay in order for every listener
+            self._loop.call_soon(self._refire, key)
+        if not self._active:
+            self._wake_drainers()
+
+    def _refire(self, key: str) -> None:
+        st = self._keys.get(key)
+        if st is not None and st.run_id is None and st.count >= self.size_threshold:
+            self._fire(key, st, "size")
+
+    # ------------------------------------------------------------ waiting and state
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until no run of this trigger is queued or running (``TimeoutError`` after ``timeout``)."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            while self._active:
+                fut = loop.create_future()
+                self._drain_waiters.append(fut)
+                # a refire after the last finish is scheduled before this wake-up,
+                # so `_active` already holds it when the loop re-checks
+                await fut
+
+    def _wake_drainers(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._keys)
 
     def state(self) -> TriggerState:
-        raise NotImplementedError
+        return TriggerState(
+            name=self.name,
+            size_threshold=self.size_threshold,
+            staleness=self.staleness,
+            staleness_min=self.staleness_min,
+            fired=self.fired,
+            check_interval=self.check_interval,
+            rejected=self.rejected,
+            keys=[
+                TriggerKeyState(
+                    key=key,
+                    count=st.count,
+                    last_run_at=st.last_run_at,
+                    first_seen_at=st.first_seen_at,
+                    queued=st.run_id is not None and not st.running,
+                    running=st.running,
+                    run_id=st.run_id or st.last_run_id,
+                    last_status=st.last_status,
+                )
+                for key, st in self._keys.items()
+            ],
+        )
+
+    # ------------------------------------------------------------ lifecycle
 
     def launch(self) -> None:
-        """Start this component's tasks on the running loop (sync: usable after engine start)."""
+        """Start the staleness sweep on the running loop (sync: usable after engine start)."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        # keys that reached their threshold before the engine ran fire now
+        loop.call_soon(self.check)
+        if self.check_interval is not None and self._sweeper is None:
+            self._sweeper = loop.create_task(self._sweep(self.check_interval), name=f"taskwatch-trigger-{self.name}")
 
     async def start(self) -> None:
         self.launch()
 
+    async def _sweep(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.check()
+            except Exception:
+                # one bad sweep must not end staleness checks for good
+                log.exception("trigger %r: staleness sweep failed", self.name)
+
     async def stop(self, deadline: float) -> None:
-        pass
+        """Stop the sweep. Runs already fired are engine runs: the engine drains them."""
+        task, self._sweeper = self._sweeper, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])

@@ -1,0 +1,200 @@
+"""The debug-event bus: typed events, bounded subscribers, replay, callbacks, JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from taskwatch.engine import (
+    EVENT_KINDS,
+    Engine,
+    EventBus,
+    RunError,
+    RunStatus,
+    TaskContext,
+    event_from_json,
+    event_to_json,
+)
+from taskwatch.engine import events as ev
+
+from .helpers import eventually
+
+
+def make_engine(**kwargs: object) -> Engine:
+    engine = Engine(health_interval=None, **kwargs)  # type: ignore[arg-type]
+
+    @engine.task
+    async def noop(ctx: TaskContext) -> None:
+        return None
+
+    return engine
+
+
+async def test_subscriber_reads_events_in_order() -> None:
+    engine = make_engine()
+    sub = engine.bus.subscribe(kinds=["run."])
+    async with engine:
+        handle = await engine.submit("noop")
+        got = []
+        async for event in sub:
+            got.append(event)
+            if event.kind == "run.succeeded":
+                break
+    assert [e.kind for e in got] == ["run.submitted", "run.started", "run.succeeded"]
+    assert all(e.run_id == handle.id for e in got)
+    assert [e.seq for e in got] == sorted(e.seq for e in got)
+    assert all(e.node == engine.node_id and e.ts > 0 for e in got)
+
+
+async def test_iteration_ends_when_the_engine_stops() -> None:
+    engine = make_engine()
+    sub = engine.bus.subscribe()
+    async with engine:
+        await (await engine.submit("noop")).wait(2)
+    kinds = [e.kind async for e in sub]
+    assert kinds[0] == "engine.started" and kinds[-1] == "engine.stopped"
+
+
+async def test_slow_subscriber_drops_are_counted_and_the_engine_does_not_wait() -> None:
+    engine = make_engine(max_queue=5_000)
+    slow = engine.bus.subscribe(maxsize=50)  # never read while the runs go through
+    fast_seen = []
+    engine.bus.add_callback(fast_seen.append, kinds=["run.succeeded"])
+    async with engine:
+        handles = [await engine.submit("noop") for _ in range(1_000)]
+        for h in handles:
+            await h.wait(5)
+        assert engine.stats().succeeded_total == 1_000
+        assert len(fast_seen) == 1_000
+        # the slow subscriber kept at most its buffer and counted the rest
+        assert slow.pending() == 50
+        published_after_subscribe = engine.bus.published
+        assert slow.dropped == published_after_subscribe - 50
+        assert engine.stats().bus["dropped"] == slow.dropped
+        # it is told how many it missed before the next event it gets
+        batch = slow.get_batch(limit=3)
+        assert batch[0].kind == "bus.dropped"
+        assert batch[0].count == slow.dropped
+        assert batch[1].kind == "engine.started"
+
+
+async def test_replay_gives_late_subscribers_recent_history() -> None:
+    engine = make_engine(replay=100)
+    async with engine:
+        for _ in range(5):
+            await (await engine.submit("noop")).wait(2)
+        late = engine.bus.subscribe(replay=6, kinds=["run.succeeded"])
+        replayed = late.get_batch()
+        assert len(replayed) == 5  # only five matching events exist so far
+        assert all(e.kind == "run.succeeded" for e in replayed)
+        everything = engine.bus.subscribe(replay=1_000)
+        assert len(everything.get_batch()) == engine.bus.published  # below the ring size
+        late.close()
+        everything.close()
+
+
+def test_replay_ring_is_bounded() -> None:
+    bus = EventBus(node="n", replay=10)
+    for i in range(25):
+        bus.emit(ev.EngineStarted)
+    sub = bus.subscribe(replay=100)
+    assert [e.seq for e in sub.get_batch()] == list(range(16, 26))
+
+
+async def test_callback_errors_are_counted_not_raised() -> None:
+    engine = make_engine()
+
+    def broken(event: object) -> None:
+        raise RuntimeError("subscriber bug")
+
+    engine.bus.add_callback(broken)
+    async with engine:
+        run = await (await engine.submit("noop")).wait(2)
+    assert run.status is RunStatus.SUCCEEDED
+    assert engine.bus.callback_errors >= 3
+
+
+async def test_unsubscribe_callback_and_close_subscription() -> None:
+    engine = make_engine()
+    seen: list[object] = []
+    unsubscribe = engine.bus.add_callback(seen.append)
+    sub = engine.bus.subscribe()
+    async with engine:
+        unsubscribe()
+        sub.close()
+        await (await engine.submit("noop")).wait(2)
+    assert [e.kind for e in seen] == ["engine.started"]
+    assert engine.bus.subscribers == 0
+
+
+async def test_waiting_subscriber_wakes_on_publish() -> None:
+    bus = EventBus(node="n")
+    sub = bus.subscribe()
+    waiter = asyncio.ensure_future(sub.wait(timeout=2))
+    await asyncio.sleep(0)
+    bus.emit(ev.EngineStarted)
+    assert await waiter is True
+    assert await sub.wait(timeout=0.01) is True  # still buffered
+    sub.get_batch()
+    assert await sub.wait(timeout=0.01) is False
+
+
+def test_every_kind_is_listed_once() -> None:
+    assert len(EVENT_KINDS) == len(set(EVENT_KINDS))
+    assert {"run.submitted", "run.progress", "run.failed", "health", "lease.acquired"} <= set(EVENT_KINDS)
+
+
+SAMPLES = [
+    ev.RunSubmitted(run_id="r", task="t", params={"a": [1, 2], "b": {"c": None}}, key="k"),
+    ev.RunStarted(run_id="r", task="t", attempt=2),
+    ev.RunProgressed(run_id="r", task="t", done=1, total=3, message="one"),
+    ev.RunRetrying(run_id="r", task="t", attempt=2, delay=0.25, error=RunError(type="E", message="m", traceback="tb")),
+    ev.RunSucceeded(run_id="r", task="t", duration=0.5, result={"x": 1.5}),
+    ev.RunFailed(run_id="r", task="t", error=RunError(type="E", message="m")),
+    ev.RunCancelled(run_id="r", task="t", reason="shutdown", was_running=True),
+    ev.EventsDropped(count=3, total=9),
+    ev.HealthSample(
+        cpu_percent=1.5, rss_bytes=10, threads=2, open_fds=5, loop_lag_ms=0.3,
+        running=1, queue_depth=0, queue_depths={"q": 1}, finished_per_s=2.0, failed_per_s=0.0,
+    ),
+    ev.LeaseAcquired(holder="a", term=3, expires_at=12.5),
+]
+
+
+@pytest.mark.parametrize("event", SAMPLES, ids=lambda e: e.kind)
+def test_events_round_trip_through_json(event: ev.BaseEvent) -> None:
+    stamped = event.model_copy(update={"seq": 42, "ts": 1700000000.123456, "node": "n1"})
+    again = event_from_json(event_to_json(stamped))
+    assert again == stamped and type(again) is type(stamped)
+    json.loads(event_to_json(stamped))
+
+
+@given(
+    seq=st.integers(min_value=0, max_value=2**53),
+    ts=st.floats(min_value=0, max_value=4e9, allow_nan=False),
+    message=st.text(),
+    done=st.floats(allow_nan=False, allow_infinity=False),
+)
+def test_progress_events_round_trip_losslessly(seq: int, ts: float, message: str, done: float) -> None:
+    event = ev.RunProgressed(seq=seq, ts=ts, node="n", run_id="r", task="t", done=done, message=message)
+    assert event_from_json(event_to_json(event)) == event
+
+
+def test_malformed_event_json_is_rejected() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        event_from_json('{"kind": "run.nonsense", "seq": 1}')
+    with pytest.raises(ValidationError):
+        event_from_json('{"kind": "run.started"}')  # missing run_id and task
+
+
+async def test_publishing_while_nobody_listens_still_fills_the_ring() -> None:
+    engine = make_engine()
+    async with engine:
+        await (await engine.submit("noop")).wait(2)
+        await eventually(lambda: any(e.kind == "run.succeeded" for e in engine.bus.recent()))

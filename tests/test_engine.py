@@ -1,0 +1,489 @@
+"""The engine core: submitting, running, retrying, cancelling and stopping one-shot runs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from pydantic import BaseModel
+
+from taskwatch.engine import (
+    Engine,
+    EngineNotRunning,
+    InvalidParams,
+    QueueFull,
+    RunNotCancellable,
+    RunNotFound,
+    RunNotRetryable,
+    RunRecord,
+    RunStatus,
+    TaskContext,
+    TaskDefinitionError,
+    TaskwatchError,
+    UnknownTask,
+)
+
+from .helpers import Recorder, eventually, stray_tasks
+
+
+class EmbedParams(BaseModel):
+    user_id: str
+    contents: list[str]
+
+
+def make_engine(**kwargs: object) -> Engine:
+    kwargs.setdefault("health_interval", None)
+    engine = Engine(**kwargs)  # type: ignore[arg-type]
+
+    @engine.task(name="embed_batch", retries=2, timeout=30.0, concurrency=2)
+    async def embed_batch(ctx: TaskContext, params: EmbedParams) -> dict:
+        for i, text in enumerate(params.contents, 1):
+            await ctx.progress(i, len(params.contents), f"embedded {text!r}")
+        return {"stored": len(params.contents)}
+
+    @engine.task
+    async def noop(ctx: TaskContext) -> None:
+        return None
+
+    return engine
+
+
+async def test_submit_runs_to_success_with_progress_and_result() -> None:
+    engine = make_engine()
+    rec = Recorder(engine)
+    async with engine:
+        handle = await engine.submit("embed_batch", {"user_id": "u1", "contents": ["a", "b"]})
+        run = await handle.wait(timeout=2)
+    assert run.status is RunStatus.SUCCEEDED
+    assert run.result == {"stored": 2}
+    assert run.params == {"user_id": "u1", "contents": ["a", "b"]}
+    assert run.progress.done == 2 and run.progress.total == 2
+    assert run.progress.message == "embedded 'b'"
+    assert run.started_at is not None and run.finished_at is not None
+    assert run.created_at <= run.started_at <= run.finished_at
+    run_kinds = [k for k in rec.kinds() if k.startswith("run.")]
+    assert run_kinds == ["run.submitted", "run.started", "run.progress", "run.progress", "run.succeeded"]
+    seqs = [e.seq for e in rec.events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+async def test_run_record_round_trips_through_json() -> None:
+    engine = make_engine()
+    async with engine:
+        run = await (await engine.submit("embed_batch", {"user_id": "u", "contents": ["x"]})).wait(2)
+    again = RunRecord.model_validate_json(run.model_dump_json())
+    assert again == run
+    json.dumps(run.model_dump(mode="json"))
+
+
+async def test_task_without_params() -> None:
+    engine = make_engine()
+    async with engine:
+        run = await (await engine.submit("noop")).wait(2)
+        assert run.status is RunStatus.SUCCEEDED and run.params == {}
+        with pytest.raises(InvalidParams):
+            await engine.submit("noop", {"unexpected": 1})
+
+
+async def test_bad_params_raise_typed_error_and_queue_nothing() -> None:
+    engine = make_engine()
+    async with engine:
+        with pytest.raises(InvalidParams) as info:
+            await engine.submit("embed_batch", {"user_id": 3})
+        err = info.value
+        assert isinstance(err, TaskwatchError)
+        locs = {tuple(e["loc"]) for e in err.errors}
+        assert ("user_id",) in locs and ("contents",) in locs
+        assert "contents" in str(err) and "nothing was queued" in str(err)
+        assert engine.runs(limit=None) == []
+        assert engine.stats().submitted_total == 0
+
+
+async def test_unknown_task_lists_known_names() -> None:
+    engine = make_engine()
+    async with engine:
+        with pytest.raises(UnknownTask) as info:
+            await engine.submit("embed_btach", {})
+    assert info.value.known == ["embed_batch", "noop"]
+    assert "embed_batch" in str(info.value) and "noop" in str(info.value)
+
+
+async def test_submit_before_start_is_refused() -> None:
+    engine = make_engine()
+    with pytest.raises(EngineNotRunning):
+        await engine.submit("noop")
+
+
+async def test_task_definition_errors() -> None:
+    engine = Engine(health_interval=None)
+
+    def not_async(ctx: TaskContext) -> None: ...
+
+    with pytest.raises(TaskDefinitionError):
+        engine.task(not_async)
+
+    async def untyped(ctx: TaskContext, params) -> None: ...  # type: ignore[no-untyped-def]
+
+    with pytest.raises(TaskDefinitionError):
+        engine.task(untyped)
+
+
+async def test_queue_full_names_the_limit_and_keeps_nothing_extra() -> None:
+    engine = make_engine(max_concurrency=1, max_queue=3)
+    gate = asyncio.Event()
+
+    @engine.task
+    async def blocked(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    async with engine:
+        first = await engine.submit("blocked")
+        await eventually(lambda: first.status is RunStatus.RUNNING)
+        for _ in range(3):
+            await engine.submit("blocked")
+        with pytest.raises(QueueFull) as info:
+            await engine.submit("blocked")
+        assert info.value.limit == 3 and "3" in str(info.value)
+        assert engine.stats().queue_depth == 3
+        assert engine.stats().submitted_total == 4
+        gate.set()
+
+
+async def test_dedup_key_returns_the_pending_run() -> None:
+    engine = make_engine(max_concurrency=1)
+    gate = asyncio.Event()
+
+    @engine.task
+    async def blocked(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    async with engine:
+        await engine.submit("blocked")  # occupies the only slot
+        a = await engine.submit("noop", key="bank-42")
+        b = await engine.submit("noop", key="bank-42")
+        assert a.id == b.id
+        assert engine.get(a.id).key == "bank-42"
+        assert len(engine.runs(task="noop", limit=None)) == 1
+        gate.set()
+        await a.wait(2)
+        # once it has left pending, the key is free again
+        c = await engine.submit("noop", key="bank-42")
+        assert c.id != a.id
+        await c.wait(2)
+
+
+async def test_cancel_pending_run() -> None:
+    engine = make_engine(max_concurrency=1)
+    gate = asyncio.Event()
+    ran: list[str] = []
+
+    @engine.task
+    async def blocked(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    @engine.task
+    async def record(ctx: TaskContext) -> None:
+        ran.append(ctx.run_id or "")
+
+    rec = Recorder(engine)
+    async with engine:
+        await engine.submit("blocked")
+        waiting = await engine.submit("record")
+        result = await engine.cancel(waiting.id)
+        assert result.status is RunStatus.CANCELLED and result.cancel_reason == "user"
+        assert engine.stats().queue_depth == 0
+        gate.set()
+        after = await engine.submit("record")
+        await after.wait(2)
+    assert ran == [after.id]
+    cancelled = rec.of("run.cancelled")
+    assert [(e.run_id, e.reason, e.was_running) for e in cancelled] == [(waiting.id, "user", False)]
+
+
+async def test_cancel_running_run_ends_cancelled_not_failed() -> None:
+    engine = make_engine()
+    started = asyncio.Event()
+    cleaned = asyncio.Event()
+
+    @engine.task(retries=3)
+    async def long(ctx: TaskContext) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaned.set()
+
+    async with engine:
+        handle = await engine.submit("long")
+        await asyncio.wait_for(started.wait(), 2)
+        record = await engine.cancel(handle.id, grace=2)
+        assert record.status is RunStatus.CANCELLED
+        assert record.cancel_reason == "user"
+        assert record.error is None and record.attempt == 1
+        assert cleaned.is_set()
+        with pytest.raises(RunNotCancellable):
+            await engine.cancel(handle.id)
+    assert engine.stats().failed_total == 0
+
+
+async def test_cancel_unknown_run() -> None:
+    engine = make_engine()
+    async with engine:
+        with pytest.raises(RunNotFound):
+            await engine.cancel("nope")
+        with pytest.raises(RunNotFound):
+            engine.get("nope")
+
+
+async def test_retries_with_backoff_then_failure_keeps_traceback() -> None:
+    engine = make_engine()
+    attempts: list[int] = []
+
+    @engine.task(retries=2, backoff=0.01)
+    async def flaky(ctx: TaskContext) -> None:
+        attempts.append(ctx.attempt)
+        raise ValueError(f"boom on attempt {ctx.attempt}")
+
+    rec = Recorder(engine)
+    async with engine:
+        run = await (await engine.submit("flaky")).wait(3)
+    assert attempts == [1, 2, 3]
+    assert run.status is RunStatus.FAILED and run.attempt == 3 and run.max_attempts == 3
+    assert run.error is not None and run.error.type == "ValueError"
+    assert run.error.message == "boom on attempt 3"
+    assert "Traceback (most recent call last)" in run.error.traceback
+    assert "in flaky" in run.error.traceback
+    retrying = rec.of("run.retrying")
+    assert [e.attempt for e in retrying] == [2, 3]
+    # exponential backoff with jitter: each delay within [base/2, base] * 2**n
+    assert 0.005 <= retrying[0].delay <= 0.01 and 0.01 <= retrying[1].delay <= 0.02
+    assert engine.stats().retries_total == 2
+
+
+async def test_retry_then_success() -> None:
+    engine = make_engine()
+
+    @engine.task(retries=3, backoff=0.001)
+    async def second_time_lucky(ctx: TaskContext) -> str:
+        if ctx.attempt < 2:
+            raise RuntimeError("transient")
+        return "ok"
+
+    async with engine:
+        run = await (await engine.submit("second_time_lucky")).wait(2)
+    assert run.status is RunStatus.SUCCEEDED and run.attempt == 2 and run.result == "ok"
+
+
+async def test_timeout_fails_the_run_with_a_clear_error() -> None:
+    engine = make_engine()
+
+    @engine.task(timeout=0.05)
+    async def sleepy(ctx: TaskContext) -> None:
+        await asyncio.Event().wait()
+
+    async with engine:
+        run = await (await engine.submit("sleepy")).wait(2)
+    assert run.status is RunStatus.FAILED
+    assert run.error is not None and run.error.type == "TimeoutError"
+    assert "0.05 s timeout" in run.error.message
+
+
+async def test_result_must_be_json_serialisable() -> None:
+    engine = make_engine()
+
+    @engine.task
+    async def weird(ctx: TaskContext) -> object:
+        return object()
+
+    async with engine:
+        run = await (await engine.submit("weird")).wait(2)
+    assert run.status is RunStatus.FAILED
+    assert run.error is not None and run.error.type == "ResultNotSerializable"
+
+
+async def test_global_and_per_task_concurrency_limits() -> None:
+    engine = make_engine(max_concurrency=3)
+    gate = asyncio.Event()
+    running = {"a": 0, "b": 0}
+    peak = {"a": 0, "b": 0, "total": 0}
+
+    def enter(name: str) -> None:
+        running[name] += 1
+        peak[name] = max(peak[name], running[name])
+        peak["total"] = max(peak["total"], running["a"] + running["b"])
+
+    @engine.task(concurrency=1)
+    async def a(ctx: TaskContext) -> None:
+        enter("a")
+        await gate.wait()
+        running["a"] -= 1
+
+    @engine.task
+    async def b(ctx: TaskContext) -> None:
+        enter("b")
+        await gate.wait()
+        running["b"] -= 1
+
+    async with engine:
+        handles = [await engine.submit("a") for _ in range(3)] + [await engine.submit("b") for _ in range(4)]
+        # one "a" and two "b" fill the three slots; the blocked "a" runs do not hold up "b"
+        await eventually(lambda: engine.stats().running == 3)
+        assert running == {"a": 1, "b": 2}
+        gate.set()
+        for h in handles:
+            await h.wait(2)
+    assert peak["a"] == 1 and peak["total"] == 3
+
+
+async def test_history_evicts_oldest_finished_but_never_pending_or_running() -> None:
+    engine = make_engine(history=3, max_concurrency=1)
+    gate = asyncio.Event()
+
+    @engine.task
+    async def blocked(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    async with engine:
+        done = [await (await engine.submit("noop")).wait(2) for _ in range(5)]
+        holder = await engine.submit("blocked")
+        queued = await engine.submit("noop")
+        await eventually(lambda: holder.status is RunStatus.RUNNING)
+        known = {r.id for r in engine.runs(limit=None)}
+        assert known == {done[2].id, done[3].id, done[4].id, holder.id, queued.id}
+        with pytest.raises(RunNotFound):
+            engine.get(done[0].id)
+        gate.set()
+        await queued.wait(2)
+        assert engine.stats().by_status["succeeded"] == 3
+
+
+async def test_runs_filters_newest_first() -> None:
+    engine = make_engine()
+
+    @engine.task
+    async def bad(ctx: TaskContext) -> None:
+        raise KeyError("x")
+
+    async with engine:
+        ids = []
+        for _ in range(3):
+            handle = await engine.submit("noop")
+            await handle.wait(2)
+            ids.append(handle.id)
+        failed = await (await engine.submit("bad")).wait(2)
+        await eventually(lambda: engine.stats().finished_total == 4)
+        assert [r.id for r in engine.runs(task="noop")] == list(reversed(ids))
+        assert [r.id for r in engine.runs(status="failed", limit=50)] == [failed.id]
+        assert len(engine.runs(limit=2)) == 2
+
+
+async def test_retry_a_failed_run_with_same_params() -> None:
+    engine = make_engine()
+    calls: list[dict] = []
+
+    class P(BaseModel):
+        n: int
+
+    @engine.task
+    async def once_bad(ctx: TaskContext, params: P) -> int:
+        calls.append(params.model_dump())
+        if len(calls) == 1:
+            raise RuntimeError("first")
+        return params.n
+
+    async with engine:
+        failed = await (await engine.submit("once_bad", {"n": 7})).wait(2)
+        assert failed.status is RunStatus.FAILED
+        again = await (await engine.retry(failed.id)).wait(2)
+        assert again.status is RunStatus.SUCCEEDED and again.result == 7
+        assert again.id != failed.id and again.source == f"retry:{failed.id}"
+        with pytest.raises(RunNotRetryable):
+            await engine.retry(again.id)
+    assert calls == [{"n": 7}, {"n": 7}]
+
+
+async def test_stats_counts_and_throughput() -> None:
+    engine = make_engine()
+    async with engine:
+        for _ in range(10):
+            await (await engine.submit("noop")).wait(2)
+        stats = engine.stats()
+    assert stats.submitted_total == 10 and stats.finished_total == 10
+    assert stats.by_status["succeeded"] == 10
+    assert stats.throughput == pytest.approx(10 / stats.throughput_window)
+    json.loads(stats.model_dump_json())
+
+
+async def test_stop_drains_then_cancels_as_shutdown_and_leaves_no_task() -> None:
+    engine = make_engine(max_concurrency=1)
+    quick_done: list[str] = []
+
+    @engine.task
+    async def quick(ctx: TaskContext) -> None:
+        await asyncio.sleep(0)
+        quick_done.append(ctx.run_id or "")
+
+    @engine.task
+    async def forever(ctx: TaskContext) -> None:
+        await asyncio.Event().wait()
+
+    rec = Recorder(engine)
+    await engine.start()
+    q = await engine.submit("quick")
+    f = await engine.submit("forever")
+    stuck = await engine.submit("quick")  # queued behind "forever", never gets a slot
+    await eventually(lambda: f.status is RunStatus.RUNNING)
+    await engine.stop(timeout=0.1)
+    assert quick_done == [q.id]
+    assert f.record().status is RunStatus.CANCELLED and f.record().cancel_reason == "shutdown"
+    assert stuck.record().status is RunStatus.CANCELLED and stuck.record().cancel_reason == "shutdown"
+    assert engine.state == "stopped"
+    assert not stray_tasks()
+    stopped = rec.of("engine.stopped")[0]
+    assert (stopped.cancelled_pending, stopped.cancelled_running) == (1, 1)
+    with pytest.raises(EngineNotRunning):
+        await engine.submit("quick")
+
+
+async def test_stop_waits_for_running_work_within_timeout() -> None:
+    engine = make_engine()
+    release = asyncio.Event()
+
+    @engine.task
+    async def slow(ctx: TaskContext) -> str:
+        await release.wait()
+        return "finished"
+
+    await engine.start()
+    handle = await engine.submit("slow")
+    await eventually(lambda: handle.status is RunStatus.RUNNING)
+    stopping = asyncio.ensure_future(engine.stop(timeout=5))
+    await eventually(lambda: engine.state == "stopping")
+    with pytest.raises(EngineNotRunning):
+        await engine.submit("slow")
+    release.set()
+    await stopping
+    assert handle.record().status is RunStatus.SUCCEEDED
+
+
+async def test_inline_backend_runs_in_the_caller() -> None:
+    engine = make_engine(backend="inline")
+    async with engine:
+        handle = await engine.submit("embed_batch", {"user_id": "u", "contents": ["a"]})
+        assert handle.done and handle.record().result == {"stored": 1}
+
+
+async def test_handle_wait_timeout() -> None:
+    engine = make_engine()
+
+    @engine.task
+    async def forever(ctx: TaskContext) -> None:
+        await asyncio.Event().wait()
+
+    async with engine:
+        handle = await engine.submit("forever")
+        with pytest.raises(TimeoutError):
+            await handle.wait(timeout=0.01)
+        await engine.cancel(handle.id)
+        assert (await handle).status is RunStatus.CANCELLED

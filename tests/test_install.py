@@ -1,0 +1,66 @@
+"""The package installs under one import name and keeps its layers apart."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_imports_as_taskwatch_from_anywhere_and_engine_never_pulls_textual(tmp_path: Path) -> None:
+    ok = run_python(
+        "import sys, taskwatch.engine, taskwatch.widgets, taskwatch.tui; "
+        "print('textual' in sys.modules)",
+        tmp_path,
+    )
+    assert ok.returncode == 0, ok.stderr
+    bare = run_python("import sys, taskwatch.engine; print('textual' in sys.modules)", tmp_path)
+    assert bare.stdout.strip() == "False", "taskwatch.engine must not import Textual"
+    for name in ("engine", "tui", "widgets"):
+        missing = run_python(f"import {name}", tmp_path)
+        assert missing.returncode != 0 and "ModuleNotFoundError" in missing.stderr
+
+
+def test_a_regular_install_ships_only_the_taskwatch_package(tmp_path: Path) -> None:
+    target = tmp_path / "site"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(ROOT)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    top = {p.name for p in target.iterdir() if not p.name.endswith((".dist-info", ".egg-info"))}
+    assert top - {"bin"} == {"taskwatch"}
+    installed = target / "taskwatch"
+    for sub in ("engine", "tui", "widgets"):
+        assert (installed / sub / "py.typed").exists()
+    assert list((installed / "widgets").glob("*.tcss")), "widget styles ship as .tcss files"
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_dependency_direction_is_tui_to_widgets_to_engine() -> None:
+    for path in (ROOT / "engine").rglob("*.py"):
+        for name in _imports(path):
+            assert not name.startswith(("textual", "taskwatch.tui", "taskwatch.widgets")), (path, name)
+    for path in (ROOT / "widgets").rglob("*.py"):
+        for name in _imports(path):
+            assert not name.startswith("taskwatch.tui"), (path, name)
+            if name.startswith("taskwatch.engine."):
+                raise AssertionError(f"{path} reaches into engine internals ({name}); use taskwatch.engine")

@@ -1,0 +1,498 @@
+"""Leader leases: the compare-and-set lease interface, election, renewal and failover."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from taskwatch.engine import (
+    Engine,
+    InProcessLease,
+    Lease,
+    LeaseState,
+    NotLeader,
+    TaskContext,
+)
+
+from .helpers import Recorder, eventually, stray_tasks
+
+TTL = 0.3
+RENEW = 0.05
+
+
+class FakeClock:
+    """A settable wall clock, so a lease can expire without anyone sleeping."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FlakyLease(InProcessLease):
+    """An in-process lease whose calls from chosen nodes fail the way a remote store can."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: node id -> "raise" (store unreachable), "hang" (no reply), "refuse" (CAS fails)
+        self.failing: dict[str, str] = {}
+
+    async def _refused(self, node_id: str) -> bool:
+        mode = self.failing.get(node_id)
+        if mode == "raise":
+            raise ConnectionError("lease store unreachable")
+        if mode == "hang":
+            await asyncio.Event().wait()
+        return mode == "refuse"
+
+    async def acquire(self, node_id: str) -> LeaseState | None:
+        return None if await self._refused(node_id) else await super().acquire(node_id)
+
+    async def renew(self, node_id: str, term: int) -> LeaseState | None:
+        return None if await self._refused(node_id) else await super().renew(node_id, term)
+
+    async def release(self, node_id: str, term: int) -> bool:
+        return False if await self._refused(node_id) else await super().release(node_id, term)
+
+
+class LeaderWatch:
+    """Watches the lease events of several engines sharing one lease.
+
+    Records every acquired term in the order it happened, and every moment at
+    which two nodes both believed they held a valid lease (there must be none).
+    """
+
+    def __init__(self, *engines: Engine) -> None:
+        self.engines = engines
+        self.acquired: list[tuple[str, int]] = []
+        self.overlaps: list[list[str]] = []
+        for engine in engines:
+            engine.bus.add_callback(self._seen, kinds=("lease.",))
+
+    def _seen(self, event: Any) -> None:
+        if event.kind == "lease.acquired":
+            self.acquired.append((event.node, event.term))
+        valid = [e.node_id for e in self.engines if e._leader.is_leader and e._leader.lease_valid()]
+        if len(valid) > 1:
+            self.overlaps.append(valid)
+
+    def check(self) -> None:
+        assert self.overlaps == []
+        terms = [term for _, term in self.acquired]
+        assert terms == sorted(set(terms)), f"terms must strictly increase: {self.acquired}"
+
+
+def leader_engines(
+    lease: Lease, *nodes: str
+) -> tuple[list[Engine], dict[str, list[TaskContext]], dict[str, list[str]]]:
+    """Engines sharing ``lease``, each with a leader-only worker that records its life.
+
+    Returns the engines, the contexts each node's worker was started with, and
+    per node what the worker saw when it was cancelled ("not_leader" if
+    ensure_leader() failed by then).
+    """
+    engines: list[Engine] = []
+    contexts: dict[str, list[TaskContext]] = {n: [] for n in nodes}
+    endings: dict[str, list[str]] = {n: [] for n in nodes}
+    for node in nodes:
+        engine = Engine(node_id=node, lease=lease, health_interval=None)
+
+        async def dedup(ctx: TaskContext, node: str = node) -> None:
+            contexts[node].append(ctx)
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                try:
+                    await ctx.ensure_leader()
+                    endings[node].append("still_leader")
+                except NotLeader:
+                    endings[node].append("not_leader")
+                raise
+
+        engine.supervised(dedup, name="dedup", leader_only=True, backoff=0.01)
+        engines.append(engine)
+    return engines, contexts, endings
+
+
+async def stop_all(*engines: Engine) -> None:
+    for engine in engines:
+        await engine.stop(1.0)
+
+
+# ---------------------------------------------------------------- the lease interface
+
+
+async def test_acquire_free_lease_starts_term_one_with_ttl() -> None:
+    clock = FakeClock()
+    lease = InProcessLease(ttl=2.0, clock=clock)
+    assert await lease.holder() is None
+
+    state = await lease.acquire("a")
+
+    assert state == LeaseState(holder="a", term=1, expires_at=clock.now + 2.0)
+    assert await lease.holder() == state
+
+
+async def test_acquire_refused_while_another_node_holds_an_unexpired_lease() -> None:
+    clock = FakeClock()
+    lease = InProcessLease(ttl=2.0, clock=clock)
+    held = await lease.acquire("a")
+    clock.advance(1.9)
+
+    assert await lease.acquire("b") is None
+    assert await lease.holder() == held
+
+
+async def test_expired_lease_is_taken_over_with_a_higher_term() -> None:
+    clock = FakeClock()
+    lease = InProcessLease(ttl=2.0, clock=clock)
+    old = await lease.acquire("a")
+    assert old is not None
+    clock.advance(2.0)
+
+    assert await lease.holder() is None
+    new = await lease.acquire("b")
+
+    assert new is not None and new.holder == "b" and new.term > old.term
+    # the old holder can neither renew nor release the term it lost
+    assert await lease.renew("a", old.term) is None
+    assert await lease.release("a", old.term) is False
+    assert await lease.holder() == new
+
+
+async def test_renew_is_compare_and_set_on_holder_and_term() -> None:
+    clock = FakeClock()
+    lease = InProcessLease(ttl=2.0, clock=clock)
+    state = await lease.acquire("a")
+    assert state is not None
+    clock.advance(1.5)
+
+    assert await lease.renew("b", state.term) is None
+    assert await lease.renew("a", state.term + 1) is None
+    renewed = await lease.renew("a", state.term)
+
+    assert renewed == LeaseState(holder="a", term=state.term, expires_at=clock.now + 2.0)
+    clock.advance(1.5)
+    assert await lease.holder() == renewed  # still held thanks to the renew
+
+
+async def test_renew_after_expiry_fails_even_if_nobody_took_over() -> None:
+    clock = FakeClock()
+    lease = InProcessLease(ttl=2.0, clock=clock)
+    state = await lease.acquire("a")
+    assert state is not None
+    clock.advance(2.5)
+
+    assert await lease.renew("a", state.term) is None
+
+
+async def test_release_by_a_non_holder_or_a_stale_term_is_refused() -> None:
+    lease = InProcessLease(ttl=2.0)
+    state = await lease.acquire("a")
+    assert state is not None
+
+    assert await lease.release("b", state.term) is False
+    assert await lease.release("a", state.term - 1) is False
+    assert await lease.holder() == state
+
+    assert await lease.release("a", state.term) is True
+    assert await lease.holder() is None
+    assert await lease.release("a", state.term) is False
+
+
+async def test_terms_keep_growing_across_release_and_reacquire() -> None:
+    lease = InProcessLease(ttl=2.0)
+    first = await lease.acquire("a")
+    assert first is not None
+    again = await lease.acquire("a")  # re-acquiring your own lease fences off the old term
+    assert again is not None and again.term > first.term
+    assert await lease.renew("a", first.term) is None
+
+    assert await lease.release("a", again.term)
+    after = await lease.acquire("b")
+
+    assert after is not None and after.term > again.term
+
+
+@pytest.mark.parametrize(
+    ("ttl", "renew_interval"),
+    [(0.0, None), (-1.0, None), (1.0, 0.0), (1.0, 0.6), (1.0, 1.0)],
+)
+def test_lease_rejects_a_ttl_that_leaves_no_room_to_renew(ttl: float, renew_interval: float | None) -> None:
+    with pytest.raises(ValueError):
+        InProcessLease(ttl=ttl, renew_interval=renew_interval)
+
+
+def test_renew_interval_defaults_to_a_third_of_the_ttl() -> None:
+    assert InProcessLease(ttl=3.0).renew_interval == pytest.approx(1.0)
+
+
+def test_engine_refuses_something_that_is_not_a_lease() -> None:
+    with pytest.raises(TypeError, match="InProcessLease"):
+        Engine(lease=object(), health_interval=None)
+
+
+# ---------------------------------------------------------------- an engine's leadership
+
+
+async def test_engine_without_a_lease_is_its_own_permanent_leader() -> None:
+    engine = Engine(node_id="solo", health_interval=None)
+    rec = Recorder(engine)
+    async with engine:
+        leadership = engine.leadership()
+        assert leadership.model_dump() == {
+            "node_id": "solo",
+            "is_leader": True,
+            "holder": "solo",
+            "term": 1,
+            "expires_at": None,
+        }
+        assert await TaskContext(engine, None, "probe").ensure_leader() == 1
+    assert engine.leadership().is_leader
+    assert not [k for k in rec.kinds() if k.startswith("lease.")]
+
+
+async def test_two_engines_sharing_a_lease_elect_exactly_one_leader() -> None:
+    lease = InProcessLease(ttl=TTL, renew_interval=RENEW)
+    (a, b), contexts, _ = leader_engines(lease, "a", "b")
+    try:
+        await a.start()
+        await b.start()
+
+        # the outcome of the first election is known as soon as start() returns
+        assert a.leadership().is_leader and a.leadership().holder == "a"
+        assert not b.leadership().is_leader
+        assert b.leadership().holder == "a"
+        assert b.leadership().term == a.leadership().term == 1
+        with pytest.raises(NotLeader) as info:
+            await TaskContext(b, None, "probe").ensure_leader()
+        assert info.value.holder == "a"
+
+        await eventually(lambda: contexts["a"], timeout=1.0)
+        assert contexts["b"] == []
+        assert contexts["a"][0].term == 1
+    finally:
+        await stop_all(a, b)
+
+
+async def test_leadership_events_carry_node_holder_term_and_expiry() -> None:
+    clock = FakeClock()
+    lease = InProcessLease(ttl=TTL, renew_interval=RENEW, clock=clock)
+    engine = Engine(node_id="a", lease=lease, health_interval=None)
+    rec = Recorder(engine, kinds=("lease.",))
+    await engine.start()
+    try:
+        (acquired,) = rec.of("lease.acquired")
+        assert (acquired.node, acquired.holder, acquired.term) == ("a", "a", 1)
+        assert acquired.expires_at == clock.now + TTL
+        assert engine.leadership().expires_at == acquired.expires_at
+
+        # renewals come from the elector's own timer; each one pushes the expiry out
+        clock.advance(0.1)
+        await eventually(lambda: rec.of("lease.renewed"), timeout=1.0)
+        renewed = rec.of("lease.renewed")[0]
+        assert (renewed.node, renewed.holder, renewed.term) == ("a", "a", 1)
+        assert renewed.expires_at == pytest.approx(clock.now + TTL)
+    finally:
+        await engine.stop(1.0)
+
+    (released,) = rec.of("lease.released")
+    assert (released.node, released.term) == ("a", 1)
+    assert await lease.holder() is None
+    assert not engine.leadership().is_leader
+
+
+async def test_follower_takes_over_at_once_when_the_leader_stops() -> None:
+    # a long ttl: a takeover within a second can only come from the release
+    lease = InProcessLease(ttl=30.0, renew_interval=RENEW)
+    (a, b), contexts, endings = leader_engines(lease, "a", "b")
+    watch = LeaderWatch(a, b)
+    rec_a, rec_b = Recorder(a), Recorder(b)
+    try:
+        await a.start()
+        await b.start()
+        await eventually(lambda: contexts["a"], timeout=1.0)
+        old_term = a.leadership().term
+
+        await a.stop(1.0)
+
+        assert rec_a.of("lease.released")[0].term == old_term
+        assert [e.reason for e in rec_a.of("worker.stopped")] == ["shutdown"]
+        await eventually(lambda: b.leadership().is_leader, timeout=1.0)
+        assert b.leadership().term > old_term
+        await eventually(lambda: contexts["b"], timeout=1.0)
+        assert rec_b.of("worker.started")[0].term == b.leadership().term
+        with pytest.raises(NotLeader):
+            await contexts["a"][0].ensure_leader()
+        assert endings["a"] == ["not_leader"] or endings["a"] == ["still_leader"]
+    finally:
+        await stop_all(a, b)
+    watch.check()
+
+
+async def test_follower_takes_over_when_the_leader_cannot_reach_the_lease() -> None:
+    clock = FakeClock()
+    lease = FlakyLease(ttl=10.0, renew_interval=RENEW, clock=clock)
+    (a, b), contexts, endings = leader_engines(lease, "a", "b")
+    watch = LeaderWatch(a, b)
+    rec_a, rec_b = Recorder(a), Recorder(b)
+    try:
+        await a.start()
+        await b.start()
+        await eventually(lambda: contexts["a"], timeout=1.0)
+        old_term = a.leadership().term
+
+        lease.failing["a"] = "raise"
+
+        # a gives up within a renew interval: its leader-only worker is cancelled
+        # and already sees it is no longer leader
+        await eventually(lambda: rec_a.of("lease.lost"), timeout=1.0)
+        await eventually(lambda: endings["a"], timeout=1.0)
+        assert endings["a"] == ["not_leader"]
+        assert [e.reason for e in rec_a.of("worker.stopped")] == ["leadership_lost"]
+        with pytest.raises(NotLeader):
+            await contexts["a"][0].ensure_leader()
+        assert a.workers()[0].state == "waiting_for_leadership"
+        # b must wait for the lease to expire: a might still be writing
+        assert not b.leadership().is_leader
+
+        clock.advance(10.0)
+
+        await eventually(lambda: b.leadership().is_leader, timeout=1.0)
+        assert b.leadership().term > old_term
+        await eventually(lambda: contexts["b"], timeout=1.0)
+        assert contexts["b"][0].term == b.leadership().term
+
+        # a reconnects and finds b in charge
+        del lease.failing["a"]
+        await eventually(lambda: a.leadership().holder == "b", timeout=1.0)
+        assert not a.leadership().is_leader
+        assert len(contexts["a"]) == 1
+        assert not rec_b.of("lease.lost")
+    finally:
+        await stop_all(a, b)
+    watch.check()
+
+
+async def test_a_lapsed_lease_fails_ensure_leader_before_the_elector_notices() -> None:
+    clock = FakeClock()
+    lease = InProcessLease(ttl=TTL, renew_interval=RENEW, clock=clock)
+    (a, b), contexts, _ = leader_engines(lease, "a", "b")
+    watch = LeaderWatch(a, b)
+    rec_a = Recorder(a)
+    try:
+        await a.start()
+        await b.start()
+        await eventually(lambda: contexts["a"], timeout=1.0)
+        ctx = contexts["a"][0]
+        old_term = ctx.term
+
+        # as if a's renewals stalled past the ttl: no await in between, so
+        # the elector loop has had no chance to run
+        clock.advance(TTL + 0.01)
+        with pytest.raises(NotLeader):
+            await ctx.ensure_leader()
+
+        await eventually(lambda: rec_a.of("lease.lost"), timeout=1.0)
+        # whichever node wins the next election does so with a new term
+        await eventually(
+            lambda: [e for e in (a, b) if e.leadership().is_leader and e.leadership().term > old_term],
+            timeout=1.0,
+        )
+    finally:
+        await stop_all(a, b)
+    watch.check()
+    assert len(watch.acquired) >= 2
+
+
+@pytest.mark.parametrize("failure", ["raise", "hang", "refuse"])
+async def test_leader_that_fails_to_renew_cancels_its_workers_and_recovers(failure: str) -> None:
+    # a long ttl: leadership is lost because renewing failed, not because time ran out
+    lease = FlakyLease(ttl=10.0, renew_interval=RENEW)
+    (a,), contexts, endings = leader_engines(lease, "a")
+    rec = Recorder(a)
+    try:
+        await a.start()
+        await eventually(lambda: contexts["a"], timeout=1.0)
+
+        lease.failing["a"] = failure
+
+        await eventually(lambda: rec.of("lease.lost"), timeout=1.0)
+        await eventually(lambda: endings["a"], timeout=1.0)
+        assert endings["a"] == ["not_leader"]
+        assert rec.of("worker.stopped")[0].reason == "leadership_lost"
+        assert not a.leadership().is_leader
+
+        # once the store answers again the node leads again, in a new term,
+        # and its leader-only worker starts again
+        del lease.failing["a"]
+        await eventually(lambda: a.leadership().is_leader, timeout=1.0)
+        await eventually(lambda: len(contexts["a"]) == 2, timeout=1.0)
+        assert a.leadership().term > 1
+        assert rec.of("worker.started")[-1].term == a.leadership().term
+    finally:
+        await a.stop(1.0)
+    assert not stray_tasks()
+
+
+class ReplyLostLease(InProcessLease):
+    """Takes the lease, then fails as if the reply never arrived."""
+
+    async def acquire(self, node_id: str) -> LeaseState | None:
+        await super().acquire(node_id)
+        raise ConnectionError("connection reset")
+
+
+async def test_an_error_while_acquiring_never_counts_as_holding() -> None:
+    lease = ReplyLostLease(ttl=TTL, renew_interval=RENEW)
+    (a,), contexts, _ = leader_engines(lease, "a")
+    rec = Recorder(a)
+    try:
+        await a.start()
+        assert not a.leadership().is_leader
+        with pytest.raises(NotLeader):
+            await TaskContext(a, None, "probe").ensure_leader()
+        # the loop keeps trying (and failing) without ever claiming leadership
+        await eventually(lambda: lease._last_term >= 3, timeout=1.0)
+        assert not a.leadership().is_leader
+        assert not rec.of("lease.acquired")
+        assert contexts["a"] == []
+        assert a.workers()[0].state == "waiting_for_leadership"
+    finally:
+        await a.stop(1.0)
+
+
+async def test_stop_leaves_no_task_behind_and_frees_the_lease() -> None:
+    lease = FlakyLease(ttl=TTL, renew_interval=RENEW)
+    (a, b), contexts, _ = leader_engines(lease, "a", "b")
+    await a.start()
+    await b.start()
+    await eventually(lambda: contexts["a"], timeout=1.0)
+
+    await stop_all(b, a)
+
+    assert not stray_tasks()
+    assert await lease.holder() is None
+    assert not a.leadership().is_leader and not b.leadership().is_leader
+
+
+async def test_stop_while_the_lease_store_hangs_still_returns() -> None:
+    lease = FlakyLease(ttl=TTL, renew_interval=RENEW)
+    (a,), contexts, _ = leader_engines(lease, "a")
+    rec = Recorder(a)
+    await a.start()
+    await eventually(lambda: contexts["a"], timeout=1.0)
+    lease.failing["a"] = "hang"
+
+    await asyncio.wait_for(a.stop(0.2), timeout=2.0)
+
+    assert not stray_tasks()
+    assert not a.leadership().is_leader
+    # the release never answered, so the node cannot claim it released the lease
+    assert rec.of("lease.released") == [] or rec.of("lease.lost")

@@ -1,0 +1,1 @@
+"""taskwatch.tui: the dashboard app, its screens, the engine clients and the CLI."""

@@ -1,0 +1,466 @@
+"""The taskwatch dashboard app.
+
+One timer drains the client's event buffer and redraws at a fixed rate
+(``refresh_hz``, 15 by default), never once per event; a second timer
+refreshes what only query methods know (schedule, queues, triggers,
+workers, leadership) once a second. Widgets get plain data through method
+calls; they talk back with messages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from textual import on, work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.reactive import reactive
+from textual.screen import Screen
+from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
+
+from taskwatch.engine import (
+    RunNotCancellable,
+    RunNotRetryable,
+    RunRecord,
+    RunStatus,
+    TaskwatchError,
+)
+from taskwatch.engine.events import HealthSample
+from taskwatch.widgets import (
+    CountsBar,
+    EventLog,
+    FailuresList,
+    HealthSparklines,
+    LeaderBadge,
+    QueuesTable,
+    RunDetail,
+    RunsTable,
+    ScheduleTable,
+    TriggersTable,
+)
+
+from .client import DashboardClient
+from .screens import HelpScreen, SubmitScreen, TracebackScreen
+from .state import DashboardState
+
+TABS = ("runs", "failures", "scheduler", "health", "events")
+
+
+def parse_run_filter(text: str) -> tuple[set[str] | None, str]:
+    """``"status:failed,running embed"`` -> ({"failed", "running"}, "embed")."""
+    statuses: set[str] = set()
+    words: list[str] = []
+    valid = {s.value for s in RunStatus}
+    for token in text.split():
+        key, sep, value = token.partition(":")
+        if sep and key in ("status", "s"):
+            statuses.update(v for v in value.split(",") if v in valid)
+        elif sep and key in ("task", "t"):
+            words.append(value)
+        elif token in valid:
+            statuses.add(token)
+        else:
+            words.append(token)
+    return (statuses or None), " ".join(words)
+
+
+class TaskwatchApp(App[None]):
+    """The dashboard. Give it a :class:`DashboardClient`: in-process or remote."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "taskwatch"
+    BINDINGS = [
+        Binding("s", "submit", "Submit"),
+        Binding("c", "cancel_run", "Cancel"),
+        Binding("r", "retry_run", "Retry"),
+        Binding("t", "traceback", "Traceback"),
+        Binding("slash", "filter", "Filter"),
+        Binding("p", "toggle_view", "Pause view"),
+        Binding("z", "toggle_periodic", "Pause periodic"),
+        Binding("question_mark", "help", "Help"),
+        Binding("q", "quit", "Quit"),
+        Binding("escape", "close_filter", "Close filter", show=False),
+        *(Binding(str(i), f"show_tab('{tab}')", tab.title(), show=False) for i, tab in enumerate(TABS, 1)),
+    ]
+
+    view_paused: reactive[bool] = reactive(False)
+
+    def __init__(
+        self,
+        client: DashboardClient,
+        *,
+        refresh_hz: float = 15.0,
+        overview_interval: float = 1.0,
+        max_rows: int = 500,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__()
+        self.client = client
+        self.state = DashboardState()
+        self.refresh_hz = refresh_hz
+        self.overview_interval = overview_interval
+        self.max_rows = max_rows
+        self.clock = clock
+        self._resyncing = False
+        self._connected_once = False
+        #: redraws done, and events drained, since start (for tests and the load bench)
+        self.frames = 0
+        self.events_seen = 0
+        self._failures_shown: tuple[int, int] = (-1, -1)
+
+    # ------------------------------------------------------------------ layout
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="top"):
+            yield LeaderBadge(id="leader")
+            yield CountsBar(id="counts")
+        with TabbedContent(initial="runs", id="tabs"):
+            with TabPane("Runs", id="runs"):
+                yield Input(placeholder="filter runs: text, status:failed, task:NAME  (esc closes)", id="runs-filter", classes="filter")
+                with Horizontal(id="runs-body"):
+                    yield RunsTable(id="runs-table", max_rows=self.max_rows)
+                    yield RunDetail(id="run-detail")
+            with TabPane("Failures", id="failures"):
+                yield FailuresList(id="failures-list")
+            with TabPane("Scheduler", id="scheduler"):
+                with Vertical(id="scheduler-body"):
+                    yield Static("Periodic tasks", classes="section")
+                    yield ScheduleTable(id="schedule-table")
+                    yield Static("Queues", classes="section")
+                    yield QueuesTable(id="queues-table")
+                    yield Static("Triggers", classes="section")
+                    yield TriggersTable(id="triggers-table")
+                    yield Static("Supervised workers", classes="section")
+                    yield Static("", id="workers")
+            with TabPane("Health", id="health"):
+                yield HealthSparklines(id="health-lines")
+            with TabPane("Events", id="events"):
+                yield Input(placeholder="filter events by kind: run. lease. health run.failed  (esc closes)", id="events-filter", classes="filter")
+                yield EventLog(id="event-log")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = self.client.where
+        self.connect()
+        self.set_interval(1.0 / self.refresh_hz, self.redraw, name="redraw")
+        self.set_interval(self.overview_interval, self.refresh_overview, name="overview")
+
+    # ------------------------------------------------------------------ data flow
+
+    @work(exclusive=True, group="connect")
+    async def connect(self) -> None:
+        try:
+            snap = await self.client.connect()
+        except (OSError, TaskwatchError) as exc:
+            self.notify(f"cannot reach the engine: {exc}", severity="error", timeout=8)
+            self._update_header()
+            return
+        self.state.load(snap)
+        self._connected_once = True
+        self.redraw(full=True)
+        self.refresh_tables()
+
+    @work(exclusive=True, group="resync")
+    async def resync(self) -> None:
+        """Reload from a fresh snapshot after events were dropped."""
+        self._resyncing = True
+        try:
+            snap = await self.client.snapshot()
+            self.state.load(snap)
+            self.redraw(full=True)
+        except (OSError, TaskwatchError):
+            pass
+        finally:
+            self._resyncing = False
+
+    @work(exclusive=True, group="overview")
+    async def refresh_overview(self) -> None:
+        if not self.client.connected or not self._connected_once:
+            self._update_header()
+            return
+        try:
+            snap = await self.client.snapshot(runs_limit=0)
+        except (OSError, TaskwatchError):
+            return
+        self.state.apply_overview(snap)
+        if not self.view_paused:
+            self.refresh_tables()
+
+    def redraw(self, full: bool = False) -> None:
+        """Drain buffered events into the state, then update the widgets that changed."""
+        events = self.client.take_events()
+        resync = getattr(self.client, "take_resync", lambda: None)()
+        if resync is not None:
+            self.state.load(resync)
+            full = True
+        if events:
+            self.events_seen += len(events)
+            self.state.apply(events)
+        if self.state.needs_resync and not self._resyncing:
+            self.state.needs_resync = False
+            self.resync()
+        log = self.query_one(EventLog)
+        if events:
+            log.add_events(events)
+        if self.view_paused:
+            self._update_counts()
+            return
+        self.frames += 1
+        now = self.clock()
+        with self.batch_update():
+            dirty = self.state.take_dirty()
+            if dirty or full:
+                self._update_runs(now)
+            elif any(r.status is RunStatus.RUNNING for r in self.state.newest_runs(self.max_rows)):
+                self._update_runs(now)  # running durations tick
+            self._update_detail(dirty, full)
+            health = [e for e in events if isinstance(e, HealthSample)]
+            if health:
+                lines = self.query_one(HealthSparklines)
+                for sample in health:
+                    lines.add_sample(sample)
+            self._update_failures()
+            self._update_header(now)
+            self._update_counts()
+
+    def _update_runs(self, now: float) -> None:
+        self.query_one(RunsTable).update_runs(self.state.newest_runs(self.max_rows), now)
+
+    def _update_detail(self, dirty: set[str], full: bool) -> None:
+        selected = self.query_one(RunsTable).selected_run_id
+        if selected is not None and (full or selected in dirty):
+            self.query_one(RunDetail).show(self.state.runs.get(selected))
+
+    def _update_failures(self) -> None:
+        failed = self.state.failed_runs()
+        key = (len(failed) and hash(tuple((r.id, r.attempt) for r in failed[:50])), len(self.state.worker_crashes))
+        if key != self._failures_shown:
+            self._failures_shown = key
+            self.query_one(FailuresList).update(failed, self.state.workers)
+
+    def _update_header(self, now: float | None = None) -> None:
+        now = self.clock() if now is None else now
+        if self.state.leadership is not None:
+            self.query_one(LeaderBadge).update(
+                self.state.leadership, self.state.started_at, now, connected=self.client.connected
+            )
+        else:
+            self.query_one(LeaderBadge).update_disconnected(self.client.where)
+
+    def _update_counts(self) -> None:
+        log = self.query_one(EventLog)
+        self.query_one(CountsBar).update(
+            self.state.counts(),
+            self.state.dropped + self.client.dropped,
+            self.view_paused,
+            getattr(log, "buffered", 0),
+        )
+
+    def refresh_tables(self) -> None:
+        now = self.clock()
+        self.query_one(ScheduleTable).update_schedule(self.state.schedule, now)
+        self.query_one(QueuesTable).update_queues(self.state.queues)
+        self.query_one(TriggersTable).update_triggers(self.state.triggers, now)
+        self.query_one("#workers", Static).update(self._workers_text())
+        self._failures_shown = (-1, -1)
+        self._update_failures()
+
+    def _workers_text(self) -> str:
+        if not self.state.workers:
+            return "(none)"
+        lines = []
+        for w in self.state.workers:
+            only = " leader-only" if w.leader_only else ""
+            lines.append(f"{w.name:<24} {w.state:<24} restarts {w.restarts:<4} crashes {w.crashes}{only}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ selection
+
+    @property
+    def selected_run(self) -> RunRecord | None:
+        run_id = self.query_one(RunsTable).selected_run_id
+        return self.state.runs.get(run_id) if run_id else None
+
+    @on(RunsTable.RunHighlighted)
+    def _run_highlighted(self, message: RunsTable.RunHighlighted) -> None:
+        self.query_one(RunDetail).show(self.state.runs.get(message.run_id))
+
+    @on(RunsTable.RunSelected)
+    def _run_selected(self, message: RunsTable.RunSelected) -> None:
+        self.query_one(RunDetail).show(self.state.runs.get(message.run_id))
+
+    # ------------------------------------------------------------------ actions
+
+    def action_show_tab(self, tab: str) -> None:
+        self.query_one(TabbedContent).active = tab
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_submit(self, task: str | None = None) -> None:
+        if not self.state.tasks:
+            self.notify("not connected to an engine yet", severity="warning")
+            return
+
+        def submitted(record: RunRecord | None) -> None:
+            if record is None:
+                return
+            self.notify(f"submitted {record.task} as run {record.id}")
+            self.action_show_tab("runs")
+            self.state.runs.setdefault(record.id, record)
+            self.state.dirty.add(record.id)
+            self.redraw()
+            self.query_one(RunsTable).select_run(record.id)
+            self.query_one(RunDetail).show(self.state.runs.get(record.id))
+
+        self.push_screen(SubmitScreen(self.state.tasks, self.client.submit, initial=task), submitted)
+
+    @work(group="actions")
+    async def action_cancel_run(self) -> None:
+        run = self.selected_run
+        if run is None:
+            self.notify("select a run to cancel", severity="warning")
+            return
+        try:
+            record = await self.client.cancel(run.id)
+        except RunNotCancellable as exc:
+            self.notify(str(exc), severity="warning")
+            return
+        except TaskwatchError as exc:
+            self.notify(str(exc), severity="error")
+            return
+        if record.status is RunStatus.CANCELLED:
+            self.notify(f"run {run.id} cancelled")
+        else:
+            self.notify(f"run {run.id} was asked to cancel and is still {record.status.value}", severity="warning")
+
+    @work(group="actions")
+    async def action_retry_run(self) -> None:
+        run = self.selected_run
+        if run is None:
+            self.notify("select a failed run to retry", severity="warning")
+            return
+        try:
+            record = await self.client.retry(run.id)
+        except RunNotRetryable as exc:
+            self.notify(str(exc), severity="warning")
+            return
+        except TaskwatchError as exc:
+            self.notify(str(exc), severity="error")
+            return
+        self.notify(f"retrying {run.task} as run {record.id}")
+        self.state.runs.setdefault(record.id, record)
+        self.state.dirty.add(record.id)
+        self.redraw()
+        self.query_one(RunsTable).select_run(record.id)
+
+    def action_traceback(self) -> None:
+        if self.query_one(TabbedContent).active == "failures":
+            picked = self.query_one(FailuresList).selected_traceback()
+            if picked is not None:
+                self.push_screen(TracebackScreen(*picked))
+                return
+        run = self.selected_run
+        if run is None or run.error is None:
+            self.notify("the selected run has no traceback", severity="warning")
+            return
+        title = f"{run.task} {run.id}: {run.error.type}: {run.error.message}"
+        self.push_screen(TracebackScreen(title, run.error.traceback))
+
+    def action_filter(self) -> None:
+        tab = self.query_one(TabbedContent).active
+        target = "#events-filter" if tab == "events" else "#runs-filter"
+        if tab not in ("events", "runs"):
+            self.action_show_tab("runs")
+        box = self.query_one(target, Input)
+        box.add_class("shown")
+        box.focus()
+
+    def action_close_filter(self) -> None:
+        for box in self.query(".filter").results(Input):
+            if box.has_focus:
+                box.remove_class("shown")
+                self.query_one(RunsTable).focus()
+
+    @on(Input.Changed, "#runs-filter")
+    def _runs_filter(self, event: Input.Changed) -> None:
+        statuses, text = parse_run_filter(event.value)
+        table = self.query_one(RunsTable)
+        table.set_filter(statuses, text)
+        self._update_runs(self.clock())
+
+    @on(Input.Changed, "#events-filter")
+    def _events_filter(self, event: Input.Changed) -> None:
+        kinds = {k for k in event.value.replace(",", " ").split() if k}
+        self.query_one(EventLog).set_filter(kinds or None)
+
+    @on(Input.Submitted, ".filter")
+    def _filter_done(self, event: Input.Submitted) -> None:
+        if event.input.id == "events-filter":
+            self.query_one(EventLog).focus()
+        else:
+            self.query_one(RunsTable).focus()
+
+    def action_toggle_view(self) -> None:
+        self.view_paused = not self.view_paused
+
+    def watch_view_paused(self, paused: bool) -> None:
+        self.query_one(EventLog).paused = paused
+        self.notify("view paused: events are still recorded" if paused else "view resumed")
+        if not paused:
+            self.redraw(full=True)
+            self.refresh_tables()
+        else:
+            self._update_counts()
+
+    @work(group="actions")
+    async def action_toggle_periodic(self, name: str | None = None) -> None:
+        name = name or self.query_one(ScheduleTable).selected_name
+        if name is None:
+            self.notify("select a periodic task on the Scheduler tab (3)", severity="warning")
+            return
+        info = next((p for p in self.state.schedule if p.name == name), None)
+        try:
+            if info is not None and info.paused:
+                result = await self.client.resume_periodic(name)
+                self.notify(f"periodic task {name} resumed")
+            else:
+                result = await self.client.pause_periodic(name)
+                self.notify(f"periodic task {name} paused")
+        except TaskwatchError as exc:
+            self.notify(str(exc), severity="error")
+            return
+        self.state.schedule = [result if p.name == name else p for p in self.state.schedule]
+        self.query_one(ScheduleTable).update_schedule(self.state.schedule, self.clock())
+
+    # ------------------------------------------------------------------ command palette
+
+    def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Submit a task", "Open the submit form (s)", self.action_submit)
+        for info in self.state.tasks:
+            if info.submittable:
+                yield SystemCommand(
+                    f"Submit {info.name}", info.description or "Open the submit form for this task",
+                    lambda name=info.name: self.action_submit(name), discover=False,
+                )
+        yield SystemCommand("Cancel selected run", "Cancel the run selected in the Runs table (c)", self.action_cancel_run)
+        yield SystemCommand("Retry selected run", "Submit the selected failed run again with the same params (r)", self.action_retry_run)
+        yield SystemCommand("Show traceback", "Full traceback of the selected run (t)", self.action_traceback)
+        yield SystemCommand("Filter", "Filter runs or events (/)", self.action_filter)
+        yield SystemCommand("Pause or resume the view", "Freeze the screen; events keep being recorded (p)", self.action_toggle_view)
+        for info in self.state.schedule:
+            verb = "Resume" if info.paused else "Pause"
+            yield SystemCommand(
+                f"{verb} periodic {info.name}", f"{verb} the periodic task {info.name} ({info.trigger})",
+                lambda name=info.name: self.action_toggle_periodic(name), discover=False,
+            )
+        for i, tab in enumerate(TABS, 1):
+            yield SystemCommand(f"Show {tab.title()}", f"Switch to the {tab} tab ({i})", lambda tab=tab: self.action_show_tab(tab))
+        yield SystemCommand("Help", "Keys and what they do (?)", self.action_help)
+
+    async def on_unmount(self) -> None:
+        await self.client.close()

@@ -1,0 +1,156 @@
+"""Modal screens: submit a task, read a traceback, the key help."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from rich.syntax import Syntax
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Label, Select, Static
+
+from taskwatch.engine import InvalidParams, RunRecord, TaskInfo, TaskwatchError
+from taskwatch.widgets import ParamsForm, ParamsFormError
+
+SubmitFn = Callable[[str, dict[str, Any]], Awaitable[RunRecord]]
+
+
+class SubmitScreen(ModalScreen[RunRecord | None]):
+    """Pick a task, fill in its generated params form, submit once the params are valid."""
+
+    BINDINGS = [Binding("escape", "dismiss_none", "Close")]
+
+    def __init__(self, tasks: list[TaskInfo], submit: SubmitFn, initial: str | None = None) -> None:
+        super().__init__()
+        self.tasks = {t.name: t for t in tasks if t.submittable}
+        self._submit = submit
+        self._initial = initial if initial in self.tasks else next(iter(self.tasks), None)
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="submit-dialog"):
+            yield Label("Submit a task", id="submit-title")
+            yield Select(
+                [(name, name) for name in self.tasks],
+                value=self._initial if self._initial is not None else Select.BLANK,
+                allow_blank=False if self.tasks else True,
+                id="submit-task",
+            )
+            yield Static("", id="submit-description")
+            yield VerticalScroll(id="submit-form")
+            yield Static("", id="submit-error")
+            with Horizontal(id="submit-buttons"):
+                yield Button("Submit", variant="primary", id="submit-ok")
+                yield Button("Cancel", id="submit-cancel")
+
+    async def on_mount(self) -> None:
+        if self._initial is not None:
+            await self._show_form(self._initial)
+        else:
+            self.query_one("#submit-error", Static).update("This engine has no submittable tasks.")
+
+    @on(Select.Changed, "#submit-task")
+    async def _task_changed(self, event: Select.Changed) -> None:
+        if isinstance(event.value, str):
+            await self._show_form(event.value)
+
+    async def _show_form(self, name: str) -> None:
+        info = self.tasks[name]
+        self.query_one("#submit-description", Static).update(info.description or "")
+        self.query_one("#submit-error", Static).update("")
+        holder = self.query_one("#submit-form", VerticalScroll)
+        await holder.remove_children()
+        await holder.mount(ParamsForm(info, id="params-form"))
+
+    @property
+    def form(self) -> ParamsForm:
+        return self.query_one("#params-form", ParamsForm)
+
+    @on(Button.Pressed, "#submit-cancel")
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)
+
+    @on(Button.Pressed, "#submit-ok")
+    async def action_submit(self) -> None:
+        select = self.query_one("#submit-task", Select)
+        name = select.value
+        error_line = self.query_one("#submit-error", Static)
+        if not isinstance(name, str):
+            error_line.update("Pick a task first.")
+            return
+        form = self.form
+        form.clear_errors()
+        try:
+            params = form.collect()
+        except ParamsFormError as exc:
+            form.show_errors(exc.errors)
+            return
+        try:
+            record = await self._submit(name, params)
+        except InvalidParams as exc:
+            form.show_errors(exc.errors)
+            return
+        except TaskwatchError as exc:
+            error_line.update(Text(str(exc), style="bold red"))
+            return
+        self.dismiss(record)
+
+
+class TracebackScreen(ModalScreen[None]):
+    """The full traceback of a failed run or a crashed worker."""
+
+    BINDINGS = [Binding("escape,q,t", "dismiss", "Close")]
+
+    def __init__(self, title: str, traceback: str) -> None:
+        super().__init__()
+        self._title = title
+        self._traceback = traceback
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="traceback-dialog"):
+            yield Label(self._title, id="traceback-title")
+            with VerticalScroll():
+                yield Static(
+                    Syntax(self._traceback or "(no traceback recorded)", "pytb", word_wrap=True, theme="ansi_dark"),
+                    id="traceback-body",
+                )
+            yield Button("Close", id="traceback-close")
+
+    @on(Button.Pressed, "#traceback-close")
+    def _close(self) -> None:
+        self.dismiss(None)
+
+
+HELP = """\
+[b]Keys[/b]
+
+  [b]s[/b]        submit a task (a form generated from its params model)
+  [b]c[/b]        cancel the selected run (pending or running)
+  [b]r[/b]        retry the selected failed or cancelled run with the same params
+  [b]t[/b]        show the selected run's traceback
+  [b]enter[/b]    show the selected run in the detail pane
+  [b]/[/b]        filter runs (text, status:failed, task:NAME) or events (kinds)
+  [b]p[/b]        pause / resume the live view (events keep being recorded)
+  [b]z[/b]        pause / resume the selected periodic task (Scheduler tab)
+  [b]1[/b]-[b]5[/b]      Runs, Failures, Scheduler, Health, Events
+  [b]ctrl+p[/b]   command palette: every action, searchable
+  [b]?[/b]        this help
+  [b]q[/b]        quit
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,q,question_mark", "dismiss", "Close")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="help-dialog"):
+            yield Static(HELP, id="help-body")
+            yield Button("Close", id="help-close")
+
+    @on(Button.Pressed, "#help-close")
+    def _close(self) -> None:
+        self.dismiss(None)

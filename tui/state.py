@@ -1,0 +1,219 @@
+"""The dashboard's model of an engine, rebuilt from a snapshot and kept current by events.
+
+Pure Python (no Textual): the app applies batches of events here between
+redraws, then asks what changed. Runs are bounded: the oldest finished runs
+leave first, as in the engine's own history.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+from taskwatch.engine import (
+    BaseEvent,
+    Leadership,
+    PeriodicInfo,
+    Progress,
+    QueueInfo,
+    RunError,
+    RunRecord,
+    RunStatus,
+    Snapshot,
+    TaskInfo,
+    TriggerState,
+    WorkerInfo,
+)
+from taskwatch.engine.events import HealthSample
+
+_FINISHED = {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED}
+
+
+class DashboardState:
+    """Everything the dashboard shows, as plain data."""
+
+    def __init__(self, max_runs: int = 2_000, max_worker_crashes: int = 200) -> None:
+        self.max_runs = max_runs
+        self.node_id = ""
+        self.version = ""
+        self.started_at: float | None = None
+        self.engine_state = "unknown"
+        self.runs: dict[str, RunRecord] = {}
+        self.tasks: list[TaskInfo] = []
+        self.schedule: list[PeriodicInfo] = []
+        self.queues: list[QueueInfo] = []
+        self.triggers: list[TriggerState] = []
+        self.workers: list[WorkerInfo] = []
+        self.leadership: Leadership | None = None
+        self.by_status: dict[str, int] = {}
+        self.last_seq = 0
+        self.events_applied = 0
+        #: events the engine's bus or our client dropped before we saw them
+        self.dropped = 0
+        #: run ids changed since the widgets last looked
+        self.dirty: set[str] = set()
+        self.health: deque[HealthSample] = deque(maxlen=600)
+        self.worker_crashes: deque[Any] = deque(maxlen=max_worker_crashes)
+        self.needs_resync = False
+
+    # ------------------------------------------------------------------ snapshot
+
+    def load(self, snap: Snapshot) -> None:
+        """Replace what we know with a fresh snapshot (first connect, or after drops)."""
+        self.node_id = snap.node_id
+        self.version = snap.version
+        self.started_at = snap.started_at
+        self.engine_state = snap.state
+        self.runs = {r.id: r for r in sorted(snap.runs, key=lambda r: r.created_at)}
+        self.dirty = set(self.runs)
+        self.apply_overview(snap)
+        self.last_seq = snap.last_seq
+        self.needs_resync = False
+        self._trim()
+
+    def apply_overview(self, snap: Snapshot) -> None:
+        """Take the query-method parts of a snapshot: schedule, queues, triggers, workers, leader."""
+        self.tasks = snap.tasks
+        self.schedule = snap.schedule
+        self.queues = snap.queues
+        self.triggers = snap.triggers
+        self.workers = snap.workers
+        self.leadership = snap.leadership
+        self.by_status = dict(snap.stats.by_status)
+        self.engine_state = snap.state
+
+    # ------------------------------------------------------------------ events
+
+    def apply(self, events: list[BaseEvent]) -> None:
+        for event in events:
+            self._apply_one(event)
+        if len(self.runs) > self.max_runs:
+            self._trim()
+
+    def _apply_one(self, event: BaseEvent) -> None:
+        kind: str = event.kind  # type: ignore[attr-defined]
+        if kind == "bus.dropped":
+            self.dropped += event.count  # type: ignore[attr-defined]
+            self.needs_resync = True
+            return
+        if event.seq and event.seq <= self.last_seq:
+            return  # already part of the snapshot we loaded
+        self.last_seq = max(self.last_seq, event.seq)
+        self.events_applied += 1
+        if kind.startswith("run."):
+            self._apply_run(kind, event)
+        elif kind == "health":
+            self.health.append(event)  # type: ignore[arg-type]
+        elif kind.startswith("lease."):
+            self._apply_lease(kind, event)
+        elif kind == "worker.crashed":
+            self.worker_crashes.append(event)
+        elif kind in ("engine.stopping", "engine.stopped", "engine.started"):
+            self.engine_state = {"engine.stopping": "stopping", "engine.stopped": "stopped"}.get(kind, "running")
+            if kind == "engine.started":
+                self.started_at = event.ts
+
+    def _apply_run(self, kind: str, e: Any) -> None:
+        run_id = e.run_id
+        if kind == "run.submitted":
+            self.runs[run_id] = RunRecord(
+                id=run_id,
+                task=e.task,
+                params=e.params,
+                status=RunStatus.PENDING,
+                max_attempts=e.max_attempts,
+                created_at=e.ts,
+                key=e.key,
+                source=e.source,
+            )
+            self.dirty.add(run_id)
+            return
+        old = self.runs.get(run_id)
+        if old is None:
+            # we joined after this run was submitted and it is not in our snapshot
+            return
+        update: dict[str, Any]
+        if kind == "run.started":
+            update = {"status": RunStatus.RUNNING, "attempt": e.attempt, "started_at": e.ts, "finished_at": None}
+        elif kind == "run.progress":
+            update = {"progress": Progress(done=e.done, total=e.total, message=e.message)}
+        elif kind == "run.retrying":
+            update = {"status": RunStatus.PENDING, "attempt": e.attempt, "error": e.error}
+        elif kind == "run.succeeded":
+            update = {"status": RunStatus.SUCCEEDED, "result": e.result, "finished_at": e.ts, "error": None}
+        elif kind == "run.failed":
+            update = {"status": RunStatus.FAILED, "error": e.error, "finished_at": e.ts}
+        elif kind == "run.cancelled":
+            update = {"status": RunStatus.CANCELLED, "cancel_reason": e.reason, "finished_at": e.ts}
+        else:
+            return
+        self.runs[run_id] = old.model_copy(update=update)
+        self.dirty.add(run_id)
+
+    def _apply_lease(self, kind: str, e: Any) -> None:
+        mine = e.node == self.node_id
+        lead = self.leadership
+        if not mine or lead is None:
+            return
+        is_leader = kind in ("lease.acquired", "lease.renewed")
+        self.leadership = Leadership(
+            node_id=lead.node_id,
+            is_leader=is_leader,
+            holder=e.holder if is_leader else (None if kind == "lease.released" else lead.holder),
+            term=e.term,
+            expires_at=e.expires_at,
+        )
+
+    # ------------------------------------------------------------------ queries for widgets
+
+    def take_dirty(self) -> set[str]:
+        dirty, self.dirty = self.dirty, set()
+        return dirty
+
+    def newest_runs(self, limit: int) -> list[RunRecord]:
+        out: list[RunRecord] = []
+        for run in reversed(self.runs.values()):
+            out.append(run)
+            if len(out) >= limit:
+                break
+        return out
+
+    def failed_runs(self, limit: int = 200) -> list[RunRecord]:
+        out = [r for r in reversed(self.runs.values()) if r.status is RunStatus.FAILED]
+        return out[:limit]
+
+    def counts(self) -> dict[str, int]:
+        counts = {s.value: 0 for s in RunStatus}
+        for run in self.runs.values():
+            counts[run.status.value] += 1
+        return counts
+
+    def latest_health(self) -> HealthSample | None:
+        return self.health[-1] if self.health else None
+
+    def task_info(self, name: str) -> TaskInfo | None:
+        for info in self.tasks:
+            if info.name == name:
+                return info
+        return None
+
+    def crash_error(self, name: str) -> RunError | None:
+        for crash in reversed(self.worker_crashes):
+            if crash.name == name:
+                return crash.error
+        return None
+
+    def _trim(self) -> None:
+        excess = len(self.runs) - self.max_runs
+        if excess <= 0:
+            return
+        # oldest finished runs leave first; pending and running runs stay
+        for run_id in [r.id for r in self.runs.values() if r.status in _FINISHED][:excess]:
+            del self.runs[run_id]
+            self.dirty.add(run_id)
+
+    def uptime(self, now: float | None = None) -> float | None:
+        if self.started_at is None:
+            return None
+        return (now or time.time()) - self.started_at
