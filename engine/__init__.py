@@ -4,13 +4,23 @@ The public API of the engine; nothing here imports Textual.
 """
 
 from .backends import AsyncioBackend, Backend, InlineBackend
+from .background import BackgroundEngine, BackgroundRunHandle
 from .bus import EventBus, Subscription
 from .context import TaskContext
 from .engine import Engine
 from .errors import (
+    AuthenticationFailed,
+    ConnectionClosed,
+    IncompatibleVersion,
+    LoopThreadError,
+    MalformedMessage,
+    MessageTooLarge,
+    RemoteError,
+    UnknownCommand,
     DuplicateTask,
     EngineNotRunning,
     InvalidParams,
+    JobNotSerializable,
     NotLeader,
     ProtocolError,
     QueueFull,
@@ -35,6 +45,9 @@ from .events import (
 from .handle import RunHandle
 from .lease import InProcessLease, Leadership, Lease, LeaseState
 from .runs import EngineStats, Progress, RunError, RunRecord, RunStatus
+from .runs import RunList
+from .remote import RemoteEngine
+from .server import ControlServer, ServerInfo
 from .queues import QueueInfo, WorkQueue
 from .scheduler import PeriodicInfo
 from .snapshot import Snapshot
@@ -45,6 +58,20 @@ from .version import __version__
 
 
 __all__ = [
+    "AuthenticationFailed",
+    "BackgroundEngine",
+    "BackgroundRunHandle",
+    "ConnectionClosed",
+    "ControlServer",
+    "IncompatibleVersion",
+    "LoopThreadError",
+    "MalformedMessage",
+    "MessageTooLarge",
+    "RemoteEngine",
+    "RemoteError",
+    "RunList",
+    "ServerInfo",
+    "UnknownCommand",
     "EVENT_ADAPTER",
     "EVENT_KINDS",
     "AsyncioBackend",
@@ -58,6 +85,7 @@ __all__ = [
     "EventBus",
     "InlineBackend",
     "InvalidParams",
+    "JobNotSerializable",
     "InProcessLease",
     "Leadership",
     "Lease",

@@ -165,8 +165,11 @@ class _Callback:
 class EventBus:
     """Fans events out to subscribers. Publish from the engine's event loop only."""
 
-    def __init__(self, node: str = "", replay: int = DEFAULT_REPLAY) -> None:
+    def __init__(
+        self, node: str = "", replay: int = DEFAULT_REPLAY, clock: Callable[[], float] = time.time
+    ) -> None:
         self.node = node
+        self.clock = clock
         self._seq = 0
         self._ring: deque[BaseEvent] = deque(maxlen=max(0, replay))
         self._subs: list[Subscription] = []
@@ -182,12 +185,12 @@ class EventBus:
 
     def make(self, cls: type[E], **fields: Any) -> E:
         """Build an event stamped with this bus's node and clock, without publishing it."""
-        return cls(seq=self._seq, ts=time.time(), node=self.node, **fields)
+        return cls(seq=self._seq, ts=self.clock(), node=self.node, **fields)
 
     def emit(self, cls: type[E], **fields: Any) -> E:
         """Build an event with the next ``seq`` and publish it."""
         self._seq += 1
-        event = cls(seq=self._seq, ts=time.time(), node=self.node, **fields)
+        event = cls(seq=self._seq, ts=self.clock(), node=self.node, **fields)
         self._deliver(event)
         return event
 

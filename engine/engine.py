@@ -14,7 +14,7 @@ import random
 import socket
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -66,6 +66,10 @@ _FAILED = RunStatus.FAILED
 _CANCELLED = RunStatus.CANCELLED
 
 
+def _random_id() -> str:
+    return os.urandom(8).hex()
+
+
 class Engine:
     """An asyncio background-task engine.
 
@@ -83,6 +87,11 @@ class Engine:
         This engine's name in events and leader election (default: host-pid).
     cancel_grace:
         Seconds a cancelled running run gets to finish its cleanup.
+    clock:
+        Wall clock (UNIX seconds) for every timestamp recorded; replace it to
+        freeze time in tests and screenshots.
+    run_id_factory:
+        Makes run ids (default: 16 random hex digits); ids must be unique.
     """
 
     def __init__(
@@ -100,6 +109,8 @@ class Engine:
         cancel_grace: float = 5.0,
         throughput_window: float = 10.0,
         health_interval: float | None = 1.0,
+        clock: Callable[[], float] = time.time,
+        run_id_factory: Callable[[], str] | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
@@ -115,7 +126,10 @@ class Engine:
         self.resources: dict[str, Any] = dict(resources or {})
         self.flags: dict[str, bool] = dict(flags or {})
         self.health_interval = health_interval
-        self.bus = EventBus(node=self.node_id, replay=replay)
+        #: wall clock for every timestamp the engine records (replaceable for tests)
+        self.clock = clock
+        self._new_id = run_id_factory or _random_id
+        self.bus = EventBus(node=self.node_id, replay=replay, clock=clock)
         self._backend = make_backend(backend)
         self._backend.bind(self)
         self._tasks: dict[str, TaskSpec] = {}
@@ -250,7 +264,7 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         self.bus.reopen()
         self._state = "running"
-        self._started_at = time.time()
+        self._started_at = self.clock()
         self.bus.emit(EngineStarted, backend=self._backend.name)
         started: list[Any] = []
         try:
@@ -419,8 +433,8 @@ class Engine:
                 raise InvalidParams(
                     task, exc.errors(include_url=False, include_context=False, include_input=False)
                 ) from None
-        now = time.time()
-        run = Run(os.urandom(8).hex(), spec, dumped, model, now, key, source)
+        now = self.clock()
+        run = Run(self._new_id(), spec, dumped, model, now, key, source)
         self._runs[run.id] = run
         self._counts[_PENDING] += 1
         self._submitted_total += 1
@@ -768,7 +782,7 @@ class Engine:
         counts[_PENDING] -= 1
         counts[_RUNNING] += 1
         run.status = _RUNNING
-        run.started_at = time.time()
+        run.started_at = self.clock()
         if run.key is not None and self._keys.get(run.key) is run:
             del self._keys[run.key]
         self.bus.emit(RunStarted, run_id=run.id, task=spec.name, attempt=run.attempt)
@@ -810,7 +824,7 @@ class Engine:
         except Exception as exc:
             error = RunError.from_exception(exc)
         else:
-            now = time.time()
+            now = self.clock()
             run.result = result
             self._finish(run, _SUCCEEDED, now)
             self.bus.emit(
@@ -830,7 +844,7 @@ class Engine:
         if run.attempt <= spec.retries and self._state != "stopped":
             self._schedule_retry(run, error)
             return
-        now = time.time()
+        now = self.clock()
         self._finish(run, _FAILED, now)
         self.bus.emit(
             RunFailed,
@@ -887,7 +901,7 @@ class Engine:
         if not was_running and discard:
             self._backend.discard(run)
         run.cancel_reason = reason
-        self._finish(run, _CANCELLED, time.time())
+        self._finish(run, _CANCELLED, self.clock())
         self.bus.emit(
             RunCancelled,
             run_id=run.id,
@@ -958,3 +972,15 @@ class Engine:
             f"<Engine {self.node_id} {self._state} tasks={len(self._tasks)} "
             f"pending={self._counts[_PENDING]} running={self._counts[_RUNNING]}>"
         )
+
+    def _repr_html_(self) -> str:
+        """Counts by status, recent runs and failures, for notebooks."""
+        from .display import engine_html, engine_view
+
+        return engine_html(engine_view(self))
+
+    def __rich__(self) -> Any:
+        """The same view as a Rich panel, for terminals."""
+        from .display import engine_rich, engine_view
+
+        return engine_rich(engine_view(self))

@@ -258,9 +258,9 @@ class LeaderElector:
             return
         lease, term = self.lease, self.term
         remaining = deadline - asyncio.get_running_loop().time()
-        # past the deadline a release still gets one short try: it saves the
-        # other nodes a whole ttl of waiting
-        timeout = remaining if remaining > 0 else lease.renew_interval
+        # bounded like every lease call; past the deadline a release still gets
+        # one short try, as it saves the other nodes a whole ttl of waiting
+        timeout = min(remaining, lease.renew_interval) if remaining > 0 else lease.renew_interval
         released = await self._call(lease.release(self.node_id, term), timeout, "release")
         event: type[LeaseEvent] = LeaseReleased if released else LeaseLost
         self._change(False, event, holder=None, term=term, expires_at=None if released else self.expires_at)
@@ -270,7 +270,9 @@ class LeaderElector:
     async def _run(self) -> None:
         assert self.lease is not None
         while True:
-            await asyncio.sleep(self._next_wait())
+            # a fixed period, on this task's own timer: a lapse is noticed within
+            # one interval, and ensure_leader() checks the expiry itself meanwhile
+            await asyncio.sleep(self.lease.renew_interval)
             try:
                 if self.is_leader:
                     await self._renew()
@@ -281,16 +283,10 @@ class LeaderElector:
                 # for this node; a leader that stops renewing loses its lease anyway
                 log.exception("leader election step failed on %s", self.node_id)
 
-    def _next_wait(self) -> float:
-        assert self.lease is not None
-        interval = self.lease.renew_interval
-        if self.is_leader and self.expires_at is not None:
-            # wake by the expiry at the latest, so a lapse is noticed promptly
-            interval = min(interval, max(0.0, self.expires_at - self.lease.now()))
-        return interval
-
     async def _renew(self) -> None:
         assert self.lease is not None
+        # judged by the local view too, as ensure_leader() is: once that fails,
+        # leader-only workers must be cancelled, not left to crash on NotLeader
         if not self.lease_valid():
             log.warning("lease of %s (term %d) lapsed before it was renewed", self.node_id, self.term)
             self._lose()
@@ -309,7 +305,9 @@ class LeaderElector:
         lease = self.lease
         state = await self._call(lease.acquire(self.node_id), lease.renew_interval, "acquire")
         if state is not None and state.holder == self.node_id and state.expires_at > lease.now():
-            self._change(True, LeaseAcquired, holder=self.node_id, term=state.term, expires_at=state.expires_at)
+            self._change(
+                True, LeaseAcquired, holder=self.node_id, term=state.term, expires_at=state.expires_at
+            )
             return
         # a follower only reports who leads (unknown if the lookup fails); the
         # term it saw stays, so a dashboard can tell how far elections have gone

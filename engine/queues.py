@@ -140,7 +140,11 @@ class WorkQueue:
             raise QueueFull(f"queue {self.name!r}", self.maxsize)
 
     async def put(self, job: Any, *, timeout: float = 0.0) -> None:
-        """Queue ``job``, waiting up to ``timeout`` seconds for room; then raise QueueFull."""
+        """Queue ``job``, waiting up to ``timeout`` seconds for room; then raise QueueFull.
+
+        The default ``timeout=0`` never waits. Await this on the engine's loop;
+        other threads use :meth:`put_nowait`.
+        """
         self._check_open()
         self._check_serialisable(job)
         loop = asyncio.get_running_loop()

@@ -100,6 +100,30 @@ class RunRecord(BaseModel):
             return None
         return self.finished_at - self.started_at
 
+    def _repr_html_(self) -> str:
+        from .display import run_html
+
+        return run_html(self)
+
+    def __rich__(self) -> Any:
+        from .display import run_rich
+
+        return run_rich(self)
+
+
+class RunList(list[RunRecord]):
+    """A list of run records that renders as a table in notebooks and Rich consoles."""
+
+    def _repr_html_(self) -> str:
+        from .display import runs_html
+
+        return runs_html(self)
+
+    def __rich__(self) -> Any:
+        from .display import runs_list_rich
+
+        return runs_list_rich(self)
+
 
 class EngineStats(BaseModel):
     """Counters describing an engine at one moment."""

@@ -6,7 +6,8 @@ engine task of kind ``"periodic"``, so every tick is an ordinary engine run
 
 Time model
 ----------
-Due times are wall-clock UNIX seconds (what :class:`PeriodicInfo` shows).
+Due times are wall-clock UNIX seconds read from the engine's clock, the same
+clock its run timestamps use (so a frozen engine clock freezes the schedule).
 Cron expressions are evaluated in the **local time zone**, like cron itself:
 ``"0 3 * * *"`` means 03:00 local wall-clock time. Intervals are measured from
 the end of the previous run by default, or from its scheduled start with
@@ -30,7 +31,6 @@ import inspect
 import logging
 import math
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
@@ -76,6 +76,7 @@ class PeriodicInfo(BaseModel):
     enabled: bool
     reason: str | None = None  # why disabled
     paused: bool = False
+    #: None while disabled or paused, and while an end-based interval's run is going
     next_due: float | None = None
     #: the run in progress, if any
     running_run_id: str | None = None
@@ -263,11 +264,12 @@ class Scheduler:
         self,
         engine: Engine,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._engine = engine
-        self._clock = clock
+        #: None: the engine's own wall clock, so due times agree with run timestamps
+        self._fixed_clock = clock
         self._rng = rng or random.Random()
         self._entries: dict[str, _Periodic] = {}
         #: run id -> periodic task and handle, for runs not yet finished
@@ -275,6 +277,8 @@ class Scheduler:
         #: every loop task not yet finished, including ones cancelled by pause
         self._tasks: set[asyncio.Task[None]] = set()
         self._running = False
+        # the run-outcome listener is added with the first periodic task and kept
+        # for the engine's life, so engines without periodic tasks pay nothing
         self._unsubscribe: Callable[[], None] | None = None
 
     # ------------------------------------------------------------ registry
@@ -449,12 +453,16 @@ class Scheduler:
 
     # ------------------------------------------------------------ due times
 
+    def _now(self) -> float:
+        return (self._fixed_clock or self._engine.clock)()
+
     def _first_slot(self, p: _Periodic) -> float | None:
-        start = self._clock() + p.initial_delay
+        start = self._now() + p.initial_delay
+        # just before `start`, so a cron time that falls exactly on it still counts
         return start if p.cron is None else self._cron_after(p, start - 1e-6)
 
     def _resume_slot(self, p: _Periodic) -> float | None:
-        now = self._clock()
+        now = self._now()
         return now + p.every if p.every is not None else self._cron_after(p, now)
 
     def _cron_after(self, p: _Periodic, after: float) -> float | None:
@@ -480,7 +488,7 @@ class Scheduler:
         p.next_due = slot + jitter_delay(span or 0.0, p.jitter, self._rng)
 
     def _slot_after_tick(self, p: _Periodic, slot: float, end: float | None) -> float | None:
-        now = self._clock()
+        now = self._now()
         if p.cron is not None:
             # from now, not from the slot: a loop that woke late fires once, not in a burst
             return self._cron_after(p, max(slot, now))
@@ -509,14 +517,14 @@ class Scheduler:
             except Exception:
                 # a bug here must not end the schedule; try again shortly
                 log.exception("periodic task %r: scheduling error; retrying", p.name)
-                following = self._clock() + _ERROR_BACKOFF
+                following = self._now() + _ERROR_BACKOFF
             if following is None:
                 self._never_again(p)
                 return
             self._plan(p, following)
 
     async def _sleep_until(self, due: float) -> None:
-        while (delay := due - self._clock()) > 0:
+        while (delay := due - self._now()) > 0:
             await asyncio.sleep(min(delay, _MAX_SLEEP))
 
     async def _wait_current(self, p: _Periodic) -> float | None:

@@ -92,7 +92,7 @@ class _Worker:
     stop_reason: StopReason | None = None
 
     def delay_after_crash(self) -> float:
-        return min(self.backoff_max, self.backoff * 2 ** (self.streak - 1))
+        return min(self.backoff_max, self.backoff * 2.0 ** (self.streak - 1))
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(

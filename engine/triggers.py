@@ -25,7 +25,6 @@ import inspect
 import logging
 import math
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -127,7 +126,8 @@ class Trigger:
     seconds; None disables staleness), ``staleness_min`` (default 1),
     ``check_interval`` (default ``min(staleness / 10, 60)`` seconds),
     ``retries``, ``timeout`` (for the engine task), and ``clock`` (a
-    ``time.time``-like callable, so tests can move time without sleeping).
+    ``time.time``-like callable, so tests can move time without sleeping;
+    default: the engine's clock).
     """
 
     def __init__(
@@ -142,7 +142,7 @@ class Trigger:
         check_interval: float | None = None,
         retries: int = 0,
         timeout: float | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         stale = _seconds(staleness)
         if size_threshold < 1:
@@ -163,7 +163,8 @@ class Trigger:
         self.check_interval = (
             None if stale is None else check_interval or min(stale / 10, _MAX_CHECK_INTERVAL)
         )
-        self._clock = clock
+        #: None: the engine's own wall clock, read at each use
+        self._fixed_clock = clock
         self.task_name = f"trigger:{name}"
         self.source = f"trigger:{name}"
         engine.register(
@@ -209,10 +210,13 @@ class Trigger:
     def _count(self, key: str, n: int) -> None:
         st = self._keys.get(key)
         if st is None:
-            st = self._keys[key] = _Key(first_seen_at=self._clock())
+            st = self._keys[key] = _Key(first_seen_at=self._now())
         st.count += n
         if st.count >= self.size_threshold and st.run_id is None:
             self._fire(key, st, "size")
+
+    def _now(self) -> float:
+        return (self._fixed_clock or self._engine.clock)()
 
     # ------------------------------------------------------------ firing
 
@@ -239,7 +243,7 @@ class Trigger:
 
         Returns how many runs were fired.
         """
-        now = self._clock()
+        now = self._now()
         fired = 0
         for key, st in list(self._keys.items()):
             if st.run_id is not None or st.count <= 0:
@@ -280,7 +284,7 @@ class Trigger:
         else:
             st.last_status = RunStatus.SUCCEEDED.value if kind == "run.succeeded" else RunStatus.FAILED.value
             st.count = max(0, st.count - st.captured)
-            st.last_run_at = self._clock()
+            st.last_run_at = self._now()
         st.captured = 0
         if st.count >= self.size_threshold and self._loop is not None:
             # notifies during the run reached the threshold again; fire after this

@@ -8,7 +8,7 @@ A connection goes::
 
     client                          server
     hello {version, token}    ->
-                              <-    welcome {version, node_id, server}
+                              <-    welcome {version, node_id, server, max_message}
                               <-    snapshot {snapshot}
                               <-    event {event}            (a stream, until close)
     submit/cancel/retry/pause/
@@ -133,6 +133,8 @@ class Welcome(WireMessage):
     node_id: str
     #: the server's taskwatch version, for display
     server: str = __version__
+    #: longest line the server accepts; a client refuses to send longer ones
+    max_message: int = DEFAULT_MAX_MESSAGE
 
 
 class SnapshotMessage(WireMessage):

@@ -31,8 +31,7 @@ def test_imports_as_taskwatch_from_anywhere_and_engine_never_pulls_textual(tmp_p
 def test_a_regular_install_ships_only_the_taskwatch_package(tmp_path: Path) -> None:
     target = tmp_path / "site"
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(ROOT)],
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(ROOT)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -62,5 +61,6 @@ def test_dependency_direction_is_tui_to_widgets_to_engine() -> None:
     for path in (ROOT / "widgets").rglob("*.py"):
         for name in _imports(path):
             assert not name.startswith("taskwatch.tui"), (path, name)
-            if name.startswith("taskwatch.engine."):
+            # the public surface is taskwatch.engine and its event models module
+            if name.startswith("taskwatch.engine.") and name != "taskwatch.engine.events":
                 raise AssertionError(f"{path} reaches into engine internals ({name}); use taskwatch.engine")

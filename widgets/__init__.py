@@ -1,0 +1,35 @@
+"""taskwatch.widgets: reusable Textual widgets fed with the engine's plain data models.
+
+Every widget takes the public pydantic models of :mod:`taskwatch.engine`
+(RunRecord, PeriodicInfo, QueueInfo, ...) through update methods, and reports
+user choices upward with messages. None of them keeps global state.
+"""
+
+from .counts_bar import CountsBar
+from .event_log import EventLog
+from .failures_list import FailuresList
+from .health_sparklines import HealthSparklines
+from .leader_badge import LeaderBadge
+from .params_form import FieldSpec, ParamsForm, ParamsFormError, fields_from_schema
+from .queues_table import QueuesTable
+from .run_detail import RunDetail
+from .runs_table import RunsTable
+from .schedule_table import ScheduleTable
+from .triggers_table import TriggersTable
+
+__all__ = [
+    "CountsBar",
+    "EventLog",
+    "FailuresList",
+    "FieldSpec",
+    "HealthSparklines",
+    "LeaderBadge",
+    "ParamsForm",
+    "ParamsFormError",
+    "QueuesTable",
+    "RunDetail",
+    "RunsTable",
+    "ScheduleTable",
+    "TriggersTable",
+    "fields_from_schema",
+]

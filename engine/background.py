@@ -1,0 +1,550 @@
+"""The engine on its own event loop in a daemon thread, usable from any thread.
+
+::
+
+    bg = engine.start_background()          # returns once the engine has started
+    handle = bg.submit("embed_batch", {"user_id": "u1"})
+    run = handle.wait(timeout=10)           # blocking, from any thread
+    run = await handle                      # or awaited, on any other event loop
+    bg.stop()                               # also runs at interpreter exit
+
+The engine is not thread-safe, so every call -- queries included -- is
+shipped to the engine's loop with :func:`asyncio.run_coroutine_threadsafe`
+and its outcome (value or exception) shipped back. Blocking methods wait on
+that future; ``a``-prefixed methods (``await bg.asubmit(...)``) await it via
+:func:`asyncio.wrap_future` for code already inside an event loop (a notebook
+cell, a web handler). Blocking on the engine's own loop thread would wait
+forever, so it raises :class:`~taskwatch.engine.errors.LoopThreadError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import inspect
+import logging
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Generator, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel
+
+from .errors import EngineNotRunning, LoopThreadError
+from .runs import RunRecord, RunStatus
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .handle import RunHandle
+    from .lease import Leadership
+    from .queues import QueueInfo
+    from .runs import EngineStats
+    from .scheduler import PeriodicInfo
+    from .server import ServerInfo
+    from .snapshot import Snapshot
+    from .supervisor import WorkerInfo
+    from .tasks import TaskInfo
+    from .triggers import TriggerState
+
+log = logging.getLogger("taskwatch.background")
+
+T = TypeVar("T")
+
+_UNSET: Any = object()
+
+#: extra seconds a blocking wait allows beyond the engine-side timeout it asked for
+_SLACK = 5.0
+
+# run in a subprocess by dashboard(): textual-serve blocks its thread and owns
+# its own aiohttp loop and signal handlers, so a process is the clean way to stop it
+_WEB_SERVER_SCRIPT = """\
+import sys
+from textual_serve.server import Server
+Server(sys.argv[1], host=sys.argv[2], port=int(sys.argv[3]), title="taskwatch").serve()
+"""
+
+
+async def _invoke(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    result = fn(*args, **kwargs)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+def attach_command(info: ServerInfo) -> list[str]:
+    """The command line a web dashboard runs to attach to ``info``'s endpoint."""
+    cmd = [sys.executable, "-m", "taskwatch.tui", "attach", info.address]
+    if info.token:
+        cmd += ["--token", info.token]
+    return cmd
+
+
+class BackgroundRunHandle:
+    """A run submitted through a :class:`BackgroundEngine`; wait for it from any thread or loop."""
+
+    __slots__ = ("_bg", "_handle", "id")
+
+    def __init__(self, bg: BackgroundEngine, handle: RunHandle) -> None:
+        self._bg = bg
+        self._handle = handle
+        self.id = handle.id
+
+    def wait(self, timeout: float | None = None) -> RunRecord:
+        """Block until the run has finished; ``TimeoutError`` if still going after ``timeout`` s."""
+        budget = None if timeout is None else timeout + _SLACK
+        return self._bg._call("wait", self._handle.wait, timeout, timeout_=budget)
+
+    async def finished(self, timeout: float | None = None) -> RunRecord:
+        """Await the finished record, on any event loop."""
+        return await self._bg._acall(self._handle.wait, timeout)
+
+    def __await__(self) -> Generator[Any, None, RunRecord]:
+        return self.finished().__await__()
+
+    def record(self) -> RunRecord:
+        """The run's current record (read on the engine's loop)."""
+        return self._bg._call("record", self._handle.record)
+
+    @property
+    def status(self) -> RunStatus:
+        return self.record().status
+
+    @property
+    def done(self) -> bool:
+        return self.record().status.finished
+
+    def cancel(self, grace: float | None = None) -> RunRecord:
+        return self._bg.cancel(self.id, grace)
+
+    async def acancel(self, grace: float | None = None) -> RunRecord:
+        return await self._bg.acancel(self.id, grace)
+
+    def __repr__(self) -> str:
+        return f"<BackgroundRunHandle {self.id}>"
+
+
+class BackgroundEngine:
+    """A thread-safe facade over an :class:`~taskwatch.engine.Engine` running on its own loop.
+
+    Create it with ``engine.start_background(**options)``. Options:
+    ``call_timeout`` (seconds a blocking call waits for the loop; default 60,
+    None waits forever -- note the inline backend's ``submit`` waits for the
+    run), ``stop_timeout`` (default drain time for :meth:`stop`, 10 s) and
+    ``start_timeout`` (30 s).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        call_timeout: float | None = 60.0,
+        stop_timeout: float = 10.0,
+        start_timeout: float = 30.0,
+    ) -> None:
+        self.engine = engine
+        self.call_timeout = call_timeout
+        self.stop_timeout = stop_timeout
+        self.start_timeout = start_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._main_task: asyncio.Task[None] | None = None
+        self._stop_requested: asyncio.Event | None = None
+        self._drain_timeout = stop_timeout
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._stop_error: BaseException | None = None
+        # futures handed to callers; failed on thread exit so no caller waits forever
+        self._lock = threading.RLock()
+        self._outstanding: set[concurrent.futures.Future[Any]] = set()
+        self._finished = False
+        self._stopping = False
+        self._server_info: ServerInfo | None = None
+        self._dashboards: list[subprocess.Popen[bytes]] = []
+        self._thread = threading.Thread(
+            target=self._thread_main, name=f"taskwatch-{engine.node_id}", daemon=True
+        )
+
+    @classmethod
+    def launch(cls, engine: Engine, **options: Any) -> BackgroundEngine:
+        """Start ``engine`` on a new loop thread; returns once ``engine.start()`` completed there.
+
+        If ``engine.start()`` raises, the thread ends and the error is re-raised here.
+        """
+        if engine.state not in ("new", "stopped"):
+            raise RuntimeError(
+                f"the engine is {engine.state} on another event loop; start_background() "
+                "needs an engine that is not started yet"
+            )
+        bg = cls(engine, **options)
+        bg._thread.start()
+        if not bg._ready.wait(bg.start_timeout):
+            bg._abort_start()
+            raise TimeoutError(f"the engine did not start within {bg.start_timeout:g} s")
+        if bg._start_error is not None:
+            bg._thread.join()
+            raise bg._start_error
+        atexit.register(bg._stop_at_exit)
+        return bg
+
+    # ------------------------------------------------------------------ the loop thread
+
+    def _thread_main(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller, not lost
+            if self._start_error is None and not self._ready.is_set():
+                self._start_error = exc
+            elif not isinstance(exc, asyncio.CancelledError):
+                log.exception("the background engine's loop failed")
+        finally:
+            self._fail_outstanding()
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._main_task = asyncio.current_task()
+        self._stop_requested = asyncio.Event()
+        try:
+            await self.engine.start()
+        except BaseException as exc:
+            self._start_error = exc
+            return
+        finally:
+            self._ready.set()
+        await self._stop_requested.wait()
+        try:
+            await self.engine.stop(self._drain_timeout)
+        except BaseException as exc:
+            self._stop_error = exc
+
+    def _abort_start(self) -> None:
+        loop, task = self._loop, self._main_task
+        if loop is not None and task is not None:
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:
+                pass  # the loop already closed
+        self._thread.join(_SLACK)
+
+    def _fail_outstanding(self) -> None:
+        with self._lock:
+            self._finished = True
+            pending, self._outstanding = self._outstanding, set()
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(EngineNotRunning("stopped"))
+
+    def _untrack(self, fut: concurrent.futures.Future[Any]) -> None:
+        with self._lock:
+            self._outstanding.discard(fut)
+
+    # ------------------------------------------------------------------ calling into the loop
+
+    @property
+    def running(self) -> bool:
+        """True until :meth:`stop` (or a failure) ended the loop thread."""
+        return not self._finished and self._thread.is_alive()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    def _on_loop_thread(self) -> bool:
+        return threading.get_ident() == self._thread.ident
+
+    def _schedule(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        with self._lock:
+            loop = self._loop
+            if self._finished or self._stopping or loop is None:
+                raise EngineNotRunning("stopped")
+            try:
+                fut = asyncio.run_coroutine_threadsafe(_invoke(fn, args, kwargs), loop)
+            except RuntimeError:
+                raise EngineNotRunning("stopped") from None
+            self._outstanding.add(fut)
+        fut.add_done_callback(self._untrack)
+        return fut
+
+    def _call(self, method: str, fn: Callable[..., Any], *args: Any, timeout_: Any = _UNSET, **kwargs: Any) -> Any:
+        if self._on_loop_thread():
+            raise LoopThreadError(method)
+        fut = self._schedule(fn, *args, **kwargs)
+        timeout = self.call_timeout if timeout_ is _UNSET else timeout_
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            if fut.done():
+                raise  # the call itself raised TimeoutError (e.g. a run's wait)
+            fut.cancel()
+            raise TimeoutError(f"the engine did not answer {method}() within {timeout:g} s") from None
+        except concurrent.futures.CancelledError:
+            raise EngineNotRunning("stopped") from None
+
+    async def _acall(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        fut = self._schedule(fn, *args, **kwargs)
+        try:
+            return await asyncio.wrap_future(fut)
+        except concurrent.futures.CancelledError:
+            if fut.cancelled() and self._finished:
+                raise EngineNotRunning("stopped") from None
+            raise
+
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` on the engine's loop (awaiting it if it returns an awaitable)."""
+        return self._call(getattr(fn, "__name__", "call"), fn, *args, **kwargs)
+
+    async def acall(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Awaitable :meth:`call`, for code inside an event loop."""
+        return await self._acall(fn, *args, **kwargs)
+
+    # ------------------------------------------------------------------ commands
+
+    def submit(
+        self, task: str, params: BaseModel | dict[str, Any] | None = None, *, key: str | None = None
+    ) -> BackgroundRunHandle:
+        """Validate and queue a run; raises ``InvalidParams``/``UnknownTask``/... here."""
+        handle = self._call("submit", self.engine.submit, task, params, key=key)
+        return BackgroundRunHandle(self, handle)
+
+    async def asubmit(
+        self, task: str, params: BaseModel | dict[str, Any] | None = None, *, key: str | None = None
+    ) -> BackgroundRunHandle:
+        handle = await self._acall(self.engine.submit, task, params, key=key)
+        return BackgroundRunHandle(self, handle)
+
+    def cancel(self, run_id: str, grace: float | None = None) -> RunRecord:
+        budget = self._budget(self.engine.cancel_grace if grace is None else grace)
+        return self._call("cancel", self.engine.cancel, run_id, grace, timeout_=budget)
+
+    async def acancel(self, run_id: str, grace: float | None = None) -> RunRecord:
+        return await self._acall(self.engine.cancel, run_id, grace)
+
+    def retry(self, run_id: str) -> BackgroundRunHandle:
+        return BackgroundRunHandle(self, self._call("retry", self.engine.retry, run_id))
+
+    async def aretry(self, run_id: str) -> BackgroundRunHandle:
+        return BackgroundRunHandle(self, await self._acall(self.engine.retry, run_id))
+
+    def pause_periodic(self, name: str) -> PeriodicInfo:
+        return self._call("pause_periodic", self.engine.pause_periodic, name)
+
+    async def apause_periodic(self, name: str) -> PeriodicInfo:
+        return await self._acall(self.engine.pause_periodic, name)
+
+    def resume_periodic(self, name: str) -> PeriodicInfo:
+        return self._call("resume_periodic", self.engine.resume_periodic, name)
+
+    async def aresume_periodic(self, name: str) -> PeriodicInfo:
+        return await self._acall(self.engine.resume_periodic, name)
+
+    def _budget(self, seconds: float) -> float | None:
+        if self.call_timeout is None:
+            return None
+        return max(self.call_timeout, seconds + _SLACK)
+
+    # ------------------------------------------------------------------ queries (on the loop too)
+
+    def get(self, run_id: str) -> RunRecord:
+        return self._call("get", self.engine.get, run_id)
+
+    async def aget(self, run_id: str) -> RunRecord:
+        return await self._acall(self.engine.get, run_id)
+
+    def runs(
+        self,
+        status: RunStatus | str | Iterable[RunStatus | str] | None = None,
+        *,
+        task: str | None = None,
+        limit: int | None = 50,
+    ) -> list[RunRecord]:
+        return self._call("runs", self.engine.runs, status, task=task, limit=limit)
+
+    async def aruns(
+        self,
+        status: RunStatus | str | Iterable[RunStatus | str] | None = None,
+        *,
+        task: str | None = None,
+        limit: int | None = 50,
+    ) -> list[RunRecord]:
+        return await self._acall(self.engine.runs, status, task=task, limit=limit)
+
+    def stats(self) -> EngineStats:
+        return self._call("stats", self.engine.stats)
+
+    async def astats(self) -> EngineStats:
+        return await self._acall(self.engine.stats)
+
+    def schedule(self) -> list[PeriodicInfo]:
+        return self._call("schedule", self.engine.schedule)
+
+    async def aschedule(self) -> list[PeriodicInfo]:
+        return await self._acall(self.engine.schedule)
+
+    def leadership(self) -> Leadership:
+        return self._call("leadership", self.engine.leadership)
+
+    async def aleadership(self) -> Leadership:
+        return await self._acall(self.engine.leadership)
+
+    def snapshot(self, runs_limit: int = 500) -> Snapshot:
+        return self._call("snapshot", self.engine.snapshot, runs_limit)
+
+    async def asnapshot(self, runs_limit: int = 500) -> Snapshot:
+        return await self._acall(self.engine.snapshot, runs_limit)
+
+    def catalog(self) -> list[TaskInfo]:
+        return self._call("catalog", self.engine.catalog)
+
+    def queues(self) -> list[QueueInfo]:
+        return self._call("queues", self.engine.queues)
+
+    def triggers(self) -> list[TriggerState]:
+        return self._call("triggers", self.engine.triggers)
+
+    def workers(self) -> list[WorkerInfo]:
+        return self._call("workers", self.engine.workers)
+
+    # ------------------------------------------------------------------ serving and dashboards
+
+    def serve(self, address: str | None = None, **options: Any) -> ServerInfo:
+        """Start a control endpoint (see ``Engine.serve``); returns its address and token."""
+        server = self._call("serve", self.engine.serve, address, **options)
+        info: ServerInfo = server.info()
+        self._server_info = info
+        return info
+
+    async def aserve(self, address: str | None = None, **options: Any) -> ServerInfo:
+        server = await self._acall(self.engine.serve, address, **options)
+        info: ServerInfo = server.info()
+        self._server_info = info
+        return info
+
+    def dashboard(self, port: int = 8000, *, host: str = "localhost", ready_timeout: float = 20.0) -> Any:
+        """Serve the Textual dashboard in a browser; returns an IPython ``IFrame`` (or the URL).
+
+        Starts a control endpoint first if :meth:`serve` was not called, then a
+        textual-serve web server (a subprocess, stopped by :meth:`stop`) whose
+        sessions run ``taskwatch attach ADDRESS --token T``.
+        """
+        if self._on_loop_thread():
+            raise LoopThreadError("dashboard")
+        info = self._server_info or self.serve()
+        command = shlex.join(attach_command(info))
+        log_file = tempfile.TemporaryFile()
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WEB_SERVER_SCRIPT, command, host, str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
+        self._dashboards.append(proc)
+        try:
+            _wait_for_port(proc, host, port, ready_timeout, log_file)
+        finally:
+            log_file.close()
+        url = f"http://{host}:{port}/"
+        try:
+            from IPython.display import IFrame
+        except ImportError:
+            return url
+        return IFrame(url, width="100%", height=640)
+
+    def _stop_dashboards(self) -> None:
+        procs, self._dashboards = self._dashboards, []
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()  # textual-serve exits gracefully on SIGTERM
+        for proc in procs:
+            try:
+                proc.wait(_SLACK)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    # ------------------------------------------------------------------ stopping
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the engine (draining up to ``timeout`` s), end its loop and join its thread.
+
+        Idempotent; safe from any thread but the engine's own.
+        """
+        if self._on_loop_thread():
+            raise LoopThreadError("stop")
+        with self._lock:
+            first = not self._stopping
+            self._stopping = True
+        if first:
+            atexit.unregister(self._stop_at_exit)
+            self._stop_dashboards()
+            self._drain_timeout = self.stop_timeout if timeout is None else timeout
+            loop, requested = self._loop, self._stop_requested
+            if loop is not None and requested is not None:
+                try:
+                    loop.call_soon_threadsafe(requested.set)
+                except RuntimeError:
+                    pass  # the loop already closed
+        # generous: stop drains, then gives cancelled runs their grace, possibly more than once
+        self._thread.join(self._drain_timeout + 3 * self.engine.cancel_grace + _SLACK)
+        if self._thread.is_alive():
+            raise TimeoutError("the background engine's thread did not end; a task ignores cancellation")
+        if first and self._stop_error is not None:
+            raise self._stop_error
+
+    def _stop_at_exit(self) -> None:
+        try:
+            self.stop()
+        except Exception:
+            log.exception("stopping the background engine at exit failed")
+
+    def __enter__(self) -> BackgroundEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ display
+
+    def _repr_html_(self) -> str:
+        from .display import engine_html, engine_view
+
+        return engine_html(engine_view(self.engine))
+
+    def __rich__(self) -> Any:
+        from .display import engine_rich, engine_view
+
+        return engine_rich(engine_view(self.engine))
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<BackgroundEngine {self.engine.node_id} {state}>"
+
+
+def _wait_for_port(
+    proc: subprocess.Popen[bytes], host: str, port: int, timeout: float, log_file: Any
+) -> None:
+    """Poll until the web server accepts connections, or fail with its stderr."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log_file.seek(0)
+            tail = log_file.read()[-2000:].decode(errors="replace")
+            raise RuntimeError(
+                f"the dashboard web server exited with code {proc.returncode} "
+                f"(is textual-serve installed? pip install 'taskwatch[web]'):\n{tail}"
+            )
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    proc.terminate()
+    raise TimeoutError(f"the dashboard web server did not listen on {host}:{port} within {timeout:g} s")

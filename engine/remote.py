@@ -1,0 +1,414 @@
+"""An asyncio client of the control protocol: a remote engine's snapshot, events and commands.
+
+::
+
+    remote = RemoteEngine("tcp://127.0.0.1:8765", token="...")
+    snapshot = await remote.connect()
+    async for event in remote.events():      # ends when the connection drops
+        if event.kind == "bus.dropped":
+            snapshot = await remote.snapshot()
+        ...
+    record = await remote.submit("embed_batch", {"user_id": "u1"})
+
+One :class:`RemoteEngine` is one connection, used from one event loop.
+Reconnecting is the caller's decision: after :attr:`disconnected` is set (or
+``events()`` ended), call :meth:`connect` again -- it starts from a clean
+state -- or make a new instance. Error replies raise the matching
+:class:`~taskwatch.engine.errors.TaskwatchError` subclass (``InvalidParams``
+with its ``errors`` list, ``RunNotFound``...), or :class:`RemoteError` for
+error types this side does not know.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+from . import errors as _errors
+from .errors import (
+    ConnectionClosed,
+    IncompatibleVersion,
+    MalformedMessage,
+    MessageTooLarge,
+    ProtocolError,
+    RemoteError,
+    TaskwatchError,
+)
+from .events import BaseEvent, EventsDropped
+from .runs import RunRecord
+from .scheduler import PeriodicInfo
+from .snapshot import Snapshot
+from .wire import (
+    DEFAULT_CLIENT_MAX_MESSAGE,
+    DEFAULT_MAX_MESSAGE,
+    PROTOCOL_VERSION,
+    CancelCommand,
+    Command,
+    ErrorReply,
+    EventMessage,
+    Hello,
+    OkReply,
+    PauseCommand,
+    PingCommand,
+    ResumeCommand,
+    RetryCommand,
+    ServerMessage,
+    SnapshotCommand,
+    SnapshotMessage,
+    SubmitCommand,
+    TcpAddress,
+    Welcome,
+    decode_server_message,
+    encode_message,
+    parse_address,
+    read_line,
+)
+
+W = TypeVar("W", Welcome, SnapshotMessage)
+
+_error_classes: dict[str, type[TaskwatchError]] | None = None
+
+
+def _known_errors() -> dict[str, type[TaskwatchError]]:
+    # only classes defined in engine.errors: a reply must never name an arbitrary class
+    global _error_classes
+    if _error_classes is None:
+        found: dict[str, type[TaskwatchError]] = {}
+        stack: list[type[TaskwatchError]] = [TaskwatchError]
+        while stack:
+            cls = stack.pop()
+            if cls.__module__ == _errors.__name__:
+                found[cls.__name__] = cls
+            stack.extend(cls.__subclasses__())
+        _error_classes = found
+    return _error_classes
+
+
+def error_from_reply(reply: ErrorReply) -> TaskwatchError:
+    """Rebuild the server's exception: same class, message and public attributes."""
+    cls = _known_errors().get(reply.error_type)
+    if cls is None:
+        return RemoteError(reply.error_type, reply.message, reply.details)
+    # constructors differ per class; set what they would have set instead of calling them
+    exc = cls.__new__(cls)
+    exc.args = (reply.message,)
+    for name, value in reply.details.items():
+        if name.isidentifier() and not name.startswith("_") and not hasattr(cls, name):
+            setattr(exc, name, value)
+    return exc
+
+
+class RemoteEngine:
+    """A connection to an engine's control endpoint (see :mod:`taskwatch.engine.server`).
+
+    Parameters
+    ----------
+    address:
+        A Unix socket path or ``tcp://HOST:PORT``, as printed by ``engine.serve``.
+    token:
+        The server's token, if it has one.
+    max_message:
+        Longest server line accepted, in bytes (snapshots can be large).
+    buffer:
+        Events buffered locally; beyond it new events are dropped, counted in
+        :attr:`dropped`, and announced by a ``bus.dropped`` event.
+    timeout:
+        Seconds to wait for the connection, the handshake, or a command's reply.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        *,
+        max_message: int = DEFAULT_CLIENT_MAX_MESSAGE,
+        buffer: int = 10_000,
+        timeout: float = 30.0,
+    ) -> None:
+        if buffer < 1:
+            raise ValueError("buffer must be at least 1")
+        self.address = address
+        self.token = token
+        self.max_message = max_message
+        self.buffer = buffer
+        self.timeout = timeout
+        #: set once the connection is gone (closed by either side, or never opened)
+        self.disconnected = asyncio.Event()
+        self.disconnected.set()
+        #: why the connection ended, if it ended on an error
+        self.close_reason: BaseException | None = None
+        self.node_id: str | None = None
+        self.server_version: str | None = None
+        #: events lost because the local buffer was full
+        self.dropped = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._read_task: asyncio.Task[None] | None = None
+        self._write_lock = asyncio.Lock()
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self._events: deque[BaseEvent] = deque()
+        self._ready = asyncio.Event()
+        self._unreported = 0
+        self._watermark = 0
+        self._last_seq = 0
+        self._server_max = DEFAULT_MAX_MESSAGE
+        self._connected = False
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    # ------------------------------------------------------------------ connection
+
+    async def connect(self) -> Snapshot:
+        """Connect, authenticate and return the server's snapshot; events follow it."""
+        if self._connected:
+            raise RuntimeError("already connected; close() first to reconnect")
+        await self.close()
+        self._reset()
+        self.close_reason = None
+        target = parse_address(self.address)
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                if isinstance(target, TcpAddress):
+                    reader, writer = await asyncio.open_connection(
+                        target.host, target.port, limit=self.max_message
+                    )
+                else:
+                    reader, writer = await asyncio.open_unix_connection(
+                        target.path, limit=self.max_message
+                    )
+                writer.write(encode_message(Hello(version=PROTOCOL_VERSION, token=self.token)))
+                await writer.drain()
+                welcome = await self._expect(reader, Welcome)
+                if welcome.version != PROTOCOL_VERSION:
+                    raise IncompatibleVersion(PROTOCOL_VERSION, welcome.version)
+                first = await self._expect(reader, SnapshotMessage)
+        except BaseException:
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.wait_closed(), 1.0)
+            raise
+        self.node_id = welcome.node_id
+        self.server_version = welcome.server
+        self._server_max = welcome.max_message
+        self._reader, self._writer = reader, writer
+        self._watermark = self._last_seq = first.snapshot.last_seq
+        self._connected = True
+        self.disconnected.clear()
+        self._read_task = asyncio.get_running_loop().create_task(
+            self._read_loop(reader), name="taskwatch-remote-read"
+        )
+        return first.snapshot
+
+    async def _expect(self, reader: asyncio.StreamReader, kind: type[W]) -> W:
+        line = await read_line(reader, self.max_message)
+        if line is None:
+            raise ConnectionClosed("the server closed the connection during the handshake")
+        msg = decode_server_message(line, self.max_message)
+        if isinstance(msg, ErrorReply):
+            raise error_from_reply(msg)
+        if not isinstance(msg, kind):
+            raise MalformedMessage(f"expected a {kind.__name__} message, got {msg.type!r}")
+        return msg
+
+    async def close(self) -> None:
+        """Close the connection and wait for its reader task. Safe to call repeatedly."""
+        task, self._read_task = self._read_task, None
+        if task is not None and not task.done():
+            task.cancel()
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+        self._mark_disconnected(None)
+
+    async def __aenter__(self) -> RemoteEngine:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _mark_disconnected(self, reason: BaseException | None) -> None:
+        if reason is not None and self.close_reason is None:
+            self.close_reason = reason
+        self._connected = False
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(
+                    ConnectionClosed(f"the connection to {self.address} closed before the reply")
+                )
+        self._ready.set()
+        self.disconnected.set()
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        reason: BaseException | None = None
+        try:
+            while True:
+                line = await read_line(reader, self.max_message)
+                if line is None:
+                    break
+                self._dispatch(decode_server_message(line, self.max_message))
+        except ProtocolError as exc:
+            # a server we cannot understand is a server we cannot trust to stay in sync
+            reason = exc
+        except (ConnectionError, OSError) as exc:
+            reason = exc
+        finally:
+            self._mark_disconnected(reason)
+            if self._writer is not None:
+                self._writer.close()
+
+    def _dispatch(self, msg: ServerMessage) -> None:
+        if isinstance(msg, EventMessage):
+            self._offer(msg.event)
+        elif isinstance(msg, OkReply | ErrorReply):
+            fut = self._pending.pop(msg.id, None) if isinstance(msg.id, int) else None
+            if fut is not None and not fut.done():
+                if isinstance(msg, OkReply):
+                    fut.set_result(msg.result)
+                else:
+                    fut.set_exception(error_from_reply(msg))
+        elif isinstance(msg, SnapshotMessage):
+            self._resynced(msg.snapshot)
+
+    # ------------------------------------------------------------------ events
+
+    def _offer(self, event: BaseEvent) -> None:
+        if event.seq <= self._watermark:
+            return  # already reflected in the last snapshot
+        self._last_seq = max(self._last_seq, event.seq)
+        if len(self._events) >= self.buffer:
+            self.dropped += 1
+            self._unreported += 1
+        else:
+            self._events.append(event)
+        self._ready.set()
+
+    def _resynced(self, snapshot: Snapshot) -> None:
+        self._watermark = max(self._watermark, snapshot.last_seq)
+        # buffered events and losses before the snapshot are covered by it
+        self._unreported = 0
+        while self._events and self._events[0].seq <= self._watermark:
+            self._events.popleft()
+        if self._events:
+            self._events = deque(e for e in self._events if e.seq > self._watermark)
+
+    def _take_one(self) -> BaseEvent:
+        if self._unreported:
+            count, self._unreported = self._unreported, 0
+            return EventsDropped(
+                seq=self._last_seq, ts=time.time(), node=self.node_id or "", count=count, total=self.dropped
+            )
+        return self._events.popleft()
+
+    def get_batch(self, limit: int | None = None) -> list[BaseEvent]:
+        """Take up to ``limit`` buffered events without waiting."""
+        out: list[BaseEvent] = []
+        if self._unreported:
+            out.append(self._take_one())
+        n = len(self._events) if limit is None else min(limit, len(self._events))
+        for _ in range(n):
+            out.append(self._events.popleft())
+        return out
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait until events are buffered or the connection ends. True if events are ready."""
+        if self._events or self._unreported:
+            return True
+        if not self._connected:
+            return False
+        self._ready.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._ready.wait()
+        return bool(self._events or self._unreported)
+
+    async def events(self) -> AsyncIterator[BaseEvent]:
+        """Every event as it arrives; ends once the connection is gone and the buffer is empty."""
+        while True:
+            if self._events or self._unreported:
+                yield self._take_one()
+            elif not await self.wait():
+                return
+
+    # ------------------------------------------------------------------ commands
+
+    async def _request(self, make: Any, **fields: Any) -> Any:
+        if not self._connected or self._writer is None:
+            raise ConnectionClosed(f"not connected to {self.address}; call connect() first")
+        msg_id = next(self._ids)
+        cmd: Command = make(id=msg_id, **fields)
+        line = encode_message(cmd)
+        if len(line) - 1 > self._server_max:
+            raise MessageTooLarge(len(line) - 1, self._server_max)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[msg_id] = fut
+        try:
+            async with self._write_lock:
+                self._writer.write(line)
+                await self._writer.drain()
+            async with asyncio.timeout(self.timeout):
+                return await fut
+        except TimeoutError:
+            raise TimeoutError(
+                f"no reply from {self.address} to {cmd.type!r} within {self.timeout:g} s"
+            ) from None
+        except (ConnectionError, OSError) as exc:
+            # TimeoutError is an OSError too, hence the clause above
+            if isinstance(exc, TaskwatchError):
+                raise
+            raise ConnectionClosed(f"the connection to {self.address} is gone: {exc}") from exc
+        finally:
+            self._pending.pop(msg_id, None)
+
+    async def submit(
+        self, task: str, params: dict[str, Any] | None = None, key: str | None = None
+    ) -> RunRecord:
+        """Submit a run on the remote engine; returns its record (pending, usually)."""
+        result = await self._request(SubmitCommand, task=task, params=params, key=key)
+        return RunRecord.model_validate(result)
+
+    async def cancel(self, run_id: str) -> RunRecord:
+        return RunRecord.model_validate(await self._request(CancelCommand, run_id=run_id))
+
+    async def retry(self, run_id: str) -> RunRecord:
+        return RunRecord.model_validate(await self._request(RetryCommand, run_id=run_id))
+
+    async def pause_periodic(self, name: str) -> PeriodicInfo:
+        return PeriodicInfo.model_validate(await self._request(PauseCommand, name=name))
+
+    async def resume_periodic(self, name: str) -> PeriodicInfo:
+        return PeriodicInfo.model_validate(await self._request(ResumeCommand, name=name))
+
+    async def snapshot(self) -> Snapshot:
+        """A fresh snapshot (e.g. after a ``bus.dropped`` event); older buffered events are dropped."""
+        snapshot = Snapshot.model_validate(await self._request(SnapshotCommand))
+        self._resynced(snapshot)
+        return snapshot
+
+    async def ping(self) -> float:
+        """Round-trip time in seconds."""
+        start = time.perf_counter()
+        await self._request(PingCommand)
+        return time.perf_counter() - start
+
+    def __repr__(self) -> str:
+        state = "connected" if self._connected else "disconnected"
+        return f"<RemoteEngine {self.address} {state}>"

@@ -1,0 +1,319 @@
+"""Work queues: FIFO consumers, concurrency, failures, bounds, draining on stop, threads."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from taskwatch.engine import (
+    Engine,
+    EngineNotRunning,
+    QueueFull,
+    TaskContext,
+    TaskDefinitionError,
+    TaskwatchError,
+)
+from taskwatch.engine.errors import JobNotSerializable
+
+from .helpers import Recorder, eventually, stray_tasks
+
+
+def make_engine(**kwargs: object) -> Engine:
+    kwargs.setdefault("health_interval", None)
+    return Engine(**kwargs)  # type: ignore[arg-type]
+
+
+class Significance(BaseModel):
+    memory_id: str
+    score: float = 0.0
+
+
+async def test_jobs_are_processed_in_order() -> None:
+    engine = make_engine()
+    seen: list[int] = []
+
+    async def handler(job: dict) -> None:
+        seen.append(job["n"])
+
+    queue = engine.queue("ordered", handler, concurrency=1)
+    async with engine:
+        for n in range(20):
+            queue.put_nowait({"n": n})
+        await asyncio.wait_for(queue.join(), 1.0)
+        assert seen == list(range(20))
+        info = queue.info()
+        assert (info.processed, info.failed, info.depth, info.in_flight) == (20, 0, 0, 0)
+        assert info.accepted == 20
+        assert engine.stats().queues["ordered"]["processed"] == 20
+    assert not stray_tasks()
+
+
+async def test_concurrency_limits_jobs_in_flight() -> None:
+    engine = make_engine()
+    release = asyncio.Event()
+    active = peak = 0
+
+    async def handler(job: dict) -> None:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await release.wait()
+        active -= 1
+
+    queue = engine.queue("wide", handler, concurrency=3)
+    async with engine:
+        for n in range(7):
+            await queue.put({"n": n})
+        await eventually(lambda: queue.in_flight == 3, timeout=1.0)
+        assert queue.depth == 4
+        assert engine.queues()[0].in_flight == 3
+        release.set()
+        await asyncio.wait_for(queue.join(), 1.0)
+        assert peak == 3
+        assert queue.info().processed == 7
+
+
+async def test_a_failing_job_is_recorded_with_its_traceback_and_the_consumer_survives() -> None:
+    engine = make_engine()
+    done: list[int] = []
+
+    async def handler(job: dict) -> None:
+        if job["n"] == 2:
+            raise ValueError("bad job 2")
+        done.append(job["n"])
+
+    queue = engine.queue("fragile", handler, concurrency=1)
+    rec = Recorder(engine, ("queue.job_failed",))
+    async with engine:
+        for n in range(1, 5):
+            queue.put_nowait({"n": n})
+        await asyncio.wait_for(queue.join(), 1.0)
+        assert done == [1, 3, 4]
+        info = queue.info()
+        assert info.processed == 3 and info.failed == 1
+        [event] = rec.of("queue.job_failed")
+        assert event.queue == "fragile" and event.job == {"n": 2}
+        assert event.error.type == "ValueError" and event.error.message == "bad job 2"
+        assert "Traceback" in event.error.traceback and "bad job 2" in event.error.traceback
+    assert not stray_tasks()
+
+
+async def test_a_full_queue_raises_queue_full_and_counts_it() -> None:
+    engine = make_engine()
+    release = asyncio.Event()
+
+    async def handler(job: dict) -> None:
+        await release.wait()
+
+    queue = engine.queue("small", handler, concurrency=1, maxsize=2)
+    async with engine:
+        queue.put_nowait({"n": 0})
+        await eventually(lambda: queue.in_flight == 1, timeout=1.0)
+        queue.put_nowait({"n": 1})
+        queue.put_nowait({"n": 2})
+        with pytest.raises(QueueFull, match="small"):
+            queue.put_nowait({"n": 3})
+        with pytest.raises(QueueFull):
+            await queue.put({"n": 4})  # does not block forever: refuses at once by default
+        assert queue.info().rejected == 2
+        assert queue.depth == 2
+        # with a timeout, put waits for room and succeeds once a consumer takes a job
+        waiting = asyncio.create_task(queue.put({"n": 5}, timeout=1.0))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        release.set()
+        await asyncio.wait_for(waiting, 1.0)
+        await asyncio.wait_for(queue.join(), 1.0)
+        assert queue.info().processed == 4
+        assert queue.info().rejected == 2
+
+
+async def test_put_with_a_timeout_gives_up_with_queue_full() -> None:
+    engine = make_engine()
+    release = asyncio.Event()
+
+    async def handler(job: dict) -> None:
+        await release.wait()
+
+    queue = engine.queue("stuck", handler, maxsize=1)
+    async with engine:
+        queue.put_nowait({"n": 0})
+        await eventually(lambda: queue.in_flight == 1, timeout=1.0)
+        queue.put_nowait({"n": 1})
+        with pytest.raises(QueueFull):
+            await queue.put({"n": 2}, timeout=0.02)
+        assert queue.info().rejected == 1
+        release.set()
+
+
+async def test_jobs_must_be_models_or_json_serialisable() -> None:
+    engine = make_engine()
+    got: list[Any] = []
+
+    async def handler(job: Any) -> None:
+        got.append(job)
+
+    queue = engine.queue("typed", handler)
+    async with engine:
+        with pytest.raises(JobNotSerializable, match="typed") as caught:
+            queue.put_nowait({"conn": object()})
+        assert isinstance(caught.value, TaskwatchError) and isinstance(caught.value, TypeError)
+        with pytest.raises(JobNotSerializable):
+            await queue.put(threading.Lock())
+        assert queue.depth == 0 and queue.info().accepted == 0
+        queue.put_nowait(Significance(memory_id="m1", score=0.5))
+        queue.put_nowait({"memory_id": "m2", "tags": ["a"]})
+        await asyncio.wait_for(queue.join(), 1.0)
+        # the handler gets the job as it was put: a model stays a model
+        assert got == [Significance(memory_id="m1", score=0.5), {"memory_id": "m2", "tags": ["a"]}]
+
+
+async def test_handler_may_take_a_context() -> None:
+    engine = make_engine()
+    names: list[str] = []
+
+    async def handler(ctx: TaskContext, job: dict) -> None:
+        names.append(f"{ctx.name}:{job['n']}")
+
+    queue = engine.queue("ctx", handler)
+    async with engine:
+        queue.put_nowait({"n": 1})
+        await asyncio.wait_for(queue.join(), 1.0)
+    assert names == ["queue:ctx:1"]
+
+
+def test_handler_must_be_async_with_one_or_two_arguments() -> None:
+    engine = make_engine()
+
+    def sync_handler(job: dict) -> None: ...
+
+    async def too_many(a: object, b: object, c: object) -> None: ...
+
+    with pytest.raises(TaskDefinitionError, match="async def"):
+        engine.queue("sync", sync_handler)
+    with pytest.raises(TaskDefinitionError, match="3 required"):
+        engine.queue("many", too_many)
+
+
+async def test_jobs_put_before_start_run_once_the_engine_starts() -> None:
+    engine = make_engine()
+    seen: list[int] = []
+
+    async def handler(job: dict) -> None:
+        seen.append(job["n"])
+
+    queue = engine.queue("early", handler)
+    queue.put_nowait({"n": 1})
+    async with engine:
+        later = engine.queue("late", handler)  # created while running: consumers start now
+        later.put_nowait({"n": 2})
+        await asyncio.wait_for(queue.join(), 1.0)
+        await asyncio.wait_for(later.join(), 1.0)
+    assert sorted(seen) == [1, 2]
+    assert not stray_tasks()
+
+
+async def test_stop_drains_queued_jobs_first() -> None:
+    engine = make_engine()
+    seen: list[int] = []
+
+    async def handler(job: dict) -> None:
+        await asyncio.sleep(0)
+        seen.append(job["n"])
+
+    queue = engine.queue("drain", handler, concurrency=2)
+    rec = Recorder(engine, ("queue.drain_incomplete",))
+    await engine.start()
+    for n in range(50):
+        queue.put_nowait({"n": n})
+    assert queue.depth > 0
+    await engine.stop(timeout=1.0)
+    assert sorted(seen) == list(range(50))
+    assert queue.info().processed == 50
+    assert rec.of("queue.drain_incomplete") == []
+    assert not stray_tasks()
+    with pytest.raises(EngineNotRunning):
+        queue.put_nowait({"n": 99})
+    with pytest.raises(EngineNotRunning):
+        await queue.put({"n": 99})
+
+
+async def test_stop_timeout_reports_what_was_left_undone() -> None:
+    engine = make_engine()
+    never = asyncio.Event()
+    cancelled: list[int] = []
+
+    async def handler(job: dict) -> None:
+        try:
+            await never.wait()
+        except asyncio.CancelledError:
+            cancelled.append(job["n"])
+            raise
+
+    queue = engine.queue("blocked", handler, concurrency=1)
+    rec = Recorder(engine, ("queue.drain_incomplete",))
+    await engine.start()
+    for n in range(3):
+        queue.put_nowait({"n": n})
+    await eventually(lambda: queue.in_flight == 1, timeout=1.0)
+    await engine.stop(timeout=0.05)
+    # the job in flight was cancelled and awaited; it and the two queued ones are reported
+    assert cancelled == [0]
+    [event] = rec.of("queue.drain_incomplete")
+    assert event.queue == "blocked" and event.left == 3
+    info = queue.info()
+    assert info.abandoned == 3 and info.processed == 0 and info.depth == 0 and info.in_flight == 0
+    assert not stray_tasks()
+
+
+async def test_put_nowait_from_another_thread() -> None:
+    engine = make_engine()
+    seen: list[tuple[int, bool]] = []
+    loop_thread = threading.get_ident()
+
+    async def handler(job: dict) -> None:
+        seen.append((job["n"], threading.get_ident() == loop_thread))
+
+    queue = engine.queue("threads", handler)
+
+    def produce() -> None:
+        for n in range(10):
+            queue.put_nowait({"n": n})
+
+    async with engine:
+        await asyncio.to_thread(produce)
+        await asyncio.wait_for(queue.join(), 1.0)
+        assert seen == [(n, True) for n in range(10)]
+    assert not stray_tasks()
+
+
+async def test_queue_full_is_raised_in_the_calling_thread() -> None:
+    engine = make_engine()
+    release = asyncio.Event()
+
+    async def handler(job: dict) -> None:
+        await release.wait()
+
+    queue = engine.queue("bounded", handler, maxsize=3)
+    outcomes: list[str] = []
+
+    def produce() -> None:
+        for n in range(5):
+            try:
+                queue.put_nowait({"n": n})
+                outcomes.append("ok")
+            except QueueFull:
+                outcomes.append("full")
+
+    async with engine:
+        await asyncio.to_thread(produce)
+        # a consumer may already have taken the first job, which frees one slot
+        assert outcomes[:3] == ["ok", "ok", "ok"] and outcomes.count("full") >= 1
+        assert queue.info().rejected == outcomes.count("full")
+        release.set()
+        await asyncio.wait_for(queue.join(), 1.0)
+        assert queue.info().processed == outcomes.count("ok")

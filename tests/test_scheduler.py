@@ -1,0 +1,400 @@
+"""Periodic tasks: next-due arithmetic, the decorator registry, and the scheduling loops."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import datetime, timezone
+
+import pytest
+
+from taskwatch.engine import (
+    Engine,
+    RunStatus,
+    TaskContext,
+    TaskDefinitionError,
+    UnknownPeriodic,
+)
+from taskwatch.engine.scheduler import jitter_delay, next_cron_due, next_interval_due
+
+from .helpers import Recorder, eventually, stray_tasks
+
+
+def make_engine(**kwargs: object) -> Engine:
+    kwargs.setdefault("health_interval", None)
+    return Engine(**kwargs)  # type: ignore[arg-type]
+
+
+def local(*args: int) -> float:
+    """A local wall-clock time as UNIX seconds (cron reads expressions in local time)."""
+    return datetime(*args).timestamp()  # type: ignore[arg-type]
+
+
+def info(engine: Engine, name: str):  # type: ignore[no-untyped-def]
+    return next(p for p in engine.schedule() if p.name == name)
+
+
+# ---------------------------------------------------------------- pure next-due computation
+
+
+def test_interval_is_measured_from_the_end_by_default() -> None:
+    assert next_interval_due(last_start=100.0, last_end=107.5, every=10.0) == 117.5
+
+
+def test_fixed_rate_interval_is_measured_from_the_start() -> None:
+    assert next_interval_due(last_start=100.0, last_end=107.5, every=10.0, fixed_rate=True) == 110.0
+
+
+def test_fixed_rate_skips_slots_missed_while_held_up_but_runs_the_latest() -> None:
+    # held up until 135: the 110, 120 slots are gone, 130 runs at once, not three in a burst
+    assert next_interval_due(100.0, None, 10.0, fixed_rate=True, now=135.0) == 130.0
+    # not late: the next slot stands
+    assert next_interval_due(100.0, None, 10.0, fixed_rate=True, now=101.0) == 110.0
+
+
+def test_interval_needs_the_time_it_is_measured_from() -> None:
+    with pytest.raises(ValueError):
+        next_interval_due(None, None, 10.0)
+    with pytest.raises(ValueError):
+        next_interval_due(None, 50.0, 10.0, fixed_rate=True)
+
+
+def test_jitter_adds_a_bounded_random_delay() -> None:
+    rng = random.Random(7)
+    dues = [next_interval_due(0.0, 100.0, 10.0, jitter_fraction=0.1, rng=rng) for _ in range(500)]
+    assert all(110.0 <= d <= 111.0 for d in dues)
+    assert max(dues) - min(dues) > 0.5  # actually spread, not a constant offset
+    assert next_interval_due(0.0, 100.0, 10.0, jitter_fraction=0.0, rng=rng) == 110.0
+    assert jitter_delay(60.0, 0.0) == 0.0
+
+
+def test_cron_next_run_in_local_time_across_the_day_boundary() -> None:
+    after = local(2024, 1, 15, 23, 59, 30)
+    assert next_cron_due("0 3 * * *", after) == local(2024, 1, 16, 3, 0)
+
+
+def test_cron_next_run_is_strictly_after_the_given_time() -> None:
+    assert next_cron_due("*/15 * * * *", local(2024, 1, 15, 10, 7, 12)) == local(2024, 1, 15, 10, 15)
+    assert next_cron_due("*/15 * * * *", local(2024, 1, 15, 10, 15)) == local(2024, 1, 15, 10, 30)
+    assert next_cron_due("*/15 * * * *", local(2024, 1, 15, 10, 14, 59) + 0.5) == local(2024, 1, 15, 10, 15)
+
+
+def test_cron_across_month_and_year_in_an_explicit_zone() -> None:
+    utc = timezone.utc
+    after = datetime(2024, 12, 31, 23, 0, tzinfo=utc).timestamp()
+    assert next_cron_due("0 0 1 * *", after, tz=utc) == datetime(2025, 1, 1, tzinfo=utc).timestamp()
+
+
+# ---------------------------------------------------------------- validation at decoration time
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({}, "exactly one of every"),
+        ({"every": 5.0, "cron": "* * * * *"}, "exactly one of every"),
+        ({"every": 0}, "positive"),
+        ({"every": -1.0}, "positive"),
+        ({"cron": "61 * * * *"}, "does not parse"),
+        ({"cron": "not a cron"}, "does not parse"),
+        ({"every": 5.0, "jitter": 1.5}, "jitter"),
+        ({"every": 5.0, "initial_delay": -1.0}, "initial_delay"),
+    ],
+)
+def test_bad_trigger_options_raise_typed_errors(options: dict, message: str) -> None:
+    engine = make_engine()
+
+    async def tick(ctx: TaskContext) -> None: ...
+
+    with pytest.raises(TaskDefinitionError, match=message):
+        engine.periodic(tick, **options)
+    assert engine.schedule() == []
+
+
+def test_function_must_be_async_and_accept_its_resources() -> None:
+    engine = make_engine()
+
+    def not_async(ctx: TaskContext) -> None: ...
+
+    async def lacks_redis(ctx: TaskContext) -> None: ...
+
+    async def unfilled(ctx: TaskContext, redis: object, db: object) -> None: ...
+
+    with pytest.raises(TaskDefinitionError, match="async def"):
+        engine.periodic(not_async, every=1.0)
+    with pytest.raises(TaskDefinitionError, match="requires redis"):
+        engine.periodic(lacks_redis, every=1.0, requires=("redis",))
+    with pytest.raises(TaskDefinitionError, match="db"):
+        engine.periodic(unfilled, every=1.0, requires=("redis",))
+
+
+# ---------------------------------------------------------------- registry: enabled or why not
+
+
+async def test_unmet_needs_register_the_task_disabled_with_a_reason() -> None:
+    engine = make_engine(resources={}, flags={"kg_extraction": False})
+    calls: list[str] = []
+
+    @engine.periodic(every=0.01, requires=("redis",))
+    async def needs_redis(ctx: TaskContext, redis: object) -> None:
+        calls.append("redis")
+
+    @engine.periodic(every=0.01, opt_in="kg_extraction")
+    async def needs_flag(ctx: TaskContext) -> None:
+        calls.append("flag")
+
+    @engine.periodic(every=0.01)
+    async def witness(ctx: TaskContext) -> None:
+        calls.append("witness")
+
+    rec = Recorder(engine, ("periodic.",))
+    await engine.start()
+    try:
+        registered = {e.name: e for e in rec.of("periodic.registered")}
+        assert registered["needs_redis"].enabled is False
+        assert registered["needs_redis"].reason == "missing resource: redis"
+        assert registered["needs_flag"].reason == "flag kg_extraction is off"
+        assert registered["witness"].enabled is True and registered["witness"].next_due is not None
+        assert info(engine, "needs_redis").enabled is False
+        assert info(engine, "needs_redis").reason == "missing resource: redis"
+        assert info(engine, "needs_redis").next_due is None
+        assert info(engine, "needs_flag").reason == "flag kg_extraction is off"
+        # the enabled one keeps running while the disabled ones never do
+        await eventually(lambda: calls.count("witness") >= 3, timeout=1.0)
+        assert "redis" not in calls and "flag" not in calls
+        assert engine.runs(task="needs_redis") == []
+    finally:
+        await engine.stop()
+    assert not stray_tasks()
+
+
+async def test_resources_are_passed_by_name_and_runs_go_through_the_engine() -> None:
+    client = object()
+    engine = make_engine(resources={"redis": client}, flags={"kg_extraction": True})
+    seen: list[object] = []
+
+    @engine.periodic(every=60.0, requires=("redis",), opt_in="kg_extraction")
+    async def scheduled_prompt_tick(ctx: TaskContext, redis: object) -> None:
+        seen.append(redis)
+
+    async with engine:
+        await eventually(lambda: info(engine, "scheduled_prompt_tick").last_status == "succeeded", timeout=1.0)
+        assert seen == [client]
+        [run] = engine.runs(task="scheduled_prompt_tick")
+        assert run.source == "periodic:scheduled_prompt_tick"
+        assert run.status is RunStatus.SUCCEEDED
+        p = info(engine, "scheduled_prompt_tick")
+        assert p.enabled and p.reason is None
+        assert p.trigger == "every 60s" and p.trigger_kind == "interval"
+        assert p.runs == 1 and p.failures == 0 and p.last_run_id == run.id
+        assert p.last_duration is not None and p.last_duration >= 0
+        # end-based: due one interval after the run ended
+        assert run.finished_at is not None
+        assert p.next_due == run.finished_at + 60.0
+    assert not stray_tasks()
+
+
+async def test_periodic_tasks_are_not_submittable_by_hand() -> None:
+    engine = make_engine()
+
+    @engine.periodic(every=60.0)
+    async def hourly(ctx: TaskContext) -> None: ...
+
+    [task] = engine.catalog()
+    assert task.kind == "periodic" and task.submittable is False
+
+
+async def test_cron_task_is_listed_with_its_next_local_fire_time() -> None:
+    engine = make_engine()
+
+    @engine.periodic(cron="0 3 * * *", name="nightly_backup")
+    async def nightly(ctx: TaskContext) -> None: ...
+
+    async with engine:
+        p = info(engine, "nightly_backup")
+        assert p.trigger == "cron 0 3 * * *" and p.trigger_kind == "cron" and p.enabled
+        assert p.next_due is not None and engine.started_at is not None
+        assert p.next_due == next_cron_due("0 3 * * *", engine.started_at)
+        assert datetime.fromtimestamp(p.next_due).hour == 3
+    assert not stray_tasks()
+
+
+async def test_initial_delay_and_jitter_defer_the_first_run() -> None:
+    engine = make_engine()
+
+    @engine.periodic(every=0.01, initial_delay=30.0)
+    async def later(ctx: TaskContext) -> None: ...
+
+    @engine.periodic(every=60.0, jitter=0.5)
+    async def spread(ctx: TaskContext) -> None: ...
+
+    async with engine:
+        assert engine.started_at is not None
+        p = info(engine, "later")
+        assert p.next_due == pytest.approx(engine.started_at + 30.0, abs=1.0)
+        assert p.runs == 0
+        # jitter applies to the first tick too, so nodes started together spread out
+        spread_due = info(engine, "spread").next_due
+        assert spread_due is not None
+        assert engine.started_at <= spread_due <= engine.started_at + 30.0 + 1.0
+        assert info(engine, "spread").jitter == 0.5
+
+
+async def test_a_periodic_task_added_while_running_starts_at_once() -> None:
+    engine = make_engine()
+    rec = Recorder(engine, ("periodic.registered",))
+    async with engine:
+
+        @engine.periodic(every=60.0)
+        async def late(ctx: TaskContext) -> None: ...
+
+        await eventually(lambda: info(engine, "late").runs == 1, timeout=1.0)
+        assert [e.name for e in rec.of("periodic.registered")] == ["late"]
+    assert not stray_tasks()
+
+
+# ---------------------------------------------------------------- the loop: overlap, failures, pause
+
+
+async def test_a_slow_run_is_not_overlapped_and_skipped_ticks_are_counted() -> None:
+    engine = make_engine()
+    release = asyncio.Event()
+    started = 0
+
+    @engine.periodic(every=0.02, fixed_rate=True)
+    async def slow(ctx: TaskContext) -> None:
+        nonlocal started
+        started += 1
+        await release.wait()
+
+    rec = Recorder(engine, ("periodic.skipped",))
+    async with engine:
+        await eventually(lambda: info(engine, "slow").skipped >= 3, timeout=1.0)
+        p = info(engine, "slow")
+        assert started == 1 and p.runs == 1
+        assert p.running_run_id is not None
+        # fixed rate: the next tick stays scheduled while the run goes on
+        assert p.next_due is not None
+        skipped = rec.of("periodic.skipped")
+        assert {e.running_run_id for e in skipped} == {p.running_run_id}
+        assert [e.skipped_total for e in skipped[:3]] == [1, 2, 3]
+        release.set()
+        await eventually(lambda: info(engine, "slow").runs >= 2, timeout=1.0)
+    assert not stray_tasks()
+
+
+async def test_end_based_interval_waits_for_the_run_to_end() -> None:
+    engine = make_engine()
+    release = asyncio.Event()
+
+    @engine.periodic(every=30.0)
+    async def slow(ctx: TaskContext) -> None:
+        await release.wait()
+
+    async with engine:
+        await eventually(lambda: info(engine, "slow").running_run_id is not None, timeout=1.0)
+        assert info(engine, "slow").next_due is None  # unknown until the run ends
+        release.set()
+        await eventually(lambda: info(engine, "slow").next_due is not None, timeout=1.0)
+        [run] = engine.runs(task="slow")
+        assert run.finished_at is not None
+        assert info(engine, "slow").next_due == run.finished_at + 30.0
+        assert info(engine, "slow").skipped == 0
+
+
+async def test_a_failing_run_does_not_stop_later_runs_and_is_counted() -> None:
+    engine = make_engine()
+    calls = 0
+
+    @engine.periodic(every=0.01)
+    async def flaky(ctx: TaskContext) -> None:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise RuntimeError(f"boom {calls}")
+
+    async with engine:
+        await eventually(lambda: info(engine, "flaky").runs >= 4, timeout=1.0)
+        await eventually(lambda: info(engine, "flaky").last_status == "succeeded", timeout=1.0)
+        p = info(engine, "flaky")
+        assert p.failures == 2
+        failed = engine.runs(RunStatus.FAILED, task="flaky")
+        assert len(failed) == 2 and all(r.source == "periodic:flaky" for r in failed)
+        assert failed[0].error is not None and "boom" in failed[0].error.message
+    assert not stray_tasks()
+
+
+async def test_pause_and_resume_with_events() -> None:
+    engine = make_engine()
+    counts = {"paused": 0, "witness": 0}
+
+    @engine.periodic(every=0.01, name="paused")
+    async def one(ctx: TaskContext) -> None:
+        counts["paused"] += 1
+
+    @engine.periodic(every=0.01, name="witness")
+    async def two(ctx: TaskContext) -> None:
+        counts["witness"] += 1
+
+    rec = Recorder(engine, ("periodic.paused", "periodic.resumed"))
+    async with engine:
+        await eventually(lambda: counts["paused"] >= 1, timeout=1.0)
+        p = engine.pause_periodic("paused")
+        assert p.paused and p.next_due is None
+        assert [e.name for e in rec.of("periodic.paused")] == ["paused"]
+        before = counts["paused"]
+        # the witness ticks at the same rate: several of its runs without one of ours
+        witness = counts["witness"]
+        await eventually(lambda: counts["witness"] >= witness + 4, timeout=1.0)
+        assert counts["paused"] == before
+        assert info(engine, "paused").next_due is None
+        # pausing twice is harmless and says nothing more
+        engine.pause_periodic("paused")
+        assert len(rec.of("periodic.paused")) == 1
+
+        p = engine.resume_periodic("paused")
+        assert not p.paused and p.next_due is not None
+        [resumed] = rec.of("periodic.resumed")
+        assert resumed.name == "paused" and resumed.next_due == p.next_due
+        await eventually(lambda: counts["paused"] > before, timeout=1.0)
+
+        with pytest.raises(UnknownPeriodic, match="paused, witness"):
+            engine.pause_periodic("nope")
+        with pytest.raises(UnknownPeriodic):
+            engine.resume_periodic("nope")
+    assert not stray_tasks()
+
+
+async def test_stop_cancels_every_loop_and_leaves_no_task_behind() -> None:
+    engine = make_engine()
+    started = asyncio.Event()
+
+    @engine.periodic(every=0.01, fixed_rate=True)
+    async def forever(ctx: TaskContext) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    @engine.periodic(cron="0 3 * * *")
+    async def nightly(ctx: TaskContext) -> None: ...
+
+    await engine.start()
+    await asyncio.wait_for(started.wait(), 1.0)
+    await engine.stop(timeout=0.05)
+    assert not stray_tasks()
+    assert all(p.next_due is None for p in engine.schedule())
+    [run] = engine.runs(task="forever")
+    assert run.status is RunStatus.CANCELLED
+    await eventually(lambda: info(engine, "forever").last_status == "cancelled", timeout=1.0)
+
+
+async def test_due_times_follow_the_engine_clock() -> None:
+    engine = make_engine(clock=lambda: 50_000.0)
+
+    @engine.periodic(every=60.0, initial_delay=5.0)
+    async def tick(ctx: TaskContext) -> None: ...
+
+    async with engine:
+        assert info(engine, "tick").next_due == 50_005.0
+        assert engine.pause_periodic("tick").next_due is None
+        assert engine.resume_periodic("tick").next_due == 50_060.0  # fresh: one interval from now
+    assert not stray_tasks()

@@ -1,0 +1,324 @@
+"""Supervised workers: restart with backoff, clean returns, leader-only workers, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from taskwatch.engine import (
+    DuplicateTask,
+    Engine,
+    InProcessLease,
+    TaskContext,
+    TaskDefinitionError,
+)
+
+from .helpers import Recorder, eventually, stray_tasks
+
+# asyncio may fire a timer up to its clock resolution early; measured gaps get this slack
+SLACK = 0.005
+
+
+def engine_with(**options: object) -> Engine:
+    return Engine(health_interval=None, **options)  # type: ignore[arg-type]
+
+
+async def forever() -> None:
+    await asyncio.Event().wait()
+
+
+async def test_crashing_worker_restarts_with_growing_capped_backoff() -> None:
+    engine = engine_with()
+    starts: list[float] = []
+
+    @engine.supervised(name="flaky", backoff=0.01, backoff_max=0.04)
+    async def flaky(ctx: TaskContext) -> None:
+        starts.append(asyncio.get_running_loop().time())
+        raise ValueError(f"boom {len(starts)}")
+
+    rec = Recorder(engine)
+    async with engine:
+        await eventually(lambda: engine.stats().supervised["flaky"]["crashes"] >= 5, timeout=2.0)
+        counts = engine.stats().supervised["flaky"]
+        info = engine.workers()[0]
+
+    # each crash is restarted once its delay is over, so restarts trail crashes by one
+    assert counts["state"] == "backoff"
+    assert counts["restarts"] == counts["crashes"] - 1
+    assert info.last_error is not None and info.last_error.type == "ValueError"
+
+    crashes = rec.of("worker.crashed")[:5]
+    assert [c.restart_in for c in crashes] == [0.01, 0.02, 0.04, 0.04, 0.04]
+    assert [c.restarts for c in crashes] == [0, 1, 2, 3, 4]
+    assert [s.restarts for s in rec.of("worker.started")[:5]] == [0, 1, 2, 3, 4]
+    # the delays are really waited, not just announced
+    for before, after, crash in zip(starts[:4], starts[1:5], crashes[:4], strict=True):
+        assert after - before >= crash.restart_in - SLACK
+
+
+async def test_crash_event_carries_exception_type_message_and_traceback() -> None:
+    engine = engine_with()
+
+    @engine.supervised(name="broken", backoff=0.5)
+    async def broken(ctx: TaskContext) -> None:
+        raise KeyError("missing-row")
+
+    rec = Recorder(engine)
+    async with engine:
+        await eventually(lambda: rec.of("worker.crashed"), timeout=1.0)
+        info = engine.workers()[0]
+
+    crash = rec.of("worker.crashed")[0]
+    assert crash.name == "broken"
+    assert crash.error.type == "KeyError"
+    assert "missing-row" in crash.error.message
+    assert "Traceback (most recent call last)" in crash.error.traceback
+    assert "in broken" in crash.error.traceback
+    assert crash.restart_in == 0.5
+    assert info.last_error == crash.error
+    assert info.state == "backoff" and info.next_restart_at is not None
+    after = engine.workers()[0]
+    assert after.state == "stopped" and after.next_restart_at is None
+
+
+async def test_clean_return_restarts_after_base_backoff_and_resets_the_crash_streak() -> None:
+    engine = engine_with()
+    starts: list[float] = []
+    script = ["crash", "crash", "return", "crash"]  # then run for good
+
+    @engine.supervised(name="batch", backoff=0.01, backoff_max=1.0)
+    async def batch(ctx: TaskContext) -> None:
+        starts.append(asyncio.get_running_loop().time())
+        step = script[len(starts) - 1] if len(starts) <= len(script) else "run"
+        if step == "crash":
+            raise RuntimeError(f"attempt {len(starts)}")
+        if step == "run":
+            await forever()
+
+    rec = Recorder(engine, kinds=("worker.",))
+    async with engine:
+        await eventually(lambda: len(starts) == 5, timeout=2.0)
+        counts = engine.stats().supervised["batch"]
+
+    assert rec.kinds() == [
+        "worker.started", "worker.crashed",
+        "worker.started", "worker.crashed",
+        "worker.started", "worker.stopped",
+        "worker.started", "worker.crashed",
+        "worker.started", "worker.stopped",
+    ]  # fmt: skip
+    assert rec.of("worker.stopped")[0].reason == "returned"
+    assert rec.of("worker.stopped")[1].reason == "shutdown"
+    # the return waits the base backoff, and the crash after it starts the streak over
+    assert starts[3] - starts[2] >= 0.01 - SLACK
+    assert [c.restart_in for c in rec.of("worker.crashed")] == [0.01, 0.02, 0.01]
+    assert counts == {"state": "running", "restarts": 4, "crashes": 3}
+
+
+async def test_a_long_healthy_run_resets_the_crash_streak() -> None:
+    engine = engine_with()
+    runs = 0
+
+    @engine.supervised(name="steady", backoff=0.02, backoff_max=0.08)
+    async def steady(ctx: TaskContext) -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 3:
+            await asyncio.sleep(0.1)  # up longer than backoff_max: healthy until now
+        if runs <= 3:
+            raise RuntimeError("lost connection")
+        await forever()
+
+    rec = Recorder(engine)
+    async with engine:
+        await eventually(lambda: runs == 4, timeout=2.0)
+
+    assert [c.restart_in for c in rec.of("worker.crashed")] == [0.02, 0.04, 0.02]
+
+
+async def test_worker_gets_a_context_without_a_run() -> None:
+    engine = engine_with(node_id="n1")
+    seen: list[tuple[str, str | None, str, int, int]] = []
+
+    @engine.supervised(name="janitor", leader_only=True)
+    async def janitor(ctx: TaskContext) -> None:
+        seen.append((ctx.name, ctx.run_id, ctx.node_id, ctx.term, await ctx.ensure_leader()))
+        await forever()
+
+    @engine.supervised(name="metrics")
+    async def metrics(ctx: TaskContext) -> None:
+        await forever()
+
+    rec = Recorder(engine)
+    async with engine:
+        await eventually(lambda: seen and len(rec.of("worker.started")) == 2, timeout=1.0)
+        states = {w.name: w.state for w in engine.workers()}
+
+    assert seen == [("janitor", None, "n1", 1, 1)]
+    assert {e.name: e.term for e in rec.of("worker.started")} == {"janitor": 1, "metrics": None}
+    assert states == {"janitor": "running", "metrics": "running"}
+
+
+async def test_leader_only_worker_runs_on_the_leader_only() -> None:
+    lease = InProcessLease(ttl=0.3, renew_interval=0.05)
+    engines = [engine_with(node_id=n, lease=lease) for n in ("a", "b")]
+    running: dict[str, set[str]] = {"a": set(), "b": set()}
+    for engine in engines:
+        node = engine.node_id
+
+        async def dedup(ctx: TaskContext, node: str = node) -> None:
+            running[node].add("dedup")
+            await forever()
+
+        async def metrics(ctx: TaskContext, node: str = node) -> None:
+            running[node].add("metrics")
+            await forever()
+
+        engine.supervised(dedup, name="dedup", leader_only=True)
+        engine.supervised(metrics, name="metrics")
+
+    a, b = engines
+    try:
+        await a.start()
+        await b.start()
+        await eventually(lambda: running["a"] == {"dedup", "metrics"} and running["b"], timeout=1.0)
+
+        assert running["b"] == {"metrics"}
+        assert {w.name: w.state for w in b.workers()} == {
+            "dedup": "waiting_for_leadership",
+            "metrics": "running",
+        }
+        assert b.stats().supervised["dedup"]["state"] == "waiting_for_leadership"
+    finally:
+        await a.stop(1.0)
+        await b.stop(1.0)
+
+
+async def test_stop_cancels_workers_lets_them_clean_up_and_leaves_no_task() -> None:
+    engine = engine_with()
+    cleaned: list[str] = []
+
+    @engine.supervised(name="holder")
+    async def holder(ctx: TaskContext) -> None:
+        try:
+            await forever()
+        finally:
+            await asyncio.sleep(0)  # cleanup may await
+            cleaned.append(ctx.name)
+
+    @engine.supervised(name="crasher", backoff=30.0, backoff_max=30.0)
+    async def crasher(ctx: TaskContext) -> None:
+        raise RuntimeError("always")
+
+    rec = Recorder(engine, kinds=("worker.",))
+    await engine.start()
+    await eventually(lambda: rec.of("worker.crashed") and len(rec.of("worker.started")) == 2, timeout=1.0)
+
+    await asyncio.wait_for(engine.stop(1.0), timeout=2.0)
+
+    assert cleaned == ["holder"]
+    assert sorted((e.name, e.reason) for e in rec.of("worker.stopped")) == [
+        ("crasher", "shutdown"),
+        ("holder", "shutdown"),
+    ]
+    assert {w.state for w in engine.workers()} == {"stopped"}
+    assert not stray_tasks()
+
+
+async def test_worker_that_swallows_cancellation_is_not_restarted() -> None:
+    engine = engine_with()
+    swallowed = 0
+
+    @engine.supervised(name="stubborn", backoff=0.01)
+    async def stubborn(ctx: TaskContext) -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await forever()
+            except asyncio.CancelledError:
+                swallowed += 1
+                if swallowed == 2:
+                    return  # gives up on the second cancel
+
+    rec = Recorder(engine, kinds=("worker.",))
+    await engine.start()
+    await eventually(lambda: rec.of("worker.started"), timeout=1.0)
+
+    await asyncio.wait_for(engine.stop(0.05), timeout=2.0)
+
+    assert swallowed == 2  # cancelled again once the stop deadline passed
+    assert rec.kinds() == ["worker.started", "worker.stopped"]
+    assert rec.of("worker.stopped")[0].reason == "shutdown"
+    assert not stray_tasks()
+
+
+async def test_a_cancelled_error_raised_by_the_worker_itself_is_a_crash() -> None:
+    engine = engine_with()
+    runs = 0
+
+    @engine.supervised(name="inner", backoff=0.01)
+    async def inner(ctx: TaskContext) -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            raise asyncio.CancelledError()  # e.g. awaited a future someone else cancelled
+        await forever()
+
+    rec = Recorder(engine)
+    async with engine:
+        await eventually(lambda: runs == 2, timeout=1.0)
+
+    assert rec.of("worker.crashed")[0].error.type == "CancelledError"
+
+
+async def test_worker_added_to_a_running_engine_starts_at_once() -> None:
+    engine = engine_with()
+    started = asyncio.Event()
+    async with engine:
+
+        @engine.supervised(name="late")
+        async def late(ctx: TaskContext) -> None:
+            started.set()
+            await forever()
+
+        await asyncio.wait_for(started.wait(), timeout=1.0)
+        assert engine.workers()[0].state == "running"
+    assert not stray_tasks()
+
+
+async def test_engine_restarted_after_stop_runs_its_workers_again() -> None:
+    engine = engine_with()
+    runs = 0
+
+    @engine.supervised(name="w")
+    async def w(ctx: TaskContext) -> None:
+        nonlocal runs
+        runs += 1
+        await forever()
+
+    async with engine:
+        await eventually(lambda: runs == 1, timeout=1.0)
+    async with engine:
+        await eventually(lambda: runs == 2, timeout=1.0)
+    assert engine.workers()[0].state == "stopped"
+    assert not stray_tasks()
+
+
+def test_bad_registrations_are_refused() -> None:
+    engine = engine_with()
+
+    async def ok(ctx: TaskContext) -> None: ...
+
+    def not_async(ctx: TaskContext) -> None: ...
+
+    engine.supervised(ok)
+    with pytest.raises(DuplicateTask):
+        engine.supervised(ok)
+    with pytest.raises(TaskDefinitionError):
+        engine.supervised(not_async)
+    with pytest.raises(ValueError, match="backoff"):
+        engine.supervised(ok, name="zero", backoff=0)
+    with pytest.raises(ValueError, match="backoff_max"):
+        engine.supervised(ok, name="inverted", backoff=2.0, backoff_max=1.0)
+    assert [w.name for w in engine.workers()] == ["ok"]

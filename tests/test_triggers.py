@@ -1,0 +1,326 @@
+"""Threshold triggers: size and staleness firing, one run per key, counters and last-run times."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+
+from taskwatch.engine import Engine, RunStatus, TaskContext, TaskDefinitionError
+
+from .helpers import Recorder, eventually, stray_tasks
+
+
+def make_engine(**kwargs: object) -> Engine:
+    kwargs.setdefault("health_interval", None)
+    return Engine(**kwargs)  # type: ignore[arg-type]
+
+
+class Clock:
+    """A wall clock the test moves by hand."""
+
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def key_state(trigger, key: str):  # type: ignore[no-untyped-def]
+    return next(k for k in trigger.state().keys if k.key == key)
+
+
+async def test_size_threshold_fires_once_per_key() -> None:
+    engine = make_engine()
+    ran: list[str] = []
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    compile = engine.trigger("compile", run_compile, size_threshold=3)
+    rec = Recorder(engine, ("trigger.fired",))
+    async with engine:
+        for _ in range(4):
+            compile.notify("bank-42")
+        compile.notify("bank-7", n=2)
+        await asyncio.wait_for(compile.drain(), 1.0)
+        assert ran == ["bank-42"]
+        [fired] = rec.of("trigger.fired")
+        assert (fired.trigger, fired.key, fired.reason, fired.count) == ("compile", "bank-42", "size", 3)
+        # the fourth notify came after the fire and is kept; bank-7 is still below threshold
+        assert key_state(compile, "bank-42").count == 1
+        assert key_state(compile, "bank-7").count == 2
+        assert compile.state().fired == 1
+        compile.notify("bank-7")
+        await asyncio.wait_for(compile.drain(), 1.0)
+        assert ran == ["bank-42", "bank-7"]
+        assert engine.stats().triggers["compile"] == {"keys": 2, "fired": 2}
+    assert not stray_tasks()
+
+
+async def test_fires_are_engine_runs_with_the_key_as_params() -> None:
+    engine = make_engine()
+
+    async def run_compile(ctx: TaskContext, key: str) -> str:
+        return f"compiled {key}"
+
+    compile = engine.trigger("compile", run_compile, size_threshold=1)
+    rec = Recorder(engine, ("trigger.fired",))
+    async with engine:
+        compile.notify("bank-1")
+        await asyncio.wait_for(compile.drain(), 1.0)
+        [run] = engine.runs(task="trigger:compile")
+        assert run.source == "trigger:compile" and run.params == {"key": "bank-1"}
+        assert run.status is RunStatus.SUCCEEDED and run.result == "compiled bank-1"
+        assert rec.of("trigger.fired")[0].run_id == run.id
+        [task] = [t for t in engine.catalog() if t.name == "trigger:compile"]
+        assert task.kind == "trigger" and not task.submittable
+
+
+async def test_a_key_already_queued_or_running_is_not_queued_twice_and_notifies_are_kept() -> None:
+    engine = make_engine()
+    release = asyncio.Event()
+    ran: list[str] = []
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+        await release.wait()
+
+    compile = engine.trigger("compile", run_compile, size_threshold=3)
+    rec = Recorder(engine, ("trigger.fired",))
+    async with engine:
+        for _ in range(3):
+            compile.notify("k")
+        assert key_state(compile, "k").queued  # fired, not started yet
+        await eventually(lambda: key_state(compile, "k").running, timeout=1.0)
+        for _ in range(7):  # past the threshold again, while the run goes on
+            compile.notify("k")
+        assert len(rec.of("trigger.fired")) == 1
+        assert key_state(compile, "k").count == 10
+        release.set()
+        await asyncio.wait_for(compile.drain(), 1.0)
+        # the 7 that arrived during the run were kept and fired one more run
+        counts = [e.count for e in rec.of("trigger.fired")]
+        assert counts == [3, 7]
+        assert ran == ["k", "k"]
+        assert key_state(compile, "k").count == 0
+    assert not stray_tasks()
+
+
+async def test_counter_resets_and_last_run_is_recorded() -> None:
+    clock = Clock(5_000.0)
+    engine = make_engine()
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        clock.now += 2.0  # the run takes two (fake) seconds
+
+    compile = engine.trigger("compile", run_compile, size_threshold=2, clock=clock)
+    async with engine:
+        compile.notify("k")
+        state = key_state(compile, "k")
+        assert (state.count, state.first_seen_at, state.last_run_at) == (1, 5_000.0, None)
+        compile.notify("k")
+        await asyncio.wait_for(compile.drain(), 1.0)
+        state = key_state(compile, "k")
+        assert state.count == 0 and state.last_run_at == 5_002.0
+        assert state.last_status == "succeeded" and not state.queued and not state.running
+
+
+async def test_a_failed_run_also_resets_the_counter() -> None:
+    engine = make_engine()
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        raise RuntimeError("compiler crashed")
+
+    compile = engine.trigger("compile", run_compile, size_threshold=1)
+    async with engine:
+        compile.notify("k")
+        await asyncio.wait_for(compile.drain(), 1.0)
+        state = key_state(compile, "k")
+        assert state.count == 0 and state.last_status == "failed" and state.last_run_at is not None
+        [run] = engine.runs(task="trigger:compile")
+        assert run.status is RunStatus.FAILED
+
+
+async def test_staleness_fires_from_first_notify_then_from_last_run() -> None:
+    clock = Clock(1_000.0)
+    engine = make_engine()
+    ran: list[str] = []
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    compile = engine.trigger(
+        "compile", run_compile, size_threshold=50, staleness=timedelta(seconds=100),
+        check_interval=3600, clock=clock,
+    )
+    rec = Recorder(engine, ("trigger.fired",))
+    async with engine:
+        compile.notify("k")
+        clock.now = 1_099.0
+        assert compile.check() == 0
+        clock.now = 1_100.0
+        assert compile.check() == 1
+        await asyncio.wait_for(compile.drain(), 1.0)
+        [fired] = rec.of("trigger.fired")
+        assert (fired.reason, fired.count) == ("staleness", 1)
+        assert key_state(compile, "k").last_run_at == 1_100.0
+        # next time staleness counts from the last run, not from the first notify
+        clock.now = 1_150.0
+        compile.notify("k")
+        clock.now = 1_199.0
+        assert compile.check() == 0
+        clock.now = 1_200.0
+        assert compile.check() == 1
+        await asyncio.wait_for(compile.drain(), 1.0)
+        assert ran == ["k", "k"]
+        assert compile.state().staleness == 100.0
+    assert not stray_tasks()
+
+
+async def test_staleness_min_is_respected() -> None:
+    clock = Clock()
+    engine = make_engine()
+
+    async def run_compile(ctx: TaskContext, key: str) -> None: ...
+
+    compile = engine.trigger(
+        "compile", run_compile, size_threshold=50, staleness=10.0, staleness_min=3,
+        check_interval=3600, clock=clock,
+    )
+    async with engine:
+        compile.notify("k", n=2)
+        clock.now += 1_000
+        assert compile.check() == 0  # stale but too little work to bother
+        compile.notify("k")
+        assert compile.check() == 1
+        await asyncio.wait_for(compile.drain(), 1.0)
+        assert key_state(compile, "k").count == 0
+        # a key that has nothing counted never fires, however stale
+        clock.now += 1_000
+        assert compile.check() == 0
+
+
+async def test_the_sweep_loop_checks_staleness_by_itself() -> None:
+    clock = Clock()
+    engine = make_engine()
+
+    async def run_compile(ctx: TaskContext, key: str) -> None: ...
+
+    compile = engine.trigger(
+        "compile", run_compile, size_threshold=50, staleness=60.0, check_interval=0.01, clock=clock
+    )
+    rec = Recorder(engine, ("trigger.fired",))
+    async with engine:
+        compile.notify("k")
+        clock.now += 61
+        await eventually(lambda: rec.of("trigger.fired"), timeout=1.0)
+        assert rec.of("trigger.fired")[0].reason == "staleness"
+    assert not stray_tasks()
+
+
+async def test_default_check_interval_follows_staleness() -> None:
+    engine = make_engine()
+
+    async def run_compile(ctx: TaskContext, key: str) -> None: ...
+
+    assert engine.trigger("a", run_compile, size_threshold=5, staleness=30.0).check_interval == 3.0
+    week = engine.trigger("b", run_compile, size_threshold=5, staleness=timedelta(days=7))
+    assert week.check_interval == 60.0 and week.state().staleness == 7 * 86_400.0
+    assert engine.trigger("c", run_compile, size_threshold=5).check_interval is None
+
+
+async def test_counts_before_start_fire_once_the_engine_runs() -> None:
+    engine = make_engine()
+    ran: list[str] = []
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    compile = engine.trigger("compile", run_compile, size_threshold=2)
+    compile.notify("k", n=2)
+    assert compile.state().fired == 0
+    async with engine:
+        await eventually(lambda: compile.state().fired == 1, timeout=1.0)
+        await asyncio.wait_for(compile.drain(), 1.0)
+    assert ran == ["k"]
+
+
+async def test_notify_from_another_thread() -> None:
+    engine = make_engine()
+    ran: list[str] = []
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    compile = engine.trigger("compile", run_compile, size_threshold=5)
+
+    def produce() -> None:
+        for _ in range(5):
+            compile.notify("k")
+
+    async with engine:
+        await asyncio.to_thread(produce)
+        await eventually(lambda: compile.state().fired == 1, timeout=1.0)
+        await asyncio.wait_for(compile.drain(), 1.0)
+    assert ran == ["k"]
+    assert not stray_tasks()
+
+
+async def test_pending_fires_cancelled_by_shutdown_keep_their_count() -> None:
+    engine = make_engine(max_concurrency=1)
+    release = asyncio.Event()
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        await release.wait()
+
+    compile = engine.trigger("compile", run_compile, size_threshold=1)
+    await engine.start()
+    compile.notify("a")
+    compile.notify("b")  # waits for the single slot
+    await eventually(lambda: key_state(compile, "a").running, timeout=1.0)
+    await engine.stop(timeout=0.05)
+    assert not stray_tasks()
+    # neither did its work: both keep their counts for the next start
+    assert key_state(compile, "a").count == 1 and key_state(compile, "b").count == 1
+    assert key_state(compile, "b").last_status == "cancelled"
+    assert key_state(compile, "b").last_run_at is None
+
+
+def test_bad_options_raise_typed_errors() -> None:
+    engine = make_engine()
+
+    async def ok(ctx: TaskContext, key: str) -> None: ...
+
+    def not_async(ctx: TaskContext, key: str) -> None: ...
+
+    async def no_key(ctx: TaskContext) -> None: ...
+
+    with pytest.raises(ValueError, match="size_threshold"):
+        engine.trigger("a", ok, size_threshold=0)
+    with pytest.raises(ValueError, match="staleness"):
+        engine.trigger("b", ok, size_threshold=5, staleness=-1)
+    with pytest.raises(ValueError, match="staleness_min"):
+        engine.trigger("c", ok, size_threshold=5, staleness=10, staleness_min=0)
+    with pytest.raises(TaskDefinitionError, match="async def"):
+        engine.trigger("d", not_async, size_threshold=5)
+    with pytest.raises(TaskDefinitionError, match=r"\(ctx, key\)"):
+        engine.trigger("e", no_key, size_threshold=5)
+    assert engine.triggers() == []
+
+
+async def test_the_engine_clock_is_the_default_clock() -> None:
+    clock = Clock(7_000.0)
+    engine = make_engine(clock=clock)
+
+    async def run_compile(ctx: TaskContext, key: str) -> None: ...
+
+    compile = engine.trigger("compile", run_compile, size_threshold=50, staleness=10.0, check_interval=3600)
+    async with engine:
+        compile.notify("k")
+        assert key_state(compile, "k").first_seen_at == 7_000.0
+        clock.now += 10
+        assert compile.check() == 1
+        await asyncio.wait_for(compile.drain(), 1.0)
+        assert key_state(compile, "k").last_run_at == 7_010.0

@@ -1,0 +1,125 @@
+"""Small, allocation-light formatters shared by the widgets.
+
+They return plain strings (and Rich style names) rather than renderables so the
+tables can compare cheap tuples and only build a ``Text`` for cells that changed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+#: Run status colours, as ``celery events`` users expect them.
+STATUS_STYLES: dict[str, str] = {
+    "pending": "blue",
+    "running": "bold yellow",
+    "succeeded": "green",
+    "failed": "bold red",
+    "cancelled": "magenta",
+}
+
+DASH = "—"
+
+
+def status_style(status: str | None) -> str:
+    return STATUS_STYLES.get(status or "", "")
+
+
+def short_id(run_id: str | None, length: int = 8) -> str:
+    return run_id[:length] if run_id else DASH
+
+
+def fmt_clock(ts: float | None) -> str:
+    """Local wall-clock time as HH:MM:SS."""
+    if ts is None:
+        return DASH
+    return time.strftime("%H:%M:%S", time.localtime(ts))
+
+
+def fmt_clock_ms(ts: float) -> str:
+    """Local wall-clock time with milliseconds, for the event log."""
+    return f"{time.strftime('%H:%M:%S', time.localtime(ts))}.{int((ts % 1) * 1000):03d}"
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """A compact duration whose resolution shrinks as it grows (so it ticks less often)."""
+    if seconds is None:
+        return DASH
+    seconds = max(0.0, seconds)
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    if seconds < 60:
+        return f"{int(seconds)}s"
+    if seconds < 3600:
+        minutes, secs = divmod(int(seconds), 60)
+        return f"{minutes}m{secs:02d}s"
+    if seconds < 86400:
+        hours, rest = divmod(int(seconds), 3600)
+        return f"{hours}h{rest // 60:02d}m"
+    days, rest = divmod(int(seconds), 86400)
+    return f"{days}d{rest // 3600:02d}h"
+
+
+def fmt_ago(ts: float | None, now: float) -> str:
+    if ts is None:
+        return DASH
+    return f"{fmt_duration(now - ts)} ago"
+
+
+def progress_bar(fraction: float | None, width: int = 8) -> str:
+    """A text bar such as ``██████░░  75%``; an em dash when the total is unknown."""
+    if fraction is None:
+        return DASH
+    fraction = max(0.0, min(1.0, fraction))
+    filled = int(round(fraction * width))
+    return f"{'█' * filled}{'░' * (width - filled)} {fraction * 100:3.0f}%"
+
+
+def fmt_bytes(count: float) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"  # pragma: no cover - loop always returns
+
+
+def fmt_rate(per_second: float | None) -> str:
+    if per_second is None:
+        return DASH
+    return f"{per_second:.1f}/s"
+
+
+def pretty_json(value: Any, limit: int = 20_000) -> str:
+    """Indented JSON for display; anything unserialisable falls back to ``str``.
+
+    Capped at ``limit`` characters because a huge result would otherwise cost a
+    full re-highlight on every refresh.
+    """
+    try:
+        text = json.dumps(value, indent=2, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        text = repr(value)
+    if len(text) > limit:
+        text = f"{text[:limit]}\n… ({len(text) - limit} more characters)"
+    return text
+
+
+def compact(value: Any, limit: int = 40) -> str:
+    """One-line rendering of a value, truncated for summaries."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, float):
+        text = f"{value:.4g}"
+    elif isinstance(value, (dict, list, tuple)):
+        try:
+            text = json.dumps(value, ensure_ascii=False, default=str, separators=(",", ":"))
+        except (TypeError, ValueError):
+            text = repr(value)
+    else:
+        text = str(value)
+    text = text.replace("\n", " ")
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text

@@ -1,0 +1,253 @@
+"""KeyedTable: a DataTable whose rows are keyed and updated by diffing.
+
+The dashboard calls the table update methods 10-20 times a second, so the base
+class keeps the last (text, style) pair of every shown cell and only touches
+the DataTable where something changed: ``update_cell`` for a changed cell,
+``add_row`` for a new key, one ``sort`` when rows were added or reordered, and
+batched removals (a full rebuild when many rows go at once, since every
+``remove_row`` re-indexes all rows and re-lays out the widget).
+
+Row order is carried by the first cell of each row: an ``_OrderedText`` with an
+``order`` attribute, so ``DataTable.sort`` can order rows without a visible
+sort column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Hashable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from rich.console import JustifyMethod
+from rich.text import Text
+from textual.coordinate import Coordinate
+from textual.message import Message
+from textual.widgets import DataTable
+from textual.widgets.data_table import CellDoesNotExist
+
+#: What a table shows in one cell: the text and a Rich style ("" for none).
+Cell = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    key: str
+    label: str
+    #: fixed width in cells; ``None`` fits the content (only for cells that rarely change:
+    #: re-measuring an auto-width column can scan the whole column)
+    width: int | None = None
+    justify: JustifyMethod = "left"
+
+
+class _OrderedText(Text):
+    """A Text that also carries its row's sort position (invisible)."""
+
+    def __init__(self, text: str, order: Any, **kwargs: Any) -> None:
+        super().__init__(text, **kwargs)
+        self.order = order
+
+
+class KeyedTable(DataTable[Text]):
+    """Base class of the keyed, diff-updated tables (not meant to be used directly)."""
+
+    COLUMNS: ClassVar[tuple[Column, ...]] = ()
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        id: str | None = None,
+        classes: str | None = None,
+        disabled: bool = False,
+    ) -> None:
+        super().__init__(
+            cursor_type="row",
+            zebra_stripes=True,
+            name=name,
+            id=id,
+            classes=classes,
+            disabled=disabled,
+        )
+        self._cells: dict[str, tuple[Cell, ...]] = {}
+        self._orders: dict[str, Any] = {}
+        self._first_cells: dict[str, _OrderedText] = {}
+        self._reorder = False
+        self._rebuild_pending = False
+        self._selection_before: str | None = None
+        self._last_highlighted: str | None = None
+        self._columns_ready = False
+
+    # ------------------------------------------------------------ public
+
+    @property
+    def selected_key(self) -> str | None:
+        """The key of the row under the cursor, or ``None`` when the table is empty."""
+        if not self.row_count or not self.columns:
+            return None
+        try:
+            cell_key = self.coordinate_to_cell_key(Coordinate(self.cursor_row, 0))
+        except CellDoesNotExist:
+            return None
+        return cell_key.row_key.value
+
+    @property
+    def shown_keys(self) -> list[str]:
+        """Row keys in display order."""
+        return [row.key.value for row in self.ordered_rows if row.key.value is not None]
+
+    def select_key(self, key: str) -> bool:
+        """Move the cursor to the row ``key``; False when that row is not shown."""
+        if key not in self._cells:
+            return False
+        if self._rebuild_pending:
+            self._apply_rebuild()
+        self.move_cursor(row=self.get_row_index(key))
+        self._sync_highlight()
+        return True
+
+    # ------------------------------------------------------------ for subclasses
+
+    def _highlight_message(self, key: str | None) -> Message | None:
+        """The message to post when the highlighted row changes (override)."""
+        return None
+
+    def _selected_message(self, key: str) -> Message | None:
+        """The message to post when a row is chosen with Enter or a click (override)."""
+        return None
+
+    def _begin(self) -> None:
+        """Start a batch of changes: remember the selection so it survives reordering."""
+        self._selection_before = self.selected_key
+
+    def _upsert(self, key: str, order: Hashable, cells: tuple[Cell, ...]) -> bool:
+        """Show ``cells`` in row ``key``; returns True when the row is new."""
+        self._ensure_columns()
+        previous = self._cells.get(key)
+        if previous is None:
+            self._cells[key] = cells
+            self._orders[key] = order
+            if not self._rebuild_pending:
+                self._add(key)
+                self._reorder = True
+            return True
+        if self._orders[key] != order:
+            self._orders[key] = order
+            first = self._first_cells.get(key)
+            if first is not None:
+                first.order = order
+            self._reorder = True
+        if previous == cells:
+            return False
+        self._cells[key] = cells
+        if self._rebuild_pending:
+            return False
+        for index, (column, new, old) in enumerate(zip(self.COLUMNS, cells, previous)):
+            if new == old:
+                continue
+            value = self._make_text(key, column, new, index)
+            self.update_cell(key, column.key, value, update_width=column.width is None)
+        return False
+
+    def _remove(self, keys: Collection[str]) -> None:
+        """Remove rows; many at once become one rebuild instead of N re-indexings."""
+        gone = [key for key in keys if key in self._cells]
+        if not gone:
+            return
+        for key in gone:
+            del self._cells[key]
+            del self._orders[key]
+            self._first_cells.pop(key, None)
+        if self._rebuild_pending:
+            return
+        if len(gone) > max(16, self.row_count // 4):
+            self._rebuild_pending = True
+            return
+        for key in gone:
+            self.remove_row(key)
+
+    def _clear_rows(self) -> None:
+        self._cells.clear()
+        self._orders.clear()
+        self._first_cells.clear()
+        self._reorder = False
+        self._rebuild_pending = False
+        self.clear()
+
+    def _finish(self) -> None:
+        """End a batch: apply one rebuild or sort, keep the cursor on its row, post messages."""
+        if self._rebuild_pending:
+            self._apply_rebuild()
+        elif self._reorder:
+            self._reorder = False
+            if self.row_count > 1:
+                self.sort(self.COLUMNS[0].key, key=_order_of)
+        selected = self._selection_before
+        self._selection_before = None
+        if selected is not None and selected in self._cells:
+            index = self.get_row_index(selected)
+            if index != self.cursor_row:
+                self.move_cursor(row=index)
+        self._sync_highlight()
+
+    # ------------------------------------------------------------ internals
+
+    def _ensure_columns(self) -> None:
+        # Columns are added lazily: add_column measures labels with the app's console,
+        # which only exists once the widget is attached to a running app.
+        if self._columns_ready:
+            return
+        self._columns_ready = True
+        for column in self.COLUMNS:
+            self.add_column(column.label, key=column.key, width=column.width)
+
+    def on_mount(self) -> None:
+        self._ensure_columns()
+
+    def _make_text(self, key: str, column: Column, cell: Cell, index: int) -> Text:
+        text, style = cell
+        if index == 0:
+            ordered = _OrderedText(
+                text, self._orders[key], style=style, justify=column.justify, no_wrap=True, end=""
+            )
+            self._first_cells[key] = ordered
+            return ordered
+        return Text(text, style=style, justify=column.justify, no_wrap=True, end="")
+
+    def _add(self, key: str) -> None:
+        cells = self._cells[key]
+        values = [self._make_text(key, column, cell, index) for index, (column, cell) in enumerate(zip(self.COLUMNS, cells))]
+        self.add_row(*values, key=key)
+
+    def _apply_rebuild(self) -> None:
+        self._rebuild_pending = False
+        self._reorder = False
+        self._first_cells.clear()
+        self.clear()
+        for key in sorted(self._cells, key=self._orders.__getitem__):
+            self._add(key)
+
+    def _sync_highlight(self) -> None:
+        current = self.selected_key
+        if current != self._last_highlighted:
+            self._last_highlighted = current
+            message = self._highlight_message(current)
+            if message is not None:
+                self.post_message(message)
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        # Re-posted as the subclass's own message, and only when the row really changed:
+        # reordering moves the cursor with its row, which DataTable reports again.
+        event.stop()
+        self._sync_highlight()
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        key = event.row_key.value
+        if key is not None and key in self._cells:
+            message = self._selected_message(key)
+            if message is not None:
+                self.post_message(message)
+
+
+def _order_of(cell: Any) -> Any:
+    return cell.order

@@ -1,0 +1,271 @@
+"""EventLog: the raw engine event stream, one line per event, filterable and pausable.
+
+Pausing freezes the view, not the stream: matching events are buffered (up to
+``buffer_cap``) and written when the view resumes; events beyond the cap are
+counted and reported as "N events not shown" at the gap. While the widget is
+not on screen nothing is rendered; the last ``max_lines`` events are kept and
+drawn when it is shown again (or when the filter changes).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual import events
+from textual.reactive import reactive
+from textual.widgets import RichLog
+
+from taskwatch.engine import BaseEvent, RunError
+
+from ._format import compact, fmt_clock_ms, short_id
+
+#: colour per event family (the part of the kind before the dot) ...
+FAMILY_STYLES: dict[str, str] = {
+    "run": "blue",
+    "engine": "bold cyan",
+    "bus": "bold red",
+    "periodic": "cyan",
+    "queue": "bright_blue",
+    "trigger": "bright_magenta",
+    "worker": "yellow",
+    "lease": "bright_cyan",
+    "health": "dim",
+}
+#: ... and for the kinds that deserve their own
+KIND_STYLES: dict[str, str] = {
+    "run.started": "yellow",
+    "run.succeeded": "green",
+    "run.failed": "bold red",
+    "run.retrying": "bold yellow",
+    "run.cancelled": "magenta",
+    "worker.crashed": "bold red",
+    "queue.job_failed": "red",
+    "queue.drain_incomplete": "red",
+    "lease.lost": "bold red",
+}
+
+_BASE_FIELDS = frozenset({"seq", "ts", "node", "kind"})
+
+
+def kind_style(kind: str) -> str:
+    style = KIND_STYLES.get(kind)
+    if style is None:
+        style = FAMILY_STYLES.get(kind.partition(".")[0], "")
+    return style
+
+
+def summarize(event: BaseEvent, limit: int = 160) -> str:
+    """The event's own fields as ``name=value`` pairs, short ids and truncated values."""
+    parts: list[str] = []
+    for name in type(event).model_fields:
+        if name in _BASE_FIELDS:
+            continue
+        value: Any = getattr(event, name)
+        if value is None or value == {} or value == []:
+            continue
+        if name == "run_id" or name.endswith("_run_id"):
+            parts.append(f"{name.removesuffix('_id')}={short_id(value)}")
+        elif isinstance(value, RunError):
+            parts.append(f"{name}={compact(f'{value.type}: {value.message}', 60)}")
+        else:
+            parts.append(f"{name}={compact(value)}")
+    line = " ".join(parts)
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def format_event(event: BaseEvent) -> Text:
+    kind: str = getattr(event, "kind", type(event).__name__)
+    return Text.assemble(
+        (fmt_clock_ms(event.ts), "dim"),
+        " ",
+        (f"#{event.seq:<6}", "dim"),
+        " ",
+        (f"{kind:<22}", kind_style(kind)),
+        " ",
+        summarize(event),
+    )
+
+
+class _Gap:
+    """A marker in the history: this many events were not shown."""
+
+    __slots__ = ("count",)
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def text(self) -> Text:
+        noun = "event" if self.count == 1 else "events"
+        return Text(f"⋯ {self.count} {noun} not shown (pause buffer full) ⋯", style="bold yellow")
+
+
+_Entry = BaseEvent | _Gap
+
+
+class EventLog(RichLog):
+    """The event stream: ``add_events(batch)``, ``set_filter(kinds)``, ``paused``."""
+
+    DEFAULT_CSS = Path(__file__).with_suffix(".tcss").read_text(encoding="utf-8")
+
+    paused: reactive[bool] = reactive(False)
+
+    def __init__(
+        self,
+        *,
+        max_lines: int = 2000,
+        buffer_cap: int | None = None,
+        kinds: Iterable[str] | None = None,
+        name: str | None = None,
+        id: str | None = None,
+        classes: str | None = None,
+        disabled: bool = False,
+    ) -> None:
+        super().__init__(
+            max_lines=max_lines, wrap=False, markup=False, highlight=False,
+            name=name, id=id, classes=classes, disabled=disabled,
+        )
+        #: how many events a paused view holds before counting the rest as not shown
+        self.buffer_cap = buffer_cap if buffer_cap is not None else max_lines
+        self._history: deque[_Entry] = deque(maxlen=max_lines)
+        self._pending: deque[BaseEvent] = deque()
+        self._not_shown = 0
+        self._kinds: tuple[frozenset[str], tuple[str, ...]] | None = None
+        self._match_cache: dict[str, bool] = {}
+        self._on_screen = False
+        self._stale = True
+        self.total_events = 0
+        if kinds is not None:
+            self.set_filter(kinds)
+
+    # ------------------------------------------------------------ public API
+
+    @property
+    def buffered(self) -> int:
+        """Events waiting for the view to resume."""
+        return len(self._pending)
+
+    @property
+    def not_shown(self) -> int:
+        """Events dropped from the pause buffer since the view was paused."""
+        return self._not_shown
+
+    @property
+    def filter_kinds(self) -> frozenset[str] | None:
+        if self._kinds is None:
+            return None
+        exact, prefixes = self._kinds
+        return exact | frozenset(prefixes)
+
+    def matches(self, kind: str) -> bool:
+        """Whether events of ``kind`` pass the filter."""
+        cached = self._match_cache.get(kind)
+        if cached is None:
+            if self._kinds is None:
+                cached = True
+            else:
+                exact, prefixes = self._kinds
+                cached = kind in exact or kind.startswith(prefixes)
+            self._match_cache[kind] = cached
+        return cached
+
+    def set_filter(self, kinds: Iterable[str] | None) -> None:
+        """Show only these kinds: exact ("run.failed") or prefixes ("run." or "run.*").
+
+        ``None`` (or an empty set) shows everything. The kept history is redrawn.
+        """
+        if kinds is None:
+            new = None
+        else:
+            exact: set[str] = set()
+            prefixes: list[str] = []
+            for kind in kinds:
+                kind = kind.strip()
+                if kind.endswith("*"):
+                    kind = kind[:-1]
+                if kind.endswith("."):
+                    prefixes.append(kind)
+                elif kind:
+                    exact.add(kind)
+            new = (frozenset(exact), tuple(sorted(prefixes))) if exact or prefixes else None
+        if new == self._kinds:
+            return
+        self._kinds = new
+        self._match_cache.clear()
+        self._redraw()
+
+    def add_events(self, events: Iterable[BaseEvent]) -> None:
+        """Append a batch of events (one write for the whole batch)."""
+        fresh: list[BaseEvent] = []
+        if self.paused:
+            pending = self._pending
+            for event in events:
+                self.total_events += 1
+                if not self.matches(event.kind):  # type: ignore[attr-defined]
+                    self._history.append(event)  # invisible now; kept for a later filter change
+                    continue
+                if len(pending) >= self.buffer_cap:
+                    pending.popleft()  # keep the newest: the gap sits where the marker will be
+                    self._not_shown += 1
+                pending.append(event)
+            return
+        for event in events:
+            self.total_events += 1
+            self._history.append(event)
+            fresh.append(event)
+        self._render_entries(fresh)
+
+    def clear_events(self) -> None:
+        self._history.clear()
+        self._pending.clear()
+        self._not_shown = 0
+        self.clear()
+
+    def toggle_pause(self) -> None:
+        self.paused = not self.paused
+
+    # ------------------------------------------------------------ internals
+
+    def watch_paused(self, paused: bool) -> None:
+        if paused:
+            return
+        entries: list[_Entry] = []
+        if self._not_shown:
+            entries.append(_Gap(self._not_shown))
+        entries.extend(self._pending)
+        self._pending.clear()
+        self._not_shown = 0
+        self._history.extend(entries)
+        self._render_entries(entries)
+
+    def _render_entries(self, entries: Iterable[_Entry]) -> None:
+        if not self._on_screen:
+            self._stale = True  # drawn from the history when shown
+            return
+        lines: list[Text] = []
+        for entry in entries:
+            if isinstance(entry, _Gap):
+                lines.append(entry.text())
+            elif self.matches(entry.kind):  # type: ignore[attr-defined]
+                lines.append(format_event(entry))
+        if lines:
+            # one write per batch: RichLog re-slices its line list on every write at the cap
+            self.write(Text("\n").join(lines[-(self.max_lines or len(lines)) :]))
+
+    def _redraw(self) -> None:
+        self.clear()
+        self._render_entries(list(self._history))
+        if self._on_screen:
+            self._stale = False
+
+    def on_show(self, event: events.Show) -> None:
+        self._on_screen = True
+        if self._stale:
+            self._stale = False
+            self._redraw()
+
+    def on_hide(self, event: events.Hide) -> None:
+        self._on_screen = False

@@ -1,0 +1,207 @@
+"""FailuresList: failed runs and crashed supervised workers, with the traceback of the highlighted one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from rich.console import Group, RenderableType
+from rich.syntax import Syntax
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
+from textual.message import Message
+from textual.widgets import Static
+
+from taskwatch.engine import RunError, RunRecord, WorkerInfo
+
+from ._format import DASH, fmt_clock, short_id
+from ._keyed_table import Cell, Column, KeyedTable
+
+FailureKind = Literal["run", "worker"]
+_Item = RunRecord | WorkerInfo
+
+
+def _error_line(error: RunError | None, limit: int = 60) -> str:
+    if error is None:
+        return DASH
+    text = f"{error.type}: {error.message}".replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _run_time(record: RunRecord) -> float:
+    return record.finished_at if record.finished_at is not None else record.created_at
+
+
+class _FailuresTable(KeyedTable):
+    COLUMNS: ClassVar[tuple[Column, ...]] = (
+        Column("kind", "kind", 6),
+        Column("name", "task / worker"),
+        Column("ident", "id / state", 12),
+        Column("tries", "tries", 11, "right"),
+        Column("error", "error"),
+        Column("when", "last error", 10),
+    )
+
+    class Highlighted(Message):
+        def __init__(self, key: str | None) -> None:
+            self.key = key
+            super().__init__()
+
+    class Selected(Message):
+        def __init__(self, key: str) -> None:
+            self.key = key
+            super().__init__()
+
+    def _highlight_message(self, key: str | None) -> Message:
+        return self.Highlighted(key)
+
+    def _selected_message(self, key: str) -> Message:
+        return self.Selected(key)
+
+
+class FailuresList(Vertical):
+    """Failed runs and crashed workers, newest first; the highlighted one's traceback below."""
+
+    DEFAULT_CSS = Path(__file__).with_suffix(".tcss").read_text(encoding="utf-8")
+
+    class FailureSelected(Message):
+        """Enter/click on a failure: ``ident`` is the run id or the worker name."""
+
+        def __init__(self, failures: FailuresList, kind: FailureKind, ident: str) -> None:
+            self.failures = failures
+            self.kind: FailureKind = kind
+            self.ident = ident
+            super().__init__()
+
+        @property
+        def control(self) -> FailuresList:
+            return self.failures
+
+    def __init__(
+        self,
+        *,
+        max_items: int = 200,
+        name: str | None = None,
+        id: str | None = None,
+        classes: str | None = None,
+        disabled: bool = False,
+    ) -> None:
+        super().__init__(name=name, id=id, classes=classes, disabled=disabled)
+        self.max_items = max_items
+        self._items: dict[str, _Item] = {}
+        self._detail_key: str | None = None
+        self._detail_item: _Item | None = None
+
+    def compose(self) -> ComposeResult:
+        yield _FailuresTable(id="failures-table")
+        with VerticalScroll(id="failures-detail"):
+            yield Static("No failures.", id="failures-traceback")
+
+    @property
+    def table(self) -> KeyedTable:
+        return self.query_one(_FailuresTable)
+
+    @property
+    def selected(self) -> tuple[FailureKind, str] | None:
+        """(kind, run id or worker name) of the highlighted failure."""
+        key = self.table.selected_key
+        return _split_key(key) if key is not None else None
+
+    def select(self, kind: FailureKind, ident: str) -> bool:
+        return self.table.select_key(f"{kind}:{ident}")
+
+    def update(self, failed_runs: list[RunRecord], workers: list[WorkerInfo]) -> None:
+        """Show these failed runs and every worker that has crashed at least once."""
+        entries: list[tuple[float, str, _Item]] = []
+        for record in failed_runs:
+            entries.append((_run_time(record), f"run:{record.id}", record))
+        for worker in workers:
+            if worker.last_error is not None:
+                entries.append((worker.last_error_at or 0.0, f"worker:{worker.name}", worker))
+        entries.sort(key=lambda entry: (-entry[0], entry[1]))
+        del entries[self.max_items :]
+
+        table = self.query_one(_FailuresTable)
+        table._begin()
+        wanted = {key for _, key, _ in entries}
+        table._remove([key for key in self._items if key not in wanted])
+        self._items = {}
+        for when, key, item in entries:
+            self._items[key] = item
+            table._upsert(key, (-when, key), _cells(item))
+        table._finish()
+        # the highlighted failure may have crashed again with a new traceback
+        self._show_detail(table.selected_key)
+
+    @on(_FailuresTable.Highlighted)
+    def _failure_highlighted(self, event: _FailuresTable.Highlighted) -> None:
+        event.stop()
+        self._show_detail(event.key)
+
+    @on(_FailuresTable.Selected)
+    def _failure_selected(self, event: _FailuresTable.Selected) -> None:
+        event.stop()
+        kind, ident = _split_key(event.key)
+        self.post_message(self.FailureSelected(self, kind, ident))
+
+    def _show_detail(self, key: str | None) -> None:
+        item = self._items.get(key) if key is not None else None
+        if key == self._detail_key and item == self._detail_item:
+            return
+        self._detail_key = key
+        self._detail_item = item
+        self.query_one("#failures-traceback", Static).update(_detail(item))
+
+
+def _split_key(key: str) -> tuple[FailureKind, str]:
+    kind, _, ident = key.partition(":")
+    return ("worker" if kind == "worker" else "run"), ident
+
+
+def _cells(item: _Item) -> tuple[Cell, ...]:
+    if isinstance(item, RunRecord):
+        return (
+            ("run", "red"),
+            (item.task, "bold"),
+            (short_id(item.id), "dim"),
+            (f"{item.attempt}/{item.max_attempts}", "yellow" if item.attempt > 1 else ""),
+            (_error_line(item.error), "red"),
+            (fmt_clock(_run_time(item)), ""),
+        )
+    return (
+        ("worker", "yellow"),
+        (item.name, "bold"),
+        (item.state, "bold red" if item.state == "backoff" else ""),
+        (f"{item.restarts} restart{'s' if item.restarts != 1 else ''}", "yellow" if item.restarts else ""),
+        (_error_line(item.last_error), "red"),
+        (fmt_clock(item.last_error_at), ""),
+    )
+
+
+def _detail(item: _Item | None) -> RenderableType:
+    if item is None:
+        return Text("No failures.", style="dim italic")
+    if isinstance(item, RunRecord):
+        title = Text.assemble(
+            ("run ", "dim"), (item.id, "bold"), ("  task ", "dim"), (item.task, "bold"),
+            ("  attempt ", "dim"), f"{item.attempt}/{item.max_attempts}",
+            ("  failed at ", "dim"), fmt_clock(_run_time(item)),
+        )
+        error = item.error
+    else:
+        title = Text.assemble(
+            ("worker ", "dim"), (item.name, "bold"), ("  state ", "dim"), item.state,
+            ("  restarts ", "dim"), str(item.restarts), ("  crashes ", "dim"), str(item.crashes),
+            ("  last error at ", "dim"), fmt_clock(item.last_error_at),
+        )
+        error = item.last_error
+    if error is None:
+        return title
+    parts: list[RenderableType] = [title, Text.assemble((error.type, "bold red"), ": ", error.message)]
+    if error.traceback:
+        parts.append(
+            Syntax(error.traceback.rstrip("\n"), "pytb", theme="ansi_dark", background_color="default", word_wrap=True)
+        )
+    return Group(*parts)

@@ -1,0 +1,115 @@
+"""LeaderBadge: this node's role in leader election, at a glance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.text import Text
+from textual.reactive import reactive
+from textual.widget import Widget
+
+from taskwatch.engine import Leadership
+
+from ._format import fmt_duration
+
+
+class LeaderBadge(Widget):
+    """Node id, leader/follower, term (the fencing token), lease expiry and uptime.
+
+    ``connected=False`` replaces all of it with a DISCONNECTED state: the
+    dashboard may be watching a remote engine whose connection dropped.
+    """
+
+    DEFAULT_CSS = Path(__file__).with_suffix(".tcss").read_text(encoding="utf-8")
+
+    node_id: reactive[str] = reactive("")
+    is_leader: reactive[bool] = reactive(False)
+    holder: reactive[str | None] = reactive(None)
+    term: reactive[int] = reactive(0)
+    #: seconds until the lease expires; None when there is no lease (permanent leader)
+    expires_in: reactive[float | None] = reactive(None)
+    #: seconds since the engine started; None when unknown
+    uptime: reactive[float | None] = reactive(None)
+    connected: reactive[bool] = reactive(True)
+    #: False until the first update, so an empty badge says so instead of "follower"
+    known: reactive[bool] = reactive(False)
+
+    def update(
+        self,
+        leadership: Leadership,
+        started_at: float | None,
+        now: float,
+        connected: bool = True,
+    ) -> None:
+        self.node_id = leadership.node_id
+        self.is_leader = leadership.is_leader
+        self.holder = leadership.holder
+        self.term = leadership.term
+        # Rounded so the badge repaints at most ten times a second, not on every call.
+        self.expires_in = None if leadership.expires_at is None else round(leadership.expires_at - now, 1)
+        self.uptime = None if started_at is None else float(int(now - started_at))
+        self.connected = connected
+        self.known = True
+
+    def set_disconnected(self) -> None:
+        """Show the DISCONNECTED state, keeping the last known node and term."""
+        self.connected = False
+
+    @property
+    def state(self) -> str:
+        """"leader", "follower", "disconnected" or "unknown"."""
+        if not self.connected:
+            return "disconnected"
+        if not self.known:
+            return "unknown"
+        return "leader" if self.is_leader else "follower"
+
+    def on_mount(self) -> None:
+        self._update_classes()
+
+    def watch_connected(self) -> None:
+        self._update_classes()
+
+    def watch_is_leader(self) -> None:
+        self._update_classes()
+
+    def watch_known(self) -> None:
+        self._update_classes()
+
+    def _update_classes(self) -> None:
+        state = self.state
+        self.set_class(state == "leader", "-leader")
+        self.set_class(state == "follower", "-follower")
+        self.set_class(state == "disconnected", "-disconnected")
+
+    def render(self) -> Text:
+        node = self.node_id or "?"
+        state = self.state
+        if state == "disconnected":
+            text = Text.assemble(("✖ DISCONNECTED — reconnecting…", "bold red"), "  ", (node, "dim"))
+            if self.term:
+                text.append(f"  last term {self.term}", style="dim")
+            return text
+        if state == "unknown":
+            return Text("… connecting", style="dim italic")
+        if state == "leader":
+            text = Text.assemble(("● LEADER", "bold green"), "  ", (node, "bold"))
+        else:
+            holder = self.holder or "nobody"
+            text = Text.assemble(
+                ("○ follower", "bold yellow"), "  ", (node, "bold"), ("  leader ", "dim"), holder
+            )
+        text.append("  term ", style="dim")
+        text.append(str(self.term))
+        text.append("  lease ", style="dim")
+        expires_in = self.expires_in
+        if expires_in is None:
+            text.append("no expiry")
+        elif expires_in <= 0:
+            text.append("expired", style="bold red")
+        else:
+            text.append(f"{expires_in:.1f}s", style="red" if expires_in < 2 else "")
+        if self.uptime is not None:
+            text.append("  up ", style="dim")
+            text.append(fmt_duration(self.uptime))
+        return text

@@ -1,0 +1,361 @@
+"""ParamsForm: a submit form generated from a task's pydantic JSON schema.
+
+Strings, integers and floats get an Input, booleans a Switch, and everything
+else (lists, dicts, nested models via ``$ref``, unions) a JSON text field.
+``collect()`` parses values client-side; the engine still validates them, and
+its ``InvalidParams.errors`` can be shown inline with ``show_errors``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from textual import on
+from textual.app import ComposeResult
+from textual.message import Message
+from textual.widget import Widget
+from textual.widgets import Input, Label, Static, Switch
+
+from taskwatch.engine import TaskInfo
+
+FieldKind = Literal["str", "int", "float", "bool", "json"]
+
+_SIMPLE_TYPES: dict[str, tuple[FieldKind, str]] = {
+    "string": ("str", "string"),
+    "integer": ("int", "int"),
+    "number": ("float", "float"),
+    "boolean": ("bool", "bool"),
+    "array": ("json", "list (JSON)"),
+    "object": ("json", "dict (JSON)"),
+}
+
+_EXAMPLES = {"array": '["a", "b"]', "object": '{"key": "value"}'}
+
+
+class ParamsFormError(ValueError):
+    """Some fields could not be parsed; ``errors`` are pydantic-style dicts (loc, msg, type)."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        self.errors = errors
+        lines = [f"{'.'.join(str(p) for p in e['loc']) or '(params)'}: {e['msg']}" for e in errors]
+        super().__init__("invalid params:\n" + "\n".join(lines))
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """One form field, derived from one property of the params schema."""
+
+    name: str
+    kind: FieldKind
+    type_label: str
+    required: bool
+    nullable: bool
+    has_default: bool
+    default: Any = None
+    description: str = ""
+    #: for JSON fields: the JSON type the value must have ("array"/"object"), if known
+    json_type: str | None = None
+    #: allowed values of a string enum
+    choices: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}: {self.type_label}{' *' if self.required else ''}"
+
+
+def fields_from_schema(schema: Mapping[str, Any]) -> list[FieldSpec]:
+    """The fields of an object JSON schema, in declaration order."""
+    defs: Mapping[str, Any] = schema.get("$defs") or schema.get("definitions") or {}
+    required = set(schema.get("required") or ())
+    return [
+        _field(name, prop if isinstance(prop, Mapping) else {}, name in required, defs)
+        for name, prop in (schema.get("properties") or {}).items()
+    ]
+
+
+def _field(name: str, prop: Mapping[str, Any], required: bool, defs: Mapping[str, Any]) -> FieldSpec:
+    nullable = False
+    schema: Mapping[str, Any] = prop
+    union = prop.get("anyOf") or prop.get("oneOf")
+    if isinstance(union, list):
+        options = [s for s in union if isinstance(s, Mapping) and s.get("type") != "null"]
+        nullable = len(options) < len(union)
+        schema = options[0] if len(options) == 1 else {"anyOf": options}
+    elif isinstance(prop.get("type"), list):  # {"type": ["string", "null"]}
+        types = [t for t in prop["type"] if t != "null"]
+        nullable = len(types) < len(prop["type"])
+        schema = {**prop, "type": types[0] if len(types) == 1 else types}
+    kind, type_label, json_type, choices = _classify(schema, defs)
+    if nullable:
+        type_label = f"{type_label}, optional"
+    return FieldSpec(
+        name=name,
+        kind=kind,
+        type_label=type_label,
+        required=required,
+        nullable=nullable,
+        has_default="default" in prop,
+        default=prop.get("default"),
+        description=str(prop.get("description") or schema.get("description") or ""),
+        json_type=json_type,
+        choices=choices,
+    )
+
+
+def _classify(
+    schema: Mapping[str, Any], defs: Mapping[str, Any]
+) -> tuple[FieldKind, str, str | None, tuple[str, ...]]:
+    all_of = schema.get("allOf")
+    if isinstance(all_of, list) and len(all_of) == 1 and isinstance(all_of[0], Mapping):
+        schema = all_of[0]
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        def_name = ref.rsplit("/", 1)[-1]
+        target = defs.get(def_name)
+        if isinstance(target, Mapping):
+            choices = _string_enum(target)
+            if choices:
+                return "str", f"{def_name} (one of {', '.join(choices)})", None, choices
+            if target.get("type") == "object":
+                return "json", f"{def_name} (JSON)", "object", ()
+        return "json", f"{def_name} (JSON)", None, ()
+    choices = _string_enum(schema)
+    if choices:
+        return "str", f"one of {', '.join(choices)}", None, choices
+    json_type = schema.get("type")
+    if isinstance(json_type, str) and json_type in _SIMPLE_TYPES:
+        kind, label = _SIMPLE_TYPES[json_type]
+        if json_type == "string" and schema.get("format"):
+            label = f"string ({schema['format']})"
+        return kind, label, (json_type if kind == "json" else None), ()
+    return "json", "any (JSON)", None, ()
+
+
+def _string_enum(schema: Mapping[str, Any]) -> tuple[str, ...]:
+    values = schema.get("enum")
+    if "const" in schema:
+        values = [schema["const"]]
+    if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
+        return tuple(values)
+    return ()
+
+
+def _initial_text(spec: FieldSpec, value: Any) -> str:
+    if value is None:
+        return ""
+    if spec.kind == "json":
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+class ParamsForm(Widget):
+    """The params of one task as a form; ``collect()`` returns a dict for ``submit``."""
+
+    DEFAULT_CSS = Path(__file__).with_suffix(".tcss").read_text(encoding="utf-8")
+
+    class Submitted(Message):
+        """Enter was pressed in a field and every field parsed."""
+
+        def __init__(self, form: ParamsForm, params: dict[str, Any]) -> None:
+            self.form = form
+            self.params = params
+            super().__init__()
+
+        @property
+        def control(self) -> ParamsForm:
+            return self.form
+
+    def __init__(
+        self,
+        task: TaskInfo,
+        *,
+        values: Mapping[str, Any] | None = None,
+        name: str | None = None,
+        id: str | None = None,
+        classes: str | None = None,
+        disabled: bool = False,
+    ) -> None:
+        """``values`` pre-fills fields (e.g. a failed run's params) instead of the defaults."""
+        super().__init__(name=name, id=id, classes=classes, disabled=disabled)
+        self.task = task
+        self.fields: tuple[FieldSpec, ...] = tuple(fields_from_schema(task.params_schema))
+        self._initial = dict(values or {})
+        self._inputs: dict[str, Input | Switch] = {}
+        self._errors: dict[str, Static] = {}
+
+    def compose(self) -> ComposeResult:
+        if self.task.description:
+            yield Static(self.task.description, classes="params-form--description", markup=False)
+        if not self.fields:
+            yield Static("This task takes no params.", classes="params-form--empty")
+        for index, spec in enumerate(self.fields):
+            field_id = f"params-field-{index}"
+            label = Label(spec.label, classes="params-form--label", markup=False)
+            if spec.required:
+                label.add_class("-required")
+            if spec.description:
+                label.tooltip = spec.description
+            yield label
+            value = self._initial.get(spec.name, spec.default if spec.has_default else None)
+            widget: Input | Switch
+            if spec.kind == "bool":
+                widget = Switch(value=bool(value), id=field_id)
+            else:
+                widget = Input(
+                    _initial_text(spec, value),
+                    placeholder=self._placeholder(spec),
+                    type="integer" if spec.kind == "int" else "number" if spec.kind == "float" else "text",
+                    id=field_id,
+                )
+            widget.add_class("params-form--input")
+            self._inputs[spec.name] = widget
+            yield widget
+            error = Static("", classes="params-form--error", markup=False)
+            error.display = False
+            self._errors[spec.name] = error
+            yield error
+        general = Static("", id="params-form-general-error", classes="params-form--error", markup=False)
+        general.display = False
+        yield general
+
+    # ------------------------------------------------------------ public API
+
+    def field_widget(self, name: str) -> Input | Switch:
+        """The Input or Switch of field ``name``."""
+        return self._inputs[name]
+
+    def field_error(self, name: str) -> str:
+        """The error shown under field ``name`` ("" when none)."""
+        error = self._errors[name]
+        return str(error.content) if error.display else ""
+
+    @property
+    def general_error(self) -> str:
+        general = self.query_one("#params-form-general-error", Static)
+        return str(general.content) if general.display else ""
+
+    def collect(self) -> dict[str, Any]:
+        """The params as a dict; raises ParamsFormError (and shows it inline) when a field
+        does not parse. Empty optional fields become None; empty fields with a default are
+        left out so the task's default applies."""
+        params: dict[str, Any] = {}
+        errors: list[dict[str, Any]] = []
+        for spec in self.fields:
+            widget = self._inputs[spec.name]
+            if isinstance(widget, Switch):
+                params[spec.name] = widget.value
+                continue
+            raw = widget.value
+            if (raw if spec.kind == "str" else raw.strip()) == "":
+                if spec.nullable:
+                    params[spec.name] = None
+                elif not spec.has_default:
+                    errors.append(_error(spec.name, "this field is required", "missing"))
+                continue
+            try:
+                params[spec.name] = _parse(spec, raw)
+            except ValueError as exc:
+                errors.append(_error(spec.name, str(exc), "value_error"))
+        if errors:
+            self.show_errors(errors)
+            raise ParamsFormError(errors)
+        self.clear_errors()
+        return params
+
+    def show_errors(self, errors: Sequence[Mapping[str, Any]]) -> None:
+        """Show pydantic-style errors (``loc``, ``msg``) under their fields; errors that
+        name no field of this form go to the general error line."""
+        self.clear_errors()
+        per_field: dict[str, list[str]] = {}
+        general: list[str] = []
+        for err in errors:
+            loc = [str(part) for part in (err.get("loc") or ())]
+            msg = str(err.get("msg", "invalid value"))
+            if loc and loc[0] in self._errors:
+                rest = ".".join(loc[1:])
+                per_field.setdefault(loc[0], []).append(f"{rest}: {msg}" if rest else msg)
+            else:
+                general.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+        for name, messages in per_field.items():
+            error = self._errors[name]
+            error.update("\n".join(messages))
+            error.display = True
+            self._inputs[name].add_class("-invalid")
+        if general:
+            widget = self.query_one("#params-form-general-error", Static)
+            widget.update("\n".join(general))
+            widget.display = True
+        first = next((spec.name for spec in self.fields if spec.name in per_field), None)
+        if first is not None:
+            self._inputs[first].focus()
+
+    def clear_errors(self) -> None:
+        for name, error in self._errors.items():
+            if error.display:
+                error.update("")
+                error.display = False
+            self._inputs[name].remove_class("-invalid")
+        if self.is_mounted:
+            general = self.query_one("#params-form-general-error", Static)
+            general.update("")
+            general.display = False
+
+    # ------------------------------------------------------------ internals
+
+    @staticmethod
+    def _placeholder(spec: FieldSpec) -> str:
+        if spec.nullable:
+            hint = "empty: null"
+        elif spec.has_default:
+            hint = "empty: default"
+        else:
+            hint = "required"
+        if spec.kind == "json" and spec.json_type in _EXAMPLES:
+            return f"{_EXAMPLES[spec.json_type]}  ({hint})"
+        if spec.choices:
+            return f"{' | '.join(spec.choices)}  ({hint})"
+        return hint
+
+    @on(Input.Submitted)
+    def _submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        try:
+            params = self.collect()
+        except ParamsFormError:
+            return
+        self.post_message(self.Submitted(self, params))
+
+
+def _error(name: str, msg: str, kind: str) -> dict[str, Any]:
+    return {"loc": (name,), "msg": msg, "type": kind}
+
+
+def _parse(spec: FieldSpec, raw: str) -> Any:
+    if spec.kind == "str":
+        if spec.choices and raw not in spec.choices:
+            raise ValueError(f"must be one of: {', '.join(spec.choices)}")
+        return raw
+    text = raw.strip()
+    if spec.kind == "int":
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"not an integer: {text!r}") from None
+    if spec.kind == "float":
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"not a number: {text!r}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    if spec.json_type == "array" and not isinstance(value, list):
+        raise ValueError(f"expected a JSON list, e.g. {_EXAMPLES['array']}")
+    if spec.json_type == "object" and not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, e.g. {_EXAMPLES['object']}")
+    return value

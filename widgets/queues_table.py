@@ -1,0 +1,90 @@
+"""QueuesTable: each work queue's depth, in-flight jobs, counters and throughput."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import ClassVar
+
+from taskwatch.engine import QueueInfo
+
+from ._format import DASH, fmt_rate
+from ._keyed_table import Cell, Column, KeyedTable
+
+
+class QueuesTable(KeyedTable):
+    """Queues keyed by name; throughput is measured from successive updates."""
+
+    COLUMNS: ClassVar[tuple[Column, ...]] = (
+        Column("name", "queue"),
+        Column("depth", "depth", 13, "right"),
+        Column("in_flight", "in flight", 9, "right"),
+        Column("processed", "processed", 10, "right"),
+        Column("failed", "failed", 8, "right"),
+        Column("rejected", "rejected", 8, "right"),
+        Column("rate", "rate", 9, "right"),
+    )
+
+    def __init__(
+        self,
+        *,
+        rate_window: float = 5.0,
+        name: str | None = None,
+        id: str | None = None,
+        classes: str | None = None,
+        disabled: bool = False,
+    ) -> None:
+        super().__init__(name=name, id=id, classes=classes, disabled=disabled)
+        #: seconds of history the throughput is averaged over (smooths 10-20 Hz updates)
+        self.rate_window = rate_window
+        self._samples: dict[str, deque[tuple[float, int]]] = {}
+
+    def throughput(self, queue: str) -> float | None:
+        """Jobs processed (or failed) per second over the last ``rate_window`` seconds."""
+        samples = self._samples.get(queue)
+        if not samples or len(samples) < 2:
+            return None
+        (t0, n0), (t1, n1) = samples[0], samples[-1]
+        if t1 <= t0:
+            return None
+        return max(0.0, (n1 - n0) / (t1 - t0))
+
+    def update_queues(self, infos: list[QueueInfo], now: float | None = None) -> None:
+        """Show exactly these queues; ``now`` (monotonic seconds) defaults to the clock."""
+        now = time.monotonic() if now is None else now
+        self._begin()
+        wanted = {info.name for info in infos}
+        self._remove([name for name in self._cells if name not in wanted])
+        for gone in [name for name in self._samples if name not in wanted]:
+            del self._samples[gone]
+        for info in infos:
+            self._record(info, now)
+            self._upsert(info.name, info.name, self._row(info))
+        self._finish()
+
+    def _record(self, info: QueueInfo, now: float) -> None:
+        samples = self._samples.setdefault(info.name, deque(maxlen=512))
+        done = info.processed + info.failed
+        if samples and done < samples[-1][1]:
+            samples.clear()  # counters went backwards: the engine restarted
+        samples.append((now, done))
+        # keep one sample older than the window so the rate spans the whole window
+        while len(samples) > 2 and now - samples[1][0] >= self.rate_window:
+            samples.popleft()
+
+    def _row(self, info: QueueInfo) -> tuple[Cell, ...]:
+        if info.maxsize > 0:
+            fill = info.depth / info.maxsize
+            depth = (f"{info.depth}/{info.maxsize}", "bold red" if fill >= 0.9 else "yellow" if fill >= 0.5 else "")
+        else:
+            depth = (str(info.depth), "")
+        rate = self.throughput(info.name)
+        return (
+            (info.name, "bold"),
+            depth,
+            (f"{info.in_flight}/{info.concurrency}", "yellow" if info.in_flight else "dim"),
+            (str(info.processed), ""),
+            (str(info.failed), "bold red" if info.failed else "dim"),
+            (str(info.rejected), "bold red" if info.rejected else "dim"),
+            (fmt_rate(rate) if rate is not None else DASH, ""),
+        )

@@ -1,0 +1,216 @@
+"""RunsTable: the live list of runs, newest first, keyed by run id.
+
+``update_runs`` takes any batch of run records (all of them or only the ones
+that changed) and diffs them against what is shown. The table keeps at most
+``max_rows`` runs (plus a small slack, so trimming happens in batches), a
+status/text filter, and a cursor that stays on the same run while newer runs
+push it down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+from textual.message import Message
+
+from taskwatch.engine import RunRecord, RunStatus
+
+from ._format import DASH, fmt_clock, fmt_duration, progress_bar, short_id, status_style
+from ._keyed_table import Cell, Column, KeyedTable
+
+#: Order of a run row: newest first, ties broken by id so the order is total.
+_RunOrder = tuple[float, str]
+
+
+def run_cells(record: RunRecord, now: float) -> tuple[Cell, ...]:
+    """The (text, style) of every column for one run."""
+    status = record.status.value
+    style = status_style(status)
+    fraction = record.progress.fraction
+    if record.started_at is None:
+        duration = DASH
+    elif record.finished_at is None:
+        duration = fmt_duration(now - record.started_at)
+    else:
+        duration = fmt_duration(record.finished_at - record.started_at)
+    attempt_style = "yellow" if record.attempt > 1 else ""
+    return (
+        (short_id(record.id), "dim"),
+        (record.task, "bold"),
+        (status, style),
+        (progress_bar(fraction), style if fraction is not None else "dim"),
+        (f"{record.attempt}/{record.max_attempts}", attempt_style),
+        (fmt_clock(record.started_at), ""),
+        (duration, ""),
+    )
+
+
+class RunsTable(KeyedTable):
+    """Runs newest first, with coloured status, progress bar, attempt and live duration."""
+
+    COLUMNS: ClassVar[tuple[Column, ...]] = (
+        Column("id", "id", 8),
+        Column("task", "task"),
+        Column("status", "status", 9),
+        Column("progress", "progress", 13),
+        Column("attempt", "try", 5, "right"),
+        Column("started", "started", 8),
+        Column("duration", "duration", 8, "right"),
+    )
+
+    class RunHighlighted(Message):
+        """The cursor moved to another run (``run_id`` is None when the table emptied)."""
+
+        def __init__(self, table: RunsTable, run_id: str | None) -> None:
+            self.table = table
+            self.run_id = run_id
+            super().__init__()
+
+        @property
+        def control(self) -> RunsTable:
+            return self.table
+
+    class RunSelected(Message):
+        """A run was chosen with Enter or a click."""
+
+        def __init__(self, table: RunsTable, run_id: str) -> None:
+            self.table = table
+            self.run_id = run_id
+            super().__init__()
+
+        @property
+        def control(self) -> RunsTable:
+            return self.table
+
+    def __init__(
+        self,
+        *,
+        max_rows: int = 500,
+        trim_batch: int | None = None,
+        name: str | None = None,
+        id: str | None = None,
+        classes: str | None = None,
+        disabled: bool = False,
+    ) -> None:
+        super().__init__(name=name, id=id, classes=classes, disabled=disabled)
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+        self.max_rows = max_rows
+        #: how far the table may overshoot max_rows before one batch trim
+        self.trim_batch = trim_batch if trim_batch is not None else max(1, min(50, max_rows // 10))
+        #: every run we know about (shown or filtered out), bounded like the table
+        self._records: dict[str, RunRecord] = {}
+        #: runs whose duration ticks: re-rendered on every update even if not passed in
+        self._running: set[str] = set()
+        self._statuses: frozenset[str] | None = None
+        self._text = ""
+        self._now = 0.0
+
+    # ------------------------------------------------------------ public API
+
+    @property
+    def selected_run_id(self) -> str | None:
+        return self.selected_key
+
+    def select_run(self, run_id: str) -> bool:
+        """Move the cursor to ``run_id``; False when that run is not shown."""
+        return self.select_key(run_id)
+
+    @property
+    def statuses(self) -> frozenset[str] | None:
+        return self._statuses
+
+    @property
+    def filter_text(self) -> str:
+        return self._text
+
+    def record(self, run_id: str) -> RunRecord | None:
+        """The last record passed in for ``run_id`` (shown or filtered out)."""
+        return self._records.get(run_id)
+
+    def update_runs(self, records: Iterable[RunRecord], now: float) -> None:
+        """Show these runs (new or changed ones; unchanged ones cost a comparison)."""
+        self._now = now
+        self._begin()
+        changed: list[str] = []
+        known = self._records
+        for record in records:
+            previous = known.get(record.id)
+            if previous is record or previous == record:
+                continue
+            known[record.id] = record
+            changed.append(record.id)
+            if record.status is RunStatus.RUNNING:
+                self._running.add(record.id)
+            else:
+                self._running.discard(record.id)
+        if len(known) > self.max_rows + self.trim_batch:
+            self._trim()
+        hidden: list[str] = []
+        for run_id in (*changed, *(self._running.difference(changed))):
+            record = known.get(run_id)
+            if record is None:  # trimmed just now
+                continue
+            if self._matches(record):
+                self._upsert(run_id, (-record.created_at, run_id), run_cells(record, now))
+            else:
+                hidden.append(run_id)
+        self._remove(hidden)
+        self._finish()
+
+    def set_filter(self, statuses: set[str] | frozenset[str] | None, text: str = "") -> None:
+        """Show only runs whose status is in ``statuses`` (None: any) and whose task
+        name or id contains ``text`` (case-insensitive)."""
+        new_statuses = frozenset(str(s) for s in statuses) if statuses is not None else None
+        new_text = text.strip().lower()
+        if new_statuses == self._statuses and new_text == self._text:
+            return
+        self._statuses = new_statuses
+        self._text = new_text
+        self._begin()
+        now = self._now
+        hidden: list[str] = []
+        for run_id, record in self._records.items():
+            if self._matches(record):
+                self._upsert(run_id, (-record.created_at, run_id), run_cells(record, now))
+            else:
+                hidden.append(run_id)
+        self._remove(hidden)
+        self._finish()
+
+    def clear_runs(self) -> None:
+        """Forget every run (e.g. after reconnecting to another engine)."""
+        self._records.clear()
+        self._running.clear()
+        self._clear_rows()
+        self._sync_highlight()
+
+    # ------------------------------------------------------------ internals
+
+    def _matches(self, record: RunRecord) -> bool:
+        if self._statuses is not None and record.status.value not in self._statuses:
+            return False
+        text = self._text
+        if text and text not in record.task.lower() and text not in record.id.lower():
+            return False
+        return True
+
+    def _trim(self) -> None:
+        """Drop the oldest runs down to max_rows (one batch, so one re-layout)."""
+        newest_first = sorted(self._records.values(), key=_newest_first)
+        dropped = [record.id for record in newest_first[self.max_rows :]]
+        for run_id in dropped:
+            del self._records[run_id]
+            self._running.discard(run_id)
+        self._remove(dropped)
+
+    def _highlight_message(self, key: str | None) -> Message:
+        return self.RunHighlighted(self, key)
+
+    def _selected_message(self, key: str) -> Message:
+        return self.RunSelected(self, key)
+
+
+def _newest_first(record: RunRecord) -> _RunOrder:
+    return (-record.created_at, record.id)
