@@ -90,7 +90,7 @@ def on_engine_thread(engine: Engine, fn: Callable[[Engine], T], timeout: float =
     directly); ``start_background`` runs it on a loop in another thread (ask
     that loop and wait for the answer).
     """
-    loop: asyncio.AbstractEventLoop | None = getattr(engine, "_loop", None)
+    loop = engine.loop
     if loop is None or loop.is_closed() or not loop.is_running():
         return fn(engine)
     try:
@@ -118,15 +118,15 @@ def error_line(run: RunRecord) -> str:
 
 
 def _fraction(run: RunRecord) -> float | None:
-    """Progress in [0, 1]; None when unknown (a running run without a total)."""
+    """Progress in [0, 1]; None (an indeterminate bar) only for a running run without a total."""
     frac = run.progress.fraction
     if frac is not None:
         return frac
     if run.status is RunStatus.SUCCEEDED:
         return 1.0
-    if run.status is RunStatus.PENDING:
-        return 0.0
-    return None
+    if run.status is RunStatus.RUNNING:
+        return None
+    return 0.0
 
 
 def _duration(run: RunRecord, now: float) -> str:
@@ -345,11 +345,11 @@ def _rich_failures(failures: Sequence[RunRecord]) -> RenderableType | None:
 
     if not failures:
         return None
-    text = Text("failures\n", style="bold")
+    text = Text("failures", style="bold")
     for run in failures:
-        text.append(f"{run.id[:8]} ", style="dim")
+        text.append(f"\n{run.id[:8]} ", style="dim")
         text.append(f"{run.task}: ")
-        text.append(error_line(run) + "\n", style="red")
+        text.append(error_line(run), style="red")
     return text
 
 

@@ -94,6 +94,10 @@ class ServerInfo(BaseModel):
     token: str | None
     node_id: str
 
+    def __str__(self) -> str:
+        # the token stays out of log lines; it is announced once when the server starts
+        return self.address
+
 
 def default_socket_path(node_id: str) -> Path:
     """``$XDG_RUNTIME_DIR/taskwatch/<node>.sock``, else a private dir under the temp dir."""

@@ -163,10 +163,10 @@ def build_demo_engine(seed: int | None = None, *, speed: float = 1.0, **options:
         turn_id: int
         text: str
 
-    async def score_significance(job: dict[str, Any]) -> None:
+    async def score_significance(job: SignificanceJob) -> None:
         await pause(0.05 + rng.random() * 0.1)
-        if "error" in job.get("text", ""):
-            raise ValueError(f"cannot score turn {job.get('turn_id')}: text contains an error marker")
+        if "error" in job.text:
+            raise ValueError(f"cannot score turn {job.turn_id}: text contains an error marker")
 
     significance = engine.queue("significance", score_significance, concurrency=2, maxsize=500)
 
