@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -53,8 +53,6 @@ if TYPE_CHECKING:
     from .triggers import TriggerState
 
 log = logging.getLogger("taskwatch.background")
-
-T = TypeVar("T")
 
 _UNSET: Any = object()
 
@@ -298,13 +296,17 @@ class BackgroundEngine:
                 raise EngineNotRunning("stopped") from None
             raise
 
-    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn(*args, **kwargs)`` on the engine's loop (awaiting it if it returns an awaitable)."""
-        return self._call(getattr(fn, "__name__", "call"), fn, *args, **kwargs)
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(engine, *args, **kwargs)`` on the engine's loop and return its result.
+
+        An awaitable result is awaited there first. The way to do anything the
+        facade has no method for, e.g. ``bg.call(lambda e: e.queue("q", handler))``.
+        """
+        return self._call("call", fn, self.engine, *args, **kwargs)
 
     async def acall(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Awaitable :meth:`call`, for code inside an event loop."""
-        return await self._acall(fn, *args, **kwargs)
+        return await self._acall(fn, self.engine, *args, **kwargs)
 
     # ------------------------------------------------------------------ commands
 

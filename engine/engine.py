@@ -49,7 +49,7 @@ from .handle import RunHandle
 from .health import HealthSampler
 from .lease import LeaderElector, Leadership
 from .queues import QueueInfo, WorkQueue
-from .runs import CancelReason, EngineStats, Run, RunError, RunRecord, RunStatus
+from .runs import CancelReason, EngineStats, Run, RunError, RunList, RunRecord, RunStatus
 from .scheduler import PeriodicInfo, Scheduler
 from .supervisor import Supervisor, WorkerInfo
 from .snapshot import Snapshot
@@ -545,7 +545,7 @@ class Engine:
         *,
         task: str | None = None,
         limit: int | None = 50,
-    ) -> list[RunRecord]:
+    ) -> RunList:
         """Known runs, newest first, optionally filtered by status(es) and task name."""
         wanted: set[RunStatus] | None
         if status is None:
@@ -554,7 +554,7 @@ class Engine:
             wanted = {RunStatus(status)}
         else:
             wanted = {RunStatus(s) for s in status}
-        out: list[RunRecord] = []
+        out = RunList()
         if limit is not None and limit <= 0:
             return out
         for run in reversed(self._runs.values()):

@@ -350,11 +350,12 @@ class RemoteEngine:
 
     # ------------------------------------------------------------------ commands
 
-    async def _request(self, make: Any, **fields: Any) -> Any:
+    async def _request(self, make: type[Command], **fields: Any) -> Any:
         if not self._connected or self._writer is None:
             raise ConnectionClosed(f"not connected to {self.address}; call connect() first")
         msg_id = next(self._ids)
-        cmd: Command = make(id=msg_id, **fields)
+        cmd = make(id=msg_id, **fields)
+        kind = make.model_fields["type"].default
         line = encode_message(cmd)
         if len(line) - 1 > self._server_max:
             raise MessageTooLarge(len(line) - 1, self._server_max)
@@ -368,7 +369,7 @@ class RemoteEngine:
                 return await fut
         except TimeoutError:
             raise TimeoutError(
-                f"no reply from {self.address} to {cmd.type!r} within {self.timeout:g} s"
+                f"no reply from {self.address} to {kind!r} within {self.timeout:g} s"
             ) from None
         except (ConnectionError, OSError) as exc:
             # TimeoutError is an OSError too, hence the clause above
@@ -397,10 +398,16 @@ class RemoteEngine:
     async def resume_periodic(self, name: str) -> PeriodicInfo:
         return PeriodicInfo.model_validate(await self._request(ResumeCommand, name=name))
 
-    async def snapshot(self) -> Snapshot:
-        """A fresh snapshot (e.g. after a ``bus.dropped`` event); older buffered events are dropped."""
-        snapshot = Snapshot.model_validate(await self._request(SnapshotCommand))
-        self._resynced(snapshot)
+    async def snapshot(self, runs_limit: int | None = None) -> Snapshot:
+        """A fresh snapshot (e.g. after a ``bus.dropped`` event).
+
+        A full snapshot (``runs_limit=None``) replaces what buffered events
+        described, so those are dropped; a partial one (e.g. ``runs_limit=0``
+        for the schedule and stats only) leaves the event buffer alone.
+        """
+        snapshot = Snapshot.model_validate(await self._request(SnapshotCommand, runs_limit=runs_limit))
+        if runs_limit is None:
+            self._resynced(snapshot)
         return snapshot
 
     async def ping(self) -> float:

@@ -8,6 +8,7 @@ hold them unchanged.
 
 from __future__ import annotations
 
+import os
 import traceback
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal
@@ -64,11 +65,26 @@ class RunError(BaseModel):
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> RunError:
+        """Capture an exception; the traceback starts at the user's code.
+
+        The leading frames are the engine's own (the loop that awaited the
+        task), which tell a user nothing about their failure, so they are cut.
+        """
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None and _is_engine_frame(tb.tb_frame.f_code.co_filename):
+            tb = tb.tb_next
         return cls(
             type=type(exc).__qualname__,
             message=str(exc),
-            traceback="".join(traceback.format_exception(exc)),
+            traceback="".join(traceback.format_exception(type(exc), exc, tb)),
         )
+
+
+_ENGINE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _is_engine_frame(filename: str) -> bool:
+    return filename.startswith(_ENGINE_DIR)
 
 
 class RunRecord(BaseModel):

@@ -387,8 +387,8 @@ class ControlServer:
                 return _jsonable(engine.pause_periodic(name))
             case ResumeCommand(name=name):
                 return _jsonable(engine.resume_periodic(name))
-            case SnapshotCommand():
-                return _jsonable(engine.snapshot(self.snapshot_runs))
+            case SnapshotCommand(runs_limit=limit):
+                return _jsonable(engine.snapshot(self.snapshot_runs if limit is None else limit))
             case PingCommand():
                 return None
         raise UnknownCommand(f"command {getattr(cmd, 'type', '?')!r} is not handled")
@@ -510,11 +510,16 @@ class _Connection:
             loop.create_task(self._write_loop(), name="taskwatch-control-write"),
         ]
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            exc = task.exception()
+            if exc is not None and not isinstance(exc, ConnectionError | OSError):
+                # a bug here must be visible; it still only costs this one connection
+                log.warning("control connection %s failed", task.get_name(), exc_info=exc)
 
     async def _read_loop(self) -> None:
         server = self.server

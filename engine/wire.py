@@ -103,9 +103,14 @@ class ResumeCommand(Command):
 
 
 class SnapshotCommand(Command):
-    """Ask for a fresh snapshot, e.g. after a ``bus.dropped`` event."""
+    """Ask for a fresh snapshot, e.g. after a ``bus.dropped`` event.
+
+    ``runs_limit`` caps the runs included (0 for just the schedule, queues,
+    triggers, workers, stats and leadership); ``None`` uses the server's default.
+    """
 
     type: Literal["snapshot"] = "snapshot"
+    runs_limit: int | None = Field(default=None, ge=0, le=100_000)
 
 
 class PingCommand(Command):
@@ -214,7 +219,7 @@ def _decode(adapter: TypeAdapter[M], line: bytes, max_message: int) -> M:
 
 def _classify(exc: ValidationError) -> ProtocolError:
     errors = exc.errors(include_url=False, include_input=False)
-    first = errors[0] if errors else {}
+    first: dict[str, Any] = dict(errors[0]) if errors else {}
     if first.get("type") == "union_tag_invalid" and not first.get("loc"):
         ctx = first.get("ctx") or {}
         return UnknownCommand(

@@ -86,9 +86,12 @@ class LocalClient(DashboardClient):
 
     where = "in-process"
 
-    def __init__(self, engine: Engine, buffer: int = DEFAULT_BUFFER) -> None:
+    def __init__(self, engine: Engine, buffer: int = DEFAULT_BUFFER, *, manage: bool = False) -> None:
         super().__init__(buffer)
         self.engine = engine
+        #: start the engine on the dashboard's own loop at connect and stop it at close
+        #: (for scripts and tests; normally the engine runs on its own thread)
+        self.manage = manage
         self._unsubscribe: Callable[[], None] | None = None
 
     @property
@@ -118,6 +121,9 @@ class LocalClient(DashboardClient):
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro_fn(), loop))
 
     async def connect(self) -> Snapshot:
+        if self.manage and self.engine.state in ("new", "stopped"):
+            await self.engine.start()
+
         def subscribe_and_snapshot() -> Snapshot:
             # both on the engine's loop, back to back: no event falls between them
             if self._unsubscribe is not None:
@@ -158,3 +164,5 @@ class LocalClient(DashboardClient):
             unsubscribe, self._unsubscribe = self._unsubscribe, None
             if self.engine.state in ("running", "stopping"):
                 await self._on_engine(unsubscribe)
+        if self.manage:
+            await self.engine.stop(timeout=2.0)

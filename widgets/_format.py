@@ -111,7 +111,7 @@ def compact(value: Any, limit: int = 40) -> str:
     if isinstance(value, str):
         text = value
     elif isinstance(value, float):
-        text = f"{value:.4g}"
+        text = f"{round(value, 3):g}"
     elif isinstance(value, (dict, list, tuple)):
         try:
             text = json.dumps(value, ensure_ascii=False, default=str, separators=(",", ":"))

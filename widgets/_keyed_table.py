@@ -74,6 +74,7 @@ class KeyedTable(DataTable[Text]):
         self._reorder = False
         self._rebuild_pending = False
         self._selection_before: str | None = None
+        self._cursor_before = 0
         self._last_highlighted: str | None = None
         self._columns_ready = False
 
@@ -115,9 +116,15 @@ class KeyedTable(DataTable[Text]):
         """The message to post when a row is chosen with Enter or a click (override)."""
         return None
 
+    def _keep_selection(self, key: str, row_before: int) -> bool:
+        """Whether the cursor should move with row ``key`` when rows are inserted above it
+        (override; by default it always does)."""
+        return True
+
     def _begin(self) -> None:
         """Start a batch of changes: remember the selection so it survives reordering."""
         self._selection_before = self.selected_key
+        self._cursor_before = self.cursor_row
 
     def _upsert(self, key: str, order: Hashable, cells: tuple[Cell, ...]) -> bool:
         """Show ``cells`` in row ``key``; returns True when the row is new."""
@@ -159,7 +166,7 @@ class KeyedTable(DataTable[Text]):
             self._first_cells.pop(key, None)
         if self._rebuild_pending:
             return
-        if len(gone) > max(16, self.row_count // 4):
+        if len(gone) > max(16, self.row_count // 10):
             self._rebuild_pending = True
             return
         for key in gone:
@@ -183,7 +190,11 @@ class KeyedTable(DataTable[Text]):
                 self.sort(self.COLUMNS[0].key, key=_order_of)
         selected = self._selection_before
         self._selection_before = None
-        if selected is not None and selected in self._cells:
+        if (
+            selected is not None
+            and selected in self._cells
+            and self._keep_selection(selected, self._cursor_before)
+        ):
             index = self.get_row_index(selected)
             if index != self.cursor_row:
                 self.move_cursor(row=index)

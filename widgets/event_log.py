@@ -11,17 +11,18 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from rich.text import Text
-from textual import events
+from textual.events import Hide, Show
 from textual.reactive import reactive
 from textual.widgets import RichLog
 
 from taskwatch.engine import BaseEvent, RunError
 
-from ._format import compact, fmt_clock_ms, short_id
+from ._format import compact, fmt_clock_ms, fmt_duration, short_id
 
 #: colour per event family (the part of the kind before the dot) ...
 FAMILY_STYLES: dict[str, str] = {
@@ -49,6 +50,7 @@ KIND_STYLES: dict[str, str] = {
 }
 
 _BASE_FIELDS = frozenset({"seq", "ts", "node", "kind"})
+_SECONDS_FIELDS = frozenset({"duration", "delay", "restart_in", "timeout"})
 
 
 def kind_style(kind: str) -> str:
@@ -59,16 +61,19 @@ def kind_style(kind: str) -> str:
 
 
 def summarize(event: BaseEvent, limit: int = 160) -> str:
-    """The event's own fields as ``name=value`` pairs, short ids and truncated values."""
+    """The event's own fields as ``name=value`` pairs: short ids, truncated values, and
+    fields still at their default left out (``attempt=2`` is news, ``attempt=1`` is not)."""
     parts: list[str] = []
-    for name in type(event).model_fields:
+    for name, field in type(event).model_fields.items():
         if name in _BASE_FIELDS:
             continue
         value: Any = getattr(event, name)
-        if value is None or value == {} or value == []:
+        if value is None or value == {} or value == [] or (not field.is_required() and value == field.default):
             continue
         if name == "run_id" or name.endswith("_run_id"):
             parts.append(f"{name.removesuffix('_id')}={short_id(value)}")
+        elif name in _SECONDS_FIELDS and isinstance(value, (int, float)):
+            parts.append(f"{name}={fmt_duration(value)}")
         elif isinstance(value, RunError):
             parts.append(f"{name}={compact(f'{value.type}: {value.message}', 60)}")
         else:
@@ -136,7 +141,10 @@ class EventLog(RichLog):
         self._kinds: tuple[frozenset[str], tuple[str, ...]] | None = None
         self._match_cache: dict[str, bool] = {}
         self._on_screen = False
-        self._stale = True
+        # What a hidden log owes its view: the newest `_backlog` history entries, or a
+        # full redraw after a filter change (or before the first showing).
+        self._backlog = 0
+        self._full_redraw = True
         self.total_events = 0
         if kinds is not None:
             self.set_filter(kinds)
@@ -199,7 +207,7 @@ class EventLog(RichLog):
 
     def add_events(self, events: Iterable[BaseEvent]) -> None:
         """Append a batch of events (one write for the whole batch)."""
-        fresh: list[BaseEvent] = []
+        fresh: list[_Entry] = []
         if self.paused:
             pending = self._pending
             for event in events:
@@ -222,6 +230,7 @@ class EventLog(RichLog):
         self._history.clear()
         self._pending.clear()
         self._not_shown = 0
+        self._backlog = 0
         self.clear()
 
     def toggle_pause(self) -> None:
@@ -241,31 +250,40 @@ class EventLog(RichLog):
         self._history.extend(entries)
         self._render_entries(entries)
 
-    def _render_entries(self, entries: Iterable[_Entry]) -> None:
+    def _render_entries(self, entries: list[_Entry]) -> None:
         if not self._on_screen:
-            self._stale = True  # drawn from the history when shown
+            self._backlog += len(entries)  # drawn when shown
             return
         lines: list[Text] = []
-        for entry in entries:
+        for entry in entries[-(self.max_lines or len(entries)) :]:
             if isinstance(entry, _Gap):
                 lines.append(entry.text())
             elif self.matches(entry.kind):  # type: ignore[attr-defined]
                 lines.append(format_event(entry))
         if lines:
             # one write per batch: RichLog re-slices its line list on every write at the cap
-            self.write(Text("\n").join(lines[-(self.max_lines or len(lines)) :]))
+            self.write(Text("\n").join(lines))
 
     def _redraw(self) -> None:
         self.clear()
+        if not self._on_screen:
+            self._full_redraw = True
+            self._backlog = 0
+            return
         self._render_entries(list(self._history))
-        if self._on_screen:
-            self._stale = False
 
-    def on_show(self, event: events.Show) -> None:
+    def on_show(self, event: Show) -> None:
         self._on_screen = True
-        if self._stale:
-            self._stale = False
+        if self._full_redraw:
+            self._full_redraw = False
+            self._backlog = 0
             self._redraw()
+        elif self._backlog:
+            # the lines drawn before hiding are still right: only append what came since
+            backlog = min(self._backlog, len(self._history))
+            self._backlog = 0
+            history = self._history
+            self._render_entries(list(islice(history, len(history) - backlog, None)))
 
-    def on_hide(self, event: events.Hide) -> None:
+    def on_hide(self, event: Hide) -> None:
         self._on_screen = False

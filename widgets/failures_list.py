@@ -93,11 +93,17 @@ class FailuresList(Vertical):
         self._items: dict[str, _Item] = {}
         self._detail_key: str | None = None
         self._detail_item: _Item | None = None
+        self._early_update: tuple[list[RunRecord], list[WorkerInfo]] | None = None
 
     def compose(self) -> ComposeResult:
         yield _FailuresTable(id="failures-table")
         with VerticalScroll(id="failures-detail"):
             yield Static("No failures.", id="failures-traceback")
+
+    def on_mount(self) -> None:
+        if self._early_update is not None:
+            self.update(*self._early_update)
+            self._early_update = None
 
     @property
     def table(self) -> KeyedTable:
@@ -109,11 +115,28 @@ class FailuresList(Vertical):
         key = self.table.selected_key
         return _split_key(key) if key is not None else None
 
+    def selected_traceback(self) -> tuple[str, str] | None:
+        """(title, traceback text) of the highlighted failure, e.g. for a full-screen view."""
+        key = self.table.selected_key
+        item = self._items.get(key) if key is not None else None
+        if item is None:
+            return None
+        if isinstance(item, RunRecord):
+            error, title = item.error, f"{item.task} {item.id}"
+        else:
+            error, title = item.last_error, f"worker {item.name}"
+        if error is None:
+            return title, ""
+        return f"{title}: {error.type}: {error.message}", error.traceback
+
     def select(self, kind: FailureKind, ident: str) -> bool:
         return self.table.select_key(f"{kind}:{ident}")
 
     def update(self, failed_runs: list[RunRecord], workers: list[WorkerInfo]) -> None:
         """Show these failed runs and every worker that has crashed at least once."""
+        if not self.is_mounted:
+            self._early_update = (failed_runs, workers)  # the table does not exist yet
+            return
         entries: list[tuple[float, str, _Item]] = []
         for record in failed_runs:
             entries.append((_run_time(record), f"run:{record.id}", record))

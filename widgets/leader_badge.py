@@ -31,6 +31,8 @@ class LeaderBadge(Widget):
     #: seconds since the engine started; None when unknown
     uptime: reactive[float | None] = reactive(None)
     connected: reactive[bool] = reactive(True)
+    #: where the watched engine lives (shown while disconnected), e.g. "tcp://host:7400"
+    where: reactive[str | None] = reactive(None)
     #: False until the first update, so an empty badge says so instead of "follower"
     known: reactive[bool] = reactive(False)
 
@@ -51,8 +53,10 @@ class LeaderBadge(Widget):
         self.connected = connected
         self.known = True
 
-    def set_disconnected(self) -> None:
-        """Show the DISCONNECTED state, keeping the last known node and term."""
+    def update_disconnected(self, where: str | None = None) -> None:
+        """Show the DISCONNECTED state (keeping the last known node and term);
+        ``where`` names the engine being reconnected to."""
+        self.where = where
         self.connected = False
 
     @property
@@ -86,7 +90,11 @@ class LeaderBadge(Widget):
         node = self.node_id or "?"
         state = self.state
         if state == "disconnected":
-            text = Text.assemble(("✖ DISCONNECTED — reconnecting…", "bold red"), "  ", (node, "dim"))
+            text = Text("✖ DISCONNECTED — reconnecting…", style="bold red")
+            if self.where:
+                text.append(f" to {self.where}", style="red")
+            if self.node_id:
+                text.append(f"  last seen {self.node_id}", style="dim")
             if self.term:
                 text.append(f"  last term {self.term}", style="dim")
             return text

@@ -153,7 +153,10 @@ def _initial_text(spec: FieldSpec, value: Any) -> str:
 
 
 class ParamsForm(Widget):
-    """The params of one task as a form; ``collect()`` returns a dict for ``submit``."""
+    """The params of one task as a form; ``collect()`` returns a dict for ``submit``.
+
+    The form is as tall as its fields; put it in a VerticalScroll where space is short.
+    """
 
     DEFAULT_CSS = Path(__file__).with_suffix(".tcss").read_text(encoding="utf-8")
 
@@ -181,15 +184,15 @@ class ParamsForm(Widget):
     ) -> None:
         """``values`` pre-fills fields (e.g. a failed run's params) instead of the defaults."""
         super().__init__(name=name, id=id, classes=classes, disabled=disabled)
-        self.task = task
+        self.task_info = task
         self.fields: tuple[FieldSpec, ...] = tuple(fields_from_schema(task.params_schema))
         self._initial = dict(values or {})
         self._inputs: dict[str, Input | Switch] = {}
         self._errors: dict[str, Static] = {}
 
     def compose(self) -> ComposeResult:
-        if self.task.description:
-            yield Static(self.task.description, classes="params-form--description", markup=False)
+        if self.task_info.description:
+            yield Static(self.task_info.description, classes="params-form--description", markup=False)
         if not self.fields:
             yield Static("This task takes no params.", classes="params-form--empty")
         for index, spec in enumerate(self.fields):
@@ -235,6 +238,9 @@ class ParamsForm(Widget):
 
     @property
     def general_error(self) -> str:
+        """The message of the errors that name no field ("" when none)."""
+        if not self.is_mounted:
+            return ""
         general = self.query_one("#params-form-general-error", Static)
         return str(general.content) if general.display else ""
 
@@ -285,7 +291,7 @@ class ParamsForm(Widget):
             error.update("\n".join(messages))
             error.display = True
             self._inputs[name].add_class("-invalid")
-        if general:
+        if general and self.is_mounted:
             widget = self.query_one("#params-form-general-error", Static)
             widget.update("\n".join(general))
             widget.display = True

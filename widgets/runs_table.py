@@ -2,9 +2,12 @@
 
 ``update_runs`` takes any batch of run records (all of them or only the ones
 that changed) and diffs them against what is shown. The table keeps at most
-``max_rows`` runs (plus a small slack, so trimming happens in batches), a
-status/text filter, and a cursor that stays on the same run while newer runs
-push it down.
+``max_rows`` runs (plus a small slack, so trimming happens in batches) and a
+status/text filter.
+
+The cursor follows the newest run while it sits on the top row (like ``tail
+-f``); anywhere else, or once a run was chosen (Enter, click, ``select_run``),
+it stays on its run while newer runs push the row down.
 """
 
 from __future__ import annotations
@@ -102,10 +105,12 @@ class RunsTable(KeyedTable):
         #: every run we know about (shown or filtered out), bounded like the table
         self._records: dict[str, RunRecord] = {}
         #: runs whose duration ticks: re-rendered on every update even if not passed in
-        self._running: set[str] = set()
+        self._running_ids: set[str] = set()
         self._statuses: frozenset[str] | None = None
         self._text = ""
         self._now = 0.0
+        #: the run the user chose explicitly: the cursor stays on it even on the top row
+        self._pinned: str | None = None
 
     # ------------------------------------------------------------ public API
 
@@ -114,8 +119,11 @@ class RunsTable(KeyedTable):
         return self.selected_key
 
     def select_run(self, run_id: str) -> bool:
-        """Move the cursor to ``run_id``; False when that run is not shown."""
-        return self.select_key(run_id)
+        """Move the cursor to ``run_id`` and keep it there; False when that run is not shown."""
+        if not self.select_key(run_id):
+            return False
+        self._pinned = run_id
+        return True
 
     @property
     def statuses(self) -> frozenset[str] | None:
@@ -142,13 +150,13 @@ class RunsTable(KeyedTable):
             known[record.id] = record
             changed.append(record.id)
             if record.status is RunStatus.RUNNING:
-                self._running.add(record.id)
+                self._running_ids.add(record.id)
             else:
-                self._running.discard(record.id)
+                self._running_ids.discard(record.id)
         if len(known) > self.max_rows + self.trim_batch:
             self._trim()
         hidden: list[str] = []
-        for run_id in (*changed, *(self._running.difference(changed))):
+        for run_id in (*changed, *(self._running_ids.difference(changed))):
             record = known.get(run_id)
             if record is None:  # trimmed just now
                 continue
@@ -160,9 +168,9 @@ class RunsTable(KeyedTable):
         self._finish()
 
     def set_filter(self, statuses: set[str] | frozenset[str] | None, text: str = "") -> None:
-        """Show only runs whose status is in ``statuses`` (None: any) and whose task
-        name or id contains ``text`` (case-insensitive)."""
-        new_statuses = frozenset(str(s) for s in statuses) if statuses is not None else None
+        """Show only runs whose status is in ``statuses`` (None or empty: any) and whose
+        task name or id contains ``text`` (case-insensitive)."""
+        new_statuses = frozenset(str(s) for s in statuses) if statuses else None
         new_text = text.strip().lower()
         if new_statuses == self._statuses and new_text == self._text:
             return
@@ -182,7 +190,7 @@ class RunsTable(KeyedTable):
     def clear_runs(self) -> None:
         """Forget every run (e.g. after reconnecting to another engine)."""
         self._records.clear()
-        self._running.clear()
+        self._running_ids.clear()
         self._clear_rows()
         self._sync_highlight()
 
@@ -202,13 +210,17 @@ class RunsTable(KeyedTable):
         dropped = [record.id for record in newest_first[self.max_rows :]]
         for run_id in dropped:
             del self._records[run_id]
-            self._running.discard(run_id)
+            self._running_ids.discard(run_id)
         self._remove(dropped)
+
+    def _keep_selection(self, key: str, row_before: int) -> bool:
+        return row_before != 0 or key == self._pinned
 
     def _highlight_message(self, key: str | None) -> Message:
         return self.RunHighlighted(self, key)
 
     def _selected_message(self, key: str) -> Message:
+        self._pinned = key
         return self.RunSelected(self, key)
 
 

@@ -1,0 +1,297 @@
+"""The engine on its own loop thread, driven from other threads and other event loops."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+from rich.console import Console
+
+from taskwatch.engine import (
+    BackgroundEngine,
+    Engine,
+    EngineNotRunning,
+    InvalidParams,
+    LoopThreadError,
+    RunList,
+    RunNotCancellable,
+    RunNotFound,
+    RunStatus,
+    UnknownTask,
+)
+
+
+class EmbedParams(BaseModel):
+    user_id: str
+    contents: list[str]
+
+
+def build_engine() -> Engine:
+    engine = Engine(health_interval=None, cancel_grace=1.0)
+
+    @engine.task
+    async def embed_batch(ctx: Any, p: EmbedParams) -> int:
+        await ctx.progress(len(p.contents), len(p.contents))
+        return len(p.contents)
+
+    @engine.task
+    async def boom(ctx: Any) -> None:
+        raise ValueError('<script>alert("x")</script> went wrong\nsecond line of detail')
+
+    @engine.task
+    async def forever(ctx: Any) -> None:
+        await asyncio.Event().wait()
+
+    return engine
+
+
+def taskwatch_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("taskwatch-")}
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """Poll from a plain thread (no event loop here) with a bounded wait."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def bg() -> Iterator[BackgroundEngine]:
+    before = taskwatch_threads()
+    bg = build_engine().start_background()
+    yield bg
+    bg.stop(timeout=5)
+    assert bg.thread not in threading.enumerate()
+    assert taskwatch_threads() <= before
+
+
+GOOD = {"user_id": "u1", "contents": ["a", "b"]}
+
+
+def test_start_background_returns_a_ready_engine() -> None:
+    before = taskwatch_threads()
+    engine = build_engine()
+    bg = engine.start_background()
+    try:
+        # no waiting: the engine started on its thread before start_background returned
+        assert bg.running
+        assert engine.state == "running"
+        assert bg.thread.daemon and bg.thread.is_alive()
+        assert bg.thread is not threading.current_thread()
+        assert bg.stats().state == "running"
+    finally:
+        bg.stop(timeout=5)
+    assert engine.state == "stopped"
+    assert bg.thread not in threading.enumerate()
+    assert taskwatch_threads() <= before
+
+
+def test_start_error_is_raised_in_the_caller() -> None:
+    before = taskwatch_threads()
+    engine = build_engine()
+
+    async def broken_start() -> None:
+        raise RuntimeError("database unreachable")
+
+    engine.start = broken_start  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="database unreachable"):
+        engine.start_background()
+    assert taskwatch_threads() <= before
+
+
+def test_submit_and_wait_from_the_main_thread(bg: BackgroundEngine) -> None:
+    handle = bg.submit("embed_batch", GOOD)
+    run = handle.wait(timeout=10)
+    assert run.status is RunStatus.SUCCEEDED
+    assert run.result == 2
+    assert bg.get(handle.id).status is RunStatus.SUCCEEDED
+    assert handle.id in {r.id for r in bg.runs()}
+    assert bg.stats().succeeded_total == 1
+    assert handle.done and handle.status is RunStatus.SUCCEEDED
+
+
+def test_submit_and_wait_from_other_threads(bg: BackgroundEngine) -> None:
+    results: list[Any] = []
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(5):
+                h = bg.submit("embed_batch", {"user_id": f"u{n}", "contents": ["x"] * i})
+                results.append(h.wait(timeout=10))
+        except BaseException as exc:  # surfaced by the asserts below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert errors == []
+    assert len(results) == 20
+    assert all(r.status is RunStatus.SUCCEEDED for r in results)
+    assert sorted(r.result for r in results) == sorted(list(range(5)) * 4)
+    assert bg.stats().succeeded_total == 20
+
+
+def test_engine_errors_reach_the_caller(bg: BackgroundEngine) -> None:
+    with pytest.raises(InvalidParams) as bad:
+        bg.submit("embed_batch", {"user_id": "u1", "contents": "not a list"})
+    assert [tuple(e["loc"]) for e in bad.value.errors] == [("contents",)]
+    with pytest.raises(UnknownTask):
+        bg.submit("no_such_task")
+    with pytest.raises(RunNotFound):
+        bg.get("missing")
+    done = bg.submit("embed_batch", GOOD).wait(timeout=10)
+    with pytest.raises(RunNotCancellable):
+        bg.cancel(done.id)
+    assert bg.stats().submitted_total == 1  # nothing bad was queued
+
+
+def test_cancel_from_another_thread(bg: BackgroundEngine) -> None:
+    handle = bg.submit("forever")
+    wait_until(lambda: handle.status is RunStatus.RUNNING)
+    record = bg.cancel(handle.id)
+    assert record.status is RunStatus.CANCELLED
+    assert handle.wait(timeout=5).cancel_reason == "user"
+
+
+def test_await_handle_on_a_different_loop(bg: BackgroundEngine) -> None:
+    handle = bg.submit("embed_batch", GOOD)
+
+    async def main() -> tuple[Any, Any]:
+        assert asyncio.get_running_loop() is not bg.loop
+        return await handle, await handle.finished(timeout=5)
+
+    first, second = asyncio.run(main())
+    assert first.status is RunStatus.SUCCEEDED and second.id == handle.id
+
+
+async def test_awaitable_variants_inside_a_running_loop(bg: BackgroundEngine) -> None:
+    # this test body is itself a coroutine on pytest's loop, like a notebook cell
+    handle = await bg.asubmit("embed_batch", GOOD)
+    record = await handle
+    assert record.result == 2
+    assert (await bg.aget(handle.id)).status is RunStatus.SUCCEEDED
+    assert [r.id for r in await bg.aruns()] == [handle.id]
+    assert (await bg.astats()).succeeded_total == 1
+    with pytest.raises(InvalidParams):
+        await bg.asubmit("embed_batch", {"user_id": 1})
+    sleeper = await bg.asubmit("forever")
+    assert (await bg.acancel(sleeper.id)).status is RunStatus.CANCELLED
+    assert (await bg.asnapshot()).stats.cancelled_total == 1
+
+
+def test_blocking_call_on_the_engines_own_loop_raises(bg: BackgroundEngine) -> None:
+    with pytest.raises(LoopThreadError, match="submit"):
+        bg.call(lambda engine: bg.submit("embed_batch", GOOD))
+    with pytest.raises(LoopThreadError):
+        bg.call(lambda engine: bg.stats())
+    with pytest.raises(LoopThreadError):
+        bg.call(lambda engine: bg.stop())
+    # the awaitable variants are fine there, and the engine is unharmed
+    stats = bg.call(lambda engine: bg.astats())
+    assert stats.state == "running"
+    assert bg.submit("embed_batch", GOOD).wait(timeout=10).status is RunStatus.SUCCEEDED
+
+
+def test_stop_is_idempotent_and_leaves_no_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = taskwatch_threads()
+    registered: list[Any] = []
+    monkeypatch.setattr(atexit, "register", registered.append)
+    monkeypatch.setattr(atexit, "unregister", registered.remove)
+    bg = build_engine().start_background()
+    assert len(registered) == 1  # runs at interpreter exit unless stopped first
+    sleeper = bg.submit("forever")
+    waited: list[Any] = []
+    waiter = threading.Thread(target=lambda: waited.append(sleeper.wait(timeout=30)))
+    waiter.start()
+    wait_until(lambda: sleeper.status is RunStatus.RUNNING)
+
+    bg.stop(timeout=0.1)
+    bg.stop(timeout=0.1)
+    waiter.join(timeout=5)
+    assert registered == []
+    assert not bg.running
+    assert taskwatch_threads() <= before
+    # the blocked waiter was answered, not left hanging: its run was cancelled by the stop
+    assert [r.cancel_reason for r in waited] == ["shutdown"]
+    with pytest.raises(EngineNotRunning):
+        bg.submit("embed_batch", GOOD)
+    with pytest.raises(EngineNotRunning):
+        bg.stats()
+
+
+def test_html_repr_shows_counts_and_failures_escaped(bg: BackgroundEngine) -> None:
+    bg.submit("embed_batch", GOOD).wait(timeout=10)
+    bg.submit("embed_batch", {"user_id": "<b>u2</b>", "contents": []}).wait(timeout=10)
+    failed = bg.submit("boom").wait(timeout=10)
+    assert failed.status is RunStatus.FAILED
+
+    html = bg._repr_html_()
+    assert 'data-status="succeeded" data-count="2"' in html
+    assert 'data-status="failed" data-count="1"' in html
+    assert "ValueError: &lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; went wrong" in html
+    assert "<script>" not in html
+    assert "second line of detail" not in html  # only the error line
+
+    run_html = bg.get(failed.id)._repr_html_()
+    assert "&lt;script&gt;" in run_html and "<script>" not in run_html
+    listing = RunList(bg.runs())._repr_html_()
+    assert 'data-status="succeeded" data-count="2"' in listing
+    assert "&lt;b&gt;u2" not in listing  # params are not in the list view...
+    assert "&lt;b&gt;u2&lt;/b&gt;" in bg.runs(task="embed_batch")[0]._repr_html_()  # ...but in a run's
+
+    console = Console(record=True, width=120, color_system=None)
+    console.print(bg)
+    console.print(RunList(bg.runs()))
+    text = console.export_text()
+    assert "failed 1" in text and "succeeded 2" in text
+    assert 'ValueError: <script>alert("x")</script> went wrong' in text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_dashboard_serves_http_until_stopped(tmp_path: Path) -> None:
+    before = taskwatch_threads()
+    bg = build_engine().start_background()
+    try:
+        info = bg.serve(str(tmp_path / "c.sock"), announce=False)
+        assert info.address.endswith("c.sock")
+        port = _free_port()
+        frame = bg.dashboard(port=port, host="127.0.0.1")
+        url = f"http://127.0.0.1:{port}/"
+        assert getattr(frame, "src", frame) == url
+
+        def answers() -> bool:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    return response.status == 200
+            except OSError:
+                return False
+
+        wait_until(answers, timeout=15)
+    finally:
+        bg.stop(timeout=5)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    assert taskwatch_threads() <= before

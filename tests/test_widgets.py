@@ -1,0 +1,801 @@
+"""Each taskwatch widget alone in a tiny host app, checked the way a user would notice."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+from rich.console import Console, RenderableType
+from textual import on
+from textual.app import App, ComposeResult
+from textual.message import Message
+from textual.widget import Widget
+from textual.widgets import Input, Sparkline, Static, Switch
+
+from taskwatch.engine import (
+    Leadership,
+    PeriodicInfo,
+    Progress,
+    QueueInfo,
+    RunError,
+    RunRecord,
+    RunStatus,
+    TaskInfo,
+    TriggerKeyState,
+    TriggerState,
+    WorkerInfo,
+    event_from_dict,
+)
+from taskwatch.engine.events import HealthSample
+from taskwatch.widgets import (
+    CountsBar,
+    EventLog,
+    FailuresList,
+    HealthSparklines,
+    LeaderBadge,
+    ParamsForm,
+    ParamsFormError,
+    QueuesTable,
+    RunDetail,
+    RunsTable,
+    ScheduleTable,
+    TriggersTable,
+)
+
+SIZE = (120, 40)
+T0 = 1_700_000_000.0
+
+
+# ---------------------------------------------------------------- helpers
+
+
+class Host(App[None]):
+    """Composes the given widgets and records the messages they post."""
+
+    def __init__(self, *widgets: Widget) -> None:
+        super().__init__()
+        self._hosted = widgets
+        self.messages: list[Message] = []
+
+    def compose(self) -> ComposeResult:
+        yield from self._hosted
+
+    @on(RunsTable.RunHighlighted)
+    @on(RunsTable.RunSelected)
+    @on(ScheduleTable.PeriodicSelected)
+    @on(FailuresList.FailureSelected)
+    @on(ParamsForm.Submitted)
+    def _record(self, message: Message) -> None:
+        self.messages.append(message)
+
+    def of(self, kind: type[Message]) -> list[Any]:
+        return [m for m in self.messages if isinstance(m, kind)]
+
+
+def plain(renderable: RenderableType | Any, width: int = 200) -> str:
+    """A renderable as plain text (what the user reads)."""
+    console = Console(file=io.StringIO(), width=width, color_system=None, legacy_windows=False)
+    with console.capture() as capture:
+        console.print(renderable)
+    return capture.get()
+
+
+def run(
+    run_id: str,
+    created: float,
+    *,
+    task: str = "send_email",
+    status: RunStatus = RunStatus.SUCCEEDED,
+    started: float | None = None,
+    finished: float | None = None,
+    attempt: int = 1,
+    max_attempts: int = 1,
+    progress: Progress | None = None,
+    error: RunError | None = None,
+    params: dict[str, Any] | None = None,
+    result: Any = None,
+) -> RunRecord:
+    return RunRecord(
+        id=run_id,
+        task=task,
+        params=params or {},
+        status=status,
+        attempt=attempt,
+        max_attempts=max_attempts,
+        created_at=T0 + created,
+        started_at=None if started is None else T0 + started,
+        finished_at=None if finished is None else T0 + finished,
+        progress=progress or Progress(),
+        error=error,
+        result=result,
+    )
+
+
+def failure() -> RunError:
+    try:
+        1 / 0
+    except ZeroDivisionError as exc:
+        return RunError.from_exception(exc)
+    raise AssertionError("unreachable")
+
+
+def cell(table: Any, row: str, column: str) -> str:
+    return str(table.get_cell(row, column))
+
+
+class CountingRunsTable(RunsTable):
+    """Records every cell write and row insertion the diffing does."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cell_updates: list[tuple[str, str]] = []
+        self.rows_added = 0
+
+    def update_cell(self, row_key: Any, column_key: Any, value: Any, *, update_width: bool = False) -> None:
+        self.cell_updates.append((str(getattr(row_key, "value", row_key)), str(getattr(column_key, "value", column_key))))
+        super().update_cell(row_key, column_key, value, update_width=update_width)
+
+    def add_row(self, *cells: Any, **kwargs: Any) -> Any:
+        self.rows_added += 1
+        return super().add_row(*cells, **kwargs)
+
+
+# ---------------------------------------------------------------- RunsTable
+
+
+async def test_runs_table_shows_newest_first_with_formatted_cells() -> None:
+    table = RunsTable()
+    async with Host(table).run_test(size=SIZE) as pilot:
+        table.update_runs(
+            [
+                run("a" * 16, 1, started=1, finished=3.5, attempt=2, max_attempts=3),
+                run("b" * 16, 3, status=RunStatus.PENDING),
+                run("c" * 16, 2, status=RunStatus.RUNNING, started=2, progress=Progress(done=3, total=5)),
+            ],
+            now=T0 + 6,
+        )
+        await pilot.pause()
+        assert table.shown_keys == ["b" * 16, "c" * 16, "a" * 16]
+        assert cell(table, "a" * 16, "id") == "aaaaaaaa"
+        assert cell(table, "a" * 16, "attempt") == "2/3"
+        assert cell(table, "a" * 16, "duration") == "2.5s"
+        assert cell(table, "c" * 16, "progress") == "█████░░░  60%"
+        assert cell(table, "c" * 16, "duration") == "4.0s"  # live: now - started
+        assert cell(table, "b" * 16, "progress") == "—"
+        assert cell(table, "b" * 16, "started") == "—"
+        assert table.get_cell("c" * 16, "status").style == "bold yellow"
+
+        # a newer run goes on top, an older one to the bottom
+        table.update_runs([run("d" * 16, 10), run("e" * 16, 0)], now=T0 + 11)
+        await pilot.pause()
+        assert table.shown_keys == ["d" * 16, "b" * 16, "c" * 16, "a" * 16, "e" * 16]
+
+
+async def test_runs_table_only_touches_changed_cells() -> None:
+    table = CountingRunsTable()
+    records = [
+        run("r1", 1, status=RunStatus.FAILED, started=1, finished=2),
+        run("r2", 2, status=RunStatus.RUNNING, started=2),
+        run("r3", 3, status=RunStatus.PENDING),
+    ]
+    async with Host(table).run_test(size=SIZE) as pilot:
+        table.update_runs(records, now=T0 + 4)
+        await pilot.pause()
+        assert table.rows_added == 3
+        table.cell_updates.clear()
+
+        # the same data again (even as new objects): nothing is written
+        table.update_runs([r.model_copy() for r in records], now=T0 + 4)
+        assert table.cell_updates == []
+        assert table.rows_added == 3
+
+        # time passes: only the running run's duration ticks (and it is not passed in)
+        table.update_runs([], now=T0 + 9)
+        assert table.cell_updates == [("r2", "duration")]
+        table.cell_updates.clear()
+
+        # one status change: one cell
+        table.update_runs([records[0].model_copy(update={"status": RunStatus.CANCELLED})], now=T0 + 9)
+        assert table.cell_updates == [("r1", "status")]
+        assert cell(table, "r1", "status") == "cancelled"
+        assert table.row_count == 3
+
+
+async def test_runs_table_filters_by_status_and_text() -> None:
+    table = RunsTable()
+    async with Host(table).run_test(size=SIZE) as pilot:
+        table.update_runs(
+            [
+                run("f00d0001", 1, task="send_email", status=RunStatus.FAILED),
+                run("f00d0002", 2, task="resize_image", status=RunStatus.SUCCEEDED),
+                run("beef0003", 3, task="send_email", status=RunStatus.RUNNING, started=3),
+                run("beef0004", 4, task="resize_image", status=RunStatus.FAILED),
+            ],
+            now=T0 + 5,
+        )
+        table.set_filter({"failed"}, "")
+        await pilot.pause()
+        assert table.shown_keys == ["beef0004", "f00d0001"]
+
+        table.set_filter(None, "EMAIL")
+        assert table.shown_keys == ["beef0003", "f00d0001"]
+
+        table.set_filter({"failed", "running"}, "beef")  # id substring
+        assert table.shown_keys == ["beef0004", "beef0003"]
+
+        # a run that stops matching leaves; a new matching one appears in order
+        table.update_runs(
+            [run("beef0003", 3, task="send_email", status=RunStatus.SUCCEEDED, started=3, finished=4),
+             run("beef0005", 5, status=RunStatus.FAILED)],
+            now=T0 + 6,
+        )
+        assert table.shown_keys == ["beef0005", "beef0004"]
+
+        table.set_filter(None, "")
+        await pilot.pause()
+        assert table.shown_keys == ["beef0005", "beef0004", "beef0003", "f00d0002", "f00d0001"]
+
+
+async def test_runs_table_keeps_a_bounded_number_of_rows_trimmed_in_batches() -> None:
+    table = CountingRunsTable(max_rows=20, trim_batch=5)
+    async with Host(table).run_test(size=SIZE) as pilot:
+        table.update_runs([run(f"r{i:03d}", i) for i in range(25)], now=T0 + 30)
+        await pilot.pause()
+        assert table.row_count == 25  # within the slack: no trim yet
+
+        table.update_runs([run("r025", 25)], now=T0 + 30)
+        await pilot.pause()
+        assert table.row_count == 20
+        assert table.shown_keys == [f"r{i:03d}" for i in range(25, 5, -1)]  # the oldest went
+        assert table.record("r000") is None
+
+        # many runs at once never leave more than max_rows + trim_batch behind
+        table.update_runs([run(f"s{i:03d}", 100 + i) for i in range(100)], now=T0 + 300)
+        await pilot.pause()
+        assert table.row_count == 20
+        assert table.shown_keys[0] == "s099"
+
+
+async def test_runs_table_cursor_follows_newest_on_top_else_stays_on_its_run() -> None:
+    table = RunsTable()
+    host = Host(table)
+    async with host.run_test(size=SIZE) as pilot:
+        table.update_runs([run("old", 1), run("mid", 2), run("new", 3)], now=T0 + 4)
+        await pilot.pause()
+        assert table.selected_run_id == "new"
+
+        # on the top row the cursor follows the newest run
+        table.update_runs([run("newer", 4)], now=T0 + 5)
+        await pilot.pause()
+        assert table.selected_run_id == "newer" and table.cursor_row == 0
+
+        assert table.select_run("mid")
+        assert table.select_run("nope") is False
+        await pilot.pause()
+        assert table.selected_run_id == "mid"
+
+        # below the top, newer runs push the row down and the cursor moves with it
+        table.update_runs([run("newest", 5)], now=T0 + 6)
+        await pilot.pause()
+        assert table.selected_run_id == "mid" and table.cursor_row == 3
+        highlighted = [m.run_id for m in host.of(RunsTable.RunHighlighted)]
+        assert highlighted == ["new", "newer", "mid"]
+
+        table.focus()
+        await pilot.press("enter")
+        await pilot.pause()
+        assert [m.run_id for m in host.of(RunsTable.RunSelected)] == ["mid"]
+
+        await pilot.press("up")
+        await pilot.pause()
+        assert host.of(RunsTable.RunHighlighted)[-1].run_id == "new"
+
+        # a run chosen on the top row stays chosen
+        await pilot.press("up", "up", "enter")
+        await pilot.pause()
+        assert table.selected_run_id == "newest"
+        table.update_runs([run("latest", 6)], now=T0 + 7)
+        await pilot.pause()
+        assert table.selected_run_id == "newest" and table.cursor_row == 1
+
+
+# ---------------------------------------------------------------- RunDetail
+
+
+async def test_run_detail_shows_a_failure_with_its_traceback() -> None:
+    detail = RunDetail()
+    error = failure()
+    record = run(
+        "0123456789abcdef",
+        1,
+        task="charge_card",
+        status=RunStatus.FAILED,
+        started=1,
+        finished=2,
+        attempt=3,
+        max_attempts=3,
+        params={"amount": 42, "currency": "EUR"},
+        progress=Progress(done=1, total=4, message="contacting bank"),
+        error=error,
+    )
+    async with Host(detail).run_test(size=SIZE) as pilot:
+        assert "No run selected" in plain(detail.query_one("#run-detail-empty", Static).content)
+        detail.show(record)
+        await pilot.pause()
+        summary = plain(detail.query_one("#run-detail-summary", Static).content)
+        assert "0123456789abcdef" in summary and "charge_card" in summary
+        assert "failed" in summary and "3 of 3" in summary
+        assert '"currency": "EUR"' in plain(detail.query_one("#run-detail-params", Static).content)
+        assert "contacting bank" in plain(detail.query_one("#run-detail-progress-message", Static).content)
+        assert detail.query_one("#run-detail-error-section").display
+        assert not detail.query_one("#run-detail-result-section").display
+        assert "ZeroDivisionError: division by zero" in plain(detail.query_one("#run-detail-error", Static).content)
+        traceback = plain(detail.query_one("#run-detail-traceback", Static).content)
+        assert "Traceback (most recent call last)" in traceback
+        assert "1 / 0" in traceback
+        assert detail.traceback_text == error.traceback
+
+        success = run("feedfacefeedface", 2, status=RunStatus.SUCCEEDED, started=2, finished=3, result={"ok": True})
+        detail.show(success)
+        await pilot.pause()
+        assert not detail.query_one("#run-detail-error-section").display
+        assert '"ok": true' in plain(detail.query_one("#run-detail-result", Static).content)
+
+        detail.show(None)
+        await pilot.pause()
+        assert not detail.query_one("#run-detail-body").display
+
+
+# ---------------------------------------------------------------- ParamsForm
+
+
+class Inner(BaseModel):
+    x: int
+
+
+class SampleParams(BaseModel):
+    user_id: str
+    contents: list[str]
+    count: int = 3
+    ratio: float = 0.5
+    tags: list[str] = ["a"]
+    meta: dict[str, int] = {}
+    notify: bool = True
+    note: str | None = None
+    inner: Inner | None = None
+
+
+def sample_task() -> TaskInfo:
+    return TaskInfo(
+        name="sample",
+        kind="task",
+        description="A sample task.",
+        submittable=True,
+        retries=0,
+        timeout=None,
+        concurrency=None,
+        params_schema=SampleParams.model_json_schema(),
+    )
+
+
+async def test_params_form_builds_labelled_inputs_with_defaults() -> None:
+    form = ParamsForm(sample_task())
+    async with Host(form).run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        labels = {spec.name: spec.label for spec in form.fields}
+        assert labels["user_id"] == "user_id: string *"
+        assert labels["contents"] == "contents: list (JSON) *"
+        assert labels["count"] == "count: int"
+        assert labels["meta"] == "meta: dict (JSON)"
+        assert labels["note"] == "note: string, optional"
+        assert labels["inner"] == "inner: Inner (JSON), optional"
+
+        assert isinstance(form.field_widget("notify"), Switch)
+        assert form.field_widget("notify").value is True
+        widgets = {spec.name: form.field_widget(spec.name) for spec in form.fields}
+        values = {name: w.value for name, w in widgets.items() if isinstance(w, Input)}
+        assert values == {
+            "user_id": "",
+            "contents": "",
+            "count": "3",
+            "ratio": "0.5",
+            "tags": '["a"]',
+            "meta": "{}",
+            "note": "",
+            "inner": "",
+        }
+        shown_labels = [str(label.content) for label in form.query(".params-form--label").results(Static)]
+        assert "user_id: string *" in shown_labels
+
+
+async def test_params_form_collects_parsed_values() -> None:
+    form = ParamsForm(sample_task())
+    async with Host(form).run_test(size=SIZE) as pilot:
+        form.field_widget("user_id").value = "u-1"
+        form.field_widget("contents").value = '["x", "y"]'
+        form.field_widget("count").value = "7"
+        form.field_widget("inner").value = '{"x": 1}'
+        form.field_widget("notify").value = False
+        await pilot.pause()
+        params = form.collect()
+        assert params == {
+            "user_id": "u-1",
+            "contents": ["x", "y"],
+            "count": 7,
+            "ratio": 0.5,
+            "tags": ["a"],
+            "meta": {},
+            "notify": False,
+            "note": None,
+            "inner": {"x": 1},
+        }
+        assert SampleParams(**params).count == 7  # what the engine will validate
+
+
+async def test_params_form_shows_parse_errors_inline() -> None:
+    form = ParamsForm(sample_task())
+    async with Host(form).run_test(size=SIZE) as pilot:
+        form.field_widget("contents").value = '["x",'
+        form.field_widget("count").value = "abc"
+        form.field_widget("meta").value = "[1]"
+        await pilot.pause()
+        with pytest.raises(ParamsFormError) as caught:
+            form.collect()
+        await pilot.pause()
+        by_field = {err["loc"][0]: err["msg"] for err in caught.value.errors}
+        assert set(by_field) == {"user_id", "contents", "count", "meta"}
+        assert form.field_error("user_id") == "this field is required"
+        assert form.field_error("contents").startswith("invalid JSON")
+        assert form.field_error("count") == "not an integer: 'abc'"
+        assert form.field_error("meta").startswith("expected a JSON object")
+        assert form.field_error("tags") == ""
+        assert form.field_widget("contents").has_class("-invalid")
+
+        # fixing them clears the messages
+        form.field_widget("user_id").value = "u"
+        form.field_widget("contents").value = "[]"
+        form.field_widget("count").value = "1"
+        form.field_widget("meta").value = "{}"
+        assert form.collect()["count"] == 1
+        assert form.field_error("contents") == ""
+        assert not form.field_widget("contents").has_class("-invalid")
+
+
+async def test_params_form_show_errors_puts_messages_below_their_fields() -> None:
+    form = ParamsForm(sample_task())
+    async with Host(form).run_test(size=SIZE) as pilot:
+        form.show_errors(
+            [
+                {"loc": ("count",), "msg": "Input should be greater than 0", "type": "greater_than"},
+                {"loc": ["tags", 1], "msg": "Input should be a valid string"},
+                {"loc": (), "msg": "Value error, user must exist"},
+                {"loc": ("bogus",), "msg": "Extra inputs are not permitted"},
+            ]
+        )
+        await pilot.pause()
+        assert form.field_error("count") == "Input should be greater than 0"
+        assert form.field_error("tags") == "1: Input should be a valid string"
+        assert form.field_error("user_id") == ""
+        assert "Value error, user must exist" in form.general_error
+        assert "bogus: Extra inputs are not permitted" in form.general_error
+
+        # the message sits right below its input
+        children = list(form.children)
+        count_input = form.field_widget("count")
+        below = children[children.index(count_input) + 1]
+        assert below.display and str(below.content) == "Input should be greater than 0"
+
+        form.clear_errors()
+        assert form.field_error("count") == "" and form.general_error == ""
+
+
+async def test_params_form_enter_submits_parsed_params() -> None:
+    form = ParamsForm(sample_task(), values={"user_id": "u-9", "contents": ["z"]})
+    host = Host(form)
+    async with host.run_test(size=SIZE) as pilot:
+        form.field_widget("user_id").focus()
+        await pilot.press("enter")
+        await pilot.pause()
+        [submitted] = host.of(ParamsForm.Submitted)
+        assert submitted.params["user_id"] == "u-9" and submitted.params["contents"] == ["z"]
+
+
+# ---------------------------------------------------------------- EventLog
+
+
+def ev(kind: str, seq: int, **fields: Any) -> Any:
+    defaults: dict[str, dict[str, Any]] = {
+        "run.submitted": {"run_id": f"run{seq:05d}", "task": "send_email"},
+        "run.failed": {"run_id": f"run{seq:05d}", "task": "send_email", "error": {"type": "KeyError", "message": "x"}},
+        "worker.crashed": {"name": "poller", "error": {"type": "OSError", "message": "boom"}, "restarts": 1, "restart_in": 0.5},
+        "health": {
+            "cpu_percent": 1.0, "rss_bytes": 1, "threads": 1, "open_fds": 1, "loop_lag_ms": 0.1,
+            "running": 0, "queue_depth": 0, "finished_per_s": 0.0, "failed_per_s": 0.0,
+        },
+    }
+    return event_from_dict({"kind": kind, "seq": seq, "ts": T0 + seq, **defaults[kind], **fields})
+
+
+def log_text(log: EventLog) -> list[str]:
+    return [strip.text.rstrip() for strip in log.lines]
+
+
+async def test_event_log_writes_one_line_per_event_and_filters_by_kind() -> None:
+    log = EventLog()
+    async with Host(log).run_test(size=SIZE) as pilot:
+        log.add_events([ev("run.submitted", 1), ev("health", 2), ev("worker.crashed", 3), ev("run.failed", 4)])
+        await pilot.pause()
+        lines = log_text(log)
+        assert len(lines) == 4
+        assert "#1" in lines[0] and "run.submitted" in lines[0] and "run=run00001" in lines[0]
+        assert "error=OSError: boom" in lines[2]
+
+        log.set_filter({"run."})
+        await pilot.pause()
+        assert [line.split()[2] for line in log_text(log)] == ["run.submitted", "run.failed"]
+
+        log.set_filter({"worker.crashed", "health"})
+        log.add_events([ev("run.submitted", 5), ev("health", 6)])
+        await pilot.pause()
+        assert [line.split()[2] for line in log_text(log)] == ["health", "worker.crashed", "health"]
+
+        log.set_filter(None)
+        await pilot.pause()
+        assert len(log_text(log)) == 6
+
+
+async def test_event_log_pause_buffers_and_resume_loses_nothing() -> None:
+    log = EventLog()
+    async with Host(log).run_test(size=SIZE) as pilot:
+        log.add_events([ev("run.submitted", 1)])
+        await pilot.pause()
+        log.paused = True
+        log.add_events([ev("run.submitted", seq) for seq in range(2, 7)])
+        log.add_events([ev("run.submitted", 7)])
+        await pilot.pause()
+        assert len(log.lines) == 1  # the view is frozen
+        assert log.buffered == 6 and log.not_shown == 0
+
+        log.paused = False
+        await pilot.pause()
+        assert [line.split()[1] for line in log_text(log)] == [f"#{seq}" for seq in range(1, 8)]
+        assert log.buffered == 0
+
+
+async def test_event_log_counts_what_overflows_the_pause_buffer() -> None:
+    log = EventLog(buffer_cap=3)
+    async with Host(log).run_test(size=SIZE) as pilot:
+        log.paused = True
+        log.add_events([ev("run.submitted", seq) for seq in range(1, 11)])
+        assert log.buffered == 3 and log.not_shown == 7
+        log.paused = False
+        await pilot.pause()
+        lines = log_text(log)
+        assert "7 events not shown" in lines[0]
+        assert [line.split()[1] for line in lines[1:]] == ["#8", "#9", "#10"]
+
+
+async def test_event_log_caps_lines_and_skips_rendering_while_hidden() -> None:
+    log = EventLog(max_lines=50)
+    async with Host(log).run_test(size=SIZE) as pilot:
+        log.add_events([ev("health", seq) for seq in range(1, 121)])
+        await pilot.pause()
+        assert len(log.lines) == 50
+        assert log_text(log)[-1].split()[1] == "#120"
+
+        log.display = False
+        await pilot.pause()
+        before = list(log.lines)
+        log.add_events([ev("run.submitted", 121)])
+        await pilot.pause()
+        assert log.lines == before  # nothing rendered while hidden
+
+        log.display = True
+        await pilot.pause()
+        await pilot.pause()
+        assert log_text(log)[-1].split()[1] == "#121"
+        assert len(log.lines) == 50
+
+
+# ---------------------------------------------------------------- LeaderBadge, CountsBar
+
+
+async def test_leader_badge_shows_leader_follower_and_disconnected() -> None:
+    badge = LeaderBadge()
+    async with Host(badge).run_test(size=SIZE) as pilot:
+        now = T0 + 100
+        badge.update(Leadership(node_id="node-a", is_leader=True, holder="node-a", term=7, expires_at=now + 4.25), T0, now)
+        await pilot.pause()
+        text = str(badge.render())
+        assert "LEADER" in text and "node-a" in text and "term 7" in text and "lease 4.2s" in text
+        assert "up 1m40s" in text
+        assert badge.has_class("-leader")
+
+        badge.update(Leadership(node_id="node-b", is_leader=False, holder="node-a", term=8, expires_at=now - 1), T0, now)
+        await pilot.pause()
+        text = str(badge.render())
+        assert "follower" in text and "leader node-a" in text and "lease expired" in text
+        assert badge.has_class("-follower") and not badge.has_class("-leader")
+
+        badge.update(Leadership(node_id="node-b", is_leader=False, holder=None, term=8), T0, now, connected=False)
+        await pilot.pause()
+        assert "DISCONNECTED — reconnecting…" in str(badge.render())
+        assert badge.state == "disconnected" and badge.has_class("-disconnected")
+
+        badge.update_disconnected("tcp://10.0.0.5:7400")
+        await pilot.pause()
+        assert "reconnecting… to tcp://10.0.0.5:7400" in str(badge.render())
+
+
+async def test_counts_bar_shows_counts_dropped_and_paused() -> None:
+    bar = CountsBar()
+    async with Host(bar).run_test(size=SIZE) as pilot:
+        bar.update({"running": 2, "failed": 1}, dropped=0, paused=False)
+        await pilot.pause()
+        text = str(bar.render())
+        assert "running 2" in text and "failed 1" in text and "pending 0" in text
+        assert "dropped" not in text and "paused" not in text
+        bar.update({"running": 2}, dropped=5, paused=True, view_paused_buffered=12)
+        await pilot.pause()
+        text = str(bar.render())
+        assert "dropped 5 events" in text and "paused (12 buffered)" in text
+
+
+# ---------------------------------------------------------------- HealthSparklines
+
+
+def sample(i: int) -> HealthSample:
+    return HealthSample(
+        seq=i, ts=T0 + i, cpu_percent=float(i), rss_bytes=(100 + i) * 1_048_576, threads=4, open_fds=10,
+        loop_lag_ms=0.5 * i, running=1, queue_depth=0, finished_per_s=2.0 * i, failed_per_s=0.1,
+    )
+
+
+async def test_health_sparklines_keep_bounded_history_and_show_current_values() -> None:
+    health = HealthSparklines(history=10)
+    async with Host(health).run_test(size=SIZE) as pilot:
+        for i in range(25):
+            health.add_sample(sample(i))
+        await pilot.pause()
+        assert health.history("cpu") == [float(i) for i in range(15, 25)]
+        assert len(health.query_one("#health-spark-lag", Sparkline).data or []) == 10
+        assert str(health.query_one("#health-value-cpu", Static).content) == "24.0%"
+        assert str(health.query_one("#health-value-rss", Static).content) == "124.0 MiB"
+        assert str(health.query_one("#health-value-throughput", Static).content) == "48.0/s"
+
+
+# ---------------------------------------------------------------- ScheduleTable, QueuesTable, TriggersTable
+
+
+def periodic(name: str, **fields: Any) -> PeriodicInfo:
+    base: dict[str, Any] = {"trigger": "every 60s", "trigger_kind": "interval", "every": 60.0, "enabled": True}
+    return PeriodicInfo(name=name, **{**base, **fields})
+
+
+async def test_schedule_table_shows_state_next_due_and_selection() -> None:
+    table = ScheduleTable()
+    host = Host(table)
+    async with host.run_test(size=SIZE) as pilot:
+        now = T0
+        infos = [
+            periodic("reindex", next_due=now + 42, last_status="failed", last_duration=1.5, runs=10, failures=2),
+            periodic("cleanup", paused=True, next_due=now + 5),
+            periodic("billing", enabled=False, reason="leader only", trigger="cron 0 3 * * *", trigger_kind="cron"),
+        ]
+        table.update_schedule(infos, now)
+        await pilot.pause()
+        assert table.shown_keys == ["billing", "cleanup", "reindex"]
+        assert cell(table, "reindex", "next") == "42s"
+        assert cell(table, "reindex", "last") == "failed"
+        assert cell(table, "reindex", "failures") == "2"
+        assert cell(table, "cleanup", "state") == "paused"
+        assert cell(table, "cleanup", "next") == "—"
+        assert cell(table, "billing", "state") == "disabled: leader only"
+
+        table.update_schedule(infos[:1], now + 40)
+        await pilot.pause()
+        assert table.shown_keys == ["reindex"]
+        assert cell(table, "reindex", "next") == "2.0s"
+        assert table.selected_name == "reindex"
+
+        table.focus()
+        await pilot.press("enter")
+        await pilot.pause()
+        assert [m.name for m in host.of(ScheduleTable.PeriodicSelected)] == ["reindex"]
+
+
+async def test_queues_table_shows_counters_and_throughput() -> None:
+    table = QueuesTable()
+    async with Host(table).run_test(size=SIZE) as pilot:
+        def info(processed: int, depth: int = 3) -> QueueInfo:
+            return QueueInfo(name="emails", concurrency=4, maxsize=10, depth=depth, in_flight=2, processed=processed, failed=1)
+
+        table.update_queues([info(10)], now=100.0)
+        await pilot.pause()
+        assert cell(table, "emails", "depth") == "3/10"
+        assert cell(table, "emails", "in_flight") == "2/4"
+        assert cell(table, "emails", "rate") == "—"
+        table.update_queues([info(30, depth=9)], now=102.0)
+        await pilot.pause()
+        assert cell(table, "emails", "rate") == "10.0/s"
+        assert table.get_cell("emails", "depth").style == "bold red"  # 90 % full
+        table.update_queues([], now=103.0)
+        await pilot.pause()
+        assert table.row_count == 0
+
+
+async def test_triggers_table_shows_one_row_per_key() -> None:
+    table = TriggersTable()
+    async with Host(table).run_test(size=SIZE) as pilot:
+        now = T0
+        states = [
+            TriggerState(
+                name="digest",
+                size_threshold=10,
+                staleness=30.0,
+                keys=[
+                    TriggerKeyState(key="user-2", count=4, last_run_at=now - 90, running=True),
+                    TriggerKeyState(key="user-1", count=10, queued=True),
+                ],
+            ),
+            TriggerState(name="idle", size_threshold=5),
+        ]
+        table.update_triggers(states, now)
+        await pilot.pause()
+        assert table.row_count == 3
+        rows = [[str(c) for c in table.get_row(key)] for key in table.shown_keys]
+        assert rows[0][:2] == ["digest", "user-1"] and rows[0][5] == "queued"
+        assert rows[1][:4] == ["digest", "user-2", "4", "10 or 30s"]
+        assert rows[1][4] == "1m30s ago" and rows[1][5] == "running"
+        assert rows[2][:2] == ["idle", "(no keys)"]
+        assert table.selected_trigger_key == ("digest", "user-1")
+
+
+# ---------------------------------------------------------------- FailuresList
+
+
+async def test_failures_list_shows_failed_runs_and_crashed_workers_with_tracebacks() -> None:
+    failures = FailuresList()
+    host = Host(failures)
+    error = failure()
+    async with host.run_test(size=SIZE) as pilot:
+        failed = run("deadbeefdeadbeef", 1, task="charge", status=RunStatus.FAILED, started=1, finished=2,
+                     attempt=3, max_attempts=3, error=error)
+        crashed = WorkerInfo(
+            name="poller", leader_only=False, state="backoff", restarts=2, crashes=3,
+            last_error=RunError(type="OSError", message="socket closed", traceback="Traceback ...\nOSError: socket closed\n"),
+            last_error_at=T0 + 5,
+        )
+        healthy = WorkerInfo(name="ticker", leader_only=False, state="running")
+        failures.update([failed], [crashed, healthy])
+        await pilot.pause()
+        table = failures.table
+        assert table.shown_keys == ["worker:poller", "run:deadbeefdeadbeef"]  # newest error first
+        assert cell(table, "run:deadbeefdeadbeef", "tries") == "3/3"
+        assert cell(table, "worker:poller", "tries") == "2 restarts"
+        assert "OSError: socket closed" in cell(table, "worker:poller", "error")
+        detail = plain(failures.query_one("#failures-traceback", Static).content)
+        assert "socket closed" in detail and "restarts 2" in detail
+
+        assert failures.select("run", "deadbeefdeadbeef")
+        await pilot.pause()
+        detail = plain(failures.query_one("#failures-traceback", Static).content)
+        assert "Traceback (most recent call last)" in detail and "ZeroDivisionError" in detail
+        assert failures.selected == ("run", "deadbeefdeadbeef")
+        picked = failures.selected_traceback()
+        assert picked is not None and picked == (
+            "charge deadbeefdeadbeef: ZeroDivisionError: division by zero", error.traceback
+        )
+
+        table.focus()
+        await pilot.press("enter")
+        await pilot.pause()
+        [chosen] = host.of(FailuresList.FailureSelected)
+        assert (chosen.kind, chosen.ident) == ("run", "deadbeefdeadbeef")
+
+        failures.update([], [])
+        await pilot.pause()
+        assert table.row_count == 0
+        assert "No failures" in plain(failures.query_one("#failures-traceback", Static).content)
