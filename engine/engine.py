@@ -410,7 +410,7 @@ class Engine:
             if existing is not None and existing.status is _PENDING:
                 return existing, False
         if self._counts[_PENDING] >= self.max_queue:
-            raise QueueFull(f"the engine's run queue", self.max_queue)
+            raise QueueFull("the engine's run queue", self.max_queue)
         model_cls = spec.params_model
         if model_cls is None:
             if params:

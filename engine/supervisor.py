@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -262,7 +261,7 @@ class Supervisor:
             raise
 
     async def _pause(self, worker: _Worker, delay: float) -> None:
-        worker.next_restart_at = time.time() + delay
+        worker.next_restart_at = self._engine.clock() + delay
         try:
             await asyncio.sleep(delay)
         finally:
@@ -273,7 +272,7 @@ class Supervisor:
         engine = self._engine
         leader = engine._leader
         worker.state = "running"
-        worker.started_at = time.time()
+        worker.started_at = self._engine.clock()
         engine.bus.emit(
             WorkerStarted,
             name=worker.name,
@@ -321,7 +320,7 @@ class Supervisor:
         error = RunError.from_exception(exc)
         worker.state = "backoff"
         worker.last_error = error
-        worker.last_error_at = time.time()
+        worker.last_error_at = self._engine.clock()
         log.warning("supervised worker %r crashed (%s); restart in %.3g s", worker.name, error.type, delay)
         self._engine.bus.emit(
             WorkerCrashed, name=worker.name, error=error, restarts=worker.restarts, restart_in=delay

@@ -14,7 +14,7 @@ sort column.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Hashable
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -126,8 +126,9 @@ class KeyedTable(DataTable[Text]):
         self._selection_before = self.selected_key
         self._cursor_before = self.cursor_row
 
-    def _upsert(self, key: str, order: Hashable, cells: tuple[Cell, ...]) -> bool:
-        """Show ``cells`` in row ``key``; returns True when the row is new."""
+    def _upsert(self, key: str, order: Any, cells: tuple[Cell, ...]) -> bool:
+        """Show ``cells`` in row ``key``, placed by ``order`` (ascending; orders of one
+        table must compare with each other); returns True when the row is new."""
         self._ensure_columns()
         previous = self._cells.get(key)
         if previous is None:

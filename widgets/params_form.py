@@ -177,21 +177,24 @@ class ParamsForm(Widget):
         task: TaskInfo,
         *,
         values: Mapping[str, Any] | None = None,
+        show_description: bool = False,
         name: str | None = None,
         id: str | None = None,
         classes: str | None = None,
         disabled: bool = False,
     ) -> None:
-        """``values`` pre-fills fields (e.g. a failed run's params) instead of the defaults."""
+        """``values`` pre-fills fields (e.g. a failed run's params) instead of the defaults;
+        ``show_description`` puts the task's description above the fields."""
         super().__init__(name=name, id=id, classes=classes, disabled=disabled)
         self.task_info = task
         self.fields: tuple[FieldSpec, ...] = tuple(fields_from_schema(task.params_schema))
         self._initial = dict(values or {})
+        self._show_description = show_description
         self._inputs: dict[str, Input | Switch] = {}
         self._errors: dict[str, Static] = {}
 
     def compose(self) -> ComposeResult:
-        if self.task_info.description:
+        if self._show_description and self.task_info.description:
             yield Static(self.task_info.description, classes="params-form--description", markup=False)
         if not self.fields:
             yield Static("This task takes no params.", classes="params-form--empty")

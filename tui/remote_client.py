@@ -1,0 +1,128 @@
+"""The dashboard's client for an engine in another process, over the control endpoint.
+
+It keeps one :class:`~taskwatch.engine.remote.RemoteEngine` connection and,
+when that drops, reconnects with backoff; each reconnect yields a fresh
+snapshot that the dashboard loads (``take_resync``) so it resynchronises
+instead of guessing what it missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from taskwatch.engine import BaseEvent, PeriodicInfo, RunRecord, Snapshot, TaskwatchError
+from taskwatch.engine.errors import ConnectionClosed
+from taskwatch.engine.remote import RemoteEngine
+
+from .client import DEFAULT_BUFFER, DashboardClient
+
+
+class RemoteClient(DashboardClient):
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        *,
+        buffer: int = DEFAULT_BUFFER,
+        retry_interval: float = 0.5,
+        retry_max: float = 5.0,
+        timeout: float = 10.0,
+    ) -> None:
+        super().__init__(buffer)
+        self.where = address
+        self.address = address
+        self.token = token
+        self.retry_interval = retry_interval
+        self.retry_max = retry_max
+        self.timeout = timeout
+        self._remote: RemoteEngine | None = None
+        self._resync: Snapshot | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._closing = False
+        #: successful connections so far (1 after the first connect)
+        self.connections = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._remote is not None and self._remote.connected
+
+    async def _open(self) -> Snapshot:
+        remote = RemoteEngine(self.address, self.token, buffer=self.buffer, timeout=self.timeout)
+        snap = await remote.connect()
+        old, self._remote = self._remote, remote
+        if old is not None:
+            await old.close()
+        self.connections += 1
+        return snap
+
+    async def connect(self) -> Snapshot:
+        try:
+            return await self._open()
+        finally:
+            # keep trying in the background if this first attempt failed
+            if self._watch is None:
+                self._watch = asyncio.get_running_loop().create_task(self._watchdog(), name="taskwatch-reconnect")
+
+    async def _watchdog(self) -> None:
+        delay = self.retry_interval
+        while not self._closing:
+            remote = self._remote
+            if remote is not None and remote.connected:
+                await remote.disconnected.wait()
+                delay = self.retry_interval
+                continue
+            # pacing between attempts while the engine is away, not synchronisation
+            await asyncio.sleep(delay)
+            try:
+                self._resync = await self._open()
+            except (OSError, TaskwatchError):
+                delay = min(delay * 2, self.retry_max)
+
+    def take_resync(self) -> Snapshot | None:
+        """A snapshot from a reconnect, once; the dashboard reloads from it."""
+        snap, self._resync = self._resync, None
+        return snap
+
+    def take_events(self, limit: int = 20_000) -> list[BaseEvent]:
+        remote = self._remote
+        return remote.get_batch(limit) if remote is not None else []
+
+    def pending_events(self) -> int:
+        remote = self._remote
+        return len(remote._events) if remote is not None else 0
+
+    def _require(self) -> RemoteEngine:
+        remote = self._remote
+        if remote is None or not remote.connected:
+            raise ConnectionClosed(f"not connected to {self.address}; reconnecting, try again in a moment")
+        return remote
+
+    async def snapshot(self, runs_limit: int = 500) -> Snapshot:
+        return await self._require().snapshot(runs_limit=runs_limit)
+
+    async def submit(self, task: str, params: dict[str, Any]) -> RunRecord:
+        return await self._require().submit(task, params)
+
+    async def cancel(self, run_id: str) -> RunRecord:
+        return await self._require().cancel(run_id)
+
+    async def retry(self, run_id: str) -> RunRecord:
+        return await self._require().retry(run_id)
+
+    async def pause_periodic(self, name: str) -> PeriodicInfo:
+        return await self._require().pause_periodic(name)
+
+    async def resume_periodic(self, name: str) -> PeriodicInfo:
+        return await self._require().resume_periodic(name)
+
+    async def close(self) -> None:
+        self._closing = True
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+        if self._remote is not None:
+            await self._remote.close()
