@@ -67,51 +67,22 @@ def parse_run_filter(text: str) -> tuple[set[str] | None, str]:
     return (statuses or None), " ".join(words)
 
 
-class TaskwatchApp(App[None]):
-    """The dashboard. Give it a :class:`DashboardClient`: in-process or remote."""
+class DashboardScreen(Screen[None]):
+    """The dashboard itself: header, tabs, footer. Modal dialogs stack above it."""
 
-    CSS_PATH = "app.tcss"
-    TITLE = "taskwatch"
-    BINDINGS = [
-        Binding("s", "submit", "Submit"),
-        Binding("c", "cancel_run", "Cancel"),
-        Binding("r", "retry_run", "Retry"),
-        Binding("t", "traceback", "Traceback"),
-        Binding("slash", "filter", "Filter"),
-        Binding("p", "toggle_view", "Pause view"),
-        Binding("z", "toggle_periodic", "Pause periodic"),
-        Binding("question_mark", "help", "Help"),
-        Binding("q", "quit", "Quit"),
-        Binding("escape", "close_filter", "Close filter", show=False),
-        *(Binding(str(i), f"show_tab('{tab}')", tab.title(), show=False) for i, tab in enumerate(TABS, 1)),
-    ]
-
-    view_paused: reactive[bool] = reactive(False)
-
-    def __init__(
-        self,
-        client: DashboardClient,
-        *,
-        refresh_hz: float = 15.0,
-        overview_interval: float = 1.0,
-        max_rows: int = 500,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        super().__init__()
-        self.client = client
-        self.state = DashboardState()
-        self.refresh_hz = refresh_hz
-        self.overview_interval = overview_interval
+    def __init__(self, max_rows: int) -> None:
+        super().__init__(id="dashboard")
         self.max_rows = max_rows
-        self.clock = clock
-        self._resyncing = False
-        self._connected_once = False
-        #: redraws done, and events drained, since start (for tests and the load bench)
-        self.frames = 0
-        self.events_seen = 0
-        self._failures_shown: tuple[int, int] = (-1, -1)
 
-    # ------------------------------------------------------------------ layout
+    def on_mount(self) -> None:
+        app = self.app
+        if isinstance(app, TaskwatchApp):
+            app.dashboard_ready()
+
+    def on_unmount(self) -> None:
+        app = self.app
+        if isinstance(app, TaskwatchApp):
+            app.dashboard_gone()
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="top"):
@@ -142,7 +113,60 @@ class TaskwatchApp(App[None]):
                 yield EventLog(id="event-log")
         yield Footer()
 
-    def on_mount(self) -> None:
+
+class TaskwatchApp(App[None]):
+    """The dashboard. Give it a :class:`DashboardClient`: in-process or remote."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "taskwatch"
+    BINDINGS = [
+        Binding("s", "submit", "Submit"),
+        Binding("c", "cancel_run", "Cancel"),
+        Binding("r", "retry_run", "Retry"),
+        Binding("t", "traceback", "Traceback"),
+        Binding("slash", "filter", "Filter"),
+        Binding("p", "toggle_view", "Pause view"),
+        Binding("z", "toggle_periodic", "Pause periodic"),
+        Binding("question_mark", "help", "Help"),
+        Binding("q", "quit", "Quit"),
+        Binding("escape", "close_filter", "Close filter", show=False),
+        *(Binding(str(i), f"show_tab('{tab}')", tab.title(), show=False) for i, tab in enumerate(TABS, 1)),
+    ]
+
+    view_paused: reactive[bool] = reactive(False, init=False)
+
+    def __init__(
+        self,
+        client: DashboardClient,
+        *,
+        refresh_hz: float = 15.0,
+        overview_interval: float = 1.0,
+        max_rows: int = 500,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__()
+        self.client = client
+        self.state = DashboardState()
+        self.refresh_hz = refresh_hz
+        self.overview_interval = overview_interval
+        self.max_rows = max_rows
+        self.clock = clock
+        self._resyncing = False
+        self._connected_once = False
+        #: redraws done, and events drained, since start (for tests and the load bench)
+        self.frames = 0
+        self.events_seen = 0
+        self._failures_shown: tuple[int, int] = (-1, -1)
+        self.main = DashboardScreen(max_rows)
+        self._dashboard_gone = False
+
+    # ------------------------------------------------------------------ layout
+
+    def get_default_screen(self) -> Screen[Any]:
+        return self.main
+
+    def dashboard_ready(self) -> None:
+        """Called by the dashboard screen once its widgets exist: start the data flow."""
         self.sub_title = self.client.where
         self.connect()
         self.set_interval(1.0 / self.refresh_hz, self.redraw, name="redraw")
@@ -191,6 +215,8 @@ class TaskwatchApp(App[None]):
 
     def redraw(self, full: bool = False) -> None:
         """Drain buffered events into the state, then update the widgets that changed."""
+        if not self.main.is_attached or self._dashboard_gone:
+            return  # the dashboard is being torn down
         events = self.client.take_events()
         resync = getattr(self.client, "take_resync", lambda: None)()
         if resync is not None:
@@ -202,7 +228,7 @@ class TaskwatchApp(App[None]):
         if self.state.needs_resync and not self._resyncing:
             self.state.needs_resync = False
             self.resync()
-        log = self.query_one(EventLog)
+        log = self.main.query_one(EventLog)
         if events:
             log.add_events(events)
         if self.view_paused:
@@ -219,7 +245,7 @@ class TaskwatchApp(App[None]):
             self._update_detail(dirty, full)
             health = [e for e in events if isinstance(e, HealthSample)]
             if health:
-                lines = self.query_one(HealthSparklines)
+                lines = self.main.query_one(HealthSparklines)
                 for sample in health:
                     lines.add_sample(sample)
             self._update_failures()
@@ -227,32 +253,32 @@ class TaskwatchApp(App[None]):
             self._update_counts()
 
     def _update_runs(self, now: float) -> None:
-        self.query_one(RunsTable).update_runs(self.state.newest_runs(self.max_rows), now)
+        self.main.query_one(RunsTable).update_runs(self.state.newest_runs(self.max_rows), now)
 
     def _update_detail(self, dirty: set[str], full: bool) -> None:
-        selected = self.query_one(RunsTable).selected_run_id
+        selected = self.main.query_one(RunsTable).selected_run_id
         if selected is not None and (full or selected in dirty):
-            self.query_one(RunDetail).show(self.state.runs.get(selected))
+            self.main.query_one(RunDetail).show(self.state.runs.get(selected), self.clock())
 
     def _update_failures(self) -> None:
         failed = self.state.failed_runs()
         key = (len(failed) and hash(tuple((r.id, r.attempt) for r in failed[:50])), len(self.state.worker_crashes))
         if key != self._failures_shown:
             self._failures_shown = key
-            self.query_one(FailuresList).update(failed, self.state.workers)
+            self.main.query_one(FailuresList).update(failed, self.state.workers)
 
     def _update_header(self, now: float | None = None) -> None:
         now = self.clock() if now is None else now
         if self.state.leadership is not None:
-            self.query_one(LeaderBadge).update(
+            self.main.query_one(LeaderBadge).update(
                 self.state.leadership, self.state.started_at, now, connected=self.client.connected
             )
         else:
-            self.query_one(LeaderBadge).update_disconnected(self.client.where)
+            self.main.query_one(LeaderBadge).update_disconnected(self.client.where)
 
     def _update_counts(self) -> None:
-        log = self.query_one(EventLog)
-        self.query_one(CountsBar).update(
+        log = self.main.query_one(EventLog)
+        self.main.query_one(CountsBar).update(
             self.state.counts(),
             self.state.dropped + self.client.dropped,
             self.view_paused,
@@ -261,10 +287,10 @@ class TaskwatchApp(App[None]):
 
     def refresh_tables(self) -> None:
         now = self.clock()
-        self.query_one(ScheduleTable).update_schedule(self.state.schedule, now)
-        self.query_one(QueuesTable).update_queues(self.state.queues)
-        self.query_one(TriggersTable).update_triggers(self.state.triggers, now)
-        self.query_one("#workers", Static).update(self._workers_text())
+        self.main.query_one(ScheduleTable).update_schedule(self.state.schedule, now)
+        self.main.query_one(QueuesTable).update_queues(self.state.queues)
+        self.main.query_one(TriggersTable).update_triggers(self.state.triggers, now)
+        self.main.query_one("#workers", Static).update(self._workers_text())
         self._failures_shown = (-1, -1)
         self._update_failures()
 
@@ -281,21 +307,21 @@ class TaskwatchApp(App[None]):
 
     @property
     def selected_run(self) -> RunRecord | None:
-        run_id = self.query_one(RunsTable).selected_run_id
+        run_id = self.main.query_one(RunsTable).selected_run_id
         return self.state.runs.get(run_id) if run_id else None
 
     @on(RunsTable.RunHighlighted)
     def _run_highlighted(self, message: RunsTable.RunHighlighted) -> None:
-        self.query_one(RunDetail).show(self.state.runs.get(message.run_id))
+        self.main.query_one(RunDetail).show(self.state.runs.get(message.run_id), self.clock())
 
     @on(RunsTable.RunSelected)
     def _run_selected(self, message: RunsTable.RunSelected) -> None:
-        self.query_one(RunDetail).show(self.state.runs.get(message.run_id))
+        self.main.query_one(RunDetail).show(self.state.runs.get(message.run_id), self.clock())
 
     # ------------------------------------------------------------------ actions
 
     def action_show_tab(self, tab: str) -> None:
-        self.query_one(TabbedContent).active = tab
+        self.main.query_one(TabbedContent).active = tab
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
@@ -313,8 +339,8 @@ class TaskwatchApp(App[None]):
             self.state.runs.setdefault(record.id, record)
             self.state.dirty.add(record.id)
             self.redraw()
-            self.query_one(RunsTable).select_run(record.id)
-            self.query_one(RunDetail).show(self.state.runs.get(record.id))
+            self.main.query_one(RunsTable).select_run(record.id)
+            self.main.query_one(RunDetail).show(self.state.runs.get(record.id), self.clock())
 
         self.push_screen(SubmitScreen(self.state.tasks, self.client.submit, initial=task), submitted)
 
@@ -355,11 +381,11 @@ class TaskwatchApp(App[None]):
         self.state.runs.setdefault(record.id, record)
         self.state.dirty.add(record.id)
         self.redraw()
-        self.query_one(RunsTable).select_run(record.id)
+        self.main.query_one(RunsTable).select_run(record.id)
 
     def action_traceback(self) -> None:
-        if self.query_one(TabbedContent).active == "failures":
-            picked = self.query_one(FailuresList).selected_traceback()
+        if self.main.query_one(TabbedContent).active == "failures":
+            picked = self.main.query_one(FailuresList).selected_traceback()
             if picked is not None:
                 self.push_screen(TracebackScreen(*picked))
                 return
@@ -371,44 +397,44 @@ class TaskwatchApp(App[None]):
         self.push_screen(TracebackScreen(title, run.error.traceback))
 
     def action_filter(self) -> None:
-        tab = self.query_one(TabbedContent).active
+        tab = self.main.query_one(TabbedContent).active
         target = "#events-filter" if tab == "events" else "#runs-filter"
         if tab not in ("events", "runs"):
             self.action_show_tab("runs")
-        box = self.query_one(target, Input)
+        box = self.main.query_one(target, Input)
         box.add_class("shown")
         box.focus()
 
     def action_close_filter(self) -> None:
-        for box in self.query(".filter").results(Input):
+        for box in self.main.query(".filter").results(Input):
             if box.has_focus:
                 box.remove_class("shown")
-                self.query_one(RunsTable).focus()
+                self.main.query_one(RunsTable).focus()
 
     @on(Input.Changed, "#runs-filter")
     def _runs_filter(self, event: Input.Changed) -> None:
         statuses, text = parse_run_filter(event.value)
-        table = self.query_one(RunsTable)
+        table = self.main.query_one(RunsTable)
         table.set_filter(statuses, text)
         self._update_runs(self.clock())
 
     @on(Input.Changed, "#events-filter")
     def _events_filter(self, event: Input.Changed) -> None:
         kinds = {k for k in event.value.replace(",", " ").split() if k}
-        self.query_one(EventLog).set_filter(kinds or None)
+        self.main.query_one(EventLog).set_filter(kinds or None)
 
     @on(Input.Submitted, ".filter")
     def _filter_done(self, event: Input.Submitted) -> None:
         if event.input.id == "events-filter":
-            self.query_one(EventLog).focus()
+            self.main.query_one(EventLog).focus()
         else:
-            self.query_one(RunsTable).focus()
+            self.main.query_one(RunsTable).focus()
 
     def action_toggle_view(self) -> None:
         self.view_paused = not self.view_paused
 
     def watch_view_paused(self, paused: bool) -> None:
-        self.query_one(EventLog).paused = paused
+        self.main.query_one(EventLog).paused = paused
         self.notify("view paused: events are still recorded" if paused else "view resumed")
         if not paused:
             self.redraw(full=True)
@@ -418,7 +444,7 @@ class TaskwatchApp(App[None]):
 
     @work(group="actions")
     async def action_toggle_periodic(self, name: str | None = None) -> None:
-        name = name or self.query_one(ScheduleTable).selected_name
+        name = name or self.main.query_one(ScheduleTable).selected_name
         if name is None:
             self.notify("select a periodic task on the Scheduler tab (3)", severity="warning")
             return
@@ -434,7 +460,7 @@ class TaskwatchApp(App[None]):
             self.notify(str(exc), severity="error")
             return
         self.state.schedule = [result if p.name == name else p for p in self.state.schedule]
-        self.query_one(ScheduleTable).update_schedule(self.state.schedule, self.clock())
+        self.main.query_one(ScheduleTable).update_schedule(self.state.schedule, self.clock())
 
     # ------------------------------------------------------------------ command palette
 
@@ -464,3 +490,7 @@ class TaskwatchApp(App[None]):
 
     async def on_unmount(self) -> None:
         await self.client.close()
+
+    def dashboard_gone(self) -> None:
+        """Called as the dashboard screen unmounts: timers must stop touching its widgets."""
+        self._dashboard_gone = True

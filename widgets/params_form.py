@@ -148,7 +148,7 @@ def _initial_text(spec: FieldSpec, value: Any) -> str:
     if value is None:
         return ""
     if spec.kind == "json":
-        return json.dumps(value, ensure_ascii=False)
+        return json.dumps(value, ensure_ascii=False, default=str)
     return str(value)
 
 
