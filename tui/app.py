@@ -9,14 +9,16 @@ calls; they talk back with messages.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
 from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
@@ -47,6 +49,26 @@ from .screens import HelpScreen, SubmitScreen, TracebackScreen
 from .state import DashboardState
 
 TABS = ("runs", "failures", "scheduler", "health", "events")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def while_dashboard_alive(method: F) -> F:
+    """Skip an update whose widgets are gone: timers and workers may still fire while
+    the app tears its screens down, and there is nothing left to draw then."""
+
+    @functools.wraps(method)
+    def guarded(self: TaskwatchApp, *args: Any, **kwargs: Any) -> Any:
+        if self._dashboard_gone:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except NoMatches:
+            if self._dashboard_gone or not self.main.is_attached or not self.is_running:
+                return None
+            raise
+
+    return guarded  # type: ignore[return-value]
 
 
 def parse_run_filter(text: str) -> tuple[set[str] | None, str]:
@@ -159,6 +181,7 @@ class TaskwatchApp(App[None]):
         self._failures_shown: tuple[int, int] = (-1, -1)
         self.main = DashboardScreen(max_rows)
         self._dashboard_gone = False
+        self._client_dropped = 0
 
     # ------------------------------------------------------------------ layout
 
@@ -213,10 +236,9 @@ class TaskwatchApp(App[None]):
         if not self.view_paused:
             self.refresh_tables()
 
+    @while_dashboard_alive
     def redraw(self, full: bool = False) -> None:
         """Drain buffered events into the state, then update the widgets that changed."""
-        if not self.main.is_attached or self._dashboard_gone:
-            return  # the dashboard is being torn down
         events = self.client.take_events()
         resync = getattr(self.client, "take_resync", lambda: None)()
         if resync is not None:
@@ -225,6 +247,10 @@ class TaskwatchApp(App[None]):
         if events:
             self.events_seen += len(events)
             self.state.apply(events)
+        if self.client.dropped != self._client_dropped:
+            # our own buffer overflowed: what we hold is incomplete, reload it
+            self._client_dropped = self.client.dropped
+            self.state.needs_resync = True
         if self.state.needs_resync and not self._resyncing:
             self.state.needs_resync = False
             self.resync()
@@ -267,6 +293,7 @@ class TaskwatchApp(App[None]):
             self._failures_shown = key
             self.main.query_one(FailuresList).update(failed, self.state.workers)
 
+    @while_dashboard_alive
     def _update_header(self, now: float | None = None) -> None:
         now = self.clock() if now is None else now
         if self.state.leadership is not None:
@@ -285,6 +312,7 @@ class TaskwatchApp(App[None]):
             getattr(log, "buffered", 0),
         )
 
+    @while_dashboard_alive
     def refresh_tables(self) -> None:
         now = self.clock()
         self.main.query_one(ScheduleTable).update_schedule(self.state.schedule, now)

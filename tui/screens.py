@@ -74,6 +74,10 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
     def action_dismiss_none(self) -> None:
         self.dismiss(None)
 
+    @on(ParamsForm.Submitted)
+    async def _enter_pressed(self) -> None:
+        await self.action_submit()
+
     @on(Button.Pressed, "#submit-ok")
     async def action_submit(self) -> None:
         select = self.query_one("#submit-task", Select)

@@ -1,0 +1,414 @@
+"""`taskwatch attach`: the dashboard driven (Pilot) against an engine served from another process.
+
+Every test starts ``tests/served_engine.py`` as a subprocess, attaches the same
+app ``taskwatch attach`` builds -- ``TaskwatchApp(RemoteClient(address,
+token=token))`` -- and checks what the dashboard shows against the engine's own
+state, read through an independent ``RemoteEngine`` connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from textual.widgets import Select
+
+from taskwatch.engine import RemoteEngine, RunStatus, Snapshot
+from taskwatch.tui.app import TaskwatchApp
+from taskwatch.tui.remote_client import RemoteClient
+from taskwatch.tui.screens import SubmitScreen
+from taskwatch.widgets import LeaderBadge, ParamsForm, RunsTable, ScheduleTable
+
+from .helpers import eventually
+
+SIZE = (140, 42)
+REPO = Path(__file__).resolve().parent.parent
+#: generous bounds for a loaded machine; a passing run takes a fraction of them
+START_TIMEOUT = 15.0
+TIMEOUT = 8.0
+
+
+# ---------------------------------------------------------------- the served engine process
+
+
+class Served:
+    """One ``python -m tests.served_engine`` process and what it printed."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.served_engine", *args],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.info: dict[str, Any] | None = None
+        #: every JSON line after the first, in order ({"submitted": id, "task": ...} or {"error": ...})
+        self.lines: list[dict[str, Any]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True, name="served-stdout")
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            try:
+                payload = json.loads(raw)
+            except ValueError:
+                payload = {"raw": raw}
+            if self.info is None and "address" in payload:
+                self.info = payload
+            else:
+                self.lines.append(payload)
+
+    async def started(self) -> Served:
+        deadline = time.monotonic() + START_TIMEOUT
+        while self.info is None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the served engine exited with {self.proc.returncode} before serving")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the served engine printed no address within {START_TIMEOUT} s")
+            await asyncio.sleep(0.01)
+        return self
+
+    @property
+    def address(self) -> str:
+        assert self.info is not None
+        return str(self.info["address"])
+
+    @property
+    def token(self) -> str | None:
+        assert self.info is not None
+        return self.info["token"]
+
+    @property
+    def node_id(self) -> str:
+        assert self.info is not None
+        return str(self.info["node_id"])
+
+    def submitted(self, task: str | None = None) -> list[str]:
+        """Ids of the runs this process submitted itself, oldest first."""
+        return [
+            line["submitted"]
+            for line in list(self.lines)
+            if "submitted" in line and (task is None or line.get("task") == task)
+        ]
+
+    def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def remote(self) -> RemoteEngine:
+        """An independent connection to the same engine, for checking its real state."""
+        return RemoteEngine(self.address, token=self.token, timeout=5.0)
+
+    def terminate(self) -> int:
+        """SIGTERM and wait (killing it if it does not stop); returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._reader.join(timeout=5)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        return self.proc.returncode
+
+
+ServeFn = Callable[..., Awaitable[Served]]
+
+
+@pytest.fixture
+def serve() -> Iterator[ServeFn]:
+    """``await serve(address, token=..., node_id=..., interval=...)``: a started served engine,
+    terminated when the test ends."""
+    started: list[Served] = []
+
+    async def start(address: str, *, token: str | None = None, node_id: str | None = None, interval: float = 0.2) -> Served:
+        args = [address, "--interval", str(interval)]
+        if token is not None:
+            args += ["--token", token]
+        if node_id is not None:
+            args += ["--node-id", node_id]
+        served = Served(args)
+        started.append(served)
+        return await served.started()
+
+    yield start
+    for served in started:
+        served.terminate()
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> Path:
+    path = tmp_path / "engine.sock"
+    assert len(os.fsencode(path)) < 100, "tmp_path too long for a Unix socket"
+    return path
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def attach(served_address: str, token: str | None) -> TaskwatchApp:
+    """The app exactly as ``taskwatch attach ADDRESS --token T`` builds it."""
+    return TaskwatchApp(RemoteClient(served_address, token=token))
+
+
+async def remote_until(remote: RemoteEngine, predicate: Callable[[Snapshot], Any], timeout: float = TIMEOUT) -> Snapshot:
+    """Poll the engine's own snapshot until ``predicate`` holds (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        snap = await remote.snapshot()
+        if predicate(snap):
+            return snap
+        if time.monotonic() > deadline:
+            raise AssertionError(f"remote engine state did not satisfy {predicate} within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+def run_of(snap: Snapshot, run_id: str) -> Any:
+    return next((r for r in snap.runs if r.id == run_id), None)
+
+
+def shown(app: TaskwatchApp) -> set[str]:
+    return set(app.main.query_one(RunsTable).shown_keys)
+
+
+def badge(app: TaskwatchApp) -> LeaderBadge:
+    return app.main.query_one(LeaderBadge)
+
+
+def notifications(app: TaskwatchApp) -> list[tuple[str, str]]:
+    return [(n.message, n.severity) for n in app._notifications]
+
+
+@contextlib.asynccontextmanager
+async def checking(served: Served) -> AsyncIterator[RemoteEngine]:
+    async with served.remote() as remote:
+        yield remote
+
+
+async def open_submit(app: TaskwatchApp, pilot: Any, task: str) -> tuple[SubmitScreen, ParamsForm]:
+    """Press ``s``, pick ``task`` in the Select and return the screen and its generated form."""
+    await eventually(lambda: app.state.tasks, timeout=TIMEOUT)
+    await pilot.press("s")
+    screen = await eventually(lambda: app.screen if isinstance(app.screen, SubmitScreen) else None)
+    screen.query_one("#submit-task", Select).value = task
+
+    def form_for_task() -> ParamsForm | None:
+        forms = screen.query(ParamsForm)
+        return forms.first() if forms and forms.first().task_info.name == task else None
+
+    form = await eventually(form_for_task)
+    await pilot.pause()
+    return screen, form
+
+
+# ---------------------------------------------------------------- tests
+
+
+async def test_attach_over_tcp_shows_remote_runs_and_their_real_statuses(serve: ServeFn) -> None:
+    served = await serve("tcp://127.0.0.1:0", token="s3cret-token")
+    app = attach(served.address, served.token)
+    async with app.run_test(size=SIZE), checking(served) as remote:
+        await eventually(lambda: app.client.connected and app.state.node_id, timeout=TIMEOUT)
+        assert app.sub_title == served.address
+        await eventually(lambda: badge(app).state == "leader")
+        assert badge(app).node_id == served.node_id
+
+        # runs the other process submits from now on reach the table as live events
+        before = len(served.submitted())
+        await eventually(lambda: len(served.submitted()) >= before + 3, timeout=TIMEOUT)
+        live = served.submitted()[before : before + 3]
+        await eventually(lambda: set(live) <= shown(app), timeout=TIMEOUT)
+
+        # every run the engine says is finished shows that same status in the table
+        snap = await remote_until(remote, lambda s: sum(r.status.finished for r in s.runs) >= 3)
+        finished = {r.id: r.status for r in snap.runs if r.status.finished}
+        table = app.main.query_one(RunsTable)
+
+        def table_agrees() -> bool:
+            return all((rec := table.record(i)) is not None and rec.status is st for i, st in finished.items())
+
+        await eventually(table_agrees, timeout=TIMEOUT)
+        assert set(finished) <= shown(app)
+        assert all(st is RunStatus.SUCCEEDED for st in finished.values())
+
+
+async def test_submit_from_the_dashboard_runs_on_the_remote_engine(serve: ServeFn) -> None:
+    served = await serve("tcp://127.0.0.1:0", token="s3cret-token")
+    app = attach(served.address, served.token)
+    async with app.run_test(size=SIZE) as pilot, checking(served) as remote:
+        screen, form = await open_submit(app, pilot, "greet")
+        form.field_widget("name").value = "Ada"
+        form.field_widget("times").value = "3"
+        await pilot.click("#submit-ok")
+
+        await eventually(lambda: app.screen is app.main, timeout=TIMEOUT)
+        table = app.main.query_one(RunsTable)
+        run_id = await eventually(
+            lambda: (rid := table.selected_run_id) and app.state.runs[rid].task == "greet" and rid
+        )
+        assert any(msg == f"submitted greet as run {run_id}" for msg, _ in notifications(app))
+
+        snap = await remote_until(remote, lambda s: (r := run_of(s, run_id)) is not None and r.status.finished)
+        record = run_of(snap, run_id)
+        assert record.task == "greet"
+        assert record.params == {"name": "Ada", "times": 3}
+        assert record.status is RunStatus.SUCCEEDED
+        assert record.result == "hello Ada hello Ada hello Ada"
+        # the dashboard follows, and the new run stays selected while traffic arrives above it
+        await eventually(lambda: (r := table.record(run_id)) is not None and r.status is RunStatus.SUCCEEDED, timeout=TIMEOUT)
+        assert table.selected_run_id == run_id
+
+
+async def test_cancel_from_the_dashboard_cancels_the_remote_run(serve: ServeFn) -> None:
+    served = await serve("tcp://127.0.0.1:0", token="s3cret-token")
+    app = attach(served.address, served.token)
+    async with app.run_test(size=SIZE) as pilot, checking(served) as remote:
+        await eventually(lambda: app.client.connected, timeout=TIMEOUT)
+        served.send("submit forever")  # submitted by the other process itself
+        run_id = (await eventually(lambda: served.submitted("forever"), timeout=TIMEOUT))[0]
+        table = app.main.query_one(RunsTable)
+        await eventually(
+            lambda: (r := table.record(run_id)) is not None and r.status is RunStatus.RUNNING and r.progress.done > 0,
+            timeout=TIMEOUT,
+        )
+
+        assert table.select_run(run_id)
+        await pilot.press("c")
+
+        snap = await remote_until(remote, lambda s: (r := run_of(s, run_id)) is not None and r.status.finished)
+        record = run_of(snap, run_id)
+        assert record.status is RunStatus.CANCELLED
+        assert record.cancel_reason == "user"
+        await eventually(lambda: table.record(run_id).status is RunStatus.CANCELLED, timeout=TIMEOUT)
+        await eventually(lambda: (f"run {run_id} cancelled", "information") in notifications(app))
+        assert app.state.runs[run_id].status is RunStatus.CANCELLED
+
+
+async def test_invalid_params_are_refused_over_the_wire_and_shown_beside_the_field(serve: ServeFn) -> None:
+    served = await serve("tcp://127.0.0.1:0", token="s3cret-token")
+    app = attach(served.address, served.token)
+    async with app.run_test(size=SIZE) as pilot, checking(served) as remote:
+        screen, form = await open_submit(app, pilot, "greet")
+        # an integer, so the form sends it; only the engine knows times must be 1..5
+        form.field_widget("name").value = "Bob"
+        form.field_widget("times").value = "9"
+        await pilot.click("#submit-ok")
+
+        error = await eventually(lambda: form.field_error("times"), timeout=TIMEOUT)
+        assert "less than or equal to 5" in error
+        assert form.field_error("name") == ""
+        assert app.screen is screen  # the dialog stays open for a fix
+        snap = await remote.snapshot()
+        assert [r for r in snap.runs if r.task == "greet"] == []
+        assert snap.stats.by_status.get("pending", 0) + sum(r.task == "greet" for r in snap.runs) == snap.stats.by_status.get("pending", 0)
+
+        # fixing the field submits it
+        form.field_widget("times").value = "2"
+        await pilot.click("#submit-ok")
+        await eventually(lambda: app.screen is app.main, timeout=TIMEOUT)
+        snap = await remote_until(remote, lambda s: any(r.task == "greet" for r in s.runs))
+        assert [r.params for r in snap.runs if r.task == "greet"] == [{"name": "Bob", "times": 2}]
+
+
+async def test_attach_over_a_unix_socket(serve: ServeFn, sock_path: Path) -> None:
+    served = await serve(str(sock_path), node_id="unix-node")
+    assert served.address == str(sock_path) and served.token is None
+    app = attach(served.address, None)
+    async with app.run_test(size=SIZE):
+        await eventually(lambda: badge(app).state == "leader", timeout=TIMEOUT)
+        assert badge(app).node_id == "unix-node"
+        before = len(served.submitted())
+        await eventually(lambda: len(served.submitted()) >= before + 2, timeout=TIMEOUT)
+        await eventually(lambda: set(served.submitted()[before:]) <= shown(app), timeout=TIMEOUT)
+
+
+async def test_reconnects_and_resynchronises_when_the_engine_comes_back(serve: ServeFn, sock_path: Path) -> None:
+    first = await serve(str(sock_path), node_id="first")
+    app = attach(first.address, None)
+    async with app.run_test(size=SIZE):
+        await eventually(lambda: badge(app).state == "leader" and badge(app).node_id == "first", timeout=TIMEOUT)
+        await eventually(lambda: len(first.submitted()) >= 2 and set(first.submitted()) <= shown(app), timeout=TIMEOUT)
+
+        assert first.terminate() == 0
+        first_runs = set(first.submitted())
+        await eventually(lambda: badge(app).state == "disconnected", timeout=TIMEOUT)
+        assert "DISCONNECTED" in str(badge(app).render())
+        assert app.is_running
+
+        second = await serve(str(sock_path), node_id="second")
+        await eventually(lambda: badge(app).state == "leader" and badge(app).node_id == "second", timeout=15.0)
+        assert app.state.node_id == "second"
+        # resynchronised from the new engine's snapshot, then kept current by its events
+        await eventually(lambda: len(second.submitted()) >= 2 and set(second.submitted()) <= shown(app), timeout=TIMEOUT)
+        async with checking(second) as remote:
+            snap = await remote.snapshot()
+        assert {r.id for r in snap.runs} <= shown(app) | set(second.submitted()[-3:]) | {r.id for r in snap.runs if r.status is not RunStatus.SUCCEEDED}
+        # runs of the engine that went away are not shown as if they still existed
+        assert not first_runs & shown(app)
+        assert not first_runs & set(app.state.runs)
+        assert app.client.connections == 2
+
+
+async def test_attach_before_the_engine_is_up_connects_once_it_is(serve: ServeFn, sock_path: Path) -> None:
+    app = attach(str(sock_path), None)
+    async with app.run_test(size=SIZE):
+        await eventually(lambda: any(sev == "error" for _, sev in notifications(app)), timeout=TIMEOUT)
+        assert badge(app).state == "disconnected"
+
+        served = await serve(str(sock_path), node_id="late")
+        await eventually(lambda: badge(app).state == "leader" and badge(app).node_id == "late", timeout=15.0)
+        await eventually(lambda: len(served.submitted()) >= 1 and set(served.submitted()) <= shown(app), timeout=TIMEOUT)
+        # the once-a-second overview (schedule, queues...) runs too, not only the event stream
+        schedule = app.main.query_one(ScheduleTable)
+        await eventually(lambda: "tick" in schedule.shown_keys, timeout=TIMEOUT)
+
+
+async def test_wrong_token_is_reported_and_the_app_keeps_running(serve: ServeFn) -> None:
+    served = await serve("tcp://127.0.0.1:0", token="the-right-token")
+    app = attach(served.address, "not-the-token")
+    async with app.run_test(size=SIZE) as pilot:
+        message = await eventually(
+            lambda: next((m for m, sev in notifications(app) if sev == "error"), None), timeout=TIMEOUT
+        )
+        assert "authentication failed" in message
+        assert app.is_running
+        assert badge(app).state in ("disconnected", "unknown")
+        assert "DISCONNECTED" in str(badge(app).render()) or badge(app).state == "unknown"
+        assert not app.client.connected
+        # the dashboard still answers keys
+        await pilot.press("s")
+        await eventually(lambda: ("not connected to an engine yet", "warning") in notifications(app))
+        assert app.screen is app.main
+        assert app.is_running
+
+
+def test_cli_attach_without_an_address_is_a_usage_error() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "taskwatch.tui", "attach"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 2
+    assert "usage: taskwatch attach" in proc.stderr
+    assert "address" in proc.stderr

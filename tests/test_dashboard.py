@@ -1,0 +1,279 @@
+"""The dashboard driven like a person would: Pilot key presses on a live engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from pydantic import BaseModel
+from textual.pilot import Pilot
+from textual.widgets import Input, Select, TabbedContent
+
+from taskwatch.engine import Engine, RunStatus, TaskContext
+from taskwatch.tui.app import TaskwatchApp, parse_run_filter
+from taskwatch.tui.client import LocalClient
+from taskwatch.tui.screens import HelpScreen, SubmitScreen, TracebackScreen
+from taskwatch.widgets import CountsBar, EventLog, ParamsForm, RunDetail, RunsTable, ScheduleTable
+
+from .helpers import eventually
+
+SIZE = (140, 42)
+
+
+class EmbedParams(BaseModel):
+    user_id: str
+    contents: list[str]
+    batch: int = 8
+
+
+def make_engine(**options: Any) -> Engine:
+    options.setdefault("health_interval", None)
+    engine = Engine(node_id="dash-test", **options)
+    release = asyncio.Event()
+    engine.resources["release"] = release
+
+    @engine.task(name="embed_batch")
+    async def embed_batch(ctx: TaskContext, params: EmbedParams) -> dict[str, int]:
+        for i, _ in enumerate(params.contents, 1):
+            await ctx.progress(i, len(params.contents), f"item {i}")
+        return {"stored": len(params.contents)}
+
+    @engine.task(name="hold")
+    async def hold(ctx: TaskContext) -> None:
+        await ctx.progress(1, 4, "holding")
+        await release.wait()
+
+    @engine.task(name="explode")
+    async def explode(ctx: TaskContext) -> None:
+        raise ValueError("kaboom in explode")
+
+    @engine.periodic(every=3600.0, initial_delay=3600.0, name="hourly")
+    async def hourly(ctx: TaskContext) -> None:
+        return None
+
+    return engine
+
+
+@asynccontextmanager
+async def dashboard(engine: Engine, **app_options: Any) -> AsyncIterator[tuple[TaskwatchApp, Pilot]]:
+    app_options.setdefault("refresh_hz", 30.0)
+    app_options.setdefault("overview_interval", 0.2)
+    app = TaskwatchApp(LocalClient(engine, manage=True), **app_options)
+    async with app.run_test(size=SIZE) as pilot:
+        await eventually(lambda: app.state.node_id == "dash-test")
+        yield app, pilot
+        engine.resources["release"].set()
+
+
+def table(app: TaskwatchApp) -> RunsTable:
+    return app.main.query_one(RunsTable)
+
+
+def shown_status(app: TaskwatchApp, run_id: str) -> str | None:
+    record = table(app).record(run_id)
+    return None if record is None else record.status.value
+
+
+async def open_submit(app: TaskwatchApp, pilot: Pilot, task: str) -> SubmitScreen:
+    await pilot.press("s")
+    screen = await eventually(lambda: app.screen if isinstance(app.screen, SubmitScreen) else None)
+    select = screen.query_one("#submit-task", Select)
+    select.value = task
+    await eventually(lambda: screen.query(ParamsForm) and screen.query_one(ParamsForm).task_info.name == task)
+    await pilot.pause()
+    return screen
+
+
+async def test_submit_through_the_form_and_see_the_run_finish() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        screen = await open_submit(app, pilot, "embed_batch")
+        form = screen.query_one(ParamsForm)
+        assert form.field_widget("batch").value == "8"  # the default is filled in
+        form.field_widget("user_id").value = "u42"
+        form.field_widget("contents").value = '["a", "b", "c"]'
+        await pilot.click("#submit-ok")
+        await eventually(lambda: not isinstance(app.screen, SubmitScreen))
+        runs = engine.runs(task="embed_batch")
+        assert len(runs) == 1 and runs[0].params == {"user_id": "u42", "contents": ["a", "b", "c"], "batch": 8}
+        run_id = runs[0].id
+        # the new run is selected and shown finishing
+        assert table(app).selected_run_id == run_id
+        await eventually(lambda: shown_status(app, run_id) == "succeeded")
+        detail = app.main.query_one(RunDetail)
+        await eventually(lambda: detail.record is not None and detail.record.status is RunStatus.SUCCEEDED)
+        assert detail.record.result == {"stored": 3}
+
+
+async def test_bad_params_show_inline_errors_and_submit_nothing() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        screen = await open_submit(app, pilot, "embed_batch")
+        form = screen.query_one(ParamsForm)
+        form.field_widget("user_id").value = "u1"
+        form.field_widget("contents").value = '["a", '  # invalid JSON
+        await pilot.click("#submit-ok")
+        await pilot.pause()
+        assert "JSON" in form.field_error("contents") or "json" in form.field_error("contents")
+        form.field_widget("contents").value = '{"not": "a list"}'  # parses, but the engine refuses it
+        await pilot.click("#submit-ok")
+        # the engine's own validation message replaces the parse error
+        await eventually(lambda: "list" in form.field_error("contents").lower())
+        assert form.field_error("user_id") == ""
+        assert isinstance(app.screen, SubmitScreen)
+        assert engine.runs(limit=None) == []
+        await pilot.press("escape")
+        await eventually(lambda: not isinstance(app.screen, SubmitScreen))
+        assert engine.runs(limit=None) == []
+
+
+async def test_cancel_a_running_run() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        handle = await engine.submit("hold")
+        await eventually(lambda: shown_status(app, handle.id) == "running")
+        assert table(app).select_run(handle.id)
+        await pilot.press("c")
+        record = await handle.wait(timeout=3)
+        assert record.status is RunStatus.CANCELLED and record.cancel_reason == "user"
+        await eventually(lambda: shown_status(app, handle.id) == "cancelled")
+        # cancelling it again is refused with a message, not a crash
+        await pilot.press("c")
+        await eventually(lambda: any("already cancelled" in str(n.message) for n in app._notifications))
+
+
+async def test_retry_a_failed_run_with_its_params() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        failed = await (await engine.submit("explode")).wait(2)
+        await eventually(lambda: shown_status(app, failed.id) == "failed")
+        table(app).select_run(failed.id)
+        await pilot.press("t")
+        screen = await eventually(lambda: app.screen if isinstance(app.screen, TracebackScreen) else None)
+        assert "kaboom in explode" in screen._traceback and "in explode" in screen._traceback
+        await pilot.press("escape")
+        await eventually(lambda: not isinstance(app.screen, TracebackScreen))
+        await pilot.press("r")
+        retried = await eventually(lambda: [r for r in engine.runs(task="explode") if r.source == f"retry:{failed.id}"])
+        new_id = retried[0].id
+        await eventually(lambda: table(app).selected_run_id == new_id)
+        await eventually(lambda: shown_status(app, new_id) == "failed")
+
+
+async def test_filter_runs_by_status_and_task() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        ok = await (await engine.submit("embed_batch", {"user_id": "u", "contents": ["x"]})).wait(2)
+        bad = await (await engine.submit("explode")).wait(2)
+        await eventually(lambda: {ok.id, bad.id} <= set(table(app).shown_keys))
+        await pilot.press("slash")
+        box = app.main.query_one("#runs-filter", Input)
+        assert box.has_focus
+        await pilot.press(*"status:failed")
+        await eventually(lambda: table(app).shown_keys == [bad.id])
+        box.value = "embed"
+        await eventually(lambda: table(app).shown_keys == [ok.id])
+        box.value = ""
+        await eventually(lambda: set(table(app).shown_keys) == {ok.id, bad.id})
+
+
+def test_run_filter_syntax() -> None:
+    assert parse_run_filter("status:failed,running embed") == ({"failed", "running"}, "embed")
+    assert parse_run_filter("failed task:send") == ({"failed"}, "send")
+    assert parse_run_filter("") == (None, "")
+
+
+async def test_pause_and_resume_a_periodic_task() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        await pilot.press("3")
+        assert app.main.query_one(TabbedContent).active == "scheduler"
+        schedule = app.main.query_one(ScheduleTable)
+        await eventually(lambda: schedule.selected_name == "hourly")
+        schedule.focus()
+        await pilot.press("z")
+        await eventually(lambda: engine.schedule()[0].paused)
+        await eventually(lambda: any(p.paused for p in app.state.schedule))
+        await pilot.press("z")
+        await eventually(lambda: not engine.schedule()[0].paused)
+
+
+async def test_pausing_the_view_keeps_recording_events() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        await pilot.press("p")
+        assert app.view_paused
+        frames = app.frames
+        handle = await engine.submit("embed_batch", {"user_id": "u", "contents": ["x"]})
+        await handle.wait(2)
+        # the model keeps up while the screen stands still
+        await eventually(lambda: handle.id in app.state.runs and app.state.runs[handle.id].status is RunStatus.SUCCEEDED)
+        assert handle.id not in table(app).shown_keys
+        assert app.frames == frames
+        assert app.main.query_one(EventLog).buffered > 0
+        await pilot.press("p")
+        await eventually(lambda: shown_status(app, handle.id) == "succeeded")
+        assert app.main.query_one(EventLog).buffered == 0
+
+
+async def test_help_and_command_palette_list_every_action() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        await pilot.press("question_mark")
+        await eventually(lambda: isinstance(app.screen, HelpScreen))
+        await pilot.press("escape")
+        await eventually(lambda: not isinstance(app.screen, HelpScreen))
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+        assert {"Submit a task", "Cancel selected run", "Retry selected run", "Show traceback", "Filter",
+                "Pause or resume the view", "Pause periodic hourly", "Submit embed_batch"} <= titles
+        footer_keys = {b.key for b in app.BINDINGS if getattr(b, "show", True)}
+        assert {"s", "c", "r", "t", "slash", "p", "question_mark", "q"} <= footer_keys
+
+
+async def test_flood_of_events_every_visible_row_agrees_and_nothing_is_lost() -> None:
+    engine = make_engine(max_queue=20_000, history=20_000)
+    async with dashboard(engine, refresh_hz=15.0) as (app, pilot):
+        published_before = engine.bus.last_seq
+        handles = [await engine.submit("hold") for _ in range(3)]
+        for _ in range(16_700):  # three events each: > 50,000 events
+            await engine.submit("embed_batch", {"user_id": "u", "contents": []})
+        await eventually(lambda: engine.stats().by_status["pending"] == 0, timeout=30)
+        published = engine.bus.last_seq - published_before
+        assert published >= 50_000
+        await eventually(
+            lambda: app.client.pending_events() == 0 and app.state.last_seq == engine.bus.last_seq, timeout=30
+        )
+        await pilot.pause()
+        assert all(app.state.runs[h.id].status is RunStatus.RUNNING for h in handles)
+        shown = table(app).shown_keys
+        assert len(shown) == app.max_rows  # bounded
+        for run_id in shown:
+            assert shown_status(app, run_id) == engine.get(run_id).status.value, run_id
+        # every event published reached the dashboard, and none was dropped on the way
+        assert app.client.dropped == 0 and app.state.dropped == 0
+        assert app.events_seen >= published
+        # it redrew at a fixed rate, far fewer times than there were events
+        assert 0 < app.frames < published / 100
+
+
+async def test_dropped_events_are_counted_shown_and_resynced() -> None:
+    engine = make_engine(max_queue=20_000, history=20_000)
+    client = LocalClient(engine, manage=True, buffer=500)
+    app = TaskwatchApp(client, refresh_hz=10.0, overview_interval=0.2)
+    async with app.run_test(size=SIZE) as pilot:
+        await eventually(lambda: app.state.node_id == "dash-test")
+        for _ in range(3_000):
+            await engine.submit("embed_batch", {"user_id": "u", "contents": []})
+        await eventually(lambda: engine.stats().by_status["pending"] == 0, timeout=30)
+        assert client.dropped > 0
+        # a fresh snapshot brings the visible rows back in line with the engine
+        await eventually(
+            lambda: all(shown_status(app, r) == engine.get(r).status.value for r in table(app).shown_keys)
+            and table(app).shown_keys[:1] == [engine.runs(limit=1)[0].id],
+            timeout=10,
+        )
+        counts = app.main.query_one(CountsBar)
+        await eventually(lambda: "dropped" in str(counts.render()))
+        engine.resources["release"].set()

@@ -1,0 +1,168 @@
+"""examples/notebook.ipynb, executed top to bottom on a real IPython kernel.
+
+The kernel is this interpreter (a ``python3`` kernelspec written to a temp
+dir that ``JUPYTER_PATH`` puts before any installed one), so the notebook sees
+the taskwatch under test. The checks read the outputs a user would look at.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from ipykernel.kernelspec import write_kernel_spec
+from jupyter_client.kernelspec import KernelSpecManager
+from nbclient import NotebookClient
+from nbformat import NotebookNode
+
+from taskwatch.engine import RemoteEngine
+
+NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "notebook.ipynb"
+
+ERROR_LINE = "ValueError: invalid literal for int() with base 10: 'n/a'"
+ATTACH = re.compile(r"^taskwatch attach (tcp://127\.0\.0\.1:\d+) --token (\S+)$", re.MULTILINE)
+
+# appended to the executed copy only: what the kernel runs and which threads outlived bg.stop()
+KERNEL_CHECK = """\
+import json, sys, threading
+print(json.dumps({"prefix": sys.prefix, "threads": sorted(t.name for t in threading.enumerate())}))
+"""
+
+
+@pytest.fixture
+def kernel_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private Jupyter setup whose ``python3`` kernel runs this interpreter; returns the kernel's cwd."""
+    data = tmp_path / "jupyter-data"
+    write_kernel_spec(data / "kernels" / "python3")
+    monkeypatch.setenv("JUPYTER_PATH", str(data))
+    monkeypatch.setenv("JUPYTER_CONFIG_DIR", str(tmp_path / "jupyter-config"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter-runtime"))
+    monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    assert Path(spec.resource_dir).is_relative_to(data)
+    assert spec.argv[0] == sys.executable
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    return cwd
+
+
+def cell(nb: NotebookNode, cell_id: str) -> NotebookNode:
+    return next(c for c in nb.cells if c.get("id") == cell_id)
+
+
+def stdout(c: NotebookNode) -> str:
+    return "".join(o.text for o in c.outputs if o.output_type == "stream" and o.name == "stdout")
+
+
+def result(c: NotebookNode, mime: str) -> str:
+    (out,) = [o for o in c.outputs if o.output_type == "execute_result"]
+    return out.data[mime]
+
+
+def test_notebook_is_stored_without_outputs() -> None:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == "python3"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code
+    for c in code:
+        assert c.outputs == [] and c.execution_count is None, c.id
+    # every code cell is explained by a markdown cell before it
+    for before, after in zip(nb.cells, nb.cells[1:]):
+        if after.cell_type == "code" and after.id != "traceback":
+            assert before.cell_type == "markdown", after.id
+
+
+def test_notebook_runs_top_to_bottom(kernel_dir: Path) -> None:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(KERNEL_CHECK, id="kernel-check"))
+    attached: dict[str, Any] = {}
+
+    async def attach_after_serve(cell: NotebookNode, cell_index: int, **_: Any) -> None:
+        # what `taskwatch attach ADDRESS --token T` does first, from this other process
+        if cell.get("id") != "serve":
+            return
+        match = ATTACH.search(stdout(cell))
+        assert match, stdout(cell)
+        remote = RemoteEngine(match[1], token=match[2], timeout=10)
+        try:
+            attached["snapshot"] = await remote.connect()
+        finally:
+            await remote.close()
+
+    client = NotebookClient(
+        nb,
+        timeout=60,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(kernel_dir)}},
+        on_cell_executed=attach_after_serve,
+    )
+    client.execute()
+
+    for c in nb.cells:
+        if c.cell_type == "code":
+            kinds = [(o.output_type, o.get("name")) for o in c.outputs]
+            assert ("error", None) not in kinds and ("stream", "stderr") not in kinds, (c.id, c.outputs)
+
+    # the kernel ran this interpreter, and bg.stop() ended the engine's thread
+    check = json.loads(stdout(cell(nb, "kernel-check")))
+    assert check["prefix"] == sys.prefix
+    assert not [name for name in check["threads"] if name.startswith("taskwatch-")], check["threads"]
+    assert stdout(cell(nb, "stop")).strip() == "running: False"
+
+    # blocking submits and waits, then top-level await
+    assert result(cell(nb, "submit"), "text/plain") == "['succeeded', 'succeeded', 'failed']"
+    assert stdout(cell(nb, "await")).strip() == "succeeded {'site': 'c.example', 'pages': 3}"
+
+    # progress read while the run worked: it moved forward, then the run succeeded
+    lines = stdout(cell(nb, "progress")).strip().splitlines()
+    percents = [int(m[1]) for line in lines if (m := re.match(r"\s*(\d+)%", line))]
+    assert len(percents) == 5, lines
+    assert percents == sorted(percents) and percents[-1] > percents[0], lines
+    assert 0 <= percents[0] and percents[-1] <= 100
+    assert any("fetched docs.example page" in line for line in lines)
+    assert lines[-1] == "succeeded {'site': 'docs.example', 'pages': 10}"
+
+    # bad params: pydantic's message for the field, and nothing queued
+    invalid = stdout(cell(nb, "invalid"))
+    assert "invalid params for task 'crawl'; nothing was queued" in invalid
+    assert "pages: Input should be greater than or equal to 1" in invalid
+
+    # the engine's HTML: counts by status, and the failed run's error line
+    engine_html = result(cell(nb, "display"), "text/html")
+    assert 'class="taskwatch-engine"' in engine_html
+    assert "5 submitted" in engine_html
+    for status, count in {"pending": 0, "running": 0, "succeeded": 4, "failed": 1, "cancelled": 0}.items():
+        assert f'data-status="{status}" data-count="{count}"' in engine_html, status
+    assert html.escape(ERROR_LINE) in engine_html
+
+    runs_html = result(cell(nb, "runs"), "text/html")
+    assert "<b>5 runs</b>" in runs_html and html.escape(ERROR_LINE) in runs_html
+
+    failed_html = result(cell(nb, "failed"), "text/html")
+    assert 'class="taskwatch-run"' in failed_html and "import_csv" in failed_html
+    assert html.escape(ERROR_LINE) in failed_html
+
+    # the whole traceback, starting at the task's own code
+    traceback = stdout(cell(nb, "traceback")).strip()
+    assert traceback.startswith("Traceback (most recent call last):")
+    assert re.findall(r'File ".*", line \d+, in (\w+)', traceback) == ["import_csv", "parse_row"]
+    assert traceback.endswith(ERROR_LINE)
+
+    # the printed attach command worked from another process while the engine ran
+    match = ATTACH.search(stdout(cell(nb, "serve")))
+    assert match and len(match[2]) >= 32
+    snapshot = attached["snapshot"]
+    node_id = re.fullmatch(r"<BackgroundEngine (\S+) running>", result(cell(nb, "display"), "text/plain"))
+    assert node_id and snapshot.node_id == node_id[1]
+    assert snapshot.state == "running"
+    assert snapshot.stats.by_status.get("succeeded") == 4
+    assert snapshot.stats.by_status.get("failed") == 1
+    assert sorted(run.task for run in snapshot.runs) == ["crawl"] * 4 + ["import_csv"]
