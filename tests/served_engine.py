@@ -29,6 +29,8 @@ Tasks:
 ``greet``
     Params ``GreetParams(name: str, times: int in 1..5)``: the engine rejects
     ``times`` out of range, which a form cannot know before submitting.
+``tick``
+    A periodic task due in an hour: something for the Scheduler tab.
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ def build_engine(node_id: str | None = None) -> Engine:
     @engine.task(description="greets someone a few times")
     async def greet(ctx: TaskContext, params: GreetParams) -> str:
         return " ".join(f"hello {params.name}" for _ in range(params.times))
+
+    @engine.periodic(every=3600.0, initial_delay=3600.0, name="tick")
+    async def tick(ctx: TaskContext) -> None:
+        """hourly; never due while a test runs"""
 
     return engine
 
