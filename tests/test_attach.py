@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +139,9 @@ def serve() -> Iterator[ServeFn]:
     terminated when the test ends."""
     started: list[Served] = []
 
-    async def start(address: str, *, token: str | None = None, node_id: str | None = None, interval: float = 0.2) -> Served:
+    async def start(
+        address: str, *, token: str | None = None, node_id: str | None = None, interval: float = 0.2
+    ) -> Served:
         args = [address, "--interval", str(interval)]
         if token is not None:
             args += ["--token", token]
@@ -169,7 +171,9 @@ def attach(served_address: str, token: str | None) -> TaskwatchApp:
     return TaskwatchApp(RemoteClient(served_address, token=token))
 
 
-async def remote_until(remote: RemoteEngine, predicate: Callable[[Snapshot], Any], timeout: float = TIMEOUT) -> Snapshot:
+async def remote_until(
+    remote: RemoteEngine, predicate: Callable[[Snapshot], Any], timeout: float = TIMEOUT
+) -> Snapshot:
     """Poll the engine's own snapshot until ``predicate`` holds (bounded)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -197,12 +201,6 @@ def notifications(app: TaskwatchApp) -> list[tuple[str, str]]:
     return [(n.message, n.severity) for n in app._notifications]
 
 
-@contextlib.asynccontextmanager
-async def checking(served: Served) -> AsyncIterator[RemoteEngine]:
-    async with served.remote() as remote:
-        yield remote
-
-
 async def open_submit(app: TaskwatchApp, pilot: Any, task: str) -> tuple[SubmitScreen, ParamsForm]:
     """Press ``s``, pick ``task`` in the Select and return the screen and its generated form."""
     await eventually(lambda: app.state.tasks, timeout=TIMEOUT)
@@ -225,7 +223,7 @@ async def open_submit(app: TaskwatchApp, pilot: Any, task: str) -> tuple[SubmitS
 async def test_attach_over_tcp_shows_remote_runs_and_their_real_statuses(serve: ServeFn) -> None:
     served = await serve("tcp://127.0.0.1:0", token="s3cret-token")
     app = attach(served.address, served.token)
-    async with app.run_test(size=SIZE), checking(served) as remote:
+    async with app.run_test(size=SIZE), served.remote() as remote:
         await eventually(lambda: app.client.connected and app.state.node_id, timeout=TIMEOUT)
         assert app.sub_title == served.address
         await eventually(lambda: badge(app).state == "leader")
@@ -253,8 +251,8 @@ async def test_attach_over_tcp_shows_remote_runs_and_their_real_statuses(serve: 
 async def test_submit_from_the_dashboard_runs_on_the_remote_engine(serve: ServeFn) -> None:
     served = await serve("tcp://127.0.0.1:0", token="s3cret-token")
     app = attach(served.address, served.token)
-    async with app.run_test(size=SIZE) as pilot, checking(served) as remote:
-        screen, form = await open_submit(app, pilot, "greet")
+    async with app.run_test(size=SIZE) as pilot, served.remote() as remote:
+        _, form = await open_submit(app, pilot, "greet")
         form.field_widget("name").value = "Ada"
         form.field_widget("times").value = "3"
         await pilot.click("#submit-ok")
@@ -273,14 +271,16 @@ async def test_submit_from_the_dashboard_runs_on_the_remote_engine(serve: ServeF
         assert record.status is RunStatus.SUCCEEDED
         assert record.result == "hello Ada hello Ada hello Ada"
         # the dashboard follows, and the new run stays selected while traffic arrives above it
-        await eventually(lambda: (r := table.record(run_id)) is not None and r.status is RunStatus.SUCCEEDED, timeout=TIMEOUT)
+        await eventually(
+            lambda: (r := table.record(run_id)) is not None and r.status is RunStatus.SUCCEEDED, timeout=TIMEOUT
+        )
         assert table.selected_run_id == run_id
 
 
 async def test_cancel_from_the_dashboard_cancels_the_remote_run(serve: ServeFn) -> None:
     served = await serve("tcp://127.0.0.1:0", token="s3cret-token")
     app = attach(served.address, served.token)
-    async with app.run_test(size=SIZE) as pilot, checking(served) as remote:
+    async with app.run_test(size=SIZE) as pilot, served.remote() as remote:
         await eventually(lambda: app.client.connected, timeout=TIMEOUT)
         served.send("submit forever")  # submitted by the other process itself
         run_id = (await eventually(lambda: served.submitted("forever"), timeout=TIMEOUT))[0]
@@ -305,7 +305,7 @@ async def test_cancel_from_the_dashboard_cancels_the_remote_run(serve: ServeFn) 
 async def test_invalid_params_are_refused_over_the_wire_and_shown_beside_the_field(serve: ServeFn) -> None:
     served = await serve("tcp://127.0.0.1:0", token="s3cret-token", interval=0)  # no traffic: nothing else runs
     app = attach(served.address, served.token)
-    async with app.run_test(size=SIZE) as pilot, checking(served) as remote:
+    async with app.run_test(size=SIZE) as pilot, served.remote() as remote:
         screen, form = await open_submit(app, pilot, "greet")
         # an integer, so the form sends it; only the engine knows times must be 1..5
         form.field_widget("name").value = "Bob"
@@ -361,8 +361,10 @@ async def test_reconnects_and_resynchronises_when_the_engine_comes_back(serve: S
         await eventually(lambda: badge(app).state == "leader" and badge(app).node_id == "second", timeout=15.0)
         assert app.state.node_id == "second"
         # resynchronised from the new engine's snapshot, then kept current by its events
-        await eventually(lambda: len(second.submitted()) >= 2 and set(second.submitted()) <= shown(app), timeout=TIMEOUT)
-        async with checking(second) as remote:
+        await eventually(
+            lambda: len(second.submitted()) >= 2 and set(second.submitted()) <= shown(app), timeout=TIMEOUT
+        )
+        async with second.remote() as remote:
             snap = await remote.snapshot()
         assert snap.node_id == "second"
         await eventually(lambda: {r.id for r in snap.runs} <= shown(app), timeout=TIMEOUT)
@@ -370,6 +372,61 @@ async def test_reconnects_and_resynchronises_when_the_engine_comes_back(serve: S
         assert not first_runs & shown(app)
         assert not first_runs & set(app.state.runs)
         assert app.client.connections == 2
+
+
+async def test_a_dropped_connection_to_the_same_engine_comes_back_with_the_selection_kept(serve: ServeFn) -> None:
+    served = await serve("tcp://127.0.0.1:0", token="s3cret-token", interval=0.1)
+    app = attach(served.address, served.token)
+    async with app.run_test(size=SIZE):
+        await eventually(
+            lambda: len(served.submitted()) >= 4 and set(served.submitted()[:4]) <= shown(app), timeout=TIMEOUT
+        )
+        table = app.main.query_one(RunsTable)
+        picked = served.submitted()[0]  # an older run, below the top row
+        assert table.select_run(picked)
+        assert table.cursor_row > 0
+
+        remote = app.client._remote
+        assert remote is not None
+        await remote.close()  # the connection drops; the engine stays up
+        await eventually(lambda: app.client.connections == 2 and app.client.connected, timeout=TIMEOUT)
+        before = len(served.submitted())
+        await eventually(lambda: len(served.submitted()) >= before + 2, timeout=TIMEOUT)
+        await eventually(lambda: set(served.submitted()[before:]) <= shown(app), timeout=TIMEOUT)
+        assert badge(app).state == "leader"
+        assert table.selected_run_id == picked
+        assert set(served.submitted()[:before]) <= shown(app)
+
+
+async def test_no_event_is_lost_while_the_old_connection_is_still_closing(serve: ServeFn, sock_path: Path) -> None:
+    # plenty of events on the first engine, so its sequence numbers are ahead of the new one's
+    first = await serve(str(sock_path), node_id="first", interval=0.01)
+    app = attach(first.address, None)
+    async with app.run_test(size=SIZE):
+        await eventually(lambda: app.client.connected and app.state.node_id == "first", timeout=TIMEOUT)
+        await eventually(lambda: len(first.submitted()) >= 40, timeout=TIMEOUT)
+        await eventually(lambda: set(first.submitted()[:40]) <= set(app.state.runs), timeout=TIMEOUT)
+        old = app.client._remote
+        assert old is not None
+        close = old.close
+
+        async def slow_close() -> None:
+            await close()
+            await asyncio.sleep(0.5)  # a peer that takes its time to finish closing
+
+        old.close = slow_close  # type: ignore[method-assign]
+        assert first.terminate() == 0
+        await eventually(lambda: badge(app).state == "disconnected", timeout=TIMEOUT)
+
+        second = await serve(str(sock_path), node_id="second", interval=0.02)
+        await eventually(lambda: app.state.node_id == "second" and app.client.connections == 2, timeout=15.0)
+        await eventually(lambda: len(second.submitted()) >= 40, timeout=TIMEOUT)
+        async with second.remote() as remote:
+            snap = await remote.snapshot()
+        # every run the new engine has reaches the dashboard, including those submitted while
+        # the dashboard was still closing its old connection
+        await eventually(lambda: {r.id for r in snap.runs} <= set(app.state.runs), timeout=TIMEOUT)
+        await eventually(lambda: {r.id for r in snap.runs} <= shown(app), timeout=TIMEOUT)
 
 
 async def test_attach_before_the_engine_is_up_connects_once_it_is(serve: ServeFn, sock_path: Path) -> None:
@@ -380,7 +437,9 @@ async def test_attach_before_the_engine_is_up_connects_once_it_is(serve: ServeFn
 
         served = await serve(str(sock_path), node_id="late")
         await eventually(lambda: badge(app).state == "leader" and badge(app).node_id == "late", timeout=15.0)
-        await eventually(lambda: len(served.submitted()) >= 1 and set(served.submitted()) <= shown(app), timeout=TIMEOUT)
+        await eventually(
+            lambda: len(served.submitted()) >= 1 and set(served.submitted()) <= shown(app), timeout=TIMEOUT
+        )
         # the once-a-second overview (schedule, queues...) runs too, not only the event stream
         schedule = app.main.query_one(ScheduleTable)
         await eventually(lambda: "tick" in schedule.shown_keys, timeout=TIMEOUT)
@@ -408,6 +467,7 @@ async def test_wrong_token_is_reported_and_the_app_keeps_running(serve: ServeFn)
 def test_cli_attach_without_an_address_is_a_usage_error() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "taskwatch.tui", "attach"],
+        check=False,
         cwd=REPO,
         capture_output=True,
         text=True,

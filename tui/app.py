@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -164,6 +164,7 @@ class TaskwatchApp(App[None]):
         refresh_hz: float = 15.0,
         overview_interval: float = 1.0,
         max_rows: int = 500,
+        rows_per_frame: int = 60,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__()
@@ -182,14 +183,23 @@ class TaskwatchApp(App[None]):
         self.main = DashboardScreen(max_rows)
         self._dashboard_gone = False
         self._client_dropped = 0
+        self._backfill = False
+        #: new rows the runs table takes per frame (each costs a measurement of its cells)
+        self.rows_per_frame = rows_per_frame
 
     # ------------------------------------------------------------------ layout
 
     def get_default_screen(self) -> Screen[Any]:
         return self.main
 
+    def on_resize(self, event: events.Resize) -> None:
+        # Rich asks the OS for the terminal size on every measurement unless it is
+        # told, and the tables measure every cell of every new row: tell it
+        self.console.size = (event.size.width, event.size.height)
+
     def dashboard_ready(self) -> None:
         """Called by the dashboard screen once its widgets exist: start the data flow."""
+        self.console.size = (self.size.width, self.size.height)
         self.sub_title = self.client.where
         self.connect()
         self.set_interval(1.0 / self.refresh_hz, self.redraw, name="redraw")
@@ -216,8 +226,14 @@ class TaskwatchApp(App[None]):
         self._resyncing = True
         try:
             snap = await self.client.snapshot()
+            # rows the snapshot no longer has would keep stale values: start the table afresh
+            table = self.main.query_one(RunsTable)
+            selected = table.selected_run_id if table.cursor_row else None
+            table.clear_runs()
             self.state.load(snap)
             self.redraw(full=True)
+            if selected is not None and selected in self.state.runs:
+                table.select_run(selected)
         except (OSError, TaskwatchError):
             pass
         finally:
@@ -241,8 +257,15 @@ class TaskwatchApp(App[None]):
         """Drain buffered events into the state, then update the widgets that changed."""
         events = self.client.take_events()
         resync = getattr(self.client, "take_resync", lambda: None)()
+        reselect: str | None = None
         if resync is not None:
+            # a reconnect, maybe to another engine process: show only the runs its snapshot has
+            table = self.main.query_one(RunsTable)
+            reselect = table.selected_run_id if table.cursor_row else None
+            table.clear_runs()
             self.state.load(resync)
+            # also when the first connect failed: lets the overview refresh start
+            self._connected_once = True
             full = True
         if events:
             self.events_seen += len(events)
@@ -265,9 +288,11 @@ class TaskwatchApp(App[None]):
         with self.batch_update():
             dirty = self.state.take_dirty()
             if dirty or full:
-                self._update_runs(now)
-            elif any(r.status is RunStatus.RUNNING for r in self.state.newest_runs(self.max_rows)):
-                self._update_runs(now)  # running durations tick
+                self._update_runs(now, dirty, full)
+                if reselect is not None and reselect in self.state.runs:
+                    self.main.query_one(RunsTable).select_run(reselect)
+            else:
+                self._update_runs(now, dirty, full)  # running durations tick, backfill
             self._update_detail(dirty, full)
             health = [e for e in events if isinstance(e, HealthSample)]
             if health:
@@ -278,13 +303,38 @@ class TaskwatchApp(App[None]):
             self._update_header(now)
             self._update_counts()
 
-    def _update_runs(self, now: float) -> None:
-        self.main.query_one(RunsTable).update_runs(self.state.newest_runs(self.max_rows), now)
+    def _update_runs(self, now: float, dirty: set[str] | None = None, full: bool = True) -> None:
+        """Hand the runs table what changed, at most ``rows_per_frame`` new rows a frame.
+
+        Adding a row costs the table a measurement of every cell, so under a flood
+        only the newest new runs go in each frame; older ones are backfilled in
+        later frames, once the flood leaves room. The model keeps all of them.
+        """
+        table = self.main.query_one(RunsTable)
+        state = self.state
+        if full or dirty is None:
+            candidates = state.newest_runs(self.max_rows)
+        else:
+            views = [state.runs[run_id] for run_id in dirty if run_id in state.runs]
+            candidates = [view.record() for view in views]
+        fresh = [r for r in candidates if table.record(r.id) is None]
+        budget = self.rows_per_frame
+        if len(fresh) > budget:
+            fresh.sort(key=lambda r: r.created_at, reverse=True)
+            skipped = {r.id for r in fresh[budget:]}
+            candidates = [r for r in candidates if r.id not in skipped]
+            self._backfill = True
+        elif self._backfill:
+            room = budget - len(fresh)
+            missing = [r for r in state.newest_runs(self.max_rows) if table.record(r.id) is None]
+            candidates += missing[:room]
+            self._backfill = len(missing) > room
+        table.update_runs(candidates, now)
 
     def _update_detail(self, dirty: set[str], full: bool) -> None:
         selected = self.main.query_one(RunsTable).selected_run_id
         if selected is not None and (full or selected in dirty):
-            self.main.query_one(RunDetail).show(self.state.runs.get(selected), self.clock())
+            self.main.query_one(RunDetail).show(self.state.record(selected), self.clock())
 
     def _update_failures(self) -> None:
         failed = self.state.failed_runs()
@@ -316,7 +366,7 @@ class TaskwatchApp(App[None]):
     def refresh_tables(self) -> None:
         now = self.clock()
         self.main.query_one(ScheduleTable).update_schedule(self.state.schedule, now)
-        self.main.query_one(QueuesTable).update_queues(self.state.queues)
+        self.main.query_one(QueuesTable).update_queues(self.state.queues, now)
         self.main.query_one(TriggersTable).update_triggers(self.state.triggers, now)
         self.main.query_one("#workers", Static).update(self._workers_text())
         self._failures_shown = (-1, -1)
@@ -336,15 +386,17 @@ class TaskwatchApp(App[None]):
     @property
     def selected_run(self) -> RunRecord | None:
         run_id = self.main.query_one(RunsTable).selected_run_id
-        return self.state.runs.get(run_id) if run_id else None
+        return self.state.record(run_id)
 
     @on(RunsTable.RunHighlighted)
+    @while_dashboard_alive
     def _run_highlighted(self, message: RunsTable.RunHighlighted) -> None:
-        self.main.query_one(RunDetail).show(self.state.runs.get(message.run_id), self.clock())
+        self.main.query_one(RunDetail).show(self.state.record(message.run_id), self.clock())
 
     @on(RunsTable.RunSelected)
+    @while_dashboard_alive
     def _run_selected(self, message: RunsTable.RunSelected) -> None:
-        self.main.query_one(RunDetail).show(self.state.runs.get(message.run_id), self.clock())
+        self.main.query_one(RunDetail).show(self.state.record(message.run_id), self.clock())
 
     # ------------------------------------------------------------------ actions
 
@@ -364,11 +416,10 @@ class TaskwatchApp(App[None]):
                 return
             self.notify(f"submitted {record.task} as run {record.id}")
             self.action_show_tab("runs")
-            self.state.runs.setdefault(record.id, record)
-            self.state.dirty.add(record.id)
+            self.state.add_record(record)
             self.redraw()
             self.main.query_one(RunsTable).select_run(record.id)
-            self.main.query_one(RunDetail).show(self.state.runs.get(record.id), self.clock())
+            self.main.query_one(RunDetail).show(self.state.record(record.id), self.clock())
 
         self.push_screen(SubmitScreen(self.state.tasks, self.client.submit, initial=task), submitted)
 
@@ -406,8 +457,7 @@ class TaskwatchApp(App[None]):
             self.notify(str(exc), severity="error")
             return
         self.notify(f"retrying {run.task} as run {record.id}")
-        self.state.runs.setdefault(record.id, record)
-        self.state.dirty.add(record.id)
+        self.state.add_record(record)
         self.redraw()
         self.main.query_one(RunsTable).select_run(record.id)
 
@@ -444,7 +494,6 @@ class TaskwatchApp(App[None]):
         statuses, text = parse_run_filter(event.value)
         table = self.main.query_one(RunsTable)
         table.set_filter(statuses, text)
-        self._update_runs(self.clock())
 
     @on(Input.Changed, "#events-filter")
     def _events_filter(self, event: Input.Changed) -> None:

@@ -86,12 +86,15 @@ class LocalClient(DashboardClient):
 
     where = "in-process"
 
-    def __init__(self, engine: Engine, buffer: int = DEFAULT_BUFFER, *, manage: bool = False) -> None:
+    def __init__(
+        self, engine: Engine, buffer: int = DEFAULT_BUFFER, *, manage: bool = False, stop_timeout: float = 2.0
+    ) -> None:
         super().__init__(buffer)
         self.engine = engine
         #: start the engine on the dashboard's own loop at connect and stop it at close
         #: (for scripts and tests; normally the engine runs on its own thread)
         self.manage = manage
+        self.stop_timeout = stop_timeout
         self._unsubscribe: Callable[[], None] | None = None
 
     @property
@@ -165,4 +168,4 @@ class LocalClient(DashboardClient):
             if self.engine.state in ("running", "stopping"):
                 await self._on_engine(unsubscribe)
         if self.manage:
-            await self.engine.stop(timeout=2.0)
+            await self.engine.stop(timeout=self.stop_timeout)

@@ -48,10 +48,14 @@ class RemoteClient(DashboardClient):
     def connected(self) -> bool:
         return self._remote is not None and self._remote.connected
 
-    async def _open(self) -> Snapshot:
+    async def _open(self, resync: bool = False) -> Snapshot:
         remote = RemoteEngine(self.address, self.token, buffer=self.buffer, timeout=self.timeout)
         snap = await remote.connect()
         old, self._remote = self._remote, remote
+        if resync:
+            # set together with _remote, before the await below: the dashboard must never
+            # take the new connection's events without the snapshot they continue from
+            self._resync = snap
         if old is not None:
             await old.close()
         self.connections += 1
@@ -76,7 +80,7 @@ class RemoteClient(DashboardClient):
             # pacing between attempts while the engine is away, not synchronisation
             await asyncio.sleep(delay)
             try:
-                self._resync = await self._open()
+                await self._open(resync=True)
             except (OSError, TaskwatchError):
                 delay = min(delay * 2, self.retry_max)
 

@@ -23,6 +23,8 @@ from pydantic import BaseModel, Field
 from taskwatch.engine import Engine, TaskContext
 from taskwatch.engine.events import HealthSample
 
+from taskwatch.widgets import FailuresList, RunsTable
+
 from .app import TaskwatchApp
 from .client import LocalClient
 
@@ -122,8 +124,7 @@ def build_scenario_engine(clock: FrozenClock) -> Engine:
         max_concurrency=4,
         flags={"kg_extraction": False},
     )
-    gate = asyncio.Event()
-    engine.resources["_gate"] = gate  # lets the scenario finish its long run at stop
+    gate = asyncio.Event()  # never set: the long run stays running until stop cancels it
 
     @engine.task(name="embed_batch", retries=2, timeout=30.0, concurrency=2)
     async def embed_batch(ctx: TaskContext, params: EmbedParams) -> dict[str, Any]:
@@ -235,6 +236,7 @@ async def play(engine: Engine, clock: FrozenClock) -> None:
     clock.advance(3.0)
     long = await engine.submit("crunch_numbers", {"steps": 40})
     await _until(lambda: long.record().progress.done == 12)
+    clock.advance(0.5)
     await engine.submit("crunch_numbers", {"steps": 10})  # waits behind the first: pending
     engine.pause_periodic("traffic")
     await _until(lambda: any(w.crashes for w in engine.workers()))
@@ -253,7 +255,7 @@ def scenario_app() -> tuple[TaskwatchApp, Engine, FrozenClock]:
     """The dashboard on the scenario engine, both on the app's own loop."""
     clock = FrozenClock()
     engine = build_scenario_engine(clock)
-    app = TaskwatchApp(LocalClient(engine, manage=True), clock=clock, overview_interval=3600.0)
+    app = TaskwatchApp(LocalClient(engine, manage=True, stop_timeout=0.1), clock=clock, overview_interval=3600.0)
     return app, engine, clock
 
 
@@ -266,6 +268,10 @@ async def settle(app: TaskwatchApp, engine: Engine, clock: FrozenClock) -> None:
     await _until(lambda: app.client.pending_events() == 0 and app.state.last_seq == engine.bus.last_seq)
     app.redraw(full=True)
     app.refresh_tables()
+    # the cursors land where the story's updates left them; put them somewhere fixed
+    app.main.query_one(RunsTable).select_run("r0000009")
+    app.main.query_one(FailuresList).select("run", "r0000005")
+    app.redraw(full=True)
 
 
 # screen name -> keys pressed after the scenario has played
@@ -298,7 +304,6 @@ async def capture(name: str, keys: list[str]) -> str:
         await pilot.wait_for_scheduled_animations()
         await pilot.pause()
         svg = app.export_screenshot(title=f"taskwatch — {name}")
-        engine.resources["_gate"].set()
     return svg
 
 

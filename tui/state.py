@@ -39,7 +39,7 @@ class DashboardState:
         self.version = ""
         self.started_at: float | None = None
         self.engine_state = "unknown"
-        self.runs: dict[str, RunRecord] = {}
+        self.runs: dict[str, RunView] = {}
         self.tasks: list[TaskInfo] = []
         self.schedule: list[PeriodicInfo] = []
         self.queues: list[QueueInfo] = []
@@ -65,7 +65,7 @@ class DashboardState:
         self.version = snap.version
         self.started_at = snap.started_at
         self.engine_state = snap.state
-        self.runs = {r.id: r for r in sorted(snap.runs, key=lambda r: r.created_at)}
+        self.runs = {r.id: RunView.of(r) for r in sorted(snap.runs, key=lambda r: r.created_at)}
         self.dirty = set(self.runs)
         self.apply_overview(snap)
         self.last_seq = snap.last_seq
@@ -117,38 +117,42 @@ class DashboardState:
     def _apply_run(self, kind: str, e: Any) -> None:
         run_id = e.run_id
         if kind == "run.submitted":
-            self.runs[run_id] = RunRecord(
-                id=run_id,
-                task=e.task,
-                params=e.params,
-                status=RunStatus.PENDING,
-                max_attempts=e.max_attempts,
-                created_at=e.ts,
-                key=e.key,
-                source=e.source,
+            self.runs[run_id] = RunView(
+                run_id, e.task, e.params, e.max_attempts, e.ts, e.key, e.source
             )
             self.dirty.add(run_id)
             return
-        old = self.runs.get(run_id)
-        if old is None:
+        run = self.runs.get(run_id)
+        if run is None:
             # we joined after this run was submitted and it is not in our snapshot
             return
-        update: dict[str, Any]
         if kind == "run.started":
-            update = {"status": RunStatus.RUNNING, "attempt": e.attempt, "started_at": e.ts, "finished_at": None}
+            run.status = RunStatus.RUNNING
+            run.attempt = e.attempt
+            run.started_at = e.ts
+            run.finished_at = None
         elif kind == "run.progress":
-            update = {"progress": Progress(done=e.done, total=e.total, message=e.message)}
+            run.progress = (e.done, e.total, e.message)
         elif kind == "run.retrying":
-            update = {"status": RunStatus.PENDING, "attempt": e.attempt, "error": e.error}
+            run.status = RunStatus.PENDING
+            run.attempt = e.attempt
+            run.error = e.error
         elif kind == "run.succeeded":
-            update = {"status": RunStatus.SUCCEEDED, "result": e.result, "finished_at": e.ts, "error": None}
+            run.status = RunStatus.SUCCEEDED
+            run.result = e.result
+            run.finished_at = e.ts
+            run.error = None
         elif kind == "run.failed":
-            update = {"status": RunStatus.FAILED, "error": e.error, "finished_at": e.ts}
+            run.status = RunStatus.FAILED
+            run.error = e.error
+            run.finished_at = e.ts
         elif kind == "run.cancelled":
-            update = {"status": RunStatus.CANCELLED, "cancel_reason": e.reason, "finished_at": e.ts}
+            run.status = RunStatus.CANCELLED
+            run.cancel_reason = e.reason
+            run.finished_at = e.ts
         else:
             return
-        self.runs[run_id] = old.model_copy(update=update)
+        run.cached = None
         self.dirty.add(run_id)
 
     def _apply_lease(self, kind: str, e: Any) -> None:
@@ -171,17 +175,33 @@ class DashboardState:
         dirty, self.dirty = self.dirty, set()
         return dirty
 
+    def record(self, run_id: str | None) -> RunRecord | None:
+        """The run as a :class:`RunRecord` (what widgets take), or None if unknown."""
+        run = self.runs.get(run_id) if run_id is not None else None
+        return run.record() if run is not None else None
+
+    def add_record(self, record: RunRecord) -> None:
+        """Learn of a run from a command's reply (its events may not have arrived yet)."""
+        if record.id not in self.runs:
+            self.runs[record.id] = RunView.of(record)
+            self.dirty.add(record.id)
+
     def newest_runs(self, limit: int) -> list[RunRecord]:
         out: list[RunRecord] = []
         for run in reversed(self.runs.values()):
-            out.append(run)
+            out.append(run.record())
             if len(out) >= limit:
                 break
         return out
 
     def failed_runs(self, limit: int = 200) -> list[RunRecord]:
-        out = [r for r in reversed(self.runs.values()) if r.status is RunStatus.FAILED]
-        return out[:limit]
+        out: list[RunRecord] = []
+        for run in reversed(self.runs.values()):
+            if run.status is RunStatus.FAILED:
+                out.append(run.record())
+                if len(out) >= limit:
+                    break
+        return out
 
     def counts(self) -> dict[str, int]:
         counts = {s.value: 0 for s in RunStatus}
@@ -217,3 +237,81 @@ class DashboardState:
         if self.started_at is None:
             return None
         return (now or time.time()) - self.started_at
+
+
+class RunView:
+    """One run as the dashboard knows it: mutated in place by events, turned into a
+    :class:`RunRecord` only when a widget asks (and then cached until the next change),
+    so absorbing an event costs attribute writes, not a model copy."""
+
+    __slots__ = (
+        "id", "task", "params", "status", "attempt", "max_attempts", "created_at", "started_at",
+        "finished_at", "progress", "result", "error", "key", "source", "cancel_reason", "cached",
+    )
+
+    def __init__(
+        self,
+        run_id: str,
+        task: str,
+        params: dict[str, Any],
+        max_attempts: int,
+        created_at: float,
+        key: str | None,
+        source: str,
+    ) -> None:
+        self.id = run_id
+        self.task = task
+        self.params = params
+        self.status = RunStatus.PENDING
+        self.attempt = 1
+        self.max_attempts = max_attempts
+        self.created_at = created_at
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.progress: tuple[float, float | None, str] = (0, None, "")
+        self.result: Any = None
+        self.error: RunError | None = None
+        self.key = key
+        self.source = source
+        self.cancel_reason: str | None = None
+        self.cached: RunRecord | None = None
+
+    @classmethod
+    def of(cls, record: RunRecord) -> RunView:
+        view = cls(
+            record.id, record.task, record.params, record.max_attempts, record.created_at,
+            record.key, record.source,
+        )
+        view.status = record.status
+        view.attempt = record.attempt
+        view.started_at = record.started_at
+        view.finished_at = record.finished_at
+        view.progress = (record.progress.done, record.progress.total, record.progress.message)
+        view.result = record.result
+        view.error = record.error
+        view.cancel_reason = record.cancel_reason
+        view.cached = record
+        return view
+
+    def record(self) -> RunRecord:
+        cached = self.cached
+        if cached is None:
+            done, total, message = self.progress
+            cached = self.cached = RunRecord(
+                id=self.id,
+                task=self.task,
+                params=self.params,
+                status=self.status,
+                attempt=self.attempt,
+                max_attempts=self.max_attempts,
+                created_at=self.created_at,
+                started_at=self.started_at,
+                finished_at=self.finished_at,
+                progress=Progress(done=done, total=total, message=message),
+                result=self.result,
+                error=self.error,
+                key=self.key,
+                source=self.source,
+                cancel_reason=self.cancel_reason,  # type: ignore[arg-type]
+            )
+        return cached

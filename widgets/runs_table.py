@@ -101,7 +101,7 @@ class RunsTable(KeyedTable):
             raise ValueError(f"max_rows must be at least 1, got {max_rows}")
         self.max_rows = max_rows
         #: how far the table may overshoot max_rows before one batch trim
-        self.trim_batch = trim_batch if trim_batch is not None else max(1, min(50, max_rows // 10))
+        self.trim_batch = trim_batch if trim_batch is not None else max(1, min(200, max_rows // 4))
         #: every run we know about (shown or filtered out), bounded like the table
         self._records: dict[str, RunRecord] = {}
         #: runs whose duration ticks: re-rendered on every update even if not passed in

@@ -1,0 +1,43 @@
+"""Pictures of every screen, compared with the accepted ones in ``__snapshots__``.
+
+The scenario (``taskwatch.tui.screenshots``) pins the clock, the run ids, the
+health samples and the traceback file names, so a picture only changes when
+what the dashboard draws changes. Accept a deliberate change with
+``pytest tests/test_snapshots.py --snapshot-update`` and look at the report.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+from textual.pilot import Pilot
+
+from taskwatch.tui.screenshots import SCREENS, SIZE, scenario_app, settle
+
+
+@pytest.fixture(autouse=True)
+def utc() -> Iterator[None]:
+    # times on screen are local times: pin the zone for stable pictures
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = "UTC"
+    time.tzset()
+    yield
+    if old is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = old
+    time.tzset()
+
+
+@pytest.mark.parametrize("screen", list(SCREENS))
+def test_screen(screen: str, snap_compare) -> None:  # type: ignore[no-untyped-def]
+    app, engine, clock = scenario_app()
+
+    async def play(pilot: Pilot) -> None:
+        await settle(app, engine, clock)
+        await pilot.pause()
+
+    assert snap_compare(app, press=SCREENS[screen], terminal_size=SIZE, run_before=play)
