@@ -177,18 +177,18 @@ def build_demo_engine(seed: int | None = None, *, speed: float = 1.0, **options:
         return {"bank": key}
 
     compile_trigger = engine.trigger(
-        "compile", run_compile, size_threshold=8, staleness=timedelta(seconds=20 / speed), staleness_min=2
+        "compile", run_compile, size_threshold=5, staleness=timedelta(seconds=20 / speed), staleness_min=2
     )
 
-    @engine.periodic(every=0.5 / speed, name="chat_turns")
+    @engine.periodic(every=0.5 / speed, name="chat_turns", fixed_rate=True)
     async def chat_turns(ctx: TaskContext) -> int:
         """Feed the significance queue and the compile trigger like a chat backend would."""
-        turns = rng.randint(1, 4)
+        turns = rng.randint(2, 6)
         for _ in range(turns):
             turn = rng.randint(1, 10_000)
             text = rng.choice(["hello", "thanks", "an error happened", "what's new", "remind me"])
             significance.put_nowait(SignificanceJob(turn_id=turn, text=text))
-            compile_trigger.notify(f"bank-{rng.randint(1, 6)}")
+            compile_trigger.notify(f"bank-{rng.randint(1, 4)}")
         return turns
 
     # ---------------------------------------------------------------- supervised worker

@@ -1,0 +1,73 @@
+"""The ``taskwatch`` command: version, help, loading a user's engine, the plain demo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from taskwatch.engine import Engine, __version__
+from taskwatch.tui.cli import AppPathError, load_engine
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def taskwatch(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "taskwatch.tui", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_version_and_help() -> None:
+    version = taskwatch("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"taskwatch {__version__}"
+    help_ = taskwatch("--help")
+    assert help_.returncode == 0
+    assert "PACKAGE.MODULE:ATTRIBUTE" in help_.stdout and "attach" in help_.stdout
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("no_such_module:engine", "module 'no_such_module' not found"),
+        ("examples.service:nope", "module 'examples.service' has no attribute 'nope'"),
+        ("examples.service:FakeCache", "is a FakeCache, not a taskwatch Engine"),
+        ("examples.service", "expected PACKAGE.MODULE:ATTRIBUTE"),
+        ("examples.service:random", "is a module, not a taskwatch Engine"),
+    ],
+)
+def test_a_bad_app_path_is_one_clear_line(path: str, message: str) -> None:
+    result = taskwatch(path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("taskwatch: ") and message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_load_engine_takes_an_engine_or_a_factory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    engine = load_engine("examples.service:engine")
+    assert isinstance(engine, Engine) and engine.node_id == "service-1"
+    made = load_engine("taskwatch.tui.demo:build_demo_engine")
+    assert isinstance(made, Engine) and "embed_batch" in made.tasks()
+    with pytest.raises(AppPathError):
+        load_engine("examples.service:")
+
+
+def test_attach_needs_an_address() -> None:
+    result = taskwatch("attach")
+    assert result.returncode == 2 and "address" in result.stderr
+
+
+def test_plain_demo_prints_every_kind_of_loop() -> None:
+    result = taskwatch("--plain", "--seconds", "4", "--seed", "7")
+    assert result.returncode == 0, result.stderr
+    kinds = {line.split()[1] for line in result.stdout.splitlines() if line.strip()}
+    # one-shot runs, periodic tasks (two disabled), the queue, the trigger, the supervised worker
+    assert {"run.submitted", "run.progress", "run.succeeded", "periodic.registered",
+            "queue.stats", "trigger.fired", "worker.started", "health", "engine.stopped"} <= kinds
+    assert "reason=flag kg_extraction is off" in result.stdout
+    assert "reason=missing resource: redis" in result.stdout
