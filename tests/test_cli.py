@@ -71,3 +71,39 @@ def test_plain_demo_prints_every_kind_of_loop() -> None:
             "queue.stats", "trigger.fired", "worker.started", "health", "engine.stopped"} <= kinds
     assert "reason=flag kg_extraction is off" in result.stdout
     assert "reason=missing resource: redis" in result.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_web_serves_the_dashboard_page(tmp_path: Path) -> None:
+    import time
+    import urllib.request
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "taskwatch.tui", "web", "attach", str(tmp_path / "engine.sock"), "--port", str(port)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        page = ""
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+                    assert response.status == 200
+                    page = response.read().decode()
+                    break
+            except OSError:
+                if proc.poll() is not None:
+                    raise AssertionError(f"taskwatch web exited: {proc.stderr.read() if proc.stderr else ''}")
+                time.sleep(0.1)  # polling a port that is still opening
+        assert "taskwatch" in page
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

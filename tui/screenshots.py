@@ -18,15 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
-
 from taskwatch.engine import Engine, TaskContext
 from taskwatch.engine.events import HealthSample
-
 from taskwatch.widgets import FailuresList, RunsTable
 
 from .app import TaskwatchApp
 from .client import LocalClient
+from .demo import CrunchParams, EmailParams, EmbedParams, ResizeParams
 
 #: 2026-11-23 09:00:00 UTC
 EPOCH = 1_795_424_400.0
@@ -53,27 +51,6 @@ class Ids:
     def __call__(self) -> str:
         self.n += 1
         return f"r{self.n:07d}"
-
-
-class EmbedParams(BaseModel):
-    user_id: str = Field(description="whose memories to embed")
-    contents: list[str]
-
-
-class ResizeParams(BaseModel):
-    url: str
-    width: int = 512
-    height: int = 512
-
-
-class EmailParams(BaseModel):
-    to: str
-    subject: str = "Your weekly digest"
-    urgent: bool = False
-
-
-class CrunchParams(BaseModel):
-    steps: int = 40
 
 
 # The tasks that fail, compiled under a stable file name so their tracebacks
