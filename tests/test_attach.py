@@ -375,16 +375,17 @@ async def test_reconnects_and_resynchronises_when_the_engine_comes_back(serve: S
 
 
 async def test_a_dropped_connection_to_the_same_engine_comes_back_with_the_selection_kept(serve: ServeFn) -> None:
-    served = await serve("tcp://127.0.0.1:0", token="s3cret-token", interval=0.1)
+    # more runs than the dashboard adds to its table in one frame, so the refill takes a few
+    served = await serve("tcp://127.0.0.1:0", token="s3cret-token", interval=0.01)
     app = attach(served.address, served.token)
     async with app.run_test(size=SIZE):
-        await eventually(
-            lambda: len(served.submitted()) >= 4 and set(served.submitted()[:4]) <= shown(app), timeout=TIMEOUT
-        )
+        await eventually(lambda: len(served.submitted()) >= app.rows_per_frame + 40, timeout=TIMEOUT)
+        first = served.submitted()[: app.rows_per_frame + 40]
+        await eventually(lambda: set(first) <= shown(app), timeout=TIMEOUT)
         table = app.main.query_one(RunsTable)
-        picked = served.submitted()[0]  # an older run, below the top row
+        picked = first[0]  # an old run, far below the top row
         assert table.select_run(picked)
-        assert table.cursor_row > 0
+        assert table.cursor_row > app.rows_per_frame
 
         remote = app.client._remote
         assert remote is not None
@@ -394,8 +395,10 @@ async def test_a_dropped_connection_to_the_same_engine_comes_back_with_the_selec
         await eventually(lambda: len(served.submitted()) >= before + 2, timeout=TIMEOUT)
         await eventually(lambda: set(served.submitted()[before:]) <= shown(app), timeout=TIMEOUT)
         assert badge(app).state == "leader"
-        assert table.selected_run_id == picked
-        assert set(served.submitted()[:before]) <= shown(app)
+        # the table is refilled from the fresh snapshot (newest rows first, a few frames) and
+        # the run the user had picked is selected again
+        await eventually(lambda: set(first) <= shown(app), timeout=TIMEOUT)
+        await eventually(lambda: table.selected_run_id == picked, timeout=TIMEOUT)
 
 
 async def test_no_event_is_lost_while_the_old_connection_is_still_closing(serve: ServeFn, sock_path: Path) -> None:

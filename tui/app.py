@@ -28,6 +28,7 @@ from taskwatch.engine import (
     RunNotRetryable,
     RunRecord,
     RunStatus,
+    Snapshot,
     TaskwatchError,
 )
 from taskwatch.engine.events import HealthSample
@@ -184,6 +185,8 @@ class TaskwatchApp(App[None]):
         self._dashboard_gone = False
         self._client_dropped = 0
         self._backfill = False
+        #: after a reconnect, the run to select again once the refilled runs table shows it
+        self._reselect: str | None = None
         #: new rows the runs table takes per frame (each costs a measurement of its cells)
         self.rows_per_frame = rows_per_frame
 
@@ -215,10 +218,24 @@ class TaskwatchApp(App[None]):
             self.notify(f"cannot reach the engine: {exc}", severity="error", timeout=8)
             self._update_header()
             return
-        self.state.load(snap)
-        self._connected_once = True
+        self._reload(snap)
         self.redraw(full=True)
         self.refresh_tables()
+
+    @while_dashboard_alive
+    def _reload(self, snap: Snapshot) -> None:
+        """Start over from a snapshot (first connect, reconnect, or after lost events).
+
+        The runs table forgets its rows, since the snapshot may not have them (another
+        engine process, or runs whose updates were lost); the selected run is selected
+        again once the refilled table shows it.
+        """
+        table = self.main.query_one(RunsTable)
+        self._reselect = table.selected_run_id if table.cursor_row else None
+        table.clear_runs()
+        self.state.load(snap)
+        # also after a first connect that failed: lets the overview refresh start
+        self._connected_once = True
 
     @work(exclusive=True, group="resync")
     async def resync(self) -> None:
@@ -226,14 +243,8 @@ class TaskwatchApp(App[None]):
         self._resyncing = True
         try:
             snap = await self.client.snapshot()
-            # rows the snapshot no longer has would keep stale values: start the table afresh
-            table = self.main.query_one(RunsTable)
-            selected = table.selected_run_id if table.cursor_row else None
-            table.clear_runs()
-            self.state.load(snap)
+            self._reload(snap)
             self.redraw(full=True)
-            if selected is not None and selected in self.state.runs:
-                table.select_run(selected)
         except (OSError, TaskwatchError):
             pass
         finally:
@@ -257,15 +268,9 @@ class TaskwatchApp(App[None]):
         """Drain buffered events into the state, then update the widgets that changed."""
         events = self.client.take_events()
         resync = getattr(self.client, "take_resync", lambda: None)()
-        reselect: str | None = None
         if resync is not None:
-            # a reconnect, maybe to another engine process: show only the runs its snapshot has
-            table = self.main.query_one(RunsTable)
-            reselect = table.selected_run_id if table.cursor_row else None
-            table.clear_runs()
-            self.state.load(resync)
-            # also when the first connect failed: lets the overview refresh start
-            self._connected_once = True
+            # a reconnect, maybe to another engine process
+            self._reload(resync)
             full = True
         if events:
             self.events_seen += len(events)
@@ -289,10 +294,12 @@ class TaskwatchApp(App[None]):
             dirty = self.state.take_dirty()
             if dirty or full:
                 self._update_runs(now, dirty, full)
-                if reselect is not None and reselect in self.state.runs:
-                    self.main.query_one(RunsTable).select_run(reselect)
             else:
                 self._update_runs(now, dirty, full)  # running durations tick, backfill
+            if self._reselect is not None:
+                # the refill may take a few frames (rows_per_frame); give up once it is complete
+                if self.main.query_one(RunsTable).select_run(self._reselect) or not self._backfill:
+                    self._reselect = None
             self._update_detail(dirty, full)
             health = [e for e in events if isinstance(e, HealthSample)]
             if health:
