@@ -167,6 +167,7 @@ class TaskwatchApp(App[None]):
         max_rows: int = 500,
         rows_per_frame: int = 60,
         clock: Callable[[], float] = time.time,
+        cursor_blink: bool = True,
     ) -> None:
         super().__init__()
         self.client = client
@@ -189,6 +190,8 @@ class TaskwatchApp(App[None]):
         self._reselect: str | None = None
         #: new rows the runs table takes per frame (each costs a measurement of its cells)
         self.rows_per_frame = rows_per_frame
+        #: off for screenshots and snapshot tests, whose pictures must not depend on timing
+        self.cursor_blink = cursor_blink
 
     # ------------------------------------------------------------------ layout
 
@@ -203,6 +206,8 @@ class TaskwatchApp(App[None]):
     def dashboard_ready(self) -> None:
         """Called by the dashboard screen once its widgets exist: start the data flow."""
         self.console.size = (self.size.width, self.size.height)
+        for box in self.main.query(".filter").results(Input):
+            box.cursor_blink = self.cursor_blink
         self.sub_title = self.client.where
         self.connect()
         self.set_interval(1.0 / self.refresh_hz, self.redraw, name="redraw")
@@ -428,7 +433,10 @@ class TaskwatchApp(App[None]):
             self.main.query_one(RunsTable).select_run(record.id)
             self.main.query_one(RunDetail).show(self.state.record(record.id), self.clock())
 
-        self.push_screen(SubmitScreen(self.state.tasks, self.client.submit, initial=task), submitted)
+        self.push_screen(
+            SubmitScreen(self.state.tasks, self.client.submit, initial=task, cursor_blink=self.cursor_blink),
+            submitted,
+        )
 
     @work(group="actions")
     async def action_cancel_run(self) -> None:

@@ -25,8 +25,11 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
 
     BINDINGS = [Binding("escape", "dismiss_none", "Close")]
 
-    def __init__(self, tasks: list[TaskInfo], submit: SubmitFn, initial: str | None = None) -> None:
+    def __init__(
+        self, tasks: list[TaskInfo], submit: SubmitFn, initial: str | None = None, *, cursor_blink: bool = True
+    ) -> None:
         super().__init__()
+        self._cursor_blink = cursor_blink
         self.tasks = {t.name: t for t in tasks if t.submittable}
         self._submit = submit
         self._initial = initial if initial in self.tasks else next(iter(self.tasks), None)
@@ -64,7 +67,7 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
         self.query_one("#submit-error", Static).update("")
         holder = self.query_one("#submit-form", VerticalScroll)
         await holder.remove_children()
-        await holder.mount(ParamsForm(info, id="params-form"))
+        await holder.mount(ParamsForm(info, id="params-form", cursor_blink=self._cursor_blink))
 
     @property
     def form(self) -> ParamsForm:

@@ -232,7 +232,9 @@ def scenario_app() -> tuple[TaskwatchApp, Engine, FrozenClock]:
     """The dashboard on the scenario engine, both on the app's own loop."""
     clock = FrozenClock()
     engine = build_scenario_engine(clock)
-    app = TaskwatchApp(LocalClient(engine, manage=True, stop_timeout=0.1), clock=clock, overview_interval=3600.0)
+    app = TaskwatchApp(
+        LocalClient(engine, manage=True, stop_timeout=0.1), clock=clock, overview_interval=3600.0, cursor_blink=False
+    )
     return app, engine, clock
 
 
@@ -259,6 +261,7 @@ SCREENS: dict[str, list[str]] = {
     "health": ["4"],
     "events": ["5"],
     "submit": ["s"],
+    "submit_invalid": ["s", "tab", "tab", "u", "7", "tab", "left_square_bracket", "enter"],
     "traceback": ["2", "t"],
     "help": ["question_mark"],
 }

@@ -178,18 +178,21 @@ class ParamsForm(Widget):
         *,
         values: Mapping[str, Any] | None = None,
         show_description: bool = False,
+        cursor_blink: bool = True,
         name: str | None = None,
         id: str | None = None,
         classes: str | None = None,
         disabled: bool = False,
     ) -> None:
         """``values`` pre-fills fields (e.g. a failed run's params) instead of the defaults;
-        ``show_description`` puts the task's description above the fields."""
+        ``show_description`` puts the task's description above the fields;
+        ``cursor_blink=False`` keeps pictures of the form stable."""
         super().__init__(name=name, id=id, classes=classes, disabled=disabled)
         self.task_info = task
         self.fields: tuple[FieldSpec, ...] = tuple(fields_from_schema(task.params_schema))
         self._initial = dict(values or {})
         self._show_description = show_description
+        self._cursor_blink = cursor_blink
         self._inputs: dict[str, Input | Switch] = {}
         self._errors: dict[str, Static] = {}
 
@@ -217,6 +220,7 @@ class ParamsForm(Widget):
                     type="integer" if spec.kind == "int" else "number" if spec.kind == "float" else "text",
                     id=field_id,
                 )
+                widget.cursor_blink = self._cursor_blink
             widget.add_class("params-form--input")
             self._inputs[spec.name] = widget
             yield widget
