@@ -66,17 +66,20 @@ class Backend(ABC):
         return []
 
     def _launch(self, run: Run) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(run), name=f"taskwatch-run-{run.id}")
+        engine = self.engine
+        engine._begin(run)
+        task = asyncio.get_running_loop().create_task(engine._execute(run), name=f"taskwatch-run-{run.id}")
         run.task = task
         self._tasks.add(task)
+        # a callback, not a finally: it also runs for a task cancelled before its first step
+        task.add_done_callback(lambda t: self._ended(run, t))
 
-    async def _run(self, run: Run) -> None:
-        try:
-            await self.engine._execute(run)
-        finally:
-            self._tasks.discard(run.task)  # type: ignore[arg-type]
+    def _ended(self, run: Run, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if run.task is task:
             run.task = None
-            self._released(run)
+        self.engine._task_done(run)
+        self._released(run)
 
     def _released(self, run: Run) -> None:
         """A run's task finished; free its slot."""

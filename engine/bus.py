@@ -3,8 +3,9 @@
 Publishing never waits: each subscriber owns a bounded buffer, and events
 that do not fit are dropped *for that subscriber alone* and counted. The
 subscriber reads the count (``Subscription.dropped``) and is also handed an
-:class:`~taskwatch.engine.events.EventsDropped` event before the next event it
-does receive. A ring buffer keeps the last events so late subscribers can
+:class:`~taskwatch.engine.events.EventsDropped` event exactly where the gap is:
+after the events it did get before the gap, with the ``seq`` of the first
+event it missed. A ring buffer keeps the last events so late subscribers can
 replay recent history.
 """
 
@@ -49,6 +50,16 @@ class KindFilter:
         return hit
 
 
+class _Gap:
+    """Where a subscriber's buffer overflowed: ``count`` events from ``first_seq`` on."""
+
+    __slots__ = ("first_seq", "count")
+
+    def __init__(self, first_seq: int) -> None:
+        self.first_seq = first_seq
+        self.count = 1
+
+
 class Subscription:
     """An async iterator over events, with its own bounded buffer.
 
@@ -64,9 +75,11 @@ class Subscription:
         self.maxsize = maxsize
         self._filter = KindFilter(kinds)
         self._all = self._filter.matches_all
-        self._buffer: deque[BaseEvent] = deque()
+        # events, and _Gap markers where events were dropped (at most one per gap)
+        self._buffer: deque[BaseEvent | _Gap] = deque()
+        self._events = 0
+        # one future shared by every coroutine waiting on this subscription
         self._waiter: asyncio.Future[None] | None = None
-        self._unreported = 0
         #: events this subscriber missed because its buffer was full
         self.dropped = 0
         #: events delivered into this subscriber's buffer
@@ -77,16 +90,21 @@ class Subscription:
     def _offer(self, event: BaseEvent) -> None:
         if not self._all and not self._filter(event.kind):  # type: ignore[attr-defined]
             return
-        if len(self._buffer) >= self.maxsize:
+        buffer = self._buffer
+        if self._events >= self.maxsize:
             self.dropped += 1
-            self._unreported += 1
             self._bus.dropped_total += 1
+            tail = buffer[-1] if buffer else None
+            if isinstance(tail, _Gap):
+                tail.count += 1
+            else:
+                # the notice goes where the gap is: after what was buffered before it
+                buffer.append(_Gap(event.seq))
             return
-        self._buffer.append(event)
+        buffer.append(event)
+        self._events += 1
         self.received += 1
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -94,47 +112,44 @@ class Subscription:
             waiter.set_result(None)
 
     def _take_one(self) -> BaseEvent:
-        if self._unreported:
-            count, self._unreported = self._unreported, 0
-            return self._bus.make(EventsDropped, count=count, total=self.dropped)
-        return self._buffer.popleft()
+        item = self._buffer.popleft()
+        if isinstance(item, _Gap):
+            # seq is that of the first missed event, so the notice sorts into the gap
+            return EventsDropped(
+                seq=item.first_seq, ts=self._bus.clock(), node=self._bus.node, count=item.count, total=self.dropped
+            )
+        self._events -= 1
+        return item
 
     def pending(self) -> int:
         """Events buffered and not yet read."""
-        return len(self._buffer)
+        return self._events
 
     def get_batch(self, limit: int | None = None) -> list[BaseEvent]:
-        """Take up to ``limit`` buffered events at once without waiting."""
-        out: list[BaseEvent] = []
-        if self._unreported:
-            out.append(self._take_one())
-        buf = self._buffer
-        n = len(buf) if limit is None else min(limit, len(buf))
-        for _ in range(n):
-            out.append(buf.popleft())
-        return out
+        """Take up to ``limit`` buffered items (events and drop notices) without waiting."""
+        n = len(self._buffer) if limit is None else min(limit, len(self._buffer))
+        return [self._take_one() for _ in range(n)]
 
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait until an event is buffered or the bus closes. True if events are ready."""
-        if self._buffer or self._unreported:
+        if self._buffer:
             return True
         if self.closed:
             return False
-        loop = asyncio.get_running_loop()
-        self._waiter = loop.create_future()
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(asyncio.shield(self._waiter), timeout)
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
         except TimeoutError:
             pass
-        finally:
-            self._waiter = None
-        return bool(self._buffer or self._unreported)
+        return bool(self._buffer)
 
     def __aiter__(self) -> Subscription:
         return self
 
     async def __anext__(self) -> BaseEvent:
-        while not (self._buffer or self._unreported):
+        while not self._buffer:
             if self.closed:
                 raise StopAsyncIteration
             await self.wait()

@@ -9,6 +9,7 @@ cancels, then awaits, so no asyncio task outlives it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import socket
@@ -58,6 +59,8 @@ from .version import __version__
 from .triggers import Trigger, TriggerState
 
 F = TypeVar("F", bound=TaskFn)
+
+log = logging.getLogger("taskwatch.engine")
 
 _PENDING = RunStatus.PENDING
 _RUNNING = RunStatus.RUNNING
@@ -135,7 +138,8 @@ class Engine:
         self._tasks: dict[str, TaskSpec] = {}
         self._runs: dict[str, Run] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
-        self._keys: dict[str, Run] = {}
+        # (task, dedup key) -> the pending run holding it
+        self._keys: dict[tuple[str, str], Run] = {}
         self._counts: dict[RunStatus, int] = {s: 0 for s in RunStatus}
         self._retry_timers: set[Run] = set()
         self._submitted_total = 0
@@ -147,6 +151,7 @@ class Engine:
         self._tp: deque[list[int]] = deque()
         self._idle: asyncio.Future[None] | None = None
         self._state = "new"
+        self._shutdown: asyncio.Task[None] | None = None
         self._started_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._leader = LeaderElector(self, lease)
@@ -292,70 +297,83 @@ class Engine:
         ]
 
     async def stop(self, timeout: float = 10.0) -> None:
-        """Stop accepting work, drain for up to ``timeout`` seconds, cancel the rest, await all."""
+        """Stop accepting work, drain for up to ``timeout`` seconds, cancel the rest, await all.
+
+        The shutdown runs as one task of the engine's own: a second caller waits
+        for the same shutdown, and a caller that is itself cancelled does not
+        leave the engine half stopped.
+        """
         if self._state in ("new", "stopped"):
             return
-        if self._state == "stopping":
-            while self._state == "stopping":
-                await asyncio.sleep(0.01)
-            return
+        if self._shutdown is None:
+            self._state = "stopping"
+            self._shutdown = asyncio.get_running_loop().create_task(
+                self._stop(timeout), name="taskwatch-shutdown"
+            )
+        await asyncio.shield(self._shutdown)
+
+    async def _stop(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
-        self._state = "stopping"
         deadline = loop.time() + max(0.0, timeout)
-        self.bus.emit(
-            EngineStopping,
-            timeout=timeout,
-            pending=self._counts[_PENDING],
-            running=self._counts[_RUNNING],
-        )
-        # producers stop first so the drain below has a fixed amount of work;
-        # queues drain within the deadline, supervised workers are cancelled
-        await self._scheduler.stop(deadline)
-        for trigger in self._triggers.values():
-            await trigger.stop(deadline)
-        for queue in self._queues.values():
-            await queue.stop(deadline)
-        await self._supervisor.stop(deadline)
-        await self._wait_idle(deadline - loop.time())
-        cancelled_pending = 0
-        for run in list(self._retry_timers):
-            self._cancel_retry_timer(run)
-            self._finish_cancelled(run, "shutdown", was_running=False)
-            cancelled_pending += 1
-        for run in self._backend.drain_pending():
-            self._finish_cancelled(run, "shutdown", was_running=False, discard=False)
-            cancelled_pending += 1
-        tasks = self._backend.running_tasks()
-        for t in tasks:
-            run = self._run_of_task(t)
-            if run is not None and run.cancel_reason is None:
-                run.cancel_reason = "shutdown"
-            t.cancel()
-        await self._await_tasks(tasks)
-        await self._leader.stop(loop.time() + 1.0)
-        await self._health.stop(loop.time())
-        self.bus.emit(EngineStopped, cancelled_pending=cancelled_pending, cancelled_running=len(tasks))
-        for server in self._servers:
-            await server.stop()
-        self._servers.clear()
-        self.bus.close()
-        self._state = "stopped"
+        try:
+            self.bus.emit(
+                EngineStopping,
+                timeout=timeout,
+                pending=self._counts[_PENDING],
+                running=self._counts[_RUNNING],
+            )
+            # producers stop first so the drain below has a fixed amount of work;
+            # queues drain within the deadline, supervised workers are cancelled
+            await self._scheduler.stop(deadline)
+            for trigger in self._triggers.values():
+                await trigger.stop(deadline)
+            for queue in self._queues.values():
+                await queue.stop(deadline)
+            await self._supervisor.stop(deadline)
+            await self._wait_idle(deadline - loop.time())
+            cancelled_pending = 0
+            for run in list(self._retry_timers):
+                self._cancel_retry_timer(run)
+                self._finish_cancelled(run, "shutdown", was_running=False, discard=False)
+                cancelled_pending += 1
+            for run in self._backend.drain_pending():
+                self._finish_cancelled(run, "shutdown", was_running=False, discard=False)
+                cancelled_pending += 1
+            tasks = [t for t in self._backend.running_tasks() if not t.done()]
+            for t in tasks:
+                run = self._run_of_task(t)
+                if run is not None and run.status is _RUNNING and run.cancel_reason is None:
+                    run.cancel_reason = "shutdown"
+                t.cancel()
+            await self._await_tasks(tasks)
+            await self._leader.stop(loop.time() + 1.0)
+            await self._health.stop(loop.time())
+            self.bus.emit(EngineStopped, cancelled_pending=cancelled_pending, cancelled_running=len(tasks))
+            for server in self._servers:
+                await server.stop()
+            self._servers.clear()
+        finally:
+            self.bus.close()
+            self._state = "stopped"
+            self._shutdown = None
 
     async def _await_tasks(self, tasks: list[asyncio.Task[Any]]) -> None:
-        """Await cancelled tasks; re-cancel ones that swallow cancellation, a few times."""
+        """Await cancelled tasks, cancelling again those that swallow the first cancel."""
         remaining = [t for t in tasks if not t.done()]
         for _ in range(3):
             if not remaining:
                 return
-            done, pending = await asyncio.wait(remaining, timeout=self.cancel_grace)
+            _, pending = await asyncio.wait(remaining, timeout=self.cancel_grace)
             for t in pending:
                 t.cancel()
             remaining = list(pending)
         if remaining:
             # a task that ignores cancellation this long is a bug in that task; waiting
-            # forever would hang the caller's shutdown, so wait once more without bound
-            # only if the loop is not closing anyway.
-            await asyncio.wait(remaining)
+            # for it forever would hang every caller of stop(), so say so and go on
+            log.warning(
+                "%d run(s) ignored cancellation for %.0f s and are still running: %s",
+                len(remaining), 3 * self.cancel_grace, ", ".join(t.get_name() for t in remaining),
+            )
 
     def _run_of_task(self, task: asyncio.Task[Any]) -> Run | None:
         name = task.get_name()
@@ -396,50 +414,31 @@ class Engine:
         params: BaseModel | dict[str, Any] | None,
         key: str | None,
         source: str,
+        internal: bool = False,
     ) -> tuple[Run, bool]:
-        """Validate and create a pending run; or return the pending run holding ``key``.
+        """Validate and create a pending run; or return the pending run of this task holding ``key``.
 
-        The flag says whether the run is new (and so must be queued).
+        The flag says whether the run is new (and so must be queued). Periodic and
+        trigger tasks are submitted by their own loops only (``internal``).
         """
         self._require_running()
         spec = self._tasks.get(task)
-        if spec is None:
+        if spec is None or not (spec.submittable or internal):
             raise UnknownTask(task, (n for n, s in self._tasks.items() if s.submittable))
+        model, dumped = self._validate(spec, params)
         if key is not None:
-            existing = self._keys.get(key)
+            existing = self._keys.get((spec.name, key))
             if existing is not None and existing.status is _PENDING:
                 return existing, False
         if self._counts[_PENDING] >= self.max_queue:
             raise QueueFull("the engine's run queue", self.max_queue)
-        model_cls = spec.params_model
-        if model_cls is None:
-            if params:
-                raise InvalidParams(
-                    task,
-                    [{"loc": ("params",), "msg": f"task {task!r} takes no params", "type": "extra_forbidden"}],
-                )
-            model = None
-            dumped: dict[str, Any] = {}
-        else:
-            try:
-                if isinstance(params, model_cls):
-                    model = params
-                elif isinstance(params, BaseModel):
-                    model = model_cls.model_validate(params.model_dump())
-                else:
-                    model = model_cls.model_validate(params if params is not None else {})
-                dumped = model.model_dump(mode="json")
-            except ValidationError as exc:
-                raise InvalidParams(
-                    task, exc.errors(include_url=False, include_context=False, include_input=False)
-                ) from None
         now = self.clock()
         run = Run(self._new_id(), spec, dumped, model, now, key, source)
         self._runs[run.id] = run
         self._counts[_PENDING] += 1
         self._submitted_total += 1
         if key is not None:
-            self._keys[key] = run
+            self._keys[(spec.name, key)] = run
         self.bus.emit(
             RunSubmitted,
             run_id=run.id,
@@ -451,6 +450,32 @@ class Engine:
         )
         return run, True
 
+    @staticmethod
+    def _validate(
+        spec: TaskSpec, params: BaseModel | dict[str, Any] | None
+    ) -> tuple[BaseModel | None, dict[str, Any]]:
+        """The params as the task's model and as JSON-ready data; raises InvalidParams."""
+        model_cls = spec.params_model
+        if model_cls is None:
+            if params:
+                raise InvalidParams(
+                    spec.name,
+                    [{"loc": ("params",), "msg": f"task {spec.name!r} takes no params", "type": "extra_forbidden"}],
+                )
+            return None, {}
+        try:
+            if isinstance(params, model_cls):
+                model = params
+            elif isinstance(params, BaseModel):
+                model = model_cls.model_validate(params.model_dump())
+            else:
+                model = model_cls.model_validate(params if params is not None else {})
+            return model, model.model_dump(mode="json")
+        except ValidationError as exc:
+            raise InvalidParams(
+                spec.name, exc.errors(include_url=False, include_context=False, include_input=False)
+            ) from None
+
     async def submit(
         self,
         task: str,
@@ -460,7 +485,7 @@ class Engine:
     ) -> RunHandle:
         """Validate ``params`` and queue a run of ``task``; returns its handle at once.
 
-        With ``key``, a run holding the same key that is still pending is
+        With ``key``, a pending run of the same task holding the same key is
         returned instead of queueing a second one. Raises :class:`UnknownTask`,
         :class:`InvalidParams`, :class:`QueueFull` or :class:`EngineNotRunning`,
         and in each case nothing is queued. (The inline backend returns only
@@ -480,9 +505,14 @@ class Engine:
         key: str | None = None,
         source: str = "submit",
         extra_args: tuple[Any, ...] = (),
+        internal: bool = False,
     ) -> RunHandle:
-        """Like :meth:`submit`, for synchronous code on the engine's loop; never waits."""
-        run, new = self._admit(task, params, key, source)
+        """Like :meth:`submit`, for synchronous code on the engine's loop; never waits.
+
+        ``internal`` lets the engine's own loops (periodic tasks, triggers) submit
+        the tasks they registered, which users cannot submit directly.
+        """
+        run, new = self._admit(task, params, key, source, internal)
         if new:
             run.extra_args = extra_args
             self._backend.enqueue(run)
@@ -493,6 +523,10 @@ class Engine:
         old = self._lookup(run_id)
         if old.status not in (_FAILED, _CANCELLED):
             raise RunNotRetryable(run_id, old.status.value)
+        if not old.spec.submittable:
+            raise RunNotRetryable(
+                run_id, old.status.value, f"it belongs to the {old.spec.kind} {old.spec.name!r}, which runs it again itself"
+            )
         run, new = self._admit(old.spec.name, old.params, None, f"retry:{run_id}")
         if new:
             run.extra_args = old.extra_args
@@ -775,21 +809,38 @@ class Engine:
 
     # ------------------------------------------------------------------ execution
 
-    async def _execute(self, run: Run) -> None:
-        """Run one attempt of ``run`` and record its outcome. Called by the backend."""
-        spec = run.spec
+    def _begin(self, run: Run) -> None:
+        """Mark ``run`` running; the backend calls this as it creates the run's task.
+
+        Done synchronously, before the task's first step, so a cancel or a stop
+        that comes in between sees a running run with a task to cancel.
+        """
         counts = self._counts
         counts[_PENDING] -= 1
         counts[_RUNNING] += 1
         run.status = _RUNNING
         run.started_at = self.clock()
-        if run.key is not None and self._keys.get(run.key) is run:
-            del self._keys[run.key]
-        self.bus.emit(RunStarted, run_id=run.id, task=spec.name, attempt=run.attempt)
-        ctx = TaskContext(self, run, spec.name)
-        args: tuple[Any, ...] = (ctx,) if run.model is None else (ctx, run.model)
-        kwargs = {name: self.resources[name] for name in spec.resources} if spec.resources else {}
+        self._release_key(run)
+        self.bus.emit(RunStarted, run_id=run.id, task=run.spec.name, attempt=run.attempt)
+
+    def _task_done(self, run: Run) -> None:
+        """The backend's task for ``run`` ended; record it if it ended without a word.
+
+        A task cancelled before its first step never runs ``_execute``, so
+        nothing recorded its end.
+        """
+        if run.status is _RUNNING:
+            self._finish_cancelled(run, run.cancel_reason or "external", was_running=True)
+
+    async def _execute(self, run: Run) -> None:
+        """Run one attempt of a run marked running by :meth:`_begin`, and record its outcome."""
+        spec = run.spec
+        if run.status is not _RUNNING:
+            return
         try:
+            ctx = TaskContext(self, run, spec.name)
+            args: tuple[Any, ...] = (ctx,) if run.model is None else (ctx, run.model)
+            kwargs = {name: self.resources[name] for name in spec.resources} if spec.resources else {}
             if spec.timeout is None:
                 result = await spec.fn(*args, **kwargs)
             else:
@@ -855,6 +906,10 @@ class Engine:
             error=error,
         )
 
+    def _release_key(self, run: Run) -> None:
+        if run.key is not None and self._keys.get((run.spec.name, run.key)) is run:
+            del self._keys[(run.spec.name, run.key)]
+
     def _schedule_retry(self, run: Run, error: RunError) -> None:
         spec = run.spec
         delay = min(spec.backoff_max, spec.backoff * 2 ** (run.attempt - 1))
@@ -864,8 +919,8 @@ class Engine:
         run.status = _PENDING
         run.attempt += 1
         self._retries_total += 1
-        if run.key is not None and run.key not in self._keys:
-            self._keys[run.key] = run
+        if run.key is not None:
+            self._keys.setdefault((run.spec.name, run.key), run)
         self.bus.emit(
             RunRetrying, run_id=run.id, task=spec.name, attempt=run.attempt, delay=delay, error=error
         )
@@ -917,8 +972,7 @@ class Engine:
         counts[status] += 1
         run.status = status
         run.finished_at = now
-        if run.key is not None and self._keys.get(run.key) is run:
-            del self._keys[run.key]
+        self._release_key(run)
         self._finished_total += 1
         self._totals[status] += 1
         second = int(time.monotonic())

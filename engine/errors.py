@@ -90,11 +90,13 @@ class RunNotCancellable(TaskwatchError):
 class RunNotRetryable(TaskwatchError):
     """Retry was asked for a run that is not finished."""
 
-    def __init__(self, run_id: str, status: str) -> None:
+    def __init__(self, run_id: str, status: str, reason: str | None = None) -> None:
         self.run_id = run_id
         self.status = status
         super().__init__(
-            f"run {run_id} is {status}; only failed or cancelled runs can be retried"
+            f"run {run_id} cannot be retried: {reason}"
+            if reason
+            else f"run {run_id} is {status}; only failed or cancelled runs can be retried"
         )
 
 

@@ -20,7 +20,6 @@ ends. Without a lease an engine is its own permanent leader (term 1).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -252,8 +251,8 @@ class LeaderElector:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # asyncio.wait, unlike awaiting the task, leaves a cancel of stop() itself alone
+            await asyncio.wait([task])
         if self.lease is None or not self.is_leader:
             return
         lease, term = self.lease, self.term

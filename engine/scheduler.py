@@ -541,7 +541,7 @@ class Scheduler:
             self._skip(p, current.id)
             return
         try:
-            handle = self._engine.submit_nowait(p.name, None, source=f"periodic:{p.name}")
+            handle = self._engine.submit_nowait(p.name, None, source=f"periodic:{p.name}", internal=True)
         except QueueFull:
             log.warning("periodic task %r: engine run queue full; tick skipped", p.name)
             self._skip(p, None)

@@ -84,6 +84,12 @@ _PUMP_BATCH = 256
 #: bytes coalesced into one socket write
 _WRITE_CHUNK = 256 * 1024
 
+#: put on a connection's outgoing queue when its event stream ends (no real line is empty)
+_END = b""
+
+#: how long a stopping server keeps writing what its clients have not received yet
+_FLUSH_TIMEOUT = 1.0
+
 
 class ServerInfo(BaseModel):
     """Where a control endpoint listens and the token a client must present."""
@@ -298,6 +304,13 @@ class ControlServer:
         if self._server is not None:
             self._server.close()
         tasks = list(self._conns)
+        # end each event stream where it is: what is buffered for a client (the
+        # engine's last events among it) is still written, for a short while
+        for conn in self._conns.values():
+            if conn.sub is not None:
+                conn.sub.close()
+        if tasks:
+            await asyncio.wait(tasks, timeout=_FLUSH_TIMEOUT)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -429,6 +442,8 @@ class _Connection:
         self.sub: Subscription | None = None
         self.commands: set[asyncio.Task[None]] = set()
         self.inflight = asyncio.Semaphore(server.max_inflight)
+        #: set once everything queued before the end of the stream is written
+        self.flushed = asyncio.Event()
 
     @property
     def dropped(self) -> int:
@@ -579,6 +594,10 @@ class _Connection:
         while await sub.wait():
             for event in sub.get_batch(_PUMP_BATCH):
                 await out.put(encode_event(event))
+        # the stream ended (the server is stopping): hand the writer an end mark
+        # and let it write everything before it, then end this connection
+        await out.put(_END)
+        await self.flushed.wait()
 
     async def _write_loop(self) -> None:
         out = self.out
@@ -590,6 +609,9 @@ class _Connection:
                 chunk = out.get_nowait()
                 chunks.append(chunk)
                 size += len(chunk)
+            ending = any(chunk is _END for chunk in chunks)
+            if ending:
+                chunks = [chunk for chunk in chunks if chunk is not _END]
             try:
                 writer.write(b"".join(chunks))
                 async with asyncio.timeout(self.server.write_timeout):
@@ -599,6 +621,9 @@ class _Connection:
                 log.warning("dropping a control client that read nothing for %s s", self.server.write_timeout)
                 return
             except (ConnectionError, OSError):
+                return
+            if ending:
+                self.flushed.set()
                 return
 
     async def _teardown(self) -> None:

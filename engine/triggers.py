@@ -222,7 +222,7 @@ class Trigger:
 
     def _fire(self, key: str, st: _Key, reason: str) -> RunHandle | None:
         try:
-            handle = self._engine.submit_nowait(self.task_name, TriggerKey(key=key), source=self.source)
+            handle = self._engine.submit_nowait(self.task_name, TriggerKey(key=key), source=self.source, internal=True)
         except QueueFull:
             # the count stays, so the next notify or sweep tries again
             self.rejected += 1
@@ -231,6 +231,8 @@ class Trigger:
             return None  # counts keep accumulating until the engine runs
         st.run_id = handle.id
         st.captured = st.count
+        # a free slot starts the run at once, before this trigger hears of it
+        st.running = handle.status is RunStatus.RUNNING
         self._active[handle.id] = key
         self.fired += 1
         self._engine.bus.emit(
@@ -286,7 +288,9 @@ class Trigger:
             st.count = max(0, st.count - st.captured)
             st.last_run_at = self._now()
         st.captured = 0
-        if st.count >= self.size_threshold and self._loop is not None:
+        cancelled_by_user = kind == "run.cancelled" and getattr(event, "reason", None) == "user"
+        # a user who cancels a key's run means it: wait for the next notify or sweep
+        if st.count >= self.size_threshold and self._loop is not None and not cancelled_by_user:
             # notifies during the run reached the threshold again; fire after this
             # event has been delivered, so events stay in order for every listener
             self._loop.call_soon(self._refire, key)

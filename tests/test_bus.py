@@ -75,11 +75,14 @@ async def test_slow_subscriber_drops_are_counted_and_the_engine_does_not_wait() 
         published_after_subscribe = engine.bus.published
         assert slow.dropped == published_after_subscribe - 50
         assert engine.stats().bus["dropped"] == slow.dropped
-        # it is told how many it missed before the next event it gets
-        batch = slow.get_batch(limit=3)
-        assert batch[0].kind == "bus.dropped"
-        assert batch[0].count == slow.dropped
-        assert batch[1].kind == "engine.started"
+        # it reads what it kept, then a notice saying where the gap starts and how long it is
+        batch = slow.get_batch()
+        assert all(e.kind != "bus.dropped" for e in batch[:50])
+        assert batch[0].kind == "engine.started"
+        notice = batch[50]
+        assert notice.kind == "bus.dropped" and notice.count == slow.dropped
+        assert notice.seq == batch[49].seq + 1
+        assert len(batch) == 51
 
 
 async def test_replay_gives_late_subscribers_recent_history() -> None:
@@ -129,6 +132,39 @@ async def test_unsubscribe_callback_and_close_subscription() -> None:
         await (await engine.submit("noop")).wait(2)
     assert [e.kind for e in seen] == ["engine.started"]
     assert engine.bus.subscribers == 0
+
+
+def test_drop_notices_sit_at_each_gap_and_count_within_the_limit() -> None:
+    bus = EventBus(node="n")
+    sub = bus.subscribe(maxsize=2)
+    for _ in range(5):
+        bus.emit(ev.EngineStarted)  # seq 1, 2 kept; 3, 4, 5 dropped
+    assert [e.seq for e in sub.get_batch(limit=1)] == [1]
+    bus.emit(ev.EngineStarted)  # seq 6 fits again
+    for _ in range(2):
+        bus.emit(ev.EngineStarted)  # full again (2 and 6): 7 and 8 dropped
+    items = sub.get_batch(limit=10)
+    kinds = [(e.kind, e.seq, getattr(e, "count", None)) for e in items]
+    assert kinds == [
+        ("engine.started", 2, None),
+        ("bus.dropped", 3, 3),
+        ("engine.started", 6, None),
+        ("bus.dropped", 7, 2),
+    ]
+    assert sub.dropped == 5
+    for _ in range(3):
+        bus.emit(ev.EngineStarted)
+    assert len(sub.get_batch(limit=2)) == 2
+
+
+async def test_every_waiting_coroutine_wakes() -> None:
+    bus = EventBus(node="n")
+    sub = bus.subscribe()
+    first = asyncio.ensure_future(sub.wait(timeout=2))
+    second = asyncio.ensure_future(sub.wait(timeout=2))
+    await asyncio.sleep(0)
+    bus.emit(ev.EngineStarted)
+    assert await asyncio.wait_for(asyncio.gather(first, second), 1) == [True, True]
 
 
 async def test_waiting_subscriber_wakes_on_publish() -> None:

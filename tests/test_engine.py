@@ -328,8 +328,8 @@ async def test_global_and_per_task_concurrency_limits() -> None:
     async with engine:
         handles = [await engine.submit("a") for _ in range(3)] + [await engine.submit("b") for _ in range(4)]
         # one "a" and two "b" fill the three slots; the blocked "a" runs do not hold up "b"
-        await eventually(lambda: engine.stats().running == 3)
-        assert running == {"a": 1, "b": 2}
+        await eventually(lambda: running == {"a": 1, "b": 2})
+        assert engine.stats().running == 3 and engine.stats().queue_depth == 4
         gate.set()
         for h in handles:
             await h.wait(2)
@@ -487,3 +487,115 @@ async def test_handle_wait_timeout() -> None:
             await handle.wait(timeout=0.01)
         await engine.cancel(handle.id)
         assert (await handle).status is RunStatus.CANCELLED
+
+
+async def test_cancel_right_after_submit_never_runs_the_task() -> None:
+    engine = make_engine()
+    ran: list[int] = []
+
+    @engine.task
+    async def work(ctx: TaskContext) -> None:
+        ran.append(1)
+
+    async with engine:
+        handle = await engine.submit("work")  # a free slot: its task exists, not started
+        record = await engine.cancel(handle.id)
+        assert record.status is RunStatus.CANCELLED and record.cancel_reason == "user"
+        assert (await handle.wait(1)).status is RunStatus.CANCELLED
+        stats = engine.stats()
+    assert ran == []
+    assert stats.by_status == {"pending": 0, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 1}
+    assert stats.queue_depth == 0
+
+
+async def test_stop_right_after_submit_then_start_again() -> None:
+    engine = make_engine(max_concurrency=1)
+    await engine.start()
+    first = await engine.submit("noop")
+    await engine.stop(timeout=0)
+    # it either got its first step in before the shutdown or was cut short by it
+    record = first.record()
+    assert (record.status, record.cancel_reason) in {
+        (RunStatus.SUCCEEDED, None), (RunStatus.CANCELLED, "shutdown")
+    }
+    assert not stray_tasks()
+    # the only slot was given back: a restarted engine runs work again
+    await engine.start()
+    again = await (await engine.submit("noop")).wait(2)
+    await engine.stop()
+    assert again.status is RunStatus.SUCCEEDED
+
+
+async def test_a_cancelled_stop_caller_does_not_leave_the_engine_half_stopped() -> None:
+    engine = make_engine()
+    release = asyncio.Event()
+
+    @engine.task
+    async def slow(ctx: TaskContext) -> None:
+        await release.wait()
+
+    await engine.start()
+    await engine.submit("slow")
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(engine.stop(timeout=5), 0.05)
+    assert engine.state == "stopping"
+    release.set()
+    await engine.stop()  # waits for the same shutdown
+    assert engine.state == "stopped"
+    assert not stray_tasks()
+
+
+async def test_dedup_keys_belong_to_one_task_and_params_are_still_checked() -> None:
+    engine = make_engine(max_concurrency=1)
+    gate = asyncio.Event()
+
+    @engine.task
+    async def blocked(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    async with engine:
+        await engine.submit("blocked")
+        a = await engine.submit("embed_batch", {"user_id": "u", "contents": []}, key="k")
+        with pytest.raises(InvalidParams):
+            await engine.submit("embed_batch", {"user_id": 1}, key="k")
+        other = await engine.submit("noop", key="k")  # same key, another task: its own run
+        assert other.id != a.id
+        gate.set()
+
+
+async def test_periodic_and_trigger_tasks_are_run_by_their_loops_not_by_hand() -> None:
+    engine = make_engine()
+
+    @engine.periodic(every=3600.0, initial_delay=3600.0, name="hourly")
+    async def hourly(ctx: TaskContext) -> None:
+        return None
+
+    async def compile_key(ctx: TaskContext, key: str) -> None:
+        raise RuntimeError("compile failed")
+
+    trigger = engine.trigger("compile", compile_key, size_threshold=1)
+    async with engine:
+        with pytest.raises(UnknownTask):
+            await engine.submit("hourly")
+        with pytest.raises(UnknownTask):
+            await engine.submit(trigger.task_name, {"key": "k"})
+        trigger.notify("k")
+        await trigger.drain(timeout=2)
+        failed = engine.runs(status="failed", task=trigger.task_name)[0]
+        with pytest.raises(RunNotRetryable, match="runs it again itself"):
+            await engine.retry(failed.id)
+
+
+async def test_a_missing_resource_fails_the_run_instead_of_hanging_it() -> None:
+    engine = make_engine(resources={"db": object()})
+
+    @engine.periodic(every=0.01, requires=("db",), name="uses_db")
+    async def uses_db(ctx: TaskContext, db: object) -> None:
+        return None
+
+    async with engine:
+        run = await eventually(lambda: engine.runs(task="uses_db"))
+        await eventually(lambda: engine.get(run[0].id).status.finished)
+        del engine.resources["db"]
+        failed = await eventually(lambda: engine.runs(task="uses_db", status="failed"))
+        assert failed[0].error is not None and failed[0].error.type == "KeyError"

@@ -512,3 +512,23 @@ def test_decoders_on_random_bytes(line: bytes) -> None:
 @given(_TYPES, st.dictionaries(st.sampled_from(["id", "version", "token", "task", "params", "key", "run_id", "name", "event", "snapshot", "result", "error_type", "message", "details"]), _json_values(), max_size=6))
 def test_decoders_on_random_json_objects(kind: str, fields: dict[str, Any]) -> None:
     _check_decoders(json.dumps({"type": kind, **fields}).encode())
+
+
+async def test_clients_see_the_engine_stop_before_the_connection_closes(sock_path: str) -> None:
+    engine = build_engine()
+    await engine.start()
+    await serve(engine, sock_path)
+    remote = RemoteEngine(sock_path)
+    await remote.connect()
+    kinds: list[str] = []
+
+    async def collect() -> None:
+        async for event in remote.events():
+            kinds.append(event.kind)
+
+    reading = asyncio.ensure_future(collect())
+    await engine.stop()
+    await asyncio.wait_for(reading, 5)
+    assert kinds[-1] == "engine.stopped" and "engine.stopping" in kinds
+    await remote.close()
+    assert stray_tasks() == set()
