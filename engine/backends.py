@@ -9,6 +9,7 @@ so callers never change.
 from __future__ import annotations
 
 import asyncio
+import functools
 from abc import ABC, abstractmethod
 from collections import deque
 from typing import TYPE_CHECKING, ClassVar
@@ -72,7 +73,7 @@ class Backend(ABC):
         run.task = task
         self._tasks.add(task)
         # a callback, not a finally: it also runs for a task cancelled before its first step
-        task.add_done_callback(lambda t: self._ended(run, t))
+        task.add_done_callback(functools.partial(self._ended, run))
 
     def _ended(self, run: Run, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

@@ -205,7 +205,12 @@ class EventBus:
     def emit(self, cls: type[E], **fields: Any) -> E:
         """Build an event with the next ``seq`` and publish it."""
         self._seq += 1
-        event = cls(seq=self._seq, ts=self.clock(), node=self.node, **fields)
+        fields["seq"] = self._seq
+        fields["ts"] = self.clock()
+        fields["node"] = self.node
+        # the validator on the kwargs dict itself: the same validation as cls(**fields),
+        # without building a second dict on the hot path
+        event: E = cls.__pydantic_validator__.validate_python(fields)
         self._deliver(event)
         return event
 
