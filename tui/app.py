@@ -325,22 +325,26 @@ class TaskwatchApp(App[None]):
         table = self.main.query_one(RunsTable)
         state = self.state
         if full or dirty is None:
-            candidates = state.newest_runs(self.max_rows)
+            views = state.newest_views(self.max_rows)
         else:
             views = [state.runs[run_id] for run_id in dirty if run_id in state.runs]
-            candidates = [view.record() for view in views]
-        fresh = [r for r in candidates if table.record(r.id) is None]
+        known = [v for v in views if table.record(v.id) is not None]
+        fresh = [v for v in views if table.record(v.id) is None]
         budget = self.rows_per_frame
         if len(fresh) > budget:
-            fresh.sort(key=lambda r: r.created_at, reverse=True)
-            skipped = {r.id for r in fresh[budget:]}
-            candidates = [r for r in candidates if r.id not in skipped]
+            # records are built only for what goes on screen this frame
+            fresh.sort(key=lambda v: v.created_at, reverse=True)
+            del fresh[budget:]
             self._backfill = True
         elif self._backfill:
             room = budget - len(fresh)
-            missing = [r for r in state.newest_runs(self.max_rows) if table.record(r.id) is None]
-            candidates += missing[:room]
+            shown = {v.id for v in fresh}
+            missing = [
+                v for v in state.newest_views(self.max_rows) if v.id not in shown and table.record(v.id) is None
+            ]
+            fresh += missing[:room]
             self._backfill = len(missing) > room
+        candidates = [v.record() for v in known] + [v.record() for v in fresh]
         table.update_runs(candidates, now)
 
     def _update_detail(self, dirty: set[str], full: bool) -> None:

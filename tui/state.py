@@ -186,6 +186,14 @@ class DashboardState:
             self.runs[record.id] = RunView.of(record)
             self.dirty.add(record.id)
 
+    def newest_views(self, limit: int) -> list[RunView]:
+        out: list[RunView] = []
+        for run in reversed(self.runs.values()):
+            out.append(run)
+            if len(out) >= limit:
+                break
+        return out
+
     def newest_runs(self, limit: int) -> list[RunRecord]:
         out: list[RunRecord] = []
         for run in reversed(self.runs.values()):
