@@ -109,6 +109,9 @@ class LocalClient(DashboardClient):
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
 
         def call() -> None:
+            # the caller may have given up (its worker was cancelled): then do nothing
+            if not fut.set_running_or_notify_cancel():
+                return
             try:
                 fut.set_result(fn())
             except BaseException as exc:  # handed to the caller, raised there
