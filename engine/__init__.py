@@ -11,24 +11,24 @@ from .engine import Engine
 from .errors import (
     AuthenticationFailed,
     ConnectionClosed,
+    DuplicateTask,
+    EngineNotRunning,
     IncompatibleVersion,
+    InvalidParams,
+    JobNotSerializable,
     LoopThreadError,
     MalformedMessage,
     MessageTooLarge,
-    RemoteError,
-    UnknownCommand,
-    DuplicateTask,
-    EngineNotRunning,
-    InvalidParams,
-    JobNotSerializable,
     NotLeader,
     ProtocolError,
     QueueFull,
+    RemoteError,
     RunNotCancellable,
     RunNotFound,
     RunNotRetryable,
     TaskDefinitionError,
     TaskwatchError,
+    UnknownCommand,
     UnknownPeriodic,
     UnknownTask,
 )
@@ -44,18 +44,16 @@ from .events import (
 )
 from .handle import RunHandle
 from .lease import InProcessLease, Leadership, Lease, LeaseState
-from .runs import EngineStats, Progress, RunError, RunRecord, RunStatus
-from .runs import RunList
-from .remote import RemoteEngine
-from .server import ControlServer, ServerInfo
 from .queues import QueueInfo, WorkQueue
+from .remote import RemoteEngine
+from .runs import EngineStats, Progress, RunError, RunList, RunRecord, RunStatus
 from .scheduler import PeriodicInfo
+from .server import ControlServer, ServerInfo
 from .snapshot import Snapshot
 from .supervisor import WorkerInfo
 from .tasks import TaskInfo, TaskSpec
 from .triggers import Trigger, TriggerKeyState, TriggerState
 from .version import __version__
-
 
 __all__ = [
     "AuthenticationFailed",

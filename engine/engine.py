@@ -50,13 +50,21 @@ from .handle import RunHandle
 from .health import HealthSampler
 from .lease import LeaderElector, Leadership
 from .queues import QueueInfo, WorkQueue
-from .runs import CancelReason, EngineStats, Run, RunError, RunList, RunRecord, RunStatus
+from .runs import (
+    CancelReason,
+    EngineStats,
+    Run,
+    RunError,
+    RunList,
+    RunRecord,
+    RunStatus,
+)
 from .scheduler import PeriodicInfo, Scheduler
-from .supervisor import Supervisor, WorkerInfo
 from .snapshot import Snapshot
+from .supervisor import Supervisor, WorkerInfo
 from .tasks import TaskFn, TaskInfo, TaskSpec, params_model_of
-from .version import __version__
 from .triggers import Trigger, TriggerState
+from .version import __version__
 
 F = TypeVar("F", bound=TaskFn)
 
@@ -341,9 +349,9 @@ class Engine:
                 cancelled_pending += 1
             tasks = [t for t in self._backend.running_tasks() if not t.done()]
             for t in tasks:
-                run = self._run_of_task(t)
-                if run is not None and run.status is _RUNNING and run.cancel_reason is None:
-                    run.cancel_reason = "shutdown"
+                owner = self._run_of_task(t)
+                if owner is not None and owner.status is _RUNNING and owner.cancel_reason is None:
+                    owner.cancel_reason = "shutdown"
                 t.cancel()
             await self._await_tasks(tasks)
             await self._leader.stop(loop.time() + 1.0)
@@ -472,9 +480,8 @@ class Engine:
                 model = model_cls.model_validate(params if params is not None else {})
             return model, model.model_dump(mode="json")
         except ValidationError as exc:
-            raise InvalidParams(
-                spec.name, exc.errors(include_url=False, include_context=False, include_input=False)
-            ) from None
+            errors = exc.errors(include_url=False, include_context=False, include_input=False)
+            raise InvalidParams(spec.name, [dict(e) for e in errors]) from None
 
     async def submit(
         self,
@@ -883,7 +890,7 @@ class Engine:
                 run_id=run.id,
                 task=spec.name,
                 attempt=run.attempt,
-                duration=now - run.started_at,
+                duration=now - (run.started_at or now),
                 result=result,
             )
             return
@@ -902,7 +909,7 @@ class Engine:
             run_id=run.id,
             task=spec.name,
             attempt=run.attempt,
-            duration=now - run.started_at,
+            duration=now - (run.started_at or now),
             error=error,
         )
 

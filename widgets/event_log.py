@@ -13,14 +13,13 @@ from collections import deque
 from collections.abc import Iterable
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from rich.text import Text
+from taskwatch.engine import BaseEvent, RunError
 from textual.events import Hide, Show
 from textual.reactive import reactive
 from textual.widgets import RichLog
-
-from taskwatch.engine import BaseEvent, RunError
 
 from ._format import compact, fmt_clock_ms, fmt_duration, short_id
 
@@ -108,7 +107,7 @@ class _Gap:
         return Text(f"⋯ {self.count} {noun} not shown (pause buffer full) ⋯", style="bold yellow")
 
 
-_Entry = BaseEvent | _Gap
+_Entry: TypeAlias = BaseEvent | _Gap
 
 
 class EventLog(RichLog):

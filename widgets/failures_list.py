@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, TypeAlias
 
 from rich.console import Group, RenderableType
 from rich.syntax import Syntax
 from rich.text import Text
+from taskwatch.engine import RunError, RunRecord, WorkerInfo
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Static
 
-from taskwatch.engine import RunError, RunRecord, WorkerInfo
-
 from ._format import DASH, fmt_clock, short_id
 from ._keyed_table import Cell, Column, KeyedTable
 
 FailureKind = Literal["run", "worker"]
-_Item = RunRecord | WorkerInfo
+_Item: TypeAlias = RunRecord | WorkerInfo
 
 
 def _error_line(error: RunError | None, limit: int = 60) -> str:

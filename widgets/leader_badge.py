@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.text import Text
+from taskwatch.engine import Leadership
 from textual.reactive import reactive
 from textual.widget import Widget
-
-from taskwatch.engine import Leadership
 
 from ._format import fmt_duration
 

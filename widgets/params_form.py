@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from taskwatch.engine import TaskInfo
 from textual import on
 from textual.app import ComposeResult
 from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Input, Label, Static, Switch
-
-from taskwatch.engine import TaskInfo
 
 FieldKind = Literal["str", "int", "float", "bool", "json"]
 

@@ -10,11 +10,10 @@ from rich.console import RenderableType
 from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
+from taskwatch.engine import RunError, RunRecord, RunStatus
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import ProgressBar, Static
-
-from taskwatch.engine import RunError, RunRecord, RunStatus
 
 from ._format import DASH, fmt_clock, fmt_duration, pretty_json, status_style
 

@@ -15,9 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import ClassVar
 
-from textual.message import Message
-
 from taskwatch.engine import RunRecord, RunStatus
+from textual.message import Message
 
 from ._format import DASH, fmt_clock, fmt_duration, progress_bar, short_id, status_style
 from ._keyed_table import Cell, Column, KeyedTable

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from textual.message import Message
-
 from taskwatch.engine import PeriodicInfo
+from textual.message import Message
 
 from ._format import DASH, fmt_duration, status_style
 from ._keyed_table import Cell, Column, KeyedTable
