@@ -664,12 +664,17 @@ class Engine:
 
     def snapshot(self, runs_limit: int = 500) -> Snapshot:
         """Everything a dashboard needs to draw itself, in one JSON-serialisable model."""
+        runs = self.runs(limit=runs_limit)
+        if runs_limit > 0:
+            # running runs are what a dashboard must be able to see and cancel, however old
+            shown = {r.id for r in runs}
+            runs.extend(r for r in self.runs(status=_RUNNING, limit=None) if r.id not in shown)
         return Snapshot(
             node_id=self.node_id,
             version=__version__,
             state=self._state,
             started_at=self._started_at,
-            runs=self.runs(limit=runs_limit),
+            runs=runs,
             tasks=self.catalog(),
             schedule=self.schedule(),
             queues=self.queues(),

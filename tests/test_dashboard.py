@@ -15,7 +15,7 @@ from taskwatch.engine import Engine, RunStatus, TaskContext
 from taskwatch.tui.app import TaskwatchApp, parse_run_filter
 from taskwatch.tui.client import LocalClient
 from taskwatch.tui.screens import HelpScreen, SubmitScreen, TracebackScreen
-from taskwatch.widgets import CountsBar, EventLog, ParamsForm, RunDetail, RunsTable, ScheduleTable
+from taskwatch.widgets import CountsBar, EventLog, FailuresList, ParamsForm, RunDetail, RunsTable, ScheduleTable
 
 from .helpers import eventually
 
@@ -283,3 +283,80 @@ async def test_dropped_events_are_counted_shown_and_resynced() -> None:
         counts = app.main.query_one(CountsBar)
         await eventually(lambda: "dropped" in str(counts.render()))
         engine.resources["release"].set()
+
+
+async def test_keys_act_on_what_the_current_tab_shows() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        failed = await (await engine.submit("explode")).wait(2)
+        held = await engine.submit("hold")
+        await eventually(lambda: shown_status(app, held.id) == "running")
+        table(app).select_run(held.id)
+        await pilot.press("2")  # Failures: the failed run is what the user sees
+        failures = app.main.query_one(FailuresList)
+        await eventually(lambda: failures.selected == ("run", failed.id))
+        await pilot.press("c")  # nothing to cancel here: the hidden running run is left alone
+        await eventually(lambda: any("Runs tab" in str(n.message) for n in app._notifications))
+        assert engine.get(held.id).status is RunStatus.RUNNING
+        await pilot.press("r")  # retries the failure under the cursor
+        await eventually(lambda: [r for r in engine.runs(task="explode") if r.source == f"retry:{failed.id}"])
+        await pilot.press("4")
+        await pilot.press("z")  # no periodic task is selected on the Health tab
+        await eventually(lambda: any("Scheduler tab" in str(n.message) for n in app._notifications))
+        assert not engine.schedule()[0].paused
+
+
+async def test_a_stopped_engine_gives_messages_not_a_crash() -> None:
+    engine = make_engine()
+    bg = engine.start_background()
+    try:
+        app = TaskwatchApp(LocalClient(engine), refresh_hz=30.0, overview_interval=0.2)
+        async with app.run_test(size=SIZE) as pilot:
+            await eventually(lambda: app.state.node_id == "dash-test")
+            handle = bg.submit("explode")
+            handle.wait(timeout=2)
+            await eventually(lambda: shown_status(app, handle.id) == "failed")
+            table(app).select_run(handle.id)
+            bg.stop(timeout=2)
+            await pilot.press("r")
+            await eventually(lambda: any("has stopped" in str(n.message) for n in app._notifications))
+            assert app.is_running
+    finally:
+        bg.stop(timeout=2)
+
+
+async def test_escape_clears_the_runs_filter() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        ok = await (await engine.submit("embed_batch", {"user_id": "u", "contents": []})).wait(2)
+        bad = await (await engine.submit("explode")).wait(2)
+        await eventually(lambda: {ok.id, bad.id} <= set(table(app).shown_keys))
+        await pilot.press("slash", *"status:failed", "enter")
+        await eventually(lambda: table(app).shown_keys == [bad.id])
+        box = app.main.query_one("#runs-filter", Input)
+        assert box.has_class("shown")  # an active filter stays in sight
+        box.focus()
+        await pilot.press("escape")
+        await eventually(lambda: set(table(app).shown_keys) == {ok.id, bad.id})
+        assert box.value == "" and not box.has_class("shown")
+
+
+def test_failures_outlive_a_backlog_of_other_runs() -> None:
+    from taskwatch.engine import RunError
+    from taskwatch.engine import events as ev
+    from taskwatch.tui.state import DashboardState
+
+    state = DashboardState(max_runs=100)
+    seq = 0
+    events: list[Any] = []
+    for i in range(5):
+        seq += 1
+        events.append(ev.RunSubmitted(seq=seq, ts=float(seq), run_id=f"f{i}", task="t"))
+        seq += 1
+        events.append(ev.RunFailed(seq=seq, ts=float(seq), run_id=f"f{i}", task="t", error=RunError(type="E", message="m")))
+    for i in range(300):
+        seq += 1
+        events.append(ev.RunSubmitted(seq=seq, ts=float(seq), run_id=f"p{i}", task="t"))
+    state.apply(events)
+    assert len(state.runs) <= 300 and "f0" not in state.runs  # trimmed from the runs...
+    assert [r.id for r in state.failed_runs()] == ["f4", "f3", "f2", "f1", "f0"]  # ...kept as failures

@@ -72,6 +72,22 @@ def while_dashboard_alive(method: F) -> F:
     return guarded  # type: ignore[return-value]
 
 
+#: what a command to an engine can fail with: its own errors, a lost or timed-out
+#: connection, or an in-process engine whose loop has already closed
+COMMAND_ERRORS = (TaskwatchError, OSError, RuntimeError)
+
+
+def unknown_statuses(text: str) -> list[str]:
+    """The ``status:`` values in a runs filter that are not statuses."""
+    valid = {s.value for s in RunStatus}
+    out: list[str] = []
+    for token in text.split():
+        key, sep, value = token.partition(":")
+        if sep and key in ("status", "s"):
+            out.extend(v for v in value.split(",") if v and v not in valid)
+    return out
+
+
 def parse_run_filter(text: str) -> tuple[set[str] | None, str]:
     """``"status:failed,running embed"`` -> ({"failed", "running"}, "embed")."""
     statuses: set[str] = set()
@@ -186,6 +202,7 @@ class TaskwatchApp(App[None]):
         self._dashboard_gone = False
         self._client_dropped = 0
         self._backfill = False
+        self._table_stale = False
         #: after a reconnect, the run to select again once the refilled runs table shows it
         self._reselect: str | None = None
         #: new rows the runs table takes per frame (each costs a measurement of its cells)
@@ -235,12 +252,20 @@ class TaskwatchApp(App[None]):
         engine process, or runs whose updates were lost); the selected run is selected
         again once the refilled table shows it.
         """
-        table = self.main.query_one(RunsTable)
-        self._reselect = table.selected_run_id if table.cursor_row else None
-        table.clear_runs()
         self.state.load(snap)
+        if self.view_paused:
+            self._table_stale = True  # the frozen screen is cleared when the view resumes
+        else:
+            self._reset_runs_table()
         # also after a first connect that failed: lets the overview refresh start
         self._connected_once = True
+
+    def _reset_runs_table(self) -> None:
+        table = self.main.query_one(RunsTable)
+        if self._reselect is None:  # a reselect still pending from an earlier reload wins
+            self._reselect = table.selected_run_id if table.cursor_row else None
+        table.clear_runs()
+        self._table_stale = False
 
     @work(exclusive=True, group="resync")
     async def resync(self) -> None:
@@ -271,7 +296,9 @@ class TaskwatchApp(App[None]):
     @while_dashboard_alive
     def redraw(self, full: bool = False) -> None:
         """Drain buffered events into the state, then update the widgets that changed."""
-        events = self.client.take_events()
+        # while a resync waits for its snapshot, events stay in the client's buffer:
+        # applied now, they would be thrown away with the state the snapshot replaces
+        events = [] if self._resyncing else self.client.take_events()
         resync = getattr(self.client, "take_resync", lambda: None)()
         if resync is not None:
             # a reconnect, maybe to another engine process
@@ -291,6 +318,8 @@ class TaskwatchApp(App[None]):
         if events:
             log.add_events(events)
         if self.view_paused:
+            # resuming redraws everything, so what changed meanwhile need not be kept
+            self.state.dirty.clear()
             self._update_counts()
             return
         self.frames += 1
@@ -314,6 +343,8 @@ class TaskwatchApp(App[None]):
             self._update_failures()
             self._update_header(now)
             self._update_counts()
+            # "next in" counts down between the once-a-second schedule refreshes
+            self.main.query_one(ScheduleTable).update_schedule(self.state.schedule, now)
 
     def _update_runs(self, now: float, dirty: set[str] | None = None, full: bool = True) -> None:
         """Hand the runs table what changed, at most ``rows_per_frame`` new rows a frame.
@@ -348,9 +379,23 @@ class TaskwatchApp(App[None]):
         table.update_runs(candidates, now)
 
     def _update_detail(self, dirty: set[str], full: bool) -> None:
+        """Keep the detail pane on the selected run, current, with a live duration."""
         selected = self.main.query_one(RunsTable).selected_run_id
-        if selected is not None and (full or selected in dirty):
-            self.main.query_one(RunDetail).show(self.state.record(selected), self.clock())
+        detail = self.main.query_one(RunDetail)
+        shown = detail.record
+        if selected is None:
+            if shown is not None:
+                detail.show(None)
+            return
+        view = self.state.runs.get(selected)
+        if (
+            full
+            or shown is None
+            or shown.id != selected
+            or selected in dirty
+            or (view is not None and view.status is RunStatus.RUNNING)
+        ):
+            detail.show(self.state.record(selected), self.clock())
 
     def _update_failures(self) -> None:
         failed = self.state.failed_runs()
@@ -372,7 +417,7 @@ class TaskwatchApp(App[None]):
     def _update_counts(self) -> None:
         log = self.main.query_one(EventLog)
         self.main.query_one(CountsBar).update(
-            self.state.counts(),
+            self.state.by_status or self.state.counts(),
             self.state.dropped + self.client.dropped,
             self.view_paused,
             getattr(log, "buffered", 0),
@@ -400,9 +445,25 @@ class TaskwatchApp(App[None]):
     # ------------------------------------------------------------------ selection
 
     @property
+    def active_tab(self) -> str:
+        return str(self.main.query_one(TabbedContent).active)
+
+    @property
     def selected_run(self) -> RunRecord | None:
-        run_id = self.main.query_one(RunsTable).selected_run_id
-        return self.state.record(run_id)
+        """The run the user is looking at: the Runs table's, or the Failures list's."""
+        tab = self.active_tab
+        if tab == "failures":
+            picked = self.main.query_one(FailuresList).selected
+            if picked is None or picked[0] != "run":
+                return None
+            return self.state.failure(picked[1])
+        if tab == "runs":
+            return self.state.record(self.main.query_one(RunsTable).selected_run_id)
+        return None
+
+    def _no_run_selected(self, verb: str) -> None:
+        where = "on the Runs (1) or Failures (2) tab" if verb != "cancel" else "on the Runs tab (1)"
+        self.notify(f"select a run to {verb} {where}", severity="warning")
 
     @on(RunsTable.RunHighlighted)
     @while_dashboard_alive
@@ -413,6 +474,10 @@ class TaskwatchApp(App[None]):
     @while_dashboard_alive
     def _run_selected(self, message: RunsTable.RunSelected) -> None:
         self.main.query_one(RunDetail).show(self.state.record(message.run_id), self.clock())
+
+    @on(FailuresList.FailureSelected)
+    def _failure_chosen(self) -> None:
+        self.action_traceback()
 
     # ------------------------------------------------------------------ actions
 
@@ -444,17 +509,17 @@ class TaskwatchApp(App[None]):
 
     @work(group="actions")
     async def action_cancel_run(self) -> None:
-        run = self.selected_run
+        run = self.selected_run if self.active_tab == "runs" else None
         if run is None:
-            self.notify("select a run to cancel", severity="warning")
+            self._no_run_selected("cancel")
             return
         try:
             record = await self.client.cancel(run.id)
         except RunNotCancellable as exc:
             self.notify(str(exc), severity="warning")
             return
-        except TaskwatchError as exc:
-            self.notify(str(exc), severity="error")
+        except COMMAND_ERRORS as exc:
+            self.notify(f"cancel failed: {exc}", severity="error")
             return
         if record.status is RunStatus.CANCELLED:
             self.notify(f"run {run.id} cancelled")
@@ -465,27 +530,30 @@ class TaskwatchApp(App[None]):
     async def action_retry_run(self) -> None:
         run = self.selected_run
         if run is None:
-            self.notify("select a failed run to retry", severity="warning")
+            self._no_run_selected("retry")
             return
         try:
             record = await self.client.retry(run.id)
         except RunNotRetryable as exc:
             self.notify(str(exc), severity="warning")
             return
-        except TaskwatchError as exc:
-            self.notify(str(exc), severity="error")
+        except COMMAND_ERRORS as exc:
+            self.notify(f"retry failed: {exc}", severity="error")
             return
         self.notify(f"retrying {run.task} as run {record.id}")
         self.state.add_record(record)
+        self.action_show_tab("runs")
         self.redraw()
         self.main.query_one(RunsTable).select_run(record.id)
 
     def action_traceback(self) -> None:
-        if self.main.query_one(TabbedContent).active == "failures":
+        if self.active_tab == "failures":
             picked = self.main.query_one(FailuresList).selected_traceback()
-            if picked is not None:
+            if picked is None:
+                self.notify("no failure selected", severity="warning")
+            else:
                 self.push_screen(TracebackScreen(*picked))
-                return
+            return
         run = self.selected_run
         if run is None or run.error is None:
             self.notify("the selected run has no traceback", severity="warning")
@@ -503,10 +571,12 @@ class TaskwatchApp(App[None]):
         box.focus()
 
     def action_close_filter(self) -> None:
+        """Esc in a filter box clears the filter and hides the box (as in k9s)."""
         for box in self.main.query(".filter").results(Input):
             if box.has_focus:
+                box.value = ""
                 box.remove_class("shown")
-                self.main.query_one(RunsTable).focus()
+                self.main.query_one(EventLog if box.id == "events-filter" else RunsTable).focus()
 
     @on(Input.Changed, "#runs-filter")
     def _runs_filter(self, event: Input.Changed) -> None:
@@ -521,6 +591,13 @@ class TaskwatchApp(App[None]):
 
     @on(Input.Submitted, ".filter")
     def _filter_done(self, event: Input.Submitted) -> None:
+        # an active filter stays on screen, so nobody wonders where the rows went
+        event.input.set_class(bool(event.value), "shown")
+        if event.input.id == "runs-filter":
+            unknown = unknown_statuses(event.value)
+            if unknown:
+                valid = ", ".join(s.value for s in RunStatus)
+                self.notify(f"unknown status {', '.join(unknown)}; use one of {valid}", severity="warning")
         if event.input.id == "events-filter":
             self.main.query_one(EventLog).focus()
         else:
@@ -533,6 +610,8 @@ class TaskwatchApp(App[None]):
         self.main.query_one(EventLog).paused = paused
         self.notify("view paused: events are still recorded" if paused else "view resumed")
         if not paused:
+            if self._table_stale:
+                self._reset_runs_table()
             self.redraw(full=True)
             self.refresh_tables()
         else:
@@ -540,7 +619,8 @@ class TaskwatchApp(App[None]):
 
     @work(group="actions")
     async def action_toggle_periodic(self, name: str | None = None) -> None:
-        name = name or self.main.query_one(ScheduleTable).selected_name
+        if name is None and self.active_tab == "scheduler":
+            name = self.main.query_one(ScheduleTable).selected_name
         if name is None:
             self.notify("select a periodic task on the Scheduler tab (3)", severity="warning")
             return
@@ -552,8 +632,8 @@ class TaskwatchApp(App[None]):
             else:
                 result = await self.client.pause_periodic(name)
                 self.notify(f"periodic task {name} paused")
-        except TaskwatchError as exc:
-            self.notify(str(exc), severity="error")
+        except COMMAND_ERRORS as exc:
+            self.notify(f"pause/resume failed: {exc}", severity="error")
             return
         self.state.schedule = [result if p.name == name else p for p in self.state.schedule]
         self.main.query_one(ScheduleTable).update_schedule(self.state.schedule, self.clock())
@@ -562,6 +642,8 @@ class TaskwatchApp(App[None]):
 
     def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
+        if screen is not self.main:
+            return  # a dialog is open: its own keys apply
         yield SystemCommand("Submit a task", "Open the submit form (s)", self.action_submit)
         for info in self.state.tasks:
             if info.submittable:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from taskwatch.engine import BaseEvent, Engine, PeriodicInfo, RunRecord, Snapshot
+from taskwatch.engine.errors import ConnectionClosed
 
 T = TypeVar("T")
 
@@ -101,9 +102,15 @@ class LocalClient(DashboardClient):
     def connected(self) -> bool:
         return self.engine.state in ("running", "stopping")
 
+    def _engine_loop(self) -> asyncio.AbstractEventLoop | None:
+        loop = self.engine.loop
+        if loop is not None and loop.is_closed():
+            raise ConnectionClosed(f"the engine {self.engine.node_id!r} has stopped")
+        return loop
+
     async def _on_engine(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the engine's loop and return its result here."""
-        loop = self.engine.loop
+        loop = self._engine_loop()
         if loop is None or loop is asyncio.get_running_loop():
             return fn()
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -121,7 +128,7 @@ class LocalClient(DashboardClient):
         return await asyncio.wrap_future(fut)
 
     async def _await_on_engine(self, coro_fn: Callable[[], Any]) -> Any:
-        loop = self.engine.loop
+        loop = self._engine_loop()
         if loop is None or loop is asyncio.get_running_loop():
             return await coro_fn()
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro_fn(), loop))

@@ -43,22 +43,25 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
                 allow_blank=False if self.tasks else True,
                 id="submit-task",
             )
-            yield Static("", id="submit-description")
-            yield VerticalScroll(id="submit-form")
+            initial = self.tasks.get(self._initial) if self._initial is not None else None
+            yield Static(initial.description if initial else "", id="submit-description")
+            with VerticalScroll(id="submit-form"):
+                # the first form is composed, not mounted later, so it is there at once
+                if initial is not None:
+                    yield ParamsForm(initial, id="params-form", cursor_blink=self._cursor_blink)
             yield Static("", id="submit-error")
             with Horizontal(id="submit-buttons"):
                 yield Button("Submit", variant="primary", id="submit-ok")
                 yield Button("Cancel", id="submit-cancel")
 
-    async def on_mount(self) -> None:
-        if self._initial is not None:
-            await self._show_form(self._initial)
-        else:
+    def on_mount(self) -> None:
+        if self._initial is None:
             self.query_one("#submit-error", Static).update("This engine has no submittable tasks.")
 
     @on(Select.Changed, "#submit-task")
     async def _task_changed(self, event: Select.Changed) -> None:
-        if isinstance(event.value, str):
+        shown = self.query("#params-form")
+        if isinstance(event.value, str) and not (shown and shown.first(ParamsForm).task_info.name == event.value):
             await self._show_form(event.value)
 
     async def _show_form(self, name: str) -> None:
@@ -101,8 +104,8 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
         except InvalidParams as exc:
             form.show_errors(exc.errors)
             return
-        except TaskwatchError as exc:
-            error_line.update(Text(str(exc), style="bold red"))
+        except (TaskwatchError, OSError, RuntimeError) as exc:  # also a lost connection
+            error_line.update(Text(f"not submitted: {exc}", style="bold red"))
             return
         self.dismiss(record)
 

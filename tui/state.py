@@ -54,6 +54,9 @@ class DashboardState:
         #: run ids changed since the widgets last looked
         self.dirty: set[str] = set()
         self.health: deque[HealthSample] = deque(maxlen=600)
+        #: the newest failed runs, kept apart so a backlog of other runs never pushes them out
+        self.failures: dict[str, RunRecord] = {}
+        self.max_failures = 200
         self.worker_crashes: deque[Any] = deque(maxlen=max_worker_crashes)
         self.needs_resync = False
 
@@ -67,6 +70,10 @@ class DashboardState:
         self.engine_state = snap.state
         self.runs = {r.id: RunView.of(r) for r in sorted(snap.runs, key=lambda r: r.created_at)}
         self.dirty = set(self.runs)
+        self.failures = {}
+        for view in self.runs.values():
+            if view.status is RunStatus.FAILED:
+                self._remember_failure(view)
         self.apply_overview(snap)
         self.last_seq = snap.last_seq
         self.needs_resync = False
@@ -146,6 +153,8 @@ class DashboardState:
             run.status = RunStatus.FAILED
             run.error = e.error
             run.finished_at = e.ts
+            run.cached = None
+            self._remember_failure(run)
         elif kind == "run.cancelled":
             run.status = RunStatus.CANCELLED
             run.cancel_reason = e.reason
@@ -202,14 +211,18 @@ class DashboardState:
                 break
         return out
 
+    def _remember_failure(self, view: RunView) -> None:
+        self.failures[view.id] = view.record()
+        while len(self.failures) > self.max_failures:
+            del self.failures[next(iter(self.failures))]
+
+    def failure(self, run_id: str) -> RunRecord | None:
+        """A failed run, from the runs or from the failures kept apart."""
+        return self.record(run_id) or self.failures.get(run_id)
+
     def failed_runs(self, limit: int = 200) -> list[RunRecord]:
-        out: list[RunRecord] = []
-        for run in reversed(self.runs.values()):
-            if run.status is RunStatus.FAILED:
-                out.append(run.record())
-                if len(out) >= limit:
-                    break
-        return out
+        """The newest failed runs first (kept even when the runs themselves were trimmed)."""
+        return list(reversed(self.failures.values()))[:limit]
 
     def counts(self) -> dict[str, int]:
         counts = {s.value: 0 for s in RunStatus}
@@ -239,7 +252,7 @@ class DashboardState:
         # oldest finished runs leave first; pending and running runs stay
         for run_id in [r.id for r in self.runs.values() if r.status in _FINISHED][:excess]:
             del self.runs[run_id]
-            self.dirty.add(run_id)
+            self.dirty.discard(run_id)
 
     def uptime(self, now: float | None = None) -> float | None:
         if self.started_at is None:
