@@ -60,6 +60,78 @@ class _Gap:
         self.count = 1
 
 
+class EventBuffer:
+    """A bounded FIFO of events that remembers where it overflowed.
+
+    Events past ``maxsize`` are dropped and counted; each run of dropped events
+    leaves one marker in the queue, read back as an
+    :class:`~taskwatch.engine.events.EventsDropped` notice at exactly that
+    place, carrying the ``seq`` of the first event missed. One event loop only.
+    """
+
+    def __init__(self, maxsize: int, node: str = "", clock: Callable[[], float] = time.time) -> None:
+        if maxsize < 1:
+            raise ValueError("an event buffer needs room for at least one event")
+        self.maxsize = maxsize
+        self.node = node
+        self.clock = clock
+        self._items: deque[BaseEvent | _Gap] = deque()
+        self._events = 0
+        #: events dropped because the buffer was full
+        self.dropped = 0
+        #: events accepted into the buffer
+        self.received = 0
+
+    def offer(self, event: BaseEvent) -> bool:
+        """Keep ``event`` if there is room (True), else count it as dropped (False)."""
+        items = self._items
+        if self._events >= self.maxsize:
+            self.dropped += 1
+            tail = items[-1] if items else None
+            if isinstance(tail, _Gap):
+                tail.count += 1
+            else:
+                items.append(_Gap(event.seq))
+            return False
+        items.append(event)
+        self._events += 1
+        self.received += 1
+        return True
+
+    def take_one(self) -> BaseEvent:
+        item = self._items.popleft()
+        if isinstance(item, _Gap):
+            return EventsDropped(
+                seq=item.first_seq, ts=self.clock(), node=self.node, count=item.count, total=self.dropped
+            )
+        self._events -= 1
+        return item
+
+    def take(self, limit: int | None = None) -> list[BaseEvent]:
+        """Up to ``limit`` items (events and drop notices), oldest first."""
+        n = len(self._items) if limit is None else min(limit, len(self._items))
+        return [self.take_one() for _ in range(n)]
+
+    def discard_through(self, seq: int) -> None:
+        """Forget events (and gaps) up to ``seq``: a snapshot taken at ``seq`` covers them."""
+        kept: deque[BaseEvent | _Gap] = deque()
+        events = 0
+        for item in self._items:
+            if (item.first_seq if isinstance(item, _Gap) else item.seq) > seq:
+                kept.append(item)
+                events += not isinstance(item, _Gap)
+        self._items = kept
+        self._events = events
+
+    @property
+    def pending(self) -> int:
+        """Events buffered and not yet read (drop notices not counted)."""
+        return self._events
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class Subscription:
     """An async iterator over events, with its own bounded buffer.
 
@@ -69,66 +141,46 @@ class Subscription:
     """
 
     def __init__(self, bus: EventBus, maxsize: int, kinds: Iterable[str] | None) -> None:
-        if maxsize < 1:
-            raise ValueError("a subscription buffer needs room for at least one event")
         self._bus = bus
+        self._buffer = EventBuffer(maxsize, bus.node, bus.clock)
         self.maxsize = maxsize
         self._filter = KindFilter(kinds)
         self._all = self._filter.matches_all
-        # events, and _Gap markers where events were dropped (at most one per gap)
-        self._buffer: deque[BaseEvent | _Gap] = deque()
-        self._events = 0
         # one future shared by every coroutine waiting on this subscription
         self._waiter: asyncio.Future[None] | None = None
-        #: events this subscriber missed because its buffer was full
-        self.dropped = 0
-        #: events delivered into this subscriber's buffer
-        self.received = 0
         self.closed = False
+
+    @property
+    def dropped(self) -> int:
+        """Events this subscriber missed because its buffer was full."""
+        return self._buffer.dropped
+
+    @property
+    def received(self) -> int:
+        """Events delivered into this subscriber's buffer."""
+        return self._buffer.received
 
     # called by the bus, on the engine's loop
     def _offer(self, event: BaseEvent) -> None:
         if not self._all and not self._filter(event.kind):  # type: ignore[attr-defined]
             return
-        buffer = self._buffer
-        if self._events >= self.maxsize:
-            self.dropped += 1
+        if self._buffer.offer(event):
+            self._wake()
+        else:
             self._bus.dropped_total += 1
-            tail = buffer[-1] if buffer else None
-            if isinstance(tail, _Gap):
-                tail.count += 1
-            else:
-                # the notice goes where the gap is: after what was buffered before it
-                buffer.append(_Gap(event.seq))
-            return
-        buffer.append(event)
-        self._events += 1
-        self.received += 1
-        self._wake()
 
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _take_one(self) -> BaseEvent:
-        item = self._buffer.popleft()
-        if isinstance(item, _Gap):
-            # seq is that of the first missed event, so the notice sorts into the gap
-            return EventsDropped(
-                seq=item.first_seq, ts=self._bus.clock(), node=self._bus.node, count=item.count, total=self.dropped
-            )
-        self._events -= 1
-        return item
-
     def pending(self) -> int:
         """Events buffered and not yet read."""
-        return self._events
+        return self._buffer.pending
 
     def get_batch(self, limit: int | None = None) -> list[BaseEvent]:
         """Take up to ``limit`` buffered items (events and drop notices) without waiting."""
-        n = len(self._buffer) if limit is None else min(limit, len(self._buffer))
-        return [self._take_one() for _ in range(n)]
+        return self._buffer.take(limit)
 
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait until an event is buffered or the bus closes. True if events are ready."""
@@ -153,7 +205,7 @@ class Subscription:
             if self.closed:
                 raise StopAsyncIteration
             await self.wait()
-        return self._take_one()
+        return self._buffer.take_one()
 
     def close(self) -> None:
         if not self.closed:

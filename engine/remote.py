@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -39,7 +38,8 @@ from .errors import (
     RemoteError,
     TaskwatchError,
 )
-from .events import BaseEvent, EventsDropped
+from .bus import EventBuffer
+from .events import BaseEvent
 from .runs import RunRecord
 from .scheduler import PeriodicInfo
 from .snapshot import Snapshot
@@ -144,8 +144,6 @@ class RemoteEngine:
         self.close_reason: BaseException | None = None
         self.node_id: str | None = None
         self.server_version: str | None = None
-        #: events lost because the local buffer was full
-        self.dropped = 0
         self._reset()
 
     def _reset(self) -> None:
@@ -155,9 +153,8 @@ class RemoteEngine:
         self._write_lock = asyncio.Lock()
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
-        self._events: deque[BaseEvent] = deque()
+        self._events = EventBuffer(self.buffer, self.node_id or "")
         self._ready = asyncio.Event()
-        self._unreported = 0
         self._watermark = 0
         self._last_seq = 0
         self._server_max = DEFAULT_MAX_MESSAGE
@@ -201,6 +198,7 @@ class RemoteEngine:
                     await asyncio.wait_for(writer.wait_closed(), 1.0)
             raise
         self.node_id = welcome.node_id
+        self._events.node = welcome.node_id
         self.server_version = welcome.server
         self._server_max = welcome.max_message
         self._reader, self._writer = reader, writer
@@ -290,47 +288,34 @@ class RemoteEngine:
 
     # ------------------------------------------------------------------ events
 
+    @property
+    def dropped(self) -> int:
+        """Events lost because the local buffer was full."""
+        return self._events.dropped
+
+    def pending(self) -> int:
+        """Events buffered locally and not yet read."""
+        return self._events.pending
+
     def _offer(self, event: BaseEvent) -> None:
         if event.seq <= self._watermark:
-            return  # already reflected in the last snapshot
+            return  # already reflected in the last snapshot (a drop notice: its gap too)
         self._last_seq = max(self._last_seq, event.seq)
-        if len(self._events) >= self.buffer:
-            self.dropped += 1
-            self._unreported += 1
-        else:
-            self._events.append(event)
+        self._events.offer(event)
         self._ready.set()
 
     def _resynced(self, snapshot: Snapshot) -> None:
         self._watermark = max(self._watermark, snapshot.last_seq)
         # buffered events and losses before the snapshot are covered by it
-        self._unreported = 0
-        while self._events and self._events[0].seq <= self._watermark:
-            self._events.popleft()
-        if self._events:
-            self._events = deque(e for e in self._events if e.seq > self._watermark)
-
-    def _take_one(self) -> BaseEvent:
-        if self._unreported:
-            count, self._unreported = self._unreported, 0
-            return EventsDropped(
-                seq=self._last_seq, ts=time.time(), node=self.node_id or "", count=count, total=self.dropped
-            )
-        return self._events.popleft()
+        self._events.discard_through(self._watermark)
 
     def get_batch(self, limit: int | None = None) -> list[BaseEvent]:
-        """Take up to ``limit`` buffered events without waiting."""
-        out: list[BaseEvent] = []
-        if self._unreported:
-            out.append(self._take_one())
-        n = len(self._events) if limit is None else min(limit, len(self._events))
-        for _ in range(n):
-            out.append(self._events.popleft())
-        return out
+        """Take up to ``limit`` buffered items (events and drop notices) without waiting."""
+        return self._events.take(limit)
 
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait until events are buffered or the connection ends. True if events are ready."""
-        if self._events or self._unreported:
+        if self._events:
             return True
         if not self._connected:
             return False
@@ -338,13 +323,13 @@ class RemoteEngine:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._ready.wait()
-        return bool(self._events or self._unreported)
+        return bool(self._events)
 
     async def events(self) -> AsyncIterator[BaseEvent]:
         """Every event as it arrives; ends once the connection is gone and the buffer is empty."""
         while True:
-            if self._events or self._unreported:
-                yield self._take_one()
+            if self._events:
+                yield self._events.take_one()
             elif not await self.wait():
                 return
 

@@ -95,7 +95,7 @@ class RemoteClient(DashboardClient):
 
     def pending_events(self) -> int:
         remote = self._remote
-        return len(remote._events) if remote is not None else 0
+        return remote.pending() if remote is not None else 0
 
     def _require(self) -> RemoteEngine:
         remote = self._remote
