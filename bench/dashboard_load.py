@@ -18,11 +18,10 @@ import statistics
 import time
 
 import psutil
-from textual.widgets import TabbedContent
-
 from taskwatch.engine import Engine, TaskContext
 from taskwatch.tui.app import TaskwatchApp
 from taskwatch.tui.client import LocalClient
+from textual.widgets import TabbedContent
 
 EVENTS_PER_RUN = 3
 

@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 from . import errors as _errors
+from .bus import EventBuffer
 from .errors import (
     ConnectionClosed,
     IncompatibleVersion,
@@ -38,7 +39,6 @@ from .errors import (
     RemoteError,
     TaskwatchError,
 )
-from .bus import EventBuffer
 from .events import BaseEvent
 from .runs import RunRecord
 from .scheduler import PeriodicInfo

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 from pydantic import BaseModel
-
 from taskwatch.engine import Engine, TaskContext
 
 engine = Engine(max_concurrency=8, max_queue=10_000, history=1_000, health_interval=None)

@@ -10,7 +10,6 @@ import asyncio
 import random
 
 from pydantic import BaseModel
-
 from taskwatch.engine import Engine, TaskContext
 
 

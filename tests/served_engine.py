@@ -46,7 +46,6 @@ import threading
 from typing import Any
 
 from pydantic import BaseModel, Field
-
 from taskwatch.engine import Engine, TaskContext, TaskwatchError
 
 

@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from textual.widgets import Select
-
 from taskwatch.engine import RemoteEngine, RunStatus, Snapshot
 from taskwatch.tui.app import TaskwatchApp
 from taskwatch.tui.remote_client import RemoteClient
 from taskwatch.tui.screens import SubmitScreen
 from taskwatch.widgets import LeaderBadge, ParamsForm, RunsTable, ScheduleTable
+from textual.widgets import Select
 
 from .helpers import eventually
 

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 from rich.console import Console
-
 from taskwatch.engine import (
     BackgroundEngine,
     Engine,

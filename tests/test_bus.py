@@ -8,7 +8,6 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from taskwatch.engine import (
     EVENT_KINDS,
     Engine,

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from taskwatch.engine import Engine, __version__
 from taskwatch.tui.cli import AppPathError, load_engine
 

@@ -8,14 +8,21 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from pydantic import BaseModel
-from textual.pilot import Pilot
-from textual.widgets import Input, Select, TabbedContent
-
 from taskwatch.engine import Engine, RunStatus, TaskContext
 from taskwatch.tui.app import TaskwatchApp, parse_run_filter
 from taskwatch.tui.client import LocalClient
 from taskwatch.tui.screens import HelpScreen, SubmitScreen, TracebackScreen
-from taskwatch.widgets import CountsBar, EventLog, FailuresList, ParamsForm, RunDetail, RunsTable, ScheduleTable
+from taskwatch.widgets import (
+    CountsBar,
+    EventLog,
+    FailuresList,
+    ParamsForm,
+    RunDetail,
+    RunsTable,
+    ScheduleTable,
+)
+from textual.pilot import Pilot
+from textual.widgets import Input, Select, TabbedContent
 
 from .helpers import eventually
 
@@ -268,7 +275,7 @@ async def test_dropped_events_are_counted_shown_and_resynced() -> None:
     engine = make_engine(max_queue=20_000, history=20_000)
     client = LocalClient(engine, manage=True, buffer=500)
     app = TaskwatchApp(client, refresh_hz=10.0, overview_interval=0.2)
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=SIZE):
         await eventually(lambda: app.state.node_id == "dash-test")
         for _ in range(3_000):
             await engine.submit("embed_batch", {"user_id": "u", "contents": []})

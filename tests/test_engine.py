@@ -7,7 +7,6 @@ import json
 
 import pytest
 from pydantic import BaseModel
-
 from taskwatch.engine import (
     Engine,
     EngineNotRunning,

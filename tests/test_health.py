@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import psutil
-
 from taskwatch.engine import Engine, TaskContext
 
 from .helpers import Recorder, eventually, stray_tasks

@@ -14,7 +14,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
-
 from taskwatch.engine import (
     AuthenticationFailed,
     ControlServer,

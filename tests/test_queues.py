@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
-
 from taskwatch.engine import (
     Engine,
     EngineNotRunning,

@@ -7,7 +7,6 @@ import random
 from datetime import datetime, timezone
 
 import pytest
-
 from taskwatch.engine import (
     Engine,
     RunStatus,

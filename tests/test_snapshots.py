@@ -13,9 +13,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from textual.pilot import Pilot
-
 from taskwatch.tui.screenshots import SCREENS, SIZE, scenario_app, settle
+from textual.pilot import Pilot
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ import asyncio
 from datetime import timedelta
 
 import pytest
-
 from taskwatch.engine import Engine, RunStatus, TaskContext, TaskDefinitionError
 
 from .helpers import Recorder, eventually, stray_tasks

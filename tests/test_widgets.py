@@ -8,12 +8,6 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 from rich.console import Console, RenderableType
-from textual import on
-from textual.app import App, ComposeResult
-from textual.message import Message
-from textual.widget import Widget
-from textual.widgets import Input, Sparkline, Static, Switch
-
 from taskwatch.engine import (
     Leadership,
     PeriodicInfo,
@@ -43,6 +37,13 @@ from taskwatch.widgets import (
     ScheduleTable,
     TriggersTable,
 )
+from textual import on
+from textual.app import App, ComposeResult
+from textual.message import Message
+from textual.widget import Widget
+from textual.widgets import Input, Sparkline, Static, Switch
+
+from .helpers import eventually
 
 SIZE = (120, 40)
 T0 = 1_700_000_000.0
@@ -593,9 +594,7 @@ async def test_event_log_caps_lines_and_skips_rendering_while_hidden() -> None:
         assert log.lines == before  # nothing rendered while hidden
 
         log.display = True
-        await pilot.pause()
-        await pilot.pause()
-        assert log_text(log)[-1].split()[1] == "#121"
+        await eventually(lambda: log_text(log)[-1].split()[1] == "#121")
         assert len(log.lines) == 50
 
 

@@ -14,15 +14,6 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from textual import events, on, work
-from textual.app import App, ComposeResult, SystemCommand
-from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
-from textual.css.query import NoMatches
-from textual.reactive import reactive
-from textual.screen import Screen
-from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
-
 from taskwatch.engine import (
     RunNotCancellable,
     RunNotRetryable,
@@ -44,6 +35,14 @@ from taskwatch.widgets import (
     ScheduleTable,
     TriggersTable,
 )
+from textual import events, on, work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
+from textual.reactive import reactive
+from textual.screen import Screen
+from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 
 from .client import DashboardClient
 from .screens import HelpScreen, SubmitScreen, TracebackScreen

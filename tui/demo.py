@@ -15,7 +15,6 @@ from datetime import timedelta
 from typing import Any
 
 from pydantic import BaseModel, Field
-
 from taskwatch.engine import Engine, TaskContext
 
 

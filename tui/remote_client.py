@@ -12,7 +12,13 @@ import asyncio
 import contextlib
 from typing import Any
 
-from taskwatch.engine import BaseEvent, PeriodicInfo, RunRecord, Snapshot, TaskwatchError
+from taskwatch.engine import (
+    BaseEvent,
+    PeriodicInfo,
+    RunRecord,
+    Snapshot,
+    TaskwatchError,
+)
 from taskwatch.engine.errors import ConnectionClosed
 from taskwatch.engine.remote import RemoteEngine
 

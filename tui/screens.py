@@ -7,15 +7,14 @@ from typing import Any
 
 from rich.syntax import Syntax
 from rich.text import Text
+from taskwatch.engine import InvalidParams, RunRecord, TaskInfo, TaskwatchError
+from taskwatch.widgets import ParamsForm, ParamsFormError
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label, Select, Static
-
-from taskwatch.engine import InvalidParams, RunRecord, TaskInfo, TaskwatchError
-from taskwatch.widgets import ParamsForm, ParamsFormError
 
 SubmitFn = Callable[[str, dict[str, Any]], Awaitable[RunRecord]]
 
