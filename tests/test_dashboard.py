@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -245,6 +246,8 @@ async def test_help_and_command_palette_list_every_action() -> None:
 async def test_flood_of_events_every_visible_row_agrees_and_nothing_is_lost() -> None:
     engine = make_engine(max_queue=20_000, history=20_000)
     async with dashboard(engine, refresh_hz=15.0) as (app, pilot):
+        started = time.monotonic()
+        frames_before = app.frames
         published_before = engine.bus.last_seq
         handles = [await engine.submit("hold") for _ in range(3)]
         for _ in range(16_700):  # three events each: > 50,000 events
@@ -259,7 +262,7 @@ async def test_flood_of_events_every_visible_row_agrees_and_nothing_is_lost() ->
         assert all(app.state.runs[h.id].status is RunStatus.RUNNING for h in handles)
         # the newest runs are all on screen (older ones were backfilled after the flood)
         newest = {r.id for r in engine.runs(limit=app.max_rows)}
-        await eventually(lambda: newest <= set(table(app).shown_keys), timeout=10)
+        await eventually(lambda: newest <= set(table(app).shown_keys), timeout=30)
         shown = table(app).shown_keys
         assert len(shown) <= app.max_rows + table(app).trim_batch  # bounded
         for run_id in shown:
@@ -267,8 +270,9 @@ async def test_flood_of_events_every_visible_row_agrees_and_nothing_is_lost() ->
         # every event published reached the dashboard, and none was dropped on the way
         assert app.client.dropped == 0 and app.state.dropped == 0
         assert app.events_seen >= published
-        # it redrew at a fixed rate, far fewer times than there were events
-        assert 0 < app.frames < published / 100
+        # it redrew at its fixed rate at most, not once per event
+        frames = app.frames - frames_before
+        assert 0 < frames <= (time.monotonic() - started) * 15.0 + 2 < published / 10
 
 
 async def test_dropped_events_are_counted_shown_and_resynced() -> None:
