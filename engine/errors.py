@@ -218,3 +218,14 @@ class JobNotSerializable(TaskwatchError, TypeError):
             f"a {type_name} job cannot be put into queue {queue!r}: jobs must be pydantic models "
             f"or JSON-serialisable values (dicts, lists, str, numbers); nothing was queued ({detail})"
         )
+
+
+class TooManyConnections(TaskwatchError, ConnectionError):
+    """A control server refused a connection because it already serves its limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(
+            f"the engine already serves {limit} dashboard connections; close one, "
+            "or serve with a higher max_connections"
+        )

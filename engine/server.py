@@ -41,6 +41,7 @@ from .errors import (
     MessageTooLarge,
     ProtocolError,
     TaskwatchError,
+    TooManyConnections,
     UnknownCommand,
 )
 from .wire import (
@@ -187,6 +188,8 @@ class ControlServer:
         Runs included in each snapshot (newest first).
     max_inflight:
         Commands one connection may have executing at once; more wait unread.
+    max_connections:
+        Clients served at once; one more is told so, counted (``refused``) and closed.
     announce:
         Print the address (and a generated token) once started.
     """
@@ -205,12 +208,13 @@ class ControlServer:
         hello_timeout: float = 10.0,
         snapshot_runs: int = 500,
         max_inflight: int = 16,
+        max_connections: int = 64,
         announce: bool = True,
     ) -> None:
         if max_message < 64:
             raise ValueError("max_message must be at least 64 bytes")
-        if buffer < 1 or outgoing < 2 or max_inflight < 1:
-            raise ValueError("buffer and max_inflight must be at least 1, outgoing at least 2")
+        if buffer < 1 or outgoing < 2 or max_inflight < 1 or max_connections < 1:
+            raise ValueError("buffer, max_inflight and max_connections must be at least 1, outgoing at least 2")
         self.engine = engine
         self._target = parse_address(address) if address else None
         if isinstance(self._target, TcpAddress):
@@ -232,6 +236,7 @@ class ControlServer:
         self.hello_timeout = hello_timeout
         self.snapshot_runs = snapshot_runs
         self.max_inflight = max_inflight
+        self.max_connections = max_connections
         self.announce = announce
         self._server: asyncio.Server | None = None
         self._address: str | None = None
@@ -341,6 +346,12 @@ class ControlServer:
         if self._stopped:
             writer.close()
             return
+        if len(self._conns) >= self.max_connections:
+            # each connection holds a buffer and three tasks: bound them, and say why
+            self._counts["refused"] += 1
+            writer.write(encode_message(error_reply(None, TooManyConnections(self.max_connections))))
+            writer.close()
+            return
         self._counts["connections"] += 1
         conn = _Connection(self, reader, writer)
         task = asyncio.get_running_loop().create_task(conn.run(), name="taskwatch-control-conn")
@@ -365,12 +376,13 @@ class ControlServer:
         return hmac.compare_digest(token.encode(), self.token.encode())
 
     def stats(self) -> dict[str, int]:
-        """Counters: connections, active, auth_failures, malformed, oversized, unknown,
-        commands, errors, events_dropped, slow_disconnects."""
+        """Counters: connections, refused, active, auth_failures, malformed, oversized,
+        unknown, commands, errors, events_dropped, slow_disconnects."""
         counts = {
             key: self._counts[key]
             for key in (
                 "connections",
+                "refused",
                 "auth_failures",
                 "malformed",
                 "oversized",

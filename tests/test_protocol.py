@@ -534,3 +534,21 @@ async def test_clients_see_the_engine_stop_before_the_connection_closes(sock_pat
     assert kinds[-1] == "engine.stopped" and "engine.stopping" in kinds
     await remote.close()
     assert stray_tasks() == set()
+
+
+async def test_connections_beyond_the_limit_are_told_and_counted(engine: Engine, sock_path: str) -> None:
+    from taskwatch.engine import TooManyConnections
+
+    server = await serve(engine, sock_path, max_connections=2)
+    first, second = RemoteEngine(sock_path), RemoteEngine(sock_path)
+    await first.connect()
+    await second.connect()
+    with pytest.raises(TooManyConnections, match="max_connections"):
+        await RemoteEngine(sock_path).connect()
+    assert server.stats()["refused"] == 1
+    await first.close()
+    await eventually(lambda: server.stats()["active"] == 1)
+    third = RemoteEngine(sock_path)
+    await third.connect()  # room again
+    for remote in (second, third):
+        await remote.close()
