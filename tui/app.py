@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 from taskwatch.engine import (
@@ -51,6 +51,7 @@ from .state import DashboardState
 TABS = ("runs", "failures", "scheduler", "health", "events")
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def while_dashboard_alive(method: F) -> F:
@@ -319,6 +320,8 @@ class TaskwatchApp(App[None]):
         if self.view_paused:
             # resuming redraws everything, so what changed meanwhile need not be kept
             self.state.dirty.clear()
+            table = self.main.query_one(RunsTable)
+            self.state.gone = {run_id for run_id in self.state.gone if table.record(run_id) is not None}
             self._update_counts()
             return
         self.frames += 1
@@ -354,6 +357,10 @@ class TaskwatchApp(App[None]):
         """
         table = self.main.query_one(RunsTable)
         state = self.state
+        gone = state.take_gone()
+        if gone:
+            # runs the model let go would otherwise keep their last values on screen
+            table.remove_runs(gone)
         if full or dirty is None:
             views = state.newest_views(self.max_rows)
         else:
@@ -506,19 +513,27 @@ class TaskwatchApp(App[None]):
             submitted,
         )
 
+    async def _command(
+        self, verb: str, call: Awaitable[T], refused: type[TaskwatchError] | None = None
+    ) -> T | None:
+        """Await a command to the engine; a refusal or a failure becomes a message."""
+        try:
+            return await call
+        except COMMAND_ERRORS as exc:
+            if refused is not None and isinstance(exc, refused):
+                self.notify(str(exc), severity="warning")
+            else:
+                self.notify(f"{verb} failed: {exc}", severity="error")
+            return None
+
     @work(group="actions")
     async def action_cancel_run(self) -> None:
         run = self.selected_run if self.active_tab == "runs" else None
         if run is None:
             self._no_run_selected("cancel")
             return
-        try:
-            record = await self.client.cancel(run.id)
-        except RunNotCancellable as exc:
-            self.notify(str(exc), severity="warning")
-            return
-        except COMMAND_ERRORS as exc:
-            self.notify(f"cancel failed: {exc}", severity="error")
+        record = await self._command("cancel", self.client.cancel(run.id), RunNotCancellable)
+        if record is None:
             return
         if record.status is RunStatus.CANCELLED:
             self.notify(f"run {run.id} cancelled")
@@ -531,13 +546,8 @@ class TaskwatchApp(App[None]):
         if run is None:
             self._no_run_selected("retry")
             return
-        try:
-            record = await self.client.retry(run.id)
-        except RunNotRetryable as exc:
-            self.notify(str(exc), severity="warning")
-            return
-        except COMMAND_ERRORS as exc:
-            self.notify(f"retry failed: {exc}", severity="error")
+        record = await self._command("retry", self.client.retry(run.id), RunNotRetryable)
+        if record is None:
             return
         self.notify(f"retrying {run.task} as run {record.id}")
         self.state.add_record(record)
@@ -624,16 +634,13 @@ class TaskwatchApp(App[None]):
             self.notify("select a periodic task on the Scheduler tab (3)", severity="warning")
             return
         info = next((p for p in self.state.schedule if p.name == name), None)
-        try:
-            if info is not None and info.paused:
-                result = await self.client.resume_periodic(name)
-                self.notify(f"periodic task {name} resumed")
-            else:
-                result = await self.client.pause_periodic(name)
-                self.notify(f"periodic task {name} paused")
-        except COMMAND_ERRORS as exc:
-            self.notify(f"pause/resume failed: {exc}", severity="error")
+        resume = info is not None and info.paused
+        verb = "resume" if resume else "pause"
+        call = self.client.resume_periodic(name) if resume else self.client.pause_periodic(name)
+        result = await self._command(verb, call)
+        if result is None:
             return
+        self.notify(f"periodic task {name} {verb}d")
         self.state.schedule = [result if p.name == name else p for p in self.state.schedule]
         self.main.query_one(ScheduleTable).update_schedule(self.state.schedule, self.clock())
 

@@ -53,6 +53,8 @@ class DashboardState:
         self.dropped = 0
         #: run ids changed since the widgets last looked
         self.dirty: set[str] = set()
+        #: run ids trimmed away since the widgets last looked (their rows must go too)
+        self.gone: set[str] = set()
         self.health: deque[HealthSample] = deque(maxlen=600)
         #: the newest failed runs, kept apart so a backlog of other runs never pushes them out
         self.failures: dict[str, RunRecord] = {}
@@ -70,6 +72,7 @@ class DashboardState:
         self.engine_state = snap.state
         self.runs = {r.id: RunView.of(r) for r in sorted(snap.runs, key=lambda r: r.created_at)}
         self.dirty = set(self.runs)
+        self.gone = set()
         self.failures = {}
         for view in self.runs.values():
             if view.status is RunStatus.FAILED:
@@ -184,6 +187,10 @@ class DashboardState:
         dirty, self.dirty = self.dirty, set()
         return dirty
 
+    def take_gone(self) -> set[str]:
+        gone, self.gone = self.gone, set()
+        return gone
+
     def record(self, run_id: str | None) -> RunRecord | None:
         """The run as a :class:`RunRecord` (what widgets take), or None if unknown."""
         run = self.runs.get(run_id) if run_id is not None else None
@@ -253,6 +260,7 @@ class DashboardState:
         for run_id in [r.id for r in self.runs.values() if r.status in _FINISHED][:excess]:
             del self.runs[run_id]
             self.dirty.discard(run_id)
+            self.gone.add(run_id)
 
     def uptime(self, now: float | None = None) -> float | None:
         if self.started_at is None:

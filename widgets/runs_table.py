@@ -186,6 +186,18 @@ class RunsTable(KeyedTable):
         self._remove(hidden)
         self._finish()
 
+    def remove_runs(self, run_ids: Iterable[str]) -> None:
+        """Forget these runs (say, the dashboard's model let them go)."""
+        gone = [run_id for run_id in run_ids if run_id in self._records]
+        if not gone:
+            return
+        self._begin()
+        for run_id in gone:
+            del self._records[run_id]
+            self._running_ids.discard(run_id)
+        self._remove(gone)
+        self._finish()
+
     def clear_runs(self) -> None:
         """Forget every run (e.g. after reconnecting to another engine)."""
         self._records.clear()
