@@ -48,6 +48,17 @@ def make_engine(**kwargs: object) -> Engine:
     return engine
 
 
+def add_blocked(engine: Engine) -> asyncio.Event:
+    """Register a task ``blocked`` that holds its slot until the returned gate is set."""
+    gate = asyncio.Event()
+
+    @engine.task
+    async def blocked(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    return gate
+
+
 async def test_submit_runs_to_success_with_progress_and_result() -> None:
     engine = make_engine()
     rec = Recorder(engine)
@@ -130,11 +141,7 @@ async def test_task_definition_errors() -> None:
 
 async def test_queue_full_names_the_limit_and_keeps_nothing_extra() -> None:
     engine = make_engine(max_concurrency=1, max_queue=3)
-    gate = asyncio.Event()
-
-    @engine.task
-    async def blocked(ctx: TaskContext) -> None:
-        await gate.wait()
+    gate = add_blocked(engine)
 
     async with engine:
         first = await engine.submit("blocked")
@@ -151,11 +158,7 @@ async def test_queue_full_names_the_limit_and_keeps_nothing_extra() -> None:
 
 async def test_dedup_key_returns_the_pending_run() -> None:
     engine = make_engine(max_concurrency=1)
-    gate = asyncio.Event()
-
-    @engine.task
-    async def blocked(ctx: TaskContext) -> None:
-        await gate.wait()
+    gate = add_blocked(engine)
 
     async with engine:
         await engine.submit("blocked")  # occupies the only slot
@@ -174,12 +177,8 @@ async def test_dedup_key_returns_the_pending_run() -> None:
 
 async def test_cancel_pending_run() -> None:
     engine = make_engine(max_concurrency=1)
-    gate = asyncio.Event()
+    gate = add_blocked(engine)
     ran: list[str] = []
-
-    @engine.task
-    async def blocked(ctx: TaskContext) -> None:
-        await gate.wait()
 
     @engine.task
     async def record(ctx: TaskContext) -> None:
@@ -337,11 +336,7 @@ async def test_global_and_per_task_concurrency_limits() -> None:
 
 async def test_history_evicts_oldest_finished_but_never_pending_or_running() -> None:
     engine = make_engine(history=3, max_concurrency=1)
-    gate = asyncio.Event()
-
-    @engine.task
-    async def blocked(ctx: TaskContext) -> None:
-        await gate.wait()
+    gate = add_blocked(engine)
 
     async with engine:
         done = [await (await engine.submit("noop")).wait(2) for _ in range(5)]
@@ -546,11 +541,7 @@ async def test_a_cancelled_stop_caller_does_not_leave_the_engine_half_stopped() 
 
 async def test_dedup_keys_belong_to_one_task_and_params_are_still_checked() -> None:
     engine = make_engine(max_concurrency=1)
-    gate = asyncio.Event()
-
-    @engine.task
-    async def blocked(ctx: TaskContext) -> None:
-        await gate.wait()
+    gate = add_blocked(engine)
 
     async with engine:
         await engine.submit("blocked")
