@@ -24,6 +24,8 @@ import atexit
 import concurrent.futures
 import inspect
 import logging
+import os
+import secrets
 import shlex
 import socket
 import subprocess
@@ -36,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from .errors import EngineNotRunning, LoopThreadError
+from .errors import EngineCrashed, EngineNotRunning, LoopThreadError
 from .runs import RunRecord, RunStatus
 
 if TYPE_CHECKING:
@@ -60,27 +62,49 @@ _UNSET: Any = object()
 _SLACK = 5.0
 
 # run in a subprocess by dashboard(): textual-serve blocks its thread and owns
-# its own aiohttp loop and signal handlers, so a process is the clean way to stop it
+# its own aiohttp loop and signal handlers, so a process is the clean way to stop it.
+# taskwatch.tui.web puts it behind a secret, which arrives in the environment
+# (_WEB_SECRET_ENV), not argv: ps shows every process's argv to every local user
 _WEB_SERVER_SCRIPT = """\
 import sys
-from textual_serve.server import Server
-Server(sys.argv[1], host=sys.argv[2], port=int(sys.argv[3]), title="taskwatch").serve()
+from taskwatch.tui.web import serve
+serve(sys.argv[1], host=sys.argv[2], port=int(sys.argv[3]))
 """
+#: the same names as taskwatch.tui.web.SECRET_ENV and the attach CLI's token variable;
+#: not imported, so the engine never loads textual or textual-serve
+_WEB_SECRET_ENV = "TASKWATCH_WEB_SECRET"
+_TOKEN_ENV = "TASKWATCH_TOKEN"
+
+
+class _Escaped(Exception):
+    """Carries a SystemExit or KeyboardInterrupt raised by a call back to its caller's thread."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(exc)
+        self.exc = exc
 
 
 async def _invoke(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    result = fn(*args, **kwargs)
-    if inspect.isawaitable(result):
-        result = await result
+    try:
+        result = fn(*args, **kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+    except (SystemExit, KeyboardInterrupt) as exc:
+        # raised inside the loop these would end it for everyone; they belong to the caller
+        raise _Escaped(exc) from None
     return result
 
 
-def attach_command(info: ServerInfo) -> list[str]:
-    """The command line a web dashboard runs to attach to ``info``'s endpoint."""
-    cmd = [sys.executable, "-m", "taskwatch.tui", "attach", info.address]
-    if info.token:
-        cmd += ["--token", info.token]
-    return cmd
+def attach_command(info: ServerInfo) -> tuple[list[str], dict[str, str]]:
+    """The command a web dashboard runs to attach to ``info``'s endpoint, and the
+    environment variables to add for it.
+
+    The token goes in ``$TASKWATCH_TOKEN``, never in the argv, which ``ps``
+    shows to every local user.
+    """
+    argv = [sys.executable, "-m", "taskwatch.tui", "attach", info.address]
+    env = {_TOKEN_ENV: info.token} if info.token else {}
+    return argv, env
 
 
 class BackgroundRunHandle:
@@ -156,6 +180,8 @@ class BackgroundEngine:
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self._stop_error: BaseException | None = None
+        #: what ended the loop while the engine ran (None unless it died)
+        self._crash: BaseException | None = None
         # futures handed to callers; failed on thread exit so no caller waits forever
         self._lock = threading.RLock()
         self._outstanding: set[concurrent.futures.Future[Any]] = set()
@@ -193,15 +219,37 @@ class BackgroundEngine:
 
     def _thread_main(self) -> None:
         try:
-            asyncio.run(self._main())
-        except BaseException as exc:  # noqa: BLE001 - reported to the caller, not lost
-            if self._start_error is None and not self._ready.is_set():
-                self._start_error = exc
-            elif not isinstance(exc, asyncio.CancelledError):
-                log.exception("the background engine's loop failed")
+            with asyncio.Runner() as runner:
+                try:
+                    runner.run(self._main())
+                except BaseException as exc:  # noqa: BLE001 - reported to the caller, not lost
+                    if self._start_error is None and not self._ready.is_set():
+                        self._start_error = exc
+                    elif not isinstance(exc, asyncio.CancelledError):
+                        self._crashed(runner, exc)
+        except BaseException as exc:  # noqa: BLE001
+            if self._crash is None and self._ready.is_set() and not isinstance(exc, asyncio.CancelledError):
+                self._crash = exc
+                log.error("the background engine's loop failed", exc_info=exc)
         finally:
             self._fail_outstanding()
             self._ready.set()
+
+    def _crashed(self, runner: asyncio.Runner, exc: BaseException) -> None:
+        """The loop died under a running engine: say so, then stop the engine on that loop.
+
+        The stop still drains nothing (timeout 0) but cancels and awaits every
+        run and loop, publishes the stop events and closes the control servers,
+        so clients see the end instead of a silent hang.
+        """
+        self._crash = exc
+        log.error("the background engine's event loop died: %s: %s", type(exc).__qualname__, exc, exc_info=exc)
+        with self._lock:
+            self._finished = True  # refuse new calls with EngineCrashed from here on
+        try:
+            runner.run(self.engine.stop(0))
+        except BaseException:  # noqa: BLE001
+            log.exception("stopping the engine after its loop died failed")
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -235,7 +283,10 @@ class BackgroundEngine:
             pending, self._outstanding = self._outstanding, set()
         for fut in pending:
             if not fut.done():
-                fut.set_exception(EngineNotRunning("stopped"))
+                fut.set_exception(self._not_running())
+
+    def _not_running(self) -> EngineNotRunning:
+        return EngineCrashed(self._crash) if self._crash is not None else EngineNotRunning("stopped")
 
     def _untrack(self, fut: concurrent.futures.Future[Any]) -> None:
         with self._lock:
@@ -247,6 +298,18 @@ class BackgroundEngine:
     def running(self) -> bool:
         """True until :meth:`stop` (or a failure) ended the loop thread."""
         return not self._finished and self._thread.is_alive()
+
+    @property
+    def state(self) -> str:
+        """``running``, ``stopped``, or ``failed`` when the loop died (see :attr:`error`)."""
+        if self._crash is not None:
+            return "failed"
+        return "running" if self.running else "stopped"
+
+    @property
+    def error(self) -> BaseException | None:
+        """What ended the engine's loop, if it died rather than being stopped."""
+        return self._crash
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
@@ -263,11 +326,11 @@ class BackgroundEngine:
         with self._lock:
             loop = self._loop
             if self._finished or self._stopping or loop is None:
-                raise EngineNotRunning("stopped")
+                raise self._not_running()
             try:
                 fut = asyncio.run_coroutine_threadsafe(_invoke(fn, args, kwargs), loop)
             except RuntimeError:
-                raise EngineNotRunning("stopped") from None
+                raise self._not_running() from None
             self._outstanding.add(fut)
         fut.add_done_callback(self._untrack)
         return fut
@@ -285,7 +348,9 @@ class BackgroundEngine:
             fut.cancel()
             raise TimeoutError(f"the engine did not answer {method}() within {timeout:g} s") from None
         except concurrent.futures.CancelledError:
-            raise EngineNotRunning("stopped") from None
+            raise self._not_running() from None
+        except _Escaped as escaped:
+            raise escaped.exc from None
 
     async def _acall(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         fut = self._schedule(fn, *args, **kwargs)
@@ -293,8 +358,10 @@ class BackgroundEngine:
             return await asyncio.wrap_future(fut)
         except concurrent.futures.CancelledError:
             if fut.cancelled() and self._finished:
-                raise EngineNotRunning("stopped") from None
+                raise self._not_running() from None
             raise
+        except _Escaped as escaped:
+            raise escaped.exc from None
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(engine, *args, **kwargs)`` on the engine's loop and return its result.
@@ -430,30 +497,48 @@ class BackgroundEngine:
         self._server_info = info
         return info
 
-    def dashboard(self, port: int = 8000, *, host: str = "localhost", ready_timeout: float = 20.0) -> Any:
+    def dashboard(self, port: int = 8000, *, host: str = "127.0.0.1", ready_timeout: float = 20.0) -> Any:
         """Serve the Textual dashboard in a browser; returns an IPython ``IFrame`` (or the URL).
 
         Starts a control endpoint first if :meth:`serve` was not called, then a
         textual-serve web server (a subprocess, stopped by :meth:`stop`) whose
-        sessions run ``taskwatch attach ADDRESS --token T``.
+        sessions run ``taskwatch attach ADDRESS`` with the token in their
+        environment. The URL carries a secret made for this dashboard: the
+        server refuses (403) every request without it, and websockets opened by
+        other web sites. ``host`` is where it listens; keep it loopback unless
+        others must reach it.
         """
         if self._on_loop_thread():
             raise LoopThreadError("dashboard")
         info = self._server_info or self.serve()
-        command = shlex.join(attach_command(info))
+        argv, attach_env = attach_command(info)
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+        except OSError:
+            pass  # nothing listens there yet, as it should be
+        else:
+            # the IFrame would show whatever already listens there, not this engine
+            raise OSError(f"{host}:{port} is already in use; pass another port to dashboard()")
+        secret = secrets.token_urlsafe(32)
+        # sessions inherit the server's environment: theirs is the token of this endpoint or none
+        env = {key: value for key, value in os.environ.items() if key != _TOKEN_ENV}
+        env.update(attach_env)
+        env[_WEB_SECRET_ENV] = secret
         log_file = tempfile.TemporaryFile()
         proc = subprocess.Popen(
-            [sys.executable, "-c", _WEB_SERVER_SCRIPT, command, host, str(port)],
+            [sys.executable, "-c", _WEB_SERVER_SCRIPT, shlex.join(argv), host, str(port)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log_file,
+            env=env,
         )
         self._dashboards.append(proc)
         try:
             _wait_for_port(proc, host, port, ready_timeout, log_file)
         finally:
             log_file.close()
-        url = f"http://{host}:{port}/"
+        url_host = f"[{host}]" if ":" in host else host
+        url = f"http://{url_host}:{port}/{secret}/"
         try:
             from IPython.display import IFrame
         except ImportError:
@@ -526,8 +611,7 @@ class BackgroundEngine:
         return engine_rich(engine_view(self.engine))
 
     def __repr__(self) -> str:
-        state = "running" if self.running else "stopped"
-        return f"<BackgroundEngine {self.engine.node_id} {state}>"
+        return f"<BackgroundEngine {self.engine.node_id} {self.state}>"
 
 
 def _wait_for_port(

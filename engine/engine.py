@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from pydantic_core import PydanticSerializationError, to_jsonable_python
+from pydantic_core import PydanticSerializationError
 
 from .backends import Backend, make_backend
 from .bus import DEFAULT_REPLAY, EventBus
@@ -48,7 +48,9 @@ from .events import (
 )
 from .handle import RunHandle
 from .health import HealthSampler
+from .jsonsafe import NotJsonSafe, check_jsonable, check_key, jsonable, safe_str, safe_text
 from .lease import LeaderElector, Leadership
+from .options import EngineOptions, TaskOptions, check_options
 from .queues import QueueInfo, WorkQueue
 from .runs import (
     CancelReason,
@@ -123,12 +125,17 @@ class Engine:
         clock: Callable[[], float] = time.time,
         run_id_factory: Callable[[], str] | None = None,
     ) -> None:
-        if max_concurrency < 1:
-            raise ValueError("max_concurrency must be at least 1")
-        if max_queue < 1:
-            raise ValueError("max_queue must be at least 1")
-        if history < 0:
-            raise ValueError("history must be zero or more")
+        check_options(
+            EngineOptions,
+            "the engine",
+            max_concurrency=max_concurrency,
+            max_queue=max_queue,
+            history=history,
+            replay=replay,
+            cancel_grace=cancel_grace,
+            throughput_window=throughput_window,
+            health_interval=health_interval,
+        )
         self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
@@ -222,12 +229,15 @@ class Engine:
         task_name = name or fn.__name__
         if task_name in self._tasks:
             raise DuplicateTask("task", task_name)
-        if retries < 0:
-            raise ValueError(f"retries for task {task_name!r} must be zero or more")
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout for task {task_name!r} must be positive seconds")
-        if concurrency is not None and concurrency < 1:
-            raise ValueError(f"concurrency for task {task_name!r} must be at least 1")
+        check_options(
+            TaskOptions,
+            f"task {task_name!r}",
+            retries=retries,
+            timeout=timeout,
+            concurrency=concurrency,
+            backoff=backoff,
+            backoff_max=backoff_max,
+        )
         model = None if kind == "periodic" else params_model_of(fn, params, task_name)
         spec = TaskSpec(
             name=task_name,
@@ -435,6 +445,7 @@ class Engine:
             raise UnknownTask(task, (n for n, s in self._tasks.items() if s.submittable))
         model, dumped = self._validate(spec, params)
         if key is not None:
+            check_key(f"task {spec.name!r}", key)
             existing = self._keys.get((spec.name, key))
             if existing is not None and existing.status is _PENDING:
                 return existing, False
@@ -478,10 +489,21 @@ class Engine:
                 model = model_cls.model_validate(params.model_dump())
             else:
                 model = model_cls.model_validate(params if params is not None else {})
-            return model, model.model_dump(mode="json")
         except ValidationError as exc:
             errors = exc.errors(include_url=False, include_context=False, include_input=False)
             raise InvalidParams(spec.name, [dict(e) for e in errors]) from None
+        try:
+            dumped = model.model_dump(mode="json")
+            check_jsonable(dumped)
+            return model, dumped
+        except (NotJsonSafe, PydanticSerializationError, ValueError, TypeError) as exc:
+            # the model accepted a value no dashboard could receive (a lone surrogate,
+            # say): refused here so nothing undecodable is ever recorded or published
+            detail = exc.detail if isinstance(exc, NotJsonSafe) else safe_str(exc)
+            raise InvalidParams(
+                spec.name,
+                [{"loc": ("params",), "msg": f"not encodable as UTF-8 JSON: {detail}", "type": "json_unsafe"}],
+            ) from None
 
     async def submit(
         self,
@@ -859,7 +881,7 @@ class Engine:
                 async with asyncio.timeout(spec.timeout):
                     result = await spec.fn(*args, **kwargs)
             if result is not None:
-                result = to_jsonable_python(result)
+                result = jsonable(result)
         except asyncio.CancelledError:
             reason = run.cancel_reason or "external"
             self._finish_cancelled(run, reason, was_running=True)
@@ -879,14 +901,21 @@ class Engine:
                 )
             else:
                 error = RunError.from_exception(exc)
-        except PydanticSerializationError as exc:
+        except NotJsonSafe as exc:
             error = RunError(
                 type="ResultNotSerializable",
-                message=f"task {spec.name!r} returned a value that is not JSON-serialisable: {exc}",
+                message=f"task {spec.name!r} returned a value that cannot be sent as JSON: {exc.detail}; "
+                "return JSON data (dicts, lists, str, numbers) or a pydantic model",
             )
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001
+            # SystemExit, KeyboardInterrupt, GeneratorExit and the like raised by task
+            # code fail that run: escaping here would take down the caller's loop
             error = RunError.from_exception(exc)
         else:
+            if run.cancel_reason is not None:
+                # the task swallowed the cancel and returned: it was still cancelled
+                self._finish_cancelled(run, run.cancel_reason, was_running=True)
+                return
             now = self.clock()
             run.result = result
             self._finish(run, _SUCCEEDED, now)
@@ -953,12 +982,19 @@ class Engine:
         self._retry_timers.discard(run)
 
     def _progress(self, run: Run, done: float, total: float | None, message: str) -> None:
-        run.done = done
-        run.total = total
-        run.message = message
-        self.bus.emit(
-            RunProgressed, run_id=run.id, task=run.spec.name, done=done, total=total, message=message
+        # the event is validated first: a value it refuses raises in the task and
+        # leaves the record as it was
+        event = self.bus.emit(
+            RunProgressed,
+            run_id=run.id,
+            task=run.spec.name,
+            done=done,
+            total=total,
+            message=safe_text(message) if isinstance(message, str) else message,
         )
+        run.done = event.done
+        run.total = event.total
+        run.message = event.message
 
     def _finish_cancelled(
         self, run: Run, reason: CancelReason, *, was_running: bool, discard: bool = True

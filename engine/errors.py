@@ -132,6 +132,45 @@ class UnknownPeriodic(TaskwatchError, LookupError):
         super().__init__(f"no periodic task named {name!r}; known periodic tasks: {listing}")
 
 
+class InvalidConfiguration(TaskDefinitionError, ValueError):
+    """An option given to the engine, a task, a loop or a worker is out of range.
+
+    Raised when the option is given (registration or construction), never
+    later at run time; nothing was registered.
+    """
+
+    def __init__(self, where: str, problems: list[str]) -> None:
+        self.where = where
+        self.problems = problems
+        super().__init__(f"invalid configuration for {where}: " + "; ".join(problems))
+
+
+class InvalidKey(TaskwatchError, TypeError):
+    """A dedup key (or trigger key) is not a JSON-safe string. Nothing was queued."""
+
+    def __init__(self, owner: str, key: object, why: str) -> None:
+        self.owner = owner
+        self.key = repr(key)[:200]
+        super().__init__(f"invalid key {self.key} for {owner}: {why}; nothing was queued")
+
+
+class EngineCrashed(EngineNotRunning):
+    """The background engine's event loop died; the engine cannot take calls any more.
+
+    ``cause`` is the exception that ended the loop. Start a new engine; the
+    cause's traceback was logged when it happened.
+    """
+
+    def __init__(self, cause: BaseException) -> None:
+        self.cause = f"{type(cause).__qualname__}: {cause}"
+        TaskwatchError.__init__(
+            self,
+            f"the engine's event loop died ({self.cause}) and it accepts no more calls; "
+            "fix the cause and start a new engine",
+        )
+        self.state = "failed"
+
+
 class ProtocolError(TaskwatchError, ValueError):
     """A wire message could not be decoded or is not allowed."""
 
@@ -228,4 +267,43 @@ class TooManyConnections(TaskwatchError, ConnectionError):
         super().__init__(
             f"the engine already serves {limit} dashboard connections; close one, "
             "or serve with a higher max_connections"
+        )
+
+
+class WeakToken(TaskwatchError, ValueError):
+    """A control server was given a token too short to resist guessing."""
+
+    def __init__(self, length: int, minimum: int) -> None:
+        self.length = length
+        self.minimum = minimum
+        super().__init__(
+            f"the control token is {length} bytes; it must be at least {minimum}. Use "
+            "secrets.token_urlsafe(32), or omit the token (over TCP one is then generated and "
+            "printed; a Unix socket is already private to your user)"
+        )
+
+
+class TooManyHandshakes(TaskwatchError, ConnectionError):
+    """A control server dropped a connection that had not authenticated, to make room for a newer one."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(
+            f"{limit} connections were already waiting to authenticate and this one had waited "
+            "longest, so it was closed; send hello as soon as you connect, or serve with a "
+            "higher max_handshakes"
+        )
+
+
+class ReplyTooLarge(TaskwatchError):
+    """A reply would be longer than its connection's line limit, so it was not sent."""
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        self.what = what
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"{what} is {size} bytes, over this connection's {limit}-byte line limit, so it was "
+            "not sent; read it in the engine's own process, or raise the server's max_send "
+            "and the client's max_message"
         )

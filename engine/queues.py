@@ -23,10 +23,11 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
-from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from .context import TaskContext
 from .errors import EngineNotRunning, JobNotSerializable, QueueFull, TaskDefinitionError
+from .jsonsafe import NotJsonSafe, jsonable
+from .options import QueueOptions, check_options
 from .events import QueueDrainIncomplete, QueueJobFailed
 from .runs import RunError
 
@@ -74,11 +75,6 @@ def _wants_context(handler: Any, name: str) -> bool:
     )
 
 
-def _jsonable(job: Any) -> Any:
-    """The job as JSON-compatible data (what a failure event carries)."""
-    return to_jsonable_python(job)
-
-
 class WorkQueue:
     """A bounded FIFO of jobs consumed by ``concurrency`` tasks on the engine's loop.
 
@@ -92,10 +88,7 @@ class WorkQueue:
     def __init__(
         self, engine: Engine, name: str, handler: Any, *, concurrency: int = 1, maxsize: int = 1000
     ) -> None:
-        if concurrency < 1:
-            raise ValueError(f"concurrency of queue {name!r} must be at least 1")
-        if maxsize < 1:
-            raise ValueError(f"maxsize of queue {name!r} must be at least 1")
+        check_options(QueueOptions, f"queue {name!r}", concurrency=concurrency, maxsize=maxsize)
         self._engine = engine
         self.name = name
         self.handler = handler
@@ -166,9 +159,9 @@ class WorkQueue:
 
     def _check_serialisable(self, job: Any) -> None:
         try:
-            _jsonable(job)
-        except PydanticSerializationError as exc:
-            raise JobNotSerializable(self.name, type(job).__qualname__, str(exc)) from None
+            jsonable(job)
+        except NotJsonSafe as exc:
+            raise JobNotSerializable(self.name, type(job).__qualname__, exc.detail) from None
 
     def _try_put(self, job: Any) -> bool:
         loop = self._loop
@@ -267,7 +260,7 @@ class WorkQueue:
             if task is not None and task.cancelling():
                 raise  # our own stop: the job counts as left undone
             self._failed(job, asyncio.CancelledError("the job's handler was cancelled"))
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001 - SystemExit from a handler fails its job only
             self._failed(job, exc)
         else:
             self.processed += 1
@@ -275,8 +268,8 @@ class WorkQueue:
     def _failed(self, job: Any, exc: BaseException) -> None:
         self.failed += 1
         try:
-            data = _jsonable(job)
-        except PydanticSerializationError:
+            data = jsonable(job)
+        except NotJsonSafe:
             data = repr(job)  # mutated into something unserialisable since it was put
         self._engine.bus.emit(QueueJobFailed, queue=self.name, job=data, error=RunError.from_exception(exc))
 

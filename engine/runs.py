@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .jsonsafe import safe_str, safe_text
+
 if TYPE_CHECKING:
     import asyncio
 
@@ -75,8 +77,8 @@ class RunError(BaseModel):
             tb = tb.tb_next
         return cls(
             type=type(exc).__qualname__,
-            message=str(exc),
-            traceback="".join(traceback.format_exception(type(exc), exc, tb)),
+            message=safe_str(exc),
+            traceback=safe_text("".join(traceback.format_exception(type(exc), exc, tb))),
         )
 
 

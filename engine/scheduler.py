@@ -40,6 +40,7 @@ from cronsim import CronSim, CronSimError
 from pydantic import BaseModel, ConfigDict
 
 from .errors import EngineNotRunning, QueueFull, TaskDefinitionError, UnknownPeriodic
+from .options import PeriodicOptions, check_options
 from .events import (
     FINISHED_RUN_KINDS,
     BaseEvent,
@@ -171,8 +172,7 @@ def _validate(
         raise TaskDefinitionError(
             f"periodic task {name!r} needs exactly one of every= (seconds) or cron= (expression)"
         )
-    if every is not None and not (isinstance(every, int | float) and math.isfinite(every) and every > 0):
-        raise TaskDefinitionError(f"every= for periodic task {name!r} must be positive seconds, got {every!r}")
+    check_options(PeriodicOptions, f"periodic task {name!r}", every=every, initial_delay=initial_delay, jitter=jitter)
     if cron is not None:
         try:
             CronSim(cron, datetime.now())
@@ -180,12 +180,6 @@ def _validate(
             raise TaskDefinitionError(
                 f"cron= for periodic task {name!r} does not parse: {cron!r} ({exc})"
             ) from None
-    if not (math.isfinite(initial_delay) and initial_delay >= 0):
-        raise TaskDefinitionError(f"initial_delay= for periodic task {name!r} must be zero or more seconds")
-    if not (0.0 <= jitter <= 1.0):
-        raise TaskDefinitionError(
-            f"jitter= for periodic task {name!r} is a fraction of the interval between 0 and 1, got {jitter!r}"
-        )
     _validate_signature(fn, name, requires)
 
 

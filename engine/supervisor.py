@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from .context import TaskContext
 from .errors import DuplicateTask, NotLeader, TaskDefinitionError
 from .events import WorkerCrashed, WorkerStarted, WorkerStopped
+from .options import WorkerOptions, check_options
 from .runs import RunError
 
 if TYPE_CHECKING:
@@ -135,10 +136,7 @@ class Supervisor:
             )
         if worker_name in self._workers:
             raise DuplicateTask("supervised worker", worker_name)
-        if backoff <= 0:
-            raise ValueError(f"backoff for worker {worker_name!r} must be positive seconds")
-        if backoff_max < backoff:
-            raise ValueError(f"backoff_max for worker {worker_name!r} must be at least backoff ({backoff:g})")
+        check_options(WorkerOptions, f"supervised worker {worker_name!r}", backoff=backoff, backoff_max=backoff_max)
         worker = _Worker(worker_name, fn, leader_only, backoff, backoff_max)
         self._workers[worker_name] = worker
         if self._running:
@@ -294,7 +292,9 @@ class Supervisor:
                 self._stopped(worker, "leadership_lost")
                 return None
             error = exc
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001
+            # SystemExit or KeyboardInterrupt from a worker is that worker's crash,
+            # not the process's: restarting it with backoff is the supervisor's job
             error = exc
         else:
             if worker.stop_reason is not None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from .context import TaskContext
 from .errors import EngineNotRunning, QueueFull, TaskDefinitionError
 from .events import BaseEvent, TriggerFired
+from .jsonsafe import check_key
+from .options import TriggerOptions, check_options
 from .runs import RunStatus
 
 if TYPE_CHECKING:
@@ -100,7 +101,8 @@ class _Key:
 def _seconds(staleness: timedelta | float | None) -> float | None:
     if staleness is None:
         return None
-    return staleness.total_seconds() if isinstance(staleness, timedelta) else float(staleness)
+    # not float(): a bool or a string must reach validation as it was given
+    return staleness.total_seconds() if isinstance(staleness, timedelta) else staleness
 
 
 def _check_fn(fn: Any, name: str) -> None:
@@ -145,14 +147,15 @@ class Trigger:
         clock: Callable[[], float] | None = None,
     ) -> None:
         stale = _seconds(staleness)
-        if size_threshold < 1:
-            raise ValueError(f"size_threshold of trigger {name!r} must be at least 1")
-        if stale is not None and not (math.isfinite(stale) and stale > 0):
-            raise ValueError(f"staleness of trigger {name!r} must be positive")
-        if staleness_min < 1:
-            raise ValueError(f"staleness_min of trigger {name!r} must be at least 1")
-        if check_interval is not None and not check_interval > 0:
-            raise ValueError(f"check_interval of trigger {name!r} must be positive seconds")
+        opts = check_options(
+            TriggerOptions,
+            f"trigger {name!r}",
+            size_threshold=size_threshold,
+            staleness=stale,
+            staleness_min=staleness_min,
+            check_interval=check_interval,
+        )
+        stale = opts.staleness
         _check_fn(fn, name)
         self._engine = engine
         self.name = name
@@ -196,8 +199,9 @@ class Trigger:
         """Count ``n`` units of work for ``key``; fires at once if it reaches the size threshold.
 
         O(1) and non-blocking. From another thread the count is handed to the
-        engine's loop.
+        engine's loop. Raises :class:`InvalidKey` for a key that is not a str.
         """
+        check_key(f"trigger {self.name!r}", key)
         loop = self._loop
         if loop is not None and threading.get_ident() != self._loop_thread:
             try:

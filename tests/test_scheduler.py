@@ -92,8 +92,8 @@ def test_cron_across_month_and_year_in_an_explicit_zone() -> None:
     [
         ({}, "exactly one of every"),
         ({"every": 5.0, "cron": "* * * * *"}, "exactly one of every"),
-        ({"every": 0}, "positive"),
-        ({"every": -1.0}, "positive"),
+        ({"every": 0}, "every"),
+        ({"every": -1.0}, "every"),
         ({"cron": "61 * * * *"}, "does not parse"),
         ({"cron": "not a cron"}, "does not parse"),
         ({"every": 5.0, "jitter": 1.5}, "jitter"),

@@ -1,0 +1,101 @@
+"""The ranges of every option the engine, its tasks, loops and workers accept.
+
+One pydantic model per place options are given, checked once when they are
+given: a nonsense value (``every=1e-9``, ``timeout=nan``, a negative
+``backoff``, ``True`` for a number of seconds) is refused at registration with
+:class:`~taskwatch.engine.errors.InvalidConfiguration`, instead of making the
+engine spin, stall or fail every run later.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import InvalidConfiguration
+
+#: the shortest interval a periodic task may have; below it a loop only burns CPU
+MIN_INTERVAL = 0.001
+
+
+def _not_bool(value: Any) -> Any:
+    # bool is an int to Python, so True would silently mean 1 second or 1 retry
+    if isinstance(value, bool):
+        raise ValueError("a number is needed, not a bool")
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(_not_bool), Field(ge=0, allow_inf_nan=False)]
+PositiveSeconds = Annotated[float, BeforeValidator(_not_bool), Field(gt=0, allow_inf_nan=False)]
+Count = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, strict=True)]
+AtLeastOne = Annotated[int, BeforeValidator(_not_bool), Field(ge=1, strict=True)]
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EngineOptions(_Options):
+    max_concurrency: AtLeastOne
+    max_queue: AtLeastOne
+    history: Count
+    replay: Count
+    cancel_grace: Seconds
+    throughput_window: PositiveSeconds
+    health_interval: PositiveSeconds | None
+
+
+class TaskOptions(_Options):
+    retries: Count
+    timeout: PositiveSeconds | None
+    concurrency: AtLeastOne | None
+    backoff: Seconds
+    backoff_max: Seconds
+
+
+class PeriodicOptions(_Options):
+    every: Annotated[float, BeforeValidator(_not_bool), Field(ge=MIN_INTERVAL, allow_inf_nan=False)] | None
+    initial_delay: Seconds
+    jitter: Annotated[float, BeforeValidator(_not_bool), Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+class QueueOptions(_Options):
+    concurrency: AtLeastOne
+    maxsize: AtLeastOne
+
+
+class TriggerOptions(_Options):
+    size_threshold: AtLeastOne
+    staleness: PositiveSeconds | None
+    staleness_min: AtLeastOne
+    check_interval: PositiveSeconds | None
+
+
+class WorkerOptions(_Options):
+    backoff: PositiveSeconds
+    backoff_max: PositiveSeconds
+
+    @model_validator(mode="after")
+    def _ordered(self) -> WorkerOptions:
+        if self.backoff_max < self.backoff:
+            raise ValueError(f"backoff_max must be at least backoff ({self.backoff:g})")
+        return self
+
+
+M = TypeVar("M", bound=_Options)
+
+
+def check_options(model: type[M], where: str, **values: Any) -> M:
+    """Validate ``values`` against ``model``; raise InvalidConfiguration naming each bad option."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        problems: dict[str, str] = {}
+        for err in exc.errors(include_url=False):
+            if err["loc"]:
+                name = str(err["loc"][0])
+                problems.setdefault(name, f"{name}={values.get(name)!r}: {err['msg']}")
+            else:
+                problems.setdefault("", err["msg"].removeprefix("Value error, "))
+        raise InvalidConfiguration(where, list(problems.values())) from None

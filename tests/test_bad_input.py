@@ -1,0 +1,413 @@
+"""Bad input from callers and tasks: refused with a typed error, or contained to one run.
+
+Whatever a caller submits or a task returns, raises or reports, the engine's
+state stays valid: ``runs()``, ``snapshot()`` and a fresh dashboard attach keep
+working, and nothing half-recorded is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+from taskwatch.engine import (
+    Engine,
+    EngineCrashed,
+    InvalidConfiguration,
+    InvalidKey,
+    InvalidParams,
+    JobNotSerializable,
+    RemoteEngine,
+    RunStatus,
+    TaskContext,
+    TaskwatchError,
+)
+
+from .helpers import Recorder, eventually, stray_tasks
+
+SURROGATE = os.fsdecode(b"report-\xff.csv")  # what a non-UTF-8 file name decodes to
+
+
+class FileParams(BaseModel):
+    name: str
+
+
+def make_engine(**options: Any) -> Engine:
+    options.setdefault("health_interval", None)
+    engine = Engine(**options)
+
+    @engine.task
+    async def work(ctx: TaskContext, params: FileParams) -> str:
+        return params.name
+
+    @engine.task
+    async def noop(ctx: TaskContext) -> None:
+        return None
+
+    return engine
+
+
+def assert_consistent(engine: Engine) -> None:
+    """What every dashboard attach needs works, and every run's state is a valid one."""
+    runs = engine.runs(limit=None)
+    snapshot = engine.snapshot()
+    snapshot.model_dump_json()  # what the control endpoint sends on attach
+    counts = engine.stats().by_status
+    for status in RunStatus:
+        assert counts[status.value] == sum(1 for r in runs if r.status is status), status
+    for run in runs:
+        assert run.status.finished == (run.finished_at is not None)
+
+
+async def attach_works(engine: Engine, path: Path) -> None:
+    server = await engine.serve(str(path), announce=False)
+    try:
+        remote = RemoteEngine(server.address)
+        try:
+            snapshot = await remote.connect()
+            assert {r.id for r in snapshot.runs} == {r.id for r in engine.runs(limit=500)}
+            assert (await remote.snapshot()).node_id == engine.node_id
+        finally:
+            await remote.close()
+    finally:
+        await server.stop()
+
+
+# ---------------------------------------------------------------- refused at submit
+
+
+async def test_a_key_that_is_not_a_str_is_refused_before_anything_is_recorded() -> None:
+    engine = make_engine(max_concurrency=1, max_queue=1)
+    gate = asyncio.Event()
+
+    @engine.task
+    async def hold(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    async with engine:
+        await engine.submit("hold")
+        before = engine.stats()
+        with pytest.raises(InvalidKey, match="must be a str") as caught:
+            await engine.submit("work", {"name": "a"}, key=42)  # type: ignore[arg-type]
+        assert isinstance(caught.value, TaskwatchError)
+        after = engine.stats()
+        assert after.submitted_total == before.submitted_total
+        assert after.by_status == before.by_status
+        assert_consistent(engine)
+        # the refused submit took no place in the queue: the one free place is still free
+        handle = await engine.submit("work", {"name": "a"}, key="k")
+        assert handle.status is RunStatus.PENDING
+        gate.set()
+        assert (await handle.wait(5)).status is RunStatus.SUCCEEDED
+    assert engine.stats().by_status["pending"] == 0
+
+
+async def test_params_and_keys_no_dashboard_could_decode_are_refused(tmp_path: Path) -> None:
+    engine = make_engine()
+    recorder = Recorder(engine)
+    async with engine:
+        with pytest.raises(InvalidParams, match="UTF-8"):
+            await engine.submit("work", {"name": SURROGATE})
+        with pytest.raises(InvalidParams, match="UTF-8"):
+            await engine.submit("work", FileParams(name=SURROGATE))
+        with pytest.raises(InvalidKey, match="surrogate"):
+            await engine.submit("work", {"name": "ok"}, key=SURROGATE)
+        assert engine.runs() == []
+        assert "run.submitted" not in recorder.kinds()
+        await attach_works(engine, tmp_path / "e.sock")
+
+
+# ---------------------------------------------------------------- contained to the run
+
+
+async def test_a_result_no_dashboard_could_decode_fails_that_run_only(tmp_path: Path) -> None:
+    engine = make_engine()
+
+    @engine.task
+    async def listing(ctx: TaskContext) -> list[str]:
+        return [SURROGATE]
+
+    @engine.task
+    async def raw_bytes(ctx: TaskContext) -> bytes:
+        return b"\xff\xfe"
+
+    @engine.task
+    async def noisy(ctx: TaskContext) -> None:
+        await ctx.progress(1, 2, f"reading {SURROGATE}")
+        raise ValueError(f"cannot open {SURROGATE}")
+
+    async with engine:
+        for task in ("listing", "raw_bytes"):
+            record = await (await engine.submit(task)).wait(5)
+            assert record.status is RunStatus.FAILED, task
+            assert record.error is not None and record.error.type == "ResultNotSerializable", record.error
+            assert record.result is None
+        record = await (await engine.submit("noisy")).wait(5)
+        assert record.status is RunStatus.FAILED
+        assert record.error is not None
+        assert "\\udcff" in record.error.message  # escaped, still readable
+        assert "\\udcff" in record.progress.message
+        assert (await (await engine.submit("work", {"name": "fine"})).wait(5)).result == "fine"
+        assert_consistent(engine)
+        await attach_works(engine, tmp_path / "e.sock")
+
+
+async def test_a_progress_report_the_event_refuses_leaves_the_record_valid() -> None:
+    engine = make_engine()
+
+    @engine.task
+    async def bad_progress(ctx: TaskContext) -> None:
+        await ctx.progress("lots")  # type: ignore[arg-type]
+
+    async with engine:
+        record = await (await engine.submit("bad_progress")).wait(5)
+        assert record.status is RunStatus.FAILED
+        assert record.progress.done == 0
+        assert_consistent(engine)
+
+
+async def test_a_task_that_swallows_a_user_cancel_and_returns_ends_cancelled() -> None:
+    engine = make_engine()
+    started = asyncio.Event()
+    recorder = Recorder(engine, ("run.",))
+
+    @engine.task
+    async def stubborn(ctx: TaskContext) -> str:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            pass
+        return "finished anyway"
+
+    async with engine:
+        handle = await engine.submit("stubborn")
+        await started.wait()
+        record = await engine.cancel(handle.id, grace=5)
+        assert record.status is RunStatus.CANCELLED
+        assert record.cancel_reason == "user"
+        assert record.result is None
+        assert [e.kind for e in recorder.events if e.run_id == handle.id][-1] == "run.cancelled"
+        assert engine.stats().succeeded_total == 0
+
+
+async def test_a_queue_job_that_refers_to_itself_is_refused_with_a_typed_error() -> None:
+    engine = make_engine()
+    handled: list[Any] = []
+
+    async def handler(job: Any) -> None:
+        handled.append(job)
+
+    async with engine:
+        queue = engine.queue("jobs", handler)
+        circular: list[Any] = []
+        circular.append(circular)
+        with pytest.raises(JobNotSerializable, match="circular"):
+            await queue.put(circular)
+        with pytest.raises(JobNotSerializable):
+            await queue.put({"path": SURROGATE})
+        assert queue.depth == 0
+        await queue.put({"n": 1})
+        await eventually(lambda: handled == [{"n": 1}])
+
+
+# ---------------------------------------------------------------- BaseException from task code
+
+_BASE_EXCEPTIONS_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from taskwatch.engine import Engine, TaskContext
+
+    class Custom(BaseException):
+        pass
+
+    RAISERS = {
+        "system_exit": lambda: SystemExit(3),
+        "keyboard_interrupt": lambda: KeyboardInterrupt(),
+        "generator_exit": lambda: GeneratorExit(),
+        "custom": lambda: Custom("custom base exception"),
+    }
+
+    async def main():
+        engine = Engine(health_interval=None)
+        def raising(make):
+            async def fn(ctx: TaskContext) -> None:
+                raise make()
+            return fn
+
+        for name, make in RAISERS.items():
+            engine.register(raising(make), name=name)
+
+        @engine.task
+        async def innocent(ctx: TaskContext) -> str:
+            await asyncio.sleep(0.05)
+            return "fine"
+
+        async with engine:
+            others = [await engine.submit("innocent") for _ in range(3)]
+            handles = {name: await engine.submit(name) for name in RAISERS}
+            out = {}
+            for name, handle in handles.items():
+                record = await handle.wait(5)
+                out[name] = [record.status.value, record.error and record.error.type,
+                             bool(record.error and record.error.traceback)]
+            out["innocent"] = [(await h.wait(5)).status.value for h in others]
+            out["after"] = (await (await engine.submit("innocent")).wait(5)).status.value
+            out["state"] = engine.state
+        print(json.dumps(out), flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_base_exceptions_from_tasks_fail_their_run_and_the_program_goes_on() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _BASE_EXCEPTIONS_SCRIPT], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "never retrieved" not in proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["system_exit"] == ["failed", "SystemExit", True]
+    assert out["keyboard_interrupt"] == ["failed", "KeyboardInterrupt", True]
+    assert out["generator_exit"] == ["failed", "GeneratorExit", True]
+    assert out["custom"] == ["failed", "Custom", True]
+    assert out["innocent"] == ["succeeded"] * 3
+    assert out["after"] == "succeeded"
+    assert out["state"] == "running"
+
+
+def _background_engine() -> tuple[Engine, asyncio.Event]:
+    engine = make_engine(cancel_grace=1.0)
+    gate = asyncio.Event()
+
+    @engine.task
+    async def exits(ctx: TaskContext) -> None:
+        sys.exit(4)
+
+    @engine.task
+    async def innocent(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    return engine, gate
+
+
+def test_system_exit_in_a_background_task_leaves_the_loop_serving() -> None:
+    engine, _ = _background_engine()
+    bg = engine.start_background()
+    try:
+        innocent = bg.submit("innocent")
+        record = bg.submit("exits").wait(5)
+        assert record.status is RunStatus.FAILED
+        assert record.error is not None and record.error.type == "SystemExit"
+        assert bg.state == "running" and engine.state == "running"
+        assert innocent.record().status is RunStatus.RUNNING
+        # a facade call that raises SystemExit raises it here, in the caller's thread
+        with pytest.raises(SystemExit):
+            bg.call(lambda e: sys.exit(5))
+        assert bg.state == "running"
+        assert bg.submit("noop").wait(5).status is RunStatus.SUCCEEDED
+    finally:
+        bg.stop(timeout=0)
+
+
+def test_a_dead_background_loop_says_so_and_callers_get_its_cause() -> None:
+    engine, _ = _background_engine()
+    recorder = Recorder(engine)
+    bg = engine.start_background()
+    innocent = bg.submit("innocent")
+    assert bg.state == "running"
+
+    def kill_the_loop(e: Engine) -> None:
+        def boom() -> None:
+            raise SystemExit("the loop's own callback exited")
+
+        asyncio.get_running_loop().call_soon(boom)
+
+    bg.call(kill_the_loop)
+    bg.thread.join(10)
+    assert not bg.thread.is_alive()
+    assert bg.state == "failed"
+    assert isinstance(bg.error, SystemExit)
+    with pytest.raises(EngineCrashed, match="SystemExit") as caught:
+        bg.submit("noop")
+    assert "the loop's own callback exited" in str(caught.value)
+    # the engine was stopped on its way out: runs ended, stop published, state true
+    assert engine.state == "stopped"
+    assert "engine.stopped" in recorder.kinds()
+    cancelled = [e for e in recorder.of("run.cancelled") if e.run_id == innocent.id]
+    assert cancelled and cancelled[0].reason == "shutdown"
+    assert not any(t.name.startswith("taskwatch-") and t.is_alive() for t in threading.enumerate())
+    bg.stop()  # idempotent after a crash
+
+
+# ---------------------------------------------------------------- nonsense configuration
+
+
+async def _tick(ctx: TaskContext) -> None: ...
+
+
+async def _fn(ctx: TaskContext) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("register", "option"),
+    [
+        (lambda e: e.periodic(_tick, every=1e-9), "every"),
+        (lambda e: e.periodic(_tick, every=True), "every"),
+        (lambda e: e.periodic(_tick, every=math.inf), "every"),
+        (lambda e: e.task(_fn, timeout=math.nan), "timeout"),
+        (lambda e: e.task(_fn, timeout=0), "timeout"),
+        (lambda e: e.task(_fn, backoff=-1.0), "backoff"),
+        (lambda e: e.task(_fn, backoff=math.nan), "backoff"),
+        (lambda e: e.task(_fn, backoff_max=math.nan), "backoff_max"),
+        (lambda e: e.task(_fn, retries=True), "retries"),
+        (lambda e: e.task(_fn, concurrency=0), "concurrency"),
+        (lambda e: e.queue("q", _fn, concurrency=0), "concurrency"),
+        (lambda e: e.trigger("t", _fn, size_threshold=5, staleness=math.nan), "staleness"),
+        (lambda e: e.supervised(_tick, backoff=math.inf), "backoff"),
+    ],
+)
+def test_nonsense_configuration_is_refused_at_registration(register: Any, option: str) -> None:
+    engine = Engine(health_interval=None)
+    with pytest.raises(InvalidConfiguration, match=option) as caught:
+        register(engine)
+    assert isinstance(caught.value, TaskwatchError) and isinstance(caught.value, ValueError)
+    assert engine.tasks() == {} and engine.schedule() == [] and engine.queues() == [] and engine.workers() == []
+
+
+@pytest.mark.parametrize(
+    ("options", "option"),
+    [
+        ({"cancel_grace": -1.0}, "cancel_grace"),
+        ({"health_interval": -1.0}, "health_interval"),
+        ({"health_interval": 0}, "health_interval"),
+        ({"max_concurrency": 0}, "max_concurrency"),
+        ({"history": -1}, "history"),
+        ({"throughput_window": math.nan}, "throughput_window"),
+    ],
+)
+def test_nonsense_engine_options_are_refused(options: dict[str, Any], option: str) -> None:
+    with pytest.raises(InvalidConfiguration, match=option):
+        Engine(**options)
+
+
+async def test_every_refusal_leaves_no_task_behind() -> None:
+    engine = make_engine()
+    async with engine:
+        for bad in ({"name": 1}, {"name": SURROGATE}, {"nope": 1}):
+            with pytest.raises(InvalidParams):
+                await engine.submit("work", bad)
+        assert engine.runs() == []
+        assert_consistent(engine)
+    assert stray_tasks() == set()
