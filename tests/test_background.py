@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import atexit
 import socket
 import threading
@@ -278,8 +279,9 @@ def test_dashboard_serves_http_until_stopped(tmp_path: Path) -> None:
         assert info.address.endswith("c.sock")
         port = _free_port()
         frame = bg.dashboard(port=port, host="127.0.0.1")
-        url = f"http://127.0.0.1:{port}/"
-        assert getattr(frame, "src", frame) == url
+        url = getattr(frame, "src", frame)
+        # a per-launch secret in the path: nothing is served without it
+        assert re.fullmatch(rf"http://127\.0\.0\.1:{port}/[\w-]{{43}}/", url), url
 
         def answers() -> bool:
             try:

@@ -80,29 +80,44 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_web_serves_the_dashboard_page(tmp_path: Path) -> None:
+def test_web_serves_the_dashboard_page_at_the_printed_url(tmp_path: Path) -> None:
+    import queue
+    import re
+    import threading
     import time
+    import urllib.error
     import urllib.request
 
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "taskwatch.tui", "web", "attach", str(tmp_path / "engine.sock"), "--port", str(port)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or ()], daemon=True).start()
     try:
         deadline = time.monotonic() + 30
+        url = None
+        while url is None:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            if match := re.match(rf"taskwatch web: open (http://127\.0\.0\.1:{port}/[\w-]{{43}}/) ", line):
+                url = match[1]
         page = ""
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+                with urllib.request.urlopen(url, timeout=2) as response:
                     assert response.status == 200
                     page = response.read().decode()
                     break
             except OSError:
                 if proc.poll() is not None:
-                    raise AssertionError(f"taskwatch web exited: {proc.stderr.read() if proc.stderr else ''}")
+                    raise AssertionError(f"taskwatch web exited with {proc.returncode}") from None
                 time.sleep(0.1)  # polling a port that is still opening
         assert "taskwatch" in page
+        # the same server without the secret in the path: refused
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+        assert refused.value.code == 403
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -10,7 +10,10 @@ from __future__ import annotations
 import html
 import json
 import re
+import socket
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,13 @@ from taskwatch.engine import RemoteEngine
 NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "notebook.ipynb"
 
 ERROR_LINE = "ValueError: invalid literal for int() with base 10: 'n/a'"
-ATTACH = re.compile(r"^taskwatch attach (tcp://127\.0\.0\.1:\d+) --token (\S+)$", re.MULTILINE)
+# the token travels in the environment, where `ps` does not show it to other users
+ATTACH = re.compile(
+    r"^TASKWATCH_TOKEN=(?P<token>\S+) taskwatch attach (?P<address>tcp://127\.0\.0\.1:\d+)$", re.MULTILINE
+)
+
+# inserted before "stop" in the executed copy only: the embedded dashboard the serve cell mentions
+DASHBOARD = "bg.dashboard(port={port})"
 
 # appended to the executed copy only: what the kernel runs and which threads outlived bg.stop()
 KERNEL_CHECK = """\
@@ -82,15 +91,24 @@ def test_notebook_is_stored_without_outputs() -> None:
 def test_notebook_runs_top_to_bottom(kernel_dir: Path) -> None:
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(KERNEL_CHECK, id="kernel-check"))
+    port = _free_port()
+    stop_at = next(i for i, c in enumerate(nb.cells) if c.get("id") == "stop")
+    nb.cells.insert(stop_at, nbformat.v4.new_code_cell(DASHBOARD.format(port=port), id="dashboard"))
     attached: dict[str, Any] = {}
 
     async def attach_after_serve(cell: NotebookNode, cell_index: int, **_: Any) -> None:
-        # what `taskwatch attach ADDRESS --token T` does first, from this other process
+        if cell.get("id") == "dashboard":
+            # the IFrame's URL carries the dashboard's secret; the bare server refuses
+            src = re.search(r'<iframe[^>]* src="([^"]+)"', result(cell, "text/html"))
+            assert src, cell.outputs
+            attached["dashboard"] = src[1], _status(src[1]), _status(f"http://127.0.0.1:{port}/")
+            return
+        # what `TASKWATCH_TOKEN=T taskwatch attach ADDRESS` does first, from this other process
         if cell.get("id") != "serve":
             return
         match = ATTACH.search(stdout(cell))
         assert match, stdout(cell)
-        remote = RemoteEngine(match[1], token=match[2], timeout=10)
+        remote = RemoteEngine(match["address"], token=match["token"], timeout=10)
         try:
             attached["snapshot"] = await remote.connect()
         finally:
@@ -157,7 +175,7 @@ def test_notebook_runs_top_to_bottom(kernel_dir: Path) -> None:
 
     # the printed attach command worked from another process while the engine ran
     match = ATTACH.search(stdout(cell(nb, "serve")))
-    assert match and len(match[2]) >= 32
+    assert match and len(match["token"]) >= 32
     snapshot = attached["snapshot"]
     node_id = re.fullmatch(r"<BackgroundEngine (\S+) running>", result(cell(nb, "display"), "text/plain"))
     assert node_id and snapshot.node_id == node_id[1]
@@ -165,3 +183,24 @@ def test_notebook_runs_top_to_bottom(kernel_dir: Path) -> None:
     assert snapshot.stats.by_status.get("succeeded") == 4
     assert snapshot.stats.by_status.get("failed") == 1
     assert sorted(run.task for run in snapshot.runs) == ["crawl"] * 4 + ["import_csv"]
+
+    # bg.dashboard(): its IFrame URL holds a per-launch secret, and bg.stop() ended its server
+    url, with_secret, without = attached["dashboard"]
+    assert re.fullmatch(rf"http://127\.0\.0\.1:{port}/[A-Za-z0-9_-]{{43}}/", url), url
+    assert (with_secret, without) == (200, 403)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code

@@ -2,9 +2,13 @@
 
     taskwatch                          demo engine + dashboard
     taskwatch PACKAGE.MODULE:ATTR      your Engine (or a function returning one) + dashboard
-    taskwatch attach ADDRESS [--token T]
-    taskwatch web [APP | attach ADDRESS [--token T]] [--host H] [--port P]
+    taskwatch attach ADDRESS [--token-file PATH]      (or $TASKWATCH_TOKEN)
+    taskwatch web [APP | attach ADDRESS [--token-file PATH]] [--host H] [--port P]
     taskwatch --plain [--seconds S]    demo events printed to the terminal, no dashboard
+
+Tokens travel in $TASKWATCH_TOKEN or a 0600 file, never on a child's command
+line, where ``ps`` shows them to every local user. ``--token T`` still works for
+compatibility, with that exposure.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 import importlib
 import os
 import shlex
+import stat
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -64,7 +69,8 @@ def _main_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskwatch",
         description="Run and watch background work: an asyncio task engine with a live dashboard.",
-        epilog="Also: `taskwatch attach ADDRESS [--token T]` and `taskwatch web [APP | attach ADDRESS] [--port P]`.",
+        epilog="Also: `taskwatch attach ADDRESS [--token-file PATH]` and "
+        "`taskwatch web [APP | attach ADDRESS] [--host H] [--port P]`.",
     )
     parser.add_argument("app", nargs="?", help="PACKAGE.MODULE:ATTRIBUTE naming your Engine (default: the demo)")
     parser.add_argument("--version", action="version", version=f"taskwatch {__version__}")
@@ -75,20 +81,85 @@ def _main_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TOKEN_ENV = "TASKWATCH_TOKEN"
+
+
+def _add_token_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token",
+        default=None,
+        help=f"access token; visible to every local user in `ps`, so prefer ${TOKEN_ENV} or --token-file",
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="PATH",
+        default=None,
+        help="read the access token from PATH, which only you may read (chmod 600)",
+    )
+
+
 def _attach_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="taskwatch attach", description="Open the dashboard on an engine served elsewhere.")
+    parser = argparse.ArgumentParser(
+        prog="taskwatch attach",
+        description="Open the dashboard on an engine served elsewhere.",
+        epilog=f"The token is taken from --token-file, else --token, else ${TOKEN_ENV}.",
+    )
     parser.add_argument("address", help="a Unix socket path or tcp://127.0.0.1:PORT")
-    parser.add_argument("--token", default=os.environ.get("TASKWATCH_TOKEN"), help="access token (or $TASKWATCH_TOKEN)")
+    _add_token_options(parser)
     return parser
 
 
 def _web_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="taskwatch web", description="Serve the dashboard in a browser (textual-serve).")
+    parser = argparse.ArgumentParser(
+        prog="taskwatch web",
+        description="Serve the dashboard in a browser (textual-serve). Open the printed URL: "
+        "it carries a secret made for this launch, and nothing is served without it.",
+    )
     parser.add_argument("target", nargs="*", help="APP, or: attach ADDRESS")
-    parser.add_argument("--token", default=os.environ.get("TASKWATCH_TOKEN"))
-    parser.add_argument("--host", default="127.0.0.1")
+    _add_token_options(parser)
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
     parser.add_argument("--port", type=int, default=8000)
     return parser
+
+
+class TokenError(Exception):
+    """A token option that cannot be used as given."""
+
+
+def read_token_file(path: str) -> str:
+    """The token in ``path`` (surrounding whitespace dropped); refuses a file others can access.
+
+    Permissions are read from the opened file, so the file checked is the file read.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise TokenError(f"token file {path} is not a regular file")
+            if st.st_mode & 0o077:
+                raise TokenError(
+                    f"token file {path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                    f"run: chmod 600 {shlex.quote(path)}"
+                )
+            token = f.read().strip()
+    except OSError as exc:
+        raise TokenError(f"cannot read token file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise TokenError(f"token file {path} is not text") from None
+    if not token:
+        raise TokenError(f"token file {path} is empty")
+    return token
+
+
+def resolve_token(opts: argparse.Namespace) -> str | None:
+    """--token-file, else --token, else $TASKWATCH_TOKEN, else None."""
+    if opts.token_file is not None and opts.token is not None:
+        raise TokenError("give --token or --token-file, not both")
+    if opts.token_file is not None:
+        return read_token_file(opts.token_file)
+    return opts.token if opts.token is not None else os.environ.get(TOKEN_ENV) or None
 
 
 def fail(message: str) -> int:
@@ -139,28 +210,41 @@ def _run_local(engine: Engine, serve: str | None) -> int:
 
 
 def _attach(opts: argparse.Namespace) -> int:
+    try:
+        token = resolve_token(opts)
+    except TokenError as exc:
+        return fail(str(exc))
     from .app import TaskwatchApp
     from .remote_client import RemoteClient
 
-    TaskwatchApp(RemoteClient(opts.address, token=opts.token)).run()
+    TaskwatchApp(RemoteClient(opts.address, token=token)).run()
     return 0
 
 
 def _web(opts: argparse.Namespace) -> int:
     try:
-        from textual_serve.server import Server
+        from . import web
     except ImportError:
         return fail("`taskwatch web` needs textual-serve: pip install 'taskwatch[web]'")
+    try:
+        token = resolve_token(opts)
+    except TokenError as exc:
+        return fail(str(exc))
     command = [sys.executable, "-m", "taskwatch.tui"]
     if opts.target[:1] == ["attach"]:
         if len(opts.target) != 2:
-            return fail("usage: taskwatch web attach ADDRESS [--token T]")
+            return fail("usage: taskwatch web attach ADDRESS [--token-file PATH]")
         command += ["attach", opts.target[1]]
-        if opts.token:
-            command += ["--token", opts.token]
+        if token:
+            # each browser session runs `command`; textual-serve gives it a copy of
+            # this process's environment, so the token reaches it without argv
+            os.environ[TOKEN_ENV] = token
     elif opts.target:
         command += [opts.target[0]]
-    Server(shlex.join(command), host=opts.host, port=opts.port, title="taskwatch").serve()
+    try:
+        web.serve(shlex.join(command), host=opts.host, port=opts.port)
+    except web.SecretError as exc:
+        return fail(str(exc))
     return 0
 
 
