@@ -9,6 +9,7 @@
             snapshot = await remote.snapshot()
         ...
     record = await remote.submit("embed_batch", {"user_id": "u1"})
+    full = await remote.get(record.id)      # values the snapshot and events cut down, whole
 
 One :class:`RemoteEngine` is one connection, used from one event loop.
 Reconnecting is the caller's decision: after :attr:`disconnected` is set (or
@@ -17,6 +18,12 @@ state -- or make a new instance. Error replies raise the matching
 :class:`~taskwatch.engine.errors.TaskwatchError` subclass (``InvalidParams``
 with its ``errors`` list, ``RunNotFound``...), or :class:`RemoteError` for
 error types this side does not know.
+
+Snapshots, events and the records in command replies carry values over the
+server's ``max_value`` cut down (a params dict becomes
+``{"__truncated__": true, "bytes": N, "preview": "..."}``; see
+:mod:`taskwatch.engine.snapshot` and its :func:`~taskwatch.engine.snapshot.is_truncated`);
+:meth:`RemoteEngine.get` returns a run's full record.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from .wire import (
     Command,
     ErrorReply,
     EventMessage,
+    GetCommand,
     Hello,
     OkReply,
     PauseCommand,
@@ -113,7 +121,9 @@ class RemoteEngine:
     token:
         The server's token, if it has one.
     max_message:
-        Longest server line accepted, in bytes (snapshots can be large).
+        Longest server line accepted, in bytes (snapshots can be large). Sent
+        in the hello: the server keeps its lines within it, down to a floor of
+        its own (512 KiB by default).
     buffer:
         Events buffered locally; beyond it new events are dropped, counted in
         :attr:`dropped`, and announced by a ``bus.dropped`` event.
@@ -185,7 +195,8 @@ class RemoteEngine:
                     reader, writer = await asyncio.open_unix_connection(
                         target.path, limit=self.max_message
                     )
-                writer.write(encode_message(Hello(version=PROTOCOL_VERSION, token=self.token)))
+                hello = Hello(version=PROTOCOL_VERSION, token=self.token, max_message=self.max_message)
+                writer.write(encode_message(hello))
                 await writer.drain()
                 welcome = await self._expect(reader, Welcome)
                 if welcome.version != PROTOCOL_VERSION:
@@ -376,6 +387,15 @@ class RemoteEngine:
 
     async def retry(self, run_id: str) -> RunRecord:
         return RunRecord.model_validate(await self._request(RetryCommand, run_id=run_id))
+
+    async def get(self, run_id: str) -> RunRecord:
+        """A run's full record, with the values snapshots and events show cut down.
+
+        Raises :class:`~taskwatch.engine.errors.RunNotFound` for an unknown run, and
+        :class:`~taskwatch.engine.errors.ReplyTooLarge` if even that one record is
+        longer than a line the server sends or this client accepts.
+        """
+        return RunRecord.model_validate(await self._request(GetCommand, run_id=run_id))
 
     async def pause_periodic(self, name: str) -> PeriodicInfo:
         return PeriodicInfo.model_validate(await self._request(PauseCommand, name=name))

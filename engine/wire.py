@@ -7,17 +7,26 @@ so nothing here invents a second schema (and nothing is ever pickled).
 A connection goes::
 
     client                          server
-    hello {version, token}    ->
-                              <-    welcome {version, node_id, server, max_message}
+    hello {version, token, max_message} ->
+                              <-    welcome {version, node_id, server, max_message, max_send}
                               <-    snapshot {snapshot}
                               <-    event {event}            (a stream, until close)
-    submit/cancel/retry/pause/
+    submit/cancel/retry/get/pause/
     resume/snapshot/ping {id} ->
                               <-    ok {id, result} | error {id, error_type, message, details}
 
 Events with ``seq <= snapshot.last_seq`` are already reflected in the
 snapshot and may be dropped. An event of kind ``bus.dropped`` means this
 client's buffer overflowed and events were lost: ask for a fresh snapshot.
+
+Line limits: the hello line may be at most :data:`DEFAULT_MAX_HELLO` bytes
+(4 KiB) by default, later client lines ``welcome.max_message``. No server line
+is longer than ``welcome.max_send``, which is the server's own limit or, if
+lower, the ``max_message`` the client's hello asked for (never below a floor
+the server sets). To keep to it, values too large to send are cut down in
+snapshots, events and replies, as :mod:`taskwatch.engine.snapshot` describes;
+``get {id, run_id}`` returns a run's full record, or a ``ReplyTooLarge`` error
+when even that one record does not fit.
 
 Decoding is strict and total: :func:`decode_client_message` and
 :func:`decode_server_message` return a valid message or raise a
@@ -38,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .errors import MalformedMessage, MessageTooLarge, ProtocolError, UnknownCommand
 from .events import BaseEvent, Event
-from .snapshot import Snapshot
+from .snapshot import DEFAULT_MAX_VALUE, Snapshot, bounded_json
 from .version import __version__
 
 #: bumped on any incompatible change to the messages below
@@ -47,11 +56,20 @@ PROTOCOL_VERSION = 1
 #: default limit for one client->server line (commands are small)
 DEFAULT_MAX_MESSAGE = 1 << 20
 
-#: default limit for one server->client line: a snapshot carries hundreds of runs
+#: default limit for one server->client line a client accepts: a snapshot carries hundreds of runs
 DEFAULT_CLIENT_MAX_MESSAGE = 64 << 20
 
+#: default limit for one server->client line a server sends (below what clients accept)
+DEFAULT_MAX_SEND = 16 << 20
+
+#: default limit for the hello line: it is read before the client has proved anything
+DEFAULT_MAX_HELLO = 4096
+
+#: longest request id: ids are echoed in replies, whose size the server keeps bounded
+MAX_ID_LENGTH = 200
+
 #: request ids are chosen by the client and echoed in the reply
-MessageId = int | str
+MessageId = int | Annotated[str, Field(max_length=MAX_ID_LENGTH)]
 
 
 class WireMessage(BaseModel):
@@ -67,6 +85,8 @@ class Hello(WireMessage):
     type: Literal["hello"] = "hello"
     version: int
     token: str | None = None
+    #: longest line this client accepts; the server sends no longer ones (down to its floor)
+    max_message: int | None = Field(default=None, ge=1)
 
 
 class Command(WireMessage):
@@ -89,6 +109,13 @@ class CancelCommand(Command):
 
 class RetryCommand(Command):
     type: Literal["retry"] = "retry"
+    run_id: str
+
+
+class GetCommand(Command):
+    """A run's full record: what snapshots and events show cut down (see :mod:`.snapshot`)."""
+
+    type: Literal["get"] = "get"
     run_id: str
 
 
@@ -122,6 +149,7 @@ ClientMessage = Annotated[
     | SubmitCommand
     | CancelCommand
     | RetryCommand
+    | GetCommand
     | PauseCommand
     | ResumeCommand
     | SnapshotCommand
@@ -140,6 +168,8 @@ class Welcome(WireMessage):
     server: str = __version__
     #: longest line the server accepts; a client refuses to send longer ones
     max_message: int = DEFAULT_MAX_MESSAGE
+    #: longest line the server sends on this connection
+    max_send: int = DEFAULT_MAX_SEND
 
 
 class SnapshotMessage(WireMessage):
@@ -155,7 +185,8 @@ class EventMessage(WireMessage):
 class OkReply(WireMessage):
     type: Literal["ok"] = "ok"
     id: MessageId
-    #: the command's result as JSON: a RunRecord, PeriodicInfo or Snapshot dict, or null
+    #: the command's result as JSON: a RunRecord, PeriodicInfo or Snapshot dict, or null.
+    #: Records are bounded as in snapshots, except in the reply to ``get``
     result: Any = None
 
 
@@ -188,9 +219,27 @@ def encode_message(message: WireMessage) -> bytes:
     return message.model_dump_json().encode() + b"\n"
 
 
-def encode_event(event: BaseEvent) -> bytes:
-    """An ``event`` message, without building an :class:`EventMessage` per event."""
-    return b'{"type":"event","event":' + event.model_dump_json().encode() + b"}\n"
+def encode_event(event: BaseEvent, max_value: int = DEFAULT_MAX_VALUE) -> bytes:
+    """An ``event`` message, its values bounded (see :mod:`.snapshot`), without an :class:`EventMessage`."""
+    return event_line(bounded_json(event, max_value)[0])
+
+
+# the lines below are assembled from JSON already encoded (and bounded) elsewhere
+
+
+def event_line(event_json: bytes) -> bytes:
+    """An ``event`` message around an event's JSON."""
+    return b'{"type":"event","event":' + event_json + b"}\n"
+
+
+def snapshot_line(snapshot_json: bytes) -> bytes:
+    """A ``snapshot`` message around a snapshot's JSON (see :func:`.snapshot.encode_snapshot`)."""
+    return b'{"type":"snapshot","snapshot":' + snapshot_json + b"}\n"
+
+
+def ok_line(message_id: MessageId, result_json: bytes) -> bytes:
+    """An ``ok`` reply around its result's JSON."""
+    return b'{"type":"ok","id":' + pydantic_core.to_json(message_id) + b',"result":' + result_json + b"}\n"
 
 
 def decode_client_message(line: bytes, max_message: int = DEFAULT_MAX_MESSAGE) -> ClientMessage:
@@ -250,28 +299,45 @@ def peek_id(line: bytes) -> MessageId | None:
     mid = data.get("id")
     if isinstance(mid, bool) or not isinstance(mid, int | str):
         return None
-    if isinstance(mid, str) and len(mid) > 200:
+    if isinstance(mid, str) and len(mid) > MAX_ID_LENGTH:
         return None
     return mid
 
 
-async def read_line(reader: asyncio.StreamReader, max_message: int) -> bytes | None:
+async def read_line(
+    reader: asyncio.StreamReader, max_message: int, *, discard: bool = True
+) -> bytes | None:
     """The next line without its newline, or None at end of stream.
 
-    ``reader`` must have been created with ``limit=max_message``. A line longer
-    than that is read and thrown away up to its newline (so the stream stays in
-    sync and memory stays bounded), then :class:`MessageTooLarge` is raised.
+    A line longer than ``max_message`` raises :class:`MessageTooLarge`. With
+    ``discard`` it is first read and thrown away up to its newline (so the
+    stream stays in sync and memory stays bounded); without, it is left
+    half-read, as soon as the excess arrives (for a caller that closes the
+    connection then). ``reader``'s own ``limit`` may be lower than
+    ``max_message``: a longer line is then gathered in pieces of that size.
     """
-    try:
-        line = await reader.readuntil(b"\n")
-    except asyncio.IncompleteReadError as exc:
-        # a last line without a newline still counts; an empty one is the end
-        line = exc.partial
-        if not line:
-            return None
-    except asyncio.LimitOverrunError as exc:
-        size = await _discard_line(reader, exc.consumed)
-        raise MessageTooLarge(size, max_message) from None
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            piece = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            # a last line without a newline still counts; an empty one is the end
+            piece = exc.partial
+            if not piece and not parts:
+                return None
+        except asyncio.LimitOverrunError as exc:
+            if size + exc.consumed > max_message:
+                if not discard:
+                    raise MessageTooLarge(size + exc.consumed, max_message) from None
+                rest = await _discard_line(reader, exc.consumed)
+                raise MessageTooLarge(size + rest, max_message) from None
+            # ``consumed`` bytes are buffered and hold no newline
+            parts.append(await reader.readexactly(exc.consumed))
+            size += exc.consumed
+            continue
+        break
+    line = b"".join((*parts, piece)) if parts else piece
     body = line[:-1] if line.endswith(b"\n") else line
     if len(body) > max_message:
         raise MessageTooLarge(len(body), max_message)

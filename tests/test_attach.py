@@ -220,7 +220,7 @@ async def open_submit(app: TaskwatchApp, pilot: Any, task: str) -> tuple[SubmitS
 
 
 async def test_attach_over_tcp_shows_remote_runs_and_their_real_statuses(serve: ServeFn) -> None:
-    served = await serve("tcp://127.0.0.1:0", token="s3cret-token")
+    served = await serve("tcp://127.0.0.1:0", token="s3cret-token-0123456789")
     app = attach(served.address, served.token)
     async with app.run_test(size=SIZE), served.remote() as remote:
         await eventually(lambda: app.client.connected and app.state.node_id, timeout=TIMEOUT)
@@ -248,7 +248,7 @@ async def test_attach_over_tcp_shows_remote_runs_and_their_real_statuses(serve: 
 
 
 async def test_submit_from_the_dashboard_runs_on_the_remote_engine(serve: ServeFn) -> None:
-    served = await serve("tcp://127.0.0.1:0", token="s3cret-token")
+    served = await serve("tcp://127.0.0.1:0", token="s3cret-token-0123456789")
     app = attach(served.address, served.token)
     async with app.run_test(size=SIZE) as pilot, served.remote() as remote:
         _, form = await open_submit(app, pilot, "greet")
@@ -277,7 +277,7 @@ async def test_submit_from_the_dashboard_runs_on_the_remote_engine(serve: ServeF
 
 
 async def test_cancel_from_the_dashboard_cancels_the_remote_run(serve: ServeFn) -> None:
-    served = await serve("tcp://127.0.0.1:0", token="s3cret-token")
+    served = await serve("tcp://127.0.0.1:0", token="s3cret-token-0123456789")
     app = attach(served.address, served.token)
     async with app.run_test(size=SIZE) as pilot, served.remote() as remote:
         await eventually(lambda: app.client.connected, timeout=TIMEOUT)
@@ -302,7 +302,7 @@ async def test_cancel_from_the_dashboard_cancels_the_remote_run(serve: ServeFn) 
 
 
 async def test_invalid_params_are_refused_over_the_wire_and_shown_beside_the_field(serve: ServeFn) -> None:
-    served = await serve("tcp://127.0.0.1:0", token="s3cret-token", interval=0)  # no traffic: nothing else runs
+    served = await serve("tcp://127.0.0.1:0", token="s3cret-token-0123456789", interval=0)  # no traffic: nothing else runs
     app = attach(served.address, served.token)
     async with app.run_test(size=SIZE) as pilot, served.remote() as remote:
         screen, form = await open_submit(app, pilot, "greet")
@@ -375,7 +375,7 @@ async def test_reconnects_and_resynchronises_when_the_engine_comes_back(serve: S
 
 async def test_a_dropped_connection_to_the_same_engine_comes_back_with_the_selection_kept(serve: ServeFn) -> None:
     # more runs than the dashboard adds to its table in one frame, so the refill takes a few
-    served = await serve("tcp://127.0.0.1:0", token="s3cret-token", interval=0.01)
+    served = await serve("tcp://127.0.0.1:0", token="s3cret-token-0123456789", interval=0.01)
     app = attach(served.address, served.token)
     async with app.run_test(size=SIZE):
         await eventually(lambda: len(served.submitted()) >= app.rows_per_frame + 40, timeout=TIMEOUT)
@@ -448,7 +448,7 @@ async def test_attach_before_the_engine_is_up_connects_once_it_is(serve: ServeFn
 
 
 async def test_wrong_token_is_reported_and_the_app_keeps_running(serve: ServeFn) -> None:
-    served = await serve("tcp://127.0.0.1:0", token="the-right-token")
+    served = await serve("tcp://127.0.0.1:0", token="the-right-token-0123456789")
     app = attach(served.address, "not-the-token")
     async with app.run_test(size=SIZE) as pilot:
         message = await eventually(

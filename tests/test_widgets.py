@@ -594,7 +594,7 @@ async def test_event_log_caps_lines_and_skips_rendering_while_hidden() -> None:
         assert log.lines == before  # nothing rendered while hidden
 
         log.display = True
-        await eventually(lambda: log_text(log)[-1].split()[1] == "#121")
+        await eventually(lambda: log_text(log)[-1].split()[1] == "#121", timeout=10)
         assert len(log.lines) == 50
 
 

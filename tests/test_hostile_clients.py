@@ -1,0 +1,402 @@
+"""Hostile clients against a real control endpoint: idle and over-long handshakes,
+clients that ask for more than they read, runs too large for a line, weak tokens.
+
+Every test serves a real engine on a real socket and talks to it with
+:class:`RemoteEngine` or with a hand-rolled client that sends what
+RemoteEngine never would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from pydantic import BaseModel
+from taskwatch.engine import ControlServer, Engine, RemoteEngine, RunNotFound, RunStatus, TooManyConnections
+from taskwatch.engine.errors import ReplyTooLarge, WeakToken
+from taskwatch.engine.snapshot import is_truncated
+from taskwatch.engine.wire import PROTOCOL_VERSION
+
+from .helpers import eventually, stray_tasks
+
+KIB = 1 << 10
+MIB = 1 << 20
+
+
+class DataParams(BaseModel):
+    data: str
+
+
+class ChattyParams(BaseModel):
+    events: int
+
+
+def build_engine() -> Engine:
+    engine = Engine(health_interval=None, max_concurrency=16, cancel_grace=1.0)
+
+    @engine.task
+    async def echo(ctx: Any, p: DataParams) -> str:
+        return p.data
+
+    @engine.task
+    async def boom(ctx: Any, p: DataParams) -> None:
+        raise ValueError(p.data)
+
+    @engine.task
+    async def sleepy(ctx: Any) -> None:
+        await asyncio.Event().wait()
+
+    @engine.task
+    async def chatty(ctx: Any, p: ChattyParams) -> int:
+        for i in range(p.events):
+            await ctx.progress(i + 1, p.events, "x" * 200)
+            if i % 100 == 0:
+                await asyncio.sleep(0)
+        return p.events
+
+    return engine
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[Engine]:
+    engine = build_engine()
+    async with engine:
+        yield engine
+    # engine.stop() stopped every server: no connection task may outlive it
+    assert stray_tasks() == set()
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> str:
+    return str(tmp_path / "tw.sock")
+
+
+async def serve(engine: Engine, address: str, **options: Any) -> ControlServer:
+    return await engine.serve(address, announce=False, **options)
+
+
+async def finished(engine: Engine, task: str, data: str) -> str:
+    handle = await engine.submit(task, {"data": data})
+    await eventually(lambda: engine.get(handle.id).status.finished)
+    return handle.id
+
+
+class RawClient:
+    """A hand-rolled client, to send what RemoteEngine never would."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, address: str) -> RawClient:
+        if address.startswith("tcp://"):
+            host, port = address[len("tcp://"):].rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(port), limit=64 * MIB)
+        else:
+            reader, writer = await asyncio.open_unix_connection(address, limit=64 * MIB)
+        return cls(reader, writer)
+
+    @classmethod
+    async def authenticated(cls, address: str, token: str | None = None) -> RawClient:
+        client = await cls.open(address)
+        await client.send({"type": "hello", "version": PROTOCOL_VERSION, "token": token})
+        assert (await client.recv())["type"] == "welcome"
+        assert (await client.recv())["type"] == "snapshot"
+        return client
+
+    def reading(self, on: bool) -> None:
+        """Stop (or resume) reading: what the server sends piles up in the socket, then in the server."""
+        transport = cast(asyncio.Transport, self.writer.transport)
+        if on:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
+
+    async def send(self, message: dict[str, Any] | bytes) -> None:
+        data = message if isinstance(message, bytes) else json.dumps(message).encode() + b"\n"
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            line = await self.reader.readline()
+        assert line, "the server closed the connection"
+        return json.loads(line)
+
+    async def closed_by_server(self, timeout: float = 5.0) -> bool:
+        """Read until the server's end of the stream (a reset counts too)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while await self.reader.read(256 * KIB):
+                    pass
+        except ConnectionError:
+            pass
+        return True
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+# ---------------------------------------------------------------- 7: handshakes
+
+
+async def test_idle_sockets_before_hello_do_not_lock_out_real_clients(engine: Engine) -> None:
+    # the reported attack: more idle token-less sockets than max_connections
+    server = await serve(engine, "tcp://127.0.0.1:0", max_connections=2, hello_timeout=30)
+    idle = [await RawClient.open(server.address) for _ in range(40)]
+    await eventually(lambda: server.stats()["connections"] == 40)
+    stats = server.stats()
+    # they wait in the handshake pool (default 16), the oldest closed to make room
+    assert (stats["handshaking"], stats["handshakes_evicted"], stats["active"]) == (16, 24, 0)
+
+    first = RemoteEngine(server.address, token=server.token, timeout=5)
+    snapshot = await first.connect()
+    assert snapshot.node_id == engine.node_id
+    second = RemoteEngine(server.address, token=server.token, timeout=5)
+    await second.connect()
+    assert server.stats()["active"] == 2
+    # the authenticated pool is max_connections, counted only after a valid hello
+    with pytest.raises(TooManyConnections):
+        await RemoteEngine(server.address, token=server.token, timeout=5).connect()
+    assert server.stats()["refused"] == 1
+
+    # an evicted socket was told why before it was closed
+    told = await idle[0].recv()
+    assert (told["type"], told["error_type"]) == ("error", "TooManyHandshakes")
+    assert await idle[0].closed_by_server()
+    for raw in idle:
+        await raw.close()
+    await first.close()
+    await second.close()
+
+
+async def test_a_pool_of_sockets_reopened_as_they_drop_still_lets_real_clients_in(engine: Engine) -> None:
+    server = await serve(engine, "tcp://127.0.0.1:0", max_connections=2, hello_timeout=30)
+    opened: list[RawClient] = []
+
+    async def hog_a_slot() -> None:
+        # one attacker socket: idle until the server closes it, then opened again
+        while True:
+            raw = await RawClient.open(server.address)
+            opened.append(raw)
+            await raw.closed_by_server(timeout=60)
+
+    hogs = [asyncio.ensure_future(hog_a_slot()) for _ in range(16)]
+    try:
+        await eventually(lambda: server.stats()["handshaking"] == 16)
+        for _ in range(3):
+            async with RemoteEngine(server.address, token=server.token, timeout=5) as remote:
+                assert (await remote.ping()) >= 0
+        assert server.stats()["handshakes_evicted"] >= 3
+    finally:
+        for hog in hogs:
+            hog.cancel()
+        await asyncio.gather(*hogs, return_exceptions=True)
+        for raw in opened:
+            await raw.close()
+
+
+async def test_an_endless_hello_line_is_refused_at_the_hello_limit(engine: Engine, sock_path: str) -> None:
+    assert ControlServer(engine, sock_path).hello_timeout <= 5  # a short deadline by default
+    server = await serve(engine, sock_path, hello_timeout=30)  # so only the line limit can refuse it
+    raw = await RawClient.open(sock_path)
+    started = time.monotonic()
+    raw.writer.write(b'{"type":"hello","version":1,"token":"' + b"x" * (64 * KIB))  # and never a newline
+    await raw.writer.drain()
+    reply = await raw.recv(timeout=3)
+    assert (reply["type"], reply["error_type"]) == ("error", "MessageTooLarge")
+    assert reply["details"]["limit"] == 4096
+    assert await raw.closed_by_server(timeout=3)
+    assert time.monotonic() - started < 3
+    assert server.stats()["oversized"] == 1
+    await eventually(lambda: server.stats()["handshaking"] == 0)
+    await raw.close()
+
+    # a hello and a first command in one write still both count (nothing read ahead is lost)
+    raw = await RawClient.open(sock_path)
+    hello = {"type": "hello", "version": PROTOCOL_VERSION}
+    await raw.send(json.dumps(hello).encode() + b'\n{"type":"ping","id":1}\n')
+    assert [(await raw.recv())["type"] for _ in range(3)] == ["welcome", "snapshot", "ok"]
+    await raw.close()
+
+
+# ---------------------------------------------------------------- 8: outgoing bytes
+
+
+async def test_a_client_that_asks_for_more_than_it_reads_is_cut_off_at_the_byte_bound(
+    engine: Engine, sock_path: str
+) -> None:
+    for _ in range(20):
+        await finished(engine, "echo", "x" * 4000)  # each snapshot is about 170 KB
+    server = await serve(engine, sock_path, max_send=512 * KIB, max_outgoing_bytes=1 * MIB, write_timeout=30)
+    hog = await RawClient.authenticated(sock_path)
+    hog.reading(False)  # reads nothing more: what it asks for piles up
+    for i in range(300):
+        hog.writer.write(json.dumps({"type": "snapshot", "id": i}).encode() + b"\n")
+    await hog.writer.drain()
+    await eventually(lambda: server.stats()["overflow_disconnects"] == 1, timeout=5)
+    assert server.stats()["slow_disconnects"] == 0  # cut off at the bound, not after write_timeout
+    hog.reading(True)
+    assert await hog.closed_by_server()
+    await eventually(lambda: server.stats()["active"] == 0)
+
+    # nobody else noticed
+    async with RemoteEngine(sock_path, timeout=5) as other:
+        record = await other.submit("echo", {"data": "still here"})
+        await eventually(lambda: engine.get(record.id).status is RunStatus.SUCCEEDED)
+        assert (await other.snapshot()).stats.succeeded_total == 21
+    await hog.close()
+
+
+async def test_events_a_client_does_not_read_are_dropped_with_a_notice_not_a_disconnect(
+    engine: Engine, sock_path: str
+) -> None:
+    server = await serve(
+        engine, sock_path, max_send=512 * KIB, max_outgoing_bytes=1 * MIB, buffer=100, write_timeout=30
+    )
+    slow = await RawClient.authenticated(sock_path)
+    slow.reading(False)
+    handle = await engine.submit("chatty", {"events": 5000})  # about 1.5 MB of events
+    assert (await handle.wait(10)).status is RunStatus.SUCCEEDED
+    await eventually(lambda: server.stats()["events_dropped"] > 0)
+    assert server.stats()["overflow_disconnects"] == 0
+    slow.reading(True)
+    kinds: set[str] = set()
+    async with asyncio.timeout(5):
+        while "bus.dropped" not in kinds:
+            kinds.add((await slow.recv())["event"]["kind"])
+    await slow.send({"type": "ping", "id": 1})
+    while (msg := await slow.recv())["type"] == "event":
+        pass
+    assert msg == {"type": "ok", "id": 1, "result": None}
+    await slow.close()
+
+
+# ---------------------------------------------------------------- 9: values too large for a line
+
+
+async def test_a_fresh_dashboard_attaches_to_an_engine_with_huge_runs(engine: Engine, sock_path: str) -> None:
+    big = "x" * 200_000
+    run_ids = [await finished(engine, "echo", big) for _ in range(80)]  # 32 MB of params and results
+    server = await serve(engine, sock_path)
+    remote = RemoteEngine(sock_path, max_message=4 * MIB, timeout=5)
+    snapshot = await remote.connect()
+    assert {run.id for run in snapshot.runs} == set(run_ids)
+    assert snapshot.runs_omitted == 0
+    for run in snapshot.runs:
+        assert is_truncated(run.params) and is_truncated(run.result)
+        assert run.params["bytes"] > 200_000
+        assert run.params["preview"].startswith('{"data":"xxxx')
+    assert server.stats()["values_truncated"] == 160
+
+    full = await remote.get(run_ids[0])
+    assert full.params == {"data": big} and full.result == big
+    with pytest.raises(RunNotFound):
+        await remote.get("no-such-run")
+
+    # live events are bounded the same way
+    handle = await engine.submit("echo", {"data": big})
+    seen: dict[str, Any] = {}
+    async for event in remote.events():
+        if getattr(event, "run_id", None) == handle.id:
+            seen[event.kind] = event
+            if event.kind == "run.succeeded":
+                break
+    assert is_truncated(seen["run.submitted"].params)
+    assert is_truncated(seen["run.succeeded"].result)
+    await remote.close()
+
+
+async def test_a_snapshot_still_too_long_leaves_out_the_oldest_finished_runs(
+    engine: Engine, sock_path: str
+) -> None:
+    sleeper = await engine.submit("sleepy")  # the oldest run, and running: it must stay
+    await eventually(lambda: engine.get(sleeper.id).status is RunStatus.RUNNING)
+    # 12 KB each is under max_value, so kept whole: 60 of them are over 700 KB
+    run_ids = [await finished(engine, "echo", "y" * 6000) for _ in range(60)]
+    server = await serve(engine, sock_path)
+    async with RemoteEngine(sock_path, max_message=512 * KIB, timeout=5) as remote:
+        snapshot = await remote.snapshot()
+        kept = [run.id for run in snapshot.runs]
+        assert snapshot.runs_omitted > 0
+        assert len(kept) + snapshot.runs_omitted == 61
+        assert sleeper.id in kept
+        # the newest finished runs are the ones kept
+        assert set(kept) - {sleeper.id} == set(run_ids[snapshot.runs_omitted:])
+        assert not any(is_truncated(run.params) for run in snapshot.runs)
+    # the welcome snapshot and the one asked for
+    assert server.stats()["runs_omitted"] == 2 * snapshot.runs_omitted
+
+    # a raw client that asks for no smaller lines gets them all in the server's own limit
+    raw = await RawClient.open(sock_path)
+    await raw.send({"type": "hello", "version": PROTOCOL_VERSION})
+    assert (await raw.recv())["max_send"] == 16 * MIB
+    assert len((await raw.recv())["snapshot"]["runs"]) == 61
+    await raw.close()
+    await engine.cancel(sleeper.id)
+
+
+async def test_get_returns_a_full_record_or_says_it_is_too_large(engine: Engine, sock_path: str) -> None:
+    await serve(engine, sock_path)
+    async with RemoteEngine(sock_path, max_message=512 * KIB, timeout=5) as remote:
+        # a 600 KB command line arrives whole (gathered past the 4 KiB hello limit)
+        record = await remote.submit("echo", {"data": "z" * 600_000})
+        assert is_truncated(record.params)
+        await eventually(lambda: engine.get(record.id).status is RunStatus.SUCCEEDED)
+        with pytest.raises(ReplyTooLarge) as too_large:
+            await remote.get(record.id)
+        assert too_large.value.size > 1_200_000 and too_large.value.limit < 512 * KIB
+        assert remote.connected
+        small = await remote.submit("echo", {"data": "small"})
+        await eventually(lambda: engine.get(small.id).status is RunStatus.SUCCEEDED)
+        assert (await remote.get(small.id)).result == "small"
+
+
+async def test_huge_errors_and_results_are_cut_in_events_within_the_clients_limit(
+    engine: Engine, sock_path: str
+) -> None:
+    await serve(engine, sock_path)
+    message = "head " + "e" * 600_000 + " tail"
+    async with RemoteEngine(sock_path, max_message=512 * KIB, timeout=5) as remote:
+        failing = await engine.submit("boom", {"data": message})
+        echoed = await engine.submit("echo", {"data": message})
+        seen: dict[tuple[str | None, str], Any] = {}
+        async for event in remote.events():
+            run_id = getattr(event, "run_id", None)
+            seen[(run_id, event.kind)] = event
+            if (failing.id, "run.failed") in seen and (echoed.id, "run.succeeded") in seen:
+                break
+        error = seen[(failing.id, "run.failed")].error
+        assert is_truncated(error.message) and is_truncated(error.traceback)
+        assert error.message.startswith("head ") and error.message.endswith(" tail")
+        assert len(error.message) < 20_000
+        assert error.traceback.rstrip().endswith(" tail")  # the end names the error
+        assert is_truncated(seen[(echoed.id, "run.succeeded")].result)
+        assert remote.connected
+    # a client with room for the whole record can have it
+    async with RemoteEngine(sock_path, timeout=5) as roomy:
+        full = await roomy.get(failing.id)
+        assert full.error is not None and full.error.message == message
+
+
+# ---------------------------------------------------------------- 10: tokens
+
+
+async def test_short_tokens_are_refused_with_advice(engine: Engine, sock_path: str) -> None:
+    for short in ("a", "", "fifteen-bytes!!"):
+        with pytest.raises(WeakToken, match=r"secrets\.token_urlsafe\(32\)") as weak:
+            ControlServer(engine, "tcp://127.0.0.1:0", token=short)
+        assert isinstance(weak.value, ValueError)
+    ControlServer(engine, "tcp://127.0.0.1:0", token="sixteen-bytes!!!")
+    ControlServer(engine, sock_path, token="\u00e9" * 8)  # 16 bytes of UTF-8
+    ControlServer(engine, sock_path)  # no token on a private Unix socket
