@@ -56,7 +56,7 @@ from .remote import RemoteEngine
 from .runs import EngineStats, Progress, RunError, RunList, RunRecord, RunStatus
 from .scheduler import PeriodicInfo
 from .server import ControlServer, ServerInfo
-from .snapshot import Snapshot
+from .snapshot import Snapshot, is_truncated
 from .supervisor import WorkerInfo
 from .tasks import TaskInfo, TaskSpec
 from .triggers import Trigger, TriggerKeyState, TriggerState
@@ -134,4 +134,5 @@ __all__ = [
     "event_from_json",
     "event_to_dict",
     "event_to_json",
+    "is_truncated",
 ]

@@ -374,3 +374,34 @@ def test_failures_outlive_a_backlog_of_other_runs() -> None:
     state.apply(events)
     assert len(state.runs) <= 300 and "f0" not in state.runs  # trimmed from the runs...
     assert [r.id for r in state.failed_runs()] == ["f4", "f3", "f2", "f1", "f0"]  # ...kept as failures
+
+
+async def test_a_run_too_large_for_the_wire_is_shown_in_full_when_selected(tmp_path: Any) -> None:
+    """Attached over a socket, a run's megabyte params arrive cut down; the detail pane fetches them."""
+    from taskwatch.engine import is_truncated
+    from taskwatch.tui.remote_client import RemoteClient
+
+    class Blob(BaseModel):
+        text: str
+
+    engine = Engine(node_id="big-runs", health_interval=None)
+
+    @engine.task
+    async def store_blob(ctx: TaskContext, params: Blob) -> dict[str, str]:
+        return {"echo": params.text}
+
+    big = "x" * 300_000
+    async with engine:
+        run = await (await engine.submit("store_blob", {"text": big})).wait(5)
+        server = await engine.serve(str(tmp_path / "big.sock"), announce=False)
+        app = TaskwatchApp(RemoteClient(server.address), refresh_hz=30.0)
+        async with app.run_test(size=SIZE) as pilot:
+            await eventually(lambda: run.id in table(app).shown_keys)
+            listed = app.state.record(run.id)
+            assert listed is not None and is_truncated(listed.params) and is_truncated(listed.result)
+            table(app).select_run(run.id)
+            await pilot.pause()
+            detail = app.main.query_one(RunDetail)
+            await eventually(lambda: detail.record is not None and detail.record.params.get("text") == big)
+            assert detail.record.result == {"echo": big}
+            await app.action_quit()

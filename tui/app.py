@@ -21,6 +21,7 @@ from taskwatch.engine import (
     RunStatus,
     Snapshot,
     TaskwatchError,
+    is_truncated,
 )
 from taskwatch.engine.events import HealthSample
 from taskwatch.widgets import (
@@ -75,6 +76,18 @@ def while_dashboard_alive(method: F) -> F:
 #: what a command to an engine can fail with: its own errors, a lost or timed-out
 #: connection, or an in-process engine whose loop has already closed
 COMMAND_ERRORS = (TaskwatchError, OSError, RuntimeError)
+
+#: full records of cut-down runs kept for the detail pane (they can be megabytes each)
+_FULL_RECORDS_KEPT = 16
+
+
+def _has_cut_values(record: RunRecord) -> bool:
+    error = record.error
+    return (
+        is_truncated(record.params)
+        or is_truncated(record.result)
+        or (error is not None and (is_truncated(error.message) or is_truncated(error.traceback)))
+    )
 
 
 def unknown_statuses(text: str) -> list[str]:
@@ -209,6 +222,9 @@ class TaskwatchApp(App[None]):
         self.rows_per_frame = rows_per_frame
         #: off for screenshots and snapshot tests, whose pictures must not depend on timing
         self.cursor_blink = cursor_blink
+        #: full records fetched for runs whose values came cut down over the wire (newest last)
+        self._full_records: dict[str, RunRecord] = {}
+        self._fetching: set[str] = set()
 
     # ------------------------------------------------------------------ layout
 
@@ -401,7 +417,44 @@ class TaskwatchApp(App[None]):
             or selected in dirty
             or (view is not None and view.status is RunStatus.RUNNING)
         ):
-            detail.show(self.state.record(selected), self.clock())
+            self._show_detail(selected)
+
+    def _show_detail(self, run_id: str | None) -> None:
+        self.main.query_one(RunDetail).show(self._complete(self.state.record(run_id)), self.clock())
+
+    def _complete(self, record: RunRecord | None) -> RunRecord | None:
+        """``record`` with its full values when the wire cut some down; fetched once, in the background.
+
+        A remote engine sends large params, results and tracebacks as markers
+        (see ``taskwatch.engine.snapshot``); the detail pane asks for the whole
+        record when the user looks at such a run.
+        """
+        if record is None or not _has_cut_values(record):
+            return record
+        full = self._full_records.get(record.id)
+        if full is not None and full.status is record.status and full.attempt == record.attempt:
+            return full.model_copy(update={"progress": record.progress})
+        if record.id not in self._fetching:
+            self._fetching.add(record.id)
+            self.run_worker(self._fetch_full(record.id), group="full-records")
+        return record
+
+    async def _fetch_full(self, run_id: str) -> None:
+        try:
+            full = await self.client.get(run_id)
+        except TaskwatchError as exc:
+            # too large even for one reply, evicted, or disconnected: the cut values stay shown
+            self.notify(f"could not load run {run_id} in full: {exc}", severity="warning")
+            return
+        finally:
+            self._fetching.discard(run_id)
+        self._full_records[run_id] = full
+        while len(self._full_records) > _FULL_RECORDS_KEPT:
+            del self._full_records[next(iter(self._full_records))]
+        if self._dashboard_gone:
+            return
+        if self.main.query_one(RunsTable).selected_run_id == run_id:
+            self._show_detail(run_id)
 
     def _update_failures(self) -> None:
         failed = self.state.failed_runs()
@@ -464,7 +517,7 @@ class TaskwatchApp(App[None]):
                 return None
             return self.state.failure(picked[1])
         if tab == "runs":
-            return self.state.record(self.main.query_one(RunsTable).selected_run_id)
+            return self._complete(self.state.record(self.main.query_one(RunsTable).selected_run_id))
         return None
 
     def _no_run_selected(self, verb: str) -> None:
@@ -474,12 +527,12 @@ class TaskwatchApp(App[None]):
     @on(RunsTable.RunHighlighted)
     @while_dashboard_alive
     def _run_highlighted(self, message: RunsTable.RunHighlighted) -> None:
-        self.main.query_one(RunDetail).show(self.state.record(message.run_id), self.clock())
+        self._show_detail(message.run_id)
 
     @on(RunsTable.RunSelected)
     @while_dashboard_alive
     def _run_selected(self, message: RunsTable.RunSelected) -> None:
-        self.main.query_one(RunDetail).show(self.state.record(message.run_id), self.clock())
+        self._show_detail(message.run_id)
 
     @on(FailuresList.FailureSelected)
     def _failure_chosen(self) -> None:
@@ -506,7 +559,7 @@ class TaskwatchApp(App[None]):
             self.state.add_record(record)
             self.redraw()
             self.main.query_one(RunsTable).select_run(record.id)
-            self.main.query_one(RunDetail).show(self.state.record(record.id), self.clock())
+            self._show_detail(record.id)
 
         self.push_screen(
             SubmitScreen(self.state.tasks, self.client.submit, initial=task, cursor_blink=self.cursor_blink),

@@ -47,6 +47,10 @@ class DashboardClient(ABC):
     async def snapshot(self, runs_limit: int = 500) -> Snapshot: ...
 
     @abstractmethod
+    async def get(self, run_id: str) -> RunRecord:
+        """A run's full record (listings and events may carry cut-down values)."""
+
+    @abstractmethod
     async def submit(self, task: str, params: dict[str, Any]) -> RunRecord: ...
 
     @abstractmethod
@@ -148,6 +152,9 @@ class LocalClient(DashboardClient):
 
     async def snapshot(self, runs_limit: int = 500) -> Snapshot:
         return await self._on_engine(lambda: self.engine.snapshot(runs_limit=runs_limit))
+
+    async def get(self, run_id: str) -> RunRecord:
+        return await self._on_engine(lambda: self.engine.get(run_id))
 
     async def submit(self, task: str, params: dict[str, Any]) -> RunRecord:
         async def go() -> RunRecord:

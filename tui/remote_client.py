@@ -112,6 +112,9 @@ class RemoteClient(DashboardClient):
     async def snapshot(self, runs_limit: int = 500) -> Snapshot:
         return await self._require().snapshot(runs_limit=runs_limit)
 
+    async def get(self, run_id: str) -> RunRecord:
+        return await self._require().get(run_id)
+
     async def submit(self, task: str, params: dict[str, Any]) -> RunRecord:
         return await self._require().submit(task, params)
 
