@@ -1,4 +1,13 @@
 import os
+from pathlib import Path
+
+import pytest
 
 # deterministic, calm rendering for every Textual app a test starts
 os.environ.setdefault("TEXTUAL_ANIMATIONS", "none")
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> str:
+    """A Unix socket path short enough for any platform's limit."""
+    return str(tmp_path / "tw.sock")

@@ -23,6 +23,7 @@ from taskwatch.engine.snapshot import is_truncated
 from taskwatch.engine.wire import PROTOCOL_VERSION
 
 from .helpers import eventually, stray_tasks
+from .raw_client import RawClient, serve
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -71,80 +72,10 @@ async def engine() -> AsyncIterator[Engine]:
     assert stray_tasks() == set()
 
 
-@pytest.fixture
-def sock_path(tmp_path: Path) -> str:
-    return str(tmp_path / "tw.sock")
-
-
-async def serve(engine: Engine, address: str, **options: Any) -> ControlServer:
-    return await engine.serve(address, announce=False, **options)
-
-
 async def finished(engine: Engine, task: str, data: str) -> str:
     handle = await engine.submit(task, {"data": data})
     await eventually(lambda: engine.get(handle.id).status.finished)
     return handle.id
-
-
-class RawClient:
-    """A hand-rolled client, to send what RemoteEngine never would."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, address: str) -> RawClient:
-        if address.startswith("tcp://"):
-            host, port = address[len("tcp://"):].rsplit(":", 1)
-            reader, writer = await asyncio.open_connection(host, int(port), limit=64 * MIB)
-        else:
-            reader, writer = await asyncio.open_unix_connection(address, limit=64 * MIB)
-        return cls(reader, writer)
-
-    @classmethod
-    async def authenticated(cls, address: str, token: str | None = None) -> RawClient:
-        client = await cls.open(address)
-        await client.send({"type": "hello", "version": PROTOCOL_VERSION, "token": token})
-        assert (await client.recv())["type"] == "welcome"
-        assert (await client.recv())["type"] == "snapshot"
-        return client
-
-    def reading(self, on: bool) -> None:
-        """Stop (or resume) reading: what the server sends piles up in the socket, then in the server."""
-        transport = cast(asyncio.Transport, self.writer.transport)
-        if on:
-            transport.resume_reading()
-        else:
-            transport.pause_reading()
-
-    async def send(self, message: dict[str, Any] | bytes) -> None:
-        data = message if isinstance(message, bytes) else json.dumps(message).encode() + b"\n"
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
-        async with asyncio.timeout(timeout):
-            line = await self.reader.readline()
-        assert line, "the server closed the connection"
-        return json.loads(line)
-
-    async def closed_by_server(self, timeout: float = 5.0) -> bool:
-        """Read until the server's end of the stream (a reset counts too)."""
-        try:
-            async with asyncio.timeout(timeout):
-                while await self.reader.read(256 * KIB):
-                    pass
-        except ConnectionError:
-            pass
-        return True
-
-    async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
 
 
 # ---------------------------------------------------------------- 7: handshakes

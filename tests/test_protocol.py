@@ -38,6 +38,7 @@ from taskwatch.engine.wire import (
 )
 
 from .helpers import eventually, stray_tasks
+from .raw_client import RawClient, serve
 
 
 class AddParams(BaseModel):
@@ -82,71 +83,6 @@ async def engine() -> AsyncIterator[Engine]:
         yield engine
     # engine.stop() stopped every server: nothing of theirs may outlive it
     assert stray_tasks() == set()
-
-
-@pytest.fixture
-def sock_path(tmp_path: Path) -> str:
-    return str(tmp_path / "tw.sock")
-
-
-async def serve(engine: Engine, address: str, **options: Any) -> ControlServer:
-    return await engine.serve(address, announce=False, **options)
-
-
-class RawClient:
-    """A hand-rolled client, to send what RemoteEngine never would."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, address: str) -> RawClient:
-        if address.startswith("tcp://"):
-            host, port = address[len("tcp://"):].rsplit(":", 1)
-            reader, writer = await asyncio.open_connection(host, int(port), limit=64 << 20)
-        else:
-            reader, writer = await asyncio.open_unix_connection(address, limit=64 << 20)
-        return cls(reader, writer)
-
-    @classmethod
-    async def authenticated(cls, address: str, token: str | None = None) -> RawClient:
-        client = await cls.open(address)
-        await client.send({"type": "hello", "version": PROTOCOL_VERSION, "token": token})
-        assert (await client.recv())["type"] == "welcome"
-        assert (await client.recv())["type"] == "snapshot"
-        return client
-
-    async def send(self, message: dict[str, Any] | bytes) -> None:
-        data = message if isinstance(message, bytes) else json.dumps(message).encode() + b"\n"
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
-        async with asyncio.timeout(timeout):
-            line = await self.reader.readline()
-        assert line, "the server closed the connection"
-        return json.loads(line)
-
-    async def reply(self, timeout: float = 5.0) -> dict[str, Any]:
-        """The next ok/error message, skipping streamed events."""
-        while True:
-            msg = await self.recv(timeout)
-            if msg["type"] != "event":
-                return msg
-
-    async def at_eof(self, timeout: float = 5.0) -> bool:
-        async with asyncio.timeout(timeout):
-            while await self.reader.readline():
-                pass
-        return True
-
-    async def close(self) -> None:
-        self.writer.close()
-        try:
-            await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
 
 
 # ---------------------------------------------------------------- sockets and addresses
