@@ -41,6 +41,7 @@ def test_a_regular_install_ships_only_the_taskwatch_package(tmp_path: Path) -> N
     for sub in ("engine", "tui", "widgets"):
         assert (installed / sub / "py.typed").exists()
     assert list((installed / "widgets").glob("*.tcss")), "widget styles ship as .tcss files"
+    assert (installed / "engine" / "store" / "sqlite.py").exists(), "the run stores ship with the engine"
 
 
 def _imports(path: Path) -> set[str]:

@@ -1,0 +1,97 @@
+"""Run stores: where run rows live (memory, or a SQLite file shared by processes).
+
+``make_store(spec)`` turns a configuration value into a store: ``"memory"``,
+``"sqlite:///relative.db"`` / ``"sqlite:////absolute.db"`` (SQLAlchemy's
+convention; options ``synchronous``, ``busy_timeout``, ``lease_ttl`` as query
+parameters), or a :class:`Store` instance, returned as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from .base import Store, Subscription
+from .errors import DuplicateRunId, SchemaTooNew, StoreBusy, StoreClosed, StoreError, StoreUnavailable, UnknownStore
+from .memory import MemoryStore
+from .models import (
+    CancelResult,
+    Cancelled,
+    Claim,
+    Counts,
+    Failed,
+    HeartbeatResult,
+    Inserted,
+    NewRun,
+    NodeInfo,
+    OnLost,
+    Outcome,
+    Page,
+    Recovered,
+    Retry,
+    StoredRun,
+    Succeeded,
+    Wakeup,
+)
+from .sqlite import SqliteStore
+
+__all__ = [
+    "CancelResult",
+    "Cancelled",
+    "Claim",
+    "Counts",
+    "DuplicateRunId",
+    "Failed",
+    "HeartbeatResult",
+    "Inserted",
+    "MemoryStore",
+    "NewRun",
+    "NodeInfo",
+    "OnLost",
+    "Outcome",
+    "Page",
+    "Recovered",
+    "Retry",
+    "SchemaTooNew",
+    "SqliteStore",
+    "Store",
+    "StoreBusy",
+    "StoreClosed",
+    "StoreError",
+    "StoreUnavailable",
+    "StoredRun",
+    "Subscription",
+    "Succeeded",
+    "UnknownStore",
+    "Wakeup",
+    "make_store",
+]
+
+_SQLITE_OPTIONS = {"synchronous": str, "busy_timeout": int, "lease_ttl": float, "node_ttl": float}
+
+
+def make_store(spec: str | Store, **options: Any) -> Store:
+    """A store from a spec; ``options`` (clock, lease_ttl, ...) go to its constructor."""
+    if isinstance(spec, Store):
+        return spec
+    if not isinstance(spec, str):
+        raise UnknownStore(spec, "expected a string or a Store")
+    if spec == "memory":
+        return MemoryStore(**options)
+    parts = urlsplit(spec)
+    if parts.scheme != "sqlite":
+        raise UnknownStore(spec)
+    if parts.netloc:
+        raise UnknownStore(spec, "a SQLite URL has no host: write three slashes before a relative path, four before an absolute one")
+    path = unquote(parts.path[1:]) if parts.path.startswith("/") else ""
+    if not path:
+        raise UnknownStore(spec, "the URL names no file")
+    for name, raw in parse_qsl(parts.query, keep_blank_values=True):
+        conv = _SQLITE_OPTIONS.get(name)
+        if conv is None:
+            raise UnknownStore(spec, f"unknown option {name!r} (known: {', '.join(_SQLITE_OPTIONS)})")
+        try:
+            options.setdefault(name, conv(raw))
+        except ValueError:
+            raise UnknownStore(spec, f"option {name}={raw!r} is not a valid {conv.__name__}") from None
+    return SqliteStore(path, **options)

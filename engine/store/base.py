@@ -1,0 +1,326 @@
+"""The :class:`Store` interface every run store implements, and the rules they share.
+
+A store is the sole owner of run records: the queue entry and the record are
+one row. The engine inserts runs, claims due ones for its free slots, keeps
+its claims alive with heartbeats and finishes them with the claim token; any
+node recovers runs whose owner is gone. The decisions that do not depend on
+where rows live (which owner is provably gone, what a lost run becomes) are
+here, so the memory and SQL stores cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import ClassVar, Literal
+
+from ..runs import CancelReason, Progress, RunStatus
+from .models import (
+    CancelResult,
+    Claim,
+    Counts,
+    HeartbeatResult,
+    Inserted,
+    LostReason,
+    NewRun,
+    NodeInfo,
+    OnLost,
+    Outcome,
+    Page,
+    Recovered,
+    StoredRun,
+    Wakeup,
+)
+
+Clock = Callable[[], float]
+
+#: a run lost this many times is failed as WorkerLost instead of re-queued
+MAX_LOST = 3
+
+
+class Subscription:
+    """Wakeups for one consumer (an executor, a waiter table): flags that coalesce until read."""
+
+    __slots__ = ("_event", "_pending", "want_finished", "__weakref__")
+
+    def __init__(self, want_finished: bool) -> None:
+        self._event = asyncio.Event()
+        self._pending = Wakeup()
+        self.want_finished = want_finished
+
+    def _post(self, work: bool, cancels: Iterable[str], finished: Iterable[str]) -> None:
+        p = self._pending
+        if work:
+            p.work = True
+        p.cancels.update(cancels)
+        if self.want_finished:
+            p.finished.update(finished)
+        if p:
+            self._event.set()
+
+    def poll(self) -> Wakeup:
+        """What happened since the last look (possibly nothing); never waits."""
+        out, self._pending = self._pending, Wakeup()
+        self._event.clear()
+        return out
+
+    async def wait(self, timeout: float | None = None) -> Wakeup:
+        """Wait until something happens or ``timeout`` passes (then the wakeup is empty).
+
+        Across processes (several engines on one SQLite file) nothing is pushed:
+        wait with a timeout and claim after each return; that timeout is the
+        slow poll that picks up other processes' work.
+        """
+        if not self._pending:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._event.wait()
+            except TimeoutError:
+                pass
+        return self.poll()
+
+
+def gone_incarnations(nodes: Iterable[NodeInfo], now: float, node_ttl: float) -> dict[str, LostReason]:
+    """Incarnations provably dead: stopped, silent for longer than ``node_ttl``, or
+    replaced by a later incarnation of the same node id (a restarted process)."""
+    gone: dict[str, LostReason] = {}
+    newest: dict[str, NodeInfo] = {}
+    rows = list(nodes)
+    for n in rows:
+        cur = newest.get(n.node)
+        if cur is None or n.started_at >= cur.started_at:  # rows come in registration order: later wins ties
+            newest[n.node] = n
+    for n in rows:
+        if n.stopped_at is not None:
+            gone[n.incarnation] = "owner_stopped"
+        elif n.last_heartbeat < now - node_ttl:
+            gone[n.incarnation] = "owner_silent"
+        elif newest[n.node] is not n:
+            gone[n.incarnation] = "owner_restarted"
+    return gone
+
+
+def lost_reason(
+    incarnation: str | None,
+    lease_until: float | None,
+    now: float,
+    gone: Mapping[str, LostReason],
+    live: Collection[str] | None,
+) -> LostReason | None:
+    """Why a running run is lost, or None while its owner may still hold it.
+
+    A missing node row proves nothing (it may have been pruned or never
+    written), so such a run is recovered only once its lease expired.
+    """
+    if incarnation is not None:
+        why = gone.get(incarnation)
+        if why is not None:
+            return why
+        if live is not None and incarnation not in live:
+            return "owner_not_live"
+    if lease_until is None or lease_until < now:
+        return "lease_expired"
+    return None
+
+
+def lost_action(
+    cancel_requested: bool, lost_count: int, on_lost: OnLost, max_lost: int
+) -> Literal["requeued", "failed", "cancelled"]:
+    """What a lost run becomes; ``lost_count`` already counts this loss."""
+    if cancel_requested:
+        return "cancelled"
+    if on_lost == "fail" or lost_count >= max_lost:
+        return "failed"
+    return "requeued"
+
+
+class Store(ABC):
+    """Durable (or not) home of every run row. All methods are coroutines unless noted.
+
+    ``clock`` gives UNIX seconds for every timestamp (tests move it instead of
+    sleeping). ``lease_ttl``: how long a claim lives without a heartbeat.
+    ``node_ttl``: how long a node may stay silent before its incarnation is
+    presumed dead (default: ``lease_ttl``). ``max_lost``: losses before a run
+    is failed as WorkerLost.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(
+        self,
+        *,
+        clock: Clock = time.time,
+        lease_ttl: float = 30.0,
+        node_ttl: float | None = None,
+        max_lost: int = MAX_LOST,
+    ) -> None:
+        if lease_ttl <= 0:
+            raise ValueError(f"lease_ttl must be positive seconds, got {lease_ttl!r}")
+        self.clock = clock
+        self.lease_ttl = lease_ttl
+        self.node_ttl = lease_ttl if node_ttl is None else node_ttl
+        self.max_lost = max_lost
+        self._subs: weakref.WeakSet[Subscription] = weakref.WeakSet()
+        #: set once anyone subscribes; a plain bool is much cheaper to test per run than the WeakSet
+        self._notifying = False
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def open(self) -> None:
+        """Make the store usable (open files, start threads, migrate the schema)."""
+
+    async def close(self) -> None:
+        """Release everything :meth:`open` took; idempotent."""
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # ---------------------------------------------------------------- wakeups
+
+    def subscribe(self, *, finished: bool = False) -> Subscription:
+        """Wakeups for inserted work and cancel requests (and finished run ids with ``finished``).
+
+        Only this process's operations are pushed; keep the subscription
+        referenced (it is held weakly).
+        """
+        sub = Subscription(finished)
+        self._subs.add(sub)
+        self._notifying = True
+        return sub
+
+    def _notify(self, work: bool = False, cancels: Iterable[str] = (), finished: Iterable[str] = ()) -> None:
+        for sub in self._subs:
+            sub._post(work, cancels, finished)
+
+    # ---------------------------------------------------------------- runs
+
+    @abstractmethod
+    async def insert(self, runs: Sequence[NewRun], *, max_pending: int | None = None) -> list[Inserted]:
+        """Insert ``runs`` in one transaction, in order.
+
+        A run whose ``key`` is held by a pending run of the same task is not
+        inserted: that run's id comes back with ``new=False``. With
+        ``max_pending``, raises :class:`QueueFull` (nothing inserted) when the
+        new runs would take the pending count above it.
+        """
+
+    @abstractmethod
+    async def claim(
+        self, node: str, incarnation: str, slots: int, tasks: Mapping[str, int | None]
+    ) -> list[Claim]:
+        """Move up to ``slots`` due pending runs to running, oldest first, and return them.
+
+        ``tasks`` maps each task this node may run to its free slots (None:
+        no per-task limit); tasks not listed are left for other nodes.
+        """
+
+    @abstractmethod
+    async def heartbeat(
+        self, incarnation: str, tokens: Sequence[str], progress: Mapping[str, Progress] | None = None
+    ) -> HeartbeatResult:
+        """Extend the leases of claims still held; report cancel requests and lost claims.
+
+        ``progress`` (token -> progress) is written to those rows.
+        """
+
+    @abstractmethod
+    async def finish(self, token: str, outcome: Outcome) -> RunStatus | None:
+        """Record the outcome of a claimed attempt.
+
+        Returns the status written, or None when ``token`` is not the run's
+        current claim (nothing is written). A :class:`Retry` returns PENDING,
+        or CANCELLED when a cancel was requested meanwhile (the user's intent wins).
+        """
+
+    @abstractmethod
+    async def request_cancel(self, run_id: str, reason: CancelReason = "user") -> CancelResult:
+        """Cancel a pending run at once, or flag a running one for its owner.
+
+        Raises :class:`RunNotFound` for an unknown id; a finished run is left
+        as it is and reported with ``action="finished"``.
+        """
+
+    @abstractmethod
+    async def recover(self, live_incarnations: Collection[str] | None = None) -> list[Recovered]:
+        """Take back running runs whose claim expired or whose owner is provably gone.
+
+        Each is re-queued (attempt + 1, lost_count + 1), failed as WorkerLost
+        (lost ``max_lost`` times, or its task declared ``on_lost="fail"``), or
+        cancelled (a cancel had been requested). With ``live_incarnations``,
+        the owner of any other incarnation counts as gone.
+        """
+
+    @abstractmethod
+    async def get(self, run_id: str) -> StoredRun | None:
+        """The run's row, or None."""
+
+    @abstractmethod
+    async def query(
+        self,
+        *,
+        status: RunStatus | str | None = None,
+        task: str | None = None,
+        since: float | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> Page:
+        """Runs newest first (by insertion), created at or after ``since``; page with ``before=page.next``."""
+
+    @abstractmethod
+    async def counts(self) -> Counts:
+        """Runs held per status, and lifetime totals."""
+
+    @abstractmethod
+    async def prune(self, *, keep: int | None = None, older_than: float | None = None) -> int:
+        """Delete finished runs beyond the newest ``keep`` finished, and those finished
+        more than ``older_than`` seconds ago. Pending and running runs are never deleted.
+        Returns how many were deleted."""
+
+    # ---------------------------------------------------------------- nodes
+
+    @abstractmethod
+    async def register_node(self, node: str, incarnation: str, version: str) -> NodeInfo:
+        """Record a starting process; earlier incarnations of ``node`` count as gone from now."""
+
+    @abstractmethod
+    async def node_heartbeat(self, incarnation: str, running: int) -> None:
+        """Tell the others this incarnation is alive and how many runs it holds."""
+
+    @abstractmethod
+    async def node_stopped(self, incarnation: str) -> None:
+        """Record a clean stop: this incarnation's remaining claims are recoverable at once."""
+
+    @abstractmethod
+    async def nodes(self) -> list[NodeInfo]:
+        """Every recorded incarnation, oldest first."""
+
+    # ---------------------------------------------------------------- small durable state
+
+    @abstractmethod
+    async def get_periodic(self, name: str) -> float | None:
+        """When the periodic task ``name`` last fired (UNIX seconds), or None."""
+
+    @abstractmethod
+    async def set_periodic(self, name: str, fired_at: float) -> None: ...
+
+    @abstractmethod
+    async def get_counter(self, trigger: str, key: str) -> int:
+        """A trigger's counter for ``key`` (0 when never set)."""
+
+    @abstractmethod
+    async def set_counter(self, trigger: str, key: str, value: int) -> None: ...
+
+
+def new_run_id() -> str:
+    return os.urandom(8).hex()

@@ -1,0 +1,612 @@
+"""The in-memory run store: the default, as fast as the engine's own queue.
+
+Rows are plain slotted objects; due pending runs wait in one FIFO heap per
+task (keyed by insertion order, so runs re-queued by a retry or a recovery
+keep their place), delayed runs in one heap by due time. Pydantic models are
+built only when a caller reads rows (get, query, cancel), never per insert,
+claim or finish.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from bisect import bisect_left
+from collections import OrderedDict
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+from ..errors import QueueFull, RunNotFound
+from ..runs import CancelReason, Progress, RunError, RunStatus
+from .base import Clock, Store, gone_incarnations, lost_action, lost_reason, new_run_id
+from .errors import DuplicateRunId
+from .models import (
+    CancelResult,
+    Cancelled,
+    Claim,
+    Counts,
+    Failed,
+    HeartbeatResult,
+    Inserted,
+    NewRun,
+    NodeInfo,
+    OnLost,
+    Outcome,
+    Page,
+    Recovered,
+    Retry,
+    StoredRun,
+    Succeeded,
+    lost_note,
+    worker_lost_error,
+)
+
+_PENDING = RunStatus.PENDING
+_RUNNING = RunStatus.RUNNING
+_SUCCEEDED = RunStatus.SUCCEEDED
+_FAILED = RunStatus.FAILED
+_CANCELLED = RunStatus.CANCELLED
+_ALL = tuple(RunStatus)
+#: Enum.value is a descriptor call: looked up once here instead of per finished run
+_TOTAL_OF = {s: s.value for s in RunStatus}
+
+
+class _Row:
+    __slots__ = (
+        "seq",
+        "id",
+        "task",
+        "params",
+        "status",
+        "attempt",
+        "max_attempts",
+        "lost_count",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "run_after",
+        "node",
+        "incarnation",
+        "token",
+        "lease_until",
+        "cancel_requested",
+        "cancel_reason",
+        "done",
+        "total",
+        "message",
+        "result",
+        "error",
+        "key",
+        "holds_key",
+        "source",
+        "on_lost",
+    )
+
+    def __init__(self, seq: int, run_id: str, new: NewRun, created_at: float, run_after: float) -> None:
+        self.seq = seq
+        self.id = run_id
+        self.task = new.task
+        self.params = new.params
+        self.status = _PENDING
+        self.attempt = 1
+        self.max_attempts = new.max_attempts
+        self.lost_count = 0
+        self.created_at = created_at
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.run_after = run_after
+        self.node: str | None = None
+        self.incarnation: str | None = None
+        self.token: str | None = None
+        self.lease_until: float | None = None
+        self.cancel_requested = False
+        self.cancel_reason: CancelReason | None = None
+        self.done: float = 0
+        self.total: float | None = None
+        self.message = ""
+        self.result: Any = None
+        self.error: RunError | None = None
+        self.key = new.key
+        self.holds_key = False
+        self.source = new.source
+        self.on_lost: OnLost = new.on_lost
+
+    def model(self) -> StoredRun:
+        return StoredRun(
+            id=self.id,
+            task=self.task,
+            params=self.params,
+            status=self.status,
+            attempt=self.attempt,
+            max_attempts=self.max_attempts,
+            created_at=self.created_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            progress=Progress(done=self.done, total=self.total, message=self.message),
+            result=self.result,
+            error=self.error,
+            key=self.key,
+            source=self.source,
+            cancel_reason=self.cancel_reason,
+            node=self.node,
+            incarnation=self.incarnation,
+            claim_token=self.token,
+            lease_until=self.lease_until,
+            run_after=self.run_after,
+            lost_count=self.lost_count,
+            cancel_requested=self.cancel_requested,
+            on_lost=self.on_lost,
+            seq=self.seq,
+        )
+
+
+class MemoryStore(Store):
+    """Every row in this process's memory; gone when the process exits."""
+
+    name = "memory"
+
+    def __init__(
+        self,
+        *,
+        clock: Clock | None = None,
+        lease_ttl: float = 30.0,
+        node_ttl: float | None = None,
+        max_lost: int = 3,
+    ) -> None:
+        kw: dict[str, Any] = {} if clock is None else {"clock": clock}
+        super().__init__(lease_ttl=lease_ttl, node_ttl=node_ttl, max_lost=max_lost, **kw)
+        self._rows: dict[str, _Row] = {}
+        #: rows in insertion order for cursors; pruned rows are dropped lazily
+        self._order: list[_Row] = []
+        self._dropped = 0
+        self._ready: dict[str, list[tuple[int, _Row]]] = {}
+        self._delayed: list[tuple[float, int, _Row]] = []
+        self._keys: dict[tuple[str, str], _Row] = {}
+        self._claims: dict[str, _Row] = {}
+        self._finished: OrderedDict[str, _Row] = OrderedDict()
+        self._counts: dict[RunStatus, int] = dict.fromkeys(_ALL, 0)
+        self._totals = {"inserted": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "retried": 0, "lost": 0}
+        self._seq = 0
+        # tokens only need to be unique within this process, and a counter is cheaper than urandom
+        self._token_prefix = new_run_id()[:6] + "-"
+        self._tokens = itertools.count(1)
+        self._nodes: dict[str, NodeInfo] = {}
+        self._periodic: dict[str, float] = {}
+        self._counters: dict[tuple[str, str], int] = {}
+
+    def __repr__(self) -> str:
+        return f"<MemoryStore runs={len(self._rows)} pending={self._counts[_PENDING]}>"
+
+    # ---------------------------------------------------------------- insert
+
+    async def insert(self, runs: Sequence[NewRun], *, max_pending: int | None = None) -> list[Inserted]:
+        now = self.clock()
+        keys = self._keys
+        rows = self._rows
+        if max_pending is not None or any(r.id is not None for r in runs):
+            self._check_insert(runs, max_pending)
+        out: list[Inserted] = []
+        ready = self._ready
+        added = 0
+        for new in runs:
+            key = new.key
+            if key is not None:
+                held = keys.get((new.task, key))
+                if held is not None:
+                    out.append(Inserted(held.id, False))
+                    continue
+            self._seq += 1
+            seq = self._seq
+            run_id = new.id or new_run_id()
+            created = new.created_at if new.created_at is not None else now
+            delay = new.delay
+            row = _Row(seq, run_id, new, created, now + delay if delay > 0 else now)
+            rows[run_id] = row
+            self._order.append(row)
+            if key is not None:
+                keys[(new.task, key)] = row
+                row.holds_key = True
+            if delay > 0:
+                heapq.heappush(self._delayed, (row.run_after, seq, row))
+            else:
+                line = ready.get(new.task)
+                if line is None:
+                    ready[new.task] = [(seq, row)]
+                else:
+                    # seq only grows, so this append keeps the heap ordered without a sift
+                    line.append((seq, row))
+            added += 1
+            out.append(Inserted(run_id, True))
+        if added:
+            self._counts[_PENDING] += added
+            self._totals["inserted"] += added
+            if self._notifying:
+                self._notify(work=True)
+        return out
+
+    def _check_insert(self, runs: Sequence[NewRun], max_pending: int | None) -> None:
+        """Refuse the whole batch before anything changes."""
+        seen: set[tuple[str, str]] = set()
+        ids: set[str] = set()
+        new_count = 0
+        for r in runs:
+            if r.key is not None:
+                k = (r.task, r.key)
+                if k in self._keys or k in seen:
+                    continue
+                seen.add(k)
+            if r.id is not None:
+                if r.id in self._rows or r.id in ids:
+                    raise DuplicateRunId(r.id)
+                ids.add(r.id)
+            new_count += 1
+        if max_pending is not None and new_count and self._counts[_PENDING] + new_count > max_pending:
+            raise QueueFull("the run store's pending queue", max_pending)
+
+    # ---------------------------------------------------------------- claim
+
+    def _promote(self, now: float) -> None:
+        delayed = self._delayed
+        ready = self._ready
+        while delayed and delayed[0][0] <= now:
+            _, seq, row = heapq.heappop(delayed)
+            if row.status is _PENDING:
+                heapq.heappush(ready.setdefault(row.task, []), (seq, row))
+
+    async def claim(
+        self, node: str, incarnation: str, slots: int, tasks: Mapping[str, int | None]
+    ) -> list[Claim]:
+        now = self.clock()
+        if self._delayed and self._delayed[0][0] <= now:
+            self._promote(now)
+        out: list[Claim] = []
+        if slots <= 0:
+            return out
+        ready = self._ready
+        lease_until = now + self.lease_ttl
+        lines: list[tuple[str, list[tuple[int, _Row]], int]] = []
+        for task, free in tasks.items():
+            line = ready.get(task)
+            if not line:
+                continue
+            n = slots if free is None else min(free, slots)
+            if n > 0:
+                lines.append((task, line, n))
+        if not lines:
+            return out
+        heappop = heapq.heappop
+        if len(lines) == 1:
+            _, line, n = lines[0]
+            while line and len(out) < n:
+                row = heappop(line)[1]
+                if row.status is _PENDING:
+                    out.append(self._take(row, node, incarnation, now, lease_until))
+        else:
+            # oldest first across tasks: merge the lines by the seq at their heads
+            free_of = {task: n for task, _, n in lines}
+            line_of = {task: line for task, line, _ in lines}
+            heads: list[tuple[int, str]] = []
+            for task, line, _ in lines:
+                while line and line[0][1].status is not _PENDING:
+                    heappop(line)
+                if line:
+                    heads.append((line[0][0], task))
+            heapq.heapify(heads)
+            while heads and len(out) < slots:
+                _, task = heappop(heads)
+                line = line_of[task]
+                row = heappop(line)[1]
+                out.append(self._take(row, node, incarnation, now, lease_until))
+                free_of[task] -= 1
+                if free_of[task] > 0:
+                    while line and line[0][1].status is not _PENDING:
+                        heappop(line)
+                    if line:
+                        heapq.heappush(heads, (line[0][0], task))
+        if out:
+            counts = self._counts
+            counts[_PENDING] -= len(out)
+            counts[_RUNNING] += len(out)
+        return out
+
+    def _take(self, row: _Row, node: str, incarnation: str, now: float, lease_until: float) -> Claim:
+        token = self._token_prefix + str(next(self._tokens))
+        row.status = _RUNNING
+        row.node = node
+        row.incarnation = incarnation
+        row.token = token
+        row.lease_until = lease_until
+        row.started_at = now
+        if row.holds_key:
+            del self._keys[(row.task, row.key)]  # type: ignore[index,arg-type]
+            row.holds_key = False
+        self._claims[token] = row
+        return Claim(
+            row.id,
+            token,
+            row.task,
+            row.params,
+            row.attempt,
+            row.max_attempts,
+            row.created_at,
+            now,
+            lease_until,
+            row.key,
+            row.source,
+            row.lost_count,
+        )
+
+    # ---------------------------------------------------------------- heartbeat, finish
+
+    async def heartbeat(
+        self, incarnation: str, tokens: Sequence[str], progress: Mapping[str, Progress] | None = None
+    ) -> HeartbeatResult:
+        lease_until = self.clock() + self.lease_ttl
+        cancel: dict[str, CancelReason] = {}
+        lost: list[str] = []
+        claims = self._claims
+        for token in tokens:
+            row = claims.get(token)
+            if row is None or row.incarnation != incarnation:
+                lost.append(token)
+                continue
+            row.lease_until = lease_until
+            if progress is not None:
+                p = progress.get(token)
+                if p is not None:
+                    row.done, row.total, row.message = p.done, p.total, p.message
+            if row.cancel_requested:
+                cancel[token] = row.cancel_reason or "user"
+        return HeartbeatResult(cancel=cancel, lost=lost)
+
+    async def finish(self, token: str, outcome: Outcome) -> RunStatus | None:
+        row = self._claims.pop(token, None)
+        if row is None:
+            return None
+        now = self.clock()
+        if type(outcome) is Succeeded:
+            row.result = outcome.result
+            self._end(row, _SUCCEEDED, now)
+            return _SUCCEEDED
+        if isinstance(outcome, Failed):
+            row.error = outcome.error
+            self._end(row, _FAILED, now)
+            return _FAILED
+        if isinstance(outcome, Cancelled):
+            row.cancel_reason = outcome.reason
+            self._end(row, _CANCELLED, now)
+            return _CANCELLED
+        if isinstance(outcome, Retry):
+            if row.cancel_requested:
+                row.cancel_reason = row.cancel_reason or "user"
+                self._end(row, _CANCELLED, now)
+                return _CANCELLED
+            self._totals["retried"] += 1
+            self._requeue(row, now, now + max(0.0, outcome.delay), outcome.error)
+            return _PENDING
+        raise TypeError(f"unknown outcome {outcome!r}; pass Succeeded, Failed, Cancelled or Retry")
+
+    def _end(self, row: _Row, status: RunStatus, now: float) -> None:
+        counts = self._counts
+        counts[row.status] -= 1
+        counts[status] += 1
+        row.status = status
+        row.finished_at = now
+        row.token = None
+        row.lease_until = None
+        if row.holds_key:
+            del self._keys[(row.task, row.key)]  # type: ignore[index,arg-type]
+            row.holds_key = False
+        self._finished[row.id] = row
+        self._totals[_TOTAL_OF[status]] += 1
+        if self._notifying:
+            self._notify(finished=(row.id,))
+
+    def _requeue(self, row: _Row, now: float, run_after: float, error: RunError) -> None:
+        counts = self._counts
+        counts[row.status] -= 1
+        counts[_PENDING] += 1
+        row.status = _PENDING
+        row.attempt += 1
+        row.run_after = run_after
+        row.node = row.incarnation = row.token = None
+        row.lease_until = None
+        row.error = error
+        if row.key is not None and (row.task, row.key) not in self._keys:
+            self._keys[(row.task, row.key)] = row
+            row.holds_key = True
+        if run_after <= now:
+            heapq.heappush(self._ready.setdefault(row.task, []), (row.seq, row))
+        else:
+            heapq.heappush(self._delayed, (run_after, row.seq, row))
+        if self._notifying:
+            self._notify(work=True)
+
+    # ---------------------------------------------------------------- cancel, recover
+
+    async def request_cancel(self, run_id: str, reason: CancelReason = "user") -> CancelResult:
+        row = self._rows.get(run_id)
+        if row is None:
+            raise RunNotFound(run_id)
+        if row.status is _PENDING:
+            row.cancel_reason = reason
+            # left in its heap: claims skip rows that are no longer pending
+            self._end(row, _CANCELLED, self.clock())
+            return CancelResult(action="cancelled", run=row.model())
+        if row.status is _RUNNING:
+            if not row.cancel_requested:
+                row.cancel_requested = True
+                row.cancel_reason = reason
+                if self._notifying:
+                    self._notify(cancels=(run_id,))
+            return CancelResult(action="requested", run=row.model())
+        return CancelResult(action="finished", run=row.model())
+
+    async def recover(self, live_incarnations: Collection[str] | None = None) -> list[Recovered]:
+        now = self.clock()
+        gone = gone_incarnations(self._nodes.values(), now, self.node_ttl)
+        out: list[Recovered] = []
+        for token, row in list(self._claims.items()):
+            why = lost_reason(row.incarnation, row.lease_until, now, gone, live_incarnations)
+            if why is None:
+                continue
+            del self._claims[token]
+            node, incarnation = row.node, row.incarnation
+            row.lost_count += 1
+            self._totals["lost"] += 1
+            action = lost_action(row.cancel_requested, row.lost_count, row.on_lost, self.max_lost)
+            if action == "cancelled":
+                row.cancel_reason = row.cancel_reason or "user"
+                self._end(row, _CANCELLED, now)
+            elif action == "failed":
+                row.error = worker_lost_error(row.id, row.lost_count, why, row.on_lost, self.max_lost)
+                self._end(row, _FAILED, now)
+            else:
+                self._requeue(row, now, now, lost_note(why))
+            out.append(
+                Recovered(
+                    run_id=row.id,
+                    task=row.task,
+                    action=action,
+                    reason=why,
+                    node=node,
+                    incarnation=incarnation,
+                    attempt=row.attempt,
+                    lost_count=row.lost_count,
+                )
+            )
+        return out
+
+    # ---------------------------------------------------------------- reads
+
+    async def get(self, run_id: str) -> StoredRun | None:
+        row = self._rows.get(run_id)
+        return None if row is None else row.model()
+
+    async def query(
+        self,
+        *,
+        status: RunStatus | str | None = None,
+        task: str | None = None,
+        since: float | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> Page:
+        wanted = None if status is None else RunStatus(status)
+        order = self._order
+        end = len(order) if before is None else bisect_left(order, parse_cursor(before), key=_seq_of)
+        rows = self._rows
+        found: list[_Row] = []
+        for i in range(end - 1, -1, -1):
+            row = order[i]
+            if rows.get(row.id) is not row:
+                continue
+            if wanted is not None and row.status is not wanted:
+                continue
+            if task is not None and row.task != task:
+                continue
+            if since is not None and row.created_at < since:
+                continue
+            found.append(row)
+            if len(found) > limit:
+                break
+        more = len(found) > limit
+        found = found[:limit]
+        return Page(runs=[r.model() for r in found], next=str(found[-1].seq) if more and found else None)
+
+    async def counts(self) -> Counts:
+        t = self._totals
+        return Counts(
+            by_status={s.value: n for s, n in self._counts.items()},
+            inserted_total=t["inserted"],
+            succeeded_total=t["succeeded"],
+            failed_total=t["failed"],
+            cancelled_total=t["cancelled"],
+            retried_total=t["retried"],
+            lost_total=t["lost"],
+        )
+
+    async def prune(self, *, keep: int | None = None, older_than: float | None = None) -> int:
+        finished = self._finished
+        deleted = 0
+        if older_than is not None:
+            cutoff = self.clock() - older_than
+            # finish order is finished_at order, so the old ones are at the front
+            while finished:
+                row = next(iter(finished.values()))
+                if row.finished_at is None or row.finished_at >= cutoff:
+                    break
+                finished.popitem(last=False)
+                self._drop(row)
+                deleted += 1
+        if keep is not None:
+            while len(finished) > max(0, keep):
+                _, row = finished.popitem(last=False)
+                self._drop(row)
+                deleted += 1
+        if self._dropped > 1024 and self._dropped > len(self._order) // 2:
+            rows = self._rows
+            self._order = [r for r in self._order if rows.get(r.id) is r]
+            self._dropped = 0
+        return deleted
+
+    def _drop(self, row: _Row) -> None:
+        del self._rows[row.id]
+        self._counts[row.status] -= 1
+        self._dropped += 1
+
+    # ---------------------------------------------------------------- nodes
+
+    async def register_node(self, node: str, incarnation: str, version: str) -> NodeInfo:
+        now = self.clock()
+        info = self._nodes.pop(incarnation, None)
+        info = NodeInfo(
+            node=node,
+            incarnation=incarnation,
+            version=version,
+            started_at=now if info is None else info.started_at,
+            last_heartbeat=now,
+        )
+        # re-inserted last: registration order breaks ties of started_at
+        self._nodes[incarnation] = info
+        return info
+
+    async def node_heartbeat(self, incarnation: str, running: int) -> None:
+        info = self._nodes.get(incarnation)
+        if info is not None:
+            self._nodes[incarnation] = info.model_copy(update={"last_heartbeat": self.clock(), "running": running})
+
+    async def node_stopped(self, incarnation: str) -> None:
+        info = self._nodes.get(incarnation)
+        if info is not None:
+            self._nodes[incarnation] = info.model_copy(update={"stopped_at": self.clock(), "running": 0})
+
+    async def nodes(self) -> list[NodeInfo]:
+        return list(self._nodes.values())
+
+    # ---------------------------------------------------------------- small durable state
+
+    async def get_periodic(self, name: str) -> float | None:
+        return self._periodic.get(name)
+
+    async def set_periodic(self, name: str, fired_at: float) -> None:
+        self._periodic[name] = fired_at
+
+    async def get_counter(self, trigger: str, key: str) -> int:
+        return self._counters.get((trigger, key), 0)
+
+    async def set_counter(self, trigger: str, key: str, value: int) -> None:
+        self._counters[(trigger, key)] = value
+
+
+def _seq_of(row: _Row) -> int:
+    return row.seq
+
+
+def parse_cursor(cursor: str) -> int:
+    try:
+        return int(cursor)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"invalid cursor {cursor!r}; pass the `next` value of a previous page unchanged"
+        ) from None

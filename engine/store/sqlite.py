@@ -1,0 +1,732 @@
+"""The SQLite run store: durable runs in one file, shareable by several processes.
+
+All statements run on one dedicated thread with one connection, so the event
+loop never waits on the disk. Operations queue up while the thread is busy
+and the next transaction takes all of them (group commit): each awaiting
+coroutine resumes once the transaction holding its operation has committed.
+One operation failing (a full queue, say) rolls back to its own savepoint
+and leaves the others in the batch alone. Write batches start with ``BEGIN
+IMMEDIATE``, which takes SQLite's single write lock, so two processes
+claiming from one file are serialised and never claim the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic_core import from_json, to_json
+
+from ..errors import QueueFull, RunNotFound
+from ..runs import CancelReason, Progress, RunError, RunStatus
+from . import queries as Q
+from .base import Clock, Store, gone_incarnations, lost_action, lost_reason, new_run_id
+from .errors import DuplicateRunId, SchemaTooNew, StoreBusy, StoreClosed, StoreError, StoreUnavailable
+from .models import (
+    CancelResult,
+    Cancelled,
+    Claim,
+    Counts,
+    Failed,
+    HeartbeatResult,
+    Inserted,
+    NewRun,
+    NodeInfo,
+    Outcome,
+    Page,
+    Recovered,
+    Retry,
+    StoredRun,
+    Succeeded,
+    lost_note,
+    worker_lost_error,
+)
+from .memory import parse_cursor
+
+SYNCHRONOUS = ("off", "normal", "full", "extra")
+
+
+
+def _dumps(value: Any) -> str:
+    # pydantic-core's encoder: several times faster than json's for the small dicts of params
+    return to_json(value).decode()
+
+
+_loads = from_json
+
+_CLAIM_CANDIDATES = Q.for_sqlite(Q.CLAIM_CANDIDATES)
+_RUNNING_CLAIMS = Q.for_sqlite(Q.RUNNING_CLAIMS)
+
+
+class _Tx:
+    """What one transaction accumulates for after its commit: totals and wakeups."""
+
+    __slots__ = ("cur", "totals", "work", "cancels", "finished")
+
+    def __init__(self, cur: sqlite3.Cursor) -> None:
+        self.cur = cur
+        self.totals: dict[str, int] = {}
+        self.work = False
+        self.cancels: list[str] = []
+        self.finished: list[str] = []
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.totals[name] = self.totals.get(name, 0) + n
+
+
+_Op = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]", bool]
+
+
+class SqliteStore(Store):
+    """Runs in a SQLite file (WAL). ``synchronous="normal"`` survives a killed process;
+    ``"full"`` also survives a power cut, at the cost of an fsync per commit."""
+
+    name = "sqlite"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "normal",
+        busy_timeout: int = 5000,
+        max_batch: int = 4096,
+        clock: Clock | None = None,
+        lease_ttl: float = 30.0,
+        node_ttl: float | None = None,
+        max_lost: int = 3,
+    ) -> None:
+        kw: dict[str, Any] = {} if clock is None else {"clock": clock}
+        super().__init__(lease_ttl=lease_ttl, node_ttl=node_ttl, max_lost=max_lost, **kw)
+        sync = synchronous.lower()
+        if sync not in SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS)}, got {synchronous!r}")
+        if busy_timeout < 0:
+            raise ValueError(f"busy_timeout is milliseconds >= 0, got {busy_timeout!r}")
+        self.path = os.fspath(path)
+        self.synchronous = sync
+        self.busy_timeout = busy_timeout
+        self.max_batch = max_batch
+        self._where = repr(self.path)
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._exited: concurrent.futures.Future[None] | None = None
+        self._closing = False
+
+    def __repr__(self) -> str:
+        state = "open" if self._thread is not None else "closed"
+        return f"<SqliteStore {self.path} {state}>"
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def open(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._closing = False
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._exited = concurrent.futures.Future()
+        self._queue = queue.SimpleQueue()
+        # daemon: a store never closed must not keep the interpreter from exiting; SQLite's
+        # journal makes an interrupted transaction roll back, and nobody was told it committed
+        thread = threading.Thread(
+            target=self._main,
+            args=(ready, self._exited),
+            name=f"taskwatch-sqlite-{os.path.basename(self.path)}",
+            daemon=True,
+        )
+        thread.start()
+        try:
+            await asyncio.wrap_future(ready)
+        except BaseException:
+            await asyncio.wrap_future(self._exited)
+            thread.join()
+            raise
+        self._thread = thread
+
+    async def close(self) -> None:
+        """Finish every queued operation, then close the connection and join the thread."""
+        thread = self._thread
+        if thread is None or self._exited is None:
+            return
+        self._closing = True
+        self._queue.put(None)
+        await asyncio.wrap_future(self._exited)
+        thread.join()
+        self._thread = None
+
+    # ---------------------------------------------------------------- the writer thread
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=self.busy_timeout / 1000, isolation_level=None, check_same_thread=False
+        )
+        try:
+            conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout)}")
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        cur = conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            cur.execute(Q.CREATE_MIGRATIONS)
+            found = cur.execute(Q.SCHEMA_FOUND).fetchone()[0]
+            if found > Q.SCHEMA_VERSION:
+                raise SchemaTooNew(self._where, found, Q.SCHEMA_VERSION)
+            for version, name, statements in Q.MIGRATIONS:
+                if version <= found:
+                    continue
+                for sql in statements:
+                    cur.execute(sql)
+                cur.execute(Q.RECORD_MIGRATION, {"version": version, "name": name, "now": self.clock()})
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+
+    def _main(self, ready: concurrent.futures.Future[None], exited: concurrent.futures.Future[None]) -> None:
+        try:
+            try:
+                conn = self._connect()
+            except sqlite3.Error as exc:
+                ready.set_exception(self._translate(exc))
+                return
+            except BaseException as exc:  # noqa: BLE001 - handed to open()
+                ready.set_exception(exc)
+                return
+            ready.set_result(None)
+            try:
+                self._serve(conn)
+            finally:
+                conn.close()
+        finally:
+            exited.set_result(None)
+
+    def _serve(self, conn: sqlite3.Connection) -> None:
+        q = self._queue
+        stop = False
+        while not stop:
+            item = q.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            try:
+                self._run_batch(conn, batch)
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive one bad batch
+                # something failed outside an operation (a savepoint on a broken disk, say):
+                # nothing of this batch committed, and every caller hears why
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                err = self._translate(exc)
+                self._deliver_threadsafe([(op[2], None, err) for op in batch], _Tx(conn.cursor()))
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        cur = conn.cursor()
+        write = any(op[3] for op in batch)
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        tx = _Tx(cur)
+        try:
+            # a read-only batch must not take the write lock other processes wait for
+            cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        except sqlite3.Error as exc:
+            err = self._translate(exc)
+            self._deliver_threadsafe([(op[2], None, err) for op in batch], tx)
+            return
+        for fn, args, fut, _ in batch:
+            saved = (dict(tx.totals), tx.work, len(tx.cancels), len(tx.finished))
+            cur.execute("SAVEPOINT op")
+            try:
+                res = fn(tx, *args)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                cur.execute("ROLLBACK TO op")
+                cur.execute("RELEASE op")
+                tx.totals, tx.work = saved[0], saved[1]
+                del tx.cancels[saved[2] :], tx.finished[saved[3] :]
+                results.append((fut, None, self._translate(exc)))
+            else:
+                cur.execute("RELEASE op")
+                results.append((fut, res, None))
+        try:
+            if tx.totals:
+                cur.executemany(Q.ADD_TOTAL, [{"name": k, "delta": v} for k, v in tx.totals.items()])
+            cur.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                cur.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            err = self._translate(exc)
+            self._deliver_threadsafe([(r[0], None, err) for r in results], _Tx(cur))
+            return
+        self._deliver_threadsafe(results, tx)
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, StoreError) or not isinstance(exc, sqlite3.Error):
+            return exc
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            err: StoreError = StoreBusy(self._where, self.busy_timeout)
+        else:
+            err = StoreUnavailable(self._where, f"{type(exc).__name__}: {exc}")
+        err.__cause__ = exc
+        return err
+
+    def _deliver_threadsafe(self, results: list[tuple[asyncio.Future[Any], Any, BaseException | None]], tx: _Tx) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._deliver, results, tx.work, tx.cancels, tx.finished)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is awaiting any more
+
+    def _deliver(
+        self,
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
+        work: bool,
+        cancels: list[str],
+        finished: list[str],
+    ) -> None:
+        for fut, res, exc in results:
+            if fut.done():
+                continue  # the caller stopped waiting; the operation still happened
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(res)
+        if self._notifying and (work or cancels or finished):
+            self._notify(work, cancels, finished)
+
+    def _call(self, fn: Callable[..., Any], *args: Any, write: bool = True) -> asyncio.Future[Any]:
+        if self._thread is None or self._closing:
+            raise StoreClosed(self._where)
+        loop = self._loop
+        assert loop is not None
+        fut = loop.create_future()
+        self._queue.put((fn, args, fut, write))
+        return fut
+
+    # ---------------------------------------------------------------- runs
+
+    async def insert(self, runs: Sequence[NewRun], *, max_pending: int | None = None) -> list[Inserted]:
+        if not runs:
+            return []
+        return await self._call(self._insert, list(runs), self.clock(), max_pending)  # type: ignore[no-any-return]
+
+    def _insert(self, tx: _Tx, runs: list[NewRun], now: float, max_pending: int | None) -> list[Inserted]:
+        cur = tx.cur
+        out: list[Inserted] = []
+        rows: list[dict[str, Any]] = []
+        held: dict[tuple[str, str], str] = {}
+        for new in runs:
+            key = new.key
+            if key is not None:
+                holder = held.get((new.task, key))
+                if holder is None:
+                    found = cur.execute(Q.KEY_HOLDER, {"task": new.task, "key": key}).fetchone()
+                    holder = None if found is None else found[0]
+                if holder is not None:
+                    out.append(Inserted(holder, False))
+                    continue
+            run_id = new.id or new_run_id()
+            if key is not None:
+                held[(new.task, key)] = run_id
+            rows.append(
+                {
+                    "id": run_id,
+                    "task": new.task,
+                    "params": _dumps(new.params),
+                    "max_attempts": new.max_attempts,
+                    "created_at": new.created_at if new.created_at is not None else now,
+                    "run_after": now + new.delay if new.delay > 0 else now,
+                    "key": key,
+                    "source": new.source,
+                    "on_lost": new.on_lost,
+                }
+            )
+            out.append(Inserted(run_id, True))
+        if not rows:
+            return out
+        if max_pending is not None:
+            pending = cur.execute(Q.COUNT_PENDING).fetchone()[0]
+            if pending + len(rows) > max_pending:
+                raise QueueFull("the run store's pending queue", max_pending)
+        try:
+            cur.executemany(Q.INSERT_RUN, rows)
+        except sqlite3.IntegrityError:
+            for row in rows:
+                if cur.execute(Q.RUN_ID_EXISTS, {"id": row["id"]}).fetchone() is not None:
+                    raise DuplicateRunId(row["id"]) from None
+            raise
+        tx.add("inserted", len(rows))
+        tx.work = True
+        return out
+
+    async def claim(
+        self, node: str, incarnation: str, slots: int, tasks: Mapping[str, int | None]
+    ) -> list[Claim]:
+        if slots <= 0 or not tasks:
+            return []
+        now = self.clock()
+        return await self._call(self._claim, node, incarnation, slots, dict(tasks), now)  # type: ignore[no-any-return]
+
+    def _claim(
+        self, tx: _Tx, node: str, incarnation: str, slots: int, tasks: dict[str, int | None], now: float
+    ) -> list[Claim]:
+        cur = tx.cur
+        found: list[tuple[Any, ...]] = []
+        for task, free in tasks.items():
+            n = slots if free is None else min(free, slots)
+            if n > 0:
+                found.extend(cur.execute(_CLAIM_CANDIDATES, {"task": task, "now": now, "n": n}).fetchall())
+        if not found:
+            return []
+        if len(tasks) > 1:
+            found.sort(key=lambda r: r[0])  # oldest first across tasks
+            del found[slots:]
+        lease_until = now + self.lease_ttl
+        takes = []
+        claims = []
+        for seq, run_id, task, params, attempt, max_attempts, created_at, key, source, lost_count in found:
+            token = f"{seq}.{os.urandom(8).hex()}"
+            takes.append(
+                {"seq": seq, "node": node, "incarnation": incarnation, "token": token, "lease_until": lease_until, "now": now}
+            )
+            claims.append(
+                Claim(run_id, token, task, _loads(params), attempt, max_attempts, created_at, now, lease_until, key, source, lost_count)
+            )
+        cur.executemany(Q.CLAIM_TAKE, takes)
+        return claims
+
+    async def heartbeat(
+        self, incarnation: str, tokens: Sequence[str], progress: Mapping[str, Progress] | None = None
+    ) -> HeartbeatResult:
+        if not tokens:
+            return HeartbeatResult()
+        now = self.clock()
+        return await self._call(self._heartbeat, incarnation, list(tokens), dict(progress or {}), now)  # type: ignore[no-any-return]
+
+    def _heartbeat(
+        self, tx: _Tx, incarnation: str, tokens: list[str], progress: dict[str, Progress], now: float
+    ) -> HeartbeatResult:
+        cur = tx.cur
+        lease_until = now + self.lease_ttl
+        cancel: dict[str, CancelReason] = {}
+        lost: list[str] = []
+        for token in tokens:
+            seq = _seq_of(token)
+            args: dict[str, Any] = {"seq": seq, "token": token, "incarnation": incarnation, "lease_until": lease_until}
+            p = progress.get(token)
+            if p is None:
+                row = cur.execute(Q.HEARTBEAT, args).fetchone()
+            else:
+                args.update(done=p.done, total=p.total, message=p.message)
+                row = cur.execute(Q.HEARTBEAT_PROGRESS, args).fetchone()
+            if row is None:
+                lost.append(token)
+            elif row[0]:
+                cancel[token] = row[1] or "user"
+        return HeartbeatResult(cancel=cancel, lost=lost)
+
+    async def finish(self, token: str, outcome: Outcome) -> RunStatus | None:
+        if not isinstance(outcome, (Succeeded, Failed, Cancelled, Retry)):
+            raise TypeError(f"unknown outcome {outcome!r}; pass Succeeded, Failed, Cancelled or Retry")
+        return await self._call(self._finish, token, outcome, self.clock())  # type: ignore[no-any-return]
+
+    def _finish(self, tx: _Tx, token: str, outcome: Outcome, now: float) -> RunStatus | None:
+        cur = tx.cur
+        seq = _seq_of(token)
+        base = {"seq": seq, "token": token, "now": now, "lost": 0, "result": None, "error": None, "cancel_reason": None}
+        if isinstance(outcome, Retry):
+            state = cur.execute(Q.CLAIM_STATE, {"seq": seq, "token": token}).fetchone()
+            if state is None:
+                return None
+            if not state[0]:
+                cur.execute(
+                    Q.REQUEUE_CLAIMED,
+                    {
+                        "seq": seq,
+                        "token": token,
+                        "lost": 0,
+                        "run_after": now + max(0.0, outcome.delay),
+                        "error": _error_json(outcome.error),
+                    },
+                )
+                tx.add("retried")
+                tx.work = True
+                return RunStatus.PENDING
+            status = RunStatus.CANCELLED  # a cancel was requested meanwhile: the user's intent wins
+        elif isinstance(outcome, Succeeded):
+            status = RunStatus.SUCCEEDED
+            base["result"] = None if outcome.result is None else _dumps(outcome.result)
+        elif isinstance(outcome, Failed):
+            status = RunStatus.FAILED
+            base["error"] = _error_json(outcome.error)
+        else:
+            status = RunStatus.CANCELLED
+            base["cancel_reason"] = outcome.reason
+        base["status"] = status.value
+        ended = cur.execute(Q.END_CLAIMED, base).fetchone()
+        if ended is None:
+            return None
+        tx.add(status.value)
+        tx.finished.append(ended[0])
+        return status
+
+    async def request_cancel(self, run_id: str, reason: CancelReason = "user") -> CancelResult:
+        return await self._call(self._request_cancel, run_id, reason, self.clock())  # type: ignore[no-any-return]
+
+    def _request_cancel(self, tx: _Tx, run_id: str, reason: CancelReason, now: float) -> CancelResult:
+        cur = tx.cur
+        row = cur.execute(Q.GET_RUN, {"id": run_id}).fetchone()
+        if row is None:
+            raise RunNotFound(run_id)
+        seq, status = row[0], row[4]
+        action: Literal["cancelled", "requested"]
+        if status == "pending":
+            cur.execute(Q.CANCEL_PENDING, {"seq": seq, "now": now, "reason": reason})
+            tx.add("cancelled")
+            tx.finished.append(run_id)
+            action = "cancelled"
+        elif status == "running":
+            if cur.execute(Q.CANCEL_FLAG, {"seq": seq, "reason": reason}).rowcount:
+                tx.cancels.append(run_id)
+            action = "requested"
+        else:
+            return CancelResult(action="finished", run=_stored(row))
+        return CancelResult(action=action, run=_stored(cur.execute(Q.GET_RUN, {"id": run_id}).fetchone()))
+
+    async def recover(self, live_incarnations: Collection[str] | None = None) -> list[Recovered]:
+        live = None if live_incarnations is None else frozenset(live_incarnations)
+        return await self._call(self._recover, live, self.clock())  # type: ignore[no-any-return]
+
+    def _recover(self, tx: _Tx, live: frozenset[str] | None, now: float) -> list[Recovered]:
+        cur = tx.cur
+        gone = gone_incarnations((_node(r) for r in cur.execute(Q.ALL_NODES).fetchall()), now, self.node_ttl)
+        out: list[Recovered] = []
+        for seq, run_id, task, node, inc, token, lease_until, cancel_req, lost_count, on_lost, attempt in cur.execute(
+            _RUNNING_CLAIMS
+        ).fetchall():
+            why = lost_reason(inc, lease_until, now, gone, live)
+            if why is None:
+                continue
+            lost_count += 1
+            action = lost_action(bool(cancel_req), lost_count, on_lost, self.max_lost)
+            args: dict[str, Any] = {"seq": seq, "token": token, "now": now, "lost": 1, "result": None, "cancel_reason": None}
+            if action == "requeued":
+                args.update(run_after=now, error=_error_json(lost_note(why)))
+                cur.execute(Q.REQUEUE_CLAIMED, args)
+                attempt += 1
+                tx.work = True
+            else:
+                if action == "cancelled":
+                    args.update(status="cancelled", error=None, cancel_reason=None)
+                else:
+                    err = worker_lost_error(run_id, lost_count, why, on_lost, self.max_lost)
+                    args.update(status="failed", error=_error_json(err))
+                cur.execute(Q.END_CLAIMED, args).fetchall()
+                tx.add(action)
+                tx.finished.append(run_id)
+            tx.add("lost")
+            out.append(
+                Recovered(
+                    run_id=run_id,
+                    task=task,
+                    action=action,
+                    reason=why,
+                    node=node,
+                    incarnation=inc,
+                    attempt=attempt,
+                    lost_count=lost_count,
+                )
+            )
+        return out
+
+    # ---------------------------------------------------------------- reads
+
+    async def get(self, run_id: str) -> StoredRun | None:
+        return await self._call(self._get, run_id, write=False)  # type: ignore[no-any-return]
+
+    def _get(self, tx: _Tx, run_id: str) -> StoredRun | None:
+        row = tx.cur.execute(Q.GET_RUN, {"id": run_id}).fetchone()
+        return None if row is None else _stored(row)
+
+    async def query(
+        self,
+        *,
+        status: RunStatus | str | None = None,
+        task: str | None = None,
+        since: float | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> Page:
+        args = {
+            "status": None if status is None else RunStatus(status).value,
+            "task": task,
+            "since": since,
+            "before": None if before is None else parse_cursor(before),
+            "limit": max(0, limit) + 1,
+        }
+        return await self._call(self._query, args, limit, write=False)  # type: ignore[no-any-return]
+
+    def _query(self, tx: _Tx, args: dict[str, Any], limit: int) -> Page:
+        rows = tx.cur.execute(Q.QUERY_RUNS, args).fetchall()
+        more = len(rows) > limit
+        runs = [_stored(r) for r in rows[:limit]]
+        return Page(runs=runs, next=str(runs[-1].seq) if more and runs else None)
+
+    async def counts(self) -> Counts:
+        return await self._call(self._counts, write=False)  # type: ignore[no-any-return]
+
+    def _counts(self, tx: _Tx) -> Counts:
+        by_status = {s.value: 0 for s in RunStatus}
+        by_status.update(dict(tx.cur.execute(Q.COUNT_BY_STATUS).fetchall()))
+        totals = dict(tx.cur.execute(Q.TOTALS).fetchall())
+        return Counts(by_status=by_status, **{f"{k}_total": v for k, v in totals.items()})
+
+    async def prune(self, *, keep: int | None = None, older_than: float | None = None) -> int:
+        if keep is None and older_than is None:
+            return 0
+        return await self._call(self._prune, keep, older_than, self.clock())  # type: ignore[no-any-return]
+
+    def _prune(self, tx: _Tx, keep: int | None, older_than: float | None, now: float) -> int:
+        cur = tx.cur
+        deleted = 0
+        if older_than is not None:
+            deleted += cur.execute(Q.PRUNE_OLDER, {"cutoff": now - older_than}).rowcount
+        if keep is not None:
+            edge = cur.execute(Q.PRUNE_BOUNDARY, {"keep": max(0, keep)}).fetchone()
+            if edge is not None:
+                deleted += cur.execute(Q.PRUNE_FROM, {"finished_at": edge[0], "seq": edge[1]}).rowcount
+        return deleted
+
+    # ---------------------------------------------------------------- nodes
+
+    async def register_node(self, node: str, incarnation: str, version: str) -> NodeInfo:
+        args = {"node": node, "incarnation": incarnation, "version": version, "now": self.clock()}
+        return await self._call(self._register_node, args)  # type: ignore[no-any-return]
+
+    def _register_node(self, tx: _Tx, args: dict[str, Any]) -> NodeInfo:
+        tx.cur.execute(Q.REGISTER_NODE, args)
+        return _node(tx.cur.execute(Q.GET_NODE, {"incarnation": args["incarnation"]}).fetchone())
+
+    async def node_heartbeat(self, incarnation: str, running: int) -> None:
+        await self._call(self._exec, Q.NODE_HEARTBEAT, {"incarnation": incarnation, "running": running, "now": self.clock()})
+
+    async def node_stopped(self, incarnation: str) -> None:
+        await self._call(self._exec, Q.NODE_STOPPED, {"incarnation": incarnation, "now": self.clock()})
+
+    async def nodes(self) -> list[NodeInfo]:
+        return await self._call(self._nodes, write=False)  # type: ignore[no-any-return]
+
+    def _nodes(self, tx: _Tx) -> list[NodeInfo]:
+        return [_node(r) for r in tx.cur.execute(Q.ALL_NODES).fetchall()]
+
+    # ---------------------------------------------------------------- small durable state
+
+    @staticmethod
+    def _exec(tx: _Tx, sql: str, args: dict[str, Any]) -> None:
+        tx.cur.execute(sql, args)
+
+    @staticmethod
+    def _scalar(tx: _Tx, sql: str, args: dict[str, Any]) -> Any:
+        row = tx.cur.execute(sql, args).fetchone()
+        return None if row is None else row[0]
+
+    async def get_periodic(self, name: str) -> float | None:
+        return await self._call(self._scalar, Q.GET_PERIODIC, {"name": name}, write=False)  # type: ignore[no-any-return]
+
+    async def set_periodic(self, name: str, fired_at: float) -> None:
+        await self._call(self._exec, Q.SET_PERIODIC, {"name": name, "fired_at": fired_at})
+
+    async def get_counter(self, trigger: str, key: str) -> int:
+        value = await self._call(self._scalar, Q.GET_COUNTER, {"trigger": trigger, "key": key}, write=False)
+        return 0 if value is None else int(value)
+
+    async def set_counter(self, trigger: str, key: str, value: int) -> None:
+        await self._call(self._exec, Q.SET_COUNTER, {"trigger": trigger, "key": key, "value": value})
+
+
+# ---------------------------------------------------------------- row conversion
+
+
+def _seq_of(token: str) -> int:
+    """The row a claim token names; -1 (matches nothing) for a token not made here."""
+    head, _, _ = token.partition(".")
+    try:
+        return int(head)
+    except ValueError:
+        return -1
+
+
+def _error_json(error: RunError | None) -> str | None:
+    return None if error is None else _dumps(error.model_dump())
+
+
+def _stored(r: tuple[Any, ...]) -> StoredRun:
+    (
+        seq, run_id, task, params, status, attempt, max_attempts, lost_count, created_at, started_at,
+        finished_at, run_after, node, incarnation, token, lease_until, cancel_requested, cancel_reason,
+        done, total, message, result, error, key, source, on_lost,
+    ) = r  # fmt: skip
+    return StoredRun(
+        id=run_id,
+        task=task,
+        params=_loads(params),
+        status=status,
+        attempt=attempt,
+        max_attempts=max_attempts,
+        created_at=created_at,
+        started_at=started_at,
+        finished_at=finished_at,
+        progress=Progress(done=done, total=total, message=message),
+        result=None if result is None else _loads(result),
+        error=None if error is None else RunError(**_loads(error)),
+        key=key,
+        source=source,
+        cancel_reason=cancel_reason,
+        node=node,
+        incarnation=incarnation,
+        claim_token=token,
+        lease_until=lease_until,
+        run_after=run_after,
+        lost_count=lost_count,
+        cancel_requested=bool(cancel_requested),
+        on_lost=on_lost,
+        seq=seq,
+    )
+
+
+def _node(r: tuple[Any, ...]) -> NodeInfo:
+    node, incarnation, version, started_at, last_heartbeat, running, stopped_at = r
+    return NodeInfo(
+        node=node,
+        incarnation=incarnation,
+        version=version,
+        started_at=started_at,
+        last_heartbeat=last_heartbeat,
+        running=running,
+        stopped_at=stopped_at,
+    )

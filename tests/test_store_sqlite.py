@@ -1,0 +1,228 @@
+"""The SQLite store beyond the shared contract: a killed writer loses nothing it confirmed,
+two processes on one file claim each run once, schema versions, threads, group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from taskwatch.engine.errors import QueueFull
+from taskwatch.engine.store import NewRun, SchemaTooNew, SqliteStore, StoreClosed, Succeeded, make_store
+from taskwatch.engine.store.queries import SCHEMA_VERSION
+
+INSERTER = r"""
+import asyncio, json, sys
+from taskwatch.engine.store import NewRun, SqliteStore
+
+async def main(path):
+    async with SqliteStore(path) as store:
+        batch = 0
+        while True:
+            out = await store.insert([NewRun("a", {"batch": batch, "i": i}) for i in range(50)])
+            # printed only after the insert's transaction committed
+            print(json.dumps([r.id for r in out]), flush=True)
+            batch += 1
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+WORKER = r"""
+import asyncio, json, sys
+from taskwatch.engine.store import NewRun, SqliteStore, Succeeded
+
+async def main(path, name):
+    async with SqliteStore(path, busy_timeout=30000) as store:
+        print("ready", flush=True)
+        sys.stdin.readline()
+        claimed, stale = [], 0
+        while True:
+            claims = await store.claim(name, name + "-inc", 16, {"a": None})
+            if not claims:
+                if (await store.counts()).pending == 0:
+                    break
+                continue
+            for c in claims:
+                claimed.append(c.run_id)
+                if await store.finish(c.token, Succeeded({"by": name})) is None:
+                    stale += 1
+        print(json.dumps({"claimed": claimed, "stale": stale}), flush=True)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def _spawn(script: str, *args: str, stdin: bool = False) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.PIPE if stdin else None,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+
+
+async def _pragma(store: SqliteStore, name: str) -> Any:
+    return await store._call(lambda tx: tx.cur.execute(f"PRAGMA {name}").fetchone()[0], write=False)
+
+
+def _store_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("taskwatch-sqlite")]
+
+
+# ---------------------------------------------------------------- durability
+
+
+@pytest.mark.timeout(60)
+async def test_runs_confirmed_before_a_sigkill_survive_it(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    proc = _spawn(INSERTER, str(path))
+    assert proc.stdout is not None
+    confirmed: list[str] = []
+    try:
+        # wait for real progress by reading it, then kill mid-stream
+        for _ in range(20):
+            line = await asyncio.to_thread(proc.stdout.readline)
+            assert line, "the inserter exited early"
+            confirmed += json.loads(line)
+        proc.send_signal(signal.SIGKILL)
+        rest = await asyncio.to_thread(proc.stdout.read)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    for line in rest.splitlines():
+        try:
+            confirmed += json.loads(line)
+        except json.JSONDecodeError:
+            pass  # a line cut by the kill was never fully confirmed
+    assert len(confirmed) >= 1000
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    async with SqliteStore(path) as store:
+        missing = [i for i in confirmed if await store.get(i) is None]
+        assert missing == []
+        counts = await store.counts()
+        assert counts.pending >= len(confirmed)
+
+
+# ---------------------------------------------------------------- two processes
+
+
+@pytest.mark.timeout(120)
+async def test_two_processes_claim_every_run_exactly_once(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    async with SqliteStore(path) as store:
+        ids = {r.id for r in await store.insert([NewRun("a", {"i": i}) for i in range(2000)])}
+    workers = [_spawn(WORKER, str(path), name, stdin=True) for name in ("w1", "w2")]
+    try:
+        for w in workers:
+            assert w.stdout is not None
+            assert (await asyncio.to_thread(w.stdout.readline)).strip() == "ready"
+        for w in workers:  # both start together, so their claims interleave
+            assert w.stdin is not None
+            w.stdin.write("go\n")
+            w.stdin.flush()
+        reports = [json.loads(await asyncio.to_thread(w.stdout.read)) for w in workers]  # type: ignore[union-attr]
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
+    c1, c2 = (set(r["claimed"]) for r in reports)
+    assert [r["stale"] for r in reports] == [0, 0]
+    assert len(c1) == len(reports[0]["claimed"]) and len(c2) == len(reports[1]["claimed"])
+    assert c1.isdisjoint(c2)
+    assert c1 | c2 == ids
+    assert c1 and c2, "one worker did all the work: the test did not exercise sharing"
+    async with SqliteStore(path) as store:
+        counts = await store.counts()
+        assert counts.by_status["succeeded"] == 2000 and counts.succeeded_total == 2000
+        for run_id in list(ids)[:200]:
+            row = await store.get(run_id)
+            assert row is not None and row.result == {"by": "w1" if run_id in c1 else "w2"}
+
+
+# ---------------------------------------------------------------- schema, threads, settings
+
+
+async def test_a_newer_schema_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    async with SqliteStore(path) as store:
+        await store.insert([NewRun("a")])
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, 'from the future', 0)",
+            (SCHEMA_VERSION + 1,),
+        )
+    before = set(_store_threads())
+    with pytest.raises(SchemaTooNew, match="upgrade taskwatch") as info:
+        await SqliteStore(path).open()
+    assert (info.value.found, info.value.supported) == (SCHEMA_VERSION + 1, SCHEMA_VERSION)
+    assert set(_store_threads()) == before
+
+
+async def test_close_joins_the_thread_and_later_calls_are_refused(tmp_path: Path) -> None:
+    before = set(threading.enumerate())
+    store = SqliteStore(tmp_path / "runs.db")
+    await store.open()
+    assert len(_store_threads()) == 1
+    await asyncio.gather(*(store.insert([NewRun("a")]) for _ in range(50)))
+    await store.close()
+    await store.close()  # idempotent
+    assert set(threading.enumerate()) == before
+    with pytest.raises(StoreClosed):
+        await store.insert([NewRun("a")])
+    async with store:  # reopenable
+        assert (await store.counts()).pending == 50
+    assert set(threading.enumerate()) == before
+
+
+async def test_wal_and_synchronous_settings(tmp_path: Path) -> None:
+    async with make_store(f"sqlite:///{tmp_path}/a.db") as store:
+        assert isinstance(store, SqliteStore)
+        assert await _pragma(store, "journal_mode") == "wal"
+        assert await _pragma(store, "synchronous") == 1  # NORMAL
+    async with make_store(f"sqlite:///{tmp_path}/b.db?synchronous=full") as store:
+        assert isinstance(store, SqliteStore)
+        assert await _pragma(store, "synchronous") == 2  # FULL
+
+
+async def test_group_commit_isolates_a_failing_operation(tmp_path: Path) -> None:
+    """Concurrent inserts share transactions; the ones refused by max_pending change nothing."""
+    async with SqliteStore(tmp_path / "runs.db") as store:
+        results = await asyncio.gather(
+            *(store.insert([NewRun("a", {"i": i})], max_pending=60) for i in range(100)), return_exceptions=True
+        )
+        refused = [r for r in results if isinstance(r, QueueFull)]
+        accepted = [r for r in results if isinstance(r, list)]
+        assert len(refused) == 40 and len(accepted) == 60
+        counts = await store.counts()
+        assert counts.pending == 60 and counts.inserted_total == 60
+        # every caller resumed only after its transaction committed: a fresh connection sees them all
+        with sqlite3.connect(store.path) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 60
+
+
+async def test_concurrent_claims_and_finishes_in_one_process(tmp_path: Path) -> None:
+    async with SqliteStore(tmp_path / "runs.db") as store:
+        await store.insert([NewRun("a") for _ in range(300)])
+
+        async def worker(n: int) -> list[str]:
+            got = []
+            while claims := await store.claim("n", f"i{n}", 7, {"a": None}):
+                for c in claims:
+                    assert await store.finish(c.token, Succeeded()) is not None
+                    got.append(c.run_id)
+            return got
+
+        lists = await asyncio.gather(*(worker(n) for n in range(8)))
+        flat = [i for lst in lists for i in lst]
+        assert len(flat) == len(set(flat)) == 300
