@@ -3,7 +3,6 @@
 The public API of the engine; nothing here imports Textual.
 """
 
-from .backends import AsyncioBackend, Backend, InlineBackend
 from .background import BackgroundEngine, BackgroundRunHandle
 from .bus import EventBus, Subscription
 from .context import TaskContext
@@ -57,15 +56,14 @@ from .runs import EngineStats, Progress, RunError, RunList, RunRecord, RunStatus
 from .scheduler import PeriodicInfo
 from .server import ControlServer, ServerInfo
 from .snapshot import Snapshot, is_truncated
+from .store import MemoryStore, SqliteStore, Store, make_store
 from .supervisor import WorkerInfo
 from .tasks import TaskInfo, TaskSpec
 from .triggers import Trigger, TriggerKeyState, TriggerState
 from .version import __version__
 
 __all__ = [
-    "AsyncioBackend",
     "AuthenticationFailed",
-    "Backend",
     "BackgroundEngine",
     "BackgroundRunHandle",
     "BaseEvent",
@@ -82,7 +80,6 @@ __all__ = [
     "EventBus",
     "InProcessLease",
     "IncompatibleVersion",
-    "InlineBackend",
     "InvalidConfiguration",
     "InvalidKey",
     "InvalidParams",
@@ -92,6 +89,7 @@ __all__ = [
     "LeaseState",
     "LoopThreadError",
     "MalformedMessage",
+    "MemoryStore",
     "MessageTooLarge",
     "NotLeader",
     "PeriodicInfo",
@@ -112,6 +110,8 @@ __all__ = [
     "RunStatus",
     "ServerInfo",
     "Snapshot",
+    "SqliteStore",
+    "Store",
     "Subscription",
     "TaskContext",
     "TaskDefinitionError",
@@ -135,4 +135,5 @@ __all__ = [
     "event_to_dict",
     "event_to_json",
     "is_truncated",
+    "make_store",
 ]

@@ -1,7 +1,11 @@
-"""The engine: registers tasks, admits and tracks runs, publishes events.
+"""The engine: registers tasks, admits runs into its store, executes them, publishes events.
 
-One :class:`Engine` owns every run it accepted and every loop it started; the
-backend executes runs, the bus carries what happens to them. ``async with
+One :class:`Engine` is the composition root: the :class:`~taskwatch.engine.store.Store`
+owns every run row (in memory, or in a SQLite file that outlives the
+process), the :class:`~taskwatch.engine.executor.Executor` claims due runs
+for this node's free slots, and the engine runs their attempts, keeps an
+in-memory index of the runs this node knows (what the sync queries and
+dashboards read) and publishes what happens on the bus. ``async with
 engine`` (or ``start()`` / ``stop()``) bounds its life: ``stop`` drains, then
 cancels, then awaits, so no asyncio task outlives it.
 """
@@ -9,19 +13,21 @@ cancels, then awaits, so no asyncio task outlives it.
 from __future__ import annotations
 
 import asyncio
+import functools
+import heapq
 import logging
 import os
 import random
 import socket
+import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
-from .backends import Backend, make_backend
 from .bus import DEFAULT_REPLAY, EventBus
 from .context import TaskContext
 from .errors import (
@@ -41,11 +47,13 @@ from .events import (
     RunCancelled,
     RunFailed,
     RunProgressed,
+    RunRecovered,
     RunRetrying,
     RunStarted,
     RunSubmitted,
     RunSucceeded,
 )
+from .executor import Executor, at_once
 from .handle import RunHandle
 from .health import HealthSampler
 from .jsonsafe import NotJsonSafe, check_jsonable, check_key, jsonable, safe_str, safe_text
@@ -55,6 +63,7 @@ from .queues import QueueInfo, WorkQueue
 from .runs import (
     CancelReason,
     EngineStats,
+    Progress,
     Run,
     RunError,
     RunList,
@@ -63,6 +72,21 @@ from .runs import (
 )
 from .scheduler import PeriodicInfo, Scheduler
 from .snapshot import Snapshot
+from .store import (
+    Cancelled,
+    Claim,
+    Failed,
+    Inserted,
+    MemoryStore,
+    NewRun,
+    Outcome,
+    Page,
+    Recovered,
+    Retry,
+    Store,
+    Succeeded,
+    make_store,
+)
 from .supervisor import Supervisor, WorkerInfo
 from .tasks import TaskFn, TaskInfo, TaskSpec, params_model_of
 from .triggers import Trigger, TriggerState
@@ -78,9 +102,33 @@ _SUCCEEDED = RunStatus.SUCCEEDED
 _FAILED = RunStatus.FAILED
 _CANCELLED = RunStatus.CANCELLED
 
+#: ``backend=`` values kept as aliases: both run on the store; inline makes submit wait
+_BACKENDS = ("asyncio", "inline")
+
 
 def _random_id() -> str:
     return os.urandom(8).hex()
+
+
+def _log_failed_write(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("writing a run's outcome to the store failed", exc_info=task.exception())
+
+
+def default_node_id() -> str:
+    """``host-app``: the same after a restart, so the next start recognises its own orphaned runs.
+
+    The app is the running script's name (``python -m pkg`` gives ``pkg``); a
+    process id would change on every restart and orphan the previous
+    incarnation's runs under a name nobody uses any more.
+    """
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and getattr(spec, "name", None):
+        app = spec.name.removesuffix(".__main__")
+    else:
+        app = os.path.splitext(os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "python"))[0]
+    return f"{socket.gethostname()}-{app or 'python'}"
 
 
 class Engine:
@@ -93,11 +141,28 @@ class Engine:
     max_queue:
         Runs waiting for a slot; ``submit`` raises :class:`QueueFull` beyond it.
     history:
-        Finished runs kept for queries; older ones are evicted oldest-finished first.
+        Finished runs kept, in the store and in the in-memory index the sync
+        queries read; older ones are pruned oldest-finished first.
+    retention:
+        Seconds a finished run is kept in the store (None: no age limit).
+        Pending and running runs are never pruned.
+    store:
+        Where runs live: ``"memory"`` (default: fastest, gone with the
+        process), ``"sqlite:///path/to/file.db"`` (durable: queued, retrying
+        and running runs survive ``kill -9`` and are recovered at the next
+        start), or a :class:`~taskwatch.engine.store.Store` instance.
     backend:
-        ``"asyncio"`` (default), ``"inline"``, or a :class:`Backend` instance.
+        Kept as an alias: ``"asyncio"`` (the default behaviour) or
+        ``"inline"`` (``submit`` returns only once the run has finished).
     node_id:
-        This engine's name in events and leader election (default: host-pid).
+        This engine's name in events, claims and leader election. Keep it
+        the same across restarts (default: host and app name): each start
+        gets a fresh :attr:`incarnation`, and the previous incarnation's
+        runs are recognised as orphaned and recovered at once.
+    lease_ttl:
+        Seconds a claim on a running run lives without a heartbeat; a run
+        whose worker stops heartbeating for this long is recovered (default
+        30; heartbeats go out every third of it).
     cancel_grace:
         Seconds a cancelled running run gets to finish its cleanup.
     clock:
@@ -113,9 +178,13 @@ class Engine:
         max_concurrency: int = 8,
         max_queue: int = 10_000,
         history: int = 1_000,
-        backend: str | Backend = "asyncio",
+        retention: float | None = None,
+        store: str | Store = "memory",
+        backend: str = "asyncio",
         node_id: str | None = None,
         lease: Any = None,
+        lease_ttl: float = 30.0,
+        poll_interval: float = 1.0,
         resources: dict[str, Any] | None = None,
         flags: dict[str, bool] | None = None,
         replay: int = DEFAULT_REPLAY,
@@ -131,36 +200,76 @@ class Engine:
             max_concurrency=max_concurrency,
             max_queue=max_queue,
             history=history,
+            retention=retention,
             replay=replay,
+            lease_ttl=lease_ttl,
+            poll_interval=poll_interval,
             cancel_grace=cancel_grace,
             throughput_window=throughput_window,
             health_interval=health_interval,
         )
-        self.node_id = node_id or f"{socket.gethostname()}-{os.getpid()}"
+        if backend not in _BACKENDS:
+            raise ValueError(
+                f"unknown backend {backend!r}; choose one of {', '.join(_BACKENDS)}, "
+                "or pass store= for where runs live"
+            )
+        self.node_id = node_id or default_node_id()
+        #: this process start's identity: claims name it, so a restart can tell its old runs apart
+        self.incarnation = os.urandom(8).hex()
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.history = history
+        self.retention = retention
         self.cancel_grace = cancel_grace
+        self.lease_ttl = lease_ttl
         self.resources: dict[str, Any] = dict(resources or {})
         self.flags: dict[str, bool] = dict(flags or {})
         self.health_interval = health_interval
         #: wall clock for every timestamp the engine records (replaceable for tests)
         self.clock = clock
         self._new_id = run_id_factory or _random_id
+        self._inline = backend == "inline"
         self.bus = EventBus(node=self.node_id, replay=replay, clock=clock)
-        self._backend = make_backend(backend)
-        self._backend.bind(self)
+        self._store = make_store(store, clock=clock, lease_ttl=lease_ttl) if isinstance(store, str) else store
+        #: the memory store dies with the engine: shutdown cancels what is left in it
+        self._durable = not isinstance(self._store, MemoryStore)
+        self._executor = Executor(
+            self._store,
+            node=self.node_id,
+            incarnation=self.incarnation,
+            max_concurrency=max_concurrency,
+            limits=self._claim_limits,
+            launch=self._launch,
+            claims=self._held_claims,
+            cancel_requested=self._cancel_requested,
+            claim_lost=self._claim_lost,
+            inserted=self._inserted,
+            recovered=self._on_recovered,
+            next_due=self._next_due,
+            clock=clock,
+            poll_interval=poll_interval,
+            heartbeat_interval=lease_ttl / 3,
+            maintenance_interval=min(1.0, lease_ttl / 3),
+            prune=self._prune,
+        )
         self._tasks: dict[str, TaskSpec] = {}
+        #: the run index: every run this node knows, pending and running ones always
         self._runs: dict[str, Run] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
-        # (task, dedup key) -> the pending run holding it
+        #: claim token -> run, for the runs executing here
+        self._claimed: dict[str, Run] = {}
+        #: (due, run id) of pending retries, so the executor sleeps until the first is due
+        self._retry_due: list[tuple[float, str]] = []
+        # (task, dedup key) -> the pending run holding it, for runs this node submitted
         self._keys: dict[tuple[str, str], Run] = {}
         self._counts: dict[RunStatus, int] = {s: 0 for s in RunStatus}
-        self._retry_timers: set[Run] = set()
+        #: submits between their queue check and their store write (so max_queue holds)
+        self._admitting = 0
         self._submitted_total = 0
         self._finished_total = 0
         self._totals = {_SUCCEEDED: 0, _FAILED: 0, _CANCELLED: 0}
         self._retries_total = 0
+        self._recovered_total = 0
         self._tp_window = throughput_window
         # per-second buckets of [second, finished, failed] for throughput figures
         self._tp: deque[list[int]] = deque()
@@ -192,8 +301,15 @@ class Engine:
         backoff: float = 0.5,
         backoff_max: float = 60.0,
         description: str | None = None,
+        on_lost: Literal["retry", "fail"] = "retry",
     ) -> Any:
-        """Register an ``async def task(ctx, params)`` function. Usable bare or with options."""
+        """Register an ``async def task(ctx, params)`` function. Usable bare or with options.
+
+        ``on_lost``: what recovery does with a run whose worker died mid-run:
+        run it again (``"retry"``, the default; delivery is at-least-once, see
+        ``ctx.attempt``), or fail it as ``WorkerLost`` (``"fail"``, for work
+        that must not run twice).
+        """
 
         def decorate(func: F) -> F:
             self.register(
@@ -206,6 +322,7 @@ class Engine:
                 backoff=backoff,
                 backoff_max=backoff_max,
                 description=description,
+                on_lost=on_lost,
             )
             return func
 
@@ -225,6 +342,7 @@ class Engine:
         description: str | None = None,
         kind: str = "task",
         resources: tuple[str, ...] = (),
+        on_lost: Literal["retry", "fail"] = "retry",
     ) -> TaskSpec:
         task_name = name or fn.__name__
         if task_name in self._tasks:
@@ -237,6 +355,7 @@ class Engine:
             concurrency=concurrency,
             backoff=backoff,
             backoff_max=backoff_max,
+            on_lost=on_lost,
         )
         model = None if kind == "periodic" else params_model_of(fn, params, task_name)
         spec = TaskSpec(
@@ -251,6 +370,7 @@ class Engine:
             kind=kind,
             resources=resources,
             description=description or (fn.__doc__ or "").strip().split("\n")[0],
+            on_lost=on_lost,
         )
         self._tasks[task_name] = spec
         return spec
@@ -267,8 +387,14 @@ class Engine:
         return self._state
 
     @property
-    def backend(self) -> Backend:
-        return self._backend
+    def store(self) -> Store:
+        """Where this engine's runs live."""
+        return self._store
+
+    @property
+    def backend(self) -> str:
+        """``"inline"`` when ``submit`` waits for the outcome, else ``"asyncio"``."""
+        return "inline" if self._inline else "asyncio"
 
     @property
     def started_at(self) -> float | None:
@@ -280,15 +406,28 @@ class Engine:
         return self._loop
 
     async def start(self) -> None:
+        """Open the store, take back the runs a previous incarnation left, then start every loop."""
         if self._state == "running":
             return
         if self._state == "stopping":
             raise EngineNotRunning("stopping")
         self._loop = asyncio.get_running_loop()
+        await self._store.open()
+        try:
+            await self._store.register_node(self.node_id, self.incarnation, __version__)
+            # runs held by this node's previous incarnation are provably orphaned now
+            recovered = await self._store.recover()
+            await self._load_index()
+        except BaseException:
+            await self._store.close()
+            raise
         self.bus.reopen()
         self._state = "running"
         self._started_at = self.clock()
-        self.bus.emit(EngineStarted, backend=self._backend.name)
+        self.bus.emit(EngineStarted, backend=self._store.name)
+        if recovered:
+            await self._on_recovered(recovered)
+        self._executor.start()
         started: list[Any] = []
         try:
             for service in self._services_in_start_order():
@@ -298,9 +437,25 @@ class Engine:
             deadline = self._loop.time() + 1.0
             for service in reversed(started):
                 await service.stop(deadline)
+            await self._executor.stop()
+            await self._store.close()
             self._state = "stopped"
             self.bus.close()
             raise
+
+    async def _load_index(self) -> None:
+        """Fill the run index from the store: its recent history and everything unfinished."""
+        if not self._durable:
+            return  # a memory store starts empty with its engine
+        seen: set[str] = set()
+        pages = [
+            await self._store.query(status=RunStatus.RUNNING.value, limit=100_000),
+            await self._store.query(status=RunStatus.PENDING.value, limit=max(self.max_queue, 1)),
+            await self._store.query(limit=self.history),
+        ]
+        records = [r for page in pages for r in page.runs if not (r.id in seen or seen.add(r.id))]  # type: ignore[func-returns-value]
+        for stored in sorted(records, key=lambda r: r.created_at):
+            self._index(Run.from_record(stored.to_record(), self._tasks.get(stored.task)))
 
     def _services_in_start_order(self) -> list[Any]:
         # leadership first so leader-only workers see the outcome of the first
@@ -316,6 +471,10 @@ class Engine:
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting work, drain for up to ``timeout`` seconds, cancel the rest, await all.
+
+        With a durable store, pending runs stay queued for the next start, and
+        runs cut short by the stop are put back to pending; with the memory
+        store they end ``cancelled`` with ``cancel_reason="shutdown"``.
 
         The shutdown runs as one task of the engine's own: a second caller waits
         for the same shutdown, and a caller that is itself cancelled does not
@@ -348,32 +507,47 @@ class Engine:
             for queue in self._queues.values():
                 await queue.stop(deadline)
             await self._supervisor.stop(deadline)
+            if self._durable:
+                # what is queued waits in the store for the next start; finish what runs
+                self._executor.stop_claiming()
+                await self._executor.flush()
             await self._wait_idle(deadline - loop.time())
+            self._executor.stop_claiming()
             cancelled_pending = 0
-            for run in list(self._retry_timers):
-                self._cancel_retry_timer(run)
-                self._finish_cancelled(run, "shutdown", was_running=False, discard=False)
-                cancelled_pending += 1
-            for run in self._backend.drain_pending():
-                self._finish_cancelled(run, "shutdown", was_running=False, discard=False)
-                cancelled_pending += 1
-            tasks = [t for t in self._backend.running_tasks() if not t.done()]
-            for t in tasks:
-                owner = self._run_of_task(t)
-                if owner is not None and owner.status is _RUNNING and owner.cancel_reason is None:
-                    owner.cancel_reason = "shutdown"
-                t.cancel()
+            if not self._durable:
+                cancelled_pending = await self._cancel_pending("shutdown")
+            cut = [run for run in self._claimed.values() if run.handle is not None and not run.handle.done()]
+            tasks = [run.handle for run in cut if run.handle is not None]
+            for run in cut:
+                if run.status is _RUNNING and run.cancel_reason is None:
+                    run.cancel_reason = "shutdown"
+                if run.handle is not None:
+                    run.handle.cancel()
             await self._await_tasks(tasks)
+            await self._executor.stop()
             await self._leader.stop(loop.time() + 1.0)
             await self._health.stop(loop.time())
             self.bus.emit(EngineStopped, cancelled_pending=cancelled_pending, cancelled_running=len(tasks))
             for server in self._servers:
                 await server.stop()
             self._servers.clear()
+            await self._store.node_stopped(self.incarnation)
         finally:
-            self.bus.close()
-            self._state = "stopped"
-            self._shutdown = None
+            try:
+                await self._store.close()
+            finally:
+                self.bus.close()
+                self._state = "stopped"
+                self._shutdown = None
+
+    async def _cancel_pending(self, reason: CancelReason) -> int:
+        """End every pending run this node knows as cancelled (the memory store's shutdown)."""
+        pending = [run for run in self._runs.values() if run.status is _PENDING]
+        for run in pending:
+            if not self._executor.drop_unwritten(run.id):
+                await self._store.request_cancel(run.id, reason)
+            self._finish_cancelled(run, reason, was_running=False)
+        return len(pending)
 
     async def _await_tasks(self, tasks: list[asyncio.Task[Any]]) -> None:
         """Await cancelled tasks, cancelling again those that swallow the first cancel."""
@@ -393,14 +567,13 @@ class Engine:
                 len(remaining), 3 * self.cancel_grace, ", ".join(t.get_name() for t in remaining),
             )
 
-    def _run_of_task(self, task: asyncio.Task[Any]) -> Run | None:
-        name = task.get_name()
-        if name.startswith("taskwatch-run-"):
-            return self._runs.get(name[len("taskwatch-run-"):])
-        return None
+    def _local_work(self) -> int:
+        """Runs this node still has to see through before it is idle."""
+        running = len(self._claimed)
+        return running if self._durable else running + self._counts[_PENDING]
 
     async def _wait_idle(self, timeout: float) -> bool:
-        if self._counts[_PENDING] + self._counts[_RUNNING] == 0:
+        if self._local_work() == 0:
             return True
         if timeout <= 0:
             return False
@@ -426,18 +599,17 @@ class Engine:
         if self._state != "running":
             raise EngineNotRunning(self._state)
 
-    def _admit(
+    def _prepare(
         self,
         task: str,
         params: BaseModel | dict[str, Any] | None,
         key: str | None,
         source: str,
         internal: bool = False,
-    ) -> tuple[Run, bool]:
-        """Validate and create a pending run; or return the pending run of this task holding ``key``.
+    ) -> Run:
+        """Validate a submission and make its run, recorded nowhere yet; raises before anything changes.
 
-        The flag says whether the run is new (and so must be queued). Periodic and
-        trigger tasks are submitted by their own loops only (``internal``).
+        Periodic and trigger tasks are submitted by their own loops only (``internal``).
         """
         self._require_running()
         spec = self._tasks.get(task)
@@ -446,28 +618,54 @@ class Engine:
         model, dumped = self._validate(spec, params)
         if key is not None:
             check_key(f"task {spec.name!r}", key)
-            existing = self._keys.get((spec.name, key))
-            if existing is not None and existing.status is _PENDING:
-                return existing, False
-        if self._counts[_PENDING] >= self.max_queue:
+        return Run(self._new_id(), spec.name, spec, dumped, model, self.clock(), key, source, spec.retries + 1)
+
+    def _pending_holder(self, run: Run) -> Run | None:
+        """The pending run of the same task already holding ``run``'s dedup key, if any."""
+        if run.key is None:
+            return None
+        holder = self._keys.get((run.task, run.key))
+        return holder if holder is not None and holder.status is _PENDING else None
+
+    def _check_room(self, extra: int = 1) -> None:
+        if self._counts[_PENDING] + self._admitting + extra > self.max_queue:
             raise QueueFull("the engine's run queue", self.max_queue)
-        now = self.clock()
-        run = Run(self._new_id(), spec, dumped, model, now, key, source)
-        self._runs[run.id] = run
-        self._counts[_PENDING] += 1
+
+    @staticmethod
+    def _new_row(run: Run) -> NewRun:
+        spec = run.spec
+        return NewRun(
+            task=run.task,
+            params=run.params,
+            key=run.key,
+            source=run.source,
+            max_attempts=run.max_attempts,
+            on_lost=spec.on_lost if spec is not None else "retry",
+            id=run.id,
+            created_at=run.created_at,
+        )
+
+    def _admitted(self, run: Run) -> None:
+        """``run`` is in the store (or on its way there): index it and say so."""
+        self._index(run)
         self._submitted_total += 1
-        if key is not None:
-            self._keys[(spec.name, key)] = run
+        if run.key is not None:
+            self._keys[(run.task, run.key)] = run
         self.bus.emit(
             RunSubmitted,
             run_id=run.id,
-            task=spec.name,
-            params=dumped,
-            key=key,
-            source=source,
-            max_attempts=spec.retries + 1,
+            task=run.task,
+            params=run.params,
+            key=run.key,
+            source=run.source,
+            max_attempts=run.max_attempts,
         )
-        return run, True
+
+    def _index(self, run: Run) -> None:
+        self._runs[run.id] = run
+        self._counts[run.status] += 1
+        if run.status.finished:
+            self._remember_finished(run)
 
     @staticmethod
     def _validate(
@@ -512,19 +710,84 @@ class Engine:
         *,
         key: str | None = None,
     ) -> RunHandle:
-        """Validate ``params`` and queue a run of ``task``; returns its handle at once.
+        """Validate ``params`` and queue a run of ``task``; returns its handle once the store has it.
 
         With ``key``, a pending run of the same task holding the same key is
-        returned instead of queueing a second one. Raises :class:`UnknownTask`,
-        :class:`InvalidParams`, :class:`QueueFull` or :class:`EngineNotRunning`,
-        and in each case nothing is queued. (The inline backend returns only
-        once the run has finished.)
+        returned instead of queueing a second one (across every process
+        sharing the store). Raises :class:`UnknownTask`, :class:`InvalidParams`,
+        :class:`InvalidKey`, :class:`QueueFull` or :class:`EngineNotRunning`,
+        and in each case nothing is queued. (With ``backend="inline"`` it
+        returns only once the run has finished.)
         """
-        run, new = self._admit(task, params, key, "submit")
-        if new:
-            self._backend.enqueue(run)
-            await self._backend.settle(run)
-        return RunHandle(self, run)
+        handle = await self._submit(self._prepare(task, params, key, "submit"))
+        if self._inline:
+            await handle.wait()
+        return handle
+
+    async def _submit(self, run: Run) -> RunHandle:
+        holder = self._pending_holder(run)
+        if holder is not None:
+            return RunHandle(self, holder.id)
+        self._check_room()
+        self._admitting += 1
+        try:
+            [inserted] = await self._store.insert([self._new_row(run)])
+        finally:
+            self._admitting -= 1
+        if not inserted.new:
+            return RunHandle(self, inserted.id)  # another process's pending run holds the key
+        self._admitted(run)
+        self._start_soon()
+        return RunHandle(self, run.id)
+
+    def _start_soon(self) -> None:
+        """Start new work: at once with the memory store (its claims never wait), else via the executor."""
+        if self._durable:
+            self._executor.wake()
+        else:
+            self._executor.claim_at_once()
+
+    async def submit_many(
+        self, submissions: Iterable[tuple[str, BaseModel | dict[str, Any] | None] | Mapping[str, Any]]
+    ) -> list[RunHandle]:
+        """Queue many runs in one store write (one transaction in a durable store).
+
+        Each item is ``(task, params)`` or a mapping with ``task``, ``params``
+        and ``key``. Every item is validated first: one bad item raises and
+        nothing is queued.
+        """
+        runs: list[Run] = []
+        for item in submissions:
+            if isinstance(item, Mapping):
+                runs.append(self._prepare(item["task"], item.get("params"), item.get("key"), "submit"))
+            else:
+                task, params = item
+                runs.append(self._prepare(task, params, None, "submit"))
+        fresh: list[Run] = []
+        handles: list[RunHandle | None] = []
+        for run in runs:
+            holder = self._pending_holder(run)
+            handles.append(RunHandle(self, holder.id) if holder is not None else None)
+            if holder is None:
+                fresh.append(run)
+        self._check_room(len(fresh))
+        self._admitting += len(fresh)
+        try:
+            inserted = await self._store.insert([self._new_row(run) for run in fresh]) if fresh else []
+        finally:
+            self._admitting -= len(fresh)
+        written = iter(zip(fresh, inserted, strict=True))
+        out: list[RunHandle] = []
+        for handle in handles:
+            if handle is not None:
+                out.append(handle)
+                continue
+            run, result = next(written)
+            if result.new and result.id == run.id:
+                self._admitted(run)
+            out.append(RunHandle(self, result.id))
+        self._start_soon()
+        return out
 
     def submit_nowait(
         self,
@@ -533,35 +796,69 @@ class Engine:
         *,
         key: str | None = None,
         source: str = "submit",
-        extra_args: tuple[Any, ...] = (),
         internal: bool = False,
     ) -> RunHandle:
         """Like :meth:`submit`, for synchronous code on the engine's loop; never waits.
 
-        ``internal`` lets the engine's own loops (periodic tasks, triggers) submit
-        the tasks they registered, which users cannot submit directly.
+        The run is indexed and announced at once and written to the store with
+        the next batch (a moment later). ``internal`` lets the engine's own
+        loops (periodic tasks, triggers) submit the tasks they registered,
+        which users cannot submit directly.
         """
-        run, new = self._admit(task, params, key, source, internal)
-        if new:
-            run.extra_args = extra_args
-            self._backend.enqueue(run)
-        return RunHandle(self, run)
+        run = self._prepare(task, params, key, source, internal)
+        holder = self._pending_holder(run)
+        if holder is not None:
+            return RunHandle(self, holder.id)
+        self._check_room()
+        if self._durable:
+            self._admitted(run)
+            self._executor.insert_later(self._new_row(run))
+            return RunHandle(self, run.id)
+        [inserted] = at_once(self._store.insert([self._new_row(run)]))
+        if not inserted.new:
+            return RunHandle(self, inserted.id)
+        self._admitted(run)
+        self._executor.claim_at_once()
+        return RunHandle(self, run.id)
+
+    def _inserted(self, rows: list[NewRun], result: list[Inserted] | BaseException) -> None:
+        """A batch queued with submit_nowait was written (or could not be)."""
+        if isinstance(result, BaseException):
+            log.error("writing %d queued run(s) to the store failed: %s", len(rows), result)
+            for row in rows:
+                run = self._runs.get(row.id or "")
+                if run is not None and run.status is _PENDING:
+                    error = RunError(type=type(result).__name__, message=f"the run could not be stored: {safe_str(result)}")
+                    self._fail_unstarted(run, error)
+            return
+        for row, inserted in zip(rows, result, strict=True):
+            if inserted.new:
+                continue
+            # another process's pending run held the key: this one never existed in the store
+            run = self._runs.get(row.id or "")
+            if run is not None and run.status is _PENDING:
+                self._finish_cancelled(run, "external", was_running=False)
+
+    def _fail_unstarted(self, run: Run, error: RunError) -> None:
+        run.error = error
+        now = self.clock()
+        self._finish(run, _FAILED, now)
+        self.bus.emit(RunFailed, run_id=run.id, task=run.task, attempt=run.attempt, duration=0.0, error=error)
 
     async def retry(self, run_id: str) -> RunHandle:
         """Submit a new run of a failed or cancelled run's task with the same params."""
-        old = self._lookup(run_id)
+        old = await self.fetch_run(run_id)
         if old.status not in (_FAILED, _CANCELLED):
             raise RunNotRetryable(run_id, old.status.value)
-        if not old.spec.submittable:
+        spec = self._tasks.get(old.task)
+        if spec is not None and not spec.submittable:
             raise RunNotRetryable(
-                run_id, old.status.value, f"it belongs to the {old.spec.kind} {old.spec.name!r}, which runs it again itself"
+                run_id, old.status.value, f"it belongs to the {spec.kind} {spec.name!r}, which runs it again itself"
             )
-        run, new = self._admit(old.spec.name, old.params, None, f"retry:{run_id}")
-        if new:
-            run.extra_args = old.extra_args
-            self._backend.enqueue(run)
-            await self._backend.settle(run)
-        return RunHandle(self, run)
+        handle = await self._submit(self._prepare(old.task, old.params, None, f"retry:{run_id}"))
+        if self._inline:
+            await handle.wait()
+        return handle
 
     # ------------------------------------------------------------------ cancel
 
@@ -571,24 +868,43 @@ class Engine:
         A pending run is cancelled at once. A running run is cancelled
         cooperatively (its ``await`` raises ``CancelledError``) and given
         ``grace`` seconds (default ``cancel_grace``) to finish; if it is still
-        running after that, the record returned says so. Raises
-        :class:`RunNotFound` or :class:`RunNotCancellable`.
+        running after that, the record returned says so. A run executing on
+        another node sharing the store is cancelled by that node, which learns
+        of it with its next heartbeat. Raises :class:`RunNotFound` or
+        :class:`RunNotCancellable`.
         """
-        run = self._lookup(run_id)
+        run = self._runs.get(run_id)
+        if run is None:
+            return await self._cancel_elsewhere(run_id)
         if run.status.finished:
             raise RunNotCancellable(run_id, run.status.value)
         if run.status is _PENDING:
-            if run in self._retry_timers:
-                self._cancel_retry_timer(run)
-                self._finish_cancelled(run, "user", was_running=False, discard=False)
-            else:
+            if self._executor.drop_unwritten(run_id):
                 self._finish_cancelled(run, "user", was_running=False)
+                return run.record()
+            result = await self._store.request_cancel(run_id, "user")
+            if result.action == "cancelled":
+                self._finish_cancelled(run, "user", was_running=False)
+                return run.record()
+            if result.action == "finished":
+                raise RunNotCancellable(run_id, result.run.status.value)
+            # claimed in the meantime (the store has noted the request): cancel it as running
+            if run.handle is None:
+                return run.record()
+        elif run.handle is None:
+            # running on another node: its owner cancels it on its next heartbeat
+            await self._store.request_cancel(run_id, "user")
             return run.record()
         run.cancel_reason = "user"
-        if run.task is not None:
-            run.task.cancel()
+        run.handle.cancel()
         await self._wait_finished(run, self.cancel_grace if grace is None else grace)
         return run.record()
+
+    async def _cancel_elsewhere(self, run_id: str) -> RunRecord:
+        result = await self._store.request_cancel(run_id, "user")  # RunNotFound if the store has none
+        if result.action == "finished":
+            raise RunNotCancellable(run_id, result.run.status.value)
+        return result.run.to_record()
 
     # ------------------------------------------------------------------ queries
 
@@ -599,8 +915,59 @@ class Engine:
         return run
 
     def get(self, run_id: str) -> RunRecord:
-        """The current record of a run. Raises :class:`RunNotFound` for unknown or evicted ids."""
+        """The current record of a run this node knows. Raises :class:`RunNotFound` for
+        unknown or evicted ids (:meth:`fetch_run` also reads the store)."""
         return self._lookup(run_id).record()
+
+    async def fetch_run(self, run_id: str) -> RunRecord:
+        """A run's record from the index, or else from the store (runs of other processes,
+        runs pruned from the index but still stored). Raises :class:`RunNotFound`."""
+        run = self._runs.get(run_id)
+        if run is not None:
+            return run.record()
+        stored = await self._store.get(run_id)
+        if stored is None:
+            raise RunNotFound(run_id)
+        return stored.to_record()
+
+    async def query_runs(
+        self,
+        *,
+        status: RunStatus | str | None = None,
+        task: str | None = None,
+        since: float | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> Page:
+        """Runs in the store, newest first, one page at a time: pass ``page.next`` as ``before``."""
+        return await self._store.query(status=status, task=task, since=since, limit=limit, before=before)
+
+    async def wait_for(self, run_id: str, timeout: float | None = None) -> RunRecord:
+        """The run's record once it has finished, or as it is after ``timeout`` seconds.
+
+        Resolves from this node's own finish, or by reading the store for a
+        run another process executes.
+        """
+        run = self._runs.get(run_id)
+        if run is not None:
+            return await self._wait_finished(run, timeout)
+        return await self._poll_store(run_id, timeout)
+
+    async def _poll_store(self, run_id: str, timeout: float | None) -> RunRecord:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        delay = 0.01
+        while True:
+            record = await self.fetch_run(run_id)
+            if record.status.finished or (deadline is not None and loop.time() >= deadline):
+                return record
+            run = self._runs.get(run_id)
+            if run is not None:  # claimed here meanwhile: its finish wakes us
+                left = None if deadline is None else max(0.0, deadline - loop.time())
+                return await self._wait_finished(run, left)
+            pause = delay if deadline is None else min(delay, max(0.0, deadline - loop.time()))
+            await asyncio.sleep(pause)  # another process's run: nothing here to wake us
+            delay = min(delay * 2, 0.5)
 
     def runs(
         self,
@@ -609,7 +976,7 @@ class Engine:
         task: str | None = None,
         limit: int | None = 50,
     ) -> RunList:
-        """Known runs, newest first, optionally filtered by status(es) and task name."""
+        """Runs this node knows, newest first, optionally filtered by status(es) and task name."""
         wanted: set[RunStatus] | None
         if status is None:
             wanted = None
@@ -623,7 +990,7 @@ class Engine:
         for run in reversed(self._runs.values()):
             if wanted is not None and run.status not in wanted:
                 continue
-            if task is not None and run.spec.name != task:
+            if task is not None and run.task != task:
                 continue
             out.append(run.record())
             if limit is not None and len(out) >= limit:
@@ -638,7 +1005,7 @@ class Engine:
             node_id=self.node_id,
             state=self._state,
             by_status={s.value: n for s, n in self._counts.items()},
-            queue_depth=self._backend.queue_depth,
+            queue_depth=self._counts[_PENDING],
             running=self._counts[_RUNNING],
             submitted_total=self._submitted_total,
             finished_total=self._finished_total,
@@ -841,39 +1208,117 @@ class Engine:
         return self._supervisor.workers()
 
 
-    # ------------------------------------------------------------------ execution
+    # ------------------------------------------------------------------ execution (the executor's callbacks)
 
-    def _begin(self, run: Run) -> None:
-        """Mark ``run`` running; the backend calls this as it creates the run's task.
+    def _claim_limits(self) -> dict[str, int | None]:
+        """Every task this node can execute, with its concurrency limit."""
+        return {name: spec.concurrency for name, spec in self._tasks.items()}
 
-        Done synchronously, before the task's first step, so a cancel or a stop
-        that comes in between sees a running run with a task to cancel.
+    def _launch(self, claim: Claim) -> None:
+        """Start executing a run the executor claimed for this node.
+
+        Marked running synchronously, before the task's first step, so a
+        cancel or a stop that comes in between sees a running run with a task
+        to cancel.
         """
+        run = self._runs.get(claim.run_id)
+        if run is None:
+            # submitted by another process, or by this node's previous incarnation
+            spec = self._tasks.get(claim.task)
+            run = Run(
+                claim.run_id, claim.task, spec, claim.params, None, claim.created_at,
+                claim.key, claim.source, claim.max_attempts,
+            )
+            self._index(run)
+        elif run.status is not _PENDING:
+            # the index already moved on (cancelled here while the claim was in flight)
+            self._executor.started(claim.task)
+            self._executor.released(claim.task)
+            return
         counts = self._counts
         counts[_PENDING] -= 1
         counts[_RUNNING] += 1
         run.status = _RUNNING
-        run.started_at = self.clock()
+        run.attempt = claim.attempt
+        run.started_at = claim.started_at
+        run.finished_at = None
+        run.run_after = 0.0
+        run.token = claim.token
+        self._claimed[claim.token] = run
         self._release_key(run)
-        self.bus.emit(RunStarted, run_id=run.id, task=run.spec.name, attempt=run.attempt)
+        self._executor.started(claim.task)
+        self.bus.emit(RunStarted, run_id=run.id, task=run.task, attempt=run.attempt)
+        task = asyncio.get_running_loop().create_task(self._execute(run, claim.token), name=f"taskwatch-run-{run.id}")
+        run.handle = task
+        # a callback, not a finally: it also runs for a task cancelled before its first step
+        task.add_done_callback(functools.partial(self._ended, run, claim.token))
 
-    def _task_done(self, run: Run) -> None:
-        """The backend's task for ``run`` ended; record it if it ended without a word.
-
-        A task cancelled before its first step never runs ``_execute``, so
-        nothing recorded its end.
-        """
-        if run.status is _RUNNING:
+    def _ended(self, run: Run, token: str, task: asyncio.Task[None]) -> None:
+        if run.handle is task:
+            run.handle = None
+        self._claimed.pop(token, None)
+        self._executor.released(run.task)
+        if run.status is _RUNNING and run.token == token:
+            # cancelled before its first step, or while writing its outcome: nothing recorded it
+            run.token = None
             self._finish_cancelled(run, run.cancel_reason or "external", was_running=True)
+            self._write_later(token, Cancelled(run.cancel_reason or "external"))
+        self._check_idle()
 
-    async def _execute(self, run: Run) -> None:
-        """Run one attempt of a run marked running by :meth:`_begin`, and record its outcome."""
+    def _write_later(self, token: str, outcome: Outcome) -> None:
+        """Write an outcome from a callback that cannot wait (the store refuses a stale token)."""
+        if self._loop is None or self._loop.is_closed():
+            return
+        self._loop.create_task(self._store.finish(token, outcome)).add_done_callback(_log_failed_write)
+
+    def _held_claims(self) -> dict[str, Progress]:
+        return {token: Progress(done=run.done, total=run.total, message=run.message) for token, run in self._claimed.items()}
+
+    def _cancel_requested(self, token: str, reason: CancelReason) -> None:
+        """Someone (any node) asked the store to cancel a run executing here."""
+        run = self._claimed.get(token)
+        if run is not None and run.handle is not None and run.cancel_reason is None:
+            run.cancel_reason = reason
+            run.handle.cancel()
+
+    def _claim_lost(self, token: str) -> None:
+        """The store no longer counts this node as the run's owner (recovered elsewhere): stop it."""
+        run = self._claimed.get(token)
+        if run is None:
+            return
+        log.warning("lost the claim on run %s (recovered by another node); stopping it here", run.id)
+        run.token = None  # nothing this attempt does may be recorded any more
+        if run.handle is not None:
+            run.handle.cancel()
+
+    def _next_due(self) -> float | None:
+        """When the earliest pending retry this node knows of is due."""
+        due = self._retry_due
+        while due:
+            when, run_id = due[0]
+            run = self._runs.get(run_id)
+            if run is not None and run.status is _PENDING and run.run_after == when:
+                return when
+            heapq.heappop(due)  # started, cancelled or evicted since
+        return None
+
+    async def _execute(self, run: Run, token: str) -> None:
+        """Run one attempt of a claimed run and write its outcome with the claim's token."""
         spec = run.spec
-        if run.status is not _RUNNING:
+        if spec is None:
+            error = RunError(
+                type="UnknownTask",
+                message=f"task {run.task!r} is not registered on node {self.node_id!r}; register it there, or run it elsewhere",
+            )
+            await self._record(run, token, Failed(error), error)
             return
         try:
+            model = run.model
+            if model is None and spec.params_model is not None:
+                # a run read back from the store: its params are validated again here
+                model = run.model = spec.params_model.model_validate(run.params)
             ctx = TaskContext(self, run, spec.name)
-            args: tuple[Any, ...] = (ctx,) if run.model is None else (ctx, run.model)
+            args: tuple[Any, ...] = (ctx,) if model is None else (ctx, model)
             kwargs = {name: self.resources[name] for name in spec.resources} if spec.resources else {}
             if spec.timeout is None:
                 result = await spec.fn(*args, **kwargs)
@@ -884,9 +1329,11 @@ class Engine:
                 result = jsonable(result)
         except asyncio.CancelledError:
             reason = run.cancel_reason or "external"
-            self._finish_cancelled(run, reason, was_running=True)
-            if reason == "external":
+            if reason == "external" and run.token is not None:
+                await self._record(run, token, Cancelled(reason), None)
                 raise
+            if run.token is not None:
+                await self._record(run, token, self._cut_short(run, reason), None)
             # our own cancel: the run is recorded, the task ends normally
             current = asyncio.current_task()
             if current is not None:
@@ -914,72 +1361,131 @@ class Engine:
         else:
             if run.cancel_reason is not None:
                 # the task swallowed the cancel and returned: it was still cancelled
-                self._finish_cancelled(run, run.cancel_reason, was_running=True)
+                await self._record(run, token, self._cut_short(run, run.cancel_reason), None)
                 return
-            now = self.clock()
-            run.result = result
-            self._finish(run, _SUCCEEDED, now)
-            self.bus.emit(
-                RunSucceeded,
-                run_id=run.id,
-                task=spec.name,
-                attempt=run.attempt,
-                duration=now - (run.started_at or now),
-                result=result,
-            )
+            await self._record(run, token, Succeeded(result), None)
             return
         if run.cancel_reason is not None:
             # cancelled while it was failing: the user's intent wins
-            self._finish_cancelled(run, run.cancel_reason, was_running=True)
+            await self._record(run, token, self._cut_short(run, run.cancel_reason), None)
             return
-        run.error = error
-        if run.attempt <= spec.retries and self._state != "stopped":
-            self._schedule_retry(run, error)
+        if run.attempt < run.max_attempts and self._state != "stopped":
+            delay = min(spec.backoff_max, spec.backoff * 2 ** (run.attempt - 1))
+            delay *= random.uniform(0.5, 1.0)  # jitter so retries of a burst spread out
+            await self._record(run, token, Retry(error, delay), error)
+            return
+        await self._record(run, token, Failed(error), error)
+
+    def _cut_short(self, run: Run, reason: CancelReason) -> Outcome:
+        """A durable store keeps a run cut short by shutdown for the next start; else it is cancelled."""
+        if reason == "shutdown" and self._durable:
+            return Retry(RunError(type="Shutdown", message=f"node {self.node_id!r} stopped while the run was executing; re-queued"), 0.0)
+        return Cancelled(reason)
+
+    async def _record(self, run: Run, token: str, outcome: Outcome, error: RunError | None) -> None:
+        """Write ``outcome`` with the claim's token, then bring the index and the bus up to date."""
+        if run.token != token:
+            return  # the claim was lost: another node owns the run now
+        status = await self._store.finish(token, outcome)
+        if run.token != token:
+            return
+        run.token = None
+        if status is None:
+            # the store gave the run to someone else while this attempt ran
+            log.warning("the outcome of run %s was refused: its claim had expired", run.id)
+            self._forget_claim(run)
             return
         now = self.clock()
-        self._finish(run, _FAILED, now)
-        self.bus.emit(
-            RunFailed,
-            run_id=run.id,
-            task=spec.name,
-            attempt=run.attempt,
-            duration=now - (run.started_at or now),
-            error=error,
-        )
+        if status is _PENDING:
+            assert isinstance(outcome, Retry)
+            self._requeued(run, outcome.error, now + outcome.delay)
+            self.bus.emit(
+                RunRetrying, run_id=run.id, task=run.task, attempt=run.attempt, delay=outcome.delay, error=outcome.error
+            )
+            self._executor.wake()
+        elif status is _SUCCEEDED:
+            result = outcome.result if isinstance(outcome, Succeeded) else None
+            run.result = result
+            self._finish(run, _SUCCEEDED, now)
+            self.bus.emit(
+                RunSucceeded, run_id=run.id, task=run.task, attempt=run.attempt,
+                duration=now - (run.started_at or now), result=result,
+            )
+        elif status is _FAILED:
+            run.error = error
+            self._finish(run, _FAILED, now)
+            self.bus.emit(
+                RunFailed, run_id=run.id, task=run.task, attempt=run.attempt,
+                duration=now - (run.started_at or now), error=error,
+            )
+        else:
+            reason = outcome.reason if isinstance(outcome, Cancelled) else (run.cancel_reason or "user")
+            self._finish_cancelled(run, reason, was_running=True)
 
-    def _release_key(self, run: Run) -> None:
-        if run.key is not None and self._keys.get((run.spec.name, run.key)) is run:
-            del self._keys[(run.spec.name, run.key)]
+    def _forget_claim(self, run: Run) -> None:
+        """This node no longer executes ``run``: show it pending until the store says more."""
+        if run.status is _RUNNING:
+            self._counts[_RUNNING] -= 1
+            self._counts[_PENDING] += 1
+            run.status = _PENDING
 
-    def _schedule_retry(self, run: Run, error: RunError) -> None:
-        spec = run.spec
-        delay = min(spec.backoff_max, spec.backoff * 2 ** (run.attempt - 1))
-        delay *= random.uniform(0.5, 1.0)  # jitter so retries of a burst spread out
-        self._counts[_RUNNING] -= 1
-        self._counts[_PENDING] += 1
+    def _requeued(self, run: Run, error: RunError | None, run_after: float) -> None:
+        counts = self._counts
+        counts[run.status] -= 1
+        counts[_PENDING] += 1
         run.status = _PENDING
         run.attempt += 1
+        run.run_after = run_after
+        if run_after:
+            heapq.heappush(self._retry_due, (run_after, run.id))
+        run.error = error
+        run.finished_at = None
         self._retries_total += 1
         if run.key is not None:
-            self._keys.setdefault((run.spec.name, run.key), run)
-        self.bus.emit(
-            RunRetrying, run_id=run.id, task=spec.name, attempt=run.attempt, delay=delay, error=error
-        )
-        loop = asyncio.get_running_loop()
-        run.retry_handle = loop.call_later(delay, self._retry_due, run)
-        self._retry_timers.add(run)
+            self._keys.setdefault((run.task, run.key), run)
 
-    def _retry_due(self, run: Run) -> None:
-        run.retry_handle = None
-        self._retry_timers.discard(run)
-        if run.status is _PENDING:
-            self._backend.enqueue(run)
+    async def _on_recovered(self, recovered: list[Recovered]) -> None:
+        """Runs taken back from lost workers (any node's): update the index, publish what happened."""
+        for item in recovered:
+            self._recovered_total += 1
+            run = self._runs.get(item.run_id)
+            if run is None:
+                stored = await self._store.get(item.run_id)
+                if stored is None:
+                    continue
+                run = Run.from_record(stored.to_record(), self._tasks.get(item.task))
+                self._index(run)
+            elif run.status is _RUNNING and run.handle is None:
+                # ran on the lost node: this node's view moves on with the store's
+                stored = await self._store.get(item.run_id)
+                if stored is not None:
+                    self._counts[run.status] -= 1
+                    run.status = _PENDING
+                    self._counts[_PENDING] += 1
+                    run.attempt = stored.attempt
+            if item.action == "requeued" and run.status is not _PENDING:
+                self._requeued(run, run.error, 0.0)
+            run.attempt = item.attempt
+            self.bus.emit(
+                RunRecovered, run_id=run.id, task=run.task, action=item.action, reason=item.reason,
+                attempt=item.attempt, lost_count=item.lost_count, from_node=item.node,
+            )
+            if item.action == "failed" and not run.status.finished:
+                stored = await self._store.get(item.run_id)
+                error = stored.error if stored is not None and stored.error is not None else RunError(
+                    type="WorkerLost", message="its worker was lost"
+                )
+                self._fail_unstarted(run, error)
+            elif item.action == "cancelled" and not run.status.finished:
+                self._finish_cancelled(run, "external", was_running=True)
 
-    def _cancel_retry_timer(self, run: Run) -> None:
-        if run.retry_handle is not None:
-            run.retry_handle.cancel()
-            run.retry_handle = None
-        self._retry_timers.discard(run)
+    async def _prune(self) -> None:
+        """Keep the store within ``history`` and ``retention`` (never touching unfinished runs)."""
+        await self._store.prune(keep=self.history, older_than=self.retention)
+
+    def _release_key(self, run: Run) -> None:
+        if run.key is not None and self._keys.get((run.task, run.key)) is run:
+            del self._keys[(run.task, run.key)]
 
     def _progress(self, run: Run, done: float, total: float | None, message: str) -> None:
         # the event is validated first: a value it refuses raises in the task and
@@ -987,7 +1493,7 @@ class Engine:
         event = self.bus.emit(
             RunProgressed,
             run_id=run.id,
-            task=run.spec.name,
+            task=run.task,
             done=done,
             total=total,
             message=safe_text(message) if isinstance(message, str) else message,
@@ -996,19 +1502,15 @@ class Engine:
         run.total = event.total
         run.message = event.message
 
-    def _finish_cancelled(
-        self, run: Run, reason: CancelReason, *, was_running: bool, discard: bool = True
-    ) -> None:
+    def _finish_cancelled(self, run: Run, reason: CancelReason, *, was_running: bool) -> None:
         if run.status.finished:
             return
-        if not was_running and discard:
-            self._backend.discard(run)
         run.cancel_reason = reason
         self._finish(run, _CANCELLED, self.clock())
         self.bus.emit(
             RunCancelled,
             run_id=run.id,
-            task=run.spec.name,
+            task=run.task,
             attempt=run.attempt,
             reason=reason,
             was_running=was_running,
@@ -1020,6 +1522,7 @@ class Engine:
         counts[status] += 1
         run.status = status
         run.finished_at = now
+        run.run_after = 0.0
         self._release_key(run)
         self._finished_total += 1
         self._totals[status] += 1
@@ -1043,15 +1546,21 @@ class Engine:
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(record)
+        self._remember_finished(run)
+        self._check_idle()
+
+    def _remember_finished(self, run: Run) -> None:
         finished = self._finished
         finished[run.id] = None
         if len(finished) > self.history:
             evicted, _ = finished.popitem(last=False)
             old = self._runs.pop(evicted, None)
             if old is not None:
-                counts[old.status] -= 1
+                self._counts[old.status] -= 1
+
+    def _check_idle(self) -> None:
         idle = self._idle
-        if idle is not None and counts[_PENDING] + counts[_RUNNING] == 0 and not idle.done():
+        if idle is not None and self._local_work() == 0 and not idle.done():
             idle.set_result(None)
 
     async def _wait_finished(self, run: Run, timeout: float | None) -> RunRecord:

@@ -72,6 +72,23 @@ class RunFailed(RunEvent):
     error: RunError
 
 
+class RunRecovered(RunEvent):
+    """A run whose worker was lost, taken back by recovery.
+
+    ``action`` says what became of it: ``requeued`` (pending again, with
+    ``attempt`` counted up), ``failed`` (as ``WorkerLost``: lost too often, or
+    its task says ``on_lost="fail"``) or ``cancelled`` (a cancel was pending).
+    A ``failed`` or ``cancelled`` run also gets its usual finished event.
+    """
+
+    kind: Literal["run.recovered"] = "run.recovered"
+    action: Literal["requeued", "failed", "cancelled"]
+    reason: str
+    attempt: int
+    lost_count: int
+    from_node: str | None = None
+
+
 class RunCancelled(RunEvent):
     kind: Literal["run.cancelled"] = "run.cancelled"
     attempt: int = 1
@@ -254,6 +271,7 @@ Event = Annotated[
     | RunSucceeded
     | RunFailed
     | RunCancelled
+    | RunRecovered
     | EngineStarted
     | EngineStopping
     | EngineStopped

@@ -1,4 +1,9 @@
-"""Handles returned by ``submit``: a run's id plus ways to wait for and steer it."""
+"""Handles returned by ``submit``: a run's id plus ways to wait for and steer it.
+
+A handle holds the engine and the run id only, so it works for a run that
+another process executes (or that has left this node's index): waiting falls
+back to reading the store.
+"""
 
 from __future__ import annotations
 
@@ -9,37 +14,39 @@ from .runs import RunRecord, RunStatus
 
 if TYPE_CHECKING:
     from .engine import Engine
-    from .runs import Run
 
 
 class RunHandle:
     """A submitted run. ``await handle`` or ``await handle.wait()`` gives the finished record."""
 
-    __slots__ = ("_engine", "_run", "id")
+    __slots__ = ("_engine", "id")
 
-    def __init__(self, engine: Engine, run: Run) -> None:
+    def __init__(self, engine: Engine, run_id: str) -> None:
         self._engine = engine
-        self._run = run
-        self.id = run.id
+        self.id = run_id
 
     @property
     def status(self) -> RunStatus:
-        return self._run.status
+        return self.record().status
 
     @property
     def done(self) -> bool:
-        return self._run.status.finished
+        return self.record().status.finished
 
     def record(self) -> RunRecord:
-        """The run's current record (works even after the run left the history)."""
-        return self._run.record()
+        """The run's current record as this node knows it (``RunNotFound`` once evicted)."""
+        return self._engine.get(self.id)
+
+    async def fetch(self) -> RunRecord:
+        """The run's current record, from the store if this node no longer holds it."""
+        return await self._engine.fetch_run(self.id)
 
     async def wait(self, timeout: float | None = None) -> RunRecord:
         """Wait until the run has finished and return its record.
 
         Raises ``TimeoutError`` if it is still going after ``timeout`` seconds.
         """
-        record = await self._engine._wait_finished(self._run, timeout)
+        record = await self._engine.wait_for(self.id, timeout)
         if not record.status.finished:
             raise TimeoutError(f"run {self.id} is still {record.status.value} after {timeout} s")
         return record
@@ -51,4 +58,4 @@ class RunHandle:
         return self.wait().__await__()
 
     def __repr__(self) -> str:
-        return f"<RunHandle {self.id} {self._run.spec.name} {self._run.status.value}>"
+        return f"<RunHandle {self.id}>"

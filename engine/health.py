@@ -65,7 +65,7 @@ class HealthSampler:
                 maxsize=q.maxsize,
             )
         finished, failed = engine.rates(1)
-        counts = engine._counts
+        counts = engine.stats().by_status
         sample = engine.bus.emit(
             HealthSample,
             cpu_percent=cpu,
@@ -73,8 +73,8 @@ class HealthSampler:
             threads=threads,
             open_fds=fds,
             loop_lag_ms=max(0.0, loop_lag * 1000.0),
-            running=counts[RunStatus.RUNNING],
-            queue_depth=engine.backend.queue_depth,
+            running=counts[RunStatus.RUNNING.value],
+            queue_depth=counts[RunStatus.PENDING.value],
             queue_depths={q.name: q.depth for q in queues},
             finished_per_s=finished,
             failed_per_s=failed,

@@ -9,7 +9,7 @@ engine spin, stall or fail every run later.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
@@ -40,7 +40,10 @@ class EngineOptions(_Options):
     max_concurrency: AtLeastOne
     max_queue: AtLeastOne
     history: Count
+    retention: PositiveSeconds | None
     replay: Count
+    lease_ttl: Annotated[float, BeforeValidator(_not_bool), Field(ge=0.05, allow_inf_nan=False)]
+    poll_interval: Annotated[float, BeforeValidator(_not_bool), Field(ge=0.001, allow_inf_nan=False)]
     cancel_grace: Seconds
     throughput_window: PositiveSeconds
     health_interval: PositiveSeconds | None
@@ -52,6 +55,7 @@ class TaskOptions(_Options):
     concurrency: AtLeastOne | None
     backoff: Seconds
     backoff_max: Seconds
+    on_lost: Literal["retry", "fail"]
 
 
 class PeriodicOptions(_Options):

@@ -170,15 +170,22 @@ class EngineStats(BaseModel):
 
 
 class Run:
-    """The engine's mutable state for one run (never handed to callers)."""
+    """This node's view of one run: what the sync queries answer from (never handed to callers).
+
+    The store owns the run's row; this is the engine's in-memory index entry,
+    kept current by the transitions this node makes (and, for runs this node
+    did not submit, filled in when it claims or recovers them).
+    """
 
     __slots__ = (
         "id",
+        "task",
         "spec",
         "params",
         "model",
         "status",
         "attempt",
+        "max_attempts",
         "created_at",
         "started_at",
         "finished_at",
@@ -190,28 +197,33 @@ class Run:
         "key",
         "source",
         "cancel_reason",
-        "task",
+        "handle",
+        "token",
+        "run_after",
         "waiters",
-        "retry_handle",
-        "extra_args",
     )
 
     def __init__(
         self,
         run_id: str,
-        spec: TaskSpec,
+        task: str,
+        spec: TaskSpec | None,
         params: dict[str, Any],
         model: BaseModel | None,
         created_at: float,
         key: str | None,
         source: str,
+        max_attempts: int,
     ) -> None:
         self.id = run_id
+        self.task = task
+        #: the registered task (None for a run of a task this node does not know)
         self.spec = spec
         self.params = params
         self.model = model
         self.status = RunStatus.PENDING
         self.attempt = 1
+        self.max_attempts = max_attempts
         self.created_at = created_at
         self.started_at: float | None = None
         self.finished_at: float | None = None
@@ -223,20 +235,48 @@ class Run:
         self.key = key
         self.source = source
         self.cancel_reason: CancelReason | None = None
-        self.task: asyncio.Task[Any] | None = None
+        #: the asyncio task executing the current attempt on this node
+        self.handle: asyncio.Task[Any] | None = None
+        #: this node's claim token while it executes the run
+        self.token: str | None = None
+        #: when a pending retry is due (UNIX seconds; 0 for at once)
+        self.run_after = 0.0
         self.waiters: list[asyncio.Future[RunRecord]] | None = None
-        self.retry_handle: asyncio.TimerHandle | None = None
-        #: extra positional arguments after params (periodic tasks' resources)
-        self.extra_args: tuple[Any, ...] = ()
+
+    @classmethod
+    def from_record(cls, record: RunRecord, spec: TaskSpec | None) -> Run:
+        """An index entry for a run read from the store."""
+        run = cls(
+            record.id,
+            record.task,
+            spec,
+            dict(record.params),
+            None,
+            record.created_at,
+            record.key,
+            record.source,
+            record.max_attempts,
+        )
+        run.status = record.status
+        run.attempt = record.attempt
+        run.started_at = record.started_at
+        run.finished_at = record.finished_at
+        run.done = record.progress.done
+        run.total = record.progress.total
+        run.message = record.progress.message
+        run.result = record.result
+        run.error = record.error
+        run.cancel_reason = record.cancel_reason
+        return run
 
     def record(self) -> RunRecord:
         return RunRecord(
             id=self.id,
-            task=self.spec.name,
+            task=self.task,
             params=self.params,
             status=self.status,
             attempt=self.attempt,
-            max_attempts=self.spec.retries + 1,
+            max_attempts=self.max_attempts,
             created_at=self.created_at,
             started_at=self.started_at,
             finished_at=self.finished_at,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,7 +45,8 @@ class TaskSpec:
     #: names of engine resources passed to the function as keyword arguments
     resources: tuple[str, ...] = ()
     description: str = ""
-    running: int = field(default=0, repr=False)
+    #: what recovery does with a run whose worker was lost: run it again, or fail it
+    on_lost: Literal["retry", "fail"] = "retry"
 
     @property
     def submittable(self) -> bool:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from taskwatch.engine import Engine, TaskContext
+from taskwatch.engine import Engine, RunHandle, RunStatus, TaskContext
 from taskwatch.engine.events import HealthSample
 from taskwatch.widgets import FailuresList, RunsTable
 
@@ -201,7 +201,7 @@ async def play(engine: Engine, clock: FrozenClock) -> None:
     ]
     for task, params in steps:
         clock.advance(2.0)
-        await (await engine.submit(task, params)).wait(5)
+        await _finished(await engine.submit(task, params), clock)
     queue = engine._queues["significance"]
     for turn, text in [(101, "hello"), (102, "an error happened"), (103, "thanks")]:
         queue.put_nowait({"turn_id": turn, "text": text})
@@ -218,6 +218,20 @@ async def play(engine: Engine, clock: FrozenClock) -> None:
     engine.pause_periodic("traffic")
     await _until(lambda: any(w.crashes for w in engine.workers()))
     clock.advance(1.5)
+
+
+async def _finished(handle: RunHandle, clock: FrozenClock) -> None:
+    """Wait for a run, moving the frozen clock past each retry's backoff once (retries are due by it)."""
+    waited: set[int] = set()
+
+    def done() -> bool:
+        record = handle.record()
+        if record.status is RunStatus.PENDING and record.attempt > 1 and record.attempt not in waited:
+            waited.add(record.attempt)
+            clock.advance(0.01)
+        return record.status.finished
+
+    await _until(done)
 
 
 async def _until(predicate: Any, timeout: float = 5.0) -> None:
