@@ -258,6 +258,9 @@ class Engine:
         self._finished: OrderedDict[str, None] = OrderedDict()
         #: claim token -> run, for the runs executing here
         self._claimed: dict[str, Run] = {}
+        #: runs evicted from the index since the memory store was last pruned
+        self._evicted = 0
+        self._prune_every = max(64, history // 8)
         #: (due, run id) of pending retries, so the executor sleeps until the first is due
         self._retry_due: list[tuple[float, str]] = []
         # (task, dedup key) -> the pending run holding it, for runs this node submitted
@@ -1257,12 +1260,12 @@ class Engine:
         if run.handle is task:
             run.handle = None
         self._claimed.pop(token, None)
-        self._executor.released(run.task)
         if run.status is _RUNNING and run.token == token:
             # cancelled before its first step, or while writing its outcome: nothing recorded it
             run.token = None
             self._finish_cancelled(run, run.cancel_reason or "external", was_running=True)
             self._write_later(token, Cancelled(run.cancel_reason or "external"))
+        self._executor.released(run.task)
         self._check_idle()
 
     def _write_later(self, token: str, outcome: Outcome) -> None:
@@ -1390,6 +1393,7 @@ class Engine:
         if run.token != token:
             return
         run.token = None
+        self._claimed.pop(token, None)
         if status is None:
             # the store gave the run to someone else while this attempt ran
             log.warning("the outcome of run %s was refused: its claim had expired", run.id)
@@ -1557,6 +1561,12 @@ class Engine:
             old = self._runs.pop(evicted, None)
             if old is not None:
                 self._counts[old.status] -= 1
+            self._evicted += 1
+            if self._evicted >= self._prune_every and not self._durable:
+                # the memory store is pruned as the index is, in small steps: rows it
+                # kept past history would only cost memory and garbage-collector time
+                self._evicted = 0
+                at_once(self._store.prune(keep=self.history, older_than=self.retention))
 
     def _check_idle(self) -> None:
         idle = self._idle

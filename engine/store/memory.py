@@ -183,8 +183,10 @@ class MemoryStore(Store):
         now = self.clock()
         keys = self._keys
         rows = self._rows
-        if max_pending is not None or any(r.id is not None for r in runs):
+        if max_pending is not None or len(runs) > 1:
             self._check_insert(runs, max_pending)
+        elif runs and runs[0].id is not None and runs[0].id in rows:
+            raise DuplicateRunId(runs[0].id)
         out: list[Inserted] = []
         ready = self._ready
         added = 0
