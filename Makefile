@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/taskwatch
+	$(VENV)/bin/taskwatch --store sqlite:///.taskwatch/demo.db
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -1075,6 +1075,8 @@ class Engine:
             stats=self.stats(),
             leadership=self.leadership(),
             last_seq=self.bus.last_seq,
+            store=self._store.describe(),
+            incarnation=self.incarnation,
         )
 
     # ------------------------------------------------------------------ elsewhere: threads, sockets

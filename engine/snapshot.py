@@ -86,6 +86,9 @@ class Snapshot(BaseModel):
     stats: EngineStats
     leadership: Leadership
     last_seq: int
+    #: where the runs live (``memory``, ``sqlite:/path``) and this process start's incarnation
+    store: str = "memory"
+    incarnation: str = ""
     #: runs left out of ``runs`` to keep the snapshot within its connection's line limit
     runs_omitted: int = 0
 

@@ -269,6 +269,8 @@ class TaskwatchApp(App[None]):
         again once the refilled table shows it.
         """
         self.state.load(snap)
+        # which engine process, and where its runs live, is the first thing to know
+        self.sub_title = f"{self.client.where} · node {snap.node_id} · store {snap.store}"
         if self.view_paused:
             self._table_stale = True  # the frozen screen is cleared when the view resumes
         else:

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from taskwatch.engine import Engine, __version__
+from taskwatch.engine import Engine, TaskwatchError, __version__
 
 
 class AppPathError(Exception):
@@ -78,6 +78,13 @@ def _main_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plain", action="store_true", help="print the demo's events instead of opening the dashboard")
     parser.add_argument("--seconds", type=float, default=None, help="with --plain: stop after this many seconds")
     parser.add_argument("--serve", metavar="ADDRESS", default=None, help="also serve the engine for `taskwatch attach`")
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        default="memory",
+        help="where the demo keeps its runs: memory (default) or sqlite:///path/file.db, "
+        "which keeps history and queued work across restarts",
+    )
     return parser
 
 
@@ -190,7 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         from .demo import build_demo_engine
 
-        engine = build_demo_engine(opts.seed)
+        try:
+            engine = build_demo_engine(opts.seed, store=opts.store)
+        except TaskwatchError as exc:
+            return fail(str(exc))
     return _run_local(engine, opts.serve)
 
 

@@ -169,6 +169,10 @@ class Store(ABC):
         #: set once anyone subscribes; a plain bool is much cheaper to test per run than the WeakSet
         self._notifying = False
 
+    def describe(self) -> str:
+        """Where the runs live, for people: ``memory``, ``sqlite:/path/to/file.db``."""
+        return self.name
+
     # ---------------------------------------------------------------- lifecycle
 
     async def open(self) -> None:

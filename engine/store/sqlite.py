@@ -119,6 +119,9 @@ class SqliteStore(Store):
         self._exited: concurrent.futures.Future[None] | None = None
         self._closing = False
 
+    def describe(self) -> str:
+        return f"sqlite:{self.path}"
+
     def __repr__(self) -> str:
         state = "open" if self._thread is not None else "closed"
         return f"<SqliteStore {self.path} {state}>"
@@ -128,6 +131,8 @@ class SqliteStore(Store):
     async def open(self) -> None:
         if self._thread is not None:
             return
+        parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(parent, exist_ok=True)  # sqlite:///.taskwatch/app.db on a fresh checkout
         self._loop = asyncio.get_running_loop()
         self._closing = False
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
