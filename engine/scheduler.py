@@ -57,6 +57,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("taskwatch.scheduler")
 
+_STATUS_OF_KIND = {
+    "run.succeeded": RunStatus.SUCCEEDED,
+    "run.failed": RunStatus.FAILED,
+    "run.cancelled": RunStatus.CANCELLED,
+}
+
 #: longest single sleep: a wall-clock jump (suspend, NTP step) is noticed within this
 _MAX_SLEEP = 30.0
 #: pause before retrying after an unexpected error inside a loop, so it cannot spin
@@ -237,6 +243,8 @@ class _Periodic:
     slot: float | None = None
     next_due: float | None = None
     current: RunHandle | None = None
+    #: the slot of the latest tick (kept in the engine's store)
+    last_fire: float | None = None
     task: asyncio.Task[None] | None = None
     last_run_id: str | None = None
     last_status: str | None = None
@@ -360,7 +368,7 @@ class Scheduler:
             reason=p.reason,
             paused=p.paused,
             next_due=p.next_due,
-            running_run_id=current.id if current is not None and not current.done else None,
+            running_run_id=current.id if current is not None and current.id in self._inflight else None,
             last_run_id=p.last_run_id,
             last_status=p.last_status,
             last_started=p.last_started,
@@ -395,6 +403,12 @@ class Scheduler:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        # the last slot each task fired, as the store remembers it (a durable store
+        # remembers it across restarts, so a restart neither repeats a slot nor
+        # makes up every slot it missed)
+        store = self._engine.store
+        for p in self._entries.values():
+            p.last_fire = await store.get_periodic(p.name)
         self._running = True
         for p in self._entries.values():
             self._activate(p)
@@ -451,7 +465,13 @@ class Scheduler:
         return (self._fixed_clock or self._engine.clock)()
 
     def _first_slot(self, p: _Periodic) -> float | None:
-        start = self._now() + p.initial_delay
+        now = self._now()
+        if p.last_fire is not None:
+            # fired before this start: the slot after the last one, or at once if it
+            # was missed while nothing ran (once, however many were missed)
+            following = p.last_fire + p.every if p.every is not None else self._cron_after(p, p.last_fire)
+            return None if following is None else max(following, now)
+        start = now + p.initial_delay
         # just before `start`, so a cron time that falls exactly on it still counts
         return start if p.cron is None else self._cron_after(p, start - 1e-6)
 
@@ -499,6 +519,8 @@ class Scheduler:
                 await self._sleep_until(p.next_due)
                 slot = p.slot
                 self._tick(p)
+                p.last_fire = slot
+                await self._engine.store.set_periodic(p.name, slot)
                 end = None
                 if p.cron is None and not p.fixed_rate:
                     # end-based: the next interval starts when this run (or the
@@ -531,7 +553,7 @@ class Scheduler:
     def _tick(self, p: _Periodic) -> None:
         """Submit one run, or skip the tick if the previous run is still going."""
         current = p.current
-        if current is not None and not current.done:
+        if current is not None and current.id in self._inflight:  # its finished event has not come yet
             self._skip(p, current.id)
             return
         try:
@@ -553,12 +575,13 @@ class Scheduler:
         found = self._inflight.pop(event.run_id, None)  # type: ignore[attr-defined]
         if found is None:
             return
-        p, handle = found
-        # the handle, not the engine's history: the run may already be evicted from it
-        record = handle.record()
-        p.last_run_id = record.id
-        p.last_status = record.status.value
-        p.last_started = record.started_at
-        p.last_duration = record.duration
-        if record.status is RunStatus.FAILED:
+        p, _ = found
+        # from the event itself: with a small history the run may already be evicted
+        status = _STATUS_OF_KIND[event.kind]  # type: ignore[attr-defined]
+        duration: float | None = getattr(event, "duration", None)
+        p.last_run_id = event.run_id  # type: ignore[attr-defined]
+        p.last_status = status.value
+        p.last_started = event.ts - duration if duration is not None else None
+        p.last_duration = duration
+        if status is RunStatus.FAILED:
             p.failures += 1
