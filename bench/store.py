@@ -23,6 +23,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from taskwatch.engine import Engine, TaskContext
 from taskwatch.engine.store import MemoryStore, NewRun, SqliteStore, Store, Succeeded
 
 Factory = Callable[[], Store]
@@ -131,6 +132,68 @@ async def run_all(n: int, sync: str, tmp: Path) -> None:
     p50, p99 = await insert_latency(sqlite_store, min(n, 3000))
     print(f"sqlite single insert latency, awaited alone: p50 {p50:,.0f} µs, p99 {p99:,.0f} µs")
     print(f"memory: {1e6 / rows[0][1][0]:.2f} µs per awaited single insert, {1e6 / rows[3][1][0]:.2f} µs per claim+finish")
+    await engine_end_to_end(n, sync, tmp)
+
+
+def bench_engine(store: str) -> Engine:
+    engine = Engine(store=store, max_concurrency=50, max_queue=1_000_000, history=1_000, health_interval=None)
+
+    @engine.task
+    async def nothing(ctx: TaskContext) -> None:
+        return None
+
+    return engine
+
+
+async def end_to_end(store: str, n: int, submitters: int = 10) -> tuple[float, list[float]]:
+    """No-op runs/s through the whole engine (submit, claim, run, finish, each transition
+    in the store), from ``submitters`` concurrent submitters; and each submit's latency."""
+    engine = bench_engine(store)
+    latencies: list[float] = []
+    async with engine:
+
+        async def submitter(count: int) -> list[Any]:
+            handles = []
+            for _ in range(count):
+                began = time.perf_counter()
+                handles.append(await engine.submit("nothing"))
+                latencies.append(time.perf_counter() - began)
+            return handles
+
+        start = time.perf_counter()
+        groups = await asyncio.gather(*(submitter(n // submitters) for _ in range(submitters)))
+        await asyncio.gather(*(h.wait() for group in groups for h in group))
+        elapsed = time.perf_counter() - start
+    return submitters * (n // submitters) / elapsed, latencies
+
+
+async def submit_many_vs_each(store: str, n: int) -> tuple[float, float]:
+    """Seconds for ``n`` sequential submits, and for one submit_many of ``n``."""
+    engine = bench_engine(store)
+    async with engine:
+        start = time.perf_counter()
+        for _ in range(n):
+            await engine.submit("nothing")
+        each = time.perf_counter() - start
+        start = time.perf_counter()
+        await engine.submit_many([("nothing", None)] * n)
+        many = time.perf_counter() - start
+    return each, many
+
+
+async def engine_end_to_end(n: int, sync: str, tmp: Path) -> None:
+    sqlite_url = f"sqlite:///{tmp / 'engine.db'}?synchronous={sync}"
+    memory, _ = await end_to_end("memory", n)
+    sqlite, latencies = await end_to_end(sqlite_url, n)
+    print(f"engine end to end, 10 submitters, concurrency 50: memory {memory:,.0f} runs/s, "
+          f"sqlite {sqlite:,.0f} runs/s, sqlite / memory {sqlite / memory:.2f} (goal >= 0.25)")
+    latencies.sort()
+    p50 = latencies[len(latencies) // 2] * 1e6
+    p99 = latencies[int(len(latencies) * 0.99)] * 1e6
+    print(f"engine submit latency on sqlite (10 concurrent submitters): p50 {p50:,.0f} µs, p99 {p99:,.0f} µs")
+    each, many = await submit_many_vs_each(f"sqlite:///{tmp / 'many.db'}?synchronous={sync}", n)
+    print(f"sqlite: {n:,} sequential submits {each:.2f} s, one submit_many {many:.2f} s: "
+          f"{each / many:.1f}x faster (goal >= 10x)")
 
 
 if __name__ == "__main__":

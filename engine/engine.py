@@ -730,7 +730,7 @@ class Engine:
     async def _submit(self, run: Run) -> RunHandle:
         holder = self._pending_holder(run)
         if holder is not None:
-            return RunHandle(self, holder.id)
+            return RunHandle(self, holder.id, holder)
         self._check_room()
         self._admitting += 1
         try:
@@ -741,7 +741,7 @@ class Engine:
             return RunHandle(self, inserted.id)  # another process's pending run holds the key
         self._admitted(run)
         self._start_soon()
-        return RunHandle(self, run.id)
+        return RunHandle(self, run.id, run)
 
     def _start_soon(self) -> None:
         """Start new work: at once with the memory store (its claims never wait), else via the executor."""
@@ -770,7 +770,7 @@ class Engine:
         handles: list[RunHandle | None] = []
         for run in runs:
             holder = self._pending_holder(run)
-            handles.append(RunHandle(self, holder.id) if holder is not None else None)
+            handles.append(RunHandle(self, holder.id, holder) if holder is not None else None)
             if holder is None:
                 fresh.append(run)
         self._check_room(len(fresh))
@@ -788,7 +788,9 @@ class Engine:
             run, result = next(written)
             if result.new and result.id == run.id:
                 self._admitted(run)
-            out.append(RunHandle(self, result.id))
+                out.append(RunHandle(self, run.id, run))
+            else:
+                out.append(RunHandle(self, result.id))
         self._start_soon()
         return out
 
@@ -811,18 +813,18 @@ class Engine:
         run = self._prepare(task, params, key, source, internal)
         holder = self._pending_holder(run)
         if holder is not None:
-            return RunHandle(self, holder.id)
+            return RunHandle(self, holder.id, holder)
         self._check_room()
         if self._durable:
             self._admitted(run)
             self._executor.insert_later(self._new_row(run))
-            return RunHandle(self, run.id)
+            return RunHandle(self, run.id, run)
         [inserted] = at_once(self._store.insert([self._new_row(run)]))
         if not inserted.new:
             return RunHandle(self, inserted.id)
         self._admitted(run)
         self._executor.claim_at_once()
-        return RunHandle(self, run.id)
+        return RunHandle(self, run.id, run)
 
     def _inserted(self, rows: list[NewRun], result: list[Inserted] | BaseException) -> None:
         """A batch queued with submit_nowait was written (or could not be)."""
@@ -945,13 +947,13 @@ class Engine:
         """Runs in the store, newest first, one page at a time: pass ``page.next`` as ``before``."""
         return await self._store.query(status=status, task=task, since=since, limit=limit, before=before)
 
-    async def wait_for(self, run_id: str, timeout: float | None = None) -> RunRecord:
+    async def wait_for(self, run_id: str, timeout: float | None = None, *, run: Run | None = None) -> RunRecord:
         """The run's record once it has finished, or as it is after ``timeout`` seconds.
 
         Resolves from this node's own finish, or by reading the store for a
         run another process executes.
         """
-        run = self._runs.get(run_id)
+        run = run or self._runs.get(run_id)
         if run is not None:
             return await self._wait_finished(run, timeout)
         return await self._poll_store(run_id, timeout)

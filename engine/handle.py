@@ -1,8 +1,9 @@
 """Handles returned by ``submit``: a run's id plus ways to wait for and steer it.
 
-A handle holds the engine and the run id only, so it works for a run that
-another process executes (or that has left this node's index): waiting falls
-back to reading the store.
+A handle is the engine and the run id, so it works for a run that another
+process executes: waiting falls back to reading the store. A handle of a run
+submitted here also keeps that run's in-memory entry, so ``wait()`` and
+``record()`` keep working after the run left the history (and the store).
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ from .runs import RunRecord, RunStatus
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .runs import Run
 
 
 class RunHandle:
     """A submitted run. ``await handle`` or ``await handle.wait()`` gives the finished record."""
 
-    __slots__ = ("_engine", "id")
+    __slots__ = ("_engine", "_run", "id")
 
-    def __init__(self, engine: Engine, run_id: str) -> None:
+    def __init__(self, engine: Engine, run_id: str, run: Run | None = None) -> None:
         self._engine = engine
+        self._run = run
         self.id = run_id
 
     @property
@@ -34,7 +37,10 @@ class RunHandle:
         return self.record().status.finished
 
     def record(self) -> RunRecord:
-        """The run's current record as this node knows it (``RunNotFound`` once evicted)."""
+        """The run's current record as this node knows it (``RunNotFound`` for a run of
+        another process that this node does not hold; :meth:`fetch` reads the store)."""
+        if self._run is not None:
+            return self._run.record()
         return self._engine.get(self.id)
 
     async def fetch(self) -> RunRecord:
@@ -46,7 +52,7 @@ class RunHandle:
 
         Raises ``TimeoutError`` if it is still going after ``timeout`` seconds.
         """
-        record = await self._engine.wait_for(self.id, timeout)
+        record = await self._engine.wait_for(self.id, timeout, run=self._run)
         if not record.status.finished:
             raise TimeoutError(f"run {self.id} is still {record.status.value} after {timeout} s")
         return record

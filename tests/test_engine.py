@@ -589,3 +589,16 @@ async def test_a_missing_resource_fails_the_run_instead_of_hanging_it() -> None:
         del engine.resources["db"]
         failed = await eventually(lambda: engine.runs(task="uses_db", status="failed"))
         assert failed[0].error is not None and failed[0].error.type == "KeyError"
+
+
+async def test_a_handle_still_waits_for_its_run_after_it_left_history_and_store() -> None:
+    engine = make_engine(history=5)
+    async with engine:
+        handles = [await engine.submit("noop") for _ in range(50)]
+        # most of them finished, left the history and were pruned from the store long ago
+        records = await asyncio.gather(*(h.wait(5) for h in handles))
+        assert all(r.status is RunStatus.SUCCEEDED for r in records)
+        assert handles[0].record().status is RunStatus.SUCCEEDED
+        with pytest.raises(RunNotFound):
+            engine.get(handles[0].id)
+        assert len(engine.runs(limit=None)) <= 5
