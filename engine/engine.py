@@ -1269,6 +1269,8 @@ class Engine:
             run.token = None
             self._finish_cancelled(run, run.cancel_reason or "external", was_running=True)
             self._write_later(token, Cancelled(run.cancel_reason or "external"))
+        elif run.status is _RUNNING and run.token is None and run.handle is None:
+            self._forget_claim(run)  # the claim was lost: the run is another node's now
         self._executor.released(run.task)
         self._check_idle()
 
@@ -1456,35 +1458,29 @@ class Engine:
         """Runs taken back from lost workers (any node's): update the index, publish what happened."""
         for item in recovered:
             self._recovered_total += 1
+            stored = await self._store.get(item.run_id)
             run = self._runs.get(item.run_id)
             if run is None:
-                stored = await self._store.get(item.run_id)
                 if stored is None:
-                    continue
-                run = Run.from_record(stored.to_record(), self._tasks.get(item.task))
-                self._index(run)
-            elif run.status is _RUNNING and run.handle is None:
-                # ran on the lost node: this node's view moves on with the store's
-                stored = await self._store.get(item.run_id)
-                if stored is not None:
-                    self._counts[run.status] -= 1
-                    run.status = _PENDING
-                    self._counts[_PENDING] += 1
-                    run.attempt = stored.attempt
-            if item.action == "requeued" and run.status is not _PENDING:
-                self._requeued(run, run.error, 0.0)
-            run.attempt = item.attempt
+                    continue  # pruned meanwhile
+                # a previous incarnation's run, or another node's: the store's row says it all
+                self._index(Run.from_record(stored.to_record(), self._tasks.get(item.task)))
+            elif item.action == "requeued":
+                if run.status is not _PENDING:
+                    self._requeued(run, stored.error if stored is not None else run.error, 0.0)
+                run.attempt = item.attempt
             self.bus.emit(
-                RunRecovered, run_id=run.id, task=run.task, action=item.action, reason=item.reason,
+                RunRecovered, run_id=item.run_id, task=item.task, action=item.action, reason=item.reason,
                 attempt=item.attempt, lost_count=item.lost_count, from_node=item.node,
             )
-            if item.action == "failed" and not run.status.finished:
-                stored = await self._store.get(item.run_id)
+            if run is None or run.status.finished:
+                continue
+            if item.action == "failed":
                 error = stored.error if stored is not None and stored.error is not None else RunError(
                     type="WorkerLost", message="its worker was lost"
                 )
                 self._fail_unstarted(run, error)
-            elif item.action == "cancelled" and not run.status.finished:
+            elif item.action == "cancelled":
                 self._finish_cancelled(run, "external", was_running=True)
 
     async def _prune(self) -> None:

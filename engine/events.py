@@ -78,7 +78,8 @@ class RunRecovered(RunEvent):
     ``action`` says what became of it: ``requeued`` (pending again, with
     ``attempt`` counted up), ``failed`` (as ``WorkerLost``: lost too often, or
     its task says ``on_lost="fail"``) or ``cancelled`` (a cancel was pending).
-    A ``failed`` or ``cancelled`` run also gets its usual finished event.
+    A ``failed`` or ``cancelled`` run that this node was tracking also gets
+    its usual finished event.
     """
 
     kind: Literal["run.recovered"] = "run.recovered"

@@ -162,6 +162,13 @@ class DashboardState:
             run.status = RunStatus.CANCELLED
             run.cancel_reason = e.reason
             run.finished_at = e.ts
+        elif kind == "run.recovered":
+            # a lost worker's run: pending again with a new attempt (failed and cancelled
+            # ones also get their own finished event)
+            run.attempt = e.attempt
+            if e.action == "requeued":
+                run.status = RunStatus.PENDING
+                run.finished_at = None
         else:
             return
         run.cached = None
