@@ -1242,6 +1242,11 @@ class Engine:
             self._executor.started(claim.task)
             self._executor.released(claim.task)
             return
+        if not self._executor.claiming:
+            # claimed while this node was stopping: not started, so handed back as it was
+            note = RunError(type="Shutdown", message=f"node {self.node_id!r} stopped before the run started")
+            self._write_later(claim.token, Retry(note, 0.0, next_attempt=False))
+            return
         counts = self._counts
         counts[_PENDING] -= 1
         counts[_RUNNING] += 1
@@ -1267,12 +1272,23 @@ class Engine:
         if run.status is _RUNNING and run.token == token:
             # cancelled before its first step, or while writing its outcome: nothing recorded it
             run.token = None
-            self._finish_cancelled(run, run.cancel_reason or "external", was_running=True)
-            self._write_later(token, Cancelled(run.cancel_reason or "external"))
+            reason = run.cancel_reason or "external"
+            if reason == "shutdown" and self._durable:
+                self._hand_back(run, token)
+            else:
+                self._finish_cancelled(run, reason, was_running=True)
+                self._write_later(token, Cancelled(reason))
         elif run.status is _RUNNING and run.token is None and run.handle is None:
             self._forget_claim(run)  # the claim was lost: the run is another node's now
         self._executor.released(run.task)
         self._check_idle()
+
+    def _hand_back(self, run: Run, token: str) -> None:
+        """Give back a claim whose attempt never started (the node is stopping): pending, same attempt."""
+        self._forget_claim(run)
+        run.cancel_reason = None
+        note = RunError(type="Shutdown", message=f"node {self.node_id!r} stopped before the run started")
+        self._write_later(token, Retry(note, 0.0, next_attempt=False))
 
     def _write_later(self, token: str, outcome: Outcome) -> None:
         """Write an outcome from a callback that cannot wait (the store refuses a stale token)."""

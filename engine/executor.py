@@ -109,6 +109,11 @@ class Executor:
             loop.create_task(self._maintenance_loop(), name="taskwatch-executor-maintenance"),
         ]
 
+    @property
+    def claiming(self) -> bool:
+        """False once the engine began to stop: runs claimed after that are handed back."""
+        return self._claiming
+
     def stop_claiming(self) -> None:
         """Take no new runs from now on (runs already executing carry on)."""
         self._claiming = False

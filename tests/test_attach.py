@@ -224,7 +224,8 @@ async def test_attach_over_tcp_shows_remote_runs_and_their_real_statuses(serve: 
     app = attach(served.address, served.token)
     async with app.run_test(size=SIZE), served.remote() as remote:
         await eventually(lambda: app.client.connected and app.state.node_id, timeout=TIMEOUT)
-        assert app.sub_title == served.address
+        # the title names where it is attached, the node and where that node keeps its runs
+        await eventually(lambda: app.sub_title == f"{served.address} · node {served.node_id} · store memory")
         await eventually(lambda: badge(app).state == "leader")
         assert badge(app).node_id == served.node_id
 

@@ -383,8 +383,9 @@ class MemoryStore(Store):
                 row.cancel_reason = row.cancel_reason or "user"
                 self._end(row, _CANCELLED, now)
                 return _CANCELLED
-            self._totals["retried"] += 1
-            self._requeue(row, now, now + max(0.0, outcome.delay), outcome.error)
+            if outcome.next_attempt:
+                self._totals["retried"] += 1
+            self._requeue(row, now, now + max(0.0, outcome.delay), outcome.error, step=1 if outcome.next_attempt else 0)
             return _PENDING
         raise TypeError(f"unknown outcome {outcome!r}; pass Succeeded, Failed, Cancelled or Retry")
 
@@ -404,12 +405,12 @@ class MemoryStore(Store):
         if self._notifying:
             self._notify(finished=(row.id,))
 
-    def _requeue(self, row: _Row, now: float, run_after: float, error: RunError) -> None:
+    def _requeue(self, row: _Row, now: float, run_after: float, error: RunError, step: int = 1) -> None:
         counts = self._counts
         counts[row.status] -= 1
         counts[_PENDING] += 1
         row.status = _PENDING
-        row.attempt += 1
+        row.attempt += step
         row.run_after = run_after
         row.node = row.incarnation = row.token = None
         row.lease_until = None

@@ -84,10 +84,16 @@ class Cancelled:
 
 @dataclass(slots=True)
 class Retry:
-    """The attempt failed and the run goes back to pending with ``attempt + 1``, due in ``delay`` s."""
+    """The attempt failed and the run goes back to pending with ``attempt + 1``, due in ``delay`` s.
+
+    ``next_attempt=False`` hands a claim back whose attempt never started (its
+    node stopped first): pending again with the same attempt, and not counted
+    as a retry.
+    """
 
     error: RunError
     delay: float = 0.0
+    next_attempt: bool = True
 
 
 Outcome = Succeeded | Failed | Cancelled | Retry

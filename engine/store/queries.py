@@ -172,7 +172,7 @@ RETURNING id"""
 #: a claimed run goes back to pending (retry, or its worker was lost), retaking its key if free
 REQUEUE_CLAIMED = """
 UPDATE runs
-SET status = 'pending', attempt = attempt + 1, lost_count = lost_count + :lost,
+SET status = 'pending', attempt = attempt + :step, lost_count = lost_count + :lost,
     run_after = :run_after, error = :error,
     owner_node = NULL, owner_incarnation = NULL, claim_token = NULL, lease_until = NULL,
     dedup_slot = CASE

@@ -475,11 +475,13 @@ class SqliteStore(Store):
                         "seq": seq,
                         "token": token,
                         "lost": 0,
+                        "step": 1 if outcome.next_attempt else 0,
                         "run_after": now + max(0.0, outcome.delay),
                         "error": _error_json(outcome.error),
                     },
                 )
-                tx.add("retried")
+                if outcome.next_attempt:
+                    tx.add("retried")
                 tx.work = True
                 return RunStatus.PENDING
             status = RunStatus.CANCELLED  # a cancel was requested meanwhile: the user's intent wins
@@ -541,7 +543,7 @@ class SqliteStore(Store):
             action = lost_action(bool(cancel_req), lost_count, on_lost, self.max_lost)
             args: dict[str, Any] = {"seq": seq, "token": token, "now": now, "lost": 1, "result": None, "cancel_reason": None}
             if action == "requeued":
-                args.update(run_after=now, error=_error_json(lost_note(why)))
+                args.update(run_after=now, step=1, error=_error_json(lost_note(why)))
                 cur.execute(Q.REQUEUE_CLAIMED, args)
                 attempt += 1
                 tx.work = True
