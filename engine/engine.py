@@ -74,6 +74,8 @@ from .scheduler import PeriodicInfo, Scheduler
 from .snapshot import Snapshot
 from .store import (
     Cancelled,
+    StoreClosed,
+    StoreError,
     Claim,
     Failed,
     Inserted,
@@ -258,6 +260,8 @@ class Engine:
         self._finished: OrderedDict[str, None] = OrderedDict()
         #: claim token -> run, for the runs executing here
         self._claimed: dict[str, Run] = {}
+        #: outcome writes started from callbacks, awaited by stop()
+        self._writes: set[asyncio.Task[Any]] = set()
         #: runs evicted from the index since the memory store was last pruned
         self._evicted = 0
         self._prune_every = max(64, history // 8)
@@ -450,6 +454,13 @@ class Engine:
         """Fill the run index from the store: its recent history and everything unfinished."""
         if not self._durable:
             return  # a memory store starts empty with its engine
+        # a restart of this engine object: the store is the truth, start the index over
+        self._runs.clear()
+        self._finished.clear()
+        self._keys.clear()
+        self._claimed.clear()
+        self._retry_due.clear()
+        self._counts = {s: 0 for s in RunStatus}
         seen: set[str] = set()
         pages = [
             await self._store.query(status=RunStatus.RUNNING.value, limit=100_000),
@@ -528,6 +539,8 @@ class Engine:
                     run.handle.cancel()
             await self._await_tasks(tasks)
             await self._executor.stop()
+            # outcomes written from callbacks (hand-backs, cancels before a first step)
+            await asyncio.gather(*self._writes, return_exceptions=True)
             await self._leader.stop(loop.time() + 1.0)
             await self._health.stop(loop.time())
             self.bus.emit(EngineStopped, cancelled_pending=cancelled_pending, cancelled_running=len(tasks))
@@ -1237,11 +1250,21 @@ class Engine:
                 claim.key, claim.source, claim.max_attempts,
             )
             self._index(run)
-        elif run.status is not _PENDING:
-            # the index already moved on (cancelled here while the claim was in flight)
-            self._executor.started(claim.task)
-            self._executor.released(claim.task)
+        elif run.status.finished:
+            # the index moved on (cancelled here while the claim was in flight): the store
+            # must hear of it too, or the claim would sit unheartbeaten until it expires
+            self._write_later(claim.token, Cancelled(run.cancel_reason or "external"))
             return
+        elif run.status is _RUNNING:
+            # re-claimed after recovery took an older claim of ours away: that attempt is over
+            if run.token is not None:
+                self._claimed.pop(run.token, None)
+                run.token = None
+            if run.handle is not None:
+                run.handle.cancel()
+            self._counts[_RUNNING] -= 1
+            self._counts[_PENDING] += 1
+            run.status = _PENDING
         if not self._executor.claiming:
             # claimed while this node was stopping: not started, so handed back as it was
             note = RunError(type="Shutdown", message=f"node {self.node_id!r} stopped before the run started")
@@ -1291,10 +1314,19 @@ class Engine:
         self._write_later(token, Retry(note, 0.0, next_attempt=False))
 
     def _write_later(self, token: str, outcome: Outcome) -> None:
-        """Write an outcome from a callback that cannot wait (the store refuses a stale token)."""
+        """Write an outcome from a callback that cannot wait (the store refuses a stale token).
+
+        The write is the engine's task: ``stop()`` awaits it before closing the store.
+        """
         if self._loop is None or self._loop.is_closed():
             return
-        self._loop.create_task(self._store.finish(token, outcome)).add_done_callback(_log_failed_write)
+        task = self._loop.create_task(self._store.finish(token, outcome), name="taskwatch-outcome-write")
+        self._writes.add(task)
+        task.add_done_callback(self._written)
+
+    def _written(self, task: asyncio.Task[Any]) -> None:
+        self._writes.discard(task)
+        _log_failed_write(task)
 
     def _held_claims(self) -> dict[str, Progress]:
         return {token: Progress(done=run.done, total=run.total, message=run.message) for token, run in self._claimed.items()}
@@ -1411,7 +1443,38 @@ class Engine:
         """Write ``outcome`` with the claim's token, then bring the index and the bus up to date."""
         if run.token != token:
             return  # the claim was lost: another node owns the run now
-        status = await self._store.finish(token, outcome)
+        if not self._durable:
+            # the memory store's finish never suspends: nothing can cut it short
+            self._apply_outcome(run, token, outcome, error, at_once(self._store.finish(token, outcome)))
+            return
+        write = asyncio.ensure_future(self._write_outcome(run, token, outcome))
+        try:
+            # a cancel or a stop arriving now must not cut the write short: what the
+            # store holds and what this node reports would disagree
+            status = await asyncio.shield(write)
+        except asyncio.CancelledError:
+            status = await write
+            self._apply_outcome(run, token, outcome, error, status)
+            raise
+        self._apply_outcome(run, token, outcome, error, status)
+
+    async def _write_outcome(self, run: Run, token: str, outcome: Outcome) -> RunStatus | None:
+        """``store.finish``, tried again for a while if the store is busy (the claim stays heartbeaten)."""
+        delay = 0.05
+        for attempt in range(8):
+            try:
+                return await self._store.finish(token, outcome)
+            except StoreError as exc:
+                if attempt == 7 or isinstance(exc, StoreClosed):
+                    log.error("writing the outcome of run %s failed (%s); recovery will run it again", run.id, exc)
+                    return None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        return None
+
+    def _apply_outcome(
+        self, run: Run, token: str, outcome: Outcome, error: RunError | None, status: RunStatus | None
+    ) -> None:
         if run.token != token:
             return
         run.token = None
@@ -1459,7 +1522,11 @@ class Engine:
         counts = self._counts
         counts[run.status] -= 1
         counts[_PENDING] += 1
+        if run.status.finished:
+            self._finished.pop(run.id, None)  # pending again: never evicted as finished
         run.status = _PENDING
+        run.cancel_reason = None
+        run.result = None
         run.attempt += 1
         run.run_after = run_after
         if run_after:
@@ -1500,8 +1567,64 @@ class Engine:
                 self._finish_cancelled(run, "external", was_running=True)
 
     async def _prune(self) -> None:
-        """Keep the store within ``history`` and ``retention`` (never touching unfinished runs)."""
+        """Keep the store within ``history`` and ``retention`` (never touching unfinished runs),
+        and bring the index up to date with runs other nodes execute."""
         await self._store.prune(keep=self.history, older_than=self.retention)
+        if self._durable:
+            await self._catch_up()
+
+    async def _catch_up(self, limit: int = 256) -> None:
+        """Runs this node knows but does not execute: apply what the store says of them.
+
+        Another process sharing the store may have claimed, finished or
+        cancelled a run this node submitted; without this its index (and a
+        ``wait()`` on it) would show it pending for ever. Up to ``limit`` runs
+        a round, those shown running elsewhere first.
+        """
+        foreign = [
+            run for run in self._runs.values()
+            if not run.status.finished and run.token is None and run.handle is None
+        ]
+        foreign.sort(key=lambda run: run.status is not _RUNNING)
+        for run in foreign[:limit]:
+            if self._executor.unwritten(run.id):
+                continue
+            stored = await self._store.get(run.id)
+            if stored is None or run.token is not None or run.status.finished:
+                continue  # pruned, or this node claimed or ended it meanwhile
+            self._apply_stored(run, stored.to_record())
+
+    def _apply_stored(self, run: Run, stored: RunRecord) -> None:
+        """Move ``run``'s index entry to what the store holds, announcing each transition."""
+        if stored.status is _RUNNING and run.status is _PENDING:
+            self._counts[_PENDING] -= 1
+            self._counts[_RUNNING] += 1
+            run.status = _RUNNING
+            run.attempt = stored.attempt
+            run.started_at = stored.started_at
+            self._release_key(run)
+            self.bus.emit(RunStarted, run_id=run.id, task=run.task, attempt=run.attempt)
+        elif stored.status is _PENDING and run.status is _RUNNING:
+            self._forget_claim(run)
+            run.attempt = stored.attempt
+        elif stored.status.finished:
+            run.attempt = stored.attempt
+            run.started_at = stored.started_at
+            run.result = stored.result
+            run.error = stored.error
+            now = stored.finished_at or self.clock()
+            if stored.status is _CANCELLED:
+                self._finish_cancelled(run, stored.cancel_reason or "external", was_running=run.status is _RUNNING)
+                return
+            self._finish(run, stored.status, now)
+            duration = now - (run.started_at or now)
+            if stored.status is _SUCCEEDED:
+                self.bus.emit(
+                    RunSucceeded, run_id=run.id, task=run.task, attempt=run.attempt, duration=duration, result=run.result
+                )
+            else:
+                error = run.error or RunError(type="Unknown", message="failed on another node")
+                self.bus.emit(RunFailed, run_id=run.id, task=run.task, attempt=run.attempt, duration=duration, error=error)
 
     def _release_key(self, run: Run) -> None:
         if run.key is not None and self._keys.get((run.task, run.key)) is run:

@@ -95,6 +95,8 @@ class Executor:
         self._unwritten: list[NewRun] = []
         self._wake = asyncio.Event()
         self._claiming = True
+        #: resolved once the claim now in flight has returned and its runs are launched
+        self._in_flight: asyncio.Future[None] | None = None
         self._loops: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -118,10 +120,19 @@ class Executor:
         """Take no new runs from now on (runs already executing carry on)."""
         self._claiming = False
 
+    async def settle(self) -> None:
+        """Wait until no claim is in flight, so its runs reach the engine (which hands them
+        back when it is stopping). Cancelling the claim loop mid-claim would drop them while
+        the store still commits the claim: they would stay running under this node, unrun,
+        and the next start would recover them as lost (attempt + 1, one loss counted)."""
+        while self._in_flight is not None:
+            await asyncio.shield(self._in_flight)
+
     async def stop(self) -> None:
-        """Write what is still unwritten, then cancel and await every loop."""
+        """Write what is still unwritten, let a claim in flight land, then cancel and await every loop."""
         self._claiming = False
         await self.flush()
+        await self.settle()
         loops, self._loops = self._loops, []
         for task in loops:
             task.cancel()
@@ -196,7 +207,12 @@ class Executor:
         free, tasks = self._room()
         if not tasks:
             return 0
-        return self._start_all(await self.store.claim(self.node, self.incarnation, free, tasks))
+        done = self._in_flight = asyncio.get_running_loop().create_future()
+        try:
+            return self._start_all(await self.store.claim(self.node, self.incarnation, free, tasks))
+        finally:
+            self._in_flight = None
+            done.set_result(None)
 
     def claim_at_once(self) -> int:
         """:meth:`claim_now` for a store whose operations never suspend (the memory store)."""

@@ -1,4 +1,4 @@
-"""Periodic tasks on a durable store: a restart neither repeats a slot nor makes up every missed one."""
+"""An engine on a durable store: periodic slots across restarts, runs another node executes."""
 
 from __future__ import annotations
 
@@ -54,3 +54,40 @@ async def test_slots_missed_while_stopped_fire_once(tmp_path: Path) -> None:
         await eventually(lambda: len(ticks(later)) >= 2)
         caught_up = [r for r in ticks(later)[1:] if r.created_at < started + EVERY - 0.05]
         assert len(caught_up) == 1, [r.created_at - started for r in caught_up]
+
+
+async def test_runs_another_node_executes_finish_in_this_nodes_index_and_waits(tmp_path: Path) -> None:
+    import asyncio
+
+    from taskwatch.engine import RunStatus
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    options = dict(store=url, health_interval=None, lease_ttl=1.0, poll_interval=0.05)
+    a = Engine(node_id="node-a", max_concurrency=1, **options)  # type: ignore[arg-type]
+    b = Engine(node_id="node-b", **options)  # type: ignore[arg-type]
+    release = asyncio.Event()
+    ran_on: dict[str, str] = {}
+
+    @a.task
+    async def hold(ctx: TaskContext) -> None:
+        await release.wait()
+
+    for engine in (a, b):
+
+        @engine.task(name="work")
+        async def work(ctx: TaskContext) -> str:
+            ran_on[ctx.run_id or ""] = ctx.node_id
+            return ctx.node_id
+
+    async with a, b:
+        await a.submit("hold")  # a's only slot is taken: b does a's work
+        await eventually(lambda: a.stats().running == 1)
+        handles = [await a.submit("work") for _ in range(3)]
+        records = await asyncio.wait_for(asyncio.gather(*(h.wait() for h in handles)), 15)
+        assert [r.status for r in records] == [RunStatus.SUCCEEDED] * 3
+        assert {ran_on[h.id] for h in handles} == {"node-b"}
+        assert [r.result for r in records] == ["node-b"] * 3
+        # a's own view agrees: nothing of it is left pending
+        await eventually(lambda: a.stats().by_status["pending"] == 0, timeout=5)
+        assert all(a.get(h.id).status is RunStatus.SUCCEEDED for h in handles)
+        release.set()

@@ -1,0 +1,207 @@
+"""An engine on a SQLite file in its own process, for the crash tests in ``test_durable.py``.
+
+::
+
+    python -m tests.durable_child DB --node worker-1 --log exec.log [options] run [--submit TASK --count N] [--until-drained]
+    python -m tests.durable_child DB --node worker-1 [options] burst --batch 100
+
+Every line it prints on stdout is one JSON object with an ``ev`` field, flushed
+at once, so the test can act on what the process has really done:
+
+``{"ev": "ready", "pid": ...}``
+    The engine is built (imports done); with ``--wait-go`` it now waits for a
+    line on stdin before starting, so a test can have a process ready to take
+    over the moment it kills another.
+``{"ev": "started", "t": UNIX_SECONDS}``
+    ``engine.start()`` returned: the previous incarnation's runs are recovered.
+``{"ev": "submitted", "ids": [...]}``
+    ``submit_many`` returned: every id is committed to the file.
+``{"ev": "batch", "ids": [...]}``
+    (``burst``) one more ``submit_many`` returned.
+``{"ev": "succeeded" | "retrying" | "failed" | "recovered", "id": ..., ...}``
+    The engine published that event, which it does only once the store has
+    committed the change. ``succeeded`` lines carry ``n``, the count so far.
+``{"ev": "drained", "counts": {...}}``, then ``{"ev": "stopped"}``
+    (``--until-drained``) the store holds no pending or running run any more
+    (and at least ``--expect`` runs were inserted); the engine was then stopped
+    gracefully and the process exits 0.
+
+Tasks (the same in every process, as a real deployment would have):
+
+``work``
+    Appends one execution line to the ``--log`` file, then sleeps between half
+    and one and a half ``--sleep`` s (spread, so runs do not finish in lockstep
+    waves and a kill always finds some in flight).
+``flaky``
+    ``retries=1``, ``backoff=backoff_max=--backoff``: attempt 1 raises, attempt 2 succeeds.
+``suicide`` / ``suicide_fail``
+    SIGKILL their own process (``on_lost="retry"`` / ``"fail"``).
+
+Each execution line is ``{"run", "attempt", "node", "pid", "task", "t"}``,
+written with one ``os.write`` on an ``O_APPEND`` descriptor before the task
+does anything else: once the syscall returns the line is in the kernel's page
+cache, which a SIGKILL of this process cannot take back (``--fsync`` also
+forces it to the disk, which only a power cut would need).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import sys
+import time
+from typing import Any
+
+from taskwatch.engine import Engine, TaskContext
+
+
+def emit(**fields: Any) -> None:
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+
+class ExecLog:
+    def __init__(self, path: str | None, node: str, fsync: bool) -> None:
+        self.fd = None if path is None else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.node = node
+        self.fsync = fsync
+
+    def write(self, ctx: TaskContext) -> None:
+        if self.fd is None:
+            return
+        line = {
+            "run": ctx.run_id,
+            "attempt": ctx.attempt,
+            "node": self.node,
+            "pid": os.getpid(),
+            "task": ctx.name,
+            "t": time.time(),
+        }
+        os.write(self.fd, (json.dumps(line) + "\n").encode())
+        if self.fsync:
+            os.fsync(self.fd)
+
+
+def build(args: argparse.Namespace) -> Engine:
+    engine = Engine(
+        store=f"sqlite:///{os.path.abspath(args.db)}",
+        node_id=args.node,
+        lease_ttl=args.lease_ttl,
+        poll_interval=args.poll,
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+        history=args.history,
+        health_interval=None,
+    )
+    log = ExecLog(args.log, args.node, args.fsync)
+    pause = args.sleep
+
+    @engine.task
+    async def work(ctx: TaskContext) -> None:
+        log.write(ctx)
+        if pause > 0:
+            await asyncio.sleep(pause * random.uniform(0.5, 1.5))
+
+    @engine.task(retries=1, backoff=args.backoff, backoff_max=args.backoff)
+    async def flaky(ctx: TaskContext) -> str:
+        log.write(ctx)
+        if ctx.attempt == 1:
+            raise RuntimeError("the first attempt always fails")
+        return "ok"
+
+    @engine.task
+    async def suicide(ctx: TaskContext) -> None:
+        log.write(ctx)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    @engine.task(on_lost="fail")
+    async def suicide_fail(ctx: TaskContext) -> None:
+        log.write(ctx)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    succeeded = 0
+
+    def report(event: Any) -> None:
+        nonlocal succeeded
+        kind = event.kind.removeprefix("run.")
+        if kind == "succeeded":
+            succeeded += 1
+            if not args.quiet:
+                emit(ev=kind, id=event.run_id, attempt=event.attempt, n=succeeded)
+        elif kind == "retrying":
+            emit(ev=kind, id=event.run_id, attempt=event.attempt, delay=event.delay)
+        elif kind == "failed":
+            emit(ev=kind, id=event.run_id, attempt=event.attempt, error=event.error.type)
+        elif kind == "recovered":
+            emit(ev=kind, id=event.run_id, action=event.action, reason=event.reason, attempt=event.attempt)
+
+    engine.bus.add_callback(report, ["run.succeeded", "run.retrying", "run.failed", "run.recovered"])
+    return engine
+
+
+async def wait_drained(engine: Engine, expect: int) -> dict[str, int]:
+    """Poll the store (shared with other processes) until nothing is left to do."""
+    while True:
+        counts = await engine.store.counts()
+        if counts.inserted_total >= expect and counts.pending == 0 and counts.running == 0:
+            return counts.by_status
+        await asyncio.sleep(0.05)
+
+
+async def main(args: argparse.Namespace) -> None:
+    engine = build(args)
+    emit(ev="ready", pid=os.getpid())
+    if args.wait_go:
+        await asyncio.to_thread(sys.stdin.readline)
+    await engine.start()
+    emit(ev="started", t=time.time())
+    if args.mode == "burst":
+        while True:
+            handles = await engine.submit_many([("work", None)] * args.batch)
+            emit(ev="batch", ids=[h.id for h in handles])
+    if args.submit:
+        handles = await engine.submit_many([(args.submit, None)] * args.count)
+        emit(ev="submitted", ids=[h.id for h in handles])
+    if args.until_drained:
+        counts = await wait_drained(engine, args.expect)
+        emit(ev="drained", counts=counts)
+        await engine.stop()
+        emit(ev="stopped")
+        return
+    await asyncio.to_thread(sys.stdin.read)  # until the test closes stdin (or kills us)
+    await engine.stop()
+    emit(ev="stopped")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tests.durable_child")
+    p.add_argument("db")
+    p.add_argument("--node", required=True)
+    p.add_argument("--log", default=None, help="execution log (one line per attempt started)")
+    p.add_argument("--fsync", action="store_true")
+    p.add_argument("--lease-ttl", type=float, default=1.0)
+    p.add_argument("--poll", type=float, default=0.05)
+    p.add_argument("--max-concurrency", type=int, default=16)
+    p.add_argument("--max-queue", type=int, default=1_000_000)
+    p.add_argument("--history", type=int, default=1_000_000)
+    p.add_argument("--sleep", type=float, default=0.0, help="seconds each work run takes")
+    p.add_argument("--backoff", type=float, default=2.0)
+    p.add_argument("--wait-go", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no line per succeeded run")
+    sub = p.add_subparsers(dest="mode", required=True)
+    run = sub.add_parser("run")
+    run.add_argument("--submit", default=None, help="task to submit --count runs of, in one submit_many")
+    run.add_argument("--count", type=int, default=1)
+    run.add_argument("--until-drained", action="store_true")
+    run.add_argument("--expect", type=int, default=0, help="with --until-drained: runs inserted before it may end")
+    burst = sub.add_parser("burst")
+    burst.add_argument("--batch", type=int, default=100)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse(sys.argv[1:])))

@@ -1,0 +1,513 @@
+"""Durable runs end to end: real SQLite files, real processes, real SIGKILL.
+
+Each crash test drives ``python -m tests.durable_child`` (an engine on a SQLite
+file in its own process), kills it with SIGKILL at a point it has announced on
+stdout, and then checks the file itself -- with :mod:`sqlite3`, after every
+process that wrote it is gone -- and the execution logs the tasks append to.
+Nothing waits by sleeping: a test acts on a line the child printed, or polls
+the database with a bounded timeout.
+
+What each test proves:
+
+- a killed engine loses no run; a restart with the same node id finishes
+  every one, never runs again a run that had finished, and runs each
+  in-flight run again as attempt 2;
+- a retry waiting for its backoff at the kill fires after the restart at its
+  due time (not at once, not never);
+- every id ``submit_many`` returned before a kill is in the file;
+- two processes on one file (different node ids) execute each run exactly once;
+- a graceful ``stop()`` leaves pending runs and runs it cut short in the file
+  for the next start (attempt 2 for the cut-short ones, 1 for the others),
+  also when it comes right after a submit, while the executor is claiming:
+  no run is cancelled, left ``running``, or counted as lost;
+- a run that kills its worker is failed as ``WorkerLost`` after three losses,
+  or at the first restart with ``on_lost="fail"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from taskwatch.engine import Engine, TaskContext
+
+REPO = Path(__file__).resolve().parent.parent
+#: generous bounds for a loaded 2-core machine; a passing run takes a fraction of them
+START_TIMEOUT = 20.0
+EXIT_TIMEOUT = 30.0
+#: runs in the two-process test (10,000 takes ~11 s on 2 cores); TASKWATCH_DURABLE_RUNS=N to change it
+TWO_PROCESS_RUNS = int(os.environ.get("TASKWATCH_DURABLE_RUNS", "10000"))
+#: stop/start cycles in the stop-right-after-submit test (the race it looks for is narrow)
+ROUNDS = 60
+
+Line = dict[str, Any]
+
+
+# ---------------------------------------------------------------- the child process
+
+
+class Child:
+    """One ``python -m tests.durable_child`` process and every JSON line it printed."""
+
+    def __init__(self, db: Path, node: str, *args: str, log: Path | None = None) -> None:
+        cmd = [sys.executable, "-m", "tests.durable_child", str(db), "--node", node]
+        if log is not None:
+            cmd += ["--log", str(log)]
+        self.proc = subprocess.Popen(
+            [*cmd, *args], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.lines: list[Line] = []
+        self.eof = False
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True, name=f"durable-child-{self.proc.pid}")
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                continue  # a line cut short by SIGKILL was never a complete report
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self.eof = True
+            self._cond.notify_all()
+
+    def wait_for(self, pred: Callable[[Line], bool], timeout: float = START_TIMEOUT) -> Line:
+        """The first line matching ``pred`` (each line is offered once, in order), waiting up
+        to ``timeout`` s for it to be printed."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                while seen < len(self.lines):
+                    line = self.lines[seen]
+                    seen += 1
+                    if pred(line):
+                        return line
+                left = deadline - time.monotonic()
+                if self.eof or left <= 0:
+                    tail = self.lines[-3:]
+                    why = "exited" if self.eof else f"printed nothing matching within {timeout} s"
+                    raise AssertionError(f"child {self.proc.pid} {why} (rc={self.proc.poll()}); last lines: {tail}")
+                self._cond.wait(left)
+
+    def event(self, ev: str, timeout: float = START_TIMEOUT) -> Line:
+        return self.wait_for(lambda line: line.get("ev") == ev, timeout)
+
+    def of(self, ev: str) -> list[Line]:
+        with self._cond:
+            return [line for line in self.lines if line.get("ev") == ev]
+
+    def recovered_at_start(self) -> list[Line]:
+        """The ``recovered`` lines printed before ``started``: runs ``engine.start()`` itself took
+        back (a restart recognising its previous incarnation), not the later lease-expiry sweep.
+        (A process that died before printing ``started`` printed all of them inside ``start()``.)"""
+        with self._cond:
+            assert self.eof, "call it once the process has exited"
+            out: list[Line] = []
+            for line in self.lines:
+                if line.get("ev") == "started":
+                    break
+                if line.get("ev") == "recovered":
+                    out.append(line)
+            return out
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def sigkill(self) -> None:
+        """SIGKILL now, then wait until the process and its stdout are gone."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        assert self.exit() == -signal.SIGKILL
+
+    def exit(self, timeout: float = EXIT_TIMEOUT) -> int:
+        """Wait for the process to end by itself; its return code (negative: killed by that signal)."""
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"child {self.proc.pid} still running after {timeout} s; last lines: {self.lines[-3:]}") from None
+        self._reader.join(5)
+        return rc
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(5)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., Child]]:
+    """Start children; any still alive at the end of the test is killed."""
+    children: list[Child] = []
+
+    def start(db: Path, node: str, *args: str, log: Path | None = None) -> Child:
+        child = Child(db, node, *args, log=log)
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.close()
+
+
+# ---------------------------------------------------------------- reading what is on disk
+
+
+def table(db: Path) -> dict[str, dict[str, Any]]:
+    """Every run row, by id, read straight from the file."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.row_factory = sqlite3.Row
+        return {row["id"]: dict(row) for row in conn.execute("SELECT * FROM runs")}
+
+
+def integrity(db: Path) -> str:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def total(db: Path, name: str) -> int:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return int(conn.execute("SELECT value FROM totals WHERE name = ?", (name,)).fetchone()[0])
+
+
+def executions(log: Path) -> list[Line]:
+    """The execution log: one line per attempt a task started, in any process."""
+    if not log.exists():
+        return []
+    return [json.loads(raw) for raw in log.read_text().splitlines()]
+
+
+def by_status(rows: dict[str, dict[str, Any]]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for run_id, row in rows.items():
+        out.setdefault(row["status"], set()).add(run_id)
+    return out
+
+
+# ---------------------------------------------------------------- 1. kill -9 mid-way, restart
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_engine_loses_nothing_and_reruns_only_what_was_in_flight(tmp_path: Path, spawn: Callable[..., Child]) -> None:
+    db, log = tmp_path / "runs.db", tmp_path / "exec.log"
+    first = spawn(db, "worker-1", "--sleep", "0.05", "--max-concurrency", "16", "run", "--submit", "work", "--count", "1000", log=log)
+    ids = set(first.event("submitted")["ids"])
+    assert len(ids) == 1000
+    first.wait_for(lambda line: line.get("ev") == "succeeded" and line["n"] >= 300, timeout=60)
+    first.sigkill()
+    confirmed = {line["id"] for line in first.of("succeeded")}
+
+    # what the file holds right after the kill, with nobody writing it
+    assert integrity(db) == "ok"
+    before = table(db)
+    assert set(before) == ids
+    at_kill = by_status(before)
+    done, in_flight, queued = at_kill.get("succeeded", set()), at_kill.get("running", set()), at_kill.get("pending", set())
+    assert done | in_flight | queued == ids, f"unexpected statuses at the kill: { {k: len(v) for k, v in at_kill.items()} }"
+    assert confirmed <= done, "a run reported succeeded was not succeeded in the file"
+    assert in_flight and queued, "the kill came too late to catch runs in flight and runs queued"
+    assert all(before[i]["attempt"] == 1 for i in ids)
+    ran_first = executions(log)
+    assert {e["run"] for e in ran_first} <= done | in_flight, "a run executed without a committed claim"
+
+    second = spawn(db, "worker-1", "--sleep", "0.05", "--max-concurrency", "16", "run", "--until-drained", "--expect", "1000", log=log)
+    assert second.exit() == 0
+    assert second.event("drained")["counts"]["succeeded"] == 1000
+
+    assert integrity(db) == "ok"
+    after = table(db)
+    assert set(after) == ids
+    assert {i for i, row in after.items() if row["status"] != "succeeded"} == set()
+    # runs finished before the kill are untouched, and ran exactly once
+    for i in done:
+        for col in ("attempt", "started_at", "finished_at", "owner_incarnation", "lost_count"):
+            assert after[i][col] == before[i][col], f"run {i} finished before the kill, yet its {col} changed"
+    ran_second = [e for e in executions(log) if e["pid"] == second.proc.pid]
+    assert not {e["run"] for e in ran_second} & done, "a run that had finished before the kill ran again"
+    per_run = Counter(e["run"] for e in ran_second)
+    assert set(per_run) == in_flight | queued and set(per_run.values()) == {1}
+    # runs in flight at the kill were recovered (the restart recognised its previous
+    # incarnation) and ran again as attempt 2; queued runs ran once, as attempt 1
+    recovered = {line["id"]: line for line in second.recovered_at_start()}
+    assert set(recovered) == in_flight
+    assert {r["action"] for r in recovered.values()} == {"requeued"}
+    for e in ran_second:
+        assert e["attempt"] == (2 if e["run"] in in_flight else 1), e
+    for i in in_flight:
+        assert (after[i]["attempt"], after[i]["lost_count"]) == (2, 1), after[i]
+    for i in queued:
+        assert (after[i]["attempt"], after[i]["lost_count"]) == (1, 0), after[i]
+    assert Counter(e["run"] for e in ran_first if e["run"] in done) == Counter(done)
+
+
+# ---------------------------------------------------------------- 2. a retry waiting at the kill
+
+
+@pytest.mark.timeout(60)
+def test_a_retry_waiting_at_the_kill_fires_after_the_restart_at_its_due_time(tmp_path: Path, spawn: Callable[..., Child]) -> None:
+    db, log = tmp_path / "runs.db", tmp_path / "exec.log"
+    # the restarted process is ready (imports done) before the kill, so it starts well before the retry is due
+    second = spawn(db, "worker-1", "--wait-go", "--backoff", "2", "run", "--until-drained", "--expect", "1", log=log)
+    second.event("ready")
+    first = spawn(db, "worker-1", "--backoff", "2", "run", "--submit", "flaky", "--count", "1", log=log)
+    [run_id] = first.event("submitted")["ids"]
+    retrying = first.event("retrying")
+    assert (retrying["id"], retrying["attempt"]) == (run_id, 2)
+    first.sigkill()
+    killed_at = time.time()
+
+    row = table(db)[run_id]
+    assert (row["status"], row["attempt"], row["lost_count"]) == ("pending", 2, 0)
+    due = row["run_after"]
+    assert killed_at < due, "the retry was already due at the kill: the test proves nothing"
+
+    second.go()
+    restarted_at = second.event("started")["t"]
+    assert restarted_at < due, "the restart came after the due time: 'not at once' is not exercised"
+    assert second.exit() == 0
+
+    row = table(db)[run_id]
+    assert (row["status"], row["attempt"], row["lost_count"]) == ("succeeded", 2, 0)
+    assert row["started_at"] >= due, f"attempt 2 started {due - row['started_at']:.3f} s before it was due"
+    assert row["started_at"] < due + 2.0, f"attempt 2 started {row['started_at'] - due:.3f} s after it was due"
+    ran = [(e["attempt"], e["pid"]) for e in executions(log)]
+    assert ran == [(1, first.proc.pid), (2, second.proc.pid)]
+    assert integrity(db) == "ok"
+
+
+# ---------------------------------------------------------------- 3. a kill during a submit_many burst
+
+
+@pytest.mark.timeout(60)
+def test_every_id_submit_many_returned_before_a_kill_is_stored(tmp_path: Path, spawn: Callable[..., Child]) -> None:
+    db = tmp_path / "runs.db"
+    batch = 100
+    child = spawn(db, "burster", "--max-concurrency", "4", "burst", "--batch", str(batch))
+    batches = Counter[str]()
+
+    def twentieth_batch(line: Line) -> bool:
+        batches[line["ev"]] += 1
+        return batches["batch"] >= 20
+
+    child.wait_for(twentieth_batch)
+    child.sigkill()
+    returned = [i for line in child.of("batch") for i in line["ids"]]
+    assert len(returned) == len(set(returned)) >= 20 * batch
+
+    assert integrity(db) == "ok"
+    rows = table(db)
+    missing = set(returned) - set(rows)
+    assert not missing, f"{len(missing)} run(s) submit_many returned are not in the file"
+    # one submit_many is one transaction: the file never holds part of a batch
+    assert len(rows) % batch == 0
+    assert total(db, "inserted") == len(rows)
+
+
+# ---------------------------------------------------------------- 4. two processes, one file
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("count", [TWO_PROCESS_RUNS])
+def test_two_processes_execute_each_run_exactly_once(tmp_path: Path, spawn: Callable[..., Child], count: int) -> None:
+    db = tmp_path / "shared.db"
+    logs = {"node-a": tmp_path / "a.log", "node-b": tmp_path / "b.log"}
+    # nobody is killed here, so the lease only has to outlast stalls: with lease_ttl=1 a process
+    # kept off SQLite's write lock by the other for over a second (measured: up to 1.5 s) cannot
+    # commit its heartbeats, is taken for dead (owner_silent), and ~20 of its runs run twice
+    common = ["--lease-ttl", "10", "--quiet", "--max-concurrency", "16"]
+    drain = ["--until-drained", "--expect", str(count)]
+    b = spawn(db, "node-b", *common, "run", *drain, log=logs["node-b"])
+    a = spawn(db, "node-a", *common, "run", "--submit", "work", "--count", str(count), *drain, log=logs["node-a"])
+    ids = set(a.event("submitted", timeout=60)["ids"])
+    assert len(ids) == count
+    assert a.exit(90) == 0 and b.exit(90) == 0
+
+    ran = {node: executions(path) for node, path in logs.items()}
+    per_run = Counter(e["run"] for lines in ran.values() for e in lines)
+    twice = [i for i, n in per_run.items() if n > 1]
+    assert not twice, f"{len(twice)} run(s) executed more than once, e.g. {twice[:3]}"
+    assert set(per_run) == ids
+    assert ran["node-a"] and ran["node-b"], "one process did all the work: sharing was not exercised"
+
+    assert integrity(db) == "ok"
+    rows = table(db)
+    assert set(rows) == ids
+    assert {(r["status"], r["attempt"]) for r in rows.values()} == {("succeeded", 1)}
+    for node, lines in ran.items():
+        assert {rows[e["run"]]["owner_node"] for e in lines} == {node}
+
+
+# ---------------------------------------------------------------- 5. a graceful stop keeps pending runs
+
+
+def _engine_options(db: Path) -> dict[str, Any]:
+    return dict(
+        store=f"sqlite:///{db}", node_id="worker-1", max_concurrency=8, lease_ttl=1.0, poll_interval=0.05, health_interval=None
+    )
+
+
+async def _run_them_all(db: Path, ids: set[str]) -> list[tuple[str | None, int]]:
+    """A new engine on the file, whose ``block`` task now returns at once, runs every run in ``ids``."""
+    engine = Engine(**_engine_options(db))
+    ran: list[tuple[str | None, int]] = []
+
+    @engine.task(name="block")
+    async def block_no_more(ctx: TaskContext) -> None:
+        ran.append((ctx.run_id, ctx.attempt))
+
+    await engine.start()
+    try:
+        records = await asyncio.wait_for(asyncio.gather(*(engine.wait_for(i) for i in ids)), 20)
+    finally:
+        await engine.stop()
+    assert {r.status.value for r in records} == {"succeeded"}
+    return ran
+
+
+@pytest.mark.timeout(60)
+async def test_a_graceful_stop_leaves_pending_and_cut_short_runs_for_the_next_start(tmp_path: Path) -> None:
+    db = tmp_path / "runs.db"
+    first = Engine(**_engine_options(db))
+    started: list[tuple[str | None, int]] = []
+    all_busy = asyncio.Event()
+
+    @first.task(name="block")
+    async def block_forever(ctx: TaskContext) -> None:
+        started.append((ctx.run_id, ctx.attempt))
+        if len(started) == 8:
+            all_busy.set()
+        await asyncio.Event().wait()
+
+    await first.start()
+    try:
+        ids = {h.id for h in await first.submit_many([("block", None)] * 50)}
+        await asyncio.wait_for(all_busy.wait(), 10)
+    finally:
+        await first.stop(timeout=0)
+    cut = {run_id for run_id, _ in started}
+    assert len(cut) == len(started) == 8
+    expected = {i: 2 if i in cut else 1 for i in ids}
+
+    rows = table(db)
+    assert {i: (r["status"], r["attempt"]) for i, r in rows.items()} == {i: ("pending", n) for i, n in expected.items()}
+
+    ran = await _run_them_all(db, ids)
+    assert sorted(ran) == sorted(expected.items())
+    rows = table(db)
+    assert {i: (r["status"], r["attempt"], r["lost_count"]) for i, r in rows.items()} == {
+        i: ("succeeded", n, 0) for i, n in expected.items()
+    }
+    assert integrity(db) == "ok"
+
+
+@pytest.mark.timeout(60)
+async def test_graceful_stops_right_after_submitting_hand_every_run_back(tmp_path: Path) -> None:
+    """A program that submits and at once shuts down, again and again: each stop comes while
+    the executor is claiming. A run whose task started is re-queued (attempt + 1); any other
+    run, claimed or not, stays pending as it was -- never cancelled, never left running for
+    the next start to recover as lost."""
+    db = tmp_path / "runs.db"
+    starts: Counter[str] = Counter()  # how often each run's task really began
+    ids: set[str] = set()
+    for round_ in range(ROUNDS):
+        engine = Engine(**_engine_options(db))
+
+        @engine.task(name="block")
+        async def block_forever(ctx: TaskContext) -> None:
+            assert ctx.run_id is not None
+            starts[ctx.run_id] += 1
+            await asyncio.Event().wait()
+
+        await engine.start()
+        try:
+            ids |= {h.id for h in await engine.submit_many([("block", None)] * 8)}
+        finally:
+            await engine.stop(timeout=0)
+        rows = table(db)
+        assert set(rows) == ids
+        wrong = {
+            i: (r["status"], r["attempt"], r["lost_count"], r["cancel_reason"])
+            for i, r in rows.items()
+            if (r["status"], r["attempt"], r["lost_count"]) != ("pending", 1 + starts[i], 0)
+        }
+        assert not wrong, (
+            f"after graceful stop {round_ + 1}, {len(wrong)} run(s) are not pending with attempt 1 + times started "
+            f"and no loss: {Counter(v[:1] + v[3:] for v in wrong.values())}"
+        )
+
+    ran = await _run_them_all(db, ids)
+    assert sorted(ran) == sorted((i, 1 + starts[i]) for i in ids)
+    rows = table(db)
+    assert {i: (r["status"], r["attempt"], r["lost_count"]) for i, r in rows.items()} == {
+        i: ("succeeded", 1 + starts[i], 0) for i in ids
+    }
+    assert integrity(db) == "ok"
+
+
+# ---------------------------------------------------------------- 6. a task that kills its own worker
+
+
+@pytest.mark.timeout(90)
+def test_a_run_that_kills_its_worker_is_failed_as_worker_lost_after_three_losses(tmp_path: Path, spawn: Callable[..., Child]) -> None:
+    db, log = tmp_path / "runs.db", tmp_path / "exec.log"
+    first = spawn(db, "worker-1", "run", "--submit", "suicide", "--count", "1", log=log)
+    [run_id] = first.event("submitted")["ids"]
+    assert first.exit() == -signal.SIGKILL
+    for loss in (1, 2):
+        # each restart recovers the run (attempt + 1), runs it, and dies again
+        restart = spawn(db, "worker-1", "run", "--until-drained", "--expect", "1", log=log)
+        assert restart.exit() == -signal.SIGKILL
+        [recovered] = restart.recovered_at_start()
+        assert (recovered["id"], recovered["action"], recovered["attempt"]) == (run_id, "requeued", loss + 1)
+    last = spawn(db, "worker-1", "run", "--until-drained", "--expect", "1", log=log)
+    assert last.exit() == 0
+    [recovered] = last.recovered_at_start()
+    assert (recovered["id"], recovered["action"]) == (run_id, "failed")
+
+    row = table(db)[run_id]
+    assert (row["status"], row["attempt"], row["lost_count"]) == ("failed", 3, 3)
+    assert json.loads(row["error"])["type"] == "WorkerLost"
+    assert [e["attempt"] for e in executions(log)] == [1, 2, 3]
+    assert integrity(db) == "ok"
+
+
+@pytest.mark.timeout(60)
+def test_a_run_declared_on_lost_fail_is_failed_at_the_first_restart(tmp_path: Path, spawn: Callable[..., Child]) -> None:
+    db, log = tmp_path / "runs.db", tmp_path / "exec.log"
+    first = spawn(db, "worker-1", "run", "--submit", "suicide_fail", "--count", "1", log=log)
+    [run_id] = first.event("submitted")["ids"]
+    assert first.exit() == -signal.SIGKILL
+    restart = spawn(db, "worker-1", "run", "--until-drained", "--expect", "1", log=log)
+    assert restart.exit() == 0
+    [recovered] = restart.recovered_at_start()
+    assert (recovered["id"], recovered["action"]) == (run_id, "failed")
+
+    row = table(db)[run_id]
+    assert (row["status"], row["attempt"], row["lost_count"]) == ("failed", 1, 1)
+    assert json.loads(row["error"])["type"] == "WorkerLost"
+    assert [e["attempt"] for e in executions(log)] == [1]
+    assert integrity(db) == "ok"
