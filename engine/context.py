@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import NotLeader
@@ -20,11 +21,20 @@ class TaskContext:
     destructive writes so a stale leader's writes can be refused.
     """
 
-    __slots__ = ("_engine", "_run", "name", "resources")
+    __slots__ = ("_engine", "_run", "_report", "name", "resources")
 
-    def __init__(self, engine: Engine, run: Run | None, name: str, resources: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        run: Run | None,
+        name: str,
+        resources: dict[str, Any] | None = None,
+        report: Callable[[Run, float, float | None, str], None] | None = None,
+    ) -> None:
         self._engine = engine
         self._run = run
+        #: how the engine that runs this task takes its progress reports
+        self._report = report
         self.name = name
         self.resources: dict[str, Any] = resources or {}
 
@@ -46,21 +56,22 @@ class TaskContext:
 
     @property
     def is_leader(self) -> bool:
-        return self._engine._leader.is_leader
+        return self._engine.elector.is_leader
 
     @property
     def term(self) -> int:
         """The fencing token of this node's current leadership term (0 if not leader)."""
-        return self._engine._leader.term if self._engine._leader.is_leader else 0
+        elector = self._engine.elector
+        return elector.term if elector.is_leader else 0
 
     async def progress(self, done: float, total: float | None = None, message: str = "") -> None:
         """Report progress; published as a ``run.progress`` event."""
-        if self._run is not None:
-            self._engine._progress(self._run, done, total, message)
+        if self._run is not None and self._report is not None:
+            self._report(self._run, done, total, message)
 
     async def ensure_leader(self) -> int:
         """Return the current fencing token, or raise :class:`NotLeader` if leadership is lost."""
-        leader = self._engine._leader
+        leader = self._engine.elector
         if not leader.is_leader or not leader.lease_valid():
             raise NotLeader(self._engine.node_id, leader.holder)
         return leader.term

@@ -399,6 +399,19 @@ class Engine:
         return self._store
 
     @property
+    def elector(self) -> LeaderElector:
+        """The leader election this engine takes part in (who leads, the term, listeners)."""
+        return self._leader
+
+    def get_queue(self, name: str) -> WorkQueue:
+        """The queue created with ``engine.queue(name, ...)``; ``KeyError`` if there is none."""
+        return self._queues[name]
+
+    def get_trigger(self, name: str) -> Trigger:
+        """The trigger created with ``engine.trigger(name, ...)``; ``KeyError`` if there is none."""
+        return self._triggers[name]
+
+    @property
     def backend(self) -> str:
         """``"inline"`` when ``submit`` waits for the outcome, else ``"asyncio"``."""
         return "inline" if self._inline else "asyncio"
@@ -1374,7 +1387,7 @@ class Engine:
             if model is None and spec.params_model is not None:
                 # a run read back from the store: its params are validated again here
                 model = run.model = spec.params_model.model_validate(run.params)
-            ctx = TaskContext(self, run, spec.name)
+            ctx = TaskContext(self, run, spec.name, report=self._progress)
             args: tuple[Any, ...] = (ctx,) if model is None else (ctx, model)
             kwargs = {name: self.resources[name] for name in spec.resources} if spec.resources else {}
             if spec.timeout is None:

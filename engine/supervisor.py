@@ -115,7 +115,7 @@ class Supervisor:
         self._engine = engine
         self._workers: dict[str, _Worker] = {}
         self._running = False
-        engine._leader.add_listener(self.on_leadership)
+        engine.elector.add_listener(self.on_leadership)
 
     # ------------------------------------------------------------------ registry
 
@@ -183,7 +183,7 @@ class Supervisor:
             return False
         if not worker.leader_only:
             return True
-        leader = self._engine._leader
+        leader = self._engine.elector
         return leader.is_leader and leader.lease_valid()
 
     def _reconcile(self, worker: _Worker) -> None:
@@ -268,7 +268,7 @@ class Supervisor:
     async def _run_once(self, worker: _Worker) -> float | None:
         """Run the worker function once; return the delay before the next start, or None to end."""
         engine = self._engine
-        leader = engine._leader
+        leader = engine.elector
         worker.state = "running"
         worker.started_at = self._engine.clock()
         engine.bus.emit(

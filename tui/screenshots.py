@@ -202,11 +202,11 @@ async def play(engine: Engine, clock: FrozenClock) -> None:
     for task, params in steps:
         clock.advance(2.0)
         await _finished(await engine.submit(task, params), clock)
-    queue = engine._queues["significance"]
+    queue = engine.get_queue("significance")
     for turn, text in [(101, "hello"), (102, "an error happened"), (103, "thanks")]:
         queue.put_nowait({"turn_id": turn, "text": text})
     await queue.join(timeout=5)
-    trigger = engine._triggers["compile"]
+    trigger = engine.get_trigger("compile")
     for key in ["bank-1", "bank-2", "bank-2", "bank-3", "bank-1", "bank-1"]:
         trigger.notify(key)
     await trigger.drain(timeout=5)
