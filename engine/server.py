@@ -157,6 +157,17 @@ class ServerInfo(BaseModel):
         return self.address
 
 
+def new_token() -> str:
+    """A fresh access token that a command line can carry as ``--token T``.
+
+    ``token_urlsafe`` may start with ``-``, which argument parsers take for
+    an option; such a token is drawn again.
+    """
+    while (token := secrets.token_urlsafe(32)).startswith("-"):
+        pass
+    return token
+
+
 def default_socket_path(node_id: str) -> Path:
     """``$XDG_RUNTIME_DIR/taskwatch/<node>.sock``, else a private dir under the temp dir."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
@@ -325,7 +336,7 @@ class ControlServer:
                     "SSH tunnel), or pass allow_remote=True if the network is trusted"
                 )
             if token is None:
-                token = secrets.token_urlsafe(32)
+                token = new_token()
         if token is not None and len(token.encode()) < MIN_TOKEN_BYTES:
             raise WeakToken(len(token.encode()), MIN_TOKEN_BYTES)
         self.token = token

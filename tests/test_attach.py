@@ -143,7 +143,7 @@ def serve() -> Iterator[ServeFn]:
     ) -> Served:
         args = [address, "--interval", str(interval)]
         if token is not None:
-            args += ["--token", token]
+            args.append(f"--token={token}")  # "=": a generated token may begin with "-"
         if node_id is not None:
             args += ["--node-id", node_id]
         served = Served(args)

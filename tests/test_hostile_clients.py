@@ -331,3 +331,11 @@ async def test_short_tokens_are_refused_with_advice(engine: Engine, sock_path: s
     ControlServer(engine, "tcp://127.0.0.1:0", token="sixteen-bytes!!!")
     ControlServer(engine, sock_path, token="\u00e9" * 8)  # 16 bytes of UTF-8
     ControlServer(engine, sock_path)  # no token on a private Unix socket
+
+
+def test_generated_tokens_never_look_like_a_command_line_option() -> None:
+    from taskwatch.engine.server import new_token
+
+    tokens = [new_token() for _ in range(2_000)]  # about 30 would start with "-" if drawn plainly
+    assert all(len(t) >= 32 and not t.startswith("-") for t in tokens)
+    assert len(set(tokens)) == len(tokens)

@@ -177,7 +177,7 @@ def served() -> Iterator[dict[str, Any]]:
     """An engine served over TCP from its own process, with a token; its printed info."""
     token = secrets.token_urlsafe(32)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.served_engine", "tcp://127.0.0.1:0", "--token", token, "--interval", "0"],
+        [sys.executable, "-m", "tests.served_engine", "tcp://127.0.0.1:0", f"--token={token}", "--interval", "0"],
         cwd=REPO,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -290,7 +290,7 @@ async def test_the_session_attaches_with_the_token_kept_off_argv(
     token, address = served["token"], served["address"]
     args, env = ["attach", address], {}
     if given == "--token":
-        args += ["--token", token]  # the user's own choice for this process; its children must not show it
+        args += [f"--token={token}"]  # the user's own choice for this process; its children must not show it
     elif given == "env":
         env["TASKWATCH_TOKEN"] = token
     else:
