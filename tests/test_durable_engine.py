@@ -91,3 +91,36 @@ async def test_runs_another_node_executes_finish_in_this_nodes_index_and_waits(t
         await eventually(lambda: a.stats().by_status["pending"] == 0, timeout=5)
         assert all(a.get(h.id).status is RunStatus.SUCCEEDED for h in handles)
         release.set()
+
+
+async def test_restarting_one_engine_object_on_a_durable_store_keeps_its_counts_true(tmp_path: Path) -> None:
+    import asyncio
+
+    engine = Engine(store=f"sqlite:///{tmp_path / 'restart.db'}", node_id="again", max_concurrency=1,
+                    max_queue=4, health_interval=None)
+    gate = asyncio.Event()
+
+    @engine.task
+    async def hold(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    @engine.task
+    async def quick(ctx: TaskContext) -> None:
+        return None
+
+    await engine.start()
+    for _ in range(3):
+        await (await engine.submit("quick")).wait(5)
+    await engine.submit("hold")
+    for _ in range(3):
+        await engine.submit("quick")  # wait behind the held slot
+    await engine.stop(timeout=0)
+    for _ in range(3):
+        await engine.start()
+        try:
+            counts = engine.stats().by_status
+            assert counts["succeeded"] == 3
+            assert counts["pending"] + counts["running"] == 4, counts
+            assert len(engine.runs(limit=None)) == 7
+        finally:
+            await engine.stop(timeout=0)
