@@ -270,20 +270,27 @@ class Run:
         return run
 
     def record(self) -> RunRecord:
-        return RunRecord(
-            id=self.id,
-            task=self.task,
-            params=self.params,
-            status=self.status,
-            attempt=self.attempt,
-            max_attempts=self.max_attempts,
-            created_at=self.created_at,
-            started_at=self.started_at,
-            finished_at=self.finished_at,
-            progress=Progress(done=self.done, total=self.total, message=self.message),
-            result=self.result,
-            error=self.error,
-            key=self.key,
-            source=self.source,
-            cancel_reason=self.cancel_reason,
-        )
+        return RunRecord(**record_fields(self))
+
+
+def record_fields(run: Any) -> dict[str, Any]:
+    """The :class:`RunRecord` fields of an object keeping them as attributes of the same
+    names, with progress as ``done``/``total``/``message`` (the engine's index entry and
+    the memory store's row both do)."""
+    return {
+        "id": run.id,
+        "task": run.task,
+        "params": run.params,
+        "status": run.status,
+        "attempt": run.attempt,
+        "max_attempts": run.max_attempts,
+        "created_at": run.created_at,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+        "progress": Progress(done=run.done, total=run.total, message=run.message),
+        "result": run.result,
+        "error": run.error,
+        "key": run.key,
+        "source": run.source,
+        "cancel_reason": run.cancel_reason,
+    }

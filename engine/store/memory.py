@@ -17,7 +17,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from ..errors import QueueFull, RunNotFound
-from ..runs import CancelReason, Progress, RunError, RunStatus
+from ..runs import CancelReason, Progress, RunError, RunStatus, record_fields
 from .base import Clock, Store, gone_incarnations, lost_action, lost_reason, new_run_id
 from .errors import DuplicateRunId
 from .models import (
@@ -113,21 +113,7 @@ class _Row:
 
     def model(self) -> StoredRun:
         return StoredRun(
-            id=self.id,
-            task=self.task,
-            params=self.params,
-            status=self.status,
-            attempt=self.attempt,
-            max_attempts=self.max_attempts,
-            created_at=self.created_at,
-            started_at=self.started_at,
-            finished_at=self.finished_at,
-            progress=Progress(done=self.done, total=self.total, message=self.message),
-            result=self.result,
-            error=self.error,
-            key=self.key,
-            source=self.source,
-            cancel_reason=self.cancel_reason,
+            **record_fields(self),
             node=self.node,
             incarnation=self.incarnation,
             claim_token=self.token,
