@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# database servers the tests start on loopback ports (program:debian-package)
+SERVERS :=
 
 .PHONY: run test bench screenshots clean
 
@@ -17,6 +19,7 @@ run: $(STAMP)
 	$(VENV)/bin/taskwatch --store sqlite:///.taskwatch/demo.db
 
 test: $(STAMP)
+	@[ -z "$(SERVERS)" ] || .ci/need $(SERVERS)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
