@@ -165,7 +165,9 @@ class Subscription:
         if not self._all and not self._filter(event.kind):  # type: ignore[attr-defined]
             return
         if self._buffer.offer(event):
-            self._wake()
+            waiter = self._waiter  # _wake, inlined: this runs once per event per subscriber
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         else:
             self._bus.dropped_total += 1
 

@@ -53,7 +53,7 @@ from .events import (
     RunSubmitted,
     RunSucceeded,
 )
-from .executor import Executor, at_once
+from .executor import Executor
 from .handle import RunHandle
 from .health import HealthSampler
 from .jsonsafe import NotJsonSafe, check_jsonable, check_key, jsonable, safe_str, safe_text
@@ -234,7 +234,9 @@ class Engine:
         self.bus = EventBus(node=self.node_id, replay=replay, clock=clock)
         self._store = make_store(store, clock=clock, lease_ttl=lease_ttl) if isinstance(store, str) else store
         #: the memory store dies with the engine: shutdown cancels what is left in it
-        self._durable = not isinstance(self._store, MemoryStore)
+        #: the memory store, whose operations the hot path calls without coroutines; None for a durable store
+        self._memory: MemoryStore | None = self._store if isinstance(self._store, MemoryStore) else None
+        self._durable = self._memory is None
         self._executor = Executor(
             self._store,
             node=self.node_id,
@@ -255,6 +257,7 @@ class Engine:
             prune=self._prune,
         )
         self._tasks: dict[str, TaskSpec] = {}
+        self._limits: dict[str, int | None] = {}
         #: the run index: every run this node knows, pending and running ones always
         self._runs: dict[str, Run] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
@@ -380,6 +383,7 @@ class Engine:
             on_lost=on_lost,
         )
         self._tasks[task_name] = spec
+        self._limits = {name: spec.concurrency for name, spec in self._tasks.items()}
         return spec
 
     def tasks(self) -> dict[str, TaskSpec]:
@@ -758,11 +762,15 @@ class Engine:
         if holder is not None:
             return RunHandle(self, holder.id, holder)
         self._check_room()
-        self._admitting += 1
-        try:
-            [inserted] = await self._store.insert([self._new_row(run)])
-        finally:
-            self._admitting -= 1
+        memory = self._memory
+        if memory is not None:
+            [inserted] = memory.insert_now([self._new_row(run)])
+        else:
+            self._admitting += 1
+            try:
+                [inserted] = await self._store.insert([self._new_row(run)])
+            finally:
+                self._admitting -= 1
         if not inserted.new:
             return RunHandle(self, inserted.id)  # another process's pending run holds the key
         self._admitted(run)
@@ -771,10 +779,10 @@ class Engine:
 
     def _start_soon(self) -> None:
         """Start new work: at once with the memory store (its claims never wait), else via the executor."""
-        if self._durable:
+        if self._memory is None:
             self._executor.wake()
         else:
-            self._executor.claim_at_once()
+            self._executor.claim_at_once(self._memory)
 
     async def submit_many(
         self, submissions: Iterable[tuple[str, BaseModel | dict[str, Any] | None] | Mapping[str, Any]]
@@ -841,15 +849,16 @@ class Engine:
         if holder is not None:
             return RunHandle(self, holder.id, holder)
         self._check_room()
-        if self._durable:
+        memory = self._memory
+        if memory is None:
             self._admitted(run)
             self._executor.insert_later(self._new_row(run))
             return RunHandle(self, run.id, run)
-        [inserted] = at_once(self._store.insert([self._new_row(run)]))
+        [inserted] = memory.insert_now([self._new_row(run)])
         if not inserted.new:
             return RunHandle(self, inserted.id)
         self._admitted(run)
-        self._executor.claim_at_once()
+        self._executor.claim_at_once(memory)
         return RunHandle(self, run.id, run)
 
     def _inserted(self, rows: list[NewRun], result: list[Inserted] | BaseException) -> None:
@@ -1244,8 +1253,8 @@ class Engine:
     # ------------------------------------------------------------------ execution (the executor's callbacks)
 
     def _claim_limits(self) -> dict[str, int | None]:
-        """Every task this node can execute, with its concurrency limit."""
-        return {name: spec.concurrency for name, spec in self._tasks.items()}
+        """Every task this node can execute, with its concurrency limit (kept as tasks register)."""
+        return self._limits
 
     def _launch(self, claim: Claim) -> None:
         """Start executing a run the executor claimed for this node.
@@ -1456,9 +1465,10 @@ class Engine:
         """Write ``outcome`` with the claim's token, then bring the index and the bus up to date."""
         if run.token != token:
             return  # the claim was lost: another node owns the run now
-        if not self._durable:
+        memory = self._memory
+        if memory is not None:
             # the memory store's finish never suspends: nothing can cut it short
-            self._apply_outcome(run, token, outcome, error, at_once(self._store.finish(token, outcome)))
+            self._apply_outcome(run, token, outcome, error, memory.finish_now(token, outcome))
             return
         write = asyncio.ensure_future(self._write_outcome(run, token, outcome))
         try:
@@ -1714,11 +1724,12 @@ class Engine:
             if old is not None:
                 self._counts[old.status] -= 1
             self._evicted += 1
-            if self._evicted >= self._prune_every and not self._durable:
+            memory = self._memory
+            if self._evicted >= self._prune_every and memory is not None:
                 # the memory store is pruned as the index is, in small steps: rows it
                 # kept past history would only cost memory and garbage-collector time
                 self._evicted = 0
-                at_once(self._store.prune(keep=self.history, older_than=self.retention))
+                memory.prune_now(keep=self.history, older_than=self.retention)
 
     def _check_idle(self) -> None:
         idle = self._idle

@@ -22,32 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any, TypeVar, cast
+from collections.abc import Awaitable, Callable, Mapping
 
 from .runs import CancelReason, Progress
-from .store import Claim, Inserted, NewRun, Recovered, Store
+from .store import Claim, Inserted, MemoryStore, NewRun, Recovered, Store
 
 log = logging.getLogger("taskwatch.executor")
-
-T = TypeVar("T")
-
-
-def at_once(operation: Coroutine[Any, Any, T]) -> T:
-    """The result of a store operation that completes without suspending.
-
-    The memory store's coroutines never wait on anything, so the engine can
-    finish them synchronously: ``submit_nowait`` then queues and starts a run
-    before it returns, as callers on the loop expect. Any other store must be
-    awaited; finding one that suspends here is a bug, reported as such.
-    """
-    try:
-        operation.send(None)
-    except StopIteration as done:
-        return cast(T, done.value)
-    operation.close()
-    raise RuntimeError("a store operation suspended where it must complete at once; await it instead")
-
 
 class Executor:
     def __init__(
@@ -91,6 +71,8 @@ class Executor:
         #: attempts executing here, in all and per task
         self.running = 0
         self._per_task: dict[str, int] = {}
+        self._seen_limits: Mapping[str, int | None] | None = None
+        self._unlimited = False
         #: runs queued without waiting, written by the claim loop in one batch
         self._unwritten: list[NewRun] = []
         self._wake = asyncio.Event()
@@ -183,14 +165,21 @@ class Executor:
                 inserted = exc
             self._inserted(batch, inserted)
 
-    def _room(self) -> tuple[int, dict[str, int | None]]:
+    def _room(self) -> tuple[int, Mapping[str, int | None]]:
         """Free slots in all, and per task this node can run (None: no limit of its own)."""
         free = self.max_concurrency - self.running
         if free <= 0 or not self._claiming:
             return 0, {}
+        limits = self._limits()
+        if limits is not self._seen_limits:
+            # the engine hands out a new mapping whenever a task registers
+            self._seen_limits = limits
+            self._unlimited = all(limit is None for limit in limits.values())
+        if self._unlimited:
+            return free, limits
         per_task = self._per_task
         tasks: dict[str, int | None] = {}
-        for name, limit in self._limits().items():
+        for name, limit in limits.items():
             if limit is None:
                 tasks[name] = None
             elif (room := limit - per_task.get(name, 0)) > 0:
@@ -214,12 +203,12 @@ class Executor:
             self._in_flight = None
             done.set_result(None)
 
-    def claim_at_once(self) -> int:
-        """:meth:`claim_now` for a store whose operations never suspend (the memory store)."""
+    def claim_at_once(self, store: MemoryStore) -> int:
+        """:meth:`claim_now` for the memory store, whose claims never wait: no coroutine, no loop turn."""
         free, tasks = self._room()
         if not tasks:
             return 0
-        return self._start_all(at_once(self.store.claim(self.node, self.incarnation, free, tasks)))
+        return self._start_all(store.claim_now(self.node, self.incarnation, free, tasks))
 
     # ------------------------------------------------------------------ loops
 

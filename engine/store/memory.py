@@ -4,7 +4,10 @@ Rows are plain slotted objects; due pending runs wait in one FIFO heap per
 task (keyed by insertion order, so runs re-queued by a retry or a recovery
 keep their place), delayed runs in one heap by due time. Pydantic models are
 built only when a caller reads rows (get, query, cancel), never per insert,
-claim or finish.
+claim or finish. Nothing here ever waits, so the hot operations also come
+as plain methods (``insert_now``, ``claim_now``, ``finish_now``,
+``prune_now``): the engine calls them directly on its loop, and a run is
+queued and started before ``submit`` returns, without a coroutine per step.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from bisect import bisect_left
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -126,6 +129,49 @@ class _Row:
         )
 
 
+
+class _Line:
+    """One task's due pending rows, oldest first.
+
+    Fresh inserts arrive in ``seq`` order, so they wait in a deque with no
+    per-row tuple (a tuple per queued run is garbage-collector work); rows put
+    back by a retry or a recovery keep their place through a small heap keyed
+    by ``seq``. Rows that left pending meanwhile are skipped when met.
+    """
+
+    __slots__ = ("fresh", "back")
+
+    def __init__(self) -> None:
+        self.fresh: deque[_Row] = deque()
+        self.back: list[tuple[int, _Row]] = []
+
+    def head(self) -> _Row | None:
+        """The oldest pending row, left in place; None when there is none."""
+        fresh, back = self.fresh, self.back
+        while fresh and fresh[0].status is not _PENDING:
+            fresh.popleft()
+        while back and back[0][1].status is not _PENDING:
+            heapq.heappop(back)
+        if not back:
+            return fresh[0] if fresh else None
+        if fresh and fresh[0].seq < back[0][0]:
+            return fresh[0]
+        return back[0][1]
+
+    def pop(self) -> _Row | None:
+        """Take the oldest pending row."""
+        row = self.head()
+        if row is not None:
+            if self.fresh and self.fresh[0] is row:
+                self.fresh.popleft()
+            else:
+                heapq.heappop(self.back)
+        return row
+
+    def put_back(self, row: _Row) -> None:
+        heapq.heappush(self.back, (row.seq, row))
+
+
 class MemoryStore(Store):
     """Every row in this process's memory; gone when the process exits."""
 
@@ -145,7 +191,7 @@ class MemoryStore(Store):
         #: rows in insertion order for cursors; pruned rows are dropped lazily
         self._order: list[_Row] = []
         self._dropped = 0
-        self._ready: dict[str, list[tuple[int, _Row]]] = {}
+        self._ready: dict[str, _Line] = {}
         self._delayed: list[tuple[float, int, _Row]] = []
         self._keys: dict[tuple[str, str], _Row] = {}
         self._claims: dict[str, _Row] = {}
@@ -166,6 +212,10 @@ class MemoryStore(Store):
     # ---------------------------------------------------------------- insert
 
     async def insert(self, runs: Sequence[NewRun], *, max_pending: int | None = None) -> list[Inserted]:
+        return self.insert_now(runs, max_pending=max_pending)
+
+    def insert_now(self, runs: Sequence[NewRun], *, max_pending: int | None = None) -> list[Inserted]:
+        """:meth:`insert` without a coroutine: the engine's hot path calls it directly."""
         now = self.clock()
         keys = self._keys
         rows = self._rows
@@ -199,10 +249,8 @@ class MemoryStore(Store):
             else:
                 line = ready.get(new.task)
                 if line is None:
-                    ready[new.task] = [(seq, row)]
-                else:
-                    # seq only grows, so this append keeps the heap ordered without a sift
-                    line.append((seq, row))
+                    line = ready[new.task] = _Line()
+                line.fresh.append(row)
             added += 1
             out.append(Inserted(run_id, True))
         if added:
@@ -233,17 +281,26 @@ class MemoryStore(Store):
 
     # ---------------------------------------------------------------- claim
 
+    def _line(self, task: str) -> _Line:
+        line = self._ready.get(task)
+        if line is None:
+            line = self._ready[task] = _Line()
+        return line
+
     def _promote(self, now: float) -> None:
         delayed = self._delayed
-        ready = self._ready
         while delayed and delayed[0][0] <= now:
             _, seq, row = heapq.heappop(delayed)
             if row.status is _PENDING:
-                heapq.heappush(ready.setdefault(row.task, []), (seq, row))
+                self._line(row.task).put_back(row)
 
     async def claim(
         self, node: str, incarnation: str, slots: int, tasks: Mapping[str, int | None]
     ) -> list[Claim]:
+        return self.claim_now(node, incarnation, slots, tasks)
+
+    def claim_now(self, node: str, incarnation: str, slots: int, tasks: Mapping[str, int | None]) -> list[Claim]:
+        """:meth:`claim` without a coroutine."""
         now = self.clock()
         if self._delayed and self._delayed[0][0] <= now:
             self._promote(now)
@@ -252,45 +309,44 @@ class MemoryStore(Store):
             return out
         ready = self._ready
         lease_until = now + self.lease_ttl
-        lines: list[tuple[str, list[tuple[int, _Row]], int]] = []
+        lines: list[tuple[str, _Line, int]] = []
         for task, free in tasks.items():
             line = ready.get(task)
-            if not line:
+            if line is None:
                 continue
             n = slots if free is None else min(free, slots)
             if n > 0:
                 lines.append((task, line, n))
         if not lines:
             return out
-        heappop = heapq.heappop
         if len(lines) == 1:
             _, line, n = lines[0]
-            while line and len(out) < n:
-                row = heappop(line)[1]
-                if row.status is _PENDING:
-                    out.append(self._take(row, node, incarnation, now, lease_until))
+            while len(out) < n:
+                row = line.pop()
+                if row is None:
+                    break
+                out.append(self._take(row, node, incarnation, now, lease_until))
         else:
             # oldest first across tasks: merge the lines by the seq at their heads
             free_of = {task: n for task, _, n in lines}
             line_of = {task: line for task, line, _ in lines}
             heads: list[tuple[int, str]] = []
             for task, line, _ in lines:
-                while line and line[0][1].status is not _PENDING:
-                    heappop(line)
-                if line:
-                    heads.append((line[0][0], task))
+                head = line.head()
+                if head is not None:
+                    heads.append((head.seq, task))
             heapq.heapify(heads)
             while heads and len(out) < slots:
-                _, task = heappop(heads)
+                _, task = heapq.heappop(heads)
                 line = line_of[task]
-                row = heappop(line)[1]
+                row = line.pop()
+                assert row is not None  # its head was pending a moment ago, and nothing ran since
                 out.append(self._take(row, node, incarnation, now, lease_until))
                 free_of[task] -= 1
                 if free_of[task] > 0:
-                    while line and line[0][1].status is not _PENDING:
-                        heappop(line)
-                    if line:
-                        heapq.heappush(heads, (line[0][0], task))
+                    head = line.head()
+                    if head is not None:
+                        heapq.heappush(heads, (head.seq, task))
         if out:
             counts = self._counts
             counts[_PENDING] -= len(out)
@@ -348,6 +404,10 @@ class MemoryStore(Store):
         return HeartbeatResult(cancel=cancel, lost=lost)
 
     async def finish(self, token: str, outcome: Outcome) -> RunStatus | None:
+        return self.finish_now(token, outcome)
+
+    def finish_now(self, token: str, outcome: Outcome) -> RunStatus | None:
+        """:meth:`finish` without a coroutine."""
         row = self._claims.pop(token, None)
         if row is None:
             return None
@@ -405,7 +465,7 @@ class MemoryStore(Store):
             self._keys[(row.task, row.key)] = row
             row.holds_key = True
         if run_after <= now:
-            heapq.heappush(self._ready.setdefault(row.task, []), (row.seq, row))
+            self._line(row.task).put_back(row)
         else:
             heapq.heappush(self._delayed, (run_after, row.seq, row))
         if self._notifying:
@@ -516,6 +576,10 @@ class MemoryStore(Store):
         )
 
     async def prune(self, *, keep: int | None = None, older_than: float | None = None) -> int:
+        return self.prune_now(keep=keep, older_than=older_than)
+
+    def prune_now(self, *, keep: int | None = None, older_than: float | None = None) -> int:
+        """:meth:`prune` without a coroutine."""
         finished = self._finished
         deleted = 0
         if older_than is not None:
