@@ -51,6 +51,7 @@ from .events import (
 from .handle import RunHandle
 from .lease import InProcessLease, Leadership, Lease, LeaseState
 from .queues import QueueInfo, WorkQueue
+from .operations import OPERATIONS, Operation
 from .remote import RemoteEngine
 from .runs import EngineStats, Progress, RunError, RunList, RunRecord, RunStatus
 from .scheduler import PeriodicInfo
@@ -97,6 +98,8 @@ __all__ = [
     "ProtocolError",
     "QueueFull",
     "QueueInfo",
+    "OPERATIONS",
+    "Operation",
     "RemoteEngine",
     "RemoteError",
     "ReplyTooLarge",

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
-import inspect
 import logging
 import os
 import secrets
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from .errors import EngineCrashed, EngineNotRunning, LoopThreadError
+from .hop import Escaped, submit_to
 from .runs import RunRecord, RunStatus
 
 if TYPE_CHECKING:
@@ -74,25 +74,6 @@ serve(sys.argv[1], host=sys.argv[2], port=int(sys.argv[3]))
 #: not imported, so the engine never loads textual or textual-serve
 _WEB_SECRET_ENV = "TASKWATCH_WEB_SECRET"
 _TOKEN_ENV = "TASKWATCH_TOKEN"
-
-
-class _Escaped(Exception):
-    """Carries a SystemExit or KeyboardInterrupt raised by a call back to its caller's thread."""
-
-    def __init__(self, exc: BaseException) -> None:
-        super().__init__(exc)
-        self.exc = exc
-
-
-async def _invoke(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    try:
-        result = fn(*args, **kwargs)
-        if inspect.isawaitable(result):
-            result = await result
-    except (SystemExit, KeyboardInterrupt) as exc:
-        # raised inside the loop these would end it for everyone; they belong to the caller
-        raise _Escaped(exc) from None
-    return result
 
 
 def attach_command(info: ServerInfo) -> tuple[list[str], dict[str, str]]:
@@ -328,7 +309,7 @@ class BackgroundEngine:
             if self._finished or self._stopping or loop is None:
                 raise self._not_running()
             try:
-                fut = asyncio.run_coroutine_threadsafe(_invoke(fn, args, kwargs), loop)
+                fut = submit_to(loop, fn, *args, **kwargs)
             except RuntimeError:
                 raise self._not_running() from None
             self._outstanding.add(fut)
@@ -349,7 +330,7 @@ class BackgroundEngine:
             raise TimeoutError(f"the engine did not answer {method}() within {timeout:g} s") from None
         except concurrent.futures.CancelledError:
             raise self._not_running() from None
-        except _Escaped as escaped:
+        except Escaped as escaped:
             raise escaped.exc from None
 
     async def _acall(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -360,7 +341,7 @@ class BackgroundEngine:
             if fut.cancelled() and self._finished:
                 raise self._not_running() from None
             raise
-        except _Escaped as escaped:
+        except Escaped as escaped:
             raise escaped.exc from None
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

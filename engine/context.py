@@ -21,14 +21,13 @@ class TaskContext:
     destructive writes so a stale leader's writes can be refused.
     """
 
-    __slots__ = ("_engine", "_run", "_report", "name", "resources")
+    __slots__ = ("_engine", "_run", "_report", "name")
 
     def __init__(
         self,
         engine: Engine,
         run: Run | None,
         name: str,
-        resources: dict[str, Any] | None = None,
         report: Callable[[Run, float, float | None, str], None] | None = None,
     ) -> None:
         self._engine = engine
@@ -36,7 +35,6 @@ class TaskContext:
         #: how the engine that runs this task takes its progress reports
         self._report = report
         self.name = name
-        self.resources: dict[str, Any] = resources or {}
 
     @property
     def run_id(self) -> str | None:

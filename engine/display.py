@@ -11,13 +11,13 @@ attacker-controllable text as far as a browser is concerned.
 
 from __future__ import annotations
 
-import asyncio
 import html
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .hop import call_blocking
 from .runs import EngineStats, RunRecord, RunStatus
 
 if TYPE_CHECKING:
@@ -90,20 +90,7 @@ def on_engine_thread(engine: Engine, fn: Callable[[Engine], T], timeout: float =
     directly); ``start_background`` runs it on a loop in another thread (ask
     that loop and wait for the answer).
     """
-    loop = engine.loop
-    if loop is None or loop.is_closed() or not loop.is_running():
-        return fn(engine)
-    try:
-        current = asyncio.get_running_loop()
-    except RuntimeError:
-        current = None
-    if current is loop:
-        return fn(engine)
-
-    async def call() -> T:
-        return fn(engine)
-
-    return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout)
+    return call_blocking(engine.loop, fn, engine, timeout=timeout)
 
 
 # ---------------------------------------------------------------- text helpers

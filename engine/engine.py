@@ -403,6 +403,11 @@ class Engine:
         return self._store
 
     @property
+    def durable(self) -> bool:
+        """True when the store outlives the process (runs, queue jobs and trigger counts survive it)."""
+        return self._durable
+
+    @property
     def elector(self) -> LeaderElector:
         """The leader election this engine takes part in (who leads, the term, listeners)."""
         return self._leader

@@ -179,11 +179,16 @@ class QueueStatsEvent(BaseEvent):
 
 
 class QueueDrainIncomplete(BaseEvent):
-    """``engine.stop`` hit its timeout with jobs still queued: they were not run."""
+    """``engine.stop`` hit its timeout with jobs still queued: they were not run.
+
+    ``kept``: the jobs wait in the engine's durable store for its next start
+    (False: they are gone).
+    """
 
     kind: Literal["queue.drain_incomplete"] = "queue.drain_incomplete"
     queue: str
     left: int
+    kept: bool = False
 
 
 # ---------------------------------------------------------------- triggers

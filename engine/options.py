@@ -74,6 +74,7 @@ class TriggerOptions(_Options):
     staleness: PositiveSeconds | None
     staleness_min: AtLeastOne
     check_interval: PositiveSeconds | None
+    save_interval: PositiveSeconds
 
 
 class WorkerOptions(_Options):

@@ -12,12 +12,20 @@ handler receives the job object as it was put. Nothing is ever dropped
 silently: a full queue raises :class:`QueueFull` (and counts it), a failing
 job is published as ``QueueJobFailed`` with its traceback, and jobs still
 undone when ``engine.stop`` times out are reported in ``QueueDrainIncomplete``.
+
+With a durable store every job is also kept in the store until its handler
+has run (delivery is at least once): ``await put(job)`` returns once the job
+is committed, ``put_nowait`` within one group commit after. Jobs left when
+the process dies or the stop times out are taken up again at the next start,
+or by another node once their holder is known to be gone. The handler then
+receives the job's JSON form (a dict for a pydantic model).
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -33,6 +41,8 @@ from .runs import RunError
 
 if TYPE_CHECKING:
     from .engine import Engine
+
+log = logging.getLogger("taskwatch.queues")
 
 _CLOSED_STATES = ("stopping", "stopped")
 
@@ -52,6 +62,22 @@ class QueueInfo(BaseModel):
     accepted: int = 0
     #: jobs left undone (queued or cancelled mid-run) when a stop timed out
     abandoned: int = 0
+    #: of those, jobs kept in the durable store for the next start
+    kept: int = 0
+    #: jobs taken up from the store: left by an earlier start or a node that is gone
+    adopted: int = 0
+
+
+class _Kept:
+    """A job of a queue on a durable store, and its row once written (``id``)."""
+
+    __slots__ = ("job", "id", "done")
+
+    def __init__(self, job: Any, job_id: int | None = None) -> None:
+        self.job = job
+        self.id = job_id
+        #: handled before its row was written: the row is deleted as soon as it exists
+        self.done = False
 
 
 def _wants_context(handler: Any, name: str) -> bool:
@@ -115,6 +141,15 @@ class WorkQueue:
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._closing = False
         self._abandon = False
+        #: durable store only: jobs not yet written, rows of handled jobs not yet deleted
+        self._durable = False
+        self.kept = 0
+        self.adopted = 0
+        self._unwritten: list[_Kept] = []
+        self._handled: list[int] = []
+        self._written: asyncio.Future[None] | None = None
+        self._kick: asyncio.Event | None = None
+        self._keeper: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ producers
 
@@ -149,6 +184,10 @@ class WorkQueue:
                 raise QueueFull(f"queue {self.name!r}", self.maxsize)
             await self._wait_for_room(remaining)
             self._check_open()
+        written = self._written
+        if written is not None and self._keeper is not None:
+            # durable: return once the batch holding this job is committed
+            await asyncio.shield(written)
 
     def _check_open(self) -> None:
         state = self._engine.state
@@ -170,10 +209,20 @@ class WorkQueue:
         with self._lock:
             if len(self._items) + self._in_transit >= self.maxsize:
                 return False
-            self._items.append(job)
+            self._items.append(self._keep(job) if self._durable else job)
             self.accepted += 1
         self._wake_one(self._getters)
         return True
+
+    def _keep(self, job: Any) -> _Kept:
+        """Durable store: wrap ``job`` and queue it for the next write (on the loop)."""
+        kept = _Kept(job)
+        self._unwritten.append(kept)
+        if self._written is None and self._loop is not None:
+            self._written = self._loop.create_future()
+        if self._kick is not None:
+            self._kick.set()
+        return kept
 
     def _put_from_thread(self, loop: asyncio.AbstractEventLoop, job: Any) -> bool:
         with self._lock:
@@ -198,7 +247,7 @@ class WorkQueue:
             if self._abandon:
                 # stop already counted and reported it as left undone
                 return
-            self._items.append(job)
+            self._items.append(self._keep(job) if self._durable else job)
         self._wake_one(self._getters)
 
     async def _wait_for_room(self, timeout: float) -> None:
@@ -240,14 +289,81 @@ class WorkQueue:
                         fut.cancel()
             if self._abandon:
                 return
-            job = self._items.popleft()
+            item = self._items.popleft()
             self._wake_one(self._putters)
             self._in_flight += 1
             try:
-                await self._handle(ctx, job)
+                if type(item) is _Kept:
+                    await self._handle(ctx, item.job)
+                    self._done(item)  # not reached when stop cancels it: the job stays kept
+                else:
+                    await self._handle(ctx, item)
             finally:
                 self._in_flight -= 1
                 self._maybe_idle()
+
+    def _done(self, item: _Kept) -> None:
+        if item.id is None:
+            item.done = True  # its write is still to come (or in flight): delete right after
+        else:
+            self._handled.append(item.id)
+            if self._kick is not None:
+                self._kick.set()
+
+    # ------------------------------------------------------------ the durable store
+
+    async def _flush(self) -> None:
+        """Write queued jobs and delete handled ones: one store call each."""
+        store = self._engine.store
+        batch, self._unwritten = self._unwritten, []
+        written, self._written = self._written, None
+        try:
+            fresh = [k for k in batch if not k.done]
+            if fresh:
+                ids = await store.put_jobs(self.name, self._engine.incarnation, [jsonable(k.job) for k in fresh])
+                for kept, job_id in zip(fresh, ids):
+                    kept.id = job_id
+                    if kept.done:
+                        self._handled.append(job_id)
+            handled, self._handled = self._handled, []
+            if handled:
+                await store.done_jobs(handled)
+        finally:
+            if written is not None and not written.done():
+                written.set_result(None)
+
+    async def _keep_loop(self, kick: asyncio.Event) -> None:
+        """Write puts and acks as they come; take up jobs of gone holders now and then."""
+        loop = asyncio.get_running_loop()
+        interval = min(max(self._engine.lease_ttl / 3, 0.5), 10.0)
+        next_adopt = loop.time() + interval
+        while True:
+            try:
+                async with asyncio.timeout(max(0.0, next_adopt - loop.time())):
+                    await kick.wait()
+            except TimeoutError:
+                pass
+            kick.clear()
+            try:
+                await self._flush()
+                if loop.time() >= next_adopt:
+                    next_adopt = loop.time() + interval
+                    await self._adopt(own=False)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # a busy or failing store may work on the next round: the jobs stay queued here
+                log.exception("queue %r: writing to the store failed; trying again", self.name)
+                next_adopt = loop.time() + interval
+
+    async def _adopt(self, *, own: bool) -> None:
+        adopted = await self._engine.store.adopt_jobs(self.name, self._engine.incarnation, own=own)
+        if adopted:
+            with self._lock:
+                self._items.extend(_Kept(j.job, j.id) for j in adopted)
+            self.adopted += len(adopted)
+            for _ in adopted:
+                self._wake_one(self._getters)
 
     async def _handle(self, ctx: TaskContext | None, job: Any) -> None:
         try:
@@ -316,22 +432,47 @@ class WorkQueue:
             rejected=self.rejected,
             accepted=self.accepted,
             abandoned=self.abandoned,
+            kept=self.kept,
+            adopted=self.adopted,
         )
 
     def launch(self) -> None:
-        """Start the consumer tasks on the running loop (sync: usable after engine start)."""
+        """Start the consumer tasks on the running loop (sync: usable after engine start).
+
+        On a durable store, jobs already queued here are written first; jobs
+        left in the store by an earlier start are taken up by :meth:`start`.
+        """
         if self._consumers:
             return
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._loop_thread = threading.get_ident()
         self._closing = self._abandon = False
+        if self._engine.durable and not self._durable:
+            self._durable = True
+            with self._lock:
+                # jobs put before the start; those taken up from the store are kept already
+                self._items = deque(job if type(job) is _Kept else self._keep(job) for job in self._items)
+        if self._durable:
+            self._kick = asyncio.Event()
+            if self._unwritten:
+                self._kick.set()
+                if self._written is None:
+                    self._written = loop.create_future()
+            self._keeper = loop.create_task(self._keep_loop(self._kick), name=f"taskwatch-queue-{self.name}-store")
         self._consumers = [
             loop.create_task(self._consume(), name=f"taskwatch-queue-{self.name}-{i}")
             for i in range(self.concurrency)
         ]
 
     async def start(self) -> None:
+        if self._engine.durable and not self._consumers:
+            # jobs an earlier start left (or queued and never ran) go first
+            adopted = await self._engine.store.adopt_jobs(self.name, self._engine.incarnation, own=True)
+            if adopted:
+                with self._lock:
+                    self._items.extendleft(_Kept(j.job, j.id) for j in reversed(adopted))
+                self.adopted += len(adopted)
         self.launch()
 
     async def stop(self, deadline: float) -> None:
@@ -356,9 +497,26 @@ class WorkQueue:
         for fut in self._putters:
             if not fut.done():
                 fut.set_result(None)  # waiting producers re-check and raise EngineNotRunning
+        kept = await self._stop_keeping()
         if left:
             self.abandoned += left
-            self._engine.bus.emit(QueueDrainIncomplete, queue=self.name, left=left)
+            if kept:
+                self.kept += left
+            self._engine.bus.emit(QueueDrainIncomplete, queue=self.name, left=left, kept=kept)
+
+    async def _stop_keeping(self) -> bool:
+        """Durable store: write what is still unwritten, then stop the keeper. True if jobs stay kept."""
+        keeper, self._keeper = self._keeper, None
+        if keeper is None:
+            return False
+        keeper.cancel()
+        await asyncio.wait([keeper])
+        try:
+            await self._flush()
+        except Exception:
+            log.exception("queue %r: writing its last jobs to the store failed; they are lost", self.name)
+            return False
+        return True
 
     async def _wait_idle(self, timeout: float) -> None:
         if timeout <= 0:

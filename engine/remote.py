@@ -47,6 +47,7 @@ from .errors import (
     TaskwatchError,
 )
 from .events import BaseEvent
+from .operations import OPERATIONS
 from .runs import RunRecord
 from .scheduler import PeriodicInfo
 from .snapshot import Snapshot
@@ -54,21 +55,14 @@ from .wire import (
     DEFAULT_CLIENT_MAX_MESSAGE,
     DEFAULT_MAX_MESSAGE,
     PROTOCOL_VERSION,
-    CancelCommand,
     Command,
     ErrorReply,
     EventMessage,
-    GetCommand,
     Hello,
     OkReply,
-    PauseCommand,
     PingCommand,
-    ResumeCommand,
-    RetryCommand,
     ServerMessage,
-    SnapshotCommand,
     SnapshotMessage,
-    SubmitCommand,
     TcpAddress,
     Welcome,
     decode_server_message,
@@ -375,18 +369,22 @@ class RemoteEngine:
         finally:
             self._pending.pop(msg_id, None)
 
+    async def _op(self, operation: str, /, **args: Any) -> Any:
+        """Run one of the declared :data:`~taskwatch.engine.operations.OPERATIONS` remotely."""
+        op = OPERATIONS[operation]
+        return op.result.model_validate(await self._request(op.command, **args))
+
     async def submit(
         self, task: str, params: dict[str, Any] | None = None, key: str | None = None
     ) -> RunRecord:
         """Submit a run on the remote engine; returns its record (pending, usually)."""
-        result = await self._request(SubmitCommand, task=task, params=params, key=key)
-        return RunRecord.model_validate(result)
+        return await self._op("submit", task=task, params=params, key=key)  # type: ignore[no-any-return]
 
     async def cancel(self, run_id: str) -> RunRecord:
-        return RunRecord.model_validate(await self._request(CancelCommand, run_id=run_id))
+        return await self._op("cancel", run_id=run_id)  # type: ignore[no-any-return]
 
     async def retry(self, run_id: str) -> RunRecord:
-        return RunRecord.model_validate(await self._request(RetryCommand, run_id=run_id))
+        return await self._op("retry", run_id=run_id)  # type: ignore[no-any-return]
 
     async def get(self, run_id: str) -> RunRecord:
         """A run's full record, with the values snapshots and events show cut down.
@@ -395,13 +393,13 @@ class RemoteEngine:
         :class:`~taskwatch.engine.errors.ReplyTooLarge` if even that one record is
         longer than a line the server sends or this client accepts.
         """
-        return RunRecord.model_validate(await self._request(GetCommand, run_id=run_id))
+        return await self._op("get", run_id=run_id)  # type: ignore[no-any-return]
 
     async def pause_periodic(self, name: str) -> PeriodicInfo:
-        return PeriodicInfo.model_validate(await self._request(PauseCommand, name=name))
+        return await self._op("pause_periodic", name=name)  # type: ignore[no-any-return]
 
     async def resume_periodic(self, name: str) -> PeriodicInfo:
-        return PeriodicInfo.model_validate(await self._request(ResumeCommand, name=name))
+        return await self._op("resume_periodic", name=name)  # type: ignore[no-any-return]
 
     async def snapshot(self, runs_limit: int | None = None) -> Snapshot:
         """A fresh snapshot (e.g. after a ``bus.dropped`` event).
@@ -410,7 +408,7 @@ class RemoteEngine:
         described, so those are dropped; a partial one (e.g. ``runs_limit=0``
         for the schedule and stats only) leaves the event buffer alone.
         """
-        snapshot = Snapshot.model_validate(await self._request(SnapshotCommand, runs_limit=runs_limit))
+        snapshot: Snapshot = await self._op("snapshot", runs_limit=runs_limit)
         if runs_limit is None:
             self._resynced(snapshot)
         return snapshot

@@ -16,6 +16,11 @@ meanwhile. When a run succeeds or fails, the key's count drops by the count
 captured when it fired (notifies that arrived during the run are kept) and
 its last-run time is recorded. A run cancelled before doing its work (e.g. by
 shutdown) leaves the count as it was, so the key fires again later.
+
+With a durable store the keys' state (counts, last runs, the run a key is
+waiting on) is saved at most ``save_interval`` seconds after it changes and
+at stop, and loaded at start: a crash loses at most that last interval of
+notifies, and a key whose run was still queued follows that run again.
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .context import TaskContext
-from .errors import EngineNotRunning, QueueFull, TaskDefinitionError
+from .errors import EngineNotRunning, QueueFull, RunNotFound, TaskDefinitionError
 from .events import BaseEvent, TriggerFired
 from .jsonsafe import check_key
 from .options import TriggerOptions, check_options
 from .runs import RunStatus
+from .store import TriggerKeyRecord
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -127,9 +133,10 @@ class Trigger:
     Options: ``size_threshold`` (required), ``staleness`` (timedelta or
     seconds; None disables staleness), ``staleness_min`` (default 1),
     ``check_interval`` (default ``min(staleness / 10, 60)`` seconds),
-    ``retries``, ``timeout`` (for the engine task), and ``clock`` (a
+    ``retries``, ``timeout`` (for the engine task), ``clock`` (a
     ``time.time``-like callable, so tests can move time without sleeping;
-    default: the engine's clock).
+    default: the engine's clock), and ``save_interval`` (seconds between
+    saves of changed keys to a durable store; default 1).
     """
 
     def __init__(
@@ -145,6 +152,7 @@ class Trigger:
         retries: int = 0,
         timeout: float | None = None,
         clock: Callable[[], float] | None = None,
+        save_interval: float = 1.0,
     ) -> None:
         stale = _seconds(staleness)
         opts = check_options(
@@ -154,6 +162,7 @@ class Trigger:
             staleness=stale,
             staleness_min=staleness_min,
             check_interval=check_interval,
+            save_interval=save_interval,
         )
         stale = opts.staleness
         _check_fn(fn, name)
@@ -188,6 +197,10 @@ class Trigger:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        #: durable store only: keys changed since the last save, and the task that saves them
+        self.save_interval = save_interval
+        self._dirty: set[str] = set()
+        self._saver: asyncio.Task[None] | None = None
         engine.bus.add_callback(self._on_run_event, _RUN_KINDS)
 
     async def _run_key(self, ctx: TaskContext, params: TriggerKey) -> Any:
@@ -216,6 +229,7 @@ class Trigger:
         if st is None:
             st = self._keys[key] = _Key(first_seen_at=self._now())
         st.count += n
+        self._dirty.add(key)
         if st.count >= self.size_threshold and st.run_id is None:
             self._fire(key, st, "size")
 
@@ -235,6 +249,7 @@ class Trigger:
             return None  # counts keep accumulating until the engine runs
         st.run_id = handle.id
         st.captured = st.count
+        self._dirty.add(key)
         # a free slot starts the run at once, before this trigger hears of it
         st.running = handle.status is RunStatus.RUNNING
         self._active[handle.id] = key
@@ -283,15 +298,7 @@ class Trigger:
             st.running = False
             return
         del self._active[event.run_id]  # type: ignore[attr-defined]
-        st.running = False
-        st.last_run_id, st.run_id = st.run_id, None
-        if kind == "run.cancelled":
-            st.last_status = RunStatus.CANCELLED.value
-        else:
-            st.last_status = RunStatus.SUCCEEDED.value if kind == "run.succeeded" else RunStatus.FAILED.value
-            st.count = max(0, st.count - st.captured)
-            st.last_run_at = self._now()
-        st.captured = 0
+        self._ended(key, st, kind.removeprefix("run."), self._now())
         cancelled_by_user = kind == "run.cancelled" and getattr(event, "reason", None) == "user"
         # a user who cancels a key's run means it: wait for the next notify or sweep
         if st.count >= self.size_threshold and self._loop is not None and not cancelled_by_user:
@@ -300,6 +307,17 @@ class Trigger:
             self._loop.call_soon(self._refire, key)
         if not self._active:
             self._wake_drainers()
+
+    def _ended(self, key: str, st: _Key, status: str, at: float) -> None:
+        """The key's run ended with ``status``: a run that did its work takes its count off."""
+        st.running = False
+        st.last_run_id, st.run_id = st.run_id, None
+        st.last_status = status
+        if status != RunStatus.CANCELLED.value:
+            st.count = max(0, st.count - st.captured)
+            st.last_run_at = at
+        st.captured = 0
+        self._dirty.add(key)
 
     def _refire(self, key: str) -> None:
         st = self._keys.get(key)
@@ -366,7 +384,66 @@ class Trigger:
             self._sweeper = loop.create_task(self._sweep(self.check_interval), name=f"taskwatch-trigger-{self.name}")
 
     async def start(self) -> None:
+        if self._engine.durable:
+            await self._load()
+            if self._saver is None:
+                self._saver = asyncio.get_running_loop().create_task(
+                    self._save_loop(), name=f"taskwatch-trigger-{self.name}-store"
+                )
         self.launch()
+
+    async def _load(self) -> None:
+        """Take up the keys saved by an earlier start; notifies made since are added on top."""
+        saved = await self._engine.store.load_trigger(self.name)
+        for key, rec in saved.items():
+            st = self._keys.get(key)
+            if st is None:
+                st = self._keys[key] = _Key()
+            st.count += rec.count
+            st.first_seen_at = rec.first_seen_at if st.first_seen_at is None else min(st.first_seen_at, rec.first_seen_at or st.first_seen_at)
+            st.last_run_at, st.last_run_id, st.last_status = rec.last_run_at, rec.last_run_id, rec.last_status
+            if rec.run_id is None or st.run_id is not None:
+                continue
+            # the run this key waited on when the last start ended: follow it, or take its outcome
+            st.run_id, st.captured = rec.run_id, rec.captured
+            try:
+                run = await self._engine.fetch_run(rec.run_id)
+            except RunNotFound:
+                st.run_id, st.captured = None, 0  # pruned meanwhile: the count stays, the key fires again
+                continue
+            if run.status.finished:
+                self._ended(key, st, run.status.value, run.finished_at or self._now())
+            else:
+                self._active[rec.run_id] = key
+                st.running = run.status is RunStatus.RUNNING
+
+    async def _save(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        records = {key: self._record(st) for key in dirty if (st := self._keys.get(key)) is not None}
+        try:
+            await self._engine.store.save_trigger(self.name, records)
+        except BaseException:
+            self._dirty |= dirty  # saved next time
+            raise
+
+    @staticmethod
+    def _record(st: _Key) -> TriggerKeyRecord:
+        return TriggerKeyRecord(
+            count=st.count, captured=st.captured, first_seen_at=st.first_seen_at, last_run_at=st.last_run_at,
+            run_id=st.run_id, last_run_id=st.last_run_id, last_status=st.last_status,
+        )
+
+    async def _save_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.save_interval)
+            if not self._dirty:
+                continue
+            try:
+                await self._save()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("trigger %r: saving its counts failed; trying again", self.name)
 
     async def _sweep(self, interval: float) -> None:
         while True:
@@ -383,3 +460,11 @@ class Trigger:
         if task is not None:
             task.cancel()
             await asyncio.wait([task])
+        saver, self._saver = self._saver, None
+        if saver is not None:
+            saver.cancel()
+            await asyncio.wait([saver])
+            try:
+                await self._save()
+            except Exception:
+                log.exception("trigger %r: saving its counts at stop failed", self.name)

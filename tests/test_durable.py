@@ -62,8 +62,10 @@ Line = dict[str, Any]
 class Child:
     """One ``python -m tests.durable_child`` process and every JSON line it printed."""
 
-    def __init__(self, db: Path, node: str, *args: str, log: Path | None = None) -> None:
-        cmd = [sys.executable, "-m", "tests.durable_child", str(db), "--node", node]
+    def __init__(
+        self, db: Path, node: str, *args: str, log: Path | None = None, module: str = "tests.durable_child"
+    ) -> None:
+        cmd = [sys.executable, "-m", module, str(db), "--node", node]
         if log is not None:
             cmd += ["--log", str(log)]
         self.proc = subprocess.Popen(

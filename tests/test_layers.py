@@ -18,12 +18,12 @@ from pathlib import Path
 ENGINE = Path(__file__).resolve().parent.parent / "engine"
 
 LAYERS: list[set[str]] = [
-    {"version", "errors", "jsonsafe", "runs", "events", "options", "tasks"},
+    {"version", "errors", "jsonsafe", "hop", "runs", "events", "options", "tasks"},
     {"bus"},
     {"store", "lease"},
     {"executor", "context", "handle", "scheduler", "queues", "triggers", "supervisor", "health"},
     {"engine", "snapshot"},
-    {"server", "wire", "remote", "background", "display", "__init__"},
+    {"server", "wire", "operations", "remote", "background", "display", "__init__"},
 ]
 
 #: the facades on Engine and its records that open an edge-layer module when called

@@ -21,6 +21,7 @@ from taskwatch.engine.store import (
     SqliteStore,
     Store,
     Succeeded,
+    TriggerKeyRecord,
     UnknownStore,
     make_store,
 )
@@ -453,16 +454,50 @@ async def test_nodes_table(store: Store, clock: FakeClock) -> None:
     assert n2.stopped_at == clock.now
 
 
-async def test_periodic_and_trigger_counters(store: Store) -> None:
+async def test_periodic_last_fire(store: Store) -> None:
     assert await store.get_periodic("nightly") is None
     await store.set_periodic("nightly", 123.5)
     await store.set_periodic("nightly", 456.5)
     assert await store.get_periodic("nightly") == 456.5
-    assert await store.get_counter("t", "k") == 0
-    await store.set_counter("t", "k", 3)
-    await store.set_counter("t", "k2", 1)
-    await store.set_counter("t", "k", 4)
-    assert (await store.get_counter("t", "k"), await store.get_counter("t", "k2")) == (4, 1)
+
+
+async def test_trigger_keys_are_saved_per_trigger_and_replaced_per_key(store: Store) -> None:
+    assert await store.load_trigger("t") == {}
+    await store.save_trigger("t", {"k": TriggerKeyRecord(count=3, first_seen_at=5.0), "k2": TriggerKeyRecord(count=1)})
+    await store.save_trigger("t", {"k": TriggerKeyRecord(count=4, captured=4, run_id="r1", first_seen_at=5.0)})
+    await store.save_trigger("other", {"k": TriggerKeyRecord(count=9)})
+    keys = await store.load_trigger("t")
+    assert keys == {
+        "k": TriggerKeyRecord(count=4, captured=4, run_id="r1", first_seen_at=5.0),
+        "k2": TriggerKeyRecord(count=1),
+    }
+
+
+async def test_queue_jobs_are_kept_until_done_and_adopted_only_from_gone_holders(store: Store, clock: FakeClock) -> None:
+    await store.register_node("n1", "i1", "1")
+    await store.register_node("n2", "i2", "1")
+    a, b = await store.put_jobs("emails", "i1", [{"to": "a"}, {"to": "b"}])
+    [c] = await store.put_jobs("emails", "i2", [{"to": "c"}])
+    [other] = await store.put_jobs("other", "i1", [[1, 2]])
+    assert a < b < c
+    # i1 and i2 are alive: nobody else may take their jobs; i1 may take its own back
+    assert await store.adopt_jobs("emails", "i3") == []
+    assert [j.job for j in await store.adopt_jobs("emails", "i1", own=True)] == [{"to": "a"}, {"to": "b"}]
+    await store.done_jobs([a])
+    await store.node_stopped("i1")
+    await store.register_node("n3", "i3", "1")
+    adopted = await store.adopt_jobs("emails", "i3")
+    assert [(j.id, j.job) for j in adopted] == [(b, {"to": "b"})]
+    assert await store.adopt_jobs("emails", "i4") == []  # i3 holds it now and is alive
+    clock.advance(TTL + 1)  # i2 falls silent; i3 keeps heartbeating
+    await store.node_heartbeat("i3", running=0)
+    assert [j.id for j in await store.adopt_jobs("emails", "i4")] == [c]
+    [d] = await store.put_jobs("emails", "never-registered", [{"to": "d"}])
+    assert [j.id for j in await store.adopt_jobs("emails", "i4")] == [d]  # c is i4's already
+    await store.done_jobs([b, c, d])
+    assert await store.adopt_jobs("emails", "i5", own=True) == []
+    assert [j.job for j in await store.adopt_jobs("other", "i5")] == [[1, 2]]
+    assert other not in (a, b, c)
 
 
 async def test_wakeups_for_work_cancels_and_finished(store: Store) -> None:

@@ -9,16 +9,15 @@ slow it); the remote implementation lives in ``remote_client.py``.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from taskwatch.engine import BaseEvent, Engine, PeriodicInfo, RunRecord, Snapshot
 from taskwatch.engine.errors import ConnectionClosed
+from taskwatch.engine.hop import call_on
 
-T = TypeVar("T")
 
 DEFAULT_BUFFER = 200_000
 
@@ -51,7 +50,7 @@ class DashboardClient(ABC):
         """A run's full record (listings and events may carry cut-down values)."""
 
     @abstractmethod
-    async def submit(self, task: str, params: dict[str, Any]) -> RunRecord: ...
+    async def submit(self, task: str, params: dict[str, Any] | None = None, key: str | None = None) -> RunRecord: ...
 
     @abstractmethod
     async def cancel(self, run_id: str) -> RunRecord: ...
@@ -112,30 +111,9 @@ class LocalClient(DashboardClient):
             raise ConnectionClosed(f"the engine {self.engine.node_id!r} has stopped")
         return loop
 
-    async def _on_engine(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the engine's loop and return its result here."""
-        loop = self._engine_loop()
-        if loop is None or loop is asyncio.get_running_loop():
-            return fn()
-        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def call() -> None:
-            # the caller may have given up (its worker was cancelled): then do nothing
-            if not fut.set_running_or_notify_cancel():
-                return
-            try:
-                fut.set_result(fn())
-            except BaseException as exc:  # handed to the caller, raised there
-                fut.set_exception(exc)
-
-        loop.call_soon_threadsafe(call)
-        return await asyncio.wrap_future(fut)
-
-    async def _await_on_engine(self, coro_fn: Callable[[], Any]) -> Any:
-        loop = self._engine_loop()
-        if loop is None or loop is asyncio.get_running_loop():
-            return await coro_fn()
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro_fn(), loop))
+    async def _on_engine(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the engine's loop (awaiting it there if it is async); its result, here."""
+        return await call_on(self._engine_loop(), fn)
 
     async def connect(self) -> Snapshot:
         if self.manage and self.engine.state in ("new", "stopped"):
@@ -156,22 +134,22 @@ class LocalClient(DashboardClient):
     async def get(self, run_id: str) -> RunRecord:
         return await self._on_engine(lambda: self.engine.get(run_id))
 
-    async def submit(self, task: str, params: dict[str, Any]) -> RunRecord:
+    async def submit(self, task: str, params: dict[str, Any] | None = None, key: str | None = None) -> RunRecord:
         async def go() -> RunRecord:
-            handle = await self.engine.submit(task, params)
+            handle = await self.engine.submit(task, params, key=key)
             return handle.record()
 
-        return await self._await_on_engine(go)
+        return await self._on_engine(go)
 
     async def cancel(self, run_id: str) -> RunRecord:
-        return await self._await_on_engine(lambda: self.engine.cancel(run_id, grace=2.0))
+        return await self._on_engine(lambda: self.engine.cancel(run_id, grace=2.0))
 
     async def retry(self, run_id: str) -> RunRecord:
         async def go() -> RunRecord:
             handle = await self.engine.retry(run_id)
             return handle.record()
 
-        return await self._await_on_engine(go)
+        return await self._on_engine(go)
 
     async def pause_periodic(self, name: str) -> PeriodicInfo:
         return await self._on_engine(lambda: self.engine.pause_periodic(name))

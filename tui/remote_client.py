@@ -115,8 +115,8 @@ class RemoteClient(DashboardClient):
     async def get(self, run_id: str) -> RunRecord:
         return await self._require().get(run_id)
 
-    async def submit(self, task: str, params: dict[str, Any]) -> RunRecord:
-        return await self._require().submit(task, params)
+    async def submit(self, task: str, params: dict[str, Any] | None = None, key: str | None = None) -> RunRecord:
+        return await self._require().submit(task, params, key)
 
     async def cancel(self, run_id: str) -> RunRecord:
         return await self._require().cancel(run_id)

@@ -29,8 +29,10 @@ from .models import (
     Page,
     Recovered,
     Retry,
+    StoredJob,
     StoredRun,
     Succeeded,
+    TriggerKeyRecord,
     Wakeup,
 )
 from .sqlite import SqliteStore
@@ -59,9 +61,11 @@ __all__ = [
     "StoreClosed",
     "StoreError",
     "StoreUnavailable",
+    "StoredJob",
     "StoredRun",
     "Subscription",
     "Succeeded",
+    "TriggerKeyRecord",
     "UnknownStore",
     "Wakeup",
     "make_store",

@@ -17,7 +17,7 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from ..runs import CancelReason, Progress, RunStatus
 from .models import (
@@ -33,7 +33,9 @@ from .models import (
     Outcome,
     Page,
     Recovered,
+    StoredJob,
     StoredRun,
+    TriggerKeyRecord,
     Wakeup,
 )
 
@@ -103,6 +105,13 @@ def gone_incarnations(nodes: Iterable[NodeInfo], now: float, node_ttl: float) ->
         elif newest[n.node] is not n:
             gone[n.incarnation] = "owner_restarted"
     return gone
+
+
+def adoptable(holder: str, incarnation: str, own: bool, known: Collection[str], gone: Mapping[str, Any]) -> bool:
+    """Whether ``incarnation`` may take a queue job held by ``holder`` (see ``Store.adopt_jobs``)."""
+    if holder == incarnation:
+        return own
+    return holder in gone or holder not in known
 
 
 def lost_reason(
@@ -319,11 +328,32 @@ class Store(ABC):
     async def set_periodic(self, name: str, fired_at: float) -> None: ...
 
     @abstractmethod
-    async def get_counter(self, trigger: str, key: str) -> int:
-        """A trigger's counter for ``key`` (0 when never set)."""
+    async def load_trigger(self, trigger: str) -> dict[str, TriggerKeyRecord]:
+        """Every saved key of ``trigger``."""
 
     @abstractmethod
-    async def set_counter(self, trigger: str, key: str, value: int) -> None: ...
+    async def save_trigger(self, trigger: str, keys: Mapping[str, TriggerKeyRecord]) -> None:
+        """Insert or replace the given keys of ``trigger`` (other keys stay as they are)."""
+
+    # ---------------------------------------------------------------- queue jobs
+
+    @abstractmethod
+    async def put_jobs(self, queue: str, incarnation: str, jobs: Sequence[Any]) -> list[int]:
+        """Keep JSON ``jobs`` for ``queue``, held by ``incarnation``; their ids, in order."""
+
+    @abstractmethod
+    async def done_jobs(self, ids: Sequence[int]) -> None:
+        """Forget jobs that were handled (done or failed and reported)."""
+
+    @abstractmethod
+    async def adopt_jobs(self, queue: str, incarnation: str, *, own: bool = False) -> list[StoredJob]:
+        """Hand ``incarnation`` the jobs of ``queue`` whose holder is gone, oldest first.
+
+        A holder is gone when its incarnation stopped, fell silent for longer
+        than ``lease_ttl``, was replaced by a later start of its node, or was
+        never registered. With ``own``, jobs ``incarnation`` itself holds are
+        returned too (an engine object started again).
+        """
 
 
 def new_run_id() -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import QueueFull, RunNotFound
 from ..runs import CancelReason, Progress, RunError, RunStatus, record_fields
-from .base import Clock, Store, gone_incarnations, lost_action, lost_reason, new_run_id
+from .base import Clock, Store, adoptable, gone_incarnations, lost_action, lost_reason, new_run_id
 from .errors import DuplicateRunId
 from .models import (
     CancelResult,
@@ -38,8 +38,10 @@ from .models import (
     Page,
     Recovered,
     Retry,
+    StoredJob,
     StoredRun,
     Succeeded,
+    TriggerKeyRecord,
     lost_note,
     worker_lost_error,
 )
@@ -204,7 +206,10 @@ class MemoryStore(Store):
         self._tokens = itertools.count(1)
         self._nodes: dict[str, NodeInfo] = {}
         self._periodic: dict[str, float] = {}
-        self._counters: dict[tuple[str, str], int] = {}
+        self._trigger_keys: dict[str, dict[str, TriggerKeyRecord]] = {}
+        #: queue name -> job id -> (holder incarnation, job)
+        self._jobs: dict[str, dict[int, tuple[str, Any]]] = {}
+        self._job_ids = itertools.count(1)
 
     def __repr__(self) -> str:
         return f"<MemoryStore runs={len(self._rows)} pending={self._counts[_PENDING]}>"
@@ -645,11 +650,36 @@ class MemoryStore(Store):
     async def set_periodic(self, name: str, fired_at: float) -> None:
         self._periodic[name] = fired_at
 
-    async def get_counter(self, trigger: str, key: str) -> int:
-        return self._counters.get((trigger, key), 0)
+    async def load_trigger(self, trigger: str) -> dict[str, TriggerKeyRecord]:
+        return dict(self._trigger_keys.get(trigger, {}))
 
-    async def set_counter(self, trigger: str, key: str, value: int) -> None:
-        self._counters[(trigger, key)] = value
+    async def save_trigger(self, trigger: str, keys: Mapping[str, TriggerKeyRecord]) -> None:
+        self._trigger_keys.setdefault(trigger, {}).update(keys)
+
+    # ---------------------------------------------------------------- queue jobs
+
+    async def put_jobs(self, queue: str, incarnation: str, jobs: Sequence[Any]) -> list[int]:
+        held = self._jobs.setdefault(queue, {})
+        ids = [next(self._job_ids) for _ in jobs]
+        for job_id, job in zip(ids, jobs):
+            held[job_id] = (incarnation, job)
+        return ids
+
+    async def done_jobs(self, ids: Sequence[int]) -> None:
+        for held in self._jobs.values():
+            for job_id in ids:
+                held.pop(job_id, None)
+
+    async def adopt_jobs(self, queue: str, incarnation: str, *, own: bool = False) -> list[StoredJob]:
+        gone = gone_incarnations(self._nodes.values(), self.clock(), self.node_ttl)
+        held = self._jobs.get(queue, {})
+        out: list[StoredJob] = []
+        for job_id in sorted(held):
+            holder, job = held[job_id]
+            if adoptable(holder, incarnation, own, self._nodes, gone):
+                held[job_id] = (incarnation, job)
+                out.append(StoredJob(job_id, job))
+        return out
 
 
 def _seq_of(row: _Row) -> int:

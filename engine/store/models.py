@@ -206,6 +206,31 @@ class NodeInfo(BaseModel):
     stopped_at: float | None = None
 
 
+class StoredJob(NamedTuple):
+    """A queue job as the store keeps it: its row id and its JSON value."""
+
+    id: int
+    job: Any
+
+
+class TriggerKeyRecord(BaseModel):
+    """One key of a threshold trigger, as saved between runs of the engine.
+
+    ``captured`` is the count the key's active run (``run_id``) was fired
+    with; it is taken off ``count`` when that run ends.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    count: int = 0
+    captured: int = 0
+    first_seen_at: float | None = None
+    last_run_at: float | None = None
+    run_id: str | None = None
+    last_run_id: str | None = None
+    last_status: str | None = None
+
+
 @dataclass(slots=True)
 class Wakeup:
     """Changes since a subscriber last looked: new work, cancels of running runs, finished runs."""

@@ -18,7 +18,7 @@ same row useless.
 from __future__ import annotations
 
 #: the newest schema this code knows; a database with a higher version is refused
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: finished rows are exactly those with a finished_at (a re-queued run has none)
 FINISHED = "finished_at IS NOT NULL"
@@ -102,6 +102,35 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 value         INTEGER NOT NULL,
                 PRIMARY KEY (trigger_name, counter_key)
             )""",
+        ],
+    ),
+    (
+        2,
+        "queue jobs, trigger key state",
+        [
+            """
+            CREATE TABLE queue_jobs (
+                id           INTEGER PRIMARY KEY AUTOINCREMENT,
+                queue        TEXT NOT NULL,
+                job          TEXT NOT NULL,
+                incarnation  TEXT NOT NULL,
+                created_at   DOUBLE PRECISION NOT NULL
+            )""",
+            "CREATE INDEX queue_jobs_by_queue ON queue_jobs (queue, id)",
+            """
+            CREATE TABLE trigger_keys (
+                trigger_name   TEXT NOT NULL,
+                counter_key    TEXT NOT NULL,
+                count          INTEGER NOT NULL,
+                captured       INTEGER NOT NULL,
+                first_seen_at  DOUBLE PRECISION,
+                last_run_at    DOUBLE PRECISION,
+                run_id         TEXT,
+                last_run_id    TEXT,
+                last_status    TEXT,
+                PRIMARY KEY (trigger_name, counter_key)
+            )""",
+            "DROP TABLE trigger_counters",
         ],
     ),
 ]
@@ -257,11 +286,29 @@ SET_PERIODIC = """
 INSERT INTO periodic (name, last_fire) VALUES (:name, :fired_at)
 ON CONFLICT (name) DO UPDATE SET last_fire = excluded.last_fire"""
 
-GET_COUNTER = "SELECT value FROM trigger_counters WHERE trigger_name = :trigger AND counter_key = :key"
+TRIGGER_KEY_COLUMNS = "count, captured, first_seen_at, last_run_at, run_id, last_run_id, last_status"
 
-SET_COUNTER = """
-INSERT INTO trigger_counters (trigger_name, counter_key, value) VALUES (:trigger, :key, :value)
-ON CONFLICT (trigger_name, counter_key) DO UPDATE SET value = excluded.value"""
+LOAD_TRIGGER = f"SELECT counter_key, {TRIGGER_KEY_COLUMNS} FROM trigger_keys WHERE trigger_name = :trigger"
+
+SAVE_TRIGGER_KEY = f"""
+INSERT INTO trigger_keys (trigger_name, counter_key, {TRIGGER_KEY_COLUMNS})
+VALUES (:trigger, :key, :count, :captured, :first_seen_at, :last_run_at, :run_id, :last_run_id, :last_status)
+ON CONFLICT (trigger_name, counter_key) DO UPDATE SET
+    count = excluded.count, captured = excluded.captured, first_seen_at = excluded.first_seen_at,
+    last_run_at = excluded.last_run_at, run_id = excluded.run_id, last_run_id = excluded.last_run_id,
+    last_status = excluded.last_status"""
+
+# ---------------------------------------------------------------- queue jobs
+
+PUT_JOB = """
+INSERT INTO queue_jobs (queue, job, incarnation, created_at) VALUES (:queue, :job, :incarnation, :now)
+RETURNING id"""
+
+DONE_JOB = "DELETE FROM queue_jobs WHERE id = :id"
+
+QUEUE_JOBS = "SELECT id, job, incarnation FROM queue_jobs WHERE queue = :queue ORDER BY id"
+
+ADOPT_JOB = "UPDATE queue_jobs SET incarnation = :incarnation WHERE id = :id"
 
 
 def for_sqlite(sql: str) -> str:

@@ -26,7 +26,7 @@ from pydantic_core import from_json, to_json
 from ..errors import QueueFull, RunNotFound
 from ..runs import CancelReason, Progress, RunError, RunStatus
 from . import queries as Q
-from .base import Clock, Store, gone_incarnations, lost_action, lost_reason, new_run_id
+from .base import Clock, Store, adoptable, gone_incarnations, lost_action, lost_reason, new_run_id
 from .errors import DuplicateRunId, SchemaTooNew, StoreBusy, StoreClosed, StoreError, StoreUnavailable
 from .models import (
     CancelResult,
@@ -42,7 +42,9 @@ from .models import (
     Page,
     Recovered,
     Retry,
+    StoredJob,
     StoredRun,
+    TriggerKeyRecord,
     Succeeded,
     lost_note,
     worker_lost_error,
@@ -668,12 +670,64 @@ class SqliteStore(Store):
     async def set_periodic(self, name: str, fired_at: float) -> None:
         await self._call(self._exec, Q.SET_PERIODIC, {"name": name, "fired_at": fired_at})
 
-    async def get_counter(self, trigger: str, key: str) -> int:
-        value = await self._call(self._scalar, Q.GET_COUNTER, {"trigger": trigger, "key": key}, write=False)
-        return 0 if value is None else int(value)
+    async def load_trigger(self, trigger: str) -> dict[str, TriggerKeyRecord]:
+        return await self._call(self._load_trigger, trigger, write=False)  # type: ignore[no-any-return]
 
-    async def set_counter(self, trigger: str, key: str, value: int) -> None:
-        await self._call(self._exec, Q.SET_COUNTER, {"trigger": trigger, "key": key, "value": value})
+    @staticmethod
+    def _load_trigger(tx: _Tx, trigger: str) -> dict[str, TriggerKeyRecord]:
+        out: dict[str, TriggerKeyRecord] = {}
+        for key, count, captured, first_seen_at, last_run_at, run_id, last_run_id, last_status in tx.cur.execute(
+            Q.LOAD_TRIGGER, {"trigger": trigger}
+        ):
+            out[key] = TriggerKeyRecord(
+                count=count, captured=captured, first_seen_at=first_seen_at, last_run_at=last_run_at,
+                run_id=run_id, last_run_id=last_run_id, last_status=last_status,
+            )
+        return out
+
+    async def save_trigger(self, trigger: str, keys: Mapping[str, TriggerKeyRecord]) -> None:
+        if keys:
+            rows = [{"trigger": trigger, "key": key, **rec.model_dump()} for key, rec in keys.items()]
+            await self._call(self._exec_many, Q.SAVE_TRIGGER_KEY, rows)
+
+    @staticmethod
+    def _exec_many(tx: _Tx, sql: str, rows: list[dict[str, Any]]) -> None:
+        tx.cur.executemany(sql, rows)
+
+    # ---------------------------------------------------------------- queue jobs
+
+    async def put_jobs(self, queue: str, incarnation: str, jobs: Sequence[Any]) -> list[int]:
+        if not jobs:
+            return []
+        encoded = [_dumps(job) for job in jobs]  # before the writer thread: a bad job fails only its caller
+        return await self._call(self._put_jobs, queue, incarnation, encoded)  # type: ignore[no-any-return]
+
+    def _put_jobs(self, tx: _Tx, queue: str, incarnation: str, encoded: list[str]) -> list[int]:
+        now = self.clock()
+        return [
+            tx.cur.execute(Q.PUT_JOB, {"queue": queue, "job": job, "incarnation": incarnation, "now": now}).fetchone()[0]
+            for job in encoded
+        ]
+
+    async def done_jobs(self, ids: Sequence[int]) -> None:
+        if ids:
+            await self._call(self._exec_many, Q.DONE_JOB, [{"id": i} for i in ids])
+
+    async def adopt_jobs(self, queue: str, incarnation: str, *, own: bool = False) -> list[StoredJob]:
+        return await self._call(self._adopt_jobs, queue, incarnation, own)  # type: ignore[no-any-return]
+
+    def _adopt_jobs(self, tx: _Tx, queue: str, incarnation: str, own: bool) -> list[StoredJob]:
+        cur = tx.cur
+        nodes = [_node(r) for r in cur.execute(Q.ALL_NODES).fetchall()]
+        gone = gone_incarnations(nodes, self.clock(), self.node_ttl)
+        known = {n.incarnation for n in nodes}
+        out: list[StoredJob] = []
+        for job_id, job, holder in cur.execute(Q.QUEUE_JOBS, {"queue": queue}).fetchall():
+            if adoptable(holder, incarnation, own, known, gone):
+                if holder != incarnation:
+                    cur.execute(Q.ADOPT_JOB, {"incarnation": incarnation, "id": job_id})
+                out.append(StoredJob(job_id, _loads(job)))
+        return out
 
 
 # ---------------------------------------------------------------- row conversion
