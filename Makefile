@@ -22,8 +22,13 @@ test: $(STAMP)
 	@[ -z "$(SERVERS)" ] || .ci/need $(SERVERS)
 	$(PY) -m pytest -q -p no:cacheprovider
 
-bench: $(STAMP)
+$(VENV)/.bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.bench
 	$(PY) bench/throughput.py
+	$(PY) bench/store.py
 
 screenshots: $(STAMP)
 	$(PY) -m taskwatch.tui.screenshots screenshots

@@ -7,6 +7,12 @@ subscriber reads the count (``Subscription.dropped``) and is also handed an
 after the events it did get before the gap, with the ``seq`` of the first
 event it missed. A ring buffer keeps the last events so late subscribers can
 replay recent history.
+
+The engine's own per-run events are *posted* rather than emitted: the bus
+keeps their class and fields and builds (validates) the pydantic event only
+when someone reads it, once, whoever reads first. Publishing a run event so
+costs well under a microsecond, and nothing at all is built for events no
+one reads; a reader sees the same typed events either way.
 """
 
 from __future__ import annotations
@@ -50,6 +56,41 @@ class KindFilter:
         return hit
 
 
+_KIND: dict[type[BaseEvent], str] = {}
+
+
+def kind_of(cls: type[BaseEvent]) -> str:
+    """The ``kind`` every event of ``cls`` carries (its class-level default)."""
+    kind = _KIND.get(cls)
+    if kind is None:
+        kind = _KIND[cls] = cls.model_fields["kind"].default
+    return kind
+
+
+class Posted:
+    """A published event not built yet: its class and stamped fields; :meth:`get` builds it once."""
+
+    __slots__ = ("cls", "fields", "kind", "seq", "_event")
+
+    def __init__(self, cls: type[BaseEvent], fields: dict[str, Any], kind: str, seq: int) -> None:
+        self.cls = cls
+        self.fields: dict[str, Any] | None = fields
+        self.kind = kind
+        self.seq = seq
+        self._event: BaseEvent | None = None
+
+    def get(self) -> BaseEvent:
+        event = self._event
+        if event is None:
+            event = self._event = self.cls.__pydantic_validator__.validate_python(self.fields)
+            self.fields = None  # the event holds its own copy: one object less for the collector
+        return event
+
+
+def built(item: BaseEvent | Posted) -> BaseEvent:
+    return item.get() if type(item) is Posted else item  # type: ignore[union-attr,return-value]
+
+
 class _Gap:
     """Where a subscriber's buffer overflowed: ``count`` events from ``first_seq`` on."""
 
@@ -75,14 +116,14 @@ class EventBuffer:
         self.maxsize = maxsize
         self.node = node
         self.clock = clock
-        self._items: deque[BaseEvent | _Gap] = deque()
+        self._items: deque[BaseEvent | Posted | _Gap] = deque()
         self._events = 0
         #: events dropped because the buffer was full
         self.dropped = 0
         #: events accepted into the buffer
         self.received = 0
 
-    def offer(self, event: BaseEvent) -> bool:
+    def offer(self, event: BaseEvent | Posted) -> bool:
         """Keep ``event`` if there is room (True), else count it as dropped (False)."""
         items = self._items
         if self._events >= self.maxsize:
@@ -100,12 +141,12 @@ class EventBuffer:
 
     def take_one(self) -> BaseEvent:
         item = self._items.popleft()
-        if isinstance(item, _Gap):
+        if type(item) is _Gap:
             return EventsDropped(
                 seq=item.first_seq, ts=self.clock(), node=self.node, count=item.count, total=self.dropped
             )
         self._events -= 1
-        return item
+        return built(item)  # type: ignore[arg-type]
 
     def take(self, limit: int | None = None) -> list[BaseEvent]:
         """Up to ``limit`` items (events and drop notices), oldest first."""
@@ -114,7 +155,7 @@ class EventBuffer:
 
     def discard_through(self, seq: int) -> None:
         """Forget events (and gaps) up to ``seq``: a snapshot taken at ``seq`` covers them."""
-        kept: deque[BaseEvent | _Gap] = deque()
+        kept: deque[BaseEvent | Posted | _Gap] = deque()
         events = 0
         for item in self._items:
             if (item.first_seq if isinstance(item, _Gap) else item.seq) > seq:
@@ -161,8 +202,8 @@ class Subscription:
         return self._buffer.received
 
     # called by the bus, on the engine's loop
-    def _offer(self, event: BaseEvent) -> None:
-        if not self._all and not self._filter(event.kind):  # type: ignore[attr-defined]
+    def _offer(self, event: BaseEvent | Posted, kind: str) -> None:
+        if not self._all and not self._filter(kind):
             return
         if self._buffer.offer(event):
             waiter = self._waiter  # _wake, inlined: this runs once per event per subscriber
@@ -240,7 +281,7 @@ class EventBus:
         self.node = node
         self.clock = clock
         self._seq = 0
-        self._ring: deque[BaseEvent] = deque(maxlen=max(0, replay))
+        self._ring: deque[BaseEvent | Posted] = deque(maxlen=max(0, replay))
         self._subs: list[Subscription] = []
         self._callbacks: list[_Callback] = []
         self.published = 0
@@ -265,25 +306,43 @@ class EventBus:
         # the validator on the kwargs dict itself: the same validation as cls(**fields),
         # without building a second dict on the hot path
         event: E = cls.__pydantic_validator__.validate_python(fields)
-        self._deliver(event)
+        self._deliver(event, event.kind)  # type: ignore[attr-defined]
         return event
+
+    def post(self, cls: type[BaseEvent], **fields: Any) -> None:
+        """Publish an event of ``cls`` with the next ``seq``, built only when first read.
+
+        For events whose fields the engine itself produced (already typed and
+        checked): the pydantic validation then happens on the reader's side,
+        once. Anything from user code goes through :meth:`emit`, which
+        validates before publishing and raises on a bad value.
+        """
+        self._seq += 1
+        seq = self._seq
+        fields["seq"] = seq
+        fields["ts"] = self.clock()
+        fields["node"] = self.node
+        kind = _KIND.get(cls) or kind_of(cls)
+        self._deliver(Posted(cls, fields, kind, seq), kind)
 
     def publish(self, event: BaseEvent) -> BaseEvent:
         """Publish a ready-made event, restamping it with the next ``seq``."""
         self._seq += 1
         event = event.model_copy(update={"seq": self._seq, "node": event.node or self.node})
-        self._deliver(event)
+        self._deliver(event, event.kind)  # type: ignore[attr-defined]
         return event
 
-    def _deliver(self, event: BaseEvent) -> None:
+    def _deliver(self, item: BaseEvent | Posted, kind: str) -> None:
         self.published += 1
-        self._ring.append(event)
+        self._ring.append(item)
         for sub in self._subs:
-            sub._offer(event)
+            sub._offer(item, kind)
         if self._callbacks:
-            kind: str = event.kind  # type: ignore[attr-defined]
+            event: BaseEvent | None = None
             for cb in self._callbacks:
                 if cb.filter(kind):
+                    if event is None:
+                        event = built(item)
                     try:
                         cb.fn(event)
                     except Exception:
@@ -306,14 +365,14 @@ class EventBus:
         sub = Subscription(self, maxsize, kinds)
         if replay > 0:
             # the last ``replay`` events this subscriber would have received
-            picked: list[BaseEvent] = []
-            for event in reversed(self._ring):
-                if sub._filter(event.kind):  # type: ignore[attr-defined]
-                    picked.append(event)
+            picked: list[BaseEvent | Posted] = []
+            for item in reversed(self._ring):
+                if sub._filter(item.kind):  # type: ignore[union-attr]
+                    picked.append(item)
                     if len(picked) >= replay:
                         break
-            for event in reversed(picked):
-                sub._offer(event)
+            for item in reversed(picked):
+                sub._offer(item, item.kind)  # type: ignore[union-attr]
         if self.closed:
             sub.closed = True
         else:
@@ -338,8 +397,8 @@ class EventBus:
         return unsubscribe
 
     def recent(self, limit: int | None = None) -> list[BaseEvent]:
-        events = list(self._ring)
-        return events if limit is None else events[-limit:]
+        items = list(self._ring)
+        return [built(item) for item in (items if limit is None else items[-limit:])]
 
     def _remove(self, sub: Subscription) -> None:
         if sub in self._subs:

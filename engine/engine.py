@@ -22,7 +22,7 @@ import socket
 import sys
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -689,7 +689,7 @@ class Engine:
         self._submitted_total += 1
         if run.key is not None:
             self._keys[(run.task, run.key)] = run
-        self.bus.emit(
+        self.bus.post(
             RunSubmitted,
             run_id=run.id,
             task=run.task,
@@ -987,16 +987,32 @@ class Engine:
         """Runs in the store, newest first, one page at a time: pass ``page.next`` as ``before``."""
         return await self._store.query(status=status, task=task, since=since, limit=limit, before=before)
 
-    async def wait_for(self, run_id: str, timeout: float | None = None, *, run: Run | None = None) -> RunRecord:
-        """The run's record once it has finished, or as it is after ``timeout`` seconds.
+    def wait_for(
+        self, run_id: str, timeout: float | None = None, *, run: Run | None = None
+    ) -> Awaitable[RunRecord]:
+        """Await the run's record once it has finished, or as it is after ``timeout`` seconds.
 
         Resolves from this node's own finish, or by reading the store for a
-        run another process executes.
+        run another process executes. Without a timeout, for a run this node
+        holds, the awaitable is a plain future resolved by the finish itself:
+        ``gather`` over many of them starts no task per run.
         """
         run = run or self._runs.get(run_id)
-        if run is not None:
-            return await self._wait_finished(run, timeout)
-        return await self._poll_store(run_id, timeout)
+        if run is None:
+            return self._poll_store(run_id, timeout)
+        if timeout is None:
+            return self._finished_future(run)
+        return self._wait_finished(run, timeout)
+
+    def _finished_future(self, run: Run) -> asyncio.Future[RunRecord]:
+        fut: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
+        if run.status.finished:
+            fut.set_result(run.record())
+        elif run.waiters is None:
+            run.waiters = [fut]
+        else:
+            run.waiters.append(fut)
+        return fut
 
     async def _poll_store(self, run_id: str, timeout: float | None) -> RunRecord:
         loop = asyncio.get_running_loop()
@@ -1309,7 +1325,7 @@ class Engine:
         self._claimed[claim.token] = run
         self._release_key(run)
         self._executor.started(claim.task)
-        self.bus.emit(RunStarted, run_id=run.id, task=run.task, attempt=run.attempt)
+        self.bus.post(RunStarted, run_id=run.id, task=run.task, attempt=run.attempt)
         task = asyncio.get_running_loop().create_task(self._execute(run, claim.token), name=f"taskwatch-run-{run.id}")
         run.handle = task
         # a callback, not a finally: it also runs for a task cancelled before its first step
@@ -1516,7 +1532,7 @@ class Engine:
         if status is _PENDING:
             assert isinstance(outcome, Retry)
             self._requeued(run, outcome.error, now + outcome.delay)
-            self.bus.emit(
+            self.bus.post(
                 RunRetrying, run_id=run.id, task=run.task, attempt=run.attempt, delay=outcome.delay, error=outcome.error
             )
             self._executor.wake()
@@ -1524,14 +1540,14 @@ class Engine:
             result = outcome.result if isinstance(outcome, Succeeded) else None
             run.result = result
             self._finish(run, _SUCCEEDED, now)
-            self.bus.emit(
+            self.bus.post(
                 RunSucceeded, run_id=run.id, task=run.task, attempt=run.attempt,
                 duration=now - (run.started_at or now), result=result,
             )
         elif status is _FAILED:
             run.error = error
             self._finish(run, _FAILED, now)
-            self.bus.emit(
+            self.bus.post(
                 RunFailed, run_id=run.id, task=run.task, attempt=run.attempt,
                 duration=now - (run.started_at or now), error=error,
             )
@@ -1678,7 +1694,7 @@ class Engine:
             return
         run.cancel_reason = reason
         self._finish(run, _CANCELLED, self.clock())
-        self.bus.emit(
+        self.bus.post(
             RunCancelled,
             run_id=run.id,
             task=run.task,

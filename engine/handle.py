@@ -8,7 +8,7 @@ submitted here also keeps that run's in-memory entry, so ``wait()`` and
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Awaitable, Generator
 from typing import TYPE_CHECKING, Any
 
 from .runs import RunRecord, RunStatus
@@ -47,11 +47,18 @@ class RunHandle:
         """The run's current record, from the store if this node no longer holds it."""
         return await self._engine.fetch_run(self.id)
 
-    async def wait(self, timeout: float | None = None) -> RunRecord:
-        """Wait until the run has finished and return its record.
+    def wait(self, timeout: float | None = None) -> Awaitable[RunRecord]:
+        """Await the run's finished record (``await handle.wait()``).
 
         Raises ``TimeoutError`` if it is still going after ``timeout`` seconds.
+        Without a timeout this is a plain future resolved by the run's finish,
+        so gathering many handles costs no task each.
         """
+        if timeout is None:
+            return self._engine.wait_for(self.id, None, run=self._run)
+        return self._wait(timeout)
+
+    async def _wait(self, timeout: float) -> RunRecord:
         record = await self._engine.wait_for(self.id, timeout, run=self._run)
         if not record.status.finished:
             raise TimeoutError(f"run {self.id} is still {record.status.value} after {timeout} s")

@@ -169,6 +169,26 @@ async def test_a_newer_schema_is_refused_with_a_clear_error(tmp_path: Path) -> N
     assert set(_store_threads()) == before
 
 
+async def test_a_file_of_an_older_schema_is_migrated_and_keeps_its_runs(tmp_path: Path) -> None:
+    from taskwatch.engine.store import queries as Q
+
+    path = tmp_path / "runs.db"
+    with sqlite3.connect(path) as conn:  # a file as the first schema version left it
+        conn.execute(Q.CREATE_MIGRATIONS)
+        _, name, statements = Q.MIGRATIONS[0]
+        for sql in statements:
+            conn.execute(sql)
+        conn.execute(Q.RECORD_MIGRATION, {"version": 1, "name": name, "now": 0.0})
+        conn.execute("INSERT INTO runs (id, task, params, status, created_at, run_after) VALUES ('r1', 'a', '{}', 'pending', 1.0, 0.0)")
+    async with SqliteStore(path) as store:
+        assert (await store.get("r1")) is not None
+        [job] = await store.put_jobs("q", "i1", [{"x": 1}])  # a table of the newer version
+        assert job > 0
+    with sqlite3.connect(path) as conn:
+        versions = [v for (v,) in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
+    assert versions == list(range(1, SCHEMA_VERSION + 1))
+
+
 async def test_close_joins_the_thread_and_later_calls_are_refused(tmp_path: Path) -> None:
     before = set(threading.enumerate())
     store = SqliteStore(tmp_path / "runs.db")
