@@ -6,6 +6,9 @@ displays all need the same step, so it lives here once: ship a call to the
 loop, run it there (awaiting its result there if it is awaitable), and hand
 the result or the exception back to the caller's thread or loop. On the
 engine's own loop (or before it has one) the call runs directly.
+
+It also holds the one way a loop of the engine ends a task it owns:
+:func:`cancel_and_wait`.
 """
 
 from __future__ import annotations
@@ -79,3 +82,12 @@ def call_blocking(
         return submit_to(loop, fn, *args, **kwargs).result(timeout)  # type: ignore[no-any-return]
     except Escaped as escaped:
         raise escaped.exc from None
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` (if any) and wait until it has ended, without raising what it raised."""
+    if task is None:
+        return
+    task.cancel()
+    # asyncio.wait, unlike awaiting the task, leaves a cancel of the caller itself alone
+    await asyncio.wait([task])

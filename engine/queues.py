@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .context import TaskContext
 from .errors import EngineNotRunning, JobNotSerializable, QueueFull, TaskDefinitionError
+from .hop import cancel_and_wait
 from .jsonsafe import NotJsonSafe, jsonable
 from .options import QueueOptions, check_options
 from .events import QueueDrainIncomplete, QueueJobFailed
@@ -509,8 +510,7 @@ class WorkQueue:
         keeper, self._keeper = self._keeper, None
         if keeper is None:
             return False
-        keeper.cancel()
-        await asyncio.wait([keeper])
+        await cancel_and_wait(keeper)
         try:
             await self._flush()
         except Exception:

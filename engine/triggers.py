@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .context import TaskContext
 from .errors import EngineNotRunning, QueueFull, RunNotFound, TaskDefinitionError
+from .hop import cancel_and_wait
 from .events import BaseEvent, TriggerFired
 from .jsonsafe import check_key
 from .options import TriggerOptions, check_options
@@ -456,14 +457,11 @@ class Trigger:
 
     async def stop(self, deadline: float) -> None:
         """Stop the sweep. Runs already fired are engine runs: the engine drains them."""
-        task, self._sweeper = self._sweeper, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait([task])
+        sweeper, self._sweeper = self._sweeper, None
+        await cancel_and_wait(sweeper)
         saver, self._saver = self._saver, None
         if saver is not None:
-            saver.cancel()
-            await asyncio.wait([saver])
+            await cancel_and_wait(saver)
             try:
                 await self._save()
             except Exception:
