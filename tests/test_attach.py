@@ -35,7 +35,7 @@ SIZE = (140, 42)
 REPO = Path(__file__).resolve().parent.parent
 #: generous bounds for a loaded machine; a passing run takes a fraction of them
 START_TIMEOUT = 15.0
-TIMEOUT = 8.0
+TIMEOUT = 20.0
 
 
 # ---------------------------------------------------------------- the served engine process
