@@ -88,6 +88,7 @@ class Posted:
 
 
 def built(item: BaseEvent | Posted) -> BaseEvent:
+    """The event itself, built now if it was posted unbuilt (safe from any thread)."""
     return item.get() if type(item) is Posted else item  # type: ignore[union-attr,return-value]
 
 
@@ -264,12 +265,13 @@ class Subscription:
 
 
 class _Callback:
-    __slots__ = ("fn", "filter", "errors")
+    __slots__ = ("fn", "filter", "errors", "unbuilt")
 
-    def __init__(self, fn: Callable[[BaseEvent], Any], kinds: Iterable[str] | None) -> None:
+    def __init__(self, fn: Callable[[Any], Any], kinds: Iterable[str] | None, unbuilt: bool) -> None:
         self.fn = fn
         self.filter = KindFilter(kinds)
         self.errors = 0
+        self.unbuilt = unbuilt
 
 
 class EventBus:
@@ -338,13 +340,17 @@ class EventBus:
         for sub in self._subs:
             sub._offer(item, kind)
         if self._callbacks:
-            event: BaseEvent | None = None
+            event: BaseEvent | Posted | None = None
             for cb in self._callbacks:
                 if cb.filter(kind):
-                    if event is None:
-                        event = built(item)
+                    if cb.unbuilt:
+                        arg: BaseEvent | Posted = item
+                    else:
+                        if event is None:
+                            event = built(item)
+                        arg = event
                     try:
-                        cb.fn(event)
+                        cb.fn(arg)
                     except Exception:
                         cb.errors += 1
                         self.callback_errors += 1
@@ -380,14 +386,17 @@ class EventBus:
         return sub
 
     def add_callback(
-        self, fn: Callable[[BaseEvent], Any], kinds: Iterable[str] | None = None
+        self, fn: Callable[[Any], Any], kinds: Iterable[str] | None = None, *, unbuilt: bool = False
     ) -> Callable[[], None]:
         """Call ``fn(event)`` synchronously for each event; returns an unsubscribe function.
 
         Callbacks run inside ``publish``: keep them fast. Exceptions are caught,
-        counted in ``callback_errors`` and logged once per callback.
+        counted in ``callback_errors`` and logged once per callback. With
+        ``unbuilt``, ``fn`` gets posted events as they are, to be built by
+        :func:`built` later, wherever the consumer reads them (say, on another
+        thread): building them is then no work for the engine's loop.
         """
-        cb = _Callback(fn, kinds)
+        cb = _Callback(fn, kinds, unbuilt)
         self._callbacks.append(cb)
 
         def unsubscribe() -> None:

@@ -233,3 +233,19 @@ async def test_publishing_while_nobody_listens_still_fills_the_ring() -> None:
     async with engine:
         await (await engine.submit("noop")).wait(2)
         await eventually(lambda: any(e.kind == "run.succeeded" for e in engine.bus.recent()))
+
+
+def test_posted_events_are_built_once_by_their_first_reader_and_read_the_same_everywhere() -> None:
+    from taskwatch.engine.bus import Posted, built
+
+    bus = EventBus(node="n1", replay=10)
+    sub = bus.subscribe()
+    raw: list[object] = []
+    bus.add_callback(raw.append, unbuilt=True)
+    bus.post(ev.RunStarted, run_id="r1", task="t", attempt=2)
+    [item] = raw
+    assert isinstance(item, Posted) and item.kind == "run.started"  # nothing built for the callback
+    [event] = sub.get_batch()
+    assert built(item) is event  # built once, by the first reader, and shared
+    assert (event.seq, event.node, event.run_id, event.attempt) == (1, "n1", "r1", 2)
+    assert bus.recent() == [event] and bus.subscribe(replay=5).get_batch() == [event]

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from taskwatch.engine import BaseEvent, Engine, PeriodicInfo, RunRecord, Snapshot
+from taskwatch.engine.bus import Posted, built
 from taskwatch.engine.errors import ConnectionClosed
 from taskwatch.engine.hop import call_on
 
@@ -29,7 +30,8 @@ class DashboardClient(ABC):
     where: str = ""
 
     def __init__(self, buffer: int = DEFAULT_BUFFER) -> None:
-        self._events: deque[BaseEvent] = deque()
+        # events as the bus posted them: built here, on the dashboard's side, when taken
+        self._events: deque[BaseEvent | Posted] = deque()
         self.buffer = buffer
         #: events that arrived while our buffer was full (counted, never silently lost)
         self.dropped = 0
@@ -68,7 +70,7 @@ class DashboardClient(ABC):
     async def close(self) -> None: ...
 
     # the buffer between the event source and the redraw timer
-    def _offer(self, event: BaseEvent) -> None:
+    def _offer(self, event: BaseEvent | Posted) -> None:
         # deque.append is atomic, so the engine's thread may call this directly
         if len(self._events) >= self.buffer:
             self.dropped += 1
@@ -79,7 +81,7 @@ class DashboardClient(ABC):
         """Take up to ``limit`` buffered events (called by the redraw timer)."""
         events = self._events
         n = min(limit, len(events))
-        return [events.popleft() for _ in range(n)]
+        return [built(events.popleft()) for _ in range(n)]
 
     def pending_events(self) -> int:
         return len(self._events)
@@ -123,7 +125,7 @@ class LocalClient(DashboardClient):
             # both on the engine's loop, back to back: no event falls between them
             if self._unsubscribe is not None:
                 self._unsubscribe()
-            self._unsubscribe = self.engine.bus.add_callback(self._offer)
+            self._unsubscribe = self.engine.bus.add_callback(self._offer, unbuilt=True)
             return self.engine.snapshot()
 
         return await self._on_engine(subscribe_and_snapshot)
