@@ -17,8 +17,9 @@ With a durable store every job is also kept in the store until its handler
 has run (delivery is at least once): ``await put(job)`` returns once the job
 is committed, ``put_nowait`` within one group commit after. Jobs left when
 the process dies or the stop times out are taken up again at the next start,
-or by another node once their holder is known to be gone. The handler then
-receives the job's JSON form (a dict for a pydantic model).
+or by another node once their holder is known to be gone. A job read back
+from the store reaches the handler as the pydantic model its job parameter
+is annotated with (validated again), or else in its JSON form.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ import asyncio
 import inspect
 import logging
 import threading
+import typing
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .context import TaskContext
 from .errors import EngineNotRunning, JobNotSerializable, QueueFull, TaskDefinitionError
@@ -39,6 +41,7 @@ from .jsonsafe import NotJsonSafe, jsonable
 from .options import QueueOptions, check_options
 from .events import QueueDrainIncomplete, QueueJobFailed
 from .runs import RunError
+from .store import StoredJob
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -79,6 +82,21 @@ class _Kept:
         self.id = job_id
         #: handled before its row was written: the row is deleted as soon as it exists
         self.done = False
+
+
+def _job_model(handler: Any) -> type[BaseModel] | None:
+    """The pydantic model ``handler(job)`` or ``handler(ctx, job)`` declares for its job, if it does."""
+    try:
+        hints = typing.get_type_hints(handler)
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve declares nothing usable
+        return None
+    positional = [
+        p.name
+        for p in inspect.signature(handler).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    hint = hints.get(positional[-1]) if positional else None
+    return hint if isinstance(hint, type) and issubclass(hint, BaseModel) else None
 
 
 def _wants_context(handler: Any, name: str) -> bool:
@@ -122,6 +140,9 @@ class WorkQueue:
         self.concurrency = concurrency
         self.maxsize = maxsize
         self._with_ctx = _wants_context(handler, name)
+        #: the pydantic model the handler's job parameter is annotated with, if any:
+        #: jobs read back from a durable store are validated into it again
+        self._job_model = _job_model(handler)
         self._items: deque[Any] = deque()
         # put paths on different threads check room and append under this lock;
         # consumers only ever shrink the deque, which needs no lock
@@ -357,11 +378,21 @@ class WorkQueue:
                 log.exception("queue %r: writing to the store failed; trying again", self.name)
                 next_adopt = loop.time() + interval
 
+    def _revive(self, job: StoredJob) -> _Kept:
+        """A job read back from the store, as the handler expects it (its model, when it names one)."""
+        value = job.job
+        if self._job_model is not None:
+            try:
+                value = self._job_model.model_validate(value)
+            except ValidationError:
+                pass  # the model changed since it was put: the handler gets the JSON, and decides
+        return _Kept(value, job.id)
+
     async def _adopt(self, *, own: bool) -> None:
         adopted = await self._engine.store.adopt_jobs(self.name, self._engine.incarnation, own=own)
         if adopted:
             with self._lock:
-                self._items.extend(_Kept(j.job, j.id) for j in adopted)
+                self._items.extend(self._revive(j) for j in adopted)
             self.adopted += len(adopted)
             for _ in adopted:
                 self._wake_one(self._getters)
@@ -472,7 +503,7 @@ class WorkQueue:
             adopted = await self._engine.store.adopt_jobs(self.name, self._engine.incarnation, own=True)
             if adopted:
                 with self._lock:
-                    self._items.extendleft(_Kept(j.job, j.id) for j in reversed(adopted))
+                    self._items.extendleft(self._revive(j) for j in reversed(adopted))
                 self.adopted += len(adopted)
         self.launch()
 

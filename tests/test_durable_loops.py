@@ -12,6 +12,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from pydantic import BaseModel
 from taskwatch.engine import Engine, TaskContext
 from taskwatch.engine.events import QueueDrainIncomplete
 
@@ -63,22 +64,26 @@ def test_queue_jobs_put_before_a_kill_are_all_handled_after_the_restart(tmp_path
         assert conn.execute("SELECT count(*) FROM queue_jobs").fetchone()[0] == 0
 
 
+class Mail(BaseModel):
+    i: int
+
+
 async def test_a_graceful_stop_keeps_queued_jobs_for_the_next_start(tmp_path: Path) -> None:
     store = f"sqlite:///{tmp_path / 'q.db'}"
     release = asyncio.Event()
     seen: list[int] = []
 
-    async def slow(job: dict[str, int]) -> None:
+    async def slow(job: Mail) -> None:
         await release.wait()
-        seen.append(job["i"])
+        seen.append(job.i)  # read back from the store as the model the handler names
 
     engine = Engine(store=store, node_id="n", health_interval=None)
     queue = engine.queue("mail", slow)
-    queue.put_nowait({"i": 0})  # before start: written once the engine runs
+    queue.put_nowait(Mail(i=0))  # before start: written once the engine runs
     sub = engine.bus.subscribe(kinds=["queue."])
     async with engine:
         for i in range(1, 5):
-            await queue.put({"i": i})
+            await queue.put(Mail(i=i))
         await engine.stop(timeout=0.2)
     [incomplete] = [e for e in sub.get_batch() if isinstance(e, QueueDrainIncomplete)]
     assert (incomplete.left, incomplete.kept) == (5, True)
