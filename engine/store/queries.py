@@ -5,10 +5,12 @@ queries use named parameters (``:name``, bound by the driver) and only SQL
 that SQLite (>= 3.35) and PostgreSQL both accept: ``ON CONFLICT ... DO
 UPDATE``, ``RETURNING``, partial indexes. The marker ``/*LOCK*/`` is where
 PostgreSQL puts ``FOR UPDATE SKIP LOCKED``; SQLite serialises writers with
-``BEGIN IMMEDIATE`` instead and drops the marker. A PostgreSQL store binds
-the same names (``:name`` -> ``%(name)s``) and needs only its own DDL
-(``BIGINT GENERATED ALWAYS AS IDENTITY`` for ``seq``, ``JSONB`` for the JSON
-columns).
+``BEGIN IMMEDIATE`` instead and drops the marker. The PostgreSQL store runs the
+same statements through :func:`for_postgres` (``:name`` -> ``$n``, the lock
+marker filled in), the same migrations through :func:`postgres_ddl`, and has
+its own statements only where one set-based statement replaces a loop of
+SQLite's (claims, heartbeats and finishes of many runs at once: the
+``PG_`` statements below).
 
 Claim tokens are ``"<seq>.<random>"``: the seq makes every token check a
 primary-key lookup, the random part makes a token of an earlier claim of the
@@ -16,6 +18,8 @@ same row useless.
 """
 
 from __future__ import annotations
+
+import re
 
 #: the newest schema this code knows; a database with a higher version is refused
 SCHEMA_VERSION = 1
@@ -267,3 +271,95 @@ ON CONFLICT (trigger_name, counter_key) DO UPDATE SET value = excluded.value"""
 def for_sqlite(sql: str) -> str:
     """SQLite locks the whole database per write transaction: no row locks to ask for."""
     return sql.replace("/*LOCK*/", "")
+
+
+# ---------------------------------------------------------------- cluster (both dialects)
+
+#: take a periodic slot: returns a row only for the first node to record ``slot``
+CLAIM_PERIODIC = """
+INSERT INTO periodic (name, last_fire) VALUES (:name, :slot)
+ON CONFLICT (name) DO UPDATE SET last_fire = excluded.last_fire
+WHERE periodic.last_fire < excluded.last_fire
+RETURNING last_fire"""
+
+# ---------------------------------------------------------------- PostgreSQL only
+
+#: one lock for every node migrating at once (CREATE TABLE IF NOT EXISTS races otherwise)
+PG_MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(7418990301)"
+
+#: serialises inserts that check ``max_pending``, so two nodes cannot both fill the last slot
+PG_PENDING_LOCK = "SELECT pg_advisory_xact_lock(7418990302)"
+
+PG_NOW = "SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8"
+
+#: claim up to :slots due runs, oldest first, at most :limits[i] of :tasks[i]; rows another
+#: node is claiming are skipped, not waited for. Tokens are "<seq>.<nonce>": one nonce per call.
+PG_CLAIM = """
+UPDATE runs
+SET status = 'running', owner_node = :node, owner_incarnation = :incarnation,
+    claim_token = runs.seq::text || '.' || :nonce, lease_until = :lease_until,
+    started_at = :now, dedup_slot = NULL
+WHERE runs.seq IN (
+    SELECT c.seq
+    FROM unnest(CAST(:tasks AS text[]), CAST(:limits AS int[])) AS t(task, n)
+    CROSS JOIN LATERAL (
+        SELECT seq FROM runs AS r
+        WHERE r.status = 'pending' AND r.task = t.task AND r.run_after <= :now
+        ORDER BY r.seq
+        LIMIT t.n
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    ORDER BY c.seq
+    LIMIT :slots
+) AND runs.status = 'pending'
+RETURNING seq, id, task, params, attempt, max_attempts, created_at, dedup_key, source, lost_count,
+          claim_token"""
+
+#: extend many claims of one incarnation; a token not returned was lost
+PG_HEARTBEAT_MANY = """
+UPDATE runs
+SET lease_until = :lease_until,
+    progress_done = CASE WHEN b.has THEN b.done ELSE runs.progress_done END,
+    progress_total = CASE WHEN b.has THEN b.total ELSE runs.progress_total END,
+    progress_message = CASE WHEN b.has THEN b.message ELSE runs.progress_message END
+FROM unnest(CAST(:seqs AS bigint[]), CAST(:tokens AS text[]), CAST(:has AS bool[]),
+            CAST(:dones AS float8[]), CAST(:totals AS float8[]), CAST(:messages AS text[]))
+     AS b(seq, token, has, done, total, message)
+WHERE runs.seq = b.seq AND runs.claim_token = b.token
+  AND runs.owner_incarnation = :incarnation AND runs.status = 'running'
+RETURNING b.token, runs.cancel_requested, runs.cancel_reason"""
+
+#: end many claimed runs at once (succeeded, failed, cancelled); a token not returned was stale
+PG_END_MANY = """
+UPDATE runs
+SET status = b.status, finished_at = :now, result = b.result,
+    error = COALESCE(b.error, runs.error), cancel_reason = COALESCE(b.reason, runs.cancel_reason),
+    claim_token = NULL, lease_until = NULL, dedup_slot = NULL
+FROM unnest(CAST(:seqs AS bigint[]), CAST(:tokens AS text[]), CAST(:statuses AS text[]),
+            CAST(:results AS text[]), CAST(:errors AS text[]), CAST(:reasons AS text[]))
+     AS b(seq, token, status, result, error, reason)
+WHERE runs.seq = b.seq AND runs.claim_token = b.token AND runs.status = 'running'
+RETURNING b.token, runs.id, runs.status"""
+
+PG_NOTIFY = "SELECT pg_notify(:channel, :payload)"
+
+_NAME = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
+
+
+def for_postgres(sql: str) -> tuple[str, tuple[str, ...]]:
+    """``sql`` with ``:name`` turned into ``$n`` (a name used twice is one parameter) and the
+    lock marker into row locks that skip rows another node holds; and the names in ``$n`` order."""
+    names: list[str] = []
+
+    def number(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    return _NAME.sub(number, sql.replace("/*LOCK*/", "FOR UPDATE SKIP LOCKED")), tuple(names)
+
+
+def postgres_ddl(sql: str) -> str:
+    """A migration statement of :data:`MIGRATIONS` in PostgreSQL's dialect."""
+    return sql.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY")
