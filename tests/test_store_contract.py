@@ -1,4 +1,5 @@
-"""One contract, every run store: the same tests run on MemoryStore and on SqliteStore (a real file).
+"""One contract, every run store: the same tests run on MemoryStore, on SqliteStore (a real file)
+and on PostgresStore (a real server, a fresh database per test).
 
 Time moves through the stores' ``clock`` parameter; nothing sleeps.
 """
@@ -17,6 +18,7 @@ from taskwatch.engine.store import (
     Failed,
     MemoryStore,
     NewRun,
+    PostgresStore,
     Retry,
     SqliteStore,
     Store,
@@ -45,13 +47,15 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> AsyncIterator[Store]:
     s: Store
     if request.param == "memory":
         s = MemoryStore(clock=clock, lease_ttl=TTL)
-    else:
+    elif request.param == "sqlite":
         s = SqliteStore(tmp_path / "runs.db", clock=clock, lease_ttl=TTL)
+    else:
+        s = PostgresStore(request.getfixturevalue("postgres_url"), clock=clock, lease_ttl=TTL)
     async with s:
         yield s
 

@@ -318,6 +318,18 @@ class Store(ABC):
     @abstractmethod
     async def set_periodic(self, name: str, fired_at: float) -> None: ...
 
+    async def claim_periodic(self, name: str, slot: float) -> bool:
+        """Record that the periodic task ``name`` fires its ``slot``; False when that slot (or a
+        later one) is already recorded, by this node or another: then the slot is not fired again.
+
+        Stores shared by several processes override this with one atomic statement.
+        """
+        last = await self.get_periodic(name)
+        if last is not None and last >= slot:
+            return False
+        await self.set_periodic(name, slot)
+        return True
+
     @abstractmethod
     async def get_counter(self, trigger: str, key: str) -> int:
         """A trigger's counter for ``key`` (0 when never set)."""

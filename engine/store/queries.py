@@ -204,14 +204,14 @@ WHERE status = 'running'
 
 GET_RUN = f"SELECT {RUN_COLUMNS} FROM runs WHERE id = :id"
 
-#: newest first; every filter is optional (NULL disables it)
+#: newest first; every filter is optional (NULL disables it; the casts tell PostgreSQL its type)
 QUERY_RUNS = f"""
 SELECT {RUN_COLUMNS}
 FROM runs
-WHERE (:before IS NULL OR seq < :before)
-  AND (:status IS NULL OR status = :status)
-  AND (:task IS NULL OR task = :task)
-  AND (:since IS NULL OR created_at >= :since)
+WHERE (CAST(:before AS BIGINT) IS NULL OR seq < :before)
+  AND (CAST(:status AS TEXT) IS NULL OR status = :status)
+  AND (CAST(:task AS TEXT) IS NULL OR task = :task)
+  AND (CAST(:since AS DOUBLE PRECISION) IS NULL OR created_at >= :since)
 ORDER BY seq DESC
 LIMIT :limit"""
 
