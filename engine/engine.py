@@ -93,6 +93,7 @@ from .supervisor import Supervisor, WorkerInfo
 from .tasks import TaskFn, TaskInfo, TaskSpec, params_model_of
 from .triggers import Trigger, TriggerState
 from .version import __version__
+from .wakeups import StoreWakeups
 
 F = TypeVar("F", bound=TaskFn)
 
@@ -254,6 +255,8 @@ class Engine:
             maintenance_interval=min(1.0, lease_ttl / 3),
             prune=self._prune,
         )
+        #: other nodes' inserts and cancels, pushed by a cluster store, wake the executor
+        self._wakeups = StoreWakeups(self._store, self._executor)
         self._tasks: dict[str, TaskSpec] = {}
         #: the run index: every run this node knows, pending and running ones always
         self._runs: dict[str, Run] = {}
@@ -490,6 +493,7 @@ class Engine:
         return [
             self._leader,
             self._health,
+            self._wakeups,
             *self._queues.values(),
             *self._triggers.values(),
             self._supervisor,
@@ -552,6 +556,7 @@ class Engine:
                     run.handle.cancel()
             await self._await_tasks(tasks)
             await self._executor.stop()
+            await self._wakeups.stop()
             # outcomes written from callbacks (hand-backs, cancels before a first step)
             await asyncio.gather(*self._writes, return_exceptions=True)
             await self._leader.stop(loop.time() + 1.0)

@@ -469,6 +469,16 @@ async def test_periodic_and_trigger_counters(store: Store) -> None:
     assert (await store.get_counter("t", "k"), await store.get_counter("t", "k2")) == (4, 1)
 
 
+async def test_claim_periodic_takes_each_slot_once(store: Store) -> None:
+    assert await store.claim_periodic("p", 100.0)
+    assert not await store.claim_periodic("p", 100.0)  # a second node with the same slot skips it
+    assert not await store.claim_periodic("p", 99.0)
+    assert await store.claim_periodic("p", 110.0, gap=9.999)  # one interval later
+    assert not await store.claim_periodic("p", 115.0, gap=9.999)  # less than an interval after the last
+    assert await store.get_periodic("p") == 110.0
+    assert await store.claim_periodic("other", 1.0)  # slots are per periodic task
+
+
 async def test_wakeups_for_work_cancels_and_finished(store: Store) -> None:
     sub = store.subscribe(finished=True)
     assert not sub.poll()

@@ -150,6 +150,9 @@ class Store(ABC):
     """
 
     name: ClassVar[str]
+    #: True when :meth:`subscribe` also hears other processes' inserts and cancels
+    #: (a cluster store); otherwise other processes' work is found by polling
+    pushes_remote_changes: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -318,14 +321,15 @@ class Store(ABC):
     @abstractmethod
     async def set_periodic(self, name: str, fired_at: float) -> None: ...
 
-    async def claim_periodic(self, name: str, slot: float) -> bool:
-        """Record that the periodic task ``name`` fires its ``slot``; False when that slot (or a
-        later one) is already recorded, by this node or another: then the slot is not fired again.
+    async def claim_periodic(self, name: str, slot: float, gap: float = 0.0) -> bool:
+        """Record that the periodic task ``name`` fires its ``slot``; False when the slot recorded
+        last (by this node or another) is not more than ``gap`` seconds before it: then this
+        slot is not fired here.
 
         Stores shared by several processes override this with one atomic statement.
         """
         last = await self.get_periodic(name)
-        if last is not None and last >= slot:
+        if last is not None and last >= slot - gap:
             return False
         await self.set_periodic(name, slot)
         return True

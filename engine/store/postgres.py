@@ -865,8 +865,9 @@ class PostgresStore(Store):
     async def set_periodic(self, name: str, fired_at: float) -> None:
         await self._run(self._exec, Q.SET_PERIODIC, {"name": name, "fired_at": float(fired_at)})
 
-    async def claim_periodic(self, name: str, slot: float) -> bool:
-        found = await self._run(self._fetchval, Q.CLAIM_PERIODIC, {"name": name, "slot": float(slot)})
+    async def claim_periodic(self, name: str, slot: float, gap: float = 0.0) -> bool:
+        values = {"name": name, "slot": float(slot), "gap": float(gap)}
+        found = await self._run(self._fetchval, Q.CLAIM_PERIODIC, values)
         return found is not None
 
     async def get_counter(self, trigger: str, key: str) -> int:

@@ -275,11 +275,12 @@ def for_sqlite(sql: str) -> str:
 
 # ---------------------------------------------------------------- cluster (both dialects)
 
-#: take a periodic slot: returns a row only for the first node to record ``slot``
+#: take a periodic slot: returns a row only for the first node to record ``slot``, and only
+#: if the last slot recorded is more than ``gap`` seconds before it
 CLAIM_PERIODIC = """
 INSERT INTO periodic (name, last_fire) VALUES (:name, :slot)
 ON CONFLICT (name) DO UPDATE SET last_fire = excluded.last_fire
-WHERE periodic.last_fire < excluded.last_fire
+WHERE periodic.last_fire < excluded.last_fire - :gap
 RETURNING last_fire"""
 
 # ---------------------------------------------------------------- PostgreSQL only

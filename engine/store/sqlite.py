@@ -664,6 +664,10 @@ class SqliteStore(Store):
     async def set_periodic(self, name: str, fired_at: float) -> None:
         await self._call(self._exec, Q.SET_PERIODIC, {"name": name, "fired_at": fired_at})
 
+    async def claim_periodic(self, name: str, slot: float, gap: float = 0.0) -> bool:
+        values = {"name": name, "slot": float(slot), "gap": float(gap)}
+        return await self._call(self._scalar, Q.CLAIM_PERIODIC, values) is not None
+
     async def get_counter(self, trigger: str, key: str) -> int:
         value = await self._call(self._scalar, Q.GET_COUNTER, {"trigger": trigger, "key": key}, write=False)
         return 0 if value is None else int(value)
