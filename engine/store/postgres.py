@@ -227,6 +227,8 @@ class PostgresStore(Store):
         self.notifications_received = 0
         #: times an operation had to wait for the database to come back
         self.reconnects = 0
+        #: times the listening connection was (re)established
+        self.listen_connects = 0
 
     def describe(self) -> str:
         return self._where
@@ -443,6 +445,7 @@ class PostgresStore(Store):
                 down = asyncio.Event()
                 conn.add_termination_listener(lambda _c: down.set())
                 await conn.add_listener(self.channel, self._on_notification)
+                self.listen_connects += 1
                 if lost:
                     self._notify(work=True)  # notifications sent while we were away are gone: look
                 lost = False
