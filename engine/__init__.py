@@ -50,13 +50,14 @@ from .events import (
 )
 from .handle import RunHandle
 from .lease import InProcessLease, Leadership, Lease, LeaseState
+from .postgres_lease import PostgresLease
 from .queues import QueueInfo, WorkQueue
 from .remote import RemoteEngine
 from .runs import EngineStats, Progress, RunError, RunList, RunRecord, RunStatus
 from .scheduler import PeriodicInfo
 from .server import ControlServer, ServerInfo
 from .snapshot import Snapshot, is_truncated
-from .store import MemoryStore, SqliteStore, Store, make_store
+from .store import MemoryStore, PostgresStore, SqliteStore, Store, make_store
 from .supervisor import WorkerInfo
 from .tasks import TaskInfo, TaskSpec
 from .triggers import Trigger, TriggerKeyState, TriggerState
@@ -93,6 +94,8 @@ __all__ = [
     "MessageTooLarge",
     "NotLeader",
     "PeriodicInfo",
+    "PostgresLease",
+    "PostgresStore",
     "Progress",
     "ProtocolError",
     "QueueFull",

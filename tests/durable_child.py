@@ -44,6 +44,10 @@ Tasks (the same in every process, as a real deployment would have):
 ``tick``
     (with ``--periodic SECONDS``) a fixed-rate periodic task that logs.
 
+With ``--leader`` the engine competes for a :class:`PostgresLease` (ttl
+``--lease-ttl``) and prints ``lease.acquired`` / ``lease.lost`` /
+``lease.released`` lines with the term.
+
 Each execution line is ``{"run", "attempt", "node", "pid", "task", "t"}``,
 written with one ``os.write`` on an ``O_APPEND`` descriptor before the task
 does anything else: once the syscall returns the line is in the kernel's page
@@ -63,7 +67,7 @@ import sys
 import time
 from typing import Any
 
-from taskwatch.engine import Engine, TaskContext
+from taskwatch.engine import Engine, PostgresLease, TaskContext
 
 
 def emit(**fields: Any) -> None:
@@ -103,6 +107,7 @@ def build(args: argparse.Namespace) -> Engine:
         max_queue=args.max_queue,
         history=args.history,
         health_interval=None,
+        lease=PostgresLease(args.db, ttl=args.lease_ttl) if args.leader else None,
     )
     log = ExecLog(args.log, args.node, args.fsync)
     pause = args.sleep
@@ -160,6 +165,11 @@ def build(args: argparse.Namespace) -> Engine:
             emit(ev=kind, id=event.run_id, t=time.time())
 
     engine.bus.add_callback(report, ["run.succeeded", "run.retrying", "run.failed", "run.recovered", "run.cancelled"])
+
+    def leadership(event: Any) -> None:
+        emit(ev=event.kind, holder=event.holder, term=event.term, t=time.time())
+
+    engine.bus.add_callback(leadership, ["lease.acquired", "lease.lost", "lease.released"])
     return engine
 
 
@@ -212,6 +222,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--backoff", type=float, default=2.0)
     p.add_argument("--wait-go", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no line per succeeded run")
+    p.add_argument("--leader", action="store_true", help="compete for a PostgresLease on DB (a postgresql:// URL)")
     p.add_argument("--periodic", type=float, default=0.0, help="register the fixed-rate periodic task 'tick'")
     sub = p.add_subparsers(dest="mode", required=True)
     run = sub.add_parser("run")
