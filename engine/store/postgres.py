@@ -308,11 +308,16 @@ class PostgresStore(Store):
 
     # ---------------------------------------------------------------- running operations
 
-    async def _run(self, fn: Callable[..., Awaitable[Any]], *args: Any, write: bool = True) -> Any:
+    async def _run(
+        self, fn: Callable[..., Awaitable[Any]], *args: Any, write: bool = True, single: bool = False
+    ) -> Any:
         """``fn(tx, *args)`` in one transaction, retried while the database is unreachable.
 
-        Once committed, this node's subscribers and the other nodes hear of
-        the work and cancels it made.
+        ``single``: ``fn`` runs one statement, atomic by itself, so no
+        transaction is opened around it (BEGIN and COMMIT would cost two more
+        round trips); reads (``write=False``) have none either. Once committed,
+        this node's subscribers and the other nodes hear of the work and
+        cancels it made.
         """
         delay = 0.05
         deadline: float | None = None
@@ -326,6 +331,10 @@ class PostgresStore(Store):
                     tx = _Tx(conn)
                     if not write:
                         return await fn(tx, *args)
+                    if single:
+                        result = await fn(tx, *args)
+                        assert not tx.totals, "a single statement counts its totals itself"
+                        break
                     async with conn.transaction():
                         result = await fn(tx, *args)
                         if tx.totals:
@@ -399,7 +408,7 @@ class PostgresStore(Store):
             out, self._outbox = self._outbox, Wakeup()
             payload = self._payload(out)
             try:
-                await self._run(self._exec, Q.PG_NOTIFY, {"channel": self.channel, "payload": payload})
+                await self._run(self._exec, Q.PG_NOTIFY, {"channel": self.channel, "payload": payload}, single=True)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the others fall back on their slow poll
@@ -535,8 +544,13 @@ class PostgresStore(Store):
             pending = await tx.fetchval(Q.COUNT_PENDING, {})
             if pending + len(fresh) > max_pending:
                 raise QueueFull("the run store's pending queue", max_pending)
+        columns = {
+            "ids": "id", "tasks": "task", "params": "params", "max_attempts": "max_attempts",
+            "created_ats": "created_at", "run_afters": "run_after", "keys": "key", "sources": "source",
+            "on_losts": "on_lost",
+        }  # fmt: skip
         try:
-            await tx.executemany(Q.INSERT_RUN, fresh)
+            await tx.execute(Q.PG_INSERT_MANY, {arr: [row[col] for row in fresh] for arr, col in columns.items()})
         except self._driver.UniqueViolationError as exc:
             if exc.constraint_name == "runs_dedup":
                 raise _DedupRace() from exc  # a key taken by another node since we looked
@@ -572,7 +586,7 @@ class PostgresStore(Store):
             "limits": limits,
             "slots": slots,
         }
-        return await self._run(self._claim, values)  # type: ignore[no-any-return]
+        return await self._run(self._claim, values, single=True)  # type: ignore[no-any-return]
 
     async def _claim(self, tx: _Tx, values: dict[str, Any]) -> list[Claim]:
         rows = await tx.fetch(Q.PG_CLAIM, values)
@@ -608,7 +622,7 @@ class PostgresStore(Store):
             "totals": totals,
             "messages": messages,
         }
-        rows = await self._run(self._fetch, Q.PG_HEARTBEAT_MANY, values)
+        rows = await self._run(self._fetch, Q.PG_HEARTBEAT_MANY, values, single=True)
         cancel: dict[str, CancelReason] = {}
         kept: set[str] = set()
         for token, requested, reason in rows:
@@ -642,7 +656,7 @@ class PostgresStore(Store):
         while self._finishes:
             batch, self._finishes = self._finishes, []
             try:
-                ended = await self._run(self._end_many, batch, self.clock())
+                ended = await self._run(self._end_many, batch, self.clock(), single=True)
             except BaseException as exc:
                 for f in batch:
                     if not f.future.done():
@@ -669,8 +683,7 @@ class PostgresStore(Store):
         )
         ended: dict[str, RunStatus] = {}
         for token, run_id, status in rows:
-            ended[token] = RunStatus(status)
-            tx.add(status)
+            ended[token] = RunStatus(status)  # counted in the totals by the statement itself
             tx.finished.append(run_id)
         return ended
 
@@ -836,10 +849,10 @@ class PostgresStore(Store):
         return node_info(await tx.fetchrow(Q.GET_NODE, values))
 
     async def node_heartbeat(self, incarnation: str, running: int) -> None:
-        await self._run(self._exec, Q.NODE_HEARTBEAT, {"incarnation": incarnation, "running": running, "now": self.clock()})
+        await self._run(self._exec, Q.NODE_HEARTBEAT, {"incarnation": incarnation, "running": running, "now": self.clock()}, single=True)
 
     async def node_stopped(self, incarnation: str) -> None:
-        await self._run(self._exec, Q.NODE_STOPPED, {"incarnation": incarnation, "now": self.clock()})
+        await self._run(self._exec, Q.NODE_STOPPED, {"incarnation": incarnation, "now": self.clock()}, single=True)
 
     async def nodes(self) -> list[NodeInfo]:
         return [node_info(r) for r in await self._run(self._fetch, Q.ALL_NODES, {}, write=False)]
@@ -866,11 +879,11 @@ class PostgresStore(Store):
         return await self._run(self._fetchval, Q.GET_PERIODIC, {"name": name}, write=False)  # type: ignore[no-any-return]
 
     async def set_periodic(self, name: str, fired_at: float) -> None:
-        await self._run(self._exec, Q.SET_PERIODIC, {"name": name, "fired_at": float(fired_at)})
+        await self._run(self._exec, Q.SET_PERIODIC, {"name": name, "fired_at": float(fired_at)}, single=True)
 
     async def claim_periodic(self, name: str, slot: float, gap: float = 0.0) -> bool:
         values = {"name": name, "slot": float(slot), "gap": float(gap)}
-        found = await self._run(self._fetchval, Q.CLAIM_PERIODIC, values)
+        found = await self._run(self._fetchval, Q.CLAIM_PERIODIC, values, single=True)
         return found is not None
 
     async def get_counter(self, trigger: str, key: str) -> int:
@@ -878,7 +891,7 @@ class PostgresStore(Store):
         return 0 if value is None else int(value)
 
     async def set_counter(self, trigger: str, key: str, value: int) -> None:
-        await self._run(self._exec, Q.SET_COUNTER, {"trigger": trigger, "key": key, "value": value})
+        await self._run(self._exec, Q.SET_COUNTER, {"trigger": trigger, "key": key, "value": value}, single=True)
 
 
 def _redact(url: str) -> str:

@@ -316,6 +316,17 @@ WHERE runs.seq IN (
 RETURNING seq, id, task, params, attempt, max_attempts, created_at, dedup_key, source, lost_count,
           claim_token"""
 
+#: insert many runs in one statement (``INSERT_RUN`` for each element of the arrays)
+PG_INSERT_MANY = """
+INSERT INTO runs (id, task, params, status, max_attempts, created_at, run_after,
+                  dedup_key, dedup_slot, source, on_lost)
+SELECT r.id, r.task, r.params, 'pending', r.max_attempts, r.created_at, r.run_after,
+       r.key, r.key, r.source, r.on_lost
+FROM unnest(CAST(:ids AS text[]), CAST(:tasks AS text[]), CAST(:params AS text[]),
+            CAST(:max_attempts AS int[]), CAST(:created_ats AS float8[]), CAST(:run_afters AS float8[]),
+            CAST(:keys AS text[]), CAST(:sources AS text[]), CAST(:on_losts AS text[]))
+     AS r(id, task, params, max_attempts, created_at, run_after, key, source, on_lost)"""
+
 #: extend many claims of one incarnation; a token not returned was lost
 PG_HEARTBEAT_MANY = """
 UPDATE runs
@@ -330,17 +341,26 @@ WHERE runs.seq = b.seq AND runs.claim_token = b.token
   AND runs.owner_incarnation = :incarnation AND runs.status = 'running'
 RETURNING b.token, runs.cancel_requested, runs.cancel_reason"""
 
-#: end many claimed runs at once (succeeded, failed, cancelled); a token not returned was stale
+#: end many claimed runs at once (succeeded, failed, cancelled) and count them in the totals,
+#: in one statement (so in one round trip, without a transaction around it); a token not
+#: returned was stale
 PG_END_MANY = """
-UPDATE runs
-SET status = b.status, finished_at = :now, result = b.result,
-    error = COALESCE(b.error, runs.error), cancel_reason = COALESCE(b.reason, runs.cancel_reason),
-    claim_token = NULL, lease_until = NULL, dedup_slot = NULL
-FROM unnest(CAST(:seqs AS bigint[]), CAST(:tokens AS text[]), CAST(:statuses AS text[]),
-            CAST(:results AS text[]), CAST(:errors AS text[]), CAST(:reasons AS text[]))
-     AS b(seq, token, status, result, error, reason)
-WHERE runs.seq = b.seq AND runs.claim_token = b.token AND runs.status = 'running'
-RETURNING b.token, runs.id, runs.status"""
+WITH ended AS (
+    UPDATE runs
+    SET status = b.status, finished_at = :now, result = b.result,
+        error = COALESCE(b.error, runs.error), cancel_reason = COALESCE(b.reason, runs.cancel_reason),
+        claim_token = NULL, lease_until = NULL, dedup_slot = NULL
+    FROM unnest(CAST(:seqs AS bigint[]), CAST(:tokens AS text[]), CAST(:statuses AS text[]),
+                CAST(:results AS text[]), CAST(:errors AS text[]), CAST(:reasons AS text[]))
+         AS b(seq, token, status, result, error, reason)
+    WHERE runs.seq = b.seq AND runs.claim_token = b.token AND runs.status = 'running'
+    RETURNING b.token, runs.id, runs.status
+), counted AS (
+    UPDATE totals SET value = totals.value + c.n
+    FROM (SELECT status, COUNT(*) AS n FROM ended GROUP BY status) AS c
+    WHERE totals.name = c.status
+)
+SELECT token, id, status FROM ended"""
 
 PG_NOTIFY = "SELECT pg_notify(:channel, :payload)"
 
