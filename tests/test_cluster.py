@@ -14,6 +14,11 @@ What each test proves:
   its lease has expired and finish every one: none lost, none left running;
 - an idle node starts a run another node inserted when it is told (LISTEN/
   NOTIFY), not at its next poll (a minute away);
+- a node paused (SIGSTOP) past its lease has its runs taken over; resumed,
+  its late outcomes are refused by the claim token, and what the database
+  records is the other node's;
+- a PostgreSQL restart under load: the nodes reconnect and every run ends
+  succeeded, none lost, none stuck;
 - a cancel issued on a node that does not own the run (here: an engine in
   the test process that cannot even run the task) stops it on its owner;
 - a periodic task registered on three nodes fires once per slot.
@@ -151,6 +156,53 @@ def test_a_killed_nodes_runs_finish_on_the_others(
     # recovered once the lease ran out (plus one heartbeat, and slack for a loaded machine)
     latest = max(r["t"] for r in recovered)
     assert latest - killed_at < ttl + ttl / 3 + 5.0
+
+
+def test_a_paused_nodes_late_finish_is_refused(
+    postgres_server: PostgresServer, postgres_url: str, tmp_path: Path, nodes: list[Child]
+) -> None:
+    ttl = 1.0
+    log = tmp_path / "exec.log"
+    common = ("--quiet", "--sleep", "1.5", "--max-concurrency", "4", "--lease-ttl", str(ttl), "--poll", "0.2")
+    paused = start(nodes, postgres_url, "paused", log, *common, "run", "--submit", "work", "--count", "4")
+    paused.event("submitted")
+    wait_until(lambda: len(executions(log)) >= 4, 30, "the paused node runs all four")
+    os.kill(paused.proc.pid, signal.SIGSTOP)
+    try:
+        other = start(nodes, postgres_url, "other", log, *common, "run", "--until-drained", "--expect", "4")
+        other.event("drained", timeout=60)  # it recovered and finished all four
+    finally:
+        os.kill(paused.proc.pid, signal.SIGCONT)
+    # resumed: its attempts end (or learn from a heartbeat that their claims are gone); none is recorded
+    assert paused.proc.stdin is not None
+    paused.proc.stdin.close()
+    paused.event("stopped", timeout=30)
+    db = database(postgres_url)
+    rows = postgres_server.sql("SELECT status, owner_node, attempt FROM runs ORDER BY seq", db).splitlines()
+    assert rows == ["succeeded|other|2"] * 4
+    assert not paused.of("succeeded")  # --quiet prints none; the check is the database's
+
+
+async def test_a_server_restart_under_load_loses_no_run(
+    postgres_server: PostgresServer, postgres_url: str, tmp_path: Path, nodes: list[Child]
+) -> None:
+    runs = 600
+    log = tmp_path / "exec.log"
+    common = ("--quiet", "--sleep", "0.02", "--max-concurrency", "8", "--lease-ttl", "3", "--poll", "0.2")
+    drain = ("run", "--until-drained", "--expect", str(runs))
+    b = start(nodes, postgres_url, "node-b", log, *common, *drain)
+    b.event("started")
+    a = start(nodes, postgres_url, "node-a", log, *common, "run", "--submit", "work", "--count", str(runs),
+              "--until-drained", "--expect", str(runs))  # fmt: skip
+    wait_until(lambda: len(executions(log)) >= runs // 5, 60, "a fifth of the runs executed")
+    await asyncio.to_thread(postgres_server.restart)  # every connection of both nodes is cut
+    for child in (a, b):
+        child.event("stopped", timeout=DRAIN_TIMEOUT)
+        assert child.proc.wait(timeout=30) == 0
+    assert by_status(postgres_server, postgres_url) == {"succeeded": runs}
+    assert {line["run"] for line in executions(log)} == set(
+        postgres_server.sql("SELECT id FROM runs", database(postgres_url)).split()
+    )
 
 
 async def test_an_idle_node_is_woken_by_another_nodes_insert(postgres_url: str) -> None:

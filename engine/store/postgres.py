@@ -328,20 +328,26 @@ class PostgresStore(Store):
                 raise StoreClosed(self._where)
             try:
                 async with pool.acquire() as conn:
-                    tx = _Tx(conn)
-                    if not write:
-                        return await fn(tx, *args)
-                    if single:
-                        result = await fn(tx, *args)
-                        assert not tx.totals, "a single statement counts its totals itself"
-                        break
-                    async with conn.transaction():
-                        result = await fn(tx, *args)
-                        if tx.totals:
-                            # sorted: two transactions must lock the totals rows in the same order
-                            await tx.executemany(
-                                Q.ADD_TOTAL, [{"name": k, "delta": v} for k, v in sorted(tx.totals.items())]
-                            )
+                    try:
+                        tx = _Tx(conn)
+                        if not write:
+                            return await fn(tx, *args)
+                        if single:
+                            result = await fn(tx, *args)
+                            assert not tx.totals, "a single statement counts its totals itself"
+                            break
+                        async with conn.transaction():
+                            result = await fn(tx, *args)
+                            if tx.totals:
+                                # sorted: two transactions must lock the totals rows in the same order
+                                await tx.executemany(
+                                    Q.ADD_TOTAL, [{"name": k, "delta": v} for k, v in sorted(tx.totals.items())]
+                                )
+                    except Exception as exc:
+                        if self._transient(exc):
+                            # a connection cut mid-operation may be left in any state: never reuse it
+                            conn.terminate()
+                        raise
                 break
             except _DedupRace:
                 races += 1
@@ -379,6 +385,8 @@ class PostgresStore(Store):
         d = self._driver
         if isinstance(exc, (OSError, TimeoutError, d.exceptions.ConnectionDoesNotExistError)):
             return True
+        if isinstance(exc, d.exceptions.InternalClientError):
+            return True  # a connection left mid-protocol by a cut: a fresh one will do
         if isinstance(exc, d.exceptions.InterfaceError) and "connection" in str(exc).lower():
             return True
         if isinstance(exc, d.PostgresError):
@@ -386,7 +394,9 @@ class PostgresStore(Store):
         return False
 
     def _translate(self, exc: BaseException) -> BaseException:
-        if isinstance(exc, StoreError) or not isinstance(exc, (self._driver.PostgresError, self._driver.InterfaceError, OSError)):
+        """A driver's or the network's error as :class:`StoreUnavailable`; anything else as it is."""
+        driver_error = type(exc).__module__.startswith("asyncpg") or isinstance(exc, OSError)
+        if isinstance(exc, StoreError) or not driver_error:
             return exc
         err = StoreUnavailable(self._where, f"{type(exc).__name__}: {exc}", _ADVICE)
         err.__cause__ = exc
