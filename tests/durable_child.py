@@ -198,7 +198,7 @@ async def main(args: argparse.Namespace) -> None:
         emit(ev="submitted", ids=[h.id for h in handles])
     if args.until_drained:
         counts = await wait_drained(engine, args.expect)
-        emit(ev="drained", counts=counts)
+        emit(ev="drained", counts=counts, notified=getattr(engine.store, "notifications_received", None))
         await engine.stop()
         emit(ev="stopped")
         return

@@ -260,6 +260,12 @@ class PostgresStore(Store):
             raise
         self._listening = asyncio.Event()
         self._listener = asyncio.get_running_loop().create_task(self._listen(), name="taskwatch-postgres-listen")
+        # an open store hears the other nodes: work they insert from now on is not missed
+        # (if listening takes longer, the slow poll covers the gap)
+        try:
+            await self.wait_listening(min(5.0, self.reconnect_timeout))
+        except TimeoutError:
+            log.warning("not yet listening to the other nodes of %s; polling meanwhile", self._where)
 
     async def close(self) -> None:
         """Write the finishes still queued, send the last notification, then close every connection."""
@@ -267,9 +273,10 @@ class PostgresStore(Store):
         if pool is None:
             return
         self._closing = True
-        for task in (self._finisher, self._notifier):
-            if task is not None:
-                await asyncio.gather(task, return_exceptions=True)
+        if self._finisher is not None:
+            await asyncio.gather(self._finisher, return_exceptions=True)
+        if self._notifier is not None:  # read after the last finishes: they may have started it
+            await asyncio.gather(self._notifier, return_exceptions=True)
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.cancel()
@@ -528,7 +535,7 @@ class PostgresStore(Store):
         self, tx: _Tx, rows: list[dict[str, Any]], explicit: list[str], max_pending: int | None
     ) -> list[Inserted]:
         if explicit:
-            taken = await tx.conn.fetchval("SELECT id FROM runs WHERE id = ANY($1::text[]) LIMIT 1", explicit)
+            taken = await tx.fetchval(Q.PG_ID_TAKEN, {"ids": explicit})
             if taken is not None:
                 raise DuplicateRunId(taken)
         if max_pending is not None:

@@ -316,6 +316,9 @@ WHERE runs.seq IN (
 RETURNING seq, id, task, params, attempt, max_attempts, created_at, dedup_key, source, lost_count,
           claim_token"""
 
+#: one of :ids that a stored run already has, if any
+PG_ID_TAKEN = "SELECT id FROM runs WHERE id = ANY(CAST(:ids AS text[])) LIMIT 1"
+
 #: insert many runs in one statement (``INSERT_RUN`` for each element of the arrays)
 PG_INSERT_MANY = """
 INSERT INTO runs (id, task, params, status, max_attempts, created_at, run_after,
