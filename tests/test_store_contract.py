@@ -469,6 +469,16 @@ async def test_periodic_and_trigger_counters(store: Store) -> None:
     assert (await store.get_counter("t", "k"), await store.get_counter("t", "k2")) == (4, 1)
 
 
+async def test_get_many(store: Store) -> None:
+    ids = await insert_ids(store, NewRun("a", {"i": 1}), NewRun("b", {"i": 2}))
+    (c,) = await claim_all(store, 1)
+    rows = await store.get_many([*ids, "missing"])
+    assert set(rows) == set(ids)
+    assert rows[ids[0]].status is RunStatus.RUNNING and rows[ids[0]].claim_token == c.token
+    assert rows[ids[1]].params == {"i": 2} and rows[ids[1]].status is RunStatus.PENDING
+    assert await store.get_many([]) == {}
+
+
 async def test_claim_periodic_takes_each_slot_once(store: Store) -> None:
     assert await store.claim_periodic("p", 100.0)
     assert not await store.claim_periodic("p", 100.0)  # a second node with the same slot skips it

@@ -272,6 +272,15 @@ class Store(ABC):
     async def get(self, run_id: str) -> StoredRun | None:
         """The run's row, or None."""
 
+    async def get_many(self, run_ids: Collection[str]) -> dict[str, StoredRun]:
+        """The rows of those of ``run_ids`` that exist, by id (SQL stores: one query)."""
+        found: dict[str, StoredRun] = {}
+        for run_id in run_ids:
+            row = await self.get(run_id)
+            if row is not None:
+                found[run_id] = row
+        return found
+
     @abstractmethod
     async def query(
         self,

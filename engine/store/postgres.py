@@ -810,6 +810,12 @@ class PostgresStore(Store):
         row = await self._run(self._fetchrow, Q.GET_RUN, {"id": run_id}, write=False)
         return None if row is None else stored_run(row)
 
+    async def get_many(self, run_ids: Collection[str]) -> dict[str, StoredRun]:
+        if not run_ids:
+            return {}
+        rows = await self._run(self._fetch, Q.PG_GET_RUNS, {"ids": list(run_ids)}, write=False)
+        return {r[1]: stored_run(r) for r in rows}
+
     async def query(
         self,
         *,

@@ -204,6 +204,9 @@ WHERE status = 'running'
 
 GET_RUN = f"SELECT {RUN_COLUMNS} FROM runs WHERE id = :id"
 
+#: the rows of many ids at once (PostgreSQL: one array parameter)
+PG_GET_RUNS = f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ANY(CAST(:ids AS text[]))"
+
 #: newest first; every filter is optional (NULL disables it; the casts tell PostgreSQL its type)
 QUERY_RUNS = f"""
 SELECT {RUN_COLUMNS}

@@ -576,6 +576,19 @@ class SqliteStore(Store):
         row = tx.cur.execute(Q.GET_RUN, {"id": run_id}).fetchone()
         return None if row is None else _stored(row)
 
+    async def get_many(self, run_ids: Collection[str]) -> dict[str, StoredRun]:
+        if not run_ids:
+            return {}
+        return await self._call(self._get_many, list(run_ids), write=False)  # type: ignore[no-any-return]
+
+    def _get_many(self, tx: _Tx, run_ids: list[str]) -> dict[str, StoredRun]:
+        found: dict[str, StoredRun] = {}
+        for run_id in run_ids:
+            row = tx.cur.execute(Q.GET_RUN, {"id": run_id}).fetchone()
+            if row is not None:
+                found[run_id] = _stored(row)
+        return found
+
     async def query(
         self,
         *,
