@@ -15,8 +15,8 @@ What each test proves:
 - an idle node starts a run another node inserted when it is told (LISTEN/
   NOTIFY), not at its next poll (a minute away);
 - a node paused (SIGSTOP) past its lease has its runs taken over; resumed,
-  its late outcomes are refused by the claim token, and what the database
-  records is the other node's;
+  it hears that its claims are gone (or has its late finish refused by the
+  claim token), and what the database records is the other node's;
 - a PostgreSQL restart under load: the nodes reconnect and every run ends
   succeeded, none lost, none stuck;
 - a cancel issued on a node that does not own the run (here: an engine in
@@ -165,13 +165,14 @@ def test_a_paused_nodes_late_finish_is_refused(
 ) -> None:
     ttl = 1.0
     log = tmp_path / "exec.log"
-    common = ("--quiet", "--sleep", "1.5", "--max-concurrency", "4", "--lease-ttl", str(ttl), "--poll", "0.2")
-    paused = start(nodes, postgres_url, "paused", log, *common, "run", "--submit", "work", "--count", "4")
+    common = ("--quiet", "--max-concurrency", "4", "--lease-ttl", str(ttl), "--poll", "0.2")
+    # its runs take 2 to 6 s: none can end before the pause, however slow the machine
+    paused = start(nodes, postgres_url, "paused", log, *common, "--sleep", "4", "run", "--submit", "work", "--count", "4")
     paused.event("submitted")
     wait_until(lambda: len(executions(log)) >= 4, 30, "the paused node runs all four")
     os.kill(paused.proc.pid, signal.SIGSTOP)
     try:
-        other = start(nodes, postgres_url, "other", log, *common, "run", "--until-drained", "--expect", "4")
+        other = start(nodes, postgres_url, "other", log, *common, "--sleep", "0.2", "run", "--until-drained", "--expect", "4")
         other.event("drained", timeout=60)  # it recovered and finished all four
     finally:
         os.kill(paused.proc.pid, signal.SIGCONT)
@@ -190,7 +191,7 @@ async def test_a_server_restart_under_load_loses_no_run(
 ) -> None:
     runs = 600
     log = tmp_path / "exec.log"
-    common = ("--quiet", "--sleep", "0.02", "--max-concurrency", "8", "--lease-ttl", "3", "--poll", "0.2")
+    common = ("--quiet", "--sleep", "0.05", "--max-concurrency", "8", "--lease-ttl", "3", "--poll", "0.2")
     drain = ("run", "--until-drained", "--expect", str(runs))
     b = start(nodes, postgres_url, "node-b", log, *common, *drain)
     b.event("started")
