@@ -196,3 +196,20 @@ async def test_a_node_survives_a_server_restart(
     sub.poll()
     await a.insert([NewRun("t")])
     assert (await sub.wait(timeout=10)).work
+
+
+async def test_two_nodes_recovering_at_once_take_each_lost_run_once(postgres_url: str) -> None:
+    now = [1_000_000.0]
+    a = PostgresStore(postgres_url, lease_ttl=TTL, clock=lambda: now[0])
+    b = PostgresStore(postgres_url, lease_ttl=TTL, clock=lambda: now[0])
+    async with a, b:
+        await a.insert([NewRun("t") for _ in range(60)])
+        claims = await a.claim("dead", "dead-1", 60, {"t": None})
+        assert len(claims) == 60
+        now[0] += TTL + 1  # the owner never heartbeats again
+        found = await asyncio.gather(*(s.recover() for s in (a, b, a, b)))
+        ids = [r.run_id for batch in found for r in batch]
+        assert sorted(ids) == sorted(c.run_id for c in claims)  # each once, none missed
+        counts = await b.counts()
+        assert counts.pending == 60 and counts.lost_total == 60
+        assert {r.lost_count for r in (await b.get_many(ids)).values()} == {1}

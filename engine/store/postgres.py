@@ -101,6 +101,8 @@ class _Compiled:
 
 _SQL: dict[str, _Compiled] = {}
 
+_UNLOCKED_CLAIMS = Q.RUNNING_CLAIMS.replace("/*LOCK*/", "")
+
 
 def _q(sql: str) -> _Compiled:
     found = _SQL.get(sql)
@@ -765,9 +767,14 @@ class PostgresStore(Store):
     async def _recover(self, tx: _Tx, live: frozenset[str] | None, now: float) -> list[Recovered]:
         gone = gone_incarnations((node_info(r) for r in await tx.fetch(Q.ALL_NODES, {})), now, self.node_ttl)
         out: list[Recovered] = []
-        # SKIP LOCKED: rows another node is recovering (or finishing) right now are its to handle
+        # every running claim is read without a lock (heartbeats and finishes of healthy
+        # claims never wait for a recovery); the lost ones are then locked and judged again
+        # on what they hold now, skipping those another node is recovering or finishing
+        lost = [r[0] for r in await tx.fetch(_UNLOCKED_CLAIMS, {}) if lost_reason(r[4], r[6], now, gone, live)]
+        if not lost:
+            return out
         for seq, run_id, task, node, inc, token, lease_until, cancel_req, lost_count, on_lost, attempt in await tx.fetch(
-            Q.RUNNING_CLAIMS, {}
+            Q.PG_LOCK_CLAIMS, {"seqs": lost}
         ):
             why = lost_reason(inc, lease_until, now, gone, live)
             if why is None:

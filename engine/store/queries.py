@@ -204,6 +204,15 @@ WHERE status = 'running'
 
 GET_RUN = f"SELECT {RUN_COLUMNS} FROM runs WHERE id = :id"
 
+#: the running claims recovery found lost, locked (PostgreSQL reads every running claim
+#: without a lock first, so healthy claims are never locked by another node's recovery)
+PG_LOCK_CLAIMS = """
+SELECT seq, id, task, owner_node, owner_incarnation, claim_token, lease_until,
+       cancel_requested, lost_count, on_lost, attempt
+FROM runs
+WHERE seq = ANY(CAST(:seqs AS bigint[])) AND status = 'running'
+FOR UPDATE SKIP LOCKED"""
+
 #: the rows of many ids at once (PostgreSQL: one array parameter)
 PG_GET_RUNS = f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ANY(CAST(:ids AS text[]))"
 
