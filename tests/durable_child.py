@@ -24,7 +24,7 @@ at once, so the test can act on what the process has really done:
 ``{"ev": "succeeded" | "retrying" | "failed" | "recovered", "id": ..., ...}``
     The engine published that event, which it does only once the store has
     committed the change. ``succeeded`` lines carry ``n``, the count so far.
-``{"ev": "drained", "counts": {...}}``, then ``{"ev": "stopped"}``
+``{"ev": "drained", "counts": {...}, "notified": N}``, then ``{"ev": "stopped"}``
     (``--until-drained``) the store holds no pending or running run any more
     (and at least ``--expect`` runs were inserted); the engine was then stopped
     gracefully and the process exits 0.
