@@ -27,7 +27,10 @@ at once, so the test can act on what the process has really done:
 ``{"ev": "drained", "counts": {...}, "notified": N}``, then ``{"ev": "stopped"}``
     (``--until-drained``) the store holds no pending or running run any more
     (and at least ``--expect`` runs were inserted); the engine was then stopped
-    gracefully and the process exits 0.
+    gracefully and the process exits 0. ``notified``: notifications heard
+    from other nodes (PostgreSQL).
+``{"ev": "cancelled", "id": ..., "t": ...}``, ``{"ev": "lease.acquired" | "lease.lost" | "lease.released", "term": ...}``
+    A run ended cancelled; (``--leader``) leadership changed.
 
 Tasks (the same in every process, as a real deployment would have):
 
