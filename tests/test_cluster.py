@@ -93,9 +93,9 @@ def test_three_nodes_execute_each_run_once_and_share_the_work(
     postgres_server: PostgresServer, postgres_url: str, tmp_path: Path, nodes: list[Child]
 ) -> None:
     log = tmp_path / "exec.log"
-    # runs that take a while (10 ms on average, 10 at a time per node): one node alone would
-    # need 3 s, so a node the machine's load holds back for a moment still gets its share
-    common = ("--quiet", "--sleep", "0.01", "--max-concurrency", "10", "--lease-ttl", "10", "--poll", "1")
+    # runs that take a while (20 ms on average, 5 at a time per node): the three need about
+    # 4 s, so a node the machine's load holds back for a moment still gets its share
+    common = ("--quiet", "--sleep", "0.02", "--max-concurrency", "5", "--lease-ttl", "30", "--poll", "1")
     drain = ("run", "--until-drained", "--expect", str(CLUSTER_RUNS))
     a = start(nodes, postgres_url, "node-a", log, *common, *drain)
     b = start(nodes, postgres_url, "node-b", log, *common, *drain)
@@ -113,7 +113,8 @@ def test_three_nodes_execute_each_run_once_and_share_the_work(
     assert len(per_run) == CLUSTER_RUNS
     assert set(per_run.values()) == {1}, [r for r, n in per_run.items() if n > 1][:5]
     per_node = Counter(line["node"] for line in lines)
-    assert set(per_node) == {"node-a", "node-b", "node-c"}, [child.of("drained") for child in (a, b, c)]
+    reports = [child.of("drained") + child.of("recovered")[:3] for child in (a, b, c)]
+    assert set(per_node) == {"node-a", "node-b", "node-c"}, reports
     assert min(per_node.values()) >= CLUSTER_RUNS // 20, per_node
     assert by_status(postgres_server, postgres_url) == {"succeeded": CLUSTER_RUNS}
     assert postgres_server.sql("SELECT COUNT(*) FROM runs WHERE attempt <> 1", database(postgres_url)) == "0"
