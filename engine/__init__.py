@@ -50,6 +50,7 @@ from .events import (
 )
 from .handle import RunHandle
 from .lease import InProcessLease, Leadership, Lease, LeaseState
+from .postgres_lease import PostgresLease
 from .queues import QueueInfo, WorkQueue
 from .operations import OPERATIONS, Operation
 from .remote import RemoteEngine
@@ -57,7 +58,7 @@ from .runs import EngineStats, Progress, RunError, RunList, RunRecord, RunStatus
 from .scheduler import PeriodicInfo
 from .server import ControlServer, ServerInfo
 from .snapshot import Snapshot, is_truncated
-from .store import MemoryStore, SqliteStore, Store, make_store
+from .store import MemoryStore, PostgresStore, SqliteStore, Store, make_store
 from .supervisor import WorkerInfo
 from .tasks import TaskInfo, TaskSpec
 from .triggers import Trigger, TriggerKeyState, TriggerState
@@ -94,6 +95,8 @@ __all__ = [
     "MessageTooLarge",
     "NotLeader",
     "PeriodicInfo",
+    "PostgresLease",
+    "PostgresStore",
     "Progress",
     "ProtocolError",
     "QueueFull",

@@ -68,9 +68,16 @@ class TaskContext:
             self._report(self._run, done, total, message)
 
     async def ensure_leader(self) -> int:
-        """Return the current fencing token, or raise :class:`NotLeader` if leadership is lost."""
+        """Return the current fencing token, or raise :class:`NotLeader` if leadership is lost.
+
+        With a shared lease (PostgresLease) the term is checked against the
+        shared record itself, so a leader paused past its lease cannot go on.
+        """
         leader = self._engine.elector
         if not leader.is_leader or not leader.lease_valid():
+            raise NotLeader(self._engine.node_id, leader.holder)
+        lease = leader.lease
+        if lease is not None and not await lease.verify(self._engine.node_id, leader.term):
             raise NotLeader(self._engine.node_id, leader.holder)
         return leader.term
 

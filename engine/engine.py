@@ -93,6 +93,7 @@ from .supervisor import Supervisor, WorkerInfo
 from .tasks import TaskFn, TaskInfo, TaskSpec, params_model_of
 from .triggers import Trigger, TriggerState
 from .version import __version__
+from .wakeups import StoreWakeups
 
 F = TypeVar("F", bound=TaskFn)
 
@@ -256,6 +257,8 @@ class Engine:
             maintenance_interval=min(1.0, lease_ttl / 3),
             prune=self._prune,
         )
+        #: other nodes' inserts and cancels, pushed by a cluster store, wake the executor
+        self._wakeups = StoreWakeups(self._store, self._executor)
         self._tasks: dict[str, TaskSpec] = {}
         self._limits: dict[str, int | None] = {}
         #: the run index: every run this node knows, pending and running ones always
@@ -499,6 +502,7 @@ class Engine:
         return [
             self._leader,
             self._health,
+            self._wakeups,
             *self._queues.values(),
             *self._triggers.values(),
             self._supervisor,
@@ -561,6 +565,7 @@ class Engine:
                     run.handle.cancel()
             await self._await_tasks(tasks)
             await self._executor.stop()
+            await self._wakeups.stop()
             # outcomes written from callbacks (hand-backs, cancels before a first step)
             await asyncio.gather(*self._writes, return_exceptions=True)
             await self._leader.stop(loop.time() + 1.0)
@@ -1634,10 +1639,12 @@ class Engine:
             if not run.status.finished and run.token is None and run.handle is None
         ]
         foreign.sort(key=lambda run: run.status is not _RUNNING)
-        for run in foreign[:limit]:
-            if self._executor.unwritten(run.id):
-                continue
-            stored = await self._store.get(run.id)
+        wanted = [run for run in foreign[:limit] if not self._executor.unwritten(run.id)]
+        if not wanted:
+            return
+        found = await self._store.get_many([run.id for run in wanted])  # one query for the lot
+        for run in wanted:
+            stored = found.get(run.id)
             if stored is None or run.token is not None or run.status.finished:
                 continue  # pruned, or this node claimed or ended it meanwhile
             self._apply_stored(run, stored.to_record())

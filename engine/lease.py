@@ -116,6 +116,11 @@ class Lease(ABC):
     async def holder(self) -> LeaseState | None:
         """The current unexpired term, or ``None`` if nobody holds the lease."""
 
+    async def verify(self, node_id: str, term: int) -> bool:
+        """Whether ``node_id`` holds ``term`` now, as the shared record says (not this node's view)."""
+        state = await self.holder()
+        return state is not None and state.holder == node_id and state.term == term
+
 
 class InProcessLease(Lease):
     """A lease kept in memory: engines in one process sharing this object elect one leader.

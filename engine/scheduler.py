@@ -15,6 +15,14 @@ the end of the previous run by default, or from its scheduled start with
 (:func:`next_interval_due`, :func:`next_cron_due`, :func:`jitter_delay`) that
 take explicit times, so it can be tested without a clock.
 
+Clusters
+--------
+Nodes sharing a store (SQLite file, PostgreSQL) each run the schedule, and
+the store records each slot once (``Store.claim_periodic``): the node that
+records it fires it, the others skip it. Cron and ``fixed_rate`` slots are
+the same on every node, so each fires once; end-based intervals fire at most
+once per interval across the cluster.
+
 Overlap
 -------
 A tick that comes due while the previous run of the same task is still going
@@ -67,6 +75,8 @@ _STATUS_OF_KIND = {
 _MAX_SLEEP = 30.0
 #: pause before retrying after an unexpected error inside a loop, so it cannot spin
 _ERROR_BACKOFF = 1.0
+#: slots of an interval task this close to a full interval apart count as a full interval apart
+_SLOT_TOLERANCE = 0.001
 
 
 class PeriodicInfo(BaseModel):
@@ -518,9 +528,13 @@ class Scheduler:
             try:
                 await self._sleep_until(p.next_due)
                 slot = p.slot
-                self._tick(p)
+                # the store records each slot once: of the nodes sharing it, one fires it
+                # (and an interval task fires at most once per interval, whichever node's
+                # clock of the previous run's end its slots follow)
+                gap = p.every - _SLOT_TOLERANCE if p.every is not None else 0.0
+                if await self._engine.store.claim_periodic(p.name, slot, gap):
+                    self._tick(p)
                 p.last_fire = slot
-                await self._engine.store.set_periodic(p.name, slot)
                 end = None
                 if p.cron is None and not p.fixed_rate:
                     # end-based: the next interval starts when this run (or the

@@ -3,6 +3,9 @@ from pathlib import Path
 
 import pytest
 
+# the PostgreSQL server fixtures (postgres_server, postgres_url)
+pytest_plugins = ["tests.postgres_server"]
+
 # deterministic, calm rendering for every Textual app a test starts
 os.environ.setdefault("TEXTUAL_ANIMATIONS", "none")
 

@@ -1,9 +1,12 @@
-"""An engine on a SQLite file in its own process, for the crash tests in ``test_durable.py``.
+"""An engine on a SQLite file (or a PostgreSQL database) in its own process, for the crash
+tests in ``test_durable.py`` and the cluster tests in ``test_cluster.py``.
 
 ::
 
     python -m tests.durable_child DB --node worker-1 --log exec.log [options] run [--submit TASK --count N] [--until-drained]
     python -m tests.durable_child DB --node worker-1 [options] burst --batch 100
+
+``DB`` is a SQLite file path, or a ``postgresql://`` URL.
 
 Every line it prints on stdout is one JSON object with an ``ev`` field, flushed
 at once, so the test can act on what the process has really done:
@@ -21,10 +24,13 @@ at once, so the test can act on what the process has really done:
 ``{"ev": "succeeded" | "retrying" | "failed" | "recovered", "id": ..., ...}``
     The engine published that event, which it does only once the store has
     committed the change. ``succeeded`` lines carry ``n``, the count so far.
-``{"ev": "drained", "counts": {...}}``, then ``{"ev": "stopped"}``
+``{"ev": "drained", "counts": {...}, "notified": N}``, then ``{"ev": "stopped"}``
     (``--until-drained``) the store holds no pending or running run any more
     (and at least ``--expect`` runs were inserted); the engine was then stopped
-    gracefully and the process exits 0.
+    gracefully and the process exits 0. ``notified``: notifications heard
+    from other nodes (PostgreSQL).
+``{"ev": "cancelled", "id": ..., "t": ...}``, ``{"ev": "lease.acquired" | "lease.lost" | "lease.released", "term": ...}``
+    A run ended cancelled; (``--leader``) leadership changed.
 
 Tasks (the same in every process, as a real deployment would have):
 
@@ -36,6 +42,14 @@ Tasks (the same in every process, as a real deployment would have):
     ``retries=1``, ``backoff=backoff_max=--backoff``: attempt 1 raises, attempt 2 succeeds.
 ``suicide`` / ``suicide_fail``
     SIGKILL their own process (``on_lost="retry"`` / ``"fail"``).
+``hang``
+    Logs, then waits until cancelled (a ``cancelled`` line is printed).
+``tick``
+    (with ``--periodic SECONDS``) a fixed-rate periodic task that logs.
+
+With ``--leader`` the engine competes for a :class:`PostgresLease` (ttl
+``--lease-ttl``) and prints ``lease.acquired`` / ``lease.lost`` /
+``lease.released`` lines with the term.
 
 Each execution line is ``{"run", "attempt", "node", "pid", "task", "t"}``,
 written with one ``os.write`` on an ``O_APPEND`` descriptor before the task
@@ -56,7 +70,7 @@ import sys
 import time
 from typing import Any
 
-from taskwatch.engine import Engine, TaskContext
+from taskwatch.engine import Engine, PostgresLease, TaskContext
 
 
 def emit(**fields: Any) -> None:
@@ -88,7 +102,7 @@ class ExecLog:
 
 def build(args: argparse.Namespace) -> Engine:
     engine = Engine(
-        store=f"sqlite:///{os.path.abspath(args.db)}",
+        store=args.db if "://" in args.db else f"sqlite:///{os.path.abspath(args.db)}",
         node_id=args.node,
         lease_ttl=args.lease_ttl,
         poll_interval=args.poll,
@@ -96,6 +110,7 @@ def build(args: argparse.Namespace) -> Engine:
         max_queue=args.max_queue,
         history=args.history,
         health_interval=None,
+        lease=PostgresLease(args.db, ttl=args.lease_ttl) if args.leader else None,
     )
     log = ExecLog(args.log, args.node, args.fsync)
     pause = args.sleep
@@ -123,6 +138,17 @@ def build(args: argparse.Namespace) -> Engine:
         log.write(ctx)
         os.kill(os.getpid(), signal.SIGKILL)
 
+    @engine.task
+    async def hang(ctx: TaskContext) -> None:
+        log.write(ctx)
+        await asyncio.Event().wait()
+
+    if args.periodic:
+
+        @engine.periodic(every=args.periodic, fixed_rate=True, name="tick")
+        async def tick(ctx: TaskContext) -> None:
+            log.write(ctx)
+
     succeeded = 0
 
     def report(event: Any) -> None:
@@ -137,9 +163,16 @@ def build(args: argparse.Namespace) -> Engine:
         elif kind == "failed":
             emit(ev=kind, id=event.run_id, attempt=event.attempt, error=event.error.type)
         elif kind == "recovered":
-            emit(ev=kind, id=event.run_id, action=event.action, reason=event.reason, attempt=event.attempt)
+            emit(ev=kind, id=event.run_id, action=event.action, reason=event.reason, attempt=event.attempt, t=time.time())
+        elif kind == "cancelled":
+            emit(ev=kind, id=event.run_id, t=time.time())
 
-    engine.bus.add_callback(report, ["run.succeeded", "run.retrying", "run.failed", "run.recovered"])
+    engine.bus.add_callback(report, ["run.succeeded", "run.retrying", "run.failed", "run.recovered", "run.cancelled"])
+
+    def leadership(event: Any) -> None:
+        emit(ev=event.kind, holder=event.holder, term=event.term, t=time.time())
+
+    engine.bus.add_callback(leadership, ["lease.acquired", "lease.lost", "lease.released"])
     return engine
 
 
@@ -168,7 +201,7 @@ async def main(args: argparse.Namespace) -> None:
         emit(ev="submitted", ids=[h.id for h in handles])
     if args.until_drained:
         counts = await wait_drained(engine, args.expect)
-        emit(ev="drained", counts=counts)
+        emit(ev="drained", counts=counts, notified=getattr(engine.store, "notifications_received", None))
         await engine.stop()
         emit(ev="stopped")
         return
@@ -192,6 +225,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--backoff", type=float, default=2.0)
     p.add_argument("--wait-go", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no line per succeeded run")
+    p.add_argument("--leader", action="store_true", help="compete for a PostgresLease on DB (a postgresql:// URL)")
+    p.add_argument("--periodic", type=float, default=0.0, help="register the fixed-rate periodic task 'tick'")
     sub = p.add_subparsers(dest="mode", required=True)
     run = sub.add_parser("run")
     run.add_argument("--submit", default=None, help="task to submit --count runs of, in one submit_many")

@@ -20,8 +20,8 @@ ENGINE = Path(__file__).resolve().parent.parent / "engine"
 LAYERS: list[set[str]] = [
     {"version", "errors", "jsonsafe", "hop", "runs", "events", "options", "tasks"},
     {"bus"},
-    {"store", "lease"},
-    {"executor", "context", "handle", "scheduler", "queues", "triggers", "supervisor", "health"},
+    {"store", "lease", "postgres_lease"},
+    {"executor", "context", "handle", "scheduler", "queues", "triggers", "supervisor", "health", "wakeups"},
     {"engine", "snapshot"},
     {"server", "wire", "operations", "remote", "background", "display", "__init__"},
 ]

@@ -1,4 +1,5 @@
-"""One contract, every run store: the same tests run on MemoryStore and on SqliteStore (a real file).
+"""One contract, every run store: the same tests run on MemoryStore, on SqliteStore (a real file)
+and on PostgresStore (a real server, a fresh database per test).
 
 Time moves through the stores' ``clock`` parameter; nothing sleeps.
 """
@@ -17,6 +18,7 @@ from taskwatch.engine.store import (
     Failed,
     MemoryStore,
     NewRun,
+    PostgresStore,
     Retry,
     SqliteStore,
     Store,
@@ -46,13 +48,15 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> AsyncIterator[Store]:
     s: Store
     if request.param == "memory":
         s = MemoryStore(clock=clock, lease_ttl=TTL)
-    else:
+    elif request.param == "sqlite":
         s = SqliteStore(tmp_path / "runs.db", clock=clock, lease_ttl=TTL)
+    else:
+        s = PostgresStore(request.getfixturevalue("postgres_url"), clock=clock, lease_ttl=TTL)
     async with s:
         yield s
 
@@ -498,6 +502,26 @@ async def test_queue_jobs_are_kept_until_done_and_adopted_only_from_gone_holders
     assert await store.adopt_jobs("emails", "i5", own=True) == []
     assert [j.job for j in await store.adopt_jobs("other", "i5")] == [[1, 2]]
     assert other not in (a, b, c)
+
+
+async def test_get_many(store: Store) -> None:
+    ids = await insert_ids(store, NewRun("a", {"i": 1}), NewRun("b", {"i": 2}))
+    (c,) = await claim_all(store, 1)
+    rows = await store.get_many([*ids, "missing"])
+    assert set(rows) == set(ids)
+    assert rows[ids[0]].status is RunStatus.RUNNING and rows[ids[0]].claim_token == c.token
+    assert rows[ids[1]].params == {"i": 2} and rows[ids[1]].status is RunStatus.PENDING
+    assert await store.get_many([]) == {}
+
+
+async def test_claim_periodic_takes_each_slot_once(store: Store) -> None:
+    assert await store.claim_periodic("p", 100.0)
+    assert not await store.claim_periodic("p", 100.0)  # a second node with the same slot skips it
+    assert not await store.claim_periodic("p", 99.0)
+    assert await store.claim_periodic("p", 110.0, gap=9.999)  # one interval later
+    assert not await store.claim_periodic("p", 115.0, gap=9.999)  # less than an interval after the last
+    assert await store.get_periodic("p") == 110.0
+    assert await store.claim_periodic("other", 1.0)  # slots are per periodic task
 
 
 async def test_wakeups_for_work_cancels_and_finished(store: Store) -> None:

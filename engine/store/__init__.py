@@ -1,18 +1,32 @@
-"""Run stores: where run rows live (memory, or a SQLite file shared by processes).
+"""Run stores: where run rows live (memory, a SQLite file shared by processes, or a
+PostgreSQL database shared by the nodes of a cluster).
 
 ``make_store(spec)`` turns a configuration value into a store: ``"memory"``,
 ``"sqlite:///relative.db"`` / ``"sqlite:////absolute.db"`` (SQLAlchemy's
 convention; options ``synchronous``, ``busy_timeout``, ``lease_ttl`` as query
-parameters), or a :class:`Store` instance, returned as it is.
+parameters), ``"postgresql://user:password@host:port/database"`` (options
+``pool_size``, ``lease_ttl``, ``node_ttl``, ``reconnect_timeout``; any other
+query parameter goes to the driver; needs the ``postgres`` extra), or a
+:class:`Store` instance, returned as it is.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from .base import Store, Subscription
-from .errors import DuplicateRunId, SchemaTooNew, StoreBusy, StoreClosed, StoreError, StoreUnavailable, UnknownStore
+from .errors import (
+    DuplicateRunId,
+    SchemaTooNew,
+    StoreBusy,
+    StoreClosed,
+    StoreDriverMissing,
+    StoreError,
+    StoreUnavailable,
+    UnknownStore,
+)
 from .memory import MemoryStore
 from .models import (
     CancelResult,
@@ -35,6 +49,7 @@ from .models import (
     TriggerKeyRecord,
     Wakeup,
 )
+from .postgres import PostgresStore
 from .sqlite import SqliteStore
 
 __all__ = [
@@ -52,6 +67,7 @@ __all__ = [
     "OnLost",
     "Outcome",
     "Page",
+    "PostgresStore",
     "Recovered",
     "Retry",
     "SchemaTooNew",
@@ -59,6 +75,7 @@ __all__ = [
     "Store",
     "StoreBusy",
     "StoreClosed",
+    "StoreDriverMissing",
     "StoreError",
     "StoreUnavailable",
     "StoredJob",
@@ -72,6 +89,7 @@ __all__ = [
 ]
 
 _SQLITE_OPTIONS = {"synchronous": str, "busy_timeout": int, "lease_ttl": float, "node_ttl": float}
+_POSTGRES_OPTIONS = {"pool_size": int, "lease_ttl": float, "node_ttl": float, "reconnect_timeout": float}
 
 
 def make_store(spec: str | Store, **options: Any) -> Store:
@@ -83,6 +101,8 @@ def make_store(spec: str | Store, **options: Any) -> Store:
     if spec == "memory":
         return MemoryStore(**options)
     parts = urlsplit(spec)
+    if parts.scheme in ("postgresql", "postgres"):
+        return _postgres(spec, options)
     if parts.scheme != "sqlite":
         raise UnknownStore(spec)
     if parts.netloc:
@@ -99,3 +119,24 @@ def make_store(spec: str | Store, **options: Any) -> Store:
         except ValueError:
             raise UnknownStore(spec, f"option {name}={raw!r} is not a valid {conv.__name__}") from None
     return SqliteStore(path, **options)
+
+
+def _postgres(spec: str, options: dict[str, Any]) -> Store:
+    parts = urlsplit(spec)
+    if not parts.hostname and "host=" not in parts.query:
+        raise UnknownStore(spec, "a PostgreSQL URL names its server: postgresql://user@host:port/database")
+    driver_args: list[tuple[str, str]] = []
+    for name, raw in parse_qsl(parts.query, keep_blank_values=True):
+        conv = _POSTGRES_OPTIONS.get(name)
+        if conv is None:
+            driver_args.append((name, raw))  # sslmode, application_name, ...: the driver's
+            continue
+        try:
+            options.setdefault(name, conv(raw))
+        except ValueError:
+            raise UnknownStore(spec, f"option {name}={raw!r} is not a valid {conv.__name__}") from None
+    if options.get("clock") is time.time:
+        # the engine's default wall clock: a cluster keeps the database's instead
+        del options["clock"]
+    url = urlunsplit(parts._replace(scheme="postgresql", query=urlencode(driver_args)))
+    return PostgresStore(url, **options)

@@ -159,6 +159,9 @@ class Store(ABC):
     """
 
     name: ClassVar[str]
+    #: True when :meth:`subscribe` also hears other processes' inserts and cancels
+    #: (a cluster store); otherwise other processes' work is found by polling
+    pushes_remote_changes: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -278,6 +281,15 @@ class Store(ABC):
     async def get(self, run_id: str) -> StoredRun | None:
         """The run's row, or None."""
 
+    async def get_many(self, run_ids: Collection[str]) -> dict[str, StoredRun]:
+        """The rows of those of ``run_ids`` that exist, by id (SQL stores: one query)."""
+        found: dict[str, StoredRun] = {}
+        for run_id in run_ids:
+            row = await self.get(run_id)
+            if row is not None:
+                found[run_id] = row
+        return found
+
     @abstractmethod
     async def query(
         self,
@@ -326,6 +338,19 @@ class Store(ABC):
 
     @abstractmethod
     async def set_periodic(self, name: str, fired_at: float) -> None: ...
+
+    async def claim_periodic(self, name: str, slot: float, gap: float = 0.0) -> bool:
+        """Record that the periodic task ``name`` fires its ``slot``; False when the slot recorded
+        last (by this node or another) is not more than ``gap`` seconds before it: then this
+        slot is not fired here.
+
+        Stores shared by several processes override this with one atomic statement.
+        """
+        last = await self.get_periodic(name)
+        if last is not None and last >= slot - gap:
+            return False
+        await self.set_periodic(name, slot)
+        return True
 
     @abstractmethod
     async def load_trigger(self, trigger: str) -> dict[str, TriggerKeyRecord]:

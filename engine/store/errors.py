@@ -22,7 +22,19 @@ class UnknownStore(StoreError, ValueError):
         super().__init__(
             f"unknown run store {spec!r}{': ' + detail if detail else ''}; use 'memory', "
             "'sqlite:///relative/path.db', 'sqlite:////absolute/path.db' (optionally "
-            "'?synchronous=full&busy_timeout=5000') or pass a Store instance"
+            "'?synchronous=full&busy_timeout=5000'), 'postgresql://user@host/database' "
+            "(optionally '?pool_size=8') or pass a Store instance"
+        )
+
+
+class StoreDriverMissing(StoreError, ImportError):
+    """The store asked for needs a database driver that is not installed."""
+
+    def __init__(self, store: str, driver: str, extra: str) -> None:
+        self.extra = extra
+        super().__init__(
+            f"the {store} run store needs the {driver} driver, which is not installed; "
+            f"install it with: pip install 'taskwatch[{extra}]'"
         )
 
 
@@ -63,11 +75,8 @@ class StoreBusy(StoreError):
 class StoreUnavailable(StoreError):
     """The store's backend failed (disk full, file removed, I/O error); ``__cause__`` says how."""
 
-    def __init__(self, where: str, detail: str) -> None:
-        super().__init__(
-            f"the run store {where} failed: {detail}; the operation was not applied. "
-            "Check the disk and the file, then restart the engine"
-        )
+    def __init__(self, where: str, detail: str, advice: str = "Check the disk and the file, then restart the engine") -> None:
+        super().__init__(f"the run store {where} failed: {detail}; the operation was not applied. {advice}")
 
 
 class DuplicateRunId(StoreError, ValueError):

@@ -5,10 +5,12 @@ queries use named parameters (``:name``, bound by the driver) and only SQL
 that SQLite (>= 3.35) and PostgreSQL both accept: ``ON CONFLICT ... DO
 UPDATE``, ``RETURNING``, partial indexes. The marker ``/*LOCK*/`` is where
 PostgreSQL puts ``FOR UPDATE SKIP LOCKED``; SQLite serialises writers with
-``BEGIN IMMEDIATE`` instead and drops the marker. A PostgreSQL store binds
-the same names (``:name`` -> ``%(name)s``) and needs only its own DDL
-(``BIGINT GENERATED ALWAYS AS IDENTITY`` for ``seq``, ``JSONB`` for the JSON
-columns).
+``BEGIN IMMEDIATE`` instead and drops the marker. The PostgreSQL store runs the
+same statements through :func:`for_postgres` (``:name`` -> ``$n``, the lock
+marker filled in), the same migrations through :func:`postgres_ddl`, and has
+its own statements only where one set-based statement replaces a loop of
+SQLite's (claims, heartbeats and finishes of many runs at once: the
+``PG_`` statements below).
 
 Claim tokens are ``"<seq>.<random>"``: the seq makes every token check a
 primary-key lookup, the random part makes a token of an earlier claim of the
@@ -16,6 +18,8 @@ same row useless.
 """
 
 from __future__ import annotations
+
+import re
 
 #: the newest schema this code knows; a database with a higher version is refused
 SCHEMA_VERSION = 2
@@ -229,14 +233,26 @@ WHERE status = 'running'
 
 GET_RUN = f"SELECT {RUN_COLUMNS} FROM runs WHERE id = :id"
 
-#: newest first; every filter is optional (NULL disables it)
+#: the running claims recovery found lost, locked (PostgreSQL reads every running claim
+#: without a lock first, so healthy claims are never locked by another node's recovery)
+PG_LOCK_CLAIMS = """
+SELECT seq, id, task, owner_node, owner_incarnation, claim_token, lease_until,
+       cancel_requested, lost_count, on_lost, attempt
+FROM runs
+WHERE seq = ANY(CAST(:seqs AS bigint[])) AND status = 'running'
+FOR UPDATE SKIP LOCKED"""
+
+#: the rows of many ids at once (PostgreSQL: one array parameter)
+PG_GET_RUNS = f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ANY(CAST(:ids AS text[]))"
+
+#: newest first; every filter is optional (NULL disables it; the casts tell PostgreSQL its type)
 QUERY_RUNS = f"""
 SELECT {RUN_COLUMNS}
 FROM runs
-WHERE (:before IS NULL OR seq < :before)
-  AND (:status IS NULL OR status = :status)
-  AND (:task IS NULL OR task = :task)
-  AND (:since IS NULL OR created_at >= :since)
+WHERE (CAST(:before AS BIGINT) IS NULL OR seq < :before)
+  AND (CAST(:status AS TEXT) IS NULL OR status = :status)
+  AND (CAST(:task AS TEXT) IS NULL OR task = :task)
+  AND (CAST(:since AS DOUBLE PRECISION) IS NULL OR created_at >= :since)
 ORDER BY seq DESC
 LIMIT :limit"""
 
@@ -306,7 +322,9 @@ RETURNING id"""
 
 DONE_JOB = "DELETE FROM queue_jobs WHERE id = :id"
 
-QUEUE_JOBS = "SELECT id, job, incarnation FROM queue_jobs WHERE queue = :queue ORDER BY id"
+QUEUE_JOBS = """
+SELECT id, job, incarnation FROM queue_jobs WHERE queue = :queue ORDER BY id
+/*LOCK*/"""
 
 ADOPT_JOB = "UPDATE queue_jobs SET incarnation = :incarnation WHERE id = :id"
 
@@ -314,3 +332,119 @@ ADOPT_JOB = "UPDATE queue_jobs SET incarnation = :incarnation WHERE id = :id"
 def for_sqlite(sql: str) -> str:
     """SQLite locks the whole database per write transaction: no row locks to ask for."""
     return sql.replace("/*LOCK*/", "")
+
+
+# ---------------------------------------------------------------- cluster (both dialects)
+
+#: take a periodic slot: returns a row only for the first node to record ``slot``, and only
+#: if the last slot recorded is more than ``gap`` seconds before it
+CLAIM_PERIODIC = """
+INSERT INTO periodic (name, last_fire) VALUES (:name, :slot)
+ON CONFLICT (name) DO UPDATE SET last_fire = excluded.last_fire
+WHERE periodic.last_fire < excluded.last_fire - :gap
+RETURNING last_fire"""
+
+# ---------------------------------------------------------------- PostgreSQL only
+
+#: one lock for every node migrating at once (CREATE TABLE IF NOT EXISTS races otherwise)
+PG_MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(7418990301)"
+
+#: serialises inserts that check ``max_pending``, so two nodes cannot both fill the last slot
+PG_PENDING_LOCK = "SELECT pg_advisory_xact_lock(7418990302)"
+
+PG_NOW = "SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8"
+
+#: claim up to :slots due runs, oldest first, at most :limits[i] of :tasks[i]; rows another
+#: node is claiming are skipped, not waited for. Tokens are "<seq>.<nonce>": one nonce per call.
+PG_CLAIM = """
+UPDATE runs
+SET status = 'running', owner_node = :node, owner_incarnation = :incarnation,
+    claim_token = runs.seq::text || '.' || :nonce, lease_until = :lease_until,
+    started_at = :now, dedup_slot = NULL
+WHERE runs.seq IN (
+    SELECT c.seq
+    FROM unnest(CAST(:tasks AS text[]), CAST(:limits AS int[])) AS t(task, n)
+    CROSS JOIN LATERAL (
+        SELECT seq FROM runs AS r
+        WHERE r.status = 'pending' AND r.task = t.task AND r.run_after <= :now
+        ORDER BY r.seq
+        LIMIT t.n
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    ORDER BY c.seq
+    LIMIT :slots
+) AND runs.status = 'pending'
+RETURNING seq, id, task, params, attempt, max_attempts, created_at, dedup_key, source, lost_count,
+          claim_token"""
+
+#: one of :ids that a stored run already has, if any
+PG_ID_TAKEN = "SELECT id FROM runs WHERE id = ANY(CAST(:ids AS text[])) LIMIT 1"
+
+#: insert many runs in one statement (``INSERT_RUN`` for each element of the arrays)
+PG_INSERT_MANY = """
+INSERT INTO runs (id, task, params, status, max_attempts, created_at, run_after,
+                  dedup_key, dedup_slot, source, on_lost)
+SELECT r.id, r.task, r.params, 'pending', r.max_attempts, r.created_at, r.run_after,
+       r.key, r.key, r.source, r.on_lost
+FROM unnest(CAST(:ids AS text[]), CAST(:tasks AS text[]), CAST(:params AS text[]),
+            CAST(:max_attempts AS int[]), CAST(:created_ats AS float8[]), CAST(:run_afters AS float8[]),
+            CAST(:keys AS text[]), CAST(:sources AS text[]), CAST(:on_losts AS text[]))
+     AS r(id, task, params, max_attempts, created_at, run_after, key, source, on_lost)"""
+
+#: extend many claims of one incarnation; a token not returned was lost
+PG_HEARTBEAT_MANY = """
+UPDATE runs
+SET lease_until = :lease_until,
+    progress_done = CASE WHEN b.has THEN b.done ELSE runs.progress_done END,
+    progress_total = CASE WHEN b.has THEN b.total ELSE runs.progress_total END,
+    progress_message = CASE WHEN b.has THEN b.message ELSE runs.progress_message END
+FROM unnest(CAST(:seqs AS bigint[]), CAST(:tokens AS text[]), CAST(:has AS bool[]),
+            CAST(:dones AS float8[]), CAST(:totals AS float8[]), CAST(:messages AS text[]))
+     AS b(seq, token, has, done, total, message)
+WHERE runs.seq = b.seq AND runs.claim_token = b.token
+  AND runs.owner_incarnation = :incarnation AND runs.status = 'running'
+RETURNING b.token, runs.cancel_requested, runs.cancel_reason"""
+
+#: end many claimed runs at once (succeeded, failed, cancelled) and count them in the totals,
+#: in one statement (so in one round trip, without a transaction around it); a token not
+#: returned was stale
+PG_END_MANY = """
+WITH ended AS (
+    UPDATE runs
+    SET status = b.status, finished_at = :now, result = b.result,
+        error = COALESCE(b.error, runs.error), cancel_reason = COALESCE(b.reason, runs.cancel_reason),
+        claim_token = NULL, lease_until = NULL, dedup_slot = NULL
+    FROM unnest(CAST(:seqs AS bigint[]), CAST(:tokens AS text[]), CAST(:statuses AS text[]),
+                CAST(:results AS text[]), CAST(:errors AS text[]), CAST(:reasons AS text[]))
+         AS b(seq, token, status, result, error, reason)
+    WHERE runs.seq = b.seq AND runs.claim_token = b.token AND runs.status = 'running'
+    RETURNING b.token, runs.id, runs.status
+), counted AS (
+    UPDATE totals SET value = totals.value + c.n
+    FROM (SELECT status, COUNT(*) AS n FROM ended GROUP BY status) AS c
+    WHERE totals.name = c.status
+)
+SELECT token, id, status FROM ended"""
+
+PG_NOTIFY = "SELECT pg_notify(:channel, :payload)"
+
+_NAME = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
+
+
+def for_postgres(sql: str) -> tuple[str, tuple[str, ...]]:
+    """``sql`` with ``:name`` turned into ``$n`` (a name used twice is one parameter) and the
+    lock marker into row locks that skip rows another node holds; and the names in ``$n`` order."""
+    names: list[str] = []
+
+    def number(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    return _NAME.sub(number, sql.replace("/*LOCK*/", "FOR UPDATE SKIP LOCKED")), tuple(names)
+
+
+def postgres_ddl(sql: str) -> str:
+    """A migration statement of :data:`MIGRATIONS` in PostgreSQL's dialect."""
+    return sql.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY")

@@ -21,10 +21,9 @@ import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal
 
-from pydantic_core import from_json, to_json
 
 from ..errors import QueueFull, RunNotFound
-from ..runs import CancelReason, Progress, RunError, RunStatus
+from ..runs import CancelReason, Progress, RunStatus
 from . import queries as Q
 from .base import Clock, Store, adoptable, gone_incarnations, lost_action, lost_reason, new_run_id
 from .errors import DuplicateRunId, SchemaTooNew, StoreBusy, StoreClosed, StoreError, StoreUnavailable
@@ -50,20 +49,18 @@ from .models import (
     worker_lost_error,
 )
 from .memory import parse_cursor
+from .rows import dumps as _dumps
+from .rows import error_json as _error_json
+from .rows import loads as _loads
+from .rows import node_info as _node
+from .rows import seq_of as _seq_of
+from .rows import stored_run as _stored
 
 SYNCHRONOUS = ("off", "normal", "full", "extra")
 
-
-
-def _dumps(value: Any) -> str:
-    # pydantic-core's encoder: several times faster than json's for the small dicts of params
-    return to_json(value).decode()
-
-
-_loads = from_json
-
 _CLAIM_CANDIDATES = Q.for_sqlite(Q.CLAIM_CANDIDATES)
 _RUNNING_CLAIMS = Q.for_sqlite(Q.RUNNING_CLAIMS)
+_QUEUE_JOBS = Q.for_sqlite(Q.QUEUE_JOBS)
 
 
 class _Tx:
@@ -582,6 +579,19 @@ class SqliteStore(Store):
         row = tx.cur.execute(Q.GET_RUN, {"id": run_id}).fetchone()
         return None if row is None else _stored(row)
 
+    async def get_many(self, run_ids: Collection[str]) -> dict[str, StoredRun]:
+        if not run_ids:
+            return {}
+        return await self._call(self._get_many, list(run_ids), write=False)  # type: ignore[no-any-return]
+
+    def _get_many(self, tx: _Tx, run_ids: list[str]) -> dict[str, StoredRun]:
+        found: dict[str, StoredRun] = {}
+        for run_id in run_ids:
+            row = tx.cur.execute(Q.GET_RUN, {"id": run_id}).fetchone()
+            if row is not None:
+                found[run_id] = _stored(row)
+        return found
+
     async def query(
         self,
         *,
@@ -670,6 +680,10 @@ class SqliteStore(Store):
     async def set_periodic(self, name: str, fired_at: float) -> None:
         await self._call(self._exec, Q.SET_PERIODIC, {"name": name, "fired_at": fired_at})
 
+    async def claim_periodic(self, name: str, slot: float, gap: float = 0.0) -> bool:
+        values = {"name": name, "slot": float(slot), "gap": float(gap)}
+        return await self._call(self._scalar, Q.CLAIM_PERIODIC, values) is not None
+
     async def load_trigger(self, trigger: str) -> dict[str, TriggerKeyRecord]:
         return await self._call(self._load_trigger, trigger, write=False)  # type: ignore[no-any-return]
 
@@ -722,72 +736,10 @@ class SqliteStore(Store):
         gone = gone_incarnations(nodes, self.clock(), self.node_ttl)
         known = {n.incarnation for n in nodes}
         out: list[StoredJob] = []
-        for job_id, job, holder in cur.execute(Q.QUEUE_JOBS, {"queue": queue}).fetchall():
+        for job_id, job, holder in cur.execute(_QUEUE_JOBS, {"queue": queue}).fetchall():
             if adoptable(holder, incarnation, own, known, gone):
                 if holder != incarnation:
                     cur.execute(Q.ADOPT_JOB, {"incarnation": incarnation, "id": job_id})
                 out.append(StoredJob(job_id, _loads(job)))
         return out
 
-
-# ---------------------------------------------------------------- row conversion
-
-
-def _seq_of(token: str) -> int:
-    """The row a claim token names; -1 (matches nothing) for a token not made here."""
-    head, _, _ = token.partition(".")
-    try:
-        return int(head)
-    except ValueError:
-        return -1
-
-
-def _error_json(error: RunError | None) -> str | None:
-    return None if error is None else _dumps(error.model_dump())
-
-
-def _stored(r: tuple[Any, ...]) -> StoredRun:
-    (
-        seq, run_id, task, params, status, attempt, max_attempts, lost_count, created_at, started_at,
-        finished_at, run_after, node, incarnation, token, lease_until, cancel_requested, cancel_reason,
-        done, total, message, result, error, key, source, on_lost,
-    ) = r  # fmt: skip
-    return StoredRun(
-        id=run_id,
-        task=task,
-        params=_loads(params),
-        status=status,
-        attempt=attempt,
-        max_attempts=max_attempts,
-        created_at=created_at,
-        started_at=started_at,
-        finished_at=finished_at,
-        progress=Progress(done=done, total=total, message=message),
-        result=None if result is None else _loads(result),
-        error=None if error is None else RunError(**_loads(error)),
-        key=key,
-        source=source,
-        cancel_reason=cancel_reason,
-        node=node,
-        incarnation=incarnation,
-        claim_token=token,
-        lease_until=lease_until,
-        run_after=run_after,
-        lost_count=lost_count,
-        cancel_requested=bool(cancel_requested),
-        on_lost=on_lost,
-        seq=seq,
-    )
-
-
-def _node(r: tuple[Any, ...]) -> NodeInfo:
-    node, incarnation, version, started_at, last_heartbeat, running, stopped_at = r
-    return NodeInfo(
-        node=node,
-        incarnation=incarnation,
-        version=version,
-        started_at=started_at,
-        last_heartbeat=last_heartbeat,
-        running=running,
-        stopped_at=stopped_at,
-    )

@@ -1,0 +1,134 @@
+"""A leader lease kept in a PostgreSQL row, for nodes that share a database.
+
+Every operation is one compare-and-set statement, judged by the database's
+clock (``clock_timestamp()``), so nodes with skewed clocks still agree on
+when a lease lapsed. Terms come from a sequence: they only grow, across
+releases, restarts and holders. Each operation opens a short connection of
+its own: a renew every few seconds costs little, and a lease that never keeps
+a connection has none to lose, none to reconnect and none to close.
+
+The expiry a holder is told is the database's, less the round trip of the
+request and a small margin, and this lease's :meth:`now` is the local clock
+moved onto the database's: so a holder considers its lease over a little
+before any other node can take it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .lease import Lease, LeaseState
+from .store.postgres import load_driver
+
+#: seconds taken off the expiry a holder is told, beyond the round trip, as a fraction of the ttl
+_MARGIN = 0.05
+
+_NOW = "EXTRACT(EPOCH FROM clock_timestamp())::float8"
+
+_SETUP = [
+    "SELECT pg_advisory_xact_lock(7418990303)",
+    """CREATE TABLE IF NOT EXISTS leases (
+        name        TEXT PRIMARY KEY,
+        holder      TEXT,
+        term        BIGINT NOT NULL,
+        expires_at  DOUBLE PRECISION NOT NULL
+    )""",
+    "CREATE SEQUENCE IF NOT EXISTS lease_terms",
+]
+
+#: free, expired or already the caller's: take it, with a new term
+_ACQUIRE = f"""
+INSERT INTO leases AS l (name, holder, term, expires_at)
+VALUES ($1, $2, nextval('lease_terms'), {_NOW} + $3)
+ON CONFLICT (name) DO UPDATE
+SET holder = excluded.holder, term = excluded.term, expires_at = excluded.expires_at
+WHERE l.holder IS NULL OR l.expires_at <= {_NOW} OR l.holder = excluded.holder
+RETURNING term, expires_at, {_NOW}"""
+
+_RENEW = f"""
+UPDATE leases SET expires_at = {_NOW} + $4
+WHERE name = $1 AND holder = $2 AND term = $3 AND expires_at > {_NOW}
+RETURNING term, expires_at, {_NOW}"""
+
+_RELEASE = f"""
+UPDATE leases SET holder = NULL, expires_at = 0
+WHERE name = $1 AND holder = $2 AND term = $3 AND expires_at > {_NOW}
+RETURNING term, {_NOW}"""
+
+_HOLDER = f"""
+SELECT holder, term, expires_at, {_NOW} FROM leases
+WHERE name = $1 AND holder IS NOT NULL AND expires_at > {_NOW}"""
+
+
+class PostgresLease(Lease):
+    """The leader lease ``name`` in the PostgreSQL database at ``url``.
+
+    Nodes pointing at the same database and name elect one leader::
+
+        engine = Engine(store=url, lease=PostgresLease(url, ttl=15))
+
+    ``connect_timeout`` bounds each connection attempt (the elector bounds
+    each whole operation by the renew interval as well).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        ttl: float = 15.0,
+        *,
+        name: str = "leader",
+        renew_interval: float | None = None,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        self._driver = load_driver()
+        super().__init__(ttl, renew_interval=renew_interval)
+        self.url = url
+        self.name = name
+        self.connect_timeout = connect_timeout
+        #: database clock minus local clock, as the last operation measured it
+        self._offset = 0.0
+        self._ready = False
+
+    def now(self) -> float:
+        return time.time() + self._offset
+
+    async def _one(self, sql: str, *args: Any) -> tuple[Any, float]:
+        """One statement on a connection of its own: its row (or None) and the round trip in seconds."""
+        conn = await self._driver.connect(self.url, timeout=self.connect_timeout)
+        try:
+            if not self._ready:
+                async with conn.transaction():
+                    for statement in _SETUP:
+                        await conn.execute(statement)
+                self._ready = True
+            sent = time.time()
+            row = await conn.fetchrow(sql, *args)
+            back = time.time()
+        finally:
+            await conn.close()
+        if row is not None:
+            self._offset = row[-1] - (sent + back) / 2
+        return row, back - sent
+
+    def _state(self, holder: str, term: int, expires_at: float, rtt: float) -> LeaseState:
+        return LeaseState(holder=holder, term=term, expires_at=expires_at - rtt - _MARGIN * self.ttl)
+
+    async def acquire(self, node_id: str) -> LeaseState | None:
+        row, rtt = await self._one(_ACQUIRE, self.name, node_id, float(self.ttl))
+        return None if row is None else self._state(node_id, row[0], row[1], rtt)
+
+    async def renew(self, node_id: str, term: int) -> LeaseState | None:
+        row, rtt = await self._one(_RENEW, self.name, node_id, term, float(self.ttl))
+        return None if row is None else self._state(node_id, row[0], row[1], rtt)
+
+    async def release(self, node_id: str, term: int) -> bool:
+        row, _ = await self._one(_RELEASE, self.name, node_id, term)
+        return row is not None
+
+    async def holder(self) -> LeaseState | None:
+        row, _ = await self._one(_HOLDER, self.name)
+        return None if row is None else LeaseState(holder=row[0], term=row[1], expires_at=row[2])
+
+    def __repr__(self) -> str:
+        return f"<PostgresLease {self.name!r} ttl={self.ttl:g}>"

@@ -1,0 +1,1003 @@
+"""The PostgreSQL run store: several nodes (processes, hosts) share one queue and one history.
+
+Every node points at one database and the database decides: a claim is one
+``UPDATE ... WHERE seq IN (SELECT ... FOR UPDATE SKIP LOCKED LIMIT n)``, so
+two nodes never take the same run and never wait on each other's rows; a
+finish or a heartbeat carries the claim token, so a node that lost its claim
+(paused past its lease, cut off from the database) cannot overwrite the
+outcome of the node that took the run over. The statements are the SQLite
+store's (``queries.py``), bound positionally, plus a few set-based ones that
+do many runs in one round trip.
+
+Per node, finishes are group-committed: those that arrive while a batch is
+being written go out together in the next one. Other nodes learn of new work
+and cancel requests through LISTEN/NOTIFY: at most one NOTIFY in flight per
+node, so a busy node sends a few dozen a second, never one per run. A
+notification can be lost (the listening connection was down), so waiters
+keep a slow poll. Lease and heartbeat times come from the database's clock
+(the local clock plus an offset measured against it), so nodes with skewed
+clocks still agree on which claims expired.
+
+The driver is asyncpg (the ``postgres`` extra); it is imported only when a
+PostgreSQL store is created.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from ..errors import QueueFull, RunNotFound
+from ..runs import CancelReason, Progress, RunStatus
+from . import queries as Q
+from .base import Store, adoptable, gone_incarnations, lost_action, lost_reason, new_run_id
+from .errors import DuplicateRunId, SchemaTooNew, StoreClosed, StoreDriverMissing, StoreError, StoreUnavailable
+from .models import (
+    CancelResult,
+    Cancelled,
+    Claim,
+    Counts,
+    Failed,
+    HeartbeatResult,
+    Inserted,
+    NewRun,
+    NodeInfo,
+    Outcome,
+    Page,
+    Recovered,
+    Retry,
+    StoredJob,
+    StoredRun,
+    Succeeded,
+    TriggerKeyRecord,
+    Wakeup,
+    lost_note,
+    worker_lost_error,
+)
+from .memory import parse_cursor
+from .rows import dumps, error_json, loads, node_info, seq_of, stored_run
+
+if TYPE_CHECKING:
+    import asyncpg
+
+log = logging.getLogger("taskwatch.store.postgres")
+
+#: NOTIFY payloads are capped at 8000 bytes by the server; leave room for the envelope
+_PAYLOAD_BUDGET = 7000
+#: how often the listening connection re-measures the database clock (and proves it is alive)
+_CLOCK_SYNC_INTERVAL = 10.0
+#: round trips per clock measurement, and the slowest one a measurement may rest on
+_CLOCK_SAMPLES = 3
+_CLOCK_MAX_RTT = 0.5
+#: a pending change waits at most this long for the NOTIFY that carries it, so a busy
+#: node sends a few dozen notifications a second however many runs it writes
+_NOTIFY_SPACING = 0.02
+_ADVICE = "Check that the database server is up and reachable from this host"
+#: SQLSTATE classes that mean "the connection or the server went away; try again"
+_TRANSIENT_CLASSES = ("08", "57", "53", "40")
+
+
+def load_driver() -> Any:
+    """The asyncpg module, or :class:`StoreDriverMissing` naming the extra that installs it."""
+    try:
+        import asyncpg
+    except ImportError:
+        raise StoreDriverMissing("PostgreSQL", "asyncpg", "postgres") from None
+    return asyncpg
+
+
+class _Compiled:
+    """One statement of ``queries.py`` in PostgreSQL's form, and how to bind a dict to it."""
+
+    __slots__ = ("sql", "names")
+
+    def __init__(self, sql: str) -> None:
+        self.sql, self.names = Q.for_postgres(sql)
+
+    def args(self, values: Mapping[str, Any]) -> list[Any]:
+        return [values[n] for n in self.names]
+
+
+_SQL: dict[str, _Compiled] = {}
+
+_UNLOCKED_CLAIMS = Q.RUNNING_CLAIMS.replace("/*LOCK*/", "")
+
+
+def _q(sql: str) -> _Compiled:
+    found = _SQL.get(sql)
+    if found is None:
+        found = _SQL[sql] = _Compiled(sql)
+    return found
+
+
+class _Tx:
+    """One transaction on one connection, and what to announce once it has committed."""
+
+    __slots__ = ("conn", "totals", "work", "cancels", "finished")
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.totals: dict[str, int] = {}
+        self.work = False
+        self.cancels: list[str] = []
+        self.finished: list[str] = []
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.totals[name] = self.totals.get(name, 0) + n
+
+    async def fetch(self, sql: str, values: Mapping[str, Any]) -> list[Any]:
+        c = _q(sql)
+        return await self.conn.fetch(c.sql, *c.args(values))  # type: ignore[no-any-return]
+
+    async def fetchrow(self, sql: str, values: Mapping[str, Any]) -> Any:
+        c = _q(sql)
+        return await self.conn.fetchrow(c.sql, *c.args(values))
+
+    async def fetchval(self, sql: str, values: Mapping[str, Any]) -> Any:
+        c = _q(sql)
+        return await self.conn.fetchval(c.sql, *c.args(values))
+
+    async def execute(self, sql: str, values: Mapping[str, Any]) -> int:
+        """Run a statement; how many rows it changed."""
+        c = _q(sql)
+        status: str = await self.conn.execute(c.sql, *c.args(values))
+        tail = status.rsplit(" ", 1)[-1]
+        return int(tail) if tail.isdigit() else 0
+
+    async def executemany(self, sql: str, rows: Sequence[Mapping[str, Any]]) -> None:
+        c = _q(sql)
+        await self.conn.executemany(c.sql, [c.args(r) for r in rows])
+
+
+class _DedupRace(Exception):
+    """Another node inserted a run holding the same key meanwhile: run the insert again."""
+
+
+@dataclass(slots=True)
+class _Finish:
+    seq: int
+    token: str
+    status: str
+    result: str | None
+    error: str | None
+    reason: str | None
+    future: asyncio.Future[RunStatus | None] = field(repr=False)
+
+
+class PostgresStore(Store):
+    """Runs in a PostgreSQL database shared by every node of a cluster.
+
+    ``url``: ``postgresql://user:password@host:port/database`` (any option
+    asyncpg accepts may follow as a query parameter). ``pool_size``:
+    connections this node opens at most (plus one that listens).
+    ``reconnect_timeout``: how long an operation keeps retrying while the
+    database is unreachable before it fails with :class:`StoreUnavailable`
+    (default: ``lease_ttl``, after which other nodes recover this node's runs
+    anyway). ``clock``: leave unset to use the database's clock; tests pass
+    their own.
+    """
+
+    name = "postgres"
+    #: other processes' inserts and cancels are pushed to :meth:`subscribe`rs (LISTEN/NOTIFY)
+    pushes_remote_changes = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 8,
+        reconnect_timeout: float | None = None,
+        channel: str = "taskwatch",
+        clock: Callable[[], float] | None = None,
+        lease_ttl: float = 30.0,
+        node_ttl: float | None = None,
+        max_lost: int = 3,
+    ) -> None:
+        self._driver = load_driver()
+        super().__init__(
+            clock=self._database_time if clock is None else clock,
+            lease_ttl=lease_ttl,
+            node_ttl=node_ttl,
+            max_lost=max_lost,
+        )
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be at least 1, got {pool_size!r}")
+        if not channel.isidentifier():
+            raise ValueError(f"channel must be a plain identifier, got {channel!r}")
+        self.url = url
+        self.pool_size = pool_size
+        self.reconnect_timeout = lease_ttl if reconnect_timeout is None else reconnect_timeout
+        self.channel = channel
+        self._db_clock = clock is None
+        #: database clock minus local clock, measured by the listening connection
+        self._offset = 0.0
+        self._clock_synced = False
+        self._where = _redact(url)
+        self._pool: asyncpg.Pool | None = None
+        self._closing = False
+        self._listener: asyncio.Task[None] | None = None
+        self._listening = asyncio.Event()
+        self._finishes: list[_Finish] = []
+        self._finisher: asyncio.Task[None] | None = None
+        self._outbox = Wakeup()
+        self._notifier: asyncio.Task[None] | None = None
+        #: tells this node's own notifications apart from the others'
+        self._sender = os.urandom(6).hex()
+        #: ids left out of notifications that would have outgrown the payload limit
+        self.notify_overflow = 0
+        #: notifications received from other nodes
+        self.notifications_received = 0
+        #: times an operation had to wait for the database to come back
+        self.reconnects = 0
+        #: times the listening connection was (re)established
+        self.listen_connects = 0
+
+    def describe(self) -> str:
+        return self._where
+
+    def __repr__(self) -> str:
+        return f"<PostgresStore {self._where} {'open' if self._pool is not None else 'closed'}>"
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        self._closing = False
+        try:
+            pool = await self._driver.create_pool(self.url, min_size=1, max_size=self.pool_size)
+        except Exception as exc:  # noqa: BLE001 - re-raised as the store's own error
+            raise self._translate(exc) from exc
+        self._pool = pool
+        try:
+            async with pool.acquire() as conn:
+                await self._migrate(conn)
+                if self._db_clock:
+                    await self._sync_clock(conn)
+        except BaseException as exc:
+            self._pool = None
+            await pool.close()
+            if isinstance(exc, Exception) and not isinstance(exc, StoreError):
+                raise self._translate(exc) from exc
+            raise
+        self._listening = asyncio.Event()
+        self._listener = asyncio.get_running_loop().create_task(self._listen(), name="taskwatch-postgres-listen")
+        # an open store hears the other nodes: work they insert from now on is not missed
+        # (if listening takes longer, the slow poll covers the gap)
+        try:
+            await self.wait_listening(min(5.0, self.reconnect_timeout))
+        except TimeoutError:
+            log.warning("not yet listening to the other nodes of %s; polling meanwhile", self._where)
+
+    async def close(self) -> None:
+        """Write the finishes still queued, send the last notification, then close every connection."""
+        pool = self._pool
+        if pool is None:
+            return
+        self._closing = True
+        if self._finisher is not None:
+            await asyncio.gather(self._finisher, return_exceptions=True)
+        if self._notifier is not None:  # read after the last finishes: they may have started it
+            await asyncio.gather(self._notifier, return_exceptions=True)
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+        self._pool = None
+        try:
+            await asyncio.wait_for(pool.close(), timeout=5)
+        except (TimeoutError, OSError):
+            pool.terminate()
+
+    async def _migrate(self, conn: asyncpg.Connection) -> None:
+        async with conn.transaction():
+            await conn.execute(Q.PG_MIGRATION_LOCK)
+            await conn.execute(Q.CREATE_MIGRATIONS)
+            found = await conn.fetchval(Q.SCHEMA_FOUND)
+            if found > Q.SCHEMA_VERSION:
+                raise SchemaTooNew(self._where, found, Q.SCHEMA_VERSION)
+            for version, name, statements in Q.MIGRATIONS:
+                if version <= found:
+                    continue
+                for sql in statements:
+                    await conn.execute(Q.postgres_ddl(sql))
+                rec = _q(Q.RECORD_MIGRATION)
+                await conn.execute(rec.sql, *rec.args({"version": version, "name": name, "now": time.time()}))
+
+    # ---------------------------------------------------------------- the database clock
+
+    def _database_time(self) -> float:
+        return time.time() + self._offset
+
+    async def _sync_clock(self, conn: asyncpg.Connection) -> None:
+        """Measure the database clock's offset: the sample with the shortest round trip of a few
+        (a process paused between reading its clock and sending would skew a single sample
+        by the pause). A measurement whose every round trip was slow keeps the last offset."""
+        best: tuple[float, float] | None = None
+        for _ in range(_CLOCK_SAMPLES):
+            sent = time.time()
+            db = await conn.fetchval(Q.PG_NOW)
+            back = time.time()
+            if best is None or back - sent < best[0]:
+                best = (back - sent, db - (sent + back) / 2)
+        assert best is not None
+        rtt, offset = best
+        if rtt <= _CLOCK_MAX_RTT or not self._clock_synced:
+            self._offset = offset
+            self._clock_synced = True
+
+    # ---------------------------------------------------------------- running operations
+
+    async def _run(
+        self, fn: Callable[..., Awaitable[Any]], *args: Any, write: bool = True, single: bool = False
+    ) -> Any:
+        """``fn(tx, *args)`` in one transaction, retried while the database is unreachable.
+
+        ``single``: ``fn`` runs one statement, atomic by itself, so no
+        transaction is opened around it (BEGIN and COMMIT would cost two more
+        round trips); reads (``write=False``) have none either. Once committed,
+        this node's subscribers and the other nodes hear of the work and
+        cancels it made.
+        """
+        delay = 0.05
+        deadline: float | None = None
+        races = 0
+        while True:
+            pool = self._pool
+            if pool is None:
+                raise StoreClosed(self._where)
+            try:
+                async with pool.acquire() as conn:
+                    try:
+                        tx = _Tx(conn)
+                        if not write:
+                            return await fn(tx, *args)
+                        if single:
+                            result = await fn(tx, *args)
+                            assert not tx.totals, "a single statement counts its totals itself"
+                            break
+                        async with conn.transaction():
+                            result = await fn(tx, *args)
+                            if tx.totals:
+                                # sorted: two transactions must lock the totals rows in the same order
+                                await tx.executemany(
+                                    Q.ADD_TOTAL, [{"name": k, "delta": v} for k, v in sorted(tx.totals.items())]
+                                )
+                    except Exception as exc:
+                        if self._transient(exc):
+                            # a connection cut mid-operation may be left in any state: never reuse it
+                            conn.terminate()
+                        raise
+                break
+            except _DedupRace:
+                races += 1
+                if races < 10:
+                    continue
+                raise StoreUnavailable(
+                    self._where, "inserts kept colliding on dedup keys with other nodes", "Retry the submit"
+                ) from None
+            except Exception as exc:
+                if not self._transient(exc):
+                    translated = self._translate(exc)
+                    if translated is exc:
+                        raise
+                    raise translated from exc
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.reconnect_timeout
+                    self.reconnects += 1
+                    log.warning("the run store %s is unreachable (%s); retrying", self._where, exc)
+                if now >= deadline:
+                    raise StoreUnavailable(
+                        self._where,
+                        f"unreachable for {self.reconnect_timeout:g} s ({type(exc).__name__}: {exc})",
+                        _ADVICE,
+                    ) from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        if tx.work or tx.cancels or tx.finished:
+            if self._notifying:
+                self._notify(tx.work, tx.cancels, tx.finished)
+            self._announce(tx.work, tx.cancels, tx.finished)
+        return result
+
+    def _transient(self, exc: BaseException) -> bool:
+        d = self._driver
+        if isinstance(exc, (OSError, TimeoutError, d.exceptions.ConnectionDoesNotExistError)):
+            return True
+        if isinstance(exc, d.exceptions.InternalClientError):
+            return True  # a connection left mid-protocol by a cut: a fresh one will do
+        if isinstance(exc, d.exceptions.InterfaceError) and "connection" in str(exc).lower():
+            return True
+        if isinstance(exc, d.PostgresError):
+            return str(getattr(exc, "sqlstate", "") or "")[:2] in _TRANSIENT_CLASSES
+        return False
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        """A driver's or the network's error as :class:`StoreUnavailable`; anything else as it is."""
+        driver_error = type(exc).__module__.startswith("asyncpg") or isinstance(exc, OSError)
+        if isinstance(exc, StoreError) or not driver_error:
+            return exc
+        err = StoreUnavailable(self._where, f"{type(exc).__name__}: {exc}", _ADVICE)
+        err.__cause__ = exc
+        return err
+
+    # ---------------------------------------------------------------- cluster notifications
+
+    def _announce(self, work: bool, cancels: Sequence[str], finished: Sequence[str]) -> None:
+        """Tell the other nodes, in the next (coalesced) NOTIFY."""
+        out = self._outbox
+        out.work = out.work or work
+        out.cancels.update(cancels)
+        out.finished.update(finished)
+        if self._notifier is None or self._notifier.done():
+            self._notifier = asyncio.get_running_loop().create_task(self._send_notifications(), name="taskwatch-postgres-notify")
+
+    async def _send_notifications(self) -> None:
+        while self._outbox:
+            out, self._outbox = self._outbox, Wakeup()
+            payload = self._payload(out)
+            try:
+                await self._run(self._exec, Q.PG_NOTIFY, {"channel": self.channel, "payload": payload}, single=True)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the others fall back on their slow poll
+                log.warning("could not notify the other nodes (%s); they will poll", exc)
+            if not self._closing:
+                await asyncio.sleep(_NOTIFY_SPACING)
+
+    def _payload(self, w: Wakeup) -> str:
+        """``w`` as JSON under the size limit; ids that do not fit are counted, and the others
+        learn of those cancels from their next heartbeat instead."""
+        budget = _PAYLOAD_BUDGET
+        cancels: list[str] = []
+        finished: list[str] = []
+        for ids, into in ((w.cancels, cancels), (w.finished, finished)):
+            for run_id in ids:
+                cost = len(run_id) + 3
+                if cost > budget:
+                    self.notify_overflow += 1
+                    continue
+                budget -= cost
+                into.append(run_id)
+        return dumps({"s": self._sender, "w": w.work, "c": cancels, "f": finished})
+
+    def _on_notification(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        try:
+            data = loads(payload)
+            if data.get("s") == self._sender:
+                return
+            work, cancels, finished = bool(data.get("w")), list(data.get("c", ())), list(data.get("f", ()))
+        except (ValueError, AttributeError, TypeError):
+            work, cancels, finished = True, [], []  # not ours to read: poll as for any change
+        self.notifications_received += 1
+        self._notify(work, cancels, finished)
+
+    async def _listen(self) -> None:
+        """Keep one connection LISTENing (reconnecting with backoff) and the clock offset fresh."""
+        delay = 0.1
+        lost = False
+        while True:
+            conn = None
+            try:
+                conn = await self._driver.connect(self.url)
+                down = asyncio.Event()
+                conn.add_termination_listener(lambda _c: down.set())
+                await conn.add_listener(self.channel, self._on_notification)
+                self.listen_connects += 1
+                if lost:
+                    self._notify(work=True)  # notifications sent while we were away are gone: look
+                lost = False
+                delay = 0.1
+                self._listening.set()
+                while not down.is_set():
+                    if self._db_clock:
+                        await self._sync_clock(conn)
+                    try:
+                        await asyncio.wait_for(down.wait(), _CLOCK_SYNC_INTERVAL)
+                    except TimeoutError:
+                        pass
+                raise ConnectionError("the listening connection closed")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reconnect: waiters keep polling meanwhile
+                if not lost:
+                    log.info("listening for other nodes' changes failed (%s); reconnecting", exc)
+                lost = True
+                self._listening.clear()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                if conn is not None:
+                    conn.terminate()
+
+    async def wait_listening(self, timeout: float = 10.0) -> None:
+        """Wait until this node receives the other nodes' notifications (tests, benchmarks)."""
+        async with asyncio.timeout(timeout):
+            await self._listening.wait()
+
+    # ---------------------------------------------------------------- runs
+
+    async def insert(self, runs: Sequence[NewRun], *, max_pending: int | None = None) -> list[Inserted]:
+        if not runs:
+            return []
+        now = self.clock()
+        rows: list[dict[str, Any]] = []
+        explicit: set[str] = set()
+        for new in runs:
+            if new.id is not None:
+                if new.id in explicit:
+                    raise DuplicateRunId(new.id)
+                explicit.add(new.id)
+            rows.append(
+                {
+                    "id": new.id or new_run_id(),
+                    "task": new.task,
+                    "params": dumps(new.params),
+                    "max_attempts": new.max_attempts,
+                    "created_at": float(new.created_at) if new.created_at is not None else now,
+                    "run_after": now + new.delay if new.delay > 0 else now,
+                    "key": new.key,
+                    "source": new.source,
+                    "on_lost": new.on_lost,
+                }
+            )
+        return await self._run(self._insert, rows, sorted(explicit), max_pending)  # type: ignore[no-any-return]
+
+    async def _insert(
+        self, tx: _Tx, rows: list[dict[str, Any]], explicit: list[str], max_pending: int | None
+    ) -> list[Inserted]:
+        if explicit:
+            taken = await tx.fetchval(Q.PG_ID_TAKEN, {"ids": explicit})
+            if taken is not None:
+                raise DuplicateRunId(taken)
+        if max_pending is not None:
+            await tx.conn.execute(Q.PG_PENDING_LOCK)
+        out: list[Inserted] = []
+        fresh: list[dict[str, Any]] = []
+        held: dict[tuple[str, str], str] = {}
+        for row in rows:
+            key = row["key"]
+            if key is not None:
+                holder = held.get((row["task"], key))
+                if holder is None:
+                    holder = await tx.fetchval(Q.KEY_HOLDER, row)
+                if holder is not None:
+                    out.append(Inserted(holder, False))
+                    continue
+                held[(row["task"], key)] = row["id"]
+            fresh.append(row)
+            out.append(Inserted(row["id"], True))
+        if not fresh:
+            return out
+        if max_pending is not None:
+            pending = await tx.fetchval(Q.COUNT_PENDING, {})
+            if pending + len(fresh) > max_pending:
+                raise QueueFull("the run store's pending queue", max_pending)
+        columns = {
+            "ids": "id", "tasks": "task", "params": "params", "max_attempts": "max_attempts",
+            "created_ats": "created_at", "run_afters": "run_after", "keys": "key", "sources": "source",
+            "on_losts": "on_lost",
+        }  # fmt: skip
+        try:
+            await tx.execute(Q.PG_INSERT_MANY, {arr: [row[col] for row in fresh] for arr, col in columns.items()})
+        except self._driver.UniqueViolationError as exc:
+            if exc.constraint_name == "runs_dedup":
+                raise _DedupRace() from exc  # a key taken by another node since we looked
+            if exc.constraint_name == "runs_id_key":
+                raise DuplicateRunId(_detail_value(exc) or "?") from None
+            raise
+        tx.add("inserted", len(fresh))
+        tx.work = True
+        return out
+
+    async def claim(
+        self, node: str, incarnation: str, slots: int, tasks: Mapping[str, int | None]
+    ) -> list[Claim]:
+        if slots <= 0 or not tasks:
+            return []
+        names: list[str] = []
+        limits: list[int] = []
+        for task, free in tasks.items():
+            n = slots if free is None else min(free, slots)
+            if n > 0:
+                names.append(task)
+                limits.append(n)
+        if not names:
+            return []
+        now = self.clock()
+        values = {
+            "node": node,
+            "incarnation": incarnation,
+            "nonce": os.urandom(8).hex(),
+            "lease_until": now + self.lease_ttl,
+            "now": now,
+            "tasks": names,
+            "limits": limits,
+            "slots": slots,
+        }
+        return await self._run(self._claim, values, single=True)  # type: ignore[no-any-return]
+
+    async def _claim(self, tx: _Tx, values: dict[str, Any]) -> list[Claim]:
+        rows = await tx.fetch(Q.PG_CLAIM, values)
+        now, lease_until = values["now"], values["lease_until"]
+        rows.sort(key=lambda r: r[0])  # RETURNING has no order: oldest first
+        return [
+            Claim(run_id, token, task, loads(params), attempt, max_attempts, created_at, now, lease_until, key, source, lost)
+            for _seq, run_id, task, params, attempt, max_attempts, created_at, key, source, lost, token in rows
+        ]
+
+    async def heartbeat(
+        self, incarnation: str, tokens: Sequence[str], progress: Mapping[str, Progress] | None = None
+    ) -> HeartbeatResult:
+        if not tokens:
+            return HeartbeatResult()
+        progress = progress or {}
+        seqs, toks, has, dones, totals, messages = [], [], [], [], [], []
+        for token in tokens:
+            p = progress.get(token)
+            seqs.append(seq_of(token))
+            toks.append(token)
+            has.append(p is not None)
+            dones.append(float(p.done) if p is not None else 0.0)
+            totals.append(None if p is None or p.total is None else float(p.total))
+            messages.append(p.message if p is not None else "")
+        values = {
+            "lease_until": self.clock() + self.lease_ttl,
+            "incarnation": incarnation,
+            "seqs": seqs,
+            "tokens": toks,
+            "has": has,
+            "dones": dones,
+            "totals": totals,
+            "messages": messages,
+        }
+        rows = await self._run(self._fetch, Q.PG_HEARTBEAT_MANY, values, single=True)
+        cancel: dict[str, CancelReason] = {}
+        kept: set[str] = set()
+        for token, requested, reason in rows:
+            kept.add(token)
+            if requested:
+                cancel[token] = reason or "user"
+        return HeartbeatResult(cancel=cancel, lost=[t for t in tokens if t not in kept])
+
+    async def finish(self, token: str, outcome: Outcome) -> RunStatus | None:
+        if isinstance(outcome, Retry):
+            return await self._run(self._finish_retry, token, outcome, self.clock())  # type: ignore[no-any-return]
+        if isinstance(outcome, Succeeded):
+            status, result, error, reason = RunStatus.SUCCEEDED, None if outcome.result is None else dumps(outcome.result), None, None
+        elif isinstance(outcome, Failed):
+            status, result, error, reason = RunStatus.FAILED, None, error_json(outcome.error), None
+        elif isinstance(outcome, Cancelled):
+            status, result, error, reason = RunStatus.CANCELLED, None, None, outcome.reason
+        else:
+            raise TypeError(f"unknown outcome {outcome!r}; pass Succeeded, Failed, Cancelled or Retry")
+        if self._pool is None or self._closing:
+            raise StoreClosed(self._where)
+        fut: asyncio.Future[RunStatus | None] = asyncio.get_running_loop().create_future()
+        self._finishes.append(_Finish(seq_of(token), token, status.value, result, error, reason, fut))
+        if self._finisher is None or self._finisher.done():
+            self._finisher = asyncio.get_running_loop().create_task(self._write_finishes(), name="taskwatch-postgres-finish")
+        # shielded: a caller that stops waiting does not take the batch's other finishes with it
+        return await asyncio.shield(fut)
+
+    async def _write_finishes(self) -> None:
+        """Group commit: every finish queued while the previous batch was written goes in one statement."""
+        while self._finishes:
+            batch, self._finishes = self._finishes, []
+            try:
+                ended = await self._run(self._end_many, batch, self.clock(), single=True)
+            except BaseException as exc:
+                for f in batch:
+                    if not f.future.done():
+                        f.future.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for f in batch:
+                if not f.future.done():
+                    f.future.set_result(ended.get(f.token))
+
+    async def _end_many(self, tx: _Tx, batch: list[_Finish], now: float) -> dict[str, RunStatus]:
+        rows = await tx.fetch(
+            Q.PG_END_MANY,
+            {
+                "now": now,
+                "seqs": [f.seq for f in batch],
+                "tokens": [f.token for f in batch],
+                "statuses": [f.status for f in batch],
+                "results": [f.result for f in batch],
+                "errors": [f.error for f in batch],
+                "reasons": [f.reason for f in batch],
+            },
+        )
+        ended: dict[str, RunStatus] = {}
+        for token, run_id, status in rows:
+            ended[token] = RunStatus(status)  # counted in the totals by the statement itself
+            tx.finished.append(run_id)
+        return ended
+
+    async def _finish_retry(self, tx: _Tx, token: str, outcome: Retry, now: float) -> RunStatus | None:
+        seq = seq_of(token)
+        state = await tx.fetchrow(Q.CLAIM_STATE, {"seq": seq, "token": token})
+        if state is None:
+            return None
+        if not state[0]:
+            await tx.execute(
+                Q.REQUEUE_CLAIMED,
+                {
+                    "seq": seq,
+                    "token": token,
+                    "lost": 0,
+                    "step": 1 if outcome.next_attempt else 0,
+                    "run_after": now + max(0.0, outcome.delay),
+                    "error": error_json(outcome.error),
+                },
+            )
+            if outcome.next_attempt:
+                tx.add("retried")
+            tx.work = True
+            return RunStatus.PENDING
+        # a cancel was requested meanwhile: the user's intent wins
+        values = {"seq": seq, "token": token, "now": now, "lost": 0, "result": None, "error": None,
+                  "cancel_reason": None, "status": RunStatus.CANCELLED.value}  # fmt: skip
+        ended = await tx.fetchrow(Q.END_CLAIMED, values)
+        if ended is None:
+            return None
+        tx.add(RunStatus.CANCELLED.value)
+        tx.finished.append(ended[0])
+        return RunStatus.CANCELLED
+
+    async def request_cancel(self, run_id: str, reason: CancelReason = "user") -> CancelResult:
+        return await self._run(self._request_cancel, run_id, reason, self.clock())  # type: ignore[no-any-return]
+
+    async def _request_cancel(self, tx: _Tx, run_id: str, reason: CancelReason, now: float) -> CancelResult:
+        # locked: a claim or a finish racing with this cancel waits for it, and sees it
+        row = await tx.fetchrow(Q.GET_RUN + " FOR UPDATE", {"id": run_id})
+        if row is None:
+            raise RunNotFound(run_id)
+        seq, status = row[0], row[4]
+        action: Literal["cancelled", "requested"]
+        if status == "pending":
+            await tx.execute(Q.CANCEL_PENDING, {"seq": seq, "now": now, "reason": reason})
+            tx.add("cancelled")
+            tx.finished.append(run_id)
+            action = "cancelled"
+        elif status == "running":
+            if await tx.execute(Q.CANCEL_FLAG, {"seq": seq, "reason": reason}):
+                tx.cancels.append(run_id)
+            action = "requested"
+        else:
+            return CancelResult(action="finished", run=stored_run(row))
+        return CancelResult(action=action, run=stored_run(await tx.fetchrow(Q.GET_RUN, {"id": run_id})))
+
+    async def recover(self, live_incarnations: Collection[str] | None = None) -> list[Recovered]:
+        live = None if live_incarnations is None else frozenset(live_incarnations)
+        return await self._run(self._recover, live, self.clock())  # type: ignore[no-any-return]
+
+    async def _recover(self, tx: _Tx, live: frozenset[str] | None, now: float) -> list[Recovered]:
+        gone = gone_incarnations((node_info(r) for r in await tx.fetch(Q.ALL_NODES, {})), now, self.node_ttl)
+        out: list[Recovered] = []
+        # every running claim is read without a lock (heartbeats and finishes of healthy
+        # claims never wait for a recovery); the lost ones are then locked and judged again
+        # on what they hold now, skipping those another node is recovering or finishing
+        lost = [r[0] for r in await tx.fetch(_UNLOCKED_CLAIMS, {}) if lost_reason(r[4], r[6], now, gone, live)]
+        if not lost:
+            return out
+        for seq, run_id, task, node, inc, token, lease_until, cancel_req, lost_count, on_lost, attempt in await tx.fetch(
+            Q.PG_LOCK_CLAIMS, {"seqs": lost}
+        ):
+            why = lost_reason(inc, lease_until, now, gone, live)
+            if why is None:
+                continue
+            lost_count += 1
+            action = lost_action(bool(cancel_req), lost_count, on_lost, self.max_lost)
+            args: dict[str, Any] = {"seq": seq, "token": token, "now": now, "lost": 1, "result": None, "cancel_reason": None}
+            if action == "requeued":
+                args.update(run_after=now, step=1, error=error_json(lost_note(why)))
+                await tx.execute(Q.REQUEUE_CLAIMED, args)
+                attempt += 1
+                tx.work = True
+            else:
+                if action == "cancelled":
+                    args.update(status="cancelled", error=None)
+                else:
+                    err = worker_lost_error(run_id, lost_count, why, on_lost, self.max_lost)
+                    args.update(status="failed", error=error_json(err))
+                await tx.fetch(Q.END_CLAIMED, args)
+                tx.add(action)
+                tx.finished.append(run_id)
+            tx.add("lost")
+            out.append(
+                Recovered(
+                    run_id=run_id,
+                    task=task,
+                    action=action,
+                    reason=why,
+                    node=node,
+                    incarnation=inc,
+                    attempt=attempt,
+                    lost_count=lost_count,
+                )
+            )
+        return out
+
+    # ---------------------------------------------------------------- reads
+
+    async def get(self, run_id: str) -> StoredRun | None:
+        row = await self._run(self._fetchrow, Q.GET_RUN, {"id": run_id}, write=False)
+        return None if row is None else stored_run(row)
+
+    async def get_many(self, run_ids: Collection[str]) -> dict[str, StoredRun]:
+        if not run_ids:
+            return {}
+        rows = await self._run(self._fetch, Q.PG_GET_RUNS, {"ids": list(run_ids)}, write=False)
+        return {r[1]: stored_run(r) for r in rows}
+
+    async def query(
+        self,
+        *,
+        status: RunStatus | str | None = None,
+        task: str | None = None,
+        since: float | None = None,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> Page:
+        values = {
+            "status": None if status is None else RunStatus(status).value,
+            "task": task,
+            "since": None if since is None else float(since),
+            "before": None if before is None else parse_cursor(before),
+            "limit": max(0, limit) + 1,
+        }
+        rows = await self._run(self._fetch, Q.QUERY_RUNS, values, write=False)
+        more = len(rows) > limit
+        runs = [stored_run(r) for r in rows[:limit]]
+        return Page(runs=runs, next=str(runs[-1].seq) if more and runs else None)
+
+    async def counts(self) -> Counts:
+        return await self._run(self._counts, write=False)  # type: ignore[no-any-return]
+
+    async def _counts(self, tx: _Tx) -> Counts:
+        by_status = {s.value: 0 for s in RunStatus}
+        by_status.update({r[0]: r[1] for r in await tx.fetch(Q.COUNT_BY_STATUS, {})})
+        totals = {r[0]: r[1] for r in await tx.fetch(Q.TOTALS, {})}
+        return Counts(by_status=by_status, **{f"{k}_total": v for k, v in totals.items()})
+
+    async def prune(self, *, keep: int | None = None, older_than: float | None = None) -> int:
+        if keep is None and older_than is None:
+            return 0
+        return await self._run(self._prune, keep, older_than, self.clock())  # type: ignore[no-any-return]
+
+    async def _prune(self, tx: _Tx, keep: int | None, older_than: float | None, now: float) -> int:
+        deleted = 0
+        if older_than is not None:
+            deleted += await tx.execute(Q.PRUNE_OLDER, {"cutoff": now - older_than})
+        if keep is not None:
+            edge = await tx.fetchrow(Q.PRUNE_BOUNDARY, {"keep": max(0, keep)})
+            if edge is not None:
+                deleted += await tx.execute(Q.PRUNE_FROM, {"finished_at": edge[0], "seq": edge[1]})
+        return deleted
+
+    # ---------------------------------------------------------------- nodes
+
+    async def register_node(self, node: str, incarnation: str, version: str) -> NodeInfo:
+        values = {"node": node, "incarnation": incarnation, "version": version, "now": self.clock()}
+        return await self._run(self._register_node, values)  # type: ignore[no-any-return]
+
+    async def _register_node(self, tx: _Tx, values: dict[str, Any]) -> NodeInfo:
+        await tx.execute(Q.REGISTER_NODE, values)
+        return node_info(await tx.fetchrow(Q.GET_NODE, values))
+
+    async def node_heartbeat(self, incarnation: str, running: int) -> None:
+        await self._run(self._exec, Q.NODE_HEARTBEAT, {"incarnation": incarnation, "running": running, "now": self.clock()}, single=True)
+
+    async def node_stopped(self, incarnation: str) -> None:
+        await self._run(self._exec, Q.NODE_STOPPED, {"incarnation": incarnation, "now": self.clock()}, single=True)
+
+    async def nodes(self) -> list[NodeInfo]:
+        return [node_info(r) for r in await self._run(self._fetch, Q.ALL_NODES, {}, write=False)]
+
+    # ---------------------------------------------------------------- small durable state
+
+    @staticmethod
+    async def _exec(tx: _Tx, sql: str, values: dict[str, Any]) -> int:
+        return await tx.execute(sql, values)
+
+    @staticmethod
+    async def _fetch(tx: _Tx, sql: str, values: dict[str, Any]) -> list[Any]:
+        return await tx.fetch(sql, values)
+
+    @staticmethod
+    async def _fetchrow(tx: _Tx, sql: str, values: dict[str, Any]) -> Any:
+        return await tx.fetchrow(sql, values)
+
+    @staticmethod
+    async def _fetchval(tx: _Tx, sql: str, values: dict[str, Any]) -> Any:
+        return await tx.fetchval(sql, values)
+
+    async def get_periodic(self, name: str) -> float | None:
+        return await self._run(self._fetchval, Q.GET_PERIODIC, {"name": name}, write=False)  # type: ignore[no-any-return]
+
+    async def set_periodic(self, name: str, fired_at: float) -> None:
+        await self._run(self._exec, Q.SET_PERIODIC, {"name": name, "fired_at": float(fired_at)}, single=True)
+
+    async def claim_periodic(self, name: str, slot: float, gap: float = 0.0) -> bool:
+        values = {"name": name, "slot": float(slot), "gap": float(gap)}
+        found = await self._run(self._fetchval, Q.CLAIM_PERIODIC, values, single=True)
+        return found is not None
+
+    async def load_trigger(self, trigger: str) -> dict[str, TriggerKeyRecord]:
+        rows = await self._run(self._fetch, Q.LOAD_TRIGGER, {"trigger": trigger}, write=False)
+        return {
+            key: TriggerKeyRecord(
+                count=count, captured=captured, first_seen_at=first_seen_at, last_run_at=last_run_at,
+                run_id=run_id, last_run_id=last_run_id, last_status=last_status,
+            )
+            for key, count, captured, first_seen_at, last_run_at, run_id, last_run_id, last_status in rows
+        }
+
+    async def save_trigger(self, trigger: str, keys: Mapping[str, TriggerKeyRecord]) -> None:
+        if keys:
+            rows = [{"trigger": trigger, "key": key, **rec.model_dump()} for key, rec in keys.items()]
+            await self._run(self._exec_many, Q.SAVE_TRIGGER_KEY, rows)
+
+    @staticmethod
+    async def _exec_many(tx: _Tx, sql: str, rows: list[dict[str, Any]]) -> None:
+        await tx.executemany(sql, rows)
+
+    # ---------------------------------------------------------------- queue jobs
+
+    async def put_jobs(self, queue: str, incarnation: str, jobs: Sequence[Any]) -> list[int]:
+        if not jobs:
+            return []
+        encoded = [dumps(job) for job in jobs]
+        return await self._run(self._put_jobs, queue, incarnation, encoded)  # type: ignore[no-any-return]
+
+    async def _put_jobs(self, tx: _Tx, queue: str, incarnation: str, encoded: list[str]) -> list[int]:
+        now = self.clock()
+        values = {"queue": queue, "incarnation": incarnation, "now": now}
+        return [int(await tx.fetchval(Q.PUT_JOB, {**values, "job": job})) for job in encoded]
+
+    async def done_jobs(self, ids: Sequence[int]) -> None:
+        if ids:
+            await self._run(self._exec_many, Q.DONE_JOB, [{"id": i} for i in ids])
+
+    async def adopt_jobs(self, queue: str, incarnation: str, *, own: bool = False) -> list[StoredJob]:
+        return await self._run(self._adopt_jobs, queue, incarnation, own)  # type: ignore[no-any-return]
+
+    async def _adopt_jobs(self, tx: _Tx, queue: str, incarnation: str, own: bool) -> list[StoredJob]:
+        nodes = [node_info(r) for r in await tx.fetch(Q.ALL_NODES, {})]
+        gone = gone_incarnations(nodes, self.clock(), self.node_ttl)
+        known = {n.incarnation for n in nodes}
+        out: list[StoredJob] = []
+        # rows another node is adopting right now are locked and skipped: each job has one taker
+        for job_id, job, holder in await tx.fetch(Q.QUEUE_JOBS, {"queue": queue}):
+            if adoptable(holder, incarnation, own, known, gone):
+                if holder != incarnation:
+                    await tx.execute(Q.ADOPT_JOB, {"incarnation": incarnation, "id": job_id})
+                out.append(StoredJob(int(job_id), loads(job)))
+        return out
+
+
+def _redact(url: str) -> str:
+    """``url`` without its password, for messages and dashboards."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _detail_value(exc: Exception) -> str | None:
+    """The duplicate value from a unique violation's detail (``Key (id)=(x) already exists.``)."""
+    detail = str(getattr(exc, "detail", "") or "")
+    start, end = detail.find(")=("), detail.rfind(")")
+    return detail[start + 3 : end] if start >= 0 and end > start else None

@@ -1,0 +1,281 @@
+"""A cluster end to end: engines in separate processes sharing one PostgreSQL database.
+
+Each node is ``python -m tests.durable_child postgresql://...`` (the same
+child the SQLite crash tests drive), killed with real signals where the test
+says so. The tasks append one line per execution to a shared log, and the
+database is read with psql after the nodes are gone, so what is checked is
+what happened, not what a node believed.
+
+What each test proves:
+
+- three nodes execute every one of a few thousand runs exactly once, and
+  each node executes a fair part of them;
+- after ``kill -9`` of one node mid-run, the others take its runs over once
+  its lease has expired and finish every one: none lost, none left running;
+- an idle node starts a run another node inserted when it is told (LISTEN/
+  NOTIFY), not at its next poll (a minute away);
+- a node paused (SIGSTOP) past its lease has its runs taken over; resumed,
+  it hears that its claims are gone (or has its late finish refused by the
+  claim token), and what the database records is the other node's;
+- a PostgreSQL restart under load: the nodes reconnect and every run ends
+  succeeded, none lost, none stuck;
+- a cancel issued on a node that does not own the run (here: an engine in
+  the test process that cannot even run the task) stops it on its owner;
+- a periodic task registered on three nodes fires once per slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from taskwatch.engine import Engine, TaskContext
+from taskwatch.engine.store import NewRun, PostgresStore
+
+from .postgres_server import PostgresServer
+from .test_durable import Child
+
+#: runs in the three-node test; TASKWATCH_CLUSTER_RUNS=N to change it
+CLUSTER_RUNS = int(os.environ.get("TASKWATCH_CLUSTER_RUNS", "3000"))
+#: generous bounds for a loaded 2-core machine; a passing run takes a fraction of them
+DRAIN_TIMEOUT = 120.0
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[Child]]:
+    """Children started by a test; any still alive at its end are killed."""
+    started: list[Child] = []
+    yield started
+    for child in started:
+        if child.proc.poll() is None:
+            child.proc.kill()
+        child.proc.wait(timeout=30)
+
+
+def start(nodes: list[Child], url: str, node: str, log: Path, *args: str) -> Child:
+    child = Child(url, node, *args, log=log)  # type: ignore[arg-type]
+    nodes.append(child)
+    return child
+
+
+def executions(log: Path) -> list[dict[str, Any]]:
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.02)
+
+
+def database(url: str) -> str:
+    return url.rsplit("/", 1)[1]
+
+
+def by_status(server: PostgresServer, url: str) -> dict[str, int]:
+    out = server.sql("SELECT status, COUNT(*) FROM runs GROUP BY status", database(url))
+    return {s: int(n) for s, n in (line.split("|") for line in out.splitlines() if line)}
+
+
+def test_three_nodes_execute_each_run_once_and_share_the_work(
+    postgres_server: PostgresServer, postgres_url: str, tmp_path: Path, nodes: list[Child]
+) -> None:
+    log = tmp_path / "exec.log"
+    # runs that take a while (20 ms on average, 5 at a time per node): the three need about
+    # 4 s, so a node the machine's load holds back for a moment still gets its share
+    common = ("--quiet", "--sleep", "0.02", "--max-concurrency", "5", "--lease-ttl", "30", "--poll", "1")
+    drain = ("run", "--until-drained", "--expect", str(CLUSTER_RUNS))
+    a = start(nodes, postgres_url, "node-a", log, *common, *drain)
+    b = start(nodes, postgres_url, "node-b", log, *common, *drain)
+    a.event("started")
+    b.event("started")
+    # the third node submits everything in one batch; the others hear of it by notification
+    c = start(nodes, postgres_url, "node-c", log, *common, "run", "--submit", "work", "--count", str(CLUSTER_RUNS),
+              "--until-drained", "--expect", str(CLUSTER_RUNS))  # fmt: skip
+    for child in (a, b, c):
+        child.event("stopped", timeout=DRAIN_TIMEOUT)
+        assert child.proc.wait(timeout=30) == 0
+
+    lines = executions(log)
+    per_run = Counter(line["run"] for line in lines)
+    assert len(per_run) == CLUSTER_RUNS
+    assert set(per_run.values()) == {1}, [r for r, n in per_run.items() if n > 1][:5]
+    per_node = Counter(line["node"] for line in lines)
+    reports = [child.of("drained") + child.of("recovered")[:3] for child in (a, b, c)]
+    assert set(per_node) == {"node-a", "node-b", "node-c"}, reports
+    assert min(per_node.values()) >= CLUSTER_RUNS // 20, per_node
+    assert by_status(postgres_server, postgres_url) == {"succeeded": CLUSTER_RUNS}
+    assert postgres_server.sql("SELECT COUNT(*) FROM runs WHERE attempt <> 1", database(postgres_url)) == "0"
+
+
+def test_a_killed_nodes_runs_finish_on_the_others(
+    postgres_server: PostgresServer, postgres_url: str, tmp_path: Path, nodes: list[Child]
+) -> None:
+    ttl = 1.0
+    runs = 240
+    log = tmp_path / "exec.log"
+    common = ("--quiet", "--sleep", "0.3", "--max-concurrency", "8", "--lease-ttl", str(ttl), "--poll", "0.2")
+    drain = ("run", "--until-drained", "--expect", str(runs))
+    victim = start(nodes, postgres_url, "victim", log, *common, *drain)
+    b = start(nodes, postgres_url, "node-b", log, *common, *drain)
+    victim.event("started")
+    b.event("started")
+    a = start(nodes, postgres_url, "node-a", log, *common, "run", "--submit", "work", "--count", str(runs),
+              "--until-drained", "--expect", str(runs))  # fmt: skip
+
+    def victim_busy() -> bool:
+        return sum(1 for line in executions(log) if line["node"] == "victim") >= 10
+
+    wait_until(victim_busy, 60, "the victim executed some runs")
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    killed_at = time.time()
+    assert victim.proc.wait(timeout=30) == -signal.SIGKILL
+    for child in (a, b):
+        child.event("stopped", timeout=DRAIN_TIMEOUT)
+
+    assert by_status(postgres_server, postgres_url) == {"succeeded": runs}
+    lines = executions(log)
+    by_victim = {line["run"] for line in lines if line["node"] == "victim"}
+    recovered = [line for child in (a, b) for line in child.of("recovered")]
+    assert recovered, "the victim held runs when it was killed"
+    assert all(r["action"] == "requeued" for r in recovered)
+    assert {r["id"] for r in recovered} <= by_victim
+    # each run it held was run again elsewhere, as attempt 2, and succeeded there
+    again = [line for line in lines if line["run"] in {r["id"] for r in recovered} and line["node"] != "victim"]
+    assert {line["run"] for line in again} == {r["id"] for r in recovered}
+    assert all(line["attempt"] == 2 for line in again)
+    # recovered once the lease ran out (plus one heartbeat, and slack for a loaded machine)
+    latest = max(r["t"] for r in recovered)
+    assert latest - killed_at < ttl + ttl / 3 + 5.0
+
+
+def test_a_paused_nodes_late_finish_is_refused(
+    postgres_server: PostgresServer, postgres_url: str, tmp_path: Path, nodes: list[Child]
+) -> None:
+    ttl = 1.0
+    log = tmp_path / "exec.log"
+    common = ("--quiet", "--max-concurrency", "4", "--lease-ttl", str(ttl), "--poll", "0.2")
+    # its runs take 2 to 6 s: none can end before the pause, however slow the machine
+    paused = start(nodes, postgres_url, "paused", log, *common, "--sleep", "4", "run", "--submit", "work", "--count", "4")
+    paused.event("submitted")
+    wait_until(lambda: len(executions(log)) >= 4, 30, "the paused node runs all four")
+    os.kill(paused.proc.pid, signal.SIGSTOP)
+    try:
+        other = start(nodes, postgres_url, "other", log, *common, "--sleep", "0.2", "run", "--until-drained", "--expect", "4")
+        other.event("drained", timeout=60)  # it recovered and finished all four
+    finally:
+        os.kill(paused.proc.pid, signal.SIGCONT)
+    # resumed: its attempts end (or learn from a heartbeat that their claims are gone); none is recorded
+    assert paused.proc.stdin is not None
+    paused.proc.stdin.close()
+    paused.event("stopped", timeout=30)
+    db = database(postgres_url)
+    rows = postgres_server.sql("SELECT status, owner_node, attempt FROM runs ORDER BY seq", db).splitlines()
+    assert rows == ["succeeded|other|2"] * 4
+    assert not paused.of("succeeded")  # --quiet prints none; the check is the database's
+
+
+async def test_a_server_restart_under_load_loses_no_run(
+    postgres_server: PostgresServer, postgres_url: str, tmp_path: Path, nodes: list[Child]
+) -> None:
+    runs = 600
+    log = tmp_path / "exec.log"
+    common = ("--quiet", "--sleep", "0.05", "--max-concurrency", "8", "--lease-ttl", "3", "--poll", "0.2")
+    drain = ("run", "--until-drained", "--expect", str(runs))
+    b = start(nodes, postgres_url, "node-b", log, *common, *drain)
+    b.event("started")
+    a = start(nodes, postgres_url, "node-a", log, *common, "run", "--submit", "work", "--count", str(runs),
+              "--until-drained", "--expect", str(runs))  # fmt: skip
+    wait_until(lambda: len(executions(log)) >= runs // 5, 60, "a fifth of the runs executed")
+    await asyncio.to_thread(postgres_server.restart)  # every connection of both nodes is cut
+    for child in (a, b):
+        child.event("stopped", timeout=DRAIN_TIMEOUT)
+        assert child.proc.wait(timeout=30) == 0
+    assert by_status(postgres_server, postgres_url) == {"succeeded": runs}
+    assert {line["run"] for line in executions(log)} == set(
+        postgres_server.sql("SELECT id FROM runs", database(postgres_url)).split()
+    )
+
+
+async def test_an_idle_node_is_woken_by_another_nodes_insert(postgres_url: str) -> None:
+    worker = Engine(store=postgres_url, node_id="worker", poll_interval=60, lease_ttl=30, health_interval=None)
+    ran = asyncio.Event()
+
+    @worker.task
+    async def job(ctx: TaskContext) -> None:
+        ran.set()
+
+    producer = PostgresStore(postgres_url)  # a node that only inserts (a web app, say)
+    # the worker's first claim (finding nothing) went out while the producer was connecting
+    async with worker, producer:
+        await producer.insert([NewRun("job")])
+        # the worker polls once a minute: a run started this soon was pushed to it
+        async with asyncio.timeout(10):
+            await ran.wait()
+
+
+async def test_cancel_from_a_node_that_does_not_own_the_run(
+    postgres_server: PostgresServer, postgres_url: str, tmp_path: Path, nodes: list[Child]
+) -> None:
+    log = tmp_path / "exec.log"
+    # heartbeats 10 s apart: a cancel seen sooner came by notification
+    owner = start(nodes, postgres_url, "owner", log, "--lease-ttl", "30", "run", "--submit", "hang", "--count", "1")
+    owner.event("started")
+    (run_id,) = owner.event("submitted")["ids"]
+    wait_until(lambda: any(line["run"] == run_id for line in executions(log)), 30, "the owner runs it")
+
+    observer = Engine(store=postgres_url, node_id="observer", lease_ttl=30, health_interval=None)
+    async with observer:
+        record = await observer.cancel(run_id)
+        assert record.status.value == "running"  # asked; its owner stops it
+        line = owner.event("cancelled", timeout=10.0)
+        assert line["id"] == run_id
+        stored = await observer.store.get(run_id)
+        assert stored is not None and stored.status.value == "cancelled" and stored.node == "owner"
+    assert owner.proc.stdin is not None
+    owner.proc.stdin.close()
+    owner.event("stopped", timeout=30)
+
+
+def test_a_periodic_slot_fires_once_across_three_nodes(
+    postgres_url: str, tmp_path: Path, nodes: list[Child]
+) -> None:
+    every = 1.0
+    log = tmp_path / "exec.log"
+    common = ("--periodic", str(every), "--lease-ttl", "10", "--poll", "0.1", "run")
+
+    def ticks() -> list[dict[str, Any]]:
+        return [line for line in executions(log) if line["task"] == "tick"]
+
+    first = start(nodes, postgres_url, "node-a", log, *common)
+    wait_until(lambda: len(ticks()) >= 1, 30, "the first tick")
+    # the others start from the slot the store recorded, so all three follow the same slots
+    others = [start(nodes, postgres_url, f"node-{n}", log, *common) for n in "bc"]
+    for child in others:
+        child.event("started")
+    seen = len(ticks())
+    wait_until(lambda: len(ticks()) >= seen + 5, 30, "five more ticks")
+    for child in (first, *others):
+        assert child.proc.stdin is not None
+        child.proc.stdin.close()
+    for child in (first, *others):
+        child.event("stopped", timeout=30)
+
+    fired = ticks()
+    t0 = fired[0]["t"]
+    slots = Counter(round((line["t"] - t0) / every) for line in fired)
+    assert max(slots.values()) == 1, sorted(slots.items())
+    # three nodes, one schedule: about one tick per slot, not three
+    assert len(fired) <= round((fired[-1]["t"] - t0) / every) + 1

@@ -1,0 +1,94 @@
+"""PostgresLease on a real server: compare-and-set on one row, terms from a sequence.
+
+The semantics with two lease objects standing for two nodes, then a real
+failover: two engine processes compete, the leader is killed with SIGKILL,
+and the other takes over with a higher term.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from taskwatch.engine import PostgresLease
+
+from .test_durable import Child
+
+
+async def test_acquire_renew_release_and_terms_that_only_grow(postgres_url: str) -> None:
+    a = PostgresLease(postgres_url, ttl=30)
+    b = PostgresLease(postgres_url, ttl=30)
+    first = await a.acquire("a")
+    assert first is not None and first.holder == "a"
+    assert first.expires_at <= a.now() + 30 and first.expires_at > a.now() + 20
+    assert await b.acquire("b") is None  # held by a
+    seen = await b.holder()
+    assert seen is not None and (seen.holder, seen.term) == ("a", first.term)
+    renewed = await a.renew("a", first.term)
+    assert renewed is not None and renewed.term == first.term
+    assert await b.renew("b", first.term) is None  # not b's to renew
+    assert not await b.release("b", first.term)
+    again = await a.acquire("a")  # the holder acquiring again starts a new term
+    assert again is not None and again.term > first.term
+    assert await a.renew("a", first.term) is None  # the old term is over
+    assert await a.release("a", again.term)
+    assert await b.holder() is None
+    taken = await b.acquire("b")
+    assert taken is not None and taken.term > again.term
+
+
+async def test_an_expired_lease_goes_to_the_next_node(postgres_url: str) -> None:
+    a = PostgresLease(postgres_url, ttl=0.3, renew_interval=0.1)
+    b = PostgresLease(postgres_url, ttl=0.3, renew_interval=0.1)
+    held = await a.acquire("a")
+    assert held is not None
+    # a holder is told its lease ends before the database lets anyone else take it
+    deadline = asyncio.get_running_loop().time() + 10
+    while (taken := await b.acquire("b")) is None:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.02)
+    assert a.now() >= held.expires_at
+    assert taken.term > held.term
+    assert await a.renew("a", held.term) is None
+    # what ctx.ensure_leader() asks: the old leader's term is refused, the new one's stands
+    assert not await a.verify("a", held.term)
+    assert await b.verify("b", taken.term)
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[Child]]:
+    started: list[Child] = []
+    yield started
+    for child in started:
+        if child.proc.poll() is None:
+            child.proc.kill()
+        child.proc.wait(timeout=30)
+
+
+def test_a_killed_leader_is_replaced_with_a_higher_term(
+    postgres_url: str, tmp_path: Path, nodes: list[Child]
+) -> None:
+    ttl = 1.0
+    args = ("--leader", "--lease-ttl", str(ttl), "run")
+    first = Child(postgres_url, "node-a", *args)  # type: ignore[arg-type]
+    nodes.append(first)
+    won = first.event("lease.acquired")
+    second = Child(postgres_url, "node-b", *args)  # type: ignore[arg-type]
+    nodes.append(second)
+    second.event("started")
+    assert not second.of("lease.acquired")  # a leads; b follows
+    os.kill(first.proc.pid, signal.SIGKILL)
+    killed_at = time.time()
+    took = second.event("lease.acquired", timeout=30)
+    assert took["holder"] == "node-b" and took["term"] > won["term"]
+    # within the ttl plus a renew interval (and slack for a loaded machine)
+    assert took["t"] - killed_at < ttl + ttl / 3 + 5.0
+    assert second.proc.stdin is not None
+    second.proc.stdin.close()
+    second.event("lease.released", timeout=30)
+    second.event("stopped", timeout=30)

@@ -1,0 +1,215 @@
+"""What only a store shared by several nodes has to get right, on a real PostgreSQL server.
+
+Two :class:`PostgresStore` objects on one database stand for two nodes (each
+has its own connections, as two processes would). The contract every store
+keeps is in ``test_store_contract.py``; the subprocess cluster in
+``test_cluster.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+from taskwatch.engine.errors import QueueFull
+from taskwatch.engine.runs import RunStatus
+from taskwatch.engine.store import (
+    NewRun,
+    PostgresStore,
+    StoreDriverMissing,
+    StoreUnavailable,
+    Succeeded,
+    UnknownStore,
+    make_store,
+)
+
+from .postgres_server import PostgresServer
+
+TTL = 10.0
+
+
+@pytest.fixture
+async def two(postgres_url: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    """Two nodes' stores on one fresh database."""
+    a = PostgresStore(postgres_url, lease_ttl=TTL, pool_size=4)
+    b = PostgresStore(postgres_url, lease_ttl=TTL, pool_size=4)
+    async with a, b:
+        await a.wait_listening()
+        await b.wait_listening()
+        yield a, b
+
+
+async def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` (a coroutine function) until true, or fail after ``timeout`` s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"not true within {timeout} s: {predicate.__name__}")
+        await asyncio.sleep(0.02)
+
+
+# ---------------------------------------------------------------- specs and the driver
+
+
+def test_make_store_postgres_specs() -> None:
+    s = make_store("postgresql://app:secret@db.example:5433/app?pool_size=3&lease_ttl=7&application_name=x")
+    assert isinstance(s, PostgresStore)
+    assert (s.pool_size, s.lease_ttl) == (3, 7.0)
+    assert s.url == "postgresql://app:secret@db.example:5433/app?application_name=x"
+    assert "secret" not in s.describe() and "secret" not in repr(s)
+    assert isinstance(make_store("postgres://db/app"), PostgresStore)
+    for bad in ("postgresql:///app", "postgresql://db/app?pool_size=many"):
+        with pytest.raises(UnknownStore):
+            make_store(bad)
+    with pytest.raises(ValueError):
+        make_store("postgresql://db/app?pool_size=0")
+
+
+def test_without_the_driver_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "asyncpg", None)  # what an environment without it looks like
+    with pytest.raises(StoreDriverMissing, match=r"pip install 'taskwatch\[postgres\]'"):
+        make_store("postgresql://db/app")
+    # and the engine itself imports without it
+    code = "import sys; sys.modules['asyncpg'] = None; import taskwatch.engine; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+async def test_an_unreachable_server_is_a_clear_error(postgres_server: PostgresServer) -> None:
+    # a port nothing listens on: connect fails at once, and open() says where and what to check
+    store = PostgresStore(f"postgresql://postgres@127.0.0.1:{postgres_server.port + 1}/x", reconnect_timeout=0.2)
+    with pytest.raises(StoreUnavailable, match="database server"):
+        await store.open()
+
+
+# ---------------------------------------------------------------- two nodes, one queue
+
+
+async def test_concurrent_claims_never_take_a_run_twice(two: tuple[PostgresStore, PostgresStore]) -> None:
+    a, b = two
+    ids = {i.id for i in await a.insert([NewRun("t", {"i": i}) for i in range(600)])}
+    taken: dict[str, list[str]] = {"a": [], "b": []}
+
+    async def drain(store: PostgresStore, name: str, inc: str) -> None:
+        while True:
+            claims = await store.claim(name, inc, 7, {"t": None})
+            if not claims:
+                if (await store.counts()).pending == 0:
+                    return
+                continue
+            taken[name] += [c.run_id for c in claims]
+            for c in claims:
+                assert await store.finish(c.token, Succeeded()) is RunStatus.SUCCEEDED
+
+    await asyncio.gather(drain(a, "a", "ia"), drain(a, "a", "ia2"), drain(b, "b", "ib"), drain(b, "b", "ib2"))
+    assert len(taken["a"]) + len(taken["b"]) == 600
+    assert set(taken["a"]) | set(taken["b"]) == ids and not set(taken["a"]) & set(taken["b"])
+    assert taken["a"] and taken["b"]
+    counts = await b.counts()
+    assert counts.by_status["succeeded"] == 600 and counts.succeeded_total == 600
+
+
+async def test_dedup_key_holds_across_nodes(two: tuple[PostgresStore, PostgresStore]) -> None:
+    a, b = two
+    results = await asyncio.gather(*(s.insert([NewRun("t", key="k")]) for s in (a, b) * 10))
+    ids = {r[0].id for r in results}
+    assert len(ids) == 1 and sum(r[0].new for r in results) == 1
+    assert (await a.counts()).pending == 1
+
+
+async def test_max_pending_holds_across_nodes(two: tuple[PostgresStore, PostgresStore]) -> None:
+    a, b = two
+
+    async def one(store: PostgresStore) -> bool:
+        try:
+            await store.insert([NewRun("t")], max_pending=25)
+            return True
+        except QueueFull:
+            return False
+
+    accepted = await asyncio.gather(*(one(s) for s in (a, b) * 30))
+    assert sum(accepted) == 25
+    assert (await b.counts()).pending == 25
+
+
+async def test_other_nodes_hear_of_work_and_cancels(two: tuple[PostgresStore, PostgresStore]) -> None:
+    a, b = two
+    sub = b.subscribe()
+    (run_id,) = [i.id for i in await a.insert([NewRun("t")])]
+    w = await sub.wait(timeout=10)
+    assert w.work
+    (claim,) = await b.claim("b", "ib", 1, {"t": None})
+    sub.poll()
+    await a.request_cancel(run_id)  # node a cancels a run node b executes
+    w = await sub.wait(timeout=10)
+    while not w.cancels:  # a wakeup about other work may come first
+        w = await sub.wait(timeout=10)
+        assert w, "no cancel arrived"
+    assert w.cancels == {run_id}
+    assert (await b.heartbeat("ib", [claim.token])).cancel == {claim.token: "user"}
+
+
+async def test_notifications_are_batched_not_one_per_run(two: tuple[PostgresStore, PostgresStore]) -> None:
+    a, b = two
+    sub = b.subscribe()
+    before = b.notifications_received
+    await asyncio.gather(*(a.insert([NewRun("t")]) for _ in range(200)))
+    await sub.wait(timeout=10)
+    await a.insert([NewRun("t", id="last")])
+
+    async def heard_last() -> bool:
+        return (await sub.wait(timeout=0.05)).work or b.notifications_received - before > 0
+
+    await wait_for(heard_last)
+    assert 0 < b.notifications_received - before < 100  # 201 inserts
+
+
+async def test_periodic_slot_is_taken_by_one_node(two: tuple[PostgresStore, PostgresStore]) -> None:
+    a, b = two
+    for slot in (10.0, 20.0, 30.0):
+        won = await asyncio.gather(*(s.claim_periodic("nightly", slot, gap=9.9) for s in (a, b, a, b)))
+        assert sum(won) == 1
+
+
+async def test_a_node_survives_a_server_restart(
+    postgres_server: PostgresServer, two: tuple[PostgresStore, PostgresStore]
+) -> None:
+    a, b = two
+    sub = b.subscribe()
+    (first,) = await a.insert([NewRun("t")])
+    await sub.wait(timeout=10)
+    postgres_server.restart()  # every connection is cut
+    (second,) = await a.insert([NewRun("t")])  # retried until the server is back
+    assert (await b.counts()).pending == 2
+    claims = await b.claim("b", "ib", 5, {"t": None})
+    assert {c.run_id for c in claims} == {first.id, second.id}
+    # the listening connection comes back too: b hears a's work again
+
+    async def listening_again() -> bool:
+        return b.listen_connects >= 2
+
+    await wait_for(listening_again, timeout=30)
+    sub.poll()
+    await a.insert([NewRun("t")])
+    assert (await sub.wait(timeout=10)).work
+
+
+async def test_two_nodes_recovering_at_once_take_each_lost_run_once(postgres_url: str) -> None:
+    now = [1_000_000.0]
+    a = PostgresStore(postgres_url, lease_ttl=TTL, clock=lambda: now[0])
+    b = PostgresStore(postgres_url, lease_ttl=TTL, clock=lambda: now[0])
+    async with a, b:
+        await a.insert([NewRun("t") for _ in range(60)])
+        claims = await a.claim("dead", "dead-1", 60, {"t": None})
+        assert len(claims) == 60
+        now[0] += TTL + 1  # the owner never heartbeats again
+        found = await asyncio.gather(*(s.recover() for s in (a, b, a, b)))
+        ids = [r.run_id for batch in found for r in batch]
+        assert sorted(ids) == sorted(c.run_id for c in claims)  # each once, none missed
+        counts = await b.counts()
+        assert counts.pending == 60 and counts.lost_total == 60
+        assert {r.lost_count for r in (await b.get_many(ids)).values()} == {1}
