@@ -18,9 +18,11 @@ from .errors import (
     InvalidKey,
     InvalidParams,
     JobNotSerializable,
+    LeaseUnavailable,
     LoopThreadError,
     MalformedMessage,
     MessageTooLarge,
+    MissingDependency,
     NotLeader,
     ProtocolError,
     QueueFull,
@@ -51,6 +53,7 @@ from .events import (
 from .handle import RunHandle
 from .lease import InProcessLease, Leadership, Lease, LeaseState
 from .queues import QueueInfo, WorkQueue
+from .redis_lease import RedisLease
 from .remote import RemoteEngine
 from .runs import EngineStats, Progress, RunError, RunList, RunRecord, RunStatus
 from .scheduler import PeriodicInfo
@@ -87,16 +90,19 @@ __all__ = [
     "Leadership",
     "Lease",
     "LeaseState",
+    "LeaseUnavailable",
     "LoopThreadError",
     "MalformedMessage",
     "MemoryStore",
     "MessageTooLarge",
+    "MissingDependency",
     "NotLeader",
     "PeriodicInfo",
     "Progress",
     "ProtocolError",
     "QueueFull",
     "QueueInfo",
+    "RedisLease",
     "RemoteEngine",
     "RemoteError",
     "ReplyTooLarge",

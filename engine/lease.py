@@ -276,6 +276,11 @@ class LeaderElector:
         # the answer only counts if nothing changed while it was on its way
         if ok is True and self.is_leader and self.term == term and self.lease_valid():
             return term
+        if ok is not True and self.is_leader and self.term == term:
+            # the lease says otherwise, or cannot say: step down now, as a failed
+            # renew would, so leader-only workers are cancelled rather than crash
+            log.warning("lease of %s (term %d) not confirmed by the lease store; stepping down", self.node_id, term)
+            self._lose()
         return None
 
     def add_listener(self, listener: LeadershipListener) -> Callable[[], None]:

@@ -20,7 +20,7 @@ ENGINE = Path(__file__).resolve().parent.parent / "engine"
 LAYERS: list[set[str]] = [
     {"version", "errors", "jsonsafe", "runs", "events", "options", "tasks"},
     {"bus"},
-    {"store", "lease"},
+    {"store", "lease", "redis_lease"},
     {"executor", "context", "handle", "scheduler", "queues", "triggers", "supervisor", "health"},
     {"engine", "snapshot"},
     {"server", "wire", "remote", "background", "display", "__init__"},
