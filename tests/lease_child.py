@@ -12,8 +12,8 @@ flushed at once, so a test acts on what the process has really done:
     ``engine.start()`` returned (the first election is decided).
 ``{"ev": "lease", "kind": "acquired" | "lost" | "released", "term", "holder", "previous_holder", "previous_term", "t"}``
     The engine published that lease event (``renewed`` only with ``--renewed``).
-``{"ev": "worker", "state": "started", "term"}`` / ``{"ev": "worker", "state": "stopped", "reason"}``
-    The leader-only worker ``guarded`` was started or stopped by the supervisor.
+``{"ev": "worker", "state": "started", "term"}`` / ``{..., "state": "stopped", "reason"}`` / ``{..., "state": "crashed", "error"}``
+    The leader-only worker ``guarded`` was started, stopped or crashed.
 ``{"ev": "pass", "term", "t"}``
     The first time ``guarded`` passed ``ctx.ensure_leader()`` in a term.
 ``{"ev": "not_leader", "t"}``
@@ -100,6 +100,8 @@ def build(args: argparse.Namespace) -> Engine:
             emit(ev="worker", state="started", term=event.term)
         elif kind == "worker.stopped":
             emit(ev="worker", state="stopped", reason=event.reason)
+        elif kind == "worker.crashed":
+            emit(ev="worker", state="crashed", error=event.error.type)
 
     engine.bus.add_callback(report, ["lease.", "worker."])
     return engine

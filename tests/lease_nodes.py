@@ -94,6 +94,12 @@ class LeaseNode:
                 if line.get("ev") == ev and all(line.get(k) == v for k, v in match.items())
             ]
 
+    def since(self, mark: int, ev: str, **match: Any) -> list[Line]:
+        """The ``ev`` lines (matching ``match``) printed from index ``mark`` on."""
+        with self._cond:
+            lines = self.lines[mark:]
+        return [line for line in lines if line.get("ev") == ev and all(line.get(k) == v for k, v in match.items())]
+
     def lease(self, kind: str) -> list[Line]:
         return self.of("lease", kind=kind)
 
@@ -162,13 +168,31 @@ class LeaseNode:
 
 
 def start_nodes(url: str, names: list[str], **kwargs: Any) -> list[LeaseNode]:
-    """Start the nodes one after another, each once the previous one has started."""
-    nodes = []
-    for name in names:
-        node = LeaseNode(url, name, **kwargs)
-        nodes.append(node)
+    """Start the nodes together; returns once every one of them has started."""
+    nodes = [LeaseNode(url, name, **kwargs) for name in names]
+    for node in nodes:
         node.wait_for(lambda line: line.get("ev") == "started")
     return nodes
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = START_TIMEOUT, interval: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+        time.sleep(interval)
+
+
+def sole_leader(nodes: list[LeaseNode]) -> tuple[LeaseNode, int] | None:
+    """The one node whose ``ensure_leader()`` passes right now, with its term, if exactly one
+    live node's does (asked of each in turn); ``None`` otherwise."""
+    answers = [(node, node.check()) for node in nodes if node.alive and not node.paused]
+    leaders = [(node, term) for node, term in answers if term is not None]
+    return leaders[0] if len(leaders) == 1 else None
 
 
 # ---------------------------------------------------------------- the checks
