@@ -42,6 +42,9 @@ log = logging.getLogger("taskwatch.lease")
 
 T = TypeVar("T")
 
+#: how long after a seen holder's lease lapses a follower tries to take it
+_TAKEOVER_SLACK = 0.01
+
 #: called with True when this node becomes leader, False when it stops being one
 LeadershipListener = Callable[[bool], None]
 
@@ -347,6 +350,10 @@ class LeaderElector:
             wait = self.lease.renew_interval
             if self.is_leader:
                 wait = max(0.0, min(wait, self._time_left()))
+            elif self.expires_at is not None:
+                # a follower tries again just after the holder's lease lapses, not
+                # up to a whole interval later (the slack covers the lookup's latency)
+                wait = max(0.0, min(wait, self._time_left() + _TAKEOVER_SLACK))
             await asyncio.sleep(wait)
             try:
                 if self.is_leader:
