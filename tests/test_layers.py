@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"version", "errors", "jsonsafe", "runs", "events", "options", "tasks"},
     {"bus"},
     {"store", "lease", "redis_lease"},
-    {"executor", "context", "handle", "scheduler", "queues", "triggers", "supervisor", "health"},
+    {"executor", "context", "handle", "scheduler", "queues", "triggers", "supervisor", "health", "redis_events"},
     {"engine", "snapshot"},
     {"server", "wire", "remote", "background", "display", "__init__"},
 ]
