@@ -53,6 +53,7 @@ from .events import (
 from .handle import RunHandle
 from .lease import InProcessLease, Leadership, Lease, LeaseState
 from .queues import QueueInfo, WorkQueue
+from .redis_events import ClusterNode, RedisEventRelay, RelayStats
 from .redis_lease import RedisLease
 from .remote import RemoteEngine
 from .runs import EngineStats, Progress, RunError, RunList, RunRecord, RunStatus
@@ -70,6 +71,7 @@ __all__ = [
     "BackgroundEngine",
     "BackgroundRunHandle",
     "BaseEvent",
+    "ClusterNode",
     "ConnectionClosed",
     "ControlServer",
     "DuplicateTask",
@@ -102,7 +104,9 @@ __all__ = [
     "ProtocolError",
     "QueueFull",
     "QueueInfo",
+    "RedisEventRelay",
     "RedisLease",
+    "RelayStats",
     "RemoteEngine",
     "RemoteError",
     "ReplyTooLarge",

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .bus import DEFAULT_REPLAY, EventBus
 from .errors import InvalidConfiguration, MissingDependency
 from .events import BaseEvent, EventsDropped, event_from_json, event_to_json
+from .redis_lease import redact_url
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -257,9 +258,26 @@ class RedisEventRelay:
 
     # ------------------------------------------------------------------ what it knows
 
+    @property
+    def public_url(self) -> str:
+        """The URL without its password, for headers and logs."""
+        return redact_url(self.url)
+
     def nodes(self) -> list[ClusterNode]:
-        """Every node seen on the stream, by name."""
-        return [self._nodes[name].model() for name in sorted(self._nodes)]
+        """Every node seen on the stream, by name.
+
+        A node that never said anything about the lease is a follower once
+        another node has said it leads (followers publish no lease events).
+        """
+        views = [self._nodes[name] for name in sorted(self._nodes)]
+        someone_leads = any(view.is_leader for view in views)
+        out = []
+        for view in views:
+            info = view.model()
+            if someone_leads and info.is_leader is None:
+                info = info.model_copy(update={"is_leader": False})
+            out.append(info)
+        return out
 
     def stats(self) -> RelayStats:
         return RelayStats(

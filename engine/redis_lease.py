@@ -109,7 +109,7 @@ def _import_redis() -> tuple[Any, Any, Any, Any]:
     return redis_asyncio, redis_errors, Retry, NoBackoff
 
 
-def _public_url(url: str) -> str:
+def redact_url(url: str) -> str:
     """``url`` without its password, for logs, errors and ``leadership().backend``."""
     parts = urlsplit(url)
     if parts.password is None:
@@ -199,7 +199,7 @@ class RedisLease(Lease):
 
     def describe(self) -> str:
         down = f", unreachable: {self.last_error}" if self._retry_at > time.monotonic() else ""
-        return f"redis {_public_url(self.url)} key={self.key} ttl={self.ttl:g}s{down}"
+        return f"redis {redact_url(self.url)} key={self.key} ttl={self.ttl:g}s{down}"
 
     # ------------------------------------------------------------------ connection
 
@@ -224,7 +224,7 @@ class RedisLease(Lease):
         """One call to Redis, with backoff after connection failures."""
         mono = time.monotonic()
         if mono < self._retry_at:
-            raise LeaseUnavailable(_public_url(self.url), self.last_error or "down", self._retry_at - mono)
+            raise LeaseUnavailable(redact_url(self.url), self.last_error or "down", self._retry_at - mono)
         errors = self._redis_errors
         client = self._redis()
         try:
@@ -234,7 +234,7 @@ class RedisLease(Lease):
             self._delay = min(self.backoff_max, self._delay * 2 if self._delay else self.backoff)
             self._retry_at = time.monotonic() + self._delay
             self.last_error = f"{type(exc).__name__}: {exc}"
-            raise LeaseUnavailable(_public_url(self.url), self.last_error, self._delay) from exc
+            raise LeaseUnavailable(redact_url(self.url), self.last_error, self._delay) from exc
         if self._delay:
             self._delay = 0.0
             self.reconnects += 1
