@@ -33,6 +33,7 @@ import contextlib
 import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -57,6 +58,15 @@ def _import_redis() -> tuple[Any, Any]:
     except ImportError as exc:
         raise MissingDependency("events='redis://...'", "redis", "redis") from exc
     return redis_asyncio, redis_errors
+
+
+def _split_options(url: str) -> tuple[str, dict[str, str]]:
+    """``url`` without the relay's own query options (``stream``, ``maxlen``), and those."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    mine = {key: value for key, value in query if key in ("stream", "maxlen")}
+    rest = urlencode([(key, value) for key, value in query if key not in mine])
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, rest, parts.fragment)), mine
 
 
 def _cancelling() -> bool:
@@ -126,7 +136,9 @@ class RedisEventRelay:
     """Publishes a bus to a Redis stream and reads every node's events back from it.
 
     ``bus`` is the node's own bus to publish (``None`` for a reader only, as
-    ``taskwatch attach redis://...`` is). ``maxlen`` caps the stream
+    ``taskwatch attach redis://...`` is). ``stream`` and ``maxlen`` may also
+    come in the URL's query (``redis://host:6379/0?stream=myapp:events&maxlen=50000``),
+    which is how ``Engine(events=...)`` takes them. ``maxlen`` caps the stream
     (approximately: Redis trims whole blocks). ``batch`` bounds events per
     round trip, ``linger`` is how long the publisher waits to fill a batch,
     ``max_pending`` bounds the events waiting to be sent. ``since="$"`` reads
@@ -151,6 +163,13 @@ class RedisEventRelay:
         problems = []
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
             problems.append(f"events must be a redis://, rediss:// or unix:// URL, got {url!r}")
+        else:
+            url, options = _split_options(url)
+            stream = options.get("stream", stream)
+            try:
+                maxlen = int(options.get("maxlen", maxlen))
+            except ValueError:
+                problems.append(f"maxlen in the URL must be a count, got {options['maxlen']!r}")
         if not isinstance(stream, str) or not stream:
             problems.append(f"stream must be a non-empty string, got {stream!r}")
         for name, value in (("maxlen", maxlen), ("batch", batch), ("max_pending", max_pending)):

@@ -22,10 +22,9 @@ from .helpers import eventually, stray_tasks
 from .redis_server import RedisServer
 
 
-def node_engine(url: str, node: str, stream: str, **kwargs: Any) -> Engine:
-    engine = Engine(node_id=node, events=url, health_interval=0.1, **kwargs)
-    assert engine.cluster is not None
-    engine.cluster.stream = stream
+def node_engine(url: str, node: str, stream: str, maxlen: int = 10_000, **kwargs: Any) -> Engine:
+    engine = Engine(node_id=node, events=f"{url}?stream={stream}&maxlen={maxlen}", health_interval=0.1, **kwargs)
+    assert engine.cluster is not None and engine.cluster.stream == stream
 
     @engine.task
     async def hello(ctx: TaskContext) -> str:
@@ -86,9 +85,7 @@ async def test_events_from_three_nodes_reach_one_dashboard_with_their_node_ids(r
 
 async def test_a_dashboard_opened_after_a_trim_counts_what_it_missed(redis_server: RedisServer) -> None:
     stream = f"test:{uuid.uuid4().hex[:8]}:events"
-    engine = node_engine(redis_server.url, "w", stream)
-    assert engine.cluster is not None
-    engine.cluster.maxlen = 100
+    engine = node_engine(redis_server.url, "w", stream, maxlen=100)
     try:
         await engine.start()
         for handle in await engine.submit_many([("hello", None)] * 300):

@@ -27,10 +27,9 @@ def stream_name() -> str:
     return f"test:{uuid.uuid4().hex[:8]}:events"
 
 
-def cluster_engine(url: str, node: str, stream: str, **kwargs: Any) -> Engine:
-    engine = Engine(node_id=node, events=url, **kwargs)
-    assert engine.cluster is not None
-    engine.cluster.stream = stream
+def cluster_engine(url: str, node: str, stream: str, maxlen: int = 10_000, **kwargs: Any) -> Engine:
+    engine = Engine(node_id=node, events=f"{url}?stream={stream}&maxlen={maxlen}", **kwargs)
+    assert engine.cluster is not None and engine.cluster.stream == stream
 
     @engine.task
     async def hello(ctx: TaskContext) -> str:
@@ -83,9 +82,8 @@ async def test_three_engines_see_each_others_events_with_their_node_ids(redis_se
 
 async def test_events_trimmed_away_before_a_reader_got_them_are_counted(redis_server: RedisServer) -> None:
     stream = stream_name()
-    writer = cluster_engine(redis_server.url, "w", stream, health_interval=None)
-    assert writer.cluster is not None
-    writer.cluster.maxlen = 100
+    writer = cluster_engine(redis_server.url, "w", stream, maxlen=100, health_interval=None)
+    assert writer.cluster is not None and writer.cluster.maxlen == 100
     try:
         await writer.start()
         handles = await writer.submit_many([("hello", None)] * 400)
@@ -114,9 +112,7 @@ async def test_events_trimmed_away_before_a_reader_got_them_are_counted(redis_se
 
 async def test_a_reader_that_falls_behind_a_burst_accounts_for_every_event(redis_server: RedisServer) -> None:
     stream = stream_name()
-    writer = cluster_engine(redis_server.url, "w", stream, health_interval=None)
-    assert writer.cluster is not None
-    writer.cluster.maxlen = 50
+    writer = cluster_engine(redis_server.url, "w", stream, maxlen=50, health_interval=None)
     reader = RedisEventRelay(redis_server.url, stream=stream, batch=20)
     try:
         await reader.start()
@@ -180,6 +176,11 @@ def test_bad_relay_options_are_refused_with_every_problem_named() -> None:
     assert all(word in message for word in ("redis://", "stream", "maxlen", "since"))
     with pytest.raises(InvalidConfiguration):
         Engine(events="postgres://db")
+    with pytest.raises(InvalidConfiguration, match="maxlen"):
+        Engine(events="redis://127.0.0.1:1/0?maxlen=lots")
+    # the relay's own options come out of the URL redis-py gets
+    relay = RedisEventRelay("redis://127.0.0.1:1/0?stream=app:ev&maxlen=500&socket_timeout=3")
+    assert (relay.stream, relay.maxlen, relay.url) == ("app:ev", 500, "redis://127.0.0.1:1/0?socket_timeout=3")
 
 
 async def test_an_engine_without_events_has_no_cluster_view() -> None:
