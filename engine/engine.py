@@ -58,9 +58,9 @@ from .handle import RunHandle
 from .health import HealthSampler
 from .jsonsafe import NotJsonSafe, check_jsonable, check_key, jsonable, safe_str, safe_text
 from .lease import LeaderElector, Leadership
-from .redis_events import RedisEventRelay
 from .options import EngineOptions, TaskOptions, check_options
 from .queues import QueueInfo, WorkQueue
+from .redis_events import RedisEventRelay
 from .runs import (
     CancelReason,
     EngineStats,
