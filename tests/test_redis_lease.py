@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -282,3 +283,22 @@ async def test_redis_going_away_makes_the_leader_step_down_and_come_back(
     finally:
         await engine.stop(2.0)
     assert not stray_tasks()
+
+
+# ---------------------------------------------------------------- the redis-server fixture
+
+
+@pytest.mark.parametrize(("ci", "outcome", "rc"), [("true", "1 error", 1), ("", "1 skipped", 0)])
+def test_a_missing_redis_server_fails_under_ci_and_skips_elsewhere(
+    tmp_path: Any, ci: str, outcome: str, rc: int
+) -> None:
+    # only the interpreter's own directory on PATH: no redis-server to be found
+    env = {"PATH": str(Path(sys.executable).parent), "CI": ci, "HOME": str(tmp_path)}
+    test = "tests/test_redis_lease.py::test_only_the_holder_of_the_term_renews_or_releases"
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", test],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert outcome in out.stdout, out.stdout[-2000:]
+    assert out.returncode == rc
+    assert "apt-get install -y redis-server" in out.stdout
