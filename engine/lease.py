@@ -364,6 +364,10 @@ class LeaderElector:
                 # a bug in a listener or an event callback must not end elections
                 # for this node; a leader that stops renewing loses its lease anyway
                 log.exception("leader election step failed on %s", self.node_id)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # a lease client that swallowed the stop's cancel must not keep this loop alive
+                raise asyncio.CancelledError
 
     async def _renew(self) -> None:
         assert self.lease is not None

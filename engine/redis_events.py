@@ -334,6 +334,9 @@ class RedisEventRelay:
             try:
                 await self._flush()
                 delay = 0.0
+                if _cancelling():
+                    # redis-py can swallow a cancel that lands in a round trip
+                    raise asyncio.CancelledError
             except (self._errors.ConnectionError, self._errors.TimeoutError, OSError) as exc:
                 if _cancelling():
                     raise asyncio.CancelledError from exc

@@ -21,6 +21,8 @@ from taskwatch.engine import RedisEventRelay, Subscription
 from taskwatch.widgets import EventLog, NodesTable
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.css.query import NoMatches
+from textual.timer import Timer
 from textual.widgets import Footer, Static
 
 
@@ -42,6 +44,7 @@ class ClusterApp(App[None]):
         self.manage = manage
         self.refresh_hz = refresh_hz
         self._sub: Subscription | None = None
+        self._timer: Timer | None = None
 
     def compose(self) -> ComposeResult:
         yield Static("", id="cluster-header")
@@ -54,15 +57,25 @@ class ClusterApp(App[None]):
         if self.manage:
             await self.relay.start()
         self._draw()
-        self.set_interval(1 / self.refresh_hz, self._draw)
+        self._timer = self.set_interval(1 / self.refresh_hz, self._draw)
 
     async def on_unmount(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
         if self._sub is not None:
             self._sub.close()
         if self.manage:
             await self.relay.stop()
 
     def _draw(self) -> None:
+        try:
+            self._redraw()
+        except NoMatches:
+            # the timer can fire once more while the app tears its screen down
+            if self.is_running and self.screen.is_attached:
+                raise
+
+    def _redraw(self) -> None:
         if self._sub is not None:
             batch = self._sub.get_batch(5_000)
             if batch:
