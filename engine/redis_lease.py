@@ -40,6 +40,7 @@ imported when a :class:`RedisLease` is made, never by ``import taskwatch.engine`
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -227,9 +228,16 @@ class RedisLease(Lease):
             raise LeaseUnavailable(redact_url(self.url), self.last_error or "down", self._retry_at - mono)
         errors = self._redis_errors
         client = self._redis()
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         try:
             result = await call(client, self._scripts)
+            if task is not None and task.cancelling() > cancels:
+                # redis-py can swallow a cancel that lands mid-command: pass it on
+                raise asyncio.CancelledError
         except (errors.ConnectionError, errors.TimeoutError, OSError) as exc:
+            if task is not None and task.cancelling() > cancels:
+                raise asyncio.CancelledError from exc
             self.failures += 1
             self._delay = min(self.backoff_max, self._delay * 2 if self._delay else self.backoff)
             self._retry_at = time.monotonic() + self._delay
