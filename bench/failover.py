@@ -28,6 +28,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -36,7 +37,7 @@ from tests.lease_nodes import LeaseNode, fencing_violations, read_passes, sole_l
 from tests.redis_server import RedisServer  # noqa: E402
 
 
-def trial(nodes: list[LeaseNode], how: str, url: str, args: dict) -> tuple[float, float, list[LeaseNode]]:
+def trial(nodes: list[LeaseNode], how: str, url: str, args: dict[str, Any]) -> tuple[float, float, list[LeaseNode]]:
     """Signal the leader; (seconds to the follower's acquire, to its worker's first pass, nodes after)."""
     leader, term = wait_until(lambda: sole_leader(nodes))
     leader.wait_for(lambda line: line.get("ev") == "pass" and line["term"] == term)
@@ -62,17 +63,21 @@ def trial(nodes: list[LeaseNode], how: str, url: str, args: dict) -> tuple[float
     return acquired["t"] - t0, worked["t"] - t0, nodes
 
 
-def run_config(server: RedisServer, ttl: float, renew: float, trials: int, workdir: Path) -> list[tuple]:
+Row = tuple[float, float, str, list[float], list[float]]
+
+
+def run_config(server: RedisServer, ttl: float, renew: float, trials: int, workdir: Path) -> list[Row]:
     passes = workdir / f"passes-{ttl}-{renew}.log"
-    args = {"ttl": ttl, "renew": renew, "passes": passes, "key": f"bench:{uuid.uuid4().hex[:8]}"}
+    args: dict[str, Any] = {"ttl": ttl, "renew": renew, "passes": passes, "key": f"bench:{uuid.uuid4().hex[:8]}"}
     nodes = [LeaseNode(server.url, name, **args) for name in ("a", "b")]
     for node in nodes:
         node.wait_for(lambda line: line.get("ev") == "started")
-    rows = []
+    rows: list[Row] = []
     everyone = list(nodes)
     try:
         for how in ("kill -9", "SIGSTOP"):
-            takeovers, resumes = [], []
+            takeovers: list[float] = []
+            resumes: list[float] = []
             for _ in range(trials):
                 took, worked, nodes = trial(nodes, how, server.url, args)
                 everyone.extend(n for n in nodes if n not in everyone)
