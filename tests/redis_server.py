@@ -47,6 +47,13 @@ def redis_binary() -> str:
     return path
 
 
+def _with_parent(cmd: list[str]) -> list[str]:
+    """``cmd`` run so the kernel stops it if the test process dies without its fixtures'
+    teardown (util-linux ``setpriv --pdeathsig``; as is where that is missing)."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *cmd] if setpriv else cmd
+
+
 def ping(port: int, timeout: float = 0.5) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
@@ -90,7 +97,7 @@ class RedisServer:
     def start(self) -> None:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(_with_parent(self.command()), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.starts += 1
         deadline = time.monotonic() + START_TIMEOUT
         while not ping(self.port):
