@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # database servers the tests start on loopback ports (program:debian-package)
-SERVERS := postgres:postgresql
+SERVERS := postgres:postgresql redis-server:redis-server
 
 .PHONY: run test bench screenshots clean
 

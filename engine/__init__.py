@@ -18,9 +18,11 @@ from .errors import (
     InvalidKey,
     InvalidParams,
     JobNotSerializable,
+    LeaseUnavailable,
     LoopThreadError,
     MalformedMessage,
     MessageTooLarge,
+    MissingDependency,
     NotLeader,
     ProtocolError,
     QueueFull,
@@ -53,6 +55,8 @@ from .lease import InProcessLease, Leadership, Lease, LeaseState
 from .postgres_lease import PostgresLease
 from .queues import QueueInfo, WorkQueue
 from .operations import OPERATIONS, Operation
+from .redis_events import ClusterNode, RedisEventRelay, RelayStats
+from .redis_lease import RedisLease
 from .remote import RemoteEngine
 from .runs import EngineStats, Progress, RunError, RunList, RunRecord, RunStatus
 from .scheduler import PeriodicInfo
@@ -69,6 +73,7 @@ __all__ = [
     "BackgroundEngine",
     "BackgroundRunHandle",
     "BaseEvent",
+    "ClusterNode",
     "ConnectionClosed",
     "ControlServer",
     "DuplicateTask",
@@ -89,10 +94,12 @@ __all__ = [
     "Leadership",
     "Lease",
     "LeaseState",
+    "LeaseUnavailable",
     "LoopThreadError",
     "MalformedMessage",
     "MemoryStore",
     "MessageTooLarge",
+    "MissingDependency",
     "NotLeader",
     "PeriodicInfo",
     "PostgresLease",
@@ -103,6 +110,9 @@ __all__ = [
     "QueueInfo",
     "OPERATIONS",
     "Operation",
+    "RedisEventRelay",
+    "RedisLease",
+    "RelayStats",
     "RemoteEngine",
     "RemoteError",
     "ReplyTooLarge",

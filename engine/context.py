@@ -16,8 +16,8 @@ class TaskContext:
     """What a task may know and do about its own run.
 
     ``await ctx.progress(done, total, message)`` publishes progress;
-    ``await ctx.ensure_leader()`` raises :class:`NotLeader` once this node has
-    lost the leader lease; ``ctx.term`` is the fencing token to attach to
+    ``await ctx.ensure_leader()`` raises :class:`NotLeader` unless this node
+    holds the leader lease at that moment; ``ctx.term`` is the fencing token to attach to
     destructive writes so a stale leader's writes can be refused.
     """
 
@@ -70,16 +70,15 @@ class TaskContext:
     async def ensure_leader(self) -> int:
         """Return the current fencing token, or raise :class:`NotLeader` if leadership is lost.
 
-        With a shared lease (PostgresLease) the term is checked against the
-        shared record itself, so a leader paused past its lease cannot go on.
+        Asks the lease itself (for a Redis or PostgreSQL lease: the holder and
+        term in the shared record at this moment), so call it right before work that must never run
+        twice, and attach the returned term to that work.
         """
         leader = self._engine.elector
-        if not leader.is_leader or not leader.lease_valid():
+        term = await leader.verify()
+        if term is None:
             raise NotLeader(self._engine.node_id, leader.holder)
-        lease = leader.lease
-        if lease is not None and not await lease.verify(self._engine.node_id, leader.term):
-            raise NotLeader(self._engine.node_id, leader.holder)
-        return leader.term
+        return term
 
     def __repr__(self) -> str:
         return f"<TaskContext {self.name} run={self.run_id} attempt={self.attempt}>"

@@ -60,6 +60,7 @@ from .jsonsafe import NotJsonSafe, check_jsonable, check_key, jsonable, safe_str
 from .lease import LeaderElector, Leadership
 from .options import EngineOptions, TaskOptions, check_options
 from .queues import QueueInfo, WorkQueue
+from .redis_events import RedisEventRelay
 from .runs import (
     CancelReason,
     EngineStats,
@@ -162,6 +163,10 @@ class Engine:
         the same across restarts (default: host and app name): each start
         gets a fresh :attr:`incarnation`, and the previous incarnation's
         runs are recognised as orphaned and recovered at once.
+    events:
+        ``"redis://host:6379/0"`` relays this node's events through a capped
+        Redis stream and reads every node's back into :attr:`cluster` (needs
+        ``pip install 'taskwatch[redis]'``); ``None`` (default) keeps them local.
     lease_ttl:
         Seconds a claim on a running run lives without a heartbeat; a run
         whose worker stops heartbeating for this long is recovered (default
@@ -186,6 +191,7 @@ class Engine:
         backend: str = "asyncio",
         node_id: str | None = None,
         lease: Any = None,
+        events: str | None = None,
         lease_ttl: float = 30.0,
         poll_interval: float = 1.0,
         resources: dict[str, Any] | None = None,
@@ -292,6 +298,8 @@ class Engine:
         self._started_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._leader = LeaderElector(self, lease)
+        #: the cluster-wide event relay (events="redis://..."), started first and stopped last
+        self._relay = RedisEventRelay(events, self.bus) if events is not None else None
         self._scheduler = Scheduler(self)
         self._queues: dict[str, WorkQueue] = {}
         self._triggers: dict[str, Trigger] = {}
@@ -411,6 +419,11 @@ class Engine:
         return self._durable
 
     @property
+    def cluster(self) -> RedisEventRelay | None:
+        """Every node's events and a per-node summary (with ``events="redis://..."``), else None."""
+        return self._relay
+
+    @property
     def elector(self) -> LeaderElector:
         """The leader election this engine takes part in (who leads, the term, listeners)."""
         return self._leader
@@ -500,6 +513,7 @@ class Engine:
         # leadership first so leader-only workers see the outcome of the first
         # election; the scheduler last so nothing it submits finds a half-started engine
         return [
+            *([self._relay] if self._relay is not None else []),
             self._leader,
             self._health,
             self._wakeups,
@@ -571,6 +585,8 @@ class Engine:
             await self._leader.stop(loop.time() + 1.0)
             await self._health.stop(loop.time())
             self.bus.emit(EngineStopped, cancelled_pending=cancelled_pending, cancelled_running=len(tasks))
+            if self._relay is not None:
+                await self._relay.stop(loop.time() + 1.0)
             for server in self._servers:
                 await server.stop()
             self._servers.clear()

@@ -114,12 +114,14 @@ class EngineNotRunning(TaskwatchError, RuntimeError):
 class NotLeader(TaskwatchError):
     """This node does not hold the leader lease (or lost it); stop destructive work."""
 
-    def __init__(self, node_id: str, holder: str | None) -> None:
+    def __init__(self, node_id: str, holder: str | None, reason: str | None = None) -> None:
         self.node_id = node_id
         self.holder = holder
+        self.reason = reason
         held = f"held by {holder!r}" if holder else "not held by anyone"
+        why = f"; {reason}" if reason else ""
         super().__init__(
-            f"node {node_id!r} is not the leader (lease {held}); leader-only work must stop here"
+            f"node {node_id!r} is not the leader (lease {held}{why}); leader-only work must stop here"
         )
 
 
@@ -306,4 +308,34 @@ class ReplyTooLarge(TaskwatchError):
             f"{what} is {size} bytes, over this connection's {limit}-byte line limit, so it was "
             "not sent; read it in the engine's own process, or raise the server's max_send "
             "and the client's max_message"
+        )
+
+
+class MissingDependency(TaskwatchError, ImportError):
+    """An optional feature was used without the package it runs on."""
+
+    def __init__(self, feature: str, package: str, extra: str) -> None:
+        self.feature = feature
+        self.package = package
+        self.extra = extra
+        super().__init__(
+            f"{feature} needs the {package!r} package, which is not installed; "
+            f"install it with: pip install 'taskwatch[{extra}]'"
+        )
+
+
+class LeaseUnavailable(TaskwatchError, ConnectionError):
+    """The store that keeps the leader lease cannot be reached right now.
+
+    No leadership is held or granted while it is unreachable; the elector keeps
+    trying, with backoff, and leads again once an acquire succeeds.
+    """
+
+    def __init__(self, where: str, cause: str, retry_in: float) -> None:
+        self.where = where
+        self.cause = cause
+        self.retry_in = retry_in
+        super().__init__(
+            f"the lease store {where} cannot be reached ({cause}); next attempt in "
+            f"{retry_in:.3g} s. Check that it is running and reachable from this host"
         )

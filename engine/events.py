@@ -231,9 +231,19 @@ class WorkerStopped(BaseEvent):
 
 
 class LeaseEvent(BaseEvent):
+    """A change of leadership as the emitting ``node`` saw it.
+
+    ``holder``, ``term`` and ``expires_at`` describe the lease after the
+    change; ``previous_holder`` and ``previous_term`` the one before it (on
+    ``lease.acquired``, the holder this node last saw, ``None`` if it saw
+    none; on ``lease.lost`` and ``lease.released``, this node itself).
+    """
+
     holder: str | None = None
     term: int = 0
     expires_at: float | None = None
+    previous_holder: str | None = None
+    previous_term: int | None = None
 
 
 class LeaseAcquired(LeaseEvent):

@@ -5,16 +5,21 @@ with a TTL, kept alive by renewing, released on shutdown. Every successful
 acquire starts a new *term*, a number that only ever grows; it is the fencing
 token leader-only work attaches to destructive writes, so a store can refuse
 writes from a stale leader. Every operation that changes the lease is a
-compare-and-set on (holder, term), and times are wall-clock UNIX seconds, so
-the same interface can sit on a shared store (Redis, a database row) and be
-read by other processes. :class:`InProcessLease` is the in-memory version:
-several engines in one process that share one object elect one leader.
+compare-and-set on (holder, term), and times are UNIX seconds on the lease's
+own clock (:meth:`Lease.now`), so the same interface can sit on a shared store
+(Redis, a database row) and be read by other processes.
+:class:`InProcessLease` is the in-memory version: several engines in one
+process that share one object elect one leader; ``RedisLease``
+(``engine/redis_lease.py``) elects one across processes and hosts.
 
 :class:`LeaderElector` is the engine's side: it makes a first acquire attempt
 at start, then one background task renews the lease (or, as a follower, tries
 to acquire it) every ``renew_interval`` seconds, publishes every change as an
 event and tells its listeners (the supervisor) when leadership starts or
-ends. Without a lease an engine is its own permanent leader (term 1).
+ends. A leader also wakes when its own view of the lease lapses, so it steps
+down then even if a renew is late, and :meth:`LeaderElector.verify` asks the
+lease itself before ``ctx.ensure_leader()`` lets destructive work go on.
+Without a lease an engine is its own permanent leader (term 1).
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ log = logging.getLogger("taskwatch.lease")
 
 T = TypeVar("T")
 
+#: how long after a seen holder's lease lapses a follower tries to take it
+_TAKEOVER_SLACK = 0.01
+
 #: called with True when this node becomes leader, False when it stops being one
 LeadershipListener = Callable[[bool], None]
 
@@ -47,6 +55,7 @@ class Leadership(BaseModel):
     ``term`` and ``expires_at`` are this node's own when it leads, otherwise
     those of the holder it last saw (``None`` when it has seen none).
     ``expires_at`` is ``None`` for an engine without a lease (permanent leader).
+    ``backend`` says where the lease lives (``None`` without a lease).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -56,6 +65,7 @@ class Leadership(BaseModel):
     holder: str | None
     term: int
     expires_at: float | None = None
+    backend: str | None = None
 
 
 class LeaseState(BaseModel):
@@ -116,10 +126,23 @@ class Lease(ABC):
     async def holder(self) -> LeaseState | None:
         """The current unexpired term, or ``None`` if nobody holds the lease."""
 
-    async def verify(self, node_id: str, term: int) -> bool:
-        """Whether ``node_id`` holds ``term`` now, as the shared record says (not this node's view)."""
+    # optional: a lease on a remote store overrides these
+
+    async def check(self, node_id: str, term: int) -> bool:
+        """Whether ``node_id`` holds ``term`` unexpired right now, asked of the lease itself.
+
+        ``ctx.ensure_leader()`` calls this before destructive work; a shared
+        store answers from its own record, not from this node's last view.
+        """
         state = await self.holder()
         return state is not None and state.holder == node_id and state.term == term
+
+    def describe(self) -> str:
+        """Where the lease lives, for ``engine.leadership().backend`` (no secrets)."""
+        return f"{type(self).__name__}(ttl={self.ttl:g}s)"
+
+    async def close(self) -> None:
+        """Let go of connections; called when the engine stops. A later call reconnects."""
 
 
 class InProcessLease(Lease):
@@ -228,7 +251,40 @@ class LeaderElector:
             holder=self.holder,
             term=self.term,
             expires_at=self.expires_at,
+            backend=self.lease.describe() if self.lease is not None else None,
         )
+
+    def _time_left(self) -> float:
+        """Seconds until this node's view of its lease lapses (the renew interval if none)."""
+        assert self.lease is not None
+        if self.expires_at is None:
+            return self.lease.renew_interval
+        return self.expires_at - self.lease.now()
+
+    async def verify(self) -> int | None:
+        """This node's term if it leads by its own view *and* by the lease's, else ``None``.
+
+        The lease is asked at this moment (bounded by what is left of the
+        lease), so a node that was paused, or lost the lease without noticing
+        yet, is told so before it does destructive work.
+        """
+        if self.lease is None:
+            return self.term
+        if not (self.is_leader and self.lease_valid()):
+            return None
+        term = self.term
+        ok = await self._call(
+            self.lease.check(self.node_id, term), min(self.lease.renew_interval, self._time_left()), "check"
+        )
+        # the answer only counts if nothing changed while it was on its way
+        if ok is True and self.is_leader and self.term == term and self.lease_valid():
+            return term
+        if ok is not True and self.is_leader and self.term == term:
+            # the lease says otherwise, or cannot say: step down now, as a failed
+            # renew would, so leader-only workers are cancelled rather than crash
+            log.warning("lease of %s (term %d) not confirmed by the lease store; stepping down", self.node_id, term)
+            self._lose()
+        return None
 
     def add_listener(self, listener: LeadershipListener) -> Callable[[], None]:
         """Call ``listener(is_leader)`` on every change of leadership; returns a remover."""
@@ -258,6 +314,12 @@ class LeaderElector:
             task.cancel()
             # asyncio.wait, unlike awaiting the task, leaves a cancel of stop() itself alone
             await asyncio.wait([task])
+        try:
+            await self._step_down(deadline)
+        finally:
+            await self._close()
+
+    async def _step_down(self, deadline: float) -> None:
         if self.lease is None or not self.is_leader:
             return
         lease, term = self.lease, self.term
@@ -269,14 +331,30 @@ class LeaderElector:
         event: type[LeaseEvent] = LeaseReleased if released else LeaseLost
         self._change(False, event, holder=None, term=term, expires_at=None if released else self.expires_at)
 
+    async def _close(self) -> None:
+        """Close the lease's connections: the engine is stopping (a restart reconnects)."""
+        if self.lease is not None:
+            try:
+                await self.lease.close()
+            except Exception:
+                log.exception("closing the lease of %s failed", self.node_id)
+
     # ------------------------------------------------------------------ the renew loop
 
     async def _run(self) -> None:
         assert self.lease is not None
         while True:
-            # a fixed period, on this task's own timer: a lapse is noticed within
-            # one interval, and ensure_leader() checks the expiry itself meanwhile
-            await asyncio.sleep(self.lease.renew_interval)
+            # a fixed period, on this task's own timer; a leader also wakes when
+            # its lease lapses, so it steps down then even if a renew is late
+            # (ensure_leader() checks the expiry itself meanwhile)
+            wait = self.lease.renew_interval
+            if self.is_leader:
+                wait = max(0.0, min(wait, self._time_left()))
+            elif self.expires_at is not None:
+                # a follower tries again just after the holder's lease lapses, not
+                # up to a whole interval later (the slack covers the lookup's latency)
+                wait = max(0.0, min(wait, self._time_left() + _TAKEOVER_SLACK))
+            await asyncio.sleep(wait)
             try:
                 if self.is_leader:
                     await self._renew()
@@ -286,6 +364,10 @@ class LeaderElector:
                 # a bug in a listener or an event callback must not end elections
                 # for this node; a leader that stops renewing loses its lease anyway
                 log.exception("leader election step failed on %s", self.node_id)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # a lease client that swallowed the stop's cancel must not keep this loop alive
+                raise asyncio.CancelledError
 
     async def _renew(self) -> None:
         assert self.lease is not None
@@ -295,8 +377,11 @@ class LeaderElector:
             log.warning("lease of %s (term %d) lapsed before it was renewed", self.node_id, self.term)
             self._lose()
             return
+        # a renew answered after the lease lapsed is worthless: bound it by what is left
         state = await self._call(
-            self.lease.renew(self.node_id, self.term), self.lease.renew_interval, "renew"
+            self.lease.renew(self.node_id, self.term),
+            min(self.lease.renew_interval, self._time_left()),
+            "renew",
         )
         if state is None or state.holder != self.node_id or state.expires_at <= self.lease.now():
             self._lose()
@@ -336,7 +421,6 @@ class LeaderElector:
 
     def _lose(self) -> None:
         self._change(False, LeaseLost, holder=None, term=self.term, expires_at=self.expires_at)
-
     def _change(
         self,
         is_leader: bool,
@@ -347,11 +431,21 @@ class LeaderElector:
         expires_at: float | None,
     ) -> None:
         """Record a change of leadership, publish it, and tell the listeners."""
+        # what this node saw before: the holder it followed, or itself when it led
+        previous_holder = self.holder
+        previous_term = self.term if (self.holder is not None or self.term) else None
         self.is_leader = is_leader
         self.holder = holder
         self.term = term
         self.expires_at = expires_at
-        self._engine.bus.emit(event, holder=holder, term=term, expires_at=expires_at)
+        self._engine.bus.emit(
+            event,
+            holder=holder,
+            term=term,
+            expires_at=expires_at,
+            previous_holder=previous_holder,
+            previous_term=previous_term,
+        )
         for listener in list(self._listeners):
             try:
                 listener(is_leader)

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-# the PostgreSQL server fixtures (postgres_server, postgres_url)
-pytest_plugins = ["tests.postgres_server"]
+# the database servers the tests start (tests/postgres_server.py, tests/redis_server.py)
+pytest_plugins = ["tests.postgres_server", "tests.redis_server"]
 
 # deterministic, calm rendering for every Textual app a test starts
 os.environ.setdefault("TEXTUAL_ANIMATIONS", "none")

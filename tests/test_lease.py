@@ -251,6 +251,7 @@ async def test_engine_without_a_lease_is_its_own_permanent_leader() -> None:
             "holder": "solo",
             "term": 1,
             "expires_at": None,
+            "backend": None,
         }
         assert await TaskContext(engine, None, "probe").ensure_leader() == 1
     assert engine.leadership().is_leader

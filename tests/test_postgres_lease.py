@@ -56,8 +56,8 @@ async def test_an_expired_lease_goes_to_the_next_node(postgres_url: str) -> None
     assert taken.term > held.term
     assert await a.renew("a", held.term) is None
     # what ctx.ensure_leader() asks: the old leader's term is refused, the new one's stands
-    assert not await a.verify("a", held.term)
-    assert await b.verify("b", taken.term)
+    assert not await a.check("a", held.term)
+    assert await b.check("b", taken.term)
 
 
 @pytest.fixture

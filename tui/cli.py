@@ -111,7 +111,12 @@ def _attach_parser() -> argparse.ArgumentParser:
         description="Open the dashboard on an engine served elsewhere.",
         epilog=f"The token is taken from --token-file, else --token, else ${TOKEN_ENV}.",
     )
-    parser.add_argument("address", help="a Unix socket path or tcp://127.0.0.1:PORT")
+    parser.add_argument(
+        "address",
+        help="a Unix socket path, tcp://127.0.0.1:PORT, or redis://HOST:PORT/DB for the whole "
+        "cluster's events (engines made with events='redis://...')",
+    )
+    parser.add_argument("--stream", default="taskwatch:events", help="with redis://: the event stream's key")
     _add_token_options(parser)
     return parser
 
@@ -220,6 +225,8 @@ def _run_local(engine: Engine, serve: str | None) -> int:
 
 
 def _attach(opts: argparse.Namespace) -> int:
+    if opts.address.startswith(("redis://", "rediss://")):
+        return _attach_cluster(opts.address, opts.stream)
     try:
         token = resolve_token(opts)
     except TokenError as exc:
@@ -228,6 +235,19 @@ def _attach(opts: argparse.Namespace) -> int:
     from .remote_client import RemoteClient
 
     TaskwatchApp(RemoteClient(opts.address, token=token)).run()
+    return 0
+
+
+def _attach_cluster(url: str, stream: str) -> int:
+    from taskwatch.engine import RedisEventRelay
+
+    from .cluster import ClusterApp
+
+    try:
+        relay = RedisEventRelay(url, stream=stream)
+    except TaskwatchError as exc:
+        return fail(str(exc))
+    ClusterApp(relay).run()
     return 0
 
 

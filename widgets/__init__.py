@@ -10,6 +10,7 @@ from .event_log import EventLog
 from .failures_list import FailuresList
 from .health_sparklines import HealthSparklines
 from .leader_badge import LeaderBadge
+from .nodes_table import NodesTable
 from .params_form import FieldSpec, ParamsForm, ParamsFormError, fields_from_schema
 from .queues_table import QueuesTable
 from .run_detail import RunDetail
@@ -24,6 +25,7 @@ __all__ = [
     "FieldSpec",
     "HealthSparklines",
     "LeaderBadge",
+    "NodesTable",
     "ParamsForm",
     "ParamsFormError",
     "QueuesTable",

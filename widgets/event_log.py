@@ -81,12 +81,14 @@ def summarize(event: BaseEvent, limit: int = 160) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def format_event(event: BaseEvent) -> Text:
+def format_event(event: BaseEvent, show_node: bool = False) -> Text:
     kind: str = getattr(event, "kind", type(event).__name__)
+    # a cluster-wide log names the node each event came from instead of its number
+    where = (f"{event.node:<12}", "bold") if show_node else (f"#{event.seq:<6}", "dim")
     return Text.assemble(
         (fmt_clock_ms(event.ts), "dim"),
         " ",
-        (f"#{event.seq:<6}", "dim"),
+        where,
         " ",
         (f"{kind:<22}", kind_style(kind)),
         " ",
@@ -123,6 +125,7 @@ class EventLog(RichLog):
         max_lines: int = 2000,
         buffer_cap: int | None = None,
         kinds: Iterable[str] | None = None,
+        show_node: bool = False,
         name: str | None = None,
         id: str | None = None,
         classes: str | None = None,
@@ -145,6 +148,8 @@ class EventLog(RichLog):
         self._backlog = 0
         self._full_redraw = True
         self.total_events = 0
+        #: name each event's node instead of its number (a log of several nodes' events)
+        self.show_node = show_node
         if kinds is not None:
             self.set_filter(kinds)
 
@@ -258,7 +263,7 @@ class EventLog(RichLog):
             if isinstance(entry, _Gap):
                 lines.append(entry.text())
             elif self.matches(entry.kind):  # type: ignore[attr-defined]
-                lines.append(format_event(entry))
+                lines.append(format_event(entry, self.show_node))
         if lines:
             # one write per batch: RichLog re-slices its line list on every write at the cap
             self.write(Text("\n").join(lines))

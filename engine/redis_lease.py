@@ -1,0 +1,303 @@
+"""The leader lease kept in Redis: one leader among engines in any number of processes and hosts.
+
+:class:`RedisLease` implements :class:`~.lease.Lease` on redis-py's asyncio
+client, the way services already elect their singleton workers, with the
+holes of the hand-written versions closed:
+
+- **Acquire** is one Lua script: if the key is free it ``INCR``\\ s the term
+  counter and ``SET key value NX PX ttl``; if the key is this lease object's
+  own (say the node stepped down after a slow renew and the key is still
+  there) it takes it again with a new term; otherwise it refuses. The value is
+  ``"<term>:<token>:<node_id>"``, where the token is random per
+  :class:`RedisLease` object, so two processes misconfigured with one node id
+  never take each other's lease.
+- **Renew** and **release** are compare-and-set scripts on that whole value:
+  only the holder of that term may extend or delete it (a plain ``PEXPIRE``
+  would let a stale holder extend a lease someone else took).
+- **Terms** come from ``INCR`` on ``<key>:term`` and only grow. A Redis that
+  lost its data would start the counter again, so every acquire also passes
+  the highest term this object has seen and the script raises the counter to
+  it first. Keep the counter durable (``appendonly yes``, ``appendfsync
+  always``) for the guarantee to hold across a Redis crash.
+- **Expiry** is judged on this host's monotonic clock: a holder's deadline is
+  the moment it *sent* the acquire or renew plus the ttl, minus a safety
+  margin for clock-rate drift and the time stepping down takes. Redis starts
+  its own ttl only after receiving the command, so the key outlives the
+  holder's deadline: a leader that cannot renew steps down before anyone else
+  can acquire. Wall clocks of different hosts are never compared; ``now()``
+  is the monotonic clock expressed in UNIX seconds, so ``expires_at`` reads
+  like a time of day.
+- **Connections** are made lazily in the running loop, with no retries inside
+  a call (the elector bounds each call itself); after a connection error the
+  lease waits ``backoff`` seconds, doubling up to ``backoff_max``, before it
+  touches the network again, failing fast with :class:`LeaseUnavailable`
+  meanwhile. A Redis restart therefore costs the leader its leadership and
+  runs a new election, without a crash or a stray task.
+
+redis-py is an optional dependency (``pip install 'taskwatch[redis]'``): it is
+imported when a :class:`RedisLease` is made, never by ``import taskwatch.engine``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import InvalidConfiguration, LeaseUnavailable, MissingDependency
+from .lease import Lease, LeaseState
+
+T = TypeVar("T")
+
+# KEYS[1] the lease, KEYS[2] its term counter
+# ARGV[1] the claimant "<token>:<node_id>", ARGV[2] ttl in ms, ARGV[3] highest term the claimant saw
+_ACQUIRE = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local claimant = string.sub(current, string.find(current, ':', 1, true) + 1)
+  if claimant ~= ARGV[1] then
+    return {0, current, redis.call('PTTL', KEYS[1])}
+  end
+end
+if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[3]) then
+  redis.call('SET', KEYS[2], ARGV[3])
+end
+local value = redis.call('INCR', KEYS[2]) .. ':' .. ARGV[1]
+if current then
+  redis.call('SET', KEYS[1], value, 'XX', 'PX', ARGV[2])
+else
+  redis.call('SET', KEYS[1], value, 'NX', 'PX', ARGV[2])
+end
+return {1, value, tonumber(ARGV[2])}
+"""
+
+# KEYS[1] the lease; ARGV[1] the exact value the holder wrote, ARGV[2] ttl in ms
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# KEYS[1] the lease; ARGV[1] the exact value the holder wrote
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# KEYS[1] the lease: its value and remaining ms, read together
+_READ = """
+return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
+"""
+
+_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _import_redis() -> tuple[Any, Any, Any, Any]:
+    """redis-py's asyncio client, its exceptions, Retry and NoBackoff; a clear error without it."""
+    try:
+        import redis.asyncio as redis_asyncio
+        import redis.exceptions as redis_errors
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+    except ImportError as exc:
+        raise MissingDependency("RedisLease", "redis", "redis") from exc
+    return redis_asyncio, redis_errors, Retry, NoBackoff
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, for logs, errors and ``leadership().backend``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else "***@"
+    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+
+
+class RedisLease(Lease):
+    """A leader lease in Redis, shared by every engine given the same ``url`` and ``key``.
+
+    ``ttl`` is how long an acquire or renew keeps the lease (seconds);
+    ``renew_interval`` defaults to a third of it. ``safety_margin`` (default 5 %
+    of the ttl) is taken off every deadline this node computes. Give each
+    engine its own :class:`RedisLease` (the object's token identifies the holder).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key: str = "taskwatch:leader",
+        ttl: float = 15.0,
+        renew_interval: float | None = None,
+        safety_margin: float | None = None,
+        backoff: float = 0.05,
+        backoff_max: float | None = None,
+    ) -> None:
+        super().__init__(ttl, renew_interval=renew_interval)
+        problems = []
+        if not isinstance(url, str) or urlsplit(url).scheme not in _SCHEMES:
+            problems.append(f"url must be a redis://, rediss:// or unix:// URL, got {url!r}")
+        if not isinstance(key, str) or not key:
+            problems.append(f"key must be a non-empty string, got {key!r}")
+        margin = ttl * 0.05 if safety_margin is None else safety_margin
+        if not 0 <= margin < ttl - self.renew_interval:
+            problems.append(
+                f"safety_margin must be at least 0 and leave more than one renew interval of the ttl, got {margin!r}"
+            )
+        top = self.renew_interval if backoff_max is None else backoff_max
+        if not 0 < backoff <= top:
+            problems.append(f"backoff must be positive and at most backoff_max ({top!r}), got {backoff!r}")
+        if problems:
+            raise InvalidConfiguration("RedisLease", problems)
+        self._redis_module, self._redis_errors, self._retry, self._no_backoff = _import_redis()
+        self.url = url
+        self.key = key
+        self.term_key = f"{key}:term"
+        self.safety_margin = margin
+        self.backoff = backoff
+        self.backoff_max = top
+        self.token = os.urandom(8).hex()
+        self._client: Any = None
+        self._scripts: dict[str, Any] = {}
+        # the monotonic clock, read as UNIX seconds: anchored once, never stepped by NTP
+        self._anchor = time.time() - time.monotonic()
+        self._highest_term = 0
+        self._retry_at = 0.0
+        self._delay = 0.0
+        #: connection failures, reconnections after one, and the last error (see describe())
+        self.failures = 0
+        self.reconnects = 0
+        self.last_error: str | None = None
+
+    # ------------------------------------------------------------------ clock and identity
+
+    def now(self) -> float:
+        return self._anchor + time.monotonic()
+
+    def _claimant(self, node_id: str) -> str:
+        return f"{self.token}:{node_id}"
+
+    def _value(self, node_id: str, term: int) -> str:
+        return f"{term}:{self._claimant(node_id)}"
+
+    def _parse(self, value: bytes | str | None, pttl: int, sent: float) -> LeaseState | None:
+        """The state a stored value and its remaining ms describe, judged from ``sent``."""
+        if value is None or pttl <= 0:
+            return None
+        text = value.decode() if isinstance(value, bytes) else value
+        term, _token, holder = text.split(":", 2)
+        self._highest_term = max(self._highest_term, int(term))
+        return LeaseState(holder=holder, term=int(term), expires_at=sent + pttl / 1000)
+
+    def describe(self) -> str:
+        down = f", unreachable: {self.last_error}" if self._retry_at > time.monotonic() else ""
+        return f"redis {redact_url(self.url)} key={self.key} ttl={self.ttl:g}s{down}"
+
+    # ------------------------------------------------------------------ connection
+
+    def _redis(self) -> Any:
+        if self._client is None:
+            self._client = self._redis_module.Redis.from_url(
+                self.url,
+                socket_timeout=self.renew_interval,
+                socket_connect_timeout=self.renew_interval,
+                # the elector bounds and repeats every call itself; a retry inside
+                # one would outlast the deadline it is meant to meet
+                retry=self._retry(self._no_backoff(), 0),
+                health_check_interval=0,
+            )
+            self._scripts = {
+                name: self._client.register_script(src)
+                for name, src in (("acquire", _ACQUIRE), ("renew", _RENEW), ("release", _RELEASE), ("read", _READ))
+            }
+        return self._client
+
+    async def _run(self, call: Callable[[Any, dict[str, Any]], Awaitable[T]]) -> T:
+        """One call to Redis, with backoff after connection failures."""
+        mono = time.monotonic()
+        if mono < self._retry_at:
+            raise LeaseUnavailable(redact_url(self.url), self.last_error or "down", self._retry_at - mono)
+        errors = self._redis_errors
+        client = self._redis()
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
+        try:
+            result = await call(client, self._scripts)
+            if task is not None and task.cancelling() > cancels:
+                # redis-py can swallow a cancel that lands mid-command: pass it on
+                raise asyncio.CancelledError
+        except (errors.ConnectionError, errors.TimeoutError, OSError) as exc:
+            if task is not None and task.cancelling() > cancels:
+                raise asyncio.CancelledError from exc
+            self.failures += 1
+            self._delay = min(self.backoff_max, self._delay * 2 if self._delay else self.backoff)
+            self._retry_at = time.monotonic() + self._delay
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            raise LeaseUnavailable(redact_url(self.url), self.last_error, self._delay) from exc
+        if self._delay:
+            self._delay = 0.0
+            self.reconnects += 1
+        return result
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        self._scripts = {}
+        if client is not None:
+            await client.aclose()
+
+    # ------------------------------------------------------------------ the Lease interface
+
+    async def acquire(self, node_id: str) -> LeaseState | None:
+        sent = self.now()
+        ttl_ms = max(1, int(self.ttl * 1000))
+        claimant = self._claimant(node_id)
+        won, value, pttl = await self._run(
+            lambda _c, s: s["acquire"](
+                keys=[self.key, self.term_key], args=[claimant, ttl_ms, self._highest_term]
+            )
+        )
+        if not won:
+            self._parse(value, int(pttl), sent)  # remember the term it saw
+            return None
+        state = self._parse(value, int(pttl), sent)
+        assert state is not None
+        return state.model_copy(update={"expires_at": sent + self.ttl - self.safety_margin})
+
+    async def renew(self, node_id: str, term: int) -> LeaseState | None:
+        sent = self.now()
+        ttl_ms = max(1, int(self.ttl * 1000))
+        value = self._value(node_id, term)
+        done = await self._run(lambda _c, s: s["renew"](keys=[self.key], args=[value, ttl_ms]))
+        if not done:
+            return None
+        return LeaseState(holder=node_id, term=term, expires_at=sent + self.ttl - self.safety_margin)
+
+    async def release(self, node_id: str, term: int) -> bool:
+        value = self._value(node_id, term)
+        return bool(await self._run(lambda _c, s: s["release"](keys=[self.key], args=[value])))
+
+    async def holder(self) -> LeaseState | None:
+        sent = self.now()
+        value, pttl = await self._run(lambda _c, s: s["read"](keys=[self.key]))
+        return self._parse(value, int(pttl), sent)
+
+    async def check(self, node_id: str, term: int) -> bool:
+        value = self._value(node_id, term)
+        current = await self._run(lambda c, _s: c.get(self.key))
+        if current is None:
+            return False
+        text = current.decode() if isinstance(current, bytes) else current
+        self._highest_term = max(self._highest_term, int(text.split(":", 1)[0]))
+        return bool(text == value)
+
+    def __repr__(self) -> str:
+        return f"<RedisLease {self.describe()}>"

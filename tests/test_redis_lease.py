@@ -1,0 +1,304 @@
+"""The Redis lease against a real redis-server, in one process.
+
+The compare-and-set semantics of every operation, the term counter, what
+``ensure_leader()`` asks Redis, what ``leadership()`` and the lease events
+say, and how an engine rides out Redis going away and coming back. The
+multi-process failover tests (kill -9, SIGSTOP, random schedules) are in
+``test_redis_failover.py``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from taskwatch.engine import (
+    Engine,
+    InvalidConfiguration,
+    LeaseUnavailable,
+    NotLeader,
+    RedisLease,
+    TaskContext,
+)
+
+from .helpers import Recorder, eventually, stray_tasks
+from .lease_nodes import REPO
+from .redis_server import RedisServer
+
+KEY = "test:leader"
+
+
+@pytest.fixture
+async def raw(redis_server: RedisServer) -> AsyncIterator[Any]:
+    """A plain client to look at (and tamper with) what the lease wrote."""
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def lease_for(server: RedisServer, ttl: float = 2.0, **kwargs: Any) -> RedisLease:
+    return RedisLease(server.url, key=KEY, ttl=ttl, **kwargs)
+
+
+# ---------------------------------------------------------------- the lease operations
+
+
+async def test_acquire_sets_the_key_with_a_ttl_and_a_new_term(redis_server: RedisServer, raw: Any) -> None:
+    lease = lease_for(redis_server)
+    try:
+        before = lease.now()
+        state = await lease.acquire("a")
+
+        assert state is not None and (state.holder, state.term) == ("a", 1)
+        # the deadline is taken from the moment of sending, minus the safety margin
+        assert before + 2.0 - lease.safety_margin <= state.expires_at <= lease.now() + 2.0 - lease.safety_margin
+        assert await raw.get(KEY) == f"1:{lease.token}:a"
+        assert 0 < await raw.pttl(KEY) <= 2000
+        assert await raw.get(f"{KEY}:term") == "1"
+        seen = await lease.holder()
+        assert seen is not None and (seen.holder, seen.term) == ("a", 1)
+    finally:
+        await lease.close()
+
+
+async def test_only_the_holder_of_the_term_renews_or_releases(redis_server: RedisServer, raw: Any) -> None:
+    a, b = lease_for(redis_server), lease_for(redis_server)
+    try:
+        state = await a.acquire("a")
+        assert state is not None
+
+        assert await b.acquire("b") is None
+        assert await b.renew("b", state.term) is None
+        # the same node id from another process (another lease object) is someone else
+        assert await b.renew("a", state.term) is None
+        assert await b.release("a", state.term) is False
+        assert await a.renew("a", state.term + 1) is None
+        assert await a.release("a", state.term - 1) is False
+        assert (await b.holder()).holder == "a"  # type: ignore[union-attr]
+
+        assert await a.renew("a", state.term) is not None
+        assert await a.check("a", state.term) and not await b.check("a", state.term)
+        assert await a.release("a", state.term) is True
+        assert await raw.get(KEY) is None
+        assert await a.release("a", state.term) is False
+        assert await b.holder() is None
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_terms_grow_across_release_expiry_and_reacquire(redis_server: RedisServer, raw: Any) -> None:
+    a, b = lease_for(redis_server), lease_for(redis_server)
+    try:
+        first = await a.acquire("a")
+        again = await a.acquire("a")  # its own lease: taken again, the old term fenced off
+        assert first is not None and again is not None and again.term > first.term
+        assert await a.renew("a", first.term) is None
+        assert await a.release("a", again.term)
+        taken = await b.acquire("b")
+        assert taken is not None and taken.term > again.term
+
+        await raw.delete(KEY)  # as if it expired
+        after = await a.acquire("a")
+        assert after is not None and after.term > taken.term
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_term_counter_lost_with_redis_data_never_hands_a_term_out_again(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    lease = lease_for(redis_server)
+    try:
+        for _ in range(3):
+            await lease.acquire("a")
+        assert await raw.get(f"{KEY}:term") == "3"
+
+        await raw.flushall()  # what a restart without persistence does
+
+        state = await lease.acquire("a")
+        assert state is not None and state.term == 4
+    finally:
+        await lease.close()
+
+
+def test_bad_options_are_refused_with_every_problem_named() -> None:
+    with pytest.raises(InvalidConfiguration) as info:
+        RedisLease("http://example", key="", ttl=1.0, safety_margin=5.0)
+    message = str(info.value)
+    assert "redis://" in message and "key" in message and "safety_margin" in message
+    with pytest.raises(ValueError):
+        RedisLease("redis://127.0.0.1:1/0", ttl=0)
+
+
+def test_without_redis_py_the_engine_imports_and_the_lease_names_the_extra() -> None:
+    code = (
+        "import sys; sys.modules['redis'] = None\n"
+        "import taskwatch.engine as tw\n"
+        "try:\n"
+        "    tw.RedisLease('redis://127.0.0.1:6379/0')\n"
+        "except tw.MissingDependency as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'taskwatch[redis]'" in out.stdout
+
+
+async def test_an_unreachable_redis_fails_fast_with_backoff(redis_server: RedisServer) -> None:
+    lease = lease_for(redis_server, backoff=0.2, backoff_max=0.4)
+    redis_server.stop()
+    try:
+        with pytest.raises(LeaseUnavailable) as first:
+            await lease.acquire("a")
+        assert redis_server.url in str(first.value)
+        # within the backoff the network is not touched again
+        with pytest.raises(LeaseUnavailable) as second:
+            await lease.holder()
+        assert second.value.__cause__ is None
+        assert lease.failures == 1
+        assert "unreachable" in lease.describe()
+    finally:
+        await lease.close()
+
+
+# ---------------------------------------------------------------- an engine on the lease
+
+
+def leader_engine(lease: RedisLease, node: str) -> tuple[Engine, list[TaskContext]]:
+    engine = Engine(node_id=node, lease=lease, health_interval=None)
+    contexts: list[TaskContext] = []
+
+    @engine.supervised(name="guarded", leader_only=True, backoff=0.05)
+    async def guarded(ctx: TaskContext) -> None:
+        contexts.append(ctx)
+        while True:
+            await ctx.ensure_leader()
+            await __import__("asyncio").sleep(0.02)
+
+    return engine, contexts
+
+
+async def test_leadership_shows_the_redis_backend_without_the_password(redis_server: RedisServer) -> None:
+    url = redis_server.url.replace("redis://", "redis://:s3cret@")
+    lease = RedisLease(url, key=KEY, ttl=2.0)
+    engine = Engine(node_id="a", lease=lease, health_interval=None)
+    assert "s3cret" not in repr(lease)
+    backend = engine.leadership().backend
+    assert backend is not None and backend.startswith("redis ") and KEY in backend and "s3cret" not in backend
+
+
+async def test_ensure_leader_asks_redis_at_that_moment(redis_server: RedisServer, raw: Any) -> None:
+    lease = lease_for(redis_server, ttl=5.0)
+    engine, contexts = leader_engine(lease, "a")
+    rec = Recorder(engine)
+    try:
+        await engine.start()
+        await eventually(lambda: contexts, timeout=5.0)
+        probe = TaskContext(engine, None, "probe")
+        term = await probe.ensure_leader()
+        assert term == engine.leadership().term
+
+        # someone else's term in Redis, while this node's own view is still valid
+        await raw.set(KEY, f"{term + 7}:feedfeedfeedfeed:b", px=5000)
+        assert engine.elector.lease_valid()
+        with pytest.raises(NotLeader):
+            await probe.ensure_leader()
+
+        # the node steps down at once: its leader-only worker is stopped, not crashed
+        assert rec.of("lease.lost")
+        await eventually(lambda: rec.of("worker.stopped"), timeout=5.0)
+        assert [e.reason for e in rec.of("worker.stopped")] == ["leadership_lost"]
+        assert not rec.of("worker.crashed")
+        await raw.delete(KEY)
+        await eventually(lambda: engine.leadership().is_leader, timeout=5.0)
+        # the counter was raised past the foreign term this node saw
+        assert engine.leadership().term > term + 7
+    finally:
+        await engine.stop(2.0)
+    assert not stray_tasks()
+
+
+async def test_leader_change_events_carry_old_and_new_holder_and_term(redis_server: RedisServer) -> None:
+    a, _ = leader_engine(lease_for(redis_server), "a")
+    b, _ = leader_engine(lease_for(redis_server, renew_interval=0.1), "b")
+    rec_a, rec_b = Recorder(a, kinds=("lease.",)), Recorder(b, kinds=("lease.",))
+    try:
+        await a.start()
+        await b.start()
+        assert b.leadership().holder == "a"
+        (acquired_a,) = rec_a.of("lease.acquired")
+        assert (acquired_a.holder, acquired_a.term, acquired_a.previous_holder) == ("a", 1, None)
+
+        await a.stop(2.0)
+
+        (released,) = rec_a.of("lease.released")
+        assert (released.previous_holder, released.previous_term, released.holder) == ("a", 1, None)
+        await eventually(lambda: rec_b.of("lease.acquired"), timeout=5.0)
+        (acquired_b,) = rec_b.of("lease.acquired")
+        assert (acquired_b.holder, acquired_b.term) == ("b", 2)
+        assert (acquired_b.previous_holder, acquired_b.previous_term) == ("a", 1)
+        assert b.leadership().backend is not None and "redis" in b.leadership().backend  # type: ignore[operator]
+    finally:
+        await a.stop(2.0)
+        await b.stop(2.0)
+    assert not stray_tasks()
+
+
+async def test_redis_going_away_makes_the_leader_step_down_and_come_back(
+    persistent_redis_server: RedisServer,
+) -> None:
+    server = persistent_redis_server
+    lease = RedisLease(server.url, key=KEY, ttl=1.0)
+    engine, contexts = leader_engine(lease, "a")
+    rec = Recorder(engine)
+    try:
+        await engine.start()
+        await eventually(lambda: contexts, timeout=5.0)
+        first_term = engine.leadership().term
+
+        server.stop()
+
+        await eventually(lambda: rec.of("lease.lost"), timeout=5.0)
+        await eventually(lambda: rec.of("worker.stopped"), timeout=5.0)
+        assert engine.workers()[0].state == "waiting_for_leadership"
+        with pytest.raises(NotLeader):
+            await TaskContext(engine, None, "probe").ensure_leader()
+
+        server.start()
+
+        await eventually(lambda: engine.leadership().is_leader, timeout=10.0)
+        await eventually(lambda: len(contexts) == 2, timeout=5.0)
+        assert engine.leadership().term > first_term
+        assert lease.failures >= 1 and lease.reconnects >= 1
+        assert not rec.of("worker.crashed")
+    finally:
+        await engine.stop(2.0)
+    assert not stray_tasks()
+
+
+# ---------------------------------------------------------------- the redis-server fixture
+
+
+@pytest.mark.parametrize(("ci", "outcome", "rc"), [("true", "1 error", 1), ("", "1 skipped", 0)])
+def test_a_missing_redis_server_fails_under_ci_and_skips_elsewhere(
+    tmp_path: Any, ci: str, outcome: str, rc: int
+) -> None:
+    # only the interpreter's own directory on PATH: no redis-server to be found
+    env = {"PATH": str(Path(sys.executable).parent), "CI": ci, "HOME": str(tmp_path)}
+    test = "tests/test_redis_lease.py::test_only_the_holder_of_the_term_renews_or_releases"
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", test],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert outcome in out.stdout, out.stdout[-2000:]
+    assert out.returncode == rc
+    assert "apt-get install -y redis-server" in out.stdout
