@@ -272,6 +272,8 @@ class Engine:
         self._finished: OrderedDict[str, None] = OrderedDict()
         #: claim token -> run, for the runs executing here
         self._claimed: dict[str, Run] = {}
+        #: claims whose outcome is being written: a heartbeat that finds them ended is not news
+        self._finishing: set[str] = set()
         #: outcome writes started from callbacks, awaited by stop()
         self._writes: set[asyncio.Task[Any]] = set()
         #: runs evicted from the index since the memory store was last pruned
@@ -1409,8 +1411,8 @@ class Engine:
     def _claim_lost(self, token: str) -> None:
         """The store no longer counts this node as the run's owner (recovered elsewhere): stop it."""
         run = self._claimed.get(token)
-        if run is None:
-            return
+        if run is None or token in self._finishing:
+            return  # gone, or ended by our own finish, which the heartbeat crossed
         log.warning("lost the claim on run %s (recovered by another node); stopping it here", run.id)
         run.token = None  # nothing this attempt does may be recorded any more
         if run.handle is not None:
@@ -1517,6 +1519,7 @@ class Engine:
             self._apply_outcome(run, token, outcome, error, memory.finish_now(token, outcome))
             return
         write = asyncio.ensure_future(self._write_outcome(run, token, outcome))
+        self._finishing.add(token)
         try:
             # a cancel or a stop arriving now must not cut the write short: what the
             # store holds and what this node reports would disagree
@@ -1525,6 +1528,8 @@ class Engine:
             status = await write
             self._apply_outcome(run, token, outcome, error, status)
             raise
+        finally:
+            self._finishing.discard(token)
         self._apply_outcome(run, token, outcome, error, status)
 
     async def _write_outcome(self, run: Run, token: str, outcome: Outcome) -> RunStatus | None:

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from taskwatch.engine import Engine, RunRecord, TaskContext
 
 from .helpers import eventually
@@ -124,3 +125,22 @@ async def test_restarting_one_engine_object_on_a_durable_store_keeps_its_counts_
             assert len(engine.runs(limit=None)) == 7
         finally:
             await engine.stop(timeout=0)
+
+
+async def test_a_heartbeat_crossing_a_finish_is_not_taken_for_a_lost_claim(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # heartbeats every 0.05 s while thousands of runs finish: many cross a finish being written
+    engine = Engine(store=f"sqlite:///{tmp_path / 'runs.db'}", node_id="n", health_interval=None,
+                    lease_ttl=0.15, max_concurrency=50, max_queue=10_000)
+
+    @engine.task
+    async def quick(ctx: TaskContext) -> None:
+        return None
+
+    async with engine:
+        handles = await engine.submit_many([("quick", None)] * 3_000)
+        records = [await h.wait(timeout=60) for h in handles]
+        assert all(r.status == "succeeded" for r in records)
+        assert engine.stats().by_status["running"] == 0
+    assert "lost the claim" not in caplog.text
