@@ -291,7 +291,7 @@ async def test_cancel_from_the_dashboard_cancels_the_remote_run(serve: ServeFn) 
         )
 
         assert table.select_run(run_id)
-        await pilot.press("c")
+        await pilot.press("c", "y")  # confirmed in the dialog naming the run
 
         snap = await remote_until(remote, lambda s: (r := run_of(s, run_id)) is not None and r.status.finished)
         record = run_of(snap, run_id)

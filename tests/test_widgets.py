@@ -259,7 +259,7 @@ async def test_runs_table_keeps_a_bounded_number_of_rows_trimmed_in_batches() ->
         assert table.shown_keys[0] == "s099"
 
 
-async def test_runs_table_cursor_follows_newest_on_top_else_stays_on_its_run() -> None:
+async def test_runs_table_cursor_stays_on_its_run_as_newer_runs_arrive() -> None:
     table = RunsTable()
     host = Host(table)
     async with host.run_test(size=SIZE) as pilot:
@@ -267,22 +267,22 @@ async def test_runs_table_cursor_follows_newest_on_top_else_stays_on_its_run() -
         await pilot.pause()
         assert table.selected_run_id == "new"
 
-        # on the top row the cursor follows the newest run
+        # even on the top row, a newer run does not take the cursor away from its run
         table.update_runs([run("newer", 4)], now=T0 + 5)
         await pilot.pause()
-        assert table.selected_run_id == "newer" and table.cursor_row == 0
+        assert table.selected_run_id == "new" and table.cursor_row == 1
 
         assert table.select_run("mid")
         assert table.select_run("nope") is False
         await pilot.pause()
         assert table.selected_run_id == "mid"
 
-        # below the top, newer runs push the row down and the cursor moves with it
+        # newer runs push the row down and the cursor moves with it
         table.update_runs([run("newest", 5)], now=T0 + 6)
         await pilot.pause()
         assert table.selected_run_id == "mid" and table.cursor_row == 3
         highlighted = [m.run_id for m in host.of(RunsTable.RunHighlighted)]
-        assert highlighted == ["new", "newer", "mid"]
+        assert highlighted == ["new", "mid"]
 
         table.focus()
         await pilot.press("enter")
@@ -293,8 +293,8 @@ async def test_runs_table_cursor_follows_newest_on_top_else_stays_on_its_run() -
         await pilot.pause()
         assert host.of(RunsTable.RunHighlighted)[-1].run_id == "new"
 
-        # a run chosen on the top row stays chosen
-        await pilot.press("up", "up", "enter")
+        # g goes to the newest run, which then stays put too
+        await pilot.press("g")
         await pilot.pause()
         assert table.selected_run_id == "newest"
         table.update_runs([run("latest", 6)], now=T0 + 7)

@@ -46,7 +46,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 
 from .client import DashboardClient
-from .screens import HelpScreen, SubmitScreen, TracebackScreen
+from .screens import ConfirmScreen, HelpScreen, SubmitScreen, TracebackScreen
 from .state import DashboardState
 
 TABS = ("runs", "failures", "scheduler", "health", "events")
@@ -119,8 +119,41 @@ def parse_run_filter(text: str) -> tuple[set[str] | None, str]:
     return (statuses or None), " ".join(words)
 
 
+#: the widget each tab puts the keyboard focus on when it is shown
+TAB_FOCUS = {
+    "runs": "#runs-table",
+    "failures": "#failures-table",
+    "scheduler": "#schedule-table",
+    "health": None,
+    "events": "#event-log",
+}
+
+
 class DashboardScreen(Screen[None]):
-    """The dashboard itself: header, tabs, footer. Modal dialogs stack above it."""
+    """The dashboard itself: header, tabs, footer. Modal dialogs stack above it.
+
+    Its keys are priority bindings, so they work whichever widget has focus (a
+    table or the detail pane would otherwise take them first); Textual leaves out
+    the printable ones while a text box has focus, so typing in a filter stays text.
+    Dialogs are separate screens and keep their own keys.
+    """
+
+    BINDINGS = [
+        Binding("s", "app.submit", "Submit", priority=True),
+        Binding("c", "app.cancel_run", "Cancel", priority=True),
+        Binding("r", "app.retry_run", "Retry", priority=True),
+        Binding("t", "app.traceback", "Traceback", priority=True),
+        Binding("slash", "app.filter", "Filter", priority=True),
+        Binding("p", "app.toggle_view", "Pause", priority=True),
+        Binding("z", "app.toggle_periodic", "Pause periodic", show=False, priority=True),
+        Binding("question_mark", "app.help", "Help", priority=True),
+        Binding("q", "app.quit", "Quit", priority=True),
+        Binding("escape", "app.close_filter", "Close filter", show=False),
+        *(
+            Binding(str(i), f"app.show_tab('{tab}')", tab.title(), show=False, priority=True)
+            for i, tab in enumerate(TABS, 1)
+        ),
+    ]
 
     def __init__(self, max_rows: int) -> None:
         super().__init__(id="dashboard")
@@ -171,20 +204,6 @@ class TaskwatchApp(App[None]):
 
     CSS_PATH = "app.tcss"
     TITLE = "taskwatch"
-    BINDINGS = [
-        Binding("s", "submit", "Submit"),
-        Binding("c", "cancel_run", "Cancel"),
-        Binding("r", "retry_run", "Retry"),
-        Binding("t", "traceback", "Traceback"),
-        Binding("slash", "filter", "Filter"),
-        Binding("p", "toggle_view", "Pause view"),
-        Binding("z", "toggle_periodic", "Pause periodic"),
-        Binding("question_mark", "help", "Help"),
-        Binding("q", "quit", "Quit"),
-        Binding("escape", "close_filter", "Close filter", show=False),
-        *(Binding(str(i), f"show_tab('{tab}')", tab.title(), show=False) for i, tab in enumerate(TABS, 1)),
-    ]
-
     view_paused: reactive[bool] = reactive(False, init=False)
 
     def __init__(
@@ -197,7 +216,9 @@ class TaskwatchApp(App[None]):
         rows_per_frame: int = 60,
         clock: Callable[[], float] = time.time,
         cursor_blink: bool = True,
+        confirm: bool = True,
     ) -> None:
+        """``confirm=False`` cancels without asking first (``taskwatch --no-confirm``)."""
         super().__init__()
         self.client = client
         self.state = DashboardState()
@@ -222,6 +243,8 @@ class TaskwatchApp(App[None]):
         self.rows_per_frame = rows_per_frame
         #: off for screenshots and snapshot tests, whose pictures must not depend on timing
         self.cursor_blink = cursor_blink
+        #: ask before cancelling (the dialog names the run)
+        self.confirm = confirm
         #: full records fetched for runs whose values came cut down over the wire (newest last)
         self._full_records: dict[str, RunRecord] = {}
         self._fetching: set[str] = set()
@@ -242,6 +265,8 @@ class TaskwatchApp(App[None]):
         for box in self.main.query(".filter").results(Input):
             box.cursor_blink = self.cursor_blink
         self.sub_title = self.client.where
+        # the runs table, not the tab strip: arrows and j/k move through runs at once
+        self.main.query_one(RunsTable).focus()
         self.connect()
         self.set_interval(1.0 / self.refresh_hz, self.redraw, name="redraw")
         self.set_interval(self.overview_interval, self.refresh_overview, name="overview")
@@ -281,7 +306,7 @@ class TaskwatchApp(App[None]):
     def _reset_runs_table(self) -> None:
         table = self.main.query_one(RunsTable)
         if self._reselect is None:  # a reselect still pending from an earlier reload wins
-            self._reselect = table.selected_run_id if table.cursor_row else None
+            self._reselect = table.selected_run_id
         table.clear_runs()
         self._table_stale = False
 
@@ -544,6 +569,18 @@ class TaskwatchApp(App[None]):
 
     def action_show_tab(self, tab: str) -> None:
         self.main.query_one(TabbedContent).active = tab
+        self._focus_tab(tab)
+
+    @on(TabbedContent.TabActivated)
+    def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        # a tab chosen with the mouse puts the keys in its table too
+        if event.pane.id is not None:
+            self._focus_tab(event.pane.id)
+
+    def _focus_tab(self, tab: str) -> None:
+        selector = TAB_FOCUS.get(tab)
+        if selector is not None:
+            self.main.query_one(selector).focus()
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
@@ -586,6 +623,11 @@ class TaskwatchApp(App[None]):
         run = self.selected_run if self.active_tab == "runs" else None
         if run is None:
             self._no_run_selected("cancel")
+            return
+        # the run is fixed now: rows moving while the dialog is open change nothing
+        if self.confirm and not await self.push_screen_wait(
+            ConfirmScreen(f"Cancel run {run.id} ({run.task}, {run.status.value})?", yes="Cancel run")
+        ):
             return
         record = await self._command("cancel", self.client.cancel(run.id), RunNotCancellable)
         if record is None:

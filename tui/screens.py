@@ -1,4 +1,4 @@
-"""Modal screens: submit a task, read a traceback, the key help."""
+"""Modal screens: submit a task, read a traceback, confirm an action, the key help."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
             )
             initial = self.tasks.get(self._initial) if self._initial is not None else None
             yield Static(initial.description if initial else "", id="submit-description")
-            with VerticalScroll(id="submit-form"):
+            # not a focus stop of its own: the first Tab goes to the first field
+            with VerticalScroll(id="submit-form", can_focus=False):
                 # the first form is composed, not mounted later, so it is there at once
                 if initial is not None:
                     yield ParamsForm(initial, id="params-form", cursor_blink=self._cursor_blink)
@@ -107,6 +108,44 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
             error_line.update(Text(f"not submitted: {exc}", style="bold red"))
             return
         self.dismiss(record)
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """A yes/no question naming what is about to happen: Enter or y says yes, Esc or n no."""
+
+    BINDINGS = [
+        Binding("enter,y", "answer(True)", "Yes"),
+        Binding("escape,n", "answer(False)", "No"),
+    ]
+
+    def __init__(self, question: str, yes: str = "Yes") -> None:
+        super().__init__()
+        self.question = question
+        self._yes = yes
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="confirm-dialog"):
+            yield Static(Text(self.question), id="confirm-question")
+            yield Static(Text("enter / y: yes    esc / n: no", style="dim"), id="confirm-keys")
+            with Horizontal(id="confirm-buttons"):
+                yield Button(self._yes, variant="error", id="confirm-yes")
+                yield Button("No", id="confirm-no")
+
+    def on_mount(self) -> None:
+        # the buttons take no keys: Enter answers yes whatever has focus
+        for button in self.query(Button):
+            button.can_focus = False
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)
+
+    @on(Button.Pressed, "#confirm-yes")
+    def _yes_pressed(self) -> None:
+        self.dismiss(True)
+
+    @on(Button.Pressed, "#confirm-no")
+    def _no_pressed(self) -> None:
+        self.dismiss(False)
 
 
 class TracebackScreen(ModalScreen[None]):

@@ -275,7 +275,7 @@ SCREENS: dict[str, list[str]] = {
     "health": ["4"],
     "events": ["5"],
     "submit": ["s"],
-    "submit_invalid": ["s", "tab", "tab", "u", "7", "tab", "left_square_bracket", "enter"],
+    "submit_invalid": ["s", "tab", "u", "7", "tab", "left_square_bracket", "enter"],
     "traceback": ["2", "t"],
     "help": ["question_mark"],
 }

@@ -5,9 +5,9 @@ that changed) and diffs them against what is shown. The table keeps at most
 ``max_rows`` runs (plus a small slack, so trimming happens in batches) and a
 status/text filter.
 
-The cursor follows the newest run while it sits on the top row (like ``tail
--f``); anywhere else, or once a run was chosen (Enter, click, ``select_run``),
-it stays on its run while newer runs push the row down.
+The cursor stays on the run it is on while newer runs push its row down: a
+key that acts on "the selected run" acts on the run the user put the cursor
+on, never on whatever arrived last. ``g`` (or ctrl+home) goes to the newest.
 """
 
 from __future__ import annotations
@@ -108,8 +108,6 @@ class RunsTable(KeyedTable):
         self._statuses: frozenset[str] | None = None
         self._text = ""
         self._now = 0.0
-        #: the run the user chose explicitly: the cursor stays on it even on the top row
-        self._pinned: str | None = None
 
     # ------------------------------------------------------------ public API
 
@@ -119,10 +117,7 @@ class RunsTable(KeyedTable):
 
     def select_run(self, run_id: str) -> bool:
         """Move the cursor to ``run_id`` and keep it there; False when that run is not shown."""
-        if not self.select_key(run_id):
-            return False
-        self._pinned = run_id
-        return True
+        return self.select_key(run_id)
 
     @property
     def statuses(self) -> frozenset[str] | None:
@@ -224,14 +219,10 @@ class RunsTable(KeyedTable):
             self._running_ids.discard(run_id)
         self._remove(dropped)
 
-    def _keep_selection(self, key: str, row_before: int) -> bool:
-        return row_before != 0 or key == self._pinned
-
     def _highlight_message(self, key: str | None) -> Message:
         return self.RunHighlighted(self, key)
 
     def _selected_message(self, key: str) -> Message:
-        self._pinned = key
         return self.RunSelected(self, key)
 
 

@@ -1,0 +1,188 @@
+"""The dashboard as its users drive it: keys from any focus, the cursor where the user put it,
+confirmations that name the run, true totals, and layouts that fit 80x24.
+
+Every test drives the real app with Pilot on a live engine (or a real remote connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from taskwatch.engine import Engine, RunStatus
+from taskwatch.tui.app import TaskwatchApp
+from taskwatch.tui.client import LocalClient
+from taskwatch.tui.screens import ConfirmScreen, HelpScreen, SubmitScreen
+from taskwatch.widgets import FailuresList, ParamsForm, RunDetail, RunsTable, ScheduleTable
+from textual.pilot import Pilot
+from textual.widgets import Input, TabbedContent
+
+from .helpers import eventually
+from .test_dashboard import make_engine, shown_status, table
+
+SMALL = (80, 24)
+LARGE = (160, 48)
+
+
+@asynccontextmanager
+async def dashboard(
+    engine: Engine, size: tuple[int, int] = SMALL, **app_options: Any
+) -> AsyncIterator[tuple[TaskwatchApp, Pilot]]:
+    app_options.setdefault("refresh_hz", 30.0)
+    app_options.setdefault("overview_interval", 0.2)
+    app = TaskwatchApp(LocalClient(engine, manage=True), **app_options)
+    async with app.run_test(size=size) as pilot:
+        await eventually(lambda: app.state.node_id == "dash-test")
+        await pilot.pause()
+        yield app, pilot
+        engine.resources["release"].set()
+
+
+def notes(app: TaskwatchApp) -> list[str]:
+    return [str(n.message) for n in app._notifications]
+
+
+def tabs(app: TaskwatchApp) -> str:
+    return str(app.main.query_one(TabbedContent).active)
+
+
+# ---------------------------------------------------------------- focus and keys
+
+
+async def test_number_keys_switch_tabs_from_any_focus() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        failed = await (await engine.submit("explode")).wait(2)
+        await eventually(lambda: shown_status(app, failed.id) == "failed")
+        # focus inside the runs table, then inside the detail pane
+        table(app).focus()
+        await pilot.press("2")
+        assert tabs(app) == "failures"
+        await pilot.press("1")
+        assert tabs(app) == "runs"
+        app.main.query_one(RunDetail).focus()
+        await pilot.press("3")
+        assert tabs(app) == "scheduler"
+        app.main.query_one(ScheduleTable).focus()
+        await pilot.press("5")
+        assert tabs(app) == "events"
+        # after a filter typed and confirmed with Enter
+        await pilot.press("1", "slash", *"explode", "enter")
+        assert app.main.query_one("#runs-filter", Input).value == "explode"
+        await pilot.press("2")
+        assert tabs(app) == "failures"
+        # on Failures, with the table focused, r retries the failure (it does not wander off)
+        failures = app.main.query_one(FailuresList)
+        await eventually(lambda: failures.selected == ("run", failed.id))
+        await pilot.press("r")
+        await eventually(lambda: [r for r in engine.runs(task="explode") if r.source == f"retry:{failed.id}"])
+        # screen keys work from every focus: help, submit, quit
+        app.main.query_one(RunDetail).focus()
+        await pilot.press("question_mark")
+        await eventually(lambda: isinstance(app.screen, HelpScreen))
+        await pilot.press("escape")
+        await pilot.press("s")
+        await eventually(lambda: isinstance(app.screen, SubmitScreen))
+
+
+async def test_typing_in_a_filter_is_text_not_keys() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        await pilot.press("slash", *"status:failed q1 s2")
+        assert app.main.query_one("#runs-filter", Input).value == "status:failed q1 s2"
+        assert tabs(app) == "runs" and app.screen is app.main and app.is_running
+
+
+async def test_the_runs_table_has_focus_at_start_and_moves_with_vim_keys() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        ids = [(await (await engine.submit("explode")).wait(2)).id for _ in range(4)]
+        newest_first = list(reversed(ids))
+        await eventually(lambda: table(app).shown_keys == newest_first)
+        assert app.focused is table(app)
+        table(app).select_run(newest_first[0])
+        await pilot.press("down")
+        assert table(app).selected_run_id == newest_first[1]
+        await pilot.press("j")
+        assert table(app).selected_run_id == newest_first[2]
+        await pilot.press("k")
+        assert table(app).selected_run_id == newest_first[1]
+        await pilot.press("G")
+        assert table(app).selected_run_id == newest_first[-1]
+        await pilot.press("g")
+        assert table(app).selected_run_id == newest_first[0]
+        # switching tabs puts focus in the tab's table
+        await pilot.press("2")
+        assert app.focused is app.main.query_one(FailuresList).table
+        await pilot.press("1")
+        assert app.focused is table(app)
+
+
+async def test_tab_in_the_submit_form_goes_to_a_field_that_shows_what_is_typed() -> None:
+    engine = make_engine()
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        await pilot.press("s")
+        screen = await eventually(lambda: app.screen if isinstance(app.screen, SubmitScreen) else None)
+        await eventually(lambda: screen.query(ParamsForm))
+        await pilot.pause()
+        form = screen.query_one(ParamsForm)
+        assert form.task_info.name == "embed_batch"
+        first = form.field_widget("user_id")
+        await pilot.press("tab")
+        assert app.focused is first and first.region.area > 0  # a visible field
+        await pilot.press(*"abc")
+        assert isinstance(first, Input) and first.value == "abc"
+
+
+# ---------------------------------------------------------------- actions on what the user chose
+
+
+async def test_the_cursor_stays_on_the_chosen_run_as_new_runs_arrive() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        held = await engine.submit("hold")
+        await eventually(lambda: shown_status(app, held.id) == "running")
+        table(app).focus()
+        await pilot.press("g")  # the top row: the newest run
+        assert table(app).selected_run_id == held.id
+        for _ in range(5):
+            await (await engine.submit("embed_batch", {"user_id": "u", "contents": []})).wait(2)
+        await eventually(lambda: len(table(app).shown_keys) == 6)
+        await pilot.pause()
+        assert table(app).selected_run_id == held.id  # never dragged to whatever came last
+
+
+async def test_cancel_asks_first_naming_the_run_and_cancels_exactly_that_run() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        held = await engine.submit("hold")
+        other = await engine.submit("hold")
+        await eventually(lambda: shown_status(app, other.id) == "running")
+        table(app).select_run(held.id)
+        await pilot.press("c")
+        dialog = await eventually(lambda: app.screen if isinstance(app.screen, ConfirmScreen) else None)
+        assert held.id in dialog.question and "hold" in dialog.question
+        await pilot.press("n")  # no: nothing happens
+        await eventually(lambda: app.screen is app.main)
+        assert engine.get(held.id).status is RunStatus.RUNNING
+        await pilot.press("c")
+        await eventually(lambda: isinstance(app.screen, ConfirmScreen))
+        # the table moving meanwhile does not change which run the dialog cancels
+        table(app).select_run(other.id)
+        await pilot.press("enter")
+        await eventually(lambda: engine.get(held.id).status is RunStatus.CANCELLED)
+        assert engine.get(other.id).status is RunStatus.RUNNING
+
+
+async def test_cancel_without_confirmation_when_the_setting_says_so() -> None:
+    engine = make_engine()
+    async with dashboard(engine, confirm=False) as (app, pilot):
+        held = await engine.submit("hold")
+        await eventually(lambda: shown_status(app, held.id) == "running")
+        table(app).select_run(held.id)
+        await pilot.press("c")
+        await eventually(lambda: engine.get(held.id).status is RunStatus.CANCELLED)
+        assert not isinstance(app.screen, ConfirmScreen)
+
