@@ -58,14 +58,17 @@ async def test_number_keys_switch_tabs_from_any_focus() -> None:
         await eventually(lambda: shown_status(app, failed.id) == "failed")
         # focus inside the runs table, then inside the detail pane
         table(app).focus()
+        await pilot.pause()  # focus moves on the next message round
         await pilot.press("2")
         assert tabs(app) == "failures"
         await pilot.press("1")
         assert tabs(app) == "runs"
         app.main.query_one(RunDetail).focus()
+        await pilot.pause()  # focus moves on the next message round
         await pilot.press("3")
         assert tabs(app) == "scheduler"
         app.main.query_one(ScheduleTable).focus()
+        await pilot.pause()  # focus moves on the next message round
         await pilot.press("5")
         assert tabs(app) == "events"
         # after a filter typed and confirmed with Enter
@@ -80,6 +83,7 @@ async def test_number_keys_switch_tabs_from_any_focus() -> None:
         await eventually(lambda: [r for r in engine.runs(task="explode") if r.source == f"retry:{failed.id}"])
         # screen keys work from every focus: help, submit, quit
         app.main.query_one(RunDetail).focus()
+        await pilot.pause()  # focus moves on the next message round
         await pilot.press("question_mark")
         await eventually(lambda: isinstance(app.screen, HelpScreen))
         await pilot.press("escape")
@@ -145,6 +149,7 @@ async def test_the_cursor_stays_on_the_chosen_run_as_new_runs_arrive() -> None:
         held = await engine.submit("hold")
         await eventually(lambda: shown_status(app, held.id) == "running")
         table(app).focus()
+        await pilot.pause()  # focus moves on the next message round
         await pilot.press("g")  # the top row: the newest run
         assert table(app).selected_run_id == held.id
         for _ in range(5):
@@ -186,3 +191,61 @@ async def test_cancel_without_confirmation_when_the_setting_says_so() -> None:
         await eventually(lambda: engine.get(held.id).status is RunStatus.CANCELLED)
         assert not isinstance(app.screen, ConfirmScreen)
 
+
+
+# ---------------------------------------------------------------- what the header says
+
+
+def visible(widget: Any) -> str:
+    """The widget's first line as drawn on screen (cut where the screen cuts it)."""
+    return widget.render_line(0).text
+
+
+async def test_the_header_names_the_node_and_the_store_it_watches(tmp_path: Any) -> None:
+    from taskwatch.widgets import LeaderBadge, StoreBadge
+
+    db = tmp_path / "a-rather-long-folder-name-for-the-runs" / "dashboard-runs.db"
+    engine = make_engine(store=f"sqlite:///{db}")
+    async with dashboard(engine) as (app, pilot):
+        store = app.main.query_one(StoreBadge)
+        await eventually(lambda: "dashboard-runs.db" in visible(store))
+        assert visible(store).startswith("store sqlite:")
+        assert "dash-test" in visible(app.main.query_one(LeaderBadge))
+        # given room, it also says which start of the engine this is and how it is reached
+        await pilot.resize_terminal(*LARGE)
+        await eventually(lambda: engine.incarnation[:8] in visible(store))
+        assert "via in-process" in visible(store) and "dashboard-runs.db" in visible(store)
+
+
+async def test_counts_are_totals_since_start_not_the_history_window() -> None:
+    from taskwatch.widgets import CountsBar
+
+    engine = make_engine(history=5)
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        for _ in range(12):
+            await (await engine.submit("explode")).wait(2)
+        await eventually(lambda: engine.stats().by_status["failed"] <= 5)  # the window keeps 5
+        bar = app.main.query_one(CountsBar)
+        await eventually(lambda: "failed 12" in visible(bar))
+        assert "since start" in visible(bar)
+
+
+async def test_pause_and_drop_indicators_stay_visible_beside_large_counts() -> None:
+    from taskwatch.widgets import CountsBar
+
+    from .test_widgets import Host
+
+    bar = CountsBar()
+    async with Host(bar).run_test(size=SMALL) as pilot:
+        bar.update(
+            {"pending": 4_512, "running": 128}, dropped=37, paused=True, view_paused_buffered=950,
+            totals={"succeeded": 981_223, "failed": 12_345, "cancelled": 678}, rate=1234.5,
+        )
+        await pilot.pause()
+        line = visible(bar)
+        assert "dropped 37 events" in line and "paused (950 buffered)" in line
+        assert line.startswith("pending 4,512")
+        bar.update({"pending": 1}, dropped=0, paused=False, totals={"succeeded": 2, "failed": 0, "cancelled": 0})
+        await pilot.pause()
+        line = visible(bar)
+        assert "succeeded 2" in line and "paused" not in line and "dropped" not in line

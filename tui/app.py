@@ -34,6 +34,7 @@ from taskwatch.widgets import (
     RunDetail,
     RunsTable,
     ScheduleTable,
+    StoreBadge,
     TriggersTable,
 )
 from textual import events, on, work
@@ -170,8 +171,10 @@ class DashboardScreen(Screen[None]):
             app.dashboard_gone()
 
     def compose(self) -> ComposeResult:
-        with Horizontal(id="top"):
-            yield LeaderBadge(id="leader")
+        with Vertical(id="top"):
+            with Horizontal(id="top-line"):
+                yield LeaderBadge(id="leader")
+                yield StoreBadge(id="store")
             yield CountsBar(id="counts")
         with TabbedContent(initial="runs", id="tabs"):
             with TabPane("Runs", id="runs"):
@@ -296,6 +299,7 @@ class TaskwatchApp(App[None]):
         self.state.load(snap)
         # which engine process, and where its runs live, is the first thing to know
         self.sub_title = f"{self.client.where} · node {snap.node_id} · store {snap.store}"
+        self.main.query_one(StoreBadge).update(snap.store, snap.incarnation, self.client.where)
         if self.view_paused:
             self._table_stale = True  # the frozen screen is cleared when the view resumes
         else:
@@ -502,11 +506,14 @@ class TaskwatchApp(App[None]):
 
     def _update_counts(self) -> None:
         log = self.main.query_one(EventLog)
+        stats = self.state.stats
         self.main.query_one(CountsBar).update(
             self.state.by_status or self.state.counts(),
             self.state.dropped + self.client.dropped,
             self.view_paused,
-            getattr(log, "buffered", 0),
+            log.buffered,
+            totals=self.state.totals(),
+            rate=stats.throughput if stats is not None else None,
         )
 
     @while_dashboard_alive

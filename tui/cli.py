@@ -78,6 +78,7 @@ def _main_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plain", action="store_true", help="print the demo's events instead of opening the dashboard")
     parser.add_argument("--seconds", type=float, default=None, help="with --plain: stop after this many seconds")
     parser.add_argument("--serve", metavar="ADDRESS", default=None, help="also serve the engine for `taskwatch attach`")
+    _add_confirm_option(parser)
     parser.add_argument(
         "--store",
         metavar="URL",
@@ -89,6 +90,15 @@ def _main_parser() -> argparse.ArgumentParser:
 
 
 TOKEN_ENV = "TASKWATCH_TOKEN"
+
+
+def _add_confirm_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-confirm",
+        dest="confirm",
+        action="store_false",
+        help="cancel runs without asking first (the dashboard asks by default, naming the run)",
+    )
 
 
 def _add_token_options(parser: argparse.ArgumentParser) -> None:
@@ -113,6 +123,7 @@ def _attach_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("address", help="a Unix socket path or tcp://127.0.0.1:PORT")
     _add_token_options(parser)
+    _add_confirm_option(parser)
     return parser
 
 
@@ -201,10 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             engine = build_demo_engine(opts.seed, store=opts.store)
         except TaskwatchError as exc:
             return fail(str(exc))
-    return _run_local(engine, opts.serve)
+    return _run_local(engine, opts.serve, confirm=opts.confirm)
 
 
-def _run_local(engine: Engine, serve: str | None) -> int:
+def _run_local(engine: Engine, serve: str | None, *, confirm: bool = True) -> int:
     from .app import TaskwatchApp
     from .client import LocalClient
 
@@ -213,7 +224,7 @@ def _run_local(engine: Engine, serve: str | None) -> int:
         if serve:
             info = bg.serve(serve)
             print(f"taskwatch: serving on {info}", file=sys.stderr)
-        TaskwatchApp(LocalClient(engine)).run()
+        TaskwatchApp(LocalClient(engine), confirm=confirm).run()
     finally:
         bg.stop(timeout=5)
     return 0
@@ -227,7 +238,7 @@ def _attach(opts: argparse.Namespace) -> int:
     from .app import TaskwatchApp
     from .remote_client import RemoteClient
 
-    TaskwatchApp(RemoteClient(opts.address, token=token)).run()
+    TaskwatchApp(RemoteClient(opts.address, token=token), confirm=opts.confirm).run()
     return 0
 
 

@@ -246,6 +246,7 @@ def scenario_app() -> tuple[TaskwatchApp, Engine, FrozenClock]:
     """The dashboard on the scenario engine, both on the app's own loop."""
     clock = FrozenClock()
     engine = build_scenario_engine(clock)
+    engine.incarnation = "5ca1ab1e0ddba11s"  # shown in the header: the same in every picture
     app = TaskwatchApp(
         LocalClient(engine, manage=True, stop_timeout=0.1), clock=clock, overview_interval=3600.0, cursor_blink=False
     )

@@ -13,6 +13,7 @@ from typing import Any
 
 from taskwatch.engine import (
     BaseEvent,
+    EngineStats,
     Leadership,
     PeriodicInfo,
     Progress,
@@ -39,6 +40,11 @@ class DashboardState:
         self.version = ""
         self.started_at: float | None = None
         self.engine_state = "unknown"
+        #: where the engine keeps its runs, and which start of its process this is
+        self.store = ""
+        self.incarnation = ""
+        #: the engine's counters at the last snapshot (totals since it started, rates)
+        self.stats: EngineStats | None = None
         self.runs: dict[str, RunView] = {}
         self.tasks: list[TaskInfo] = []
         self.schedule: list[PeriodicInfo] = []
@@ -70,6 +76,8 @@ class DashboardState:
         self.version = snap.version
         self.started_at = snap.started_at
         self.engine_state = snap.state
+        self.store = snap.store
+        self.incarnation = snap.incarnation
         self.runs = {r.id: RunView.of(r) for r in sorted(snap.runs, key=lambda r: r.created_at)}
         self.dirty = set(self.runs)
         self.gone = set()
@@ -91,6 +99,7 @@ class DashboardState:
         self.workers = snap.workers
         self.leadership = snap.leadership
         self.by_status = dict(snap.stats.by_status)
+        self.stats = snap.stats
         self.engine_state = snap.state
 
     # ------------------------------------------------------------------ events
@@ -237,6 +246,17 @@ class DashboardState:
     def failed_runs(self, limit: int = 200) -> list[RunRecord]:
         """The newest failed runs first (kept even when the runs themselves were trimmed)."""
         return list(reversed(self.failures.values()))[:limit]
+
+    def totals(self) -> dict[str, int] | None:
+        """Finished runs by status since the engine started (not only those its history keeps)."""
+        stats = self.stats
+        if stats is None:
+            return None
+        return {
+            "succeeded": stats.succeeded_total,
+            "failed": stats.failed_total,
+            "cancelled": stats.cancelled_total,
+        }
 
     def counts(self) -> dict[str, int]:
         counts = {s.value: 0 for s in RunStatus}

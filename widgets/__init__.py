@@ -15,6 +15,7 @@ from .queues_table import QueuesTable
 from .run_detail import RunDetail
 from .runs_table import RunsTable
 from .schedule_table import ScheduleTable
+from .store_badge import StoreBadge
 from .triggers_table import TriggersTable
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "RunDetail",
     "RunsTable",
     "ScheduleTable",
+    "StoreBadge",
     "TriggersTable",
     "fields_from_schema",
 ]

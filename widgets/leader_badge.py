@@ -21,19 +21,20 @@ class LeaderBadge(Widget):
 
     DEFAULT_CSS = Path(__file__).with_suffix(".tcss").read_text(encoding="utf-8")
 
-    node_id: reactive[str] = reactive("")
-    is_leader: reactive[bool] = reactive(False)
-    holder: reactive[str | None] = reactive(None)
-    term: reactive[int] = reactive(0)
+    # layout=True: the badge is as wide as what it says, so a change may resize it
+    node_id: reactive[str] = reactive("", layout=True)
+    is_leader: reactive[bool] = reactive(False, layout=True)
+    holder: reactive[str | None] = reactive(None, layout=True)
+    term: reactive[int] = reactive(0, layout=True)
     #: seconds until the lease expires; None when there is no lease (permanent leader)
-    expires_in: reactive[float | None] = reactive(None)
+    expires_in: reactive[float | None] = reactive(None, layout=True)
     #: seconds since the engine started; None when unknown
-    uptime: reactive[float | None] = reactive(None)
-    connected: reactive[bool] = reactive(True)
+    uptime: reactive[float | None] = reactive(None, layout=True)
+    connected: reactive[bool] = reactive(True, layout=True)
     #: where the watched engine lives (shown while disconnected), e.g. "tcp://host:7400"
-    where: reactive[str | None] = reactive(None)
+    where: reactive[str | None] = reactive(None, layout=True)
     #: False until the first update, so an empty badge says so instead of "follower"
-    known: reactive[bool] = reactive(False)
+    known: reactive[bool] = reactive(False, layout=True)
 
     def update(
         self,
@@ -108,10 +109,12 @@ class LeaderBadge(Widget):
             )
         text.append("  term ", style="dim")
         text.append(str(self.term))
-        text.append("  lease ", style="dim")
         expires_in = self.expires_in
+        # a leader without a lease (a single node) leads for good: nothing to count down
+        if expires_in is not None:
+            text.append("  lease ", style="dim")
         if expires_in is None:
-            text.append("no expiry")
+            pass
         elif expires_in <= 0:
             text.append("expired", style="bold red")
         else:
