@@ -249,3 +249,84 @@ async def test_pause_and_drop_indicators_stay_visible_beside_large_counts() -> N
         await pilot.pause()
         line = visible(bar)
         assert "succeeded 2" in line and "paused" not in line and "dropped" not in line
+
+
+# ---------------------------------------------------------------- a run's attempts
+
+
+async def test_the_detail_pane_lists_each_attempt_with_its_outcome() -> None:
+    engine = make_engine()
+    tries: list[int] = []
+
+    @engine.task(name="flaky", retries=2, backoff=0.01)
+    async def flaky(ctx: Any) -> str:
+        tries.append(ctx.attempt)
+        if ctx.attempt < 3:
+            raise ConnectionError(f"relay refused attempt {ctx.attempt}")
+        return "sent"
+
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        run = await (await engine.submit("flaky")).wait(5)
+        assert run.status is RunStatus.SUCCEEDED and tries == [1, 2, 3]
+        await eventually(lambda: shown_status(app, run.id) == "succeeded")
+        table(app).select_run(run.id)
+        detail = app.main.query_one(RunDetail)
+        await eventually(lambda: len(detail.attempts) == 3)
+        first, second, third = detail.attempts
+        assert [a.number for a in detail.attempts] == [1, 2, 3]
+        assert first.outcome == "retried" and first.error is not None and "attempt 1" in first.error.message
+        assert first.note.startswith("retry in") and first.started_at is not None and first.ended_at is not None
+        assert second.outcome == "retried" and third.outcome == "succeeded" and third.error is None
+        await pilot.pause()
+        text = visible_text(app.main.query_one("#run-detail-attempts"))
+        assert "#1" in text and "ConnectionError: relay refused attempt 1" in text and "succeeded" in text
+
+
+def visible_text(widget: Any) -> str:
+    """What the widget shows, its lines joined and runs of spaces closed up (wrapping aside)."""
+    return " ".join(" ".join(widget.render_line(y).text for y in range(widget.size.height)).split())
+
+
+def test_a_recovered_run_shows_the_lost_attempt_and_what_recovery_did() -> None:
+    from taskwatch.engine import RunError
+    from taskwatch.engine import events as ev
+    from taskwatch.tui.state import DashboardState
+
+    state = DashboardState()
+    state.apply([
+        ev.RunSubmitted(seq=1, ts=100.0, run_id="r1", task="t", max_attempts=1),
+        ev.RunStarted(seq=2, ts=101.0, run_id="r1", task="t", attempt=1, node="node-b"),
+        ev.RunRecovered(seq=3, ts=140.0, run_id="r1", task="t", action="requeued", reason="node-b stopped heartbeating",
+                        attempt=2, lost_count=1, from_node="node-b"),
+        ev.RunStarted(seq=4, ts=141.0, run_id="r1", task="t", attempt=2),
+        ev.RunRecovered(seq=5, ts=180.0, run_id="r1", task="t", action="failed", reason="lost 3 times",
+                        attempt=2, lost_count=3, from_node="node-c"),
+        ev.RunFailed(seq=6, ts=180.0, run_id="r1", task="t", attempt=2,
+                     error=RunError(type="WorkerLost", message="its worker was lost")),
+    ])
+    first, second = state.attempts("r1") or []
+    assert (first["number"], first["outcome"], first["lost_on"]) == (1, "lost", "node-b")
+    assert first["recovery"] == "requeued by recovery (node-b stopped heartbeating)"
+    assert (first["started_at"], first["ended_at"]) == (101.0, 140.0)
+    assert (second["number"], second["outcome"], second["lost_on"]) == (2, "failed", "node-c")
+    assert second["error"].type == "WorkerLost" and "lost 3 times" in second["recovery"]
+    assert state.runs["r1"].status is RunStatus.FAILED
+
+
+async def test_run_detail_draws_a_recovery() -> None:
+    from taskwatch.widgets import RunAttempt
+
+    from .test_widgets import Host, run
+
+    detail = RunDetail()
+    async with Host(detail).run_test(size=LARGE) as pilot:
+        record = run("r1", 1, status=RunStatus.RUNNING, started=50, attempt=2, max_attempts=1)
+        detail.show(record, now=record.created_at + 60, attempts=[
+            RunAttempt(number=1, started_at=record.created_at + 1, ended_at=record.created_at + 40, outcome="lost",
+                       recovery="requeued by recovery (node-b stopped heartbeating)", lost_on="node-b"),
+            RunAttempt(number=2, started_at=record.created_at + 50),
+        ])
+        await pilot.pause()
+        text = visible_text(detail.query_one("#run-detail-attempts"))
+        assert "lost on node-b" in text and "requeued by recovery (node-b stopped heartbeating)" in text
+        assert "#2" in text and "running" in text

@@ -31,6 +31,7 @@ from taskwatch.widgets import (
     HealthSparklines,
     LeaderBadge,
     QueuesTable,
+    RunAttempt,
     RunDetail,
     RunsTable,
     ScheduleTable,
@@ -451,7 +452,9 @@ class TaskwatchApp(App[None]):
             self._show_detail(selected)
 
     def _show_detail(self, run_id: str | None) -> None:
-        self.main.query_one(RunDetail).show(self._complete(self.state.record(run_id)), self.clock())
+        seen = self.state.attempts(run_id)
+        attempts = None if seen is None else [RunAttempt(**fields) for fields in seen]
+        self.main.query_one(RunDetail).show(self._complete(self.state.record(run_id)), self.clock(), attempts)
 
     def _complete(self, record: RunRecord | None) -> RunRecord | None:
         """``record`` with its full values when the wire cut some down; fetched once, in the background.

@@ -271,6 +271,7 @@ async def settle(app: TaskwatchApp, engine: Engine, clock: FrozenClock) -> None:
 # screen name -> keys pressed after the scenario has played
 SCREENS: dict[str, list[str]] = {
     "runs": [],
+    "attempts": ["down", "down"],  # send_email, which succeeded on its third attempt
     "failures": ["2"],
     "scheduler": ["3"],
     "health": ["4"],

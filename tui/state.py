@@ -78,7 +78,13 @@ class DashboardState:
         self.engine_state = snap.state
         self.store = snap.store
         self.incarnation = snap.incarnation
+        previous = self.runs
         self.runs = {r.id: RunView.of(r) for r in sorted(snap.runs, key=lambda r: r.created_at)}
+        for run_id, view in self.runs.items():
+            # what we saw of a run's attempts outlives a reload (the snapshot has only the last)
+            before = previous.get(run_id)
+            if before is not None and before.attempts:
+                view.attempts = before.attempts
         self.dirty = set(self.runs)
         self.gone = set()
         self.failures = {}
@@ -150,30 +156,39 @@ class DashboardState:
             run.attempt = e.attempt
             run.started_at = e.ts
             run.finished_at = None
+            run.attempts.append(AttemptLog(e.attempt, e.ts))
         elif kind == "run.progress":
             run.progress = (e.done, e.total, e.message)
         elif kind == "run.retrying":
             run.status = RunStatus.PENDING
             run.attempt = e.attempt
             run.error = e.error
+            run.end_attempt(e.attempt - 1, e.ts, "retried", error=e.error, note=f"retry in {fmt_seconds(e.delay)}")
         elif kind == "run.succeeded":
             run.status = RunStatus.SUCCEEDED
             run.result = e.result
             run.finished_at = e.ts
             run.error = None
+            run.end_attempt(e.attempt, e.ts, "succeeded", duration=e.duration)
         elif kind == "run.failed":
             run.status = RunStatus.FAILED
             run.error = e.error
             run.finished_at = e.ts
             run.cached = None
             self._remember_failure(run)
+            run.end_attempt(e.attempt, e.ts, "failed", error=e.error, duration=e.duration)
         elif kind == "run.cancelled":
             run.status = RunStatus.CANCELLED
             run.cancel_reason = e.reason
             run.finished_at = e.ts
+            if e.was_running:
+                run.end_attempt(e.attempt, e.ts, "cancelled", note=f"reason: {e.reason}")
         elif kind == "run.recovered":
             # a lost worker's run: pending again with a new attempt (failed and cancelled
             # ones also get their own finished event)
+            lost = e.attempt - 1 if e.action == "requeued" else e.attempt
+            recovery = f"{e.action} by recovery ({e.reason})"
+            run.end_attempt(lost, e.ts, "lost", recovery=recovery, lost_on=e.from_node)
             run.attempt = e.attempt
             if e.action == "requeued":
                 run.status = RunStatus.PENDING
@@ -217,6 +232,14 @@ class DashboardState:
         if record.id not in self.runs:
             self.runs[record.id] = RunView.of(record)
             self.dirty.add(record.id)
+
+    def attempts(self, run_id: str | None) -> list[dict[str, Any]] | None:
+        """What the dashboard saw of a run's attempts, oldest first, as the fields of
+        ``taskwatch.widgets.RunAttempt`` (None: nothing seen)."""
+        run = self.runs.get(run_id) if run_id is not None else None
+        if run is None or not run.attempts:
+            return None
+        return [log.fields() for log in run.attempts]
 
     def newest_views(self, limit: int) -> list[RunView]:
         out: list[RunView] = []
@@ -295,6 +318,29 @@ class DashboardState:
         return (now or time.time()) - self.started_at
 
 
+def fmt_seconds(seconds: float) -> str:
+    return f"{seconds:.1f}s" if seconds < 60 else f"{seconds / 60:.1f}min"
+
+
+class AttemptLog:
+    """One attempt of a run as its events told it (mutable while the attempt goes on)."""
+
+    __slots__ = ("number", "started_at", "ended_at", "outcome", "error", "note", "recovery", "lost_on")
+
+    def __init__(self, number: int, started_at: float | None) -> None:
+        self.number = number
+        self.started_at = started_at
+        self.ended_at: float | None = None
+        self.outcome = "running"
+        self.error: RunError | None = None
+        self.note = ""
+        self.recovery = ""
+        self.lost_on: str | None = None
+
+    def fields(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
 class RunView:
     """One run as the dashboard knows it: mutated in place by events, turned into a
     :class:`RunRecord` only when a widget asks (and then cached until the next change),
@@ -303,6 +349,7 @@ class RunView:
     __slots__ = (
         "id", "task", "params", "status", "attempt", "max_attempts", "created_at", "started_at",
         "finished_at", "progress", "result", "error", "key", "source", "cancel_reason", "cached",
+        "attempts",
     )
 
     def __init__(
@@ -331,6 +378,37 @@ class RunView:
         self.source = source
         self.cancel_reason: str | None = None
         self.cached: RunRecord | None = None
+        #: the attempts seen through events (empty for a run known only from a snapshot)
+        self.attempts: list[AttemptLog] = []
+
+    def end_attempt(
+        self,
+        number: int,
+        ts: float,
+        outcome: str,
+        *,
+        error: RunError | None = None,
+        note: str = "",
+        duration: float | None = None,
+        recovery: str = "",
+        lost_on: str | None = None,
+    ) -> None:
+        """Close attempt ``number`` (adding it if its start was never seen). A recovery
+        note stays when the run's own finished event follows it."""
+        log = next((a for a in reversed(self.attempts) if a.number == number), None)
+        if log is None:
+            started = ts - duration if duration is not None else None
+            log = AttemptLog(number, started)
+            self.attempts.append(log)
+            self.attempts.sort(key=lambda a: a.number)
+        log.ended_at = ts
+        log.outcome = outcome
+        log.error = error
+        log.note = note
+        if recovery:
+            log.recovery = recovery
+        if lost_on:
+            log.lost_on = lost_on
 
     @classmethod
     def of(cls, record: RunRecord) -> RunView:

@@ -12,7 +12,7 @@ from .health_sparklines import HealthSparklines
 from .leader_badge import LeaderBadge
 from .params_form import FieldSpec, ParamsForm, ParamsFormError, fields_from_schema
 from .queues_table import QueuesTable
-from .run_detail import RunDetail
+from .run_detail import RunAttempt, RunDetail
 from .runs_table import RunsTable
 from .schedule_table import ScheduleTable
 from .store_badge import StoreBadge
@@ -28,6 +28,7 @@ __all__ = [
     "ParamsForm",
     "ParamsFormError",
     "QueuesTable",
+    "RunAttempt",
     "RunDetail",
     "RunsTable",
     "ScheduleTable",
