@@ -330,3 +330,53 @@ async def test_run_detail_draws_a_recovery() -> None:
         text = visible_text(detail.query_one("#run-detail-attempts"))
         assert "lost on node-b" in text and "requeued by recovery (node-b stopped heartbeating)" in text
         assert "#2" in text and "running" in text
+
+
+# ---------------------------------------------------------------- readable at 80x24
+
+
+async def test_at_80_columns_the_runs_table_has_the_width_and_enter_opens_the_detail() -> None:
+    from textual.widgets._footer import FooterKey
+
+    engine = make_engine()
+    async with dashboard(engine, size=SMALL) as (app, pilot):
+        failed = await (await engine.submit("explode")).wait(2)
+        await eventually(lambda: shown_status(app, failed.id) == "failed")
+        detail = app.main.query_one(RunDetail)
+        await pilot.pause()
+        assert detail.region.area == 0  # not squeezed beside the table
+        header = visible(table(app))
+        assert "progress" in header and "duration" in header
+        assert table(app).region.right <= SMALL[0] and table(app).region.width >= SMALL[0] - 2
+        await pilot.press("enter")
+        await eventually(lambda: detail.region.width >= SMALL[0] - 2)
+        assert table(app).region.area == 0 and app.focused is detail
+        assert detail.record is not None and detail.record.id == failed.id
+        await pilot.press("escape")
+        await eventually(lambda: table(app).region.area > 0 and detail.region.area == 0)
+        assert app.focused is table(app)
+        # the footer keeps help and quit in sight
+        keys = {k.key: k for k in app.main.query(FooterKey)}
+        for key in ("question_mark", "q"):
+            assert keys[key].region.width > 0 and keys[key].region.right <= SMALL[0], key
+        # wide again: the detail is back beside the table
+        await pilot.resize_terminal(*LARGE)
+        await eventually(lambda: detail.region.area > 0 and table(app).region.area > 0)
+
+
+async def test_the_scheduler_tab_shows_no_stray_scrollbars_at_80_columns() -> None:
+    from taskwatch.widgets import QueuesTable, TriggersTable
+
+    engine = make_engine()
+
+    async def send(job: Any) -> None:
+        return None
+
+    engine.queue("mail", send, concurrency=1)
+    async with dashboard(engine, size=SMALL) as (app, pilot):
+        await pilot.press("3")
+        await eventually(lambda: app.state.schedule and app.state.queues)
+        await pilot.pause()
+        for kind in (ScheduleTable, QueuesTable, TriggersTable):
+            widget = app.main.query_one(kind)
+            assert not widget.show_horizontal_scrollbar and not widget.show_vertical_scrollbar, kind.__name__

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from taskwatch.tui.screenshots import SCREENS, SIZE, scenario_app, settle
+from taskwatch.tui.screenshots import SCREENS, SIZE, SIZES, scenario_app, settle
 from textual.pilot import Pilot
 
 
@@ -39,4 +39,4 @@ def test_screen(screen: str, snap_compare) -> None:  # type: ignore[no-untyped-d
         await settle(app, engine, clock)
         await pilot.pause()
 
-    assert snap_compare(app, press=SCREENS[screen], terminal_size=SIZE, run_before=play)
+    assert snap_compare(app, press=SCREENS[screen], terminal_size=SIZES.get(screen, SIZE), run_before=play)

@@ -682,16 +682,21 @@ async def test_schedule_table_shows_state_next_due_and_selection() -> None:
             periodic("reindex", next_due=now + 42, last_status="failed", last_duration=1.5, runs=10, failures=2),
             periodic("cleanup", paused=True, next_due=now + 5),
             periodic("billing", enabled=False, reason="leader only", trigger="cron 0 3 * * *", trigger_kind="cron"),
+            periodic("ticker", enabled=False, reason="flag tick is off", paused=True),
         ]
         table.update_schedule(infos, now)
         await pilot.pause()
-        assert table.shown_keys == ["billing", "cleanup", "reindex"]
+        assert table.shown_keys == ["billing", "cleanup", "reindex", "ticker"]
         assert cell(table, "reindex", "next") == "42s"
         assert cell(table, "reindex", "last") == "failed"
         assert cell(table, "reindex", "failures") == "2"
         assert cell(table, "cleanup", "state") == "paused"
         assert cell(table, "cleanup", "next") == "—"
-        assert cell(table, "billing", "state") == "disabled: leader only"
+        assert cell(table, "billing", "state") == "disabled"
+        assert cell(table, "billing", "note") == "disabled: leader only"
+        # a disabled task that was paused says so (the pause holds once it is enabled)
+        assert cell(table, "ticker", "state") == "paused"
+        assert cell(table, "ticker", "note") == "disabled: flag tick is off"
 
         table.update_schedule(infos[:1], now + 40)
         await pilot.pause()

@@ -53,6 +53,9 @@ from .state import DashboardState
 
 TABS = ("runs", "failures", "scheduler", "health", "events")
 
+#: below this many columns the run detail goes behind Enter instead of beside the table
+NARROW = 120
+
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
@@ -150,7 +153,7 @@ class DashboardScreen(Screen[None]):
         Binding("z", "app.toggle_periodic", "Pause periodic", show=False, priority=True),
         Binding("question_mark", "app.help", "Help", priority=True),
         Binding("q", "app.quit", "Quit", priority=True),
-        Binding("escape", "app.close_filter", "Close filter", show=False),
+        Binding("escape", "app.close_filter", "Close", show=False),
         *(
             Binding(str(i), f"app.show_tab('{tab}')", tab.title(), show=False, priority=True)
             for i, tab in enumerate(TABS, 1)
@@ -262,10 +265,34 @@ class TaskwatchApp(App[None]):
         # Rich asks the OS for the terminal size on every measurement unless it is
         # told, and the tables measure every cell of every new row: tell it
         self.console.size = (event.size.width, event.size.height)
+        self._fit_width(event.size.width)
+
+    def _fit_width(self, width: int) -> None:
+        """Below NARROW columns the runs table takes the whole width (so progress and
+        duration stay in sight) and Enter opens the run detail in its place."""
+        narrow = width < NARROW
+        self.main.set_class(narrow, "-narrow")
+        if not narrow:
+            self.main.remove_class("-detail-open")
+        footer = self.main.query(Footer)
+        if footer:
+            footer.first().compact = narrow
+
+    @property
+    def detail_open(self) -> bool:
+        """Whether a narrow screen shows the run detail in place of the runs table."""
+        return self.main.has_class("-detail-open")
+
+    def open_detail(self, open_: bool = True) -> None:
+        if open_ and not self.main.has_class("-narrow"):
+            return  # beside the table already
+        self.main.set_class(open_, "-detail-open")
+        self.main.query_one(RunDetail if open_ else RunsTable).focus()
 
     def dashboard_ready(self) -> None:
         """Called by the dashboard screen once its widgets exist: start the data flow."""
         self.console.size = (self.size.width, self.size.height)
+        self._fit_width(self.size.width)
         for box in self.main.query(".filter").results(Input):
             box.cursor_blink = self.cursor_blink
         self.sub_title = self.client.where
@@ -570,6 +597,7 @@ class TaskwatchApp(App[None]):
     @while_dashboard_alive
     def _run_selected(self, message: RunsTable.RunSelected) -> None:
         self._show_detail(message.run_id)
+        self.open_detail()
 
     @on(FailuresList.FailureSelected)
     def _failure_chosen(self) -> None:
@@ -578,6 +606,8 @@ class TaskwatchApp(App[None]):
     # ------------------------------------------------------------------ actions
 
     def action_show_tab(self, tab: str) -> None:
+        if tab != "runs":
+            self.main.remove_class("-detail-open")
         self.main.query_one(TabbedContent).active = tab
         self._focus_tab(tab)
 
@@ -687,7 +717,11 @@ class TaskwatchApp(App[None]):
         box.focus()
 
     def action_close_filter(self) -> None:
-        """Esc in a filter box clears the filter and hides the box (as in k9s)."""
+        """Esc closes what is open: the run detail on a narrow screen, or the filter box
+        being typed in (clearing the filter, as in k9s)."""
+        if self.detail_open and self.active_tab == "runs":
+            self.open_detail(False)
+            return
         for box in self.main.query(".filter").results(Input):
             if box.has_focus:
                 box.value = ""

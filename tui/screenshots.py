@@ -280,6 +280,17 @@ SCREENS: dict[str, list[str]] = {
     "submit_invalid": ["s", "tab", "u", "7", "tab", "left_square_bracket", "enter"],
     "traceback": ["2", "t"],
     "help": ["question_mark"],
+    "runs_80x24": [],
+    "detail_80x24": ["down", "down", "enter"],
+    "scheduler_80x24": ["3"],
+}
+
+
+#: screens pictured at another terminal size than SIZE
+SIZES: dict[str, tuple[int, int]] = {
+    "runs_80x24": (80, 24),
+    "detail_80x24": (80, 24),
+    "scheduler_80x24": (80, 24),
 }
 
 
@@ -291,7 +302,7 @@ def _pin_environment() -> None:
 
 async def capture(name: str, keys: list[str]) -> str:
     app, engine, clock = scenario_app()
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=SIZES.get(name, SIZE)) as pilot:
         await settle(app, engine, clock)
         await pilot.pause()
         for key in keys:

@@ -42,9 +42,9 @@ def run_cells(record: RunRecord, now: float) -> tuple[Cell, ...]:
         (record.task, "bold"),
         (status, style),
         (progress_bar(fraction), style if fraction is not None else "dim"),
+        (duration, ""),
         (f"{record.attempt}/{record.max_attempts}", attempt_style),
         (fmt_clock(record.started_at), ""),
-        (duration, ""),
     )
 
 
@@ -56,9 +56,9 @@ class RunsTable(KeyedTable):
         Column("task", "task"),
         Column("status", "status", 9),
         Column("progress", "progress", 13),
+        Column("duration", "duration", 8, "right"),
         Column("attempt", "try", 5, "right"),
         Column("started", "started", 8),
-        Column("duration", "duration", 8, "right"),
     )
 
     class RunHighlighted(Message):
