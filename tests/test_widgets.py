@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from typing import Any
 
 import pytest
@@ -803,3 +804,27 @@ async def test_failures_list_shows_failed_runs_and_crashed_workers_with_tracebac
         await pilot.pause()
         assert table.row_count == 0
         assert "No failures" in plain(failures.query_one("#failures-traceback", Static).content)
+
+
+async def test_event_log_formats_values_and_keeps_lease_renewals_out_of_sight() -> None:
+    from taskwatch.engine.events import LeaseAcquired, LeaseRenewed
+    from taskwatch.widgets.event_log import summarize
+
+    health = sample(3)
+    line = summarize(health)
+    assert "rss_bytes=103.0 MiB" in line and "cpu_percent=3.0%" in line and "loop_lag_ms=1.5ms" in line
+    acquired = LeaseAcquired(seq=1, ts=T0, holder="a", term=2, expires_at=T0 + 3600)
+    assert "expires_at=" + time.strftime("%H:%M:%S", time.localtime(T0 + 3600)) in summarize(acquired)
+    assert "e+09" not in summarize(acquired)
+
+    log = EventLog()
+    async with Host(log).run_test(size=SIZE) as pilot:
+        renewals = [LeaseRenewed(seq=i, ts=T0 + i, holder="a", term=2, expires_at=T0 + 9) for i in range(2, 40)]
+        log.add_events([acquired, *renewals, ev("run.submitted", 40)])
+        await pilot.pause()
+        shown = log_text(log)
+        assert len(shown) == 2 and "lease.acquired" in shown[0] and "run.submitted" in shown[1]
+        assert "38 lease.renewed not shown" in str(log.border_subtitle)
+        log.set_filter(["lease."])  # asked for by name: every renewal is there
+        await pilot.pause()
+        assert sum("lease.renewed" in line for line in log_text(log)) == 38
