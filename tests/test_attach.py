@@ -448,17 +448,21 @@ async def test_attach_before_the_engine_is_up_connects_once_it_is(serve: ServeFn
         await eventually(lambda: "tick" in schedule.shown_keys, timeout=TIMEOUT)
 
 
-async def test_wrong_token_is_reported_and_the_app_keeps_running(serve: ServeFn) -> None:
+async def test_wrong_token_is_final_reported_and_the_app_keeps_running(serve: ServeFn) -> None:
     served = await serve("tcp://127.0.0.1:0", token="the-right-token-0123456789")
     app = attach(served.address, "not-the-token")
     async with app.run_test(size=SIZE) as pilot:
         message = await eventually(
             lambda: next((m for m, sev in notifications(app) if sev == "error"), None), timeout=TIMEOUT
         )
-        assert "authentication failed" in message
+        assert "authentication failed" in message and "not retrying" in message
         assert app.is_running
-        assert badge(app).state in ("disconnected", "unknown")
-        assert "DISCONNECTED" in str(badge(app).render()) or badge(app).state == "unknown"
+        # a refused token is final: no silent retries behind a "reconnecting..." that never ends
+        assert not app.client.retrying
+        await eventually(lambda: badge(app).state == "failed", timeout=TIMEOUT)
+        shown = str(badge(app).render())
+        assert "authentication failed" in shown and "not retrying" in shown and "reconnecting" not in shown
+        assert "not-the-token" not in shown and "not-the-token" not in message  # never shown
         assert not app.client.connected
         # the dashboard still answers keys
         await pilot.press("s")

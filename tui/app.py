@@ -309,7 +309,11 @@ class TaskwatchApp(App[None]):
         try:
             snap = await self.client.connect()
         except (OSError, TaskwatchError) as exc:
-            self.notify(f"cannot reach the engine: {exc}", severity="error", timeout=8)
+            failure = self.client.failure
+            if failure is not None:
+                self.notify(failure, severity="error", timeout=30)
+            else:
+                self.notify(f"cannot reach the engine: {exc}; retrying", severity="error", timeout=8)
             self._update_header()
             return
         self._reload(snap)
@@ -527,7 +531,10 @@ class TaskwatchApp(App[None]):
     @while_dashboard_alive
     def _update_header(self, now: float | None = None) -> None:
         now = self.clock() if now is None else now
-        if self.state.leadership is not None:
+        failure = self.client.failure
+        if failure is not None:
+            self.main.query_one(LeaderBadge).update_failed(failure)
+        elif self.state.leadership is not None:
             self.main.query_one(LeaderBadge).update(
                 self.state.leadership, self.state.started_at, now, connected=self.client.connected
             )

@@ -35,6 +35,8 @@ class LeaderBadge(Widget):
     where: reactive[str | None] = reactive(None, layout=True)
     #: False until the first update, so an empty badge says so instead of "follower"
     known: reactive[bool] = reactive(False, layout=True)
+    #: why the dashboard stopped trying to connect for good (None while it still tries)
+    failure: reactive[str | None] = reactive(None, layout=True)
 
     def update(
         self,
@@ -53,6 +55,11 @@ class LeaderBadge(Widget):
         self.connected = connected
         self.known = True
 
+    def update_failed(self, failure: str) -> None:
+        """Show that connecting failed for good (no more retries), and why."""
+        self.failure = failure
+        self.connected = False
+
     def update_disconnected(self, where: str | None = None) -> None:
         """Show the DISCONNECTED state (keeping the last known node and term);
         ``where`` names the engine being reconnected to."""
@@ -61,7 +68,9 @@ class LeaderBadge(Widget):
 
     @property
     def state(self) -> str:
-        """"leader", "follower", "disconnected" or "unknown"."""
+        """"leader", "follower", "disconnected", "failed" or "unknown"."""
+        if self.failure is not None:
+            return "failed"
         if not self.connected:
             return "disconnected"
         if not self.known:
@@ -80,15 +89,20 @@ class LeaderBadge(Widget):
     def watch_known(self) -> None:
         self._update_classes()
 
+    def watch_failure(self) -> None:
+        self._update_classes()
+
     def _update_classes(self) -> None:
         state = self.state
         self.set_class(state == "leader", "-leader")
         self.set_class(state == "follower", "-follower")
-        self.set_class(state == "disconnected", "-disconnected")
+        self.set_class(state in ("disconnected", "failed"), "-disconnected")
 
     def render(self) -> Text:
         node = self.node_id or "?"
         state = self.state
+        if state == "failed":
+            return Text.assemble(("✖ NOT CONNECTED  ", "bold red"), (self.failure or "", "red"))
         if state == "disconnected":
             text = Text("✖ DISCONNECTED — reconnecting…", style="bold red")
             if self.where:
