@@ -380,3 +380,36 @@ async def test_the_scheduler_tab_shows_no_stray_scrollbars_at_80_columns() -> No
         for kind in (ScheduleTable, QueuesTable, TriggersTable):
             widget = app.main.query_one(kind)
             assert not widget.show_horizontal_scrollbar and not widget.show_vertical_scrollbar, kind.__name__
+
+
+async def test_the_failures_cursor_stays_on_its_failure_as_newer_ones_arrive() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        first = [(await (await engine.submit("explode")).wait(2)).id for _ in range(3)]
+        await pilot.press("2")
+        failures = app.main.query_one(FailuresList)
+        await eventually(lambda: len(failures.table.shown_keys) == 3)
+        assert failures.select("run", first[1])
+        for _ in range(4):
+            await (await engine.submit("explode")).wait(2)
+        await eventually(lambda: len(failures.table.shown_keys) == 7)
+        await pilot.pause()
+        assert failures.selected == ("run", first[1])
+
+
+async def test_z_on_a_disabled_periodic_task_shows_it_paused() -> None:
+    engine = make_engine(flags={"nightly": False})
+
+    @engine.periodic(every=60.0, opt_in="nightly", name="gated")
+    async def gated(ctx: Any) -> None:
+        return None
+
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        await pilot.press("3")
+        schedule = app.main.query_one(ScheduleTable)
+        await eventually(lambda: "gated" in schedule.shown_keys)
+        schedule.select_name("gated")
+        await pilot.press("z")
+        await eventually(lambda: any(p.paused for p in engine.schedule() if p.name == "gated"))
+        await eventually(lambda: str(schedule.get_cell("gated", "state")) == "paused")
+        assert "flag nightly is off" in str(schedule.get_cell("gated", "note"))

@@ -1,7 +1,8 @@
 """The ``taskwatch`` command line.
 
     taskwatch                          demo engine + dashboard
-    taskwatch PACKAGE.MODULE:ATTR      your Engine (or a function returning one) + dashboard
+    taskwatch PACKAGE.MODULE[:ATTR]    your Engine (or a function returning one) + dashboard;
+                                       ATTR defaults to `engine`, as uvicorn looks for `app`
     taskwatch attach ADDRESS [--token-file PATH]      (or $TASKWATCH_TOKEN)
     taskwatch web [APP | attach ADDRESS [--token-file PATH]] [--host H] [--port P]
     taskwatch --plain [--seconds S]    demo events printed to the terminal, no dashboard
@@ -26,6 +27,10 @@ from typing import Any
 from taskwatch.engine import Engine, TaskwatchError, __version__
 
 
+#: the attribute looked up when an app path has no ``:ATTRIBUTE``
+DEFAULT_ATTRIBUTE = "engine"
+
+
 class AppPathError(Exception):
     """A PACKAGE.MODULE:ATTRIBUTE path that does not lead to an Engine."""
 
@@ -33,11 +38,15 @@ class AppPathError(Exception):
 def load_engine(path: str) -> Engine:
     """Import ``PACKAGE.MODULE:ATTRIBUTE`` and return the Engine it names.
 
-    The attribute may be an :class:`Engine` or a callable returning one. The
-    current directory is importable, as with ``python -m``.
+    The attribute may be an :class:`Engine` or a callable returning one; without
+    ``:ATTRIBUTE`` it is ``engine``. The current directory is importable, as
+    with ``python -m``.
     """
     module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
+    named = bool(sep)
+    if not sep:
+        attr = DEFAULT_ATTRIBUTE
+    if not module_name or not attr:
         raise AppPathError(f"expected PACKAGE.MODULE:ATTRIBUTE, got {path!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -54,6 +63,10 @@ def load_engine(path: str) -> Engine:
         try:
             target = getattr(target, part)
         except AttributeError:
+            if not named:
+                raise AppPathError(
+                    f"module {module_name!r} has no attribute {attr!r}; name the engine: {module_name}:ATTRIBUTE"
+                ) from None
             raise AppPathError(f"module {module_name!r} has no attribute {attr!r}") from None
     if callable(target) and not isinstance(target, Engine):
         try:
@@ -72,7 +85,11 @@ def _main_parser() -> argparse.ArgumentParser:
         epilog="Also: `taskwatch attach ADDRESS [--token-file PATH]` and "
         "`taskwatch web [APP | attach ADDRESS] [--host H] [--port P]`.",
     )
-    parser.add_argument("app", nargs="?", help="PACKAGE.MODULE:ATTRIBUTE naming your Engine (default: the demo)")
+    parser.add_argument(
+        "app",
+        nargs="?",
+        help="PACKAGE.MODULE:ATTRIBUTE naming your Engine (ATTRIBUTE defaults to `engine`; default: the demo)",
+    )
     parser.add_argument("--version", action="version", version=f"taskwatch {__version__}")
     parser.add_argument("--seed", type=int, default=None, help="seed for the demo's random choices")
     parser.add_argument("--plain", action="store_true", help="print the demo's events instead of opening the dashboard")
@@ -199,6 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(print_events(opts.seconds, opts.seed))
         except KeyboardInterrupt:
             pass
+        except BrokenPipeError:
+            # the reader went away (`taskwatch --plain | head`): that ends the output, quietly;
+            # stdout goes to devnull so the interpreter's final flush does not fail again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
         return 0
     if opts.app:
         try:
