@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from pydantic import BaseModel
 from taskwatch.engine import Engine, RunStatus
 from taskwatch.tui.app import TaskwatchApp
 from taskwatch.tui.client import LocalClient
@@ -413,3 +414,55 @@ async def test_z_on_a_disabled_periodic_task_shows_it_paused() -> None:
         await eventually(lambda: any(p.paused for p in engine.schedule() if p.name == "gated"))
         await eventually(lambda: str(schedule.get_cell("gated", "state")) == "paused")
         assert "flag nightly is off" in str(schedule.get_cell("gated", "note"))
+
+
+# ---------------------------------------------------------------- per-task statistics
+
+
+class Item(BaseModel):
+    n: int
+
+
+def cell_text(widget: Any, row: str, column: str) -> str:
+    return str(widget.get_cell(row, column))
+
+
+async def test_the_tasks_tab_shows_per_task_counts_rates_durations_and_errors_by_type() -> None:
+    from taskwatch.widgets import TaskStatsTable
+
+    engine = make_engine()
+
+    @engine.task(name="picky")
+    async def picky(ctx: Any, params: Item) -> int:
+        n = params.n
+        if n % 3 == 0:
+            raise KeyError(f"no item {n}")
+        if n % 3 == 1:
+            raise ValueError(f"bad item {n}")
+        return n
+
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        for n in range(6):
+            await (await engine.submit("picky", {"n": n})).wait(2)
+        for _ in range(2):
+            await (await engine.submit("embed_batch", {"user_id": "u", "contents": ["a"]})).wait(2)
+        await pilot.press("6")
+        stats = app.main.query_one(TaskStatsTable)
+        assert app.focused is stats
+        await eventually(lambda: cell_text(stats, "picky", "submitted") == "6")
+        await eventually(lambda: cell_text(stats, "embed_batch", "succeeded") == "2")
+        assert cell_text(stats, "picky", "failed") == "4"
+        assert cell_text(stats, "picky", "rate") == "66.7%"
+        assert cell_text(stats, "picky", "errors") in ("KeyError ×2  ValueError ×2", "ValueError ×2  KeyError ×2")
+        assert cell_text(stats, "embed_batch", "rate") == "0.0%"
+        assert cell_text(stats, "embed_batch", "p50").endswith("s")
+        assert cell_text(stats, "picky", "last") != "—"
+        assert "since" in visible(app.main.query_one("#task-stats-since"))
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    from taskwatch.tui.task_stats import percentile
+
+    values = sorted(float(v) for v in range(1, 101))
+    assert percentile(values, 0.5) == 50.0 and percentile(values, 0.95) == 95.0
+    assert percentile([3.0], 0.95) == 3.0 and percentile([], 0.5) is None

@@ -36,6 +36,8 @@ from taskwatch.widgets import (
     RunsTable,
     ScheduleTable,
     StoreBadge,
+    TaskStats,
+    TaskStatsTable,
     TriggersTable,
 )
 from textual import events, on, work
@@ -51,7 +53,7 @@ from .client import DashboardClient
 from .screens import ConfirmScreen, HelpScreen, SubmitScreen, TracebackScreen
 from .state import DashboardState
 
-TABS = ("runs", "failures", "scheduler", "health", "events")
+TABS = ("runs", "failures", "scheduler", "health", "events", "tasks")
 
 #: below this many columns the run detail goes behind Enter instead of beside the table
 NARROW = 120
@@ -131,6 +133,7 @@ TAB_FOCUS = {
     "scheduler": "#schedule-table",
     "health": None,
     "events": "#event-log",
+    "tasks": "#task-stats",
 }
 
 
@@ -203,6 +206,9 @@ class DashboardScreen(Screen[None]):
             with TabPane("Events", id="events"):
                 yield Input(placeholder="filter events by kind: run. lease. health run.failed  (esc closes)", id="events-filter", classes="filter")
                 yield EventLog(id="event-log")
+            with TabPane("Tasks", id="tasks"):
+                yield Static("", id="task-stats-since", classes="section")
+                yield TaskStatsTable(id="task-stats")
         yield Footer()
 
 
@@ -228,7 +234,7 @@ class TaskwatchApp(App[None]):
         """``confirm=False`` cancels without asking first (``taskwatch --no-confirm``)."""
         super().__init__()
         self.client = client
-        self.state = DashboardState()
+        self.state = DashboardState(clock=clock)
         self.refresh_hz = refresh_hz
         self.overview_interval = overview_interval
         self.max_rows = max_rows
@@ -562,6 +568,18 @@ class TaskwatchApp(App[None]):
         self.main.query_one("#workers", Static).update(self._workers_text())
         self._failures_shown = (-1, -1)
         self._update_failures()
+        self._update_task_stats()
+
+    def _update_task_stats(self) -> None:
+        book = self.state.task_stats
+        if not book.changed:
+            return
+        book.changed = False
+        self.main.query_one(TaskStatsTable).update_stats([TaskStats(**row) for row in book.rows()])
+        since = "" if book.since is None else time.strftime("%H:%M:%S", time.localtime(book.since))
+        self.main.query_one("#task-stats-since", Static).update(
+            f"Runs seen by this dashboard since {since} (its first snapshot's runs included)" if since else ""
+        )
 
     def _workers_text(self) -> str:
         if not self.state.workers:

@@ -177,14 +177,16 @@ HELP = """\
 [b]Keys[/b]
 
   [b]s[/b]        submit a task (a form generated from its params model)
-  [b]c[/b]        cancel the selected run (pending or running)
+  [b]c[/b]        cancel the selected run (asks first, naming it)
   [b]r[/b]        retry the selected failed or cancelled run with the same params
   [b]t[/b]        show the selected run's traceback
   [b]enter[/b]    show the selected run in the detail pane
   [b]/[/b]        filter runs (text, status:failed, task:NAME) or events (kinds)
   [b]p[/b]        pause / resume the live view (events keep being recorded)
   [b]z[/b]        pause / resume the selected periodic task (Scheduler tab)
-  [b]1[/b]-[b]5[/b]      Runs, Failures, Scheduler, Health, Events
+  [b]j[/b] [b]k[/b] [b]g[/b] [b]G[/b]  down, up, first (newest) and last row in a table
+  [b]esc[/b]      back: close the run detail (narrow screens) or the filter
+  [b]1[/b]-[b]6[/b]      Runs, Failures, Scheduler, Health, Events, Tasks
   [b]ctrl+p[/b]   command palette: every action, searchable
   [b]?[/b]        this help
   [b]q[/b]        quit

@@ -276,6 +276,7 @@ SCREENS: dict[str, list[str]] = {
     "scheduler": ["3"],
     "health": ["4"],
     "events": ["5"],
+    "tasks": ["6"],
     "submit": ["s"],
     "submit_invalid": ["s", "tab", "u", "7", "tab", "left_square_bracket", "enter"],
     "traceback": ["2", "t"],

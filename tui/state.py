@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from taskwatch.engine import (
@@ -28,14 +29,19 @@ from taskwatch.engine import (
 )
 from taskwatch.engine.events import HealthSample
 
+from .task_stats import TaskStatsBook
+
 _FINISHED = {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED}
 
 
 class DashboardState:
     """Everything the dashboard shows, as plain data."""
 
-    def __init__(self, max_runs: int = 2_000, max_worker_crashes: int = 200) -> None:
+    def __init__(
+        self, max_runs: int = 2_000, max_worker_crashes: int = 200, clock: Callable[[], float] = time.time
+    ) -> None:
         self.max_runs = max_runs
+        self.clock = clock
         self.node_id = ""
         self.version = ""
         self.started_at: float | None = None
@@ -67,6 +73,8 @@ class DashboardState:
         self.max_failures = 200
         self.worker_crashes: deque[Any] = deque(maxlen=max_worker_crashes)
         self.needs_resync = False
+        #: per-task figures from the runs seen since the first snapshot
+        self.task_stats = TaskStatsBook()
 
     # ------------------------------------------------------------------ snapshot
 
@@ -94,6 +102,7 @@ class DashboardState:
         self.apply_overview(snap)
         self.last_seq = snap.last_seq
         self.needs_resync = False
+        self.task_stats.seed(snap.runs, self.clock())
         self._trim()
 
     def apply_overview(self, snap: Snapshot) -> None:
@@ -140,6 +149,7 @@ class DashboardState:
                 self.started_at = event.ts
 
     def _apply_run(self, kind: str, e: Any) -> None:
+        self.task_stats.on_event(kind, e)
         run_id = e.run_id
         if kind == "run.submitted":
             self.runs[run_id] = RunView(

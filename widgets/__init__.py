@@ -16,6 +16,7 @@ from .run_detail import RunAttempt, RunDetail
 from .runs_table import RunsTable
 from .schedule_table import ScheduleTable
 from .store_badge import StoreBadge
+from .task_stats_table import TaskStats, TaskStatsTable
 from .triggers_table import TriggersTable
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "RunsTable",
     "ScheduleTable",
     "StoreBadge",
+    "TaskStats",
+    "TaskStatsTable",
     "TriggersTable",
     "fields_from_schema",
 ]
