@@ -466,3 +466,79 @@ def test_percentiles_are_nearest_rank() -> None:
     values = sorted(float(v) for v in range(1, 101))
     assert percentile(values, 0.5) == 50.0 and percentile(values, 0.95) == 95.0
     assert percentile([3.0], 0.95) == 3.0 and percentile([], 0.5) is None
+
+
+# ---------------------------------------------------------------- bulk actions
+
+
+async def test_space_marks_runs_and_c_cancels_every_marked_run_after_one_confirmation() -> None:
+    engine = make_engine()
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        held = [await engine.submit("hold") for _ in range(3)]
+        await eventually(lambda: all(shown_status(app, h.id) == "running" for h in held))
+        await pilot.press("g")  # newest first: held[2], held[1], held[0]
+        assert table(app).selected_run_id == held[2].id
+        await pilot.press("space")  # marks held[2], moves down
+        await pilot.press("space")  # marks held[1]
+        assert table(app).marked == [held[2].id, held[1].id]
+        assert table(app).get_cell(held[2].id, "id").style == "bold black on yellow"
+        await pilot.press("c")
+        dialog = await eventually(lambda: app.screen if isinstance(app.screen, ConfirmScreen) else None)
+        assert "2 marked runs" in dialog.question and held[2].id in dialog.question and held[1].id in dialog.question
+        await pilot.press("y")
+        await eventually(lambda: engine.get(held[2].id).status is RunStatus.CANCELLED)
+        await eventually(lambda: engine.get(held[1].id).status is RunStatus.CANCELLED)
+        assert engine.get(held[0].id).status is RunStatus.RUNNING
+        await eventually(lambda: table(app).marked == [])
+        assert any("cancelled 2 of 2 marked runs" in n for n in notes(app))
+
+
+async def test_r_on_failures_retries_every_failure_of_that_task() -> None:
+    engine = make_engine()
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        failed = [(await (await engine.submit("explode")).wait(2)).id for _ in range(3)]
+
+        @engine.task(name="other_failure")
+        async def other_failure(ctx: Any) -> None:
+            raise KeyError("other")
+
+        other = (await (await engine.submit("other_failure")).wait(2)).id
+        await pilot.press("2")
+        failures = app.main.query_one(FailuresList)
+        await eventually(lambda: len(failures.table.shown_keys) == 4)
+        failures.select("run", failed[0])
+        await pilot.pause()
+        await pilot.press("R")
+        dialog = await eventually(lambda: app.screen if isinstance(app.screen, ConfirmScreen) else None)
+        assert "3 failed runs of task explode" in dialog.question
+        await pilot.press("enter")
+        await eventually(lambda: any("retried 3 of 3 runs" in n for n in notes(app)))
+        await eventually(lambda: {r.source for r in engine.runs(task="explode")} >= {f"retry:{i}" for i in failed})
+        assert not [r for r in engine.runs(limit=None) if r.source == f"retry:{other}"]
+        # pressed again, a failure already retried is left out: only the retries' own failures are offered
+        retries = {r.id for r in engine.runs(task="explode") if r.source.startswith("retry:")}
+        await eventually(lambda: retries <= set(app.state.failures))
+        await pilot.press("R")
+        dialog = await eventually(lambda: app.screen if isinstance(app.screen, ConfirmScreen) else None)
+        assert "3 failed runs of task explode" in dialog.question
+        assert not any(run_id in dialog.question for run_id in failed)
+        await pilot.press("n")
+
+
+async def test_e_opens_the_submit_form_filled_with_a_runs_params_to_edit_and_resubmit() -> None:
+    engine = make_engine()
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        first = await (await engine.submit("embed_batch", {"user_id": "u1", "contents": ["a"], "batch": 3})).wait(2)
+        await eventually(lambda: shown_status(app, first.id) == "succeeded")
+        table(app).select_run(first.id)
+        await pilot.press("e")
+        screen = await eventually(lambda: app.screen if isinstance(app.screen, SubmitScreen) else None)
+        form = await eventually(lambda: screen.query(ParamsForm) and screen.query_one(ParamsForm))
+        assert form.field_widget("user_id").value == "u1" and form.field_widget("batch").value == "3"
+        assert first.id in str(screen.query_one("#submit-title").content)
+        form.field_widget("user_id").value = "u2"
+        await pilot.click("#submit-ok")
+        await eventually(lambda: not isinstance(app.screen, SubmitScreen))
+        resubmitted = [r for r in engine.runs(task="embed_batch") if r.id != first.id]
+        assert len(resubmitted) == 1
+        assert resubmitted[0].params == {"user_id": "u2", "contents": ["a"], "batch": 3}

@@ -151,6 +151,8 @@ class DashboardScreen(Screen[None]):
         Binding("c", "app.cancel_run", "Cancel", priority=True),
         Binding("r", "app.retry_run", "Retry", priority=True),
         Binding("t", "app.traceback", "Traceback", priority=True),
+        Binding("R", "app.retry_task_failures", "Retry task's failures", show=False, priority=True),
+        Binding("e", "app.edit_resubmit", "Edit and resubmit", show=False, priority=True),
         Binding("slash", "app.filter", "Filter", priority=True),
         Binding("p", "app.toggle_view", "Pause", priority=True),
         Binding("z", "app.toggle_periodic", "Pause periodic", show=False, priority=True),
@@ -650,7 +652,9 @@ class TaskwatchApp(App[None]):
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 
-    def action_submit(self, task: str | None = None) -> None:
+    def action_submit(
+        self, task: str | None = None, values: dict[str, Any] | None = None, title: str = "Submit a task"
+    ) -> None:
         if not self.state.tasks:
             self.notify("not connected to an engine yet", severity="warning")
             return
@@ -666,7 +670,10 @@ class TaskwatchApp(App[None]):
             self._show_detail(record.id)
 
         self.push_screen(
-            SubmitScreen(self.state.tasks, self.client.submit, initial=task, cursor_blink=self.cursor_blink),
+            SubmitScreen(
+                self.state.tasks, self.client.submit, initial=task, values=values, title=title,
+                cursor_blink=self.cursor_blink,
+            ),
             submitted,
         )
 
@@ -683,16 +690,34 @@ class TaskwatchApp(App[None]):
                 self.notify(f"{verb} failed: {exc}", severity="error")
             return None
 
+    def _marked_runs(self) -> list[RunRecord]:
+        """The runs marked in the Runs table (when that is the tab in view)."""
+        if self.active_tab != "runs":
+            return []
+        table = self.main.query_one(RunsTable)
+        found = (self.state.record(run_id) or table.record(run_id) for run_id in table.marked)
+        return [record for record in found if record is not None]
+
+    @staticmethod
+    def _name_runs(runs: list[RunRecord], limit: int = 4) -> str:
+        named = ", ".join(f"{r.id} ({r.task})" for r in runs[:limit])
+        return named + (f" and {len(runs) - limit} more" if len(runs) > limit else "")
+
+    async def _confirmed(self, question: str, yes: str) -> bool:
+        return not self.confirm or bool(await self.push_screen_wait(ConfirmScreen(question, yes=yes)))
+
     @work(group="actions")
     async def action_cancel_run(self) -> None:
+        marked = self._marked_runs()
+        if marked:
+            await self._cancel_many(marked)
+            return
         run = self.selected_run if self.active_tab == "runs" else None
         if run is None:
             self._no_run_selected("cancel")
             return
         # the run is fixed now: rows moving while the dialog is open change nothing
-        if self.confirm and not await self.push_screen_wait(
-            ConfirmScreen(f"Cancel run {run.id} ({run.task}, {run.status.value})?", yes="Cancel run")
-        ):
+        if not await self._confirmed(f"Cancel run {run.id} ({run.task}, {run.status.value})?", "Cancel run"):
             return
         record = await self._command("cancel", self.client.cancel(run.id), RunNotCancellable)
         if record is None:
@@ -702,8 +727,48 @@ class TaskwatchApp(App[None]):
         else:
             self.notify(f"run {run.id} was asked to cancel and is still {record.status.value}", severity="warning")
 
+    async def _cancel_many(self, runs: list[RunRecord]) -> None:
+        if not await self._confirmed(f"Cancel {len(runs)} marked runs: {self._name_runs(runs)}?", f"Cancel {len(runs)} runs"):
+            return
+        cancelled, refused = 0, []
+        for run in runs:
+            try:
+                record = await self.client.cancel(run.id)
+            except COMMAND_ERRORS as exc:
+                refused.append(f"{run.id}: {exc}")
+                continue
+            cancelled += record.status is RunStatus.CANCELLED
+        self.main.query_one(RunsTable).clear_marks()
+        self._say_bulk(f"cancelled {cancelled} of {len(runs)} marked runs", refused)
+
+    def _say_bulk(self, done: str, refused: list[str]) -> None:
+        if refused:
+            self.notify(f"{done}; {len(refused)} refused: " + "; ".join(refused[:3]), severity="warning", timeout=10)
+        else:
+            self.notify(done)
+
+    async def _retry_many(self, runs: list[RunRecord]) -> list[RunRecord]:
+        retried: list[RunRecord] = []
+        refused: list[str] = []
+        for run in runs:
+            try:
+                record = await self.client.retry(run.id)
+            except COMMAND_ERRORS as exc:
+                refused.append(f"{run.id}: {exc}")
+                continue
+            self.state.add_record(record)
+            retried.append(record)
+        self._say_bulk(f"retried {len(retried)} of {len(runs)} runs", refused)
+        return retried
+
     @work(group="actions")
     async def action_retry_run(self) -> None:
+        marked = self._marked_runs()
+        if marked:
+            if await self._confirmed(f"Retry {len(marked)} marked runs: {self._name_runs(marked)}?", f"Retry {len(marked)} runs"):
+                self.main.query_one(RunsTable).clear_marks()
+                await self._retry_many(marked)
+            return
         run = self.selected_run
         if run is None:
             self._no_run_selected("retry")
@@ -716,6 +781,36 @@ class TaskwatchApp(App[None]):
         self.action_show_tab("runs")
         self.redraw()
         self.main.query_one(RunsTable).select_run(record.id)
+
+    @work(group="actions")
+    async def action_retry_task_failures(self) -> None:
+        """R on the Failures tab: retry every failed run of the selected failure's task (those
+        the dashboard holds, leaving out runs already retried)."""
+        picked = self.main.query_one(FailuresList).selected if self.active_tab == "failures" else None
+        failure = self.state.failure(picked[1]) if picked is not None and picked[0] == "run" else None
+        if failure is None:
+            self.notify("select a failed run on the Failures tab (2)", severity="warning")
+            return
+        retried_already = {v.source.removeprefix("retry:") for v in self.state.runs.values() if v.source.startswith("retry:")}
+        runs = [r for r in self.state.failed_runs() if r.task == failure.task and r.id not in retried_already]
+        if not runs:
+            self.notify(f"every failure of {failure.task} shown here was retried already", severity="warning")
+            return
+        if await self._confirmed(f"Retry the {len(runs)} failed runs of task {failure.task}: {self._name_runs(runs)}?",
+                                 f"Retry {len(runs)} runs"):
+            await self._retry_many(runs)
+
+    def action_edit_resubmit(self) -> None:
+        """e: the submit form for the selected run's task, filled with its params, to edit and submit anew."""
+        run = self.selected_run
+        if run is None:
+            self._no_run_selected("edit and resubmit")
+            return
+        info = self.state.task_info(run.task)
+        if info is None or not info.submittable:
+            self.notify(f"task {run.task} cannot be submitted from the dashboard", severity="warning")
+            return
+        self.action_submit(run.task, values=dict(run.params), title=f"Edit and resubmit {run.task} (from run {run.id})")
 
     def action_traceback(self) -> None:
         if self.active_tab == "failures":
@@ -826,6 +921,13 @@ class TaskwatchApp(App[None]):
         yield SystemCommand("Cancel selected run", "Cancel the run selected in the Runs table (c)", self.action_cancel_run)
         yield SystemCommand("Retry selected run", "Submit the selected failed run again with the same params (r)", self.action_retry_run)
         yield SystemCommand("Show traceback", "Full traceback of the selected run (t)", self.action_traceback)
+        yield SystemCommand(
+            "Retry every failure of this task", "On the Failures tab: retry the selected failure's task's failed runs (R)",
+            self.action_retry_task_failures,
+        )
+        yield SystemCommand(
+            "Edit and resubmit", "The submit form filled with the selected run's params (e)", self.action_edit_resubmit
+        )
         yield SystemCommand("Filter", "Filter runs or events (/)", self.action_filter)
         yield SystemCommand("Pause or resume the view", "Freeze the screen; events keep being recorded (p)", self.action_toggle_view)
         for info in self.state.schedule:

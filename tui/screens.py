@@ -25,17 +25,27 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
     BINDINGS = [Binding("escape", "dismiss_none", "Close")]
 
     def __init__(
-        self, tasks: list[TaskInfo], submit: SubmitFn, initial: str | None = None, *, cursor_blink: bool = True
+        self,
+        tasks: list[TaskInfo],
+        submit: SubmitFn,
+        initial: str | None = None,
+        *,
+        values: dict[str, Any] | None = None,
+        title: str = "Submit a task",
+        cursor_blink: bool = True,
     ) -> None:
+        """``values`` pre-fill the first form (say, a failed run's params to edit and resubmit)."""
         super().__init__()
         self._cursor_blink = cursor_blink
+        self._values = values
+        self._title = title
         self.tasks = {t.name: t for t in tasks if t.submittable}
         self._submit = submit
         self._initial = initial if initial in self.tasks else next(iter(self.tasks), None)
 
     def compose(self) -> ComposeResult:
         with Vertical(id="submit-dialog"):
-            yield Label("Submit a task", id="submit-title")
+            yield Label(self._title, id="submit-title")
             yield Select(
                 [(name, name) for name in self.tasks],
                 value=self._initial if self._initial is not None else Select.BLANK,
@@ -48,7 +58,7 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
             with VerticalScroll(id="submit-form", can_focus=False):
                 # the first form is composed, not mounted later, so it is there at once
                 if initial is not None:
-                    yield ParamsForm(initial, id="params-form", cursor_blink=self._cursor_blink)
+                    yield ParamsForm(initial, values=self._values, id="params-form", cursor_blink=self._cursor_blink)
             yield Static("", id="submit-error")
             with Horizontal(id="submit-buttons"):
                 yield Button("Submit", variant="primary", id="submit-ok")
@@ -179,6 +189,9 @@ HELP = """\
   [b]s[/b]        submit a task (a form generated from its params model)
   [b]c[/b]        cancel the selected run (asks first, naming it)
   [b]r[/b]        retry the selected failed or cancelled run with the same params
+  [b]space[/b]    mark runs (Runs tab): c and r then act on every marked run
+  [b]R[/b]        retry every failure of the selected failure's task (tab 2)
+  [b]e[/b]        edit the selected run's params and submit it again
   [b]t[/b]        show the selected run's traceback
   [b]enter[/b]    show the selected run in the detail pane
   [b]/[/b]        filter runs (text, status:failed, task:NAME) or events (kinds)
@@ -198,7 +211,8 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="help-dialog"):
-            yield Static(HELP, id="help-body")
+            with VerticalScroll(id="help-scroll"):
+                yield Static(HELP, id="help-body")
             yield Button("Close", id="help-close")
 
     @on(Button.Pressed, "#help-close")
