@@ -229,6 +229,8 @@ async def test_counts_are_totals_since_start_not_the_history_window() -> None:
         bar = app.main.query_one(CountsBar)
         await eventually(lambda: "failed 12" in visible(bar))
         assert "since start" in visible(bar)
+        # the finish rate, measured between the dashboard's snapshots
+        await eventually(lambda: "finished/s" in visible(bar))
 
 
 async def test_pause_and_drop_indicators_stay_visible_beside_large_counts() -> None:

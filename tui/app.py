@@ -551,14 +551,13 @@ class TaskwatchApp(App[None]):
 
     def _update_counts(self) -> None:
         log = self.main.query_one(EventLog)
-        stats = self.state.stats
         self.main.query_one(CountsBar).update(
             self.state.by_status or self.state.counts(),
             self.state.dropped + self.client.dropped,
             self.view_paused,
             log.buffered,
             totals=self.state.totals(),
-            rate=stats.throughput if stats is not None else None,
+            rate=self.state.finish_rate(),
         )
 
     @while_dashboard_alive

@@ -185,8 +185,19 @@ def health_sample(i: int) -> dict[str, Any]:
     }
 
 
-async def play(engine: Engine, clock: FrozenClock) -> None:
-    """Drive the engine through a fixed story; returns once it is quiescent."""
+async def play(engine: Engine, clock: FrozenClock, bulk: bool = False) -> None:
+    """Drive the engine through a fixed story; returns once it is quiescent.
+
+    ``bulk`` first runs a few hundred quick runs, so the counts have three digits.
+    """
+    if bulk:
+        for i in range(360):
+            clock.advance(0.01)
+            if i % 3 == 2:
+                handle = await engine.submit("resize_image", {"url": f"https://cdn.example/{i}.bmp"})
+            else:
+                handle = await engine.submit("embed_batch", {"user_id": f"u{i}", "contents": []})
+            await _finished(handle, clock)
     for i in range(90):
         clock.advance(1.0)
         engine.bus.emit(HealthSample, **health_sample(i))
@@ -253,17 +264,17 @@ def scenario_app() -> tuple[TaskwatchApp, Engine, FrozenClock]:
     return app, engine, clock
 
 
-async def settle(app: TaskwatchApp, engine: Engine, clock: FrozenClock) -> None:
+async def settle(app: TaskwatchApp, engine: Engine, clock: FrozenClock, bulk: bool = False) -> None:
     """Play the scenario inside a running app and wait until the screen shows all of it."""
     await _until(lambda: engine.state == "running")
-    await play(engine, clock)
+    await play(engine, clock, bulk)
     await app.refresh_overview().wait()
     app.redraw(full=True)
     await _until(lambda: app.client.pending_events() == 0 and app.state.last_seq == engine.bus.last_seq)
     app.redraw(full=True)
     app.refresh_tables()
     # the cursors land where the story's updates left them; put them somewhere fixed
-    app.main.query_one(RunsTable).select_run("r0000009")
+    app.main.query_one(RunsTable).select_run("r0000009" if not bulk else engine.runs(status="running")[0].id)
     app.main.query_one(FailuresList).select("run", "r0000005")
     app.redraw(full=True)
 
@@ -282,6 +293,7 @@ SCREENS: dict[str, list[str]] = {
     "traceback": ["2", "t"],
     "help": ["question_mark"],
     "runs_80x24": [],
+    "runs_160x48": ["p"],  # three-digit counts beside the paused indicator
     "detail_80x24": ["down", "down", "enter"],
     "scheduler_80x24": ["3"],
 }
@@ -290,9 +302,14 @@ SCREENS: dict[str, list[str]] = {
 #: screens pictured at another terminal size than SIZE
 SIZES: dict[str, tuple[int, int]] = {
     "runs_80x24": (80, 24),
+    "runs_160x48": (160, 48),
     "detail_80x24": (80, 24),
     "scheduler_80x24": (80, 24),
 }
+
+
+#: screens played with a few hundred runs first (three-digit counts)
+BULK = frozenset({"runs_160x48"})
 
 
 def _pin_environment() -> None:
@@ -304,7 +321,7 @@ def _pin_environment() -> None:
 async def capture(name: str, keys: list[str]) -> str:
     app, engine, clock = scenario_app()
     async with app.run_test(size=SIZES.get(name, SIZE)) as pilot:
-        await settle(app, engine, clock)
+        await settle(app, engine, clock, bulk=name in BULK)
         await pilot.pause()
         for key in keys:
             await pilot.press(key)

@@ -51,6 +51,8 @@ class DashboardState:
         self.incarnation = ""
         #: the engine's counters at the last snapshot (totals since it started, rates)
         self.stats: EngineStats | None = None
+        #: (our clock, runs finished in total) at each snapshot: the finish rate
+        self._finished_samples: deque[tuple[float, int]] = deque(maxlen=11)
         self.runs: dict[str, RunView] = {}
         self.tasks: list[TaskInfo] = []
         self.schedule: list[PeriodicInfo] = []
@@ -115,6 +117,7 @@ class DashboardState:
         self.leadership = snap.leadership
         self.by_status = dict(snap.stats.by_status)
         self.stats = snap.stats
+        self._finished_samples.append((self.clock(), snap.stats.finished_total))
         self.engine_state = snap.state
 
     # ------------------------------------------------------------------ events
@@ -290,6 +293,17 @@ class DashboardState:
             "failed": stats.failed_total,
             "cancelled": stats.cancelled_total,
         }
+
+    def finish_rate(self) -> float | None:
+        """Runs finished per second over the last snapshots (about ten seconds of them);
+        None until two snapshots some time apart were taken."""
+        samples = self._finished_samples
+        if len(samples) < 2:
+            return None
+        (t0, n0), (t1, n1) = samples[0], samples[-1]
+        if t1 <= t0 or n1 < n0:  # no time passed, or another engine process now
+            return None
+        return (n1 - n0) / (t1 - t0)
 
     def counts(self) -> dict[str, int]:
         counts = {s.value: 0 for s in RunStatus}
