@@ -232,11 +232,11 @@ class KeyedTable(DataTable[Text]):
         text, style = cell
         if index == 0:
             ordered = _OrderedText(
-                text, self._orders[key], style=style, justify=column.justify, no_wrap=True, end=""
+                text, self._orders[key], style=style, justify=column.justify, no_wrap=True, overflow="ellipsis", end=""
             )
             self._first_cells[key] = ordered
             return ordered
-        return Text(text, style=style, justify=column.justify, no_wrap=True, end="")
+        return Text(text, style=style, justify=column.justify, no_wrap=True, overflow="ellipsis", end="")
 
     def _add(self, key: str) -> None:
         cells = self._cells[key]

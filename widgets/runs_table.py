@@ -59,7 +59,9 @@ class RunsTable(KeyedTable):
 
     COLUMNS: ClassVar[tuple[Column, ...]] = (
         Column("id", "id", 8),
-        Column("task", "task"),
+        # fixed, so the columns never shift as runs of longer-named tasks arrive (and rows cost
+        # no re-measuring of the whole column); longer names end in an ellipsis
+        Column("task", "task", 16),
         Column("status", "status", 9),
         Column("progress", "progress", 13),
         Column("duration", "duration", 8, "right"),
