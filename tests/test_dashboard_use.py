@@ -544,3 +544,28 @@ async def test_e_opens_the_submit_form_filled_with_a_runs_params_to_edit_and_res
         resubmitted = [r for r in engine.runs(task="embed_batch") if r.id != first.id]
         assert len(resubmitted) == 1
         assert resubmitted[0].params == {"user_id": "u2", "contents": ["a"], "batch": 3}
+
+
+# ---------------------------------------------------------------- serving
+
+
+async def test_a_served_dashboard_shows_the_attach_command_in_a_dialog(tmp_path: Any) -> None:
+    from taskwatch.tui.screens import AttachScreen
+
+    engine = make_engine()
+    async with engine:
+        server = await engine.serve("tcp://127.0.0.1:0", token="a-token-of-sufficient-length-42", announce=False)
+        info = server.info()
+        app = TaskwatchApp(LocalClient(engine), refresh_hz=30.0, serving=info)
+        async with app.run_test(size=SMALL) as pilot:
+            await eventually(lambda: any(info.address in n for n in notes(app)))
+            assert not any("a-token-of" in n for n in notes(app))  # never in a passing message
+            titles = {c.title for c in app.get_system_commands(app.screen)}
+            assert "Attach command" in titles
+            app.action_attach_command()
+            dialog = await eventually(lambda: app.screen if isinstance(app.screen, AttachScreen) else None)
+            assert dialog.command == f"TASKWATCH_TOKEN=a-token-of-sufficient-length-42 taskwatch attach {info.address}"
+            await pilot.press("escape")
+            await eventually(lambda: app.screen is app.main)
+            await app.action_quit()
+        engine.resources["release"].set()

@@ -19,6 +19,7 @@ from taskwatch.engine import (
     RunNotRetryable,
     RunRecord,
     RunStatus,
+    ServerInfo,
     Snapshot,
     TaskwatchError,
     is_truncated,
@@ -50,7 +51,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 
 from .client import DashboardClient
-from .screens import ConfirmScreen, HelpScreen, SubmitScreen, TracebackScreen
+from .screens import AttachScreen, ConfirmScreen, HelpScreen, SubmitScreen, TracebackScreen
 from .state import DashboardState
 
 TABS = ("runs", "failures", "scheduler", "health", "events", "tasks")
@@ -232,8 +233,10 @@ class TaskwatchApp(App[None]):
         clock: Callable[[], float] = time.time,
         cursor_blink: bool = True,
         confirm: bool = True,
+        serving: ServerInfo | None = None,
     ) -> None:
-        """``confirm=False`` cancels without asking first (``taskwatch --no-confirm``)."""
+        """``confirm=False`` cancels without asking first (``taskwatch --no-confirm``);
+        ``serving`` is where this process serves its engine (the attach command is shown)."""
         super().__init__()
         self.client = client
         self.state = DashboardState(clock=clock)
@@ -260,6 +263,7 @@ class TaskwatchApp(App[None]):
         self.cursor_blink = cursor_blink
         #: ask before cancelling (the dialog names the run)
         self.confirm = confirm
+        self.serving = serving
         #: full records fetched for runs whose values came cut down over the wire (newest last)
         self._full_records: dict[str, RunRecord] = {}
         self._fetching: set[str] = set()
@@ -307,6 +311,11 @@ class TaskwatchApp(App[None]):
         # the runs table, not the tab strip: arrows and j/k move through runs at once
         self.main.query_one(RunsTable).focus()
         self.connect()
+        if self.serving is not None:
+            self.notify(
+                f"serving at {self.serving.address}: ctrl+p, 'Attach command' shows how to attach",
+                timeout=15,
+            )
         self.set_interval(1.0 / self.refresh_hz, self.redraw, name="redraw")
         self.set_interval(self.overview_interval, self.refresh_overview, name="overview")
 
@@ -651,6 +660,13 @@ class TaskwatchApp(App[None]):
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 
+    def action_attach_command(self) -> None:
+        serving = self.serving
+        if serving is None:
+            self.notify("this dashboard serves no engine: start it with --serve ADDRESS", severity="warning")
+            return
+        self.push_screen(AttachScreen(serving.address, serving.token, serving.node_id))
+
     def action_submit(
         self, task: str | None = None, values: dict[str, Any] | None = None, title: str = "Submit a task"
     ) -> None:
@@ -937,6 +953,11 @@ class TaskwatchApp(App[None]):
             )
         for i, tab in enumerate(TABS, 1):
             yield SystemCommand(f"Show {tab.title()}", f"Switch to the {tab} tab ({i})", lambda tab=tab: self.action_show_tab(tab))
+        if self.serving is not None:
+            yield SystemCommand(
+                "Attach command", f"How to attach to this engine, served at {self.serving.address}",
+                self.action_attach_command,
+            )
         yield SystemCommand("Help", "Keys and what they do (?)", self.action_help)
 
     async def on_unmount(self) -> None:

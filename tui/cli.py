@@ -96,6 +96,7 @@ def _main_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=None, help="with --plain: stop after this many seconds")
     parser.add_argument("--serve", metavar="ADDRESS", default=None, help="also serve the engine for `taskwatch attach`")
     _add_confirm_option(parser)
+    _add_token_options(parser)
     parser.add_argument(
         "--store",
         metavar="URL",
@@ -234,19 +235,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             engine = build_demo_engine(opts.seed, store=opts.store)
         except TaskwatchError as exc:
             return fail(str(exc))
-    return _run_local(engine, opts.serve, confirm=opts.confirm)
+    try:
+        token = resolve_token(opts) if opts.serve else None
+    except TokenError as exc:
+        return fail(str(exc))
+    return _run_local(engine, opts.serve, confirm=opts.confirm, token=token)
 
 
-def _run_local(engine: Engine, serve: str | None, *, confirm: bool = True) -> int:
+def _run_local(engine: Engine, serve: str | None, *, confirm: bool = True, token: str | None = None) -> int:
     from .app import TaskwatchApp
     from .client import LocalClient
 
     bg = engine.start_background()
     try:
+        info = None
         if serve:
-            info = bg.serve(serve)
-            print(f"taskwatch: serving on {info}", file=sys.stderr)
-        TaskwatchApp(LocalClient(engine), confirm=confirm).run()
+            # nothing printed: the dashboard is about to take the screen; it shows the
+            # attach command itself (ctrl+p, "Attach command")
+            options = {"token": token} if token else {}
+            info = bg.serve(serve, announce=False, **options)
+        TaskwatchApp(LocalClient(engine), confirm=confirm, serving=info).run()
+        if info is not None:
+            print(f"taskwatch: served {engine.node_id} at {info}", file=sys.stderr)
     finally:
         bg.stop(timeout=5)
     return 0

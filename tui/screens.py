@@ -158,6 +158,40 @@ class ConfirmScreen(ModalScreen[bool]):
         self.dismiss(False)
 
 
+class AttachScreen(ModalScreen[None]):
+    """How to attach to the engine this dashboard serves: the command to run elsewhere."""
+
+    BINDINGS = [Binding("escape,q,enter", "dismiss", "Close")]
+
+    def __init__(self, address: str, token: str | None, node_id: str) -> None:
+        super().__init__()
+        self.address = address
+        self._token = token
+        self._node_id = node_id
+
+    @property
+    def command(self) -> str:
+        env = f"TASKWATCH_TOKEN={self._token} " if self._token else ""
+        return f"{env}taskwatch attach {self.address}"
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="attach-dialog"):
+            yield Label(f"Engine {self._node_id} is served at {self.address}", id="attach-title")
+            yield Static("To watch it from another terminal, run:", classes="attach-hint")
+            yield Static(Text(self.command, style="bold"), id="attach-command")
+            if self._token:
+                yield Static(
+                    Text("The token is shown here only: keep it out of shell history and logs "
+                         "(put it in a file only you can read and use --token-file).", style="dim"),
+                    classes="attach-hint",
+                )
+            yield Button("Close", id="attach-close")
+
+    @on(Button.Pressed, "#attach-close")
+    def _close(self) -> None:
+        self.dismiss(None)
+
+
 class TracebackScreen(ModalScreen[None]):
     """The full traceback of a failed run or a crashed worker."""
 
