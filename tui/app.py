@@ -719,7 +719,11 @@ class TaskwatchApp(App[None]):
         return named + (f" and {len(runs) - limit} more" if len(runs) > limit else "")
 
     async def _confirmed(self, question: str, yes: str) -> bool:
-        return not self.confirm or bool(await self.push_screen_wait(ConfirmScreen(question, yes=yes)))
+        if not self.confirm:
+            return True
+        dialog: ConfirmScreen = ConfirmScreen(question, yes=yes)
+        answer: bool = await self.push_screen_wait(dialog)
+        return answer
 
     @work(group="actions")
     async def action_cancel_run(self) -> None:
