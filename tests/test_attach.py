@@ -307,26 +307,26 @@ async def test_invalid_params_are_refused_over_the_wire_and_shown_beside_the_fie
     app = attach(served.address, served.token)
     async with app.run_test(size=SIZE) as pilot, served.remote() as remote:
         screen, form = await open_submit(app, pilot, "greet")
-        # an integer, so the form sends it; only the engine knows times must be 1..5
-        form.field_widget("name").value = "Bob"
-        form.field_widget("times").value = "9"
+        # a string, so the form sends it; only the engine knows names start with a capital
+        form.field_widget("name").value = "bob"
+        form.field_widget("times").value = "2"
         await pilot.click("#submit-ok")
 
-        error = await eventually(lambda: form.field_error("times"), timeout=TIMEOUT)
-        assert "less than or equal to 5" in error
-        assert form.field_error("name") == ""
+        error = await eventually(lambda: form.field_error("name"), timeout=TIMEOUT)
+        assert "capital letter" in error
+        assert form.field_error("times") == ""
         assert app.screen is screen  # the dialog stays open for a fix
         snap = await remote.snapshot()
         assert snap.runs == []
         assert snap.stats.submitted_total == 0
 
         # fixing the field submits it (once the button's press effect, which ignores clicks, is over)
-        form.field_widget("times").value = "2"
+        form.field_widget("name").value = "Bob"
         button = screen.query_one("#submit-ok")
         await eventually(lambda: not button.has_class("-active"))
         await pilot.click("#submit-ok")
         await eventually(lambda: app.screen is app.main, timeout=TIMEOUT)
-        assert form.field_error("times") == ""
+        assert form.field_error("name") == ""
         snap = await remote_until(remote, lambda s: s.runs)
         assert [(r.task, r.params) for r in snap.runs] == [("greet", {"name": "Bob", "times": 2})]
         assert snap.stats.submitted_total == 1

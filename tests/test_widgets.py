@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 import time
+from enum import Enum
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from rich.console import Console, RenderableType
 from taskwatch.engine import (
     Leadership,
@@ -42,7 +43,7 @@ from textual import on
 from textual.app import App, ComposeResult
 from textual.message import Message
 from textual.widget import Widget
-from textual.widgets import Input, Sparkline, Static, Switch
+from textual.widgets import Input, Select, Sparkline, Static, Switch
 
 from .helpers import eventually
 
@@ -828,3 +829,54 @@ async def test_event_log_formats_values_and_keeps_lease_renewals_out_of_sight() 
         log.set_filter(["lease."])  # asked for by name: every renewal is there
         await pilot.pause()
         assert sum("lease.renewed" in line for line in log_text(log)) == 38
+
+
+# ---------------------------------------------------------------- the submit form, item by item
+
+
+class Size(str, Enum):
+    small = "small"
+    large = "large"
+
+
+class LimitedParams(BaseModel):
+    name: str = Field(min_length=2, max_length=8, description="who it is for")
+    count: int = Field(5, ge=1, le=10)
+    size: Size = Size.small
+    tags: list[str] = Field(default_factory=list, max_length=2)
+
+
+def limited_task() -> TaskInfo:
+    return TaskInfo(
+        name="limited", kind="task", description="", submittable=True, retries=0, timeout=None,
+        concurrency=None, params_schema=LimitedParams.model_json_schema(),
+    )
+
+
+async def test_params_form_offers_enums_shows_limits_and_reports_every_error_at_once() -> None:
+    form = ParamsForm(limited_task())
+    async with Host(form).run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        size = form.field_widget("size")
+        assert isinstance(size, Select) and size.value == "small"  # a pick, not free text
+        hints = [str(h.content) for h in form.query(".params-form--hint").results(Static)]
+        assert any("who it is for" in h and "at least 2 characters, at most 8 characters" in h for h in hints)
+        assert any("≥ 1, ≤ 10" in h for h in hints)
+        # an emptied field says it means the default, rather than falling back silently
+        count = form.field_widget("count")
+        assert isinstance(count, Input) and "the default, 5" in count.placeholder
+        # one round reports every error the form can know of
+        form.field_widget("name").value = "x"
+        count.value = "50"
+        form.field_widget("tags").value = '["a", "b", "c"]'
+        with pytest.raises(ParamsFormError) as caught:
+            form.collect()
+        assert {e["loc"][0] for e in caught.value.errors} == {"name", "count", "tags"}
+        await pilot.pause()
+        assert "at least 2 characters" in form.field_error("name")
+        assert "≤ 10" in form.field_error("count") and "at most 2 items" in form.field_error("tags")
+        form.field_widget("name").value = "ada"
+        count.value = ""
+        form.field_widget("tags").value = "[]"
+        size.value = "large"
+        assert form.collect() == {"name": "ada", "size": "large", "tags": []}
