@@ -136,6 +136,17 @@ def test_web_serves_the_dashboard_page_at_the_printed_url(tmp_path: Path) -> Non
                     raise AssertionError(f"taskwatch web exited with {proc.returncode}") from None
                 time.sleep(0.1)  # polling a port that is still opening
         assert "taskwatch" in page
+        # everything the page loads comes from this server: it works offline
+        outside = [
+            u for u in re.findall(r"https?://[^\s\"')]+", page)
+            if not u.startswith(f"http://127.0.0.1:{port}/") and u != "http://www.w3.org/2000/svg"  # a namespace
+        ]
+        assert outside == [], outside
+        font = re.search(r"url\(\"([^\"]+RobotoMono-VariableFont_wght\.ttf)\"\)", page)
+        assert font is not None
+        font_url = font[1] if font[1].startswith("http") else f"http://127.0.0.1:{port}{font[1]}"
+        with urllib.request.urlopen(font_url, timeout=5) as response:
+            assert response.status == 200 and len(response.read()) > 10_000
         # the same server without the secret in the path: refused
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
