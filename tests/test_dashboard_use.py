@@ -64,6 +64,12 @@ async def test_number_keys_switch_tabs_from_any_focus() -> None:
         assert tabs(app) == "failures"
         await pilot.press("1")
         assert tabs(app) == "runs"
+        await pilot.press("4")  # a tab with nothing to focus
+        assert tabs(app) == "health"
+        await pilot.pause()
+        assert tabs(app) == "health"
+        await pilot.press("1")
+        assert tabs(app) == "runs"
         app.main.query_one(RunDetail).focus()
         await pilot.pause()  # focus moves on the next message round
         await pilot.press("3")

@@ -665,6 +665,14 @@ async def test_health_sparklines_keep_bounded_history_and_show_current_values() 
         assert str(health.query_one("#health-value-cpu", Static).content) == "24.0%"
         assert str(health.query_one("#health-value-rss", Static).content) == "124.0 MiB"
         assert str(health.query_one("#health-value-throughput", Static).content) == "48.0/s"
+        # each graph says its range over the window, and the axis how far back the graphs reach
+        assert str(health.query_one("#health-range-cpu", Static).content) == "15.0%–24.0%"
+        assert str(health.query_one("#health-value-threads", Static).content) == "4"
+        assert str(health.query_one("#health-value-fds", Static).content) == "10"
+        assert str(health.query_one("#health-value-queue", Static).content) == "0"
+        assert health.span == 9.0
+        axis = str(health.query_one("#health-axis", Static).content)
+        assert axis.startswith("-9.0s") and "-4.5s" in axis and axis.rstrip().endswith("now")
 
 
 # ---------------------------------------------------------------- ScheduleTable, QueuesTable, TriggersTable

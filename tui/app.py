@@ -656,6 +656,9 @@ class TaskwatchApp(App[None]):
         selector = TAB_FOCUS.get(tab)
         if selector is not None:
             self.main.query_one(selector).focus()
+        else:
+            # nothing to focus there; focus left in a hidden tab would switch back to that tab
+            self.set_focus(None)
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
