@@ -27,8 +27,9 @@ Tasks:
 ``forever``
     No params; reports progress every 50 ms until it is cancelled.
 ``greet``
-    Params ``GreetParams(name: str, times: int in 1..5)``: the engine rejects
-    ``times`` out of range, which a form cannot know before submitting.
+    Params ``GreetParams(name: str, times: int in 1..5)``: the form checks
+    ``times`` against its schema limits; only the engine knows a name must
+    start with a capital letter (a validator the schema does not describe).
 ``tick``
     A periodic task due in an hour: something for the Scheduler tab.
 """
@@ -45,13 +46,20 @@ import sys
 import threading
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from taskwatch.engine import Engine, TaskContext, TaskwatchError
 
 
 class GreetParams(BaseModel):
     name: str = Field(description="who to greet")
     times: int = Field(1, ge=1, le=5, description="how many greetings (1-5)")
+
+    @field_validator("name")
+    @classmethod
+    def _capitalised(cls, name: str) -> str:
+        if not name[:1].isupper():
+            raise ValueError("a name starts with a capital letter")
+        return name
 
 
 def build_engine(node_id: str | None = None) -> Engine:

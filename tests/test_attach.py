@@ -291,7 +291,7 @@ async def test_cancel_from_the_dashboard_cancels_the_remote_run(serve: ServeFn) 
         )
 
         assert table.select_run(run_id)
-        await pilot.press("c")
+        await pilot.press("c", "y")  # confirmed in the dialog naming the run
 
         snap = await remote_until(remote, lambda s: (r := run_of(s, run_id)) is not None and r.status.finished)
         record = run_of(snap, run_id)
@@ -307,26 +307,26 @@ async def test_invalid_params_are_refused_over_the_wire_and_shown_beside_the_fie
     app = attach(served.address, served.token)
     async with app.run_test(size=SIZE) as pilot, served.remote() as remote:
         screen, form = await open_submit(app, pilot, "greet")
-        # an integer, so the form sends it; only the engine knows times must be 1..5
-        form.field_widget("name").value = "Bob"
-        form.field_widget("times").value = "9"
+        # a string, so the form sends it; only the engine knows names start with a capital
+        form.field_widget("name").value = "bob"
+        form.field_widget("times").value = "2"
         await pilot.click("#submit-ok")
 
-        error = await eventually(lambda: form.field_error("times"), timeout=TIMEOUT)
-        assert "less than or equal to 5" in error
-        assert form.field_error("name") == ""
+        error = await eventually(lambda: form.field_error("name"), timeout=TIMEOUT)
+        assert "capital letter" in error
+        assert form.field_error("times") == ""
         assert app.screen is screen  # the dialog stays open for a fix
         snap = await remote.snapshot()
         assert snap.runs == []
         assert snap.stats.submitted_total == 0
 
         # fixing the field submits it (once the button's press effect, which ignores clicks, is over)
-        form.field_widget("times").value = "2"
+        form.field_widget("name").value = "Bob"
         button = screen.query_one("#submit-ok")
         await eventually(lambda: not button.has_class("-active"))
         await pilot.click("#submit-ok")
         await eventually(lambda: app.screen is app.main, timeout=TIMEOUT)
-        assert form.field_error("times") == ""
+        assert form.field_error("name") == ""
         snap = await remote_until(remote, lambda s: s.runs)
         assert [(r.task, r.params) for r in snap.runs] == [("greet", {"name": "Bob", "times": 2})]
         assert snap.stats.submitted_total == 1
@@ -448,17 +448,21 @@ async def test_attach_before_the_engine_is_up_connects_once_it_is(serve: ServeFn
         await eventually(lambda: "tick" in schedule.shown_keys, timeout=TIMEOUT)
 
 
-async def test_wrong_token_is_reported_and_the_app_keeps_running(serve: ServeFn) -> None:
+async def test_wrong_token_is_final_reported_and_the_app_keeps_running(serve: ServeFn) -> None:
     served = await serve("tcp://127.0.0.1:0", token="the-right-token-0123456789")
     app = attach(served.address, "not-the-token")
     async with app.run_test(size=SIZE) as pilot:
         message = await eventually(
             lambda: next((m for m, sev in notifications(app) if sev == "error"), None), timeout=TIMEOUT
         )
-        assert "authentication failed" in message
+        assert "authentication failed" in message and "not retrying" in message
         assert app.is_running
-        assert badge(app).state in ("disconnected", "unknown")
-        assert "DISCONNECTED" in str(badge(app).render()) or badge(app).state == "unknown"
+        # a refused token is final: no silent retries behind a "reconnecting..." that never ends
+        assert not app.client.retrying
+        await eventually(lambda: badge(app).state == "failed", timeout=TIMEOUT)
+        shown = str(badge(app).render())
+        assert "authentication failed" in shown and "not retrying" in shown and "reconnecting" not in shown
+        assert "not-the-token" not in shown and "not-the-token" not in message  # never shown
         assert not app.client.connected
         # the dashboard still answers keys
         await pilot.press("s")

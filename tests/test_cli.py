@@ -33,7 +33,8 @@ def test_version_and_help() -> None:
         ("no_such_module:engine", "module 'no_such_module' not found"),
         ("examples.service:nope", "module 'examples.service' has no attribute 'nope'"),
         ("examples.service:FakeCache", "is a FakeCache, not a taskwatch Engine"),
-        ("examples.service", "expected PACKAGE.MODULE:ATTRIBUTE"),
+        ("examples", "module 'examples' has no attribute 'engine'; name the engine: examples:ATTRIBUTE"),
+        (":engine", "expected PACKAGE.MODULE:ATTRIBUTE"),
         ("examples.service:random", "is a module, not a taskwatch Engine"),
     ],
 )
@@ -54,6 +55,8 @@ def test_load_engine_takes_an_engine_or_a_factory(monkeypatch: pytest.MonkeyPatc
     assert isinstance(made, Engine) and "embed_batch" in made.tasks()
     with pytest.raises(AppPathError):
         load_engine("examples.service:")
+    # without :ATTRIBUTE the engine is looked up as `engine`, as uvicorn looks up `app`
+    assert load_engine("examples.service") is engine
 
 
 def test_attach_needs_an_address() -> None:
@@ -70,6 +73,25 @@ def test_plain_demo_prints_every_kind_of_loop() -> None:
             "queue.stats", "trigger.fired", "worker.started", "health", "engine.stopped"} <= kinds
     assert "reason=flag kg_extraction is off" in result.stdout
     assert "reason=missing resource: redis" in result.stdout
+
+
+def test_plain_output_piped_into_head_ends_quietly() -> None:
+    """``taskwatch --plain | head``: the reader leaving ends the output without a traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "taskwatch.tui", "--plain", "--seconds", "30", "--seed", "1"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    lines = [proc.stdout.readline() for _ in range(3)]
+    assert all(lines)
+    proc.stdout.close()  # as head does after its lines
+    try:
+        stderr = proc.stderr.read()
+        code = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    assert code == 0
 
 
 def _free_port() -> int:
@@ -114,6 +136,17 @@ def test_web_serves_the_dashboard_page_at_the_printed_url(tmp_path: Path) -> Non
                     raise AssertionError(f"taskwatch web exited with {proc.returncode}") from None
                 time.sleep(0.1)  # polling a port that is still opening
         assert "taskwatch" in page
+        # everything the page loads comes from this server: it works offline
+        outside = [
+            u for u in re.findall(r"https?://[^\s\"')]+", page)
+            if not u.startswith(f"http://127.0.0.1:{port}/") and u != "http://www.w3.org/2000/svg"  # a namespace
+        ]
+        assert outside == [], outside
+        font = re.search(r"url\(\"([^\"]+RobotoMono-VariableFont_wght\.ttf)\"\)", page)
+        assert font is not None
+        font_url = font[1] if font[1].startswith("http") else f"http://127.0.0.1:{port}{font[1]}"
+        with urllib.request.urlopen(font_url, timeout=5) as response:
+            assert response.status == 200 and len(response.read()) > 10_000
         # the same server without the secret in the path: refused
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)

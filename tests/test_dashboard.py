@@ -146,12 +146,12 @@ async def test_cancel_a_running_run() -> None:
         handle = await engine.submit("hold")
         await eventually(lambda: shown_status(app, handle.id) == "running")
         assert table(app).select_run(handle.id)
-        await pilot.press("c")
+        await pilot.press("c", "y")  # the dialog names the run; y confirms
         record = await handle.wait(timeout=3)
         assert record.status is RunStatus.CANCELLED and record.cancel_reason == "user"
         await eventually(lambda: shown_status(app, handle.id) == "cancelled")
         # cancelling it again is refused with a message, not a crash
-        await pilot.press("c")
+        await pilot.press("c", "enter")
         await eventually(lambda: any("already cancelled" in str(n.message) for n in app._notifications))
 
 
@@ -239,7 +239,7 @@ async def test_help_and_command_palette_list_every_action() -> None:
         titles = {c.title for c in app.get_system_commands(app.screen)}
         assert {"Submit a task", "Cancel selected run", "Retry selected run", "Show traceback", "Filter",
                 "Pause or resume the view", "Pause periodic hourly", "Submit embed_batch"} <= titles
-        footer_keys = {b.key for b in app.BINDINGS if getattr(b, "show", True)}
+        footer_keys = {b.key for b in app.main.BINDINGS if getattr(b, "show", True)}
         assert {"s", "c", "r", "t", "slash", "p", "question_mark", "q"} <= footer_keys
 
 

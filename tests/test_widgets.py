@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import time
+from enum import Enum
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from rich.console import Console, RenderableType
 from taskwatch.engine import (
     Leadership,
@@ -41,7 +43,7 @@ from textual import on
 from textual.app import App, ComposeResult
 from textual.message import Message
 from textual.widget import Widget
-from textual.widgets import Input, Sparkline, Static, Switch
+from textual.widgets import Input, Select, Sparkline, Static, Switch
 
 from .helpers import eventually
 
@@ -259,7 +261,7 @@ async def test_runs_table_keeps_a_bounded_number_of_rows_trimmed_in_batches() ->
         assert table.shown_keys[0] == "s099"
 
 
-async def test_runs_table_cursor_follows_newest_on_top_else_stays_on_its_run() -> None:
+async def test_runs_table_cursor_stays_on_its_run_as_newer_runs_arrive() -> None:
     table = RunsTable()
     host = Host(table)
     async with host.run_test(size=SIZE) as pilot:
@@ -267,22 +269,22 @@ async def test_runs_table_cursor_follows_newest_on_top_else_stays_on_its_run() -
         await pilot.pause()
         assert table.selected_run_id == "new"
 
-        # on the top row the cursor follows the newest run
+        # even on the top row, a newer run does not take the cursor away from its run
         table.update_runs([run("newer", 4)], now=T0 + 5)
         await pilot.pause()
-        assert table.selected_run_id == "newer" and table.cursor_row == 0
+        assert table.selected_run_id == "new" and table.cursor_row == 1
 
         assert table.select_run("mid")
         assert table.select_run("nope") is False
         await pilot.pause()
         assert table.selected_run_id == "mid"
 
-        # below the top, newer runs push the row down and the cursor moves with it
+        # newer runs push the row down and the cursor moves with it
         table.update_runs([run("newest", 5)], now=T0 + 6)
         await pilot.pause()
         assert table.selected_run_id == "mid" and table.cursor_row == 3
         highlighted = [m.run_id for m in host.of(RunsTable.RunHighlighted)]
-        assert highlighted == ["new", "newer", "mid"]
+        assert highlighted == ["new", "mid"]
 
         table.focus()
         await pilot.press("enter")
@@ -293,8 +295,8 @@ async def test_runs_table_cursor_follows_newest_on_top_else_stays_on_its_run() -
         await pilot.pause()
         assert host.of(RunsTable.RunHighlighted)[-1].run_id == "new"
 
-        # a run chosen on the top row stays chosen
-        await pilot.press("up", "up", "enter")
+        # g goes to the newest run, which then stays put too
+        await pilot.press("g")
         await pilot.pause()
         assert table.selected_run_id == "newest"
         table.update_runs([run("latest", 6)], now=T0 + 7)
@@ -663,6 +665,14 @@ async def test_health_sparklines_keep_bounded_history_and_show_current_values() 
         assert str(health.query_one("#health-value-cpu", Static).content) == "24.0%"
         assert str(health.query_one("#health-value-rss", Static).content) == "124.0 MiB"
         assert str(health.query_one("#health-value-throughput", Static).content) == "48.0/s"
+        # each graph says its range over the window, and the axis how far back the graphs reach
+        assert str(health.query_one("#health-range-cpu", Static).content) == "15.0%–24.0%"
+        assert str(health.query_one("#health-value-threads", Static).content) == "4"
+        assert str(health.query_one("#health-value-fds", Static).content) == "10"
+        assert str(health.query_one("#health-value-queue", Static).content) == "0"
+        assert health.span == 9.0
+        axis = str(health.query_one("#health-axis", Static).content)
+        assert axis.startswith("-9.0s") and "-4.5s" in axis and axis.rstrip().endswith("now")
 
 
 # ---------------------------------------------------------------- ScheduleTable, QueuesTable, TriggersTable
@@ -682,16 +692,21 @@ async def test_schedule_table_shows_state_next_due_and_selection() -> None:
             periodic("reindex", next_due=now + 42, last_status="failed", last_duration=1.5, runs=10, failures=2),
             periodic("cleanup", paused=True, next_due=now + 5),
             periodic("billing", enabled=False, reason="leader only", trigger="cron 0 3 * * *", trigger_kind="cron"),
+            periodic("ticker", enabled=False, reason="flag tick is off", paused=True),
         ]
         table.update_schedule(infos, now)
         await pilot.pause()
-        assert table.shown_keys == ["billing", "cleanup", "reindex"]
+        assert table.shown_keys == ["billing", "cleanup", "reindex", "ticker"]
         assert cell(table, "reindex", "next") == "42s"
         assert cell(table, "reindex", "last") == "failed"
         assert cell(table, "reindex", "failures") == "2"
         assert cell(table, "cleanup", "state") == "paused"
         assert cell(table, "cleanup", "next") == "—"
-        assert cell(table, "billing", "state") == "disabled: leader only"
+        assert cell(table, "billing", "state") == "disabled"
+        assert cell(table, "billing", "note") == "disabled: leader only"
+        # a disabled task that was paused says so (the pause holds once it is enabled)
+        assert cell(table, "ticker", "state") == "paused"
+        assert cell(table, "ticker", "note") == "disabled: flag tick is off"
 
         table.update_schedule(infos[:1], now + 40)
         await pilot.pause()
@@ -798,3 +813,78 @@ async def test_failures_list_shows_failed_runs_and_crashed_workers_with_tracebac
         await pilot.pause()
         assert table.row_count == 0
         assert "No failures" in plain(failures.query_one("#failures-traceback", Static).content)
+
+
+async def test_event_log_formats_values_and_keeps_lease_renewals_out_of_sight() -> None:
+    from taskwatch.engine.events import LeaseAcquired, LeaseRenewed
+    from taskwatch.widgets.event_log import summarize
+
+    health = sample(3)
+    line = summarize(health)
+    assert "rss_bytes=103.0 MiB" in line and "cpu_percent=3.0%" in line and "loop_lag_ms=1.5ms" in line
+    acquired = LeaseAcquired(seq=1, ts=T0, holder="a", term=2, expires_at=T0 + 3600)
+    assert "expires_at=" + time.strftime("%H:%M:%S", time.localtime(T0 + 3600)) in summarize(acquired)
+    assert "e+09" not in summarize(acquired)
+
+    log = EventLog()
+    async with Host(log).run_test(size=SIZE) as pilot:
+        renewals = [LeaseRenewed(seq=i, ts=T0 + i, holder="a", term=2, expires_at=T0 + 9) for i in range(2, 40)]
+        log.add_events([acquired, *renewals, ev("run.submitted", 40)])
+        await pilot.pause()
+        shown = log_text(log)
+        assert len(shown) == 2 and "lease.acquired" in shown[0] and "run.submitted" in shown[1]
+        assert "38 lease.renewed not shown" in str(log.border_subtitle)
+        log.set_filter(["lease."])  # asked for by name: every renewal is there
+        await pilot.pause()
+        assert sum("lease.renewed" in line for line in log_text(log)) == 38
+
+
+# ---------------------------------------------------------------- the submit form, item by item
+
+
+class Size(str, Enum):
+    small = "small"
+    large = "large"
+
+
+class LimitedParams(BaseModel):
+    name: str = Field(min_length=2, max_length=8, description="who it is for")
+    count: int = Field(5, ge=1, le=10)
+    size: Size = Size.small
+    tags: list[str] = Field(default_factory=list, max_length=2)
+
+
+def limited_task() -> TaskInfo:
+    return TaskInfo(
+        name="limited", kind="task", description="", submittable=True, retries=0, timeout=None,
+        concurrency=None, params_schema=LimitedParams.model_json_schema(),
+    )
+
+
+async def test_params_form_offers_enums_shows_limits_and_reports_every_error_at_once() -> None:
+    form = ParamsForm(limited_task())
+    async with Host(form).run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        size = form.field_widget("size")
+        assert isinstance(size, Select) and size.value == "small"  # a pick, not free text
+        hints = [str(h.content) for h in form.query(".params-form--hint").results(Static)]
+        assert any("who it is for" in h and "at least 2 characters, at most 8 characters" in h for h in hints)
+        assert any("≥ 1, ≤ 10" in h for h in hints)
+        # an emptied field says it means the default, rather than falling back silently
+        count = form.field_widget("count")
+        assert isinstance(count, Input) and "the default, 5" in count.placeholder
+        # one round reports every error the form can know of
+        form.field_widget("name").value = "x"
+        count.value = "50"
+        form.field_widget("tags").value = '["a", "b", "c"]'
+        with pytest.raises(ParamsFormError) as caught:
+            form.collect()
+        assert {e["loc"][0] for e in caught.value.errors} == {"name", "count", "tags"}
+        await pilot.pause()
+        assert "at least 2 characters" in form.field_error("name")
+        assert "≤ 10" in form.field_error("count") and "at most 2 items" in form.field_error("tags")
+        form.field_widget("name").value = "ada"
+        count.value = ""
+        form.field_widget("tags").value = "[]"
+        size.value = "large"
+        assert form.collect() == {"name": "ada", "size": "large", "tags": []}

@@ -19,6 +19,7 @@ from taskwatch.engine import (
     RunNotRetryable,
     RunRecord,
     RunStatus,
+    ServerInfo,
     Snapshot,
     TaskwatchError,
     is_truncated,
@@ -31,9 +32,13 @@ from taskwatch.widgets import (
     HealthSparklines,
     LeaderBadge,
     QueuesTable,
+    RunAttempt,
     RunDetail,
     RunsTable,
     ScheduleTable,
+    StoreBadge,
+    TaskStats,
+    TaskStatsTable,
     TriggersTable,
 )
 from textual import events, on, work
@@ -46,10 +51,13 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 
 from .client import DashboardClient
-from .screens import HelpScreen, SubmitScreen, TracebackScreen
+from .screens import AttachScreen, ConfirmScreen, HelpScreen, SubmitScreen, TracebackScreen
 from .state import DashboardState
 
-TABS = ("runs", "failures", "scheduler", "health", "events")
+TABS = ("runs", "failures", "scheduler", "health", "events", "tasks")
+
+#: below this many columns the run detail goes behind Enter instead of beside the table
+NARROW = 120
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -119,8 +127,44 @@ def parse_run_filter(text: str) -> tuple[set[str] | None, str]:
     return (statuses or None), " ".join(words)
 
 
+#: the widget each tab puts the keyboard focus on when it is shown
+TAB_FOCUS = {
+    "runs": "#runs-table",
+    "failures": "#failures-table",
+    "scheduler": "#schedule-table",
+    "health": None,
+    "events": "#event-log",
+    "tasks": "#task-stats",
+}
+
+
 class DashboardScreen(Screen[None]):
-    """The dashboard itself: header, tabs, footer. Modal dialogs stack above it."""
+    """The dashboard itself: header, tabs, footer. Modal dialogs stack above it.
+
+    Its keys are priority bindings, so they work whichever widget has focus (a
+    table or the detail pane would otherwise take them first); Textual leaves out
+    the printable ones while a text box has focus, so typing in a filter stays text.
+    Dialogs are separate screens and keep their own keys.
+    """
+
+    BINDINGS = [
+        Binding("s", "app.submit", "Submit", priority=True),
+        Binding("c", "app.cancel_run", "Cancel", priority=True),
+        Binding("r", "app.retry_run", "Retry", priority=True),
+        Binding("t", "app.traceback", "Traceback", priority=True),
+        Binding("R", "app.retry_task_failures", "Retry task's failures", show=False, priority=True),
+        Binding("e", "app.edit_resubmit", "Edit and resubmit", show=False, priority=True),
+        Binding("slash", "app.filter", "Filter", priority=True),
+        Binding("p", "app.toggle_view", "Pause", priority=True),
+        Binding("z", "app.toggle_periodic", "Pause periodic", show=False, priority=True),
+        Binding("question_mark", "app.help", "Help", priority=True),
+        Binding("q", "app.quit", "Quit", priority=True),
+        Binding("escape", "app.close_filter", "Close", show=False),
+        *(
+            Binding(str(i), f"app.show_tab('{tab}')", tab.title(), show=False, priority=True)
+            for i, tab in enumerate(TABS, 1)
+        ),
+    ]
 
     def __init__(self, max_rows: int) -> None:
         super().__init__(id="dashboard")
@@ -137,8 +181,10 @@ class DashboardScreen(Screen[None]):
             app.dashboard_gone()
 
     def compose(self) -> ComposeResult:
-        with Horizontal(id="top"):
-            yield LeaderBadge(id="leader")
+        with Vertical(id="top"):
+            with Horizontal(id="top-line"):
+                yield LeaderBadge(id="leader")
+                yield StoreBadge(id="store")
             yield CountsBar(id="counts")
         with TabbedContent(initial="runs", id="tabs"):
             with TabPane("Runs", id="runs"):
@@ -163,6 +209,9 @@ class DashboardScreen(Screen[None]):
             with TabPane("Events", id="events"):
                 yield Input(placeholder="filter events by kind: run. lease. health run.failed  (esc closes)", id="events-filter", classes="filter")
                 yield EventLog(id="event-log")
+            with TabPane("Tasks", id="tasks"):
+                yield Static("", id="task-stats-since", classes="section")
+                yield TaskStatsTable(id="task-stats")
         yield Footer()
 
 
@@ -171,20 +220,6 @@ class TaskwatchApp(App[None]):
 
     CSS_PATH = "app.tcss"
     TITLE = "taskwatch"
-    BINDINGS = [
-        Binding("s", "submit", "Submit"),
-        Binding("c", "cancel_run", "Cancel"),
-        Binding("r", "retry_run", "Retry"),
-        Binding("t", "traceback", "Traceback"),
-        Binding("slash", "filter", "Filter"),
-        Binding("p", "toggle_view", "Pause view"),
-        Binding("z", "toggle_periodic", "Pause periodic"),
-        Binding("question_mark", "help", "Help"),
-        Binding("q", "quit", "Quit"),
-        Binding("escape", "close_filter", "Close filter", show=False),
-        *(Binding(str(i), f"show_tab('{tab}')", tab.title(), show=False) for i, tab in enumerate(TABS, 1)),
-    ]
-
     view_paused: reactive[bool] = reactive(False, init=False)
 
     def __init__(
@@ -197,10 +232,14 @@ class TaskwatchApp(App[None]):
         rows_per_frame: int = 60,
         clock: Callable[[], float] = time.time,
         cursor_blink: bool = True,
+        confirm: bool = True,
+        serving: ServerInfo | None = None,
     ) -> None:
+        """``confirm=False`` cancels without asking first (``taskwatch --no-confirm``);
+        ``serving`` is where this process serves its engine (the attach command is shown)."""
         super().__init__()
         self.client = client
-        self.state = DashboardState()
+        self.state = DashboardState(clock=clock)
         self.refresh_hz = refresh_hz
         self.overview_interval = overview_interval
         self.max_rows = max_rows
@@ -222,6 +261,9 @@ class TaskwatchApp(App[None]):
         self.rows_per_frame = rows_per_frame
         #: off for screenshots and snapshot tests, whose pictures must not depend on timing
         self.cursor_blink = cursor_blink
+        #: ask before cancelling (the dialog names the run)
+        self.confirm = confirm
+        self.serving = serving
         #: full records fetched for runs whose values came cut down over the wire (newest last)
         self._full_records: dict[str, RunRecord] = {}
         self._fetching: set[str] = set()
@@ -235,14 +277,45 @@ class TaskwatchApp(App[None]):
         # Rich asks the OS for the terminal size on every measurement unless it is
         # told, and the tables measure every cell of every new row: tell it
         self.console.size = (event.size.width, event.size.height)
+        self._fit_width(event.size.width)
+
+    def _fit_width(self, width: int) -> None:
+        """Below NARROW columns the runs table takes the whole width (so progress and
+        duration stay in sight) and Enter opens the run detail in its place."""
+        narrow = width < NARROW
+        self.main.set_class(narrow, "-narrow")
+        if not narrow:
+            self.main.remove_class("-detail-open")
+        footer = self.main.query(Footer)
+        if footer:
+            footer.first().compact = narrow
+
+    @property
+    def detail_open(self) -> bool:
+        """Whether a narrow screen shows the run detail in place of the runs table."""
+        return self.main.has_class("-detail-open")
+
+    def open_detail(self, open_: bool = True) -> None:
+        if open_ and not self.main.has_class("-narrow"):
+            return  # beside the table already
+        self.main.set_class(open_, "-detail-open")
+        self.main.query_one(RunDetail if open_ else RunsTable).focus()
 
     def dashboard_ready(self) -> None:
         """Called by the dashboard screen once its widgets exist: start the data flow."""
         self.console.size = (self.size.width, self.size.height)
+        self._fit_width(self.size.width)
         for box in self.main.query(".filter").results(Input):
             box.cursor_blink = self.cursor_blink
         self.sub_title = self.client.where
+        # the runs table, not the tab strip: arrows and j/k move through runs at once
+        self.main.query_one(RunsTable).focus()
         self.connect()
+        if self.serving is not None:
+            self.notify(
+                f"serving at {self.serving.address}: ctrl+p, 'Attach command' shows how to attach",
+                timeout=15,
+            )
         self.set_interval(1.0 / self.refresh_hz, self.redraw, name="redraw")
         self.set_interval(self.overview_interval, self.refresh_overview, name="overview")
 
@@ -253,7 +326,11 @@ class TaskwatchApp(App[None]):
         try:
             snap = await self.client.connect()
         except (OSError, TaskwatchError) as exc:
-            self.notify(f"cannot reach the engine: {exc}", severity="error", timeout=8)
+            failure = self.client.failure
+            if failure is not None:
+                self.notify(failure, severity="error", timeout=30)
+            else:
+                self.notify(f"cannot reach the engine: {exc}; retrying", severity="error", timeout=8)
             self._update_header()
             return
         self._reload(snap)
@@ -271,6 +348,7 @@ class TaskwatchApp(App[None]):
         self.state.load(snap)
         # which engine process, and where its runs live, is the first thing to know
         self.sub_title = f"{self.client.where} · node {snap.node_id} · store {snap.store}"
+        self.main.query_one(StoreBadge).update(snap.store, snap.incarnation, self.client.where)
         if self.view_paused:
             self._table_stale = True  # the frozen screen is cleared when the view resumes
         else:
@@ -281,7 +359,7 @@ class TaskwatchApp(App[None]):
     def _reset_runs_table(self) -> None:
         table = self.main.query_one(RunsTable)
         if self._reselect is None:  # a reselect still pending from an earlier reload wins
-            self._reselect = table.selected_run_id if table.cursor_row else None
+            self._reselect = table.selected_run_id
         table.clear_runs()
         self._table_stale = False
 
@@ -422,7 +500,9 @@ class TaskwatchApp(App[None]):
             self._show_detail(selected)
 
     def _show_detail(self, run_id: str | None) -> None:
-        self.main.query_one(RunDetail).show(self._complete(self.state.record(run_id)), self.clock())
+        seen = self.state.attempts(run_id)
+        attempts = None if seen is None else [RunAttempt(**fields) for fields in seen]
+        self.main.query_one(RunDetail).show(self._complete(self.state.record(run_id)), self.clock(), attempts)
 
     def _complete(self, record: RunRecord | None) -> RunRecord | None:
         """``record`` with its full values when the wire cut some down; fetched once, in the background.
@@ -468,7 +548,10 @@ class TaskwatchApp(App[None]):
     @while_dashboard_alive
     def _update_header(self, now: float | None = None) -> None:
         now = self.clock() if now is None else now
-        if self.state.leadership is not None:
+        failure = self.client.failure
+        if failure is not None:
+            self.main.query_one(LeaderBadge).update_failed(failure)
+        elif self.state.leadership is not None:
             self.main.query_one(LeaderBadge).update(
                 self.state.leadership, self.state.started_at, now, connected=self.client.connected
             )
@@ -481,7 +564,9 @@ class TaskwatchApp(App[None]):
             self.state.by_status or self.state.counts(),
             self.state.dropped + self.client.dropped,
             self.view_paused,
-            getattr(log, "buffered", 0),
+            log.buffered,
+            totals=self.state.totals(),
+            rate=self.state.finish_rate(),
         )
 
     @while_dashboard_alive
@@ -493,6 +578,18 @@ class TaskwatchApp(App[None]):
         self.main.query_one("#workers", Static).update(self._workers_text())
         self._failures_shown = (-1, -1)
         self._update_failures()
+        self._update_task_stats()
+
+    def _update_task_stats(self) -> None:
+        book = self.state.task_stats
+        if not book.changed:
+            return
+        book.changed = False
+        self.main.query_one(TaskStatsTable).update_stats([TaskStats(**row) for row in book.rows()])
+        since = "" if book.since is None else time.strftime("%H:%M:%S", time.localtime(book.since))
+        self.main.query_one("#task-stats-since", Static).update(
+            f"Runs seen by this dashboard since {since} (its first snapshot's runs included)" if since else ""
+        )
 
     def _workers_text(self) -> str:
         if not self.state.workers:
@@ -535,6 +632,7 @@ class TaskwatchApp(App[None]):
     @while_dashboard_alive
     def _run_selected(self, message: RunsTable.RunSelected) -> None:
         self._show_detail(message.run_id)
+        self.open_detail()
 
     @on(FailuresList.FailureSelected)
     def _failure_chosen(self) -> None:
@@ -543,12 +641,38 @@ class TaskwatchApp(App[None]):
     # ------------------------------------------------------------------ actions
 
     def action_show_tab(self, tab: str) -> None:
+        if tab != "runs":
+            self.main.remove_class("-detail-open")
         self.main.query_one(TabbedContent).active = tab
+        self._focus_tab(tab)
+
+    @on(TabbedContent.TabActivated)
+    def _tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        # a tab chosen with the mouse puts the keys in its table too
+        if event.pane.id is not None:
+            self._focus_tab(event.pane.id)
+
+    def _focus_tab(self, tab: str) -> None:
+        selector = TAB_FOCUS.get(tab)
+        if selector is not None:
+            self.main.query_one(selector).focus()
+        else:
+            # nothing to focus there; focus left in a hidden tab would switch back to that tab
+            self.set_focus(None)
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
 
-    def action_submit(self, task: str | None = None) -> None:
+    def action_attach_command(self) -> None:
+        serving = self.serving
+        if serving is None:
+            self.notify("this dashboard serves no engine: start it with --serve ADDRESS", severity="warning")
+            return
+        self.push_screen(AttachScreen(serving.address, serving.token, serving.node_id))
+
+    def action_submit(
+        self, task: str | None = None, values: dict[str, Any] | None = None, title: str = "Submit a task"
+    ) -> None:
         if not self.state.tasks:
             self.notify("not connected to an engine yet", severity="warning")
             return
@@ -564,7 +688,10 @@ class TaskwatchApp(App[None]):
             self._show_detail(record.id)
 
         self.push_screen(
-            SubmitScreen(self.state.tasks, self.client.submit, initial=task, cursor_blink=self.cursor_blink),
+            SubmitScreen(
+                self.state.tasks, self.client.submit, initial=task, values=values, title=title,
+                cursor_blink=self.cursor_blink,
+            ),
             submitted,
         )
 
@@ -581,11 +708,38 @@ class TaskwatchApp(App[None]):
                 self.notify(f"{verb} failed: {exc}", severity="error")
             return None
 
+    def _marked_runs(self) -> list[RunRecord]:
+        """The runs marked in the Runs table (when that is the tab in view)."""
+        if self.active_tab != "runs":
+            return []
+        table = self.main.query_one(RunsTable)
+        found = (self.state.record(run_id) or table.record(run_id) for run_id in table.marked)
+        return [record for record in found if record is not None]
+
+    @staticmethod
+    def _name_runs(runs: list[RunRecord], limit: int = 4) -> str:
+        named = ", ".join(f"{r.id} ({r.task})" for r in runs[:limit])
+        return named + (f" and {len(runs) - limit} more" if len(runs) > limit else "")
+
+    async def _confirmed(self, question: str, yes: str) -> bool:
+        if not self.confirm:
+            return True
+        dialog: ConfirmScreen = ConfirmScreen(question, yes=yes)
+        answer: bool = await self.push_screen_wait(dialog)
+        return answer
+
     @work(group="actions")
     async def action_cancel_run(self) -> None:
+        marked = self._marked_runs()
+        if marked:
+            await self._cancel_many(marked)
+            return
         run = self.selected_run if self.active_tab == "runs" else None
         if run is None:
             self._no_run_selected("cancel")
+            return
+        # the run is fixed now: rows moving while the dialog is open change nothing
+        if not await self._confirmed(f"Cancel run {run.id} ({run.task}, {run.status.value})?", "Cancel run"):
             return
         record = await self._command("cancel", self.client.cancel(run.id), RunNotCancellable)
         if record is None:
@@ -595,8 +749,48 @@ class TaskwatchApp(App[None]):
         else:
             self.notify(f"run {run.id} was asked to cancel and is still {record.status.value}", severity="warning")
 
+    async def _cancel_many(self, runs: list[RunRecord]) -> None:
+        if not await self._confirmed(f"Cancel {len(runs)} marked runs: {self._name_runs(runs)}?", f"Cancel {len(runs)} runs"):
+            return
+        cancelled, refused = 0, []
+        for run in runs:
+            try:
+                record = await self.client.cancel(run.id)
+            except COMMAND_ERRORS as exc:
+                refused.append(f"{run.id}: {exc}")
+                continue
+            cancelled += record.status is RunStatus.CANCELLED
+        self.main.query_one(RunsTable).clear_marks()
+        self._say_bulk(f"cancelled {cancelled} of {len(runs)} marked runs", refused)
+
+    def _say_bulk(self, done: str, refused: list[str]) -> None:
+        if refused:
+            self.notify(f"{done}; {len(refused)} refused: " + "; ".join(refused[:3]), severity="warning", timeout=10)
+        else:
+            self.notify(done)
+
+    async def _retry_many(self, runs: list[RunRecord]) -> list[RunRecord]:
+        retried: list[RunRecord] = []
+        refused: list[str] = []
+        for run in runs:
+            try:
+                record = await self.client.retry(run.id)
+            except COMMAND_ERRORS as exc:
+                refused.append(f"{run.id}: {exc}")
+                continue
+            self.state.add_record(record)
+            retried.append(record)
+        self._say_bulk(f"retried {len(retried)} of {len(runs)} runs", refused)
+        return retried
+
     @work(group="actions")
     async def action_retry_run(self) -> None:
+        marked = self._marked_runs()
+        if marked:
+            if await self._confirmed(f"Retry {len(marked)} marked runs: {self._name_runs(marked)}?", f"Retry {len(marked)} runs"):
+                self.main.query_one(RunsTable).clear_marks()
+                await self._retry_many(marked)
+            return
         run = self.selected_run
         if run is None:
             self._no_run_selected("retry")
@@ -609,6 +803,36 @@ class TaskwatchApp(App[None]):
         self.action_show_tab("runs")
         self.redraw()
         self.main.query_one(RunsTable).select_run(record.id)
+
+    @work(group="actions")
+    async def action_retry_task_failures(self) -> None:
+        """R on the Failures tab: retry every failed run of the selected failure's task (those
+        the dashboard holds, leaving out runs already retried)."""
+        picked = self.main.query_one(FailuresList).selected if self.active_tab == "failures" else None
+        failure = self.state.failure(picked[1]) if picked is not None and picked[0] == "run" else None
+        if failure is None:
+            self.notify("select a failed run on the Failures tab (2)", severity="warning")
+            return
+        retried_already = {v.source.removeprefix("retry:") for v in self.state.runs.values() if v.source.startswith("retry:")}
+        runs = [r for r in self.state.failed_runs() if r.task == failure.task and r.id not in retried_already]
+        if not runs:
+            self.notify(f"every failure of {failure.task} shown here was retried already", severity="warning")
+            return
+        if await self._confirmed(f"Retry the {len(runs)} failed runs of task {failure.task}: {self._name_runs(runs)}?",
+                                 f"Retry {len(runs)} runs"):
+            await self._retry_many(runs)
+
+    def action_edit_resubmit(self) -> None:
+        """e: the submit form for the selected run's task, filled with its params, to edit and submit anew."""
+        run = self.selected_run
+        if run is None:
+            self._no_run_selected("edit and resubmit")
+            return
+        info = self.state.task_info(run.task)
+        if info is None or not info.submittable:
+            self.notify(f"task {run.task} cannot be submitted from the dashboard", severity="warning")
+            return
+        self.action_submit(run.task, values=dict(run.params), title=f"Edit and resubmit {run.task} (from run {run.id})")
 
     def action_traceback(self) -> None:
         if self.active_tab == "failures":
@@ -635,7 +859,11 @@ class TaskwatchApp(App[None]):
         box.focus()
 
     def action_close_filter(self) -> None:
-        """Esc in a filter box clears the filter and hides the box (as in k9s)."""
+        """Esc closes what is open: the run detail on a narrow screen, or the filter box
+        being typed in (clearing the filter, as in k9s)."""
+        if self.detail_open and self.active_tab == "runs":
+            self.open_detail(False)
+            return
         for box in self.main.query(".filter").results(Input):
             if box.has_focus:
                 box.value = ""
@@ -715,6 +943,13 @@ class TaskwatchApp(App[None]):
         yield SystemCommand("Cancel selected run", "Cancel the run selected in the Runs table (c)", self.action_cancel_run)
         yield SystemCommand("Retry selected run", "Submit the selected failed run again with the same params (r)", self.action_retry_run)
         yield SystemCommand("Show traceback", "Full traceback of the selected run (t)", self.action_traceback)
+        yield SystemCommand(
+            "Retry every failure of this task", "On the Failures tab: retry the selected failure's task's failed runs (R)",
+            self.action_retry_task_failures,
+        )
+        yield SystemCommand(
+            "Edit and resubmit", "The submit form filled with the selected run's params (e)", self.action_edit_resubmit
+        )
         yield SystemCommand("Filter", "Filter runs or events (/)", self.action_filter)
         yield SystemCommand("Pause or resume the view", "Freeze the screen; events keep being recorded (p)", self.action_toggle_view)
         for info in self.state.schedule:
@@ -725,6 +960,11 @@ class TaskwatchApp(App[None]):
             )
         for i, tab in enumerate(TABS, 1):
             yield SystemCommand(f"Show {tab.title()}", f"Switch to the {tab} tab ({i})", lambda tab=tab: self.action_show_tab(tab))
+        if self.serving is not None:
+            yield SystemCommand(
+                "Attach command", f"How to attach to this engine, served at {self.serving.address}",
+                self.action_attach_command,
+            )
         yield SystemCommand("Help", "Keys and what they do (?)", self.action_help)
 
     async def on_unmount(self) -> None:

@@ -1,7 +1,8 @@
 """The ``taskwatch`` command line.
 
     taskwatch                          demo engine + dashboard
-    taskwatch PACKAGE.MODULE:ATTR      your Engine (or a function returning one) + dashboard
+    taskwatch PACKAGE.MODULE[:ATTR]    your Engine (or a function returning one) + dashboard;
+                                       ATTR defaults to `engine`, as uvicorn looks for `app`
     taskwatch attach ADDRESS [--token-file PATH]      (or $TASKWATCH_TOKEN)
     taskwatch web [APP | attach ADDRESS [--token-file PATH]] [--host H] [--port P]
     taskwatch --plain [--seconds S]    demo events printed to the terminal, no dashboard
@@ -26,6 +27,10 @@ from typing import Any
 from taskwatch.engine import Engine, TaskwatchError, __version__
 
 
+#: the attribute looked up when an app path has no ``:ATTRIBUTE``
+DEFAULT_ATTRIBUTE = "engine"
+
+
 class AppPathError(Exception):
     """A PACKAGE.MODULE:ATTRIBUTE path that does not lead to an Engine."""
 
@@ -33,11 +38,15 @@ class AppPathError(Exception):
 def load_engine(path: str) -> Engine:
     """Import ``PACKAGE.MODULE:ATTRIBUTE`` and return the Engine it names.
 
-    The attribute may be an :class:`Engine` or a callable returning one. The
-    current directory is importable, as with ``python -m``.
+    The attribute may be an :class:`Engine` or a callable returning one; without
+    ``:ATTRIBUTE`` it is ``engine``. The current directory is importable, as
+    with ``python -m``.
     """
     module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
+    named = bool(sep)
+    if not sep:
+        attr = DEFAULT_ATTRIBUTE
+    if not module_name or not attr:
         raise AppPathError(f"expected PACKAGE.MODULE:ATTRIBUTE, got {path!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -54,6 +63,10 @@ def load_engine(path: str) -> Engine:
         try:
             target = getattr(target, part)
         except AttributeError:
+            if not named:
+                raise AppPathError(
+                    f"module {module_name!r} has no attribute {attr!r}; name the engine: {module_name}:ATTRIBUTE"
+                ) from None
             raise AppPathError(f"module {module_name!r} has no attribute {attr!r}") from None
     if callable(target) and not isinstance(target, Engine):
         try:
@@ -72,12 +85,18 @@ def _main_parser() -> argparse.ArgumentParser:
         epilog="Also: `taskwatch attach ADDRESS [--token-file PATH]` and "
         "`taskwatch web [APP | attach ADDRESS] [--host H] [--port P]`.",
     )
-    parser.add_argument("app", nargs="?", help="PACKAGE.MODULE:ATTRIBUTE naming your Engine (default: the demo)")
+    parser.add_argument(
+        "app",
+        nargs="?",
+        help="PACKAGE.MODULE:ATTRIBUTE naming your Engine (ATTRIBUTE defaults to `engine`; default: the demo)",
+    )
     parser.add_argument("--version", action="version", version=f"taskwatch {__version__}")
     parser.add_argument("--seed", type=int, default=None, help="seed for the demo's random choices")
     parser.add_argument("--plain", action="store_true", help="print the demo's events instead of opening the dashboard")
     parser.add_argument("--seconds", type=float, default=None, help="with --plain: stop after this many seconds")
     parser.add_argument("--serve", metavar="ADDRESS", default=None, help="also serve the engine for `taskwatch attach`")
+    _add_confirm_option(parser)
+    _add_token_options(parser)
     parser.add_argument(
         "--store",
         metavar="URL",
@@ -89,6 +108,15 @@ def _main_parser() -> argparse.ArgumentParser:
 
 
 TOKEN_ENV = "TASKWATCH_TOKEN"
+
+
+def _add_confirm_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-confirm",
+        dest="confirm",
+        action="store_false",
+        help="cancel runs without asking first (the dashboard asks by default, naming the run)",
+    )
 
 
 def _add_token_options(parser: argparse.ArgumentParser) -> None:
@@ -118,6 +146,7 @@ def _attach_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--stream", default="taskwatch:events", help="with redis://: the event stream's key")
     _add_token_options(parser)
+    _add_confirm_option(parser)
     return parser
 
 
@@ -193,6 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(print_events(opts.seconds, opts.seed))
         except KeyboardInterrupt:
             pass
+        except BrokenPipeError:
+            # the reader went away (`taskwatch --plain | head`): that ends the output, quietly;
+            # stdout goes to devnull so the interpreter's final flush does not fail again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
         return 0
     if opts.app:
         try:
@@ -206,19 +240,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             engine = build_demo_engine(opts.seed, store=opts.store)
         except TaskwatchError as exc:
             return fail(str(exc))
-    return _run_local(engine, opts.serve)
+    try:
+        token = resolve_token(opts) if opts.serve else None
+    except TokenError as exc:
+        return fail(str(exc))
+    return _run_local(engine, opts.serve, confirm=opts.confirm, token=token)
 
 
-def _run_local(engine: Engine, serve: str | None) -> int:
+def _run_local(engine: Engine, serve: str | None, *, confirm: bool = True, token: str | None = None) -> int:
     from .app import TaskwatchApp
     from .client import LocalClient
 
     bg = engine.start_background()
     try:
+        info = None
         if serve:
-            info = bg.serve(serve)
-            print(f"taskwatch: serving on {info}", file=sys.stderr)
-        TaskwatchApp(LocalClient(engine)).run()
+            # nothing printed: the dashboard is about to take the screen; it shows the
+            # attach command itself (ctrl+p, "Attach command")
+            options = {"token": token} if token else {}
+            info = bg.serve(serve, announce=False, **options)
+        TaskwatchApp(LocalClient(engine), confirm=confirm, serving=info).run()
+        if info is not None:
+            print(f"taskwatch: served {engine.node_id} at {info}", file=sys.stderr)
     finally:
         bg.stop(timeout=5)
     return 0
@@ -234,7 +277,7 @@ def _attach(opts: argparse.Namespace) -> int:
     from .app import TaskwatchApp
     from .remote_client import RemoteClient
 
-    TaskwatchApp(RemoteClient(opts.address, token=token)).run()
+    TaskwatchApp(RemoteClient(opts.address, token=token), confirm=opts.confirm).run()
     return 0
 
 

@@ -40,6 +40,11 @@ class DashboardClient(ABC):
     @abstractmethod
     def connected(self) -> bool: ...
 
+    @property
+    def failure(self) -> str | None:
+        """Why the client gave up for good (say, a wrong token), or None while it can still connect."""
+        return None
+
     @abstractmethod
     async def connect(self) -> Snapshot:
         """Start receiving events and return the state they continue from."""

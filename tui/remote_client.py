@@ -3,7 +3,8 @@
 It keeps one :class:`~taskwatch.engine.remote.RemoteEngine` connection and,
 when that drops, reconnects with backoff; each reconnect yields a fresh
 snapshot that the dashboard loads (``take_resync``) so it resynchronises
-instead of guessing what it missed.
+instead of guessing what it missed. A refused token is final: retrying with
+the same token can only fail again, so it stops and says so (``failure``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from taskwatch.engine import (
     Snapshot,
     TaskwatchError,
 )
-from taskwatch.engine.errors import ConnectionClosed
+from taskwatch.engine.errors import AuthenticationFailed, ConnectionClosed
 from taskwatch.engine.remote import RemoteEngine
 
 from .client import DEFAULT_BUFFER, DashboardClient
@@ -49,10 +50,26 @@ class RemoteClient(DashboardClient):
         self._closing = False
         #: successful connections so far (1 after the first connect)
         self.connections = 0
+        self._failure: str | None = None
 
     @property
     def connected(self) -> bool:
         return self._remote is not None and self._remote.connected
+
+    @property
+    def failure(self) -> str | None:
+        return self._failure
+
+    @property
+    def retrying(self) -> bool:
+        """Whether a background task is still keeping the connection up (reconnecting when it drops)."""
+        return self._watch is not None and not self._watch.done()
+
+    def _give_up(self, exc: AuthenticationFailed) -> None:
+        self._failure = (
+            f"{exc} at {self.address}; not retrying: start again with the right token "
+            "(TASKWATCH_TOKEN or --token-file)"
+        )
 
     async def _open(self, resync: bool = False) -> Snapshot:
         remote = RemoteEngine(self.address, self.token, buffer=self.buffer, timeout=self.timeout)
@@ -70,9 +87,12 @@ class RemoteClient(DashboardClient):
     async def connect(self) -> Snapshot:
         try:
             return await self._open()
+        except AuthenticationFailed as exc:
+            self._give_up(exc)
+            raise
         finally:
-            # keep trying in the background if this first attempt failed
-            if self._watch is None:
+            # keep trying in the background if this first attempt failed for a reason that may pass
+            if self._watch is None and self._failure is None:
                 self._watch = asyncio.get_running_loop().create_task(self._watchdog(), name="taskwatch-reconnect")
 
     async def _watchdog(self) -> None:
@@ -87,6 +107,9 @@ class RemoteClient(DashboardClient):
             await asyncio.sleep(delay)
             try:
                 await self._open(resync=True)
+            except AuthenticationFailed as exc:
+                self._give_up(exc)  # the engine came back with another token: retrying cannot help
+                return
             except (OSError, TaskwatchError):
                 delay = min(delay * 2, self.retry_max)
 

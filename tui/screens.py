@@ -1,4 +1,4 @@
-"""Modal screens: submit a task, read a traceback, the key help."""
+"""Modal screens: submit a task, read a traceback, confirm an action, the key help."""
 
 from __future__ import annotations
 
@@ -25,17 +25,27 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
     BINDINGS = [Binding("escape", "dismiss_none", "Close")]
 
     def __init__(
-        self, tasks: list[TaskInfo], submit: SubmitFn, initial: str | None = None, *, cursor_blink: bool = True
+        self,
+        tasks: list[TaskInfo],
+        submit: SubmitFn,
+        initial: str | None = None,
+        *,
+        values: dict[str, Any] | None = None,
+        title: str = "Submit a task",
+        cursor_blink: bool = True,
     ) -> None:
+        """``values`` pre-fill the first form (say, a failed run's params to edit and resubmit)."""
         super().__init__()
         self._cursor_blink = cursor_blink
+        self._values = values
+        self._title = title
         self.tasks = {t.name: t for t in tasks if t.submittable}
         self._submit = submit
         self._initial = initial if initial in self.tasks else next(iter(self.tasks), None)
 
     def compose(self) -> ComposeResult:
         with Vertical(id="submit-dialog"):
-            yield Label("Submit a task", id="submit-title")
+            yield Label(self._title, id="submit-title")
             yield Select(
                 [(name, name) for name in self.tasks],
                 value=self._initial if self._initial is not None else Select.BLANK,
@@ -44,10 +54,11 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
             )
             initial = self.tasks.get(self._initial) if self._initial is not None else None
             yield Static(initial.description if initial else "", id="submit-description")
-            with VerticalScroll(id="submit-form"):
+            # not a focus stop of its own: the first Tab goes to the first field
+            with VerticalScroll(id="submit-form", can_focus=False):
                 # the first form is composed, not mounted later, so it is there at once
                 if initial is not None:
-                    yield ParamsForm(initial, id="params-form", cursor_blink=self._cursor_blink)
+                    yield ParamsForm(initial, values=self._values, id="params-form", cursor_blink=self._cursor_blink)
             yield Static("", id="submit-error")
             with Horizontal(id="submit-buttons"):
                 yield Button("Submit", variant="primary", id="submit-ok")
@@ -109,6 +120,78 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
         self.dismiss(record)
 
 
+class ConfirmScreen(ModalScreen[bool]):
+    """A yes/no question naming what is about to happen: Enter or y says yes, Esc or n no."""
+
+    BINDINGS = [
+        Binding("enter,y", "answer(True)", "Yes"),
+        Binding("escape,n", "answer(False)", "No"),
+    ]
+
+    def __init__(self, question: str, yes: str = "Yes") -> None:
+        super().__init__()
+        self.question = question
+        self._yes = yes
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="confirm-dialog"):
+            yield Static(Text(self.question), id="confirm-question")
+            yield Static(Text("enter / y: yes    esc / n: no", style="dim"), id="confirm-keys")
+            with Horizontal(id="confirm-buttons"):
+                yield Button(self._yes, variant="error", id="confirm-yes")
+                yield Button("No", id="confirm-no")
+
+    def on_mount(self) -> None:
+        # the buttons take no keys: Enter answers yes whatever has focus
+        for button in self.query(Button):
+            button.can_focus = False
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)
+
+    @on(Button.Pressed, "#confirm-yes")
+    def _yes_pressed(self) -> None:
+        self.dismiss(True)
+
+    @on(Button.Pressed, "#confirm-no")
+    def _no_pressed(self) -> None:
+        self.dismiss(False)
+
+
+class AttachScreen(ModalScreen[None]):
+    """How to attach to the engine this dashboard serves: the command to run elsewhere."""
+
+    BINDINGS = [Binding("escape,q,enter", "dismiss", "Close")]
+
+    def __init__(self, address: str, token: str | None, node_id: str) -> None:
+        super().__init__()
+        self.address = address
+        self._token = token
+        self._node_id = node_id
+
+    @property
+    def command(self) -> str:
+        env = f"TASKWATCH_TOKEN={self._token} " if self._token else ""
+        return f"{env}taskwatch attach {self.address}"
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="attach-dialog"):
+            yield Label(f"Engine {self._node_id} is served at {self.address}", id="attach-title")
+            yield Static("To watch it from another terminal, run:", classes="attach-hint")
+            yield Static(Text(self.command, style="bold"), id="attach-command")
+            if self._token:
+                yield Static(
+                    Text("The token is shown here only: keep it out of shell history and logs "
+                         "(put it in a file only you can read and use --token-file).", style="dim"),
+                    classes="attach-hint",
+                )
+            yield Button("Close", id="attach-close")
+
+    @on(Button.Pressed, "#attach-close")
+    def _close(self) -> None:
+        self.dismiss(None)
+
+
 class TracebackScreen(ModalScreen[None]):
     """The full traceback of a failed run or a crashed worker."""
 
@@ -138,14 +221,19 @@ HELP = """\
 [b]Keys[/b]
 
   [b]s[/b]        submit a task (a form generated from its params model)
-  [b]c[/b]        cancel the selected run (pending or running)
+  [b]c[/b]        cancel the selected run (asks first, naming it)
   [b]r[/b]        retry the selected failed or cancelled run with the same params
+  [b]space[/b]    mark runs (Runs tab): c and r then act on every marked run
+  [b]R[/b]        retry every failure of the selected failure's task (tab 2)
+  [b]e[/b]        edit the selected run's params and submit it again
   [b]t[/b]        show the selected run's traceback
   [b]enter[/b]    show the selected run in the detail pane
   [b]/[/b]        filter runs (text, status:failed, task:NAME) or events (kinds)
   [b]p[/b]        pause / resume the live view (events keep being recorded)
   [b]z[/b]        pause / resume the selected periodic task (Scheduler tab)
-  [b]1[/b]-[b]5[/b]      Runs, Failures, Scheduler, Health, Events
+  [b]j[/b] [b]k[/b] [b]g[/b] [b]G[/b]  down, up, first (newest) and last row in a table
+  [b]esc[/b]      back: close the run detail (narrow screens) or the filter
+  [b]1[/b]-[b]6[/b]      Runs, Failures, Scheduler, Health, Events, Tasks
   [b]ctrl+p[/b]   command palette: every action, searchable
   [b]?[/b]        this help
   [b]q[/b]        quit
@@ -157,7 +245,8 @@ class HelpScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="help-dialog"):
-            yield Static(HELP, id="help-body")
+            with VerticalScroll(id="help-scroll"):
+                yield Static(HELP, id="help-body")
             yield Button("Close", id="help-close")
 
     @on(Button.Pressed, "#help-close")

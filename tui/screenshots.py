@@ -185,8 +185,19 @@ def health_sample(i: int) -> dict[str, Any]:
     }
 
 
-async def play(engine: Engine, clock: FrozenClock) -> None:
-    """Drive the engine through a fixed story; returns once it is quiescent."""
+async def play(engine: Engine, clock: FrozenClock, bulk: bool = False) -> None:
+    """Drive the engine through a fixed story; returns once it is quiescent.
+
+    ``bulk`` first runs a few hundred quick runs, so the counts have three digits.
+    """
+    if bulk:
+        for i in range(360):
+            clock.advance(0.01)
+            if i % 3 == 2:
+                handle = await engine.submit("resize_image", {"url": f"https://cdn.example/{i}.bmp"})
+            else:
+                handle = await engine.submit("embed_batch", {"user_id": f"u{i}", "contents": []})
+            await _finished(handle, clock)
     for i in range(90):
         clock.advance(1.0)
         engine.bus.emit(HealthSample, **health_sample(i))
@@ -246,23 +257,26 @@ def scenario_app() -> tuple[TaskwatchApp, Engine, FrozenClock]:
     """The dashboard on the scenario engine, both on the app's own loop."""
     clock = FrozenClock()
     engine = build_scenario_engine(clock)
+    engine.incarnation = "5ca1ab1e0ddba11s"  # shown in the header: the same in every picture
     app = TaskwatchApp(
         LocalClient(engine, manage=True, stop_timeout=0.1), clock=clock, overview_interval=3600.0, cursor_blink=False
     )
     return app, engine, clock
 
 
-async def settle(app: TaskwatchApp, engine: Engine, clock: FrozenClock) -> None:
+async def settle(app: TaskwatchApp, engine: Engine, clock: FrozenClock, bulk: bool = False) -> None:
     """Play the scenario inside a running app and wait until the screen shows all of it."""
-    await _until(lambda: engine.state == "running")
-    await play(engine, clock)
+    # the dashboard's first snapshot comes before the story, never part-way through it:
+    # the event log, the finish rate and the Tasks tab's "since" all start from it
+    await _until(lambda: engine.state == "running" and app.state.stats is not None)
+    await play(engine, clock, bulk)
     await app.refresh_overview().wait()
     app.redraw(full=True)
     await _until(lambda: app.client.pending_events() == 0 and app.state.last_seq == engine.bus.last_seq)
     app.redraw(full=True)
     app.refresh_tables()
     # the cursors land where the story's updates left them; put them somewhere fixed
-    app.main.query_one(RunsTable).select_run("r0000009")
+    app.main.query_one(RunsTable).select_run("r0000009" if not bulk else engine.runs(status="running")[0].id)
     app.main.query_one(FailuresList).select("run", "r0000005")
     app.redraw(full=True)
 
@@ -270,15 +284,34 @@ async def settle(app: TaskwatchApp, engine: Engine, clock: FrozenClock) -> None:
 # screen name -> keys pressed after the scenario has played
 SCREENS: dict[str, list[str]] = {
     "runs": [],
+    "attempts": ["down", "down"],  # send_email, which succeeded on its third attempt
     "failures": ["2"],
     "scheduler": ["3"],
     "health": ["4"],
     "events": ["5"],
+    "tasks": ["6"],
     "submit": ["s"],
-    "submit_invalid": ["s", "tab", "tab", "u", "7", "tab", "left_square_bracket", "enter"],
+    "submit_invalid": ["s", "tab", "u", "7", "tab", "left_square_bracket", "enter"],
     "traceback": ["2", "t"],
     "help": ["question_mark"],
+    "runs_80x24": [],
+    "runs_160x48": ["p"],  # three-digit counts beside the paused indicator
+    "detail_80x24": ["down", "down", "enter"],
+    "scheduler_80x24": ["3"],
 }
+
+
+#: screens pictured at another terminal size than SIZE
+SIZES: dict[str, tuple[int, int]] = {
+    "runs_80x24": (80, 24),
+    "runs_160x48": (160, 48),
+    "detail_80x24": (80, 24),
+    "scheduler_80x24": (80, 24),
+}
+
+
+#: screens played with a few hundred runs first (three-digit counts)
+BULK = frozenset({"runs_160x48"})
 
 
 def _pin_environment() -> None:
@@ -289,8 +322,8 @@ def _pin_environment() -> None:
 
 async def capture(name: str, keys: list[str]) -> str:
     app, engine, clock = scenario_app()
-    async with app.run_test(size=SIZE) as pilot:
-        await settle(app, engine, clock)
+    async with app.run_test(size=SIZES.get(name, SIZE)) as pilot:
+        await settle(app, engine, clock, bulk=name in BULK)
         await pilot.pause()
         for key in keys:
             await pilot.press(key)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from taskwatch.engine import (
     BaseEvent,
+    EngineStats,
     Leadership,
     PeriodicInfo,
     Progress,
@@ -27,18 +29,30 @@ from taskwatch.engine import (
 )
 from taskwatch.engine.events import HealthSample
 
+from .task_stats import TaskStatsBook
+
 _FINISHED = {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED}
 
 
 class DashboardState:
     """Everything the dashboard shows, as plain data."""
 
-    def __init__(self, max_runs: int = 2_000, max_worker_crashes: int = 200) -> None:
+    def __init__(
+        self, max_runs: int = 2_000, max_worker_crashes: int = 200, clock: Callable[[], float] = time.time
+    ) -> None:
         self.max_runs = max_runs
+        self.clock = clock
         self.node_id = ""
         self.version = ""
         self.started_at: float | None = None
         self.engine_state = "unknown"
+        #: where the engine keeps its runs, and which start of its process this is
+        self.store = ""
+        self.incarnation = ""
+        #: the engine's counters at the last snapshot (totals since it started, rates)
+        self.stats: EngineStats | None = None
+        #: (our clock, runs finished in total) at each snapshot: the finish rate
+        self._finished_samples: deque[tuple[float, int]] = deque(maxlen=11)
         self.runs: dict[str, RunView] = {}
         self.tasks: list[TaskInfo] = []
         self.schedule: list[PeriodicInfo] = []
@@ -61,6 +75,8 @@ class DashboardState:
         self.max_failures = 200
         self.worker_crashes: deque[Any] = deque(maxlen=max_worker_crashes)
         self.needs_resync = False
+        #: per-task figures from the runs seen since the first snapshot
+        self.task_stats = TaskStatsBook()
 
     # ------------------------------------------------------------------ snapshot
 
@@ -70,7 +86,15 @@ class DashboardState:
         self.version = snap.version
         self.started_at = snap.started_at
         self.engine_state = snap.state
+        self.store = snap.store
+        self.incarnation = snap.incarnation
+        previous = self.runs
         self.runs = {r.id: RunView.of(r) for r in sorted(snap.runs, key=lambda r: r.created_at)}
+        for run_id, view in self.runs.items():
+            # what we saw of a run's attempts outlives a reload (the snapshot has only the last)
+            before = previous.get(run_id)
+            if before is not None and before.attempts:
+                view.attempts = before.attempts
         self.dirty = set(self.runs)
         self.gone = set()
         self.failures = {}
@@ -80,6 +104,7 @@ class DashboardState:
         self.apply_overview(snap)
         self.last_seq = snap.last_seq
         self.needs_resync = False
+        self.task_stats.seed(snap.runs, self.clock())
         self._trim()
 
     def apply_overview(self, snap: Snapshot) -> None:
@@ -91,6 +116,8 @@ class DashboardState:
         self.workers = snap.workers
         self.leadership = snap.leadership
         self.by_status = dict(snap.stats.by_status)
+        self.stats = snap.stats
+        self._finished_samples.append((self.clock(), snap.stats.finished_total))
         self.engine_state = snap.state
 
     # ------------------------------------------------------------------ events
@@ -125,6 +152,7 @@ class DashboardState:
                 self.started_at = event.ts
 
     def _apply_run(self, kind: str, e: Any) -> None:
+        self.task_stats.on_event(kind, e)
         run_id = e.run_id
         if kind == "run.submitted":
             self.runs[run_id] = RunView(
@@ -141,30 +169,39 @@ class DashboardState:
             run.attempt = e.attempt
             run.started_at = e.ts
             run.finished_at = None
+            run.attempts.append(AttemptLog(e.attempt, e.ts))
         elif kind == "run.progress":
             run.progress = (e.done, e.total, e.message)
         elif kind == "run.retrying":
             run.status = RunStatus.PENDING
             run.attempt = e.attempt
             run.error = e.error
+            run.end_attempt(e.attempt - 1, e.ts, "retried", error=e.error, note=f"retry in {fmt_seconds(e.delay)}")
         elif kind == "run.succeeded":
             run.status = RunStatus.SUCCEEDED
             run.result = e.result
             run.finished_at = e.ts
             run.error = None
+            run.end_attempt(e.attempt, e.ts, "succeeded", duration=e.duration)
         elif kind == "run.failed":
             run.status = RunStatus.FAILED
             run.error = e.error
             run.finished_at = e.ts
             run.cached = None
             self._remember_failure(run)
+            run.end_attempt(e.attempt, e.ts, "failed", error=e.error, duration=e.duration)
         elif kind == "run.cancelled":
             run.status = RunStatus.CANCELLED
             run.cancel_reason = e.reason
             run.finished_at = e.ts
+            if e.was_running:
+                run.end_attempt(e.attempt, e.ts, "cancelled", note=f"reason: {e.reason}")
         elif kind == "run.recovered":
             # a lost worker's run: pending again with a new attempt (failed and cancelled
             # ones also get their own finished event)
+            lost = e.attempt - 1 if e.action == "requeued" else e.attempt
+            recovery = f"{e.action} by recovery ({e.reason})"
+            run.end_attempt(lost, e.ts, "lost", recovery=recovery, lost_on=e.from_node)
             run.attempt = e.attempt
             if e.action == "requeued":
                 run.status = RunStatus.PENDING
@@ -209,6 +246,14 @@ class DashboardState:
             self.runs[record.id] = RunView.of(record)
             self.dirty.add(record.id)
 
+    def attempts(self, run_id: str | None) -> list[dict[str, Any]] | None:
+        """What the dashboard saw of a run's attempts, oldest first, as the fields of
+        ``taskwatch.widgets.RunAttempt`` (None: nothing seen)."""
+        run = self.runs.get(run_id) if run_id is not None else None
+        if run is None or not run.attempts:
+            return None
+        return [log.fields() for log in run.attempts]
+
     def newest_views(self, limit: int) -> list[RunView]:
         out: list[RunView] = []
         for run in reversed(self.runs.values()):
@@ -237,6 +282,28 @@ class DashboardState:
     def failed_runs(self, limit: int = 200) -> list[RunRecord]:
         """The newest failed runs first (kept even when the runs themselves were trimmed)."""
         return list(reversed(self.failures.values()))[:limit]
+
+    def totals(self) -> dict[str, int] | None:
+        """Finished runs by status since the engine started (not only those its history keeps)."""
+        stats = self.stats
+        if stats is None:
+            return None
+        return {
+            "succeeded": stats.succeeded_total,
+            "failed": stats.failed_total,
+            "cancelled": stats.cancelled_total,
+        }
+
+    def finish_rate(self) -> float | None:
+        """Runs finished per second over the last snapshots (about ten seconds of them);
+        None until two snapshots some time apart were taken."""
+        samples = self._finished_samples
+        if len(samples) < 2:
+            return None
+        (t0, n0), (t1, n1) = samples[0], samples[-1]
+        if t1 <= t0 or n1 < n0:  # no time passed, or another engine process now
+            return None
+        return (n1 - n0) / (t1 - t0)
 
     def counts(self) -> dict[str, int]:
         counts = {s.value: 0 for s in RunStatus}
@@ -275,6 +342,29 @@ class DashboardState:
         return (now or time.time()) - self.started_at
 
 
+def fmt_seconds(seconds: float) -> str:
+    return f"{seconds:.1f}s" if seconds < 60 else f"{seconds / 60:.1f}min"
+
+
+class AttemptLog:
+    """One attempt of a run as its events told it (mutable while the attempt goes on)."""
+
+    __slots__ = ("number", "started_at", "ended_at", "outcome", "error", "note", "recovery", "lost_on")
+
+    def __init__(self, number: int, started_at: float | None) -> None:
+        self.number = number
+        self.started_at = started_at
+        self.ended_at: float | None = None
+        self.outcome = "running"
+        self.error: RunError | None = None
+        self.note = ""
+        self.recovery = ""
+        self.lost_on: str | None = None
+
+    def fields(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
 class RunView:
     """One run as the dashboard knows it: mutated in place by events, turned into a
     :class:`RunRecord` only when a widget asks (and then cached until the next change),
@@ -283,6 +373,7 @@ class RunView:
     __slots__ = (
         "id", "task", "params", "status", "attempt", "max_attempts", "created_at", "started_at",
         "finished_at", "progress", "result", "error", "key", "source", "cancel_reason", "cached",
+        "attempts",
     )
 
     def __init__(
@@ -311,6 +402,37 @@ class RunView:
         self.source = source
         self.cancel_reason: str | None = None
         self.cached: RunRecord | None = None
+        #: the attempts seen through events (empty for a run known only from a snapshot)
+        self.attempts: list[AttemptLog] = []
+
+    def end_attempt(
+        self,
+        number: int,
+        ts: float,
+        outcome: str,
+        *,
+        error: RunError | None = None,
+        note: str = "",
+        duration: float | None = None,
+        recovery: str = "",
+        lost_on: str | None = None,
+    ) -> None:
+        """Close attempt ``number`` (adding it if its start was never seen). A recovery
+        note stays when the run's own finished event follows it."""
+        log = next((a for a in reversed(self.attempts) if a.number == number), None)
+        if log is None:
+            started = ts - duration if duration is not None else None
+            log = AttemptLog(number, started)
+            self.attempts.append(log)
+            self.attempts.sort(key=lambda a: a.number)
+        log.ended_at = ts
+        log.outcome = outcome
+        log.error = error
+        log.note = note
+        if recovery:
+            log.recovery = recovery
+        if lost_on:
+            log.lost_on = lost_on
 
     @classmethod
     def of(cls, record: RunRecord) -> RunView:

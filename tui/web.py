@@ -30,6 +30,7 @@ import re
 import secrets
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import hdrs, web
@@ -135,7 +136,11 @@ class DashboardServer(Server):
         port: int = 8000,
         title: str = "taskwatch",
     ) -> None:
-        super().__init__(command, host=host, port=port, title=title, public_url=base_url(host, port))
+        super().__init__(
+            command, host=host, port=port, title=title, public_url=base_url(host, port),
+            # our copy of the page, whose font comes from this server instead of Google's
+            templates_path=Path(__file__).with_name("templates"),
+        )
         self.secret = check_secret(secret)
         self.url = dashboard_url(host, port, self.secret)
 
@@ -175,7 +180,7 @@ class DashboardServer(Server):
 
 
 async def _private_headers(request: web.Request, response: web.StreamResponse) -> None:
-    # the page loads a font stylesheet from Google; keep the secret URL out of Referer
+    # the page loads nothing from elsewhere; should that change, the secret URL stays out of Referer
     response.headers["Referrer-Policy"] = "no-referrer"
 
 

@@ -13,9 +13,11 @@ from .leader_badge import LeaderBadge
 from .nodes_table import NodesTable
 from .params_form import FieldSpec, ParamsForm, ParamsFormError, fields_from_schema
 from .queues_table import QueuesTable
-from .run_detail import RunDetail
+from .run_detail import RunAttempt, RunDetail
 from .runs_table import RunsTable
 from .schedule_table import ScheduleTable
+from .store_badge import StoreBadge
+from .task_stats_table import TaskStats, TaskStatsTable
 from .triggers_table import TriggersTable
 
 __all__ = [
@@ -29,9 +31,13 @@ __all__ = [
     "ParamsForm",
     "ParamsFormError",
     "QueuesTable",
+    "RunAttempt",
     "RunDetail",
     "RunsTable",
     "ScheduleTable",
+    "StoreBadge",
+    "TaskStats",
+    "TaskStatsTable",
     "TriggersTable",
     "fields_from_schema",
 ]

@@ -14,12 +14,13 @@ sort column.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from rich.console import JustifyMethod
 from rich.text import Text
+from textual.binding import Binding
 from textual.coordinate import Coordinate
 from textual.message import Message
 from textual.widgets import DataTable
@@ -52,6 +53,14 @@ class KeyedTable(DataTable[Text]):
 
     COLUMNS: ClassVar[tuple[Column, ...]] = ()
 
+    #: the keys of less, vim and k9s, beside the arrows, Home and End
+    BINDINGS = [
+        Binding("j", "cursor_down", "Down", show=False),
+        Binding("k", "cursor_up", "Up", show=False),
+        Binding("g", "scroll_top", "First row", show=False),
+        Binding("G", "scroll_bottom", "Last row", show=False),
+    ]
+
     def __init__(
         self,
         *,
@@ -74,7 +83,6 @@ class KeyedTable(DataTable[Text]):
         self._reorder = False
         self._rebuild_pending = False
         self._selection_before: str | None = None
-        self._cursor_before = 0
         self._last_highlighted: str | None = None
         self._columns_ready = False
 
@@ -106,6 +114,19 @@ class KeyedTable(DataTable[Text]):
         self._sync_highlight()
         return True
 
+    def set_rows(self, rows: Iterable[tuple[str, Any, tuple[Cell, ...]]]) -> None:
+        """Show exactly these rows: ``(key, order, cells)`` each; rows of other keys go.
+
+        Orders sort ascending and must compare with each other; the cursor stays on
+        its row (by key) when rows come, go or move.
+        """
+        self._begin()
+        wanted: dict[str, tuple[Any, tuple[Cell, ...]]] = {key: (order, cells) for key, order, cells in rows}
+        self._remove([key for key in self._cells if key not in wanted])
+        for key, (order, cells) in wanted.items():
+            self._upsert(key, order, cells)
+        self._finish()
+
     # ------------------------------------------------------------ for subclasses
 
     def _highlight_message(self, key: str | None) -> Message | None:
@@ -116,15 +137,9 @@ class KeyedTable(DataTable[Text]):
         """The message to post when a row is chosen with Enter or a click (override)."""
         return None
 
-    def _keep_selection(self, key: str, row_before: int) -> bool:
-        """Whether the cursor should move with row ``key`` when rows are inserted above it
-        (override; by default it always does)."""
-        return True
-
     def _begin(self) -> None:
         """Start a batch of changes: remember the selection so it survives reordering."""
         self._selection_before = self.selected_key
-        self._cursor_before = self.cursor_row
 
     def _upsert(self, key: str, order: Any, cells: tuple[Cell, ...]) -> bool:
         """Show ``cells`` in row ``key``, placed by ``order`` (ascending; orders of one
@@ -193,11 +208,7 @@ class KeyedTable(DataTable[Text]):
                 self.sort(self.COLUMNS[0].key, key=_order_of)
         selected = self._selection_before
         self._selection_before = None
-        if (
-            selected is not None
-            and selected in self._cells
-            and self._keep_selection(selected, self._cursor_before)
-        ):
+        if selected is not None and selected in self._cells:
             index = self.get_row_index(selected)
             if index != self.cursor_row:
                 self.move_cursor(row=index)
@@ -221,11 +232,11 @@ class KeyedTable(DataTable[Text]):
         text, style = cell
         if index == 0:
             ordered = _OrderedText(
-                text, self._orders[key], style=style, justify=column.justify, no_wrap=True, end=""
+                text, self._orders[key], style=style, justify=column.justify, no_wrap=True, overflow="ellipsis", end=""
             )
             self._first_cells[key] = ordered
             return ordered
-        return Text(text, style=style, justify=column.justify, no_wrap=True, end="")
+        return Text(text, style=style, justify=column.justify, no_wrap=True, overflow="ellipsis", end="")
 
     def _add(self, key: str) -> None:
         cells = self._cells[key]

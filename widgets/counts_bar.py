@@ -1,4 +1,10 @@
-"""CountsBar: runs by status, dropped events and the view's pause state on one line."""
+"""CountsBar: runs now and since the engine started, the finish rate, dropped events and the
+view's pause state on one line.
+
+The pause and drop indicators are laid out first and the counts get what is
+left of the width (cut with an ellipsis), so "paused" and "dropped N events"
+stay in sight however large the counts grow.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +16,31 @@ from textual.widget import Widget
 
 from ._format import STATUS_STYLES
 
-_ORDER = ("pending", "running", "succeeded", "failed", "cancelled")
+_NOW = ("pending", "running")
+_FINISHED = ("succeeded", "failed", "cancelled")
+_ORDER = (*_NOW, *_FINISHED)
+_SEPARATOR = ("  │  ", "dim")
+
+
+def fmt_count(count: int) -> str:
+    """``10482`` -> ``10,482``: three-digit groups read at a glance."""
+    return f"{count:,}"
 
 
 class CountsBar(Widget):
-    """One line: ``pending 3  running 2  succeeded 10 … │ dropped 4 │ ⏸ paused (12 buffered)``."""
+    """``pending 3  running 2 │ since start  succeeded 10,482  failed 19  cancelled 0 │ 12.5/s``
+    then, always visible, ``dropped 4 events │ ⏸ paused (12 buffered)``.
+
+    ``totals`` are the finished runs since the engine started (not the runs its
+    history happens to keep); without them, ``by_status`` is shown as it is.
+    """
 
     DEFAULT_CSS = Path(__file__).with_suffix(".tcss").read_text(encoding="utf-8")
 
     by_status: reactive[dict[str, int]] = reactive(dict)
+    totals: reactive[dict[str, int] | None] = reactive(None)
+    #: runs finished per second (recent window), None when unknown
+    rate: reactive[float | None] = reactive(None)
     dropped: reactive[int] = reactive(0)
     paused: reactive[bool] = reactive(False)
     buffered: reactive[int] = reactive(0)
@@ -29,29 +51,66 @@ class CountsBar(Widget):
         dropped: int,
         paused: bool,
         view_paused_buffered: int = 0,
+        *,
+        totals: dict[str, int] | None = None,
+        rate: float | None = None,
     ) -> None:
         # reactives compare before repainting, so an unchanged update costs nothing
         self.by_status = dict(by_status)
+        self.totals = dict(totals) if totals is not None else None
+        self.rate = None if rate is None else round(rate, 1)
         self.dropped = dropped
         self.paused = paused
         self.buffered = view_paused_buffered
 
-    def render(self) -> Text:
-        text = Text(no_wrap=True, overflow="ellipsis")
+    def indicators(self) -> Text:
+        """The part that is never cut: dropped events and the paused view."""
+        text = Text(no_wrap=True)
+        if self.dropped:
+            text.append(*_SEPARATOR)
+            text.append(f"dropped {fmt_count(self.dropped)} events", style="bold red")
+        if self.paused:
+            text.append(*_SEPARATOR)
+            text.append("⏸ paused", style="bold yellow")
+            if self.buffered:
+                text.append(f" ({fmt_count(self.buffered)} buffered)", style="yellow")
+        return text
+
+    def counts(self) -> Text:
+        """Runs by status: now (pending, running), then finished since start, then the rate."""
+        text = Text(no_wrap=True)
         counts = self.by_status
-        names = [*_ORDER, *sorted(k for k in counts if k not in _ORDER)]
+        totals = self.totals
+        if totals is None:
+            names = [*_ORDER, *sorted(k for k in counts if k not in _ORDER)]
+            self._append_counts(text, names, counts)
+            return text
+        self._append_counts(text, list(_NOW), counts)
+        text.append(*_SEPARATOR)
+        text.append("since start ", style="dim italic")
+        self._append_counts(text, list(_FINISHED), totals)
+        if self.rate is not None:
+            text.append(*_SEPARATOR)
+            text.append(f"{self.rate:g}", style="bold")
+            text.append(" finished/s", style="dim")
+        return text
+
+    @staticmethod
+    def _append_counts(text: Text, names: list[str], counts: dict[str, int]) -> None:
         for index, status in enumerate(names):
             if index:
                 text.append("  ")
             count = counts.get(status, 0)
             text.append(status, style=STATUS_STYLES.get(status, "") if count else "dim")
-            text.append(f" {count}", style="bold" if count else "dim")
-        if self.dropped:
-            text.append("  │  ", style="dim")
-            text.append(f"dropped {self.dropped} events", style="bold red")
-        if self.paused:
-            text.append("  │  ", style="dim")
-            text.append("⏸ paused", style="bold yellow")
-            if self.buffered:
-                text.append(f" ({self.buffered} buffered)", style="yellow")
-        return text
+            text.append(f" {fmt_count(count)}", style="bold" if count else "dim")
+
+    def render(self) -> Text:
+        indicators = self.indicators()
+        counts = self.counts()
+        width = self.content_region.width
+        room = width - indicators.cell_len if width else counts.cell_len
+        if counts.cell_len > room:
+            counts.truncate(max(0, room), overflow="ellipsis")
+        counts.append_text(indicators)
+        counts.no_wrap = True
+        return counts

@@ -5,6 +5,10 @@ Pausing freezes the view, not the stream: matching events are buffered (up to
 counted and reported as "N events not shown" at the gap. While the widget is
 not on screen nothing is rendered; the last ``max_lines`` events are kept and
 drawn when it is shown again (or when the filter changes).
+
+Routine kinds (``quiet_kinds``, by default ``lease.renewed``, which a leader
+publishes several times a second) are kept but not shown unless the filter
+names them; how many were held back is said under the log.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from textual.events import Hide, Show
 from textual.reactive import reactive
 from textual.widgets import RichLog
 
-from ._format import compact, fmt_clock_ms, fmt_duration, short_id
+from ._format import compact, fmt_bytes, fmt_clock, fmt_clock_ms, fmt_duration, short_id
 
 #: colour per event family (the part of the kind before the dot) ...
 FAMILY_STYLES: dict[str, str] = {
@@ -50,6 +54,31 @@ KIND_STYLES: dict[str, str] = {
 
 _BASE_FIELDS = frozenset({"seq", "ts", "node", "kind"})
 _SECONDS_FIELDS = frozenset({"duration", "delay", "restart_in", "timeout"})
+#: fields holding a wall-clock time (UNIX seconds)
+_TIME_FIELDS = frozenset({"expires_at", "next_due", "due", "started_at", "finished_at", "last_run"})
+#: what the log leaves out unless the filter asks for it
+QUIET_KINDS = frozenset({"lease.renewed"})
+
+
+def fmt_value(name: str, value: Any) -> str:
+    """A field's value as people read it: clock times, byte sizes, durations, grouped digits."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        if name in _TIME_FIELDS or name.endswith("_at"):
+            return fmt_clock(value)
+        if name in _SECONDS_FIELDS:
+            return fmt_duration(value)
+        if name.endswith("_bytes"):
+            return fmt_bytes(value)
+        if name.endswith("_ms"):
+            return f"{value:.1f}ms" if isinstance(value, float) else f"{value}ms"
+        if name.endswith("_percent"):
+            return f"{value:.1f}%"
+        if isinstance(value, int) or float(value).is_integer() and abs(value) >= 1e4:
+            return f"{int(value):,}"
+        return f"{value:,.1f}" if abs(value) >= 100 else f"{round(value, 3):g}"
+    return compact(value)
 
 
 def kind_style(kind: str) -> str:
@@ -71,12 +100,10 @@ def summarize(event: BaseEvent, limit: int = 160) -> str:
             continue
         if name == "run_id" or name.endswith("_run_id"):
             parts.append(f"{name.removesuffix('_id')}={short_id(value)}")
-        elif name in _SECONDS_FIELDS and isinstance(value, (int, float)):
-            parts.append(f"{name}={fmt_duration(value)}")
         elif isinstance(value, RunError):
             parts.append(f"{name}={compact(f'{value.type}: {value.message}', 60)}")
         else:
-            parts.append(f"{name}={compact(value)}")
+            parts.append(f"{name}={fmt_value(name, value)}")
     line = " ".join(parts)
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
@@ -126,6 +153,7 @@ class EventLog(RichLog):
         buffer_cap: int | None = None,
         kinds: Iterable[str] | None = None,
         show_node: bool = False,
+        quiet_kinds: Iterable[str] = QUIET_KINDS,
         name: str | None = None,
         id: str | None = None,
         classes: str | None = None,
@@ -150,6 +178,9 @@ class EventLog(RichLog):
         self.total_events = 0
         #: name each event's node instead of its number (a log of several nodes' events)
         self.show_node = show_node
+        self.quiet_kinds = frozenset(quiet_kinds)
+        #: quiet events kept out of sight so far (said under the log)
+        self.quiet_hidden = 0
         if kinds is not None:
             self.set_filter(kinds)
 
@@ -177,7 +208,7 @@ class EventLog(RichLog):
         cached = self._match_cache.get(kind)
         if cached is None:
             if self._kinds is None:
-                cached = True
+                cached = kind not in self.quiet_kinds
             else:
                 exact, prefixes = self._kinds
                 cached = kind in exact or kind.startswith(prefixes)
@@ -224,11 +255,23 @@ class EventLog(RichLog):
                     self._not_shown += 1
                 pending.append(event)
             return
+        quiet = self.quiet_kinds
+        hidden = 0
         for event in events:
             self.total_events += 1
             self._history.append(event)
             fresh.append(event)
+            if event.kind in quiet and not self.matches(event.kind):  # type: ignore[attr-defined]
+                hidden += 1
+        if hidden:
+            self.quiet_hidden += hidden
+            self._say_quiet()
         self._render_entries(fresh)
+
+    def _say_quiet(self) -> None:
+        kinds = ", ".join(sorted(self.quiet_kinds))
+        first = sorted(self.quiet_kinds)[0].partition(".")[0] + "."
+        self.border_subtitle = f"{self.quiet_hidden:,} {kinds} not shown · filter {first} to see them"
 
     def clear_events(self) -> None:
         self._history.clear()

@@ -146,14 +146,8 @@ class FailuresList(Vertical):
         del entries[self.max_items :]
 
         table = self.query_one(_FailuresTable)
-        table._begin()
-        wanted = {key for _, key, _ in entries}
-        table._remove([key for key in self._items if key not in wanted])
-        self._items = {}
-        for when, key, item in entries:
-            self._items[key] = item
-            table._upsert(key, (-when, key), _cells(item))
-        table._finish()
+        self._items = {key: item for _, key, item in entries}
+        table.set_rows((key, (-when, key), _cells(item)) for when, key, item in entries)
         # the highlighted failure may have crashed again with a new traceback
         self._show_detail(table.selected_key)
 

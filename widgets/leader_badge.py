@@ -21,19 +21,22 @@ class LeaderBadge(Widget):
 
     DEFAULT_CSS = Path(__file__).with_suffix(".tcss").read_text(encoding="utf-8")
 
-    node_id: reactive[str] = reactive("")
-    is_leader: reactive[bool] = reactive(False)
-    holder: reactive[str | None] = reactive(None)
-    term: reactive[int] = reactive(0)
+    # layout=True: the badge is as wide as what it says, so a change may resize it
+    node_id: reactive[str] = reactive("", layout=True)
+    is_leader: reactive[bool] = reactive(False, layout=True)
+    holder: reactive[str | None] = reactive(None, layout=True)
+    term: reactive[int] = reactive(0, layout=True)
     #: seconds until the lease expires; None when there is no lease (permanent leader)
-    expires_in: reactive[float | None] = reactive(None)
+    expires_in: reactive[float | None] = reactive(None, layout=True)
     #: seconds since the engine started; None when unknown
-    uptime: reactive[float | None] = reactive(None)
-    connected: reactive[bool] = reactive(True)
+    uptime: reactive[float | None] = reactive(None, layout=True)
+    connected: reactive[bool] = reactive(True, layout=True)
     #: where the watched engine lives (shown while disconnected), e.g. "tcp://host:7400"
-    where: reactive[str | None] = reactive(None)
+    where: reactive[str | None] = reactive(None, layout=True)
     #: False until the first update, so an empty badge says so instead of "follower"
-    known: reactive[bool] = reactive(False)
+    known: reactive[bool] = reactive(False, layout=True)
+    #: why the dashboard stopped trying to connect for good (None while it still tries)
+    failure: reactive[str | None] = reactive(None, layout=True)
 
     def update(
         self,
@@ -52,6 +55,11 @@ class LeaderBadge(Widget):
         self.connected = connected
         self.known = True
 
+    def update_failed(self, failure: str) -> None:
+        """Show that connecting failed for good (no more retries), and why."""
+        self.failure = failure
+        self.connected = False
+
     def update_disconnected(self, where: str | None = None) -> None:
         """Show the DISCONNECTED state (keeping the last known node and term);
         ``where`` names the engine being reconnected to."""
@@ -60,7 +68,9 @@ class LeaderBadge(Widget):
 
     @property
     def state(self) -> str:
-        """"leader", "follower", "disconnected" or "unknown"."""
+        """"leader", "follower", "disconnected", "failed" or "unknown"."""
+        if self.failure is not None:
+            return "failed"
         if not self.connected:
             return "disconnected"
         if not self.known:
@@ -79,15 +89,20 @@ class LeaderBadge(Widget):
     def watch_known(self) -> None:
         self._update_classes()
 
+    def watch_failure(self) -> None:
+        self._update_classes()
+
     def _update_classes(self) -> None:
         state = self.state
         self.set_class(state == "leader", "-leader")
         self.set_class(state == "follower", "-follower")
-        self.set_class(state == "disconnected", "-disconnected")
+        self.set_class(state in ("disconnected", "failed"), "-disconnected")
 
     def render(self) -> Text:
         node = self.node_id or "?"
         state = self.state
+        if state == "failed":
+            return Text.assemble(("✖ NOT CONNECTED  ", "bold red"), (self.failure or "", "red"))
         if state == "disconnected":
             text = Text("✖ DISCONNECTED — reconnecting…", style="bold red")
             if self.where:
@@ -108,10 +123,12 @@ class LeaderBadge(Widget):
             )
         text.append("  term ", style="dim")
         text.append(str(self.term))
-        text.append("  lease ", style="dim")
         expires_in = self.expires_in
+        # a leader without a lease (a single node) leads for good: nothing to count down
+        if expires_in is not None:
+            text.append("  lease ", style="dim")
         if expires_in is None:
-            text.append("no expiry")
+            pass
         elif expires_in <= 0:
             text.append("expired", style="bold red")
         else:

@@ -1,7 +1,10 @@
 """ParamsForm: a submit form generated from a task's pydantic JSON schema.
 
-Strings, integers and floats get an Input, booleans a Switch, and everything
-else (lists, dicts, nested models via ``$ref``, unions) a JSON text field.
+Strings, integers and floats get an Input, booleans a Switch, string enums a
+Select, and everything else (lists, dicts, nested models via ``$ref``,
+unions) a JSON text field. Each field shows its description and limits
+(``1 ≤ value ≤ 100``, ``at most 20 characters``), which ``collect()`` checks
+along with parsing, so every error the form can know of shows at once.
 ``collect()`` parses values client-side; the engine still validates them, and
 its ``InvalidParams.errors`` can be shown inline with ``show_errors``.
 """
@@ -19,7 +22,7 @@ from textual import on
 from textual.app import ComposeResult
 from textual.message import Message
 from textual.widget import Widget
-from textual.widgets import Input, Label, Static, Switch
+from textual.widgets import Input, Label, Select, Static, Switch
 
 FieldKind = Literal["str", "int", "float", "bool", "json"]
 
@@ -33,6 +36,13 @@ _SIMPLE_TYPES: dict[str, tuple[FieldKind, str]] = {
 }
 
 _EXAMPLES = {"array": '["a", "b"]', "object": '{"key": "value"}'}
+_LIMIT_KEYS = (
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "minItems", "maxItems",
+)
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 class ParamsFormError(ValueError):
@@ -60,6 +70,17 @@ class FieldSpec:
     json_type: str | None = None
     #: allowed values of a string enum
     choices: tuple[str, ...] = ()
+    #: numeric bounds and length or item limits from the schema (JSON schema keywords)
+    limits: tuple[tuple[str, float], ...] = ()
+
+    def limits_text(self) -> str:
+        """The limits as people say them: ``1 ≤ value < 10``, ``at most 20 characters``."""
+        words = {
+            "minimum": "≥ {}", "maximum": "≤ {}", "exclusiveMinimum": "> {}", "exclusiveMaximum": "< {}",
+            "minLength": "at least {} characters", "maxLength": "at most {} characters",
+            "minItems": "at least {} items", "maxItems": "at most {} items",
+        }
+        return ", ".join(words[key].format(_num(value)) for key, value in self.limits if key in words)
 
     @property
     def label(self) -> str:
@@ -89,6 +110,10 @@ def _field(name: str, prop: Mapping[str, Any], required: bool, defs: Mapping[str
         nullable = len(types) < len(prop["type"])
         schema = {**prop, "type": types[0] if len(types) == 1 else types}
     kind, type_label, json_type, choices = _classify(schema, defs)
+    limits = tuple(
+        (key, float(schema[key])) for key in _LIMIT_KEYS
+        if isinstance(schema.get(key), (int, float)) and not isinstance(schema.get(key), bool)
+    )
     if nullable:
         type_label = f"{type_label}, optional"
     return FieldSpec(
@@ -102,6 +127,7 @@ def _field(name: str, prop: Mapping[str, Any], required: bool, defs: Mapping[str
         description=str(prop.get("description") or schema.get("description") or ""),
         json_type=json_type,
         choices=choices,
+        limits=limits,
     )
 
 
@@ -192,7 +218,7 @@ class ParamsForm(Widget):
         self._initial = dict(values or {})
         self._show_description = show_description
         self._cursor_blink = cursor_blink
-        self._inputs: dict[str, Input | Switch] = {}
+        self._inputs: dict[str, Input | Switch | Select[str]] = {}
         self._errors: dict[str, Static] = {}
 
     def compose(self) -> ComposeResult:
@@ -208,10 +234,23 @@ class ParamsForm(Widget):
             if spec.description:
                 label.tooltip = spec.description
             yield label
+            hint = " · ".join(part for part in (spec.description, spec.limits_text()) if part)
+            if hint:
+                yield Static(hint, classes="params-form--hint", markup=False)
             value = self._initial.get(spec.name, spec.default if spec.has_default else None)
-            widget: Input | Switch
+            widget: Input | Switch | Select[str]
             if spec.kind == "bool":
                 widget = Switch(value=bool(value), id=field_id)
+            elif spec.choices:
+                # a pick from the allowed values, not free text; blank only where empty means something
+                chosen: dict[str, Any] = {"value": value} if isinstance(value, str) and value in spec.choices else {}
+                widget = Select(
+                    [(choice, choice) for choice in spec.choices],
+                    **chosen,
+                    allow_blank=spec.nullable or spec.has_default or not spec.required or value not in spec.choices,
+                    prompt=self._placeholder(spec),
+                    id=field_id,
+                )
             else:
                 widget = Input(
                     _initial_text(spec, value),
@@ -233,8 +272,8 @@ class ParamsForm(Widget):
 
     # ------------------------------------------------------------ public API
 
-    def field_widget(self, name: str) -> Input | Switch:
-        """The Input or Switch of field ``name``."""
+    def field_widget(self, name: str) -> Input | Switch | Select[str]:
+        """The Input, Switch or Select of field ``name``."""
         return self._inputs[name]
 
     def field_error(self, name: str) -> str:
@@ -261,7 +300,10 @@ class ParamsForm(Widget):
             if isinstance(widget, Switch):
                 params[spec.name] = widget.value
                 continue
-            raw = widget.value
+            if isinstance(widget, Select):
+                raw = widget.value if isinstance(widget.value, str) else ""
+            else:
+                raw = widget.value
             if (raw if spec.kind == "str" else raw.strip()) == "":
                 if spec.nullable:
                     params[spec.name] = None
@@ -269,9 +311,13 @@ class ParamsForm(Widget):
                     errors.append(_error(spec.name, "this field is required", "missing"))
                 continue
             try:
-                params[spec.name] = _parse(spec, raw)
+                params[spec.name] = value = _parse(spec, raw)
             except ValueError as exc:
                 errors.append(_error(spec.name, str(exc), "value_error"))
+                continue
+            broken = _broken_limit(spec, value)
+            if broken:
+                errors.append(_error(spec.name, broken, "value_error"))
         if errors:
             self.show_errors(errors)
             raise ParamsFormError(errors)
@@ -323,7 +369,8 @@ class ParamsForm(Widget):
         if spec.nullable:
             hint = "empty: null"
         elif spec.has_default:
-            hint = "empty: default"
+            # said outright: an emptied field means the task's default, not "nothing"
+            hint = f"empty: the default, {_default_text(spec)}"
         else:
             hint = "required"
         if spec.kind == "json" and spec.json_type in _EXAMPLES:
@@ -340,6 +387,29 @@ class ParamsForm(Widget):
         except ParamsFormError:
             return
         self.post_message(self.Submitted(self, params))
+
+
+def _default_text(spec: FieldSpec) -> str:
+    text = json.dumps(spec.default, ensure_ascii=False, default=str)
+    return text if len(text) <= 30 else text[:29] + "…"
+
+
+def _broken_limit(spec: FieldSpec, value: Any) -> str:
+    """The first schema limit ``value`` breaks, said plainly ("" when none)."""
+    for key, bound in spec.limits:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if (key == "minimum" and value < bound) or (key == "exclusiveMinimum" and value <= bound) or (
+                key == "maximum" and value > bound
+            ) or (key == "exclusiveMaximum" and value >= bound):
+                return f"must be {spec.limits_text()}"
+        size = len(value) if isinstance(value, (str, list, dict)) else None
+        if size is None:
+            continue
+        if key in ("minLength", "minItems") and size < bound:
+            return f"must be {spec.limits_text()} (got {size})"
+        if key in ("maxLength", "maxItems") and size > bound:
+            return f"must be {spec.limits_text()} (got {size})"
+    return ""
 
 
 def _error(name: str, msg: str, kind: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""RunDetail: everything about one run, including the full traceback of a failure."""
+"""RunDetail: everything about one run: its attempts, params, result, and the full traceback of a failure."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
 from rich.console import RenderableType
 from rich.syntax import Syntax
 from rich.table import Table
@@ -18,6 +19,59 @@ from textual.widgets import ProgressBar, Static
 from ._format import DASH, fmt_clock, fmt_duration, pretty_json, status_style
 
 _UNSET: Any = object()
+
+#: the colour of an attempt's outcome (run statuses, and "lost" for a lost worker)
+_OUTCOME_STYLES = {"lost": "bold magenta", "retried": "yellow"}
+
+
+class RunAttempt(BaseModel):
+    """One attempt of a run, as far as it is known.
+
+    ``outcome``: ``running``, ``succeeded``, ``failed``, ``retried`` (failed, with a
+    retry to come), ``cancelled``, or ``lost`` (its worker was lost and recovery
+    took the run back: ``recovery`` says how, e.g. ``requeued by recovery: node
+    b-1 stopped heartbeating``).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    number: int
+    started_at: float | None = None
+    ended_at: float | None = None
+    outcome: str = "running"
+    error: RunError | None = None
+    #: what came next: "retry in 2.0s", or how recovery took the run back
+    note: str = ""
+    recovery: str = ""
+    #: the node the attempt was lost on, when recovery says so
+    lost_on: str | None = None
+
+
+def attempts_table(attempts: list[RunAttempt], now: float) -> Table:
+    """The attempts, oldest first: number, start, end, time taken and what became of each."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style="dim", no_wrap=True, justify="right")
+    grid.add_column(no_wrap=True)
+    grid.add_column(no_wrap=True)
+    grid.add_column(no_wrap=True, justify="right")
+    grid.add_column()
+    for attempt in attempts:
+        if attempt.started_at is None:
+            took = DASH
+        else:
+            end = attempt.ended_at if attempt.ended_at is not None else now
+            took = fmt_duration(end - attempt.started_at)
+        outcome = Text(attempt.outcome, style=_OUTCOME_STYLES.get(attempt.outcome) or status_style(attempt.outcome))
+        if attempt.lost_on:
+            outcome.append(f" on {attempt.lost_on}", style="magenta")
+        if attempt.error is not None:
+            outcome.append(f"  {attempt.error.type}: {attempt.error.message}".replace("\n", " "), style="red")
+        if attempt.recovery:
+            outcome.append(f"  {attempt.recovery}", style="magenta")
+        if attempt.note:
+            outcome.append(f"  {attempt.note}", style="dim")
+        grid.add_row(f"#{attempt.number}", fmt_clock(attempt.started_at), fmt_clock(attempt.ended_at), took, outcome)
+    return grid
 
 
 def _json_view(value: Any) -> Syntax:
@@ -50,6 +104,7 @@ class RunDetail(VerticalScroll):
         self._params_of: str | None = None
         self._result: Any = _UNSET
         self._error: RunError | None | object = _UNSET
+        self._attempts: list[RunAttempt] = []
 
     def compose(self) -> ComposeResult:
         yield Static("No run selected.", id="run-detail-empty")
@@ -58,6 +113,8 @@ class RunDetail(VerticalScroll):
             with Horizontal(id="run-detail-progress-row"):
                 yield ProgressBar(total=100, show_eta=False, id="run-detail-progress")
                 yield Static(id="run-detail-progress-message")
+            yield Static("Attempts", classes="run-detail--heading")
+            yield Static(id="run-detail-attempts")
             yield Static("Params", classes="run-detail--heading")
             yield Static(id="run-detail-params")
             with Vertical(id="run-detail-result-section"):
@@ -72,7 +129,7 @@ class RunDetail(VerticalScroll):
         self.query_one("#run-detail-body").display = False
         pending, self._record = self._record, None
         if pending is not None:
-            self.show(pending)
+            self.show(pending, attempts=self._attempts)
 
     @property
     def record(self) -> RunRecord | None:
@@ -87,18 +144,31 @@ class RunDetail(VerticalScroll):
             return ""
         return record.error.traceback
 
-    def show(self, record: RunRecord | None, now: float | None = None) -> None:
-        """Show ``record``; ``now`` drives the live duration of a running run."""
+    @property
+    def attempts(self) -> list[RunAttempt]:
+        """The attempts shown for the run (oldest first)."""
+        return list(self._attempts)
+
+    def show(
+        self, record: RunRecord | None, now: float | None = None, attempts: list[RunAttempt] | None = None
+    ) -> None:
+        """Show ``record``; ``now`` drives the live duration of a running run. ``attempts``
+        is the run's history; without it, the record's own attempt is shown."""
+        if attempts is None and record is not None:
+            attempts = [attempt_of(record)]
         if not self.is_mounted:
             self._record = record  # shown on mount
+            self._attempts = attempts or []
             return
         previous = self._record
         running = record is not None and record.status is RunStatus.RUNNING
-        if record is previous and not running:
+        same_attempts = attempts == self._attempts
+        if record is previous and not running and same_attempts:
             return
-        if record is not None and previous is not None and record == previous and not running:
+        if record is not None and previous is not None and record == previous and not running and same_attempts:
             return
         self._record = record
+        self._attempts = attempts or []
         body = self.query_one("#run-detail-body")
         empty = self.query_one("#run-detail-empty")
         if record is None:
@@ -114,6 +184,9 @@ class RunDetail(VerticalScroll):
             self.scroll_home(animate=False)
         self.query_one("#run-detail-summary", Static).update(
             self._summary(record, time.time() if now is None else now)
+        )
+        self.query_one("#run-detail-attempts", Static).update(
+            attempts_table(self._attempts, time.time() if now is None else now)
         )
         self._show_progress(record)
         if self._params_of != record.id:
@@ -192,3 +265,25 @@ class RunDetail(VerticalScroll):
             traceback.display = True
         else:
             traceback.display = False
+
+
+def attempt_of(record: RunRecord) -> RunAttempt:
+    """The record's current (or last) attempt, when nothing more is known of its history."""
+    status = record.status
+    if status is RunStatus.PENDING:
+        outcome = "pending"
+    elif status is RunStatus.FAILED and record.started_at is None:
+        outcome = "failed"
+    else:
+        outcome = status.value
+    note = f"attempts 1-{record.attempt - 1} not seen" if record.attempt > 2 else (
+        "attempt 1 not seen" if record.attempt == 2 else ""
+    )
+    return RunAttempt(
+        number=record.attempt,
+        started_at=record.started_at,
+        ended_at=record.finished_at,
+        outcome=outcome,
+        error=record.error if status is RunStatus.FAILED else None,
+        note=note,
+    )

@@ -1,13 +1,14 @@
 """RunsTable: the live list of runs, newest first, keyed by run id.
 
 ``update_runs`` takes any batch of run records (all of them or only the ones
-that changed) and diffs them against what is shown. The table keeps at most
+that changed) and diffs them against what is shown. Space marks runs (their
+id shows highlighted) for actions on several at once: ``marked``. The table keeps at most
 ``max_rows`` runs (plus a small slack, so trimming happens in batches) and a
 status/text filter.
 
-The cursor follows the newest run while it sits on the top row (like ``tail
--f``); anywhere else, or once a run was chosen (Enter, click, ``select_run``),
-it stays on its run while newer runs push the row down.
+The cursor stays on the run it is on while newer runs push its row down: a
+key that acts on "the selected run" acts on the run the user put the cursor
+on, never on whatever arrived last. ``g`` (or ctrl+home) goes to the newest.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterable
 from typing import ClassVar
 
 from taskwatch.engine import RunRecord, RunStatus
+from textual.binding import Binding
 from textual.message import Message
 
 from ._format import DASH, fmt_clock, fmt_duration, progress_bar, short_id, status_style
@@ -25,7 +27,11 @@ from ._keyed_table import Cell, Column, KeyedTable
 _RunOrder = tuple[float, str]
 
 
-def run_cells(record: RunRecord, now: float) -> tuple[Cell, ...]:
+#: how a marked run's id cell looks
+MARKED_STYLE = "bold black on yellow"
+
+
+def run_cells(record: RunRecord, now: float, marked: bool = False) -> tuple[Cell, ...]:
     """The (text, style) of every column for one run."""
     status = record.status.value
     style = status_style(status)
@@ -38,13 +44,13 @@ def run_cells(record: RunRecord, now: float) -> tuple[Cell, ...]:
         duration = fmt_duration(record.finished_at - record.started_at)
     attempt_style = "yellow" if record.attempt > 1 else ""
     return (
-        (short_id(record.id), "dim"),
+        (short_id(record.id), MARKED_STYLE if marked else "dim"),
         (record.task, "bold"),
         (status, style),
         (progress_bar(fraction), style if fraction is not None else "dim"),
+        (duration, ""),
         (f"{record.attempt}/{record.max_attempts}", attempt_style),
         (fmt_clock(record.started_at), ""),
-        (duration, ""),
     )
 
 
@@ -53,13 +59,17 @@ class RunsTable(KeyedTable):
 
     COLUMNS: ClassVar[tuple[Column, ...]] = (
         Column("id", "id", 8),
-        Column("task", "task"),
+        # fixed, so the columns never shift as runs of longer-named tasks arrive (and rows cost
+        # no re-measuring of the whole column); longer names end in an ellipsis
+        Column("task", "task", 16),
         Column("status", "status", 9),
         Column("progress", "progress", 13),
+        Column("duration", "duration", 8, "right"),
         Column("attempt", "try", 5, "right"),
         Column("started", "started", 8),
-        Column("duration", "duration", 8, "right"),
     )
+
+    BINDINGS = [Binding("space", "toggle_mark", "Mark", show=False)]
 
     class RunHighlighted(Message):
         """The cursor moved to another run (``run_id`` is None when the table emptied)."""
@@ -108,8 +118,7 @@ class RunsTable(KeyedTable):
         self._statuses: frozenset[str] | None = None
         self._text = ""
         self._now = 0.0
-        #: the run the user chose explicitly: the cursor stays on it even on the top row
-        self._pinned: str | None = None
+        self._marked: dict[str, None] = {}  # insertion-ordered set
 
     # ------------------------------------------------------------ public API
 
@@ -119,10 +128,39 @@ class RunsTable(KeyedTable):
 
     def select_run(self, run_id: str) -> bool:
         """Move the cursor to ``run_id`` and keep it there; False when that run is not shown."""
-        if not self.select_key(run_id):
+        return self.select_key(run_id)
+
+    @property
+    def marked(self) -> list[str]:
+        """The runs marked with space, in the order they were marked."""
+        return list(self._marked)
+
+    def mark(self, run_id: str, marked: bool = True) -> bool:
+        """Mark or unmark a shown run; False when that run is not in the table."""
+        record = self._records.get(run_id)
+        if record is None:
             return False
-        self._pinned = run_id
+        if marked:
+            self._marked[run_id] = None
+        else:
+            self._marked.pop(run_id, None)
+        if self._matches(record):
+            self._begin()
+            self._upsert(run_id, (-record.created_at, run_id), self._cells_of(record))
+            self._finish()
         return True
+
+    def clear_marks(self) -> None:
+        for run_id in list(self._marked):
+            self.mark(run_id, False)
+
+    def action_toggle_mark(self) -> None:
+        """Space: mark the run under the cursor (or unmark it) and move down, as in mc or ranger."""
+        run_id = self.selected_run_id
+        if run_id is None:
+            return
+        self.mark(run_id, run_id not in self._marked)
+        self.action_cursor_down()
 
     @property
     def statuses(self) -> frozenset[str] | None:
@@ -160,11 +198,14 @@ class RunsTable(KeyedTable):
             if record is None:  # trimmed just now
                 continue
             if self._matches(record):
-                self._upsert(run_id, (-record.created_at, run_id), run_cells(record, now))
+                self._upsert(run_id, (-record.created_at, run_id), self._cells_of(record))
             else:
                 hidden.append(run_id)
         self._remove(hidden)
         self._finish()
+
+    def _cells_of(self, record: RunRecord) -> tuple[Cell, ...]:
+        return run_cells(record, self._now, record.id in self._marked)
 
     def set_filter(self, statuses: set[str] | frozenset[str] | None, text: str = "") -> None:
         """Show only runs whose status is in ``statuses`` (None or empty: any) and whose
@@ -176,11 +217,10 @@ class RunsTable(KeyedTable):
         self._statuses = new_statuses
         self._text = new_text
         self._begin()
-        now = self._now
         hidden: list[str] = []
         for run_id, record in self._records.items():
             if self._matches(record):
-                self._upsert(run_id, (-record.created_at, run_id), run_cells(record, now))
+                self._upsert(run_id, (-record.created_at, run_id), self._cells_of(record))
             else:
                 hidden.append(run_id)
         self._remove(hidden)
@@ -195,6 +235,7 @@ class RunsTable(KeyedTable):
         for run_id in gone:
             del self._records[run_id]
             self._running_ids.discard(run_id)
+            self._marked.pop(run_id, None)
         self._remove(gone)
         self._finish()
 
@@ -202,6 +243,7 @@ class RunsTable(KeyedTable):
         """Forget every run (e.g. after reconnecting to another engine)."""
         self._records.clear()
         self._running_ids.clear()
+        self._marked.clear()
         self._clear_rows()
         self._sync_highlight()
 
@@ -222,16 +264,13 @@ class RunsTable(KeyedTable):
         for run_id in dropped:
             del self._records[run_id]
             self._running_ids.discard(run_id)
+            self._marked.pop(run_id, None)
         self._remove(dropped)
-
-    def _keep_selection(self, key: str, row_before: int) -> bool:
-        return row_before != 0 or key == self._pinned
 
     def _highlight_message(self, key: str | None) -> Message:
         return self.RunHighlighted(self, key)
 
     def _selected_message(self, key: str) -> Message:
-        self._pinned = key
         return self.RunSelected(self, key)
 
 

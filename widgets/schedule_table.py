@@ -12,13 +12,20 @@ from ._keyed_table import Cell, Column, KeyedTable
 
 
 def _state(info: PeriodicInfo) -> Cell:
-    if not info.enabled:
-        return (f"disabled: {info.reason}" if info.reason else "disabled", "dim red")
+    # paused shows even on a disabled task: pausing it did happen, and stays after it is enabled
     if info.paused:
         return ("paused", "bold yellow")
+    if not info.enabled:
+        return ("disabled", "dim red")
     if info.running_run_id is not None:
         return ("running", status_style("running"))
     return ("enabled", "green")
+
+
+def _note(info: PeriodicInfo) -> Cell:
+    if not info.enabled:
+        return (f"disabled: {info.reason}" if info.reason else "disabled", "dim red")
+    return ("", "")
 
 
 def _next_due(info: PeriodicInfo, now: float) -> Cell:
@@ -41,6 +48,7 @@ def schedule_cells(info: PeriodicInfo, now: float) -> tuple[Cell, ...]:
         (str(info.runs), ""),
         (str(info.failures), "bold red" if info.failures else "dim"),
         (str(info.skipped), "yellow" if info.skipped else "dim"),
+        _note(info),
     )
 
 
@@ -57,6 +65,7 @@ class ScheduleTable(KeyedTable):
         Column("runs", "runs", 6, "right"),
         Column("failures", "failed", 6, "right"),
         Column("skipped", "skipped", 7, "right"),
+        Column("note", "note"),
     )
 
     class PeriodicHighlighted(Message):

@@ -1,0 +1,577 @@
+"""The dashboard as its users drive it: keys from any focus, the cursor where the user put it,
+confirmations that name the run, true totals, and layouts that fit 80x24.
+
+Every test drives the real app with Pilot on a live engine (or a real remote connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from pydantic import BaseModel
+from taskwatch.engine import Engine, RunStatus
+from taskwatch.tui.app import TaskwatchApp
+from taskwatch.tui.client import LocalClient
+from taskwatch.tui.screens import ConfirmScreen, HelpScreen, SubmitScreen
+from taskwatch.widgets import FailuresList, ParamsForm, RunDetail, RunsTable, ScheduleTable
+from textual.pilot import Pilot
+from textual.widgets import Input, TabbedContent
+
+from .helpers import eventually
+from .test_dashboard import make_engine, shown_status, table
+
+SMALL = (80, 24)
+LARGE = (160, 48)
+
+
+@asynccontextmanager
+async def dashboard(
+    engine: Engine, size: tuple[int, int] = SMALL, **app_options: Any
+) -> AsyncIterator[tuple[TaskwatchApp, Pilot]]:
+    app_options.setdefault("refresh_hz", 30.0)
+    app_options.setdefault("overview_interval", 0.2)
+    app = TaskwatchApp(LocalClient(engine, manage=True), **app_options)
+    async with app.run_test(size=size) as pilot:
+        await eventually(lambda: app.state.node_id == "dash-test")
+        await pilot.pause()
+        yield app, pilot
+        engine.resources["release"].set()
+
+
+def notes(app: TaskwatchApp) -> list[str]:
+    return [str(n.message) for n in app._notifications]
+
+
+def tabs(app: TaskwatchApp) -> str:
+    return str(app.main.query_one(TabbedContent).active)
+
+
+# ---------------------------------------------------------------- focus and keys
+
+
+async def test_number_keys_switch_tabs_from_any_focus() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        failed = await (await engine.submit("explode")).wait(2)
+        await eventually(lambda: shown_status(app, failed.id) == "failed")
+        # focus inside the runs table, then inside the detail pane
+        table(app).focus()
+        await pilot.pause()  # focus moves on the next message round
+        await pilot.press("2")
+        assert tabs(app) == "failures"
+        await pilot.press("1")
+        assert tabs(app) == "runs"
+        await pilot.press("4")  # a tab with nothing to focus
+        assert tabs(app) == "health"
+        await pilot.pause()
+        assert tabs(app) == "health"
+        await pilot.press("1")
+        assert tabs(app) == "runs"
+        app.main.query_one(RunDetail).focus()
+        await pilot.pause()  # focus moves on the next message round
+        await pilot.press("3")
+        assert tabs(app) == "scheduler"
+        app.main.query_one(ScheduleTable).focus()
+        await pilot.pause()  # focus moves on the next message round
+        await pilot.press("5")
+        assert tabs(app) == "events"
+        # after a filter typed and confirmed with Enter
+        await pilot.press("1", "slash", *"explode", "enter")
+        assert app.main.query_one("#runs-filter", Input).value == "explode"
+        await pilot.press("2")
+        assert tabs(app) == "failures"
+        # on Failures, with the table focused, r retries the failure (it does not wander off)
+        failures = app.main.query_one(FailuresList)
+        await eventually(lambda: failures.selected == ("run", failed.id))
+        await pilot.press("r")
+        await eventually(lambda: [r for r in engine.runs(task="explode") if r.source == f"retry:{failed.id}"])
+        # screen keys work from every focus: help, submit, quit
+        app.main.query_one(RunDetail).focus()
+        await pilot.pause()  # focus moves on the next message round
+        await pilot.press("question_mark")
+        await eventually(lambda: isinstance(app.screen, HelpScreen))
+        await pilot.press("escape")
+        await pilot.press("s")
+        await eventually(lambda: isinstance(app.screen, SubmitScreen))
+
+
+async def test_typing_in_a_filter_is_text_not_keys() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        await pilot.press("slash", *"status:failed q1 s2")
+        assert app.main.query_one("#runs-filter", Input).value == "status:failed q1 s2"
+        assert tabs(app) == "runs" and app.screen is app.main and app.is_running
+
+
+async def test_the_runs_table_has_focus_at_start_and_moves_with_vim_keys() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        ids = [(await (await engine.submit("explode")).wait(2)).id for _ in range(4)]
+        newest_first = list(reversed(ids))
+        await eventually(lambda: table(app).shown_keys == newest_first)
+        assert app.focused is table(app)
+        table(app).select_run(newest_first[0])
+        await pilot.press("down")
+        assert table(app).selected_run_id == newest_first[1]
+        await pilot.press("j")
+        assert table(app).selected_run_id == newest_first[2]
+        await pilot.press("k")
+        assert table(app).selected_run_id == newest_first[1]
+        await pilot.press("G")
+        assert table(app).selected_run_id == newest_first[-1]
+        await pilot.press("g")
+        assert table(app).selected_run_id == newest_first[0]
+        # switching tabs puts focus in the tab's table
+        await pilot.press("2")
+        assert app.focused is app.main.query_one(FailuresList).table
+        await pilot.press("1")
+        assert app.focused is table(app)
+
+
+async def test_tab_in_the_submit_form_goes_to_a_field_that_shows_what_is_typed() -> None:
+    engine = make_engine()
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        await pilot.press("s")
+        screen = await eventually(lambda: app.screen if isinstance(app.screen, SubmitScreen) else None)
+        await eventually(lambda: screen.query(ParamsForm))
+        await pilot.pause()
+        form = screen.query_one(ParamsForm)
+        assert form.task_info.name == "embed_batch"
+        first = form.field_widget("user_id")
+        await pilot.press("tab")
+        assert app.focused is first and first.region.area > 0  # a visible field
+        await pilot.press(*"abc")
+        assert isinstance(first, Input) and first.value == "abc"
+
+
+# ---------------------------------------------------------------- actions on what the user chose
+
+
+async def test_the_cursor_stays_on_the_chosen_run_as_new_runs_arrive() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        held = await engine.submit("hold")
+        await eventually(lambda: shown_status(app, held.id) == "running")
+        table(app).focus()
+        await pilot.pause()  # focus moves on the next message round
+        await pilot.press("g")  # the top row: the newest run
+        assert table(app).selected_run_id == held.id
+        for _ in range(5):
+            await (await engine.submit("embed_batch", {"user_id": "u", "contents": []})).wait(2)
+        await eventually(lambda: len(table(app).shown_keys) == 6)
+        await pilot.pause()
+        assert table(app).selected_run_id == held.id  # never dragged to whatever came last
+
+
+async def test_cancel_asks_first_naming_the_run_and_cancels_exactly_that_run() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        held = await engine.submit("hold")
+        other = await engine.submit("hold")
+        await eventually(lambda: shown_status(app, other.id) == "running")
+        table(app).select_run(held.id)
+        await pilot.press("c")
+        dialog = await eventually(lambda: app.screen if isinstance(app.screen, ConfirmScreen) else None)
+        assert held.id in dialog.question and "hold" in dialog.question
+        await pilot.press("n")  # no: nothing happens
+        await eventually(lambda: app.screen is app.main)
+        assert engine.get(held.id).status is RunStatus.RUNNING
+        await pilot.press("c")
+        await eventually(lambda: isinstance(app.screen, ConfirmScreen))
+        # the table moving meanwhile does not change which run the dialog cancels
+        table(app).select_run(other.id)
+        await pilot.press("enter")
+        await eventually(lambda: engine.get(held.id).status is RunStatus.CANCELLED)
+        assert engine.get(other.id).status is RunStatus.RUNNING
+
+
+async def test_cancel_without_confirmation_when_the_setting_says_so() -> None:
+    engine = make_engine()
+    async with dashboard(engine, confirm=False) as (app, pilot):
+        held = await engine.submit("hold")
+        await eventually(lambda: shown_status(app, held.id) == "running")
+        table(app).select_run(held.id)
+        await pilot.press("c")
+        await eventually(lambda: engine.get(held.id).status is RunStatus.CANCELLED)
+        assert not isinstance(app.screen, ConfirmScreen)
+
+
+
+# ---------------------------------------------------------------- what the header says
+
+
+def visible(widget: Any) -> str:
+    """The widget's first line as drawn on screen (cut where the screen cuts it)."""
+    return widget.render_line(0).text
+
+
+async def test_the_header_names_the_node_and_the_store_it_watches(tmp_path: Any) -> None:
+    from taskwatch.widgets import LeaderBadge, StoreBadge
+
+    db = tmp_path / "a-rather-long-folder-name-for-the-runs" / "dashboard-runs.db"
+    engine = make_engine(store=f"sqlite:///{db}")
+    async with dashboard(engine) as (app, pilot):
+        store = app.main.query_one(StoreBadge)
+        await eventually(lambda: "dashboard-runs.db" in visible(store))
+        assert visible(store).startswith("store sqlite:")
+        assert "dash-test" in visible(app.main.query_one(LeaderBadge))
+        # given room, it also says which start of the engine this is and how it is reached
+        await pilot.resize_terminal(*LARGE)
+        await eventually(lambda: engine.incarnation[:8] in visible(store))
+        assert "via in-process" in visible(store) and "dashboard-runs.db" in visible(store)
+
+
+async def test_counts_are_totals_since_start_not_the_history_window() -> None:
+    from taskwatch.widgets import CountsBar
+
+    engine = make_engine(history=5)
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        for _ in range(12):
+            await (await engine.submit("explode")).wait(2)
+        await eventually(lambda: engine.stats().by_status["failed"] <= 5)  # the window keeps 5
+        bar = app.main.query_one(CountsBar)
+        await eventually(lambda: "failed 12" in visible(bar))
+        assert "since start" in visible(bar)
+        # the finish rate, measured between the dashboard's snapshots
+        await eventually(lambda: "finished/s" in visible(bar))
+
+
+async def test_pause_and_drop_indicators_stay_visible_beside_large_counts() -> None:
+    from taskwatch.widgets import CountsBar
+
+    from .test_widgets import Host
+
+    bar = CountsBar()
+    async with Host(bar).run_test(size=SMALL) as pilot:
+        bar.update(
+            {"pending": 4_512, "running": 128}, dropped=37, paused=True, view_paused_buffered=950,
+            totals={"succeeded": 981_223, "failed": 12_345, "cancelled": 678}, rate=1234.5,
+        )
+        await pilot.pause()
+        line = visible(bar)
+        assert "dropped 37 events" in line and "paused (950 buffered)" in line
+        assert line.startswith("pending 4,512")
+        bar.update({"pending": 1}, dropped=0, paused=False, totals={"succeeded": 2, "failed": 0, "cancelled": 0})
+        await pilot.pause()
+        line = visible(bar)
+        assert "succeeded 2" in line and "paused" not in line and "dropped" not in line
+
+
+# ---------------------------------------------------------------- a run's attempts
+
+
+async def test_the_detail_pane_lists_each_attempt_with_its_outcome() -> None:
+    engine = make_engine()
+    tries: list[int] = []
+
+    @engine.task(name="flaky", retries=2, backoff=0.01)
+    async def flaky(ctx: Any) -> str:
+        tries.append(ctx.attempt)
+        if ctx.attempt < 3:
+            raise ConnectionError(f"relay refused attempt {ctx.attempt}")
+        return "sent"
+
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        run = await (await engine.submit("flaky")).wait(5)
+        assert run.status is RunStatus.SUCCEEDED and tries == [1, 2, 3]
+        await eventually(lambda: shown_status(app, run.id) == "succeeded")
+        table(app).select_run(run.id)
+        detail = app.main.query_one(RunDetail)
+        await eventually(lambda: len(detail.attempts) == 3)
+        first, second, third = detail.attempts
+        assert [a.number for a in detail.attempts] == [1, 2, 3]
+        assert first.outcome == "retried" and first.error is not None and "attempt 1" in first.error.message
+        assert first.note.startswith("retry in") and first.started_at is not None and first.ended_at is not None
+        assert second.outcome == "retried" and third.outcome == "succeeded" and third.error is None
+        await pilot.pause()
+        text = visible_text(app.main.query_one("#run-detail-attempts"))
+        assert "#1" in text and "ConnectionError: relay refused attempt 1" in text and "succeeded" in text
+
+
+def visible_text(widget: Any) -> str:
+    """What the widget shows, its lines joined and runs of spaces closed up (wrapping aside)."""
+    return " ".join(" ".join(widget.render_line(y).text for y in range(widget.size.height)).split())
+
+
+def test_a_recovered_run_shows_the_lost_attempt_and_what_recovery_did() -> None:
+    from taskwatch.engine import RunError
+    from taskwatch.engine import events as ev
+    from taskwatch.tui.state import DashboardState
+
+    state = DashboardState()
+    state.apply([
+        ev.RunSubmitted(seq=1, ts=100.0, run_id="r1", task="t", max_attempts=1),
+        ev.RunStarted(seq=2, ts=101.0, run_id="r1", task="t", attempt=1, node="node-b"),
+        ev.RunRecovered(seq=3, ts=140.0, run_id="r1", task="t", action="requeued", reason="node-b stopped heartbeating",
+                        attempt=2, lost_count=1, from_node="node-b"),
+        ev.RunStarted(seq=4, ts=141.0, run_id="r1", task="t", attempt=2),
+        ev.RunRecovered(seq=5, ts=180.0, run_id="r1", task="t", action="failed", reason="lost 3 times",
+                        attempt=2, lost_count=3, from_node="node-c"),
+        ev.RunFailed(seq=6, ts=180.0, run_id="r1", task="t", attempt=2,
+                     error=RunError(type="WorkerLost", message="its worker was lost")),
+    ])
+    first, second = state.attempts("r1") or []
+    assert (first["number"], first["outcome"], first["lost_on"]) == (1, "lost", "node-b")
+    assert first["recovery"] == "requeued by recovery (node-b stopped heartbeating)"
+    assert (first["started_at"], first["ended_at"]) == (101.0, 140.0)
+    assert (second["number"], second["outcome"], second["lost_on"]) == (2, "failed", "node-c")
+    assert second["error"].type == "WorkerLost" and "lost 3 times" in second["recovery"]
+    assert state.runs["r1"].status is RunStatus.FAILED
+
+
+async def test_run_detail_draws_a_recovery() -> None:
+    from taskwatch.widgets import RunAttempt
+
+    from .test_widgets import Host, run
+
+    detail = RunDetail()
+    async with Host(detail).run_test(size=LARGE) as pilot:
+        record = run("r1", 1, status=RunStatus.RUNNING, started=50, attempt=2, max_attempts=1)
+        detail.show(record, now=record.created_at + 60, attempts=[
+            RunAttempt(number=1, started_at=record.created_at + 1, ended_at=record.created_at + 40, outcome="lost",
+                       recovery="requeued by recovery (node-b stopped heartbeating)", lost_on="node-b"),
+            RunAttempt(number=2, started_at=record.created_at + 50),
+        ])
+        await pilot.pause()
+        text = visible_text(detail.query_one("#run-detail-attempts"))
+        assert "lost on node-b" in text and "requeued by recovery (node-b stopped heartbeating)" in text
+        assert "#2" in text and "running" in text
+
+
+# ---------------------------------------------------------------- readable at 80x24
+
+
+async def test_at_80_columns_the_runs_table_has_the_width_and_enter_opens_the_detail() -> None:
+    from textual.widgets._footer import FooterKey
+
+    engine = make_engine()
+    async with dashboard(engine, size=SMALL) as (app, pilot):
+        failed = await (await engine.submit("explode")).wait(2)
+        await eventually(lambda: shown_status(app, failed.id) == "failed")
+        detail = app.main.query_one(RunDetail)
+        await pilot.pause()
+        assert detail.region.area == 0  # not squeezed beside the table
+        header = visible(table(app))
+        assert "progress" in header and "duration" in header
+        assert table(app).region.right <= SMALL[0] and table(app).region.width >= SMALL[0] - 2
+        await pilot.press("enter")
+        await eventually(lambda: detail.region.width >= SMALL[0] - 2)
+        assert table(app).region.area == 0 and app.focused is detail
+        assert detail.record is not None and detail.record.id == failed.id
+        await pilot.press("escape")
+        await eventually(lambda: table(app).region.area > 0 and detail.region.area == 0)
+        assert app.focused is table(app)
+        # the footer keeps help and quit in sight
+        keys = {k.key: k for k in app.main.query(FooterKey)}
+        for key in ("question_mark", "q"):
+            assert keys[key].region.width > 0 and keys[key].region.right <= SMALL[0], key
+        # wide again: the detail is back beside the table
+        await pilot.resize_terminal(*LARGE)
+        await eventually(lambda: detail.region.area > 0 and table(app).region.area > 0)
+
+
+async def test_the_scheduler_tab_shows_no_stray_scrollbars_at_80_columns() -> None:
+    from taskwatch.widgets import QueuesTable, TriggersTable
+
+    engine = make_engine()
+
+    async def send(job: Any) -> None:
+        return None
+
+    engine.queue("mail", send, concurrency=1)
+    async with dashboard(engine, size=SMALL) as (app, pilot):
+        await pilot.press("3")
+        await eventually(lambda: app.state.schedule and app.state.queues)
+        await pilot.pause()
+        for kind in (ScheduleTable, QueuesTable, TriggersTable):
+            widget = app.main.query_one(kind)
+            assert not widget.show_horizontal_scrollbar and not widget.show_vertical_scrollbar, kind.__name__
+
+
+async def test_the_failures_cursor_stays_on_its_failure_as_newer_ones_arrive() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        first = [(await (await engine.submit("explode")).wait(2)).id for _ in range(3)]
+        await pilot.press("2")
+        failures = app.main.query_one(FailuresList)
+        await eventually(lambda: len(failures.table.shown_keys) == 3)
+        assert failures.select("run", first[1])
+        for _ in range(4):
+            await (await engine.submit("explode")).wait(2)
+        await eventually(lambda: len(failures.table.shown_keys) == 7)
+        await pilot.pause()
+        assert failures.selected == ("run", first[1])
+
+
+async def test_z_on_a_disabled_periodic_task_shows_it_paused() -> None:
+    engine = make_engine(flags={"nightly": False})
+
+    @engine.periodic(every=60.0, opt_in="nightly", name="gated")
+    async def gated(ctx: Any) -> None:
+        return None
+
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        await pilot.press("3")
+        schedule = app.main.query_one(ScheduleTable)
+        await eventually(lambda: "gated" in schedule.shown_keys)
+        schedule.select_name("gated")
+        await pilot.press("z")
+        await eventually(lambda: any(p.paused for p in engine.schedule() if p.name == "gated"))
+        await eventually(lambda: str(schedule.get_cell("gated", "state")) == "paused")
+        assert "flag nightly is off" in str(schedule.get_cell("gated", "note"))
+
+
+# ---------------------------------------------------------------- per-task statistics
+
+
+class Item(BaseModel):
+    n: int
+
+
+def cell_text(widget: Any, row: str, column: str) -> str:
+    return str(widget.get_cell(row, column))
+
+
+async def test_the_tasks_tab_shows_per_task_counts_rates_durations_and_errors_by_type() -> None:
+    from taskwatch.widgets import TaskStatsTable
+
+    engine = make_engine()
+
+    @engine.task(name="picky")
+    async def picky(ctx: Any, params: Item) -> int:
+        n = params.n
+        if n % 3 == 0:
+            raise KeyError(f"no item {n}")
+        if n % 3 == 1:
+            raise ValueError(f"bad item {n}")
+        return n
+
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        for n in range(6):
+            await (await engine.submit("picky", {"n": n})).wait(2)
+        for _ in range(2):
+            await (await engine.submit("embed_batch", {"user_id": "u", "contents": ["a"]})).wait(2)
+        await pilot.press("6")
+        stats = app.main.query_one(TaskStatsTable)
+        assert app.focused is stats
+        await eventually(lambda: cell_text(stats, "picky", "submitted") == "6")
+        await eventually(lambda: cell_text(stats, "embed_batch", "succeeded") == "2")
+        assert cell_text(stats, "picky", "failed") == "4"
+        assert cell_text(stats, "picky", "rate") == "66.7%"
+        assert cell_text(stats, "picky", "errors") in ("KeyError ×2  ValueError ×2", "ValueError ×2  KeyError ×2")
+        assert cell_text(stats, "embed_batch", "rate") == "0.0%"
+        assert cell_text(stats, "embed_batch", "p50").endswith("s")
+        assert cell_text(stats, "picky", "last") != "—"
+        assert "since" in visible(app.main.query_one("#task-stats-since"))
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    from taskwatch.tui.task_stats import percentile
+
+    values = sorted(float(v) for v in range(1, 101))
+    assert percentile(values, 0.5) == 50.0 and percentile(values, 0.95) == 95.0
+    assert percentile([3.0], 0.95) == 3.0 and percentile([], 0.5) is None
+
+
+# ---------------------------------------------------------------- bulk actions
+
+
+async def test_space_marks_runs_and_c_cancels_every_marked_run_after_one_confirmation() -> None:
+    engine = make_engine()
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        held = [await engine.submit("hold") for _ in range(3)]
+        await eventually(lambda: all(shown_status(app, h.id) == "running" for h in held))
+        await pilot.press("g")  # newest first: held[2], held[1], held[0]
+        assert table(app).selected_run_id == held[2].id
+        await pilot.press("space")  # marks held[2], moves down
+        await pilot.press("space")  # marks held[1]
+        assert table(app).marked == [held[2].id, held[1].id]
+        assert table(app).get_cell(held[2].id, "id").style == "bold black on yellow"
+        await pilot.press("c")
+        dialog = await eventually(lambda: app.screen if isinstance(app.screen, ConfirmScreen) else None)
+        assert "2 marked runs" in dialog.question and held[2].id in dialog.question and held[1].id in dialog.question
+        await pilot.press("y")
+        await eventually(lambda: engine.get(held[2].id).status is RunStatus.CANCELLED)
+        await eventually(lambda: engine.get(held[1].id).status is RunStatus.CANCELLED)
+        assert engine.get(held[0].id).status is RunStatus.RUNNING
+        await eventually(lambda: table(app).marked == [])
+        assert any("cancelled 2 of 2 marked runs" in n for n in notes(app))
+
+
+async def test_r_on_failures_retries_every_failure_of_that_task() -> None:
+    engine = make_engine()
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        failed = [(await (await engine.submit("explode")).wait(2)).id for _ in range(3)]
+
+        @engine.task(name="other_failure")
+        async def other_failure(ctx: Any) -> None:
+            raise KeyError("other")
+
+        other = (await (await engine.submit("other_failure")).wait(2)).id
+        await pilot.press("2")
+        failures = app.main.query_one(FailuresList)
+        await eventually(lambda: len(failures.table.shown_keys) == 4)
+        failures.select("run", failed[0])
+        await pilot.pause()
+        await pilot.press("R")
+        dialog = await eventually(lambda: app.screen if isinstance(app.screen, ConfirmScreen) else None)
+        assert "3 failed runs of task explode" in dialog.question
+        await pilot.press("enter")
+        await eventually(lambda: any("retried 3 of 3 runs" in n for n in notes(app)))
+        await eventually(lambda: {r.source for r in engine.runs(task="explode")} >= {f"retry:{i}" for i in failed})
+        assert not [r for r in engine.runs(limit=None) if r.source == f"retry:{other}"]
+        # pressed again, a failure already retried is left out: only the retries' own failures are offered
+        retries = {r.id for r in engine.runs(task="explode") if r.source.startswith("retry:")}
+        await eventually(lambda: retries <= set(app.state.failures))
+        await pilot.press("R")
+        dialog = await eventually(lambda: app.screen if isinstance(app.screen, ConfirmScreen) else None)
+        assert "3 failed runs of task explode" in dialog.question
+        assert not any(run_id in dialog.question for run_id in failed)
+        await pilot.press("n")
+
+
+async def test_e_opens_the_submit_form_filled_with_a_runs_params_to_edit_and_resubmit() -> None:
+    engine = make_engine()
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        first = await (await engine.submit("embed_batch", {"user_id": "u1", "contents": ["a"], "batch": 3})).wait(2)
+        await eventually(lambda: shown_status(app, first.id) == "succeeded")
+        table(app).select_run(first.id)
+        await pilot.press("e")
+        screen = await eventually(lambda: app.screen if isinstance(app.screen, SubmitScreen) else None)
+        form = await eventually(lambda: screen.query(ParamsForm) and screen.query_one(ParamsForm))
+        assert form.field_widget("user_id").value == "u1" and form.field_widget("batch").value == "3"
+        assert first.id in str(screen.query_one("#submit-title").content)
+        form.field_widget("user_id").value = "u2"
+        await pilot.click("#submit-ok")
+        await eventually(lambda: not isinstance(app.screen, SubmitScreen))
+        resubmitted = [r for r in engine.runs(task="embed_batch") if r.id != first.id]
+        assert len(resubmitted) == 1
+        assert resubmitted[0].params == {"user_id": "u2", "contents": ["a"], "batch": 3}
+
+
+# ---------------------------------------------------------------- serving
+
+
+async def test_a_served_dashboard_shows_the_attach_command_in_a_dialog(tmp_path: Any) -> None:
+    from taskwatch.tui.screens import AttachScreen
+
+    engine = make_engine()
+    async with engine:
+        server = await engine.serve("tcp://127.0.0.1:0", token="a-token-of-sufficient-length-42", announce=False)
+        info = server.info()
+        app = TaskwatchApp(LocalClient(engine), refresh_hz=30.0, serving=info)
+        async with app.run_test(size=SMALL) as pilot:
+            await eventually(lambda: any(info.address in n for n in notes(app)))
+            assert not any("a-token-of" in n for n in notes(app))  # never in a passing message
+            titles = {c.title for c in app.get_system_commands(app.screen)}
+            assert "Attach command" in titles
+            app.action_attach_command()
+            dialog = await eventually(lambda: app.screen if isinstance(app.screen, AttachScreen) else None)
+            assert dialog.command == f"TASKWATCH_TOKEN=a-token-of-sufficient-length-42 taskwatch attach {info.address}"
+            await pilot.press("escape")
+            await eventually(lambda: app.screen is app.main)
+            await app.action_quit()
+        engine.resources["release"].set()
