@@ -36,7 +36,7 @@ from urllib.parse import urlsplit, urlunsplit
 from ..errors import QueueFull, RunNotFound
 from ..runs import CancelReason, Progress, RunStatus
 from . import queries as Q
-from .base import Store, adoptable, gone_incarnations, lost_action, lost_reason, new_run_id
+from .base import Store, adoptable, gone_incarnations, lost_reason, new_run_id
 from .errors import DuplicateRunId, SchemaTooNew, StoreClosed, StoreDriverMissing, StoreError, StoreUnavailable
 from .models import (
     CancelResult,
@@ -57,11 +57,9 @@ from .models import (
     Succeeded,
     TriggerKeyRecord,
     Wakeup,
-    lost_note,
-    worker_lost_error,
 )
 from .memory import parse_cursor
-from .rows import dumps, error_json, loads, node_info, seq_of, stored_run
+from .rows import book_recovered, dumps, error_json, loads, node_info, recovery_step, seq_of, stored_run
 
 if TYPE_CHECKING:
     import asyncpg
@@ -790,42 +788,13 @@ class PostgresStore(Store):
         lost = [r[0] for r in await tx.fetch(_UNLOCKED_CLAIMS, {}) if lost_reason(r[4], r[6], now, gone, live)]
         if not lost:
             return out
-        for seq, run_id, task, node, inc, token, lease_until, cancel_req, lost_count, on_lost, attempt in await tx.fetch(
-            Q.PG_LOCK_CLAIMS, {"seqs": lost}
-        ):
-            why = lost_reason(inc, lease_until, now, gone, live)
-            if why is None:
-                continue
-            lost_count += 1
-            action = lost_action(bool(cancel_req), lost_count, on_lost, self.max_lost)
-            args: dict[str, Any] = {"seq": seq, "token": token, "now": now, "lost": 1, "result": None, "cancel_reason": None}
-            if action == "requeued":
-                args.update(run_after=now, step=1, error=error_json(lost_note(why)))
-                await tx.execute(Q.REQUEUE_CLAIMED, args)
-                attempt += 1
-                tx.work = True
-            else:
-                if action == "cancelled":
-                    args.update(status="cancelled", error=None)
-                else:
-                    err = worker_lost_error(run_id, lost_count, why, on_lost, self.max_lost)
-                    args.update(status="failed", error=error_json(err))
-                await tx.fetch(Q.END_CLAIMED, args)
-                tx.add(action)
-                tx.finished.append(run_id)
-            tx.add("lost")
-            out.append(
-                Recovered(
-                    run_id=run_id,
-                    task=task,
-                    action=action,
-                    reason=why,
-                    node=node,
-                    incarnation=inc,
-                    attempt=attempt,
-                    lost_count=lost_count,
-                )
-            )
+        for row in await tx.fetch(Q.PG_LOCK_CLAIMS, {"seqs": lost}):
+            step = recovery_step(row, now, gone, live, self.max_lost)
+            if step is None:
+                continue  # judged again on what it holds now: it was heartbeaten or finished meanwhile
+            await tx.fetch(step.sql, step.args)
+            book_recovered(tx, step.recovered)
+            out.append(step.recovered)
         return out
 
     # ---------------------------------------------------------------- reads

@@ -6,13 +6,15 @@ the same order (``queries.RUN_COLUMNS``, ``queries.NODE_COLUMNS``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
 from pydantic_core import from_json, to_json
 
 from ..runs import Progress, RunError
-from .models import NodeInfo, StoredRun
+from . import queries as Q
+from .base import lost_action, lost_reason
+from .models import LostReason, NodeInfo, Recovered, StoredRun, lost_note, worker_lost_error
 
 
 def dumps(value: Any) -> str:
@@ -81,3 +83,63 @@ def node_info(r: Sequence[Any]) -> NodeInfo:
         running=running,
         stopped_at=stopped_at,
     )
+
+
+class RecoveryStep(NamedTuple):
+    """What recovery does with one running claim: a statement, its arguments, and the record of it."""
+
+    sql: str
+    args: dict[str, Any]
+    recovered: Recovered
+
+
+def recovery_step(
+    row: Sequence[Any], now: float, gone: Mapping[str, LostReason], live: Collection[str] | None, max_lost: int
+) -> RecoveryStep | None:
+    """The step for a claim row of ``queries.RUNNING_CLAIMS``'s columns; None while its owner may hold it.
+
+    Both SQL stores run the statement in the recovering transaction and book
+    the record's action (totals, wakeups) the same way.
+    """
+    seq, run_id, task, node, inc, token, lease_until, cancel_req, lost_count, on_lost, attempt = row
+    why = lost_reason(inc, lease_until, now, gone, live)
+    if why is None:
+        return None
+    lost_count += 1
+    action = lost_action(bool(cancel_req), lost_count, on_lost, max_lost)
+    args: dict[str, Any] = {"seq": seq, "token": token, "now": now, "lost": 1, "result": None, "cancel_reason": None}
+    if action == "requeued":
+        args.update(run_after=now, step=1, error=error_json(lost_note(why)))
+        sql = Q.REQUEUE_CLAIMED
+        attempt += 1
+    elif action == "cancelled":
+        args.update(status="cancelled", error=None)
+        sql = Q.END_CLAIMED
+    else:
+        err = worker_lost_error(run_id, lost_count, why, on_lost, max_lost)
+        args.update(status="failed", error=error_json(err))
+        sql = Q.END_CLAIMED
+    recovered = Recovered(
+        run_id=run_id, task=task, action=action, reason=why, node=node, incarnation=inc,
+        attempt=attempt, lost_count=lost_count,
+    )
+    return RecoveryStep(sql, args, recovered)
+
+
+class Bookings(Protocol):
+    """What a SQL store's transaction collects for after its commit."""
+
+    work: bool
+    finished: list[str]
+
+    def add(self, name: str, n: int = 1) -> None: ...
+
+
+def book_recovered(tx: Bookings, recovered: Recovered) -> None:
+    """Count a recovery in the transaction's totals and wakeups."""
+    if recovered.action == "requeued":
+        tx.work = True
+    else:
+        tx.add(recovered.action)
+        tx.finished.append(recovered.run_id)
+    tx.add("lost")

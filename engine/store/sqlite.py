@@ -25,7 +25,7 @@ from typing import Any, Literal
 from ..errors import QueueFull, RunNotFound
 from ..runs import CancelReason, Progress, RunStatus
 from . import queries as Q
-from .base import Clock, Store, adoptable, gone_incarnations, lost_action, lost_reason, new_run_id
+from .base import Clock, Store, adoptable, gone_incarnations, new_run_id
 from .errors import DuplicateRunId, SchemaTooNew, StoreBusy, StoreClosed, StoreError, StoreUnavailable
 from .models import (
     CancelResult,
@@ -45,8 +45,6 @@ from .models import (
     StoredRun,
     TriggerKeyRecord,
     Succeeded,
-    lost_note,
-    worker_lost_error,
 )
 from .memory import parse_cursor
 from .rows import dumps as _dumps
@@ -54,6 +52,7 @@ from .rows import error_json as _error_json
 from .rows import loads as _loads
 from .rows import node_info as _node
 from .rows import seq_of as _seq_of
+from .rows import book_recovered, recovery_step
 from .rows import stored_run as _stored
 
 SYNCHRONOUS = ("off", "normal", "full", "extra")
@@ -532,42 +531,13 @@ class SqliteStore(Store):
         cur = tx.cur
         gone = gone_incarnations((_node(r) for r in cur.execute(Q.ALL_NODES).fetchall()), now, self.node_ttl)
         out: list[Recovered] = []
-        for seq, run_id, task, node, inc, token, lease_until, cancel_req, lost_count, on_lost, attempt in cur.execute(
-            _RUNNING_CLAIMS
-        ).fetchall():
-            why = lost_reason(inc, lease_until, now, gone, live)
-            if why is None:
+        for row in cur.execute(_RUNNING_CLAIMS).fetchall():
+            step = recovery_step(row, now, gone, live, self.max_lost)
+            if step is None:
                 continue
-            lost_count += 1
-            action = lost_action(bool(cancel_req), lost_count, on_lost, self.max_lost)
-            args: dict[str, Any] = {"seq": seq, "token": token, "now": now, "lost": 1, "result": None, "cancel_reason": None}
-            if action == "requeued":
-                args.update(run_after=now, step=1, error=_error_json(lost_note(why)))
-                cur.execute(Q.REQUEUE_CLAIMED, args)
-                attempt += 1
-                tx.work = True
-            else:
-                if action == "cancelled":
-                    args.update(status="cancelled", error=None, cancel_reason=None)
-                else:
-                    err = worker_lost_error(run_id, lost_count, why, on_lost, self.max_lost)
-                    args.update(status="failed", error=_error_json(err))
-                cur.execute(Q.END_CLAIMED, args).fetchall()
-                tx.add(action)
-                tx.finished.append(run_id)
-            tx.add("lost")
-            out.append(
-                Recovered(
-                    run_id=run_id,
-                    task=task,
-                    action=action,
-                    reason=why,
-                    node=node,
-                    incarnation=inc,
-                    attempt=attempt,
-                    lost_count=lost_count,
-                )
-            )
+            cur.execute(step.sql, step.args).fetchall()
+            book_recovered(tx, step.recovered)
+            out.append(step.recovered)
         return out
 
     # ---------------------------------------------------------------- reads
