@@ -10,21 +10,19 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from .processes import REPO, JsonLineProcess, Line
+
 #: generous bounds for a loaded 2-core machine; a passing run takes a fraction of them
 START_TIMEOUT = 30.0
 
-Line = dict[str, Any]
 
-
-class LeaseNode:
+class LeaseNode(JsonLineProcess):
     """One ``python -m tests.lease_child`` process and every JSON line it printed."""
 
     def __init__(self, url: str, node: str, *, ttl: float, renew: float | None = None,
@@ -37,68 +35,8 @@ class LeaseNode:
             cmd += ["--passes", str(passes)]
         if renewed:
             cmd.append("--renewed")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.lines: list[Line] = []
-        self.eof = False
+        super().__init__(cmd, f"node {node}", START_TIMEOUT)
         self.paused = False
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True, name=f"lease-node-{node}")
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                continue  # a line cut short by SIGKILL was never a complete report
-            line["seen"] = time.time()
-            with self._cond:
-                self.lines.append(line)
-                self._cond.notify_all()
-        with self._cond:
-            self.eof = True
-            self._cond.notify_all()
-
-    # ------------------------------------------------------------------ what it printed
-
-    def wait_for(self, pred: Callable[[Line], bool], timeout: float = START_TIMEOUT, *, start: int = 0) -> Line:
-        """The first line from index ``start`` on matching ``pred``, waiting up to ``timeout`` s."""
-        deadline = time.monotonic() + timeout
-        seen = start
-        with self._cond:
-            while True:
-                while seen < len(self.lines):
-                    line = self.lines[seen]
-                    seen += 1
-                    if pred(line):
-                        return line
-                left = deadline - time.monotonic()
-                if self.eof or left <= 0:
-                    why = "exited" if self.eof else f"printed nothing matching within {timeout} s"
-                    raise AssertionError(
-                        f"node {self.node} (pid {self.proc.pid}) {why} (rc={self.proc.poll()}); "
-                        f"last lines: {self.lines[-5:]}"
-                    )
-                self._cond.wait(left)
-
-    def mark(self) -> int:
-        """An index for ``wait_for(start=...)``: only lines printed from now on."""
-        with self._cond:
-            return len(self.lines)
-
-    def of(self, ev: str, **match: Any) -> list[Line]:
-        with self._cond:
-            return [
-                line for line in self.lines
-                if line.get("ev") == ev and all(line.get(k) == v for k, v in match.items())
-            ]
-
-    def since(self, mark: int, ev: str, **match: Any) -> list[Line]:
-        """The ``ev`` lines (matching ``match``) printed from index ``mark`` on."""
-        with self._cond:
-            lines = self.lines[mark:]
-        return [line for line in lines if line.get("ev") == ev and all(line.get(k) == v for k, v in match.items())]
 
     def lease(self, kind: str) -> list[Line]:
         return self.of("lease", kind=kind)
@@ -118,15 +56,6 @@ class LeaseNode:
         return [line["term"] for line in self.lease("acquired")]
 
     # ------------------------------------------------------------------ what is done to it
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def send(self, text: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
 
     def check(self, timeout: float = START_TIMEOUT) -> int | None:
         """``ensure_leader()`` in the node, now: its term, or ``None`` if it raised ``NotLeader``."""

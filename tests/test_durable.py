@@ -34,7 +34,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -44,7 +43,8 @@ from typing import Any
 import pytest
 from taskwatch.engine import Engine, TaskContext
 
-REPO = Path(__file__).resolve().parent.parent
+from .processes import JsonLineProcess, Line
+
 #: generous bounds for a loaded 2-core machine; a passing run takes a fraction of them
 START_TIMEOUT = 20.0
 EXIT_TIMEOUT = 30.0
@@ -53,13 +53,11 @@ TWO_PROCESS_RUNS = int(os.environ.get("TASKWATCH_DURABLE_RUNS", "10000"))
 #: stop/start cycles in the stop-right-after-submit test (the race it looks for is narrow)
 ROUNDS = 60
 
-Line = dict[str, Any]
-
 
 # ---------------------------------------------------------------- the child process
 
 
-class Child:
+class Child(JsonLineProcess):
     """One ``python -m tests.durable_child`` process and every JSON line it printed."""
 
     def __init__(
@@ -68,54 +66,7 @@ class Child:
         cmd = [sys.executable, "-m", module, str(db), "--node", node]
         if log is not None:
             cmd += ["--log", str(log)]
-        self.proc = subprocess.Popen(
-            [*cmd, *args], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        self.lines: list[Line] = []
-        self.eof = False
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True, name=f"durable-child-{self.proc.pid}")
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                continue  # a line cut short by SIGKILL was never a complete report
-            with self._cond:
-                self.lines.append(line)
-                self._cond.notify_all()
-        with self._cond:
-            self.eof = True
-            self._cond.notify_all()
-
-    def wait_for(self, pred: Callable[[Line], bool], timeout: float = START_TIMEOUT) -> Line:
-        """The first line matching ``pred`` (each line is offered once, in order), waiting up
-        to ``timeout`` s for it to be printed."""
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._cond:
-            while True:
-                while seen < len(self.lines):
-                    line = self.lines[seen]
-                    seen += 1
-                    if pred(line):
-                        return line
-                left = deadline - time.monotonic()
-                if self.eof or left <= 0:
-                    tail = self.lines[-3:]
-                    why = "exited" if self.eof else f"printed nothing matching within {timeout} s"
-                    raise AssertionError(f"child {self.proc.pid} {why} (rc={self.proc.poll()}); last lines: {tail}")
-                self._cond.wait(left)
-
-    def event(self, ev: str, timeout: float = START_TIMEOUT) -> Line:
-        return self.wait_for(lambda line: line.get("ev") == ev, timeout)
-
-    def of(self, ev: str) -> list[Line]:
-        with self._cond:
-            return [line for line in self.lines if line.get("ev") == ev]
+        super().__init__([*cmd, *args], f"child {node}", START_TIMEOUT)
 
     def recovered_at_start(self) -> list[Line]:
         """The ``recovered`` lines printed before ``started``: runs ``engine.start()`` itself took
@@ -132,9 +83,7 @@ class Child:
             return out
 
     def go(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
+        self.send("go")
 
     def sigkill(self) -> None:
         """SIGKILL now, then wait until the process and its stdout are gone."""
