@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
+import pytest
 from taskwatch.engine import BaseEvent, Engine
 
 
@@ -43,3 +45,10 @@ def stray_tasks() -> set[asyncio.Task[Any]]:
     """Tasks still alive on this loop other than the current one."""
     current = asyncio.current_task()
     return {t for t in asyncio.all_tasks() if t is not current and not t.done()}
+
+
+def server_missing(message: str) -> NoReturn:
+    """A database server a test needs is not installed: skip, but fail under CI (``CI`` set to true, 1 or yes)."""
+    if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+        pytest.fail(message + " (CI: a missing server is a failure)", pytrace=False)
+    pytest.skip(message)

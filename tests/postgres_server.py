@@ -21,9 +21,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
+
+from .helpers import server_missing
 
 INSTALL = "sudo apt-get install -y postgresql  (or: make test, which installs it)"
 SUPERUSER = "postgres"
@@ -111,11 +113,8 @@ class PostgresServer:
             return ""
 
 
-def _missing(what: str) -> None:
-    message = f"PostgreSQL is not installed ({what} not found); install it with: {INSTALL}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
+def _missing(what: str) -> NoReturn:
+    server_missing(f"PostgreSQL is not installed ({what} not found); install it with: {INSTALL}")
 
 
 def start_server() -> PostgresServer:

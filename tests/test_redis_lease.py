@@ -288,7 +288,7 @@ async def test_redis_going_away_makes_the_leader_step_down_and_come_back(
 # ---------------------------------------------------------------- the redis-server fixture
 
 
-@pytest.mark.parametrize(("ci", "outcome", "rc"), [("true", "1 error", 1), ("", "1 skipped", 0)])
+@pytest.mark.parametrize(("ci", "outcome", "rc"), [("true", "1 error", 1), ("1", "1 error", 1), ("", "1 skipped", 0)])
 def test_a_missing_redis_server_fails_under_ci_and_skips_elsewhere(
     tmp_path: Any, ci: str, outcome: str, rc: int
 ) -> None:
