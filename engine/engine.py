@@ -1369,11 +1369,8 @@ class Engine:
                 self._write_later(token, Cancelled(reason))
         elif run.status is _RUNNING and run.token is None and run.handle is None:
             self._forget_claim(run)  # the claim was lost: the run is another node's now
-        memory = self._memory
-        self._executor.released(run.task, wake=memory is None)
-        if memory is not None:
-            # the freed slot takes the next due run now, not a turn of the claim loop later
-            self._executor.claim_at_once(memory)
+        self._executor.released(run.task)
+        self._start_soon()  # with the memory store the freed slot takes the next due run now
         self._check_idle()
 
     def _hand_back(self, run: Run, token: str) -> None:

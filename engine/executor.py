@@ -145,16 +145,14 @@ class Executor:
         self.running += 1
         self._per_task[task] = self._per_task.get(task, 0) + 1
 
-    def released(self, task: str, *, wake: bool = True) -> None:
-        """An attempt of ``task`` ended here: its slot is free (``wake``: the claim loop fills it)."""
+    def released(self, task: str) -> None:
+        """An attempt of ``task`` ended here: its slot is free (the engine then starts what is due)."""
         self.running -= 1
         left = self._per_task.get(task, 0) - 1
         if left > 0:
             self._per_task[task] = left
         else:
             self._per_task.pop(task, None)
-        if wake:
-            self._wake.set()
 
     async def flush(self) -> None:
         """Write every run queued with :meth:`insert_later` in one batch."""
