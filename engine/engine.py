@@ -144,6 +144,10 @@ class Engine:
         Runs executing at once, across all tasks.
     max_queue:
         Runs waiting for a slot; ``submit`` raises :class:`QueueFull` beyond it.
+        A durable store holds it across every process sharing it (the
+        cluster's pending runs are counted when runs are written);
+        ``submit_nowait`` checks this node's count at once and the store's
+        when its batch is written.
     history:
         Finished runs kept, in the store and in the in-memory index the sync
         queries read; older ones are pruned oldest-finished first.
@@ -262,6 +266,8 @@ class Engine:
             heartbeat_interval=lease_ttl / 3,
             maintenance_interval=min(1.0, lease_ttl / 3),
             prune=self._prune,
+            # a durable store may be shared: it checks the queue limit against every node's runs
+            max_pending=max_queue if self._durable else None,
         )
         #: other nodes' inserts and cancels, pushed by a cluster store, wake the executor
         self._wakeups = StoreWakeups(self._store, self._executor)
@@ -284,8 +290,6 @@ class Engine:
         # (task, dedup key) -> the pending run holding it, for runs this node submitted
         self._keys: dict[tuple[str, str], Run] = {}
         self._counts: dict[RunStatus, int] = {s: 0 for s in RunStatus}
-        #: submits between their queue check and their store write (so max_queue holds)
-        self._admitting = 0
         self._submitted_total = 0
         self._finished_total = 0
         self._totals = {_SUCCEEDED: 0, _FAILED: 0, _CANCELLED: 0}
@@ -689,8 +693,15 @@ class Engine:
         return holder if holder is not None and holder.status is _PENDING else None
 
     def _check_room(self, extra: int = 1) -> None:
-        if self._counts[_PENDING] + self._admitting + extra > self.max_queue:
+        if self._counts[_PENDING] + extra > self.max_queue:
             raise QueueFull("the engine's run queue", self.max_queue)
+
+    async def _store_insert(self, rows: list[NewRun]) -> list[Inserted]:
+        """Write new runs to a durable store, which holds ``max_queue`` across every node sharing it."""
+        try:
+            return await self._store.insert(rows, max_pending=self.max_queue)
+        except QueueFull:
+            raise QueueFull(f"the run queue shared by every node of {self._store.describe()}", self.max_queue) from None
 
     @staticmethod
     def _new_row(run: Run) -> NewRun:
@@ -789,16 +800,12 @@ class Engine:
         holder = self._pending_holder(run)
         if holder is not None:
             return RunHandle(self, holder.id, holder)
-        self._check_room()
         memory = self._memory
         if memory is not None:
+            self._check_room()
             [inserted] = memory.insert_now([self._new_row(run)])
         else:
-            self._admitting += 1
-            try:
-                [inserted] = await self._store.insert([self._new_row(run)])
-            finally:
-                self._admitting -= 1
+            [inserted] = await self._store_insert([self._new_row(run)])
         if not inserted.new:
             return RunHandle(self, inserted.id)  # another process's pending run holds the key
         self._admitted(run)
@@ -835,12 +842,14 @@ class Engine:
             handles.append(RunHandle(self, holder.id, holder) if holder is not None else None)
             if holder is None:
                 fresh.append(run)
-        self._check_room(len(fresh))
-        self._admitting += len(fresh)
-        try:
-            inserted = await self._store.insert([self._new_row(run) for run in fresh]) if fresh else []
-        finally:
-            self._admitting -= len(fresh)
+        rows = [self._new_row(run) for run in fresh]
+        if not rows:
+            inserted: list[Inserted] = []
+        elif self._memory is not None:
+            self._check_room(len(rows))
+            inserted = await self._store.insert(rows)
+        else:
+            inserted = await self._store_insert(rows)
         written = iter(zip(fresh, inserted, strict=True))
         out: list[RunHandle] = []
         for handle in handles:

@@ -50,8 +50,13 @@ class Executor:
         heartbeat_interval: float,
         maintenance_interval: float,
         prune: Callable[[], Awaitable[None]],
+        max_pending: int | None = None,
     ) -> None:
         self.store = store
+        #: a store other processes may share counts every node's runs against the limits
+        self._shared = not isinstance(store, MemoryStore)
+        #: the queue limit written batches are checked against in the store (None: not there)
+        self.max_pending = max_pending
         self.node = node
         self.incarnation = incarnation
         self.max_concurrency = max_concurrency
@@ -73,6 +78,8 @@ class Executor:
         self._per_task: dict[str, int] = {}
         self._seen_limits: Mapping[str, int | None] | None = None
         self._unlimited = False
+        #: the tasks with a concurrency limit, which a shared store holds across every node
+        self._caps: dict[str, int] = {}
         #: runs queued without waiting, written by the claim loop in one batch
         self._unwritten: list[NewRun] = []
         self._wake = asyncio.Event()
@@ -159,7 +166,7 @@ class Executor:
         while self._unwritten:
             batch, self._unwritten = self._unwritten, []
             try:
-                inserted: list[Inserted] | BaseException = await self.store.insert(batch)
+                inserted: list[Inserted] | BaseException = await self.store.insert(batch, max_pending=self.max_pending)
             except Exception as exc:  # noqa: BLE001 - the engine records each run's failure
                 inserted = exc
             self._inserted(batch, inserted)
@@ -174,6 +181,7 @@ class Executor:
             # the engine hands out a new mapping whenever a task registers
             self._seen_limits = limits
             self._unlimited = all(limit is None for limit in limits.values())
+            self._caps = {name: limit for name, limit in limits.items() if limit is not None}
         if self._unlimited:
             return free, limits
         per_task = self._per_task
@@ -197,7 +205,8 @@ class Executor:
             return 0
         done = self._in_flight = asyncio.get_running_loop().create_future()
         try:
-            return self._start_all(await self.store.claim(self.node, self.incarnation, free, tasks))
+            caps = self._caps if self._shared and self._caps else None
+            return self._start_all(await self.store.claim(self.node, self.incarnation, free, tasks, limits=caps))
         finally:
             self._in_flight = None
             done.set_result(None)

@@ -46,6 +46,17 @@ Tasks (the same in every process, as a real deployment would have):
     Logs, then waits until cancelled (a ``cancelled`` line is printed).
 ``tick``
     (with ``--periodic SECONDS``) a fixed-rate periodic task that logs.
+``capped``
+    ``concurrency=--cap`` (default 2): logs, adds one to the ``running``
+    column of the one-row table ``gauge`` in the PostgreSQL database (raising
+    ``peak`` to it if higher), sleeps like ``work``, then takes the one off
+    again. ``peak`` is how many ran at once across every node, as the runs
+    themselves counted it. The test creates the table.
+
+``fill`` mode: once started (after ``--wait-go``'s line, if given), submits
+one run of ``--task`` at a time until the engine raises ``QueueFull``, then
+prints ``{"ev": "full", "accepted": N, "error": MESSAGE}`` and waits for
+stdin to close.
 
 With ``--leader`` the engine competes for a :class:`PostgresLease` (ttl
 ``--lease-ttl``) and prints ``lease.acquired`` / ``lease.lost`` /
@@ -70,7 +81,7 @@ import sys
 import time
 from typing import Any
 
-from taskwatch.engine import Engine, PostgresLease, TaskContext
+from taskwatch.engine import Engine, PostgresLease, QueueFull, TaskContext
 
 
 def emit(**fields: Any) -> None:
@@ -143,6 +154,24 @@ def build(args: argparse.Namespace) -> Engine:
         log.write(ctx)
         await asyncio.Event().wait()
 
+    gauge: Any = None
+
+    @engine.task(concurrency=args.cap)
+    async def capped(ctx: TaskContext) -> None:
+        nonlocal gauge
+        log.write(ctx)
+        if gauge is None:
+            import asyncpg
+
+            gauge = await asyncpg.create_pool(args.db, min_size=1, max_size=args.cap + 1)
+        # one statement each way: the row lock orders them, so ``peak`` is exact
+        await gauge.execute("UPDATE gauge SET running = running + 1, peak = GREATEST(peak, running + 1)")
+        try:
+            if pause > 0:
+                await asyncio.sleep(pause * random.uniform(0.5, 1.5))
+        finally:
+            await gauge.execute("UPDATE gauge SET running = running - 1")
+
     if args.periodic:
 
         @engine.periodic(every=args.periodic, fixed_rate=True, name="tick")
@@ -192,14 +221,22 @@ async def main(args: argparse.Namespace) -> None:
         await asyncio.to_thread(sys.stdin.readline)
     await engine.start()
     emit(ev="started", t=time.time())
+    if args.mode == "fill":
+        accepted = 0
+        try:
+            while True:
+                await engine.submit(args.task)
+                accepted += 1
+        except QueueFull as exc:
+            emit(ev="full", accepted=accepted, error=str(exc))
     if args.mode == "burst":
         while True:
             handles = await engine.submit_many([("work", None)] * args.batch)
             emit(ev="batch", ids=[h.id for h in handles])
-    if args.submit:
+    if getattr(args, "submit", None):
         handles = await engine.submit_many([(args.submit, None)] * args.count)
         emit(ev="submitted", ids=[h.id for h in handles])
-    if args.until_drained:
+    if getattr(args, "until_drained", False):
         counts = await wait_drained(engine, args.expect)
         emit(ev="drained", counts=counts, notified=getattr(engine.store, "notifications_received", None))
         await engine.stop()
@@ -227,12 +264,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no line per succeeded run")
     p.add_argument("--leader", action="store_true", help="compete for a PostgresLease on DB (a postgresql:// URL)")
     p.add_argument("--periodic", type=float, default=0.0, help="register the fixed-rate periodic task 'tick'")
+    p.add_argument("--cap", type=int, default=2, help="the concurrency of the task 'capped'")
     sub = p.add_subparsers(dest="mode", required=True)
     run = sub.add_parser("run")
     run.add_argument("--submit", default=None, help="task to submit --count runs of, in one submit_many")
     run.add_argument("--count", type=int, default=1)
     run.add_argument("--until-drained", action="store_true")
     run.add_argument("--expect", type=int, default=0, help="with --until-drained: runs inserted before it may end")
+    fill = sub.add_parser("fill")
+    fill.add_argument("--task", default="hang")
     burst = sub.add_parser("burst")
     burst.add_argument("--batch", type=int, default=100)
     return p.parse_args(argv)

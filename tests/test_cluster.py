@@ -21,7 +21,12 @@ What each test proves:
   succeeded, none lost, none stuck;
 - a cancel issued on a node that does not own the run (here: an engine in
   the test process that cannot even run the task) stops it on its owner;
-- a periodic task registered on three nodes fires once per slot.
+- a periodic task registered on three nodes fires once per slot;
+- a task declared with ``concurrency=3`` never has more than three runs
+  going at once across two nodes that could run two each (the runs count
+  themselves in a table), and both nodes run some of them;
+- ``max_queue`` holds across two nodes submitting at once: together they
+  queue exactly that many runs, and each is refused the next one.
 """
 
 from __future__ import annotations
@@ -279,3 +284,53 @@ def test_a_periodic_slot_fires_once_across_three_nodes(
     assert max(slots.values()) == 1, sorted(slots.items())
     # three nodes, one schedule: about one tick per slot, not three
     assert len(fired) <= round((fired[-1]["t"] - t0) / every) + 1
+
+
+def test_a_tasks_concurrency_holds_across_nodes(
+    postgres_server: PostgresServer, postgres_url: str, tmp_path: Path, nodes: list[Child]
+) -> None:
+    runs = 24
+    db = database(postgres_url)
+    postgres_server.sql("CREATE TABLE gauge (running INTEGER NOT NULL, peak INTEGER NOT NULL)", db)
+    postgres_server.sql("INSERT INTO gauge VALUES (0, 0)", db)
+    log = tmp_path / "exec.log"
+    # each node has room for 2 runs at once, 4 together; the task allows 3 in the whole
+    # cluster, so whenever it is at its limit both nodes are running it
+    common = ("--quiet", "--sleep", "0.2", "--max-concurrency", "2", "--cap", "3", "--lease-ttl", "30", "--poll", "0.05")
+    drain = ("run", "--until-drained", "--expect", str(runs))
+    b = start(nodes, postgres_url, "node-b", log, *common, *drain)
+    b.event("started")
+    a = start(nodes, postgres_url, "node-a", log, *common, "run", "--submit", "capped", "--count", str(runs),
+              "--until-drained", "--expect", str(runs))  # fmt: skip
+    for child in (a, b):
+        child.event("stopped", timeout=DRAIN_TIMEOUT)
+        assert child.proc.wait(timeout=30) == 0
+    assert by_status(postgres_server, postgres_url) == {"succeeded": runs}
+    running, peak = (int(v) for v in postgres_server.sql("SELECT running, peak FROM gauge", db).split("|"))
+    assert running == 0 and peak <= 3, peak
+    per_node = Counter(line["node"] for line in executions(log))
+    assert set(per_node) == {"node-a", "node-b"}, per_node
+
+
+def test_max_queue_holds_across_nodes(
+    postgres_server: PostgresServer, postgres_url: str, tmp_path: Path, nodes: list[Child]
+) -> None:
+    limit = 40
+    # one slot per node, taken by a run that never ends: everything else stays queued
+    common = ("--wait-go", "--max-concurrency", "1", "--max-queue", str(limit), "--lease-ttl", "30")
+    fillers = [start(nodes, postgres_url, f"node-{n}", tmp_path / "exec.log", *common, "fill") for n in "ab"]
+    for child in fillers:
+        child.event("ready")
+    for child in fillers:
+        child.go()
+    reports = [child.event("full", timeout=60) for child in fillers]
+    db = database(postgres_url)
+    assert postgres_server.sql("SELECT COUNT(*) FROM runs WHERE status = 'pending'", db) == str(limit)
+    running = int(postgres_server.sql("SELECT COUNT(*) FROM runs WHERE status = 'running'", db))
+    assert sum(r["accepted"] for r in reports) == limit + running
+    for r in reports:
+        assert f"({limit} items waiting)" in r["error"] and "every node" in r["error"], r["error"]
+    for child in fillers:
+        assert child.proc.stdin is not None
+        child.proc.stdin.close()
+        child.event("stopped", timeout=30)

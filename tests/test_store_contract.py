@@ -175,6 +175,23 @@ async def test_claim_respects_per_task_limits_and_listed_tasks(store: Store) -> 
     assert [x.run_id for x in await store.claim("n1", "i1", 1, {"a": None})] == [a[1]]
 
 
+async def test_a_concurrency_limit_counts_every_nodes_running_runs(store: Store) -> None:
+    a = await insert_ids(store, *(NewRun("a") for _ in range(5)))
+    b = await insert_ids(store, *(NewRun("b") for _ in range(2)))
+    # another node runs one run of "a": with a limit of 2, this node may start one more
+    (other,) = await store.claim("n2", "i2", 1, {"a": None})
+    got = await store.claim("n1", "i1", 10, {"a": None, "b": None}, limits={"a": 2})
+    assert [x.run_id for x in got] == [a[1], *b]
+    assert await store.claim("n1", "i1", 10, {"a": None}, limits={"a": 2}) == []
+    # the node's own room still bounds it when the cluster has more
+    assert await store.claim("n1", "i1", 10, {"a": 0}, limits={"a": 5}) == []
+    # the other node's run ends: its slot is free for anyone
+    assert await store.finish(other.token, Succeeded()) is RunStatus.SUCCEEDED
+    assert [x.run_id for x in await store.claim("n1", "i1", 10, {"a": None}, limits={"a": 2})] == [a[2]]
+    # without limits nothing is counted
+    assert [x.run_id for x in await store.claim("n1", "i1", 10, {"a": None})] == a[3:]
+
+
 async def test_claim_waits_for_run_after(store: Store, clock: FakeClock) -> None:
     (later,) = await insert_ids(store, NewRun("a", delay=5))
     (now,) = await insert_ids(store, NewRun("a"))

@@ -136,6 +136,18 @@ async def test_max_pending_holds_across_nodes(two: tuple[PostgresStore, Postgres
     assert (await b.counts()).pending == 25
 
 
+async def test_a_concurrency_limit_holds_across_nodes_claiming_at_once(two: tuple[PostgresStore, PostgresStore]) -> None:
+    a, b = two
+    await a.insert([NewRun("t") for _ in range(100)])
+    await asyncio.gather(*(s.counts() for s in (a, b) * 4))  # every connection open before the race
+    # both nodes claim on every connection at once, each claim with room for 3: the cap is 2
+    rounds = await asyncio.gather(
+        *(s.claim(name, f"i-{name}", 3, {"t": 3}, limits={"t": 2}) for s, name in ((a, "a"), (b, "b")) * 8)
+    )
+    assert sum(len(r) for r in rounds) == 2
+    assert (await a.counts()).running == 2
+
+
 async def test_other_nodes_hear_of_work_and_cancels(two: tuple[PostgresStore, PostgresStore]) -> None:
     a, b = two
     sub = b.subscribe()

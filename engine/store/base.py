@@ -233,12 +233,22 @@ class Store(ABC):
 
     @abstractmethod
     async def claim(
-        self, node: str, incarnation: str, slots: int, tasks: Mapping[str, int | None]
+        self,
+        node: str,
+        incarnation: str,
+        slots: int,
+        tasks: Mapping[str, int | None],
+        *,
+        limits: Mapping[str, int] | None = None,
     ) -> list[Claim]:
         """Move up to ``slots`` due pending runs to running, oldest first, and return them.
 
         ``tasks`` maps each task this node may run to its free slots (None:
         no per-task limit); tasks not listed are left for other nodes.
+        ``limits`` maps tasks with a concurrency limit that holds across every
+        process sharing the store to that limit: a claim never takes a
+        task's run while that many of its runs are running, whoever runs
+        them (claims of limited tasks are serialised for that).
         """
 
     @abstractmethod

@@ -300,12 +300,37 @@ class MemoryStore(Store):
                 self._line(row.task).put_back(row)
 
     async def claim(
-        self, node: str, incarnation: str, slots: int, tasks: Mapping[str, int | None]
+        self,
+        node: str,
+        incarnation: str,
+        slots: int,
+        tasks: Mapping[str, int | None],
+        *,
+        limits: Mapping[str, int] | None = None,
     ) -> list[Claim]:
+        if limits:
+            tasks = self._within(tasks, limits)
         return self.claim_now(node, incarnation, slots, tasks)
 
+    def _within(self, tasks: Mapping[str, int | None], limits: Mapping[str, int]) -> dict[str, int | None]:
+        """``tasks`` with each capped task's room cut to what its cap leaves beside the runs
+        running now (engines sharing this store object count together). Not on the hot path:
+        an engine counts its own runs, and one store object lives in one process."""
+        running: dict[str, int] = {}
+        for row in self._rows.values():
+            if row.status is _RUNNING and row.task in limits:
+                running[row.task] = running.get(row.task, 0) + 1
+        out: dict[str, int | None] = {}
+        for task, free in tasks.items():
+            cap = limits.get(task)
+            if cap is not None:
+                room = cap - running.get(task, 0)
+                free = room if free is None else min(free, room)
+            out[task] = free
+        return out
+
     def claim_now(self, node: str, incarnation: str, slots: int, tasks: Mapping[str, int | None]) -> list[Claim]:
-        """:meth:`claim` without a coroutine."""
+        """:meth:`claim` without a coroutine (and without cluster-wide ``limits``)."""
         now = self.clock()
         if self._delayed and self._delayed[0][0] <= now:
             self._promote(now)

@@ -548,16 +548,15 @@ class PostgresStore(Store):
                     "on_lost": new.on_lost,
                 }
             )
-        return await self._run(self._insert, rows, sorted(explicit), max_pending)  # type: ignore[no-any-return]
+        # a plain insert is one statement; dedup keys (looked up first) and a limit (checked
+        # under a lock taken first) need a transaction around the lookups and the insert
+        single = max_pending is None and all(row["key"] is None for row in rows)
+        return await self._run(self._insert, rows, max_pending, single=single)  # type: ignore[no-any-return]
 
-    async def _insert(
-        self, tx: _Tx, rows: list[dict[str, Any]], explicit: list[str], max_pending: int | None
-    ) -> list[Inserted]:
-        if explicit:
-            taken = await tx.fetchval(Q.PG_ID_TAKEN, {"ids": explicit})
-            if taken is not None:
-                raise DuplicateRunId(taken)
+    async def _insert(self, tx: _Tx, rows: list[dict[str, Any]], max_pending: int | None) -> list[Inserted]:
         if max_pending is not None:
+            # one inserter at a time counts the pending runs: its statement's snapshot is
+            # taken after every earlier holder of the lock has committed
             await tx.conn.execute(Q.PG_PENDING_LOCK)
         out: list[Inserted] = []
         fresh: list[dict[str, Any]] = []
@@ -576,41 +575,52 @@ class PostgresStore(Store):
             out.append(Inserted(row["id"], True))
         if not fresh:
             return out
-        if max_pending is not None:
-            pending = await tx.fetchval(Q.COUNT_PENDING, {})
-            if pending + len(fresh) > max_pending:
-                raise QueueFull("the run store's pending queue", max_pending)
         columns = {
             "ids": "id", "tasks": "task", "params": "params", "max_attempts": "max_attempts",
             "created_ats": "created_at", "run_afters": "run_after", "keys": "key", "sources": "source",
             "on_losts": "on_lost",
         }  # fmt: skip
+        values: dict[str, Any] = {arr: [row[col] for row in fresh] for arr, col in columns.items()}
+        values["max_pending"] = max_pending
         try:
-            await tx.execute(Q.PG_INSERT_MANY, {arr: [row[col] for row in fresh] for arr, col in columns.items()})
+            # one statement inserts, checks the limit and counts the total; an id already
+            # stored fails it on the unique index, so nothing else looks first
+            inserted = await tx.fetchval(Q.PG_INSERT_MANY, values)
         except self._driver.UniqueViolationError as exc:
             if exc.constraint_name == "runs_dedup":
                 raise _DedupRace() from exc  # a key taken by another node since we looked
             if exc.constraint_name == "runs_id_key":
                 raise DuplicateRunId(_detail_value(exc) or "?") from None
             raise
-        tx.add("inserted", len(fresh))
+        if inserted != len(fresh):
+            assert max_pending is not None and inserted == 0, (inserted, len(fresh))
+            raise QueueFull("the run store's pending queue", max_pending)
         tx.work = True
         return out
 
     async def claim(
-        self, node: str, incarnation: str, slots: int, tasks: Mapping[str, int | None]
+        self,
+        node: str,
+        incarnation: str,
+        slots: int,
+        tasks: Mapping[str, int | None],
+        *,
+        limits: Mapping[str, int] | None = None,
     ) -> list[Claim]:
         if slots <= 0 or not tasks:
             return []
         names: list[str] = []
-        limits: list[int] = []
+        counts: list[int] = []
+        caps: list[int | None] = []
         for task, free in tasks.items():
             n = slots if free is None else min(free, slots)
             if n > 0:
                 names.append(task)
-                limits.append(n)
+                counts.append(n)
+                caps.append(None if limits is None else limits.get(task))
         if not names:
             return []
+        capped = sorted({name for name, cap in zip(names, caps, strict=True) if cap is not None})
         now = self.clock()
         values = {
             "node": node,
@@ -619,10 +629,22 @@ class PostgresStore(Store):
             "lease_until": now + self.lease_ttl,
             "now": now,
             "tasks": names,
-            "limits": limits,
+            "limits": counts,
+            "caps": caps,
             "slots": slots,
         }
+        if capped:
+            # the count of a capped task's running runs must see every earlier claim of it:
+            # its lock is taken in a statement of its own (a statement's snapshot is taken
+            # when it starts), so this claim is a transaction of three statements
+            return await self._run(self._claim_capped, values, capped)  # type: ignore[no-any-return]
         return await self._run(self._claim, values, single=True)  # type: ignore[no-any-return]
+
+    async def _claim_capped(self, tx: _Tx, values: dict[str, Any], capped: list[str]) -> list[Claim]:
+        await tx.execute(Q.PG_TASK_LOCKS, {"tasks": capped})
+        values["now"] = self.clock()  # after the wait for the locks: due times and leases from now
+        values["lease_until"] = values["now"] + self.lease_ttl
+        return await self._claim(tx, values)
 
     async def _claim(self, tx: _Tx, values: dict[str, Any]) -> list[Claim]:
         rows = await tx.fetch(Q.PG_CLAIM, values)

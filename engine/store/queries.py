@@ -169,6 +169,9 @@ ORDER BY seq
 LIMIT :n
 /*LOCK*/"""
 
+#: runs of one task running now, on any node (a cluster-wide concurrency limit's count)
+COUNT_RUNNING_TASK = "SELECT COUNT(*) FROM runs WHERE status = 'running' AND task = :task"
+
 CLAIM_TAKE = """
 UPDATE runs
 SET status = 'running', owner_node = :node, owner_incarnation = :incarnation,
@@ -354,8 +357,17 @@ PG_PENDING_LOCK = "SELECT pg_advisory_xact_lock(7418990302)"
 
 PG_NOW = "SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8"
 
-#: claim up to :slots due runs, oldest first, at most :limits[i] of :tasks[i]; rows another
-#: node is claiming are skipped, not waited for. Tokens are "<seq>.<nonce>": one nonce per call.
+#: serialises the claims of tasks with a cluster-wide concurrency limit, one lock per task
+#: (taken in sorted order, so two claims never wait on each other's locks in a cycle); a claim
+#: that holds it counts the task's running runs after every earlier claim of it has committed
+PG_TASK_LOCKS = """
+SELECT pg_advisory_xact_lock(74189903, hashtext(s.task))
+FROM (SELECT DISTINCT u.task FROM unnest(CAST(:tasks AS text[])) AS u(task) ORDER BY u.task) AS s"""
+
+#: claim up to :slots due runs, oldest first, at most :limits[i] of :tasks[i], and for a task
+#: with a cluster-wide cap (:caps[i] not NULL) no more than leaves it at that many running;
+#: rows another node is claiming are skipped, not waited for. Tokens are "<seq>.<nonce>":
+#: one nonce per call.
 PG_CLAIM = """
 UPDATE runs
 SET status = 'running', owner_node = :node, owner_incarnation = :incarnation,
@@ -363,12 +375,17 @@ SET status = 'running', owner_node = :node, owner_incarnation = :incarnation,
     started_at = :now, dedup_slot = NULL
 WHERE runs.seq IN (
     SELECT c.seq
-    FROM unnest(CAST(:tasks AS text[]), CAST(:limits AS int[])) AS t(task, n)
+    FROM unnest(CAST(:tasks AS text[]), CAST(:limits AS int[]), CAST(:caps AS int[])) AS t(task, n, cap)
     CROSS JOIN LATERAL (
         SELECT seq FROM runs AS r
         WHERE r.status = 'pending' AND r.task = t.task AND r.run_after <= :now
         ORDER BY r.seq
-        LIMIT t.n
+        LIMIT CASE
+            WHEN t.cap IS NULL THEN t.n
+            ELSE GREATEST(0, LEAST(t.n, t.cap - (
+                SELECT COUNT(*) FROM runs AS x WHERE x.status = 'running' AND x.task = t.task
+            )))
+        END
         FOR UPDATE SKIP LOCKED
     ) AS c
     ORDER BY c.seq
@@ -377,19 +394,28 @@ WHERE runs.seq IN (
 RETURNING seq, id, task, params, attempt, max_attempts, created_at, dedup_key, source, lost_count,
           claim_token"""
 
-#: one of :ids that a stored run already has, if any
-PG_ID_TAKEN = "SELECT id FROM runs WHERE id = ANY(CAST(:ids AS text[])) LIMIT 1"
-
-#: insert many runs in one statement (``INSERT_RUN`` for each element of the arrays)
+#: insert many runs in one statement (``INSERT_RUN`` for each element of the arrays) and count
+#: them in the totals; with :max_pending, nothing is inserted if the pending runs would then
+#: be more than that. Returns how many were inserted.
 PG_INSERT_MANY = """
-INSERT INTO runs (id, task, params, status, max_attempts, created_at, run_after,
-                  dedup_key, dedup_slot, source, on_lost)
-SELECT r.id, r.task, r.params, 'pending', r.max_attempts, r.created_at, r.run_after,
-       r.key, r.key, r.source, r.on_lost
-FROM unnest(CAST(:ids AS text[]), CAST(:tasks AS text[]), CAST(:params AS text[]),
-            CAST(:max_attempts AS int[]), CAST(:created_ats AS float8[]), CAST(:run_afters AS float8[]),
-            CAST(:keys AS text[]), CAST(:sources AS text[]), CAST(:on_losts AS text[]))
-     AS r(id, task, params, max_attempts, created_at, run_after, key, source, on_lost)"""
+WITH inserted AS (
+    INSERT INTO runs (id, task, params, status, max_attempts, created_at, run_after,
+                      dedup_key, dedup_slot, source, on_lost)
+    SELECT r.id, r.task, r.params, 'pending', r.max_attempts, r.created_at, r.run_after,
+           r.key, r.key, r.source, r.on_lost
+    FROM unnest(CAST(:ids AS text[]), CAST(:tasks AS text[]), CAST(:params AS text[]),
+                CAST(:max_attempts AS int[]), CAST(:created_ats AS float8[]), CAST(:run_afters AS float8[]),
+                CAST(:keys AS text[]), CAST(:sources AS text[]), CAST(:on_losts AS text[]))
+         AS r(id, task, params, max_attempts, created_at, run_after, key, source, on_lost)
+    WHERE CAST(:max_pending AS bigint) IS NULL
+       OR (SELECT COUNT(*) FROM runs WHERE status = 'pending') + cardinality(CAST(:ids AS text[]))
+          <= :max_pending
+    RETURNING 1
+), counted AS (
+    UPDATE totals SET value = value + (SELECT COUNT(*) FROM inserted)
+    WHERE name = 'inserted' AND EXISTS (SELECT 1 FROM inserted)
+)
+SELECT COUNT(*) FROM inserted"""
 
 #: extend many claims of one incarnation; a token not returned was lost
 PG_HEARTBEAT_MANY = """

@@ -388,20 +388,39 @@ class SqliteStore(Store):
         return out
 
     async def claim(
-        self, node: str, incarnation: str, slots: int, tasks: Mapping[str, int | None]
+        self,
+        node: str,
+        incarnation: str,
+        slots: int,
+        tasks: Mapping[str, int | None],
+        *,
+        limits: Mapping[str, int] | None = None,
     ) -> list[Claim]:
         if slots <= 0 or not tasks:
             return []
         now = self.clock()
-        return await self._call(self._claim, node, incarnation, slots, dict(tasks), now)  # type: ignore[no-any-return]
+        caps = dict(limits) if limits else None
+        return await self._call(self._claim, node, incarnation, slots, dict(tasks), now, caps)  # type: ignore[no-any-return]
 
     def _claim(
-        self, tx: _Tx, node: str, incarnation: str, slots: int, tasks: dict[str, int | None], now: float
+        self,
+        tx: _Tx,
+        node: str,
+        incarnation: str,
+        slots: int,
+        tasks: dict[str, int | None],
+        now: float,
+        caps: dict[str, int] | None = None,
     ) -> list[Claim]:
         cur = tx.cur
         found: list[tuple[Any, ...]] = []
         for task, free in tasks.items():
             n = slots if free is None else min(free, slots)
+            cap = None if caps is None else caps.get(task)
+            if cap is not None and n > 0:
+                # the write transaction holds the file's one write lock: no other process
+                # claims between this count and the claim
+                n = min(n, cap - cur.execute(Q.COUNT_RUNNING_TASK, {"task": task}).fetchone()[0])
             if n > 0:
                 found.extend(cur.execute(_CLAIM_CANDIDATES, {"task": task, "now": now, "n": n}).fetchall())
         if not found:
