@@ -52,6 +52,8 @@ from .events import (
     RunStarted,
     RunSubmitted,
     RunSucceeded,
+    StoreReachable,
+    StoreUnreachable,
 )
 from .executor import Executor
 from .handle import RunHandle
@@ -268,6 +270,8 @@ class Engine:
             prune=self._prune,
             # a durable store may be shared: it checks the queue limit against every node's runs
             max_pending=max_queue if self._durable else None,
+            cut_off=self._cut_off,
+            reconnected=self._reconnected,
         )
         #: other nodes' inserts and cancels, pushed by a cluster store, wake the executor
         self._wakeups = StoreWakeups(self._store, self._executor)
@@ -1423,6 +1427,36 @@ class Engine:
         run.token = None  # nothing this attempt does may be recorded any more
         if run.handle is not None:
             run.handle.cancel()
+
+    def _cut_off(self, seconds: float, tokens: Sequence[str], first: bool) -> None:
+        """The store has been out of reach past the claims' lease: stop the runs whose claims ran
+        out (another node may be running them by now), give up leadership, say so."""
+        stopped: list[str] = []
+        note = RunError(
+            type="StoreUnreachable",
+            message=f"node {self.node_id!r} could not reach the store to renew its claim for "
+            f"{self.lease_ttl:g} s; stopped there and re-queued",
+        )
+        for token in tokens:
+            run = self._claimed.get(token)
+            if run is None or token in self._finishing:
+                continue  # ended meanwhile: its own finish decides
+            stopped.append(run.id)
+            run.token = None  # nothing this attempt does may be recorded any more
+            if run.handle is not None:
+                run.handle.cancel()
+            # back to pending as soon as the store answers, unless another node took it over
+            self._write_later(token, Retry(note, 0.0))
+        if stopped:
+            log.warning("stopped %d run(s) whose claims ran out while the store was unreachable: %s",
+                        len(stopped), ", ".join(stopped))  # fmt: skip
+        if first:
+            self._leader.suspend()
+        self.bus.emit(StoreUnreachable, store=self._store.describe(), seconds=seconds, stopped=stopped)
+
+    def _reconnected(self, seconds: float) -> None:
+        self.bus.emit(StoreReachable, store=self._store.describe(), seconds=seconds)
+        self._leader.resume()
 
     def _next_due(self) -> float | None:
         """When the earliest pending retry this node knows of is due."""

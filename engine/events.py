@@ -262,6 +262,32 @@ class LeaseReleased(LeaseEvent):
     kind: Literal["lease.released"] = "lease.released"
 
 
+# ---------------------------------------------------------------- the store
+
+
+class StoreUnreachable(BaseEvent):
+    """This node could not renew its claims in the store for longer than the claim lease.
+
+    Published when it steps down (it stops claiming and gives up leadership),
+    and again for each claim that expires later while it is still cut off.
+    ``stopped``: the runs stopped here because their claims ran out; the store
+    hands them to another node (or back to pending when it answers again).
+    """
+
+    kind: Literal["store.unreachable"] = "store.unreachable"
+    store: str
+    seconds: float = Field(description="since this node last renewed its claims")
+    stopped: list[str] = Field(default_factory=list)
+
+
+class StoreReachable(BaseEvent):
+    """The store answers again: this node claims runs and competes for leadership again."""
+
+    kind: Literal["store.reachable"] = "store.reachable"
+    store: str
+    seconds: float = Field(description="how long it was cut off")
+
+
 # ---------------------------------------------------------------- health
 
 
@@ -307,6 +333,8 @@ Event = Annotated[
     | LeaseRenewed
     | LeaseLost
     | LeaseReleased
+    | StoreUnreachable
+    | StoreReachable
     | HealthSample,
     Field(discriminator="kind"),
 ]

@@ -12,7 +12,13 @@ It owns three loops, each cancelled and awaited by :meth:`Executor.stop`:
   writes their progress, and learns which of them someone asked to cancel
   and which were taken away;
 - the maintenance loop: recovers runs whose worker was lost (anywhere, not
-  only here) and prunes finished runs beyond the retention limits.
+  only here) and prunes finished runs beyond the retention limits;
+- the watchdog (durable stores): when a claim's lease runs out without a
+  renewal (the store cannot be reached), and one more quick heartbeat fails
+  too, this node is cut off: it stops claiming, hands the runs whose claims
+  ran out to the engine to stop (another node will recover them), tells the
+  engine (which gives up leadership), and keeps looking for the store;
+  the first heartbeat that goes through again ends it.
 
 What a claim means for a run (events, the run index, waiters) is the
 engine's: the executor calls back into it through the functions it was given.
@@ -22,7 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from .runs import CancelReason, Progress
 from .store import Claim, Inserted, MemoryStore, NewRun, Recovered, Store
@@ -51,6 +58,8 @@ class Executor:
         maintenance_interval: float,
         prune: Callable[[], Awaitable[None]],
         max_pending: int | None = None,
+        cut_off: Callable[[float, Sequence[str], bool], None] | None = None,
+        reconnected: Callable[[float], None] | None = None,
     ) -> None:
         self.store = store
         #: a store other processes may share counts every node's runs against the limits
@@ -80,6 +89,16 @@ class Executor:
         self._unlimited = False
         #: the tasks with a concurrency limit, which a shared store holds across every node
         self._caps: dict[str, int] = {}
+        self._cut_off = cut_off
+        self._reconnected = reconnected
+        self._ttl = store.lease_ttl
+        #: claim token -> when (time.monotonic()) its lease, as last written, runs out
+        self._until: dict[str, float] = {}
+        #: when the last heartbeat that went through was sent: every claim it carried was
+        #: renewed until then + ttl
+        self._renewed_at = time.monotonic()
+        #: since when this node counts as cut off from its store (None: it is not)
+        self._cut_since: float | None = None
         #: runs queued without waiting, written by the claim loop in one batch
         self._unwritten: list[NewRun] = []
         self._wake = asyncio.Event()
@@ -94,11 +113,21 @@ class Executor:
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._claiming = True
+        self._until.clear()
+        self._renewed_at = time.monotonic()  # the start just registered this node
+        self._cut_since = None
         self._loops = [
             loop.create_task(self._claim_loop(), name="taskwatch-executor-claim"),
             loop.create_task(self._heartbeat_loop(), name="taskwatch-executor-heartbeat"),
             loop.create_task(self._maintenance_loop(), name="taskwatch-executor-maintenance"),
         ]
+        if self._shared:
+            self._loops.append(loop.create_task(self._watch_loop(), name="taskwatch-executor-watchdog"))
+
+    @property
+    def cut_off(self) -> bool:
+        """True while this node cannot renew its claims (see the watchdog)."""
+        return self._cut_since is not None
 
     @property
     def claiming(self) -> bool:
@@ -174,7 +203,7 @@ class Executor:
     def _room(self) -> tuple[int, Mapping[str, int | None]]:
         """Free slots in all, and per task this node can run (None: no limit of its own)."""
         free = self.max_concurrency - self.running
-        if free <= 0 or not self._claiming:
+        if free <= 0 or not self._claiming or self._cut_since is not None:
             return 0, {}
         limits = self._limits()
         if limits is not self._seen_limits:
@@ -206,7 +235,13 @@ class Executor:
         done = self._in_flight = asyncio.get_running_loop().create_future()
         try:
             caps = self._caps if self._shared and self._caps else None
-            return self._start_all(await self.store.claim(self.node, self.incarnation, free, tasks, limits=caps))
+            sent = time.monotonic()
+            claims = await self.store.claim(self.node, self.incarnation, free, tasks, limits=caps)
+            if self._shared:
+                until = sent + self._ttl  # the store's lease counts from about when this was sent
+                for claim in claims:
+                    self._until[claim.token] = until
+            return self._start_all(claims)
         finally:
             self._in_flight = None
             done.set_result(None)
@@ -259,14 +294,93 @@ class Executor:
 
     async def heartbeat(self) -> None:
         """Extend every claim this node holds; act on cancels and lost claims."""
+        sent = time.monotonic()
         claims = self._claims()
+        lost: Sequence[str] = ()
         if claims:
             result = await self.store.heartbeat(self.incarnation, list(claims), dict(claims))
             for token, reason in result.cancel.items():
                 self._cancel_requested(token, reason)
-            for token in result.lost:
+            lost = result.lost
+            for token in lost:
                 self._claim_lost(token)
         await self.store.node_heartbeat(self.incarnation, self.running)
+        if self._shared:
+            self._renewed(sent, claims, lost)
+
+    def _renewed(self, sent: float, renewed: Mapping[str, object], lost: Sequence[str]) -> None:
+        """A heartbeat sent at ``sent`` went through: its claims hold until then + ttl."""
+        until = sent + self._ttl
+        until_of = self._until
+        for token in renewed:
+            if until_of.get(token, 0.0) < until:
+                until_of[token] = until
+        for token in lost:
+            until_of.pop(token, None)
+        held = self._claims()
+        for token in [t for t in until_of if t not in held]:
+            del until_of[token]  # finished or handed back since
+        if sent > self._renewed_at:
+            self._renewed_at = sent
+        cut_since = self._cut_since
+        now = time.monotonic()
+        if cut_since is not None and now < self._renewed_at + self._ttl:
+            # a fresh heartbeat: the store answers again
+            self._cut_since = None
+            log.warning("node %s reaches its store again after %.1f s; claiming again", self.node, now - cut_since)
+            if self._reconnected is not None:
+                self._reconnected(now - cut_since)
+            self._wake.set()
+
+    async def _watch_loop(self) -> None:
+        """Stop what this node can no longer hold when the store stays out of reach."""
+        probe = min(1.0, self._ttl / 3)
+        while True:
+            if self._cut_since is None:
+                # the first lease to run out: the node's own (its last renewal) or a claim's
+                due = min(self._renewed_at + self._ttl, *self._until.values()) if self._until else self._renewed_at + self._ttl
+                wait = due - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
+            # a lease ran out unrenewed, or this node is cut off: one more heartbeat decides. It
+            # gets a moment when the store already says it cannot be reached; a store that is
+            # merely slow gets a whole lease (its late renewal still holds if nobody took over)
+            cut = self._cut_since is not None or self.store.unreachable_since is not None
+            if await self._probe(probe if cut else self._ttl) and self._cut_since is None:
+                continue
+            now = time.monotonic()
+            first = self._cut_since is None
+            if first:
+                self._cut_since = self._renewed_at
+                log.warning(
+                    "node %s has not reached its store for %.1f s (the claim lease is %g s): it stops "
+                    "claiming and stepping down until the store answers again",
+                    self.node, now - self._renewed_at, self._ttl,
+                )
+            held = self._claims()
+            expired = [t for t, until in self._until.items() if until <= now and t in held]
+            for token in expired:
+                del self._until[token]
+            if (first or expired) and self._cut_off is not None:
+                self._cut_off(now - self._renewed_at, expired, first)
+
+    async def _probe(self, timeout: float) -> bool:
+        """One heartbeat, given at most ``timeout`` seconds; whether it went through."""
+        began = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                await self.heartbeat()
+            return True
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            return False
+        except Exception:  # noqa: BLE001 - unreachable, refused, timed out: all say the same here
+            # a store that fails at once must not make this a busy loop
+            await asyncio.sleep(max(0.0, timeout - (time.monotonic() - began)))
+            return False
 
     async def _maintenance_loop(self) -> None:
         while True:

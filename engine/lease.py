@@ -229,6 +229,11 @@ class LeaderElector:
             self.term = 0
             self.holder = None
         self.expires_at: float | None = None
+        #: set while this node must not lead (it cannot reach its store): no acquire attempts
+        self._suspended = False
+        #: a term given up by :meth:`suspend`, released by the renew loop when it can
+        self._to_release: int | None = None
+        self._wake = asyncio.Event()
 
     @property
     def node_id(self) -> str:
@@ -270,7 +275,7 @@ class LeaderElector:
         """
         if self.lease is None:
             return self.term
-        if not (self.is_leader and self.lease_valid()):
+        if self._suspended or not (self.is_leader and self.lease_valid()):
             return None
         term = self.term
         ok = await self._call(
@@ -285,6 +290,35 @@ class LeaderElector:
             log.warning("lease of %s (term %d) not confirmed by the lease store; stepping down", self.node_id, term)
             self._lose()
         return None
+
+    @property
+    def suspended(self) -> bool:
+        """True while this node stands aside (see :meth:`suspend`)."""
+        return self._suspended
+
+    def suspend(self) -> None:
+        """Stand aside: give up leadership now and compete no more until :meth:`resume`.
+
+        The engine calls it when this node cannot reach its store: a leader
+        whose work depends on a database it cannot reach should not lead.
+        Leader-only workers are cancelled at once (``lease.lost``); the lease
+        itself is released in the background, so another node may lead
+        before it would have expired.
+        """
+        if self.lease is None or self._suspended:
+            return
+        self._suspended = True
+        if self.is_leader:
+            self._to_release = self.term
+            self._lose()
+        self._wake.set()
+
+    def resume(self) -> None:
+        """Compete for leadership again (the next attempt is made at once)."""
+        if not self._suspended:
+            return
+        self._suspended = False
+        self._wake.set()
 
     def add_listener(self, listener: LeadershipListener) -> Callable[[], None]:
         """Call ``listener(is_leader)`` on every change of leadership; returns a remover."""
@@ -301,9 +335,11 @@ class LeaderElector:
     async def start(self) -> None:
         if self.lease is None or self._task is not None:
             return
+        self._wake = asyncio.Event()
         # one attempt before returning, so the engine's other components (and
         # the caller) start with the outcome of the first election
-        await self._try_acquire()
+        if not self._suspended:
+            await self._try_acquire()
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"taskwatch-lease-{self.node_id}"
         )
@@ -315,6 +351,8 @@ class LeaderElector:
             # asyncio.wait, unlike awaiting the task, leaves a cancel of stop() itself alone
             await asyncio.wait([task])
         try:
+            if self._to_release is not None:
+                await self._release_given_up()
             await self._step_down(deadline)
         finally:
             await self._close()
@@ -347,16 +385,28 @@ class LeaderElector:
             # a fixed period, on this task's own timer; a leader also wakes when
             # its lease lapses, so it steps down then even if a renew is late
             # (ensure_leader() checks the expiry itself meanwhile)
-            wait = self.lease.renew_interval
-            if self.is_leader:
-                wait = max(0.0, min(wait, self._time_left()))
+            wait: float | None = self.lease.renew_interval
+            if self._suspended and self._to_release is None:
+                wait = None  # until resumed
+            elif self.is_leader:
+                wait = max(0.0, min(self.lease.renew_interval, self._time_left()))
             elif self.expires_at is not None:
                 # a follower tries again just after the holder's lease lapses, not
                 # up to a whole interval later (the slack covers the lookup's latency)
-                wait = max(0.0, min(wait, self._time_left() + _TAKEOVER_SLACK))
-            await asyncio.sleep(wait)
+                wait = max(0.0, min(self.lease.renew_interval, self._time_left() + _TAKEOVER_SLACK))
+            if not self._wake.is_set():
+                try:
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+            self._wake.clear()
             try:
-                if self.is_leader:
+                if self._to_release is not None:
+                    await self._release_given_up()
+                elif self._suspended:
+                    pass
+                elif self.is_leader:
                     await self._renew()
                 else:
                     await self._try_acquire()
@@ -383,16 +433,30 @@ class LeaderElector:
             min(self.lease.renew_interval, self._time_left()),
             "renew",
         )
+        if not self.is_leader:
+            return  # stepped aside (suspend) while the renew was on its way
         if state is None or state.holder != self.node_id or state.expires_at <= self.lease.now():
             self._lose()
             return
         self.term, self.expires_at = state.term, state.expires_at
         self._engine.bus.emit(LeaseRenewed, holder=self.node_id, term=state.term, expires_at=state.expires_at)
 
+    async def _release_given_up(self) -> None:
+        """Release the term :meth:`suspend` gave up, if the lease can be reached (best effort:
+        otherwise it lapses at its ttl, as a silent leader's would)."""
+        assert self.lease is not None
+        term, self._to_release = self._to_release, None
+        if term is not None:
+            await self._call(self.lease.release(self.node_id, term), self.lease.renew_interval, "release")
+
     async def _try_acquire(self) -> None:
         assert self.lease is not None
         lease = self.lease
         state = await self._call(lease.acquire(self.node_id), lease.renew_interval, "acquire")
+        if state is not None and self._suspended:
+            self._to_release = state.term  # told to stand aside while this was on its way
+            self._wake.set()
+            return
         if state is not None and state.holder == self.node_id and state.expires_at > lease.now():
             self._change(
                 True, LeaseAcquired, holder=self.node_id, term=state.term, expires_at=state.expires_at

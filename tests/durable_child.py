@@ -31,6 +31,11 @@ at once, so the test can act on what the process has really done:
     from other nodes (PostgreSQL).
 ``{"ev": "cancelled", "id": ..., "t": ...}``, ``{"ev": "lease.acquired" | "lease.lost" | "lease.released", "term": ...}``
     A run ended cancelled; (``--leader``) leadership changed.
+``{"ev": "store.unreachable", "stopped": [...]}``, ``{"ev": "store.reachable"}``
+    The node stepped down because it could not reach its store (the runs
+    it stopped), and came back.
+``{"ev": "interrupted", "id": ..., "attempt": ...}``
+    A ``work`` run was cancelled in the middle of its sleep.
 
 Tasks (the same in every process, as a real deployment would have):
 
@@ -130,7 +135,11 @@ def build(args: argparse.Namespace) -> Engine:
     async def work(ctx: TaskContext) -> None:
         log.write(ctx)
         if pause > 0:
-            await asyncio.sleep(pause * random.uniform(0.5, 1.5))
+            try:
+                await asyncio.sleep(pause * random.uniform(0.5, 1.5))
+            except asyncio.CancelledError:
+                emit(ev="interrupted", id=ctx.run_id, attempt=ctx.attempt, t=time.time())
+                raise
 
     @engine.task(retries=1, backoff=args.backoff, backoff_max=args.backoff)
     async def flaky(ctx: TaskContext) -> str:
@@ -202,6 +211,11 @@ def build(args: argparse.Namespace) -> Engine:
         emit(ev=event.kind, holder=event.holder, term=event.term, t=time.time())
 
     engine.bus.add_callback(leadership, ["lease.acquired", "lease.lost", "lease.released"])
+
+    def store_state(event: Any) -> None:
+        emit(ev=event.kind, stopped=getattr(event, "stopped", []), seconds=event.seconds, t=time.time())
+
+    engine.bus.add_callback(store_state, ["store.unreachable", "store.reachable"])
     return engine
 
 

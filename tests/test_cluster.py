@@ -26,7 +26,13 @@ What each test proves:
   going at once across two nodes that could run two each (the runs count
   themselves in a table), and both nodes run some of them;
 - ``max_queue`` holds across two nodes submitting at once: together they
-  queue exactly that many runs, and each is refused the next one.
+  queue exactly that many runs, and each is refused the next one;
+- a node cut off from the database (the server stopped) for longer than the
+  lease TTL steps down: it stops the runs whose claims ran out, gives up
+  leadership and says so; when the server is back it says that too, leads
+  again and runs those runs once more. With a lease the node can still
+  reach (here an in-process one), it releases the lease and does not
+  compete for it until the database answers again.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from taskwatch.engine import Engine, TaskContext
+from taskwatch.engine import Engine, InProcessLease, TaskContext
 from taskwatch.engine.store import NewRun, PostgresStore
 
 from .postgres_server import PostgresServer
@@ -334,3 +340,70 @@ def test_max_queue_holds_across_nodes(
         assert child.proc.stdin is not None
         child.proc.stdin.close()
         child.event("stopped", timeout=30)
+
+
+def test_a_node_cut_off_from_the_database_steps_down_and_comes_back(
+    postgres_server: PostgresServer, postgres_url: str, tmp_path: Path, nodes: list[Child]
+) -> None:
+    ttl = 1.0
+    log = tmp_path / "exec.log"
+    node = start(nodes, postgres_url, "node-a", log, "--leader", "--sleep", "60", "--max-concurrency", "4",
+                 "--lease-ttl", str(ttl), "--poll", "0.2", "run", "--submit", "work", "--count", "2")  # fmt: skip
+    node.event("lease.acquired")
+    ids = set(node.event("submitted")["ids"])
+    wait_until(lambda: {line["run"] for line in executions(log)} == ids, 30, "both runs started")
+    mark = node.mark()
+    postgres_server.stop("fast")
+    try:
+        down = node.wait_for(lambda line: line.get("ev") == "store.unreachable", 30, start=mark)
+        assert set(down["stopped"]) == ids
+        assert down["seconds"] >= ttl
+        # both attempts were cancelled where they ran, and the node no longer leads
+        wait_until(lambda: {line["id"] for line in node.since(mark, "interrupted")} == ids, 10, "both runs stopped")
+        node.wait_for(lambda line: line.get("ev") == "lease.lost", 10, start=mark)
+    finally:
+        postgres_server.start()
+    back = node.wait_for(lambda line: line.get("ev") == "store.reachable", 30, start=mark)
+    assert back["seconds"] >= ttl
+    node.wait_for(lambda line: line.get("ev") == "lease.acquired", 30, start=node.lines.index(back))
+    # the runs it stopped are queued again and run once more, as their next attempt
+    wait_until(lambda: Counter(line["run"] for line in executions(log)) == {i: 2 for i in ids}, 30, "both ran again")
+    assert sorted(line["attempt"] for line in executions(log)) == [1, 1, 2, 2]
+    assert node.proc.stdin is not None
+    node.proc.stdin.close()
+    node.event("stopped", timeout=30)
+
+
+async def test_a_node_cut_off_from_the_database_gives_up_a_lease_it_could_keep(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    lease = InProcessLease(ttl=0.6)  # always reachable: only the database is not
+    engine = Engine(store=postgres_url, node_id="a", lease=lease, lease_ttl=1.0, health_interval=None)
+    seen: list[Any] = []
+    engine.bus.add_callback(seen.append, ["lease.", "store."])
+
+    async def until(kind: str, timeout: float = 30.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not any(e.kind == kind for e in seen):
+                await asyncio.sleep(0.02)
+
+    async with engine:
+        assert engine.leadership().is_leader
+        await asyncio.to_thread(postgres_server.stop, "fast")
+        try:
+            await until("store.unreachable")
+            assert not engine.leadership().is_leader
+            async with asyncio.timeout(5):
+                while await lease.holder() is not None:  # released, not left to lapse
+                    await asyncio.sleep(0.02)
+        finally:
+            await asyncio.to_thread(postgres_server.start)
+        await until("store.reachable")
+        async with asyncio.timeout(10):
+            while not engine.leadership().is_leader:
+                await asyncio.sleep(0.02)
+    kinds = [e.kind for e in seen if e.kind != "lease.renewed"]
+    down, up = kinds.index("store.unreachable"), kinds.index("store.reachable")
+    assert kinds[0] == "lease.acquired" and "lease.lost" in kinds[:down + 1]
+    # it competed for nothing while it was cut off, and led again once back
+    assert "lease.acquired" not in kinds[down:up] and "lease.acquired" in kinds[up:]

@@ -37,6 +37,7 @@ FAMILY_STYLES: dict[str, str] = {
     "trigger": "bright_magenta",
     "worker": "yellow",
     "lease": "bright_cyan",
+    "store": "bright_cyan",
     "health": "dim",
 }
 #: ... and for the kinds that deserve their own
@@ -50,10 +51,12 @@ KIND_STYLES: dict[str, str] = {
     "queue.job_failed": "red",
     "queue.drain_incomplete": "red",
     "lease.lost": "bold red",
+    "store.unreachable": "bold red",
+    "store.reachable": "green",
 }
 
 _BASE_FIELDS = frozenset({"seq", "ts", "node", "kind"})
-_SECONDS_FIELDS = frozenset({"duration", "delay", "restart_in", "timeout"})
+_SECONDS_FIELDS = frozenset({"duration", "delay", "restart_in", "timeout", "seconds"})
 #: fields holding a wall-clock time (UNIX seconds)
 _TIME_FIELDS = frozenset({"expires_at", "next_due", "due", "started_at", "finished_at", "last_run"})
 #: what the log leaves out unless the filter asks for it

@@ -185,6 +185,12 @@ class Store(ABC):
         """Where the runs live, for people: ``memory``, ``sqlite:/path/to/file.db``."""
         return self.name
 
+    @property
+    def unreachable_since(self) -> float | None:
+        """Since when (``time.monotonic()``) operations have been failing to reach the store,
+        or None while the last one got through. A store on a server says so; others never do."""
+        return None
+
     # ---------------------------------------------------------------- lifecycle
 
     async def open(self) -> None:

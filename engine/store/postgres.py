@@ -235,9 +235,15 @@ class PostgresStore(Store):
         self.reconnects = 0
         #: times the listening connection was (re)established
         self.listen_connects = 0
+        #: when operations began to find the database unreachable (None: the last one got through)
+        self._down_since: float | None = None
 
     def describe(self) -> str:
         return self._where
+
+    @property
+    def unreachable_since(self) -> float | None:
+        return self._down_since
 
     def __repr__(self) -> str:
         return f"<PostgresStore {self._where} {'open' if self._pool is not None else 'closed'}>"
@@ -357,7 +363,8 @@ class PostgresStore(Store):
                     try:
                         tx = _Tx(conn)
                         if not write:
-                            return await fn(tx, *args)
+                            result = await fn(tx, *args)
+                            break
                         if single:
                             result = await fn(tx, *args)
                             assert not tx.totals, "a single statement counts its totals itself"
@@ -389,6 +396,8 @@ class PostgresStore(Store):
                         raise
                     raise translated from exc
                 now = time.monotonic()
+                if self._down_since is None and str(getattr(exc, "sqlstate", "") or "")[:2] != "40":
+                    self._down_since = now  # the server or the way to it is gone (not a deadlock)
                 if deadline is None:
                     deadline = now + self.reconnect_timeout
                     self.reconnects += 1
@@ -401,6 +410,7 @@ class PostgresStore(Store):
                     ) from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+        self._down_since = None
         if tx.work or tx.cancels or tx.finished:
             if self._notifying:
                 self._notify(tx.work, tx.cancels, tx.finished)
