@@ -1560,6 +1560,10 @@ class Engine:
             return
         write = asyncio.ensure_future(self._write_outcome(run, token, outcome))
         self._finishing.add(token)
+        # the attempt is over: its slot may take the next run while the outcome is written,
+        # so that run's claim travels beside this write instead of after it
+        executor = self._executor
+        executor.writing(run.task, 1)
         try:
             # a cancel or a stop arriving now must not cut the write short: what the
             # store holds and what this node reports would disagree
@@ -1570,6 +1574,7 @@ class Engine:
             raise
         finally:
             self._finishing.discard(token)
+            executor.writing(run.task, -1)
         self._apply_outcome(run, token, outcome, error, status)
 
     async def _write_outcome(self, run: Run, token: str, outcome: Outcome) -> RunStatus | None:

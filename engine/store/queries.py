@@ -417,8 +417,13 @@ WITH inserted AS (
 )
 SELECT COUNT(*) FROM inserted"""
 
-#: extend many claims of one incarnation; a token not returned was lost
+#: extend many claims of one incarnation; a token not returned was lost. Like the finishes
+#: below, it locks its rows in seq order first: two statements that each update many of the
+#: same rows (a heartbeat crossing a batch of finishes) would otherwise deadlock
 PG_HEARTBEAT_MANY = """
+WITH renewing AS MATERIALIZED (
+    SELECT seq FROM runs WHERE seq = ANY(CAST(:seqs AS bigint[])) ORDER BY seq FOR UPDATE
+)
 UPDATE runs
 SET lease_until = :lease_until,
     progress_done = CASE WHEN b.has THEN b.done ELSE runs.progress_done END,
@@ -426,8 +431,8 @@ SET lease_until = :lease_until,
     progress_message = CASE WHEN b.has THEN b.message ELSE runs.progress_message END
 FROM unnest(CAST(:seqs AS bigint[]), CAST(:tokens AS text[]), CAST(:has AS bool[]),
             CAST(:dones AS float8[]), CAST(:totals AS float8[]), CAST(:messages AS text[]))
-     AS b(seq, token, has, done, total, message)
-WHERE runs.seq = b.seq AND runs.claim_token = b.token
+     AS b(seq, token, has, done, total, message), renewing
+WHERE runs.seq = b.seq AND renewing.seq = b.seq AND runs.claim_token = b.token
   AND runs.owner_incarnation = :incarnation AND runs.status = 'running'
 RETURNING b.token, runs.cancel_requested, runs.cancel_reason"""
 
@@ -435,15 +440,17 @@ RETURNING b.token, runs.cancel_requested, runs.cancel_reason"""
 #: in one statement (so in one round trip, without a transaction around it); a token not
 #: returned was stale
 PG_END_MANY = """
-WITH ended AS (
+WITH ending AS MATERIALIZED (
+    SELECT seq FROM runs WHERE seq = ANY(CAST(:seqs AS bigint[])) ORDER BY seq FOR UPDATE
+), ended AS (
     UPDATE runs
     SET status = b.status, finished_at = :now, result = b.result,
         error = COALESCE(b.error, runs.error), cancel_reason = COALESCE(b.reason, runs.cancel_reason),
         claim_token = NULL, lease_until = NULL, dedup_slot = NULL
     FROM unnest(CAST(:seqs AS bigint[]), CAST(:tokens AS text[]), CAST(:statuses AS text[]),
                 CAST(:results AS text[]), CAST(:errors AS text[]), CAST(:reasons AS text[]))
-         AS b(seq, token, status, result, error, reason)
-    WHERE runs.seq = b.seq AND runs.claim_token = b.token AND runs.status = 'running'
+         AS b(seq, token, status, result, error, reason), ending
+    WHERE runs.seq = b.seq AND ending.seq = b.seq AND runs.claim_token = b.token AND runs.status = 'running'
     RETURNING b.token, runs.id, runs.status
 ), counted AS (
     UPDATE totals SET value = totals.value + c.n
