@@ -13,14 +13,15 @@ tests do), or uses ``--url``. Each figure gets a fresh database. Prints:
   20 ``enqueue`` calls in flight, as SAQ's own benchmark does) until the
   database records the last job done. Then the same with every job queued
   before the worker starts (drain), and taskwatch's ratio to the faster peer
-  for both;
+  for both. Each library runs once per round, rounds alternate, and the
+  medians are printed (a shared machine's load moves between runs);
 - bulk enqueue: ``submit_many`` runs/s into the database (nothing claims them);
 - the same no-op workload drained by two node processes against one;
 - recovery time after ``kill -9`` of a node holding runs: from the kill until
   the other node has taken every one back, p50 and max over the trials,
   beside the lease TTL.
 
-    python bench/cluster.py [--runs 5000] [--bulk 50000] [--trials 5] [--url postgresql://...]
+    python bench/cluster.py [--runs 5000] [--rounds 3] [--bulk 50000] [--trials 5] [--url postgresql://...]
     python bench/cluster.py --only peers [--profile]   # just the side-by-side figures
 """
 
@@ -309,8 +310,9 @@ async def _taskwatch(url: str, n: int, queued_first: bool) -> tuple[float, float
     return await end_to_end(url, n)
 
 
-def side_by_side(dbs: Databases, n: int, profile: bool) -> None:
-    """taskwatch, procrastinate and SAQ on the same server, end to end and draining a full queue."""
+def side_by_side(dbs: Databases, n: int, rounds: int, profile: bool) -> None:
+    """taskwatch, procrastinate and SAQ on the same server, end to end and draining a full queue:
+    ``rounds`` alternating rounds (each library once per round), the median of each."""
     # the peers log every job at INFO, and a warning per worker start: keep the output to figures
     logging.basicConfig(level=logging.ERROR)
     who = [
@@ -318,20 +320,31 @@ def side_by_side(dbs: Databases, n: int, profile: bool) -> None:
         _peer("procrastinate", "procrastinate", procrastinate_run),
         _peer("SAQ (PostgreSQL queue)", "saq", saq_run),
     ]
-    figures: dict[str, dict[str, float]] = {}
-    print(f"one worker, concurrency 10, {n:,} no-op jobs each, a fresh database each, one after the other:")
+    print(f"one worker, concurrency 10, {n:,} no-op jobs each, a fresh database each, "
+          f"{rounds} alternating round(s), medians:")  # fmt: skip
+    samples: dict[str, dict[str, list[float]]] = {}
+    for _ in range(rounds):
+        for name, version, fn in who:
+            if version is None:
+                continue
+            got = samples.setdefault(name, {"e2e": [], "enqueue": [], "drain": []})
+            with dbs.fresh() as url:
+                e2e, enqueue = asyncio.run(fn(url, n, False))
+            with dbs.fresh() as url:
+                full, _ = asyncio.run(fn(url, n, True))
+            got["e2e"].append(e2e)
+            got["enqueue"].append(enqueue)
+            got["drain"].append(full)
     print(f"  {'':30} {'end to end':>12} {'enqueue':>12} {'drain':>12}")
-    for name, version, fn in who:
+    figures: dict[str, dict[str, float]] = {}
+    for name, version, _fn in who:
         if version is None:
             print(f"  {name:30} not installed (pip install -e '.[bench]')")
             continue
-        with dbs.fresh() as url:
-            e2e, enqueue = asyncio.run(fn(url, n, False))
-        with dbs.fresh() as url:
-            full, _ = asyncio.run(fn(url, n, True))
-        figures[name] = {"e2e": e2e, "drain": full}
+        med = {k: statistics.median(v) for k, v in samples[name].items()}
+        figures[name] = med
         label = f"{name} {version}"
-        print(f"  {label:30} {e2e:8,.0f} /s {enqueue:8,.0f} /s {full:8,.0f} /s")
+        print(f"  {label:30} {med['e2e']:8,.0f} /s {med['enqueue']:8,.0f} /s {med['drain']:8,.0f} /s")
     peers = {k: v for k, v in figures.items() if k != "taskwatch"}
     if "taskwatch" in figures and peers:
         ours = figures["taskwatch"]
@@ -353,6 +366,7 @@ def side_by_side(dbs: Databases, n: int, profile: bool) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=5000)
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the side-by-side figures")
     p.add_argument("--bulk", type=int, default=50_000)
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--ttl", type=float, default=1.0, help="lease TTL in the recovery trials")
@@ -367,7 +381,7 @@ def main() -> None:
         version = (server.sql("SHOW server_version") if server else "?").split()[0]
         print(f"taskwatch cluster bench  {time.strftime('%Y-%m-%d %H:%M')}  Python {platform.python_version()}  "
               f"PostgreSQL {version}  {os.cpu_count()} CPUs")  # fmt: skip
-        side_by_side(dbs, args.runs, args.profile)
+        side_by_side(dbs, args.runs, args.rounds, args.profile)
         if args.only == "peers":
             return
         with dbs.fresh() as url:
