@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"version", "errors", "jsonsafe", "hop", "runs", "events", "options", "tasks"},
     {"bus"},
     {"store", "lease", "postgres_lease", "redis_lease"},
-    {"executor", "context", "handle", "scheduler", "queues", "triggers", "supervisor", "health", "wakeups", "redis_events"},
+    {"executor", "execution", "index", "context", "handle", "scheduler", "queues", "triggers", "supervisor", "health", "wakeups", "redis_events"},
     {"engine", "snapshot"},
     {"server", "wire", "operations", "remote", "background", "display", "__init__"},
 ]
