@@ -174,8 +174,8 @@ def test_bad_relay_options_are_refused_with_every_problem_named() -> None:
         RedisEventRelay("http://x", stream="", maxlen=0, since="later")
     message = str(info.value)
     assert all(word in message for word in ("redis://", "stream", "maxlen", "since"))
-    with pytest.raises(InvalidConfiguration):
-        Engine(events="postgres://db")
+    with pytest.raises(InvalidConfiguration, match="postgresql://"):
+        Engine(events="http://db")
     with pytest.raises(InvalidConfiguration, match="maxlen"):
         Engine(events="redis://127.0.0.1:1/0?maxlen=lots")
     # the relay's own options come out of the URL redis-py gets
