@@ -39,6 +39,9 @@ log = logging.getLogger("taskwatch.observer")
 #: sources of runs that a periodic task or a trigger starts itself (the engine refuses to retry them)
 _RUNS_ITS_OWN = ("periodic:", "trigger:")
 
+#: seconds between two looks at the lease's holder (unless the runs are read anyway)
+_LEASE_INTERVAL = 2.0
+
 #: the least time between two reads of the runs, however many run events arrive
 _MIN_GAP = 0.25
 
@@ -75,6 +78,7 @@ class ClusterObserver:
         self.runs_interval = runs_interval
         self._node_rows: list[NodeInfo] = []
         self._leader: LeaseState | None = None
+        self._lease_due = 0.0
         self._runs: dict[str, StoredRun] = {}
         self._runs_stale = True
         self._poke = asyncio.Event()
@@ -233,10 +237,12 @@ class ClusterObserver:
         """Read the nodes, the leader and (with ``runs``) the runs again, now."""
         self._node_rows = await self.store.nodes()
         self._now = self.store.clock()
-        if self._lease is not None:
+        if self._lease is not None and self._now >= self._lease_due:
+            # each look opens a connection of its own (as the lease's operations do): every few seconds
+            self._lease_due = self._now + _LEASE_INTERVAL
             try:
                 self._leader = await self._lease.peek()
-            except (OSError, TimeoutError, TaskwatchError) as exc:
+            except Exception as exc:  # noqa: BLE001 - the badge waits for the next look; the rest goes on
                 log.debug("reading the lease failed: %r", exc)
         if runs:
             self._runs_stale = False

@@ -186,6 +186,25 @@ async def test_pruned_events_are_counted_missed_and_the_observer_resyncs(
     assert not stray_tasks()
 
 
+async def test_events_sent_across_a_server_restart_arrive(postgres_server: PostgresServer, postgres_url: str) -> None:
+    node = Engine(store=postgres_url, node_id="n", events="postgres", health_interval=None, lease_ttl=10)
+
+    @node.task
+    async def hello(ctx: Any) -> str:
+        return "hi"
+
+    async with PostgresEventRelay(postgres_url) as observer, node:
+        await (await node.submit("hello")).wait()
+        await eventually(lambda: len(of_kind(observer, "run.succeeded")) == 1, timeout=TIMEOUT)
+        await asyncio.to_thread(postgres_server.restart)  # every connection of both relays is cut
+        await (await node.submit("hello")).wait()
+        # both relays reconnect; what the node published meanwhile reaches the observer, in order
+        await eventually(lambda: len(of_kind(observer, "run.succeeded")) == 2, timeout=TIMEOUT)
+        assert observer.stats().missed == 0 and not of_kind(observer, "bus.dropped")
+        assert node.cluster is not None and node.cluster.stats().pending == 0
+    assert not stray_tasks()
+
+
 def test_bad_event_options_are_refused_naming_what_to_use(postgres_url: str) -> None:
     with pytest.raises(InvalidConfiguration, match="store='postgresql://"):
         Engine(events="postgres", health_interval=None)  # the memory store has no database
