@@ -30,6 +30,7 @@ from .bus import DEFAULT_REPLAY, EventBus
 from .errors import (
     DuplicateTask,
     EngineNotRunning,
+    InvalidConfiguration,
     QueueFull,
     RunNotCancellable,
     RunNotFound,
@@ -50,7 +51,9 @@ from .jsonsafe import check_key
 from .lease import LeaderElector, Leadership
 from .options import EngineOptions, TaskOptions, check_options
 from .queues import QueueInfo, WorkQueue
+from .postgres_events import PostgresEventRelay
 from .redis_events import RedisEventRelay
+from .relay import EventRelay
 from .runs import (
     CancelReason,
     EngineStats,
@@ -64,6 +67,7 @@ from .snapshot import Snapshot
 from .store import (
     NewRun,
     Page,
+    PostgresStore,
     Store,
     make_store,
 )
@@ -141,9 +145,11 @@ class Engine:
         gets a fresh :attr:`incarnation`, and the previous incarnation's
         runs are recognised as orphaned and recovered at once.
     events:
-        ``"redis://host:6379/0"`` relays this node's events through a capped
-        Redis stream and reads every node's back into :attr:`cluster` (needs
-        ``pip install 'taskwatch[redis]'``); ``None`` (default) keeps them local.
+        Relays this node's events to every node and reads every node's back
+        into :attr:`cluster`: ``"postgres"`` through the PostgreSQL store's
+        database (or ``"postgresql://..."``, another one), ``"redis://host:6379/0"``
+        through a capped Redis stream (needs ``pip install 'taskwatch[redis]'``);
+        ``None`` (default) keeps them local.
     lease_ttl:
         Seconds a claim on a running run lives without a heartbeat; a run
         whose worker stops heartbeating for this long is recovered (default
@@ -232,6 +238,7 @@ class Engine:
             max_concurrency=max_concurrency,
             poll_interval=poll_interval,
             lease_ttl=lease_ttl,
+            node_load=self._node_load,
         )
         self._index.set_evicted(self._run.evicted)
         self._executor = self._run.executor
@@ -245,8 +252,8 @@ class Engine:
         self._started_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._leader = LeaderElector(self, lease)
-        #: the cluster-wide event relay (events="redis://..."), started first and stopped last
-        self._relay = RedisEventRelay(events, self.bus) if events is not None else None
+        #: the cluster-wide event relay (events=...), started first and stopped last
+        self._relay = self._make_relay(events)
         self._scheduler = Scheduler(self)
         self._queues: dict[str, WorkQueue] = {}
         self._triggers: dict[str, Trigger] = {}
@@ -366,9 +373,29 @@ class Engine:
         return self._durable
 
     @property
-    def cluster(self) -> RedisEventRelay | None:
-        """Every node's events and a per-node summary (with ``events="redis://..."``), else None."""
+    def cluster(self) -> EventRelay | None:
+        """Every node's events and a per-node summary (with ``events=...``), else None."""
         return self._relay
+
+    def _make_relay(self, events: str | None) -> EventRelay | None:
+        if events is None:
+            return None
+        if events in ("postgres", "postgresql"):
+            if not isinstance(self._store, PostgresStore):
+                raise InvalidConfiguration("the engine", [
+                    f"events={events!r} relays events through the run store's database, and this engine's "
+                    f"store is {self._store.describe()}: use store='postgresql://...', or give events a "
+                    "postgresql:// or redis:// URL"
+                ])  # fmt: skip
+            return PostgresEventRelay(self._store.url, self.bus)
+        if isinstance(events, str) and events.startswith(("postgresql://", "postgres://")):
+            return PostgresEventRelay(events, self.bus)
+        if isinstance(events, str) and events.startswith(("redis://", "rediss://", "unix://")):
+            return RedisEventRelay(events, self.bus)
+        raise InvalidConfiguration("the engine", [
+            f"events must be 'postgres' (the PostgreSQL store's own database), a postgresql:// URL, "
+            f"or a redis://, rediss:// or unix:// URL; got {events!r}"
+        ])  # fmt: skip
 
     @property
     def elector(self) -> LeaderElector:
@@ -1080,6 +1107,11 @@ class Engine:
 
 
     # ------------------------------------------------------------------ execution (the executor's callbacks)
+
+    def _node_load(self) -> tuple[float | None, int | None]:
+        """CPU and RSS of the last health sample, written to the nodes table with each heartbeat."""
+        sample = self._health.last
+        return (None, None) if sample is None else (sample.cpu_percent, sample.rss_bytes)
 
     def _claim_limits(self) -> dict[str, int | None]:
         """Every task this node can execute, with its concurrency limit (kept as tasks register)."""

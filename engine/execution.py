@@ -76,6 +76,7 @@ class Execution:
         max_concurrency: int,
         poll_interval: float,
         lease_ttl: float,
+        node_load: Callable[[], tuple[float | None, int | None]] | None = None,
     ) -> None:
         self.engine = engine
         self.bus = engine.bus
@@ -103,6 +104,7 @@ class Execution:
             heartbeat_interval=lease_ttl / 3,
             maintenance_interval=min(1.0, lease_ttl / 3),
             prune=self.prune,
+            node_load=node_load,
         )
         #: claim token -> run, for the runs executing here
         self._claimed: dict[str, Run] = {}

@@ -31,6 +31,8 @@ at once, so the test can act on what the process has really done:
     from other nodes (PostgreSQL).
 ``{"ev": "cancelled", "id": ..., "t": ...}``, ``{"ev": "lease.acquired" | "lease.lost" | "lease.released", "term": ...}``
     A run ended cancelled; (``--leader``) leadership changed.
+``{"ev": "cluster", "node": ..., "kind": ...}``
+    (``--events``) the first event of another node reached this node's cluster bus.
 
 Tasks (the same in every process, as a real deployment would have):
 
@@ -46,6 +48,13 @@ Tasks (the same in every process, as a real deployment would have):
     Logs, then waits until cancelled (a ``cancelled`` line is printed).
 ``tick``
     (with ``--periodic SECONDS``) a fixed-rate periodic task that logs.
+``steps``
+    Reports progress ``--steps`` times in a row (no await between), then returns.
+
+With ``--events SPEC`` the engine relays its events (``events=SPEC``, e.g.
+``postgres``), and with ``--health SECONDS`` it samples its health (CPU and
+RSS reach the nodes table and the events). ``stopped`` lines carry ``seq``,
+the last number of the node's own bus.
 
 With ``--leader`` the engine competes for a :class:`PostgresLease` (ttl
 ``--lease-ttl``) and prints ``lease.acquired`` / ``lease.lost`` /
@@ -109,8 +118,9 @@ def build(args: argparse.Namespace) -> Engine:
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
         history=args.history,
-        health_interval=None,
+        health_interval=args.health,
         lease=PostgresLease(args.db, ttl=args.lease_ttl) if args.leader else None,
+        events=args.events,
     )
     log = ExecLog(args.log, args.node, args.fsync)
     pause = args.sleep
@@ -143,6 +153,14 @@ def build(args: argparse.Namespace) -> Engine:
         log.write(ctx)
         await asyncio.Event().wait()
 
+    steps = args.steps
+
+    @engine.task(name="steps")
+    async def steps_task(ctx: TaskContext) -> int:
+        for i in range(1, steps + 1):
+            await ctx.progress(i, steps)
+        return steps
+
     if args.periodic:
 
         @engine.periodic(every=args.periodic, fixed_rate=True, name="tick")
@@ -173,6 +191,16 @@ def build(args: argparse.Namespace) -> Engine:
         emit(ev=event.kind, holder=event.holder, term=event.term, t=time.time())
 
     engine.bus.add_callback(leadership, ["lease.acquired", "lease.lost", "lease.released"])
+
+    heard: set[str] = set()
+
+    def from_the_cluster(event: Any) -> None:
+        if event.node not in heard and event.node not in (args.node, ""):
+            heard.add(event.node)
+            emit(ev="cluster", node=event.node, kind=event.kind)
+
+    if engine.cluster is not None:
+        engine.cluster.bus.add_callback(from_the_cluster)
     return engine
 
 
@@ -203,11 +231,11 @@ async def main(args: argparse.Namespace) -> None:
         counts = await wait_drained(engine, args.expect)
         emit(ev="drained", counts=counts, notified=getattr(engine.store, "notifications_received", None))
         await engine.stop()
-        emit(ev="stopped")
+        emit(ev="stopped", seq=engine.bus.last_seq)
         return
     await asyncio.to_thread(sys.stdin.read)  # until the test closes stdin (or kills us)
     await engine.stop()
-    emit(ev="stopped")
+    emit(ev="stopped", seq=engine.bus.last_seq)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -227,6 +255,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no line per succeeded run")
     p.add_argument("--leader", action="store_true", help="compete for a PostgresLease on DB (a postgresql:// URL)")
     p.add_argument("--periodic", type=float, default=0.0, help="register the fixed-rate periodic task 'tick'")
+    p.add_argument("--events", default=None, help="relay the engine's events (events=..., e.g. postgres)")
+    p.add_argument("--health", type=float, default=None, help="sample the engine's health every SECONDS")
+    p.add_argument("--steps", type=int, default=400, help="progress reports of one 'steps' run")
     sub = p.add_subparsers(dest="mode", required=True)
     run = sub.add_parser("run")
     run.add_argument("--submit", default=None, help="task to submit --count runs of, in one submit_many")
