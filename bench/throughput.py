@@ -19,6 +19,13 @@ Also prints the cost of publishing one event to one subscriber, and to none.
 
     python bench/throughput.py [--runs 20000] [--rounds 5]
     python bench/throughput.py --profile [--top 30]
+    python bench/throughput.py --parts
+
+``--parts`` prints what one run costs, in microseconds of CPU, per part:
+admission (``submit``: validation, store insert, index, its event posted),
+dispatch to finish (claim, the task, its outcome, two events posted), a bare
+``asyncio`` task beside it, the events built and read by one subscriber, and
+how much of it all is the garbage collector's.
 
 ``--profile`` prints the top of a cProfile of the user pattern instead, so
 the next person sees where a run's time goes (the profiler slows every
@@ -32,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import platform
 import pstats
 import statistics
@@ -180,6 +188,88 @@ def build_cost(n: int = 100_000) -> float:
     return elapsed / n * 1e6
 
 
+# ---------------------------------------------------------------- cost per part
+
+
+async def parts_once(n: int, read: bool) -> tuple[float, float]:
+    """CPU seconds per run of admission and of dispatch-to-finish (max_concurrency 8).
+
+    Eight held runs fill every slot, so the ``n`` submits are admission alone;
+    releasing them then drains the ``n`` runs, every freed slot taking the next.
+    """
+    engine = Engine(max_queue=n + 16, history=1_000, health_interval=None)
+    gate = asyncio.Event()
+
+    @engine.task
+    async def hold(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    @engine.task
+    async def nothing(ctx: TaskContext) -> None:
+        return None
+
+    sub = engine.bus.subscribe(kinds=["run."] if read else ["none."], maxsize=4 * n)
+
+    async def reader() -> None:
+        while await sub.wait():
+            sub.get_batch()
+
+    async with engine:
+        reading = asyncio.create_task(reader())
+        held = [await engine.submit("hold") for _ in range(engine.max_concurrency)]
+        await asyncio.sleep(0)  # reader catches up before the clock starts
+        start = time.process_time()
+        handles = [await engine.submit("nothing") for _ in range(n)]
+        admitted = time.process_time()
+        gate.set()
+        await asyncio.gather(*(h.wait() for h in held))
+        await handles[-1].wait()
+        while sub.pending():
+            await asyncio.sleep(0)
+        finished = time.process_time()
+        sub.close()
+        await reading
+    return (admitted - start) / n, (finished - admitted) / n
+
+
+async def bare_task_cost(n: int) -> float:
+    start = time.process_time()
+    await asyncio.gather(*(asyncio.create_task(noop()) for _ in range(n)))
+    return (time.process_time() - start) / n
+
+
+def parts(n: int, rounds: int) -> None:
+    rows: dict[str, list[float]] = {}
+
+    def add(name: str, seconds: float) -> None:
+        rows.setdefault(name, []).append(seconds * 1e6)
+
+    for _ in range(rounds):
+        for collect in (True, False):
+            (gc.enable if collect else gc.disable)()
+            try:
+                quiet = asyncio.run(parts_once(n, read=False))
+                loud = asyncio.run(parts_once(n, read=True))
+                bare = asyncio.run(bare_task_cost(n))
+            finally:
+                gc.enable()
+            tag = "" if collect else " (gc off)"
+            add("admission" + tag, quiet[0])
+            add("dispatch to finish" + tag, quiet[1])
+            add("bare asyncio task" + tag, bare)
+            add("events read by 1 subscriber" + tag, loud[0] + loud[1] - quiet[0] - quiet[1])
+            add("whole run, read" + tag, loud[0] + loud[1])
+    m = {name: statistics.median(v) for name, v in rows.items()}
+    print(f"python {platform.python_version()} on {platform.machine()}, {n} no-op runs x {rounds} rounds (median), "
+          "CPU microseconds per run, memory store, max_concurrency 8")
+    print(f"{'part':<32}{'gc on':>8}{'gc off':>8}")
+    for name in ("admission", "dispatch to finish", "bare asyncio task", "events read by 1 subscriber", "whole run, read"):
+        print(f"{name:<32}{m[name]:>8.1f}{m[name + ' (gc off)']:>8.1f}")
+    print("admission: submit (validation, store insert, index, run.submitted posted); dispatch to finish: claim,\n"
+          "launch, the task, its outcome in the store and the index, run.started and run.succeeded posted;\n"
+          "events read: building (validating) and handing over the three events of a run.")
+
+
 def median_rounds(rounds: int, contenders: dict[str, Callable[[], Awaitable[float]]]) -> dict[str, float]:
     results: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(rounds):
@@ -205,10 +295,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="profile the user pattern instead")
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--parts", action="store_true", help="print what one run costs, per part")
     args = parser.parse_args()
     n = args.runs
     if args.profile:
         profile(n, args.top)
+        return
+    if args.parts:
+        parts(n, args.rounds)
         return
 
     contenders: dict[str, Callable[[], Awaitable[float]]] = {

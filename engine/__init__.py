@@ -52,17 +52,20 @@ from .events import (
 )
 from .handle import RunHandle
 from .lease import InProcessLease, Leadership, Lease, LeaseState
+from .postgres_events import PostgresEventRelay
 from .postgres_lease import PostgresLease
 from .queues import QueueInfo, WorkQueue
+from .observer import ClusterObserver
 from .operations import OPERATIONS, Operation
-from .redis_events import ClusterNode, RedisEventRelay, RelayStats
+from .redis_events import RedisEventRelay
+from .relay import ClusterNode, EventRelay, RelayStats
 from .redis_lease import RedisLease
 from .remote import RemoteEngine
 from .runs import EngineStats, Progress, RunError, RunList, RunRecord, RunStatus
 from .scheduler import PeriodicInfo
 from .server import ControlServer, ServerInfo
 from .snapshot import Snapshot, is_truncated
-from .store import MemoryStore, PostgresStore, SqliteStore, Store, make_store
+from .store import MemoryStore, NodeInfo, PostgresStore, SqliteStore, Store, StoredRun, make_store
 from .supervisor import WorkerInfo
 from .tasks import TaskInfo, TaskSpec
 from .triggers import Trigger, TriggerKeyState, TriggerState
@@ -74,6 +77,7 @@ __all__ = [
     "BackgroundRunHandle",
     "BaseEvent",
     "ClusterNode",
+    "ClusterObserver",
     "ConnectionClosed",
     "ControlServer",
     "DuplicateTask",
@@ -85,6 +89,7 @@ __all__ = [
     "EngineStats",
     "Event",
     "EventBus",
+    "EventRelay",
     "InProcessLease",
     "IncompatibleVersion",
     "InvalidConfiguration",
@@ -100,8 +105,10 @@ __all__ = [
     "MemoryStore",
     "MessageTooLarge",
     "MissingDependency",
+    "NodeInfo",
     "NotLeader",
     "PeriodicInfo",
+    "PostgresEventRelay",
     "PostgresLease",
     "PostgresStore",
     "Progress",
@@ -128,6 +135,7 @@ __all__ = [
     "Snapshot",
     "SqliteStore",
     "Store",
+    "StoredRun",
     "Subscription",
     "TaskContext",
     "TaskDefinitionError",

@@ -1,39 +1,36 @@
-"""The engine: registers tasks, admits runs into its store, executes them, publishes events.
+"""The engine: registers tasks, admits runs into its store, answers queries, runs its loops.
 
-One :class:`Engine` is the composition root: the :class:`~taskwatch.engine.store.Store`
-owns every run row (in memory, or in a SQLite file that outlives the
-process), the :class:`~taskwatch.engine.executor.Executor` claims due runs
-for this node's free slots, and the engine runs their attempts, keeps an
-in-memory index of the runs this node knows (what the sync queries and
-dashboards read) and publishes what happens on the bus. ``async with
-engine`` (or ``start()`` / ``stop()``) bounds its life: ``stop`` drains, then
-cancels, then awaits, so no asyncio task outlives it.
+One :class:`Engine` is the composition root. The
+:class:`~taskwatch.engine.store.Store` owns every run row (in memory, or in a
+SQLite or PostgreSQL database that outlives the process); the
+:class:`~taskwatch.engine.index.RunIndex` is this node's bounded view of the
+runs it knows (what the sync queries and dashboards read); the
+:class:`~taskwatch.engine.execution.Execution` and its executor claim due runs
+for this node's free slots, run their attempts and publish what happens. The
+engine validates and admits submissions, answers queries, and starts and
+stops the scheduler, queues, triggers, supervised workers and leadership.
+``async with engine`` (or ``start()`` / ``stop()``) bounds its life: ``stop``
+drains, then cancels, then awaits, so no asyncio task outlives it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import heapq
 import logging
 import os
-import random
 import socket
 import sys
 import time
-from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ValidationError
-from pydantic_core import PydanticSerializationError
+from pydantic import BaseModel
 
 from .bus import DEFAULT_REPLAY, EventBus
-from .context import TaskContext
 from .errors import (
     DuplicateTask,
     EngineNotRunning,
-    InvalidParams,
+    InvalidConfiguration,
     QueueFull,
     RunNotCancellable,
     RunNotFound,
@@ -44,31 +41,23 @@ from .events import (
     EngineStarted,
     EngineStopped,
     EngineStopping,
-    RunCancelled,
-    RunFailed,
-    RunProgressed,
-    RunRecovered,
-    RunRetrying,
-    RunStarted,
     RunSubmitted,
-    RunSucceeded,
-    StoreReachable,
-    StoreUnreachable,
 )
-from .executor import Executor
+from .execution import Execution
 from .handle import RunHandle
 from .health import HealthSampler
-from .jsonsafe import NotJsonSafe, check_jsonable, check_key, jsonable, safe_str, safe_text
+from .index import RunIndex
+from .jsonsafe import check_key
 from .lease import LeaderElector, Leadership
 from .options import EngineOptions, TaskOptions, check_options
 from .queues import QueueInfo, WorkQueue
+from .postgres_events import PostgresEventRelay
 from .redis_events import RedisEventRelay
+from .relay import EventRelay
 from .runs import (
     CancelReason,
     EngineStats,
-    Progress,
     Run,
-    RunError,
     RunList,
     RunRecord,
     RunStatus,
@@ -76,20 +65,11 @@ from .runs import (
 from .scheduler import PeriodicInfo, Scheduler
 from .snapshot import Snapshot
 from .store import (
-    Cancelled,
-    StoreClosed,
-    StoreError,
-    Claim,
-    Failed,
     Inserted,
-    MemoryStore,
     NewRun,
-    Outcome,
     Page,
-    Recovered,
-    Retry,
+    PostgresStore,
     Store,
-    Succeeded,
     make_store,
 )
 from .supervisor import Supervisor, WorkerInfo
@@ -170,9 +150,11 @@ class Engine:
         gets a fresh :attr:`incarnation`, and the previous incarnation's
         runs are recognised as orphaned and recovered at once.
     events:
-        ``"redis://host:6379/0"`` relays this node's events through a capped
-        Redis stream and reads every node's back into :attr:`cluster` (needs
-        ``pip install 'taskwatch[redis]'``); ``None`` (default) keeps them local.
+        Relays this node's events to every node and reads every node's back
+        into :attr:`cluster`: ``"postgres"`` through the PostgreSQL store's
+        database (or ``"postgresql://..."``, another one), ``"redis://host:6379/0"``
+        through a capped Redis stream (needs ``pip install 'taskwatch[redis]'``);
+        ``None`` (default) keeps them local.
     lease_ttl:
         Seconds a claim on a running run lives without a heartbeat; a run
         whose worker stops heartbeating for this long is recovered (default
@@ -246,70 +228,37 @@ class Engine:
         self._inline = backend == "inline"
         self.bus = EventBus(node=self.node_id, replay=replay, clock=clock)
         self._store = make_store(store, clock=clock, lease_ttl=lease_ttl) if isinstance(store, str) else store
-        #: the memory store dies with the engine: shutdown cancels what is left in it
-        #: the memory store, whose operations the hot path calls without coroutines; None for a durable store
-        self._memory: MemoryStore | None = self._store if isinstance(self._store, MemoryStore) else None
-        self._durable = self._memory is None
-        self._executor = Executor(
-            self._store,
-            node=self.node_id,
-            incarnation=self.incarnation,
-            max_concurrency=max_concurrency,
-            limits=self._claim_limits,
-            launch=self._launch,
-            claims=self._held_claims,
-            cancel_requested=self._cancel_requested,
-            claim_lost=self._claim_lost,
-            inserted=self._inserted,
-            recovered=self._on_recovered,
-            next_due=self._next_due,
-            clock=clock,
-            poll_interval=poll_interval,
-            heartbeat_interval=lease_ttl / 3,
-            maintenance_interval=min(1.0, lease_ttl / 3),
-            prune=self._prune,
-            # a durable store may be shared: it checks the queue limit against every node's runs
-            max_pending=max_queue if self._durable else None,
-            cut_off=self._cut_off,
-            reconnected=self._reconnected,
-        )
-        #: other nodes' inserts and cancels, pushed by a cluster store, wake the executor
-        self._wakeups = StoreWakeups(self._store, self._executor)
         self._tasks: dict[str, TaskSpec] = {}
         self._limits: dict[str, int | None] = {}
         #: the run index: every run this node knows, pending and running ones always
-        self._runs: dict[str, Run] = {}
-        self._finished: OrderedDict[str, None] = OrderedDict()
-        #: claim token -> run, for the runs executing here
-        self._claimed: dict[str, Run] = {}
-        #: claims whose outcome is being written: a heartbeat that finds them ended is not news
-        self._finishing: set[str] = set()
-        #: outcome writes started from callbacks, awaited by stop()
-        self._writes: set[asyncio.Task[Any]] = set()
-        #: runs evicted from the index since the memory store was last pruned
-        self._evicted = 0
-        self._prune_every = max(64, history // 8)
-        #: (due, run id) of pending retries, so the executor sleeps until the first is due
-        self._retry_due: list[tuple[float, str]] = []
-        # (task, dedup key) -> the pending run holding it, for runs this node submitted
-        self._keys: dict[tuple[str, str], Run] = {}
-        self._counts: dict[RunStatus, int] = {s: 0 for s in RunStatus}
-        self._submitted_total = 0
-        self._finished_total = 0
-        self._totals = {_SUCCEEDED: 0, _FAILED: 0, _CANCELLED: 0}
-        self._retries_total = 0
-        self._recovered_total = 0
-        self._tp_window = throughput_window
-        # per-second buckets of [second, finished, failed] for throughput figures
-        self._tp: deque[list[int]] = deque()
-        self._idle: asyncio.Future[None] | None = None
+        self._index = RunIndex(history, throughput_window)
+        self._run = Execution(
+            self,
+            self._store,
+            self._index,
+            self._tasks,
+            self._claim_limits,
+            max_concurrency=max_concurrency,
+            poll_interval=poll_interval,
+            lease_ttl=lease_ttl,
+            node_load=self._node_load,
+            # a durable store may be shared: it checks the queue limit against every node's runs
+            max_queue=max_queue,
+        )
+        self._index.set_evicted(self._run.evicted)
+        self._executor = self._run.executor
+        #: the memory store, whose operations the hot path calls without coroutines; None for a durable store
+        self._memory = self._run.memory
+        self._durable = self._run.durable
+        #: other nodes' inserts and cancels, pushed by a cluster store, wake the executor
+        self._wakeups = StoreWakeups(self._store, self._executor)
         self._state = "new"
         self._shutdown: asyncio.Task[None] | None = None
         self._started_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._leader = LeaderElector(self, lease)
-        #: the cluster-wide event relay (events="redis://..."), started first and stopped last
-        self._relay = RedisEventRelay(events, self.bus) if events is not None else None
+        #: the cluster-wide event relay (events=...), started first and stopped last
+        self._relay = self._make_relay(events)
         self._scheduler = Scheduler(self)
         self._queues: dict[str, WorkQueue] = {}
         self._triggers: dict[str, Trigger] = {}
@@ -429,9 +378,29 @@ class Engine:
         return self._durable
 
     @property
-    def cluster(self) -> RedisEventRelay | None:
-        """Every node's events and a per-node summary (with ``events="redis://..."``), else None."""
+    def cluster(self) -> EventRelay | None:
+        """Every node's events and a per-node summary (with ``events=...``), else None."""
         return self._relay
+
+    def _make_relay(self, events: str | None) -> EventRelay | None:
+        if events is None:
+            return None
+        if events in ("postgres", "postgresql"):
+            if not isinstance(self._store, PostgresStore):
+                raise InvalidConfiguration("the engine", [
+                    f"events={events!r} relays events through the run store's database, and this engine's "
+                    f"store is {self._store.describe()}: use store='postgresql://...', or give events a "
+                    "postgresql:// or redis:// URL"
+                ])  # fmt: skip
+            return PostgresEventRelay(self._store.url, self.bus)
+        if isinstance(events, str) and events.startswith(("postgresql://", "postgres://")):
+            return PostgresEventRelay(events, self.bus)
+        if isinstance(events, str) and events.startswith(("redis://", "rediss://", "unix://")):
+            return RedisEventRelay(events, self.bus)
+        raise InvalidConfiguration("the engine", [
+            f"events must be 'postgres' (the PostgreSQL store's own database), a postgresql:// URL, "
+            f"or a redis://, rediss:// or unix:// URL; got {events!r}"
+        ])  # fmt: skip
 
     @property
     def elector(self) -> LeaderElector:
@@ -481,7 +450,7 @@ class Engine:
         self._started_at = self.clock()
         self.bus.emit(EngineStarted, backend=self._store.name)
         if recovered:
-            await self._on_recovered(recovered)
+            await self._run.on_recovered(recovered)
         self._executor.start()
         started: list[Any] = []
         try:
@@ -503,12 +472,8 @@ class Engine:
         if not self._durable:
             return  # a memory store starts empty with its engine
         # a restart of this engine object: the store is the truth, start the index over
-        self._runs.clear()
-        self._finished.clear()
-        self._keys.clear()
-        self._claimed.clear()
-        self._retry_due.clear()
-        self._counts = {s: 0 for s in RunStatus}
+        self._index.clear()
+        self._run.forget_claims()
         seen: set[str] = set()
         pages = [
             await self._store.query(status=RunStatus.RUNNING.value, limit=100_000),
@@ -517,7 +482,7 @@ class Engine:
         ]
         records = [r for page in pages for r in page.runs if not (r.id in seen or seen.add(r.id))]  # type: ignore[func-returns-value]
         for stored in sorted(records, key=lambda r: r.created_at):
-            self._index(Run.from_record(stored.to_record(), self._tasks.get(stored.task)))
+            self._index.add(Run.from_record(stored.to_record(), self._tasks.get(stored.task)))
 
     def _services_in_start_order(self) -> list[Any]:
         # leadership first so leader-only workers see the outcome of the first
@@ -560,8 +525,8 @@ class Engine:
             self.bus.emit(
                 EngineStopping,
                 timeout=timeout,
-                pending=self._counts[_PENDING],
-                running=self._counts[_RUNNING],
+                pending=self._index.counts[_PENDING],
+                running=self._index.counts[_RUNNING],
             )
             # producers stop first so the drain below has a fixed amount of work;
             # queues drain within the deadline, supervised workers are cancelled
@@ -575,23 +540,16 @@ class Engine:
                 # what is queued waits in the store for the next start; finish what runs
                 self._executor.stop_claiming()
                 await self._executor.flush()
-            await self._wait_idle(deadline - loop.time())
+            await self._run.wait_idle(deadline - loop.time())
             self._executor.stop_claiming()
             cancelled_pending = 0
             if not self._durable:
                 cancelled_pending = await self._cancel_pending("shutdown")
-            cut = [run for run in self._claimed.values() if run.handle is not None and not run.handle.done()]
-            tasks = [run.handle for run in cut if run.handle is not None]
-            for run in cut:
-                if run.status is _RUNNING and run.cancel_reason is None:
-                    run.cancel_reason = "shutdown"
-                if run.handle is not None:
-                    run.handle.cancel()
-            await self._await_tasks(tasks)
+            tasks = self._run.cut_running("shutdown")
+            await self._run.await_tasks(tasks)
             await self._executor.stop()
             await self._wakeups.stop()
-            # outcomes written from callbacks (hand-backs, cancels before a first step)
-            await asyncio.gather(*self._writes, return_exceptions=True)
+            await self._run.await_writes()
             await self._leader.stop(loop.time() + 1.0)
             await self._health.stop(loop.time())
             self.bus.emit(EngineStopped, cancelled_pending=cancelled_pending, cancelled_running=len(tasks))
@@ -611,49 +569,12 @@ class Engine:
 
     async def _cancel_pending(self, reason: CancelReason) -> int:
         """End every pending run this node knows as cancelled (the memory store's shutdown)."""
-        pending = [run for run in self._runs.values() if run.status is _PENDING]
+        pending = self._index.pending()
         for run in pending:
             if not self._executor.drop_unwritten(run.id):
                 await self._store.request_cancel(run.id, reason)
-            self._finish_cancelled(run, reason, was_running=False)
+            self._run.finish_cancelled(run, reason, was_running=False)
         return len(pending)
-
-    async def _await_tasks(self, tasks: list[asyncio.Task[Any]]) -> None:
-        """Await cancelled tasks, cancelling again those that swallow the first cancel."""
-        remaining = [t for t in tasks if not t.done()]
-        for _ in range(3):
-            if not remaining:
-                return
-            _, pending = await asyncio.wait(remaining, timeout=self.cancel_grace)
-            for t in pending:
-                t.cancel()
-            remaining = list(pending)
-        if remaining:
-            # a task that ignores cancellation this long is a bug in that task; waiting
-            # for it forever would hang every caller of stop(), so say so and go on
-            log.warning(
-                "%d run(s) ignored cancellation for %.0f s and are still running: %s",
-                len(remaining), 3 * self.cancel_grace, ", ".join(t.get_name() for t in remaining),
-            )
-
-    def _local_work(self) -> int:
-        """Runs this node still has to see through before it is idle."""
-        running = len(self._claimed)
-        return running if self._durable else running + self._counts[_PENDING]
-
-    async def _wait_idle(self, timeout: float) -> bool:
-        if self._local_work() == 0:
-            return True
-        if timeout <= 0:
-            return False
-        self._idle = asyncio.get_running_loop().create_future()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._idle), timeout)
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            self._idle = None
 
     async def __aenter__(self) -> Engine:
         await self.start()
@@ -684,20 +605,13 @@ class Engine:
         spec = self._tasks.get(task)
         if spec is None or not (spec.submittable or internal):
             raise UnknownTask(task, (n for n, s in self._tasks.items() if s.submittable))
-        model, dumped = self._validate(spec, params)
+        model, dumped = spec.validate_params(params)
         if key is not None:
             check_key(f"task {spec.name!r}", key)
         return Run(self._new_id(), spec.name, spec, dumped, model, self.clock(), key, source, spec.retries + 1)
 
-    def _pending_holder(self, run: Run) -> Run | None:
-        """The pending run of the same task already holding ``run``'s dedup key, if any."""
-        if run.key is None:
-            return None
-        holder = self._keys.get((run.task, run.key))
-        return holder if holder is not None and holder.status is _PENDING else None
-
     def _check_room(self, extra: int = 1) -> None:
-        if self._counts[_PENDING] + extra > self.max_queue:
+        if self._index.counts[_PENDING] + extra > self.max_queue:
             raise QueueFull("the engine's run queue", self.max_queue)
 
     async def _store_insert(self, rows: list[NewRun]) -> list[Inserted]:
@@ -723,10 +637,7 @@ class Engine:
 
     def _admitted(self, run: Run) -> None:
         """``run`` is in the store (or on its way there): index it and say so."""
-        self._index(run)
-        self._submitted_total += 1
-        if run.key is not None:
-            self._keys[(run.task, run.key)] = run
+        self._index.admitted(run)
         self.bus.post(
             RunSubmitted,
             run_id=run.id,
@@ -736,48 +647,6 @@ class Engine:
             source=run.source,
             max_attempts=run.max_attempts,
         )
-
-    def _index(self, run: Run) -> None:
-        self._runs[run.id] = run
-        self._counts[run.status] += 1
-        if run.status.finished:
-            self._remember_finished(run)
-
-    @staticmethod
-    def _validate(
-        spec: TaskSpec, params: BaseModel | dict[str, Any] | None
-    ) -> tuple[BaseModel | None, dict[str, Any]]:
-        """The params as the task's model and as JSON-ready data; raises InvalidParams."""
-        model_cls = spec.params_model
-        if model_cls is None:
-            if params:
-                raise InvalidParams(
-                    spec.name,
-                    [{"loc": ("params",), "msg": f"task {spec.name!r} takes no params", "type": "extra_forbidden"}],
-                )
-            return None, {}
-        try:
-            if isinstance(params, model_cls):
-                model = params
-            elif isinstance(params, BaseModel):
-                model = model_cls.model_validate(params.model_dump())
-            else:
-                model = model_cls.model_validate(params if params is not None else {})
-        except ValidationError as exc:
-            errors = exc.errors(include_url=False, include_context=False, include_input=False)
-            raise InvalidParams(spec.name, [dict(e) for e in errors]) from None
-        try:
-            dumped = model.model_dump(mode="json")
-            check_jsonable(dumped)
-            return model, dumped
-        except (NotJsonSafe, PydanticSerializationError, ValueError, TypeError) as exc:
-            # the model accepted a value no dashboard could receive (a lone surrogate,
-            # say): refused here so nothing undecodable is ever recorded or published
-            detail = exc.detail if isinstance(exc, NotJsonSafe) else safe_str(exc)
-            raise InvalidParams(
-                spec.name,
-                [{"loc": ("params",), "msg": f"not encodable as UTF-8 JSON: {detail}", "type": "json_unsafe"}],
-            ) from None
 
     async def submit(
         self,
@@ -801,7 +670,7 @@ class Engine:
         return handle
 
     async def _submit(self, run: Run) -> RunHandle:
-        holder = self._pending_holder(run)
+        holder = self._index.pending_holder(run)
         if holder is not None:
             return RunHandle(self, holder.id, holder)
         memory = self._memory
@@ -813,15 +682,8 @@ class Engine:
         if not inserted.new:
             return RunHandle(self, inserted.id)  # another process's pending run holds the key
         self._admitted(run)
-        self._start_soon()
+        self._run.start_soon()
         return RunHandle(self, run.id, run)
-
-    def _start_soon(self) -> None:
-        """Start new work: at once with the memory store (its claims never wait), else via the executor."""
-        if self._memory is None:
-            self._executor.wake()
-        else:
-            self._executor.claim_at_once(self._memory)
 
     async def submit_many(
         self, submissions: Iterable[tuple[str, BaseModel | dict[str, Any] | None] | Mapping[str, Any]]
@@ -842,7 +704,7 @@ class Engine:
         fresh: list[Run] = []
         handles: list[RunHandle | None] = []
         for run in runs:
-            holder = self._pending_holder(run)
+            holder = self._index.pending_holder(run)
             handles.append(RunHandle(self, holder.id, holder) if holder is not None else None)
             if holder is None:
                 fresh.append(run)
@@ -866,7 +728,7 @@ class Engine:
                 out.append(RunHandle(self, run.id, run))
             else:
                 out.append(RunHandle(self, result.id))
-        self._start_soon()
+        self._run.start_soon()
         return out
 
     def submit_nowait(
@@ -886,7 +748,7 @@ class Engine:
         which users cannot submit directly.
         """
         run = self._prepare(task, params, key, source, internal)
-        holder = self._pending_holder(run)
+        holder = self._index.pending_holder(run)
         if holder is not None:
             return RunHandle(self, holder.id, holder)
         self._check_room()
@@ -901,30 +763,6 @@ class Engine:
         self._admitted(run)
         self._executor.claim_at_once(memory)
         return RunHandle(self, run.id, run)
-
-    def _inserted(self, rows: list[NewRun], result: list[Inserted] | BaseException) -> None:
-        """A batch queued with submit_nowait was written (or could not be)."""
-        if isinstance(result, BaseException):
-            log.error("writing %d queued run(s) to the store failed: %s", len(rows), result)
-            for row in rows:
-                run = self._runs.get(row.id or "")
-                if run is not None and run.status is _PENDING:
-                    error = RunError(type=type(result).__name__, message=f"the run could not be stored: {safe_str(result)}")
-                    self._fail_unstarted(run, error)
-            return
-        for row, inserted in zip(rows, result, strict=True):
-            if inserted.new:
-                continue
-            # another process's pending run held the key: this one never existed in the store
-            run = self._runs.get(row.id or "")
-            if run is not None and run.status is _PENDING:
-                self._finish_cancelled(run, "external", was_running=False)
-
-    def _fail_unstarted(self, run: Run, error: RunError) -> None:
-        run.error = error
-        now = self.clock()
-        self._finish(run, _FAILED, now)
-        self.bus.emit(RunFailed, run_id=run.id, task=run.task, attempt=run.attempt, duration=0.0, error=error)
 
     async def retry(self, run_id: str) -> RunHandle:
         """Submit a new run of a failed or cancelled run's task with the same params."""
@@ -954,18 +792,18 @@ class Engine:
         of it with its next heartbeat. Raises :class:`RunNotFound` or
         :class:`RunNotCancellable`.
         """
-        run = self._runs.get(run_id)
+        run = self._index.runs.get(run_id)
         if run is None:
             return await self._cancel_elsewhere(run_id)
         if run.status.finished:
             raise RunNotCancellable(run_id, run.status.value)
         if run.status is _PENDING:
             if self._executor.drop_unwritten(run_id):
-                self._finish_cancelled(run, "user", was_running=False)
+                self._run.finish_cancelled(run, "user", was_running=False)
                 return run.record()
             result = await self._store.request_cancel(run_id, "user")
             if result.action == "cancelled":
-                self._finish_cancelled(run, "user", was_running=False)
+                self._run.finish_cancelled(run, "user", was_running=False)
                 return run.record()
             if result.action == "finished":
                 raise RunNotCancellable(run_id, result.run.status.value)
@@ -978,7 +816,7 @@ class Engine:
             return run.record()
         run.cancel_reason = "user"
         run.handle.cancel()
-        await self._wait_finished(run, self.cancel_grace if grace is None else grace)
+        await self._run.wait_finished(run, self.cancel_grace if grace is None else grace)
         return run.record()
 
     async def _cancel_elsewhere(self, run_id: str) -> RunRecord:
@@ -990,7 +828,7 @@ class Engine:
     # ------------------------------------------------------------------ queries
 
     def _lookup(self, run_id: str) -> Run:
-        run = self._runs.get(run_id)
+        run = self._index.runs.get(run_id)
         if run is None:
             raise RunNotFound(run_id)
         return run
@@ -1003,7 +841,7 @@ class Engine:
     async def fetch_run(self, run_id: str) -> RunRecord:
         """A run's record from the index, or else from the store (runs of other processes,
         runs pruned from the index but still stored). Raises :class:`RunNotFound`."""
-        run = self._runs.get(run_id)
+        run = self._index.runs.get(run_id)
         if run is not None:
             return run.record()
         stored = await self._store.get(run_id)
@@ -1033,22 +871,12 @@ class Engine:
         holds, the awaitable is a plain future resolved by the finish itself:
         ``gather`` over many of them starts no task per run.
         """
-        run = run or self._runs.get(run_id)
+        run = run or self._index.runs.get(run_id)
         if run is None:
             return self._poll_store(run_id, timeout)
         if timeout is None:
-            return self._finished_future(run)
-        return self._wait_finished(run, timeout)
-
-    def _finished_future(self, run: Run) -> asyncio.Future[RunRecord]:
-        fut: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
-        if run.status.finished:
-            fut.set_result(run.record())
-        elif run.waiters is None:
-            run.waiters = [fut]
-        else:
-            run.waiters.append(fut)
-        return fut
+            return self._run.finished_future(run)
+        return self._run.wait_finished(run, timeout)
 
     async def _poll_store(self, run_id: str, timeout: float | None) -> RunRecord:
         loop = asyncio.get_running_loop()
@@ -1058,10 +886,10 @@ class Engine:
             record = await self.fetch_run(run_id)
             if record.status.finished or (deadline is not None and loop.time() >= deadline):
                 return record
-            run = self._runs.get(run_id)
+            run = self._index.runs.get(run_id)
             if run is not None:  # claimed here meanwhile: its finish wakes us
                 left = None if deadline is None else max(0.0, deadline - loop.time())
-                return await self._wait_finished(run, left)
+                return await self._run.wait_finished(run, left)
             pause = delay if deadline is None else min(delay, max(0.0, deadline - loop.time()))
             await asyncio.sleep(pause)  # another process's run: nothing here to wake us
             delay = min(delay * 2, 0.5)
@@ -1081,37 +909,25 @@ class Engine:
             wanted = {RunStatus(status)}
         else:
             wanted = {RunStatus(s) for s in status}
-        out = RunList()
-        if limit is not None and limit <= 0:
-            return out
-        for run in reversed(self._runs.values()):
-            if wanted is not None and run.status not in wanted:
-                continue
-            if task is not None and run.task != task:
-                continue
-            out.append(run.record())
-            if limit is not None and len(out) >= limit:
-                break
-        return out
+        return self._index.select(wanted, task, limit)
 
     def stats(self) -> EngineStats:
-        now = int(time.monotonic())
-        window = self._tp_window
-        finished = sum(b[1] for b in self._tp if b[0] > now - window)
+        index = self._index
+        counts = index.counts
         return EngineStats(
             node_id=self.node_id,
             state=self._state,
-            by_status={s.value: n for s, n in self._counts.items()},
-            queue_depth=self._counts[_PENDING],
-            running=self._counts[_RUNNING],
-            submitted_total=self._submitted_total,
-            finished_total=self._finished_total,
-            succeeded_total=self._totals[_SUCCEEDED],
-            failed_total=self._totals[_FAILED],
-            cancelled_total=self._totals[_CANCELLED],
-            retries_total=self._retries_total,
-            throughput=finished / window,
-            throughput_window=window,
+            by_status={s.value: n for s, n in counts.items()},
+            queue_depth=counts[_PENDING],
+            running=counts[_RUNNING],
+            submitted_total=index.submitted_total,
+            finished_total=index.finished_total,
+            succeeded_total=index.totals[_SUCCEEDED],
+            failed_total=index.totals[_FAILED],
+            cancelled_total=index.totals[_CANCELLED],
+            retries_total=index.retries_total,
+            throughput=index.throughput(),
+            throughput_window=index.throughput_window,
             queues={
                 q.name: {
                     "depth": q.depth,
@@ -1135,14 +951,7 @@ class Engine:
 
     def rates(self, seconds: float = 1.0) -> tuple[float, float]:
         """Runs finished and failed per second over the last ``seconds`` whole seconds."""
-        now = int(time.monotonic())
-        span = max(1, int(seconds))
-        done = failed = 0
-        for second, fin, fail in self._tp:
-            if now - span <= second < now:
-                done += fin
-                failed += fail
-        return done / span, failed / span
+        return self._index.rates(seconds)
 
     def leadership(self) -> Leadership:
         """Who leads, as this node sees it."""
@@ -1309,550 +1118,19 @@ class Engine:
 
     # ------------------------------------------------------------------ execution (the executor's callbacks)
 
+    def _node_load(self) -> tuple[float | None, int | None]:
+        """CPU and RSS of the last health sample, written to the nodes table with each heartbeat."""
+        sample = self._health.last
+        return (None, None) if sample is None else (sample.cpu_percent, sample.rss_bytes)
+
     def _claim_limits(self) -> dict[str, int | None]:
         """Every task this node can execute, with its concurrency limit (kept as tasks register)."""
         return self._limits
 
-    def _launch(self, claim: Claim) -> None:
-        """Start executing a run the executor claimed for this node.
-
-        Marked running synchronously, before the task's first step, so a
-        cancel or a stop that comes in between sees a running run with a task
-        to cancel.
-        """
-        run = self._runs.get(claim.run_id)
-        if run is None:
-            # submitted by another process, or by this node's previous incarnation
-            spec = self._tasks.get(claim.task)
-            run = Run(
-                claim.run_id, claim.task, spec, claim.params, None, claim.created_at,
-                claim.key, claim.source, claim.max_attempts,
-            )
-            self._index(run)
-        elif run.status.finished:
-            # the index moved on (cancelled here while the claim was in flight): the store
-            # must hear of it too, or the claim would sit unheartbeaten until it expires
-            self._write_later(claim.token, Cancelled(run.cancel_reason or "external"))
-            return
-        elif run.status is _RUNNING:
-            # re-claimed after recovery took an older claim of ours away: that attempt is over
-            if run.token is not None:
-                self._claimed.pop(run.token, None)
-                run.token = None
-            if run.handle is not None:
-                run.handle.cancel()
-            self._counts[_RUNNING] -= 1
-            self._counts[_PENDING] += 1
-            run.status = _PENDING
-        if not self._executor.claiming:
-            # claimed while this node was stopping: not started, so handed back as it was
-            note = RunError(type="Shutdown", message=f"node {self.node_id!r} stopped before the run started")
-            self._write_later(claim.token, Retry(note, 0.0, next_attempt=False))
-            return
-        counts = self._counts
-        counts[_PENDING] -= 1
-        counts[_RUNNING] += 1
-        run.status = _RUNNING
-        run.attempt = claim.attempt
-        run.started_at = claim.started_at
-        run.finished_at = None
-        run.run_after = 0.0
-        run.token = claim.token
-        self._claimed[claim.token] = run
-        self._release_key(run)
-        self._executor.started(claim.task)
-        self.bus.post(RunStarted, run_id=run.id, task=run.task, attempt=run.attempt)
-        task = asyncio.get_running_loop().create_task(self._execute(run, claim.token), name=f"taskwatch-run-{run.id}")
-        run.handle = task
-        # a callback, not a finally: it also runs for a task cancelled before its first step
-        task.add_done_callback(functools.partial(self._ended, run, claim.token))
-
-    def _ended(self, run: Run, token: str, task: asyncio.Task[None]) -> None:
-        if run.handle is task:
-            run.handle = None
-        self._claimed.pop(token, None)
-        if run.status is _RUNNING and run.token == token:
-            # cancelled before its first step, or while writing its outcome: nothing recorded it
-            run.token = None
-            reason = run.cancel_reason or "external"
-            if reason == "shutdown" and self._durable:
-                self._hand_back(run, token)
-            else:
-                self._finish_cancelled(run, reason, was_running=True)
-                self._write_later(token, Cancelled(reason))
-        elif run.status is _RUNNING and run.token is None and run.handle is None:
-            self._forget_claim(run)  # the claim was lost: the run is another node's now
-        self._executor.released(run.task)
-        self._start_soon()  # with the memory store the freed slot takes the next due run now
-        self._check_idle()
-
-    def _hand_back(self, run: Run, token: str) -> None:
-        """Give back a claim whose attempt never started (the node is stopping): pending, same attempt."""
-        self._forget_claim(run)
-        run.cancel_reason = None
-        note = RunError(type="Shutdown", message=f"node {self.node_id!r} stopped before the run started")
-        self._write_later(token, Retry(note, 0.0, next_attempt=False))
-
-    def _write_later(self, token: str, outcome: Outcome) -> None:
-        """Write an outcome from a callback that cannot wait (the store refuses a stale token).
-
-        The write is the engine's task: ``stop()`` awaits it before closing the store.
-        """
-        if self._loop is None or self._loop.is_closed():
-            return
-        task = self._loop.create_task(self._store.finish(token, outcome), name="taskwatch-outcome-write")
-        self._writes.add(task)
-        task.add_done_callback(self._written)
-
-    def _written(self, task: asyncio.Task[Any]) -> None:
-        self._writes.discard(task)
-        _log_failed_write(task)
-
-    def _held_claims(self) -> dict[str, Progress]:
-        return {token: Progress(done=run.done, total=run.total, message=run.message) for token, run in self._claimed.items()}
-
-    def _cancel_requested(self, token: str, reason: CancelReason) -> None:
-        """Someone (any node) asked the store to cancel a run executing here."""
-        run = self._claimed.get(token)
-        if run is not None and run.handle is not None and run.cancel_reason is None:
-            run.cancel_reason = reason
-            run.handle.cancel()
-
-    def _claim_lost(self, token: str) -> None:
-        """The store no longer counts this node as the run's owner (recovered elsewhere): stop it."""
-        run = self._claimed.get(token)
-        if run is None or token in self._finishing:
-            return  # gone, or ended by our own finish, which the heartbeat crossed
-        log.warning("lost the claim on run %s (recovered by another node); stopping it here", run.id)
-        run.token = None  # nothing this attempt does may be recorded any more
-        if run.handle is not None:
-            run.handle.cancel()
-
-    def _cut_off(self, seconds: float, tokens: Sequence[str], first: bool) -> None:
-        """The store has been out of reach past the claims' lease: stop the runs whose claims ran
-        out (another node may be running them by now), give up leadership, say so."""
-        stopped: list[str] = []
-        note = RunError(
-            type="StoreUnreachable",
-            message=f"node {self.node_id!r} could not reach the store to renew its claim for "
-            f"{self.lease_ttl:g} s; stopped there and re-queued",
-        )
-        for token in tokens:
-            run = self._claimed.get(token)
-            if run is None or token in self._finishing:
-                continue  # ended meanwhile: its own finish decides
-            stopped.append(run.id)
-            run.token = None  # nothing this attempt does may be recorded any more
-            if run.handle is not None:
-                run.handle.cancel()
-            # back to pending as soon as the store answers, unless another node took it over
-            self._write_later(token, Retry(note, 0.0))
-        if stopped:
-            log.warning("stopped %d run(s) whose claims ran out while the store was unreachable: %s",
-                        len(stopped), ", ".join(stopped))  # fmt: skip
-        if first:
-            self._leader.suspend()
-        self.bus.emit(StoreUnreachable, store=self._store.describe(), seconds=seconds, stopped=stopped)
-
-    def _reconnected(self, seconds: float) -> None:
-        self.bus.emit(StoreReachable, store=self._store.describe(), seconds=seconds)
-        self._leader.resume()
-
-    def _next_due(self) -> float | None:
-        """When the earliest pending retry this node knows of is due."""
-        due = self._retry_due
-        while due:
-            when, run_id = due[0]
-            run = self._runs.get(run_id)
-            if run is not None and run.status is _PENDING and run.run_after == when:
-                return when
-            heapq.heappop(due)  # started, cancelled or evicted since
-        return None
-
-    async def _execute(self, run: Run, token: str) -> None:
-        """Run one attempt of a claimed run and write its outcome with the claim's token."""
-        spec = run.spec
-        if spec is None:
-            error = RunError(
-                type="UnknownTask",
-                message=f"task {run.task!r} is not registered on node {self.node_id!r}; register it there, or run it elsewhere",
-            )
-            await self._record(run, token, Failed(error), error)
-            return
-        try:
-            model = run.model
-            if model is None and spec.params_model is not None:
-                # a run read back from the store: its params are validated again here
-                model = run.model = spec.params_model.model_validate(run.params)
-            ctx = TaskContext(self, run, spec.name, report=self._progress)
-            args: tuple[Any, ...] = (ctx,) if model is None else (ctx, model)
-            kwargs = {name: self.resources[name] for name in spec.resources} if spec.resources else {}
-            if spec.timeout is None:
-                result = await spec.fn(*args, **kwargs)
-            else:
-                async with asyncio.timeout(spec.timeout):
-                    result = await spec.fn(*args, **kwargs)
-            if result is not None:
-                result = jsonable(result)
-        except asyncio.CancelledError:
-            reason = run.cancel_reason or "external"
-            if reason == "external" and run.token is not None:
-                await self._record(run, token, Cancelled(reason), None)
-                raise
-            if run.token is not None:
-                await self._record(run, token, self._cut_short(run, reason), None)
-            # our own cancel: the run is recorded, the task ends normally
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
-            return
-        except TimeoutError as exc:
-            if spec.timeout is not None and run.cancel_reason is None:
-                error = RunError(
-                    type="TimeoutError",
-                    message=f"run exceeded its {spec.timeout:g} s timeout",
-                    traceback=RunError.from_exception(exc).traceback,
-                )
-            else:
-                error = RunError.from_exception(exc)
-        except NotJsonSafe as exc:
-            error = RunError(
-                type="ResultNotSerializable",
-                message=f"task {spec.name!r} returned a value that cannot be sent as JSON: {exc.detail}; "
-                "return JSON data (dicts, lists, str, numbers) or a pydantic model",
-            )
-        except BaseException as exc:  # noqa: BLE001
-            # SystemExit, KeyboardInterrupt, GeneratorExit and the like raised by task
-            # code fail that run: escaping here would take down the caller's loop
-            error = RunError.from_exception(exc)
-        else:
-            if run.cancel_reason is not None:
-                # the task swallowed the cancel and returned: it was still cancelled
-                await self._record(run, token, self._cut_short(run, run.cancel_reason), None)
-                return
-            await self._record(run, token, Succeeded(result), None)
-            return
-        if run.cancel_reason is not None:
-            # cancelled while it was failing: the user's intent wins
-            await self._record(run, token, self._cut_short(run, run.cancel_reason), None)
-            return
-        if run.attempt < run.max_attempts and self._state != "stopped":
-            delay = min(spec.backoff_max, spec.backoff * 2 ** (run.attempt - 1))
-            delay *= random.uniform(0.5, 1.0)  # jitter so retries of a burst spread out
-            await self._record(run, token, Retry(error, delay), error)
-            return
-        await self._record(run, token, Failed(error), error)
-
-    def _cut_short(self, run: Run, reason: CancelReason) -> Outcome:
-        """A durable store keeps a run cut short by shutdown for the next start; else it is cancelled."""
-        if reason == "shutdown" and self._durable:
-            return Retry(RunError(type="Shutdown", message=f"node {self.node_id!r} stopped while the run was executing; re-queued"), 0.0)
-        return Cancelled(reason)
-
-    async def _record(self, run: Run, token: str, outcome: Outcome, error: RunError | None) -> None:
-        """Write ``outcome`` with the claim's token, then bring the index and the bus up to date."""
-        if run.token != token:
-            return  # the claim was lost: another node owns the run now
-        memory = self._memory
-        if memory is not None:
-            # the memory store's finish never suspends: nothing can cut it short
-            self._apply_outcome(run, token, outcome, error, memory.finish_now(token, outcome))
-            return
-        write = asyncio.ensure_future(self._write_outcome(run, token, outcome))
-        self._finishing.add(token)
-        # the attempt is over: its slot may take the next run while the outcome is written,
-        # so that run's claim travels beside this write instead of after it
-        executor = self._executor
-        executor.writing(run.task, 1)
-        try:
-            # a cancel or a stop arriving now must not cut the write short: what the
-            # store holds and what this node reports would disagree
-            status = await asyncio.shield(write)
-        except asyncio.CancelledError:
-            status = await write
-            self._apply_outcome(run, token, outcome, error, status)
-            raise
-        finally:
-            self._finishing.discard(token)
-            executor.writing(run.task, -1)
-        self._apply_outcome(run, token, outcome, error, status)
-
-    async def _write_outcome(self, run: Run, token: str, outcome: Outcome) -> RunStatus | None:
-        """``store.finish``, tried again for a while if the store is busy (the claim stays heartbeaten)."""
-        delay = 0.05
-        for attempt in range(8):
-            try:
-                return await self._store.finish(token, outcome)
-            except StoreError as exc:
-                if attempt == 7 or isinstance(exc, StoreClosed):
-                    log.error("writing the outcome of run %s failed (%s); recovery will run it again", run.id, exc)
-                    return None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-        return None
-
-    def _apply_outcome(
-        self, run: Run, token: str, outcome: Outcome, error: RunError | None, status: RunStatus | None
-    ) -> None:
-        if run.token != token:
-            return
-        run.token = None
-        self._claimed.pop(token, None)
-        if status is None:
-            # the store gave the run to someone else while this attempt ran
-            log.warning("the outcome of run %s was refused: its claim had expired", run.id)
-            self._forget_claim(run)
-            return
-        now = self.clock()
-        if status is _PENDING:
-            assert isinstance(outcome, Retry)
-            self._requeued(run, outcome.error, now + outcome.delay)
-            self.bus.post(
-                RunRetrying, run_id=run.id, task=run.task, attempt=run.attempt, delay=outcome.delay, error=outcome.error
-            )
-            self._executor.wake()
-        elif status is _SUCCEEDED:
-            result = outcome.result if isinstance(outcome, Succeeded) else None
-            run.result = result
-            self._finish(run, _SUCCEEDED, now)
-            self.bus.post(
-                RunSucceeded, run_id=run.id, task=run.task, attempt=run.attempt,
-                duration=now - (run.started_at or now), result=result,
-            )
-        elif status is _FAILED:
-            run.error = error
-            self._finish(run, _FAILED, now)
-            self.bus.post(
-                RunFailed, run_id=run.id, task=run.task, attempt=run.attempt,
-                duration=now - (run.started_at or now), error=error,
-            )
-        else:
-            reason = outcome.reason if isinstance(outcome, Cancelled) else (run.cancel_reason or "user")
-            self._finish_cancelled(run, reason, was_running=True)
-
-    def _forget_claim(self, run: Run) -> None:
-        """This node no longer executes ``run``: show it pending until the store says more."""
-        if run.status is _RUNNING:
-            self._counts[_RUNNING] -= 1
-            self._counts[_PENDING] += 1
-            run.status = _PENDING
-
-    def _requeued(self, run: Run, error: RunError | None, run_after: float) -> None:
-        counts = self._counts
-        counts[run.status] -= 1
-        counts[_PENDING] += 1
-        if run.status.finished:
-            self._finished.pop(run.id, None)  # pending again: never evicted as finished
-        run.status = _PENDING
-        run.cancel_reason = None
-        run.result = None
-        run.attempt += 1
-        run.run_after = run_after
-        if run_after:
-            heapq.heappush(self._retry_due, (run_after, run.id))
-        run.error = error
-        run.finished_at = None
-        self._retries_total += 1
-        if run.key is not None:
-            self._keys.setdefault((run.task, run.key), run)
-
-    async def _on_recovered(self, recovered: list[Recovered]) -> None:
-        """Runs taken back from lost workers (any node's): update the index, publish what happened."""
-        for item in recovered:
-            self._recovered_total += 1
-            stored = await self._store.get(item.run_id)
-            run = self._runs.get(item.run_id)
-            if run is None:
-                if stored is None:
-                    continue  # pruned meanwhile
-                # a previous incarnation's run, or another node's: the store's row says it all
-                self._index(Run.from_record(stored.to_record(), self._tasks.get(item.task)))
-            elif item.action == "requeued":
-                if run.status is not _PENDING:
-                    self._requeued(run, stored.error if stored is not None else run.error, 0.0)
-                run.attempt = item.attempt
-            self.bus.emit(
-                RunRecovered, run_id=item.run_id, task=item.task, action=item.action, reason=item.reason,
-                attempt=item.attempt, lost_count=item.lost_count, from_node=item.node,
-            )
-            if run is None or run.status.finished:
-                continue
-            if item.action == "failed":
-                error = stored.error if stored is not None and stored.error is not None else RunError(
-                    type="WorkerLost", message="its worker was lost"
-                )
-                self._fail_unstarted(run, error)
-            elif item.action == "cancelled":
-                self._finish_cancelled(run, "external", was_running=True)
-
-    async def _prune(self) -> None:
-        """Keep the store within ``history`` and ``retention`` (never touching unfinished runs),
-        and bring the index up to date with runs other nodes execute."""
-        await self._store.prune(keep=self.history, older_than=self.retention)
-        if self._durable:
-            await self._catch_up()
-
-    async def _catch_up(self, limit: int = 256) -> None:
-        """Runs this node knows but does not execute: apply what the store says of them.
-
-        Another process sharing the store may have claimed, finished or
-        cancelled a run this node submitted; without this its index (and a
-        ``wait()`` on it) would show it pending for ever. Up to ``limit`` runs
-        a round, those shown running elsewhere first.
-        """
-        foreign = [
-            run for run in self._runs.values()
-            if not run.status.finished and run.token is None and run.handle is None
-        ]
-        foreign.sort(key=lambda run: run.status is not _RUNNING)
-        wanted = [run for run in foreign[:limit] if not self._executor.unwritten(run.id)]
-        if not wanted:
-            return
-        found = await self._store.get_many([run.id for run in wanted])  # one query for the lot
-        for run in wanted:
-            stored = found.get(run.id)
-            if stored is None or run.token is not None or run.status.finished:
-                continue  # pruned, or this node claimed or ended it meanwhile
-            self._apply_stored(run, stored.to_record())
-
-    def _apply_stored(self, run: Run, stored: RunRecord) -> None:
-        """Move ``run``'s index entry to what the store holds, announcing each transition."""
-        if stored.status is _RUNNING and run.status is _PENDING:
-            self._counts[_PENDING] -= 1
-            self._counts[_RUNNING] += 1
-            run.status = _RUNNING
-            run.attempt = stored.attempt
-            run.started_at = stored.started_at
-            self._release_key(run)
-            self.bus.emit(RunStarted, run_id=run.id, task=run.task, attempt=run.attempt)
-        elif stored.status is _PENDING and run.status is _RUNNING:
-            self._forget_claim(run)
-            run.attempt = stored.attempt
-        elif stored.status.finished:
-            run.attempt = stored.attempt
-            run.started_at = stored.started_at
-            run.result = stored.result
-            run.error = stored.error
-            now = stored.finished_at or self.clock()
-            if stored.status is _CANCELLED:
-                self._finish_cancelled(run, stored.cancel_reason or "external", was_running=run.status is _RUNNING)
-                return
-            self._finish(run, stored.status, now)
-            duration = now - (run.started_at or now)
-            if stored.status is _SUCCEEDED:
-                self.bus.emit(
-                    RunSucceeded, run_id=run.id, task=run.task, attempt=run.attempt, duration=duration, result=run.result
-                )
-            else:
-                error = run.error or RunError(type="Unknown", message="failed on another node")
-                self.bus.emit(RunFailed, run_id=run.id, task=run.task, attempt=run.attempt, duration=duration, error=error)
-
-    def _release_key(self, run: Run) -> None:
-        if run.key is not None and self._keys.get((run.task, run.key)) is run:
-            del self._keys[(run.task, run.key)]
-
-    def _progress(self, run: Run, done: float, total: float | None, message: str) -> None:
-        # the event is validated first: a value it refuses raises in the task and
-        # leaves the record as it was
-        event = self.bus.emit(
-            RunProgressed,
-            run_id=run.id,
-            task=run.task,
-            done=done,
-            total=total,
-            message=safe_text(message) if isinstance(message, str) else message,
-        )
-        run.done = event.done
-        run.total = event.total
-        run.message = event.message
-
-    def _finish_cancelled(self, run: Run, reason: CancelReason, *, was_running: bool) -> None:
-        if run.status.finished:
-            return
-        run.cancel_reason = reason
-        self._finish(run, _CANCELLED, self.clock())
-        self.bus.post(
-            RunCancelled,
-            run_id=run.id,
-            task=run.task,
-            attempt=run.attempt,
-            reason=reason,
-            was_running=was_running,
-        )
-
-    def _finish(self, run: Run, status: RunStatus, now: float) -> None:
-        counts = self._counts
-        counts[run.status] -= 1
-        counts[status] += 1
-        run.status = status
-        run.finished_at = now
-        run.run_after = 0.0
-        self._release_key(run)
-        self._finished_total += 1
-        self._totals[status] += 1
-        second = int(time.monotonic())
-        tp = self._tp
-        if tp and tp[-1][0] == second:
-            bucket = tp[-1]
-        else:
-            bucket = [second, 0, 0]
-            tp.append(bucket)
-            horizon = second - max(self._tp_window, 60)
-            while tp[0][0] < horizon:
-                tp.popleft()
-        bucket[1] += 1
-        if status is _FAILED:
-            bucket[2] += 1
-        waiters = run.waiters
-        if waiters:
-            run.waiters = None
-            record = run.record()
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(record)
-        self._remember_finished(run)
-        self._check_idle()
-
-    def _remember_finished(self, run: Run) -> None:
-        finished = self._finished
-        finished[run.id] = None
-        if len(finished) > self.history:
-            evicted, _ = finished.popitem(last=False)
-            old = self._runs.pop(evicted, None)
-            if old is not None:
-                self._counts[old.status] -= 1
-            self._evicted += 1
-            memory = self._memory
-            if self._evicted >= self._prune_every and memory is not None:
-                # the memory store is pruned as the index is, in small steps: rows it
-                # kept past history would only cost memory and garbage-collector time
-                self._evicted = 0
-                memory.prune_now(keep=self.history, older_than=self.retention)
-
-    def _check_idle(self) -> None:
-        idle = self._idle
-        if idle is not None and self._local_work() == 0 and not idle.done():
-            idle.set_result(None)
-
-    async def _wait_finished(self, run: Run, timeout: float | None) -> RunRecord:
-        if run.status.finished:
-            return run.record()
-        fut: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
-        if run.waiters is None:
-            run.waiters = []
-        run.waiters.append(fut)
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), timeout)
-        except TimeoutError:
-            return run.record()
-        finally:
-            if run.waiters is not None and fut in run.waiters:
-                run.waiters.remove(fut)
-
     def __repr__(self) -> str:
         return (
             f"<Engine {self.node_id} {self._state} tasks={len(self._tasks)} "
-            f"pending={self._counts[_PENDING]} running={self._counts[_RUNNING]}>"
+            f"pending={self._index.counts[_PENDING]} running={self._index.counts[_RUNNING]}>"
         )
 
     def _repr_html_(self) -> str:

@@ -57,6 +57,7 @@ class Executor:
         heartbeat_interval: float,
         maintenance_interval: float,
         prune: Callable[[], Awaitable[None]],
+        node_load: Callable[[], tuple[float | None, int | None]] | None = None,
         max_pending: int | None = None,
         cut_off: Callable[[float, Sequence[str], bool], None] | None = None,
         reconnected: Callable[[float], None] | None = None,
@@ -79,6 +80,8 @@ class Executor:
         self._next_due = next_due
         self._clock = clock
         self._prune = prune
+        #: this process's CPU and RSS for the nodes table (the engine's last health sample)
+        self._node_load = node_load
         self.poll_interval = poll_interval
         self.heartbeat_interval = heartbeat_interval
         self.maintenance_interval = maintenance_interval
@@ -320,7 +323,8 @@ class Executor:
             lost = result.lost
             for token in lost:
                 self._claim_lost(token)
-        await self.store.node_heartbeat(self.incarnation, self.running)
+        cpu, rss = self._node_load() if self._node_load is not None else (None, None)
+        await self.store.node_heartbeat(self.incarnation, self.running, cpu_percent=cpu, rss_bytes=rss)
         if self._shared:
             self._renewed(sent, claims, lost)
 

@@ -130,5 +130,17 @@ class PostgresLease(Lease):
         row, _ = await self._one(_HOLDER, self.name)
         return None if row is None else LeaseState(holder=row[0], term=row[1], expires_at=row[2])
 
+    async def peek(self) -> LeaseState | None:
+        """:meth:`holder` for a watcher that changes nothing: a database whose nodes use no
+        PostgresLease (no ``leases`` table) has no holder, and no table is created for it."""
+        conn = await self._driver.connect(self.url, timeout=self.connect_timeout)
+        try:
+            row = await conn.fetchrow(_HOLDER, self.name)
+        except self._driver.UndefinedTableError:
+            return None
+        finally:
+            await conn.close()
+        return None if row is None else LeaseState(holder=row[0], term=row[1], expires_at=row[2])
+
     def __repr__(self) -> str:
         return f"<PostgresLease {self.name!r} ttl={self.ttl:g}>"

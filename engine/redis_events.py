@@ -6,22 +6,10 @@ stream (``XADD <stream> MAXLEN ~ N``), in batches (one pipelined round trip
 per batch, after a short linger), and reads the stream back (``XREAD`` from
 the last id it read, blocking) into :attr:`RedisEventRelay.bus`: an
 :class:`~.bus.EventBus` holding the events of every node sharing the stream,
-each with the ``node`` that emitted it. A dashboard or any other subscriber
-watches the whole cluster there; :meth:`RedisEventRelay.nodes` sums it up
-per node (last event, leadership, running runs, CPU and RSS from its health
-samples).
-
-The cluster bus is separate from the engine's own bus on purpose: the
-engine's bus numbers *this* node's events (``seq``) and snapshots resume from
-those numbers; events from other nodes have their own.
-
-Nothing is lost silently. Events that do not fit the outgoing buffer while
-Redis is unreachable are counted (``unsent``). Each node numbers its events,
-so a reader that finds a gap in a node's numbers (the stream was trimmed past
-what it had read, or the node could not send them) counts them as ``missed``,
-per node, and announces them on the cluster bus as a ``bus.dropped`` event
-naming that node. Connection failures back off (doubling up to 2 s) and the
-reader resumes from its last id.
+each with the ``node`` that emitted it. The buffering, coalescing, per-node
+gap accounting and the per-node summary are the base's (``relay.py``); this
+module says how events go through Redis. Connection failures back off
+(doubling up to 2 s) and the reader resumes from its last id.
 
 redis-py is imported when a relay is made (``pip install 'taskwatch[redis]'``).
 """
@@ -30,25 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .bus import DEFAULT_REPLAY, EventBus
 from .errors import InvalidConfiguration, MissingDependency
-from .events import BaseEvent, EventsDropped, event_from_json, event_to_json
 from .redis_lease import redact_url
+from .relay import BACKOFF_MAX, BACKOFF_MIN, ClusterNode, EventRelay, Outgoing, RelayStats, cancelling, log
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-log = logging.getLogger("taskwatch.events.redis")
-
-_BACKOFF_MIN = 0.05
-_BACKOFF_MAX = 2.0
+__all__ = ["ClusterNode", "RedisEventRelay", "RelayStats"]
 
 
 def _import_redis() -> tuple[Any, Any]:
@@ -69,70 +47,7 @@ def _split_options(url: str) -> tuple[str, dict[str, str]]:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, rest, parts.fragment)), mine
 
 
-def _cancelling() -> bool:
-    """Whether someone asked to cancel the current task."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-class ClusterNode(BaseModel):
-    """One node as the cluster's event stream shows it."""
-
-    model_config = ConfigDict(frozen=True)
-
-    node: str
-    last_ts: float
-    last_kind: str
-    events: int
-    missed: int = 0
-    is_leader: bool | None = None
-    term: int | None = None
-    running: int | None = None
-    cpu_percent: float | None = None
-    rss_bytes: int | None = None
-    stopped: bool = False
-
-
-class RelayStats(BaseModel):
-    """The relay's counters: what it sent, what it read, and what was lost on the way."""
-
-    model_config = ConfigDict(frozen=True)
-
-    stream: str
-    connected: bool
-    published: int
-    unsent: int
-    pending: int
-    batches: int
-    received: int
-    missed: int
-    malformed: int
-    errors: int
-
-
-class _NodeView:
-    __slots__ = ("node", "last_seq", "last_ts", "last_kind", "events", "missed", "is_leader", "term",
-                 "running", "cpu_percent", "rss_bytes", "stopped")
-
-    def __init__(self, node: str) -> None:
-        self.node = node
-        self.last_seq: int | None = None
-        self.last_ts = 0.0
-        self.last_kind = ""
-        self.events = 0
-        self.missed = 0
-        self.is_leader: bool | None = None
-        self.term: int | None = None
-        self.running: int | None = None
-        self.cpu_percent: float | None = None
-        self.rss_bytes: int | None = None
-        self.stopped = False
-
-    def model(self) -> ClusterNode:
-        return ClusterNode(**{name: getattr(self, name) for name in ClusterNode.model_fields})
-
-
-class RedisEventRelay:
+class RedisEventRelay(EventRelay):
     """Publishes a bus to a Redis stream and reads every node's events back from it.
 
     ``bus`` is the node's own bus to publish (``None`` for a reader only, as
@@ -182,193 +97,52 @@ class RedisEventRelay:
         if problems:
             raise InvalidConfiguration("the Redis event relay", problems)
         self._redis, self._errors = _import_redis()
+        super().__init__(
+            bus, stream=stream, batch=batch, linger=linger, max_pending=max_pending, from_start=since == "0",
+            replay=replay,
+        )
+        self.transient_errors = (self._errors.ConnectionError, self._errors.TimeoutError, OSError)
         self.url = url
-        self.stream = stream
         self.maxlen = maxlen
-        self.batch = batch
-        self.linger = linger
-        self.max_pending = max_pending
         self.since = since
         self.read_block = read_block
-        self.source = bus
-        #: every node's events, as read from the stream
-        self.bus = EventBus(node="cluster", replay=replay)
-        self._outgoing: deque[str] = deque()
-        self._wake = asyncio.Event()
-        self._unsubscribe: Callable[[], None] | None = None
-        self._tasks: list[asyncio.Task[None]] = []
         self._writer: Any = None
         self._reader: Any = None
-        self._nodes: dict[str, _NodeView] = {}
         self._last_id = "$"
-        #: the last seq of the source bus handed to the publisher (so a restart resends nothing)
-        self._sent_through = 0
-        self._from_start = since == "0"
-        self.connected = False
-        self.published = 0
-        self.unsent = 0
-        self.batches = 0
-        self.received = 0
-        self.missed = 0
-        self.malformed = 0
-        self.errors = 0
-
-    # ------------------------------------------------------------------ lifecycle
-
-    async def start(self) -> None:
-        if self._tasks:
-            return
-        self._wake = asyncio.Event()
-        self._writer = self._redis.Redis.from_url(self.url, socket_timeout=5.0, socket_connect_timeout=5.0)
-        # the reader blocks in XREAD: its socket must wait longer than that
-        self._reader = self._redis.Redis.from_url(
-            self.url, socket_timeout=self.read_block + 5.0, socket_connect_timeout=5.0
-        )
-        if self.since == "$":
-            self._last_id = await self._current_last_id()
-        else:
-            self._last_id = "0-0"
-        self.bus.reopen()
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._read_loop(), name=f"taskwatch-events-read-{self.stream}")]
-        if self.source is not None:
-            # what the bus published before this start (the engine's start event,
-            # registrations) goes out first; no await from here to the subscription
-            for event in self.source.recent():
-                if event.seq > self._sent_through:
-                    self._offer(event)
-            self._unsubscribe = self.source.add_callback(self._offer)
-            self._tasks.append(loop.create_task(self._publish_loop(), name=f"taskwatch-events-send-{self.stream}"))
-
-    async def stop(self, deadline: float | None = None) -> None:
-        """Send what is still buffered (until ``deadline``, loop time; 1 s by default),
-        then stop both loops and disconnect."""
-        loop = asyncio.get_running_loop()
-        if deadline is None:
-            deadline = loop.time() + 1.0
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
-        if self._writer is not None and self._outgoing:
-            try:
-                async with asyncio.timeout(max(0.05, deadline - loop.time())):
-                    await self._flush()
-            except (TimeoutError, self._errors.ConnectionError, self._errors.TimeoutError, OSError) as exc:
-                log.warning("%d events not sent to %s at stop: %r", len(self._outgoing), self.stream, exc)
-        for client in (self._writer, self._reader):
-            if client is not None:
-                with contextlib.suppress(Exception):
-                    await client.aclose()
-        self._writer = self._reader = None
-        self.connected = False
-        self.bus.close()
-
-    async def __aenter__(self) -> RedisEventRelay:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    # ------------------------------------------------------------------ what it knows
 
     @property
     def public_url(self) -> str:
         """The URL without its password, for headers and logs."""
         return redact_url(self.url)
 
-    def nodes(self) -> list[ClusterNode]:
-        """Every node seen on the stream, by name.
-
-        A node that never said anything about the lease is a follower once
-        another node has said it leads (followers publish no lease events).
-        """
-        views = [self._nodes[name] for name in sorted(self._nodes)]
-        someone_leads = any(view.is_leader for view in views)
-        out = []
-        for view in views:
-            info = view.model()
-            if someone_leads and info.is_leader is None:
-                info = info.model_copy(update={"is_leader": False})
-            out.append(info)
-        return out
-
-    def stats(self) -> RelayStats:
-        return RelayStats(
-            stream=self.stream,
-            connected=self.connected,
-            published=self.published,
-            unsent=self.unsent,
-            pending=len(self._outgoing),
-            batches=self.batches,
-            received=self.received,
-            missed=self.missed,
-            malformed=self.malformed,
-            errors=self.errors,
+    async def _open(self) -> None:
+        self._writer = self._redis.Redis.from_url(self.url, socket_timeout=5.0, socket_connect_timeout=5.0)
+        # the reader blocks in XREAD: its socket must wait longer than that
+        self._reader = self._redis.Redis.from_url(
+            self.url, socket_timeout=self.read_block + 5.0, socket_connect_timeout=5.0
         )
+        self._last_id = await self._current_last_id() if self.since == "$" else "0-0"
 
-    # ------------------------------------------------------------------ publishing
+    async def _close(self) -> None:
+        for client in (self._writer, self._reader):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+        self._writer = self._reader = None
 
-    def _offer(self, event: BaseEvent) -> None:
-        self._sent_through = max(self._sent_through, event.seq)
-        if len(self._outgoing) >= self.max_pending:
-            self.unsent += 1
-            return
-        self._outgoing.append(event_to_json(event))
-        if len(self._outgoing) == 1 or len(self._outgoing) >= self.batch:
-            self._wake.set()
-
-    async def _publish_loop(self) -> None:
-        delay = 0.0
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self.linger and len(self._outgoing) < self.batch:
-                # a short wait turns a burst into one round trip instead of many
-                await asyncio.sleep(self.linger)
-            try:
-                await self._flush()
-                delay = 0.0
-                if _cancelling():
-                    # redis-py can swallow a cancel that lands in a round trip
-                    raise asyncio.CancelledError
-            except (self._errors.ConnectionError, self._errors.TimeoutError, OSError) as exc:
-                if _cancelling():
-                    raise asyncio.CancelledError from exc
-                self.errors += 1
-                self.connected = False
-                delay = min(_BACKOFF_MAX, delay * 2 if delay else _BACKOFF_MIN)
-                log.warning("publishing events to %s failed (%r); retrying in %.2g s", self.stream, exc, delay)
-                await asyncio.sleep(delay)
-                self._wake.set()
-
-    async def _flush(self) -> None:
-        while self._outgoing:
-            batch = [self._outgoing.popleft() for _ in range(min(self.batch, len(self._outgoing)))]
-            try:
-                pipe = self._writer.pipeline(transaction=False)
-                for data in batch:
-                    pipe.xadd(self.stream, {"e": data}, maxlen=self.maxlen, approximate=True)
-                await pipe.execute()
-            except BaseException:
-                # not sent: back to the front, in order, for the next attempt
-                self._outgoing.extendleft(reversed(batch))
-                raise
-            self.connected = True
-            self.published += len(batch)
-            self.batches += 1
-
-    # ------------------------------------------------------------------ reading
+    async def _send(self, batch: list[Outgoing]) -> None:
+        pipe = self._writer.pipeline(transaction=False)
+        for record in batch:
+            fields: dict[str, Any] = {"e": record.data}
+            if record.skipped:
+                fields["c"] = record.skipped
+            pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
+        await pipe.execute()
 
     async def _current_last_id(self) -> str:
         try:
             newest = await self._reader.xrevrange(self.stream, count=1)
-        except (self._errors.ConnectionError, self._errors.TimeoutError, OSError):
+        except self.transient_errors:
             return "$"
         if not newest:
             return "0-0"
@@ -384,66 +158,25 @@ class RedisEventRelay:
                 )
                 self.connected = True
                 delay = 0.0
-                if _cancelling():
+                if cancelling():
                     # redis-py can swallow a cancel that lands in a blocking read
                     raise asyncio.CancelledError
-            except (self._errors.ConnectionError, self._errors.TimeoutError, OSError) as exc:
-                if _cancelling():
+            except self.transient_errors as exc:
+                if cancelling():
                     # redis-py turns a cancel in mid-read into a connection error
                     raise asyncio.CancelledError from exc
                 self.errors += 1
                 self.connected = False
-                delay = min(_BACKOFF_MAX, delay * 2 if delay else _BACKOFF_MIN)
+                delay = min(BACKOFF_MAX, delay * 2 if delay else BACKOFF_MIN)
                 log.warning("reading events from %s failed (%r); retrying in %.2g s", self.stream, exc, delay)
                 await asyncio.sleep(delay)
                 continue
             for _stream, entries in reply or ():
                 for entry_id, fields in entries:
                     self._last_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-                    self._take(fields.get(b"e") or fields.get("e"))
-
-    def _take(self, data: bytes | str | None) -> None:
-        try:
-            if data is None:
-                raise ValueError("stream entry without an 'e' field")
-            event = event_from_json(data)
-        except (ValueError, ValidationError):
-            self.malformed += 1
-            return
-        view = self._nodes.get(event.node)
-        if view is None:
-            view = self._nodes[event.node] = _NodeView(event.node)
-            # reading from the oldest kept event: what came before it was trimmed away
-            view.last_seq = 0 if self._from_start else None
-        if view.last_seq is not None:
-            if event.seq > view.last_seq + 1:
-                gap = event.seq - view.last_seq - 1
-                view.missed += gap
-                self.missed += gap
-                self.bus.publish(EventsDropped(node=event.node, ts=event.ts, count=gap, total=view.missed))
-            elif event.seq <= view.last_seq:
-                # numbers start again: the node restarted (a new engine, a new bus)
-                view.stopped = False
-        view.last_seq = event.seq
-        view.last_ts = event.ts
-        view.last_kind = event.kind  # type: ignore[attr-defined]
-        view.events += 1
-        self._note(view, event)
-        self.received += 1
-        self.bus.publish(event)
-
-    @staticmethod
-    def _note(view: _NodeView, event: Any) -> None:
-        kind = event.kind
-        if kind == "health":
-            view.running = event.running
-            view.cpu_percent = event.cpu_percent
-            view.rss_bytes = event.rss_bytes
-        elif kind in ("lease.acquired", "lease.renewed"):
-            view.is_leader, view.term = True, event.term
-        elif kind in ("lease.lost", "lease.released"):
-            view.is_leader, view.term = False, event.term
-        elif kind == "engine.stopped":
-            view.stopped = True
-        elif kind == "engine.started":
-            view.stopped = False
+                    skipped = fields.get(b"c") or fields.get("c") or 0
+                    try:
+                        skipped = int(skipped)
+                    except ValueError:
+                        skipped = 0
+                    self._take(fields.get(b"e") or fields.get("e"), skipped)

@@ -8,9 +8,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticSerializationError
 
-from .errors import TaskDefinitionError
+from .errors import InvalidParams, TaskDefinitionError
+from .jsonsafe import NotJsonSafe, check_jsonable, safe_str
 
 TaskFn = Callable[..., Awaitable[Any]]
 
@@ -51,6 +53,39 @@ class TaskSpec:
     @property
     def submittable(self) -> bool:
         return self.kind == "task"
+
+    def validate_params(self, params: BaseModel | dict[str, Any] | None) -> tuple[BaseModel | None, dict[str, Any]]:
+        """The params as the task's model and as JSON-ready data; raises InvalidParams."""
+        model_cls = self.params_model
+        if model_cls is None:
+            if params:
+                raise InvalidParams(
+                    self.name,
+                    [{"loc": ("params",), "msg": f"task {self.name!r} takes no params", "type": "extra_forbidden"}],
+                )
+            return None, {}
+        try:
+            if isinstance(params, model_cls):
+                model = params
+            elif isinstance(params, BaseModel):
+                model = model_cls.model_validate(params.model_dump())
+            else:
+                model = model_cls.model_validate(params if params is not None else {})
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False, include_context=False, include_input=False)
+            raise InvalidParams(self.name, [dict(e) for e in errors]) from None
+        try:
+            dumped = model.model_dump(mode="json")
+            check_jsonable(dumped)
+            return model, dumped
+        except (NotJsonSafe, PydanticSerializationError, ValueError, TypeError) as exc:
+            # the model accepted a value no dashboard could receive (a lone surrogate,
+            # say): refused here so nothing undecodable is ever recorded or published
+            detail = exc.detail if isinstance(exc, NotJsonSafe) else safe_str(exc)
+            raise InvalidParams(
+                self.name,
+                [{"loc": ("params",), "msg": f"not encodable as UTF-8 JSON: {detail}", "type": "json_unsafe"}],
+            ) from None
 
     def info(self) -> TaskInfo:
         return TaskInfo(

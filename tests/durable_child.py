@@ -36,6 +36,8 @@ at once, so the test can act on what the process has really done:
     it stopped), and came back.
 ``{"ev": "interrupted", "id": ..., "attempt": ...}``
     A ``work`` run was cancelled in the middle of its sleep.
+``{"ev": "cluster", "node": ..., "kind": ...}``
+    (``--events``) the first event of another node reached this node's cluster bus.
 
 Tasks (the same in every process, as a real deployment would have):
 
@@ -57,6 +59,13 @@ Tasks (the same in every process, as a real deployment would have):
     ``peak`` to it if higher), sleeps like ``work``, then takes the one off
     again. ``peak`` is how many ran at once across every node, as the runs
     themselves counted it. The test creates the table.
+``steps``
+    Reports progress ``--steps`` times in a row (no await between), then returns.
+
+With ``--events SPEC`` the engine relays its events (``events=SPEC``, e.g.
+``postgres``), and with ``--health SECONDS`` it samples its health (CPU and
+RSS reach the nodes table and the events). ``stopped`` lines carry ``seq``,
+the last number of the node's own bus.
 
 ``fill`` mode: once started (after ``--wait-go``'s line, if given), submits
 one run of ``--task`` at a time until the engine raises ``QueueFull``, then
@@ -125,8 +134,9 @@ def build(args: argparse.Namespace) -> Engine:
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
         history=args.history,
-        health_interval=None,
+        health_interval=args.health,
         lease=PostgresLease(args.db, ttl=args.lease_ttl) if args.leader else None,
+        events=args.events,
     )
     log = ExecLog(args.log, args.node, args.fsync)
     pause = args.sleep
@@ -181,6 +191,14 @@ def build(args: argparse.Namespace) -> Engine:
         finally:
             await gauge.execute("UPDATE gauge SET running = running - 1")
 
+    steps = args.steps
+
+    @engine.task(name="steps")
+    async def steps_task(ctx: TaskContext) -> int:
+        for i in range(1, steps + 1):
+            await ctx.progress(i, steps)
+        return steps
+
     if args.periodic:
 
         @engine.periodic(every=args.periodic, fixed_rate=True, name="tick")
@@ -216,6 +234,16 @@ def build(args: argparse.Namespace) -> Engine:
         emit(ev=event.kind, stopped=getattr(event, "stopped", []), seconds=event.seconds, t=time.time())
 
     engine.bus.add_callback(store_state, ["store.unreachable", "store.reachable"])
+
+    heard: set[str] = set()
+
+    def from_the_cluster(event: Any) -> None:
+        if event.node not in heard and event.node not in (args.node, ""):
+            heard.add(event.node)
+            emit(ev="cluster", node=event.node, kind=event.kind)
+
+    if engine.cluster is not None:
+        engine.cluster.bus.add_callback(from_the_cluster)
     return engine
 
 
@@ -254,11 +282,11 @@ async def main(args: argparse.Namespace) -> None:
         counts = await wait_drained(engine, args.expect)
         emit(ev="drained", counts=counts, notified=getattr(engine.store, "notifications_received", None))
         await engine.stop()
-        emit(ev="stopped")
+        emit(ev="stopped", seq=engine.bus.last_seq)
         return
     await asyncio.to_thread(sys.stdin.read)  # until the test closes stdin (or kills us)
     await engine.stop()
-    emit(ev="stopped")
+    emit(ev="stopped", seq=engine.bus.last_seq)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -279,6 +307,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--leader", action="store_true", help="compete for a PostgresLease on DB (a postgresql:// URL)")
     p.add_argument("--periodic", type=float, default=0.0, help="register the fixed-rate periodic task 'tick'")
     p.add_argument("--cap", type=int, default=2, help="the concurrency of the task 'capped'")
+    p.add_argument("--events", default=None, help="relay the engine's events (events=..., e.g. postgres)")
+    p.add_argument("--health", type=float, default=None, help="sample the engine's health every SECONDS")
+    p.add_argument("--steps", type=int, default=400, help="progress reports of one 'steps' run")
     sub = p.add_subparsers(dest="mode", required=True)
     run = sub.add_parser("run")
     run.add_argument("--submit", default=None, help="task to submit --count runs of, in one submit_many")

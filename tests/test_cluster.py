@@ -149,7 +149,13 @@ def test_a_killed_nodes_runs_finish_on_the_others(
     def victim_busy() -> bool:
         return sum(1 for line in executions(log) if line["node"] == "victim") >= 10
 
-    wait_until(victim_busy, 60, "the victim executed some runs")
+    try:
+        wait_until(victim_busy, 60, "the victim executed some runs")
+    except AssertionError as exc:
+        per_node = Counter(line["node"] for line in executions(log))
+        raise AssertionError(
+            f"{exc}; executions per node: {dict(per_node)}; victim's last lines: {victim.lines[-8:]}"
+        ) from None
     os.kill(victim.proc.pid, signal.SIGKILL)
     killed_at = time.time()
     assert victim.proc.wait(timeout=30) == -signal.SIGKILL

@@ -21,8 +21,10 @@ LAYERS: list[set[str]] = [
     {"version", "errors", "jsonsafe", "hop", "runs", "events", "options", "tasks"},
     {"bus"},
     {"store", "lease", "postgres_lease", "redis_lease"},
-    {"executor", "context", "handle", "scheduler", "queues", "triggers", "supervisor", "health", "wakeups", "redis_events"},
-    {"engine", "snapshot"},
+    {"executor", "execution", "index", "context", "handle", "scheduler", "queues", "triggers", "supervisor", "health",
+     "wakeups", "relay",
+     "redis_events", "postgres_events"},
+    {"engine", "snapshot", "observer"},
     {"server", "wire", "operations", "remote", "background", "display", "__init__"},
 ]
 

@@ -174,8 +174,8 @@ def test_bad_relay_options_are_refused_with_every_problem_named() -> None:
         RedisEventRelay("http://x", stream="", maxlen=0, since="later")
     message = str(info.value)
     assert all(word in message for word in ("redis://", "stream", "maxlen", "since"))
-    with pytest.raises(InvalidConfiguration):
-        Engine(events="postgres://db")
+    with pytest.raises(InvalidConfiguration, match="postgresql://"):
+        Engine(events="http://db")
     with pytest.raises(InvalidConfiguration, match="maxlen"):
         Engine(events="redis://127.0.0.1:1/0?maxlen=lots")
     # the relay's own options come out of the URL redis-py gets
@@ -188,4 +188,27 @@ async def test_an_engine_without_events_has_no_cluster_view() -> None:
     assert engine.cluster is None
     async with engine:
         await asyncio.sleep(0)
+    assert not stray_tasks()
+
+
+async def test_progress_bursts_are_coalesced_and_not_counted_missed(redis_server: RedisServer) -> None:
+    stream = stream_name()
+    steps = 300
+    writer = Engine(node_id="w", events=f"{redis_server.url}?stream={stream}", health_interval=None)
+
+    @writer.task
+    async def steps_task(ctx: TaskContext) -> None:
+        for i in range(1, steps + 1):
+            await ctx.progress(i, steps)  # no await in between: one batch
+
+    async with RedisEventRelay(redis_server.url, stream=stream) as reader:
+        async with writer:
+            await (await writer.submit("steps_task")).wait()
+        last = writer.bus.last_seq
+        await eventually(lambda: bool(reader.nodes()) and reader.nodes()[0].stopped, timeout=10.0)
+        (seen,) = reader.nodes()
+        progress = [e for e in reader.bus.recent() if e.kind == "run.progress"]  # type: ignore[attr-defined]
+        assert progress[-1].done == steps and len(progress) < steps // 10
+        assert seen.missed == 0 and seen.events + seen.coalesced == last
+        assert writer.cluster is not None and writer.cluster.stats().coalesced == seen.coalesced
     assert not stray_tasks()

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from taskwatch.tui.screenshots import BULK, SCREENS, SIZE, SIZES, scenario_app, settle
+from taskwatch.tui.screenshots import BULK, SCREENS, SIZE, SIZES, press, scenario_app, settle
 from textual.pilot import Pilot
 
 
@@ -36,14 +36,9 @@ def test_screen(screen: str, snap_compare) -> None:  # type: ignore[no-untyped-d
     app, engine, clock = scenario_app()
 
     async def play(pilot: Pilot) -> None:
-        # the keys are pressed here, as `make screenshots` presses them, with a pause after
-        # each: a tab shown (the event log drawing its backlog) settles before the picture
+        # the keys are pressed as `make screenshots` presses them, and the picture waits,
+        # as there, until a tab just shown (the event log drawing its backlog) is still
         await settle(app, engine, clock, bulk=screen in BULK)
-        await pilot.pause()
-        for key in SCREENS[screen]:
-            await pilot.press(key)
-            await pilot.pause()
-        await pilot.wait_for_scheduled_animations()
-        await pilot.pause()
+        await press(app, pilot, SCREENS[screen])
 
     assert snap_compare(app, terminal_size=SIZES.get(screen, SIZE), run_before=play)

@@ -466,13 +466,16 @@ async def test_nodes_table(store: Store, clock: FakeClock) -> None:
     info = await store.register_node("n1", "i1", "1.2.3")
     assert (info.node, info.incarnation, info.version, info.started_at) == ("n1", "i1", "1.2.3", clock.now)
     clock.advance(5)
-    await store.node_heartbeat("i1", running=7)
+    assert (info.cpu_percent, info.rss_bytes) == (None, None)  # no heartbeat yet
+    await store.node_heartbeat("i1", running=7, cpu_percent=12.5, rss_bytes=3 << 30)
     await store.node_heartbeat("unknown", running=1)  # no row: ignored
     await store.register_node("n2", "i2", "1.2.3")
+    await store.node_heartbeat("i2", running=0)  # an engine that samples no health
     await store.node_stopped("i2")
     n1, n2 = await store.nodes()
     assert n1.last_heartbeat == clock.now and n1.running == 7 and n1.stopped_at is None
-    assert n2.stopped_at == clock.now
+    assert (n1.cpu_percent, n1.rss_bytes) == (12.5, 3 << 30)  # RSS past 2 GiB: a 64-bit column
+    assert n2.stopped_at == clock.now and (n2.cpu_percent, n2.rss_bytes) == (None, None)
 
 
 async def test_periodic_last_fire(store: Store) -> None:

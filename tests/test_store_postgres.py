@@ -225,3 +225,33 @@ async def test_two_nodes_recovering_at_once_take_each_lost_run_once(postgres_url
         counts = await b.counts()
         assert counts.pending == 60 and counts.lost_total == 60
         assert {r.lost_count for r in (await b.get_many(ids)).values()} == {1}
+
+
+async def test_a_version_2_database_gains_node_load_and_events_and_keeps_its_data(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    from taskwatch.engine.store import queries as Q
+
+    db = postgres_url.rsplit("/", 1)[1]
+    # a database as taskwatch left it before CPU and RSS were kept
+    script = [Q.CREATE_MIGRATIONS]
+    for version, name, statements in Q.MIGRATIONS[:2]:
+        script += [Q.postgres_ddl(sql) for sql in statements]
+        script.append(f"INSERT INTO schema_migrations VALUES ({version}, '{name}', 0)")
+    script += [
+        "INSERT INTO runs (id, task, params, status, created_at, run_after) VALUES ('r1', 'a', '{\"n\": 1}', 'pending', 1, 0)",
+        "INSERT INTO nodes (incarnation, node, version, started_at, last_heartbeat, running, registered_seq) "
+        "VALUES ('i0', 'old', '0.9', 1, 2, 3, 1)",
+    ]
+    postgres_server.sql(";\n".join(script), db)
+    async with PostgresStore(postgres_url) as store:
+        run = await store.get("r1")
+        assert run is not None and run.params == {"n": 1} and run.status is RunStatus.PENDING
+        [old] = await store.nodes()
+        assert (old.node, old.version, old.running, old.cpu_percent, old.rss_bytes) == ("old", "0.9", 3, None, None)
+        await store.register_node("new", "i1", "1.0")
+        await store.node_heartbeat("i1", running=1, cpu_percent=40.0, rss_bytes=5 << 30)
+        new = [n for n in await store.nodes() if n.node == "new"][0]
+        assert (new.cpu_percent, new.rss_bytes) == (40.0, 5 << 30)
+    assert postgres_server.sql("SELECT version FROM schema_migrations ORDER BY version", db).split() == ["1", "2", "3"]
+    assert postgres_server.sql("SELECT COUNT(*) FROM events", db) == "0"

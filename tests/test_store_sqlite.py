@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from taskwatch.engine.errors import QueueFull
+from taskwatch.engine.runs import RunStatus
 from taskwatch.engine.store import NewRun, SchemaTooNew, SqliteStore, StoreClosed, Succeeded, make_store
 from taskwatch.engine.store.queries import SCHEMA_VERSION
 
@@ -187,6 +188,36 @@ async def test_a_file_of_an_older_schema_is_migrated_and_keeps_its_runs(tmp_path
     with sqlite3.connect(path) as conn:
         versions = [v for (v,) in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
     assert versions == list(range(1, SCHEMA_VERSION + 1))
+
+
+async def test_a_version_2_file_gains_node_load_and_events_and_keeps_its_data(tmp_path: Path) -> None:
+    from taskwatch.engine.store import queries as Q
+
+    path = tmp_path / "runs.db"
+    with sqlite3.connect(path) as conn:  # a file as taskwatch left it before CPU and RSS were kept
+        conn.execute(Q.CREATE_MIGRATIONS)
+        for version, name, statements in Q.MIGRATIONS[:2]:
+            for sql in statements:
+                conn.execute(sql)
+            conn.execute(Q.RECORD_MIGRATION, {"version": version, "name": name, "now": 0.0})
+        conn.execute("INSERT INTO runs (id, task, params, status, created_at, run_after) VALUES ('r1', 'a', '{\"n\": 1}', 'pending', 1.0, 0.0)")
+        conn.execute("INSERT INTO nodes (incarnation, node, version, started_at, last_heartbeat, running, registered_seq) "
+                     "VALUES ('i0', 'old', '0.9', 1.0, 2.0, 3, 1)")
+        conn.execute("INSERT INTO queue_jobs (queue, job, incarnation, created_at) VALUES ('q', '[1]', 'i0', 1.0)")
+    async with SqliteStore(path) as store:
+        run = await store.get("r1")
+        assert run is not None and run.params == {"n": 1} and run.status is RunStatus.PENDING
+        [old] = await store.nodes()
+        assert (old.node, old.version, old.running, old.cpu_percent, old.rss_bytes) == ("old", "0.9", 3, None, None)
+        await store.register_node("new", "i1", "1.0")
+        await store.node_heartbeat("i1", running=1, cpu_percent=40.0, rss_bytes=5 << 20)
+        new = [n for n in await store.nodes() if n.node == "new"][0]
+        assert (new.cpu_percent, new.rss_bytes) == (40.0, 5 << 20)
+        assert [job.job for job in await store.adopt_jobs("q", "i1")] == [[1]]
+    with sqlite3.connect(path) as conn:
+        versions = [v for (v,) in conn.execute("SELECT version FROM schema_migrations ORDER BY version")]
+        assert conn.execute("SELECT COUNT(*) FROM events").fetchone() == (0,)
+    assert versions == [1, 2, 3]
 
 
 async def test_close_joins_the_thread_and_later_calls_are_refused(tmp_path: Path) -> None:

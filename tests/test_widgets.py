@@ -11,6 +11,7 @@ import pytest
 from pydantic import BaseModel, Field
 from rich.console import Console, RenderableType
 from taskwatch.engine import (
+    ClusterNode,
     Leadership,
     PeriodicInfo,
     Progress,
@@ -18,6 +19,7 @@ from taskwatch.engine import (
     RunError,
     RunRecord,
     RunStatus,
+    StoredRun,
     TaskInfo,
     TriggerKeyState,
     TriggerState,
@@ -26,6 +28,7 @@ from taskwatch.engine import (
 )
 from taskwatch.engine.events import HealthSample
 from taskwatch.widgets import (
+    ClusterRunsTable,
     CountsBar,
     EventLog,
     FailuresList,
@@ -37,6 +40,7 @@ from taskwatch.widgets import (
     RunDetail,
     RunsTable,
     ScheduleTable,
+    StoreNodesTable,
     TriggersTable,
 )
 from textual import on
@@ -143,6 +147,47 @@ class CountingRunsTable(RunsTable):
     def add_row(self, *cells: Any, **kwargs: Any) -> Any:
         self.rows_added += 1
         return super().add_row(*cells, **kwargs)
+
+
+# ---------------------------------------------------------------- the cluster's tables
+
+
+async def test_store_nodes_table_shows_state_heartbeat_load_leader_and_version() -> None:
+    table = StoreNodesTable()
+    nodes = [
+        ClusterNode(node="a", is_leader=True, term=4, running=3, cpu_percent=37.4, rss_bytes=96 << 20,
+                    version="1.2.0", last_heartbeat=T0 - 1.5, events=10),
+        ClusterNode(node="b", is_leader=False, running=0, cpu_percent=2.0, rss_bytes=80 << 20,
+                    version="1.1.0", last_heartbeat=T0 - 95, dead=True, missed=4),
+        ClusterNode(node="c", stopped=True, version="1.2.0", last_heartbeat=T0 - 30),
+    ]  # fmt: skip
+    async with Host(table).run_test(size=SIZE) as pilot:
+        table.update_nodes(nodes, T0)
+        await pilot.pause()
+        assert table.shown_keys == ["a", "b", "c"]
+        assert [cell(table, n, "state") for n in "abc"] == ["up", "dead", "stopped"]
+        assert table.get_cell("b", "state").style == "bold red"
+        assert [cell(table, n, "role") for n in "abc"] == ["LEADER t4", "follower", "—"]
+        assert cell(table, "a", "heartbeat") == "1.5s ago" and cell(table, "b", "heartbeat") == "1m35s ago"
+        assert (cell(table, "a", "cpu"), cell(table, "a", "rss"), cell(table, "a", "running")) == ("37%", "96.0 MiB", "3")
+        assert (cell(table, "c", "cpu"), cell(table, "c", "rss")) == ("—", "—")
+        assert [cell(table, n, "version") for n in "abc"] == ["1.2.0", "1.1.0", "1.2.0"]
+        assert cell(table, "b", "missed") == "4"
+
+
+async def test_cluster_runs_table_names_each_runs_node() -> None:
+    table = ClusterRunsTable()
+    on_a = StoredRun(id="a" * 16, task="t", status=RunStatus.RUNNING, created_at=T0, started_at=T0, node="node-a")
+    waiting = StoredRun(id="b" * 16, task="t", status=RunStatus.PENDING, created_at=T0 + 1)
+    async with Host(table).run_test(size=SIZE) as pilot:
+        table.update_runs([on_a, waiting], now=T0 + 2)
+        await pilot.pause()
+        assert table.shown_keys == ["b" * 16, "a" * 16]
+        assert (cell(table, "a" * 16, "node"), cell(table, "b" * 16, "node")) == ("node-a", "—")
+        assert (cell(table, "a" * 16, "status"), cell(table, "a" * 16, "duration")) == ("running", "2.0s")
+        table.update_runs([on_a.model_copy(update={"status": RunStatus.CANCELLED, "finished_at": T0 + 3})], now=T0 + 4)
+        await pilot.pause()
+        assert cell(table, "a" * 16, "status") == "cancelled" and cell(table, "a" * 16, "node") == "node-a"
 
 
 # ---------------------------------------------------------------- RunsTable

@@ -218,7 +218,7 @@ class DashboardScreen(Screen[None]):
 class TaskwatchApp(App[None]):
     """The dashboard. Give it a :class:`DashboardClient`: in-process or remote."""
 
-    CSS_PATH = "app.tcss"
+    CSS_PATH = ["app.tcss", "screens.tcss"]
     TITLE = "taskwatch"
     view_paused: reactive[bool] = reactive(False, init=False)
 

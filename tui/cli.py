@@ -4,6 +4,7 @@
     taskwatch PACKAGE.MODULE[:ATTR]    your Engine (or a function returning one) + dashboard;
                                        ATTR defaults to `engine`, as uvicorn looks for `app`
     taskwatch attach ADDRESS [--token-file PATH]      (or $TASKWATCH_TOKEN)
+    taskwatch attach postgresql://... | redis://...   the whole cluster
     taskwatch web [APP | attach ADDRESS [--token-file PATH]] [--host H] [--port P]
     taskwatch --plain [--seconds S]    demo events printed to the terminal, no dashboard
 
@@ -141,10 +142,14 @@ def _attach_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "address",
-        help="a Unix socket path, tcp://127.0.0.1:PORT, or redis://HOST:PORT/DB for the whole "
-        "cluster's events (engines made with events='redis://...')",
+        help="a Unix socket path, tcp://127.0.0.1:PORT, postgresql://USER@HOST/DB for a whole cluster "
+        "on PostgreSQL (its nodes, runs and events: nodes made with events='postgres'), or "
+        "redis://HOST:PORT/DB for the cluster's events (engines made with events='redis://...')",
     )
     parser.add_argument("--stream", default="taskwatch:events", help="with redis://: the event stream's key")
+    parser.add_argument(
+        "--lease", default="leader", help="with postgresql://: the name of the nodes' PostgresLease ('' for none)"
+    )
     _add_token_options(parser)
     _add_confirm_option(parser)
     return parser
@@ -270,6 +275,8 @@ def _run_local(engine: Engine, serve: str | None, *, confirm: bool = True, token
 def _attach(opts: argparse.Namespace) -> int:
     if opts.address.startswith(("redis://", "rediss://")):
         return _attach_cluster(opts.address, opts.stream)
+    if opts.address.startswith(("postgresql://", "postgres://")):
+        return _attach_database(opts.address, opts.lease, confirm=opts.confirm)
     try:
         token = resolve_token(opts)
     except TokenError as exc:
@@ -292,6 +299,20 @@ def _attach_cluster(url: str, stream: str) -> int:
         return fail(str(exc))
     ClusterApp(relay).run()
     return 0
+
+
+def _attach_database(url: str, lease: str, *, confirm: bool) -> int:
+    from taskwatch.engine import ClusterObserver
+
+    from .cluster import ClusterApp
+
+    try:
+        observer = ClusterObserver(url, lease=lease or None)
+    except TaskwatchError as exc:
+        return fail(str(exc))
+    app = ClusterApp(observer, confirm=confirm)
+    app.run()
+    return app.return_code or 0
 
 
 def _web(opts: argparse.Namespace) -> int:

@@ -1,63 +1,117 @@
-"""The cluster dashboard: every node's events, read from the shared Redis stream.
+"""The cluster dashboard: every node, every node's events and, on PostgreSQL, every run.
 
-``taskwatch attach redis://host:6379/0`` opens it. It reads the stream that
-engines made with ``events="redis://..."`` publish to (a
-:class:`~taskwatch.engine.RedisEventRelay` with no bus of its own), and shows
-a Nodes view (id, leader badge and term, up or stopped, running runs, CPU,
-RSS, last event, events seen and missed) above the cluster's event log, each
-line naming its node. It only watches: commands go to a node's own control
-endpoint (``taskwatch attach ADDRESS``).
+``taskwatch attach redis://host:6379/0`` opens it on the Redis stream that
+engines made with ``events="redis://..."`` publish to (an
+:class:`~taskwatch.engine.RedisEventRelay` with no bus of its own): a Nodes
+view (id, leader badge and term, up or stopped, running runs, CPU, RSS, last
+event, events seen and missed) above the cluster's event log, each line
+naming its node. It only watches.
 
-Like the engine dashboard it never redraws per event: a timer drains the
-relay's bus at a fixed rate. Events the stream trimmed away before they were
-read are counted per node and in the header, and marked in the log.
+``taskwatch attach postgresql://...`` opens it on the cluster's database (a
+:class:`~taskwatch.engine.ClusterObserver`, which runs no tasks): the Nodes
+view comes from the nodes table (up, dead or stopped, last heartbeat, running
+runs, CPU, RSS, version) with the leader and term from the lease table; the
+runs of the whole cluster, each with its node, sit between the nodes and the
+event log, and ``c`` / ``r`` cancel or retry the selected run wherever it
+runs. When events were missed, the observer reads the runs again from the
+store.
+
+Like the engine dashboard it never redraws per event: a timer drains the bus
+at a fixed rate. Events missed on the way are counted per node and in the
+header, and marked in the log.
 """
 
 from __future__ import annotations
 
 import time
 
-from taskwatch.engine import RedisEventRelay, Subscription
-from taskwatch.widgets import EventLog, NodesTable
+from taskwatch.engine import (
+    ClusterObserver,
+    EventRelay,
+    RunNotCancellable,
+    RunNotRetryable,
+    RunStatus,
+    StoredRun,
+    Subscription,
+    TaskwatchError,
+)
+from taskwatch.widgets import ClusterRunsTable, EventLog, NodesTable, StoreNodesTable
+from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.css.query import NoMatches
 from textual.timer import Timer
 from textual.widgets import Footer, Static
 
+from .screens import ConfirmScreen
+
+#: what a command through the store can fail with: its own errors, or a lost connection
+COMMAND_ERRORS = (TaskwatchError, OSError)
+
 
 class ClusterApp(App[None]):
-    """Watches a :class:`RedisEventRelay`; started with the app and stopped with it
-    unless ``manage=False`` (then the caller runs the relay)."""
+    """Watches a cluster through an event relay (events only) or a :class:`ClusterObserver`
+    (nodes, runs and events, with cancel and retry). The source is started with the app and
+    stopped with it unless ``manage=False`` (then the caller runs it). ``confirm=False``
+    cancels without asking first."""
 
-    CSS_PATH = "cluster.tcss"
+    CSS_PATH = ["cluster.tcss", "screens.tcss"]
     TITLE = "taskwatch cluster"
 
     BINDINGS = [
+        Binding("c", "cancel_run", "cancel run"),
+        Binding("r", "retry_run", "retry run"),
         Binding("p", "toggle_pause", "pause log"),
         Binding("q", "quit", "quit", priority=True),
     ]
 
-    def __init__(self, relay: RedisEventRelay, *, manage: bool = True, refresh_hz: float = 15.0) -> None:
+    def __init__(
+        self,
+        source: EventRelay | ClusterObserver,
+        *,
+        manage: bool = True,
+        refresh_hz: float = 15.0,
+        confirm: bool = True,
+    ) -> None:
         super().__init__()
-        self.relay = relay
+        self.source = source
+        #: the observer, when the cluster is watched through its database (runs, cancel, retry)
+        self.observer = source if isinstance(source, ClusterObserver) else None
         self.manage = manage
         self.refresh_hz = refresh_hz
+        self.confirm = confirm
         self._sub: Subscription | None = None
         self._timer: Timer | None = None
+        self._runs_shown: set[str] = set()
 
     def compose(self) -> ComposeResult:
         yield Static("", id="cluster-header")
-        yield NodesTable(id="nodes")
+        if self.observer is not None:
+            yield StoreNodesTable(id="nodes")
+            yield ClusterRunsTable(id="cluster-runs", max_rows=self.observer.runs_limit * 2)
+        else:
+            yield NodesTable(id="nodes")
         yield EventLog(id="cluster-events", show_node=True)
         yield Footer()
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in ("cancel_run", "retry_run") and self.observer is None:
+            return False  # events only: commands go to a node's own control endpoint
+        return True
+
     async def on_mount(self) -> None:
-        self._sub = self.relay.bus.subscribe()
+        self._sub = self.source.bus.subscribe()
         if self.manage:
-            await self.relay.start()
+            try:
+                await self.source.start()
+            except COMMAND_ERRORS as exc:  # the database is unreachable, say: nothing to watch
+                self.manage = False
+                self.exit(return_code=2, message=f"taskwatch: cannot watch {self.source.public_url}: {exc}")
+                return
         self._draw()
         self._timer = self.set_interval(1 / self.refresh_hz, self._draw)
+        if self.observer is not None:
+            self.query_one(ClusterRunsTable).focus()
 
     async def on_unmount(self) -> None:
         if self._timer is not None:
@@ -65,7 +119,7 @@ class ClusterApp(App[None]):
         if self._sub is not None:
             self._sub.close()
         if self.manage:
-            await self.relay.stop()
+            await self.source.stop()
 
     def _draw(self) -> None:
         try:
@@ -76,18 +130,94 @@ class ClusterApp(App[None]):
                 raise
 
     def _redraw(self) -> None:
+        now = time.time()
         if self._sub is not None:
             batch = self._sub.get_batch(5_000)
             if batch:
                 self.query_one(EventLog).add_events(batch)
-        self.query_one(NodesTable).update_nodes(self.relay.nodes(), time.time())
-        stats = self.relay.stats()
+        nodes = self.source.nodes()
+        observer = self.observer
+        if observer is not None:
+            now = observer.store.clock()  # heartbeats are the database's times
+            self._draw_runs(observer, now)
+        self.query_one(NodesTable).update_nodes(nodes, now)
+        stats = self.source.stats()
         link = "connected" if stats.connected else "[bold red]DISCONNECTED[/] (retrying)"
         missed = f"[bold red]{stats.missed} missed[/]" if stats.missed else "0 missed"
-        self.query_one("#cluster-header", Static).update(
-            f"[b]{self.relay.stream}[/] on {self.relay.public_url}  {link}  "
-            f"{len(self.relay.nodes())} nodes  {stats.received} events  {missed}"
-        )
+        parts = [f"[b]{stats.stream}[/] on {self.source.public_url}", link, f"{len(nodes)} nodes",
+                 f"{stats.received} events", missed]  # fmt: skip
+        if observer is not None:
+            leader = observer.leader
+            parts.insert(3, f"leader {leader.holder} t{leader.term}" if leader is not None else "no leader")
+            if observer.resyncs:
+                parts.append(f"{observer.resyncs} resyncs")
+            if observer.last_error:
+                parts.append(f"[bold red]store: {observer.last_error}[/]")
+        self.query_one("#cluster-header", Static).update("  ".join(parts))
+
+    def _draw_runs(self, observer: ClusterObserver, now: float) -> None:
+        table = self.query_one(ClusterRunsTable)
+        runs = observer.runs()
+        current = {run.id for run in runs}
+        gone = self._runs_shown - current
+        if gone:
+            table.remove_runs(gone)
+        self._runs_shown = current
+        table.update_runs(runs, now)
+
+    # ------------------------------------------------------------------ actions
 
     def action_toggle_pause(self) -> None:
         self.query_one(EventLog).toggle_pause()
+
+    def _selected_run(self) -> StoredRun | None:
+        if self.observer is None:
+            return None
+        run_id = self.query_one(ClusterRunsTable).selected_run_id
+        return None if run_id is None else self.observer.record(run_id)
+
+    async def _confirmed(self, question: str, yes: str) -> bool:
+        if not self.confirm:
+            return True
+        answer: bool = await self.push_screen_wait(ConfirmScreen(question, yes=yes))
+        return answer
+
+    @work(group="actions")
+    async def action_cancel_run(self) -> None:
+        run = self._selected_run()
+        if self.observer is None or run is None:
+            self.notify("select a run to cancel", severity="warning")
+            return
+        where = f" on {run.node}" if run.node else ""
+        if not await self._confirmed(f"Cancel run {run.id} ({run.task}, {run.status.value}{where})?", "Cancel run"):
+            return
+        try:
+            record = await self.observer.cancel(run.id)
+        except RunNotCancellable as exc:
+            self.notify(str(exc), severity="warning")
+            return
+        except COMMAND_ERRORS as exc:
+            self.notify(f"cancel failed: {exc}", severity="error")
+            return
+        if record.status is RunStatus.CANCELLED:
+            self.notify(f"run {run.id} cancelled")
+        else:
+            self.notify(f"run {run.id} is running on {record.node}: that node was asked to cancel it")
+
+    @work(group="actions")
+    async def action_retry_run(self) -> None:
+        run = self._selected_run()
+        if self.observer is None or run is None:
+            self.notify("select a failed or cancelled run to retry", severity="warning")
+            return
+        try:
+            record = await self.observer.retry(run.id)
+        except RunNotRetryable as exc:
+            self.notify(str(exc), severity="warning")
+            return
+        except COMMAND_ERRORS as exc:
+            self.notify(f"retry failed: {exc}", severity="error")
+            return
+        self.notify(f"retrying {run.task} as run {record.id}")
+        self._draw()
+        self.query_one(ClusterRunsTable).select_run(record.id)

@@ -22,6 +22,9 @@ from taskwatch.engine import Engine, RunHandle, RunStatus, TaskContext
 from taskwatch.engine.events import HealthSample
 from taskwatch.widgets import FailuresList, RunsTable
 
+from textual.pilot import Pilot
+from textual.widgets import RichLog
+
 from .app import TaskwatchApp
 from .client import LocalClient
 from .demo import CrunchParams, EmailParams, EmbedParams, ResizeParams
@@ -320,16 +323,29 @@ def _pin_environment() -> None:
     os.environ["TEXTUAL_ANIMATIONS"] = "none"
 
 
+async def press(app: TaskwatchApp, pilot: Pilot[None], keys: list[str]) -> None:
+    """Press ``keys`` as a user would, then wait until the screen is still.
+
+    A log shown for the first time writes its backlog and scrolls to its end
+    a refresh later; on a loaded machine the picture could catch it one line
+    short, so the wait lasts until every visible log sits at its end.
+    """
+    await pilot.pause()
+    for key in keys:
+        await pilot.press(key)
+        await pilot.pause()
+    await pilot.wait_for_scheduled_animations()
+    await pilot.pause()
+    logs = [log for log in app.screen.query(RichLog) if log.display and log.region.height]
+    await _until(lambda: all(log.scroll_y >= log.max_scroll_y for log in logs))
+    await pilot.pause()
+
+
 async def capture(name: str, keys: list[str]) -> str:
     app, engine, clock = scenario_app()
     async with app.run_test(size=SIZES.get(name, SIZE)) as pilot:
         await settle(app, engine, clock, bulk=name in BULK)
-        await pilot.pause()
-        for key in keys:
-            await pilot.press(key)
-            await pilot.pause()
-        await pilot.wait_for_scheduled_animations()
-        await pilot.pause()
+        await press(app, pilot, keys)
         svg = app.export_screenshot(title=f"taskwatch — {name}")
     return svg
 

@@ -10,17 +10,18 @@ from .event_log import EventLog
 from .failures_list import FailuresList
 from .health_sparklines import HealthSparklines
 from .leader_badge import LeaderBadge
-from .nodes_table import NodesTable
+from .nodes_table import NodesTable, StoreNodesTable
 from .params_form import FieldSpec, ParamsForm, ParamsFormError, fields_from_schema
 from .queues_table import QueuesTable
 from .run_detail import RunAttempt, RunDetail
-from .runs_table import RunsTable
+from .runs_table import ClusterRunsTable, RunsTable
 from .schedule_table import ScheduleTable
 from .store_badge import StoreBadge
 from .task_stats_table import TaskStats, TaskStatsTable
 from .triggers_table import TriggersTable
 
 __all__ = [
+    "ClusterRunsTable",
     "CountsBar",
     "EventLog",
     "FailuresList",
@@ -35,6 +36,7 @@ __all__ = [
     "RunDetail",
     "RunsTable",
     "ScheduleTable",
+    "StoreNodesTable",
     "StoreBadge",
     "TaskStats",
     "TaskStatsTable",

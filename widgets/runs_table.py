@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import ClassVar
 
-from taskwatch.engine import RunRecord, RunStatus
+from taskwatch.engine import RunRecord, RunStatus, StoredRun
 from textual.binding import Binding
 from textual.message import Message
 
@@ -276,3 +276,19 @@ class RunsTable(KeyedTable):
 
 def _newest_first(record: RunRecord) -> _RunOrder:
     return (-record.created_at, record.id)
+
+
+class ClusterRunsTable(RunsTable):
+    """:class:`RunsTable` for the runs of a whole cluster: a node column says where each runs
+    (or ran); runs not yet claimed show none."""
+
+    COLUMNS: ClassVar[tuple[Column, ...]] = (
+        *RunsTable.COLUMNS[:2],
+        Column("node", "node", 12),
+        *RunsTable.COLUMNS[2:],
+    )
+
+    def _cells_of(self, record: RunRecord) -> tuple[Cell, ...]:
+        cells = run_cells(record, self._now, record.id in self._marked)
+        node = record.node if isinstance(record, StoredRun) else None
+        return (*cells[:2], (node or DASH, "" if node else "dim"), *cells[2:])

@@ -335,8 +335,10 @@ class Store(ABC):
         """Record a starting process; earlier incarnations of ``node`` count as gone from now."""
 
     @abstractmethod
-    async def node_heartbeat(self, incarnation: str, running: int) -> None:
-        """Tell the others this incarnation is alive and how many runs it holds."""
+    async def node_heartbeat(
+        self, incarnation: str, running: int, *, cpu_percent: float | None = None, rss_bytes: int | None = None
+    ) -> None:
+        """Tell the others this incarnation is alive, how many runs it holds and its load."""
 
     @abstractmethod
     async def node_stopped(self, incarnation: str) -> None:

@@ -654,10 +654,14 @@ class MemoryStore(Store):
         self._nodes[incarnation] = info
         return info
 
-    async def node_heartbeat(self, incarnation: str, running: int) -> None:
+    async def node_heartbeat(
+        self, incarnation: str, running: int, *, cpu_percent: float | None = None, rss_bytes: int | None = None
+    ) -> None:
         info = self._nodes.get(incarnation)
         if info is not None:
-            self._nodes[incarnation] = info.model_copy(update={"last_heartbeat": self.clock(), "running": running})
+            update = {"last_heartbeat": self.clock(), "running": running, "cpu_percent": cpu_percent,
+                      "rss_bytes": rss_bytes}  # fmt: skip
+            self._nodes[incarnation] = info.model_copy(update=update)
 
     async def node_stopped(self, incarnation: str) -> None:
         info = self._nodes.get(incarnation)

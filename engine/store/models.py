@@ -204,6 +204,10 @@ class NodeInfo(BaseModel):
     last_heartbeat: float
     running: int = 0
     stopped_at: float | None = None
+    #: the process's CPU (100 = one core) and resident memory at its last heartbeat
+    #: (None: the engine samples no health, ``health_interval=None``)
+    cpu_percent: float | None = None
+    rss_bytes: int | None = None
 
 
 class StoredJob(NamedTuple):

@@ -302,19 +302,7 @@ class PostgresStore(Store):
             pool.terminate()
 
     async def _migrate(self, conn: asyncpg.Connection) -> None:
-        async with conn.transaction():
-            await conn.execute(Q.PG_MIGRATION_LOCK)
-            await conn.execute(Q.CREATE_MIGRATIONS)
-            found = await conn.fetchval(Q.SCHEMA_FOUND)
-            if found > Q.SCHEMA_VERSION:
-                raise SchemaTooNew(self._where, found, Q.SCHEMA_VERSION)
-            for version, name, statements in Q.MIGRATIONS:
-                if version <= found:
-                    continue
-                for sql in statements:
-                    await conn.execute(Q.postgres_ddl(sql))
-                rec = _q(Q.RECORD_MIGRATION)
-                await conn.execute(rec.sql, *rec.args({"version": version, "name": name, "now": time.time()}))
+        await migrate(conn, self._where)
 
     # ---------------------------------------------------------------- the database clock
 
@@ -898,8 +886,12 @@ class PostgresStore(Store):
         await tx.execute(Q.REGISTER_NODE, values)
         return node_info(await tx.fetchrow(Q.GET_NODE, values))
 
-    async def node_heartbeat(self, incarnation: str, running: int) -> None:
-        await self._run(self._exec, Q.NODE_HEARTBEAT, {"incarnation": incarnation, "running": running, "now": self.clock()}, single=True)
+    async def node_heartbeat(
+        self, incarnation: str, running: int, *, cpu_percent: float | None = None, rss_bytes: int | None = None
+    ) -> None:
+        values = {"incarnation": incarnation, "running": running, "now": self.clock(),
+                  "cpu_percent": cpu_percent, "rss_bytes": rss_bytes}  # fmt: skip
+        await self._run(self._exec, Q.NODE_HEARTBEAT, values, single=True)
 
     async def node_stopped(self, incarnation: str) -> None:
         await self._run(self._exec, Q.NODE_STOPPED, {"incarnation": incarnation, "now": self.clock()}, single=True)
@@ -998,6 +990,24 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     locks, it sets no session variables, and it listens on a connection of
     its own. (A transaction left open is still rolled back by the driver.)
     """
+
+
+async def migrate(conn: asyncpg.Connection, where: str) -> None:
+    """Bring the database on ``conn`` to this code's schema (once, however many nodes start
+    together); :class:`SchemaTooNew` when a newer taskwatch wrote it. ``where`` names it."""
+    async with conn.transaction():
+        await conn.execute(Q.PG_MIGRATION_LOCK)
+        await conn.execute(Q.CREATE_MIGRATIONS)
+        found = await conn.fetchval(Q.SCHEMA_FOUND)
+        if found > Q.SCHEMA_VERSION:
+            raise SchemaTooNew(where, found, Q.SCHEMA_VERSION)
+        for version, name, statements in Q.MIGRATIONS:
+            if version <= found:
+                continue
+            for sql in statements:
+                await conn.execute(Q.postgres_ddl(sql))
+            rec = _q(Q.RECORD_MIGRATION)
+            await conn.execute(rec.sql, *rec.args({"version": version, "name": name, "now": time.time()}))
 
 
 def _redact(url: str) -> str:

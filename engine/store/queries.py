@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 
 #: the newest schema this code knows; a database with a higher version is refused
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: finished rows are exactly those with a finished_at (a re-queued run has none)
 FINISHED = "finished_at IS NOT NULL"
@@ -135,6 +135,25 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 PRIMARY KEY (trigger_name, counter_key)
             )""",
             "DROP TABLE trigger_counters",
+        ],
+    ),
+    (
+        3,
+        "node CPU and RSS, cluster events",
+        [
+            "ALTER TABLE nodes ADD COLUMN cpu_percent DOUBLE PRECISION",
+            "ALTER TABLE nodes ADD COLUMN rss_bytes BIGINT",
+            # every node's events, for the nodes and dashboards of a cluster (events="postgres");
+            # ``skipped``: progress events of the node coalesced away just before this one
+            """
+            CREATE TABLE events (
+                id       INTEGER PRIMARY KEY AUTOINCREMENT,
+                node     TEXT NOT NULL,
+                seq      BIGINT NOT NULL,
+                skipped  INTEGER NOT NULL DEFAULT 0,
+                ts       DOUBLE PRECISION NOT NULL,
+                body     TEXT NOT NULL
+            )""",
         ],
     ),
 ]
@@ -287,13 +306,15 @@ ON CONFLICT (incarnation) DO UPDATE
 SET node = excluded.node, version = excluded.version, last_heartbeat = excluded.last_heartbeat,
     stopped_at = NULL, registered_seq = excluded.registered_seq"""
 
-NODE_COLUMNS = "node, incarnation, version, started_at, last_heartbeat, running, stopped_at"
+NODE_COLUMNS = "node, incarnation, version, started_at, last_heartbeat, running, stopped_at, cpu_percent, rss_bytes"
 
 GET_NODE = f"SELECT {NODE_COLUMNS} FROM nodes WHERE incarnation = :incarnation"
 
 ALL_NODES = f"SELECT {NODE_COLUMNS} FROM nodes ORDER BY registered_seq"
 
-NODE_HEARTBEAT = "UPDATE nodes SET last_heartbeat = :now, running = :running WHERE incarnation = :incarnation"
+NODE_HEARTBEAT = """
+UPDATE nodes SET last_heartbeat = :now, running = :running, cpu_percent = :cpu_percent, rss_bytes = :rss_bytes
+WHERE incarnation = :incarnation"""
 
 NODE_STOPPED = "UPDATE nodes SET stopped_at = :now, running = 0 WHERE incarnation = :incarnation"
 
@@ -460,6 +481,28 @@ WITH ending AS MATERIALIZED (
 SELECT token, id, status FROM ended"""
 
 PG_NOTIFY = "SELECT pg_notify(:channel, :payload)"
+
+# ---------------------------------------------------------------- cluster events (PostgreSQL)
+
+#: one writer of events at a time, from taking ids to its commit: ids then commit in order,
+#: so a reader that has read up to id N never finds a lower id committed after that
+PG_EVENTS_LOCK = "SELECT pg_advisory_xact_lock(7418990304)"
+
+#: one batch of one node's events, ids in the batch's order
+PG_INSERT_EVENTS = """
+INSERT INTO events (node, seq, skipped, ts, body)
+SELECT :node, e.seq, e.skipped, e.ts, e.body
+FROM unnest(CAST(:seqs AS bigint[]), CAST(:skipped AS int[]), CAST(:tss AS float8[]), CAST(:bodies AS text[]))
+     WITH ORDINALITY AS e(seq, skipped, ts, body, n)
+ORDER BY e.n"""
+
+#: the events after the last one a reader has read, oldest first
+EVENTS_AFTER = "SELECT id, skipped, body FROM events WHERE id > :after ORDER BY id LIMIT :n"
+
+LAST_EVENT_ID = "SELECT COALESCE(MAX(id), 0) FROM events"
+
+#: keep the newest :keep events (about: ids may have holes) and none older than :cutoff
+PRUNE_EVENTS = "DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - :keep OR ts < :cutoff"
 
 _NAME = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
 

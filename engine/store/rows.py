@@ -73,7 +73,7 @@ def stored_run(r: Sequence[Any]) -> StoredRun:
 
 
 def node_info(r: Sequence[Any]) -> NodeInfo:
-    node, incarnation, version, started_at, last_heartbeat, running, stopped_at = r
+    node, incarnation, version, started_at, last_heartbeat, running, stopped_at, cpu_percent, rss_bytes = r
     return NodeInfo(
         node=node,
         incarnation=incarnation,
@@ -82,6 +82,8 @@ def node_info(r: Sequence[Any]) -> NodeInfo:
         last_heartbeat=last_heartbeat,
         running=running,
         stopped_at=stopped_at,
+        cpu_percent=cpu_percent,
+        rss_bytes=rss_bytes,
     )
 
 

@@ -640,8 +640,12 @@ class SqliteStore(Store):
         tx.cur.execute(Q.REGISTER_NODE, args)
         return _node(tx.cur.execute(Q.GET_NODE, {"incarnation": args["incarnation"]}).fetchone())
 
-    async def node_heartbeat(self, incarnation: str, running: int) -> None:
-        await self._call(self._exec, Q.NODE_HEARTBEAT, {"incarnation": incarnation, "running": running, "now": self.clock()})
+    async def node_heartbeat(
+        self, incarnation: str, running: int, *, cpu_percent: float | None = None, rss_bytes: int | None = None
+    ) -> None:
+        args = {"incarnation": incarnation, "running": running, "now": self.clock(),
+                "cpu_percent": cpu_percent, "rss_bytes": rss_bytes}  # fmt: skip
+        await self._call(self._exec, Q.NODE_HEARTBEAT, args)
 
     async def node_stopped(self, incarnation: str) -> None:
         await self._call(self._exec, Q.NODE_STOPPED, {"incarnation": incarnation, "now": self.clock()})

@@ -1,0 +1,678 @@
+"""Executing runs: what a claim, an attempt and its outcome mean for this node.
+
+The executor claims runs and keeps the claims alive; :class:`Execution` is
+what it calls back into. It starts an asyncio task per claimed run, runs the
+attempt (params validated, timeout, cancel), writes the outcome with the
+claim's token, brings the run index up to date and publishes the run events.
+It also applies what the store says of runs this node does not execute
+(recovered elsewhere, finished by another node, cut off from us), and owns
+every task it starts: ``stop`` waits on :meth:`wait_idle`, cancels what
+:meth:`cut_running` returns and awaits it with :meth:`await_tasks`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .context import TaskContext
+from .events import (
+    RunCancelled,
+    RunFailed,
+    RunProgressed,
+    RunRecovered,
+    RunRetrying,
+    RunStarted,
+    RunSucceeded,
+    StoreReachable,
+    StoreUnreachable,
+)
+from .executor import Executor
+from .index import RunIndex
+from .jsonsafe import NotJsonSafe, jsonable, safe_str, safe_text
+from .runs import CancelReason, Progress, Run, RunError, RunRecord, RunStatus
+from .store import (
+    Cancelled,
+    Claim,
+    Failed,
+    Inserted,
+    MemoryStore,
+    NewRun,
+    Outcome,
+    Recovered,
+    Retry,
+    Store,
+    StoreClosed,
+    StoreError,
+    Succeeded,
+)
+from .tasks import TaskSpec
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+log = logging.getLogger("taskwatch.engine")
+
+_PENDING = RunStatus.PENDING
+_RUNNING = RunStatus.RUNNING
+_SUCCEEDED = RunStatus.SUCCEEDED
+_FAILED = RunStatus.FAILED
+_CANCELLED = RunStatus.CANCELLED
+
+
+class Execution:
+    """Runs the attempts of the runs this node claims; owns the executor that claims them."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        store: Store,
+        index: RunIndex,
+        tasks: Mapping[str, TaskSpec],
+        limits: Callable[[], Mapping[str, int | None]],
+        *,
+        max_concurrency: int,
+        poll_interval: float,
+        lease_ttl: float,
+        node_load: Callable[[], tuple[float | None, int | None]] | None = None,
+        max_queue: int | None = None,
+    ) -> None:
+        self.engine = engine
+        self.bus = engine.bus
+        self.store = store
+        self.index = index
+        self.tasks = tasks
+        #: the memory store, whose operations the hot path calls without coroutines; None for a durable store
+        self.memory: MemoryStore | None = store if isinstance(store, MemoryStore) else None
+        self.durable = self.memory is None
+        self.executor = Executor(
+            store,
+            node=engine.node_id,
+            incarnation=engine.incarnation,
+            max_concurrency=max_concurrency,
+            limits=limits,
+            launch=self.launch,
+            claims=self.held_claims,
+            cancel_requested=self.cancel_requested,
+            claim_lost=self.claim_lost,
+            inserted=self.inserted,
+            recovered=self.on_recovered,
+            next_due=index.next_due,
+            clock=engine.clock,
+            poll_interval=poll_interval,
+            heartbeat_interval=lease_ttl / 3,
+            maintenance_interval=min(1.0, lease_ttl / 3),
+            prune=self.prune,
+            node_load=node_load,
+            # a durable store may be shared: it checks the queue limit against every node's runs
+            max_pending=max_queue if self.durable else None,
+            cut_off=self.cut_off,
+            reconnected=self.reconnected,
+        )
+        #: claim token -> run, for the runs executing here
+        self._claimed: dict[str, Run] = {}
+        #: claims whose outcome is being written: a heartbeat that finds them ended is not news
+        self._finishing: set[str] = set()
+        #: outcome writes started from callbacks, awaited by stop()
+        self._writes: set[asyncio.Task[Any]] = set()
+        #: runs evicted from the index since the memory store was last pruned
+        self._evicted = 0
+        self._prune_every = max(64, index.history // 8)
+        self._idle: asyncio.Future[None] | None = None
+
+    def forget_claims(self) -> None:
+        """A restart of the engine object: the store is the truth, no claim of ours survives."""
+        self._claimed.clear()
+
+    def start_soon(self) -> None:
+        """Start new work: at once with the memory store (its claims never wait), else via the executor."""
+        if self.memory is None:
+            self.executor.wake()
+        else:
+            self.executor.claim_at_once(self.memory)
+
+    def evicted(self) -> None:
+        """The index evicted a finished run: the memory store is pruned along, in small steps
+        (rows it kept past history would only cost memory and garbage-collector time)."""
+        self._evicted += 1
+        memory = self.memory
+        if self._evicted >= self._prune_every and memory is not None:
+            self._evicted = 0
+            memory.prune_now(keep=self.index.history, older_than=self.engine.retention)
+
+    def cut_running(self, reason: CancelReason) -> list[asyncio.Task[None]]:
+        """Cancel every attempt still executing here (a stop past its drain); returns their tasks."""
+        cut = [run for run in self._claimed.values() if run.handle is not None and not run.handle.done()]
+        tasks = [run.handle for run in cut if run.handle is not None]
+        for run in cut:
+            if run.status is _RUNNING and run.cancel_reason is None:
+                run.cancel_reason = reason
+            if run.handle is not None:
+                run.handle.cancel()
+        return tasks
+
+    async def await_writes(self) -> None:
+        """Outcomes written from callbacks (hand-backs, cancels before a first step)."""
+        await asyncio.gather(*self._writes, return_exceptions=True)
+
+    def _finish(self, run: Run, status: RunStatus, now: float) -> None:
+        self.index.finished(run, status, now)
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        idle = self._idle
+        if idle is not None and self.local_work() == 0 and not idle.done():
+            idle.set_result(None)
+
+    def launch(self, claim: Claim) -> None:
+        """Start executing a run the executor claimed for this node.
+
+        Marked running synchronously, before the task's first step, so a
+        cancel or a stop that comes in between sees a running run with a task
+        to cancel.
+        """
+        run = self.index.runs.get(claim.run_id)
+        if run is None:
+            # submitted by another process, or by this node's previous incarnation
+            spec = self.tasks.get(claim.task)
+            run = Run(
+                claim.run_id, claim.task, spec, claim.params, None, claim.created_at,
+                claim.key, claim.source, claim.max_attempts,
+            )
+            self.index.add(run)
+        elif run.status.finished:
+            # the index moved on (cancelled here while the claim was in flight): the store
+            # must hear of it too, or the claim would sit unheartbeaten until it expires
+            self._write_later(claim.token, Cancelled(run.cancel_reason or "external"))
+            return
+        elif run.status is _RUNNING:
+            # re-claimed after recovery took an older claim of ours away: that attempt is over
+            if run.token is not None:
+                self._claimed.pop(run.token, None)
+                run.token = None
+            if run.handle is not None:
+                run.handle.cancel()
+            self.index.counts[_RUNNING] -= 1
+            self.index.counts[_PENDING] += 1
+            run.status = _PENDING
+        if not self.executor.claiming:
+            # claimed while this node was stopping: not started, so handed back as it was
+            note = RunError(type="Shutdown", message=f"node {self.engine.node_id!r} stopped before the run started")
+            self._write_later(claim.token, Retry(note, 0.0, next_attempt=False))
+            return
+        self.index.started(run, claim.attempt, claim.started_at)
+        run.token = claim.token
+        self._claimed[claim.token] = run
+        self.executor.started(claim.task)
+        self.bus.post(RunStarted, run_id=run.id, task=run.task, attempt=run.attempt)
+        task = asyncio.get_running_loop().create_task(self._execute(run, claim.token), name=f"taskwatch-run-{run.id}")
+        run.handle = task
+        # a callback, not a finally: it also runs for a task cancelled before its first step
+        task.add_done_callback(functools.partial(self._ended, run, claim.token))
+
+    def _ended(self, run: Run, token: str, task: asyncio.Task[None]) -> None:
+        if run.handle is task:
+            run.handle = None
+        self._claimed.pop(token, None)
+        if run.status is _RUNNING and run.token == token:
+            # cancelled before its first step, or while writing its outcome: nothing recorded it
+            run.token = None
+            reason = run.cancel_reason or "external"
+            if reason == "shutdown" and self.durable:
+                self._hand_back(run, token)
+            else:
+                self.finish_cancelled(run, reason, was_running=True)
+                self._write_later(token, Cancelled(reason))
+        elif run.status is _RUNNING and run.token is None and run.handle is None:
+            self.index.unclaimed(run)  # the claim was lost: the run is another node's now
+        self.executor.released(run.task)
+        self.start_soon()  # with the memory store the freed slot takes the next due run now
+        self._check_idle()
+
+    def _hand_back(self, run: Run, token: str) -> None:
+        """Give back a claim whose attempt never started (the node is stopping): pending, same attempt."""
+        self.index.unclaimed(run)
+        run.cancel_reason = None
+        note = RunError(type="Shutdown", message=f"node {self.engine.node_id!r} stopped before the run started")
+        self._write_later(token, Retry(note, 0.0, next_attempt=False))
+
+    def _write_later(self, token: str, outcome: Outcome) -> None:
+        """Write an outcome from a callback that cannot wait (the store refuses a stale token).
+
+        The write is the engine's task: ``stop()`` awaits it before closing the store.
+        """
+        if self.engine.loop is None or self.engine.loop.is_closed():
+            return
+        task = self.engine.loop.create_task(self.store.finish(token, outcome), name="taskwatch-outcome-write")
+        self._writes.add(task)
+        task.add_done_callback(self._written)
+
+    def _written(self, task: asyncio.Task[Any]) -> None:
+        self._writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("writing a run's outcome to the store failed", exc_info=task.exception())
+
+    def held_claims(self) -> dict[str, Progress]:
+        return {token: Progress(done=run.done, total=run.total, message=run.message) for token, run in self._claimed.items()}
+
+    def cancel_requested(self, token: str, reason: CancelReason) -> None:
+        """Someone (any node) asked the store to cancel a run executing here."""
+        run = self._claimed.get(token)
+        if run is not None and run.handle is not None and run.cancel_reason is None:
+            run.cancel_reason = reason
+            run.handle.cancel()
+
+    def claim_lost(self, token: str) -> None:
+        """The store no longer counts this node as the run's owner (recovered elsewhere): stop it."""
+        run = self._claimed.get(token)
+        if run is None or token in self._finishing:
+            return  # gone, or ended by our own finish, which the heartbeat crossed
+        log.warning("lost the claim on run %s (recovered by another node); stopping it here", run.id)
+        run.token = None  # nothing this attempt does may be recorded any more
+        if run.handle is not None:
+            run.handle.cancel()
+
+    def cut_off(self, seconds: float, tokens: Sequence[str], first: bool) -> None:
+        """The store has been out of reach past the claims' lease: stop the runs whose claims ran
+        out (another node may be running them by now), give up leadership, say so."""
+        engine = self.engine
+        stopped: list[str] = []
+        note = RunError(
+            type="StoreUnreachable",
+            message=f"node {engine.node_id!r} could not reach the store to renew its claim for "
+            f"{self.store.lease_ttl:g} s; stopped there and re-queued",
+        )
+        for token in tokens:
+            run = self._claimed.get(token)
+            if run is None or token in self._finishing:
+                continue  # ended meanwhile: its own finish decides
+            stopped.append(run.id)
+            run.token = None  # nothing this attempt does may be recorded any more
+            if run.handle is not None:
+                run.handle.cancel()
+            # back to pending as soon as the store answers, unless another node took it over
+            self._write_later(token, Retry(note, 0.0))
+        if stopped:
+            log.warning("stopped %d run(s) whose claims ran out while the store was unreachable: %s",
+                        len(stopped), ", ".join(stopped))  # fmt: skip
+        if first:
+            engine.elector.suspend()
+        self.bus.emit(StoreUnreachable, store=self.store.describe(), seconds=seconds, stopped=stopped)
+
+    def reconnected(self, seconds: float) -> None:
+        """The store answers again: say so, and compete for leadership again."""
+        self.bus.emit(StoreReachable, store=self.store.describe(), seconds=seconds)
+        self.engine.elector.resume()
+
+    async def _execute(self, run: Run, token: str) -> None:
+        """Run one attempt of a claimed run and write its outcome with the claim's token."""
+        spec = run.spec
+        if spec is None:
+            error = RunError(
+                type="UnknownTask",
+                message=f"task {run.task!r} is not registered on node {self.engine.node_id!r}; register it there, or run it elsewhere",
+            )
+            await self._record(run, token, Failed(error), error)
+            return
+        try:
+            model = run.model
+            if model is None and spec.params_model is not None:
+                # a run read back from the store: its params are validated again here
+                model = run.model = spec.params_model.model_validate(run.params)
+            ctx = TaskContext(self.engine, run, spec.name, report=self.progress)
+            args: tuple[Any, ...] = (ctx,) if model is None else (ctx, model)
+            kwargs = {name: self.engine.resources[name] for name in spec.resources} if spec.resources else {}
+            if spec.timeout is None:
+                result = await spec.fn(*args, **kwargs)
+            else:
+                async with asyncio.timeout(spec.timeout):
+                    result = await spec.fn(*args, **kwargs)
+            if result is not None:
+                result = jsonable(result)
+        except asyncio.CancelledError:
+            reason = run.cancel_reason or "external"
+            if reason == "external" and run.token is not None:
+                await self._record(run, token, Cancelled(reason), None)
+                raise
+            if run.token is not None:
+                await self._record(run, token, self._cut_short(run, reason), None)
+            # our own cancel: the run is recorded, the task ends normally
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            return
+        except TimeoutError as exc:
+            if spec.timeout is not None and run.cancel_reason is None:
+                error = RunError(
+                    type="TimeoutError",
+                    message=f"run exceeded its {spec.timeout:g} s timeout",
+                    traceback=RunError.from_exception(exc).traceback,
+                )
+            else:
+                error = RunError.from_exception(exc)
+        except NotJsonSafe as exc:
+            error = RunError(
+                type="ResultNotSerializable",
+                message=f"task {spec.name!r} returned a value that cannot be sent as JSON: {exc.detail}; "
+                "return JSON data (dicts, lists, str, numbers) or a pydantic model",
+            )
+        except BaseException as exc:  # noqa: BLE001
+            # SystemExit, KeyboardInterrupt, GeneratorExit and the like raised by task
+            # code fail that run: escaping here would take down the caller's loop
+            error = RunError.from_exception(exc)
+        else:
+            if run.cancel_reason is not None:
+                # the task swallowed the cancel and returned: it was still cancelled
+                await self._record(run, token, self._cut_short(run, run.cancel_reason), None)
+                return
+            await self._record(run, token, Succeeded(result), None)
+            return
+        if run.cancel_reason is not None:
+            # cancelled while it was failing: the user's intent wins
+            await self._record(run, token, self._cut_short(run, run.cancel_reason), None)
+            return
+        if run.attempt < run.max_attempts and self.engine.state != "stopped":
+            delay = min(spec.backoff_max, spec.backoff * 2 ** (run.attempt - 1))
+            delay *= random.uniform(0.5, 1.0)  # jitter so retries of a burst spread out
+            await self._record(run, token, Retry(error, delay), error)
+            return
+        await self._record(run, token, Failed(error), error)
+
+    def _cut_short(self, run: Run, reason: CancelReason) -> Outcome:
+        """A durable store keeps a run cut short by shutdown for the next start; else it is cancelled."""
+        if reason == "shutdown" and self.durable:
+            return Retry(RunError(type="Shutdown", message=f"node {self.engine.node_id!r} stopped while the run was executing; re-queued"), 0.0)
+        return Cancelled(reason)
+
+    async def _record(self, run: Run, token: str, outcome: Outcome, error: RunError | None) -> None:
+        """Write ``outcome`` with the claim's token, then bring the index and the bus up to date."""
+        if run.token != token:
+            return  # the claim was lost: another node owns the run now
+        memory = self.memory
+        if memory is not None:
+            # the memory store's finish never suspends: nothing can cut it short
+            self._apply_outcome(run, token, outcome, error, memory.finish_now(token, outcome))
+            return
+        write = asyncio.ensure_future(self._write_outcome(run, token, outcome))
+        self._finishing.add(token)
+        # the attempt is over: its slot may take the next run while the outcome is written,
+        # so that run's claim travels beside this write instead of after it
+        executor = self.executor
+        executor.writing(run.task, 1)
+        try:
+            # a cancel or a stop arriving now must not cut the write short: what the
+            # store holds and what this node reports would disagree
+            status = await asyncio.shield(write)
+        except asyncio.CancelledError:
+            status = await write
+            self._apply_outcome(run, token, outcome, error, status)
+            raise
+        finally:
+            self._finishing.discard(token)
+            executor.writing(run.task, -1)
+        self._apply_outcome(run, token, outcome, error, status)
+
+    async def _write_outcome(self, run: Run, token: str, outcome: Outcome) -> RunStatus | None:
+        """``store.finish``, tried again for a while if the store is busy (the claim stays heartbeaten)."""
+        delay = 0.05
+        for attempt in range(8):
+            try:
+                return await self.store.finish(token, outcome)
+            except StoreError as exc:
+                if attempt == 7 or isinstance(exc, StoreClosed):
+                    log.error("writing the outcome of run %s failed (%s); recovery will run it again", run.id, exc)
+                    return None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        return None
+
+    def _apply_outcome(
+        self, run: Run, token: str, outcome: Outcome, error: RunError | None, status: RunStatus | None
+    ) -> None:
+        if run.token != token:
+            return
+        run.token = None
+        self._claimed.pop(token, None)
+        if status is None:
+            # the store gave the run to someone else while this attempt ran
+            log.warning("the outcome of run %s was refused: its claim had expired", run.id)
+            self.index.unclaimed(run)
+            return
+        now = self.engine.clock()
+        if status is _PENDING:
+            assert isinstance(outcome, Retry)
+            self.index.requeued(run, outcome.error, now + outcome.delay)
+            self.bus.post(
+                RunRetrying, run_id=run.id, task=run.task, attempt=run.attempt, delay=outcome.delay, error=outcome.error
+            )
+            self.executor.wake()
+        elif status is _SUCCEEDED:
+            result = outcome.result if isinstance(outcome, Succeeded) else None
+            run.result = result
+            self._finish(run, _SUCCEEDED, now)
+            self.bus.post(
+                RunSucceeded, run_id=run.id, task=run.task, attempt=run.attempt,
+                duration=now - (run.started_at or now), result=result,
+            )
+        elif status is _FAILED:
+            run.error = error
+            self._finish(run, _FAILED, now)
+            self.bus.post(
+                RunFailed, run_id=run.id, task=run.task, attempt=run.attempt,
+                duration=now - (run.started_at or now), error=error,
+            )
+        else:
+            reason = outcome.reason if isinstance(outcome, Cancelled) else (run.cancel_reason or "user")
+            self.finish_cancelled(run, reason, was_running=True)
+
+
+    async def on_recovered(self, recovered: list[Recovered]) -> None:
+        """Runs taken back from lost workers (any node's): update the index, publish what happened."""
+        for item in recovered:
+            self.index.recovered_total += 1
+            stored = await self.store.get(item.run_id)
+            run = self.index.runs.get(item.run_id)
+            if run is None:
+                if stored is None:
+                    continue  # pruned meanwhile
+                # a previous incarnation's run, or another node's: the store's row says it all
+                self.index.add(Run.from_record(stored.to_record(), self.tasks.get(item.task)))
+            elif item.action == "requeued":
+                if run.status is not _PENDING:
+                    self.index.requeued(run, stored.error if stored is not None else run.error, 0.0)
+                run.attempt = item.attempt
+            self.bus.emit(
+                RunRecovered, run_id=item.run_id, task=item.task, action=item.action, reason=item.reason,
+                attempt=item.attempt, lost_count=item.lost_count, from_node=item.node,
+            )
+            if run is None or run.status.finished:
+                continue
+            if item.action == "failed":
+                error = stored.error if stored is not None and stored.error is not None else RunError(
+                    type="WorkerLost", message="its worker was lost"
+                )
+                self.fail_unstarted(run, error)
+            elif item.action == "cancelled":
+                self.finish_cancelled(run, "external", was_running=True)
+
+    async def prune(self) -> None:
+        """Keep the store within ``history`` and ``retention`` (never touching unfinished runs),
+        and bring the index up to date with runs other nodes execute."""
+        await self.store.prune(keep=self.index.history, older_than=self.engine.retention)
+        if self.durable:
+            await self._catch_up()
+
+    async def _catch_up(self, limit: int = 256) -> None:
+        """Runs this node knows but does not execute: apply what the store says of them.
+
+        Another process sharing the store may have claimed, finished or
+        cancelled a run this node submitted; without this its index (and a
+        ``wait()`` on it) would show it pending for ever. Up to ``limit`` runs
+        a round, those shown running elsewhere first.
+        """
+        foreign = [
+            run for run in self.index.runs.values()
+            if not run.status.finished and run.token is None and run.handle is None
+        ]
+        foreign.sort(key=lambda run: run.status is not _RUNNING)
+        wanted = [run for run in foreign[:limit] if not self.executor.unwritten(run.id)]
+        if not wanted:
+            return
+        found = await self.store.get_many([run.id for run in wanted])  # one query for the lot
+        for run in wanted:
+            stored = found.get(run.id)
+            if stored is None or run.token is not None or run.status.finished:
+                continue  # pruned, or this node claimed or ended it meanwhile
+            self._apply_stored(run, stored.to_record())
+
+    def _apply_stored(self, run: Run, stored: RunRecord) -> None:
+        """Move ``run``'s index entry to what the store holds, announcing each transition."""
+        if stored.status is _RUNNING and run.status is _PENDING:
+            self.index.started(run, stored.attempt, stored.started_at)
+            self.bus.emit(RunStarted, run_id=run.id, task=run.task, attempt=run.attempt)
+        elif stored.status is _PENDING and run.status is _RUNNING:
+            self.index.unclaimed(run)
+            run.attempt = stored.attempt
+        elif stored.status.finished:
+            run.attempt = stored.attempt
+            run.started_at = stored.started_at
+            run.result = stored.result
+            run.error = stored.error
+            now = stored.finished_at or self.engine.clock()
+            if stored.status is _CANCELLED:
+                self.finish_cancelled(run, stored.cancel_reason or "external", was_running=run.status is _RUNNING)
+                return
+            self._finish(run, stored.status, now)
+            duration = now - (run.started_at or now)
+            if stored.status is _SUCCEEDED:
+                self.bus.emit(
+                    RunSucceeded, run_id=run.id, task=run.task, attempt=run.attempt, duration=duration, result=run.result
+                )
+            else:
+                error = run.error or RunError(type="Unknown", message="failed on another node")
+                self.bus.emit(RunFailed, run_id=run.id, task=run.task, attempt=run.attempt, duration=duration, error=error)
+
+
+    def progress(self, run: Run, done: float, total: float | None, message: str) -> None:
+        # the event is validated first: a value it refuses raises in the task and
+        # leaves the record as it was
+        event = self.bus.emit(
+            RunProgressed,
+            run_id=run.id,
+            task=run.task,
+            done=done,
+            total=total,
+            message=safe_text(message) if isinstance(message, str) else message,
+        )
+        run.done = event.done
+        run.total = event.total
+        run.message = event.message
+
+    def finish_cancelled(self, run: Run, reason: CancelReason, *, was_running: bool) -> None:
+        if run.status.finished:
+            return
+        run.cancel_reason = reason
+        self._finish(run, _CANCELLED, self.engine.clock())
+        self.bus.post(
+            RunCancelled,
+            run_id=run.id,
+            task=run.task,
+            attempt=run.attempt,
+            reason=reason,
+            was_running=was_running,
+        )
+
+
+    def finished_future(self, run: Run) -> asyncio.Future[RunRecord]:
+        """A plain future the run's finish resolves (no task per waiter)."""
+        fut: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
+        if run.status.finished:
+            fut.set_result(run.record())
+        elif run.waiters is None:
+            run.waiters = [fut]
+        else:
+            run.waiters.append(fut)
+        return fut
+
+    async def wait_finished(self, run: Run, timeout: float | None) -> RunRecord:
+        if run.status.finished:
+            return run.record()
+        fut: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
+        if run.waiters is None:
+            run.waiters = []
+        run.waiters.append(fut)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            return run.record()
+        finally:
+            if run.waiters is not None and fut in run.waiters:
+                run.waiters.remove(fut)
+
+
+    def inserted(self, rows: list[NewRun], result: list[Inserted] | BaseException) -> None:
+        """A batch queued with submit_nowait was written (or could not be)."""
+        if isinstance(result, BaseException):
+            log.error("writing %d queued run(s) to the store failed: %s", len(rows), result)
+            for row in rows:
+                run = self.index.runs.get(row.id or "")
+                if run is not None and run.status is _PENDING:
+                    error = RunError(type=type(result).__name__, message=f"the run could not be stored: {safe_str(result)}")
+                    self.fail_unstarted(run, error)
+            return
+        for row, inserted in zip(rows, result, strict=True):
+            if inserted.new:
+                continue
+            # another process's pending run held the key: this one never existed in the store
+            run = self.index.runs.get(row.id or "")
+            if run is not None and run.status is _PENDING:
+                self.finish_cancelled(run, "external", was_running=False)
+
+    def fail_unstarted(self, run: Run, error: RunError) -> None:
+        run.error = error
+        now = self.engine.clock()
+        self._finish(run, _FAILED, now)
+        self.bus.emit(RunFailed, run_id=run.id, task=run.task, attempt=run.attempt, duration=0.0, error=error)
+
+
+    def local_work(self) -> int:
+        """Runs this node still has to see through before it is idle."""
+        running = len(self._claimed)
+        return running if self.durable else running + self.index.counts[_PENDING]
+
+    async def wait_idle(self, timeout: float) -> bool:
+        if self.local_work() == 0:
+            return True
+        if timeout <= 0:
+            return False
+        self._idle = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._idle), timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._idle = None
+
+
+    async def await_tasks(self, tasks: list[asyncio.Task[Any]]) -> None:
+        """Await cancelled tasks, cancelling again those that swallow the first cancel."""
+        remaining = [t for t in tasks if not t.done()]
+        for _ in range(3):
+            if not remaining:
+                return
+            _, pending = await asyncio.wait(remaining, timeout=self.engine.cancel_grace)
+            for t in pending:
+                t.cancel()
+            remaining = list(pending)
+        if remaining:
+            # a task that ignores cancellation this long is a bug in that task; waiting
+            # for it forever would hang every caller of stop(), so say so and go on
+            log.warning(
+                "%d run(s) ignored cancellation for %.0f s and are still running: %s",
+                len(remaining), 3 * self.engine.cancel_grace, ", ".join(t.get_name() for t in remaining),
+            )

@@ -1,0 +1,227 @@
+"""The run index: every run this node knows, bounded, for the sync queries and dashboards.
+
+The store owns the runs; the index is this node's view of them, fed as runs
+are admitted, claimed and finished here (and as the store tells of runs other
+nodes execute). Pending and running runs are always in it; finished ones are
+kept up to ``history`` and evicted oldest-finished first. It also keeps the
+counts by status, the totals since start, per-second throughput buckets, the
+dedup keys of the pending runs this node submitted, and when the next retry
+it knows of is due. Plain data and arithmetic: nothing here awaits or
+publishes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+from .runs import Run, RunError, RunList, RunStatus
+
+_PENDING = RunStatus.PENDING
+_RUNNING = RunStatus.RUNNING
+_SUCCEEDED = RunStatus.SUCCEEDED
+_FAILED = RunStatus.FAILED
+_CANCELLED = RunStatus.CANCELLED
+
+
+class RunIndex:
+    """Runs by id with their counts, totals and throughput."""
+
+    def __init__(self, history: int, throughput_window: float) -> None:
+        self.history = history
+        self.throughput_window = throughput_window
+        self._on_evicted: Callable[[], None] | None = None
+        self.runs: dict[str, Run] = {}
+        self.counts: dict[RunStatus, int] = {s: 0 for s in RunStatus}
+        #: finished runs in the order they finished, oldest first (evicted from the front)
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        #: (task, dedup key) -> the pending run holding it, for runs this node submitted
+        self._keys: dict[tuple[str, str], Run] = {}
+        #: (due, run id) of pending retries, so the executor sleeps until the first is due
+        self._retry_due: list[tuple[float, str]] = []
+        self.submitted_total = 0
+        self.finished_total = 0
+        self.totals = {_SUCCEEDED: 0, _FAILED: 0, _CANCELLED: 0}
+        self.retries_total = 0
+        self.recovered_total = 0
+        # per-second buckets of [second, finished, failed] for throughput figures
+        self._tp: deque[list[int]] = deque()
+
+    def set_evicted(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` whenever a finished run is evicted (the memory store prunes along)."""
+        self._on_evicted = fn
+
+    def clear(self) -> None:
+        """Forget every run (totals stay: they count since this engine object started)."""
+        self.runs.clear()
+        self._finished.clear()
+        self._keys.clear()
+        self._retry_due.clear()
+        self.counts = {s: 0 for s in RunStatus}
+
+    def get(self, run_id: str) -> Run | None:
+        return self.runs.get(run_id)
+
+    # ---------------------------------------------------------------- runs coming in
+
+    def add(self, run: Run) -> None:
+        """Index a run as it stands (read back from the store, or another node's)."""
+        self.runs[run.id] = run
+        self.counts[run.status] += 1
+        if run.status.finished:
+            self._remember_finished(run)
+
+    def admitted(self, run: Run) -> None:
+        """Index a run this node just submitted; it holds its dedup key while pending."""
+        self.add(run)
+        self.submitted_total += 1
+        if run.key is not None:
+            self._keys[(run.task, run.key)] = run
+
+    def pending_holder(self, run: Run) -> Run | None:
+        """The pending run of the same task already holding ``run``'s dedup key, if any."""
+        if run.key is None:
+            return None
+        holder = self._keys.get((run.task, run.key))
+        return holder if holder is not None and holder.status is _PENDING else None
+
+    def release_key(self, run: Run) -> None:
+        if run.key is not None and self._keys.get((run.task, run.key)) is run:
+            del self._keys[(run.task, run.key)]
+
+    # ---------------------------------------------------------------- transitions
+
+    def started(self, run: Run, attempt: int, started_at: float | None) -> None:
+        """``run`` went from pending to running (here or, as the store says, elsewhere)."""
+        counts = self.counts
+        counts[_PENDING] -= 1
+        counts[_RUNNING] += 1
+        run.status = _RUNNING
+        run.attempt = attempt
+        run.started_at = started_at
+        run.finished_at = None
+        run.run_after = 0.0
+        self.release_key(run)
+
+    def unclaimed(self, run: Run) -> None:
+        """This node no longer executes ``run``: shown pending until the store says more."""
+        if run.status is _RUNNING:
+            self.counts[_RUNNING] -= 1
+            self.counts[_PENDING] += 1
+            run.status = _PENDING
+
+    def requeued(self, run: Run, error: RunError | None, run_after: float) -> None:
+        """Pending again for its next attempt, due at ``run_after`` (0: now)."""
+        counts = self.counts
+        counts[run.status] -= 1
+        counts[_PENDING] += 1
+        if run.status.finished:
+            self._finished.pop(run.id, None)  # pending again: never evicted as finished
+        run.status = _PENDING
+        run.cancel_reason = None
+        run.result = None
+        run.attempt += 1
+        run.run_after = run_after
+        if run_after:
+            heapq.heappush(self._retry_due, (run_after, run.id))
+        run.error = error
+        run.finished_at = None
+        self.retries_total += 1
+        if run.key is not None:
+            self._keys.setdefault((run.task, run.key), run)
+
+    def finished(self, run: Run, status: RunStatus, now: float) -> None:
+        """``run`` ended with ``status``: counted, its waiters resolved, kept as history."""
+        counts = self.counts
+        counts[run.status] -= 1
+        counts[status] += 1
+        run.status = status
+        run.finished_at = now
+        run.run_after = 0.0
+        self.release_key(run)
+        self.finished_total += 1
+        self.totals[status] += 1
+        second = int(time.monotonic())
+        tp = self._tp
+        if tp and tp[-1][0] == second:
+            bucket = tp[-1]
+        else:
+            bucket = [second, 0, 0]
+            tp.append(bucket)
+            horizon = second - max(self.throughput_window, 60)
+            while tp[0][0] < horizon:
+                tp.popleft()
+        bucket[1] += 1
+        if status is _FAILED:
+            bucket[2] += 1
+        waiters = run.waiters
+        if waiters:
+            run.waiters = None
+            record = run.record()
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(record)
+        self._remember_finished(run)
+
+    def _remember_finished(self, run: Run) -> None:
+        finished = self._finished
+        finished[run.id] = None
+        if len(finished) > self.history:
+            evicted, _ = finished.popitem(last=False)
+            old = self.runs.pop(evicted, None)
+            if old is not None:
+                self.counts[old.status] -= 1
+            if self._on_evicted is not None:
+                self._on_evicted()
+
+    def next_due(self) -> float | None:
+        """When the earliest pending retry this node knows of is due."""
+        due = self._retry_due
+        while due:
+            when, run_id = due[0]
+            run = self.runs.get(run_id)
+            if run is not None and run.status is _PENDING and run.run_after == when:
+                return when
+            heapq.heappop(due)  # started, cancelled or evicted since
+        return None
+
+    # ---------------------------------------------------------------- reading
+
+    def pending(self) -> list[Run]:
+        return [run for run in self.runs.values() if run.status is _PENDING]
+
+    def select(
+        self, wanted: set[RunStatus] | None, task: str | None, limit: int | None
+    ) -> RunList:
+        """Records newest first, filtered by status and task, at most ``limit``."""
+        out = RunList()
+        if limit is not None and limit <= 0:
+            return out
+        for run in reversed(self.runs.values()):
+            if wanted is not None and run.status not in wanted:
+                continue
+            if task is not None and run.task != task:
+                continue
+            out.append(run.record())
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def throughput(self) -> float:
+        """Runs finished per second over the throughput window."""
+        now = int(time.monotonic())
+        window = self.throughput_window
+        return sum(b[1] for b in self._tp if b[0] > now - window) / window
+
+    def rates(self, seconds: float = 1.0) -> tuple[float, float]:
+        """Runs finished and failed per second over the last ``seconds`` whole seconds."""
+        now = int(time.monotonic())
+        span = max(1, int(seconds))
+        done = failed = 0
+        for second, fin, fail in self._tp:
+            if now - span <= second < now:
+                done += fin
+                failed += fail
+        return done / span, failed / span

@@ -1,0 +1,296 @@
+"""Watching a cluster on PostgreSQL from outside it: every node, every run, every event.
+
+A :class:`ClusterObserver` runs no tasks and registers no node. It reads what
+the nodes share in their database: the ``nodes`` table (each node's newest
+incarnation: up, dead or stopped, last heartbeat, running runs, CPU and RSS,
+version), the leader and its term from the ``leases`` table (when the nodes
+use a :class:`~.postgres_lease.PostgresLease`), the newest runs of the whole
+cluster (with the node each ran on), and the cluster's events through a
+:class:`~.postgres_events.PostgresEventRelay` (nodes started with
+``events="postgres"``). ``taskwatch attach postgresql://...`` shows it.
+
+The runs come from the store: read again when run events arrive (at most a
+few times a second), every ``runs_interval`` seconds anyway, and at once when
+events were missed (a resync, counted); progress events move a run's
+progress in between. Cancel and retry act through the store, so they work on
+a run whatever node holds it: a pending run is cancelled at once, a running
+run's owner is notified and stops it; a retry inserts a new run with the same
+params, which any node that has its task claims.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from .bus import EventBus
+from .errors import InvalidConfiguration, RunNotCancellable, RunNotFound, RunNotRetryable, TaskwatchError
+from .lease import LeaseState
+from .postgres_events import PostgresEventRelay
+from .postgres_lease import PostgresLease
+from .relay import ClusterNode, RelayStats
+from .runs import Progress, RunStatus
+from .store import NewRun, NodeInfo, PostgresStore, StoredRun, make_store
+
+log = logging.getLogger("taskwatch.observer")
+
+#: sources of runs that a periodic task or a trigger starts itself (the engine refuses to retry them)
+_RUNS_ITS_OWN = ("periodic:", "trigger:")
+
+#: seconds between two looks at the lease's holder (unless the runs are read anyway)
+_LEASE_INTERVAL = 2.0
+
+#: the least time between two reads of the runs, however many run events arrive
+_MIN_GAP = 0.25
+
+
+class ClusterObserver:
+    """Every node, run and event of the cluster whose PostgreSQL database ``url`` names.
+
+    ``url`` may carry the store's options (``node_ttl``: how long a node may
+    be silent before it shows as dead; default the lease TTL, 30 s) and the
+    event relay's (``keep``, ``max_age``). ``lease``: the name of the
+    nodes' :class:`PostgresLease` (``None``: show no leader). ``runs_limit``:
+    the newest runs shown (running runs are shown besides, however old).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        lease: str | None = "leader",
+        runs_limit: int = 200,
+        refresh_interval: float = 1.0,
+        runs_interval: float = 5.0,
+        since: str = "$",
+    ) -> None:
+        store = make_store(url) if isinstance(url, str) and url.startswith(("postgresql://", "postgres://")) else None
+        if not isinstance(store, PostgresStore):
+            raise InvalidConfiguration("the cluster observer", [f"it reads a cluster's PostgreSQL database: "
+                                       f"give a postgresql://USER@HOST/DATABASE URL, not {url!r}"])  # fmt: skip
+        self.store: PostgresStore = store
+        self.relay = PostgresEventRelay(url, since=since)
+        self._lease = PostgresLease(store.url, name=lease) if lease else None
+        self.runs_limit = runs_limit
+        self.refresh_interval = refresh_interval
+        self.runs_interval = runs_interval
+        self._node_rows: list[NodeInfo] = []
+        self._leader: LeaseState | None = None
+        self._lease_due = 0.0
+        self._runs: dict[str, StoredRun] = {}
+        self._runs_stale = True
+        self._poke = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._unsubscribe: Any = None
+        self._now = 0.0
+        #: times the runs were read again because events were missed
+        self.resyncs = 0
+        #: reads of the store that failed (the next one tries again)
+        self.errors = 0
+        self.last_error: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        await self.store.open()
+        try:
+            await self.relay.start()
+        except BaseException:
+            await self.store.close()
+            raise
+        self._poke = asyncio.Event()
+        self._unsubscribe = self.relay.bus.add_callback(self._on_event)
+        with contextlib.suppress(TaskwatchError, OSError):
+            await self.refresh()
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="taskwatch-observer")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        await self.relay.stop()
+        await self.store.close()
+
+    async def __aenter__(self) -> ClusterObserver:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ what it shows
+
+    @property
+    def bus(self) -> EventBus:
+        """Every node's events (the relay's cluster bus)."""
+        return self.relay.bus
+
+    @property
+    def stream(self) -> str:
+        return self.relay.stream
+
+    @property
+    def public_url(self) -> str:
+        return self.store.describe()
+
+    def stats(self) -> RelayStats:
+        return self.relay.stats()
+
+    def nodes(self) -> list[ClusterNode]:
+        """Each node's newest incarnation, by name, with what its events said (events, missed)."""
+        newest: dict[str, NodeInfo] = {}
+        for info in self._node_rows:  # registration order: a later start replaces an earlier one
+            current = newest.get(info.node)
+            if current is None or info.started_at >= current.started_at:
+                newest[info.node] = info
+        seen = {view.node: view for view in self.relay.nodes()}
+        leader = self._leader
+        out: list[ClusterNode] = []
+        for name in sorted(set(newest) | set(seen)):
+            view = seen.get(name)
+            row = newest.get(name)
+            if row is None:
+                assert view is not None
+                out.append(view)  # a node that publishes here but keeps its runs elsewhere
+                continue
+            info = row
+            # its engine.stopped event may come before the next read of the nodes table
+            stopped = info.stopped_at is not None or (view is not None and view.stopped)
+            fields: dict[str, Any] = view.model_dump() if view is not None else {"node": name}
+            fields.update(
+                running=info.running,
+                cpu_percent=info.cpu_percent,
+                rss_bytes=info.rss_bytes,
+                stopped=stopped,
+                dead=not stopped and info.last_heartbeat < self._now - self.store.node_ttl,
+                incarnation=info.incarnation,
+                version=info.version,
+                started_at=info.started_at,
+                last_heartbeat=info.last_heartbeat,
+            )
+            if leader is not None:
+                mine = leader.holder == name
+                fields.update(is_leader=mine, term=leader.term if mine else None)
+            elif self._lease is not None:
+                fields.update(is_leader=None, term=None)
+            out.append(ClusterNode(**fields))
+        return out
+
+    @property
+    def leader(self) -> LeaseState | None:
+        """The lease's holder and term at the last look, or None."""
+        return self._leader
+
+    def runs(self) -> list[StoredRun]:
+        """The newest runs of the whole cluster (and every running one), newest first."""
+        return sorted(self._runs.values(), key=lambda r: r.seq, reverse=True)
+
+    def record(self, run_id: str) -> StoredRun | None:
+        return self._runs.get(run_id)
+
+    # ------------------------------------------------------------------ acting on runs
+
+    async def get(self, run_id: str) -> StoredRun:
+        """A run's full record, from the store."""
+        run = await self.store.get(run_id)
+        if run is None:
+            raise RunNotFound(run_id)
+        return run
+
+    async def cancel(self, run_id: str) -> StoredRun:
+        """Cancel a pending run now, or ask the node running it to stop it (it is notified).
+
+        Raises :class:`RunNotFound` or :class:`RunNotCancellable`; returns the record after.
+        """
+        result = await self.store.request_cancel(run_id, "user")
+        if result.action == "finished":
+            raise RunNotCancellable(run_id, result.run.status.value)
+        self._keep(result.run)
+        return result.run
+
+    async def retry(self, run_id: str) -> StoredRun:
+        """Queue a failed or cancelled run again with the same params (a new run, which any
+        node that has its task claims). Raises :class:`RunNotFound` or :class:`RunNotRetryable`."""
+        old = await self.get(run_id)
+        if old.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
+            raise RunNotRetryable(run_id, old.status.value)
+        if old.source.startswith(_RUNS_ITS_OWN):
+            raise RunNotRetryable(run_id, old.status.value, f"it was started by {old.source}, which runs it again itself")
+        new = NewRun(old.task, dict(old.params), source=f"retry:{run_id}", max_attempts=old.max_attempts,
+                     on_lost=old.on_lost)  # fmt: skip
+        (inserted,) = await self.store.insert([new])
+        record = await self.get(inserted.id)
+        self._keep(record)
+        return record
+
+    # ------------------------------------------------------------------ reading the store
+
+    async def refresh(self, runs: bool = True) -> None:
+        """Read the nodes, the leader and (with ``runs``) the runs again, now."""
+        self._node_rows = await self.store.nodes()
+        self._now = self.store.clock()
+        if self._lease is not None and self._now >= self._lease_due:
+            # each look opens a connection of its own (as the lease's operations do): every few seconds
+            self._lease_due = self._now + _LEASE_INTERVAL
+            try:
+                self._leader = await self._lease.peek()
+            except Exception as exc:  # noqa: BLE001 - the badge waits for the next look; the rest goes on
+                log.debug("reading the lease failed: %r", exc)
+        if runs:
+            self._runs_stale = False
+            newest = await self.store.query(limit=self.runs_limit)
+            running = await self.store.query(status=RunStatus.RUNNING.value, limit=self.runs_limit)
+            fresh = {r.id: r for r in (*newest.runs, *running.runs)}
+            old = self._runs
+            # unchanged rows keep their object, so a table diffing by identity skips them
+            self._runs = {run_id: old[run_id] if old.get(run_id) == r else r for run_id, r in fresh.items()}
+
+    def _keep(self, record: StoredRun) -> None:
+        self._runs[record.id] = record
+        self._runs_stale = True
+        self._poke.set()
+
+    def _on_event(self, event: Any) -> None:
+        kind: str = event.kind
+        if kind == "bus.dropped":
+            # events were missed: what the runs show may be wrong until read again
+            self.resyncs += 1
+        elif kind == "run.progress":
+            run = self._runs.get(event.run_id)
+            if run is not None and run.status is RunStatus.RUNNING:
+                progress = Progress(done=event.done, total=event.total, message=event.message)
+                self._runs[run.id] = run.model_copy(update={"progress": progress})
+            return
+        elif not kind.startswith("run."):
+            return
+        self._runs_stale = True
+        self._poke.set()
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        runs_due = loop.time() + self.runs_interval
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.refresh_interval):
+                    await self._poke.wait()
+            self._poke.clear()
+            now = loop.time()
+            read_runs = self._runs_stale or now >= runs_due
+            try:
+                await self.refresh(runs=read_runs)
+                self.last_error = None
+            except (TaskwatchError, OSError) as exc:
+                self.errors += 1
+                self.last_error = str(exc)
+                log.warning("reading the cluster's state failed: %s", exc)
+            if read_runs:
+                runs_due = now + self.runs_interval
+            await asyncio.sleep(_MIN_GAP)

@@ -1,0 +1,286 @@
+"""Cluster-wide events through the cluster's PostgreSQL database, without Redis.
+
+An engine made with ``store="postgresql://..."`` and ``events="postgres"`` (or
+``events="postgresql://..."`` for another database) runs a
+:class:`PostgresEventRelay`. It writes this node's events to the ``events``
+table in batches (one transaction per batch, after a short linger, with
+progress events of one run coalesced to the newest), and sends one NOTIFY
+per batch, never one per event (NOTIFY takes a global lock at commit). Every
+node and every dashboard reads the table back from the last id it read, when
+notified or at the latest every ``poll_interval`` (a notification is lost
+while the listening connection is down), into :attr:`PostgresEventRelay.bus`,
+each event with the node that emitted it. The buffering, coalescing, per-node
+gap accounting and the per-node summary are the base's (``relay.py``).
+
+Batches of all nodes are written one at a time (an advisory lock held from
+the insert to the commit): the table's ids then commit in order, so a reader
+never skips an event committed late with a lower id. The table is capped:
+each publishing node deletes, every ``prune_interval``, what is beyond the
+newest ``keep`` events or older than ``max_age`` seconds. A reader that fell
+further behind than that finds gaps in the nodes' numbers, counts them as
+missed and puts a ``bus.dropped`` event naming the node on its bus.
+
+Each relay keeps two connections of its own (one writes, one listens and
+reads), reconnecting with backoff (50 ms doubling to 2 s); the table comes
+with the store's schema (migration 3), which the relay applies itself when it
+is the first to reach the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from .bus import DEFAULT_REPLAY, EventBus
+from .errors import InvalidConfiguration
+from .redis_lease import redact_url
+from .relay import BACKOFF_MAX, BACKOFF_MIN, EventRelay, Outgoing, cancelling, log
+from .store import queries as Q
+from .store.postgres import load_driver, migrate
+
+#: the relay's own options in a URL's query; the store's options are left out of the driver's
+_OPTIONS = ("keep", "max_age")
+_STORE_OPTIONS = ("pool_size", "lease_ttl", "node_ttl", "reconnect_timeout")
+
+_INSERT, _INSERT_ARGS = Q.for_postgres(Q.PG_INSERT_EVENTS)
+_AFTER, _ = Q.for_postgres(Q.EVENTS_AFTER)
+_PRUNE, _ = Q.for_postgres(Q.PRUNE_EVENTS)
+_NOTIFY, _ = Q.for_postgres(Q.PG_NOTIFY)
+
+
+def _split_options(url: str) -> tuple[str, dict[str, str]]:
+    """``url`` for the driver, and the relay's own options from its query."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    mine = {key: value for key, value in query if key in _OPTIONS}
+    rest = urlencode([(key, value) for key, value in query if key not in _OPTIONS and key not in _STORE_OPTIONS])
+    return urlunsplit(("postgresql", parts.netloc, parts.path, rest, parts.fragment)), mine
+
+
+class PostgresEventRelay(EventRelay):
+    """Publishes a bus to the ``events`` table of a PostgreSQL database and reads every
+    node's events back from it.
+
+    ``bus`` is the node's own bus to publish (``None`` for a reader only, as
+    ``taskwatch attach postgresql://...`` is). ``keep`` and ``max_age`` cap the
+    table (also as URL options: ``postgresql://db/app?keep=50000``).
+    ``batch`` bounds events per transaction, ``linger`` is how long the
+    publisher waits to fill a batch, ``max_pending`` bounds the events waiting
+    to be sent. ``since="$"`` reads from the moment the relay starts, ``"0"``
+    from the oldest event the table still holds (events of a node before that
+    count as missed). ``poll_interval``: the longest a reader waits without a
+    notification before it looks anyway.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        bus: EventBus | None = None,
+        *,
+        keep: int = 10_000,
+        max_age: float = 3600.0,
+        channel: str = "taskwatch_events",
+        batch: int = 500,
+        linger: float = 0.02,
+        max_pending: int = 50_000,
+        since: str = "$",
+        replay: int = DEFAULT_REPLAY,
+        poll_interval: float = 1.0,
+        prune_interval: float = 5.0,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        problems = []
+        if not isinstance(url, str) or urlsplit(url).scheme not in ("postgresql", "postgres"):
+            problems.append(f"events must be a postgresql:// URL, got {url!r}")
+        else:
+            url, options = _split_options(url)
+            try:
+                keep = int(options.get("keep", keep))
+            except ValueError:
+                problems.append(f"keep in the URL must be a count, got {options['keep']!r}")
+            try:
+                max_age = float(options.get("max_age", max_age))
+            except ValueError:
+                problems.append(f"max_age in the URL must be seconds, got {options['max_age']!r}")
+        for name, value in (("keep", keep), ("batch", batch), ("max_pending", max_pending)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name} must be a positive count, got {value!r}")
+        for name, seconds in (("max_age", max_age), ("poll_interval", poll_interval),
+                              ("prune_interval", prune_interval), ("connect_timeout", connect_timeout)):  # fmt: skip
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < float("inf"):
+                problems.append(f"{name} must be a positive number of seconds, got {seconds!r}")
+        if not isinstance(linger, int | float) or not 0 <= linger <= 5:
+            problems.append(f"linger must be between 0 and 5 seconds, got {linger!r}")
+        if not isinstance(channel, str) or not channel.isidentifier():
+            problems.append(f"channel must be a plain identifier, got {channel!r}")
+        if since not in ("$", "0"):
+            problems.append(f"since must be '$' (from now) or '0' (the oldest kept), got {since!r}")
+        if problems:
+            raise InvalidConfiguration("the PostgreSQL event relay", problems)
+        self._driver = load_driver()
+        super().__init__(
+            bus, stream="events", batch=batch, linger=linger, max_pending=max_pending, from_start=since == "0",
+            replay=replay,
+        )
+        d = self._driver
+        self.transient_errors = (OSError, TimeoutError, d.PostgresError, d.InterfaceError,
+                                 d.exceptions.InternalClientError)  # fmt: skip
+        self.url = url
+        self.keep = keep
+        self.max_age = max_age
+        self.channel = channel
+        self.since = since
+        self.poll_interval = poll_interval
+        self.prune_interval = prune_interval
+        self.connect_timeout = connect_timeout
+        self._writer: Any = None
+        self._reader: Any = None
+        self._migrated = False
+        #: the id of the last event read (None: not known yet, from the newest when first connected)
+        self._last_id: int | None = None
+        self._notified = asyncio.Event()
+        self._prune_due = 0.0
+        #: events deleted by this node's pruning
+        self.pruned = 0
+        #: notifications heard
+        self.notifications = 0
+
+    @property
+    def public_url(self) -> str:
+        return redact_url(self.url)
+
+    # ------------------------------------------------------------------ connections
+
+    async def _connect(self) -> Any:
+        conn = await self._driver.connect(self.url, timeout=self.connect_timeout)
+        try:
+            if not self._migrated:
+                # the events table comes with the store's schema; the first to arrive applies it
+                await migrate(conn, self.public_url)
+                self._migrated = True
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    @staticmethod
+    async def _drop(conn: Any) -> None:
+        if conn is None:
+            return
+        try:
+            await asyncio.wait_for(conn.close(), timeout=2.0)
+        except Exception:  # noqa: BLE001 - a connection cut mid-operation: just let it go
+            conn.terminate()
+
+    async def _open(self) -> None:
+        self._notified = asyncio.Event()
+        self._last_id = 0 if self.since == "0" else None
+        self._prune_due = asyncio.get_running_loop().time() + self.prune_interval * random.uniform(0.2, 1.0)
+        try:
+            await self._connect_reader()
+        except self.transient_errors as exc:
+            # the read loop keeps trying; events sent meanwhile wait in the table
+            log.warning("cannot reach %s for events yet (%r); retrying", self.public_url, exc)
+
+    async def _connect_reader(self) -> None:
+        conn = await self._connect()
+        try:
+            conn.add_termination_listener(lambda _conn: self._notified.set())
+            await conn.add_listener(self.channel, self._on_notify)
+            if self._last_id is None:
+                self._last_id = int(await conn.fetchval(Q.LAST_EVENT_ID))
+        except BaseException:
+            conn.terminate()
+            raise
+        self._reader = conn
+        self.connected = True
+
+    async def _close(self) -> None:
+        writer, reader = self._writer, self._reader
+        self._writer = self._reader = None
+        await self._drop(writer)
+        await self._drop(reader)
+
+    def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        self.notifications += 1
+        self._notified.set()
+
+    # ------------------------------------------------------------------ publishing
+
+    async def _send(self, batch: list[Outgoing]) -> None:
+        if self._writer is None or self._writer.is_closed():
+            self._writer = await self._connect()
+        conn = self._writer
+        assert self.source is not None
+        values = {
+            "node": self.source.node,
+            "seqs": [r.seq for r in batch],
+            "skipped": [r.skipped for r in batch],
+            "tss": [r.ts for r in batch],
+            "bodies": [r.data for r in batch],
+        }
+        try:
+            async with conn.transaction():
+                await conn.execute(Q.PG_EVENTS_LOCK)
+                await conn.execute(_INSERT, *[values[name] for name in _INSERT_ARGS])
+                # delivered at commit: one notification per batch
+                await conn.execute(_NOTIFY, self.channel, "")
+        except BaseException:
+            # a connection cut mid-transaction may be left in any state: never reuse it
+            self._writer = None
+            conn.terminate()
+            raise
+
+    def _idle_timeout(self) -> float | None:
+        return max(0.0, self._prune_due - asyncio.get_running_loop().time())
+
+    async def _between_batches(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if now < self._prune_due:
+            return
+        self._prune_due = now + self.prune_interval * random.uniform(0.8, 1.2)
+        if self._writer is None or self._writer.is_closed():
+            self._writer = await self._connect()
+        assert self.source is not None  # only a publishing relay prunes
+        # events carry their bus's clock; their age is judged by the same clock
+        status = await self._writer.execute(_PRUNE, self.keep, self.source.clock() - self.max_age)
+        tail = status.rsplit(" ", 1)[-1]
+        self.pruned += int(tail) if tail.isdigit() else 0
+
+    # ------------------------------------------------------------------ reading
+
+    async def _read_loop(self) -> None:
+        delay = 0.0
+        while True:
+            try:
+                if self._reader is None or self._reader.is_closed():
+                    conn, self._reader = self._reader, None
+                    await self._drop(conn)
+                    await self._connect_reader()
+                # cleared before the read: a notification that comes during it wakes the next wait
+                self._notified.clear()
+                rows = await self._reader.fetch(_AFTER, self._last_id, self.batch)
+                self.connected = True
+                delay = 0.0
+            except self.transient_errors as exc:
+                if cancelling():
+                    raise asyncio.CancelledError from exc
+                self.errors += 1
+                self.connected = False
+                conn, self._reader = self._reader, None
+                if conn is not None:
+                    conn.terminate()
+                delay = min(BACKOFF_MAX, delay * 2 if delay else BACKOFF_MIN)
+                log.warning("reading events from %s failed (%r); retrying in %.2g s", self.public_url, exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            for event_id, skipped, body in rows:
+                self._last_id = event_id
+                self._take(body, skipped)
+            if len(rows) < self.batch:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_interval):
+                        await self._notified.wait()

@@ -1,0 +1,443 @@
+"""Cluster-wide events: what every relay does, wherever the events travel.
+
+A relay publishes this node's bus to a place every node can read (a Redis
+stream, a PostgreSQL table) and reads every node's events back into its own
+:attr:`EventRelay.bus`, each with the ``node`` that emitted it. This module
+holds what does not depend on that place:
+
+- the outgoing buffer: events wait in a bounded queue (what does not fit is
+  counted as ``unsent``) and go out in batches, after a short linger; within
+  a batch, progress events of one run are coalesced to the newest (counted
+  as ``coalesced``), and the record sent after them says how many were left
+  out, so readers do not take them for lost;
+- the reader's accounting: every node numbers its events, so a gap in a
+  node's numbers that coalescing does not explain (the shared place was
+  trimmed past what this reader had read, or the node could not send them)
+  is counted as ``missed`` for that node and announced on the cluster bus as
+  a ``bus.dropped`` event naming the node;
+- :meth:`EventRelay.nodes`: each node as its events show it (last event,
+  leadership, running runs, CPU and RSS from its health samples).
+
+The cluster bus is separate from the engine's own bus on purpose: the
+engine's bus numbers *this* node's events (``seq``) and snapshots resume from
+those numbers; events from other nodes have their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .bus import DEFAULT_REPLAY, EventBus
+from .events import BaseEvent, EventsDropped, event_from_json, event_to_json
+
+log = logging.getLogger("taskwatch.events")
+
+BACKOFF_MIN = 0.05
+BACKOFF_MAX = 2.0
+
+
+def cancelling() -> bool:
+    """Whether someone asked to cancel the current task (some drivers swallow the cancel)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+class ClusterNode(BaseModel):
+    """One node of the cluster: as its events show it, and (from a cluster store) as the
+    nodes table records it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    node: str
+    last_ts: float = 0.0
+    last_kind: str = ""
+    events: int = 0
+    missed: int = 0
+    #: progress events the node coalesced away before sending (not lost: a newer one came)
+    coalesced: int = 0
+    is_leader: bool | None = None
+    term: int | None = None
+    running: int | None = None
+    cpu_percent: float | None = None
+    rss_bytes: int | None = None
+    stopped: bool = False
+    #: silent for longer than the store's node TTL (from the nodes table)
+    dead: bool = False
+    incarnation: str | None = None
+    version: str | None = None
+    started_at: float | None = None
+    last_heartbeat: float | None = None
+
+    @property
+    def state(self) -> str:
+        """``stopped``, ``dead`` or ``up``."""
+        return "stopped" if self.stopped else "dead" if self.dead else "up"
+
+
+class RelayStats(BaseModel):
+    """The relay's counters: what it sent, what it read, and what was lost on the way."""
+
+    model_config = ConfigDict(frozen=True)
+
+    #: where the events travel: the Redis stream's key, or the PostgreSQL table
+    stream: str
+    connected: bool
+    published: int
+    unsent: int
+    pending: int
+    batches: int
+    #: progress events left out because a newer one of the same run went in the same batch
+    coalesced: int = 0
+    received: int
+    missed: int
+    malformed: int
+    errors: int
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """One event on its way out: its JSON, and how many coalesced events of its node it follows."""
+
+    seq: int
+    ts: float
+    data: str
+    skipped: int = 0
+
+
+class _NodeView:
+    __slots__ = ("node", "last_seq", "last_ts", "last_kind", "events", "missed", "coalesced", "is_leader",
+                 "term", "running", "cpu_percent", "rss_bytes", "stopped")
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.last_seq: int | None = None
+        self.last_ts = 0.0
+        self.last_kind = ""
+        self.events = 0
+        self.missed = 0
+        self.coalesced = 0
+        self.is_leader: bool | None = None
+        self.term: int | None = None
+        self.running: int | None = None
+        self.cpu_percent: float | None = None
+        self.rss_bytes: int | None = None
+        self.stopped = False
+
+    def model(self) -> ClusterNode:
+        return ClusterNode(**{name: getattr(self, name) for name in self.__slots__ if name != "last_seq"})
+
+
+def coalesce(events: list[BaseEvent]) -> tuple[list[Outgoing], int]:
+    """``events`` as records to send, each run's progress events but the newest left out;
+    and how many were left out. Each record counts the left-out events just before it."""
+    newest: dict[str, int] = {}
+    for i, event in enumerate(events):
+        if event.kind == "run.progress":  # type: ignore[attr-defined]
+            newest[event.run_id] = i  # type: ignore[attr-defined]
+    out: list[Outgoing] = []
+    skipped = left_out = 0
+    for i, event in enumerate(events):
+        if newest and event.kind == "run.progress" and newest[event.run_id] != i:  # type: ignore[attr-defined]
+            skipped += 1
+            left_out += 1
+            continue
+        out.append(Outgoing(event.seq, event.ts, event_to_json(event), skipped))
+        skipped = 0
+    return out, left_out
+
+
+class EventRelay:
+    """Publishes a bus to a shared place and reads every node's events back (a base class).
+
+    ``bus`` is the node's own bus to publish (``None`` for a reader only, as a
+    dashboard is). ``batch`` bounds events per round trip, ``linger`` is how
+    long the publisher waits to fill a batch, ``max_pending`` bounds the events
+    waiting to be sent. ``from_start``: the reader starts at the oldest event
+    the shared place still holds (events of a node before that count as
+    missed) instead of at the newest.
+
+    A subclass says where events go: :meth:`_send` writes one batch,
+    :meth:`_read_loop` reads and hands each event to :meth:`_take`,
+    :meth:`_open` / :meth:`_close` manage connections, and
+    :attr:`transient_errors` are the errors that mean "try again".
+    """
+
+    #: errors of the shared place that a retry (after a backoff) may cure
+    transient_errors: tuple[type[BaseException], ...] = (OSError,)
+
+    def __init__(
+        self,
+        bus: EventBus | None,
+        *,
+        stream: str,
+        batch: int,
+        linger: float,
+        max_pending: int,
+        from_start: bool,
+        replay: int = DEFAULT_REPLAY,
+    ) -> None:
+        self.stream = stream
+        self.batch = batch
+        self.linger = linger
+        self.max_pending = max_pending
+        self.source = bus
+        #: every node's events, as read back
+        self.bus = EventBus(node="cluster", replay=replay)
+        self._outgoing: deque[BaseEvent] = deque()
+        #: a batch taken from the queue and not yet sent (sent again first after a failure)
+        self._unsent_batch: list[Outgoing] | None = None
+        self._wake = asyncio.Event()
+        self._unsubscribe: Callable[[], None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._nodes: dict[str, _NodeView] = {}
+        #: the last seq of the source bus handed to the publisher (so a restart resends nothing)
+        self._sent_through = 0
+        self._from_start = from_start
+        self._opened = False
+        self.connected = False
+        self.published = 0
+        self.unsent = 0
+        self.batches = 0
+        self.coalesced = 0
+        self.received = 0
+        self.missed = 0
+        self.malformed = 0
+        self.errors = 0
+
+    # ------------------------------------------------------------------ for subclasses
+
+    @property
+    def public_url(self) -> str:
+        """Where the events travel, without a password, for headers and logs."""
+        raise NotImplementedError
+
+    async def _open(self) -> None:
+        """Make clients and find where reading starts (before any loop runs)."""
+
+    async def _close(self) -> None:
+        """Release the clients (after every loop ended and the last batch was sent)."""
+
+    async def _send(self, batch: list[Outgoing]) -> None:
+        """Write one batch, in order, or raise (nothing of it is then taken as sent)."""
+        raise NotImplementedError
+
+    async def _read_loop(self) -> None:
+        """Read every node's events, in order, handing each to :meth:`_take`; forever."""
+        raise NotImplementedError
+
+    def _idle_timeout(self) -> float | None:
+        """How long the publisher may wait for events before :meth:`_between_batches` is due."""
+        return None
+
+    async def _between_batches(self) -> None:
+        """Housekeeping the publisher does when it is awake anyway (pruning, say)."""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._tasks:
+            return
+        self._wake = asyncio.Event()
+        await self._open()
+        self._opened = True
+        self.bus.reopen()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read_loop(), name=f"taskwatch-events-read-{self.stream}")]
+        if self.source is not None:
+            # what the bus published before this start (the engine's start event,
+            # registrations) goes out first; no await from here to the subscription
+            for event in self.source.recent():
+                if event.seq > self._sent_through:
+                    self._offer(event)
+            self._unsubscribe = self.source.add_callback(self._offer)
+            self._tasks.append(loop.create_task(self._publish_loop(), name=f"taskwatch-events-send-{self.stream}"))
+
+    async def stop(self, deadline: float | None = None) -> None:
+        """Send what is still buffered (until ``deadline``, loop time; 1 s by default),
+        then stop both loops and disconnect."""
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + 1.0
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        if not self._opened:
+            self.bus.close()
+            return
+        if self.source is not None and self.pending:
+            try:
+                async with asyncio.timeout(max(0.05, deadline - loop.time())):
+                    await self._flush()
+            except (TimeoutError, *self.transient_errors) as exc:  # type: ignore[misc]
+                log.warning("%d events not sent to %s at stop: %r", self.pending, self.stream, exc)
+        self._opened = False
+        with contextlib.suppress(Exception):
+            await self._close()
+        self.connected = False
+        self.bus.close()
+
+    async def __aenter__(self) -> EventRelay:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ what it knows
+
+    @property
+    def pending(self) -> int:
+        """Events waiting to be sent."""
+        return len(self._outgoing) + len(self._unsent_batch or ())
+
+    def nodes(self) -> list[ClusterNode]:
+        """Every node whose events were read, by name.
+
+        A node that never said anything about the lease is a follower once
+        another node has said it leads (followers publish no lease events).
+        """
+        views = [self._nodes[name] for name in sorted(self._nodes)]
+        someone_leads = any(view.is_leader for view in views)
+        out = []
+        for view in views:
+            info = view.model()
+            if someone_leads and info.is_leader is None:
+                info = info.model_copy(update={"is_leader": False})
+            out.append(info)
+        return out
+
+    def stats(self) -> RelayStats:
+        return RelayStats(
+            stream=self.stream,
+            connected=self.connected,
+            published=self.published,
+            unsent=self.unsent,
+            pending=self.pending,
+            batches=self.batches,
+            coalesced=self.coalesced,
+            received=self.received,
+            missed=self.missed,
+            malformed=self.malformed,
+            errors=self.errors,
+        )
+
+    # ------------------------------------------------------------------ publishing
+
+    def _offer(self, event: BaseEvent) -> None:
+        self._sent_through = max(self._sent_through, event.seq)
+        if len(self._outgoing) >= self.max_pending:
+            self.unsent += 1
+            return
+        self._outgoing.append(event)
+        if len(self._outgoing) == 1 or len(self._outgoing) >= self.batch:
+            self._wake.set()
+
+    async def _publish_loop(self) -> None:
+        delay = 0.0
+        while True:
+            try:
+                async with asyncio.timeout(self._idle_timeout()):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            if self._wake.is_set():
+                self._wake.clear()
+                if self.linger and len(self._outgoing) < self.batch:
+                    # a short wait turns a burst into one round trip instead of many
+                    await asyncio.sleep(self.linger)
+            try:
+                await self._flush()
+                await self._between_batches()
+                delay = 0.0
+                if cancelling():
+                    # some clients swallow a cancel that lands in a round trip
+                    raise asyncio.CancelledError
+            except self.transient_errors as exc:
+                if cancelling():
+                    raise asyncio.CancelledError from exc
+                self.errors += 1
+                self.connected = False
+                delay = min(BACKOFF_MAX, delay * 2 if delay else BACKOFF_MIN)
+                log.warning("publishing events to %s failed (%r); retrying in %.2g s", self.stream, exc, delay)
+                await asyncio.sleep(delay)
+                self._wake.set()
+
+    def _next_batch(self) -> list[Outgoing]:
+        events = [self._outgoing.popleft() for _ in range(min(self.batch, len(self._outgoing)))]
+        records, left_out = coalesce(events)
+        self.coalesced += left_out
+        return records
+
+    async def _flush(self) -> None:
+        while self._unsent_batch or self._outgoing:
+            if not self._unsent_batch:
+                self._unsent_batch = self._next_batch()
+            batch = self._unsent_batch
+            await self._send(batch)  # raises: the batch stays, to be sent first next time
+            self._unsent_batch = None
+            self.connected = True
+            self.published += len(batch)
+            self.batches += 1
+
+    # ------------------------------------------------------------------ reading
+
+    def _take(self, data: bytes | str | None, skipped: int = 0) -> None:
+        """One event as read back (its JSON), following ``skipped`` coalesced events of its node."""
+        try:
+            if data is None:
+                raise ValueError("an entry without an event")
+            event = event_from_json(data)
+        except (ValueError, ValidationError):
+            self.malformed += 1
+            return
+        view = self._nodes.get(event.node)
+        if view is None:
+            view = self._nodes[event.node] = _NodeView(event.node)
+            # reading from the oldest kept event: what came before it was trimmed away
+            view.last_seq = 0 if self._from_start else None
+        if view.last_seq is not None:
+            gap = event.seq - view.last_seq - 1 - max(0, skipped)
+            if event.seq <= view.last_seq:
+                # numbers start again: the node restarted (a new engine, a new bus)
+                view.stopped = False
+            elif gap > 0:
+                view.missed += gap
+                self.missed += gap
+                self.bus.publish(EventsDropped(node=event.node, ts=event.ts, count=gap, total=view.missed))
+        view.coalesced += max(0, skipped)
+        view.last_seq = event.seq
+        view.last_ts = event.ts
+        view.last_kind = event.kind  # type: ignore[attr-defined]
+        view.events += 1
+        _note(view, event)
+        self.received += 1
+        self.bus.publish(event)
+
+
+def _note(view: _NodeView, event: Any) -> None:
+    kind = event.kind
+    if kind == "health":
+        view.running = event.running
+        view.cpu_percent = event.cpu_percent
+        view.rss_bytes = event.rss_bytes
+    elif kind in ("lease.acquired", "lease.renewed"):
+        view.is_leader, view.term = True, event.term
+    elif kind in ("lease.lost", "lease.released"):
+        view.is_leader, view.term = False, event.term
+    elif kind == "engine.stopped":
+        view.stopped = True
+    elif kind == "engine.started":
+        view.stopped = False
