@@ -607,18 +607,19 @@ class PostgresStore(Store):
     ) -> list[Claim]:
         if slots <= 0 or not tasks:
             return []
-        names: list[str] = []
-        counts: list[int] = []
-        caps: list[int | None] = []
-        for task, free in tasks.items():
-            n = slots if free is None else min(free, slots)
-            if n > 0:
-                names.append(task)
-                counts.append(n)
-                caps.append(None if limits is None else limits.get(task))
-        if not names:
+        free: dict[str, int] = {}
+        capped: dict[str, tuple[int, int]] = {}
+        for task, room in tasks.items():
+            n = slots if room is None else min(room, slots)
+            if n <= 0:
+                continue
+            cap = None if limits is None else limits.get(task)
+            if cap is None:
+                free[task] = n
+            else:
+                capped[task] = (n, cap)
+        if not free and not capped:
             return []
-        capped = sorted({name for name, cap in zip(names, caps, strict=True) if cap is not None})
         now = self.clock()
         values = {
             "node": node,
@@ -626,26 +627,52 @@ class PostgresStore(Store):
             "nonce": os.urandom(8).hex(),
             "lease_until": now + self.lease_ttl,
             "now": now,
-            "tasks": names,
-            "limits": counts,
-            "caps": caps,
+            "tasks": list(free),
+            "limits": list(free.values()),
+            "caps": [None] * len(free),
             "slots": slots,
+            "peek": sorted(capped),
         }
-        if capped:
-            # the count of a capped task's running runs must see every earlier claim of it:
-            # its lock is taken in a statement of its own (a statement's snapshot is taken
-            # when it starts), so this claim is a transaction of three statements
-            return await self._run(self._claim_capped, values, capped)  # type: ignore[no-any-return]
-        return await self._run(self._claim, values, single=True)  # type: ignore[no-any-return]
+        if not capped:
+            return await self._run(self._claim, values, single=True)  # type: ignore[no-any-return]
+        # one round trip claims the uncapped tasks and says which capped ones have runs waiting
+        claims, waiting = await self._run(self._claim_and_peek, values, single=True)
+        left = slots - len(claims)
+        if waiting and left > 0:
+            # a capped task's count of running runs must see every earlier claim of it: its lock
+            # is taken in a statement of its own (a statement's snapshot is taken when it
+            # starts), so this claim is a transaction of three statements
+            names = sorted(waiting)
+            now = self.clock()
+            values = {
+                **values,
+                "nonce": os.urandom(8).hex(),
+                "now": now,
+                "lease_until": now + self.lease_ttl,
+                "tasks": names,
+                "limits": [capped[t][0] for t in names],
+                "caps": [capped[t][1] for t in names],
+                "slots": left,
+            }
+            # (when slots are short, runs of uncapped tasks went first, whatever their age)
+            claims = claims + await self._run(self._claim_capped, values, names)
+            claims.sort(key=lambda c: seq_of(c.token))
+        return claims  # type: ignore[no-any-return]
+
+    async def _claim_and_peek(self, tx: _Tx, values: dict[str, Any]) -> tuple[list[Claim], list[str]]:
+        rows = await tx.fetch(Q.PG_CLAIM_AND_PEEK, values)
+        waiting = [r[2] for r in rows if r[1] is None]
+        return self._claims_of([r for r in rows if r[1] is not None], values), waiting
 
     async def _claim_capped(self, tx: _Tx, values: dict[str, Any], capped: list[str]) -> list[Claim]:
         await tx.execute(Q.PG_TASK_LOCKS, {"tasks": capped})
-        values["now"] = self.clock()  # after the wait for the locks: due times and leases from now
-        values["lease_until"] = values["now"] + self.lease_ttl
         return await self._claim(tx, values)
 
     async def _claim(self, tx: _Tx, values: dict[str, Any]) -> list[Claim]:
-        rows = await tx.fetch(Q.PG_CLAIM, values)
+        return self._claims_of(await tx.fetch(Q.PG_CLAIM, values), values)
+
+    @staticmethod
+    def _claims_of(rows: list[Any], values: dict[str, Any]) -> list[Claim]:
         now, lease_until = values["now"], values["lease_until"]
         rows.sort(key=lambda r: r[0])  # RETURNING has no order: oldest first
         return [

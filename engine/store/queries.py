@@ -415,6 +415,22 @@ WHERE runs.seq IN (
 RETURNING seq, id, task, params, attempt, max_attempts, created_at, dedup_key, source, lost_count,
           claim_token"""
 
+#: ``PG_CLAIM`` for the tasks without a cap (:caps all NULL), and in the same round trip the
+#: capped tasks of :peek that have due runs waiting, as rows whose id is NULL: only those are
+#: then claimed under their locks (``PG_TASK_LOCKS``), so a node with capped tasks pays for
+#: the locks only while such runs wait
+PG_CLAIM_AND_PEEK = f"""
+WITH claimed AS ({PG_CLAIM})
+SELECT seq, id, task, params, attempt, max_attempts, created_at, dedup_key, source, lost_count, claim_token
+FROM claimed
+UNION ALL
+SELECT NULL::bigint, NULL::text, p.task, NULL::text, NULL::int, NULL::int, NULL::float8, NULL::text,
+       NULL::text, NULL::int, NULL::text
+FROM unnest(CAST(:peek AS text[])) AS p(task)
+WHERE EXISTS (
+    SELECT 1 FROM runs AS w WHERE w.status = 'pending' AND w.task = p.task AND w.run_after <= :now
+)"""
+
 #: insert many runs in one statement (``INSERT_RUN`` for each element of the arrays) and count
 #: them in the totals; with :max_pending, nothing is inserted if the pending runs would then
 #: be more than that. Returns how many were inserted.
