@@ -37,8 +37,12 @@ from .errors import (
     TooManyHandshakes,
     UnknownCommand,
     UnknownPeriodic,
+    UnknownQueue,
     UnknownTask,
+    UnknownTrigger,
+    UnknownWorker,
     WeakToken,
+    WorkerNotLeading,
 )
 from .events import (
     EVENT_ADAPTER,
@@ -53,7 +57,7 @@ from .events import (
 from .handle import RunHandle
 from .lease import InProcessLease, Leadership, Lease, LeaseState
 from .postgres_lease import PostgresLease
-from .queues import QueueInfo, WorkQueue
+from .queues import QueueInfo, QueuePurge, WorkQueue
 from .operations import OPERATIONS, Operation
 from .redis_events import ClusterNode, RedisEventRelay, RelayStats
 from .redis_lease import RedisLease
@@ -65,7 +69,7 @@ from .snapshot import Snapshot, is_truncated
 from .store import MemoryStore, PostgresStore, SqliteStore, Store, make_store
 from .supervisor import WorkerInfo
 from .tasks import TaskInfo, TaskSpec
-from .triggers import Trigger, TriggerKeyState, TriggerState
+from .triggers import Trigger, TriggerFire, TriggerKeyState, TriggerState
 from .version import __version__
 
 __all__ = [
@@ -108,6 +112,7 @@ __all__ = [
     "ProtocolError",
     "QueueFull",
     "QueueInfo",
+    "QueuePurge",
     "OPERATIONS",
     "Operation",
     "RedisEventRelay",
@@ -137,14 +142,19 @@ __all__ = [
     "TooManyConnections",
     "TooManyHandshakes",
     "Trigger",
+    "TriggerFire",
     "TriggerKeyState",
     "TriggerState",
     "UnknownCommand",
     "UnknownPeriodic",
+    "UnknownQueue",
     "UnknownTask",
+    "UnknownTrigger",
+    "UnknownWorker",
     "WeakToken",
     "WorkQueue",
     "WorkerInfo",
+    "WorkerNotLeading",
     "__version__",
     "event_from_dict",
     "event_from_json",
