@@ -153,7 +153,7 @@ async def test_restart_starts_a_stopped_worker() -> None:
 
 
 async def test_leader_only_worker_restarts_only_on_the_leader_and_a_stop_outlives_leadership() -> None:
-    lease = InProcessLease(ttl=0.5, renew_interval=0.05)
+    lease = InProcessLease(ttl=2.0, renew_interval=0.1)
     a = engine_with(node_id="a", lease=lease, cancel_grace=1.0)
     b = engine_with(node_id="b", lease=lease, cancel_grace=1.0)
     runs: dict[str, int] = {"a": 0, "b": 0}
@@ -186,7 +186,7 @@ async def test_leader_only_worker_restarts_only_on_the_leader_and_a_stop_outlive
         held = await b.stop_worker("dedup")
         assert held.state == "stopped" and held.stopped_by_user
         await a.stop(1.0)
-        await eventually(lambda: b.leadership().is_leader, timeout=5.0)
+        await eventually(lambda: b.leadership().is_leader, timeout=10.0)
         assert b.workers()[0].state == "stopped" and runs["b"] == 0
         # started there, it runs at once: b leads now
         assert b.start_worker("dedup").state == "running"
@@ -197,7 +197,7 @@ async def test_leader_only_worker_restarts_only_on_the_leader_and_a_stop_outlive
 
 
 async def test_start_on_a_follower_waits_for_leadership() -> None:
-    lease = InProcessLease(ttl=0.5, renew_interval=0.05)
+    lease = InProcessLease(ttl=2.0, renew_interval=0.1)
     a = engine_with(node_id="a", lease=lease)
     b = engine_with(node_id="b", lease=lease)
     for engine in (a, b):

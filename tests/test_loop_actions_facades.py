@@ -136,7 +136,7 @@ async def test_the_remote_engine_over_a_real_control_endpoint(sock_path: str) ->
 
 
 async def test_a_follower_refuses_to_restart_a_leader_only_worker_over_the_wire(sock_path: str) -> None:
-    lease = InProcessLease(ttl=0.5, renew_interval=0.05)
+    lease = InProcessLease(ttl=2.0, renew_interval=0.1)
     leader = Engine(node_id="a", lease=lease, health_interval=None)
     follower = Engine(node_id="b", lease=lease, health_interval=None)
     for engine in (leader, follower):

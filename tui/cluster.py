@@ -5,8 +5,8 @@ engines made with ``events="redis://..."`` publish to (a
 :class:`~taskwatch.engine.RedisEventRelay` with no bus of its own), and shows
 a Nodes view (id, leader badge and term, up or stopped, running runs, CPU,
 RSS, last event, events seen and missed) above the cluster's event log, each
-line naming its node. It only watches: commands go to a node's own control
-endpoint (``taskwatch attach ADDRESS``).
+line naming its node (Enter on a line shows its event's JSON). It only
+watches: commands go to a node's own control endpoint (``taskwatch attach ADDRESS``).
 
 Like the engine dashboard it never redraws per event: a timer drains the
 relay's bus at a fixed rate. Events the stream trimmed away before they were
@@ -19,11 +19,14 @@ import time
 
 from taskwatch.engine import RedisEventRelay, Subscription
 from taskwatch.widgets import EventLog, NodesTable
+from textual import on
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.css.query import NoMatches
 from textual.timer import Timer
 from textual.widgets import Footer, Static
+
+from .screens import EventScreen
 
 
 class ClusterApp(App[None]):
@@ -91,3 +94,7 @@ class ClusterApp(App[None]):
 
     def action_toggle_pause(self) -> None:
         self.query_one(EventLog).toggle_pause()
+
+    @on(EventLog.EventChosen)
+    def _event_chosen(self, message: EventLog.EventChosen) -> None:
+        self.push_screen(EventScreen(message.event))
