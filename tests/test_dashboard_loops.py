@@ -15,7 +15,7 @@ from taskwatch.engine import Engine, InProcessLease, TaskContext, event_to_dict
 from taskwatch.tui.app import TaskwatchApp
 from taskwatch.tui.client import LocalClient
 from taskwatch.tui.remote_client import RemoteClient
-from taskwatch.tui.screens import ChooseKeyScreen, ConfirmScreen, EventScreen, HelpScreen
+from taskwatch.tui.screens import ChooseKeyScreen, ConfirmScreen, EventScreen, HelpScreen, TracebackScreen
 from taskwatch.widgets import EventLog, QueuesTable, TriggersTable, WorkersTable
 from textual.pilot import Pilot
 from textual.widgets import Input, OptionList
@@ -96,6 +96,28 @@ async def test_x_restarts_and_shift_x_stops_and_starts_the_selected_worker() -> 
         await pilot.press("X")
         await eventually(lambda: seen["starts"] == 3 and not engine.workers()[0].stopped_by_user)
         await eventually(lambda: str(workers.get_cell("indexer", "state")) == "running")
+
+
+async def test_t_on_the_scheduler_tab_shows_the_selected_workers_last_traceback() -> None:
+    engine, _ = loops_engine()
+
+    @engine.supervised(name="flaky", backoff=3600.0, backoff_max=3600.0)
+    async def flaky(ctx: TaskContext) -> None:
+        raise ConnectionError("the index server hung up")
+
+    async with dashboard(engine) as (app, pilot):
+        await on_scheduler(app, pilot)
+        workers = app.main.query_one(WorkersTable)
+        await eventually(lambda: any(w.name == "flaky" and w.crashes for w in app.state.workers))
+        await eventually(lambda: workers.select_name("flaky"))
+        await pilot.press("t")
+        screen = await eventually(lambda: app.screen if isinstance(app.screen, TracebackScreen) else None)
+        assert "worker flaky: ConnectionError: the index server hung up" in str(screen.query_one("#traceback-title").render())
+        await pilot.press("escape")
+        await eventually(lambda: app.screen is app.main)
+        workers.select_name("indexer")
+        await pilot.press("t")
+        await eventually(lambda: "the selected worker has not crashed" in notes(app))
 
 
 async def test_x_on_a_follower_says_the_worker_restarts_only_on_the_leader() -> None:
