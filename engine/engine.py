@@ -35,7 +35,9 @@ from .errors import (
     RunNotCancellable,
     RunNotFound,
     RunNotRetryable,
+    UnknownQueue,
     UnknownTask,
+    UnknownTrigger,
 )
 from .events import (
     EngineStarted,
@@ -50,8 +52,8 @@ from .index import RunIndex
 from .jsonsafe import check_key
 from .lease import LeaderElector, Leadership
 from .options import EngineOptions, TaskOptions, check_options
-from .queues import QueueInfo, WorkQueue
 from .postgres_events import PostgresEventRelay
+from .queues import QueueInfo, QueuePurge, WorkQueue
 from .redis_events import RedisEventRelay
 from .relay import EventRelay
 from .runs import (
@@ -73,7 +75,7 @@ from .store import (
 )
 from .supervisor import Supervisor, WorkerInfo
 from .tasks import TaskFn, TaskInfo, TaskSpec, params_model_of
-from .triggers import Trigger, TriggerState
+from .triggers import Trigger, TriggerFire, TriggerState
 from .version import __version__
 from .wakeups import StoreWakeups
 
@@ -925,6 +927,8 @@ class Engine:
                     "processed": q.processed,
                     "failed": q.failed,
                     "rejected": q.rejected,
+                    "purged": q.purged,
+                    "paused": int(q.paused),
                 }
                 for q in (queue.info() for queue in self._queues.values())
             },
@@ -1064,6 +1068,33 @@ class Engine:
     def queues(self) -> list[QueueInfo]:
         return [q.info() for q in self._queues.values()]
 
+    def _queue_named(self, name: str) -> WorkQueue:
+        queue = self._queues.get(name)
+        if queue is None:
+            raise UnknownQueue(name, self._queues)
+        return queue
+
+    def pause_queue(self, name: str) -> QueueInfo:
+        """Stop the queue's consumers taking jobs; ``put`` still accepts jobs up to ``maxsize``.
+
+        Jobs being handled finish. Raises :class:`UnknownQueue` for a name no
+        queue has. Published as ``queue.paused``.
+        """
+        return self._queue_named(name).pause()
+
+    def resume_queue(self, name: str) -> QueueInfo:
+        """Let a paused queue's consumers take jobs again (``queue.resumed``)."""
+        return self._queue_named(name).resume()
+
+    async def purge_queue(self, name: str) -> QueuePurge:
+        """Drop every job waiting in the queue, and its row in a durable store; returns how many.
+
+        Jobs being handled finish. The count is kept in ``QueueInfo.purged``
+        and published as ``queue.purged``. Raises :class:`UnknownQueue` for a
+        name no queue has.
+        """
+        return await self._queue_named(name).purge()
+
     def trigger(self, name: str, fn: Any, **options: Any) -> Trigger:
         """Create a threshold trigger: ``notify(key)`` counts; a key runs ``fn`` when due.
 
@@ -1080,6 +1111,19 @@ class Engine:
 
     def triggers(self) -> list[TriggerState]:
         return [t.state() for t in self._triggers.values()]
+
+    def fire_trigger(self, name: str, key: str) -> TriggerFire:
+        """Queue a run of trigger ``name`` for ``key`` now, whatever its count.
+
+        A key with a run queued or running already gets no second one
+        (``fired=False`` names that run). Published as ``trigger.fired`` with
+        reason ``manual``. Raises :class:`UnknownTrigger`, :class:`InvalidKey`,
+        :class:`QueueFull` or :class:`EngineNotRunning`; nothing changes then.
+        """
+        trigger = self._triggers.get(name)
+        if trigger is None:
+            raise UnknownTrigger(name, self._triggers)
+        return trigger.fire(key)
 
     # ------------------------------------------------------------------ supervised workers
 
@@ -1104,6 +1148,32 @@ class Engine:
 
     def workers(self) -> list[WorkerInfo]:
         return self._supervisor.workers()
+
+    async def restart_worker(self, name: str) -> WorkerInfo:
+        """Cancel a supervised worker and start it again now, its backoff forgotten.
+
+        A stopped worker is started. A leader-only worker can be restarted only
+        on the node that leads: elsewhere :class:`WorkerNotLeading` is raised.
+        Raises :class:`UnknownWorker` for an unknown name; nothing changes on an
+        error. Published as ``worker.stopped`` (reason ``restart``) and ``worker.started``.
+        """
+        return await self._supervisor.restart(name)
+
+    async def stop_worker(self, name: str) -> WorkerInfo:
+        """Cancel a supervised worker and keep it stopped until ``start_worker`` or ``restart_worker``.
+
+        It stays stopped across crashes and leadership changes; its info says
+        ``state="stopped"`` and ``stopped_by_user``. Published as ``worker.stopped``
+        (reason ``user``).
+        """
+        return await self._supervisor.stop_worker(name)
+
+    def start_worker(self, name: str) -> WorkerInfo:
+        """Let a worker stopped with :meth:`stop_worker` run again: now, or (leader-only) once this node leads.
+
+        Published as ``worker.resumed``; a worker that is not stopped is left as it is.
+        """
+        return self._supervisor.start_worker(name)
 
 
     # ------------------------------------------------------------------ execution (the executor's callbacks)
