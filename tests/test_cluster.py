@@ -280,8 +280,12 @@ def test_a_periodic_slot_fires_once_across_three_nodes(
         child.event("stopped", timeout=30)
 
     fired = ticks()
-    t0 = fired[0]["t"]
-    slots = Counter(round((line["t"] - t0) / every) for line in fired)
-    assert max(slots.values()) == 1, sorted(slots.items())
+    times = sorted(line["t"] for line in fired)
+    t0 = times[0]
     # three nodes, one schedule: about one tick per slot, not three
-    assert len(fired) <= round((fired[-1]["t"] - t0) / every) + 1
+    assert len(fired) <= round((times[-1] - t0) / every) + 1, times
+    # a slot fired by two nodes would run twice within moments (they wake at the same
+    # slot time); slots are a second apart, and a tick late by most of a second on a
+    # loaded machine still leaves its successor more than this gap behind it
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert min(gaps) > 0.1 * every, [(round(a - t0, 3), round(b - t0, 3)) for a, b in zip(times, times[1:])]
