@@ -97,11 +97,6 @@ def _random_id() -> str:
     return os.urandom(8).hex()
 
 
-def _log_failed_write(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("writing a run's outcome to the store failed", exc_info=task.exception())
-
-
 def default_node_id() -> str:
     """``host-app``: the same after a restart, so the next start recognises its own orphaned runs.
 
@@ -212,7 +207,6 @@ class Engine:
         self.incarnation = os.urandom(8).hex()
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
-        self.history = history
         self.retention = retention
         self.cancel_grace = cancel_grace
         self.lease_ttl = lease_ttl
@@ -363,6 +357,17 @@ class Engine:
     def state(self) -> str:
         """``new``, ``running``, ``stopping`` or ``stopped``."""
         return self._state
+
+    @property
+    def history(self) -> int:
+        """Finished runs kept in the store and the index (set it to keep more or fewer from now on)."""
+        return self._index.history
+
+    @history.setter
+    def history(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidConfiguration("the engine", [f"history={value!r}: a count of finished runs to keep (0 or more)"])
+        self._index.history = value
 
     @property
     def store(self) -> Store:
@@ -825,6 +830,19 @@ class Engine:
             raise RunNotFound(run_id)
         return run
 
+    def current(self, run_id: str, known: Run | None = None) -> Run | None:
+        """The index's entry for ``run_id``, or ``known`` (a handle's) if that one has finished.
+
+        A handle keeps the entry it was made with, so waiting on it costs no
+        lookup; the index wins while the run goes on (a restart of this engine
+        object reads its runs back from the store into new entries), and a
+        finished entry stays right after the index has evicted it.
+        """
+        indexed = self._index.runs.get(run_id)
+        if indexed is not None:
+            return indexed
+        return known if known is not None and known.status.finished else None
+
     def get(self, run_id: str) -> RunRecord:
         """The current record of a run this node knows. Raises :class:`RunNotFound` for
         unknown or evicted ids (:meth:`fetch_run` also reads the store)."""
@@ -863,7 +881,7 @@ class Engine:
         holds, the awaitable is a plain future resolved by the finish itself:
         ``gather`` over many of them starts no task per run.
         """
-        run = run or self._index.runs.get(run_id)
+        run = self.current(run_id, run)
         if run is None:
             return self._poll_store(run_id, timeout)
         if timeout is None:
