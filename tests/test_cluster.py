@@ -32,11 +32,10 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from taskwatch.engine import Engine, TaskContext
 from taskwatch.engine.store import NewRun, PostgresStore
 
@@ -47,17 +46,6 @@ from .test_durable import Child
 CLUSTER_RUNS = int(os.environ.get("TASKWATCH_CLUSTER_RUNS", "3000"))
 #: generous bounds for a loaded 2-core machine; a passing run takes a fraction of them
 DRAIN_TIMEOUT = 120.0
-
-
-@pytest.fixture
-def nodes() -> Iterator[list[Child]]:
-    """Children started by a test; any still alive at its end are killed."""
-    started: list[Child] = []
-    yield started
-    for child in started:
-        if child.proc.poll() is None:
-            child.proc.kill()
-        child.proc.wait(timeout=30)
 
 
 def start(nodes: list[Child], url: str, node: str, log: Path, *args: str) -> Child:
