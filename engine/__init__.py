@@ -37,8 +37,12 @@ from .errors import (
     TooManyHandshakes,
     UnknownCommand,
     UnknownPeriodic,
+    UnknownQueue,
     UnknownTask,
+    UnknownTrigger,
+    UnknownWorker,
     WeakToken,
+    WorkerNotLeading,
 )
 from .events import (
     EVENT_ADAPTER,
@@ -54,7 +58,7 @@ from .handle import RunHandle
 from .lease import InProcessLease, Leadership, Lease, LeaseState
 from .postgres_events import PostgresEventRelay
 from .postgres_lease import PostgresLease
-from .queues import QueueInfo, WorkQueue
+from .queues import QueueInfo, QueuePurge, WorkQueue
 from .observer import ClusterObserver
 from .operations import OPERATIONS, Operation
 from .redis_events import RedisEventRelay
@@ -68,7 +72,7 @@ from .snapshot import Snapshot, is_truncated
 from .store import MemoryStore, NodeInfo, PostgresStore, SqliteStore, Store, StoredRun, make_store
 from .supervisor import WorkerInfo
 from .tasks import TaskInfo, TaskSpec
-from .triggers import Trigger, TriggerKeyState, TriggerState
+from .triggers import Trigger, TriggerFire, TriggerKeyState, TriggerState
 from .version import __version__
 
 __all__ = [
@@ -115,6 +119,7 @@ __all__ = [
     "ProtocolError",
     "QueueFull",
     "QueueInfo",
+    "QueuePurge",
     "OPERATIONS",
     "Operation",
     "RedisEventRelay",
@@ -145,14 +150,19 @@ __all__ = [
     "TooManyConnections",
     "TooManyHandshakes",
     "Trigger",
+    "TriggerFire",
     "TriggerKeyState",
     "TriggerState",
     "UnknownCommand",
     "UnknownPeriodic",
+    "UnknownQueue",
     "UnknownTask",
+    "UnknownTrigger",
+    "UnknownWorker",
     "WeakToken",
     "WorkQueue",
     "WorkerInfo",
+    "WorkerNotLeading",
     "__version__",
     "event_from_dict",
     "event_from_json",

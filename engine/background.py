@@ -45,14 +45,14 @@ if TYPE_CHECKING:
     from .engine import Engine
     from .handle import RunHandle
     from .lease import Leadership
-    from .queues import QueueInfo
+    from .queues import QueueInfo, QueuePurge
     from .runs import EngineStats
     from .scheduler import PeriodicInfo
     from .server import ServerInfo
     from .snapshot import Snapshot
     from .supervisor import WorkerInfo
     from .tasks import TaskInfo
-    from .triggers import TriggerState
+    from .triggers import TriggerFire, TriggerState
 
 log = logging.getLogger("taskwatch.background")
 
@@ -395,6 +395,50 @@ class BackgroundEngine:
 
     async def aresume_periodic(self, name: str) -> PeriodicInfo:
         return await self._acall(self.engine.resume_periodic, name)
+
+    def restart_worker(self, name: str) -> WorkerInfo:
+        budget = self._budget(self.engine.cancel_grace * 3)
+        return self._call("restart_worker", self.engine.restart_worker, name, timeout_=budget)
+
+    async def arestart_worker(self, name: str) -> WorkerInfo:
+        return await self._acall(self.engine.restart_worker, name)
+
+    def stop_worker(self, name: str) -> WorkerInfo:
+        budget = self._budget(self.engine.cancel_grace * 3)
+        return self._call("stop_worker", self.engine.stop_worker, name, timeout_=budget)
+
+    async def astop_worker(self, name: str) -> WorkerInfo:
+        return await self._acall(self.engine.stop_worker, name)
+
+    def start_worker(self, name: str) -> WorkerInfo:
+        return self._call("start_worker", self.engine.start_worker, name)
+
+    async def astart_worker(self, name: str) -> WorkerInfo:
+        return await self._acall(self.engine.start_worker, name)
+
+    def pause_queue(self, name: str) -> QueueInfo:
+        return self._call("pause_queue", self.engine.pause_queue, name)
+
+    async def apause_queue(self, name: str) -> QueueInfo:
+        return await self._acall(self.engine.pause_queue, name)
+
+    def resume_queue(self, name: str) -> QueueInfo:
+        return self._call("resume_queue", self.engine.resume_queue, name)
+
+    async def aresume_queue(self, name: str) -> QueueInfo:
+        return await self._acall(self.engine.resume_queue, name)
+
+    def purge_queue(self, name: str) -> QueuePurge:
+        return self._call("purge_queue", self.engine.purge_queue, name)
+
+    async def apurge_queue(self, name: str) -> QueuePurge:
+        return await self._acall(self.engine.purge_queue, name)
+
+    def fire_trigger(self, name: str, key: str) -> TriggerFire:
+        return self._call("fire_trigger", self.engine.fire_trigger, name, key)
+
+    async def afire_trigger(self, name: str, key: str) -> TriggerFire:
+        return await self._acall(self.engine.fire_trigger, name, key)
 
     def _budget(self, seconds: float) -> float | None:
         if self.call_timeout is None:

@@ -158,21 +158,23 @@ class EventBuffer:
         popleft = items.popleft
         taken = 0
         # take_one, unrolled: a dashboard drains thousands of events a second this way
-        for _ in range(n):
-            item = popleft()
-            kind = type(item)
-            if kind is Posted:
-                event = item._event  # type: ignore[union-attr]
-                append(event if event is not None else item.get())  # type: ignore[union-attr]
-                taken += 1
-            elif kind is _Gap:
-                append(EventsDropped(
-                    seq=item.first_seq, ts=self.clock(), node=self.node, count=item.count, total=self.dropped  # type: ignore[union-attr]
-                ))
-            else:
-                append(item)  # type: ignore[arg-type]
-                taken += 1
-        self._events -= taken
+        try:
+            for _ in range(n):
+                item = popleft()
+                kind = type(item)
+                if kind is Posted:
+                    taken += 1  # counted out before it is built: a build that raises loses only itself
+                    event = item._event  # type: ignore[union-attr]
+                    append(event if event is not None else item.get())  # type: ignore[union-attr]
+                elif kind is _Gap:
+                    append(EventsDropped(
+                        seq=item.first_seq, ts=self.clock(), node=self.node, count=item.count, total=self.dropped  # type: ignore[union-attr]
+                    ))
+                else:
+                    append(item)  # type: ignore[arg-type]
+                    taken += 1
+        finally:
+            self._events -= taken
         return out
 
     def discard_through(self, seq: int) -> None:

@@ -35,7 +35,9 @@ from .errors import (
     RunNotCancellable,
     RunNotFound,
     RunNotRetryable,
+    UnknownQueue,
     UnknownTask,
+    UnknownTrigger,
 )
 from .events import (
     EngineStarted,
@@ -50,8 +52,8 @@ from .index import RunIndex
 from .jsonsafe import check_key
 from .lease import LeaderElector, Leadership
 from .options import EngineOptions, TaskOptions, check_options
-from .queues import QueueInfo, WorkQueue
 from .postgres_events import PostgresEventRelay
+from .queues import QueueInfo, QueuePurge, WorkQueue
 from .redis_events import RedisEventRelay
 from .relay import EventRelay
 from .runs import (
@@ -74,7 +76,7 @@ from .store import (
 )
 from .supervisor import Supervisor, WorkerInfo
 from .tasks import TaskFn, TaskInfo, TaskSpec, params_model_of
-from .triggers import Trigger, TriggerState
+from .triggers import Trigger, TriggerFire, TriggerState
 from .version import __version__
 from .wakeups import StoreWakeups
 
@@ -94,11 +96,6 @@ _BACKENDS = ("asyncio", "inline")
 
 def _random_id() -> str:
     return os.urandom(8).hex()
-
-
-def _log_failed_write(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("writing a run's outcome to the store failed", exc_info=task.exception())
 
 
 def default_node_id() -> str:
@@ -215,7 +212,6 @@ class Engine:
         self.incarnation = os.urandom(8).hex()
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
-        self.history = history
         self.retention = retention
         self.cancel_grace = cancel_grace
         self.lease_ttl = lease_ttl
@@ -366,6 +362,17 @@ class Engine:
     def state(self) -> str:
         """``new``, ``running``, ``stopping`` or ``stopped``."""
         return self._state
+
+    @property
+    def history(self) -> int:
+        """Finished runs kept in the store and the index (set it to keep more or fewer from now on)."""
+        return self._index.history
+
+    @history.setter
+    def history(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidConfiguration("the engine", [f"history={value!r}: a count of finished runs to keep (0 or more)"])
+        self._index.history = value
 
     @property
     def store(self) -> Store:
@@ -833,6 +840,19 @@ class Engine:
             raise RunNotFound(run_id)
         return run
 
+    def current(self, run_id: str, known: Run | None = None) -> Run | None:
+        """The index's entry for ``run_id``, or ``known`` (a handle's) if that one has finished.
+
+        A handle keeps the entry it was made with, so waiting on it costs no
+        lookup; the index wins while the run goes on (a restart of this engine
+        object reads its runs back from the store into new entries), and a
+        finished entry stays right after the index has evicted it.
+        """
+        indexed = self._index.runs.get(run_id)
+        if indexed is not None:
+            return indexed
+        return known if known is not None and known.status.finished else None
+
     def get(self, run_id: str) -> RunRecord:
         """The current record of a run this node knows. Raises :class:`RunNotFound` for
         unknown or evicted ids (:meth:`fetch_run` also reads the store)."""
@@ -871,7 +891,7 @@ class Engine:
         holds, the awaitable is a plain future resolved by the finish itself:
         ``gather`` over many of them starts no task per run.
         """
-        run = run or self._index.runs.get(run_id)
+        run = self.current(run_id, run)
         if run is None:
             return self._poll_store(run_id, timeout)
         if timeout is None:
@@ -935,6 +955,8 @@ class Engine:
                     "processed": q.processed,
                     "failed": q.failed,
                     "rejected": q.rejected,
+                    "purged": q.purged,
+                    "paused": int(q.paused),
                 }
                 for q in (queue.info() for queue in self._queues.values())
             },
@@ -1074,6 +1096,33 @@ class Engine:
     def queues(self) -> list[QueueInfo]:
         return [q.info() for q in self._queues.values()]
 
+    def _queue_named(self, name: str) -> WorkQueue:
+        queue = self._queues.get(name)
+        if queue is None:
+            raise UnknownQueue(name, self._queues)
+        return queue
+
+    def pause_queue(self, name: str) -> QueueInfo:
+        """Stop the queue's consumers taking jobs; ``put`` still accepts jobs up to ``maxsize``.
+
+        Jobs being handled finish. Raises :class:`UnknownQueue` for a name no
+        queue has. Published as ``queue.paused``.
+        """
+        return self._queue_named(name).pause()
+
+    def resume_queue(self, name: str) -> QueueInfo:
+        """Let a paused queue's consumers take jobs again (``queue.resumed``)."""
+        return self._queue_named(name).resume()
+
+    async def purge_queue(self, name: str) -> QueuePurge:
+        """Drop every job waiting in the queue, and its row in a durable store; returns how many.
+
+        Jobs being handled finish. The count is kept in ``QueueInfo.purged``
+        and published as ``queue.purged``. Raises :class:`UnknownQueue` for a
+        name no queue has.
+        """
+        return await self._queue_named(name).purge()
+
     def trigger(self, name: str, fn: Any, **options: Any) -> Trigger:
         """Create a threshold trigger: ``notify(key)`` counts; a key runs ``fn`` when due.
 
@@ -1090,6 +1139,19 @@ class Engine:
 
     def triggers(self) -> list[TriggerState]:
         return [t.state() for t in self._triggers.values()]
+
+    def fire_trigger(self, name: str, key: str) -> TriggerFire:
+        """Queue a run of trigger ``name`` for ``key`` now, whatever its count.
+
+        A key with a run queued or running already gets no second one
+        (``fired=False`` names that run). Published as ``trigger.fired`` with
+        reason ``manual``. Raises :class:`UnknownTrigger`, :class:`InvalidKey`,
+        :class:`QueueFull` or :class:`EngineNotRunning`; nothing changes then.
+        """
+        trigger = self._triggers.get(name)
+        if trigger is None:
+            raise UnknownTrigger(name, self._triggers)
+        return trigger.fire(key)
 
     # ------------------------------------------------------------------ supervised workers
 
@@ -1114,6 +1176,32 @@ class Engine:
 
     def workers(self) -> list[WorkerInfo]:
         return self._supervisor.workers()
+
+    async def restart_worker(self, name: str) -> WorkerInfo:
+        """Cancel a supervised worker and start it again now, its backoff forgotten.
+
+        A stopped worker is started. A leader-only worker can be restarted only
+        on the node that leads: elsewhere :class:`WorkerNotLeading` is raised.
+        Raises :class:`UnknownWorker` for an unknown name; nothing changes on an
+        error. Published as ``worker.stopped`` (reason ``restart``) and ``worker.started``.
+        """
+        return await self._supervisor.restart(name)
+
+    async def stop_worker(self, name: str) -> WorkerInfo:
+        """Cancel a supervised worker and keep it stopped until ``start_worker`` or ``restart_worker``.
+
+        It stays stopped across crashes and leadership changes; its info says
+        ``state="stopped"`` and ``stopped_by_user``. Published as ``worker.stopped``
+        (reason ``user``).
+        """
+        return await self._supervisor.stop_worker(name)
+
+    def start_worker(self, name: str) -> WorkerInfo:
+        """Let a worker stopped with :meth:`stop_worker` run again: now, or (leader-only) once this node leads.
+
+        Published as ``worker.resumed``; a worker that is not stopped is left as it is.
+        """
+        return self._supervisor.start_worker(name)
 
 
     # ------------------------------------------------------------------ execution (the executor's callbacks)

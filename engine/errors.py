@@ -134,6 +134,57 @@ class UnknownPeriodic(TaskwatchError, LookupError):
         super().__init__(f"no periodic task named {name!r}; known periodic tasks: {listing}")
 
 
+class UnknownQueue(TaskwatchError, LookupError):
+    """No queue with that name was created with ``engine.queue``. Nothing was changed."""
+
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        self.name = name
+        self.known = sorted(known)
+        listing = ", ".join(self.known) or "none created"
+        super().__init__(f"no queue named {name!r}; nothing was changed. Known queues: {listing}")
+
+
+class UnknownTrigger(TaskwatchError, LookupError):
+    """No trigger with that name was created with ``engine.trigger``. Nothing was changed."""
+
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        self.name = name
+        self.known = sorted(known)
+        listing = ", ".join(self.known) or "none created"
+        super().__init__(f"no trigger named {name!r}; nothing was changed. Known triggers: {listing}")
+
+
+class UnknownWorker(TaskwatchError, LookupError):
+    """No supervised worker with that name is registered. Nothing was changed."""
+
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        self.name = name
+        self.known = sorted(known)
+        listing = ", ".join(self.known) or "none registered"
+        super().__init__(
+            f"no supervised worker named {name!r}; nothing was changed. Known workers: {listing}"
+        )
+
+
+class WorkerNotLeading(NotLeader):
+    """A leader-only supervised worker was asked to restart on a node that does not lead.
+
+    It runs only on the leader, so it can be restarted only there; nothing was changed.
+    """
+
+    def __init__(self, worker: str, node_id: str, holder: str | None) -> None:
+        self.worker = worker
+        self.node_id = node_id
+        self.holder = holder
+        self.reason = "leader-only worker"
+        held = f"the leader is {holder!r}" if holder else "no node leads right now"
+        TaskwatchError.__init__(
+            self,
+            f"supervised worker {worker!r} is leader-only and node {node_id!r} does not lead "
+            f"({held}), so it was not restarted; restart it on the leader",
+        )
+
+
 class InvalidConfiguration(TaskDefinitionError, ValueError):
     """An option given to the engine, a task, a loop or a worker is out of range.
 

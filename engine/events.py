@@ -191,6 +191,38 @@ class QueueDrainIncomplete(BaseEvent):
     kept: bool = False
 
 
+class QueuePaused(BaseEvent):
+    """``pause_queue``: the consumers take no more jobs; puts are still accepted up to ``maxsize``.
+
+    Jobs already being handled finish; ``depth`` jobs were waiting then.
+    """
+
+    kind: Literal["queue.paused"] = "queue.paused"
+    queue: str
+    depth: int = 0
+
+
+class QueueResumed(BaseEvent):
+    """``resume_queue``: the consumers take jobs again, ``depth`` of them waiting."""
+
+    kind: Literal["queue.resumed"] = "queue.resumed"
+    queue: str
+    depth: int = 0
+
+
+class QueuePurged(BaseEvent):
+    """``purge_queue`` dropped ``purged`` waiting jobs (jobs being handled were left to finish).
+
+    ``from_store``: of those, how many were deleted from the durable store (the
+    others had not been written yet); they will not come back at the next start.
+    """
+
+    kind: Literal["queue.purged"] = "queue.purged"
+    queue: str
+    purged: int
+    from_store: int = 0
+
+
 # ---------------------------------------------------------------- triggers
 
 
@@ -198,7 +230,8 @@ class TriggerFired(BaseEvent):
     kind: Literal["trigger.fired"] = "trigger.fired"
     trigger: str
     key: str
-    reason: Literal["size", "staleness"]
+    #: ``manual``: fired with ``fire_trigger``, whatever its count
+    reason: Literal["size", "staleness", "manual"]
     count: int
     run_id: str | None = None
 
@@ -222,9 +255,29 @@ class WorkerCrashed(BaseEvent):
 
 
 class WorkerStopped(BaseEvent):
+    """A worker's run ended without a crash.
+
+    ``reason``: ``returned`` (it returned; it runs again after its backoff),
+    ``cancelled``, ``leadership_lost``, ``shutdown`` (the engine stops),
+    ``user`` (``stop_worker``: it stays stopped until ``start_worker`` or
+    ``restart_worker``) or ``restart`` (``restart_worker``: it starts again at once).
+    """
+
     kind: Literal["worker.stopped"] = "worker.stopped"
     name: str
-    reason: Literal["returned", "cancelled", "leadership_lost", "shutdown"]
+    reason: Literal["returned", "cancelled", "leadership_lost", "shutdown", "user", "restart"]
+
+
+class WorkerResumed(BaseEvent):
+    """``start_worker`` let a worker stopped with ``stop_worker`` run again.
+
+    ``state`` is ``running`` when it started at once, ``waiting_for_leadership``
+    for a leader-only worker on a node that does not lead (it starts when it does).
+    """
+
+    kind: Literal["worker.resumed"] = "worker.resumed"
+    name: str
+    state: str
 
 
 # ---------------------------------------------------------------- leadership
@@ -325,10 +378,14 @@ Event = Annotated[
     | QueueJobFailed
     | QueueStatsEvent
     | QueueDrainIncomplete
+    | QueuePaused
+    | QueueResumed
+    | QueuePurged
     | TriggerFired
     | WorkerStarted
     | WorkerCrashed
     | WorkerStopped
+    | WorkerResumed
     | LeaseAcquired
     | LeaseRenewed
     | LeaseLost

@@ -39,8 +39,9 @@ class RunHandle:
     def record(self) -> RunRecord:
         """The run's current record as this node knows it (``RunNotFound`` for a run of
         another process that this node does not hold; :meth:`fetch` reads the store)."""
-        if self._run is not None:
-            return self._run.record()
+        run = self._engine.current(self.id, self._run)
+        if run is not None:
+            return run.record()
         return self._engine.get(self.id)
 
     async def fetch(self) -> RunRecord:

@@ -18,17 +18,27 @@ from typing import NamedTuple
 
 from pydantic import BaseModel
 
+from .queues import QueueInfo, QueuePurge
 from .runs import RunRecord
 from .scheduler import PeriodicInfo
 from .snapshot import Snapshot
+from .supervisor import WorkerInfo
+from .triggers import TriggerFire
 from .wire import (
     CancelCommand,
     Command,
+    FireTriggerCommand,
     GetCommand,
     PauseCommand,
+    PauseQueueCommand,
+    PurgeQueueCommand,
+    RestartWorkerCommand,
     ResumeCommand,
+    ResumeQueueCommand,
     RetryCommand,
     SnapshotCommand,
+    StartWorkerCommand,
+    StopWorkerCommand,
     SubmitCommand,
 )
 
@@ -53,6 +63,16 @@ OPERATIONS: dict[str, Operation] = {
         Operation("get", ("run_id",), GetCommand, RunRecord, "a run's full record"),
         Operation("pause_periodic", ("name",), PauseCommand, PeriodicInfo, "stop a periodic task firing"),
         Operation("resume_periodic", ("name",), ResumeCommand, PeriodicInfo, "let a paused periodic task fire again"),
+        Operation(
+            "restart_worker", ("name",), RestartWorkerCommand, WorkerInfo,
+            "cancel a supervised worker and start it again now (leader-only: on the leader)",
+        ),
+        Operation("stop_worker", ("name",), StopWorkerCommand, WorkerInfo, "stop a supervised worker until started"),
+        Operation("start_worker", ("name",), StartWorkerCommand, WorkerInfo, "let a stopped supervised worker run again"),
+        Operation("pause_queue", ("name",), PauseQueueCommand, QueueInfo, "stop a queue's consumers taking jobs"),
+        Operation("resume_queue", ("name",), ResumeQueueCommand, QueueInfo, "let a paused queue's consumers take jobs"),
+        Operation("purge_queue", ("name",), PurgeQueueCommand, QueuePurge, "drop the jobs waiting in a queue"),
+        Operation("fire_trigger", ("name", "key"), FireTriggerCommand, TriggerFire, "queue a trigger key's run now"),
         Operation("snapshot", ("runs_limit",), SnapshotCommand, Snapshot, "runs, schedule, queues, leadership, stats"),
     )
 }

@@ -37,7 +37,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from .bus import DEFAULT_REPLAY, EventBus
 from .errors import InvalidConfiguration
 from .redis_lease import redact_url
-from .relay import BACKOFF_MAX, BACKOFF_MIN, EventRelay, Outgoing, cancelling, log
+from .relay import EventRelay, Outgoing, cancelling, log
 from .store import queries as Q
 from .store.postgres import load_driver, migrate
 
@@ -268,14 +268,10 @@ class PostgresEventRelay(EventRelay):
             except self.transient_errors as exc:
                 if cancelling():
                     raise asyncio.CancelledError from exc
-                self.errors += 1
-                self.connected = False
                 conn, self._reader = self._reader, None
                 if conn is not None:
                     conn.terminate()
-                delay = min(BACKOFF_MAX, delay * 2 if delay else BACKOFF_MIN)
-                log.warning("reading events from %s failed (%r); retrying in %.2g s", self.public_url, exc, delay)
-                await asyncio.sleep(delay)
+                delay = await self._back_off(exc, delay, "reading events from")
                 continue
             for event_id, skipped, body in rows:
                 self._last_id = event_id

@@ -20,6 +20,11 @@ the process dies or the stop times out are taken up again at the next start,
 or by another node once their holder is known to be gone. A job read back
 from the store reaches the handler as the pydantic model its job parameter
 is annotated with (validated again), or else in its JSON form.
+
+An operator can pause a queue's consumers (puts are still accepted up to
+``maxsize``; jobs being handled finish), resume them, and purge the jobs
+waiting (their rows are deleted from a durable store too). Each is published
+as an event, and purged jobs are counted in :class:`QueueInfo`.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from .errors import EngineNotRunning, JobNotSerializable, QueueFull, TaskDefinit
 from .hop import cancel_and_wait
 from .jsonsafe import NotJsonSafe, jsonable
 from .options import QueueOptions, check_options
-from .events import QueueDrainIncomplete, QueueJobFailed
+from .events import QueueDrainIncomplete, QueueJobFailed, QueuePaused, QueuePurged, QueueResumed
 from .runs import RunError
 from .store import StoredJob
 
@@ -70,6 +75,22 @@ class QueueInfo(BaseModel):
     kept: int = 0
     #: jobs taken up from the store: left by an earlier start or a node that is gone
     adopted: int = 0
+    #: the consumers take no jobs (``pause_queue``); puts are still accepted
+    paused: bool = False
+    #: waiting jobs dropped by ``purge_queue`` since creation
+    purged: int = 0
+
+
+class QueuePurge(BaseModel):
+    """What ``purge_queue`` did: ``purged`` waiting jobs dropped, ``from_store`` of them
+    deleted from the durable store, and the queue as it is now."""
+
+    model_config = ConfigDict(frozen=True)
+
+    queue: str
+    purged: int
+    from_store: int = 0
+    info: QueueInfo
 
 
 class _Kept:
@@ -163,6 +184,9 @@ class WorkQueue:
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._closing = False
         self._abandon = False
+        #: pause_queue: consumers wait; puts are still accepted
+        self.paused = False
+        self.purged = 0
         #: durable store only: jobs not yet written, rows of handled jobs not yet deleted
         self._durable = False
         self.kept = 0
@@ -170,6 +194,8 @@ class WorkQueue:
         self._unwritten: list[_Kept] = []
         self._handled: list[int] = []
         self._written: asyncio.Future[None] | None = None
+        #: one write to the store at a time: a purge then knows which jobs have rows
+        self._store_lock = asyncio.Lock()
         self._kick: asyncio.Event | None = None
         self._keeper: asyncio.Task[None] | None = None
 
@@ -298,9 +324,10 @@ class WorkQueue:
         loop = asyncio.get_running_loop()
         ctx = TaskContext(self._engine, None, f"queue:{self.name}") if self._with_ctx else None
         while True:
-            while not self._items:
+            while not self._items or self.paused:
                 # a job accepted from another thread is still on its way: wait for it
-                if self._closing and not self._in_transit:
+                # (a paused queue leaves its jobs where they are when the engine stops)
+                if self._closing and (self.paused or not self._in_transit):
                     return
                 fut = loop.create_future()
                 self._getters.append(fut)
@@ -336,6 +363,10 @@ class WorkQueue:
 
     async def _flush(self) -> None:
         """Write queued jobs and delete handled ones: one store call each."""
+        async with self._store_lock:
+            await self._flush_now()
+
+    async def _flush_now(self) -> None:
         store = self._engine.store
         batch, self._unwritten = self._unwritten, []
         written, self._written = self._written, None
@@ -421,6 +452,56 @@ class WorkQueue:
             data = repr(job)  # mutated into something unserialisable since it was put
         self._engine.bus.emit(QueueJobFailed, queue=self.name, job=data, error=RunError.from_exception(exc))
 
+    # ------------------------------------------------------------ operator actions
+
+    def pause(self) -> QueueInfo:
+        """Stop the consumers taking jobs (those being handled finish); puts are still accepted."""
+        if not self.paused:
+            self.paused = True
+            self._engine.bus.emit(QueuePaused, queue=self.name, depth=self.depth)
+        return self.info()
+
+    def resume(self) -> QueueInfo:
+        """Let the consumers take jobs again."""
+        if self.paused:
+            self.paused = False
+            for fut in self._getters:
+                if not fut.done():
+                    fut.set_result(None)
+            self._engine.bus.emit(QueueResumed, queue=self.name, depth=self.depth)
+        return self.info()
+
+    async def purge(self) -> QueuePurge:
+        """Drop every waiting job (jobs being handled finish); delete their rows from a durable store.
+
+        Returns how many were dropped. Jobs put from another thread that have
+        not reached the loop yet are not waiting here yet, so they stay.
+        """
+        async with self._store_lock:
+            # no write is under way: a job has a row exactly when it has an id
+            with self._lock:
+                dropped = list(self._items)
+                self._items.clear()
+            kept = [item for item in dropped if type(item) is _Kept]
+            stored = [item.id for item in kept if item.id is not None]
+            if stored:
+                try:
+                    await self._engine.store.done_jobs(stored)
+                except BaseException:
+                    # the rows stay, so the jobs would come back at the next start: keep them queued
+                    with self._lock:
+                        self._items.extendleft(reversed(dropped))
+                    raise
+            for item in kept:
+                if item.id is None:
+                    item.done = True  # the next write leaves it out
+        for _ in dropped:
+            self._wake_one(self._putters)
+        self.purged += len(dropped)
+        self._maybe_idle()
+        self._engine.bus.emit(QueuePurged, queue=self.name, purged=len(dropped), from_store=len(stored))
+        return QueuePurge(queue=self.name, purged=len(dropped), from_store=len(stored), info=self.info())
+
     # ------------------------------------------------------------ waiting for idle
 
     @property
@@ -466,6 +547,8 @@ class WorkQueue:
             abandoned=self.abandoned,
             kept=self.kept,
             adopted=self.adopted,
+            paused=self.paused,
+            purged=self.purged,
         )
 
     def launch(self) -> None:
@@ -516,7 +599,11 @@ class WorkQueue:
             for fut in self._getters:
                 if not fut.done():
                     fut.set_result(None)
-            await self._wait_idle(deadline - loop.time())
+            if self.paused:
+                # nothing waiting is taken: only the jobs being handled get until the deadline
+                await asyncio.wait(self._consumers, timeout=max(0.0, deadline - loop.time()))
+            else:
+                await self._wait_idle(deadline - loop.time())
         with self._lock:
             left = self.depth + self._in_flight
             self._abandon = True

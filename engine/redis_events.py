@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from .bus import DEFAULT_REPLAY, EventBus
 from .errors import InvalidConfiguration, MissingDependency
 from .redis_lease import redact_url
-from .relay import BACKOFF_MAX, BACKOFF_MIN, ClusterNode, EventRelay, Outgoing, RelayStats, cancelling, log
+from .relay import ClusterNode, EventRelay, Outgoing, RelayStats, cancelling
 
 __all__ = ["ClusterNode", "RedisEventRelay", "RelayStats"]
 
@@ -162,14 +162,7 @@ class RedisEventRelay(EventRelay):
                     # redis-py can swallow a cancel that lands in a blocking read
                     raise asyncio.CancelledError
             except self.transient_errors as exc:
-                if cancelling():
-                    # redis-py turns a cancel in mid-read into a connection error
-                    raise asyncio.CancelledError from exc
-                self.errors += 1
-                self.connected = False
-                delay = min(BACKOFF_MAX, delay * 2 if delay else BACKOFF_MIN)
-                log.warning("reading events from %s failed (%r); retrying in %.2g s", self.stream, exc, delay)
-                await asyncio.sleep(delay)
+                delay = await self._back_off(exc, delay, "reading events from")
                 continue
             for _stream, entries in reply or ():
                 for entry_id, fields in entries:

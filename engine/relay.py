@@ -366,14 +366,23 @@ class EventRelay:
                     # some clients swallow a cancel that lands in a round trip
                     raise asyncio.CancelledError
             except self.transient_errors as exc:
-                if cancelling():
-                    raise asyncio.CancelledError from exc
-                self.errors += 1
-                self.connected = False
-                delay = min(BACKOFF_MAX, delay * 2 if delay else BACKOFF_MIN)
-                log.warning("publishing events to %s failed (%r); retrying in %.2g s", self.stream, exc, delay)
-                await asyncio.sleep(delay)
+                delay = await self._back_off(exc, delay, "publishing events to")
                 self._wake.set()
+
+    async def _back_off(self, exc: BaseException, delay: float, doing: str) -> float:
+        """After a transient error: count it, say so, wait (doubling from 50 ms to 2 s); the next delay.
+
+        A cancel can reach a client mid-round-trip as a connection error: it
+        stays a cancel here.
+        """
+        if cancelling():
+            raise asyncio.CancelledError from exc
+        self.errors += 1
+        self.connected = False
+        delay = min(BACKOFF_MAX, delay * 2 if delay else BACKOFF_MIN)
+        log.warning("%s %s failed (%r); retrying in %.2g s", doing, self.public_url, exc, delay)
+        await asyncio.sleep(delay)
+        return delay
 
     def _next_batch(self) -> list[Outgoing]:
         events = [self._outgoing.popleft() for _ in range(min(self.batch, len(self._outgoing)))]

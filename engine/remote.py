@@ -48,9 +48,12 @@ from .errors import (
 )
 from .events import BaseEvent
 from .operations import OPERATIONS
+from .queues import QueueInfo, QueuePurge
 from .runs import RunRecord
 from .scheduler import PeriodicInfo
 from .snapshot import Snapshot
+from .supervisor import WorkerInfo
+from .triggers import TriggerFire
 from .wire import (
     DEFAULT_CLIENT_MAX_MESSAGE,
     DEFAULT_MAX_MESSAGE,
@@ -400,6 +403,30 @@ class RemoteEngine:
 
     async def resume_periodic(self, name: str) -> PeriodicInfo:
         return await self._op("resume_periodic", name=name)  # type: ignore[no-any-return]
+
+    async def restart_worker(self, name: str) -> WorkerInfo:
+        """Restart a supervised worker now; ``WorkerNotLeading`` for a leader-only one on a follower."""
+        return await self._op("restart_worker", name=name)  # type: ignore[no-any-return]
+
+    async def stop_worker(self, name: str) -> WorkerInfo:
+        return await self._op("stop_worker", name=name)  # type: ignore[no-any-return]
+
+    async def start_worker(self, name: str) -> WorkerInfo:
+        return await self._op("start_worker", name=name)  # type: ignore[no-any-return]
+
+    async def pause_queue(self, name: str) -> QueueInfo:
+        return await self._op("pause_queue", name=name)  # type: ignore[no-any-return]
+
+    async def resume_queue(self, name: str) -> QueueInfo:
+        return await self._op("resume_queue", name=name)  # type: ignore[no-any-return]
+
+    async def purge_queue(self, name: str) -> QueuePurge:
+        """Drop the jobs waiting in a queue (and their rows in a durable store); says how many."""
+        return await self._op("purge_queue", name=name)  # type: ignore[no-any-return]
+
+    async def fire_trigger(self, name: str, key: str) -> TriggerFire:
+        """Queue a run for a trigger's key now (``fired=False``: it had one queued or running)."""
+        return await self._op("fire_trigger", name=name, key=key)  # type: ignore[no-any-return]
 
     async def snapshot(self, runs_limit: int | None = None) -> Snapshot:
         """A fresh snapshot (e.g. after a ``bus.dropped`` event).

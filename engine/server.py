@@ -84,15 +84,22 @@ from .wire import (
     PROTOCOL_VERSION,
     CancelCommand,
     Command,
+    FireTriggerCommand,
     ErrorReply,
     GetCommand,
     Hello,
     MessageId,
     PauseCommand,
+    PauseQueueCommand,
     PingCommand,
+    PurgeQueueCommand,
+    RestartWorkerCommand,
     ResumeCommand,
+    ResumeQueueCommand,
     RetryCommand,
     SnapshotCommand,
+    StartWorkerCommand,
+    StopWorkerCommand,
     SubmitCommand,
     TcpAddress,
     UnixAddress,
@@ -589,6 +596,20 @@ class ControlServer:
                 result = self._bounded(engine.pause_periodic(name))
             case ResumeCommand(name=name):
                 result = self._bounded(engine.resume_periodic(name))
+            case RestartWorkerCommand(name=name):
+                result = self._bounded(await engine.restart_worker(name))
+            case StopWorkerCommand(name=name):
+                result = self._bounded(await engine.stop_worker(name))
+            case StartWorkerCommand(name=name):
+                result = self._bounded(engine.start_worker(name))
+            case PauseQueueCommand(name=name):
+                result = self._bounded(engine.pause_queue(name))
+            case ResumeQueueCommand(name=name):
+                result = self._bounded(engine.resume_queue(name))
+            case PurgeQueueCommand(name=name):
+                result = self._bounded(await engine.purge_queue(name))
+            case FireTriggerCommand(name=name, key=key):
+                result = self._bounded(engine.fire_trigger(name, key))
             case SnapshotCommand(runs_limit=runs_limit):
                 limit_runs = self.snapshot_runs if runs_limit is None else runs_limit
                 return self.encode_snapshot(engine.snapshot(limit_runs), room).json

@@ -16,6 +16,11 @@ restarts it:
 A ``leader_only`` worker runs only while this node holds the leader lease: the
 supervisor listens to the engine's :class:`~.lease.LeaderElector`, cancels such
 workers when leadership is lost and starts them again when it is regained.
+
+An operator can restart a worker now (cancel the running one, forget the
+backoff, start again; a leader-only worker only where this node leads), stop
+it (it stays stopped, whatever leadership does, until started or restarted)
+and start it again. Each is published as an event.
 """
 
 from __future__ import annotations
@@ -29,8 +34,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from .context import TaskContext
-from .errors import DuplicateTask, NotLeader, TaskDefinitionError
-from .events import WorkerCrashed, WorkerStarted, WorkerStopped
+from .errors import (
+    DuplicateTask,
+    EngineNotRunning,
+    NotLeader,
+    TaskDefinitionError,
+    UnknownWorker,
+    WorkerNotLeading,
+)
+from .events import WorkerCrashed, WorkerResumed, WorkerStarted, WorkerStopped
 from .options import WorkerOptions, check_options
 from .runs import RunError
 
@@ -42,7 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("taskwatch.supervisor")
 
 WorkerState = Literal["running", "backoff", "waiting_for_leadership", "stopped", "returned"]
-StopReason = Literal["cancelled", "leadership_lost", "shutdown"]
+StopReason = Literal["cancelled", "leadership_lost", "shutdown", "user", "restart"]
 
 #: how often stop() re-cancels a worker that keeps swallowing cancellation
 #: before it waits for it without a bound (no task may outlive the engine)
@@ -53,7 +65,9 @@ class WorkerInfo(BaseModel):
     """One supervised worker as ``engine.workers()`` reports it. Times are UNIX seconds.
 
     ``restarts`` counts starts after a crash or a clean return (not the first
-    start, nor starts on regaining leadership); ``crashes`` counts crashes.
+    start, nor starts on regaining leadership or asked for with
+    ``restart_worker``); ``crashes`` counts crashes. ``stopped_by_user``: stopped
+    with ``stop_worker``; it stays stopped until ``start_worker`` or ``restart_worker``.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -67,6 +81,7 @@ class WorkerInfo(BaseModel):
     last_error: RunError | None = None
     last_error_at: float | None = None
     next_restart_at: float | None = None
+    stopped_by_user: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -90,6 +105,8 @@ class _Worker:
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     #: set by whoever cancels ``task``, so the task can tell why it ends
     stop_reason: StopReason | None = None
+    #: stopped with stop_worker: not started again until start_worker or restart_worker
+    held: bool = False
 
     def delay_after_crash(self) -> float:
         return min(self.backoff_max, self.backoff * 2.0 ** (self.streak - 1))
@@ -105,6 +122,7 @@ class _Worker:
             last_error=self.last_error,
             last_error_at=self.last_error_at,
             next_restart_at=self.next_restart_at,
+            stopped_by_user=self.held,
         )
 
 
@@ -146,6 +164,78 @@ class Supervisor:
     def workers(self) -> list[WorkerInfo]:
         return [w.info() for w in self._workers.values()]
 
+    def _get(self, name: str) -> _Worker:
+        worker = self._workers.get(name)
+        if worker is None:
+            raise UnknownWorker(name, self._workers)
+        return worker
+
+    # ------------------------------------------------------------------ operator actions
+
+    async def restart(self, name: str) -> WorkerInfo:
+        """Cancel the worker's current run (or its backoff wait) and start it again now.
+
+        The crash streak is forgotten, so a later crash waits the base backoff.
+        A stopped worker is started. Raises :class:`UnknownWorker`,
+        :class:`EngineNotRunning`, or :class:`WorkerNotLeading` for a
+        leader-only worker on a node that does not lead; nothing changes then.
+        """
+        worker = self._get(name)
+        if not self._running:
+            raise EngineNotRunning(self._engine.state)
+        if worker.leader_only and not self._leads():
+            raise WorkerNotLeading(name, self._engine.node_id, self._engine.elector.holder)
+        await self._end(worker, "restart")
+        worker.held = False
+        worker.streak = 0
+        self._start_now(worker)
+        return worker.info()
+
+    async def stop_worker(self, name: str) -> WorkerInfo:
+        """Cancel the worker and keep it stopped (across leadership changes) until started again."""
+        worker = self._get(name)
+        if worker.held:
+            return worker.info()
+        worker.held = True
+        if not await self._end(worker, "user"):
+            # nothing was running (a backoff wait or a wait for leadership has a task: not here)
+            worker.state = "stopped"
+            worker.next_restart_at = None
+            self._engine.bus.emit(WorkerStopped, name=worker.name, reason="user")
+        return worker.info()
+
+    def start_worker(self, name: str) -> WorkerInfo:
+        """Let a worker stopped with :meth:`stop_worker` run again (now, or once this node leads)."""
+        worker = self._get(name)
+        if not worker.held:
+            return worker.info()
+        worker.held = False
+        worker.streak = 0
+        self._start_now(worker)
+        self._engine.bus.emit(WorkerResumed, name=worker.name, state=worker.state)
+        return worker.info()
+
+    def _leads(self) -> bool:
+        leader = self._engine.elector
+        return leader.is_leader and leader.lease_valid()
+
+    def _start_now(self, worker: _Worker) -> None:
+        if not self._running:
+            return  # the engine's start starts it
+        self._reconcile(worker)
+        if worker.task is not None and not worker.task.done():
+            # its task runs on the next loop turn; say so from now on
+            worker.state = "running"
+
+    async def _end(self, worker: _Worker, reason: StopReason) -> bool:
+        """Cancel ``worker``'s task (``reason`` says why) and wait for it; False when none ran."""
+        task = self._cancel(worker, reason)
+        if task is None:
+            return False
+        loop = asyncio.get_running_loop()
+        await self._await_cancelled([task], loop.time() + self._engine.cancel_grace)
+        return True
+
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
@@ -167,7 +257,7 @@ class Supervisor:
             # the elector outlives the supervisor at shutdown; nothing to do then
             return
         for worker in self._workers.values():
-            if not worker.leader_only:
+            if not worker.leader_only or worker.held:
                 continue
             if is_leader:
                 self._reconcile(worker)
@@ -179,12 +269,11 @@ class Supervisor:
     # ------------------------------------------------------------------ internals
 
     def _may_run(self, worker: _Worker) -> bool:
-        if not self._running:
+        if not self._running or worker.held:
             return False
         if not worker.leader_only:
             return True
-        leader = self._engine.elector
-        return leader.is_leader and leader.lease_valid()
+        return self._leads()
 
     def _reconcile(self, worker: _Worker) -> None:
         """Start ``worker`` if it should run and is not running already."""
@@ -192,7 +281,9 @@ class Supervisor:
             # still unwinding from a cancel: its done-callback reconciles again
             return
         if not self._may_run(worker):
-            if worker.leader_only and self._running:
+            if worker.held:
+                worker.state = "stopped"
+            elif worker.leader_only and self._running:
                 worker.state = "waiting_for_leadership"
             return
         worker.stop_reason = None

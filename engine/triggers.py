@@ -21,6 +21,10 @@ With a durable store the keys' state (counts, last runs, the run a key is
 waiting on) is saved at most ``save_interval`` seconds after it changes and
 at stop, and loaded at start: a crash loses at most that last interval of
 notifies, and a key whose run was still queued follows that run again.
+
+An operator can fire a key now (``fire(key)``, ``engine.fire_trigger``)
+whatever its count, published as ``TriggerFired`` with reason ``manual``;
+a key that has a run queued or running already is not queued twice.
 """
 
 from __future__ import annotations
@@ -83,6 +87,24 @@ class TriggerState(BaseModel):
     check_interval: float | None = None
     #: fires refused because the engine's run queue was full (retried later)
     rejected: int = 0
+
+
+class TriggerFire(BaseModel):
+    """What ``fire_trigger`` did for one key.
+
+    ``fired`` is False when the key already had a run queued or running: a key
+    never has two, so ``run_id`` is that run (``running`` says which).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    trigger: str
+    key: str
+    fired: bool
+    run_id: str
+    running: bool = False
+    #: the key's count when it fired (or now, when it did not)
+    count: int = 0
 
 
 class TriggerKey(BaseModel):
@@ -239,15 +261,44 @@ class Trigger:
 
     # ------------------------------------------------------------ firing
 
+    def fire(self, key: str) -> TriggerFire:
+        """Queue a run for ``key`` now, whatever its count (a key not seen before included).
+
+        A key with a run queued or running already gets no second one: the
+        result names that run with ``fired=False``. Raises :class:`InvalidKey`
+        for a key that is not a str, and :class:`QueueFull` or
+        :class:`EngineNotRunning` when the engine takes no run; nothing changes then.
+        """
+        check_key(f"trigger {self.name!r}", key)
+        st = self._keys.get(key)
+        if st is not None and st.run_id is not None:
+            return TriggerFire(
+                trigger=self.name, key=key, fired=False, run_id=st.run_id, running=st.running, count=st.count
+            )
+        handle = self._submit(key)
+        if st is None:
+            st = self._keys[key] = _Key(first_seen_at=self._now())
+        self._fired(key, st, handle, "manual")
+        return TriggerFire(
+            trigger=self.name, key=key, fired=True, run_id=handle.id, running=st.running, count=st.count
+        )
+
+    def _submit(self, key: str) -> RunHandle:
+        return self._engine.submit_nowait(self.task_name, TriggerKey(key=key), source=self.source, internal=True)
+
     def _fire(self, key: str, st: _Key, reason: str) -> RunHandle | None:
         try:
-            handle = self._engine.submit_nowait(self.task_name, TriggerKey(key=key), source=self.source, internal=True)
+            handle = self._submit(key)
         except QueueFull:
             # the count stays, so the next notify or sweep tries again
             self.rejected += 1
             return None
         except EngineNotRunning:
             return None  # counts keep accumulating until the engine runs
+        self._fired(key, st, handle, reason)
+        return handle
+
+    def _fired(self, key: str, st: _Key, handle: RunHandle, reason: str) -> None:
         st.run_id = handle.id
         st.captured = st.count
         self._dirty.add(key)
@@ -258,7 +309,6 @@ class Trigger:
         self._engine.bus.emit(
             TriggerFired, trigger=self.name, key=key, reason=reason, count=st.count, run_id=handle.id
         )
-        return handle
 
     def check(self) -> int:
         """Run the sweep once: fire every idle key that is due by size or staleness.

@@ -13,6 +13,9 @@ A connection goes::
                               <-    event {event}            (a stream, until close)
     submit/cancel/retry/get/pause/
     resume/snapshot/ping {id} ->
+    restart_worker/stop_worker/start_worker/
+    pause_queue/resume_queue/purge_queue/
+    fire_trigger {id} ->
                               <-    ok {id, result} | error {id, error_type, message, details}
 
 Events with ``seq <= snapshot.last_seq`` are already reflected in the
@@ -129,6 +132,42 @@ class ResumeCommand(Command):
     name: str
 
 
+class RestartWorkerCommand(Command):
+    type: Literal["restart_worker"] = "restart_worker"
+    name: str
+
+
+class StopWorkerCommand(Command):
+    type: Literal["stop_worker"] = "stop_worker"
+    name: str
+
+
+class StartWorkerCommand(Command):
+    type: Literal["start_worker"] = "start_worker"
+    name: str
+
+
+class PauseQueueCommand(Command):
+    type: Literal["pause_queue"] = "pause_queue"
+    name: str
+
+
+class ResumeQueueCommand(Command):
+    type: Literal["resume_queue"] = "resume_queue"
+    name: str
+
+
+class PurgeQueueCommand(Command):
+    type: Literal["purge_queue"] = "purge_queue"
+    name: str
+
+
+class FireTriggerCommand(Command):
+    type: Literal["fire_trigger"] = "fire_trigger"
+    name: str
+    key: str
+
+
 class SnapshotCommand(Command):
     """Ask for a fresh snapshot, e.g. after a ``bus.dropped`` event.
 
@@ -152,6 +191,13 @@ ClientMessage = Annotated[
     | GetCommand
     | PauseCommand
     | ResumeCommand
+    | RestartWorkerCommand
+    | StopWorkerCommand
+    | StartWorkerCommand
+    | PauseQueueCommand
+    | ResumeQueueCommand
+    | PurgeQueueCommand
+    | FireTriggerCommand
     | SnapshotCommand
     | PingCommand,
     Field(discriminator="type"),
@@ -185,7 +231,8 @@ class EventMessage(WireMessage):
 class OkReply(WireMessage):
     type: Literal["ok"] = "ok"
     id: MessageId
-    #: the command's result as JSON: a RunRecord, PeriodicInfo or Snapshot dict, or null.
+    #: the command's result as JSON: a RunRecord, PeriodicInfo, WorkerInfo, QueueInfo,
+    #: QueuePurge, TriggerFire or Snapshot dict, or null.
     #: Records are bounded as in snapshots, except in the reply to ``get``
     result: Any = None
 

@@ -219,7 +219,10 @@ def build(args: argparse.Namespace) -> Engine:
         elif kind == "failed":
             emit(ev=kind, id=event.run_id, attempt=event.attempt, error=event.error.type)
         elif kind == "recovered":
-            emit(ev=kind, id=event.run_id, action=event.action, reason=event.reason, attempt=event.attempt, t=time.time())
+            emit(
+                ev=kind, id=event.run_id, action=event.action, reason=event.reason, attempt=event.attempt,
+                from_node=event.from_node, t=time.time(),
+            )
         elif kind == "cancelled":
             emit(ev=kind, id=event.run_id, t=time.time())
 

@@ -249,3 +249,20 @@ def test_posted_events_are_built_once_by_their_first_reader_and_read_the_same_ev
     assert built(item) is event  # built once, by the first reader, and shared
     assert (event.seq, event.node, event.run_id, event.attempt) == (1, "n1", "r1", 2)
     assert bus.recent() == [event] and bus.subscribe(replay=5).get_batch() == [event]
+
+
+def test_an_event_that_cannot_be_built_costs_its_reader_only_itself() -> None:
+    from pydantic import ValidationError
+    from taskwatch.engine.bus import EventBuffer, Posted
+
+    buffer = EventBuffer(maxsize=3)
+    bus = EventBus(node="n")
+    good = bus.make(ev.RunStarted, run_id="r", task="t")
+    bad = Posted(ev.RunStarted, {"run_id": "r", "task": "t", "attempt": "not a number", "seq": 2}, "run.started", 2)
+    for item in (good, bad, good):
+        assert buffer.offer(item)
+    with pytest.raises(ValidationError):
+        buffer.take()
+    assert buffer.pending == 1  # the good event after the bad one is still there to read
+    assert buffer.offer(good) and buffer.offer(good)  # and the buffer has its room back
+    assert [e.kind for e in buffer.take()] == ["run.started"] * 3

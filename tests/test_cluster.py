@@ -43,11 +43,10 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from taskwatch.engine import Engine, InProcessLease, TaskContext
 from taskwatch.engine.store import NewRun, PostgresStore
 
@@ -58,17 +57,6 @@ from .test_durable import Child
 CLUSTER_RUNS = int(os.environ.get("TASKWATCH_CLUSTER_RUNS", "3000"))
 #: generous bounds for a loaded 2-core machine; a passing run takes a fraction of them
 DRAIN_TIMEOUT = 120.0
-
-
-@pytest.fixture
-def nodes() -> Iterator[list[Child]]:
-    """Children started by a test; any still alive at its end are killed."""
-    started: list[Child] = []
-    yield started
-    for child in started:
-        if child.proc.poll() is None:
-            child.proc.kill()
-        child.proc.wait(timeout=30)
 
 
 def start(nodes: list[Child], url: str, node: str, log: Path, *args: str) -> Child:
@@ -168,7 +156,10 @@ def test_a_killed_nodes_runs_finish_on_the_others(
     recovered = [line for child in (a, b) for line in child.of("recovered")]
     assert recovered, "the victim held runs when it was killed"
     assert all(r["action"] == "requeued" for r in recovered)
-    assert {r["id"] for r in recovered} <= by_victim
+    # the victim's claims: runs it was executing, and runs claimed in its last batch whose
+    # attempt had not begun (nothing logged yet) when the kill came
+    assert all(r["from_node"] == "victim" for r in recovered), recovered
+    assert {r["id"] for r in recovered} & by_victim, "it was executing some of them"
     # each run it held was run again elsewhere, as attempt 2, and succeeded there
     again = [line for line in lines if line["run"] in {r["id"] for r in recovered} and line["node"] != "victim"]
     assert {line["run"] for line in again} == {r["id"] for r in recovered}
@@ -291,11 +282,15 @@ def test_a_periodic_slot_fires_once_across_three_nodes(
         child.event("stopped", timeout=30)
 
     fired = ticks()
-    t0 = fired[0]["t"]
-    slots = Counter(round((line["t"] - t0) / every) for line in fired)
-    assert max(slots.values()) == 1, sorted(slots.items())
+    times = sorted(line["t"] for line in fired)
+    t0 = times[0]
     # three nodes, one schedule: about one tick per slot, not three
-    assert len(fired) <= round((fired[-1]["t"] - t0) / every) + 1
+    assert len(fired) <= round((times[-1] - t0) / every) + 1, times
+    # a slot fired by two nodes would run twice within moments (they wake at the same
+    # slot time); slots are a second apart, and a tick late by most of a second on a
+    # loaded machine still leaves its successor more than this gap behind it
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert min(gaps) > 0.1 * every, [(round(a - t0, 3), round(b - t0, 3)) for a, b in zip(times, times[1:])]
 
 
 def test_a_tasks_concurrency_holds_across_nodes(

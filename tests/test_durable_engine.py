@@ -127,6 +127,52 @@ async def test_restarting_one_engine_object_on_a_durable_store_keeps_its_counts_
             await engine.stop(timeout=0)
 
 
+async def test_a_handle_from_before_a_restart_of_its_engine_sees_the_run_finish(tmp_path: Path) -> None:
+    import asyncio
+
+    engine = Engine(store=f"sqlite:///{tmp_path / 'handles.db'}", node_id="again", max_concurrency=1,
+                    health_interval=None)
+    gate = asyncio.Event()
+
+    @engine.task
+    async def hold(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    @engine.task
+    async def quick(ctx: TaskContext) -> None:
+        return None
+
+    await engine.start()
+    await engine.submit("hold")
+    waiting = await engine.submit("quick")  # behind the held slot: still pending at the stop
+    await engine.stop(timeout=0)
+    gate.set()
+    await engine.start()
+    try:
+        record = await waiting.wait(5)  # the restarted engine runs it; the old handle hears of it
+        assert record.status.value == "succeeded"
+        assert waiting.record().status.value == "succeeded"
+    finally:
+        await engine.stop()
+
+
+async def test_history_set_after_construction_holds_for_the_index_and_the_store() -> None:
+    engine = Engine(history=100, health_interval=None)
+
+    @engine.task
+    async def quick(ctx: TaskContext) -> None:
+        return None
+
+    engine.history = 3
+    async with engine:
+        for _ in range(10):
+            await (await engine.submit("quick")).wait(5)
+        assert len(engine.runs(limit=None)) == 3
+        assert engine.stats().by_status["succeeded"] == 3
+    with pytest.raises(Exception, match="history"):
+        engine.history = -1
+
+
 async def test_a_heartbeat_crossing_a_finish_is_not_taken_for_a_lost_claim(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

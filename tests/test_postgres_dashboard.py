@@ -12,10 +12,8 @@ act on a run another process holds.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from rich.text import Text
 from taskwatch.engine import ClusterObserver, __version__
 from taskwatch.tui.cli import main as cli_main
@@ -29,16 +27,6 @@ from .processes import Line
 from .test_durable import Child
 
 TIMEOUT = 30.0
-
-
-@pytest.fixture
-def nodes() -> Iterator[list[Child]]:
-    started: list[Child] = []
-    yield started
-    for child in started:
-        if child.proc.poll() is None:
-            child.proc.kill()
-        child.proc.wait(timeout=30)
 
 
 async def line(child: Child, ev: str, timeout: float = TIMEOUT, **match: Any) -> Line:

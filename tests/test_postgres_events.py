@@ -20,7 +20,6 @@ reads the ``events`` table as a third party would, through a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,17 +32,6 @@ from .test_durable import Child
 
 #: generous bounds for a loaded 2-core machine; a passing run takes a fraction of them
 TIMEOUT = 30.0
-
-
-@pytest.fixture
-def nodes() -> Iterator[list[Child]]:
-    """Node processes started by a test; any still alive at its end are killed."""
-    started: list[Child] = []
-    yield started
-    for child in started:
-        if child.proc.poll() is None:
-            child.proc.kill()
-        child.proc.wait(timeout=30)
 
 
 def start_node(nodes: list[Child], url: str, name: str, *args: str, events: str = "postgres") -> Child:

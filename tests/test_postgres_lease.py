@@ -11,10 +11,8 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from taskwatch.engine import PostgresLease
 
 from .test_durable import Child
@@ -58,16 +56,6 @@ async def test_an_expired_lease_goes_to_the_next_node(postgres_url: str) -> None
     # what ctx.ensure_leader() asks: the old leader's term is refused, the new one's stands
     assert not await a.check("a", held.term)
     assert await b.check("b", taken.term)
-
-
-@pytest.fixture
-def nodes() -> Iterator[list[Child]]:
-    started: list[Child] = []
-    yield started
-    for child in started:
-        if child.proc.poll() is None:
-            child.proc.kill()
-        child.proc.wait(timeout=30)
 
 
 def test_a_killed_leader_is_replaced_with_a_higher_term(

@@ -42,6 +42,7 @@ from taskwatch.widgets import (
     ScheduleTable,
     StoreNodesTable,
     TriggersTable,
+    WorkersTable,
 )
 from textual import on
 from textual.app import App, ComposeResult
@@ -74,6 +75,7 @@ class Host(App[None]):
     @on(ScheduleTable.PeriodicSelected)
     @on(FailuresList.FailureSelected)
     @on(ParamsForm.Submitted)
+    @on(EventLog.EventChosen)
     def _record(self, message: Message) -> None:
         self.messages.append(message)
 
@@ -625,6 +627,66 @@ async def test_event_log_counts_what_overflows_the_pause_buffer() -> None:
         assert [line.split()[1] for line in lines[1:]] == ["#8", "#9", "#10"]
 
 
+async def test_event_log_cursor_follows_the_newest_line_and_enter_or_a_click_chooses_an_event() -> None:
+    log = EventLog(max_lines=50)
+    host = Host(log)
+    async with host.run_test(size=(120, 12)) as pilot:
+        log.add_events([ev("run.submitted", seq) for seq in range(1, 31)])
+        log.focus()
+        await pilot.pause()
+        # until moved, the cursor is on the newest line and stays there as lines arrive
+        assert log.chosen is not None and log.chosen.seq == 30
+        log.add_events([ev("run.submitted", 31)])
+        await pilot.pause()
+        assert log.chosen.seq == 31
+        await pilot.press("enter")
+        await pilot.press("k", "up")
+        await pilot.press("enter")
+        await pilot.pause()
+        assert [m.event.seq for m in host.of(EventLog.EventChosen)] == [31, 29]
+        # moved up, it stays on its event while newer ones arrive and older ones go off the top
+        log.add_events([ev("run.submitted", seq) for seq in range(32, 62)])
+        await pilot.pause()
+        assert log.chosen is not None and log.chosen.seq == 29
+        assert len(log.lines) == 50 and log.cursor_index == 29 - 12
+        # the chosen line is drawn highlighted
+        assert not log.auto_scroll
+        await pilot.press("g")
+        assert log.chosen.seq == 12
+        await pilot.press("G")
+        assert log.chosen.seq == 61 and log.auto_scroll
+        # a click on a line chooses its event
+        top = round(log.scroll_offset.y)
+        await pilot.click(EventLog, offset=(5, 2))
+        await pilot.pause()
+        clicked = log_text(log)[top + 2].split()[1]
+        assert f"#{host.of(EventLog.EventChosen)[-1].event.seq}" == clicked
+        assert log.chosen.seq == host.of(EventLog.EventChosen)[-1].event.seq
+        # a new filter draws the lines anew; the cursor follows the newest again
+        log.set_filter({"run."})
+        await pilot.pause()
+        assert log.chosen is not None and log.chosen.seq == 61
+
+
+async def test_event_log_draws_its_cursor_line_highlighted_only_with_focus() -> None:
+    log = EventLog()
+    host = Host(log)
+    async with host.run_test(size=(120, 12)) as pilot:
+        log.add_events([ev("run.submitted", seq) for seq in range(1, 4)])
+        host.set_focus(None)
+        await pilot.pause()
+        last = round(log.scroll_offset.y)
+        row = 2 - last
+
+        def backgrounds(y: int) -> set[Any]:
+            return {seg.style.bgcolor for seg in log.render_line(y) if seg.style is not None}
+
+        assert backgrounds(row) == backgrounds(row - 1)
+        log.focus()
+        await pilot.pause()
+        assert backgrounds(row) != backgrounds(row - 1)
+
+
 async def test_event_log_caps_lines_and_skips_rendering_while_hidden() -> None:
     log = EventLog(max_lines=50)
     async with Host(log).run_test(size=SIZE) as pilot:
@@ -810,6 +872,47 @@ async def test_triggers_table_shows_one_row_per_key() -> None:
         assert rows[1][4] == "1m30s ago" and rows[1][5] == "running"
         assert rows[2][:2] == ["idle", "(no keys)"]
         assert table.selected_trigger_key == ("digest", "user-1")
+
+
+async def test_queues_table_shows_a_paused_queue_and_what_was_purged() -> None:
+    table = QueuesTable()
+    async with Host(table).run_test(size=SIZE) as pilot:
+        info = QueueInfo(name="emails", concurrency=1, maxsize=10, depth=4, in_flight=0, processed=1, failed=0,
+                         paused=True, purged=7)
+        table.update_queues([info], now=100.0)
+        await pilot.pause()
+        assert cell(table, "emails", "state") == "paused" and cell(table, "emails", "purged") == "7"
+        assert table.selected_name == "emails"
+        table.update_queues([info.model_copy(update={"paused": False})], now=101.0)
+        await pilot.pause()
+        assert cell(table, "emails", "state") == ""
+
+
+async def test_workers_table_shows_each_workers_state_and_crashes() -> None:
+    table = WorkersTable()
+    async with Host(table).run_test(size=SIZE) as pilot:
+        now = T0 + 100
+        infos = [
+            WorkerInfo(name="poller", leader_only=False, state="running", started_at=T0 + 40, restarts=2),
+            WorkerInfo(name="dedup", leader_only=True, state="backoff", crashes=3, next_restart_at=now + 8,
+                       last_error=RunError(type="OSError", message="socket closed")),
+            WorkerInfo(name="mailer", leader_only=False, state="stopped", stopped_by_user=True),
+            WorkerInfo(name="sync", leader_only=True, state="waiting_for_leadership"),
+        ]
+        table.update_workers(infos, now)
+        await pilot.pause()
+        assert table.shown_keys == ["poller", "dedup", "mailer", "sync"]
+        assert cell(table, "poller", "state") == "running" and cell(table, "poller", "up") == "1m00s"
+        assert cell(table, "poller", "restarts") == "2" and cell(table, "poller", "runs_on") == "all"
+        assert cell(table, "dedup", "runs_on") == "leader" and cell(table, "dedup", "next") == "8.0s"
+        assert cell(table, "dedup", "error") == "OSError: socket closed"
+        assert cell(table, "mailer", "state") == "stopped by user"
+        assert cell(table, "sync", "state") == "waits for lead"
+        table.select_name("mailer")
+        assert table.selected_name == "mailer"
+        table.update_workers(infos[1:], now + 1)
+        await pilot.pause()
+        assert table.selected_name == "mailer"
 
 
 # ---------------------------------------------------------------- FailuresList

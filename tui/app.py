@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 from taskwatch.engine import (
+    QueueInfo,
     RunNotCancellable,
     RunNotRetryable,
     RunRecord,
@@ -22,6 +23,8 @@ from taskwatch.engine import (
     ServerInfo,
     Snapshot,
     TaskwatchError,
+    WorkerInfo,
+    WorkerNotLeading,
     is_truncated,
 )
 from taskwatch.engine.events import HealthSample
@@ -40,6 +43,7 @@ from taskwatch.widgets import (
     TaskStats,
     TaskStatsTable,
     TriggersTable,
+    WorkersTable,
 )
 from textual import events, on, work
 from textual.app import App, ComposeResult, SystemCommand
@@ -51,7 +55,15 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 
 from .client import DashboardClient
-from .screens import AttachScreen, ConfirmScreen, HelpScreen, SubmitScreen, TracebackScreen
+from .screens import (
+    AttachScreen,
+    ChooseKeyScreen,
+    ConfirmScreen,
+    EventScreen,
+    HelpScreen,
+    SubmitScreen,
+    TracebackScreen,
+)
 from .state import DashboardState
 
 TABS = ("runs", "failures", "scheduler", "health", "events", "tasks")
@@ -127,6 +139,15 @@ def parse_run_filter(text: str) -> tuple[set[str] | None, str]:
     return (statuses or None), " ".join(words)
 
 
+#: keys that act on a row of the Scheduler tab: in the footer, and active, only there
+SCHEDULER_ACTIONS = frozenset({"restart_worker", "toggle_worker", "toggle_queue", "purge_queue", "fire_trigger"})
+#: keys for the selected run: in the footer, and active, only on the tabs that list runs
+RUN_ACTIONS = frozenset({"cancel_run", "retry_run"})
+RUN_TABS = ("runs", "failures")
+
+_QUEUE_KEYS = Binding.Group("queue", compact=True)
+_WORKER_KEYS = Binding.Group("worker", compact=True)
+
 #: the widget each tab puts the keyboard focus on when it is shown
 TAB_FOCUS = {
     "runs": "#runs-table",
@@ -157,6 +178,12 @@ class DashboardScreen(Screen[None]):
         Binding("slash", "app.filter", "Filter", priority=True),
         Binding("p", "app.toggle_view", "Pause", priority=True),
         Binding("z", "app.toggle_periodic", "Pause periodic", show=False, priority=True),
+        # the Scheduler tab's keys, grouped in the footer by the table they act on
+        Binding("P", "app.toggle_queue", "Pause or resume queue", group=_QUEUE_KEYS, priority=True),
+        Binding("D", "app.purge_queue", "Purge queue", group=_QUEUE_KEYS, priority=True),
+        Binding("f", "app.fire_trigger", "Fire", priority=True),
+        Binding("x", "app.restart_worker", "Restart worker", group=_WORKER_KEYS, priority=True),
+        Binding("X", "app.toggle_worker", "Stop or start worker", group=_WORKER_KEYS, priority=True),
         Binding("question_mark", "app.help", "Help", priority=True),
         Binding("q", "app.quit", "Quit", priority=True),
         Binding("escape", "app.close_filter", "Close", show=False),
@@ -203,7 +230,7 @@ class DashboardScreen(Screen[None]):
                     yield Static("Triggers", classes="section")
                     yield TriggersTable(id="triggers-table")
                     yield Static("Supervised workers", classes="section")
-                    yield Static("", id="workers")
+                    yield WorkersTable(id="workers-table")
             with TabPane("Health", id="health"):
                 yield HealthSparklines(id="health-lines")
             with TabPane("Events", id="events"):
@@ -286,9 +313,21 @@ class TaskwatchApp(App[None]):
         self.main.set_class(narrow, "-narrow")
         if not narrow:
             self.main.remove_class("-detail-open")
+        self._fit_footer()
+
+    def _fit_footer(self) -> None:
+        """A compact footer below NARROW columns; on the Scheduler tab, whose row keys need
+        the room, it leaves out the command palette's hint (ctrl+p still opens it)."""
         footer = self.main.query(Footer)
-        if footer:
-            footer.first().compact = narrow
+        if not footer:
+            return
+        narrow = self.size.width < NARROW
+        footer.first().compact = narrow
+        try:
+            crowded = narrow and self.active_tab == "scheduler"
+        except NoMatches:
+            crowded = False
+        footer.first().show_command_palette = not crowded
 
     @property
     def detail_open(self) -> bool:
@@ -575,7 +614,7 @@ class TaskwatchApp(App[None]):
         self.main.query_one(ScheduleTable).update_schedule(self.state.schedule, now)
         self.main.query_one(QueuesTable).update_queues(self.state.queues, now)
         self.main.query_one(TriggersTable).update_triggers(self.state.triggers, now)
-        self.main.query_one("#workers", Static).update(self._workers_text())
+        self.main.query_one(WorkersTable).update_workers(self.state.workers, now)
         self._failures_shown = (-1, -1)
         self._update_failures()
         self._update_task_stats()
@@ -590,15 +629,6 @@ class TaskwatchApp(App[None]):
         self.main.query_one("#task-stats-since", Static).update(
             f"Runs seen by this dashboard since {since} (its first snapshot's runs included)" if since else ""
         )
-
-    def _workers_text(self) -> str:
-        if not self.state.workers:
-            return "(none)"
-        lines = []
-        for w in self.state.workers:
-            only = " leader-only" if w.leader_only else ""
-            lines.append(f"{w.name:<24} {w.state:<24} restarts {w.restarts:<4} crashes {w.crashes}{only}")
-        return "\n".join(lines)
 
     # ------------------------------------------------------------------ selection
 
@@ -651,6 +681,9 @@ class TaskwatchApp(App[None]):
         # a tab chosen with the mouse puts the keys in its table too
         if event.pane.id is not None:
             self._focus_tab(event.pane.id)
+        # the footer shows the keys of the tab in view
+        self.refresh_bindings()
+        self._fit_footer()
 
     def _focus_tab(self, tab: str) -> None:
         selector = TAB_FOCUS.get(tab)
@@ -835,6 +868,14 @@ class TaskwatchApp(App[None]):
         self.action_submit(run.task, values=dict(run.params), title=f"Edit and resubmit {run.task} (from run {run.id})")
 
     def action_traceback(self) -> None:
+        if self.active_tab == "scheduler":
+            worker = self._selected_worker()
+            if worker is None or worker.last_error is None:
+                self.notify("the selected worker has not crashed", severity="warning")
+            else:
+                error = worker.last_error
+                self.push_screen(TracebackScreen(f"worker {worker.name}: {error.type}: {error.message}", error.traceback))
+            return
         if self.active_tab == "failures":
             picked = self.main.query_one(FailuresList).selected_traceback()
             if picked is None:
@@ -927,6 +968,146 @@ class TaskwatchApp(App[None]):
         self.state.schedule = [result if p.name == name else p for p in self.state.schedule]
         self.main.query_one(ScheduleTable).update_schedule(self.state.schedule, self.clock())
 
+    # ------------------------------------------------------------------ the Scheduler tab's other loops
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Keys for a tab's rows show in the footer, and act, only on that tab: the Scheduler
+        tab's row keys there, the run keys where runs are listed (the footer has room then)."""
+        if action not in SCHEDULER_ACTIONS and action not in RUN_ACTIONS:
+            return True
+        try:
+            tab = self.active_tab
+        except NoMatches:
+            return True
+        return tab == "scheduler" if action in SCHEDULER_ACTIONS else tab in RUN_TABS
+
+    def _selected_worker(self) -> WorkerInfo | None:
+        name = self.main.query_one(WorkersTable).selected_name
+        return next((w for w in self.state.workers if w.name == name), None)
+
+    def _show_worker(self, info: WorkerInfo) -> None:
+        self.state.workers = [info if w.name == info.name else w for w in self.state.workers]
+        self.main.query_one(WorkersTable).update_workers(self.state.workers, self.clock())
+
+    def _show_queue(self, info: QueueInfo) -> None:
+        self.state.queues = [info if q.name == info.name else q for q in self.state.queues]
+        self.main.query_one(QueuesTable).update_queues(self.state.queues, self.clock())
+
+    def _named(self, name: str | None, table: str) -> str | None:
+        """The row to act on: the one named (the palette), else the selected one of ``table``."""
+        if name is not None:
+            return name
+        if self.active_tab != "scheduler":
+            return None
+        if table == "workers":
+            return self.main.query_one(WorkersTable).selected_name
+        return self.main.query_one(QueuesTable).selected_name
+
+    @work(group="actions")
+    async def action_restart_worker(self, name: str | None = None) -> None:
+        name = self._named(name, "workers")
+        if name is None:
+            self.notify("select a supervised worker on the Scheduler tab (3)", severity="warning")
+            return
+        info = await self._command("restart", self.client.restart_worker(name), WorkerNotLeading)
+        if info is not None:
+            self._show_worker(info)
+            self.notify(f"worker {name} restarted")
+
+    @work(group="actions")
+    async def action_toggle_worker(self, name: str | None = None) -> None:
+        name = self._named(name, "workers")
+        if name is None:
+            self.notify("select a supervised worker on the Scheduler tab (3)", severity="warning")
+            return
+        current = next((w for w in self.state.workers if w.name == name), None)
+        start = current is not None and current.stopped_by_user
+        call = self.client.start_worker(name) if start else self.client.stop_worker(name)
+        info = await self._command("start" if start else "stop", call)
+        if info is None:
+            return
+        self._show_worker(info)
+        if not start:
+            self.notify(f"worker {name} stopped; it stays stopped until started (X) or restarted (x)")
+        elif info.state == "waiting_for_leadership":
+            self.notify(f"worker {name} may run again: it starts once this node leads")
+        else:
+            self.notify(f"worker {name} started")
+
+    @work(group="actions")
+    async def action_toggle_queue(self, name: str | None = None) -> None:
+        name = self._named(name, "queues")
+        if name is None:
+            self.notify("select a queue on the Scheduler tab (3)", severity="warning")
+            return
+        current = next((q for q in self.state.queues if q.name == name), None)
+        resume = current is not None and current.paused
+        call = self.client.resume_queue(name) if resume else self.client.pause_queue(name)
+        info = await self._command("resume" if resume else "pause", call)
+        if info is None:
+            return
+        self._show_queue(info)
+        if resume:
+            self.notify(f"queue {name} resumed: {info.depth} jobs waiting")
+        else:
+            self.notify(f"queue {name} paused: jobs being handled finish, new ones wait ({info.depth} now)")
+
+    @work(group="actions")
+    async def action_purge_queue(self, name: str | None = None) -> None:
+        name = self._named(name, "queues")
+        if name is None:
+            self.notify("select a queue on the Scheduler tab (3)", severity="warning")
+            return
+        current = next((q for q in self.state.queues if q.name == name), None)
+        depth = current.depth if current is not None else 0
+        jobs = "1 job" if depth == 1 else f"{depth} jobs"
+        if not await self._confirmed(
+            f"Purge queue {name}: drop the {jobs} waiting in it? Jobs being handled finish; "
+            "the dropped ones are not run and leave the store.",
+            f"Purge {jobs}",
+        ):
+            return
+        purge = await self._command("purge", self.client.purge_queue(name))
+        if purge is None:
+            return
+        self._show_queue(purge.info)
+        stored = f" ({purge.from_store} removed from the store)" if purge.from_store else ""
+        self.notify(f"purged {purge.purged} jobs from queue {name}{stored}")
+
+    @work(group="actions")
+    async def action_fire_trigger(self, name: str | None = None, key: str | None = None) -> None:
+        if name is None and self.active_tab == "scheduler":
+            picked = self.main.query_one(TriggersTable).selected_trigger_key
+            if picked is not None:
+                name, key = picked
+        if name is None:
+            self.notify("select a trigger key on the Scheduler tab (3)", severity="warning")
+            return
+        if key is None:
+            state = next((t for t in self.state.triggers if t.name == name), None)
+            keys = [k.key for k in state.keys] if state is not None else []
+            if len(keys) == 1:
+                key = keys[0]
+            else:
+                key = await self.push_screen_wait(ChooseKeyScreen(name, keys, cursor_blink=self.cursor_blink))
+                if key is None:
+                    return
+        fire = await self._command("fire", self.client.fire_trigger(name, key))
+        if fire is None:
+            return
+        if fire.fired:
+            self.notify(f"trigger {name} fired for key {key}: run {fire.run_id}")
+        else:
+            what = "running" if fire.running else "queued"
+            self.notify(f"key {key} of trigger {name} has run {fire.run_id} {what} already; not fired again",
+                        severity="warning")
+
+    # ------------------------------------------------------------------ the event log
+
+    @on(EventLog.EventChosen)
+    def _event_chosen(self, message: EventLog.EventChosen) -> None:
+        self.push_screen(EventScreen(message.event))
+
     # ------------------------------------------------------------------ command palette
 
     def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
@@ -957,6 +1138,33 @@ class TaskwatchApp(App[None]):
             yield SystemCommand(
                 f"{verb} periodic {info.name}", f"{verb} the periodic task {info.name} ({info.trigger})",
                 lambda name=info.name: self.action_toggle_periodic(name), discover=False,
+            )
+        for worker in self.state.workers:
+            yield SystemCommand(
+                f"Restart worker {worker.name}", "Cancel the supervised worker and start it again now (x)",
+                lambda name=worker.name: self.action_restart_worker(name), discover=False,
+            )
+            verb = "Start" if worker.stopped_by_user else "Stop"
+            yield SystemCommand(
+                f"{verb} worker {worker.name}",
+                "Let the stopped worker run again (X)" if worker.stopped_by_user
+                else "Stop the supervised worker until started again (X)",
+                lambda name=worker.name: self.action_toggle_worker(name), discover=False,
+            )
+        for queue in self.state.queues:
+            verb = "Resume" if queue.paused else "Pause"
+            yield SystemCommand(
+                f"{verb} queue {queue.name}", f"{verb} the consumers of queue {queue.name} (P)",
+                lambda name=queue.name: self.action_toggle_queue(name), discover=False,
+            )
+            yield SystemCommand(
+                f"Purge queue {queue.name}", f"Drop the jobs waiting in queue {queue.name}, after asking (D)",
+                lambda name=queue.name: self.action_purge_queue(name), discover=False,
+            )
+        for trigger in self.state.triggers:
+            yield SystemCommand(
+                f"Fire trigger {trigger.name}", "Run one of its keys now, whatever its count (f)",
+                lambda name=trigger.name: self.action_fire_trigger(name), discover=False,
             )
         for i, tab in enumerate(TABS, 1):
             yield SystemCommand(f"Show {tab.title()}", f"Switch to the {tab} tab ({i})", lambda tab=tab: self.action_show_tab(tab))

@@ -14,7 +14,17 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from taskwatch.engine import BaseEvent, Engine, PeriodicInfo, RunRecord, Snapshot
+from taskwatch.engine import (
+    BaseEvent,
+    Engine,
+    PeriodicInfo,
+    QueueInfo,
+    QueuePurge,
+    RunRecord,
+    Snapshot,
+    TriggerFire,
+    WorkerInfo,
+)
 from taskwatch.engine.bus import Posted, built
 from taskwatch.engine.errors import ConnectionClosed
 from taskwatch.engine.hop import call_on
@@ -70,6 +80,27 @@ class DashboardClient(ABC):
 
     @abstractmethod
     async def resume_periodic(self, name: str) -> PeriodicInfo: ...
+
+    @abstractmethod
+    async def restart_worker(self, name: str) -> WorkerInfo: ...
+
+    @abstractmethod
+    async def stop_worker(self, name: str) -> WorkerInfo: ...
+
+    @abstractmethod
+    async def start_worker(self, name: str) -> WorkerInfo: ...
+
+    @abstractmethod
+    async def pause_queue(self, name: str) -> QueueInfo: ...
+
+    @abstractmethod
+    async def resume_queue(self, name: str) -> QueueInfo: ...
+
+    @abstractmethod
+    async def purge_queue(self, name: str) -> QueuePurge: ...
+
+    @abstractmethod
+    async def fire_trigger(self, name: str, key: str) -> TriggerFire: ...
 
     @abstractmethod
     async def close(self) -> None: ...
@@ -163,6 +194,27 @@ class LocalClient(DashboardClient):
 
     async def resume_periodic(self, name: str) -> PeriodicInfo:
         return await self._on_engine(lambda: self.engine.resume_periodic(name))
+
+    async def restart_worker(self, name: str) -> WorkerInfo:
+        return await self._on_engine(lambda: self.engine.restart_worker(name))
+
+    async def stop_worker(self, name: str) -> WorkerInfo:
+        return await self._on_engine(lambda: self.engine.stop_worker(name))
+
+    async def start_worker(self, name: str) -> WorkerInfo:
+        return await self._on_engine(lambda: self.engine.start_worker(name))
+
+    async def pause_queue(self, name: str) -> QueueInfo:
+        return await self._on_engine(lambda: self.engine.pause_queue(name))
+
+    async def resume_queue(self, name: str) -> QueueInfo:
+        return await self._on_engine(lambda: self.engine.resume_queue(name))
+
+    async def purge_queue(self, name: str) -> QueuePurge:
+        return await self._on_engine(lambda: self.engine.purge_queue(name))
+
+    async def fire_trigger(self, name: str, key: str) -> TriggerFire:
+        return await self._on_engine(lambda: self.engine.fire_trigger(name, key))
 
     async def close(self) -> None:
         if self._unsubscribe is not None:

@@ -5,7 +5,7 @@ engines made with ``events="redis://..."`` publish to (an
 :class:`~taskwatch.engine.RedisEventRelay` with no bus of its own): a Nodes
 view (id, leader badge and term, up or stopped, running runs, CPU, RSS, last
 event, events seen and missed) above the cluster's event log, each line
-naming its node. It only watches.
+naming its node (Enter on a line shows its event's JSON). It only watches.
 
 ``taskwatch attach postgresql://...`` opens it on the cluster's database (a
 :class:`~taskwatch.engine.ClusterObserver`, which runs no tasks): the Nodes
@@ -36,14 +36,14 @@ from taskwatch.engine import (
     TaskwatchError,
 )
 from taskwatch.widgets import ClusterRunsTable, EventLog, NodesTable, StoreNodesTable
-from textual import work
+from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.css.query import NoMatches
 from textual.timer import Timer
 from textual.widgets import Footer, Static
 
-from .screens import ConfirmScreen
+from .screens import ConfirmScreen, EventScreen
 
 #: what a command through the store can fail with: its own errors, or a lost connection
 COMMAND_ERRORS = (TaskwatchError, OSError)
@@ -221,3 +221,7 @@ class ClusterApp(App[None]):
         self.notify(f"retrying {run.task} as run {record.id}")
         self._draw()
         self.query_one(ClusterRunsTable).select_run(record.id)
+
+    @on(EventLog.EventChosen)
+    def _event_chosen(self, message: EventLog.EventChosen) -> None:
+        self.push_screen(EventScreen(message.event))

@@ -16,9 +16,13 @@ from typing import Any
 from taskwatch.engine import (
     BaseEvent,
     PeriodicInfo,
+    QueueInfo,
+    QueuePurge,
     RunRecord,
     Snapshot,
     TaskwatchError,
+    TriggerFire,
+    WorkerInfo,
 )
 from taskwatch.engine.errors import AuthenticationFailed, ConnectionClosed
 from taskwatch.engine.remote import RemoteEngine
@@ -152,6 +156,27 @@ class RemoteClient(DashboardClient):
 
     async def resume_periodic(self, name: str) -> PeriodicInfo:
         return await self._require().resume_periodic(name)
+
+    async def restart_worker(self, name: str) -> WorkerInfo:
+        return await self._require().restart_worker(name)
+
+    async def stop_worker(self, name: str) -> WorkerInfo:
+        return await self._require().stop_worker(name)
+
+    async def start_worker(self, name: str) -> WorkerInfo:
+        return await self._require().start_worker(name)
+
+    async def pause_queue(self, name: str) -> QueueInfo:
+        return await self._require().pause_queue(name)
+
+    async def resume_queue(self, name: str) -> QueueInfo:
+        return await self._require().resume_queue(name)
+
+    async def purge_queue(self, name: str) -> QueuePurge:
+        return await self._require().purge_queue(name)
+
+    async def fire_trigger(self, name: str, key: str) -> TriggerFire:
+        return await self._require().fire_trigger(name, key)
 
     async def close(self) -> None:
         self._closing = True

@@ -1,20 +1,22 @@
-"""Modal screens: submit a task, read a traceback, confirm an action, the key help."""
+"""Modal screens: submit a task, read a traceback, confirm an action, read an event's JSON,
+pick a trigger key, the key help."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from rich.syntax import Syntax
 from rich.text import Text
-from taskwatch.engine import InvalidParams, RunRecord, TaskInfo, TaskwatchError
+from taskwatch.engine import BaseEvent, InvalidParams, RunRecord, TaskInfo, TaskwatchError, event_to_json
 from taskwatch.widgets import ParamsForm, ParamsFormError
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Label, Select, Static
+from textual.widgets import Button, Input, Label, OptionList, Select, Static
 
 SubmitFn = Callable[[str, dict[str, Any]], Awaitable[RunRecord]]
 
@@ -217,6 +219,88 @@ class TracebackScreen(ModalScreen[None]):
         self.dismiss(None)
 
 
+def event_json(event: BaseEvent) -> str:
+    """The event as the control protocol sends it, indented for reading."""
+    return json.dumps(json.loads(event_to_json(event)), indent=2, ensure_ascii=False)
+
+
+class EventScreen(ModalScreen[None]):
+    """One event's full JSON; ``c`` copies it to the clipboard."""
+
+    BINDINGS = [
+        Binding("c", "copy", "Copy JSON"),
+        Binding("escape,q,enter", "dismiss", "Close"),
+    ]
+
+    def __init__(self, event: BaseEvent) -> None:
+        super().__init__()
+        self.event = event
+        self.json = event_json(event)
+
+    def compose(self) -> ComposeResult:
+        kind = getattr(self.event, "kind", type(self.event).__name__)
+        with Vertical(id="event-dialog"):
+            yield Label(f"Event #{self.event.seq}: {kind}", id="event-title")
+            with VerticalScroll(id="event-scroll"):
+                yield Static(Syntax(self.json, "json", word_wrap=True, theme="ansi_dark"), id="event-body")
+            yield Static(Text("c: copy the JSON    esc: close", style="dim"), id="event-keys")
+            with Horizontal(id="event-buttons"):
+                yield Button("Copy", variant="primary", id="event-copy")
+                yield Button("Close", id="event-close")
+
+    def on_mount(self) -> None:
+        for button in self.query(Button):
+            button.can_focus = False
+
+    @on(Button.Pressed, "#event-copy")
+    def action_copy(self) -> None:
+        self.app.copy_to_clipboard(self.json)
+        kind = getattr(self.event, "kind", "event")
+        self.notify(f"copied event #{self.event.seq} ({kind}) to the clipboard as JSON")
+
+    @on(Button.Pressed, "#event-close")
+    def _close(self) -> None:
+        self.dismiss(None)
+
+
+class ChooseKeyScreen(ModalScreen[str | None]):
+    """Which key of a trigger to fire: one of its keys, or one typed in."""
+
+    BINDINGS = [Binding("escape", "dismiss_none", "Close")]
+
+    def __init__(self, trigger: str, keys: list[str], *, cursor_blink: bool = True) -> None:
+        super().__init__()
+        self.trigger = trigger
+        self.keys = keys
+        self._cursor_blink = cursor_blink
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="choose-key-dialog"):
+            yield Label(f"Fire trigger {self.trigger}: which key?", id="choose-key-title")
+            if self.keys:
+                yield OptionList(*self.keys, id="choose-key-list")
+            box = Input(placeholder="or type a key and press enter", id="choose-key-input")
+            box.cursor_blink = self._cursor_blink
+            yield box
+            yield Static(Text("enter: fire    esc: close", style="dim"), id="choose-key-keys")
+
+    def on_mount(self) -> None:
+        target = self.query("#choose-key-list")
+        (target.first() if target else self.query_one("#choose-key-input")).focus()
+
+    @on(OptionList.OptionSelected, "#choose-key-list")
+    def _picked(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(self.keys[event.option_index])
+
+    @on(Input.Submitted, "#choose-key-input")
+    def _typed(self, event: Input.Submitted) -> None:
+        if event.value:
+            self.dismiss(event.value)
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)
+
+
 HELP = """\
 [b]Keys[/b]
 
@@ -226,17 +310,30 @@ HELP = """\
   [b]space[/b]    mark runs (Runs tab): c and r then act on every marked run
   [b]R[/b]        retry every failure of the selected failure's task (tab 2)
   [b]e[/b]        edit the selected run's params and submit it again
-  [b]t[/b]        show the selected run's traceback
+  [b]t[/b]        show the selected run's (or worker's) traceback
   [b]enter[/b]    show the selected run in the detail pane
   [b]/[/b]        filter runs (text, status:failed, task:NAME) or events (kinds)
   [b]p[/b]        pause / resume the live view (events keep being recorded)
-  [b]z[/b]        pause / resume the selected periodic task (Scheduler tab)
   [b]j[/b] [b]k[/b] [b]g[/b] [b]G[/b]  down, up, first (newest) and last row in a table
   [b]esc[/b]      back: close the run detail (narrow screens) or the filter
   [b]1[/b]-[b]6[/b]      Runs, Failures, Scheduler, Health, Events, Tasks
   [b]ctrl+p[/b]   command palette: every action, searchable
   [b]?[/b]        this help
   [b]q[/b]        quit
+
+[b]Scheduler tab[/b]: each key acts on the selected row of its table
+
+  [b]z[/b]        pause / resume the selected periodic task
+  [b]P[/b]        pause / resume a queue's consumers (puts still accepted)
+  [b]D[/b]        purge a queue's waiting jobs (asks first, naming the count)
+  [b]f[/b]        fire the selected trigger key now (or type a key)
+  [b]x[/b]        restart a supervised worker now, its backoff forgotten
+  [b]X[/b]        stop a worker (it stays stopped), or start it again
+
+[b]Events tab[/b]
+
+  [b]j[/b] [b]k[/b] [b]g[/b] [b]G[/b]  move the cursor (it follows the newest event until moved)
+  [b]enter[/b]    the event's full JSON, also on a click; [b]c[/b] there copies it
 """
 
 

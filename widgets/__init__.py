@@ -19,6 +19,7 @@ from .schedule_table import ScheduleTable
 from .store_badge import StoreBadge
 from .task_stats_table import TaskStats, TaskStatsTable
 from .triggers_table import TriggersTable
+from .workers_table import WorkersTable
 
 __all__ = [
     "ClusterRunsTable",
@@ -41,5 +42,6 @@ __all__ = [
     "TaskStats",
     "TaskStatsTable",
     "TriggersTable",
+    "WorkersTable",
     "fields_from_schema",
 ]

@@ -9,6 +9,11 @@ drawn when it is shown again (or when the filter changes).
 Routine kinds (``quiet_kinds``, by default ``lease.renewed``, which a leader
 publishes several times a second) are kept but not shown unless the filter
 names them; how many were held back is said under the log.
+
+A cursor picks a line (up/down, j/k, g/G, or a click; it follows the newest
+line until moved): Enter or a click posts :class:`EventLog.EventChosen` with
+that line's event. Each drawn line's entry is kept beside it, bounded like
+the lines, so choosing one costs nothing while events stream in.
 """
 
 from __future__ import annotations
@@ -19,10 +24,15 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, TypeAlias
 
+from rich.segment import Segment
 from rich.text import Text
 from taskwatch.engine import BaseEvent, RunError
+from textual import events
+from textual.binding import Binding
 from textual.events import Hide, Show
+from textual.message import Message
 from textual.reactive import reactive
+from textual.strip import Strip
 from textual.widgets import RichLog
 
 from ._format import compact, fmt_bytes, fmt_clock, fmt_clock_ms, fmt_duration, short_id
@@ -114,7 +124,8 @@ def summarize(event: BaseEvent, limit: int = 160) -> str:
 def format_event(event: BaseEvent, show_node: bool = False) -> Text:
     kind: str = getattr(event, "kind", type(event).__name__)
     # a cluster-wide log names the node each event came from instead of its number
-    where = (f"{event.node:<12}", "bold") if show_node else (f"#{event.seq:<6}", "dim")
+    # one line per event: the log maps its lines to events by position
+    where = (f"{event.node.replace(chr(10), ' '):<12}", "bold") if show_node else (f"#{event.seq:<6}", "dim")
     return Text.assemble(
         (fmt_clock_ms(event.ts), "dim"),
         " ",
@@ -143,9 +154,30 @@ _Entry: TypeAlias = BaseEvent | _Gap
 
 
 class EventLog(RichLog):
-    """The event stream: ``add_events(batch)``, ``set_filter(kinds)``, ``paused``."""
+    """The event stream: ``add_events(batch)``, ``set_filter(kinds)``, ``paused``; Enter opens a line."""
 
     DEFAULT_CSS = Path(__file__).with_suffix(".tcss").read_text(encoding="utf-8")
+    COMPONENT_CLASSES = {"event-log--cursor"}
+
+    BINDINGS = [
+        Binding("up,k", "cursor_up", "Up", show=False),
+        Binding("down,j", "cursor_down", "Down", show=False),
+        Binding("home,g", "cursor_first", "Oldest", show=False),
+        Binding("end,G", "cursor_last", "Newest", show=False),
+        Binding("enter", "choose", "Event JSON"),
+    ]
+
+    class EventChosen(Message):
+        """An event's line was chosen with Enter or a click."""
+
+        def __init__(self, log: EventLog, event: BaseEvent) -> None:
+            self.log = log
+            self.event = event
+            super().__init__()
+
+        @property
+        def control(self) -> EventLog:
+            return self.log
 
     paused: reactive[bool] = reactive(False)
 
@@ -184,6 +216,12 @@ class EventLog(RichLog):
         self.quiet_kinds = frozenset(quiet_kinds)
         #: quiet events kept out of sight so far (said under the log)
         self.quiet_hidden = 0
+        #: what each drawn line shows, in line order (bounded like the lines)
+        self._shown: deque[_Entry] = deque(maxlen=max_lines)
+        #: lines that went off the top since the last clear: _shown[0] is line number _dropped
+        self._dropped = 0
+        #: the chosen line's number (counting from the last clear), or None: the newest line
+        self._cursor: int | None = None
         if kinds is not None:
             self.set_filter(kinds)
 
@@ -276,6 +314,30 @@ class EventLog(RichLog):
         first = sorted(self.quiet_kinds)[0].partition(".")[0] + "."
         self.border_subtitle = f"{self.quiet_hidden:,} {kinds} not shown · filter {first} to see them"
 
+    @property
+    def cursor_index(self) -> int | None:
+        """The chosen line's position among the lines drawn now (None when there are none)."""
+        if not self._shown:
+            return None
+        if self._cursor is None:
+            return len(self._shown) - 1
+        return max(0, self._cursor - self._dropped)
+
+    @property
+    def chosen(self) -> BaseEvent | None:
+        """The event on the cursor's line (None on a gap marker or an empty log)."""
+        index = self.cursor_index
+        entry = None if index is None else self._shown[index]
+        return entry if isinstance(entry, BaseEvent) else None
+
+    def clear(self) -> EventLog:
+        super().clear()
+        self._shown.clear()
+        self._dropped = 0
+        self._cursor = None
+        self.auto_scroll = True
+        return self
+
     def clear_events(self) -> None:
         self._history.clear()
         self._pending.clear()
@@ -305,14 +367,21 @@ class EventLog(RichLog):
             self._backlog += len(entries)  # drawn when shown
             return
         lines: list[Text] = []
+        drawn: list[_Entry] = []
         for entry in entries[-(self.max_lines or len(entries)) :]:
             if isinstance(entry, _Gap):
                 lines.append(entry.text())
+                drawn.append(entry)
             elif self.matches(entry.kind):  # type: ignore[attr-defined]
                 lines.append(format_event(entry, self.show_node))
+                drawn.append(entry)
         if lines:
             # one write per batch: RichLog re-slices its line list on every write at the cap
             self.write(Text("\n").join(lines))
+            for entry in drawn:
+                if len(self._shown) == self._shown.maxlen:
+                    self._dropped += 1
+                self._shown.append(entry)
 
     def _redraw(self) -> None:
         self.clear()
@@ -337,3 +406,67 @@ class EventLog(RichLog):
 
     def on_hide(self, event: Hide) -> None:
         self._on_screen = False
+
+    # ------------------------------------------------------------ the cursor
+
+    def _move_to(self, index: int) -> None:
+        last = len(self._shown) - 1
+        if last < 0:
+            return
+        index = max(0, min(index, last))
+        # on the newest line the cursor follows new lines again
+        self._cursor = None if index == last else self._dropped + index
+        self.auto_scroll = self._cursor is None
+        height = self.scrollable_content_region.height
+        top = round(self.scroll_offset.y)
+        if index < top:
+            self.scroll_to(y=index, animate=False, immediate=True)
+        elif height and index >= top + height:
+            self.scroll_to(y=index - height + 1, animate=False, immediate=True)
+        self.refresh()
+
+    def action_cursor_up(self) -> None:
+        index = self.cursor_index
+        if index is not None:
+            self._move_to(index - 1)
+
+    def action_cursor_down(self) -> None:
+        index = self.cursor_index
+        if index is not None:
+            self._move_to(index + 1)
+
+    def action_cursor_first(self) -> None:
+        self._move_to(0)
+
+    def action_cursor_last(self) -> None:
+        self._move_to(len(self._shown) - 1)
+
+    def action_choose(self) -> None:
+        event = self.chosen
+        if event is not None:
+            self.post_message(self.EventChosen(self, event))
+
+    def on_click(self, event: events.Click) -> None:
+        offset = event.get_content_offset(self)
+        if offset is None or len(self._shown) != len(self.lines):
+            return
+        index = round(self.scroll_offset.y) + offset.y
+        if 0 <= index < len(self._shown):
+            self._move_to(index)
+            self.action_choose()
+
+    def on_focus(self) -> None:
+        self.refresh()
+
+    def on_blur(self) -> None:
+        self.refresh()
+
+    def render_line(self, y: int) -> Strip:
+        strip = super().render_line(y)
+        if not self.has_focus or len(self._shown) != len(self.lines):
+            return strip
+        if round(self.scroll_offset.y) + y != self.cursor_index:
+            return strip
+        # over the log's own background, which every segment carries by now
+        style = self.get_component_rich_style("event-log--cursor")
+        return Strip(Segment.apply_style(strip, post_style=style), strip.cell_length)

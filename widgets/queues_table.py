@@ -1,4 +1,4 @@
-"""QueuesTable: each work queue's depth, in-flight jobs, counters and throughput."""
+"""QueuesTable: each work queue's state, depth, in-flight jobs, counters and throughput."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ class QueuesTable(KeyedTable):
 
     COLUMNS: ClassVar[tuple[Column, ...]] = (
         Column("name", "queue"),
+        Column("state", "state", 6),
         Column("depth", "depth", 13, "right"),
         Column("in_flight", "in flight", 9, "right"),
         Column("processed", "processed", 10, "right"),
         Column("failed", "failed", 8, "right"),
         Column("rejected", "rejected", 8, "right"),
+        Column("purged", "purged", 7, "right"),
         Column("rate", "rate", 9, "right"),
     )
 
@@ -38,6 +40,13 @@ class QueuesTable(KeyedTable):
         #: seconds of history the throughput is averaged over (smooths 10-20 Hz updates)
         self.rate_window = rate_window
         self._samples: dict[str, deque[tuple[float, int]]] = {}
+
+    @property
+    def selected_name(self) -> str | None:
+        return self.selected_key
+
+    def select_name(self, name: str) -> bool:
+        return self.select_key(name)
 
     def throughput(self, queue: str) -> float | None:
         """Jobs processed (or failed) per second over the last ``rate_window`` seconds."""
@@ -81,10 +90,12 @@ class QueuesTable(KeyedTable):
         rate = self.throughput(info.name)
         return (
             (info.name, "bold"),
+            ("paused", "bold yellow") if info.paused else ("", ""),
             depth,
             (f"{info.in_flight}/{info.concurrency}", "yellow" if info.in_flight else "dim"),
             (str(info.processed), ""),
             (str(info.failed), "bold red" if info.failed else "dim"),
             (str(info.rejected), "bold red" if info.rejected else "dim"),
+            (str(info.purged), "yellow" if info.purged else "dim"),
             (fmt_rate(rate) if rate is not None else DASH, ""),
         )

@@ -45,6 +45,10 @@ class TriggersTable(KeyedTable):
         trigger, _, key = row.partition(_SEP)
         return trigger, (key or None)
 
+    def select_trigger_key(self, trigger: str, key: str | None = None) -> bool:
+        """Move the cursor to ``key`` of ``trigger`` (None: its no-keys row); False when not shown."""
+        return self.select_key(f"{trigger}{_SEP}{key or ''}")
+
     def update_triggers(self, states: list[TriggerState], now: float) -> None:
         """Show exactly these triggers' keys (the hottest ``max_rows`` when there are more)."""
         rows: list[tuple[str, tuple[str, str], tuple[Cell, ...], tuple[bool, int]]] = []
