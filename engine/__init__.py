@@ -56,6 +56,7 @@ from .events import (
 )
 from .handle import RunHandle
 from .lease import InProcessLease, Leadership, Lease, LeaseState
+from .memory_events import MemoryEventRelay, MemoryEventStream
 from .postgres_events import PostgresEventRelay
 from .postgres_lease import PostgresLease
 from .queues import QueueInfo, QueuePurge, WorkQueue
@@ -106,6 +107,8 @@ __all__ = [
     "LeaseUnavailable",
     "LoopThreadError",
     "MalformedMessage",
+    "MemoryEventRelay",
+    "MemoryEventStream",
     "MemoryStore",
     "MessageTooLarge",
     "MissingDependency",

@@ -51,6 +51,7 @@ from .health import HealthSampler
 from .index import RunIndex
 from .jsonsafe import check_key
 from .lease import LeaderElector, Leadership
+from .memory_events import MemoryEventRelay, MemoryEventStream
 from .options import EngineOptions, TaskOptions, check_options
 from .postgres_events import PostgresEventRelay
 from .queues import QueueInfo, QueuePurge, WorkQueue
@@ -150,8 +151,9 @@ class Engine:
         Relays this node's events to every node and reads every node's back
         into :attr:`cluster`: ``"postgres"`` through the PostgreSQL store's
         database (or ``"postgresql://..."``, another one), ``"redis://host:6379/0"``
-        through a capped Redis stream (needs ``pip install 'taskwatch[redis]'``);
-        ``None`` (default) keeps them local.
+        through a capped Redis stream (needs ``pip install 'taskwatch[redis]'``),
+        or a :class:`~taskwatch.engine.MemoryEventStream` shared by engines of
+        this process; ``None`` (default) keeps them local.
     lease_ttl:
         Seconds a claim on a running run lives without a heartbeat; a run
         whose worker stops heartbeating for this long is recovered (default
@@ -176,7 +178,7 @@ class Engine:
         backend: str = "asyncio",
         node_id: str | None = None,
         lease: Any = None,
-        events: str | None = None,
+        events: str | MemoryEventStream | None = None,
         lease_ttl: float = 30.0,
         poll_interval: float = 1.0,
         resources: dict[str, Any] | None = None,
@@ -389,9 +391,11 @@ class Engine:
         """Every node's events and a per-node summary (with ``events=...``), else None."""
         return self._relay
 
-    def _make_relay(self, events: str | None) -> EventRelay | None:
+    def _make_relay(self, events: str | MemoryEventStream | None) -> EventRelay | None:
         if events is None:
             return None
+        if isinstance(events, MemoryEventStream):
+            return MemoryEventRelay(events, self.bus)
         if events in ("postgres", "postgresql"):
             if not isinstance(self._store, PostgresStore):
                 raise InvalidConfiguration("the engine", [
@@ -406,7 +410,7 @@ class Engine:
             return RedisEventRelay(events, self.bus)
         raise InvalidConfiguration("the engine", [
             f"events must be 'postgres' (the PostgreSQL store's own database), a postgresql:// URL, "
-            f"or a redis://, rediss:// or unix:// URL; got {events!r}"
+            f"a redis://, rediss:// or unix:// URL, or a MemoryEventStream; got {events!r}"
         ])  # fmt: skip
 
     @property

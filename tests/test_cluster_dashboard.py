@@ -3,7 +3,9 @@
 Three engines publish their events to one Redis stream; one dashboard reads
 it and must show each node (with the leader's badge and health figures) and
 each node's events under its id. A dashboard opened after most of a node's
-events were trimmed away says how many it missed.
+events were trimmed away says how many it missed. On an in-process stream
+(no server): the log keeps its newest event in view when the space above it
+changes, and at 80 columns every node's missed count stays in sight.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import uuid
 from typing import Any
 
 from rich.text import Text
-from taskwatch.engine import Engine, InProcessLease, RedisEventRelay, TaskContext
+from taskwatch.engine import Engine, InProcessLease, MemoryEventRelay, MemoryEventStream, RedisEventRelay, TaskContext
 from taskwatch.tui.cli import main as cli_main
-from taskwatch.tui.cluster import ClusterApp
+from taskwatch.tui.cluster import ClusterApp, join_parts
 from taskwatch.widgets import EventLog, NodesTable
 from textual.widgets import Static
 
@@ -109,3 +111,71 @@ async def test_a_dashboard_opened_after_a_trim_counts_what_it_missed(redis_serve
 def test_attach_names_the_extra_when_the_url_is_bad(capsys: Any) -> None:
     assert cli_main(["attach", "redis://127.0.0.1:1/0", "--stream", ""]) != 0
     assert "stream" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- on an in-process stream
+
+
+def memory_engine(node: str, stream: MemoryEventStream) -> Engine:
+    engine = Engine(node_id=node, events=stream, health_interval=None)
+
+    @engine.task
+    async def hello(ctx: TaskContext) -> str:
+        return ctx.node_id
+
+    return engine
+
+
+async def test_the_log_keeps_its_newest_event_in_view_when_the_space_above_changes() -> None:
+    stream = MemoryEventStream()
+    engine = memory_engine("w", stream)
+    app = ClusterApp(MemoryEventRelay(stream))
+    try:
+        async with app.run_test(size=(120, 30)) as pilot:
+            await engine.start()
+            for handle in await engine.submit_many([("hello", None)] * 20):
+                await handle.wait()
+            log = app.query_one(EventLog)
+            await eventually(lambda: any("run.succeeded" in line for line in log_lines(app)[-1:]), timeout=10.0)
+            await eventually(lambda: log.max_scroll_y > 0 and log.scroll_y == log.max_scroll_y)
+            # less room for the log (a smaller terminal, a nodes table that grew): still at its end
+            await pilot.resize_terminal(120, 20)
+            await pilot.pause()
+            await pilot.pause()
+            assert log.scroll_y == log.max_scroll_y
+    finally:
+        await engine.stop(1.0)
+    assert not stray_tasks()
+
+
+def test_the_header_wraps_between_figures_never_inside_one() -> None:
+    parts = ["[b]taskwatch:events[/] on memory (this process)", "connected", "3 nodes", "32 events",
+             "[bold red]27 missed[/]"]  # fmt: skip
+    assert join_parts(parts, 200) == "  ".join(parts)
+    lines = Text.from_markup(join_parts(parts, 78)).plain.split("\n")
+    assert lines == ["taskwatch:events on memory (this process)  connected  3 nodes  32 events", "27 missed"]
+    assert join_parts(parts, 0) == "  ".join(parts)  # width not known yet: one line
+
+
+async def test_a_narrow_dashboard_shows_every_nodes_missed_count() -> None:
+    stream = MemoryEventStream(maxlen=40)  # api-2's events and the last few of api-1's
+    engines = [memory_engine(node, stream) for node in ("api-1", "api-2")]
+    try:
+        for engine in engines:
+            await engine.start()
+            for handle in await engine.submit_many([("hello", None)] * 10):
+                await handle.wait()
+            await eventually(lambda e=engine: e.cluster is not None and e.cluster.pending == 0)
+        app = ClusterApp(MemoryEventRelay(stream, since="0"))
+        async with app.run_test(size=(80, 24)) as pilot:
+            table = app.query_one(NodesTable)
+            await eventually(lambda: table.shown_keys == ["api-1", "api-2"]
+                             and table.get_cell("api-1", "missed").plain != "0")  # fmt: skip
+            await pilot.pause()
+            missed = table.get_cell("api-1", "missed").plain
+            assert table.virtual_size.width <= table.size.width  # no column past the right edge
+            assert f"{missed} missed" in header(app).split("\n")[-1]
+    finally:
+        for engine in engines:
+            await engine.stop(1.0)
+    assert not stray_tasks()

@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"store", "lease", "postgres_lease", "redis_lease"},
     {"executor", "execution", "index", "context", "handle", "scheduler", "queues", "triggers", "supervisor", "health",
      "wakeups", "relay",
-     "redis_events", "postgres_events"},
+     "redis_events", "postgres_events", "memory_events"},
     {"engine", "snapshot", "observer"},
     {"server", "wire", "operations", "remote", "background", "display", "__init__"},
 ]

@@ -2,7 +2,9 @@
 
 The scenario (``taskwatch.tui.screenshots``) pins the clock, the run ids, the
 health samples and the traceback file names, so a picture only changes when
-what the dashboard draws changes. Accept a deliberate change with
+what the dashboard draws changes. The cluster dashboard's Nodes view is
+pictured on a staged cluster (``taskwatch.tui.cluster_screenshots``): three
+engines sharing an in-memory event stream, on the same frozen clock. Accept a deliberate change with
 ``pytest tests/test_snapshots.py --snapshot-update`` and look at the report.
 """
 
@@ -13,6 +15,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from taskwatch.tui.cluster_screenshots import CLUSTER_SCREENS, CLUSTER_SIZES, cluster_app, settle_cluster, staged_cluster
 from taskwatch.tui.screenshots import BULK, SCREENS, SIZE, SIZES, press, scenario_app, settle
 from textual.pilot import Pilot
 
@@ -42,3 +45,16 @@ def test_screen(screen: str, snap_compare) -> None:  # type: ignore[no-untyped-d
         await press(app, pilot, SCREENS[screen])
 
     assert snap_compare(app, terminal_size=SIZES.get(screen, SIZE), run_before=play)
+
+
+@pytest.mark.parametrize("screen", list(CLUSTER_SCREENS))
+def test_cluster_screen(screen: str, snap_compare) -> None:  # type: ignore[no-untyped-def]
+    # three engines stand still on a loop of their own while the dashboard reads their stream
+    with staged_cluster() as cluster:
+        app = cluster_app(cluster)
+
+        async def play(pilot: Pilot) -> None:
+            await settle_cluster(app, cluster)
+            await press(app, pilot, CLUSTER_SCREENS[screen])
+
+        assert snap_compare(app, terminal_size=CLUSTER_SIZES[screen], run_before=play)

@@ -34,6 +34,7 @@ from taskwatch.widgets import (
     FailuresList,
     HealthSparklines,
     LeaderBadge,
+    NodesTable,
     ParamsForm,
     ParamsFormError,
     QueuesTable,
@@ -175,6 +176,48 @@ async def test_store_nodes_table_shows_state_heartbeat_load_leader_and_version()
         assert (cell(table, "c", "cpu"), cell(table, "c", "rss")) == ("—", "—")
         assert [cell(table, n, "version") for n in "abc"] == ["1.2.0", "1.1.0", "1.2.0"]
         assert cell(table, "b", "missed") == "4"
+
+
+def relay_nodes() -> list[ClusterNode]:
+    return [
+        ClusterNode(node="api-1", is_leader=True, term=2, running=2, cpu_percent=41.5, rss_bytes=212 << 20,
+                    last_kind="health", last_ts=T0 - 2, events=13),
+        ClusterNode(node="api-2", is_leader=False, running=1, cpu_percent=12.3, rss_bytes=148 << 20,
+                    last_kind="health", last_ts=T0 - 1, events=10),
+        ClusterNode(node="api-3", is_leader=False, term=1, stopped=True, running=0, cpu_percent=3.1,
+                    rss_bytes=131 << 20, last_kind="engine.stopped", last_ts=T0 - 21, events=9, missed=27),
+    ]  # fmt: skip
+
+
+async def test_nodes_table_fits_80_columns_by_leaving_out_the_last_event() -> None:
+    table = NodesTable()
+    async with Host(table).run_test(size=(80, 24)) as pilot:
+        table.update_nodes(relay_nodes(), T0)
+        await pilot.pause()
+        assert [column.key.value for column in table.ordered_columns] == [
+            "node", "role", "state", "running", "cpu", "rss", "events", "missed"
+        ]  # fmt: skip
+        # nothing hides past the right edge: the missed counts are in sight
+        assert table.virtual_size.width <= table.size.width
+        assert cell(table, "api-3", "missed") == "27"
+        header, first = (table.render_line(y).text for y in (0, 1))
+        assert header.index("leader") == first.index("LEADER t2") and header.index("missed") < len(first)
+
+        await pilot.resize_terminal(140, 24)
+        await pilot.pause()
+        assert [column.key.value for column in table.ordered_columns] == [c.key for c in NodesTable.COLUMNS]
+        assert (cell(table, "api-3", "last"), cell(table, "api-3", "ago")) == ("engine.stopped", "21s ago")
+        assert table.virtual_size.width <= table.size.width
+
+
+async def test_a_stopped_node_has_no_role_and_its_last_load_is_dimmed() -> None:
+    table = NodesTable()
+    async with Host(table).run_test(size=(140, 24)) as pilot:
+        table.update_nodes(relay_nodes(), T0)
+        await pilot.pause()
+        assert [cell(table, n, "role") for n in ("api-1", "api-2", "api-3")] == ["LEADER t2", "follower", "—"]
+        assert (cell(table, "api-3", "cpu"), cell(table, "api-3", "rss")) == ("3%", "131.0 MiB")
+        assert table.get_cell("api-3", "cpu").style == "dim" and table.get_cell("api-1", "cpu").style == ""
 
 
 async def test_cluster_runs_table_names_each_runs_node() -> None:

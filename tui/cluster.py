@@ -16,6 +16,10 @@ event log, and ``c`` / ``r`` cancel or retry the selected run wherever it
 runs. When events were missed, the observer reads the runs again from the
 store.
 
+Any event relay will do: ``ClusterApp(MemoryEventRelay(stream))`` watches
+engines of one process sharing a :class:`~taskwatch.engine.MemoryEventStream`
+(the pictures of ``make screenshots`` are taken that way).
+
 Like the engine dashboard it never redraws per event: a timer drains the bus
 at a fixed rate. Events missed on the way are counted per node and in the
 header, and marked in the log.
@@ -24,7 +28,9 @@ header, and marked in the log.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
+from rich.text import Text
 from taskwatch.engine import (
     ClusterObserver,
     EventRelay,
@@ -49,11 +55,27 @@ from .screens import ConfirmScreen, EventScreen
 COMMAND_ERRORS = (TaskwatchError, OSError)
 
 
+def join_parts(parts: list[str], width: int) -> str:
+    """Markup ``parts`` two spaces apart, on as many lines of ``width`` cells as they need,
+    so a narrow terminal never splits one part ("27 missed") across two lines."""
+    lines: list[list[str]] = [[]]
+    used = 0
+    for part in parts:
+        size = Text.from_markup(part).cell_len
+        if lines[-1] and width and used + 2 + size > width:
+            lines.append([])
+            used = 0
+        used += size + (2 if lines[-1] else 0)
+        lines[-1].append(part)
+    return "\n".join("  ".join(line) for line in lines)
+
+
 class ClusterApp(App[None]):
     """Watches a cluster through an event relay (events only) or a :class:`ClusterObserver`
     (nodes, runs and events, with cancel and retry). The source is started with the app and
     stopped with it unless ``manage=False`` (then the caller runs it). ``confirm=False``
-    cancels without asking first."""
+    cancels without asking first. ``clock`` is the wall clock that "last event ... ago" is
+    measured against (the observer measures heartbeats by the database's clock instead)."""
 
     CSS_PATH = ["cluster.tcss", "screens.tcss"]
     TITLE = "taskwatch cluster"
@@ -72,6 +94,7 @@ class ClusterApp(App[None]):
         manage: bool = True,
         refresh_hz: float = 15.0,
         confirm: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__()
         self.source = source
@@ -80,6 +103,7 @@ class ClusterApp(App[None]):
         self.manage = manage
         self.refresh_hz = refresh_hz
         self.confirm = confirm
+        self.clock = clock
         self._sub: Subscription | None = None
         self._timer: Timer | None = None
         self._runs_shown: set[str] = set()
@@ -100,6 +124,9 @@ class ClusterApp(App[None]):
         return True
 
     async def on_mount(self) -> None:
+        # the nodes table above the log grows after the log has scrolled to its end (a table
+        # measures its rows when idle): anchored, the log keeps its newest line in view
+        self.query_one(EventLog).anchor()
         self._sub = self.source.bus.subscribe()
         if self.manage:
             try:
@@ -130,7 +157,7 @@ class ClusterApp(App[None]):
                 raise
 
     def _redraw(self) -> None:
-        now = time.time()
+        now = self.clock()
         if self._sub is not None:
             batch = self._sub.get_batch(5_000)
             if batch:
@@ -153,7 +180,8 @@ class ClusterApp(App[None]):
                 parts.append(f"{observer.resyncs} resyncs")
             if observer.last_error:
                 parts.append(f"[bold red]store: {observer.last_error}[/]")
-        self.query_one("#cluster-header", Static).update("  ".join(parts))
+        header = self.query_one("#cluster-header", Static)
+        header.update(join_parts(parts, header.size.width))
 
     def _draw_runs(self, observer: ClusterObserver, now: float) -> None:
         table = self.query_one(ClusterRunsTable)

@@ -1,11 +1,12 @@
 """A repeatable dashboard scenario, and the script that pictures every screen.
 
 ``python -m taskwatch.tui.screenshots DIR`` (``make screenshots``) writes one
-SVG per screen. The snapshot tests play the same scenario. Everything that
-could vary between runs is pinned: a frozen wall clock that only the
-scenario moves, sequential run ids, health samples built from a formula, and
-failing task code compiled under a fixed file name so tracebacks do not show
-where the project happens to be checked out.
+SVG per screen, the cluster dashboard's included (``cluster_screenshots``).
+The snapshot tests play the same scenario. Everything that could vary
+between runs is pinned: a frozen wall clock that only the scenario moves,
+sequential run ids, health samples built from a formula, and failing task
+code compiled under a fixed file name so tracebacks do not show where the
+project happens to be checked out.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from taskwatch.engine import Engine, RunHandle, RunStatus, TaskContext
 from taskwatch.engine.events import HealthSample
 from taskwatch.widgets import FailuresList, RunsTable
 
+from textual.app import App
 from textual.pilot import Pilot
 from textual.widgets import RichLog
 
@@ -323,7 +325,7 @@ def _pin_environment() -> None:
     os.environ["TEXTUAL_ANIMATIONS"] = "none"
 
 
-async def press(app: TaskwatchApp, pilot: Pilot[None], keys: list[str]) -> None:
+async def press(app: App[None], pilot: Pilot[None], keys: list[str]) -> None:
     """Press ``keys`` as a user would, then wait until the screen is still.
 
     A log shown for the first time writes its backlog and scrolls to its end
@@ -357,6 +359,14 @@ def main(argv: list[str] | None = None) -> int:
     _pin_environment()
     for name, keys in SCREENS.items():
         svg = asyncio.run(capture(name, keys))
+        (out / f"{name}.svg").write_text(svg)
+        print(f"wrote {out / name}.svg")
+    # the cluster dashboard's pictures build on this module's clock and key presses
+    from .cluster_screenshots import CLUSTER_SCREENS, capture_cluster, staged_cluster
+
+    for name, keys in CLUSTER_SCREENS.items():
+        with staged_cluster() as cluster:
+            svg = asyncio.run(capture_cluster(cluster, name, keys))
         (out / f"{name}.svg").write_text(svg)
         print(f"wrote {out / name}.svg")
     return 0

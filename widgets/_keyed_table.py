@@ -85,6 +85,8 @@ class KeyedTable(DataTable[Text]):
         self._selection_before: str | None = None
         self._last_highlighted: str | None = None
         self._columns_ready = False
+        #: the columns on screen: COLUMNS, or the selection of them a subclass chose to show
+        self.shown_columns: tuple[Column, ...] = self.COLUMNS
 
     # ------------------------------------------------------------ public
 
@@ -164,7 +166,7 @@ class KeyedTable(DataTable[Text]):
         self._cells[key] = cells
         if self._rebuild_pending:
             return False
-        for index, (column, new, old) in enumerate(zip(self.COLUMNS, cells, previous)):
+        for index, (column, new, old) in enumerate(zip(self.shown_columns, cells, previous)):
             if new == old:
                 continue
             value = self._make_text(key, column, new, index)
@@ -198,6 +200,20 @@ class KeyedTable(DataTable[Text]):
         self._rebuild_pending = False
         self.clear()
 
+    def _show_columns(self, columns: tuple[Column, ...]) -> None:
+        """Show ``columns`` from now on: columns with the keys of some of COLUMNS, the
+        first one included, in order (a subclass may fix a width COLUMNS leaves open).
+
+        The rows go with the old columns: the next update gives every row's cells
+        again, one per shown column.
+        """
+        if columns == self.shown_columns:
+            return
+        self._clear_rows()
+        self.clear(columns=True)
+        self.shown_columns = columns
+        self._columns_ready = False
+
     def _finish(self) -> None:
         """End a batch: apply one rebuild or sort, keep the cursor on its row, post messages."""
         if self._rebuild_pending:
@@ -205,7 +221,7 @@ class KeyedTable(DataTable[Text]):
         elif self._reorder:
             self._reorder = False
             if self.row_count > 1:
-                self.sort(self.COLUMNS[0].key, key=_order_of)
+                self.sort(self.shown_columns[0].key, key=_order_of)
         selected = self._selection_before
         self._selection_before = None
         if selected is not None and selected in self._cells:
@@ -222,7 +238,7 @@ class KeyedTable(DataTable[Text]):
         if self._columns_ready:
             return
         self._columns_ready = True
-        for column in self.COLUMNS:
+        for column in self.shown_columns:
             self.add_column(column.label, key=column.key, width=column.width)
 
     def on_mount(self) -> None:
@@ -240,7 +256,9 @@ class KeyedTable(DataTable[Text]):
 
     def _add(self, key: str) -> None:
         cells = self._cells[key]
-        values = [self._make_text(key, column, cell, index) for index, (column, cell) in enumerate(zip(self.COLUMNS, cells))]
+        values = [
+            self._make_text(key, column, cell, index) for index, (column, cell) in enumerate(zip(self.shown_columns, cells))
+        ]
         self.add_row(*values, key=key)
 
     def _apply_rebuild(self) -> None:

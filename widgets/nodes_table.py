@@ -1,12 +1,22 @@
 """NodesTable: every node of a cluster, as its shared event stream shows it; StoreNodesTable:
-as the cluster store's nodes table records it (heartbeats, version), with what its events said."""
+as the cluster store's nodes table records it (heartbeats, version), with what its events said.
+
+The node column is as wide as the longest node name. A table too narrow for
+every column (an 80-column terminal) leaves out the ones least needed at a
+glance (``NARROW_DROPS``: the last event, which the log below tells anyway;
+the version) rather than hiding the missed counts at its right edge behind a
+scrollbar. A stopped node takes no part in elections (no role is shown); the
+load of a node that is not up is the last it reported, dimmed."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import ClassVar
 
+from rich.cells import cell_len
 from taskwatch.engine import ClusterNode
+from textual.events import Resize
 
 from ._format import DASH, fmt_ago, fmt_bytes
 from ._keyed_table import Cell, Column, KeyedTable
@@ -16,17 +26,21 @@ _STATE_STYLES = {"up": "green", "dead": "bold red", "stopped": "dim"}
 
 def _role(info: ClusterNode) -> Cell:
     if info.is_leader:
+        # a dead leader still holds the lease until it lapses: that is worth seeing
         return (f"LEADER t{info.term}", "bold black on green")
+    if info.stopped:
+        return (DASH, "dim")  # it left: it takes no part in elections
     if info.is_leader is False:
         return (f"follower t{info.term}" if info.term else "follower", "")
     return (DASH, "dim")
 
 
 def _load(info: ClusterNode) -> tuple[Cell, Cell, Cell]:
+    style = "" if info.state == "up" else "dim"  # the last figures it reported
     return (
-        (DASH if info.running is None else str(info.running), ""),
-        (DASH if info.cpu_percent is None else f"{info.cpu_percent:.0f}%", ""),
-        (DASH if info.rss_bytes is None else fmt_bytes(info.rss_bytes), ""),
+        (DASH if info.running is None else str(info.running), style),
+        (DASH if info.cpu_percent is None else f"{info.cpu_percent:.0f}%", style),
+        (DASH if info.rss_bytes is None else fmt_bytes(info.rss_bytes), style),
     )
 
 
@@ -63,28 +77,61 @@ class NodesTable(KeyedTable):
 
     COLUMNS: ClassVar[tuple[Column, ...]] = (
         Column("node", "node"),
-        Column("role", "leader", 16),
-        Column("state", "state", 8),
-        Column("running", "running", 8, "right"),
-        Column("cpu", "CPU", 6, "right"),
+        Column("role", "leader", 12),
+        Column("state", "state", 7),
+        Column("running", "running", 7, "right"),
+        Column("cpu", "CPU", 5, "right"),
         Column("rss", "RSS", 10, "right"),
         Column("last", "last event", 22),
         Column("ago", "", 10),
-        Column("events", "events", 8, "right"),
-        Column("missed", "missed", 7, "right"),
+        Column("events", "events", 7, "right"),
+        Column("missed", "missed", 6, "right"),
     )
+    #: the columns left out when the table is too narrow for all of them
+    NARROW_DROPS: ClassVar[frozenset[str]] = frozenset({"last", "ago"})
+
+    def __init__(self, *, name: str | None = None, id: str | None = None, classes: str | None = None,
+                 disabled: bool = False) -> None:  # fmt: skip
+        super().__init__(name=name, id=id, classes=classes, disabled=disabled)
+        self._shown_nodes: list[ClusterNode] = []
+        self._shown_at: float | None = None
 
     def cells(self, info: ClusterNode, now: float) -> tuple[Cell, ...]:
         return node_cells(info, now)
 
     def update_nodes(self, nodes: list[ClusterNode], now: float | None = None) -> None:
         now = time.time() if now is None else now
+        self._shown_nodes, self._shown_at = list(nodes), now
+        self._show_columns(self._columns_for(self.size.width))
+        keys = {column.key for column in self.shown_columns}
+        shown = [index for index, column in enumerate(self.COLUMNS) if column.key in keys]
         self._begin()
         wanted = {info.node for info in nodes}
         self._remove([key for key in self._cells if key not in wanted])
         for info in nodes:
-            self._upsert(info.node, info.node, self.cells(info, now))
+            cells = self.cells(info, now)
+            self._upsert(info.node, info.node, tuple(cells[index] for index in shown))
         self._finish()
+
+    def _columns_for(self, width: int) -> tuple[Column, ...]:
+        """The node column as wide as the longest name, then every other column if ``width``
+        holds them all (or is not known yet), else the narrow set.
+
+        Every column has a fixed width: a column fitted to its content is measured only
+        when the table is idle, and a header drawn before that keeps the old width while
+        the rows below take the new one.
+        """
+        first, *rest = self.COLUMNS
+        names = max([cell_len(first.label), *(cell_len(info.node) for info in self._shown_nodes)])
+        columns = (replace(first, width=first.width or names), *rest)
+        need = sum((column.width or 0) + 2 * self.cell_padding for column in columns)
+        if not width or need <= width:
+            return columns
+        return tuple(column for column in columns if column.key not in self.NARROW_DROPS)
+
+    def on_resize(self, event: Resize) -> None:
+        if self._shown_at is not None and self._columns_for(event.size.width) != self.shown_columns:
+            self.update_nodes(self._shown_nodes, self._shown_at)
 
 
 class StoreNodesTable(NodesTable):
@@ -93,16 +140,17 @@ class StoreNodesTable(NodesTable):
 
     COLUMNS: ClassVar[tuple[Column, ...]] = (
         Column("node", "node"),
-        Column("role", "leader", 16),
-        Column("state", "state", 8),
-        Column("heartbeat", "heartbeat", 12),
-        Column("running", "running", 8, "right"),
-        Column("cpu", "CPU", 6, "right"),
+        Column("role", "leader", 12),
+        Column("state", "state", 7),
+        Column("heartbeat", "heartbeat", 10),
+        Column("running", "running", 7, "right"),
+        Column("cpu", "CPU", 5, "right"),
         Column("rss", "RSS", 10, "right"),
         Column("version", "version", 10),
-        Column("events", "events", 8, "right"),
-        Column("missed", "missed", 7, "right"),
+        Column("events", "events", 7, "right"),
+        Column("missed", "missed", 6, "right"),
     )
+    NARROW_DROPS: ClassVar[frozenset[str]] = frozenset({"version", "events"})
 
     def cells(self, info: ClusterNode, now: float) -> tuple[Cell, ...]:
         return store_node_cells(info, now)

@@ -1,0 +1,162 @@
+"""Cluster-wide events between engines of one process, through a MemoryEventStream.
+
+Engines made with ``events=stream`` run the same relay as on Redis, with the
+stream in memory. Checked here: three engines see each other's events with
+their node ids, batched; a reader that attaches after the stream was trimmed,
+or falls behind a trim, counts exactly what it missed (every event of a node
+is either received or counted missed); a reader on another thread's loop is
+woken; stopping leaves no task behind; bad options change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+from taskwatch.engine import (
+    Engine,
+    InProcessLease,
+    InvalidConfiguration,
+    MemoryEventRelay,
+    MemoryEventStream,
+    TaskContext,
+)
+
+from .helpers import eventually, stray_tasks
+
+
+def cluster_engine(node: str, stream: MemoryEventStream, **kwargs: Any) -> Engine:
+    engine = Engine(node_id=node, events=stream, health_interval=None, **kwargs)
+
+    @engine.task
+    async def hello(ctx: TaskContext) -> str:
+        return ctx.node_id
+
+    return engine
+
+
+def kinds_by_node(relay: MemoryEventRelay, kind: str) -> list[str]:
+    return sorted(e.node for e in relay.bus.recent() if e.kind == kind)  # type: ignore[attr-defined]
+
+
+async def test_three_engines_see_each_others_events_with_their_node_ids() -> None:
+    stream = MemoryEventStream("app:events")
+    lease = InProcessLease(ttl=30.0)
+    engines = [cluster_engine(node, stream, lease=lease) for node in ("a", "b", "c")]
+    try:
+        for engine in engines:
+            await engine.start()
+        for engine in engines:
+            await (await engine.submit("hello")).wait()
+        for engine in engines:
+            relay = engine.cluster
+            assert isinstance(relay, MemoryEventRelay) and relay.stream == "app:events"
+            await eventually(lambda r=relay: kinds_by_node(r, "run.succeeded") == ["a", "b", "c"])
+        cluster = engines[1].cluster
+        assert cluster is not None
+        summary = {info.node: info for info in cluster.nodes()}
+        assert [node for node, info in summary.items() if info.is_leader] == ["a"]
+        assert summary["a"].term == 1 and summary["b"].is_leader is False
+        stats = cluster.stats()
+        assert stats.connected and stats.missed == 0 and stats.unsent == 0 and stats.batches < stats.published
+    finally:
+        for engine in engines:
+            await engine.stop(1.0)
+    last = engines[-1].cluster
+    assert last is not None and {info.node for info in last.nodes() if info.stopped} >= {"a", "b"}
+    assert not stray_tasks()
+
+
+async def test_a_reader_attached_after_a_trim_counts_exactly_what_it_missed() -> None:
+    stream = MemoryEventStream(maxlen=50)
+    writer = cluster_engine("w", stream)
+    try:
+        await writer.start()
+        for handle in await writer.submit_many([("hello", None)] * 100):
+            await handle.wait()
+        await eventually(lambda: writer.cluster is not None and writer.cluster.pending == 0)
+        assert len(stream) == 50 and stream.trimmed == stream.last_id - 50
+
+        async with MemoryEventRelay(stream, since="0") as reader:
+            await eventually(lambda: reader.stats().received == 50)
+            (seen,) = reader.nodes()
+            # the 50 kept are read; everything before them is counted, none twice
+            assert seen.node == "w" and seen.events == 50
+            assert seen.events + seen.missed + seen.coalesced == writer.bus.last_seq
+            assert seen.missed > 0 and reader.stats().missed == seen.missed
+            (dropped,) = [e for e in reader.bus.recent() if e.kind == "bus.dropped"]  # type: ignore[attr-defined]
+            assert dropped.node == "w" and dropped.count == seen.missed  # type: ignore[attr-defined]
+    finally:
+        await writer.stop(1.0)
+    assert not stray_tasks()
+
+
+async def test_a_reader_behind_a_trim_counts_the_gap_and_reads_on() -> None:
+    stream = MemoryEventStream(maxlen=10)
+    writer = cluster_engine("w", stream)
+    reader = MemoryEventRelay(stream)
+    await reader.start()
+    try:
+        await writer.start()
+        await eventually(lambda: reader.stats().received > 0)
+        # one batch larger than the stream: the reader cannot read between append and trim
+        await writer.submit_many([("hello", None)] * 20)
+        await eventually(lambda: writer.cluster is not None and writer.cluster.pending == 0)
+        await eventually(lambda: reader.nodes()[0].events + reader.nodes()[0].missed
+                         + reader.nodes()[0].coalesced >= writer.bus.last_seq)  # fmt: skip
+        (seen,) = reader.nodes()
+        assert seen.missed > 0 and seen.events + seen.missed + seen.coalesced == writer.bus.last_seq
+    finally:
+        await writer.stop(1.0)
+        await reader.stop()
+    assert not stray_tasks()
+
+
+def test_a_reader_on_another_threads_loop_is_woken() -> None:
+    stream = MemoryEventStream()
+    got_one = threading.Event()
+    stop = threading.Event()
+
+    async def read() -> None:
+        async with MemoryEventRelay(stream) as reader:
+            ready.set()
+            while not reader.stats().received:
+                await asyncio.sleep(0.01)
+            got_one.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+
+    ready = threading.Event()
+    thread = threading.Thread(target=asyncio.run, args=(read(),))
+    thread.start()
+    try:
+        assert ready.wait(5)
+
+        async def publish() -> None:
+            engine = cluster_engine("w", stream)
+            await engine.start()
+            await (await engine.submit("hello")).wait()
+            await engine.stop(1.0)
+
+        asyncio.run(publish())
+        assert got_one.wait(5)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_bad_options_are_refused_naming_each() -> None:
+    with pytest.raises(InvalidConfiguration) as info:
+        MemoryEventStream("", maxlen=0)
+    assert "name" in str(info.value) and "maxlen" in str(info.value)
+    with pytest.raises(InvalidConfiguration) as info:
+        MemoryEventRelay(MemoryEventStream(), batch=0, linger=-1, since="later")
+    assert all(word in str(info.value) for word in ("batch", "linger", "since"))
+    with pytest.raises(InvalidConfiguration):
+        MemoryEventRelay("taskwatch:events")  # type: ignore[arg-type]
+    with pytest.raises(InvalidConfiguration) as info:
+        Engine(events=object())  # type: ignore[arg-type]
+    assert "MemoryEventStream" in str(info.value)
