@@ -6,8 +6,9 @@ hundreds of rows arriving every frame that takes most of the frame. This table
 keeps its rows in one list sorted by ``(order, key)``: an update costs a
 comparison per changed row and a binary search per moved one, and a frame
 costs the rows in view, however many rows the table holds. Columns have fixed
-widths, so nothing is measured; a cell is rendered once for its text (and its
-stripe, cursor and hover state) and reused while it scrolls or moves.
+widths, so nothing is measured; a cell is rendered once per text, stripe,
+cursor and hover state, and reused by every row that shows the same and while
+rows scroll or move.
 
 It looks like DataTable (the same component classes and styles) and has the
 keys and the update protocol of the DataTable-based ``KeyedTable``:
