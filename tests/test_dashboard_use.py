@@ -373,6 +373,23 @@ async def test_at_80_columns_the_runs_table_has_the_width_and_enter_opens_the_de
         await eventually(lambda: detail.region.area > 0 and table(app).region.area > 0)
 
 
+async def test_a_click_chooses_a_run_and_a_second_click_opens_it_at_80_columns() -> None:
+    engine = make_engine()
+    async with dashboard(engine, size=SMALL) as (app, pilot):
+        ids = [(await (await engine.submit("explode")).wait(2)).id for _ in range(3)]
+        await eventually(lambda: table(app).shown_keys == list(reversed(ids)))
+        detail = app.main.query_one(RunDetail)
+        row = (table(app).cursor_row + 1) % 3  # a row the cursor is not on
+        chosen = table(app).shown_keys[row]
+        await pilot.click(table(app), offset=(3, 1 + row))  # line 0 is the header
+        await eventually(lambda: table(app).selected_run_id == chosen)
+        await pilot.pause()
+        assert detail.region.area == 0  # chosen, not opened yet
+        await pilot.click(table(app), offset=(20, 1 + row))
+        await eventually(lambda: detail.region.width >= SMALL[0] - 2)
+        assert detail.record is not None and detail.record.id == chosen
+
+
 async def test_the_scheduler_tab_shows_no_stray_scrollbars_at_80_columns() -> None:
     from taskwatch.widgets import QueuesTable, TriggersTable
 

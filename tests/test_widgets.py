@@ -135,23 +135,6 @@ def cell(table: Any, row: str, column: str) -> str:
     return str(table.get_cell(row, column))
 
 
-class CountingRunsTable(RunsTable):
-    """Records every cell write and row insertion the diffing does."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.cell_updates: list[tuple[str, str]] = []
-        self.rows_added = 0
-
-    def update_cell(self, row_key: Any, column_key: Any, value: Any, *, update_width: bool = False) -> None:
-        self.cell_updates.append((str(getattr(row_key, "value", row_key)), str(getattr(column_key, "value", column_key))))
-        super().update_cell(row_key, column_key, value, update_width=update_width)
-
-    def add_row(self, *cells: Any, **kwargs: Any) -> Any:
-        self.rows_added += 1
-        return super().add_row(*cells, **kwargs)
-
-
 # ---------------------------------------------------------------- the cluster's tables
 
 
@@ -266,8 +249,8 @@ async def test_runs_table_shows_newest_first_with_formatted_cells() -> None:
         assert table.shown_keys == ["d" * 16, "b" * 16, "c" * 16, "a" * 16, "e" * 16]
 
 
-async def test_runs_table_only_touches_changed_cells() -> None:
-    table = CountingRunsTable()
+async def test_runs_table_renders_a_cell_once_and_again_only_when_it_changes() -> None:
+    table = RunsTable()
     records = [
         run("r1", 1, status=RunStatus.FAILED, started=1, finished=2),
         run("r2", 2, status=RunStatus.RUNNING, started=2),
@@ -276,24 +259,105 @@ async def test_runs_table_only_touches_changed_cells() -> None:
     async with Host(table).run_test(size=SIZE) as pilot:
         table.update_runs(records, now=T0 + 4)
         await pilot.pause()
-        assert table.rows_added == 3
-        table.cell_updates.clear()
+        drawn = table.cells_rendered
+        assert 0 < drawn <= 4 * len(RunsTable.COLUMNS)  # the header and three rows
 
-        # the same data again (even as new objects): nothing is written
+        # the same data again (even as new objects), and the whole table repainted: nothing is rendered
         table.update_runs([r.model_copy() for r in records], now=T0 + 4)
-        assert table.cell_updates == []
-        assert table.rows_added == 3
+        table.refresh()
+        await pilot.pause()
+        assert table.cells_rendered == drawn
 
         # time passes: only the running run's duration ticks (and it is not passed in)
         table.update_runs([], now=T0 + 9)
-        assert table.cell_updates == [("r2", "duration")]
-        table.cell_updates.clear()
+        await pilot.pause()
+        assert table.cells_rendered == drawn + 1
+        assert cell(table, "r2", "duration") == "7.0s"
+        assert "7.0s" in table.render_line(2).text
 
         # one status change: one cell
         table.update_runs([records[0].model_copy(update={"status": RunStatus.CANCELLED})], now=T0 + 9)
-        assert table.cell_updates == [("r1", "status")]
+        await pilot.pause()
+        assert table.cells_rendered == drawn + 2
         assert cell(table, "r1", "status") == "cancelled"
         assert table.row_count == 3
+
+
+async def test_runs_table_of_5000_runs_draws_a_screenful_and_reaches_the_oldest_run() -> None:
+    table = RunsTable(max_rows=5000)
+    ids = [f"r{i:07d}-abcdef01" for i in range(5000)]  # the first 8 characters show
+    async with Host(table).run_test(size=SIZE) as pilot:
+        table.update_runs([run(run_id, i) for i, run_id in enumerate(ids)], now=T0 + 5000)
+        await pilot.pause()
+        assert table.row_count == 5000
+        lines = table.size.height
+        assert lines < 100
+        # drawing the screen renders what is in view, not 5,000 rows
+        assert table.cells_rendered <= lines * len(RunsTable.COLUMNS)
+        assert table.render_line(1).text.split()[0] == "r0004999"  # the newest first
+
+        table.focus()
+        await pilot.press("G")
+        assert table.selected_run_id == ids[0] and table.cursor_row == 4999
+        assert table.render_line(lines - 1).text.split()[0] == "r0000000"  # the oldest, in view
+
+        await pilot.press("g")
+        assert table.selected_run_id == ids[-1]
+        assert table.render_line(1).text.split()[0] == "r0004999"
+        await pilot.press("pagedown")
+        page = table.cursor_row
+        assert 0 < page < lines
+        shown = [table.render_line(y).text.split()[0] for y in range(1, lines)]
+        assert ids[4999 - page][:8] in shown  # the cursor's run is on screen
+        assert table.cells_rendered <= 4 * lines * len(RunsTable.COLUMNS)
+
+
+async def test_runs_table_keeps_the_chosen_run_while_a_thousand_newer_runs_arrive() -> None:
+    table = RunsTable(max_rows=5000)
+    host = Host(table)
+    async with host.run_test(size=SIZE) as pilot:
+        table.update_runs([run(f"old{i:05d}-0000000", i) for i in range(200)], now=T0 + 200)
+        await pilot.pause()
+        chosen = "old00120-0000000"
+        table.focus()
+        assert table.select_run(chosen)
+        await pilot.pause()
+        before = table.cursor_row
+        for batch in range(10):
+            table.update_runs(
+                [run(f"new{batch}{i:04d}-0000000", 1000 + batch * 100 + i) for i in range(100)], now=T0 + 2000
+            )
+            await pilot.pause()
+            assert table.selected_run_id == chosen
+        assert table.cursor_row == before + 1000
+        # the view followed the run: it is drawn, on the cursor's line
+        lines = [table.render_line(y).text for y in range(table.size.height)]
+        assert any(line.split()[:1] == ["old00120"] for line in lines)
+        assert host.of(RunsTable.RunHighlighted)[-1].run_id == chosen
+        await pilot.press("enter")
+        await pilot.pause()
+        assert [m.run_id for m in host.of(RunsTable.RunSelected)] == [chosen]
+
+
+async def test_runs_table_click_puts_the_cursor_on_a_run_and_a_second_click_opens_it() -> None:
+    table = RunsTable()
+    host = Host(table)
+    async with host.run_test(size=SIZE) as pilot:
+        table.update_runs([run("first-run-000000", 1), run("second-run-00000", 2), run("third-run-000000", 3)], now=T0 + 4)
+        await pilot.pause()
+        assert table.selected_run_id == "third-run-000000"
+        await pilot.click(table, offset=(3, 3))  # line 0 is the header: the third row
+        await pilot.pause()
+        assert table.selected_run_id == "first-run-000000"
+        assert host.of(RunsTable.RunHighlighted)[-1].run_id == "first-run-000000"
+        assert host.of(RunsTable.RunSelected) == []
+        await pilot.click(table, offset=(30, 3))
+        await pilot.pause()
+        assert [m.run_id for m in host.of(RunsTable.RunSelected)] == ["first-run-000000"]
+        await pilot.click(table, offset=(3, 0))  # the header chooses nothing
+        await pilot.pause()
+        assert table.selected_run_id == "first-run-000000"
+        assert len(host.of(RunsTable.RunSelected)) == 1
 
 
 async def test_runs_table_filters_by_status_and_text() -> None:
@@ -332,7 +396,7 @@ async def test_runs_table_filters_by_status_and_text() -> None:
 
 
 async def test_runs_table_keeps_a_bounded_number_of_rows_trimmed_in_batches() -> None:
-    table = CountingRunsTable(max_rows=20, trim_batch=5)
+    table = RunsTable(max_rows=20, trim_batch=5)
     async with Host(table).run_test(size=SIZE) as pilot:
         table.update_runs([run(f"r{i:03d}", i) for i in range(25)], now=T0 + 30)
         await pilot.pause()
