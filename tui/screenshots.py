@@ -152,7 +152,8 @@ def build_scenario_engine(clock: FrozenClock) -> Engine:
     async def scheduled_prompt_tick(ctx: TaskContext, redis: Any) -> None:
         """Fire scheduled prompts."""
 
-    @engine.periodic(every=120.0, initial_delay=120.0, name="traffic")
+    # first due long after the story ends: it is paused in the story, and must not fire before
+    @engine.periodic(every=120.0, initial_delay=900.0, name="traffic")
     async def traffic(ctx: TaskContext) -> None:
         """Generate demo traffic."""
 
