@@ -54,7 +54,7 @@ from .postgres_server import PostgresServer
 from .test_durable import Child
 
 #: runs in the three-node test; TASKWATCH_CLUSTER_RUNS=N to change it
-CLUSTER_RUNS = int(os.environ.get("TASKWATCH_CLUSTER_RUNS", "3000"))
+CLUSTER_RUNS = int(os.environ.get("TASKWATCH_CLUSTER_RUNS", "5000"))
 #: generous bounds for a loaded 2-core machine; a passing run takes a fraction of them
 DRAIN_TIMEOUT = 120.0
 
