@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -337,6 +338,18 @@ async def test_a_stopped_engine_gives_messages_not_a_crash() -> None:
             assert app.is_running
     finally:
         bg.stop(timeout=2)
+
+
+async def test_what_the_dashboard_froze_for_the_collector_is_given_back_when_it_stops() -> None:
+    # while it runs, the objects that existed at its start are out of the collector's full
+    # passes (shorter pauses under a flood); a program that ran it gets them back afterwards
+    engine = make_engine()
+    before = gc.get_freeze_count()
+    async with dashboard(engine) as (app, pilot):
+        await eventually(lambda: gc.get_freeze_count() > before)
+        await pilot.press("1")
+        assert app.is_running
+    assert gc.get_freeze_count() == before
 
 
 async def test_escape_clears_the_runs_filter() -> None:

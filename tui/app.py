@@ -10,6 +10,7 @@ calls; they talk back with messages.
 from __future__ import annotations
 
 import functools
+import gc
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
@@ -277,6 +278,8 @@ class TaskwatchApp(App[None]):
         self.frames = 0
         self.events_seen = 0
         self._failures_shown: tuple[int, int] = (-1, -1)
+        #: whether this app froze the objects that existed when its dashboard was ready
+        self._frozen = False
         self.main = DashboardScreen(max_rows)
         self._dashboard_gone = False
         self._client_dropped = 0
@@ -355,8 +358,23 @@ class TaskwatchApp(App[None]):
                 f"serving at {self.serving.address}: ctrl+p, 'Attach command' shows how to attach",
                 timeout=15,
             )
+        self._freeze_startup_objects()
         self.set_interval(1.0 / self.refresh_hz, self.redraw, name="redraw")
         self.set_interval(self.overview_interval, self.refresh_overview, name="overview")
+
+    def _freeze_startup_objects(self) -> None:
+        """Take what exists now out of the garbage collector's passes, until the app stops.
+
+        A full collection scans every object the process holds, and under a flood one
+        came every second or so and took a couple of frames (about 120 ms at 10,000
+        events a second). Modules, widgets, styles and the engine as it stands live as
+        long as the dashboard: frozen, they halve that pause. Garbage made so far is
+        collected first, so nothing is frozen that was already unreachable.
+        """
+        if not self._frozen:
+            self._frozen = True
+            gc.collect()
+            gc.freeze()
 
     # ------------------------------------------------------------------ data flow
 
@@ -1176,6 +1194,9 @@ class TaskwatchApp(App[None]):
         yield SystemCommand("Help", "Keys and what they do (?)", self.action_help)
 
     async def on_unmount(self) -> None:
+        if self._frozen:
+            self._frozen = False
+            gc.unfreeze()  # back to the collector: the objects may go now
         await self.client.close()
 
     def dashboard_gone(self) -> None:
