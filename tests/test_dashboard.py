@@ -352,6 +352,20 @@ async def test_what_the_dashboard_froze_for_the_collector_is_given_back_when_it_
     assert gc.get_freeze_count() == before
 
 
+async def test_a_host_programs_own_frozen_objects_stay_frozen_after_the_dashboard() -> None:
+    engine = make_engine()
+    gc.freeze()  # the host froze what it had, before the dashboard
+    try:
+        before = gc.get_freeze_count()
+        assert before > 0
+        async with dashboard(engine) as (app, pilot):
+            await pilot.press("1")
+            assert app.is_running
+        assert gc.get_freeze_count() > before // 2  # still frozen (less what refcounting freed)
+    finally:
+        gc.unfreeze()
+
+
 async def test_escape_clears_the_runs_filter() -> None:
     engine = make_engine()
     async with dashboard(engine) as (app, pilot):

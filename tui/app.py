@@ -371,7 +371,9 @@ class TaskwatchApp(App[None]):
         long as the dashboard: frozen, they halve that pause. Garbage made so far is
         collected first, so nothing is frozen that was already unreachable.
         """
-        if not self._frozen:
+        # only in a process nobody froze before: unfreezing at the stop must not
+        # hand back objects a host program froze for reasons of its own
+        if not self._frozen and gc.get_freeze_count() == 0:
             self._frozen = True
             gc.collect()
             gc.freeze()
