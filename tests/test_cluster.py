@@ -301,14 +301,15 @@ def test_a_tasks_concurrency_holds_across_nodes(
     postgres_server.sql("CREATE TABLE gauge (running INTEGER NOT NULL, peak INTEGER NOT NULL)", db)
     postgres_server.sql("INSERT INTO gauge VALUES (0, 0)", db)
     log = tmp_path / "exec.log"
-    # each node has room for 2 runs at once, 4 together; the task allows 3 in the whole
-    # cluster, so whenever it is at its limit both nodes are running it
-    common = ("--quiet", "--sleep", "0.2", "--max-concurrency", "2", "--cap", "3", "--lease-ttl", "30", "--poll", "0.05")
+    # the nodes have room for 4 runs at once together (node-b 3, node-a 1); the task allows 3
+    # in the whole cluster. node-a, which submits, can hold at most one (two while an outcome
+    # is being written), so node-b always has a share however the claims race
+    common = ("--quiet", "--sleep", "0.2", "--cap", "3", "--lease-ttl", "30", "--poll", "0.05")
     drain = ("run", "--until-drained", "--expect", str(runs))
-    b = start(nodes, postgres_url, "node-b", log, *common, *drain)
+    b = start(nodes, postgres_url, "node-b", log, *common, "--max-concurrency", "3", *drain)
     b.event("started")
-    a = start(nodes, postgres_url, "node-a", log, *common, "run", "--submit", "capped", "--count", str(runs),
-              "--until-drained", "--expect", str(runs))  # fmt: skip
+    a = start(nodes, postgres_url, "node-a", log, *common, "--max-concurrency", "1", "run", "--submit", "capped",
+              "--count", str(runs), "--until-drained", "--expect", str(runs))  # fmt: skip
     for child in (a, b):
         child.event("stopped", timeout=DRAIN_TIMEOUT)
         assert child.proc.wait(timeout=30) == 0
