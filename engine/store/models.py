@@ -17,7 +17,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..runs import CancelReason, Progress, RunError, RunRecord, RunStatus
+from ..runs import CancelReason, RunError, RunRecord, RunStatus
 
 #: what recovery does with a run whose worker was lost: run it again, or fail it
 OnLost = Literal["retry", "fail"]

@@ -59,7 +59,7 @@ from .models import (
     Wakeup,
 )
 from .memory import parse_cursor
-from .rows import book_recovered, dumps, error_json, loads, node_info, recovery_step, seq_of, stored_run
+from .rows import counts_of, book_recovered, dumps, error_json, loads, node_info, recovery_step, seq_of, stored_run
 
 if TYPE_CHECKING:
     import asyncpg
@@ -883,10 +883,7 @@ class PostgresStore(Store):
         return await self._run(self._counts, write=False)  # type: ignore[no-any-return]
 
     async def _counts(self, tx: _Tx) -> Counts:
-        by_status = {s.value: 0 for s in RunStatus}
-        by_status.update({r[0]: r[1] for r in await tx.fetch(Q.COUNT_BY_STATUS, {})})
-        totals = {r[0]: r[1] for r in await tx.fetch(Q.TOTALS, {})}
-        return Counts(by_status=by_status, **{f"{k}_total": v for k, v in totals.items()})
+        return counts_of([tuple(r) for r in await tx.fetch(Q.COUNTS, {})])
 
     async def prune(self, *, keep: int | None = None, older_than: float | None = None) -> int:
         if keep is None and older_than is None:

@@ -278,9 +278,12 @@ WHERE (CAST(:before AS BIGINT) IS NULL OR seq < :before)
 ORDER BY seq DESC
 LIMIT :limit"""
 
-COUNT_BY_STATUS = "SELECT status, COUNT(*) FROM runs GROUP BY status"
-
-TOTALS = "SELECT name, value FROM totals"
+#: the counts by status and the totals in one statement, so in one snapshot: read apart, a
+#: run inserted between them shows in the totals and not yet in the counts
+COUNTS = """
+SELECT 'status', status, COUNT(*) FROM runs GROUP BY status
+UNION ALL
+SELECT 'total', name, value FROM totals"""
 
 ADD_TOTAL = "UPDATE totals SET value = value + :delta WHERE name = :name"
 

@@ -11,10 +11,10 @@ from typing import Any, NamedTuple, Protocol
 
 from pydantic_core import from_json, to_json
 
-from ..runs import Progress, RunError
+from ..runs import Progress, RunError, RunStatus
 from . import queries as Q
 from .base import lost_action, lost_reason
-from .models import LostReason, NodeInfo, Recovered, StoredRun, lost_note, worker_lost_error
+from .models import Counts, LostReason, NodeInfo, Recovered, StoredRun, lost_note, worker_lost_error
 
 
 def dumps(value: Any) -> str:
@@ -36,6 +36,15 @@ def seq_of(token: str) -> int:
 
 def error_json(error: RunError | None) -> str | None:
     return None if error is None else dumps(error.model_dump())
+
+
+def counts_of(rows: Sequence[Sequence[Any]]) -> Counts:
+    """:class:`Counts` from the rows of ``queries.COUNTS`` (``'status'`` or ``'total'``, name, value)."""
+    by_status = {s.value: 0 for s in RunStatus}
+    totals: dict[str, int] = {}
+    for what, name, value in rows:
+        (by_status if what == "status" else totals)[name] = int(value)
+    return Counts(by_status=by_status, **{f"{k}_total": v for k, v in totals.items()})
 
 
 def stored_run(r: Sequence[Any]) -> StoredRun:

@@ -47,7 +47,7 @@ from .models import (
     Succeeded,
 )
 from .memory import parse_cursor
-from .rows import dumps as _dumps
+from .rows import counts_of, dumps as _dumps
 from .rows import error_json as _error_json
 from .rows import loads as _loads
 from .rows import node_info as _node
@@ -609,10 +609,7 @@ class SqliteStore(Store):
         return await self._call(self._counts, write=False)  # type: ignore[no-any-return]
 
     def _counts(self, tx: _Tx) -> Counts:
-        by_status = {s.value: 0 for s in RunStatus}
-        by_status.update(dict(tx.cur.execute(Q.COUNT_BY_STATUS).fetchall()))
-        totals = dict(tx.cur.execute(Q.TOTALS).fetchall())
-        return Counts(by_status=by_status, **{f"{k}_total": v for k, v in totals.items()})
+        return counts_of(tx.cur.execute(Q.COUNTS).fetchall())
 
     async def prune(self, *, keep: int | None = None, older_than: float | None = None) -> int:
         if keep is None and older_than is None:
