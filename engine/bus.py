@@ -165,7 +165,11 @@ class EventBuffer:
                 if kind is Posted:
                     taken += 1  # counted out before it is built: a build that raises loses only itself
                     event = item._event  # type: ignore[union-attr]
-                    append(event if event is not None else item.get())  # type: ignore[union-attr]
+                    if event is None:
+                        # Posted.get, inlined
+                        event = item._event = item.cls.__pydantic_validator__.validate_python(item.fields)  # type: ignore[union-attr]
+                        item.fields = None  # type: ignore[union-attr]
+                    append(event)
                 elif kind is _Gap:
                     append(EventsDropped(
                         seq=item.first_seq, ts=self.clock(), node=self.node, count=item.count, total=self.dropped  # type: ignore[union-attr]
@@ -211,6 +215,8 @@ class Subscription:
         self.maxsize = maxsize
         self._filter = KindFilter(kinds)
         self._all = self._filter.matches_all
+        #: kind -> whether this subscription takes it (the filter's answers, looked up inline)
+        self._wanted: dict[str, bool] = {}
         # one future shared by every coroutine waiting on this subscription
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
@@ -227,13 +233,23 @@ class Subscription:
 
     # called by the bus, on the engine's loop
     def _offer(self, event: BaseEvent | Posted, kind: str) -> None:
-        if not self._all and not self._filter(kind):
-            return
-        if self._buffer.offer(event):
-            waiter = self._waiter  # _wake, inlined: this runs once per event per subscriber
+        if not self._all:
+            wanted = self._wanted.get(kind)
+            if wanted is None:
+                wanted = self._wanted[kind] = self._filter(kind)
+            if not wanted:
+                return
+        buffer = self._buffer
+        if buffer._events < buffer.maxsize:
+            # EventBuffer.offer and _wake, inlined: this runs once per event per subscriber
+            buffer._items.append(event)
+            buffer._events += 1
+            buffer.received += 1
+            waiter = self._waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
         else:
+            buffer.offer(event)  # counts the drop and marks the gap
             self._bus.dropped_total += 1
 
     def _wake(self) -> None:
@@ -348,7 +364,14 @@ class EventBus:
         fields["ts"] = self.clock()
         fields["node"] = self.node
         kind = _KIND.get(cls) or kind_of(cls)
-        self._deliver(Posted(cls, fields, kind, seq), kind)
+        item = Posted(cls, fields, kind, seq)
+        # _deliver, inlined: the engine posts three of these per run
+        self.published += 1
+        self._ring.append(item)
+        for sub in self._subs:
+            sub._offer(item, kind)
+        if self._callbacks:
+            self._call_back(item, kind)
 
     def publish(self, event: BaseEvent) -> BaseEvent:
         """Publish a ready-made event, restamping it with the next ``seq``."""
@@ -363,22 +386,26 @@ class EventBus:
         for sub in self._subs:
             sub._offer(item, kind)
         if self._callbacks:
-            event: BaseEvent | Posted | None = None
-            for cb in self._callbacks:
-                if cb.filter(kind):
-                    if cb.unbuilt:
-                        arg: BaseEvent | Posted = item
-                    else:
-                        if event is None:
-                            event = built(item)
-                        arg = event
-                    try:
-                        cb.fn(arg)
-                    except Exception:
-                        cb.errors += 1
-                        self.callback_errors += 1
-                        if cb.errors == 1:
-                            log.exception("event callback %r raised; errors are counted", cb.fn)
+            self._call_back(item, kind)
+
+    def _call_back(self, item: BaseEvent | Posted, kind: str) -> None:
+        """Hand ``item`` to every callback whose filter takes ``kind`` (built once, for those that want it built)."""
+        event: BaseEvent | Posted | None = None
+        for cb in self._callbacks:
+            if cb.filter(kind):
+                if cb.unbuilt:
+                    arg: BaseEvent | Posted = item
+                else:
+                    if event is None:
+                        event = built(item)
+                    arg = event
+                try:
+                    cb.fn(arg)
+                except Exception:
+                    cb.errors += 1
+                    self.callback_errors += 1
+                    if cb.errors == 1:
+                        log.exception("event callback %r raised; errors are counted", cb.fn)
 
     def subscribe(
         self,

@@ -612,7 +612,8 @@ class Engine:
 
         Periodic and trigger tasks are submitted by their own loops only (``internal``).
         """
-        self._require_running()
+        if self._state != "running":
+            raise EngineNotRunning(self._state)
         spec = self._tasks.get(task)
         if spec is None or not (spec.submittable or internal):
             raise UnknownTask(task, (n for n, s in self._tasks.items() if s.submittable))
@@ -681,17 +682,20 @@ class Engine:
         return handle
 
     async def _submit(self, run: Run) -> RunHandle:
-        holder = self._index.pending_holder(run)
-        if holder is not None:
-            return RunHandle(self, holder.id, holder)
+        if run.key is not None:
+            holder = self._index.pending_holder(run)
+            if holder is not None:
+                return RunHandle(self, holder.id, holder)
         memory = self._memory
         if memory is not None:
             self._check_room()
-            [inserted] = memory.insert_now([self._new_row(run)])
+            held = memory.admit(run, run.spec.on_lost if run.spec is not None else "retry")
+            if held is not None:
+                return RunHandle(self, held)  # another engine's pending run holds the key
         else:
             [inserted] = await self._store_insert([self._new_row(run)])
-        if not inserted.new:
-            return RunHandle(self, inserted.id)  # another process's pending run holds the key
+            if not inserted.new:
+                return RunHandle(self, inserted.id)  # another process's pending run holds the key
         self._admitted(run)
         self._run.start_soon()
         return RunHandle(self, run.id, run)
@@ -768,11 +772,11 @@ class Engine:
             self._admitted(run)
             self._executor.insert_later(self._new_row(run))
             return RunHandle(self, run.id, run)
-        [inserted] = memory.insert_now([self._new_row(run)])
-        if not inserted.new:
-            return RunHandle(self, inserted.id)
+        held = memory.admit(run, run.spec.on_lost if run.spec is not None else "retry")
+        if held is not None:
+            return RunHandle(self, held)
         self._admitted(run)
-        self._executor.claim_at_once(memory)
+        self._run.start_soon()
         return RunHandle(self, run.id, run)
 
     async def retry(self, run_id: str) -> RunHandle:

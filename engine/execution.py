@@ -50,6 +50,7 @@ from .store import (
     StoreError,
     Succeeded,
 )
+from .store.memory import claim_of
 from .tasks import TaskSpec
 
 if TYPE_CHECKING:
@@ -123,6 +124,8 @@ class Execution:
         self._evicted = 0
         self._prune_every = max(64, index.history // 8)
         self._idle: asyncio.Future[None] | None = None
+        #: a refill of freed slots is scheduled for the loop's next turn (memory store)
+        self._dispatching = False
 
     def forget_claims(self) -> None:
         """A restart of the engine object: the store is the truth, no claim of ours survives."""
@@ -130,10 +133,22 @@ class Execution:
 
     def start_soon(self) -> None:
         """Start new work: at once with the memory store (its claims never wait), else via the executor."""
-        if self.memory is None:
+        memory = self.memory
+        if memory is None:
             self.executor.wake()
-        else:
-            self.executor.claim_at_once(self.memory)
+            return
+        executor = self.executor
+        free, tasks = executor.room()
+        if not tasks:
+            return
+        runs = self.index.runs
+        for row in memory.take_now(executor.node, executor.incarnation, free, tasks):
+            run = row.run
+            if run is not None and run.status is _PENDING and runs.get(row.id) is run and executor.claiming:
+                # a run this engine admitted, as it indexed it: started without a Claim
+                self._start(run, row.token, row.attempt, row.started_at)  # type: ignore[arg-type]
+            else:
+                self.launch(claim_of(row))
 
     def evicted(self) -> None:
         """The index evicted a finished run: the memory store is pruned along, in small steps
@@ -204,15 +219,19 @@ class Execution:
             note = RunError(type="Shutdown", message=f"node {self.engine.node_id!r} stopped before the run started")
             self._write_later(claim.token, Retry(note, 0.0, next_attempt=False))
             return
-        self.index.started(run, claim.attempt, claim.started_at)
-        run.token = claim.token
-        self._claimed[claim.token] = run
-        self.executor.started(claim.task)
-        self.bus.post(RunStarted, run_id=run.id, task=run.task, attempt=run.attempt)
-        task = asyncio.get_running_loop().create_task(self._execute(run, claim.token), name=f"taskwatch-run-{run.id}")
+        self._start(run, claim.token, claim.attempt, claim.started_at)
+
+    def _start(self, run: Run, token: str, attempt: int, started_at: float) -> None:
+        """Execute a pending run of the index that this node now holds the claim ``token`` of."""
+        self.index.started(run, attempt, started_at)
+        run.token = token
+        self._claimed[token] = run
+        self.executor.started(run.task)
+        self.bus.post(RunStarted, run_id=run.id, task=run.task, attempt=attempt)
+        task = asyncio.get_running_loop().create_task(self._execute(run, token), name=f"taskwatch-run-{run.id}")
         run.handle = task
         # a callback, not a finally: it also runs for a task cancelled before its first step
-        task.add_done_callback(functools.partial(self._ended, run, claim.token))
+        task.add_done_callback(functools.partial(self._ended, run, token))
 
     def _ended(self, run: Run, token: str, task: asyncio.Task[None]) -> None:
         if run.handle is task:
@@ -230,8 +249,18 @@ class Execution:
         elif run.status is _RUNNING and run.token is None and run.handle is None:
             self.index.unclaimed(run)  # the claim was lost: the run is another node's now
         self.executor.released(run.task)
-        self.start_soon()  # with the memory store the freed slot takes the next due run now
+        if self.memory is None:
+            self.executor.wake()
+        elif not self._dispatching:
+            # the freed slot takes the next due run on the loop's next turn: runs ending in
+            # the same turn (a burst) are refilled by one claim instead of one claim each
+            self._dispatching = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
         self._check_idle()
+
+    def _dispatch(self) -> None:
+        self._dispatching = False
+        self.start_soon()
 
     def _hand_back(self, run: Run, token: str) -> None:
         """Give back a claim whose attempt never started (the node is stopping): pending, same attempt."""
@@ -325,12 +354,16 @@ class Execution:
                 model = run.model = spec.params_model.model_validate(run.params)
             ctx = TaskContext(self.engine, run, spec.name, report=self.progress)
             args: tuple[Any, ...] = (ctx,) if model is None else (ctx, model)
-            kwargs = {name: self.engine.resources[name] for name in spec.resources} if spec.resources else {}
+            if spec.resources:
+                kwargs = {name: self.engine.resources[name] for name in spec.resources}
+                call = spec.fn(*args, **kwargs)
+            else:
+                call = spec.fn(*args)
             if spec.timeout is None:
-                result = await spec.fn(*args, **kwargs)
+                result = await call
             else:
                 async with asyncio.timeout(spec.timeout):
-                    result = await spec.fn(*args, **kwargs)
+                    result = await call
             if result is not None:
                 result = jsonable(result)
         except asyncio.CancelledError:
@@ -368,6 +401,13 @@ class Execution:
             if run.cancel_reason is not None:
                 # the task swallowed the cancel and returned: it was still cancelled
                 await self._record(run, token, self._cut_short(run, run.cancel_reason), None)
+                return
+            memory = self.memory
+            if memory is not None:
+                # _record for the memory store, without a coroutine: its finish never waits
+                if run.token == token:
+                    outcome = Succeeded(result)
+                    self._apply_outcome(run, token, outcome, None, memory.finish_now(token, outcome))
                 return
             await self._record(run, token, Succeeded(result), None)
             return

@@ -36,6 +36,9 @@ from .store import Claim, Inserted, MemoryStore, NewRun, Recovered, Store
 
 log = logging.getLogger("taskwatch.executor")
 
+#: no task has room (shared, never changed)
+_NONE: Mapping[str, int | None] = {}
+
 class Executor:
     def __init__(
         self,
@@ -218,11 +221,11 @@ class Executor:
                 inserted = exc
             self._inserted(batch, inserted)
 
-    def _room(self) -> tuple[int, Mapping[str, int | None]]:
+    def room(self) -> tuple[int, Mapping[str, int | None]]:
         """Free slots in all, and per task this node can run (None: no limit of its own)."""
         free = self.max_concurrency - self.running + self._writing
         if free <= 0 or not self._claiming or self._cut_since is not None:
-            return 0, {}
+            return 0, _NONE
         limits = self._limits()
         if limits is not self._seen_limits:
             # the engine hands out a new mapping whenever a task registers
@@ -248,7 +251,7 @@ class Executor:
 
     async def claim_now(self) -> int:
         """Claim due runs for every free slot and launch them; returns how many."""
-        free, tasks = self._room()
+        free, tasks = self.room()
         if not tasks:
             return 0
         done = self._in_flight = asyncio.get_running_loop().create_future()
@@ -264,13 +267,6 @@ class Executor:
         finally:
             self._in_flight = None
             done.set_result(None)
-
-    def claim_at_once(self, store: MemoryStore) -> int:
-        """:meth:`claim_now` for the memory store, whose claims never wait: no coroutine, no loop turn."""
-        free, tasks = self._room()
-        if not tasks:
-            return 0
-        return self._start_all(store.claim_now(self.node, self.incarnation, free, tasks))
 
     # ------------------------------------------------------------------ loops
 

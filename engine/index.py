@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from .runs import Run, RunError, RunList, RunStatus
 
+_monotonic = time.monotonic
 _PENDING = RunStatus.PENDING
 _RUNNING = RunStatus.RUNNING
 _SUCCEEDED = RunStatus.SUCCEEDED
@@ -48,6 +49,8 @@ class RunIndex:
         self.recovered_total = 0
         # per-second buckets of [second, finished, failed] for throughput figures
         self._tp: deque[list[int]] = deque()
+        #: the newest bucket (a stand-in before the first finish)
+        self._bucket = [-1, 0, 0]
 
     def set_evicted(self, fn: Callable[[], None]) -> None:
         """Call ``fn`` whenever a finished run is evicted (the memory store prunes along)."""
@@ -74,8 +77,9 @@ class RunIndex:
             self._remember_finished(run)
 
     def admitted(self, run: Run) -> None:
-        """Index a run this node just submitted; it holds its dedup key while pending."""
-        self.add(run)
+        """Index a run this node just submitted (pending); it holds its dedup key while pending."""
+        self.runs[run.id] = run
+        self.counts[_PENDING] += 1
         self.submitted_total += 1
         if run.key is not None:
             self._keys[(run.task, run.key)] = run
@@ -103,7 +107,8 @@ class RunIndex:
         run.started_at = started_at
         run.finished_at = None
         run.run_after = 0.0
-        self.release_key(run)
+        if run.key is not None:
+            self.release_key(run)
 
     def unclaimed(self, run: Run) -> None:
         """This node no longer executes ``run``: shown pending until the store says more."""
@@ -140,19 +145,14 @@ class RunIndex:
         run.status = status
         run.finished_at = now
         run.run_after = 0.0
-        self.release_key(run)
+        if run.key is not None:
+            self.release_key(run)
         self.finished_total += 1
         self.totals[status] += 1
-        second = int(time.monotonic())
-        tp = self._tp
-        if tp and tp[-1][0] == second:
-            bucket = tp[-1]
-        else:
-            bucket = [second, 0, 0]
-            tp.append(bucket)
-            horizon = second - max(self.throughput_window, 60)
-            while tp[0][0] < horizon:
-                tp.popleft()
+        second = int(_monotonic())
+        bucket = self._bucket
+        if bucket[0] != second:
+            bucket = self._new_bucket(second)
         bucket[1] += 1
         if status is _FAILED:
             bucket[2] += 1
@@ -163,18 +163,34 @@ class RunIndex:
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(record)
-        self._remember_finished(run)
+        # _remember_finished, inlined: this runs once per run
+        finished = self._finished
+        finished[run.id] = None
+        if len(finished) > self.history:
+            self._evict()
+
+    def _new_bucket(self, second: int) -> list[int]:
+        tp = self._tp
+        bucket = self._bucket = [second, 0, 0]
+        tp.append(bucket)
+        horizon = second - max(self.throughput_window, 60)
+        while tp[0][0] < horizon:
+            tp.popleft()
+        return bucket
 
     def _remember_finished(self, run: Run) -> None:
         finished = self._finished
         finished[run.id] = None
         if len(finished) > self.history:
-            evicted, _ = finished.popitem(last=False)
-            old = self.runs.pop(evicted, None)
-            if old is not None:
-                self.counts[old.status] -= 1
-            if self._on_evicted is not None:
-                self._on_evicted()
+            self._evict()
+
+    def _evict(self) -> None:
+        evicted, _ = self._finished.popitem(last=False)
+        old = self.runs.pop(evicted, None)
+        if old is not None:
+            self.counts[old.status] -= 1
+        if self._on_evicted is not None:
+            self._on_evicted()
 
     def next_due(self) -> float | None:
         """When the earliest pending retry this node knows of is due."""

@@ -301,14 +301,15 @@ def test_a_tasks_concurrency_holds_across_nodes(
     postgres_server.sql("CREATE TABLE gauge (running INTEGER NOT NULL, peak INTEGER NOT NULL)", db)
     postgres_server.sql("INSERT INTO gauge VALUES (0, 0)", db)
     log = tmp_path / "exec.log"
-    # the nodes have room for 4 runs at once together (node-b 3, node-a 1); the task allows 3
-    # in the whole cluster. node-a, which submits, can hold at most one (two while an outcome
-    # is being written), so node-b always has a share however the claims race
+    # the nodes have room for 4 runs at once together (2 each); the task allows 3 in the whole
+    # cluster. Neither node can fill the cap alone, so the other always has room for at least
+    # one run however the claims race: both execute, and a cap held per node only would show
+    # as a peak of 4
     common = ("--quiet", "--sleep", "0.2", "--cap", "3", "--lease-ttl", "30", "--poll", "0.05")
     drain = ("run", "--until-drained", "--expect", str(runs))
-    b = start(nodes, postgres_url, "node-b", log, *common, "--max-concurrency", "3", *drain)
+    b = start(nodes, postgres_url, "node-b", log, *common, "--max-concurrency", "2", *drain)
     b.event("started")
-    a = start(nodes, postgres_url, "node-a", log, *common, "--max-concurrency", "1", "run", "--submit", "capped",
+    a = start(nodes, postgres_url, "node-a", log, *common, "--max-concurrency", "2", "run", "--submit", "capped",
               "--count", str(runs), "--until-drained", "--expect", str(runs))  # fmt: skip
     for child in (a, b):
         child.event("stopped", timeout=DRAIN_TIMEOUT)

@@ -20,7 +20,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from ..errors import QueueFull, RunNotFound
-from ..runs import CancelReason, Progress, RunError, RunStatus, record_fields
+from ..runs import CancelReason, Progress, Run, RunError, RunStatus, record_fields
 from .base import Clock, Store, adoptable, gone_incarnations, lost_action, lost_reason, new_run_id
 from .errors import DuplicateRunId
 from .models import (
@@ -56,7 +56,9 @@ _ALL = tuple(RunStatus)
 _TOTAL_OF = {s: s.value for s in RunStatus}
 
 
-class _Row:
+class MemoryRow:
+    """One run as the memory store holds it (its queue entry and its record)."""
+
     __slots__ = (
         "seq",
         "id",
@@ -85,16 +87,30 @@ class _Row:
         "holds_key",
         "source",
         "on_lost",
+        "run",
     )
 
-    def __init__(self, seq: int, run_id: str, new: NewRun, created_at: float, run_after: float) -> None:
+    def __init__(
+        self,
+        seq: int,
+        run_id: str,
+        task: str,
+        params: dict[str, Any],
+        max_attempts: int,
+        key: str | None,
+        source: str,
+        on_lost: OnLost,
+        created_at: float,
+        run_after: float,
+        run: Run | None,
+    ) -> None:
         self.seq = seq
         self.id = run_id
-        self.task = new.task
-        self.params = new.params
+        self.task = task
+        self.params = params
         self.status = _PENDING
         self.attempt = 1
-        self.max_attempts = new.max_attempts
+        self.max_attempts = max_attempts
         self.lost_count = 0
         self.created_at = created_at
         self.started_at: float | None = None
@@ -111,10 +127,12 @@ class _Row:
         self.message = ""
         self.result: Any = None
         self.error: RunError | None = None
-        self.key = new.key
+        self.key = key
         self.holds_key = False
-        self.source = new.source
-        self.on_lost: OnLost = new.on_lost
+        self.source = source
+        self.on_lost = on_lost
+        #: the engine's index entry for a run it admitted (see MemoryStore.admit)
+        self.run = run
 
     def model(self) -> StoredRun:
         return StoredRun(
@@ -144,10 +162,10 @@ class _Line:
     __slots__ = ("fresh", "back")
 
     def __init__(self) -> None:
-        self.fresh: deque[_Row] = deque()
-        self.back: list[tuple[int, _Row]] = []
+        self.fresh: deque[MemoryRow] = deque()
+        self.back: list[tuple[int, MemoryRow]] = []
 
-    def head(self) -> _Row | None:
+    def head(self) -> MemoryRow | None:
         """The oldest pending row, left in place; None when there is none."""
         fresh, back = self.fresh, self.back
         while fresh and fresh[0].status is not _PENDING:
@@ -160,7 +178,7 @@ class _Line:
             return fresh[0]
         return back[0][1]
 
-    def pop(self) -> _Row | None:
+    def pop(self) -> MemoryRow | None:
         """Take the oldest pending row."""
         row = self.head()
         if row is not None:
@@ -170,7 +188,7 @@ class _Line:
                 heapq.heappop(self.back)
         return row
 
-    def put_back(self, row: _Row) -> None:
+    def put_back(self, row: MemoryRow) -> None:
         heapq.heappush(self.back, (row.seq, row))
 
 
@@ -189,15 +207,15 @@ class MemoryStore(Store):
     ) -> None:
         kw: dict[str, Any] = {} if clock is None else {"clock": clock}
         super().__init__(lease_ttl=lease_ttl, node_ttl=node_ttl, max_lost=max_lost, **kw)
-        self._rows: dict[str, _Row] = {}
+        self._rows: dict[str, MemoryRow] = {}
         #: rows in insertion order for cursors; pruned rows are dropped lazily
-        self._order: list[_Row] = []
+        self._order: list[MemoryRow] = []
         self._dropped = 0
         self._ready: dict[str, _Line] = {}
-        self._delayed: list[tuple[float, int, _Row]] = []
-        self._keys: dict[tuple[str, str], _Row] = {}
-        self._claims: dict[str, _Row] = {}
-        self._finished: OrderedDict[str, _Row] = OrderedDict()
+        self._delayed: list[tuple[float, int, MemoryRow]] = []
+        self._keys: dict[tuple[str, str], MemoryRow] = {}
+        self._claims: dict[str, MemoryRow] = {}
+        self._finished: OrderedDict[str, MemoryRow] = OrderedDict()
         self._counts: dict[RunStatus, int] = dict.fromkeys(_ALL, 0)
         self._totals = {"inserted": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "retried": 0, "lost": 0}
         self._seq = 0
@@ -243,7 +261,10 @@ class MemoryStore(Store):
             run_id = new.id or new_run_id()
             created = new.created_at if new.created_at is not None else now
             delay = new.delay
-            row = _Row(seq, run_id, new, created, now + delay if delay > 0 else now)
+            row = MemoryRow(
+                seq, run_id, new.task, new.params, new.max_attempts, key, new.source, new.on_lost,
+                created, now + delay if delay > 0 else now, None,
+            )
             rows[run_id] = row
             self._order.append(row)
             if key is not None:
@@ -264,6 +285,43 @@ class MemoryStore(Store):
             if self._notifying:
                 self._notify(work=True)
         return out
+
+    def admit(self, run: Run, on_lost: OnLost) -> str | None:
+        """Insert one run the engine made and indexed, due now; the row links back to it.
+
+        :meth:`insert_now` for the engine's hot path: no ``NewRun`` and no
+        result list per run, and the row's claim (:meth:`take_now`) hands back
+        the engine's own entry. Returns None once inserted, or the id of the
+        pending run already holding its dedup key (nothing inserted then).
+        The engine checks its queue limit first.
+        """
+        key = run.key
+        task = run.task
+        if key is not None:
+            held = self._keys.get((task, key))
+            if held is not None:
+                return held.id
+        run_id = run.id
+        rows = self._rows
+        if run_id in rows:
+            raise DuplicateRunId(run_id)
+        self._seq += 1
+        created = run.created_at
+        row = MemoryRow(self._seq, run_id, task, run.params, run.max_attempts, key, run.source, on_lost, created, created, run)
+        rows[run_id] = row
+        self._order.append(row)
+        if key is not None:
+            self._keys[(task, key)] = row
+            row.holds_key = True
+        line = self._ready.get(task)
+        if line is None:
+            line = self._ready[task] = _Line()
+        line.fresh.append(row)
+        self._counts[_PENDING] += 1
+        self._totals["inserted"] += 1
+        if self._notifying:
+            self._notify(work=True)
+        return None
 
     def _check_insert(self, runs: Sequence[NewRun], max_pending: int | None) -> None:
         """Refuse the whole batch before anything changes."""
@@ -331,10 +389,16 @@ class MemoryStore(Store):
 
     def claim_now(self, node: str, incarnation: str, slots: int, tasks: Mapping[str, int | None]) -> list[Claim]:
         """:meth:`claim` without a coroutine (and without cluster-wide ``limits``)."""
+        return [claim_of(row) for row in self.take_now(node, incarnation, slots, tasks)]
+
+    def take_now(self, node: str, incarnation: str, slots: int, tasks: Mapping[str, int | None]) -> list[MemoryRow]:
+        """:meth:`claim_now` giving the claimed rows themselves (no ``Claim`` per run): the
+        engine reads the token, attempt and start from the row, and its own entry from
+        ``row.run`` for the runs it admitted. Rows are the store's: read them, never change them."""
         now = self.clock()
         if self._delayed and self._delayed[0][0] <= now:
             self._promote(now)
-        out: list[Claim] = []
+        out: list[MemoryRow] = []
         if slots <= 0:
             return out
         ready = self._ready
@@ -342,7 +406,7 @@ class MemoryStore(Store):
         lines: list[tuple[str, _Line, int]] = []
         for task, free in tasks.items():
             line = ready.get(task)
-            if line is None:
+            if line is None or not (line.fresh or line.back):
                 continue
             n = slots if free is None else min(free, slots)
             if n > 0:
@@ -351,11 +415,21 @@ class MemoryStore(Store):
             return out
         if len(lines) == 1:
             _, line, n = lines[0]
-            while len(out) < n:
-                row = line.pop()
-                if row is None:
+            fresh = line.fresh
+            take = self._take
+            while n:
+                if line.back:
+                    row = line.pop()
+                    if row is None:
+                        break
+                elif fresh:
+                    row = fresh.popleft()
+                    if row.status is not _PENDING:
+                        continue  # cancelled while it waited
+                else:
                     break
-                out.append(self._take(row, node, incarnation, now, lease_until))
+                out.append(take(row, node, incarnation, now, lease_until))
+                n -= 1
         else:
             # oldest first across tasks: merge the lines by the seq at their heads
             free_of = {task: n for task, _, n in lines}
@@ -383,7 +457,7 @@ class MemoryStore(Store):
             counts[_RUNNING] += len(out)
         return out
 
-    def _take(self, row: _Row, node: str, incarnation: str, now: float, lease_until: float) -> Claim:
+    def _take(self, row: MemoryRow, node: str, incarnation: str, now: float, lease_until: float) -> MemoryRow:
         token = self._token_prefix + str(next(self._tokens))
         row.status = _RUNNING
         row.node = node
@@ -395,20 +469,7 @@ class MemoryStore(Store):
             del self._keys[(row.task, row.key)]  # type: ignore[index,arg-type]
             row.holds_key = False
         self._claims[token] = row
-        return Claim(
-            row.id,
-            token,
-            row.task,
-            row.params,
-            row.attempt,
-            row.max_attempts,
-            row.created_at,
-            now,
-            lease_until,
-            row.key,
-            row.source,
-            row.lost_count,
-        )
+        return row
 
     # ---------------------------------------------------------------- heartbeat, finish
 
@@ -465,7 +526,7 @@ class MemoryStore(Store):
             return _PENDING
         raise TypeError(f"unknown outcome {outcome!r}; pass Succeeded, Failed, Cancelled or Retry")
 
-    def _end(self, row: _Row, status: RunStatus, now: float) -> None:
+    def _end(self, row: MemoryRow, status: RunStatus, now: float) -> None:
         counts = self._counts
         counts[row.status] -= 1
         counts[status] += 1
@@ -481,7 +542,7 @@ class MemoryStore(Store):
         if self._notifying:
             self._notify(finished=(row.id,))
 
-    def _requeue(self, row: _Row, now: float, run_after: float, error: RunError, step: int = 1) -> None:
+    def _requeue(self, row: MemoryRow, now: float, run_after: float, error: RunError, step: int = 1) -> None:
         counts = self._counts
         counts[row.status] -= 1
         counts[_PENDING] += 1
@@ -575,7 +636,7 @@ class MemoryStore(Store):
         order = self._order
         end = len(order) if before is None else bisect_left(order, parse_cursor(before), key=_seq_of)
         rows = self._rows
-        found: list[_Row] = []
+        found: list[MemoryRow] = []
         for i in range(end - 1, -1, -1):
             row = order[i]
             if rows.get(row.id) is not row:
@@ -633,7 +694,7 @@ class MemoryStore(Store):
             self._dropped = 0
         return deleted
 
-    def _drop(self, row: _Row) -> None:
+    def _drop(self, row: MemoryRow) -> None:
         del self._rows[row.id]
         self._counts[row.status] -= 1
         self._dropped += 1
@@ -711,7 +772,25 @@ class MemoryStore(Store):
         return out
 
 
-def _seq_of(row: _Row) -> int:
+def claim_of(row: MemoryRow) -> Claim:
+    """The :class:`Claim` a claimed row stands for."""
+    return Claim(
+        row.id,
+        row.token,  # type: ignore[arg-type]
+        row.task,
+        row.params,
+        row.attempt,
+        row.max_attempts,
+        row.created_at,
+        row.started_at,  # type: ignore[arg-type]
+        row.lease_until,  # type: ignore[arg-type]
+        row.key,
+        row.source,
+        row.lost_count,
+    )
+
+
+def _seq_of(row: MemoryRow) -> int:
     return row.seq
 
 
