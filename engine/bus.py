@@ -121,8 +121,8 @@ class EventBuffer:
         self._events = 0
         #: events dropped because the buffer was full
         self.dropped = 0
-        #: events accepted into the buffer
-        self.received = 0
+        #: events taken out of the buffer (read, or covered by a snapshot)
+        self._taken = 0
 
     def offer(self, event: BaseEvent | Posted) -> bool:
         """Keep ``event`` if there is room (True), else count it as dropped (False)."""
@@ -137,17 +137,27 @@ class EventBuffer:
             return False
         items.append(event)
         self._events += 1
-        self.received += 1
         return True
 
     def take_one(self) -> BaseEvent:
         item = self._items.popleft()
-        if type(item) is _Gap:
+        kind = type(item)
+        if kind is Posted:
+            self._events -= 1
+            self._taken += 1
+            event = item._event  # type: ignore[union-attr]
+            if event is None:
+                # Posted.get, inlined: an ``async for`` reader takes every event this way
+                event = item._event = item.cls.__pydantic_validator__.validate_python(item.fields)  # type: ignore[union-attr]
+                item.fields = None  # type: ignore[union-attr]
+            return event  # type: ignore[no-any-return]
+        if kind is _Gap:
             return EventsDropped(
-                seq=item.first_seq, ts=self.clock(), node=self.node, count=item.count, total=self.dropped
+                seq=item.first_seq, ts=self.clock(), node=self.node, count=item.count, total=self.dropped  # type: ignore[union-attr]
             )
         self._events -= 1
-        return built(item)  # type: ignore[arg-type]
+        self._taken += 1
+        return item  # type: ignore[return-value]
 
     def take(self, limit: int | None = None) -> list[BaseEvent]:
         """Up to ``limit`` items (events and drop notices), oldest first."""
@@ -179,6 +189,7 @@ class EventBuffer:
                     taken += 1
         finally:
             self._events -= taken
+            self._taken += taken
         return out
 
     def discard_through(self, seq: int) -> None:
@@ -190,12 +201,18 @@ class EventBuffer:
                 kept.append(item)
                 events += not isinstance(item, _Gap)
         self._items = kept
+        self._taken += self._events - events
         self._events = events
 
     @property
     def pending(self) -> int:
         """Events buffered and not yet read (drop notices not counted)."""
         return self._events
+
+    @property
+    def received(self) -> int:
+        """Events accepted into the buffer (taken out since, or still in it)."""
+        return self._taken + self._events
 
     def __len__(self) -> int:
         return len(self._items)
@@ -244,10 +261,12 @@ class Subscription:
             # EventBuffer.offer and _wake, inlined: this runs once per event per subscriber
             buffer._items.append(event)
             buffer._events += 1
-            buffer.received += 1
             waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+            if waiter is not None:
+                # woken once: the next events find no waiter until a reader waits again
+                self._waiter = None
+                if not waiter.done():
+                    waiter.set_result(None)
         else:
             buffer.offer(event)  # counts the drop and marks the gap
             self._bus.dropped_total += 1
@@ -284,11 +303,12 @@ class Subscription:
         return self
 
     async def __anext__(self) -> BaseEvent:
-        while not self._buffer:
+        buffer = self._buffer
+        while not buffer._items:
             if self.closed:
                 raise StopAsyncIteration
             await self.wait()
-        return self._buffer.take_one()
+        return buffer.take_one()
 
     def close(self) -> None:
         if not self.closed:
@@ -325,13 +345,17 @@ class EventBus:
         self._ring: deque[BaseEvent | Posted] = deque(maxlen=max(0, replay))
         self._subs: list[Subscription] = []
         self._callbacks: list[_Callback] = []
-        self.published = 0
         self.dropped_total = 0
         self.callback_errors = 0
         self.closed = False
 
     @property
     def last_seq(self) -> int:
+        return self._seq
+
+    @property
+    def published(self) -> int:
+        """Events published so far (each took the next ``seq``)."""
         return self._seq
 
     def make(self, cls: type[E], **fields: Any) -> E:
@@ -366,7 +390,6 @@ class EventBus:
         kind = _KIND.get(cls) or kind_of(cls)
         item = Posted(cls, fields, kind, seq)
         # _deliver, inlined: the engine posts three of these per run
-        self.published += 1
         self._ring.append(item)
         for sub in self._subs:
             sub._offer(item, kind)
@@ -381,7 +404,6 @@ class EventBus:
         return event
 
     def _deliver(self, item: BaseEvent | Posted, kind: str) -> None:
-        self.published += 1
         self._ring.append(item)
         for sub in self._subs:
             sub._offer(item, kind)

@@ -129,6 +129,11 @@ class RunRecord(BaseModel):
         return run_rich(self)
 
 
+_validate_record = RunRecord.__pydantic_validator__.validate_python
+#: the progress of a run that reported none (frozen, so one instance serves every record)
+_NO_PROGRESS = Progress()
+
+
 class RunList(list[RunRecord]):
     """A list of run records that renders as a table in notebooks and Rich consoles."""
 
@@ -270,7 +275,8 @@ class Run:
         return run
 
     def record(self) -> RunRecord:
-        return RunRecord(**record_fields(self))
+        # the validator on the fields dict: RunRecord(**fields) without a second dict
+        return _validate_record(record_fields(self))  # type: ignore[no-any-return]
 
 
 def record_fields(run: Any) -> dict[str, Any]:
@@ -287,7 +293,8 @@ def record_fields(run: Any) -> dict[str, Any]:
         "created_at": run.created_at,
         "started_at": run.started_at,
         "finished_at": run.finished_at,
-        "progress": Progress(done=run.done, total=run.total, message=run.message),
+        "progress": _NO_PROGRESS if run.done == 0 and run.total is None and not run.message
+        else Progress(done=run.done, total=run.total, message=run.message),
         "result": run.result,
         "error": run.error,
         "key": run.key,
