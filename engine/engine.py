@@ -75,6 +75,7 @@ from .store import (
     Store,
     make_store,
 )
+from .store.base import new_run_id
 from .supervisor import Supervisor, WorkerInfo
 from .tasks import TaskFn, TaskInfo, TaskSpec, params_model_of
 from .triggers import Trigger, TriggerFire, TriggerState
@@ -95,8 +96,6 @@ _CANCELLED = RunStatus.CANCELLED
 _BACKENDS = ("asyncio", "inline")
 
 
-def _random_id() -> str:
-    return os.urandom(8).hex()
 
 
 def default_node_id() -> str:
@@ -222,7 +221,7 @@ class Engine:
         self.health_interval = health_interval
         #: wall clock for every timestamp the engine records (replaceable for tests)
         self.clock = clock
-        self._new_id = run_id_factory or _random_id
+        self._new_id = run_id_factory or new_run_id
         self._inline = backend == "inline"
         self.bus = EventBus(node=self.node_id, replay=replay, clock=clock)
         self._store = make_store(store, clock=clock, lease_ttl=lease_ttl) if isinstance(store, str) else store

@@ -21,7 +21,8 @@ What each test proves:
   also when it comes right after a submit, while the executor is claiming:
   no run is cancelled, left ``running``, or counted as lost;
 - a run that kills its worker is failed as ``WorkerLost`` after three losses,
-  or at the first restart with ``on_lost="fail"``.
+  or at the first restart with ``on_lost="fail"``;
+- processes opening a new file at the same moment all open it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
 import signal
 import sqlite3
@@ -42,6 +44,7 @@ from typing import Any
 
 import pytest
 from taskwatch.engine import Engine, TaskContext
+from taskwatch.engine.store import SqliteStore
 
 from .processes import JsonLineProcess, Line
 
@@ -462,3 +465,39 @@ def test_a_run_declared_on_lost_fail_is_failed_at_the_first_restart(tmp_path: Pa
     assert json.loads(row["error"])["type"] == "WorkerLost"
     assert [e["attempt"] for e in executions(log)] == [1]
     assert integrity(db) == "ok"
+
+
+def _open_when_released(path: str, barrier: Any, results: Any) -> None:
+    """A forked child: open a SqliteStore on ``path`` the moment every sibling is ready."""
+
+    async def go() -> str:
+        store = SqliteStore(path, busy_timeout=5_000)
+        barrier.wait()
+        try:
+            await store.open()
+        except Exception as exc:  # noqa: BLE001 - reported to the parent
+            return f"{type(exc).__name__}: {exc}"
+        await store.close()
+        return "ok"
+
+    results.put(asyncio.run(go()))
+
+
+def test_processes_opening_a_new_file_together_all_open_it(tmp_path: Path) -> None:
+    # switching a new file to WAL meets the other openers' locks, and SQLite answers that at
+    # once instead of calling the busy handler: before the store waited for it itself, about
+    # one trial in six had an opener fail with StoreBusy although nobody held a long transaction
+    ctx = multiprocessing.get_context("fork")
+    failures: list[str] = []
+    for trial in range(15):
+        path = str(tmp_path / f"new-{trial}.db")
+        barrier, results = ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_open_when_released, args=(path, barrier, results)) for _ in range(6)]
+        for proc in procs:
+            proc.start()
+        outcomes = [results.get(timeout=30) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=30)
+            assert proc.exitcode == 0
+        failures += [o for o in outcomes if o != "ok"]
+    assert failures == []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import time
 import weakref
 from abc import ABC, abstractmethod
@@ -399,5 +400,11 @@ class Store(ABC):
         """
 
 
+_getrandbits = random.getrandbits
+
+
 def new_run_id() -> str:
-    return os.urandom(8).hex()
+    """16 random hex digits. From ``random`` (seeded from ``os.urandom``, and re-seeded in a
+    forked child), not ``os.urandom`` per id: a system call per run releases the GIL, and a
+    busy store thread can then keep the loop waiting for it back."""
+    return f"{_getrandbits(64):016x}"

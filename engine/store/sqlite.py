@@ -18,6 +18,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal
 
@@ -65,7 +66,7 @@ _QUEUE_JOBS = Q.for_sqlite(Q.QUEUE_JOBS)
 class _Tx:
     """What one transaction accumulates for after its commit: totals and wakeups."""
 
-    __slots__ = ("cur", "totals", "work", "cancels", "finished")
+    __slots__ = ("cur", "totals", "work", "cancels", "finished", "pending")
 
     def __init__(self, cur: sqlite3.Cursor) -> None:
         self.cur = cur
@@ -73,6 +74,9 @@ class _Tx:
         self.work = False
         self.cancels: list[str] = []
         self.finished: list[str] = []
+        #: pending runs as counted by an insert of this transaction, kept current by the
+        #: inserts that follow it (None: count again; any other operation may have changed it)
+        self.pending: int | None = None
 
     def add(self, name: str, n: int = 1) -> None:
         self.totals[name] = self.totals.get(name, 0) + n
@@ -171,7 +175,7 @@ class SqliteStore(Store):
             self.path, timeout=self.busy_timeout / 1000, isolation_level=None, check_same_thread=False
         )
         try:
-            conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            self._enter_wal(conn)
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout)}")
             self._migrate(conn)
@@ -179,6 +183,26 @@ class SqliteStore(Store):
             conn.close()
             raise
         return conn
+
+    def _enter_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch the file to WAL, tried again while another process holds the lock it needs.
+
+        SQLite answers a journal-mode switch that meets another connection's lock with
+        "database is locked" at once, without calling the busy handler (two processes
+        opening a new file together meet exactly there), so the wait is ours, on this
+        thread, up to ``busy_timeout``.
+        """
+        deadline = time.monotonic() + self.busy_timeout / 1000
+        pause = 0.005
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL").fetchone()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         cur = conn.cursor()
@@ -258,15 +282,18 @@ class SqliteStore(Store):
             err = self._translate(exc)
             self._deliver_threadsafe([(op[2], None, err) for op in batch], tx)
             return
+        insert = self._insert
         for fn, args, fut, _ in batch:
-            saved = (dict(tx.totals), tx.work, len(tx.cancels), len(tx.finished))
+            if fn != insert:
+                tx.pending = None
+            saved = (dict(tx.totals), tx.work, len(tx.cancels), len(tx.finished), tx.pending)
             cur.execute("SAVEPOINT op")
             try:
                 res = fn(tx, *args)
             except Exception as exc:  # noqa: BLE001 - handed to the caller
                 cur.execute("ROLLBACK TO op")
                 cur.execute("RELEASE op")
-                tx.totals, tx.work = saved[0], saved[1]
+                tx.totals, tx.work, tx.pending = saved[0], saved[1], saved[4]
                 del tx.cancels[saved[2] :], tx.finished[saved[3] :]
                 results.append((fut, None, self._translate(exc)))
             else:
@@ -373,9 +400,14 @@ class SqliteStore(Store):
         if not rows:
             return out
         if max_pending is not None:
-            pending = cur.execute(Q.COUNT_PENDING).fetchone()[0]
+            # counted once per run of inserts in a transaction: a count is a walk of the
+            # pending index, and ten concurrent submitters make ten inserts per transaction
+            pending = tx.pending
+            if pending is None:
+                pending = cur.execute(Q.COUNT_PENDING).fetchone()[0]
             if pending + len(rows) > max_pending:
                 raise QueueFull("the run store's pending queue", max_pending)
+            tx.pending = pending
         try:
             cur.executemany(Q.INSERT_RUN, rows)
         except sqlite3.IntegrityError:
@@ -383,6 +415,8 @@ class SqliteStore(Store):
                 if cur.execute(Q.RUN_ID_EXISTS, {"id": row["id"]}).fetchone() is not None:
                     raise DuplicateRunId(row["id"]) from None
             raise
+        if tx.pending is not None:
+            tx.pending += len(rows)
         tx.add("inserted", len(rows))
         tx.work = True
         return out
