@@ -1,6 +1,7 @@
 """The batch pattern of ``bench/throughput.py``, this checkout beside an earlier revision.
 
-Each round runs the pattern once for this checkout and once for the
+Each round runs the pattern (``batch_bare`` and ``batch_engine`` of
+``bench/throughput.py``) once for this checkout and once for the
 revision, each in a fresh child process (the two packages cannot share one
 process), alternating, so machine noise hits both alike. A child measures
 bare asyncio and the engine one after the other and reports the engine's
@@ -27,59 +28,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def noop() -> None:
-    return None
-
-
-async def batch_bare(n: int) -> float:
-    start = time.perf_counter()
-    tasks = [asyncio.create_task(noop()) for _ in range(n)]
-    await asyncio.wait(tasks)
-    return n / (time.perf_counter() - start)
-
-
-async def batch_engine(n: int) -> float:
-    from taskwatch.engine import Engine, TaskContext
-
-    engine = Engine(max_queue=n + 1, history=1_000, health_interval=None, replay=1_000)
-
-    @engine.task
-    async def nothing(ctx: TaskContext) -> None:
-        return None
-
-    sub = engine.bus.subscribe(kinds=["run."], maxsize=4 * n)
-    finished = asyncio.Event()
-    succeeded = 0
-
-    async def reader() -> None:
-        nonlocal succeeded
-        while await sub.wait():
-            for event in sub.get_batch():
-                if event.kind == "run.succeeded":
-                    succeeded += 1
-                    if succeeded == n:
-                        finished.set()
-
-    async with engine:
-        reading = asyncio.create_task(reader())
-        start = time.perf_counter()
-        for _ in range(n):
-            await engine.submit("nothing")
-        await finished.wait()
-        elapsed = time.perf_counter() - start
-        sub.close()
-        await reading
-    return n / elapsed
-
-
 async def child(n: int) -> None:
+    # the pattern as bench/throughput.py measures it, with whichever taskwatch is on the path
+    sys.path.insert(0, str(ROOT / "bench"))
     import taskwatch.engine
+    from throughput import batch_bare, batch_engine
 
     bare = await batch_bare(n)
     engine = await batch_engine(n)
