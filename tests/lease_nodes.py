@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .processes import REPO, JsonLineProcess, Line
+from .processes import JsonLineProcess, Line
 
 #: generous bounds for a loaded 2-core machine; a passing run takes a fraction of them
 START_TIMEOUT = 30.0

@@ -6,7 +6,6 @@ Every test drives the real app with Pilot on a live engine (or a real remote con
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,7 +15,7 @@ from taskwatch.engine import Engine, RunStatus
 from taskwatch.tui.app import TaskwatchApp
 from taskwatch.tui.client import LocalClient
 from taskwatch.tui.screens import ConfirmScreen, HelpScreen, SubmitScreen
-from taskwatch.widgets import FailuresList, ParamsForm, RunDetail, RunsTable, ScheduleTable
+from taskwatch.widgets import FailuresList, ParamsForm, RunDetail, ScheduleTable
 from textual.pilot import Pilot
 from textual.widgets import Input, TabbedContent
 

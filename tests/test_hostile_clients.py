@@ -12,8 +12,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from pydantic import BaseModel

@@ -27,7 +27,7 @@ from taskwatch.engine import (
 )
 
 from .helpers import Recorder, eventually, stray_tasks
-from .lease_nodes import REPO
+from .processes import REPO
 from .redis_server import RedisServer
 
 KEY = "test:leader"

@@ -14,30 +14,18 @@ sort column.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from collections.abc import Collection
 from typing import Any, ClassVar
 
-from rich.console import JustifyMethod
 from rich.text import Text
 from textual.binding import Binding
 from textual.coordinate import Coordinate
-from textual.message import Message
 from textual.widgets import DataTable
 from textual.widgets.data_table import CellDoesNotExist
 
-#: What a table shows in one cell: the text and a Rich style ("" for none).
-Cell = tuple[str, str]
+from ._keyed_rows import Cell, Column, KeyedRows
 
-
-@dataclass(frozen=True, slots=True)
-class Column:
-    key: str
-    label: str
-    #: fixed width in cells; ``None`` fits the content (only for cells that rarely change:
-    #: re-measuring an auto-width column can scan the whole column)
-    width: int | None = None
-    justify: JustifyMethod = "left"
+__all__ = ["Cell", "Column", "KeyedTable"]
 
 
 class _OrderedText(Text):
@@ -48,7 +36,7 @@ class _OrderedText(Text):
         self.order = order
 
 
-class KeyedTable(DataTable[Text]):
+class KeyedTable(KeyedRows, DataTable[Text]):
     """Base class of the keyed, diff-updated tables (not meant to be used directly)."""
 
     COLUMNS: ClassVar[tuple[Column, ...]] = ()
@@ -116,28 +104,7 @@ class KeyedTable(DataTable[Text]):
         self._sync_highlight()
         return True
 
-    def set_rows(self, rows: Iterable[tuple[str, Any, tuple[Cell, ...]]]) -> None:
-        """Show exactly these rows: ``(key, order, cells)`` each; rows of other keys go.
-
-        Orders sort ascending and must compare with each other; the cursor stays on
-        its row (by key) when rows come, go or move.
-        """
-        self._begin()
-        wanted: dict[str, tuple[Any, tuple[Cell, ...]]] = {key: (order, cells) for key, order, cells in rows}
-        self._remove([key for key in self._cells if key not in wanted])
-        for key, (order, cells) in wanted.items():
-            self._upsert(key, order, cells)
-        self._finish()
-
     # ------------------------------------------------------------ for subclasses
-
-    def _highlight_message(self, key: str | None) -> Message | None:
-        """The message to post when the highlighted row changes (override)."""
-        return None
-
-    def _selected_message(self, key: str) -> Message | None:
-        """The message to post when a row is chosen with Enter or a click (override)."""
-        return None
 
     def _begin(self) -> None:
         """Start a batch of changes: remember the selection so it survives reordering."""

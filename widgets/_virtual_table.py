@@ -19,7 +19,7 @@ messages to post through ``_highlight_message``/``_selected_message``.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,12 +31,11 @@ from textual import events
 from textual.binding import Binding
 from textual.cache import LRUCache
 from textual.geometry import Region, Size
-from textual.message import Message
 from textual.renderables.styled import Styled
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
-from ._keyed_table import Cell, Column
+from ._keyed_rows import Cell, Column, KeyedRows
 
 #: the index of the header line among the rows (as in DataTable)
 HEADER_ROW = -1
@@ -51,7 +50,7 @@ _Segments = list[Segment]
 _PAST_COLUMNS = Style.from_meta({"column": 0, "out_of_bounds": True})
 
 
-class VirtualTable(ScrollView, can_focus=True):
+class VirtualTable(KeyedRows, ScrollView, can_focus=True):
     """Base class of the keyed tables that draw only the rows in view (not meant to be used directly).
 
     Every column of ``COLUMNS`` must have a fixed width.
@@ -196,28 +195,7 @@ class VirtualTable(ScrollView, can_focus=True):
         self._place_cursor(row, scroll=scroll)
         self._sync_highlight()
 
-    def set_rows(self, rows: Iterable[tuple[str, Any, tuple[Cell, ...]]]) -> None:
-        """Show exactly these rows: ``(key, order, cells)`` each; rows of other keys go.
-
-        Orders sort ascending and must compare with each other; the cursor stays on
-        its row (by key) when rows come, go or move.
-        """
-        self._begin()
-        wanted: dict[str, tuple[Any, tuple[Cell, ...]]] = {key: (order, cells) for key, order, cells in rows}
-        self._remove([key for key in self._cells if key not in wanted])
-        for key, (order, cells) in wanted.items():
-            self._upsert(key, order, cells)
-        self._finish()
-
     # ------------------------------------------------------------ for subclasses
-
-    def _highlight_message(self, key: str | None) -> Message | None:
-        """The message to post when the highlighted row changes (override)."""
-        return None
-
-    def _selected_message(self, key: str) -> Message | None:
-        """The message to post when a row is chosen with Enter or a click (override)."""
-        return None
 
     def _begin(self) -> None:
         """Start a batch of changes: remember the selection so it survives reordering."""

@@ -11,7 +11,6 @@ here, so the memory and SQL stores cannot drift apart.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 import weakref
