@@ -687,7 +687,8 @@ class Engine:
                 return RunHandle(self, holder.id, holder)
         memory = self._memory
         if memory is not None:
-            self._check_room()
+            if self._index.counts[_PENDING] >= self.max_queue:
+                self._check_room()  # raises QueueFull
             held = memory.admit(run, run.spec.on_lost if run.spec is not None else "retry")
             if held is not None:
                 return RunHandle(self, held)  # another engine's pending run holds the key

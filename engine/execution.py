@@ -16,6 +16,7 @@ import asyncio
 import functools
 import logging
 import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,9 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 log = logging.getLogger("taskwatch.engine")
+
+#: seconds between two prunes of the store's dead incarnations (they only grow per process start)
+NODE_PRUNE_INTERVAL = 60.0
 
 _PENDING = RunStatus.PENDING
 _RUNNING = RunStatus.RUNNING
@@ -126,6 +130,8 @@ class Execution:
         self._idle: asyncio.Future[None] | None = None
         #: a refill of freed slots is scheduled for the loop's next turn (memory store)
         self._dispatching = False
+        #: when (time.monotonic()) the store's dead incarnations were last pruned
+        self._nodes_pruned_at = float("-inf")
 
     def forget_claims(self) -> None:
         """A restart of the engine object: the store is the truth, no claim of ours survives."""
@@ -176,7 +182,8 @@ class Execution:
 
     def _finish(self, run: Run, status: RunStatus, now: float) -> None:
         self.index.finished(run, status, now)
-        self._check_idle()
+        if self._idle is not None:
+            self._check_idle()
 
     def _check_idle(self) -> None:
         idle = self._idle
@@ -256,7 +263,8 @@ class Execution:
             # the same turn (a burst) are refilled by one claim instead of one claim each
             self._dispatching = True
             asyncio.get_running_loop().call_soon(self._dispatch)
-        self._check_idle()
+        if self._idle is not None:
+            self._check_idle()
 
     def _dispatch(self) -> None:
         self._dispatching = False
@@ -543,6 +551,10 @@ class Execution:
         """Keep the store within ``history`` and ``retention`` (never touching unfinished runs),
         and bring the index up to date with runs other nodes execute."""
         await self.store.prune(keep=self.index.history, older_than=self.engine.retention)
+        now = time.monotonic()
+        if now >= self._nodes_pruned_at + NODE_PRUNE_INTERVAL:
+            self._nodes_pruned_at = now
+            await self.store.prune_nodes(self.store.node_retention)
         if self.durable:
             await self._catch_up()
 

@@ -188,7 +188,8 @@ class Executor:
 
     def started(self, task: str) -> None:
         self.running += 1
-        self._per_task[task] = self._per_task.get(task, 0) + 1
+        if task in self._caps:  # only capped tasks need their own count (see room)
+            self._per_task[task] = self._per_task.get(task, 0) + 1
 
     def writing(self, task: str, delta: int) -> None:
         """An attempt of ``task`` ended and its outcome is being written (``delta`` 1), or the
@@ -205,11 +206,12 @@ class Executor:
     def released(self, task: str) -> None:
         """An attempt of ``task`` ended here: its slot is free (the engine then starts what is due)."""
         self.running -= 1
-        left = self._per_task.get(task, 0) - 1
-        if left > 0:
-            self._per_task[task] = left
-        else:
-            self._per_task.pop(task, None)
+        if task in self._caps:
+            left = self._per_task.get(task, 0) - 1
+            if left > 0:
+                self._per_task[task] = left
+            else:
+                self._per_task.pop(task, None)
 
     async def flush(self) -> None:
         """Write every run queued with :meth:`insert_later` in one batch."""

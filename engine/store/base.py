@@ -162,6 +162,8 @@ class Store(ABC):
     #: True when :meth:`subscribe` also hears other processes' inserts and cancels
     #: (a cluster store); otherwise other processes' work is found by polling
     pushes_remote_changes: ClassVar[bool] = False
+    #: seconds the row of a stopped or silent incarnation stays listed (the engine then prunes it)
+    node_retention: float = 24 * 3600.0
 
     def __init__(
         self,
@@ -347,6 +349,18 @@ class Store(ABC):
     @abstractmethod
     async def nodes(self) -> list[NodeInfo]:
         """Every recorded incarnation, oldest first."""
+
+    @abstractmethod
+    async def prune_nodes(self, older_than: float) -> int:
+        """Delete the rows of incarnations that stopped, or last beat, more than
+        ``older_than`` seconds ago; returns how many.
+
+        Every process start adds a row, so a service restarted often would
+        otherwise grow the table (and the dashboards' node list) without end.
+        Nothing depends on a dead incarnation's row: a run it still claims is
+        recovered when its lease expires, and its queue jobs count as
+        unheld.
+        """
 
     # ---------------------------------------------------------------- small durable state
 

@@ -732,6 +732,16 @@ class MemoryStore(Store):
     async def nodes(self) -> list[NodeInfo]:
         return list(self._nodes.values())
 
+    async def prune_nodes(self, older_than: float) -> int:
+        cutoff = self.clock() - older_than
+        old = [
+            incarnation for incarnation, info in self._nodes.items()
+            if (info.stopped_at if info.stopped_at is not None else info.last_heartbeat) < cutoff
+        ]
+        for incarnation in old:
+            del self._nodes[incarnation]
+        return len(old)
+
     # ---------------------------------------------------------------- small durable state
 
     async def get_periodic(self, name: str) -> float | None:

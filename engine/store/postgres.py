@@ -923,6 +923,10 @@ class PostgresStore(Store):
     async def nodes(self) -> list[NodeInfo]:
         return [node_info(r) for r in await self._run(self._fetch, Q.ALL_NODES, {}, write=False)]
 
+    async def prune_nodes(self, older_than: float) -> int:
+        cutoff = self.clock() - older_than
+        return await self._run(self._exec, Q.PRUNE_NODES, {"cutoff": cutoff}, single=True)  # type: ignore[no-any-return]
+
     # ---------------------------------------------------------------- small durable state
 
     @staticmethod

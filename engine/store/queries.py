@@ -321,6 +321,8 @@ WHERE incarnation = :incarnation"""
 
 NODE_STOPPED = "UPDATE nodes SET stopped_at = :now, running = 0 WHERE incarnation = :incarnation"
 
+PRUNE_NODES = "DELETE FROM nodes WHERE COALESCE(stopped_at, last_heartbeat) < :cutoff"
+
 # ---------------------------------------------------------------- small durable state
 
 GET_PERIODIC = "SELECT last_fire FROM periodic WHERE name = :name"

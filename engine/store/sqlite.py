@@ -687,6 +687,13 @@ class SqliteStore(Store):
     def _nodes(self, tx: _Tx) -> list[NodeInfo]:
         return [_node(r) for r in tx.cur.execute(Q.ALL_NODES).fetchall()]
 
+    async def prune_nodes(self, older_than: float) -> int:
+        return await self._call(self._prune_nodes, self.clock() - older_than)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _prune_nodes(tx: _Tx, cutoff: float) -> int:
+        return tx.cur.execute(Q.PRUNE_NODES, {"cutoff": cutoff}).rowcount
+
     # ---------------------------------------------------------------- small durable state
 
     @staticmethod
