@@ -1,13 +1,17 @@
 """The in-memory run store: the default, as fast as the engine's own queue.
 
-Rows are plain slotted objects; due pending runs wait in one FIFO heap per
-task (keyed by insertion order, so runs re-queued by a retry or a recovery
-keep their place), delayed runs in one heap by due time. Pydantic models are
-built only when a caller reads rows (get, query, cancel), never per insert,
-claim or finish. Nothing here ever waits, so the hot operations also come
-as plain methods (``insert_now``, ``claim_now``, ``finish_now``,
-``prune_now``): the engine calls them directly on its loop, and a run is
-queued and started before ``submit`` returns, without a coroutine per step.
+Rows are plain slotted objects; due pending runs wait in one line per task
+(fresh inserts in a deque, runs re-queued by a retry or a recovery in a small
+heap by insertion order, so they keep their place), delayed runs in one heap
+by due time. Pydantic models are built only when a caller reads rows (get,
+query, cancel), never per insert, claim or finish. Nothing here ever waits,
+so the hot operations also come as plain methods (``insert_now``,
+``claim_now``, ``finish_now``, ``prune_now``): the engine calls them directly
+on its loop, and a run is queued and started before ``submit`` returns,
+without a coroutine per step. Two of them speak the engine's own run entries:
+``admit`` inserts one (no ``NewRun``), and ``take_now`` claims rows and hands
+them back as they are, each linked to the entry it was admitted with (no
+``Claim`` per run).
 """
 
 from __future__ import annotations
