@@ -22,7 +22,8 @@ What each test proves:
   no run is cancelled, left ``running``, or counted as lost;
 - a run that kills its worker is failed as ``WorkerLost`` after three losses,
   or at the first restart with ``on_lost="fail"``;
-- processes opening a new file at the same moment all open it.
+- processes opening a new file at the same moment all open it, and make
+  different run ids however the application seeds ``random``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -45,6 +47,7 @@ from typing import Any
 import pytest
 from taskwatch.engine import Engine, TaskContext
 from taskwatch.engine.store import SqliteStore
+from taskwatch.engine.store.base import new_run_id
 
 from .processes import JsonLineProcess, Line
 
@@ -501,3 +504,27 @@ def test_processes_opening_a_new_file_together_all_open_it(tmp_path: Path) -> No
             assert proc.exitcode == 0
         failures += [o for o in outcomes if o != "ok"]
     assert failures == []
+
+
+def _seeded_run_id(results: Any) -> None:
+    """A forked child that seeds ``random`` as an application might, then makes a run id."""
+    random.seed(7)
+    results.put(new_run_id())
+
+
+def test_run_ids_differ_across_processes_whatever_the_application_seeds() -> None:
+    # processes sharing a store must never make the same id: not forked children of one
+    # parent (they inherit its generator's state), nor processes seeding ``random`` alike
+    random.seed(7)
+    first = new_run_id()
+    random.seed(7)
+    assert new_run_id() != first
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_seeded_run_id, args=(results,)) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    ids = {results.get(timeout=30) for _ in procs}
+    for proc in procs:
+        proc.join(timeout=30)
+    assert len(ids | {new_run_id()}) == 5

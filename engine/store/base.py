@@ -11,6 +11,7 @@ here, so the memory and SQL stores cannot drift apart.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 import weakref
@@ -413,11 +414,15 @@ class Store(ABC):
         """
 
 
-_getrandbits = random.getrandbits
+#: the engine's own generator, seeded from ``os.urandom`` (never from a ``random.seed()`` the
+#: application made: two processes seeded alike would make the same ids), again in a forked child
+_ids = random.Random()
+os.register_at_fork(after_in_child=_ids.seed)
+_getrandbits = _ids.getrandbits
 
 
 def new_run_id() -> str:
-    """16 random hex digits. From ``random`` (seeded from ``os.urandom``, and re-seeded in a
-    forked child), not ``os.urandom`` per id: a system call per run releases the GIL, and a
-    busy store thread can then keep the loop waiting for it back."""
+    """16 random hex digits, from a generator seeded by the system rather than a system call
+    per id: that call releases the GIL, and a busy store thread can then keep the loop
+    waiting for it back."""
     return f"{_getrandbits(64):016x}"
