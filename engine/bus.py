@@ -80,9 +80,15 @@ class Posted:
         self._event: BaseEvent | None = None
 
     def get(self) -> BaseEvent:
+        # fields first: a reader on another thread (a dashboard's) may build this event at
+        # the same time, and sets _event before it drops fields; so fields gone means the
+        # event is there (two builders in a dead heat each build an equal event, both fine)
+        fields = self.fields
         event = self._event
         if event is None:
-            event = self._event = self.cls.__pydantic_validator__.validate_python(self.fields)
+            if fields is None:
+                return self._event  # type: ignore[return-value]
+            event = self._event = self.cls.__pydantic_validator__.validate_python(fields)
             self.fields = None  # the event holds its own copy: one object less for the collector
         return event
 
@@ -146,11 +152,7 @@ class EventBuffer:
             self._events -= 1
             self._taken += 1
             event = item._event  # type: ignore[union-attr]
-            if event is None:
-                # Posted.get, inlined: an ``async for`` reader takes every event this way
-                event = item._event = item.cls.__pydantic_validator__.validate_python(item.fields)  # type: ignore[union-attr]
-                item.fields = None  # type: ignore[union-attr]
-            return event  # type: ignore[no-any-return]
+            return event if event is not None else item.get()  # type: ignore[union-attr,no-any-return]
         if kind is _Gap:
             return EventsDropped(
                 seq=item.first_seq, ts=self.clock(), node=self.node, count=item.count, total=self.dropped  # type: ignore[union-attr]
@@ -175,11 +177,7 @@ class EventBuffer:
                 if kind is Posted:
                     taken += 1  # counted out before it is built: a build that raises loses only itself
                     event = item._event  # type: ignore[union-attr]
-                    if event is None:
-                        # Posted.get, inlined
-                        event = item._event = item.cls.__pydantic_validator__.validate_python(item.fields)  # type: ignore[union-attr]
-                        item.fields = None  # type: ignore[union-attr]
-                    append(event)
+                    append(event if event is not None else item.get())  # type: ignore[union-attr]
                 elif kind is _Gap:
                     append(EventsDropped(
                         seq=item.first_seq, ts=self.clock(), node=self.node, count=item.count, total=self.dropped  # type: ignore[union-attr]

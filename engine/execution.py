@@ -130,6 +130,9 @@ class Execution:
         self._idle: asyncio.Future[None] | None = None
         #: a refill of freed slots is scheduled for the loop's next turn (memory store)
         self._dispatching = False
+        #: start_soon is starting a batch; a nested call asks it to claim again at the end
+        self._starting = False
+        self._start_again = False
         #: when (time.monotonic()) the store's dead incarnations were last pruned
         self._nodes_pruned_at = float("-inf")
 
@@ -143,18 +146,31 @@ class Execution:
         if memory is None:
             self.executor.wake()
             return
-        executor = self.executor
-        free, tasks = executor.room()
-        if not tasks:
+        if self._starting:
+            # called back while starting a batch (a bus callback that submits): the slots of
+            # the batch's later runs are not counted yet, so the batch claims again at its end
+            self._start_again = True
             return
+        executor = self.executor
         runs = self.index.runs
-        for row in memory.take_now(executor.node, executor.incarnation, free, tasks):
-            run = row.run
-            if run is not None and run.status is _PENDING and runs.get(row.id) is run and executor.claiming:
-                # a run this engine admitted, as it indexed it: started without a Claim
-                self._start(run, row.token, row.attempt, row.started_at)  # type: ignore[arg-type]
-            else:
-                self.launch(claim_of(row))
+        self._starting = True
+        try:
+            while True:
+                self._start_again = False
+                free, tasks = executor.room()
+                if not tasks:
+                    return
+                for row in memory.take_now(executor.node, executor.incarnation, free, tasks):
+                    run = row.run
+                    if run is not None and run.status is _PENDING and runs.get(row.id) is run and executor.claiming:
+                        # a run this engine admitted, as it indexed it: started without a Claim
+                        self._start(run, row.token, row.attempt, row.started_at)  # type: ignore[arg-type]
+                    else:
+                        self.launch(claim_of(row))
+                if not self._start_again:
+                    return
+        finally:
+            self._starting = False
 
     def evicted(self) -> None:
         """The index evicted a finished run: the memory store is pruned along, in small steps

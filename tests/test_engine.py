@@ -300,6 +300,41 @@ async def test_result_must_be_json_serialisable() -> None:
     assert run.error is not None and run.error.type == "ResultNotSerializable"
 
 
+async def test_a_bus_callback_that_submits_cannot_push_past_max_concurrency() -> None:
+    # the callback runs inside the start of a batch of runs, before the batch's later runs
+    # hold their slots: the runs it submits must wait for a slot like any other
+    engine = make_engine(max_concurrency=2)
+    gate = asyncio.Event()
+    running = 0
+    peak = 0
+
+    @engine.task
+    async def hold(ctx: TaskContext) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await gate.wait()
+        running -= 1
+
+    extra: list = []
+
+    def on_started(event: object) -> None:
+        if len(extra) < 3:
+            extra.append(engine.submit_nowait("hold"))
+
+    engine.bus.add_callback(on_started, ["run.started"])
+    async with engine:
+        # one insert, then one claim of two runs: the callback fires inside that batch
+        first = await engine.submit_many([("hold", None)] * 4)
+        await eventually(lambda: running == 2)
+        assert engine.stats().running == 2 and engine.stats().queue_depth == 2 + len(extra)
+        gate.set()
+        await eventually(lambda: len(extra) == 3)
+        for h in first + extra:
+            assert (await h.wait(2)).status is RunStatus.SUCCEEDED
+    assert peak == 2
+
+
 async def test_global_and_per_task_concurrency_limits() -> None:
     engine = make_engine(max_concurrency=3)
     gate = asyncio.Event()

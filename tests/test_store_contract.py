@@ -482,18 +482,19 @@ async def test_dead_incarnations_are_pruned_and_their_runs_still_recovered(store
     await store.register_node("web", "stopped-early", "1.0")
     await store.node_stopped("stopped-early")
     await store.register_node("web", "went-silent", "1.0")
+    await store.register_node("batch", "suspended", "1.0")  # silent, but nothing replaced it
     (run_id,) = await insert_ids(store, NewRun("a"))
     await store.claim("web", "went-silent", 1, {"a": None})  # then its process vanished
     clock.advance(50)
     await store.register_node("worker", "alive", "1.0")
-    await store.register_node("web", "stopped-late", "1.0")
+    await store.register_node("web", "stopped-late", "1.0")  # web started again
     await store.node_stopped("stopped-late")
     clock.advance(50)
     await store.node_heartbeat("alive", running=0)
     # gone 100 s and 50 s ago; an hour of retention keeps every row
     assert await store.prune_nodes(3600) == 0
     assert await store.prune_nodes(60) == 2
-    assert [n.incarnation for n in await store.nodes()] == ["alive", "stopped-late"]
+    assert [n.incarnation for n in await store.nodes()] == ["suspended", "alive", "stopped-late"]
     # the silent incarnation's run has no node row any more: its lease still brings it back
     (rec,) = await store.recover()
     assert rec.run_id == run_id and rec.reason == "lease_expired" and rec.action == "requeued"

@@ -353,14 +353,16 @@ class Store(ABC):
 
     @abstractmethod
     async def prune_nodes(self, older_than: float) -> int:
-        """Delete the rows of incarnations that stopped, or last beat, more than
-        ``older_than`` seconds ago; returns how many.
+        """Delete the rows of incarnations that stopped more than ``older_than`` seconds
+        ago, and of those silent that long whose node id has started again since;
+        returns how many.
 
         Every process start adds a row, so a service restarted often would
         otherwise grow the table (and the dashboards' node list) without end.
         Nothing depends on a dead incarnation's row: a run it still claims is
-        recovered when its lease expires, and its queue jobs count as
-        unheld.
+        recovered when its lease expires, and its queue jobs count as unheld.
+        A silent incarnation that nothing replaced stays: it may be a process
+        that was only suspended, and its heartbeats would find no row.
         """
 
     # ---------------------------------------------------------------- small durable state

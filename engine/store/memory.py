@@ -738,9 +738,18 @@ class MemoryStore(Store):
 
     async def prune_nodes(self, older_than: float) -> int:
         cutoff = self.clock() - older_than
+        # registration order: an incarnation is replaced when its node id registered again later
+        replaced: set[str] = set()
+        newest: dict[str, str] = {}
+        for incarnation, info in self._nodes.items():
+            earlier = newest.get(info.node)
+            if earlier is not None:
+                replaced.add(earlier)
+            newest[info.node] = incarnation
         old = [
             incarnation for incarnation, info in self._nodes.items()
-            if (info.stopped_at if info.stopped_at is not None else info.last_heartbeat) < cutoff
+            if (info.stopped_at is not None and info.stopped_at < cutoff)
+            or (info.stopped_at is None and info.last_heartbeat < cutoff and incarnation in replaced)
         ]
         for incarnation in old:
             del self._nodes[incarnation]

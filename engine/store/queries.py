@@ -321,7 +321,14 @@ WHERE incarnation = :incarnation"""
 
 NODE_STOPPED = "UPDATE nodes SET stopped_at = :now, running = 0 WHERE incarnation = :incarnation"
 
-PRUNE_NODES = "DELETE FROM nodes WHERE COALESCE(stopped_at, last_heartbeat) < :cutoff"
+#: incarnations that stopped, or fell silent and were replaced by a later start of the same
+#: node id, before the cutoff (one silent and not replaced may still come back: it stays)
+PRUNE_NODES = """
+DELETE FROM nodes
+WHERE (stopped_at IS NOT NULL AND stopped_at < :cutoff)
+   OR (stopped_at IS NULL AND last_heartbeat < :cutoff
+       AND EXISTS (SELECT 1 FROM nodes AS later
+                   WHERE later.node = nodes.node AND later.registered_seq > nodes.registered_seq))"""
 
 # ---------------------------------------------------------------- small durable state
 
