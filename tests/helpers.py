@@ -41,6 +41,23 @@ class Recorder:
         self._unsubscribe()
 
 
+class Gauge:
+    """How many task bodies are inside :meth:`hold` now, and the most there ever were."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.peak = 0
+
+    async def hold(self, gate: asyncio.Event) -> None:
+        """Count this body in until ``gate`` is set."""
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        try:
+            await gate.wait()
+        finally:
+            self.now -= 1
+
+
 def stray_tasks() -> set[asyncio.Task[Any]]:
     """Tasks still alive on this loop other than the current one."""
     current = asyncio.current_task()

@@ -23,7 +23,7 @@ from taskwatch.engine import (
     UnknownTask,
 )
 
-from .helpers import Recorder, eventually, stray_tasks
+from .helpers import Gauge, Recorder, eventually, stray_tasks
 
 
 class EmbedParams(BaseModel):
@@ -305,16 +305,11 @@ async def test_a_bus_callback_that_submits_cannot_push_past_max_concurrency() ->
     # hold their slots: the runs it submits must wait for a slot like any other
     engine = make_engine(max_concurrency=2)
     gate = asyncio.Event()
-    running = 0
-    peak = 0
+    running = Gauge()
 
     @engine.task
     async def hold(ctx: TaskContext) -> None:
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        await gate.wait()
-        running -= 1
+        await running.hold(gate)
 
     extra: list = []
 
@@ -326,13 +321,13 @@ async def test_a_bus_callback_that_submits_cannot_push_past_max_concurrency() ->
     async with engine:
         # one insert, then one claim of two runs: the callback fires inside that batch
         first = await engine.submit_many([("hold", None)] * 4)
-        await eventually(lambda: running == 2)
+        await eventually(lambda: running.now == 2)
         assert engine.stats().running == 2 and engine.stats().queue_depth == 2 + len(extra)
         gate.set()
         await eventually(lambda: len(extra) == 3)
         for h in first + extra:
             assert (await h.wait(2)).status is RunStatus.SUCCEEDED
-    assert peak == 2
+    assert running.peak == 2
 
 
 async def test_global_and_per_task_concurrency_limits() -> None:

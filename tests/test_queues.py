@@ -18,7 +18,7 @@ from taskwatch.engine import (
 )
 from taskwatch.engine.errors import JobNotSerializable
 
-from .helpers import Recorder, eventually, stray_tasks
+from .helpers import Gauge, Recorder, eventually, stray_tasks
 
 
 def make_engine(**kwargs: object) -> Engine:
@@ -54,14 +54,10 @@ async def test_jobs_are_processed_in_order() -> None:
 async def test_concurrency_limits_jobs_in_flight() -> None:
     engine = make_engine()
     release = asyncio.Event()
-    active = peak = 0
+    active = Gauge()
 
     async def handler(job: dict) -> None:
-        nonlocal active, peak
-        active += 1
-        peak = max(peak, active)
-        await release.wait()
-        active -= 1
+        await active.hold(release)
 
     queue = engine.queue("wide", handler, concurrency=3)
     async with engine:
@@ -72,7 +68,7 @@ async def test_concurrency_limits_jobs_in_flight() -> None:
         assert engine.queues()[0].in_flight == 3
         release.set()
         await asyncio.wait_for(queue.join(), 1.0)
-        assert peak == 3
+        assert active.peak == 3
         assert queue.info().processed == 7
 
 
