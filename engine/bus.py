@@ -37,22 +37,23 @@ DEFAULT_REPLAY = 1_000
 class KindFilter:
     """Matches event kinds exactly, or by prefix when a pattern ends with ``.``."""
 
-    __slots__ = ("_exact", "_prefixes", "_cache", "matches_all")
+    __slots__ = ("_exact", "_prefixes", "answers", "matches_all")
 
     def __init__(self, kinds: Iterable[str] | None) -> None:
         kinds = list(kinds or ())
         self._exact = frozenset(k for k in kinds if not k.endswith("."))
         self._prefixes = tuple(k for k in kinds if k.endswith("."))
-        self._cache: dict[str, bool] = {}
+        #: kind -> whether it matches, filled in as kinds are seen (hot callers look here first)
+        self.answers: dict[str, bool] = {}
         self.matches_all = not kinds
 
     def __call__(self, kind: str) -> bool:
         if self.matches_all:
             return True
-        hit = self._cache.get(kind)
+        hit = self.answers.get(kind)
         if hit is None:
             hit = kind in self._exact or kind.startswith(self._prefixes)
-            self._cache[kind] = hit
+            self.answers[kind] = hit
         return hit
 
 
@@ -230,8 +231,6 @@ class Subscription:
         self.maxsize = maxsize
         self._filter = KindFilter(kinds)
         self._all = self._filter.matches_all
-        #: kind -> whether this subscription takes it (the filter's answers, looked up inline)
-        self._wanted: dict[str, bool] = {}
         # one future shared by every coroutine waiting on this subscription
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
@@ -249,9 +248,9 @@ class Subscription:
     # called by the bus, on the engine's loop
     def _offer(self, event: BaseEvent | Posted, kind: str) -> None:
         if not self._all:
-            wanted = self._wanted.get(kind)
+            wanted = self._filter.answers.get(kind)  # the filter's call, skipped once it answered
             if wanted is None:
-                wanted = self._wanted[kind] = self._filter(kind)
+                wanted = self._filter(kind)
             if not wanted:
                 return
         buffer = self._buffer

@@ -70,6 +70,7 @@ from .snapshot import Snapshot
 from .store import (
     Inserted,
     NewRun,
+    OnLost,
     Page,
     PostgresStore,
     Store,
@@ -96,6 +97,10 @@ _CANCELLED = RunStatus.CANCELLED
 _BACKENDS = ("asyncio", "inline")
 
 
+def _on_lost(run: Run) -> OnLost:
+    """What recovery does with ``run`` when its worker is lost (its task says; a run of a task
+    this node does not know is retried)."""
+    return run.spec.on_lost if run.spec is not None else "retry"
 
 
 def default_node_id() -> str:
@@ -611,8 +616,7 @@ class Engine:
 
         Periodic and trigger tasks are submitted by their own loops only (``internal``).
         """
-        if self._state != "running":
-            raise EngineNotRunning(self._state)
+        self._require_running()
         spec = self._tasks.get(task)
         if spec is None or not (spec.submittable or internal):
             raise UnknownTask(task, (n for n, s in self._tasks.items() if s.submittable))
@@ -634,14 +638,13 @@ class Engine:
 
     @staticmethod
     def _new_row(run: Run) -> NewRun:
-        spec = run.spec
         return NewRun(
             task=run.task,
             params=run.params,
             key=run.key,
             source=run.source,
             max_attempts=run.max_attempts,
-            on_lost=spec.on_lost if spec is not None else "retry",
+            on_lost=_on_lost(run),
             id=run.id,
             created_at=run.created_at,
         )
@@ -687,9 +690,8 @@ class Engine:
                 return RunHandle(self, holder.id, holder)
         memory = self._memory
         if memory is not None:
-            if self._index.counts[_PENDING] >= self.max_queue:
-                self._check_room()  # raises QueueFull
-            held = memory.admit(run, run.spec.on_lost if run.spec is not None else "retry")
+            self._check_room()
+            held = memory.admit(run, _on_lost(run))
             if held is not None:
                 return RunHandle(self, held)  # another engine's pending run holds the key
         else:
@@ -772,7 +774,7 @@ class Engine:
             self._admitted(run)
             self._executor.insert_later(self._new_row(run))
             return RunHandle(self, run.id, run)
-        held = memory.admit(run, run.spec.on_lost if run.spec is not None else "retry")
+        held = memory.admit(run, _on_lost(run))
         if held is not None:
             return RunHandle(self, held)
         self._admitted(run)

@@ -198,8 +198,7 @@ class Execution:
 
     def _finish(self, run: Run, status: RunStatus, now: float) -> None:
         self.index.finished(run, status, now)
-        if self._idle is not None:
-            self._check_idle()
+        self._check_idle()
 
     def _check_idle(self) -> None:
         idle = self._idle
@@ -279,8 +278,7 @@ class Execution:
             # the same turn (a burst) are refilled by one claim instead of one claim each
             self._dispatching = True
             asyncio.get_running_loop().call_soon(self._dispatch)
-        if self._idle is not None:
-            self._check_idle()
+        self._check_idle()
 
     def _dispatch(self) -> None:
         self._dispatching = False
@@ -426,12 +424,8 @@ class Execution:
                 # the task swallowed the cancel and returned: it was still cancelled
                 await self._record(run, token, self._cut_short(run, run.cancel_reason), None)
                 return
-            memory = self.memory
-            if memory is not None:
-                # _record for the memory store, without a coroutine: its finish never waits
-                if run.token == token:
-                    outcome = Succeeded(result)
-                    self._apply_outcome(run, token, outcome, None, memory.finish_now(token, outcome))
+            if self.memory is not None:
+                self._record_now(run, token, Succeeded(result), None, self.memory)  # no coroutine per run
                 return
             await self._record(run, token, Succeeded(result), None)
             return
@@ -454,13 +448,11 @@ class Execution:
 
     async def _record(self, run: Run, token: str, outcome: Outcome, error: RunError | None) -> None:
         """Write ``outcome`` with the claim's token, then bring the index and the bus up to date."""
+        if self.memory is not None:
+            self._record_now(run, token, outcome, error, self.memory)
+            return
         if run.token != token:
             return  # the claim was lost: another node owns the run now
-        memory = self.memory
-        if memory is not None:
-            # the memory store's finish never suspends: nothing can cut it short
-            self._apply_outcome(run, token, outcome, error, memory.finish_now(token, outcome))
-            return
         write = asyncio.ensure_future(self._write_outcome(run, token, outcome))
         self._finishing.add(token)
         # the attempt is over: its slot may take the next run while the outcome is written,
@@ -479,6 +471,11 @@ class Execution:
             self._finishing.discard(token)
             executor.writing(run.task, -1)
         self._apply_outcome(run, token, outcome, error, status)
+
+    def _record_now(self, run: Run, token: str, outcome: Outcome, error: RunError | None, memory: MemoryStore) -> None:
+        """:meth:`_record` for the memory store, whose finish never suspends: nothing can cut it short."""
+        if run.token == token:  # else the claim was lost: another node owns the run now
+            self._apply_outcome(run, token, outcome, error, memory.finish_now(token, outcome))
 
     async def _write_outcome(self, run: Run, token: str, outcome: Outcome) -> RunStatus | None:
         """``store.finish``, tried again for a while if the store is busy (the claim stays heartbeaten)."""

@@ -39,6 +39,7 @@ log = logging.getLogger("taskwatch.executor")
 #: no task has room (shared, never changed)
 _NONE: Mapping[str, int | None] = {}
 
+
 class Executor:
     def __init__(
         self,
