@@ -253,11 +253,7 @@ class Subscription:
                 wanted = self._filter(kind)
             if not wanted:
                 return
-        buffer = self._buffer
-        if buffer._events < buffer.maxsize:
-            # EventBuffer.offer and _wake, inlined: this runs once per event per subscriber
-            buffer._items.append(event)
-            buffer._events += 1
+        if self._buffer.offer(event):
             waiter = self._waiter
             if waiter is not None:
                 # woken once: the next events find no waiter until a reader waits again
@@ -265,7 +261,6 @@ class Subscription:
                 if not waiter.done():
                     waiter.set_result(None)
         else:
-            buffer.offer(event)  # counts the drop and marks the gap
             self._bus.dropped_total += 1
 
     def _wake(self) -> None:
@@ -300,12 +295,11 @@ class Subscription:
         return self
 
     async def __anext__(self) -> BaseEvent:
-        buffer = self._buffer
-        while not buffer._items:
+        while not self._buffer:
             if self.closed:
                 raise StopAsyncIteration
             await self.wait()
-        return buffer.take_one()
+        return self._buffer.take_one()
 
     def close(self) -> None:
         if not self.closed:
@@ -385,13 +379,7 @@ class EventBus:
         fields["ts"] = self.clock()
         fields["node"] = self.node
         kind = _KIND.get(cls) or kind_of(cls)
-        item = Posted(cls, fields, kind, seq)
-        # _deliver, inlined: the engine posts three of these per run
-        self._ring.append(item)
-        for sub in self._subs:
-            sub._offer(item, kind)
-        if self._callbacks:
-            self._call_back(item, kind)
+        self._deliver(Posted(cls, fields, kind, seq), kind)
 
     def publish(self, event: BaseEvent) -> BaseEvent:
         """Publish a ready-made event, restamping it with the next ``seq``."""

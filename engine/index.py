@@ -19,7 +19,6 @@ from collections.abc import Callable
 
 from .runs import Run, RunError, RunList, RunStatus
 
-_monotonic = time.monotonic
 _PENDING = RunStatus.PENDING
 _RUNNING = RunStatus.RUNNING
 _SUCCEEDED = RunStatus.SUCCEEDED
@@ -107,8 +106,7 @@ class RunIndex:
         run.started_at = started_at
         run.finished_at = None
         run.run_after = 0.0
-        if run.key is not None:
-            self.release_key(run)
+        self.release_key(run)
 
     def unclaimed(self, run: Run) -> None:
         """This node no longer executes ``run``: shown pending until the store says more."""
@@ -145,11 +143,10 @@ class RunIndex:
         run.status = status
         run.finished_at = now
         run.run_after = 0.0
-        if run.key is not None:
-            self.release_key(run)
+        self.release_key(run)
         self.finished_total += 1
         self.totals[status] += 1
-        second = int(_monotonic())
+        second = int(time.monotonic())
         bucket = self._bucket
         if bucket[0] != second:
             bucket = self._new_bucket(second)
@@ -163,11 +160,7 @@ class RunIndex:
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(record)
-        # _remember_finished, inlined: this runs once per run
-        finished = self._finished
-        finished[run.id] = None
-        if len(finished) > self.history:
-            self._evict()
+        self._remember_finished(run)
 
     def _new_bucket(self, second: int) -> list[int]:
         tp = self._tp

@@ -251,7 +251,6 @@ class MemoryStore(Store):
         elif runs and runs[0].id is not None and runs[0].id in rows:
             raise DuplicateRunId(runs[0].id)
         out: list[Inserted] = []
-        ready = self._ready
         added = 0
         for new in runs:
             key = new.key
@@ -269,18 +268,7 @@ class MemoryStore(Store):
                 seq, run_id, new.task, new.params, new.max_attempts, key, new.source, new.on_lost,
                 created, now + delay if delay > 0 else now, None,
             )
-            rows[run_id] = row
-            self._order.append(row)
-            if key is not None:
-                keys[(new.task, key)] = row
-                row.holds_key = True
-            if delay > 0:
-                heapq.heappush(self._delayed, (row.run_after, seq, row))
-            else:
-                line = ready.get(new.task)
-                if line is None:
-                    line = ready[new.task] = _Line()
-                line.fresh.append(row)
+            self._place(row, delayed=delay > 0)
             added += 1
             out.append(Inserted(run_id, True))
         if added:
@@ -306,26 +294,33 @@ class MemoryStore(Store):
             if held is not None:
                 return held.id
         run_id = run.id
-        rows = self._rows
-        if run_id in rows:
+        if run_id in self._rows:
             raise DuplicateRunId(run_id)
         self._seq += 1
         created = run.created_at
         row = MemoryRow(self._seq, run_id, task, run.params, run.max_attempts, key, run.source, on_lost, created, created, run)
-        rows[run_id] = row
-        self._order.append(row)
-        if key is not None:
-            self._keys[(task, key)] = row
-            row.holds_key = True
-        line = self._ready.get(task)
-        if line is None:
-            line = self._ready[task] = _Line()
-        line.fresh.append(row)
+        self._place(row, delayed=False)
         self._counts[_PENDING] += 1
         self._totals["inserted"] += 1
         if self._notifying:
             self._notify(work=True)
         return None
+
+    def _place(self, row: MemoryRow, *, delayed: bool) -> None:
+        """File a new pending row: by id, in insertion order, under its dedup key, and in its
+        task's line (or among the delayed ones, by due time)."""
+        self._rows[row.id] = row
+        self._order.append(row)
+        if row.key is not None:
+            self._keys[(row.task, row.key)] = row
+            row.holds_key = True
+        if delayed:
+            heapq.heappush(self._delayed, (row.run_after, row.seq, row))
+        else:
+            line = self._ready.get(row.task)
+            if line is None:
+                line = self._ready[row.task] = _Line()
+            line.fresh.append(row)
 
     def _check_insert(self, runs: Sequence[NewRun], max_pending: int | None) -> None:
         """Refuse the whole batch before anything changes."""
