@@ -122,8 +122,8 @@ class Execution:
         self._claimed: dict[str, Run] = {}
         #: claims whose outcome is being written: a heartbeat that finds them ended is not news
         self._finishing: set[str] = set()
-        #: outcome writes started from callbacks, awaited by stop()
-        self._writes: set[asyncio.Task[Any]] = set()
+        #: outcome writes in flight, awaited by stop()
+        self._writes: set[asyncio.Future[Any]] = set()
         #: runs evicted from the index since the memory store was last pruned
         self._evicted = 0
         self._prune_every = max(64, index.history // 8)
@@ -194,7 +194,8 @@ class Execution:
 
     async def await_writes(self) -> None:
         """Outcomes written from callbacks (hand-backs, cancels before a first step)."""
-        await asyncio.gather(*self._writes, return_exceptions=True)
+        while self._writes:  # until none is left: a landing write's callbacks may start another
+            await asyncio.gather(*self._writes, return_exceptions=True)
 
     def _finish(self, run: Run, status: RunStatus, now: float) -> None:
         self.index.finished(run, status, now)
@@ -258,18 +259,20 @@ class Execution:
     def _ended(self, run: Run, token: str, task: asyncio.Task[None]) -> None:
         if run.handle is task:
             run.handle = None
-        self._claimed.pop(token, None)
-        if run.status is _RUNNING and run.token == token:
-            # cancelled before its first step, or while writing its outcome: nothing recorded it
-            run.token = None
-            reason = run.cancel_reason or "external"
-            if reason == "shutdown" and self.durable:
-                self._hand_back(run, token)
-            else:
-                self.finish_cancelled(run, reason, was_running=True)
-                self._write_later(token, Cancelled(reason))
-        elif run.status is _RUNNING and run.token is None and run.handle is None:
-            self.index.unclaimed(run)  # the claim was lost: the run is another node's now
+        # a claim whose outcome is on its way to the store ends with that write
+        if token not in self._finishing:
+            self._claimed.pop(token, None)
+            if run.status is _RUNNING and run.token == token:
+                # cancelled before its first step: nothing recorded it
+                run.token = None
+                reason = run.cancel_reason or "external"
+                if reason == "shutdown" and self.durable:
+                    self._hand_back(run, token)
+                else:
+                    self.finish_cancelled(run, reason, was_running=True)
+                    self._write_later(token, Cancelled(reason))
+            elif run.status is _RUNNING and run.token is None and run.handle is None:
+                self.index.unclaimed(run)  # the claim was lost: the run is another node's now
         self.executor.released(run.task)
         if self.memory is None:
             self.executor.wake()
@@ -298,14 +301,18 @@ class Execution:
         """
         if self.engine.loop is None or self.engine.loop.is_closed():
             return
-        task = self.engine.loop.create_task(self.store.finish(token, outcome), name="taskwatch-outcome-write")
-        self._writes.add(task)
-        task.add_done_callback(self._written)
+        try:
+            write = asyncio.ensure_future(self.store.finish(token, outcome), loop=self.engine.loop)
+        except StoreError as exc:
+            log.warning("writing a run's outcome to the store failed: %s", exc)
+            return
+        self._writes.add(write)
+        write.add_done_callback(self._written)
 
-    def _written(self, task: asyncio.Task[Any]) -> None:
-        self._writes.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("writing a run's outcome to the store failed", exc_info=task.exception())
+    def _written(self, write: asyncio.Future[Any]) -> None:
+        self._writes.discard(write)
+        if not write.cancelled() and write.exception() is not None:
+            log.warning("writing a run's outcome to the store failed", exc_info=write.exception())
 
     def held_claims(self) -> dict[str, Progress]:
         return {token: Progress(done=run.done, total=run.total, message=run.message) for token, run in self._claimed.items()}
@@ -367,7 +374,7 @@ class Execution:
                 type="UnknownTask",
                 message=f"task {run.task!r} is not registered on node {self.engine.node_id!r}; register it there, or run it elsewhere",
             )
-            await self._record(run, token, Failed(error), error)
+            self._record(run, token, Failed(error), error)
             return
         try:
             model = run.model
@@ -391,10 +398,10 @@ class Execution:
         except asyncio.CancelledError:
             reason = run.cancel_reason or "external"
             if reason == "external" and run.token is not None:
-                await self._record(run, token, Cancelled(reason), None)
+                self._record(run, token, Cancelled(reason), None)
                 raise
             if run.token is not None:
-                await self._record(run, token, self._cut_short(run, reason), None)
+                self._record(run, token, self._cut_short(run, reason), None)
             # our own cancel: the run is recorded, the task ends normally
             current = asyncio.current_task()
             if current is not None:
@@ -422,23 +429,20 @@ class Execution:
         else:
             if run.cancel_reason is not None:
                 # the task swallowed the cancel and returned: it was still cancelled
-                await self._record(run, token, self._cut_short(run, run.cancel_reason), None)
+                self._record(run, token, self._cut_short(run, run.cancel_reason), None)
                 return
-            if self.memory is not None:
-                self._record_now(run, token, Succeeded(result), None, self.memory)  # no coroutine per run
-                return
-            await self._record(run, token, Succeeded(result), None)
+            self._record(run, token, Succeeded(result), None)
             return
         if run.cancel_reason is not None:
             # cancelled while it was failing: the user's intent wins
-            await self._record(run, token, self._cut_short(run, run.cancel_reason), None)
+            self._record(run, token, self._cut_short(run, run.cancel_reason), None)
             return
         if run.attempt < run.max_attempts and self.engine.state != "stopped":
             delay = min(spec.backoff_max, spec.backoff * 2 ** (run.attempt - 1))
             delay *= random.uniform(0.5, 1.0)  # jitter so retries of a burst spread out
-            await self._record(run, token, Retry(error, delay), error)
+            self._record(run, token, Retry(error, delay), error)
             return
-        await self._record(run, token, Failed(error), error)
+        self._record(run, token, Failed(error), error)
 
     def _cut_short(self, run: Run, reason: CancelReason) -> Outcome:
         """A durable store keeps a run cut short by shutdown for the next start; else it is cancelled."""
@@ -446,36 +450,55 @@ class Execution:
             return Retry(RunError(type="Shutdown", message=f"node {self.engine.node_id!r} stopped while the run was executing; re-queued"), 0.0)
         return Cancelled(reason)
 
-    async def _record(self, run: Run, token: str, outcome: Outcome, error: RunError | None) -> None:
-        """Write ``outcome`` with the claim's token, then bring the index and the bus up to date."""
-        if self.memory is not None:
-            self._record_now(run, token, outcome, error, self.memory)
-            return
+    def _record(self, run: Run, token: str, outcome: Outcome, error: RunError | None) -> None:
+        """Write ``outcome`` with the claim's token, then bring the index and the bus up to date.
+
+        The memory store's finish never suspends: all of it happens now. A durable
+        store's write goes out now and the outcome applies when the store has it: the
+        attempt is over, so its task ends and its slot takes the next run while the write
+        travels (that run's claim rides beside it). The claim stays held and heartbeaten
+        until the write lands, and nothing cancels the write: what the store holds and
+        what this node reports must agree.
+        """
         if run.token != token:
             return  # the claim was lost: another node owns the run now
-        write = asyncio.ensure_future(self._write_outcome(run, token, outcome))
-        self._finishing.add(token)
-        # the attempt is over: its slot may take the next run while the outcome is written,
-        # so that run's claim travels beside this write instead of after it
-        executor = self.executor
-        executor.writing(run.task, 1)
-        try:
-            # a cancel or a stop arriving now must not cut the write short: what the
-            # store holds and what this node reports would disagree
-            status = await asyncio.shield(write)
-        except asyncio.CancelledError:
-            status = await write
-            self._apply_outcome(run, token, outcome, error, status)
-            raise
-        finally:
-            self._finishing.discard(token)
-            executor.writing(run.task, -1)
-        self._apply_outcome(run, token, outcome, error, status)
-
-    def _record_now(self, run: Run, token: str, outcome: Outcome, error: RunError | None, memory: MemoryStore) -> None:
-        """:meth:`_record` for the memory store, whose finish never suspends: nothing can cut it short."""
-        if run.token == token:  # else the claim was lost: another node owns the run now
+        memory = self.memory
+        if memory is not None:
             self._apply_outcome(run, token, outcome, error, memory.finish_now(token, outcome))
+            return
+        self._finishing.add(token)
+        self._send(run, token, outcome, error, again=False)
+
+    def _send(self, run: Run, token: str, outcome: Outcome, error: RunError | None, *, again: bool) -> None:
+        """Start writing an outcome: the store's own future first (no task per write); if the
+        store is busy, a writer that tries again for a while."""
+        write: asyncio.Future[RunStatus | None] | None = None
+        if not again:
+            try:
+                write = asyncio.ensure_future(self.store.finish(token, outcome))
+            except StoreError:
+                again = True
+        if write is None:
+            write = asyncio.ensure_future(self._write_outcome(run, token, outcome))
+        self._writes.add(write)
+        write.add_done_callback(functools.partial(self._outcome_written, run, token, outcome, error, again))
+
+    def _outcome_written(
+        self, run: Run, token: str, outcome: Outcome, error: RunError | None, again: bool,
+        write: asyncio.Future[RunStatus | None],
+    ) -> None:
+        self._writes.discard(write)
+        exc = None if write.cancelled() else write.exception()
+        if exc is not None and not again and isinstance(exc, StoreError) and not isinstance(exc, StoreClosed):
+            self._send(run, token, outcome, error, again=True)  # the claim stays held and heartbeaten
+            return
+        if exc is not None:
+            log.error("writing the outcome of run %s failed (%s); recovery will run it again", run.id, exc)
+        self._finishing.discard(token)
+        status = None if exc is not None or write.cancelled() else write.result()
+        self._apply_outcome(run, token, outcome, error, status)
+        self._claimed.pop(token, None)  # the claim ends with its write, whatever the store said
+        self._check_idle()
 
     async def _write_outcome(self, run: Run, token: str, outcome: Outcome) -> RunStatus | None:
         """``store.finish``, tried again for a while if the store is busy (the claim stays heartbeaten)."""
@@ -487,6 +510,7 @@ class Execution:
                 if attempt == 7 or isinstance(exc, StoreClosed):
                     log.error("writing the outcome of run %s failed (%s); recovery will run it again", run.id, exc)
                     return None
+                log.info("writing the outcome of run %s: %s; trying again in %g s", run.id, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
         return None

@@ -92,9 +92,6 @@ class Executor:
         #: attempts executing here, in all and per task
         self.running = 0
         self._per_task: dict[str, int] = {}
-        #: of those, attempts that ended and whose outcome is being written, in all and per task
-        self._writing = 0
-        self._writing_per_task: dict[str, int] = {}
         self._seen_limits: Mapping[str, int | None] | None = None
         self._unlimited = False
         #: the tasks with a concurrency limit, which a shared store holds across every node
@@ -192,18 +189,6 @@ class Executor:
         if task in self._caps:  # only capped tasks need their own count (see room)
             self._per_task[task] = self._per_task.get(task, 0) + 1
 
-    def writing(self, task: str, delta: int) -> None:
-        """An attempt of ``task`` ended and its outcome is being written (``delta`` 1), or the
-        write is done (-1). Its slot counts as free meanwhile: the attempt executes no more."""
-        self._writing += delta
-        left = self._writing_per_task.get(task, 0) + delta
-        if left > 0:
-            self._writing_per_task[task] = left
-        else:
-            self._writing_per_task.pop(task, None)
-        if delta > 0 and self._claiming:
-            self._wake.set()
-
     def released(self, task: str) -> None:
         """An attempt of ``task`` ended here: its slot is free (the engine then starts what is due)."""
         self.running -= 1
@@ -226,7 +211,7 @@ class Executor:
 
     def room(self) -> tuple[int, Mapping[str, int | None]]:
         """Free slots in all, and per task this node can run (None: no limit of its own)."""
-        free = self.max_concurrency - self.running + self._writing
+        free = self.max_concurrency - self.running
         if free <= 0 or not self._claiming or self._cut_since is not None:
             return 0, _NONE
         limits = self._limits()
@@ -238,12 +223,11 @@ class Executor:
         if self._unlimited:
             return free, limits
         per_task = self._per_task
-        writing = self._writing_per_task
         tasks: dict[str, int | None] = {}
         for name, limit in limits.items():
             if limit is None:
                 tasks[name] = None
-            elif (room := limit - per_task.get(name, 0) + writing.get(name, 0)) > 0:
+            elif (room := limit - per_task.get(name, 0)) > 0:
                 tasks[name] = room
         return free, tasks
 
@@ -286,7 +270,7 @@ class Executor:
                 # on the next round; the error must not end the loop for good
                 log.exception("claiming runs failed; trying again in %.2g s", self.poll_interval)
                 claimed = 0
-            if claimed and self.max_concurrency - self.running + self._writing > 0:
+            if claimed and self.max_concurrency - self.running > 0:
                 continue  # more may be due: claim again before sleeping
             timeout = self.poll_interval
             due = self._next_due()

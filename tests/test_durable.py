@@ -506,6 +506,13 @@ def test_processes_opening_a_new_file_together_all_open_it(tmp_path: Path) -> No
     assert failures == []
 
 
+def test_run_ids_sort_in_the_order_they_are_made() -> None:
+    # so a store's index of ids grows at its end rather than at a random page per insert
+    ids = [new_run_id() for _ in range(10_000)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+
+
 def _seeded_run_id(results: Any) -> None:
     """A forked child that seeds ``random`` as an application might, then makes a run id."""
     random.seed(7)

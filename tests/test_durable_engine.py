@@ -190,3 +190,42 @@ async def test_a_heartbeat_crossing_a_finish_is_not_taken_for_a_lost_claim(
         assert all(r.status == "succeeded" for r in records)
         assert engine.stats().by_status["running"] == 0
     assert "lost the claim" not in caplog.text
+
+
+async def test_an_outcome_refused_by_a_busy_file_is_written_once_the_file_is_free(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # another process holds the file's write lock past the store's busy timeout just as a
+    # run ends: the outcome waits for the file and is written, not left to recovery
+    import asyncio
+    import logging
+    import sqlite3
+
+    from taskwatch.engine import RunStatus
+
+    db = tmp_path / "busy.db"
+    engine = Engine(store=f"sqlite:///{db}?busy_timeout=50", health_interval=None)
+    go = asyncio.Event()
+
+    @engine.task
+    async def waits(ctx: TaskContext) -> str:
+        await go.wait()
+        return "written"
+
+    caplog.set_level(logging.INFO, logger="taskwatch.engine")
+    async with engine:
+        handle = await engine.submit("waits")
+        await eventually(lambda: engine.get(handle.id).status is RunStatus.RUNNING)
+        other = sqlite3.connect(db, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            go.set()
+            await eventually(lambda: f"writing the outcome of run {handle.id}" in caplog.text, timeout=10)
+            assert engine.get(handle.id).status is RunStatus.RUNNING  # nothing reported before the store has it
+        finally:
+            other.rollback()
+            other.close()
+        record = await handle.wait(timeout=10)
+        assert (record.status, record.result) == (RunStatus.SUCCEEDED, "written")
+        stored = await engine.fetch_run(handle.id)
+        assert (stored.status, stored.attempt) == (RunStatus.SUCCEEDED, 1)

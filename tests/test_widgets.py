@@ -285,7 +285,7 @@ async def test_runs_table_renders_a_cell_once_and_again_only_when_it_changes() -
 
 async def test_runs_table_of_5000_runs_draws_a_screenful_and_reaches_the_oldest_run() -> None:
     table = RunsTable(max_rows=5000)
-    ids = [f"r{i:07d}-abcdef01" for i in range(5000)]  # the first 8 characters show
+    ids = [f"abcdef01-r{i:07d}" for i in range(5000)]  # the last 8 characters show
     async with Host(table).run_test(size=SIZE) as pilot:
         table.update_runs([run(run_id, i) for i, run_id in enumerate(ids)], now=T0 + 5000)
         await pilot.pause()
@@ -308,7 +308,7 @@ async def test_runs_table_of_5000_runs_draws_a_screenful_and_reaches_the_oldest_
         page = table.cursor_row
         assert 0 < page < lines
         shown = [table.render_line(y).text.split()[0] for y in range(1, lines)]
-        assert ids[4999 - page][:8] in shown  # the cursor's run is on screen
+        assert ids[4999 - page][-8:] in shown  # the cursor's run is on screen
         assert table.cells_rendered <= 4 * lines * len(RunsTable.COLUMNS)
 
 
@@ -316,16 +316,16 @@ async def test_runs_table_keeps_the_chosen_run_while_a_thousand_newer_runs_arriv
     table = RunsTable(max_rows=5000)
     host = Host(table)
     async with host.run_test(size=SIZE) as pilot:
-        table.update_runs([run(f"old{i:05d}-0000000", i) for i in range(200)], now=T0 + 200)
+        table.update_runs([run(f"0000000-old{i:05d}", i) for i in range(200)], now=T0 + 200)
         await pilot.pause()
-        chosen = "old00120-0000000"
+        chosen = "0000000-old00120"
         table.focus()
         assert table.select_run(chosen)
         await pilot.pause()
         before = table.cursor_row
         for batch in range(10):
             table.update_runs(
-                [run(f"new{batch}{i:04d}-0000000", 1000 + batch * 100 + i) for i in range(100)], now=T0 + 2000
+                [run(f"0000000-new{batch}{i:04d}", 1000 + batch * 100 + i) for i in range(100)], now=T0 + 2000
             )
             await pilot.pause()
             assert table.selected_run_id == chosen

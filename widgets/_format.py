@@ -27,7 +27,8 @@ def status_style(status: str | None) -> str:
 
 
 def short_id(run_id: str | None, length: int = 8) -> str:
-    return run_id[:length] if run_id else DASH
+    # the end of an id tells runs apart: the default ids begin with the time they were made
+    return run_id[-length:] if run_id else DASH
 
 
 def fmt_clock(ts: float | None) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import os
 import queue
 import sqlite3
@@ -22,15 +23,22 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal
 
-
 from ..errors import QueueFull, RunNotFound
 from ..runs import CancelReason, Progress, RunStatus
 from . import queries as Q
 from .base import Clock, Store, adoptable, gone_incarnations, new_run_id
-from .errors import DuplicateRunId, SchemaTooNew, StoreBusy, StoreClosed, StoreError, StoreUnavailable
+from .errors import (
+    DuplicateRunId,
+    SchemaTooNew,
+    StoreBusy,
+    StoreClosed,
+    StoreError,
+    StoreUnavailable,
+)
+from .memory import parse_cursor
 from .models import (
-    CancelResult,
     Cancelled,
+    CancelResult,
     Claim,
     Counts,
     Failed,
@@ -44,16 +52,15 @@ from .models import (
     Retry,
     StoredJob,
     StoredRun,
-    TriggerKeyRecord,
     Succeeded,
+    TriggerKeyRecord,
 )
-from .memory import parse_cursor
-from .rows import counts_of, dumps as _dumps
+from .rows import book_recovered, counts_of, recovery_step
+from .rows import dumps as _dumps
 from .rows import error_json as _error_json
 from .rows import loads as _loads
 from .rows import node_info as _node
 from .rows import seq_of as _seq_of
-from .rows import book_recovered, recovery_step
 from .rows import stored_run as _stored
 
 SYNCHRONOUS = ("off", "normal", "full", "extra")
@@ -82,7 +89,12 @@ class _Tx:
         self.totals[name] = self.totals.get(name, 0) + n
 
 
-_Op = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]", bool]
+_NONCE_MASK = (1 << 64) - 1
+#: status -> its text (an enum's ``.value`` is a descriptor call, on the writer's hot path)
+_VALUES = {status: status.value for status in RunStatus}
+
+#: (operation, its arguments, the caller's future, whether it writes, whether it is one statement)
+_Op = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]", bool, bool]
 
 
 class SqliteStore(Store):
@@ -116,6 +128,10 @@ class SqliteStore(Store):
         self.max_batch = max_batch
         self._where = repr(self.path)
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        # claim tokens: a counter from a random start tells this store's claims apart from
+        # every other process's, with no system call per claim (one would release the GIL
+        # the loop may be waiting for)
+        self._nonces = itertools.count(int.from_bytes(os.urandom(8), "big"))
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exited: concurrent.futures.Future[None] | None = None
@@ -283,21 +299,31 @@ class SqliteStore(Store):
             self._deliver_threadsafe([(op[2], None, err) for op in batch], tx)
             return
         insert = self._insert
-        for fn, args, fut, _ in batch:
+        for fn, args, fut, _, single in batch:
             if fn != insert:
                 tx.pending = None
-            saved = (dict(tx.totals), tx.work, len(tx.cancels), len(tx.finished), tx.pending)
-            cur.execute("SAVEPOINT op")
+            # a failed operation leaves the batch as it found it: SQLite undoes a failed
+            # statement by itself, so only operations of several writes need a savepoint
+            # (and a single statement fails before the operation counts anything in tx)
+            pending = tx.pending
+            saved = None if single else (dict(tx.totals), tx.work, len(tx.cancels), len(tx.finished))
+            if saved is not None:
+                cur.execute("SAVEPOINT op")
             try:
                 res = fn(tx, *args)
             except Exception as exc:  # noqa: BLE001 - handed to the caller
-                cur.execute("ROLLBACK TO op")
-                cur.execute("RELEASE op")
-                tx.totals, tx.work, tx.pending = saved[0], saved[1], saved[4]
-                del tx.cancels[saved[2] :], tx.finished[saved[3] :]
+                tx.pending = pending
+                if saved is not None:
+                    cur.execute("ROLLBACK TO op")
+                    cur.execute("RELEASE op")
+                    tx.totals, tx.work = saved[0], saved[1]
+                    del tx.cancels[saved[2] :], tx.finished[saved[3] :]
+                elif not conn.in_transaction:
+                    raise  # SQLite rolled the whole transaction back (a full disk, say): the batch failed
                 results.append((fut, None, self._translate(exc)))
             else:
-                cur.execute("RELEASE op")
+                if saved is not None:
+                    cur.execute("RELEASE op")
                 results.append((fut, res, None))
         try:
             if tx.totals:
@@ -349,13 +375,15 @@ class SqliteStore(Store):
         if self._notifying and (work or cancels or finished):
             self._notify(work, cancels, finished)
 
-    def _call(self, fn: Callable[..., Any], *args: Any, write: bool = True) -> asyncio.Future[Any]:
+    def _call(self, fn: Callable[..., Any], *args: Any, write: bool = True, single: bool = False) -> asyncio.Future[Any]:
+        """Queue ``fn(tx, *args)`` for the writer. ``single``: it writes with one statement at
+        most (reads aside), which fails whole or not at all."""
         if self._thread is None or self._closing:
             raise StoreClosed(self._where)
         loop = self._loop
         assert loop is not None
         fut = loop.create_future()
-        self._queue.put((fn, args, fut, write))
+        self._queue.put((fn, args, fut, write, single or not write))
         return fut
 
     # ---------------------------------------------------------------- runs
@@ -363,7 +391,7 @@ class SqliteStore(Store):
     async def insert(self, runs: Sequence[NewRun], *, max_pending: int | None = None) -> list[Inserted]:
         if not runs:
             return []
-        return await self._call(self._insert, list(runs), self.clock(), max_pending)  # type: ignore[no-any-return]
+        return await self._call(self._insert, list(runs), self.clock(), max_pending, single=len(runs) == 1)  # type: ignore[no-any-return]
 
     def _insert(self, tx: _Tx, runs: list[NewRun], now: float, max_pending: int | None) -> list[Inserted]:
         cur = tx.cur
@@ -409,7 +437,10 @@ class SqliteStore(Store):
                 raise QueueFull("the run store's pending queue", max_pending)
             tx.pending = pending
         try:
-            cur.executemany(Q.INSERT_RUN, rows)
+            if len(rows) == 1:
+                cur.execute(Q.INSERT_RUN, rows[0])  # the common case: half the cost of executemany
+            else:
+                cur.executemany(Q.INSERT_RUN, rows)
         except sqlite3.IntegrityError:
             for row in rows:
                 if cur.execute(Q.RUN_ID_EXISTS, {"id": row["id"]}).fetchone() is not None:
@@ -466,7 +497,7 @@ class SqliteStore(Store):
         takes = []
         claims = []
         for seq, run_id, task, params, attempt, max_attempts, created_at, key, source, lost_count in found:
-            token = f"{seq}.{os.urandom(8).hex()}"
+            token = f"{seq}.{next(self._nonces) & _NONCE_MASK:016x}"
             takes.append(
                 {"seq": seq, "node": node, "incarnation": incarnation, "token": token, "lease_until": lease_until, "now": now}
             )
@@ -506,10 +537,11 @@ class SqliteStore(Store):
                 cancel[token] = row[1] or "user"
         return HeartbeatResult(cancel=cancel, lost=lost)
 
-    async def finish(self, token: str, outcome: Outcome) -> RunStatus | None:
+    def finish(self, token: str, outcome: Outcome) -> asyncio.Future[RunStatus | None]:
+        # the writer's future itself, no coroutine around it (see Store.finish)
         if not isinstance(outcome, (Succeeded, Failed, Cancelled, Retry)):
             raise TypeError(f"unknown outcome {outcome!r}; pass Succeeded, Failed, Cancelled or Retry")
-        return await self._call(self._finish, token, outcome, self.clock())  # type: ignore[no-any-return]
+        return self._call(self._finish, token, outcome, self.clock(), single=True)
 
     def _finish(self, tx: _Tx, token: str, outcome: Outcome, now: float) -> RunStatus | None:
         cur = tx.cur
@@ -545,11 +577,11 @@ class SqliteStore(Store):
         else:
             status = RunStatus.CANCELLED
             base["cancel_reason"] = outcome.reason
-        base["status"] = status.value
+        base["status"] = value = _VALUES[status]
         ended = cur.execute(Q.END_CLAIMED, base).fetchone()
         if ended is None:
             return None
-        tx.add(status.value)
+        tx.add(value)
         tx.finished.append(ended[0])
         return status
 
