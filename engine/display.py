@@ -96,6 +96,12 @@ def on_engine_thread(engine: Engine, fn: Callable[[Engine], T], timeout: float =
 # ---------------------------------------------------------------- text helpers
 
 
+def short_id(run_id: str) -> str:
+    """The last 8 characters: the default run ids of one process count up, so their
+    first digits are the same."""
+    return run_id[-8:]
+
+
 def error_line(run: RunRecord) -> str:
     """``Type: first line of the message`` -- what a list of failures shows."""
     if run.error is None:
@@ -193,7 +199,7 @@ def _runs_table_html(runs: Sequence[RunRecord], now: float) -> str:
         colour = _HTML_COLOURS[run.status]
         rows.append(
             "<tr>"
-            f'<td style="{_CELL}"><code title="{_e(run.id)}">{_e(run.id[:8])}</code></td>'
+            f'<td style="{_CELL}"><code title="{_e(run.id)}">{_e(short_id(run.id))}</code></td>'
             f'<td style="{_CELL}">{_e(run.task)}</td>'
             f'<td style="{_CELL}; color: {colour}">{_e(run.status.value)}</td>'
             f'<td style="{_CELL}">{_progress_html(run)}</td>'
@@ -211,7 +217,7 @@ def _failures_html(failures: Sequence[RunRecord]) -> str:
     if not failures:
         return ""
     items = "".join(
-        f'<li><code>{_e(run.id[:8])}</code> {_e(run.task)}: '
+        f'<li><code>{_e(short_id(run.id))}</code> {_e(run.task)}: '
         f'<span style="color: {_HTML_COLOURS[RunStatus.FAILED]}">{_e(error_line(run))}</span></li>'
         for run in failures
     )
@@ -317,7 +323,7 @@ def runs_rich(runs: Sequence[RunRecord], title: str | None = None) -> Renderable
     for run in runs:
         # Text, not str: user data must not be parsed as Rich markup
         table.add_row(
-            Text(run.id[:8], style="dim"),
+            Text(short_id(run.id), style="dim"),
             Text(run.task),
             Text(run.status.value, style=_RICH_STYLES[run.status]),
             _rich_progress(run),
@@ -334,7 +340,7 @@ def _rich_failures(failures: Sequence[RunRecord]) -> RenderableType | None:
         return None
     text = Text("failures", style="bold")
     for run in failures:
-        text.append(f"\n{run.id[:8]} ", style="dim")
+        text.append(f"\n{short_id(run.id)} ", style="dim")
         text.append(f"{run.task}: ")
         text.append(error_line(run), style="red")
     return text

@@ -168,7 +168,7 @@ class Engine:
         Wall clock (UNIX seconds) for every timestamp recorded; replace it to
         freeze time in tests and screenshots.
     run_id_factory:
-        Makes run ids (default: 20 hex digits, in the order they are made); ids must be unique.
+        Makes run ids (default: 16 hex digits counting up from a random start); ids must be unique.
     """
 
     def __init__(

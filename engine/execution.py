@@ -496,9 +496,14 @@ class Execution:
             log.error("writing the outcome of run %s failed (%s); recovery will run it again", run.id, exc)
         self._finishing.discard(token)
         status = None if exc is not None or write.cancelled() else write.result()
-        self._apply_outcome(run, token, outcome, error, status)
-        self._claimed.pop(token, None)  # the claim ends with its write, whatever the store said
-        self._check_idle()
+        try:
+            self._apply_outcome(run, token, outcome, error, status)
+        finally:
+            self._claimed.pop(token, None)  # the claim ends with its write, whatever the store said
+            self._check_idle()
+            # a capped task's next claim may have been refused while the store still counted
+            # this run as running: now it does not
+            self.executor.wake()
 
     async def _write_outcome(self, run: Run, token: str, outcome: Outcome) -> RunStatus | None:
         """``store.finish``, tried again for a while if the store is busy (the claim stays heartbeaten)."""

@@ -234,6 +234,22 @@ async def test_an_idle_node_is_woken_by_another_nodes_insert(postgres_url: str) 
             await ran.wait()
 
 
+async def test_a_capped_tasks_backlog_runs_on_without_waiting_for_a_poll(postgres_url: str) -> None:
+    # one at a time: each run's slot frees as its attempt ends, before the store has its
+    # outcome; the next claim must follow the outcome's write, not the next poll a minute on
+    engine = Engine(store=postgres_url, node_id="capped", poll_interval=60, lease_ttl=30, health_interval=None)
+
+    @engine.task(concurrency=1)
+    async def one_at_a_time(ctx: TaskContext) -> None:
+        return None
+
+    async with engine:
+        handles = await engine.submit_many([("one_at_a_time", None)] * 5)
+        async with asyncio.timeout(20):
+            records = await asyncio.gather(*(h.wait() for h in handles))
+    assert [r.status.value for r in records] == ["succeeded"] * 5
+
+
 async def test_cancel_from_a_node_that_does_not_own_the_run(
     postgres_server: PostgresServer, postgres_url: str, tmp_path: Path, nodes: list[Child]
 ) -> None:

@@ -27,7 +27,7 @@ def status_style(status: str | None) -> str:
 
 
 def short_id(run_id: str | None, length: int = 8) -> str:
-    # the end of an id tells runs apart: the default ids begin with the time they were made
+    # the end of an id tells runs apart: the default ids of one process count up, so they share their first digits
     return run_id[-length:] if run_id else DASH
 
 

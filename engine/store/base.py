@@ -419,15 +419,10 @@ class Store(ABC):
         """
 
 
-#: bits of a run id after its milliseconds: this process's counter
-_COUNTER_BITS = 36
-_COUNTER_MASK = (1 << _COUNTER_BITS) - 1
-
-
 def _counter_from_random_start() -> Callable[[], int]:
     # from os.urandom, never from a random.seed() the application made: two processes
-    # seeded alike would count alike
-    return itertools.count(int.from_bytes(os.urandom(5), "big")).__next__
+    # seeded alike would count alike; below 2**63, so 2**63 ids fit before 16 digits wrap
+    return itertools.count(int.from_bytes(os.urandom(8), "big") >> 1).__next__
 
 
 _count = _counter_from_random_start()
@@ -442,13 +437,14 @@ os.register_at_fork(after_in_child=_count_afresh_in_child)
 
 
 def new_run_id() -> str:
-    """20 hex digits: the time in milliseconds, then this process's counter.
+    """16 hex digits: this process's counter, from a random start.
 
-    Ids made later sort later, so a store's index of ids grows at its end
-    instead of rewriting a random page per insert (the reasoning of UUIDv7):
-    SQLite commits fewer pages per batch. The counter keeps one process's ids
-    apart (a clock stepping back included); its random start keeps processes
-    apart. No system call per id: one would release the GIL, and a busy store
-    thread could then keep the loop waiting to get it back.
+    A process's ids sort in the order it made them, so a store's index of ids
+    grows where that process's last id went instead of rewriting a random
+    page per insert: SQLite commits fewer pages per batch. Two processes'
+    ids meet only if one's run of ids reaches the other's random start: a
+    chance of about (ids the two made) / 2**63. No system call per id: one would
+    release the GIL, and a busy store thread could then keep the loop waiting
+    to get it back.
     """
-    return f"{int(time.time() * 1000):011x}{_count() & _COUNTER_MASK:09x}"
+    return f"{_count():016x}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 from bisect import bisect_left
 from collections import OrderedDict, deque
 from collections.abc import Collection, Mapping, Sequence
@@ -223,8 +224,8 @@ class MemoryStore(Store):
         self._counts: dict[RunStatus, int] = dict.fromkeys(_ALL, 0)
         self._totals = {"inserted": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "retried": 0, "lost": 0}
         self._seq = 0
-        # tokens only need to be unique within this process, and a counter is cheaper than urandom
-        self._token_prefix = new_run_id()[:6] + "-"
+        # tokens only need to be unique within this store, and a counter is cheaper than urandom
+        self._token_prefix = os.urandom(3).hex() + "-"
         self._tokens = itertools.count(1)
         self._nodes: dict[str, NodeInfo] = {}
         self._periodic: dict[str, float] = {}
