@@ -193,7 +193,7 @@ class Execution:
         return tasks
 
     async def await_writes(self) -> None:
-        """Outcomes written from callbacks (hand-backs, cancels before a first step)."""
+        """Every outcome write still in flight (runs that ended, hand-backs, cancels before a first step)."""
         while self._writes:  # until none is left: a landing write's callbacks may start another
             await asyncio.gather(*self._writes, return_exceptions=True)
 
