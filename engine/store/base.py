@@ -419,18 +419,20 @@ class Store(ABC):
         """
 
 
-def _counter_from_random_start() -> Callable[[], int]:
+def counter_from_random_start() -> Callable[[], int]:
+    """A counter (call it for the next number) from a random start below 2**63: numbers
+    unique within the process, and apart from other processes' with no system call each."""
     # from os.urandom, never from a random.seed() the application made: two processes
     # seeded alike would count alike; below 2**63, so 2**63 ids fit before 16 digits wrap
     return itertools.count(int.from_bytes(os.urandom(8), "big") >> 1).__next__
 
 
-_count = _counter_from_random_start()
+_count = counter_from_random_start()
 
 
 def _count_afresh_in_child() -> None:
     global _count
-    _count = _counter_from_random_start()  # a forked child would count on with its parent
+    _count = counter_from_random_start()  # a forked child would count on with its parent
 
 
 os.register_at_fork(after_in_child=_count_afresh_in_child)

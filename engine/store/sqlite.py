@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
 import os
 import queue
 import sqlite3
@@ -26,19 +25,11 @@ from typing import Any, Literal
 from ..errors import QueueFull, RunNotFound
 from ..runs import CancelReason, Progress, RunStatus
 from . import queries as Q
-from .base import Clock, Store, adoptable, gone_incarnations, new_run_id
-from .errors import (
-    DuplicateRunId,
-    SchemaTooNew,
-    StoreBusy,
-    StoreClosed,
-    StoreError,
-    StoreUnavailable,
-)
-from .memory import parse_cursor
+from .base import Clock, Store, adoptable, counter_from_random_start, gone_incarnations, new_run_id
+from .errors import DuplicateRunId, SchemaTooNew, StoreBusy, StoreClosed, StoreError, StoreUnavailable
 from .models import (
-    Cancelled,
     CancelResult,
+    Cancelled,
     Claim,
     Counts,
     Failed,
@@ -52,15 +43,16 @@ from .models import (
     Retry,
     StoredJob,
     StoredRun,
-    Succeeded,
     TriggerKeyRecord,
+    Succeeded,
 )
-from .rows import book_recovered, counts_of, recovery_step
-from .rows import dumps as _dumps
+from .memory import parse_cursor
+from .rows import counts_of, dumps as _dumps
 from .rows import error_json as _error_json
 from .rows import loads as _loads
 from .rows import node_info as _node
 from .rows import seq_of as _seq_of
+from .rows import book_recovered, recovery_step
 from .rows import stored_run as _stored
 
 SYNCHRONOUS = ("off", "normal", "full", "extra")
@@ -89,7 +81,6 @@ class _Tx:
         self.totals[name] = self.totals.get(name, 0) + n
 
 
-_NONCE_MASK = (1 << 64) - 1
 #: status -> its text (an enum's ``.value`` is a descriptor call, on the writer's hot path)
 _VALUES = {status: status.value for status in RunStatus}
 
@@ -131,7 +122,7 @@ class SqliteStore(Store):
         # claim tokens: a counter from a random start tells this store's claims apart from
         # every other process's, with no system call per claim (one would release the GIL
         # the loop may be waiting for)
-        self._nonces = itertools.count(int.from_bytes(os.urandom(8), "big"))
+        self._nonce = counter_from_random_start()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exited: concurrent.futures.Future[None] | None = None
@@ -497,7 +488,7 @@ class SqliteStore(Store):
         takes = []
         claims = []
         for seq, run_id, task, params, attempt, max_attempts, created_at, key, source, lost_count in found:
-            token = f"{seq}.{next(self._nonces) & _NONCE_MASK:016x}"
+            token = f"{seq}.{self._nonce():016x}"
             takes.append(
                 {"seq": seq, "node": node, "incarnation": incarnation, "token": token, "lease_until": lease_until, "now": now}
             )
