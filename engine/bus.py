@@ -178,7 +178,9 @@ class EventBuffer:
                 if kind is Posted:
                     taken += 1  # counted out before it is built: a build that raises loses only itself
                     event = item._event  # type: ignore[union-attr]
-                    append(event if event is not None else item.get())  # type: ignore[union-attr]
+                    if event is None:
+                        event = item.get()  # type: ignore[union-attr]
+                    append(event)
                 elif kind is _Gap:
                     append(EventsDropped(
                         seq=item.first_seq, ts=self.clock(), node=self.node, count=item.count, total=self.dropped  # type: ignore[union-attr]
@@ -253,7 +255,11 @@ class Subscription:
                 wanted = self._filter(kind)
             if not wanted:
                 return
-        if self._buffer.offer(event):
+        buffer = self._buffer
+        if buffer._events < buffer.maxsize:
+            # EventBuffer.offer's keeping branch, inline: this runs for every event and reader
+            buffer._items.append(event)
+            buffer._events += 1
             waiter = self._waiter
             if waiter is not None:
                 # woken once: the next events find no waiter until a reader waits again
@@ -261,6 +267,7 @@ class Subscription:
                 if not waiter.done():
                     waiter.set_result(None)
         else:
+            buffer.offer(event)  # counts the drop and marks the gap
             self._bus.dropped_total += 1
 
     def _wake(self) -> None:
@@ -379,7 +386,13 @@ class EventBus:
         fields["ts"] = self.clock()
         fields["node"] = self.node
         kind = _KIND.get(cls) or kind_of(cls)
-        self._deliver(Posted(cls, fields, kind, seq), kind)
+        item = Posted(cls, fields, kind, seq)
+        # _deliver, inline: three of these per run
+        self._ring.append(item)
+        for sub in self._subs:
+            sub._offer(item, kind)
+        if self._callbacks:
+            self._call_back(item, kind)
 
     def publish(self, event: BaseEvent) -> BaseEvent:
         """Publish a ready-made event, restamping it with the next ``seq``."""
