@@ -153,7 +153,9 @@ class EventBuffer:
             self._events -= 1
             self._taken += 1
             event = item._event  # type: ignore[union-attr]
-            return event if event is not None else item.get()  # type: ignore[union-attr,no-any-return]
+            if event is None:
+                event = item.get()  # type: ignore[union-attr]
+            return event  # type: ignore[no-any-return]
         if kind is _Gap:
             return EventsDropped(
                 seq=item.first_seq, ts=self.clock(), node=self.node, count=item.count, total=self.dropped  # type: ignore[union-attr]
@@ -302,11 +304,12 @@ class Subscription:
         return self
 
     async def __anext__(self) -> BaseEvent:
-        while not self._buffer:
+        buffer = self._buffer
+        while not buffer._items:  # the deque itself: len(buffer) is a Python call per event
             if self.closed:
                 raise StopAsyncIteration
             await self.wait()
-        return self._buffer.take_one()
+        return buffer.take_one()
 
     def close(self) -> None:
         if not self.closed:
