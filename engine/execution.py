@@ -124,6 +124,9 @@ class Execution:
         self._finishing: set[str] = set()
         #: outcome writes in flight, awaited by stop()
         self._writes: set[asyncio.Future[Any]] = set()
+        #: claim token whose outcome is being written -> a new claim of the same run that came
+        #: back before that write's answer was applied here (launched right after it is)
+        self._after_write: dict[str, Claim] = {}
         #: runs evicted from the index since the memory store was last pruned
         self._evicted = 0
         self._prune_every = max(64, index.history // 8)
@@ -139,6 +142,7 @@ class Execution:
     def forget_claims(self) -> None:
         """A restart of the engine object: the store is the truth, no claim of ours survives."""
         self._claimed.clear()
+        self._after_write.clear()
 
     def start_soon(self) -> None:
         """Start new work: at once with the memory store (its claims never wait), else via the executor."""
@@ -225,7 +229,13 @@ class Execution:
         elif run.status.finished:
             # the index moved on (cancelled here while the claim was in flight): the store
             # must hear of it too, or the claim would sit unheartbeaten until it expires
-            self._write_later(claim.token, Cancelled(run.cancel_reason or "external"))
+            self._end_claim(run, claim.token, Cancelled(run.cancel_reason or "external"))
+            return
+        elif run.status is _RUNNING and run.token is not None and run.token in self._finishing:
+            # the store took the outcome of the attempt before (a retry: pending again) and
+            # gave the run out once more before that write's answer reached this node: the
+            # new attempt starts once it has, so the retry is recorded and reported first
+            self._after_write[run.token] = claim
             return
         elif run.status is _RUNNING:
             # re-claimed after recovery took an older claim of ours away: that attempt is over
@@ -240,7 +250,7 @@ class Execution:
         if not self.executor.claiming:
             # claimed while this node was stopping: not started, so handed back as it was
             note = RunError(type="Shutdown", message=f"node {self.engine.node_id!r} stopped before the run started")
-            self._write_later(claim.token, Retry(note, 0.0, next_attempt=False))
+            self._end_claim(run, claim.token, Retry(note, 0.0, next_attempt=False))
             return
         self._start(run, claim.token, claim.attempt, claim.started_at)
 
@@ -261,7 +271,6 @@ class Execution:
             run.handle = None
         # a claim whose outcome is on its way to the store ends with that write
         if token not in self._finishing:
-            self._claimed.pop(token, None)
             if run.status is _RUNNING and run.token == token:
                 # cancelled before its first step: nothing recorded it
                 run.token = None
@@ -270,9 +279,11 @@ class Execution:
                     self._hand_back(run, token)
                 else:
                     self.finish_cancelled(run, reason, was_running=True)
-                    self._write_later(token, Cancelled(reason))
-            elif run.status is _RUNNING and run.token is None and run.handle is None:
-                self.index.unclaimed(run)  # the claim was lost: the run is another node's now
+                    self._end_claim(run, token, Cancelled(reason))
+            else:
+                self._claimed.pop(token, None)
+                if run.status is _RUNNING and run.token is None and run.handle is None:
+                    self.index.unclaimed(run)  # the claim was lost: the run is another node's now
         self.executor.released(run.task)
         if self.memory is None:
             self.executor.wake()
@@ -292,10 +303,29 @@ class Execution:
         self.index.unclaimed(run)
         run.cancel_reason = None
         note = RunError(type="Shutdown", message=f"node {self.engine.node_id!r} stopped before the run started")
-        self._write_later(token, Retry(note, 0.0, next_attempt=False))
+        self._end_claim(run, token, Retry(note, 0.0, next_attempt=False))
+
+    def _end_claim(self, run: Run, token: str, outcome: Outcome) -> None:
+        """Write ``outcome`` for a claim no attempt will record: the index already moved the run
+        on (cancelled before its first step, handed back at a stop, or cancelled here while the
+        claim was on its way).
+
+        Like an attempt's outcome, the claim stays held and heartbeaten until the write lands,
+        and a busy store is tried again: a claim let go unwritten would stay running in the
+        store until recovery took it as lost and ran it once more.
+        """
+        memory = self.memory
+        if memory is not None:
+            self._claimed.pop(token, None)
+            memory.finish_now(token, outcome)
+            return
+        self._claimed[token] = run
+        self._finishing.add(token)
+        self._send(run, token, outcome, None, again=False)
 
     def _write_later(self, token: str, outcome: Outcome) -> None:
-        """Write an outcome from a callback that cannot wait (the store refuses a stale token).
+        """Write an outcome once, for a claim whose lease already ran out (the store refuses it
+        if another node took the run over meanwhile).
 
         The write is the engine's task: ``stop()`` awaits it before closing the store.
         """
@@ -492,44 +522,57 @@ class Execution:
         if exc is not None and not again and isinstance(exc, StoreError) and not isinstance(exc, StoreClosed):
             self._send(run, token, outcome, error, again=True)  # the claim stays held and heartbeaten
             return
-        if exc is not None:
-            log.error("writing the outcome of run %s failed (%s); recovery will run it again", run.id, exc)
+        failed = exc is not None or write.cancelled()
+        if failed:
+            log.error("writing the outcome of run %s failed (%s); recovery will run it again", run.id,
+                      exc or "cancelled")  # fmt: skip
         self._finishing.discard(token)
-        status = None if exc is not None or write.cancelled() else write.result()
         try:
-            self._apply_outcome(run, token, outcome, error, status)
+            self._apply_outcome(run, token, outcome, error, None if failed else write.result(), failed=failed)
         finally:
             self._claimed.pop(token, None)  # the claim ends with its write, whatever the store said
             self._check_idle()
             # a capped task's next claim may have been refused while the store still counted
             # this run as running: now it does not
             self.executor.wake()
+            again_claimed = self._after_write.pop(token, None)
+            if again_claimed is not None:
+                self.launch(again_claimed)
 
     async def _write_outcome(self, run: Run, token: str, outcome: Outcome) -> RunStatus | None:
-        """``store.finish``, tried again for a while if the store is busy (the claim stays heartbeaten)."""
+        """``store.finish``, tried again while the store is busy and the claim still holds.
+
+        The claim stays heartbeaten meanwhile, so a store that is merely busy keeps it
+        alive; the writer gives up (raising the store's error) once the claim's lease has
+        run out unrenewed, when recovery takes the run anyway, or at once if the store closed.
+        A store whose claims this node does not track gets 8 tries.
+        """
         delay = 0.05
-        for attempt in range(8):
+        tries = 0
+        while True:
             try:
                 return await self.store.finish(token, outcome)
             except StoreError as exc:
-                if attempt == 7 or isinstance(exc, StoreClosed):
-                    log.error("writing the outcome of run %s failed (%s); recovery will run it again", run.id, exc)
-                    return None
+                tries += 1
+                left = self.executor.lease_left(token)
+                if isinstance(exc, StoreClosed) or (tries >= 8 if left is None else left <= delay):
+                    raise
                 log.info("writing the outcome of run %s: %s; trying again in %g s", run.id, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-        return None
 
     def _apply_outcome(
-        self, run: Run, token: str, outcome: Outcome, error: RunError | None, status: RunStatus | None
+        self, run: Run, token: str, outcome: Outcome, error: RunError | None, status: RunStatus | None,
+        *, failed: bool = False,
     ) -> None:
         if run.token != token:
             return
         run.token = None
         self._claimed.pop(token, None)
         if status is None:
-            # the store gave the run to someone else while this attempt ran
-            log.warning("the outcome of run %s was refused: its claim had expired", run.id)
+            if not failed:
+                # the store gave the run to someone else while this attempt ran
+                log.warning("the outcome of run %s was refused: its claim had expired", run.id)
             self.index.unclaimed(run)
             return
         now = self.engine.clock()

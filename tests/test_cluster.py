@@ -250,6 +250,33 @@ async def test_a_capped_tasks_backlog_runs_on_without_waiting_for_a_poll(postgre
     assert [r.status.value for r in records] == ["succeeded"] * 5
 
 
+async def test_every_retry_is_recorded_even_when_its_run_is_claimed_again_at_once(postgres_url: str) -> None:
+    # with no backoff, a failed attempt's run is pending again the moment the store has its
+    # outcome, and the next claim (another round trip) can come back before this node hears
+    # that the write landed: the retry must still be counted and published, before attempt 2
+    engine = Engine(store=postgres_url, node_id="n", max_concurrency=16, poll_interval=0.02, health_interval=None)
+    order: dict[str, list[str]] = {}
+    engine.bus.add_callback(lambda ev: order.setdefault(ev.run_id, []).append(f"{ev.kind}:{getattr(ev, 'attempt', '')}"),
+                            kinds=["run.retrying", "run.started"])  # fmt: skip
+
+    @engine.task(retries=1, backoff=0.0)
+    async def flaky(ctx: TaskContext) -> str:
+        if ctx.attempt == 1:
+            raise RuntimeError("the first attempt fails")
+        return "ok"
+
+    async with engine:
+        handles = await engine.submit_many([("flaky", None)] * 1_000)
+        async with asyncio.timeout(60):
+            records = await asyncio.gather(*(h.wait() for h in handles))
+        retries = engine.stats().retries_total
+    assert {(r.status.value, r.attempt) for r in records} == {("succeeded", 2)}
+    assert retries == 1_000
+    wrong = {run_id: kinds for run_id, kinds in order.items()
+             if kinds != ["run.started:1", "run.retrying:2", "run.started:2"]}  # fmt: skip
+    assert not wrong and len(order) == 1_000, list(wrong.items())[:3]
+
+
 async def test_cancel_from_a_node_that_does_not_own_the_run(
     postgres_server: PostgresServer, postgres_url: str, tmp_path: Path, nodes: list[Child]
 ) -> None:

@@ -229,3 +229,96 @@ async def test_an_outcome_refused_by_a_busy_file_is_written_once_the_file_is_fre
         assert (record.status, record.result) == (RunStatus.SUCCEEDED, "written")
         stored = await engine.fetch_run(handle.id)
         assert (stored.status, stored.attempt) == (RunStatus.SUCCEEDED, 1)
+
+
+async def test_an_outcome_write_waits_out_a_busy_file_while_its_claim_holds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the file stays locked past what a fixed number of tries would wait, but not past the
+    # claim's lease: the outcome is written once it is free, and the run never runs twice
+    import asyncio
+    import logging
+    import sqlite3
+
+    db = tmp_path / "busy.db"
+    engine = Engine(store=f"sqlite:///{db}?busy_timeout=50", lease_ttl=30, health_interval=None)
+    go = asyncio.Event()
+    executions: list[int] = []
+
+    @engine.task
+    async def waits(ctx: TaskContext) -> str:
+        executions.append(ctx.attempt)
+        await go.wait()
+        return "written"
+
+    caplog.set_level(logging.INFO, logger="taskwatch.engine")
+    async with engine:
+        handle = await engine.submit("waits")
+        await eventually(lambda: executions == [1])
+        other = sqlite3.connect(db, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            go.set()
+            tries = f"writing the outcome of run {handle.id}:"
+            await eventually(lambda: caplog.text.count(tries) >= 10, timeout=20)
+        finally:
+            other.rollback()
+            other.close()
+        record = await handle.wait(timeout=10)
+        assert (record.status.value, record.attempt, record.result) == ("succeeded", 1, "written")
+        assert executions == [1]
+    assert "recovery will run it again" not in caplog.text and "refused" not in caplog.text
+
+
+async def test_a_cancel_before_the_first_step_reaches_a_busy_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a run cancelled between its claim and its first step ends without an attempt; the store
+    # must hear so even if the file is locked just then, or the claim, let go unwritten, would
+    # be recovered as lost once its lease ran out and the run would execute after all
+    import asyncio
+    import logging
+    import sqlite3
+
+    from taskwatch.engine import RunStatus
+
+    db = tmp_path / "busy.db"
+    engine = Engine(store=f"sqlite:///{db}?busy_timeout=50", lease_ttl=3.0, health_interval=None)
+    executions: list[int] = []
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    cancels: list[asyncio.Task[object]] = []
+
+    @engine.task
+    async def job(ctx: TaskContext) -> str:
+        executions.append(ctx.attempt)
+        return "ran"
+
+    def on_started(event: object) -> None:
+        # another process takes the write lock just as the user cancels, before the first step
+        if not cancels:
+            other.execute("BEGIN IMMEDIATE")
+            cancels.append(asyncio.get_running_loop().create_task(engine.cancel(event.run_id)))  # type: ignore[attr-defined]
+
+    engine.bus.add_callback(on_started, kinds=["run.started"])
+    caplog.set_level(logging.INFO, logger="taskwatch.engine")
+    try:
+        async with engine:
+            handle = await engine.submit("job")
+            record = await handle.wait(timeout=10)
+            assert record.status is RunStatus.CANCELLED
+            await eventually(lambda: f"writing the outcome of run {handle.id}:" in caplog.text, timeout=10)
+            other.rollback()
+            await asyncio.gather(*cancels, return_exceptions=True)  # it may have met the lock too
+
+            async def stored_status() -> RunStatus:
+                return (await engine.fetch_run(handle.id)).status
+
+            deadline = asyncio.get_running_loop().time() + 10
+            while (status := await stored_status()) is RunStatus.RUNNING:
+                assert asyncio.get_running_loop().time() < deadline, "the store still has the run running"
+                await asyncio.sleep(0.01)
+            stored = await engine.fetch_run(handle.id)
+            assert (status, stored.attempt) == (RunStatus.CANCELLED, 1), stored
+    finally:
+        other.close()
+    assert executions == []
