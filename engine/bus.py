@@ -346,6 +346,10 @@ class EventBus:
         self._ring: deque[BaseEvent | Posted] = deque(maxlen=max(0, replay))
         self._subs: list[Subscription] = []
         self._callbacks: list[_Callback] = []
+        #: events published by a callback while callbacks were being handed another one:
+        #: handed out after it, so every callback sees events in seq order
+        self._calling = False
+        self._call_queue: deque[tuple[BaseEvent | Posted, str]] = deque()
         self.dropped_total = 0
         self.callback_errors = 0
         self.closed = False
@@ -365,13 +369,14 @@ class EventBus:
 
     def emit(self, cls: type[E], **fields: Any) -> E:
         """Build an event with the next ``seq`` and publish it."""
-        self._seq += 1
-        fields["seq"] = self._seq
+        fields["seq"] = self._seq + 1
         fields["ts"] = self.clock()
         fields["node"] = self.node
         # the validator on the kwargs dict itself: the same validation as cls(**fields),
-        # without building a second dict on the hot path
+        # without building a second dict on the hot path; a bad value raises before the
+        # event takes its seq, so a refused event leaves no hole in the sequence
         event: E = cls.__pydantic_validator__.validate_python(fields)
+        self._seq += 1
         self._deliver(event, event.kind)  # type: ignore[attr-defined]
         return event
 
@@ -412,6 +417,21 @@ class EventBus:
             self._call_back(item, kind)
 
     def _call_back(self, item: BaseEvent | Posted, kind: str) -> None:
+        """Hand ``item`` to the callbacks; an event a callback publishes meanwhile waits until
+        every callback has this one (a later callback, a cluster relay's say, would see it first)."""
+        if self._calling:
+            self._call_queue.append((item, kind))
+            return
+        self._calling = True
+        try:
+            self._call_back_one(item, kind)
+            queue = self._call_queue
+            while queue:
+                self._call_back_one(*queue.popleft())
+        finally:
+            self._calling = False
+
+    def _call_back_one(self, item: BaseEvent | Posted, kind: str) -> None:
         """Hand ``item`` to every callback whose filter takes ``kind`` (built once, for those that want it built)."""
         event: BaseEvent | Posted | None = None
         for cb in self._callbacks:

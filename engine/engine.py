@@ -652,6 +652,9 @@ class Engine:
     def _admitted(self, run: Run) -> None:
         """``run`` is in the store (or on its way there): index it and say so."""
         self._index.admitted(run)
+        self._post_submitted(run)
+
+    def _post_submitted(self, run: Run) -> None:
         self.bus.post(
             RunSubmitted,
             run_id=run.id,
@@ -735,16 +738,23 @@ class Engine:
             inserted = await self._store_insert(rows)
         written = iter(zip(fresh, inserted, strict=True))
         out: list[RunHandle] = []
+        admitted: list[Run] = []
         for handle in handles:
             if handle is not None:
                 out.append(handle)
                 continue
             run, result = next(written)
             if result.new and result.id == run.id:
-                self._admitted(run)
+                self._index.admitted(run)
+                admitted.append(run)
                 out.append(RunHandle(self, run.id, run))
             else:
                 out.append(RunHandle(self, result.id))
+        # every run is indexed before the first event goes out, and none starts before the
+        # last: a bus callback that submits must find the whole batch where the store has it
+        with self._run.starts_held():
+            for run in admitted:
+                self._post_submitted(run)
         self._run.start_soon()
         return out
 

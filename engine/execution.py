@@ -13,11 +13,12 @@ every task it starts: ``stop`` waits on :meth:`wait_idle`, cancels what
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .context import TaskContext
@@ -100,7 +101,7 @@ class Execution:
             incarnation=engine.incarnation,
             max_concurrency=max_concurrency,
             limits=limits,
-            launch=self.launch,
+            launch=self.launch_all,
             claims=self.held_claims,
             cancel_requested=self.cancel_requested,
             claim_lost=self.claim_lost,
@@ -175,6 +176,29 @@ class Execution:
                     return
         finally:
             self._starting = False
+
+    def launch_all(self, claims: list[Claim]) -> None:
+        """Start the runs of one claim. A start asked for meanwhile (a bus callback that submits)
+        waits for the end of the batch, whose later runs' slots are not counted yet."""
+        with self.starts_held():
+            for claim in claims:
+                self.launch(claim)
+
+    @contextlib.contextmanager
+    def starts_held(self) -> Iterator[None]:
+        """Start nothing new from the memory store until the block ends, then whatever is due:
+        a batch being launched or admitted is seen through before any start it triggers."""
+        if self._starting:
+            yield  # an enclosing batch starts what is due at its end
+            return
+        self._starting = True
+        self._start_again = False
+        try:
+            yield
+        finally:
+            self._starting = False
+        if self._start_again:
+            self.start_soon()
 
     def evicted(self) -> None:
         """The index evicted a finished run: the memory store is pruned along, in small steps

@@ -36,6 +36,10 @@ from .store import Claim, Inserted, MemoryStore, NewRun, Recovered, Store
 
 log = logging.getLogger("taskwatch.executor")
 
+#: the first wait of the claim loop for a run that is due but could not be claimed (doubling
+#: up to the poll interval while that lasts)
+_OVERDUE_PAUSE = 0.01
+
 #: no task has room (shared, never changed)
 _NONE: Mapping[str, int | None] = {}
 
@@ -49,7 +53,7 @@ class Executor:
         incarnation: str,
         max_concurrency: int,
         limits: Callable[[], Mapping[str, int | None]],
-        launch: Callable[[Claim], None],
+        launch: Callable[[list[Claim]], None],
         claims: Callable[[], Mapping[str, Progress]],
         cancel_requested: Callable[[str, CancelReason], None],
         claim_lost: Callable[[str], None],
@@ -238,8 +242,8 @@ class Executor:
         return free, tasks
 
     def _start_all(self, claims: list[Claim]) -> int:
-        for claim in claims:
-            self._launch(claim)
+        if claims:
+            self._launch(claims)
         return len(claims)
 
     async def claim_now(self) -> int:
@@ -264,6 +268,7 @@ class Executor:
     # ------------------------------------------------------------------ loops
 
     async def _claim_loop(self) -> None:
+        overdue_pause = _OVERDUE_PAUSE
         while True:
             self._wake.clear()
             try:
@@ -281,7 +286,15 @@ class Executor:
             timeout = self.poll_interval
             due = self._next_due()
             if due is not None:
-                timeout = min(timeout, max(0.0, due - self._clock()))
+                wait = due - self._clock()
+                if wait <= 0 and not claimed:
+                    # due, yet not claimed: no slot for it (a freed one wakes this loop), or the
+                    # store's due time is a moment later than this node's; either way, no spinning
+                    wait = overdue_pause
+                    overdue_pause = min(overdue_pause * 2, self.poll_interval)
+                else:
+                    overdue_pause = _OVERDUE_PAUSE
+                timeout = min(timeout, max(0.0, wait))
             if self._wake.is_set():
                 continue
             try:

@@ -174,7 +174,7 @@ class RunIndex:
     def _remember_finished(self, run: Run) -> None:
         finished = self._finished
         finished[run.id] = None
-        if len(finished) > self.history:
+        while len(finished) > self.history:  # more than one once history was lowered
             self._evict()
 
     def _evict(self) -> None:

@@ -8,6 +8,7 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 from taskwatch.engine import (
     EVENT_KINDS,
     Engine,
@@ -266,3 +267,28 @@ def test_an_event_that_cannot_be_built_costs_its_reader_only_itself() -> None:
     assert buffer.pending == 1  # the good event after the bad one is still there to read
     assert buffer.offer(good) and buffer.offer(good)  # and the buffer has its room back
     assert [e.kind for e in buffer.take()] == ["run.started"] * 3
+
+
+async def test_a_refused_event_takes_no_seq() -> None:
+    bus = EventBus()
+    sub = bus.subscribe()
+    bus.emit(ev.EngineStarted)
+    with pytest.raises(ValidationError):
+        bus.emit(ev.RunProgressed, run_id="r", task="t", done="not a number")
+    bus.emit(ev.EngineStarted)
+    assert [e.seq for e in sub.get_batch()] == [1, 2] and bus.last_seq == 2 and sub.dropped == 0
+
+
+async def test_callbacks_see_events_in_seq_order_when_a_callback_publishes() -> None:
+    bus = EventBus()
+    seen: list[int] = []
+
+    def chain(event: ev.BaseEvent) -> None:
+        if event.kind == "engine.started":
+            bus.emit(ev.EngineStopping, timeout=1.0)  # published while this one is handed out
+
+    bus.add_callback(chain)
+    bus.add_callback(lambda event: seen.append(event.seq))
+    bus.emit(ev.EngineStarted)
+    bus.emit(ev.EngineStarted)
+    assert seen == [1, 2, 3, 4]

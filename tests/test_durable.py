@@ -298,6 +298,7 @@ def test_two_processes_execute_each_run_exactly_once(tmp_path: Path, spawn: Call
     common = ["--lease-ttl", "10", "--quiet", "--max-concurrency", "16"]
     drain = ["--until-drained", "--expect", str(count)]
     b = spawn(db, "node-b", *common, "run", *drain, log=logs["node-b"])
+    b.event("started", timeout=60)  # on a loaded machine a slow start could miss every run
     a = spawn(db, "node-a", *common, "run", "--submit", "work", "--count", str(count), *drain, log=logs["node-a"])
     ids = set(a.event("submitted", timeout=60)["ids"])
     assert len(ids) == count

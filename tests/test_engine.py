@@ -330,6 +330,124 @@ async def test_a_bus_callback_that_submits_cannot_push_past_max_concurrency() ->
     assert running.peak == 2
 
 
+async def test_retries_claimed_together_hold_their_slots_against_a_callback_that_submits() -> None:
+    # two retries come due at once and are claimed in one batch; the first one's start makes a
+    # callback submit: that run must not take the slot the second retry already holds
+    now = [1_000.0]
+    engine = make_engine(max_concurrency=2, clock=lambda: now[0])
+    gate = asyncio.Event()
+    running = Gauge()
+    retrying: list[str] = []
+
+    @engine.task(retries=1, backoff=5.0, backoff_max=5.0)
+    async def flaky(ctx: TaskContext) -> None:
+        if ctx.attempt == 1:
+            raise RuntimeError("the first attempt fails")
+        await running.hold(gate)
+
+    @engine.task
+    async def hold(ctx: TaskContext) -> None:
+        await running.hold(gate)
+
+    extra: list = []
+
+    def on_started(event: object) -> None:
+        if getattr(event, "attempt", 1) == 2 and not extra:
+            extra.append(engine.submit_nowait("hold"))
+
+    engine.bus.add_callback(on_started, ["run.started"])
+    engine.bus.add_callback(lambda event: retrying.append(event.run_id), ["run.retrying"])
+    async with engine:
+        first = await engine.submit_many([("flaky", None)] * 2)
+        await eventually(lambda: len(retrying) == 2)
+        now[0] += 60  # both retries are due: the claim loop takes them in one claim
+        await eventually(lambda: running.now == 2 and len(extra) == 1)
+        assert engine.stats().running == 2 and engine.stats().queue_depth == 1
+        gate.set()
+        for h in first + extra:
+            assert (await h.wait(5)).status is RunStatus.SUCCEEDED
+    assert running.peak == 2
+
+
+async def test_a_callback_that_submits_while_a_batch_is_admitted_sees_the_whole_batch() -> None:
+    # submit_many's events go out one by one; a callback submitting on the first must not
+    # start the batch's later runs before they are indexed and announced
+    engine = make_engine(max_concurrency=8)
+    order: list[tuple[str, str]] = []
+
+    @engine.task
+    async def quick(ctx: TaskContext) -> None:
+        return None
+
+    extra: list = []
+
+    def on_submitted(event: object) -> None:
+        if not extra:
+            extra.append(engine.submit_nowait("quick"))
+
+    engine.bus.add_callback(on_submitted, ["run.submitted"])
+    engine.bus.add_callback(lambda event: order.append((event.kind, event.run_id)), ["run.submitted", "run.started"])
+    async with engine:
+        handles = await engine.submit_many([("quick", None)] * 3)
+        records = [await h.wait(5) for h in handles + extra]
+        assert [r.status for r in records] == [RunStatus.SUCCEEDED] * 4
+        stats = engine.stats()
+        assert stats.by_status["succeeded"] == 4 and stats.queue_depth == 0 and stats.running == 0
+    for record in records:
+        kinds = [kind for kind, run_id in order if run_id == record.id]
+        assert kinds == ["run.submitted", "run.started"], (record.id, kinds)
+
+
+async def test_a_retry_due_without_a_free_slot_does_not_keep_the_engine_busy() -> None:
+    # the retry is due while the only slot is taken: the engine waits for the slot to free
+    # (or polls) instead of going round its claim loop at once, again and again, on a full core
+    import time
+
+    engine = make_engine(max_concurrency=1)
+    gate = asyncio.Event()
+    retrying = asyncio.Event()
+
+    @engine.task(retries=1, backoff=0.01, backoff_max=0.01)
+    async def flaky(ctx: TaskContext) -> str:
+        if ctx.attempt == 1:
+            raise RuntimeError("the first attempt fails")
+        return "ok"
+
+    @engine.task
+    async def hold(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    engine.bus.add_callback(lambda event: retrying.set(), ["run.retrying"])
+    async with engine:
+        handle = await engine.submit("flaky")
+        await retrying.wait()
+        await engine.submit("hold")  # takes the slot before the retry is due
+        await eventually(lambda: engine.stats().running == 1)
+        cpu = time.process_time()
+        await asyncio.sleep(0.5)  # a window to look at: the retry is overdue all along
+        busy = time.process_time() - cpu
+        assert busy < 0.1, f"{busy:.2f} s of CPU in 0.5 s while waiting for a slot"
+        assert engine.get(handle.id).status is RunStatus.PENDING
+        gate.set()
+        assert (await handle.wait(5)).status is RunStatus.SUCCEEDED
+
+
+async def test_lowering_history_trims_the_index_at_the_next_finish() -> None:
+    engine = make_engine(history=100)
+
+    @engine.task
+    async def quick(ctx: TaskContext) -> None:
+        return None
+
+    async with engine:
+        for h in await engine.submit_many([("quick", None)] * 50):
+            await h.wait(5)
+        engine.history = 10
+        await (await engine.submit("quick")).wait(5)
+        assert len(engine.runs(limit=None)) == 10
+        assert engine.stats().by_status["succeeded"] == 10
+
+
 async def test_global_and_per_task_concurrency_limits() -> None:
     engine = make_engine(max_concurrency=3)
     gate = asyncio.Event()
