@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Literal, TypeVar
@@ -52,6 +50,7 @@ from .index import RunIndex
 from .jsonsafe import check_key
 from .lease import LeaderElector, Leadership
 from .memory_events import MemoryEventRelay, MemoryEventStream
+from .nodeid import hold_default_node_id
 from .options import EngineOptions, TaskOptions, check_options
 from .postgres_events import PostgresEventRelay
 from .queues import QueueInfo, QueuePurge, WorkQueue
@@ -74,6 +73,7 @@ from .store import (
     Page,
     PostgresStore,
     Store,
+    StoreError,
     make_store,
 )
 from .store.base import new_run_id
@@ -101,22 +101,6 @@ def _on_lost(run: Run) -> OnLost:
     """What recovery does with ``run`` when its worker is lost (its task says; a run of a task
     this node does not know is retried)."""
     return run.spec.on_lost if run.spec is not None else "retry"
-
-
-def default_node_id() -> str:
-    """``host-app``: the same after a restart, so the next start recognises its own orphaned runs.
-
-    The app is the running script's name (``python -m pkg`` gives ``pkg``); a
-    process id would change on every restart and orphan the previous
-    incarnation's runs under a name nobody uses any more.
-    """
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    if spec is not None and getattr(spec, "name", None):
-        app = spec.name.removesuffix(".__main__")
-    else:
-        app = os.path.splitext(os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "python"))[0]
-    return f"{socket.gethostname()}-{app or 'python'}"
 
 
 class Engine:
@@ -213,7 +197,9 @@ class Engine:
                 f"unknown backend {backend!r}; choose one of {', '.join(_BACKENDS)}, "
                 "or pass store= for where runs live"
             )
-        self.node_id = node_id or default_node_id()
+        # the default is held for as long as this engine lives: a second copy of the program
+        # running beside this one gets the next id, a restart after this one ends gets this one
+        self.node_id = node_id or hold_default_node_id(self)
         #: this process start's identity: claims name it, so a restart can tell its old runs apart
         self.incarnation = os.urandom(8).hex()
         self.max_concurrency = max_concurrency
@@ -573,7 +559,12 @@ class Engine:
             for server in self._servers:
                 await server.stop()
             self._servers.clear()
-            await self._store.node_stopped(self.incarnation)
+            try:
+                await self._store.node_stopped(self.incarnation)
+            except StoreError as exc:
+                # the stop itself is done; the others tell this incarnation is gone once it
+                # has been silent for node_ttl instead of at once
+                log.warning("could not tell the store that node %s stopped: %s", self.node_id, exc)
         finally:
             try:
                 await self._store.close()

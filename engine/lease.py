@@ -336,6 +336,9 @@ class LeaderElector:
         if self.lease is None or self._task is not None:
             return
         self._wake = asyncio.Event()
+        # a start reaches the store (it registers there first): whatever suspended this node
+        # before its last stop, such as losing the store, is over
+        self._suspended = False
         # one attempt before returning, so the engine's other components (and
         # the caller) start with the outcome of the first election
         if not self._suspended:

@@ -15,6 +15,7 @@ before any other node can take it.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -61,6 +62,12 @@ SELECT holder, term, expires_at, {_NOW} FROM leases
 WHERE name = $1 AND holder IS NOT NULL AND expires_at > {_NOW}"""
 
 
+def _node_of(holder: str) -> str:
+    """The node id in a holder written as ``node#token`` (16 hex digits)."""
+    node, sep, token = holder.rpartition("#")
+    return node if sep and len(token) == 16 else holder
+
+
 class PostgresLease(Lease):
     """The leader lease ``name`` in the PostgreSQL database at ``url``.
 
@@ -88,6 +95,9 @@ class PostgresLease(Lease):
         self.connect_timeout = connect_timeout
         #: database clock minus local clock, as the last operation measured it
         self._offset = 0.0
+        #: written beside the node id: two processes started with the same node id by mistake
+        #: are still two holders, and neither renews or releases the other's lease
+        self._token = os.urandom(8).hex()
         self._ready = False
 
     def now(self) -> float:
@@ -111,24 +121,27 @@ class PostgresLease(Lease):
             self._offset = row[-1] - (sent + back) / 2
         return row, back - sent
 
+    def _holder(self, node_id: str) -> str:
+        return f"{node_id}#{self._token}"
+
     def _state(self, holder: str, term: int, expires_at: float, rtt: float) -> LeaseState:
         return LeaseState(holder=holder, term=term, expires_at=expires_at - rtt - _MARGIN * self.ttl)
 
     async def acquire(self, node_id: str) -> LeaseState | None:
-        row, rtt = await self._one(_ACQUIRE, self.name, node_id, float(self.ttl))
+        row, rtt = await self._one(_ACQUIRE, self.name, self._holder(node_id), float(self.ttl))
         return None if row is None else self._state(node_id, row[0], row[1], rtt)
 
     async def renew(self, node_id: str, term: int) -> LeaseState | None:
-        row, rtt = await self._one(_RENEW, self.name, node_id, term, float(self.ttl))
+        row, rtt = await self._one(_RENEW, self.name, self._holder(node_id), term, float(self.ttl))
         return None if row is None else self._state(node_id, row[0], row[1], rtt)
 
     async def release(self, node_id: str, term: int) -> bool:
-        row, _ = await self._one(_RELEASE, self.name, node_id, term)
+        row, _ = await self._one(_RELEASE, self.name, self._holder(node_id), term)
         return row is not None
 
     async def holder(self) -> LeaseState | None:
         row, _ = await self._one(_HOLDER, self.name)
-        return None if row is None else LeaseState(holder=row[0], term=row[1], expires_at=row[2])
+        return None if row is None else LeaseState(holder=_node_of(row[0]), term=row[1], expires_at=row[2])
 
     async def peek(self) -> LeaseState | None:
         """:meth:`holder` for a watcher that changes nothing: a database whose nodes use no
@@ -140,7 +153,7 @@ class PostgresLease(Lease):
             return None
         finally:
             await conn.close()
-        return None if row is None else LeaseState(holder=row[0], term=row[1], expires_at=row[2])
+        return None if row is None else LeaseState(holder=_node_of(row[0]), term=row[1], expires_at=row[2])
 
     def __repr__(self) -> str:
         return f"<PostgresLease {self.name!r} ttl={self.ttl:g}>"

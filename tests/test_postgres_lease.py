@@ -40,6 +40,17 @@ async def test_acquire_renew_release_and_terms_that_only_grow(postgres_url: str)
     assert taken is not None and taken.term > again.term
 
 
+async def test_two_processes_given_the_same_node_id_are_still_two_holders(postgres_url: str) -> None:
+    mine, theirs = PostgresLease(postgres_url, ttl=30), PostgresLease(postgres_url, ttl=30)
+    held = await mine.acquire("api")
+    assert held is not None
+    assert await theirs.acquire("api") is None  # the same name from another lease object: someone else
+    assert await theirs.renew("api", held.term) is None and not await theirs.release("api", held.term)
+    seen = await theirs.holder()
+    assert seen is not None and (seen.holder, seen.term) == ("api", held.term)  # shown by its node id
+    assert await mine.renew("api", held.term) is not None
+
+
 async def test_an_expired_lease_goes_to_the_next_node(postgres_url: str) -> None:
     a = PostgresLease(postgres_url, ttl=0.3, renew_interval=0.1)
     b = PostgresLease(postgres_url, ttl=0.3, renew_interval=0.1)

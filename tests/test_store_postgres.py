@@ -255,3 +255,44 @@ async def test_a_version_2_database_gains_node_load_and_events_and_keeps_its_dat
         assert (new.cpu_percent, new.rss_bytes) == (40.0, 5 << 30)
     assert postgres_server.sql("SELECT version FROM schema_migrations ORDER BY version", db).split() == ["1", "2", "3"]
     assert postgres_server.sql("SELECT COUNT(*) FROM events", db) == "0"
+
+
+async def test_a_cancel_requested_while_a_retry_is_written_is_kept(
+    two: tuple[PostgresStore, PostgresStore], postgres_url: str
+) -> None:
+    # the owner writes a retry while another node asks to cancel; a third session holds the
+    # row a moment (as a heartbeat batch does), so both writes queue behind it: whichever goes
+    # first, the run must end cancelled, not go back to pending to be claimed and run again
+    import asyncpg
+
+    from taskwatch.engine.runs import RunError
+    from taskwatch.engine.store import Retry
+
+    owner, other = two
+    await owner.register_node("n1", "inc-1", "x")
+    [inserted] = await owner.insert([NewRun("t", max_attempts=3)])
+    [claim] = await owner.claim("n1", "inc-1", 1, {"t": None})
+    holder = await asyncpg.connect(postgres_url)
+    try:
+        lock = holder.transaction()
+        await lock.start()
+        await holder.execute("SELECT 1 FROM runs WHERE id = $1 FOR UPDATE", inserted.id)
+        cancel = asyncio.ensure_future(other.request_cancel(inserted.id))
+        await wait_for(lambda: _waiting_on_locks(holder, 1))
+        retry = asyncio.ensure_future(owner.finish(claim.token, Retry(RunError(type="Boom", message="failed"), 0.0)))
+        await wait_for(lambda: _waiting_on_locks(holder, 2))
+        await lock.commit()
+        answer, written = await cancel, await retry
+    finally:
+        await holder.close()
+    assert answer.action == "requested" and written is RunStatus.CANCELLED
+    assert (await other.get(inserted.id)).status is RunStatus.CANCELLED  # type: ignore[union-attr]
+    assert await other.claim("n2", "inc-2", 1, {"t": None}) == []
+
+
+async def _waiting_on_locks(conn: object, sessions: int) -> bool:
+    """Whether ``sessions`` other sessions wait for a lock (the cancel, then the retry)."""
+    waiting = await conn.fetchval(  # type: ignore[attr-defined]
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+    )
+    return bool(waiting >= sessions)

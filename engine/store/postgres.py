@@ -772,7 +772,7 @@ class PostgresStore(Store):
 
     async def _finish_retry(self, tx: _Tx, token: str, outcome: Retry, now: float) -> RunStatus | None:
         seq = seq_of(token)
-        state = await tx.fetchrow(Q.CLAIM_STATE, {"seq": seq, "token": token})
+        state = await tx.fetchrow(Q.PG_CLAIM_STATE_LOCKED, {"seq": seq, "token": token})
         if state is None:
             return None
         if not state[0]:

@@ -214,6 +214,10 @@ SELECT cancel_requested, cancel_reason
 FROM runs
 WHERE seq = :seq AND claim_token = :token AND status = 'running'"""
 
+#: CLAIM_STATE for a write that acts on what it reads (PostgreSQL): the row stays locked
+#: until the transaction ends, so a cancel requested meanwhile waits and is not overwritten
+PG_CLAIM_STATE_LOCKED = CLAIM_STATE + "\nFOR UPDATE"
+
 #: a claimed run ends; returns nothing when the token is stale
 END_CLAIMED = """
 UPDATE runs

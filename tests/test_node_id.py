@@ -1,0 +1,77 @@
+"""The default node id: held by one live process at a time, taken over by a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from taskwatch.engine import Engine, RunStatus, TaskContext
+
+from .helpers import eventually
+
+#: prints its engine's default node id, then waits until stdin closes (or it is killed)
+HOLDER = """
+import sys
+from taskwatch.engine import Engine
+engine = Engine()
+print(engine.node_id, flush=True)
+sys.stdin.read()
+"""
+
+
+def holder(script: Path) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().strip()
+
+
+def test_copies_running_side_by_side_get_their_own_id_and_a_restart_takes_the_dead_ones(tmp_path: Path) -> None:
+    script = tmp_path / "worker.py"  # the same program started several times on one host
+    script.write_text(HOLDER)
+    first, first_id = holder(script)
+    second, second_id = holder(script)
+    try:
+        assert first_id.endswith("-worker") and second_id == f"{first_id}-2"
+        first.send_signal(signal.SIGKILL)
+        assert first.wait(10) == -signal.SIGKILL
+        restarted, restarted_id = holder(script)  # the killed one's id is free again: taken over
+        try:
+            assert restarted_id == first_id
+        finally:
+            restarted.kill()
+            restarted.wait(10)
+    finally:
+        for proc in (first, second):
+            proc.kill()
+            proc.wait(10)
+
+
+async def test_two_engines_with_the_default_id_on_one_store_keep_each_others_runs(tmp_path: Path) -> None:
+    # under one shared id the second start would take the first's running run for an orphan
+    # of its own previous incarnation and run it again
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    first, second = Engine(store=url, health_interval=None), Engine(store=url, health_interval=None)
+    assert first.node_id != second.node_id
+    gate = asyncio.Event()
+    attempts: list[int] = []
+    recovered: list[object] = []
+
+    for engine in (first, second):
+        engine.bus.add_callback(recovered.append, ["run.recovered"])
+
+        @engine.task
+        async def slow(ctx: TaskContext) -> None:
+            attempts.append(ctx.attempt)
+            await gate.wait()
+
+    async with first:
+        handle = await first.submit("slow")
+        await eventually(lambda: attempts == [1])
+        async with second:
+            gate.set()
+            record = await handle.wait(10)
+    assert (record.status, record.attempt) == (RunStatus.SUCCEEDED, 1)
+    assert attempts == [1] and recovered == []
