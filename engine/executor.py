@@ -318,6 +318,7 @@ class Executor:
         sent = time.monotonic()
         claims = self._claims()
         lost: Sequence[str] = ()
+        renewed: Mapping[str, object] = claims
         if claims:
             result = await self.store.heartbeat(self.incarnation, list(claims), dict(claims))
             for token, reason in result.cancel.items():
@@ -325,10 +326,12 @@ class Executor:
             lost = result.lost
             for token in lost:
                 self._claim_lost(token)
+            if result.busy:
+                renewed = {t: p for t, p in claims.items() if t not in result.busy}
         cpu, rss = self._node_load() if self._node_load is not None else (None, None)
         await self.store.node_heartbeat(self.incarnation, self.running, cpu_percent=cpu, rss_bytes=rss)
         if self._shared:
-            self._renewed(sent, claims, lost)
+            self._renewed(sent, renewed, lost)
 
     def _renewed(self, sent: float, renewed: Mapping[str, object], lost: Sequence[str]) -> None:
         """A heartbeat sent at ``sent`` went through: its claims hold until then + ttl."""

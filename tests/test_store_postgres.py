@@ -290,6 +290,34 @@ async def test_a_cancel_requested_while_a_retry_is_written_is_kept(
     assert await other.claim("n2", "inc-2", 1, {"t": None}) == []
 
 
+async def test_a_row_held_by_another_session_does_not_stall_a_nodes_heartbeat(
+    two: tuple[PostgresStore, PostgresStore], postgres_url: str
+) -> None:
+    # a dashboard's cancel stuck in its transaction holds one run: the owner's heartbeat renews
+    # its other claims at once and reports the held one as busy (not lost, not renewed)
+    import asyncpg
+
+    owner, _ = two
+    await owner.register_node("n1", "inc-1", "x")
+    stuck, free = await owner.insert([NewRun("t"), NewRun("t")])
+    claims = {c.run_id: c for c in await owner.claim("n1", "inc-1", 2, {"t": None})}
+    before = (await owner.get(free.id)).lease_until  # type: ignore[union-attr]
+    holder = await asyncpg.connect(postgres_url)
+    try:
+        lock = holder.transaction()
+        await lock.start()
+        await holder.execute("SELECT 1 FROM runs WHERE id = $1 FOR UPDATE", stuck.id)
+        async with asyncio.timeout(5):
+            result = await owner.heartbeat("inc-1", [claims[stuck.id].token, claims[free.id].token])
+        await lock.rollback()
+    finally:
+        await holder.close()
+    assert (result.busy, result.lost) == ([claims[stuck.id].token], [])
+    assert (await owner.get(free.id)).lease_until > before  # type: ignore[operator,union-attr]
+    again = await owner.heartbeat("inc-1", [claims[stuck.id].token])
+    assert (again.busy, again.lost) == ([], [])
+
+
 async def _waiting_on_locks(conn: object, sessions: int) -> bool:
     """Whether ``sessions`` other sessions wait for a lock (the cancel, then the retry)."""
     waiting = await conn.fetchval(  # type: ignore[attr-defined]

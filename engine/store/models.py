@@ -154,12 +154,15 @@ class Counts(BaseModel):
 
 
 class HeartbeatResult(BaseModel):
-    """What a heartbeat learnt: claims with a cancel request (token -> reason), and claims lost."""
+    """What a heartbeat learnt: claims with a cancel request (token -> reason), claims lost,
+    and claims still held but not renewed this time (``busy``: another session had the row
+    locked; the next heartbeat tries again)."""
 
     model_config = ConfigDict(frozen=True)
 
     cancel: dict[str, CancelReason] = Field(default_factory=dict)
     lost: list[str] = Field(default_factory=list)
+    busy: list[str] = Field(default_factory=list)
 
 
 class CancelResult(BaseModel):

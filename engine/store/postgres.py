@@ -256,7 +256,11 @@ class PostgresStore(Store):
         self._closing = False
         try:
             pool = await self._driver.create_pool(
-                self.url, min_size=1, max_size=self.pool_size, reset=_keep_session
+                self.url, min_size=1, max_size=self.pool_size, reset=_keep_session,
+                # a node paused or cut off inside a transaction (a submit holding the queue's
+                # lock, say) would hold its locks until the server gave up on the connection,
+                # hours on a silent network: the server ends such a session after a lease
+                server_settings={"idle_in_transaction_session_timeout": str(max(1000, int(self.lease_ttl * 1000)))},
             )
         except Exception as exc:  # noqa: BLE001 - re-raised as the store's own error
             raise self._translate(exc) from exc
@@ -708,11 +712,14 @@ class PostgresStore(Store):
         rows = await self._run(self._fetch, Q.PG_HEARTBEAT_MANY, values, single=True)
         cancel: dict[str, CancelReason] = {}
         kept: set[str] = set()
-        for token, requested, reason in rows:
+        busy: list[str] = []
+        for token, requested, reason, renewed in rows:
             kept.add(token)
-            if requested:
+            if not renewed:
+                busy.append(token)
+            elif requested:
                 cancel[token] = reason or "user"
-        return HeartbeatResult(cancel=cancel, lost=[t for t in tokens if t not in kept])
+        return HeartbeatResult(cancel=cancel, lost=[t for t in tokens if t not in kept], busy=busy)
 
     async def finish(self, token: str, outcome: Outcome) -> RunStatus | None:
         if isinstance(outcome, Retry):

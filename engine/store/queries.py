@@ -475,19 +475,30 @@ SELECT COUNT(*) FROM inserted"""
 #: same rows (a heartbeat crossing a batch of finishes) would otherwise deadlock
 PG_HEARTBEAT_MANY = """
 WITH renewing AS MATERIALIZED (
-    SELECT seq FROM runs WHERE seq = ANY(CAST(:seqs AS bigint[])) ORDER BY seq FOR UPDATE
+    -- a row another session holds (a cancel in its transaction, say) is not waited for: one
+    -- stuck lock must not keep every other claim of this node from being renewed
+    SELECT seq FROM runs WHERE seq = ANY(CAST(:seqs AS bigint[])) ORDER BY seq FOR UPDATE SKIP LOCKED
+), renewed AS (
+    UPDATE runs
+    SET lease_until = :lease_until,
+        progress_done = CASE WHEN b.has THEN b.done ELSE runs.progress_done END,
+        progress_total = CASE WHEN b.has THEN b.total ELSE runs.progress_total END,
+        progress_message = CASE WHEN b.has THEN b.message ELSE runs.progress_message END
+    FROM unnest(CAST(:seqs AS bigint[]), CAST(:tokens AS text[]), CAST(:has AS bool[]),
+                CAST(:dones AS float8[]), CAST(:totals AS float8[]), CAST(:messages AS text[]))
+         AS b(seq, token, has, done, total, message), renewing
+    WHERE runs.seq = b.seq AND renewing.seq = b.seq AND runs.claim_token = b.token
+      AND runs.owner_incarnation = :incarnation AND runs.status = 'running'
+    RETURNING b.token, runs.cancel_requested, runs.cancel_reason
 )
-UPDATE runs
-SET lease_until = :lease_until,
-    progress_done = CASE WHEN b.has THEN b.done ELSE runs.progress_done END,
-    progress_total = CASE WHEN b.has THEN b.total ELSE runs.progress_total END,
-    progress_message = CASE WHEN b.has THEN b.message ELSE runs.progress_message END
-FROM unnest(CAST(:seqs AS bigint[]), CAST(:tokens AS text[]), CAST(:has AS bool[]),
-            CAST(:dones AS float8[]), CAST(:totals AS float8[]), CAST(:messages AS text[]))
-     AS b(seq, token, has, done, total, message), renewing
-WHERE runs.seq = b.seq AND renewing.seq = b.seq AND runs.claim_token = b.token
-  AND runs.owner_incarnation = :incarnation AND runs.status = 'running'
-RETURNING b.token, runs.cancel_requested, runs.cancel_reason"""
+SELECT token, cancel_requested, cancel_reason, true FROM renewed
+UNION ALL
+-- the rows skipped as locked that were still this node's at their last commit: held, not renewed
+SELECT b.token, 0, NULL, false
+FROM unnest(CAST(:seqs AS bigint[]), CAST(:tokens AS text[])) AS b(seq, token)
+JOIN runs ON runs.seq = b.seq
+WHERE b.seq NOT IN (SELECT seq FROM renewing) AND runs.claim_token = b.token
+  AND runs.owner_incarnation = :incarnation AND runs.status = 'running'"""
 
 #: end many claimed runs at once (succeeded, failed, cancelled) and count them in the totals,
 #: in one statement (so in one round trip, without a transaction around it); a token not
