@@ -324,3 +324,42 @@ async def _waiting_on_locks(conn: object, sessions: int) -> bool:
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
     )
     return bool(waiting >= sessions)
+
+
+async def test_a_claim_whose_answer_was_cut_off_keeps_what_it_took(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    # the server commits a claim, the connection is reset before its answer arrives, the store
+    # tries again: it must hand back the run the first try took (now this node's), not claim
+    # another and leave that one running unexecuted until its lease runs out
+    from .cutting_proxy import CuttingProxy
+
+    direct = PostgresStore(postgres_url, lease_ttl=TTL)
+    async with direct, CuttingProxy(postgres_server.port) as proxy:
+        first, second = await direct.insert([NewRun("t"), NewRun("t")])
+        node = PostgresStore(proxy.url(postgres_url), lease_ttl=TTL, pool_size=1)
+        async with node:
+            await node.register_node("n1", "inc-1", "x")
+            assert await node.claim("n1", "inc-1", 1, {"warm": None}) == []  # the claim's statement is prepared now
+            proxy.cut_after(lambda chunk: chunk[:1] == b"B")  # its next execution (Bind, Execute)
+            claims = await node.claim("n1", "inc-1", 1, {"t": None})
+            assert proxy.cuts == 1 and node.reconnects == 1
+        assert [c.run_id for c in claims] == [first.id]
+        assert (await direct.get(first.id)).claim_token == claims[0].token  # type: ignore[union-attr]
+        assert (await direct.get(second.id)).status is RunStatus.PENDING  # type: ignore[union-attr]
+
+
+async def test_an_insert_whose_commit_answer_was_cut_off_is_not_refused_as_a_duplicate(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    from .cutting_proxy import CuttingProxy
+
+    async with CuttingProxy(postgres_server.port) as proxy:
+        node = PostgresStore(proxy.url(postgres_url), lease_ttl=TTL, pool_size=1)
+        async with node:
+            # with a queue limit the insert is a transaction: the lock, the insert, COMMIT
+            proxy.cut_after(lambda chunk: b"pg_advisory_xact_lock" in chunk, lambda chunk: b"COMMIT" in chunk)
+            [inserted] = await node.insert([NewRun("t", id="run-1")], max_pending=100)
+            assert proxy.cuts == 1 and node.reconnects == 1
+            assert (inserted.id, inserted.new) == ("run-1", True)
+            assert (await node.counts()).pending == 1

@@ -25,6 +25,7 @@ PostgreSQL store is created.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -117,10 +118,12 @@ def _q(sql: str) -> _Compiled:
 class _Tx:
     """One transaction on one connection, and what to announce once it has committed."""
 
-    __slots__ = ("conn", "totals", "work", "cancels", "finished")
+    __slots__ = ("conn", "totals", "work", "cancels", "finished", "again")
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(self, conn: asyncpg.Connection, again: bool = False) -> None:
         self.conn = conn
+        #: an earlier try of this operation lost its connection: it may have been committed
+        self.again = again
         self.totals: dict[str, int] = {}
         self.work = False
         self.cancels: list[str] = []
@@ -346,6 +349,7 @@ class PostgresStore(Store):
         delay = 0.05
         deadline: float | None = None
         races = 0
+        cut = False
         while True:
             pool = self._pool
             if pool is None:
@@ -353,7 +357,7 @@ class PostgresStore(Store):
             try:
                 async with pool.acquire() as conn:
                     try:
-                        tx = _Tx(conn)
+                        tx = _Tx(conn, again=cut)
                         if not write:
                             result = await fn(tx, *args)
                             break
@@ -371,7 +375,11 @@ class PostgresStore(Store):
                     except Exception as exc:
                         if self._transient(exc):
                             # a connection cut mid-operation may be left in any state: never reuse it
-                            conn.terminate()
+                            cut = True
+                            with contextlib.suppress(Exception):
+                                # a connection the driver already saw closing is detached from
+                                # the pool's handle, which then refuses this: the cut is what to report
+                                conn.terminate()
                         raise
                 break
             except _DedupRace:
@@ -556,6 +564,20 @@ class PostgresStore(Store):
         return await self._run(self._insert, rows, max_pending, single=single)  # type: ignore[no-any-return]
 
     async def _insert(self, tx: _Tx, rows: list[dict[str, Any]], max_pending: int | None) -> list[Inserted]:
+        if tx.again:
+            present = {r[0] for r in await tx.fetch(Q.PG_IDS_PRESENT, {"ids": [row["id"] for row in rows]})}
+            if present:
+                # the try cut off was committed (one transaction, or one statement: all of it
+                # or nothing): what it inserted stands, and trying again would only collide
+                tx.work = True
+                out_before: list[Inserted] = []
+                for row in rows:
+                    if row["id"] in present:
+                        out_before.append(Inserted(row["id"], True))
+                    else:  # a dedup key was held by another pending run: it answered for this one
+                        holder = await tx.fetchval(Q.KEY_HOLDER, row) if row["key"] is not None else None
+                        out_before.append(Inserted(holder or row["id"], False))
+                return out_before
         if max_pending is not None:
             # one inserter at a time counts the pending runs: its statement's snapshot is
             # taken after every earlier holder of the lock has committed
@@ -663,7 +685,16 @@ class PostgresStore(Store):
             claims.sort(key=lambda c: seq_of(c.token))
         return claims  # type: ignore[no-any-return]
 
+    async def _claimed_before(self, tx: _Tx, values: dict[str, Any]) -> list[Claim]:
+        """What a cut-off earlier try of this claim took, if it was committed: those runs are
+        this node's now, and claiming others instead would leave them running unexecuted."""
+        if not tx.again:
+            return []
+        return self._claims_of(await tx.fetch(Q.PG_CLAIMED_WITH_NONCE, values), values)
+
     async def _claim_and_peek(self, tx: _Tx, values: dict[str, Any]) -> tuple[list[Claim], list[str]]:
+        if before := await self._claimed_before(tx, values):
+            return before, []
         rows = await tx.fetch(Q.PG_CLAIM_AND_PEEK, values)
         waiting = [r[2] for r in rows if r[1] is None]
         return self._claims_of([r for r in rows if r[1] is not None], values), waiting
@@ -673,6 +704,8 @@ class PostgresStore(Store):
         return await self._claim(tx, values)
 
     async def _claim(self, tx: _Tx, values: dict[str, Any]) -> list[Claim]:
+        if before := await self._claimed_before(tx, values):
+            return before
         return self._claims_of(await tx.fetch(Q.PG_CLAIM, values), values)
 
     @staticmethod

@@ -431,6 +431,18 @@ WHERE runs.seq IN (
 RETURNING seq, id, task, params, attempt, max_attempts, created_at, dedup_key, source, lost_count,
           claim_token"""
 
+#: the runs a claim with this nonce already took: a claim tried again after its connection
+#: was cut may have been committed before the cut (same columns as PG_CLAIM's RETURNING)
+PG_CLAIMED_WITH_NONCE = """
+SELECT seq, id, task, params, attempt, max_attempts, created_at, dedup_key, source, lost_count,
+       claim_token
+FROM runs
+WHERE owner_incarnation = :incarnation AND status = 'running' AND claim_token LIKE '%.' || :nonce"""
+
+#: the ids of a batch of new runs that are in the table already (an insert tried again after
+#: its connection was cut: the first try may have been committed before the cut)
+PG_IDS_PRESENT = "SELECT id FROM runs WHERE id = ANY(CAST(:ids AS text[]))"
+
 #: ``PG_CLAIM`` for the tasks without a cap (:caps all NULL), and in the same round trip the
 #: capped tasks of :peek that have due runs waiting, as rows whose id is NULL: only those are
 #: then claimed under their locks (``PG_TASK_LOCKS``), so a node with capped tasks pays for
