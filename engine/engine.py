@@ -723,7 +723,9 @@ class Engine:
         if not rows:
             inserted: list[Inserted] = []
         elif self._memory is not None:
-            self._check_room(len(rows))
+            # runs of one key in this batch queue once: the others get the first one's handle
+            keyed = {(run.task, run.key) for run in fresh if run.key is not None}
+            self._check_room(sum(run.key is None for run in fresh) + len(keyed))
             inserted = await self._store.insert(rows)
         else:
             inserted = await self._store_insert(rows)

@@ -750,3 +750,23 @@ async def test_a_handle_still_waits_for_its_run_after_it_left_history_and_store(
         with pytest.raises(RunNotFound):
             engine.get(handles[0].id)
         assert len(engine.runs(limit=None)) <= 5
+
+
+async def test_a_batch_repeating_a_key_counts_it_once_against_the_queue_limit() -> None:
+    engine = make_engine(max_queue=3)
+    gate = asyncio.Event()
+
+    @engine.task
+    async def hold(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    async with engine:
+        # max_concurrency slots first, so that what follows waits in the queue
+        running = [await engine.submit("hold") for _ in range(engine.max_concurrency)]
+        handles = await engine.submit_many([{"task": "hold", "key": "same"}] * 5 + [("hold", None)] * 2)
+        assert len({h.id for h in handles[:5]}) == 1 and engine.stats().queue_depth == 3
+        with pytest.raises(QueueFull):
+            await engine.submit("hold")
+        gate.set()
+        for h in running + handles:
+            assert (await h.wait(5)).status is RunStatus.SUCCEEDED
