@@ -200,6 +200,8 @@ class Engine:
         # the default is held for as long as this engine lives: a second copy of the program
         # running beside this one gets the next id, a restart after this one ends gets this one
         self.node_id = node_id or hold_default_node_id(self)
+        #: the process that holds the default id (None: the id was given)
+        self._id_pid = os.getpid() if node_id is None else None
         #: this process start's identity: claims name it, so a restart can tell its old runs apart
         self.incarnation = os.urandom(8).hex()
         self.max_concurrency = max_concurrency
@@ -437,6 +439,11 @@ class Engine:
         if self._state == "stopping":
             raise EngineNotRunning("stopping")
         self._loop = asyncio.get_running_loop()
+        if self._id_pid is not None and self._id_pid != os.getpid():
+            # built before a fork (a web server preloading the app): the default id is the
+            # parent's, and each forked copy starting here holds one of its own
+            self._id_pid = os.getpid()
+            self.node_id = self.bus.node = self._executor.node = hold_default_node_id(self)
         await self._store.open()
         try:
             await self._store.register_node(self.node_id, self.incarnation, __version__)

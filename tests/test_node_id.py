@@ -75,3 +75,46 @@ async def test_two_engines_with_the_default_id_on_one_store_keep_each_others_run
             record = await handle.wait(10)
     assert (record.status, record.attempt) == (RunStatus.SUCCEEDED, 1)
     assert attempts == [1] and recovered == []
+
+
+#: builds an engine, then forks twice; each child starts the engine it inherited
+FORKED = """
+import asyncio, os, sys
+from taskwatch.engine import Engine
+engine = Engine(health_interval=None)
+print("parent", engine.node_id, flush=True)
+children = []
+for _ in range(2):
+    pid = os.fork()
+    if pid == 0:
+        async def main():
+            async with engine:
+                print("child", engine.node_id, engine.bus.node, flush=True)
+                sys.stdin.readline()  # held until the parent has heard from both children
+        asyncio.run(main())
+        os._exit(0)
+    children.append(pid)
+    sys.stdout.flush()
+sys.stdin.readline()
+for pid in children:
+    os.waitpid(pid, 0)
+"""
+
+
+def test_an_engine_built_before_a_fork_gets_an_id_of_its_own_in_each_child(tmp_path: Path) -> None:
+    script = tmp_path / "app.py"
+    script.write_text(FORKED)
+    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        lines = [proc.stdout.readline().split() for _ in range(3)]
+    finally:
+        proc.stdin.write("\n\n\n")
+        proc.stdin.close()
+        assert proc.wait(20) == 0
+    parent = [line[1] for line in lines if line[0] == "parent"]
+    children = [line[1:] for line in lines if line[0] == "child"]
+    assert len(parent) == 1 and len(children) == 2
+    ids = {child[0] for child in children}
+    assert len(ids) == 2 and parent[0] not in ids, lines
+    assert all(node_id == bus_node for node_id, bus_node in children)
