@@ -125,9 +125,9 @@ class Execution:
         self._finishing: set[str] = set()
         #: outcome writes in flight, awaited by stop()
         self._writes: set[asyncio.Future[Any]] = set()
-        #: claim token whose outcome is being written -> a new claim of the same run that came
-        #: back before that write's answer was applied here (launched right after it is)
-        self._after_write: dict[str, Claim] = {}
+        #: claim token -> the retry being written for it (what a new claim of the run, coming
+        #: back before the write's answer, proves the store took)
+        self._retrying: dict[str, tuple[Retry, RunError | None]] = {}
         #: runs evicted from the index since the memory store was last pruned
         self._evicted = 0
         self._prune_every = max(64, index.history // 8)
@@ -143,7 +143,7 @@ class Execution:
     def forget_claims(self) -> None:
         """A restart of the engine object: the store is the truth, no claim of ours survives."""
         self._claimed.clear()
-        self._after_write.clear()
+        self._retrying.clear()
 
     def start_soon(self) -> None:
         """Start new work: at once with the memory store (its claims never wait), else via the executor."""
@@ -255,13 +255,13 @@ class Execution:
             # must hear of it too, or the claim would sit unheartbeaten until it expires
             self._end_claim(run, claim.token, Cancelled(run.cancel_reason or "external"))
             return
-        elif run.status is _RUNNING and run.token is not None and run.token in self._finishing:
-            # the store took the outcome of the attempt before (a retry: pending again) and
-            # gave the run out once more before that write's answer reached this node: the
-            # new attempt starts once it has, so the retry is recorded and reported first
-            self._after_write[run.token] = claim
-            return
-        elif run.status is _RUNNING:
+        elif run.status is _RUNNING and run.token is not None and run.token in self._retrying:
+            # given out again while the retry of the attempt before was on its way to the
+            # store: the store has it (the run was pending again to be claimed), so it is
+            # applied now, before the new attempt starts (its write's answer finds it done)
+            retry, error = self._retrying.pop(run.token)
+            self._apply_outcome(run, run.token, retry, error, _PENDING)
+        if run.status is _RUNNING:
             # re-claimed after recovery took an older claim of ours away: that attempt is over
             if run.token is not None:
                 self._claimed.pop(run.token, None)
@@ -521,6 +521,8 @@ class Execution:
             self._apply_outcome(run, token, outcome, error, memory.finish_now(token, outcome))
             return
         self._finishing.add(token)
+        if type(outcome) is Retry:
+            self._retrying[token] = (outcome, error)
         self._send(run, token, outcome, error, again=False)
 
     def _send(self, run: Run, token: str, outcome: Outcome, error: RunError | None, *, again: bool) -> None:
@@ -551,6 +553,7 @@ class Execution:
             log.error("writing the outcome of run %s failed (%s); recovery will run it again", run.id,
                       exc or "cancelled")  # fmt: skip
         self._finishing.discard(token)
+        self._retrying.pop(token, None)
         try:
             self._apply_outcome(run, token, outcome, error, None if failed else write.result(), failed=failed)
         finally:
@@ -559,9 +562,6 @@ class Execution:
             # a capped task's next claim may have been refused while the store still counted
             # this run as running: now it does not
             self.executor.wake()
-            again_claimed = self._after_write.pop(token, None)
-            if again_claimed is not None:
-                self.launch(again_claimed)
 
     async def _write_outcome(self, run: Run, token: str, outcome: Outcome) -> RunStatus | None:
         """``store.finish``, tried again while the store is busy and the claim still holds.

@@ -36,8 +36,8 @@ from .store import Claim, Inserted, MemoryStore, NewRun, Recovered, Store
 
 log = logging.getLogger("taskwatch.executor")
 
-#: the first wait of the claim loop for a run that is due but could not be claimed (doubling
-#: up to the poll interval while that lasts)
+#: how long the claim loop waits before trying again for a run that is due but could not be
+#: claimed while slots are free (its task at its cap, say)
 _OVERDUE_PAUSE = 0.01
 
 #: no task has room (shared, never changed)
@@ -268,7 +268,6 @@ class Executor:
     # ------------------------------------------------------------------ loops
 
     async def _claim_loop(self) -> None:
-        overdue_pause = _OVERDUE_PAUSE
         while True:
             self._wake.clear()
             try:
@@ -288,12 +287,11 @@ class Executor:
             if due is not None:
                 wait = due - self._clock()
                 if wait <= 0 and not claimed:
-                    # due, yet not claimed: no slot for it (a freed one wakes this loop), or the
-                    # store's due time is a moment later than this node's; either way, no spinning
-                    wait = overdue_pause
-                    overdue_pause = min(overdue_pause * 2, self.poll_interval)
-                else:
-                    overdue_pause = _OVERDUE_PAUSE
+                    # due, yet not claimed. With no free slot at all, the slot that frees wakes
+                    # this loop; else (its task at its cap, or the store's due time a moment
+                    # later than this node's) a short pause, so other runs coming due are not
+                    # held up, and no spinning
+                    wait = self.poll_interval if self.max_concurrency - self.running <= 0 else _OVERDUE_PAUSE
                 timeout = min(timeout, max(0.0, wait))
             if self._wake.is_set():
                 continue
@@ -373,6 +371,10 @@ class Executor:
             # merely slow gets a whole lease (its late renewal still holds if nobody took over)
             cut = self._cut_since is not None or self.store.unreachable_since is not None
             if await self._probe(probe if cut else self._ttl) and self._cut_since is None:
+                if self._until and min(self._until.values()) <= time.monotonic():
+                    # the store answered but could not renew a claim (its row held by another
+                    # session): looked at again a beat later, not at once, round after round
+                    await asyncio.sleep(probe)
                 continue
             now = time.monotonic()
             first = self._cut_since is None

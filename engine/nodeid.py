@@ -13,6 +13,7 @@ operating system lets go of when the process ends, however it ends (``kill
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import socket
@@ -42,13 +43,35 @@ def base_node_id() -> str:
     return f"{socket.gethostname()}-{app or 'python'}"
 
 
-def _lock_dir() -> Path | None:
+#: the lock descriptors this process holds: a forked child closes its copies (they would keep
+#: the parent's ids held after the parent ended, and its restart would not get its id back)
+_HELD: set[int] = set()
+
+
+def _forget_held() -> None:
+    for fd in list(_HELD):
+        _HELD.discard(fd)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_held)
+
+
+class _Unusable(Exception):
+    """No lock can be taken here (read-only or missing temp dir, say): use the plain id."""
+
+
+def _lock_dir() -> Path:
     uid = os.getuid() if hasattr(os, "getuid") else 0
-    path = Path(tempfile.gettempdir()) / f"taskwatch-{uid}"
     try:
+        path = Path(tempfile.gettempdir()) / f"taskwatch-{uid}"
         path.mkdir(mode=0o700, exist_ok=True)
-    except OSError:
-        return None
+    except (OSError, FileNotFoundError) as exc:
+        raise _Unusable from exc
     return path
 
 
@@ -57,28 +80,39 @@ def _try_hold(directory: Path, node_id: str) -> int | None:
     name = hashlib.sha256(node_id.encode()).hexdigest()[:24] + ".lock"
     try:
         fd = os.open(directory / name, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
-        return None
+    except OSError as exc:
+        raise _Unusable from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
         os.close(fd)
-        return None
-    os.set_inheritable(fd, False)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None  # held by a live process
+        raise _Unusable from exc
+    _HELD.add(fd)
     return fd
+
+
+def _release(fd: int) -> None:
+    if fd in _HELD:  # not already closed by a fork
+        _HELD.discard(fd)
+        os.close(fd)
 
 
 def hold_default_node_id(owner: object) -> str:
     """The first of ``host-app``, ``host-app-2``, ... no other live process (or object of
     this one) holds; ``owner`` holds it until it is garbage-collected or the process ends."""
     base = base_node_id()
-    directory = _lock_dir() if fcntl is not None else None
-    if directory is None:
+    if fcntl is None:
         return base
-    for slot in range(1, MAX_SLOTS + 1):
-        node_id = base if slot == 1 else f"{base}-{slot}"
-        fd = _try_hold(directory, node_id)
-        if fd is not None:
-            weakref.finalize(owner, os.close, fd)
-            return node_id
-    return f"{base}-{MAX_SLOTS}"
+    try:
+        directory = _lock_dir()
+        for slot in range(1, MAX_SLOTS + 1):
+            node_id = base if slot == 1 else f"{base}-{slot}"
+            fd = _try_hold(directory, node_id)
+            if fd is not None:
+                weakref.finalize(owner, _release, fd)
+                return node_id
+    except _Unusable:
+        pass
+    return base

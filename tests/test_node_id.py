@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -118,3 +119,41 @@ def test_an_engine_built_before_a_fork_gets_an_id_of_its_own_in_each_child(tmp_p
     ids = {child[0] for child in children}
     assert len(ids) == 2 and parent[0] not in ids, lines
     assert all(node_id == bus_node for node_id, bus_node in children)
+
+
+#: holds the default id, forks a child that lives on (say, a worker it started), then waits
+PARENT_OF_A_LIVE_CHILD = """
+import os, sys, time
+from taskwatch.engine import Engine
+engine = Engine()
+pid = os.fork()
+if pid == 0:
+    sys.stdin.read()  # lives until the test closes its stdin
+    os._exit(0)
+print(engine.node_id, pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_forked_child_does_not_keep_its_parents_id_after_the_parent_dies(tmp_path: Path) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(PARENT_OF_A_LIVE_CHILD)
+    parent = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None and parent.stdin is not None
+    node_id, child = parent.stdout.readline().split()
+    try:
+        parent.send_signal(signal.SIGKILL)
+        assert parent.wait(10) == -signal.SIGKILL
+        script.write_text(HOLDER)  # the same program started again, its child still alive
+        restarted, restarted_id = holder(script)
+        try:
+            assert restarted_id == node_id
+        finally:
+            restarted.kill()
+            restarted.wait(10)
+    finally:
+        parent.stdin.close()  # the orphaned child reads EOF and ends
+        try:
+            os.kill(int(child), signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -363,3 +363,31 @@ async def test_an_insert_whose_commit_answer_was_cut_off_is_not_refused_as_a_dup
             assert proxy.cuts == 1 and node.reconnects == 1
             assert (inserted.id, inserted.new) == ("run-1", True)
             assert (await node.counts()).pending == 1
+
+
+async def test_finishes_whose_answer_was_cut_off_report_what_the_store_did(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    # an outcome written, committed, its answer lost with the connection: tried again, the store
+    # must say what it did (succeeded; pending for a retry), not take the token for a stale one
+    from taskwatch.engine.runs import RunError
+    from taskwatch.engine.store import Retry
+
+    from .cutting_proxy import CuttingProxy
+
+    async with CuttingProxy(postgres_server.port) as proxy:
+        node = PostgresStore(proxy.url(postgres_url), lease_ttl=TTL, pool_size=1)
+        async with node:
+            await node.register_node("n1", "inc-1", "x")
+            await node.insert([NewRun("t", max_attempts=3) for _ in range(3)])
+            warm, done, retried = await node.claim("n1", "inc-1", 3, {"t": None})
+            assert await node.finish(warm.token, Succeeded()) is RunStatus.SUCCEEDED  # statement prepared
+            proxy.cut_after(lambda chunk: chunk[:1] == b"B")
+            assert await node.finish(done.token, Succeeded()) is RunStatus.SUCCEEDED
+            proxy.cut_after(lambda chunk: b"COMMIT" in chunk)
+            error = RunError(type="Boom", message="failed")
+            assert await node.finish(retried.token, Retry(error, 30.0)) is RunStatus.PENDING
+            assert proxy.cuts == 2 and node.reconnects == 2
+            stored = await node.get(retried.run_id)
+            assert stored is not None and (stored.status, stored.attempt) == (RunStatus.PENDING, 2)
+            assert (await node.counts()).by_status["succeeded"] == 2

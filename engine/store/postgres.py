@@ -565,8 +565,12 @@ class PostgresStore(Store):
 
     async def _insert(self, tx: _Tx, rows: list[dict[str, Any]], max_pending: int | None) -> list[Inserted]:
         if tx.again:
-            present = {r[0] for r in await tx.fetch(Q.PG_IDS_PRESENT, {"ids": [row["id"] for row in rows]})}
-            if present:
+            sent = {row["id"]: (row["task"], row["created_at"]) for row in rows}
+            found = await tx.fetch(Q.PG_IDS_PRESENT, {"ids": list(sent)})
+            present = {r[0] for r in found}
+            # rows that are this batch's own, to the creation time: an id someone else stored
+            # (a chosen id colliding) is no sign of an earlier try, and stays a duplicate
+            if present and all(sent[r[0]] == (r[1], r[2]) for r in found):
                 # the try cut off was committed (one transaction, or one statement: all of it
                 # or nothing): what it inserted stands, and trying again would only collide
                 tx.work = True
@@ -808,12 +812,29 @@ class PostgresStore(Store):
         for token, run_id, status in rows:
             ended[token] = RunStatus(status)  # counted in the totals by the statement itself
             tx.finished.append(run_id)
+        if tx.again and len(ended) < len(batch):
+            # a try cut off after its commit ended them: theirs, at this batch's own time
+            by_seq = {f.seq: f for f in batch if f.token not in ended}
+            for seq, run_id, status in await tx.fetch(Q.PG_ENDED_AT, {"seqs": list(by_seq), "now": now}):
+                f = by_seq[seq]
+                if status == f.status:
+                    ended[f.token] = RunStatus(status)
+                    tx.finished.append(run_id)
         return ended
 
     async def _finish_retry(self, tx: _Tx, token: str, outcome: Retry, now: float) -> RunStatus | None:
         seq = seq_of(token)
+        run_after, error = now + max(0.0, outcome.delay), error_json(outcome.error)
         state = await tx.fetchrow(Q.PG_CLAIM_STATE_LOCKED, {"seq": seq, "token": token})
         if state is None:
+            if tx.again:
+                # a try cut off after its commit may have done it: re-queued with this very due
+                # time and error, or (a cancel was pending) ended at this very moment
+                if await tx.fetchrow(Q.PG_REQUEUED_AS, {"seq": seq, "run_after": run_after, "error": error}):
+                    return RunStatus.PENDING
+                ended = await tx.fetch(Q.PG_ENDED_AT, {"seqs": [seq], "now": now})
+                if ended and ended[0][2] == RunStatus.CANCELLED.value:
+                    return RunStatus.CANCELLED
             return None
         if not state[0]:
             await tx.execute(
@@ -823,8 +844,8 @@ class PostgresStore(Store):
                     "token": token,
                     "lost": 0,
                     "step": 1 if outcome.next_attempt else 0,
-                    "run_after": now + max(0.0, outcome.delay),
-                    "error": error_json(outcome.error),
+                    "run_after": run_after,
+                    "error": error,
                 },
             )
             if outcome.next_attempt:

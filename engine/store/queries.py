@@ -439,9 +439,16 @@ SELECT seq, id, task, params, attempt, max_attempts, created_at, dedup_key, sour
 FROM runs
 WHERE owner_incarnation = :incarnation AND status = 'running' AND claim_token LIKE '%.' || :nonce"""
 
+#: what an earlier try of a write cut off after its commit left: runs it ended (at its own
+#: ``now``, to the microsecond), or a retry it re-queued (with its own due time and error)
+PG_ENDED_AT = """
+SELECT seq, id, status FROM runs
+WHERE seq = ANY(CAST(:seqs AS bigint[])) AND finished_at = :now AND claim_token IS NULL"""
+PG_REQUEUED_AS = "SELECT 1 FROM runs WHERE seq = :seq AND run_after = :run_after AND error = :error"
+
 #: the ids of a batch of new runs that are in the table already (an insert tried again after
 #: its connection was cut: the first try may have been committed before the cut)
-PG_IDS_PRESENT = "SELECT id FROM runs WHERE id = ANY(CAST(:ids AS text[]))"
+PG_IDS_PRESENT = "SELECT id, task, created_at FROM runs WHERE id = ANY(CAST(:ids AS text[]))"
 
 #: ``PG_CLAIM`` for the tasks without a cap (:caps all NULL), and in the same round trip the
 #: capped tasks of :peek that have due runs waiting, as rows whose id is NULL: only those are
