@@ -9,6 +9,7 @@ keeps is in ``test_store_contract.py``; the subprocess cluster in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from taskwatch.engine.store import (
     make_store,
 )
 
+from .cutting_proxy import CuttingProxy
 from .postgres_server import PostgresServer
 
 TTL = 10.0
@@ -326,19 +328,26 @@ async def _waiting_on_locks(conn: object, sessions: int) -> bool:
     return bool(waiting >= sessions)
 
 
+@contextlib.asynccontextmanager
+async def proxied(server: PostgresServer, url: str) -> AsyncIterator[tuple[CuttingProxy, PostgresStore]]:
+    """A node's store reaching the database through a proxy that can cut its connection (one
+    connection in its pool, so the cut is the operation's own)."""
+    async with CuttingProxy(server.port) as proxy:
+        node = PostgresStore(proxy.url(url), lease_ttl=TTL, pool_size=1)
+        async with node:
+            yield proxy, node
+
+
 async def test_a_claim_whose_answer_was_cut_off_keeps_what_it_took(
     postgres_server: PostgresServer, postgres_url: str
 ) -> None:
     # the server commits a claim, the connection is reset before its answer arrives, the store
     # tries again: it must hand back the run the first try took (now this node's), not claim
     # another and leave that one running unexecuted until its lease runs out
-    from .cutting_proxy import CuttingProxy
-
     direct = PostgresStore(postgres_url, lease_ttl=TTL)
-    async with direct, CuttingProxy(postgres_server.port) as proxy:
+    async with direct:
         first, second = await direct.insert([NewRun("t"), NewRun("t")])
-        node = PostgresStore(proxy.url(postgres_url), lease_ttl=TTL, pool_size=1)
-        async with node:
+        async with proxied(postgres_server, postgres_url) as (proxy, node):
             await node.register_node("n1", "inc-1", "x")
             assert await node.claim("n1", "inc-1", 1, {"warm": None}) == []  # the claim's statement is prepared now
             proxy.cut_after(lambda chunk: chunk[:1] == b"B")  # its next execution (Bind, Execute)
@@ -352,17 +361,13 @@ async def test_a_claim_whose_answer_was_cut_off_keeps_what_it_took(
 async def test_an_insert_whose_commit_answer_was_cut_off_is_not_refused_as_a_duplicate(
     postgres_server: PostgresServer, postgres_url: str
 ) -> None:
-    from .cutting_proxy import CuttingProxy
-
-    async with CuttingProxy(postgres_server.port) as proxy:
-        node = PostgresStore(proxy.url(postgres_url), lease_ttl=TTL, pool_size=1)
-        async with node:
-            # with a queue limit the insert is a transaction: the lock, the insert, COMMIT
-            proxy.cut_after(lambda chunk: b"pg_advisory_xact_lock" in chunk, lambda chunk: b"COMMIT" in chunk)
-            [inserted] = await node.insert([NewRun("t", id="run-1")], max_pending=100)
-            assert proxy.cuts == 1 and node.reconnects == 1
-            assert (inserted.id, inserted.new) == ("run-1", True)
-            assert (await node.counts()).pending == 1
+    async with proxied(postgres_server, postgres_url) as (proxy, node):
+        # with a queue limit the insert is a transaction: the lock, the insert, COMMIT
+        proxy.cut_after(lambda chunk: b"pg_advisory_xact_lock" in chunk, lambda chunk: b"COMMIT" in chunk)
+        [inserted] = await node.insert([NewRun("t", id="run-1")], max_pending=100)
+        assert proxy.cuts == 1 and node.reconnects == 1
+        assert (inserted.id, inserted.new) == ("run-1", True)
+        assert (await node.counts()).pending == 1
 
 
 async def test_finishes_whose_answer_was_cut_off_report_what_the_store_did(
@@ -373,21 +378,17 @@ async def test_finishes_whose_answer_was_cut_off_report_what_the_store_did(
     from taskwatch.engine.runs import RunError
     from taskwatch.engine.store import Retry
 
-    from .cutting_proxy import CuttingProxy
-
-    async with CuttingProxy(postgres_server.port) as proxy:
-        node = PostgresStore(proxy.url(postgres_url), lease_ttl=TTL, pool_size=1)
-        async with node:
-            await node.register_node("n1", "inc-1", "x")
-            await node.insert([NewRun("t", max_attempts=3) for _ in range(3)])
-            warm, done, retried = await node.claim("n1", "inc-1", 3, {"t": None})
-            assert await node.finish(warm.token, Succeeded()) is RunStatus.SUCCEEDED  # statement prepared
-            proxy.cut_after(lambda chunk: chunk[:1] == b"B")
-            assert await node.finish(done.token, Succeeded()) is RunStatus.SUCCEEDED
-            proxy.cut_after(lambda chunk: b"COMMIT" in chunk)
-            error = RunError(type="Boom", message="failed")
-            assert await node.finish(retried.token, Retry(error, 30.0)) is RunStatus.PENDING
-            assert proxy.cuts == 2 and node.reconnects == 2
-            stored = await node.get(retried.run_id)
-            assert stored is not None and (stored.status, stored.attempt) == (RunStatus.PENDING, 2)
-            assert (await node.counts()).by_status["succeeded"] == 2
+    async with proxied(postgres_server, postgres_url) as (proxy, node):
+        await node.register_node("n1", "inc-1", "x")
+        await node.insert([NewRun("t", max_attempts=3) for _ in range(3)])
+        warm, done, retried = await node.claim("n1", "inc-1", 3, {"t": None})
+        assert await node.finish(warm.token, Succeeded()) is RunStatus.SUCCEEDED  # statement prepared
+        proxy.cut_after(lambda chunk: chunk[:1] == b"B")
+        assert await node.finish(done.token, Succeeded()) is RunStatus.SUCCEEDED
+        proxy.cut_after(lambda chunk: b"COMMIT" in chunk)
+        error = RunError(type="Boom", message="failed")
+        assert await node.finish(retried.token, Retry(error, 30.0)) is RunStatus.PENDING
+        assert proxy.cuts == 2 and node.reconnects == 2
+        stored = await node.get(retried.run_id)
+        assert stored is not None and (stored.status, stored.attempt) == (RunStatus.PENDING, 2)
+        assert (await node.counts()).by_status["succeeded"] == 2
