@@ -771,34 +771,3 @@ async def test_a_batch_repeating_a_key_counts_it_once_against_the_queue_limit() 
         for h in running + handles:
             assert (await h.wait(5)).status is RunStatus.SUCCEEDED
 
-
-async def test_a_retry_its_cap_holds_back_does_not_hold_up_another_tasks_retry() -> None:
-    # "capped" is due again but at its cap; "other" comes due a moment later with slots free:
-    # it starts then, not at the next poll a minute on
-    engine = make_engine(max_concurrency=4, poll_interval=60)
-    gate = asyncio.Event()
-    started: dict[str, list[int]] = {"capped": [], "other": []}
-
-    @engine.task(concurrency=1, retries=1, backoff=0.01, backoff_max=0.01)
-    async def capped(ctx: TaskContext) -> None:
-        started["capped"].append(ctx.attempt)
-        if ctx.attempt == 1 and len(started["capped"]) == 1:
-            raise RuntimeError("the first attempt fails")
-        await gate.wait()
-
-    @engine.task(retries=1, backoff=0.2, backoff_max=0.2)
-    async def other(ctx: TaskContext) -> None:
-        started["other"].append(ctx.attempt)
-        if ctx.attempt == 1:
-            raise RuntimeError("the first attempt fails")
-
-    async with engine:
-        first = await engine.submit("capped")
-        await eventually(lambda: started["capped"] == [1])
-        blocker = await engine.submit("capped")  # takes the cap once the first attempt failed
-        await eventually(lambda: started["capped"] == [1, 1])
-        handle = await engine.submit("other")
-        assert (await handle.wait(5)).attempt == 2
-        gate.set()
-        for h in (first, blocker):
-            assert (await h.wait(5)).status is RunStatus.SUCCEEDED
