@@ -341,8 +341,7 @@ class LeaderElector:
         self._suspended = False
         # one attempt before returning, so the engine's other components (and
         # the caller) start with the outcome of the first election
-        if not self._suspended:
-            await self._try_acquire()
+        await self._try_acquire()
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"taskwatch-lease-{self.node_id}"
         )

@@ -27,7 +27,7 @@ try:
 except ImportError:  # Windows: no advisory locks; the plain default is used
     fcntl = None  # type: ignore[assignment]
 
-#: more copies than this on one host fall back to the last id tried (held by nobody else then)
+#: more copies than this running on one host share the plain default id
 MAX_SLOTS = 1_000
 
 
@@ -70,7 +70,7 @@ def _lock_dir() -> Path:
     try:
         path = Path(tempfile.gettempdir()) / f"taskwatch-{uid}"
         path.mkdir(mode=0o700, exist_ok=True)
-    except (OSError, FileNotFoundError) as exc:
+    except OSError as exc:  # FileNotFoundError included: gettempdir found no usable directory
         raise _Unusable from exc
     return path
 
