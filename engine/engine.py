@@ -212,6 +212,10 @@ class Engine:
         self.resources: dict[str, Any] = dict(resources or {})
         self.flags: dict[str, bool] = dict(flags or {})
         self.health_interval = health_interval
+        if clock is not time.time:
+            # timestamps are floats wherever they go (events are put together from them unvalidated)
+            given = clock
+            clock = lambda: float(given())  # noqa: E731
         #: wall clock for every timestamp the engine records (replaceable for tests)
         self.clock = clock
         self._new_id = run_id_factory or new_run_id

@@ -604,7 +604,7 @@ class Execution:
             assert isinstance(outcome, Retry)
             self.index.requeued(run, outcome.error, now + outcome.delay)
             self.bus.post(
-                RunRetrying, run_id=run.id, task=run.task, attempt=run.attempt, delay=outcome.delay, error=outcome.error
+                RunRetrying, run_id=run.id, task=run.task, attempt=run.attempt, delay=float(outcome.delay), error=outcome.error
             )
             self.executor.wake()
         elif status is _SUCCEEDED:

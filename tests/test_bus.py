@@ -292,3 +292,44 @@ async def test_callbacks_see_events_in_seq_order_when_a_callback_publishes() -> 
     bus.emit(ev.EngineStarted)
     bus.emit(ev.EngineStarted)
     assert seen == [1, 2, 3, 4]
+
+
+async def test_every_event_the_engine_posts_reads_exactly_as_a_validated_one() -> None:
+    # run events are put together from the engine's own fields without validating them
+    # again: each must hold every field, of the very type validation would give it (a
+    # replaced clock of whole seconds included)
+    from pydantic import BaseModel
+
+    class Params(BaseModel):
+        n: int = 1
+
+    engine = Engine(health_interval=None, clock=lambda: 1_700_000_000)
+    gate = asyncio.Event()
+
+    @engine.task(retries=1, backoff=0)
+    async def flaky(ctx: TaskContext, params: Params) -> dict[str, int]:
+        if params.n < 0:
+            raise ValueError("negative")
+        await gate.wait()
+        return {"doubled": 2 * params.n}
+
+    sub = engine.bus.subscribe(kinds=["run."])
+    async with engine:
+        ok = await engine.submit("flaky", {"n": 2}, key="k")
+        bad = await engine.submit("flaky", {"n": -1})
+        running = await engine.submit("flaky", {"n": 3})
+        await eventually(lambda: engine.get(running.id).status is RunStatus.RUNNING)
+        await engine.cancel(running.id)
+        gate.set()
+        assert (await ok.wait()).result == {"doubled": 4}
+        assert (await bad.wait()).status is RunStatus.FAILED
+    events = sub.get_batch()
+    kinds = {e.kind for e in events}
+    assert {"run.submitted", "run.started", "run.retrying", "run.failed", "run.succeeded", "run.cancelled"} <= kinds
+    for event in events:
+        fields = type(event).model_fields
+        again = type(event).model_validate(event.model_dump())
+        assert set(event.__dict__) == set(fields), event
+        assert again == event and event_from_json(event_to_json(event)) == event
+        assert {n: type(getattr(event, n)) for n in fields} == {n: type(getattr(again, n)) for n in fields}, event
+        assert "kind" not in event.model_fields_set
