@@ -24,6 +24,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from pydantic import BaseModel
+
 from .events import BaseEvent, EventsDropped
 
 log = logging.getLogger("taskwatch.bus")
@@ -69,7 +71,16 @@ def kind_of(cls: type[BaseEvent]) -> str:
 
 
 _new = object.__new__
-_set = object.__setattr__
+# the setters of a pydantic model's four slots, taken once: each is a direct store (object.__setattr__
+# looks the name up every time); without them (another pydantic layout) every event is validated
+try:
+    _set_dict, _set_fields_set, _set_extra, _set_private = (
+        vars(BaseModel)[slot].__set__
+        for slot in ("__dict__", "__pydantic_fields_set__", "__pydantic_extra__", "__pydantic_private__")
+    )
+    _FAST = True
+except (KeyError, AttributeError):  # pragma: no cover - pydantic's own layout changed
+    _FAST = False
 #: event class -> (how many fields a poster gives: every one but ``kind``; their names)
 _SHAPE: dict[type[BaseEvent], tuple[int, set[str]]] = {}
 
@@ -113,13 +124,13 @@ class Posted:
                 return self._event  # type: ignore[return-value]
             cls = self.cls
             size, given = _SHAPE.get(cls) or _shape_of(cls)
-            if len(fields) == size:
+            if len(fields) == size and _FAST:
                 fields["kind"] = self.kind
                 event = _new(cls)
-                _set(event, "__dict__", fields)
-                _set(event, "__pydantic_fields_set__", given)
-                _set(event, "__pydantic_extra__", None)
-                _set(event, "__pydantic_private__", None)
+                _set_dict(event, fields)
+                _set_fields_set(event, given)
+                _set_extra(event, None)
+                _set_private(event, None)
             else:
                 event = cls.__pydantic_validator__.validate_python(fields)
             self._event = event

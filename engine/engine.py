@@ -239,7 +239,7 @@ class Engine:
             # a durable store may be shared: it checks the queue limit against every node's runs
             max_queue=max_queue,
         )
-        self._index.set_evicted(self._run.evicted)
+        self._index.set_evicted(self._run.evicted, self._run.prune_every)
         self._executor = self._run.executor
         #: the memory store, whose operations the hot path calls without coroutines; None for a durable store
         self._memory = self._run.memory

@@ -128,9 +128,8 @@ class Execution:
         #: claim token -> the retry being written for it (what a new claim of the run, coming
         #: back before the write's answer, proves the store took)
         self._retrying: dict[str, tuple[Retry, RunError | None]] = {}
-        #: runs evicted from the index since the memory store was last pruned
-        self._evicted = 0
-        self._prune_every = max(64, index.history // 8)
+        #: finished runs the index evicts between two prunes of the memory store
+        self.prune_every = max(64, index.history // 8)
         self._idle: asyncio.Future[None] | None = None
         #: a refill of freed slots is scheduled for the loop's next turn (memory store)
         self._dispatching = False
@@ -201,12 +200,10 @@ class Execution:
             self.start_soon()
 
     def evicted(self) -> None:
-        """The index evicted a finished run: the memory store is pruned along, in small steps
-        (rows it kept past history would only cost memory and garbage-collector time)."""
-        self._evicted += 1
+        """The index evicted :attr:`prune_every` finished runs: the memory store is pruned along,
+        in small steps (rows it kept past history would only cost memory and garbage-collector time)."""
         memory = self.memory
-        if self._evicted >= self._prune_every and memory is not None:
-            self._evicted = 0
+        if memory is not None:
             memory.prune_now(keep=self.index.history, older_than=self.engine.retention)
 
     def cut_running(self, reason: CancelReason) -> list[asyncio.Task[None]]:

@@ -33,6 +33,8 @@ class RunIndex:
         self.history = history
         self.throughput_window = throughput_window
         self._on_evicted: Callable[[], None] | None = None
+        self._evicted_every = 1
+        self._evicted = 0
         self.runs: dict[str, Run] = {}
         self.counts: dict[RunStatus, int] = {s: 0 for s in RunStatus}
         #: finished runs in the order they finished, oldest first (evicted from the front)
@@ -51,9 +53,11 @@ class RunIndex:
         #: the newest bucket (a stand-in before the first finish)
         self._bucket = [-1, 0, 0]
 
-    def set_evicted(self, fn: Callable[[], None]) -> None:
-        """Call ``fn`` whenever a finished run is evicted (the memory store prunes along)."""
+    def set_evicted(self, fn: Callable[[], None], every: int = 1) -> None:
+        """Call ``fn`` after every ``every`` finished runs evicted (the memory store prunes along)."""
         self._on_evicted = fn
+        self._evicted_every = max(1, every)
+        self._evicted = 0
 
     def clear(self) -> None:
         """Forget every run (totals stay: they count since this engine object started)."""
@@ -160,7 +164,10 @@ class RunIndex:
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(record)
-        self._remember_finished(run)
+        finished = self._finished
+        finished[run.id] = None
+        while len(finished) > self.history:  # more than one once history was lowered
+            self._evict()
 
     def _new_bucket(self, second: int) -> list[int]:
         tp = self._tp
@@ -182,7 +189,9 @@ class RunIndex:
         old = self.runs.pop(evicted, None)
         if old is not None:
             self.counts[old.status] -= 1
-        if self._on_evicted is not None:
+        self._evicted += 1
+        if self._evicted >= self._evicted_every and self._on_evicted is not None:
+            self._evicted = 0
             self._on_evicted()
 
     def next_due(self) -> float | None:
