@@ -224,7 +224,8 @@ class Execution:
 
     def _finish(self, run: Run, status: RunStatus, now: float) -> None:
         self.index.finished(run, status, now)
-        self._check_idle()
+        if self._idle is not None:
+            self._check_idle()
 
     def _check_idle(self) -> None:
         idle = self._idle
@@ -313,7 +314,8 @@ class Execution:
             # the same turn (a burst) are refilled by one claim instead of one claim each
             self._dispatching = True
             asyncio.get_running_loop().call_soon(self._dispatch)
-        self._check_idle()
+        if self._idle is not None:
+            self._check_idle()
 
     def _dispatch(self) -> None:
         self._dispatching = False

@@ -24,6 +24,7 @@ _RUNNING = RunStatus.RUNNING
 _SUCCEEDED = RunStatus.SUCCEEDED
 _FAILED = RunStatus.FAILED
 _CANCELLED = RunStatus.CANCELLED
+_monotonic = time.monotonic
 
 
 class RunIndex:
@@ -110,7 +111,8 @@ class RunIndex:
         run.started_at = started_at
         run.finished_at = None
         run.run_after = 0.0
-        self.release_key(run)
+        if run.key is not None:
+            self.release_key(run)
 
     def unclaimed(self, run: Run) -> None:
         """This node no longer executes ``run``: shown pending until the store says more."""
@@ -147,10 +149,11 @@ class RunIndex:
         run.status = status
         run.finished_at = now
         run.run_after = 0.0
-        self.release_key(run)
+        if run.key is not None:
+            self.release_key(run)
         self.finished_total += 1
         self.totals[status] += 1
-        second = int(time.monotonic())
+        second = int(_monotonic())
         bucket = self._bucket
         if bucket[0] != second:
             bucket = self._new_bucket(second)
