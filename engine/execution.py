@@ -68,6 +68,8 @@ _RUNNING = RunStatus.RUNNING
 _SUCCEEDED = RunStatus.SUCCEEDED
 _FAILED = RunStatus.FAILED
 _CANCELLED = RunStatus.CANCELLED
+#: the outcome of every run that returned None (read, never changed: one object for them all)
+_NO_RESULT = Succeeded(None)
 
 
 class Execution:
@@ -484,7 +486,7 @@ class Execution:
                 # the task swallowed the cancel and returned: it was still cancelled
                 self._record(run, token, self._cut_short(run, run.cancel_reason), None)
                 return
-            self._record(run, token, Succeeded(result), None)
+            self._record(run, token, Succeeded(result) if result is not None else _NO_RESULT, None)
             return
         if run.cancel_reason is not None:
             # cancelled while it was failing: the user's intent wins

@@ -225,8 +225,7 @@ class MemoryStore(Store):
         self._totals = {"inserted": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "retried": 0, "lost": 0}
         self._seq = 0
         # tokens only need to be unique within this store, and a counter is cheaper than urandom
-        self._token_prefix = os.urandom(3).hex() + "-"
-        self._tokens = itertools.count(1)
+        self._tokens = map((os.urandom(3).hex() + "-{}").format, itertools.count(1))
         self._nodes: dict[str, NodeInfo] = {}
         self._periodic: dict[str, float] = {}
         self._trigger_keys: dict[str, dict[str, TriggerKeyRecord]] = {}
@@ -458,7 +457,7 @@ class MemoryStore(Store):
         return out
 
     def _take(self, row: MemoryRow, node: str, incarnation: str, now: float, lease_until: float) -> MemoryRow:
-        token = self._token_prefix + str(next(self._tokens))
+        token = next(self._tokens)
         row.status = _RUNNING
         row.node = node
         row.incarnation = incarnation
