@@ -165,10 +165,10 @@ class Execution:
                 self._start_again = False
                 free, tasks = executor.room()
                 if not tasks:
-                    return
+                    return  # no free slot, or not claiming any more
                 for row in memory.take_now(executor.node, executor.incarnation, free, tasks):
                     run = row.run
-                    if run is not None and run.status is _PENDING and runs.get(row.id) is run and executor.claiming:
+                    if run is not None and run.status is _PENDING and runs.get(row.id) is run:
                         # a run this engine admitted, as it indexed it: started without a Claim
                         self._start(run, row.token, row.attempt, row.started_at)  # type: ignore[arg-type]
                     else:

@@ -415,7 +415,6 @@ class MemoryStore(Store):
         if len(lines) == 1:
             _, line, n = lines[0]
             fresh = line.fresh
-            take = self._take
             while n:
                 if line.back:
                     row = line.pop()
@@ -427,7 +426,7 @@ class MemoryStore(Store):
                         continue  # cancelled while it waited
                 else:
                     break
-                out.append(take(row, node, incarnation, now, lease_until))
+                out.append(row)
                 n -= 1
         else:
             # oldest first across tasks: merge the lines by the seq at their heads
@@ -444,31 +443,31 @@ class MemoryStore(Store):
                 line = line_of[task]
                 row = line.pop()
                 assert row is not None  # its head was pending a moment ago, and nothing ran since
-                out.append(self._take(row, node, incarnation, now, lease_until))
+                out.append(row)
                 free_of[task] -= 1
                 if free_of[task] > 0:
                     head = line.head()
                     if head is not None:
                         heapq.heappush(heads, (head.seq, task))
         if out:
+            tokens = self._tokens
+            claims = self._claims
+            for row in out:
+                token = next(tokens)
+                row.status = _RUNNING
+                row.node = node
+                row.incarnation = incarnation
+                row.token = token
+                row.lease_until = lease_until
+                row.started_at = now
+                if row.holds_key:
+                    del self._keys[(row.task, row.key)]  # type: ignore[index,arg-type]
+                    row.holds_key = False
+                claims[token] = row
             counts = self._counts
             counts[_PENDING] -= len(out)
             counts[_RUNNING] += len(out)
         return out
-
-    def _take(self, row: MemoryRow, node: str, incarnation: str, now: float, lease_until: float) -> MemoryRow:
-        token = next(self._tokens)
-        row.status = _RUNNING
-        row.node = node
-        row.incarnation = incarnation
-        row.token = token
-        row.lease_until = lease_until
-        row.started_at = now
-        if row.holds_key:
-            del self._keys[(row.task, row.key)]  # type: ignore[index,arg-type]
-            row.holds_key = False
-        self._claims[token] = row
-        return row
 
     # ---------------------------------------------------------------- heartbeat, finish
 
