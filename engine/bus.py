@@ -18,6 +18,7 @@ one reads; a reader sees the same typed events either way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -279,8 +280,9 @@ class Subscription:
         self.maxsize = maxsize
         self._filter = KindFilter(kinds)
         self._all = self._filter.matches_all
-        # one future shared by every coroutine waiting on this subscription
-        self._waiter: asyncio.Future[None] | None = None
+        # a future per waiting coroutine: one cancelled waiter never cancels another's wait,
+        # and waiting needs no shield (a future and two callbacks per wake on the hot path)
+        self._waiters: list[asyncio.Future[None]] = []
         self.closed = False
 
     @property
@@ -306,20 +308,19 @@ class Subscription:
             # EventBuffer.offer's keeping branch, inline: this runs for every event and reader
             buffer._items.append(event)
             buffer._events += 1
-            waiter = self._waiter
-            if waiter is not None:
+            if self._waiters:
                 # woken once: the next events find no waiter until a reader waits again
-                self._waiter = None
-                if not waiter.done():
-                    waiter.set_result(None)
+                self._wake()
         else:
             buffer.offer(event)  # counts the drop and marks the gap
             self._bus.dropped_total += 1
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        waiters = self._waiters
+        self._waiters = []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def pending(self) -> int:
         """Events buffered and not yet read."""
@@ -335,13 +336,21 @@ class Subscription:
             return True
         if self.closed:
             return False
-        waiter = self._waiter
-        if waiter is None or waiter.done():
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            if timeout is None:
+                await waiter
+            else:
+                async with asyncio.timeout(timeout):
+                    await waiter
         except TimeoutError:
             pass
+        finally:
+            if not waiter.done() or waiter.cancelled():
+                # timed out or cancelled: nothing is left behind for the next event to wake
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
         return bool(self._buffer)
 
     def __aiter__(self) -> Subscription:
