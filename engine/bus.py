@@ -60,17 +60,6 @@ class KindFilter:
         return hit
 
 
-_KIND: dict[type[BaseEvent], str] = {}
-
-
-def kind_of(cls: type[BaseEvent]) -> str:
-    """The ``kind`` every event of ``cls`` carries (its class-level default)."""
-    kind = _KIND.get(cls)
-    if kind is None:
-        kind = _KIND[cls] = cls.model_fields["kind"].default
-    return kind
-
-
 _new = object.__new__
 # the setters of a pydantic model's four slots, taken once: each is a direct store (object.__setattr__
 # looks the name up every time); without them (another pydantic layout) every event is validated
@@ -82,27 +71,46 @@ try:
     _FAST = True
 except (KeyError, AttributeError):  # pragma: no cover - pydantic's own layout changed
     _FAST = False
-#: event class -> (how many fields a poster gives: every one but ``kind``; their names)
-_SHAPE: dict[type[BaseEvent], tuple[int, set[str]]] = {}
 
 
-def _shape_of(cls: type[BaseEvent]) -> tuple[int, set[str]]:
-    given = {name for name in cls.model_fields if name != "kind"}
-    shape = _SHAPE[cls] = (len(given), given)
+class EventShape:
+    """What building a posted event of one class needs: the class, its ``kind``, and the
+    fields a poster gives when it gives every one but ``kind`` (their number and names)."""
+
+    __slots__ = ("cls", "kind", "size", "given")
+
+    def __init__(self, cls: type[BaseEvent]) -> None:
+        self.cls = cls
+        self.kind: str = cls.model_fields["kind"].default
+        self.given = {name for name in cls.model_fields if name != "kind"}
+        self.size = len(self.given)
+
+
+_SHAPES: dict[type[BaseEvent], EventShape] = {}
+
+
+def shape_of(cls: type[BaseEvent]) -> EventShape:
+    """The :class:`EventShape` of ``cls``, made once."""
+    shape = _SHAPES.get(cls)
+    if shape is None:
+        shape = _SHAPES[cls] = EventShape(cls)
     return shape
 
 
 class Posted:
-    """A published event not built yet: its class and stamped fields; :meth:`get` builds it once."""
+    """A published event not built yet: its shape and stamped fields; :meth:`get` builds it once."""
 
-    __slots__ = ("cls", "fields", "kind", "seq", "_event")
+    __slots__ = ("shape", "fields", "seq", "_event")
 
-    def __init__(self, cls: type[BaseEvent], fields: dict[str, Any], kind: str, seq: int) -> None:
-        self.cls = cls
+    def __init__(self, shape: EventShape, fields: dict[str, Any], seq: int) -> None:
+        self.shape = shape
         self.fields: dict[str, Any] | None = fields
-        self.kind = kind
         self.seq = seq
         self._event: BaseEvent | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.shape.kind
 
     def get(self) -> BaseEvent:
         """The event, built now by the first reader.
@@ -123,17 +131,16 @@ class Posted:
         if event is None:
             if fields is None:
                 return self._event  # type: ignore[return-value]
-            cls = self.cls
-            size, given = _SHAPE.get(cls) or _shape_of(cls)
-            if len(fields) == size and _FAST:
-                fields["kind"] = self.kind
-                event = _new(cls)
+            shape = self.shape
+            if len(fields) == shape.size and _FAST:
+                fields["kind"] = shape.kind
+                event = _new(shape.cls)
                 _set_dict(event, fields)
-                _set_fields_set(event, given)
+                _set_fields_set(event, shape.given)
                 _set_extra(event, None)
                 _set_private(event, None)
             else:
-                event = cls.__pydantic_validator__.validate_python(fields)
+                event = shape.cls.__pydantic_validator__.validate_python(fields)
             self._event = event
             self.fields = None
         return event  # type: ignore[return-value]
@@ -446,8 +453,9 @@ class EventBus:
         fields["seq"] = seq
         fields["ts"] = self.clock()
         fields["node"] = self.node
-        kind = _KIND.get(cls) or kind_of(cls)
-        item = Posted(cls, fields, kind, seq)
+        shape = _SHAPES.get(cls) or shape_of(cls)
+        kind = shape.kind
+        item = Posted(shape, fields, seq)
         # _deliver, inline: three of these per run
         self._ring.append(item)
         for sub in self._subs:

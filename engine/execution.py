@@ -486,7 +486,19 @@ class Execution:
                 # the task swallowed the cancel and returned: it was still cancelled
                 self._record(run, token, self._cut_short(run, run.cancel_reason), None)
                 return
-            self._record(run, token, Succeeded(result) if result is not None else _NO_RESULT, None)
+            outcome = Succeeded(result) if result is not None else _NO_RESULT
+            memory = self.memory
+            if memory is not None and run.token == token:
+                # the memory store's finish never suspends: the run is done here and now
+                status = memory.finish_now(token, outcome)
+                if status is _SUCCEEDED:
+                    run.token = None
+                    self._claimed.pop(token, None)
+                    self._succeeded(run, result)
+                else:
+                    self._apply_outcome(run, token, outcome, None, status)
+                return
+            self._record(run, token, outcome, None)
             return
         if run.cancel_reason is not None:
             # cancelled while it was failing: the user's intent wins
@@ -609,13 +621,7 @@ class Execution:
             )
             self.executor.wake()
         elif status is _SUCCEEDED:
-            result = outcome.result if isinstance(outcome, Succeeded) else None
-            run.result = result
-            self._finish(run, _SUCCEEDED, now)
-            self.bus.post(
-                RunSucceeded, run_id=run.id, task=run.task, attempt=run.attempt,
-                duration=now - (run.started_at or now), result=result,
-            )
+            self._succeeded(run, outcome.result if isinstance(outcome, Succeeded) else None)
         elif status is _FAILED:
             run.error = error
             self._finish(run, _FAILED, now)
@@ -627,6 +633,18 @@ class Execution:
             reason = outcome.reason if isinstance(outcome, Cancelled) else (run.cancel_reason or "user")
             self.finish_cancelled(run, reason, was_running=True)
 
+
+    def _succeeded(self, run: Run, result: Any) -> None:
+        """The store has the run succeeded: the index, its waiters and the bus hear of it."""
+        now = self.engine.clock()
+        run.result = result
+        self.index.finished(run, _SUCCEEDED, now)
+        if self._idle is not None:
+            self._check_idle()
+        self.bus.post(
+            RunSucceeded, run_id=run.id, task=run.task, attempt=run.attempt,
+            duration=now - (run.started_at or now), result=result,
+        )
 
     async def on_recovered(self, recovered: list[Recovered]) -> None:
         """Runs taken back from lost workers (any node's): update the index, publish what happened."""

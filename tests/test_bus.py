@@ -254,12 +254,12 @@ def test_posted_events_are_built_once_by_their_first_reader_and_read_the_same_ev
 
 def test_an_event_that_cannot_be_built_costs_its_reader_only_itself() -> None:
     from pydantic import ValidationError
-    from taskwatch.engine.bus import EventBuffer, Posted
+    from taskwatch.engine.bus import EventBuffer, Posted, shape_of
 
     buffer = EventBuffer(maxsize=3)
     bus = EventBus(node="n")
     good = bus.make(ev.RunStarted, run_id="r", task="t")
-    bad = Posted(ev.RunStarted, {"run_id": "r", "task": "t", "attempt": "not a number", "seq": 2}, "run.started", 2)
+    bad = Posted(shape_of(ev.RunStarted), {"run_id": "r", "task": "t", "attempt": "not a number", "seq": 2}, 2)
     for item in (good, bad, good):
         assert buffer.offer(item)
     with pytest.raises(ValidationError):

@@ -20,7 +20,7 @@ import heapq
 import itertools
 import os
 from bisect import bisect_left
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -220,7 +220,8 @@ class MemoryStore(Store):
         self._delayed: list[tuple[float, int, MemoryRow]] = []
         self._keys: dict[tuple[str, str], MemoryRow] = {}
         self._claims: dict[str, MemoryRow] = {}
-        self._finished: OrderedDict[str, MemoryRow] = OrderedDict()
+        #: finished rows, oldest first (a row finishes once: nothing is ever looked up here)
+        self._finished: deque[MemoryRow] = deque()
         self._counts: dict[RunStatus, int] = dict.fromkeys(_ALL, 0)
         self._totals = {"inserted": 0, "succeeded": 0, "failed": 0, "cancelled": 0, "retried": 0, "lost": 0}
         self._seq = 0
@@ -535,7 +536,7 @@ class MemoryStore(Store):
         if row.holds_key:
             del self._keys[(row.task, row.key)]  # type: ignore[index,arg-type]
             row.holds_key = False
-        self._finished[row.id] = row
+        self._finished.append(row)
         self._totals[_TOTAL_OF[status]] += 1
         if self._notifying:
             self._notify(finished=(row.id,))
@@ -675,16 +676,15 @@ class MemoryStore(Store):
             cutoff = self.clock() - older_than
             # finish order is finished_at order, so the old ones are at the front
             while finished:
-                row = next(iter(finished.values()))
+                row = finished[0]
                 if row.finished_at is None or row.finished_at >= cutoff:
                     break
-                finished.popitem(last=False)
+                finished.popleft()
                 self._drop(row)
                 deleted += 1
         if keep is not None:
             while len(finished) > max(0, keep):
-                _, row = finished.popitem(last=False)
-                self._drop(row)
+                self._drop(finished.popleft())
                 deleted += 1
         if self._dropped > 1024 and self._dropped > len(self._order) // 2:
             rows = self._rows
