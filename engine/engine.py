@@ -703,7 +703,8 @@ class Engine:
             [inserted] = await self._store_insert([self._new_row(run)])
             if not inserted.new:
                 return RunHandle(self, inserted.id)  # another process's pending run holds the key
-        self._admitted(run)
+        self._index.admitted(run)  # _admitted, inline: once per submit
+        self._post_submitted(run)
         self._run.start_soon()
         return RunHandle(self, run.id, run)
 

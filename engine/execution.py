@@ -158,6 +158,8 @@ class Execution:
             self._start_again = True
             return
         executor = self.executor
+        if executor.running >= executor.max_concurrency:
+            return  # every slot taken (most submits of a burst): room() would say so
         runs = self.index.runs
         self._starting = True
         try:
