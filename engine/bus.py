@@ -25,9 +25,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
-
 from .events import BaseEvent, EventsDropped
+from .trusted import FAST, new, set_dict, set_extra, set_fields_set, set_private
 
 log = logging.getLogger("taskwatch.bus")
 
@@ -58,19 +57,6 @@ class KindFilter:
             hit = kind in self._exact or kind.startswith(self._prefixes)
             self.answers[kind] = hit
         return hit
-
-
-_new = object.__new__
-# the setters of a pydantic model's four slots, taken once: each is a direct store (object.__setattr__
-# looks the name up every time); without them (another pydantic layout) every event is validated
-try:
-    _set_dict, _set_fields_set, _set_extra, _set_private = (
-        vars(BaseModel)[slot].__set__
-        for slot in ("__dict__", "__pydantic_fields_set__", "__pydantic_extra__", "__pydantic_private__")
-    )
-    _FAST = True
-except (KeyError, AttributeError):  # pragma: no cover - pydantic's own layout changed
-    _FAST = False
 
 
 class EventShape:
@@ -116,12 +102,11 @@ class Posted:
         """The event, built now by the first reader.
 
         Posted fields come from the engine itself, already of their declared
-        types, so an event given every field is put together the way
-        pydantic's own ``__copy__`` does, its fields dict becoming the event's,
-        without validating each field again (a third of a run's cost once a
-        dashboard reads every event). One given fewer fields is validated,
-        defaults filled in. The fields set is shared by the events of a class:
-        pydantic copies it before a ``model_copy`` changes it.
+        types, so an event given every field is put together as
+        :func:`~taskwatch.engine.trusted.construct` does, its fields dict
+        becoming the event's, without validating each field again (a third of
+        a run's cost once a dashboard reads every event). One given fewer
+        fields is validated, defaults filled in.
         """
         # fields first: a reader on another thread (a dashboard's) may build this event at
         # the same time, and sets _event before it drops fields; so fields gone means the
@@ -132,13 +117,14 @@ class Posted:
             if fields is None:
                 return self._event  # type: ignore[return-value]
             shape = self.shape
-            if len(fields) == shape.size and _FAST:
+            if len(fields) == shape.size and FAST:
+                # construct(), inline: three of these per run
                 fields["kind"] = shape.kind
-                event = _new(shape.cls)
-                _set_dict(event, fields)
-                _set_fields_set(event, shape.given)
-                _set_extra(event, None)
-                _set_private(event, None)
+                event = new(shape.cls)
+                set_dict(event, fields)
+                set_fields_set(event, shape.given)
+                set_extra(event, None)
+                set_private(event, None)
             else:
                 event = shape.cls.__pydantic_validator__.validate_python(fields)
             self._event = event

@@ -661,7 +661,7 @@ class Engine:
             RunSubmitted,
             run_id=run.id,
             task=run.task,
-            params=run.params,
+            params=dict(run.params),  # the event's own, as validation would make it
             key=run.key,
             source=run.source,
             max_attempts=run.max_attempts,

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .jsonsafe import safe_str, safe_text
+from .trusted import construct
 
 if TYPE_CHECKING:
     import asyncio
@@ -129,7 +130,8 @@ class RunRecord(BaseModel):
         return run_rich(self)
 
 
-_validate_record = RunRecord.__pydantic_validator__.validate_python
+#: a record is given every field
+_RECORD_FIELDS = set(RunRecord.model_fields)
 #: the progress of a run that reported none (frozen, so one instance serves every record)
 _NO_PROGRESS = Progress()
 
@@ -275,8 +277,11 @@ class Run:
         return run
 
     def record(self) -> RunRecord:
-        # the validator on the fields dict: RunRecord(**fields) without a second dict
-        return _validate_record(record_fields(self))  # type: ignore[no-any-return]
+        # the engine's own values, of their declared types: put together, not validated again
+        # (a record per awaited run); the params are the record's own, as validation makes them
+        fields = record_fields(self)
+        fields["params"] = dict(self.params)
+        return construct(RunRecord, fields, _RECORD_FIELDS)
 
 
 def record_fields(run: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from taskwatch.engine import (
     Engine,
     EventBus,
     RunError,
+    RunRecord,
     RunStatus,
     TaskContext,
     event_from_json,
@@ -294,7 +295,7 @@ async def test_callbacks_see_events_in_seq_order_when_a_callback_publishes() -> 
     assert seen == [1, 2, 3, 4]
 
 
-async def test_every_event_the_engine_posts_reads_exactly_as_a_validated_one() -> None:
+async def test_every_event_and_record_the_engine_makes_reads_exactly_as_a_validated_one() -> None:
     # run events are put together from the engine's own fields without validating them
     # again: each must hold every field, of the very type validation would give it (a
     # replaced clock of whole seconds included)
@@ -333,3 +334,15 @@ async def test_every_event_the_engine_posts_reads_exactly_as_a_validated_one() -
         assert again == event and event_from_json(event_to_json(event)) == event
         assert {n: type(getattr(event, n)) for n in fields} == {n: type(getattr(again, n)) for n in fields}, event
         assert "kind" not in event.model_fields_set
+    # run records are put together the same way: each reads as a validated one, and its
+    # params are its own (changing them changes nothing in the engine)
+    records = [engine.get(h.id) for h in (ok, bad, running)] + list(engine.runs())
+    records += [await ok.wait(), await bad.wait()]
+    for record in records:
+        fields = type(record).model_fields
+        again = RunRecord.model_validate(record.model_dump())
+        assert again == record and set(record.__dict__) == set(fields)
+        assert {n: type(getattr(record, n)) for n in fields} == {n: type(getattr(again, n)) for n in fields}, record
+    record = engine.get(ok.id)
+    record.params["n"] = 99
+    assert engine.get(ok.id).params == {"n": 2}
