@@ -631,12 +631,9 @@ class Engine:
         if self._index.counts[_PENDING] + extra > self.max_queue:
             raise QueueFull("the engine's run queue", self.max_queue)
 
-    async def _store_insert(self, rows: list[NewRun]) -> list[Inserted]:
-        """Write new runs to a durable store, which holds ``max_queue`` across every node sharing it."""
-        try:
-            return await self._store.insert(rows, max_pending=self.max_queue)
-        except QueueFull:
-            raise QueueFull(f"the run queue shared by every node of {self._store.describe()}", self.max_queue) from None
+    def _shared_queue_full(self) -> QueueFull:
+        """A durable store holds ``max_queue`` across every node sharing it: say so."""
+        return QueueFull(f"the run queue shared by every node of {self._store.describe()}", self.max_queue)
 
     @staticmethod
     def _new_row(run: Run) -> NewRun:
@@ -700,7 +697,10 @@ class Engine:
             if held is not None:
                 return RunHandle(self, held)  # another engine's pending run holds the key
         else:
-            [inserted] = await self._store_insert([self._new_row(run)])
+            try:
+                [inserted] = await self._store.insert([self._new_row(run)], max_pending=self.max_queue)
+            except QueueFull:
+                raise self._shared_queue_full() from None
             if not inserted.new:
                 return RunHandle(self, inserted.id)  # another process's pending run holds the key
         self._index.admitted(run)  # _admitted, inline: once per submit
@@ -740,7 +740,10 @@ class Engine:
             self._check_room(sum(run.key is None for run in fresh) + len(keyed))
             inserted = await self._store.insert(rows)
         else:
-            inserted = await self._store_insert(rows)
+            try:
+                inserted = await self._store.insert(rows, max_pending=self.max_queue)
+            except QueueFull:
+                raise self._shared_queue_full() from None
         written = iter(zip(fresh, inserted, strict=True))
         out: list[RunHandle] = []
         admitted: list[Run] = []

@@ -546,7 +546,9 @@ class Execution:
         write: asyncio.Future[RunStatus | None] | None = None
         if not again:
             try:
-                write = asyncio.ensure_future(self.store.finish(token, outcome))
+                sent = self.store.finish(token, outcome)
+                # the store's own future as it is (ensure_future is two Python calls per run)
+                write = sent if isinstance(sent, asyncio.Future) else asyncio.ensure_future(sent)
             except StoreError:
                 again = True
         if write is None:

@@ -183,6 +183,8 @@ class Store(ABC):
         self._subs: weakref.WeakSet[Subscription] = weakref.WeakSet()
         #: set once anyone subscribes; a plain bool is much cheaper to test per run than the WeakSet
         self._notifying = False
+        #: set once anyone subscribes to finished run ids (a store may skip looking them up before)
+        self._notifying_finished = False
 
     def describe(self) -> str:
         """Where the runs live, for people: ``memory``, ``sqlite:/path/to/file.db``."""
@@ -222,6 +224,7 @@ class Store(ABC):
         sub = Subscription(finished)
         self._subs.add(sub)
         self._notifying = True
+        self._notifying_finished = self._notifying_finished or finished
         return sub
 
     def _notify(self, work: bool = False, cancels: Iterable[str] = (), finished: Iterable[str] = ()) -> None:
@@ -231,13 +234,15 @@ class Store(ABC):
     # ---------------------------------------------------------------- runs
 
     @abstractmethod
-    async def insert(self, runs: Sequence[NewRun], *, max_pending: int | None = None) -> list[Inserted]:
+    def insert(self, runs: Sequence[NewRun], *, max_pending: int | None = None) -> Awaitable[list[Inserted]]:
         """Insert ``runs`` in one transaction, in order.
 
         A run whose ``key`` is held by a pending run of the same task is not
         inserted: that run's id comes back with ``new=False``. With
         ``max_pending``, raises :class:`QueueFull` (nothing inserted) when the
-        new runs would take the pending count above it.
+        new runs would take the pending count above it. Like :meth:`finish`,
+        a store may hand back a future already on its way (every durable
+        submit awaits one insert).
         """
 
     @abstractmethod

@@ -379,10 +379,9 @@ class SqliteStore(Store):
 
     # ---------------------------------------------------------------- runs
 
-    async def insert(self, runs: Sequence[NewRun], *, max_pending: int | None = None) -> list[Inserted]:
-        if not runs:
-            return []
-        return await self._call(self._insert, list(runs), self.clock(), max_pending, single=len(runs) == 1)  # type: ignore[no-any-return]
+    def insert(self, runs: Sequence[NewRun], *, max_pending: int | None = None) -> asyncio.Future[list[Inserted]]:
+        # the writer's future itself, no coroutine around it (see Store.insert)
+        return self._call(self._insert, list(runs), self.clock(), max_pending, single=len(runs) == 1)
 
     def _insert(self, tx: _Tx, runs: list[NewRun], now: float, max_pending: int | None) -> list[Inserted]:
         cur = tx.cur
@@ -406,7 +405,7 @@ class SqliteStore(Store):
                 {
                     "id": run_id,
                     "task": new.task,
-                    "params": _dumps(new.params),
+                    "params": _dumps(new.params) if new.params else "{}",
                     "max_attempts": new.max_attempts,
                     "created_at": new.created_at if new.created_at is not None else now,
                     "run_after": now + new.delay if new.delay > 0 else now,
@@ -537,6 +536,15 @@ class SqliteStore(Store):
     def _finish(self, tx: _Tx, token: str, outcome: Outcome, now: float) -> RunStatus | None:
         cur = tx.cur
         seq = _seq_of(token)
+        if type(outcome) is Succeeded:
+            # most outcomes: one statement, no RETURNING (see SUCCEED_CLAIMED)
+            result = None if outcome.result is None else _dumps(outcome.result)
+            if cur.execute(Q.SUCCEED_CLAIMED, {"seq": seq, "token": token, "now": now, "result": result}).rowcount != 1:
+                return None
+            tx.add("succeeded")
+            if self._notifying_finished:
+                tx.finished.append(cur.execute(Q.ID_OF_SEQ, {"seq": seq}).fetchone()[0])
+            return RunStatus.SUCCEEDED
         base = {"seq": seq, "token": token, "now": now, "lost": 0, "result": None, "error": None, "cancel_reason": None}
         if isinstance(outcome, Retry):
             state = cur.execute(Q.CLAIM_STATE, {"seq": seq, "token": token}).fetchone()
@@ -559,7 +567,7 @@ class SqliteStore(Store):
                 tx.work = True
                 return RunStatus.PENDING
             status = RunStatus.CANCELLED  # a cancel was requested meanwhile: the user's intent wins
-        elif isinstance(outcome, Succeeded):
+        elif isinstance(outcome, Succeeded):  # a subclass of Succeeded: as above, with RETURNING
             status = RunStatus.SUCCEEDED
             base["result"] = None if outcome.result is None else _dumps(outcome.result)
         elif isinstance(outcome, Failed):
