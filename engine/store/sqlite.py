@@ -381,6 +381,10 @@ class SqliteStore(Store):
 
     def insert(self, runs: Sequence[NewRun], *, max_pending: int | None = None) -> asyncio.Future[list[Inserted]]:
         # the writer's future itself, no coroutine around it (see Store.insert)
+        if not runs:
+            done: asyncio.Future[list[Inserted]] = asyncio.get_running_loop().create_future()
+            done.set_result([])
+            return done
         return self._call(self._insert, list(runs), self.clock(), max_pending, single=len(runs) == 1)
 
     def _insert(self, tx: _Tx, runs: list[NewRun], now: float, max_pending: int | None) -> list[Inserted]:
