@@ -287,10 +287,11 @@ class Execution:
         self._claimed[token] = run
         self.executor.started(run.task)
         self.bus.post(RunStarted, run_id=run.id, task=run.task, attempt=attempt)
-        task = asyncio.get_running_loop().create_task(self._execute(run, token), name=f"taskwatch-run-{run.id}")
+        ended = functools.partial(self._ended, run, token)
+        task = asyncio.get_running_loop().create_task(self._execute(run, token, ended), name=f"taskwatch-run-{run.id}")
         run.handle = task
-        # a callback, not a finally: it also runs for a task cancelled before its first step
-        task.add_done_callback(functools.partial(self._ended, run, token))
+        # also a callback: it runs for a task cancelled before its first step (see _execute)
+        task.add_done_callback(ended)
 
     def _ended(self, run: Run, token: str, task: asyncio.Task[None]) -> None:
         if run.handle is task:
@@ -423,95 +424,104 @@ class Execution:
         self.bus.emit(StoreReachable, store=self.store.describe(), seconds=seconds)
         self.engine.elector.resume()
 
-    async def _execute(self, run: Run, token: str) -> None:
+    async def _execute(self, run: Run, token: str, ended: Callable[[asyncio.Task[None]], None]) -> None:
         """Run one attempt of a claimed run and write its outcome with the claim's token."""
-        spec = run.spec
-        if spec is None:
-            error = RunError(
-                type="UnknownTask",
-                message=f"task {run.task!r} is not registered on node {self.engine.node_id!r}; register it there, or run it elsewhere",
-            )
-            self._record(run, token, Failed(error), error)
-            return
         try:
-            model = run.model
-            if model is None and spec.params_model is not None:
-                # a run read back from the store: its params are validated again here
-                model = run.model = spec.params_model.model_validate(run.params)
-            ctx = TaskContext(self.engine, run, spec.name, report=self.progress)
-            args: tuple[Any, ...] = (ctx,) if model is None else (ctx, model)
-            if spec.resources:
-                kwargs = {name: self.engine.resources[name] for name in spec.resources}
-                call = spec.fn(*args, **kwargs)
-            else:
-                call = spec.fn(*args)
-            if spec.timeout is None:
-                result = await call
-            else:
-                async with asyncio.timeout(spec.timeout):
-                    result = await call
-            if result is not None:
-                result = jsonable(result)
-        except asyncio.CancelledError:
-            reason = run.cancel_reason or "external"
-            if reason == "external" and run.token is not None:
-                self._record(run, token, Cancelled(reason), None)
-                raise
-            if run.token is not None:
-                self._record(run, token, self._cut_short(run, reason), None)
-            # our own cancel: the run is recorded, the task ends normally
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
-            return
-        except TimeoutError as exc:
-            if spec.timeout is not None and run.cancel_reason is None:
+            spec = run.spec
+            if spec is None:
                 error = RunError(
-                    type="TimeoutError",
-                    message=f"run exceeded its {spec.timeout:g} s timeout",
-                    traceback=RunError.from_exception(exc).traceback,
+                    type="UnknownTask",
+                    message=f"task {run.task!r} is not registered on node {self.engine.node_id!r}; register it there, or run it elsewhere",
                 )
-            else:
+                self._record(run, token, Failed(error), error)
+                return
+            try:
+                model = run.model
+                if model is None and spec.params_model is not None:
+                    # a run read back from the store: its params are validated again here
+                    model = run.model = spec.params_model.model_validate(run.params)
+                ctx = TaskContext(self.engine, run, spec.name, report=self.progress)
+                args: tuple[Any, ...] = (ctx,) if model is None else (ctx, model)
+                if spec.resources:
+                    kwargs = {name: self.engine.resources[name] for name in spec.resources}
+                    call = spec.fn(*args, **kwargs)
+                else:
+                    call = spec.fn(*args)
+                if spec.timeout is None:
+                    result = await call
+                else:
+                    async with asyncio.timeout(spec.timeout):
+                        result = await call
+                if result is not None:
+                    result = jsonable(result)
+            except asyncio.CancelledError:
+                reason = run.cancel_reason or "external"
+                if reason == "external" and run.token is not None:
+                    self._record(run, token, Cancelled(reason), None)
+                    raise
+                if run.token is not None:
+                    self._record(run, token, self._cut_short(run, reason), None)
+                # our own cancel: the run is recorded, the task ends normally
+                current = asyncio.current_task()
+                if current is not None:
+                    current.uncancel()
+                return
+            except TimeoutError as exc:
+                if spec.timeout is not None and run.cancel_reason is None:
+                    error = RunError(
+                        type="TimeoutError",
+                        message=f"run exceeded its {spec.timeout:g} s timeout",
+                        traceback=RunError.from_exception(exc).traceback,
+                    )
+                else:
+                    error = RunError.from_exception(exc)
+            except NotJsonSafe as exc:
+                error = RunError(
+                    type="ResultNotSerializable",
+                    message=f"task {spec.name!r} returned a value that cannot be sent as JSON: {exc.detail}; "
+                    "return JSON data (dicts, lists, str, numbers) or a pydantic model",
+                )
+            except BaseException as exc:  # noqa: BLE001
+                # SystemExit, KeyboardInterrupt, GeneratorExit and the like raised by task
+                # code fail that run: escaping here would take down the caller's loop
                 error = RunError.from_exception(exc)
-        except NotJsonSafe as exc:
-            error = RunError(
-                type="ResultNotSerializable",
-                message=f"task {spec.name!r} returned a value that cannot be sent as JSON: {exc.detail}; "
-                "return JSON data (dicts, lists, str, numbers) or a pydantic model",
-            )
-        except BaseException as exc:  # noqa: BLE001
-            # SystemExit, KeyboardInterrupt, GeneratorExit and the like raised by task
-            # code fail that run: escaping here would take down the caller's loop
-            error = RunError.from_exception(exc)
-        else:
+            else:
+                if run.cancel_reason is not None:
+                    # the task swallowed the cancel and returned: it was still cancelled
+                    self._record(run, token, self._cut_short(run, run.cancel_reason), None)
+                    return
+                outcome = Succeeded(result) if result is not None else _NO_RESULT
+                memory = self.memory
+                if memory is not None and run.token == token:
+                    # the memory store's finish never suspends: the run is done here and now
+                    status = memory.finish_now(token, outcome)
+                    if status is _SUCCEEDED:
+                        run.token = None
+                        self._claimed.pop(token, None)
+                        self._succeeded(run, result)
+                    else:
+                        self._apply_outcome(run, token, outcome, None, status)
+                    return
+                self._record(run, token, outcome, None)
+                return
             if run.cancel_reason is not None:
-                # the task swallowed the cancel and returned: it was still cancelled
+                # cancelled while it was failing: the user's intent wins
                 self._record(run, token, self._cut_short(run, run.cancel_reason), None)
                 return
-            outcome = Succeeded(result) if result is not None else _NO_RESULT
-            memory = self.memory
-            if memory is not None and run.token == token:
-                # the memory store's finish never suspends: the run is done here and now
-                status = memory.finish_now(token, outcome)
-                if status is _SUCCEEDED:
-                    run.token = None
-                    self._claimed.pop(token, None)
-                    self._succeeded(run, result)
-                else:
-                    self._apply_outcome(run, token, outcome, None, status)
+            if run.attempt < run.max_attempts and self.engine.state != "stopped":
+                delay = min(spec.backoff_max, spec.backoff * 2 ** (run.attempt - 1))
+                delay *= random.uniform(0.5, 1.0)  # jitter so retries of a burst spread out
+                self._record(run, token, Retry(error, delay), error)
                 return
-            self._record(run, token, outcome, None)
-            return
-        if run.cancel_reason is not None:
-            # cancelled while it was failing: the user's intent wins
-            self._record(run, token, self._cut_short(run, run.cancel_reason), None)
-            return
-        if run.attempt < run.max_attempts and self.engine.state != "stopped":
-            delay = min(spec.backoff_max, spec.backoff * 2 ** (run.attempt - 1))
-            delay *= random.uniform(0.5, 1.0)  # jitter so retries of a burst spread out
-            self._record(run, token, Retry(error, delay), error)
-            return
-        self._record(run, token, Failed(error), error)
+            self._record(run, token, Failed(error), error)
+        finally:
+            # the attempt is over: its slot and claim are settled here, in its own last step,
+            # instead of by the task's done callback a loop turn later (the callback stays for a
+            # task cancelled before its first step, which never gets here)
+            handle = run.handle
+            if handle is not None and handle.remove_done_callback(ended):
+                ended(handle)
+
 
     def _cut_short(self, run: Run, reason: CancelReason) -> Outcome:
         """A durable store keeps a run cut short by shutdown for the next start; else it is cancelled."""
