@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 
 #: the newest schema this code knows; a database with a higher version is refused
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: finished rows are exactly those with a finished_at (a re-queued run has none)
 FINISHED = "finished_at IS NOT NULL"
@@ -154,6 +154,16 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 ts       DOUBLE PRECISION NOT NULL,
                 body     TEXT NOT NULL
             )""",
+        ],
+    ),
+    (
+        4,
+        "no index on (status, seq)",
+        [
+            # every transition of every run rewrote two of its entries (a fifth of a run's
+            # statement time on SQLite); what reads by status has its own partial index
+            # (pending, running, finished), and only counts() by every status scans the table
+            "DROP INDEX IF EXISTS runs_status",
         ],
     ),
 ]
