@@ -471,8 +471,7 @@ class MemoryStore(Store):
                 row.lease_until = lease_until
                 row.started_at = now
                 if row.holds_key:
-                    del self._keys[(row.task, row.key)]  # type: ignore[index,arg-type]
-                    row.holds_key = False
+                    self._release_key(row)
                 claims[token] = row
             counts = self._counts
             counts[_PENDING] -= len(out)
@@ -534,6 +533,11 @@ class MemoryStore(Store):
             return _PENDING
         raise TypeError(f"unknown outcome {outcome!r}; pass Succeeded, Failed, Cancelled or Retry")
 
+    def _release_key(self, row: MemoryRow) -> None:
+        """The row no longer holds its dedup key (it left pending): another run may take it."""
+        del self._keys[(row.task, row.key)]  # type: ignore[index,arg-type]
+        row.holds_key = False
+
     def _end(self, row: MemoryRow, status: RunStatus, now: float) -> None:
         counts = self._counts
         counts[row.status] -= 1
@@ -543,8 +547,7 @@ class MemoryStore(Store):
         row.token = None
         row.lease_until = None
         if row.holds_key:
-            del self._keys[(row.task, row.key)]  # type: ignore[index,arg-type]
-            row.holds_key = False
+            self._release_key(row)
         self._finished.append(row)
         self._totals[_TOTAL_OF[status]] += 1
         if self._notifying:
