@@ -168,6 +168,22 @@ async def test_every_waiting_coroutine_wakes() -> None:
     assert await asyncio.wait_for(asyncio.gather(first, second), 1) == [True, True]
 
 
+async def test_a_cancelled_or_timed_out_waiter_leaves_the_others_waiting() -> None:
+    bus = EventBus(node="n")
+    sub = bus.subscribe()
+    cancelled = asyncio.ensure_future(sub.wait())
+    patient = asyncio.ensure_future(sub.wait())
+    assert await sub.wait(timeout=0.01) is False  # timed out, nothing published
+    cancelled.cancel()
+    await asyncio.sleep(0)
+    assert cancelled.cancelled() and not patient.done()
+    bus.emit(ev.EngineStarted)
+    assert await asyncio.wait_for(patient, 1) is True
+    sub.get_batch()
+    sub.close()
+    assert await sub.wait() is False  # closed and drained: no waiting forever
+
+
 async def test_waiting_subscriber_wakes_on_publish() -> None:
     bus = EventBus(node="n")
     sub = bus.subscribe()
