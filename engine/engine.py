@@ -80,6 +80,7 @@ from .store.base import new_run_id
 from .supervisor import Supervisor, WorkerInfo
 from .tasks import TaskFn, TaskInfo, TaskSpec, params_model_of
 from .triggers import Trigger, TriggerFire, TriggerState
+from .trusted import float_clock
 from .version import __version__
 from .wakeups import StoreWakeups
 
@@ -212,10 +213,7 @@ class Engine:
         self.resources: dict[str, Any] = dict(resources or {})
         self.flags: dict[str, bool] = dict(flags or {})
         self.health_interval = health_interval
-        if clock is not time.time:
-            # timestamps are floats wherever they go (events are put together from them unvalidated)
-            given = clock
-            clock = lambda: float(given())  # noqa: E731
+        clock = float_clock(clock)
         #: wall clock for every timestamp the engine records (replaceable for tests)
         self.clock = clock
         self._new_id = run_id_factory or new_run_id

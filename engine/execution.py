@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import random
@@ -288,10 +289,15 @@ class Execution:
         self.executor.started(run.task)
         self.bus.post(RunStarted, run_id=run.id, task=run.task, attempt=attempt)
         ended = functools.partial(self._ended, run, token)
-        task = asyncio.get_running_loop().create_task(self._execute(run, token, ended), name=f"taskwatch-run-{run.id}")
+        # what the attempt ends in: the context the run was started from, never its task's own
+        # (a run's context variables must not reach the run its freed slot starts next)
+        context = contextvars.copy_context()
+        task = asyncio.get_running_loop().create_task(
+            self._execute(run, token, ended, context), name=f"taskwatch-run-{run.id}"
+        )
         run.handle = task
         # also a callback: it runs for a task cancelled before its first step (see _execute)
-        task.add_done_callback(ended)
+        task.add_done_callback(ended, context=context)
 
     def _ended(self, run: Run, token: str, task: asyncio.Task[None]) -> None:
         if run.handle is task:
@@ -424,7 +430,9 @@ class Execution:
         self.bus.emit(StoreReachable, store=self.store.describe(), seconds=seconds)
         self.engine.elector.resume()
 
-    async def _execute(self, run: Run, token: str, ended: Callable[[asyncio.Task[None]], None]) -> None:
+    async def _execute(
+        self, run: Run, token: str, ended: Callable[[asyncio.Task[None]], None], context: contextvars.Context
+    ) -> None:
         """Run one attempt of a claimed run and write its outcome with the claim's token."""
         try:
             spec = run.spec
@@ -520,7 +528,7 @@ class Execution:
             # task cancelled before its first step, which never gets here)
             handle = run.handle
             if handle is not None and handle.remove_done_callback(ended):
-                ended(handle)
+                context.run(ended, handle)
 
 
     def _cut_short(self, run: Run, reason: CancelReason) -> Outcome:

@@ -12,6 +12,8 @@ and callers validate as usual.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -41,3 +43,16 @@ def construct(cls: type[M], fields: dict[str, Any], fields_set: set[str]) -> M:
     set_extra(model, None)
     set_private(model, None)
     return model  # type: ignore[no-any-return]
+
+
+def float_clock(clock: Callable[[], float]) -> Callable[[], float]:
+    """``clock``, giving floats: timestamps go into models put together here unvalidated
+    (``time.time`` gives floats; a clock replaced for tests may give ints)."""
+    if clock is time.time or getattr(clock, "gives_floats", False):
+        return clock
+
+    def floated() -> float:
+        return float(clock())
+
+    floated.gives_floats = True  # type: ignore[attr-defined]
+    return floated

@@ -320,7 +320,10 @@ async def test_every_event_and_record_the_engine_makes_reads_exactly_as_a_valida
     class Params(BaseModel):
         n: int = 1
 
-    engine = Engine(health_interval=None, clock=lambda: 1_700_000_000)
+    from taskwatch.engine.store import MemoryStore
+
+    # the engine's clock and its store's, both replaced by clocks of whole seconds
+    engine = Engine(health_interval=None, clock=lambda: 1_700_000_000, store=MemoryStore(clock=lambda: 1_700_000_001))
     gate = asyncio.Event()
 
     @engine.task(retries=1, backoff=0)

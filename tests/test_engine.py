@@ -771,3 +771,34 @@ async def test_a_batch_repeating_a_key_counts_it_once_against_the_queue_limit() 
         for h in running + handles:
             assert (await h.wait(5)).status is RunStatus.SUCCEEDED
 
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_a_runs_context_variables_never_reach_the_run_its_slot_starts_next(store: str, tmp_path) -> None:
+    # what a task sets in its context (a request id, a tenant, a tracing span) is its own;
+    # runs submitted from a context see that context, and never what an earlier run set
+    import contextvars
+
+    tenant: contextvars.ContextVar[str | None] = contextvars.ContextVar("tenant", default=None)
+    url = "memory" if store == "memory" else f"sqlite:///{tmp_path / 'runs.db'}"
+    engine = Engine(store=url, max_concurrency=1, health_interval=None)
+    seen: list[str | None] = []
+
+    class Job(BaseModel):
+        i: int
+
+    @engine.task
+    async def job(ctx: TaskContext, params: Job) -> None:
+        seen.append(tenant.get())
+        tenant.set(f"set by run {params.i}")
+        await asyncio.sleep(0)
+
+    async with engine:
+        handles = [await engine.submit("job", {"i": i}) for i in range(4)]
+        for handle in handles:
+            await handle.wait()
+        tenant.set("the submitter's")
+        await (await engine.submit("job", {"i": 4})).wait()
+    assert seen[:4] == [None] * 4
+    # the memory store starts a run from its submit; a durable one from the claim loop (started with the engine)
+    assert seen[4] == ("the submitter's" if store == "memory" else None)

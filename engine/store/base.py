@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Literal
 
 from ..runs import CancelReason, Progress, RunStatus
+from ..trusted import float_clock
 from .models import (
     CancelResult,
     Claim,
@@ -176,7 +177,7 @@ class Store(ABC):
     ) -> None:
         if lease_ttl <= 0:
             raise ValueError(f"lease_ttl must be positive seconds, got {lease_ttl!r}")
-        self.clock = clock
+        self.clock = float_clock(clock)
         self.lease_ttl = lease_ttl
         self.node_ttl = lease_ttl if node_ttl is None else node_ttl
         self.max_lost = max_lost

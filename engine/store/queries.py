@@ -247,8 +247,6 @@ SET status = 'succeeded', finished_at = :now, result = :result,
     claim_token = NULL, lease_until = NULL, dedup_slot = NULL
 WHERE seq = :seq AND claim_token = :token AND status = 'running'"""
 
-ID_OF_SEQ = "SELECT id FROM runs WHERE seq = :seq"
-
 #: a claimed run goes back to pending (retry, or its worker was lost), retaking its key if free
 REQUEUE_CLAIMED = """
 UPDATE runs

@@ -540,14 +540,13 @@ class SqliteStore(Store):
     def _finish(self, tx: _Tx, token: str, outcome: Outcome, now: float) -> RunStatus | None:
         cur = tx.cur
         seq = _seq_of(token)
-        if type(outcome) is Succeeded:
-            # most outcomes: one statement, no RETURNING (see SUCCEED_CLAIMED)
+        if type(outcome) is Succeeded and not self._notifying_finished:
+            # most outcomes: one statement, without RETURNING (see SUCCEED_CLAIMED); with a
+            # subscriber of finished run ids, the one statement below says which run it was
             result = None if outcome.result is None else _dumps(outcome.result)
             if cur.execute(Q.SUCCEED_CLAIMED, {"seq": seq, "token": token, "now": now, "result": result}).rowcount != 1:
                 return None
             tx.add("succeeded")
-            if self._notifying_finished:
-                tx.finished.append(cur.execute(Q.ID_OF_SEQ, {"seq": seq}).fetchone()[0])
             return RunStatus.SUCCEEDED
         base = {"seq": seq, "token": token, "now": now, "lost": 0, "result": None, "error": None, "cancel_reason": None}
         if isinstance(outcome, Retry):
@@ -571,7 +570,7 @@ class SqliteStore(Store):
                 tx.work = True
                 return RunStatus.PENDING
             status = RunStatus.CANCELLED  # a cancel was requested meanwhile: the user's intent wins
-        elif isinstance(outcome, Succeeded):  # a subclass of Succeeded: as above, with RETURNING
+        elif isinstance(outcome, Succeeded):
             status = RunStatus.SUCCEEDED
             base["result"] = None if outcome.result is None else _dumps(outcome.result)
         elif isinstance(outcome, Failed):
