@@ -267,7 +267,7 @@ def parts(n: int, rounds: int) -> None:
         print(f"{name:<32}{m[name]:>8.1f}{m[name + ' (gc off)']:>8.1f}")
     print("admission: submit (validation, store insert, index, run.submitted posted); dispatch to finish: claim,\n"
           "launch, the task, its outcome in the store and the index, run.started and run.succeeded posted;\n"
-          "events read: building (validating) and handing over the three events of a run.")
+          "events read: building (putting together) and handing over the three events of a run.")
 
 
 def median_rounds(rounds: int, contenders: dict[str, Callable[[], Awaitable[float]]]) -> dict[str, float]:
