@@ -9,10 +9,11 @@ event it missed. A ring buffer keeps the last events so late subscribers can
 replay recent history.
 
 The engine's own per-run events are *posted* rather than emitted: the bus
-keeps their class and fields and builds (validates) the pydantic event only
-when someone reads it, once, whoever reads first. Publishing a run event so
-costs well under a microsecond, and nothing at all is built for events no
-one reads; a reader sees the same typed events either way.
+keeps their class and fields and builds the pydantic event only when someone
+reads it, once, whoever reads first, putting it together from the engine's
+own values without validating them again (see :mod:`.trusted`). Publishing a
+run event so costs well under a microsecond, and nothing at all is built for
+events no one reads; a reader sees the same typed events either way.
 """
 
 from __future__ import annotations
