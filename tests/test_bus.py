@@ -8,11 +8,12 @@ import json
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from taskwatch.engine import (
     EVENT_KINDS,
     Engine,
     EventBus,
+    MemoryStore,
     RunError,
     RunRecord,
     RunStatus,
@@ -315,12 +316,8 @@ async def test_every_event_and_record_the_engine_makes_reads_exactly_as_a_valida
     # run events are put together from the engine's own fields without validating them
     # again: each must hold every field, of the very type validation would give it (a
     # replaced clock of whole seconds included)
-    from pydantic import BaseModel
-
     class Params(BaseModel):
         n: int = 1
-
-    from taskwatch.engine.store import MemoryStore
 
     # the engine's clock and its store's, both replaced by clocks of whole seconds
     engine = Engine(health_interval=None, clock=lambda: 1_700_000_000, store=MemoryStore(clock=lambda: 1_700_000_001))

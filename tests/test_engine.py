@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
@@ -774,10 +776,9 @@ async def test_a_batch_repeating_a_key_counts_it_once_against_the_queue_limit() 
 
 
 @pytest.mark.parametrize("store", ["memory", "sqlite"])
-async def test_a_runs_context_variables_never_reach_the_run_its_slot_starts_next(store: str, tmp_path) -> None:
+async def test_a_runs_context_variables_never_reach_the_run_its_slot_starts_next(store: str, tmp_path: Path) -> None:
     # what a task sets in its context (a request id, a tenant, a tracing span) is its own;
     # runs submitted from a context see that context, and never what an earlier run set
-    import contextvars
 
     tenant: contextvars.ContextVar[str | None] = contextvars.ContextVar("tenant", default=None)
     url = "memory" if store == "memory" else f"sqlite:///{tmp_path / 'runs.db'}"
