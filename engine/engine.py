@@ -701,8 +701,7 @@ class Engine:
                 raise self._shared_queue_full() from None
             if not inserted.new:
                 return RunHandle(self, inserted.id)  # another process's pending run holds the key
-        self._index.admitted(run)  # _admitted, inline: once per submit
-        self._post_submitted(run)
+        self._admitted(run)
         self._run.start_soon()
         return RunHandle(self, run.id, run)
 

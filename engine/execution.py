@@ -660,9 +660,7 @@ class Execution:
         """The store has the run succeeded: the index, its waiters and the bus hear of it."""
         now = self.engine.clock()
         run.result = result
-        self.index.finished(run, _SUCCEEDED, now)
-        if self._idle is not None:
-            self._check_idle()
+        self._finish(run, _SUCCEEDED, now)
         self.bus.post(
             RunSucceeded, run_id=run.id, task=run.task, attempt=run.attempt,
             duration=now - (run.started_at or now), result=result,

@@ -167,10 +167,7 @@ class RunIndex:
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(record)
-        finished = self._finished
-        finished[run.id] = None
-        while len(finished) > self.history:  # more than one once history was lowered
-            self._evict()
+        self._remember_finished(run)
 
     def _new_bucket(self, second: int) -> list[int]:
         tp = self._tp

@@ -300,16 +300,7 @@ class MemoryStore(Store):
         self._seq += 1
         created = run.created_at
         row = MemoryRow(self._seq, run_id, task, run.params, run.max_attempts, key, run.source, on_lost, created, created, run)
-        # _place, inline (due now): once per submit
-        self._rows[run_id] = row
-        self._order.append(row)
-        if key is not None:
-            self._keys[(task, key)] = row
-            row.holds_key = True
-        line = self._ready.get(task)
-        if line is None:
-            line = self._ready[task] = _Line()
-        line.fresh.append(row)
+        self._place(row, delayed=False)
         self._counts[_PENDING] += 1
         self._totals["inserted"] += 1
         if self._notifying:
