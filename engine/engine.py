@@ -625,6 +625,21 @@ class Engine:
             check_key(f"task {spec.name!r}", key)
         return Run(self._new_id(), spec.name, spec, dumped, model, self.clock(), key, source, spec.retries + 1)
 
+    def _key_holder(self, run: Run) -> Run | None:
+        """The pending run already holding ``run``'s dedup key, where this node's index can tell.
+
+        With the memory store the index and the store share each run's entry,
+        so the index is the truth. A durable store may be shared: a run this
+        node indexes as pending may have been claimed by another node since
+        (this node hears of it at its next catch-up), and answering from the
+        index would drop the new submit; there only a run not written yet is
+        answered here, and the store's insert decides the rest atomically.
+        """
+        holder = self._index.pending_holder(run)
+        if holder is None or self._memory is not None or self._executor.unwritten(holder.id):
+            return holder
+        return None
+
     def _check_room(self, extra: int = 1) -> None:
         if self._index.counts[_PENDING] + extra > self.max_queue:
             raise QueueFull("the engine's run queue", self.max_queue)
@@ -685,7 +700,7 @@ class Engine:
 
     async def _submit(self, run: Run) -> RunHandle:
         if run.key is not None:
-            holder = self._index.pending_holder(run)
+            holder = self._key_holder(run)
             if holder is not None:
                 return RunHandle(self, holder.id, holder)
         memory = self._memory
@@ -724,7 +739,7 @@ class Engine:
         fresh: list[Run] = []
         handles: list[RunHandle | None] = []
         for run in runs:
-            holder = self._index.pending_holder(run)
+            holder = self._key_holder(run)
             handles.append(RunHandle(self, holder.id, holder) if holder is not None else None)
             if holder is None:
                 fresh.append(run)

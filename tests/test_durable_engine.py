@@ -322,3 +322,46 @@ async def test_a_cancel_before_the_first_step_reaches_a_busy_file(
     finally:
         other.close()
     assert executions == []
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_a_key_whose_run_another_node_started_is_free_for_a_new_submit(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # node A indexes its keyed run as pending until its next catch-up, though node B has
+    # started it: the key is free in the store, and A's next submit of it must queue a run
+    import asyncio
+
+    from taskwatch.engine import RunStatus
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
+    options = dict(store=url, health_interval=None, lease_ttl=30, poll_interval=0.05)
+    a = Engine(node_id="node-a", max_concurrency=1, **options)  # type: ignore[arg-type]
+    b = Engine(node_id="node-b", **options)  # type: ignore[arg-type]
+    release = asyncio.Event()
+
+    @a.task
+    async def hold(ctx: TaskContext) -> None:
+        await release.wait()
+
+    for engine in (a, b):
+
+        @engine.task(name="job")
+        async def job(ctx: TaskContext) -> None:
+            await release.wait()
+
+    async with a, b:
+        await a.submit("hold")  # A's only slot: B runs the keyed run
+        await eventually(lambda: a.stats().running == 1)
+        first = await a.submit("job", key="K")
+        await eventually(lambda: b.stats().running == 1)
+        stored = await a.store.get(first.id)
+        assert stored is not None and stored.status is RunStatus.RUNNING
+        second = await a.submit("job", key="K")
+        [again] = await a.submit_many([{"task": "job", "key": "K"}])
+        assert second.id != first.id
+        assert again.id == second.id  # the new pending run holds the key now
+        pending = (await a.store.query(status="pending", task="job")).runs
+        assert [r.id for r in pending] == [second.id]
+        release.set()
+        assert (await second.wait(timeout=20)).status is RunStatus.SUCCEEDED
