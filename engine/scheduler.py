@@ -162,9 +162,19 @@ def next_cron_due(expr: str, after: float, tz: tzinfo | None = None) -> float:
     ``datetime.timezone.utc``) to use another zone. Raises ``StopIteration``
     if the expression never matches again.
     """
-    start = datetime.fromtimestamp(after) if tz is None else datetime.fromtimestamp(after, tz)
-    # cronsim drops sub-second parts and then steps one second, so the result is > after
-    return next(CronSim(expr, start)).timestamp()
+    if tz is not None:
+        # cronsim drops sub-second parts and then steps one second, so the result is > after
+        return next(CronSim(expr, datetime.fromtimestamp(after, tz))).timestamp()
+    # In the hour a DST change repeats, one wall-clock time names two instants (fold 0
+    # and 1), and cronsim's naive results carry fold 0: from the second pass of that hour
+    # its next match would lie before ``after``, and a schedule planned from it would
+    # fire the same past slot again and again. The first instant after ``after`` wins.
+    for wall in CronSim(expr, datetime.fromtimestamp(after)):
+        for fold in (0, 1):
+            due = wall.replace(fold=fold).timestamp()
+            if due > after:
+                return due
+    raise StopIteration(f"cron expression {expr!r} never matches again")
 
 
 def trigger_text(every: float | None, cron: str | None) -> str:
@@ -554,6 +564,9 @@ class Scheduler:
             self._plan(p, following)
 
     async def _sleep_until(self, due: float) -> None:
+        # at least one turn of the loop even for a slot already due: a schedule that falls
+        # behind (or a clock that jumps) must never keep the event loop to itself
+        await asyncio.sleep(0)
         while (delay := due - self._now()) > 0:
             await asyncio.sleep(min(delay, _MAX_SLEEP))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import pytest
@@ -76,6 +78,51 @@ def test_cron_next_run_is_strictly_after_the_given_time() -> None:
     assert next_cron_due("*/15 * * * *", local(2024, 1, 15, 10, 7, 12)) == local(2024, 1, 15, 10, 15)
     assert next_cron_due("*/15 * * * *", local(2024, 1, 15, 10, 15)) == local(2024, 1, 15, 10, 30)
     assert next_cron_due("*/15 * * * *", local(2024, 1, 15, 10, 14, 59) + 0.5) == local(2024, 1, 15, 10, 15)
+
+
+@pytest.fixture
+def new_york(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Local time is New York's (DST) for the test, and what it was afterwards."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+#: 2024-11-03, New York: at 06:00 UTC the clocks went back from 02:00 EDT to 01:00 EST
+FALL_BACK = datetime(2024, 11, 3, 6, 0, tzinfo=timezone.utc).timestamp()
+
+
+def test_cron_in_the_repeated_hour_of_a_dst_change_moves_forward(new_york: None) -> None:
+    # 01:40 EST, the second 01:40 of that night: the next "*/5" is 01:45 EST, five
+    # minutes on, not 01:45 EDT (the first pass, 55 minutes back)
+    after = FALL_BACK + 40 * 60
+    assert next_cron_due("*/5 * * * *", after) == after + 5 * 60
+    assert next_cron_due("* * * * *", after + 30) == after + 60
+    # in the first pass the wall clock goes on as it reads: 01:55 EDT, then 01:00 EST
+    first_pass = FALL_BACK - 20 * 60  # 01:40 EDT
+    assert next_cron_due("*/5 * * * *", first_pass) == first_pass + 5 * 60
+    # a daily time matches once that night, in the first pass
+    assert next_cron_due("30 1 * * *", FALL_BACK - 3 * 3600) == FALL_BACK - 30 * 60
+
+
+async def test_a_cron_task_started_in_the_repeated_hour_plans_its_next_tick_ahead(new_york: None) -> None:
+    # the engine's clock reads 01:40:59.5 EST, second pass: the next minute is half a second on
+    base = time.time()
+    start = FALL_BACK + 40 * 60 + 59.5
+    engine = make_engine(clock=lambda: start + time.time() - base)
+
+    @engine.periodic(cron="* * * * *")
+    async def minutely(ctx: TaskContext) -> None:
+        return None
+
+    async with engine:
+        first = await eventually(lambda: engine.runs(task="minutely", limit=None), timeout=5)
+        assert first[0].created_at >= start + 0.5 - 0.05
+        # the following tick is a minute on (a slot in the past would fire again at once)
+        assert info(engine, "minutely").next_due == start + 60.5
+        assert len(engine.runs(task="minutely", limit=None)) == 1
 
 
 def test_cron_across_month_and_year_in_an_explicit_zone() -> None:
