@@ -63,7 +63,12 @@ class TaskContext:
         return elector.term if elector.is_leader else 0
 
     async def progress(self, done: float, total: float | None = None, message: str = "") -> None:
-        """Report progress; published as a ``run.progress`` event."""
+        """Report progress; published as a ``run.progress`` event.
+
+        ``done`` and ``total`` are finite numbers (anything else raises a
+        pydantic ``ValidationError`` here and changes nothing); a report made
+        after the run has ended changes nothing either.
+        """
         if self._run is not None and self._report is not None:
             self._report(self._run, done, total, message)
 

@@ -46,8 +46,9 @@ class RunStarted(RunEvent):
 
 class RunProgressed(RunEvent):
     kind: Literal["run.progress"] = "run.progress"
-    done: float = 0
-    total: float | None = None
+    # finite only: JSON has no NaN or infinity, and an attached dashboard reads these back
+    done: float = Field(0, allow_inf_nan=False)
+    total: float | None = Field(None, allow_inf_nan=False)
     message: str = ""
 
 

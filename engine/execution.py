@@ -758,8 +758,12 @@ class Execution:
 
 
     def progress(self, run: Run, done: float, total: float | None, message: str) -> None:
-        # the event is validated first: a value it refuses raises in the task and
-        # leaves the record as it was
+        if run.status is not _RUNNING:
+            # from something the task left going after its run ended: a finished record
+            # stays as it ended, and its run.progress events end before its last event
+            return
+        # the event is validated first: a value it refuses (not a finite number) raises in
+        # the task and leaves the record as it was
         event = self.bus.emit(
             RunProgressed,
             run_id=run.id,

@@ -46,8 +46,9 @@ CancelReason = Literal["user", "shutdown", "external"]
 class Progress(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    done: float = 0
-    total: float | None = None
+    # finite only: JSON has no NaN or infinity, and a dashboard must be able to read it back
+    done: float = Field(0, allow_inf_nan=False)
+    total: float | None = Field(None, allow_inf_nan=False)
     message: str = ""
 
     @property

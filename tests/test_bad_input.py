@@ -176,6 +176,56 @@ async def test_a_progress_report_the_event_refuses_leaves_the_record_valid() -> 
         assert_consistent(engine)
 
 
+@pytest.mark.parametrize("done", [float("nan"), float("inf"), -float("inf")])
+async def test_a_progress_report_that_is_not_a_finite_number_changes_nothing(done: float, tmp_path: Path) -> None:
+    # JSON has no NaN or infinity: taken, it would reach every attached dashboard as null
+    engine = make_engine()
+    reported = asyncio.Event()
+    release = asyncio.Event()
+    raised: list[BaseException] = []
+
+    @engine.task
+    async def odd_progress(ctx: TaskContext) -> None:
+        await ctx.progress(1, 4, "a quarter")
+        for value in ({"done": done}, {"done": 2, "total": done}):
+            try:
+                await ctx.progress(**value)  # type: ignore[arg-type]
+            except ValueError as exc:
+                raised.append(exc)
+        reported.set()
+        await release.wait()
+
+    async with engine:
+        handle = await engine.submit("odd_progress")
+        await reported.wait()
+        assert len(raised) == 2 and all("finite" in str(exc) for exc in raised), raised
+        progress = engine.get(handle.id).progress
+        assert (progress.done, progress.total, progress.message) == (1, 4, "a quarter")
+        assert_consistent(engine)
+        await attach_works(engine, tmp_path / "e.sock")
+        release.set()
+        assert (await handle.wait(5)).status is RunStatus.SUCCEEDED
+
+
+async def test_progress_reported_after_the_run_ended_changes_nothing() -> None:
+    engine = make_engine()
+    recorder = Recorder(engine, ("run.",))
+    contexts: list[TaskContext] = []
+
+    @engine.task
+    async def quick(ctx: TaskContext) -> str:
+        contexts.append(ctx)  # kept by something the task leaves behind
+        await ctx.progress(1, 2)
+        return "done"
+
+    async with engine:
+        record = await (await engine.submit("quick")).wait(5)
+        await contexts[0].progress(2, 2, "late")
+        after = engine.get(record.id)
+        assert (after.progress.done, after.progress.message) == (1, "")
+        assert recorder.kinds()[-1] == "run.succeeded"
+
+
 async def test_a_task_that_swallows_a_user_cancel_and_returns_ends_cancelled() -> None:
     engine = make_engine()
     started = asyncio.Event()
