@@ -458,8 +458,11 @@ class Execution:
                 if spec.timeout is None:
                     result = await call
                 else:
-                    async with asyncio.timeout(spec.timeout):
+                    async with asyncio.timeout(spec.timeout) as window:
                         result = await call
+                    if window.expired():
+                        # the task swallowed its timeout's cancel and returned: it still timed out
+                        raise TimeoutError
                 if result is not None:
                     result = jsonable(result)
             except asyncio.CancelledError:

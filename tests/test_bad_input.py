@@ -226,6 +226,28 @@ async def test_progress_reported_after_the_run_ended_changes_nothing() -> None:
         assert recorder.kinds()[-1] == "run.succeeded"
 
 
+async def test_a_task_that_swallows_its_timeout_and_returns_fails_with_a_timeout() -> None:
+    engine = make_engine()
+    swallowed = asyncio.Event()
+
+    @engine.task(timeout=0.05)
+    async def stubborn(ctx: TaskContext) -> str:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.set()
+        return "finished anyway"
+
+    async with engine:
+        record = await (await engine.submit("stubborn")).wait(5)
+        assert swallowed.is_set()
+        assert record.status is RunStatus.FAILED
+        assert record.error is not None and record.error.type == "TimeoutError"
+        assert "0.05 s timeout" in record.error.message
+        assert record.result is None
+        assert_consistent(engine)
+
+
 async def test_a_task_that_swallows_a_user_cancel_and_returns_ends_cancelled() -> None:
     engine = make_engine()
     started = asyncio.Event()
