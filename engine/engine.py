@@ -246,6 +246,8 @@ class Engine:
         self._wakeups = StoreWakeups(self._store, self._executor)
         self._state = "new"
         self._shutdown: asyncio.Task[None] | None = None
+        #: resolved once the start under way has ended (a second start() waits for it)
+        self._starting: asyncio.Future[None] | None = None
         self._started_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._leader = LeaderElector(self, lease)
@@ -435,11 +437,31 @@ class Engine:
         return self._loop
 
     async def start(self) -> None:
-        """Open the store, take back the runs a previous incarnation left, then start every loop."""
+        """Open the store, take back the runs a previous incarnation left, then start every loop.
+
+        A second caller while a start is under way waits for that same start
+        (and sees its error, if it fails).
+        """
         if self._state == "running":
             return
         if self._state == "stopping":
             raise EngineNotRunning("stopping")
+        if self._starting is not None:
+            await asyncio.shield(self._starting)
+            return
+        starting = self._starting = asyncio.get_running_loop().create_future()
+        try:
+            await self._start()
+        except BaseException as exc:
+            starting.set_exception(exc if isinstance(exc, Exception) else EngineNotRunning("not started"))
+            starting.exception()  # nobody else may be waiting: retrieved, not logged as lost
+            raise
+        else:
+            starting.set_result(None)
+        finally:
+            self._starting = None
+
+    async def _start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self._id_pid is not None and self._id_pid != os.getpid():
             # built before a fork (a web server preloading the app): the default id is the
@@ -519,6 +541,10 @@ class Engine:
         for the same shutdown, and a caller that is itself cancelled does not
         leave the engine half stopped.
         """
+        starting = self._starting
+        if starting is not None:
+            # stop what is being started, once it is (a start that fails leaves nothing to stop)
+            await asyncio.wait([starting])
         if self._state in ("new", "stopped"):
             return
         if self._shutdown is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -588,6 +589,29 @@ async def test_stop_drains_then_cancels_as_shutdown_and_leaves_no_task() -> None
     assert (stopped.cancelled_pending, stopped.cancelled_running) == (1, 1)
     with pytest.raises(EngineNotRunning):
         await engine.submit("quick")
+
+
+async def test_two_starts_at_once_start_once_and_a_stop_meanwhile_stops_it(tmp_path: Path) -> None:
+    # a SQLite store suspends the start (opening the file, its writer thread): the second
+    # start and the stop must wait for that one start, not run a second or return at once
+    threads = set(threading.enumerate())
+    engine = make_engine(store=f"sqlite:///{tmp_path / 'runs.db'}")
+
+    @engine.task
+    async def quick(ctx: TaskContext) -> int:
+        return 1
+
+    await asyncio.gather(engine.start(), engine.start())
+    assert (await (await engine.submit("quick")).wait(5)).result == 1
+    await engine.stop()
+    assert not stray_tasks()
+    assert not [t.name for t in threading.enumerate() if t not in threads and t.is_alive()]
+    starting = asyncio.create_task(engine.start())
+    stopping = asyncio.create_task(engine.stop())
+    await asyncio.gather(starting, stopping)
+    assert engine.state == "stopped"
+    assert not stray_tasks()
+    assert not [t.name for t in threading.enumerate() if t not in threads and t.is_alive()]
 
 
 async def test_stop_waits_for_running_work_within_timeout() -> None:
