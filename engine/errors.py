@@ -207,6 +207,15 @@ class InvalidKey(TaskwatchError, TypeError):
         super().__init__(f"invalid key {self.key} for {owner}: {why}; nothing was queued")
 
 
+class InvalidCount(TaskwatchError, ValueError):
+    """An amount of work counted for a trigger key is not a whole number of at least 1. Nothing was counted."""
+
+    def __init__(self, owner: str, n: object) -> None:
+        self.owner = owner
+        self.n = repr(n)[:200]
+        super().__init__(f"invalid count {self.n} for {owner}: n must be an int of at least 1; nothing was counted")
+
+
 class EngineCrashed(EngineNotRunning):
     """The background engine's event loop died; the engine cannot take calls any more.
 

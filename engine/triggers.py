@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import operator
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .context import TaskContext
-from .errors import EngineNotRunning, QueueFull, RunNotFound, TaskDefinitionError
+from .errors import EngineNotRunning, InvalidCount, QueueFull, RunNotFound, TaskDefinitionError
 from .hop import cancel_and_wait
 from .events import BaseEvent, TriggerFired
 from .jsonsafe import check_key
@@ -59,6 +60,20 @@ log = logging.getLogger("taskwatch.triggers")
 _MAX_CHECK_INTERVAL = 60.0
 
 _RUN_KINDS = ("run.started", "run.retrying", "run.succeeded", "run.failed", "run.cancelled")
+
+
+
+def _whole_count(owner: str, n: object) -> int:
+    """``n`` as an int of at least 1 (numpy's ints too), or :class:`InvalidCount`."""
+    if isinstance(n, bool):
+        raise InvalidCount(owner, n)
+    try:
+        whole = operator.index(n)  # type: ignore[arg-type]
+    except TypeError:
+        raise InvalidCount(owner, n) from None
+    if whole < 1:
+        raise InvalidCount(owner, n)
+    return whole
 
 
 class TriggerKeyState(BaseModel):
@@ -235,9 +250,15 @@ class Trigger:
         """Count ``n`` units of work for ``key``; fires at once if it reaches the size threshold.
 
         O(1) and non-blocking. From another thread the count is handed to the
-        engine's loop. Raises :class:`InvalidKey` for a key that is not a str.
+        engine's loop. Raises :class:`InvalidKey` for a key that is not a str
+        and :class:`InvalidCount` for an ``n`` that is not an int of at least 1;
+        either way nothing is counted.
         """
         check_key(f"trigger {self.name!r}", key)
+        if type(n) is not int or n < 1:
+            # checked here, on the caller's thread: a bad count raises to its caller, not later
+            # on the loop, and a count of 0.5 or -3 would break the key's record
+            n = _whole_count(f"trigger {self.name!r}", n)
         loop = self._loop
         if loop is not None and threading.get_ident() != self._loop_thread:
             try:

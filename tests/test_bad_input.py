@@ -24,6 +24,7 @@ from taskwatch.engine import (
     Engine,
     EngineCrashed,
     InvalidConfiguration,
+    InvalidCount,
     InvalidKey,
     InvalidParams,
     JobNotSerializable,
@@ -125,6 +126,40 @@ async def test_params_and_keys_no_dashboard_could_decode_are_refused(tmp_path: P
         assert engine.runs() == []
         assert "run.submitted" not in recorder.kinds()
         await attach_works(engine, tmp_path / "e.sock")
+
+
+@pytest.mark.parametrize("n", [0.5, -3, 0, True, "2", None])
+async def test_a_trigger_count_that_is_not_a_whole_number_is_refused(n: object, tmp_path: Path) -> None:
+    engine = make_engine()
+
+    async def compile_key(ctx: TaskContext, key: str) -> None:
+        return None
+
+    compile_ = engine.trigger("compile", compile_key, size_threshold=3)
+    async with engine:
+        compile_.notify("bank-1", 2)
+        with pytest.raises(InvalidCount, match="nothing was counted") as caught:
+            compile_.notify("bank-1", n)  # type: ignore[arg-type]
+        assert isinstance(caught.value, TaskwatchError)
+        with pytest.raises(InvalidCount):
+            compile_.notify("bank-2", n)  # type: ignore[arg-type]
+        # nothing counted, no key made; the trigger's state and the snapshot still read
+        assert [(k.key, k.count) for k in compile_.state().keys] == [("bank-1", 2)]
+        assert_consistent(engine)
+        await attach_works(engine, tmp_path / "e.sock")
+        compile_.notify("bank-1", numpy_like(1))
+        await asyncio.wait_for(compile_.drain(), 5)
+        assert compile_.state().fired == 1
+
+
+class numpy_like:
+    """An integer type that is not an int (numpy's are such): counted through ``__index__``."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
 
 
 # ---------------------------------------------------------------- contained to the run
