@@ -47,8 +47,8 @@ class RunStarted(RunEvent):
 class RunProgressed(RunEvent):
     kind: Literal["run.progress"] = "run.progress"
     # finite only: JSON has no NaN or infinity, and an attached dashboard reads these back
-    done: float = Field(0, allow_inf_nan=False)
-    total: float | None = Field(None, allow_inf_nan=False)
+    done: float = Field(default=0, allow_inf_nan=False)
+    total: float | None = Field(default=None, allow_inf_nan=False)
     message: str = ""
 
 

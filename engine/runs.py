@@ -47,8 +47,8 @@ class Progress(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     # finite only: JSON has no NaN or infinity, and a dashboard must be able to read it back
-    done: float = Field(0, allow_inf_nan=False)
-    total: float | None = Field(None, allow_inf_nan=False)
+    done: float = Field(default=0, allow_inf_nan=False)
+    total: float | None = Field(default=None, allow_inf_nan=False)
     message: str = ""
 
     @property

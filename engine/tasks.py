@@ -66,18 +66,17 @@ class TaskSpec:
             return None, {}
         try:
             if isinstance(params, model_cls):
-                model = params
+                # validated again (model_construct skips validation), from its field values
+                model = model_cls.model_validate(params.__dict__)
             elif isinstance(params, BaseModel):
                 model = model_cls.model_validate(params.model_dump())
             else:
                 model = model_cls.model_validate(params if params is not None else {})
         except ValidationError as exc:
-            errors = exc.errors(include_url=False, include_context=False, include_input=False)
-            raise InvalidParams(self.name, [dict(e) for e in errors]) from None
+            raise InvalidParams(self.name, _problems(exc)) from None
         try:
             dumped = model.model_dump(mode="json")
             check_jsonable(dumped)
-            return model, dumped
         except (NotJsonSafe, PydanticSerializationError, ValueError, TypeError) as exc:
             # the model accepted a value no dashboard could receive (a lone surrogate,
             # say): refused here so nothing undecodable is ever recorded or published
@@ -86,6 +85,22 @@ class TaskSpec:
                 self.name,
                 [{"loc": ("params",), "msg": f"not encodable as UTF-8 JSON: {detail}", "type": "json_unsafe"}],
             ) from None
+        # The task runs with the params read back from what is recorded, as a retry, a
+        # durable store's next start and another node do: a model of its own, which the
+        # caller's later changes to its objects cannot reach. Params that do not read back
+        # as they were (a SecretStr dumps masked, a field excluded from dumps is lost) would
+        # run differently there, so they are refused here.
+        try:
+            stored = model_cls.model_validate(dumped)
+        except ValidationError as exc:
+            raise InvalidParams(self.name, _lost_in_json(_problems(exc))) from None
+        if stored != model:
+            changed = [name for name in model_cls.model_fields if getattr(stored, name, None) != getattr(model, name, None)]
+            raise InvalidParams(
+                self.name,
+                _lost_in_json([{"loc": (name,), "msg": "reads back as another value", "type": "value_error"} for name in changed]),
+            )
+        return stored, dumped
 
     def info(self) -> TaskInfo:
         return TaskInfo(
@@ -104,6 +119,19 @@ class TaskSpec:
         if self.params_model is None:
             return {"type": "object", "properties": {}, "title": f"{self.name} params"}
         return self.params_model.model_json_schema()
+
+
+def _problems(exc: ValidationError) -> list[dict[str, Any]]:
+    return [dict(e) for e in exc.errors(include_url=False, include_context=False, include_input=False)]
+
+
+def _lost_in_json(problems: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Problems of params that do not survive their JSON record, said so."""
+    return [
+        {**p, "msg": f"{p['msg']} once recorded as JSON (the task would run with that): "
+         "use a type whose JSON dump reads back as the same value", "type": "json_round_trip"}
+        for p in problems
+    ] or [{"loc": ("params",), "msg": "the params read back from JSON as other values", "type": "json_round_trip"}]
 
 
 def params_model_of(fn: TaskFn, explicit: type[BaseModel] | None, name: str) -> type[BaseModel] | None:

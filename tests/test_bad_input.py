@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, SecretStr
 from taskwatch.engine import (
     Engine,
     EngineCrashed,
@@ -160,6 +160,71 @@ class numpy_like:
 
     def __index__(self) -> int:
         return self.value
+
+
+class Tagged(BaseModel):
+    n: int
+    tags: list[str] = []
+
+
+class Login(BaseModel):
+    user: str
+    password: SecretStr
+
+
+class Hidden(BaseModel):
+    a: int
+    b: int = Field(exclude=True)
+
+
+async def test_a_params_model_is_validated_and_the_task_runs_with_a_copy_of_its_own() -> None:
+    engine = make_engine(max_concurrency=1)
+    gate = asyncio.Event()
+    seen: list[tuple[int, list[str]]] = []
+
+    @engine.task
+    async def hold(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    @engine.task
+    async def tagged(ctx: TaskContext, params: Tagged) -> None:
+        seen.append((params.n, params.tags))
+
+    async with engine:
+        with pytest.raises(InvalidParams, match="n"):
+            await engine.submit("tagged", Tagged.model_construct(n="not a number"))
+        assert engine.runs() == []
+        await engine.submit("hold")
+        params = Tagged(n=1, tags=["a"])
+        handle = await engine.submit("tagged", params)
+        params.tags.append("b")  # the caller's object changes after the submit
+        gate.set()
+        record = await handle.wait(5)
+    assert seen == [(1, ["a"])]
+    assert record.params == {"n": 1, "tags": ["a"]}
+
+
+@pytest.mark.parametrize(
+    ("model", "params", "field"),
+    [(Login, {"user": "ann", "password": "s3cret"}, "password"), (Hidden, {"a": 1, "b": 2}, "b")],
+)
+async def test_params_that_do_not_read_back_from_their_record_are_refused(
+    model: type[BaseModel], params: dict[str, Any], field: str
+) -> None:
+    # a retry, a durable store's next start and another node run the task with the params
+    # read back from the record: a masked secret or a dropped field would run as another value
+    engine = make_engine()
+
+    async def task(ctx: TaskContext, p: BaseModel) -> None:
+        return None
+
+    engine.task(name="lossy", params=model)(task)
+    async with engine:
+        for given in (params, model(**params)):
+            with pytest.raises(InvalidParams, match="once recorded as JSON") as caught:
+                await engine.submit("lossy", given)
+            assert field in str(caught.value)
+        assert engine.runs() == []
 
 
 # ---------------------------------------------------------------- contained to the run
