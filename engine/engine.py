@@ -651,6 +651,11 @@ class Engine:
             check_key(f"task {spec.name!r}", key)
         return Run(self._new_id(), spec.name, spec, dumped, model, self.clock(), key, source, spec.retries + 1)
 
+    def _handle(self, run_id: str) -> RunHandle:
+        """A handle of a run that may be this node's: it keeps the entry, as the submitter's does,
+        so waiting on it works after the index has let the run go."""
+        return RunHandle(self, run_id, self._index.runs.get(run_id))
+
     def _key_holder(self, run: Run) -> Run | None:
         """The pending run already holding ``run``'s dedup key, where this node's index can tell.
 
@@ -734,14 +739,14 @@ class Engine:
             self._check_room()
             held = memory.admit(run, _on_lost(run))
             if held is not None:
-                return RunHandle(self, held)  # another engine's pending run holds the key
+                return self._handle(held)  # another engine's pending run holds the key
         else:
             try:
                 [inserted] = await self._store.insert([self._new_row(run)], max_pending=self.max_queue)
             except QueueFull:
                 raise self._shared_queue_full() from None
             if not inserted.new:
-                return RunHandle(self, inserted.id)  # another process's pending run holds the key
+                return self._handle(inserted.id)  # another process's pending run holds the key
         self._admitted(run)
         self._run.start_soon()
         return RunHandle(self, run.id, run)
@@ -795,7 +800,7 @@ class Engine:
                 admitted.append(run)
                 out.append(RunHandle(self, run.id, run))
             else:
-                out.append(RunHandle(self, result.id))
+                out.append(self._handle(result.id))  # the run holding its key (maybe in this batch)
         # every run is indexed before the first event goes out, and none starts before the
         # last: a bus callback that submits must find the whole batch where the store has it
         with self._run.starts_held():
@@ -832,7 +837,7 @@ class Engine:
             return RunHandle(self, run.id, run)
         held = memory.admit(run, _on_lost(run))
         if held is not None:
-            return RunHandle(self, held)
+            return self._handle(held)
         self._admitted(run)
         self._run.start_soon()
         return RunHandle(self, run.id, run)

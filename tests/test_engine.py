@@ -799,6 +799,31 @@ async def test_a_batch_repeating_a_key_counts_it_once_against_the_queue_limit() 
 
 
 
+async def test_every_handle_of_a_deduplicated_run_waits_after_the_history_let_it_go() -> None:
+    engine = make_engine(history=1, max_concurrency=1)
+    gate = asyncio.Event()
+
+    @engine.task
+    async def hold(ctx: TaskContext) -> str:
+        await gate.wait()
+        return "done"
+
+    async with engine:
+        await engine.submit("hold")
+        first, repeated = await engine.submit_many([{"task": "hold", "key": "k"}] * 2)
+        again = await engine.submit("hold", key="k")
+        assert first.id == repeated.id == again.id
+        gate.set()
+        await first.wait(5)
+        for _ in range(3):  # history=1: these push the keyed run out of the index
+            await (await engine.submit("hold")).wait(5)
+        with pytest.raises(RunNotFound):
+            engine.get(first.id)
+        await engine.store.prune(keep=0)  # and the store let it go (retention)
+        for handle in (first, repeated, again):
+            assert (await handle.wait(5)).result == "done"
+
+
 @pytest.mark.parametrize("store", ["memory", "sqlite"])
 async def test_a_runs_context_variables_never_reach_the_run_its_slot_starts_next(store: str, tmp_path: Path) -> None:
     # what a task sets in its context (a request id, a tenant, a tracing span) is its own;
