@@ -802,7 +802,13 @@ class Execution:
         elif run.waiters is None:
             run.waiters = [fut]
         else:
-            run.waiters.append(fut)
+            waiters = run.waiters
+            size = len(waiters)
+            if size >= 32 and not size & (size - 1):
+                # waits given up (wait_for timeouts, say) leave cancelled futures: dropped at
+                # each doubling, so polling a long run costs no memory (and O(1) a wait)
+                waiters[:] = [w for w in waiters if not w.done()]
+            waiters.append(fut)
         return fut
 
     async def wait_finished(self, run: Run, timeout: float | None) -> RunRecord:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import json
 import threading
+import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -797,6 +800,31 @@ async def test_a_batch_repeating_a_key_counts_it_once_against_the_queue_limit() 
         for h in running + handles:
             assert (await h.wait(5)).status is RunStatus.SUCCEEDED
 
+
+
+async def test_waits_given_up_on_a_long_run_leave_nothing_behind() -> None:
+    # a dashboard or a health check polling a long run with wait_for(handle.wait(), t)
+    engine = make_engine()
+    gate = asyncio.Event()
+
+    @engine.task
+    async def long(ctx: TaskContext) -> str:
+        await gate.wait()
+        return "done"
+
+    async with engine:
+        handle = await engine.submit("long")
+        given_up: list[weakref.ref[Any]] = []
+        for _ in range(1_000):
+            waiting = handle.wait()
+            given_up.append(weakref.ref(waiting))
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(waiting, 0)
+            del waiting
+        gc.collect()
+        assert sum(ref() is not None for ref in given_up) < 64
+        gate.set()
+        assert (await handle.wait(5)).result == "done"
 
 
 async def test_every_handle_of_a_deduplicated_run_waits_after_the_history_let_it_go() -> None:
