@@ -20,16 +20,23 @@ newest ``keep`` events or older than ``max_age`` seconds. A reader that fell
 further behind than that finds gaps in the nodes' numbers, counts them as
 missed and puts a ``bus.dropped`` event naming the node on its bus.
 
+A batch whose commit answer is lost (the connection cut after the server
+committed) is sent again; each row names the relay's bus (migration 5), and a
+unique index on node, bus and seq leaves the repeated rows out, so readers see
+each event once while a restarted node (a new bus, seqs from 1 again) still
+gets through.
+
 Each relay keeps two connections of its own (one writes, one listens and
 reads), reconnecting with backoff (50 ms doubling to 2 s); the table comes
-with the store's schema (migration 3), which the relay applies itself when it
-is the first to reach the database.
+with the store's schema (migrations 3 and 5), which the relay applies itself
+when it is the first to reach the database.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -136,6 +143,10 @@ class PostgresEventRelay(EventRelay):
         self.poll_interval = poll_interval
         self.prune_interval = prune_interval
         self.connect_timeout = connect_timeout
+        #: names the bus this relay numbers events of, in every row it writes: a batch written
+        #: again after its commit answer was lost is then recognised (by node, bus and seq) and
+        #: not stored twice, while a restarted node (another relay, seqs from 1) is no repeat
+        self.bus_id = os.urandom(8).hex()
         self._writer: Any = None
         self._reader: Any = None
         self._migrated = False
@@ -217,6 +228,7 @@ class PostgresEventRelay(EventRelay):
         assert self.source is not None
         values = {
             "node": self.source.node,
+            "bus": self.bus_id,
             "seqs": [r.seq for r in batch],
             "skipped": [r.skipped for r in batch],
             "tss": [r.ts for r in batch],
@@ -273,9 +285,9 @@ class PostgresEventRelay(EventRelay):
                     conn.terminate()
                 delay = await self._back_off(exc, delay, "reading events from")
                 continue
-            for event_id, skipped, body in rows:
+            for event_id, skipped, body, bus in rows:
                 self._last_id = event_id
-                self._take(body, skipped)
+                self._take(body, skipped, bus)
             if len(rows) < self.batch:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.poll_interval):

@@ -113,12 +113,14 @@ class Outgoing:
 
 
 class _NodeView:
-    __slots__ = ("node", "last_seq", "last_ts", "last_kind", "events", "missed", "coalesced", "is_leader",
-                 "term", "running", "cpu_percent", "rss_bytes", "stopped")
+    __slots__ = ("node", "last_seq", "last_bus", "last_ts", "last_kind", "events", "missed", "coalesced",
+                 "is_leader", "term", "running", "cpu_percent", "rss_bytes", "stopped")
 
     def __init__(self, node: str) -> None:
         self.node = node
         self.last_seq: int | None = None
+        #: the bus that numbered the last event read (None: the shared place does not say)
+        self.last_bus: str | None = None
         self.last_ts = 0.0
         self.last_kind = ""
         self.events = 0
@@ -132,7 +134,8 @@ class _NodeView:
         self.stopped = False
 
     def model(self) -> ClusterNode:
-        return ClusterNode(**{name: getattr(self, name) for name in self.__slots__ if name != "last_seq"})
+        hidden = ("last_seq", "last_bus")
+        return ClusterNode(**{name: getattr(self, name) for name in self.__slots__ if name not in hidden})
 
 
 def coalesce(events: list[BaseEvent]) -> tuple[list[Outgoing], int]:
@@ -211,6 +214,8 @@ class EventRelay:
         self.missed = 0
         self.malformed = 0
         self.errors = 0
+        #: events read a second time (written twice by their bus) and left out
+        self.repeated = 0
 
     # ------------------------------------------------------------------ for subclasses
 
@@ -403,8 +408,9 @@ class EventRelay:
 
     # ------------------------------------------------------------------ reading
 
-    def _take(self, data: bytes | str | None, skipped: int = 0) -> None:
-        """One event as read back (its JSON), following ``skipped`` coalesced events of its node."""
+    def _take(self, data: bytes | str | None, skipped: int = 0, bus: str | None = None) -> None:
+        """One event as read back (its JSON), following ``skipped`` coalesced events of its node;
+        ``bus`` names the bus that numbered it, where the shared place says."""
         try:
             if data is None:
                 raise ValueError("an entry without an event")
@@ -420,6 +426,11 @@ class EventRelay:
         if view.last_seq is not None:
             gap = event.seq - view.last_seq - 1 - max(0, skipped)
             if event.seq <= view.last_seq:
+                if bus is not None and bus == view.last_bus:
+                    # the same bus does not number two events alike: this one was written
+                    # twice (a batch sent again after its commit answer was lost), and read
+                    self.repeated += 1
+                    return
                 # numbers start again: the node restarted (a new engine, a new bus)
                 view.stopped = False
             elif gap > 0:
@@ -428,6 +439,7 @@ class EventRelay:
                 self.bus.publish(EventsDropped(node=event.node, ts=event.ts, count=gap, total=view.missed))
         view.coalesced += max(0, skipped)
         view.last_seq = event.seq
+        view.last_bus = bus
         view.last_ts = event.ts
         view.last_kind = event.kind  # type: ignore[attr-defined]
         view.events += 1

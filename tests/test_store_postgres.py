@@ -255,7 +255,7 @@ async def test_a_version_2_database_gains_node_load_and_events_and_keeps_its_dat
         await store.node_heartbeat("i1", running=1, cpu_percent=40.0, rss_bytes=5 << 30)
         new = [n for n in await store.nodes() if n.node == "new"][0]
         assert (new.cpu_percent, new.rss_bytes) == (40.0, 5 << 30)
-    assert postgres_server.sql("SELECT version FROM schema_migrations ORDER BY version", db).split() == ["1", "2", "3", "4"]
+    assert postgres_server.sql("SELECT version FROM schema_migrations ORDER BY version", db).split() == ["1", "2", "3", "4", "5"]
     assert postgres_server.sql("SELECT COUNT(*) FROM events", db) == "0"
 
 

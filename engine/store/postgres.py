@@ -880,7 +880,16 @@ class PostgresStore(Store):
         elif status == "running":
             if await tx.execute(Q.CANCEL_FLAG, {"seq": seq, "reason": reason}):
                 tx.cancels.append(run_id)
+            elif tx.again and row["cancel_requested"]:
+                # the flag may be the first try's, committed before the cut: its notification
+                # never went out, so the owner (on another node) is told now
+                tx.cancels.append(run_id)
             action = "requested"
+        elif tx.again and status == "cancelled" and row["cancel_reason"] == reason and row["finished_at"] == now:
+            # cancelled at this call's own moment: by its first try, committed before the cut,
+            # not by someone else before it (counted then; its notification is sent now)
+            tx.finished.append(run_id)
+            return CancelResult(action="cancelled", run=stored_run(row))
         else:
             return CancelResult(action="finished", run=stored_run(row))
         return CancelResult(action=action, run=stored_run(await tx.fetchrow(Q.GET_RUN, {"id": run_id})))
@@ -1013,8 +1022,10 @@ class PostgresStore(Store):
         await self._run(self._exec, Q.SET_PERIODIC, {"name": name, "fired_at": float(fired_at)}, single=True)
 
     async def claim_periodic(self, name: str, slot: float, gap: float = 0.0) -> bool:
-        values = {"name": name, "slot": float(slot), "gap": float(gap)}
-        found = await self._run(self._fetchval, Q.CLAIM_PERIODIC, values, single=True)
+        # one nonce per call, kept by every try: a try after a cut wins the slot again if the
+        # row is still the one its first try wrote (a slot taken is no proof it was ours)
+        values = {"name": name, "slot": float(slot), "gap": float(gap), "nonce": _nonce()}
+        found = await self._run(self._fetchval, Q.PG_CLAIM_PERIODIC, values, single=True)
         return found is not None
 
     async def load_trigger(self, trigger: str) -> dict[str, TriggerKeyRecord]:
@@ -1042,30 +1053,39 @@ class PostgresStore(Store):
         if not jobs:
             return []
         encoded = [dumps(job) for job in jobs]
-        return await self._run(self._put_jobs, queue, incarnation, encoded)  # type: ignore[no-any-return]
+        return await self._run(self._put_jobs, queue, incarnation, encoded, _nonce())  # type: ignore[no-any-return]
 
-    async def _put_jobs(self, tx: _Tx, queue: str, incarnation: str, encoded: list[str]) -> list[int]:
-        now = self.clock()
-        values = {"queue": queue, "incarnation": incarnation, "now": now}
-        return [int(await tx.fetchval(Q.PUT_JOB, {**values, "job": job})) for job in encoded]
+    async def _put_jobs(self, tx: _Tx, queue: str, incarnation: str, encoded: list[str], nonce: str) -> list[int]:
+        values = {"queue": queue, "incarnation": incarnation, "now": self.clock(), "nonce": nonce}
+        if tx.again:
+            # one transaction: a first try committed before the cut stored every job, and
+            # putting them again would have each one handled twice
+            before = [int(r[0]) for r in await tx.fetch(Q.PG_JOBS_PUT_AS, values)]
+            if before:
+                return before
+        return [int(await tx.fetchval(Q.PG_PUT_JOB, {**values, "job": job})) for job in encoded]
 
     async def done_jobs(self, ids: Sequence[int]) -> None:
         if ids:
             await self._run(self._exec_many, Q.DONE_JOB, [{"id": i} for i in ids])
 
     async def adopt_jobs(self, queue: str, incarnation: str, *, own: bool = False) -> list[StoredJob]:
-        return await self._run(self._adopt_jobs, queue, incarnation, own)  # type: ignore[no-any-return]
+        return await self._run(self._adopt_jobs, queue, incarnation, own, _nonce())  # type: ignore[no-any-return]
 
-    async def _adopt_jobs(self, tx: _Tx, queue: str, incarnation: str, own: bool) -> list[StoredJob]:
+    async def _adopt_jobs(self, tx: _Tx, queue: str, incarnation: str, own: bool, nonce: str) -> list[StoredJob]:
         nodes = [node_info(r) for r in await tx.fetch(Q.ALL_NODES, {})]
         gone = gone_incarnations(nodes, self.clock(), self.node_ttl)
         known = {n.incarnation for n in nodes}
         out: list[StoredJob] = []
         # rows another node is adopting right now are locked and skipped: each job has one taker
-        for job_id, job, holder in await tx.fetch(Q.QUEUE_JOBS, {"queue": queue}):
-            if adoptable(holder, incarnation, own, known, gone):
+        for job_id, job, holder, written_by in await tx.fetch(Q.PG_QUEUE_JOBS, {"queue": queue}):
+            if tx.again and written_by == nonce:
+                # adopted by this call's first try, committed before the cut: this
+                # incarnation's now, so no longer adoptable, and handed to nobody yet
+                out.append(StoredJob(int(job_id), loads(job)))
+            elif adoptable(holder, incarnation, own, known, gone):
                 if holder != incarnation:
-                    await tx.execute(Q.ADOPT_JOB, {"incarnation": incarnation, "id": job_id})
+                    await tx.execute(Q.PG_ADOPT_JOB, {"incarnation": incarnation, "nonce": nonce, "id": job_id})
                 out.append(StoredJob(int(job_id), loads(job)))
         return out
 
@@ -1097,6 +1117,11 @@ async def migrate(conn: asyncpg.Connection, where: str) -> None:
                 await conn.execute(Q.postgres_ddl(sql))
             rec = _q(Q.RECORD_MIGRATION)
             await conn.execute(rec.sql, *rec.args({"version": version, "name": name, "now": time.time()}))
+
+
+def _nonce() -> str:
+    """A random mark for the rows one call writes, the same in every try of the call."""
+    return os.urandom(8).hex()
 
 
 def _redact(url: str) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 
 #: the newest schema this code knows; a database with a higher version is refused
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: finished rows are exactly those with a finished_at (a re-queued run has none)
 FINISHED = "finished_at IS NOT NULL"
@@ -164,6 +164,21 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             # statement time on SQLite); what reads by status has its own partial index
             # (pending, running, finished), and only counts() by every status scans the table
             "DROP INDEX IF EXISTS runs_status",
+        ],
+    ),
+    (
+        5,
+        "operation nonces on queue jobs and periodic slots, the bus of each event",
+        [
+            # an operation of the PostgreSQL store tried again after its connection was cut
+            # (the server may have committed before the cut) finds what its first try wrote
+            # by the nonce of the call: the jobs it put or adopted, the slot it claimed
+            "ALTER TABLE queue_jobs ADD COLUMN nonce TEXT",
+            "ALTER TABLE periodic ADD COLUMN nonce TEXT",
+            # the bus that numbered an event (one per relay): a batch written again after its
+            # commit answer was lost inserts nothing, and a reader tells a repeat from a restart
+            "ALTER TABLE events ADD COLUMN bus TEXT",
+            "CREATE UNIQUE INDEX events_bus_seq ON events (node, bus, seq)",
         ],
     ),
 ]
@@ -387,6 +402,17 @@ SELECT id, job, incarnation FROM queue_jobs WHERE queue = :queue ORDER BY id
 
 ADOPT_JOB = "UPDATE queue_jobs SET incarnation = :incarnation WHERE id = :id"
 
+#: PUT_JOB, QUEUE_JOBS and ADOPT_JOB with the nonce of the call that writes (PostgreSQL): a
+#: put or an adoption tried again after a cut finds the rows its first try wrote
+PG_PUT_JOB = """
+INSERT INTO queue_jobs (queue, job, incarnation, created_at, nonce) VALUES (:queue, :job, :incarnation, :now, :nonce)
+RETURNING id"""
+PG_JOBS_PUT_AS = "SELECT id FROM queue_jobs WHERE queue = :queue AND nonce = :nonce ORDER BY id"
+PG_QUEUE_JOBS = """
+SELECT id, job, incarnation, nonce FROM queue_jobs WHERE queue = :queue ORDER BY id
+FOR UPDATE SKIP LOCKED"""
+PG_ADOPT_JOB = "UPDATE queue_jobs SET incarnation = :incarnation, nonce = :nonce WHERE id = :id"
+
 
 def for_sqlite(sql: str) -> str:
     """SQLite locks the whole database per write transaction: no row locks to ask for."""
@@ -404,6 +430,17 @@ WHERE periodic.last_fire < excluded.last_fire - :gap
 RETURNING last_fire"""
 
 # ---------------------------------------------------------------- PostgreSQL only
+
+#: CLAIM_PERIODIC recording the claim's nonce. The row this very call wrote is taken again
+#: (unchanged): a claim tried again after a cut, whose first try was committed, still wins
+#: its slot, and a slot another call took is not mistaken for its own. Judged on the row as
+#: committed once its lock is had, so a first try that commits while the second waits is seen
+PG_CLAIM_PERIODIC = """
+INSERT INTO periodic (name, last_fire, nonce) VALUES (:name, :slot, :nonce)
+ON CONFLICT (name) DO UPDATE SET last_fire = excluded.last_fire, nonce = excluded.nonce
+WHERE periodic.last_fire < excluded.last_fire - :gap
+   OR (periodic.nonce = excluded.nonce AND periodic.last_fire = excluded.last_fire)
+RETURNING last_fire"""
 
 #: one lock for every node migrating at once (CREATE TABLE IF NOT EXISTS races otherwise)
 PG_MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(7418990301)"
@@ -569,16 +606,18 @@ PG_NOTIFY = "SELECT pg_notify(:channel, :payload)"
 #: so a reader that has read up to id N never finds a lower id committed after that
 PG_EVENTS_LOCK = "SELECT pg_advisory_xact_lock(7418990304)"
 
-#: one batch of one node's events, ids in the batch's order
+#: one batch of one node's events, ids in the batch's order; events of the batch already
+#: stored (the batch written again after its commit answer was lost) are left out
 PG_INSERT_EVENTS = """
-INSERT INTO events (node, seq, skipped, ts, body)
-SELECT :node, e.seq, e.skipped, e.ts, e.body
+INSERT INTO events (node, bus, seq, skipped, ts, body)
+SELECT :node, :bus, e.seq, e.skipped, e.ts, e.body
 FROM unnest(CAST(:seqs AS bigint[]), CAST(:skipped AS int[]), CAST(:tss AS float8[]), CAST(:bodies AS text[]))
      WITH ORDINALITY AS e(seq, skipped, ts, body, n)
-ORDER BY e.n"""
+ORDER BY e.n
+ON CONFLICT (node, bus, seq) DO NOTHING"""
 
 #: the events after the last one a reader has read, oldest first
-EVENTS_AFTER = "SELECT id, skipped, body FROM events WHERE id > :after ORDER BY id LIMIT :n"
+EVENTS_AFTER = "SELECT id, skipped, body, bus FROM events WHERE id > :after ORDER BY id LIMIT :n"
 
 LAST_EVENT_ID = "SELECT COALESCE(MAX(id), 0) FROM events"
 

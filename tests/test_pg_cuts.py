@@ -1,0 +1,291 @@
+"""Operations of the PostgreSQL store and its event relay whose commit answer is cut off.
+
+The server committed, the client sees its connection reset and tries again
+(``tests/cutting_proxy.py`` makes exactly that happen on a real server). The
+second try must report what the first one did, not act on its work as if
+someone else had done it: a cancel that landed is reported as done and
+announced, jobs adopted or put once are handed out once, a periodic slot the
+first try claimed is still this caller's (and only its), and an event batch
+written again reaches readers once, while a node that really restarted still
+gets through. Schema 5 (the nonces and the events' bus) migrates an older
+database, however many nodes open it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+from taskwatch.engine import Engine, PostgresEventRelay, TaskContext
+from taskwatch.engine.events import BaseEvent, EngineStarted, RunSucceeded, event_to_json
+from taskwatch.engine.runs import RunStatus
+from taskwatch.engine.store import NewRun, PostgresStore
+from taskwatch.engine.store import queries as Q
+from taskwatch.engine.store.base import Subscription
+
+from .cutting_proxy import CuttingProxy
+from .helpers import eventually
+from .postgres_server import PostgresServer
+
+TTL = 10.0
+#: generous bounds for a loaded machine; a passing run takes a fraction of them
+TIMEOUT = 30.0
+
+
+@contextlib.asynccontextmanager
+async def proxied(server: PostgresServer, url: str) -> AsyncIterator[tuple[CuttingProxy, PostgresStore]]:
+    """A node whose one connection goes through a proxy that can cut it."""
+    async with CuttingProxy(server.port) as proxy:
+        node = PostgresStore(proxy.url(url), lease_ttl=TTL, pool_size=1)
+        async with node:
+            yield proxy, node
+
+
+def _db(url: str) -> str:
+    return url.rsplit("/", 1)[1]
+
+
+# ---------------------------------------------------------------- cancels
+
+
+async def test_a_cancel_of_a_pending_run_whose_commit_answer_is_lost_is_reported_done(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    async with PostgresStore(postgres_url, lease_ttl=TTL) as other, proxied(postgres_server, postgres_url) as (proxy, node):
+        await other.wait_listening()
+        sub = other.subscribe(finished=True)
+        [r] = await node.insert([NewRun("t")])
+        proxy.cut_after(lambda c: b"FOR UPDATE" in c, lambda c: b"COMMIT" in c)
+        result = await node.request_cancel(r.id)
+        assert proxy.cuts == 1
+        # the cancel happened: the caller is told so, not "too late, it finished"
+        assert result.action == "cancelled" and result.run.status is RunStatus.CANCELLED
+        stored = await node.get(r.id)
+        assert stored is not None and stored.status is RunStatus.CANCELLED
+        assert (await node.counts()).cancelled_total == 1  # counted once, by the first try
+        # and the other nodes hear that it ended (the first try's notification never went out)
+        await _heard(sub, "finished", r.id)
+
+
+async def test_a_cancel_of_a_running_run_whose_commit_answer_is_lost_reaches_its_owner(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    async with PostgresStore(postgres_url, lease_ttl=TTL) as owner, proxied(postgres_server, postgres_url) as (proxy, node):
+        await owner.wait_listening()
+        sub = owner.subscribe()
+        [r] = await owner.insert([NewRun("t")])
+        [claim] = await owner.claim("owner", "inc-owner", 1, {"t": None})
+        proxy.cut_after(lambda c: b"FOR UPDATE" in c, lambda c: b"COMMIT" in c)
+        result = await node.request_cancel(r.id)
+        assert proxy.cuts == 1
+        assert result.action == "requested" and result.run.cancel_requested
+        # the owner is told now, not at its next heartbeat
+        await _heard(sub, "cancels", r.id)
+        assert claim.run_id == r.id
+
+
+async def _heard(sub: Subscription, what: str, run_id: str) -> None:
+    seen: set[str] = set()
+
+    def got() -> bool:
+        seen.update(getattr(sub.poll(), what))
+        return run_id in seen
+
+    await eventually(got, timeout=TIMEOUT)
+
+
+async def test_engine_cancel_of_a_pending_run_whose_commit_answer_is_lost_returns_the_cancelled_run(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    async with CuttingProxy(postgres_server.port) as proxy:
+        gate = asyncio.Event()
+        e = Engine(store=proxy.url(postgres_url), node_id="n", max_concurrency=1, health_interval=None, lease_ttl=30)
+
+        @e.task
+        async def hang(ctx: TaskContext) -> None:
+            await gate.wait()
+
+        async with e:
+            await e.submit("hang")
+            await eventually(lambda: e.stats().running == 1, TIMEOUT)
+            h = await e.submit("hang")  # stays pending: the only slot is taken
+            # the cancel's own row lock (a claim's has SKIP LOCKED), then its commit
+            proxy.cut_after(lambda c: b"FOR UPDATE" in c and b"SKIP" not in c, lambda c: b"COMMIT" in c)
+            try:
+                record = await e.cancel(h.id)
+                assert proxy.cuts == 1
+                assert record.status is RunStatus.CANCELLED
+                await eventually(lambda: e.get(h.id).status is RunStatus.CANCELLED, TIMEOUT)
+            finally:
+                gate.set()
+
+
+# ---------------------------------------------------------------- queue jobs
+
+
+async def test_an_adoption_whose_commit_answer_is_lost_hands_out_the_jobs_it_took(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    async with PostgresStore(postgres_url, lease_ttl=TTL) as direct:
+        # held by an incarnation never registered: anyone's to adopt
+        await direct.put_jobs("q", "dead-inc", [{"n": 1}, {"n": 2}])
+        async with proxied(postgres_server, postgres_url) as (proxy, node):
+            await node.register_node("n1", "inc-1", "x")
+            proxy.cut_after(lambda c: b"queue_jobs" in c and b"SELECT" in c, lambda c: b"COMMIT" in c)
+            adopted = await node.adopt_jobs("q", "inc-1")
+            assert proxy.cuts == 1
+            assert sorted(j.job["n"] for j in adopted) == [1, 2]
+            # handed out once: a later look by the same live incarnation finds none
+            assert await node.adopt_jobs("q", "inc-1") == []
+        rows = await direct._run(direct._fetch, "SELECT incarnation FROM queue_jobs", {}, write=False)
+        assert [r[0] for r in rows] == ["inc-1", "inc-1"]
+
+
+async def test_a_put_whose_commit_answer_is_lost_stores_each_job_once(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    async with proxied(postgres_server, postgres_url) as (proxy, node):
+        await node.register_node("n1", "inc-1", "x")
+        proxy.cut_after(lambda c: b"queue_jobs" in c, lambda c: b"COMMIT" in c)
+        ids = await node.put_jobs("q", "inc-1", [{"n": 1}, {"n": 2}])
+        assert proxy.cuts == 1
+        rows = await node._run(node._fetch, "SELECT id, job FROM queue_jobs ORDER BY id", {}, write=False)
+        # stored once each, and the ids returned are theirs, in the order of the jobs
+        assert [(i, json.loads(job)) for i, job in rows] == list(zip(ids, [{"n": 1}, {"n": 2}], strict=True))
+
+
+# ---------------------------------------------------------------- periodic slots
+
+
+async def test_a_periodic_claim_whose_answer_is_lost_still_wins_its_slot_and_only_its_own(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    async with PostgresStore(postgres_url, lease_ttl=TTL) as other, proxied(postgres_server, postgres_url) as (proxy, node):
+        assert await node.claim_periodic("warm", 1.0)  # the statement is prepared: one chunk per call
+        # the claim's Bind (the listening connection binds its clock readings too)
+        proxy.cut_after(lambda c: c[:1] == b"B" and b"tick" in c)
+        assert await node.claim_periodic("tick", 100.0, 0.0)
+        assert proxy.cuts == 1
+        assert await node.get_periodic("tick") == 100.0
+        # the slot is taken: by nobody else, and by no later call of the same node either
+        assert not await other.claim_periodic("tick", 100.0, 0.0)
+        assert not await node.claim_periodic("tick", 100.0, 0.0)
+        # another node's slot is no try's own: a slot taken is no proof of having taken it
+        assert await other.claim_periodic("tock", 200.0, 0.0)
+        proxy.cut_after(lambda c: c[:1] == b"B" and b"tock" in c)
+        assert not await node.claim_periodic("tock", 200.0, 0.0)
+        assert proxy.cuts == 2
+        assert await node.claim_periodic("tick", 160.0, 50.0)  # the next slot, past the gap
+
+
+# ---------------------------------------------------------------- cluster events
+
+
+async def test_an_event_batch_written_again_after_a_lost_commit_answer_reaches_readers_once(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    async with CuttingProxy(postgres_server.port) as proxy, PostgresEventRelay(postgres_url) as observer:
+
+        def seen(kind: str) -> list[Any]:
+            return [e for e in observer.bus.recent() if e.kind == kind and e.node == "n"]
+
+        def start_node() -> Engine:
+            engine = Engine(store=postgres_url, node_id="n", events=proxy.url(postgres_url), health_interval=None,
+                            lease_ttl=TTL)  # fmt: skip
+
+            @engine.task
+            async def hello(ctx: TaskContext) -> str:
+                return "hi"
+
+            return engine
+
+        node = start_node()
+        async with node:
+            await (await node.submit("hello")).wait()
+            await eventually(lambda: len(seen("run.succeeded")) == 1, TIMEOUT)
+            proxy.cut_after(lambda c: b"COMMIT" in c)
+            await (await node.submit("hello")).wait()
+            relay = node.cluster
+            assert relay is not None
+            await eventually(lambda: proxy.cuts == 1 and relay.stats().pending == 0, TIMEOUT)
+            # a later run's success is read after every row written before it (ids in
+            # commit order): once it is here, any repeat of the cut batch would be too
+            last = await node.submit("hello")
+            await last.wait()
+            await eventually(lambda: last.id in {e.run_id for e in seen("run.succeeded")}, TIMEOUT)
+        repeated = postgres_server.sql(
+            "SELECT seq FROM events WHERE node = 'n' GROUP BY seq HAVING COUNT(*) > 1", _db(postgres_url)
+        )
+        assert repeated == ""
+        assert set(Counter(e.run_id for e in seen("run.succeeded")).values()) == {1}
+        assert len(seen("engine.started")) == 1
+
+        # a genuine restart (a new engine: its bus numbers from 1 again) still gets through
+        again = start_node()
+        async with again:
+            h = await again.submit("hello")
+            await h.wait()
+            await eventually(lambda: h.id in {e.run_id for e in seen("run.succeeded")}, TIMEOUT)
+        assert len(seen("engine.started")) == 2
+        assert len(seen("run.succeeded")) == 4
+        assert observer.repeated == 0  # the table held no repeat to leave out
+
+
+def _json(event: BaseEvent) -> str:
+    return event_to_json(event)
+
+
+async def test_a_reader_leaves_out_an_event_its_bus_wrote_twice_and_keeps_a_restart(postgres_url: str) -> None:
+    # a repeat the table cannot refuse: the first copy pruned before the batch was written again
+    relay = PostgresEventRelay(postgres_url)
+    first = _json(EngineStarted(seq=1, ts=1.0, node="n"))
+    done = _json(RunSucceeded(seq=2, ts=2.0, node="n", run_id="r1", task="t"))
+    for body in (first, done, first, done):
+        relay._take(body, 0, "bus-a")
+    assert [(e.kind, e.seq) for e in relay.bus.recent()] == [("engine.started", 1), ("run.succeeded", 2)]
+    assert relay.repeated == 2
+    # the node restarted: another bus, numbered from 1 again
+    relay._take(_json(EngineStarted(seq=1, ts=3.0, node="n")), 0, "bus-b")
+    # a place that does not say which bus (Redis, rows of an older taskwatch): a restart, as before
+    relay._take(_json(EngineStarted(seq=1, ts=4.0, node="n")), 0, None)
+    assert [e.ts for e in relay.bus.recent() if e.kind == "engine.started"] == [1.0, 3.0, 4.0]
+    assert relay.missed == 0 and relay.repeated == 2
+
+
+# ---------------------------------------------------------------- schema 5
+
+
+async def test_a_version_4_database_migrates_to_5_once_with_several_nodes_and_keeps_its_data(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    db = _db(postgres_url)
+    # a database as taskwatch left it before the nonces, with a batch of events written twice
+    script = [Q.CREATE_MIGRATIONS]
+    for version, name, statements in Q.MIGRATIONS[:4]:
+        script += [Q.postgres_ddl(sql) for sql in statements]
+        script.append(f"INSERT INTO schema_migrations VALUES ({version}, '{name}', 0)")
+    script += [
+        "INSERT INTO queue_jobs (queue, job, incarnation, created_at) VALUES ('q', '[1]', 'gone', 1)",
+        "INSERT INTO periodic (name, last_fire) VALUES ('tick', 100)",
+        "INSERT INTO events (node, seq, skipped, ts, body) VALUES ('n', 1, 0, 1, '{}'), ('n', 1, 0, 1, '{}')",
+    ]
+    postgres_server.sql(";\n".join(script), db)
+    stores = [PostgresStore(postgres_url, lease_ttl=TTL) for _ in range(4)]
+    await asyncio.gather(*(s.open() for s in stores))
+    try:
+        a = stores[0]
+        assert [j.job for j in await a.adopt_jobs("q", "inc-a")] == [[1]]
+        assert not await a.claim_periodic("tick", 100.0)
+        assert await a.claim_periodic("tick", 101.0)
+        assert len(await a.put_jobs("q", "inc-a", [2])) == 1
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+    assert postgres_server.sql("SELECT version FROM schema_migrations ORDER BY version", db).split() == [
+        str(v) for v in range(1, Q.SCHEMA_VERSION + 1)
+    ]
+    assert Q.SCHEMA_VERSION == 5
+    assert postgres_server.sql("SELECT COUNT(*) FROM events", db) == "2"
