@@ -696,7 +696,10 @@ class Execution:
                 )
                 self.fail_unstarted(run, error)
             elif item.action == "cancelled":
-                self.finish_cancelled(run, "external", was_running=True)
+                # its cancel was asked for (by a user, unless the store says otherwise): the
+                # record here says what the store's does
+                reason = stored.cancel_reason if stored is not None and stored.cancel_reason else "user"
+                self.finish_cancelled(run, reason, was_running=True)
 
     async def prune(self) -> None:
         """Keep the store within ``history`` and ``retention`` (never touching unfinished runs),

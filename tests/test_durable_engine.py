@@ -365,3 +365,31 @@ async def test_a_key_whose_run_another_node_started_is_free_for_a_new_submit(
         assert [r.id for r in pending] == [second.id]
         release.set()
         assert (await second.wait(timeout=20)).status is RunStatus.SUCCEEDED
+
+
+async def test_a_run_cancelled_while_its_worker_was_lost_ends_cancelled_by_its_user(tmp_path: Path) -> None:
+    import asyncio
+
+    from taskwatch.engine import RunStatus
+    from taskwatch.engine.store import NewRun, SqliteStore
+
+    path = tmp_path / "shared.db"
+    # what a node that died mid-run leaves: its claim, which runs out in a moment
+    async with SqliteStore(path, lease_ttl=0.3) as dead:
+        await dead.register_node("node-b", "dead-incarnation", "x")
+        [inserted] = await dead.insert([NewRun("job")])
+        [claim] = await dead.claim("node-b", "dead-incarnation", 1, {"job": None})
+    engine = Engine(store=f"sqlite:///{path}", node_id="node-a", health_interval=None, lease_ttl=1.0, poll_interval=0.05)
+
+    @engine.task
+    async def job(ctx: TaskContext) -> None:
+        await asyncio.Event().wait()
+
+    async with engine:
+        record = await engine.cancel(inserted.id)
+        assert record.status is RunStatus.RUNNING  # asked of its (dead) owner
+        # recovered once the dead claim ran out: what was asked for happens, by its user
+        await eventually(lambda: engine.get(inserted.id).status is RunStatus.CANCELLED, timeout=10)
+        assert engine.get(inserted.id).cancel_reason == "user"
+        stored = await engine.store.get(inserted.id)
+        assert stored is not None and stored.cancel_reason == "user"
