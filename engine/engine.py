@@ -887,11 +887,14 @@ class Engine:
                 raise RunNotCancellable(run_id, result.run.status.value)
             # claimed in the meantime (the store has noted the request): cancel it as running
             if run.handle is None:
-                return run.record()
+                return result.run.to_record()  # by another node: as the store has it now
         elif run.handle is None:
-            # running on another node: its owner cancels it on its next heartbeat
-            await self._store.request_cancel(run_id, "user")
-            return run.record()
+            # running on another node: its owner cancels it on its next heartbeat (unless it
+            # finished meanwhile, which this node has not heard of yet)
+            result = await self._store.request_cancel(run_id, "user")
+            if result.action == "finished":
+                raise RunNotCancellable(run_id, result.run.status.value)
+            return result.run.to_record()
         run.cancel_reason = "user"
         run.handle.cancel()
         await self._run.wait_finished(run, self.cancel_grace if grace is None else grace)

@@ -393,3 +393,33 @@ async def test_a_run_cancelled_while_its_worker_was_lost_ends_cancelled_by_its_u
         assert engine.get(inserted.id).cancel_reason == "user"
         stored = await engine.store.get(inserted.id)
         assert stored is not None and stored.cancel_reason == "user"
+
+
+async def test_cancelling_a_run_another_node_finished_meanwhile_says_it_finished(tmp_path: Path) -> None:
+    import asyncio
+
+    from taskwatch.engine import RunNotCancellable
+    from taskwatch.engine.store import NewRun, SqliteStore, Succeeded
+
+    path = tmp_path / "shared.db"
+    other = SqliteStore(path)  # another node, executing the run
+    await other.open()
+    try:
+        await other.register_node("node-b", "b-incarnation", "x")
+        [inserted] = await other.insert([NewRun("job")])
+        [claim] = await other.claim("node-b", "b-incarnation", 1, {"job": None})
+        engine = Engine(store=f"sqlite:///{path}", node_id="node-a", health_interval=None, poll_interval=60)
+
+        @engine.task
+        async def job(ctx: TaskContext) -> None:
+            await asyncio.Event().wait()
+
+        async with engine:
+            assert engine.get(inserted.id).status.value == "running"  # on node-b, as loaded at start
+            assert await other.finish(claim.token, Succeeded("done")) is not None
+            with pytest.raises(RunNotCancellable, match="succeeded"):
+                await engine.cancel(inserted.id)
+            stored = await engine.store.get(inserted.id)
+            assert stored is not None and stored.status.value == "succeeded" and stored.cancel_reason is None
+    finally:
+        await other.close()
