@@ -287,7 +287,7 @@ class ControlServer:
         Authenticated clients served at once; one more is told so after its
         hello, counted (``refused``) and closed.
     announce:
-        Print the address (and a generated token) once started.
+        Print the address (and the token, if it was generated here) once started.
     """
 
     def __init__(
@@ -334,6 +334,8 @@ class ControlServer:
                 "beside the events that may be waiting"
             )
         self.engine = engine
+        #: the token was made here (and may be printed), not given by the caller
+        self._generated = False
         self._target = parse_address(address) if address else None
         if isinstance(self._target, TcpAddress):
             if not self._target.is_loopback and not allow_remote:
@@ -344,6 +346,7 @@ class ControlServer:
                 )
             if token is None:
                 token = new_token()
+                self._generated = True
         if token is not None and len(token.encode()) < MIN_TOKEN_BYTES:
             raise WeakToken(len(token.encode()), MIN_TOKEN_BYTES)
         self.token = token
@@ -399,7 +402,8 @@ class ControlServer:
         else:
             await self._start_unix(Path(target.path))
         if self.announce:
-            extra = f" (token: {self.token})" if self.token else ""
+            # only a token made here: one the caller chose (from a secret store, say) stays out of logs
+            extra = f" (token: {self.token})" if self.token and self._generated else ""
             print(f"taskwatch: engine {self.engine.node_id} serving at {self._address}{extra}", flush=True)
 
     # the readers' limit is the hello's: read_line gathers longer command lines in pieces

@@ -488,3 +488,19 @@ async def test_connections_beyond_the_limit_are_told_and_counted(engine: Engine,
     await third.connect()  # room again
     for remote in (second, third):
         await remote.close()
+
+
+async def test_serving_prints_a_token_it_made_and_never_one_it_was_given(capsys: pytest.CaptureFixture[str]) -> None:
+    # a token given by the caller comes from a secret store or the environment: printed, it
+    # would end up in the service's logs
+    engine = Engine(health_interval=None)
+    given = "a-token-from-the-secret-store-0042"
+    async with engine:
+        server = await engine.serve("tcp://127.0.0.1:0", token=given)
+        await server.stop()
+        made = await engine.serve("tcp://127.0.0.1:0")
+        await made.stop()
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2 and all("serving at tcp://127.0.0.1:" in line for line in printed), printed
+    assert given not in printed[0] and "token" not in printed[0]
+    assert made.token is not None and f"(token: {made.token})" in printed[1]
