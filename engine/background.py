@@ -332,6 +332,11 @@ class BackgroundEngine:
             raise self._not_running() from None
         except Escaped as escaped:
             raise escaped.exc from None
+        except BaseException:
+            # interrupted (Ctrl-C, a notebook's interrupt): the call is given up, so is its
+            # coroutine on the engine's loop, which would otherwise go on as long as its run
+            fut.cancel()
+            raise
 
     async def _acall(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         fut = self._schedule(fn, *args, **kwargs)

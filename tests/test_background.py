@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import atexit
 import socket
 import threading
@@ -296,3 +297,29 @@ def test_dashboard_serves_http_until_stopped(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     assert taskwatch_threads() <= before
+
+
+def test_an_interrupted_blocking_call_leaves_nothing_going_on_the_engines_loop(bg: BackgroundEngine) -> None:
+    # Ctrl-C (or a notebook's interrupt) during a blocking wait: the wait is given up, and so
+    # is its coroutine on the engine's loop, which would otherwise last as long as the run
+    handle = bg.submit("forever")
+    wait_until(lambda: handle.status is RunStatus.RUNNING)
+
+    def tasks() -> int:
+        return int(bg.call(lambda engine: len(asyncio.all_tasks())))
+
+    before = tasks()
+
+    def interrupt() -> None:
+        wait_until(lambda: tasks() > before)  # the wait is under way
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    for _ in range(3):
+        interrupter = threading.Thread(target=interrupt)
+        interrupter.start()
+        with pytest.raises(KeyboardInterrupt):
+            handle.wait()
+        interrupter.join()
+    wait_until(lambda: tasks() == before)
+    assert handle.status is RunStatus.RUNNING
+    assert bg.cancel(handle.id).status is RunStatus.CANCELLED
