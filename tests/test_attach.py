@@ -26,7 +26,7 @@ from taskwatch.engine import RemoteEngine, RunStatus, Snapshot
 from taskwatch.tui.app import TaskwatchApp
 from taskwatch.tui.remote_client import RemoteClient
 from taskwatch.tui.screens import SubmitScreen
-from taskwatch.widgets import LeaderBadge, ParamsForm, RunsTable, ScheduleTable
+from taskwatch.widgets import LeaderBadge, ParamsForm, RunDetail, RunsTable, ScheduleTable
 from textual.widgets import Select
 
 from .helpers import eventually
@@ -469,6 +469,70 @@ async def test_wrong_token_is_final_reported_and_the_app_keeps_running(serve: Se
         await eventually(lambda: ("not connected to an engine yet", "warning") in notifications(app))
         assert app.screen is app.main
         assert app.is_running
+
+
+@contextlib.contextmanager
+def frozen(served: Served) -> Iterator[None]:
+    """The served engine's process stopped (``SIGSTOP``: a hung process, or a network path gone
+    silent): its socket stays open but nothing answers. Resumed on the way out."""
+    os.kill(served.proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(served.proc.pid, signal.SIGCONT)
+
+
+async def test_a_full_record_that_does_not_come_in_time_is_a_warning_not_a_crash(serve: ServeFn, sock_path: Path) -> None:
+    """A run whose params came cut down is fetched in full when selected; an engine that does not
+    answer in time (RemoteEngine raises the builtin TimeoutError) must not take the dashboard down."""
+    served = await serve(str(sock_path), node_id="big", interval=0)
+    served.send("submit greet " + json.dumps({"name": "A" + "x" * 40_000, "times": 1}))
+    big = (await eventually(lambda: served.submitted("greet"), timeout=TIMEOUT))[0]
+    served.send("submit quick")
+    other = (await eventually(lambda: served.submitted("quick"), timeout=TIMEOUT))[0]
+    app = TaskwatchApp(RemoteClient(served.address, timeout=0.5), refresh_hz=30.0, overview_interval=0.2)
+    async with app.run_test(size=SIZE) as pilot:
+        table = app.main.query_one(RunsTable)
+        await eventually(lambda: {big, other} <= shown(app), timeout=TIMEOUT)
+        assert table.select_run(other)
+        await pilot.pause()
+        with frozen(served):
+            assert table.select_run(big)  # the detail pane asks for the whole record
+            message = await eventually(
+                lambda: next((m for m, sev in notifications(app) if "in full" in m and sev == "warning"), None)
+            )
+            assert big in message and "no reply" in message
+            assert app.is_running
+        # answered again: choosing the run again loads it in full
+        assert table.select_run(other) and table.select_run(big)
+        detail = app.main.query_one(RunDetail)
+        await eventually(
+            lambda: detail.record is not None and detail.record.id == big and len(detail.record.params.get("name", "")) > 40_000,
+            timeout=TIMEOUT,
+        )
+
+
+async def test_an_engine_that_stops_answering_is_shown_as_not_responding_until_it_answers(
+    serve: ServeFn, sock_path: Path
+) -> None:
+    """The socket stays open, so only silence tells: the overview request waits (skipped, not
+    cancelled and sent again, while it does) and the header counts how long it has waited."""
+    served = await serve(str(sock_path), node_id="hung", interval=0.05)
+    app = TaskwatchApp(RemoteClient(served.address), refresh_hz=30.0, overview_interval=0.2, unresponsive_after=0.5)
+    async with app.run_test(size=SIZE) as pilot:
+        await eventually(lambda: badge(app).state == "leader", timeout=TIMEOUT)
+        with frozen(served):
+            await eventually(lambda: badge(app).state == "unresponsive", timeout=TIMEOUT)
+            waiting = [w for w in app.workers if w.group == "overview" and not w.is_finished]
+            await eventually(lambda: (badge(app).silent_for or 0) >= 1, timeout=TIMEOUT)  # five ticks later
+            assert [w for w in app.workers if w.group == "overview" and not w.is_finished] == waiting
+            assert len(waiting) == 1  # the one request, still waiting: not cancelled, not sent again
+            await pilot.pause()
+            said = badge(app).render_line(0).text
+            assert "NOT RESPONDING for" in said and "hung" in said and "last seen leader, term 1" in said
+            assert "● LEADER" not in said
+            assert app.client.connected  # nothing closed: silence is all there is
+        await eventually(lambda: badge(app).state == "leader", timeout=TIMEOUT)  # answered again
 
 
 def test_cli_attach_without_an_address_is_a_usage_error() -> None:

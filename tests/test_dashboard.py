@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from pydantic import BaseModel
+import pytest
+from pydantic import BaseModel, Field
 from taskwatch.engine import Engine, RunStatus, TaskContext
 from taskwatch.tui.app import TaskwatchApp, parse_run_filter
 from taskwatch.tui.client import LocalClient
@@ -139,6 +140,49 @@ async def test_bad_params_show_inline_errors_and_submit_nothing() -> None:
         await pilot.press("escape")
         await eventually(lambda: not isinstance(app.screen, SubmitScreen))
         assert engine.runs(limit=None) == []
+
+
+class ReportParams(BaseModel):
+    account_id: int
+    options: dict[str, str] = Field(default_factory=dict)  # optional: the schema states no default
+    flag: bool | None = None  # three values: unset is not False
+
+
+async def test_optional_fields_left_empty_are_sent_as_the_task_would_have_them_and_resubmitted_alike() -> None:
+    engine = make_engine()
+    seen: list[dict[str, Any]] = []
+
+    @engine.task(name="report")
+    async def report(ctx: TaskContext, params: ReportParams) -> None:
+        seen.append(params.model_dump())
+
+    async with dashboard(engine) as (app, pilot):
+        screen = await open_submit(app, pilot, "report")
+        form = screen.query_one(ParamsForm)
+        assert "(empty: the task's default)" in str(form.field_widget("options").placeholder)
+        form.field_widget("account_id").value = "42"
+        await pilot.click("#submit-ok")
+        await eventually(lambda: seen)
+        assert form.field_error("options") == ""
+        assert seen == [{"account_id": 42, "options": {}, "flag": None}]
+        first = engine.runs(task="report")[0]
+        assert "flag" not in first.params or first.params["flag"] is None
+        # e: the same params again, None kept as None
+        await eventually(lambda: table(app).selected_run_id == first.id)
+        await pilot.press("e")
+        screen = await eventually(lambda: app.screen if isinstance(app.screen, SubmitScreen) else None)
+        await pilot.pause()
+        await pilot.click("#submit-ok")
+        await eventually(lambda: len(seen) == 2)
+        assert seen[1] == seen[0]
+        # and set, it is sent as set
+        screen = await open_submit(app, pilot, "report")
+        form = screen.query_one(ParamsForm)
+        form.field_widget("account_id").value = "7"
+        form.field_widget("flag").value = "false"
+        await pilot.click("#submit-ok")
+        await eventually(lambda: len(seen) == 3)
+        assert seen[2] == {"account_id": 7, "options": {}, "flag": False}
 
 
 async def test_cancel_a_running_run() -> None:
@@ -277,6 +321,41 @@ async def test_flood_of_events_every_visible_row_agrees_and_nothing_is_lost() ->
         # it redrew at its fixed rate at most, not once per event
         frames = app.frames - frames_before
         assert 0 < frames <= (time.monotonic() - started) * 15.0 + 2 < published / 10
+
+
+@pytest.mark.parametrize("attached", [False, True], ids=["in-process", "attached"])
+async def test_max_rows_is_how_many_runs_the_table_shows_from_a_snapshot(attached: bool, tmp_path: Any) -> None:
+    """``TaskwatchApp(max_rows=...)`` is what the snapshots at connect and at a resync hold,
+    not their default of 500 (over a socket too: the handshake's snapshot has the server's number)."""
+    from taskwatch.tui.remote_client import RemoteClient
+
+    engine = make_engine(history=2_000)
+    async with engine:
+        for _ in range(700):
+            await engine.submit("embed_batch", {"user_id": "u", "contents": []})
+        await eventually(lambda: engine.stats().by_status.get("succeeded", 0) == 700, timeout=10)
+        client: Any = LocalClient(engine)
+        if attached:
+            server = await engine.serve(str(tmp_path / "rows.sock"), announce=False)
+            client = RemoteClient(server.address)
+        app = TaskwatchApp(client, refresh_hz=30.0, max_rows=600, rows_per_frame=1000)
+        async with app.run_test(size=SIZE) as pilot:
+            newest = [r.id for r in engine.runs(limit=600)]
+            await eventually(lambda: table(app).shown_keys == newest)
+            app.resync()
+            await pilot.pause()
+            await eventually(lambda: not app._resyncing and table(app).shown_keys == newest)
+            await app.action_quit()
+
+
+async def test_max_rows_above_the_models_default_keeps_that_many_live_runs() -> None:
+    engine = make_engine(history=5_000, max_queue=5_000)
+    async with dashboard(engine, max_rows=2_500, rows_per_frame=2_500) as (app, pilot):
+        for _ in range(2_200):
+            await engine.submit("embed_batch", {"user_id": "u", "contents": []})
+        await eventually(lambda: engine.stats().by_status.get("succeeded", 0) == 2_200, timeout=20)
+        await eventually(lambda: app.state.last_seq == engine.bus.last_seq, timeout=10)
+        await eventually(lambda: len(table(app).shown_keys) == 2_200)
 
 
 async def test_dropped_events_are_counted_shown_and_resynced() -> None:

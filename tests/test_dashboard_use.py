@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 from pydantic import BaseModel
 from taskwatch.engine import Engine, RunStatus
 from taskwatch.tui.app import TaskwatchApp
@@ -20,7 +21,7 @@ from textual.pilot import Pilot
 from textual.widgets import Input, TabbedContent
 
 from .helpers import eventually
-from .test_dashboard import make_engine, shown_status, table
+from .test_dashboard import make_engine, open_submit, shown_status, table
 
 SMALL = (80, 24)
 LARGE = (160, 48)
@@ -146,6 +147,57 @@ async def test_tab_in_the_submit_form_goes_to_a_field_that_shows_what_is_typed()
         assert isinstance(first, Input) and first.value == "abc"
 
 
+def in_sight(widget: Any) -> bool:
+    """The whole widget is drawn: on the screen, not cut by a container that scrolls or clips."""
+    placed = widget.screen.find_widget(widget)
+    return widget.region.area > 0 and placed.visible_region == widget.region
+
+
+@pytest.mark.parametrize("size", [SMALL, (60, 15)], ids=["80x24", "60x15"])
+async def test_on_a_small_terminal_the_submit_form_scrolls_and_its_buttons_and_errors_stay_in_sight(
+    size: tuple[int, int],
+) -> None:
+    engine = make_engine()
+    async with dashboard(engine, size=size, cursor_blink=False) as (app, pilot):
+        screen = await open_submit(app, pilot, "embed_batch")
+        form = screen.query_one(ParamsForm)
+        buttons = [screen.query_one("#submit-ok"), screen.query_one("#submit-cancel")]
+        assert all(in_sight(button) for button in buttons)
+        # the last field is reached by scrolling the fields, not by the dialog running off the screen
+        await pilot.press("tab", "tab", "tab")
+        batch = form.field_widget("batch")
+        assert app.focused is batch
+        await pilot.pause()
+        assert in_sight(batch) and all(in_sight(button) for button in buttons)
+        # a wrong field is scrolled back into sight with its error under it
+        batch.value = ""
+        form.field_widget("user_id").value = "u1"
+        form.field_widget("user_id").focus()
+        await pilot.pause()
+        await pilot.press("enter")  # Enter in a field submits; the focus moves to the wrong one
+        await eventually(lambda: form.field_error("contents") == "this field is required")
+        await pilot.pause()
+        error = next(e for e in form.query(".params-form--error") if e.display)
+        assert in_sight(form.field_widget("contents")) and in_sight(error)
+        assert all(in_sight(button) for button in buttons)
+        assert isinstance(app.screen, SubmitScreen) and engine.runs(limit=None) == []
+
+
+@pytest.mark.parametrize("tab", ["1", "3", "5"])
+async def test_at_60_columns_the_footer_still_shows_help_and_quit(tab: str) -> None:
+    from textual.widgets._footer import FooterKey
+
+    engine = make_engine()
+    async with dashboard(engine, size=(60, 15)) as (app, pilot):
+        await pilot.press(tab)
+        await pilot.pause()
+        keys = {k.key: k for k in app.main.query(FooterKey)}
+        for key in ("question_mark", "q"):
+            assert in_sight(keys[key]) and keys[key].region.right <= 60, key
+        await pilot.click(keys["question_mark"])  # and they work
+        await eventually(lambda: isinstance(app.screen, HelpScreen))
+
+
 # ---------------------------------------------------------------- actions on what the user chose
 
 
@@ -185,6 +237,37 @@ async def test_cancel_asks_first_naming_the_run_and_cancels_exactly_that_run() -
         await pilot.press("enter")
         await eventually(lambda: engine.get(held.id).status is RunStatus.CANCELLED)
         assert engine.get(other.id).status is RunStatus.RUNNING
+
+
+async def test_a_running_run_older_than_max_rows_newer_runs_stays_listed_and_can_be_cancelled() -> None:
+    engine = make_engine()
+    async with dashboard(engine, max_rows=10) as (app, pilot):
+        held = await engine.submit("hold")
+        await eventually(lambda: shown_status(app, held.id) == "running")
+
+        async def newer_runs(n: int) -> None:
+            for _ in range(n):
+                await engine.submit("embed_batch", {"user_id": "u", "contents": []})
+            newest = {r.id for r in engine.runs(limit=10)}
+            await eventually(lambda: newest <= set(table(app).shown_keys) and engine.stats().by_status["pending"] == 0)
+            await pilot.pause()
+
+        await newer_runs(30)
+        await pilot.press("g")  # the cursor on the newest: it is not what keeps the held run listed
+        await newer_runs(30)
+        assert held.id in table(app).shown_keys
+        assert len(table(app).shown_keys) <= 10 + table(app).trim_batch + 1  # the rest is still trimmed
+        # a reload (after lost events, or a reconnect) lists it again too
+        app.resync()
+        await eventually(lambda: app.state.last_seq == engine.bus.last_seq and held.id in table(app).shown_keys)
+        # found with the filter, and cancelled
+        await pilot.press("slash", *"status:running", "enter")
+        await eventually(lambda: table(app).shown_keys == [held.id])
+        await pilot.press("c")
+        dialog = await eventually(lambda: app.screen if isinstance(app.screen, ConfirmScreen) else None)
+        assert held.id in dialog.question
+        await pilot.press("y")
+        await eventually(lambda: engine.get(held.id).status is RunStatus.CANCELLED)
 
 
 async def test_cancel_without_confirmation_when_the_setting_says_so() -> None:

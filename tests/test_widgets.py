@@ -409,10 +409,37 @@ async def test_runs_table_keeps_a_bounded_number_of_rows_trimmed_in_batches() ->
         assert table.record("r000") is None
 
         # many runs at once never leave more than max_rows + trim_batch behind
+        assert table.selected_run_id == "r024"
         table.update_runs([run(f"s{i:03d}", 100 + i) for i in range(100)], now=T0 + 300)
         await pilot.pause()
-        assert table.row_count == 20
-        assert table.shown_keys[0] == "s099"
+        # the newest 20, and the run under the cursor: it stays where the user put it
+        assert table.shown_keys == [f"s{i:03d}" for i in range(99, 79, -1)] + ["r024"]
+        assert table.selected_run_id == "r024"
+
+
+async def test_runs_table_never_trims_a_pending_or_running_run_nor_the_selected_one() -> None:
+    table = RunsTable(max_rows=5, trim_batch=2)
+    async with Host(table).run_test(size=SIZE) as pilot:
+        table.update_runs(
+            [run("queued", 1, status=RunStatus.PENDING), run("busy", 2, status=RunStatus.RUNNING, started=2),
+             run("done", 3), run("chosen", 4)],
+            now=T0 + 5,
+        )
+        assert table.select_run("chosen")
+        table.update_runs([run(f"r{i:03d}", 10 + i) for i in range(40)], now=T0 + 60)
+        await pilot.pause()
+        newest = [f"r{i:03d}" for i in range(39, 34, -1)]
+        assert table.shown_keys == [*newest, "chosen", "busy", "queued"]
+        assert table.record("done") is None  # finished, unselected: trimmed as before
+        # once finished and no longer selected, they go with the next trim
+        table.update_runs(
+            [run("queued", 1, status=RunStatus.CANCELLED), run("busy", 2, started=2, finished=70)], now=T0 + 70
+        )
+        table.action_scroll_top()  # the cursor on r039
+        await pilot.pause()
+        table.update_runs([run(f"s{i:03d}", 100 + i) for i in range(8)], now=T0 + 120)
+        await pilot.pause()
+        assert table.shown_keys == [*(f"s{i:03d}" for i in range(7, 2, -1)), "r039"]
 
 
 async def test_runs_table_cursor_stays_on_its_run_as_newer_runs_arrive() -> None:

@@ -49,10 +49,11 @@ from taskwatch.widgets import (
 from textual import events, on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, HorizontalGroup, Vertical
 from textual.css.query import NoMatches
 from textual.reactive import reactive
 from textual.screen import Screen
+from textual.widget import Widget
 from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 
 from .client import DashboardClient
@@ -65,7 +66,7 @@ from .screens import (
     SubmitScreen,
     TracebackScreen,
 )
-from .state import DashboardState
+from .state import DEFAULT_MAX_RUNS, DashboardState
 
 TABS = ("runs", "failures", "scheduler", "health", "events", "tasks")
 
@@ -160,6 +161,28 @@ TAB_FOCUS = {
 }
 
 
+#: keys the footer keeps in sight however narrow it gets: help and quit
+PINNED_KEYS = ("question_mark", "q")
+
+
+class DashboardFooter(Footer):
+    """Textual's footer, whose keys are cut on the right where they do not fit, except help
+    and quit: those come after the part that may be cut (``#footer-keys``), before the
+    palette's key; compact, they keep to the right end."""
+
+    def compose(self) -> ComposeResult:
+        last: list[Widget] = []
+        with HorizontalGroup(id="footer-keys"):
+            for widget in super().compose():
+                if getattr(widget, "key", None) in PINNED_KEYS:  # a key of the footer's (FooterKey)
+                    last.append(widget.add_class("-pinned"))
+                elif widget.has_class("-command-palette"):
+                    last.append(widget)
+                else:
+                    yield widget
+        yield from last
+
+
 class DashboardScreen(Screen[None]):
     """The dashboard itself: header, tabs, footer. Modal dialogs stack above it.
 
@@ -240,7 +263,7 @@ class DashboardScreen(Screen[None]):
             with TabPane("Tasks", id="tasks"):
                 yield Static("", id="task-stats-since", classes="section")
                 yield TaskStatsTable(id="task-stats")
-        yield Footer()
+        yield DashboardFooter()
 
 
 class TaskwatchApp(App[None]):
@@ -262,12 +285,16 @@ class TaskwatchApp(App[None]):
         cursor_blink: bool = True,
         confirm: bool = True,
         serving: ServerInfo | None = None,
+        unresponsive_after: float = 3.0,
     ) -> None:
         """``confirm=False`` cancels without asking first (``taskwatch --no-confirm``);
-        ``serving`` is where this process serves its engine (the attach command is shown)."""
+        ``serving`` is where this process serves its engine (the attach command is shown);
+        ``unresponsive_after`` is how long the engine may leave a request unanswered, saying
+        nothing else either, before the header says it is not responding."""
         super().__init__()
         self.client = client
-        self.state = DashboardState(clock=clock)
+        # the model holds at least the runs the table may show
+        self.state = DashboardState(max_runs=max(DEFAULT_MAX_RUNS, max_rows), clock=clock)
         self.refresh_hz = refresh_hz
         self.overview_interval = overview_interval
         self.max_rows = max_rows
@@ -297,6 +324,11 @@ class TaskwatchApp(App[None]):
         #: full records fetched for runs whose values came cut down over the wire (newest last)
         self._full_records: dict[str, RunRecord] = {}
         self._fetching: set[str] = set()
+        self.unresponsive_after = unresponsive_after
+        #: ``time.monotonic()`` when the overview request in flight was sent (None: none is)
+        self._overview_sent: float | None = None
+        #: when the first overview request still unanswered was sent (None: the last one was)
+        self._unanswered_since: float | None = None
 
     # ------------------------------------------------------------------ layout
 
@@ -360,7 +392,7 @@ class TaskwatchApp(App[None]):
             )
         self._freeze_startup_objects()
         self.set_interval(1.0 / self.refresh_hz, self.redraw, name="redraw")
-        self.set_interval(self.overview_interval, self.refresh_overview, name="overview")
+        self.set_interval(self.overview_interval, self._overview_tick, name="overview")
 
     def _freeze_startup_objects(self) -> None:
         """Take what exists now out of the garbage collector's passes, until the app stops.
@@ -383,7 +415,7 @@ class TaskwatchApp(App[None]):
     @work(exclusive=True, group="connect")
     async def connect(self) -> None:
         try:
-            snap = await self.client.connect()
+            snap = await self.client.connect(runs_limit=self.max_rows)
         except (OSError, TaskwatchError) as exc:
             failure = self.client.failure
             if failure is not None:
@@ -427,7 +459,7 @@ class TaskwatchApp(App[None]):
         """Reload from a fresh snapshot after events were dropped."""
         self._resyncing = True
         try:
-            snap = await self.client.snapshot()
+            snap = await self.client.snapshot(runs_limit=self.max_rows)
             self._reload(snap)
             self.redraw(full=True)
         except (OSError, TaskwatchError):
@@ -435,15 +467,30 @@ class TaskwatchApp(App[None]):
         finally:
             self._resyncing = False
 
-    @work(exclusive=True, group="overview")
+    def _overview_tick(self) -> None:
+        """Ask for the overview, unless the last request still waits for its reply: that one
+        is left to come back or time out (cancelled, a slow engine would never answer one)."""
+        if self._overview_sent is not None:
+            self._update_header()  # counts up how long the engine has not answered
+            return
+        self.refresh_overview()
+
+    @work(group="overview")
     async def refresh_overview(self) -> None:
         if not self.client.connected or not self._connected_once:
             self._update_header()
             return
+        sent = self._overview_sent = time.monotonic()
+        if self._unanswered_since is None:
+            self._unanswered_since = sent
         try:
             snap = await self.client.snapshot(runs_limit=0)
-        except (OSError, TaskwatchError):
-            return
+        except COMMAND_ERRORS:
+            return  # no reply in time, or the connection went: still unanswered
+        finally:
+            if self._overview_sent == sent:
+                self._overview_sent = None
+        self._unanswered_since = None
         self.state.apply_overview(snap)
         if not self.view_paused:
             self.refresh_tables()
@@ -517,7 +564,7 @@ class TaskwatchApp(App[None]):
             # runs the model let go would otherwise keep their last values on screen
             table.remove_runs(gone)
         if full or dirty is None:
-            views = state.newest_views(self.max_rows)
+            views = state.views_to_show(self.max_rows)
         else:
             views = [state.runs[run_id] for run_id in dirty if run_id in state.runs]
         known = [v for v in views if table.record(v.id) is not None]
@@ -532,7 +579,7 @@ class TaskwatchApp(App[None]):
             room = budget - len(fresh)
             shown = {v.id for v in fresh}
             missing = [
-                v for v in state.newest_views(self.max_rows) if v.id not in shown and table.record(v.id) is None
+                v for v in state.views_to_show(self.max_rows) if v.id not in shown and table.record(v.id) is None
             ]
             fresh += missing[:room]
             self._backfill = len(missing) > room
@@ -583,9 +630,11 @@ class TaskwatchApp(App[None]):
     async def _fetch_full(self, run_id: str) -> None:
         try:
             full = await self.client.get(run_id)
-        except TaskwatchError as exc:
-            # too large even for one reply, evicted, or disconnected: the cut values stay shown
-            self.notify(f"could not load run {run_id} in full: {exc}", severity="warning")
+        except COMMAND_ERRORS as exc:
+            # too large even for one reply, evicted, disconnected or no reply in time (a
+            # TimeoutError): the cut values stay shown
+            if not self._dashboard_gone:
+                self.notify(f"could not load run {run_id} in full: {exc}", severity="warning")
             return
         finally:
             self._fetching.discard(run_id)
@@ -604,6 +653,16 @@ class TaskwatchApp(App[None]):
             self._failures_shown = key
             self.main.query_one(FailuresList).update(failed, self.state.workers)
 
+    def unresponsive_for(self) -> float | None:
+        """Seconds the engine has left the dashboard's requests unanswered and sent nothing
+        else either, once that is ``unresponsive_after`` or more; None while it answers."""
+        since = self._unanswered_since
+        if since is None or not self.client.connected:
+            return None
+        heard = self.client.last_heard
+        silent = time.monotonic() - (since if heard is None else max(since, heard))
+        return silent if silent >= self.unresponsive_after else None
+
     @while_dashboard_alive
     def _update_header(self, now: float | None = None) -> None:
         now = self.clock() if now is None else now
@@ -612,7 +671,8 @@ class TaskwatchApp(App[None]):
             self.main.query_one(LeaderBadge).update_failed(failure)
         elif self.state.leadership is not None:
             self.main.query_one(LeaderBadge).update(
-                self.state.leadership, self.state.started_at, now, connected=self.client.connected
+                self.state.leadership, self.state.started_at, now, connected=self.client.connected,
+                silent_for=self.unresponsive_for(),
             )
         else:
             self.main.query_one(LeaderBadge).update_disconnected(self.client.where)

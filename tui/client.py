@@ -9,6 +9,7 @@ slow it); the remote implementation lives in ``remote_client.py``.
 from __future__ import annotations
 
 import asyncio
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
@@ -45,6 +46,12 @@ class DashboardClient(ABC):
         self.buffer = buffer
         #: events that arrived while our buffer was full (counted, never silently lost)
         self.dropped = 0
+        #: ``time.monotonic()`` when the engine last answered a request or sent an event
+        #: (None before it ever did): how long a silent engine has been silent
+        self.last_heard: float | None = None
+
+    def _heard(self) -> None:
+        self.last_heard = time.monotonic()
 
     @property
     @abstractmethod
@@ -56,8 +63,9 @@ class DashboardClient(ABC):
         return None
 
     @abstractmethod
-    async def connect(self) -> Snapshot:
-        """Start receiving events and return the state they continue from."""
+    async def connect(self, runs_limit: int = 500) -> Snapshot:
+        """Start receiving events and return the state they continue from: the newest
+        ``runs_limit`` runs (and every running one)."""
 
     @abstractmethod
     async def snapshot(self, runs_limit: int = 500) -> Snapshot: ...
@@ -117,6 +125,8 @@ class DashboardClient(ABC):
         """Take up to ``limit`` buffered events (called by the redraw timer)."""
         events = self._events
         n = min(limit, len(events))
+        if n:
+            self._heard()
         return [built(events.popleft()) for _ in range(n)]
 
     def pending_events(self) -> int:
@@ -151,9 +161,16 @@ class LocalClient(DashboardClient):
 
     async def _on_engine(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the engine's loop (awaiting it there if it is async); its result, here."""
-        return await call_on(self._engine_loop(), fn)
+        loop = self._engine_loop()
+        try:
+            result = await call_on(loop, fn)
+        except Exception:
+            self._heard()  # a refusal is an answer too
+            raise
+        self._heard()
+        return result
 
-    async def connect(self) -> Snapshot:
+    async def connect(self, runs_limit: int = 500) -> Snapshot:
         if self.manage and self.engine.state in ("new", "stopped"):
             await self.engine.start()
 
@@ -162,7 +179,7 @@ class LocalClient(DashboardClient):
             if self._unsubscribe is not None:
                 self._unsubscribe()
             self._unsubscribe = self.engine.bus.add_callback(self._offer, unbuilt=True)
-            return self.engine.snapshot()
+            return self.engine.snapshot(runs_limit=runs_limit)
 
         return await self._on_engine(subscribe_and_snapshot)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from taskwatch.engine import (
     BaseEvent,
@@ -24,10 +25,12 @@ from taskwatch.engine import (
     TriggerFire,
     WorkerInfo,
 )
-from taskwatch.engine.errors import AuthenticationFailed, ConnectionClosed
+from taskwatch.engine.errors import AuthenticationFailed, ConnectionClosed, MessageTooLarge
 from taskwatch.engine.remote import RemoteEngine
 
 from .client import DEFAULT_BUFFER, DashboardClient
+
+T = TypeVar("T")
 
 
 class RemoteClient(DashboardClient):
@@ -54,6 +57,8 @@ class RemoteClient(DashboardClient):
         self._closing = False
         #: successful connections so far (1 after the first connect)
         self.connections = 0
+        #: runs the snapshot of each (re)connect holds (the dashboard's ``max_rows``)
+        self.runs_limit = 500
         self._failure: str | None = None
 
     @property
@@ -78,6 +83,16 @@ class RemoteClient(DashboardClient):
     async def _open(self, resync: bool = False) -> Snapshot:
         remote = RemoteEngine(self.address, self.token, buffer=self.buffer, timeout=self.timeout)
         snap = await remote.connect()
+        kept = sum(snap.stats.by_status.values())
+        if len(snap.runs) < min(self.runs_limit, kept):
+            # the handshake's snapshot holds the server's number of runs; more were asked for
+            # (the events buffered meanwhile continue from this one: the older are skipped)
+            try:
+                snap = await remote.snapshot(runs_limit=self.runs_limit)
+            except BaseException:
+                await remote.close()
+                raise
+        self._heard()
         old, self._remote = self._remote, remote
         if resync:
             # set together with _remote, before the await below: the dashboard must never
@@ -88,7 +103,8 @@ class RemoteClient(DashboardClient):
         self.connections += 1
         return snap
 
-    async def connect(self) -> Snapshot:
+    async def connect(self, runs_limit: int = 500) -> Snapshot:
+        self.runs_limit = runs_limit
         try:
             return await self._open()
         except AuthenticationFailed as exc:
@@ -124,7 +140,10 @@ class RemoteClient(DashboardClient):
 
     def take_events(self, limit: int = 20_000) -> list[BaseEvent]:
         remote = self._remote
-        return remote.get_batch(limit) if remote is not None else []
+        batch = remote.get_batch(limit) if remote is not None else []
+        if batch:
+            self._heard()
+        return batch
 
     def pending_events(self) -> int:
         remote = self._remote
@@ -136,47 +155,59 @@ class RemoteClient(DashboardClient):
             raise ConnectionClosed(f"not connected to {self.address}; reconnecting, try again in a moment")
         return remote
 
+    async def _reply(self, request: Awaitable[T]) -> T:
+        """Await a request's reply, noting that the engine answered (an error reply too)."""
+        try:
+            result = await request
+        except TaskwatchError as exc:
+            # a lost connection, or a request too large to send, is no word from the engine
+            if not isinstance(exc, ConnectionClosed | MessageTooLarge):
+                self._heard()
+            raise
+        self._heard()
+        return result
+
     async def snapshot(self, runs_limit: int = 500) -> Snapshot:
-        return await self._require().snapshot(runs_limit=runs_limit)
+        return await self._reply(self._require().snapshot(runs_limit=runs_limit))
 
     async def get(self, run_id: str) -> RunRecord:
-        return await self._require().get(run_id)
+        return await self._reply(self._require().get(run_id))
 
     async def submit(self, task: str, params: dict[str, Any] | None = None, key: str | None = None) -> RunRecord:
-        return await self._require().submit(task, params, key)
+        return await self._reply(self._require().submit(task, params, key))
 
     async def cancel(self, run_id: str) -> RunRecord:
-        return await self._require().cancel(run_id)
+        return await self._reply(self._require().cancel(run_id))
 
     async def retry(self, run_id: str) -> RunRecord:
-        return await self._require().retry(run_id)
+        return await self._reply(self._require().retry(run_id))
 
     async def pause_periodic(self, name: str) -> PeriodicInfo:
-        return await self._require().pause_periodic(name)
+        return await self._reply(self._require().pause_periodic(name))
 
     async def resume_periodic(self, name: str) -> PeriodicInfo:
-        return await self._require().resume_periodic(name)
+        return await self._reply(self._require().resume_periodic(name))
 
     async def restart_worker(self, name: str) -> WorkerInfo:
-        return await self._require().restart_worker(name)
+        return await self._reply(self._require().restart_worker(name))
 
     async def stop_worker(self, name: str) -> WorkerInfo:
-        return await self._require().stop_worker(name)
+        return await self._reply(self._require().stop_worker(name))
 
     async def start_worker(self, name: str) -> WorkerInfo:
-        return await self._require().start_worker(name)
+        return await self._reply(self._require().start_worker(name))
 
     async def pause_queue(self, name: str) -> QueueInfo:
-        return await self._require().pause_queue(name)
+        return await self._reply(self._require().pause_queue(name))
 
     async def resume_queue(self, name: str) -> QueueInfo:
-        return await self._require().resume_queue(name)
+        return await self._reply(self._require().resume_queue(name))
 
     async def purge_queue(self, name: str) -> QueuePurge:
-        return await self._require().purge_queue(name)
+        return await self._reply(self._require().purge_queue(name))
 
     async def fire_trigger(self, name: str, key: str) -> TriggerFire:
-        return await self._require().fire_trigger(name, key)
+        return await self._reply(self._require().fire_trigger(name, key))
 
     async def close(self) -> None:
         self._closing = True

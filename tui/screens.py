@@ -22,9 +22,14 @@ SubmitFn = Callable[[str, dict[str, Any]], Awaitable[RunRecord]]
 
 
 class SubmitScreen(ModalScreen[RunRecord | None]):
-    """Pick a task, fill in its generated params form, submit once the params are valid."""
+    """Pick a task, fill in its generated params form, submit once the params are valid.
+
+    The fields scroll; the task, the error line and the buttons stay in sight, and a short
+    terminal (``-short``) gets a dialog with less space around them.
+    """
 
     BINDINGS = [Binding("escape", "dismiss_none", "Close")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (30, "-tall")]
 
     def __init__(
         self,
@@ -46,29 +51,36 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
         self._initial = initial if initial in self.tasks else next(iter(self.tasks), None)
 
     def compose(self) -> ComposeResult:
+        initial = self.tasks.get(self._initial) if self._initial is not None else None
         with Vertical(id="submit-dialog"):
-            yield Label(self._title, id="submit-title")
-            yield Select(
-                [(name, name) for name in self.tasks],
-                value=self._initial if self._initial is not None else Select.BLANK,
-                allow_blank=False if self.tasks else True,
-                id="submit-task",
-            )
-            initial = self.tasks.get(self._initial) if self._initial is not None else None
-            yield Static(initial.description if initial else "", id="submit-description")
+            # docked above and below the fields: those scroll in what room is left
+            with Vertical(id="submit-head"):
+                yield Label(self._title, id="submit-title")
+                yield Select(
+                    [(name, name) for name in self.tasks],
+                    value=self._initial if self._initial is not None else Select.BLANK,
+                    allow_blank=False if self.tasks else True,
+                    id="submit-task",
+                )
+                description = Static(initial.description if initial else "", id="submit-description")
+                description.display = bool(initial and initial.description)  # no blank lines for none
+                yield description
+            with Vertical(id="submit-foot"):
+                error = Static("", id="submit-error")
+                error.display = False  # no blank line while there is nothing to say
+                yield error
+                with Horizontal(id="submit-buttons"):
+                    yield Button("Submit", variant="primary", id="submit-ok")
+                    yield Button("Cancel", id="submit-cancel")
             # not a focus stop of its own: the first Tab goes to the first field
             with VerticalScroll(id="submit-form", can_focus=False):
                 # the first form is composed, not mounted later, so it is there at once
                 if initial is not None:
                     yield ParamsForm(initial, values=self._values, id="params-form", cursor_blink=self._cursor_blink)
-            yield Static("", id="submit-error")
-            with Horizontal(id="submit-buttons"):
-                yield Button("Submit", variant="primary", id="submit-ok")
-                yield Button("Cancel", id="submit-cancel")
 
     def on_mount(self) -> None:
         if self._initial is None:
-            self.query_one("#submit-error", Static).update("This engine has no submittable tasks.")
+            self._say("This engine has no submittable tasks.")
 
     @on(Select.Changed, "#submit-task")
     async def _task_changed(self, event: Select.Changed) -> None:
@@ -78,11 +90,19 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
 
     async def _show_form(self, name: str) -> None:
         info = self.tasks[name]
-        self.query_one("#submit-description", Static).update(info.description or "")
-        self.query_one("#submit-error", Static).update("")
+        description = self.query_one("#submit-description", Static)
+        description.update(info.description or "")
+        description.display = bool(info.description)
+        self._say("")
         holder = self.query_one("#submit-form", VerticalScroll)
         await holder.remove_children()
         await holder.mount(ParamsForm(info, id="params-form", cursor_blink=self._cursor_blink))
+
+    def _say(self, message: str | Text) -> None:
+        """The error line under the fields (hidden while empty)."""
+        line = self.query_one("#submit-error", Static)
+        line.update(message)
+        line.display = bool(message)
 
     @property
     def form(self) -> ParamsForm:
@@ -100,9 +120,8 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
     async def action_submit(self) -> None:
         select = self.query_one("#submit-task", Select)
         name = select.value
-        error_line = self.query_one("#submit-error", Static)
         if not isinstance(name, str):
-            error_line.update("Pick a task first.")
+            self._say("Pick a task first.")
             return
         form = self.form
         form.clear_errors()
@@ -117,7 +136,7 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
             form.show_errors(exc.errors)
             return
         except (TaskwatchError, OSError, RuntimeError) as exc:  # also a lost connection
-            error_line.update(Text(f"not submitted: {exc}", style="bold red"))
+            self._say(Text(f"not submitted: {exc}", style="bold red"))
             return
         self.dismiss(record)
 

@@ -308,6 +308,8 @@ SCREENS: dict[str, list[str]] = {
     "runs_160x48": ["p"],  # three-digit counts beside the paused indicator
     "detail_80x24": ["down", "down", "enter"],
     "scheduler_80x24": ["3"],
+    # the fields scroll; the wrong one, its error and the buttons stay in sight
+    "submit_80x24": ["s", "tab", "u", "7", "tab", "left_square_bracket", "enter"],
 }
 
 
@@ -317,6 +319,7 @@ SIZES: dict[str, tuple[int, int]] = {
     "runs_160x48": (160, 48),
     "detail_80x24": (80, 24),
     "scheduler_80x24": (80, 24),
+    "submit_80x24": (80, 24),
 }
 
 

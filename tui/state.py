@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from itertools import islice
 from typing import Any
 
 from taskwatch.engine import (
@@ -33,12 +34,15 @@ from .task_stats import TaskStatsBook
 
 _FINISHED = {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED}
 
+#: runs the model keeps (finished ones; pending and running ones always stay)
+DEFAULT_MAX_RUNS = 2_000
+
 
 class DashboardState:
     """Everything the dashboard shows, as plain data."""
 
     def __init__(
-        self, max_runs: int = 2_000, max_worker_crashes: int = 200, clock: Callable[[], float] = time.time
+        self, max_runs: int = DEFAULT_MAX_RUNS, max_worker_crashes: int = 200, clock: Callable[[], float] = time.time
     ) -> None:
         self.max_runs = max_runs
         self.clock = clock
@@ -260,6 +264,15 @@ class DashboardState:
             out.append(run)
             if len(out) >= limit:
                 break
+        return out
+
+    def views_to_show(self, limit: int) -> list[RunView]:
+        """The newest ``limit`` runs and, however old, every pending or running one: a run
+        that has not finished must stay in sight, to be found and cancelled."""
+        out = self.newest_views(limit)
+        older = len(self.runs) - len(out)
+        if older > 0:
+            out.extend(view for view in islice(self.runs.values(), older) if view.status not in _FINISHED)
         return out
 
     def newest_runs(self, limit: int) -> list[RunRecord]:

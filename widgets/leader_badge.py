@@ -17,6 +17,9 @@ class LeaderBadge(Widget):
 
     ``connected=False`` replaces all of it with a DISCONNECTED state: the
     dashboard may be watching a remote engine whose connection dropped.
+    ``silent_for`` (seconds) says the engine is connected but not answering (a
+    hung process, a network path gone silent): what the badge knew is shown as
+    last seen, not as live.
     """
 
     DEFAULT_CSS = Path(__file__).with_suffix(".tcss").read_text(encoding="utf-8")
@@ -37,6 +40,8 @@ class LeaderBadge(Widget):
     known: reactive[bool] = reactive(False, layout=True)
     #: why the dashboard stopped trying to connect for good (None while it still tries)
     failure: reactive[str | None] = reactive(None, layout=True)
+    #: whole seconds the connected engine has not answered (None while it answers)
+    silent_for: reactive[int | None] = reactive(None, layout=True)
 
     def update(
         self,
@@ -44,6 +49,7 @@ class LeaderBadge(Widget):
         started_at: float | None,
         now: float,
         connected: bool = True,
+        silent_for: float | None = None,
     ) -> None:
         self.node_id = leadership.node_id
         self.is_leader = leadership.is_leader
@@ -53,6 +59,8 @@ class LeaderBadge(Widget):
         self.expires_in = None if leadership.expires_at is None else round(leadership.expires_at - now, 1)
         self.uptime = None if started_at is None else float(int(now - started_at))
         self.connected = connected
+        # whole seconds: the count repaints once a second
+        self.silent_for = None if silent_for is None else int(silent_for)
         self.known = True
 
     def update_failed(self, failure: str) -> None:
@@ -68,13 +76,15 @@ class LeaderBadge(Widget):
 
     @property
     def state(self) -> str:
-        """"leader", "follower", "disconnected", "failed" or "unknown"."""
+        """"leader", "follower", "unresponsive", "disconnected", "failed" or "unknown"."""
         if self.failure is not None:
             return "failed"
         if not self.connected:
             return "disconnected"
         if not self.known:
             return "unknown"
+        if self.silent_for is not None:
+            return "unresponsive"
         return "leader" if self.is_leader else "follower"
 
     def on_mount(self) -> None:
@@ -92,11 +102,14 @@ class LeaderBadge(Widget):
     def watch_failure(self) -> None:
         self._update_classes()
 
+    def watch_silent_for(self) -> None:
+        self._update_classes()
+
     def _update_classes(self) -> None:
         state = self.state
         self.set_class(state == "leader", "-leader")
         self.set_class(state == "follower", "-follower")
-        self.set_class(state in ("disconnected", "failed"), "-disconnected")
+        self.set_class(state in ("disconnected", "failed", "unresponsive"), "-disconnected")
 
     def render(self) -> Text:
         node = self.node_id or "?"
@@ -114,6 +127,14 @@ class LeaderBadge(Widget):
             return text
         if state == "unknown":
             return Text("… connecting", style="dim italic")
+        if state == "unresponsive":
+            silent = self.silent_for or 0
+            text = Text(f"⚠ NOT RESPONDING for {silent}s" if silent < 60 else f"⚠ NOT RESPONDING for {fmt_duration(silent)}",
+                        style="bold red")
+            text.append(f"  {node}", style="bold")
+            role = "leader" if self.is_leader else "follower"
+            text.append(f"  last seen {role}, term {self.term}", style="dim")
+            return text
         if state == "leader":
             text = Text.assemble(("● LEADER", "bold green"), "  ", (node, "bold"))
         else:

@@ -1,7 +1,8 @@
 """ParamsForm: a submit form generated from a task's pydantic JSON schema.
 
-Strings, integers and floats get an Input, booleans a Switch, string enums a
-Select, and everything else (lists, dicts, nested models via ``$ref``,
+Strings, integers and floats get an Input, booleans a Switch (or, where empty
+means something -- null, or a default the schema does not state -- a Select of
+true and false that may stay blank), string enums a Select, and everything else (lists, dicts, nested models via ``$ref``,
 unions) a JSON text field. Each field shows its description and limits
 (``1 ≤ value ≤ 100``, ``at most 20 characters``), which ``collect()`` checks
 along with parsing, so every error the form can know of shows at once.
@@ -239,7 +240,17 @@ class ParamsForm(Widget):
                 yield Static(hint, classes="params-form--hint", markup=False)
             value = self._initial.get(spec.name, spec.default if spec.has_default else None)
             widget: Input | Switch | Select[str]
-            if spec.kind == "bool":
+            if spec.kind == "bool" and _three_way(spec):
+                # a Switch has no "not set": blank here is null, or the task's own default
+                picked: dict[str, Any] = {"value": "true" if value else "false"} if isinstance(value, bool) else {}
+                widget = Select(
+                    [("true", "true"), ("false", "false")],
+                    **picked,
+                    allow_blank=True,
+                    prompt=self._placeholder(spec),
+                    id=field_id,
+                )
+            elif spec.kind == "bool":
                 widget = Switch(value=bool(value), id=field_id)
             elif spec.choices:
                 # a pick from the allowed values, not free text; blank only where empty means something
@@ -291,8 +302,9 @@ class ParamsForm(Widget):
 
     def collect(self) -> dict[str, Any]:
         """The params as a dict; raises ParamsFormError (and shows it inline) when a field
-        does not parse. Empty optional fields become None; empty fields with a default are
-        left out so the task's default applies."""
+        does not parse. Empty nullable fields become None; other empty fields that are not
+        required are left out, so the task's default applies (also one the schema does not
+        state, as for ``default_factory``); only required ones are refused when empty."""
         params: dict[str, Any] = {}
         errors: list[dict[str, Any]] = []
         for spec in self.fields:
@@ -307,7 +319,7 @@ class ParamsForm(Widget):
             if (raw if spec.kind == "str" else raw.strip()) == "":
                 if spec.nullable:
                     params[spec.name] = None
-                elif not spec.has_default:
+                elif spec.required:
                     errors.append(_error(spec.name, "this field is required", "missing"))
                 continue
             try:
@@ -349,7 +361,13 @@ class ParamsForm(Widget):
             widget.display = True
         first = next((spec.name for spec in self.fields if spec.name in per_field), None)
         if first is not None:
-            self._inputs[first].focus()
+            # where the form scrolls (not where focus would put it): once the errors are laid out,
+            # the first wrong field at the top, its error under it
+            self._inputs[first].focus(scroll_visible=False)
+            self.call_after_refresh(self._inputs[first].scroll_visible, top=True, animate=False)
+        elif general and self.is_mounted:
+            general_line = self.query_one("#params-form-general-error", Static)
+            self.call_after_refresh(general_line.scroll_visible, animate=False)
 
     def clear_errors(self) -> None:
         for name, error in self._errors.items():
@@ -371,6 +389,8 @@ class ParamsForm(Widget):
         elif spec.has_default:
             # said outright: an emptied field means the task's default, not "nothing"
             hint = f"empty: the default, {_default_text(spec)}"
+        elif not spec.required:
+            hint = "empty: the task's default"  # made by a factory: the schema does not say
         else:
             hint = "required"
         if spec.kind == "json" and spec.json_type in _EXAMPLES:
@@ -416,7 +436,14 @@ def _error(name: str, msg: str, kind: str) -> dict[str, Any]:
     return {"loc": (name,), "msg": msg, "type": kind}
 
 
+def _three_way(spec: FieldSpec) -> bool:
+    """A bool field that may be left unset: null allowed, or optional with no stated default."""
+    return spec.nullable or not (spec.required or spec.has_default)
+
+
 def _parse(spec: FieldSpec, raw: str) -> Any:
+    if spec.kind == "bool":
+        return raw.strip() == "true"
     if spec.kind == "str":
         if spec.choices and raw not in spec.choices:
             raise ValueError(f"must be one of: {', '.join(spec.choices)}")

@@ -2,9 +2,10 @@
 
 ``update_runs`` takes any batch of run records (all of them or only the ones
 that changed) and diffs them against what is shown. Space marks runs (their
-id shows highlighted) for actions on several at once: ``marked``. The table keeps at most
-``max_rows`` runs (plus a small slack, so trimming happens in batches) and a
-status/text filter.
+id shows highlighted) for actions on several at once: ``marked``. The table keeps
+the newest ``max_rows`` runs (plus a small slack, so trimming happens in batches)
+and, however old, every pending or running run and the selected one: those must
+stay in sight to be cancelled. It has a status/text filter.
 
 The cursor stays on the run it is on while newer runs push its row down: a
 key that acts on "the selected run" acts on the run the user put the cursor
@@ -119,6 +120,8 @@ class RunsTable(VirtualTable):
         self._records: dict[str, RunRecord] = {}
         #: runs whose duration ticks: re-rendered on every update even if not passed in
         self._running_ids: set[str] = set()
+        #: pending and running runs: never trimmed away
+        self._active_ids: set[str] = set()
         self._statuses: frozenset[str] | None = None
         self._text = ""
         self._now = 0.0
@@ -194,7 +197,12 @@ class RunsTable(VirtualTable):
                 self._running_ids.add(record.id)
             else:
                 self._running_ids.discard(record.id)
-        if len(known) > self.max_rows + self.trim_batch:
+            if record.status.finished:
+                self._active_ids.discard(record.id)
+            else:
+                self._active_ids.add(record.id)
+        # the runs trimming may drop are the finished ones: trim once they overflow
+        if len(known) - len(self._active_ids) > self.max_rows + self.trim_batch:
             self._trim()
         hidden: list[str] = []
         for run_id in (*changed, *(self._running_ids.difference(changed))):
@@ -239,6 +247,7 @@ class RunsTable(VirtualTable):
         for run_id in gone:
             del self._records[run_id]
             self._running_ids.discard(run_id)
+            self._active_ids.discard(run_id)
             self._marked.pop(run_id, None)
         self._remove(gone)
         self._finish()
@@ -247,6 +256,7 @@ class RunsTable(VirtualTable):
         """Forget every run (e.g. after reconnecting to another engine)."""
         self._records.clear()
         self._running_ids.clear()
+        self._active_ids.clear()
         self._marked.clear()
         self._clear_rows()
         self._sync_highlight()
@@ -262,9 +272,15 @@ class RunsTable(VirtualTable):
         return True
 
     def _trim(self) -> None:
-        """Drop the oldest runs down to max_rows (one batch, so one re-layout)."""
+        """Drop the runs older than the newest max_rows (one batch, so one re-layout), but
+        never a pending or running one, nor the one under the cursor."""
         newest_first = sorted(self._records.values(), key=_newest_first)
-        dropped = [record.id for record in newest_first[self.max_rows :]]
+        keep = self._active_ids
+        selected = self.selected_key
+        dropped = [
+            record.id for record in newest_first[self.max_rows :]
+            if record.id not in keep and record.id != selected
+        ]
         for run_id in dropped:
             del self._records[run_id]
             self._running_ids.discard(run_id)
