@@ -16,6 +16,7 @@ drains, then cancels, then awaits, so no asyncio task outlives it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -41,7 +42,6 @@ from .events import (
     EngineStarted,
     EngineStopped,
     EngineStopping,
-    RunSubmitted,
 )
 from .execution import Execution
 from .handle import RunHandle
@@ -692,21 +692,47 @@ class Engine:
             created_at=run.created_at,
         )
 
-    def _admitted(self, run: Run) -> None:
-        """``run`` is in the store (or on its way there): index it and say so."""
-        self._index.admitted(run)
-        self._post_submitted(run)
+    async def _insert(self, runs: list[Run]) -> list[Inserted]:
+        """Write new runs to a durable store, checking the queue limit every node shares.
 
-    def _post_submitted(self, run: Run) -> None:
-        self.bus.post(
-            RunSubmitted,
-            run_id=run.id,
-            task=run.task,
-            params=dict(run.params),  # the event's own, as validation would make it
-            key=run.key,
-            source=run.source,
-            max_attempts=run.max_attempts,
-        )
+        A caller that gives up meanwhile (a control client that disconnected,
+        a timeout around ``submit``) does not take back a write that may land:
+        the runs the store took are then indexed and announced when it does,
+        as if the caller had waited, so no stored run goes unseen here.
+        """
+        self._run.writing(runs)
+        write = asyncio.ensure_future(self._store.insert([self._new_row(run) for run in runs], max_pending=self.max_queue))
+        try:
+            inserted = await asyncio.shield(write)
+        except asyncio.CancelledError:
+            if write.done():
+                self._admit_late(runs, write)
+            else:
+                self._run.keep_write(write, functools.partial(self._admit_late, runs))
+            raise
+        except QueueFull:
+            self._run.written(runs)
+            raise self._shared_queue_full() from None
+        except BaseException:
+            self._run.written(runs)
+            raise
+        self._run.written(runs)
+        return inserted
+
+    def _admit_late(self, runs: list[Run], write: asyncio.Future[list[Inserted]]) -> None:
+        """Index and announce the runs a submit given up on wrote after all."""
+        self._run.written(runs)
+        if write.cancelled() or write.exception() is not None or self._state != "running":
+            return  # nothing written, or a stopped engine (its next start reads them back)
+        with self._run.starts_held():
+            for run, result in zip(runs, write.result(), strict=True):
+                if result.new and result.id == run.id:
+                    self._admitted(run)
+        self._run.start_soon()
+
+    def _admitted(self, run: Run) -> None:
+        """``run`` is in the store (or on its way there): index it and say so, once."""
+        self._run.admit(run)
 
     async def submit(
         self,
@@ -741,10 +767,7 @@ class Engine:
             if held is not None:
                 return self._handle(held)  # another engine's pending run holds the key
         else:
-            try:
-                [inserted] = await self._store.insert([self._new_row(run)], max_pending=self.max_queue)
-            except QueueFull:
-                raise self._shared_queue_full() from None
+            [inserted] = await self._insert([run])
             if not inserted.new:
                 return self._handle(inserted.id)  # another process's pending run holds the key
         self._admitted(run)
@@ -774,19 +797,15 @@ class Engine:
             handles.append(RunHandle(self, holder.id, holder) if holder is not None else None)
             if holder is None:
                 fresh.append(run)
-        rows = [self._new_row(run) for run in fresh]
-        if not rows:
+        if not fresh:
             inserted: list[Inserted] = []
         elif self._memory is not None:
             # runs of one key in this batch queue once: the others get the first one's handle
             keyed = {(run.task, run.key) for run in fresh if run.key is not None}
             self._check_room(sum(run.key is None for run in fresh) + len(keyed))
-            inserted = await self._store.insert(rows)
+            inserted = await self._store.insert([self._new_row(run) for run in fresh])
         else:
-            try:
-                inserted = await self._store.insert(rows, max_pending=self.max_queue)
-            except QueueFull:
-                raise self._shared_queue_full() from None
+            inserted = await self._insert(fresh)
         written = iter(zip(fresh, inserted, strict=True))
         out: list[RunHandle] = []
         admitted: list[Run] = []
@@ -796,8 +815,9 @@ class Engine:
                 continue
             run, result = next(written)
             if result.new and result.id == run.id:
-                self._index.admitted(run)
-                admitted.append(run)
+                if self._index.runs.get(run.id) is not run:  # else claimed (and admitted) first
+                    self._index.admitted(run)
+                    admitted.append(run)
                 out.append(RunHandle(self, run.id, run))
             else:
                 out.append(self._handle(result.id))  # the run holding its key (maybe in this batch)
@@ -805,7 +825,7 @@ class Engine:
         # last: a bus callback that submits must find the whole batch where the store has it
         with self._run.starts_held():
             for run in admitted:
-                self._post_submitted(run)
+                self._run.announce(run)
         self._run.start_soon()
         return out
 

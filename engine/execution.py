@@ -30,6 +30,7 @@ from .events import (
     RunRecovered,
     RunRetrying,
     RunStarted,
+    RunSubmitted,
     RunSucceeded,
     StoreReachable,
     StoreUnreachable,
@@ -128,6 +129,8 @@ class Execution:
         self._finishing: set[str] = set()
         #: outcome writes in flight, awaited by stop()
         self._writes: set[asyncio.Future[Any]] = set()
+        #: runs a submit is writing to a durable store, by id (see launch)
+        self._writing: dict[str, Run] = {}
         #: claim token -> the retry being written for it (what a new claim of the run, coming
         #: back before the write's answer, proves the store took)
         self._retrying: dict[str, tuple[Retry, RunError | None]] = {}
@@ -245,7 +248,11 @@ class Execution:
         to cancel.
         """
         run = self.index.runs.get(claim.run_id)
-        if run is None:
+        if run is None and (run := self._writing.pop(claim.run_id, None)) is not None:
+            # a run this node's submit is writing, claimed before the submit has taken up the
+            # write's answer (the store answered both in one batch): it is that run
+            self.admit(run)
+        elif run is None:
             # submitted by another process, or by this node's previous incarnation
             spec = self.tasks.get(claim.task)
             run = Run(
@@ -372,6 +379,46 @@ class Execution:
             return
         self._writes.add(write)
         write.add_done_callback(self._written)
+
+    def writing(self, runs: list[Run]) -> None:
+        """A submit is writing these runs to a durable store."""
+        for run in runs:
+            self._writing[run.id] = run
+
+    def written(self, runs: list[Run]) -> None:
+        """The submit has the store's answer for these runs (or gave up on it)."""
+        for run in runs:
+            self._writing.pop(run.id, None)
+
+    def admit(self, run: Run) -> None:
+        """Index a run this node submitted and say so, once (its claim may have come first)."""
+        if self.index.runs.get(run.id) is run:
+            return
+        self.index.admitted(run)
+        self.announce(run)
+
+    def announce(self, run: Run) -> None:
+        """Publish ``run.submitted`` for a run just indexed."""
+        self.bus.post(
+            RunSubmitted,
+            run_id=run.id,
+            task=run.task,
+            params=dict(run.params),  # the event's own, as validation would make it
+            key=run.key,
+            source=run.source,
+            max_attempts=run.max_attempts,
+        )
+
+    def keep_write(self, write: asyncio.Future[Any], then: Callable[[asyncio.Future[Any]], None]) -> None:
+        """A write its caller stopped waiting for: ``then(write)`` once it has landed (or failed),
+        and ``stop()`` awaits it before the store closes."""
+        self._writes.add(write)
+
+        def landed(done: asyncio.Future[Any]) -> None:
+            self._writes.discard(done)
+            then(done)
+
+        write.add_done_callback(landed)
 
     def _written(self, write: asyncio.Future[Any]) -> None:
         self._writes.discard(write)

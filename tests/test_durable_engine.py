@@ -423,3 +423,40 @@ async def test_cancelling_a_run_another_node_finished_meanwhile_says_it_finished
             assert stored is not None and stored.status.value == "succeeded" and stored.cancel_reason is None
     finally:
         await other.close()
+
+
+async def test_a_submit_given_up_while_the_store_writes_still_indexes_and_announces_the_run(tmp_path: Path) -> None:
+    # a control client that disconnects, or a timeout around submit(), cancels the submit
+    # while the store writes: the run lands in the store all the same, and must not go
+    # unannounced and uncounted here
+    import asyncio
+    import sqlite3
+
+    from taskwatch.engine import RunStatus
+
+    from .helpers import Recorder
+
+    path = tmp_path / "runs.db"
+    engine = Engine(store=f"sqlite:///{path}", node_id="node-a", health_interval=None)
+
+    @engine.task
+    async def job(ctx: TaskContext) -> str:
+        return "done"
+
+    recorder = Recorder(engine, ("run.submitted",))
+    async with engine:
+        lock = sqlite3.connect(path, isolation_level=None)  # another process's write, say
+        try:
+            lock.execute("BEGIN EXCLUSIVE")
+            submitting = asyncio.create_task(engine.submit("job"))
+            await asyncio.sleep(0)  # one turn: the submit hands its row to the store, which waits
+            submitting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await submitting
+        finally:
+            lock.execute("COMMIT")
+            lock.close()
+        [event] = await eventually(lambda: recorder.of("run.submitted"), timeout=10)
+        record = await engine.wait_for(event.run_id, timeout=10)
+        assert record.status is RunStatus.SUCCEEDED and record.result == "done"
+        assert engine.stats().submitted_total == 1
