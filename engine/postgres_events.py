@@ -39,18 +39,17 @@ import contextlib
 import os
 import random
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from .bus import DEFAULT_REPLAY, EventBus
 from .errors import InvalidConfiguration
 from .redis_lease import redact_url
 from .relay import EventRelay, Outgoing, cancelling, log
 from .store import queries as Q
-from .store.postgres import load_driver, migrate
+from .store.postgres import driver_url, load_driver, migrate
 
 #: the relay's own options in a URL's query; the store's options are left out of the driver's
 _OPTIONS = ("keep", "max_age")
-_STORE_OPTIONS = ("pool_size", "lease_ttl", "node_ttl", "reconnect_timeout")
 
 _INSERT, _INSERT_ARGS = Q.for_postgres(Q.PG_INSERT_EVENTS)
 _AFTER, _ = Q.for_postgres(Q.EVENTS_AFTER)
@@ -63,8 +62,7 @@ def _split_options(url: str) -> tuple[str, dict[str, str]]:
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     mine = {key: value for key, value in query if key in _OPTIONS}
-    rest = urlencode([(key, value) for key, value in query if key not in _OPTIONS and key not in _STORE_OPTIONS])
-    return urlunsplit(("postgresql", parts.netloc, parts.path, rest, parts.fragment)), mine
+    return driver_url(url), mine
 
 
 class PostgresEventRelay(EventRelay):

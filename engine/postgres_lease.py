@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from .lease import Lease, LeaseState
-from .store.postgres import load_driver
+from .store.postgres import driver_url, load_driver
 
 #: seconds taken off the expiry a holder is told, beyond the round trip, as a fraction of the ttl
 _MARGIN = 0.05
@@ -91,6 +91,8 @@ class PostgresLease(Lease):
         self._driver = load_driver()
         super().__init__(ttl, renew_interval=renew_interval)
         self.url = url
+        #: the URL may be the cluster's one (with the store's or the relay's options in it)
+        self._dsn = driver_url(url)
         self.name = name
         self.connect_timeout = connect_timeout
         #: database clock minus local clock, as the last operation measured it
@@ -105,7 +107,7 @@ class PostgresLease(Lease):
 
     async def _one(self, sql: str, *args: Any) -> tuple[Any, float]:
         """One statement on a connection of its own: its row (or None) and the round trip in seconds."""
-        conn = await self._driver.connect(self.url, timeout=self.connect_timeout)
+        conn = await self._driver.connect(self._dsn, timeout=self.connect_timeout)
         try:
             if not self._ready:
                 async with conn.transaction():

@@ -13,8 +13,9 @@ import signal
 import time
 from pathlib import Path
 
-from taskwatch.engine import PostgresLease
+from taskwatch.engine import Engine, PostgresLease, TaskContext
 
+from .helpers import eventually
 from .test_durable import Child
 
 
@@ -38,6 +39,22 @@ async def test_acquire_renew_release_and_terms_that_only_grow(postgres_url: str)
     assert await b.holder() is None
     taken = await b.acquire("b")
     assert taken is not None and taken.term > again.term
+
+
+async def test_one_url_with_every_option_serves_the_store_the_lease_and_the_events(postgres_url: str) -> None:
+    # the cluster's one URL, as the README writes it, carrying the store's and the relay's
+    # options: the lease must lead with it (the driver refuses options it does not know)
+    url = f"{postgres_url}?pool_size=4&lease_ttl=30&keep=5000&max_age=3600&application_name=taskwatch-test"
+    engine = Engine(store=url, lease=PostgresLease(url, ttl=5), events=url, node_id="only", health_interval=None)
+
+    @engine.task
+    async def job(ctx: TaskContext) -> str:
+        return "done"
+
+    async with engine:
+        await eventually(lambda: engine.elector.is_leader, timeout=20)
+        record = await (await engine.submit("job")).wait(20)
+    assert record.result == "done"
 
 
 async def test_two_processes_given_the_same_node_id_are_still_two_holders(postgres_url: str) -> None:

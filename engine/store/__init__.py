@@ -49,7 +49,7 @@ from .models import (
     TriggerKeyRecord,
     Wakeup,
 )
-from .postgres import PostgresStore
+from .postgres import OWN_OPTIONS, PostgresStore
 from .sqlite import SqliteStore
 
 __all__ = [
@@ -129,7 +129,8 @@ def _postgres(spec: str, options: dict[str, Any]) -> Store:
     for name, raw in parse_qsl(parts.query, keep_blank_values=True):
         conv = _POSTGRES_OPTIONS.get(name)
         if conv is None:
-            driver_args.append((name, raw))  # sslmode, application_name, ...: the driver's
+            if name not in OWN_OPTIONS:  # the event relay's (keep=...) are not the store's
+                driver_args.append((name, raw))  # sslmode, application_name, ...: the driver's
             continue
         try:
             options.setdefault(name, conv(raw))

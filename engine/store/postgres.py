@@ -32,7 +32,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import QueueFull, RunNotFound
 from ..runs import CancelReason, Progress, RunStatus
@@ -80,6 +80,18 @@ _NOTIFY_SPACING = 0.02
 _ADVICE = "Check that the database server is up and reachable from this host"
 #: SQLSTATE classes that mean "the connection or the server went away; try again"
 _TRANSIENT_CLASSES = ("08", "57", "53", "40")
+
+
+#: what taskwatch itself reads from a PostgreSQL URL's query (the store's options, the event
+#: relay's), never handed to the driver: one URL serves the store, the lease and the events
+OWN_OPTIONS = frozenset({"pool_size", "lease_ttl", "node_ttl", "reconnect_timeout", "keep", "max_age"})
+
+
+def driver_url(url: str) -> str:
+    """``url`` as the driver takes it: scheme ``postgresql``, taskwatch's own options left out."""
+    parts = urlsplit(url)
+    rest = [(key, value) for key, value in parse_qsl(parts.query, keep_blank_values=True) if key not in OWN_OPTIONS]
+    return urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(rest), parts.fragment))
 
 
 def load_driver() -> Any:
