@@ -140,6 +140,9 @@ class _Key:
     running: bool = False
     #: the count when the current run fired; subtracted when it finishes
     captured: int = 0
+    #: notifies since the store last had this key's count (a durable store's): what a start
+    #: adds to the count it reads back, and only that (the rest the store has already)
+    unsaved: int = 0
 
 
 def _seconds(staleness: timedelta | float | None) -> float | None:
@@ -273,6 +276,7 @@ class Trigger:
         if st is None:
             st = self._keys[key] = _Key(first_seen_at=self._now())
         st.count += n
+        st.unsaved += n
         self._dirty.add(key)
         if st.count >= self.size_threshold and st.run_id is None:
             self._fire(key, st, "size")
@@ -465,13 +469,14 @@ class Trigger:
         self.launch()
 
     async def _load(self) -> None:
-        """Take up the keys saved by an earlier start; notifies made since are added on top."""
+        """Take up the keys saved by an earlier start; notifies made since are added on top
+        (this engine object's own start before, whose counts the store has, adds nothing)."""
         saved = await self._engine.store.load_trigger(self.name)
         for key, rec in saved.items():
             st = self._keys.get(key)
             if st is None:
                 st = self._keys[key] = _Key()
-            st.count += rec.count
+            st.count = rec.count + st.unsaved
             st.first_seen_at = rec.first_seen_at if st.first_seen_at is None else min(st.first_seen_at, rec.first_seen_at or st.first_seen_at)
             st.last_run_at, st.last_run_id, st.last_status = rec.last_run_at, rec.last_run_id, rec.last_status
             if rec.run_id is None or st.run_id is not None:
@@ -492,11 +497,15 @@ class Trigger:
     async def _save(self) -> None:
         dirty, self._dirty = self._dirty, set()
         records = {key: self._record(st) for key in dirty if (st := self._keys.get(key)) is not None}
+        unsaved = {key: self._keys[key].unsaved for key in records}
         try:
             await self._engine.store.save_trigger(self.name, records)
         except BaseException:
             self._dirty |= dirty  # saved next time
             raise
+        for key, n in unsaved.items():
+            if (st := self._keys.get(key)) is not None:
+                st.unsaved -= n  # notifies during the write stay unsaved
 
     @staticmethod
     def _record(st: _Key) -> TriggerKeyRecord:

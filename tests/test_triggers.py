@@ -353,3 +353,27 @@ async def test_a_run_cancelled_by_the_user_is_not_fired_again_at_once() -> None:
         assert state.count == 4 and state.last_status == "cancelled"
         compile.notify("k")  # the next notify fires it again
         assert len(rec.of("trigger.fired")) == 2
+
+
+async def test_counts_survive_a_stop_and_start_of_the_same_engine_unchanged(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # the stop saves every key's count; the next start of this engine object reads them back
+    # and adds only what was notified since (here: 1), never its own saved counts again
+    engine = make_engine(store=f"sqlite:///{tmp_path / 'runs.db'}", node_id="n")
+    ran: list[str] = []
+
+    async def compile_key(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    compile = engine.trigger("compile", compile_key, size_threshold=5)
+    async with engine:
+        for _ in range(3):
+            compile.notify("k")
+    compile.notify("k")  # while stopped: counted, saved at the next start
+    async with engine:
+        assert key_state(compile, "k").count == 4
+        assert compile.state().fired == 0 and ran == []
+        compile.notify("k")  # the fifth: fires
+        await asyncio.wait_for(compile.drain(), 5)
+        assert ran == ["k"]
+    async with engine:
+        assert key_state(compile, "k").count == 0
