@@ -323,11 +323,12 @@ class Supervisor:
             for task in pending:
                 task.cancel()
         if pending:
+            # a worker that ignores cancellation this long is a bug in that worker; waiting for
+            # it forever would hang stop() and stop_worker(), so say so and go on (as for runs)
             log.warning(
-                "supervised workers %s ignore cancellation; waiting for them to end",
-                sorted(t.get_name() for t in pending),
+                "supervised workers %s ignored cancellation %d times and are still running",
+                sorted(t.get_name() for t in pending), _CANCEL_ROUNDS,
             )
-            await asyncio.wait(pending)
 
     async def _supervise(self, worker: _Worker) -> None:
         """Run ``worker`` until cancelled, restarting it after crashes and returns."""

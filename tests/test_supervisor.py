@@ -252,6 +252,41 @@ async def test_worker_that_swallows_cancellation_is_not_restarted() -> None:
     assert not stray_tasks()
 
 
+@pytest.mark.parametrize("stop", ["engine", "worker"])
+async def test_a_worker_that_never_lets_a_cancel_through_does_not_hang_stop(stop: str) -> None:
+    # a bug in that worker: stop() and stop_worker() say so and return, as they do for runs
+    engine = engine_with(cancel_grace=0.05)
+    stubborn_to_the_end = True
+
+    @engine.supervised(name="stubborn")
+    async def stubborn(ctx: TaskContext) -> None:
+        while True:
+            try:
+                await forever()
+            except asyncio.CancelledError:
+                if not stubborn_to_the_end:
+                    raise
+
+    await engine.start()
+    await eventually(lambda: engine.workers()[0].state == "running")
+    try:
+        if stop == "engine":
+            await asyncio.wait_for(engine.stop(0.05), timeout=10)
+            assert engine.state == "stopped"
+        else:
+            await asyncio.wait_for(engine.stop_worker("stubborn"), timeout=10)
+            assert engine.workers()[0].stopped_by_user
+    finally:
+        stubborn_to_the_end = False  # let the test end: the worker's task goes with a last cancel
+        left = [task for task in stray_tasks() if task.get_name() == "taskwatch-worker-stubborn"]
+        assert left, "the stubborn worker was waited for after all?"
+        for task in left:
+            task.cancel()
+        await asyncio.wait(left, timeout=10)
+        await engine.stop(1.0)
+    assert not stray_tasks()
+
+
 async def test_a_cancelled_error_raised_by_the_worker_itself_is_a_crash() -> None:
     engine = engine_with()
     runs = 0
