@@ -15,11 +15,15 @@ undone when ``engine.stop`` times out are reported in ``QueueDrainIncomplete``.
 
 With a durable store every job is also kept in the store until its handler
 has run (delivery is at least once): ``await put(job)`` returns once the job
-is committed, ``put_nowait`` within one group commit after. Jobs left when
-the process dies or the stop times out are taken up again at the next start,
-or by another node once their holder is known to be gone. A job read back
-from the store reaches the handler as the pydantic model its job parameter
-is annotated with (validated again), or else in its JSON form.
+is committed, ``put_nowait`` within one group commit after. A write the store
+refuses (locked too long, unreachable) is retried; a ``put`` whose job no
+consumer has taken yet withdraws it and raises the store's error instead, so
+the caller may simply retry. A write is never cut short: a stop waits for the
+one under way, then writes what is left. Jobs left when the process dies or
+the stop times out are taken up again at the next start, or by another node
+once their holder is known to be gone. A job read back from the store reaches
+the handler as the pydantic model its job parameter is annotated with
+(validated again), or else in its JSON form.
 
 An operator can pause a queue's consumers (puts are still accepted up to
 ``maxsize``; jobs being handled finish), resume them, and purge the jobs
@@ -55,6 +59,9 @@ log = logging.getLogger("taskwatch.queues")
 
 _CLOSED_STATES = ("stopping", "stopped")
 
+#: what ``_try_put`` answers when there is no room
+_FULL = object()
+
 
 class QueueInfo(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -79,6 +86,10 @@ class QueueInfo(BaseModel):
     paused: bool = False
     #: waiting jobs dropped by ``purge_queue`` since creation
     purged: int = 0
+    #: writes to the durable store that failed; their jobs stayed here and were written again
+    write_failures: int = 0
+    #: jobs neither handled nor kept: the store refused their write until the stop ended (logged)
+    lost: int = 0
 
 
 class QueuePurge(BaseModel):
@@ -191,9 +202,18 @@ class WorkQueue:
         self._durable = False
         self.kept = 0
         self.adopted = 0
+        self.write_failures = 0
+        self.lost = 0
         self._unwritten: list[_Kept] = []
         self._handled: list[int] = []
-        self._written: asyncio.Future[None] | None = None
+        #: resolved by the next write of ``_unwritten``: None once written, else why it failed
+        self._written: asyncio.Future[BaseException | None] | None = None
+        #: the same for the write under way (its jobs are in neither list meanwhile)
+        self._writing: asyncio.Future[BaseException | None] | None = None
+        #: the keeper is asked to end (after the write it is doing); stop writes the rest
+        self._keeper_stop = False
+        #: False once stop's last write is done: a job that arrives later cannot be kept
+        self._writes_open = False
         #: one write to the store at a time: a purge then knows which jobs have rows
         self._store_lock = asyncio.Lock()
         self._kick: asyncio.Event | None = None
@@ -211,7 +231,7 @@ class WorkQueue:
         """
         self._check_open()
         self._check_serialisable(job)
-        if not self._try_put(job):
+        if self._try_put(job) is _FULL:
             self.rejected += 1
             raise QueueFull(f"queue {self.name!r}", self.maxsize)
 
@@ -220,22 +240,59 @@ class WorkQueue:
 
         The default ``timeout=0`` never waits. Await this on the engine's loop;
         other threads use :meth:`put_nowait`.
+
+        On a durable store it returns once the job is committed (or already
+        handled). A write the store refuses is retried, and this waits for it
+        while a consumer has the job; a job no consumer has taken yet is taken
+        back and the store's error is raised (:class:`StoreBusy` or
+        :class:`StoreUnavailable`): nothing was queued, so retry the put.
         """
         self._check_open()
         self._check_serialisable(job)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
-        while not self._try_put(job):
+        while (item := self._try_put(job)) is _FULL:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 self.rejected += 1
                 raise QueueFull(f"queue {self.name!r}", self.maxsize)
             await self._wait_for_room(remaining)
             self._check_open()
-        written = self._written
-        if written is not None and self._keeper is not None:
-            # durable: return once the batch holding this job is committed
-            await asyncio.shield(written)
+        if type(item) is _Kept and self._keeper is not None:
+            await self._until_written(item)
+
+    async def _until_written(self, kept: _Kept) -> None:
+        """Return once ``kept`` is committed (or handled); raise if its write failed and it was taken back."""
+        failure: BaseException | None = None
+        while kept.id is None and not kept.done:
+            pending = self._written or self._writing
+            if pending is None:
+                # no write is to come any more (the stop's last one failed)
+                raise failure or EngineNotRunning("stopped")
+            outcome = await asyncio.shield(pending)
+            if outcome is None or kept.id is not None or kept.done:
+                continue
+            failure = outcome
+            if self._withdraw(kept):
+                raise outcome
+            # a consumer has the job already (or a new write of it is under way): wait for the next write
+
+    def _withdraw(self, kept: _Kept) -> bool:
+        """Take back a job whose write failed, if no consumer and no write has it; True if taken."""
+        if not any(k is kept for k in self._unwritten):
+            return False
+        with self._lock:
+            for i, item in enumerate(self._items):
+                if item is kept:
+                    del self._items[i]
+                    break
+            else:
+                return False
+            self.accepted -= 1
+        self._unwritten = [k for k in self._unwritten if k is not kept]
+        self._wake_one(self._putters)
+        self._maybe_idle()
+        return True
 
     def _check_open(self) -> None:
         state = self._engine.state
@@ -250,17 +307,19 @@ class WorkQueue:
         except NotJsonSafe as exc:
             raise JobNotSerializable(self.name, type(job).__qualname__, exc.detail) from None
 
-    def _try_put(self, job: Any) -> bool:
+    def _try_put(self, job: Any) -> Any:
+        """The item queued (``job``, or its :class:`_Kept`), True if sent from another thread, or ``_FULL``."""
         loop = self._loop
         if loop is not None and threading.get_ident() != self._loop_thread:
-            return self._put_from_thread(loop, job)
+            return True if self._put_from_thread(loop, job) else _FULL
         with self._lock:
             if len(self._items) + self._in_transit >= self.maxsize:
-                return False
-            self._items.append(self._keep(job) if self._durable else job)
+                return _FULL
+            item = self._keep(job) if self._durable else job
+            self._items.append(item)
             self.accepted += 1
         self._wake_one(self._getters)
-        return True
+        return item
 
     def _keep(self, job: Any) -> _Kept:
         """Durable store: wrap ``job`` and queue it for the next write (on the loop)."""
@@ -293,7 +352,13 @@ class WorkQueue:
         with self._lock:
             self._in_transit -= 1
             if self._abandon:
-                # stop already counted and reported it as left undone
+                # stop already counted it as left undone: keep it if stop's last write is still to come
+                if self._durable:
+                    if self._writes_open:
+                        self._keep(job)
+                    else:
+                        self.lost += 1
+                        log.error("queue %r: a job arrived after the stop wrote its last jobs; it is lost", self.name)
                 return
             self._items.append(self._keep(job) if self._durable else job)
         self._wake_one(self._getters)
@@ -362,7 +427,18 @@ class WorkQueue:
     # ------------------------------------------------------------ the durable store
 
     async def _flush(self) -> None:
-        """Write queued jobs and delete handled ones: one store call each."""
+        """Write queued jobs and delete handled ones: one store call each.
+
+        The write runs in a task of its own that cancelling the caller does not
+        cancel: cut short, a write may commit all the same (SQLite's writer
+        thread) or be rolled back (PostgreSQL), and either way the queue would
+        no longer know which. Whoever writes next waits for it (the store lock).
+        """
+        write = asyncio.ensure_future(self._flush_locked())
+        write.add_done_callback(_retrieved)
+        await asyncio.shield(write)
+
+    async def _flush_locked(self) -> None:
         async with self._store_lock:
             await self._flush_now()
 
@@ -370,36 +446,74 @@ class WorkQueue:
         store = self._engine.store
         batch, self._unwritten = self._unwritten, []
         written, self._written = self._written, None
+        self._writing = written
+        failure: BaseException | None = None
         try:
-            fresh = [k for k in batch if not k.done]
+            fresh, encoded = [], []
+            for kept in batch:
+                if kept.done:
+                    continue
+                try:
+                    encoded.append(jsonable(kept.job))
+                except NotJsonSafe:
+                    # changed since it was put: written again and again it would hold up every other job
+                    kept.done = True
+                    log.error("queue %r: a job is no longer JSON-safe; it runs here but is not kept", self.name)
+                    continue
+                fresh.append(kept)
             if fresh:
-                ids = await store.put_jobs(self.name, self._engine.incarnation, [jsonable(k.job) for k in fresh])
+                ids = await store.put_jobs(self.name, self._engine.incarnation, encoded)
                 for kept, job_id in zip(fresh, ids):
                     kept.id = job_id
                     if kept.done:
                         self._handled.append(job_id)
-            handled, self._handled = self._handled, []
-            if handled:
-                await store.done_jobs(handled)
+        except BaseException as exc:
+            # not written (or, cut off, not known to be): the jobs stay queued for the next write, ahead of
+            # newer ones; at worst one is stored twice, never lost
+            failure = exc if isinstance(exc, Exception) else EngineNotRunning("stopping")
+            self._unwritten[:0] = [k for k in batch if not k.done]
+            self.write_failures += 1
+            if self._written is None and self._unwritten and self._loop is not None:
+                self._written = self._loop.create_future()
+            raise
         finally:
+            self._writing = None
             if written is not None and not written.done():
-                written.set_result(None)
+                written.set_result(failure)
+        handled, self._handled = self._handled, []
+        if handled:
+            try:
+                await store.done_jobs(handled)
+            except BaseException:
+                self._handled[:0] = handled  # their rows stay: deleted at the next write
+                self.write_failures += 1
+                raise
 
     async def _keep_loop(self, kick: asyncio.Event) -> None:
-        """Write puts and acks as they come; take up jobs of gone holders now and then."""
+        """Write puts and acks as they come; take up jobs of gone holders now and then.
+
+        Ends when ``_keeper_stop`` is set, never in the middle of a store call.
+        """
         loop = asyncio.get_running_loop()
         interval = min(max(self._engine.lease_ttl / 3, 0.5), 10.0)
         next_adopt = loop.time() + interval
-        while True:
+        retry: float | None = None  # after a failed write: how soon to try again
+        while not self._keeper_stop:
+            wait = next_adopt - loop.time()
+            if retry is not None and (self._unwritten or self._handled):
+                wait = min(wait, retry)
             try:
-                async with asyncio.timeout(max(0.0, next_adopt - loop.time())):
+                async with asyncio.timeout(max(0.0, wait)):
                     await kick.wait()
             except TimeoutError:
                 pass
+            if self._keeper_stop:
+                return  # the stop writes what is left
             kick.clear()
             try:
                 await self._flush()
-                if loop.time() >= next_adopt:
+                retry = None
+                if loop.time() >= next_adopt and not self._closing:
                     next_adopt = loop.time() + interval
                     await self._adopt(own=False)
             except asyncio.CancelledError:
@@ -407,7 +521,8 @@ class WorkQueue:
             except Exception:
                 # a busy or failing store may work on the next round: the jobs stay queued here
                 log.exception("queue %r: writing to the store failed; trying again", self.name)
-                next_adopt = loop.time() + interval
+                retry = 0.05 if retry is None else min(retry * 2, 1.0)
+                next_adopt = max(next_adopt, loop.time() + retry)
 
     def _revive(self, job: StoredJob) -> _Kept:
         """A job read back from the store, as the handler expects it (its model, when it names one)."""
@@ -549,6 +664,8 @@ class WorkQueue:
             adopted=self.adopted,
             paused=self.paused,
             purged=self.purged,
+            write_failures=self.write_failures,
+            lost=self.lost,
         )
 
     def launch(self) -> None:
@@ -569,6 +686,8 @@ class WorkQueue:
                 # jobs put before the start; those taken up from the store are kept already
                 self._items = deque(job if type(job) is _Kept else self._keep(job) for job in self._items)
         if self._durable:
+            self._keeper_stop = False
+            self._writes_open = True
             self._kick = asyncio.Event()
             if self._unwritten:
                 self._kick.set()
@@ -616,25 +735,63 @@ class WorkQueue:
         for fut in self._putters:
             if not fut.done():
                 fut.set_result(None)  # waiting producers re-check and raise EngineNotRunning
-        kept = await self._stop_keeping()
-        if left:
+        lost = await self._stop_keeping(deadline)
+        with self._lock:
+            # taken up from the store while the keeper was stopping: their rows stay for the next start
+            left += len(self._items)
+            self._items.clear()
+        if left or lost:
             self.abandoned += left
-            if kept:
-                self.kept += left
+            if lost is not None:
+                self.kept += max(0, left - lost)
+                self.lost += lost
+            kept = lost == 0
             self._engine.bus.emit(QueueDrainIncomplete, queue=self.name, left=left, kept=kept)
 
-    async def _stop_keeping(self) -> bool:
-        """Durable store: write what is still unwritten, then stop the keeper. True if jobs stay kept."""
+    async def _stop_keeping(self, deadline: float) -> int | None:
+        """Durable store: stop the keeper, then write what is still unwritten.
+
+        Returns how many jobs could not be written (lost), or None without a
+        durable store. The keeper finishes the write it is doing; a write is
+        never cut short, even once ``deadline`` has passed (see :meth:`_flush`).
+        """
         keeper, self._keeper = self._keeper, None
         if keeper is None:
-            return False
+            return None
+        loop = asyncio.get_running_loop()
+        self._keeper_stop = True
+        if self._kick is not None:
+            self._kick.set()
+        await asyncio.wait([keeper], timeout=max(0.0, deadline - loop.time()))
+        # past the deadline it may still be taking up jobs (cut short, they stay in the store for the next
+        # start) or waiting for its write, which goes on and which the writes below wait for
         await cancel_and_wait(keeper)
-        try:
-            await self._flush()
-        except Exception:
-            log.exception("queue %r: writing its last jobs to the store failed; they are lost", self.name)
-            return False
-        return True
+        failure: Exception | None = None
+        for _ in range(3):  # again for jobs that arrived from other threads during a write
+            try:
+                await self._flush()  # after the write under way, if any: it holds the store lock
+            except Exception as exc:  # noqa: BLE001 - logged and counted below
+                failure = exc
+                break
+            if not (self._unwritten or self._handled):
+                break
+        self._writes_open = False
+        lost = [k for k in self._unwritten if not k.done]
+        if lost:
+            log.error(
+                "queue %r: %d jobs could not be written to the store before the stop ended; they are lost",
+                self.name, len(lost), exc_info=failure,
+            )
+        if self._handled:
+            log.error(
+                "queue %r: %d handled jobs could not be deleted from the store; they run again at the next start",
+                self.name, len(self._handled), exc_info=failure,
+            )
+        self._unwritten, self._handled = [], []
+        pending, self._written = self._written, None
+        if pending is not None and not pending.done():
+            pending.set_result(failure or EngineNotRunning("stopped"))
+        return len(lost)
 
     async def _wait_idle(self, timeout: float) -> None:
         if timeout <= 0:
@@ -646,3 +803,9 @@ class WorkQueue:
 
     def __repr__(self) -> str:
         return f"<WorkQueue {self.name} depth={self.depth} in_flight={self._in_flight}>"
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """A write's failure is handled by whoever awaits it; this keeps asyncio from calling it unretrieved."""
+    if not task.cancelled():
+        task.exception()

@@ -163,3 +163,209 @@ async def test_a_trigger_key_follows_its_run_across_a_restart(tmp_path: Path) ->
         [state] = trigger.state().keys
     assert ran == ["k"]
     assert (state.count, state.last_status, state.run_id) == (0, "succeeded", first_run)
+
+
+# ---------------------------------------------------------------- writes to the store that wait or fail
+#
+# tests/queue_child.py runs the queue; this process holds the SQLite file's write
+# lock (BEGIN EXCLUSIVE on a connection of its own) so the queue's writes wait for
+# it, or fail once its busy_timeout has passed.
+
+QUEUE_CHILD = "tests.queue_child"
+
+
+def rows(db: Path) -> list[int]:
+    """The jobs (their ``i``) the store holds, oldest first."""
+    with sqlite3.connect(db) as conn:
+        return [json.loads(job)["i"] for (job,) in conn.execute("SELECT job FROM queue_jobs ORDER BY id")]
+
+
+def lock(db: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("BEGIN EXCLUSIVE")
+    return conn
+
+
+def unlock(conn: sqlite3.Connection) -> None:
+    conn.execute("COMMIT")
+    conn.close()
+
+
+async def handle_all(db: Path) -> tuple[list[int], int]:
+    """Start an engine on ``db``, handle every job left in it; the jobs handled and how many were adopted."""
+    seen: list[int] = []
+
+    async def handler(job: dict) -> None:
+        seen.append(job["i"])
+
+    engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
+    queue = engine.queue("q", handler)
+    async with engine:
+        await queue.join(timeout=10)
+        adopted = queue.info().adopted
+    return seen, adopted
+
+
+async def test_jobs_a_stop_reports_kept_are_in_postgres_at_the_next_start(postgres_url: str) -> None:
+    # put_nowait, then a stop that times out at once: the stop writes them while the
+    # consumers end, and must not cut that write short (PostgreSQL rolls it back)
+    async def stuck(job: dict) -> None:
+        await asyncio.Event().wait()
+
+    engine = Engine(store=postgres_url, node_id="n", health_interval=None)
+    queue = engine.queue("q", stuck)
+    sub = engine.bus.subscribe(kinds=["queue."])
+    await engine.start()
+    for i in range(50):
+        queue.put_nowait({"i": i})
+    await engine.stop(timeout=0)
+    [incomplete] = [e for e in sub.get_batch() if isinstance(e, QueueDrainIncomplete)]
+    assert (incomplete.left, incomplete.kept) == (50, True)
+    assert queue.info().kept == 50
+
+    seen: list[int] = []
+
+    async def handler(job: dict) -> None:
+        seen.append(job["i"])
+
+    engine = Engine(store=postgres_url, node_id="n", health_interval=None)
+    queue = engine.queue("q", handler)
+    async with engine:
+        await queue.join(timeout=10)
+        info = queue.info()
+    assert sorted(seen) == list(range(50)), f"kept=True, left=50, but {info.adopted} were in the store"
+
+
+async def test_jobs_handled_while_their_write_waits_do_not_run_again_after_a_clean_stop(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    child = Child(db, "n", "--busy-timeout", "30000", module=QUEUE_CHILD)
+    try:
+        child.event("ready")
+        held = lock(db)
+        try:
+            child.send("put_nowait 0 1 2 3")  # their write waits for the lock; the handler has them at once
+            for i in range(4):
+                child.wait_for(lambda line, i=i: line.get("ev") == "handled" and line["i"] == i)
+            child.send("stop 5")
+            child.event("stopping")  # the write is still waiting: the stop must let it end, and record it
+        finally:
+            unlock(held)
+        stopped = child.event("stopped")
+        assert child.exit() == 0
+    finally:
+        child.close()
+    assert stopped["info"]["processed"] == 4 and stopped["incomplete"] == []
+    assert rows(db) == [], "handled jobs kept their rows after a clean stop"
+    assert await handle_all(db) == ([], 0)
+
+
+def test_a_put_the_store_refuses_raises_and_a_retry_is_kept_across_a_kill(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    child = Child(db, "n", "--busy-timeout", "200", "--paused", module=QUEUE_CHILD)
+    try:
+        child.event("ready")
+        held = lock(db)
+        try:
+            child.send("put 1")
+            refused = child.event("put")
+        finally:
+            unlock(held)
+        # put returns only once its job is committed: the store stayed locked, so it says so
+        assert refused["i"] == 1 and refused["error"] == "StoreBusy", refused
+        assert "nothing was written. Retry" in refused["message"]
+        mark = child.mark()
+        child.send("put 1")  # what the error says to do
+        child.send("put 2")
+        child.wait_for(lambda line: line.get("ev") == "put" and line["i"] == 2, start=mark)
+        child.wait_for(lambda line: line.get("ev") == "put" and line["i"] == 1, start=mark)
+        assert [line["error"] for line in child.since(mark, "put")] == [None, None]
+        assert rows(db) == [1, 2]  # the refused put left nothing behind: no duplicate
+        child.sigkill()
+    finally:
+        child.close()
+    seen, adopted = asyncio.run(handle_all(db))
+    assert sorted(seen) == [1, 2] and adopted == 2
+
+
+def test_jobs_and_acks_of_a_refused_write_are_written_once_the_store_frees_up(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    child = Child(db, "n", "--busy-timeout", "200", module=QUEUE_CHILD)
+    try:
+        child.event("ready")
+        child.send("put 10 hold")
+        assert child.event("put")["error"] is None  # committed; the handler holds it
+        child.send("pause")
+        child.event("paused")
+        held = lock(db)
+        try:
+            mark = child.mark()
+            child.send("put_nowait 11")  # its write fails: the queue keeps it and tries again
+            child.wait_for(lambda line: line.get("ev") == "log" and "writing to the store failed" in line["msg"], start=mark)
+            mark = child.mark()
+            child.send("release")  # job 10 is handled while the store is locked: its row's delete fails
+            child.wait_for(lambda line: line.get("ev") == "handled" and line["i"] == 10, start=mark)
+            mark = child.mark()
+            child.wait_for(lambda line: line.get("ev") == "log" and "writing to the store failed" in line["msg"], start=mark)
+        finally:
+            unlock(held)
+        mark = child.mark()
+        child.send("put 12")
+        assert child.wait_for(lambda line: line.get("ev") == "put", start=mark)["error"] is None
+        child.send("stop 5")  # the queue is paused: 11 and 12 stay kept, 10's row goes
+        stopped = child.event("stopped")
+        assert child.exit() == 0
+    finally:
+        child.close()
+    assert rows(db) == [11, 12], "a refused write dropped a job, or the delete of a handled one"
+    assert stopped["incomplete"] == [{"left": 2, "kept": True}]
+    assert stopped["info"]["write_failures"] >= 2 and stopped["info"]["lost"] == 0
+    seen, adopted = asyncio.run(handle_all(db))
+    assert seen == [11, 12] and adopted == 2
+
+
+def test_jobs_a_stop_cannot_write_are_counted_lost_not_kept(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    child = Child(db, "n", "--busy-timeout", "200", "--paused", module=QUEUE_CHILD)
+    try:
+        child.event("ready")
+        held = lock(db)
+        try:
+            child.send("put_nowait 1 2")
+            child.event("put_nowait")
+            child.send("stop 0")
+            stopped = child.event("stopped")
+        finally:
+            unlock(held)
+        assert child.exit() == 0
+    finally:
+        child.close()
+    assert stopped["incomplete"] == [{"left": 2, "kept": False}]
+    info = stopped["info"]
+    assert (info["abandoned"], info["kept"], info["lost"]) == (2, 0, 2)
+    assert rows(db) == []
+
+
+def test_a_put_whose_job_a_consumer_has_waits_for_the_store_to_free_up(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    child = Child(db, "n", "--busy-timeout", "200", module=QUEUE_CHILD)
+    try:
+        child.event("ready")
+        held = lock(db)
+        try:
+            mark = child.mark()
+            child.send("put 20 hold")  # the consumer takes it at once: it can no longer be taken back
+            child.wait_for(lambda line: line.get("ev") == "log" and "writing to the store failed" in line["msg"], start=mark)
+        finally:
+            unlock(held)
+        put = child.wait_for(lambda line: line.get("ev") == "put", start=mark)
+        assert put["error"] is None
+        assert rows(db) == [20], "put returned before its job was committed"
+        child.send("release")
+        child.event("handled")
+        child.send("stop 5")
+        stopped = child.event("stopped")
+        assert child.exit() == 0
+    finally:
+        child.close()
+    assert stopped["info"]["processed"] == 1 and stopped["incomplete"] == []
+    assert rows(db) == []
