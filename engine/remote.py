@@ -32,14 +32,18 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, TypeVar
+
+import pydantic_core
+from pydantic import BaseModel, ValidationError
 
 from . import errors as _errors
 from .bus import EventBuffer
 from .errors import (
     ConnectionClosed,
     IncompatibleVersion,
+    InvalidParams,
     MalformedMessage,
     MessageTooLarge,
     ProtocolError,
@@ -47,12 +51,14 @@ from .errors import (
     TaskwatchError,
 )
 from .events import BaseEvent
+from .jsonsafe import NotJsonSafe, check_key, jsonable, safe_str
 from .operations import OPERATIONS
 from .queues import QueueInfo, QueuePurge
 from .runs import RunRecord
 from .scheduler import PeriodicInfo
 from .snapshot import Snapshot
 from .supervisor import WorkerInfo
+from .tasks import json_unsafe, recorded_params
 from .triggers import TriggerFire
 from .wire import (
     DEFAULT_CLIENT_MAX_MESSAGE,
@@ -106,6 +112,37 @@ def error_from_reply(reply: ErrorReply) -> TaskwatchError:
         if name.isidentifier() and not name.startswith("_") and not hasattr(cls, name):
             setattr(exc, name, value)
     return exc
+
+
+def params_for_wire(task: str, params: object) -> dict[str, Any] | None:
+    """``params`` as the JSON data a ``submit`` command carries; raises :class:`InvalidParams`.
+
+    What the in-process engine refuses whatever the task's model is, this
+    refuses before anything is sent, in the same words: values UTF-8 JSON cannot
+    carry, and a model instance whose JSON dump reads back as other values (a
+    ``SecretStr`` dumps masked). A model instance travels as its JSON dump; the
+    server validates the data against the task's model. NaN and infinity travel
+    as the ``NaN``/``Infinity`` constants the server reads, so the engine gives
+    the verdict it gives in-process (JSON ``null`` would be another value).
+    """
+    if params is None:
+        return None
+    if isinstance(params, BaseModel):
+        return recorded_params(task, params)[1]
+    if not isinstance(params, Mapping):
+        raise InvalidParams(
+            task,
+            [{
+                "loc": ("params",),
+                "msg": f"params must be a dict or a pydantic model, not {type(params).__qualname__}",
+                "type": "dict_type",
+            }],
+        )
+    try:
+        data = jsonable(dict(params))
+    except NotJsonSafe as exc:
+        raise json_unsafe(task, exc.detail) from None
+    return data  # type: ignore[no-any-return]
 
 
 class RemoteEngine:
@@ -343,13 +380,32 @@ class RemoteEngine:
 
     # ------------------------------------------------------------------ commands
 
+    def _encode(self, make: type[Command], msg_id: int, fields: dict[str, Any]) -> bytes:
+        """The command's line; arguments it cannot carry raise :class:`MalformedMessage`, nothing sent."""
+        kind = make.model_fields["type"].default
+        try:
+            cmd = make(id=msg_id, **fields)
+            # NaN and infinity as JSON's customary constants, which the server reads:
+            # encode_message would turn them into null, another value
+            return pydantic_core.to_json(cmd.model_dump(), inf_nan_mode="constants") + b"\n"
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in err['loc']) or '(arguments)'}: {err['msg']}"
+                for err in exc.errors(include_url=False)
+            )
+        except (pydantic_core.PydanticSerializationError, ValueError, TypeError, RecursionError) as exc:
+            problems = f"not encodable as UTF-8 JSON: {safe_str(exc)}"
+        raise MalformedMessage(
+            f"cannot send {kind!r} to {self.address}: {safe_str(problems)[:300]}; nothing was sent. "
+            "Pass arguments of the documented types"
+        )
+
     async def _request(self, make: type[Command], **fields: Any) -> Any:
+        kind = make.model_fields["type"].default
+        msg_id = next(self._ids)
+        line = self._encode(make, msg_id, fields)  # bad arguments raise, connected or not
         if not self._connected or self._writer is None:
             raise ConnectionClosed(f"not connected to {self.address}; call connect() first")
-        msg_id = next(self._ids)
-        cmd = make(id=msg_id, **fields)
-        kind = make.model_fields["type"].default
-        line = encode_message(cmd)
         if len(line) - 1 > self._server_max:
             raise MessageTooLarge(len(line) - 1, self._server_max)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -378,10 +434,20 @@ class RemoteEngine:
         return op.result.model_validate(await self._request(op.command, **args))
 
     async def submit(
-        self, task: str, params: dict[str, Any] | None = None, key: str | None = None
+        self, task: str, params: BaseModel | dict[str, Any] | None = None, key: str | None = None
     ) -> RunRecord:
-        """Submit a run on the remote engine; returns its record (pending, usually)."""
-        return await self._op("submit", task=task, params=params, key=key)  # type: ignore[no-any-return]
+        """Submit a run on the remote engine; returns its record (pending, usually).
+
+        ``params`` is a dict or a pydantic model (sent as its JSON dump). What the
+        in-process call refuses whatever the task is raises here the same way,
+        before anything is sent: :class:`InvalidParams` for params JSON cannot
+        carry, :class:`InvalidKey` for a key that is not a UTF-8-encodable str,
+        :class:`MalformedMessage` for other arguments of the wrong type.
+        """
+        data = params_for_wire(task, params)
+        if key is not None:
+            check_key(f"task {task!r}", key)
+        return await self._op("submit", task=task, params=data, key=key)  # type: ignore[no-any-return]
 
     async def cancel(self, run_id: str) -> RunRecord:
         return await self._op("cancel", run_id=run_id)  # type: ignore[no-any-return]
@@ -425,7 +491,11 @@ class RemoteEngine:
         return await self._op("purge_queue", name=name)  # type: ignore[no-any-return]
 
     async def fire_trigger(self, name: str, key: str) -> TriggerFire:
-        """Queue a run for a trigger's key now (``fired=False``: it had one queued or running)."""
+        """Queue a run for a trigger's key now (``fired=False``: it had one queued or running).
+
+        Raises :class:`InvalidKey` for a key that is not a UTF-8-encodable str, before sending.
+        """
+        check_key(f"trigger {name!r}", key)
         return await self._op("fire_trigger", name=name, key=key)  # type: ignore[no-any-return]
 
     async def snapshot(self, runs_limit: int | None = None) -> Snapshot:

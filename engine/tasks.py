@@ -74,33 +74,7 @@ class TaskSpec:
                 model = model_cls.model_validate(params if params is not None else {})
         except ValidationError as exc:
             raise InvalidParams(self.name, _problems(exc)) from None
-        try:
-            dumped = model.model_dump(mode="json")
-            check_jsonable(dumped)
-        except (NotJsonSafe, PydanticSerializationError, ValueError, TypeError) as exc:
-            # the model accepted a value no dashboard could receive (a lone surrogate,
-            # say): refused here so nothing undecodable is ever recorded or published
-            detail = exc.detail if isinstance(exc, NotJsonSafe) else safe_str(exc)
-            raise InvalidParams(
-                self.name,
-                [{"loc": ("params",), "msg": f"not encodable as UTF-8 JSON: {detail}", "type": "json_unsafe"}],
-            ) from None
-        # The task runs with the params read back from what is recorded, as a retry, a
-        # durable store's next start and another node do: a model of its own, which the
-        # caller's later changes to its objects cannot reach. Params that do not read back
-        # as they were (a SecretStr dumps masked, a field excluded from dumps is lost) would
-        # run differently there, so they are refused here.
-        try:
-            stored = model_cls.model_validate(dumped)
-        except ValidationError as exc:
-            raise InvalidParams(self.name, _lost_in_json(_problems(exc))) from None
-        if stored != model:
-            changed = [name for name in model_cls.model_fields if getattr(stored, name, None) != getattr(model, name, None)]
-            raise InvalidParams(
-                self.name,
-                _lost_in_json([{"loc": (name,), "msg": "reads back as another value", "type": "value_error"} for name in changed]),
-            )
-        return stored, dumped
+        return recorded_params(self.name, model)
 
     def info(self) -> TaskInfo:
         return TaskInfo(
@@ -119,6 +93,41 @@ class TaskSpec:
         if self.params_model is None:
             return {"type": "object", "properties": {}, "title": f"{self.name} params"}
         return self.params_model.model_json_schema()
+
+
+def recorded_params(task: str, model: BaseModel) -> tuple[BaseModel, dict[str, Any]]:
+    """``model`` read back from its JSON record, and that record; raises :class:`InvalidParams`.
+
+    The task runs with the params read back from what is recorded, as a retry,
+    a durable store's next start and another node do: a model of its own,
+    which the caller's later changes to its objects cannot reach. Params no
+    dashboard could decode (a lone surrogate, say) are refused, so nothing
+    undecodable is ever recorded or published; so are params that do not read
+    back as they were (a ``SecretStr`` dumps masked, a field excluded from
+    dumps is lost), which would run differently there.
+    """
+    model_cls = type(model)
+    try:
+        dumped = model.model_dump(mode="json")
+        check_jsonable(dumped)
+    except (NotJsonSafe, PydanticSerializationError, ValueError, TypeError) as exc:
+        raise json_unsafe(task, exc.detail if isinstance(exc, NotJsonSafe) else safe_str(exc)) from None
+    try:
+        stored = model_cls.model_validate(dumped)
+    except ValidationError as exc:
+        raise InvalidParams(task, _lost_in_json(_problems(exc))) from None
+    if stored != model:
+        changed = [name for name in model_cls.model_fields if getattr(stored, name, None) != getattr(model, name, None)]
+        raise InvalidParams(
+            task,
+            _lost_in_json([{"loc": (name,), "msg": "reads back as another value", "type": "value_error"} for name in changed]),
+        )
+    return stored, dumped
+
+
+def json_unsafe(task: str, detail: str) -> InvalidParams:
+    """The error for params UTF-8 JSON cannot carry (``detail`` says why)."""
+    return InvalidParams(task, [{"loc": ("params",), "msg": f"not encodable as UTF-8 JSON: {detail}", "type": "json_unsafe"}])
 
 
 def _problems(exc: ValidationError) -> list[dict[str, Any]]:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
+import socket
 import subprocess
 import sys
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,10 +18,18 @@ from taskwatch.tui.cli import AppPathError, load_engine
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def taskwatch(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def taskwatch(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "taskwatch.tui", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "taskwatch.tui", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        stdin=subprocess.DEVNULL, env={**os.environ, **env} if env else None,
     )
+
+
+def assert_one_clear_line(result: subprocess.CompletedProcess[str], message: str) -> None:
+    assert "Traceback" not in result.stderr, result.stderr[-600:]
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, (result.returncode, result.stderr[-600:])
+    assert lines[0].startswith("taskwatch: ") and message in lines[0], lines[0]
 
 
 def test_version_and_help() -> None:
@@ -104,11 +117,9 @@ def _free_port() -> int:
 
 def test_web_serves_the_dashboard_page_at_the_printed_url(tmp_path: Path) -> None:
     import queue
-    import re
     import threading
     import time
     import urllib.error
-    import urllib.request
 
     port = _free_port()
     proc = subprocess.Popen(
@@ -124,17 +135,10 @@ def test_web_serves_the_dashboard_page_at_the_printed_url(tmp_path: Path) -> Non
             line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
             if match := re.match(rf"taskwatch web: open (http://127\.0\.0\.1:{port}/[\w-]{{43}}/) ", line):
                 url = match[1]
-        page = ""
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    assert response.status == 200
-                    page = response.read().decode()
-                    break
-            except OSError:
-                if proc.poll() is not None:
-                    raise AssertionError(f"taskwatch web exited with {proc.returncode}") from None
-                time.sleep(0.1)  # polling a port that is still opening
+        # printed once the server listens: the first request is served
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.status == 200
+            page = response.read().decode()
         assert "taskwatch" in page
         # everything the page loads comes from this server: it works offline
         outside = [
@@ -151,6 +155,68 @@ def test_web_serves_the_dashboard_page_at_the_printed_url(tmp_path: Path) -> Non
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
         assert refused.value.code == 403
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--serve", "tcp://0.0.0.0:7070"], {}, "refusing to serve on non-loopback host '0.0.0.0'"),
+        (["--serve", "tcp://127.0.0.1:notaport"], {}, "bad port in address"),
+        (["--serve", "http://127.0.0.1:7070"], {}, "unsupported address 'http://127.0.0.1:7070'"),
+        (["--serve", "/no/such/dir/x.sock"], {}, "directory /no/such/dir does not exist"),
+        (["--serve", "tcp://127.0.0.1:0", "--token", "short"], {}, "the control token is 5 bytes"),
+        (["--serve", "tcp://127.0.0.1:0"], {"TASKWATCH_TOKEN": "short"}, "the control token is 5 bytes"),
+        (["--seconds", "3"], {}, "--seconds goes with --plain"),
+        (["attach", "http://127.0.0.1:7070"], {}, "unsupported address 'http://127.0.0.1:7070'"),
+        (["attach", "tcp://127.0.0.1:notaport"], {}, "bad port in address"),
+        (["web", "a", "b", "c"], {}, "unexpected arguments 'b c'"),
+        (["web", "attach", "tcp://127.0.0.1:notaport"], {}, "bad port in address"),
+        (["web", "--port", "70000"], {}, "--port 70000 is not a port number"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_a_bad_option_is_one_clear_line(args: list[str], env: dict[str, str], message: str) -> None:
+    """Refused before any engine, dashboard or web server starts (none would be left running)."""
+    assert_one_clear_line(taskwatch(*args, env=env, timeout=30), message)
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield int(s.getsockname()[1])
+
+
+def test_serve_on_a_busy_port_stops_the_engine_and_is_one_clear_line(busy_port: int) -> None:
+    # only binding finds this out, after the engine started: it is stopped and the process exits
+    result = taskwatch("--serve", f"tcp://127.0.0.1:{busy_port}", timeout=30)
+    assert_one_clear_line(result, f"cannot serve at tcp://127.0.0.1:{busy_port}")
+    assert "address already in use" in result.stderr.lower()
+
+
+def test_web_on_a_busy_port_prints_no_url_and_is_one_clear_line(busy_port: int) -> None:
+    result = taskwatch("web", "--port", str(busy_port), timeout=30)
+    assert_one_clear_line(result, f"cannot listen on http://127.0.0.1:{busy_port}: Address already in use")
+    assert "http" not in result.stdout
+
+
+def test_web_on_port_0_prints_the_port_it_listens_on() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "taskwatch.tui", "web", "--port", "0"],
+        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the test's timeout bounds this
+        match = re.match(r"taskwatch web: open (http://127\.0\.0\.1:(\d+)/[\w-]{43}/) ", line)
+        assert match is not None, line
+        assert int(match[2]) != 0
+        with urllib.request.urlopen(match[1], timeout=10) as response:  # listening once printed
+            assert response.status == 200
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -25,7 +25,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from taskwatch.engine import Engine, TaskwatchError, __version__
+from taskwatch.engine import Engine, TaskwatchError, WeakToken, __version__
+from taskwatch.engine.server import MIN_TOKEN_BYTES
+from taskwatch.engine.wire import TcpAddress, UnixAddress, parse_address
 
 
 #: the attribute looked up when an app path has no ``:ATTRIBUTE``
@@ -213,6 +215,32 @@ def fail(message: str) -> int:
     return 2
 
 
+def check_serve_address(address: str, token: str | None) -> None:
+    """Refuse what ``--serve ADDRESS`` (with ``token``) could not serve, before an engine starts.
+
+    Raises ``ValueError`` (a :class:`WeakToken` for a short token) saying what to give instead.
+    """
+    target = parse_address(address)
+    if isinstance(target, TcpAddress) and not target.is_loopback:
+        raise ValueError(
+            f"refusing to serve on non-loopback host {target.host!r}: the protocol is unencrypted and "
+            "clients can submit and cancel work; use tcp://127.0.0.1:PORT (and an SSH tunnel)"
+        )
+    if isinstance(target, UnixAddress):
+        directory = os.path.dirname(target.path) or "."
+        if not os.path.isdir(directory):
+            raise ValueError(f"cannot serve at {target.path}: directory {directory} does not exist; create it first")
+    if token is not None and len(token.encode()) < MIN_TOKEN_BYTES:
+        raise WeakToken(len(token.encode()), MIN_TOKEN_BYTES)
+
+
+def check_attach_address(address: str) -> None:
+    """Raise ``ValueError`` unless ``address`` is something ``attach`` can connect to."""
+    if address.startswith(("redis://", "rediss://", "postgresql://", "postgres://")):
+        return
+    parse_address(address)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "attach":
@@ -220,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] == "web":
         return _web(_web_parser().parse_args(args[1:]))
     opts = _main_parser().parse_args(args)
+    if opts.seconds is not None and not opts.plain:
+        return fail("--seconds goes with --plain (the dashboard runs until you quit it)")
     if opts.plain:
         from .demo import print_events
 
@@ -233,6 +263,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
         return 0
+    try:
+        token = resolve_token(opts) if opts.serve else None
+        if opts.serve:
+            check_serve_address(opts.serve, token)
+    except (TokenError, ValueError) as exc:
+        return fail(str(exc))
     if opts.app:
         try:
             engine = load_engine(opts.app)
@@ -245,10 +281,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             engine = build_demo_engine(opts.seed, store=opts.store)
         except TaskwatchError as exc:
             return fail(str(exc))
-    try:
-        token = resolve_token(opts) if opts.serve else None
-    except TokenError as exc:
-        return fail(str(exc))
     return _run_local(engine, opts.serve, confirm=opts.confirm, token=token)
 
 
@@ -263,7 +295,13 @@ def _run_local(engine: Engine, serve: str | None, *, confirm: bool = True, token
             # nothing printed: the dashboard is about to take the screen; it shows the
             # attach command itself (ctrl+p, "Attach command")
             options = {"token": token} if token else {}
-            info = bg.serve(serve, announce=False, **options)
+            try:
+                info = bg.serve(serve, announce=False, **options)
+            except (ValueError, OSError, TaskwatchError) as exc:
+                # checked before the engine started; this is what only binding finds out
+                # (a port in use, a socket path taken); `finally` stops the engine
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                return fail(f"cannot serve at {serve}: {reason}")
         TaskwatchApp(LocalClient(engine), confirm=confirm, serving=info).run()
         if info is not None:
             print(f"taskwatch: served {engine.node_id} at {info}", file=sys.stderr)
@@ -278,14 +316,16 @@ def _attach(opts: argparse.Namespace) -> int:
     if opts.address.startswith(("postgresql://", "postgres://")):
         return _attach_database(opts.address, opts.lease, confirm=opts.confirm)
     try:
+        check_attach_address(opts.address)
         token = resolve_token(opts)
-    except TokenError as exc:
+    except (TokenError, ValueError) as exc:
         return fail(str(exc))
     from .app import TaskwatchApp
     from .remote_client import RemoteClient
 
-    TaskwatchApp(RemoteClient(opts.address, token=token), confirm=opts.confirm).run()
-    return 0
+    app = TaskwatchApp(RemoteClient(opts.address, token=token), confirm=opts.confirm)
+    app.run()
+    return app.return_code or 0
 
 
 def _attach_cluster(url: str, stream: str) -> int:
@@ -328,17 +368,28 @@ def _web(opts: argparse.Namespace) -> int:
     if opts.target[:1] == ["attach"]:
         if len(opts.target) != 2:
             return fail("usage: taskwatch web attach ADDRESS [--token-file PATH]")
+        try:
+            check_attach_address(opts.target[1])
+        except ValueError as exc:
+            return fail(str(exc))
         command += ["attach", opts.target[1]]
         if token:
             # each browser session runs `command`; textual-serve gives it a copy of
             # this process's environment, so the token reaches it without argv
             os.environ[TOKEN_ENV] = token
+    elif len(opts.target) > 1:
+        return fail(f"unexpected arguments {' '.join(opts.target[1:])!r}; usage: taskwatch web [APP | attach ADDRESS]")
     elif opts.target:
         command += [opts.target[0]]
+    if not 0 <= opts.port <= 65535:
+        return fail(f"--port {opts.port} is not a port number (0-65535; 0 picks a free one)")
     try:
         web.serve(shlex.join(command), host=opts.host, port=opts.port)
     except web.SecretError as exc:
         return fail(str(exc))
+    except OSError as exc:
+        # nothing was printed or started: the address is bound before the URL is shown
+        return fail(f"cannot listen on {web.base_url(opts.host, opts.port)}: {exc.strerror or exc}")
     return 0
 
 

@@ -22,12 +22,15 @@ which hands the secret over in ``$TASKWATCH_WEB_SECRET`` so it never shows in ``
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import logging
 import os
 import re
 import secrets
+import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -114,6 +117,32 @@ def same_origin(origin: str, host_header: str) -> bool:
     return mine[0] == theirs[0] or (is_loopback_host(mine[0]) and is_loopback_host(theirs[0]))
 
 
+def bind_sockets(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address of ``host`` at ``port``, not yet listening (as asyncio binds).
+
+    With port 0 the first gets a free port and the others the same one. Raises
+    :class:`OSError` (a :class:`socket.gaierror` for a host that does not resolve,
+    ``EADDRINUSE`` for a port in use), with no socket left open.
+    """
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _name, addr in dict.fromkeys(infos):
+            if socks and port == 0:
+                addr = (addr[0], socks[0].getsockname()[1], *addr[2:])
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
 class DashboardServer(Server):
     """textual-serve's :class:`~textual_serve.server.Server`, reachable only under ``/<secret>/``.
 
@@ -163,12 +192,33 @@ class DashboardServer(Server):
             raise web.HTTPForbidden(text="taskwatch web: cross-origin request refused\n")
         return await handler(request)
 
-    def initialize_logging(self) -> None:
-        super().initialize_logging()
-        # aiohttp's access log writes every request line, secret included
-        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    def serve(self, debug: bool = False) -> None:
+        """textual-serve's ``serve()``, on sockets bound first.
 
-    async def on_startup(self, app: web.Application) -> None:
+        A port in use or a host that does not resolve raises :class:`OSError`
+        before anything is printed; the URL is printed once the server listens,
+        with the port actually bound (the one the system chose for port 0).
+        """
+        socks = bind_sockets(self.host, self.port)
+        try:
+            self.port = socks[0].getsockname()[1]
+            self.public_url = base_url(self.host, self.port)
+            self.url = dashboard_url(self.host, self.port, self.secret)
+            self.debug = debug
+            self.initialize_logging()
+            loop = asyncio.new_event_loop()
+            try:
+                loop.add_signal_handler(signal.SIGINT, self.request_exit)
+                loop.add_signal_handler(signal.SIGTERM, self.request_exit)
+            except NotImplementedError:
+                pass
+            # aiohttp calls ``print`` once every socket listens
+            web.run_app(self._make_app(), sock=socks, handle_signals=False, loop=loop, print=self._listening)
+        finally:
+            for sock in socks:
+                sock.close()
+
+    def _listening(self, *_: object) -> None:
         print(f"taskwatch web: open {self.url}  (Ctrl+C to quit)", flush=True)
         if not is_loopback_host(self.host):
             print(
@@ -177,6 +227,16 @@ class DashboardServer(Server):
                 file=sys.stderr,
                 flush=True,
             )
+
+    def initialize_logging(self) -> None:
+        super().initialize_logging()
+        # aiohttp's access log writes every request line, secret included
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+    async def on_startup(self, app: web.Application) -> None:
+        # runs before the sockets listen: the URL is printed by _listening, once they do
+        # (textual-serve's own banner, which this replaces, is not shown)
+        return None
 
 
 async def _private_headers(request: web.Request, response: web.StreamResponse) -> None:
