@@ -460,3 +460,30 @@ async def test_a_submit_given_up_while_the_store_writes_still_indexes_and_announ
         record = await engine.wait_for(event.run_id, timeout=10)
         assert record.status is RunStatus.SUCCEEDED and record.result == "done"
         assert engine.stats().submitted_total == 1
+
+
+async def test_progress_an_older_version_stored_as_infinity_does_not_stop_a_start(tmp_path: Path) -> None:
+    # older taskwatch took ctx.progress(float("inf")) and stored it; the file must still open
+    import sqlite3
+
+    path = tmp_path / "runs.db"
+    engine = Engine(store=f"sqlite:///{path}", node_id="n", health_interval=None)
+
+    @engine.task
+    async def job(ctx: TaskContext) -> None:
+        await ctx.progress(1, 2)
+
+    async with engine:
+        done = await (await engine.submit("job")).wait(5)
+        other = await (await engine.submit("job")).wait(5)
+    with sqlite3.connect(path) as conn:  # what the older version wrote
+        # (SQLite keeps infinities; a NaN it cannot keep, PostgreSQL could)
+        conn.execute("UPDATE runs SET progress_done = 9e999, progress_total = -9e999 WHERE id = ?", (done.id,))
+        conn.execute("UPDATE runs SET progress_total = 9e999 WHERE id = ?", (other.id,))
+    again = Engine(store=f"sqlite:///{path}", node_id="n", health_interval=None)
+    again.task(name="job")(job)
+    async with again:
+        for run_id in (done.id, other.id):
+            progress = again.get(run_id).progress
+            assert (progress.done, progress.total) in ((0.0, None), (1.0, None)), progress
+        assert len(again.runs(limit=None)) == 2

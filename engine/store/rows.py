@@ -6,6 +6,8 @@ the same order (``queries.RUN_COLUMNS``, ``queries.NODE_COLUMNS``).
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -47,6 +49,10 @@ def counts_of(rows: Sequence[Sequence[Any]]) -> Counts:
     return Counts(by_status=by_status, **{f"{k}_total": v for k, v in totals.items()})
 
 
+def _finite(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None
+
+
 def stored_run(r: Sequence[Any]) -> StoredRun:
     (
         seq, run_id, task, params, status, attempt, max_attempts, lost_count, created_at, started_at,
@@ -63,7 +69,8 @@ def stored_run(r: Sequence[Any]) -> StoredRun:
         created_at=created_at,
         started_at=started_at,
         finished_at=finished_at,
-        progress=Progress(done=done, total=total, message=message),
+        # an older taskwatch stored non-finite progress: read back as none, never refused
+        progress=Progress(done=_finite(done) or 0.0, total=_finite(total), message=message),
         result=None if result is None else loads(result),
         error=None if error is None else RunError(**loads(error)),
         key=key,
