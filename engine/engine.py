@@ -815,7 +815,7 @@ class Engine:
                 continue
             run, result = next(written)
             if result.new and result.id == run.id:
-                if self._index.runs.get(run.id) is not run:  # else claimed (and admitted) first
+                if not self._run.admitted_already(run):  # else claimed (and admitted) first
                     self._index.admitted(run)
                     admitted.append(run)
                 out.append(RunHandle(self, run.id, run))
@@ -841,12 +841,16 @@ class Engine:
         """Like :meth:`submit`, for synchronous code on the engine's loop; never waits.
 
         The run is indexed and announced at once and written to the store with
-        the next batch (a moment later). ``internal`` lets the engine's own
+        the next batch (a moment later). With a ``key`` held by a pending run
+        in a store other nodes share, that write finds out: this run then ends
+        ``cancelled`` with ``error.type == "KeyHeld"`` naming the holder (a
+        pending run of this node's not written yet is answered at once, as
+        :meth:`submit` does). ``internal`` lets the engine's own
         loops (periodic tasks, triggers) submit the tasks they registered,
         which users cannot submit directly.
         """
         run = self._prepare(task, params, key, source, internal)
-        holder = self._index.pending_holder(run)
+        holder = self._key_holder(run)
         if holder is not None:
             return RunHandle(self, holder.id, holder)
         self._check_room()

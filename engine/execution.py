@@ -392,10 +392,15 @@ class Execution:
 
     def admit(self, run: Run) -> None:
         """Index a run this node submitted and say so, once (its claim may have come first)."""
-        if self.index.runs.get(run.id) is run:
+        if self.admitted_already(run):
             return
         self.index.admitted(run)
         self.announce(run)
+
+    def admitted_already(self, run: Run) -> bool:
+        """True for a run its claim admitted before its submit took up the store's answer: it is
+        indexed, or went on from pending (and may even have finished and left the index)."""
+        return self.index.runs.get(run.id) is run or run.status is not _PENDING
 
     def announce(self, run: Run) -> None:
         """Publish ``run.submitted`` for a run just indexed."""
@@ -893,6 +898,11 @@ class Execution:
             # another process's pending run held the key: this one never existed in the store
             run = self.index.runs.get(row.id or "")
             if run is not None and run.status is _PENDING:
+                run.error = RunError(
+                    type="KeyHeld",
+                    message=f"run {inserted.id} held the key {run.key!r} of task {run.task!r} when this run was "
+                    "written, so this one was not queued; that run does the work",
+                )
                 self.finish_cancelled(run, "external", was_running=False)
 
     def fail_unstarted(self, run: Run, error: RunError) -> None:

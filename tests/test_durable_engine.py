@@ -487,3 +487,52 @@ async def test_progress_an_older_version_stored_as_infinity_does_not_stop_a_star
             progress = again.get(run_id).progress
             assert (progress.done, progress.total) in ((0.0, None), (1.0, None)), progress
         assert len(again.runs(limit=None)) == 2
+
+
+async def test_submit_nowait_with_a_key_lets_a_shared_store_decide(tmp_path: Path) -> None:
+    import asyncio
+
+    from taskwatch.engine import RunStatus
+
+    options = dict(store=f"sqlite:///{tmp_path / 'shared.db'}", health_interval=None, lease_ttl=30, poll_interval=0.05)
+    a = Engine(node_id="node-a", max_concurrency=1, **options)  # type: ignore[arg-type]
+    b = Engine(node_id="node-b", **options)  # type: ignore[arg-type]
+    release = asyncio.Event()
+
+    @a.task
+    async def hold(ctx: TaskContext) -> None:
+        await release.wait()
+
+    for engine in (a, b):
+
+        @engine.task(name="job")
+        async def job(ctx: TaskContext) -> None:
+            await release.wait()
+
+    async with a, b:
+        await a.submit("hold")  # A's only slot: B runs the keyed runs
+        await eventually(lambda: a.stats().running == 1)
+        first = await a.submit("job", key="K")
+        await eventually(lambda: b.stats().running == 1)
+        # B started it, which freed the key: a new run, though A's index still says pending
+        second = a.submit_nowait("job", key="K")
+        assert second.id != first.id
+        assert a.submit_nowait("job", key="K").id == second.id  # not written yet: A knows
+        stored = None
+
+        async def written() -> bool:
+            nonlocal stored
+            stored = await a.store.get(second.id)
+            return stored is not None
+
+        for _ in range(500):
+            if await written():
+                break
+            await asyncio.sleep(0.01)
+        assert stored is not None and stored.status is RunStatus.PENDING
+        # written and pending now: the store's write of a third finds the key held, and says so
+        third = a.submit_nowait("job", key="K")
+        record = await third.wait(timeout=10)
+        assert record.status is RunStatus.CANCELLED
+        assert record.error is not None and record.error.type == "KeyHeld" and second.id in record.error.message
+        release.set()
