@@ -67,7 +67,8 @@ class TaskSpec:
         try:
             if isinstance(params, model_cls):
                 # validated again (model_construct skips validation), from its field values
-                model = model_cls.model_validate(params.__dict__)
+                # and its extra ones (a model with extra="allow")
+                model = model_cls.model_validate({**params.__dict__, **(params.__pydantic_extra__ or {})})
             elif isinstance(params, BaseModel):
                 model = model_cls.model_validate(params.model_dump())
             else:
@@ -108,7 +109,9 @@ def recorded_params(task: str, model: BaseModel) -> tuple[BaseModel, dict[str, A
     """
     model_cls = type(model)
     try:
-        dumped = model.model_dump(mode="json")
+        # by alias: the record reads back as the model's input (its schema's names), also
+        # for a model that takes only its aliases
+        dumped = model.model_dump(mode="json", by_alias=True)
         check_jsonable(dumped)
     except (NotJsonSafe, PydanticSerializationError, ValueError, TypeError) as exc:
         raise json_unsafe(task, exc.detail if isinstance(exc, NotJsonSafe) else safe_str(exc)) from None
@@ -117,12 +120,25 @@ def recorded_params(task: str, model: BaseModel) -> tuple[BaseModel, dict[str, A
     except ValidationError as exc:
         raise InvalidParams(task, _lost_in_json(_problems(exc))) from None
     if stored != model:
-        changed = [name for name in model_cls.model_fields if getattr(stored, name, None) != getattr(model, name, None)]
+        changed = [name for name in model_cls.model_fields if not _same(getattr(stored, name, None), getattr(model, name, None))]
+        if not changed:
+            return stored, dumped  # tuples read back as lists: the same values, as JSON has them
         raise InvalidParams(
             task,
             _lost_in_json([{"loc": (name,), "msg": "reads back as another value", "type": "value_error"} for name in changed]),
         )
     return stored, dumped
+
+
+def _same(read_back: Any, given: Any) -> bool:
+    """Equal, a tuple and a list of equal items counting as the same (JSON has only lists)."""
+    if isinstance(read_back, (list, tuple)) and isinstance(given, (list, tuple)):
+        return len(read_back) == len(given) and all(_same(a, b) for a, b in zip(read_back, given))
+    if isinstance(read_back, dict) and isinstance(given, dict):
+        return read_back.keys() == given.keys() and all(_same(read_back[k], given[k]) for k in read_back)
+    if isinstance(read_back, BaseModel) and type(read_back) is type(given):
+        return _same(read_back.__dict__, given.__dict__) and _same(read_back.__pydantic_extra__, given.__pydantic_extra__)
+    return bool(read_back == given)
 
 
 def json_unsafe(task: str, detail: str) -> InvalidParams:

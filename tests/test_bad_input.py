@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from taskwatch.engine import (
     Engine,
     EngineCrashed,
@@ -225,6 +225,37 @@ async def test_params_that_do_not_read_back_from_their_record_are_refused(
                 await engine.submit("lossy", given)
             assert field in str(caught.value)
         assert engine.runs() == []
+
+
+class Aliased(BaseModel):
+    user_id: str = Field(alias="userId")
+
+
+class Spans(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    spans: dict[str, Any]
+    inner: Tagged | None = None
+
+
+async def test_params_that_read_back_as_the_same_values_are_taken_as_they_come() -> None:
+    # an alias-only field, tuples (JSON has lists), extra fields: a retry or another node
+    # reads them back as the same values, so they are taken, and recorded by alias
+    engine = make_engine()
+    seen: list[BaseModel] = []
+
+    async def task(ctx: TaskContext, p: BaseModel) -> None:
+        seen.append(p)
+
+    engine.task(name="aliased", params=Aliased)(task)
+    engine.task(name="spans", params=Spans)(task)
+    async with engine:
+        record = await (await engine.submit("aliased", {"userId": "u1"})).wait(5)
+        assert record.params == {"userId": "u1"} and seen[-1] == Aliased(userId="u1")
+        given = Spans(spans={"a": (1, 2)}, inner=Tagged(n=1, tags=["x"]), note="kept")
+        record = await (await engine.submit("spans", given)).wait(5)
+        assert record.status is RunStatus.SUCCEEDED
+        assert record.params == {"spans": {"a": [1, 2]}, "inner": {"n": 1, "tags": ["x"]}, "note": "kept"}
+        assert seen[-1].model_extra == {"note": "kept"}
 
 
 # ---------------------------------------------------------------- contained to the run
