@@ -357,6 +357,8 @@ class WorkQueue:
                     if self._writes_open:
                         self._keep(job)
                     else:
+                        # the stop counted it among the jobs kept: it is not
+                        self.kept = max(0, self.kept - 1)
                         self.lost += 1
                         log.error("queue %r: a job arrived after the stop wrote its last jobs; it is lost", self.name)
                 return
