@@ -697,18 +697,17 @@ class Engine:
 
         A caller that gives up meanwhile (a control client that disconnected,
         a timeout around ``submit``) does not take back a write that may land:
-        the runs the store took are then indexed and announced when it does,
-        as if the caller had waited, so no stored run goes unseen here.
+        the runs the store took are then read back, indexed and announced, as
+        if the caller had waited, so no stored run goes unseen here.
         """
         self._run.writing(runs)
         write = asyncio.ensure_future(self._store.insert([self._new_row(run) for run in runs], max_pending=self.max_queue))
         try:
-            inserted = await asyncio.shield(write)
+            # awaited as it is (no shield: that costs a loop turn per submit), so a cancel
+            # here cancels the write's future too and its answer is lost (see _admit_late)
+            inserted = await write
         except asyncio.CancelledError:
-            if write.done():
-                self._admit_late(runs, write)
-            else:
-                self._run.keep_write(write, functools.partial(self._admit_late, runs))
+            self._run.keep_write(write, functools.partial(self._admit_late, runs))
             raise
         except QueueFull:
             self._run.written(runs)
@@ -720,13 +719,33 @@ class Engine:
         return inserted
 
     def _admit_late(self, runs: list[Run], write: asyncio.Future[list[Inserted]]) -> None:
-        """Index and announce the runs a submit given up on wrote after all."""
+        """The write of a submit given up on is over: admit what it wrote after all."""
+        if self._state != "running":
+            self._run.written(runs)
+            return  # a stopped engine: its next start reads them back
+        if write.cancelled():
+            # its answer went with the cancel, not necessarily the write (SQLite's writer
+            # thread does it all the same; PostgreSQL may have committed first): read back
+            check = asyncio.ensure_future(self._store.get_many([run.id for run in runs]))
+            self._run.keep_write(check, functools.partial(self._admit_found, runs))
+            return
         self._run.written(runs)
-        if write.cancelled() or write.exception() is not None or self._state != "running":
-            return  # nothing written, or a stopped engine (its next start reads them back)
+        if write.exception() is not None:
+            return
         with self._run.starts_held():
             for run, result in zip(runs, write.result(), strict=True):
                 if result.new and result.id == run.id:
+                    self._admitted(run)
+        self._run.start_soon()
+
+    def _admit_found(self, runs: list[Run], check: asyncio.Future[dict[str, Any]]) -> None:
+        self._run.written(runs)
+        if check.cancelled() or check.exception() is not None or self._state != "running":
+            return
+        found = check.result()
+        with self._run.starts_held():
+            for run in runs:
+                if run.id in found:
                     self._admitted(run)
         self._run.start_soon()
 
