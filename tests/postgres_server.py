@@ -113,6 +113,17 @@ class PostgresServer:
             return ""
 
 
+def schema_script(versions: int) -> list[str]:
+    """SQL that builds the schema as the first ``versions`` migrations left it (an older taskwatch's)."""
+    from taskwatch.engine.store import queries as Q
+
+    script = [Q.CREATE_MIGRATIONS]
+    for version, name, statements in Q.MIGRATIONS[:versions]:
+        script += [Q.postgres_ddl(sql) for sql in statements]
+        script.append(f"INSERT INTO schema_migrations VALUES ({version}, '{name}', 0)")
+    return script
+
+
 def _missing(what: str) -> NoReturn:
     server_missing(f"PostgreSQL is not installed ({what} not found); install it with: {INSTALL}")
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from taskwatch.engine import Engine, RunRecord, TaskContext
+from taskwatch.engine import Engine, RunHandle, RunRecord, TaskContext
 
 from .helpers import eventually
 
@@ -58,8 +60,6 @@ async def test_slots_missed_while_stopped_fire_once(tmp_path: Path) -> None:
 
 
 async def test_runs_another_node_executes_finish_in_this_nodes_index_and_waits(tmp_path: Path) -> None:
-    import asyncio
-
     from taskwatch.engine import RunStatus
 
     url = f"sqlite:///{tmp_path / 'shared.db'}"
@@ -95,8 +95,6 @@ async def test_runs_another_node_executes_finish_in_this_nodes_index_and_waits(t
 
 
 async def test_restarting_one_engine_object_on_a_durable_store_keeps_its_counts_true(tmp_path: Path) -> None:
-    import asyncio
-
     engine = Engine(store=f"sqlite:///{tmp_path / 'restart.db'}", node_id="again", max_concurrency=1,
                     max_queue=4, health_interval=None)
     gate = asyncio.Event()
@@ -128,8 +126,6 @@ async def test_restarting_one_engine_object_on_a_durable_store_keeps_its_counts_
 
 
 async def test_a_handle_from_before_a_restart_of_its_engine_sees_the_run_finish(tmp_path: Path) -> None:
-    import asyncio
-
     engine = Engine(store=f"sqlite:///{tmp_path / 'handles.db'}", node_id="again", max_concurrency=1,
                     health_interval=None)
     gate = asyncio.Event()
@@ -197,7 +193,6 @@ async def test_an_outcome_refused_by_a_busy_file_is_written_once_the_file_is_fre
 ) -> None:
     # another process holds the file's write lock past the store's busy timeout just as a
     # run ends: the outcome waits for the file and is written, not left to recovery
-    import asyncio
     import logging
     import sqlite3
 
@@ -236,7 +231,6 @@ async def test_an_outcome_write_waits_out_a_busy_file_while_its_claim_holds(
 ) -> None:
     # the file stays locked past what a fixed number of tries would wait, but not past the
     # claim's lease: the outcome is written once it is free, and the run never runs twice
-    import asyncio
     import logging
     import sqlite3
 
@@ -276,7 +270,6 @@ async def test_a_cancel_before_the_first_step_reaches_a_busy_file(
     # a run cancelled between its claim and its first step ends without an attempt; the store
     # must hear so even if the file is locked just then, or the claim, let go unwritten, would
     # be recovered as lost once its lease ran out and the run would execute after all
-    import asyncio
     import logging
     import sqlite3
 
@@ -324,17 +317,10 @@ async def test_a_cancel_before_the_first_step_reaches_a_busy_file(
     assert executions == []
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
-async def test_a_key_whose_run_another_node_started_is_free_for_a_new_submit(
-    kind: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    # node A indexes its keyed run as pending until its next catch-up, though node B has
-    # started it: the key is free in the store, and A's next submit of it must queue a run
-    import asyncio
-
-    from taskwatch.engine import RunStatus
-
-    url = f"sqlite:///{tmp_path / 'shared.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
+@contextlib.asynccontextmanager
+async def keyed_run_started_elsewhere(url: str) -> AsyncIterator[tuple[Engine, Engine, RunHandle, asyncio.Event]]:
+    """Nodes A and B sharing ``url``: A (its one slot held) submitted a run of ``job`` with
+    key ``K``, which B has started; A's index still shows it pending. ``release`` ends them."""
     options = dict(store=url, health_interval=None, lease_ttl=30, poll_interval=0.05)
     a = Engine(node_id="node-a", max_concurrency=1, **options)  # type: ignore[arg-type]
     b = Engine(node_id="node-b", **options)  # type: ignore[arg-type]
@@ -351,10 +337,26 @@ async def test_a_key_whose_run_another_node_started_is_free_for_a_new_submit(
             await release.wait()
 
     async with a, b:
-        await a.submit("hold")  # A's only slot: B runs the keyed run
+        await a.submit("hold")  # A's only slot: B runs the keyed runs
         await eventually(lambda: a.stats().running == 1)
         first = await a.submit("job", key="K")
         await eventually(lambda: b.stats().running == 1)
+        try:
+            yield a, b, first, release
+        finally:
+            release.set()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_a_key_whose_run_another_node_started_is_free_for_a_new_submit(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # node A indexes its keyed run as pending until its next catch-up, though node B has
+    # started it: the key is free in the store, and A's next submit of it must queue a run
+    from taskwatch.engine import RunStatus
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
+    async with keyed_run_started_elsewhere(url) as (a, b, first, release):
         stored = await a.store.get(first.id)
         assert stored is not None and stored.status is RunStatus.RUNNING
         second = await a.submit("job", key="K")
@@ -368,8 +370,6 @@ async def test_a_key_whose_run_another_node_started_is_free_for_a_new_submit(
 
 
 async def test_a_run_cancelled_while_its_worker_was_lost_ends_cancelled_by_its_user(tmp_path: Path) -> None:
-    import asyncio
-
     from taskwatch.engine import RunStatus
     from taskwatch.engine.store import NewRun, SqliteStore
 
@@ -396,8 +396,6 @@ async def test_a_run_cancelled_while_its_worker_was_lost_ends_cancelled_by_its_u
 
 
 async def test_cancelling_a_run_another_node_finished_meanwhile_says_it_finished(tmp_path: Path) -> None:
-    import asyncio
-
     from taskwatch.engine import RunNotCancellable
     from taskwatch.engine.store import NewRun, SqliteStore, Succeeded
 
@@ -429,7 +427,6 @@ async def test_a_submit_given_up_while_the_store_writes_still_indexes_and_announ
     # a control client that disconnects, or a timeout around submit(), cancels the submit
     # while the store writes: the run lands in the store all the same, and must not go
     # unannounced and uncounted here
-    import asyncio
     import sqlite3
 
     from taskwatch.engine import RunStatus
@@ -490,30 +487,9 @@ async def test_progress_an_older_version_stored_as_infinity_does_not_stop_a_star
 
 
 async def test_submit_nowait_with_a_key_lets_a_shared_store_decide(tmp_path: Path) -> None:
-    import asyncio
-
     from taskwatch.engine import RunStatus
 
-    options = dict(store=f"sqlite:///{tmp_path / 'shared.db'}", health_interval=None, lease_ttl=30, poll_interval=0.05)
-    a = Engine(node_id="node-a", max_concurrency=1, **options)  # type: ignore[arg-type]
-    b = Engine(node_id="node-b", **options)  # type: ignore[arg-type]
-    release = asyncio.Event()
-
-    @a.task
-    async def hold(ctx: TaskContext) -> None:
-        await release.wait()
-
-    for engine in (a, b):
-
-        @engine.task(name="job")
-        async def job(ctx: TaskContext) -> None:
-            await release.wait()
-
-    async with a, b:
-        await a.submit("hold")  # A's only slot: B runs the keyed runs
-        await eventually(lambda: a.stats().running == 1)
-        first = await a.submit("job", key="K")
-        await eventually(lambda: b.stats().running == 1)
+    async with keyed_run_started_elsewhere(f"sqlite:///{tmp_path / 'shared.db'}") as (a, b, first, release):
         # B started it, which freed the key: a new run, though A's index still says pending
         second = a.submit_nowait("job", key="K")
         assert second.id != first.id

@@ -7,9 +7,11 @@ with SIGKILL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -180,15 +182,16 @@ def rows(db: Path) -> list[int]:
         return [json.loads(job)["i"] for (job,) in conn.execute("SELECT job FROM queue_jobs ORDER BY id")]
 
 
-def lock(db: Path) -> sqlite3.Connection:
+@contextlib.contextmanager
+def locked(db: Path) -> Iterator[None]:
+    """The file's write lock, held by this process (another process's transaction) for the block."""
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("BEGIN EXCLUSIVE")
-    return conn
-
-
-def unlock(conn: sqlite3.Connection) -> None:
-    conn.execute("COMMIT")
-    conn.close()
+    try:
+        yield
+    finally:
+        conn.execute("COMMIT")
+        conn.close()
 
 
 async def handle_all(db: Path) -> tuple[list[int], int]:
@@ -241,15 +244,12 @@ async def test_jobs_handled_while_their_write_waits_do_not_run_again_after_a_cle
     child = Child(db, "n", "--busy-timeout", "30000", module=QUEUE_CHILD)
     try:
         child.event("ready")
-        held = lock(db)
-        try:
+        with locked(db):
             child.send("put_nowait 0 1 2 3")  # their write waits for the lock; the handler has them at once
             for i in range(4):
                 child.wait_for(lambda line, i=i: line.get("ev") == "handled" and line["i"] == i)
             child.send("stop 5")
             child.event("stopping")  # the write is still waiting: the stop must let it end, and record it
-        finally:
-            unlock(held)
         stopped = child.event("stopped")
         assert child.exit() == 0
     finally:
@@ -264,12 +264,9 @@ def test_a_put_the_store_refuses_raises_and_a_retry_is_kept_across_a_kill(tmp_pa
     child = Child(db, "n", "--busy-timeout", "200", "--paused", module=QUEUE_CHILD)
     try:
         child.event("ready")
-        held = lock(db)
-        try:
+        with locked(db):
             child.send("put 1")
             refused = child.event("put")
-        finally:
-            unlock(held)
         # put returns only once its job is committed: the store stayed locked, so it says so
         assert refused["i"] == 1 and refused["error"] == "StoreBusy", refused
         assert "nothing was written. Retry" in refused["message"]
@@ -296,8 +293,7 @@ def test_jobs_and_acks_of_a_refused_write_are_written_once_the_store_frees_up(tm
         assert child.event("put")["error"] is None  # committed; the handler holds it
         child.send("pause")
         child.event("paused")
-        held = lock(db)
-        try:
+        with locked(db):
             mark = child.mark()
             child.send("put_nowait 11")  # its write fails: the queue keeps it and tries again
             child.wait_for(lambda line: line.get("ev") == "log" and "writing to the store failed" in line["msg"], start=mark)
@@ -306,8 +302,6 @@ def test_jobs_and_acks_of_a_refused_write_are_written_once_the_store_frees_up(tm
             child.wait_for(lambda line: line.get("ev") == "handled" and line["i"] == 10, start=mark)
             mark = child.mark()
             child.wait_for(lambda line: line.get("ev") == "log" and "writing to the store failed" in line["msg"], start=mark)
-        finally:
-            unlock(held)
         mark = child.mark()
         child.send("put 12")
         assert child.wait_for(lambda line: line.get("ev") == "put", start=mark)["error"] is None
@@ -328,14 +322,11 @@ def test_jobs_a_stop_cannot_write_are_counted_lost_not_kept(tmp_path: Path) -> N
     child = Child(db, "n", "--busy-timeout", "200", "--paused", module=QUEUE_CHILD)
     try:
         child.event("ready")
-        held = lock(db)
-        try:
+        with locked(db):
             child.send("put_nowait 1 2")
             child.event("put_nowait")
             child.send("stop 0")
             stopped = child.event("stopped")
-        finally:
-            unlock(held)
         assert child.exit() == 0
     finally:
         child.close()
@@ -350,13 +341,10 @@ def test_a_put_whose_job_a_consumer_has_waits_for_the_store_to_free_up(tmp_path:
     child = Child(db, "n", "--busy-timeout", "200", module=QUEUE_CHILD)
     try:
         child.event("ready")
-        held = lock(db)
-        try:
+        with locked(db):
             mark = child.mark()
             child.send("put 20 hold")  # the consumer takes it at once: it can no longer be taken back
             child.wait_for(lambda line: line.get("ev") == "log" and "writing to the store failed" in line["msg"], start=mark)
-        finally:
-            unlock(held)
         put = child.wait_for(lambda line: line.get("ev") == "put", start=mark)
         assert put["error"] is None
         assert rows(db) == [20], "put returned before its job was committed"

@@ -29,7 +29,7 @@ from taskwatch.engine.store.base import Subscription
 
 from .cutting_proxy import CuttingProxy
 from .helpers import eventually
-from .postgres_server import PostgresServer
+from .postgres_server import PostgresServer, schema_script
 
 TTL = 10.0
 #: generous bounds for a loaded machine; a passing run takes a fraction of them
@@ -264,10 +264,7 @@ async def test_a_version_4_database_migrates_to_5_once_with_several_nodes_and_ke
 ) -> None:
     db = _db(postgres_url)
     # a database as taskwatch left it before the nonces, with a batch of events written twice
-    script = [Q.CREATE_MIGRATIONS]
-    for version, name, statements in Q.MIGRATIONS[:4]:
-        script += [Q.postgres_ddl(sql) for sql in statements]
-        script.append(f"INSERT INTO schema_migrations VALUES ({version}, '{name}', 0)")
+    script = schema_script(4)
     script += [
         "INSERT INTO queue_jobs (queue, job, incarnation, created_at) VALUES ('q', '[1]', 'gone', 1)",
         "INSERT INTO periodic (name, last_fire) VALUES ('tick', 100)",

@@ -28,7 +28,7 @@ from taskwatch.engine.store import (
 )
 
 from .cutting_proxy import CuttingProxy
-from .postgres_server import PostgresServer
+from .postgres_server import PostgresServer, schema_script
 
 TTL = 10.0
 
@@ -232,14 +232,9 @@ async def test_two_nodes_recovering_at_once_take_each_lost_run_once(postgres_url
 async def test_a_version_2_database_gains_node_load_and_events_and_keeps_its_data(
     postgres_server: PostgresServer, postgres_url: str
 ) -> None:
-    from taskwatch.engine.store import queries as Q
-
     db = postgres_url.rsplit("/", 1)[1]
     # a database as taskwatch left it before CPU and RSS were kept
-    script = [Q.CREATE_MIGRATIONS]
-    for version, name, statements in Q.MIGRATIONS[:2]:
-        script += [Q.postgres_ddl(sql) for sql in statements]
-        script.append(f"INSERT INTO schema_migrations VALUES ({version}, '{name}', 0)")
+    script = schema_script(2)
     script += [
         "INSERT INTO runs (id, task, params, status, created_at, run_after) VALUES ('r1', 'a', '{\"n\": 1}', 'pending', 1, 0)",
         "INSERT INTO nodes (incarnation, node, version, started_at, last_heartbeat, running, registered_seq) "
