@@ -12,15 +12,15 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
-from taskwatch.engine import Engine, RunStatus
+from taskwatch.engine import Engine, InProcessLease, LeaseState, RunStatus
 from taskwatch.tui.app import TaskwatchApp
 from taskwatch.tui.client import LocalClient
 from taskwatch.tui.screens import ConfirmScreen, HelpScreen, SubmitScreen
 from taskwatch.widgets import FailuresList, ParamsForm, RunDetail, ScheduleTable
 from textual.pilot import Pilot
-from textual.widgets import Input, TabbedContent
+from textual.widgets import Input, Sparkline, TabbedContent
 
-from .helpers import eventually
+from .helpers import Recorder, eventually
 from .test_dashboard import make_engine, open_submit, shown_status, table
 
 SMALL = (80, 24)
@@ -176,22 +176,24 @@ async def test_on_a_small_terminal_the_submit_form_scrolls_and_its_buttons_and_e
         await pilot.pause()
         await pilot.press("enter")  # Enter in a field submits; the focus moves to the wrong one
         await eventually(lambda: form.field_error("contents") == "this field is required")
-        await pilot.pause()
-        error = next(e for e in form.query(".params-form--error") if e.display)
-        assert in_sight(form.field_widget("contents")) and in_sight(error)
+
+        def wrong_field_in_sight() -> bool:
+            # scrolled there once the errors are laid out (after a refresh: a moment on a busy machine)
+            error = next((e for e in form.query(".params-form--error") if e.display), None)
+            return error is not None and in_sight(form.field_widget("contents")) and in_sight(error)
+
+        await eventually(wrong_field_in_sight)
         assert all(in_sight(button) for button in buttons)
         assert isinstance(app.screen, SubmitScreen) and engine.runs(limit=None) == []
 
 
 @pytest.mark.parametrize("tab", ["1", "3", "5"])
 async def test_at_60_columns_the_footer_still_shows_help_and_quit(tab: str) -> None:
-    from textual.widgets._footer import FooterKey
-
     engine = make_engine()
     async with dashboard(engine, size=(60, 15)) as (app, pilot):
         await pilot.press(tab)
         await pilot.pause()
-        keys = {k.key: k for k in app.main.query(FooterKey)}
+        keys = {k.key: k for k in app.main.query("FooterKey")}
         for key in ("question_mark", "q"):
             assert in_sight(keys[key]) and keys[key].region.right <= 60, key
         await pilot.click(keys["question_mark"])  # and they work
@@ -427,8 +429,6 @@ async def test_run_detail_draws_a_recovery() -> None:
 
 
 async def test_at_80_columns_the_runs_table_has_the_width_and_enter_opens_the_detail() -> None:
-    from textual.widgets._footer import FooterKey
-
     engine = make_engine()
     async with dashboard(engine, size=SMALL) as (app, pilot):
         failed = await (await engine.submit("explode")).wait(2)
@@ -447,7 +447,7 @@ async def test_at_80_columns_the_runs_table_has_the_width_and_enter_opens_the_de
         await eventually(lambda: table(app).region.area > 0 and detail.region.area == 0)
         assert app.focused is table(app)
         # the footer keeps help and quit in sight
-        keys = {k.key: k for k in app.main.query(FooterKey)}
+        keys = {k.key: k for k in app.main.query("FooterKey")}
         for key in ("question_mark", "q"):
             assert keys[key].region.width > 0 and keys[key].region.right <= SMALL[0], key
         # wide again: the detail is back beside the table
@@ -674,3 +674,91 @@ async def test_a_served_dashboard_shows_the_attach_command_in_a_dialog(tmp_path:
             await eventually(lambda: app.screen is app.main)
             await app.action_quit()
         engine.resources["release"].set()
+
+
+# ---------------------------------------------------------------- keys per tab, leadership, paused graphs
+
+
+def footer_keys(app: TaskwatchApp) -> set[str]:
+    """The keys the footer draws (what a user reads as working here)."""
+    return {str(k.key) for k in app.main.query("FooterKey")}
+
+
+async def test_c_is_offered_only_where_a_run_can_be_cancelled() -> None:
+    engine = make_engine()
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        failed = await (await engine.submit("explode")).wait(2)
+        await eventually(lambda: shown_status(app, failed.id) == "failed")
+        await eventually(lambda: {"c", "r"} <= footer_keys(app))
+        await pilot.press("2")
+        failures = app.main.query_one(FailuresList)
+        await eventually(lambda: failures.selected == ("run", failed.id))
+        # a failed run cannot be cancelled: the Failures tab offers retry, not cancel
+        await eventually(lambda: "r" in footer_keys(app) and "c" not in footer_keys(app))
+        await pilot.press("c")
+        await pilot.pause()
+        assert app.screen is app.main and not [n for n in notes(app) if "cancel" in n]
+        for tab in ("3", "4", "5", "6"):
+            await pilot.press(tab)
+            await eventually(lambda: "c" not in footer_keys(app))
+        await pilot.press("1")
+        await eventually(lambda: "c" in footer_keys(app))
+
+
+class LosableLease(InProcessLease):
+    """An in-process lease that can stop answering this node: renewals and elections refused."""
+
+    def __init__(self) -> None:
+        super().__init__(ttl=30.0, renew_interval=0.05)
+        self.refusing = False
+
+    async def acquire(self, node_id: str) -> LeaseState | None:
+        return None if self.refusing else await super().acquire(node_id)
+
+    async def renew(self, node_id: str, term: int) -> LeaseState | None:
+        return None if self.refusing else await super().renew(node_id, term)
+
+    async def holder(self) -> LeaseState | None:
+        return None if self.refusing else await super().holder()
+
+
+async def test_the_badge_stops_naming_this_node_leader_as_soon_as_it_loses_the_lease() -> None:
+    from taskwatch.widgets import LeaderBadge
+
+    lease = LosableLease()
+    engine = make_engine(lease=lease)
+    lost = Recorder(engine, ("lease.lost",))
+    # no overview refresh in the test's time: only the lease events tell the dashboard
+    async with dashboard(engine, size=LARGE, overview_interval=3600.0) as (app, pilot):
+        badge = app.main.query_one(LeaderBadge)
+        await eventually(lambda: badge.state == "leader")
+        lease.refusing = True
+        await eventually(lambda: lost.events)
+        await eventually(lambda: badge.state == "follower")
+        assert badge.holder != "dash-test"
+        assert "leader dash-test" not in visible(badge)
+        assert app.state.leadership is not None and app.state.leadership.holder is None
+
+
+async def test_health_samples_taken_while_the_view_is_paused_reach_the_graphs_on_resume() -> None:
+    from taskwatch.widgets import HealthSparklines
+
+    engine = make_engine(health_interval=0.02)
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        lines = app.main.query_one(HealthSparklines)
+        await eventually(lambda: len(lines.history("cpu")) >= 2)
+        await pilot.press("p")
+        assert app.view_paused
+        graph = lines.query_one("#health-spark-cpu", Sparkline)
+        frozen, taken = list(graph.data or []), len(app.state.health)
+        await eventually(lambda: len(app.state.health) >= taken + 5)
+        assert list(graph.data or []) == frozen  # the view stays still while paused
+        await pilot.press("p")
+        assert not app.view_paused
+        # every sample the dashboard took, including those of the pause, is in the graphs
+        kept = lines.history_size
+        await eventually(lambda: lines.last_sample is app.state.latest_health())
+        samples = list(app.state.health)[-kept:]
+        assert lines.history("cpu") == [float(s.cpu_percent) for s in samples]
+        assert lines.history("threads") == [float(s.threads) for s in samples]
+        assert list(graph.data or []) == lines.history("cpu")

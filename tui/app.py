@@ -143,9 +143,9 @@ def parse_run_filter(text: str) -> tuple[set[str] | None, str]:
 
 #: keys that act on a row of the Scheduler tab: in the footer, and active, only there
 SCHEDULER_ACTIONS = frozenset({"restart_worker", "toggle_worker", "toggle_queue", "purge_queue", "fire_trigger"})
-#: keys for the selected run: in the footer, and active, only on the tabs that list runs
-RUN_ACTIONS = frozenset({"cancel_run", "retry_run"})
-RUN_TABS = ("runs", "failures")
+#: keys for the selected run: in the footer, and active, only on the tabs where they can act
+#: (a failed run can be retried from the Failures tab, but not cancelled)
+RUN_ACTIONS: dict[str, tuple[str, ...]] = {"cancel_run": ("runs",), "retry_run": ("runs", "failures")}
 
 _QUEUE_KEYS = Binding.Group("queue", compact=True)
 _WORKER_KEYS = Binding.Group("worker", compact=True)
@@ -519,6 +519,12 @@ class TaskwatchApp(App[None]):
         log = self.main.query_one(EventLog)
         if events:
             log.add_events(events)
+            # a paused view keeps them too (its graphs hold still until it resumes)
+            health = [e for e in events if isinstance(e, HealthSample)]
+            if health:
+                lines = self.main.query_one(HealthSparklines)
+                for sample in health:
+                    lines.add_sample(sample)
         if self.view_paused:
             # resuming redraws everything, so what changed meanwhile need not be kept
             self.state.dirty.clear()
@@ -539,11 +545,6 @@ class TaskwatchApp(App[None]):
                 if self.main.query_one(RunsTable).select_run(self._reselect) or not self._backfill:
                     self._reselect = None
             self._update_detail(dirty, full)
-            health = [e for e in events if isinstance(e, HealthSample)]
-            if health:
-                lines = self.main.query_one(HealthSparklines)
-                for sample in health:
-                    lines.add_sample(sample)
             self._update_failures()
             self._update_header(now)
             self._update_counts()
@@ -1021,6 +1022,7 @@ class TaskwatchApp(App[None]):
 
     def watch_view_paused(self, paused: bool) -> None:
         self.main.query_one(EventLog).paused = paused
+        self.main.query_one(HealthSparklines).paused = paused
         self.notify("view paused: events are still recorded" if paused else "view resumed")
         if not paused:
             if self._table_stale:
@@ -1052,14 +1054,15 @@ class TaskwatchApp(App[None]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Keys for a tab's rows show in the footer, and act, only on that tab: the Scheduler
-        tab's row keys there, the run keys where runs are listed (the footer has room then)."""
+        tab's row keys there, each run key where it can act on the runs listed (cancel on
+        the Runs tab, retry there and on Failures; the footer has room then)."""
         if action not in SCHEDULER_ACTIONS and action not in RUN_ACTIONS:
             return True
         try:
             tab = self.active_tab
         except NoMatches:
             return True
-        return tab == "scheduler" if action in SCHEDULER_ACTIONS else tab in RUN_TABS
+        return tab == "scheduler" if action in SCHEDULER_ACTIONS else tab in RUN_ACTIONS[action]
 
     def _selected_worker(self) -> WorkerInfo | None:
         name = self.main.query_one(WorkersTable).selected_name

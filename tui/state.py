@@ -221,12 +221,11 @@ class DashboardState:
         if not mine or lead is None:
             return
         is_leader = kind in ("lease.acquired", "lease.renewed")
-        self.leadership = Leadership(
-            node_id=lead.node_id,
-            is_leader=is_leader,
-            holder=e.holder if is_leader else (None if kind == "lease.released" else lead.holder),
-            term=e.term,
-            expires_at=e.expires_at,
+        # after lease.lost or lease.released this node no longer leads, and who does is
+        # unknown until the next overview says (the event names no other holder)
+        holder = e.holder if is_leader or e.holder != self.node_id else None
+        self.leadership = lead.model_copy(
+            update={"is_leader": is_leader, "holder": holder, "term": e.term, "expires_at": e.expires_at}
         )
 
     # ------------------------------------------------------------------ queries for widgets

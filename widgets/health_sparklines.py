@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
+from textual.reactive import reactive
 from textual.widget import Widget
 from textual.widgets import Label, Sparkline, Static
 
@@ -39,7 +40,11 @@ def _mib(value: float) -> str:
 
 class HealthSparklines(Widget):
     """One graph per health metric: current value, min and max over the kept window, and a
-    time axis saying how far back the graphs reach."""
+    time axis saying how far back the graphs reach.
+
+    ``paused`` freezes the graphs, not the history: samples added meanwhile are kept (up to
+    ``history``) and drawn when it is set back to False.
+    """
 
     DEFAULT_CSS = Path(__file__).with_suffix(".tcss").read_text(encoding="utf-8")
 
@@ -55,6 +60,8 @@ class HealthSparklines(Widget):
         Metric("failed", "failed", lambda s: s.failed_per_s, lambda s: f"{s.failed_per_s:.1f}/s",
                lambda v: f"{v:.1f}/s"),
     )
+
+    paused: reactive[bool] = reactive(False, init=False)
 
     def __init__(
         self,
@@ -105,9 +112,13 @@ class HealthSparklines(Widget):
         self._times.append(sample.ts)
         for metric in self.METRICS:
             self._history[metric.key].append(float(metric.value(sample)))
-        if not self.is_mounted:
-            return  # values are kept and drawn on mount
+        if not self.is_mounted or self.paused:
+            return  # values are kept and drawn on mount, or on resume
         self._redraw()
+
+    def watch_paused(self, paused: bool) -> None:
+        if not paused and self.is_mounted:
+            self._redraw()
 
     def on_mount(self) -> None:
         if self._last is not None:
