@@ -20,7 +20,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
@@ -730,22 +730,19 @@ class Engine:
             self._run.keep_write(check, functools.partial(self._admit_found, runs))
             return
         self._run.written(runs)
-        if write.exception() is not None:
-            return
-        with self._run.starts_held():
-            for run, result in zip(runs, write.result(), strict=True):
-                if result.new and result.id == run.id:
-                    self._admitted(run)
-        self._run.start_soon()
+        if write.exception() is None:
+            self._admit_stored(runs, {result.id for result in write.result() if result.new})
 
     def _admit_found(self, runs: list[Run], check: asyncio.Future[dict[str, Any]]) -> None:
         self._run.written(runs)
-        if check.cancelled() or check.exception() is not None or self._state != "running":
-            return
-        found = check.result()
+        if not check.cancelled() and check.exception() is None and self._state == "running":
+            self._admit_stored(runs, check.result().keys())
+
+    def _admit_stored(self, runs: list[Run], stored: Collection[str]) -> None:
+        """Admit those of ``runs`` the store has (``stored``: their ids), as their submit would have."""
         with self._run.starts_held():
             for run in runs:
-                if run.id in found:
+                if run.id in stored:
                     self._admitted(run)
         self._run.start_soon()
 

@@ -377,8 +377,7 @@ class Execution:
         except StoreError as exc:
             log.warning("writing a run's outcome to the store failed: %s", exc)
             return
-        self._writes.add(write)
-        write.add_done_callback(self._written)
+        self.keep_write(write, _log_failed_outcome)
 
     def writing(self, runs: list[Run]) -> None:
         """A submit is writing these runs to a durable store."""
@@ -425,10 +424,6 @@ class Execution:
 
         write.add_done_callback(landed)
 
-    def _written(self, write: asyncio.Future[Any]) -> None:
-        self._writes.discard(write)
-        if not write.cancelled() and write.exception() is not None:
-            log.warning("writing a run's outcome to the store failed", exc_info=write.exception())
 
     def held_claims(self) -> dict[str, Progress]:
         return {token: Progress(done=run.done, total=run.total, message=run.message) for token, run in self._claimed.items()}
@@ -949,3 +944,8 @@ class Execution:
                 "%d run(s) ignored cancellation for %.0f s and are still running: %s",
                 len(remaining), 3 * self.engine.cancel_grace, ", ".join(t.get_name() for t in remaining),
             )
+
+
+def _log_failed_outcome(write: asyncio.Future[Any]) -> None:
+    if not write.cancelled() and write.exception() is not None:
+        log.warning("writing a run's outcome to the store failed", exc_info=write.exception())
