@@ -119,10 +119,9 @@ def recorded_params(task: str, model: BaseModel) -> tuple[BaseModel, dict[str, A
         stored = model_cls.model_validate(dumped)
     except ValidationError as exc:
         raise InvalidParams(task, _lost_in_json(_problems(exc))) from None
-    if stored != model:
+    # (tuples read back as lists: the same values, as JSON has them)
+    if stored != model and not _same(stored, model):
         changed = [name for name in model_cls.model_fields if not _same(getattr(stored, name, None), getattr(model, name, None))]
-        if not changed:
-            return stored, dumped  # tuples read back as lists: the same values, as JSON has them
         raise InvalidParams(
             task,
             _lost_in_json([{"loc": (name,), "msg": "reads back as another value", "type": "value_error"} for name in changed]),
