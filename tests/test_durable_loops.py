@@ -176,6 +176,17 @@ async def test_a_trigger_key_follows_its_run_across_a_restart(tmp_path: Path) ->
 QUEUE_CHILD = "tests.queue_child"
 
 
+@contextlib.contextmanager
+def queue_child(db: Path, *, busy_timeout: int, paused: bool = False) -> Iterator[Child]:
+    """tests/queue_child.py on ``db`` (its store's busy_timeout in ms; consumers paused or not), ready."""
+    child = Child(db, "n", "--busy-timeout", str(busy_timeout), *(["--paused"] if paused else []), module=QUEUE_CHILD)
+    try:
+        child.event("ready")
+        yield child
+    finally:
+        child.close()
+
+
 def rows(db: Path) -> list[int]:
     """The jobs (their ``i``) the store holds, oldest first."""
     with sqlite3.connect(db) as conn:
@@ -241,9 +252,7 @@ async def test_jobs_a_stop_reports_kept_are_in_postgres_at_the_next_start(postgr
 
 async def test_jobs_handled_while_their_write_waits_do_not_run_again_after_a_clean_stop(tmp_path: Path) -> None:
     db = tmp_path / "q.db"
-    child = Child(db, "n", "--busy-timeout", "30000", module=QUEUE_CHILD)
-    try:
-        child.event("ready")
+    with queue_child(db, busy_timeout=30000) as child:
         with locked(db):
             child.send("put_nowait 0 1 2 3")  # their write waits for the lock; the handler has them at once
             for i in range(4):
@@ -252,8 +261,6 @@ async def test_jobs_handled_while_their_write_waits_do_not_run_again_after_a_cle
             child.event("stopping")  # the write is still waiting: the stop must let it end, and record it
         stopped = child.event("stopped")
         assert child.exit() == 0
-    finally:
-        child.close()
     assert stopped["info"]["processed"] == 4 and stopped["incomplete"] == []
     assert rows(db) == [], "handled jobs kept their rows after a clean stop"
     assert await handle_all(db) == ([], 0)
@@ -261,9 +268,7 @@ async def test_jobs_handled_while_their_write_waits_do_not_run_again_after_a_cle
 
 def test_a_put_the_store_refuses_raises_and_a_retry_is_kept_across_a_kill(tmp_path: Path) -> None:
     db = tmp_path / "q.db"
-    child = Child(db, "n", "--busy-timeout", "200", "--paused", module=QUEUE_CHILD)
-    try:
-        child.event("ready")
+    with queue_child(db, busy_timeout=200, paused=True) as child:
         with locked(db):
             child.send("put 1")
             refused = child.event("put")
@@ -278,17 +283,13 @@ def test_a_put_the_store_refuses_raises_and_a_retry_is_kept_across_a_kill(tmp_pa
         assert [line["error"] for line in child.since(mark, "put")] == [None, None]
         assert rows(db) == [1, 2]  # the refused put left nothing behind: no duplicate
         child.sigkill()
-    finally:
-        child.close()
     seen, adopted = asyncio.run(handle_all(db))
     assert sorted(seen) == [1, 2] and adopted == 2
 
 
 def test_jobs_and_acks_of_a_refused_write_are_written_once_the_store_frees_up(tmp_path: Path) -> None:
     db = tmp_path / "q.db"
-    child = Child(db, "n", "--busy-timeout", "200", module=QUEUE_CHILD)
-    try:
-        child.event("ready")
+    with queue_child(db, busy_timeout=200) as child:
         child.send("put 10 hold")
         assert child.event("put")["error"] is None  # committed; the handler holds it
         child.send("pause")
@@ -308,8 +309,6 @@ def test_jobs_and_acks_of_a_refused_write_are_written_once_the_store_frees_up(tm
         child.send("stop 5")  # the queue is paused: 11 and 12 stay kept, 10's row goes
         stopped = child.event("stopped")
         assert child.exit() == 0
-    finally:
-        child.close()
     assert rows(db) == [11, 12], "a refused write dropped a job, or the delete of a handled one"
     assert stopped["incomplete"] == [{"left": 2, "kept": True}]
     assert stopped["info"]["write_failures"] >= 2 and stopped["info"]["lost"] == 0
@@ -319,17 +318,13 @@ def test_jobs_and_acks_of_a_refused_write_are_written_once_the_store_frees_up(tm
 
 def test_jobs_a_stop_cannot_write_are_counted_lost_not_kept(tmp_path: Path) -> None:
     db = tmp_path / "q.db"
-    child = Child(db, "n", "--busy-timeout", "200", "--paused", module=QUEUE_CHILD)
-    try:
-        child.event("ready")
+    with queue_child(db, busy_timeout=200, paused=True) as child:
         with locked(db):
             child.send("put_nowait 1 2")
             child.event("put_nowait")
             child.send("stop 0")
             stopped = child.event("stopped")
         assert child.exit() == 0
-    finally:
-        child.close()
     assert stopped["incomplete"] == [{"left": 2, "kept": False}]
     info = stopped["info"]
     assert (info["abandoned"], info["kept"], info["lost"]) == (2, 0, 2)
@@ -338,9 +333,7 @@ def test_jobs_a_stop_cannot_write_are_counted_lost_not_kept(tmp_path: Path) -> N
 
 def test_a_put_whose_job_a_consumer_has_waits_for_the_store_to_free_up(tmp_path: Path) -> None:
     db = tmp_path / "q.db"
-    child = Child(db, "n", "--busy-timeout", "200", module=QUEUE_CHILD)
-    try:
-        child.event("ready")
+    with queue_child(db, busy_timeout=200) as child:
         with locked(db):
             mark = child.mark()
             child.send("put 20 hold")  # the consumer takes it at once: it can no longer be taken back
@@ -353,7 +346,5 @@ def test_a_put_whose_job_a_consumer_has_waits_for_the_store_to_free_up(tmp_path:
         child.send("stop 5")
         stopped = child.event("stopped")
         assert child.exit() == 0
-    finally:
-        child.close()
     assert stopped["info"]["processed"] == 1 and stopped["incomplete"] == []
     assert rows(db) == []
