@@ -212,8 +212,6 @@ class WorkQueue:
         self._writing: asyncio.Future[BaseException | None] | None = None
         #: the keeper is asked to end (after the write it is doing); stop writes the rest
         self._keeper_stop = False
-        #: False once stop's last write is done: a job that arrives later cannot be kept
-        self._writes_open = False
         #: one write to the store at a time: a purge then knows which jobs have rows
         self._store_lock = asyncio.Lock()
         self._kick: asyncio.Event | None = None
@@ -333,35 +331,25 @@ class WorkQueue:
 
     def _put_from_thread(self, loop: asyncio.AbstractEventLoop, job: Any) -> bool:
         with self._lock:
+            # decided under the lock stop() takes to close the queue: a job is either refused here
+            # or its arrival is on the loop's ready queue before stop() goes on (see stop())
+            if self._closing:
+                raise EngineNotRunning("stopping")
             if len(self._items) + self._in_transit >= self.maxsize:
                 return False
+            try:
+                loop.call_soon_threadsafe(self._arrive, job)
+            except RuntimeError:  # the loop is closed
+                raise EngineNotRunning("stopped") from None
             # reserve the slot now so the caller learns about QueueFull synchronously
             self._in_transit += 1
             self.accepted += 1
-        try:
-            loop.call_soon_threadsafe(self._arrive, job)
-        except RuntimeError:  # the loop is closed
-            with self._lock:
-                self._in_transit -= 1
-                self.accepted -= 1
-            raise EngineNotRunning("stopped") from None
         return True
 
     def _arrive(self, job: Any) -> None:
-        """On the loop: a job put from another thread lands in the queue."""
+        """On the loop: a job put from another thread lands in the queue (always before stop() counts)."""
         with self._lock:
             self._in_transit -= 1
-            if self._abandon:
-                # stop already counted it as left undone: keep it if stop's last write is still to come
-                if self._durable:
-                    if self._writes_open:
-                        self._keep(job)
-                    else:
-                        # the stop counted it among the jobs kept: it is not
-                        self.kept = max(0, self.kept - 1)
-                        self.lost += 1
-                        log.error("queue %r: a job arrived after the stop wrote its last jobs; it is lost", self.name)
-                return
             self._items.append(self._keep(job) if self._durable else job)
         self._wake_one(self._getters)
 
@@ -689,7 +677,6 @@ class WorkQueue:
                 self._items = deque(job if type(job) is _Kept else self._keep(job) for job in self._items)
         if self._durable:
             self._keeper_stop = False
-            self._writes_open = True
             self._kick = asyncio.Event()
             if self._unwritten:
                 self._kick.set()
@@ -713,8 +700,12 @@ class WorkQueue:
 
     async def stop(self, deadline: float) -> None:
         """Drain until ``deadline`` (loop time), then cancel what is in flight and report the rest."""
-        self._closing = True
+        with self._lock:
+            self._closing = True
         loop = asyncio.get_running_loop()
+        # jobs other threads put before the queue closed are on the loop's ready queue: let them land,
+        # so they are handled, or counted below, like any other
+        await asyncio.sleep(0)
         if self._consumers:
             # wake idle consumers so they see `_closing` and exit
             for fut in self._getters:
@@ -777,7 +768,6 @@ class WorkQueue:
                 break
             if not (self._unwritten or self._handled):
                 break
-        self._writes_open = False
         lost = [k for k in self._unwritten if not k.done]
         if lost:
             log.error(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, field_serializer
 from taskwatch.engine import (
     Engine,
     EngineNotRunning,
@@ -283,6 +284,58 @@ async def test_put_nowait_from_another_thread() -> None:
         await asyncio.to_thread(produce)
         await asyncio.wait_for(queue.join(), 1.0)
         assert seen == [(n, True) for n in range(10)]
+    assert not stray_tasks()
+
+
+class Handover(BaseModel):
+    """A job whose serialisation, done by ``put_nowait`` before it queues the job, waits for the test."""
+
+    n: int
+
+    @field_serializer("n")
+    def _hold(self, n: int) -> int:
+        checking.set()
+        go_on.wait(5)
+        return n
+
+
+checking, go_on = threading.Event(), threading.Event()
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["memory", "sqlite"])
+async def test_a_put_from_another_thread_that_races_the_stop_is_refused_not_lost(
+    durable: bool, tmp_path: Path
+) -> None:
+    # the thread passed the open check before the stop began and queues its job after the stop ended
+    checking.clear()
+    go_on.clear()
+    engine = make_engine(store=f"sqlite:///{tmp_path / 'q.db'}") if durable else make_engine()
+
+    async def handler(job: Any) -> None:
+        pass
+
+    queue = engine.queue("handover", handler)
+    outcome: list[str] = []
+
+    def produce() -> None:
+        try:
+            queue.put_nowait(Handover(n=1))
+            outcome.append("accepted")
+        except EngineNotRunning:
+            outcome.append("refused")
+
+    thread = threading.Thread(target=produce)
+    async with engine:
+        thread.start()
+        assert await asyncio.to_thread(checking.wait, 5)
+        await engine.stop(timeout=0)
+    go_on.set()
+    await asyncio.to_thread(thread.join, 5)
+    await asyncio.sleep(0)  # the loop runs what the thread handed over, if anything
+    info = queue.info()
+    # a job put_nowait accepted would be in no count: not handled, not abandoned, not kept
+    assert outcome == ["refused"]
+    assert (info.accepted, info.abandoned, info.kept, info.lost) == (0, 0, 0, 0)
     assert not stray_tasks()
 
 
