@@ -107,6 +107,8 @@ class _Worker:
     stop_reason: StopReason | None = None
     #: stopped with stop_worker: not started again until start_worker or restart_worker
     held: bool = False
+    #: ``task`` has taken its first step (one cancelled before that never ran its own cleanup)
+    began: bool = False
 
     def delay_after_crash(self) -> float:
         return min(self.backoff_max, self.backoff * 2.0 ** (self.streak - 1))
@@ -226,6 +228,7 @@ class Supervisor:
         if worker.task is not None and not worker.task.done():
             # its task runs on the next loop turn; say so from now on
             worker.state = "running"
+            worker.started_at = self._engine.clock()
 
     async def _end(self, worker: _Worker, reason: StopReason) -> bool:
         """Cancel ``worker``'s task (``reason`` says why) and wait for it; False when none ran."""
@@ -287,6 +290,7 @@ class Supervisor:
                 worker.state = "waiting_for_leadership"
             return
         worker.stop_reason = None
+        worker.began = False
         task = asyncio.get_running_loop().create_task(
             self._supervise(worker), name=f"taskwatch-worker-{worker.name}"
         )
@@ -296,6 +300,9 @@ class Supervisor:
     def _task_done(self, worker: _Worker, task: asyncio.Task[None]) -> None:
         if worker.task is task:
             worker.task = None
+            if task.cancelled() and not worker.began:
+                # cancelled before its first step (stopped right after a start): say so as _supervise would
+                self._stopped(worker, worker.stop_reason or "cancelled")
         # leadership may have come back while the old task was unwinding
         if worker.stop_reason == "leadership_lost":
             self._reconcile(worker)
@@ -332,6 +339,7 @@ class Supervisor:
 
     async def _supervise(self, worker: _Worker) -> None:
         """Run ``worker`` until cancelled, restarting it after crashes and returns."""
+        worker.began = True
         delay: float | None = None
         try:
             while True:

@@ -152,6 +152,35 @@ async def test_restart_starts_a_stopped_worker() -> None:
         await eventually(lambda: len(runs) == 2)
 
 
+async def test_a_worker_stopped_before_its_first_step_reads_stopped() -> None:
+    # stop_worker straight after start_worker or restart_worker, on the same loop turn
+    engine = engine_with(cancel_grace=1.0)
+    runs: list[int] = []
+
+    @engine.supervised(name="w")
+    async def w(ctx: TaskContext) -> None:
+        runs.append(1)
+        await forever()
+
+    rec = Recorder(engine, ("worker.",))
+    async with engine:
+        await eventually(lambda: runs)
+        await engine.stop_worker("w")
+        engine.start_worker("w")
+        info = await engine.stop_worker("w")
+        assert info.state == "stopped" and info.stopped_by_user
+        assert engine.stats().supervised["w"]["state"] == "stopped"
+        assert [e.reason for e in rec.of("worker.stopped")] == ["user", "user"]
+
+        before = (await engine.restart_worker("w")).started_at
+        assert before is not None and before > rec.of("worker.started")[0].ts
+        info = await engine.stop_worker("w")
+        assert info.state == "stopped"
+        assert [e.reason for e in rec.of("worker.stopped")] == ["user", "user", "user"]
+        assert runs == [1]  # neither of the two starts took a step
+    assert stray_tasks() == set()
+
+
 async def test_leader_only_worker_restarts_only_on_the_leader_and_a_stop_outlives_leadership() -> None:
     lease = InProcessLease(ttl=2.0, renew_interval=0.1)
     a = engine_with(node_id="a", lease=lease, cancel_grace=1.0)
