@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from .errors import InvalidConfiguration
 from .events import BaseEvent, EventsDropped
 from .trusted import FAST, new, set_dict, set_extra, set_fields_set, set_private
 
@@ -159,7 +160,7 @@ class EventBuffer:
 
     def __init__(self, maxsize: int, node: str = "", clock: Callable[[], float] = time.time) -> None:
         if maxsize < 1:
-            raise ValueError("an event buffer needs room for at least one event")
+            raise InvalidConfiguration("subscription", [f"maxsize={maxsize!r}: room for at least one event"])
         self.maxsize = maxsize
         self.node = node
         self.clock = clock

@@ -63,6 +63,7 @@ from .runs import (
     RunList,
     RunRecord,
     RunStatus,
+    run_status,
 )
 from .scheduler import PeriodicInfo, Scheduler
 from .snapshot import Snapshot
@@ -194,9 +195,9 @@ class Engine:
             health_interval=health_interval,
         )
         if backend not in _BACKENDS:
-            raise ValueError(
-                f"unknown backend {backend!r}; choose one of {', '.join(_BACKENDS)}, "
-                "or pass store= for where runs live"
+            raise InvalidConfiguration(
+                "Engine",
+                [f"backend={backend!r}: choose one of {', '.join(_BACKENDS)}, or pass store= for where runs live"],
             )
         # the default is held for as long as this engine lives: a second copy of the program
         # running beside this one gets the next id, a restart after this one ends gets this one
@@ -1040,9 +1041,9 @@ class Engine:
         if status is None:
             wanted = None
         elif isinstance(status, str):
-            wanted = {RunStatus(status)}
+            wanted = {run_status(status)}
         else:
-            wanted = {RunStatus(s) for s in status}
+            wanted = {run_status(s) for s in status}
         return self._index.select(wanted, task, limit)
 
     def stats(self) -> EngineStats:

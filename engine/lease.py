@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
+from .errors import InvalidConfiguration
 from .events import LeaseAcquired, LeaseEvent, LeaseLost, LeaseReleased, LeaseRenewed
+from .options import LeaseOptions, check_options
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -91,13 +93,15 @@ class Lease(ABC):
     """
 
     def __init__(self, ttl: float, *, renew_interval: float | None = None) -> None:
-        if ttl <= 0:
-            raise ValueError(f"lease ttl must be positive seconds, got {ttl!r}")
+        check_options(LeaseOptions, type(self).__name__, ttl=ttl, renew_interval=renew_interval)
         interval = ttl / 3 if renew_interval is None else renew_interval
-        if interval <= 0 or interval > ttl / 2:
-            raise ValueError(
-                f"renew_interval must be positive and at most half the ttl ({ttl / 2:g} s) "
-                f"so a holder gets a second chance to renew; got {interval!r}"
+        if interval > ttl / 2:
+            raise InvalidConfiguration(
+                type(self).__name__,
+                [
+                    f"renew_interval={interval!r}: at most half the ttl ({ttl / 2:g} s), "
+                    "so a holder gets a second chance to renew"
+                ],
             )
         self.ttl = ttl
         self.renew_interval = interval
@@ -211,9 +215,9 @@ class LeaderElector:
 
     def __init__(self, engine: Engine, lease: Lease | None = None) -> None:
         if lease is not None and not isinstance(lease, Lease):
-            raise TypeError(
-                f"lease must be a taskwatch Lease (e.g. InProcessLease(ttl=2.0)), "
-                f"got {type(lease).__name__}"
+            raise InvalidConfiguration(
+                "Engine",
+                [f"lease must be a taskwatch Lease (e.g. InProcessLease(ttl=2.0)), got {type(lease).__name__}"],
             )
         self._engine = engine
         self.lease = lease

@@ -77,6 +77,11 @@ class TriggerOptions(_Options):
     save_interval: PositiveSeconds
 
 
+class LeaseOptions(_Options):
+    ttl: PositiveSeconds
+    renew_interval: PositiveSeconds | None
+
+
 class WorkerOptions(_Options):
     backoff: PositiveSeconds
     backoff_max: PositiveSeconds
@@ -98,9 +103,10 @@ def check_options(model: type[M], where: str, **values: Any) -> M:
     except ValidationError as exc:
         problems: dict[str, str] = {}
         for err in exc.errors(include_url=False):
+            msg = err["msg"].removeprefix("Value error, ")
             if err["loc"]:
                 name = str(err["loc"][0])
-                problems.setdefault(name, f"{name}={values.get(name)!r}: {err['msg']}")
+                problems.setdefault(name, f"{name}={values.get(name)!r}: {msg}")
             else:
-                problems.setdefault("", err["msg"].removeprefix("Value error, "))
+                problems.setdefault("", msg)
         raise InvalidConfiguration(where, list(problems.values())) from None

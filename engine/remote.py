@@ -43,6 +43,7 @@ from .bus import EventBuffer
 from .errors import (
     ConnectionClosed,
     IncompatibleVersion,
+    InvalidConfiguration,
     InvalidParams,
     MalformedMessage,
     MessageTooLarge,
@@ -175,7 +176,7 @@ class RemoteEngine:
         timeout: float = 30.0,
     ) -> None:
         if buffer < 1:
-            raise ValueError("buffer must be at least 1")
+            raise InvalidConfiguration("RemoteEngine", [f"buffer={buffer!r}: at least 1"])
         self.address = address
         self.token = token
         self.max_message = max_message

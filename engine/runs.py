@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .errors import InvalidStatus
 from .jsonsafe import safe_str, safe_text
 from .trusted import construct
 
@@ -37,6 +38,14 @@ class RunStatus(StrEnum):
 
 
 _FINISHED = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
+
+
+def run_status(value: RunStatus | str) -> RunStatus:
+    """``value`` as a :class:`RunStatus`; raises :class:`InvalidStatus` naming the statuses there are."""
+    try:
+        return RunStatus(value)
+    except ValueError:
+        raise InvalidStatus(value, [s.value for s in RunStatus]) from None
 
 #: Why a run was cancelled: by a user (``engine.cancel``), by ``engine.stop``
 #: (a durable backend may re-queue these), or by something outside the engine.

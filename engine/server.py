@@ -57,6 +57,8 @@ from pydantic_core import to_jsonable_python
 from .errors import (
     AuthenticationFailed,
     IncompatibleVersion,
+    InvalidAddress,
+    InvalidConfiguration,
     MessageTooLarge,
     ProtocolError,
     ReplyTooLarge,
@@ -312,37 +314,41 @@ class ControlServer:
         max_connections: int = 64,
         announce: bool = True,
     ) -> None:
+        problems = []
         if max_message < 64 or max_hello < 256:
-            raise ValueError("max_message must be at least 64 bytes, max_hello at least 256")
+            problems.append("max_message must be at least 64 bytes, max_hello at least 256")
         if buffer < 1 or outgoing < 2 or max_inflight < 1 or max_connections < 1 or max_handshakes < 1:
-            raise ValueError(
+            problems.append(
                 "buffer, max_inflight, max_connections and max_handshakes must be at least 1, "
                 "outgoing at least 2"
             )
-        if hello_timeout <= 0:
-            raise ValueError("hello_timeout must be positive")
+        if not hello_timeout > 0:
+            problems.append("hello_timeout must be positive")
         if max_value < 1024:
-            raise ValueError("max_value must be at least 1024 bytes")
-        if max_send < _VALUES_PER_LINE * max_value:
-            raise ValueError(
+            problems.append("max_value must be at least 1024 bytes")
+        elif max_send < _VALUES_PER_LINE * max_value:
+            problems.append(
                 f"max_send must be at least {_VALUES_PER_LINE} * max_value "
                 f"({_VALUES_PER_LINE * max_value} bytes), so that any bounded run or event fits a line"
             )
-        if max_outgoing_bytes < 2 * max_send:
-            raise ValueError(
+        elif max_outgoing_bytes < 2 * max_send:
+            problems.append(
                 "max_outgoing_bytes must be at least 2 * max_send: a full snapshot reply must fit "
                 "beside the events that may be waiting"
             )
+        if problems:
+            raise InvalidConfiguration("ControlServer", problems)
         self.engine = engine
         #: the token was made here (and may be printed), not given by the caller
         self._generated = False
         self._target = parse_address(address) if address else None
         if isinstance(self._target, TcpAddress):
             if not self._target.is_loopback and not allow_remote:
-                raise ValueError(
+                raise InvalidAddress(
+                    address,
                     f"refusing to serve on non-loopback host {self._target.host!r}: the protocol "
-                    "is unencrypted and clients can submit and cancel work. Use 127.0.0.1 (and an "
-                    "SSH tunnel), or pass allow_remote=True if the network is trusted"
+                    "is unencrypted and clients can submit and cancel work",
+                    "use 127.0.0.1 (and an SSH tunnel), or pass allow_remote=True if the network is trusted",
                 )
             if token is None:
                 token = new_token()
@@ -419,7 +425,7 @@ class ControlServer:
 
     async def _start_unix(self, path: Path) -> None:
         if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
-            raise ValueError(f"socket path {path} is too long for a Unix socket; choose a shorter one")
+            raise InvalidAddress(str(path), "the socket path is too long for a Unix socket; choose a shorter one")
         _remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

@@ -48,7 +48,7 @@ from urllib.parse import urlsplit
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from .errors import MalformedMessage, MessageTooLarge, ProtocolError, UnknownCommand
+from .errors import InvalidAddress, MalformedMessage, MessageTooLarge, ProtocolError, UnknownCommand
 from .events import BaseEvent, Event
 from .snapshot import DEFAULT_MAX_VALUE, Snapshot, bounded_json
 from .version import __version__
@@ -448,16 +448,16 @@ def parse_address(address: str) -> Address:
         try:
             port = parts.port or 0
         except ValueError:
-            raise ValueError(f"bad port in address {address!r}") from None
+            raise InvalidAddress(address, "its port is not a number from 0 to 65535") from None
         if not parts.hostname:
-            raise ValueError(f"address {address!r} has no host; use tcp://127.0.0.1:PORT")
+            raise InvalidAddress(address, "it names no host")
         return TcpAddress(parts.hostname, port)
     if address.startswith("unix://"):
         address = address[len("unix://"):]
     elif address.startswith("unix:"):
         address = address[len("unix:"):]
     if not address:
-        raise ValueError("empty socket path")
+        raise InvalidAddress(address, "the socket path is empty")
     if "://" in address:
-        raise ValueError(f"unsupported address {address!r}; use tcp://HOST:PORT or a socket path")
+        raise InvalidAddress(address, "only tcp:// and unix: addresses are supported")
     return UnixAddress(address)

@@ -23,11 +23,15 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from taskwatch.engine import (
     Engine,
     EngineCrashed,
+    InProcessLease,
+    InvalidAddress,
     InvalidConfiguration,
     InvalidCount,
     InvalidKey,
     InvalidParams,
+    InvalidStatus,
     JobNotSerializable,
+    PostgresLease,
     RemoteEngine,
     RunStatus,
     TaskContext,
@@ -598,11 +602,48 @@ def test_nonsense_configuration_is_refused_at_registration(register: Any, option
         ({"max_concurrency": 0}, "max_concurrency"),
         ({"history": -1}, "history"),
         ({"throughput_window": math.nan}, "throughput_window"),
+        ({"backend": "celery"}, "backend"),
+        ({"lease": "redis://cache"}, "Lease"),
+        ({"store": "sqlite:///runs.db?synchronous=fulll"}, "synchronous"),
+        ({"store": "sqlite:///runs.db?busy_timeout=-1"}, "busy_timeout"),
     ],
 )
 def test_nonsense_engine_options_are_refused(options: dict[str, Any], option: str) -> None:
     with pytest.raises(InvalidConfiguration, match=option):
         Engine(**options)
+
+
+@pytest.mark.parametrize("lease", [InProcessLease, PostgresLease])
+@pytest.mark.parametrize(
+    "options", [{"ttl": 0}, {"ttl": -1.0}, {"ttl": True}, {"ttl": math.nan}, {"ttl": 1.0, "renew_interval": 0.6}]
+)
+def test_nonsense_lease_options_are_refused(lease: Any, options: dict[str, Any]) -> None:
+    args = ("postgresql://app@127.0.0.1/app",) if lease is PostgresLease else ()
+    with pytest.raises(InvalidConfiguration, match=lease.__name__):
+        lease(*args, **options)
+
+
+async def test_a_status_or_an_address_that_names_nothing_is_refused_with_a_typed_error() -> None:
+    engine = make_engine()
+    async with engine:
+        await engine.submit("work", {"name": "a"})
+        with pytest.raises(InvalidStatus, match="use one of pending, running, succeeded, failed, cancelled"):
+            engine.runs(status="done")
+        with pytest.raises(InvalidStatus, match="'done'"):
+            engine.runs(status=["failed", "done"])
+        for address, why in [
+            ("tcp://127.0.0.1:http", "port"),
+            ("tcp://:8080", "no host"),
+            ("unix:", "empty"),
+            ("http://127.0.0.1:80", "only tcp:// and unix:"),
+            ("tcp://0.0.0.0:0", "non-loopback"),
+        ]:
+            with pytest.raises(InvalidAddress, match=why):
+                await engine.serve(address)
+        server = await engine.serve("tcp://127.0.0.1:0")  # the refusals left nothing half open
+        async with RemoteEngine(server.address, token=server.token) as remote:
+            assert await remote.ping() >= 0
+    assert stray_tasks() == set()
 
 
 async def test_every_refusal_leaves_no_task_behind() -> None:

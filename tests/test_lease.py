@@ -9,6 +9,7 @@ import pytest
 from taskwatch.engine import (
     Engine,
     InProcessLease,
+    InvalidConfiguration,
     Lease,
     LeaseState,
     NotLeader,
@@ -224,7 +225,7 @@ async def test_terms_keep_growing_across_release_and_reacquire() -> None:
     [(0.0, None), (-1.0, None), (1.0, 0.0), (1.0, 0.6), (1.0, 1.0)],
 )
 def test_lease_rejects_a_ttl_that_leaves_no_room_to_renew(ttl: float, renew_interval: float | None) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidConfiguration, match="InProcessLease"):
         InProcessLease(ttl=ttl, renew_interval=renew_interval)
 
 
@@ -233,7 +234,7 @@ def test_renew_interval_defaults_to_a_third_of_the_ttl() -> None:
 
 
 def test_engine_refuses_something_that_is_not_a_lease() -> None:
-    with pytest.raises(TypeError, match="InProcessLease"):
+    with pytest.raises(InvalidConfiguration, match="InProcessLease"):
         Engine(lease=object(), health_interval=None)
 
 

@@ -18,6 +18,7 @@ from taskwatch.engine import (
     AuthenticationFailed,
     ControlServer,
     Engine,
+    InvalidAddress,
     InvalidParams,
     ProtocolError,
     RemoteEngine,
@@ -112,7 +113,7 @@ async def test_default_address_is_in_a_private_runtime_dir(
 
 
 async def test_tcp_needs_a_token_and_loopback(engine: Engine) -> None:
-    with pytest.raises(ValueError, match="non-loopback"):
+    with pytest.raises(InvalidAddress, match="non-loopback"):
         ControlServer(engine, "tcp://0.0.0.0:0")
     ControlServer(engine, "tcp://0.0.0.0:0", allow_remote=True)  # allowed when asked for
     server = await serve(engine, "tcp://127.0.0.1:0")

@@ -135,8 +135,9 @@ def test_bad_options_are_refused_with_every_problem_named() -> None:
         RedisLease("http://example", key="", ttl=1.0, safety_margin=5.0)
     message = str(info.value)
     assert "redis://" in message and "key" in message and "safety_margin" in message
-    with pytest.raises(ValueError):
-        RedisLease("redis://127.0.0.1:1/0", ttl=0)
+    for bad in ({"ttl": 0}, {"ttl": True}, {"ttl": float("nan")}, {"ttl": 15, "renew_interval": 10}):
+        with pytest.raises(InvalidConfiguration, match="RedisLease"):
+            RedisLease("redis://127.0.0.1:1/0", **bad)
 
 
 def test_without_redis_py_the_engine_imports_and_the_lease_names_the_extra() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from taskwatch.engine.errors import QueueFull, RunNotFound
 from taskwatch.engine.runs import Progress, RunError, RunRecord, RunStatus
+from taskwatch.engine import InvalidConfiguration
 from taskwatch.engine.store import (
     Cancelled,
     DuplicateRunId,
@@ -595,5 +596,6 @@ async def test_make_store_specs(tmp_path: Path) -> None:
     for bad in ("redis://x", "sqlite://host/x.db", "sqlite:///", "sqlite:///a.db?colour=red", "sqlite:///a.db?busy_timeout=x", "mem"):
         with pytest.raises(UnknownStore):
             make_store(bad)
-    with pytest.raises(ValueError):
-        make_store("sqlite:///a.db?synchronous=sometimes")
+    for bad in ("sqlite:///a.db?synchronous=sometimes", "sqlite:///a.db?busy_timeout=-1"):
+        with pytest.raises(InvalidConfiguration, match="SqliteStore"):
+            make_store(bad)

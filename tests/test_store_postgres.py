@@ -15,7 +15,7 @@ import sys
 from collections.abc import AsyncIterator
 
 import pytest
-from taskwatch.engine.errors import QueueFull
+from taskwatch.engine.errors import InvalidConfiguration, QueueFull
 from taskwatch.engine.runs import RunStatus
 from taskwatch.engine.store import (
     NewRun,
@@ -67,7 +67,7 @@ def test_make_store_postgres_specs() -> None:
     for bad in ("postgresql:///app", "postgresql://db/app?pool_size=many"):
         with pytest.raises(UnknownStore):
             make_store(bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidConfiguration, match="pool_size"):
         make_store("postgresql://db/app?pool_size=0")
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from .base import Store, Subscription
-from .errors import (
+from ..errors import (
     DuplicateRunId,
     SchemaTooNew,
     StoreBusy,

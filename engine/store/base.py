@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, 
 from types import TracebackType
 from typing import Any, ClassVar, Literal
 
+from ..errors import InvalidConfiguration
 from ..runs import CancelReason, Progress, RunStatus
 from ..trusted import float_clock
 from .models import (
@@ -176,7 +177,7 @@ class Store(ABC):
         max_lost: int = MAX_LOST,
     ) -> None:
         if lease_ttl <= 0:
-            raise ValueError(f"lease_ttl must be positive seconds, got {lease_ttl!r}")
+            raise InvalidConfiguration(type(self).__name__, [f"lease_ttl={lease_ttl!r}: must be positive seconds"])
         self.clock = float_clock(clock)
         self.lease_ttl = lease_ttl
         self.node_ttl = lease_ttl if node_ttl is None else node_ttl

@@ -24,10 +24,9 @@ from collections import deque
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from ..errors import QueueFull, RunNotFound
-from ..runs import CancelReason, Progress, Run, RunError, RunStatus, record_fields
+from ..errors import DuplicateRunId, QueueFull, RunNotFound
+from ..runs import CancelReason, Progress, Run, RunError, RunStatus, run_status, record_fields
 from .base import Clock, Store, adoptable, gone_incarnations, lost_action, lost_reason, new_run_id
-from .errors import DuplicateRunId
 from .models import (
     CancelResult,
     Cancelled,
@@ -634,7 +633,7 @@ class MemoryStore(Store):
         limit: int = 50,
         before: str | None = None,
     ) -> Page:
-        wanted = None if status is None else RunStatus(status)
+        wanted = None if status is None else run_status(status)
         order = self._order
         end = len(order) if before is None else bisect_left(order, parse_cursor(before), key=_seq_of)
         rows = self._rows

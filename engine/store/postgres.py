@@ -34,11 +34,20 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from ..errors import QueueFull, RunNotFound
-from ..runs import CancelReason, Progress, RunStatus
+from ..errors import (
+    DuplicateRunId,
+    InvalidConfiguration,
+    QueueFull,
+    RunNotFound,
+    SchemaTooNew,
+    StoreClosed,
+    StoreDriverMissing,
+    StoreError,
+    StoreUnavailable,
+)
+from ..runs import CancelReason, Progress, RunStatus, run_status
 from . import queries as Q
 from .base import Store, adoptable, gone_incarnations, lost_reason, new_run_id
-from .errors import DuplicateRunId, SchemaTooNew, StoreClosed, StoreDriverMissing, StoreError, StoreUnavailable
 from .models import (
     CancelResult,
     Cancelled,
@@ -219,10 +228,13 @@ class PostgresStore(Store):
             node_ttl=node_ttl,
             max_lost=max_lost,
         )
-        if pool_size < 1:
-            raise ValueError(f"pool_size must be at least 1, got {pool_size!r}")
-        if not channel.isidentifier():
-            raise ValueError(f"channel must be a plain identifier, got {channel!r}")
+        problems = []
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
+            problems.append(f"pool_size={pool_size!r}: an int of at least 1")
+        if not isinstance(channel, str) or not channel.isidentifier():
+            problems.append(f"channel={channel!r}: a plain identifier")
+        if problems:
+            raise InvalidConfiguration("PostgresStore", problems)
         self.url = url
         self.pool_size = pool_size
         self.reconnect_timeout = lease_ttl if reconnect_timeout is None else reconnect_timeout
@@ -950,7 +962,7 @@ class PostgresStore(Store):
         before: str | None = None,
     ) -> Page:
         values = {
-            "status": None if status is None else RunStatus(status).value,
+            "status": None if status is None else run_status(status).value,
             "task": task,
             "since": None if since is None else float(since),
             "before": None if before is None else parse_cursor(before),

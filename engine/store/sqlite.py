@@ -22,11 +22,10 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal
 
-from ..errors import QueueFull, RunNotFound
-from ..runs import CancelReason, Progress, RunStatus
+from ..errors import DuplicateRunId, InvalidConfiguration, QueueFull, RunNotFound, SchemaTooNew, StoreBusy, StoreClosed, StoreError, StoreUnavailable
+from ..runs import CancelReason, Progress, RunStatus, run_status
 from . import queries as Q
 from .base import Clock, Store, adoptable, counter_from_random_start, gone_incarnations, new_run_id
-from .errors import DuplicateRunId, SchemaTooNew, StoreBusy, StoreClosed, StoreError, StoreUnavailable
 from .models import (
     CancelResult,
     Cancelled,
@@ -108,11 +107,14 @@ class SqliteStore(Store):
     ) -> None:
         kw: dict[str, Any] = {} if clock is None else {"clock": clock}
         super().__init__(lease_ttl=lease_ttl, node_ttl=node_ttl, max_lost=max_lost, **kw)
-        sync = synchronous.lower()
+        sync = synchronous.lower() if isinstance(synchronous, str) else synchronous
+        problems = []
         if sync not in SYNCHRONOUS:
-            raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS)}, got {synchronous!r}")
-        if busy_timeout < 0:
-            raise ValueError(f"busy_timeout is milliseconds >= 0, got {busy_timeout!r}")
+            problems.append(f"synchronous={synchronous!r}: choose one of {', '.join(SYNCHRONOUS)}")
+        if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, int) or busy_timeout < 0:
+            problems.append(f"busy_timeout={busy_timeout!r}: milliseconds, an int >= 0")
+        if problems:
+            raise InvalidConfiguration("SqliteStore", problems)
         self.path = os.fspath(path)
         self.synchronous = sync
         self.busy_timeout = busy_timeout
@@ -659,7 +661,7 @@ class SqliteStore(Store):
         before: str | None = None,
     ) -> Page:
         args = {
-            "status": None if status is None else RunStatus(status).value,
+            "status": None if status is None else run_status(status).value,
             "task": task,
             "since": since,
             "before": None if before is None else parse_cursor(before),
