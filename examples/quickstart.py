@@ -29,6 +29,10 @@ async def main() -> None:
         handle = await engine.submit("embed_batch", {"user_id": "u1", "contents": ["a", "b", "c"]})
         run = await handle.wait()
         print(run.status.value, run.result, f"{run.duration:.3f}s")
+        later = await engine.submit("embed_batch", {"user_id": "u2", "contents": ["c"]})
+        cancelled = await engine.cancel(later.id)
+        print(later.id, cancelled.status.value, cancelled.cancel_reason)
+        print(engine.get(handle.id).status.value, [r.id for r in engine.runs(status="cancelled", limit=50)])
         print(engine.stats().model_dump_json(indent=2))
 
 

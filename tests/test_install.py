@@ -65,3 +65,19 @@ def test_dependency_direction_is_tui_to_widgets_to_engine() -> None:
             # the public surface is taskwatch.engine and its event models module
             if name.startswith("taskwatch.engine.") and name != "taskwatch.engine.events":
                 raise AssertionError(f"{path} reaches into engine internals ({name}); use taskwatch.engine")
+
+
+def test_the_readme_quick_example_runs_as_written(tmp_path: Path) -> None:
+    # examples/quickstart.py is the README's first engine example; a reader copies it as is
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py")], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "succeeded {'stored': 3}" in "\n".join(lines)
+    [cancel] = [line for line in lines if line.endswith(" cancelled user")]
+    later = cancel.split()[0]
+    assert f"succeeded ['{later}']" in lines  # runs(status="cancelled") lists the cancelled run
+    readme = (ROOT / "README.md").read_text()
+    for line in ('later = await engine.submit("embed_batch"', "await engine.cancel(later.id)", 'runs(status="cancelled"'):
+        assert line in readme and line in (ROOT / "examples" / "quickstart.py").read_text()

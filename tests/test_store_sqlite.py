@@ -279,3 +279,18 @@ async def test_concurrent_claims_and_finishes_in_one_process(tmp_path: Path) -> 
         lists = await asyncio.gather(*(worker(n) for n in range(8)))
         flat = [i for lst in lists for i in lst]
         assert len(flat) == len(set(flat)) == 300
+
+
+async def test_three_slashes_are_relative_four_absolute_and_both_are_named_by_their_full_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = make_store("sqlite:///data/runs.db")
+    absolute = make_store(f"sqlite:///{tmp_path}/elsewhere/runs.db")  # tmp_path starts with '/': four slashes
+    for store, where in [(relative, tmp_path / "data" / "runs.db"), (absolute, tmp_path / "elsewhere" / "runs.db")]:
+        assert isinstance(store, SqliteStore)
+        # the dashboard header shows this: where the file is, not how the URL spelled it
+        assert store.describe() == f"sqlite:{where}"
+        async with store:
+            await store.insert([NewRun("a", {})])
+        assert where.is_file()

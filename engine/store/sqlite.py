@@ -119,7 +119,10 @@ class SqliteStore(Store):
         self.synchronous = sync
         self.busy_timeout = busy_timeout
         self.max_batch = max_batch
-        self._where = repr(self.path)
+        # where the file really is, for headers and errors: a relative URL is relative to the
+        # directory the process started in, which is rarely where the user looks
+        self._full_path = os.path.abspath(self.path)
+        self._where = repr(self._full_path)
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         # claim tokens: a counter from a random start tells this store's claims apart from
         # every other process's, with no system call per claim (one would release the GIL
@@ -131,7 +134,7 @@ class SqliteStore(Store):
         self._closing = False
 
     def describe(self) -> str:
-        return f"sqlite:{self.path}"
+        return f"sqlite:{self._full_path}"
 
     def __repr__(self) -> str:
         state = "open" if self._thread is not None else "closed"
