@@ -88,6 +88,14 @@ def test_plain_demo_prints_every_kind_of_loop() -> None:
     assert "reason=missing resource: redis" in result.stdout
 
 
+def test_plain_prints_the_events_of_the_app_it_is_given() -> None:
+    result = taskwatch("examples.service:engine", "--plain", "--seconds", "2")
+    assert result.returncode == 0, result.stderr
+    # the app's own loops are what is printed, not the demo's
+    assert "engine.started" in result.stdout and "periodic.registered" in result.stdout and "name=warm_cache" in result.stdout
+    assert "embed_batch" not in result.stdout and "chat_turns" not in result.stdout
+
+
 def test_plain_output_piped_into_head_ends_quietly() -> None:
     """``taskwatch --plain | head``: the reader leaving ends the output without a traceback."""
     proc = subprocess.Popen(
@@ -170,6 +178,9 @@ def test_web_serves_the_dashboard_page_at_the_printed_url(tmp_path: Path) -> Non
         (["--serve", "tcp://127.0.0.1:0", "--token", "short"], {}, "the control token is 5 bytes"),
         (["--serve", "tcp://127.0.0.1:0"], {"TASKWATCH_TOKEN": "short"}, "the control token is 5 bytes"),
         (["--seconds", "3"], {}, "--seconds goes with --plain"),
+        (["--plain", "--serve", "tcp://0.0.0.0:1"], {}, "--serve goes with the dashboard, not --plain"),
+        (["examples.service", "--store", "sqlite:///x.db"], {}, "--store is for the demo; examples.service builds"),
+        (["examples.service:engine", "--seed", "3", "--plain"], {}, "--seed is for the demo"),
         (["attach", "http://127.0.0.1:7070"], {}, "bad address 'http://127.0.0.1:7070': only tcp:// and unix:"),
         (["attach", "tcp://127.0.0.1:notaport"], {}, "port is not a number"),
         (["web", "a", "b", "c"], {}, "unexpected arguments 'b c'"),

@@ -95,7 +95,9 @@ def _main_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"taskwatch {__version__}")
     parser.add_argument("--seed", type=int, default=None, help="seed for the demo's random choices")
-    parser.add_argument("--plain", action="store_true", help="print the demo's events instead of opening the dashboard")
+    parser.add_argument(
+        "--plain", action="store_true", help="print the engine's events, one a line, instead of opening the dashboard"
+    )
     parser.add_argument("--seconds", type=float, default=None, help="with --plain: stop after this many seconds")
     parser.add_argument("--serve", metavar="ADDRESS", default=None, help="also serve the engine for `taskwatch attach`")
     _add_confirm_option(parser)
@@ -103,9 +105,9 @@ def _main_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--store",
         metavar="URL",
-        default="memory",
+        default=None,
         help="where the demo keeps its runs: memory (default) or sqlite:///path/file.db, "
-        "which keeps history and queued work across restarts",
+        "which keeps history and queued work across restarts (an app's Engine(store=...) says where its own live)",
     )
     return parser
 
@@ -250,19 +252,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = _main_parser().parse_args(args)
     if opts.seconds is not None and not opts.plain:
         return fail("--seconds goes with --plain (the dashboard runs until you quit it)")
-    if opts.plain:
-        from .demo import print_events
-
-        try:
-            asyncio.run(print_events(opts.seconds, opts.seed))
-        except KeyboardInterrupt:
-            pass
-        except BrokenPipeError:
-            # the reader went away (`taskwatch --plain | head`): that ends the output, quietly;
-            # stdout goes to devnull so the interpreter's final flush does not fail again
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        return 0
+    if opts.plain and opts.serve:
+        return fail("--serve goes with the dashboard, not --plain; to watch from elsewhere, serve from your app")
+    if opts.app:
+        # every option is used or refused: one silently ignored would show the demo's setup as the app's
+        for given, name in ((opts.store, "--store"), (opts.seed, "--seed")):
+            if given is not None:
+                return fail(f"{name} is for the demo; {opts.app} builds its own Engine (and says where its runs live)")
     try:
         token = resolve_token(opts) if opts.serve else None
         if opts.serve:
@@ -278,10 +274,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import build_demo_engine
 
         try:
-            engine = build_demo_engine(opts.seed, store=opts.store)
+            engine = build_demo_engine(opts.seed, store=opts.store or "memory")
         except TaskwatchError as exc:
             return fail(str(exc))
+    if opts.plain:
+        return _print_plain(engine, opts.seconds)
     return _run_local(engine, opts.serve, confirm=opts.confirm, token=token)
+
+
+def _print_plain(engine: Engine, seconds: float | None) -> int:
+    from .demo import print_events
+
+    try:
+        asyncio.run(print_events(engine, seconds))
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:
+        # the reader went away (`taskwatch --plain | head`): that ends the output, quietly;
+        # stdout goes to devnull so the interpreter's final flush does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except TaskwatchError as exc:
+        return fail(str(exc))
+    return 0
 
 
 def _run_local(engine: Engine, serve: str | None, *, confirm: bool = True, token: str | None = None) -> int:

@@ -204,9 +204,8 @@ def build_demo_engine(seed: int | None = None, *, speed: float = 1.0, **options:
     return engine
 
 
-async def print_events(seconds: float | None = None, seed: int | None = None) -> None:
-    """Run the demo engine and print each event as a line (no dashboard)."""
-    engine = build_demo_engine(seed)
+async def print_events(engine: Engine, seconds: float | None = None) -> None:
+    """Run ``engine`` (the demo's or an app's) and print each event as a line (no dashboard)."""
     sub = engine.bus.subscribe(maxsize=50_000)
     async with engine:
         loop = asyncio.get_running_loop()
@@ -214,6 +213,8 @@ async def print_events(seconds: float | None = None, seed: int | None = None) ->
         while end is None or loop.time() < end:
             timeout = None if end is None else max(0.0, end - loop.time())
             if not await sub.wait(timeout):
+                if sub.closed:
+                    break  # the app stopped its engine itself
                 continue
             for event in sub.get_batch():
                 print(format_event_line(event), flush=True)
