@@ -22,11 +22,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import errno
 import logging
 import os
+import re
 import secrets
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -530,6 +531,9 @@ class BackgroundEngine:
     def dashboard(self, port: int = 8000, *, host: str = "127.0.0.1", ready_timeout: float = 20.0) -> Any:
         """Serve the Textual dashboard in a browser; returns an IPython ``IFrame`` (or the URL).
 
+        ``port=0`` takes a free port (the URL says which). A port something
+        else listens on raises :class:`OSError` (``EADDRINUSE``).
+
         Starts a control endpoint first if :meth:`serve` was not called, then a
         textual-serve web server (a subprocess, stopped by :meth:`stop`) whose
         sessions run ``taskwatch attach ADDRESS`` with the token in their
@@ -542,33 +546,22 @@ class BackgroundEngine:
             raise LoopThreadError("dashboard")
         info = self._server_info or self.serve()
         argv, attach_env = attach_command(info)
-        try:
-            socket.create_connection((host, port), timeout=0.5).close()
-        except OSError:
-            pass  # nothing listens there yet, as it should be
-        else:
-            # the IFrame would show whatever already listens there, not this engine
-            raise OSError(f"{host}:{port} is already in use; pass another port to dashboard()")
         secret = secrets.token_urlsafe(32)
         # sessions inherit the server's environment: theirs is the token of this endpoint or none
         env = {key: value for key, value in os.environ.items() if key != _TOKEN_ENV}
         env.update(attach_env)
         env[_WEB_SECRET_ENV] = secret
-        log_file = tempfile.TemporaryFile()
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _WEB_SERVER_SCRIPT, shlex.join(argv), host, str(port)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=log_file,
-            env=env,
-        )
-        self._dashboards.append(proc)
-        try:
-            _wait_for_port(proc, host, port, ready_timeout, log_file)
-        finally:
-            log_file.close()
-        url_host = f"[{host}]" if ":" in host else host
-        url = f"http://{url_host}:{port}/{secret}/"
+        # files, not pipes: nobody reads the server's output once it listens, and a full pipe would block it
+        with tempfile.TemporaryFile() as out_file, tempfile.TemporaryFile() as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _WEB_SERVER_SCRIPT, shlex.join(argv), host, str(port)],
+                stdin=subprocess.DEVNULL,
+                stdout=out_file,
+                stderr=log_file,
+                env=env,
+            )
+            self._dashboards.append(proc)
+            url = _wait_for_url(proc, host, port, ready_timeout, out_file, log_file)
         try:
             from IPython.display import IFrame
         except ImportError:
@@ -644,23 +637,31 @@ class BackgroundEngine:
         return f"<BackgroundEngine {self.engine.node_id} {self.state}>"
 
 
-def _wait_for_port(
-    proc: subprocess.Popen[bytes], host: str, port: int, timeout: float, log_file: Any
-) -> None:
-    """Poll until the web server accepts connections, or fail with its stderr."""
+#: what the web server prints once it listens (taskwatch.tui.web), with the port it bound
+_LISTENING = re.compile(rb"taskwatch web: open (http://\S+/)")
+
+
+def _wait_for_url(
+    proc: subprocess.Popen[bytes], host: str, port: int, timeout: float, out_file: Any, log_file: Any
+) -> str:
+    """The URL the web server prints once it listens; fail with its stderr if it exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        out_file.seek(0)
+        if (found := _LISTENING.search(out_file.read())) is not None:
+            return found[1].decode()
         if proc.poll() is not None:
             log_file.seek(0)
             tail = log_file.read()[-2000:].decode(errors="replace")
+            if "address already in use" in tail.lower():
+                raise OSError(
+                    errno.EADDRINUSE,
+                    f"{host}:{port} is already in use; pass another port to dashboard(), or port=0 for a free one",
+                )
             raise RuntimeError(
                 f"the dashboard web server exited with code {proc.returncode} "
                 f"(is textual-serve installed? pip install 'taskwatch[web]'):\n{tail}"
             )
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
+        time.sleep(0.05)  # a subprocess starting up: nothing to wait on but its output
     proc.terminate()
     raise TimeoutError(f"the dashboard web server did not listen on {host}:{port} within {timeout:g} s")

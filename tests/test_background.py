@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import re
 import signal
 import atexit
@@ -297,6 +298,24 @@ def test_dashboard_serves_http_until_stopped(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     assert taskwatch_threads() <= before
+
+
+def test_dashboard_on_port_zero_takes_a_free_port_and_a_taken_port_is_refused(tmp_path: Path) -> None:
+    bg = build_engine().start_background()
+    try:
+        bg.serve(str(tmp_path / "c.sock"), announce=False)
+        frame = bg.dashboard(port=0, ready_timeout=15)
+        url = getattr(frame, "src", frame)
+        port = int(re.fullmatch(r"http://127\.0\.0\.1:(\d+)/[\w-]{43}/", url)[1])  # type: ignore[index]
+        assert port != 0
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert response.status == 200
+        # that port is now this dashboard's: a second one there is refused, not shown in its place
+        with pytest.raises(OSError, match="already in use; pass another port") as refused:
+            bg.dashboard(port=port, ready_timeout=15)
+        assert refused.value.errno == errno.EADDRINUSE
+    finally:
+        bg.stop(timeout=5)
 
 
 def test_an_interrupted_blocking_call_leaves_nothing_going_on_the_engines_loop(bg: BackgroundEngine) -> None:
