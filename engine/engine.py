@@ -1173,7 +1173,7 @@ class Engine:
                 cron=cron,
                 name=name,
                 initial_delay=initial_delay,
-                requires=tuple(requires),
+                requires=requires,
                 opt_in=opt_in,
                 jitter=jitter,
                 fixed_rate=fixed_rate,

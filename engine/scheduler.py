@@ -326,6 +326,12 @@ class Scheduler:
         time); whether it is enabled is decided when the engine starts.
         """
         task_name = name or getattr(fn, "__name__", None) or repr(fn)
+        if not isinstance(requires, (tuple, list)) or not all(isinstance(r, str) for r in requires):
+            # tuple("redis") would be ('r', 'e', 'd', 'i', 's')
+            raise TaskDefinitionError(
+                f"periodic task {task_name!r}: requires takes a tuple of resource names, "
+                f"such as requires=('redis',), got {requires!r}"
+            )
         requires = tuple(requires)
         _validate(fn, task_name, every, cron, initial_delay, requires, jitter)
         self._engine.register(

@@ -35,6 +35,7 @@ from taskwatch.engine import (
     RemoteEngine,
     RunStatus,
     TaskContext,
+    TaskDefinitionError,
     TaskwatchError,
 )
 
@@ -591,6 +592,17 @@ def test_nonsense_configuration_is_refused_at_registration(register: Any, option
         register(engine)
     assert isinstance(caught.value, TaskwatchError) and isinstance(caught.value, ValueError)
     assert engine.tasks() == {} and engine.schedule() == [] and engine.queues() == [] and engine.workers() == []
+
+
+@pytest.mark.parametrize("requires", ["redis", ("redis", 1), 5])
+def test_requires_that_is_not_a_tuple_of_names_is_refused_with_the_way_to_write_it(requires: Any) -> None:
+    engine = Engine(health_interval=None)
+
+    async def warm(ctx: TaskContext, redis: Any) -> None: ...
+
+    with pytest.raises(TaskDefinitionError, match=r"requires takes a tuple of resource names, such as requires=\('redis',\)"):
+        engine.periodic(every=5, requires=requires)(warm)
+    assert engine.tasks() == {} and engine.schedule() == []
 
 
 @pytest.mark.parametrize(
