@@ -339,6 +339,26 @@ class BackgroundEngine:
             fut.cancel()
             raise
 
+    def _read(self, method: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A read (``get``, ``runs``, ``stats``...): on the loop while it runs, directly once it has ended.
+
+        After a clean :meth:`stop` the loop thread is gone and the engine keeps
+        its records, so what ran can still be looked at; after a crash every
+        call raises :class:`EngineCrashed`.
+        """
+        if self._ended_cleanly():
+            return fn(*args, **kwargs)
+        return self._call(method, fn, *args, **kwargs)
+
+    async def _aread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._ended_cleanly():
+            return fn(*args, **kwargs)
+        return await self._acall(fn, *args, **kwargs)
+
+    def _ended_cleanly(self) -> bool:
+        with self._lock:
+            return self._finished and self._crash is None and not self._thread.is_alive()
+
     async def _acall(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         fut = self._schedule(fn, *args, **kwargs)
         try:
@@ -454,10 +474,10 @@ class BackgroundEngine:
     # ------------------------------------------------------------------ queries (on the loop too)
 
     def get(self, run_id: str) -> RunRecord:
-        return self._call("get", self.engine.get, run_id)
+        return self._read("get", self.engine.get, run_id)
 
     async def aget(self, run_id: str) -> RunRecord:
-        return await self._acall(self.engine.get, run_id)
+        return await self._aread(self.engine.get, run_id)
 
     def runs(
         self,
@@ -466,7 +486,7 @@ class BackgroundEngine:
         task: str | None = None,
         limit: int | None = 50,
     ) -> list[RunRecord]:
-        return self._call("runs", self.engine.runs, status, task=task, limit=limit)
+        return self._read("runs", self.engine.runs, status, task=task, limit=limit)
 
     async def aruns(
         self,
@@ -475,43 +495,43 @@ class BackgroundEngine:
         task: str | None = None,
         limit: int | None = 50,
     ) -> list[RunRecord]:
-        return await self._acall(self.engine.runs, status, task=task, limit=limit)
+        return await self._aread(self.engine.runs, status, task=task, limit=limit)
 
     def stats(self) -> EngineStats:
-        return self._call("stats", self.engine.stats)
+        return self._read("stats", self.engine.stats)
 
     async def astats(self) -> EngineStats:
-        return await self._acall(self.engine.stats)
+        return await self._aread(self.engine.stats)
 
     def schedule(self) -> list[PeriodicInfo]:
-        return self._call("schedule", self.engine.schedule)
+        return self._read("schedule", self.engine.schedule)
 
     async def aschedule(self) -> list[PeriodicInfo]:
-        return await self._acall(self.engine.schedule)
+        return await self._aread(self.engine.schedule)
 
     def leadership(self) -> Leadership:
-        return self._call("leadership", self.engine.leadership)
+        return self._read("leadership", self.engine.leadership)
 
     async def aleadership(self) -> Leadership:
-        return await self._acall(self.engine.leadership)
+        return await self._aread(self.engine.leadership)
 
     def snapshot(self, runs_limit: int = 500) -> Snapshot:
-        return self._call("snapshot", self.engine.snapshot, runs_limit)
+        return self._read("snapshot", self.engine.snapshot, runs_limit)
 
     async def asnapshot(self, runs_limit: int = 500) -> Snapshot:
-        return await self._acall(self.engine.snapshot, runs_limit)
+        return await self._aread(self.engine.snapshot, runs_limit)
 
     def catalog(self) -> list[TaskInfo]:
-        return self._call("catalog", self.engine.catalog)
+        return self._read("catalog", self.engine.catalog)
 
     def queues(self) -> list[QueueInfo]:
-        return self._call("queues", self.engine.queues)
+        return self._read("queues", self.engine.queues)
 
     def triggers(self) -> list[TriggerState]:
-        return self._call("triggers", self.engine.triggers)
+        return self._read("triggers", self.engine.triggers)
 
     def workers(self) -> list[WorkerInfo]:
-        return self._call("workers", self.engine.workers)
+        return self._read("workers", self.engine.workers)
 
     # ------------------------------------------------------------------ serving and dashboards
 

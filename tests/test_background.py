@@ -236,7 +236,13 @@ def test_stop_is_idempotent_and_leaves_no_thread(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(EngineNotRunning):
         bg.submit("embed_batch", GOOD)
     with pytest.raises(EngineNotRunning):
-        bg.stats()
+        bg.cancel(sleeper.id)
+    # what ran can still be looked at, as on a stopped Engine
+    assert bg.get(sleeper.id).cancel_reason == "shutdown"
+    assert [r.id for r in bg.runs(status="cancelled")] == [sleeper.id]
+    assert bg.stats().state == "stopped" and bg.snapshot().stats.by_status["cancelled"] == 1
+    assert "forever" in bg._repr_html_()
+    assert asyncio.run(bg.aget(sleeper.id)).status is RunStatus.CANCELLED
 
 
 def test_html_repr_shows_counts_and_failures_escaped(bg: BackgroundEngine) -> None:
