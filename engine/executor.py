@@ -370,7 +370,12 @@ class Executor:
             # gets a moment when the store already says it cannot be reached; a store that is
             # merely slow gets a whole lease (its late renewal still holds if nobody took over)
             cut = self._cut_since is not None or self.store.unreachable_since is not None
-            if await self._probe(probe if cut else self._ttl) and self._cut_since is None:
+            renewed_before = self._renewed_at
+            went_through = await self._probe(probe if cut else self._ttl)
+            # the heartbeat loop's own heartbeat may get through while this probe waits out a
+            # reconnect backoff: the store answers, and that renewal counts as the probe's
+            went_through = went_through or self._renewed_at > renewed_before
+            if went_through and self._cut_since is None:
                 if self._until and min(self._until.values()) <= time.monotonic():
                     # the store answered but could not renew a claim (its row held by another
                     # session): looked at again a beat later, not at once, round after round
