@@ -98,6 +98,9 @@ _CANCELLED = RunStatus.CANCELLED
 #: ``backend=`` values kept as aliases: both run on the store; inline makes submit wait
 _BACKENDS = ("asyncio", "inline")
 
+#: seconds a stop's store writes may go on retrying an unreachable store after its drain and cancel grace
+_STOP_WRITE_GRACE = 1.0
+
 
 def _on_lost(run: Run) -> OnLost:
     """What recovery does with ``run`` when its worker is lost (its task says; a run of a task
@@ -558,6 +561,10 @@ class Engine:
     async def _stop(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
+        # a store out of reach would hold each of the stop's writes for a whole retry period; past
+        # the drain (and the cut runs' cleanup) and a moment, what they leave undone is recovery's to do
+        give_up = time.monotonic() + max(0.0, timeout) + self.cancel_grace + _STOP_WRITE_GRACE
+        self._store.give_up_after(give_up)
         try:
             self.bus.emit(
                 EngineStopping,
@@ -584,6 +591,7 @@ class Engine:
                 cancelled_pending = await self._cancel_pending("shutdown")
             tasks = self._run.cut_running("shutdown")
             await self._run.await_tasks(tasks)
+            self._store.give_up_after(min(give_up, time.monotonic() + _STOP_WRITE_GRACE))
             await self._executor.stop()
             await self._wakeups.stop()
             await self._run.await_writes()

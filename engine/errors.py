@@ -491,6 +491,20 @@ class StoreUnavailable(StoreError):
         super().__init__(f"the run store {where} failed: {detail}; the operation was not applied. {advice}")
 
 
+class StoreGaveUp(StoreUnavailable):
+    """The store was still out of reach when its stopping engine's time for last writes ran out.
+
+    Nothing is lost for good: a run whose outcome was not written is recovered
+    (and run again) once its claim lapses, as after a crash.
+    """
+
+    def __init__(self, where: str, detail: str) -> None:
+        super().__init__(
+            where, f"still unreachable as the engine stops ({detail})",
+            "Runs it leaves unwritten are recovered once their claims lapse",
+        )
+
+
 class DuplicateRunId(StoreError, ValueError):
     """``insert`` was given an explicit id that a stored run already has."""
 

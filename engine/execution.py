@@ -52,6 +52,7 @@ from .store import (
     Store,
     StoreClosed,
     StoreError,
+    StoreGaveUp,
     Succeeded,
 )
 from .store.memory import claim_of
@@ -64,6 +65,9 @@ log = logging.getLogger("taskwatch.engine")
 
 #: seconds between two prunes of the store's dead incarnations (they only grow per process start)
 NODE_PRUNE_INTERVAL = 60.0
+
+#: the store's errors that trying again cannot help: it is closed, or its stopping engine gave up on it
+_GIVE_UP = (StoreClosed, StoreGaveUp)
 
 _PENDING = RunStatus.PENDING
 _RUNNING = RunStatus.RUNNING
@@ -630,7 +634,7 @@ class Execution:
     ) -> None:
         self._writes.discard(write)
         exc = None if write.cancelled() else write.exception()
-        if exc is not None and not again and isinstance(exc, StoreError) and not isinstance(exc, StoreClosed):
+        if exc is not None and not again and isinstance(exc, StoreError) and not isinstance(exc, _GIVE_UP):
             self._send(run, token, outcome, error, again=True)  # the claim stays held and heartbeaten
             return
         failed = exc is not None or write.cancelled()
@@ -664,7 +668,7 @@ class Execution:
             except StoreError as exc:
                 tries += 1
                 left = self.executor.lease_left(token)
-                if isinstance(exc, StoreClosed) or (tries >= 8 if left is None else left <= delay):
+                if isinstance(exc, _GIVE_UP) or (tries >= 8 if left is None else left <= delay):
                     raise
                 log.info("writing the outcome of run %s: %s; trying again in %g s", run.id, exc, delay)
                 await asyncio.sleep(delay)

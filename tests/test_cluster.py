@@ -47,7 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from taskwatch.engine import Engine, InProcessLease, TaskContext
+from taskwatch.engine import Engine, InProcessLease, RunStatus, TaskContext
 from taskwatch.engine.store import NewRun, PostgresStore
 
 from .postgres_server import PostgresServer
@@ -458,3 +458,41 @@ async def test_a_node_cut_off_from_the_database_gives_up_a_lease_it_could_keep(
     assert kinds[0] == "lease.acquired" and "lease.lost" in kinds[:down + 1]
     # it competed for nothing while it was cut off, and led again once back
     assert "lease.acquired" not in kinds[down:up] and "lease.acquired" in kinds[up:]
+
+
+async def test_a_stop_while_the_database_is_down_does_not_wait_out_a_retry_period_per_write(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    # lease_ttl 30 s: each write retries for up to 30 s; the stop's handful of writes (outcomes
+    # of the runs it cuts, putting them back, saying the node stopped) took one period each
+    engine = Engine(store=postgres_url, node_id="a", lease_ttl=30.0, cancel_grace=0.5, health_interval=None)
+    started: list[int] = []
+
+    @engine.task
+    async def slow(ctx: TaskContext) -> None:
+        started.append(ctx.attempt)
+        await asyncio.Event().wait()
+
+    await engine.start()
+    handles = await engine.submit_many([("slow", None)] * 3)
+    async with asyncio.timeout(10):
+        while len(started) < 3:
+            await asyncio.sleep(0.02)
+    await asyncio.to_thread(postgres_server.stop, "fast")
+    try:
+        async with asyncio.timeout(15):  # the old stop took about 3 x 30 s here
+            await engine.stop(0.5)
+        assert engine.state == "stopped"
+    finally:
+        await asyncio.to_thread(postgres_server.start)
+    # what the stop could not write is not lost: the node's next start takes its runs back
+    again = Engine(store=postgres_url, node_id="a", lease_ttl=30.0, cancel_grace=0.5, health_interval=None)
+    again.task(slow)
+    async with again:
+        async with asyncio.timeout(15):
+            while len(started) < 6:
+                await asyncio.sleep(0.02)
+        assert sorted(started) == [1, 1, 1, 2, 2, 2]
+        assert {again.get(h.id).status for h in handles} == {RunStatus.RUNNING}
+        for handle in handles:
+            await again.cancel(handle.id)

@@ -24,6 +24,7 @@ from ..errors import (
     StoreClosed,
     StoreDriverMissing,
     StoreError,
+    StoreGaveUp,
     StoreUnavailable,
     UnknownStore,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "StoreClosed",
     "StoreDriverMissing",
     "StoreError",
+    "StoreGaveUp",
     "StoreUnavailable",
     "StoredJob",
     "StoredRun",

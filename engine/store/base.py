@@ -198,6 +198,15 @@ class Store(ABC):
         or None while the last one got through. A store on a server says so; others never do."""
         return None
 
+    def give_up_after(self, deadline: float | None) -> None:
+        """From now on, stop retrying an unreachable store at ``deadline`` (``time.monotonic()``).
+
+        A stopping engine sets this, so that its last writes during an outage
+        cannot hold its stop for a retry period each (what they leave undone,
+        recovery does); ``None`` (and :meth:`open`) lifts it. Stores with
+        nothing to retry ignore it.
+        """
+
     # ---------------------------------------------------------------- lifecycle
 
     async def open(self) -> None:

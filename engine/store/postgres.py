@@ -43,6 +43,7 @@ from ..errors import (
     StoreClosed,
     StoreDriverMissing,
     StoreError,
+    StoreGaveUp,
     StoreUnavailable,
 )
 from ..runs import CancelReason, Progress, RunStatus, run_status
@@ -264,6 +265,8 @@ class PostgresStore(Store):
         self.listen_connects = 0
         #: when operations began to find the database unreachable (None: the last one got through)
         self._down_since: float | None = None
+        #: set by a stopping engine: no retry goes on past it
+        self._give_up_at: float | None = None
 
     def describe(self) -> str:
         return self._where
@@ -277,10 +280,14 @@ class PostgresStore(Store):
 
     # ---------------------------------------------------------------- lifecycle
 
+    def give_up_after(self, deadline: float | None) -> None:
+        self._give_up_at = deadline
+
     async def open(self) -> None:
         if self._pool is not None:
             return
         self._closing = False
+        self._give_up_at = None
         try:
             pool = await self._driver.create_pool(
                 self.url, min_size=1, max_size=self.pool_size, reset=_keep_session,
@@ -432,6 +439,8 @@ class PostgresStore(Store):
                         f"unreachable for {self.reconnect_timeout:g} s ({type(exc).__name__}: {exc})",
                         _ADVICE,
                     ) from exc
+                if self._give_up_at is not None and now >= self._give_up_at:
+                    raise StoreGaveUp(self._where, f"{type(exc).__name__}: {exc}") from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
         self._down_since = None
