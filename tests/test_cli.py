@@ -72,6 +72,20 @@ def test_load_engine_takes_an_engine_or_a_factory(monkeypatch: pytest.MonkeyPatc
     assert load_engine("examples.service") is engine
 
 
+def test_an_async_factory_is_refused_with_the_way_to_write_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "asyncapp.py").write_text(
+        "from taskwatch.engine import Engine\n"
+        "async def make():\n    return Engine()\n"
+        "class Later:\n    def __await__(self):\n        yield\n"
+        "def awaitable():\n    return Later()\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AppPathError, match="is an async function; make the factory a plain def"):
+        load_engine("asyncapp:make")
+    with pytest.raises(AppPathError, match="returned an awaitable; return the Engine itself"):
+        load_engine("asyncapp:awaitable")
+
+
 def test_attach_needs_an_address() -> None:
     result = taskwatch("attach")
     assert result.returncode == 2 and "address" in result.stderr

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import inspect
 import os
 import shlex
 import stat
@@ -72,10 +73,19 @@ def load_engine(path: str) -> Engine:
                 ) from None
             raise AppPathError(f"module {module_name!r} has no attribute {attr!r}") from None
     if callable(target) and not isinstance(target, Engine):
+        if inspect.iscoroutinefunction(target):
+            raise AppPathError(
+                f"{path!r} is an async function; make the factory a plain def that builds the Engine "
+                "and returns it (the dashboard starts it)"
+            )
         try:
             target = target()
         except Exception as exc:
             raise AppPathError(f"calling {path!r} failed: {type(exc).__name__}: {exc}") from None
+    if inspect.isawaitable(target):
+        if inspect.iscoroutine(target):
+            target.close()  # never awaited, and said so here rather than in a RuntimeWarning
+        raise AppPathError(f"calling {path!r} returned an awaitable; return the Engine itself from a plain def")
     if not isinstance(target, Engine):
         raise AppPathError(f"{path!r} is a {type(target).__name__}, not a taskwatch Engine")
     return target
