@@ -924,6 +924,7 @@ class Engine:
             return await self._cancel_elsewhere(run_id)
         if run.status.finished:
             raise RunNotCancellable(run_id, run.status.value)
+        recorded = False
         if run.status is _PENDING:
             if self._executor.drop_unwritten(run_id):
                 self._run.finish_cancelled(run, "user", was_running=False)
@@ -937,6 +938,7 @@ class Engine:
             # claimed in the meantime (the store has noted the request): cancel it as running
             if run.handle is None:
                 return result.run.to_record()  # by another node: as the store has it now
+            recorded = True
         elif run.handle is None:
             # running on another node: its owner cancels it on its next heartbeat (unless it
             # finished meanwhile, which this node has not heard of yet)
@@ -944,9 +946,17 @@ class Engine:
             if result.action == "finished":
                 raise RunNotCancellable(run_id, result.run.status.value)
             return result.run.to_record()
-        run.cancel_reason = "user"
+        run.cancel_reason = "user"  # set first: the store's notice of the request below then cancels nothing again
         run.handle.cancel()
-        await self._run.wait_finished(run, self.cancel_grace if grace is None else grace)
+        deadline = asyncio.get_running_loop().time() + (self.cancel_grace if grace is None else grace)
+        if self._durable and not recorded:
+            # while the task cleans up, the store holds the request too: a crash meanwhile must not
+            # bring the run back as pending (recovery ends a run whose cancel was requested)
+            try:
+                await self._store.request_cancel(run_id, "user")
+            except StoreError as exc:
+                log.warning("cancel of run %s: the request could not be recorded in the store (%s)", run_id, exc)
+        await self._run.wait_finished(run, max(0.0, deadline - asyncio.get_running_loop().time()))
         return run.record()
 
     async def _cancel_elsewhere(self, run_id: str) -> RunRecord:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -512,3 +514,59 @@ async def test_submit_nowait_with_a_key_lets_a_shared_store_decide(tmp_path: Pat
         assert record.status is RunStatus.CANCELLED
         assert record.error is not None and record.error.type == "KeyHeld" and second.id in record.error.message
         release.set()
+
+
+CANCEL_THEN_DIE = r"""
+import asyncio, sys
+from taskwatch.engine import Engine, TaskContext
+
+async def main(db):
+    engine = Engine(store=f"sqlite:///{db}", node_id="n1", health_interval=None)
+    running = asyncio.Event()
+
+    @engine.task
+    async def slow(ctx: TaskContext) -> str:
+        running.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.shield(asyncio.Event().wait())  # a cleanup the kill cuts short
+            raise
+        return "done"
+
+    async with engine:
+        handle = await engine.submit("slow")
+        await running.wait()
+        record = await engine.cancel(handle.id, grace=0.05)
+        print(handle.id, record.status.value, flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_a_cancel_of_a_run_executing_here_survives_a_crash_during_its_cleanup(tmp_path: Path) -> None:
+    db = tmp_path / "runs.db"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CANCEL_THEN_DIE, str(db), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None
+        async with asyncio.timeout(30):
+            run_id, status = (await child.stdout.readline()).decode().split()
+        assert status == "running"  # still cleaning up after its grace, as cancel() documents
+    finally:
+        child.send_signal(signal.SIGKILL)
+        await child.wait()
+    # the same node starts again: the run it was cancelling is not run again, it ends cancelled
+    engine = Engine(store=f"sqlite:///{db}", node_id="n1", health_interval=None)
+    attempts: list[int] = []
+
+    @engine.task
+    async def slow(ctx: TaskContext) -> str:
+        attempts.append(ctx.attempt)
+        return "done"
+
+    async with engine:
+        record = await engine.wait_for(run_id, timeout=10)
+    assert (record.status.value, record.cancel_reason, attempts) == ("cancelled", "user", [])
