@@ -701,16 +701,23 @@ class Engine:
             created_at=run.created_at,
         )
 
-    async def _insert(self, runs: list[Run]) -> list[Inserted]:
+    async def _insert(self, runs: list[Run], slot: tuple[float, float] | None = None) -> list[Inserted]:
         """Write new runs to a durable store, checking the queue limit every node shares.
 
+        With ``slot`` (``(slot, gap)``), the one run is its periodic task's for that slot,
+        claimed in the same transaction (nothing is written when the slot is taken).
         A caller that gives up meanwhile (a control client that disconnected,
         a timeout around ``submit``) does not take back a write that may land:
         the runs the store took are then read back, indexed and announced, as
         if the caller had waited, so no stored run goes unseen here.
         """
         self._run.writing(runs)
-        write = asyncio.ensure_future(self._store.insert([self._new_row(run) for run in runs], max_pending=self.max_queue))
+        rows = [self._new_row(run) for run in runs]
+        if slot is None:
+            sent = self._store.insert(rows, max_pending=self.max_queue)
+        else:
+            sent = self._store.claim_periodic_run(runs[0].task, *slot, rows[0], max_pending=self.max_queue)
+        write = asyncio.ensure_future(sent)
         try:
             # awaited as it is (no shield: that costs a loop turn per submit), so a cancel
             # here cancels the write's future too and its answer is lost (see _admit_late)
@@ -887,6 +894,29 @@ class Engine:
         held = memory.admit(run, _on_lost(run))
         if held is not None:
             return self._handle(held)
+        self._admitted(run)
+        self._run.start_soon()
+        return RunHandle(self, run.id, run)
+
+    async def submit_periodic(self, task: str, slot: float, gap: float) -> RunHandle | None:
+        """The scheduler's submit: claim ``slot`` of the periodic ``task`` and queue its run.
+
+        None when the slot is taken (an earlier start, or another node sharing
+        the store, fired it). A durable store claims the slot and stores the
+        run in one transaction, so a crash cannot leave a slot that counts as
+        fired and never ran; a full queue raises :class:`QueueFull` and then
+        leaves the slot unclaimed.
+        """
+        source = f"periodic:{task}"
+        if self._memory is not None:
+            # in this process only: nothing outlives a crash to be left half done
+            self._require_running()
+            if not await self._store.claim_periodic(task, slot, gap):
+                return None
+            return self.submit_nowait(task, None, source=source, internal=True)
+        run = self._prepare(task, None, None, source, internal=True)
+        if not await self._insert([run], (slot, gap)):
+            return None
         self._admitted(run)
         self._run.start_soon()
         return RunHandle(self, run.id, run)

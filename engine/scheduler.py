@@ -548,8 +548,7 @@ class Scheduler:
                 # (and an interval task fires at most once per interval, whichever node's
                 # clock of the previous run's end its slots follow)
                 gap = p.every - _SLOT_TOLERANCE if p.every is not None else 0.0
-                if await self._engine.store.claim_periodic(p.name, slot, gap):
-                    self._tick(p)
+                await self._tick(p, slot, gap)
                 p.last_fire = slot
                 end = None
                 if p.cron is None and not p.fixed_rate:
@@ -583,17 +582,21 @@ class Scheduler:
         record = await current.wait()
         return record.finished_at
 
-    def _tick(self, p: _Periodic) -> None:
-        """Submit one run, or skip the tick if the previous run is still going."""
+    async def _tick(self, p: _Periodic, slot: float, gap: float) -> None:
+        """Fire ``slot`` unless another node (or an earlier start) did: submit its run, or
+        skip it if the previous run is still going."""
         current = p.current
         if current is not None and current.id in self._inflight:  # its finished event has not come yet
-            self._skip(p, current.id)
+            if await self._engine.store.claim_periodic(p.name, slot, gap):
+                self._skip(p, current.id)  # the slot is this node's, and passes without a run
             return
         try:
-            handle = self._engine.submit_nowait(p.name, None, source=f"periodic:{p.name}", internal=True)
+            handle = await self._engine.submit_periodic(p.name, slot, gap)
         except QueueFull:
             log.warning("periodic task %r: engine run queue full; tick skipped", p.name)
             self._skip(p, None)
+            return
+        if handle is None:
             return
         p.current = handle
         p.runs += 1

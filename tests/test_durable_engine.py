@@ -570,3 +570,51 @@ async def test_a_cancel_of_a_run_executing_here_survives_a_crash_during_its_clea
     async with engine:
         record = await engine.wait_for(run_id, timeout=10)
     assert (record.status.value, record.cancel_reason, attempts) == ("cancelled", "user", [])
+
+
+DIE_AS_A_SLOT_FIRES = r"""
+import asyncio, os, signal, sys
+from taskwatch.engine import Engine, TaskContext
+
+async def main(db):
+    engine = Engine(store=f"sqlite:///{db}", node_id="n1", health_interval=None)
+
+    @engine.periodic(every=3600.0, name="hourly")
+    async def hourly(ctx: TaskContext) -> None:
+        await asyncio.Event().wait()
+
+    def die(event) -> None:
+        # the moment the engine says the slot's run exists
+        print(event.run_id, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    engine.bus.add_callback(die, ["run.submitted"])
+    async with engine:
+        await asyncio.Event().wait()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_a_crash_as_a_periodic_slot_fires_does_not_lose_that_slots_run(tmp_path: Path) -> None:
+    db = tmp_path / "runs.db"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", DIE_AS_A_SLOT_FIRES, str(db), stdout=asyncio.subprocess.PIPE
+    )
+    assert child.stdout is not None
+    async with asyncio.timeout(30):
+        run_id = (await child.stdout.readline()).decode().strip()
+        assert await child.wait() == -signal.SIGKILL
+    # the slot counts as fired (an hourly task does not fire again on restart): its run must be there
+    engine = Engine(store=f"sqlite:///{db}", node_id="n1", health_interval=None)
+    ran: list[str] = []
+
+    @engine.periodic(every=3600.0, name="hourly")
+    async def hourly(ctx: TaskContext) -> None:
+        ran.append(ctx.run_id)
+
+    async with engine:
+        record = await engine.wait_for(run_id, timeout=10)
+        [info] = engine.schedule()
+    assert record.status.value == "succeeded" and ran == [run_id]
+    assert info.next_due is not None and info.next_due > time.time() + 3000  # no second run for the slot

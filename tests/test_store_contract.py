@@ -567,6 +567,19 @@ async def test_claim_periodic_takes_each_slot_once(store: Store) -> None:
     assert await store.claim_periodic("other", 1.0)  # slots are per periodic task
 
 
+async def test_a_periodic_slot_and_its_run_are_stored_both_or_neither(store: Store) -> None:
+    [first] = await store.claim_periodic_run("p", 100.0, 0.0, NewRun("p", source="periodic:p"))
+    assert first.new and (await store.get(first.id)) is not None
+    assert await store.claim_periodic_run("p", 100.0, 0.0, NewRun("p")) == []  # the slot is taken: no run
+    assert [r.id for r in (await store.query(task="p")).runs] == [first.id]
+    # a full queue refuses the run and, with it, the claim: the slot can still be fired
+    with pytest.raises(QueueFull):
+        await store.claim_periodic_run("p", 200.0, 0.0, NewRun("p"), max_pending=1)
+    assert await store.get_periodic("p") == 100.0
+    [later] = await store.claim_periodic_run("p", 200.0, 0.0, NewRun("p"), max_pending=2)
+    assert later.new and await store.get_periodic("p") == 200.0
+
+
 async def test_wakeups_for_work_cancels_and_finished(store: Store) -> None:
     sub = store.subscribe(finished=True)
     assert not sub.poll()

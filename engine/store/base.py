@@ -406,6 +406,26 @@ class Store(ABC):
         await self.set_periodic(name, slot)
         return True
 
+    def claim_periodic_run(
+        self, name: str, slot: float, gap: float, run: NewRun, *, max_pending: int | None = None
+    ) -> Awaitable[list[Inserted]]:
+        """:meth:`claim_periodic`, then insert the slot's ``run``: both or neither.
+
+        Returns the insert's result, or ``[]`` (nothing inserted, nothing
+        claimed) when the slot was taken. A full queue raises
+        :class:`QueueFull` and leaves the slot unclaimed. Durable stores do both
+        in one transaction: a crash between a claim and its run's insert would
+        leave a slot that counts as fired and never ran.
+        """
+        return self._claim_then_insert(name, slot, gap, run, max_pending)
+
+    async def _claim_then_insert(
+        self, name: str, slot: float, gap: float, run: NewRun, max_pending: int | None
+    ) -> list[Inserted]:
+        if not await self.claim_periodic(name, slot, gap):
+            return []
+        return list(await self.insert([run], max_pending=max_pending))
+
     @abstractmethod
     async def load_trigger(self, trigger: str) -> dict[str, TriggerKeyRecord]:
         """Every saved key of ``trigger``."""

@@ -759,6 +759,17 @@ class MemoryStore(Store):
     async def set_periodic(self, name: str, fired_at: float) -> None:
         self._periodic[name] = fired_at
 
+    async def claim_periodic_run(
+        self, name: str, slot: float, gap: float, run: NewRun, *, max_pending: int | None = None
+    ) -> list[Inserted]:
+        last = self._periodic.get(name)
+        if last is not None and last >= slot - gap:
+            return []
+        # no await from here on: the claim and the insert are one step (a full queue refuses both)
+        self._check_insert([run], max_pending)
+        self._periodic[name] = slot
+        return self.insert_now([run], max_pending=max_pending)
+
     async def load_trigger(self, trigger: str) -> dict[str, TriggerKeyRecord]:
         return dict(self._trigger_keys.get(trigger, {}))
 

@@ -570,7 +570,15 @@ class PostgresStore(Store):
     async def insert(self, runs: Sequence[NewRun], *, max_pending: int | None = None) -> list[Inserted]:
         if not runs:
             return []
-        now = self.clock()
+        rows = self._rows(runs, self.clock())
+        # a plain insert is one statement; dedup keys (looked up first) and a limit (checked
+        # under a lock taken first) need a transaction around the lookups and the insert
+        single = max_pending is None and all(row["key"] is None for row in rows)
+        return await self._run(self._insert, rows, max_pending, single=single)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _rows(runs: Sequence[NewRun], now: float) -> list[dict[str, Any]]:
+        """The rows ``runs`` insert, each with its id chosen here (a try after a cut looks for it)."""
         rows: list[dict[str, Any]] = []
         explicit: set[str] = set()
         for new in runs:
@@ -591,10 +599,7 @@ class PostgresStore(Store):
                     "on_lost": new.on_lost,
                 }
             )
-        # a plain insert is one statement; dedup keys (looked up first) and a limit (checked
-        # under a lock taken first) need a transaction around the lookups and the insert
-        single = max_pending is None and all(row["key"] is None for row in rows)
-        return await self._run(self._insert, rows, max_pending, single=single)  # type: ignore[no-any-return]
+        return rows
 
     async def _insert(self, tx: _Tx, rows: list[dict[str, Any]], max_pending: int | None) -> list[Inserted]:
         if tx.again:
@@ -1053,6 +1058,22 @@ class PostgresStore(Store):
 
     async def set_periodic(self, name: str, fired_at: float) -> None:
         await self._run(self._exec, Q.SET_PERIODIC, {"name": name, "fired_at": float(fired_at)}, single=True)
+
+    async def claim_periodic_run(
+        self, name: str, slot: float, gap: float, run: NewRun, *, max_pending: int | None = None
+    ) -> list[Inserted]:
+        # the claim's nonce and the run's id, kept by every try: a try after a cut finds both its
+        # first try's claim and its row, and reports them as its own
+        values = {"name": name, "slot": float(slot), "gap": float(gap), "nonce": _nonce()}
+        [row] = self._rows([run], self.clock())
+        return await self._run(self._claim_periodic_run, values, row, max_pending)  # type: ignore[no-any-return]
+
+    async def _claim_periodic_run(
+        self, tx: _Tx, values: dict[str, Any], row: dict[str, Any], max_pending: int | None
+    ) -> list[Inserted]:
+        if await tx.fetchval(Q.PG_CLAIM_PERIODIC, values) is None:
+            return []
+        return await self._insert(tx, [row], max_pending)
 
     async def claim_periodic(self, name: str, slot: float, gap: float = 0.0) -> bool:
         # one nonce per call, kept by every try: a try after a cut wins the slot again if the

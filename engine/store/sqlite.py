@@ -754,6 +754,19 @@ class SqliteStore(Store):
         values = {"name": name, "slot": float(slot), "gap": float(gap)}
         return await self._call(self._scalar, Q.CLAIM_PERIODIC, values) is not None
 
+    def claim_periodic_run(
+        self, name: str, slot: float, gap: float, run: NewRun, *, max_pending: int | None = None
+    ) -> asyncio.Future[list[Inserted]]:
+        values = {"name": name, "slot": float(slot), "gap": float(gap)}
+        return self._call(self._claim_periodic_run, values, run, self.clock(), max_pending)
+
+    def _claim_periodic_run(
+        self, tx: _Tx, values: dict[str, Any], run: NewRun, now: float, max_pending: int | None
+    ) -> list[Inserted]:
+        if self._scalar(tx, Q.CLAIM_PERIODIC, values) is None:
+            return []
+        return self._insert(tx, [run], now, max_pending)  # a full queue rolls the claim back with it
+
     async def load_trigger(self, trigger: str) -> dict[str, TriggerKeyRecord]:
         return await self._call(self._load_trigger, trigger, write=False)  # type: ignore[no-any-return]
 
