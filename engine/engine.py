@@ -102,6 +102,11 @@ _BACKENDS = ("asyncio", "inline")
 _STOP_WRITE_GRACE = 1.0
 
 
+def _cancel_recorded(run_id: str, request: asyncio.Future[Any]) -> None:
+    if not request.cancelled() and (exc := request.exception()) is not None:
+        log.warning("cancel of run %s: the request could not be recorded in the store (%s)", run_id, exc)
+
+
 def _on_lost(run: Run) -> OnLost:
     """What recovery does with ``run`` when its worker is lost (its task says; a run of a task
     this node does not know is retried)."""
@@ -150,8 +155,10 @@ class Engine:
         this process; ``None`` (default) keeps them local.
     lease_ttl:
         Seconds a claim on a running run lives without a heartbeat; a run
-        whose worker stops heartbeating for this long is recovered (default
-        30; heartbeats go out every third of it).
+        whose worker stops heartbeating for this long is recovered (default:
+        the store's, 30 unless its URL or constructor says otherwise;
+        heartbeats go out every third of it). Given here and differently to
+        the store, it is refused.
     cancel_grace:
         Seconds a cancelled running run gets to finish its cleanup.
     clock:
@@ -173,7 +180,7 @@ class Engine:
         node_id: str | None = None,
         lease: Any = None,
         events: str | MemoryEventStream | None = None,
-        lease_ttl: float = 30.0,
+        lease_ttl: float | None = None,
         poll_interval: float = 1.0,
         resources: dict[str, Any] | None = None,
         flags: dict[str, bool] | None = None,
@@ -210,11 +217,11 @@ class Engine:
         self._id_pid = os.getpid() if node_id is None else None
         #: this process start's identity: claims name it, so a restart can tell its old runs apart
         self.incarnation = os.urandom(8).hex()
+        self._starts = 0
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.retention = retention
         self.cancel_grace = cancel_grace
-        self.lease_ttl = lease_ttl
         self.resources: dict[str, Any] = dict(resources or {})
         self.flags: dict[str, bool] = dict(flags or {})
         self.health_interval = health_interval
@@ -224,7 +231,9 @@ class Engine:
         self._new_id = run_id_factory or new_run_id
         self._inline = backend == "inline"
         self.bus = EventBus(node=self.node_id, replay=replay, clock=clock)
-        self._store = make_store(store, clock=clock, lease_ttl=lease_ttl) if isinstance(store, str) else store
+        self._store = self._store_for(store, clock, lease_ttl)
+        #: the claims' lease, as the store keeps it (heartbeats go by it)
+        self.lease_ttl = self._store.lease_ttl
         self._tasks: dict[str, TaskSpec] = {}
         self._limits: dict[str, int | None] = {}
         #: the run index: every run this node knows, pending and running ones always
@@ -237,7 +246,7 @@ class Engine:
             self._claim_limits,
             max_concurrency=max_concurrency,
             poll_interval=poll_interval,
-            lease_ttl=lease_ttl,
+            lease_ttl=self.lease_ttl,
             node_load=self._node_load,
             # a durable store may be shared: it checks the queue limit against every node's runs
             max_queue=max_queue,
@@ -392,6 +401,20 @@ class Engine:
         """Every node's events and a per-node summary (with ``events=...``), else None."""
         return self._relay
 
+    @staticmethod
+    def _store_for(store: str | Store, clock: Callable[[], float], lease_ttl: float | None) -> Store:
+        """The store ``store`` names; ``lease_ttl`` given both here and to the store must agree."""
+        if isinstance(store, str):
+            made = make_store(store, clock=clock, **({} if lease_ttl is None else {"lease_ttl": lease_ttl}))
+        else:
+            made = store
+        if lease_ttl is not None and made.lease_ttl != lease_ttl:
+            raise InvalidConfiguration(
+                "the engine",
+                [f"lease_ttl={lease_ttl!r} but its store keeps claims for {made.lease_ttl!r} s; give it in one place"],
+            )
+        return made
+
     def _make_relay(self, events: str | MemoryEventStream | None) -> EventRelay | None:
         if events is None:
             return None
@@ -473,6 +496,11 @@ class Engine:
             # parent's, and each forked copy starting here holds one of its own
             self._id_pid = os.getpid()
             self.node_id = self.bus.node = self._executor.node = hold_default_node_id(self)
+        if self._starts:
+            # an engine object started again is a new incarnation, as a new process is: its previous
+            # one's runs are then orphaned at once, whatever its stop could or could not write
+            self.incarnation = self._executor.incarnation = os.urandom(8).hex()
+        self._starts += 1
         await self._store.open()
         try:
             await self._store.register_node(self.node_id, self.incarnation, __version__)
@@ -562,10 +590,6 @@ class Engine:
     async def _stop(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
-        # a store out of reach would hold each of the stop's writes for a whole retry period; past
-        # the drain (and the cut runs' cleanup) and a moment, what they leave undone is recovery's to do
-        give_up = time.monotonic() + max(0.0, timeout) + self.cancel_grace + _STOP_WRITE_GRACE
-        self._store.give_up_after(give_up)
         try:
             self.bus.emit(
                 EngineStopping,
@@ -585,6 +609,12 @@ class Engine:
                 # what is queued waits in the store for the next start; finish what runs
                 self._executor.stop_claiming()
                 await self._executor.flush()
+            # the writes of what exists nowhere else (queued jobs, runs not written yet, trigger
+            # counts) are done. A store out of reach would hold each write left (outcomes, the cut
+            # runs put back, the node's end) for a whole retry period: past the drain, the cut
+            # runs' cleanup and a moment, what they leave undone is recovery's to do
+            give_up = time.monotonic() + max(0.0, deadline - loop.time()) + self.cancel_grace + _STOP_WRITE_GRACE
+            self._store.give_up_after(give_up)
             await self._run.wait_idle(deadline - loop.time())
             self._executor.stop_claiming()
             cancelled_pending = 0
@@ -906,7 +936,8 @@ class Engine:
         the store, fired it). A durable store claims the slot and stores the
         run in one transaction, so a crash cannot leave a slot that counts as
         fired and never ran; a full queue raises :class:`QueueFull` and then
-        leaves the slot unclaimed.
+        leaves the slot unclaimed there (the memory store, which nothing outlives,
+        has claimed it: the tick is skipped).
         """
         source = f"periodic:{task}"
         if self._memory is not None:
@@ -979,15 +1010,13 @@ class Engine:
             return result.run.to_record()
         run.cancel_reason = "user"  # set first: the store's notice of the request below then cancels nothing again
         run.handle.cancel()
-        deadline = asyncio.get_running_loop().time() + (self.cancel_grace if grace is None else grace)
         if self._durable and not recorded:
             # while the task cleans up, the store holds the request too: a crash meanwhile must not
-            # bring the run back as pending (recovery ends a run whose cancel was requested)
-            try:
-                await self._store.request_cancel(run_id, "user")
-            except StoreError as exc:
-                log.warning("cancel of run %s: the request could not be recorded in the store (%s)", run_id, exc)
-        await self._run.wait_finished(run, max(0.0, deadline - asyncio.get_running_loop().time()))
+            # bring the run back as pending (recovery ends a run whose cancel was requested). Written
+            # beside the grace, not before it: a busy store must not lengthen the wait
+            request = asyncio.ensure_future(self._store.request_cancel(run_id, "user"))
+            self._run.keep_write(request, functools.partial(_cancel_recorded, run_id))
+        await self._run.wait_finished(run, self.cancel_grace if grace is None else grace)
         return run.record()
 
     async def _cancel_elsewhere(self, run_id: str) -> RunRecord:

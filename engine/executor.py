@@ -116,6 +116,8 @@ class Executor:
         self._claiming = True
         #: resolved once the claim now in flight has returned and its runs are launched
         self._in_flight: asyncio.Future[None] | None = None
+        #: resolved when the batch of ``_unwritten`` runs being written has landed
+        self._flushing: asyncio.Future[None] | None = None
         self._loops: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -204,13 +206,27 @@ class Executor:
                 self._per_task.pop(task, None)
 
     async def flush(self) -> None:
-        """Write every run queued with :meth:`insert_later` in one batch."""
-        while self._unwritten:
+        """Write every run queued with :meth:`insert_later` in one batch.
+
+        Returns once they are written, also those of a batch another caller
+        (the claim loop) is writing: the stop relies on it, then cancels that loop.
+        """
+        while True:
+            writing = self._flushing
+            if writing is not None:
+                await asyncio.shield(writing)
+                continue
+            if not self._unwritten:
+                return
             batch, self._unwritten = self._unwritten, []
+            done = self._flushing = asyncio.get_running_loop().create_future()
             try:
                 inserted: list[Inserted] | BaseException = await self.store.insert(batch, max_pending=self.max_pending)
             except Exception as exc:  # noqa: BLE001 - the engine records each run's failure
                 inserted = exc
+            finally:
+                self._flushing = None
+                done.set_result(None)
             self._inserted(batch, inserted)
 
     def lease_left(self, token: str) -> float | None:

@@ -42,7 +42,7 @@ class EngineOptions(_Options):
     history: Count
     retention: PositiveSeconds | None
     replay: Count
-    lease_ttl: Annotated[float, BeforeValidator(_not_bool), Field(ge=0.05, allow_inf_nan=False)]
+    lease_ttl: Annotated[float, BeforeValidator(_not_bool), Field(ge=0.05, allow_inf_nan=False)] | None
     poll_interval: Annotated[float, BeforeValidator(_not_bool), Field(ge=0.001, allow_inf_nan=False)]
     cancel_grace: Seconds
     throughput_window: PositiveSeconds
@@ -75,6 +75,24 @@ class TriggerOptions(_Options):
     staleness_min: AtLeastOne
     check_interval: PositiveSeconds | None
     save_interval: PositiveSeconds
+
+
+class StoreOptions(_Options):
+    lease_ttl: PositiveSeconds
+    node_ttl: PositiveSeconds | None
+    max_lost: AtLeastOne
+
+
+class SqliteOptions(_Options):
+    synchronous: Literal["off", "normal", "full", "extra"]
+    busy_timeout: Count
+    max_batch: AtLeastOne
+
+
+class PostgresOptions(_Options):
+    pool_size: AtLeastOne
+    reconnect_timeout: Seconds | None
+    channel: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
 
 class LeaseOptions(_Options):

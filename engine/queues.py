@@ -195,6 +195,8 @@ class WorkQueue:
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._closing = False
         self._abandon = False
+        #: resolved when the last job in transit from another thread lands (stop() waits for it)
+        self._landed: asyncio.Future[None] | None = None
         #: pause_queue: consumers wait; puts are still accepted
         self.paused = False
         self.purged = 0
@@ -332,18 +334,21 @@ class WorkQueue:
     def _put_from_thread(self, loop: asyncio.AbstractEventLoop, job: Any) -> bool:
         with self._lock:
             # decided under the lock stop() takes to close the queue: a job is either refused here
-            # or its arrival is on the loop's ready queue before stop() goes on (see stop())
+            # or counted in transit, which stop() waits to see land (see stop())
             if self._closing:
                 raise EngineNotRunning("stopping")
             if len(self._items) + self._in_transit >= self.maxsize:
                 return False
-            try:
-                loop.call_soon_threadsafe(self._arrive, job)
-            except RuntimeError:  # the loop is closed
-                raise EngineNotRunning("stopped") from None
             # reserve the slot now so the caller learns about QueueFull synchronously
             self._in_transit += 1
             self.accepted += 1
+        try:
+            loop.call_soon_threadsafe(self._arrive, job)
+        except RuntimeError:  # the loop is closed
+            with self._lock:
+                self._in_transit -= 1
+                self.accepted -= 1
+            raise EngineNotRunning("stopped") from None
         return True
 
     def _arrive(self, job: Any) -> None:
@@ -351,7 +356,10 @@ class WorkQueue:
         with self._lock:
             self._in_transit -= 1
             self._items.append(self._keep(job) if self._durable else job)
+            landed = self._in_transit == 0
         self._wake_one(self._getters)
+        if landed and self._landed is not None and not self._landed.done():
+            self._landed.set_result(None)
 
     async def _wait_for_room(self, timeout: float) -> None:
         fut = asyncio.get_running_loop().create_future()
@@ -700,12 +708,16 @@ class WorkQueue:
 
     async def stop(self, deadline: float) -> None:
         """Drain until ``deadline`` (loop time), then cancel what is in flight and report the rest."""
+        loop = asyncio.get_running_loop()
+        landed = None
         with self._lock:
             self._closing = True
-        loop = asyncio.get_running_loop()
-        # jobs other threads put before the queue closed are on the loop's ready queue: let them land,
-        # so they are handled, or counted below, like any other
-        await asyncio.sleep(0)
+            if self._in_transit:
+                landed = self._landed = loop.create_future()
+        if landed is not None:
+            # jobs other threads put before the queue closed are on their way (the count cannot grow
+            # any more): let them land, so they are handled, or counted below, like any other
+            await landed
         if self._consumers:
             # wake idle consumers so they see `_closing` and exit
             for fut in self._getters:

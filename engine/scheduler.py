@@ -39,7 +39,7 @@ import inspect
 import logging
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from typing import TYPE_CHECKING, Any, Literal
@@ -326,7 +326,9 @@ class Scheduler:
         time); whether it is enabled is decided when the engine starts.
         """
         task_name = name or getattr(fn, "__name__", None) or repr(fn)
-        if not isinstance(requires, (tuple, list)) or not all(isinstance(r, str) for r in requires):
+        if isinstance(requires, (str, bytes)) or not isinstance(requires, Iterable) or not all(
+            isinstance(r, str) for r in requires
+        ):
             # tuple("redis") would be ('r', 'e', 'd', 'i', 's')
             raise TaskDefinitionError(
                 f"periodic task {task_name!r}: requires takes a tuple of resource names, "

@@ -594,7 +594,7 @@ def test_nonsense_configuration_is_refused_at_registration(register: Any, option
     assert engine.tasks() == {} and engine.schedule() == [] and engine.queues() == [] and engine.workers() == []
 
 
-@pytest.mark.parametrize("requires", ["redis", ("redis", 1), 5])
+@pytest.mark.parametrize("requires", ["redis", b"redis", ("redis", 1), 5])
 def test_requires_that_is_not_a_tuple_of_names_is_refused_with_the_way_to_write_it(requires: Any) -> None:
     engine = Engine(health_interval=None)
 
@@ -603,6 +603,8 @@ def test_requires_that_is_not_a_tuple_of_names_is_refused_with_the_way_to_write_
     with pytest.raises(TaskDefinitionError, match=r"requires takes a tuple of resource names, such as requires=\('redis',\)"):
         engine.periodic(every=5, requires=requires)(warm)
     assert engine.tasks() == {} and engine.schedule() == []
+    engine.periodic(every=5, requires={"redis"})(warm)  # any collection of names will do
+    assert [p.requires for p in engine.schedule()] == [("redis",)]
 
 
 @pytest.mark.parametrize(
@@ -618,6 +620,10 @@ def test_requires_that_is_not_a_tuple_of_names_is_refused_with_the_way_to_write_
         ({"lease": "redis://cache"}, "Lease"),
         ({"store": "sqlite:///runs.db?synchronous=fulll"}, "synchronous"),
         ({"store": "sqlite:///runs.db?busy_timeout=-1"}, "busy_timeout"),
+        ({"store": "sqlite:///runs.db?lease_ttl=nan"}, "lease_ttl"),
+        ({"store": "sqlite:///runs.db?node_ttl=-1"}, "node_ttl"),
+        ({"store": "postgresql://app@127.0.0.1/app?reconnect_timeout=-5"}, "reconnect_timeout"),
+        ({"store": "postgresql://app@127.0.0.1/app?lease_ttl=inf"}, "lease_ttl"),
     ],
 )
 def test_nonsense_engine_options_are_refused(options: dict[str, Any], option: str) -> None:

@@ -460,39 +460,60 @@ async def test_a_node_cut_off_from_the_database_gives_up_a_lease_it_could_keep(
     assert "lease.acquired" not in kinds[down:up] and "lease.acquired" in kinds[up:]
 
 
-async def test_a_stop_while_the_database_is_down_does_not_wait_out_a_retry_period_per_write(
+async def test_a_stop_while_the_database_is_down_keeps_what_it_accepted_and_leaves_the_rest_to_recovery(
     postgres_server: PostgresServer, postgres_url: str
 ) -> None:
-    # lease_ttl 30 s: each write retries for up to 30 s; the stop's handful of writes (outcomes
-    # of the runs it cuts, putting them back, saying the node stopped) took one period each
+    # lease_ttl 30 s: each write retries for up to 30 s. Accepted work that exists nowhere else yet
+    # (runs from submit_nowait, queued jobs) waits for the database as long as that; the stop's own
+    # writes (the outcomes of the runs it cuts, putting them back, the node's end) do not, each
+    # one used to take a whole period
     engine = Engine(store=postgres_url, node_id="a", lease_ttl=30.0, cancel_grace=0.5, health_interval=None)
     started: list[int] = []
+    handled: list[int] = []
 
     @engine.task
     async def slow(ctx: TaskContext) -> None:
         started.append(ctx.attempt)
         await asyncio.Event().wait()
 
+    @engine.task
+    async def quick(ctx: TaskContext) -> None:
+        pass
+
+    async def handle(job: dict[str, int]) -> None:
+        handled.append(job["i"])
+
+    queue = engine.queue("jobs", handle)
     await engine.start()
-    handles = await engine.submit_many([("slow", None)] * 3)
+    cut = await engine.submit_many([("slow", None)] * 3)
     async with asyncio.timeout(10):
         while len(started) < 3:
             await asyncio.sleep(0.02)
     await asyncio.to_thread(postgres_server.stop, "fast")
     try:
-        async with asyncio.timeout(15):  # the old stop took about 3 x 30 s here
+        engine.pause_queue("jobs")
+        accepted = [engine.submit_nowait("quick") for _ in range(3)]
+        for i in range(3):
+            queue.put_nowait({"i": i})
+
+        async def back_soon() -> None:
+            await asyncio.sleep(3.0)  # a restart well within reconnect_timeout
+            await asyncio.to_thread(postgres_server.start)
+
+        restart = asyncio.ensure_future(back_soon())
+        async with asyncio.timeout(20):  # the old stop took about 3 x 30 s here
             await engine.stop(0.5)
         assert engine.state == "stopped"
     finally:
-        await asyncio.to_thread(postgres_server.start)
-    # what the stop could not write is not lost: the node's next start takes its runs back
-    again = Engine(store=postgres_url, node_id="a", lease_ttl=30.0, cancel_grace=0.5, health_interval=None)
-    again.task(slow)
-    async with again:
+        await restart
+    # the same engine object starts again: its runs are taken back at once, not after their lease
+    engine.resume_queue("jobs")
+    async with engine:
         async with asyncio.timeout(15):
-            while len(started) < 6:
+            while len(started) < 6 or len(handled) < 3:
                 await asyncio.sleep(0.02)
-        assert sorted(started) == [1, 1, 1, 2, 2, 2]
-        assert {again.get(h.id).status for h in handles} == {RunStatus.RUNNING}
-        for handle in handles:
-            await again.cancel(handle.id)
+            for handle in accepted:
+                assert (await engine.wait_for(handle.id, timeout=10)).status is RunStatus.SUCCEEDED
+        assert sorted(started) == [1, 1, 1, 2, 2, 2] and sorted(handled) == [0, 1, 2]
+        for handle in cut:
+            await engine.cancel(handle.id)

@@ -618,3 +618,74 @@ async def test_a_crash_as_a_periodic_slot_fires_does_not_lose_that_slots_run(tmp
         [info] = engine.schedule()
     assert record.status.value == "succeeded" and ran == [run_id]
     assert info.next_due is not None and info.next_due > time.time() + 3000  # no second run for the slot
+
+
+async def test_a_cancel_waits_its_grace_not_a_busy_file(tmp_path: Path) -> None:
+    # the request is also written to the store; a file another process holds locked must not
+    # stretch the cancel past its grace (the write lands once the file is free)
+    import sqlite3
+
+    from taskwatch.engine import RunStatus
+
+    db = tmp_path / "busy.db"
+    engine = Engine(store=f"sqlite:///{db}?busy_timeout=60000", health_interval=None)
+    cleaning = asyncio.Event()
+    done = asyncio.Event()
+
+    @engine.task
+    async def slow(ctx: TaskContext) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cleaning.set()
+            await done.wait()  # a long cleanup
+            raise
+
+    async with engine:
+        handle = await engine.submit("slow")
+        await eventually(lambda: engine.get(handle.id).status is RunStatus.RUNNING)
+        other = sqlite3.connect(db, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            async with asyncio.timeout(20):  # the store would keep the request waiting 60 s
+                record = await engine.cancel(handle.id, grace=0.05)
+            assert record.status is RunStatus.RUNNING and cleaning.is_set()
+        finally:
+            other.rollback()
+            other.close()
+        done.set()
+        record = await handle.wait(timeout=10)
+        assert (record.status, record.cancel_reason) == (RunStatus.CANCELLED, "user")
+
+
+@pytest.mark.parametrize("given", ["instance", "url"])
+async def test_the_stores_lease_sets_the_heartbeat_whereever_it_is_given(given: str, tmp_path: Path) -> None:
+    # a 0.6 s lease renewed every third of the engine's default 30 s would lapse under a long run
+    from taskwatch.engine import RunStatus
+    from taskwatch.engine.store import SqliteStore
+
+    db = tmp_path / "runs.db"
+    store = SqliteStore(db, lease_ttl=0.6) if given == "instance" else f"sqlite:///{db}?lease_ttl=0.6"
+    engine = Engine(store=store, health_interval=None)
+    assert engine.lease_ttl == 0.6
+
+    @engine.task
+    async def long(ctx: TaskContext) -> int:
+        await asyncio.sleep(2.0)  # the work: several leases long
+        return ctx.attempt
+
+    async with engine:
+        record = await (await engine.submit("long")).wait(timeout=20)
+    assert (record.status, record.result, record.attempt) == (RunStatus.SUCCEEDED, 1, 1)
+
+
+def test_a_lease_given_to_the_engine_and_otherwise_to_its_store_is_refused(tmp_path: Path) -> None:
+    from taskwatch.engine import InvalidConfiguration
+    from taskwatch.engine.store import SqliteStore, UnknownStore
+
+    with pytest.raises(InvalidConfiguration, match="give it in one place"):
+        Engine(store=SqliteStore(tmp_path / "a.db", lease_ttl=5.0), lease_ttl=10.0)
+    with pytest.raises(UnknownStore, match="give it in one place"):
+        Engine(store=f"sqlite:///{tmp_path / 'b.db'}?lease_ttl=5", lease_ttl=10.0)
+    same = Engine(store=f"sqlite:///{tmp_path / 'c.db'}?lease_ttl=5", lease_ttl=5.0, health_interval=None)
+    assert same.lease_ttl == 5.0

@@ -6,7 +6,7 @@
     taskwatch attach ADDRESS [--token-file PATH]      (or $TASKWATCH_TOKEN)
     taskwatch attach postgresql://... | redis://...   the whole cluster
     taskwatch web [APP | attach ADDRESS [--token-file PATH]] [--host H] [--port P]
-    taskwatch --plain [--seconds S]    demo events printed to the terminal, no dashboard
+    taskwatch [APP] --plain [--seconds S]   the demo's (or APP's) events printed, no dashboard
 
 Tokens travel in $TASKWATCH_TOKEN or a 0600 file, never on a child's command
 line, where ``ps`` shows them to every local user. ``--token T`` still works for

@@ -13,6 +13,7 @@ query parameter goes to the driver; needs the ``postgres`` extra), or a
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -116,11 +117,19 @@ def make_store(spec: str | Store, **options: Any) -> Store:
         conv = _SQLITE_OPTIONS.get(name)
         if conv is None:
             raise UnknownStore(spec, f"unknown option {name!r} (known: {', '.join(_SQLITE_OPTIONS)})")
-        try:
-            options.setdefault(name, conv(raw))
-        except ValueError:
-            raise UnknownStore(spec, f"option {name}={raw!r} is not a valid {conv.__name__}") from None
+        _url_option(spec, options, name, raw, conv)
     return SqliteStore(path, **options)
+
+
+def _url_option(spec: str, options: dict[str, Any], name: str, raw: str, conv: Callable[[str], Any]) -> None:
+    """Take the URL's option ``name``; one also given in ``options`` must be the same value."""
+    try:
+        value = conv(raw)
+    except ValueError:
+        raise UnknownStore(spec, f"option {name}={raw!r} is not a valid {conv.__name__}") from None
+    if name in options and options[name] != value:
+        raise UnknownStore(spec, f"{name}={raw} in the URL but {name}={options[name]!r} given beside it; give it in one place")
+    options[name] = value
 
 
 def _postgres(spec: str, options: dict[str, Any]) -> Store:
@@ -134,10 +143,7 @@ def _postgres(spec: str, options: dict[str, Any]) -> Store:
             if name not in OWN_OPTIONS:  # the event relay's (keep=...) are not the store's
                 driver_args.append((name, raw))  # sslmode, application_name, ...: the driver's
             continue
-        try:
-            options.setdefault(name, conv(raw))
-        except ValueError:
-            raise UnknownStore(spec, f"option {name}={raw!r} is not a valid {conv.__name__}") from None
+        _url_option(spec, options, name, raw, conv)
     if options.get("clock") is time.time:
         # the engine's default wall clock: a cluster keeps the database's instead
         del options["clock"]

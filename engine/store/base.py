@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, 
 from types import TracebackType
 from typing import Any, ClassVar, Literal
 
-from ..errors import InvalidConfiguration
+from ..options import StoreOptions, check_options
 from ..runs import CancelReason, Progress, RunStatus
 from ..trusted import float_clock
 from .models import (
@@ -176,8 +176,7 @@ class Store(ABC):
         node_ttl: float | None = None,
         max_lost: int = MAX_LOST,
     ) -> None:
-        if lease_ttl <= 0:
-            raise InvalidConfiguration(type(self).__name__, [f"lease_ttl={lease_ttl!r}: must be positive seconds"])
+        check_options(StoreOptions, type(self).__name__, lease_ttl=lease_ttl, node_ttl=node_ttl, max_lost=max_lost)
         self.clock = float_clock(clock)
         self.lease_ttl = lease_ttl
         self.node_ttl = lease_ttl if node_ttl is None else node_ttl

@@ -36,7 +36,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import (
     DuplicateRunId,
-    InvalidConfiguration,
     QueueFull,
     RunNotFound,
     SchemaTooNew,
@@ -46,6 +45,7 @@ from ..errors import (
     StoreGaveUp,
     StoreUnavailable,
 )
+from ..options import PostgresOptions, check_options
 from ..runs import CancelReason, Progress, RunStatus, run_status
 from . import queries as Q
 from .base import Store, adoptable, gone_incarnations, lost_reason, new_run_id
@@ -229,13 +229,9 @@ class PostgresStore(Store):
             node_ttl=node_ttl,
             max_lost=max_lost,
         )
-        problems = []
-        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
-            problems.append(f"pool_size={pool_size!r}: an int of at least 1")
-        if not isinstance(channel, str) or not channel.isidentifier():
-            problems.append(f"channel={channel!r}: a plain identifier")
-        if problems:
-            raise InvalidConfiguration("PostgresStore", problems)
+        check_options(
+            PostgresOptions, "PostgresStore", pool_size=pool_size, reconnect_timeout=reconnect_timeout, channel=channel
+        )
         self.url = url
         self.pool_size = pool_size
         self.reconnect_timeout = lease_ttl if reconnect_timeout is None else reconnect_timeout
@@ -376,7 +372,26 @@ class PostgresStore(Store):
         round trips); reads (``write=False``) have none either. Once committed,
         this node's subscribers and the other nodes hear of the work and
         cancels it made.
+
+        Once a stopping engine has set :meth:`give_up_after`, an operation
+        started then is bounded by it as a whole, a hung connection included
+        (a network that drops packets answers nothing, not even a refusal).
         """
+        give_up = self._give_up_at
+        if give_up is None:
+            return await self._attempts(fn, *args, write=write, single=single)
+        limit = asyncio.timeout(max(0.0, give_up - time.monotonic()))
+        try:
+            async with limit:
+                return await self._attempts(fn, *args, write=write, single=single)
+        except TimeoutError:
+            if limit.expired():
+                raise StoreGaveUp(self._where, "an operation was still waiting for the database") from None
+            raise
+
+    async def _attempts(
+        self, fn: Callable[..., Awaitable[Any]], *args: Any, write: bool, single: bool
+    ) -> Any:
         delay = 0.05
         deadline: float | None = None
         races = 0
@@ -411,6 +426,12 @@ class PostgresStore(Store):
                                 # a connection the driver already saw closing is detached from
                                 # the pool's handle, which then refuses this: the cut is what to report
                                 conn.terminate()
+                        raise
+                    except asyncio.CancelledError:
+                        # given up mid-statement (a timeout, a stop): its answer may never come, and
+                        # handing the connection back would wait for it
+                        with contextlib.suppress(Exception):
+                            conn.terminate()
                         raise
                 break
             except _DedupRace:

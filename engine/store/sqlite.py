@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal
 
-from ..errors import DuplicateRunId, InvalidConfiguration, QueueFull, RunNotFound, SchemaTooNew, StoreBusy, StoreClosed, StoreError, StoreUnavailable
+from ..errors import DuplicateRunId, QueueFull, RunNotFound, SchemaTooNew, StoreBusy, StoreClosed, StoreError, StoreUnavailable
+from ..options import SqliteOptions, check_options
 from ..runs import CancelReason, Progress, RunStatus, run_status
 from . import queries as Q
 from .base import Clock, Store, adoptable, counter_from_random_start, gone_incarnations, new_run_id
@@ -54,7 +55,6 @@ from .rows import seq_of as _seq_of
 from .rows import book_recovered, recovery_step
 from .rows import stored_run as _stored
 
-SYNCHRONOUS = ("off", "normal", "full", "extra")
 
 _CLAIM_CANDIDATES = Q.for_sqlite(Q.CLAIM_CANDIDATES)
 _RUNNING_CLAIMS = Q.for_sqlite(Q.RUNNING_CLAIMS)
@@ -108,13 +108,7 @@ class SqliteStore(Store):
         kw: dict[str, Any] = {} if clock is None else {"clock": clock}
         super().__init__(lease_ttl=lease_ttl, node_ttl=node_ttl, max_lost=max_lost, **kw)
         sync = synchronous.lower() if isinstance(synchronous, str) else synchronous
-        problems = []
-        if sync not in SYNCHRONOUS:
-            problems.append(f"synchronous={synchronous!r}: choose one of {', '.join(SYNCHRONOUS)}")
-        if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, int) or busy_timeout < 0:
-            problems.append(f"busy_timeout={busy_timeout!r}: milliseconds, an int >= 0")
-        if problems:
-            raise InvalidConfiguration("SqliteStore", problems)
+        check_options(SqliteOptions, "SqliteStore", synchronous=sync, busy_timeout=busy_timeout, max_batch=max_batch)
         self.path = os.fspath(path)
         self.synchronous = sync
         self.busy_timeout = busy_timeout

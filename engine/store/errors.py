@@ -1,0 +1,25 @@
+"""The run stores' errors, importable from here as before; they live in :mod:`taskwatch.engine.errors`."""
+
+from ..errors import (
+    DuplicateRunId,
+    SchemaTooNew,
+    StoreBusy,
+    StoreClosed,
+    StoreDriverMissing,
+    StoreError,
+    StoreGaveUp,
+    StoreUnavailable,
+    UnknownStore,
+)
+
+__all__ = [
+    "DuplicateRunId",
+    "SchemaTooNew",
+    "StoreBusy",
+    "StoreClosed",
+    "StoreDriverMissing",
+    "StoreError",
+    "StoreGaveUp",
+    "StoreUnavailable",
+    "UnknownStore",
+]
