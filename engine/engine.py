@@ -142,10 +142,9 @@ class Engine:
         ``"inline"`` (``submit`` returns only once the run has finished).
     node_id:
         This engine's name in events, claims and leader election. Keep it
-        the same across restarts (default: host and app name): each process
-        start gets a fresh :attr:`incarnation` (one per engine object), and
-        the previous incarnation's runs are recognised as orphaned and
-        recovered at once.
+        the same across restarts (default: host and app name): each start
+        gets a fresh :attr:`incarnation`, and the previous incarnation's
+        runs are recognised as orphaned and recovered at once.
     events:
         Relays this node's events to every node and reads every node's back
         into :attr:`cluster`: ``"postgres"`` through the PostgreSQL store's
