@@ -545,19 +545,27 @@ asyncio.run(main(sys.argv[1]))
 """
 
 
-async def test_a_cancel_of_a_run_executing_here_survives_a_crash_during_its_cleanup(tmp_path: Path) -> None:
-    db = tmp_path / "runs.db"
-    child = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CANCEL_THEN_DIE, str(db), stdout=asyncio.subprocess.PIPE
-    )
+async def killed_after_its_first_line(script: str, db: Path) -> str:
+    """Run ``script`` on ``db`` in a child process; its first line, once it is dead by SIGKILL
+    (its own, or this one's right after the line)."""
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", script, str(db), stdout=asyncio.subprocess.PIPE)
     try:
         assert child.stdout is not None
         async with asyncio.timeout(30):
-            run_id, status = (await child.stdout.readline()).decode().split()
-        assert status == "running"  # still cleaning up after its grace, as cancel() documents
+            line = (await child.stdout.readline()).decode()
     finally:
-        child.send_signal(signal.SIGKILL)
-        await child.wait()
+        if child.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGKILL)
+        async with asyncio.timeout(30):
+            assert await child.wait() == -signal.SIGKILL
+    return line
+
+
+async def test_a_cancel_of_a_run_executing_here_survives_a_crash_during_its_cleanup(tmp_path: Path) -> None:
+    db = tmp_path / "runs.db"
+    run_id, status = (await killed_after_its_first_line(CANCEL_THEN_DIE, db)).split()
+    assert status == "running"  # still cleaning up after its grace, as cancel() documents
     # the same node starts again: the run it was cancelling is not run again, it ends cancelled
     engine = Engine(store=f"sqlite:///{db}", node_id="n1", health_interval=None)
     attempts: list[int] = []
@@ -598,13 +606,7 @@ asyncio.run(main(sys.argv[1]))
 
 async def test_a_crash_as_a_periodic_slot_fires_does_not_lose_that_slots_run(tmp_path: Path) -> None:
     db = tmp_path / "runs.db"
-    child = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", DIE_AS_A_SLOT_FIRES, str(db), stdout=asyncio.subprocess.PIPE
-    )
-    assert child.stdout is not None
-    async with asyncio.timeout(30):
-        run_id = (await child.stdout.readline()).decode().strip()
-        assert await child.wait() == -signal.SIGKILL
+    run_id = (await killed_after_its_first_line(DIE_AS_A_SLOT_FIRES, db)).strip()
     # the slot counts as fired (an hourly task does not fire again on restart): its run must be there
     engine = Engine(store=f"sqlite:///{db}", node_id="n1", health_interval=None)
     ran: list[str] = []

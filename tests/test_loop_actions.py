@@ -135,7 +135,8 @@ async def test_a_stopped_worker_stays_stopped_until_started() -> None:
     assert stray_tasks() == set()
 
 
-async def test_restart_starts_a_stopped_worker() -> None:
+def one_worker() -> tuple[Engine, list[int]]:
+    """An engine with one supervised worker ``w``, and the list its every start appends to."""
     engine = engine_with(cancel_grace=1.0)
     runs: list[int] = []
 
@@ -144,6 +145,11 @@ async def test_restart_starts_a_stopped_worker() -> None:
         runs.append(1)
         await forever()
 
+    return engine, runs
+
+
+async def test_restart_starts_a_stopped_worker() -> None:
+    engine, runs = one_worker()
     async with engine:
         await eventually(lambda: runs)
         await engine.stop_worker("w")
@@ -154,14 +160,7 @@ async def test_restart_starts_a_stopped_worker() -> None:
 
 async def test_a_worker_stopped_before_its_first_step_reads_stopped() -> None:
     # stop_worker straight after start_worker or restart_worker, on the same loop turn
-    engine = engine_with(cancel_grace=1.0)
-    runs: list[int] = []
-
-    @engine.supervised(name="w")
-    async def w(ctx: TaskContext) -> None:
-        runs.append(1)
-        await forever()
-
+    engine, runs = one_worker()
     rec = Recorder(engine, ("worker.",))
     async with engine:
         await eventually(lambda: runs)
