@@ -216,6 +216,7 @@ class Engine:
         self._id_pid = os.getpid() if node_id is None else None
         #: this process start's identity: claims name it, so a restart can tell its old runs apart
         self.incarnation = os.urandom(8).hex()
+        self._incarnation_pid = os.getpid()
         self._starts = 0
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
@@ -495,10 +496,13 @@ class Engine:
             # parent's, and each forked copy starting here holds one of its own
             self._id_pid = os.getpid()
             self.node_id = self.bus.node = self._executor.node = hold_default_node_id(self)
-        if self._starts:
+        if self._starts or self._incarnation_pid != os.getpid():
             # an engine object started again is a new incarnation, as a new process is: its previous
-            # one's runs are then orphaned at once, whatever its stop could or could not write
+            # one's runs are then orphaned at once, whatever its stop could or could not write. So is
+            # each forked copy of an engine built before the fork: two processes under one incarnation
+            # would each take the other's runs for its own
             self.incarnation = self._executor.incarnation = os.urandom(8).hex()
+            self._incarnation_pid = os.getpid()
         self._starts += 1
         await self._store.open()
         try:

@@ -78,7 +78,8 @@ class TriggerOptions(_Options):
 
 
 class StoreOptions(_Options):
-    lease_ttl: PositiveSeconds
+    # as the engine's: a shorter lease only makes every node heartbeat without pause
+    lease_ttl: Annotated[float, BeforeValidator(_not_bool), Field(ge=0.05, allow_inf_nan=False)]
     node_ttl: PositiveSeconds | None
     max_lost: AtLeastOne
 

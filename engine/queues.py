@@ -63,6 +63,20 @@ _CLOSED_STATES = ("stopping", "stopped")
 _FULL = object()
 
 
+class _Transit:
+    """A job on its way from another thread to the loop (compared by identity)."""
+
+    __slots__ = ("job",)
+
+    def __init__(self, job: Any) -> None:
+        self.job = job
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class QueueInfo(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -180,7 +194,8 @@ class WorkQueue:
         # consumers only ever shrink the deque, which needs no lock
         self._lock = threading.Lock()
         #: jobs accepted from other threads that have not reached the loop yet
-        self._in_transit = 0
+        #: jobs put from other threads, on their way to the loop
+        self._transits: set[_Transit] = set()
         self._in_flight = 0
         self.processed = 0
         self.failed = 0
@@ -313,7 +328,7 @@ class WorkQueue:
         if loop is not None and threading.get_ident() != self._loop_thread:
             return True if self._put_from_thread(loop, job) else _FULL
         with self._lock:
-            if len(self._items) + self._in_transit >= self.maxsize:
+            if len(self._items) + len(self._transits) >= self.maxsize:
                 return _FULL
             item = self._keep(job) if self._durable else job
             self._items.append(item)
@@ -332,34 +347,52 @@ class WorkQueue:
         return kept
 
     def _put_from_thread(self, loop: asyncio.AbstractEventLoop, job: Any) -> bool:
-        with self._lock:
-            # decided under the lock stop() takes to close the queue: a job is either refused here
-            # or counted in transit, which stop() waits to see land (see stop())
-            if self._closing:
-                raise EngineNotRunning("stopping")
-            if len(self._items) + self._in_transit >= self.maxsize:
-                return False
-            # reserve the slot now so the caller learns about QueueFull synchronously
-            self._in_transit += 1
-            self.accepted += 1
+        transit = _Transit(job)
         try:
-            loop.call_soon_threadsafe(self._arrive, job)
-        except RuntimeError:  # the loop is closed
             with self._lock:
-                self._in_transit -= 1
-                self.accepted -= 1
-            raise EngineNotRunning("stopped") from None
+                # decided under the lock stop() takes to close the queue: a job is either refused here
+                # or in transit, which stop() waits to see land (see stop())
+                if self._closing:
+                    raise EngineNotRunning("stopping")
+                if len(self._items) + len(self._transits) >= self.maxsize:
+                    return False
+                # the slot is taken now, so the caller learns about QueueFull synchronously; one
+                # set operation, so an interrupt can never leave half a reservation behind
+                self._transits.add(transit)
+                self.accepted += 1
+            loop.call_soon_threadsafe(self._arrive, transit)
+        except BaseException as exc:
+            # the loop is closed, or the thread was interrupted (Ctrl-C) with the handover maybe
+            # queued: the put did not happen, and a handover that still comes is ignored
+            with self._lock:
+                if transit in self._transits:
+                    self._transits.discard(transit)
+                    self.accepted -= 1
+            self._check_landed()
+            if isinstance(exc, RuntimeError):
+                raise EngineNotRunning("stopped") from None
+            raise
         return True
 
-    def _arrive(self, job: Any) -> None:
+    def _arrive(self, transit: _Transit) -> None:
         """On the loop: a job put from another thread lands in the queue (always before stop() counts)."""
         with self._lock:
-            self._in_transit -= 1
+            if transit not in self._transits:
+                return  # withdrawn: its put was interrupted and raised
+            self._transits.discard(transit)
+            job = transit.job
             self._items.append(self._keep(job) if self._durable else job)
-            landed = self._in_transit == 0
         self._wake_one(self._getters)
-        if landed and self._landed is not None and not self._landed.done():
-            self._landed.set_result(None)
+        self._check_landed()
+
+    def _check_landed(self) -> None:
+        """Resolve stop()'s wait once nothing is in transit from other threads (any thread)."""
+        landed = self._landed
+        if landed is not None and not self._transits and not landed.done() and self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(_resolve, landed)
+            except RuntimeError:
+                pass  # the loop is gone, and the stop with it
 
     async def _wait_for_room(self, timeout: float) -> None:
         fut = asyncio.get_running_loop().create_future()
@@ -390,7 +423,7 @@ class WorkQueue:
             while not self._items or self.paused:
                 # a job accepted from another thread is still on its way: wait for it
                 # (a paused queue leaves its jobs where they are when the engine stops)
-                if self._closing and (self.paused or not self._in_transit):
+                if self._closing and (self.paused or not self._transits):
                     return
                 fut = loop.create_future()
                 self._getters.append(fut)
@@ -619,14 +652,14 @@ class WorkQueue:
 
     @property
     def depth(self) -> int:
-        return len(self._items) + self._in_transit
+        return len(self._items) + len(self._transits)
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
 
     def _is_idle(self) -> bool:
-        return not self._items and not self._in_transit and not self._in_flight
+        return not self._items and not self._transits and not self._in_flight
 
     def _maybe_idle(self) -> None:
         if self._idle_waiters and self._is_idle():
@@ -712,12 +745,14 @@ class WorkQueue:
         landed = None
         with self._lock:
             self._closing = True
-            if self._in_transit:
+            if self._transits:
                 landed = self._landed = loop.create_future()
         if landed is not None:
             # jobs other threads put before the queue closed are on their way (the count cannot grow
             # any more): let them land, so they are handled, or counted below, like any other
-            await landed
+            await asyncio.wait([landed], timeout=max(0.0, deadline - loop.time()) + 1.0)
+            if not landed.done():  # a handover that never comes must not hang the stop
+                log.error("queue %r: %d jobs put from other threads never arrived", self.name, len(self._transits))
         if self._consumers:
             # wake idle consumers so they see `_closing` and exit
             for fut in self._getters:

@@ -326,15 +326,14 @@ class Scheduler:
         time); whether it is enabled is decided when the engine starts.
         """
         task_name = name or getattr(fn, "__name__", None) or repr(fn)
-        if isinstance(requires, (str, bytes)) or not isinstance(requires, Iterable) or not all(
-            isinstance(r, str) for r in requires
-        ):
-            # tuple("redis") would be ('r', 'e', 'd', 'i', 's')
+        # read once (a generator gives its names only once); tuple("redis") would be ('r', 'e', 'd', 'i', 's')
+        names = None if isinstance(requires, (str, bytes)) or not isinstance(requires, Iterable) else tuple(requires)
+        if names is None or not all(isinstance(r, str) for r in names):
             raise TaskDefinitionError(
                 f"periodic task {task_name!r}: requires takes a tuple of resource names, "
                 f"such as requires=('redis',), got {requires!r}"
             )
-        requires = tuple(requires)
+        requires = names
         _validate(fn, task_name, every, cron, initial_delay, requires, jitter)
         self._engine.register(
             fn, name=task_name, retries=retries, timeout=timeout, kind="periodic", resources=requires

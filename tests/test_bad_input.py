@@ -604,7 +604,8 @@ def test_requires_that_is_not_a_tuple_of_names_is_refused_with_the_way_to_write_
         engine.periodic(every=5, requires=requires)(warm)
     assert engine.tasks() == {} and engine.schedule() == []
     engine.periodic(every=5, requires={"redis"})(warm)  # any collection of names will do
-    assert [p.requires for p in engine.schedule()] == [("redis",)]
+    engine.periodic(every=5, requires=(n for n in ["redis"]), name="warm2")(warm)  # a generator too, read once
+    assert [p.requires for p in engine.schedule()] == [("redis",), ("redis",)]
 
 
 @pytest.mark.parametrize(
@@ -621,6 +622,7 @@ def test_requires_that_is_not_a_tuple_of_names_is_refused_with_the_way_to_write_
         ({"store": "sqlite:///runs.db?synchronous=fulll"}, "synchronous"),
         ({"store": "sqlite:///runs.db?busy_timeout=-1"}, "busy_timeout"),
         ({"store": "sqlite:///runs.db?lease_ttl=nan"}, "lease_ttl"),
+        ({"store": "sqlite:///runs.db?lease_ttl=0.001"}, "lease_ttl"),
         ({"store": "sqlite:///runs.db?node_ttl=-1"}, "node_ttl"),
         ({"store": "postgresql://app@127.0.0.1/app?reconnect_timeout=-5"}, "reconnect_timeout"),
         ({"store": "postgresql://app@127.0.0.1/app?lease_ttl=inf"}, "lease_ttl"),

@@ -83,14 +83,14 @@ FORKED = """
 import asyncio, os, sys
 from taskwatch.engine import Engine
 engine = Engine(health_interval=None)
-print("parent", engine.node_id, flush=True)
+print("parent", engine.node_id, engine.incarnation, flush=True)
 children = []
 for _ in range(2):
     pid = os.fork()
     if pid == 0:
         async def main():
             async with engine:
-                print("child", engine.node_id, engine.bus.node, flush=True)
+                print("child", engine.node_id, engine.bus.node, engine.incarnation, flush=True)
                 sys.stdin.readline()  # held until the parent has heard from both children
         asyncio.run(main())
         os._exit(0)
@@ -113,12 +113,15 @@ def test_an_engine_built_before_a_fork_gets_an_id_of_its_own_in_each_child(tmp_p
         proc.stdin.write("\n\n\n")
         proc.stdin.close()
         assert proc.wait(20) == 0
-    parent = [line[1] for line in lines if line[0] == "parent"]
+    parent = [line[1:] for line in lines if line[0] == "parent"]
     children = [line[1:] for line in lines if line[0] == "child"]
     assert len(parent) == 1 and len(children) == 2
     ids = {child[0] for child in children}
-    assert len(ids) == 2 and parent[0] not in ids, lines
-    assert all(node_id == bus_node for node_id, bus_node in children)
+    assert len(ids) == 2 and parent[0][0] not in ids, lines
+    assert all(node_id == bus_node for node_id, bus_node, _ in children)
+    # and an incarnation of its own: two processes under one would take each other's runs
+    incarnations = {child[2] for child in children}
+    assert len(incarnations) == 2 and parent[0][1] not in incarnations, lines
 
 
 #: holds the default id, forks a child that lives on (say, a worker it started), then waits
