@@ -6,6 +6,10 @@ matches, lets the server work on it for a moment, then drops the server's
 answer and aborts both sides: the server has done (and committed) what it
 was asked while the client sees its connection reset, the case a client
 must not take for "nothing happened".
+
+Made :attr:`CuttingProxy.silent`, it is a network that drops every packet:
+nothing gets through either way, new connections are taken and never
+answered, and nobody is told (no reset, no refusal).
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ class CuttingProxy:
         self.linger = linger
         self.port = 0
         self.cuts = 0
+        #: forward nothing, answer nothing, refuse nothing
+        self.silent = False
+        #: client chunks dropped while silent: a client is waiting for an answer
+        self.swallowed = 0
         self._arm: list[Match] = []
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -49,6 +57,17 @@ class CuttingProxy:
         self._arm = list(steps)
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if self.silent:
+            task = asyncio.current_task()
+            assert task is not None
+            self._tasks.add(task)  # type: ignore[arg-type]
+            try:
+                while await client_r.read(65536):
+                    self.swallowed += 1
+            finally:
+                self._tasks.discard(task)  # type: ignore[arg-type]
+                client_w.transport.abort()
+            return
         try:
             server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
@@ -58,6 +77,9 @@ class CuttingProxy:
 
         async def upstream() -> None:
             while data := await client_r.read(65536):
+                if self.silent:
+                    self.swallowed += 1
+                    continue
                 server_w.write(data)
                 await server_w.drain()
                 if self._arm and self._arm[0](data):
@@ -73,7 +95,7 @@ class CuttingProxy:
 
         async def downstream() -> None:
             while data := await server_r.read(65536):
-                if state["cut"]:
+                if state["cut"] or self.silent:
                     continue
                 client_w.write(data)
                 await client_w.drain()

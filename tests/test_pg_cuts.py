@@ -286,3 +286,43 @@ async def test_a_version_4_database_migrates_to_5_once_with_several_nodes_and_ke
     ]
     assert Q.SCHEMA_VERSION == 5
     assert postgres_server.sql("SELECT COUNT(*) FROM events", db) == "2"
+
+
+# ---------------------------------------------------------------- a silent network
+
+
+async def test_a_stop_on_a_network_that_drops_every_packet_ends_and_its_runs_come_back(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    # nothing is refused, nothing answers: a claim round under way, outcomes and put-backs
+    # would each wait for an answer that never comes (no driver timeout is that short)
+    started: list[int] = []
+
+    def node(url: str) -> Engine:
+        engine = Engine(store=url, node_id="n", poll_interval=0.05, cancel_grace=0.2, health_interval=None)
+
+        @engine.task
+        async def slow(ctx: TaskContext) -> None:
+            started.append(ctx.attempt)
+            await asyncio.Event().wait()
+
+        return engine
+
+    async with CuttingProxy(postgres_server.port) as proxy:
+        engine = node(proxy.url(postgres_url))
+        await engine.start()
+        handles = await engine.submit_many([("slow", None)] * 2)
+        await eventually(lambda: len(started) == 2, timeout=TIMEOUT)
+        proxy.silent = True
+        # a claim round (every 0.05 s) or a heartbeat is under way, waiting for its answer
+        await eventually(lambda: proxy.swallowed > 0, timeout=TIMEOUT)
+        async with asyncio.timeout(TIMEOUT):  # without a bound of its own it waited forever
+            await engine.stop(0.5)
+        assert engine.state == "stopped"
+    # what the stop could not write is recovered: the next start of the node takes its runs back
+    again = node(postgres_url)
+    async with again:
+        await eventually(lambda: len(started) == 4, timeout=TIMEOUT)
+        assert sorted(started) == [1, 1, 2, 2]
+        for handle in handles:
+            await again.cancel(handle.id)

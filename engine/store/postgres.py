@@ -263,6 +263,11 @@ class PostgresStore(Store):
         self._down_since: float | None = None
         #: set by a stopping engine: no retry goes on past it
         self._give_up_at: float | None = None
+        #: every operation's bound (none until a stopping engine sets one), and the connections
+        #: operations hold: give_up_after bounds them all, and closes those still busy at the deadline
+        self._limits: set[asyncio.Timeout] = set()
+        self._busy: set[Any] = set()
+        self._terminator: asyncio.TimerHandle | None = None
 
     def describe(self) -> str:
         return self._where
@@ -278,12 +283,32 @@ class PostgresStore(Store):
 
     def give_up_after(self, deadline: float | None) -> None:
         self._give_up_at = deadline
+        if self._terminator is not None:
+            self._terminator.cancel()
+            self._terminator = None
+        if deadline is None:
+            return
+        loop = asyncio.get_running_loop()
+        when = loop.time() + (deadline - time.monotonic())
+        # operations already under way are bounded too (a claim, an outcome sent before the stop)
+        for limit in list(self._limits):
+            with contextlib.suppress(RuntimeError):  # one that is expiring right now
+                limit.reschedule(when)
+        # and a connection still busy then is closed under its operation: cancelled, a transaction
+        # would wait for its ROLLBACK's answer, which a silent network never sends
+        self._terminator = loop.call_at(when, self._terminate_busy)
+
+    def _terminate_busy(self) -> None:
+        self._terminator = None
+        for conn in list(self._busy):
+            with contextlib.suppress(Exception):
+                conn.terminate()
 
     async def open(self) -> None:
         if self._pool is not None:
             return
         self._closing = False
-        self._give_up_at = None
+        self.give_up_after(None)
         try:
             pool = await self._driver.create_pool(
                 self.url, min_size=1, max_size=self.pool_size, reset=_keep_session,
@@ -321,6 +346,9 @@ class PostgresStore(Store):
         if pool is None:
             return
         self._closing = True
+        if self._terminator is not None:
+            self._terminator.cancel()
+            self._terminator = None
         if self._finisher is not None:
             await asyncio.gather(self._finisher, return_exceptions=True)
         if self._notifier is not None:  # read after the last finishes: they may have started it
@@ -378,12 +406,14 @@ class PostgresStore(Store):
         (a network that drops packets answers nothing, not even a refusal).
         """
         give_up = self._give_up_at
-        if give_up is None:
-            return await self._attempts(fn, *args, write=write, single=single)
-        limit = asyncio.timeout(max(0.0, give_up - time.monotonic()))
+        limit = asyncio.timeout(None if give_up is None else max(0.0, give_up - time.monotonic()))
         try:
             async with limit:
-                return await self._attempts(fn, *args, write=write, single=single)
+                self._limits.add(limit)
+                try:
+                    return await self._attempts(fn, *args, write=write, single=single)
+                finally:
+                    self._limits.discard(limit)
         except TimeoutError:
             if limit.expired():
                 raise StoreGaveUp(self._where, "an operation was still waiting for the database") from None
@@ -402,6 +432,7 @@ class PostgresStore(Store):
                 raise StoreClosed(self._where)
             try:
                 async with pool.acquire() as conn:
+                    self._busy.add(conn)
                     try:
                         tx = _Tx(conn, again=cut)
                         if not write:
@@ -433,6 +464,8 @@ class PostgresStore(Store):
                         with contextlib.suppress(Exception):
                             conn.terminate()
                         raise
+                    finally:
+                        self._busy.discard(conn)
                 break
             except _DedupRace:
                 races += 1
