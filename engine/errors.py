@@ -494,14 +494,16 @@ class StoreUnavailable(StoreError):
 class StoreGaveUp(StoreUnavailable):
     """The store was still out of reach when its stopping engine's time for last writes ran out.
 
-    Nothing is lost for good: a run whose outcome was not written is recovered
-    (and run again) once its claim lapses, as after a crash.
+    Whether the operation was applied is unknown (its answer may be what was
+    lost). Nothing is lost for good: a run whose outcome was not written is
+    recovered (and run again) once its claim lapses, as after a crash.
     """
 
     def __init__(self, where: str, detail: str) -> None:
-        super().__init__(
-            where, f"still unreachable as the engine stops ({detail})",
-            "Runs it leaves unwritten are recovered once their claims lapse",
+        StoreError.__init__(
+            self,
+            f"the run store {where} was still unreachable as the engine stopped ({detail}); whether the "
+            "operation was applied is unknown. Runs it left unwritten are recovered once their claims lapse",
         )
 
 

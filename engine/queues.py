@@ -369,7 +369,7 @@ class WorkQueue:
                     self._transits.discard(transit)
                     self.accepted -= 1
             self._check_landed()
-            if isinstance(exc, RuntimeError):
+            if isinstance(exc, RuntimeError) and not isinstance(exc, EngineNotRunning):
                 raise EngineNotRunning("stopped") from None
             raise
         return True
@@ -751,8 +751,14 @@ class WorkQueue:
             # jobs other threads put before the queue closed are on their way (the count cannot grow
             # any more): let them land, so they are handled, or counted below, like any other
             await asyncio.wait([landed], timeout=max(0.0, deadline - loop.time()) + 1.0)
-            if not landed.done():  # a handover that never comes must not hang the stop
-                log.error("queue %r: %d jobs put from other threads never arrived", self.name, len(self._transits))
+        with self._lock:
+            # a handover that has not come by now (its thread stalled) must not hang the stop: those
+            # jobs are lost, counted and said so, and their late arrival is ignored
+            stranded = len(self._transits)
+            self._transits.clear()
+        if stranded:
+            log.error("queue %r: %d jobs put from other threads did not arrive before the stop; they are lost",
+                      self.name, stranded)  # fmt: skip
         if self._consumers:
             # wake idle consumers so they see `_closing` and exit
             for fut in self._getters:
@@ -780,13 +786,14 @@ class WorkQueue:
             # taken up from the store while the keeper was stopping: their rows stay for the next start
             left += len(self._items)
             self._items.clear()
-        if left or lost:
-            self.abandoned += left
+        if left or lost or stranded:
+            self.abandoned += left + stranded
             if lost is not None:
                 self.kept += max(0, left - lost)
                 self.lost += lost
-            kept = lost == 0
-            self._engine.bus.emit(QueueDrainIncomplete, queue=self.name, left=left, kept=kept)
+            self.lost += stranded
+            kept = lost == 0 and not stranded
+            self._engine.bus.emit(QueueDrainIncomplete, queue=self.name, left=left + stranded, kept=kept)
 
     async def _stop_keeping(self, deadline: float) -> int | None:
         """Durable store: stop the keeper, then write what is still unwritten.

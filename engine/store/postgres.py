@@ -346,9 +346,6 @@ class PostgresStore(Store):
         if pool is None:
             return
         self._closing = True
-        if self._terminator is not None:
-            self._terminator.cancel()
-            self._terminator = None
         if self._finisher is not None:
             await asyncio.gather(self._finisher, return_exceptions=True)
         if self._notifier is not None:  # read after the last finishes: they may have started it
@@ -362,6 +359,12 @@ class PostgresStore(Store):
             await asyncio.wait_for(pool.close(), timeout=5)
         except (TimeoutError, OSError):
             pool.terminate()
+        finally:
+            # only now: until the pool is closed, a connection stuck past the stop's deadline is
+            # what the terminator closes (pool.close() would wait for it)
+            if self._terminator is not None:
+                self._terminator.cancel()
+                self._terminator = None
 
     async def _migrate(self, conn: asyncpg.Connection) -> None:
         await migrate(conn, self._where)
