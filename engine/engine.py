@@ -212,12 +212,13 @@ class Engine:
         # the default is held for as long as this engine lives: a second copy of the program
         # running beside this one gets the next id, a restart after this one ends gets this one
         self.node_id = node_id or hold_default_node_id(self)
-        #: the process that holds the default id (None: the id was given)
-        self._id_pid = os.getpid() if node_id is None else None
-        #: this process start's identity: claims name it, so a restart can tell its old runs apart
+        self._default_id = node_id is None
+        #: this start's identity: claims name it, so a restart can tell its old runs apart
         self.incarnation = os.urandom(8).hex()
-        self._incarnation_pid = os.getpid()
-        self._starts = 0
+        #: the process the id and the incarnation belong to (a fork makes new ones), and whether
+        #: this incarnation has started already (a start after a stop makes a new one)
+        self._pid = os.getpid()
+        self._started_once = False
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.retention = retention
@@ -491,19 +492,19 @@ class Engine:
 
     async def _start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if self._id_pid is not None and self._id_pid != os.getpid():
-            # built before a fork (a web server preloading the app): the default id is the
-            # parent's, and each forked copy starting here holds one of its own
-            self._id_pid = os.getpid()
-            self.node_id = self.bus.node = self._executor.node = hold_default_node_id(self)
-        if self._starts or self._incarnation_pid != os.getpid():
-            # an engine object started again is a new incarnation, as a new process is: its previous
-            # one's runs are then orphaned at once, whatever its stop could or could not write. So is
-            # each forked copy of an engine built before the fork: two processes under one incarnation
-            # would each take the other's runs for its own
+        forked = self._pid != os.getpid()
+        if forked:
+            # built before a fork (a web server preloading the app): each forked copy starting
+            # here is a process of its own, and two processes under one incarnation would each
+            # take the other's runs for its own. A default id is the parent's too: it holds one
+            self._pid = os.getpid()
+            if self._default_id:
+                self.node_id = self.bus.node = self._executor.node = hold_default_node_id(self)
+        if forked or self._started_once:
+            # started again, it is a new incarnation as a new process is: the previous one's runs
+            # are then orphaned at once, whatever its stop could or could not write
             self.incarnation = self._executor.incarnation = os.urandom(8).hex()
-            self._incarnation_pid = os.getpid()
-        self._starts += 1
+        self._started_once = True
         await self._store.open()
         try:
             await self._store.register_node(self.node_id, self.incarnation, __version__)
