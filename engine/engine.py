@@ -1233,7 +1233,7 @@ class Engine:
         cron: str | None = None,
         name: str | None = None,
         initial_delay: float = 0.0,
-        requires: tuple[str, ...] | list[str] = (),
+        requires: Iterable[str] = (),
         opt_in: str | None = None,
         jitter: float = 0.0,
         fixed_rate: bool = False,

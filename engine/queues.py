@@ -194,7 +194,6 @@ class WorkQueue:
         # consumers only ever shrink the deque, which needs no lock
         self._lock = threading.Lock()
         #: jobs accepted from other threads that have not reached the loop yet
-        #: jobs put from other threads, on their way to the loop
         self._transits: set[_Transit] = set()
         self._in_flight = 0
         self.processed = 0
