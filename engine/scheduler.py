@@ -535,7 +535,10 @@ class Scheduler:
             return self._cron_after(p, max(slot, now))
         assert p.every is not None
         if p.fixed_rate:
-            return next_interval_due(slot, None, p.every, True, now=now)
+            due = next_interval_due(slot, None, p.every, True, now=now)
+            # the latest slot already past is the one this late tick just fired for:
+            # a loop held up for a while fires once, then keeps to the grid
+            return due + p.every if due < now else due
         return next_interval_due(None, end if end is not None else now, p.every, False)
 
     # ------------------------------------------------------------ the loop
@@ -596,8 +599,12 @@ class Scheduler:
         except QueueFull:
             log.warning("periodic task %r: engine run queue full; tick skipped", p.name)
             self._skip(p, None)
-            return
+            handle = None
         if handle is None:
+            # nothing of ours runs for this slot: an end-based interval counts from now,
+            # not again from the end of a run that finished before it (that end would
+            # give this same slot back, refused again, at once and forever)
+            p.current = None
             return
         p.current = handle
         p.runs += 1

@@ -6,6 +6,7 @@ import asyncio
 import random
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from datetime import datetime, timezone
 
 import pytest
@@ -443,4 +444,64 @@ async def test_due_times_follow_the_engine_clock() -> None:
         assert info(engine, "tick").next_due == 50_005.0
         assert engine.pause_periodic("tick").next_due is None
         assert engine.resume_periodic("tick").next_due == 50_060.0  # fresh: one interval from now
+    assert not stray_tasks()
+
+
+# ---------------------------------------------------------------- ticks that submit nothing
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["memory", "sqlite"])
+async def test_a_tick_refused_by_a_full_queue_waits_an_interval_and_the_task_runs_again(
+    durable: bool, tmp_path: Path
+) -> None:
+    # end-based: the interval after a refused tick counts from then, not again from the
+    # end of the run before it (which gave the same slot back, refused, in a busy loop)
+    store = {"store": f"sqlite:///{tmp_path / 'runs.db'}"} if durable else {}
+    engine = make_engine(max_concurrency=1, max_queue=1, **store)
+    release = asyncio.Event()
+    every = 0.05
+
+    @engine.periodic(every=every)
+    async def tick(ctx: TaskContext) -> None: ...
+
+    @engine.task
+    async def block(ctx: TaskContext) -> None:
+        await release.wait()
+
+    rec = Recorder(engine, ("periodic.skipped",))
+    async with engine:
+        await eventually(lambda: info(engine, "tick").runs >= 1, timeout=2.0)
+        await eventually(lambda: info(engine, "tick").running_run_id is None, timeout=2.0)
+        await engine.submit("block")
+        await eventually(lambda: engine.stats().by_status["running"] == 1, timeout=2.0)
+        await engine.submit("block")  # the queue's one place is taken
+        await eventually(lambda: len(rec.of("periodic.skipped")) >= 3, timeout=3.0)
+        runs = info(engine, "tick").runs
+        skipped = rec.of("periodic.skipped")
+        gaps = [b.ts - a.ts for a, b in zip(skipped, skipped[1:])]
+        assert min(gaps) >= every / 2, f"refused ticks came back at once: {gaps}"
+        release.set()
+        await eventually(lambda: info(engine, "tick").runs >= runs + 2, timeout=3.0)
+    assert not stray_tasks()
+
+
+async def test_a_fixed_rate_tick_that_fired_late_does_not_fire_again_at_once() -> None:
+    engine = make_engine()
+    every = 0.2
+    fired: list[float] = []
+    first = asyncio.Event()
+
+    @engine.periodic(every=every, fixed_rate=True)
+    async def tick(ctx: TaskContext) -> None:
+        fired.append(time.monotonic())
+        first.set()
+
+    async with engine:
+        await asyncio.wait_for(first.wait(), 2.0)
+        # hold the event loop up past several slots: the next tick fires late, once
+        time.sleep(3 * every)
+        held = len(fired)
+        await eventually(lambda: len(fired) >= held + 2, timeout=3.0)
+        late, following = fired[held], fired[held + 1]
+        assert following - late >= every / 4, "a late tick fired twice in a burst"
     assert not stray_tasks()
