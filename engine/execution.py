@@ -485,6 +485,7 @@ class Execution:
         self, run: Run, token: str, ended: Callable[[asyncio.Task[None]], None], context: contextvars.Context
     ) -> None:
         """Run one attempt of a claimed run and write its outcome with the claim's token."""
+        window: asyncio.Timeout | None = None
         try:
             spec = run.spec
             if spec is None:
@@ -509,7 +510,8 @@ class Execution:
                 if spec.timeout is None:
                     result = await call
                 else:
-                    async with asyncio.timeout(spec.timeout) as window:
+                    window = asyncio.timeout(spec.timeout)
+                    async with window:
                         result = await call
                     if window.expired():
                         # the task swallowed its timeout's cancel and returned: it still timed out
@@ -529,7 +531,8 @@ class Execution:
                     current.uncancel()
                 return
             except TimeoutError as exc:
-                if spec.timeout is not None and run.cancel_reason is None:
+                # the run's own timeout, not a TimeoutError the task raised itself
+                if window is not None and window.expired() and run.cancel_reason is None:
                     error = RunError(
                         type="TimeoutError",
                         message=f"run exceeded its {spec.timeout:g} s timeout",

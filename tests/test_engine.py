@@ -293,6 +293,21 @@ async def test_timeout_fails_the_run_with_a_clear_error() -> None:
     assert "0.05 s timeout" in run.error.message
 
 
+async def test_a_timeout_the_task_raised_itself_is_not_called_the_runs_timeout() -> None:
+    engine = make_engine()
+
+    @engine.task(timeout=30.0)
+    async def calls_a_slow_service(ctx: TaskContext) -> None:
+        await asyncio.wait_for(asyncio.Event().wait(), 0.01)
+
+    async with engine:
+        run = await (await engine.submit("calls_a_slow_service")).wait(2)
+    assert run.status is RunStatus.FAILED
+    assert run.error is not None and run.error.type == "TimeoutError"
+    assert "30 s timeout" not in run.error.message
+    assert "wait_for" in (run.error.traceback or "")
+
+
 async def test_result_must_be_json_serialisable() -> None:
     engine = make_engine()
 
