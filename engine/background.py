@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import concurrent.futures.thread  # noqa: F401 - its exit hook registers first, so ours runs before it
 import errno
 import logging
 import os
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -194,7 +196,7 @@ class BackgroundEngine:
         if bg._start_error is not None:
             bg._thread.join()
             raise bg._start_error
-        atexit.register(bg._stop_at_exit)
+        _stop_at_interpreter_exit(bg)
         return bg
 
     # ------------------------------------------------------------------ the loop thread
@@ -613,7 +615,6 @@ class BackgroundEngine:
             first = not self._stopping
             self._stopping = True
         if first:
-            atexit.unregister(self._stop_at_exit)
             self._stop_dashboards()
             self._drain_timeout = self.stop_timeout if timeout is None else timeout
             loop, requested = self._loop, self._stop_requested
@@ -655,6 +656,30 @@ class BackgroundEngine:
 
     def __repr__(self) -> str:
         return f"<BackgroundEngine {self.engine.node_id} {self.state}>"
+
+
+def _stop_at_interpreter_exit(bg: BackgroundEngine) -> None:
+    """Stop ``bg`` when the interpreter exits, unless it was stopped (or collected) before.
+
+    A threading exit hook, not :mod:`atexit`: Python joins non-daemon threads
+    and shuts down the executors ``asyncio.to_thread`` uses before it runs atexit
+    hooks, so a thread still waiting on a run would hang the exit, and a task in
+    ``to_thread`` would fail its run instead of being cancelled by the stop.
+    """
+    ref = weakref.ref(bg)
+
+    def stop() -> None:
+        found = ref()
+        if found is not None:
+            found._stop_at_exit()
+
+    # threading has no public way to run a hook before that join (concurrent.futures
+    # uses this one); elsewhere, atexit is the best there is
+    register = getattr(threading, "_register_atexit", atexit.register)
+    try:
+        register(stop)
+    except RuntimeError:
+        pass  # the interpreter is already exiting: nothing would run the hook
 
 
 #: what the web server prints once it listens (taskwatch.tui.web), with the port it bound
