@@ -59,6 +59,9 @@ log = logging.getLogger("taskwatch.triggers")
 #: the sweep never waits longer than this, whatever the staleness
 _MAX_CHECK_INTERVAL = 60.0
 
+#: after a full queue refused a run, due keys are tried again this soon, doubling up to the cap
+_RETRY_FIRST, _RETRY_MAX = 0.05, 5.0
+
 _RUN_KINDS = ("run.started", "run.retrying", "run.succeeded", "run.failed", "run.cancelled")
 
 
@@ -238,6 +241,8 @@ class Trigger:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._retry_delay = _RETRY_FIRST
         #: durable store only: keys changed since the last save, and the task that saves them
         self.save_interval = save_interval
         self._dirty: set[str] = set()
@@ -315,15 +320,28 @@ class Trigger:
         try:
             handle = self._submit(key)
         except QueueFull:
-            # the count stays, so the next notify or sweep tries again
+            # the count stays, and the key is tried again soon: without that a trigger
+            # with no staleness sweep would wait for this key's next notify, maybe forever
             self.rejected += 1
+            self._retry_later()
             return None
         except EngineNotRunning:
             return None  # counts keep accumulating until the engine runs
         self._fired(key, st, handle, reason)
         return handle
 
+    def _retry_later(self) -> None:
+        if self._retry is not None or self._loop is None or self._loop.is_closed():
+            return
+        self._retry = self._loop.call_later(self._retry_delay, self._retry_refused)
+        self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX)
+
+    def _retry_refused(self) -> None:
+        self._retry = None
+        self.check()
+
     def _fired(self, key: str, st: _Key, handle: RunHandle, reason: str) -> None:
+        self._retry_delay = _RETRY_FIRST
         st.run_id = handle.id
         st.captured = st.count
         self._dirty.add(key)
@@ -539,6 +557,9 @@ class Trigger:
         """Stop the sweep. Runs already fired are engine runs: the engine drains them."""
         sweeper, self._sweeper = self._sweeper, None
         await cancel_and_wait(sweeper)
+        retry, self._retry = self._retry, None
+        if retry is not None:
+            retry.cancel()
         saver, self._saver = self._saver, None
         if saver is not None:
             await cancel_and_wait(saver)

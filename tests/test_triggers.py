@@ -377,3 +377,30 @@ async def test_counts_survive_a_stop_and_start_of_the_same_engine_unchanged(tmp_
         assert ran == ["k"]
     async with engine:
         assert key_state(compile, "k").count == 0
+
+
+async def test_a_key_refused_by_a_full_queue_runs_once_the_queue_has_room() -> None:
+    # no staleness, so no sweep: the refused key must not wait for a notify that may never come
+    engine = make_engine(max_concurrency=1, max_queue=1)
+    release = asyncio.Event()
+    ran: list[str] = []
+
+    @engine.task
+    async def block(ctx: TaskContext) -> None:
+        await release.wait()
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    compile = engine.trigger("compile", run_compile, size_threshold=2)
+    async with engine:
+        await engine.submit("block")
+        await eventually(lambda: engine.stats().by_status["running"] == 1, timeout=2.0)
+        await engine.submit("block")  # the queue's one place is taken
+        compile.notify("bank-1", n=2)
+        assert compile.state().rejected == 1
+        assert key_state(compile, "bank-1").count == 2 and not key_state(compile, "bank-1").queued
+        release.set()
+        await eventually(lambda: ran == ["bank-1"], timeout=5.0)
+        assert key_state(compile, "bank-1").count == 0
+    assert not stray_tasks()
