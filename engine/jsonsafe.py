@@ -10,6 +10,7 @@ later by an encoder that would then drop every attached dashboard.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic_core import PydanticSerializationError, to_json, to_jsonable_python
@@ -28,27 +29,61 @@ class NotJsonSafe(ValueError):
         super().__init__(detail)
 
 
-def jsonable(value: Any) -> Any:
+def jsonable(value: Any, *, finite: bool = True) -> Any:
     """``value`` as plain JSON data that encodes as UTF-8; raises :class:`NotJsonSafe`.
 
     Pydantic models, dataclasses, datetimes and the like are converted as
     pydantic converts them. The encode check catches what conversion lets
-    through (lone surrogates in strings, also as dict keys).
+    through (lone surrogates in strings, also as dict keys), and NaN or
+    infinity unless ``finite`` is false.
     """
     try:
         data = to_jsonable_python(value)
-        to_json(data)
+        encoded = to_json(data)
     except _ENCODE_ERRORS as exc:
         raise NotJsonSafe(_describe(exc)) from None
+    if finite:
+        _check_finite(data, encoded)
     return data
 
 
 def check_jsonable(data: Any) -> None:
     """Raise :class:`NotJsonSafe` unless already-converted ``data`` encodes as UTF-8 JSON."""
     try:
-        to_json(data)
+        encoded = to_json(data)
     except _ENCODE_ERRORS as exc:
         raise NotJsonSafe(_describe(exc)) from None
+    _check_finite(data, encoded)
+
+
+def _check_finite(data: Any, encoded: bytes) -> None:
+    # JSON has no NaN or infinity: the encoder writes them as bare constants that a
+    # strict reader refuses, and events and snapshots carry them as null, so a run
+    # would show dashboards another value than the one it holds. The byte search is
+    # the cheap test; only a hit walks the data.
+    if b"NaN" not in encoded and b"Infinity" not in encoded:
+        return
+    found = _non_finite(data, "")
+    if found is not None:
+        where, value = found
+        raise NotJsonSafe(f"{where or 'it'} is {value!r}, which JSON cannot carry; use None or a string for it")
+
+
+def _non_finite(data: Any, path: str) -> tuple[str, float] | None:
+    """The path to the first NaN or infinity in converted ``data`` (``""`` for ``data`` itself)."""
+    if isinstance(data, float):
+        return None if math.isfinite(data) else (path, data)
+    if isinstance(data, dict):
+        items: Any = data.items()
+    elif isinstance(data, list):
+        items = enumerate(data)
+    else:
+        return None
+    for key, item in items:
+        found = _non_finite(item, key if not path and isinstance(key, str) else f"{path}[{key!r}]")
+        if found is not None:
+            return found
+    return None
 
 
 def safe_text(text: str) -> str:

@@ -140,7 +140,9 @@ def params_for_wire(task: str, params: object) -> dict[str, Any] | None:
             }],
         )
     try:
-        data = jsonable(dict(params))
+        # NaN and infinity travel as JSON's constants: the engine refuses them itself,
+        # with the reason it gives in-process (a model's own "finite number" first)
+        data = jsonable(dict(params), finite=False)
     except NotJsonSafe as exc:
         raise json_unsafe(task, exc.detail) from None
     return data  # type: ignore[no-any-return]

@@ -133,6 +133,39 @@ async def test_params_and_keys_no_dashboard_could_decode_are_refused(tmp_path: P
         await attach_works(engine, tmp_path / "e.sock")
 
 
+class Measure(BaseModel):
+    value: float
+    extra: dict[str, Any] = {}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+async def test_params_and_results_json_cannot_carry_are_refused_not_shown_as_null(bad: float, tmp_path: Path) -> None:
+    # JSON has no NaN or infinity: dashboards would see null where the run holds another value
+    engine = make_engine(store=f"sqlite:///{tmp_path / 'runs.db'}")
+
+    @engine.task
+    async def measure(ctx: TaskContext, params: Measure) -> None: ...
+
+    @engine.task
+    async def loss(ctx: TaskContext) -> dict[str, Any]:
+        return {"loss": bad, "epochs": 3}
+
+    recorder = Recorder(engine)
+    async with engine:
+        with pytest.raises(InvalidParams, match="value is .*JSON cannot carry"):
+            await engine.submit("measure", {"value": bad})
+        with pytest.raises(InvalidParams, match="extra"):
+            await engine.submit("measure", Measure(value=1.0, extra={"deep": [0.5, bad]}))
+        assert engine.runs() == [] and "run.submitted" not in recorder.kinds()
+        record = await (await engine.submit("loss")).wait(5)
+        assert record.status is RunStatus.FAILED and record.result is None
+        assert record.error is not None and record.error.type == "ResultNotSerializable"
+        assert "loss is" in record.error.message and "use None or a string" in record.error.message
+        assert (await (await engine.submit("measure", {"value": 2.5})).wait(5)).status is RunStatus.SUCCEEDED
+        assert_consistent(engine)
+        await attach_works(engine, tmp_path / "e.sock")
+
+
 @pytest.mark.parametrize("n", [0.5, -3, 0, True, "2", None])
 async def test_a_trigger_count_that_is_not_a_whole_number_is_refused(n: object, tmp_path: Path) -> None:
     engine = make_engine()

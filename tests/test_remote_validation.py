@@ -130,11 +130,13 @@ async def test_params_a_model_or_a_dict_with_int_keys_are_sent_as_their_json(pai
 async def test_nan_and_infinity_get_the_in_process_verdict(pair: Pair, value: float) -> None:
     """The client sends what it was given (not JSON null), so the engine decides as it does in-process."""
     engine, remote, _ = pair
-    local = (await engine.submit("num", {"x": value})).record()
-    far = await remote.submit("num", {"x": value})
-    for run_id in (local.id, far.id):
-        stored = engine.get(run_id).params["x"]
-        assert stored == value or (math.isnan(value) and math.isnan(stored))
+    with pytest.raises(InvalidParams) as local:
+        await engine.submit("num", {"x": value})
+    with pytest.raises(InvalidParams) as far:
+        await remote.submit("num", {"x": value})
+    assert "JSON cannot carry" in str(local.value)
+    assert [e["msg"] for e in far.value.errors] == [e["msg"] for e in local.value.errors]
+    assert engine.runs() == []
 
 
 async def test_a_model_refusing_nan_gives_the_in_process_reason(pair: Pair) -> None:
