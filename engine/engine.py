@@ -34,6 +34,7 @@ from .errors import (
     RunNotCancellable,
     RunNotFound,
     RunNotRetryable,
+    StoppedBeforeDone,
     UnknownQueue,
     UnknownTask,
     UnknownTrigger,
@@ -651,6 +652,9 @@ class Engine:
                 self.bus.close()
                 self._state = "stopped"
                 self._shutdown = None
+                self._run.stopped_before_done()
+                for trigger in self._triggers.values():
+                    trigger.engine_stopped()
 
     async def _cancel_pending(self, reason: CancelReason) -> int:
         """End every pending run this node knows as cancelled (the memory store's shutdown)."""
@@ -1091,6 +1095,12 @@ class Engine:
         run = self.current(run_id, run)
         if run is None:
             return self._poll_store(run_id, timeout)
+        if self._state == "stopped" and not run.status.finished:
+            # kept in the store for the next start, which reads it back as a new entry:
+            # nothing would ever resolve a wait on this one
+            refused: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
+            refused.set_exception(StoppedBeforeDone(f"run {run_id}", kept=True))
+            return refused
         if timeout is None:
             return self._run.finished_future(run)
         return self._run.wait_finished(run, timeout)

@@ -111,6 +111,25 @@ class EngineNotRunning(TaskwatchError, RuntimeError):
         )
 
 
+class StoppedBeforeDone(EngineNotRunning):
+    """The engine stopped while a wait was open, before what it waited for was done.
+
+    With a durable store the work is kept (``kept``) and goes on at the next
+    start; with the memory store it was dropped, counted where it was.
+    """
+
+    def __init__(self, what: str, kept: bool) -> None:
+        self.state = "stopped"
+        self.what = what
+        self.kept = kept
+        then = (
+            "it is kept in the store and goes on at the next start: wait again once the engine runs"
+            if kept
+            else "it was dropped (counted in the engine's stats)"
+        )
+        RuntimeError.__init__(self, f"the engine stopped before {what} was done; {then}")
+
+
 class NotLeader(TaskwatchError):
     """This node does not hold the leader lease (or lost it); stop destructive work."""
 

@@ -35,6 +35,7 @@ from .events import (
     StoreReachable,
     StoreUnreachable,
 )
+from .errors import StoppedBeforeDone
 from .executor import Executor
 from .index import RunIndex
 from .jsonsafe import NotJsonSafe, jsonable, safe_str, safe_text
@@ -883,6 +884,18 @@ class Execution:
             if run.waiters is not None and fut in run.waiters:
                 run.waiters.remove(fut)
 
+
+    def stopped_before_done(self) -> None:
+        """The engine stopped: whoever waits on a run it leaves unfinished (pending in a
+        durable store, for the next start) hears so instead of waiting on a future that
+        nothing here will resolve (a restart reads the runs back as new objects)."""
+        for run in self.index.runs.values():
+            waiters = run.waiters
+            if waiters and not run.status.finished:
+                run.waiters = None
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_exception(StoppedBeforeDone(f"run {run.id}", kept=True))
 
     def inserted(self, rows: list[NewRun], result: list[Inserted] | BaseException) -> None:
         """A batch queued with submit_nowait was written (or could not be)."""

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .context import TaskContext
-from .errors import EngineNotRunning, JobNotSerializable, QueueFull, TaskDefinitionError
+from .errors import EngineNotRunning, JobNotSerializable, QueueFull, StoppedBeforeDone, TaskDefinitionError
 from .hop import cancel_and_wait
 from .jsonsafe import NotJsonSafe, jsonable
 from .options import QueueOptions, check_options
@@ -772,6 +772,9 @@ class WorkQueue:
             left = self.depth + self._in_flight
             self._abandon = True
             self._items.clear()
+        # joins waiting on what is left are answered below, once it is known whether it is
+        # kept: not woken as if the queue had drained when its consumers are cancelled
+        joins, self._idle_waiters = self._idle_waiters, []
         consumers, self._consumers = self._consumers, []
         for t in consumers:
             t.cancel()
@@ -785,6 +788,7 @@ class WorkQueue:
             # taken up from the store while the keeper was stopping: their rows stay for the next start
             left += len(self._items)
             self._items.clear()
+        kept = True
         if left or lost or stranded:
             self.abandoned += left + stranded
             if lost is not None:
@@ -793,6 +797,13 @@ class WorkQueue:
             self.lost += stranded
             kept = lost == 0 and not stranded
             self._engine.bus.emit(QueueDrainIncomplete, queue=self.name, left=left + stranded, kept=kept)
+        for fut in joins:
+            if fut.done():
+                continue
+            if left or stranded:
+                fut.set_exception(StoppedBeforeDone(f"the {left + stranded} jobs left in queue {self.name!r}", kept=kept))
+            else:
+                fut.set_result(None)
 
     async def _stop_keeping(self, deadline: float) -> int | None:
         """Durable store: stop the keeper, then write what is still unwritten.

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .context import TaskContext
-from .errors import EngineNotRunning, InvalidCount, QueueFull, RunNotFound, TaskDefinitionError
+from .errors import EngineNotRunning, InvalidCount, QueueFull, RunNotFound, StoppedBeforeDone, TaskDefinitionError
 from .hop import cancel_and_wait
 from .events import BaseEvent, TriggerFired
 from .jsonsafe import check_key
@@ -425,11 +425,26 @@ class Trigger:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout):
             while self._active:
+                if self._engine.state == "stopped":
+                    raise self._left_at_stop()
                 fut = loop.create_future()
                 self._drain_waiters.append(fut)
                 # a refire after the last finish is scheduled before this wake-up,
                 # so `_active` already holds it when the loop re-checks
                 await fut
+
+    def engine_stopped(self) -> None:
+        """The engine has stopped: drains still waiting on runs it left pending (kept in a
+        durable store for the next start) hear so instead of waiting for good."""
+        if not self._active:
+            return
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_exception(self._left_at_stop())
+
+    def _left_at_stop(self) -> StoppedBeforeDone:
+        return StoppedBeforeDone(f"the {len(self._active)} runs of trigger {self.name!r}", kept=True)
 
     def _wake_drainers(self) -> None:
         waiters, self._drain_waiters = self._drain_waiters, []

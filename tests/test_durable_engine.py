@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from taskwatch.engine import Engine, RunHandle, RunRecord, TaskContext
+from taskwatch.engine import Engine, EngineNotRunning, RunHandle, RunRecord, StoppedBeforeDone, TaskContext
 
 from .helpers import eventually
 
@@ -150,6 +150,53 @@ async def test_a_handle_from_before_a_restart_of_its_engine_sees_the_run_finish(
         record = await waiting.wait(5)  # the restarted engine runs it; the old handle hears of it
         assert record.status.value == "succeeded"
         assert waiting.record().status.value == "succeeded"
+    finally:
+        await engine.stop()
+
+
+async def test_waits_open_at_a_stop_hear_that_their_work_is_kept_for_the_next_start(tmp_path: Path) -> None:
+    engine = Engine(store=f"sqlite:///{tmp_path / 'waits.db'}", node_id="again", max_concurrency=1,
+                    health_interval=None)
+    gate = asyncio.Event()
+
+    @engine.task
+    async def hold(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    @engine.task
+    async def quick(ctx: TaskContext) -> None:
+        return None
+
+    async def slow(ctx: TaskContext, key: str) -> None:
+        await gate.wait()
+
+    async def handle_job(job: int) -> None: ...
+
+    queue = engine.queue("jobs", handle_job)
+    trigger = engine.trigger("compile", slow, size_threshold=1)
+    await engine.start()
+    await engine.submit("hold")
+    pending = await engine.submit("quick")  # behind the held slot: still pending at the stop
+    engine.pause_queue("jobs")
+    queue.put_nowait(1)
+    trigger.notify("bank-1")
+    waits = [asyncio.ensure_future(w) for w in (pending.wait(), queue.join(), trigger.drain())]
+    await engine.stop(timeout=0)
+    done, _ = await asyncio.wait(waits, timeout=5)
+    assert len(done) == 3, "a wait open at the stop was left waiting for good"
+    for waited in waits:
+        error = waited.exception()
+        assert isinstance(error, StoppedBeforeDone) and isinstance(error, EngineNotRunning), error
+        assert error.kept and "next start" in str(error)
+    with pytest.raises(StoppedBeforeDone, match=pending.id):
+        await pending.wait()  # waited after the stop: refused at once too
+    with pytest.raises(StoppedBeforeDone):
+        await trigger.drain()
+    gate.set()
+    await engine.start()
+    try:
+        assert (await pending.wait(5)).status.value == "succeeded"  # the restart runs it
+        await trigger.drain(5)
     finally:
         await engine.stop()
 

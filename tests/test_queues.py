@@ -13,6 +13,7 @@ from taskwatch.engine import (
     Engine,
     EngineNotRunning,
     QueueFull,
+    StoppedBeforeDone,
     TaskContext,
     TaskDefinitionError,
     TaskwatchError,
@@ -256,11 +257,15 @@ async def test_stop_timeout_reports_what_was_left_undone() -> None:
     for n in range(3):
         queue.put_nowait({"n": n})
     await eventually(lambda: queue.in_flight == 1, timeout=1.0)
+    joining = asyncio.ensure_future(queue.join())
     await engine.stop(timeout=0.05)
     # the job in flight was cancelled and awaited; it and the two queued ones are reported
     assert cancelled == [0]
     [event] = rec.of("queue.drain_incomplete")
     assert event.queue == "blocked" and event.left == 3
+    # and the join waiting on them hears they were dropped, instead of waiting for good
+    with pytest.raises(StoppedBeforeDone, match="3 jobs left in queue 'blocked'.*dropped"):
+        await asyncio.wait_for(joining, 5)
     info = queue.info()
     assert info.abandoned == 3 and info.processed == 0 and info.depth == 0 and info.in_flight == 0
     assert not stray_tasks()
