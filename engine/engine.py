@@ -1015,6 +1015,12 @@ class Engine:
             result = await self._store.request_cancel(run_id, "user")
             if result.action == "finished":
                 raise RunNotCancellable(run_id, result.run.status.value)
+            if result.action == "cancelled" and not run.status.finished:
+                # it was pending there after all (this node's own run, between an attempt
+                # that failed and its retry being written): ended here too, not left
+                # pending in the index until the next catch-up
+                self._run.finish_cancelled(run, "user", was_running=False)
+                return run.record()
             return result.run.to_record()
         run.cancel_reason = "user"  # set first: the store's notice of the request below then cancels nothing again
         run.handle.cancel()

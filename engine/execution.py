@@ -686,6 +686,8 @@ class Execution:
             return
         run.token = None
         self._claimed.pop(token, None)
+        if run.status.finished:
+            return  # cancelled meanwhile: the store had the retry pending, and cancelled it
         if status is None:
             if not failed:
                 # the store gave the run to someone else while this attempt ran

@@ -201,6 +201,29 @@ async def test_waits_open_at_a_stop_hear_that_their_work_is_kept_for_the_next_st
         await engine.stop()
 
 
+async def test_a_cancel_between_a_failed_attempt_and_its_retry_ends_the_run_here_at_once(tmp_path: Path) -> None:
+    engine = Engine(store=f"sqlite:///{tmp_path / 'retry.db'}", health_interval=None)
+    failed = asyncio.Event()
+    kinds: list[str] = []
+    engine.bus.add_callback(lambda e: kinds.append(e.kind), kinds=["run."])  # type: ignore[attr-defined]
+
+    @engine.task(retries=2, backoff=30)
+    async def flaky(ctx: TaskContext) -> None:
+        failed.set()
+        raise RuntimeError("try again later")
+
+    async with engine:
+        handle = await engine.submit("flaky")
+        await failed.wait()
+        record = await engine.cancel(handle.id)
+        assert record.status.value == "cancelled"
+        # this node's index, its waiters and its events agree with the store at once
+        assert handle.record().status.value == "cancelled"
+        assert (await handle.wait(1)).status.value == "cancelled"
+        assert (await engine.store.get(handle.id)).status == "cancelled"
+        assert kinds[-1] == "run.cancelled" and kinds.count("run.cancelled") == 1
+
+
 async def test_history_set_after_construction_holds_for_the_index_and_the_store() -> None:
     engine = Engine(history=100, health_interval=None)
 
