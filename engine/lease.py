@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from .errors import InvalidConfiguration
+from .errors import InvalidConfiguration, LeaseUnavailable
 from .events import LeaseAcquired, LeaseEvent, LeaseLost, LeaseReleased, LeaseRenewed
 from .options import LeaseOptions, check_options
 
@@ -145,8 +145,68 @@ class Lease(ABC):
         """Where the lease lives, for ``engine.leadership().backend`` (no secrets)."""
         return f"{type(self).__name__}(ttl={self.ttl:g}s)"
 
+    def timed_out(self, operation: str, after: float) -> None:
+        """The caller gave up waiting for ``operation`` after ``after`` seconds.
+
+        The elector bounds every call by what is left of the lease, usually
+        well before a client's own socket timeout: a hung or blackholed store
+        then raises nothing to the lease, so it is told here. A lease on a
+        remote store counts it as the failure it is (and backs off).
+        """
+
     async def close(self) -> None:
         """Let go of connections; called when the engine stops. A later call reconnects."""
+
+
+class StoreHealth:
+    """How a lease's remote store has been answering: for the failure counts, the backoff
+    and what :meth:`Lease.describe` says.
+
+    After a failure (a connection error, or no answer in time) calls fail fast
+    with :class:`LeaseUnavailable` for ``backoff`` seconds, doubling up to
+    ``backoff_max``; the store counts as unreachable until a call is answered
+    again, not only while the backoff lasts, so ``leadership().backend`` says
+    so for as long as it is true.
+    """
+
+    def __init__(self, where: str, backoff: float, backoff_max: float) -> None:
+        self.where = where
+        self.backoff = backoff
+        self.backoff_max = backoff_max
+        #: failed calls, recoveries after one, and the error of the last failure
+        self.failures = 0
+        self.reconnects = 0
+        self.last_error: str | None = None
+        #: since the last failure nothing was answered
+        self.down = False
+        self._delay = 0.0
+        self._retry_at = 0.0
+
+    def check(self) -> None:
+        """Raise :class:`LeaseUnavailable` while backing off (the network is not touched)."""
+        left = self._retry_at - time.monotonic()
+        if left > 0:
+            raise LeaseUnavailable(self.where, self.last_error or "down", left)
+
+    def failed(self, error: str) -> LeaseUnavailable:
+        """Count a failure and start (or lengthen) the backoff; the error to raise for it."""
+        self.failures += 1
+        self.down = True
+        self.last_error = error
+        self._delay = min(self.backoff_max, self._delay * 2 if self._delay else self.backoff)
+        self._retry_at = time.monotonic() + self._delay
+        return LeaseUnavailable(self.where, error, self._delay)
+
+    def answered(self) -> None:
+        """The store answered a call: it is reachable again."""
+        if self.down:
+            self.reconnects += 1
+        self.down = False
+        self._delay = 0.0
+
+    def describe(self) -> str:
+        """``", unreachable: <last error>"`` while the store is down, else nothing."""
+        return f", unreachable: {self.last_error}" if self.down else ""
 
 
 class InProcessLease(Lease):
@@ -482,11 +542,15 @@ class LeaderElector:
         A call that outlives the renew interval is as good as failed: by the time
         it returned, the lease it reports on could have changed hands.
         """
+        bound = asyncio.timeout(timeout)
         try:
-            async with asyncio.timeout(timeout):
+            async with bound:
                 return await op
         except Exception as exc:  # includes TimeoutError
             log.warning("lease %s by %s failed: %r", what, self.node_id, exc)
+            if bound.expired() and self.lease is not None:
+                # a store that answers nothing raises nothing: the lease only learns it here
+                self.lease.timed_out(what, timeout)
             return None
 
     def _lose(self) -> None:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -141,15 +140,14 @@ class PostgresEventRelay(EventRelay):
         self.poll_interval = poll_interval
         self.prune_interval = prune_interval
         self.connect_timeout = connect_timeout
-        #: names the bus this relay numbers events of, in every row it writes: a batch written
-        #: again after its commit answer was lost is then recognised (by node, bus and seq) and
-        #: not stored twice, while a restarted node (another relay, seqs from 1) is no repeat
-        self.bus_id = os.urandom(8).hex()
+        # every row names self.bus_id: a batch written again after its commit answer was lost
+        # is recognised (by node, bus and seq) and not stored twice
         self._writer: Any = None
         self._reader: Any = None
         self._migrated = False
-        #: the id of the last event read (None: not known yet, from the newest when first connected)
-        self._last_id: int | None = None
+        #: the id of the last event read (None: not known yet, from the newest when first
+        #: connected); kept across a stop and start, so a restart reads on from there
+        self._last_id: int | None = 0 if since == "0" else None
         self._notified = asyncio.Event()
         self._prune_due = 0.0
         #: events deleted by this node's pruning
@@ -186,7 +184,8 @@ class PostgresEventRelay(EventRelay):
 
     async def _open(self) -> None:
         self._notified = asyncio.Event()
-        self._last_id = 0 if self.since == "0" else None
+        # _last_id stays: after a restart the per-node views (last seqs) are still there, and
+        # what came while stopped is read, not taken for missed, as long as the table has it
         self._prune_due = asyncio.get_running_loop().time() + self.prune_interval * random.uniform(0.2, 1.0)
         try:
             await self._connect_reader()

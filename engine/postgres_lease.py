@@ -11,6 +11,14 @@ The expiry a holder is told is the database's, less the round trip of the
 request and a small margin, and this lease's :meth:`now` is the local clock
 moved onto the database's: so a holder considers its lease over a little
 before any other node can take it.
+
+A database that cannot be reached (refused, cut, or silent until the elector
+gives up waiting: see :meth:`PostgresLease.timed_out`) is counted
+(``failures``, ``last_error``) and reported by :meth:`PostgresLease.describe`,
+so in ``engine.leadership().backend``, until an operation is answered again;
+meanwhile operations back off as :class:`~.redis_lease.RedisLease`'s do
+(50 ms doubling up to the renew interval), failing fast with
+:class:`~.errors.LeaseUnavailable`.
 """
 
 from __future__ import annotations
@@ -19,11 +27,18 @@ import os
 import time
 from typing import Any
 
-from .lease import Lease, LeaseState
+from .lease import Lease, LeaseState, StoreHealth
+from .redis_lease import redact_url
 from .store.postgres import driver_url, load_driver
 
 #: seconds taken off the expiry a holder is told, beyond the round trip, as a fraction of the ttl
 _MARGIN = 0.05
+
+#: the first wait after a failure (doubling up to the renew interval)
+_BACKOFF = 0.05
+
+#: SQLSTATE classes that mean the server cannot serve now (connection, shutdown, resources)
+_UNREACHABLE_CLASSES = ("08", "57", "53")
 
 _NOW = "EXTRACT(EPOCH FROM clock_timestamp())::float8"
 
@@ -101,24 +116,64 @@ class PostgresLease(Lease):
         #: are still two holders, and neither renews or releases the other's lease
         self._token = os.urandom(8).hex()
         self._ready = False
+        self._health = StoreHealth(redact_url(url), _BACKOFF, self.renew_interval)
 
     def now(self) -> float:
         return time.time() + self._offset
 
+    @property
+    def failures(self) -> int:
+        """Operations that failed to reach the database, or that the elector gave up waiting for."""
+        return self._health.failures
+
+    @property
+    def last_error(self) -> str | None:
+        """The error of the last failure (kept after the database answers again)."""
+        return self._health.last_error
+
+    def describe(self) -> str:
+        return super().describe() + self._health.describe()
+
+    def timed_out(self, operation: str, after: float) -> None:
+        # a silent database raises nothing before the elector's bound (at most the renew
+        # interval) runs out: without this it would never count as unreachable
+        self._health.failed(f"TimeoutError: no answer to {operation} within {after:.3g} s")
+
+    def _unreachable(self, exc: BaseException) -> bool:
+        d = self._driver
+        if isinstance(exc, OSError | TimeoutError | d.InterfaceError | d.exceptions.InternalClientError):
+            return True
+        sqlstate = str(getattr(exc, "sqlstate", "") or "")
+        return isinstance(exc, d.PostgresError) and sqlstate[:2] in _UNREACHABLE_CLASSES
+
     async def _one(self, sql: str, *args: Any) -> tuple[Any, float]:
         """One statement on a connection of its own: its row (or None) and the round trip in seconds."""
-        conn = await self._driver.connect(self._dsn, timeout=self.connect_timeout)
+        self._health.check()
         try:
-            if not self._ready:
-                async with conn.transaction():
-                    for statement in _SETUP:
-                        await conn.execute(statement)
-                self._ready = True
-            sent = time.time()
-            row = await conn.fetchrow(sql, *args)
-            back = time.time()
-        finally:
-            await conn.close()
+            conn = await self._driver.connect(self._dsn, timeout=self.connect_timeout)
+            try:
+                if not self._ready:
+                    async with conn.transaction():
+                        for statement in _SETUP:
+                            await conn.execute(statement)
+                    self._ready = True
+                sent = time.time()
+                row = await conn.fetchrow(sql, *args)
+                back = time.time()
+            except BaseException:
+                # cut short (an error, or the elector's timeout): a polite close would wait
+                # on a server that may not answer
+                conn.terminate()
+                raise
+            try:
+                await conn.close()
+            except Exception:  # noqa: BLE001 - the answer is in: a connection failing to close changes nothing
+                conn.terminate()
+        except Exception as exc:
+            if not self._unreachable(exc):
+                raise
+            raise self._health.failed(f"{type(exc).__name__}: {exc}") from exc
+        self._health.answered()
         if row is not None:
             self._offset = row[-1] - (sent + back) / 2
         return row, back - sent

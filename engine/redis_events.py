@@ -9,7 +9,13 @@ the last id it read, blocking) into :attr:`RedisEventRelay.bus`: an
 each with the ``node`` that emitted it. The buffering, coalescing, per-node
 gap accounting and the per-node summary are the base's (``relay.py``); this
 module says how events go through Redis. Connection failures back off
-(doubling up to 2 s) and the reader resumes from its last id.
+(doubling up to 2 s) and the reader resumes from its last id, also after the
+relay is stopped and started again.
+
+Every record names the bus that numbered it (``b``, the relay's
+``bus_id``): a batch whose answer was lost (Redis stalled past the writer's
+socket timeout, then ran it) is sent again, and readers leave the second copy
+out instead of taking the numbers starting again for a restarted node.
 
 redis-py is imported when a relay is made (``pip install 'taskwatch[redis]'``).
 """
@@ -108,7 +114,8 @@ class RedisEventRelay(EventRelay):
         self.read_block = read_block
         self._writer: Any = None
         self._reader: Any = None
-        self._last_id = "$"
+        #: the id of the last entry read (None: not started yet; "$": Redis could not say)
+        self._last_id: str | None = None
 
     @property
     def public_url(self) -> str:
@@ -121,7 +128,11 @@ class RedisEventRelay(EventRelay):
         self._reader = self._redis.Redis.from_url(
             self.url, socket_timeout=self.read_block + 5.0, socket_connect_timeout=5.0
         )
-        self._last_id = await self._current_last_id() if self.since == "$" else "0-0"
+        if self._last_id is None or self._last_id == "$":
+            self._last_id = await self._current_last_id() if self.since == "$" else "0-0"
+        # otherwise a restart reads on from where the last run stopped: the per-node views
+        # (last seqs) are still there, and what came while stopped is read, not taken for
+        # missed, as long as the stream still has it
 
     async def _close(self) -> None:
         for client in (self._writer, self._reader):
@@ -133,7 +144,7 @@ class RedisEventRelay(EventRelay):
     async def _send(self, batch: list[Outgoing]) -> None:
         pipe = self._writer.pipeline(transaction=False)
         for record in batch:
-            fields: dict[str, Any] = {"e": record.data}
+            fields: dict[str, Any] = {"e": record.data, "b": self.bus_id}
             if record.skipped:
                 fields["c"] = record.skipped
             pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
@@ -172,4 +183,8 @@ class RedisEventRelay(EventRelay):
                         skipped = int(skipped)
                     except ValueError:
                         skipped = 0
-                    self._take(fields.get(b"e") or fields.get("e"), skipped)
+                    # records written before buses were named have none: read as before
+                    bus = fields.get(b"b") or fields.get("b")
+                    if isinstance(bus, bytes):
+                        bus = bus.decode(errors="replace")
+                    self._take(fields.get(b"e") or fields.get("e"), skipped, bus)

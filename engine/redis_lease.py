@@ -28,11 +28,17 @@ holes of the hand-written versions closed:
   is the monotonic clock expressed in UNIX seconds, so ``expires_at`` reads
   like a time of day.
 - **Connections** are made lazily in the running loop, with no retries inside
-  a call (the elector bounds each call itself); after a connection error the
-  lease waits ``backoff`` seconds, doubling up to ``backoff_max``, before it
-  touches the network again, failing fast with :class:`LeaseUnavailable`
-  meanwhile. A Redis restart therefore costs the leader its leadership and
-  runs a new election, without a crash or a stray task.
+  a call (the elector bounds each call itself); after a connection error, or
+  a call the elector gave up waiting for (a hung or blackholed Redis raises
+  nothing before that: see :meth:`RedisLease.timed_out`), the lease waits
+  ``backoff`` seconds, doubling up to ``backoff_max``, before it touches the
+  network again, failing fast with :class:`LeaseUnavailable` meanwhile, and
+  reports Redis unreachable until a call is answered again. A command written
+  to a Redis that hangs still runs when it resumes, but only the one in flight
+  when it hung: the call given up on closes its connection, and a new one
+  waits for Redis to answer its handshake before it sends anything. A Redis
+  restart therefore costs the leader its leadership and runs a new election,
+  without a crash or a stray task.
 
 redis-py is an optional dependency (``pip install 'taskwatch[redis]'``): it is
 imported when a :class:`RedisLease` is made, never by ``import taskwatch.engine``.
@@ -45,10 +51,10 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit
 
-from .errors import InvalidConfiguration, LeaseUnavailable, MissingDependency
-from .lease import Lease, LeaseState
+from .errors import InvalidConfiguration, MissingDependency
+from .lease import Lease, LeaseState, StoreHealth
 
 T = TypeVar("T")
 
@@ -110,16 +116,35 @@ def _import_redis() -> tuple[Any, Any, Any, Any]:
     return redis_asyncio, redis_errors, Retry, NoBackoff
 
 
+def _secret_option(name: str) -> bool:
+    """Whether a query option carries a secret: redis-py and libpq both take ``?password=``
+    (libpq also ``sslpassword``, redis-py ``sentinel_password`` and the like)."""
+    return "password" in unquote_plus(name).lower()
+
+
 def redact_url(url: str) -> str:
-    """``url`` without its password, for logs, errors and ``leadership().backend``."""
+    """``url`` without its password, for logs, errors and ``leadership().backend``: the one in
+    the user part and any given as a query option (``redis://host/0?password=...``)."""
     parts = urlsplit(url)
-    if parts.password is None:
+    netloc = parts.netloc
+    if parts.password is not None:
+        # host and port as written (hostname would lose an IPv6 address's brackets)
+        host = netloc.rpartition("@")[2]
+        netloc = (f"{parts.username}:***@" if parts.username else "***@") + host
+    # the query is rewritten option by option, so everything else stays exactly as written
+    options = parts.query.split("&") if parts.query else []
+    query = "&".join(
+        f"{option.split('=', 1)[0]}=***" if _secret_option(option.split("=", 1)[0]) else option
+        for option in options
+    )
+    if netloc == parts.netloc and query == parts.query:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else "***@"
-    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+    # by hand: urlunsplit drops the "//" of a URL without a host (unix:///path, postgresql:///db)
+    return (
+        f"{parts.scheme}://{netloc}{parts.path}"
+        + (f"?{query}" if query else "")
+        + (f"#{parts.fragment}" if parts.fragment else "")
+    )
 
 
 class RedisLease(Lease):
@@ -171,12 +196,7 @@ class RedisLease(Lease):
         # the monotonic clock, read as UNIX seconds: anchored once, never stepped by NTP
         self._anchor = time.time() - time.monotonic()
         self._highest_term = 0
-        self._retry_at = 0.0
-        self._delay = 0.0
-        #: connection failures, reconnections after one, and the last error (see describe())
-        self.failures = 0
-        self.reconnects = 0
-        self.last_error: str | None = None
+        self._health = StoreHealth(redact_url(url), backoff, top)
 
     # ------------------------------------------------------------------ clock and identity
 
@@ -198,9 +218,28 @@ class RedisLease(Lease):
         self._highest_term = max(self._highest_term, int(term))
         return LeaseState(holder=holder, term=int(term), expires_at=sent + pttl / 1000)
 
+    @property
+    def failures(self) -> int:
+        """Calls that failed: connection errors, and calls the elector gave up waiting for."""
+        return self._health.failures
+
+    @property
+    def reconnects(self) -> int:
+        """Times Redis answered again after a failure."""
+        return self._health.reconnects
+
+    @property
+    def last_error(self) -> str | None:
+        """The error of the last failure (kept after Redis answers again)."""
+        return self._health.last_error
+
     def describe(self) -> str:
-        down = f", unreachable: {self.last_error}" if self._retry_at > time.monotonic() else ""
-        return f"redis {redact_url(self.url)} key={self.key} ttl={self.ttl:g}s{down}"
+        return f"redis {redact_url(self.url)} key={self.key} ttl={self.ttl:g}s{self._health.describe()}"
+
+    def timed_out(self, operation: str, after: float) -> None:
+        # the elector's bound (at most the renew interval, less near the deadline) runs out
+        # before the socket timeout: without this a hung Redis would never count as down
+        self._health.failed(f"TimeoutError: no answer to {operation} within {after:.3g} s")
 
     # ------------------------------------------------------------------ connection
 
@@ -222,10 +261,8 @@ class RedisLease(Lease):
         return self._client
 
     async def _run(self, call: Callable[[Any, dict[str, Any]], Awaitable[T]]) -> T:
-        """One call to Redis, with backoff after connection failures."""
-        mono = time.monotonic()
-        if mono < self._retry_at:
-            raise LeaseUnavailable(redact_url(self.url), self.last_error or "down", self._retry_at - mono)
+        """One call to Redis, with backoff after failures."""
+        self._health.check()
         errors = self._redis_errors
         client = self._redis()
         task = asyncio.current_task()
@@ -238,14 +275,8 @@ class RedisLease(Lease):
         except (errors.ConnectionError, errors.TimeoutError, OSError) as exc:
             if task is not None and task.cancelling() > cancels:
                 raise asyncio.CancelledError from exc
-            self.failures += 1
-            self._delay = min(self.backoff_max, self._delay * 2 if self._delay else self.backoff)
-            self._retry_at = time.monotonic() + self._delay
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            raise LeaseUnavailable(redact_url(self.url), self.last_error, self._delay) from exc
-        if self._delay:
-            self._delay = 0.0
-            self.reconnects += 1
+            raise self._health.failed(f"{type(exc).__name__}: {exc}") from exc
+        self._health.answered()
         return result
 
     async def close(self) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -216,6 +217,10 @@ class EventRelay:
         self.errors = 0
         #: events read a second time (written twice by their bus) and left out
         self.repeated = 0
+        #: names the bus this relay publishes, in every record it writes: a batch written
+        #: again after its answer was lost (it had arrived, the answer had not) is then told
+        #: from a restarted node (another relay, seqs from 1 again) and read once
+        self.bus_id = os.urandom(8).hex()
 
     # ------------------------------------------------------------------ for subclasses
 
@@ -444,8 +449,23 @@ class EventRelay:
         view.last_kind = event.kind  # type: ignore[attr-defined]
         view.events += 1
         _note(view, event)
+        if view.is_leader and event.kind in ("lease.acquired", "lease.renewed"):  # type: ignore[attr-defined]
+            self._one_leader(view)
         self.received += 1
         self.bus.publish(event)
+
+    def _one_leader(self, claimant: _NodeView) -> None:
+        """Settle who leads after ``claimant`` said it leads: terms only grow and one node
+        holds a term, so the higher term wins. A node killed while leading never says it
+        lost the lease; without this it would show as leader next to its successor forever.
+        A claim of a lower term than one already seen leading (sent late) is stale."""
+        for view in self._nodes.values():
+            if view is claimant or not view.is_leader or view.term is None or claimant.term is None:
+                continue
+            if view.term < claimant.term:
+                view.is_leader = False
+            elif view.term > claimant.term:
+                claimant.is_leader = False
 
 
 def _note(view: _NodeView, event: Any) -> None:

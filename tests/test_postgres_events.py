@@ -197,6 +197,50 @@ async def test_events_sent_across_a_server_restart_arrive(postgres_server: Postg
     assert not stray_tasks()
 
 
+async def test_an_engine_started_again_reads_on_and_reports_nothing_missed(postgres_url: str) -> None:
+    # a password in the URL's query is used (trust auth lets it through) and never shown
+    url = f"{postgres_url}?password=s3cret"
+    a = Engine(node_id="a", events=url, health_interval=None)
+    b = Engine(node_id="b", events=url, health_interval=None)
+    for engine in (a, b):
+        engine.task(name="hello")(_hello)
+    cluster = a.cluster
+    assert cluster is not None and "password=***" in cluster.public_url and "s3cret" not in cluster.public_url
+
+    def read_all(node: str, engine: Engine) -> bool:
+        seen = {n.node: n for n in cluster.nodes()}.get(node)
+        # every event of the node read, coalesced away or counted missed
+        return seen is not None and seen.events + seen.coalesced + seen.missed >= engine.bus.last_seq
+
+    try:
+        await a.start()
+        await b.start()
+        await (await b.submit("hello")).wait()
+        await eventually(lambda: read_all("b", b), timeout=TIMEOUT)
+        await a.stop(2.0)
+        # while a is stopped: its own last events (sent at its stop) and b's new ones wait in the table
+        await (await b.submit("hello")).wait()
+        b_cluster = b.cluster
+        assert b_cluster is not None
+        await eventually(lambda: b_cluster.stats().pending == 0, timeout=TIMEOUT)
+
+        await a.start()
+        await (await a.submit("hello")).wait()
+        await (await b.submit("hello")).wait()
+        await eventually(lambda: read_all("a", a) and read_all("b", b), timeout=TIMEOUT)
+        assert {n.node: n.missed for n in cluster.nodes()} == {"a": 0, "b": 0}
+        assert cluster.stats().missed == 0 and not of_kind(cluster, "bus.dropped")
+        assert len([e for e in of_kind(cluster, "run.succeeded") if e.node == "b"]) == 3
+    finally:
+        await a.stop(2.0)
+        await b.stop(2.0)
+    assert not stray_tasks()
+
+
+async def _hello(ctx: Any) -> str:
+    return "hi"
+
+
 def test_bad_event_options_are_refused_naming_what_to_use(postgres_url: str) -> None:
     with pytest.raises(InvalidConfiguration, match="store='postgresql://"):
         Engine(events="postgres", health_interval=None)  # the memory store has no database

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from taskwatch.engine import Engine, PostgresLease, TaskContext
 
-from .helpers import eventually
+from .cutting_proxy import CuttingProxy
+from .helpers import eventually, stray_tasks
+from .postgres_server import PostgresServer
 from .test_durable import Child
 
 
@@ -84,6 +86,39 @@ async def test_an_expired_lease_goes_to_the_next_node(postgres_url: str) -> None
     # what ctx.ensure_leader() asks: the old leader's term is refused, the new one's stands
     assert not await a.check("a", held.term)
     assert await b.check("b", taken.term)
+
+
+async def test_a_silent_database_counts_as_unreachable_until_it_answers(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    async with CuttingProxy(postgres_server.port) as proxy:
+        lease = PostgresLease(proxy.url(postgres_url), ttl=1.0)
+        engine = Engine(node_id="a", lease=lease, health_interval=None)
+        backends: list[str] = []
+
+        def silent_for_a_while() -> bool:
+            # every few ms from the first failure on: between backoff windows too
+            if lease.failures:
+                backends.append(engine.leadership().backend or "")
+            return lease.failures >= 3
+
+        try:
+            await engine.start()
+            assert engine.leadership().is_leader
+            proxy.silent = True  # nothing gets through, nobody is told
+            await eventually(lambda: not engine.leadership().is_leader, timeout=5.0)
+            # the elector gives up on each operation before any driver timeout would: the
+            # lease counts those, says so in leadership().backend and backs off
+            await eventually(silent_for_a_while, timeout=10.0)
+            assert lease.last_error is not None and lease.last_error.startswith("TimeoutError")
+            assert backends and all("unreachable: TimeoutError" in backend for backend in backends)
+
+            proxy.silent = False
+            await eventually(lambda: engine.leadership().is_leader, timeout=10.0)
+            assert "unreachable" not in (engine.leadership().backend or "")
+        finally:
+            await engine.stop(2.0)
+    assert not stray_tasks()
 
 
 def test_a_killed_leader_is_replaced_with_a_higher_term(

@@ -12,14 +12,21 @@ is back.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import signal
+import sys
 import uuid
 from typing import Any
 
 import pytest
-from taskwatch.engine import Engine, InProcessLease, InvalidConfiguration, TaskContext
+import redis.asyncio as aioredis
+from taskwatch.engine import Engine, EventBus, InProcessLease, InvalidConfiguration, RedisLease, TaskContext
+from taskwatch.engine.events import RunSubmitted
 from taskwatch.engine.redis_events import RedisEventRelay
 
 from .helpers import eventually, stray_tasks
+from .processes import JsonLineProcess
 from .redis_server import RedisServer
 
 
@@ -212,4 +219,135 @@ async def test_progress_bursts_are_coalesced_and_not_counted_missed(redis_server
         assert progress[-1].done == steps and len(progress) < steps // 10
         assert seen.missed == 0 and seen.events + seen.coalesced == last
         assert writer.cluster is not None and writer.cluster.stats().coalesced == seen.coalesced
+    assert not stray_tasks()
+
+
+def submitted(relay: RedisEventRelay) -> list[str]:
+    return [e.run_id for e in relay.bus.recent() if e.kind == "run.submitted"]  # type: ignore[attr-defined]
+
+
+async def test_a_batch_redis_ran_after_a_stall_past_the_write_timeout_is_read_once(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    stream = stream_name()
+    bus = EventBus(node="w")
+    # redis-py takes socket_timeout from the URL: a stall of well under a second outlasts it
+    relay = RedisEventRelay(f"{redis_server.url}?socket_timeout=0.3", bus, stream=stream, read_block=0.05)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    assert redis_server.proc is not None
+    caplog.set_level(logging.WARNING, logger="taskwatch.events")
+    try:
+        await relay.start()
+        bus.emit(RunSubmitted, run_id="r1", task="t")
+        await eventually(lambda: submitted(relay) == ["r1"], timeout=5.0)
+
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            bus.emit(RunSubmitted, run_id="r2", task="t")
+            # the batch reached Redis, its answer did not come in time: it is sent again
+            await eventually(lambda: "publishing events to" in caplog.text, timeout=5.0)
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        # Redis ran the first copy when it woke, and a later one: r2 is in the stream twice
+        await eventually(lambda: relay.stats().pending == 0, timeout=5.0)
+        assert await raw.xlen(stream) >= 3
+        bus.emit(RunSubmitted, run_id="r3", task="t")
+        await eventually(lambda: "r3" in submitted(relay), timeout=5.0)
+
+        # ... and every reader sees it once: not a second time as if the node had restarted
+        assert submitted(relay) == ["r1", "r2", "r3"]
+        (seen,) = relay.nodes()
+        assert (seen.events, seen.missed) == (3, 0)
+        assert relay.stats().missed == 0
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+        await relay.stop()
+        await raw.aclose()
+    assert not stray_tasks()
+
+
+async def test_an_engine_started_again_reads_on_and_reports_nothing_missed(redis_server: RedisServer) -> None:
+    stream = stream_name()
+    a = cluster_engine(redis_server.url, "a", stream, health_interval=None)
+    b = cluster_engine(redis_server.url, "b", stream, health_interval=None)
+    dropped: list[Any] = []
+    assert a.cluster is not None
+    a.cluster.bus.add_callback(dropped.append, ["bus.dropped"])
+
+    def read_all(node: str, engine: Engine) -> bool:
+        assert a.cluster is not None
+        seen = {n.node: n for n in a.cluster.nodes()}.get(node)
+        # every event of the node read, coalesced away or counted missed
+        return seen is not None and seen.events + seen.coalesced + seen.missed >= engine.bus.last_seq
+
+    try:
+        await a.start()
+        await b.start()
+        await (await b.submit("hello")).wait()
+        await eventually(lambda: read_all("b", b), timeout=10.0)
+        await a.stop(2.0)
+        # while a is stopped: its own last events (sent at its stop) and b's new ones wait in the stream
+        await (await b.submit("hello")).wait()
+        b_cluster = b.cluster
+        assert b_cluster is not None
+        await eventually(lambda: b_cluster.stats().pending == 0, timeout=10.0)
+
+        await a.start()
+        await (await a.submit("hello")).wait()
+        await (await b.submit("hello")).wait()
+        await eventually(lambda: read_all("a", a) and read_all("b", b), timeout=10.0)
+
+        assert {n.node: n.missed for n in a.cluster.nodes()} == {"a": 0, "b": 0}
+        assert a.cluster.stats().missed == 0 and dropped == []
+        # b's run while a was stopped is on a's cluster bus
+        b_runs = [e for e in a.cluster.bus.recent() if e.kind == "run.succeeded" and e.node == "b"]  # type: ignore[attr-defined]
+        assert len(b_runs) == 3
+    finally:
+        await a.stop(2.0)
+        await b.stop(2.0)
+    assert not stray_tasks()
+
+
+#: an engine leading on Redis and publishing its events there, in a process of its own
+LEADER = """
+import asyncio, json, sys
+from taskwatch.engine import Engine, RedisLease
+
+async def main(url, key, events):
+    engine = Engine(node_id="a", lease=RedisLease(url, key=key, ttl=1.0), events=events, health_interval=None)
+    await engine.start()
+    print(json.dumps({"ev": "started", "leader": engine.leadership().is_leader}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+asyncio.run(main(*sys.argv[1:4]))
+"""
+
+
+async def test_a_leader_killed_9_is_not_shown_leading_next_to_its_successor(redis_server: RedisServer) -> None:
+    stream = stream_name()
+    events = f"{redis_server.url}?stream={stream}"
+    key = f"test:{uuid.uuid4().hex[:8]}:leader"
+    killed = JsonLineProcess([sys.executable, "-c", LEADER, redis_server.url, key, events], "leader-a", 30.0)
+    b = Engine(node_id="b", lease=RedisLease(redis_server.url, key=key, ttl=1.0), events=events, health_interval=None)
+    try:
+        started = await asyncio.to_thread(killed.event, "started")
+        assert started["leader"], json.dumps(started)
+        await b.start()
+        assert b.cluster is not None
+        cluster = b.cluster
+        await eventually(lambda: any(n.node == "a" and n.is_leader for n in cluster.nodes()), timeout=10.0)
+
+        killed.proc.kill()  # no lease.lost, no engine.stopped: a just goes silent
+        await eventually(lambda: b.leadership().is_leader, timeout=10.0)
+        await eventually(lambda: {n.node for n in cluster.nodes()} == {"a", "b"}, timeout=10.0)
+        await eventually(lambda: any(n.node == "b" and n.is_leader for n in cluster.nodes()), timeout=10.0)
+
+        leaders = {n.node: (n.is_leader, n.term) for n in cluster.nodes()}
+        assert leaders == {"a": (False, 1), "b": (True, b.leadership().term)}
+        assert b.leadership().term > 1
+    finally:
+        if killed.proc.poll() is None:
+            killed.proc.kill()
+        killed.proc.wait(timeout=30)
+        await b.stop(2.0)
     assert not stray_tasks()

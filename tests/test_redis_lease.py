@@ -9,6 +9,7 @@ multi-process failover tests (kill -9, SIGSTOP, random schedules) are in
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -283,6 +284,73 @@ async def test_redis_going_away_makes_the_leader_step_down_and_come_back(
         assert not rec.of("worker.crashed")
     finally:
         await engine.stop(2.0)
+    assert not stray_tasks()
+
+
+async def test_a_hung_redis_counts_as_unreachable_until_it_answers_and_gets_no_stale_acquires(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    lease = lease_for(redis_server, ttl=1.0)
+    engine, contexts = leader_engine(lease, "a")
+    rec = Recorder(engine)
+    assert redis_server.proc is not None
+    backends: list[str] = []
+
+    def hung_for_a_while() -> bool:
+        # every few ms from the first failure on: between backoff windows too
+        if lease.failures:
+            backends.append(engine.leadership().backend or "")
+        return lease.failures >= 4
+
+    try:
+        await engine.start()
+        await eventually(lambda: contexts, timeout=5.0)
+        first_term = engine.leadership().term
+
+        redis_server.proc.send_signal(signal.SIGSTOP)  # accepts connections, answers nothing
+        try:
+            await eventually(lambda: rec.of("lease.lost"), timeout=5.0)
+            # the elector gives up on each call before redis-py's socket timeout would: the
+            # lease counts those as failures and backs off, as it does for a refused connection
+            await eventually(hung_for_a_while, timeout=10.0)
+            assert lease.last_error is not None and lease.last_error.startswith("TimeoutError")
+            assert backends and all("unreachable: TimeoutError" in backend for backend in backends)
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+
+        await eventually(lambda: engine.leadership().is_leader, timeout=10.0)
+        assert "unreachable" not in (engine.leadership().backend or "")
+        assert lease.reconnects >= 1
+        # no acquire left waiting in the hung Redis took a term when it resumed: the term after
+        # the stall is the very next one, and the counter in Redis says no other was handed out
+        assert engine.leadership().term == first_term + 1
+        assert await raw.get(f"{KEY}:term") == str(first_term + 1)
+        assert not rec.of("worker.crashed")
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+        await engine.stop(2.0)
+    assert not stray_tasks()
+
+
+async def test_a_password_in_the_url_query_is_never_shown(redis_server: RedisServer, raw: Any) -> None:
+    await raw.config_set("requirepass", "s3cret")  # the real server checks it from now on
+    url = f"{redis_server.url}?password=s3cret"
+    lease = RedisLease(url, key=KEY, ttl=1.0)
+    engine = Engine(node_id="a", lease=lease, events=url, health_interval=None)
+    try:
+        await engine.start()
+        assert engine.leadership().is_leader  # the password reached Redis
+        assert engine.cluster is not None
+        shown = [engine.leadership().backend or "", engine.cluster.public_url, repr(lease)]
+        assert all("password=***" in text and "s3cret" not in text for text in shown), shown
+
+        redis_server.stop()
+        await eventually(lambda: lease.failures > 0 and not engine.leadership().is_leader, timeout=5.0)
+        with pytest.raises(LeaseUnavailable) as info:
+            await lease.holder()
+        assert "s3cret" not in str(info.value) and "s3cret" not in (engine.leadership().backend or "")
+    finally:
+        await engine.stop(1.0)
     assert not stray_tasks()
 
 
