@@ -42,7 +42,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from .bus import DEFAULT_REPLAY, EventBus
 from .errors import InvalidConfiguration
-from .redis_lease import redact_url
+from .urls import redact_url
 from .relay import EventRelay, Outgoing, cancelling, log
 from .store import queries as Q
 from .store.postgres import driver_url, load_driver, migrate

@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 from .lease import Lease, LeaseState, StoreHealth
-from .redis_lease import redact_url
+from .urls import redact_url
 from .store.postgres import driver_url, load_driver
 
 #: seconds taken off the expiry a holder is told, beyond the round trip, as a fraction of the ttl

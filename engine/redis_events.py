@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .bus import DEFAULT_REPLAY, EventBus
 from .errors import InvalidConfiguration, MissingDependency
-from .redis_lease import redact_url
+from .urls import redact_url
 from .relay import ClusterNode, EventRelay, Outgoing, RelayStats, cancelling
 
 __all__ = ["ClusterNode", "RedisEventRelay", "RelayStats"]

@@ -51,10 +51,11 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import urlsplit
 
 from .errors import InvalidConfiguration, MissingDependency
 from .lease import Lease, LeaseState, StoreHealth
+from .urls import redact_url
 
 T = TypeVar("T")
 
@@ -114,37 +115,6 @@ def _import_redis() -> tuple[Any, Any, Any, Any]:
     except ImportError as exc:
         raise MissingDependency("RedisLease", "redis", "redis") from exc
     return redis_asyncio, redis_errors, Retry, NoBackoff
-
-
-def _secret_option(name: str) -> bool:
-    """Whether a query option carries a secret: redis-py and libpq both take ``?password=``
-    (libpq also ``sslpassword``, redis-py ``sentinel_password`` and the like)."""
-    return "password" in unquote_plus(name).lower()
-
-
-def redact_url(url: str) -> str:
-    """``url`` without its password, for logs, errors and ``leadership().backend``: the one in
-    the user part and any given as a query option (``redis://host/0?password=...``)."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        # host and port as written (hostname would lose an IPv6 address's brackets)
-        host = netloc.rpartition("@")[2]
-        netloc = (f"{parts.username}:***@" if parts.username else "***@") + host
-    # the query is rewritten option by option, so everything else stays exactly as written
-    options = parts.query.split("&") if parts.query else []
-    query = "&".join(
-        f"{option.split('=', 1)[0]}=***" if _secret_option(option.split("=", 1)[0]) else option
-        for option in options
-    )
-    if netloc == parts.netloc and query == parts.query:
-        return url
-    # by hand: urlunsplit drops the "//" of a URL without a host (unix:///path, postgresql:///db)
-    return (
-        f"{parts.scheme}://{netloc}{parts.path}"
-        + (f"?{query}" if query else "")
-        + (f"#{parts.fragment}" if parts.fragment else "")
-    )
 
 
 class RedisLease(Lease):

@@ -88,6 +88,18 @@ async def test_an_unreachable_server_is_a_clear_error(postgres_server: PostgresS
         await store.open()
 
 
+async def test_a_password_in_the_url_is_never_shown(postgres_server: PostgresServer) -> None:
+    # libpq takes it in the user part and as ?password= alike; neither reaches a message
+    port = postgres_server.port + 1
+    for url in (f"postgresql://app:s3cret@127.0.0.1:{port}/x", f"postgresql://app@127.0.0.1:{port}/x?password=s3cret"):
+        store = PostgresStore(url, reconnect_timeout=0.2)
+        with pytest.raises(StoreUnavailable) as caught:
+            await store.open()
+        shown = [store.describe(), repr(store), str(caught.value)]
+        assert all("s3cret" not in text for text in shown), shown
+        assert all("***" in text for text in shown[:2]), shown
+
+
 # ---------------------------------------------------------------- two nodes, one queue
 
 

@@ -47,6 +47,7 @@ from ..errors import (
 )
 from ..options import PostgresOptions, check_options
 from ..runs import CancelReason, Progress, RunStatus, run_status
+from ..urls import redact_url
 from . import queries as Q
 from .base import Store, adoptable, gone_incarnations, lost_reason, new_run_id
 from .models import (
@@ -240,7 +241,7 @@ class PostgresStore(Store):
         #: database clock minus local clock, measured by the listening connection
         self._offset = 0.0
         self._clock_synced = False
-        self._where = _redact(url)
+        self._where = redact_url(url)
         self._pool: asyncpg.Pool | None = None
         self._closing = False
         self._listener: asyncio.Task[None] | None = None
@@ -1233,16 +1234,6 @@ async def migrate(conn: asyncpg.Connection, where: str) -> None:
 def _nonce() -> str:
     """A random mark for the rows one call writes, the same in every try of the call."""
     return os.urandom(8).hex()
-
-
-def _redact(url: str) -> str:
-    """``url`` without its password, for messages and dashboards."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _detail_value(exc: Exception) -> str | None:
