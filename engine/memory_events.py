@@ -163,7 +163,8 @@ class MemoryEventRelay(EventRelay):
         self.transient_errors = ()
         self.memory = stream
         self.since = since
-        self._last_id = 0
+        #: where reading goes on from; None until the first start
+        self._last_id: int | None = None
         self._appended = asyncio.Event()
 
     @property
@@ -173,7 +174,9 @@ class MemoryEventRelay(EventRelay):
     async def _open(self) -> None:
         self._appended = asyncio.Event()
         self.memory.watch(self._appended)
-        self._last_id = self.memory.last_id if self.since == "$" else 0
+        if self._last_id is None:
+            self._last_id = self.memory.last_id if self.since == "$" else 0
+        # else a restart reads on where it stopped: what came meanwhile is not missed
         self.connected = True
 
     async def _close(self) -> None:
@@ -186,7 +189,7 @@ class MemoryEventRelay(EventRelay):
         while True:
             # cleared before the read: an append during it wakes the next wait
             self._appended.clear()
-            entries = self.memory.read(self._last_id, self.batch)
+            entries = self.memory.read(self._last_id or 0, self.batch)
             for entry in entries:
                 self._last_id = entry.id
                 self._take(entry.data, entry.skipped)

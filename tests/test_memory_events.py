@@ -114,6 +114,30 @@ async def test_a_reader_behind_a_trim_counts_the_gap_and_reads_on() -> None:
     assert not stray_tasks()
 
 
+async def test_an_engine_started_again_reads_on_and_reports_nothing_missed() -> None:
+    stream = MemoryEventStream("app:events")
+    a, b = cluster_engine("a", stream), cluster_engine("b", stream)
+    try:
+        relay, b_relay = a.cluster, b.cluster
+        assert isinstance(relay, MemoryEventRelay) and isinstance(b_relay, MemoryEventRelay)
+        await a.start()
+        await b.start()
+        await (await b.submit("hello")).wait()
+        await eventually(lambda: kinds_by_node(relay, "run.succeeded") == ["b"], timeout=5.0)
+        await a.stop(2.0)
+        await (await b.submit("hello")).wait()  # while a is stopped: it waits in the stream
+        await eventually(lambda: b_relay.stats().pending == 0, timeout=5.0)
+        await a.start()
+        await (await b.submit("hello")).wait()
+        await eventually(lambda: len(kinds_by_node(relay, "run.succeeded")) >= 3, timeout=5.0)
+        assert kinds_by_node(relay, "run.succeeded") == ["b", "b", "b"]
+        assert {n.node: n.missed for n in relay.nodes()} == {"a": 0, "b": 0}
+    finally:
+        await a.stop(2.0)
+        await b.stop(2.0)
+    assert not stray_tasks()
+
+
 def test_a_reader_on_another_threads_loop_is_woken() -> None:
     stream = MemoryEventStream()
     got_one = threading.Event()
