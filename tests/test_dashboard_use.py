@@ -6,9 +6,10 @@ Every test drives the real app with Pilot on a live engine (or a real remote con
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from pydantic import BaseModel
@@ -18,7 +19,7 @@ from taskwatch.tui.client import LocalClient
 from taskwatch.tui.screens import ConfirmScreen, HelpScreen, SubmitScreen
 from taskwatch.widgets import FailuresList, ParamsForm, RunDetail, ScheduleTable
 from textual.pilot import Pilot
-from textual.widgets import Input, Sparkline, TabbedContent
+from textual.widgets import Button, Input, Sparkline, Static, TabbedContent
 
 from .helpers import Recorder, eventually
 from .test_dashboard import make_engine, open_submit, shown_status, table
@@ -210,13 +211,88 @@ async def test_the_cursor_stays_on_the_chosen_run_as_new_runs_arrive() -> None:
         await eventually(lambda: shown_status(app, held.id) == "running")
         table(app).focus()
         await pilot.pause()  # focus moves on the next message round
-        await pilot.press("g")  # the top row: the newest run
+        await pilot.press("j", "k")  # the user puts the cursor on the top row: the newest run
         assert table(app).selected_run_id == held.id
         for _ in range(5):
             await (await engine.submit("embed_batch", {"user_id": "u", "contents": []})).wait(2)
         await eventually(lambda: len(table(app).shown_keys) == 6)
         await pilot.pause()
         assert table(app).selected_run_id == held.id  # never dragged to whatever came last
+
+
+def top_row(app: TaskwatchApp) -> str:
+    """The id on the runs table's first line under its header, as drawn."""
+    return table(app).render_line(1).text.split()[0]
+
+
+async def quick_runs(engine: Engine, n: int) -> list[str]:
+    return [(await (await engine.submit("embed_batch", {"user_id": "u", "contents": []})).wait(2)).id for _ in range(n)]
+
+
+async def test_an_untouched_runs_table_shows_the_newest_runs_as_they_arrive() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        first = await quick_runs(engine, 1)
+        await eventually(lambda: table(app).selected_run_id == first[0])
+        # three screenfuls of newer runs, no key pressed: the newest is on top, under the cursor
+        ids = await quick_runs(engine, 3 * table(app).size.height)
+        await eventually(lambda: table(app).selected_run_id == ids[-1])
+        await pilot.pause()
+        assert top_row(app) == ids[-1][-8:] and table(app).scroll_y == 0
+        assert app.main.query_one(RunDetail).record.id == ids[-1]  # type: ignore[union-attr]
+        # moved by the user, the cursor holds its run; g follows the newest again
+        await pilot.press("j")
+        held = table(app).selected_run_id
+        assert held == ids[-2]
+        newer = await quick_runs(engine, 3)
+        await eventually(lambda: newer[-1] in table(app).shown_keys)
+        await pilot.pause()
+        assert table(app).selected_run_id == held and top_row(app) == newer[-1][-8:]
+        await pilot.press("g")
+        newest = await quick_runs(engine, 2)
+        await eventually(lambda: table(app).selected_run_id == newest[-1])
+
+
+async def test_the_chosen_run_stays_selected_past_the_models_bound_and_r_retries_it() -> None:
+    engine = make_engine()
+    async with dashboard(engine, size=LARGE, max_rows=10) as (app, pilot):
+        app.state.max_runs = 30  # the model's bound, small: reached within a few dozen runs
+        failed = await (await engine.submit("explode")).wait(2)
+        await quick_runs(engine, 2)
+        await eventually(lambda: len(table(app).shown_keys) == 3)
+        await pilot.press("j", "j")  # the user puts the cursor on the failed run
+        assert table(app).selected_run_id == failed.id
+        newer = await quick_runs(engine, 60)
+        await eventually(lambda: newer[-1] in table(app).shown_keys and len(app.state.runs) <= 31)
+        await pilot.pause()
+        assert app.state.record(newer[0]) is None  # the model did trim
+        assert table(app).selected_run_id == failed.id and failed.id in table(app).shown_keys
+        assert app.main.query_one(RunDetail).record.id == failed.id  # type: ignore[union-attr]
+        await pilot.press("r")
+        await eventually(lambda: any(r.source == f"retry:{failed.id}" for r in engine.runs(limit=None)))
+        assert any(f"retrying explode as run" in n for n in notes(app))
+
+
+async def test_marked_runs_stay_marked_however_many_newer_runs_arrive() -> None:
+    engine = make_engine()
+    async with dashboard(engine, size=LARGE, max_rows=10) as (app, pilot):
+        app.state.max_runs = 30
+        failed = [(await (await engine.submit("explode")).wait(2)).id for _ in range(2)]
+        await eventually(lambda: set(failed) <= set(table(app).shown_keys))
+        await pilot.press("space", "space")  # marks both, newest first
+        assert table(app).marked == failed[::-1]
+        await pilot.press("g")  # back to watching the newest
+        newer = await quick_runs(engine, 60)
+        await eventually(lambda: newer[-1] in table(app).shown_keys and len(app.state.runs) <= 31)
+        await pilot.pause()
+        assert len(table(app).shown_keys) <= 10 + table(app).trim_batch + 3  # the rest is trimmed
+        assert table(app).marked == failed[::-1]
+        assert all(table(app).get_cell(run_id, "id").style == "bold black on yellow" for run_id in failed)
+        await pilot.press("r")
+        dialog = await eventually(lambda: app.screen if isinstance(app.screen, ConfirmScreen) else None)
+        assert "2 marked runs" in dialog.question
+        await pilot.press("y")
+        await eventually(lambda: {r.source for r in engine.runs(limit=None)} >= {f"retry:{i}" for i in failed})
 
 
 async def test_cancel_asks_first_naming_the_run_and_cancels_exactly_that_run() -> None:
@@ -649,6 +725,128 @@ async def test_e_opens_the_submit_form_filled_with_a_runs_params_to_edit_and_res
         resubmitted = [r for r in engine.runs(task="embed_batch") if r.id != first.id]
         assert len(resubmitted) == 1
         assert resubmitted[0].params == {"user_id": "u2", "contents": ["a"], "batch": 3}
+
+
+class LateReplies(LocalClient):
+    """Commands reach the engine, and their replies are lost: each waits for ``reply`` and
+    then times out, as a remote engine's would."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine, manage=True)
+        self.reply = asyncio.Event()
+        self.sent = 0
+
+    async def _lost_reply(self, kind: str) -> NoReturn:
+        self.sent += 1
+        await self.reply.wait()
+        raise TimeoutError(f"no reply from the engine to {kind!r} within 3 s")
+
+    async def submit(self, task: str, params: dict[str, Any] | None = None, key: str | None = None) -> Any:
+        await super().submit(task, params, key)
+        await self._lost_reply("submit")
+
+    async def cancel(self, run_id: str) -> Any:
+        await super().cancel(run_id)
+        await self._lost_reply("cancel")
+
+
+async def test_a_submit_without_reply_says_the_run_may_exist_and_submit_waits_meanwhile() -> None:
+    engine = make_engine()
+    client = LateReplies(engine)
+    app = TaskwatchApp(client, refresh_hz=30.0, overview_interval=0.2, cursor_blink=False, confirm=False)
+    async with app.run_test(size=LARGE) as pilot:
+        await eventually(lambda: app.state.node_id == "dash-test")
+        screen = await open_submit(app, pilot, "embed_batch")
+        screen.form.field_widget("user_id").value = "u1"
+        screen.form.field_widget("contents").value = '["a"]'
+        await pilot.click("#submit-ok")
+        await eventually(lambda: client.sent == 1)
+        button = screen.query_one("#submit-ok", Button)
+        assert button.disabled  # while the request waits for its reply
+        await pilot.click("#submit-ok")  # an impatient second press, then Enter in a field
+        screen.form.field_widget("user_id").focus()
+        await pilot.press("enter")
+        await pilot.pause()
+        assert client.sent == 1 and len(engine.runs(task="embed_batch")) == 1
+        client.reply.set()
+        error = screen.query_one("#submit-error", Static)
+        await eventually(lambda: "may have been submitted" in str(error.content))
+        assert "not submitted" not in str(error.content) and "check the Runs tab" in str(error.content)
+        assert not button.disabled and app.screen is screen
+        assert len(engine.runs(task="embed_batch")) == 1
+
+        # a cancel without reply does not claim it failed either
+        await pilot.press("escape")
+        held = await engine.submit("hold")
+        await eventually(lambda: shown_status(app, held.id) == "running")
+        table(app).select_run(held.id)
+        await pilot.press("c")
+        await eventually(lambda: any("cancel" in n and "may have been done" in n for n in notes(app)))
+        assert not any("cancel failed" in n for n in notes(app))
+        engine.resources["release"].set()
+
+
+class Blob(BaseModel):
+    text: str
+    n: int = 1
+
+
+async def test_edit_and_traceback_from_the_failures_tab_use_the_whole_run_when_attached(tmp_path: Any) -> None:
+    """Attached, a run's large params and traceback arrive cut down: the form and the
+    traceback show them whole, never the stand-in."""
+    from taskwatch.engine import is_truncated
+    from taskwatch.tui.remote_client import RemoteClient
+    from taskwatch.tui.screens import TracebackScreen
+
+    engine = Engine(node_id="big-failures", health_interval=None)
+
+    @engine.task
+    async def big_failure(ctx: Any, params: Blob) -> None:
+        raise ValueError("kaboom " + "y" * 30_000 + " the end")
+
+    big = "x" * 40_000
+    async with engine:
+        failed = await (await engine.submit("big_failure", {"text": big, "n": 3})).wait(5)
+        server = await engine.serve(str(tmp_path / "big.sock"), announce=False)
+        app = TaskwatchApp(RemoteClient(server.address), refresh_hz=30.0, cursor_blink=False)
+        async with app.run_test(size=LARGE) as pilot:
+            await eventually(lambda: failed.id in app.state.failures)
+            listed = app.state.failures[failed.id]
+            assert is_truncated(listed.params) and is_truncated(listed.error.traceback)  # type: ignore[union-attr]
+            await pilot.press("2")
+            failures = app.main.query_one(FailuresList)
+            await eventually(lambda: failures.selected == ("run", failed.id))
+            await pilot.press("e")
+            screen = await eventually(lambda: app.screen if isinstance(app.screen, SubmitScreen) else None)
+            form = await eventually(lambda: screen.query(ParamsForm) and screen.query_one(ParamsForm))
+            assert form.field_widget("text").value == big and form.field_widget("n").value == "3"
+            await pilot.press("escape")
+            await eventually(lambda: app.screen is app.main)
+            await pilot.press("t")
+            shown = await eventually(lambda: app.screen if isinstance(app.screen, TracebackScreen) else None)
+            body = str(shown.query_one("#traceback-body", Static).content.code)  # type: ignore[attr-defined]
+            assert "characters truncated" not in body and body.rstrip().endswith("y the end")
+            await app.action_quit()
+
+
+async def test_failures_older_than_the_snapshots_runs_are_listed_and_outlive_a_resync() -> None:
+    engine = make_engine()
+    async with engine:
+        failed = [(await (await engine.submit("explode")).wait(2)).id for _ in range(3)]
+        await quick_runs(engine, 30)
+        app = TaskwatchApp(LocalClient(engine), refresh_hz=30.0, overview_interval=0.2, max_rows=10)
+        async with app.run_test(size=LARGE) as pilot:
+            await eventually(lambda: app.state.node_id == "dash-test")
+            assert not set(failed) & set(table(app).shown_keys)  # older than the snapshot's runs
+            await pilot.press("2")
+            failures = app.main.query_one(FailuresList)
+            await eventually(lambda: failures.table.shown_keys == [f"run:{i}" for i in reversed(failed)])
+            # a resync's snapshot, with none of them, wipes nothing
+            app.resync()
+            await eventually(lambda: app.state.last_seq == engine.bus.last_seq)
+            await pilot.pause()
+            assert failures.table.shown_keys == [f"run:{i}" for i in reversed(failed)]
+            await app.action_quit()
 
 
 # ---------------------------------------------------------------- serving

@@ -408,8 +408,12 @@ async def test_runs_table_keeps_a_bounded_number_of_rows_trimmed_in_batches() ->
         assert table.shown_keys == [f"r{i:03d}" for i in range(25, 5, -1)]  # the oldest went
         assert table.record("r000") is None
 
-        # many runs at once never leave more than max_rows + trim_batch behind
+        # an untouched cursor follows the newest run; the user moves it onto r024 to hold it
+        assert table.selected_run_id == "r025"
+        table.focus()
+        await pilot.press("j")
         assert table.selected_run_id == "r024"
+        # many runs at once never leave more than max_rows + trim_batch behind
         table.update_runs([run(f"s{i:03d}", 100 + i) for i in range(100)], now=T0 + 300)
         await pilot.pause()
         # the newest 20, and the run under the cursor: it stays where the user put it
@@ -442,47 +446,97 @@ async def test_runs_table_never_trims_a_pending_or_running_run_nor_the_selected_
         assert table.shown_keys == [*(f"s{i:03d}" for i in range(7, 2, -1)), "r039"]
 
 
-async def test_runs_table_cursor_stays_on_its_run_as_newer_runs_arrive() -> None:
+async def test_runs_table_never_trims_a_marked_run() -> None:
+    table = RunsTable(max_rows=5, trim_batch=2)
+    async with Host(table).run_test(size=SIZE) as pilot:
+        table.update_runs([run(f"old-{i}", i) for i in range(3)], now=T0 + 5)
+        table.focus()
+        await pilot.press("space", "space")  # marks old-2 and old-1
+        await pilot.press("g")  # the cursor back on the newest: it keeps nothing listed
+        table.update_runs([run(f"r{i:03d}", 10 + i) for i in range(40)], now=T0 + 60)
+        await pilot.pause()
+        assert table.shown_keys == [*(f"r{i:03d}" for i in range(39, 34, -1)), "old-2", "old-1"]
+        assert table.marked == ["old-2", "old-1"]
+        assert cell(table, "old-2", "id") == "old-2" and table.get_cell("old-1", "id").style == "bold black on yellow"
+        # unmarked, they go with the next trim
+        table.clear_marks()
+        table.update_runs([run(f"s{i:03d}", 100 + i) for i in range(3)], now=T0 + 120)
+        await pilot.pause()
+        assert "old-1" not in table.shown_keys and "old-2" not in table.shown_keys
+
+
+def first_shown(table: RunsTable) -> str:
+    """The id (its last 8 characters) on the first line under the header: what the user reads first."""
+    return table.render_line(1).text.split()[0]
+
+
+async def test_runs_table_follows_the_newest_run_until_the_user_moves_the_cursor() -> None:
     table = RunsTable()
     host = Host(table)
     async with host.run_test(size=SIZE) as pilot:
-        table.update_runs([run("old", 1), run("mid", 2), run("new", 3)], now=T0 + 4)
+        table.update_runs([run(f"run-{i:04d}", i) for i in range(3)], now=T0 + 4)
         await pilot.pause()
-        assert table.selected_run_id == "new"
+        assert table.selected_run_id == "run-0002"
 
-        # even on the top row, a newer run does not take the cursor away from its run
-        table.update_runs([run("newer", 4)], now=T0 + 5)
-        await pilot.pause()
-        assert table.selected_run_id == "new" and table.cursor_row == 1
+        # untouched, the table shows the newest runs as they come, well past a screenful
+        screenful = table.size.height
+        for i in range(3, 3 + 3 * screenful):
+            table.update_runs([run(f"run-{i:04d}", i)], now=T0 + i)
+            await pilot.pause()
+        newest = f"run-{2 + 3 * screenful:04d}"
+        assert table.selected_run_id == newest and table.cursor_row == 0
+        assert table.scroll_y == 0 and first_shown(table) == newest[-8:]
+        assert host.of(RunsTable.RunHighlighted)[-1].run_id == newest
 
-        assert table.select_run("mid")
-        assert table.select_run("nope") is False
-        await pilot.pause()
-        assert table.selected_run_id == "mid"
-
-        # newer runs push the row down and the cursor moves with it
-        table.update_runs([run("newest", 5)], now=T0 + 6)
-        await pilot.pause()
-        assert table.selected_run_id == "mid" and table.cursor_row == 3
-        highlighted = [m.run_id for m in host.of(RunsTable.RunHighlighted)]
-        assert highlighted == ["new", "mid"]
-
+        # a cursor the user moved holds its run (and the view keeps it in sight)
         table.focus()
+        await pilot.press("j")
+        chosen = table.selected_run_id
+        assert chosen is not None and chosen != newest and not table.following
+        for i in range(100, 100 + 2 * screenful):
+            table.update_runs([run(f"new-{i:04d}", 1000 + i)], now=T0 + 2000)
+            await pilot.pause()
+        assert table.selected_run_id == chosen and table.cursor_row == 1 + 2 * screenful
+        lines = [table.render_line(y).text for y in range(table.size.height)]
+        assert any(line.split()[:1] == [chosen[-8:]] for line in lines)
         await pilot.press("enter")
         await pilot.pause()
-        assert [m.run_id for m in host.of(RunsTable.RunSelected)] == ["mid"]
+        assert [m.run_id for m in host.of(RunsTable.RunSelected)] == [chosen]
 
-        await pilot.press("up")
-        await pilot.pause()
-        assert host.of(RunsTable.RunHighlighted)[-1].run_id == "new"
-
-        # g goes to the newest run, which then stays put too
+        # g goes to the newest run and follows again
         await pilot.press("g")
         await pilot.pause()
-        assert table.selected_run_id == "newest"
-        table.update_runs([run("latest", 6)], now=T0 + 7)
+        assert table.following and table.scroll_y == 0
+        table.update_runs([run("latest-0", 5000)], now=T0 + 5000)
         await pilot.pause()
-        assert table.selected_run_id == "newest" and table.cursor_row == 1
+        assert table.selected_run_id == "latest-0" and first_shown(table) == "latest-0"
+
+        # a run chosen by the program (the one just submitted) is held even on the top row
+        assert table.select_run("latest-0")
+        table.update_runs([run("latest-1", 5001)], now=T0 + 5001)
+        await pilot.pause()
+        assert table.selected_run_id == "latest-0" and table.cursor_row == 1
+        assert table.select_run("nope") is False
+
+
+async def test_runs_table_clears_the_selection_when_the_chosen_run_is_removed() -> None:
+    table = RunsTable()
+    host = Host(table)
+    async with host.run_test(size=SIZE) as pilot:
+        table.update_runs([run(f"run-{i}", i) for i in range(5)], now=T0 + 5)
+        table.focus()
+        await pilot.press("j", "j")
+        assert table.selected_run_id == "run-2"
+        table.remove_runs(["run-2"])
+        await pilot.pause()
+        # no neighbour takes its place: a key acting on "the selected run" finds none
+        assert table.selected_run_id is None
+        assert host.of(RunsTable.RunHighlighted)[-1].run_id is None
+        table.update_runs([run("run-9", 9)], now=T0 + 9)
+        await pilot.pause()
+        assert table.selected_run_id is None
+        await pilot.press("j")  # the next move puts the cursor back on the line it was on
+        assert table.selected_run_id == "run-3" and table.cursor_row == 2
 
 
 # ---------------------------------------------------------------- RunDetail

@@ -112,6 +112,14 @@ def _has_cut_values(record: RunRecord) -> bool:
     )
 
 
+def command_failure(verb: str, exc: BaseException) -> str:
+    """What became of a command that raised: a timeout means the request went out and its
+    reply did not come, so the engine may have done it all the same."""
+    if isinstance(exc, TimeoutError):
+        return f"{verb}: {exc}; it may have been done all the same: check before trying again"
+    return f"{verb} failed: {exc}"
+
+
 def unknown_statuses(text: str) -> list[str]:
     """The ``status:`` values in a runs filter that are not statuses."""
     valid = {s.value for s in RunStatus}
@@ -436,7 +444,7 @@ class TaskwatchApp(App[None]):
         engine process, or runs whose updates were lost); the selected run is selected
         again once the refilled table shows it.
         """
-        self.state.load(snap)
+        self.state.load(snap, keep=self._kept_runs())
         # which engine process, and where its runs live, is the first thing to know
         self.sub_title = f"{self.client.where} · node {snap.node_id} · store {snap.store}"
         self.main.query_one(StoreBadge).update(snap.store, snap.incarnation, self.client.where)
@@ -446,10 +454,35 @@ class TaskwatchApp(App[None]):
             self._reset_runs_table()
         # also after a first connect that failed: lets the overview refresh start
         self._connected_once = True
+        # the snapshot holds only the newest runs: older failures are asked for apart
+        self._load_failures()
+
+    @work(exclusive=True, group="failures")
+    async def _load_failures(self) -> None:
+        try:
+            failed = await self.client.failed_runs(self.state.max_failures)
+        except COMMAND_ERRORS:
+            return  # the failures seen in events and snapshots are still listed
+        if failed is not None and not self._dashboard_gone:
+            self.state.add_failures(failed)
+            self._update_failures()
+
+    def _kept_runs(self) -> set[str]:
+        """The runs the user chose (the one the cursor holds, the marked ones): the model
+        never trims them, so an action on them finds them however many runs come after."""
+        table = self.main.query_one(RunsTable)
+        kept = set(table.marked)
+        if not table.following and table.selected_run_id is not None:
+            kept.add(table.selected_run_id)
+        if self._reselect is not None:
+            kept.add(self._reselect)
+        return kept
 
     def _reset_runs_table(self) -> None:
         table = self.main.query_one(RunsTable)
-        if self._reselect is None:  # a reselect still pending from an earlier reload wins
+        # a reselect still pending from an earlier reload wins; a cursor following the
+        # newest run follows the refilled table's newest instead
+        if self._reselect is None and not table.following:
             self._reselect = table.selected_run_id
         table.clear_runs()
         self._table_stale = False
@@ -508,7 +541,7 @@ class TaskwatchApp(App[None]):
             full = True
         if events:
             self.events_seen += len(events)
-            self.state.apply(events)
+            self.state.apply(events, keep=self._kept_runs())
         if self.client.dropped != self._client_dropped:
             # our own buffer overflowed: what we hold is incomplete, reload it
             self._client_dropped = self.client.dropped
@@ -560,12 +593,13 @@ class TaskwatchApp(App[None]):
         """
         table = self.main.query_one(RunsTable)
         state = self.state
+        kept = self._kept_runs()
         gone = state.take_gone()
         if gone:
             # runs the model let go would otherwise keep their last values on screen
             table.remove_runs(gone)
         if full or dirty is None:
-            views = state.views_to_show(self.max_rows)
+            views = state.views_to_show(self.max_rows, kept)
         else:
             views = [state.runs[run_id] for run_id in dirty if run_id in state.runs]
         known = [v for v in views if table.record(v.id) is not None]
@@ -580,7 +614,7 @@ class TaskwatchApp(App[None]):
             room = budget - len(fresh)
             shown = {v.id for v in fresh}
             missing = [
-                v for v in state.views_to_show(self.max_rows) if v.id not in shown and table.record(v.id) is None
+                v for v in state.views_to_show(self.max_rows, kept) if v.id not in shown and table.record(v.id) is None
             ]
             fresh += missing[:room]
             self._backfill = len(missing) > room
@@ -639,13 +673,35 @@ class TaskwatchApp(App[None]):
             return
         finally:
             self._fetching.discard(run_id)
-        self._full_records[run_id] = full
-        while len(self._full_records) > _FULL_RECORDS_KEPT:
-            del self._full_records[next(iter(self._full_records))]
+        self._keep_full(full)
         if self._dashboard_gone:
             return
         if self.main.query_one(RunsTable).selected_run_id == run_id:
             self._show_detail(run_id)
+
+    def _keep_full(self, full: RunRecord) -> None:
+        self._full_records[full.id] = full
+        while len(self._full_records) > _FULL_RECORDS_KEPT:
+            del self._full_records[next(iter(self._full_records))]
+
+    async def _in_full(self, record: RunRecord, purpose: str) -> RunRecord | None:
+        """``record`` with every value in full, fetched now if the wire cut some down; None
+        (and a message) when it cannot be had: an action that uses the values (a form to
+        resubmit, a traceback to read) must never use a shortened stand-in."""
+        if not _has_cut_values(record):
+            return record
+        full = self._full_records.get(record.id)
+        if full is None or full.status is not record.status or full.attempt != record.attempt:
+            try:
+                full = await self.client.get(record.id)
+            except COMMAND_ERRORS as exc:
+                self.notify(f"could not load run {record.id} in full for {purpose}: {exc}", severity="warning")
+                return None
+            self._keep_full(full)
+        if _has_cut_values(full):  # a value the engine itself holds shortened
+            self.notify(f"run {record.id} holds shortened values: {purpose} needs them whole", severity="warning")
+            return None
+        return full
 
     def _update_failures(self) -> None:
         failed = self.state.failed_runs()
@@ -819,7 +875,7 @@ class TaskwatchApp(App[None]):
             if refused is not None and isinstance(exc, refused):
                 self.notify(str(exc), severity="warning")
             else:
-                self.notify(f"{verb} failed: {exc}", severity="error")
+                self.notify(command_failure(verb, exc), severity="error", timeout=10)
             return None
 
     def _marked_runs(self) -> list[RunRecord]:
@@ -871,7 +927,7 @@ class TaskwatchApp(App[None]):
             try:
                 record = await self.client.cancel(run.id)
             except COMMAND_ERRORS as exc:
-                refused.append(f"{run.id}: {exc}")
+                refused.append(f"{run.id}: {command_failure('cancel', exc)}")
                 continue
             cancelled += record.status is RunStatus.CANCELLED
         self.main.query_one(RunsTable).clear_marks()
@@ -890,7 +946,7 @@ class TaskwatchApp(App[None]):
             try:
                 record = await self.client.retry(run.id)
             except COMMAND_ERRORS as exc:
-                refused.append(f"{run.id}: {exc}")
+                refused.append(f"{run.id}: {command_failure('retry', exc)}")
                 continue
             self.state.add_record(record)
             retried.append(record)
@@ -936,7 +992,8 @@ class TaskwatchApp(App[None]):
                                  f"Retry {len(runs)} runs"):
             await self._retry_many(runs)
 
-    def action_edit_resubmit(self) -> None:
+    @work(group="actions")
+    async def action_edit_resubmit(self) -> None:
         """e: the submit form for the selected run's task, filled with its params, to edit and submit anew."""
         run = self.selected_run
         if run is None:
@@ -946,9 +1003,14 @@ class TaskwatchApp(App[None]):
         if info is None or not info.submittable:
             self.notify(f"task {run.task} cannot be submitted from the dashboard", severity="warning")
             return
-        self.action_submit(run.task, values=dict(run.params), title=f"Edit and resubmit {run.task} (from run {run.id})")
+        # params the wire cut down would fill the form with a stand-in (or nothing)
+        full = await self._in_full(run, "edit and resubmit")
+        if full is None:
+            return
+        self.action_submit(full.task, values=dict(full.params), title=f"Edit and resubmit {full.task} (from run {full.id})")
 
-    def action_traceback(self) -> None:
+    @work(group="actions")
+    async def action_traceback(self) -> None:
         if self.active_tab == "scheduler":
             worker = self._selected_worker()
             if worker is None or worker.last_error is None:
@@ -958,13 +1020,22 @@ class TaskwatchApp(App[None]):
                 self.push_screen(TracebackScreen(f"worker {worker.name}: {error.type}: {error.message}", error.traceback))
             return
         if self.active_tab == "failures":
-            picked = self.main.query_one(FailuresList).selected_traceback()
-            if picked is None:
+            failures = self.main.query_one(FailuresList)
+            selected = failures.selected
+            picked = failures.selected_traceback()
+            if picked is None or selected is None:
                 self.notify("no failure selected", severity="warning")
-            else:
+                return
+            failed = self.state.failure(selected[1]) if selected[0] == "run" else None
+            if failed is None:  # a crashed worker: its error came whole with the overview
                 self.push_screen(TracebackScreen(*picked))
-            return
-        run = self.selected_run
+                return
+            # a traceback the wire cut down is fetched whole (shown cut, after a warning, if it cannot be)
+            run: RunRecord | None = await self._in_full(failed, "the traceback") or failed
+        else:
+            run = self.selected_run
+            if run is not None:
+                run = await self._in_full(run, "the traceback") or run
         if run is None or run.error is None:
             self.notify("the selected run has no traceback", severity="warning")
             return

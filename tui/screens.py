@@ -11,7 +11,7 @@ from rich.syntax import Syntax
 from rich.text import Text
 from taskwatch.engine import BaseEvent, InvalidParams, RunRecord, TaskInfo, TaskwatchError, event_to_json
 from taskwatch.widgets import ParamsForm, ParamsFormError
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -49,6 +49,8 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
         self.tasks = {t.name: t for t in tasks if t.submittable}
         self._submit = submit
         self._initial = initial if initial in self.tasks else next(iter(self.tasks), None)
+        #: a submit request waits for its reply (Submit is disabled meanwhile)
+        self._in_flight = False
 
     def compose(self) -> ComposeResult:
         initial = self.tasks.get(self._initial) if self._initial is not None else None
@@ -113,11 +115,15 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
         self.dismiss(None)
 
     @on(ParamsForm.Submitted)
-    async def _enter_pressed(self) -> None:
-        await self.action_submit()
+    def _enter_pressed(self) -> None:
+        self.action_submit()
 
     @on(Button.Pressed, "#submit-ok")
-    async def action_submit(self) -> None:
+    def action_submit(self) -> None:
+        # one request at a time: a second press while the first waits for its reply would
+        # submit the run twice (Enter in a field lands here too, hence the flag as well)
+        if self._in_flight:
+            return
         select = self.query_one("#submit-task", Select)
         name = select.value
         if not isinstance(name, str):
@@ -130,14 +136,32 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
         except ParamsFormError as exc:
             form.show_errors(exc.errors)
             return
+        self._in_flight = self.query_one("#submit-ok", Button).disabled = True
+        self._say(Text("submitting…", style="dim"))
+        self._send(name, params)
+
+    @work(group="submit")
+    async def _send(self, name: str, params: dict[str, Any]) -> None:
+        """Wait for the reply in a worker: the screen keeps taking keys and clicks meanwhile
+        (awaited in a handler, a second press would queue behind the first and submit again)."""
         try:
             record = await self._submit(name, params)
         except InvalidParams as exc:
-            form.show_errors(exc.errors)
+            self._say("")
+            self.form.show_errors(exc.errors)
+            return
+        except TimeoutError as exc:
+            # the request went out and no reply came: the engine may well have taken it
+            self._say(Text(f"{exc}; the run may have been submitted: check the Runs tab before submitting again",
+                           style="bold yellow"))
             return
         except (TaskwatchError, OSError, RuntimeError) as exc:  # also a lost connection
             self._say(Text(f"not submitted: {exc}", style="bold red"))
             return
+        finally:
+            self._in_flight = False
+            for button in self.query("#submit-ok").results(Button):  # none once the dialog closed
+                button.disabled = False
         self.dismiss(record)
 
 

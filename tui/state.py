@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from itertools import islice
 from typing import Any
 
@@ -84,8 +84,14 @@ class DashboardState:
 
     # ------------------------------------------------------------------ snapshot
 
-    def load(self, snap: Snapshot) -> None:
-        """Replace what we know with a fresh snapshot (first connect, or after drops)."""
+    def load(self, snap: Snapshot, keep: Collection[str] = ()) -> None:
+        """Replace what we know with a fresh snapshot (first connect, or after drops).
+
+        Reloading the same engine process (node and incarnation), the runs in ``keep``
+        (the ones the user chose) stay known when the snapshot, which holds only the newest
+        runs, leaves them out, and so do the failures collected so far.
+        """
+        same = bool(self.node_id) and (snap.node_id, snap.incarnation) == (self.node_id, self.incarnation)
         self.node_id = snap.node_id
         self.version = snap.version
         self.started_at = snap.started_at
@@ -93,23 +99,26 @@ class DashboardState:
         self.store = snap.store
         self.incarnation = snap.incarnation
         previous = self.runs
-        self.runs = {r.id: RunView.of(r) for r in sorted(snap.runs, key=lambda r: r.created_at)}
+        views = [RunView.of(r) for r in snap.runs]
+        if same:
+            listed = {view.id for view in views}
+            views += [previous[run_id] for run_id in keep if run_id in previous and run_id not in listed]
+        self.runs = {view.id: view for view in sorted(views, key=lambda v: v.created_at)}
         for run_id, view in self.runs.items():
             # what we saw of a run's attempts outlives a reload (the snapshot has only the last)
             before = previous.get(run_id)
-            if before is not None and before.attempts:
+            if before is not None and before is not view and before.attempts:
                 view.attempts = before.attempts
         self.dirty = set(self.runs)
         self.gone = set()
-        self.failures = {}
-        for view in self.runs.values():
-            if view.status is RunStatus.FAILED:
-                self._remember_failure(view)
+        if not same:
+            self.failures = {}  # another engine process: its failures are not these
+        self.add_failures(view.record() for view in self.runs.values() if view.status is RunStatus.FAILED)
         self.apply_overview(snap)
         self.last_seq = snap.last_seq
         self.needs_resync = False
         self.task_stats.seed(snap.runs, self.clock())
-        self._trim()
+        self._trim(keep)
 
     def apply_overview(self, snap: Snapshot) -> None:
         """Take the query-method parts of a snapshot: schedule, queues, triggers, workers, leader."""
@@ -126,11 +135,12 @@ class DashboardState:
 
     # ------------------------------------------------------------------ events
 
-    def apply(self, events: list[BaseEvent]) -> None:
+    def apply(self, events: list[BaseEvent], keep: Collection[str] = ()) -> None:
+        """Absorb events; ``keep``: runs the trim must spare (the ones the user chose to act on)."""
         for event in events:
             self._apply_one(event)
         if len(self.runs) > self.max_runs:
-            self._trim()
+            self._trim(keep)
 
     def _apply_one(self, event: BaseEvent) -> None:
         kind: str = event.kind  # type: ignore[attr-defined]
@@ -265,13 +275,16 @@ class DashboardState:
                 break
         return out
 
-    def views_to_show(self, limit: int) -> list[RunView]:
-        """The newest ``limit`` runs and, however old, every pending or running one: a run
-        that has not finished must stay in sight, to be found and cancelled."""
+    def views_to_show(self, limit: int, keep: Collection[str] = ()) -> list[RunView]:
+        """The newest ``limit`` runs and, however old, every pending or running one and those
+        in ``keep``: a run that has not finished must stay in sight, to be found and
+        cancelled, and one the user chose, to be acted on."""
         out = self.newest_views(limit)
         older = len(self.runs) - len(out)
         if older > 0:
-            out.extend(view for view in islice(self.runs.values(), older) if view.status not in _FINISHED)
+            out.extend(
+                view for view in islice(self.runs.values(), older) if view.status not in _FINISHED or view.id in keep
+            )
         return out
 
     def newest_runs(self, limit: int) -> list[RunRecord]:
@@ -286,6 +299,17 @@ class DashboardState:
         self.failures[view.id] = view.record()
         while len(self.failures) > self.max_failures:
             del self.failures[next(iter(self.failures))]
+
+    def add_failures(self, records: Iterable[RunRecord]) -> None:
+        """Take failed runs from a snapshot or a query (older than the runs held, maybe):
+        kept oldest first by submission, the newest ``max_failures`` of them. A run retried
+        or deleted since is no failure any more only once its events say so."""
+        merged = dict(self.failures)
+        for record in records:
+            if record.status is RunStatus.FAILED:
+                merged[record.id] = record
+        ordered = sorted(merged.values(), key=lambda r: (r.created_at, r.id))
+        self.failures = {r.id: r for r in ordered[-self.max_failures :]}
 
     def failure(self, run_id: str) -> RunRecord | None:
         """A failed run, from the runs or from the failures kept apart."""
@@ -338,12 +362,14 @@ class DashboardState:
                 return crash.error
         return None
 
-    def _trim(self) -> None:
+    def _trim(self, keep: Collection[str] = ()) -> None:
         excess = len(self.runs) - self.max_runs
         if excess <= 0:
             return
-        # oldest finished runs leave first; pending and running runs stay
-        for run_id in [r.id for r in self.runs.values() if r.status in _FINISHED][:excess]:
+        # oldest finished runs leave first; pending and running runs stay, and so do the
+        # ones kept (selected or marked: an action on them must find them)
+        finished = (r.id for r in self.runs.values() if r.status in _FINISHED and r.id not in keep)
+        for run_id in list(islice(finished, excess)):
             del self.runs[run_id]
             self.dirty.discard(run_id)
             self.gone.add(run_id)

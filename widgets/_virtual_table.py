@@ -14,6 +14,12 @@ It looks like DataTable (the same component classes and styles) and has the
 keys and the update protocol of the DataTable-based ``KeyedTable``:
 subclasses call ``_begin``, ``_upsert``/``_remove``, ``_finish``, and say which
 messages to post through ``_highlight_message``/``_selected_message``.
+
+The cursor follows the first row (the newest, in a table sorted newest first)
+until the user moves it, like a log that follows its newest line:
+an untouched table shows what arrives, and a row the user chose (with any
+other key, a click, or ``select_key``) stays under the cursor however many
+rows arrive above it, also the first row. ``g`` (ctrl+home) follows again.
 """
 
 from __future__ import annotations
@@ -113,6 +119,9 @@ class VirtualTable(KeyedRows, ScrollView, can_focus=True):
         #: the key the cursor is on (it follows its row), and its index when last placed
         self._cursor_key: str | None = None
         self._cursor_index = 0
+        #: the cursor stays on the first row and the view at the top as rows arrive: on at
+        #: start and after ``g``, off once the cursor is put anywhere else (even on row 0)
+        self._following = True
         self._hover_index: int | None = None
         self._show_hover = False
         self._rebuild_pending = False
@@ -158,6 +167,11 @@ class VirtualTable(KeyedRows, ScrollView, can_focus=True):
         return self._index_of(key)
 
     @property
+    def following(self) -> bool:
+        """Whether the cursor follows the first row (True at start and after ``follow_first_row``)."""
+        return self._following
+
+    @property
     def selected_key(self) -> str | None:
         """The key of the row under the cursor, or ``None`` when the table is empty."""
         return self._cursor_key
@@ -181,18 +195,43 @@ class VirtualTable(KeyedRows, ScrollView, can_focus=True):
         return [self._make_text(spec, cell) for spec, cell in zip(self.COLUMNS, self._cells[key])]
 
     def select_key(self, key: str) -> bool:
-        """Move the cursor to the row ``key``; False when that row is not shown."""
+        """Move the cursor to the row ``key`` and hold it there (it no longer follows the
+        first row, even if ``key`` is the first row now); False when that row is not shown."""
         if key not in self._cells:
             return False
         self._apply_rebuild()
+        self._following = False
         self._place_cursor(self._index_of(key))
         self._sync_highlight()
         return True
 
     def move_cursor(self, *, row: int, scroll: bool = True) -> None:
-        """Put the cursor on the row at ``row`` (clamped to the rows there are)."""
+        """Put the cursor on the row at ``row`` (clamped to the rows there are) and hold it on
+        that row as others arrive (it no longer follows the first row)."""
         self._apply_rebuild()
+        self._following = False
         self._place_cursor(row, scroll=scroll)
+        self._sync_highlight()
+
+    def follow_first_row(self) -> None:
+        """Put the cursor on the first row and the view at the top, and keep them there as
+        rows arrive (until the cursor is moved again)."""
+        self._apply_rebuild()
+        self._following = True
+        self._place_cursor(0)
+        self._sync_highlight()
+
+    def clear_cursor(self) -> None:
+        """Take the cursor off every row (``selected_key`` becomes None) until the user moves it.
+
+        For a row the cursor was held on that has to go: moved to a neighbour instead, the
+        cursor would silently put another row where a key that acts on "the selected row"
+        acts.
+        """
+        self._following = False
+        if self._cursor_key is not None:
+            self._cursor_key = None
+            self.refresh()
         self._sync_highlight()
 
     # ------------------------------------------------------------ for subclasses
@@ -251,12 +290,15 @@ class VirtualTable(KeyedRows, ScrollView, can_focus=True):
         self._resize_virtual()
         selected = self._selection_before
         self._selection_before = None
-        if selected is not None and selected in self._cells:
+        if self._following:
+            # nobody moved the cursor off the first row: show what arrives there
+            self._place_cursor(0)
+        elif selected is not None and selected in self._cells:
             index = self._index_of(selected)
             if index != self._cursor_index or self._cursor_key != selected:
                 self._place_cursor(index)
-        else:
-            # the cursor's row went (or there was none): the cursor keeps its place, as in DataTable
+        elif self._cursor_key is not None:
+            # the cursor's row went (filtered out): the cursor keeps its place, as in DataTable
             self._place_cursor(self._cursor_index)
         self._refresh_if_changed()
         self._sync_highlight()
@@ -343,15 +385,18 @@ class VirtualTable(KeyedRows, ScrollView, can_focus=True):
 
     def action_cursor_up(self) -> None:
         self._set_hover(False)
-        self.move_cursor(row=self.cursor_row - 1)
+        # without a cursor (its row went), the first move puts it back where it was
+        step = 0 if self._cursor_key is None else -1
+        self.move_cursor(row=self._cursor_index if step == 0 else self.cursor_row + step)
 
     def action_cursor_down(self) -> None:
         self._set_hover(False)
-        self.move_cursor(row=self.cursor_row + 1)
+        step = 0 if self._cursor_key is None else 1
+        self.move_cursor(row=self._cursor_index if step == 0 else self.cursor_row + step)
 
     def action_scroll_top(self) -> None:
         self._set_hover(False)
-        self.move_cursor(row=0)
+        self.follow_first_row()
 
     def action_scroll_bottom(self) -> None:
         self._set_hover(False)

@@ -4,12 +4,16 @@
 that changed) and diffs them against what is shown. Space marks runs (their
 id shows highlighted) for actions on several at once: ``marked``. The table keeps
 the newest ``max_rows`` runs (plus a small slack, so trimming happens in batches)
-and, however old, every pending or running run and the selected one: those must
-stay in sight to be cancelled. It has a status/text filter.
+and, however old, every pending or running run, the selected one and the
+marked ones: those must stay in sight to be cancelled or acted on. It has a
+status/text filter.
 
-The cursor stays on the run it is on while newer runs push its row down: a
-key that acts on "the selected run" acts on the run the user put the cursor
-on, never on whatever arrived last. ``g`` (or ctrl+home) goes to the newest.
+Until the user moves the cursor, it follows the newest run and the view stays
+at the top, so an untouched table shows runs as they arrive. Once the user
+puts it on a run, it stays on that run while newer runs push its row down: a
+key that acts on "the selected run" acts on the run the user chose, never on
+whatever arrived last (also a run on the top row the user moved the cursor
+to). ``g`` (or ctrl+home) follows the newest again.
 """
 
 from __future__ import annotations
@@ -243,6 +247,10 @@ class RunsTable(VirtualTable):
         gone = [run_id for run_id in run_ids if run_id in self._records]
         if not gone:
             return
+        if self.selected_key in gone and not self.following:
+            # the run the user chose is going: then no run is selected, rather than a
+            # neighbour that a key acting on "the selected run" would act on instead
+            self.clear_cursor()
         self._begin()
         for run_id in gone:
             del self._records[run_id]
@@ -273,13 +281,15 @@ class RunsTable(VirtualTable):
 
     def _trim(self) -> None:
         """Drop the runs older than the newest max_rows (one batch, so one re-layout), but
-        never a pending or running one, nor the one under the cursor."""
+        never a pending or running one, the one under the cursor nor a marked one (the
+        user chose those to act on)."""
         newest_first = sorted(self._records.values(), key=_newest_first)
         keep = self._active_ids
         selected = self.selected_key
+        marked = self._marked
         dropped = [
             record.id for record in newest_first[self.max_rows :]
-            if record.id not in keep and record.id != selected
+            if record.id not in keep and record.id != selected and record.id not in marked
         ]
         for run_id in dropped:
             del self._records[run_id]
