@@ -102,6 +102,9 @@ _BACKENDS = ("asyncio", "inline")
 #: seconds a stop's store writes may go on retrying an unreachable store after its drain and cancel grace
 _STOP_WRITE_GRACE = 1.0
 
+#: the failed runs a snapshot carries however old (a dashboard's failures list holds as many)
+SNAPSHOT_FAILURES = 200
+
 
 def _cancel_recorded(run_id: str, request: asyncio.Future[Any]) -> None:
     if not request.cancelled() and (exc := request.exception()) is not None:
@@ -1193,12 +1196,19 @@ class Engine:
         return self._leader.snapshot()
 
     def snapshot(self, runs_limit: int = 500) -> Snapshot:
-        """Everything a dashboard needs to draw itself, in one JSON-serialisable model."""
+        """Everything a dashboard needs to draw itself, in one JSON-serialisable model.
+
+        ``runs`` holds the newest ``runs_limit`` runs and, however old, every running
+        run and the newest :data:`SNAPSHOT_FAILURES` failed ones (none with ``runs_limit=0``).
+        """
         runs = self.runs(limit=runs_limit)
         if runs_limit > 0:
-            # running runs are what a dashboard must be able to see and cancel, however old
+            # however old: running runs, which a dashboard must be able to see and cancel,
+            # and the newest failures, which its failures list must not lose to newer runs
             shown = {r.id for r in runs}
-            runs.extend(r for r in self.runs(status=_RUNNING, limit=None) if r.id not in shown)
+            for older in (self.runs(status=_RUNNING, limit=None), self.runs(status=_FAILED, limit=SNAPSHOT_FAILURES)):
+                runs.extend(r for r in older if r.id not in shown)
+                shown.update(r.id for r in older)
         return Snapshot(
             node_id=self.node_id,
             version=__version__,

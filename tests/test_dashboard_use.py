@@ -829,19 +829,28 @@ async def test_edit_and_traceback_from_the_failures_tab_use_the_whole_run_when_a
             await app.action_quit()
 
 
-async def test_failures_older_than_the_snapshots_runs_are_listed_and_outlive_a_resync() -> None:
+@pytest.mark.parametrize("attached", [False, True], ids=["in-process", "attached"])
+async def test_failures_older_than_the_snapshots_runs_are_listed_and_outlive_a_resync(
+    attached: bool, tmp_path: Any
+) -> None:
+    from taskwatch.tui.remote_client import RemoteClient
+
     engine = make_engine()
     async with engine:
         failed = [(await (await engine.submit("explode")).wait(2)).id for _ in range(3)]
         await quick_runs(engine, 30)
-        app = TaskwatchApp(LocalClient(engine), refresh_hz=30.0, overview_interval=0.2, max_rows=10)
+        if attached:
+            server = await engine.serve(str(tmp_path / "e.sock"), announce=False)
+            client: Any = RemoteClient(server.address)
+        else:
+            client = LocalClient(engine)
+        app = TaskwatchApp(client, refresh_hz=30.0, overview_interval=0.2, max_rows=10)
         async with app.run_test(size=LARGE) as pilot:
             await eventually(lambda: app.state.node_id == "dash-test")
-            assert not set(failed) & set(table(app).shown_keys)  # older than the snapshot's runs
+            assert not set(failed) & set(table(app).shown_keys)  # older than the newest runs shown
             await pilot.press("2")
             failures = app.main.query_one(FailuresList)
             await eventually(lambda: failures.table.shown_keys == [f"run:{i}" for i in reversed(failed)])
-            # a resync's snapshot, with none of them, wipes nothing
             app.resync()
             await eventually(lambda: app.state.last_seq == engine.bus.last_seq)
             await pilot.pause()

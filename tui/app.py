@@ -454,18 +454,6 @@ class TaskwatchApp(App[None]):
             self._reset_runs_table()
         # also after a first connect that failed: lets the overview refresh start
         self._connected_once = True
-        # the snapshot holds only the newest runs: older failures are asked for apart
-        self._load_failures()
-
-    @work(exclusive=True, group="failures")
-    async def _load_failures(self) -> None:
-        try:
-            failed = await self.client.failed_runs(self.state.max_failures)
-        except COMMAND_ERRORS:
-            return  # the failures seen in events and snapshots are still listed
-        if failed is not None and not self._dashboard_gone:
-            self.state.add_failures(failed)
-            self._update_failures()
 
     def _kept_runs(self) -> set[str]:
         """The runs the user chose (the one the cursor holds, the marked ones): the model

@@ -74,11 +74,6 @@ class DashboardClient(ABC):
     async def get(self, run_id: str) -> RunRecord:
         """A run's full record (listings and events may carry cut-down values)."""
 
-    async def failed_runs(self, limit: int) -> list[RunRecord] | None:
-        """The newest ``limit`` failed runs, however many other runs came after them; None
-        when this client cannot ask (a snapshot holds only the newest runs of any status)."""
-        return None
-
     @abstractmethod
     async def submit(self, task: str, params: dict[str, Any] | None = None, key: str | None = None) -> RunRecord: ...
 
@@ -193,9 +188,6 @@ class LocalClient(DashboardClient):
 
     async def get(self, run_id: str) -> RunRecord:
         return await self._on_engine(lambda: self.engine.get(run_id))
-
-    async def failed_runs(self, limit: int) -> list[RunRecord] | None:
-        return list(await self._on_engine(lambda: self.engine.runs(status="failed", limit=limit)))
 
     async def submit(self, task: str, params: dict[str, Any] | None = None, key: str | None = None) -> RunRecord:
         async def go() -> RunRecord:
