@@ -127,9 +127,9 @@ async def test_restarting_one_engine_object_on_a_durable_store_keeps_its_counts_
             await engine.stop(timeout=0)
 
 
-async def test_a_handle_from_before_a_restart_of_its_engine_sees_the_run_finish(tmp_path: Path) -> None:
-    engine = Engine(store=f"sqlite:///{tmp_path / 'handles.db'}", node_id="again", max_concurrency=1,
-                    health_interval=None)
+def held_engine(db: Path) -> tuple[Engine, asyncio.Event]:
+    """An engine with one slot, a ``hold`` task that keeps it until the event is set, and ``quick``."""
+    engine = Engine(store=f"sqlite:///{db}", node_id="again", max_concurrency=1, health_interval=None)
     gate = asyncio.Event()
 
     @engine.task
@@ -140,6 +140,11 @@ async def test_a_handle_from_before_a_restart_of_its_engine_sees_the_run_finish(
     async def quick(ctx: TaskContext) -> None:
         return None
 
+    return engine, gate
+
+
+async def test_a_handle_from_before_a_restart_of_its_engine_sees_the_run_finish(tmp_path: Path) -> None:
+    engine, gate = held_engine(tmp_path / "handles.db")
     await engine.start()
     await engine.submit("hold")
     waiting = await engine.submit("quick")  # behind the held slot: still pending at the stop
@@ -155,17 +160,7 @@ async def test_a_handle_from_before_a_restart_of_its_engine_sees_the_run_finish(
 
 
 async def test_waits_open_at_a_stop_hear_that_their_work_is_kept_for_the_next_start(tmp_path: Path) -> None:
-    engine = Engine(store=f"sqlite:///{tmp_path / 'waits.db'}", node_id="again", max_concurrency=1,
-                    health_interval=None)
-    gate = asyncio.Event()
-
-    @engine.task
-    async def hold(ctx: TaskContext) -> None:
-        await gate.wait()
-
-    @engine.task
-    async def quick(ctx: TaskContext) -> None:
-        return None
+    engine, gate = held_engine(tmp_path / "waits.db")
 
     async def slow(ctx: TaskContext, key: str) -> None:
         await gate.wait()
