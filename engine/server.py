@@ -8,16 +8,26 @@ JSON protocol of :mod:`taskwatch.engine.wire`.
 Nothing a client does can crash or stall the engine, or grow its memory
 without bound:
 
-* Before its hello, a connection is in a small pool of its own
-  (``max_handshakes``): it has ``hello_timeout`` seconds and ``max_hello``
-  bytes to say hello, and it does not count against ``max_connections``. When
-  the pool is full, the connection that has waited longest is closed to make
-  room, so idle or slow sockets cannot keep a real client out.
+* Before its hello, a connection is in a pool of its own (``max_handshakes``):
+  it has ``hello_timeout`` seconds and ``max_hello`` bytes to say hello, and
+  it does not count against ``max_connections``. Until its first byte arrives
+  it is only a socket the loop's selector watches -- no task, no timer, no
+  stream -- so a flood of connections that never speak costs the engine a few
+  system calls each. When the pool is full, the connection that has been
+  silent longest is closed to make room; one whose bytes are waiting is never
+  taken for silent (its socket is peeked first), and one that has started its
+  hello keeps its place for ``_HELLO_GRACE``. If nobody can make room the
+  server stops accepting until someone can: the kernel's small queue holds the
+  rest, so idle or slow sockets cannot keep a real client out.
 * After a valid hello a connection counts against ``max_connections``; one more
   is told so and closed.
-* Every connection has its own reader, writer and event-pump tasks. Events
-  reach it through a bounded bus subscription, so a slow client loses events
-  (and is told so with a ``bus.dropped`` event) rather than slowing the engine.
+* Every connection has its own reader and writer tasks. Events reach it
+  through a bounded bus subscription, so a slow client loses events (and is
+  told so with a ``bus.dropped`` event) rather than slowing the engine. The
+  server moves them to every connection's outgoing buffer in batches, at most
+  once per ``_FAN_OUT_INTERVAL``, each event encoded once for all clients:
+  a reading dashboard costs the engine a few list appends per event, not an
+  encoding, a wake-up and a send.
   What waits for its socket is bounded in lines (``outgoing``) and in bytes
   (``max_outgoing_bytes``): events may fill half the bytes and then wait
   (and are dropped as above); a reply that would go over the bound
@@ -129,6 +139,13 @@ _MAX_SOCKET_PATH = 103
 #: events moved from a connection's bus subscription to its outgoing buffer at once
 _PUMP_BATCH = 256
 
+#: a busy engine's events reach each client in batches at most this often (seconds):
+#: one wake-up and one write per client per batch, rather than per event
+_FAN_OUT_INTERVAL = 0.002
+
+#: bytes of encoded event lines kept for clients that have not taken them yet
+_ENCODED_BYTES = 8 << 20
+
 #: bytes coalesced into one socket write
 _WRITE_CHUNK = 256 * 1024
 
@@ -137,6 +154,28 @@ _END = b""
 
 #: how long a stopping server keeps writing what its clients have not received yet
 _FLUSH_TIMEOUT = 1.0
+
+#: the kernel's queues of connections not accepted yet. What one wake of the loop
+#: takes from them is bounded by _ACCEPTS_PER_WAKE, not by this (asyncio's own
+#: accept loop takes up to the backlog per wake). Over TCP with TCP_DEFER_ACCEPT
+#: it also bounds the connections the kernel holds until their first bytes
+#: arrive: sockets that never speak wait there, never reaching the loop, unless
+#: there are more of them than this (then SYN cookies let them through, to the
+#: silent pool below). Kept small all the same: connections that send one byte
+#: and stall each hold a pool place for _HELLO_GRACE, so the server takes them
+#: at a bounded rate, and a long queue of them ahead of a real client would make
+#: it wait seconds for its turn
+_LISTEN_BACKLOG = 128
+
+#: connections accepted per wake of the listener: bounds what one wake costs the loop
+_ACCEPTS_PER_WAKE = 16
+
+#: a connection that has started its hello keeps its place in a full handshake pool
+#: this long (a real client sends its whole hello at once; a trickle is not one)
+_HELLO_GRACE = 0.25
+
+#: what a peek at a silent connection's socket found
+_SILENT, _SPOKE, _GONE = range(3)
 
 #: shorter tokens are refused: a guessable token protects nothing
 MIN_TOKEN_BYTES = 16
@@ -253,10 +292,14 @@ class ControlServer:
         the client has proved anything, so a longer one is refused as soon as
         the excess arrives, and the connection closed.
     max_handshakes:
-        Connections that have not yet said hello, at once (default 16). When
-        one more arrives, the one that has waited longest is closed (counted
-        as ``handshakes_evicted``): idle sockets cannot keep a real client out,
-        nor count against ``max_connections``.
+        Connections that have not yet said hello, at once (default 64, room for
+        every dashboard reconnecting at once after a restart). When one more
+        arrives, the one that has been silent longest is closed (counted as
+        ``handshakes_evicted``), then one whose partial hello is older than
+        ``_HELLO_GRACE``; a connection whose hello is waiting to be read is
+        never closed to make room. If none can go, accepting pauses until one
+        can. Idle sockets cannot keep a real client out, nor count against
+        ``max_connections``.
     hello_timeout:
         Seconds a new connection has for its whole handshake: sending its hello
         and, if refused, reading why (default 5).
@@ -301,7 +344,7 @@ class ControlServer:
         allow_remote: bool = False,
         max_message: int = DEFAULT_MAX_MESSAGE,
         max_hello: int = DEFAULT_MAX_HELLO,
-        max_handshakes: int = 16,
+        max_handshakes: int = 64,
         hello_timeout: float = 5.0,
         buffer: int = 1_000,
         outgoing: int = 256,
@@ -372,13 +415,36 @@ class ControlServer:
         self.max_inflight = max_inflight
         self.max_connections = max_connections
         self.announce = announce
-        self._server: asyncio.Server | None = None
+        #: the listening socket, accepted from by _on_listener_ready (no asyncio.Server: see _accept)
+        self._listener: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: the listener is watched by the selector (False while the handshake pool is full)
+        self._accepting = False
+        self._resume: asyncio.TimerHandle | None = None
         self._address: str | None = None
         self._socket_path: Path | None = None
         self._socket_inode: int | None = None
         self._conns: dict[asyncio.Task[None], _Connection] = {}
-        #: connections that have not said hello yet, oldest first (a dict keeps the order)
+        #: accepted sockets that have sent nothing yet, by file descriptor, oldest first
+        #: (a dict keeps the order): watched by the selector, nothing more
+        self._silent: dict[int, _Silent] = {}
+        #: when the oldest silent socket's hello_timeout is up
+        self._silent_timer: asyncio.TimerHandle | None = None
+        #: connections reading their hello, oldest first
         self._handshaking: dict[_Connection, None] = {}
+        #: connections past their welcome (while more than one, encoded events are shared)
+        self._streaming: dict[_Connection, None] = {}
+        #: event lines by seq (with the event, to tell it from a notice of the same seq) and
+        #: cut count, kept while more than one client streams; oldest first in _encoded_order
+        self._encoded: dict[int, tuple[BaseEvent, bytes, int]] = {}
+        self._encoded_order: deque[int] = deque()
+        self._encoded_bytes = 0
+        self._encoded_max = buffer + outgoing
+        # the handshake refusals, encoded once: a flood is answered without pydantic
+        self._evicted_line = encode_message(error_reply(None, TooManyHandshakes(max_handshakes)))
+        self._hello_timeout_line = encode_message(
+            error_reply(None, ProtocolError(f"no hello within {hello_timeout:g} s"))
+        )
         #: connections past a valid hello: these count against max_connections
         self._served: set[_Connection] = set()
         # finished runs are encoded once for every snapshot of every client, not once each
@@ -400,7 +466,7 @@ class ControlServer:
         return ServerInfo(address=self.address, token=self.token, node_id=self.engine.node_id)
 
     async def start(self) -> None:
-        if self._server is not None:
+        if self._listener is not None:
             return
         target = self._target or UnixAddress(str(default_socket_path(self.engine.node_id)))
         if isinstance(target, TcpAddress):
@@ -412,15 +478,32 @@ class ControlServer:
             extra = f" (token: {self.token})" if self.token and self._generated else ""
             print(f"taskwatch: engine {self.engine.node_id} serving at {self._address}{extra}", flush=True)
 
-    # the readers' limit is the hello's: read_line gathers longer command lines in pieces
-
     async def _start_tcp(self, target: TcpAddress) -> None:
         # "localhost" may resolve to two families, which with port 0 would get two ports
         host = "127.0.0.1" if target.host == "localhost" else target.host
-        self._server = await asyncio.start_server(
-            self._on_connect, host, target.port, limit=self.max_hello
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(
+            host, target.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
-        port = self._server.sockets[0].getsockname()[1]
+        if not infos:
+            raise InvalidAddress(str(target), f"{host!r} resolves to no address")
+        family, kind, proto, _, sockaddr = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            if hasattr(socket, "TCP_DEFER_ACCEPT"):
+                # Linux: a connection reaches accept() only once its first bytes (the
+                # hello) arrive, or after about this many seconds: a connect flood that
+                # never speaks stays in the kernel, off the engine's loop
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, max(1, round(self.hello_timeout)))
+            self._listen(sock)
+        except BaseException:
+            sock.close()
+            raise
+        port = sock.getsockname()[1]
         self._address = str(TcpAddress(host, port))
 
     async def _start_unix(self, path: Path) -> None:
@@ -435,22 +518,34 @@ class ControlServer:
             os.chmod(path, 0o600)
             self._socket_inode = path.stat().st_ino
             self._socket_path = path
-            self._server = await asyncio.start_unix_server(
-                self._on_connect, sock=sock, limit=self.max_hello
-            )
+            self._listen(sock)
         except BaseException:
             sock.close()
             self._remove_socket_file()
             raise
         self._address = str(path)
 
+    def _listen(self, sock: socket.socket) -> None:
+        # our own accept loop rather than asyncio.start_server: that one makes a
+        # transport, a reader and a writer for every socket it accepts (up to 100
+        # per wake), before we could tell a client from a socket that never speaks
+        sock.setblocking(False)
+        sock.listen(_LISTEN_BACKLOG)
+        self._listener = sock
+        self._loop = asyncio.get_running_loop()
+        self._resume_accepting()
+
     async def stop(self) -> None:
         """Close the listener and every connection, await their tasks, remove the socket file."""
         if self._stopped:
             return
         self._stopped = True
-        if self._server is not None:
-            self._server.close()
+        self._close_listener()
+        for fd in list(self._silent):
+            self._drop_silent(fd)
+        if self._silent_timer is not None:
+            self._silent_timer.cancel()
+            self._silent_timer = None
         tasks = list(self._conns)
         # a connection still in its handshake has nothing to receive: end it now
         for conn in list(self._handshaking):
@@ -465,9 +560,14 @@ class ControlServer:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
         self._remove_socket_file()
+
+    def _close_listener(self) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        self._pause_accepting(None)
+        listener.close()
 
     def _remove_socket_file(self) -> None:
         path = self._socket_path
@@ -487,30 +587,220 @@ class ControlServer:
 
     # ------------------------------------------------------------------ connections
 
-    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # a plain callback (not a coroutine) so every connection task is ours to track
-        if self._stopped:
-            writer.close()
+    # Before its first byte a connection is a _Silent: a socket in the selector,
+    # nothing else. Its first byte (or a full pool, or its hello_timeout) ends
+    # that: it becomes a _Connection reading its hello, or it is closed. So a
+    # socket that never speaks costs accept, a peek, the selector and close.
+
+    def _pool_size(self) -> int:
+        return len(self._silent) + len(self._handshaking)
+
+    def _on_listener_ready(self) -> None:
+        listener = self._listener
+        if listener is None or self._stopped:
             return
-        if len(self._handshaking) >= self.max_handshakes:
-            # make room by closing the connection that has waited longest: refusing the
-            # new one instead would let a few idle sockets keep every real client out
+        for _ in range(_ACCEPTS_PER_WAKE):
+            if not self._has_room():
+                return  # accepting paused; the kernel queues the rest
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                # out of file descriptors or memory: the connection waits in the kernel's
+                # queue; trying again at once would spin the loop on the same error
+                log.warning("control endpoint cannot accept a connection: %s", exc)
+                self._pause_accepting(self._now() + 0.1)
+                return
+            self._counts["connections"] += 1
+            sock.setblocking(False)
+            if not self._make_room():
+                # a silent socket spoke between the check and the accept: this one is refused
+                self._counts["handshakes_evicted"] += 1
+                with contextlib.suppress(OSError):
+                    sock.send(self._evicted_line)
+                sock.close()
+                continue
+            state = _peek(sock)
+            if state == _GONE:
+                sock.close()
+            elif state == _SPOKE:
+                # its hello is already here (the usual case for a real client)
+                self._start_connection(sock, self._now() + self.hello_timeout)
+            else:
+                self._add_silent(sock)
+
+    def _has_room(self) -> bool:
+        """Whether one more connection fits once whoever has had its chance is closed; else accepting pauses.
+
+        Closes nobody: a connection is closed to make room only for one accepted."""
+        while self._pool_size() >= self.max_handshakes:
+            if self._silent:
+                fd, silent = next(iter(self._silent.items()))
+                state = _peek(silent.sock)
+                if state == _SILENT:
+                    return True
+                if state == _SPOKE:
+                    self._promote(fd)
+                else:
+                    self._drop_silent(fd)
+                continue
             oldest = next(iter(self._handshaking))
+            if self._now() - oldest.since < _HELLO_GRACE:
+                # every waiting connection is reading a hello it started moments ago:
+                # stop accepting until one finishes, or until the oldest has had its grace
+                self._pause_accepting(oldest.since + _HELLO_GRACE)
+                return False
+            return True
+        return True
+
+    def _make_room(self) -> bool:
+        """Room in the handshake pool for one more connection, closing who has had its chance; False if none."""
+        while self._pool_size() >= self.max_handshakes:
+            if self._silent:
+                fd, silent = next(iter(self._silent.items()))
+                # its bytes may have arrived since the selector last looked: then it is
+                # no idle socket but a client about to say hello, and it keeps its place
+                state = _peek(silent.sock)
+                if state == _SPOKE:
+                    self._promote(fd)
+                elif state == _GONE:
+                    self._drop_silent(fd)
+                else:
+                    self._counts["handshakes_evicted"] += 1
+                    self._drop_silent(fd, self._evicted_line)
+                continue
+            oldest = next(iter(self._handshaking))
+            if self._now() - oldest.since < _HELLO_GRACE:
+                return False
             del self._handshaking[oldest]
             self._counts["handshakes_evicted"] += 1
-            oldest.evict()
-        self._counts["connections"] += 1
-        conn = _Connection(self, reader, writer)
+            oldest.evict(self._evicted_line)
+        return True
+
+    def _pause_accepting(self, until: float | None) -> None:
+        """Stop watching the listener; until the loop time ``until`` at the latest, if given."""
+        if self._accepting and self._listener is not None and self._loop is not None:
+            self._loop.remove_reader(self._listener.fileno())
+            self._accepting = False
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        if until is not None and self._loop is not None and not self._stopped:
+            self._resume = self._loop.call_at(until, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        if self._accepting or self._stopped or self._listener is None or self._loop is None:
+            return
+        self._loop.add_reader(self._listener.fileno(), self._on_listener_ready)
+        self._accepting = True
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def _add_silent(self, sock: socket.socket) -> None:
+        assert self._loop is not None
+        fd = sock.fileno()
+        self._silent[fd] = _Silent(sock, self._now() + self.hello_timeout)
+        self._loop.add_reader(fd, self._silent_readable, fd)
+        if self._silent_timer is None:
+            self._silent_timer = self._loop.call_at(self._silent[fd].deadline, self._expire_silent)
+
+    def _silent_readable(self, fd: int) -> None:
+        silent = self._silent.get(fd)
+        if silent is None:
+            return
+        if _peek(silent.sock) == _SPOKE:
+            self._promote(fd)
+        else:
+            self._drop_silent(fd)  # it left (or its socket failed) without a word
+            self._resume_accepting()
+
+    def _promote(self, fd: int) -> None:
+        """A silent socket spoke: it becomes a connection reading its hello, in the same pool place."""
+        assert self._loop is not None
+        silent = self._silent.pop(fd)
+        self._loop.remove_reader(fd)
+        self._start_connection(silent.sock, silent.deadline)
+
+    def _drop_silent(self, fd: int, tell: bytes | None = None) -> None:
+        """Close a silent socket, telling it why first if ``tell`` (it has room for one short line)."""
+        silent = self._silent.pop(fd)
+        if self._loop is not None:
+            self._loop.remove_reader(fd)
+        if tell is not None:
+            with contextlib.suppress(OSError):
+                silent.sock.send(tell)
+        silent.sock.close()
+
+    def _expire_silent(self) -> None:
+        """Close the silent sockets whose hello_timeout is up; wait for the next one's."""
+        self._silent_timer = None
+        now = self._now()
+        while self._silent:
+            fd, silent = next(iter(self._silent.items()))
+            if silent.deadline > now:
+                assert self._loop is not None
+                self._silent_timer = self._loop.call_at(silent.deadline, self._expire_silent)
+                break
+            self._counts["hello_timeouts"] += 1
+            self._drop_silent(fd, self._hello_timeout_line)
+        self._resume_accepting()
+
+    def _start_connection(self, sock: socket.socket, deadline: float) -> None:
+        assert self._loop is not None
+        conn = _Connection(self, sock, deadline, self._now())
         self._handshaking[conn] = None
-        task = asyncio.get_running_loop().create_task(conn.run(), name="taskwatch-control-conn")
+        task = self._loop.create_task(conn.run(), name="taskwatch-control-conn")
         self._conns[task] = conn
         task.add_done_callback(self._conn_done)
+
+    # ------------------------------------------------------------------ event fan-out
+
+    def stream_to(self, conn: _Connection) -> None:
+        self._streaming[conn] = None
+
+    def stop_streaming(self, conn: _Connection) -> None:
+        self._streaming.pop(conn, None)
+        if not self._streaming:
+            self._encoded.clear()
+            self._encoded_order.clear()
+            self._encoded_bytes = 0
+
+    def event_line(self, event: BaseEvent) -> tuple[bytes, int]:
+        """An event's ``event`` line and how many values were cut in it: encoded once for every client."""
+        seq = event.seq
+        hit = self._encoded.get(seq)
+        if hit is not None and hit[0] is event:
+            return hit[1], hit[2]
+        body, cut = bounded_json(event, self.max_value)
+        line = event_line(body)
+        # kept for the other clients (a drop notice is one client's own)
+        if len(self._streaming) > 1 and type(event) is not EventsDropped:
+            encoded = self._encoded
+            if hit is not None:
+                self._encoded_bytes -= len(hit[1])
+            else:
+                self._encoded_order.append(seq)
+            encoded[seq] = (event, line, cut)
+            self._encoded_bytes += len(line)
+            # the clients furthest behind are at most a subscription buffer behind the rest
+            order = self._encoded_order
+            while len(order) > self._encoded_max or self._encoded_bytes > _ENCODED_BYTES:
+                old = encoded.pop(order.popleft(), None)
+                if old is not None:
+                    self._encoded_bytes -= len(old[1])
+        return line, cut
 
     def _conn_done(self, task: asyncio.Task[None]) -> None:
         conn = self._conns.pop(task, None)
         if conn is not None:
             self._closed_dropped += conn.dropped
-            self._handshaking.pop(conn, None)
+            self._handshake_over(conn)
             self._served.discard(conn)
         if not task.cancelled() and task.exception() is not None:
             log.warning("control connection failed", exc_info=task.exception())
@@ -524,7 +814,8 @@ class ControlServer:
         return True
 
     def _handshake_over(self, conn: _Connection) -> None:
-        self._handshaking.pop(conn, None)
+        if self._handshaking.pop(conn, None) is not None:
+            self._resume_accepting()  # a place in the pool is free
 
     def count(self, what: str, n: int = 1) -> None:
         self._counts[what] += n
@@ -574,7 +865,7 @@ class ControlServer:
         """
         counts = {key: self._counts[key] for key in self._STATS}
         counts["events_dropped"] = self._closed_dropped + sum(c.dropped for c in self._conns.values())
-        counts["handshaking"] = len(self._handshaking)
+        counts["handshaking"] = self._pool_size()
         counts["active"] = len(self._served)
         return counts
 
@@ -649,7 +940,7 @@ class ControlServer:
     def __repr__(self) -> str:
         return (
             f"<ControlServer {self._address or 'unstarted'} active={len(self._served)} "
-            f"handshaking={len(self._handshaking)}>"
+            f"handshaking={self._pool_size()}>"
         )
 
 
@@ -672,6 +963,26 @@ def _remove_stale_socket(path: Path) -> None:
         probe.close()
 
 
+def _peek(sock: socket.socket) -> int:
+    """Whether a connection has sent something (``_SPOKE``), nothing yet (``_SILENT``) or has gone (``_GONE``)."""
+    try:
+        return _SPOKE if sock.recv(1, socket.MSG_PEEK) else _GONE
+    except (BlockingIOError, InterruptedError):
+        return _SILENT
+    except OSError:
+        return _GONE
+
+
+class _Silent:
+    """An accepted socket that has sent nothing yet, and when its hello_timeout is up."""
+
+    __slots__ = ("sock", "deadline")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+
+
 class _Refused(Exception):
     """A handshake ends with this error reply, then the connection closes."""
 
@@ -689,7 +1000,9 @@ class _Outbox:
 
     ``size`` counts the bytes queued plus those taken by the writer and not yet
     drained to the socket, so a client that reads nothing holds at most
-    ``max_bytes`` of the server's memory, whatever it asks for.
+    ``max_bytes`` of the server's memory, whatever it asks for. Events are put
+    in batches without waiting (see :meth:`_Connection.forward`); the writer is
+    woken once per batch, not once per line.
     """
 
     def __init__(self, max_lines: int, max_bytes: int) -> None:
@@ -697,73 +1010,98 @@ class _Outbox:
         self.max_lines = max_lines
         self.max_bytes = max_bytes
         self.size = 0
-        self._changed = asyncio.Condition()
+        #: set while lines wait for the writer
+        self._filled = asyncio.Event()
+        #: set when lines or bytes were freed (what a waiting reply waits for)
+        self._freed = asyncio.Event()
 
-    def _fits_event(self, line: bytes) -> bool:
-        # events may fill half the bytes: the other half is kept for replies. An
-        # empty outbox takes any line, so a large event cannot wait forever
-        return len(self.lines) < self.max_lines and (
-            self.size == 0 or self.size + len(line) <= self.max_bytes // 2
+    def fits_event(self, line: bytes, lines: int = 0, size: int = 0) -> bool:
+        """Whether ``line`` fits after ``lines`` more lines of ``size`` bytes.
+
+        Events may fill half the bytes: the other half is kept for replies. An
+        empty outbox takes any line, so a large event cannot wait forever."""
+        total = self.size + size
+        return len(self.lines) + lines < self.max_lines and (
+            total == 0 or total + len(line) <= self.max_bytes // 2
         )
 
-    async def put_event(self, line: bytes) -> None:
-        """Wait for room. Meanwhile the connection's bus subscription fills up and
-        drops events for this client alone, with a notice: the engine never waits."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._fits_event(line))
-            self._append(line)
+    def has_event_room(self) -> bool:
+        return len(self.lines) < self.max_lines and self.size < self.max_bytes // 2
+
+    async def wait_freed(self) -> None:
+        """Wait until the writer takes or writes something."""
+        self._freed.clear()
+        await self._freed.wait()
+
+    def put_events(self, lines: list[bytes], size: int) -> None:
+        """Queue event lines of ``size`` bytes in all, already checked with :meth:`fits_event`."""
+        self.lines.extend(lines)
+        self.size += size
+        self._filled.set()
 
     async def put_reply(self, line: bytes) -> None:
         """Wait for a free line, then queue ``line``; raise :class:`_Overflow` if its
         bytes do not fit (a client asking for more than it reads is cut off, not waited for)."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: len(self.lines) < self.max_lines)
-            if self.size + len(line) > self.max_bytes:
-                raise _Overflow
-            self._append(line)
+        while len(self.lines) >= self.max_lines:
+            self._freed.clear()
+            await self._freed.wait()
+        if self.size + len(line) > self.max_bytes:
+            raise _Overflow
+        self.lines.append(line)
+        self.size += len(line)
+        self._filled.set()
 
     def put_first(self, line: bytes) -> None:
-        """Queue a line before the writer and the pump start (the welcome and first snapshot)."""
+        """Queue a line before the writer starts (the welcome and first snapshot)."""
         self.lines.append(line)
         self.size += len(line)
+        self._filled.set()
 
-    def _append(self, line: bytes) -> None:
-        self.lines.append(line)
-        self.size += len(line)
-        self._changed.notify_all()
+    def put_end(self) -> None:
+        """Queue the end mark: the writer writes what is before it, then stops."""
+        self.lines.append(_END)
+        self._filled.set()
 
     async def take(self, chunk: int) -> list[bytes]:
         """Wait for lines; take them up to about ``chunk`` bytes. Call :meth:`written` once sent."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: bool(self.lines))
-            taken = [self.lines.popleft()]
-            size = len(taken[0])
-            while size < chunk and self.lines:
-                line = self.lines.popleft()
-                taken.append(line)
-                size += len(line)
-            self._changed.notify_all()  # lines are free again
-            return taken
+        while not self.lines:
+            self._filled.clear()
+            await self._filled.wait()
+        lines = self.lines
+        taken = [lines.popleft()]
+        size = len(taken[0])
+        while size < chunk and lines:
+            line = lines.popleft()
+            taken.append(line)
+            size += len(line)
+        self._freed.set()  # lines are free again
+        return taken
 
-    async def written(self, size: int) -> None:
-        async with self._changed:
-            self.size = max(0, self.size - size)  # (0 after a clear)
-            self._changed.notify_all()
+    def written(self, size: int) -> None:
+        self.size = max(0, self.size - size)  # (0 after a clear)
+        self._freed.set()
 
     def clear(self) -> None:
         self.lines.clear()
         self.size = 0
+        self._freed.set()
 
 
 class _Connection:
     """One client: handshake, then reader, writer and event-pump tasks until either side ends."""
 
-    def __init__(
-        self, server: ControlServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    def __init__(self, server: ControlServer, sock: socket.socket, deadline: float, since: float) -> None:
         self.server = server
-        self.reader = reader
-        self.writer = writer
+        self.sock = sock
+        #: loop time by which the handshake must be over (hello_timeout after the accept)
+        self.deadline = deadline
+        #: loop time its first byte was seen (a full pool leaves it alone for _HELLO_GRACE)
+        self.since = since
+        # set by _open_streams, first thing in run()
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        #: the handshake refusal to send once the streams are open, if evicted before that
+        self.evicted: bytes | None = None
         self.out = _Outbox(server.outgoing, server.max_outgoing_bytes)
         #: longest line sent to this client: the server's, or less if its hello asked
         self.max_send = server.max_send
@@ -772,6 +1110,11 @@ class _Connection:
         self.inflight = asyncio.Semaphore(server.max_inflight)
         #: set once everything queued before the end of the stream is written
         self.flushed = asyncio.Event()
+        #: event lines taken from the subscription that did not fit the outbox yet (at
+        #: most one batch, and no more than the outbox has free lines: see forward)
+        self.held: deque[bytes] = deque()
+        #: the end mark is queued: nothing more is forwarded
+        self.ended = False
         #: a handshake refusal is being written
         self.refusing = False
         #: closed by the server during its handshake (to make room, or stopping)
@@ -785,12 +1128,31 @@ class _Connection:
 
     async def run(self) -> None:
         try:
+            await self._open_streams()
             if await self._handshake():
                 await self._serve()
         except (ConnectionError, OSError):
             pass  # the peer went away; nothing to tell it
         finally:
             await self._teardown()
+
+    async def _open_streams(self) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=self.server.max_hello, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport, _ = await loop.connect_accepted_socket(lambda: protocol, self.sock)
+        self.reader = reader
+        self.writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        if self.dismissed:
+            # evicted or stopped while the streams were being made
+            if self.evicted is not None:
+                self.writer.write(self.evicted)
+            self.writer.close()
+
+    @property
+    def _streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        assert self.reader is not None and self.writer is not None, "used before _open_streams"
+        return self.reader, self.writer
 
     def _cut_off(self, counter: str) -> None:
         """Drop this client now, and what is buffered for it: it is not reading."""
@@ -801,31 +1163,31 @@ class _Connection:
         self.out.clear()
         # abort, not close: close would keep the unsent bytes until the peer reads them;
         # the reader then sees the end of the stream, which ends the other tasks
-        self.writer.transport.abort()
+        self._streams[1].transport.abort()
 
     # ------------------------------------------------------------------ handshake
 
     async def _handshake(self) -> bool:
         """The hello and its checks, all within ``hello_timeout``; True once served."""
         server = self.server
+        writer = self._streams[1]
         try:
-            async with asyncio.timeout(server.hello_timeout):
+            async with asyncio.timeout_at(self.deadline):
                 try:
                     return await self._hello()
                 except _Refused as refused:
                     self.refusing = True
                     reply = error_reply(refused.message_id, refused.error, server.max_value)
-                    self.writer.write(encode_message(reply))
-                    await self.writer.drain()
+                    writer.write(encode_message(reply))
+                    await writer.drain()
                     return False
         except TimeoutError:
             if self.refusing:
                 self.cut_off = True  # it does not even read why it was refused
-            else:
+            elif not self.dismissed:
                 server.count("hello_timeouts")
                 # one short line; the socket takes it without waiting
-                exc = ProtocolError(f"no hello within {server.hello_timeout:g} s")
-                self.writer.write(encode_message(error_reply(None, exc)))
+                writer.write(server._hello_timeout_line)
             return False
         finally:
             server._handshake_over(self)
@@ -835,7 +1197,7 @@ class _Connection:
         server = self.server
         try:
             # left half-read if too long: the connection closes, nothing more is read
-            line = await read_line(self.reader, server.max_hello, discard=False)
+            line = await read_line(self._streams[0], server.max_hello, discard=False)
         except MessageTooLarge as exc:
             server.count(exc.reason)
             raise _Refused(None, exc) from None
@@ -861,17 +1223,20 @@ class _Connection:
             self.max_send = min(server.max_send, max(msg.max_message, server.min_send))
         return True
 
-    def evict(self) -> None:
-        """Close this connection, still in its handshake, to make room for a newer one."""
-        if not self.refusing:
-            reply = error_reply(None, TooManyHandshakes(self.server.max_handshakes))
-            self.writer.write(encode_message(reply))
+    def evict(self, line: bytes) -> None:
+        """Close this connection, still in its handshake, to make room; ``line`` tells it why."""
+        if not self.refusing and not self.dismissed:
+            self.evicted = line
+            if self.writer is not None:
+                self.writer.write(line)
         self.dismiss()
 
     def dismiss(self) -> None:
         """End the handshake: the reader sees the end of the stream."""
         self.dismissed = True
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
+        # else _open_streams closes it as soon as it exists
 
     # ------------------------------------------------------------------ streaming
 
@@ -888,9 +1253,10 @@ class _Connection:
         except ReplyTooLarge as too_large:
             # nothing a dashboard could draw from: say why, rather than send a line it cannot read
             log.warning("cannot send a control client its first snapshot: %s", too_large)
-            self.writer.write(encode_message(error_reply(None, too_large, server.max_value)))
+            writer = self._streams[1]
+            writer.write(encode_message(error_reply(None, too_large, server.max_value)))
             async with asyncio.timeout(server.write_timeout):
-                await self.writer.drain()
+                await writer.drain()
             return
         welcome = Welcome(
             version=PROTOCOL_VERSION,
@@ -901,6 +1267,7 @@ class _Connection:
         # max_outgoing_bytes >= 2 * max_send: these two always fit
         self.out.put_first(encode_message(welcome))
         self.out.put_first(snapshot_line(first.json))
+        server.stream_to(self)
         loop = asyncio.get_running_loop()
         tasks = [
             loop.create_task(self._read_loop(), name="taskwatch-control-read"),
@@ -935,10 +1302,11 @@ class _Connection:
 
     async def _read_loop(self) -> None:
         server = self.server
+        reader = self._streams[0]
         loop = asyncio.get_running_loop()
         while True:
             try:
-                line = await read_line(self.reader, server.max_message)
+                line = await read_line(reader, server.max_message)
             except MessageTooLarge as exc:
                 server.count(exc.reason)
                 await self._reply(self._error_line(None, exc))
@@ -988,23 +1356,82 @@ class _Connection:
         await self._reply(line)
 
     async def _pump(self, sub: Subscription) -> None:
-        # waiting for room in the outbox lets the subscription fill up and drop
-        # for this client alone: the engine's publish never waits
+        # woken by the first event after a quiet spell, then at most once per
+        # _FAN_OUT_INTERVAL: a busy engine's events go out in batches, one wake-up
+        # and one write each, rather than one per event
         out = self.out
-        while await sub.wait():
-            for event in sub.get_batch(_PUMP_BATCH):
-                await out.put_event(self._event_line(event))
-        # the stream ended (the server is stopping): hand the writer an end mark
-        # and let it write everything before it, then end this connection
-        await out.put_event(_END)
+        while True:
+            if not await sub.wait():
+                if sub.closed:
+                    break
+                # the writer's forward() took what woke us (it is a second reader of
+                # the subscription): nothing ended, wait for the next event
+                continue
+            self.forward()
+            if self.held or not out.has_event_room():
+                # the writer forwards the rest as it makes room; meanwhile the
+                # subscription fills up and drops for this client alone
+                await out.wait_freed()
+            # pacing of the batches, not synchronisation
+            await asyncio.sleep(_FAN_OUT_INTERVAL)
+        # the stream ended (the server is stopping): the rest, then the end mark
+        while not self.ended:
+            self.forward()
+            if not self.ended:
+                await out.wait_freed()
         await self.flushed.wait()
+
+    def forward(self) -> None:
+        """Move this client's events from its bus subscription to its outbox, as many as fit.
+
+        Called by the pump and by the writer once it has made room. It never
+        waits: what does not fit stays in the subscription, which fills up and
+        drops events for this client alone, with a notice -- the engine never
+        waits for a client. Each event is encoded once for all clients
+        (:meth:`ControlServer.event_line`), and a batch is queued with one
+        wake-up of the writer.
+        """
+        sub = self.sub
+        if sub is None or self.ended:
+            return
+        out = self.out
+        batch: list[bytes] = []
+        size = 0
+        held = self.held
+        while held:
+            line = held[0]
+            if not out.fits_event(line, len(batch), size):
+                break
+            batch.append(held.popleft())
+            size += len(line)
+        exhausted = False
+        if not held:
+            # taken only up to the free lines, so what is held stays within the line bound
+            room = out.max_lines - len(out.lines) - len(batch)
+            if room > 0:
+                wanted = min(room, _PUMP_BATCH)
+                events = sub.get_batch(wanted)
+                exhausted = len(events) < wanted
+                for event in events:
+                    line = self._event_line(event)
+                    if held or not out.fits_event(line, len(batch), size):
+                        held.append(line)
+                    else:
+                        batch.append(line)
+                        size += len(line)
+        if batch:
+            out.put_events(batch, size)
+        if sub.closed and exhausted and not held:
+            # the stream ended (the server is stopping): the writer writes everything
+            # before the end mark, then this connection ends
+            self.ended = True
+            out.put_end()
 
     def _event_line(self, event: BaseEvent) -> bytes:
         server = self.server
-        body, cut = bounded_json(event, server.max_value)
+        line, cut = server.event_line(event)
         if cut:
             server.count("values_truncated", cut)
-        line = event_line(body)
         if len(line) - 1 > self.max_send:
             # only a structure with countless entries gets here (every value in it is
             # bounded); a notice in its place tells the client to fetch a snapshot
@@ -1020,7 +1447,7 @@ class _Connection:
 
     async def _write_loop(self) -> None:
         out = self.out
-        writer = self.writer
+        writer = self._streams[1]
         while True:
             chunks = await out.take(_WRITE_CHUNK)
             size = sum(len(chunk) for chunk in chunks)
@@ -1037,26 +1464,32 @@ class _Connection:
                 return
             except (ConnectionError, OSError):
                 return
-            await out.written(size)
+            out.written(size)
             if ending:
                 self.flushed.set()
                 return
+            self.forward()  # room was made: events (or a drop notice) waiting for it go now
 
     async def _teardown(self) -> None:
+        self.server.stop_streaming(self)
         for task in list(self.commands):
             task.cancel()
         await asyncio.gather(*self.commands, return_exceptions=True)
         if self.sub is not None:
             self.sub.close()
         self.out.clear()
-        transport = self.writer.transport
+        writer = self.writer
+        if writer is None:
+            self.sock.close()  # the streams were never made: the peer left at once
+            return
+        transport = writer.transport
         if self.cut_off:
             transport.abort()
         else:
-            self.writer.close()
+            writer.close()
         try:
             async with asyncio.timeout(1.0):
-                await self.writer.wait_closed()
+                await writer.wait_closed()
         except TimeoutError:
             # a peer that reads nothing would keep what is still buffered for it forever
             transport.abort()

@@ -87,3 +87,45 @@ class RawClient:
             await self.writer.wait_closed()
         except (ConnectionError, OSError):
             pass
+
+
+def flood(address: str, held: int = 200) -> None:
+    """Connect as fast as possible and never send a byte, keeping the newest ``held`` sockets open.
+
+    What a local user without the token can do to a control endpoint. Runs until
+    killed: ``python -m tests.raw_client flood ADDRESS``; it prints ``ready`` once
+    its first ``held`` connections are made.
+    """
+    import collections
+    import socket
+
+    if address.startswith("tcp://"):
+        host, port = address[len("tcp://"):].rsplit(":", 1)
+        family, target = socket.AF_INET, (host, int(port))
+    else:
+        family, target = socket.AF_UNIX, address
+    open_: collections.deque[socket.socket] = collections.deque()
+    told = False
+    while True:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(target)
+        except BlockingIOError:
+            pass  # a TCP connect in progress, or a Unix listener's full queue: either way, next
+        except OSError:
+            sock.close()
+            continue
+        open_.append(sock)
+        if len(open_) > held:
+            open_.popleft().close()
+            if not told:
+                print("ready", flush=True)
+                told = True
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["flood"]:
+        flood(sys.argv[2], *(int(arg) for arg in sys.argv[3:4]))

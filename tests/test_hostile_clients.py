@@ -9,14 +9,26 @@ RemoteEngine never would.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import random
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import BaseModel
-from taskwatch.engine import ControlServer, Engine, RemoteEngine, RunNotFound, RunStatus, TooManyConnections
+from taskwatch.engine import (
+    ControlServer,
+    Engine,
+    RemoteEngine,
+    RunNotFound,
+    RunStatus,
+    TaskwatchError,
+    TooManyConnections,
+)
 from taskwatch.engine.errors import ReplyTooLarge, WeakToken
 from taskwatch.engine.snapshot import is_truncated
 from taskwatch.engine.wire import PROTOCOL_VERSION
@@ -26,6 +38,9 @@ from .raw_client import RawClient, serve
 
 KIB = 1 << 10
 MIB = 1 << 20
+
+#: the repository, where ``python -m tests.raw_client`` runs
+REPO = Path(__file__).resolve().parent.parent
 
 
 class DataParams(BaseModel):
@@ -59,6 +74,14 @@ def build_engine() -> Engine:
                 await asyncio.sleep(0)
         return p.events
 
+    @engine.task
+    async def ticker(ctx: Any) -> None:
+        # one event at a time, a few milliseconds apart: a dashboard's usual stream
+        pace = random.Random(7)
+        for i in itertools.count():
+            await ctx.progress(i, None, "tick")
+            await asyncio.sleep(pace.random() * 0.004)
+
     return engine
 
 
@@ -80,13 +103,14 @@ async def finished(engine: Engine, task: str, data: str) -> str:
 # ---------------------------------------------------------------- 7: handshakes
 
 
-async def test_idle_sockets_before_hello_do_not_lock_out_real_clients(engine: Engine) -> None:
-    # the reported attack: more idle token-less sockets than max_connections
-    server = await serve(engine, "tcp://127.0.0.1:0", max_connections=2, hello_timeout=30)
+async def test_idle_sockets_before_hello_do_not_lock_out_real_clients(engine: Engine, sock_path: str) -> None:
+    # the reported attack: more idle token-less sockets than max_connections (on a Unix
+    # socket: over TCP the kernel does not even hand the server a socket that says nothing)
+    server = await serve(engine, sock_path, max_connections=2, max_handshakes=16, hello_timeout=30)
     idle = [await RawClient.open(server.address) for _ in range(40)]
     await eventually(lambda: server.stats()["connections"] == 40)
     stats = server.stats()
-    # they wait in the handshake pool (default 16), the oldest closed to make room
+    # they wait in the handshake pool (16 here), the oldest closed to make room
     assert (stats["handshaking"], stats["handshakes_evicted"], stats["active"]) == (16, 24, 0)
 
     first = RemoteEngine(server.address, token=server.token, timeout=5)
@@ -110,8 +134,8 @@ async def test_idle_sockets_before_hello_do_not_lock_out_real_clients(engine: En
     await second.close()
 
 
-async def test_a_pool_of_sockets_reopened_as_they_drop_still_lets_real_clients_in(engine: Engine) -> None:
-    server = await serve(engine, "tcp://127.0.0.1:0", max_connections=2, hello_timeout=30)
+async def test_a_pool_of_sockets_reopened_as_they_drop_still_lets_real_clients_in(engine: Engine, sock_path: str) -> None:
+    server = await serve(engine, sock_path, max_connections=2, max_handshakes=16, hello_timeout=30)
     opened: list[RawClient] = []
 
     async def hog_a_slot() -> None:
@@ -134,6 +158,54 @@ async def test_a_pool_of_sockets_reopened_as_they_drop_still_lets_real_clients_i
         await asyncio.gather(*hogs, return_exceptions=True)
         for raw in opened:
             await raw.close()
+
+
+async def test_a_connect_flood_that_never_speaks_keeps_no_real_client_out(engine: Engine) -> None:
+    # a local user without the token: another process connecting as fast as it can,
+    # holding 200 sockets that never send a byte (over TCP: a Unix socket admits its owner only)
+    server = await serve(engine, "tcp://127.0.0.1:0")
+    attacker = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.raw_client", "flood", server.address,
+        stdout=asyncio.subprocess.PIPE, cwd=REPO,
+    )
+    try:
+        assert attacker.stdout is not None
+        assert await asyncio.wait_for(attacker.stdout.readline(), 30) == b"ready\n"
+        failures: list[str] = []
+        for _ in range(10):
+            remote = RemoteEngine(server.address, token=server.token, timeout=5)
+            try:
+                await remote.connect()
+                await remote.ping()
+            except (TimeoutError, OSError, TaskwatchError) as exc:
+                failures.append(type(exc).__name__)
+            finally:
+                await remote.close()
+        assert failures == []
+        # and the engine goes on with its work meanwhile
+        assert (await (await engine.submit("echo", {"data": "during"})).wait(10)).result == "during"
+        assert attacker.returncode is None  # the flood was on all along
+    finally:
+        attacker.kill()
+        await attacker.wait()
+    await eventually(lambda: server.stats()["handshaking"] == 0, timeout=10)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+async def test_forty_dashboards_reconnecting_at_once_all_attach(
+    engine: Engine, sock_path: str, transport: str
+) -> None:
+    # what follows an engine restart: every dashboard comes back at the same moment,
+    # each saying hello at once; more of them than the old handshake pool held
+    server = await serve(engine, "tcp://127.0.0.1:0" if transport == "tcp" else sock_path)
+    remotes = [RemoteEngine(server.address, token=server.token, timeout=10) for _ in range(40)]
+    try:
+        results = await asyncio.gather(*(remote.connect() for remote in remotes), return_exceptions=True)
+        assert [type(r).__name__ for r in results if isinstance(r, BaseException)] == []
+        assert (server.stats()["active"], server.stats()["handshakes_evicted"]) == (40, 0)
+    finally:
+        for remote in remotes:
+            await remote.close()
 
 
 async def test_an_endless_hello_line_is_refused_at_the_hello_limit(engine: Engine, sock_path: str) -> None:
@@ -210,6 +282,92 @@ async def test_events_a_client_does_not_read_are_dropped_with_a_notice_not_a_dis
         pass
     assert msg == {"type": "ok", "id": 1, "result": None}
     await slow.close()
+
+
+async def attach_raw(address: str) -> tuple[RawClient, int]:
+    """A raw client past its welcome, and the ``last_seq`` of its first snapshot."""
+    client = await RawClient.open(address)
+    await client.send({"type": "hello", "version": PROTOCOL_VERSION})
+    assert (await client.recv())["type"] == "welcome"
+    snapshot = await client.recv()
+    return client, snapshot["snapshot"]["last_seq"]
+
+
+async def event_stream(client: RawClient, after: int, through: int) -> tuple[list[tuple[int, int]], int]:
+    """Read events until ``through`` is accounted for: the seq ranges received or announced
+    dropped, in the order they came (each event one range), and how many were dropped."""
+    ranges: list[tuple[int, int]] = []
+    dropped = 0
+    while not ranges or ranges[-1][1] < through:
+        msg = await client.recv()
+        assert msg["type"] == "event"
+        event = msg["event"]
+        if event["kind"] == "bus.dropped":
+            ranges.append((event["seq"], event["seq"] + event["count"] - 1))
+            dropped += event["count"]
+        else:
+            ranges.append((event["seq"], event["seq"]))
+    assert ranges[0][0] == after + 1
+    return ranges, dropped
+
+
+async def test_every_client_gets_each_event_once_in_order_or_a_notice_counting_it(
+    engine: Engine, sock_path: str
+) -> None:
+    server = await serve(engine, sock_path, buffer=200, max_send=512 * KIB, max_outgoing_bytes=1 * MIB, write_timeout=30)
+    readers = [await attach_raw(sock_path) for _ in range(4)]
+    slow, slow_after = await attach_raw(sock_path)
+    slow.reading(False)  # reads nothing while the run goes on: it must lose events, alone
+    handle = await engine.submit("chatty", {"events": 5000})
+    assert (await handle.wait(10)).status is RunStatus.SUCCEEDED
+    through = engine.bus.last_seq
+
+    dropped = 0
+    for client, after in readers:
+        ranges, lost = await event_stream(client, after, through)
+        # every event once, in seq order: each range starts where the one before ended
+        assert all(b[0] == a[1] + 1 for a, b in zip(ranges, ranges[1:]))
+        dropped += lost
+    await eventually(lambda: server.stats()["events_dropped"] > dropped)
+    slow.reading(True)
+    ranges, lost = await event_stream(slow, slow_after, through)
+    assert all(b[0] == a[1] + 1 for a, b in zip(ranges, ranges[1:]))
+    assert lost > 0
+    # whatever was dropped was announced to the client that lost it, and counted
+    assert server.stats()["events_dropped"] == dropped + lost
+    for client, _ in [*readers, (slow, 0)]:
+        await client.close()
+
+
+async def test_a_dashboard_that_stops_sending_commands_keeps_getting_events(engine: Engine, sock_path: str) -> None:
+    # replies and events share one writer, which also forwards events after each write:
+    # a reply written just as an event arrived must not leave the stream waiting for
+    # the next command (a read-only dashboard sends none)
+    await serve(engine, sock_path)
+    client, _ = await attach_raw(sock_path)
+    received = 0
+
+    async def read() -> None:
+        nonlocal received
+        while True:
+            if (await client.recv(30))["type"] == "event":
+                received += 1
+
+    reading = asyncio.create_task(read())
+    chatter = await engine.submit("ticker")
+    try:
+        pace = random.Random(11)
+        for i in range(1500):  # commands while events flow, at an irregular pace
+            await client.send({"type": "ping", "id": i})
+            await asyncio.sleep(pace.random() * 0.004)
+        quiet_from, got = engine.bus.last_seq, received
+        # then only reading: every event published from here reaches it
+        await eventually(lambda: engine.bus.last_seq > quiet_from + 200, timeout=10.0)
+        await eventually(lambda: received - got >= 200, timeout=10.0)
+    finally:
+        reading.cancel()
+        await engine.cancel(chatter.id)
+        await client.close()
 
 
 # ---------------------------------------------------------------- 9: values too large for a line

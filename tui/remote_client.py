@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -123,8 +124,9 @@ class RemoteClient(DashboardClient):
                 await remote.disconnected.wait()
                 delay = self.retry_interval
                 continue
-            # pacing between attempts while the engine is away, not synchronisation
-            await asyncio.sleep(delay)
+            # pacing between attempts while the engine is away, not synchronisation; jittered
+            # (0.5x to 1.5x) so the dashboards of a restarted engine do not all come back at once
+            await asyncio.sleep(delay * (0.5 + random.random()))
             try:
                 await self._open(resync=True)
             except AuthenticationFailed as exc:
