@@ -615,6 +615,7 @@ class BackgroundEngine:
             first = not self._stopping
             self._stopping = True
         if first:
+            _running.discard(self)
             self._stop_dashboards()
             self._drain_timeout = self.stop_timeout if timeout is None else timeout
             loop, requested = self._loop, self._stop_requested
@@ -658,6 +659,13 @@ class BackgroundEngine:
         return f"<BackgroundEngine {self.engine.node_id} {self.state}>"
 
 
+#: background engines still running, stopped when the interpreter exits (weakly held:
+#: one stopped and dropped is gone from here)
+_running: weakref.WeakSet[BackgroundEngine] = weakref.WeakSet()
+_exit_hook_registered = False
+_exit_hook_lock = threading.Lock()
+
+
 def _stop_at_interpreter_exit(bg: BackgroundEngine) -> None:
     """Stop ``bg`` when the interpreter exits, unless it was stopped (or collected) before.
 
@@ -665,21 +673,26 @@ def _stop_at_interpreter_exit(bg: BackgroundEngine) -> None:
     and shuts down the executors ``asyncio.to_thread`` uses before it runs atexit
     hooks, so a thread still waiting on a run would hang the exit, and a task in
     ``to_thread`` would fail its run instead of being cancelled by the stop.
+    One hook for them all, registered once: hooks cannot be taken back.
     """
-    ref = weakref.ref(bg)
+    global _exit_hook_registered
+    _running.add(bg)
+    with _exit_hook_lock:
+        if _exit_hook_registered:
+            return
+        # threading has no public way to run a hook before that join (concurrent.futures
+        # uses this one); elsewhere, atexit is the best there is
+        register = getattr(threading, "_register_atexit", atexit.register)
+        try:
+            register(_stop_all_at_exit)
+        except RuntimeError:
+            return  # the interpreter is already exiting: nothing would run the hook
+        _exit_hook_registered = True
 
-    def stop() -> None:
-        found = ref()
-        if found is not None:
-            found._stop_at_exit()
 
-    # threading has no public way to run a hook before that join (concurrent.futures
-    # uses this one); elsewhere, atexit is the best there is
-    register = getattr(threading, "_register_atexit", atexit.register)
-    try:
-        register(stop)
-    except RuntimeError:
-        pass  # the interpreter is already exiting: nothing would run the hook
+def _stop_all_at_exit() -> None:
+    for bg in list(_running):
+        bg._stop_at_exit()
 
 
 #: what the web server prints once it listens (taskwatch.tui.web), with the port it bound

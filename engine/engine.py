@@ -34,7 +34,6 @@ from .errors import (
     RunNotCancellable,
     RunNotFound,
     RunNotRetryable,
-    StoppedBeforeDone,
     UnknownQueue,
     UnknownTask,
     UnknownTrigger,
@@ -1104,11 +1103,11 @@ class Engine:
         run = self.current(run_id, run)
         if run is None:
             return self._poll_store(run_id, timeout)
-        if self._state == "stopped" and not run.status.finished:
+        if self._state == "stopped" and self._run.left_undone(run):
             # kept in the store for the next start, which reads it back as a new entry:
             # nothing would ever resolve a wait on this one
             refused: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
-            refused.set_exception(StoppedBeforeDone(f"run {run_id}", kept=True))
+            refused.set_exception(self._run.stopped_error(run))
             return refused
         if timeout is None:
             return self._run.finished_future(run)

@@ -123,11 +123,11 @@ class StoppedBeforeDone(EngineNotRunning):
         self.what = what
         self.kept = kept
         then = (
-            "it is kept in the store and goes on at the next start: wait again once the engine runs"
+            "kept in the store for the next start; wait again once the engine runs"
             if kept
-            else "it was dropped (counted in the engine's stats)"
+            else "dropped (counted in the engine's stats)"
         )
-        RuntimeError.__init__(self, f"the engine stopped before {what} was done; {then}")
+        RuntimeError.__init__(self, f"the engine stopped before {what} finished: {then}")
 
 
 class NotLeader(TaskwatchError):

@@ -893,11 +893,20 @@ class Execution:
         nothing here will resolve (a restart reads the runs back as new objects)."""
         for run in self.index.runs.values():
             waiters = run.waiters
-            if waiters and not run.status.finished:
+            if waiters and self.left_undone(run):
                 run.waiters = None
                 for fut in waiters:
                     if not fut.done():
-                        fut.set_exception(StoppedBeforeDone(f"run {run.id}", kept=True))
+                        fut.set_exception(self.stopped_error(run))
+
+    def left_undone(self, run: Run) -> bool:
+        """Whether nothing on this stopped engine will end ``run`` (a task that ignored its
+        cancel and still executes will: its end resolves its waiters)."""
+        handle = run.handle
+        return not run.status.finished and (handle is None or handle.done())
+
+    def stopped_error(self, run: Run) -> StoppedBeforeDone:
+        return StoppedBeforeDone(f"run {run.id}", kept=self.durable)
 
     def inserted(self, rows: list[NewRun], result: list[Inserted] | BaseException) -> None:
         """A batch queued with submit_nowait was written (or could not be)."""

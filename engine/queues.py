@@ -209,6 +209,10 @@ class WorkQueue:
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._closing = False
         self._abandon = False
+        #: what a join hears once a stop left jobs undone, until the next start; and
+        #: whether a stop is clearing the queue (joins then wait for its verdict)
+        self._left_at_stop: StoppedBeforeDone | None = None
+        self._stop_answers_joins = False
         #: resolved when the last job in transit from another thread lands (stop() waits for it)
         self._landed: asyncio.Future[None] | None = None
         #: pause_queue: consumers wait; puts are still accepted
@@ -661,20 +665,27 @@ class WorkQueue:
         return not self._items and not self._transits and not self._in_flight
 
     def _maybe_idle(self) -> None:
-        if self._idle_waiters and self._is_idle():
+        # a stop that cleared what was left is no drain: its end answers the joins
+        if self._idle_waiters and self._is_idle() and not self._stop_answers_joins:
             waiters, self._idle_waiters = self._idle_waiters, []
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
 
     async def join(self, timeout: float | None = None) -> None:
-        """Wait until nothing is queued or in flight; ``TimeoutError`` after ``timeout``."""
-        while not self._is_idle():
+        """Wait until nothing is queued or in flight; ``TimeoutError`` after ``timeout``.
+
+        Raises :class:`StoppedBeforeDone` if the engine stops (or stopped) with jobs
+        of this queue left undone.
+        """
+        while not self._is_idle() or self._stop_answers_joins:
             fut = asyncio.get_running_loop().create_future()
             self._idle_waiters.append(fut)
             # a job arriving from another thread can land after the idle signal: re-check
             async with asyncio.timeout(timeout):
                 await fut
+        if self._left_at_stop is not None:
+            raise self._left_at_stop
 
     # ------------------------------------------------------------ lifecycle
 
@@ -709,7 +720,8 @@ class WorkQueue:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._loop_thread = threading.get_ident()
-        self._closing = self._abandon = False
+        self._closing = self._abandon = self._stop_answers_joins = False
+        self._left_at_stop = None
         if self._engine.durable and not self._durable:
             self._durable = True
             with self._lock:
@@ -774,7 +786,7 @@ class WorkQueue:
             self._items.clear()
         # joins waiting on what is left are answered below, once it is known whether it is
         # kept: not woken as if the queue had drained when its consumers are cancelled
-        joins, self._idle_waiters = self._idle_waiters, []
+        self._stop_answers_joins = True
         consumers, self._consumers = self._consumers, []
         for t in consumers:
             t.cancel()
@@ -797,11 +809,15 @@ class WorkQueue:
             self.lost += stranded
             kept = lost == 0 and not stranded
             self._engine.bus.emit(QueueDrainIncomplete, queue=self.name, left=left + stranded, kept=kept)
+        if left or stranded:
+            self._left_at_stop = StoppedBeforeDone(f"the {left + stranded} jobs left in queue {self.name!r}", kept=kept)
+        self._stop_answers_joins = False
+        joins, self._idle_waiters = self._idle_waiters, []
         for fut in joins:
             if fut.done():
                 continue
-            if left or stranded:
-                fut.set_exception(StoppedBeforeDone(f"the {left + stranded} jobs left in queue {self.name!r}", kept=kept))
+            if self._left_at_stop is not None:
+                fut.set_exception(self._left_at_stop)
             else:
                 fut.set_result(None)
 

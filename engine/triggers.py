@@ -242,6 +242,8 @@ class Trigger:
         self._loop_thread: int | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._retry: asyncio.TimerHandle | None = None
+        #: runs of this trigger the engine's stop cancelled (memory store), since the last start
+        self._cut_at_stop = 0
         self._retry_delay = _RETRY_FIRST
         #: durable store only: keys changed since the last save, and the task that saves them
         self.save_interval = save_interval
@@ -392,6 +394,8 @@ class Trigger:
             st.running = False
             return
         del self._active[event.run_id]  # type: ignore[attr-defined]
+        if kind == "run.cancelled" and getattr(event, "reason", None) == "shutdown":
+            self._cut_at_stop += 1  # a drain waiting on it hears it did not run
         self._ended(key, st, kind.removeprefix("run."), self._now())
         cancelled_by_user = kind == "run.cancelled" and getattr(event, "reason", None) == "user"
         # a user who cancels a key's run means it: wait for the next notify or sweep
@@ -432,6 +436,8 @@ class Trigger:
                 # a refire after the last finish is scheduled before this wake-up,
                 # so `_active` already holds it when the loop re-checks
                 await fut
+        if self._cut_at_stop and self._engine.state != "running":
+            raise self._left_at_stop()
 
     def engine_stopped(self) -> None:
         """The engine has stopped: drains still waiting on runs it left pending (kept in a
@@ -444,12 +450,19 @@ class Trigger:
                 fut.set_exception(self._left_at_stop())
 
     def _left_at_stop(self) -> StoppedBeforeDone:
-        return StoppedBeforeDone(f"the {len(self._active)} runs of trigger {self.name!r}", kept=True)
+        if self._active:
+            return StoppedBeforeDone(f"the {len(self._active)} runs of trigger {self.name!r}", kept=True)
+        # the memory store's stop cancelled them: no key ran, the counts stay
+        return StoppedBeforeDone(f"the {self._cut_at_stop} runs of trigger {self.name!r}", kept=False)
 
     def _wake_drainers(self) -> None:
         waiters, self._drain_waiters = self._drain_waiters, []
         for fut in waiters:
-            if not fut.done():
+            if fut.done():
+                continue
+            if self._cut_at_stop:
+                fut.set_exception(self._left_at_stop())
+            else:
                 fut.set_result(None)
 
     @property
@@ -487,6 +500,7 @@ class Trigger:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._loop_thread = threading.get_ident()
+        self._cut_at_stop = 0
         # keys that reached their threshold before the engine ran fire now
         loop.call_soon(self.check)
         if self.check_interval is not None and self._sweeper is None:

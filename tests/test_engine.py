@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import contextvars
 import gc
 import json
@@ -630,6 +631,30 @@ async def test_two_starts_at_once_start_once_and_a_stop_meanwhile_stops_it(tmp_p
     assert engine.state == "stopped"
     assert not stray_tasks()
     assert not [t.name for t in threading.enumerate() if t not in threads and t.is_alive()]
+
+
+async def test_a_wait_on_a_run_still_executing_after_the_stop_gets_its_end() -> None:
+    # the task ignores the stop's cancels for a while: its end, not the stop, answers the wait
+    engine = make_engine(cancel_grace=0.02)
+    started = asyncio.Event()
+
+    @engine.task
+    async def stubborn(ctx: TaskContext) -> None:
+        started.set()
+        end = time.monotonic() + 0.3
+        while (left := end - time.monotonic()) > 0:
+            try:
+                await asyncio.sleep(left)
+            except asyncio.CancelledError:
+                pass
+
+    await engine.start()
+    handle = await engine.submit("stubborn")
+    await started.wait()
+    waiting = asyncio.ensure_future(handle.wait())
+    await engine.stop(timeout=0)
+    record = await asyncio.wait_for(waiting, 5)
+    assert record.status is RunStatus.CANCELLED and record.cancel_reason == "shutdown"
 
 
 async def test_stop_waits_for_running_work_within_timeout() -> None:

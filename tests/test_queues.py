@@ -266,6 +266,8 @@ async def test_stop_timeout_reports_what_was_left_undone() -> None:
     # and the join waiting on them hears they were dropped, instead of waiting for good
     with pytest.raises(StoppedBeforeDone, match="3 jobs left in queue 'blocked'.*dropped"):
         await asyncio.wait_for(joining, 5)
+    with pytest.raises(StoppedBeforeDone, match="dropped"):
+        await queue.join()  # asked after the stop: the same answer, not "drained"
     info = queue.info()
     assert info.abandoned == 3 and info.processed == 0 and info.depth == 0 and info.in_flight == 0
     assert not stray_tasks()

@@ -6,7 +6,7 @@ import asyncio
 from datetime import timedelta
 
 import pytest
-from taskwatch.engine import Engine, RunStatus, TaskContext, TaskDefinitionError
+from taskwatch.engine import Engine, RunStatus, StoppedBeforeDone, TaskContext, TaskDefinitionError
 
 from .helpers import Recorder, eventually, stray_tasks
 
@@ -377,6 +377,28 @@ async def test_counts_survive_a_stop_and_start_of_the_same_engine_unchanged(tmp_
         assert ran == ["k"]
     async with engine:
         assert key_state(compile, "k").count == 0
+
+
+async def test_a_drain_open_at_a_stop_hears_the_runs_were_dropped_not_done() -> None:
+    engine = make_engine(max_concurrency=1)
+    ran: list[str] = []
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        await asyncio.Event().wait()
+        ran.append(key)
+
+    compile = engine.trigger("compile", run_compile, size_threshold=1)
+    await engine.start()
+    compile.notify("bank-1")
+    compile.notify("bank-2")  # waits behind bank-1 for the one slot
+    draining = asyncio.ensure_future(compile.drain())
+    await engine.stop(timeout=0)
+    with pytest.raises(StoppedBeforeDone, match="2 runs of trigger 'compile'.*dropped") as caught:
+        await asyncio.wait_for(draining, 5)
+    assert not caught.value.kept and ran == []
+    with pytest.raises(StoppedBeforeDone):
+        await compile.drain()  # asked after the stop: the same answer
+    assert {k.key: k.count for k in compile.state().keys} == {"bank-1": 1, "bank-2": 1}
 
 
 async def test_a_key_refused_by_a_full_queue_runs_once_the_queue_has_room() -> None:
