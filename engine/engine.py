@@ -939,9 +939,12 @@ class Engine:
         self._run.start_soon()
         return RunHandle(self, run.id, run)
 
-    async def submit_periodic(self, task: str, slot: float, gap: float) -> RunHandle | None:
+    async def submit_periodic(self, task: str, slot: float, gap: float) -> tuple[RunHandle, bool] | None:
         """The scheduler's submit: claim ``slot`` of the periodic ``task`` and queue its run.
 
+        Returns the slot's run and True; or, when a durable store finds a run of
+        the task still pending or running (another node's, or an earlier
+        start's), that run and False: the slot is claimed and passes without one.
         None when the slot is taken (an earlier start, or another node sharing
         the store, fired it). A durable store claims the slot and stores the
         run in one transaction, so a crash cannot leave a slot that counts as
@@ -951,17 +954,22 @@ class Engine:
         """
         source = f"periodic:{task}"
         if self._memory is not None:
-            # in this process only: nothing outlives a crash to be left half done
+            # in this process only: nothing outlives a crash to be left half done, and no
+            # other node runs this task (this node's own run the scheduler follows itself)
             self._require_running()
             if not await self._store.claim_periodic(task, slot, gap):
                 return None
-            return self.submit_nowait(task, None, source=source, internal=True)
+            return self.submit_nowait(task, None, source=source, internal=True), True
         run = self._prepare(task, None, None, source, internal=True)
-        if not await self._insert([run], (slot, gap)):
+        inserted = await self._insert([run], (slot, gap))
+        if not inserted:
             return None
+        going = inserted[0].id
+        if going != run.id:
+            return RunHandle(self, going), False
         self._admitted(run)
         self._run.start_soon()
-        return RunHandle(self, run.id, run)
+        return RunHandle(self, run.id, run), True
 
     async def retry(self, run_id: str) -> RunHandle:
         """Submit a new run of a failed or cancelled run's task with the same params."""

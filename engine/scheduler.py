@@ -595,18 +595,24 @@ class Scheduler:
                 self._skip(p, current.id)  # the slot is this node's, and passes without a run
             return
         try:
-            handle = await self._engine.submit_periodic(p.name, slot, gap)
+            fired = await self._engine.submit_periodic(p.name, slot, gap)
         except QueueFull:
             log.warning("periodic task %r: engine run queue full; tick skipped", p.name)
             self._skip(p, None)
-            handle = None
-        if handle is None:
-            # nothing of ours runs for this slot: an end-based interval counts from now,
-            # not again from the end of a run that finished before it (that end would
-            # give this same slot back, refused again, at once and forever)
+            fired = None
+        if fired is None:
+            # nothing runs for this slot: an end-based interval counts from now, not
+            # again from the end of a run that finished before it (that end would give
+            # this same slot back, refused again, at once and forever)
             p.current = None
             return
+        handle, new = fired
         p.current = handle
+        if not new:
+            # a run of this task still goes (another node's, or an earlier start's): the
+            # slot passes without overlapping it, and an end-based interval counts from its end
+            self._skip(p, handle.id)
+            return
         p.runs += 1
         self._inflight[handle.id] = (p, handle)
 

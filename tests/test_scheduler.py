@@ -505,3 +505,37 @@ async def test_a_fixed_rate_tick_that_fired_late_does_not_fire_again_at_once() -
         late, following = fired[held], fired[held + 1]
         assert following - late >= every / 4, "a late tick fired twice in a burst"
     assert not stray_tasks()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_nodes_sharing_a_store_never_overlap_runs_of_one_periodic_task(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # each node measures its interval from the end of its own runs: the store must also
+    # hold a node back while another node's run of the task is still going
+    db = f"sqlite:///{tmp_path / 'shared.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    spans: list[tuple[float, float, str]] = []
+    engines = [make_engine(store=db, node_id=f"node-{n}") for n in "ab"]
+    for engine in engines:
+
+        @engine.periodic(every=0.1, name="compact")
+        async def compact(ctx: TaskContext) -> None:
+            start = time.monotonic()
+            await asyncio.sleep(0.3)
+            spans.append((start, time.monotonic(), ctx.node_id))
+
+    recorders = [Recorder(engine, ("periodic.skipped",)) for engine in engines]
+    for engine in engines:
+        await engine.start()
+    try:
+        await eventually(lambda: len(spans) >= 4, timeout=10.0)
+    finally:
+        for engine in engines:
+            await engine.stop()
+    spans.sort()
+    overlaps = [(a, b) for a, b in zip(spans, spans[1:]) if b[0] < a[1]]
+    assert overlaps == [], overlaps
+    # the slots that came due meanwhile passed, counted, naming the run that was going
+    skipped = [e for rec in recorders for e in rec.of("periodic.skipped")]
+    assert skipped and all(e.running_run_id for e in skipped)
+    assert not stray_tasks()

@@ -414,7 +414,10 @@ class Store(ABC):
         claimed) when the slot was taken. A full queue raises
         :class:`QueueFull` and leaves the slot unclaimed. Durable stores do both
         in one transaction: a crash between a claim and its run's insert would
-        leave a slot that counts as fired and never ran.
+        leave a slot that counts as fired and never ran. A store several nodes
+        share also claims the slot without inserting while a run of the task is
+        pending or running (on any node: one node's run must not overlap
+        another's), and returns that run as ``[Inserted(its_id, new=False)]``.
         """
         return self._claim_then_insert(name, slot, gap, run, max_pending)
 

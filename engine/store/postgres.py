@@ -1131,6 +1131,11 @@ class PostgresStore(Store):
     ) -> list[Inserted]:
         if await tx.fetchval(Q.PG_CLAIM_PERIODIC, values) is None:
             return []
+        # after the claim: its row lock orders this behind a claim of the same task that
+        # inserted a run and committed meanwhile, which this statement then sees
+        going = await tx.fetchval(Q.UNFINISHED_OF_TASK, {"task": row["task"]})
+        if going is not None and going != row["id"]:  # (a try after a cut finds its own first try's run)
+            return [Inserted(going, False)]
         return await self._insert(tx, [row], max_pending)
 
     async def claim_periodic(self, name: str, slot: float, gap: float = 0.0) -> bool:

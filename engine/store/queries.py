@@ -429,6 +429,11 @@ ON CONFLICT (name) DO UPDATE SET last_fire = excluded.last_fire
 WHERE periodic.last_fire < excluded.last_fire - :gap
 RETURNING last_fire"""
 
+#: a run of ``task`` not finished yet (on any node): a periodic slot then passes without one
+UNFINISHED_OF_TASK = """
+SELECT id FROM runs WHERE status IN ('pending', 'running') AND task = :task
+ORDER BY seq LIMIT 1"""
+
 # ---------------------------------------------------------------- PostgreSQL only
 
 #: CLAIM_PERIODIC recording the claim's nonce. The row this very call wrote is taken again

@@ -759,6 +759,9 @@ class SqliteStore(Store):
     ) -> list[Inserted]:
         if self._scalar(tx, Q.CLAIM_PERIODIC, values) is None:
             return []
+        going = self._scalar(tx, Q.UNFINISHED_OF_TASK, {"task": run.task})
+        if going is not None:
+            return [Inserted(going, False)]  # the slot passes: that run is still going
         return self._insert(tx, [run], now, max_pending)  # a full queue rolls the claim back with it
 
     async def load_trigger(self, trigger: str) -> dict[str, TriggerKeyRecord]:
