@@ -900,10 +900,11 @@ class Execution:
                         fut.set_exception(self.stopped_error(run))
 
     def left_undone(self, run: Run) -> bool:
-        """Whether nothing on this stopped engine will end ``run`` (a task that ignored its
-        cancel and still executes will: its end resolves its waiters)."""
+        """Whether nothing on this stopped engine will end ``run``. With the memory store a
+        task that ignored its cancel and still executes will: its end resolves its waiters.
+        A durable store's run cut short goes back to pending instead (and its store is closed)."""
         handle = run.handle
-        return not run.status.finished and (handle is None or handle.done())
+        return not run.status.finished and (self.durable or handle is None or handle.done())
 
     def stopped_error(self, run: Run) -> StoppedBeforeDone:
         return StoppedBeforeDone(f"run {run.id}", kept=self.durable)

@@ -211,7 +211,7 @@ class WorkQueue:
         self._abandon = False
         #: what a join hears once a stop left jobs undone, until the next start; and
         #: whether a stop is clearing the queue (joins then wait for its verdict)
-        self._left_at_stop: StoppedBeforeDone | None = None
+        self._left_at_stop: tuple[str, bool] | None = None
         self._stop_answers_joins = False
         #: resolved when the last job in transit from another thread lands (stop() waits for it)
         self._landed: asyncio.Future[None] | None = None
@@ -685,7 +685,7 @@ class WorkQueue:
             async with asyncio.timeout(timeout):
                 await fut
         if self._left_at_stop is not None:
-            raise self._left_at_stop
+            raise StoppedBeforeDone(*self._left_at_stop)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -810,14 +810,14 @@ class WorkQueue:
             kept = lost == 0 and not stranded
             self._engine.bus.emit(QueueDrainIncomplete, queue=self.name, left=left + stranded, kept=kept)
         if left or stranded:
-            self._left_at_stop = StoppedBeforeDone(f"the {left + stranded} jobs left in queue {self.name!r}", kept=kept)
+            self._left_at_stop = (f"the {left + stranded} jobs left in queue {self.name!r}", kept)
         self._stop_answers_joins = False
         joins, self._idle_waiters = self._idle_waiters, []
         for fut in joins:
             if fut.done():
                 continue
             if self._left_at_stop is not None:
-                fut.set_exception(self._left_at_stop)
+                fut.set_exception(StoppedBeforeDone(*self._left_at_stop))
             else:
                 fut.set_result(None)
 

@@ -263,6 +263,9 @@ class _Periodic:
     slot: float | None = None
     next_due: float | None = None
     current: RunHandle | None = None
+    #: the run of this task another node (or an earlier start) has going, which the
+    #: latest tick found and let pass: shown as the running run while it goes
+    elsewhere: str | None = None
     #: the slot of the latest tick (kept in the engine's store)
     last_fire: float | None = None
     task: asyncio.Task[None] | None = None
@@ -395,7 +398,9 @@ class Scheduler:
             reason=p.reason,
             paused=p.paused,
             next_due=p.next_due,
-            running_run_id=current.id if current is not None and current.id in self._inflight else None,
+            running_run_id=(
+                current.id if current is not None and (current.id in self._inflight or current.id == p.elsewhere) else None
+            ),
             last_run_id=p.last_run_id,
             last_status=p.last_status,
             last_started=p.last_started,
@@ -584,6 +589,7 @@ class Scheduler:
         if current is None:
             return None
         record = await current.wait()
+        p.elsewhere = None
         return record.finished_at
 
     async def _tick(self, p: _Periodic, slot: float, gap: float) -> None:
@@ -604,10 +610,11 @@ class Scheduler:
             # nothing runs for this slot: an end-based interval counts from now, not
             # again from the end of a run that finished before it (that end would give
             # this same slot back, refused again, at once and forever)
-            p.current = None
+            p.current = p.elsewhere = None
             return
         handle, new = fired
         p.current = handle
+        p.elsewhere = None if new else handle.id
         if not new:
             # a run of this task still goes (another node's, or an earlier start's): the
             # slot passes without overlapping it, and an end-based interval counts from its end

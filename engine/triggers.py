@@ -429,7 +429,7 @@ class Trigger:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout):
             while self._active:
-                if self._engine.state == "stopped":
+                if self._engine.state == "stopped" and self._engine.durable:
                     raise self._left_at_stop()
                 fut = loop.create_future()
                 self._drain_waiters.append(fut)
@@ -441,8 +441,9 @@ class Trigger:
 
     def engine_stopped(self) -> None:
         """The engine has stopped: drains still waiting on runs it left pending (kept in a
-        durable store for the next start) hear so instead of waiting for good."""
-        if not self._active:
+        durable store for the next start) hear so instead of waiting for good. (With the
+        memory store a run still here is one that ignored its cancel: its end answers them.)"""
+        if not self._active or not self._engine.durable:
             return
         waiters, self._drain_waiters = self._drain_waiters, []
         for fut in waiters:

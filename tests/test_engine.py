@@ -24,6 +24,7 @@ from taskwatch.engine import (
     RunNotRetryable,
     RunRecord,
     RunStatus,
+    StoppedBeforeDone,
     TaskContext,
     TaskDefinitionError,
     TaskwatchError,
@@ -633,9 +634,12 @@ async def test_two_starts_at_once_start_once_and_a_stop_meanwhile_stops_it(tmp_p
     assert not [t.name for t in threading.enumerate() if t not in threads and t.is_alive()]
 
 
-async def test_a_wait_on_a_run_still_executing_after_the_stop_gets_its_end() -> None:
-    # the task ignores the stop's cancels for a while: its end, not the stop, answers the wait
-    engine = make_engine(cancel_grace=0.02)
+@pytest.mark.parametrize("durable", [False, True], ids=["memory", "sqlite"])
+async def test_a_wait_on_a_run_still_executing_after_the_stop_gets_its_verdict(durable: bool, tmp_path: Path) -> None:
+    # the task ignores the stop's cancels for a while. Memory store: its end, not the stop,
+    # answers the wait. Durable store: the run is put back to pending for the next start
+    # (its end can change nothing in a closed store): the wait hears so at once
+    engine = make_engine(cancel_grace=0.02, **({"store": f"sqlite:///{tmp_path / 'runs.db'}"} if durable else {}))
     started = asyncio.Event()
 
     @engine.task
@@ -653,8 +657,17 @@ async def test_a_wait_on_a_run_still_executing_after_the_stop_gets_its_end() -> 
     await started.wait()
     waiting = asyncio.ensure_future(handle.wait())
     await engine.stop(timeout=0)
-    record = await asyncio.wait_for(waiting, 5)
-    assert record.status is RunStatus.CANCELLED and record.cancel_reason == "shutdown"
+    try:
+        if durable:
+            with pytest.raises(StoppedBeforeDone, match="kept in the store"):
+                await asyncio.wait_for(waiting, 5)
+            with pytest.raises(StoppedBeforeDone):
+                await asyncio.wait_for(handle.wait(), 5)
+        else:
+            record = await asyncio.wait_for(waiting, 5)
+            assert record.status is RunStatus.CANCELLED and record.cancel_reason == "shutdown"
+    finally:
+        await eventually(lambda: not stray_tasks(), timeout=5)  # the stubborn task's own end
 
 
 async def test_stop_waits_for_running_work_within_timeout() -> None:

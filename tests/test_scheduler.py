@@ -527,7 +527,13 @@ async def test_nodes_sharing_a_store_never_overlap_runs_of_one_periodic_task(
     recorders = [Recorder(engine, ("periodic.skipped",)) for engine in engines]
     for engine in engines:
         await engine.start()
+
+    def shown_going() -> set[str | None]:
+        return {info(engine, "compact").running_run_id for engine in engines}
+
     try:
+        # while one node's run goes, both nodes' schedules name it (not only its own node's)
+        await eventually(lambda: len(shown_going()) == 1 and None not in shown_going(), timeout=10.0)
         await eventually(lambda: len(spans) >= 4, timeout=10.0)
     finally:
         for engine in engines:

@@ -429,10 +429,14 @@ ON CONFLICT (name) DO UPDATE SET last_fire = excluded.last_fire
 WHERE periodic.last_fire < excluded.last_fire - :gap
 RETURNING last_fire"""
 
-#: a run of ``task`` not finished yet (on any node): a periodic slot then passes without one
+#: a run of ``task`` not finished yet (on any node): a periodic slot then passes without one.
+#: Two probes, each on a partial index (the pending ones by task; the running ones, few, by
+#: status), so a long history of finished runs costs nothing here
 UNFINISHED_OF_TASK = """
-SELECT id FROM runs WHERE status IN ('pending', 'running') AND task = :task
-ORDER BY seq LIMIT 1"""
+SELECT id FROM (SELECT id FROM runs WHERE status = 'pending' AND task = :task LIMIT 1) AS waiting
+UNION ALL
+SELECT id FROM (SELECT id FROM runs WHERE status = 'running' AND task = :task LIMIT 1) AS going
+LIMIT 1"""
 
 # ---------------------------------------------------------------- PostgreSQL only
 
