@@ -209,6 +209,28 @@ class StoreHealth:
         return f", unreachable: {self.last_error}" if self.down else ""
 
 
+class ReportsHealth:
+    """For a lease on a remote store: how that store has been answering, from its
+    :class:`StoreHealth` (``_health``)."""
+
+    _health: StoreHealth
+
+    @property
+    def failures(self) -> int:
+        """Calls that failed to reach the store, and calls the elector gave up waiting for."""
+        return self._health.failures
+
+    @property
+    def reconnects(self) -> int:
+        """Times the store answered again after a failure."""
+        return self._health.reconnects
+
+    @property
+    def last_error(self) -> str | None:
+        """The error of the last failure (kept after the store answers again)."""
+        return self._health.last_error
+
+
 class InProcessLease(Lease):
     """A lease kept in memory: engines in one process sharing this object elect one leader.
 

@@ -27,7 +27,7 @@ import os
 import time
 from typing import Any
 
-from .lease import Lease, LeaseState, StoreHealth
+from .lease import Lease, LeaseState, ReportsHealth, StoreHealth
 from .urls import redact_url
 from .store.postgres import driver_url, load_driver
 
@@ -83,7 +83,7 @@ def _node_of(holder: str) -> str:
     return node if sep and len(token) == 16 else holder
 
 
-class PostgresLease(Lease):
+class PostgresLease(ReportsHealth, Lease):
     """The leader lease ``name`` in the PostgreSQL database at ``url``.
 
     Nodes pointing at the same database and name elect one leader::
@@ -120,16 +120,6 @@ class PostgresLease(Lease):
 
     def now(self) -> float:
         return time.time() + self._offset
-
-    @property
-    def failures(self) -> int:
-        """Operations that failed to reach the database, or that the elector gave up waiting for."""
-        return self._health.failures
-
-    @property
-    def last_error(self) -> str | None:
-        """The error of the last failure (kept after the database answers again)."""
-        return self._health.last_error
 
     def describe(self) -> str:
         return super().describe() + self._health.describe()

@@ -54,7 +54,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from .errors import InvalidConfiguration, MissingDependency
-from .lease import Lease, LeaseState, StoreHealth
+from .lease import Lease, LeaseState, ReportsHealth, StoreHealth
 from .urls import redact_url
 
 T = TypeVar("T")
@@ -117,7 +117,7 @@ def _import_redis() -> tuple[Any, Any, Any, Any]:
     return redis_asyncio, redis_errors, Retry, NoBackoff
 
 
-class RedisLease(Lease):
+class RedisLease(ReportsHealth, Lease):
     """A leader lease in Redis, shared by every engine given the same ``url`` and ``key``.
 
     ``ttl`` is how long an acquire or renew keeps the lease (seconds);
@@ -187,21 +187,6 @@ class RedisLease(Lease):
         term, _token, holder = text.split(":", 2)
         self._highest_term = max(self._highest_term, int(term))
         return LeaseState(holder=holder, term=int(term), expires_at=sent + pttl / 1000)
-
-    @property
-    def failures(self) -> int:
-        """Calls that failed: connection errors, and calls the elector gave up waiting for."""
-        return self._health.failures
-
-    @property
-    def reconnects(self) -> int:
-        """Times Redis answered again after a failure."""
-        return self._health.reconnects
-
-    @property
-    def last_error(self) -> str | None:
-        """The error of the last failure (kept after Redis answers again)."""
-        return self._health.last_error
 
     def describe(self) -> str:
         return f"redis {redact_url(self.url)} key={self.key} ttl={self.ttl:g}s{self._health.describe()}"
