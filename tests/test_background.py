@@ -359,7 +359,7 @@ AT_EXIT = textwrap.dedent(
         while True:  # blocking work the way the docs say to write it
             await asyncio.to_thread(time.sleep, 0.02)
 
-    bg = engine.start_background()
+    bg = engine.start_background(stop_timeout=0.2)  # the run never ends: a short drain
     handle = bg.submit("polls")
 
     def wait() -> None:
