@@ -502,6 +502,7 @@ class Trigger:
         self._loop = loop
         self._loop_thread = threading.get_ident()
         self._cut_at_stop = 0
+        self._retry_delay = _RETRY_FIRST
         # keys that reached their threshold before the engine ran fire now
         loop.call_soon(self.check)
         if self.check_interval is not None and self._sweeper is None:
