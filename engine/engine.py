@@ -365,8 +365,19 @@ class Engine:
             on_lost=on_lost,
         )
         self._tasks[task_name] = spec
-        self._limits = {name: spec.concurrency for name, spec in self._tasks.items()}
+        self._refresh_limits()
         return spec
+
+    def _refresh_limits(self) -> None:
+        # a task needing a resource this node lacks is left to the nodes sharing the store
+        # that have it: claimed here, its run could only fail. A new mapping each time: the
+        # executor notices a change by identity
+        have = self.resources
+        self._limits = {
+            name: spec.concurrency
+            for name, spec in self._tasks.items()
+            if all(resource in have for resource in spec.resources)
+        }
 
     def tasks(self) -> dict[str, TaskSpec]:
         """Registered tasks by name (read-only view)."""
@@ -508,6 +519,7 @@ class Engine:
             # are then orphaned at once, whatever its stop could or could not write
             self.incarnation = self._executor.incarnation = os.urandom(8).hex()
         self._started_once = True
+        self._refresh_limits()  # resources may have been added since the tasks registered
         await self._store.open()
         try:
             await self._store.register_node(self.node_id, self.incarnation, __version__)

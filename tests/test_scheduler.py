@@ -545,3 +545,49 @@ async def test_nodes_sharing_a_store_never_overlap_runs_of_one_periodic_task(
     skipped = [e for rec in recorders for e in rec.of("periodic.skipped")]
     assert skipped and all(e.running_run_id for e in skipped)
     assert not stray_tasks()
+
+
+async def test_a_node_without_a_periodic_tasks_resource_leaves_its_runs_to_a_node_that_has_it(
+    tmp_path: Path,
+) -> None:
+    db = f"sqlite:///{tmp_path / 'shared.db'}"
+    release = asyncio.Event()
+    has = make_engine(store=db, node_id="has-redis", max_concurrency=1, resources={"redis": "client"})
+    lacks = make_engine(store=db, node_id="lacks-redis", max_concurrency=2)
+    for engine in (has, lacks):
+
+        @engine.task(name="hold")
+        async def hold(ctx: TaskContext) -> None:
+            await release.wait()
+
+        @engine.task(name="where")
+        async def where(ctx: TaskContext) -> str:
+            return ctx.node_id
+
+        @engine.periodic(every=0.2, name="digest", requires=("redis",))
+        async def digest(ctx: TaskContext, redis: str) -> str:
+            return f"{ctx.node_id} with {redis}"
+
+    has.pause_periodic("digest")
+    await has.start()
+    try:
+        # the only node with the resource is busy when the periodic run comes due
+        busy = await has.submit("hold")
+        await eventually(lambda: has.get(busy.id).status is RunStatus.RUNNING, timeout=5.0)
+        await lacks.start()
+        assert info(lacks, "digest").reason == "missing resource: redis"
+        has.resume_periodic("digest")
+        due = await eventually(lambda: has.runs(task="digest", limit=1), timeout=5.0)
+        digest_id = due[0].id
+        # the other node claims oldest first: the due digest run comes before this one
+        later = await lacks.submit("where")
+        assert (await later.wait()).result == "lacks-redis"
+        assert (await lacks.fetch_run(digest_id)).status is RunStatus.PENDING
+        release.set()
+        done = await has.wait_for(digest_id)
+        assert (done.status, done.result) == (RunStatus.SUCCEEDED, "has-redis with client")
+    finally:
+        release.set()
+        await lacks.stop()
+        await has.stop()
+    assert not stray_tasks()
