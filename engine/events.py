@@ -39,7 +39,14 @@ class RunSubmitted(RunEvent):
     max_attempts: int = 1
 
 
-class RunStarted(RunEvent):
+class RunOutcomeEvent(RunEvent):
+    #: True when this node read it from the store: another node started or ended the run
+    #: (this node submitted it, or waits on it) and publishes the event of its own; a
+    #: relay sends only that one to the cluster, so a run is started and ended once there
+    from_store: bool = False
+
+
+class RunStarted(RunOutcomeEvent):
     kind: Literal["run.started"] = "run.started"
     attempt: int = 1
 
@@ -59,14 +66,14 @@ class RunRetrying(RunEvent):
     error: RunError
 
 
-class RunSucceeded(RunEvent):
+class RunSucceeded(RunOutcomeEvent):
     kind: Literal["run.succeeded"] = "run.succeeded"
     attempt: int = 1
     duration: float = 0.0
     result: Any = None
 
 
-class RunFailed(RunEvent):
+class RunFailed(RunOutcomeEvent):
     kind: Literal["run.failed"] = "run.failed"
     attempt: int = 1
     duration: float = 0.0
@@ -91,7 +98,7 @@ class RunRecovered(RunEvent):
     from_node: str | None = None
 
 
-class RunCancelled(RunEvent):
+class RunCancelled(RunOutcomeEvent):
     kind: Literal["run.cancelled"] = "run.cancelled"
     attempt: int = 1
     reason: CancelReason = "user"
@@ -400,10 +407,12 @@ Event = Annotated[
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
 #: every event kind, e.g. for a dashboard's filter menu
+def _descendants(cls: type[BaseEvent]) -> list[type[BaseEvent]]:
+    return [d for sub in cls.__subclasses__() for d in (sub, *_descendants(sub))]
+
+
 EVENT_KINDS: tuple[str, ...] = tuple(
-    cls.model_fields["kind"].default
-    for cls in BaseEvent.__subclasses__() + RunEvent.__subclasses__() + LeaseEvent.__subclasses__()
-    if "kind" in cls.model_fields
+    cls.model_fields["kind"].default for cls in _descendants(BaseEvent) if "kind" in cls.model_fields
 )
 
 FINISHED_RUN_KINDS = frozenset({"run.succeeded", "run.failed", "run.cancelled"})

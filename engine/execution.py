@@ -299,7 +299,7 @@ class Execution:
         run.token = token
         self._claimed[token] = run
         self.executor.started(run.task)
-        self.bus.post(RunStarted, run_id=run.id, task=run.task, attempt=attempt)
+        self.bus.post(RunStarted, run_id=run.id, task=run.task, attempt=attempt, from_store=False)
         ended = functools.partial(self._ended, run, token)
         # what the attempt ends in: the context the run was started from, never its task's own
         # (a run's context variables must not reach the run its freed slot starts next)
@@ -709,7 +709,7 @@ class Execution:
             self._finish(run, _FAILED, now)
             self.bus.post(
                 RunFailed, run_id=run.id, task=run.task, attempt=run.attempt,
-                duration=now - (run.started_at or now), error=error,
+                duration=now - (run.started_at or now), error=error, from_store=False,
             )
         else:
             reason = outcome.reason if isinstance(outcome, Cancelled) else (run.cancel_reason or "user")
@@ -723,7 +723,7 @@ class Execution:
         self._finish(run, _SUCCEEDED, now)
         self.bus.post(
             RunSucceeded, run_id=run.id, task=run.task, attempt=run.attempt,
-            duration=now - (run.started_at or now), result=result,
+            duration=now - (run.started_at or now), result=result, from_store=False,
         )
 
     async def on_recovered(self, recovered: list[Recovered]) -> None:
@@ -796,7 +796,7 @@ class Execution:
         """Move ``run``'s index entry to what the store holds, announcing each transition."""
         if stored.status is _RUNNING and run.status is _PENDING:
             self.index.started(run, stored.attempt, stored.started_at)
-            self.bus.emit(RunStarted, run_id=run.id, task=run.task, attempt=run.attempt)
+            self.bus.emit(RunStarted, run_id=run.id, task=run.task, attempt=run.attempt, from_store=True)
         elif stored.status is _PENDING and run.status is _RUNNING:
             self.index.unclaimed(run)
             run.attempt = stored.attempt
@@ -807,17 +807,23 @@ class Execution:
             run.error = stored.error
             now = stored.finished_at or self.engine.clock()
             if stored.status is _CANCELLED:
-                self.finish_cancelled(run, stored.cancel_reason or "external", was_running=run.status is _RUNNING)
+                self.finish_cancelled(
+                    run, stored.cancel_reason or "external", was_running=run.status is _RUNNING, from_store=True
+                )
                 return
             self._finish(run, stored.status, now)
             duration = now - (run.started_at or now)
             if stored.status is _SUCCEEDED:
                 self.bus.emit(
-                    RunSucceeded, run_id=run.id, task=run.task, attempt=run.attempt, duration=duration, result=run.result
+                    RunSucceeded, run_id=run.id, task=run.task, attempt=run.attempt, duration=duration,
+                    result=run.result, from_store=True,
                 )
             else:
                 error = run.error or RunError(type="Unknown", message="failed on another node")
-                self.bus.emit(RunFailed, run_id=run.id, task=run.task, attempt=run.attempt, duration=duration, error=error)
+                self.bus.emit(
+                    RunFailed, run_id=run.id, task=run.task, attempt=run.attempt, duration=duration, error=error,
+                    from_store=True,
+                )
 
 
     def progress(self, run: Run, done: float, total: float | None, message: str) -> None:
@@ -839,7 +845,7 @@ class Execution:
         run.total = event.total
         run.message = event.message
 
-    def finish_cancelled(self, run: Run, reason: CancelReason, *, was_running: bool) -> None:
+    def finish_cancelled(self, run: Run, reason: CancelReason, *, was_running: bool, from_store: bool = False) -> None:
         if run.status.finished:
             return
         run.cancel_reason = reason
@@ -851,6 +857,7 @@ class Execution:
             attempt=run.attempt,
             reason=reason,
             was_running=was_running,
+            from_store=from_store,
         )
 
 

@@ -8,8 +8,10 @@ holds what does not depend on that place:
 - the outgoing buffer: events wait in a bounded queue (what does not fit is
   counted as ``unsent``) and go out in batches, after a short linger; within
   a batch, progress events of one run are coalesced to the newest (counted
-  as ``coalesced``), and the record sent after them says how many were left
-  out, so readers do not take them for lost;
+  as ``coalesced``); a run's start or end this node only read from the store
+  is not sent (the node that ran it sends its own); the record sent after
+  such events says how many were left out, so readers do not take them for
+  lost;
 - the reader's accounting: every node numbers its events, so a gap in a
   node's numbers that coalescing does not explain (the shared place was
   trimmed past what this reader had read, or the node could not send them)
@@ -62,7 +64,9 @@ class ClusterNode(BaseModel):
     last_kind: str = ""
     events: int = 0
     missed: int = 0
-    #: progress events the node coalesced away before sending (not lost: a newer one came)
+    #: events the node left out on purpose (not lost): progress events a newer one of the
+    #: run replaced, and runs' starts and ends it read from the store, which the node that
+    #: ran them sent
     coalesced: int = 0
     is_leader: bool | None = None
     term: int | None = None
@@ -139,23 +143,34 @@ class _NodeView:
         return ClusterNode(**{name: getattr(self, name) for name in self.__slots__ if name not in hidden})
 
 
-def coalesce(events: list[BaseEvent]) -> tuple[list[Outgoing], int]:
-    """``events`` as records to send, each run's progress events but the newest left out;
-    and how many were left out. Each record counts the left-out events just before it."""
+def coalesce(events: list[BaseEvent], carried: int = 0) -> tuple[list[Outgoing], int, int]:
+    """``events`` as records to send, and how many progress events were coalesced away.
+
+    Left out: each run's progress events but the newest, and events this node
+    read from the store of a run another node started or ended (that node
+    sends its own: sent here too, the cluster would see the run start and
+    end twice). Each record counts the events left out just before it, so
+    readers do not take them for lost; ``carried`` are left out at the end of
+    the previous batch, and the third value those at the end of this one.
+    """
     newest: dict[str, int] = {}
     for i, event in enumerate(events):
         if event.kind == "run.progress":  # type: ignore[attr-defined]
             newest[event.run_id] = i  # type: ignore[attr-defined]
     out: list[Outgoing] = []
-    skipped = left_out = 0
+    skipped = carried
+    left_out = 0
     for i, event in enumerate(events):
         if newest and event.kind == "run.progress" and newest[event.run_id] != i:  # type: ignore[attr-defined]
             skipped += 1
             left_out += 1
             continue
+        if getattr(event, "from_store", False):
+            skipped += 1
+            continue
         out.append(Outgoing(event.seq, event.ts, event_to_json(event), skipped))
         skipped = 0
-    return out, left_out
+    return out, left_out, skipped
 
 
 class EventRelay:
@@ -204,6 +219,8 @@ class EventRelay:
         self._nodes: dict[str, _NodeView] = {}
         #: the last seq of the source bus handed to the publisher (so a restart resends nothing)
         self._sent_through = 0
+        #: events left out at the end of the last batch: the next record sent counts them
+        self._left_out_last = 0
         self._from_start = from_start
         self._opened = False
         self.connected = False
@@ -396,7 +413,7 @@ class EventRelay:
 
     def _next_batch(self) -> list[Outgoing]:
         events = [self._outgoing.popleft() for _ in range(min(self.batch, len(self._outgoing)))]
-        records, left_out = coalesce(events)
+        records, left_out, self._left_out_last = coalesce(events, self._left_out_last)
         self.coalesced += left_out
         return records
 
@@ -405,6 +422,9 @@ class EventRelay:
             if not self._unsent_batch:
                 self._unsent_batch = self._next_batch()
             batch = self._unsent_batch
+            if not batch:  # every event of it left out
+                self._unsent_batch = None
+                continue
             await self._send(batch)  # raises: the batch stays, to be sent first next time
             self._unsent_batch = None
             self.connected = True

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,8 +24,10 @@ from taskwatch.engine import (
     MemoryEventStream,
     TaskContext,
 )
+from taskwatch.engine.events import RunStarted
+from taskwatch.engine.relay import coalesce
 
-from .helpers import eventually, stray_tasks
+from .helpers import Recorder, eventually, stray_tasks
 
 
 def cluster_engine(node: str, stream: MemoryEventStream, **kwargs: Any) -> Engine:
@@ -136,6 +139,73 @@ async def test_an_engine_started_again_reads_on_and_reports_nothing_missed() -> 
         await a.stop(2.0)
         await b.stop(2.0)
     assert not stray_tasks()
+
+
+async def test_a_run_submitted_on_one_node_and_run_on_another_starts_and_ends_once_on_the_cluster_bus(
+    tmp_path: Path,
+) -> None:
+    # the submitter reads the run's start and end from the store and tells its own bus
+    # (its dashboard and waiters need them); only the node that ran it tells the cluster
+    stream = MemoryEventStream("app:events")
+    db = f"sqlite:///{tmp_path / 'shared.db'}"
+    release = asyncio.Event()
+    submitter = cluster_engine("submitter", stream, store=db, max_concurrency=1)
+    runner = cluster_engine("runner", stream, store=db)
+    for engine in (submitter, runner):
+
+        @engine.task(name="hold")
+        async def hold(ctx: TaskContext) -> None:
+            await release.wait()
+
+        @engine.task(name="breaks")
+        async def breaks(ctx: TaskContext) -> None:
+            raise ValueError("broken")
+
+    local = Recorder(submitter, ("run.",))
+    try:
+        await submitter.start()
+        busy = await submitter.submit("hold")  # the submitter's one slot: the runner takes the rest
+        await eventually(lambda: submitter.get(busy.id).status.value == "running", timeout=5.0)
+        await runner.start()
+        ok, bad = await submitter.submit("hello"), await submitter.submit("breaks")
+        assert [(await h.wait()).status.value for h in (ok, bad)] == ["succeeded", "failed"]
+        # the submitter's own bus heard both ends, marked as read from the store
+        ends = ("run.succeeded", "run.failed")
+        await eventually(lambda: {e.run_id for e in local.events if e.kind in ends} == {ok.id, bad.id})
+        heard = [e for e in local.events if e.run_id in (ok.id, bad.id) and e.kind != "run.submitted"]
+        assert heard and all(e.from_store for e in heard)
+        # everything the submitter sent before this marker has been read once it is read
+        marker = await submitter.submit("hello")
+        cluster = runner.cluster
+        assert cluster is not None
+        await eventually(
+            lambda: any(e.kind == "run.submitted" and e.run_id == marker.id for e in cluster.bus.recent()),
+            timeout=5.0,
+        )
+        told = [
+            (e.kind, e.node) for e in cluster.bus.recent()
+            if getattr(e, "run_id", None) in (ok.id, bad.id) and e.kind != "run.submitted"
+        ]
+        assert sorted(told) == [
+            ("run.failed", "runner"), ("run.started", "runner"), ("run.started", "runner"), ("run.succeeded", "runner")
+        ]
+        # what the submitter left out is accounted for, not taken for lost
+        assert {n.node: n.missed for n in cluster.nodes()} == {"runner": 0, "submitter": 0}
+    finally:
+        release.set()
+        await submitter.stop(2.0)
+        await runner.stop(2.0)
+    assert not stray_tasks()
+
+
+def test_events_left_out_at_the_end_of_a_batch_are_counted_by_the_next_record() -> None:
+    def started(seq: int, from_store: bool) -> RunStarted:
+        return RunStarted(seq=seq, node="n", run_id=f"r{seq}", task="t", from_store=from_store)
+
+    first, left_out, carried = coalesce([started(1, False), started(2, True), started(3, True)])
+    assert ([r.seq for r in first], left_out, carried) == ([1], 0, 2)
+    second, _, carried = coalesce([started(4, False)], carried)
+    assert [(r.seq, r.skipped) for r in second] == [(4, 2)] and carried == 0
 
 
 def test_a_reader_on_another_threads_loop_is_woken() -> None:
