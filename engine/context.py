@@ -65,8 +65,8 @@ class TaskContext:
     async def progress(self, done: float, total: float | None = None, message: str = "") -> None:
         """Report progress; published as a ``run.progress`` event.
 
-        ``done`` and ``total`` are finite numbers (anything else raises a
-        pydantic ``ValidationError`` here and changes nothing); a report made
+        ``done`` and ``total`` are finite numbers and ``message`` text (anything
+        else raises :class:`InvalidProgress` here and changes nothing); a report made
         after the run has ended changes nothing either.
         """
         if self._run is not None and self._report is not None:

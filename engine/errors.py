@@ -253,6 +253,19 @@ class InvalidCount(TaskwatchError, ValueError):
         super().__init__(f"invalid count {self.n} for {owner}: n must be an int of at least 1; nothing was counted")
 
 
+class InvalidProgress(TaskwatchError, ValueError):
+    """A task reported progress that is not a finite number (or a message that is not text).
+    The run's progress stays as it was."""
+
+    def __init__(self, run_id: str, problems: Iterable[str]) -> None:
+        self.run_id = run_id
+        self.problems = list(problems)
+        super().__init__(
+            f"invalid progress for run {run_id}: {'; '.join(self.problems)}; report finite numbers, "
+            "such as ctx.progress(3, 10, 'pages'); the run's progress is unchanged"
+        )
+
+
 class EngineCrashed(EngineNotRunning):
     """The background engine's event loop died; the engine cannot take calls any more.
 

@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from .context import TaskContext
 from .events import (
     RunCancelled,
@@ -35,7 +37,7 @@ from .events import (
     StoreReachable,
     StoreUnreachable,
 )
-from .errors import StoppedBeforeDone
+from .errors import InvalidProgress, StoppedBeforeDone
 from .executor import Executor
 from .index import RunIndex
 from .jsonsafe import NotJsonSafe, jsonable, safe_str, safe_text
@@ -833,14 +835,18 @@ class Execution:
             return
         # the event is validated first: a value it refuses (not a finite number) raises in
         # the task and leaves the record as it was
-        event = self.bus.emit(
-            RunProgressed,
-            run_id=run.id,
-            task=run.task,
-            done=done,
-            total=total,
-            message=safe_text(message) if isinstance(message, str) else message,
-        )
+        try:
+            event = self.bus.emit(
+                RunProgressed,
+                run_id=run.id,
+                task=run.task,
+                done=done,
+                total=total,
+                message=safe_text(message) if isinstance(message, str) else message,
+            )
+        except ValidationError as exc:
+            problems = [f"{e['loc'][0]} {e['msg'].removeprefix('Input ')}, got {e['input']!r}"[:300] for e in exc.errors()]
+            raise InvalidProgress(run.id, problems) from None
         run.done = event.done
         run.total = event.total
         run.message = event.message

@@ -29,6 +29,7 @@ from taskwatch.engine import (
     InvalidCount,
     InvalidKey,
     InvalidParams,
+    InvalidProgress,
     InvalidStatus,
     JobNotSerializable,
     PostgresLease,
@@ -356,18 +357,23 @@ async def test_a_progress_report_that_is_not_a_finite_number_changes_nothing(don
     @engine.task
     async def odd_progress(ctx: TaskContext) -> None:
         await ctx.progress(1, 4, "a quarter")
-        for value in ({"done": done}, {"done": 2, "total": done}):
+        for value in ({"done": done}, {"done": 2, "total": done}, {"done": 2, "message": 3}):
             try:
                 await ctx.progress(**value)  # type: ignore[arg-type]
-            except ValueError as exc:
+            except InvalidProgress as exc:
                 raised.append(exc)
         reported.set()
         await release.wait()
 
     async with engine:
         handle = await engine.submit("odd_progress")
-        await reported.wait()
-        assert len(raised) == 2 and all("finite" in str(exc) for exc in raised), raised
+        await asyncio.wait_for(reported.wait(), 5)
+        assert [str(exc).split(": ", 1)[1].split(";")[0] for exc in raised] == [
+            f"done should be a finite number, got {done!r}",
+            f"total should be a finite number, got {done!r}",
+            "message should be a valid string, got 3",
+        ]
+        assert all(isinstance(exc, TaskwatchError) and "ctx.progress(3, 10" in str(exc) for exc in raised)
         progress = engine.get(handle.id).progress
         assert (progress.done, progress.total, progress.message) == (1, 4, "a quarter")
         assert_consistent(engine)
