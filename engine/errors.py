@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from .urls import redact_url
+
 
 class TaskwatchError(Exception):
     """Base class of every error raised by taskwatch."""
@@ -462,9 +464,10 @@ class UnknownStore(StoreError, ValueError):
     """``make_store`` was given a spec it does not understand."""
 
     def __init__(self, spec: object, detail: str = "") -> None:
-        self.spec = spec
+        # a URL's password never reaches a message, a log or a traceback
+        self.spec = redact_url(spec) if isinstance(spec, str) else spec
         super().__init__(
-            f"unknown run store {spec!r}{': ' + detail if detail else ''}; use 'memory', "
+            f"unknown run store {self.spec!r}{': ' + detail if detail else ''}; use 'memory', "
             "'sqlite:///relative/path.db', 'sqlite:////absolute/path.db' (optionally "
             "'?synchronous=full&busy_timeout=5000'), 'postgresql://user@host/database' "
             "(optionally '?pool_size=8') or pass a Store instance"

@@ -627,8 +627,12 @@ async def test_make_store_specs(tmp_path: Path) -> None:
     assert (s.path, s.synchronous, s.busy_timeout) == (f"{tmp_path}/a.db", "full", 100)
     rel = make_store("sqlite:///runs.db")
     assert isinstance(rel, SqliteStore) and rel.path == "runs.db"
-    for bad in ("redis://x", "sqlite://host/x.db", "sqlite:///", "sqlite:///a.db?colour=red", "sqlite:///a.db?busy_timeout=x", "mem"):
+    for bad in ("redis://x", "sqlite://host/x.db", "sqlite:///", "mem"):
         with pytest.raises(UnknownStore):
+            make_store(bad)
+    # a store the URL names well, with an option it cannot take
+    for bad, why in [("sqlite:///a.db?colour=red", "unknown option 'colour'"), ("sqlite:///a.db?busy_timeout=x", "not a valid int")]:
+        with pytest.raises(InvalidConfiguration, match=f"run store sqlite:///a.db.*{why}"):
             make_store(bad)
     for bad in ("sqlite:///a.db?synchronous=sometimes", "sqlite:///a.db?busy_timeout=-1"):
         with pytest.raises(InvalidConfiguration, match="SqliteStore"):

@@ -64,9 +64,12 @@ def test_make_store_postgres_specs() -> None:
     assert s.url == "postgresql://app:secret@db.example:5433/app?application_name=x"
     assert "secret" not in s.describe() and "secret" not in repr(s)
     assert isinstance(make_store("postgres://db/app"), PostgresStore)
-    for bad in ("postgresql:///app", "postgresql://db/app?pool_size=many"):
-        with pytest.raises(UnknownStore):
-            make_store(bad)
+    with pytest.raises(UnknownStore, match="names its server") as unknown:
+        make_store("postgresql://app:secret@/app")
+    with pytest.raises(InvalidConfiguration, match="pool_size='many' is not a valid int") as bad:
+        make_store("postgresql://app:secret@db/app?pool_size=many")
+    for error in (unknown.value, bad.value):
+        assert "secret" not in str(error) and "app:***@" in str(error)
     with pytest.raises(InvalidConfiguration, match="pool_size"):
         make_store("postgresql://db/app?pool_size=0")
 

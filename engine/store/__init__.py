@@ -17,9 +17,11 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+from ..urls import redact_url
 from .base import Store, Subscription
 from ..errors import (
     DuplicateRunId,
+    InvalidConfiguration,
     SchemaTooNew,
     StoreBusy,
     StoreClosed,
@@ -116,9 +118,14 @@ def make_store(spec: str | Store, **options: Any) -> Store:
     for name, raw in parse_qsl(parts.query, keep_blank_values=True):
         conv = _SQLITE_OPTIONS.get(name)
         if conv is None:
-            raise UnknownStore(spec, f"unknown option {name!r} (known: {', '.join(_SQLITE_OPTIONS)})")
+            raise _bad_option(spec, f"unknown option {name!r} (known: {', '.join(_SQLITE_OPTIONS)})")
         _url_option(spec, options, name, raw, conv)
     return SqliteStore(path, **options)
+
+
+def _bad_option(spec: str, problem: str) -> InvalidConfiguration:
+    """A store the URL names well, with an option it cannot take."""
+    return InvalidConfiguration(f"run store {redact_url(spec)}", [problem])
 
 
 def _url_option(spec: str, options: dict[str, Any], name: str, raw: str, conv: Callable[[str], Any]) -> None:
@@ -126,9 +133,9 @@ def _url_option(spec: str, options: dict[str, Any], name: str, raw: str, conv: C
     try:
         value = conv(raw)
     except ValueError:
-        raise UnknownStore(spec, f"option {name}={raw!r} is not a valid {conv.__name__}") from None
+        raise _bad_option(spec, f"option {name}={raw!r} is not a valid {conv.__name__}") from None
     if name in options and options[name] != value:
-        raise UnknownStore(spec, f"{name}={raw} in the URL but {name}={options[name]!r} given beside it; give it in one place")
+        raise _bad_option(spec, f"{name}={raw} in the URL but {name}={options[name]!r} given beside it; give it in one place")
     options[name] = value
 
 
