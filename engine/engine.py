@@ -16,16 +16,18 @@ drains, then cancels, then awaits, so no asyncio task outlives it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from pydantic import BaseModel
 
 from .bus import DEFAULT_REPLAY, EventBus
+from .context import TaskContext
 from .errors import (
     DuplicateTask,
     EngineNotRunning,
@@ -85,7 +87,15 @@ from .trusted import float_clock
 from .version import __version__
 from .wakeups import StoreWakeups
 
+if TYPE_CHECKING:
+    # the edge layer, for return types only: start_background() and serve() import it when called
+    from .background import BackgroundEngine
+    from .server import ControlServer
+
+#: a decorated task or periodic function, handed back as it was so it keeps its own type
 F = TypeVar("F", bound=TaskFn)
+#: a decorated supervised worker: ``async def worker(ctx)``
+W = TypeVar("W", bound=Callable[[TaskContext], Awaitable[Any]])
 
 log = logging.getLogger("taskwatch.engine")
 
@@ -281,6 +291,40 @@ class Engine:
 
     # ------------------------------------------------------------------ registry
 
+    # bare ``@engine.task`` (or ``engine.task(fn, ...)``) hands back ``fn``; called with
+    # options only, it hands back the decorator; either way the function keeps its type
+    @overload
+    def task(
+        self,
+        fn: F,
+        *,
+        name: str | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+        concurrency: int | None = None,
+        params: type[BaseModel] | None = None,
+        backoff: float = 0.5,
+        backoff_max: float = 60.0,
+        description: str | None = None,
+        on_lost: Literal["retry", "fail"] = "retry",
+    ) -> F: ...
+
+    @overload
+    def task(
+        self,
+        fn: None = None,
+        *,
+        name: str | None = None,
+        retries: int = 0,
+        timeout: float | None = None,
+        concurrency: int | None = None,
+        params: type[BaseModel] | None = None,
+        backoff: float = 0.5,
+        backoff_max: float = 60.0,
+        description: str | None = None,
+        on_lost: Literal["retry", "fail"] = "retry",
+    ) -> Callable[[F], F]: ...
+
     def task(
         self,
         fn: F | None = None,
@@ -294,7 +338,7 @@ class Engine:
         backoff_max: float = 60.0,
         description: str | None = None,
         on_lost: Literal["retry", "fail"] = "retry",
-    ) -> Any:
+    ) -> F | Callable[[F], F]:
         """Register an ``async def task(ctx, params)`` function. Usable bare or with options.
 
         ``on_lost``: what recovery does with a run whose worker died mid-run:
@@ -520,6 +564,7 @@ class Engine:
             self.incarnation = self._executor.incarnation = os.urandom(8).hex()
         self._started_once = True
         self._refresh_limits()  # resources may have been added since the tasks registered
+        self._run.base_context = contextvars.copy_context()
         await self._store.open()
         try:
             await self._store.register_node(self.node_id, self.incarnation, __version__)
@@ -640,7 +685,7 @@ class Engine:
             if not self._durable:
                 cancelled_pending = await self._cancel_pending("shutdown")
             tasks = self._run.cut_running("shutdown")
-            await self._run.await_tasks(tasks)
+            self._run.give_up(await self._run.await_tasks(tasks))
             self._store.give_up_after(min(give_up, time.monotonic() + _STOP_WRITE_GRACE))
             await self._executor.stop()
             await self._wakeups.stop()
@@ -1248,13 +1293,13 @@ class Engine:
 
     # ------------------------------------------------------------------ elsewhere: threads, sockets
 
-    def start_background(self, **options: Any) -> Any:
+    def start_background(self, **options: Any) -> BackgroundEngine:
         """Run this engine on its own event loop in a daemon thread; returns a thread-safe facade."""
         from .background import BackgroundEngine
 
         return BackgroundEngine.launch(self, **options)
 
-    async def serve(self, address: str | None = None, **options: Any) -> Any:
+    async def serve(self, address: str | None = None, **options: Any) -> ControlServer:
         """Expose this engine to dashboards in other processes (Unix socket or tcp://127.0.0.1:PORT)."""
         from .server import ControlServer
 
@@ -1270,9 +1315,10 @@ class Engine:
 
     # ------------------------------------------------------------------ periodic tasks
 
+    @overload
     def periodic(
         self,
-        fn: Any = None,
+        fn: F,
         *,
         every: float | None = None,
         cron: str | None = None,
@@ -1284,7 +1330,40 @@ class Engine:
         fixed_rate: bool = False,
         retries: int = 0,
         timeout: float | None = None,
-    ) -> Any:
+    ) -> F: ...
+
+    @overload
+    def periodic(
+        self,
+        fn: None = None,
+        *,
+        every: float | None = None,
+        cron: str | None = None,
+        name: str | None = None,
+        initial_delay: float = 0.0,
+        requires: Iterable[str] = (),
+        opt_in: str | None = None,
+        jitter: float = 0.0,
+        fixed_rate: bool = False,
+        retries: int = 0,
+        timeout: float | None = None,
+    ) -> Callable[[F], F]: ...
+
+    def periodic(
+        self,
+        fn: F | None = None,
+        *,
+        every: float | None = None,
+        cron: str | None = None,
+        name: str | None = None,
+        initial_delay: float = 0.0,
+        requires: Iterable[str] = (),
+        opt_in: str | None = None,
+        jitter: float = 0.0,
+        fixed_rate: bool = False,
+        retries: int = 0,
+        timeout: float | None = None,
+    ) -> F | Callable[[F], F]:
         """Register ``async def fn(ctx, **resources)`` to run on an interval or a cron expression.
 
         ``requires`` names resources from ``Engine(resources=...)`` passed in by
@@ -1293,7 +1372,7 @@ class Engine:
         reason shown in :meth:`schedule` and published as an event.
         """
 
-        def decorate(func: Any) -> Any:
+        def decorate(func: F) -> F:
             self._scheduler.add(
                 func,
                 every=every,
@@ -1324,7 +1403,12 @@ class Engine:
     # ------------------------------------------------------------------ queues and triggers
 
     def queue(
-        self, name: str, handler: Any, *, concurrency: int = 1, maxsize: int = 1000
+        self,
+        name: str,
+        handler: Callable[[Any], Awaitable[Any]] | Callable[[TaskContext, Any], Awaitable[Any]],
+        *,
+        concurrency: int = 1,
+        maxsize: int = 1000,
     ) -> WorkQueue:
         """Create a named queue whose jobs ``handler(job)`` consumes with ``concurrency`` workers."""
         if name in self._queues:
@@ -1365,7 +1449,7 @@ class Engine:
         """
         return await self._queue_named(name).purge()
 
-    def trigger(self, name: str, fn: Any, **options: Any) -> Trigger:
+    def trigger(self, name: str, fn: Callable[[TaskContext, str], Awaitable[Any]], **options: Any) -> Trigger:
         """Create a threshold trigger: ``notify(key)`` counts; a key runs ``fn`` when due.
 
         Options: ``size_threshold``, ``staleness`` (timedelta or seconds),
@@ -1397,18 +1481,40 @@ class Engine:
 
     # ------------------------------------------------------------------ supervised workers
 
+    @overload
     def supervised(
         self,
-        fn: Any = None,
+        fn: W,
         *,
         name: str | None = None,
         leader_only: bool = False,
         backoff: float = 1.0,
         backoff_max: float = 60.0,
-    ) -> Any:
+    ) -> W: ...
+
+    @overload
+    def supervised(
+        self,
+        fn: None = None,
+        *,
+        name: str | None = None,
+        leader_only: bool = False,
+        backoff: float = 1.0,
+        backoff_max: float = 60.0,
+    ) -> Callable[[W], W]: ...
+
+    def supervised(
+        self,
+        fn: W | None = None,
+        *,
+        name: str | None = None,
+        leader_only: bool = False,
+        backoff: float = 1.0,
+        backoff_max: float = 60.0,
+    ) -> W | Callable[[W], W]:
         """Register a long-lived ``async def worker(ctx)`` restarted with backoff when it crashes."""
 
-        def decorate(func: Any) -> Any:
+        def decorate(func: W) -> W:
             self._supervisor.add(
                 func, name=name, leader_only=leader_only, backoff=backoff, backoff_max=backoff_max
             )

@@ -146,6 +146,10 @@ class Execution:
         self._idle: asyncio.Future[None] | None = None
         #: a refill of freed slots is scheduled for the loop's next turn (memory store)
         self._dispatching = False
+        #: what every run's context is a copy of: the context the engine started in (set by
+        #: the engine's start). Never a submitter's: a run may execute on another node or
+        #: after a restart, and one request's values must not reach another request's run
+        self.base_context = contextvars.Context()
         #: start_soon is starting a batch; a nested call asks it to claim again at the end
         self._starting = False
         self._start_again = False
@@ -303,11 +307,12 @@ class Execution:
         self.executor.started(run.task)
         self.bus.post(RunStarted, run_id=run.id, task=run.task, attempt=attempt, from_store=False)
         ended = functools.partial(self._ended, run, token)
-        # what the attempt ends in: the context the run was started from, never its task's own
-        # (a run's context variables must not reach the run its freed slot starts next)
-        context = contextvars.copy_context()
+        # the task runs in a copy of its own; its end (which may start the next run) in
+        # another, so a run's context variables never reach the run its freed slot starts next
+        base = self.base_context
+        context = base.copy()
         task = asyncio.get_running_loop().create_task(
-            self._execute(run, token, ended, context), name=f"taskwatch-run-{run.id}"
+            self._execute(run, token, ended, context), name=f"taskwatch-run-{run.id}", context=base.copy()
         )
         run.handle = task
         # also a callback: it runs for a task cancelled before its first step (see _execute)
@@ -914,8 +919,9 @@ class Execution:
 
     def left_undone(self, run: Run) -> bool:
         """Whether nothing on this stopped engine will end ``run``. With the memory store a
-        task that ignored its cancel and still executes will: its end resolves its waiters.
-        A durable store's run cut short goes back to pending instead (and its store is closed)."""
+        task that ignored its cancel and still executes when the stop ends will not run
+        past the stop's own end: :meth:`give_up` ends it. A durable store's run cut short
+        goes back to pending instead (and its store is closed)."""
         handle = run.handle
         return not run.status.finished and (self.durable or handle is None or handle.done())
 
@@ -972,23 +978,38 @@ class Execution:
             self._idle = None
 
 
-    async def await_tasks(self, tasks: list[asyncio.Task[Any]]) -> None:
-        """Await cancelled tasks, cancelling again those that swallow the first cancel."""
+    async def await_tasks(self, tasks: list[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
+        """Await cancelled tasks, cancelling again those that swallow the first cancel; returns
+        those still going after three rounds of ``cancel_grace``."""
         remaining = [t for t in tasks if not t.done()]
         for _ in range(3):
             if not remaining:
-                return
+                return []
             _, pending = await asyncio.wait(remaining, timeout=self.engine.cancel_grace)
             for t in pending:
                 t.cancel()
             remaining = list(pending)
-        if remaining:
-            # a task that ignores cancellation this long is a bug in that task; waiting
-            # for it forever would hang every caller of stop(), so say so and go on
-            log.warning(
-                "%d run(s) ignored cancellation for %.0f s and are still running: %s",
-                len(remaining), 3 * self.engine.cancel_grace, ", ".join(t.get_name() for t in remaining),
-            )
+        # a task that ignores cancellation this long is a bug in that task; waiting
+        # for it forever would hang every caller of stop(), so say so and go on
+        log.warning(
+            "%d run(s) ignored cancellation for %.3g s and are still running: %s",
+            len(remaining), 3 * self.engine.cancel_grace, ", ".join(t.get_name() for t in remaining),
+        )
+        return remaining
+
+    def give_up(self, tasks: list[asyncio.Task[Any]]) -> None:
+        """The runs of ``tasks`` ignored every cancel of a stop, which goes on without them.
+
+        With the memory store nothing would end them once the engine has stopped (such a
+        task may loop for good): they end cancelled by the shutdown now, answering their
+        waiters, and whatever their task does later is not recorded. A durable store
+        keeps them for recovery, as any run of a stopped node.
+        """
+        if self.memory is None:
+            return
+        for token, run in list(self._claimed.items()):
+            if run.handle in tasks:
+                self._record(run, token, Cancelled("shutdown"), None)
 
 
 def _log_failed_outcome(write: asyncio.Future[Any]) -> None:

@@ -19,6 +19,7 @@ from taskwatch.engine import (
     EngineNotRunning,
     InvalidParams,
     QueueFull,
+    RunHandle,
     RunNotCancellable,
     RunNotFound,
     RunNotRetryable,
@@ -636,21 +637,22 @@ async def test_two_starts_at_once_start_once_and_a_stop_meanwhile_stops_it(tmp_p
 
 @pytest.mark.parametrize("durable", [False, True], ids=["memory", "sqlite"])
 async def test_a_wait_on_a_run_still_executing_after_the_stop_gets_its_verdict(durable: bool, tmp_path: Path) -> None:
-    # the task ignores the stop's cancels for a while. Memory store: its end, not the stop,
-    # answers the wait. Durable store: the run is put back to pending for the next start
-    # (its end can change nothing in a closed store): the wait hears so at once
+    # the task ignores every cancel of the stop, which goes on without it. Memory store: the
+    # run ends cancelled by the shutdown when the stop gives up on it, and what the task does
+    # later changes nothing. Durable store: the run is kept for the next start
     engine = make_engine(cancel_grace=0.02, **({"store": f"sqlite:///{tmp_path / 'runs.db'}"} if durable else {}))
     started = asyncio.Event()
+    let_go = asyncio.Event()
 
     @engine.task
-    async def stubborn(ctx: TaskContext) -> None:
+    async def stubborn(ctx: TaskContext) -> str:
         started.set()
-        end = time.monotonic() + 0.3
-        while (left := end - time.monotonic()) > 0:
+        while not let_go.is_set():
             try:
-                await asyncio.sleep(left)
+                await let_go.wait()
             except asyncio.CancelledError:
                 pass
+        return "returned after the stop"
 
     await engine.start()
     handle = await engine.submit("stubborn")
@@ -666,8 +668,14 @@ async def test_a_wait_on_a_run_still_executing_after_the_stop_gets_its_verdict(d
         else:
             record = await asyncio.wait_for(waiting, 5)
             assert record.status is RunStatus.CANCELLED and record.cancel_reason == "shutdown"
+            assert (await asyncio.wait_for(handle.wait(), 5)).status is RunStatus.CANCELLED
+            assert engine.stats().running == 0 and engine.stats().by_status["cancelled"] == 1
     finally:
+        let_go.set()
         await eventually(lambda: not stray_tasks(), timeout=5)  # the stubborn task's own end
+    if not durable:
+        after = engine.get(handle.id)
+        assert (after.status, after.result) == (RunStatus.CANCELLED, None)
 
 
 async def test_stop_waits_for_running_work_within_timeout() -> None:
@@ -906,30 +914,36 @@ async def test_every_handle_of_a_deduplicated_run_waits_after_the_history_let_it
 
 
 @pytest.mark.parametrize("store", ["memory", "sqlite"])
-async def test_a_runs_context_variables_never_reach_the_run_its_slot_starts_next(store: str, tmp_path: Path) -> None:
-    # what a task sets in its context (a request id, a tenant, a tracing span) is its own;
-    # runs submitted from a context see that context, and never what an earlier run set
-
-    tenant: contextvars.ContextVar[str | None] = contextvars.ContextVar("tenant", default=None)
+async def test_a_run_sees_the_context_the_engine_started_in_never_a_submitters_or_another_runs(
+    store: str, tmp_path: Path
+) -> None:
+    # what a request sets (a request id, a tenant) must not reach a run: a run may start
+    # later, when an earlier request's run frees its slot, or on another node. What a task
+    # sets is its own too. Every run sees the context the engine was started in
+    tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="unset")
     url = "memory" if store == "memory" else f"sqlite:///{tmp_path / 'runs.db'}"
     engine = Engine(store=url, max_concurrency=1, health_interval=None)
-    seen: list[str | None] = []
+    seen: dict[int, str] = {}
+    release = asyncio.Event()
 
     class Job(BaseModel):
         i: int
 
     @engine.task
     async def job(ctx: TaskContext, params: Job) -> None:
-        seen.append(tenant.get())
+        seen[params.i] = tenant.get()
         tenant.set(f"set by run {params.i}")
-        await asyncio.sleep(0)
+        await release.wait()
 
+    async def request(i: int) -> RunHandle:
+        tenant.set(f"request {i}")  # each request's own context (a copy, as a server gives it)
+        return await engine.submit("job", {"i": i})
+
+    tenant.set("at start")
     async with engine:
-        handles = [await engine.submit("job", {"i": i}) for i in range(4)]
+        # the first run takes the one slot at once; the others start as it frees
+        handles = [await asyncio.create_task(request(i)) for i in range(4)]
+        release.set()
         for handle in handles:
-            await handle.wait()
-        tenant.set("the submitter's")
-        await (await engine.submit("job", {"i": 4})).wait()
-    assert seen[:4] == [None] * 4
-    # the memory store starts a run from its submit; a durable one from the claim loop (started with the engine)
-    assert seen[4] == ("the submitter's" if store == "memory" else None)
+            await handle.wait(5)
+    assert seen == {i: "at start" for i in range(4)}
