@@ -768,7 +768,10 @@ class Execution:
     async def prune(self) -> None:
         """Keep the store within ``history`` and ``retention`` (never touching unfinished runs),
         and bring the index up to date with runs other nodes execute."""
-        await self.store.prune(keep=self.index.history, older_than=self.engine.retention)
+        retention = self.engine.retention
+        await self.store.prune(keep=self.index.history, older_than=retention)
+        if retention is not None:
+            self.index.expire(self.engine.clock() - retention)
         now = time.monotonic()
         if now >= self._nodes_pruned_at + NODE_PRUNE_INTERVAL:
             self._nodes_pruned_at = now

@@ -184,6 +184,18 @@ class RunIndex:
         while len(finished) > self.history:  # more than one once history was lowered
             self._evict()
 
+    def expire(self, before: float) -> None:
+        """Forget the finished runs that finished before ``before`` (wall clock), oldest first,
+        as the store's ``retention`` prunes them: sync queries and stats must not show runs
+        the store no longer has."""
+        finished = self._finished
+        runs = self.runs
+        while finished:
+            run = runs.get(next(iter(finished)))
+            if run is not None and run.finished_at is not None and run.finished_at >= before:
+                return
+            self._evict()
+
     def _evict(self) -> None:
         evicted, _ = self._finished.popitem(last=False)
         old = self.runs.pop(evicted, None)

@@ -947,3 +947,32 @@ async def test_a_run_sees_the_context_the_engine_started_in_never_a_submitters_o
         for handle in handles:
             await handle.wait(5)
     assert seen == {i: "at start" for i in range(4)}
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_runs_past_retention_leave_the_engines_views_as_they_leave_the_store(store: str, tmp_path: Path) -> None:
+    url = "memory" if store == "memory" else f"sqlite:///{tmp_path / 'runs.db'}"
+    engine = Engine(store=url, retention=0.5, lease_ttl=0.6, health_interval=None)
+    release = asyncio.Event()
+
+    @engine.task
+    async def quick(ctx: TaskContext) -> int:
+        return 1
+
+    @engine.task
+    async def long(ctx: TaskContext) -> None:
+        await release.wait()
+
+    async with engine:
+        going = await engine.submit("long")
+        done = [await engine.submit("quick") for _ in range(3)]
+        for handle in done:
+            await handle.wait(5)
+        await eventually(lambda: engine.stats().by_status["succeeded"] == 0, timeout=10.0)
+        assert [run.id for run in engine.runs(limit=None)] == [going.id]  # unfinished runs stay
+        for handle in done:
+            with pytest.raises(RunNotFound):
+                engine.get(handle.id)
+            with pytest.raises(RunNotFound):
+                await engine.fetch_run(handle.id)
+        release.set()
