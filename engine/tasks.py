@@ -160,6 +160,11 @@ def _lost_in_json(problems: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def params_model_of(fn: TaskFn, explicit: type[BaseModel] | None, name: str) -> type[BaseModel] | None:
     """Find the pydantic params model of a task function from its signature."""
+    if inspect.isasyncgenfunction(fn):
+        raise TaskDefinitionError(
+            f"task {name!r} is an async generator (it has a `yield`): a task returns its "
+            "result instead, and reports how far it got with `await ctx.progress(done, total)`"
+        )
     if not inspect.iscoroutinefunction(fn):
         raise TaskDefinitionError(
             f"task {name!r} must be an `async def` function taking (ctx, params); "
@@ -181,6 +186,11 @@ def params_model_of(fn: TaskFn, explicit: type[BaseModel] | None, name: str) -> 
             raise TaskDefinitionError(f"params= for task {name!r} must be a pydantic BaseModel subclass")
         return explicit
     if len(positional) < 2:
+        if explicit is None and _annotated_as_params(fn, positional[0].name, name):
+            raise TaskDefinitionError(
+                f"the first argument of task {name!r} receives the TaskContext, and its params "
+                f"come second: async def {fn.__name__}(ctx: TaskContext, {positional[0].name}: ...)"
+            )
         return None
     if len(positional) > 2:
         raise TaskDefinitionError(
@@ -194,6 +204,16 @@ def params_model_of(fn: TaskFn, explicit: type[BaseModel] | None, name: str) -> 
             f"a pydantic BaseModel subclass (got {model!r}), or pass params=Model to the decorator"
         )
     return model
+
+
+def _annotated_as_params(fn: TaskFn, param: str, name: str) -> bool:
+    """Whether ``param`` is annotated with a pydantic model (a ctx annotation that cannot be
+    resolved is none of this check's business)."""
+    try:
+        model = _resolve_annotation(fn, param, name)
+    except Exception:  # noqa: BLE001 - TaskDefinitionError, or a hint typing cannot evaluate
+        return False
+    return isinstance(model, type) and issubclass(model, BaseModel)
 
 
 def _resolve_annotation(fn: TaskFn, param: str, name: str) -> Any:

@@ -147,6 +147,26 @@ async def test_task_definition_errors() -> None:
     with pytest.raises(TaskDefinitionError):
         engine.task(untyped)
 
+    # each error says what is wrong with this function, and nothing was registered
+    async def streams(ctx: TaskContext):  # type: ignore[no-untyped-def]
+        yield 1
+
+    with pytest.raises(TaskDefinitionError, match="async generator .* returns its result instead"):
+        engine.task(streams)
+
+    class Page(BaseModel):
+        n: int
+
+    async def no_ctx(params: Page) -> None: ...
+
+    with pytest.raises(TaskDefinitionError, match=r"receives the TaskContext.*no_ctx\(ctx: TaskContext, params: \.\.\.\)"):
+        engine.task(no_ctx)
+
+    async def ctx_only(ctx: TaskContext) -> None: ...
+
+    engine.task(ctx_only)  # one argument annotated as the context is the ordinary no-params task
+    assert [spec.name for spec in engine.catalog()] == ["ctx_only"]
+
 
 async def test_queue_full_names_the_limit_and_keeps_nothing_extra() -> None:
     engine = make_engine(max_concurrency=1, max_queue=3)
