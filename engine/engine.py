@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
@@ -76,10 +77,11 @@ from .store import (
     Page,
     PostgresStore,
     Store,
+    StoredRun,
     StoreError,
     make_store,
 )
-from .store.base import new_run_id
+from .store.base import gone_incarnations, new_run_id
 from .supervisor import Supervisor, WorkerInfo
 from .tasks import TaskFn, TaskInfo, TaskSpec, params_model_of
 from .triggers import Trigger, TriggerFire, TriggerState
@@ -612,6 +614,25 @@ class Engine:
         records = [r for page in pages for r in page.runs if not (r.id in seen or seen.add(r.id))]  # type: ignore[func-returns-value]
         for stored in sorted(records, key=lambda r: r.created_at):
             self._index.add(Run.from_record(stored.to_record(), self._tasks.get(stored.task)))
+        await self._tell_of_runs_left_waiting(records)
+
+    async def _tell_of_runs_left_waiting(self, records: list[StoredRun]) -> None:
+        """Say so when pending runs in the store are of tasks this node does not run (a task
+        removed from the code, or missing a resource): they wait until a node runs them."""
+        waiting = Counter(r.task for r in records if r.status is RunStatus.PENDING and r.task not in self._limits)
+        if not waiting:
+            return
+        now = self._store.clock()
+        gone = gone_incarnations(nodes := await self._store.nodes(), now, self._store.node_ttl)
+        others = [n for n in nodes if n.incarnation != self.incarnation and n.incarnation not in gone]
+        # on a store other live nodes share, those may run them: worth a line, not a warning
+        log.log(
+            logging.INFO if others else logging.WARNING,
+            "%d pending run(s) in %s are of tasks node %s does not run (%s): they wait for a node "
+            "that registers the task (with the resources it requires); register it, or cancel them",
+            sum(waiting.values()), self._store.describe(), self.node_id,
+            ", ".join(f"{task!r}: {n}" for task, n in waiting.most_common()),
+        )
 
     def _services_in_start_order(self) -> list[Any]:
         # leadership first so leader-only workers see the outcome of the first

@@ -756,3 +756,32 @@ def test_a_lease_given_to_the_engine_and_otherwise_to_its_store_is_refused(tmp_p
         Engine(store=f"sqlite:///{tmp_path / 'b.db'}?lease_ttl=5", lease_ttl=10.0)
     same = Engine(store=f"sqlite:///{tmp_path / 'c.db'}?lease_ttl=5", lease_ttl=5.0, health_interval=None)
     assert same.lease_ttl == 5.0
+
+
+async def test_a_start_says_so_when_pending_runs_are_of_a_task_it_no_longer_has(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    before = Engine(store=url, node_id="n1", max_concurrency=1, health_interval=None)
+    release = asyncio.Event()
+
+    @before.task
+    async def hold(ctx: TaskContext) -> None:
+        await release.wait()
+
+    @before.task
+    async def old_task(ctx: TaskContext) -> None: ...
+
+    await before.start()
+    busy = await before.submit("hold")  # the one slot: what comes next waits
+    await eventually(lambda: before.get(busy.id).status.value == "running", timeout=5)
+    waiting = [await before.submit("old_task") for _ in range(3)]
+    await before.stop(timeout=0)  # hold is cut short: pending again, as the rest
+    # the next version of the code has neither task
+    after = Engine(store=url, node_id="n1", health_interval=None)
+    caplog.set_level("INFO", logger="taskwatch.engine")
+    async with after:
+        said = [r.getMessage() for r in caplog.records if "does not run" in r.getMessage()]
+        assert len(said) == 1 and "4 pending run(s)" in said[0] and "('old_task': 3, 'hold': 1)" in said[0]
+        assert [r.levelname for r in caplog.records if "does not run" in r.getMessage()] == ["WARNING"]
+        assert [after.get(h.id).status.value for h in [busy, *waiting]] == ["pending"] * 4  # kept, not failed
