@@ -24,10 +24,10 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from .errors import InvalidConfiguration
-from .events import BaseEvent, EventsDropped
+from .events import BaseEvent, Event, EventsDropped
 from .trusted import FAST, new, set_dict, set_extra, set_fields_set, set_private
 
 log = logging.getLogger("taskwatch.bus")
@@ -100,7 +100,7 @@ class Posted:
     def kind(self) -> str:
         return self.shape.kind
 
-    def get(self) -> BaseEvent:
+    def get(self) -> Event:
         """The event, built now by the first reader.
 
         Posted fields come from the engine itself, already of their declared
@@ -134,7 +134,7 @@ class Posted:
         return event  # type: ignore[return-value]
 
 
-def built(item: BaseEvent | Posted) -> BaseEvent:
+def built(item: BaseEvent | Posted) -> Event:
     """The event itself, built now if it was posted unbuilt (safe from any thread)."""
     return item.get() if type(item) is Posted else item  # type: ignore[union-attr,return-value]
 
@@ -321,9 +321,11 @@ class Subscription:
         """Events buffered and not yet read."""
         return self._buffer.pending
 
-    def get_batch(self, limit: int | None = None) -> list[BaseEvent]:
+    def get_batch(self, limit: int | None = None) -> list[Event]:
         """Take up to ``limit`` buffered items (events and drop notices) without waiting."""
-        return self._buffer.take(limit)
+        # the buffer is shared with the remote client, which fills it with BaseEvent; a bus
+        # buffers only its own events and drop notices, each a member of the Event union
+        return self._buffer.take(limit)  # type: ignore[return-value]
 
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait until an event is buffered or the bus closes. True if events are ready."""
@@ -351,13 +353,13 @@ class Subscription:
     def __aiter__(self) -> Subscription:
         return self
 
-    async def __anext__(self) -> BaseEvent:
+    async def __anext__(self) -> Event:
         buffer = self._buffer
         while not buffer._items:  # the deque itself: len(buffer) is a Python call per event
             if self.closed:
                 raise StopAsyncIteration
             await self.wait()
-        return buffer.take_one()
+        return buffer.take_one()  # type: ignore[return-value]  # a bus's own: see get_batch
 
     def close(self) -> None:
         if not self.closed:
@@ -451,7 +453,7 @@ class EventBus:
         if self._callbacks:
             self._call_back(item, kind)
 
-    def publish(self, event: BaseEvent) -> BaseEvent:
+    def publish(self, event: Event) -> Event:
         """Publish a ready-made event, restamping it with the next ``seq``."""
         self._seq += 1
         event = event.model_copy(update={"seq": self._seq, "node": event.node or self.node})
@@ -527,8 +529,25 @@ class EventBus:
             self._subs.append(sub)
         return sub
 
+    # a callback gets every event its ``kinds`` match: typed as any event (narrow on ``kind``),
+    # or declared for the one class the filter picks; with ``unbuilt``, posted events too
+    @overload
     def add_callback(
-        self, fn: Callable[[Any], Any], kinds: Iterable[str] | None = None, *, unbuilt: bool = False
+        self, fn: Callable[[Event], object], kinds: Iterable[str] | None = None, *, unbuilt: Literal[False] = False
+    ) -> Callable[[], None]: ...
+
+    @overload
+    def add_callback(
+        self, fn: Callable[[E], object], kinds: Iterable[str] | None = None, *, unbuilt: Literal[False] = False
+    ) -> Callable[[], None]: ...
+
+    @overload
+    def add_callback(
+        self, fn: Callable[[Event | Posted], object], kinds: Iterable[str] | None = None, *, unbuilt: Literal[True]
+    ) -> Callable[[], None]: ...
+
+    def add_callback(
+        self, fn: Callable[[Any], object], kinds: Iterable[str] | None = None, *, unbuilt: bool = False
     ) -> Callable[[], None]:
         """Call ``fn(event)`` synchronously for each event; returns an unsubscribe function.
 
@@ -547,7 +566,7 @@ class EventBus:
 
         return unsubscribe
 
-    def recent(self, limit: int | None = None) -> list[BaseEvent]:
+    def recent(self, limit: int | None = None) -> list[Event]:
         items = list(self._ring)
         return [built(item) for item in (items if limit is None else items[-limit:])]
 
