@@ -779,9 +779,11 @@ class Engine:
             check_key(f"task {spec.name!r}", key)
         return Run(self._new_id(), spec.name, spec, dumped, model, self.clock(), key, source, spec.retries + 1)
 
-    def _handle(self, run_id: str) -> RunHandle:
-        """A handle of a run that may be this node's: it keeps the entry, as the submitter's does,
-        so waiting on it works after the index has let the run go."""
+    def handle(self, run_id: str) -> RunHandle:
+        """A handle of the run ``run_id`` (one from before a restart, say, or another node's):
+        it keeps this node's entry of the run, as the submitter's does, so waiting on it works
+        after the index has let the run go. An id no store knows raises ``RunNotFound`` once
+        the handle is read or awaited."""
         return RunHandle(self, run_id, self._index.runs.get(run_id))
 
     def _key_holder(self, run: Run) -> Run | None:
@@ -916,11 +918,11 @@ class Engine:
             self._check_room()
             held = memory.admit(run, _on_lost(run))
             if held is not None:
-                return self._handle(held)  # another engine's pending run holds the key
+                return self.handle(held)  # another engine's pending run holds the key
         else:
             [inserted] = await self._insert([run])
             if not inserted.new:
-                return self._handle(inserted.id)  # another process's pending run holds the key
+                return self.handle(inserted.id)  # another process's pending run holds the key
         self._admitted(run)
         self._run.start_soon()
         return RunHandle(self, run.id, run)
@@ -971,7 +973,7 @@ class Engine:
                     admitted.append(run)
                 out.append(RunHandle(self, run.id, run))
             else:
-                out.append(self._handle(result.id))  # the run holding its key (maybe in this batch)
+                out.append(self.handle(result.id))  # the run holding its key (maybe in this batch)
         # every run is indexed before the first event goes out, and none starts before the
         # last: a bus callback that submits must find the whole batch where the store has it
         with self._run.starts_held():
@@ -1012,7 +1014,7 @@ class Engine:
             return RunHandle(self, run.id, run)
         held = memory.admit(run, _on_lost(run))
         if held is not None:
-            return self._handle(held)
+            return self.handle(held)
         self._admitted(run)
         self._run.start_soon()
         return RunHandle(self, run.id, run)

@@ -441,9 +441,27 @@ class Scheduler:
         store = self._engine.store
         for p in self._entries.values():
             p.last_fire = await store.get_periodic(p.name)
+            self._seed(p)
         self._running = True
         for p in self._entries.values():
             self._activate(p)
+
+    def _seed(self, p: _Periodic) -> None:
+        """Take up what the engine's index knows of ``p``'s runs (read back from a durable
+        store at a restart): its last finished run, and one still pending or running, which
+        the schedule shows going and the next slot waits for, as for a run fired here."""
+        engine = self._engine
+        for record in engine.runs(task=p.name, limit=None):  # newest first
+            if not record.status.finished:
+                if p.current is None and record.id not in self._inflight:
+                    p.current = handle = engine.handle(record.id)
+                    self._inflight[record.id] = (p, handle)
+            elif p.last_run_id is None:
+                p.last_run_id = record.id
+                p.last_status = record.status.value
+                p.last_started = record.started_at
+                p.last_duration = record.duration
+                break
 
     async def stop(self, deadline: float) -> None:
         """Cancel and await every loop; runs already submitted are the engine's to drain."""

@@ -785,3 +785,37 @@ async def test_a_start_says_so_when_pending_runs_are_of_a_task_it_no_longer_has(
         assert len(said) == 1 and "4 pending run(s)" in said[0] and "('old_task': 3, 'hold': 1)" in said[0]
         assert [r.levelname for r in caplog.records if "does not run" in r.getMessage()] == ["WARNING"]
         assert [after.get(h.id).status.value for h in [busy, *waiting]] == ["pending"] * 4  # kept, not failed
+
+
+async def test_a_restart_shows_the_periodic_tasks_run_still_going_and_then_its_last_run(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    release = asyncio.Event()
+
+    def engine_with_digest() -> Engine:
+        engine = Engine(store=url, node_id="n1", health_interval=None)
+
+        @engine.periodic(every=3600.0, name="digest")
+        async def digest(ctx: TaskContext) -> str:
+            await release.wait()
+            return "digested"
+
+        return engine
+
+    def shown(engine: Engine) -> tuple[str | None, str | None, str | None]:
+        info = next(p for p in engine.schedule() if p.name == "digest")
+        return info.running_run_id, info.last_run_id, info.last_status
+
+    first = engine_with_digest()
+    await first.start()
+    await eventually(lambda: shown(first)[0] is not None, timeout=5)
+    going = shown(first)[0]
+    await first.stop(timeout=0)  # cut short: pending again, for the next start
+    second = engine_with_digest()
+    async with second:
+        # shown going from the start (it is taken up again at once), not only once a slot finds it
+        assert shown(second) == (going, None, None)
+        release.set()
+        await eventually(lambda: shown(second) == (None, going, "succeeded"), timeout=5)
+    third = engine_with_digest()
+    async with third:
+        assert shown(third) == (None, going, "succeeded")  # the last run, as the store has it
