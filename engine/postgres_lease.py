@@ -53,14 +53,24 @@ _SETUP = [
     "CREATE SEQUENCE IF NOT EXISTS lease_terms",
 ]
 
-#: free, expired or already the caller's: take it, with a new term
+#: free, expired or already the caller's: take it, with a new term. A term is drawn only
+#: when the lease is taken (an INSERT ... ON CONFLICT draws one on every try): terms then
+#: count the leaders, and a follower's tries do not make the next leader's term jump
 _ACQUIRE = f"""
-INSERT INTO leases AS l (name, holder, term, expires_at)
-VALUES ($1, $2, nextval('lease_terms'), {_NOW} + $3)
-ON CONFLICT (name) DO UPDATE
-SET holder = excluded.holder, term = excluded.term, expires_at = excluded.expires_at
-WHERE l.holder IS NULL OR l.expires_at <= {_NOW} OR l.holder = excluded.holder
-RETURNING term, expires_at, {_NOW}"""
+WITH taken AS (
+    UPDATE leases SET holder = $2, term = nextval('lease_terms'), expires_at = {_NOW} + $3
+    WHERE name = $1 AND (holder IS NULL OR expires_at <= {_NOW} OR holder = $2)
+    RETURNING term, expires_at
+), made AS (
+    INSERT INTO leases (name, holder, term, expires_at)
+    SELECT $1, $2, nextval('lease_terms'), {_NOW} + $3
+    WHERE NOT EXISTS (SELECT 1 FROM leases WHERE name = $1)
+    ON CONFLICT (name) DO NOTHING
+    RETURNING term, expires_at
+)
+SELECT term, expires_at, {_NOW} FROM taken
+UNION ALL
+SELECT term, expires_at, {_NOW} FROM made"""
 
 _RENEW = f"""
 UPDATE leases SET expires_at = {_NOW} + $4
