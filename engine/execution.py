@@ -541,10 +541,10 @@ class Execution:
             except TimeoutError as exc:
                 # the run's own timeout, not a TimeoutError the task raised itself
                 if window is not None and window.expired() and run.cancel_reason is None:
-                    error = RunError(
-                        type="TimeoutError",
-                        message=f"run exceeded its {spec.timeout:g} s timeout",
-                        traceback=RunError.from_exception(exc).traceback,
+                    cause = exc.__cause__
+                    error = RunError.timed_out(
+                        f"run exceeded its {spec.timeout:g} s timeout",
+                        cause if isinstance(cause, asyncio.CancelledError) else exc,
                     )
                 else:
                     error = RunError.from_exception(exc)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import traceback
 from enum import StrEnum
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -83,14 +84,29 @@ class RunError(BaseModel):
         The leading frames are the engine's own (the loop that awaited the
         task), which tell a user nothing about their failure, so they are cut.
         """
-        tb = exc.__traceback__
-        while tb is not None and tb.tb_next is not None and _is_engine_frame(tb.tb_frame.f_code.co_filename):
-            tb = tb.tb_next
         return cls(
             type=type(exc).__qualname__,
             message=safe_str(exc),
-            traceback=safe_text("".join(traceback.format_exception(type(exc), exc, tb))),
+            traceback=safe_text("".join(traceback.format_exception(type(exc), exc, _from_user_code(exc.__traceback__)))),
         )
+
+    @classmethod
+    def timed_out(cls, message: str, waiting: BaseException) -> RunError:
+        """A run its timeout cut short; ``waiting`` is the cancel that reached the task, so the
+        traceback shows the line the task was waiting on then (not asyncio's timeout machinery)."""
+        frames = traceback.format_tb(_from_user_code(waiting.__traceback__))
+        return cls(
+            type="TimeoutError",
+            message=message,
+            traceback=safe_text(f"Traceback (most recent call last):\n{''.join(frames)}TimeoutError: {message}\n"),
+        )
+
+
+def _from_user_code(tb: TracebackType | None) -> TracebackType | None:
+    """``tb`` without its leading frames of the engine's own (the loop that awaited the task)."""
+    while tb is not None and tb.tb_next is not None and _is_engine_frame(tb.tb_frame.f_code.co_filename):
+        tb = tb.tb_next
+    return tb
 
 
 _ENGINE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep

@@ -314,6 +314,10 @@ async def test_timeout_fails_the_run_with_a_clear_error() -> None:
     assert run.status is RunStatus.FAILED
     assert run.error is not None and run.error.type == "TimeoutError"
     assert "0.05 s timeout" in run.error.message
+    # where the task was waiting when its time was up, and nothing of the engine's
+    shown = run.error.traceback or ""
+    assert "in sleepy\n    await asyncio.Event().wait()" in shown and "engine/" not in shown
+    assert shown.endswith("TimeoutError: run exceeded its 0.05 s timeout\n")
 
 
 async def test_a_timeout_the_task_raised_itself_is_not_called_the_runs_timeout() -> None:
