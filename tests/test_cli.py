@@ -245,3 +245,91 @@ def test_web_on_port_0_prints_the_port_it_listens_on() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_serve_with_a_short_token_says_where_a_generated_one_is_shown() -> None:
+    # the dashboard shows a generated token only in its "Attach command" dialog: never printed
+    result = taskwatch("--serve", "tcp://127.0.0.1:0", env={"TASKWATCH_TOKEN": "short"}, timeout=30)
+    assert_one_clear_line(result, "the control token is 5 bytes; it must be at least 16")
+    assert '"Attach command" dialog' in result.stderr and "printed" not in result.stderr
+
+
+#: each `attach` address kind (every spelling `attach` takes) and the options that apply to it
+ATTACH_ADDRESSES: dict[str, tuple[list[str], set[str]]] = {
+    "engine": (
+        ["tcp://127.0.0.1:1", "unix:/tmp/tw-none.sock", "unix:///tmp/tw-none.sock", "/tmp/tw-none.sock"],
+        {"--token", "--token-file", "--no-confirm"},
+    ),
+    "redis": (["redis://127.0.0.1:1/0", "rediss://127.0.0.1:1/0"], {"--stream"}),
+    "postgresql": (["postgresql://u:pw@127.0.0.1:1/db", "postgres://u@127.0.0.1:1/db"], {"--lease", "--no-confirm"}),
+}
+ATTACH_OPTIONS: dict[str, list[str]] = {
+    "--stream": ["--stream", "mykey"],
+    "--lease": ["--lease", "myleader"],
+    "--token": ["--token", "x" * 32],
+    "--token-file": ["--token-file", "/no/such/token-file"],  # refused before it is read
+    "--no-confirm": ["--no-confirm"],
+}
+APPLIES_TO = {
+    "--stream": "applies only to redis:// addresses",
+    "--lease": "applies only to postgresql:// addresses",
+    "--token": "applies only to an engine's tcp:// or Unix socket address",
+    "--token-file": "applies only to an engine's tcp:// or Unix socket address",
+    "--no-confirm": "applies only to dashboards that cancel runs",
+}
+
+
+KIND_NAMES = {
+    "engine": "not to an engine's address (tcp:// or a Unix socket)",
+    "redis": "not to a redis:// address",
+    "postgresql": "not to a postgresql:// address",
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "address", "option"),
+    [
+        (kind, address, option)
+        for kind, (addresses, applies) in ATTACH_ADDRESSES.items()
+        for address in addresses
+        for option in ATTACH_OPTIONS
+        if option not in applies
+    ],
+)
+def test_an_attach_option_the_address_would_ignore_is_one_clear_line(kind: str, address: str, option: str) -> None:
+    """Refused before connecting: nothing listens at these addresses, and no dashboard starts."""
+    result = taskwatch("attach", address, *ATTACH_OPTIONS[option], timeout=30)
+    assert_one_clear_line(result, f"{option} {APPLIES_TO[option]}")
+    assert KIND_NAMES[kind] in result.stderr, result.stderr
+    assert "pw" not in result.stderr  # the address is named by its kind, never echoed with its password
+
+
+def test_every_attach_option_is_taken_where_it_applies() -> None:
+    from taskwatch.tui.cli import ATTACH_OPTION_KINDS, check_attach_options
+
+    assert set(ATTACH_OPTION_KINDS) == set(ATTACH_OPTIONS)  # a new option gets a row in the test above
+    for addresses, applies in ATTACH_ADDRESSES.values():
+        for address in addresses:
+            check_attach_options(address, sorted(applies))
+
+
+def test_an_engine_address_reads_the_token_file_it_is_given() -> None:
+    # --token-file is taken with an engine's address: the file is read (here, and missing)
+    result = taskwatch("attach", "tcp://127.0.0.1:1", "--token-file", "/no/such/token-file", timeout=30)
+    assert_one_clear_line(result, "cannot read token file /no/such/token-file")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["web", "attach", "redis://127.0.0.1:1/0", "--token", "x" * 32], "--token applies only to an engine's"),
+        (["web", "attach", "postgresql://127.0.0.1:1/db", "--token-file", "/no/such"], "--token-file applies only"),
+        (["web", "examples.service", "--token", "x" * 32], "--token goes with `taskwatch web attach ADDRESS`"),
+        (["web", "--token-file", "/no/such"], "--token-file goes with `taskwatch web attach ADDRESS`"),
+        (["--token", "x" * 32], "--token goes with --serve"),
+        (["examples.service", "--plain", "--token-file", "/no/such"], "--token-file goes with --serve"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_a_token_option_nothing_would_use_is_one_clear_line(args: list[str], message: str) -> None:
+    assert_one_clear_line(taskwatch(*args, timeout=30), message)

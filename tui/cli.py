@@ -4,7 +4,7 @@
     taskwatch PACKAGE.MODULE[:ATTR]    your Engine (or a function returning one) + dashboard;
                                        ATTR defaults to `engine`, as uvicorn looks for `app`
     taskwatch attach ADDRESS [--token-file PATH]      (or $TASKWATCH_TOKEN)
-    taskwatch attach postgresql://... | redis://...   the whole cluster
+    taskwatch attach postgresql://... [--lease NAME] | redis://... [--stream KEY]   the whole cluster
     taskwatch web [APP | attach ADDRESS [--token-file PATH]] [--host H] [--port P]
     taskwatch [APP] --plain [--seconds S]   the demo's (or APP's) events printed, no dashboard
 
@@ -24,7 +24,7 @@ import shlex
 import stat
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from taskwatch.engine import Engine, TaskwatchError, WeakToken, __version__
 from taskwatch.engine.server import MIN_TOKEN_BYTES
@@ -123,6 +123,9 @@ def _main_parser() -> argparse.ArgumentParser:
 
 
 TOKEN_ENV = "TASKWATCH_TOKEN"
+#: `attach redis://`'s stream and `attach postgresql://`'s lease when not given (the engine's defaults)
+DEFAULT_STREAM = "taskwatch:events"
+DEFAULT_LEASE = "leader"
 
 
 def _add_confirm_option(parser: argparse.ArgumentParser) -> None:
@@ -160,9 +163,14 @@ def _attach_parser() -> argparse.ArgumentParser:
         "on PostgreSQL (its nodes, runs and events: nodes made with events='postgres'), or "
         "redis://HOST:PORT/DB for the cluster's events (engines made with events='redis://...')",
     )
-    parser.add_argument("--stream", default="taskwatch:events", help="with redis://: the event stream's key")
+    # None when not given, so that one given where it does not apply is refused, not ignored
     parser.add_argument(
-        "--lease", default="leader", help="with postgresql://: the name of the nodes' PostgresLease ('' for none)"
+        "--stream", default=None, help=f"with redis://: the event stream's key (default {DEFAULT_STREAM})"
+    )
+    parser.add_argument(
+        "--lease",
+        default=None,
+        help=f"with postgresql://: the name of the nodes' PostgresLease (default {DEFAULT_LEASE}; '' for none)",
     )
     _add_token_options(parser)
     _add_confirm_option(parser)
@@ -246,11 +254,68 @@ def check_serve_address(address: str, token: str | None) -> None:
         raise WeakToken(len(token.encode()), MIN_TOKEN_BYTES)
 
 
+def weak_token_message(exc: WeakToken) -> str:
+    """:class:`WeakToken`'s advice as it is true for ``taskwatch --serve``.
+
+    The library announces a generated token when it serves; the dashboard shows it only in
+    its "Attach command" dialog, never on a line of output, so the error's own wording
+    ("generated and printed") would send the user looking for it in the terminal.
+    """
+    return (
+        f"the control token is {exc.length} bytes; it must be at least {exc.minimum}. Use "
+        "secrets.token_urlsafe(32), or give no token (over TCP the dashboard then makes one and shows "
+        'it only in its "Attach command" dialog, ctrl+p; a Unix socket is already private to your user)'
+    )
+
+
+AttachKind = Literal["engine", "redis", "postgresql"]
+
+#: how messages name each kind of `attach` address (never the address: a URL may hold a password)
+_ATTACH_KIND_NAMES: dict[AttachKind, str] = {
+    "engine": "an engine's address (tcp:// or a Unix socket)",
+    "redis": "a redis:// address",
+    "postgresql": "a postgresql:// address",
+}
+_ENGINE_ONLY = "an engine's tcp:// or Unix socket address (redis:// and postgresql:// take credentials in the URL)"
+#: each `attach` option, the address kinds it applies to, and those kinds in words
+ATTACH_OPTION_KINDS: dict[str, tuple[frozenset[AttachKind], str]] = {
+    "--stream": (frozenset({"redis"}), "redis:// addresses (the key of the cluster's event stream)"),
+    "--lease": (frozenset({"postgresql"}), "postgresql:// addresses (the name of the nodes' lease)"),
+    "--token": (frozenset({"engine"}), _ENGINE_ONLY),
+    "--token-file": (frozenset({"engine"}), _ENGINE_ONLY),
+    "--no-confirm": (
+        frozenset({"engine", "postgresql"}),
+        "dashboards that cancel runs (on an engine's tcp:// or Unix socket address, or postgresql://; "
+        "redis:// shows events only)",
+    ),
+}
+
+
+def attach_kind(address: str) -> AttachKind:
+    if address.startswith(("redis://", "rediss://")):
+        return "redis"
+    if address.startswith(("postgresql://", "postgres://")):
+        return "postgresql"
+    return "engine"
+
+
 def check_attach_address(address: str) -> None:
     """Raise ``ValueError`` unless ``address`` is something ``attach`` can connect to."""
-    if address.startswith(("redis://", "rediss://", "postgresql://", "postgres://")):
-        return
-    parse_address(address)
+    if attach_kind(address) == "engine":
+        parse_address(address)
+
+
+def check_attach_options(address: str, given: Sequence[str]) -> None:
+    """Raise ``ValueError`` naming the first of the ``given`` options that ``address`` would ignore."""
+    kind = attach_kind(address)
+    for option in given:
+        kinds, applies_to = ATTACH_OPTION_KINDS[option]
+        if kind not in kinds:
+            raise ValueError(f"{option} applies only to {applies_to}, not to {_ATTACH_KIND_NAMES[kind]}")
+
+
+def _given_token_options(opts: argparse.Namespace) -> list[str]:
+    return [name for name, value in (("--token", opts.token), ("--token-file", opts.token_file)) if value is not None]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -269,10 +334,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         for given, name in ((opts.store, "--store"), (opts.seed, "--seed")):
             if given is not None:
                 return fail(f"{name} is for the demo; {opts.app} builds its own Engine (and says where its runs live)")
+    if not opts.serve and (token_options := _given_token_options(opts)):
+        return fail(
+            f"{token_options[0]} goes with --serve (the token `taskwatch attach` must give); "
+            "nothing is served without it"
+        )
     try:
         token = resolve_token(opts) if opts.serve else None
         if opts.serve:
             check_serve_address(opts.serve, token)
+    except WeakToken as exc:
+        return fail(weak_token_message(exc))
     except (TokenError, ValueError) as exc:
         return fail(str(exc))
     if opts.app:
@@ -336,14 +408,26 @@ def _run_local(engine: Engine, serve: str | None, *, confirm: bool = True, token
 
 
 def _attach(opts: argparse.Namespace) -> int:
-    if opts.address.startswith(("redis://", "rediss://")):
-        return _attach_cluster(opts.address, opts.stream)
-    if opts.address.startswith(("postgresql://", "postgres://")):
-        return _attach_database(opts.address, opts.lease, confirm=opts.confirm)
+    given = [
+        *(["--stream"] if opts.stream is not None else []),
+        *(["--lease"] if opts.lease is not None else []),
+        *_given_token_options(opts),
+        *(["--no-confirm"] if not opts.confirm else []),
+    ]
     try:
+        # before connecting: an option the address would ignore is refused, not dropped
         check_attach_address(opts.address)
+        check_attach_options(opts.address, given)
+    except ValueError as exc:
+        return fail(str(exc))
+    kind = attach_kind(opts.address)
+    if kind == "redis":
+        return _attach_cluster(opts.address, DEFAULT_STREAM if opts.stream is None else opts.stream)
+    if kind == "postgresql":
+        return _attach_database(opts.address, DEFAULT_LEASE if opts.lease is None else opts.lease, confirm=opts.confirm)
+    try:
         token = resolve_token(opts)
-    except (TokenError, ValueError) as exc:
+    except TokenError as exc:
         return fail(str(exc))
     from .app import TaskwatchApp
     from .remote_client import RemoteClient
@@ -385,17 +469,15 @@ def _web(opts: argparse.Namespace) -> int:
         from . import web
     except ImportError:
         return fail("`taskwatch web` needs textual-serve: pip install 'taskwatch[web]'")
-    try:
-        token = resolve_token(opts)
-    except TokenError as exc:
-        return fail(str(exc))
     command = [sys.executable, "-m", "taskwatch.tui"]
     if opts.target[:1] == ["attach"]:
         if len(opts.target) != 2:
             return fail("usage: taskwatch web attach ADDRESS [--token-file PATH]")
         try:
             check_attach_address(opts.target[1])
-        except ValueError as exc:
+            check_attach_options(opts.target[1], _given_token_options(opts))
+            token = resolve_token(opts)
+        except (TokenError, ValueError) as exc:
             return fail(str(exc))
         command += ["attach", opts.target[1]]
         if token:
@@ -404,6 +486,9 @@ def _web(opts: argparse.Namespace) -> int:
             os.environ[TOKEN_ENV] = token
     elif len(opts.target) > 1:
         return fail(f"unexpected arguments {' '.join(opts.target[1:])!r}; usage: taskwatch web [APP | attach ADDRESS]")
+    elif given := _given_token_options(opts):
+        # the dashboard runs the engine itself here: there is no server to give a token to
+        return fail(f"{given[0]} goes with `taskwatch web attach ADDRESS` (an engine's tcp:// or Unix socket address)")
     elif opts.target:
         command += [opts.target[0]]
     if not 0 <= opts.port <= 65535:
