@@ -392,8 +392,8 @@ class WeakToken(TaskwatchError, ValueError):
         self.minimum = minimum
         super().__init__(
             f"the control token is {length} bytes; it must be at least {minimum}. Use "
-            "secrets.token_urlsafe(32), or omit the token (over TCP one is then generated and "
-            "printed; a Unix socket is already private to your user)"
+            "secrets.token_urlsafe(32), or omit the token (over TCP one is then generated: the "
+            "server's .token; a Unix socket is already private to your user)"
         )
 
 

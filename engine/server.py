@@ -332,7 +332,7 @@ class ControlServer:
         Authenticated clients served at once; one more is told so after its
         hello, counted (``refused``) and closed.
     announce:
-        Print the address (and the token, if it was generated here) once started.
+        Print the address once started (never the token: a generated one is ``.token``).
     """
 
     def __init__(
@@ -474,8 +474,9 @@ class ControlServer:
         else:
             await self._start_unix(Path(target.path))
         if self.announce:
-            # only a token made here: one the caller chose (from a secret store, say) stays out of logs
-            extra = f" (token: {self.token})" if self.token and self._generated else ""
+            # never the token itself: a service's standard output is its log, and a log is read
+            # by more people than may drive the engine
+            extra = " (with a token made here: the returned server's .token)" if self.token and self._generated else ""
             print(f"taskwatch: engine {self.engine.node_id} serving at {self._address}{extra}", flush=True)
 
     async def _start_tcp(self, target: TcpAddress) -> None:
