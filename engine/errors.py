@@ -499,6 +499,22 @@ class SchemaTooNew(StoreError):
         )
 
 
+class NotATaskwatchStore(StoreError):
+    """The store's file already holds another application's tables: taskwatch refuses it whole."""
+
+    def __init__(self, where: str, tables: Iterable[str]) -> None:
+        self.where = where
+        self.tables = list(tables)
+        shown = ", ".join(self.tables[:10])
+        if len(self.tables) > 10:
+            shown += f" and {len(self.tables) - 10} more"
+        super().__init__(
+            f"the run store {where} is not a taskwatch database: it has tables taskwatch did not "
+            f"create ({shown}); nothing was changed. Give taskwatch a file of its own, e.g. a new "
+            "path (sqlite:///taskwatch.db), which is created at start"
+        )
+
+
 class StoreClosed(StoreError, RuntimeError):
     """An operation reached a store that is not open."""
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from taskwatch.engine.errors import QueueFull
+from taskwatch.engine.errors import NotATaskwatchStore, QueueFull, StoreUnavailable
 from taskwatch.engine.runs import RunStatus
 from taskwatch.engine.store import NewRun, SchemaTooNew, SqliteStore, StoreClosed, Succeeded, make_store
 from taskwatch.engine.store.queries import SCHEMA_VERSION
@@ -294,3 +294,124 @@ async def test_three_slashes_are_relative_four_absolute_and_both_are_named_by_th
         async with store:
             await store.insert([NewRun("a", {})])
         assert where.is_file()
+
+
+# ---------------------------------------------------------------- files and folders it must refuse
+
+
+def _listing(root: Path) -> dict[str, bytes | None]:
+    """Every path under root, with a file's bytes: what a refused open must leave as it was."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() and not p.is_symlink() else None
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize("below", ["data/runs.db", "data/sub/runs.db", "link/runs.db"])
+async def test_a_file_where_a_folder_should_be_is_refused_naming_it_and_nothing_is_created(
+    tmp_path: Path, below: str
+) -> None:
+    (tmp_path / "data").write_text("a file, not a folder\n")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    before, threads = _listing(tmp_path), set(_store_threads())
+    store = make_store(f"sqlite:///{tmp_path}/{below}")
+    with pytest.raises(StoreUnavailable) as info:
+        await store.open()
+    message = str(info.value)
+    assert repr(str(tmp_path / below)) in message  # the file, by its full path
+    if below.startswith("link"):
+        assert f"{str(tmp_path / 'link')!r} is a link to {str(tmp_path / 'nowhere')!r}, which is not a folder" in message
+    else:
+        assert f"{str(tmp_path / 'data')!r} is a file, not a folder" in message
+        assert "Move or rename that file" in message
+    assert _listing(tmp_path) == before
+    assert set(_store_threads()) == threads
+
+
+def test_a_folder_this_user_may_not_write_in_is_refused_naming_it(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    opener = (
+        "import asyncio, sys\n"
+        "from taskwatch.engine.store import make_store\n"
+        "try:\n"
+        "    asyncio.run(make_store(sys.argv[1]).open())\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    command = [sys.executable, "-c", opener, f"sqlite:///{locked}/sub/runs.db"]
+    if os.geteuid() == 0:
+        # root writes anywhere while it holds these capabilities: the opener runs without them
+        caps = "-dac_override,-dac_read_search,-fowner"
+        command = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", "--", *command]
+    try:
+        said = subprocess.run(command, capture_output=True, text=True, timeout=60).stdout
+        assert said.startswith("StoreUnavailable "), said
+        assert f"cannot create its folder {str(locked / 'sub')!r}: this user may not write in {str(locked)!r}" in said
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        # another application that happens to keep its own runs
+        ["CREATE TABLE runs (id INTEGER PRIMARY KEY, foo TEXT)", "CREATE TABLE users (name TEXT)"],
+        # Rails keeps a schema_migrations table too, with other columns
+        ["CREATE TABLE schema_migrations (version TEXT PRIMARY KEY)", "CREATE TABLE users (name TEXT)"],
+    ],
+)
+async def test_another_applications_file_is_refused_naming_its_tables_and_left_as_it_was(
+    tmp_path: Path, schema: list[str]
+) -> None:
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path)
+    for sql in schema:
+        conn.execute(sql)
+    conn.execute("INSERT INTO users VALUES ('ada')")
+    conn.commit()
+    conn.close()
+    before, threads = _listing(tmp_path), set(_store_threads())
+    with pytest.raises(NotATaskwatchStore) as info:
+        await SqliteStore(path).open()
+    tables = sorted(sql.split()[2] for sql in schema)
+    assert info.value.tables == tables
+    assert f"{str(path)!r} is not a taskwatch database: it has tables taskwatch did not create ({', '.join(tables)})" in str(info.value)
+    assert "a file of its own" in str(info.value)
+    # byte for byte, journal mode included, and no -wal or -shm file beside it
+    assert _listing(tmp_path) == before
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert set(_store_threads()) == threads
+
+
+async def test_a_taskwatch_file_with_a_table_of_the_users_own_still_opens(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    async with SqliteStore(path) as store:
+        await store.insert([NewRun("a")])
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+    async with SqliteStore(path) as store:
+        assert (await store.counts()).pending == 1
+
+
+async def test_a_failure_at_open_says_to_start_again_and_a_later_one_that_no_restart_is_needed(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database, " * 512)
+    with pytest.raises(StoreUnavailable, match="then start the engine again$"):
+        await SqliteStore(garbage).open()
+
+    async with SqliteStore(tmp_path / "runs.db") as store:
+        await store.insert([NewRun("a")])
+        # a full disk, as SQLite sees it: the file may not grow past the pages it has
+        pages = await _pragma(store, "page_count")
+        await _pragma(store, f"max_page_count={pages}")
+        with pytest.raises(StoreUnavailable, match="full") as info:
+            await store.insert([NewRun("a", {"blob": "x" * 200_000})])
+        assert "restart" not in str(info.value).replace("no restart is needed", "")
+        assert "no restart is needed once it is fixed" in str(info.value)
+        await _pragma(store, f"max_page_count={1 << 30}")  # space freed: the same open store carries on
+        await store.insert([NewRun("a", {"blob": "x" * 200_000})])
+        assert (await store.counts()).pending == 2

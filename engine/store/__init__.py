@@ -22,6 +22,7 @@ from .base import Store, Subscription
 from ..errors import (
     DuplicateRunId,
     InvalidConfiguration,
+    NotATaskwatchStore,
     SchemaTooNew,
     StoreBusy,
     StoreClosed,
@@ -74,6 +75,7 @@ __all__ = [
     "PostgresStore",
     "Recovered",
     "Retry",
+    "NotATaskwatchStore",
     "SchemaTooNew",
     "SqliteStore",
     "Store",

@@ -2,6 +2,7 @@
 
 from ..errors import (
     DuplicateRunId,
+    NotATaskwatchStore,
     SchemaTooNew,
     StoreBusy,
     StoreClosed,
@@ -14,6 +15,7 @@ from ..errors import (
 
 __all__ = [
     "DuplicateRunId",
+    "NotATaskwatchStore",
     "SchemaTooNew",
     "StoreBusy",
     "StoreClosed",

@@ -22,7 +22,17 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal
 
-from ..errors import DuplicateRunId, QueueFull, RunNotFound, SchemaTooNew, StoreBusy, StoreClosed, StoreError, StoreUnavailable
+from ..errors import (
+    DuplicateRunId,
+    NotATaskwatchStore,
+    QueueFull,
+    RunNotFound,
+    SchemaTooNew,
+    StoreBusy,
+    StoreClosed,
+    StoreError,
+    StoreUnavailable,
+)
 from ..options import SqliteOptions, check_options
 from ..runs import CancelReason, Progress, RunStatus, run_status
 from . import queries as Q
@@ -60,6 +70,19 @@ _CLAIM_CANDIDATES = Q.for_sqlite(Q.CLAIM_CANDIDATES)
 _RUNNING_CLAIMS = Q.for_sqlite(Q.RUNNING_CLAIMS)
 _QUEUE_JOBS = Q.for_sqlite(Q.QUEUE_JOBS)
 
+#: the file's own tables and views (SQLite's internal ``sqlite_*`` ones aside)
+_FILE_TABLES = (
+    "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') "
+    "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name"
+)
+#: the columns of taskwatch's schema_migrations (Rails' and golang-migrate's differ)
+_LEDGER_COLUMNS = {"version", "name", "applied_at"}
+
+#: what to do when the file fails: at open, the engine did not start; later, the writer
+#: thread carries on and the next operation tries the file again (a full disk freed, say)
+_OPEN_ADVICE = "Check the disk and the file, then start the engine again"
+_LATER_ADVICE = "Check the disk and the file; later operations try it again, so no restart is needed once it is fixed"
+
 
 class _Tx:
     """What one transaction accumulates for after its commit: totals and wakeups."""
@@ -85,6 +108,16 @@ _VALUES = {status: status.value for status in RunStatus}
 
 #: (operation, its arguments, the caller's future, whether it writes, whether it is one statement)
 _Op = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]", bool, bool]
+
+
+def _remove_folders(created: list[str]) -> None:
+    """Remove folders an open made before it failed, innermost first; one that is no longer
+    empty (another process's file landed in it) stays."""
+    for folder in reversed(created):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 class SqliteStore(Store):
@@ -139,8 +172,7 @@ class SqliteStore(Store):
     async def open(self) -> None:
         if self._thread is not None:
             return
-        parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, exist_ok=True)  # sqlite:///.taskwatch/app.db on a fresh checkout
+        created = self._make_folders()  # sqlite:///.taskwatch/app.db on a fresh checkout
         self._loop = asyncio.get_running_loop()
         self._closing = False
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -160,8 +192,60 @@ class SqliteStore(Store):
         except BaseException:
             await asyncio.wrap_future(self._exited)
             thread.join()
+            _remove_folders(created)
             raise
         self._thread = thread
+
+    def _make_folders(self) -> list[str]:
+        """Create the file's missing folders and return them, outermost first.
+
+        A folder that cannot be created raises :class:`StoreUnavailable` saying why, after
+        removing the folders this call made: a refused start leaves nothing behind.
+        """
+        missing: list[str] = []
+        folder = os.path.dirname(self._full_path)
+        while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+            missing.append(folder)
+            folder = os.path.dirname(folder)
+        created: list[str] = []
+        for folder in reversed(missing):
+            try:
+                os.mkdir(folder)
+            except FileExistsError as exc:
+                if os.path.isdir(folder):
+                    continue  # another process made it meanwhile
+                _remove_folders(created)
+                raise self._folder_error(folder, exc) from exc
+            except OSError as exc:
+                _remove_folders(created)
+                raise self._folder_error(folder, exc) from exc
+            created.append(folder)
+        return created
+
+    def _folder_error(self, folder: str, exc: OSError) -> StoreUnavailable:
+        if os.path.islink(folder):
+            return StoreUnavailable(
+                self._where,
+                f"cannot create its folder: {folder!r} is a link to {os.readlink(folder)!r}, which is not a folder",
+                "Fix or remove that link, or point the store at a path in an existing folder",
+            )
+        if os.path.lexists(folder):
+            return StoreUnavailable(
+                self._where,
+                f"cannot create its folder: {folder!r} is a file, not a folder",
+                "Move or rename that file, or point the store at a path in another folder",
+            )
+        if isinstance(exc, PermissionError):
+            return StoreUnavailable(
+                self._where,
+                f"cannot create its folder {folder!r}: this user may not write in {os.path.dirname(folder)!r}",
+                "Create the folder with write access for this user, or point the store at a path this user may write",
+            )
+        return StoreUnavailable(
+            self._where,
+            f"cannot create its folder {folder!r}: {exc.strerror or exc}",
+            "Check the disk and the path, then start the engine again",
+        )
 
     async def close(self) -> None:
         """Finish every queued operation, then close the connection and join the thread."""
@@ -181,6 +265,8 @@ class SqliteStore(Store):
             self.path, timeout=self.busy_timeout / 1000, isolation_level=None, check_same_thread=False
         )
         try:
+            # before anything changes: even the switch to WAL outlives a refusal
+            self._refuse_foreign(conn.cursor())
             self._enter_wal(conn)
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout)}")
@@ -214,6 +300,7 @@ class SqliteStore(Store):
         cur = conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
+            self._refuse_foreign(cur)  # again under the write lock: another process may have written meanwhile
             cur.execute(Q.CREATE_MIGRATIONS)
             found = cur.execute(Q.SCHEMA_FOUND).fetchone()[0]
             if found > Q.SCHEMA_VERSION:
@@ -229,12 +316,28 @@ class SqliteStore(Store):
             cur.execute("ROLLBACK")
             raise
 
+    def _refuse_foreign(self, cur: sqlite3.Cursor) -> None:
+        """Raise :class:`NotATaskwatchStore` for a file holding another application's tables.
+
+        A new (empty) file and taskwatch's own (its ``schema_migrations`` ledger) are used;
+        migrating anything else would mix taskwatch's tables into a foreign schema, or fail
+        half way on a table name both use.
+        """
+        tables = [name for (name,) in cur.execute(_FILE_TABLES).fetchall()]
+        if not tables:
+            return
+        if "schema_migrations" in tables:
+            columns = {row[1] for row in cur.execute("PRAGMA table_info(schema_migrations)").fetchall()}
+            if columns == _LEDGER_COLUMNS:
+                return
+        raise NotATaskwatchStore(self._where, tables)
+
     def _main(self, ready: concurrent.futures.Future[None], exited: concurrent.futures.Future[None]) -> None:
         try:
             try:
                 conn = self._connect()
             except sqlite3.Error as exc:
-                ready.set_exception(self._translate(exc))
+                ready.set_exception(self._translate(exc, _OPEN_ADVICE))
                 return
             except BaseException as exc:  # noqa: BLE001 - handed to open()
                 ready.set_exception(exc)
@@ -329,13 +432,13 @@ class SqliteStore(Store):
             return
         self._deliver_threadsafe(results, tx)
 
-    def _translate(self, exc: BaseException) -> BaseException:
+    def _translate(self, exc: BaseException, advice: str = _LATER_ADVICE) -> BaseException:
         if isinstance(exc, StoreError) or not isinstance(exc, sqlite3.Error):
             return exc
         if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
             err: StoreError = StoreBusy(self._where, self.busy_timeout)
         else:
-            err = StoreUnavailable(self._where, f"{type(exc).__name__}: {exc}")
+            err = StoreUnavailable(self._where, f"{type(exc).__name__}: {exc}", advice)
         err.__cause__ = exc
         return err
 
