@@ -1275,11 +1275,11 @@ class TaskwatchApp(App[None]):
         )
         yield SystemCommand("Filter", "Filter runs or events (/)", self.action_filter)
         yield SystemCommand("Pause or resume the view", "Freeze the screen; events keep being recorded (p)", self.action_toggle_view)
-        for info in self.state.schedule:
-            verb = "Resume" if info.paused else "Pause"
+        for periodic in self.state.schedule:
+            verb = "Resume" if periodic.paused else "Pause"
             yield SystemCommand(
-                f"{verb} periodic {info.name}", f"{verb} the periodic task {info.name} ({info.trigger})",
-                lambda name=info.name: self.action_toggle_periodic(name), discover=False,
+                f"{verb} periodic {periodic.name}", f"{verb} the periodic task {periodic.name} ({periodic.trigger})",
+                lambda name=periodic.name: self.action_toggle_periodic(name), discover=False,
             )
         for worker in self.state.workers:
             yield SystemCommand(

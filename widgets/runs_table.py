@@ -210,9 +210,10 @@ class RunsTable(VirtualTable):
             self._trim()
         hidden: list[str] = []
         for run_id in (*changed, *(self._running_ids.difference(changed))):
-            record = known.get(run_id)
-            if record is None:  # trimmed just now
+            shown = known.get(run_id)
+            if shown is None:  # trimmed just now
                 continue
+            record = shown
             if self._matches(record):
                 self._upsert(run_id, (-record.created_at, run_id), self._cells_of(record))
             else:
