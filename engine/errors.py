@@ -500,9 +500,10 @@ class SchemaTooNew(StoreError):
 
 
 class NotATaskwatchStore(StoreError):
-    """The store's file already holds another application's tables: taskwatch refuses it whole."""
+    """The store's file (or PostgreSQL schema) already holds another application's tables:
+    taskwatch refuses it whole. ``advice``: where to put taskwatch instead (default: SQLite's)."""
 
-    def __init__(self, where: str, tables: Iterable[str]) -> None:
+    def __init__(self, where: str, tables: Iterable[str], *, advice: str | None = None) -> None:
         self.where = where
         self.tables = list(tables)
         shown = ", ".join(self.tables[:10])
@@ -510,8 +511,9 @@ class NotATaskwatchStore(StoreError):
             shown += f" and {len(self.tables) - 10} more"
         super().__init__(
             f"the run store {where} is not a taskwatch database: it has tables taskwatch did not "
-            f"create ({shown}); nothing was changed. Give taskwatch a file of its own, e.g. a new "
-            "path (sqlite:///taskwatch.db), which is created at start"
+            f"create ({shown}); nothing was changed. "
+            + (advice or "Give taskwatch a file of its own, e.g. a new path (sqlite:///taskwatch.db), "
+               "which is created at start")
         )
 
 

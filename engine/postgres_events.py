@@ -45,7 +45,7 @@ from .errors import InvalidConfiguration
 from .urls import redact_url
 from .relay import EventRelay, Outgoing, cancelling, log
 from .store import queries as Q
-from .store.postgres import driver_url, load_driver, migrate
+from .store.postgres import driver_url, load_driver, migrate, schema_of, schema_settings
 
 #: the relay's own options in a URL's query; the store's options are left out of the driver's
 _OPTIONS = ("keep", "max_age")
@@ -70,7 +70,8 @@ class PostgresEventRelay(EventRelay):
 
     ``bus`` is the node's own bus to publish (``None`` for a reader only, as
     ``taskwatch attach postgresql://...`` is). ``keep`` and ``max_age`` cap the
-    table (also as URL options: ``postgresql://db/app?keep=50000``).
+    table (also as URL options: ``postgresql://db/app?keep=50000``); the URL's
+    ``schema`` option is the store's (the table is in that schema).
     ``batch`` bounds events per transaction, ``linger`` is how long the
     publisher waits to fill a batch, ``max_pending`` bounds the events waiting
     to be sent. ``since="$"`` reads from the moment the relay starts, ``"0"``
@@ -97,9 +98,12 @@ class PostgresEventRelay(EventRelay):
         connect_timeout: float = 5.0,
     ) -> None:
         problems = []
+        schema: str | None = None
         if not isinstance(url, str) or urlsplit(url).scheme not in ("postgresql", "postgres"):
             problems.append(f"events must be a postgresql:// URL, got {url!r}")
         else:
+            schema, wrong = schema_of(url)
+            problems += wrong
             url, options = _split_options(url)
             try:
                 keep = int(options.get("keep", keep))
@@ -133,6 +137,8 @@ class PostgresEventRelay(EventRelay):
         self.transient_errors = (OSError, TimeoutError, d.PostgresError, d.InterfaceError,
                                  d.exceptions.InternalClientError)  # fmt: skip
         self.url = url
+        #: the schema of the store's tables (None: the connection's default)
+        self.schema = schema
         self.keep = keep
         self.max_age = max_age
         self.channel = channel
@@ -162,11 +168,13 @@ class PostgresEventRelay(EventRelay):
     # ------------------------------------------------------------------ connections
 
     async def _connect(self) -> Any:
-        conn = await self._driver.connect(self.url, timeout=self.connect_timeout)
+        conn = await self._driver.connect(
+            self.url, timeout=self.connect_timeout, server_settings=schema_settings(self.schema)
+        )
         try:
             if not self._migrated:
                 # the events table comes with the store's schema; the first to arrive applies it
-                await migrate(conn, self.public_url)
+                await migrate(conn, self.public_url, self.schema)
                 self._migrated = True
         except BaseException:
             conn.terminate()

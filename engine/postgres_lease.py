@@ -27,9 +27,11 @@ import os
 import time
 from typing import Any
 
+from .errors import InvalidConfiguration
 from .lease import Lease, LeaseState, ReportsHealth, StoreHealth
 from .urls import redact_url
-from .store.postgres import driver_url, load_driver
+from .store import queries as Q
+from .store.postgres import LEASE_OBJECTS, claim_schema, driver_url, load_driver, schema_of, schema_settings
 
 #: seconds taken off the expiry a holder is told, beyond the round trip, as a fraction of the ttl
 _MARGIN = 0.05
@@ -42,8 +44,10 @@ _UNREACHABLE_CLASSES = ("08", "57", "53")
 
 _NOW = "EXTRACT(EPOCH FROM clock_timestamp())::float8"
 
+#: the lease's own lock, then the migrations' (a schema is created under it, by the store or here)
+_SETUP_LOCKS = ["SELECT pg_advisory_xact_lock(7418990303)", Q.PG_MIGRATION_LOCK]
+
 _SETUP = [
-    "SELECT pg_advisory_xact_lock(7418990303)",
     """CREATE TABLE IF NOT EXISTS leases (
         name        TEXT PRIMARY KEY,
         holder      TEXT,
@@ -101,7 +105,8 @@ class PostgresLease(ReportsHealth, Lease):
         engine = Engine(store=url, lease=PostgresLease(url, ttl=15))
 
     ``connect_timeout`` bounds each connection attempt (the elector bounds
-    each whole operation by the renew interval as well).
+    each whole operation by the renew interval as well). The URL's ``schema``
+    option is the store's: the ``leases`` table goes in that schema.
     """
 
     def __init__(
@@ -115,9 +120,13 @@ class PostgresLease(ReportsHealth, Lease):
     ) -> None:
         self._driver = load_driver()
         super().__init__(ttl, renew_interval=renew_interval)
+        self.schema, problems = schema_of(url)
+        if problems:
+            raise InvalidConfiguration(f"the PostgreSQL lease {redact_url(url)}", problems)
         self.url = url
         #: the URL may be the cluster's one (with the store's or the relay's options in it)
         self._dsn = driver_url(url)
+        self._settings = schema_settings(self.schema)
         self.name = name
         self.connect_timeout = connect_timeout
         #: database clock minus local clock, as the last operation measured it
@@ -150,10 +159,14 @@ class PostgresLease(ReportsHealth, Lease):
         """One statement on a connection of its own: its row (or None) and the round trip in seconds."""
         self._health.check()
         try:
-            conn = await self._driver.connect(self._dsn, timeout=self.connect_timeout)
+            conn = await self._driver.connect(self._dsn, timeout=self.connect_timeout, server_settings=self._settings)
             try:
                 if not self._ready:
                     async with conn.transaction():
+                        for statement in _SETUP_LOCKS:
+                            await conn.execute(statement)
+                        # another application's leases table is refused, not written to
+                        await claim_schema(conn, self.schema, redact_url(self.url), LEASE_OBJECTS)
                         for statement in _SETUP:
                             await conn.execute(statement)
                     self._ready = True
@@ -203,7 +216,7 @@ class PostgresLease(ReportsHealth, Lease):
     async def peek(self) -> LeaseState | None:
         """:meth:`holder` for a watcher that changes nothing: a database whose nodes use no
         PostgresLease (no ``leases`` table) has no holder, and no table is created for it."""
-        conn = await self._driver.connect(self.url, timeout=self.connect_timeout)
+        conn = await self._driver.connect(self._dsn, timeout=self.connect_timeout, server_settings=self._settings)
         try:
             row = await conn.fetchrow(_HOLDER, self.name)
         except self._driver.UndefinedTableError:

@@ -5,8 +5,8 @@ PostgreSQL database shared by the nodes of a cluster).
 ``"sqlite:///relative.db"`` / ``"sqlite:////absolute.db"`` (SQLAlchemy's
 convention; options ``synchronous``, ``busy_timeout``, ``lease_ttl`` as query
 parameters), ``"postgresql://user:password@host:port/database"`` (options
-``pool_size``, ``lease_ttl``, ``node_ttl``, ``reconnect_timeout``; any other
-query parameter goes to the driver; needs the ``postgres`` extra), or a
+``pool_size``, ``lease_ttl``, ``node_ttl``, ``reconnect_timeout``, ``schema``;
+any other query parameter goes to the driver; needs the ``postgres`` extra), or a
 :class:`Store` instance, returned as it is.
 """
 
@@ -96,7 +96,10 @@ __all__ = [
 ]
 
 _SQLITE_OPTIONS = {"synchronous": str, "busy_timeout": int, "lease_ttl": float, "node_ttl": float}
-_POSTGRES_OPTIONS = {"pool_size": int, "lease_ttl": float, "node_ttl": float, "reconnect_timeout": float}
+_POSTGRES_OPTIONS = {
+    "pool_size": int, "lease_ttl": float, "node_ttl": float, "reconnect_timeout": float,
+    "schema": str,  # checked by PostgresStore, which keeps it in its url (for the relay and the lease)
+}  # fmt: skip
 
 
 def make_store(spec: str | Store, **options: Any) -> Store:

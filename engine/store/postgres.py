@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..errors import (
     DuplicateRunId,
+    InvalidConfiguration,
+    NotATaskwatchStore,
     QueueFull,
     RunNotFound,
     SchemaTooNew,
@@ -95,7 +98,7 @@ _TRANSIENT_CLASSES = ("08", "57", "53", "40")
 
 #: what taskwatch itself reads from a PostgreSQL URL's query (the store's options, the event
 #: relay's), never handed to the driver: one URL serves the store, the lease and the events
-OWN_OPTIONS = frozenset({"pool_size", "lease_ttl", "node_ttl", "reconnect_timeout", "keep", "max_age"})
+OWN_OPTIONS = frozenset({"pool_size", "lease_ttl", "node_ttl", "reconnect_timeout", "schema", "keep", "max_age"})
 
 
 def driver_url(url: str) -> str:
@@ -103,6 +106,100 @@ def driver_url(url: str) -> str:
     parts = urlsplit(url)
     rest = [(key, value) for key, value in parse_qsl(parts.query, keep_blank_values=True) if key not in OWN_OPTIONS]
     return urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(rest), parts.fragment))
+
+
+#: a schema name taskwatch takes: a plain SQL identifier, always used quoted (so exactly as written)
+_SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+_SCHEMA_ADVICE = (
+    "Give taskwatch a schema of its own: add ?schema=taskwatch to the URL (the schema is created at "
+    "start; use the same URL on every node, for the store, the lease and the events), or a database "
+    "of its own"
+)
+
+#: every table, index and sequence taskwatch names (the migrations' and PostgresLease's): another
+#: application's object of one of these names in taskwatch's schema is a clash. (Names PostgreSQL
+#: picks itself, such as a primary key's index, step aside from a name already taken.)
+_CREATED = re.compile(r"CREATE\s+(?:UNIQUE\s+)?(?:TABLE|INDEX|SEQUENCE)\s+(?:IF\s+NOT\s+EXISTS\s+)?(\w+)", re.I)
+LEASE_OBJECTS = frozenset({"leases", "lease_terms"})
+TASKWATCH_OBJECTS = frozenset(
+    _CREATED.findall(" ".join([Q.CREATE_MIGRATIONS, *(sql for _, _, sqls in Q.MIGRATIONS for sql in sqls)]))
+) | LEASE_OBJECTS
+#: the columns of taskwatch's schema_migrations (Rails' and golang-migrate's differ), and of its leases
+_LEDGER_COLUMNS = frozenset({"version", "name", "applied_at"})
+_LEASE_COLUMNS = frozenset({"name", "holder", "term", "expires_at"})
+
+#: the target schema (the named one, else the session's current one) and those of its objects
+#: named in $2, with their kinds and columns; no row at all: the schema does not exist
+_SCHEMA_OBJECTS = """
+SELECT n.nspname::text, c.relname::text, c.relkind::text,
+       ARRAY(SELECT a.attname::text FROM pg_attribute AS a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped)
+FROM pg_namespace AS n
+LEFT JOIN pg_class AS c ON c.relnamespace = n.oid AND c.relname = ANY($2::text[])
+WHERE n.nspname = COALESCE($1, current_schema())
+ORDER BY c.relname"""
+
+
+def schema_of(url: str, given: str | None = None) -> tuple[str | None, list[str]]:
+    """The schema for taskwatch's tables that ``url``'s ``schema`` option (or ``given``) names
+    (None: the connection's default, as before the option existed), and what is wrong with it."""
+    query = parse_qsl(urlsplit(url).query, keep_blank_values=True)
+    named = list(dict.fromkeys([value for key, value in query if key == "schema"] + ([] if given is None else [given])))
+    if not named:
+        return None, []
+    if len(named) > 1:
+        return None, [f"schema is given as {' and '.join(map(repr, named))}; give it in one place"]
+    schema = named[0]
+    if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
+        return None, [f"schema {schema!r} is not a plain SQL identifier: use letters, digits and _, "
+                      "not starting with a digit, at most 63 (e.g. schema=taskwatch)"]  # fmt: skip
+    if schema.lower().startswith("pg_"):
+        return None, [f"schema {schema!r} starts with pg_, which PostgreSQL keeps for its own (e.g. schema=taskwatch)"]
+    if any(key == "search_path" for key, _ in query):
+        return None, [f"schema={schema} and search_path both in the URL; give schema only"]
+    return schema, []
+
+
+def schema_settings(schema: str | None) -> dict[str, str]:
+    """The session settings of every connection taskwatch opens: with a schema, its unqualified
+    statements find and create their tables there, and there only (the statements stay the same)."""
+    return {} if schema is None else {"search_path": f'"{schema}"'}
+
+
+def with_schema(url: str, schema: str | None) -> str:
+    """``url`` naming ``schema`` in its query: the one URL a relay or a lease made from a store's
+    ``url`` (``events="postgres"``, the cluster observer) reads the same schema from."""
+    if schema is None or schema_of(url)[0] == schema:
+        return url
+    parts = urlsplit(url)
+    query = [(key, value) for key, value in parse_qsl(parts.query, keep_blank_values=True) if key != "schema"]
+    return urlunsplit(parts._replace(query=urlencode([*query, ("schema", schema)])))
+
+
+async def claim_schema(conn: asyncpg.Connection, schema: str | None, where: str, names: Collection[str]) -> None:
+    """Refuse the schema taskwatch's tables go in when it holds another application's objects
+    named as taskwatch's ``names`` and no taskwatch ledger (:class:`NotATaskwatchStore`, before
+    anything is created or changed); create ``schema`` when it is missing. In the caller's
+    transaction, under the migration lock."""
+    rows = await conn.fetch(_SCHEMA_OBJECTS, schema, sorted({*names, "schema_migrations"}))
+    if not rows:
+        if schema is not None:
+            # only when missing: CREATE SCHEMA IF NOT EXISTS needs the right to create one even
+            # when it exists (a schema made for taskwatch by an administrator, say)
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        return
+    found = {name: (kind, frozenset(columns)) for _, name, kind, columns in rows if name is not None}
+    if found.get("schema_migrations", ("", frozenset()))[1] == _LEDGER_COLUMNS:
+        return  # taskwatch's own
+    foreign = [name for name, (kind, cols) in found.items() if name in names and not _lease_made(name, kind, cols)]
+    if foreign:
+        raise NotATaskwatchStore(f"{where} (schema {rows[0][0]})", foreign, advice=_SCHEMA_ADVICE)
+
+
+def _lease_made(name: str, kind: str, columns: frozenset[str]) -> bool:
+    """A PostgresLease's table or sequence (it writes no ledger: a lease may come before the store)."""
+    return (name == "leases" and kind == "r" and columns == _LEASE_COLUMNS) or (name == "lease_terms" and kind == "S")
 
 
 def load_driver() -> Any:
@@ -204,7 +301,10 @@ class PostgresStore(Store):
     database is unreachable before it fails with :class:`StoreUnavailable`
     (default: ``lease_ttl``, after which other nodes recover this node's runs
     anyway). ``clock``: leave unset to use the database's clock; tests pass
-    their own.
+    their own. ``schema`` (or ``?schema=NAME`` in the URL): the schema every
+    table, index and sequence of taskwatch's goes in, created at start
+    (default: the connection's default schema, usually ``public``); :attr:`url`
+    then names it, so a relay or a lease made from it uses the same one.
     """
 
     name = "postgres"
@@ -222,6 +322,7 @@ class PostgresStore(Store):
         lease_ttl: float = 30.0,
         node_ttl: float | None = None,
         max_lost: int = 3,
+        schema: str | None = None,
     ) -> None:
         self._driver = load_driver()
         super().__init__(
@@ -233,7 +334,13 @@ class PostgresStore(Store):
         check_options(
             PostgresOptions, "PostgresStore", pool_size=pool_size, reconnect_timeout=reconnect_timeout, channel=channel
         )
-        self.url = url
+        self.schema, problems = schema_of(url, schema)
+        if problems:
+            raise InvalidConfiguration(f"run store {redact_url(url)}", problems)
+        self.url = with_schema(url, self.schema)
+        #: what the driver connects to: the URL without taskwatch's own options (the schema)
+        self._dsn = driver_url(self.url)
+        self._settings = schema_settings(self.schema)
         self.pool_size = pool_size
         self.reconnect_timeout = lease_ttl if reconnect_timeout is None else reconnect_timeout
         self.channel = channel
@@ -241,7 +348,7 @@ class PostgresStore(Store):
         #: database clock minus local clock, measured by the listening connection
         self._offset = 0.0
         self._clock_synced = False
-        self._where = redact_url(url)
+        self._where = redact_url(self.url)
         self._pool: asyncpg.Pool | None = None
         self._closing = False
         self._listener: asyncio.Task[None] | None = None
@@ -312,11 +419,14 @@ class PostgresStore(Store):
         self.give_up_after(None)
         try:
             pool = await self._driver.create_pool(
-                self.url, min_size=1, max_size=self.pool_size, reset=_keep_session,
+                self._dsn, min_size=1, max_size=self.pool_size, reset=_keep_session,
                 # a node paused or cut off inside a transaction (a submit holding the queue's
                 # lock, say) would hold its locks until the server gave up on the connection,
                 # hours on a silent network: the server ends such a session after a lease
-                server_settings={"idle_in_transaction_session_timeout": str(max(1000, int(self.lease_ttl * 1000)))},
+                server_settings={
+                    "idle_in_transaction_session_timeout": str(max(1000, int(self.lease_ttl * 1000))),
+                    **self._settings,
+                },
             )
         except Exception as exc:  # noqa: BLE001 - re-raised as the store's own error
             raise self._translate(exc) from exc
@@ -368,7 +478,7 @@ class PostgresStore(Store):
                 self._terminator = None
 
     async def _migrate(self, conn: asyncpg.Connection) -> None:
-        await migrate(conn, self._where)
+        await migrate(conn, self._where, self.schema)
 
     # ---------------------------------------------------------------- the database clock
 
@@ -587,7 +697,7 @@ class PostgresStore(Store):
         while True:
             conn = None
             try:
-                conn = await self._driver.connect(self.url)
+                conn = await self._driver.connect(self._dsn, server_settings=self._settings)
                 down = asyncio.Event()
                 conn.add_termination_listener(lambda _c: down.set())
                 await conn.add_listener(self.channel, self._on_notification)
@@ -1218,11 +1328,14 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
-async def migrate(conn: asyncpg.Connection, where: str) -> None:
+async def migrate(conn: asyncpg.Connection, where: str, schema: str | None = None) -> None:
     """Bring the database on ``conn`` to this code's schema (once, however many nodes start
-    together); :class:`SchemaTooNew` when a newer taskwatch wrote it. ``where`` names it."""
+    together); :class:`SchemaTooNew` when a newer taskwatch wrote it, :class:`NotATaskwatchStore`
+    when its tables would clash with another application's. ``where`` names it; ``schema``: the
+    one ``conn``'s search_path names (created here if missing), None for the connection's default."""
     async with conn.transaction():
         await conn.execute(Q.PG_MIGRATION_LOCK)
+        await claim_schema(conn, schema, where, TASKWATCH_OBJECTS)
         await conn.execute(Q.CREATE_MIGRATIONS)
         found = await conn.fetchval(Q.SCHEMA_FOUND)
         if found > Q.SCHEMA_VERSION:
