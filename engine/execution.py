@@ -301,7 +301,7 @@ class Execution:
 
     def _start(self, run: Run, token: str, attempt: int, started_at: float) -> None:
         """Execute a pending run of the index that this node now holds the claim ``token`` of."""
-        self.index.started(run, attempt, started_at)
+        self.index.started(run, attempt, started_at, self.engine.node_id)
         run.token = token
         self._claimed[token] = run
         self.executor.started(run.task)
@@ -805,7 +805,7 @@ class Execution:
     def _apply_stored(self, run: Run, stored: RunRecord) -> None:
         """Move ``run``'s index entry to what the store holds, announcing each transition."""
         if stored.status is _RUNNING and run.status is _PENDING:
-            self.index.started(run, stored.attempt, stored.started_at)
+            self.index.started(run, stored.attempt, stored.started_at, stored.node)
             self.bus.emit(RunStarted, run_id=run.id, task=run.task, attempt=run.attempt, from_store=True)
         elif stored.status is _PENDING and run.status is _RUNNING:
             self.index.unclaimed(run)
@@ -813,6 +813,7 @@ class Execution:
         elif stored.status.finished:
             run.attempt = stored.attempt
             run.started_at = stored.started_at
+            run.node = stored.node
             run.result = stored.result
             run.error = stored.error
             now = stored.finished_at or self.engine.clock()

@@ -101,14 +101,15 @@ class RunIndex:
 
     # ---------------------------------------------------------------- transitions
 
-    def started(self, run: Run, attempt: int, started_at: float | None) -> None:
-        """``run`` went from pending to running (here or, as the store says, elsewhere)."""
+    def started(self, run: Run, attempt: int, started_at: float | None, node: str | None) -> None:
+        """``run`` went from pending to running on ``node`` (this one or, as the store says, another)."""
         counts = self.counts
         counts[_PENDING] -= 1
         counts[_RUNNING] += 1
         run.status = _RUNNING
         run.attempt = attempt
         run.started_at = started_at
+        run.node = node
         run.finished_at = None
         run.run_after = 0.0
         if run.key is not None:
@@ -120,6 +121,7 @@ class RunIndex:
             self.counts[_RUNNING] -= 1
             self.counts[_PENDING] += 1
             run.status = _PENDING
+            run.node = None
 
     def requeued(self, run: Run, error: RunError | None, run_after: float) -> None:
         """Pending again for its next attempt, due at ``run_after`` (0: now)."""
@@ -131,6 +133,7 @@ class RunIndex:
         run.status = _PENDING
         run.cancel_reason = None
         run.result = None
+        run.node = None
         run.attempt += 1
         run.run_after = run_after
         if run_after:

@@ -136,6 +136,8 @@ class RunRecord(BaseModel):
     key: str | None = None
     source: str = "submit"
     cancel_reason: CancelReason | None = None
+    #: the node running it, or the one that ran its last attempt (None while it waits)
+    node: str | None = None
 
     @property
     def duration(self) -> float | None:
@@ -230,6 +232,7 @@ class Run:
         "key",
         "source",
         "cancel_reason",
+        "node",
         "handle",
         "token",
         "run_after",
@@ -268,6 +271,7 @@ class Run:
         self.key = key
         self.source = source
         self.cancel_reason: CancelReason | None = None
+        self.node: str | None = None
         #: the asyncio task executing the current attempt on this node
         self.handle: asyncio.Task[Any] | None = None
         #: this node's claim token while it executes the run
@@ -300,6 +304,7 @@ class Run:
         run.result = record.result
         run.error = record.error
         run.cancel_reason = record.cancel_reason
+        run.node = record.node
         return run
 
     def record(self) -> RunRecord:
@@ -331,4 +336,5 @@ def record_fields(run: Any) -> dict[str, Any]:
         "key": run.key,
         "source": run.source,
         "cancel_reason": run.cancel_reason,
+        "node": run.node,
     }

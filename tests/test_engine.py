@@ -1000,3 +1000,17 @@ async def test_runs_past_retention_leave_the_engines_views_as_they_leave_the_sto
             with pytest.raises(RunNotFound):
                 await engine.fetch_run(handle.id)
         release.set()
+
+
+async def test_a_record_names_the_node_running_it_or_that_ran_it_and_none_while_it_waits() -> None:
+    engine = make_engine(max_concurrency=1, node_id="api-1")
+    gate = add_blocked(engine)
+
+    async with engine:
+        busy = await engine.submit("blocked")
+        await eventually(lambda: busy.status is RunStatus.RUNNING)
+        waiting = await engine.submit("noop")
+        assert (engine.get(busy.id).node, engine.get(waiting.id).node) == ("api-1", None)
+        gate.set()
+        assert (await waiting.wait(5)).node == "api-1"
+        assert (await engine.fetch_run(busy.id)).node == "api-1"

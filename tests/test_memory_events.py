@@ -174,6 +174,9 @@ async def test_a_run_submitted_on_one_node_and_run_on_another_starts_and_ends_on
         await eventually(lambda: {e.run_id for e in local.events if e.kind in ends} == {ok.id, bad.id})
         heard = [e for e in local.events if e.run_id in (ok.id, bad.id) and e.kind != "run.submitted"]
         assert heard and all(e.from_store for e in heard)
+        # and its records name the node that ran them, as the store's do
+        assert [submitter.get(h.id).node for h in (ok, bad)] == ["runner", "runner"]
+        assert [(await submitter.fetch_run(h.id)).node for h in (ok, bad)] == ["runner", "runner"]
         # everything the submitter sent before this marker has been read once it is read
         marker = await submitter.submit("hello")
         cluster = runner.cluster

@@ -141,7 +141,6 @@ class MemoryRow:
     def model(self) -> StoredRun:
         return StoredRun(
             **record_fields(self),
-            node=self.node,
             incarnation=self.incarnation,
             claim_token=self.token,
             lease_until=self.lease_until,

@@ -105,7 +105,6 @@ Outcome = Succeeded | Failed | Cancelled | Retry
 class StoredRun(RunRecord):
     """A run row as the store holds it: the public record plus ownership and queue fields."""
 
-    node: str | None = None
     incarnation: str | None = None
     claim_token: str | None = None
     lease_until: float | None = None
