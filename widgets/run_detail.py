@@ -220,6 +220,7 @@ class RunDetail(VerticalScroll):
             ("duration", Text(duration)),
             ("key", Text(record.key or DASH)),
             ("source", Text(record.source)),
+            ("node", Text(record.node or DASH)),
         ]
         for label, value in rows:
             grid.add_row(label, value)
