@@ -9,12 +9,17 @@
     bg.stop()                               # also runs at interpreter exit
 
 The engine is not thread-safe, so every call -- queries included -- is
-shipped to the engine's loop with :func:`asyncio.run_coroutine_threadsafe`
-and its outcome (value or exception) shipped back. Blocking methods wait on
-that future; ``a``-prefixed methods (``await bg.asubmit(...)``) await it via
+shipped to the engine's loop with :func:`~taskwatch.engine.hop.ship` and its
+outcome (value or exception) shipped back. Blocking methods wait on that
+future; ``a``-prefixed methods (``await bg.asubmit(...)``) await it via
 :func:`asyncio.wrap_future` for code already inside an event loop (a notebook
 cell, a web handler). Blocking on the engine's own loop thread would wait
 forever, so it raises :class:`~taskwatch.engine.errors.LoopThreadError`.
+
+A call the caller gives up (``call_timeout``, a cancelled ``await``, Ctrl-C)
+before the engine's loop took it up never runs there, so a timed-out submit
+queues nothing; one that had started may have done its work (its
+``TimeoutError`` says so).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import atexit
 import concurrent.futures
 import concurrent.futures.thread  # noqa: F401 - its exit hook registers first, so ours runs before it
 import errno
+import inspect
 import logging
 import os
 import re
@@ -41,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from .errors import EngineCrashed, EngineNotRunning, LoopThreadError
-from .hop import Escaped, submit_to
+from .hop import Escaped, LoopCall, call_apart, ship
 from .runs import RunRecord, RunStatus
 
 if TYPE_CHECKING:
@@ -102,20 +108,27 @@ class BackgroundRunHandle:
         self.id = handle.id
 
     def wait(self, timeout: float | None = None) -> RunRecord:
-        """Block until the run has finished; ``TimeoutError`` if still going after ``timeout`` s."""
+        """Block until the run has finished; ``TimeoutError`` if still going after ``timeout`` s.
+
+        After :meth:`BackgroundEngine.stop` it answers as a stopped engine's
+        handle does: the finished record, or ``StoppedBeforeDone`` for a run
+        the stop left undone.
+        """
+        if self._bg._ended_cleanly():
+            return call_apart(self._handle.wait, timeout)  # type: ignore[no-any-return]
         budget = None if timeout is None else timeout + _SLACK
-        return self._bg._call("wait", self._handle.wait, timeout, timeout_=budget)
+        return self._bg._call("wait", self._handle.wait, timeout, timeout_=budget, changes_=False)
 
     async def finished(self, timeout: float | None = None) -> RunRecord:
         """Await the finished record, on any event loop."""
-        return await self._bg._acall(self._handle.wait, timeout)
+        return await self._bg._aread(self._handle.wait, timeout)
 
     def __await__(self) -> Generator[Any, None, RunRecord]:
         return self.finished().__await__()
 
     def record(self) -> RunRecord:
-        """The run's current record (read on the engine's loop)."""
-        return self._bg._call("record", self._handle.record)
+        """The run's current record (read on the engine's loop, or from its records once stopped)."""
+        return self._bg._read("record", self._handle.record)
 
     @property
     def status(self) -> RunStatus:
@@ -306,40 +319,66 @@ class BackgroundEngine:
     def _on_loop_thread(self) -> bool:
         return threading.get_ident() == self._thread.ident
 
-    def _schedule(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+    def _schedule(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> LoopCall:
         with self._lock:
             loop = self._loop
             if self._finished or self._stopping or loop is None:
                 raise self._not_running()
             try:
-                fut = submit_to(loop, fn, *args, **kwargs)
+                call = ship(loop, fn, *args, **kwargs)
             except RuntimeError:
                 raise self._not_running() from None
-            self._outstanding.add(fut)
-        fut.add_done_callback(self._untrack)
-        return fut
+            self._outstanding.add(call.future)
+        call.future.add_done_callback(self._untrack)
+        return call
 
-    def _call(self, method: str, fn: Callable[..., Any], *args: Any, timeout_: Any = _UNSET, **kwargs: Any) -> Any:
+    def _call(
+        self,
+        method: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        timeout_: Any = _UNSET,
+        changes_: bool = True,
+        **kwargs: Any,
+    ) -> Any:
         if self._on_loop_thread():
             raise LoopThreadError(method)
-        fut = self._schedule(fn, *args, **kwargs)
+        call = self._schedule(fn, *args, **kwargs)
+        fut = call.future
         timeout = self.call_timeout if timeout_ is _UNSET else timeout_
         try:
-            return fut.result(timeout)
-        except TimeoutError:
-            if fut.done():
-                raise  # the call itself raised TimeoutError (e.g. a run's wait)
-            fut.cancel()
-            raise TimeoutError(f"the engine did not answer {method}() within {timeout:g} s") from None
+            concurrent.futures.wait((fut,), timeout)
+        except BaseException:
+            # interrupted (Ctrl-C, a notebook's interrupt): the call is given up, so is its
+            # coroutine on the engine's loop, which would otherwise go on as long as its run
+            call.give_up()
+            raise
+        if timeout is not None and not fut.done():  # (without a timeout the wait ended with the call)
+            if call.give_up():
+                raise TimeoutError(
+                    f"the engine did not take up {method}() within {timeout:g} s (its loop is busy or blocked); "
+                    "the call was withdrawn before it started and did nothing, so it can be made again"
+                )
+            # it had started: still going, or ended by that give-up's own cancel, unless it answered meanwhile
+            if not fut.done() or isinstance(fut.exception(), concurrent.futures.CancelledError):
+                raise TimeoutError(self._started_too_long(method, timeout, changes_))
+        try:
+            return fut.result()  # a TimeoutError here is the call's own (a run's wait)
         except concurrent.futures.CancelledError:
             raise self._not_running() from None
         except Escaped as escaped:
             raise escaped.exc from None
-        except BaseException:
-            # interrupted (Ctrl-C, a notebook's interrupt): the call is given up, so is its
-            # coroutine on the engine's loop, which would otherwise go on as long as its run
-            fut.cancel()
-            raise
+
+    @staticmethod
+    def _started_too_long(method: str, timeout: float, changes: bool) -> str:
+        said = f"{method}() started on the engine but did not answer within {timeout:g} s"
+        if not changes:
+            return said + " (its loop is busy or blocked)"
+        # a store write under way when the cancel comes still lands (see Engine._insert)
+        said += ", so it may have been applied (if still under way it is cancelled, but what it did stands)"
+        if method == "submit":
+            said += "; pass key= to submit() so that a retry returns the run it may have queued, not another"
+        return said
 
     def _read(self, method: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """A read (``get``, ``runs``, ``stats``...): on the loop while it runs, directly once it has ended.
@@ -350,11 +389,12 @@ class BackgroundEngine:
         """
         if self._ended_cleanly():
             return fn(*args, **kwargs)
-        return self._call(method, fn, *args, **kwargs)
+        return self._call(method, fn, *args, changes_=False, **kwargs)
 
     async def _aread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self._ended_cleanly():
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)  # here, on the caller's loop: the engine's is gone
+            return await result if inspect.isawaitable(result) else result
         return await self._acall(fn, *args, **kwargs)
 
     def _ended_cleanly(self) -> bool:
@@ -362,12 +402,16 @@ class BackgroundEngine:
             return self._finished and self._crash is None and not self._thread.is_alive()
 
     async def _acall(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        fut = self._schedule(fn, *args, **kwargs)
+        call = self._schedule(fn, *args, **kwargs)
         try:
-            return await asyncio.wrap_future(fut)
-        except concurrent.futures.CancelledError:
-            if fut.cancelled() and self._finished:
-                raise self._not_running() from None
+            return await asyncio.wrap_future(call.future)
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if call.cut and (me is None or not me.cancelling()):
+                raise self._not_running() from None  # the engine's loop ended under the call
+            # this caller was cancelled (asyncio.wait_for, say): a call not started yet never
+            # starts (wrap_future cancelled its future); one under way ends at its next await
+            call.give_up()
             raise
         except Escaped as escaped:
             raise escaped.exc from None

@@ -7,6 +7,11 @@ loop, run it there (awaiting its result there if it is awaitable), and hand
 the result or the exception back to the caller's thread or loop. On the
 engine's own loop (or before it has one) the call runs directly.
 
+A caller that stops waiting (a timeout, a cancel, Ctrl-C) gives the call up
+with :meth:`LoopCall.give_up`, which tells it whether the call had started:
+one given up before its first step on the loop never takes it, so a submit
+nobody waits for any more queues nothing.
+
 It also holds the one way a loop of the engine ends a task it owns:
 :func:`cancel_and_wait`.
 """
@@ -41,14 +46,104 @@ async def _invoke(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
     return result
 
 
-def submit_to(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
-    """Schedule ``fn(*args, **kwargs)`` on ``loop`` from any thread; its result arrives in the future.
+class LoopCall:
+    """A call shipped to an event loop from another thread or loop: its future, and a way to give it up.
 
-    Cancelling the future cancels the call if it has not finished. Raises
-    ``RuntimeError`` when ``loop`` is closed. A SystemExit or KeyboardInterrupt
-    from ``fn`` arrives as :class:`Escaped`.
+    Giving up and starting race under the future's own lock, so exactly one
+    wins: the call's first step on the loop marks the future running, and a
+    cancel of the future succeeds only before that. (``run_coroutine_threadsafe``
+    has no such step: a future cancelled while the loop was busy still had its
+    coroutine started once the loop got to it.)
     """
-    return asyncio.run_coroutine_threadsafe(_invoke(fn, args, kwargs), loop)
+
+    __slots__ = ("future", "cut", "_loop", "_task", "_given_up")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        #: the loop cancelled the call (it was closing) without its caller giving it up
+        self.cut = False
+        self._loop = loop
+        self._task: asyncio.Task[Any] | None = None
+        self._given_up = False
+        loop.call_soon_threadsafe(self._create, fn, args, kwargs)
+
+    def _create(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.future.cancelled():
+            return  # given up while it waited for the loop: not even a task
+        self._task = self._loop.create_task(self._run(fn, args, kwargs))
+        self._task.add_done_callback(self._settle)
+
+    async def _run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # the handshake, in the same step as the call's own first one: nothing of the call
+        # runs unless this wins against a cancel of the future
+        try:
+            if not self.future.set_running_or_notify_cancel():
+                return None
+        except RuntimeError:
+            return None  # already answered (the loop's owner failed it while ending)
+        return await _invoke(fn, args, kwargs)
+
+    def _settle(self, task: asyncio.Task[Any]) -> None:
+        future = self.future
+        if future.done():
+            return  # given up before it started
+        try:
+            if task.cancelled():
+                self.cut = not self._given_up
+                # a future still pending never started: cancelled like one given up
+                if not future.cancel():
+                    future.set_exception(concurrent.futures.CancelledError())
+            elif (exc := task.exception()) is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(task.result())
+        except concurrent.futures.InvalidStateError:
+            pass  # answered meanwhile from the caller's side: the first answer stands
+
+    def give_up(self) -> bool:
+        """Stop waiting for the call. True when it had not started: it never will.
+
+        False when it had (or has finished): what it did so far stands, and a
+        call still going is cancelled at its next ``await``.
+        """
+        if self.future.cancel():
+            return True
+        self._given_up = True
+        if not self.future.done():
+            try:
+                self._loop.call_soon_threadsafe(self._cancel_task)
+            except RuntimeError:
+                pass  # the loop closed, which ended the call
+        return False
+
+    def _cancel_task(self) -> None:
+        # on the loop, after _create: the future was running, so the task exists
+        if self._task is not None:
+            self._task.cancel()
+
+
+def ship(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> LoopCall:
+    """Schedule ``fn(*args, **kwargs)`` on ``loop`` from any thread; its result arrives in the call's future.
+
+    Raises ``RuntimeError`` when ``loop`` is closed. A SystemExit or
+    KeyboardInterrupt from ``fn`` arrives as :class:`Escaped`.
+    """
+    return LoopCall(loop, fn, args, kwargs)
+
+
+def call_apart(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` called and awaited on an event loop of its own, in a short-lived thread.
+
+    For awaiting what a stopped engine still answers: its loop is gone, and
+    this thread may run a loop of its own (a notebook's), where no other can run.
+    """
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="taskwatch-apart") as pool:
+        try:
+            return pool.submit(asyncio.run, _invoke(fn, args, kwargs)).result()
+        except Escaped as escaped:
+            raise escaped.exc from None
 
 
 def _current_loop() -> asyncio.AbstractEventLoop | None:
@@ -63,10 +158,14 @@ async def call_on(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., Any]
     if loop is None or loop is _current_loop():
         result = fn(*args, **kwargs)
         return await result if inspect.isawaitable(result) else result
+    call = ship(loop, fn, *args, **kwargs)
     try:
-        return await asyncio.wrap_future(submit_to(loop, fn, *args, **kwargs))
+        return await asyncio.wrap_future(call.future)
     except Escaped as escaped:
         raise escaped.exc from None
+    except asyncio.CancelledError:
+        call.give_up()  # this caller was cancelled: a call under way ends with it
+        raise
 
 
 def call_blocking(
@@ -78,10 +177,15 @@ def call_blocking(
     """
     if loop is None or loop.is_closed() or not loop.is_running() or loop is _current_loop():
         return fn(*args, **kwargs)
+    call = ship(loop, fn, *args, **kwargs)
     try:
-        return submit_to(loop, fn, *args, **kwargs).result(timeout)  # type: ignore[no-any-return]
+        return call.future.result(timeout)  # type: ignore[no-any-return]
     except Escaped as escaped:
         raise escaped.exc from None
+    except BaseException:
+        if not call.future.done():
+            call.give_up()  # timed out or interrupted: nobody waits for it any more
+        raise
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:

@@ -7,6 +7,7 @@ import errno
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -30,6 +31,7 @@ from taskwatch.engine import (
     RunNotCancellable,
     RunNotFound,
     RunStatus,
+    StoppedBeforeDone,
     UnknownTask,
 )
 
@@ -345,6 +347,116 @@ def test_an_interrupted_blocking_call_leaves_nothing_going_on_the_engines_loop(b
     wait_until(lambda: tasks() == before)
     assert handle.status is RunStatus.RUNNING
     assert bg.cancel(handle.id).status is RunStatus.CANCELLED
+
+
+
+def hold_loop(bg: BackgroundEngine) -> threading.Event:
+    """Block the engine's loop (a callback waiting on a threading.Event) until the returned event is set."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        entered.set()
+        release.wait(30)
+
+    assert bg.loop is not None
+    bg.loop.call_soon_threadsafe(hold)
+    assert entered.wait(5)
+    return release
+
+
+def test_a_call_given_up_before_the_engines_loop_took_it_up_never_runs() -> None:
+    bg = build_engine().start_background(call_timeout=0.2)
+    try:
+        release = hold_loop(bg)
+        try:
+            with pytest.raises(TimeoutError, match=r"did not take up submit\(\).*did nothing"):
+                bg.submit("embed_batch", GOOD)
+
+            async def cancelled_asubmit() -> None:
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(bg.asubmit("embed_batch", GOOD), 0.05)
+
+            asyncio.run(cancelled_asubmit())
+        finally:
+            release.set()
+        # a round trip once the loop is free: whatever was shipped before it has been taken up by now
+        bg.call(lambda engine: None)
+        assert bg.stats().submitted_total == 0 and bg.runs() == []
+        assert bg.submit("embed_batch", GOOD).wait(timeout=10).status is RunStatus.SUCCEEDED
+    finally:
+        bg.stop(timeout=5)
+
+
+def test_a_submit_that_started_but_did_not_answer_in_time_says_it_may_have_been_applied(tmp_path: Path) -> None:
+    db = tmp_path / "runs.db"
+    engine = Engine(store=f"sqlite:///{db}?busy_timeout=30000", health_interval=None, cancel_grace=1.0)
+
+    @engine.task
+    async def quick(ctx: Any) -> int:
+        return 1
+
+    bg = engine.start_background(call_timeout=1.0)
+    try:
+        # another connection holds the file's write lock: the store's write of the run waits for it
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(TimeoutError, match=r"submit\(\) started on the engine.*may have been applied.*key="):
+                bg.submit("quick")
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        # and it was applied: the write landed once the lock was free, and the run ran
+        runs = wait_until(lambda: bg.runs(status="succeeded", task="quick"), timeout=10)
+        assert len(runs) == 1
+    finally:
+        bg.stop(timeout=5)
+
+
+def test_a_handle_answers_its_reads_after_stop_as_a_stopped_engines_handle_does(tmp_path: Path) -> None:
+    engine = Engine(
+        store=f"sqlite:///{tmp_path / 'runs.db'}", max_concurrency=1, health_interval=None, cancel_grace=1.0
+    )
+
+    @engine.task
+    async def quick(ctx: Any) -> int:
+        return 1
+
+    @engine.task
+    async def forever(ctx: Any) -> None:
+        await asyncio.Event().wait()
+
+    bg = engine.start_background()
+    finished = bg.submit("quick")
+    finished.wait(timeout=10)
+    held = bg.submit("forever")
+    wait_until(lambda: held.status is RunStatus.RUNNING)
+    left = bg.submit("quick")  # behind the held slot: still pending at the stop
+    bg.stop(timeout=0)
+
+    assert finished.record().status is RunStatus.SUCCEEDED
+    assert finished.status is RunStatus.SUCCEEDED and finished.done
+    assert finished.wait(1).result == 1 and finished.wait().result == 1
+
+    async def awaited() -> tuple[Any, Any]:
+        # a blocking wait from a thread that runs an event loop (a notebook cell) too
+        return await finished, finished.wait(1)
+
+    first, second = asyncio.run(awaited())
+    assert first.result == 1 and second.result == 1
+
+    # a run the stop left undone (kept in the store for the next start): as in-process
+    assert left.status is RunStatus.PENDING and not left.done
+    with pytest.raises(StoppedBeforeDone, match="kept in the store"):
+        left.wait(1)
+    with pytest.raises(StoppedBeforeDone):
+        left.wait()
+    with pytest.raises(StoppedBeforeDone):
+        asyncio.run(left.finished(1))
+    # actions still refuse
+    with pytest.raises(EngineNotRunning) as refused:
+        left.cancel()
+    assert not isinstance(refused.value, StoppedBeforeDone)
 
 
 AT_EXIT = textwrap.dedent(
