@@ -735,9 +735,10 @@ class Execution:
 
     async def on_recovered(self, recovered: list[Recovered]) -> None:
         """Runs taken back from lost workers (any node's): update the index, publish what happened."""
+        rows = await self.store.get_many([item.run_id for item in recovered])  # one query for the lot
         for item in recovered:
             self.index.recovered_total += 1
-            stored = await self.store.get(item.run_id)
+            stored = rows.get(item.run_id)
             run = self.index.runs.get(item.run_id)
             if run is None:
                 if stored is None:
@@ -745,9 +746,13 @@ class Execution:
                 # a previous incarnation's run, or another node's: the store's row says it all
                 self.index.add(Run.from_record(stored.to_record(), self.tasks.get(item.task)))
             elif item.action == "requeued":
-                if run.status is not _PENDING:
+                if run.token is not None and run.attempt >= item.attempt:
+                    pass  # claimed here since, as the attempt recovery made: it runs here now
+                elif run.status is not _PENDING:
                     self.index.requeued(run, stored.error if stored is not None else run.error, 0.0)
-                run.attempt = item.attempt
+                    run.attempt = item.attempt
+                else:
+                    run.attempt = item.attempt
             self.bus.emit(
                 RunRecovered, run_id=item.run_id, task=item.task, action=item.action, reason=item.reason,
                 attempt=item.attempt, lost_count=item.lost_count, from_node=item.node,
