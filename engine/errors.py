@@ -346,16 +346,40 @@ class RemoteError(TaskwatchError):
 
 
 class ConnectionClosed(TaskwatchError, ConnectionError):
-    """The connection to a remote engine closed (or was never opened)."""
+    """The connection to a remote engine closed (or was never opened).
+
+    Raised by a ``RemoteEngine`` call, its ``sent`` attribute says whether the
+    command had been sent: if so, the engine may still carry it out.
+    """
+
+
+class EngineUnreachable(TaskwatchError, ConnectionError):
+    """``RemoteEngine.connect`` found no engine answering at its address.
+
+    ``__cause__`` is the operating system's error (or the timeout); ``reason``
+    says it in words, ``check`` what to look at.
+    """
+
+    def __init__(self, address: str, reason: str, check: str) -> None:
+        self.address = address
+        self.reason = reason
+        self.check = check
+        super().__init__(
+            f"cannot reach an engine at {address}: {reason}. Is one serving there "
+            f"(engine.serve({address!r}) in its process, or `taskwatch APP --serve {address}`)? {check}"
+        )
 
 
 class LoopThreadError(TaskwatchError, RuntimeError):
-    """A blocking call was made from the background engine's own event-loop thread."""
+    """An object was used from an event loop or thread it cannot serve: a blocking
+    ``BackgroundEngine`` call from the engine's own loop thread, or a ``RemoteEngine``
+    from a loop other than the one it connected on (``message`` says which)."""
 
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, message: str | None = None) -> None:
         self.method = method
         super().__init__(
-            f"BackgroundEngine.{method}() blocks until the engine's loop answers, and this is "
+            message
+            or f"BackgroundEngine.{method}() blocks until the engine's loop answers, and this is "
             "that loop's own thread, so it would wait forever. Code running on the engine's "
             "loop should call the Engine itself, or await the `a`-prefixed variant"
         )

@@ -11,13 +11,23 @@
     record = await remote.submit("embed_batch", {"user_id": "u1"})
     full = await remote.get(record.id)      # values the snapshot and events cut down, whole
 
-One :class:`RemoteEngine` is one connection, used from one event loop.
-Reconnecting is the caller's decision: after :attr:`disconnected` is set (or
-``events()`` ended), call :meth:`connect` again -- it starts from a clean
-state -- or make a new instance. Error replies raise the matching
-:class:`~taskwatch.engine.errors.TaskwatchError` subclass (``InvalidParams``
-with its ``errors`` list, ``RunNotFound``...), or :class:`RemoteError` for
-error types this side does not know.
+One :class:`RemoteEngine` is one connection, bound to the event loop it
+connected on; used from another loop it raises
+:class:`~taskwatch.engine.errors.LoopThreadError` at once (connect one per
+loop). Reconnecting is the caller's decision: after :attr:`disconnected` is set
+(or ``events()`` ended), call :meth:`connect` again -- it starts from a clean
+state, on the loop it is called from -- or make a new instance. Error replies
+raise the matching :class:`~taskwatch.engine.errors.TaskwatchError` subclass
+(``InvalidParams`` with its ``errors`` list, ``RunNotFound``...), or
+:class:`RemoteError` for error types this side does not know.
+
+Unlike an in-process call, a command that fails with ``TimeoutError`` (no
+reply within ``timeout``) or :class:`~taskwatch.engine.errors.ConnectionClosed`
+may still have been carried out: the exception's ``sent`` attribute (and its
+message) says whether the command had been written to the connection. One that
+was not sent did nothing; one that was may still run on the engine, so before
+submitting again look for it, or submit with ``key=`` (a repeat then returns
+the first run while it is pending).
 
 Snapshots, events and the records in command replies carry values over the
 server's ``max_value`` cut down (a params dict becomes
@@ -31,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, TypeVar
@@ -42,16 +53,19 @@ from . import errors as _errors
 from .bus import EventBuffer
 from .errors import (
     ConnectionClosed,
+    EngineUnreachable,
     IncompatibleVersion,
+    InvalidAddress,
     InvalidConfiguration,
     InvalidParams,
+    LoopThreadError,
     MalformedMessage,
     MessageTooLarge,
     ProtocolError,
     RemoteError,
     TaskwatchError,
 )
-from .events import BaseEvent
+from .events import Event
 from .jsonsafe import NotJsonSafe, check_key, jsonable, safe_str
 from .operations import OPERATIONS
 from .queues import QueueInfo, QueuePurge
@@ -74,6 +88,7 @@ from .wire import (
     ServerMessage,
     SnapshotMessage,
     TcpAddress,
+    UnixAddress,
     Welcome,
     decode_server_message,
     encode_message,
@@ -155,8 +170,14 @@ class RemoteEngine:
     ----------
     address:
         A Unix socket path or ``tcp://HOST:PORT``, as printed by ``engine.serve``.
+        A TCP host that is not loopback raises
+        :class:`~taskwatch.engine.errors.InvalidAddress` unless ``allow_remote``.
     token:
         The server's token, if it has one.
+    allow_remote:
+        Connect to a TCP host that is not loopback. The protocol is plaintext:
+        the token and every command travel unencrypted, so only over a network
+        you trust; otherwise forward a loopback port over SSH and connect to that.
     max_message:
         Longest server line accepted, in bytes (snapshots can be large). Sent
         in the hello: the server keeps its lines within it, down to a floor of
@@ -165,7 +186,8 @@ class RemoteEngine:
         Events buffered locally; beyond it new events are dropped, counted in
         :attr:`dropped`, and announced by a ``bus.dropped`` event.
     timeout:
-        Seconds to wait for the connection, the handshake, or a command's reply.
+        Seconds to wait for the connection and handshake, and the most any
+        command takes: waiting its turn to be sent, sending, and the reply.
     """
 
     def __init__(
@@ -176,9 +198,20 @@ class RemoteEngine:
         max_message: int = DEFAULT_CLIENT_MAX_MESSAGE,
         buffer: int = 10_000,
         timeout: float = 30.0,
+        allow_remote: bool = False,
     ) -> None:
         if buffer < 1:
             raise InvalidConfiguration("RemoteEngine", [f"buffer={buffer!r}: at least 1"])
+        self._target = parse_address(address)
+        if isinstance(self._target, TcpAddress) and not self._target.is_loopback and not allow_remote:
+            # refused before any byte, the token above all, goes out in plaintext
+            raise InvalidAddress(
+                address,
+                f"refusing to connect to non-loopback host {self._target.host!r}: the protocol is "
+                "unencrypted, and the token and every command would cross the network readable",
+                "forward a loopback port to it over SSH (ssh -L 7070:127.0.0.1:PORT HOST) and connect "
+                "to tcp://127.0.0.1:7070, or pass allow_remote=True if the network is trusted",
+            )
         self.address = address
         self.token = token
         self.max_message = max_message
@@ -194,6 +227,8 @@ class RemoteEngine:
         self._reset()
 
     def _reset(self) -> None:
+        #: the loop the connection was made on: its streams, tasks and futures belong to it
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._read_task: asyncio.Task[None] | None = None
@@ -214,31 +249,46 @@ class RemoteEngine:
     # ------------------------------------------------------------------ connection
 
     async def connect(self) -> Snapshot:
-        """Connect, authenticate and return the server's snapshot; events follow it."""
+        """Connect, authenticate and return the server's snapshot; events follow it.
+
+        Raises :class:`~taskwatch.engine.errors.EngineUnreachable` (a
+        ``ConnectionError``) when no engine answers at the address: no socket
+        file, nothing listening, or no welcome within ``timeout``.
+        """
         if self._connected:
+            if self._foreign_loop():
+                raise self._wrong_loop("connect")
             raise RuntimeError("already connected; close() first to reconnect")
         await self.close()
         self._reset()
         self.close_reason = None
-        target = parse_address(self.address)
+        target = self._target
+        loop = asyncio.get_running_loop()
         writer: asyncio.StreamWriter | None = None
+        opened = False
         try:
-            async with asyncio.timeout(self.timeout):
-                if isinstance(target, TcpAddress):
-                    reader, writer = await asyncio.open_connection(
-                        target.host, target.port, limit=self.max_message
-                    )
-                else:
-                    reader, writer = await asyncio.open_unix_connection(
-                        target.path, limit=self.max_message
-                    )
-                hello = Hello(version=PROTOCOL_VERSION, token=self.token, max_message=self.max_message)
-                writer.write(encode_message(hello))
-                await writer.drain()
-                welcome = await self._expect(reader, Welcome)
-                if welcome.version != PROTOCOL_VERSION:
-                    raise IncompatibleVersion(PROTOCOL_VERSION, welcome.version)
-                first = await self._expect(reader, SnapshotMessage)
+            try:
+                async with asyncio.timeout(self.timeout):
+                    if isinstance(target, TcpAddress):
+                        reader, writer = await asyncio.open_connection(
+                            target.host, target.port, limit=self.max_message
+                        )
+                    else:
+                        reader, writer = await asyncio.open_unix_connection(
+                            target.path, limit=self.max_message
+                        )
+                    opened = True
+                    hello = Hello(version=PROTOCOL_VERSION, token=self.token, max_message=self.max_message)
+                    writer.write(encode_message(hello))
+                    await writer.drain()
+                    welcome = await self._expect(reader, Welcome)
+                    if welcome.version != PROTOCOL_VERSION:
+                        raise IncompatibleVersion(PROTOCOL_VERSION, welcome.version)
+                    first = await self._expect(reader, SnapshotMessage)
+            except TaskwatchError:
+                raise
+            except OSError as exc:  # TimeoutError too
+                raise self._unreachable(exc, opened) from exc
         except BaseException:
             if writer is not None:
                 writer.close()
@@ -251,17 +301,60 @@ class RemoteEngine:
         self._server_max = welcome.max_message
         self._reader, self._writer = reader, writer
         self._watermark = self._last_seq = first.snapshot.last_seq
+        self._loop = loop
         self._connected = True
-        self.disconnected.clear()
-        self._read_task = asyncio.get_running_loop().create_task(
-            self._read_loop(reader), name="taskwatch-remote-read"
-        )
+        # a new Event, not the old one cleared: that one may be bound to a loop now gone
+        self.disconnected = asyncio.Event()
+        self._read_task = loop.create_task(self._read_loop(reader), name="taskwatch-remote-read")
         return first.snapshot
+
+    def _unreachable(self, exc: OSError, opened: bool) -> EngineUnreachable:
+        """``connect``'s error for ``exc``: what failed, in words, and what to check."""
+        target = self._target
+        if isinstance(exc, TimeoutError):
+            if opened:
+                return EngineUnreachable(
+                    self.address,
+                    f"it accepted the connection but sent no welcome within {self.timeout:g} s",
+                    "Check that the engine's process is running (not stopped, paused or overloaded) "
+                    "and that this address is a taskwatch endpoint",
+                )
+            return EngineUnreachable(
+                self.address,
+                f"no connection within {self.timeout:g} s",
+                "Check the host and port, and that nothing on the way drops the connection",
+            )
+        # asyncio's own strerror for a refused TCP connection is "Connect call failed (...)";
+        # a name lookup's error numbers (negative) are not the system's
+        why = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else str(exc) or type(exc).__name__
+        if isinstance(target, UnixAddress):
+            if isinstance(exc, FileNotFoundError):
+                reason = f"there is no socket file at {target.path} ({why})"
+            elif isinstance(exc, ConnectionRefusedError):
+                reason = f"nothing listens on the socket file {target.path} ({why}): the engine that made it has stopped"
+            else:
+                reason = f"connecting to the socket file {target.path} failed ({why})"
+            return EngineUnreachable(
+                self.address,
+                reason,
+                "Check the socket path: the engine prints the address it serves at, and a socket "
+                "file is removed when its engine stops",
+            )
+        if isinstance(exc, ConnectionRefusedError):
+            reason = f"nothing listens on port {target.port} of {target.host} ({why})"
+        else:
+            reason = f"connecting to port {target.port} of {target.host} failed ({why})"
+        return EngineUnreachable(
+            self.address, reason, "Check the port: the engine prints the address it serves at"
+        )
 
     async def _expect(self, reader: asyncio.StreamReader, kind: type[W]) -> W:
         line = await read_line(reader, self.max_message)
         if line is None:
-            raise ConnectionClosed("the server closed the connection during the handshake")
+            raise ConnectionClosed(
+                f"{self.address} closed the connection during the handshake; check that it is a "
+                "taskwatch engine's address"
+            )
         msg = decode_server_message(line, self.max_message)
         if isinstance(msg, ErrorReply):
             raise error_from_reply(msg)
@@ -270,7 +363,24 @@ class RemoteEngine:
         return msg
 
     async def close(self) -> None:
-        """Close the connection and wait for its reader task. Safe to call repeatedly."""
+        """Close the connection and wait for its reader task. Safe to call repeatedly.
+
+        A connection already ended on a loop that has finished (a previous
+        ``asyncio.run``) is only forgotten; one still open on another loop
+        raises :class:`~taskwatch.engine.errors.LoopThreadError`.
+        """
+        if self._foreign_loop():
+            loop, task = self._loop, self._read_task
+            assert loop is not None
+            if not loop.is_closed() and (self._connected or (task is not None and not task.done())):
+                raise self._wrong_loop("close")
+            # its reader has ended, and closed the writer on its way out: nothing is left to
+            # wait for, and that loop's futures cannot be awaited from this one
+            if task is not None and task.done() and not task.cancelled():
+                task.exception()  # retrieved, so it is not reported as never retrieved
+            self._read_task, self._writer, self._loop = None, None, None
+            self._connected = False
+            return
         task, self._read_task = self._read_task, None
         if task is not None and not task.done():
             task.cancel()
@@ -279,8 +389,14 @@ class RemoteEngine:
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
+            except TimeoutError:
+                # bytes the engine is not reading keep a closing transport open; drop them,
+                # which also wakes a command waiting for room to send (it was not sent)
+                writer.transport.abort()
+            except Exception:
+                pass
         self._mark_disconnected(None)
 
     async def __aenter__(self) -> RemoteEngine:
@@ -290,6 +406,19 @@ class RemoteEngine:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _foreign_loop(self) -> bool:
+        """Whether this instance's connection belongs to a loop other than the running one."""
+        return self._loop is not None and self._loop is not asyncio.get_running_loop()
+
+    def _wrong_loop(self, method: str) -> LoopThreadError:
+        return LoopThreadError(
+            method,
+            f"RemoteEngine.{method}() was called from an event loop other than the one it connected "
+            f"on; its connection to {self.address} (streams, reader task, replies) is bound to that "
+            "loop. Connect one RemoteEngine per event loop, or run the call on its own loop "
+            "(asyncio.run_coroutine_threadsafe(coro, that_loop))",
+        )
+
     def _mark_disconnected(self, reason: BaseException | None) -> None:
         if reason is not None and self.close_reason is None:
             self.close_reason = reason
@@ -297,9 +426,8 @@ class RemoteEngine:
         pending, self._pending = self._pending, {}
         for fut in pending.values():
             if not fut.done():
-                fut.set_exception(
-                    ConnectionClosed(f"the connection to {self.address} closed before the reply")
-                )
+                # every pending command was sent: _request says so, naming the command
+                fut.set_exception(ConnectionClosed(f"the connection to {self.address} closed before the reply"))
         self._ready.set()
         self.disconnected.set()
 
@@ -345,7 +473,7 @@ class RemoteEngine:
         """Events buffered locally and not yet read."""
         return self._events.pending
 
-    def _offer(self, event: BaseEvent) -> None:
+    def _offer(self, event: Event) -> None:
         if event.seq <= self._watermark:
             return  # already reflected in the last snapshot (a drop notice: its gap too)
         self._last_seq = max(self._last_seq, event.seq)
@@ -357,7 +485,7 @@ class RemoteEngine:
         # buffered events and losses before the snapshot are covered by it
         self._events.discard_through(self._watermark)
 
-    def get_batch(self, limit: int | None = None) -> list[BaseEvent]:
+    def get_batch(self, limit: int | None = None) -> list[Event]:
         """Take up to ``limit`` buffered items (events and drop notices) without waiting."""
         return self._events.take(limit)
 
@@ -367,13 +495,15 @@ class RemoteEngine:
             return True
         if not self._connected:
             return False
+        if self._foreign_loop():
+            raise self._wrong_loop("wait")
         self._ready.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._ready.wait()
         return bool(self._events)
 
-    async def events(self) -> AsyncIterator[BaseEvent]:
+    async def events(self) -> AsyncIterator[Event]:
         """Every event as it arrives; ends once the connection is gone and the buffer is empty."""
         while True:
             if self._events:
@@ -387,7 +517,8 @@ class RemoteEngine:
         """The command's line; arguments it cannot carry raise :class:`MalformedMessage`, nothing sent."""
         kind = make.model_fields["type"].default
         try:
-            cmd = make(id=msg_id, **fields)
+            # strict: bytes would otherwise pass as a str (b"x" sent as "x")
+            cmd = make.model_validate({"id": msg_id, **fields}, strict=True)
             # NaN and infinity as JSON's customary constants, which the server reads:
             # encode_message would turn them into null, another value
             return pydantic_core.to_json(cmd.model_dump(), inf_nan_mode="constants") + b"\n"
@@ -403,31 +534,87 @@ class RemoteEngine:
             "Pass arguments of the documented types"
         )
 
+    def _too_large(self, kind: str, size: int) -> MessageTooLarge:
+        exc = MessageTooLarge(size, self._server_max)
+        # the limit is the engine's: this client's own max_message bounds only what it receives
+        exc.args = (
+            f"the {kind!r} command is {size} bytes, over the {self._server_max}-byte limit the engine "
+            f"at {self.address} accepts (its max_message, announced when connecting), so it was not "
+            "sent. Send less (a large input is better passed by reference: a path, a URL, a key), or "
+            "raise the limit where the engine is served: engine.serve(..., max_message=N)",
+        )
+        exc.sent = False  # type: ignore[attr-defined]
+        return exc
+
+    def _failed(self, cls: type[OSError], kind: str, what: str, sent: bool) -> OSError:
+        """A command's ``TimeoutError`` or ``ConnectionClosed``, saying whether it was sent.
+
+        ``sent``: the command's line was handed to the connection, so the engine may
+        receive it and carry it out whatever this side hears back.
+        """
+        if sent:
+            outcome = f"{kind!r} was sent, so the engine may still carry it out"
+            if kind == "submit":
+                outcome += (
+                    " (submitting again may queue a second run: pass key= so that a repeat returns "
+                    "the first run while it is pending)"
+                )
+        else:
+            outcome = f"{kind!r} was not sent, so the engine will not carry it out"
+        exc = cls(f"{what}; {outcome}")
+        exc.sent = sent  # type: ignore[attr-defined]
+        return exc
+
     async def _request(self, make: type[Command], **fields: Any) -> Any:
         kind = make.model_fields["type"].default
         msg_id = next(self._ids)
         line = self._encode(make, msg_id, fields)  # bad arguments raise, connected or not
         if not self._connected or self._writer is None:
-            raise ConnectionClosed(f"not connected to {self.address}; call connect() first")
+            raise self._failed(
+                ConnectionClosed, kind, f"not connected to {self.address}; call connect() first", False
+            )
+        if self._foreign_loop():
+            raise self._wrong_loop(kind)
         if len(line) - 1 > self._server_max:
-            raise MessageTooLarge(len(line) - 1, self._server_max)
+            raise self._too_large(kind, len(line) - 1)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending[msg_id] = fut
+        sent = False
         try:
-            async with self._write_lock:
-                self._writer.write(line)
-                await self._writer.drain()
+            # the whole call is bounded: its turn to send, room to send, the reply
             async with asyncio.timeout(self.timeout):
+                async with self._write_lock:
+                    writer = self._writer
+                    # room first, then the line: a call that gives up while waiting has written
+                    # nothing, and a line once written is queued whole in the transport, which
+                    # sends it in order, so a call giving up never leaves half a line behind
+                    if writer is not None and self._connected:
+                        await writer.drain()
+                    if writer is None or writer is not self._writer or not self._connected or writer.is_closing():
+                        raise ConnectionClosed(f"the connection to {self.address} closed")
+                    self._pending[msg_id] = fut
+                    writer.write(line)
+                    sent = True
                 return await fut
         except TimeoutError:
-            raise TimeoutError(
-                f"no reply from {self.address} to {kind!r} within {self.timeout:g} s"
-            ) from None
-        except (ConnectionError, OSError) as exc:
-            # TimeoutError is an OSError too, hence the clause above
-            if isinstance(exc, TaskwatchError):
-                raise
-            raise ConnectionClosed(f"the connection to {self.address} is gone: {exc}") from exc
+            if sent:
+                what = f"no reply from {self.address} to {kind!r} within {self.timeout:g} s"
+            else:
+                what = (
+                    f"could not send {kind!r} to {self.address} within {self.timeout:g} s: the engine is "
+                    "not reading this connection (its process paused or overloaded, or the network stalled)"
+                )
+            raise self._failed(TimeoutError, kind, what, sent) from None
+        except ConnectionClosed:
+            when = "before the reply" if sent else "before it could be sent"
+            raise self._failed(
+                ConnectionClosed, kind, f"the connection to {self.address} closed {when}", sent
+            ) from self.close_reason
+        except TaskwatchError:
+            raise  # the engine's own answer
+        except OSError as exc:  # ConnectionResetError, BrokenPipeError...
+            raise self._failed(
+                ConnectionClosed, kind, f"the connection to {self.address} is gone: {exc}", sent
+            ) from exc
         finally:
             self._pending.pop(msg_id, None)
 

@@ -513,3 +513,20 @@ async def test_a_run_too_large_for_the_wire_is_shown_in_full_when_selected(tmp_p
             await eventually(lambda: detail.record is not None and detail.record.params.get("text") == big)
             assert detail.record.result == {"echo": big}
             await app.action_quit()
+
+
+def test_a_failed_command_is_called_maybe_done_only_when_it_was_sent() -> None:
+    from taskwatch.engine import ConnectionClosed
+    from taskwatch.tui.app import command_failure
+
+    def failed(cls: type[OSError], sent: bool | None) -> OSError:
+        exc = cls("no reply")
+        if sent is not None:
+            exc.sent = sent  # type: ignore[attr-defined]
+        return exc
+
+    assert "may have been done" in command_failure("cancel", failed(TimeoutError, True))
+    assert "may have been done" in command_failure("cancel", failed(ConnectionClosed, True))
+    assert "may have been done" in command_failure("cancel", failed(TimeoutError, None))  # says nothing: maybe
+    assert command_failure("cancel", failed(TimeoutError, False)) == "cancel failed: no reply"
+    assert command_failure("cancel", failed(ConnectionClosed, False)) == "cancel failed: no reply"

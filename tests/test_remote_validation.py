@@ -153,6 +153,7 @@ async def test_a_model_refusing_nan_gives_the_in_process_reason(pair: Pair) -> N
     ("label", "call", "field"),
     [
         ("int run id", lambda r: r.cancel(5), "run_id"),
+        ("bytes run id", lambda r: r.retry(b"x"), "run_id"),  # was sent as the str 'x'
         ("None run id", lambda r: r.get(None), "run_id"),
         ("negative runs_limit", lambda r: r.snapshot(-1), "runs_limit"),
         ("int task name", lambda r: r.submit(42), "task"),

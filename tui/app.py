@@ -65,6 +65,7 @@ from .screens import (
     HelpScreen,
     SubmitScreen,
     TracebackScreen,
+    may_have_been_done,
 )
 from .state import DEFAULT_MAX_RUNS, DashboardState
 
@@ -113,9 +114,9 @@ def _has_cut_values(record: RunRecord) -> bool:
 
 
 def command_failure(verb: str, exc: BaseException) -> str:
-    """What became of a command that raised: a timeout means the request went out and its
-    reply did not come, so the engine may have done it all the same."""
-    if isinstance(exc, TimeoutError):
+    """What became of a command that raised, said so that nobody takes it for not done when
+    it may have been."""
+    if may_have_been_done(exc):
         return f"{verb}: {exc}; it may have been done all the same: check before trying again"
     return f"{verb} failed: {exc}"
 

@@ -300,9 +300,20 @@ def attach_kind(address: str) -> AttachKind:
 
 
 def check_attach_address(address: str) -> None:
-    """Raise ``ValueError`` unless ``address`` is something ``attach`` can connect to."""
+    """Raise ``ValueError`` unless ``address`` is something ``attach`` can connect to.
+
+    A ``tcp://`` host that is not loopback is refused, as ``--serve`` refuses one: the
+    protocol is plaintext, and the token would be the first thing to cross the network.
+    """
     if attach_kind(address) == "engine":
-        parse_address(address)
+        target = parse_address(address)
+        if isinstance(target, TcpAddress) and not target.is_loopback:
+            raise ValueError(
+                f"refusing to attach to non-loopback host {target.host!r}: the protocol is unencrypted, "
+                "so the token and every command would cross the network readable; forward a loopback "
+                f"port over SSH (ssh -N -L 7070:127.0.0.1:{target.port} {target.host}) and attach to "
+                "tcp://127.0.0.1:7070"
+            )
 
 
 def check_attach_options(address: str, given: Sequence[str]) -> None:

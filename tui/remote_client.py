@@ -4,7 +4,8 @@ It keeps one :class:`~taskwatch.engine.remote.RemoteEngine` connection and,
 when that drops, reconnects with backoff; each reconnect yields a fresh
 snapshot that the dashboard loads (``take_resync``) so it resynchronises
 instead of guessing what it missed. A refused token is final: retrying with
-the same token can only fail again, so it stops and says so (``failure``).
+the same token can only fail again, so it stops and says so (``failure``); so
+is an address ``RemoteEngine`` refuses (a non-loopback host).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import contextlib
 import random
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from taskwatch.engine import (
     BaseEvent,
@@ -26,7 +27,7 @@ from taskwatch.engine import (
     TriggerFire,
     WorkerInfo,
 )
-from taskwatch.engine.errors import AuthenticationFailed, ConnectionClosed, MessageTooLarge
+from taskwatch.engine.errors import AuthenticationFailed, ConnectionClosed, InvalidAddress, MessageTooLarge
 from taskwatch.engine.remote import RemoteEngine
 
 from .client import DEFAULT_BUFFER, DashboardClient
@@ -75,7 +76,10 @@ class RemoteClient(DashboardClient):
         """Whether a background task is still keeping the connection up (reconnecting when it drops)."""
         return self._watch is not None and not self._watch.done()
 
-    def _give_up(self, exc: AuthenticationFailed) -> None:
+    def _give_up(self, exc: AuthenticationFailed | InvalidAddress) -> None:
+        if isinstance(exc, InvalidAddress):
+            self._failure = f"{exc}; not retrying"
+            return
         self._failure = (
             f"{exc} at {self.address}; not retrying: start again with the right token "
             "(TASKWATCH_TOKEN or --token-file)"
@@ -108,7 +112,7 @@ class RemoteClient(DashboardClient):
         self.runs_limit = runs_limit
         try:
             return await self._open()
-        except AuthenticationFailed as exc:
+        except (AuthenticationFailed, InvalidAddress) as exc:
             self._give_up(exc)
             raise
         finally:
@@ -145,7 +149,8 @@ class RemoteClient(DashboardClient):
         batch = remote.get_batch(limit) if remote is not None else []
         if batch:
             self._heard()
-        return batch
+        # a list of the Event union is a list of BaseEvent to its reader here (list is invariant)
+        return cast(list[BaseEvent], batch)
 
     def pending_events(self) -> int:
         remote = self._remote

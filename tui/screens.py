@@ -21,6 +21,14 @@ from textual.widgets import Button, Input, Label, OptionList, Select, Static
 SubmitFn = Callable[[str, dict[str, Any]], Awaitable[RunRecord]]
 
 
+def may_have_been_done(exc: BaseException) -> bool:
+    """Whether a command that raised may have been carried out all the same: it went out and
+    its reply did not come (a timeout, or a connection lost after sending). A remote client's
+    errors say whether the command was sent; a timeout that does not say is taken as sent."""
+    sent = getattr(exc, "sent", None)
+    return bool(sent) if sent is not None else isinstance(exc, TimeoutError)
+
+
 class SubmitScreen(ModalScreen[RunRecord | None]):
     """Pick a task, fill in its generated params form, submit once the params are valid.
 
@@ -150,13 +158,13 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
             self._say("")
             self.form.show_errors(exc.errors)
             return
-        except TimeoutError as exc:
-            # the request went out and no reply came: the engine may well have taken it
-            self._say(Text(f"{exc}; the run may have been submitted: check the Runs tab before submitting again",
-                           style="bold yellow"))
-            return
-        except (TaskwatchError, OSError, RuntimeError) as exc:  # also a lost connection
-            self._say(Text(f"not submitted: {exc}", style="bold red"))
+        except (TaskwatchError, OSError, RuntimeError) as exc:  # TimeoutError and a lost connection too
+            if may_have_been_done(exc):
+                # the request went out and no reply came: the engine may well have taken it
+                self._say(Text(f"{exc}; the run may have been submitted: check the Runs tab before submitting again",
+                               style="bold yellow"))
+            else:
+                self._say(Text(f"not submitted: {exc}", style="bold red"))
             return
         finally:
             self._in_flight = False
