@@ -1436,7 +1436,7 @@ class Engine:
         """Create a named queue whose jobs ``handler(job)`` consumes with ``concurrency`` workers."""
         if name in self._queues:
             raise DuplicateTask("queue", name)
-        queue = WorkQueue(self, name, handler, concurrency=concurrency, maxsize=maxsize)
+        queue = WorkQueue(self, name, handler, concurrency=concurrency, maxsize=maxsize, executor=self._executor)
         self._queues[name] = queue
         if self._state == "running":
             queue.launch()

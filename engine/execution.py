@@ -998,6 +998,8 @@ class Execution:
             for t in pending:
                 t.cancel()
             remaining = list(pending)
+        if not remaining:
+            return []
         # a task that ignores cancellation this long is a bug in that task; waiting
         # for it forever would hang every caller of stop(), so say so and go on
         log.warning(

@@ -138,6 +138,12 @@ class Executor:
             self._loops.append(loop.create_task(self._watch_loop(), name="taskwatch-executor-watchdog"))
 
     @property
+    def renewed_at(self) -> float:
+        """When (``time.monotonic()``) the last heartbeat of this node that reached the store was
+        sent: the store counts the node alive, and its claims and queue jobs held, from then on."""
+        return self._renewed_at
+
+    @property
     def cut_off(self) -> bool:
         """True while this node cannot renew its claims (see the watchdog)."""
         return self._cut_since is not None

@@ -25,6 +25,25 @@ once their holder is known to be gone. A job read back from the store reaches
 the handler as the pydantic model its job parameter is annotated with
 (validated again), or else in its JSON form.
 
+A node holds the stored jobs it took (put, or took up) only while its
+heartbeats reach the store: silent for ``node_ttl`` (cut off, paused, its
+loop stalled), it counts as gone and another node takes its jobs up. So a job
+taken from the store is started only while this node's last heartbeat that
+went through is fresher than ``node_ttl`` by the local clock, and none was
+missed since the job was taken (a *lapse*). On a lapse the jobs waiting
+here are set aside, not started; once a heartbeat gets through again the
+store says which are still this node's (those run here, the others are
+given up: another node has them). A job already running when the hold
+lapses goes on, as a run does, unless the node is cut off from the store
+(it is cancelled there and set aside too) or the store has given it to
+another node (it is cancelled: it runs there).
+
+A stop cancels the handlers still running at its timeout and gives one that
+swallows the cancel three rounds of ``cancel_grace`` (cancelled again each
+round), as it does a run: then it goes on without it, logs it as a bug in
+the handler and counts it in ``QueueInfo.ignored_cancel``. What such a
+handler does afterwards is not counted, nor acknowledged in the store.
+
 An operator can pause a queue's consumers (puts are still accepted up to
 ``maxsize``; jobs being handled finish), resume them, and purge the jobs
 waiting (their rows are deleted from a durable store too). Each is published
@@ -37,6 +56,7 @@ import asyncio
 import inspect
 import logging
 import threading
+import time
 import typing
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -54,6 +74,7 @@ from .store import StoredJob
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .executor import Executor
 
 log = logging.getLogger("taskwatch.queues")
 
@@ -104,6 +125,15 @@ class QueueInfo(BaseModel):
     write_failures: int = 0
     #: jobs neither handled nor kept: the store refused their write until the stop ended (logged)
     lost: int = 0
+    #: handlers that ignored every cancel of a stop (three rounds of ``cancel_grace``): the stop
+    #: went on without them (logged as a bug in the handler)
+    ignored_cancel: int = 0
+    #: times this node's hold on its stored jobs lapsed (no heartbeat reached the store for ``node_ttl``)
+    hold_lapses: int = 0
+    #: jobs set aside by a lapse, not started until the store says whether they are still this node's
+    set_aside: int = 0
+    #: jobs another node took up during a lapse: dropped here unstarted, or cancelled mid-run
+    given_up: int = 0
 
 
 class QueuePurge(BaseModel):
@@ -121,13 +151,20 @@ class QueuePurge(BaseModel):
 class _Kept:
     """A job of a queue on a durable store, and its row once written (``id``)."""
 
-    __slots__ = ("job", "id", "done")
+    __slots__ = ("job", "id", "done", "epoch", "cut", "lost")
 
-    def __init__(self, job: Any, job_id: int | None = None) -> None:
+    def __init__(self, job: Any, job_id: int | None = None, epoch: int = -1) -> None:
         self.job = job
         self.id = job_id
         #: handled before its row was written: the row is deleted as soon as it exists
         self.done = False
+        #: the queue's hold epoch when this node took its row (-1: while the hold may have
+        #: lapsed); started only while it is the current one (see ``WorkQueue._may_start``)
+        self.epoch = epoch
+        #: its handler was cancelled because its hold ran out or another node took it
+        self.cut = False
+        #: the store gave it to another node while it ran here
+        self.lost = False
 
 
 def _job_model(handler: Any) -> type[BaseModel] | None:
@@ -177,10 +214,13 @@ class WorkQueue:
     """
 
     def __init__(
-        self, engine: Engine, name: str, handler: Any, *, concurrency: int = 1, maxsize: int = 1000
+        self, engine: Engine, name: str, handler: Any, *, concurrency: int = 1, maxsize: int = 1000,
+        executor: Executor | None = None,
     ) -> None:
         check_options(QueueOptions, f"queue {name!r}", concurrency=concurrency, maxsize=maxsize)
         self._engine = engine
+        #: the engine's claims and heartbeats: whether this node still holds what it took from the store
+        self._executor = executor
         self.name = name
         self.handler = handler
         self.concurrency = concurrency
@@ -236,6 +276,25 @@ class WorkQueue:
         self._store_lock = asyncio.Lock()
         self._kick: asyncio.Event | None = None
         self._keeper: asyncio.Task[None] | None = None
+        #: bumped by each stop: a consumer of an earlier one (its handler ignored the stop's
+        #: cancels) no longer counts anything when its handler ends, nor takes another job
+        self._generation = 0
+        self.ignored_cancel = 0
+        #: the consumer task -> the stored job it is handling
+        self._running: dict[asyncio.Task[None], _Kept] = {}
+        #: durable store: this node's hold on the jobs it took from the store. ``_epoch`` grows with
+        #: each lapse; ``_lapsed``: the store is to say which jobs are still this node's before any
+        #: job taken from it starts; ``_hold_ok``: the last look found the hold fresh
+        self._epoch = 0
+        self._lapsed = False
+        self._hold_ok = True
+        #: the executor's last renewal as last seen: one further on by more than node_ttl means a lapse
+        self._seen_renewal = 0.0
+        self._watch_handle: asyncio.Handle | None = None
+        #: jobs a lapse set aside (by row id), in the order they were put
+        self._aside: dict[int, _Kept] = {}
+        self.hold_lapses = 0
+        self.given_up = 0
 
     # ------------------------------------------------------------ producers
 
@@ -419,8 +478,10 @@ class WorkQueue:
 
     # ------------------------------------------------------------ consumers
 
-    async def _consume(self) -> None:
+    async def _consume(self, generation: int) -> None:
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
         ctx = TaskContext(self._engine, None, f"queue:{self.name}") if self._with_ctx else None
         while True:
             while not self._items or self.paused:
@@ -439,16 +500,42 @@ class WorkQueue:
                 return
             item = self._items.popleft()
             self._wake_one(self._putters)
+            kept = item if type(item) is _Kept else None
+            if kept is not None and kept.id is not None and not self._may_start(kept):
+                self._set_aside(kept)
+                continue
+            job = item if kept is None else kept.job
             self._in_flight += 1
+            if kept is not None:
+                self._running[task] = kept
             try:
-                if type(item) is _Kept:
-                    await self._handle(ctx, item.job)
-                    self._done(item)  # not reached when stop cancels it: the job stays kept
+                try:
+                    failure = await self._call(ctx, job)
+                except asyncio.CancelledError:
+                    if kept is None or not kept.cut or task.uncancel() > 0:
+                        raise  # the stop's cancel: the job counts as left undone
+                    if generation != self._generation:
+                        return
+                    self._cut_short(kept)
+                    continue
+                if kept is not None and kept.cut:
+                    task.uncancel()  # the handler swallowed its cut's cancel
+                    if failure is not None and generation == self._generation:
+                        self._cut_short(kept)  # it raised something else instead: cut short all the same
+                        continue
+                if generation != self._generation:
+                    return  # a stop went on without this handler: nothing it did counts any more
+                if failure is None:
+                    self.processed += 1
                 else:
-                    await self._handle(ctx, item)
+                    self._failed(job, failure)
+                if kept is not None:
+                    self._done(kept)  # not reached when stop cancels it: the job stays kept
             finally:
-                self._in_flight -= 1
-                self._maybe_idle()
+                if generation == self._generation:
+                    self._running.pop(task, None)
+                    self._in_flight -= 1
+                    self._maybe_idle()
 
     def _done(self, item: _Kept) -> None:
         if item.id is None:
@@ -496,9 +583,11 @@ class WorkQueue:
                     continue
                 fresh.append(kept)
             if fresh:
+                stamp = self._stamp()
                 ids = await store.put_jobs(self.name, self._engine.incarnation, encoded)
                 for kept, job_id in zip(fresh, ids):
                     kept.id = job_id
+                    kept.epoch = stamp
                     if kept.done:
                         self._handled.append(job_id)
         except BaseException as exc:
@@ -536,6 +625,8 @@ class WorkQueue:
             wait = next_adopt - loop.time()
             if retry is not None and (self._unwritten or self._handled):
                 wait = min(wait, retry)
+            if self._lapsed:
+                wait = min(wait, self._probe())  # the watch kicks it too, once the hold is fresh
             try:
                 async with asyncio.timeout(max(0.0, wait)):
                     await kick.wait()
@@ -547,9 +638,11 @@ class WorkQueue:
             try:
                 await self._flush()
                 retry = None
-                if loop.time() >= next_adopt and not self._closing:
+                if self._lapsed:
+                    await self._retake()
+                elif loop.time() >= next_adopt and not self._closing:
                     next_adopt = loop.time() + interval
-                    await self._adopt(own=False)
+                    await self._adopt()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -558,7 +651,7 @@ class WorkQueue:
                 retry = 0.05 if retry is None else min(retry * 2, 1.0)
                 next_adopt = max(next_adopt, loop.time() + retry)
 
-    def _revive(self, job: StoredJob) -> _Kept:
+    def _revive(self, job: StoredJob, epoch: int) -> _Kept:
         """A job read back from the store, as the handler expects it (its model, when it names one)."""
         value = job.job
         if self._job_model is not None:
@@ -566,18 +659,217 @@ class WorkQueue:
                 value = self._job_model.model_validate(value)
             except ValidationError:
                 pass  # the model changed since it was put: the handler gets the JSON, and decides
-        return _Kept(value, job.id)
+        return _Kept(value, job.id, epoch)
 
-    async def _adopt(self, *, own: bool) -> None:
-        adopted = await self._engine.store.adopt_jobs(self.name, self._engine.incarnation, own=own)
+    async def _adopt(self) -> None:
+        """Take up the jobs of holders that are gone (not while this node may look gone itself)."""
+        if self._lapsed or not self._observe():
+            return  # the retake takes them up, once the store has this node's heartbeat again
+        stamp = self._stamp()
+        adopted = await self._engine.store.adopt_jobs(self.name, self._engine.incarnation, own=False)
         if adopted:
             with self._lock:
-                self._items.extend(self._revive(j) for j in adopted)
+                self._items.extend(self._revive(j, stamp) for j in adopted)
             self.adopted += len(adopted)
             for _ in adopted:
                 self._wake_one(self._getters)
 
-    async def _handle(self, ctx: TaskContext | None, job: Any) -> None:
+    # ------------------------------------------------------------ the hold on stored jobs
+
+    def _ttl(self) -> float:
+        return self._engine.store.node_ttl
+
+    def _probe(self) -> float:
+        """How often a lapsed hold is looked at again (the executor's watchdog probes as often)."""
+        return min(1.0, self._ttl() / 3)
+
+    def _renewed_at(self) -> float:
+        """When (``time.monotonic()``) the last heartbeat of this node that reached the store was sent."""
+        # the executor keeps it for its own claims; the store counts this node alive from then on
+        # for node_ttl, and so holds its queue jobs for it
+        return self._executor.renewed_at if self._executor is not None else time.monotonic()
+
+    def _cut_off(self) -> bool:
+        return self._executor is not None and self._executor.cut_off
+
+    def _hold_begins(self) -> None:
+        """A start: the node just registered (the executor counts that as a renewal)."""
+        self._lapsed = False
+        self._hold_ok = True
+        self._seen_renewal = self._renewed_at()
+
+    def _observe(self) -> bool:
+        """Whether this node's hold on the jobs it took from the store is fresh now; notes a lapse.
+
+        Fresh: its last heartbeat that went through was sent less than ``node_ttl`` ago, the
+        executor does not count it cut off, and none was missed since the last look (two
+        renewals seen further apart than ``node_ttl``: a pause or a stalled loop in between,
+        however short ago it ended, left room for another node to take the jobs up).
+        """
+        renewed = self._renewed_at()
+        now = time.monotonic()
+        ttl = self._ttl()
+        missed = self._hold_ok and renewed - self._seen_renewal > ttl
+        fresh = not self._cut_off() and now < renewed + ttl and not missed
+        self._seen_renewal = renewed
+        if fresh != self._hold_ok:
+            self._hold_ok = fresh
+            if fresh:
+                if self._kick is not None:
+                    self._kick.set()  # the keeper asks the store which jobs are still this node's
+            else:
+                self._lapse(now - renewed)
+        return fresh
+
+    def _stamp(self) -> int:
+        """The epoch for rows taken from now on: -1 while the hold may have lapsed."""
+        return self._epoch if self._hold_ok and not self._lapsed else -1
+
+    def _may_start(self, kept: _Kept) -> bool:
+        """Whether the job with a row, ``kept``, may start here now (see :meth:`_observe`)."""
+        return self._observe() and not self._lapsed and kept.epoch == self._epoch
+
+    def _lapse(self, silent: float) -> None:
+        """The hold may have lapsed: set the waiting jobs with rows aside until the store answers."""
+        self._epoch += 1
+        self._lapsed = True
+        self.hold_lapses += 1
+        with self._lock:
+            waiting = [i for i in self._items if type(i) is _Kept and i.id is not None]
+            if waiting:
+                self._items = deque(i for i in self._items if not (type(i) is _Kept and i.id is not None))
+        for kept in waiting:
+            self._aside[kept.id] = kept  # type: ignore[index]
+        for _ in waiting:
+            self._wake_one(self._putters)
+        log.log(
+            logging.WARNING if waiting or self._running else logging.INFO,
+            "queue %r: no heartbeat of this node has reached the store for %.1f s (node_ttl %g s): another "
+            "node may take up its jobs. %d waiting job(s) set aside, %d running; the store says which are "
+            "still this node's once it answers", self.name, silent, self._ttl(), len(waiting), len(self._running),
+        )  # fmt: skip
+        if self._kick is not None:
+            self._kick.set()
+
+    def _set_aside(self, kept: _Kept) -> None:
+        """A job popped whose hold may have lapsed: not started until the store says it is this node's."""
+        self._aside[kept.id] = kept  # type: ignore[index]
+        if not self._lapsed:
+            # taken before the last retake and missed by it (defensive): ask the store again
+            self._lapsed = True
+            if self._kick is not None:
+                self._kick.set()
+
+    def _watch(self) -> None:
+        """Look at the hold when it runs out, and every probe while it is lapsed (a loop callback)."""
+        self._watch_handle = None
+        if not self._consumers or self._loop is None:
+            return
+        fresh = self._observe()
+        if not fresh and self._cut_off():
+            self._cut_running()
+        if fresh and not self._lapsed:
+            delay = self._renewed_at() + self._ttl() - time.monotonic() + 0.001
+        else:
+            delay = self._probe()
+        self._watch_handle = self._loop.call_later(max(0.0, delay), self._watch)
+
+    def _cut_running(self) -> None:
+        """Cut off from the store past the hold: cancel the running jobs with rows, as a cut-off
+        node does its runs (another node may be running them by now)."""
+        cut = 0
+        for task, kept in self._running.items():
+            if kept.id is None or kept.cut or kept.epoch == self._epoch:
+                continue
+            kept.cut = True
+            task.cancel()
+            cut += 1
+        if cut:
+            log.warning(
+                "queue %r: stopped %d job(s) whose hold ran out while the store was unreachable; they run "
+                "again on the node the store gives them to (this one, if no other took them)", self.name, cut,
+            )  # fmt: skip
+
+    def _cut_short(self, kept: _Kept) -> None:
+        """A job's handler ended on its cut: run it again where it is still held."""
+        if kept.lost:
+            self.given_up += 1  # it runs on the node that took it
+        elif kept.epoch == self._epoch and not self._lapsed:
+            # the store said it is still this node's since: it runs again here
+            with self._lock:
+                self._items.appendleft(kept)
+            self._wake_one(self._getters)
+        else:
+            self._aside[kept.id] = kept  # type: ignore[index]
+
+    async def _retake(self) -> None:
+        """After a lapse, once a heartbeat got through: ask the store which of its jobs this node
+        still holds (taking up those of gone holders too), and start those only.
+
+        Jobs set aside that another node took meanwhile are given up; a running job another
+        node took is cancelled here (it runs there), as a run whose claim was lost.
+        """
+        async with self._store_lock:  # no write under way: every row this node wrote has its id here
+            if not self._lapsed or self._abandon or not self._observe():
+                return
+            epoch = self._epoch
+            jobs = await self._engine.store.adopt_jobs(self.name, self._engine.incarnation, own=True)
+            if epoch != self._epoch or not self._hold_ok or self._abandon:
+                # lapsed again meanwhile (asked again once the store answers), or the stop counted
+                # what was set aside: the rows stay this node's, for the next start
+                return
+            self._lapsed = False
+            mine = {job.id: job for job in jobs}
+            known: set[int] = set(self._handled)  # handled; their rows are deleted at the next write
+            lost = 0
+            for task, kept in self._running.items():
+                if kept.id is None:
+                    continue
+                known.add(kept.id)
+                if kept.id in mine:
+                    kept.epoch = epoch
+                elif not kept.lost:
+                    kept.lost = True
+                    if not kept.cut:
+                        kept.cut = True
+                        task.cancel()
+                        lost += 1
+            with self._lock:
+                # written while the hold was lapsed: another node may have taken them at once
+                gone = [i for i in self._items if type(i) is _Kept and i.id is not None and i.id not in mine]
+                if gone:
+                    self._items = deque(
+                        i for i in self._items if not (type(i) is _Kept and i.id is not None and i.id not in mine)
+                    )
+                for item in self._items:
+                    if type(item) is _Kept and item.id is not None:
+                        item.epoch = epoch
+                        known.add(item.id)
+                back = [self._aside.pop(i) for i in sorted(self._aside) if i in mine]
+                given = len(self._aside) + len(gone)
+                self._aside.clear()
+                for kept in back:
+                    kept.epoch = epoch
+                    known.add(kept.id)  # type: ignore[arg-type]
+                new = [self._revive(job, epoch) for job in jobs if job.id not in known]
+                self._items.extendleft(reversed(back))  # they were put first
+                self._items.extend(new)
+            self.adopted += len(new)
+            self.given_up += given
+            for _ in range(len(back) + len(new)):
+                self._wake_one(self._getters)
+            for _ in range(given):
+                self._wake_one(self._putters)
+            if given or lost:
+                log.warning(
+                    "queue %r: another node took up %d job(s) of this node while its hold was lapsed: %d set aside "
+                    "dropped here, %d running cancelled here (they run there)", self.name, given + lost, given, lost,
+                )  # fmt: skip
+            self._maybe_idle()
+
+    async def _call(self, ctx: TaskContext | None, job: Any) -> BaseException | None:
+        """Await the handler on ``job``: None once it returned, else what it raised. A cancel of
+        the consumer itself (a stop's, or a cut of a job whose hold was lost) is raised."""
         try:
             if ctx is None:
                 await self.handler(job)
@@ -586,12 +878,11 @@ class WorkQueue:
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
-                raise  # our own stop: the job counts as left undone
-            self._failed(job, asyncio.CancelledError("the job's handler was cancelled"))
+                raise
+            return asyncio.CancelledError("the job's handler was cancelled")
         except BaseException as exc:  # noqa: BLE001 - SystemExit from a handler fails its job only
-            self._failed(job, exc)
-        else:
-            self.processed += 1
+            return exc
+        return None
 
     def _failed(self, job: Any, exc: BaseException) -> None:
         self.failed += 1
@@ -662,7 +953,7 @@ class WorkQueue:
         return self._in_flight
 
     def _is_idle(self) -> bool:
-        return not self._items and not self._transits and not self._in_flight
+        return not self._items and not self._transits and not self._in_flight and not self._aside
 
     def _maybe_idle(self) -> None:
         # a stop that cleared what was left is no drain: its end answers the joins
@@ -707,6 +998,10 @@ class WorkQueue:
             purged=self.purged,
             write_failures=self.write_failures,
             lost=self.lost,
+            ignored_cancel=self.ignored_cancel,
+            hold_lapses=self.hold_lapses,
+            set_aside=len(self._aside),
+            given_up=self.given_up,
         )
 
     def launch(self) -> None:
@@ -735,18 +1030,23 @@ class WorkQueue:
                 if self._written is None:
                     self._written = loop.create_future()
             self._keeper = loop.create_task(self._keep_loop(self._kick), name=f"taskwatch-queue-{self.name}-store")
+            self._hold_begins()
         self._consumers = [
-            loop.create_task(self._consume(), name=f"taskwatch-queue-{self.name}-{i}")
+            loop.create_task(self._consume(self._generation), name=f"taskwatch-queue-{self.name}-{i}")
             for i in range(self.concurrency)
         ]
+        if self._durable:
+            self._watch_handle = loop.call_soon(self._watch)
 
     async def start(self) -> None:
         if self._engine.durable and not self._consumers:
+            self._hold_begins()
+            stamp = self._stamp()
             # jobs an earlier start left (or queued and never ran) go first
             adopted = await self._engine.store.adopt_jobs(self.name, self._engine.incarnation, own=True)
             if adopted:
                 with self._lock:
-                    self._items.extendleft(self._revive(j) for j in reversed(adopted))
+                    self._items.extendleft(self._revive(j, stamp) for j in reversed(adopted))
                 self.adopted += len(adopted)
         self.launch()
 
@@ -781,17 +1081,26 @@ class WorkQueue:
             else:
                 await self._wait_idle(deadline - loop.time())
         with self._lock:
-            left = self.depth + self._in_flight
+            # jobs set aside by a lapse keep their rows: the next start (or another node) takes them up
+            left = self.depth + self._in_flight + len(self._aside)
             self._abandon = True
             self._items.clear()
+            self._aside.clear()
         # joins waiting on what is left are answered below, once it is known whether it is
         # kept: not woken as if the queue had drained when its consumers are cancelled
         self._stop_answers_joins = True
         consumers, self._consumers = self._consumers, []
         for t in consumers:
             t.cancel()
-        if consumers:
-            await asyncio.wait(consumers)
+        stuck = await self._await_consumers(consumers)
+        if self._watch_handle is not None:
+            self._watch_handle.cancel()
+            self._watch_handle = None
+        # a consumer still going belongs to no queue any more: its handler's end counts nothing
+        self._generation += 1
+        self._in_flight -= len(stuck)
+        self.ignored_cancel += len(stuck)
+        self._running.clear()
         for fut in self._putters:
             if not fut.done():
                 fut.set_result(None)  # waiting producers re-check and raise EngineNotRunning
@@ -820,6 +1129,27 @@ class WorkQueue:
                 fut.set_exception(StoppedBeforeDone(*self._left_at_stop))
             else:
                 fut.set_result(None)
+
+    async def _await_consumers(self, consumers: list[asyncio.Task[None]]) -> list[asyncio.Task[None]]:
+        """Await the cancelled consumers, cancelling again those whose handler swallows the cancel;
+        returns those still going after three rounds of ``cancel_grace`` (as the stop does runs)."""
+        remaining = [t for t in consumers if not t.done()]
+        grace = self._engine.cancel_grace
+        for _ in range(3):
+            if not remaining:
+                return []
+            _, pending = await asyncio.wait(remaining, timeout=grace)
+            for t in pending:
+                t.cancel()
+            remaining = list(pending)
+        if remaining:
+            # a handler that ignores cancellation this long is a bug in that handler; waiting
+            # for it forever would hang every caller of stop(), so say so and go on
+            log.warning(
+                "queue %r: %d handler(s) ignored cancellation for %.3g s and are still running: %s",
+                self.name, len(remaining), 3 * grace, ", ".join(t.get_name() for t in remaining),
+            )  # fmt: skip
+        return remaining
 
     async def _stop_keeping(self, deadline: float) -> int | None:
         """Durable store: stop the keeper, then write what is still unwritten.

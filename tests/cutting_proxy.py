@@ -10,31 +10,31 @@ must not take for "nothing happened".
 Made :attr:`CuttingProxy.silent`, it is a network that drops every packet:
 nothing gets through either way, new connections are taken and never
 answered, and nobody is told (no reset, no refusal).
+
+A :class:`StallingProxy` holds every packet instead, and lets them go: what
+it held then arrives, as with a router that came back.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Self
 
 Match = Callable[[bytes], bool]
 
 
-class CuttingProxy:
-    def __init__(self, target_port: int, *, linger: float = 0.3) -> None:
+class _Proxy:
+    """A listener on a free loopback port forwarding to ``target_port``; connections are
+    handled by :meth:`_handle`, each a task of the proxy's own, cancelled when it closes."""
+
+    def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.linger = linger
         self.port = 0
-        self.cuts = 0
-        #: forward nothing, answer nothing, refuse nothing
-        self.silent = False
-        #: client chunks dropped while silent: a client is waiting for an answer
-        self.swallowed = 0
-        self._arm: list[Match] = []
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def __aenter__(self) -> CuttingProxy:
+    async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -50,6 +50,21 @@ class CuttingProxy:
     def url(self, url: str) -> str:
         """``url`` (of the target server) pointed at the proxy instead."""
         return url.replace(f":{self.target_port}/", f":{self.port}/")
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class CuttingProxy(_Proxy):
+    def __init__(self, target_port: int, *, linger: float = 0.3) -> None:
+        super().__init__(target_port)
+        self.linger = linger
+        self.cuts = 0
+        #: forward nothing, answer nothing, refuse nothing
+        self.silent = False
+        #: client chunks dropped while silent: a client is waiting for an answer
+        self.swallowed = 0
+        self._arm: list[Match] = []
 
     def cut_after(self, *steps: Match) -> None:
         """Cut the connection after the client chunk matching the last of ``steps``, each
@@ -110,3 +125,49 @@ class CuttingProxy:
             self._tasks.discard(task)  # type: ignore[arg-type]
             client_w.transport.abort()
             server_w.transport.abort()
+
+
+class StallingProxy(_Proxy):
+    """A TCP proxy to a database server that can hold every packet (both ways) and let them go.
+
+    Held, it is a network that delivers nothing and refuses nothing; let go, what it held
+    arrives, as with a router that came back (or a proxy process resumed after SIGSTOP).
+    """
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._flowing.set()
+        await super().__aexit__(*exc)
+
+    def hold(self) -> None:
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)  # type: ignore[arg-type]
+        server_w: asyncio.StreamWriter | None = None
+        try:
+            await self._flowing.wait()
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+                while data := await src.read(65536):
+                    await self._flowing.wait()
+                    dst.write(data)
+                    await dst.drain()
+                dst.close()
+
+            await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w), return_exceptions=True)
+        finally:
+            self._tasks.discard(task)  # type: ignore[arg-type]
+            client_w.transport.abort()
+            if server_w is not None:
+                server_w.transport.abort()
