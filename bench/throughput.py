@@ -167,7 +167,7 @@ def publish_cost(subscribers: int, n: int = 200_000, batch: int = 1_000) -> floa
     for _ in range(n // batch):
         start = time.perf_counter()
         for _ in range(batch):
-            post(RunStarted, run_id="0123456789abcdef", task="nothing", attempt=1)
+            post(RunStarted, run_id="0123456789abcdef", task="nothing", attempt=1, from_store=False)
         elapsed += time.perf_counter() - start
         for sub in subs:
             sub.get_batch()
@@ -180,7 +180,7 @@ def build_cost(n: int = 100_000) -> float:
     bus = EventBus(node="bench", replay=0)
     sub = bus.subscribe(maxsize=n + 1)
     for _ in range(n):
-        bus.post(RunStarted, run_id="0123456789abcdef", task="nothing", attempt=1)
+        bus.post(RunStarted, run_id="0123456789abcdef", task="nothing", attempt=1, from_store=False)
     start = time.perf_counter()
     events = sub.get_batch()
     elapsed = time.perf_counter() - start
