@@ -16,6 +16,16 @@ progress in between. Cancel and retry act through the store, so they work on
 a run whatever node holds it: a pending run is cancelled at once, a running
 run's owner is notified and stops it; a retry inserts a new run with the same
 params, which any node that has its task claims.
+
+It only watches: it never creates or migrates the tables (a newer dashboard
+migrating an older cluster's database would keep that cluster's nodes from
+starting), and refuses a database without them or at another schema version.
+
+While the database is out of reach, what was read last is not shown as
+current: see :attr:`ClusterObserver.stale`. A node that was up and has been
+silent past the node TTL since (by this process's view of the database's
+clock) is ``unknown``, and a leader whose lease has lapsed since is no longer
+shown (:attr:`ClusterObserver.leader_unknown`).
 """
 
 from __future__ import annotations
@@ -45,6 +55,9 @@ _LEASE_INTERVAL = 2.0
 #: the least time between two reads of the runs, however many run events arrive
 _MIN_GAP = 0.25
 
+#: running runs read per query (all of them are read, a page at a time, up to running_limit)
+_RUNNING_PAGE = 1000
+
 
 class ClusterObserver:
     """Every node, run and event of the cluster whose PostgreSQL database ``url`` names.
@@ -53,7 +66,8 @@ class ClusterObserver:
     be silent before it shows as dead; default the lease TTL, 30 s) and the
     event relay's (``keep``, ``max_age``). ``lease``: the name of the
     nodes' :class:`PostgresLease` (``None``: show no leader). ``runs_limit``:
-    the newest runs shown (running runs are shown besides, however old).
+    the newest runs shown; every running run is shown besides, however old, up to
+    ``running_limit`` (those beyond it are counted in :attr:`running_unlisted`).
     """
 
     def __init__(
@@ -62,18 +76,25 @@ class ClusterObserver:
         *,
         lease: str | None = "leader",
         runs_limit: int = 200,
+        running_limit: int = 10_000,
         refresh_interval: float = 1.0,
         runs_interval: float = 5.0,
         since: str = "$",
     ) -> None:
-        store = make_store(url) if isinstance(url, str) and url.startswith(("postgresql://", "postgres://")) else None
+        # a watcher: it never creates or migrates the cluster's tables
+        postgres = isinstance(url, str) and url.startswith(("postgresql://", "postgres://"))
+        store = make_store(url, migrate=False) if postgres else None
         if not isinstance(store, PostgresStore):
             raise InvalidConfiguration("the cluster observer", [f"it reads a cluster's PostgreSQL database: "
                                        f"give a postgresql://USER@HOST/DATABASE URL, not {url!r}"])  # fmt: skip
+        if isinstance(running_limit, bool) or not isinstance(running_limit, int) or running_limit < 1:
+            raise InvalidConfiguration("the cluster observer",
+                                       [f"running_limit must be a positive count, got {running_limit!r}"])  # fmt: skip
         self.store: PostgresStore = store
-        self.relay = PostgresEventRelay(url, since=since)
+        self.relay = PostgresEventRelay(url, since=since, migrate=False)
         self._lease = PostgresLease(store.url, name=lease) if lease else None
         self.runs_limit = runs_limit
+        self.running_limit = running_limit
         self.refresh_interval = refresh_interval
         self.runs_interval = runs_interval
         self._node_rows: list[NodeInfo] = []
@@ -84,7 +105,12 @@ class ClusterObserver:
         self._poke = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._unsubscribe: Any = None
+        #: the database's time of the last read of the nodes table that got through
         self._now = 0.0
+        #: running runs the last read left out (beyond running_limit): 0 when every one is listed
+        self.running_unlisted = 0
+        #: counts the changes to what runs() returns (a view redraws the runs when it moved)
+        self.runs_changes = 0
         #: times the runs were read again because events were missed
         self.resyncs = 0
         #: reads of the store that failed (the next one tries again)
@@ -144,15 +170,45 @@ class ClusterObserver:
     def stats(self) -> RelayStats:
         return self.relay.stats()
 
+    @property
+    def stale(self) -> bool:
+        """Whether what was read last may no longer hold: the database is out of reach (the
+        last read failed, or one is waiting for it to come back), or no read got through for
+        longer than a few refresh intervals (a connection that hangs)."""
+        if self.last_error is not None or self.store.unreachable_since is not None:
+            return True
+        return self.store.clock() - self._now > max(5.0, 3 * (self.refresh_interval + _MIN_GAP))
+
+    @property
+    def leader_unknown(self) -> bool:
+        """Whether who leads is not known now: the database is out of reach (:attr:`stale`),
+        and the lease read last has lapsed since (or no holder was read: someone may hold it now)."""
+        if self._lease is None or not self.stale:
+            return False
+        return self._leader is None or self._leader.expires_at < self.store.clock()
+
     def nodes(self) -> list[ClusterNode]:
-        """Each node's newest incarnation, by name, with what its events said (events, missed)."""
+        """Each node's newest incarnation, by name, with what its events said (events, missed).
+
+        A node that is not up (dead, stopped, or unknown while the database is out of reach)
+        has no role, unless it still holds the lease (until it lapses), and its running count
+        is the store's count of runs it still holds (0 once they were taken over), not the last
+        it reported; an unknown node's is not known.
+        """
         newest: dict[str, NodeInfo] = {}
         for info in self._node_rows:  # registration order: a later start replaces an earlier one
             current = newest.get(info.node)
             if current is None or info.started_at >= current.started_at:
                 newest[info.node] = info
         seen = {view.node: view for view in self.relay.nodes()}
-        leader = self._leader
+        leader = None if self.leader_unknown else self._leader
+        now = self.store.clock()
+        stale = self.stale
+        ttl = self.store.node_ttl
+        holding: dict[str, int] = {}
+        for run in self._runs.values():
+            if run.status is RunStatus.RUNNING and run.node is not None:
+                holding[run.node] = holding.get(run.node, 0) + 1
         out: list[ClusterNode] = []
         for name in sorted(set(newest) | set(seen)):
             view = seen.get(name)
@@ -164,23 +220,34 @@ class ClusterObserver:
             info = row
             # its engine.stopped event may come before the next read of the nodes table
             stopped = info.stopped_at is not None or (view is not None and view.stopped)
+            # dead as the nodes table said at its last read; silent past the TTL only since, and
+            # that read is no longer current: nobody here can tell whether it is up or dead
+            dead = not stopped and info.last_heartbeat < self._now - ttl
+            unknown = not stopped and not dead and stale and info.last_heartbeat < now - ttl
             fields: dict[str, Any] = view.model_dump() if view is not None else {"node": name}
             fields.update(
                 running=info.running,
                 cpu_percent=info.cpu_percent,
                 rss_bytes=info.rss_bytes,
                 stopped=stopped,
-                dead=not stopped and info.last_heartbeat < self._now - self.store.node_ttl,
+                dead=dead,
+                unknown=unknown,
                 incarnation=info.incarnation,
                 version=info.version,
                 started_at=info.started_at,
                 last_heartbeat=info.last_heartbeat,
             )
-            if leader is not None:
-                mine = leader.holder == name
-                fields.update(is_leader=mine, term=leader.term if mine else None)
+            holds_lease = leader is not None and leader.holder == name
+            if stopped or dead or unknown:
+                # what it last reported is not what it holds now: its runs may have been taken over
+                fields.update(running=None if unknown else holding.get(name, 0), is_leader=None, term=None)
             elif self._lease is not None:
-                fields.update(is_leader=None, term=None)
+                # no holder read (or not known now): nobody is shown as a follower either
+                fields.update(is_leader=None if leader is None else holds_lease, term=None)
+            if holds_lease:
+                # a dead leader still holds the lease until it lapses: that is worth seeing
+                assert leader is not None
+                fields.update(is_leader=True, term=leader.term)
             out.append(ClusterNode(**fields))
         return out
 
@@ -188,6 +255,11 @@ class ClusterObserver:
     def leader(self) -> LeaseState | None:
         """The lease's holder and term at the last look, or None."""
         return self._leader
+
+    @property
+    def read_at(self) -> float | None:
+        """The database's time of the last read of the nodes table that got through (None: none yet)."""
+        return self._now or None
 
     def runs(self) -> list[StoredRun]:
         """The newest runs of the whole cluster (and every running one), newest first."""
@@ -247,14 +319,34 @@ class ClusterObserver:
         if runs:
             self._runs_stale = False
             newest = await self.store.query(limit=self.runs_limit)
-            running = await self.store.query(status=RunStatus.RUNNING.value, limit=self.runs_limit)
-            fresh = {r.id: r for r in (*newest.runs, *running.runs)}
+            running = await self._running_runs()
+            fresh = {r.id: r for r in (*newest.runs, *running)}
             old = self._runs
             # unchanged rows keep their object, so a table diffing by identity skips them
             self._runs = {run_id: old[run_id] if old.get(run_id) == r else r for run_id, r in fresh.items()}
+            self.runs_changes += 1
+
+    async def _running_runs(self) -> list[StoredRun]:
+        """Every running run, however many, a page at a time, up to ``running_limit`` (those
+        beyond it, counted by the store, are :attr:`running_unlisted`)."""
+        out: list[StoredRun] = []
+        before: str | None = None
+        while True:
+            want = min(_RUNNING_PAGE, self.running_limit - len(out))
+            page = await self.store.query(status=RunStatus.RUNNING.value, limit=want, before=before)
+            out += page.runs
+            if page.next is None:
+                self.running_unlisted = 0
+                return out
+            if len(out) >= self.running_limit:
+                counts = await self.store.counts()
+                self.running_unlisted = max(0, counts.running - len(out))
+                return out
+            before = page.next
 
     def _keep(self, record: StoredRun) -> None:
         self._runs[record.id] = record
+        self.runs_changes += 1
         self._runs_stale = True
         self._poke.set()
 
@@ -268,6 +360,7 @@ class ClusterObserver:
             if run is not None and run.status is RunStatus.RUNNING:
                 progress = Progress(done=event.done, total=event.total, message=event.message)
                 self._runs[run.id] = run.model_copy(update={"progress": progress})
+                self.runs_changes += 1
             return
         elif not kind.startswith("run."):
             return

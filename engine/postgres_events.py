@@ -29,7 +29,9 @@ gets through.
 Each relay keeps two connections of its own (one writes, one listens and
 reads), reconnecting with backoff (50 ms doubling to 2 s); the table comes
 with the store's schema (migrations 3 and 5), which the relay applies itself
-when it is the first to reach the database.
+when it is the first to reach the database; a watcher's relay (``migrate=False``,
+the cluster observer's) never does: it refuses a database without the tables,
+or at another schema version.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from .errors import InvalidConfiguration
 from .urls import redact_url
 from .relay import EventRelay, Outgoing, cancelling, log
 from .store import queries as Q
-from .store.postgres import driver_url, load_driver, migrate, schema_of, schema_settings
+from .store.postgres import check_schema, driver_url, load_driver, migrate, schema_of, schema_settings
 
 #: the relay's own options in a URL's query; the store's options are left out of the driver's
 _OPTIONS = ("keep", "max_age")
@@ -77,7 +79,8 @@ class PostgresEventRelay(EventRelay):
     to be sent. ``since="$"`` reads from the moment the relay starts, ``"0"``
     from the oldest event the table still holds (events of a node before that
     count as missed). ``poll_interval``: the longest a reader waits without a
-    notification before it looks anyway.
+    notification before it looks anyway. ``migrate=False``: a watcher's relay, which never
+    creates or migrates the tables (:func:`~.store.postgres.check_schema`).
     """
 
     def __init__(
@@ -96,6 +99,7 @@ class PostgresEventRelay(EventRelay):
         poll_interval: float = 1.0,
         prune_interval: float = 5.0,
         connect_timeout: float = 5.0,
+        migrate: bool = True,
     ) -> None:
         problems = []
         schema: str | None = None
@@ -146,6 +150,8 @@ class PostgresEventRelay(EventRelay):
         self.poll_interval = poll_interval
         self.prune_interval = prune_interval
         self.connect_timeout = connect_timeout
+        #: whether the first connection creates and migrates the tables (False: only checks them)
+        self.migrates = migrate
         # every row names self.bus_id: a batch written again after its commit answer was lost
         # is recognised (by node, bus and seq) and not stored twice
         self._writer: Any = None
@@ -174,7 +180,10 @@ class PostgresEventRelay(EventRelay):
         try:
             if not self._migrated:
                 # the events table comes with the store's schema; the first to arrive applies it
-                await migrate(conn, self.public_url, self.schema)
+                if self.migrates:
+                    await migrate(conn, self.public_url, self.schema)
+                else:
+                    await check_schema(conn, self.public_url, self.schema)
                 self._migrated = True
         except BaseException:
             conn.terminate()

@@ -76,6 +76,10 @@ class ClusterNode(BaseModel):
     stopped: bool = False
     #: silent for longer than the store's node TTL (from the nodes table)
     dead: bool = False
+    #: up when the nodes table was last read, and silent for longer than the node TTL since,
+    #: while the watcher cannot read the table again (the database is out of reach): it may
+    #: be up or dead; its role and load are not known either
+    unknown: bool = False
     incarnation: str | None = None
     version: str | None = None
     started_at: float | None = None
@@ -83,8 +87,8 @@ class ClusterNode(BaseModel):
 
     @property
     def state(self) -> str:
-        """``stopped``, ``dead`` or ``up``."""
-        return "stopped" if self.stopped else "dead" if self.dead else "up"
+        """``stopped``, ``dead``, ``unknown`` (see :attr:`unknown`) or ``up``."""
+        return "stopped" if self.stopped else "dead" if self.dead else "unknown" if self.unknown else "up"
 
 
 class RelayStats(BaseModel):

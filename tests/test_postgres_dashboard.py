@@ -7,6 +7,12 @@ in the test process runs no tasks: it must show both nodes from the nodes
 table (up, heartbeat, CPU, RSS, version, one leader with its term), each run
 with the node it runs on, both nodes' events, and its cancel and retry must
 act on a run another process holds.
+
+Also: the dashboard only watches (it creates and migrates nothing, and says
+why it cannot watch a database without taskwatch's tables or at another
+schema version); it lists every running run; a dead node shows no role and
+the runs it still holds; during an outage what it shows is marked stale; a
+paused log says so; runs submitted together are newest first.
 """
 
 from __future__ import annotations
@@ -14,15 +20,27 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from rich.text import Text
-from taskwatch.engine import ClusterObserver, __version__
+from taskwatch.engine import (
+    ClusterObserver,
+    Engine,
+    NotATaskwatchStore,
+    PostgresEventRelay,
+    SchemaTooNew,
+    StoreUnavailable,
+    TaskContext,
+    __version__,
+)
+from taskwatch.engine.store import NewRun, PostgresStore
 from taskwatch.tui.cli import main as cli_main
 from taskwatch.tui.cluster import ClusterApp
 from taskwatch.tui.screens import ConfirmScreen
 from taskwatch.widgets import ClusterRunsTable, EventLog, StoreNodesTable
 from textual.widgets import Static
 
-from .helpers import eventually
+from .helpers import eventually, stray_tasks
+from .postgres_server import PostgresServer, schema_script
 from .processes import Line
 from .test_durable import Child
 
@@ -114,3 +132,219 @@ def test_attach_to_an_unreachable_database_says_so(capsys: Any) -> None:
     assert cli_main(["attach", "postgresql://nobody@127.0.0.1:1/none?reconnect_timeout=0.2"]) == 2
     err = capsys.readouterr().err
     assert "cannot watch postgresql://nobody@127.0.0.1:1/none" in err
+
+
+# ---------------------------------------------------------------- it only watches
+
+#: every object of the database outside PostgreSQL's own schemas: what a watcher must leave alone
+_CONTENTS = """SELECT COALESCE(string_agg(n.nspname || '.' || c.relname, ',' ORDER BY n.nspname, c.relname), '')
+FROM pg_namespace AS n LEFT JOIN pg_class AS c ON c.relnamespace = n.oid
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'"""
+
+
+def database(url: str) -> str:
+    return url.rsplit("/", 1)[1].split("?", 1)[0]
+
+
+def versions(server: PostgresServer, url: str) -> list[str]:
+    return server.sql("SELECT version FROM schema_migrations ORDER BY version", database(url)).split()
+
+
+async def test_a_dashboard_on_a_database_without_taskwatch_tables_creates_none_and_says_so(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    db = database(postgres_url)
+    before = postgres_server.sql(_CONTENTS, db)
+    with pytest.raises(StoreUnavailable, match=r"schema public holds no taskwatch run store.*Watch the cluster's own"):
+        await ClusterObserver(postgres_url).start()
+    # the nodes keep their tables in a schema of their own, and the URL names another one
+    with pytest.raises(StoreUnavailable, match=r'schema "elsewhere" does not exist.*\?schema=NAME its nodes use'):
+        await ClusterObserver(f"{postgres_url}?schema=elsewhere").start()
+    with pytest.raises(StoreUnavailable, match="holds no taskwatch run store"):
+        await PostgresEventRelay(postgres_url, migrate=False).start()
+
+    app = ClusterApp(ClusterObserver(postgres_url))
+    async with app.run_test(size=(160, 45)):
+        await eventually(lambda: app.return_code is not None, timeout=TIMEOUT)
+    assert app.return_code == 2
+    assert postgres_server.sql(_CONTENTS, db) == before  # no table, no schema
+    assert not stray_tasks()
+
+
+async def test_a_dashboard_leaves_an_older_or_newer_clusters_database_as_it_is(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    db = database(postgres_url)
+    postgres_server.sql(";\n".join(schema_script(4)), db)
+    older = r"schema version 4, older than this taskwatch's 5.*Upgrade the cluster's nodes"
+    with pytest.raises(StoreUnavailable, match=older):
+        await ClusterObserver(postgres_url).start()
+    with pytest.raises(StoreUnavailable, match="schema version 4"):
+        await PostgresEventRelay(postgres_url, migrate=False).start()
+    assert versions(postgres_server, postgres_url) == ["1", "2", "3", "4"]
+
+    postgres_server.sql("INSERT INTO schema_migrations VALUES (5, 'five', 0), (6, 'from the future', 0)", db)
+    with pytest.raises(SchemaTooNew, match="schema version 6"):
+        await ClusterObserver(postgres_url).start()
+    assert versions(postgres_server, postgres_url) == ["1", "2", "3", "4", "5", "6"]
+    assert not stray_tasks()
+
+
+async def test_a_dashboard_refuses_another_applications_tables_naming_them(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    db = database(postgres_url)
+    postgres_server.sql("CREATE TABLE events (id serial PRIMARY KEY, title text)", db)
+    before = postgres_server.sql(_CONTENTS, db)
+    with pytest.raises(NotATaskwatchStore, match=r"\(events\).*Watch the cluster's own database"):
+        await ClusterObserver(postgres_url).start()
+    assert postgres_server.sql(_CONTENTS, db) == before
+
+
+@pytest.mark.timeout(60)  # (a dashboard that went on watching would never return)
+def test_attach_to_an_older_cluster_says_what_to_do_and_migrates_nothing(
+    postgres_server: PostgresServer, postgres_url: str, capsys: Any
+) -> None:
+    postgres_server.sql(";\n".join(schema_script(4)), database(postgres_url))
+    assert cli_main(["attach", postgres_url]) == 2
+    err = " ".join(capsys.readouterr().err.split())  # the terminal may wrap it
+    assert f"taskwatch: cannot watch {postgres_url}" in err
+    assert "schema version 4" in err and "Upgrade the cluster's nodes first" in err
+    assert versions(postgres_server, postgres_url) == ["1", "2", "3", "4"]
+
+
+# ---------------------------------------------------------------- what it shows
+
+COMMON = ("--events", "postgres", "--health", "0.2", "--leader", "--poll", "0.2")
+
+
+async def test_every_running_run_is_listed_however_many_and_a_bound_says_how_many_are_not(
+    postgres_url: str, nodes: list[Child]
+) -> None:
+    node = Child(postgres_url, "w", *COMMON, "--lease-ttl", "10", "--max-concurrency", "30",  # type: ignore[arg-type]
+                 "run", "--submit", "hang", "--count", "25")  # fmt: skip
+    nodes.append(node)
+    ids = (await line(node, "submitted"))["ids"]
+
+    def running(app: ClusterApp) -> set[str]:
+        table = app.query_one(ClusterRunsTable)
+        return {key for key in table.shown_keys if cell(table, key, "status") == "running"}
+
+    # more running runs than the newest runs_limit: every one of them is listed
+    app = ClusterApp(ClusterObserver(postgres_url, runs_limit=5))
+    async with app.run_test(size=(160, 60)):
+        await eventually(lambda: running(app) == set(ids), timeout=TIMEOUT)
+        assert "not listed" not in header(app)
+
+    # bounded lower than that: never silently
+    app = ClusterApp(ClusterObserver(postgres_url, runs_limit=5, running_limit=10))
+    async with app.run_test(size=(160, 60)):
+        await eventually(lambda: len(running(app)) == 10, timeout=TIMEOUT)
+        await eventually(lambda: "15 more running not listed" in header(app), timeout=TIMEOUT)
+
+
+async def test_a_dead_node_whose_runs_were_taken_over_shows_no_role_and_no_runs(
+    postgres_url: str, nodes: list[Child]
+) -> None:
+    common = (*COMMON, "--lease-ttl", "3")
+    a = Child(postgres_url, "node-a", *common, "--max-concurrency", "4",  # type: ignore[arg-type]
+              "run", "--submit", "hang", "--count", "4")  # fmt: skip
+    nodes.append(a)
+    ids = (await line(a, "submitted"))["ids"]
+    await line(a, "lease.acquired")
+    b = Child(postgres_url, "node-b", *common, "--max-concurrency", "8", "run")  # type: ignore[arg-type]
+    nodes.append(b)
+    await line(b, "started")
+
+    app = ClusterApp(ClusterObserver(f"{postgres_url}?node_ttl=3"))
+    async with app.run_test(size=(160, 45)):
+        nodes_table = app.query_one(StoreNodesTable)
+        runs_table = app.query_one(ClusterRunsTable)
+
+        def on(node: str) -> bool:
+            return all(key in runs_table.shown_keys and cell(runs_table, key, "status") == "running"
+                       and cell(runs_table, key, "node") == node for key in ids)  # fmt: skip
+
+        await eventually(lambda: on("node-a") and cell(nodes_table, "node-a", "running") == "4", timeout=TIMEOUT)
+        await eventually(lambda: cell(nodes_table, "node-b", "role") == "follower", timeout=TIMEOUT)
+        assert cell(nodes_table, "node-a", "role") == "LEADER t1"
+
+        await asyncio.to_thread(a.sigkill)
+        # node-b takes node-a's runs over once their claims lapse, and the lease with them
+        await eventually(lambda: on("node-b"), timeout=TIMEOUT)
+        await eventually(lambda: cell(nodes_table, "node-b", "role").startswith("LEADER t"), timeout=TIMEOUT)
+        await eventually(lambda: cell(nodes_table, "node-a", "state") == "dead", timeout=TIMEOUT)
+        assert cell(nodes_table, "node-a", "role") == "—"  # not a follower: it takes no part
+        await eventually(lambda: cell(nodes_table, "node-a", "running") == "0", timeout=TIMEOUT)
+        assert cell(nodes_table, "node-b", "running") == "4"
+
+
+async def test_during_an_outage_what_was_read_before_is_marked_stale(
+    postgres_server: PostgresServer, postgres_url: str, nodes: list[Child]
+) -> None:
+    node = Child(postgres_url, "w", *COMMON, "--lease-ttl", "3", "run")  # type: ignore[arg-type]
+    nodes.append(node)
+    await line(node, "lease.acquired")
+    app = ClusterApp(ClusterObserver(f"{postgres_url}?node_ttl=3&reconnect_timeout=1"))
+    async with app.run_test(size=(200, 45)):
+        table = app.query_one(StoreNodesTable)
+        await eventually(lambda: cell(table, "w", "state") == "up" and cell(table, "w", "role") == "LEADER t1",
+                         timeout=TIMEOUT)  # fmt: skip
+        assert "stale" not in header(app) and "leader w t1" in header(app)
+        await asyncio.to_thread(postgres_server.stop)
+        try:
+            # no heartbeat read for longer than the node TTL (by the dashboard's clock): not "up"
+            await eventually(lambda: cell(table, "w", "state") == "unknown", timeout=TIMEOUT)
+            # and once the lease it held when last read has lapsed: who leads is not known
+            await eventually(lambda: cell(table, "w", "role") == "—", timeout=TIMEOUT)
+            await eventually(lambda: "DISCONNECTED" in header(app), timeout=TIMEOUT)
+            text = header(app)
+            assert "stale: as read" in text and "leader unknown" in text and "leader w" not in text
+        finally:
+            await asyncio.to_thread(postgres_server.start)
+        # back: the node is seen again, and leads again
+        await eventually(lambda: cell(table, "w", "state") == "up" and cell(table, "w", "role").startswith("LEADER"),
+                         timeout=TIMEOUT)  # fmt: skip
+        await eventually(lambda: "stale" not in header(app) and "leader w t" in header(app), timeout=TIMEOUT)
+
+
+def hello_node(url: str) -> Engine:
+    engine = Engine(store=url, node_id="n", events="postgres", health_interval=None, lease_ttl=10)
+
+    @engine.task
+    async def hello(ctx: TaskContext) -> str:
+        return "hi"
+
+    return engine
+
+
+async def test_p_pauses_the_log_and_the_header_says_so_with_what_it_holds_back(postgres_url: str) -> None:
+    async with hello_node(postgres_url) as engine:
+        app = ClusterApp(ClusterObserver(postgres_url, lease=None))
+        async with app.run_test(size=(160, 45)) as pilot:
+            log = app.query_one(EventLog)
+            await (await engine.submit("hello")).wait()
+            await eventually(lambda: any("run.succeeded" in entry.text for entry in log.lines), timeout=TIMEOUT)
+            assert "paused" not in header(app)
+            await pilot.press("p")
+            await eventually(lambda: "⏸ log paused" in header(app), timeout=TIMEOUT)
+            shown = len(log.lines)
+            await (await engine.submit("hello")).wait()
+            await eventually(lambda: log.buffered > 0 and f"⏸ log paused ({log.buffered} buffered)" in header(app),
+                             timeout=TIMEOUT)  # fmt: skip
+            assert len(log.lines) == shown
+            await pilot.press("p")
+            await eventually(lambda: "paused" not in header(app) and len(log.lines) > shown, timeout=TIMEOUT)
+    assert not stray_tasks()
+
+
+async def test_runs_submitted_together_are_listed_newest_first(postgres_url: str) -> None:
+    async with PostgresStore(postgres_url) as submitter:  # a client that submits, with no node to run them
+        first = await submitter.insert([NewRun(task="later", params={})])
+        batch = await submitter.insert([NewRun(task="later", params={"n": n}) for n in range(8)])
+        app = ClusterApp(ClusterObserver(postgres_url, lease=None))
+        async with app.run_test(size=(160, 45)):
+            table = app.query_one(ClusterRunsTable)
+            await eventually(lambda: len(table.shown_keys) == 9, timeout=TIMEOUT)
+            assert table.shown_keys == [r.id for r in reversed(batch)] + [first[0].id]
+            assert [r.id for r in app.observer.runs()] == table.shown_keys  # type: ignore[union-attr]

@@ -167,7 +167,8 @@ async def test_a_schema_of_its_own_works_end_to_end_beside_the_application(postg
     before = await contents(postgres_url)
     url = f"{postgres_url}?schema=taskwatch"  # one URL for the store, the lease, the events and the observer
 
-    async with ClusterObserver(url) as observer, make_engine(url) as engine:
+    # the node first: it makes the schema, which a watcher only reads
+    async with make_engine(url) as engine, ClusterObserver(url) as observer:
         assert engine.leadership().is_leader
         handle = await engine.submit("hello")
         assert (await handle.wait()).result == "hi"

@@ -14,7 +14,10 @@ runs, CPU, RSS, version) with the leader and term from the lease table; the
 runs of the whole cluster, each with its node, sit between the nodes and the
 event log, and ``c`` / ``r`` cancel or retry the selected run wherever it
 runs. When events were missed, the observer reads the runs again from the
-store.
+store. Runs are newest first, those submitted together in the order the store
+took them. While the database is out of reach the header says how old what is
+shown is, a node silent past the node TTL since shows as ``unknown`` and a
+leader whose lease lapsed since is no longer shown.
 
 Any event relay will do: ``ClusterApp(MemoryEventRelay(stream))`` watches
 engines of one process sharing a :class:`~taskwatch.engine.MemoryEventStream`
@@ -22,16 +25,19 @@ engines of one process sharing a :class:`~taskwatch.engine.MemoryEventStream`
 
 Like the engine dashboard it never redraws per event: a timer drains the bus
 at a fixed rate. Events missed on the way are counted per node and in the
-header, and marked in the log.
+header, and marked in the log. ``p`` pauses the log (the header says so, with
+the events held back meanwhile).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from rich.text import Text
 from taskwatch.engine import (
+    ClusterNode,
     ClusterObserver,
     EventRelay,
     RunNotCancellable,
@@ -54,6 +60,15 @@ from .screens import ConfirmScreen, EventScreen
 #: what a command through the store can fail with: its own errors, or a lost connection
 COMMAND_ERRORS = (TaskwatchError, OSError)
 
+#: a table cell: its text and its style
+Cell = tuple[str, str]
+
+#: seconds between two redraws of the runs table when its runs changed, and when they did not
+#: (running runs' durations tick): every running run is listed, thousands of them on a busy
+#: cluster, and each redraw renders every running row again
+RUNS_REDRAW_CHANGED = 0.2
+RUNS_REDRAW_IDLE = 1.0
+
 
 def join_parts(parts: list[str], width: int) -> str:
     """Markup ``parts`` two spaces apart, on as many lines of ``width`` cells as they need,
@@ -68,6 +83,21 @@ def join_parts(parts: list[str], width: int) -> str:
         used += size + (2 if lines[-1] else 0)
         lines[-1].append(part)
     return "\n".join("  ".join(line) for line in lines)
+
+
+class ObservedNodesTable(StoreNodesTable):
+    """:class:`StoreNodesTable` that also shows a node whose state is not known now (the
+    database out of reach since it was last seen up): ``unknown``, its last figures dimmed."""
+
+    def cells(self, info: ClusterNode, now: float) -> tuple[Cell, ...]:
+        if info.state != "unknown":
+            return super().cells(info, now)
+        # drawn as a node that is not up (its load dimmed), then named for what it is
+        cells = list(super().cells(info.model_copy(update={"unknown": False, "dead": True}), now))
+        keys = [column.key for column in self.COLUMNS]
+        cells[keys.index("state")] = ("unknown", "bold yellow")
+        cells[keys.index("heartbeat")] = (cells[keys.index("heartbeat")][0], "yellow")
+        return tuple(cells)
 
 
 class ClusterApp(App[None]):
@@ -107,11 +137,13 @@ class ClusterApp(App[None]):
         self._sub: Subscription | None = None
         self._timer: Timer | None = None
         self._runs_shown: set[str] = set()
+        #: (monotonic time, observer.runs_changes) of the last redraw of the runs table
+        self._runs_drawn: tuple[float, int] = (float("-inf"), -1)
 
     def compose(self) -> ComposeResult:
         yield Static("", id="cluster-header")
         if self.observer is not None:
-            yield StoreNodesTable(id="nodes")
+            yield ObservedNodesTable(id="nodes")
             yield ClusterRunsTable(id="cluster-runs", max_rows=self.observer.runs_limit * 2)
         else:
             yield NodesTable(id="nodes")
@@ -175,15 +207,34 @@ class ClusterApp(App[None]):
                  f"{stats.received} events", missed]  # fmt: skip
         if observer is not None:
             leader = observer.leader
-            parts.insert(3, f"leader {leader.holder} t{leader.term}" if leader is not None else "no leader")
+            if observer.leader_unknown:
+                parts.insert(3, "[bold yellow]leader unknown[/]")  # the lease read last lapsed since
+            else:
+                parts.insert(3, f"leader {leader.holder} t{leader.term}" if leader is not None else "no leader")
+            if observer.stale:
+                # nothing below is current: say how old it is
+                read_at = observer.read_at
+                age = "never read" if read_at is None else f"as read {max(0, int(now - read_at))}s ago"
+                parts.insert(4, f"[bold yellow]stale: {age}[/]")
+            if observer.running_unlisted:
+                parts.append(f"[bold yellow]{observer.running_unlisted} more running not listed[/]")
             if observer.resyncs:
                 parts.append(f"{observer.resyncs} resyncs")
             if observer.last_error:
                 parts.append(f"[bold red]store: {observer.last_error}[/]")
+        log = self.query_one(EventLog)
+        if log.paused:
+            held = f" ({log.buffered} buffered)" if log.buffered else ""
+            parts.append(f"[bold yellow]⏸ log paused[/]{held}")
         header = self.query_one("#cluster-header", Static)
         header.update(join_parts(parts, header.size.width))
 
     def _draw_runs(self, observer: ClusterObserver, now: float) -> None:
+        at, changes = self._runs_drawn
+        wall = time.monotonic()
+        if wall - at < (RUNS_REDRAW_IDLE if changes == observer.runs_changes else RUNS_REDRAW_CHANGED):
+            return
+        self._runs_drawn = (wall, observer.runs_changes)
         table = self.query_one(ClusterRunsTable)
         runs = observer.runs()
         current = {run.id for run in runs}
@@ -196,7 +247,10 @@ class ClusterApp(App[None]):
     # ------------------------------------------------------------------ actions
 
     def action_toggle_pause(self) -> None:
-        self.query_one(EventLog).toggle_pause()
+        log = self.query_one(EventLog)
+        log.toggle_pause()
+        self.notify("log paused: events are still received" if log.paused else "log resumed")
+        self._draw()
 
     def _selected_run(self) -> StoredRun | None:
         if self.observer is None:
@@ -247,6 +301,7 @@ class ClusterApp(App[None]):
             self.notify(f"retry failed: {exc}", severity="error")
             return
         self.notify(f"retrying {run.task} as run {record.id}")
+        self._runs_drawn = (float("-inf"), -1)  # now: the new run is selected next
         self._draw()
         self.query_one(ClusterRunsTable).select_run(record.id)
 

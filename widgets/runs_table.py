@@ -19,7 +19,7 @@ to). ``g`` (or ctrl+home) follows the newest again.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from taskwatch.engine import RunRecord, RunStatus, StoredRun
 from textual.binding import Binding
@@ -157,7 +157,7 @@ class RunsTable(VirtualTable):
             self._marked.pop(run_id, None)
         if self._matches(record):
             self._begin()
-            self._upsert(run_id, (-record.created_at, run_id), self._cells_of(record))
+            self._upsert(run_id, self.order_of(record), self._cells_of(record))
             self._finish()
         return True
 
@@ -215,11 +215,17 @@ class RunsTable(VirtualTable):
                 continue
             record = shown
             if self._matches(record):
-                self._upsert(run_id, (-record.created_at, run_id), self._cells_of(record))
+                self._upsert(run_id, self.order_of(record), self._cells_of(record))
             else:
                 hidden.append(run_id)
         self._remove(hidden)
         self._finish()
+
+    def order_of(self, record: RunRecord) -> tuple[Any, ...]:
+        """Where ``record`` goes: the table is sorted on this key, and trimmed from its end.
+        Newest first; a subclass that knows more of the order (a store's insertion order)
+        may say so."""
+        return _newest_first(record)
 
     def _cells_of(self, record: RunRecord) -> tuple[Cell, ...]:
         return run_cells(record, self._now, record.id in self._marked)
@@ -237,7 +243,7 @@ class RunsTable(VirtualTable):
         hidden: list[str] = []
         for run_id, record in self._records.items():
             if self._matches(record):
-                self._upsert(run_id, (-record.created_at, run_id), self._cells_of(record))
+                self._upsert(run_id, self.order_of(record), self._cells_of(record))
             else:
                 hidden.append(run_id)
         self._remove(hidden)
@@ -284,7 +290,7 @@ class RunsTable(VirtualTable):
         """Drop the runs older than the newest max_rows (one batch, so one re-layout), but
         never a pending or running one, the one under the cursor nor a marked one (the
         user chose those to act on)."""
-        newest_first = sorted(self._records.values(), key=_newest_first)
+        newest_first = sorted(self._records.values(), key=self.order_of)
         keep = self._active_ids
         selected = self.selected_key
         marked = self._marked
@@ -319,7 +325,12 @@ class ClusterRunsTable(RunsTable):
         *RunsTable.COLUMNS[2:],
     )
 
+    def order_of(self, record: RunRecord) -> tuple[Any, ...]:
+        # runs created at one time (submitted together) newest first too: by the store's
+        # insertion order, which ids do not follow
+        return (-record.created_at, -record.seq if isinstance(record, StoredRun) else 0, record.id)
+
     def _cells_of(self, record: RunRecord) -> tuple[Cell, ...]:
         cells = run_cells(record, self._now, record.id in self._marked)
-        node = record.node if isinstance(record, StoredRun) else None
+        node = record.node
         return (*cells[:2], (node or DASH, "" if node else "dim"), *cells[2:])

@@ -189,12 +189,58 @@ async def claim_schema(conn: asyncpg.Connection, schema: str | None, where: str,
             # when it exists (a schema made for taskwatch by an administrator, say)
             await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         return
-    found = {name: (kind, frozenset(columns)) for _, name, kind, columns in rows if name is not None}
-    if found.get("schema_migrations", ("", frozenset()))[1] == _LEDGER_COLUMNS:
-        return  # taskwatch's own
-    foreign = [name for name, (kind, cols) in found.items() if name in names and not _lease_made(name, kind, cols)]
+    foreign = _foreign(_objects(rows), names)
     if foreign:
         raise NotATaskwatchStore(f"{where} (schema {rows[0][0]})", foreign, advice=_SCHEMA_ADVICE)
+
+
+_WATCH_ADVICE = (
+    "Watch the cluster's own database, with the ?schema=NAME its nodes use if they use one "
+    "(?schema=taskwatch, say): a watcher creates and changes no table; the nodes make them when they first start"
+)
+
+
+async def check_schema(conn: asyncpg.Connection, where: str, schema: str | None = None) -> None:
+    """What a watcher (the cluster observer, its event relay) does instead of :func:`migrate`:
+    it reads, and never creates or migrates (a newer dashboard migrating an older cluster's
+    database would keep that cluster's nodes from starting). Raises unless the schema holds
+    taskwatch's tables at this code's version: :class:`StoreUnavailable` saying what was found
+    (nothing, an older version), :class:`NotATaskwatchStore`, :class:`SchemaTooNew`."""
+    rows = await conn.fetch(_SCHEMA_OBJECTS, schema, sorted({*TASKWATCH_OBJECTS, "schema_migrations"}))
+    if not rows:
+        named = f'schema "{schema}"' if schema is not None else "the connection's schema (search_path)"
+        raise StoreUnavailable(where, f"{named} does not exist, so it holds no taskwatch tables", _WATCH_ADVICE)
+    found = _objects(rows)
+    foreign = _foreign(found, TASKWATCH_OBJECTS)
+    if foreign:
+        raise NotATaskwatchStore(f"{where} (schema {rows[0][0]})", foreign, advice=_WATCH_ADVICE)
+    if "schema_migrations" not in found:
+        raise StoreUnavailable(where, f"schema {rows[0][0]} holds no taskwatch run store (no schema_migrations table)",
+                               _WATCH_ADVICE)  # fmt: skip
+    version = int(await conn.fetchval(Q.SCHEMA_FOUND))
+    if version > Q.SCHEMA_VERSION:
+        raise SchemaTooNew(where, version, Q.SCHEMA_VERSION)
+    if version < Q.SCHEMA_VERSION:
+        raise StoreUnavailable(
+            where,
+            f"its tables are at schema version {version}, older than this taskwatch's {Q.SCHEMA_VERSION}, and a "
+            "watcher does not migrate them (the cluster's nodes would then refuse the database)",
+            "Upgrade the cluster's nodes first (the first to start migrates it), or watch it with a taskwatch "
+            "of the nodes' version",
+        )
+
+
+def _objects(rows: Sequence[Any]) -> dict[str, tuple[str, frozenset[str]]]:
+    """The rows of :data:`_SCHEMA_OBJECTS` by object name: (kind, columns)."""
+    return {name: (kind, frozenset(columns)) for _, name, kind, columns in rows if name is not None}
+
+
+def _foreign(found: Mapping[str, tuple[str, frozenset[str]]], names: Collection[str]) -> list[str]:
+    """Those of taskwatch's ``names`` in ``found`` that another application made (none beside
+    taskwatch's own ledger)."""
+    if found.get("schema_migrations", ("", frozenset()))[1] == _LEDGER_COLUMNS:
+        return []
+    return [name for name, (kind, cols) in found.items() if name in names and not _lease_made(name, kind, cols)]
 
 
 def _lease_made(name: str, kind: str, columns: frozenset[str]) -> bool:
@@ -305,6 +351,9 @@ class PostgresStore(Store):
     table, index and sequence of taskwatch's goes in, created at start
     (default: the connection's default schema, usually ``public``); :attr:`url`
     then names it, so a relay or a lease made from it uses the same one.
+    ``migrate=False``: a watcher's store (the cluster observer's), which never creates or
+    migrates the tables and refuses a database without them, or at another schema version
+    (:func:`check_schema`).
     """
 
     name = "postgres"
@@ -323,6 +372,7 @@ class PostgresStore(Store):
         node_ttl: float | None = None,
         max_lost: int = 3,
         schema: str | None = None,
+        migrate: bool = True,
     ) -> None:
         self._driver = load_driver()
         super().__init__(
@@ -341,6 +391,8 @@ class PostgresStore(Store):
         #: what the driver connects to: the URL without taskwatch's own options (the schema)
         self._dsn = driver_url(self.url)
         self._settings = schema_settings(self.schema)
+        #: whether open() creates and migrates the tables (False: a watcher's, which only checks them)
+        self.migrates = migrate
         self.pool_size = pool_size
         self.reconnect_timeout = lease_ttl if reconnect_timeout is None else reconnect_timeout
         self.channel = channel
@@ -433,7 +485,10 @@ class PostgresStore(Store):
         self._pool = pool
         try:
             async with pool.acquire() as conn:
-                await self._migrate(conn)
+                if self.migrates:
+                    await self._migrate(conn)
+                else:
+                    await check_schema(conn, self._where, self.schema)
                 if self._db_clock:
                     await self._sync_clock(conn)
         except BaseException as exc:
