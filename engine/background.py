@@ -319,10 +319,12 @@ class BackgroundEngine:
     def _on_loop_thread(self) -> bool:
         return threading.get_ident() == self._thread.ident
 
-    def _schedule(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> LoopCall:
+    def _schedule(self, fn: Callable[..., Any], *args: Any, read_: bool = False, **kwargs: Any) -> LoopCall:
         with self._lock:
             loop = self._loop
-            if self._finished or self._stopping or loop is None:
+            # a stop under way takes no more work, but its engine still answers reads (as an
+            # Engine does while it stops) until its loop ends
+            if self._finished or (self._stopping and not read_) or loop is None:
                 raise self._not_running()
             try:
                 call = ship(loop, fn, *args, **kwargs)
@@ -343,7 +345,7 @@ class BackgroundEngine:
     ) -> Any:
         if self._on_loop_thread():
             raise LoopThreadError(method)
-        call = self._schedule(fn, *args, **kwargs)
+        call = self._schedule(fn, *args, read_=not changes_, **kwargs)
         fut = call.future
         timeout = self.call_timeout if timeout_ is _UNSET else timeout_
         try:
@@ -395,14 +397,14 @@ class BackgroundEngine:
         if self._ended_cleanly():
             result = fn(*args, **kwargs)  # here, on the caller's loop: the engine's is gone
             return await result if inspect.isawaitable(result) else result
-        return await self._acall(fn, *args, **kwargs)
+        return await self._acall(fn, *args, read_=True, **kwargs)
 
     def _ended_cleanly(self) -> bool:
         with self._lock:
             return self._finished and self._crash is None and not self._thread.is_alive()
 
-    async def _acall(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        call = self._schedule(fn, *args, **kwargs)
+    async def _acall(self, fn: Callable[..., Any], *args: Any, read_: bool = False, **kwargs: Any) -> Any:
+        call = self._schedule(fn, *args, read_=read_, **kwargs)
         try:
             return await asyncio.wrap_future(call.future)
         except asyncio.CancelledError:

@@ -495,3 +495,27 @@ def test_interpreter_exit_without_stop_stops_the_engine_like_stop_does(tmp_path:
     # the waiting thread was answered (not left hanging the exit), and the run was
     # cancelled by the stop, not failed by an executor already shut down
     assert "waiter got cancelled shutdown None" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_reads_answer_while_a_stop_drains_and_new_work_is_refused() -> None:
+    engine = build_engine()
+    bg = engine.start_background()
+    handle = bg.submit("forever")
+    wait_until(lambda: bg.get(handle.id).status is RunStatus.RUNNING)
+    stopping = threading.Thread(target=bg.stop, kwargs={"timeout": 30})
+    stopping.start()
+    try:
+        wait_until(lambda: engine.state == "stopping")
+        # as an Engine does while it stops: what runs can still be looked at
+        assert bg.get(handle.id).status is RunStatus.RUNNING
+        assert bg.stats().running == 1 and handle.status is RunStatus.RUNNING
+        with pytest.raises(EngineNotRunning):
+            bg.submit("embed_batch", GOOD)
+    finally:
+        # the drain would wait for the run as long as the stop's timeout: cancel it (on the
+        # engine's loop itself, as the facade takes no action while it stops)
+        loop = engine.loop
+        assert loop is not None
+        asyncio.run_coroutine_threadsafe(engine.cancel(handle.id), loop).result(10)
+        stopping.join(30)
+    assert not stopping.is_alive() and bg.get(handle.id).status is RunStatus.CANCELLED
