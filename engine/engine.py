@@ -1476,7 +1476,8 @@ class Engine:
         """Create a threshold trigger: ``notify(key)`` counts; a key runs ``fn`` when due.
 
         Options: ``size_threshold``, ``staleness`` (timedelta or seconds),
-        ``staleness_min``, ``check_interval``, ``retries``, ``timeout``.
+        ``staleness_min``, ``check_interval``, ``retries``, ``timeout``,
+        ``save_interval``, ``forget_after`` (how long an idle key is kept).
         """
         if name in self._triggers:
             raise DuplicateTask("trigger", name)

@@ -75,6 +75,7 @@ class TriggerOptions(_Options):
     staleness_min: AtLeastOne
     check_interval: PositiveSeconds | None
     save_interval: PositiveSeconds
+    forget_after: PositiveSeconds | None
 
 
 class StoreOptions(_Options):

@@ -22,6 +22,13 @@ waiting on) is saved at most ``save_interval`` seconds after it changes and
 at stop, and loaded at start: a crash loses at most that last interval of
 notifies, and a key whose run was still queued follows that run again.
 
+A key that is idle (count 0, no run queued or running) for ``forget_after``
+seconds since its last run (or its first notify) is forgotten by the sweep:
+dropped from memory, the dashboard and a durable store, and counted in
+``TriggerState.forgotten``. Without ``forget_after`` every key ever notified
+is kept, which suits a bounded set of keys (users, documents) but not keys
+drawn from an unbounded space (request ids, timestamps).
+
 An operator can fire a key now (``fire(key)``, ``engine.fire_trigger``)
 whatever its count, published as ``TriggerFired`` with reason ``manual``;
 a key that has a run queued or running already is not queued twice.
@@ -105,6 +112,9 @@ class TriggerState(BaseModel):
     check_interval: float | None = None
     #: fires refused because the engine's run queue was full (retried later)
     rejected: int = 0
+    forget_after: float | None = None  # seconds
+    #: idle keys dropped after ``forget_after``, since the engine object was made
+    forgotten: int = 0
 
 
 class TriggerFire(BaseModel):
@@ -179,8 +189,10 @@ class Trigger:
     ``check_interval`` (default ``min(staleness / 10, 60)`` seconds),
     ``retries``, ``timeout`` (for the engine task), ``clock`` (a
     ``time.time``-like callable, so tests can move time without sleeping;
-    default: the engine's clock), and ``save_interval`` (seconds between
-    saves of changed keys to a durable store; default 1).
+    default: the engine's clock), ``save_interval`` (seconds between
+    saves of changed keys to a durable store; default 1), and
+    ``forget_after`` (timedelta or seconds an idle key is kept; default None:
+    kept for good).
     """
 
     def __init__(
@@ -197,8 +209,10 @@ class Trigger:
         timeout: float | None = None,
         clock: Callable[[], float] | None = None,
         save_interval: float = 1.0,
+        forget_after: timedelta | float | None = None,
     ) -> None:
         stale = _seconds(staleness)
+        forget = _seconds(forget_after)
         opts = check_options(
             TriggerOptions,
             f"trigger {name!r}",
@@ -207,8 +221,9 @@ class Trigger:
             staleness_min=staleness_min,
             check_interval=check_interval,
             save_interval=save_interval,
+            forget_after=forget,
         )
-        stale = opts.staleness
+        stale, forget = opts.staleness, opts.forget_after
         _check_fn(fn, name)
         self._engine = engine
         self.name = name
@@ -216,9 +231,10 @@ class Trigger:
         self.size_threshold = size_threshold
         self.staleness = stale
         self.staleness_min = staleness_min
-        self.check_interval = (
-            None if stale is None else check_interval or min(stale / 10, _MAX_CHECK_INTERVAL)
-        )
+        self.forget_after = forget
+        # the sweep runs when there is something to sweep for: stale keys, idle keys
+        spans = [span / 10 for span in (stale, forget) if span is not None]
+        self.check_interval = (check_interval or min(spans + [_MAX_CHECK_INTERVAL])) if spans else None
         #: None: the engine's own wall clock, read at each use
         self._fixed_clock = clock
         self.task_name = f"trigger:{name}"
@@ -237,6 +253,9 @@ class Trigger:
         self._active: dict[str, str] = {}
         self.fired = 0
         self.rejected = 0
+        self.forgotten = 0
+        #: keys forgotten since the last save: a durable store deletes them
+        self._forget: set[str] = set()
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -356,14 +375,21 @@ class Trigger:
         )
 
     def check(self) -> int:
-        """Run the sweep once: fire every idle key that is due by size or staleness.
+        """Run the sweep once: fire every idle key that is due by size or staleness, and
+        forget the keys idle for ``forget_after``.
 
         Returns how many runs were fired.
         """
         now = self._now()
         fired = 0
         for key, st in list(self._keys.items()):
-            if st.run_id is not None or st.count <= 0:
+            if st.run_id is not None:
+                continue
+            if st.count <= 0:
+                if self.forget_after is not None and self._idle_for(st, now) >= self.forget_after:
+                    del self._keys[key]
+                    self._forget.add(key)
+                    self.forgotten += 1
                 continue
             reason = self._due_reason(st, now)
             if reason is not None and self._fire(key, st, reason) is not None:
@@ -379,6 +405,11 @@ class Trigger:
         if since is not None and now - since >= self.staleness:
             return "staleness"
         return None
+
+    @staticmethod
+    def _idle_for(st: _Key, now: float) -> float:
+        since = st.last_run_at if st.last_run_at is not None else st.first_seen_at
+        return 0.0 if since is None else now - since
 
     def _on_run_event(self, event: BaseEvent) -> None:
         """Bus callback: follow our runs from queued to running to finished."""
@@ -479,6 +510,8 @@ class Trigger:
             fired=self.fired,
             check_interval=self.check_interval,
             rejected=self.rejected,
+            forget_after=self.forget_after,
+            forgotten=self.forgotten,
             keys=[
                 TriggerKeyState(
                     key=key,
@@ -545,12 +578,15 @@ class Trigger:
 
     async def _save(self) -> None:
         dirty, self._dirty = self._dirty, set()
+        # a key notified again after it was forgotten is saved afresh, not deleted
+        forget, self._forget = {key for key in self._forget if key not in self._keys}, set()
         records = {key: self._record(st) for key in dirty if (st := self._keys.get(key)) is not None}
         unsaved = {key: self._keys[key].unsaved for key in records}
         try:
-            await self._engine.store.save_trigger(self.name, records)
+            await self._engine.store.save_trigger(self.name, records, forget)
         except BaseException:
             self._dirty |= dirty  # saved next time
+            self._forget |= forget
             raise
         for key, n in unsaved.items():
             if (st := self._keys.get(key)) is not None:
@@ -566,7 +602,7 @@ class Trigger:
     async def _save_loop(self) -> None:
         while True:
             await asyncio.sleep(self.save_interval)
-            if not self._dirty:
+            if not self._dirty and not self._forget:
                 continue
             try:
                 await self._save()

@@ -521,6 +521,17 @@ async def test_trigger_keys_are_saved_per_trigger_and_replaced_per_key(store: St
     }
 
 
+async def test_forgotten_trigger_keys_are_deleted_and_only_those(store: Store) -> None:
+    await store.save_trigger("t", {"a": TriggerKeyRecord(count=0), "b": TriggerKeyRecord(count=2)})
+    await store.save_trigger("other", {"a": TriggerKeyRecord(count=9)})
+    await store.save_trigger("t", {"c": TriggerKeyRecord(count=1)}, forget=["a", "never-saved"])
+    assert await store.load_trigger("t") == {"b": TriggerKeyRecord(count=2), "c": TriggerKeyRecord(count=1)}
+    assert await store.load_trigger("other") == {"a": TriggerKeyRecord(count=9)}
+    # a key forgotten and saved afresh in one call is kept, as saved
+    await store.save_trigger("t", {"b": TriggerKeyRecord(count=5)}, forget=["b"])
+    assert (await store.load_trigger("t"))["b"] == TriggerKeyRecord(count=5)
+
+
 async def test_queue_jobs_are_kept_until_done_and_adopted_only_from_gone_holders(store: Store, clock: FakeClock) -> None:
     await store.register_node("n1", "i1", "1")
     await store.register_node("n2", "i2", "1")

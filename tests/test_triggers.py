@@ -426,3 +426,91 @@ async def test_a_key_refused_by_a_full_queue_runs_once_the_queue_has_room() -> N
         await eventually(lambda: ran == ["bank-1"], timeout=5.0)
         assert key_state(compile, "bank-1").count == 0
     assert not stray_tasks()
+
+
+async def test_idle_keys_are_forgotten_after_forget_after_and_counted() -> None:
+    # keys drawn from an unbounded space (request ids) must not pile up for good
+    clock = Clock(1_000.0)
+    engine = make_engine()
+    ran: list[str] = []
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    compile = engine.trigger("compile", run_compile, size_threshold=2, forget_after=60.0, clock=clock)
+    assert compile.check_interval == 6.0  # the sweep runs though there is no staleness
+    async with engine:
+        compile.notify("done", n=2)  # runs, then sits idle with count 0
+        compile.notify("pending")  # count 1: waiting for more, never forgotten
+        await asyncio.wait_for(compile.drain(), 1.0)
+        assert ran == ["done"]
+        clock.now += 59.0
+        compile.check()
+        assert sorted(compile.keys) == ["done", "pending"]
+        clock.now += 1.0
+        compile.check()
+        assert compile.keys == ["pending"]
+        state = compile.state()
+        assert (state.forgotten, state.forget_after) == (1, 60.0)
+        assert key_state(compile, "pending").count == 1
+        compile.notify("done", n=2)  # a forgotten key comes back as new
+        await asyncio.wait_for(compile.drain(), 1.0)
+        assert ran == ["done", "done"]
+
+
+async def test_a_key_with_a_run_queued_is_not_forgotten() -> None:
+    clock = Clock(1_000.0)
+    engine = make_engine(max_concurrency=1)
+    gate = asyncio.Event()
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        await gate.wait()
+
+    compile = engine.trigger("compile", run_compile, size_threshold=1, forget_after=10.0, clock=clock)
+    async with engine:
+        compile.fire("a")  # count 0, run running
+        compile.fire("b")  # count 0, run queued behind it
+        clock.now += 100.0
+        compile.check()
+        assert sorted(compile.keys) == ["a", "b"] and compile.state().forgotten == 0
+        gate.set()
+        await asyncio.wait_for(compile.drain(), 1.0)
+        clock.now += 10.0
+        compile.check()
+        assert compile.keys == [] and compile.state().forgotten == 2
+
+
+async def test_forgotten_keys_are_deleted_from_a_durable_store(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    clock = Clock(1_000.0)
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+
+    async def run_compile(ctx: TaskContext, key: str) -> None: ...
+
+    first = make_engine(store=url, node_id="n")
+    compile = first.trigger("compile", run_compile, size_threshold=1, forget_after=30.0, clock=clock)
+    async with first:
+        compile.notify("old")
+        compile.notify("new")
+        await asyncio.wait_for(compile.drain(), 5.0)
+        clock.now += 30.0
+        compile.notify("new")  # still busy: kept
+        await asyncio.wait_for(compile.drain(), 5.0)
+        compile.check()
+        assert compile.keys == ["new"]
+    # a new process: what the store kept is what comes back
+    second = make_engine(store=url, node_id="n")
+    again = second.trigger("compile", run_compile, size_threshold=1, forget_after=30.0, clock=clock)
+    async with second:
+        assert again.keys == ["new"]
+        assert key_state(again, "new").last_status == "succeeded"
+
+
+def test_a_bad_forget_after_is_refused() -> None:
+    engine = make_engine()
+
+    async def ok(ctx: TaskContext, key: str) -> None: ...
+
+    for bad in (0, -5, "soon", True, float("nan")):
+        with pytest.raises(ValueError, match="forget_after"):
+            engine.trigger("a", ok, size_threshold=5, forget_after=bad)
+    assert engine.triggers() == []

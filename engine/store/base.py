@@ -433,8 +433,11 @@ class Store(ABC):
         """Every saved key of ``trigger``."""
 
     @abstractmethod
-    async def save_trigger(self, trigger: str, keys: Mapping[str, TriggerKeyRecord]) -> None:
-        """Insert or replace the given keys of ``trigger`` (other keys stay as they are)."""
+    async def save_trigger(
+        self, trigger: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = ()
+    ) -> None:
+        """Delete the keys in ``forget``, then insert or replace the given keys of ``trigger``
+        (other keys stay as they are), in one transaction."""
 
     # ---------------------------------------------------------------- queue jobs
 

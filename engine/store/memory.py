@@ -772,8 +772,13 @@ class MemoryStore(Store):
     async def load_trigger(self, trigger: str) -> dict[str, TriggerKeyRecord]:
         return dict(self._trigger_keys.get(trigger, {}))
 
-    async def save_trigger(self, trigger: str, keys: Mapping[str, TriggerKeyRecord]) -> None:
-        self._trigger_keys.setdefault(trigger, {}).update(keys)
+    async def save_trigger(
+        self, trigger: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = ()
+    ) -> None:
+        saved = self._trigger_keys.setdefault(trigger, {})
+        for key in forget:
+            saved.pop(key, None)
+        saved.update(keys)
 
     # ---------------------------------------------------------------- queue jobs
 

@@ -1320,10 +1320,20 @@ class PostgresStore(Store):
             for key, count, captured, first_seen_at, last_run_at, run_id, last_run_id, last_status in rows
         }
 
-    async def save_trigger(self, trigger: str, keys: Mapping[str, TriggerKeyRecord]) -> None:
-        if keys:
+    async def save_trigger(
+        self, trigger: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = ()
+    ) -> None:
+        if keys or forget:
             rows = [{"trigger": trigger, "key": key, **rec.model_dump()} for key, rec in keys.items()]
-            await self._run(self._exec_many, Q.SAVE_TRIGGER_KEY, rows)
+            gone = [{"trigger": trigger, "key": key} for key in forget]
+            await self._run(self._save_trigger, rows, gone)
+
+    @staticmethod
+    async def _save_trigger(tx: _Tx, rows: list[dict[str, Any]], gone: list[dict[str, Any]]) -> None:
+        if gone:
+            await tx.executemany(Q.FORGET_TRIGGER_KEY, gone)
+        if rows:
+            await tx.executemany(Q.SAVE_TRIGGER_KEY, rows)
 
     @staticmethod
     async def _exec_many(tx: _Tx, sql: str, rows: list[dict[str, Any]]) -> None:

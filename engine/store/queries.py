@@ -388,6 +388,8 @@ ON CONFLICT (trigger_name, counter_key) DO UPDATE SET
     last_run_at = excluded.last_run_at, run_id = excluded.run_id, last_run_id = excluded.last_run_id,
     last_status = excluded.last_status"""
 
+FORGET_TRIGGER_KEY = "DELETE FROM trigger_keys WHERE trigger_name = :trigger AND counter_key = :key"
+
 # ---------------------------------------------------------------- queue jobs
 
 PUT_JOB = """

@@ -882,10 +882,18 @@ class SqliteStore(Store):
             )
         return out
 
-    async def save_trigger(self, trigger: str, keys: Mapping[str, TriggerKeyRecord]) -> None:
-        if keys:
+    async def save_trigger(
+        self, trigger: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = ()
+    ) -> None:
+        if keys or forget:
             rows = [{"trigger": trigger, "key": key, **rec.model_dump()} for key, rec in keys.items()]
-            await self._call(self._exec_many, Q.SAVE_TRIGGER_KEY, rows)
+            gone = [{"trigger": trigger, "key": key} for key in forget]
+            await self._call(self._save_trigger, rows, gone)
+
+    @staticmethod
+    def _save_trigger(tx: _Tx, rows: list[dict[str, Any]], gone: list[dict[str, Any]]) -> None:
+        tx.cur.executemany(Q.FORGET_TRIGGER_KEY, gone)
+        tx.cur.executemany(Q.SAVE_TRIGGER_KEY, rows)
 
     @staticmethod
     def _exec_many(tx: _Tx, sql: str, rows: list[dict[str, Any]]) -> None:
