@@ -20,6 +20,7 @@ import contextvars
 import functools
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
@@ -49,6 +50,7 @@ from .events import (
 from .execution import Execution
 from .handle import RunHandle
 from .health import HealthSampler
+from .hop import cancel_and_wait
 from .index import RunIndex
 from .jsonsafe import check_key
 from .lease import LeaderElector, Leadership
@@ -115,6 +117,8 @@ _STOP_WRITE_GRACE = 1.0
 
 #: the failed runs a snapshot carries however old (a dashboard's failures list holds as many)
 SNAPSHOT_FAILURES = 200
+#: a snapshot lists at most this many keys per trigger, the hottest (a dashboard shows as many)
+SNAPSHOT_TRIGGER_KEYS = 500
 
 
 def _cancel_recorded(run_id: str, request: asyncio.Future[Any]) -> None:
@@ -278,6 +282,10 @@ class Engine:
         self._shutdown: asyncio.Task[None] | None = None
         #: resolved once the start under way has ended (a second start() waits for it)
         self._starting: asyncio.Future[None] | None = None
+        self._loop_thread: int | None = None
+        #: starts of queues and triggers made while the engine runs (a durable store's take
+        #: reads and writes the store); the stop waits for them before stopping those
+        self._late_starts: set[asyncio.Task[None]] = set()
         self._started_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._leader = LeaderElector(self, lease)
@@ -552,6 +560,7 @@ class Engine:
 
     async def _start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         forked = self._pid != os.getpid()
         if forked:
             # built before a fork (a web server preloading the app): each forked copy starting
@@ -682,6 +691,12 @@ class Engine:
                 pending=self._index.counts[_PENDING],
                 running=self._index.counts[_RUNNING],
             )
+            if self._late_starts:
+                # a queue or trigger still taking up what the store holds: let it, or it would
+                # stop before it started
+                await asyncio.wait(self._late_starts, timeout=max(0.0, deadline - loop.time()))
+                for late in list(self._late_starts):
+                    await cancel_and_wait(late)
             # producers stop first so the drain below has a fixed amount of work;
             # queues drain within the deadline, supervised workers are cancelled
             await self._scheduler.stop(deadline)
@@ -1263,10 +1278,8 @@ class Engine:
                 }
                 for q in (queue.info() for queue in self._queues.values())
             },
-            triggers={
-                t.name: {"keys": len(t.keys), "fired": t.fired}
-                for t in (trigger.state() for trigger in self._triggers.values())
-            },
+            # counted, not listed: a trigger may hold a key per user
+            triggers={t.name: {"keys": t.key_count, "fired": t.fired} for t in self._triggers.values()},
             supervised={
                 w.name: {"state": w.state, "restarts": w.restarts, "crashes": w.crashes}
                 for w in self._supervisor.workers()
@@ -1305,7 +1318,7 @@ class Engine:
             tasks=self.catalog(),
             schedule=self.schedule(),
             queues=self.queues(),
-            triggers=self.triggers(),
+            triggers=self.triggers(keys_limit=SNAPSHOT_TRIGGER_KEYS),
             workers=self.workers(),
             stats=self.stats(),
             leadership=self.leadership(),
@@ -1439,8 +1452,41 @@ class Engine:
         queue = WorkQueue(self, name, handler, concurrency=concurrency, maxsize=maxsize, executor=self._executor)
         self._queues[name] = queue
         if self._state == "running":
-            queue.launch()
+            self._start_late(queue, f"queue {name!r}")
         return queue
+
+    def _start_late(self, service: WorkQueue | Trigger, what: str) -> None:
+        """Start a queue or trigger made while the engine runs, as a start would have.
+
+        With the memory store that is launching its loops, at once. A durable
+        store's start also takes up what an earlier start left in the store (a
+        queue's jobs, a trigger's counts) and saves from then on: that is a task
+        of the engine's, which its stop waits for. From another thread the start
+        is handed to the engine's loop.
+        """
+        loop = self._loop
+        assert loop is not None and self._loop_thread is not None
+        if threading.get_ident() == self._loop_thread:
+            self._begin_late(service, what)
+            return
+        # what the caller does next (notify, put) goes to the loop too, queued behind the start
+        service.bind_loop(loop, self._loop_thread)
+        loop.call_soon_threadsafe(self._begin_late, service, what)
+
+    def _begin_late(self, service: WorkQueue | Trigger, what: str) -> None:
+        if self._state != "running":
+            return  # stopped meanwhile: the next start starts it with the rest
+        if not self._durable:
+            service.launch()
+            return
+        task = asyncio.get_running_loop().create_task(service.start(), name=f"taskwatch-start-{what}")
+        self._late_starts.add(task)
+        task.add_done_callback(functools.partial(self._late_started, what))
+
+    def _late_started(self, what: str, task: asyncio.Task[None]) -> None:
+        self._late_starts.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("%s made while node %s runs could not start: %s", what, self.node_id, exc, exc_info=exc)
 
     def queues(self) -> list[QueueInfo]:
         return [q.info() for q in self._queues.values()]
@@ -1484,11 +1530,13 @@ class Engine:
         trigger = Trigger(self, name, fn, **options)
         self._triggers[name] = trigger
         if self._state == "running":
-            trigger.launch()
+            self._start_late(trigger, f"trigger {name!r}")
         return trigger
 
-    def triggers(self) -> list[TriggerState]:
-        return [t.state() for t in self._triggers.values()]
+    def triggers(self, keys_limit: int | None = None) -> list[TriggerState]:
+        """Every trigger with all its keys, or with the ``keys_limit`` hottest of each
+        (queued or running first, then the biggest counts)."""
+        return [t.state(keys_limit) for t in self._triggers.values()]
 
     def fire_trigger(self, name: str, key: str) -> TriggerFire:
         """Queue a run of trigger ``name`` for ``key`` now, whatever its count.

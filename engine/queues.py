@@ -1004,6 +1004,11 @@ class WorkQueue:
             given_up=self.given_up,
         )
 
+    def bind_loop(self, loop: asyncio.AbstractEventLoop, thread_id: int) -> None:
+        """Take ``loop`` (run by thread ``thread_id``) as the engine's before the start has
+        run there: calls from other threads are handed to it from now on, after the start."""
+        self._loop, self._loop_thread = loop, thread_id
+
     def launch(self) -> None:
         """Start the consumer tasks on the running loop (sync: usable after engine start).
 

@@ -37,11 +37,12 @@ a key that has a run queued or running already is not queued twice.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import inspect
 import logging
 import operator
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -115,6 +116,9 @@ class TriggerState(BaseModel):
     forget_after: float | None = None  # seconds
     #: idle keys dropped after ``forget_after``, since the engine object was made
     forgotten: int = 0
+    #: every key the trigger holds; ``keys`` lists them all, or the hottest few when a
+    #: limit was asked for (a snapshot's): those queued or running, then the biggest counts
+    key_count: int = 0
 
 
 class TriggerFire(BaseModel):
@@ -156,6 +160,10 @@ class _Key:
     #: notifies since the store last had this key's count (a durable store's): what a start
     #: adds to the count it reads back, and only that (the rest the store has already)
     unsaved: int = 0
+
+
+def _heat(item: tuple[str, _Key]) -> tuple[bool, int]:
+    return item[1].run_id is not None, item[1].count
 
 
 def _seconds(staleness: timedelta | float | None) -> float | None:
@@ -501,7 +509,17 @@ class Trigger:
     def keys(self) -> list[str]:
         return list(self._keys)
 
-    def state(self) -> TriggerState:
+    @property
+    def key_count(self) -> int:
+        return len(self._keys)
+
+    def state(self, keys_limit: int | None = None) -> TriggerState:
+        """The trigger and its keys: all of them, or the ``keys_limit`` hottest (queued or
+        running first, then the biggest counts; ``key_count`` says how many there are)."""
+        items: Iterable[tuple[str, _Key]] = self._keys.items()
+        if keys_limit is not None and len(self._keys) > keys_limit:
+            hottest = heapq.nlargest(keys_limit, items, key=_heat)
+            items = sorted(hottest, key=operator.itemgetter(0))
         return TriggerState(
             name=self.name,
             size_threshold=self.size_threshold,
@@ -512,6 +530,7 @@ class Trigger:
             rejected=self.rejected,
             forget_after=self.forget_after,
             forgotten=self.forgotten,
+            key_count=len(self._keys),
             keys=[
                 TriggerKeyState(
                     key=key,
@@ -523,11 +542,16 @@ class Trigger:
                     run_id=st.run_id or st.last_run_id,
                     last_status=st.last_status,
                 )
-                for key, st in self._keys.items()
+                for key, st in items
             ],
         )
 
     # ------------------------------------------------------------ lifecycle
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop, thread_id: int) -> None:
+        """Take ``loop`` (run by thread ``thread_id``) as the engine's before the start has
+        run there: calls from other threads are handed to it from now on, after the start."""
+        self._loop, self._loop_thread = loop, thread_id
 
     def launch(self) -> None:
         """Start the staleness sweep on the running loop (sync: usable after engine start)."""

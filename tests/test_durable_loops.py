@@ -101,6 +101,45 @@ async def test_a_graceful_stop_keeps_queued_jobs_for_the_next_start(tmp_path: Pa
     assert (info.adopted, info.processed) == (5, 5)
 
 
+async def test_a_queue_and_a_trigger_made_while_the_engine_runs_are_as_durable(tmp_path: Path) -> None:
+    # made after start (a plugin loaded late, a notebook cell run later): what an earlier
+    # start left is taken up, and what they hold now is kept for the next one
+    store = f"sqlite:///{tmp_path / 'late.db'}"
+    release = asyncio.Event()
+    seen: list[int] = []
+
+    async def slow(job: Mail) -> None:
+        await release.wait()
+        seen.append(job.i)
+
+    async def compile_key(ctx: TaskContext, key: str) -> None: ...
+
+    for i in range(2):
+        engine = Engine(store=store, node_id="n", health_interval=None)
+        async with engine:
+            queue = engine.queue("mail", slow)
+            compile = engine.trigger("compile", compile_key, size_threshold=100)
+            await queue.put(Mail(i=i))
+            compile.notify("k", n=3)
+            await engine.stop(timeout=0.1)
+        assert queue.info().kept >= 1
+
+    release.set()
+    engine = Engine(store=store, node_id="n", health_interval=None)
+    async with engine:
+        queue = engine.queue("mail", slow)
+        compile = engine.trigger("compile", compile_key, size_threshold=100)
+        await asyncio.wait_for(_poll_until(lambda: len(seen) == 2 and compile.key_count == 1), 10)
+        assert [k.count for k in compile.state().keys] == [6]
+        assert queue.info().adopted == 2
+    assert sorted(seen) == [0, 1]
+
+
+async def _poll_until(pred) -> None:  # type: ignore[no-untyped-def]
+    while not pred():
+        await asyncio.sleep(0.01)
+
+
 def test_trigger_counts_survive_a_kill(tmp_path: Path) -> None:
     db = tmp_path / "t.db"
     child = Child(db, "counter", "notify", "--key", "doc-1", "--count", "7", module=CHILD)

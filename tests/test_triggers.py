@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 from taskwatch.engine import Engine, RunStatus, StoppedBeforeDone, TaskContext, TaskDefinitionError
+from taskwatch.engine.engine import SNAPSHOT_TRIGGER_KEYS
 
 from .helpers import Recorder, eventually, stray_tasks
 
@@ -514,3 +515,57 @@ def test_a_bad_forget_after_is_refused() -> None:
         with pytest.raises(ValueError, match="forget_after"):
             engine.trigger("a", ok, size_threshold=5, forget_after=bad)
     assert engine.triggers() == []
+
+
+async def test_a_snapshot_carries_the_hottest_keys_of_a_big_trigger_and_counts_the_rest() -> None:
+    # a key per user: the dashboard's snapshot must not list (or the health sampler count by
+    # listing) a hundred thousand keys every second
+    engine = make_engine(max_concurrency=1)
+    gate = asyncio.Event()
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        await gate.wait()
+
+    compile = engine.trigger("compile", run_compile, size_threshold=1_000_000)
+    async with engine:
+        for i in range(3_000):
+            compile.notify(f"user-{i:05}", n=1 + i % 7)
+        compile.fire("user-00000")  # running, count 1: still among those shown
+        compile.notify("user-00001", n=500)
+        snap = engine.snapshot()
+        [state] = snap.triggers
+        assert state.key_count == 3_000 and len(state.keys) == SNAPSHOT_TRIGGER_KEYS
+        shown = {k.key: k for k in state.keys}
+        assert shown["user-00000"].running and shown["user-00001"].count == 502
+        # the biggest counts: no key left out has more than a key shown
+        left_out = [k.count for k in compile.state().keys if k.key not in shown]
+        assert max(left_out) <= min(k.count for k in state.keys if k.key != "user-00000")
+        assert [k.key for k in state.keys] == sorted(shown)
+        assert engine.stats().triggers["compile"] == {"keys": 3_000, "fired": 1}
+        assert len(compile.state().keys) == 3_000  # asked directly: every key
+        gate.set()
+
+
+def test_a_trigger_and_a_queue_made_from_another_thread_while_the_engine_runs_work() -> None:
+    # a notebook: the engine runs on its background thread, cells make loops from the kernel's
+    import threading
+
+    engine = make_engine()
+    ran = threading.Event()
+    handled = threading.Event()
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        ran.set()
+
+    async def handle(job: object) -> None:
+        handled.set()
+
+    bg = engine.start_background()
+    try:
+        compile = engine.trigger("compile", run_compile, size_threshold=1)
+        queue = engine.queue("mail", handle)
+        compile.notify("k")
+        queue.put_nowait({"to": "a"})
+        assert ran.wait(5) and handled.wait(5)
+    finally:
+        bg.stop()

@@ -1062,6 +1062,22 @@ async def test_triggers_table_shows_one_row_per_key() -> None:
         assert table.selected_trigger_key == ("digest", "user-1")
 
 
+async def test_triggers_table_says_how_many_keys_the_engine_did_not_send() -> None:
+    table = TriggersTable()
+    async with Host(table).run_test(size=SIZE) as pilot:
+        state = TriggerState(
+            name="digest", size_threshold=10, key_count=100_002, fired=3,
+            keys=[TriggerKeyState(key="user-1", count=9), TriggerKeyState(key="user-2", count=8)],
+        )
+        table.update_triggers([state], T0)
+        await pilot.pause()
+        rows = [[str(c) for c in table.get_row(key)] for key in table.shown_keys]
+        assert [r[1] for r in rows] == ["user-1", "user-2", "(+100,000 quieter keys)"]
+        table.update_triggers([state.model_copy(update={"key_count": 2})], T0)
+        await pilot.pause()
+        assert table.row_count == 2
+
+
 async def test_queues_table_shows_a_paused_queue_and_what_was_purged() -> None:
     table = QueuesTable()
     async with Host(table).run_test(size=SIZE) as pilot:

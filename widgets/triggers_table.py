@@ -65,6 +65,18 @@ class TriggersTable(KeyedTable):
                         (False, -1),
                     )
                 )
+            hidden = state.key_count - len(state.keys)
+            if hidden > 0 and state.keys:
+                # the engine sent only its hottest keys; say how many more it holds.
+                # The row stands for the trigger (no key), as the no-keys row does
+                rows.append(
+                    (
+                        f"{state.name}{_SEP}",
+                        (state.name, "\uffff"),
+                        _more(state, hidden, threshold),
+                        (True, -1),
+                    )
+                )
             for key_state in state.keys:
                 rows.append(
                     (
@@ -93,6 +105,17 @@ def _placeholder(state: TriggerState, threshold: str) -> tuple[Cell, ...]:
         ("0", "dim"),
         (threshold, ""),
         (DASH, "dim"),
+        (f"fired {state.fired}" if state.fired else "", "dim"),
+    )
+
+
+def _more(state: TriggerState, hidden: int, threshold: str) -> tuple[Cell, ...]:
+    return (
+        (state.name, "bold"),
+        (f"(+{hidden:,} quieter keys)", "dim"),
+        ("", ""),
+        (threshold, "dim"),
+        ("", ""),
         (f"fired {state.fired}" if state.fired else "", "dim"),
     )
 
