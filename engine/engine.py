@@ -222,6 +222,7 @@ class Engine:
             cancel_grace=cancel_grace,
             throughput_window=throughput_window,
             health_interval=health_interval,
+            flags=flags or {},
         )
         if backend not in _BACKENDS:
             raise InvalidConfiguration(
@@ -788,7 +789,9 @@ class Engine:
         self._require_running()
         spec = self._tasks.get(task)
         if spec is None or not (spec.submittable or internal):
-            raise UnknownTask(task, (n for n, s in self._tasks.items() if s.submittable))
+            raise UnknownTask(
+                task, (n for n, s in self._tasks.items() if s.submittable), None if spec is None else spec.kind
+            )
         model, dumped = spec.validate_params(params)
         if key is not None:
             check_key(f"task {spec.name!r}", key)

@@ -31,10 +31,18 @@ class DuplicateTask(TaskwatchError, ValueError):
 class UnknownTask(TaskwatchError, LookupError):
     """``submit`` named a task that is not registered."""
 
-    def __init__(self, name: str, known: Iterable[str]) -> None:
+    def __init__(self, name: str, known: Iterable[str], kind: str | None = None) -> None:
         self.name = name
         self.known = sorted(known)
+        #: set when ``name`` is registered, but as a task its own loop runs ("periodic", "trigger")
+        self.kind = kind
         listing = ", ".join(self.known) if self.known else "none registered yet"
+        if kind is not None:
+            super().__init__(
+                f"task {name!r} is a {kind} task, which the engine runs itself and which cannot be "
+                f"submitted; for runs on demand register an @engine.task. Submittable tasks: {listing}"
+            )
+            return
         super().__init__(
             f"unknown task {name!r}; register it with @engine.task first. Known tasks: {listing}"
         )
@@ -247,12 +255,14 @@ class InvalidKey(TaskwatchError, TypeError):
 
 
 class InvalidCount(TaskwatchError, ValueError):
-    """An amount of work counted for a trigger key is not a whole number of at least 1. Nothing was counted."""
+    """An amount of work counted for a trigger key is not a whole number from 1 to 2**62. Nothing was counted."""
 
     def __init__(self, owner: str, n: object) -> None:
         self.owner = owner
         self.n = repr(n)[:200]
-        super().__init__(f"invalid count {self.n} for {owner}: n must be an int of at least 1; nothing was counted")
+        super().__init__(
+            f"invalid count {self.n} for {owner}: n must be an int from 1 to 2**62; nothing was counted"
+        )
 
 
 class InvalidProgress(TaskwatchError, ValueError):

@@ -30,6 +30,8 @@ Seconds = Annotated[float, BeforeValidator(_not_bool), Field(ge=0, allow_inf_nan
 PositiveSeconds = Annotated[float, BeforeValidator(_not_bool), Field(gt=0, allow_inf_nan=False)]
 Count = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, strict=True)]
 AtLeastOne = Annotated[int, BeforeValidator(_not_bool), Field(ge=1, strict=True)]
+#: seconds between the turns of a loop: at least MIN_INTERVAL
+Interval = Annotated[float, BeforeValidator(_not_bool), Field(ge=MIN_INTERVAL, allow_inf_nan=False)]
 
 
 class _Options(BaseModel):
@@ -47,6 +49,8 @@ class EngineOptions(_Options):
     cancel_grace: Seconds
     throughput_window: PositiveSeconds
     health_interval: PositiveSeconds | None
+    # strict: flags read from the environment as "false" or "0" must not switch a task on
+    flags: dict[str, Annotated[bool, Field(strict=True)]]
 
 
 class TaskOptions(_Options):
@@ -71,11 +75,11 @@ class QueueOptions(_Options):
 
 class TriggerOptions(_Options):
     size_threshold: AtLeastOne
-    staleness: PositiveSeconds | None
+    staleness: Interval | None
     staleness_min: AtLeastOne
-    check_interval: PositiveSeconds | None
-    save_interval: PositiveSeconds
-    forget_after: PositiveSeconds | None
+    check_interval: Interval | None
+    save_interval: Interval
+    forget_after: Interval | None
 
 
 class StoreOptions(_Options):

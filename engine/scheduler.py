@@ -520,7 +520,8 @@ class Scheduler:
             # fired before this start: the slot after the last one, or at once if it
             # was missed while nothing ran (once, however many were missed)
             following = p.last_fire + p.every if p.every is not None else self._cron_after(p, p.last_fire)
-            return None if following is None else max(following, now)
+            # initial_delay is the service's time to warm up after a start: this one's too
+            return None if following is None else max(following, now + p.initial_delay)
         start = now + p.initial_delay
         # just before `start`, so a cron time that falls exactly on it still counts
         return start if p.cron is None else self._cron_after(p, start - 1e-6)

@@ -70,6 +70,11 @@ _MAX_CHECK_INTERVAL = 60.0
 #: after a full queue refused a run, due keys are tried again this soon, doubling up to the cap
 _RETRY_FIRST, _RETRY_MAX = 0.05, 5.0
 
+#: the most one notify may count, and (saturating) a key's count: a store keeps counts as
+#: 64-bit integers, and a count beyond them would make every save of the trigger fail
+_MAX_N = 2**62
+_MAX_COUNT = 2**63 - 1
+
 _RUN_KINDS = ("run.started", "run.retrying", "run.succeeded", "run.failed", "run.cancelled")
 
 
@@ -82,7 +87,7 @@ def _whole_count(owner: str, n: object) -> int:
         whole = operator.index(n)  # type: ignore[arg-type]
     except TypeError:
         raise InvalidCount(owner, n) from None
-    if whole < 1:
+    if not 1 <= whole <= _MAX_N:
         raise InvalidCount(owner, n)
     return whole
 
@@ -242,7 +247,7 @@ class Trigger:
         self.forget_after = forget
         # the sweep runs when there is something to sweep for: stale keys, idle keys
         spans = [span / 10 for span in (stale, forget) if span is not None]
-        self.check_interval = (check_interval or min(spans + [_MAX_CHECK_INTERVAL])) if spans else None
+        self.check_interval = (opts.check_interval or min(spans + [_MAX_CHECK_INTERVAL])) if spans else None
         #: None: the engine's own wall clock, read at each use
         self._fixed_clock = clock
         self.task_name = f"trigger:{name}"
@@ -273,7 +278,7 @@ class Trigger:
         self._cut_at_stop = 0
         self._retry_delay = _RETRY_FIRST
         #: durable store only: keys changed since the last save, and the task that saves them
-        self.save_interval = save_interval
+        self.save_interval = opts.save_interval
         self._dirty: set[str] = set()
         self._saver: asyncio.Task[None] | None = None
         engine.bus.add_callback(self._on_run_event, _RUN_KINDS)
@@ -292,7 +297,7 @@ class Trigger:
         either way nothing is counted.
         """
         check_key(f"trigger {self.name!r}", key)
-        if type(n) is not int or n < 1:
+        if type(n) is not int or not 1 <= n <= _MAX_N:
             # checked here, on the caller's thread: a bad count raises to its caller, not later
             # on the loop, and a count of 0.5 or -3 would break the key's record
             n = _whole_count(f"trigger {self.name!r}", n)
@@ -309,8 +314,8 @@ class Trigger:
         st = self._keys.get(key)
         if st is None:
             st = self._keys[key] = _Key(first_seen_at=self._now())
-        st.count += n
-        st.unsaved += n
+        st.count = min(st.count + n, _MAX_COUNT)
+        st.unsaved = min(st.unsaved + n, _MAX_COUNT)
         self._dirty.add(key)
         if st.count >= self.size_threshold and st.run_id is None:
             self._fire(key, st, "size")
@@ -582,7 +587,7 @@ class Trigger:
             st = self._keys.get(key)
             if st is None:
                 st = self._keys[key] = _Key()
-            st.count = rec.count + st.unsaved
+            st.count = min(rec.count + st.unsaved, _MAX_COUNT)
             st.first_seen_at = rec.first_seen_at if st.first_seen_at is None else min(st.first_seen_at, rec.first_seen_at or st.first_seen_at)
             st.last_run_at, st.last_run_id, st.last_status = rec.last_run_at, rec.last_run_id, rec.last_status
             if rec.run_id is None or st.run_id is not None:

@@ -47,6 +47,28 @@ async def test_a_restart_does_not_fire_the_slot_it_already_fired(tmp_path: Path)
         assert runs[1].created_at >= fired.created_at + EVERY - 0.05, (runs[1].created_at - fired.created_at)
 
 
+async def test_a_missed_slot_waits_for_initial_delay_after_a_restart(tmp_path: Path) -> None:
+    # the warm-up a task asks for after a start holds after every start, not the first only
+    db = tmp_path / "sched.db"
+    now = [1_000_000.0]
+
+    def engine_with_delay(delay: float) -> Engine:
+        engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None, clock=lambda: now[0])
+
+        @engine.periodic(every=60.0, initial_delay=delay)
+        async def warm(ctx: TaskContext) -> None: ...
+
+        return engine
+
+    first = engine_with_delay(0.0)
+    async with first:
+        await eventually(lambda: [r for r in first.runs(task="warm") if r.status.finished])
+    now[0] += 600.0  # ten slots missed while stopped
+    second = engine_with_delay(30.0)
+    async with second:
+        assert [p.next_due for p in second.schedule()] == [1_000_630.0]
+
+
 async def test_slots_missed_while_stopped_fire_once(tmp_path: Path) -> None:
     db = tmp_path / "sched.db"
     first = periodic_engine(db)

@@ -827,10 +827,14 @@ async def test_periodic_and_trigger_tasks_are_run_by_their_loops_not_by_hand() -
 
     trigger = engine.trigger("compile", compile_key, size_threshold=1)
     async with engine:
-        with pytest.raises(UnknownTask):
+        with pytest.raises(UnknownTask, match="'hourly' is a periodic task, which the engine runs itself") as info:
             await engine.submit("hourly")
-        with pytest.raises(UnknownTask):
+        assert info.value.kind == "periodic"
+        with pytest.raises(UnknownTask, match="is a trigger task"):
             await engine.submit(trigger.task_name, {"key": "k"})
+        with pytest.raises(UnknownTask, match="unknown task 'nope'") as info:
+            await engine.submit("nope")
+        assert info.value.kind is None
         trigger.notify("k")
         await trigger.drain(timeout=2)
         failed = engine.runs(status="failed", task=trigger.task_name)[0]

@@ -6,7 +6,15 @@ import asyncio
 from datetime import timedelta
 
 import pytest
-from taskwatch.engine import Engine, RunStatus, StoppedBeforeDone, TaskContext, TaskDefinitionError
+from taskwatch.engine import (
+    Engine,
+    InvalidConfiguration,
+    InvalidCount,
+    RunStatus,
+    StoppedBeforeDone,
+    TaskContext,
+    TaskDefinitionError,
+)
 from taskwatch.engine.engine import SNAPSHOT_TRIGGER_KEYS
 
 from .helpers import Recorder, eventually, stray_tasks
@@ -569,3 +577,40 @@ def test_a_trigger_and_a_queue_made_from_another_thread_while_the_engine_runs_wo
         assert ran.wait(5) and handled.wait(5)
     finally:
         bg.stop()
+
+
+async def test_huge_counts_are_refused_or_saturate_and_every_save_still_works(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # a store keeps counts as 64-bit integers: a count past them failed every save of the
+    # trigger, and the other keys' counts were lost with it
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+
+    async def run_compile(ctx: TaskContext, key: str) -> None: ...
+
+    engine = make_engine(store=url, node_id="n")
+    compile = engine.trigger("compile", run_compile, size_threshold=2**63 - 1)
+    async with engine:
+        with pytest.raises(InvalidCount, match="from 1 to 2\\*\\*62"):
+            compile.notify("big", 2**63)
+        assert compile.keys == []
+        for _ in range(3):
+            compile.notify("big", 2**62)  # saturates at the largest count a store keeps
+        compile.notify("small", 3)
+    again = make_engine(store=url, node_id="n")
+    compile = again.trigger("compile", run_compile, size_threshold=2**63 - 1)
+    async with again:
+        assert {k.key: k.count for k in compile.state().keys} == {"big": 2**63 - 1, "small": 3}
+
+
+def test_trigger_intervals_under_a_millisecond_and_string_flags_are_refused() -> None:
+    engine = make_engine()
+
+    async def ok(ctx: TaskContext, key: str) -> None: ...
+
+    for option in ("staleness", "check_interval", "save_interval", "forget_after"):
+        with pytest.raises(InvalidConfiguration, match=option):
+            engine.trigger("a", ok, **{"size_threshold": 5, "staleness": 10, option: 1e-6})
+    assert engine.triggers() == []
+    # read from the environment, "false" and "0" are true to Python: refused, not switched on
+    with pytest.raises(InvalidConfiguration, match="flags"):
+        Engine(flags={"kg_extraction": "false"})  # type: ignore[dict-item]
+    assert Engine(flags={"kg_extraction": False}).flags == {"kg_extraction": False}
