@@ -52,7 +52,7 @@ from .handle import RunHandle
 from .health import HealthSampler
 from .hop import cancel_and_wait
 from .index import RunIndex
-from .jsonsafe import check_key
+from .jsonsafe import check_key, name_problem
 from .lease import LeaderElector, Leadership
 from .memory_events import MemoryEventRelay, MemoryEventStream
 from .nodeid import hold_default_node_id
@@ -391,10 +391,13 @@ class Engine:
         resources: tuple[str, ...] = (),
         on_lost: Literal["retry", "fail"] = "retry",
     ) -> TaskSpec:
-        task_name = name or fn.__name__
+        task_name = fn.__name__ if name is None else name
+        if (problem := name_problem("name", task_name)) is not None:
+            raise InvalidConfiguration(f"{kind} {task_name!r}", [problem])
         if task_name in self._tasks:
             raise DuplicateTask("task", task_name)
-        check_options(
+        # its values, not the given ones, are kept: "5" is read as 5.0, as every option is
+        opts = check_options(
             TaskOptions,
             f"task {task_name!r}",
             retries=retries,
@@ -409,11 +412,11 @@ class Engine:
             name=task_name,
             fn=fn,
             params_model=model,
-            retries=retries,
-            timeout=timeout,
-            concurrency=concurrency,
-            backoff=backoff,
-            backoff_max=backoff_max,
+            retries=opts.retries,
+            timeout=opts.timeout,
+            concurrency=opts.concurrency,
+            backoff=opts.backoff,
+            backoff_max=opts.backoff_max,
             kind=kind,
             resources=resources,
             description=description or (fn.__doc__ or "").strip().split("\n")[0],

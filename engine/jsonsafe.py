@@ -112,6 +112,22 @@ def check_key(owner: str, key: object) -> None:
         raise InvalidKey(owner, key, "it holds characters UTF-8 cannot encode (lone surrogates)")
 
 
+def name_problem(option: str, name: object) -> str | None:
+    """What is wrong with ``name`` as the name of something events and snapshots carry
+    (a task, a worker, a lease), as one ``InvalidConfiguration`` problem; None when nothing is."""
+    if not isinstance(name, str):
+        return f"{option}={name!r}: a name must be a str, not {type(name).__qualname__}"
+    if not name:
+        return f"{option}='': a name must not be empty"
+    if safe_text(name) is not name:
+        # every snapshot and event naming it would fail to encode, dropping each dashboard
+        return (
+            f"{option}={name!r}: it holds characters UTF-8 cannot encode (lone surrogates, "
+            "as os.fsdecode() makes of non-UTF-8 bytes); use a name of plain text"
+        )
+    return None
+
+
 def _describe(exc: BaseException) -> str:
     text = safe_str(exc)
     if isinstance(exc, RecursionError) or "Circular reference" in text:

@@ -31,11 +31,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from .errors import InvalidConfiguration, LeaseUnavailable
 from .events import LeaseAcquired, LeaseEvent, LeaseLost, LeaseReleased, LeaseRenewed
-from .options import LeaseOptions, check_options
+from .options import MIN_INTERVAL, LeaseOptions, PositiveSeconds, Seconds, check_options
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -49,6 +49,20 @@ _TAKEOVER_SLACK = 0.01
 
 #: called with True when this node becomes leader, False when it stops being one
 LeadershipListener = Callable[[bool], None]
+
+_SECONDS = TypeAdapter(Seconds)
+_POSITIVE_SECONDS = TypeAdapter(PositiveSeconds)
+
+
+def seconds_option(option: str, value: object, problems: list[str], *, positive: bool = True) -> float | None:
+    """``value`` read as seconds the way the options models read them (a finite number, not a
+    bool; above 0 when ``positive``, else at least 0), or None with the problem added to ``problems``."""
+    try:
+        return (_POSITIVE_SECONDS if positive else _SECONDS).validate_python(value)
+    except ValidationError as exc:
+        message = exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
+        problems.append(f"{option}={value!r}: {message}")
+        return None
 
 
 class Leadership(BaseModel):
@@ -93,8 +107,10 @@ class Lease(ABC):
     """
 
     def __init__(self, ttl: float, *, renew_interval: float | None = None) -> None:
-        check_options(LeaseOptions, type(self).__name__, ttl=ttl, renew_interval=renew_interval)
-        interval = ttl / 3 if renew_interval is None else renew_interval
+        # the checked values, not the given ones: "2" is read as 2.0, as every option is
+        options = check_options(LeaseOptions, type(self).__name__, ttl=ttl, renew_interval=renew_interval)
+        ttl = options.ttl
+        interval = ttl / 3 if options.renew_interval is None else options.renew_interval
         if interval > ttl / 2:
             raise InvalidConfiguration(
                 type(self).__name__,
@@ -103,6 +119,15 @@ class Lease(ABC):
                     "so a holder gets a second chance to renew"
                 ],
             )
+        if interval < MIN_INTERVAL:
+            # the elector wakes once per interval: below a millisecond it only burns CPU and events
+            problem = (
+                f"ttl={ttl!r}: its renew interval (a third of it) is under {MIN_INTERVAL:g} s; "
+                f"use a ttl of at least {3 * MIN_INTERVAL:g} s"
+                if options.renew_interval is None
+                else f"renew_interval={interval!r}: Input should be greater than or equal to {MIN_INTERVAL:g}"
+            )
+            raise InvalidConfiguration(type(self).__name__, [problem])
         self.ttl = ttl
         self.renew_interval = interval
 
@@ -577,6 +602,7 @@ class LeaderElector:
 
     def _lose(self) -> None:
         self._change(False, LeaseLost, holder=None, term=self.term, expires_at=self.expires_at)
+
     def _change(
         self,
         is_leader: bool,

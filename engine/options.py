@@ -107,7 +107,8 @@ class LeaseOptions(_Options):
 
 
 class WorkerOptions(_Options):
-    backoff: PositiveSeconds
+    # as for loops: a crashing worker would restart (and log, and publish) thousands of times a second
+    backoff: Interval
     backoff_max: PositiveSeconds
 
     @model_validator(mode="after")

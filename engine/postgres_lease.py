@@ -28,7 +28,8 @@ import time
 from typing import Any
 
 from .errors import InvalidConfiguration
-from .lease import Lease, LeaseState, ReportsHealth, StoreHealth
+from .jsonsafe import name_problem
+from .lease import Lease, LeaseState, ReportsHealth, StoreHealth, seconds_option
 from .urls import redact_url
 from .store import queries as Q
 from .store.postgres import LEASE_OBJECTS, claim_schema, driver_url, load_driver, schema_of, schema_settings
@@ -123,12 +124,18 @@ class PostgresLease(ReportsHealth, Lease):
         self.schema, problems = schema_of(url)
         if problems:
             raise InvalidConfiguration(f"the PostgreSQL lease {redact_url(url)}", problems)
+        # a timeout of -1 or NaN fails every connection: the node would never lead, only say
+        # the database is unreachable; a name the driver cannot send fails the same way
+        problems = [problem] if (problem := name_problem("name", name)) is not None else []
+        timeout = seconds_option("connect_timeout", connect_timeout, problems)
+        if problems or timeout is None:
+            raise InvalidConfiguration("PostgresLease", problems)
         self.url = url
         #: the URL may be the cluster's one (with the store's or the relay's options in it)
         self._dsn = driver_url(url)
         self._settings = schema_settings(self.schema)
         self.name = name
-        self.connect_timeout = connect_timeout
+        self.connect_timeout = timeout
         #: database clock minus local clock, as the last operation measured it
         self._offset = 0.0
         #: written beside the node id: two processes started with the same node id by mistake

@@ -54,7 +54,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from .errors import InvalidConfiguration, MissingDependency
-from .lease import Lease, LeaseState, ReportsHealth, StoreHealth
+from .lease import Lease, LeaseState, ReportsHealth, StoreHealth, seconds_option
 from .urls import redact_url
 
 T = TypeVar("T")
@@ -143,22 +143,28 @@ class RedisLease(ReportsHealth, Lease):
             problems.append(f"url must be a redis://, rediss:// or unix:// URL, got {url!r}")
         if not isinstance(key, str) or not key:
             problems.append(f"key must be a non-empty string, got {key!r}")
-        margin = ttl * 0.05 if safety_margin is None else safety_margin
-        if not 0 <= margin < ttl - self.renew_interval:
+        # the checked values from here on: a str or a bool must not reach the arithmetic below
+        margin = (
+            self.ttl * 0.05
+            if safety_margin is None
+            else seconds_option("safety_margin", safety_margin, problems, positive=False)
+        )
+        if margin is not None and not margin < self.ttl - self.renew_interval:
             problems.append(
                 f"safety_margin must be at least 0 and leave more than one renew interval of the ttl, got {margin!r}"
             )
-        top = self.renew_interval if backoff_max is None else backoff_max
-        if not 0 < backoff <= top:
-            problems.append(f"backoff must be positive and at most backoff_max ({top!r}), got {backoff!r}")
-        if problems:
+        step = seconds_option("backoff", backoff, problems)
+        top = self.renew_interval if backoff_max is None else seconds_option("backoff_max", backoff_max, problems)
+        if step is not None and top is not None and step > top:
+            problems.append(f"backoff must be at most backoff_max ({top!r}), got {backoff!r}")
+        if problems or margin is None or step is None or top is None:
             raise InvalidConfiguration("RedisLease", problems)
         self._redis_module, self._redis_errors, self._retry, self._no_backoff = _import_redis()
         self.url = url
         self.key = key
         self.term_key = f"{key}:term"
         self.safety_margin = margin
-        self.backoff = backoff
+        self.backoff = step
         self.backoff_max = top
         self.token = os.urandom(8).hex()
         self._client: Any = None
@@ -166,7 +172,7 @@ class RedisLease(ReportsHealth, Lease):
         # the monotonic clock, read as UNIX seconds: anchored once, never stepped by NTP
         self._anchor = time.time() - time.monotonic()
         self._highest_term = 0
-        self._health = StoreHealth(redact_url(url), backoff, top)
+        self._health = StoreHealth(redact_url(url), step, top)
 
     # ------------------------------------------------------------------ clock and identity
 

@@ -15,7 +15,9 @@ restarts it:
 
 A ``leader_only`` worker runs only while this node holds the leader lease: the
 supervisor listens to the engine's :class:`~.lease.LeaderElector`, cancels such
-workers when leadership is lost and starts them again when it is regained.
+workers when leadership is lost (waiting for them as a stop does, re-cancelling
+one that swallows the cancel; it is reported running until it has ended) and
+starts them again when it is regained.
 
 An operator can restart a worker now (cancel the running one, forget the
 backoff, start again; a leader-only worker only where this node leads), stop
@@ -37,12 +39,15 @@ from .context import TaskContext
 from .errors import (
     DuplicateTask,
     EngineNotRunning,
+    InvalidConfiguration,
     NotLeader,
     TaskDefinitionError,
     UnknownWorker,
     WorkerNotLeading,
 )
 from .events import WorkerCrashed, WorkerResumed, WorkerStarted, WorkerStopped
+from .hop import call_blocking, cancel_and_wait
+from .jsonsafe import name_problem
 from .options import WorkerOptions, check_options
 from .runs import RunError
 
@@ -109,6 +114,8 @@ class _Worker:
     held: bool = False
     #: ``task`` has taken its first step (one cancelled before that never ran its own cleanup)
     began: bool = False
+    #: held by restart_worker and stop_worker, so two issued together act one after the other
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     def delay_after_crash(self) -> float:
         return min(self.backoff_max, self.backoff * 2.0 ** (self.streak - 1))
@@ -135,6 +142,8 @@ class Supervisor:
         self._engine = engine
         self._workers: dict[str, _Worker] = {}
         self._running = False
+        #: waits for leader-only workers cancelled on a lost leadership (the listener cannot await)
+        self._winding_down: set[asyncio.Task[None]] = set()
         engine.elector.add_listener(self.on_leadership)
 
     # ------------------------------------------------------------------ registry
@@ -148,17 +157,37 @@ class Supervisor:
         backoff: float = 1.0,
         backoff_max: float = 60.0,
     ) -> WorkerInfo:
-        """Register a worker; started at once if the engine is already running."""
-        worker_name = name or getattr(fn, "__name__", None) or repr(fn)
+        """Register a worker; started at once if the engine is already running.
+
+        Everything is checked before anything is recorded: a refused worker leaves
+        no trace. Callable from any thread: on an engine running on another
+        thread's loop (``start_background``) the worker is added, and started, there.
+        """
+        worker_name = (getattr(fn, "__name__", None) or repr(fn)) if name is None else name
+        where = f"supervised worker {worker_name!r}"
         if not inspect.iscoroutinefunction(fn):
-            raise TaskDefinitionError(
-                f"supervised worker {worker_name!r} must be an `async def worker(ctx)` function"
-            )
-        if worker_name in self._workers:
-            raise DuplicateTask("supervised worker", worker_name)
-        check_options(WorkerOptions, f"supervised worker {worker_name!r}", backoff=backoff, backoff_max=backoff_max)
-        worker = _Worker(worker_name, fn, leader_only, backoff, backoff_max)
-        self._workers[worker_name] = worker
+            raise TaskDefinitionError(f"{where} must be an `async def worker(ctx)` function")
+        problems: list[str] = []
+        if (problem := name_problem("name", worker_name)) is not None:
+            problems.append(problem)
+        if not isinstance(leader_only, bool):
+            problems.append(f"leader_only={leader_only!r}: True or False is needed")
+        options: WorkerOptions | None = None
+        try:
+            # its values, not the given ones, are kept: "0.1" is read as 0.1, as every option is
+            options = check_options(WorkerOptions, where, backoff=backoff, backoff_max=backoff_max)
+        except InvalidConfiguration as exc:
+            problems.extend(exc.problems)
+        if problems or options is None:
+            raise InvalidConfiguration(where, problems)
+        worker = _Worker(worker_name, fn, leader_only, options.backoff, options.backoff_max)
+        # the registry and the worker's task belong to the engine's loop
+        return call_blocking(self._engine.loop, self._register, worker)
+
+    def _register(self, worker: _Worker) -> WorkerInfo:
+        if worker.name in self._workers:
+            raise DuplicateTask("supervised worker", worker.name)
+        self._workers[worker.name] = worker
         if self._running:
             self._reconcile(worker)
         return worker.info()
@@ -183,28 +212,31 @@ class Supervisor:
         leader-only worker on a node that does not lead; nothing changes then.
         """
         worker = self._get(name)
-        if not self._running:
-            raise EngineNotRunning(self._engine.state)
-        if worker.leader_only and not self._leads():
-            raise WorkerNotLeading(name, self._engine.node_id, self._engine.elector.holder)
-        await self._end(worker, "restart")
-        worker.held = False
-        worker.streak = 0
-        self._start_now(worker)
-        return worker.info()
+        async with worker.lock:
+            # checked once the actions issued before this one are done: they may have changed it
+            if not self._running:
+                raise EngineNotRunning(self._engine.state)
+            if worker.leader_only and not self._leads():
+                raise WorkerNotLeading(name, self._engine.node_id, self._engine.elector.holder)
+            await self._end(worker, "restart")
+            worker.held = False
+            worker.streak = 0
+            self._start_now(worker)
+            return worker.info()
 
     async def stop_worker(self, name: str) -> WorkerInfo:
         """Cancel the worker and keep it stopped (across leadership changes) until started again."""
         worker = self._get(name)
-        if worker.held:
+        async with worker.lock:
+            if worker.held:
+                return worker.info()
+            worker.held = True
+            if not await self._end(worker, "user"):
+                # nothing was running (a backoff wait or a wait for leadership has a task: not here)
+                worker.state = "stopped"
+                worker.next_restart_at = None
+                self._engine.bus.emit(WorkerStopped, name=worker.name, reason="user")
             return worker.info()
-        worker.held = True
-        if not await self._end(worker, "user"):
-            # nothing was running (a backoff wait or a wait for leadership has a task: not here)
-            worker.state = "stopped"
-            worker.next_restart_at = None
-            self._engine.bus.emit(WorkerStopped, name=worker.name, reason="user")
-        return worker.info()
 
     def start_worker(self, name: str) -> WorkerInfo:
         """Let a worker stopped with :meth:`stop_worker` run again (now, or once this node leads)."""
@@ -250,6 +282,9 @@ class Supervisor:
         self._running = False
         tasks = [t for w in self._workers.values() if (t := self._cancel(w, "shutdown")) is not None]
         await self._await_cancelled(tasks, deadline)
+        # the workers they wait for were just waited for (and warned about) here
+        for waiter in list(self._winding_down):
+            await cancel_and_wait(waiter)
         for worker in self._workers.values():
             worker.state = "stopped"
             worker.next_restart_at = None
@@ -264,10 +299,24 @@ class Supervisor:
                 continue
             if is_leader:
                 self._reconcile(worker)
-            else:
-                self._cancel(worker, "leadership_lost")
+                continue
+            task = self._cancel(worker, "leadership_lost")
+            if task is None:
                 worker.state = "waiting_for_leadership"
                 worker.next_restart_at = None
+            else:
+                # a worker that swallows the cancel would go on as a second leader: wait for it,
+                # re-cancelling, as a stop does; its state changes once its task has ended
+                self._wind_down(task)
+
+    def _wind_down(self, task: asyncio.Task[None]) -> None:
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_task(
+            self._await_cancelled([task], loop.time() + self._engine.cancel_grace),
+            name=f"{task.get_name()}-winding-down",
+        )
+        self._winding_down.add(waiter)
+        waiter.add_done_callback(self._winding_down.discard)
 
     # ------------------------------------------------------------------ internals
 
@@ -303,9 +352,10 @@ class Supervisor:
             if task.cancelled() and not worker.began:
                 # cancelled before its first step (stopped right after a start): say so as _supervise would
                 self._stopped(worker, worker.stop_reason or "cancelled")
-        # leadership may have come back while the old task was unwinding
-        if worker.stop_reason == "leadership_lost":
-            self._reconcile(worker)
+        # what ended it may have been undone while it unwound: leadership came back, or
+        # start_worker was called during a stop_worker
+        if worker.stop_reason in ("leadership_lost", "user"):
+            self._start_now(worker)
 
     def _cancel(self, worker: _Worker, reason: StopReason) -> asyncio.Task[None] | None:
         task = worker.task
@@ -406,7 +456,14 @@ class Supervisor:
             engine.bus.emit(WorkerStopped, name=worker.name, reason="returned")
             return worker.backoff
         if worker.stop_reason is not None:
-            # failed while cleaning up after a cancel: stopping wins, no restart
+            # failed while cleaning up after a cancel: stopping wins, no restart, but what
+            # the cleanup left undone must not go unseen
+            worker.last_error = RunError.from_exception(error)
+            worker.last_error_at = self._engine.clock()
+            log.warning(
+                "supervised worker %r raised %s while it was being stopped (%s)",
+                worker.name, worker.last_error.type, worker.stop_reason, exc_info=error,
+            )
             self._stopped(worker, worker.stop_reason)
             return None
         ran_for = asyncio.get_running_loop().time() - started
@@ -428,7 +485,9 @@ class Supervisor:
         return delay
 
     def _stopped(self, worker: _Worker, reason: StopReason) -> None:
-        worker.state = "waiting_for_leadership" if reason == "leadership_lost" else "stopped"
+        # stop_worker may have come while it was ending for leadership: then it stays stopped
+        waits = reason == "leadership_lost" and not worker.held
+        worker.state = "waiting_for_leadership" if waits else "stopped"
         worker.next_restart_at = None
         self._engine.bus.emit(WorkerStopped, name=worker.name, reason=reason)
 

@@ -11,8 +11,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticSerializationError
 
-from .errors import InvalidParams, TaskDefinitionError
-from .jsonsafe import NotJsonSafe, check_jsonable, safe_str
+from .errors import InvalidConfiguration, InvalidParams, TaskDefinitionError
+from .jsonsafe import NotJsonSafe, check_jsonable, name_problem, safe_str
 
 TaskFn = Callable[..., Awaitable[Any]]
 
@@ -49,6 +49,12 @@ class TaskSpec:
     description: str = ""
     #: what recovery does with a run whose worker was lost: run it again, or fail it
     on_lost: Literal["retry", "fail"] = "retry"
+
+    def __post_init__(self) -> None:
+        # checked before the engine records the spec, so a refused name registers nothing
+        problem = name_problem("name", self.name)
+        if problem is not None:
+            raise InvalidConfiguration(f"{self.kind} {self.name!r}", [problem])
 
     @property
     def submittable(self) -> bool:

@@ -623,6 +623,9 @@ async def _fn(ctx: TaskContext) -> None: ...
         (lambda e: e.queue("q", _fn, concurrency=0), "concurrency"),
         (lambda e: e.trigger("t", _fn, size_threshold=5, staleness=math.nan), "staleness"),
         (lambda e: e.supervised(_tick, backoff=math.inf), "backoff"),
+        (lambda e: e.task(_fn, name=""), "name"),
+        (lambda e: e.task(_fn, name=["x"]), "name"),
+        (lambda e: e.task(_fn, name="report-\udcff"), "name"),
     ],
 )
 def test_nonsense_configuration_is_refused_at_registration(register: Any, option: str) -> None:
@@ -631,6 +634,24 @@ def test_nonsense_configuration_is_refused_at_registration(register: Any, option
         register(engine)
     assert isinstance(caught.value, TaskwatchError) and isinstance(caught.value, ValueError)
     assert engine.tasks() == {} and engine.schedule() == [] and engine.queues() == [] and engine.workers() == []
+
+
+async def test_numbers_given_as_text_are_read_as_numbers_as_validated() -> None:
+    # "0.5" passes the option check as 0.5; kept as the string, it broke the first retry
+    engine = Engine(health_interval=None)
+    calls: list[int] = []
+
+    @engine.task(retries=1, backoff="0.01", timeout="5")  # type: ignore[arg-type]
+    async def flaky(ctx: TaskContext) -> None:
+        calls.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise RuntimeError("first try fails")
+
+    spec = engine.tasks()["flaky"]
+    assert (spec.retries, spec.backoff, spec.timeout) == (1, 0.01, 5.0)
+    async with engine:
+        record = await (await engine.submit("flaky")).wait(timeout=5)
+    assert record.status == "succeeded" and calls == [1, 2]
 
 
 @pytest.mark.parametrize("requires", ["redis", b"redis", ("redis", 1), 5])

@@ -13,12 +13,30 @@ import signal
 import time
 from pathlib import Path
 
-from taskwatch.engine import Engine, PostgresLease, TaskContext
+import pytest
+from taskwatch.engine import Engine, InvalidConfiguration, PostgresLease, TaskContext
 
 from .cutting_proxy import CuttingProxy
 from .helpers import eventually, stray_tasks
 from .postgres_server import PostgresServer
 from .test_durable import Child
+
+
+@pytest.mark.parametrize(
+    ("option", "bad"),
+    [
+        ("connect_timeout", -1),
+        ("connect_timeout", float("nan")),
+        ("connect_timeout", True),
+        ("name", ""),
+        ("name", 123),
+    ],
+)
+def test_a_connect_timeout_or_a_name_that_could_never_work_is_refused(option: str, bad: object) -> None:
+    # a negative or NaN timeout fails every connection: the node would never lead, only
+    # report the database unreachable
+    with pytest.raises(InvalidConfiguration, match=f"PostgresLease: {option}="):
+        PostgresLease("postgresql://app@127.0.0.1:1/app", **{option: bad})  # type: ignore[arg-type]
 
 
 async def test_acquire_renew_release_and_terms_that_only_grow(postgres_url: str) -> None:

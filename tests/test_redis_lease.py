@@ -141,6 +141,17 @@ def test_bad_options_are_refused_with_every_problem_named() -> None:
             RedisLease("redis://127.0.0.1:1/0", **bad)
 
 
+def test_backoffs_and_margins_are_read_as_the_other_options_are() -> None:
+    # a str is read as its number, as ttl and every other option is; a bool or NaN is refused
+    lease = RedisLease(
+        "redis://127.0.0.1:1/0", ttl=15, backoff="0.05", backoff_max="1", safety_margin="0.5"  # type: ignore[arg-type]
+    )
+    assert (lease.backoff, lease.backoff_max, lease.safety_margin) == (0.05, 1.0, 0.5)
+    for option, bad in (("backoff", True), ("backoff", "fast"), ("backoff_max", float("nan")), ("safety_margin", -1.0)):
+        with pytest.raises(InvalidConfiguration, match=f"RedisLease: {option}="):
+            RedisLease("redis://127.0.0.1:1/0", ttl=15, **{option: bad})
+
+
 def test_without_redis_py_the_engine_imports_and_the_lease_names_the_extra() -> None:
     code = (
         "import sys; sys.modules['redis'] = None\n"

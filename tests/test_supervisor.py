@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
+from typing import Any
 
 import pytest
 from taskwatch.engine import (
     DuplicateTask,
     Engine,
     InProcessLease,
+    InvalidConfiguration,
     TaskContext,
     TaskDefinitionError,
 )
@@ -356,3 +360,162 @@ def test_bad_registrations_are_refused() -> None:
     with pytest.raises(ValueError, match="backoff_max"):
         engine.supervised(ok, name="inverted", backoff=2.0, backoff_max=1.0)
     assert [w.name for w in engine.workers()] == ["ok"]
+
+
+async def test_backoffs_given_as_strings_are_read_as_numbers_and_the_worker_keeps_restarting() -> None:
+    # as every other option is read: the checked value is kept, not the str it was given as
+    engine = engine_with()
+
+    @engine.supervised(name="flaky", backoff="0.01", backoff_max="0.02")  # type: ignore[arg-type]
+    async def flaky(ctx: TaskContext) -> None:
+        raise RuntimeError("db down")
+
+    rec = Recorder(engine, kinds=("worker.crashed",))
+    async with engine:
+        await eventually(lambda: engine.workers()[0].crashes >= 3, timeout=2.0)
+        assert engine.workers()[0].state in ("backoff", "running")
+    assert [c.restart_in for c in rec.of("worker.crashed")[:3]] == [0.01, 0.02, 0.02]
+    assert not stray_tasks()
+
+
+SURROGATE_NAME = "report-\udcff"  # what os.fsdecode() makes of a non-UTF-8 file name
+
+
+@pytest.mark.parametrize(
+    ("options", "option"),
+    [
+        ({"name": 123}, "name"),
+        ({"name": ""}, "name"),
+        ({"name": SURROGATE_NAME}, "UTF-8"),
+        ({"leader_only": "yes"}, "leader_only"),
+        ({"leader_only": None}, "leader_only"),
+        ({"backoff": 1e-9, "backoff_max": 1e-9}, "backoff"),
+        ({"backoff": True}, "backoff"),
+    ],
+)
+async def test_a_refused_worker_leaves_nothing_registered(options: dict[str, Any], option: str) -> None:
+    engine = engine_with()
+
+    async def w(ctx: TaskContext) -> None:
+        await forever()
+
+    with pytest.raises(InvalidConfiguration, match=option):
+        engine.supervised(w, **options)
+    # nothing half-registered: the engine still reports, and the name is free
+    assert engine.workers() == []
+    assert engine.stats().supervised == {}
+    engine.snapshot().model_dump_json()
+    engine.supervised(w, name="w")
+    assert [x.name for x in engine.workers()] == ["w"]
+
+
+def test_task_names_no_event_could_carry_are_refused() -> None:
+    engine = engine_with()
+
+    async def job(ctx: TaskContext) -> None: ...
+
+    for bad in (SURROGATE_NAME, 123):
+        with pytest.raises(InvalidConfiguration, match="name"):
+            engine.task(job, name=bad)  # type: ignore[call-overload]
+        with pytest.raises(InvalidConfiguration, match="name"):
+            engine.periodic(job, every=60, name=bad)  # type: ignore[call-overload]
+    assert engine.tasks() == {} and engine.schedule() == []
+    engine.snapshot().model_dump_json()
+
+
+def test_a_worker_registered_from_the_callers_thread_runs_on_a_background_engine() -> None:
+    engine = engine_with()
+    bg = engine.start_background()
+    ran = threading.Event()
+
+    async def late(ctx: TaskContext) -> None:
+        ran.set()
+        await forever()
+
+    try:
+        engine.supervised(late, name="late")
+        assert ran.wait(5), "the worker never started"
+        assert [(w.name, w.state) for w in bg.workers()] == [("late", "running")]
+        with pytest.raises(DuplicateTask):
+            engine.supervised(late, name="late")
+    finally:
+        bg.stop()
+    assert [(w.name, w.state) for w in engine.workers()] == [("late", "stopped")]
+
+
+async def test_an_error_in_a_workers_cleanup_during_a_stop_is_logged_and_kept(caplog: pytest.LogCaptureFixture) -> None:
+    engine = engine_with()
+    started = asyncio.Event()
+
+    @engine.supervised(name="batcher")
+    async def batcher(ctx: TaskContext) -> None:
+        started.set()
+        try:
+            await forever()
+        finally:
+            raise RuntimeError("flush of the in-flight batch failed: 42 rows lost")
+
+    caplog.set_level(logging.WARNING, logger="taskwatch.supervisor")
+    async with engine:
+        await asyncio.wait_for(started.wait(), 1.0)
+        info = await engine.stop_worker("batcher")
+
+    assert info.state == "stopped" and info.crashes == 0
+    assert info.last_error is not None and "42 rows lost" in info.last_error.message
+    assert info.last_error_at is not None
+    logged = [r for r in caplog.records if "batcher" in r.getMessage() and r.exc_info]
+    assert logged and logged[0].levelno == logging.WARNING
+    assert not stray_tasks()
+
+
+async def test_a_restart_and_a_stop_issued_together_end_stopped() -> None:
+    engine = engine_with()
+    runs = 0
+
+    @engine.supervised(name="w")
+    async def w(ctx: TaskContext) -> None:
+        nonlocal runs
+        runs += 1
+        try:
+            await forever()
+        finally:
+            await asyncio.sleep(0.01)  # a short, well-behaved cleanup
+
+    async with engine:
+        await eventually(lambda: runs == 1, timeout=1.0)
+        restarted, stopped = await asyncio.gather(engine.restart_worker("w"), engine.stop_worker("w"))
+        assert restarted.state == "running"
+        assert stopped.state == "stopped" and stopped.stopped_by_user
+        info = engine.workers()[0]
+        assert info.state == "stopped" and info.stopped_by_user
+        # the stop came last and holds: no run is left going
+        assert not [t for t in stray_tasks() if t.get_name() == "taskwatch-worker-w"]
+    assert runs == 2
+
+
+async def test_a_start_during_a_stop_runs_the_worker_again_once_it_has_ended() -> None:
+    engine = engine_with()
+    runs = 0
+    cleanup_may_end = asyncio.Event()
+
+    @engine.supervised(name="w")
+    async def w(ctx: TaskContext) -> None:
+        nonlocal runs
+        runs += 1
+        try:
+            await forever()
+        finally:
+            if runs == 1:
+                await cleanup_may_end.wait()
+
+    async with engine:
+        await eventually(lambda: runs == 1, timeout=1.0)
+        stopping = asyncio.ensure_future(engine.stop_worker("w"))
+        await eventually(lambda: engine.workers()[0].stopped_by_user, timeout=1.0)
+        engine.start_worker("w")
+        cleanup_may_end.set()
+        await stopping
+        await eventually(lambda: runs == 2, timeout=1.0)
+        info = engine.workers()[0]
+        assert info.state == "running" and not info.stopped_by_user
+    assert not stray_tasks()
