@@ -277,8 +277,9 @@ class Engine:
         #: the memory store, whose operations the hot path calls without coroutines; None for a durable store
         self._memory = self._run.memory
         self._durable = self._run.durable
-        #: other nodes' inserts and cancels, pushed by a cluster store, wake the executor
-        self._wakeups = StoreWakeups(self._store, self._executor)
+        #: other nodes' inserts, cancels and finishes, pushed by a cluster store, wake the
+        #: executor and bring this node's view of those runs up to date
+        self._wakeups = StoreWakeups(self._store, self._executor, self._run.caught_up)
         self._state = "new"
         self._shutdown: asyncio.Task[None] | None = None
         #: resolved once the start under way has ended (a second start() waits for it)

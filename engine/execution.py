@@ -19,7 +19,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -37,7 +37,7 @@ from .events import (
     StoreReachable,
     StoreUnreachable,
 )
-from .errors import InvalidProgress, StoppedBeforeDone
+from .errors import InvalidProgress, RunNotFound, StoppedBeforeDone
 from .executor import Executor
 from .index import RunIndex
 from .jsonsafe import NotJsonSafe, jsonable, safe_str, safe_text
@@ -792,20 +792,52 @@ class Execution:
         ``wait()`` on it) would show it pending for ever. Up to ``limit`` runs
         a round, those shown running elsewhere first.
         """
-        foreign = [
-            run for run in self.index.runs.values()
-            if not run.status.finished and run.token is None and run.handle is None
-        ]
+        foreign = [run for run in self.index.runs.values() if self._foreign(run)]
         foreign.sort(key=lambda run: run.status is not _RUNNING)
-        wanted = [run for run in foreign[:limit] if not self.executor.unwritten(run.id)]
+        await self._take_from_store(foreign[:limit])
+
+    async def caught_up(self, run_ids: Iterable[str]) -> None:
+        """The store says these runs finished on other nodes: apply that to the ones this
+        node knows now, not at the next round of :meth:`_catch_up`."""
+        runs = self.index.runs
+        await self._take_from_store([run for i in run_ids if (run := runs.get(i)) is not None and self._foreign(run)])
+
+    def _foreign(self, run: Run) -> bool:
+        return not run.status.finished and run.token is None and run.handle is None
+
+    async def _take_from_store(self, runs: list[Run]) -> None:
+        wanted = [run for run in runs if not self.executor.unwritten(run.id)]
         if not wanted:
             return
         found = await self.store.get_many([run.id for run in wanted])  # one query for the lot
+        vanished = []
         for run in wanted:
+            if run.token is not None or run.status.finished:
+                continue  # this node claimed or ended it meanwhile
             stored = found.get(run.id)
-            if stored is None or run.token is not None or run.status.finished:
-                continue  # pruned, or this node claimed or ended it meanwhile
-            self._apply_stored(run, stored.to_record())
+            if stored is None:
+                vanished.append(run)
+            else:
+                self._apply_stored(run, stored.to_record())
+        if vanished:
+            self._vanished(vanished)
+
+    def _vanished(self, runs: list[Run]) -> None:
+        """Runs the store no longer has, although this node never saw them end: another node
+        finished them and the store's history or retention pruned them before this node
+        looked. How they ended is gone; shown pending for good, they would also hold
+        places of ``max_queue`` and of every catch-up round. Their waiters hear RunNotFound."""
+        for run in runs:
+            self.index.forget(run)
+            waiters, run.waiters = run.waiters, None
+            for fut in waiters or ():
+                if not fut.done():
+                    fut.set_exception(RunNotFound(run.id))
+        log.warning(
+            "%d run(s) this node knew ended on other nodes and were pruned from %s before it "
+            "learned how (%s%s); raise history= or retention= to keep finished runs longer",
+            len(runs), self.store.describe(), ", ".join(run.id for run in runs[:5]), ", ..." if len(runs) > 5 else "",
+        )
 
     def _apply_stored(self, run: Run, stored: RunRecord) -> None:
         """Move ``run``'s index entry to what the store holds, announcing each transition."""

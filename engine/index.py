@@ -172,6 +172,15 @@ class RunIndex:
                     fut.set_result(record)
         self._remember_finished(run)
 
+    def forget(self, run: Run) -> None:
+        """Drop an unfinished ``run`` the store no longer has (another node finished it and
+        it was pruned before this node heard how): not counted as finished, it never was here."""
+        if self.runs.get(run.id) is not run:
+            return
+        del self.runs[run.id]
+        self.counts[run.status] -= 1
+        self.release_key(run)
+
     def _new_bucket(self, second: int) -> list[int]:
         tp = self._tp
         bucket = self._bucket = [second, 0, 0]

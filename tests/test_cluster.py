@@ -47,7 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from taskwatch.engine import Engine, InProcessLease, RunStatus, TaskContext
+from taskwatch.engine import Engine, InProcessLease, RunNotFound, RunStatus, TaskContext
 from taskwatch.engine.store import NewRun, PostgresStore
 
 from .helpers import eventually
@@ -299,6 +299,36 @@ async def test_cancel_from_a_node_that_does_not_own_the_run(
     assert owner.proc.stdin is not None
     owner.proc.stdin.close()
     owner.event("stopped", timeout=30)
+
+
+async def test_runs_finished_elsewhere_and_pruned_before_this_node_looked_do_not_stay_pending(
+    postgres_server: PostgresServer, postgres_url: str, tmp_path: Path, nodes: list[Child]
+) -> None:
+    # the node that submitted them hears of them only after the executing node's history has
+    # pruned them: their outcome is gone, but a wait must end, and they must not stay pending
+    # here for good (holding places of max_queue and of every catch-up round)
+    log = tmp_path / "exec.log"
+    worker = start(nodes, postgres_url, "worker", log, "--history", "5", "--quiet", "run")
+    worker.event("started")
+    submitter = Engine(store=postgres_url, node_id="submitter", max_queue=30, health_interval=None)
+
+    async def work(ctx: TaskContext) -> None: ...
+
+    submitter.register(work, name="work", resources=("a resource only the worker has",))
+    async with submitter:
+        handles = await submitter.submit_many([("work", None)] * 20)
+        # held up (synchronous code on its loop, say) while the worker runs them and prunes
+        db = database(postgres_url)
+        wait_until(lambda: len(executions(log)) == 20, 60, "the worker ran them all")
+        wait_until(lambda: postgres_server.sql("SELECT COUNT(*) FROM runs", db) == "5", 30, "history pruned")
+        async with asyncio.timeout(30):
+            outcomes = await asyncio.gather(*(h.wait() for h in handles), return_exceptions=True)
+        assert all(isinstance(o, RunNotFound) or o.status.value == "succeeded" for o in outcomes), outcomes
+        assert sum(isinstance(o, RunNotFound) for o in outcomes) >= 15
+        await eventually(lambda: submitter.stats().by_status["pending"] == 0, timeout=10)
+        # the places they held are free again
+        more = await submitter.submit_many([("work", None)] * 30)
+        assert len(more) == 30
 
 
 def test_a_periodic_slot_fires_once_across_three_nodes(
