@@ -92,7 +92,7 @@ from .wire import (
     Welcome,
     decode_server_message,
     encode_message,
-    parse_address,
+    parse_connect_address,
     read_line,
 )
 
@@ -202,7 +202,7 @@ class RemoteEngine:
     ) -> None:
         if buffer < 1:
             raise InvalidConfiguration("RemoteEngine", [f"buffer={buffer!r}: at least 1"])
-        self._target = parse_address(address)
+        self._target = parse_connect_address(address)
         if isinstance(self._target, TcpAddress) and not self._target.is_loopback and not allow_remote:
             # refused before any byte, the token above all, goes out in plaintext
             raise InvalidAddress(

@@ -461,3 +461,20 @@ def parse_address(address: str) -> Address:
     if "://" in address:
         raise InvalidAddress(address, "only tcp:// and unix: addresses are supported")
     return UnixAddress(address)
+
+
+def parse_connect_address(address: str) -> Address:
+    """:func:`parse_address` for an address to connect to: a ``tcp://`` one must name its port.
+
+    Port 0 (or none) means "pick a free port" when serving; there is nothing to
+    connect to there, and a client would only retry forever.
+    """
+    target = parse_address(address)
+    if isinstance(target, TcpAddress) and target.port == 0:
+        host = f"[{target.host}]" if ":" in target.host else target.host
+        raise InvalidAddress(
+            address,
+            "it names no port to connect to (port 0 only picks a free port when serving)",
+            f"give the port the engine serves on: tcp://{host}:PORT",
+        )
+    return target

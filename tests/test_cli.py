@@ -200,6 +200,11 @@ def test_web_serves_the_dashboard_page_at_the_printed_url(tmp_path: Path) -> Non
         (["web", "a", "b", "c"], {}, "unexpected arguments 'b c'"),
         (["web", "attach", "tcp://127.0.0.1:notaport"], {}, "port is not a number"),
         (["web", "--port", "70000"], {}, "--port 70000 is not a port number"),
+        (["web", "--host", ""], {}, "--host is empty; give 127.0.0.1"),
+        # port 0 picks a free port when serving; there is nothing to attach to there
+        (["attach", "tcp://127.0.0.1"], {}, "bad address 'tcp://127.0.0.1': it names no port to connect to"),
+        (["attach", "tcp://localhost:0"], {}, "give the port the engine serves on: tcp://localhost:PORT"),
+        (["web", "attach", "tcp://127.0.0.1"], {}, "it names no port to connect to"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
@@ -227,6 +232,20 @@ def test_web_on_a_busy_port_prints_no_url_and_is_one_clear_line(busy_port: int) 
     result = taskwatch("web", "--port", str(busy_port), timeout=30)
     assert_one_clear_line(result, f"cannot listen on http://127.0.0.1:{busy_port}: Address already in use")
     assert "http" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("app", "message"),
+    [
+        ("no_such_module", "module 'no_such_module' not found"),
+        ("examples.service:nope", "module 'examples.service' has no attribute 'nope'"),
+    ],
+)
+def test_web_with_a_bad_app_path_serves_nothing_and_is_one_clear_line(app: str, message: str) -> None:
+    # the app is loaded before the server listens: no URL to a blank page, no error per browser tab
+    result = taskwatch("web", app, "--port", "0", timeout=30)
+    assert_one_clear_line(result, message)
+    assert result.stdout == ""
 
 
 def test_web_on_port_0_prints_the_port_it_listens_on() -> None:

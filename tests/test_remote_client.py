@@ -189,6 +189,10 @@ def test_a_non_loopback_host_is_refused_before_connecting() -> None:
         assert "s3cret" not in str(caught.value)
     for address in ("tcp://127.0.0.1:7070", "tcp://localhost:7070", "tcp://[::1]:7070"):
         RemoteEngine(address, token="x" * 32)  # loopback: fine
+    for address in ("tcp://127.0.0.1", "tcp://127.0.0.1:0"):
+        # nothing to connect to: refused now, rather than retried for good
+        with pytest.raises(InvalidAddress, match="no port"):
+            RemoteEngine(address, token="x" * 32)
 
 
 async def test_allow_remote_lets_a_non_loopback_host_through_to_connecting() -> None:

@@ -23,12 +23,18 @@ import os
 import shlex
 import stat
 import sys
+import tempfile
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from taskwatch.engine import Engine, TaskwatchError, WeakToken, __version__
 from taskwatch.engine.server import MIN_TOKEN_BYTES
-from taskwatch.engine.wire import TcpAddress, UnixAddress, parse_address
+from taskwatch.engine.wire import TcpAddress, UnixAddress, parse_address, parse_connect_address
+
+if TYPE_CHECKING:
+    import socket
+
+    from .web import DashboardServer
 
 
 #: the attribute looked up when an app path has no ``:ATTRIBUTE``
@@ -181,7 +187,8 @@ def _web_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskwatch web",
         description="Serve the dashboard in a browser (textual-serve). Open the printed URL: "
-        "it carries a secret made for this launch, and nothing is served without it.",
+        "it carries a secret made for this launch, and nothing is served without it. "
+        "APP (default: the demo) runs here, once; every browser tab watches that one engine.",
     )
     parser.add_argument("target", nargs="*", help="APP, or: attach ADDRESS")
     _add_token_options(parser)
@@ -306,7 +313,7 @@ def check_attach_address(address: str) -> None:
     protocol is plaintext, and the token would be the first thing to cross the network.
     """
     if attach_kind(address) == "engine":
-        target = parse_address(address)
+        target = parse_connect_address(address)
         if isinstance(target, TcpAddress) and not target.is_loopback:
             raise ValueError(
                 f"refusing to attach to non-loopback host {target.host!r}: the protocol is unencrypted, "
@@ -480,8 +487,8 @@ def _web(opts: argparse.Namespace) -> int:
         from . import web
     except ImportError:
         return fail("`taskwatch web` needs textual-serve: pip install 'taskwatch[web]'")
-    command = [sys.executable, "-m", "taskwatch.tui"]
-    if opts.target[:1] == ["attach"]:
+    attach = opts.target[:1] == ["attach"]
+    if attach:
         if len(opts.target) != 2:
             return fail("usage: taskwatch web attach ADDRESS [--token-file PATH]")
         try:
@@ -490,27 +497,76 @@ def _web(opts: argparse.Namespace) -> int:
             token = resolve_token(opts)
         except (TokenError, ValueError) as exc:
             return fail(str(exc))
-        command += ["attach", opts.target[1]]
-        if token:
-            # each browser session runs `command`; textual-serve gives it a copy of
-            # this process's environment, so the token reaches it without argv
-            os.environ[TOKEN_ENV] = token
     elif len(opts.target) > 1:
         return fail(f"unexpected arguments {' '.join(opts.target[1:])!r}; usage: taskwatch web [APP | attach ADDRESS]")
     elif given := _given_token_options(opts):
-        # the dashboard runs the engine itself here: there is no server to give a token to
+        # the engine runs in this process, served to its sessions privately: there is no server to give a token to
         return fail(f"{given[0]} goes with `taskwatch web attach ADDRESS` (an engine's tcp:// or Unix socket address)")
-    elif opts.target:
-        command += [opts.target[0]]
+    if not opts.host.strip():
+        return fail("--host is empty; give 127.0.0.1 (this machine only, the default) or 0.0.0.0 (every interface)")
     if not 0 <= opts.port <= 65535:
         return fail(f"--port {opts.port} is not a port number (0-65535; 0 picks a free one)")
     try:
-        web.serve(shlex.join(command), host=opts.host, port=opts.port)
-    except web.SecretError as exc:
+        server = web.DashboardServer("", secret=web.take_secret(), host=opts.host, port=opts.port)
+    except (web.SecretError, ValueError) as exc:
         return fail(str(exc))
+    engine = None
+    if not attach:
+        # loaded before anything listens: a bad APP is one line here, not a blank page per browser tab
+        try:
+            engine = load_engine(opts.target[0]) if opts.target else _demo_engine()
+        except (AppPathError, TaskwatchError) as exc:
+            return fail(str(exc))
+    try:
+        socks = server.bind()
     except OSError as exc:
         # nothing was printed or started: the address is bound before the URL is shown
         return fail(f"cannot listen on {web.base_url(opts.host, opts.port)}: {exc.strerror or exc}")
+    try:
+        if engine is None:
+            server.command = shlex.join([sys.executable, "-m", "taskwatch.tui", "attach", opts.target[1]])
+            # the sessions' environment, not their argv, which `ps` shows to every local user
+            server.env = {TOKEN_ENV: token} if token else {}
+            server.serve(sockets=socks)
+            return 0
+        return _web_engine(server, socks, engine)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _demo_engine() -> Engine:
+    from .demo import build_demo_engine
+
+    return build_demo_engine(None, store="memory")
+
+
+def _web_engine(server: DashboardServer, socks: list[socket.socket], engine: Engine) -> int:
+    """Run ``engine`` here, once, and serve it to every browser tab.
+
+    Each tab's dashboard attaches to it over a Unix socket in a directory only
+    this user can enter, with a token in its environment: every tab sees the
+    same engine (one leader, one scheduler), as a terminal dashboard would.
+    """
+    from taskwatch.engine.background import attach_command
+    from taskwatch.engine.server import new_token
+
+    with tempfile.TemporaryDirectory(prefix="taskwatch-web-") as private:
+        try:
+            bg = engine.start_background()
+        except (TaskwatchError, OSError) as exc:
+            return fail(f"the engine did not start: {exc}")
+        try:
+            try:
+                info = bg.serve(os.path.join(private, "engine.sock"), token=new_token(), announce=False)
+            except (ValueError, OSError, TaskwatchError) as exc:
+                return fail(f"cannot serve the engine to the browser sessions: {exc}")
+            argv, env = attach_command(info)
+            server.command, server.env = shlex.join(argv), env
+            server.serve(sockets=socks)
+        finally:
+            # after the web server: its sessions are gone, none sees the engine stop
+            bg.stop(timeout=5)
     return 0
 
 

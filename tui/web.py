@@ -16,6 +16,15 @@ submit tasks). :class:`DashboardServer` closes that:
   a browser) still needs the secret;
 - it listens on 127.0.0.1 unless given another host.
 
+The page's URLs (assets, websocket) are built from the request's ``Host``, not
+the bind address, so the page works however it was reached: a LAN address of a
+server listening on 0.0.0.0, or an SSH port forward to another local port.
+
+Each browser tab runs the command in a process group of its own; the tab's
+websocket closes when that process ends, and on SIGINT/SIGTERM every session is
+asked to quit (then its group killed) and every websocket closed, so the server
+exits within a couple of seconds and leaves no session process behind.
+
 Used by ``taskwatch web`` and, in a subprocess, by ``BackgroundEngine.dashboard()``,
 which hands the secret over in ``$TASKWATCH_WEB_SECRET`` so it never shows in ``ps``.
 """
@@ -23,6 +32,7 @@ which hands the secret over in ``$TASKWATCH_WEB_SECRET`` so it never shows in ``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import logging
@@ -32,12 +42,16 @@ import secrets
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
-from aiohttp import hdrs, web
-from textual_serve.server import Server
+import aiohttp_jinja2
+from aiohttp import WSCloseCode, hdrs, web
+from rich.console import Console
+from textual_serve.app_service import AppService
+from textual_serve.server import Server, to_int
 
 log = logging.getLogger("taskwatch.web")
 
@@ -46,6 +60,14 @@ SECRET_ENV = "TASKWATCH_WEB_SECRET"
 #: the secret is a path segment: URL-safe characters only, and long enough not to be guessed
 _SECRET_RE = re.compile(r"[A-Za-z0-9_-]{22,}")
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+#: a ``Host`` header the page's URLs may be built from: a name or IPv4 address, or a bracketed IPv6 one
+_HOST_HEADER_RE = re.compile(r"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+#: seconds a session has to quit when asked (its tab closed, or the server stopping) before its group is killed
+SESSION_QUIT_GRACE = 1.0
+#: seconds a websocket close waits for the browser's answer
+_WS_CLOSE_TIMEOUT = 1.0
+#: aiohttp's last resort at exit: handlers still running after this are cancelled
+_SHUTDOWN_TIMEOUT = 3.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -76,6 +98,28 @@ def dashboard_url(host: str, port: int, secret: str) -> str:
     return f"{base_url(host, port)}/{secret}/"
 
 
+def is_wildcard_host(host: str) -> bool:
+    """Whether ``host`` means every interface (``0.0.0.0``, ``::``), which no browser can open."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
+def check_host(host: str) -> str:
+    """``host``, unless it is empty (which would listen on every interface without saying so)."""
+    if not host.strip():
+        raise ValueError("the host to listen on is empty; give 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
+    return host
+
+
+def shown_host(host: str) -> str:
+    """The host to print in the URL: a wildcard bind address is replaced by this machine's name."""
+    if is_wildcard_host(host):
+        return socket.gethostname() or "localhost"
+    return host
+
+
 def is_loopback_host(host: str) -> bool:
     host = host.strip("[]").lower()
     if host in _LOOPBACK_NAMES:
@@ -102,9 +146,8 @@ def same_origin(origin: str, host_header: str) -> bool:
     """Whether a browser ``Origin`` names the server the request was sent to (its ``Host``).
 
     Ports must match; host names must match, except that two loopback names
-    (``localhost`` vs ``127.0.0.1``) are the same machine -- textual-serve's page
-    points its websocket at the bind address, which may differ from what the
-    user typed. ``null`` and non-http(s) origins never match.
+    (``localhost`` vs ``127.0.0.1``) are the same machine -- a notebook's IFrame
+    may name this server either way. ``null`` and non-http(s) origins never match.
     """
     scheme = urlsplit(origin).scheme.lower()
     if scheme not in ("http", "https"):
@@ -143,17 +186,89 @@ def bind_sockets(host: str, port: int) -> list[socket.socket]:
     return socks
 
 
+class _Session(AppService):
+    """One browser tab's dashboard process: textual-serve's :class:`AppService`, changed through its hooks.
+
+    The process gets ``extra_env`` on top of this process's environment, and a
+    session (so a process group) of its own: the shell textual-serve runs the
+    command in and the dashboard under it are ended together, without signalling
+    the server. ``ended`` is set once the process's output has ended.
+    """
+
+    def __init__(self, command: str, *, extra_env: Mapping[str, str], **options: Any) -> None:
+        super().__init__(command, **options)
+        self.extra_env = dict(extra_env)
+        self.ended = asyncio.Event()
+        self.process: asyncio.subprocess.Process | None = None
+
+    def _build_environment(self, width: int = 80, height: int = 24) -> dict[str, str]:
+        environment = super()._build_environment(width=width, height=height)
+        environment.update(self.extra_env)
+        return environment
+
+    async def _open_app_process(self, width: int = 80, height: int = 24) -> asyncio.subprocess.Process:
+        environment = self._build_environment(width=width, height=height)
+        pipe = asyncio.subprocess.PIPE
+        process = await asyncio.create_subprocess_shell(
+            self.command, stdin=pipe, stdout=pipe, stderr=pipe, env=environment, start_new_session=True
+        )
+        assert process.stdin is not None
+        # the attributes AppService's own version sets, which its send and read methods use
+        self.process = self._process = process
+        self._stdin = process.stdin
+        return process
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        finally:
+            self.ended.set()
+
+    async def end(self, grace: float) -> None:
+        """Ask the process to quit; if it has not after ``grace`` s, SIGTERM its group, then SIGKILL."""
+        process = self.process
+        if process is None:
+            return
+        if process.returncode is None:
+            # bounded: a process that stopped reading would block the write forever
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.send_meta({"type": "quit"}), grace)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), grace)
+                break
+            self._signal_group(process.pid, sig)
+        await process.wait()
+        with contextlib.suppress(TimeoutError):
+            # the output ends once every process of the group has gone
+            await asyncio.wait_for(self.ended.wait(), grace)
+            return
+        # something the dashboard started still holds its output: the group outlived its leader
+        self._signal_group(process.pid, signal.SIGKILL)
+
+    @staticmethod
+    def _signal_group(pgid: int, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+
+
 class DashboardServer(Server):
     """textual-serve's :class:`~textual_serve.server.Server`, reachable only under ``/<secret>/``.
 
-    Relies on these textual-serve details (checked by tests/test_web_security.py):
-    ``Server._make_app()`` builds the aiohttp app that ``serve()`` runs, and its
-    index page makes its websocket and static URLs with ``request.app.router[name].url_for()``,
-    so mounting that app as a sub-application under ``/<secret>`` puts the secret
-    in every URL the page uses. The secret goes in the path, not the query,
-    because textual-serve's JavaScript appends ``?width=..&height=..`` to the
-    websocket URL. ``/download/{key}`` (``App.deliver_*``, which taskwatch does
-    not use) is fetched from the site root by that JavaScript and so stays refused.
+    Relies on these textual-serve details (checked by tests/test_web_security.py
+    and tests/test_web.py): ``Server._make_app()`` builds the aiohttp app that
+    ``serve()`` runs, routing ``/`` to ``handle_index``, ``/ws`` to
+    ``handle_websocket`` and ``/static``, with ``on_shutdown`` on its shutdown
+    signal; mounting that app as a sub-application under ``/<secret>`` puts the
+    secret in every URL the page uses (``url_for()``). The secret goes in the
+    path, not the query, because textual-serve's JavaScript appends
+    ``?width=..&height=..`` to the websocket URL. ``/download/{key}``
+    (``App.deliver_*``, which taskwatch does not use) is fetched from the site
+    root by that JavaScript and so stays refused. A session is textual-serve's
+    ``AppService`` with ``_build_environment`` and ``_open_app_process``
+    replaced (see :class:`_Session`).
+
+    ``env`` is added to each session's environment (a token, kept off argv).
     """
 
     def __init__(
@@ -164,14 +279,20 @@ class DashboardServer(Server):
         host: str = "127.0.0.1",
         port: int = 8000,
         title: str = "taskwatch",
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        check_host(host)
         super().__init__(
-            command, host=host, port=port, title=title, public_url=base_url(host, port),
+            command, host=host, port=port, title=title, public_url=base_url(shown_host(host), port),
             # our copy of the page, whose font comes from this server instead of Google's
             templates_path=Path(__file__).with_name("templates"),
         )
         self.secret = check_secret(secret)
-        self.url = dashboard_url(host, port, self.secret)
+        self.env: dict[str, str] = dict(env or {})
+        self.url = dashboard_url(shown_host(host), port, self.secret)
+        self._stopping = asyncio.Event()
+        #: one event per open session, set once its process has ended and its websocket closed
+        self._sessions: set[asyncio.Event] = set()
 
     async def _make_app(self) -> web.Application:
         inner = await super()._make_app()
@@ -183,27 +304,123 @@ class DashboardServer(Server):
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         # middlewares run for unmatched paths too, so this answers every request
-        first = request.path.lstrip("/").partition("/")[0]
+        first, sep, _ = request.path.lstrip("/").partition("/")
         if not hmac.compare_digest(first.encode(), self.secret.encode()):
             raise web.HTTPForbidden(text="taskwatch web: open the URL printed when the server started\n")
         origin = request.headers.get(hdrs.ORIGIN)
         if origin is not None and not same_origin(origin, request.host):
             log.warning("refused a request from origin %r (served as %r)", origin, request.host)
             raise web.HTTPForbidden(text="taskwatch web: cross-origin request refused\n")
+        if not sep:
+            # the URL typed without its final slash: the page lives at /<secret>/
+            query = f"?{request.query_string}" if request.query_string else ""
+            raise web.HTTPFound(f"/{self.secret}/{query}")
         return await handler(request)
 
-    def serve(self, debug: bool = False) -> None:
-        """textual-serve's ``serve()``, on sockets bound first.
+    @aiohttp_jinja2.template("app_index.html")
+    async def handle_index(self, request: web.Request) -> dict[str, Any]:
+        """textual-serve's page, its URLs on the host and port the browser used.
+
+        Not the bind address: through ``--host 0.0.0.0`` and a LAN address, or an
+        SSH forward to another local port, the browser must come back the way it came.
+        """
+        host = request.headers.get(hdrs.HOST, "")
+        # the Host is written into the page: only a plain host[:port] is
+        if not _HOST_HEADER_RE.fullmatch(host):
+            raise web.HTTPBadRequest(text="taskwatch web: the request's Host header is missing or malformed\n")
+        router = request.app.router
+        static = f"{request.scheme}://{host}{router['static'].url_for(filename='/')}".rstrip("/") + "/"
+        ws_scheme = "wss" if request.scheme == "https" else "ws"
+        return {
+            "font_size": to_int(request.query.get("fontsize", "16"), 16),
+            "app_websocket_url": f"{ws_scheme}://{host}{router['websocket'].url_for()}",
+            "config": {"static": {"url": static}},
+            "application": {"name": self.title},
+        }
+
+    async def handle_websocket(self, request: web.Request) -> web.WebSocketResponse:
+        """One browser tab: its dashboard process, for as long as both last.
+
+        The websocket closes when the process ends (the user quit, or it failed
+        to start); the process is asked to quit when the websocket closes or the
+        server stops, and its group killed if it does not.
+        """
+        websocket = web.WebSocketResponse(heartbeat=15, timeout=_WS_CLOSE_TIMEOUT)
+        width = to_int(request.query.get("width", "80"), 80)
+        height = to_int(request.query.get("height", "24"), 24)
+        await websocket.prepare(request)
+        if self._stopping.is_set():
+            await websocket.close(code=WSCloseCode.GOING_AWAY)
+            return websocket
+        finished = asyncio.Event()
+        self._sessions.add(finished)
+        session = _Session(
+            self.command,
+            extra_env=self.env,
+            write_bytes=websocket.send_bytes,
+            write_str=websocket.send_str,
+            close=websocket.close,
+            download_manager=self.download_manager,
+            debug=self.debug,
+        )
+        waiters: list[asyncio.Future[Any]] = []
+        try:
+            await session.start(width, height)
+            waiters = [
+                asyncio.ensure_future(self._process_messages(websocket, session)),
+                asyncio.ensure_future(session.ended.wait()),
+                asyncio.ensure_future(self._stopping.wait()),
+            ]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        except Exception:
+            log.exception("a dashboard session failed")
+        finally:
+            code = WSCloseCode.GOING_AWAY if self._stopping.is_set() else WSCloseCode.OK
+            await asyncio.gather(session.end(SESSION_QUIT_GRACE), _close(websocket, code), return_exceptions=True)
+            for waiter in waiters:
+                waiter.cancel()
+            for outcome in await asyncio.gather(*waiters, return_exceptions=True):
+                if isinstance(outcome, Exception):
+                    log.warning("a dashboard session's websocket failed: %r", outcome)
+            await self.download_manager.cancel_app_downloads(app_service_id=session.app_service_id)
+            finished.set()
+            self._sessions.discard(finished)
+        return websocket
+
+    async def on_shutdown(self, app: web.Application) -> None:
+        # open websockets would hold aiohttp's shutdown until their heartbeat failed
+        # (about 20 s); every session is ended here instead, its process group with it
+        self._stopping.set()
+        if self._sessions:
+            waits = [asyncio.ensure_future(done.wait()) for done in self._sessions]
+            _, pending = await asyncio.wait(waits, timeout=3 * SESSION_QUIT_GRACE + _WS_CLOSE_TIMEOUT + 1)
+            for waiter in pending:
+                waiter.cancel()
+
+    def request_exit(self) -> None:
+        # a second Ctrl+C while the sessions are ended would cut that short and orphan them
+        if not self._stopping.is_set():
+            self._stopping.set()
+            super().request_exit()
+
+    def bind(self) -> list[socket.socket]:
+        """Bind the listening sockets (see :func:`bind_sockets`) and settle the port and URL."""
+        socks = bind_sockets(self.host, self.port)
+        self.port = socks[0].getsockname()[1]
+        self.public_url = base_url(shown_host(self.host), self.port)
+        self.url = dashboard_url(shown_host(self.host), self.port, self.secret)
+        return socks
+
+    def serve(self, debug: bool = False, *, sockets: list[socket.socket] | None = None) -> None:
+        """textual-serve's ``serve()``, on sockets bound first (``sockets``, else :meth:`bind` now).
 
         A port in use or a host that does not resolve raises :class:`OSError`
         before anything is printed; the URL is printed once the server listens,
         with the port actually bound (the one the system chose for port 0).
+        Returns after SIGINT or SIGTERM, once every session has ended.
         """
-        socks = bind_sockets(self.host, self.port)
+        socks = self.bind() if sockets is None else sockets
         try:
-            self.port = socks[0].getsockname()[1]
-            self.public_url = base_url(self.host, self.port)
-            self.url = dashboard_url(self.host, self.port, self.secret)
             self.debug = debug
             self.initialize_logging()
             loop = asyncio.new_event_loop()
@@ -213,14 +430,25 @@ class DashboardServer(Server):
             except NotImplementedError:
                 pass
             # aiohttp calls ``print`` once every socket listens
-            web.run_app(self._make_app(), sock=socks, handle_signals=False, loop=loop, print=self._listening)
+            web.run_app(
+                self._make_app(), sock=socks, handle_signals=False, loop=loop, print=self._listening,
+                shutdown_timeout=_SHUTDOWN_TIMEOUT,
+            )
         finally:
             for sock in socks:
                 sock.close()
 
     def _listening(self, *_: object) -> None:
         print(f"taskwatch web: open {self.url}  (Ctrl+C to quit)", flush=True)
-        if not is_loopback_host(self.host):
+        if is_wildcard_host(self.host):
+            print(
+                f"taskwatch web: listening on every interface ({self.host}), not just this machine; from "
+                f"elsewhere use any address of this machine in place of {shown_host(self.host)}; the URL "
+                "is the only key and the connection is unencrypted",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif not is_loopback_host(self.host):
             print(
                 f"taskwatch web: listening on {self.host}, not just this machine; the URL is the only "
                 "key and the connection is unencrypted",
@@ -229,6 +457,8 @@ class DashboardServer(Server):
             )
 
     def initialize_logging(self) -> None:
+        # log lines on stderr: stdout carries the URL line that bg.dashboard() reads
+        self.console = Console(stderr=True)
         super().initialize_logging()
         # aiohttp's access log writes every request line, secret included
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
@@ -237,6 +467,12 @@ class DashboardServer(Server):
         # runs before the sockets listen: the URL is printed by _listening, once they do
         # (textual-serve's own banner, which this replaces, is not shown)
         return None
+
+
+async def _close(websocket: web.WebSocketResponse, code: int) -> None:
+    # bounded: a browser that stopped reading would hold the close on a full socket
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(websocket.close(code=code), 2 * _WS_CLOSE_TIMEOUT)
 
 
 async def _private_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -258,5 +494,11 @@ def serve(
     The variable is removed from this process's environment so the sessions,
     which inherit it, do not see it.
     """
-    from_env = os.environ.pop(SECRET_ENV, None)
-    DashboardServer(command, secret=secret or from_env or new_secret(), host=host, port=port, title=title).serve()
+    from_env = take_secret()
+    DashboardServer(command, secret=secret or from_env, host=host, port=port, title=title).serve()
+
+
+def take_secret() -> str:
+    """``$TASKWATCH_WEB_SECRET``, else a new secret; the variable is removed from the
+    environment, which sessions inherit."""
+    return os.environ.pop(SECRET_ENV, None) or new_secret()
