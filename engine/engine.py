@@ -718,7 +718,8 @@ class Engine:
             # counts) are done. A store out of reach would hold each write left (outcomes, the cut
             # runs put back, the node's end) for a whole retry period: past the drain, the cut
             # runs' cleanup and a moment, what they leave undone is recovery's to do
-            give_up = time.monotonic() + max(0.0, deadline - loop.time()) + self.cancel_grace + _STOP_WRITE_GRACE
+            # (the cut runs get up to three rounds of cancel_grace: Execution.await_tasks)
+            give_up = time.monotonic() + max(0.0, deadline - loop.time()) + 3 * self.cancel_grace + _STOP_WRITE_GRACE
             self._store.give_up_after(give_up)
             await self._run.wait_idle(deadline - loop.time())
             self._executor.stop_claiming()
@@ -1103,7 +1104,7 @@ class Engine:
         """
         run = self._index.runs.get(run_id)
         if run is None:
-            return await self._cancel_elsewhere(run_id)
+            return await self._cancel_elsewhere(run_id, grace)
         if run.status.finished:
             raise RunNotCancellable(run_id, run.status.value)
         recorded = False
@@ -1113,27 +1114,31 @@ class Engine:
                 return run.record()
             result = await self._store.request_cancel(run_id, "user")
             if result.action == "cancelled":
-                self._run.finish_cancelled(run, "user", was_running=False)
+                # the store's record: a run another node tried and holds back for a retry has
+                # its attempt, start and error there, not in this node's entry
+                self._run.apply_stored(run, result.run.to_record(), announced=False)
                 return run.record()
             if result.action == "finished":
+                self._run.apply_stored(run, result.run.to_record())  # ended elsewhere: as it ended
                 raise RunNotCancellable(run_id, result.run.status.value)
             # claimed in the meantime (the store has noted the request): cancel it as running
             if run.handle is None:
-                return result.run.to_record()  # by another node: as the store has it now
+                return await self._cancelled_elsewhere(run, result.run.to_record(), grace)
             recorded = True
         elif run.handle is None:
-            # running on another node: its owner cancels it on its next heartbeat (unless it
+            # running on another node: its owner cancels it as soon as it is told (unless it
             # finished meanwhile, which this node has not heard of yet)
             result = await self._store.request_cancel(run_id, "user")
             if result.action == "finished":
+                self._run.apply_stored(run, result.run.to_record())
                 raise RunNotCancellable(run_id, result.run.status.value)
             if result.action == "cancelled" and not run.status.finished:
                 # it was pending there after all (this node's own run, between an attempt
                 # that failed and its retry being written): ended here too, not left
                 # pending in the index until the next catch-up
-                self._run.finish_cancelled(run, "user", was_running=False)
+                self._run.apply_stored(run, result.run.to_record(), announced=False)
                 return run.record()
-            return result.run.to_record()
+            return await self._cancelled_elsewhere(run, result.run.to_record(), grace)
         run.cancel_reason = "user"  # set first: the store's notice of the request below then cancels nothing again
         run.handle.cancel()
         if self._durable and not recorded:
@@ -1145,11 +1150,21 @@ class Engine:
         await self._run.wait_finished(run, self.cancel_grace if grace is None else grace)
         return run.record()
 
-    async def _cancel_elsewhere(self, run_id: str) -> RunRecord:
+    async def _cancelled_elsewhere(self, run: Run, asked: RunRecord, grace: float | None) -> RunRecord:
+        """A run another node executes has its cancel requested: as with a run of this node's,
+        wait up to ``grace`` for it to end (its owner hears at once on a store that pushes
+        changes, at its next heartbeat otherwise), and return the record as it is then."""
+        self._run.apply_stored(run, asked)
+        await self._run.wait_finished(run, self.cancel_grace if grace is None else grace)
+        return run.record()
+
+    async def _cancel_elsewhere(self, run_id: str, grace: float | None) -> RunRecord:
         result = await self._store.request_cancel(run_id, "user")  # RunNotFound if the store has none
         if result.action == "finished":
             raise RunNotCancellable(run_id, result.run.status.value)
-        return result.run.to_record()
+        if result.action == "cancelled":
+            return result.run.to_record()
+        return await self._poll_store(run_id, self.cancel_grace if grace is None else grace)
 
     # ------------------------------------------------------------------ queries
 
@@ -1182,7 +1197,10 @@ class Engine:
         runs pruned from the index but still stored). Raises :class:`RunNotFound`."""
         run = self._index.runs.get(run_id)
         if run is not None:
-            return run.record()
+            # another node's run is as the store has it now, not as this node last heard
+            await self._run.refresh(run)
+            if self._index.runs.get(run_id) is run or run.status.finished:
+                return run.record()
         stored = await self._store.get(run_id)
         if stored is None:
             raise RunNotFound(run_id)

@@ -128,15 +128,21 @@ class StoppedBeforeDone(EngineNotRunning):
     start; with the memory store it was dropped, counted where it was.
     """
 
-    def __init__(self, what: str, kept: bool) -> None:
+    def __init__(self, what: str, kept: bool, elsewhere: str | None = None) -> None:
         self.state = "stopped"
         self.what = what
         self.kept = kept
-        then = (
-            "kept in the store for the next start; wait again once the engine runs"
-            if kept
-            else "dropped (counted in the engine's stats)"
-        )
+        #: the node executing it when this one stopped: it goes on there
+        self.elsewhere = elsewhere
+        if elsewhere is not None:
+            then = (
+                f"it goes on on node {elsewhere}, which shares the store; read how it ended with "
+                "fetch_run() once the engine runs again, or on another node"
+            )
+        elif kept:
+            then = "kept in the store for the next start; wait again once the engine runs"
+        else:
+            then = "dropped (counted in the engine's stats)"
         RuntimeError.__init__(self, f"the engine stopped before {what} finished: {then}")
 
 
@@ -589,8 +595,9 @@ class StoreGaveUp(StoreUnavailable):
     def __init__(self, where: str, detail: str) -> None:
         StoreError.__init__(
             self,
-            f"the run store {where} was still unreachable as the engine stopped ({detail}); whether the "
-            "operation was applied is unknown. Runs it left unwritten are recovered once their claims lapse",
+            f"the stopping engine's time for its last writes to the run store {where} ran out before the "
+            f"store answered ({detail}); whether the operation was applied is unknown. Runs it left "
+            "unwritten are recovered once their claims lapse",
         )
 
 

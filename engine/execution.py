@@ -805,6 +805,21 @@ class Execution:
     def _foreign(self, run: Run) -> bool:
         return not run.status.finished and run.token is None and run.handle is None
 
+    async def refresh(self, run: Run) -> None:
+        """Bring ``run``'s entry up to what the store holds, if another node executes it
+        (this node's own runs are what it does; a run that vanished is let go)."""
+        if self.durable and self._foreign(run):
+            await self._take_from_store([run])
+
+    def apply_stored(self, run: Run, stored: RunRecord, *, announced: bool = True) -> None:
+        """Move ``run``'s entry to the store's record of it. ``announced``: the node that
+        changed it published that; else (this node's own request did it) it is published here."""
+        if announced or stored.status is not _CANCELLED or run.status.finished:
+            self._apply_stored(run, stored)
+            return
+        self._copy_outcome(run, stored)
+        self.finish_cancelled(run, stored.cancel_reason or "user", was_running=run.status is _RUNNING)
+
     async def _take_from_store(self, runs: list[Run]) -> None:
         wanted = [run for run in runs if not self.executor.unwritten(run.id)]
         if not wanted:
@@ -839,6 +854,14 @@ class Execution:
             len(runs), self.store.describe(), ", ".join(run.id for run in runs[:5]), ", ..." if len(runs) > 5 else "",
         )
 
+    @staticmethod
+    def _copy_outcome(run: Run, stored: RunRecord) -> None:
+        run.attempt = stored.attempt
+        run.started_at = stored.started_at
+        run.node = stored.node
+        run.result = stored.result
+        run.error = stored.error
+
     def _apply_stored(self, run: Run, stored: RunRecord) -> None:
         """Move ``run``'s index entry to what the store holds, announcing each transition."""
         if stored.status is _RUNNING and run.status is _PENDING:
@@ -848,11 +871,7 @@ class Execution:
             self.index.unclaimed(run)
             run.attempt = stored.attempt
         elif stored.status.finished:
-            run.attempt = stored.attempt
-            run.started_at = stored.started_at
-            run.node = stored.node
-            run.result = stored.result
-            run.error = stored.error
+            self._copy_outcome(run, stored)
             now = stored.finished_at or self.engine.clock()
             if stored.status is _CANCELLED:
                 self.finish_cancelled(
@@ -967,7 +986,8 @@ class Execution:
         return not run.status.finished and (self.durable or handle is None or handle.done())
 
     def stopped_error(self, run: Run) -> StoppedBeforeDone:
-        return StoppedBeforeDone(f"run {run.id}", kept=self.durable)
+        node = run.node if run.status is _RUNNING and run.node != self.engine.node_id else None
+        return StoppedBeforeDone(f"run {run.id}", kept=self.durable, elsewhere=node)
 
     def inserted(self, rows: list[NewRun], result: list[Inserted] | BaseException) -> None:
         """A batch queued with submit_nowait was written (or could not be)."""

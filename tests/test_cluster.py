@@ -47,7 +47,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from taskwatch.engine import Engine, InProcessLease, RunNotFound, RunStatus, TaskContext
+import pytest
+from taskwatch.engine import Engine, InProcessLease, RunNotCancellable, RunNotFound, RunStatus, TaskContext
 from taskwatch.engine.store import NewRun, PostgresStore
 
 from .helpers import eventually
@@ -291,7 +292,8 @@ async def test_cancel_from_a_node_that_does_not_own_the_run(
     observer = Engine(store=postgres_url, node_id="observer", lease_ttl=30, health_interval=None)
     async with observer:
         record = await observer.cancel(run_id)
-        assert record.status.value == "running"  # asked; its owner stops it
+        # its owner stops it when told, and the cancel waits for that, as for a run of its own
+        assert record.status.value == "cancelled" and record.node == "owner"
         line = owner.event("cancelled", timeout=10.0)
         assert line["id"] == run_id
         stored = await observer.store.get(run_id)
@@ -585,3 +587,47 @@ async def test_runs_taken_over_from_a_killed_node_show_running_with_progress_on_
             release.set()
         for run_id in ids:
             assert (await survivor.handle(run_id).wait(10)).attempt == 2
+
+
+async def test_a_cancel_from_another_node_leaves_the_record_the_store_has(postgres_url: str) -> None:
+    # the run failed its first attempt on the worker and waits there for its retry: the node
+    # that cancels it must show that attempt, its start and its error, as the store does
+    worker = Engine(store=postgres_url, node_id="worker", health_interval=None)
+    asker = Engine(store=postgres_url, node_id="asker", health_interval=None)
+    tried = asyncio.Event()
+
+    @worker.task(retries=1, backoff=60.0, name="flaky")
+    async def flaky(ctx: TaskContext) -> None:
+        tried.set()
+        raise RuntimeError("the first attempt fails")
+
+    async def elsewhere(ctx: TaskContext) -> None: ...
+
+    # the submitting node's declaration is the one a run carries (its attempts, here two)
+    asker.register(elsewhere, name="flaky", retries=1, backoff=60.0, resources=("a resource only the worker has",))
+    async with worker, asker:
+        handle = await asker.submit("flaky")
+        async with asyncio.timeout(10):
+            await tried.wait()
+        await eventually(lambda: worker.get(handle.id).attempt == 2, timeout=10)
+        record = await asker.cancel(handle.id)
+        stored = await asker.store.get(handle.id)
+        assert stored is not None
+        assert record.status.value == "cancelled" and record.attempt == 2 == stored.attempt
+        assert record.error is not None and record.error.message == "the first attempt fails"
+        assert record.started_at == stored.started_at is not None
+        assert (await handle.wait()).status.value == "cancelled"
+
+        # a run that finished there before the cancel came: refused, and shown as it ended
+        @worker.task(name="quick")
+        async def quick(ctx: TaskContext) -> str:
+            return "done"
+
+        asker.register(elsewhere, name="quick", resources=("a resource only the worker has",))
+        done = await asker.submit("quick")
+        async with asyncio.timeout(10):
+            while (await worker.fetch_run(done.id)).status.value != "succeeded":
+                await asyncio.sleep(0.01)
+        with pytest.raises(RunNotCancellable):
+            await asker.cancel(done.id)
+        assert asker.get(done.id).status.value == "succeeded" and asker.get(done.id).result == "done"
