@@ -31,6 +31,7 @@ import concurrent.futures.thread  # noqa: F401 - its exit hook registers first, 
 import errno
 import inspect
 import logging
+import math
 import os
 import re
 import secrets
@@ -46,8 +47,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from .errors import EngineCrashed, EngineNotRunning, LoopThreadError
+from .errors import EngineAlreadyRunning, EngineCrashed, EngineNotRunning, InvalidConfiguration, LoopThreadError
 from .hop import Escaped, LoopCall, call_apart, ship
+from .options import BackgroundOptions, WaitOptions, check_options
 from .runs import RunRecord, RunStatus
 
 if TYPE_CHECKING:
@@ -69,6 +71,20 @@ _UNSET: Any = object()
 
 #: extra seconds a blocking wait allows beyond the engine-side timeout it asked for
 _SLACK = 5.0
+
+#: how long a wait on a stopped engine waits at a time before it looks again: the engine
+#: may be started again meanwhile, and the wait must then go to the engine's new loop
+_STOPPED_SLICE = 1.0
+
+_STOP_ON_LOOP = (
+    "BackgroundEngine.{method}() ends the engine's loop thread and waits for it to end, and this is "
+    "that thread, so it would wait forever. Call bg.stop() from another thread, or `await bg.astop()` "
+    "on another event loop"
+)
+_DASHBOARD_ON_LOOP = (
+    "BackgroundEngine.dashboard() waits for the engine's loop (it serves the engine there first), and "
+    "this is that loop's own thread, so it would wait forever. Call it from another thread"
+)
 
 # run in a subprocess by dashboard(): textual-serve blocks its thread and owns
 # its own aiohttp loop and signal handlers, so a process is the clean way to stop it.
@@ -110,18 +126,16 @@ class BackgroundRunHandle:
     def wait(self, timeout: float | None = None) -> RunRecord:
         """Block until the run has finished; ``TimeoutError`` if still going after ``timeout`` s.
 
-        After :meth:`BackgroundEngine.stop` it answers as a stopped engine's
-        handle does: the finished record, or ``StoppedBeforeDone`` for a run
-        the stop left undone.
+        ``timeout=math.inf`` is no timeout. After :meth:`BackgroundEngine.stop`
+        it answers as a stopped engine's handle does: the finished record, or
+        ``StoppedBeforeDone`` for a run the stop left undone. Once the engine
+        runs again (a later ``start_background()``), it waits there.
         """
-        if self._bg._ended_cleanly():
-            return call_apart(self._handle.wait, timeout)  # type: ignore[no-any-return]
-        budget = None if timeout is None else timeout + _SLACK
-        return self._bg._call("wait", self._handle.wait, timeout, timeout_=budget, changes_=False)
+        return self._bg._wait_run(self._handle, _wait_timeout("wait", timeout))
 
     async def finished(self, timeout: float | None = None) -> RunRecord:
         """Await the finished record, on any event loop."""
-        return await self._bg._aread(self._handle.wait, timeout)
+        return await self._bg._await_run(self._handle, _wait_timeout("finished", timeout))
 
     def __await__(self) -> Generator[Any, None, RunRecord]:
         return self.finished().__await__()
@@ -166,15 +180,20 @@ class BackgroundEngine:
         stop_timeout: float = 10.0,
         start_timeout: float = 30.0,
     ) -> None:
+        given = {"call_timeout": call_timeout, "stop_timeout": stop_timeout, "start_timeout": start_timeout}
+        _refuse_nan("start_background()", **given)
+        checked = check_options(BackgroundOptions, "start_background()", **given)
         self.engine = engine
-        self.call_timeout = call_timeout
-        self.stop_timeout = stop_timeout
-        self.start_timeout = start_timeout
+        self.call_timeout = checked.call_timeout
+        self.stop_timeout = checked.stop_timeout
+        self.start_timeout = checked.start_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._main_task: asyncio.Task[None] | None = None
         self._stop_requested: asyncio.Event | None = None
-        self._drain_timeout = stop_timeout
+        self._drain_timeout = self.stop_timeout
         self._ready = threading.Event()
+        #: the launch gave up waiting for the start: whatever got started is stopped
+        self._aborted = False
         self._start_error: BaseException | None = None
         self._stop_error: BaseException | None = None
         #: what ended the loop while the engine ran (None unless it died)
@@ -195,17 +214,29 @@ class BackgroundEngine:
         """Start ``engine`` on a new loop thread; returns once ``engine.start()`` completed there.
 
         If ``engine.start()`` raises, the thread ends and the error is re-raised here.
+        An engine started (or starting, or stopping) under another facade or on
+        another event loop raises :class:`EngineAlreadyRunning`.
         """
-        if engine.state not in ("new", "stopped"):
-            raise RuntimeError(
-                f"the engine is {engine.state} on another event loop; start_background() "
-                "needs an engine that is not started yet"
-            )
-        bg = cls(engine, **options)
-        bg._thread.start()
-        if not bg._ready.wait(bg.start_timeout):
+        bg = cls(engine, **options)  # options checked first: a bad one starts nothing
+        with _launch_lock:
+            # claimed under the lock, before the thread starts: of two launches at once, one starts it
+            current = _facades.get(id(engine))
+            if current is not None and current.engine is engine and not current._finished:
+                raise EngineAlreadyRunning(current._phase(), repr(current))
+            if engine.state not in ("new", "stopped"):
+                raise EngineAlreadyRunning(engine.state)
+            _facades[id(engine)] = bg
+            try:
+                bg._thread.start()
+            except BaseException:
+                bg._finished = True  # never ran: the claim is released
+                raise
+        if not bg._ready.wait(_thread_timeout(bg.start_timeout)):
             bg._abort_start()
-            raise TimeoutError(f"the engine did not start within {bg.start_timeout:g} s")
+            raise TimeoutError(
+                f"the engine did not start within {bg.start_timeout:g} s; the start was given up "
+                "and what it had started was stopped"
+            )
         if bg._start_error is not None:
             bg._thread.join()
             raise bg._start_error
@@ -249,30 +280,59 @@ class BackgroundEngine:
             log.exception("stopping the engine after its loop died failed")
 
     async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._main_task = asyncio.current_task()
-        self._stop_requested = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            # under the lock that _abort_start takes: it either sees this task to cancel,
+            # or this sees that the launch gave up
+            self._loop = loop
+            self._main_task = asyncio.current_task()
+            self._stop_requested = asyncio.Event()
+            if self._aborted:
+                return
         try:
             await self.engine.start()
+            if self.engine.loop is not loop:
+                # an `await engine.start()` on another loop got there first: not ours to run or stop
+                raise EngineAlreadyRunning(self.engine.state)
         except BaseException as exc:
             self._start_error = exc
+            if isinstance(exc, asyncio.CancelledError) and (task := asyncio.current_task()) is not None:
+                task.uncancel()  # the launch's own cancel, taken: the stop below must not see it
+            # a start cut short by an aborted launch may have got as far as running
+            await self._stop_engine(0.0)
             return
         finally:
             self._ready.set()
-        await self._stop_requested.wait()
         try:
-            await self.engine.stop(self._drain_timeout)
+            await self._stop_requested.wait()
+        finally:
+            # a cancel from a launch that gave up just as the start completed lands here too:
+            # the engine never outlives its loop
+            await self._stop_engine(self._drain_timeout)
+
+    async def _stop_engine(self, timeout: float) -> None:
+        if self.engine.loop is not asyncio.get_running_loop():
+            return  # started (or being started) on another loop: that one stops it
+        try:
+            await self.engine.stop(timeout)
         except BaseException as exc:
             self._stop_error = exc
 
     def _abort_start(self) -> None:
-        loop, task = self._loop, self._main_task
+        with self._lock:
+            self._aborted = True
+            loop, task = self._loop, self._main_task
         if loop is not None and task is not None:
             try:
                 loop.call_soon_threadsafe(task.cancel)
             except RuntimeError:
                 pass  # the loop already closed
         self._thread.join(_SLACK)
+
+    def _phase(self) -> str:
+        if self._stopping:
+            return "stopping"
+        return "running" if self._ready.is_set() else "starting"
 
     def _fail_outstanding(self) -> None:
         with self._lock:
@@ -283,7 +343,25 @@ class BackgroundEngine:
                 fut.set_exception(self._not_running())
 
     def _not_running(self) -> EngineNotRunning:
-        return EngineCrashed(self._crash) if self._crash is not None else EngineNotRunning("stopped")
+        if self._crash is not None:
+            return EngineCrashed(self._crash)
+        current = _facades.get(id(self.engine))
+        if current is not None and current is not self and current.engine is self.engine and current.running:
+            return EngineNotRunning(
+                "stopped",
+                f"this BackgroundEngine was stopped, and the engine runs again under another BackgroundEngine "
+                f"({current!r}, from a later start_background()): use that one",
+            )
+        if not self._finished:
+            return EngineNotRunning(
+                "stopping",
+                "this BackgroundEngine is stopping and accepts no work; once bg.stop() has returned, "
+                "engine.start_background() starts the engine again",
+            )
+        return EngineNotRunning(
+            "stopped",
+            "this BackgroundEngine was stopped and accepts no work; engine.start_background() starts the engine again",
+        )
 
     def _untrack(self, fut: concurrent.futures.Future[Any]) -> None:
         with self._lock:
@@ -347,7 +425,7 @@ class BackgroundEngine:
             raise LoopThreadError(method)
         call = self._schedule(fn, *args, read_=not changes_, **kwargs)
         fut = call.future
-        timeout = self.call_timeout if timeout_ is _UNSET else timeout_
+        timeout = _thread_timeout(self.call_timeout if timeout_ is _UNSET else timeout_)
         try:
             concurrent.futures.wait((fut,), timeout)
         except BaseException:
@@ -383,25 +461,91 @@ class BackgroundEngine:
         return said
 
     def _read(self, method: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """A read (``get``, ``runs``, ``stats``...): on the loop while it runs, directly once it has ended.
+        """A read (``get``, ``runs``, ``stats``...): on the engine's loop while it runs, directly once stopped.
 
         After a clean :meth:`stop` the loop thread is gone and the engine keeps
-        its records, so what ran can still be looked at; after a crash every
-        call raises :class:`EngineCrashed`.
+        its records, so what ran can still be looked at; once the engine was
+        started again under another facade, the read goes to that one's loop.
+        After a crash every call raises :class:`EngineCrashed`.
         """
-        if self._ended_cleanly():
-            return fn(*args, **kwargs)
-        return self._call(method, fn, *args, changes_=False, **kwargs)
+        with _launch_lock:
+            target = self._target()
+            if target is None:
+                # the engine is stopped, and no start_background() can begin while the lock is held
+                return fn(*args, **kwargs)
+        return _ready(target)._call(method, fn, *args, changes_=False, **kwargs)
 
     async def _aread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if self._ended_cleanly():
-            result = fn(*args, **kwargs)  # here, on the caller's loop: the engine's is gone
+        with _launch_lock:
+            target = self._target()
+            if target is None:
+                result = fn(*args, **kwargs)  # here, on the caller's loop: the engine's is gone
+        if target is None:
             return await result if inspect.isawaitable(result) else result
-        return await self._acall(fn, *args, read_=True, **kwargs)
+        return await (await _aready(target))._acall(fn, *args, read_=True, **kwargs)
 
-    def _ended_cleanly(self) -> bool:
+    def _target(self) -> BackgroundEngine | None:
+        """The facade whose loop a read or a wait goes to, or None while the engine is stopped.
+
+        This one until its loop has ended (a crashed one then refuses with
+        EngineCrashed); after, the one the engine was started under since.
+        Called with ``_launch_lock`` held, so that no launch begins meanwhile.
+        """
         with self._lock:
-            return self._finished and self._crash is None and not self._thread.is_alive()
+            if not self._finished or self._crash is not None or self._thread.is_alive():
+                return self
+        current = _facades.get(id(self.engine))
+        if current is not None and current is not self and current.engine is self.engine:
+            with current._lock:
+                if not current._finished or current._crash is not None:
+                    return current
+        if self.engine.state not in ("new", "stopped"):
+            raise EngineNotRunning(
+                self.engine.state,
+                "this BackgroundEngine was stopped, and the engine was started again on another event loop, "
+                "outside any BackgroundEngine: ask the Engine on that loop (engine.get(run_id), "
+                "await engine.handle(run_id))",
+            )
+        return None
+
+    def _wait_run(self, handle: RunHandle, timeout: float | None) -> RunRecord:
+        left = timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with _launch_lock:
+                target = self._target()
+            if target is not None:
+                budget = None if left is None else left + _SLACK
+                record: RunRecord = _ready(target)._call("wait", handle.wait, left, timeout_=budget, changes_=False)
+                return record
+            # a stopped engine answers at once (the record, or StoppedBeforeDone); waited on a piece at
+            # a time all the same, so that a start meanwhile sends the rest of the wait to its loop
+            piece = _STOPPED_SLICE if left is None else min(left, _STOPPED_SLICE)
+            try:
+                return call_apart(handle.wait, piece)  # type: ignore[no-any-return]
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+            if deadline is not None:
+                left = max(0.0, deadline - time.monotonic())
+
+    async def _await_run(self, handle: RunHandle, timeout: float | None) -> RunRecord:
+        left = timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with _launch_lock:
+                target = self._target()
+            if target is not None:
+                awaited: RunRecord = await (await _aready(target))._acall(handle.wait, left, read_=True)
+                return awaited
+            piece = _STOPPED_SLICE if left is None else min(left, _STOPPED_SLICE)
+            try:
+                return await handle.wait(piece)  # here, on the caller's loop: the engine's is gone
+            except TimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+            if deadline is not None:
+                left = max(0.0, deadline - time.monotonic())
 
     async def _acall(self, fn: Callable[..., Any], *args: Any, read_: bool = False, **kwargs: Any) -> Any:
         call = self._schedule(fn, *args, read_=read_, **kwargs)
@@ -611,7 +755,10 @@ class BackgroundEngine:
         others must reach it.
         """
         if self._on_loop_thread():
-            raise LoopThreadError("dashboard")
+            raise LoopThreadError("dashboard", _DASHBOARD_ON_LOOP)
+        with self._lock:
+            if self._stopping or self._finished:
+                raise self._not_running()  # a server started now would outlive the stop
         info = self._server_info or self.serve()
         argv, attach_env = attach_command(info)
         secret = secrets.token_urlsafe(32)
@@ -628,16 +775,25 @@ class BackgroundEngine:
                 stderr=log_file,
                 env=env,
             )
-            self._dashboards.append(proc)
-            url = _wait_for_url(proc, host, port, ready_timeout, out_file, log_file)
-        try:
-            from IPython.display import IFrame
-        except ImportError:
-            return url
-        return IFrame(url, width="100%", height=640)
+            with self._lock:
+                # a stop that began meanwhile has stopped the dashboards it knew of: not this one
+                ended = self._stopping or self._finished
+                if not ended:
+                    self._dashboards.append(proc)
+            if ended:
+                _end_process(proc)
+                raise self._not_running()
+            try:
+                url = _wait_for_url(proc, host, port, ready_timeout, out_file, log_file)
+            except Exception:
+                if self._stopping:
+                    raise self._not_running() from None  # the stop ended the server as it started
+                raise
+        return _dashboard_view(url)
 
     def _stop_dashboards(self) -> None:
-        procs, self._dashboards = self._dashboards, []
+        with self._lock:
+            procs, self._dashboards = self._dashboards, []
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()  # textual-serve exits gracefully on SIGTERM
@@ -653,17 +809,21 @@ class BackgroundEngine:
     def stop(self, timeout: float | None = None) -> None:
         """Stop the engine (draining up to ``timeout`` s), end its loop and join its thread.
 
-        Idempotent; safe from any thread but the engine's own.
+        Idempotent; safe from any thread but the engine's own (:meth:`astop`
+        from code on another event loop).
         """
         if self._on_loop_thread():
-            raise LoopThreadError("stop")
+            raise LoopThreadError("stop", _STOP_ON_LOOP.format(method="stop"))
+        drain = self.stop_timeout if timeout is None else _seconds("BackgroundEngine.stop()", timeout)
         with self._lock:
             first = not self._stopping
             self._stopping = True
+            if first:
+                self._drain_timeout = drain
+        # every time, not only the first: none may outlive the engine it shows
+        self._stop_dashboards()
         if first:
             _running.discard(self)
-            self._stop_dashboards()
-            self._drain_timeout = self.stop_timeout if timeout is None else timeout
             loop, requested = self._loop, self._stop_requested
             if loop is not None and requested is not None:
                 try:
@@ -671,11 +831,17 @@ class BackgroundEngine:
                 except RuntimeError:
                     pass  # the loop already closed
         # generous: stop drains, then gives cancelled runs their grace, possibly more than once
-        self._thread.join(self._drain_timeout + 3 * self.engine.cancel_grace + _SLACK)
+        self._thread.join(_thread_timeout(self._drain_timeout + 3 * self.engine.cancel_grace + _SLACK))
         if self._thread.is_alive():
             raise TimeoutError("the background engine's thread did not end; a task ignores cancellation")
         if first and self._stop_error is not None:
             raise self._stop_error
+
+    async def astop(self, timeout: float | None = None) -> None:
+        """Awaitable :meth:`stop`, for code on another event loop: that loop goes on while the engine stops."""
+        if self._on_loop_thread():
+            raise LoopThreadError("astop", _STOP_ON_LOOP.format(method="astop"))
+        await asyncio.to_thread(self.stop, timeout)
 
     def _stop_at_exit(self) -> None:
         try:
@@ -703,6 +869,85 @@ class BackgroundEngine:
 
     def __repr__(self) -> str:
         return f"<BackgroundEngine {self.engine.node_id} {self.state}>"
+
+
+#: held while a launch claims an engine, and while a stopped engine is read directly (so that
+#: no launch starts it meanwhile)
+_launch_lock = threading.Lock()
+#: the facade each engine was last started under, by ``id(engine)``: the facade holds its
+#: engine, so the id is that engine's as long as the entry lives
+_facades: weakref.WeakValueDictionary[int, BackgroundEngine] = weakref.WeakValueDictionary()
+
+
+def _ready(target: BackgroundEngine) -> BackgroundEngine:
+    """``target``, once its loop is there to take calls (a facade just launched may not have it yet)."""
+    target._ready.wait(_thread_timeout(target.start_timeout))
+    return target
+
+
+async def _aready(target: BackgroundEngine) -> BackgroundEngine:
+    if not target._ready.is_set():
+        await asyncio.to_thread(target._ready.wait, _thread_timeout(target.start_timeout))
+    return target
+
+
+def _thread_timeout(seconds: float | None) -> float | None:
+    """``seconds`` as threading takes it: longer than it can wait is waiting without a timeout."""
+    return None if seconds is None or seconds >= threading.TIMEOUT_MAX else seconds
+
+
+def _refuse_nan(where: str, **values: Any) -> None:
+    # pydantic would say "should be greater than 0" of a NaN, which reads as nonsense
+    nans = [f"{name}=nan: not a number of seconds" for name, value in values.items() if _is_nan(value)]
+    if nans:
+        raise InvalidConfiguration(where, nans)
+
+
+def _is_nan(value: object) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _seconds(where: str, timeout: float) -> float:
+    _refuse_nan(where, timeout=timeout)
+    checked: float = check_options(WaitOptions, where, timeout=timeout).timeout  # type: ignore[assignment]
+    return checked
+
+
+def _wait_timeout(method: str, timeout: float | None) -> float | None:
+    """A wait's timeout checked: infinity is none, as for an Engine's wait; NaN, negatives,
+    bools and strings are refused with InvalidConfiguration."""
+    if isinstance(timeout, float) and timeout == math.inf:
+        return None
+    where = f"BackgroundRunHandle.{method}()"
+    _refuse_nan(where, timeout=timeout)
+    return check_options(WaitOptions, where, timeout=timeout).timeout
+
+
+def _dashboard_view(url: str) -> Any:
+    """An IPython ``IFrame`` of ``url`` that prints as the URL (or the URL itself, without IPython)."""
+    try:
+        from IPython.display import IFrame
+    except ImportError:
+        return url
+
+    class Dashboard(IFrame):  # type: ignore[misc]
+        def __str__(self) -> str:
+            return str(self.src)
+
+        def __repr__(self) -> str:
+            return f"<taskwatch dashboard {self.src}>"
+
+    return Dashboard(url, width="100%", height=640)
+
+
+def _end_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(_SLACK)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 #: background engines still running, stopped when the interpreter exits (weakly held:

@@ -143,7 +143,15 @@ def _detail(run: RunRecord) -> str:
 
 
 def _counts(stats: EngineStats) -> dict[RunStatus, int]:
-    return {status: stats.by_status.get(status.value, 0) for status in _STATUS_ORDER}
+    # finished runs counted since the start, not those the history still holds: the counts
+    # then add up to the "N submitted" beside them, failures evicted from the history included
+    return {
+        RunStatus.PENDING: stats.by_status.get(RunStatus.PENDING.value, 0),
+        RunStatus.RUNNING: stats.by_status.get(RunStatus.RUNNING.value, 0),
+        RunStatus.SUCCEEDED: stats.succeeded_total,
+        RunStatus.FAILED: stats.failed_total,
+        RunStatus.CANCELLED: stats.cancelled_total,
+    }
 
 
 def _counts_of(runs: Sequence[RunRecord]) -> dict[RunStatus, int]:

@@ -113,12 +113,33 @@ class RunNotRetryable(TaskwatchError):
 class EngineNotRunning(TaskwatchError, RuntimeError):
     """The engine is not started, or is stopping, so it accepts no work."""
 
-    def __init__(self, state: str) -> None:
+    def __init__(self, state: str, message: str | None = None) -> None:
         self.state = state
         super().__init__(
-            f"the engine is {state} and accepts no work; use `async with engine:` "
+            message
+            or f"the engine is {state} and accepts no work; use `async with engine:` "
             "or `await engine.start()` first"
         )
+
+
+class EngineAlreadyRunning(TaskwatchError, RuntimeError):
+    """``start_background()`` on an engine already started (or starting, or stopping)
+    elsewhere: under another ``BackgroundEngine``, or on another event loop. Nothing was started."""
+
+    def __init__(self, state: str, holder: str | None = None) -> None:
+        self.state = state
+        self.holder = holder
+        if holder is not None:
+            said = (
+                f"the engine is already {state} under {holder}; use the `bg` that start_background() "
+                "returned then, or call bg.stop() first"
+            )
+        else:
+            said = (
+                f"the engine is already {state} on another event loop (`await engine.start()` or "
+                "`async with engine:` there); use it on that loop, or stop it there first"
+            )
+        super().__init__(said + "; nothing was started")
 
 
 class StoppedBeforeDone(EngineNotRunning):

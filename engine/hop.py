@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -139,11 +140,26 @@ def call_apart(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     For awaiting what a stopped engine still answers: its loop is gone, and
     this thread may run a loop of its own (a notebook's), where no other can run.
     """
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="taskwatch-apart") as pool:
+    answer: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def run() -> None:
         try:
-            return pool.submit(asyncio.run, _invoke(fn, args, kwargs)).result()
-        except Escaped as escaped:
-            raise escaped.exc from None
+            answer.set_result(asyncio.run(_invoke(fn, args, kwargs)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            answer.set_exception(exc)
+
+    # a daemon thread, not joined when the caller is interrupted (Ctrl-C): the caller gets
+    # its thread back at once, and a call that never ends does not hold the interpreter's exit
+    thread = threading.Thread(target=run, name="taskwatch-apart", daemon=True)
+    thread.start()
+    try:
+        result = answer.result()
+    except Escaped as escaped:
+        raise escaped.exc from None
+    finally:
+        if answer.done():
+            thread.join()  # only its last steps are left
+    return result
 
 
 def _current_loop() -> asyncio.AbstractEventLoop | None:
@@ -182,9 +198,15 @@ def call_blocking(
         return call.future.result(timeout)  # type: ignore[no-any-return]
     except Escaped as escaped:
         raise escaped.exc from None
-    except BaseException:
-        if not call.future.done():
-            call.give_up()  # timed out or interrupted: nobody waits for it any more
+    except BaseException as exc:
+        if call.future.done():
+            raise  # the call's own error
+        call.give_up()  # timed out or interrupted: nobody waits for it any more
+        if isinstance(exc, TimeoutError):
+            raise TimeoutError(
+                f"the engine's event loop did not answer within {timeout:g} s: it is busy or blocked "
+                "(a task running blocking code on it?)"
+            ) from None
         raise
 
 

@@ -118,6 +118,22 @@ class WorkerOptions(_Options):
         return self
 
 
+# strict as well: a str such as "5" is refused, not read as 5 seconds
+StrictSeconds = Annotated[float, BeforeValidator(_not_bool), Field(ge=0, allow_inf_nan=False, strict=True)]
+StrictPositiveSeconds = Annotated[float, BeforeValidator(_not_bool), Field(gt=0, allow_inf_nan=False, strict=True)]
+
+
+class BackgroundOptions(_Options):
+    call_timeout: StrictPositiveSeconds | None
+    # 0 is a stop that drains nothing, as bg.stop(timeout=0) is
+    stop_timeout: StrictSeconds
+    start_timeout: StrictPositiveSeconds
+
+
+class WaitOptions(_Options):
+    timeout: StrictSeconds | None
+
+
 M = TypeVar("M", bound=_Options)
 
 

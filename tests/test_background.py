@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import math
 import re
 import signal
 import socket
@@ -25,6 +26,7 @@ from taskwatch.engine import (
     BackgroundEngine,
     Engine,
     EngineNotRunning,
+    InvalidConfiguration,
     InvalidParams,
     LoopThreadError,
     RunList,
@@ -32,8 +34,12 @@ from taskwatch.engine import (
     RunNotFound,
     RunStatus,
     StoppedBeforeDone,
+    TaskwatchError,
     UnknownTask,
 )
+from taskwatch.engine.display import on_engine_thread
+from taskwatch.engine.hop import call_apart
+from taskwatch.engine.errors import EngineAlreadyRunning
 
 
 class EmbedParams(BaseModel):
@@ -289,6 +295,7 @@ def test_dashboard_serves_http_until_stopped(tmp_path: Path) -> None:
         url = getattr(frame, "src", frame)
         # a per-launch secret in the path: nothing is served without it
         assert re.fullmatch(rf"http://127\.0\.0\.1:{port}/[\w-]{{43}}/", url), url
+        assert str(frame) == url  # print(bg.dashboard()) in a script shows where to go
 
         def answers() -> bool:
             try:
@@ -519,3 +526,266 @@ def test_reads_answer_while_a_stop_drains_and_new_work_is_refused() -> None:
         asyncio.run_coroutine_threadsafe(engine.cancel(handle.id), loop).result(10)
         stopping.join(30)
     assert not stopping.is_alive() and bg.get(handle.id).status is RunStatus.CANCELLED
+
+
+# ---------------------------------------------------------------- started again, and started twice
+
+
+def gated_engine(db: Path, released: threading.Event) -> Engine:
+    engine = Engine(store=f"sqlite:///{db}", health_interval=None, cancel_grace=1.0)
+
+    @engine.task(concurrency=1)
+    async def gated(ctx: Any) -> str:
+        # the work itself: it goes on once the test lets it, one run at a time
+        while not released.is_set():
+            await asyncio.sleep(0.01)
+        return "ok"
+
+    return engine
+
+
+def test_a_handle_from_an_earlier_start_answers_once_the_engine_runs_again(tmp_path: Path) -> None:
+    released = threading.Event()
+    engine = gated_engine(tmp_path / "runs.db", released)
+    old = engine.start_background()
+    first = old.submit("gated")
+    wait_until(lambda: first.status is RunStatus.RUNNING)
+    left = old.submit("gated")  # behind the first (the task runs one at a time)
+    old.stop(timeout=0)
+    assert left.status is RunStatus.PENDING  # kept in the store for the next start
+    released.set()
+
+    bg = engine.start_background()
+    try:
+        # a blocking wait without a timeout, from another thread: it must end with the run
+        waited: list[Any] = []
+        waiter = threading.Thread(target=lambda: waited.append(left.wait()), daemon=True)
+        waiter.start()
+        waiter.join(15)
+        assert not waiter.is_alive(), "the old handle's wait() never returned"
+        assert waited[0].status is RunStatus.SUCCEEDED
+        assert asyncio.run(left.finished(5)).status is RunStatus.SUCCEEDED
+        assert left.wait(math.inf).status is RunStatus.SUCCEEDED
+        assert left.done and old.get(left.id).status is RunStatus.SUCCEEDED
+        assert first.id in {r.id for r in old.runs(status="succeeded")}
+        # actions stay refused on the old facade, which says where the engine runs now
+        with pytest.raises(EngineNotRunning, match="another BackgroundEngine") as refused:
+            old.submit("gated")
+        assert "async with" not in str(refused.value)
+    finally:
+        bg.stop(timeout=5)
+
+
+def test_the_old_facades_reads_go_through_the_engines_loop_once_it_runs_again() -> None:
+    engine = build_engine()
+    old = engine.start_background()
+    handle = old.submit("embed_batch", GOOD)
+    handle.wait(timeout=10)
+    old.stop(timeout=5)
+    bg = engine.start_background(call_timeout=0.2)
+    try:
+        release = hold_loop(bg)
+        try:
+            # read from this thread while the engine's loop holds the engine, they would race it
+            with pytest.raises(TimeoutError, match=r"did not take up get\(\)"):
+                old.get(handle.id)
+            with pytest.raises(TimeoutError, match=r"did not take up stats\(\)"):
+                old.stats()
+        finally:
+            release.set()
+        assert old.get(handle.id).status is RunStatus.SUCCEEDED
+        assert old.stats().state == "running"
+    finally:
+        bg.stop(timeout=5)
+    # both stopped: the reads answer from the stopped engine's records again
+    assert old.get(handle.id).status is RunStatus.SUCCEEDED
+    assert handle.wait(1).status is RunStatus.SUCCEEDED
+
+
+def test_starting_a_running_engine_again_is_refused_with_what_to_do() -> None:
+    engine = build_engine()
+    bg = engine.start_background()
+    try:
+        with pytest.raises(EngineAlreadyRunning, match=r"use the `bg`.*bg\.stop\(\) first") as refused:
+            engine.start_background()
+        assert isinstance(refused.value, TaskwatchError)
+        assert bg.submit("embed_batch", GOOD).wait(timeout=10).status is RunStatus.SUCCEEDED
+    finally:
+        bg.stop(timeout=5)
+    again = engine.start_background()  # stopped: it may be started again
+    again.stop(timeout=5)
+
+    async def on_a_loop_of_its_own() -> None:
+        async with engine:
+            with pytest.raises(EngineAlreadyRunning, match="another event loop"):
+                await asyncio.to_thread(engine.start_background)
+
+    asyncio.run(on_a_loop_of_its_own())
+
+
+def test_start_background_from_two_threads_at_once_starts_the_engine_once() -> None:
+    for _ in range(10):
+        before = taskwatch_threads()
+        engine = build_engine()
+        barrier = threading.Barrier(2)
+        got: list[Any] = []
+
+        def start() -> None:
+            barrier.wait()
+            try:
+                got.append(engine.start_background())
+            except EngineAlreadyRunning as exc:
+                got.append(exc)
+
+        threads = [threading.Thread(target=start) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        started = [g for g in got if isinstance(g, BackgroundEngine)]
+        assert len(started) == 1 and len(got) == 2, got
+        assert started[0].loop is engine.loop
+        started[0].stop(timeout=5)
+        assert taskwatch_threads() <= before
+
+
+def test_a_start_that_timed_out_leaves_no_engine_running() -> None:
+    before = taskwatch_threads()
+    for _ in range(20):
+        engine = build_engine()
+        try:
+            bg = engine.start_background(start_timeout=1e-4)
+        except TimeoutError:
+            assert engine.state in ("new", "stopped")
+            assert taskwatch_threads() <= before
+            engine.start_background().stop(timeout=5)  # and it can be started for real
+        else:
+            bg.stop(timeout=5)
+    assert taskwatch_threads() <= before
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"call_timeout": -1},
+        {"call_timeout": 0},
+        {"call_timeout": "5"},
+        {"call_timeout": math.nan},
+        {"stop_timeout": -5},
+        {"stop_timeout": True},
+        {"start_timeout": 0},
+        {"start_timeout": math.inf},
+    ],
+)
+def test_nonsense_facade_options_are_refused_and_start_nothing(options: dict[str, Any]) -> None:
+    before = taskwatch_threads()
+    engine = build_engine()
+    (name,) = options
+    with pytest.raises(InvalidConfiguration, match=rf"start_background\(\).*{name}="):
+        engine.start_background(**options)
+    assert engine.state == "new" and taskwatch_threads() <= before
+
+
+def test_wait_takes_an_infinite_timeout_and_refuses_nonsense_ones(bg: BackgroundEngine) -> None:
+    handle = bg.submit("embed_batch", GOOD)
+    assert handle.wait(timeout=math.inf).status is RunStatus.SUCCEEDED
+    assert asyncio.run(handle.finished(math.inf)).status is RunStatus.SUCCEEDED
+    for bad in (math.nan, -1, True, "5"):
+        with pytest.raises(InvalidConfiguration, match="timeout="):
+            handle.wait(timeout=bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidConfiguration, match="timeout="):
+            asyncio.run(handle.finished(bad))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- stopping, dashboards, display
+
+
+def test_a_dashboard_of_a_stopped_engine_is_refused_and_starts_no_server(tmp_path: Path) -> None:
+    bg = build_engine().start_background()
+    bg.serve(str(tmp_path / "c.sock"), announce=False)
+    bg.stop(timeout=5)
+    with pytest.raises(EngineNotRunning, match="stopped") as refused:
+        bg.dashboard(port=0, ready_timeout=15)
+    assert "async with" not in str(refused.value)
+    assert bg._dashboards == []
+
+
+async def test_astop_stops_without_freezing_the_callers_loop() -> None:
+    bg = build_engine().start_background()
+    handle = await bg.asubmit("forever")
+    while (await bg.aget(handle.id)).status is not RunStatus.RUNNING:
+        await asyncio.sleep(0.005)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    ticking = asyncio.create_task(ticker())
+    await bg.astop(timeout=0.2)  # the run ignores nothing, but the stop gives it its grace
+    ticking.cancel()
+    assert ticks > 0 and not bg.running and not bg.thread.is_alive()
+    assert (await bg.aget(handle.id)).cancel_reason == "shutdown"
+
+
+def test_stop_and_dashboard_on_the_engines_loop_say_what_to_do(bg: BackgroundEngine) -> None:
+    with pytest.raises(LoopThreadError, match=r"astop\(\)") as stop:
+        bg.call(lambda engine: bg.stop())
+    with pytest.raises(LoopThreadError, match="another thread") as dashboard:
+        bg.call(lambda engine: bg.dashboard(port=0))
+    assert "variant" not in str(stop.value) and "variant" not in str(dashboard.value)
+
+
+def test_a_blocked_loop_makes_the_display_say_so(bg: BackgroundEngine) -> None:
+    release = hold_loop(bg)
+    try:
+        with pytest.raises(TimeoutError, match=r"event loop did not answer within 0\.2 s"):
+            on_engine_thread(bg.engine, lambda engine: engine.stats(), timeout=0.2)
+    finally:
+        release.set()
+    assert on_engine_thread(bg.engine, lambda engine: engine.stats().state) == "running"
+
+
+def test_the_html_counts_include_runs_evicted_from_the_history() -> None:
+    engine = build_engine()
+    engine.history = 3
+    bg = engine.start_background()
+    try:
+        for _ in range(2):
+            bg.submit("boom").wait(timeout=10)
+        for _ in range(10):
+            bg.submit("embed_batch", GOOD).wait(timeout=10)
+        html = bg._repr_html_()
+    finally:
+        bg.stop(timeout=5)
+    assert "12 submitted" in html
+    assert 'data-status="succeeded" data-count="10"' in html
+    assert 'data-status="failed" data-count="2"' in html
+
+
+def test_ctrl_c_during_a_wait_on_a_loop_apart_frees_the_caller_at_once() -> None:
+    # what a wait on a stopped engine runs on: Ctrl-C must not then wait for that loop to end
+    entered, release = threading.Event(), threading.Event()
+
+    async def stuck() -> None:
+        entered.set()
+        await asyncio.to_thread(release.wait, 30)
+
+    def interrupt() -> None:
+        assert entered.wait(5)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt)
+    interrupter.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            call_apart(stuck)
+        took = time.monotonic() - started
+    finally:
+        release.set()
+        interrupter.join()
+    assert took < 5
+    wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("taskwatch-apart")])
