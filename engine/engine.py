@@ -46,6 +46,7 @@ from .events import (
     EngineStarted,
     EngineStopped,
     EngineStopping,
+    NodeSuperseded,
 )
 from .execution import Execution
 from .handle import RunHandle
@@ -274,6 +275,7 @@ class Engine:
         )
         self._index.set_evicted(self._run.evicted, self._run.prune_every)
         self._executor = self._run.executor
+        self._executor.on_superseded = self._superseded
         #: the memory store, whose operations the hot path calls without coroutines; None for a durable store
         self._memory = self._run.memory
         self._durable = self._run.durable
@@ -1655,6 +1657,23 @@ class Engine:
         """CPU and RSS of the last health sample, written to the nodes table with each heartbeat."""
         sample = self._health.last
         return (None, None) if sample is None else (sample.cpu_percent, sample.rss_bytes)
+
+    def _superseded(self, tokens: Collection[str]) -> None:
+        """A later process registered under this node's id: the store counts this incarnation
+        gone, and every node recovers what it claims at once. The executor claims no more and
+        gives up ``tokens``; leading on would make two leaders of one id. Loud, since only the
+        operator can end it (this process does not stop by itself)."""
+        held = set(tokens)
+        stopped = [run.id for run in self._index.runs.values() if run.token is not None and run.token in held]
+        self._leader.suspend()
+        dropped = f"; it stopped the {len(stopped)} run(s) it was executing, which other nodes take over" if stopped else ""
+        log.error(
+            "node %s: a newer process started with the same node_id and replaced this process's incarnation "
+            "(%s) in %s. This process (pid %d) no longer claims runs or leads%s. Stop this process, or give "
+            "each process its own node_id",
+            self.node_id, self.incarnation, self._store.describe(), os.getpid(), dropped,
+        )  # fmt: skip
+        self.bus.emit(NodeSuperseded, store=self._store.describe(), incarnation=self.incarnation, stopped=stopped)
 
     def _claim_limits(self) -> dict[str, int | None]:
         """Every task this node can execute, with its concurrency limit (kept as tasks register)."""

@@ -349,6 +349,22 @@ class StoreReachable(BaseEvent):
     seconds: float = Field(description="how long it was cut off")
 
 
+class NodeSuperseded(BaseEvent):
+    """A later process started under this node's id, and the store counts this one gone.
+
+    Published once, by the process replaced (one that was paused while a
+    restart took its place, or a second process given the same ``node_id``),
+    when a heartbeat tells it. It claims no more runs, stops those it was
+    executing (``stopped``: the other nodes recover them) and gives up
+    leadership, but keeps running: stop it, or give each process its own id.
+    """
+
+    kind: Literal["node.superseded"] = "node.superseded"
+    store: str
+    incarnation: str = Field(description="this process's incarnation, which the later start replaced")
+    stopped: list[str] = Field(default_factory=list)
+
+
 # ---------------------------------------------------------------- health
 
 
@@ -400,6 +416,7 @@ Event = Annotated[
     | LeaseReleased
     | StoreUnreachable
     | StoreReachable
+    | NodeSuperseded
     | HealthSample,
     Field(discriminator="kind"),
 ]

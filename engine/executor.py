@@ -20,6 +20,13 @@ It owns three loops, each cancelled and awaited by :meth:`Executor.stop`:
   engine (which gives up leadership), and keeps looking for the store;
   the first heartbeat that goes through again ends it.
 
+A node heartbeat may also tell that a later process started under this node's id
+(a restart of a process that was only paused): the others recover this
+incarnation's claims at once, so it stops claiming for good, gives up what it
+holds and tells the engine (which gives up leadership and says so). While its
+own registration has lapsed (a pause, say) a node claims nothing until a
+heartbeat has gone through: the others may count it gone by then.
+
 What a claim means for a run (events, the run index, waiters) is the
 engine's: the executor calls back into it through the functions it was given.
 """
@@ -102,6 +109,11 @@ class Executor:
         self._caps: dict[str, int] = {}
         self._cut_off = cut_off
         self._reconnected = reconnected
+        #: called once when a later start of this node id replaced this incarnation, with the
+        #: claim tokens this node still held (it gives them up right after)
+        self.on_superseded: Callable[[Sequence[str]], None] | None = None
+        #: a later start of this node id replaced this incarnation: it claims nothing any more
+        self._superseded = False
         self._ttl = store.lease_ttl
         #: claim token -> when (time.monotonic()) its lease, as last written, runs out
         self._until: dict[str, float] = {}
@@ -129,6 +141,7 @@ class Executor:
         self._until.clear()
         self._renewed_at = time.monotonic()  # the start just registered this node
         self._cut_since = None
+        self._superseded = False  # a start registers a new incarnation
         self._loops = [
             loop.create_task(self._claim_loop(), name="taskwatch-executor-claim"),
             loop.create_task(self._heartbeat_loop(), name="taskwatch-executor-heartbeat"),
@@ -149,9 +162,15 @@ class Executor:
         return self._cut_since is not None
 
     @property
+    def superseded(self) -> bool:
+        """True once the store said a later start of this node id replaced this incarnation."""
+        return self._superseded
+
+    @property
     def claiming(self) -> bool:
-        """False once the engine began to stop: runs claimed after that are handed back."""
-        return self._claiming
+        """False once the engine began to stop, or this incarnation was replaced: runs claimed
+        after that are handed back."""
+        return self._claiming and not self._superseded
 
     def stop_claiming(self) -> None:
         """Take no new runs from now on (runs already executing carry on)."""
@@ -244,7 +263,12 @@ class Executor:
     def room(self) -> tuple[int, Mapping[str, int | None]]:
         """Free slots in all, and per task this node can run (None: no limit of its own)."""
         free = self.max_concurrency - self.running
-        if free <= 0 or not self._claiming or self._cut_since is not None:
+        if free <= 0 or not self._claiming or self._cut_since is not None or self._superseded:
+            return 0, _NONE
+        if self._shared and time.monotonic() >= self._renewed_at + self._ttl:
+            # no heartbeat went through for a whole lease (this process was paused, say): the
+            # others may count it gone, or a later start of its node id may have replaced it.
+            # Claims wait for the heartbeat that tells (it wakes the claim loop)
             return 0, _NONE
         limits = self._limits()
         if limits is not self._seen_limits:
@@ -349,9 +373,23 @@ class Executor:
             if result.busy:
                 renewed = {t: p for t, p in claims.items() if t not in result.busy}
         cpu, rss = self._node_load() if self._node_load is not None else (None, None)
-        await self.store.node_heartbeat(self.incarnation, self.running, cpu_percent=cpu, rss_bytes=rss)
+        replaced = await self.store.node_heartbeat(self.incarnation, self.running, cpu_percent=cpu, rss_bytes=rss)
+        if replaced and not self._superseded:
+            self._supersede(lost)
         if self._shared:
             self._renewed(sent, renewed, lost)
+
+    def _supersede(self, lost: Sequence[str]) -> None:
+        """A later start of this node id registered: every node (this one too) counts this
+        incarnation gone and recovers its claims at once, so taking more would only run them
+        twice. Stop claiming for good and give up what it holds (their late finishes are
+        refused by their claim tokens)."""
+        self._superseded = True
+        held = [token for token in self._claims() if token not in lost]  # those are being stopped already
+        if self.on_superseded is not None:
+            self.on_superseded(held)
+        for token in held:
+            self._claim_lost(token)
 
     def _renewed(self, sent: float, renewed: Mapping[str, object], lost: Sequence[str]) -> None:
         """A heartbeat sent at ``sent`` went through: its claims hold until then + ttl."""
@@ -365,13 +403,20 @@ class Executor:
         held = self._claims()
         for token in [t for t in until_of if t not in held]:
             del until_of[token]  # finished or handed back since
+        now = time.monotonic()
+        lapsed = now >= self._renewed_at + self._ttl
         if sent > self._renewed_at:
             self._renewed_at = sent
+        if lapsed and now < self._renewed_at + self._ttl:
+            self._wake.set()  # heard of again: room() lets the claim loop claim once more
         cut_since = self._cut_since
-        now = time.monotonic()
         if cut_since is not None and now < self._renewed_at + self._ttl:
             # a fresh heartbeat: the store answers again
             self._cut_since = None
+            if self._superseded:
+                # it claims and leads no more all the same: no "claiming again" to say
+                log.warning("node %s reaches its store again; its incarnation was replaced, so it stays out", self.node)
+                return
             log.warning("node %s reaches its store again after %.1f s; claiming again", self.node, now - cut_since)
             if self._reconnected is not None:
                 self._reconnected(now - cut_since)

@@ -34,6 +34,11 @@ at once, so the test can act on what the process has really done:
 ``{"ev": "store.unreachable", "stopped": [...]}``, ``{"ev": "store.reachable"}``
     The node stepped down because it could not reach its store (the runs
     it stopped), and came back.
+``{"ev": "node.superseded", "incarnation": ..., "stopped": [...]}``
+    A later process started with this node's id: this one stepped down (the
+    runs it stopped).
+``{"ev": "log", "level": "ERROR", "logger": ..., "message": ...}``
+    (``--errors``) an ERROR record of a ``taskwatch`` logger (also written to stderr).
 ``{"ev": "interrupted", "id": ..., "attempt": ...}``
     A ``work`` run was cancelled in the middle of its sleep.
 ``{"ev": "cluster", "node": ..., "kind": ...}``
@@ -88,6 +93,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import random
 import signal
@@ -125,7 +131,19 @@ class ExecLog:
             os.fsync(self.fd)
 
 
+class ErrorLines(logging.Handler):
+    """ERROR records as lines on stdout, so a test can check what an operator is told."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        emit(ev="log", level=record.levelname, logger=record.name, message=record.getMessage(), t=time.time())
+
+
 def build(args: argparse.Namespace) -> Engine:
+    if args.errors:
+        taskwatch_log = logging.getLogger("taskwatch")
+        # a handler of its own would silence the default one on stderr: kept there too
+        taskwatch_log.addHandler(logging.StreamHandler())
+        taskwatch_log.addHandler(ErrorLines(logging.ERROR))
     engine = Engine(
         store=args.db if "://" in args.db else f"sqlite:///{os.path.abspath(args.db)}",
         node_id=args.node,
@@ -238,6 +256,11 @@ def build(args: argparse.Namespace) -> Engine:
 
     engine.bus.add_callback(store_state, ["store.unreachable", "store.reachable"])
 
+    def superseded(event: Any) -> None:
+        emit(ev=event.kind, incarnation=event.incarnation, stopped=event.stopped, t=time.time())
+
+    engine.bus.add_callback(superseded, ["node.superseded"])
+
     heard: set[str] = set()
 
     def from_the_cluster(event: Any) -> None:
@@ -313,6 +336,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--events", default=None, help="relay the engine's events (events=..., e.g. postgres)")
     p.add_argument("--health", type=float, default=None, help="sample the engine's health every SECONDS")
     p.add_argument("--steps", type=int, default=400, help="progress reports of one 'steps' run")
+    p.add_argument("--errors", action="store_true", help="print ERROR log records of taskwatch as lines")
     sub = p.add_subparsers(dest="mode", required=True)
     run = sub.add_parser("run")
     run.add_argument("--submit", default=None, help="task to submit --count runs of, in one submit_many")

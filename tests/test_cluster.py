@@ -631,3 +631,43 @@ async def test_a_cancel_from_another_node_leaves_the_record_the_store_has(postgr
         with pytest.raises(RunNotCancellable):
             await asker.cancel(done.id)
         assert asker.get(done.id).status.value == "succeeded" and asker.get(done.id).result == "done"
+
+
+def test_a_paused_node_replaced_by_a_restart_under_its_id_steps_down_when_resumed(
+    postgres_server: PostgresServer, postgres_url: str, tmp_path: Path, nodes: list[Child]
+) -> None:
+    # node-b hangs (SIGSTOP) and is restarted under the same node id; then the hung process comes
+    # back to life. The store counts its incarnation gone, so whatever it claimed would be taken
+    # over at once and run twice: it must notice, claim nothing more, and say so
+    runs = 40
+    log = tmp_path / "exec.log"
+    common = ("--quiet", "--sleep", "0.3", "--max-concurrency", "4", "--lease-ttl", "1", "--poll", "0.1")
+    old = start(nodes, postgres_url, "node-b", log, *common, "--errors", "run")
+    old.event("started")
+    os.kill(old.proc.pid, signal.SIGSTOP)
+    try:
+        new = start(nodes, postgres_url, "node-b", log, *common, "run")
+        new.event("started")
+    finally:
+        os.kill(old.proc.pid, signal.SIGCONT)
+    a = start(nodes, postgres_url, "node-a", log, *common, "run", "--submit", "work", "--count", str(runs),
+              "--until-drained", "--expect", str(runs))  # fmt: skip
+    a.event("stopped", timeout=60)
+
+    lines = executions(log)
+    per_run = Counter(line["run"] for line in lines)
+    assert len(per_run) == runs
+    assert set(per_run.values()) == {1}, {r: n for r, n in per_run.items() if n > 1}
+    assert old.proc.pid not in {line["pid"] for line in lines}
+    assert by_status(postgres_server, postgres_url) == {"succeeded": runs}
+    assert postgres_server.sql("SELECT COUNT(*) FROM runs WHERE attempt <> 1", database(postgres_url)) == "0"
+    # the old process announced it, told the operator what to do, and lives on until stopped
+    assert old.of("node.superseded") and not new.of("node.superseded")
+    told = [line["message"] for line in old.of("log") if "same node_id" in line["message"]]
+    assert told and "no longer claims" in told[0], old.of("log")
+    assert old.proc.poll() is None
+    for child in (old, new):
+        assert child.proc.stdin is not None
+        child.proc.stdin.close()
+    for child in (old, new):
+        child.event("stopped", timeout=30)

@@ -480,6 +480,35 @@ async def test_nodes_table(store: Store, clock: FakeClock) -> None:
     assert n2.stopped_at == clock.now and (n2.cpu_percent, n2.rss_bytes) == (None, None)
 
 
+async def test_a_node_heartbeat_tells_an_incarnation_that_a_later_start_of_its_node_replaced_it(
+    store: Store, clock: FakeClock
+) -> None:
+    await store.register_node("web", "paused", "1.0")
+    await store.register_node("batch", "other", "1.0")
+    assert await store.node_heartbeat("paused", running=2) is False
+    clock.advance(1)
+    await store.register_node("web", "restarted", "1.0")  # the same node id started again
+    assert await store.node_heartbeat("paused", running=2) is True
+    assert await store.node_heartbeat("restarted", running=0) is False
+    assert await store.node_heartbeat("other", running=0) is False  # another node id: not replaced
+    assert await store.node_heartbeat("unknown", running=0) is False
+    # still replaced after the newer one stopped: the others count the paused one gone all the same
+    await store.node_stopped("restarted")
+    assert await store.node_heartbeat("paused", running=2) is True
+    # the heartbeat was written all the same (the row shows the process is there)
+    (paused,) = [n for n in await store.nodes() if n.incarnation == "paused"]
+    assert paused.last_heartbeat == clock.now and paused.running == 2
+
+
+async def test_of_two_starts_of_a_node_in_the_same_instant_the_later_registered_replaces_the_other(
+    store: Store, clock: FakeClock
+) -> None:
+    await store.register_node("web", "first", "1.0")
+    await store.register_node("web", "second", "1.0")  # same clock reading
+    assert await store.node_heartbeat("first", running=0) is True
+    assert await store.node_heartbeat("second", running=0) is False
+
+
 async def test_dead_incarnations_are_pruned_and_their_runs_still_recovered(store: Store, clock: FakeClock) -> None:
     await store.register_node("web", "stopped-early", "1.0")
     await store.node_stopped("stopped-early")

@@ -63,6 +63,7 @@ KIND_STYLES: dict[str, str] = {
     "lease.lost": "bold red",
     "store.unreachable": "bold red",
     "store.reachable": "green",
+    "node.superseded": "bold red",
 }
 
 _BASE_FIELDS = frozenset({"seq", "ts", "node", "kind"})

@@ -358,8 +358,14 @@ class Store(ABC):
     @abstractmethod
     async def node_heartbeat(
         self, incarnation: str, running: int, *, cpu_percent: float | None = None, rss_bytes: int | None = None
-    ) -> None:
-        """Tell the others this incarnation is alive, how many runs it holds and its load."""
+    ) -> bool:
+        """Tell the others this incarnation is alive, how many runs it holds and its load.
+
+        Returns True when a later start of the same node id has registered since
+        (see :func:`gone_incarnations`): every other node counts this incarnation
+        gone and recovers whatever it claims at once, so its process must stop
+        acting as that node. False for an incarnation without a row.
+        """
 
     @abstractmethod
     async def node_stopped(self, incarnation: str) -> None:

@@ -716,12 +716,23 @@ class MemoryStore(Store):
 
     async def node_heartbeat(
         self, incarnation: str, running: int, *, cpu_percent: float | None = None, rss_bytes: int | None = None
-    ) -> None:
+    ) -> bool:
         info = self._nodes.get(incarnation)
-        if info is not None:
-            update = {"last_heartbeat": self.clock(), "running": running, "cpu_percent": cpu_percent,
-                      "rss_bytes": rss_bytes}  # fmt: skip
-            self._nodes[incarnation] = info.model_copy(update=update)
+        if info is None:
+            return False
+        update = {"last_heartbeat": self.clock(), "running": running, "cpu_percent": cpu_percent,
+                  "rss_bytes": rss_bytes}  # fmt: skip
+        self._nodes[incarnation] = info.model_copy(update=update)
+        # the rows are in registration order, which breaks ties of started_at (as in gone_incarnations)
+        after = False
+        for other in self._nodes.values():
+            if other.incarnation == incarnation:
+                after = True
+            elif other.node == info.node and (
+                other.started_at > info.started_at or (other.started_at == info.started_at and after)
+            ):
+                return True
+        return False
 
     async def node_stopped(self, incarnation: str) -> None:
         info = self._nodes.get(incarnation)

@@ -1243,10 +1243,10 @@ class PostgresStore(Store):
 
     async def node_heartbeat(
         self, incarnation: str, running: int, *, cpu_percent: float | None = None, rss_bytes: int | None = None
-    ) -> None:
+    ) -> bool:
         values = {"incarnation": incarnation, "running": running, "now": self.clock(),
                   "cpu_percent": cpu_percent, "rss_bytes": rss_bytes}  # fmt: skip
-        await self._run(self._exec, Q.NODE_HEARTBEAT, values, single=True)
+        return bool(await self._run(self._fetchval, Q.NODE_HEARTBEAT, values, single=True))
 
     async def node_stopped(self, incarnation: str) -> None:
         await self._run(self._exec, Q.NODE_STOPPED, {"incarnation": incarnation, "now": self.clock()}, single=True)

@@ -353,9 +353,16 @@ GET_NODE = f"SELECT {NODE_COLUMNS} FROM nodes WHERE incarnation = :incarnation"
 
 ALL_NODES = f"SELECT {NODE_COLUMNS} FROM nodes ORDER BY registered_seq"
 
+#: also whether a later start of the node id registered since (the newest by ``started_at``,
+#: registration order breaking ties, as ``gone_incarnations`` decides): the others then count
+#: this incarnation gone, and it must stop claiming
 NODE_HEARTBEAT = """
 UPDATE nodes SET last_heartbeat = :now, running = :running, cpu_percent = :cpu_percent, rss_bytes = :rss_bytes
-WHERE incarnation = :incarnation"""
+WHERE incarnation = :incarnation
+RETURNING EXISTS (SELECT 1 FROM nodes AS later
+                  WHERE later.node = nodes.node AND later.incarnation <> nodes.incarnation
+                    AND (later.started_at > nodes.started_at
+                         OR (later.started_at = nodes.started_at AND later.registered_seq > nodes.registered_seq)))"""
 
 NODE_STOPPED = "UPDATE nodes SET stopped_at = :now, running = 0 WHERE incarnation = :incarnation"
 

@@ -809,10 +809,15 @@ class SqliteStore(Store):
 
     async def node_heartbeat(
         self, incarnation: str, running: int, *, cpu_percent: float | None = None, rss_bytes: int | None = None
-    ) -> None:
+    ) -> bool:
         args = {"incarnation": incarnation, "running": running, "now": self.clock(),
                 "cpu_percent": cpu_percent, "rss_bytes": rss_bytes}  # fmt: skip
-        await self._call(self._exec, Q.NODE_HEARTBEAT, args)
+        return await self._call(self._node_heartbeat, args)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _node_heartbeat(tx: _Tx, args: dict[str, Any]) -> bool:
+        row = tx.cur.execute(Q.NODE_HEARTBEAT, args).fetchone()
+        return row is not None and bool(row[0])
 
     async def node_stopped(self, incarnation: str) -> None:
         await self._call(self._exec, Q.NODE_STOPPED, {"incarnation": incarnation, "now": self.clock()})
