@@ -236,9 +236,11 @@ async def test_filter_runs_by_status_and_task() -> None:
 
 
 def test_run_filter_syntax() -> None:
-    assert parse_run_filter("status:failed,running embed") == ({"failed", "running"}, "embed")
-    assert parse_run_filter("failed task:send") == ({"failed"}, "send")
-    assert parse_run_filter("") == (None, "")
+    assert parse_run_filter("status:failed,running embed") == ({"failed", "running"}, "embed", None)
+    # task: names tasks exactly, apart from the free text (which also matches run ids)
+    assert parse_run_filter("failed task:send") == ({"failed"}, "", {"send"})
+    assert parse_run_filter("t:send,embed_batch x") == (None, "x", {"send", "embed_batch"})
+    assert parse_run_filter("") == (None, "", None)
 
 
 async def test_pause_and_resume_a_periodic_task() -> None:

@@ -7,6 +7,7 @@ Every test drives the real app with Pilot on a live engine (or a real remote con
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn
@@ -360,6 +361,47 @@ async def test_cancel_without_confirmation_when_the_setting_says_so() -> None:
 
 
 
+async def test_the_runs_filter_task_names_a_task_exactly_not_part_of_a_name_or_id() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        ok = await (await engine.submit("embed_batch", {"user_id": "u", "contents": []})).wait(2)
+        bad = await (await engine.submit("explode")).wait(2)
+        await eventually(lambda: {ok.id, bad.id} <= set(table(app).shown_keys))
+        await pilot.press("slash", *"task:explode", "enter")
+        await eventually(lambda: table(app).shown_keys == [bad.id])
+        box = app.main.query_one("#runs-filter", Input)
+        box.value = "task:expl"  # part of a name is not the name
+        await eventually(lambda: table(app).shown_keys == [])
+        box.value = "task:explode,embed_batch status:succeeded"
+        await eventually(lambda: table(app).shown_keys == [ok.id])
+        box.value = "expl"  # free text still matches part of a name
+        await eventually(lambda: table(app).shown_keys == [bad.id])
+
+
+async def test_c_on_a_finished_run_says_at_once_that_it_finished_without_asking() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        done = await (await engine.submit("embed_batch", {"user_id": "u", "contents": []})).wait(2)
+        await eventually(lambda: shown_status(app, done.id) == "succeeded")
+        table(app).select_run(done.id)
+        await pilot.press("c")
+        await eventually(lambda: any(f"run {done.id} is already succeeded" in n for n in notes(app)))
+        assert app.screen is app.main  # no "Cancel run …?" dialog first
+
+
+async def test_an_events_filter_no_event_kind_matches_is_pointed_out() -> None:
+    engine = make_engine()
+    async with dashboard(engine) as (app, pilot):
+        await pilot.press("5", "slash", *"run.failed run.", "enter")
+        assert app.main.query_one("#events-filter", Input).value == "run.failed run."
+        await pilot.pause()
+        assert not [n for n in notes(app) if "event kind" in n]  # known kinds: no warning
+        box = app.main.query_one("#events-filter", Input)
+        box.value = ""
+        await pilot.press("slash", *"run.faild", "enter")
+        await eventually(lambda: any("no event kind matches run.faild (run.failed?)" in n for n in notes(app)))
+
+
 # ---------------------------------------------------------------- what the header says
 
 
@@ -529,6 +571,21 @@ async def test_at_80_columns_the_runs_table_has_the_width_and_enter_opens_the_de
         # wide again: the detail is back beside the table
         await pilot.resize_terminal(*LARGE)
         await eventually(lambda: detail.region.area > 0 and table(app).region.area > 0)
+
+
+async def test_at_80_columns_beside_a_scrollbar_the_started_time_shows_its_seconds() -> None:
+    engine = make_engine()
+    async with dashboard(engine, size=SMALL) as (app, pilot):
+        for _ in range(30):  # more rows than fit: the table gets a vertical scrollbar
+            await (await engine.submit("explode")).wait(2)
+        newest = engine.runs(limit=1)[0]
+        await eventually(lambda: table(app).shown_keys[:1] == [newest.id] and len(table(app).shown_keys) == 30)
+        await pilot.pause()
+        assert table(app).show_vertical_scrollbar
+        assert "started" in visible(table(app))
+        started = time.strftime("%H:%M:%S", time.localtime(newest.started_at))
+        in_view = table(app).scrollable_content_region.width  # the scrollbar takes the rest
+        assert started in table(app).render_line(1).crop(0, in_view).text
 
 
 async def test_a_click_chooses_a_run_and_a_second_click_opens_it_at_80_columns() -> None:

@@ -237,7 +237,7 @@ async def test_runs_table_shows_newest_first_with_formatted_cells() -> None:
         assert cell(table, "a" * 16, "id") == "aaaaaaaa"
         assert cell(table, "a" * 16, "attempt") == "2/3"
         assert cell(table, "a" * 16, "duration") == "2.5s"
-        assert cell(table, "c" * 16, "progress") == "█████░░░  60%"
+        assert cell(table, "c" * 16, "progress") == "████░░░  60%"  # 7 blocks: the 80-column layout
         assert cell(table, "c" * 16, "duration") == "4.0s"  # live: now - started
         assert cell(table, "b" * 16, "progress") == "—"
         assert cell(table, "b" * 16, "started") == "—"
@@ -393,6 +393,32 @@ async def test_runs_table_filters_by_status_and_text() -> None:
         table.set_filter(None, "")
         await pilot.pause()
         assert table.shown_keys == ["beef0005", "beef0004", "beef0003", "f00d0002", "f00d0001"]
+
+
+async def test_runs_table_task_filter_names_a_task_exactly() -> None:
+    table = RunsTable()
+    async with Host(table).run_test(size=SIZE) as pilot:
+        table.update_runs(
+            [
+                run("aaaa0001", 1, task="db"),
+                run("aaaa06db", 2, task="email"),  # its id ends in "db"
+                run("aaaa0003", 3, task="fail", status=RunStatus.FAILED),
+                run("aaaa0004", 4, task="deep_fail", status=RunStatus.FAILED),
+            ],
+            now=T0 + 5,
+        )
+        table.set_filter(None, "", tasks={"db"})
+        await pilot.pause()
+        assert table.shown_keys == ["aaaa0001"]
+        table.set_filter(None, "", tasks={"fail"})
+        assert table.shown_keys == ["aaaa0003"]
+        table.set_filter(None, "", tasks={"fail", "db"})
+        assert table.shown_keys == ["aaaa0003", "aaaa0001"]
+        table.set_filter({"succeeded"}, "", tasks={"fail", "db"})
+        assert table.shown_keys == ["aaaa0001"]
+        # free text still matches task names and ids in part
+        table.set_filter(None, "db")
+        assert table.shown_keys == ["aaaa06db", "aaaa0001"]
 
 
 async def test_runs_table_keeps_a_bounded_number_of_rows_trimmed_in_batches() -> None:
@@ -586,6 +612,22 @@ async def test_run_detail_shows_a_failure_with_its_traceback() -> None:
         assert not detail.query_one("#run-detail-body").display
 
 
+async def test_run_detail_replaces_cut_down_params_once_the_full_record_arrives() -> None:
+    # attached, a run first comes with its large params cut by the wire, then in full
+    detail = RunDetail()
+    cut = {"__truncated__": True, "bytes": 90_000, "preview": '{"rows": [1, 2'}
+    async with Host(detail).run_test(size=SIZE) as pilot:
+        detail.show(run("0123456789abcdef", 1, params=cut))
+        await pilot.pause()
+        assert "__truncated__" in plain(detail.query_one("#run-detail-params", Static).content)
+
+        detail.show(run("0123456789abcdef", 1, params={"rows": [1, 2, 3], "table": "orders"}))
+        await pilot.pause()
+        shown = plain(detail.query_one("#run-detail-params", Static).content)
+        assert "__truncated__" not in shown
+        assert '"table": "orders"' in shown
+
+
 # ---------------------------------------------------------------- ParamsForm
 
 
@@ -699,6 +741,21 @@ async def test_params_form_shows_parse_errors_inline() -> None:
         assert form.collect()["count"] == 1
         assert form.field_error("contents") == ""
         assert not form.field_widget("contents").has_class("-invalid")
+
+
+async def test_params_form_says_why_a_huge_integer_is_refused_without_echoing_it_whole() -> None:
+    form = ParamsForm(sample_task())
+    async with Host(form).run_test(size=SIZE) as pilot:
+        form.field_widget("count").value = "9" * 5000
+        form.field_widget("ratio").value = "x" * 5000
+        await pilot.pause()
+        with pytest.raises(ParamsFormError):
+            form.collect()
+        assert form.field_error("count") == (
+            "integer too long: 5000 digits, more than the 4300 that Python reads from text (its int limit)"
+        )
+        ratio = form.field_error("ratio")
+        assert ratio.startswith("not a number: 'xxxx") and "(5000 characters)" in ratio and len(ratio) < 100
 
 
 async def test_params_form_show_errors_puts_messages_below_their_fields() -> None:

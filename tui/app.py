@@ -9,13 +9,15 @@ calls; they talk back with messages.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import gc
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from taskwatch.engine import (
+    EVENT_KINDS,
     QueueInfo,
     RunNotCancellable,
     RunNotRetryable,
@@ -132,9 +134,41 @@ def unknown_statuses(text: str) -> list[str]:
     return out
 
 
-def parse_run_filter(text: str) -> tuple[set[str] | None, str]:
-    """``"status:failed,running embed"`` -> ({"failed", "running"}, "embed")."""
+def unknown_event_kinds(text: str) -> list[str]:
+    """Events filter terms that no event kind matches, each with a suggestion when one is
+    near (``"run.faild (run.failed?)"``); read as the events log reads them."""
+    out: list[str] = []
+    for term in text.replace(",", " ").split():
+        kind = term[:-1] if term.endswith("*") else term
+        if kind.endswith("."):
+            if not any(k.startswith(kind) for k in EVENT_KINDS):
+                out.append(term)
+            continue
+        if kind in EVENT_KINDS:
+            continue
+        if any(k.startswith(kind + ".") for k in EVENT_KINDS):
+            near = [kind + "."]
+        else:
+            near = difflib.get_close_matches(kind, EVENT_KINDS, n=1)
+        out.append(f"{term} ({near[0]}?)" if near else term)
+    return out
+
+
+class RunFilter(NamedTuple):
+    """What the runs filter box asks for; None or empty: no criterion."""
+
+    statuses: set[str] | None
+    text: str
+    tasks: set[str] | None
+
+
+def parse_run_filter(text: str) -> RunFilter:
+    """``"status:failed,running task:embed x"`` -> ({"failed", "running"}, "x", {"embed"}).
+
+    ``task:`` names tasks exactly (``task:fail`` is not ``deep_fail``); free text is a
+    substring of the task name or the run id."""
     statuses: set[str] = set()
+    tasks: set[str] = set()
     words: list[str] = []
     valid = {s.value for s in RunStatus}
     for token in text.split():
@@ -142,12 +176,12 @@ def parse_run_filter(text: str) -> tuple[set[str] | None, str]:
         if sep and key in ("status", "s"):
             statuses.update(v for v in value.split(",") if v in valid)
         elif sep and key in ("task", "t"):
-            words.append(value)
+            tasks.update(v for v in value.split(",") if v)
         elif token in valid:
             statuses.add(token)
         else:
             words.append(token)
-    return (statuses or None), " ".join(words)
+    return RunFilter(statuses or None, " ".join(words), tasks or None)
 
 
 #: keys that act on a row of the Scheduler tab: in the footer, and active, only there
@@ -897,6 +931,10 @@ class TaskwatchApp(App[None]):
         if run is None:
             self._no_run_selected("cancel")
             return
+        if run.status.finished:
+            # no dialog: a "yes" could only be refused
+            self.notify(str(RunNotCancellable(run.id, run.status.value)), severity="warning")
+            return
         # the run is fixed now: rows moving while the dialog is open change nothing
         if not await self._confirmed(f"Cancel run {run.id} ({run.task}, {run.status.value})?", "Cancel run"):
             return
@@ -1054,9 +1092,9 @@ class TaskwatchApp(App[None]):
 
     @on(Input.Changed, "#runs-filter")
     def _runs_filter(self, event: Input.Changed) -> None:
-        statuses, text = parse_run_filter(event.value)
+        wanted = parse_run_filter(event.value)
         table = self.main.query_one(RunsTable)
-        table.set_filter(statuses, text)
+        table.set_filter(wanted.statuses, wanted.text, tasks=wanted.tasks)
 
     @on(Input.Changed, "#events-filter")
     def _events_filter(self, event: Input.Changed) -> None:
@@ -1073,6 +1111,13 @@ class TaskwatchApp(App[None]):
                 valid = ", ".join(s.value for s in RunStatus)
                 self.notify(f"unknown status {', '.join(unknown)}; use one of {valid}", severity="warning")
         if event.input.id == "events-filter":
+            unknown_kinds = unknown_event_kinds(event.value)
+            if unknown_kinds:
+                self.notify(
+                    f"no event kind matches {', '.join(unknown_kinds)}; use kinds such as run.failed, "
+                    "or prefixes ending in a dot, such as run.",
+                    severity="warning",
+                )
             self.main.query_one(EventLog).focus()
         else:
             self.main.query_one(RunsTable).focus()

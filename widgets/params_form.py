@@ -13,6 +13,7 @@ its ``InvalidParams.errors`` can be shown inline with ``show_errors``.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -441,6 +442,13 @@ def _three_way(spec: FieldSpec) -> bool:
     return spec.nullable or not (spec.required or spec.has_default)
 
 
+def _echo(text: str, limit: int = 40) -> str:
+    """``text`` quoted for an error message, cut so a pasted screenful does not bury the message."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text)} characters)"
+
+
 def _parse(spec: FieldSpec, raw: str) -> Any:
     if spec.kind == "bool":
         return raw.strip() == "true"
@@ -453,12 +461,19 @@ def _parse(spec: FieldSpec, raw: str) -> Any:
         try:
             return int(text)
         except ValueError:
-            raise ValueError(f"not an integer: {text!r}") from None
+            digits = text.lstrip("+-").replace("_", "")
+            limit = sys.get_int_max_str_digits()  # 0: no limit
+            if digits.isdigit() and limit and len(digits) > limit:
+                raise ValueError(
+                    f"integer too long: {len(digits)} digits, more than the {limit} that Python "
+                    "reads from text (its int limit)"
+                ) from None
+            raise ValueError(f"not an integer: {_echo(text)}") from None
     if spec.kind == "float":
         try:
             return float(text)
         except ValueError:
-            raise ValueError(f"not a number: {text!r}") from None
+            raise ValueError(f"not a number: {_echo(text)}") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -101,7 +101,7 @@ class RunDetail(VerticalScroll):
         self._record: RunRecord | None = None
         # Last values per section: the params/result JSON and the traceback are only
         # re-highlighted when they change, not on every dashboard tick.
-        self._params_of: str | None = None
+        self._params: Any = _UNSET
         self._result: Any = _UNSET
         self._error: RunError | None | object = _UNSET
         self._attempts: list[RunAttempt] = []
@@ -174,7 +174,7 @@ class RunDetail(VerticalScroll):
         if record is None:
             body.display = False
             empty.display = True
-            self._params_of = None
+            self._params = _UNSET
             self._result = _UNSET
             self._error = _UNSET
             return
@@ -189,8 +189,10 @@ class RunDetail(VerticalScroll):
             attempts_table(self._attempts, time.time() if now is None else now)
         )
         self._show_progress(record)
-        if self._params_of != record.id:
-            self._params_of = record.id
+        # Keyed on the value, not the run id: attached, a run first arrives with its params
+        # cut down by the wire and later, fetched in full, under the same id.
+        if self._params is _UNSET or (record.params is not self._params and record.params != self._params):
+            self._params = record.params
             self.query_one("#run-detail-params", Static).update(_json_view(record.params))
         self._show_result(record)
         self._show_error(record)

@@ -36,6 +36,9 @@ _RunOrder = tuple[float, str]
 #: how a marked run's id cell looks
 MARKED_STYLE = "bold black on yellow"
 
+#: progress bar cells: 7 blocks and " 100%" fill the 12-wide progress column
+_BAR_WIDTH = 7
+
 
 def run_cells(record: RunRecord, now: float, marked: bool = False) -> tuple[Cell, ...]:
     """The (text, style) of every column for one run."""
@@ -53,7 +56,7 @@ def run_cells(record: RunRecord, now: float, marked: bool = False) -> tuple[Cell
         (short_id(record.id), MARKED_STYLE if marked else "dim"),
         (record.task, "bold"),
         (status, style),
-        (progress_bar(fraction), style if fraction is not None else "dim"),
+        (progress_bar(fraction, width=_BAR_WIDTH), style if fraction is not None else "dim"),
         (duration, ""),
         (f"{record.attempt}/{record.max_attempts}", attempt_style),
         (fmt_clock(record.started_at), ""),
@@ -69,10 +72,12 @@ class RunsTable(VirtualTable):
     COLUMNS: ClassVar[tuple[Column, ...]] = (
         Column("id", "id", 8),
         # fixed, so the columns never shift as runs of longer-named tasks arrive (and nothing is
-        # measured); longer names end in an ellipsis
-        Column("task", "task", 16),
+        # measured); longer names end in an ellipsis. Task and progress are one narrower than
+        # they might be so that at 80 columns, beside a vertical scrollbar, the started time
+        # still shows its seconds
+        Column("task", "task", 15),
         Column("status", "status", 9),
-        Column("progress", "progress", 13),
+        Column("progress", "progress", 12),
         Column("duration", "duration", 8, "right"),
         Column("attempt", "try", 5, "right"),
         Column("started", "started", 8),
@@ -128,6 +133,7 @@ class RunsTable(VirtualTable):
         self._active_ids: set[str] = set()
         self._statuses: frozenset[str] | None = None
         self._text = ""
+        self._tasks: frozenset[str] | None = None
         self._now = 0.0
         self._marked: dict[str, None] = {}  # insertion-ordered set
 
@@ -230,14 +236,22 @@ class RunsTable(VirtualTable):
     def _cells_of(self, record: RunRecord) -> tuple[Cell, ...]:
         return run_cells(record, self._now, record.id in self._marked)
 
-    def set_filter(self, statuses: set[str] | frozenset[str] | None, text: str = "") -> None:
-        """Show only runs whose status is in ``statuses`` (None or empty: any) and whose
-        task name or id contains ``text`` (case-insensitive)."""
+    def set_filter(
+        self,
+        statuses: set[str] | frozenset[str] | None,
+        text: str = "",
+        tasks: Iterable[str] | None = None,
+    ) -> None:
+        """Show only runs whose status is in ``statuses`` (None or empty: any), whose task
+        is one of ``tasks`` exactly (None or empty: any) and whose task name or id contains
+        ``text`` (case-insensitive)."""
         new_statuses = frozenset(str(s) for s in statuses) if statuses else None
+        new_tasks = frozenset(tasks) if tasks else None
         new_text = text.strip().lower()
-        if new_statuses == self._statuses and new_text == self._text:
+        if new_statuses == self._statuses and new_text == self._text and new_tasks == self._tasks:
             return
         self._statuses = new_statuses
+        self._tasks = new_tasks
         self._text = new_text
         self._begin()
         hidden: list[str] = []
@@ -280,6 +294,8 @@ class RunsTable(VirtualTable):
 
     def _matches(self, record: RunRecord) -> bool:
         if self._statuses is not None and record.status.value not in self._statuses:
+            return False
+        if self._tasks is not None and record.task not in self._tasks:
             return False
         text = self._text
         if text and text not in record.task.lower() and text not in record.id.lower():
