@@ -63,10 +63,20 @@ def _check_finite(data: Any, encoded: bytes) -> None:
     # the cheap test; only a hit walks the data.
     if b"NaN" not in encoded and b"Infinity" not in encoded:
         return
-    found = _non_finite(data, "")
+    found = non_finite_problem(data)
     if found is not None:
-        where, value = found
-        raise NotJsonSafe(f"{where or 'it'} is {value!r}, which JSON cannot carry; use None or a string for it")
+        raise NotJsonSafe(found[1])
+
+
+def non_finite_problem(data: Any) -> tuple[str, str] | None:
+    """Where the first NaN or infinity in ``data`` (dicts, lists, tuples) is (``""``: ``data``
+    itself; ``"scores[2]"``), and what is wrong with it, in the words :func:`check_jsonable`
+    uses; None when there is none."""
+    found = _non_finite(data, "")
+    if found is None:
+        return None
+    where, value = found
+    return where, f"{where or 'it'} is {value!r}, which JSON cannot carry; use None or a string for it"
 
 
 def _non_finite(data: Any, path: str) -> tuple[str, float] | None:
@@ -75,7 +85,7 @@ def _non_finite(data: Any, path: str) -> tuple[str, float] | None:
         return None if math.isfinite(data) else (path, data)
     if isinstance(data, dict):
         items: Any = data.items()
-    elif isinstance(data, list):
+    elif isinstance(data, (list, tuple)):
         items = enumerate(data)
     else:
         return None

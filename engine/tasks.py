@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticSerializationError
 
 from .errors import InvalidConfiguration, InvalidParams, TaskDefinitionError
-from .jsonsafe import NotJsonSafe, check_jsonable, name_problem, safe_str
+from .jsonsafe import NotJsonSafe, check_jsonable, name_problem, non_finite_problem, safe_str
 
 TaskFn = Callable[..., Awaitable[Any]]
 
@@ -120,19 +120,33 @@ def recorded_params(task: str, model: BaseModel) -> tuple[BaseModel, dict[str, A
         dumped = model.model_dump(mode="json", by_alias=True)
         check_jsonable(dumped)
     except (NotJsonSafe, PydanticSerializationError, ValueError, TypeError) as exc:
+        _refuse_non_finite(task, model)
         raise json_unsafe(task, exc.detail if isinstance(exc, NotJsonSafe) else safe_str(exc)) from None
     try:
         stored = model_cls.model_validate(dumped)
     except ValidationError as exc:
+        _refuse_non_finite(task, model)
         raise InvalidParams(task, _lost_in_json(_problems(exc))) from None
     # (tuples read back as lists: the same values, as JSON has them)
     if stored != model and not _same(stored, model):
+        _refuse_non_finite(task, model)
         changed = [name for name in model_cls.model_fields if not _same(getattr(stored, name, None), getattr(model, name, None))]
         raise InvalidParams(
             task,
             _lost_in_json([{"loc": (name,), "msg": "reads back as another value", "type": "value_error"} for name in changed]),
         )
     return stored, dumped
+
+
+def _refuse_non_finite(task: str, model: BaseModel) -> None:
+    """Params that did not read back as given because of a NaN or an infinity (the JSON dump
+    has made it null): say that, and where, rather than "reads back as another value"."""
+    found = non_finite_problem(model.model_dump(by_alias=True))
+    if found is not None:
+        where, problem = found
+        # located at its field, so a form shows it there
+        field = where.partition("[")[0] or "params"
+        raise InvalidParams(task, [{"loc": (field,), "msg": f"not encodable as UTF-8 JSON: {problem}", "type": "json_unsafe"}])
 
 
 def _same(read_back: Any, given: Any) -> bool:

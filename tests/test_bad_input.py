@@ -155,8 +155,13 @@ async def test_params_and_results_json_cannot_carry_are_refused_not_shown_as_nul
     async with engine:
         with pytest.raises(InvalidParams, match="value is .*JSON cannot carry"):
             await engine.submit("measure", {"value": bad})
-        with pytest.raises(InvalidParams, match="extra"):
+        # named where it is, at its field (a form shows it there), not as "reads back as another value"
+        with pytest.raises(InvalidParams, match=r"extra\['deep'\]\[1\] is .*JSON cannot carry") as caught:
             await engine.submit("measure", Measure(value=1.0, extra={"deep": [0.5, bad]}))
+        assert [e["loc"] for e in caught.value.errors] == [("extra",)]
+        with pytest.raises(InvalidParams, match="value is .*JSON cannot carry") as caught:
+            await engine.submit("measure", Measure(value=bad))
+        assert [e["loc"] for e in caught.value.errors] == [("value",)]
         assert engine.runs() == [] and "run.submitted" not in recorder.kinds()
         record = await (await engine.submit("loss")).wait(5)
         assert record.status is RunStatus.FAILED and record.result is None
