@@ -872,6 +872,24 @@ async def test_event_log_counts_what_overflows_the_pause_buffer() -> None:
         assert [line.split()[1] for line in lines[1:]] == ["#8", "#9", "#10"]
 
 
+async def test_event_log_draws_a_floods_newest_lines_and_says_how_many_it_left_out() -> None:
+    # formatting every line of a flood (most scrolled away at once) was most of a frame's cost
+    log = EventLog(draw_cap=5)
+    async with Host(log).run_test(size=SIZE) as pilot:
+        log.add_events([ev("run.submitted", seq) for seq in range(1, 13)])
+        await pilot.pause()
+        lines = log_text(log)
+        assert "7 events not shown (arriving faster than drawn" in lines[0]
+        assert [line.split()[1] for line in lines[1:]] == ["#8", "#9", "#10", "#11", "#12"]
+        assert log.total_events == 12
+        log.add_events([ev("health", 13), ev("run.failed", 14)])  # a batch within the cap: all of it
+        await pilot.pause()
+        assert [line.split()[1] for line in log_text(log)[-2:]] == ["#13", "#14"]
+        log.set_filter({"run."})  # the history kept them all: a filter draws them
+        await pilot.pause()
+        assert [line.split()[1] for line in log_text(log)] == [f"#{seq}" for seq in (*range(1, 13), 14)]
+
+
 async def test_event_log_cursor_follows_the_newest_line_and_enter_or_a_click_chooses_an_event() -> None:
     log = EventLog(max_lines=50)
     host = Host(log)

@@ -139,16 +139,17 @@ def format_event(event: BaseEvent, show_node: bool = False) -> Text:
 
 
 class _Gap:
-    """A marker in the history: this many events were not shown."""
+    """A marker in the history (or only on screen): this many events were not shown."""
 
-    __slots__ = ("count",)
+    __slots__ = ("count", "why")
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, why: str = "pause buffer full") -> None:
         self.count = count
+        self.why = why
 
     def text(self) -> Text:
         noun = "event" if self.count == 1 else "events"
-        return Text(f"⋯ {self.count} {noun} not shown (pause buffer full) ⋯", style="bold yellow")
+        return Text(f"⋯ {self.count:,} {noun} not shown ({self.why}) ⋯", style="bold yellow")
 
 
 _Entry: TypeAlias = BaseEvent | _Gap
@@ -187,6 +188,7 @@ class EventLog(RichLog):
         *,
         max_lines: int = 2000,
         buffer_cap: int | None = None,
+        draw_cap: int = 300,
         kinds: Iterable[str] | None = None,
         show_node: bool = False,
         quiet_kinds: Iterable[str] = QUIET_KINDS,
@@ -201,6 +203,8 @@ class EventLog(RichLog):
         )
         #: how many events a paused view holds before counting the rest as not shown
         self.buffer_cap = buffer_cap if buffer_cap is not None else max_lines
+        #: the most lines one batch draws (a flood's newest, after a marker for the rest)
+        self.draw_cap = draw_cap
         self._history: deque[_Entry] = deque(maxlen=max_lines)
         self._pending: deque[BaseEvent] = deque()
         self._not_shown = 0
@@ -308,7 +312,7 @@ class EventLog(RichLog):
         if hidden:
             self.quiet_hidden += hidden
             self._say_quiet()
-        self._render_entries(fresh)
+        self._render_entries(fresh, cap=self.draw_cap)
 
     def _say_quiet(self) -> None:
         kinds = ", ".join(sorted(self.quiet_kinds))
@@ -363,10 +367,18 @@ class EventLog(RichLog):
         self._history.extend(entries)
         self._render_entries(entries)
 
-    def _render_entries(self, entries: list[_Entry]) -> None:
+    def _render_entries(self, entries: list[_Entry], cap: int | None = None) -> None:
+        """Draw ``entries``; with ``cap``, a batch with more lines than that (a flood) draws its
+        newest ``cap`` after a marker saying how many it left out: formatting every line of a
+        flood, most of which scrolled away at once, was most of what the log cost a frame."""
         if not self._on_screen:
             self._backlog += len(entries)  # drawn when shown
             return
+        if cap is not None and len(entries) > cap:
+            matching = [e for e in entries if isinstance(e, _Gap) or self.matches(e.kind)]  # type: ignore[attr-defined]
+            if len(matching) > cap:
+                entries = [_Gap(len(matching) - cap, "arriving faster than drawn; pause or filter to read them"),
+                           *matching[-cap:]]  # fmt: skip
         lines: list[Text] = []
         drawn: list[_Entry] = []
         for entry in entries[-(self.max_lines or len(entries)) :]:
