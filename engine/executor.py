@@ -130,6 +130,8 @@ class Executor:
         self._in_flight: asyncio.Future[None] | None = None
         #: resolved when the batch of ``_unwritten`` runs being written has landed
         self._flushing: asyncio.Future[None] | None = None
+        #: the ids of that batch: not in the store yet either
+        self._writing: frozenset[str | None] = frozenset()
         self._loops: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -205,7 +207,8 @@ class Executor:
         self._wake.set()
 
     def unwritten(self, run_id: str) -> bool:
-        return any(r.id == run_id for r in self._unwritten)
+        """Whether the run is queued to be written, or being written: the store has no row yet."""
+        return run_id in self._writing or any(r.id == run_id for r in self._unwritten)
 
     def drop_unwritten(self, run_id: str) -> bool:
         """Forget a queued run that was never written (cancelled before its batch)."""
@@ -245,12 +248,14 @@ class Executor:
                 return
             batch, self._unwritten = self._unwritten, []
             done = self._flushing = asyncio.get_running_loop().create_future()
+            self._writing = frozenset(r.id for r in batch)
             try:
                 inserted: list[Inserted] | BaseException = await self.store.insert(batch, max_pending=self.max_pending)
             except Exception as exc:  # noqa: BLE001 - the engine records each run's failure
                 inserted = exc
             finally:
                 self._flushing = None
+                self._writing = frozenset()
                 done.set_result(None)
             self._inserted(batch, inserted)
 

@@ -269,6 +269,9 @@ class Trigger:
         self.forgotten = 0
         #: keys forgotten since the last save: a durable store deletes them
         self._forget: set[str] = set()
+        #: a durable store saves the keys: only then are changes and forgotten keys noted for it
+        #: (else those sets would hold every key ever notified)
+        self._saved = engine.durable
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -316,7 +319,8 @@ class Trigger:
             st = self._keys[key] = _Key(first_seen_at=self._now())
         st.count = min(st.count + n, _MAX_COUNT)
         st.unsaved = min(st.unsaved + n, _MAX_COUNT)
-        self._dirty.add(key)
+        if self._saved:
+            self._dirty.add(key)
         if st.count >= self.size_threshold and st.run_id is None:
             self._fire(key, st, "size")
 
@@ -378,7 +382,8 @@ class Trigger:
         self._retry_delay = _RETRY_FIRST
         st.run_id = handle.id
         st.captured = st.count
-        self._dirty.add(key)
+        if self._saved:
+            self._dirty.add(key)
         # a free slot starts the run at once, before this trigger hears of it
         st.running = handle.status is RunStatus.RUNNING
         self._active[handle.id] = key
@@ -401,7 +406,8 @@ class Trigger:
             if st.count <= 0:
                 if self.forget_after is not None and self._idle_for(st, now) >= self.forget_after:
                     del self._keys[key]
-                    self._forget.add(key)
+                    if self._saved:
+                        self._forget.add(key)
                     self.forgotten += 1
                 continue
             reason = self._due_reason(st, now)
@@ -459,7 +465,8 @@ class Trigger:
             st.count = max(0, st.count - st.captured)
             st.last_run_at = at
         st.captured = 0
-        self._dirty.add(key)
+        if self._saved:
+            self._dirty.add(key)
 
     def _refire(self, key: str) -> None:
         st = self._keys.get(key)

@@ -614,3 +614,37 @@ def test_trigger_intervals_under_a_millisecond_and_string_flags_are_refused() ->
     with pytest.raises(InvalidConfiguration, match="flags"):
         Engine(flags={"kg_extraction": "false"})  # type: ignore[dict-item]
     assert Engine(flags={"kg_extraction": False}).flags == {"kg_extraction": False}
+
+
+async def test_forgotten_keys_leave_nothing_behind_with_the_memory_store() -> None:
+    # nothing saves a memory store's keys: noting each change for a save kept every key ever
+    # notified, forgotten or not, so memory grew with every new key for good
+    import gc
+    import tracemalloc
+
+    clock = Clock(1_000.0)
+    engine = make_engine(history=10, replay=0)
+
+    async def run_compile(ctx: TaskContext, key: str) -> None: ...
+
+    compile = engine.trigger("compile", run_compile, size_threshold=1, forget_after=1.0, clock=clock)
+
+    async def a_round_of_new_keys(round_: int) -> int:
+        for i in range(3_000):
+            compile.notify(f"request-{round_}-{i:06}-{'x' * 400}")
+        await asyncio.wait_for(compile.drain(), 30.0)
+        clock.now += 1.0
+        compile.check()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0]
+
+    async with engine:
+        tracemalloc.start()
+        try:
+            after_one = await a_round_of_new_keys(1)
+            after_two = await a_round_of_new_keys(2)
+        finally:
+            tracemalloc.stop()
+        assert compile.key_count == 0 and compile.state().forgotten == 6_000
+        # held, each round's 3,000 keys of 400-odd bytes would add over 1.2 MB
+        assert after_two - after_one < 400_000, f"{after_two - after_one:,} bytes more after 3,000 more keys"
