@@ -349,6 +349,16 @@ async def press(app: App[None], pilot: Pilot[None], keys: list[str]) -> None:
     logs = [log for log in app.screen.query(RichLog) if log.display and log.region.height]
     await _until(lambda: all(log.scroll_y >= log.max_scroll_y for log in logs))
     await pilot.pause()
+    # a container scrolled to keep what was focused (or an error) in sight may get there a
+    # refresh later: the picture waits until no scroll offset moves from one pause to the next
+    offsets = None
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        now = [(w.scroll_x, w.scroll_y) for w in app.screen.query("*") if w.is_scrollable]
+        if now == offsets:
+            break
+        offsets = now
+        await pilot.pause()
 
 
 async def capture(name: str, keys: list[str]) -> str:
