@@ -319,8 +319,7 @@ class Trigger:
             st = self._keys[key] = _Key(first_seen_at=self._now())
         st.count = min(st.count + n, _MAX_COUNT)
         st.unsaved = min(st.unsaved + n, _MAX_COUNT)
-        if self._saved:
-            self._dirty.add(key)
+        self._changed(key)
         if st.count >= self.size_threshold and st.run_id is None:
             self._fire(key, st, "size")
 
@@ -382,8 +381,7 @@ class Trigger:
         self._retry_delay = _RETRY_FIRST
         st.run_id = handle.id
         st.captured = st.count
-        if self._saved:
-            self._dirty.add(key)
+        self._changed(key)
         # a free slot starts the run at once, before this trigger hears of it
         st.running = handle.status is RunStatus.RUNNING
         self._active[handle.id] = key
@@ -420,15 +418,20 @@ class Trigger:
             return "size"
         if self.staleness is None or st.count < self.staleness_min:
             return None
-        since = st.last_run_at if st.last_run_at is not None else st.first_seen_at
-        if since is not None and now - since >= self.staleness:
+        # (staleness is above 0: a key with neither time is never stale)
+        if self._idle_for(st, now) >= self.staleness:
             return "staleness"
         return None
 
     @staticmethod
     def _idle_for(st: _Key, now: float) -> float:
+        """Seconds since the key's last run, or else its first notify (0 with neither)."""
         since = st.last_run_at if st.last_run_at is not None else st.first_seen_at
         return 0.0 if since is None else now - since
+
+    def _changed(self, key: str) -> None:
+        if self._saved:
+            self._dirty.add(key)
 
     def _on_run_event(self, event: BaseEvent) -> None:
         """Bus callback: follow our runs from queued to running to finished."""
@@ -465,8 +468,7 @@ class Trigger:
             st.count = max(0, st.count - st.captured)
             st.last_run_at = at
         st.captured = 0
-        if self._saved:
-            self._dirty.add(key)
+        self._changed(key)
 
     def _refire(self, key: str) -> None:
         st = self._keys.get(key)
