@@ -1666,11 +1666,13 @@ class Engine:
         held = set(tokens)
         stopped = [run.id for run in self._index.runs.values() if run.token is not None and run.token in held]
         self._leader.suspend()
+        for queue in self._queues.values():
+            queue.node_superseded()
         dropped = f"; it stopped the {len(stopped)} run(s) it was executing, which other nodes take over" if stopped else ""
         log.error(
             "node %s: a newer process started with the same node_id and replaced this process's incarnation "
-            "(%s) in %s. This process (pid %d) no longer claims runs or leads%s. Stop this process, or give "
-            "each process its own node_id",
+            "(%s) in %s. This process (pid %d) no longer claims runs, starts stored queue jobs or leads%s. "
+            "Stop this process, or give each process its own node_id",
             self.node_id, self.incarnation, self._store.describe(), os.getpid(), dropped,
         )  # fmt: skip
         self.bus.emit(NodeSuperseded, store=self._store.describe(), incarnation=self.incarnation, stopped=stopped)

@@ -37,6 +37,8 @@ given up: another node has them). A job already running when the hold
 lapses goes on, as a run does, unless the node is cut off from the store
 (it is cancelled there and set aside too) or the store has given it to
 another node (it is cancelled: it runs there).
+A process replaced by a later start under its node id holds nothing any
+more: it starts none of its stored jobs again (see ``node_superseded``).
 
 A stop cancels the handlers still running at its timeout and gives one that
 swallows the cancel three rounds of ``cancel_grace`` (cancelled again each
@@ -295,6 +297,8 @@ class WorkQueue:
         self._aside: dict[int, _Kept] = {}
         self.hold_lapses = 0
         self.given_up = 0
+        #: a later process registered under this node's id: no job kept in the store starts here
+        self._superseded = False
 
     # ------------------------------------------------------------ producers
 
@@ -501,7 +505,7 @@ class WorkQueue:
             item = self._items.popleft()
             self._wake_one(self._putters)
             kept = item if type(item) is _Kept else None
-            if kept is not None and kept.id is not None and not self._may_start(kept):
+            if kept is not None and (self._superseded or (kept.id is not None and not self._may_start(kept))):
                 self._set_aside(kept)
                 continue
             job = item if kept is None else kept.job
@@ -696,6 +700,7 @@ class WorkQueue:
         """A start: the node just registered (the executor counts that as a renewal)."""
         self._lapsed = False
         self._hold_ok = True
+        self._superseded = False
         self._seen_renewal = self._renewed_at()
 
     def _observe(self) -> bool:
@@ -706,6 +711,8 @@ class WorkQueue:
         renewals seen further apart than ``node_ttl``: a pause or a stalled loop in between,
         however short ago it ended, left room for another node to take the jobs up).
         """
+        if self._superseded:
+            return False
         renewed = self._renewed_at()
         now = time.monotonic()
         ttl = self._ttl()
@@ -753,6 +760,11 @@ class WorkQueue:
 
     def _set_aside(self, kept: _Kept) -> None:
         """A job popped whose hold may have lapsed: not started until the store says it is this node's."""
+        if self._superseded:
+            # written already, or by the next write: under an incarnation the store counts gone,
+            # so another node (the process that replaced this one, at least) takes it up
+            self.given_up += 1
+            return
         self._aside[kept.id] = kept  # type: ignore[index]
         if not self._lapsed:
             # taken before the last retake and missed by it (defensive): ask the store again
@@ -763,7 +775,7 @@ class WorkQueue:
     def _watch(self) -> None:
         """Look at the hold when it runs out, and every probe while it is lapsed (a loop callback)."""
         self._watch_handle = None
-        if not self._consumers or self._loop is None:
+        if not self._consumers or self._loop is None or self._superseded:
             return
         fresh = self._observe()
         if not fresh and self._cut_off():
@@ -789,6 +801,44 @@ class WorkQueue:
                 "queue %r: stopped %d job(s) whose hold ran out while the store was unreachable; they run "
                 "again on the node the store gives them to (this one, if no other took them)", self.name, cut,
             )  # fmt: skip
+
+    def node_superseded(self) -> None:
+        """A later process registered under this node's id: the store counts this incarnation
+        gone, and other nodes (that process first) take up every job it kept there at once.
+
+        Starting any of them here would run it twice, so none starts here any more: waiting
+        ones are given up, running ones cancelled (they run where they were taken up), and jobs
+        put from now on are only written, for the others to take. Puts go on being accepted.
+        """
+        if not self._durable or self._superseded:
+            return
+        self._superseded = True
+        # the hold is gone for good (no retake, no adoption): see _observe
+        self._epoch += 1
+        self._hold_ok = False
+        with self._lock:
+            waiting = [i for i in self._items if type(i) is _Kept]
+            if waiting:
+                self._items = deque(i for i in self._items if type(i) is not _Kept)
+        given = len(waiting) + len(self._aside)
+        self._aside.clear()
+        cut = 0
+        for task, kept in self._running.items():
+            if not kept.lost:
+                kept.lost = True
+                if not kept.cut:
+                    kept.cut = True
+                    task.cancel()
+                    cut += 1
+        self.given_up += given
+        for _ in range(given):
+            self._wake_one(self._putters)
+        if given or cut:
+            log.warning(
+                "queue %r: this process was replaced under its node id: %d waiting job(s) dropped here and "
+                "%d running cancelled; the process that replaced it takes them up", self.name, given, cut,
+            )  # fmt: skip
+        self._maybe_idle()
 
     def _cut_short(self, kept: _Kept) -> None:
         """A job's handler ended on its cut: run it again where it is still held."""

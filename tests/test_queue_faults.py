@@ -9,6 +9,9 @@ whose hold on its stored jobs lapses.
   SIGSTOP would) on a SQLite file another node shares: the other node takes its
   waiting jobs up, and the paused one, resumed, starts none of them; alone, it
   runs them all once it is back (the store says they are still its own);
+- a process replaced by a later start under its node id: the new process runs
+  every job the old one kept in the store, its running job too (cancelled on the old
+  one), and jobs put on the old one afterwards; the old one starts none of them;
 - a node cut off from PostgreSQL (a network that holds every packet) past its lease:
   it cancels the job it was running and starts none of those waiting; the other node
   runs each of them once, and once back the node gives them all up.
@@ -295,6 +298,50 @@ async def test_a_lone_node_paused_past_its_lease_runs_its_jobs_once_it_is_back(t
     finally:
         await node.run(a.stop())
         node.close()
+
+
+async def test_a_process_replaced_under_its_node_id_starts_none_of_its_stored_jobs(tmp_path: Path) -> None:
+    # two processes under one node id: the later one's start counts the earlier one's incarnation
+    # gone and takes up every job it kept in the store. The earlier one must start none of them
+    # again, nor any job put on it from then on: those run once, on the process that replaced it
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    jobs = 6
+    handled: list[tuple[str, int]] = []
+    gate = asyncio.Event()
+    cut = asyncio.Event()
+
+    async def handle_old(job: dict[str, int]) -> None:
+        handled.append(("old", job["i"]))
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:
+            cut.set()
+            raise
+
+    async def handle_new(job: dict[str, int]) -> None:
+        handled.append(("new", job["i"]))
+
+    old = Engine(store=url, node_id="a", lease_ttl=TTL, health_interval=None)
+    queue = old.queue("q", handle_old)
+    seen = Recorder(old, ("node.superseded",))
+    new = Engine(store=url, node_id="a", lease_ttl=TTL, health_interval=None)
+    new.queue("q", handle_new)
+    async with old:
+        for i in range(jobs):
+            await queue.put({"i": i})  # committed: the old process holds them in the store
+        await eventually(lambda: handled == [("old", 0)], TIMEOUT)
+        async with new:
+            await eventually(lambda: bool(seen.of("node.superseded")), TIMEOUT)
+            async with asyncio.timeout(TIMEOUT):
+                await cut.wait()  # its running job runs on the new process
+            gate.set()
+            await queue.put({"i": jobs})
+            done = list(range(jobs + 1))
+            await eventually(lambda: sorted(i for n, i in handled if n == "new") == done, TIMEOUT)
+            await eventually(lambda: queue.info().given_up == jobs + 1, TIMEOUT)
+            info = queue.info()
+            assert [i for n, i in handled if n == "old"] == [0], handled
+            assert info.processed == 0 and info.depth == 0 and info.set_aside == 0 and info.in_flight == 0, info
 
 
 # ---------------------------------------------------------------- a node cut off from PostgreSQL
