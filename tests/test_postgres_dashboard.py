@@ -12,7 +12,9 @@ Also: the dashboard only watches (it creates and migrates nothing, and says
 why it cannot watch a database without taskwatch's tables or at another
 schema version); it lists every running run; a dead node shows no role and
 the runs it still holds; during an outage what it shows is marked stale; a
-paused log says so; runs submitted together are newest first.
+paused log says so; runs submitted together are newest first; Enter on a run
+shows it in full (params, where it ran, a failure's traceback), kept current
+while it is open, and ``r`` there retries it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 from rich.text import Text
 from taskwatch.engine import (
     ClusterObserver,
@@ -35,9 +38,9 @@ from taskwatch.engine import (
 from taskwatch.engine.store import NewRun, PostgresStore
 from taskwatch.tui.cli import main as cli_main
 from taskwatch.tui.cluster import ClusterApp
-from taskwatch.tui.screens import ConfirmScreen
-from taskwatch.widgets import ClusterRunsTable, EventLog, StoreNodesTable
-from textual.widgets import Static
+from taskwatch.tui.screens import ConfirmScreen, RunScreen
+from taskwatch.widgets import ClusterRunsTable, EventLog, RunDetail, StoreNodesTable
+from textual.widgets import Label, Static
 
 from .helpers import eventually, stray_tasks
 from .postgres_server import PostgresServer, schema_script
@@ -349,3 +352,66 @@ async def test_runs_submitted_together_are_listed_newest_first(postgres_url: str
             await eventually(lambda: len(table.shown_keys) == 9, timeout=TIMEOUT)
             assert table.shown_keys == [r.id for r in reversed(batch)] + [first[0].id]
             assert [r.id for r in app.observer.runs()] == table.shown_keys  # type: ignore[union-attr]
+
+
+class ParseParams(BaseModel):
+    path: str
+    strict: bool = True
+
+
+async def test_enter_on_a_run_shows_it_in_full_and_keeps_it_current(postgres_url: str) -> None:
+    # a failed run's traceback, its params and where it ran; a run that goes on from running to
+    # succeeded changes before the reader's eyes; and r retries the run being read
+    engine = Engine(store=postgres_url, node_id="worker", events="postgres", health_interval=None, lease_ttl=10)
+    gate = asyncio.Event()
+
+    @engine.task
+    async def parse(ctx: TaskContext, params: ParseParams) -> None:
+        raise ValueError(f"line 3 of {params.path}: unexpected token")
+
+    @engine.task
+    async def slow(ctx: TaskContext) -> str:
+        await gate.wait()
+        return "finally"
+
+    async with engine:
+        failed = await (await engine.submit("parse", {"path": "/data/in.csv"})).wait()
+        app = ClusterApp(ClusterObserver(postgres_url, lease=None), confirm=False)
+        async with app.run_test(size=(160, 45)) as pilot:
+            table = app.query_one(ClusterRunsTable)
+            await eventually(lambda: failed.id in table.shown_keys, timeout=TIMEOUT)
+            assert table.select_run(failed.id)
+            await pilot.press("enter")
+            await eventually(lambda: isinstance(app.screen, RunScreen), timeout=TIMEOUT)
+            screen = app.screen
+            assert isinstance(screen, RunScreen)
+            detail = screen.query_one(RunDetail)
+            title = screen.query_one("#run-title", Label).render()
+            assert str(title) == f"Run {failed.id}: parse, failed on worker"
+            assert detail.record is not None and detail.record.params == {"path": "/data/in.csv", "strict": True}
+            assert "unexpected token" in detail.traceback_text and "Traceback" in detail.traceback_text
+
+            # r on the run being read: a new run with its params
+            await pilot.press("r")
+
+            def retried() -> list[str]:
+                return [r.id for r in app.observer.runs() if r.source == f"retry:{failed.id}"]  # type: ignore[union-attr]
+
+            await eventually(retried, timeout=TIMEOUT)
+            await pilot.press("escape")
+            await eventually(lambda: not isinstance(app.screen, RunScreen), timeout=TIMEOUT)
+
+            # a running run, read while it finishes
+            going = await engine.submit("slow")
+            await eventually(lambda: going.id in table.shown_keys and cell(table, going.id, "status") == "running",
+                             timeout=TIMEOUT)  # fmt: skip
+            assert table.select_run(going.id)
+            await pilot.press("enter")
+            await eventually(lambda: isinstance(app.screen, RunScreen), timeout=TIMEOUT)
+            shown = app.screen.query_one(RunDetail)
+            assert shown.record is not None and shown.record.status.value == "running"
+            gate.set()
+            await going.wait()
+            await eventually(lambda: shown.record is not None and shown.record.result == "finally", timeout=TIMEOUT)
+            assert shown.record.status.value == "succeeded"
+    assert not stray_tasks()

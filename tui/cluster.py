@@ -13,7 +13,8 @@ view comes from the nodes table (up, dead or stopped, last heartbeat, running
 runs, CPU, RSS, version) with the leader and term from the lease table; the
 runs of the whole cluster, each with its node, sit between the nodes and the
 event log, and ``c`` / ``r`` cancel or retry the selected run wherever it
-runs. When events were missed, the observer reads the runs again from the
+runs; Enter opens it in full (params, result, attempts, a failure's
+traceback), read from the store and kept current while open. When events were missed, the observer reads the runs again from the
 store. Runs are newest first, those submitted together in the order the store
 took them. While the database is out of reach the header says how old what is
 shown is, a node silent past the node TTL since shows as ``unknown`` and a
@@ -41,13 +42,14 @@ from taskwatch.engine import (
     ClusterObserver,
     EventRelay,
     RunNotCancellable,
+    RunNotFound,
     RunNotRetryable,
     RunStatus,
     StoredRun,
     Subscription,
     TaskwatchError,
 )
-from taskwatch.widgets import ClusterRunsTable, EventLog, NodesTable, StoreNodesTable
+from taskwatch.widgets import ClusterRunsTable, EventLog, NodesTable, RunsTable, StoreNodesTable
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -55,7 +57,7 @@ from textual.css.query import NoMatches
 from textual.timer import Timer
 from textual.widgets import Footer, Static
 
-from .screens import ConfirmScreen, EventScreen
+from .screens import ConfirmScreen, EventScreen, RunScreen
 
 #: what a command through the store can fail with: its own errors, or a lost connection
 COMMAND_ERRORS = (TaskwatchError, OSError)
@@ -243,6 +245,12 @@ class ClusterApp(App[None]):
             table.remove_runs(gone)
         self._runs_shown = current
         table.update_runs(runs, now)
+        screen = self.screen
+        if isinstance(screen, RunScreen):
+            # the run read again with the others: its status, a new attempt, a live duration
+            fresh = observer.record(screen.run_id)
+            if fresh is not None:
+                screen.show(fresh, now)
 
     # ------------------------------------------------------------------ actions
 
@@ -255,8 +263,35 @@ class ClusterApp(App[None]):
     def _selected_run(self) -> StoredRun | None:
         if self.observer is None:
             return None
+        screen = self.screen
+        if isinstance(screen, RunScreen):
+            return self.observer.record(screen.run_id) or screen.record  # type: ignore[return-value]
         run_id = self.query_one(ClusterRunsTable).selected_run_id
         return None if run_id is None else self.observer.record(run_id)
+
+    @on(RunsTable.RunSelected)
+    def _run_chosen(self, message: RunsTable.RunSelected) -> None:
+        self._open_run(message.run_id)
+
+    @work(group="detail", exclusive=True)
+    async def _open_run(self, run_id: str) -> None:
+        """Enter on a run: its full record, read from the store (the list may be older)."""
+        observer = self.observer
+        if observer is None:
+            return
+        try:
+            record: StoredRun | None = await observer.get(run_id)
+        except RunNotFound:
+            self.notify(f"run {run_id} is no longer in the store (pruned by history or retention)", severity="warning")
+            return
+        except COMMAND_ERRORS as exc:
+            record = observer.record(run_id)  # the database is out of reach: what was read last
+            if record is None:
+                self.notify(f"cannot read run {run_id}: {exc}", severity="error")
+                return
+            self.notify(f"the store is out of reach ({exc}): showing run {run_id} as read last", severity="warning")
+        if not isinstance(self.screen, RunScreen):
+            self.push_screen(RunScreen(record, observer.store.clock()))
 
     async def _confirmed(self, question: str, yes: str) -> bool:
         if not self.confirm:

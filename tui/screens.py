@@ -1,5 +1,5 @@
 """Modal screens: submit a task, read a traceback, confirm an action, read an event's JSON,
-pick a trigger key, the key help."""
+read one run in full, pick a trigger key, the key help."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from rich.syntax import Syntax
 from rich.text import Text
 from taskwatch.engine import BaseEvent, InvalidParams, RunRecord, TaskInfo, TaskwatchError, event_to_json
-from taskwatch.widgets import ParamsForm, ParamsFormError
+from taskwatch.widgets import ParamsForm, ParamsFormError, RunDetail
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -312,6 +312,53 @@ class EventScreen(ModalScreen[None]):
     @on(Button.Pressed, "#event-close")
     def _close(self) -> None:
         self.dismiss(None)
+
+
+class RunScreen(ModalScreen[None]):
+    """One run in full: where it runs or ran, its attempts, params, result and the traceback
+    of a failure. The app keeps it current with :meth:`show` while it is open; ``c`` and
+    ``r`` are the app's cancel and retry, of this run."""
+
+    BINDINGS = [
+        Binding("c", "app.cancel_run", "Cancel run"),
+        Binding("r", "app.retry_run", "Retry run"),
+        Binding("escape,q,enter", "dismiss", "Close"),
+    ]
+
+    def __init__(self, record: RunRecord, now: float) -> None:
+        super().__init__()
+        self._record = record
+        self._now = now
+
+    @property
+    def run_id(self) -> str:
+        return self._record.id
+
+    @property
+    def record(self) -> RunRecord:
+        """The run as shown now."""
+        return self._record
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="run-dialog"):
+            yield Label(self._title(), id="run-title")
+            yield RunDetail(id="run-screen-detail")
+            yield Static(Text("c: cancel    r: retry    esc: close", style="dim"), id="run-keys")
+
+    def on_mount(self) -> None:
+        self.query_one(RunDetail).show(self._record, self._now)
+        self.query_one(RunDetail).focus()
+
+    def show(self, record: RunRecord, now: float) -> None:
+        """Show the run as it is now (another read of it: its status, a new attempt, a live duration)."""
+        self._record = record
+        self.query_one("#run-title", Label).update(self._title())
+        self.query_one(RunDetail).show(record, now)
+
+    def _title(self) -> str:
+        record = self._record
+        where = f" on {record.node}" if record.node else ""
+        return f"Run {record.id}: {record.task}, {record.status.value}{where}"
 
 
 class ChooseKeyScreen(ModalScreen[str | None]):
