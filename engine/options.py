@@ -123,6 +123,28 @@ StrictSeconds = Annotated[float, BeforeValidator(_not_bool), Field(ge=0, allow_i
 StrictPositiveSeconds = Annotated[float, BeforeValidator(_not_bool), Field(gt=0, allow_inf_nan=False, strict=True)]
 
 
+#: a wait on a peer over a socket: shorter than this would turn every real client away
+PeerSeconds = Annotated[float, BeforeValidator(_not_bool), Field(ge=0.1, allow_inf_nan=False, strict=True)]
+
+
+class ServerOptions(_Options):
+    allow_remote: Annotated[bool, Field(strict=True)]
+    announce: Annotated[bool, Field(strict=True)]
+    max_message: Annotated[int, BeforeValidator(_not_bool), Field(ge=64, strict=True)]
+    max_hello: Annotated[int, BeforeValidator(_not_bool), Field(ge=256, strict=True)]
+    max_handshakes: AtLeastOne
+    hello_timeout: PeerSeconds
+    buffer: AtLeastOne
+    outgoing: Annotated[int, BeforeValidator(_not_bool), Field(ge=2, strict=True)]
+    max_outgoing_bytes: AtLeastOne
+    max_send: AtLeastOne
+    max_value: Annotated[int, BeforeValidator(_not_bool), Field(ge=1024, strict=True)]
+    write_timeout: PeerSeconds
+    snapshot_runs: Count
+    max_inflight: AtLeastOne
+    max_connections: AtLeastOne
+
+
 class BackgroundOptions(_Options):
     call_timeout: StrictPositiveSeconds | None
     # 0 is a stop that drains nothing, as bg.stop(timeout=0) is

@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict
 from pydantic_core import to_jsonable_python
 
+from .options import ServerOptions, check_options
 from .errors import (
     AuthenticationFailed,
     IncompatibleVersion,
@@ -357,24 +358,20 @@ class ControlServer:
         max_connections: int = 64,
         announce: bool = True,
     ) -> None:
+        options = check_options(
+            ServerOptions, "ControlServer", allow_remote=allow_remote, announce=announce, max_message=max_message,
+            max_hello=max_hello, max_handshakes=max_handshakes, hello_timeout=hello_timeout, buffer=buffer,
+            outgoing=outgoing, max_outgoing_bytes=max_outgoing_bytes, max_send=max_send, max_value=max_value,
+            write_timeout=write_timeout, snapshot_runs=snapshot_runs, max_inflight=max_inflight,
+            max_connections=max_connections,
+        )  # fmt: skip
         problems = []
-        if max_message < 64 or max_hello < 256:
-            problems.append("max_message must be at least 64 bytes, max_hello at least 256")
-        if buffer < 1 or outgoing < 2 or max_inflight < 1 or max_connections < 1 or max_handshakes < 1:
-            problems.append(
-                "buffer, max_inflight, max_connections and max_handshakes must be at least 1, "
-                "outgoing at least 2"
-            )
-        if not hello_timeout > 0:
-            problems.append("hello_timeout must be positive")
-        if max_value < 1024:
-            problems.append("max_value must be at least 1024 bytes")
-        elif max_send < _VALUES_PER_LINE * max_value:
+        if options.max_send < _VALUES_PER_LINE * options.max_value:
             problems.append(
                 f"max_send must be at least {_VALUES_PER_LINE} * max_value "
-                f"({_VALUES_PER_LINE * max_value} bytes), so that any bounded run or event fits a line"
+                f"({_VALUES_PER_LINE * options.max_value} bytes), so that any bounded run or event fits a line"
             )
-        elif max_outgoing_bytes < 2 * max_send:
+        elif options.max_outgoing_bytes < 2 * options.max_send:
             problems.append(
                 "max_outgoing_bytes must be at least 2 * max_send: a full snapshot reply must fit "
                 "beside the events that may be waiting"

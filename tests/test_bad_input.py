@@ -708,6 +708,30 @@ def test_nonsense_lease_options_are_refused(lease: Any, options: dict[str, Any])
         lease(*args, **options)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"hello_timeout": True}, {"hello_timeout": math.inf}, {"hello_timeout": 1e-9}, {"write_timeout": math.nan},
+        {"write_timeout": -1}, {"write_timeout": "10"}, {"max_connections": True}, {"max_connections": "64"},
+        {"max_inflight": 2.5}, {"snapshot_runs": -5}, {"outgoing": 1}, {"announce": "no"},
+    ],
+    ids=str,
+)
+async def test_nonsense_control_server_options_are_refused_and_nothing_is_served(
+    options: dict[str, Any], tmp_path: Path
+) -> None:
+    engine = make_engine()
+    sock = tmp_path / "c.sock"
+    async with engine:
+        (option,) = options
+        with pytest.raises(InvalidConfiguration, match=f"ControlServer.*{option}="):
+            await engine.serve(str(sock), **options)
+        assert not sock.exists()
+        server = await engine.serve(str(sock), announce=False)  # the engine serves as it would have
+        assert sock.exists()
+        await server.stop()
+
+
 async def test_a_status_or_an_address_that_names_nothing_is_refused_with_a_typed_error() -> None:
     engine = make_engine()
     async with engine:
