@@ -156,7 +156,9 @@ class Engine:
         Where runs live: ``"memory"`` (default: fastest, gone with the
         process), ``"sqlite:///path/to/file.db"`` (durable: queued, retrying
         and running runs survive ``kill -9`` and are recovered at the next
-        start), or a :class:`~taskwatch.engine.store.Store` instance.
+        start), ``"postgresql://user@host/db"`` (durable and shared: every
+        node on the database draws from one queue and one history), or a
+        :class:`~taskwatch.engine.store.Store` instance.
     backend:
         Kept as an alias: ``"asyncio"`` (the default behaviour) or
         ``"inline"`` (``submit`` returns only once the run has finished).
@@ -165,6 +167,11 @@ class Engine:
         the same across restarts (default: host and app name): each start
         gets a fresh :attr:`incarnation`, and the previous incarnation's
         runs are recognised as orphaned and recovered at once.
+    lease:
+        Leader election for leader-only supervised workers: an
+        :class:`~taskwatch.engine.InProcessLease`, a
+        :class:`~taskwatch.engine.RedisLease` or a
+        :class:`~taskwatch.engine.PostgresLease` (None: this node leads alone).
     events:
         Relays this node's events to every node and reads every node's back
         into :attr:`cluster`: ``"postgres"`` through the PostgreSQL store's
@@ -178,8 +185,23 @@ class Engine:
         the store's, 30 unless its URL or constructor says otherwise;
         heartbeats go out every third of it). Given here and differently to
         the store, it is refused.
+    poll_interval:
+        Seconds between two looks at a shared store for runs to claim when
+        no notification came (a fallback: PostgreSQL notifies at once).
+    resources:
+        Named objects a periodic task ``requires=``, passed to it by name; a
+        task whose needs are not all here is registered disabled, with the reason.
+    flags:
+        Feature flags (strict bools) that ``opt_in=`` periodic tasks wait for.
+    replay:
+        Events the bus keeps for late subscribers (``subscribe(replay=N)``).
     cancel_grace:
         Seconds a cancelled running run gets to finish its cleanup.
+    throughput_window:
+        Seconds over which ``stats()`` measures runs finished per second.
+    health_interval:
+        Seconds between two health samples (CPU, RSS, loop lag) published as
+        ``health`` events; None turns sampling off.
     clock:
         Wall clock (UNIX seconds) for every timestamp recorded; replace it to
         freeze time in tests and screenshots.
