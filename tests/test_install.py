@@ -81,3 +81,19 @@ def test_the_readme_quick_example_runs_as_written(tmp_path: Path) -> None:
     readme = (ROOT / "README.md").read_text()
     for line in ('later = await engine.submit("embed_batch"', "await engine.cancel(later.id)", 'runs(status="cancelled"'):
         assert line in readme and line in (ROOT / "examples" / "quickstart.py").read_text()
+
+
+def test_the_readme_names_every_exported_error_and_event_kind() -> None:
+    # the errors table and the bus's list of kinds are what a reader catches and filters by
+    import inspect
+
+    import taskwatch.engine as api
+
+    readme = (ROOT / "README.md").read_text()
+    errors = [n for n in api.__all__ if inspect.isclass(getattr(api, n)) and issubclass(getattr(api, n), Exception)]
+    assert len(errors) > 40
+    assert [n for n in errors if f"`{n}`" not in readme] == []
+    bus = readme[readme.index("### The debug-event bus") :]
+    bus = bus[: bus.index("```")]
+    listed = {kind for kind in api.EVENT_KINDS if f"`{kind}`" in bus or f"`{kind.split('.')[0]}.*`" in bus}
+    assert sorted(set(api.EVENT_KINDS) - listed) == []
