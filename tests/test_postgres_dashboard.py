@@ -134,7 +134,9 @@ async def test_the_dashboard_shows_both_nodes_their_runs_and_cancels_and_retries
 def test_attach_to_an_unreachable_database_says_so(capsys: Any) -> None:
     assert cli_main(["attach", "postgresql://nobody@127.0.0.1:1/none?reconnect_timeout=0.2"]) == 2
     err = capsys.readouterr().err
-    assert "cannot watch postgresql://nobody@127.0.0.1:1/none" in err
+    # one plain line, said before any screen is drawn
+    assert err.startswith("taskwatch: cannot watch postgresql://nobody@127.0.0.1:1/none") and err.count("\n") == 1
+    assert "\x1b" not in err
 
 
 # ---------------------------------------------------------------- it only watches
@@ -210,8 +212,8 @@ def test_attach_to_an_older_cluster_says_what_to_do_and_migrates_nothing(
 ) -> None:
     postgres_server.sql(";\n".join(schema_script(4)), database(postgres_url))
     assert cli_main(["attach", postgres_url]) == 2
-    err = " ".join(capsys.readouterr().err.split())  # the terminal may wrap it
-    assert f"taskwatch: cannot watch {postgres_url}" in err
+    err = capsys.readouterr().err
+    assert err.startswith(f"taskwatch: cannot watch {postgres_url}") and err.count("\n") == 1
     assert "schema version 4" in err and "Upgrade the cluster's nodes first" in err
     assert versions(postgres_server, postgres_url) == ["1", "2", "3", "4"]
 

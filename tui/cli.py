@@ -195,7 +195,7 @@ def _web_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
     return parser
 
 
@@ -477,9 +477,21 @@ def _attach_database(url: str, lease: str, *, confirm: bool) -> int:
         observer = ClusterObserver(url, lease=lease or None)
     except TaskwatchError as exc:
         return fail(str(exc))
+    try:
+        # a database that cannot be watched is said on one plain line, before the screen is taken
+        asyncio.run(_can_watch(ClusterObserver(url, lease=lease or None)))
+    except (TaskwatchError, OSError) as exc:
+        return fail(f"cannot watch {observer.public_url}: {exc}")
     app = ClusterApp(observer, confirm=confirm)
     app.run()
     return app.return_code or 0
+
+
+async def _can_watch(observer: Any) -> None:
+    """Open ``observer`` (a ClusterObserver: it checks the database's tables and schema
+    version, and reads the cluster once) and close it again."""
+    await observer.start()
+    await observer.stop()
 
 
 def _web(opts: argparse.Namespace) -> int:
