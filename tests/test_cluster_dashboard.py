@@ -10,6 +10,7 @@ changes, and at 80 columns every node's missed count stays in sight.
 
 from __future__ import annotations
 
+import socket
 import uuid
 from typing import Any
 
@@ -105,6 +106,32 @@ async def test_a_dashboard_opened_after_a_trim_counts_what_it_missed(redis_serve
             assert any("bus.dropped" in line and "w" in line for line in log_lines(app))
     finally:
         await engine.stop(2.0)
+    assert not stray_tasks()
+
+
+async def test_the_header_says_connecting_until_the_first_connection_succeeds_or_fails(
+    redis_server: RedisServer,
+) -> None:
+    # a listener that takes the connection and never answers: the first connection is still under
+    # way, which is no outage; a server that refuses it outright is one
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = silent.getsockname()[1]
+        app = ClusterApp(RedisEventRelay(f"redis://127.0.0.1:{port}/0", stream="test:silent"))
+        async with app.run_test(size=(150, 40)):
+            await eventually(lambda: "connecting…" in header(app), timeout=10.0)
+            assert "DISCONNECTED" not in header(app)
+    finally:
+        silent.close()
+    refused = socket.create_server(("127.0.0.1", 0))
+    port = refused.getsockname()[1]
+    refused.close()  # nothing listens there now
+    app = ClusterApp(RedisEventRelay(f"redis://127.0.0.1:{port}/0", stream="test:refused"))
+    async with app.run_test(size=(150, 40)):
+        await eventually(lambda: "DISCONNECTED" in header(app), timeout=10.0)
+    app = ClusterApp(RedisEventRelay(redis_server.url, stream=f"test:{uuid.uuid4().hex[:8]}"))
+    async with app.run_test(size=(150, 40)):
+        await eventually(lambda: "connected" in header(app) and "connecting" not in header(app), timeout=10.0)
     assert not stray_tasks()
 
 

@@ -203,7 +203,12 @@ class ClusterApp(App[None]):
             self._draw_runs(observer, now)
         self.query_one(NodesTable).update_nodes(nodes, now)
         stats = self.source.stats()
-        link = "connected" if stats.connected else "[bold red]DISCONNECTED[/] (retrying)"
+        if stats.connected:
+            link = "connected"
+        elif stats.errors == 0 and stats.received == 0:
+            link = "[yellow]connecting…[/]"  # not failed yet: the first connection is under way
+        else:
+            link = "[bold red]DISCONNECTED[/] (retrying)"
         missed = f"[bold red]{stats.missed} missed[/]" if stats.missed else "0 missed"
         parts = [f"[b]{stats.stream}[/] on {self.source.public_url}", link, f"{len(nodes)} nodes",
                  f"{stats.received} events", missed]  # fmt: skip
