@@ -1324,6 +1324,9 @@ class Engine:
                     "rejected": q.rejected,
                     "purged": q.purged,
                     "paused": int(q.paused),
+                    # what a stop left undone, and of it (or of the store's writes) what was not kept
+                    "abandoned": q.abandoned,
+                    "lost": q.lost,
                 }
                 for q in (queue.info() for queue in self._queues.values())
             },
@@ -1496,6 +1499,9 @@ class Engine:
         maxsize: int = 1000,
     ) -> WorkQueue:
         """Create a named queue whose jobs ``handler(job)`` consumes with ``concurrency`` workers."""
+        # checked first: every snapshot and event carries the name, and a bad one would break them all
+        if (problem := name_problem("name", name)) is not None:
+            raise InvalidConfiguration(f"queue {name!r}", [problem])
         if name in self._queues:
             raise DuplicateTask("queue", name)
         queue = WorkQueue(self, name, handler, concurrency=concurrency, maxsize=maxsize, executor=self._executor)
@@ -1574,6 +1580,8 @@ class Engine:
         ``staleness_min``, ``check_interval``, ``retries``, ``timeout``,
         ``save_interval``, ``forget_after`` (how long an idle key is kept).
         """
+        if (problem := name_problem("name", name)) is not None:
+            raise InvalidConfiguration(f"trigger {name!r}", [problem])
         if name in self._triggers:
             raise DuplicateTask("trigger", name)
         trigger = Trigger(self, name, fn, **options)

@@ -434,6 +434,25 @@ class JobNotSerializable(TaskwatchError, TypeError):
         )
 
 
+class InvalidJob(TaskwatchError, ValueError):
+    """A queue job did not validate against the pydantic model its handler's job parameter is
+    annotated with. Nothing was queued."""
+
+    def __init__(self, queue: str, model: str, errors: list[dict[str, Any]]) -> None:
+        self.queue = queue
+        self.model = model
+        #: pydantic's error list (``ValidationError.errors()``), without the input values
+        self.errors = errors
+        lines = []
+        for err in errors:
+            loc = ".".join(str(part) for part in err.get("loc", ())) or "(job)"
+            lines.append(f"  {loc}: {err.get('msg', 'invalid')}")
+        super().__init__(
+            f"invalid job for queue {queue!r}: its handler takes a {model}; nothing was queued. "
+            "Fix these fields:\n" + "\n".join(lines)
+        )
+
+
 class TooManyConnections(TaskwatchError, ConnectionError):
     """A control server refused a connection because it already serves its limit."""
 

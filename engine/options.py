@@ -156,6 +156,11 @@ class WaitOptions(_Options):
     timeout: StrictSeconds | None
 
 
+class PutOptions(_Options):
+    # no None and no inf: a queue's put promises its producer never blocks without limit
+    timeout: StrictSeconds
+
+
 M = TypeVar("M", bound=_Options)
 
 

@@ -8,10 +8,14 @@ takes two positional arguments) in FIFO order.
 
 Jobs are pydantic models or JSON-serialisable values (usually dicts); anything
 else is refused at put time so a failure report can always carry the job. The
-handler receives the job object as it was put. Nothing is ever dropped
-silently: a full queue raises :class:`QueueFull` (and counts it), a failing
-job is published as ``QueueJobFailed`` with its traceback, and jobs still
-undone when ``engine.stop`` times out are reported in ``QueueDrainIncomplete``.
+handler receives the job object as it was put, except when its job parameter is
+annotated with a pydantic model: a job is then validated into that model at put
+(:class:`InvalidJob` if it does not fit; an instance of the model is passed as
+is). Nothing is ever dropped silently: a full queue raises :class:`QueueFull`
+(and counts it), a failing job is published as ``QueueJobFailed`` with its
+traceback, and jobs still undone when ``engine.stop`` times out are reported in
+``QueueDrainIncomplete``. A cancel of a consumer that is not the engine's (the
+application cancelling a handler's task) fails that job and the consumer goes on.
 
 With a durable store every job is also kept in the store until its handler
 has run (delivery is at least once): ``await put(job)`` returns once the job
@@ -66,10 +70,18 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .context import TaskContext
-from .errors import EngineNotRunning, JobNotSerializable, QueueFull, StoppedBeforeDone, TaskDefinitionError
+from .errors import (
+    EngineNotRunning,
+    InvalidConfiguration,
+    InvalidJob,
+    JobNotSerializable,
+    QueueFull,
+    StoppedBeforeDone,
+    TaskDefinitionError,
+)
 from .hop import cancel_and_wait
 from .jsonsafe import NotJsonSafe, jsonable
-from .options import QueueOptions, check_options
+from .options import PutOptions, QueueOptions, check_options
 from .events import QueueDrainIncomplete, QueueJobFailed, QueuePaused, QueuePurged, QueueResumed
 from .runs import RunError
 from .store import StoredJob
@@ -125,7 +137,9 @@ class QueueInfo(BaseModel):
     purged: int = 0
     #: writes to the durable store that failed; their jobs stayed here and were written again
     write_failures: int = 0
-    #: jobs neither handled nor kept: the store refused their write until the stop ended (logged)
+    #: jobs not kept in the durable store (logged): the store refused their write until the stop ended
+    #: (neither handled nor kept), or the job was changed after its put into something not JSON-safe
+    #: (it runs on this node only, and not again after a crash)
     lost: int = 0
     #: handlers that ignored every cancel of a stop (three rounds of ``cancel_grace``): the stop
     #: went on without them (logged as a bug in the handler)
@@ -153,7 +167,7 @@ class QueuePurge(BaseModel):
 class _Kept:
     """A job of a queue on a durable store, and its row once written (``id``)."""
 
-    __slots__ = ("job", "id", "done", "epoch", "cut", "lost")
+    __slots__ = ("job", "id", "done", "epoch", "cut", "lost", "unstorable")
 
     def __init__(self, job: Any, job_id: int | None = None, epoch: int = -1) -> None:
         self.job = job
@@ -167,6 +181,8 @@ class _Kept:
         self.cut = False
         #: the store gave it to another node while it ran here
         self.lost = False
+        #: changed after its put into something not JSON-safe: it runs here, but has no row (counted lost)
+        self.unstorable = False
 
 
 def _job_model(handler: Any) -> type[BaseModel] | None:
@@ -307,11 +323,13 @@ class WorkQueue:
 
         Raises :class:`EngineNotRunning` once the engine is stopping or
         stopped, :class:`JobNotSerializable` for jobs that are not pydantic
-        models or JSON-serialisable, and :class:`QueueFull` when ``maxsize``
-        jobs are waiting. Before the engine starts, jobs wait for it.
+        models or JSON-serialisable, :class:`InvalidJob` for one that does not
+        validate against the model the handler's job parameter is annotated
+        with, and :class:`QueueFull` when ``maxsize`` jobs are waiting. Before
+        the engine starts, jobs wait for it.
         """
         self._check_open()
-        self._check_serialisable(job)
+        job = self._checked(job)
         if self._try_put(job) is _FULL:
             self.rejected += 1
             raise QueueFull(f"queue {self.name!r}", self.maxsize)
@@ -319,8 +337,10 @@ class WorkQueue:
     async def put(self, job: Any, *, timeout: float = 0.0) -> None:
         """Queue ``job``, waiting up to ``timeout`` seconds for room; then raise QueueFull.
 
-        The default ``timeout=0`` never waits. Await this on the engine's loop;
-        other threads use :meth:`put_nowait`.
+        The default ``timeout=0`` never waits; a timeout that is not a finite number
+        of seconds, 0 or more (None, inf, NaN, a bool, a str, a negative), raises
+        :class:`InvalidConfiguration`. Await this on the engine's loop; other
+        threads use :meth:`put_nowait`. Jobs are checked as by :meth:`put_nowait`.
 
         On a durable store it returns once the job is committed (or already
         handled). A write the store refuses is retried, and this waits for it
@@ -328,10 +348,11 @@ class WorkQueue:
         back and the store's error is raised (:class:`StoreBusy` or
         :class:`StoreUnavailable`): nothing was queued, so retry the put.
         """
+        wait = self._put_timeout(timeout)
         self._check_open()
-        self._check_serialisable(job)
+        job = self._checked(job)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, timeout)
+        deadline = loop.time() + wait
         while (item := self._try_put(job)) is _FULL:
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -382,11 +403,36 @@ class WorkQueue:
         if self._closing:
             raise EngineNotRunning("stopping")
 
-    def _check_serialisable(self, job: Any) -> None:
+    def _checked(self, job: Any) -> Any:
+        """``job`` as its handler is to get it; raises InvalidJob or JobNotSerializable (nothing is queued)."""
+        model = self._job_model
+        if model is not None and not isinstance(job, model):
+            # checked here, not by the handler: the producer learns of it, and the handler gets
+            # the model it declares whether the job ran in-process or was read back from the store
+            try:
+                job = model.model_validate(job)
+            except ValidationError as exc:
+                problems = [dict(e) for e in exc.errors(include_url=False, include_context=False, include_input=False)]
+                raise InvalidJob(self.name, model.__qualname__, problems) from None
         try:
             jsonable(job)
         except NotJsonSafe as exc:
             raise JobNotSerializable(self.name, type(job).__qualname__, exc.detail) from None
+        return job
+
+    def _put_timeout(self, timeout: object) -> float:
+        where = f"put() on queue {self.name!r}"
+        try:
+            return check_options(PutOptions, where, timeout=timeout).timeout
+        except InvalidConfiguration:
+            # one message for every wrong kind (pydantic calls a NaN "not >= 0"), saying what to pass
+            raise InvalidConfiguration(
+                where,
+                [
+                    f"timeout={timeout!r}: pass how many seconds to wait for room, a finite number of 0 "
+                    "or more (0, the default, does not wait); a put never waits without limit"
+                ],
+            ) from None
 
     def _try_put(self, job: Any) -> Any:
         """The item queued (``job``, or its :class:`_Kept`), True if sent from another thread, or ``_FULL``."""
@@ -497,6 +543,15 @@ class WorkQueue:
                 self._getters.append(fut)
                 try:
                     await fut
+                except asyncio.CancelledError:
+                    if self._abandon or generation != self._generation or _loop_ending(task):
+                        raise
+                    # not the engine's (it cancels a consumer only once it abandons what is left): ending
+                    # here would leave the queue without this consumer for good
+                    while task.uncancel():
+                        pass
+                    log.warning("queue %r: a consumer task was cancelled from outside the engine; it goes on "
+                                "(engine.stop() ends the queue's consumers)", self.name)  # fmt: skip
                 finally:
                     if not fut.done():
                         fut.cancel()
@@ -513,22 +568,26 @@ class WorkQueue:
             if kept is not None:
                 self._running[task] = kept
             try:
+                cancel: asyncio.CancelledError | None = None
                 try:
                     failure = await self._call(ctx, job)
-                except asyncio.CancelledError:
-                    if kept is None or not kept.cut or task.uncancel() > 0:
-                        raise  # the stop's cancel: the job counts as left undone
-                    if generation != self._generation:
-                        return
-                    self._cut_short(kept)
-                    continue
-                if kept is not None and kept.cut:
-                    task.uncancel()  # the handler swallowed its cut's cancel
-                    if failure is not None and generation == self._generation:
-                        self._cut_short(kept)  # it raised something else instead: cut short all the same
-                        continue
+                except asyncio.CancelledError as exc:
+                    cancel = failure = exc
+                if task.cancelling():
+                    if self._abandon or generation != self._generation or _loop_ending(task):
+                        if cancel is not None:
+                            raise cancel  # the stop's cancel: the job counts as left undone
+                    else:
+                        # a cut's cancel (whether the handler swallowed it or not), or one that came from
+                        # the application (a handler cancelling its own task): neither ends the consumer,
+                        # which would leave the queue stalled, and the job in no count
+                        while task.uncancel():
+                            pass
                 if generation != self._generation:
                     return  # a stop went on without this handler: nothing it did counts any more
+                if kept is not None and kept.cut and failure is not None:
+                    self._cut_short(kept)  # whatever it raised on its cut: cut short all the same
+                    continue
                 if failure is None:
                     self.processed += 1
                 else:
@@ -582,8 +641,10 @@ class WorkQueue:
                     encoded.append(jsonable(kept.job))
                 except NotJsonSafe:
                     # changed since it was put: written again and again it would hold up every other job
-                    kept.done = True
-                    log.error("queue %r: a job is no longer JSON-safe; it runs here but is not kept", self.name)
+                    kept.done = kept.unstorable = True
+                    self.lost += 1
+                    log.error("queue %r: a job is no longer JSON-safe; it runs here but is not kept (counted "
+                              "in info().lost)", self.name)  # fmt: skip
                     continue
                 fresh.append(kept)
             if fresh:
@@ -1138,6 +1199,8 @@ class WorkQueue:
         with self._lock:
             # jobs set aside by a lapse keep their rows: the next start (or another node) takes them up
             left = self.depth + self._in_flight + len(self._aside)
+            # of those, jobs with no row yet: the last write below says whether they can have one
+            unrowed = [k for k in (*self._items, *self._running.values()) if type(k) is _Kept and k.id is None]
             self._abandon = True
             self._items.clear()
             self._aside.clear()
@@ -1164,14 +1227,16 @@ class WorkQueue:
             # taken up from the store while the keeper was stopping: their rows stay for the next start
             left += len(self._items)
             self._items.clear()
+        # changed after their put into something not JSON-safe: counted lost when their write was tried
+        unstorable = sum(1 for k in unrowed if k.unstorable)
         kept = True
         if left or lost or stranded:
             self.abandoned += left + stranded
             if lost is not None:
-                self.kept += max(0, left - lost)
+                self.kept += max(0, left - lost - unstorable)
                 self.lost += lost
             self.lost += stranded
-            kept = lost == 0 and not stranded
+            kept = lost == 0 and not stranded and not unstorable
             self._engine.bus.emit(QueueDrainIncomplete, queue=self.name, left=left + stranded, kept=kept)
         if left or stranded:
             self._left_at_stop = (f"the {left + stranded} jobs left in queue {self.name!r}", kept)
@@ -1260,6 +1325,12 @@ class WorkQueue:
 
     def __repr__(self) -> str:
         return f"<WorkQueue {self.name} depth={self.depth} in_flight={self._in_flight}>"
+
+
+def _loop_ending(me: asyncio.Task[None]) -> bool:
+    """Whether every other task of the loop is being cancelled too: ``asyncio.run()`` ending with the
+    engine never stopped. A consumer going on then would keep that end waiting for good."""
+    return all(t.cancelling() for t in asyncio.all_tasks() if t is not me)
 
 
 def _retrieved(task: asyncio.Task[None]) -> None:

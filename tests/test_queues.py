@@ -12,6 +12,8 @@ from pydantic import BaseModel, field_serializer
 from taskwatch.engine import (
     Engine,
     EngineNotRunning,
+    InvalidConfiguration,
+    InvalidJob,
     QueueFull,
     StoppedBeforeDone,
     TaskContext,
@@ -372,3 +374,233 @@ async def test_queue_full_is_raised_in_the_calling_thread() -> None:
         release.set()
         await asyncio.wait_for(queue.join(), 1.0)
         assert queue.info().processed == outcomes.count("ok")
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["memory", "sqlite"])
+async def test_a_handler_task_cancelled_by_the_application_fails_its_job_and_the_consumer_goes_on(
+    durable: bool, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    engine = make_engine(store=url, node_id="n") if durable else make_engine()
+    consumer: list[asyncio.Task[Any]] = []
+    started, never = asyncio.Event(), asyncio.Event()
+    handled: list[str] = []
+
+    async def handler(job: str) -> None:
+        if job == "victim":
+            # an application's "abort this job" keeps the task the job runs in, and cancels it
+            consumer.append(asyncio.current_task())  # type: ignore[arg-type]
+            started.set()
+            await never.wait()
+        handled.append(job)
+
+    queue = engine.queue("abortable", handler, concurrency=1)
+    rec = Recorder(engine, ("queue.job_failed",))
+    async with engine:
+        await queue.put("victim")
+        await asyncio.wait_for(started.wait(), 2)
+        consumer[0].cancel()
+        await queue.put("next")
+        await asyncio.wait_for(queue.join(), 2)  # the only consumer is still there
+        assert handled == ["next"]
+        [event] = rec.of("queue.job_failed")
+        assert event.job == "victim" and event.error.type == "CancelledError"
+        info = queue.info()
+        assert (info.processed, info.failed, info.depth, info.in_flight) == (1, 1, 0, 0)
+        # cancelled again while it waits for a job: it still goes on
+        await eventually(lambda: queue.in_flight == 0 and not consumer[0].done())
+        consumer[0].cancel()
+        await queue.put("last")
+        await asyncio.wait_for(queue.join(), 2)
+        assert handled == ["next", "last"]
+    info = queue.info()
+    assert (info.abandoned, info.kept, info.lost) == (0, 0, 0)
+    assert not stray_tasks()
+    if durable:
+        # a failed job is done with: the store does not run it again at the next start
+        again = make_engine(store=url, node_id="n")
+        later = again.queue("abortable", handler)
+        async with again:
+            await asyncio.wait_for(later.join(), 2)
+        assert later.info().adopted == 0 and handled == ["next", "last"]
+
+
+def test_asyncio_run_still_ends_when_a_handler_runs_and_the_engine_was_never_stopped() -> None:
+    # its end cancels every task: a consumer must not take that for the application's cancel and go on
+    outcome: list[str] = []
+
+    async def program() -> None:
+        engine = make_engine()
+        started = asyncio.Event()
+
+        async def handler(job: int) -> None:
+            started.set()
+            await asyncio.Event().wait()
+
+        queue = engine.queue("unstopped", handler, concurrency=2)
+        await engine.start()
+        for n in range(4):
+            queue.put_nowait(n)
+        await started.wait()
+
+    def run() -> None:
+        asyncio.run(program())
+        outcome.append("ended")
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert outcome == ["ended"]
+
+
+class Reading(BaseModel):
+    sensor: str
+    value: int
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["memory", "sqlite"])
+async def test_jobs_are_validated_into_the_model_the_handler_declares_at_put(durable: bool, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    engine = make_engine(store=url, node_id="n") if durable else make_engine()
+    got: list[Any] = []
+
+    async def handler(job: Reading) -> None:
+        got.append(job)
+
+    queue = engine.queue("readings", handler)
+    given = Reading(sensor="b", value=2)
+    async with engine:
+        engine.pause_queue("readings")
+        await queue.put({"sensor": "a", "value": "1"})  # pydantic reads "1" as 1, as a restart would
+        queue.put_nowait(given)
+        with pytest.raises(InvalidJob, match=r"queue 'readings'(.|\n)*value: Input should be a valid integer") as bad:
+            await queue.put({"sensor": "c", "value": "many"})
+        assert isinstance(bad.value, TaskwatchError) and isinstance(bad.value, ValueError)
+        assert bad.value.queue == "readings" and [e["loc"] for e in bad.value.errors] == [("value",)]
+        with pytest.raises(InvalidJob, match="sensor: Field required"):
+            queue.put_nowait({"value": 3})
+
+        def from_a_thread() -> str:
+            try:
+                queue.put_nowait({"sensor": 4, "value": 4})
+            except InvalidJob as exc:
+                return str(exc)
+            return "accepted"
+
+        assert "sensor: Input should be a valid string" in await asyncio.to_thread(from_a_thread)
+        info = queue.info()
+        assert (info.accepted, info.depth, info.rejected) == (2, 2, 0)
+        engine.resume_queue("readings")
+        await asyncio.wait_for(queue.join(), 2)
+    # the handler gets the model it declares; an instance of it is passed as it was put
+    assert got == [Reading(sensor="a", value=1), given] and got[1] is given
+    if durable:
+        again = make_engine(store=url, node_id="n")
+        later = again.queue("readings", handler)
+        async with again:
+            await asyncio.wait_for(later.join(), 2)
+        assert later.info().adopted == 0  # the refused jobs left no row behind
+
+
+@pytest.mark.parametrize("kind", ["queue", "trigger"])
+@pytest.mark.parametrize("name", [123, None, "", "\udcff"], ids=["int", "none", "empty", "surrogate"])
+async def test_queue_and_trigger_names_must_be_plain_text(kind: str, name: Any, tmp_path: Path) -> None:
+    engine = make_engine(store=f"sqlite:///{tmp_path / 'q.db'}", node_id="n")
+
+    async def handler(job: Any) -> None: ...
+
+    async def compile_key(ctx: TaskContext, key: str) -> None: ...
+
+    with pytest.raises(InvalidConfiguration, match=f"invalid configuration for {kind} .*name="):
+        if kind == "queue":
+            engine.queue(name, handler)
+        else:
+            engine.trigger(name, compile_key, size_threshold=1)
+    # nothing was registered: the engine starts, and its stats and snapshot encode
+    async with engine:
+        assert engine.queues() == [] and engine.triggers() == []
+        assert engine.stats().queues == {} and engine.stats().triggers == {}
+        engine.snapshot().model_dump_json()
+
+
+@pytest.mark.parametrize(
+    "timeout", [None, float("inf"), float("nan"), True, "1", -1], ids=["none", "inf", "nan", "bool", "str", "negative"]
+)
+async def test_put_refuses_a_timeout_that_is_not_finite_seconds(timeout: Any) -> None:
+    engine = make_engine()
+    release = asyncio.Event()
+
+    async def handler(job: int) -> None:
+        await release.wait()
+
+    queue = engine.queue("full", handler, maxsize=1)
+    async with engine:
+        queue.put_nowait(0)
+        await eventually(lambda: queue.in_flight == 1)
+        queue.put_nowait(1)
+        with pytest.raises(InvalidConfiguration, match=r"timeout=.*a finite number of 0 or more"):
+            await asyncio.wait_for(queue.put(2, timeout=timeout), 2)
+        info = queue.info()
+        assert (info.accepted, info.rejected, info.depth) == (2, 0, 1)
+        with pytest.raises(QueueFull):
+            await queue.put(2, timeout=0)  # a whole number of seconds is fine
+        release.set()
+
+
+async def test_stats_count_the_jobs_a_stop_left_undone() -> None:
+    engine = make_engine()
+    never = asyncio.Event()
+
+    async def handler(job: int) -> None:
+        await never.wait()
+
+    queue = engine.queue("stuck", handler)
+    await engine.start()
+    for n in range(5):
+        queue.put_nowait(n)
+    await eventually(lambda: queue.in_flight == 1)
+    joining = asyncio.ensure_future(queue.join())
+    await engine.stop(timeout=0.05)
+    # the join says the dropped jobs are counted in the engine's stats: they are
+    with pytest.raises(StoppedBeforeDone, match="counted in the engine's stats"):
+        await asyncio.wait_for(joining, 2)
+    counts = engine.stats().queues["stuck"]
+    assert (counts["abandoned"], counts["lost"]) == (5, 0)
+
+
+async def test_a_durable_job_changed_after_put_into_something_not_json_safe_is_counted_lost(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    engine = make_engine(store=url, node_id="n")
+    got: list[Any] = []
+
+    async def handler(job: dict) -> None:
+        got.append(dict(job))
+
+    queue = engine.queue("mutable", handler)
+    rec = Recorder(engine, ("queue.drain_incomplete",))
+    async with engine:
+        engine.pause_queue("mutable")
+        ran, waits = {"v": 1.0}, {"v": 2.0}
+        queue.put_nowait(ran)
+        ran["v"] = float("nan")  # the caller reuses its dict before the job is written
+        await eventually(lambda: queue.info().lost == 1)
+        engine.resume_queue("mutable")
+        await asyncio.wait_for(queue.join(), 2)
+        assert len(got) == 1  # it ran here all the same
+        assert engine.stats().queues["mutable"]["lost"] == 1
+        engine.pause_queue("mutable")
+        queue.put_nowait(waits)
+        waits["v"] = float("inf")
+        queue.put_nowait({"v": 3.0})
+        await eventually(lambda: queue.info().lost == 2)
+        await engine.stop(timeout=0)
+    # of the two jobs the stop left, only the one that could be written is kept for the next start
+    info = queue.info()
+    assert (info.abandoned, info.kept, info.lost) == (2, 1, 2)
+    [event] = rec.of("queue.drain_incomplete")
+    assert event.left == 2 and event.kept is False
+    again = make_engine(store=url, node_id="n")
+    later = again.queue("mutable", handler)
+    async with again:
+        await asyncio.wait_for(later.join(), 2)
+    assert later.info().adopted == 1 and got[1:] == [{"v": 3.0}]
