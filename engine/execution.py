@@ -629,7 +629,7 @@ class Execution:
         write: asyncio.Future[RunStatus | None] | None = None
         if not again:
             try:
-                sent = self.store.finish(token, outcome)
+                sent = self.store.finish(token, outcome, _last_progress(run))
                 # the store's own future as it is (ensure_future is two Python calls per run)
                 write = sent if isinstance(sent, asyncio.Future) else asyncio.ensure_future(sent)
             except StoreError:
@@ -675,7 +675,7 @@ class Execution:
         tries = 0
         while True:
             try:
-                return await self.store.finish(token, outcome)
+                return await self.store.finish(token, outcome, _last_progress(run))
             except StoreError as exc:
                 tries += 1
                 left = self.executor.lease_left(token)
@@ -1078,3 +1078,10 @@ class Execution:
 def _log_failed_outcome(write: asyncio.Future[Any]) -> None:
     if not write.cancelled() and write.exception() is not None:
         log.warning("writing a run's outcome to the store failed", exc_info=write.exception())
+
+
+def _last_progress(run: Run) -> Progress | None:
+    """The attempt's last progress report, written with its outcome; None if it made none."""
+    if not run.done and run.total is None and not run.message:
+        return None
+    return Progress(done=run.done, total=run.total, message=run.message)

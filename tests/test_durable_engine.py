@@ -842,3 +842,43 @@ async def test_a_restart_shows_the_periodic_tasks_run_still_going_and_then_its_l
     third = engine_with_digest()
     async with third:
         assert shown(third) == (None, going, "succeeded")  # the last run, as the store has it
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_a_finished_runs_last_progress_is_kept_in_the_store(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # heartbeats write progress only every third of the lease: a run that reports and ends
+    # between two of them must still leave its last report in the store, for other nodes and
+    # for the next start; a run that reported nothing keeps none
+    url = f"sqlite:///{tmp_path / 'progress.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
+
+    def make() -> Engine:
+        engine = Engine(store=url, node_id="p", health_interval=None, lease_ttl=60)
+
+        @engine.task
+        async def chunks(ctx: TaskContext) -> int:
+            for i in range(1, 6):
+                await ctx.progress(i, 5, f"chunk {i}/5")
+            return 5
+
+        @engine.task
+        async def broken(ctx: TaskContext) -> None:
+            await ctx.progress(2, 4, "half way")
+            raise RuntimeError("gave up half way")
+
+        @engine.task
+        async def quiet(ctx: TaskContext) -> None:
+            return None
+
+        return engine
+
+    async with make() as first:
+        done = await (await first.submit("chunks")).wait(timeout=20)
+        failed = await (await first.submit("broken")).wait(timeout=20)
+        silent = await (await first.submit("quiet")).wait(timeout=20)
+    async with make() as again:
+        for run, (d, t, message) in [(done, (5, 5, "chunk 5/5")), (failed, (2, 4, "half way")), (silent, (0, None, ""))]:
+            stored = await again.fetch_run(run.id)
+            assert (stored.progress.done, stored.progress.total, stored.progress.message) == (d, t, message), stored
+        assert (await again.fetch_run(failed.id)).status.value == "failed"

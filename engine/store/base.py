@@ -285,8 +285,9 @@ class Store(ABC):
         """
 
     @abstractmethod
-    def finish(self, token: str, outcome: Outcome) -> Awaitable[RunStatus | None]:
-        """Record the outcome of a claimed attempt.
+    def finish(self, token: str, outcome: Outcome, progress: Progress | None = None) -> Awaitable[RunStatus | None]:
+        """Record the outcome of a claimed attempt (and ``progress``, its last report, if it
+        made any: heartbeats write progress only now and then, so the last may be unwritten).
 
         Resolves to the status written, or None when ``token`` is not the run's
         current claim (nothing is written). A :class:`Retry` gives PENDING, or

@@ -490,8 +490,8 @@ class MemoryStore(Store):
                 cancel[token] = row.cancel_reason or "user"
         return HeartbeatResult(cancel=cancel, lost=lost)
 
-    async def finish(self, token: str, outcome: Outcome) -> RunStatus | None:
-        return self.finish_now(token, outcome)
+    async def finish(self, token: str, outcome: Outcome, progress: Progress | None = None) -> RunStatus | None:
+        return self.finish_now(token, outcome)  # the index's run is the row's record: its progress is there
 
     def finish_now(self, token: str, outcome: Outcome) -> RunStatus | None:
         """:meth:`finish` without a coroutine."""

@@ -335,6 +335,8 @@ class _Finish:
     error: str | None
     reason: str | None
     future: asyncio.Future[RunStatus | None] = field(repr=False)
+    #: the attempt's last progress report, if it made one
+    progress: Progress | None = None
 
 
 class PostgresStore(Store):
@@ -1019,7 +1021,7 @@ class PostgresStore(Store):
                 cancel[token] = reason or "user"
         return HeartbeatResult(cancel=cancel, lost=[t for t in tokens if t not in kept], busy=busy)
 
-    async def finish(self, token: str, outcome: Outcome) -> RunStatus | None:
+    async def finish(self, token: str, outcome: Outcome, progress: Progress | None = None) -> RunStatus | None:
         if isinstance(outcome, Retry):
             return await self._run(self._finish_retry, token, outcome, self.clock())  # type: ignore[no-any-return]
         if isinstance(outcome, Succeeded):
@@ -1033,7 +1035,7 @@ class PostgresStore(Store):
         if self._pool is None or self._closing:
             raise StoreClosed(self._where)
         fut: asyncio.Future[RunStatus | None] = asyncio.get_running_loop().create_future()
-        self._finishes.append(_Finish(seq_of(token), token, status.value, result, error, reason, fut))
+        self._finishes.append(_Finish(seq_of(token), token, status.value, result, error, reason, fut, progress))
         if self._finisher is None or self._finisher.done():
             self._finisher = asyncio.get_running_loop().create_task(self._write_finishes(), name="taskwatch-postgres-finish")
         # shielded: a caller that stops waiting does not take the batch's other finishes with it
@@ -1067,6 +1069,10 @@ class PostgresStore(Store):
                 "results": [f.result for f in batch],
                 "errors": [f.error for f in batch],
                 "reasons": [f.reason for f in batch],
+                "has": [f.progress is not None for f in batch],
+                "dones": [f.progress.done if f.progress is not None else 0.0 for f in batch],
+                "totals": [f.progress.total if f.progress is not None else None for f in batch],
+                "messages": [f.progress.message if f.progress is not None else "" for f in batch],
             },
         )
         ended: dict[str, RunStatus] = {}

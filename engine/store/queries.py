@@ -262,6 +262,10 @@ SET status = 'succeeded', finished_at = :now, result = :result,
     claim_token = NULL, lease_until = NULL, dedup_slot = NULL
 WHERE seq = :seq AND claim_token = :token AND status = 'running'"""
 
+#: the last progress of an attempt that ended (heartbeats write it only now and then), with its outcome
+ENDED_PROGRESS = """
+UPDATE runs SET progress_done = :done, progress_total = :total, progress_message = :message WHERE seq = :seq"""
+
 #: a claimed run goes back to pending (retry, or its worker was lost), retaking its key if free
 REQUEUE_CLAIMED = """
 UPDATE runs
@@ -603,10 +607,15 @@ WITH ending AS MATERIALIZED (
     UPDATE runs
     SET status = b.status, finished_at = :now, result = b.result,
         error = COALESCE(b.error, runs.error), cancel_reason = COALESCE(b.reason, runs.cancel_reason),
-        claim_token = NULL, lease_until = NULL, dedup_slot = NULL
+        claim_token = NULL, lease_until = NULL, dedup_slot = NULL,
+        progress_done = CASE WHEN b.has THEN b.done ELSE runs.progress_done END,
+        progress_total = CASE WHEN b.has THEN b.total ELSE runs.progress_total END,
+        progress_message = CASE WHEN b.has THEN b.message ELSE runs.progress_message END
     FROM unnest(CAST(:seqs AS bigint[]), CAST(:tokens AS text[]), CAST(:statuses AS text[]),
-                CAST(:results AS text[]), CAST(:errors AS text[]), CAST(:reasons AS text[]))
-         AS b(seq, token, status, result, error, reason), ending
+                CAST(:results AS text[]), CAST(:errors AS text[]), CAST(:reasons AS text[]),
+                CAST(:has AS bool[]), CAST(:dones AS float8[]), CAST(:totals AS float8[]),
+                CAST(:messages AS text[]))
+         AS b(seq, token, status, result, error, reason, has, done, total, message), ending
     WHERE runs.seq = b.seq AND ending.seq = b.seq AND runs.claim_token = b.token AND runs.status = 'running'
     RETURNING b.token, runs.id, runs.status
 ), counted AS (

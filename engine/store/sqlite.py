@@ -633,13 +633,24 @@ class SqliteStore(Store):
                 cancel[token] = row[1] or "user"
         return HeartbeatResult(cancel=cancel, lost=lost)
 
-    def finish(self, token: str, outcome: Outcome) -> asyncio.Future[RunStatus | None]:
+    def finish(
+        self, token: str, outcome: Outcome, progress: Progress | None = None
+    ) -> asyncio.Future[RunStatus | None]:
         # the writer's future itself, no coroutine around it (see Store.finish)
         if not isinstance(outcome, (Succeeded, Failed, Cancelled, Retry)):
             raise TypeError(f"unknown outcome {outcome!r}; pass Succeeded, Failed, Cancelled or Retry")
-        return self._call(self._finish, token, outcome, self.clock(), single=True)
+        return self._call(self._finish, token, outcome, self.clock(), progress, single=True)
 
-    def _finish(self, tx: _Tx, token: str, outcome: Outcome, now: float) -> RunStatus | None:
+    def _finish(
+        self, tx: _Tx, token: str, outcome: Outcome, now: float, progress: Progress | None = None
+    ) -> RunStatus | None:
+        status = self._end_claimed(tx, token, outcome, now)
+        if progress is not None and status is not None and status is not RunStatus.PENDING:
+            values = {"seq": _seq_of(token), "done": progress.done, "total": progress.total, "message": progress.message}
+            tx.cur.execute(Q.ENDED_PROGRESS, values)
+        return status
+
+    def _end_claimed(self, tx: _Tx, token: str, outcome: Outcome, now: float) -> RunStatus | None:
         cur = tx.cur
         seq = _seq_of(token)
         if type(outcome) is Succeeded and not self._notifying_finished:
