@@ -285,15 +285,16 @@ class ClusterApp(App[None]):
         if observer is None:
             return
         try:
-            record: StoredRun | None = await observer.get(run_id)
+            record: StoredRun = await observer.get(run_id)
         except RunNotFound:
             self.notify(f"run {run_id} is no longer in the store (pruned by history or retention)", severity="warning")
             return
         except COMMAND_ERRORS as exc:
-            record = observer.record(run_id)  # the database is out of reach: what was read last
-            if record is None:
+            last = observer.record(run_id)  # the database is out of reach: what was read last
+            if last is None:
                 self.notify(f"cannot read run {run_id}: {exc}", severity="error")
                 return
+            record = last
             self.notify(f"the store is out of reach ({exc}): showing run {run_id} as read last", severity="warning")
         if not isinstance(self.screen, RunScreen):
             self.push_screen(RunScreen(record, observer.store.clock()))
