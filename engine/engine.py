@@ -38,6 +38,7 @@ from .errors import (
     RunNotCancellable,
     RunNotFound,
     RunNotRetryable,
+    TaskDefinitionError,
     UnknownQueue,
     UnknownTask,
     UnknownTrigger,
@@ -416,7 +417,9 @@ class Engine:
         resources: tuple[str, ...] = (),
         on_lost: Literal["retry", "fail"] = "retry",
     ) -> TaskSpec:
-        task_name = fn.__name__ if name is None else name
+        task_name = getattr(fn, "__name__", None) if name is None else name
+        if task_name is None:
+            raise TaskDefinitionError(f"{fn!r} has no __name__ (a functools.partial, say): give the {kind} a name=")
         if (problem := name_problem("name", task_name)) is not None:
             raise InvalidConfiguration(f"{kind} {task_name!r}", [problem])
         if task_name in self._tasks:
@@ -432,7 +435,7 @@ class Engine:
             backoff_max=backoff_max,
             on_lost=on_lost,
         )
-        model = None if kind == "periodic" else params_model_of(fn, params, task_name)
+        model = None if kind == "periodic" else params_model_of(fn, params, task_name, resources)
         spec = TaskSpec(
             name=task_name,
             fn=fn,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
 import inspect
 import typing
 from collections.abc import Awaitable, Callable
@@ -150,7 +152,10 @@ def _refuse_non_finite(task: str, model: BaseModel) -> None:
 
 
 def _same(read_back: Any, given: Any) -> bool:
-    """Equal, a tuple and a list of equal items counting as the same (JSON has only lists)."""
+    """Equal, a tuple and a list of equal items counting as the same (JSON has only lists),
+    and aware datetimes at the same instant counting as the same."""
+    if isinstance(read_back, dt.datetime) and isinstance(given, dt.datetime):
+        return _same_datetime(read_back, given)
     if isinstance(read_back, (list, tuple)) and isinstance(given, (list, tuple)):
         return len(read_back) == len(given) and all(_same(a, b) for a, b in zip(read_back, given))
     if isinstance(read_back, dict) and isinstance(given, dict):
@@ -158,6 +163,15 @@ def _same(read_back: Any, given: Any) -> bool:
     if isinstance(read_back, BaseModel) and type(read_back) is type(given):
         return _same(read_back.__dict__, given.__dict__) and _same(read_back.__pydantic_extra__, given.__pydantic_extra__)
     return bool(read_back == given)
+
+
+def _same_datetime(read_back: dt.datetime, given: dt.datetime) -> bool:
+    # an aware datetime reads back with a fixed offset, and PEP 495 makes == between zones
+    # false for a time in a DST fold or gap even at the same instant: compare the instants
+    back_offset, given_offset = read_back.utcoffset(), given.utcoffset()
+    if back_offset is None or given_offset is None:
+        return read_back == given
+    return read_back.replace(tzinfo=None) - back_offset == given.replace(tzinfo=None) - given_offset
 
 
 def json_unsafe(task: str, detail: str) -> InvalidParams:
@@ -178,8 +192,33 @@ def _lost_in_json(problems: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ] or [{"loc": ("params",), "msg": "the params read back from JSON as other values", "type": "json_round_trip"}]
 
 
-def params_model_of(fn: TaskFn, explicit: type[BaseModel] | None, name: str) -> type[BaseModel] | None:
-    """Find the pydantic params model of a task function from its signature."""
+def _shape(fn_name: str) -> str:
+    return (
+        f"a task is `async def {fn_name}(ctx: TaskContext)` or "
+        f"`async def {fn_name}(ctx: TaskContext, params: MyParams)` with MyParams one pydantic model"
+    )
+
+
+def _function_name(fn: TaskFn, name: str) -> str:
+    """The name to show in a signature (a ``functools.partial`` has none of its own)."""
+    return getattr(_unwrap_partial(fn), "__name__", None) or name
+
+
+def _unwrap_partial(fn: Any) -> Any:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn
+
+
+def params_model_of(
+    fn: TaskFn, explicit: type[BaseModel] | None, name: str, resources: tuple[str, ...] = ()
+) -> type[BaseModel] | None:
+    """Find the pydantic params model of a task function from its signature.
+
+    A run calls ``fn(ctx)`` or ``fn(ctx, params)`` plus the ``resources`` as keywords, so a
+    signature that call cannot fill is refused here rather than failing every run.
+    """
+    fn_name = _function_name(fn, name)
     if inspect.isasyncgenfunction(fn):
         raise TaskDefinitionError(
             f"task {name!r} is an async generator (it has a `yield`): a task returns its "
@@ -190,7 +229,10 @@ def params_model_of(fn: TaskFn, explicit: type[BaseModel] | None, name: str) -> 
             f"task {name!r} must be an `async def` function taking (ctx, params); "
             "wrap blocking code with `await asyncio.to_thread(...)`"
         )
-    sig = inspect.signature(fn)
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError) as exc:
+        raise TaskDefinitionError(f"cannot read the signature of task {name!r} ({exc}); {_shape(fn_name)}") from None
     positional = [
         p
         for p in sig.parameters.values()
@@ -199,24 +241,51 @@ def params_model_of(fn: TaskFn, explicit: type[BaseModel] | None, name: str) -> 
     if not positional:
         raise TaskDefinitionError(
             f"task {name!r} must take a TaskContext as its first argument: "
-            f"async def {fn.__name__}(ctx: TaskContext, params: MyParams)"
+            f"async def {fn_name}(ctx: TaskContext, params: MyParams)"
         )
     if explicit is not None:
         if not (isinstance(explicit, type) and issubclass(explicit, BaseModel)):
             raise TaskDefinitionError(f"params= for task {name!r} must be a pydantic BaseModel subclass")
-        return explicit
-    if len(positional) < 2:
-        if explicit is None and _annotated_as_params(fn, positional[0].name, name):
-            raise TaskDefinitionError(
-                f"the first argument of task {name!r} receives the TaskContext, and its params "
-                f"come second: async def {fn.__name__}(ctx: TaskContext, {positional[0].name}: ...)"
-            )
-        return None
-    if len(positional) > 2:
+    # a run fills two positional arguments; with params= a further one that has a default
+    # can stay unfilled (as it always could)
+    if len(positional) > 2 and (explicit is None or any(p.default is p.empty for p in positional[2:])):
         raise TaskDefinitionError(
             f"task {name!r} takes {len(positional)} positional arguments; a task takes "
             "(ctx) or (ctx, params) where params is one pydantic model"
         )
+    takes_more = any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values())
+    keyword_only = [p for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY and p.name not in resources]
+    if len(positional) < 2 and not (explicit is not None and takes_more):
+        # the params are passed positionally: a keyword-only one would never receive them
+        as_keyword = [
+            p.name for p in keyword_only if p.name == "params" or _annotated_as_params(fn, p.name, name)
+        ]
+        if as_keyword:
+            raise TaskDefinitionError(
+                f"the params of task {name!r} come as its second positional argument, not as the "
+                f"keyword-only {as_keyword[0]!r}: async def {fn_name}(ctx: TaskContext, {as_keyword[0]}: ...)"
+            )
+    unfilled = [p.name for p in keyword_only if p.default is p.empty]
+    if unfilled:
+        raise TaskDefinitionError(
+            f"task {name!r} has required keyword-only argument(s) {', '.join(unfilled)} that no run "
+            f"fills; give them defaults, or pass those values in the params: {_shape(fn_name)}"
+        )
+    if explicit is not None:
+        if len(positional) < 2 and not takes_more:
+            raise TaskDefinitionError(
+                f"task {name!r} is given params={explicit.__name__} but its function takes only the "
+                f"TaskContext; take the params as its second argument: "
+                f"async def {fn_name}(ctx: TaskContext, params: {explicit.__name__})"
+            )
+        return explicit
+    if len(positional) < 2:
+        if _annotated_as_params(fn, positional[0].name, name):
+            raise TaskDefinitionError(
+                f"the first argument of task {name!r} receives the TaskContext, and its params "
+                f"come second: async def {fn_name}(ctx: TaskContext, {positional[0].name}: ...)"
+            )
+        return None
     model = _resolve_annotation(fn, positional[1].name, name)
     if not (isinstance(model, type) and issubclass(model, BaseModel)):
         raise TaskDefinitionError(
@@ -244,9 +313,15 @@ def _resolve_annotation(fn: TaskFn, param: str, name: str) -> Any:
     the frame that applies the decorator, so look there after the module globals.
     """
     try:
-        return typing.get_type_hints(fn).get(param)
+        # (typing reads the hints of the function a functools.partial wraps, not of the partial)
+        return typing.get_type_hints(_unwrap_partial(fn)).get(param)
     except NameError:
         pass
+    except Exception as exc:  # noqa: BLE001 - typing raises what the annotation's own code raises
+        raise TaskDefinitionError(
+            f"cannot resolve the annotation of {param!r} of task {name!r} ({safe_str(exc)}); "
+            "annotate it with a pydantic model defined at module level, or pass params=Model to the decorator"
+        ) from None
     raw = inspect.signature(fn).parameters[param].annotation
     if not isinstance(raw, str):
         return raw
