@@ -145,6 +145,15 @@ class ServerOptions(_Options):
     max_connections: AtLeastOne
 
 
+class RemoteOptions(_Options):
+    # no engine sends lines shorter than 32 of its values, and max_value is at least 1 KiB:
+    # a client refusing longer lines could never read a first snapshot
+    max_message: Annotated[int, BeforeValidator(_not_bool), Field(ge=32 * 1024, strict=True)]
+    buffer: AtLeastOne
+    timeout: PeerSeconds
+    allow_remote: Annotated[bool, Field(strict=True)]
+
+
 class BackgroundOptions(_Options):
     call_timeout: StrictPositiveSeconds | None
     # 0 is a stop that drains nothing, as bg.stop(timeout=0) is

@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, TypeVar
@@ -56,7 +57,6 @@ from .errors import (
     EngineUnreachable,
     IncompatibleVersion,
     InvalidAddress,
-    InvalidConfiguration,
     InvalidParams,
     LoopThreadError,
     MalformedMessage,
@@ -68,9 +68,11 @@ from .errors import (
 from .events import Event
 from .jsonsafe import NotJsonSafe, check_key, jsonable, safe_str
 from .operations import OPERATIONS
+from .options import RemoteOptions, check_options
 from .queues import QueueInfo, QueuePurge
 from .runs import RunRecord
 from .scheduler import PeriodicInfo
+from .server import check_token
 from .snapshot import Snapshot
 from .supervisor import WorkerInfo
 from .tasks import json_unsafe, recorded_params
@@ -97,6 +99,10 @@ from .wire import (
 )
 
 W = TypeVar("W", Welcome, SnapshotMessage)
+
+#: pauses between attempts to connect to a Unix socket whose backlog is full (seconds)
+_BACKLOG_FIRST_PAUSE = 0.005
+_BACKLOG_MAX_PAUSE = 0.1
 
 _error_classes: dict[str, type[TaskwatchError]] | None = None
 
@@ -179,15 +185,20 @@ class RemoteEngine:
         the token and every command travel unencrypted, so only over a network
         you trust; otherwise forward a loopback port over SSH and connect to that.
     max_message:
-        Longest server line accepted, in bytes (snapshots can be large). Sent
-        in the hello: the server keeps its lines within it, down to a floor of
-        its own (512 KiB by default).
+        Longest server line accepted, in bytes (snapshots can be large), at
+        least 32 KiB. Sent in the hello: the server keeps its lines within it,
+        down to a floor of its own (512 KiB by default).
     buffer:
         Events buffered locally; beyond it new events are dropped, counted in
         :attr:`dropped`, and announced by a ``bus.dropped`` event.
     timeout:
         Seconds to wait for the connection and handshake, and the most any
         command takes: waiting its turn to be sent, sending, and the reply.
+        At least 0.1. A Unix socket whose backlog is full (the engine's loop
+        busy for a moment) is tried again until then.
+
+    Options out of range, and a token that is not a str, raise
+    :class:`~taskwatch.engine.errors.InvalidConfiguration`.
     """
 
     def __init__(
@@ -200,8 +211,12 @@ class RemoteEngine:
         timeout: float = 30.0,
         allow_remote: bool = False,
     ) -> None:
-        if buffer < 1:
-            raise InvalidConfiguration("RemoteEngine", [f"buffer={buffer!r}: at least 1"])
+        check_options(
+            RemoteOptions, "RemoteEngine", max_message=max_message, buffer=buffer, timeout=timeout,
+            allow_remote=allow_remote,
+        )  # fmt: skip
+        # apart from the options above: their errors quote the value given, and this one is a secret
+        token = check_token("RemoteEngine", token)
         self._target = parse_connect_address(address)
         if isinstance(self._target, TcpAddress) and not self._target.is_loopback and not allow_remote:
             # refused before any byte, the token above all, goes out in plaintext
@@ -241,6 +256,8 @@ class RemoteEngine:
         self._last_seq = 0
         self._server_max = DEFAULT_MAX_MESSAGE
         self._connected = False
+        #: the last attempt to connect to the Unix socket found its backlog full
+        self._backlog_full = False
 
     @property
     def connected(self) -> bool:
@@ -274,9 +291,7 @@ class RemoteEngine:
                             target.host, target.port, limit=self.max_message
                         )
                     else:
-                        reader, writer = await asyncio.open_unix_connection(
-                            target.path, limit=self.max_message
-                        )
+                        reader, writer = await self._open_unix(target.path)
                     opened = True
                     hello = Hello(version=PROTOCOL_VERSION, token=self.token, max_message=self.max_message)
                     writer.write(encode_message(hello))
@@ -284,7 +299,10 @@ class RemoteEngine:
                     welcome = await self._expect(reader, Welcome)
                     if welcome.version != PROTOCOL_VERSION:
                         raise IncompatibleVersion(PROTOCOL_VERSION, welcome.version)
-                    first = await self._expect(reader, SnapshotMessage)
+                    try:
+                        first = await self._expect(reader, SnapshotMessage)
+                    except MessageTooLarge as exc:
+                        raise self._first_too_large(exc, welcome.max_send) from None
             except TaskwatchError:
                 raise
             except OSError as exc:  # TimeoutError too
@@ -308,9 +326,57 @@ class RemoteEngine:
         self._read_task = loop.create_task(self._read_loop(reader), name="taskwatch-remote-read")
         return first.snapshot
 
+    async def _open_unix(self, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Streams on a connection to the Unix socket at ``path``, once its backlog has room.
+
+        A full backlog (the engine's loop busy for a moment, or many clients
+        connecting) makes a non-blocking connect fail with EAGAIN; asyncio takes
+        that for "in progress" and hands over a socket that was never connected.
+        So the connect is retried here, with growing pauses, until ``connect``'s
+        timeout.
+        """
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            pause = _BACKLOG_FIRST_PAUSE
+            while True:
+                try:
+                    sock.connect(path)
+                    break
+                except BlockingIOError:
+                    self._backlog_full = True
+                # polled: a Unix socket signals nothing when a place in the backlog frees up
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, _BACKLOG_MAX_PAUSE)
+            self._backlog_full = False
+            return await asyncio.open_unix_connection(sock=sock, limit=self.max_message)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _first_too_large(self, exc: MessageTooLarge, max_send: int) -> MessageTooLarge:
+        """The first snapshot did not fit this client's ``max_message``: say which value would."""
+        exc.args = (
+            f"the engine at {self.address} sent its first snapshot in a line of {exc.size} bytes, over "
+            f"this RemoteEngine's max_message of {self.max_message}, so it cannot be read. That engine "
+            f"keeps its lines within {max_send} bytes on this connection (a client may ask it for "
+            f"shorter ones only down to a floor of its own): pass max_message={max_send} or more",
+        )
+        return exc
+
     def _unreachable(self, exc: OSError, opened: bool) -> EngineUnreachable:
         """``connect``'s error for ``exc``: what failed, in words, and what to check."""
         target = self._target
+        if isinstance(exc, TimeoutError) and self._backlog_full and isinstance(target, UnixAddress):
+            return EngineUnreachable(
+                self.address,
+                f"its socket file {target.path} accepts no more connections now: its backlog of "
+                f"connections waiting to be accepted stayed full for {self.timeout:g} s (the engine's "
+                "event loop is busy or blocked, or many clients are connecting at once)",
+                "Try again in a moment, or with a longer timeout; if it lasts, check that nothing "
+                "blocks the engine's event loop (a task calling blocking code) and how many clients "
+                "connect to it",
+            )
         if isinstance(exc, TimeoutError):
             if opened:
                 return EngineUnreachable(

@@ -206,6 +206,33 @@ class ServerInfo(BaseModel):
         return self.address
 
 
+def check_token(where: str, token: object) -> str | None:
+    """``token`` if it is None or a str UTF-8 can carry; else :class:`InvalidConfiguration`.
+
+    The token itself is never quoted: the error may be logged.
+    """
+    if token is None or (isinstance(token, str) and _utf8_encodable(token)):
+        return token
+    if isinstance(token, str):
+        why = (
+            "token: it is not UTF-8 encodable (it holds a lone surrogate, as text decoded with "
+            "errors='surrogateescape' may); pass the token as the plain text it was issued as"
+        )
+    elif isinstance(token, bytes | bytearray):
+        why = "token: a str is needed, not bytes; decode it first (token.decode())"
+    else:
+        why = f"token: a str is needed, not {type(token).__name__}"
+    raise InvalidConfiguration(where, [why])
+
+
+def _utf8_encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def new_token() -> str:
     """A fresh access token that a command line can carry as ``--token T``.
 
@@ -393,6 +420,7 @@ class ControlServer:
             if token is None:
                 token = new_token()
                 self._generated = True
+        token = check_token("ControlServer", token)
         if token is not None and len(token.encode()) < MIN_TOKEN_BYTES:
             raise WeakToken(len(token.encode()), MIN_TOKEN_BYTES)
         self.token = token
@@ -507,10 +535,16 @@ class ControlServer:
     async def _start_unix(self, path: Path) -> None:
         if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
             raise InvalidAddress(str(path), "the socket path is too long for a Unix socket; choose a shorter one")
-        _remove_stale_socket(path)
+        try:
+            _remove_stale_socket(path)
+        except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+            raise _unusable_folder(path, exc) from exc
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(os.fspath(path))
+            try:
+                sock.bind(os.fspath(path))
+            except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+                raise _unusable_folder(path, exc) from exc
             # chmod before listen(): until listen nobody can connect, so no
             # client ever reaches a socket with the umask's looser mode
             os.chmod(path, 0o600)
@@ -553,8 +587,12 @@ class ControlServer:
         for conn in self._conns.values():
             if conn.sub is not None:
                 conn.sub.close()
+        conns = dict(self._conns)
         if tasks:
-            await asyncio.wait(tasks, timeout=_FLUSH_TIMEOUT)
+            _, unflushed = await asyncio.wait(tasks, timeout=_FLUSH_TIMEOUT)
+            for task in unflushed:
+                # it has had its chance to take the rest: closing would wait for it again
+                conns[task].abandon()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -961,6 +999,23 @@ def _remove_stale_socket(path: Path) -> None:
         probe.close()
 
 
+def _unusable_folder(path: Path, exc: OSError) -> InvalidAddress:
+    """Why no socket file can be made at ``path``: its folder is missing, not a folder, or not ours to write."""
+    folder = path.parent
+    if isinstance(exc, PermissionError):
+        why = f"the folder {folder} is not writable by this process, so the socket file cannot be made there"
+    elif isinstance(exc, NotADirectoryError):
+        why = f"{folder} (or a folder above it) is not a folder"
+    else:
+        why = f"the folder {folder} does not exist"
+    return InvalidAddress(
+        str(path),
+        why,
+        "choose a socket path in a folder you can write to (create it first: mkdir -p), or pass no "
+        "address to serve at a private default path",
+    )
+
+
 def _peek(sock: socket.socket) -> int:
     """Whether a connection has sent something (``_SPOKE``), nothing yet (``_SILENT``) or has gone (``_GONE``)."""
     try:
@@ -1152,6 +1207,12 @@ class _Connection:
         assert self.reader is not None and self.writer is not None, "used before _open_streams"
         return self.reader, self.writer
 
+    def abandon(self) -> None:
+        """The server is stopping and this client has not taken what is left for it: drop that unsent."""
+        self.cut_off = True
+        if self.writer is not None:
+            self.writer.transport.abort()
+
     def _cut_off(self, counter: str) -> None:
         """Drop this client now, and what is buffered for it: it is not reading."""
         if self.cut_off:
@@ -1286,13 +1347,16 @@ class _Connection:
 
     async def _reply(self, line: bytes) -> None:
         """Queue a reply for the writer; a client that is that far behind is cut off."""
+        if self.cut_off:
+            return  # the commands still in flight when it was cut off: nobody reads their replies
         try:
             await self.out.put_reply(line)
         except _Overflow:
-            log.warning(
-                "dropping a control client with more than %d bytes of replies unread",
-                self.server.max_outgoing_bytes,
-            )
+            if not self.cut_off:
+                log.warning(
+                    "dropping a control client with more than %d bytes of replies unread",
+                    self.server.max_outgoing_bytes,
+                )
             self._cut_off("overflow_disconnects")
 
     def _error_line(self, message_id: MessageId | None, exc: BaseException) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import random
 import sys
 import time
@@ -23,6 +24,7 @@ from pydantic import BaseModel
 from taskwatch.engine import (
     ControlServer,
     Engine,
+    MessageTooLarge,
     RemoteEngine,
     RunNotFound,
     RunStatus,
@@ -236,8 +238,9 @@ async def test_an_endless_hello_line_is_refused_at_the_hello_limit(engine: Engin
 
 
 async def test_a_client_that_asks_for_more_than_it_reads_is_cut_off_at_the_byte_bound(
-    engine: Engine, sock_path: str
+    engine: Engine, sock_path: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="taskwatch.server")
     for _ in range(20):
         await finished(engine, "echo", "x" * 4000)  # each snapshot is about 170 KB
     server = await serve(engine, sock_path, max_send=512 * KIB, max_outgoing_bytes=1 * MIB, write_timeout=30)
@@ -248,6 +251,9 @@ async def test_a_client_that_asks_for_more_than_it_reads_is_cut_off_at_the_byte_
     await hog.writer.drain()
     await eventually(lambda: server.stats()["overflow_disconnects"] == 1, timeout=5)
     assert server.stats()["slow_disconnects"] == 0  # cut off at the bound, not after write_timeout
+    # said once, not again for each of its commands still in flight then
+    dropped = [r for r in caplog.records if "replies unread" in r.getMessage()]
+    assert len(dropped) == 1, [r.getMessage() for r in dropped]
     hog.reading(True)
     assert await hog.closed_by_server()
     await eventually(lambda: server.stats()["active"] == 0)
@@ -282,6 +288,22 @@ async def test_events_a_client_does_not_read_are_dropped_with_a_notice_not_a_dis
         pass
     assert msg == {"type": "ok", "id": 1, "result": None}
     await slow.close()
+
+
+async def test_a_client_limit_below_the_engines_lines_says_which_limit_would_do(
+    engine: Engine, sock_path: str
+) -> None:
+    for _ in range(20):
+        await finished(engine, "echo", "x" * 4000)  # the first snapshot is about 170 KB
+    await serve(engine, sock_path)
+    with pytest.raises(MessageTooLarge) as caught:
+        await RemoteEngine(sock_path, max_message=64 * KIB, timeout=5).connect()
+    said = str(caught.value)
+    # the engine keeps to no less than 32 * max_value (16 KiB): 512 KiB, whatever the client asks
+    assert "first snapshot" in said and f"max_message of {64 * KIB}" in said
+    assert f"pass max_message={512 * KIB} or more" in said
+    async with RemoteEngine(sock_path, max_message=512 * KIB, timeout=5) as remote:
+        assert len((await remote.snapshot()).runs) == 20
 
 
 async def attach_raw(address: str) -> tuple[RawClient, int]:

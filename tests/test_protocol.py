@@ -19,6 +19,7 @@ from taskwatch.engine import (
     ControlServer,
     Engine,
     InvalidAddress,
+    InvalidConfiguration,
     InvalidParams,
     ProtocolError,
     RemoteEngine,
@@ -121,6 +122,30 @@ async def test_tcp_needs_a_token_and_loopback(engine: Engine) -> None:
     assert not server.address.endswith(":0")  # the real port, not the requested 0
     async with RemoteEngine(server.address, token=server.token) as remote:
         assert remote.node_id == engine.node_id
+
+
+async def test_a_socket_path_in_a_folder_that_cannot_hold_it_is_refused_with_the_path(
+    engine: Engine, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-dir" / "e.sock"
+    with pytest.raises(InvalidAddress) as caught:
+        await serve(engine, str(missing))
+    said = str(caught.value)
+    assert str(missing) in said and f"the folder {missing.parent} does not exist" in said
+    assert "mkdir -p" in said and "pass no address" in said
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(InvalidAddress, match="is not a folder"):
+        await serve(engine, str(tmp_path / "a-file" / "e.sock"))
+
+
+async def test_a_token_that_is_not_text_is_refused_before_serving(engine: Engine, tmp_path: Path) -> None:
+    path = tmp_path / "e.sock"
+    for token, why in ((12345678901234567890, "not int"), (b"x" * 32, "decode it"), ("\udcff" * 20, "UTF-8")):
+        for address in (str(path), "tcp://127.0.0.1:0"):
+            with pytest.raises(InvalidConfiguration, match=f"ControlServer: token: .*{why}") as caught:
+                await serve(engine, address, token=token)
+            assert "xxxxx" not in str(caught.value) and "1234567" not in str(caught.value)
+    assert not path.exists()  # nothing was served
 
 
 async def test_stale_socket_file_is_replaced(engine: Engine, sock_path: str) -> None:

@@ -24,6 +24,7 @@ from taskwatch.engine import (
     Engine,
     EngineUnreachable,
     InvalidAddress,
+    InvalidConfiguration,
     LoopThreadError,
     MessageTooLarge,
     RemoteEngine,
@@ -263,3 +264,97 @@ async def test_connect_failures_name_the_address_and_what_to_check(serve: ServeF
     # and the engine is fine for the next attempt
     async with served.remote() as remote:
         assert await remote.ping() >= 0
+
+
+# ---------------------------------------------------------------- 7: a Unix socket's full backlog
+
+
+def fill_backlog(path: str, fillers: list[socket.socket]) -> None:
+    """Connect plain sockets that say nothing to ``path`` (into ``fillers``) until its accept
+    backlog is full: the next connect would fail with EAGAIN."""
+    for _ in range(10_000):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            sock.close()
+            return
+        fillers.append(sock)
+    raise AssertionError(f"{path}'s backlog never filled up")
+
+
+async def test_connect_waits_out_a_full_unix_backlog_and_gets_in_once_the_engine_accepts(
+    serve: ServeFn, tmp_path: Path
+) -> None:
+    """The engine's loop stalls while clients pile up: the next connect used to fail at once with
+    "Connection lost" (asyncio took the EAGAIN for a connection in progress). It keeps trying."""
+    served = await serve(str(tmp_path / "e.sock"), interval=0)
+    remote = RemoteEngine(served.address, timeout=TIMEOUT)
+    fillers: list[socket.socket] = []
+    try:
+        with frozen(served):
+            fill_backlog(served.address, fillers)
+            connecting = asyncio.create_task(remote.connect())
+            done, _ = await asyncio.wait({connecting}, timeout=0.5)
+            assert not done, connecting.exception()  # still trying, not failed
+        snapshot = await connecting
+        assert snapshot.node_id == remote.node_id and await remote.ping() >= 0
+    finally:
+        for sock in fillers:
+            sock.close()
+        await remote.close()
+
+
+async def test_a_unix_backlog_full_until_the_timeout_is_named_with_what_to_do(tmp_path: Path) -> None:
+    path = str(tmp_path / "busy.sock")
+    fillers: list[socket.socket] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)  # and never accepts
+        try:
+            fill_backlog(path, fillers)
+            with pytest.raises(EngineUnreachable) as caught:
+                await RemoteEngine(path, timeout=0.3).connect()
+        finally:
+            for sock in fillers:
+                sock.close()
+    said = str(caught.value)
+    assert path in said and "accepts no more connections now" in said and "backlog" in said
+    assert "stayed full for 0.3 s" in said and "longer timeout" in said
+    assert isinstance(caught.value.__cause__, TimeoutError)
+
+
+# ---------------------------------------------------------------- 8: options checked when given
+
+
+def test_remote_engine_options_out_of_range_are_refused_when_given(tmp_path: Path) -> None:
+    address = str(tmp_path / "e.sock")
+    bad: list[dict[str, Any]] = [
+        {"timeout": 0},
+        {"timeout": -1},
+        {"timeout": float("nan")},
+        {"timeout": float("inf")},
+        {"timeout": True},
+        {"timeout": "5"},
+        {"max_message": True},
+        {"max_message": 10},
+        {"max_message": 1.5e6},
+        {"buffer": 0},
+        {"buffer": True},
+        {"allow_remote": 1},
+    ]
+    for options in bad:
+        [name] = options
+        with pytest.raises(InvalidConfiguration, match=f"RemoteEngine: {name}=") as caught:
+            RemoteEngine(address, **options)
+        assert caught.value.where == "RemoteEngine", options
+    said = []
+    for token in (b"t" * 32, 12345, "\udcff" * 20):
+        with pytest.raises(InvalidConfiguration, match="RemoteEngine: token") as refused:
+            RemoteEngine(address, token=token)  # type: ignore[arg-type]
+        said.append(str(refused.value))
+        # a secret, even a mistyped one, is never quoted
+        assert "ttttt" not in said[-1] and "12345" not in said[-1]
+    assert "decode it" in said[0] and "not int" in said[1] and "UTF-8" in said[2]
+    RemoteEngine(address, token="é" * 8, timeout=0.1, max_message=32 * 1024, buffer=1)  # the least allowed
