@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar, overload
 
-from .errors import InvalidConfiguration
-from .events import BaseEvent, Event, EventsDropped
+from .errors import InvalidConfiguration, UnknownEventKind
+from .events import EVENT_KINDS, BaseEvent, Event, EventsDropped
 from .trusted import FAST, new, set_dict, set_extra, set_fields_set, set_private
 
 log = logging.getLogger("taskwatch.bus")
@@ -35,7 +36,34 @@ log = logging.getLogger("taskwatch.bus")
 E = TypeVar("E", bound=BaseEvent)
 
 DEFAULT_BUFFER = 10_000
+#: what a kinds filter may name
+_KINDS = frozenset(EVENT_KINDS)
 DEFAULT_REPLAY = 1_000
+
+
+def _checked_kinds(kinds: Iterable[str] | None) -> list[str]:
+    """``kinds`` as a list, each an event kind or a prefix of some ending in ``.``: a filter
+    that can match nothing would deliver nothing, silently."""
+    if kinds is None:
+        return []
+    if isinstance(kinds, (str, bytes)):
+        raise UnknownEventKind(kinds, f"kinds takes a list of kinds, not the one string {kinds!r}: pass [{kinds!r}]")
+    out = list(kinds)
+    for kind in out:
+        if not isinstance(kind, str):
+            raise UnknownEventKind(kind, f"kinds holds {kind!r}, which is no kind")
+        if kind in _KINDS or (kind.endswith(".") and any(k.startswith(kind) for k in _KINDS)):
+            continue
+        stem = kind.rstrip("*")
+        if stem != kind and (stem in _KINDS or any(k.startswith(stem) for k in _KINDS)):
+            near: list[str] = [stem]
+        elif any(k.startswith(kind + ".") for k in _KINDS):
+            near = [kind + "."]
+        else:
+            near = difflib.get_close_matches(kind, _KINDS, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise UnknownEventKind(kind, f"no event has kind {kind!r}{hint}")
+    return out
 
 
 class KindFilter:
@@ -44,7 +72,7 @@ class KindFilter:
     __slots__ = ("_exact", "_prefixes", "answers", "matches_all")
 
     def __init__(self, kinds: Iterable[str] | None) -> None:
-        kinds = list(kinds or ())
+        kinds = _checked_kinds(kinds)
         self._exact = frozenset(k for k in kinds if not k.endswith("."))
         self._prefixes = tuple(k for k in kinds if k.endswith("."))
         #: kind -> whether it matches, filled in as kinds are seen (hot callers look here first)

@@ -262,6 +262,17 @@ class InvalidStatus(TaskwatchError, ValueError):
         super().__init__(f"{value!r} is not a run status; use one of {', '.join(known)}")
 
 
+class UnknownEventKind(TaskwatchError, ValueError):
+    """An events filter (``kinds=``) names a kind no event has. Nothing was subscribed."""
+
+    def __init__(self, kind: object, why: str) -> None:
+        self.kind = kind
+        super().__init__(
+            f"{why}; give kinds such as 'run.failed' (every kind is in EVENT_KINDS) or a prefix "
+            "ending in '.' such as 'run.' (no wildcards); nothing was subscribed"
+        )
+
+
 class InvalidAddress(TaskwatchError, ValueError):
     """A control endpoint address cannot be used; nothing was opened or connected."""
 

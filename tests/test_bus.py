@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 from hypothesis import given
@@ -18,6 +19,7 @@ from taskwatch.engine import (
     RunRecord,
     RunStatus,
     TaskContext,
+    UnknownEventKind,
     event_from_json,
     event_to_json,
 )
@@ -394,3 +396,28 @@ async def test_every_event_the_engine_posts_for_a_run_gives_every_field() -> Non
         slow = await engine.submit("job", {"n": 5})
         await engine.cancel(slow.id)
     assert short == []
+
+
+@pytest.mark.parametrize(
+    ("kinds", "said"),
+    [
+        (["queue.*"], "did you mean 'queue.'?"),
+        (["queue.jobfailed"], "did you mean 'queue.job_failed'?"),
+        (["run"], "did you mean 'run.'?"),
+        (["nothing."], "no event has kind 'nothing.'"),
+        ("run.", "pass ['run.']"),
+        ([5], "kinds holds 5"),
+    ],
+)
+async def test_a_kinds_filter_that_could_match_nothing_is_refused(kinds: object, said: str) -> None:
+    # it would deliver nothing, silently: a typo or a glob must say so at once
+    bus = EventBus(node="n")
+    with pytest.raises(UnknownEventKind, match=re.escape(said)):
+        bus.subscribe(kinds=kinds)  # type: ignore[arg-type]
+    with pytest.raises(UnknownEventKind, match=re.escape(said)):
+        bus.add_callback(print, kinds)  # type: ignore[arg-type]
+    assert bus.stats()["subscribers"] == 0
+    got: list[str] = []
+    bus.add_callback(lambda e: got.append(e.kind), ["queue.", "run.failed", "health"])
+    bus.emit(ev.QueuePaused, queue="q", depth=0)
+    assert got == ["queue.paused"]
