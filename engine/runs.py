@@ -68,6 +68,27 @@ class Progress(BaseModel):
         return max(0.0, min(1.0, self.done / self.total))
 
 
+#: the longest error message and traceback a failure keeps: people read them, and every
+#: event, record, snapshot and store row carries them (a 20 MB message made a 90 MB snapshot)
+MAX_ERROR_MESSAGE = 8_192
+MAX_TRACEBACK = 65_536
+
+
+def _bounded_message(text: str) -> str:
+    if len(text) <= MAX_ERROR_MESSAGE:
+        return text
+    return f"{text[:MAX_ERROR_MESSAGE]}... ({len(text) - MAX_ERROR_MESSAGE} more characters cut)"
+
+
+def _bounded_traceback(text: str) -> str:
+    """Its start (the first exception of a chain) and, mostly, its end (the failure itself)."""
+    if len(text) <= MAX_TRACEBACK:
+        return text
+    head = MAX_TRACEBACK // 4
+    tail = MAX_TRACEBACK - head
+    return f"{text[:head]}\n... ({len(text) - MAX_TRACEBACK} characters cut) ...\n{text[-tail:]}"
+
+
 class RunError(BaseModel):
     """What went wrong in a failed attempt."""
 
@@ -84,10 +105,11 @@ class RunError(BaseModel):
         The leading frames are the engine's own (the loop that awaited the
         task), which tell a user nothing about their failure, so they are cut.
         """
+        lines = traceback.format_exception(type(exc), exc, _from_user_code(exc.__traceback__))
         return cls(
             type=type(exc).__qualname__,
-            message=safe_str(exc),
-            traceback=safe_text("".join(traceback.format_exception(type(exc), exc, _from_user_code(exc.__traceback__)))),
+            message=_bounded_message(safe_str(exc)),
+            traceback=_bounded_traceback(safe_text("".join(lines))),
         )
 
     @classmethod
@@ -98,7 +120,9 @@ class RunError(BaseModel):
         return cls(
             type="TimeoutError",
             message=message,
-            traceback=safe_text(f"Traceback (most recent call last):\n{''.join(frames)}TimeoutError: {message}\n"),
+            traceback=_bounded_traceback(
+                safe_text(f"Traceback (most recent call last):\n{''.join(frames)}TimeoutError: {message}\n")
+            ),
         )
 
 

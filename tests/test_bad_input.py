@@ -764,3 +764,35 @@ async def test_every_refusal_leaves_no_task_behind() -> None:
         assert engine.runs() == []
         assert_consistent(engine)
     assert stray_tasks() == set()
+
+
+async def test_a_huge_error_is_kept_cut_to_a_bound_that_says_so() -> None:
+    # every event, record, snapshot and store row carries a failure: a 20 MB message (or a chain
+    # thousands deep) must not make each of them megabytes, and what is kept says it was cut
+    engine = Engine(health_interval=None)
+
+    @engine.task
+    async def loud(ctx: TaskContext) -> None:
+        raise ValueError("spam " * 4_000_000)
+
+    @engine.task
+    async def chained(ctx: TaskContext) -> None:
+        error: Exception = KeyError("the first failure")
+        for n in range(2_000):
+            try:
+                raise error
+            except Exception as exc:
+                error = RuntimeError(f"while handling level {n}")
+                error.__cause__ = exc
+        raise error
+
+    async with engine:
+        big = await (await engine.submit("loud")).wait()
+        deep = await (await engine.submit("chained")).wait()
+        assert big.status is RunStatus.FAILED and big.error is not None
+        assert big.error.message.startswith("spam spam") and big.error.message.endswith("more characters cut)")
+        assert len(big.error.message) < 10_000 and len(big.error.traceback) < 70_000
+        assert deep.error is not None and "characters cut" in deep.error.traceback
+        assert "the first failure" in deep.error.traceback  # the chain's start
+        assert deep.error.traceback.rstrip().endswith("RuntimeError: while handling level 1999")  # and its end
+        assert len(engine.snapshot().model_dump_json()) < 1_000_000
