@@ -1127,8 +1127,10 @@ class Engine:
         running after that, the record returned says so. A run executing on
         another node sharing the store is cancelled by that node, which learns
         of it with its next heartbeat. Raises :class:`RunNotFound` or
-        :class:`RunNotCancellable`.
+        :class:`RunNotCancellable`, and :class:`InvalidConfiguration` for a ``grace``
+        that is no finite number of seconds >= 0 (before anything is cancelled).
         """
+        grace = self._run.checked_grace(grace)
         run = self._index.runs.get(run_id)
         if run is None:
             return await self._cancel_elsewhere(run_id, grace)

@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -37,10 +38,11 @@ from .events import (
     StoreReachable,
     StoreUnreachable,
 )
-from .errors import InvalidProgress, RunNotFound, StoppedBeforeDone
+from .errors import InvalidConfiguration, InvalidProgress, RunNotFound, StoppedBeforeDone
 from .executor import Executor
 from .index import RunIndex
 from .jsonsafe import NotJsonSafe, jsonable, safe_str, safe_text
+from .options import CancelOptions, WaitOptions, check_options
 from .runs import CancelReason, Progress, Run, RunError, RunRecord, RunStatus
 from .store import (
     Cancelled,
@@ -494,6 +496,7 @@ class Execution:
     ) -> None:
         """Run one attempt of a claimed run and write its outcome with the claim's token."""
         window: asyncio.Timeout | None = None
+        overran = False
         try:
             spec = run.spec
             if spec is None:
@@ -519,10 +522,25 @@ class Execution:
                     result = await call
                 else:
                     window = asyncio.timeout(spec.timeout)
-                    async with window:
-                        result = await call
-                    if window.expired():
-                        # the task swallowed its timeout's cancel and returned: it still timed out
+                    overrun: _Overrun | None = None
+                    try:
+                        async with window:
+                            overrun = _Overrun(run, token, spec.timeout, window, self.engine.cancel_grace)
+                            result = await call
+                    except asyncio.CancelledError as cancelled:
+                        # the timeout's own cancel after cancels again: a timeout still, unless
+                        # a cancel from elsewhere is left once ours are taken back
+                        if overrun is not None and overrun.end() and run.cancel_reason is None and not overrun.cancelled_elsewhere():
+                            raise TimeoutError from cancelled
+                        raise
+                    finally:
+                        if overrun is not None:
+                            overrun.end()
+                    when = window.when()
+                    if window.expired() or (when is not None and asyncio.get_running_loop().time() >= when):
+                        # the task swallowed its timeout's cancel and returned, or overran its
+                        # deadline blocking the loop and never suspended after it: it still timed out
+                        overran = True
                         raise TimeoutError
                 if result is not None:
                     result = jsonable(result)
@@ -540,7 +558,7 @@ class Execution:
                 return
             except TimeoutError as exc:
                 # the run's own timeout, not a TimeoutError the task raised itself
-                if window is not None and window.expired() and run.cancel_reason is None:
+                if window is not None and (window.expired() or overran) and run.cancel_reason is None:
                     cause = exc.__cause__
                     error = RunError.timed_out(
                         f"run exceeded its {spec.timeout:g} s timeout",
@@ -949,7 +967,13 @@ class Execution:
             waiters.append(fut)
         return fut
 
+    def checked_grace(self, grace: float | None) -> float:
+        """``Engine.cancel``'s ``grace`` checked before anything is cancelled, None as the engine's ``cancel_grace``."""
+        checked = checked_grace("Engine.cancel()", grace)
+        return self.engine.cancel_grace if checked is None else checked
+
     async def wait_finished(self, run: Run, timeout: float | None) -> RunRecord:
+        timeout = checked_timeout("Engine.wait_for()", timeout)
         if run.status.finished:
             return run.record()
         fut: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
@@ -1085,3 +1109,95 @@ def _last_progress(run: Run) -> Progress | None:
     if not run.done and run.total is None and not run.message:
         return None
     return Progress(done=run.done, total=run.total, message=run.message)
+
+
+def checked_timeout(where: str, timeout: float | None) -> float | None:
+    """A wait's ``timeout`` checked before anything waits: infinity is no limit; NaN, negatives,
+    bools and strings are refused with InvalidConfiguration (a NaN deadline in the loop's timer
+    heap would stall every other timer of the process)."""
+    if timeout is None or (type(timeout) in (int, float) and 0 <= timeout < math.inf):
+        return timeout
+    if isinstance(timeout, float) and timeout == math.inf:
+        return None
+    advice = "give the seconds to wait as a number >= 0, or None to wait without limit"
+    return _checked_seconds(WaitOptions, where, "timeout", timeout, advice)
+
+
+def checked_grace(where: str, grace: float | None) -> float | None:
+    """A cancel's ``grace`` checked before anything is cancelled (None: the engine's ``cancel_grace``)."""
+    if grace is None or (type(grace) in (int, float) and 0 <= grace < math.inf):
+        return grace
+    advice = "give the seconds to wait for the run to end as a finite number >= 0, or None for the engine's cancel_grace"
+    return _checked_seconds(CancelOptions, where, "grace", grace, advice)
+
+
+def _checked_seconds(model: type[WaitOptions | CancelOptions], where: str, name: str, value: object, advice: str) -> float | None:
+    if isinstance(value, float) and math.isnan(value):
+        # pydantic would say "should be greater than or equal to 0" of a NaN
+        raise InvalidConfiguration(where, [f"{name}=nan: not a number of seconds; {advice}"])
+    try:
+        checked: float | None = getattr(check_options(model, where, **{name: value}), name)
+    except InvalidConfiguration as exc:
+        raise InvalidConfiguration(where, [f"{problem}; {advice}" for problem in exc.problems]) from None
+    return checked
+
+
+#: the shortest pause between two cancels of a task that ignores its timeout: cancel_grace=0 must not spin
+_MIN_RECANCEL = 0.05
+
+
+class _Overrun:
+    """Cancels again, ``every`` seconds, the task of an attempt that ignored its timeout's cancel.
+
+    asyncio's timeout cancels once; a task that swallows that cancel (a broad ``except``) would
+    go on for good, holding its slot. As ``stop()`` does, it is cancelled again until it ends.
+    The extra cancels are this object's own: :meth:`end` takes them back, so the timeout still
+    reads as the run's timeout and not as a cancel from outside.
+    """
+
+    __slots__ = ("run", "token", "timeout", "task", "entered", "window", "every", "timer", "cancels")
+
+    def __init__(self, run: Run, token: str, timeout: float, window: asyncio.Timeout, every: float) -> None:
+        self.run = run
+        self.token = token
+        self.timeout = timeout
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.entered = task.cancelling()
+        self.window = window
+        self.every = max(every, _MIN_RECANCEL)
+        self.cancels = 0
+        when = window.when()
+        loop = asyncio.get_running_loop()
+        self.timer: asyncio.TimerHandle | None = None if when is None else loop.call_at(when + self.every, self._check)
+
+    def _check(self) -> None:
+        self.timer = None
+        if self.task.done() or self.run.token != self.token:
+            return  # over, or no longer this node's to record
+        if self.window.expired():
+            if self.task.cancel():
+                self.cancels += 1
+            if self.cancels == 1:
+                log.warning(
+                    "run %s of task %r ignored the cancel of its %g s timeout; cancelling it again every %g s "
+                    "until it ends (a task should let CancelledError propagate)",
+                    self.run.id, self.run.task, self.timeout, self.every,
+                )
+        self.timer = asyncio.get_running_loop().call_later(self.every, self._check)
+
+    def end(self) -> bool:
+        """Stop cancelling; whether the task was cancelled again (and those cancels are taken back)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        again = self.cancels > 0
+        for _ in range(self.cancels):
+            self.task.uncancel()
+        self.cancels = 0
+        return again
+
+    def cancelled_elsewhere(self) -> bool:
+        """Whether a cancel other than the timeout's and this object's is pending on the task."""
+        return self.task.cancelling() > self.entered

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Generator
 from typing import TYPE_CHECKING, Any
 
+from .execution import checked_grace, checked_timeout
 from .runs import RunRecord, RunStatus
 
 if TYPE_CHECKING:
@@ -51,10 +52,13 @@ class RunHandle:
     def wait(self, timeout: float | None = None) -> Awaitable[RunRecord]:
         """Await the run's finished record (``await handle.wait()``).
 
-        Raises ``TimeoutError`` if it is still going after ``timeout`` seconds.
+        Raises ``TimeoutError`` if it is still going after ``timeout`` seconds
+        (``math.inf`` is no limit), and :class:`InvalidConfiguration` at once for a
+        ``timeout`` that is no number of seconds >= 0.
         Without a timeout this is a plain future resolved by the run's finish,
         so gathering many handles costs no task each.
         """
+        timeout = checked_timeout("RunHandle.wait()", timeout)
         if timeout is None:
             return self._engine.wait_for(self.id, None, run=self._run)
         return self._wait(timeout)
@@ -66,7 +70,8 @@ class RunHandle:
         return record
 
     async def cancel(self, grace: float | None = None) -> RunRecord:
-        return await self._engine.cancel(self.id, grace)
+        """Cancel the run (see :meth:`Engine.cancel`)."""
+        return await self._engine.cancel(self.id, checked_grace("RunHandle.cancel()", grace))
 
     def __await__(self) -> Generator[Any, None, RunRecord]:
         return self.wait().__await__()

@@ -165,6 +165,11 @@ class WaitOptions(_Options):
     timeout: StrictSeconds | None
 
 
+class CancelOptions(_Options):
+    # no inf: a cancel's grace is how long its caller waits for the run to end, and it always returns
+    grace: StrictSeconds | None
+
+
 class PutOptions(_Options):
     # no None and no inf: a queue's put promises its producer never blocks without limit
     timeout: StrictSeconds
