@@ -19,7 +19,9 @@ import asyncio
 import contextvars
 import functools
 import logging
+import math
 import os
+import reprlib
 import threading
 import time
 from collections import Counter
@@ -34,6 +36,8 @@ from .errors import (
     DuplicateTask,
     EngineNotRunning,
     InvalidConfiguration,
+    InvalidQuery,
+    InvalidSubmission,
     QueueFull,
     RunNotCancellable,
     RunNotFound,
@@ -113,6 +117,8 @@ _CANCELLED = RunStatus.CANCELLED
 
 #: ``backend=`` values kept as aliases: both run on the store; inline makes submit wait
 _BACKENDS = ("asyncio", "inline")
+#: what a submit_many mapping may hold
+_SUBMISSION_FIELDS = frozenset({"task", "params", "key"})
 
 #: seconds a stop's store writes may go on retrying an unreachable store after its drain and cancel grace
 _STOP_WRITE_GRACE = 1.0
@@ -987,12 +993,19 @@ class Engine:
         nothing is queued.
         """
         runs: list[Run] = []
-        for item in submissions:
+        for index, item in enumerate(submissions):
             if isinstance(item, Mapping):
+                unknown = sorted(str(k) for k in item if k not in _SUBMISSION_FIELDS)
+                if unknown:
+                    raise InvalidSubmission(index, f"has field(s) {', '.join(unknown)}, which a submission has not")
+                if "task" not in item:
+                    raise InvalidSubmission(index, "names no task")
                 runs.append(self._prepare(item["task"], item.get("params"), item.get("key"), "submit"))
-            else:
+            elif isinstance(item, tuple) and len(item) == 2:
                 task, params = item
                 runs.append(self._prepare(task, params, None, "submit"))
+            else:
+                raise InvalidSubmission(index, f"is {reprlib.repr(item)}")
         fresh: list[Run] = []
         handles: list[RunHandle | None] = []
         for run in runs:
@@ -1244,7 +1257,21 @@ class Engine:
         limit: int = 50,
         before: str | None = None,
     ) -> Page:
-        """Runs in the store, newest first, one page at a time: pass ``page.next`` as ``before``."""
+        """Runs in the store, newest first, one page at a time: pass ``page.next`` as ``before``.
+
+        Raises :class:`InvalidQuery` for a ``since`` that is no finite time, a ``limit``
+        under 1, a ``task`` that is no text or a ``before`` that is no page's cursor, and
+        :class:`InvalidStatus` for a status that names none.
+        """
+        problems = []
+        if since is not None and (isinstance(since, bool) or not isinstance(since, (int, float)) or not math.isfinite(since)):
+            problems.append(f"since={since!r} is no time: pass UNIX seconds (time.time() - 3600, say) or None")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            problems.append(f"limit={limit!r}: pass how many runs a page holds, an int of 1 or more")
+        if task is not None and not isinstance(task, str):
+            problems.append(f"task={task!r} is no task name")
+        if problems:
+            raise InvalidQuery(problems)
         return await self._store.query(status=status, task=task, since=since, limit=limit, before=before)
 
     def wait_for(

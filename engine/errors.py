@@ -273,6 +273,27 @@ class UnknownEventKind(TaskwatchError, ValueError):
         )
 
 
+class InvalidSubmission(TaskwatchError, ValueError):
+    """An item of ``submit_many`` is not ``(task, params)`` nor a mapping of ``task``,
+    ``params`` and ``key``. Nothing was queued."""
+
+    def __init__(self, index: int, why: str) -> None:
+        self.index = index
+        super().__init__(
+            f"item {index} of submit_many {why}; give (task, params) or "
+            "{'task': ..., 'params': ..., 'key': ...}; nothing was queued"
+        )
+
+
+class InvalidQuery(TaskwatchError, ValueError):
+    """A runs query's argument cannot select anything (a cursor not from a page, a ``since``
+    that is no time, a limit under 1). Nothing was read."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid runs query: " + "; ".join(self.problems))
+
+
 class InvalidAddress(TaskwatchError, ValueError):
     """A control endpoint address cannot be used; nothing was opened or connected."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -30,7 +31,9 @@ from taskwatch.engine import (
     InvalidKey,
     InvalidParams,
     InvalidProgress,
+    InvalidQuery,
     InvalidStatus,
+    InvalidSubmission,
     JobNotSerializable,
     PostgresLease,
     RemoteEngine,
@@ -796,3 +799,48 @@ async def test_a_huge_error_is_kept_cut_to_a_bound_that_says_so() -> None:
         assert "the first failure" in deep.error.traceback  # the chain's start
         assert deep.error.traceback.rstrip().endswith("RuntimeError: while handling level 1999")  # and its end
         assert len(engine.snapshot().model_dump_json()) < 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("item", "said"),
+    [
+        ({"task": "noop", "kye": "dedup"}, "has field(s) kye"),
+        ({"params": {}}, "names no task"),
+        ("noop", "is 'noop'"),
+        (("noop", None, "extra"), "is ("),
+    ],
+)
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_a_malformed_submit_many_item_is_refused_and_nothing_is_queued(
+    item: Any, said: str, store: str, tmp_path: Path
+) -> None:
+    # a misspelled key would have queued the run without its dedup key, silently
+    engine = make_engine(store="memory" if store == "memory" else f"sqlite:///{tmp_path / 'runs.db'}")
+    async with engine:
+        with pytest.raises(InvalidSubmission, match=re.escape(f"item 1 of submit_many {said}")):
+            await engine.submit_many([("noop", None), item])
+        assert engine.runs(limit=None) == [] and (await engine.query_runs()).runs == []
+
+
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ({"before": "nope"}, "before='nope' is no page's cursor"),
+        ({"since": "yesterday"}, "since='yesterday' is no time"),
+        ({"since": math.nan}, "since=nan is no time"),
+        ({"limit": -5}, "limit=-5"),
+        ({"limit": True}, "limit=True"),
+        ({"task": 5}, "task=5"),
+    ],
+)
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_a_runs_query_that_can_select_nothing_says_why(
+    query: dict[str, Any], said: str, store: str, tmp_path: Path
+) -> None:
+    engine = make_engine(store="memory" if store == "memory" else f"sqlite:///{tmp_path / 'runs.db'}")
+    async with engine:
+        await (await engine.submit("noop")).wait()
+        with pytest.raises(InvalidQuery, match=re.escape(said)):
+            await engine.query_runs(**query)
+        page = await engine.query_runs(limit=1)
+        assert len(page.runs) == 1  # a good query still reads

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from ..errors import DuplicateRunId, QueueFull, RunNotFound
+from ..errors import DuplicateRunId, InvalidQuery, QueueFull, RunNotFound
 from ..runs import CancelReason, Progress, Run, RunError, RunStatus, run_status, record_fields
 from .base import Clock, Store, adoptable, gone_incarnations, lost_action, lost_reason, new_run_id
 from .models import (
@@ -840,9 +840,6 @@ def _seq_of(row: MemoryRow) -> int:
 
 
 def parse_cursor(cursor: str) -> int:
-    try:
+    if isinstance(cursor, str) and cursor.isdigit() and cursor.isascii():
         return int(cursor)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"invalid cursor {cursor!r}; pass the `next` value of a previous page unchanged"
-        ) from None
+    raise InvalidQuery([f"before={cursor!r} is no page's cursor: pass the `next` value of a previous page unchanged"])
