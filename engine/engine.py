@@ -53,7 +53,7 @@ from .events import (
     EngineStopping,
     NodeSuperseded,
 )
-from .execution import Execution
+from .execution import Execution, checked_timeout
 from .handle import RunHandle
 from .health import HealthSampler
 from .hop import cancel_and_wait
@@ -62,7 +62,7 @@ from .jsonsafe import check_key, name_problem
 from .lease import LeaderElector, Leadership
 from .memory_events import MemoryEventRelay, MemoryEventStream
 from .nodeid import hold_default_node_id
-from .options import EngineOptions, TaskOptions, check_options
+from .options import EngineOptions, StopOptions, TaskOptions, check_options
 from .postgres_events import PostgresEventRelay
 from .queues import QueueInfo, QueuePurge, WorkQueue
 from .redis_events import RedisEventRelay
@@ -704,8 +704,10 @@ class Engine:
 
         The shutdown runs as one task of the engine's own: a second caller waits
         for the same shutdown, and a caller that is itself cancelled does not
-        leave the engine half stopped.
+        leave the engine half stopped. A ``timeout`` that is no finite number of
+        seconds >= 0 raises :class:`InvalidConfiguration` before anything stops.
         """
+        timeout = check_options(StopOptions, "Engine.stop()", timeout=timeout).timeout
         starting = self._starting
         if starting is not None:
             # stop what is being started, once it is (a start that fails leaves nothing to stop)
@@ -1284,6 +1286,7 @@ class Engine:
         holds, the awaitable is a plain future resolved by the finish itself:
         ``gather`` over many of them starts no task per run.
         """
+        timeout = checked_timeout("Engine.wait_for()", timeout)
         run = self.current(run_id, run)
         if run is None:
             return self._poll_store(run_id, timeout)

@@ -170,6 +170,11 @@ class CancelOptions(_Options):
     grace: StrictSeconds | None
 
 
+class StopOptions(_Options):
+    # finite: a stop that waited for ever would never cancel what is left
+    timeout: StrictSeconds
+
+
 class PutOptions(_Options):
     # no None and no inf: a queue's put promises its producer never blocks without limit
     timeout: StrictSeconds

@@ -186,3 +186,20 @@ async def test_a_user_cancel_of_a_run_past_its_timeout_is_still_a_cancel() -> No
         await asyncio.wait_for(swallowed.wait(), 10)
         record = await handle.cancel(grace=5)
     assert record.status is RunStatus.CANCELLED and record.cancel_reason == "user"
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1, "1", True])
+async def test_a_stop_timeout_that_is_no_finite_seconds_is_refused_and_the_engine_goes_on(bad: Any) -> None:
+    engine = Engine(health_interval=None)
+
+    @engine.task
+    async def quick(ctx: TaskContext) -> str:
+        return "ran"
+
+    async with engine:
+        with pytest.raises(InvalidConfiguration, match=r"Engine\.stop\(\): timeout="):
+            await engine.stop(timeout=bad)
+        assert (await (await engine.submit("quick")).wait()).result == "ran"  # still running
+        # a run this node does not hold is waited for by reading the store: checked the same
+        with pytest.raises(InvalidConfiguration, match=r"Engine\.wait_for\(\): timeout=nan"):
+            await engine.wait_for("0000000000000000", math.nan)
