@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter
 
 from .runs import CancelReason, RunError
 
@@ -51,11 +51,22 @@ class RunStarted(RunOutcomeEvent):
     attempt: int = 1
 
 
+def _a_number(value: Any) -> Any:
+    # a bool is an int to Python and "3" converts: neither is an amount of work a task meant
+    if isinstance(value, (bool, str, bytes)):
+        raise ValueError("should be a number, not a bool or text")
+    return value
+
+
+#: an amount of progress: a finite number (JSON has no NaN or infinity, and an attached
+#: dashboard reads these back), given as one
+ProgressAmount = Annotated[float, BeforeValidator(_a_number), Field(allow_inf_nan=False)]
+
+
 class RunProgressed(RunEvent):
     kind: Literal["run.progress"] = "run.progress"
-    # finite only: JSON has no NaN or infinity, and an attached dashboard reads these back
-    done: float = Field(default=0, allow_inf_nan=False)
-    total: float | None = Field(default=None, allow_inf_nan=False)
+    done: ProgressAmount = 0
+    total: ProgressAmount | None = None
     message: str = ""
 
 

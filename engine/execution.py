@@ -928,7 +928,10 @@ class Execution:
                 message=safe_text(message) if isinstance(message, str) else message,
             )
         except ValidationError as exc:
-            problems = [f"{e['loc'][0]} {e['msg'].removeprefix('Input ')}, got {e['input']!r}"[:300] for e in exc.errors()]
+            problems = [
+                f"{e['loc'][0]} {e['msg'].removeprefix('Input ').removeprefix('Value error, ')}, got {e['input']!r}"[:300]
+                for e in exc.errors()
+            ]
             raise InvalidProgress(run.id, problems) from None
         run.done = event.done
         run.total = event.total

@@ -390,6 +390,30 @@ async def test_a_progress_report_that_is_not_a_finite_number_changes_nothing(don
         assert (await handle.wait(5)).status is RunStatus.SUCCEEDED
 
 
+@pytest.mark.parametrize("done", ["3", True, b"3"])
+async def test_a_progress_amount_given_as_text_or_a_bool_is_refused(done: Any) -> None:
+    # "3" converted and True read as 1: neither is an amount of work the task meant
+    engine = make_engine()
+    raised: list[BaseException] = []
+
+    @engine.task
+    async def wordy(ctx: TaskContext) -> None:
+        await ctx.progress(1, 4, "a quarter")
+        for value in ({"done": done}, {"done": 2, "total": done}):
+            try:
+                await ctx.progress(**value)
+            except InvalidProgress as exc:
+                raised.append(exc)
+
+    async with engine:
+        record = await (await engine.submit("wordy")).wait(5)
+        assert [str(exc).split(": ", 1)[1].split(";")[0] for exc in raised] == [
+            f"done should be a number, not a bool or text, got {done!r}",
+            f"total should be a number, not a bool or text, got {done!r}",
+        ]
+        assert (record.progress.done, record.progress.total) == (1, 4)
+
+
 async def test_progress_reported_after_the_run_ended_changes_nothing() -> None:
     engine = make_engine()
     recorder = Recorder(engine, ("run.",))
