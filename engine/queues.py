@@ -15,7 +15,8 @@ is). Nothing is ever dropped silently: a full queue raises :class:`QueueFull`
 (and counts it), a failing job is published as ``QueueJobFailed`` with its
 traceback, and jobs still undone when ``engine.stop`` times out are reported in
 ``QueueDrainIncomplete``. A cancel of a consumer that is not the engine's (the
-application cancelling a handler's task) fails that job and the consumer goes on.
+application cancelling a handler's task) fails that job and ends that consumer,
+as any cancelled task ends; another takes its place once there is work.
 
 With a durable store every job is also kept in the store until its handler
 has run (delivery is at least once): ``await put(job)`` returns once the job
@@ -60,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import logging
 import threading
 import time
@@ -144,6 +146,8 @@ class QueueInfo(BaseModel):
     #: handlers that ignored every cancel of a stop (three rounds of ``cancel_grace``): the stop
     #: went on without them (logged as a bug in the handler)
     ignored_cancel: int = 0
+    #: consumer tasks cancelled from outside the engine (their jobs counted failed), each replaced
+    consumers_replaced: int = 0
     #: times this node's hold on its stored jobs lapsed (no heartbeat reached the store for ``node_ttl``)
     hold_lapses: int = 0
     #: jobs set aside by a lapse, not started until the store says whether they are still this node's
@@ -315,6 +319,10 @@ class WorkQueue:
         self.given_up = 0
         #: a later process registered under this node's id: no job kept in the store starts here
         self._superseded = False
+        #: consumers cancelled from outside the engine, to be replaced once there is work
+        self._lost = 0
+        self.consumers_replaced = 0
+        self._names = itertools.count(concurrency)
 
     # ------------------------------------------------------------ producers
 
@@ -445,7 +453,7 @@ class WorkQueue:
             item = self._keep(job) if self._durable else job
             self._items.append(item)
             self.accepted += 1
-        self._wake_one(self._getters)
+        self._work_arrived()
         return item
 
     def _keep(self, job: Any) -> _Kept:
@@ -494,7 +502,7 @@ class WorkQueue:
             self._transits.discard(transit)
             job = transit.job
             self._items.append(self._keep(job) if self._durable else job)
-        self._wake_one(self._getters)
+        self._work_arrived()
         self._check_landed()
 
     def _check_landed(self) -> None:
@@ -544,14 +552,9 @@ class WorkQueue:
                 try:
                     await fut
                 except asyncio.CancelledError:
-                    if self._abandon or generation != self._generation or _loop_ending(task):
-                        raise
-                    # not the engine's (it cancels a consumer only once it abandons what is left): ending
-                    # here would leave the queue without this consumer for good
-                    while task.uncancel():
-                        pass
-                    log.warning("queue %r: a consumer task was cancelled from outside the engine; it goes on "
-                                "(engine.stop() ends the queue's consumers)", self.name)  # fmt: skip
+                    if not self._abandon and generation == self._generation:
+                        self._consumer_lost()
+                    raise
                 finally:
                     if not fut.done():
                         fut.cancel()
@@ -568,26 +571,36 @@ class WorkQueue:
             if kept is not None:
                 self._running[task] = kept
             try:
-                cancel: asyncio.CancelledError | None = None
                 try:
                     failure = await self._call(ctx, job)
-                except asyncio.CancelledError as exc:
-                    cancel = failure = exc
-                if task.cancelling():
-                    if self._abandon or generation != self._generation or _loop_ending(task):
-                        if cancel is not None:
-                            raise cancel  # the stop's cancel: the job counts as left undone
-                    else:
-                        # a cut's cancel (whether the handler swallowed it or not), or one that came from
-                        # the application (a handler cancelling its own task): neither ends the consumer,
-                        # which would leave the queue stalled, and the job in no count
-                        while task.uncancel():
-                            pass
+                except asyncio.CancelledError as cancel:
+                    cut = kept is not None and kept.cut
+                    if cut and task.uncancel() == 0:
+                        # the queue's own cancel of a cut job, and no other: it runs again where held
+                        if generation != self._generation:
+                            return
+                        self._cut_short(kept)  # type: ignore[arg-type]
+                        continue
+                    if not self._abandon and generation == self._generation:
+                        # not the stop's: the application cancelled this consumer (a handler
+                        # cancelling its own task, say). The task ends, as a cancelled task must
+                        # (asyncio.run() waits for it), the job counted as failed (or, cut, run
+                        # where it is held), and another consumer takes its place
+                        if cut:
+                            self._cut_short(kept)  # type: ignore[arg-type]
+                        else:
+                            self._failed(job, cancel)
+                            if kept is not None:
+                                self._done(kept)
+                        self._consumer_lost()
+                    raise  # the stop's cancel: the job counts as left undone
+                if kept is not None and kept.cut:
+                    task.uncancel()  # the handler swallowed its cut's cancel
+                    if failure is not None and generation == self._generation:
+                        self._cut_short(kept)  # it raised something else instead: cut short all the same
+                        continue
                 if generation != self._generation:
                     return  # a stop went on without this handler: nothing it did counts any more
-                if kept is not None and kept.cut and failure is not None:
-                    self._cut_short(kept)  # whatever it raised on its cut: cut short all the same
-                    continue
                 if failure is None:
                     self.processed += 1
                 else:
@@ -599,6 +612,33 @@ class WorkQueue:
                     self._running.pop(task, None)
                     self._in_flight -= 1
                     self._maybe_idle()
+
+    def _consumer_lost(self) -> None:
+        """A consumer was cancelled from outside the engine and ends: another takes its place
+        as soon as there is work (at once if jobs wait), so the queue never stalls for it."""
+        self._lost += 1
+        self.consumers_replaced += 1
+        log.warning("queue %r: a consumer task was cancelled from outside the engine; another takes its place",
+                    self.name)  # fmt: skip
+        if self._items and self._loop is not None:
+            self._loop.call_soon(self._replace_lost)
+
+    def _replace_lost(self) -> None:
+        """Start consumers in place of those cancelled from outside the engine (none while stopping)."""
+        lost, self._lost = self._lost, 0
+        loop = self._loop
+        if not lost or self._closing or self._abandon or loop is None or loop.is_closed() or not self._consumers:
+            return
+        live = [t for t in self._consumers if not t.done()]
+        self._consumers = live + [
+            loop.create_task(self._consume(self._generation), name=f"taskwatch-queue-{self.name}-{next(self._names)}")
+            for _ in range(lost)
+        ]
+
+    def _work_arrived(self) -> None:
+        self._wake_one(self._getters)
+        if self._lost:
+            self._replace_lost()
 
     def _done(self, item: _Kept) -> None:
         if item.id is None:
@@ -737,7 +777,7 @@ class WorkQueue:
                 self._items.extend(self._revive(j, stamp) for j in adopted)
             self.adopted += len(adopted)
             for _ in adopted:
-                self._wake_one(self._getters)
+                self._work_arrived()
 
     # ------------------------------------------------------------ the hold on stored jobs
 
@@ -909,7 +949,7 @@ class WorkQueue:
             # the store said it is still this node's since: it runs again here
             with self._lock:
                 self._items.appendleft(kept)
-            self._wake_one(self._getters)
+            self._work_arrived()
         else:
             self._aside[kept.id] = kept  # type: ignore[index]
 
@@ -968,7 +1008,7 @@ class WorkQueue:
             self.adopted += len(new)
             self.given_up += given
             for _ in range(len(back) + len(new)):
-                self._wake_one(self._getters)
+                self._work_arrived()
             for _ in range(given):
                 self._wake_one(self._putters)
             if given or lost:
@@ -1019,6 +1059,8 @@ class WorkQueue:
             for fut in self._getters:
                 if not fut.done():
                     fut.set_result(None)
+            if self._items and self._lost:
+                self._replace_lost()
             self._engine.bus.emit(QueueResumed, queue=self.name, depth=self.depth)
         return self.info()
 
@@ -1110,6 +1152,7 @@ class WorkQueue:
             write_failures=self.write_failures,
             lost=self.lost,
             ignored_cancel=self.ignored_cancel,
+            consumers_replaced=self.consumers_replaced,
             hold_lapses=self.hold_lapses,
             set_aside=len(self._aside),
             given_up=self.given_up,
@@ -1133,6 +1176,7 @@ class WorkQueue:
         self._loop_thread = threading.get_ident()
         self._closing = self._abandon = self._stop_answers_joins = False
         self._left_at_stop = None
+        self._lost = 0
         if self._engine.durable and not self._durable:
             self._durable = True
             with self._lock:
@@ -1325,12 +1369,6 @@ class WorkQueue:
 
     def __repr__(self) -> str:
         return f"<WorkQueue {self.name} depth={self.depth} in_flight={self._in_flight}>"
-
-
-def _loop_ending(me: asyncio.Task[None]) -> bool:
-    """Whether every other task of the loop is being cancelled too: ``asyncio.run()`` ending with the
-    engine never stopped. A consumer going on then would keep that end waiting for good."""
-    return all(t.cancelling() for t in asyncio.all_tasks() if t is not me)
 
 
 def _retrieved(task: asyncio.Task[None]) -> None:

@@ -377,19 +377,19 @@ async def test_queue_full_is_raised_in_the_calling_thread() -> None:
 
 
 @pytest.mark.parametrize("durable", [False, True], ids=["memory", "sqlite"])
-async def test_a_handler_task_cancelled_by_the_application_fails_its_job_and_the_consumer_goes_on(
+async def test_a_consumer_cancelled_by_the_application_fails_its_job_and_another_takes_its_place(
     durable: bool, tmp_path: Path
 ) -> None:
     url = f"sqlite:///{tmp_path / 'q.db'}"
     engine = make_engine(store=url, node_id="n") if durable else make_engine()
-    consumer: list[asyncio.Task[Any]] = []
+    consumers: list[asyncio.Task[Any]] = []
     started, never = asyncio.Event(), asyncio.Event()
     handled: list[str] = []
 
     async def handler(job: str) -> None:
+        # an application's "abort this job" keeps the task the job runs in, and cancels it
+        consumers.append(asyncio.current_task())  # type: ignore[arg-type]
         if job == "victim":
-            # an application's "abort this job" keeps the task the job runs in, and cancels it
-            consumer.append(asyncio.current_task())  # type: ignore[arg-type]
             started.set()
             await never.wait()
         handled.append(job)
@@ -399,20 +399,22 @@ async def test_a_handler_task_cancelled_by_the_application_fails_its_job_and_the
     async with engine:
         await queue.put("victim")
         await asyncio.wait_for(started.wait(), 2)
-        consumer[0].cancel()
+        consumers[0].cancel()
         await queue.put("next")
-        await asyncio.wait_for(queue.join(), 2)  # the only consumer is still there
+        await asyncio.wait_for(queue.join(), 2)  # the queue's only consumer was replaced
         assert handled == ["next"]
+        # the cancelled task ended, as a cancelled task must; its job counts as failed
+        assert consumers[0].done() and consumers[1] is not consumers[0]
         [event] = rec.of("queue.job_failed")
         assert event.job == "victim" and event.error.type == "CancelledError"
         info = queue.info()
-        assert (info.processed, info.failed, info.depth, info.in_flight) == (1, 1, 0, 0)
-        # cancelled again while it waits for a job: it still goes on
-        await eventually(lambda: queue.in_flight == 0 and not consumer[0].done())
-        consumer[0].cancel()
+        assert (info.processed, info.failed, info.depth, info.in_flight, info.consumers_replaced) == (1, 1, 0, 0, 1)
+        # cancelled while it waits for a job: it ends too, and the next job finds another
+        consumers[1].cancel()
+        await eventually(lambda: consumers[1].done())
         await queue.put("last")
         await asyncio.wait_for(queue.join(), 2)
-        assert handled == ["next", "last"]
+        assert handled == ["next", "last"] and queue.info().consumers_replaced == 2
     info = queue.info()
     assert (info.abandoned, info.kept, info.lost) == (0, 0, 0)
     assert not stray_tasks()
@@ -425,8 +427,10 @@ async def test_a_handler_task_cancelled_by_the_application_fails_its_job_and_the
         assert later.info().adopted == 0 and handled == ["next", "last"]
 
 
-def test_asyncio_run_still_ends_when_a_handler_runs_and_the_engine_was_never_stopped() -> None:
-    # its end cancels every task: a consumer must not take that for the application's cancel and go on
+@pytest.mark.parametrize("cleanup", ["none", "shielded"])
+def test_asyncio_run_ends_with_an_engine_never_stopped_whatever_its_tasks_do_on_the_way_out(cleanup: str) -> None:
+    # its end cancels every task once and waits for them: a consumer must end on that cancel, even
+    # while another task's cleanup makes new tasks (asyncio.shield wraps its coroutine in one)
     outcome: list[str] = []
 
     async def program() -> None:
@@ -437,7 +441,16 @@ def test_asyncio_run_still_ends_when_a_handler_runs_and_the_engine_was_never_sto
             started.set()
             await asyncio.Event().wait()
 
+        async def tidy() -> None:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                if cleanup == "shielded":
+                    await asyncio.shield(asyncio.sleep(0.01))
+
+        asyncio.get_running_loop().create_task(tidy())
         queue = engine.queue("unstopped", handler, concurrency=2)
+        engine.queue("idle", handler, concurrency=2)
         await engine.start()
         for n in range(4):
             queue.put_nowait(n)
@@ -451,6 +464,29 @@ def test_asyncio_run_still_ends_when_a_handler_runs_and_the_engine_was_never_sto
     thread.start()
     thread.join(10)
     assert outcome == ["ended"]
+
+
+async def test_cancelling_every_task_then_waiting_for_them_ends_every_consumer() -> None:
+    engine = make_engine()
+
+    async def handler(job: int) -> None:
+        await asyncio.Event().wait()
+
+    queue = engine.queue("busy", handler, concurrency=2)
+    engine.queue("idle", handler, concurrency=2)
+    await engine.start()
+    try:
+        queue.put_nowait(1)
+        await eventually(lambda: queue.in_flight == 1)
+        me = asyncio.current_task()
+        consumers = [t for t in asyncio.all_tasks() if t is not me and t.get_name().startswith("taskwatch-queue-")]
+        assert len(consumers) == 4
+        for task in consumers:
+            task.cancel()
+        done, pending = await asyncio.wait(consumers, timeout=5)
+        assert not pending
+    finally:
+        await engine.stop()
 
 
 class Reading(BaseModel):
