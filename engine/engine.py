@@ -25,7 +25,7 @@ import reprlib
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from pydantic import BaseModel
@@ -117,6 +117,8 @@ _CANCELLED = RunStatus.CANCELLED
 
 #: ``backend=`` values kept as aliases: both run on the store; inline makes submit wait
 _BACKENDS = ("asyncio", "inline")
+#: the largest integer a store's column holds
+_MAX_INT64 = 2**63 - 1
 #: what a submit_many mapping may hold
 _SUBMISSION_FIELDS = frozenset({"task", "params", "key"})
 
@@ -1003,8 +1005,8 @@ class Engine:
                 if "task" not in item:
                     raise InvalidSubmission(index, "names no task")
                 runs.append(self._prepare(item["task"], item.get("params"), item.get("key"), "submit"))
-            elif isinstance(item, tuple) and len(item) == 2:
-                task, params = item
+            elif isinstance(item, Sequence) and not isinstance(item, (str, bytes)) and len(item) == 2:
+                task, params = item  # a tuple, or a list (read from JSON, say)
                 runs.append(self._prepare(task, params, None, "submit"))
             else:
                 raise InvalidSubmission(index, f"is {reprlib.repr(item)}")
@@ -1268,7 +1270,7 @@ class Engine:
         problems = []
         if since is not None and (isinstance(since, bool) or not isinstance(since, (int, float)) or not math.isfinite(since)):
             problems.append(f"since={since!r} is no time: pass UNIX seconds (time.time() - 3600, say) or None")
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= _MAX_INT64:
             problems.append(f"limit={limit!r}: pass how many runs a page holds, an int of 1 or more")
         if task is not None and not isinstance(task, str):
             problems.append(f"task={task!r} is no task name")

@@ -233,10 +233,11 @@ def params_model_of(
         sig = inspect.signature(fn)
     except (TypeError, ValueError) as exc:
         raise TaskDefinitionError(f"cannot read the signature of task {name!r} ({exc}); {_shape(fn_name)}") from None
+    # a resource is passed by keyword: an argument it names is no positional one a run must fill
     positional = [
         p
         for p in sig.parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        if p.kind is p.POSITIONAL_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.name not in resources)
     ]
     if not positional:
         raise TaskDefinitionError(

@@ -844,6 +844,9 @@ async def test_a_malformed_submit_many_item_is_refused_and_nothing_is_queued(
         with pytest.raises(InvalidSubmission, match=re.escape(f"item 1 of submit_many {said}")):
             await engine.submit_many([("noop", None), item])
         assert engine.runs(limit=None) == [] and (await engine.query_runs()).runs == []
+        # a pair as a list (read from JSON, say) is a pair all the same
+        [handle] = await engine.submit_many([["noop", None]])
+        assert (await handle.wait(5)).status is RunStatus.SUCCEEDED
 
 
 @pytest.mark.parametrize(
@@ -854,6 +857,8 @@ async def test_a_malformed_submit_many_item_is_refused_and_nothing_is_queued(
         ({"since": math.nan}, "since=nan is no time"),
         ({"limit": -5}, "limit=-5"),
         ({"limit": True}, "limit=True"),
+        ({"limit": 10**30}, "limit=1000000000000000000000000000000"),
+        ({"before": "99999999999999999999"}, "before='99999999999999999999' is no page's cursor"),
         ({"task": 5}, "task=5"),
     ],
 )

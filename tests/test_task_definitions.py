@@ -195,3 +195,18 @@ def test_a_partial_without_a_name_is_asked_for_one() -> None:
     assert engine.tasks() == {}
     engine.register(functools.partial(scaled, factor=2), name="doubled")
     assert list(engine.tasks()) == ["doubled"]
+
+
+async def test_a_resource_may_be_taken_as_a_positional_or_keyword_argument() -> None:
+    # resources are passed by keyword: an argument they fill is none a run must fill by position
+    class Lookup(BaseModel):
+        key: str
+
+    engine = Engine(health_interval=None, resources={"db": {"a": 1}})
+
+    async def lookup(ctx: TaskContext, params: Lookup, db: dict[str, int]) -> int:
+        return db[params.key]
+
+    engine.register(lookup, params=Lookup, resources=("db",))
+    async with engine:
+        assert (await (await engine.submit("lookup", {"key": "a"})).wait()).result == 1

@@ -840,6 +840,6 @@ def _seq_of(row: MemoryRow) -> int:
 
 
 def parse_cursor(cursor: str) -> int:
-    if isinstance(cursor, str) and cursor.isdigit() and cursor.isascii():
+    if isinstance(cursor, str) and cursor.isdigit() and cursor.isascii() and int(cursor) < 2**63:
         return int(cursor)
     raise InvalidQuery([f"before={cursor!r} is no page's cursor: pass the `next` value of a previous page unchanged"])
