@@ -262,6 +262,8 @@ class _Periodic:
     #: the nominal (un-jittered) time of the next tick, and when it is actually due
     slot: float | None = None
     next_due: float | None = None
+    #: not due before this (``initial_delay`` after a start), whatever the slot says
+    hold_until: float = 0.0
     current: RunHandle | None = None
     #: the run of this task another node (or an earlier start) has going, which the
     #: latest tick found and let pass: shown as the running run while it goes
@@ -516,12 +518,18 @@ class Scheduler:
 
     def _first_slot(self, p: _Periodic) -> float | None:
         now = self._now()
+        # initial_delay is the service's time to warm up after a start: this one's too
+        p.hold_until = now + p.initial_delay
         if p.last_fire is not None:
             # fired before this start: the slot after the last one, or at once if it
             # was missed while nothing ran (once, however many were missed)
-            following = p.last_fire + p.every if p.every is not None else self._cron_after(p, p.last_fire)
-            # initial_delay is the service's time to warm up after a start: this one's too
-            return None if following is None else max(following, now + p.initial_delay)
+            if p.every is not None:
+                # another node's start may be later: its slot is then less than an interval
+                # after this one's, and the store refuses it (see gap in _loop)
+                return max(p.last_fire + p.every, p.hold_until)
+            # a cron slot stays the nominal time every node claims (once, cluster-wide);
+            # only when this node fires it waits for the warm-up
+            return self._cron_after(p, p.last_fire)
         start = now + p.initial_delay
         # just before `start`, so a cron time that falls exactly on it still counts
         return start if p.cron is None else self._cron_after(p, start - 1e-6)
@@ -550,7 +558,7 @@ class Scheduler:
         if span is None and p.jitter > 0:
             following = self._cron_after(p, slot)
             span = following - slot if following is not None else 0.0
-        p.next_due = slot + jitter_delay(span or 0.0, p.jitter, self._rng)
+        p.next_due = max(slot + jitter_delay(span or 0.0, p.jitter, self._rng), p.hold_until)
 
     def _slot_after_tick(self, p: _Periodic, slot: float, end: float | None) -> float | None:
         now = self._now()

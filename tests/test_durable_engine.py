@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from taskwatch.engine import Engine, EngineNotRunning, RunHandle, RunRecord, StoppedBeforeDone, TaskContext
+from taskwatch.engine.scheduler import next_cron_due
 
 from .helpers import eventually
 
@@ -882,3 +883,34 @@ async def test_a_finished_runs_last_progress_is_kept_in_the_store(
             stored = await again.fetch_run(run.id)
             assert (stored.progress.done, stored.progress.total, stored.progress.message) == (d, t, message), stored
         assert (await again.fetch_run(failed.id)).status.value == "failed"
+
+
+async def test_a_missed_cron_slot_fires_once_across_nodes_started_apart(tmp_path: Path) -> None:
+    # two nodes start with the store's last fire two days old: each waits out its own
+    # initial_delay after its start, and the missed 03:00 slot they both find fires once
+    from taskwatch.engine.store import SqliteStore
+
+    db = tmp_path / "cron.db"
+    two_days_ago = time.time() - 2 * 86_400
+    async with SqliteStore(db) as store:
+        last = next_cron_due("0 3 * * *", two_days_ago - 86_400)
+        assert await store.claim_periodic("nightly", last)
+
+    def node(name: str) -> Engine:
+        engine = Engine(store=f"sqlite:///{db}", node_id=name, health_interval=None)
+
+        @engine.periodic(cron="0 3 * * *", initial_delay=0.3)
+        async def nightly(ctx: TaskContext) -> None: ...
+
+        return engine
+
+    a, b = node("a"), node("b")
+    async with a:
+        async with b:  # started after a: its warm-up ends later
+            # each has had its go at the missed slot once its next one is tomorrow's
+            tomorrow = time.time() + 3_600
+            await eventually(
+                lambda: all((e.schedule()[0].next_due or 0) > tomorrow for e in (a, b)), timeout=10
+            )
+            fired = (await a.query_runs(task="nightly", limit=10)).runs
+            assert len(fired) == 1, [(r.node, r.created_at) for r in fired]
