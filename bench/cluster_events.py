@@ -84,7 +84,6 @@ async def measure(events: str, store: str, reader: EventRelay, runs: int, steps:
             for handle in handles:
                 await handle.wait()
             published = flood.bus.last_seq
-            sent = relay.stats()
         deadline = time.monotonic() + 60
         stopped = flood.bus.last_seq
         while time.monotonic() < deadline:
@@ -93,6 +92,8 @@ async def measure(events: str, store: str, reader: EventRelay, runs: int, steps:
                 break
             await asyncio.sleep(0.01)
         stats = reader.stats()
+        # read once the reader has caught up: the relay may still have been sending before
+        sent = relay.stats()
     return {
         "p50": statistics.median(idle),
         "p99": idle[min(len(idle) - 1, int(len(idle) * 0.99))],
