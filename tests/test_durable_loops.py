@@ -175,6 +175,40 @@ def test_trigger_counts_survive_a_kill(tmp_path: Path) -> None:
     assert asyncio.run(restart()) == 8
 
 
+def test_a_key_fired_just_before_a_kill_follows_its_run_after_the_restart(tmp_path: Path) -> None:
+    # the key fires and the process dies before its next save: the store has the run but no key
+    # naming it. After the restart the key must follow that run (recovered, attempt 2), not fire
+    # a second one that would run beside it
+    db, log = tmp_path / "t.db", tmp_path / "runs.log"
+    args = ("--log", str(log), "notify", "--key", "k", "--count", "5", "--threshold", "5", "--hold",
+            "--save-interval", "60")  # fmt: skip
+    first = Child(db, "compiler", *args, module=CHILD)
+    try:
+        fired = first.event("notified")
+        assert fired["fired"] == 1 and fired["run_id"] is not None
+        poll(lambda: len(starts(log)) == 1, what="the key's run started")
+        first.sigkill()
+    finally:
+        if first.proc.poll() is None:
+            first.proc.kill()
+    second = Child(db, "compiler", *args, module=CHILD)
+    try:
+        again = second.event("notified")
+        # five more notifies: counted on the run the key follows, not a second run
+        assert again["fired"] == 0 and again["run_id"] == fired["run_id"]
+        poll(lambda: len(starts(log)) == 2, what="the run recovered and started again")
+        assert [(s["run"], s["attempt"]) for s in starts(log)] == [(fired["run_id"], 1), (fired["run_id"], 2)]
+    finally:
+        second.proc.kill()
+        second.proc.wait(10)
+
+
+def starts(log: Path) -> list[dict[str, object]]:
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
 async def test_a_trigger_key_follows_its_run_across_a_restart(tmp_path: Path) -> None:
     store = f"sqlite:///{tmp_path / 't.db'}"
     gate = asyncio.Event()
