@@ -11,6 +11,7 @@ later by an encoder that would then drop every attached dashboard.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from pydantic_core import PydanticSerializationError, to_json, to_jsonable_python
@@ -94,6 +95,20 @@ def _non_finite(data: Any, path: str) -> tuple[str, float] | None:
         if found is not None:
             return found
     return None
+
+
+#: the line that stands for the middle of a text cut to a bound (``is_truncated`` finds it)
+TEXT_CUT = "\n[... {} characters truncated ...]\n"
+TEXT_CUT_RE = re.compile(r"\n\[\.\.\. \d+ characters truncated \.\.\.\]\n")
+
+
+def cut_text(text: str, head: int, tail: int) -> str:
+    """``text`` with its middle replaced by a line saying how many characters were cut, if it
+    is longer than ``head + tail`` characters (and the line)."""
+    cut = len(text) - head - tail
+    if cut <= len(TEXT_CUT):
+        return text
+    return text[:head] + TEXT_CUT.format(cut) + text[len(text) - tail :]
 
 
 def safe_text(text: str) -> str:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import InvalidStatus
-from .jsonsafe import safe_str, safe_text
+from .jsonsafe import cut_text, safe_str, safe_text
 from .trusted import construct
 
 if TYPE_CHECKING:
@@ -75,18 +75,12 @@ MAX_TRACEBACK = 65_536
 
 
 def _bounded_message(text: str) -> str:
-    if len(text) <= MAX_ERROR_MESSAGE:
-        return text
-    return f"{text[:MAX_ERROR_MESSAGE]}... ({len(text) - MAX_ERROR_MESSAGE} more characters cut)"
+    return cut_text(text, MAX_ERROR_MESSAGE // 2, MAX_ERROR_MESSAGE // 2)
 
 
 def _bounded_traceback(text: str) -> str:
     """Its start (the first exception of a chain) and, mostly, its end (the failure itself)."""
-    if len(text) <= MAX_TRACEBACK:
-        return text
-    head = MAX_TRACEBACK // 4
-    tail = MAX_TRACEBACK - head
-    return f"{text[:head]}\n... ({len(text) - MAX_TRACEBACK} characters cut) ...\n{text[-tail:]}"
+    return cut_text(text, MAX_TRACEBACK // 4, MAX_TRACEBACK - MAX_TRACEBACK // 4)
 
 
 class RunError(BaseModel):

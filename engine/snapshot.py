@@ -33,7 +33,6 @@ that not be enough), and ``runs_omitted`` says how many.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +40,7 @@ import pydantic_core
 from pydantic import BaseModel, ConfigDict
 
 from .errors import ReplyTooLarge
+from .jsonsafe import TEXT_CUT, TEXT_CUT_RE
 from .lease import Leadership
 from .queues import QueueInfo
 from .runs import EngineStats, RunRecord, RunStatus
@@ -61,8 +61,6 @@ PREVIEW_CHARS = 200
 #: fields holding free-form JSON: replaced whole by a marker, never cut inside
 _FREE_FORM = frozenset({"params", "result", "job"})
 
-_TEXT_MARK = "\n[... {} characters truncated ...]\n"
-_TEXT_MARK_RE = re.compile(r"\n\[\.\.\. \d+ characters truncated \.\.\.\]\n")
 
 #: room for what encode_snapshot adds around the runs: {"runs":[...],"runs_omitted":N,
 _SNAPSHOT_FRAME = 64
@@ -111,7 +109,7 @@ def truncate_text(text: str, max_value: int) -> str:
         return text
     keep = min(max_value // 4, len(text) // 3)
     while True:
-        clipped = text[:keep] + _TEXT_MARK.format(len(text) - 2 * keep) + text[len(text) - keep:]
+        clipped = text[:keep] + TEXT_CUT.format(len(text) - 2 * keep) + text[len(text) - keep :]
         # escapes can make the kept part longer than its character count: halve until it fits
         if keep == 0 or len(pydantic_core.to_json(clipped)) <= max_value:
             return clipped
@@ -122,7 +120,7 @@ def is_truncated(value: Any) -> bool:
     """True for a marker object or a cut string, as :func:`bounded_json` makes them."""
     if isinstance(value, dict):
         return value.get(TRUNCATED) is True
-    return isinstance(value, str) and _TEXT_MARK_RE.search(value) is not None
+    return isinstance(value, str) and TEXT_CUT_RE.search(value) is not None
 
 
 def _marker(encoded: bytes) -> dict[str, Any]:

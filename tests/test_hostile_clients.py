@@ -493,10 +493,13 @@ async def test_huge_errors_and_results_are_cut_in_events_within_the_clients_limi
         assert error.traceback.rstrip().endswith(" tail")  # the end names the error
         assert is_truncated(seen[(echoed.id, "run.succeeded")].result)
         assert remote.connected
-    # a client with room for the whole record can have it
+    # a client with room for the whole record can have it: the result whole, the error as the
+    # engine keeps it (itself cut to a bound where the failure was recorded)
     async with RemoteEngine(sock_path, timeout=5) as roomy:
         full = await roomy.get(failing.id)
-        assert full.error is not None and full.error.message == message
+        kept = engine.get(failing.id).error
+        assert full.error is not None and kept is not None and full.error.message == kept.message
+        assert (await roomy.get(echoed.id)).result == message
 
 
 # ---------------------------------------------------------------- 10: tokens
