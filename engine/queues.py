@@ -926,11 +926,7 @@ class WorkQueue:
         cut = 0
         for task, kept in self._running.items():
             if not kept.lost:
-                kept.lost = True
-                if not kept.cut:
-                    kept.cut = True
-                    task.cancel()
-                    cut += 1
+                cut += _hand_over(task, kept)
         self.given_up += given
         for _ in range(given):
             self._wake_one(self._putters)
@@ -980,11 +976,7 @@ class WorkQueue:
                 if kept.id in mine:
                     kept.epoch = epoch
                 elif not kept.lost:
-                    kept.lost = True
-                    if not kept.cut:
-                        kept.cut = True
-                        task.cancel()
-                        lost += 1
+                    lost += _hand_over(task, kept)
             with self._lock:
                 # written while the hold was lapsed: another node may have taken them at once
                 gone = [i for i in self._items if type(i) is _Kept and i.id is not None and i.id not in mine]
@@ -1369,6 +1361,17 @@ class WorkQueue:
 
     def __repr__(self) -> str:
         return f"<WorkQueue {self.name} depth={self.depth} in_flight={self._in_flight}>"
+
+
+def _hand_over(task: asyncio.Task[None], kept: _Kept) -> bool:
+    """A running job another node holds now: cancel it here (it runs there). Whether this
+    cancelled it (a job already cut was cancelled before)."""
+    kept.lost = True
+    if kept.cut:
+        return False
+    kept.cut = True
+    task.cancel()
+    return True
 
 
 def _retrieved(task: asyncio.Task[None]) -> None:
