@@ -721,9 +721,11 @@ class TaskwatchApp(App[None]):
                 self.notify(f"could not load run {record.id} in full for {purpose}: {exc}", severity="warning")
                 return None
             self._keep_full(full)
-        if _has_cut_values(full):  # a value the engine itself holds shortened
+        if is_truncated(full.params) or is_truncated(full.result):  # a value the engine itself holds shortened
             self.notify(f"run {record.id} holds shortened values: {purpose} needs them whole", severity="warning")
             return None
+        # an error's text the engine keeps cut to its bound (where the failure was recorded) is
+        # the whole of it: there is no more to fetch
         return full
 
     def _update_failures(self) -> None:
