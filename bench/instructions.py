@@ -16,7 +16,11 @@ Variants (memory store, ``max_concurrency`` 8, the batch pattern of
 ``unread``    the engine, its three events per run posted, the subscriber filtering them all out
 ``read``      the engine, the subscriber reading (building) all three events
 
-    python bench/instructions.py [--runs 2000]
+    python bench/instructions.py [--runs 2000] [--rev REV]
+
+``--rev REV`` counts an earlier revision's engine instead (its packages
+extracted with ``git archive``, as ``bench/versus.py`` does), with this
+script's variants, so two revisions' counts compare like for like.
 
 Needs valgrind (Debian: ``apt-get install valgrind``).
 """
@@ -26,11 +30,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import platform
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 VARIANTS = ("bare", "silent", "unread", "read")
 
@@ -71,11 +78,12 @@ async def child(variant: str, n: int) -> None:
         await reading
 
 
-def count(variant: str, n: int) -> int:
+def count(variant: str, n: int, path: str | None = None) -> int:
+    env = dict(os.environ, PYTHONPATH=path) if path else None
     out = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
          "--child", variant, "--runs", str(n)],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, env=env,
     )  # fmt: skip
     found = re.search(r"Collected : (\d+)", out.stderr)
     if found is None:
@@ -86,6 +94,7 @@ def count(variant: str, n: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=2_000)
+    parser.add_argument("--rev", help="count this git revision's engine instead of the checkout's")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -95,8 +104,16 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed: apt-get install valgrind")
     n = args.runs
-    per_run = {variant: (count(variant, 2 * n) - count(variant, n)) / n for variant in VARIANTS}
-    print(f"python {platform.python_version()} on {platform.machine()}, instructions per no-op run "
+    with tempfile.TemporaryDirectory() as scratch:
+        path = None
+        if args.rev:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from versus import extract
+
+            path = str(extract(args.rev, Path(scratch)))
+        per_run = {variant: (count(variant, 2 * n, path) - count(variant, n, path)) / n for variant in VARIANTS}
+    which = f"revision {args.rev}" if args.rev else "this checkout"
+    print(f"python {platform.python_version()} on {platform.machine()}, {which}, instructions per no-op run "
           f"(callgrind, {n} and {2 * n} runs, gc off)")  # fmt: skip
     for variant in VARIANTS:
         print(f"{variant:<8}: {per_run[variant]:>10,.0f}  ({per_run[variant] / per_run['bare']:.1f} x bare)")
