@@ -613,34 +613,30 @@ class Trigger:
             else:
                 self._active[rec.run_id] = key
                 st.running = run.status is RunStatus.RUNNING
-        await self._follow_unrecorded(saved)
+        self._follow_unrecorded(saved)
 
-    async def _follow_unrecorded(self, saved: Mapping[str, TriggerKeyRecord]) -> None:
+    def _follow_unrecorded(self, saved: Mapping[str, TriggerKeyRecord]) -> None:
         """Follow the runs of this trigger's task that are not finished and that no saved key
         names: fired after the last save, before the process died. Firing their keys again
-        now would run a key twice at once; the count saved before the fire is theirs."""
-        store = self._engine.store
-        for status in (RunStatus.PENDING, RunStatus.RUNNING):
-            before: str | None = None
-            while True:
-                page = await store.query(status=status, task=self.task_name, limit=1_000, before=before)
-                for run in page.runs:
-                    key = run.params.get("key")
-                    if not isinstance(key, str) or run.id in self._active:
-                        continue
-                    st = self._keys.get(key)
-                    if st is None:
-                        st = self._keys[key] = _Key()
-                    if st.run_id is not None:
-                        continue
-                    rec = saved.get(key)
-                    st.run_id, st.captured = run.id, min(rec.count if rec is not None else 0, st.count)
-                    st.running = run.status is RunStatus.RUNNING
-                    self._active[run.id] = key
-                    self._changed(key)
-                if page.next is None:
-                    break
-                before = page.next
+        now would run a key twice at once; the count saved before the fire is theirs.
+
+        The engine's index has them (read back from the store at the start), and this
+        trigger hears their events from it, so a key never waits on a run nobody reports.
+        """
+        for run in self._engine.runs(task=self.task_name, limit=None):
+            key = run.params.get("key")
+            if run.status.finished or not isinstance(key, str) or run.id in self._active:
+                continue
+            st = self._keys.get(key)
+            if st is None:
+                st = self._keys[key] = _Key()
+            if st.run_id is not None:
+                continue
+            rec = saved.get(key)
+            st.run_id, st.captured = run.id, min(rec.count if rec is not None else 0, st.count)
+            st.running = run.status is RunStatus.RUNNING
+            self._active[run.id] = key
+            self._changed(key)
 
     async def _save(self) -> None:
         dirty, self._dirty = self._dirty, set()
