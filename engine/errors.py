@@ -369,12 +369,12 @@ class MessageTooLarge(ProtocolError):
 
     reason = "oversized"
 
-    def __init__(self, size: int, limit: int) -> None:
+    def __init__(self, size: int, limit: int, setting: str = "max_message") -> None:
         self.size = size
         self.limit = limit
         super().__init__(
             f"message of {size} bytes exceeds the {limit}-byte limit and was discarded; "
-            "send smaller messages or raise max_message"
+            f"send smaller messages or raise {setting}"
         )
 
 

@@ -1259,7 +1259,8 @@ class _Connection:
             line = await read_line(self._streams[0], server.max_hello, discard=False)
         except MessageTooLarge as exc:
             server.count(exc.reason)
-            raise _Refused(None, exc) from None
+            # a hello's bound is the server's max_hello, not the max_message the reply would name
+            raise _Refused(None, MessageTooLarge(exc.size, exc.limit, setting="max_hello")) from None
         if line is None or self.dismissed:
             return False  # (what a dismissed client had sent is its problem no more)
         try:
