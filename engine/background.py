@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from .errors import EngineAlreadyRunning, EngineCrashed, EngineNotRunning, InvalidConfiguration, LoopThreadError
+from .execution import checked_timeout
 from .hop import Escaped, LoopCall, call_apart, ship
 from .options import BackgroundOptions, WaitOptions, check_options
 from .runs import RunRecord, RunStatus
@@ -131,11 +132,11 @@ class BackgroundRunHandle:
         ``StoppedBeforeDone`` for a run the stop left undone. Once the engine
         runs again (a later ``start_background()``), it waits there.
         """
-        return self._bg._wait_run(self._handle, _wait_timeout("wait", timeout))
+        return self._bg._wait_run(self._handle, checked_timeout("BackgroundRunHandle.wait()", timeout))
 
     async def finished(self, timeout: float | None = None) -> RunRecord:
         """Await the finished record, on any event loop."""
-        return await self._bg._await_run(self._handle, _wait_timeout("finished", timeout))
+        return await self._bg._await_run(self._handle, checked_timeout("BackgroundRunHandle.finished()", timeout))
 
     def __await__(self) -> Generator[Any, None, RunRecord]:
         return self.finished().__await__()
@@ -911,16 +912,6 @@ def _seconds(where: str, timeout: float) -> float:
     _refuse_nan(where, timeout=timeout)
     checked: float = check_options(WaitOptions, where, timeout=timeout).timeout  # type: ignore[assignment]
     return checked
-
-
-def _wait_timeout(method: str, timeout: float | None) -> float | None:
-    """A wait's timeout checked: infinity is none, as for an Engine's wait; NaN, negatives,
-    bools and strings are refused with InvalidConfiguration."""
-    if isinstance(timeout, float) and timeout == math.inf:
-        return None
-    where = f"BackgroundRunHandle.{method}()"
-    _refuse_nan(where, timeout=timeout)
-    return check_options(WaitOptions, where, timeout=timeout).timeout
 
 
 def _dashboard_view(url: str) -> Any:

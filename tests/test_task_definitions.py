@@ -134,6 +134,22 @@ async def test_every_form_a_run_can_call_registers_and_runs() -> None:
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
 
 
+async def read_back(params: At | dict[str, Any]) -> dt.datetime:
+    """The ``t`` a task receives for ``params`` (as a run reads them back from their record)."""
+    engine = Engine(health_interval=None)
+    got: list[dt.datetime] = []
+
+    @engine.task
+    async def at(ctx: TaskContext, params: At) -> None:
+        got.append(params.t)
+
+    async with engine:
+        run = await (await engine.submit("at", params)).wait(timeout=5)
+    assert run.status is RunStatus.SUCCEEDED
+    [t] = got
+    return t
+
+
 @pytest.mark.parametrize(
     "when",
     [
@@ -144,32 +160,13 @@ BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
     ],
 )
 async def test_an_aware_datetime_in_a_dst_fold_or_gap_is_taken_as_its_instant(when: dt.datetime) -> None:
-    engine = Engine(health_interval=None)
-    got: list[dt.datetime] = []
-
-    @engine.task
-    async def at(ctx: TaskContext, params: At) -> None:
-        got.append(params.t)
-
-    async with engine:
-        run = await (await engine.submit("at", At(t=when))).wait(timeout=5)
-    assert run.status is RunStatus.SUCCEEDED
-    assert got[0].utcoffset() == when.utcoffset()
-    assert got[0].astimezone(dt.timezone.utc) == when.astimezone(dt.timezone.utc)
+    got = await read_back(At(t=when))
+    assert got.utcoffset() == when.utcoffset()
+    assert got.astimezone(dt.timezone.utc) == when.astimezone(dt.timezone.utc)
 
 
 async def test_a_naive_datetime_still_reads_back_naive() -> None:
-    engine = Engine(health_interval=None)
-    got: list[dt.datetime] = []
-
-    @engine.task
-    async def at(ctx: TaskContext, params: At) -> None:
-        got.append(params.t)
-
-    async with engine:
-        run = await (await engine.submit("at", {"t": dt.datetime(2024, 10, 27, 2, 30)})).wait(timeout=5)
-    assert run.status is RunStatus.SUCCEEDED
-    assert got == [dt.datetime(2024, 10, 27, 2, 30)]
+    assert await read_back({"t": dt.datetime(2024, 10, 27, 2, 30)}) == dt.datetime(2024, 10, 27, 2, 30)
 
 
 async def test_a_task_given_resources_takes_them_as_keyword_only_arguments() -> None:
