@@ -976,7 +976,6 @@ class Execution:
         return self.engine.cancel_grace if checked is None else checked
 
     async def wait_finished(self, run: Run, timeout: float | None) -> RunRecord:
-        timeout = checked_timeout("Engine.wait_for()", timeout)
         if run.status.finished:
             return run.record()
         fut: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
