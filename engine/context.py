@@ -21,7 +21,7 @@ class TaskContext:
     destructive writes so a stale leader's writes can be refused.
     """
 
-    __slots__ = ("_engine", "_run", "_report", "name")
+    __slots__ = ("_engine", "_run", "_report", "_attempt", "name")
 
     def __init__(
         self,
@@ -29,11 +29,14 @@ class TaskContext:
         run: Run | None,
         name: str,
         report: Callable[[Run, float, float | None, str], None] | None = None,
+        attempt: int = 1,
     ) -> None:
         self._engine = engine
         self._run = run
         #: how the engine that runs this task takes its progress reports
         self._report = report
+        #: the attempt of work that is not a run (a queue job's delivery)
+        self._attempt = attempt
         self.name = name
 
     @property
@@ -42,7 +45,15 @@ class TaskContext:
 
     @property
     def attempt(self) -> int:
-        return self._run.attempt if self._run is not None else 1
+        """Which execution this is, from 1: more than 1 when the work may have run before.
+
+        For a run, its attempt (a retry, or a run recovered from a node that died). For a
+        queue job, 1 plus the times it was handed out again: taken up after the process
+        that held it ended or was cut off, or started again after its handler was cut
+        short. Delivery is at least once, so an earlier delivery may have run the
+        handler, wholly or in part (or not at all: it may have been waiting).
+        """
+        return self._run.attempt if self._run is not None else self._attempt
 
     @property
     def params(self) -> dict[str, Any]:

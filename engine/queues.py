@@ -171,11 +171,13 @@ class QueuePurge(BaseModel):
 class _Kept:
     """A job of a queue on a durable store, and its row once written (``id``)."""
 
-    __slots__ = ("job", "id", "done", "epoch", "cut", "lost", "unstorable")
+    __slots__ = ("job", "id", "done", "epoch", "cut", "lost", "unstorable", "attempt")
 
-    def __init__(self, job: Any, job_id: int | None = None, epoch: int = -1) -> None:
+    def __init__(self, job: Any, job_id: int | None = None, epoch: int = -1, attempt: int = 1) -> None:
         self.job = job
         self.id = job_id
+        #: 1 + the times it was handed out again (``TaskContext.attempt``)
+        self.attempt = attempt
         #: handled before its row was written: the row is deleted as soon as it exists
         self.done = False
         #: the queue's hold epoch when this node took its row (-1: while the hold may have
@@ -540,7 +542,7 @@ class WorkQueue:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
-        ctx = TaskContext(self._engine, None, f"queue:{self.name}") if self._with_ctx else None
+        ctx_name = f"queue:{self.name}"
         while True:
             while not self._items or self.paused:
                 # a job accepted from another thread is still on its way: wait for it
@@ -567,6 +569,12 @@ class WorkQueue:
                 self._set_aside(kept)
                 continue
             job = item if kept is None else kept.job
+            # one context per job: a handler that keeps it reads its own job's attempt
+            ctx = (
+                TaskContext(self._engine, None, ctx_name, attempt=1 if kept is None else kept.attempt)
+                if self._with_ctx
+                else None
+            )
             self._in_flight += 1
             if kept is not None:
                 self._running[task] = kept
@@ -764,7 +772,7 @@ class WorkQueue:
                 value = self._job_model.model_validate(value)
             except ValidationError:
                 pass  # the model changed since it was put: the handler gets the JSON, and decides
-        return _Kept(value, job.id, epoch)
+        return _Kept(value, job.id, epoch, job.handovers + 1)
 
     async def _adopt(self) -> None:
         """Take up the jobs of holders that are gone (not while this node may look gone itself)."""
@@ -940,8 +948,10 @@ class WorkQueue:
     def _cut_short(self, kept: _Kept) -> None:
         """A job's handler ended on its cut: run it again where it is still held."""
         if kept.lost:
-            self.given_up += 1  # it runs on the node that took it
-        elif kept.epoch == self._epoch and not self._lapsed:
+            self.given_up += 1  # it runs on the node that took it (the store counts that handover)
+            return
+        kept.attempt += 1
+        if kept.epoch == self._epoch and not self._lapsed:
             # the store said it is still this node's since: it runs again here
             with self._lock:
                 self._items.appendleft(kept)

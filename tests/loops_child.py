@@ -17,7 +17,7 @@ With ``--hold`` the trigger's task appends ``{"key", "run", "attempt", "pid"}``
 to ``--log`` as it starts and then never ends; its saves come every
 ``--save-interval`` s (default 0.1).
 
-The handler of queue ``mail`` appends the job's ``i`` to ``--log`` with one
+The handler of queue ``mail`` appends ``{"i", "attempt", "pid"}`` to ``--log`` with one
 ``os.write`` on an ``O_APPEND`` descriptor (a SIGKILL cannot take it back),
 then sleeps ``--sleep`` s.
 """
@@ -60,9 +60,10 @@ async def main() -> None:
     engine = Engine(store=f"sqlite:///{args.db}", node_id=args.node, lease_ttl=2.0, health_interval=None)
     fd = os.open(args.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if args.log else None
 
-    async def send(job: dict[str, Any]) -> None:
+    async def send(ctx: TaskContext, job: dict[str, Any]) -> None:
         if fd is not None:
-            os.write(fd, (json.dumps({"i": job["i"], "pid": os.getpid()}) + "\n").encode())
+            line = {"i": job["i"], "attempt": ctx.attempt, "pid": os.getpid()}
+            os.write(fd, (json.dumps(line) + "\n").encode())
         await asyncio.sleep(args.sleep)
 
     queue = engine.queue("mail", send, concurrency=4, maxsize=100_000)

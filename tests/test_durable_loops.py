@@ -13,6 +13,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 from taskwatch.engine import Engine, TaskContext
@@ -27,6 +28,10 @@ def handled(log: Path) -> list[int]:
     if not log.exists():
         return []
     return [json.loads(line)["i"] for line in log.read_text().splitlines() if line.strip()]
+
+
+def lines(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
 def poll(pred, timeout: float = 30.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
@@ -64,6 +69,9 @@ def test_queue_jobs_put_before_a_kill_are_all_handled_after_the_restart(tmp_path
     assert drained["info"]["failed"] == 0
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM queue_jobs").fetchone()[0] == 0
+    # every job the restarted process took up tells its handler it was handed out before
+    attempts = {(line["pid"] == second.proc.pid, line["attempt"]) for line in lines(log)}
+    assert attempts == {(False, 1), (True, 2)}
 
 
 class Mail(BaseModel):

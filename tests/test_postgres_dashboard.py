@@ -36,6 +36,7 @@ from taskwatch.engine import (
     __version__,
 )
 from taskwatch.engine.store import NewRun, PostgresStore
+from taskwatch.engine.store import queries as Q
 from taskwatch.tui.cli import main as cli_main
 from taskwatch.tui.cluster import ClusterApp
 from taskwatch.tui.screens import ConfirmScreen, RunScreen
@@ -181,17 +182,19 @@ async def test_a_dashboard_leaves_an_older_or_newer_clusters_database_as_it_is(
 ) -> None:
     db = database(postgres_url)
     postgres_server.sql(";\n".join(schema_script(4)), db)
-    older = r"schema version 4, older than this taskwatch's 5.*Upgrade the cluster's nodes"
+    older = rf"schema version 4, older than this taskwatch's {Q.SCHEMA_VERSION}.*Upgrade the cluster's nodes"
     with pytest.raises(StoreUnavailable, match=older):
         await ClusterObserver(postgres_url).start()
     with pytest.raises(StoreUnavailable, match="schema version 4"):
         await PostgresEventRelay(postgres_url, migrate=False).start()
     assert versions(postgres_server, postgres_url) == ["1", "2", "3", "4"]
 
-    postgres_server.sql("INSERT INTO schema_migrations VALUES (5, 'five', 0), (6, 'from the future', 0)", db)
-    with pytest.raises(SchemaTooNew, match="schema version 6"):
+    future = Q.SCHEMA_VERSION + 1
+    rows = ", ".join(f"({v}, 'later', 0)" for v in range(5, future + 1))
+    postgres_server.sql(f"INSERT INTO schema_migrations VALUES {rows}", db)
+    with pytest.raises(SchemaTooNew, match=f"schema version {future}"):
         await ClusterObserver(postgres_url).start()
-    assert versions(postgres_server, postgres_url) == ["1", "2", "3", "4", "5", "6"]
+    assert versions(postgres_server, postgres_url) == [str(v) for v in range(1, future + 1)]
     assert not stray_tasks()
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from taskwatch.engine import Engine
+from taskwatch.engine import Engine, TaskContext
 from taskwatch.engine.queues import QueueInfo, WorkQueue
 from taskwatch.engine.store import SqliteStore
 
@@ -375,8 +375,11 @@ async def test_a_node_cut_off_from_postgres_stops_its_job_and_starts_none_anothe
             cut.append(job["i"])
             raise
 
-    async def handle_b(job: dict[str, int]) -> None:
+    attempts: set[int] = set()
+
+    async def handle_b(ctx: TaskContext, job: dict[str, int]) -> None:
         handled.append(("b", job["i"]))
+        attempts.add(ctx.attempt)
 
     async with StallingProxy(postgres_server.port) as proxy:
         async with _engine(proxy.url(postgres_url), "a", "q", handle_a) as (a, queue_a):
@@ -403,3 +406,4 @@ async def test_a_node_cut_off_from_postgres_stops_its_job_and_starts_none_anothe
     assert Counter(i for n, i in handled if n == "b") == {i: 1 for i in range(jobs)}
     assert [i for n, i in handled if n == "a"] == [0], handled
     assert info.hold_lapses >= 1 and info.given_up == jobs and info.processed == 0
+    assert attempts == {2}  # each handed over from A: B's handler is told it may have run before

@@ -176,13 +176,13 @@ async def test_handler_may_take_a_context() -> None:
     names: list[str] = []
 
     async def handler(ctx: TaskContext, job: dict) -> None:
-        names.append(f"{ctx.name}:{job['n']}")
+        names.append(f"{ctx.name}:{job['n']}:{ctx.attempt}")
 
     queue = engine.queue("ctx", handler)
     async with engine:
         queue.put_nowait({"n": 1})
         await asyncio.wait_for(queue.join(), 1.0)
-    assert names == ["queue:ctx:1"]
+    assert names == ["queue:ctx:1:1"]  # a first delivery
 
 
 def test_handler_must_be_async_with_one_or_two_arguments() -> None:

@@ -588,6 +588,22 @@ async def test_queue_jobs_are_kept_until_done_and_adopted_only_from_gone_holders
     assert other not in (a, b, c)
 
 
+async def test_a_queue_job_counts_each_handover_to_a_new_holder(store: Store, clock: FakeClock) -> None:
+    await store.register_node("n1", "i1", "1")
+    [job] = await store.put_jobs("q", "i1", [{"n": 1}])
+    # its own holder taking it back (a retake after a lapse) hands nothing over
+    assert [(j.id, j.handovers) for j in await store.adopt_jobs("q", "i1", own=True)] == [(job, 0)]
+    await store.node_stopped("i1")
+    await store.register_node("n1", "i2", "1")  # the same node, started again
+    assert [(j.id, j.handovers) for j in await store.adopt_jobs("q", "i2", own=True)] == [(job, 1)]
+    assert [j.handovers for j in await store.adopt_jobs("q", "i2", own=True)] == [1]
+    clock.advance(TTL + 1)  # i2 falls silent
+    await store.register_node("n2", "i3", "1")
+    assert [(j.id, j.handovers) for j in await store.adopt_jobs("q", "i3")] == [(job, 2)]
+    [fresh] = await store.put_jobs("q", "i3", [{"n": 2}])
+    assert [(j.id, j.handovers) for j in await store.adopt_jobs("q", "i3", own=True)] == [(job, 2), (fresh, 0)]
+
+
 async def test_get_many(store: Store) -> None:
     ids = await insert_ids(store, NewRun("a", {"i": 1}), NewRun("b", {"i": 2}))
     (c,) = await claim_all(store, 1)

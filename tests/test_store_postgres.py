@@ -26,6 +26,7 @@ from taskwatch.engine.store import (
     UnknownStore,
     make_store,
 )
+from taskwatch.engine.store import queries as Q
 
 from .cutting_proxy import CuttingProxy
 from .postgres_server import PostgresServer, schema_script
@@ -265,7 +266,9 @@ async def test_a_version_2_database_gains_node_load_and_events_and_keeps_its_dat
         await store.node_heartbeat("i1", running=1, cpu_percent=40.0, rss_bytes=5 << 30)
         new = [n for n in await store.nodes() if n.node == "new"][0]
         assert (new.cpu_percent, new.rss_bytes) == (40.0, 5 << 30)
-    assert postgres_server.sql("SELECT version FROM schema_migrations ORDER BY version", db).split() == ["1", "2", "3", "4", "5"]
+    assert postgres_server.sql("SELECT version FROM schema_migrations ORDER BY version", db).split() == [
+        str(v) for v in range(1, Q.SCHEMA_VERSION + 1)
+    ]
     assert postgres_server.sql("SELECT COUNT(*) FROM events", db) == "0"
 
 

@@ -228,8 +228,8 @@ class MemoryStore(Store):
         self._nodes: dict[str, NodeInfo] = {}
         self._periodic: dict[str, float] = {}
         self._trigger_keys: dict[str, dict[str, TriggerKeyRecord]] = {}
-        #: queue name -> job id -> (holder incarnation, job)
-        self._jobs: dict[str, dict[int, tuple[str, Any]]] = {}
+        #: queue name -> job id -> (holder incarnation, job, handovers)
+        self._jobs: dict[str, dict[int, tuple[str, Any, int]]] = {}
         self._job_ids = itertools.count(1)
 
     def __repr__(self) -> str:
@@ -797,7 +797,7 @@ class MemoryStore(Store):
         held = self._jobs.setdefault(queue, {})
         ids = [next(self._job_ids) for _ in jobs]
         for job_id, job in zip(ids, jobs):
-            held[job_id] = (incarnation, job)
+            held[job_id] = (incarnation, job, 0)
         return ids
 
     async def done_jobs(self, ids: Sequence[int]) -> None:
@@ -810,10 +810,12 @@ class MemoryStore(Store):
         held = self._jobs.get(queue, {})
         out: list[StoredJob] = []
         for job_id in sorted(held):
-            holder, job = held[job_id]
+            holder, job, handovers = held[job_id]
             if adoptable(holder, incarnation, own, self._nodes, gone):
-                held[job_id] = (incarnation, job)
-                out.append(StoredJob(job_id, job))
+                if holder != incarnation:
+                    handovers += 1
+                held[job_id] = (incarnation, job, handovers)
+                out.append(StoredJob(job_id, job, handovers))
         return out
 
 

@@ -213,10 +213,12 @@ class NodeInfo(BaseModel):
 
 
 class StoredJob(NamedTuple):
-    """A queue job as the store keeps it: its row id and its JSON value."""
+    """A queue job as the store keeps it: its row id, its JSON value, and how many times
+    the store handed it to a new holder because the one before had ended or was cut off."""
 
     id: int
     job: Any
+    handovers: int = 0
 
 
 class TriggerKeyRecord(BaseModel):

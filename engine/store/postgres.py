@@ -1376,15 +1376,16 @@ class PostgresStore(Store):
         known = {n.incarnation for n in nodes}
         out: list[StoredJob] = []
         # rows another node is adopting right now are locked and skipped: each job has one taker
-        for job_id, job, holder, written_by in await tx.fetch(Q.PG_QUEUE_JOBS, {"queue": queue}):
+        for job_id, job, holder, written_by, handovers in await tx.fetch(Q.PG_QUEUE_JOBS, {"queue": queue}):
             if tx.again and written_by == nonce:
                 # adopted by this call's first try, committed before the cut: this
-                # incarnation's now, so no longer adoptable, and handed to nobody yet
-                out.append(StoredJob(int(job_id), loads(job)))
+                # incarnation's now (its handover counted), and handed to nobody yet
+                out.append(StoredJob(int(job_id), loads(job), int(handovers)))
             elif adoptable(holder, incarnation, own, known, gone):
                 if holder != incarnation:
                     await tx.execute(Q.PG_ADOPT_JOB, {"incarnation": incarnation, "nonce": nonce, "id": job_id})
-                out.append(StoredJob(int(job_id), loads(job)))
+                    handovers += 1
+                out.append(StoredJob(int(job_id), loads(job), int(handovers)))
         return out
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 
 #: the newest schema this code knows; a database with a higher version is refused
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: finished rows are exactly those with a finished_at (a re-queued run has none)
 FINISHED = "finished_at IS NOT NULL"
@@ -179,6 +179,15 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             # commit answer was lost inserts nothing, and a reader tells a repeat from a restart
             "ALTER TABLE events ADD COLUMN bus TEXT",
             "CREATE UNIQUE INDEX events_bus_seq ON events (node, bus, seq)",
+        ],
+    ),
+    (
+        6,
+        "queue job handovers",
+        [
+            # delivery is at least once: a handler told its job was handed over from a holder
+            # that ended (ctx.attempt > 1) can check before doing what must not happen twice
+            "ALTER TABLE queue_jobs ADD COLUMN handovers INTEGER NOT NULL DEFAULT 0",
         ],
     ),
 ]
@@ -410,10 +419,10 @@ RETURNING id"""
 DONE_JOB = "DELETE FROM queue_jobs WHERE id = :id"
 
 QUEUE_JOBS = """
-SELECT id, job, incarnation FROM queue_jobs WHERE queue = :queue ORDER BY id
+SELECT id, job, incarnation, handovers FROM queue_jobs WHERE queue = :queue ORDER BY id
 /*LOCK*/"""
 
-ADOPT_JOB = "UPDATE queue_jobs SET incarnation = :incarnation WHERE id = :id"
+ADOPT_JOB = "UPDATE queue_jobs SET incarnation = :incarnation, handovers = handovers + 1 WHERE id = :id"
 
 #: PUT_JOB, QUEUE_JOBS and ADOPT_JOB with the nonce of the call that writes (PostgreSQL): a
 #: put or an adoption tried again after a cut finds the rows its first try wrote
@@ -422,9 +431,10 @@ INSERT INTO queue_jobs (queue, job, incarnation, created_at, nonce) VALUES (:que
 RETURNING id"""
 PG_JOBS_PUT_AS = "SELECT id FROM queue_jobs WHERE queue = :queue AND nonce = :nonce ORDER BY id"
 PG_QUEUE_JOBS = """
-SELECT id, job, incarnation, nonce FROM queue_jobs WHERE queue = :queue ORDER BY id
+SELECT id, job, incarnation, nonce, handovers FROM queue_jobs WHERE queue = :queue ORDER BY id
 FOR UPDATE SKIP LOCKED"""
-PG_ADOPT_JOB = "UPDATE queue_jobs SET incarnation = :incarnation, nonce = :nonce WHERE id = :id"
+PG_ADOPT_JOB = """
+UPDATE queue_jobs SET incarnation = :incarnation, nonce = :nonce, handovers = handovers + 1 WHERE id = :id"""
 
 
 def for_sqlite(sql: str) -> str:

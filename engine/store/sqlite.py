@@ -943,10 +943,11 @@ class SqliteStore(Store):
         gone = gone_incarnations(nodes, self.clock(), self.node_ttl)
         known = {n.incarnation for n in nodes}
         out: list[StoredJob] = []
-        for job_id, job, holder in cur.execute(_QUEUE_JOBS, {"queue": queue}).fetchall():
+        for job_id, job, holder, handovers in cur.execute(_QUEUE_JOBS, {"queue": queue}).fetchall():
             if adoptable(holder, incarnation, own, known, gone):
                 if holder != incarnation:
                     cur.execute(Q.ADOPT_JOB, {"incarnation": incarnation, "id": job_id})
-                out.append(StoredJob(job_id, _loads(job)))
+                    handovers += 1
+                out.append(StoredJob(job_id, _loads(job), handovers))
         return out
 
