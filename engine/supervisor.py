@@ -61,6 +61,9 @@ log = logging.getLogger("taskwatch.supervisor")
 WorkerState = Literal["running", "backoff", "waiting_for_leadership", "stopped", "returned"]
 StopReason = Literal["cancelled", "leadership_lost", "shutdown", "user", "restart"]
 
+#: the crash streak's bound: ``backoff * 2.0 ** 1023`` is finite, and past every ``backoff_max``
+_MAX_STREAK = 1024
+
 #: how often stop() re-cancels a worker that keeps swallowing cancellation
 #: before it waits for it without a bound (no task may outlive the engine)
 _CANCEL_ROUNDS = 3
@@ -470,8 +473,10 @@ class Supervisor:
         return self._crashed(worker, error, ran_for)
 
     def _crashed(self, worker: _Worker, exc: BaseException, ran_for: float) -> float:
-        # a run that stayed up as long as the longest delay was healthy; start over
-        worker.streak = 1 if ran_for >= worker.backoff_max else worker.streak + 1
+        # a run that stayed up as long as the longest delay was healthy; start over. The streak
+        # stops growing long past any cap (2.0 ** 1024 would raise OverflowError, ending the
+        # supervision of a worker that crashes all night while it still said "running")
+        worker.streak = 1 if ran_for >= worker.backoff_max else min(worker.streak + 1, _MAX_STREAK)
         worker.crashes += 1
         delay = worker.delay_after_crash()
         error = RunError.from_exception(exc)

@@ -85,6 +85,23 @@ async def test_crash_event_carries_exception_type_message_and_traceback() -> Non
     assert after.state == "stopped" and after.next_restart_at is None
 
 
+async def test_a_worker_that_crashes_thousands_of_times_in_a_row_is_still_restarted() -> None:
+    # the delay doubles per crash: past 1024 crashes an unbounded exponent overflowed, and the
+    # worker was never restarted again while it still said "running"
+    engine = engine_with()
+
+    @engine.supervised(name="down", backoff=0.001, backoff_max=0.001)
+    async def down(ctx: TaskContext) -> None:
+        raise ConnectionError("the database is down")
+
+    async with engine:
+        await eventually(lambda: engine.stats().supervised["down"]["crashes"] >= 1_100, timeout=30.0)
+        info = engine.workers()[0]
+    assert info.state in ("backoff", "running") and info.restarts >= 1_099
+    assert info.last_error is not None and info.last_error.type == "ConnectionError"
+    assert not stray_tasks()
+
+
 async def test_clean_return_restarts_after_base_backoff_and_resets_the_crash_streak() -> None:
     engine = engine_with()
     starts: list[float] = []
