@@ -35,7 +35,8 @@ class TaskContext:
         self._run = run
         #: how the engine that runs this task takes its progress reports
         self._report = report
-        #: the attempt of work that is not a run (a queue job's delivery)
+        #: fixed when the attempt starts: an attempt that outlives its claim (recovered from
+        #: under it) must not read the number of the attempt that replaced it
         self._attempt = attempt
         self.name = name
 
@@ -53,7 +54,7 @@ class TaskContext:
         short. Delivery is at least once, so an earlier delivery may have run the
         handler, wholly or in part (or not at all: it may have been waiting).
         """
-        return self._run.attempt if self._run is not None else self._attempt
+        return self._attempt
 
     @property
     def params(self) -> dict[str, Any]:

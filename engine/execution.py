@@ -511,7 +511,7 @@ class Execution:
                 if model is None and spec.params_model is not None:
                     # a run read back from the store: its params are validated again here
                     model = run.model = spec.params_model.model_validate(run.params)
-                ctx = TaskContext(self.engine, run, spec.name, report=self.progress)
+                ctx = TaskContext(self.engine, run, spec.name, report=self.progress, attempt=run.attempt)
                 args: tuple[Any, ...] = (ctx,) if model is None else (ctx, model)
                 if spec.resources:
                     kwargs = {name: self.engine.resources[name] for name in spec.resources}
@@ -767,6 +767,15 @@ class Execution:
                 if run.token is not None and run.attempt >= item.attempt:
                     pass  # claimed here since, as the attempt recovery made: it runs here now
                 elif run.status is not _PENDING:
+                    if run.token is not None and run.token not in self._finishing:
+                        # an attempt still executing here whose claim the store has just taken
+                        # back (this node's clock stepped past the lease, say): it is over. Left
+                        # holding the run's token and handle, its later "claim lost" would stop
+                        # the next attempt instead of itself
+                        self._claimed.pop(run.token, None)
+                        run.token = None
+                        if run.handle is not None:
+                            run.handle.cancel()
                     self.index.requeued(run, stored.error if stored is not None else run.error, 0.0)
                     run.attempt = item.attempt
                 else:

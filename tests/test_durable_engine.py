@@ -914,3 +914,49 @@ async def test_a_missed_cron_slot_fires_once_across_nodes_started_apart(tmp_path
             )
             fired = (await a.query_runs(task="nightly", limit=10)).runs
             assert len(fired) == 1, [(r.node, r.created_at) for r in fired]
+
+
+async def test_a_run_recovered_from_under_its_own_node_stops_there_and_its_next_attempt_runs_on(
+    tmp_path: Path,
+) -> None:
+    # the wall clock steps forward past the lease while a run executes (NTP, a resumed VM): the
+    # node's own sweep takes the run's claim back and claims it again. The attempt still running
+    # is over and must stop; the new one must run on (it was the one cancelled, and the run
+    # executed a third time)
+    offset = [0.0]
+    armed = [False]
+
+    def clock() -> float:
+        # the step lands between the node's own heartbeat and its recovery sweep (a step before
+        # the heartbeat only renews the claim): the sweep is the first reader to see it
+        if armed[0] and "recover" in (sys._getframe(1).f_code.co_name, sys._getframe(2).f_code.co_name):
+            armed[0], offset[0] = False, 100.0
+        return time.time() + offset[0]
+
+    engine = Engine(
+        store=f"sqlite:///{tmp_path / 'runs.db'}", node_id="n", lease_ttl=1.0, health_interval=None, clock=clock
+    )
+    starts: asyncio.Queue[int] = asyncio.Queue()
+    cancelled: list[int] = []
+    release = asyncio.Event()
+
+    @engine.task
+    async def work(ctx: TaskContext) -> int:
+        starts.put_nowait(ctx.attempt)
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            cancelled.append(ctx.attempt)  # its own attempt's number, not the one replacing it
+            raise
+        return ctx.attempt
+
+    async with engine:
+        handle = await engine.submit("work")
+        assert await asyncio.wait_for(starts.get(), 10) == 1
+        armed[0] = True
+        assert await asyncio.wait_for(starts.get(), 10) == 2
+        await eventually(lambda: cancelled == [1], timeout=10)
+        release.set()
+        record = await handle.wait(timeout=10)
+    assert (record.status.value, record.attempt, record.result) == ("succeeded", 2, 2)
+    assert cancelled == [1] and starts.empty()
