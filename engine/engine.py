@@ -654,14 +654,30 @@ class Engine:
         # a restart of this engine object: the store is the truth, start the index over
         self._index.clear()
         self._run.forget_claims()
-        seen: set[str] = set()
-        pages = [
-            await self._store.query(status=RunStatus.RUNNING.value, limit=100_000),
-            await self._store.query(status=RunStatus.PENDING.value, limit=max(self.max_queue, 1)),
-            await self._store.query(limit=self.history),
-        ]
-        records = [r for page in pages for r in page.runs if not (r.id in seen or seen.add(r.id))]  # type: ignore[func-returns-value]
-        for stored in sorted(records, key=lambda r: r.created_at):
+        # every unfinished run (the index always holds them all), page by page, and apart
+        # from them the newest `history` finished ones: one query across statuses would let
+        # unfinished runs use up the history's quota. Pending before running: a run claimed
+        # between the two reads shows in both (the later read wins), never in neither
+        unfinished: dict[str, StoredRun] = {}
+        for status in (RunStatus.PENDING, RunStatus.RUNNING):
+            before: str | None = None
+            while True:
+                page = await self._store.query(status=status.value, limit=10_000, before=before)
+                unfinished.update((r.id, r) for r in page.runs)
+                if page.next is None:
+                    break
+                before = page.next
+        finished: list[StoredRun] = []
+        if self.history > 0:
+            for status in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED):
+                page = await self._store.query(status=status.value, limit=self.history)
+                finished.extend(page.runs)
+            finished.sort(key=lambda r: (r.finished_at or 0.0, r.seq), reverse=True)
+            del finished[self.history :]
+            for stored in finished:
+                unfinished.pop(stored.id, None)  # it finished while the reads went on
+        records = sorted([*unfinished.values(), *finished], key=lambda r: r.created_at)
+        for stored in records:
             self._index.add(Run.from_record(stored.to_record(), self._tasks.get(stored.task)))
         await self._tell_of_runs_left_waiting(records)
 

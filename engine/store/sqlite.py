@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from ..errors import (
     DuplicateRunId,
+    InvalidConfiguration,
     NotATaskwatchStore,
     QueueFull,
     RunNotFound,
@@ -77,11 +78,17 @@ _FILE_TABLES = (
 )
 #: the columns of taskwatch's schema_migrations (Rails' and golang-migrate's differ)
 _LEDGER_COLUMNS = {"version", "name", "applied_at"}
+#: taskwatch's migrations by version, as its ledger names them (released entries never change)
+_MIGRATION_NAMES = {version: name for version, name, _ in Q.MIGRATIONS}
 
 #: what to do when the file fails: at open, the engine did not start; later, the writer
 #: thread carries on and the next operation tries the file again (a full disk freed, say)
 _OPEN_ADVICE = "Check the disk and the file, then start the engine again"
 _LATER_ADVICE = "Check the disk and the file; later operations try it again, so no restart is needed once it is fixed"
+
+
+class _OpenAbandoned(Exception):
+    """The open() waiting for the writer thread was cancelled: the thread gives up and closes."""
 
 
 class _Tx:
@@ -143,11 +150,20 @@ class SqliteStore(Store):
         sync = synchronous.lower() if isinstance(synchronous, str) else synchronous
         check_options(SqliteOptions, "SqliteStore", synchronous=sync, busy_timeout=busy_timeout, max_batch=max_batch)
         self.path = os.fspath(path)
+        if self.path == ":memory:":
+            # SQLite's private in-memory database: every run would vanish at close, while the
+            # store calls itself durable (a stop leaves runs pending for a next start that never sees them)
+            raise InvalidConfiguration("SqliteStore", [
+                "':memory:' is SQLite's in-memory database, which keeps nothing once the store closes; "
+                'for a store that need not outlive the process use store="memory" (MemoryStore), '
+                "for a durable one name a file, e.g. sqlite:///runs.db"
+            ])  # fmt: skip
         self.synchronous = sync
         self.busy_timeout = busy_timeout
         self.max_batch = max_batch
-        # where the file really is, for headers and errors: a relative URL is relative to the
-        # directory the process started in, which is rarely where the user looks
+        # where the file really is, fixed now and used for everything (the connection too): a
+        # relative URL is relative to the directory the process is in when the store is made,
+        # which a later chdir (a daemon library's, a test's) must not move
         self._full_path = os.path.abspath(self.path)
         self._where = repr(self._full_path)
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
@@ -178,11 +194,12 @@ class SqliteStore(Store):
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._exited = concurrent.futures.Future()
         self._queue = queue.SimpleQueue()
+        abandon = threading.Event()
         # daemon: a store never closed must not keep the interpreter from exiting; SQLite's
         # journal makes an interrupted transaction roll back, and nobody was told it committed
         thread = threading.Thread(
             target=self._main,
-            args=(ready, self._exited),
+            args=(ready, self._exited, abandon),
             name=f"taskwatch-sqlite-{os.path.basename(self.path)}",
             daemon=True,
         )
@@ -190,6 +207,10 @@ class SqliteStore(Store):
         try:
             await asyncio.wrap_future(ready)
         except BaseException:
+            # cancelled, say by a wait_for around the engine's start: the thread stops waiting
+            # for another process's lock at once, and one that opened meanwhile ends its service
+            abandon.set()
+            self._queue.put(None)
             await asyncio.wrap_future(self._exited)
             thread.join()
             _remove_folders(created)
@@ -260,41 +281,46 @@ class SqliteStore(Store):
 
     # ---------------------------------------------------------------- the writer thread
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, timeout=self.busy_timeout / 1000, isolation_level=None, check_same_thread=False
-        )
+    def _connect(self, abandon: threading.Event) -> sqlite3.Connection:
+        # no busy handler while opening: SQLite's would wait out busy_timeout deaf to a
+        # cancelled open, so the waits for another process's lock are ours (see _when_unlocked)
+        conn = sqlite3.connect(self._full_path, timeout=0, isolation_level=None, check_same_thread=False)
         try:
+            deadline = time.monotonic() + self.busy_timeout / 1000
             # before anything changes: even the switch to WAL outlives a refusal
-            self._refuse_foreign(conn.cursor())
-            self._enter_wal(conn)
+            self._when_unlocked(lambda: self._refuse_foreign(conn.cursor()), deadline, abandon)
+            self._when_unlocked(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone(), deadline, abandon)
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            self._when_unlocked(lambda: self._migrate(conn), deadline, abandon)
             conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout)}")
-            self._migrate(conn)
         except BaseException:
             conn.close()
             raise
         return conn
 
-    def _enter_wal(self, conn: sqlite3.Connection) -> None:
-        """Switch the file to WAL, tried again while another process holds the lock it needs.
+    @staticmethod
+    def _when_unlocked(step: Callable[[], object], deadline: float, abandon: threading.Event) -> None:
+        """Run ``step``, tried again while another process holds a lock it needs, until
+        ``deadline`` (then its "database is locked" stands) or until the open is abandoned.
 
-        SQLite answers a journal-mode switch that meets another connection's lock with
-        "database is locked" at once, without calling the busy handler (two processes
-        opening a new file together meet exactly there), so the wait is ours, on this
-        thread, up to ``busy_timeout``.
+        A journal-mode switch meets another connection's lock with "database is locked" at
+        once, busy handler or not (two processes opening a new file together meet exactly
+        there), so the open waits here for every lock alike.
         """
-        deadline = time.monotonic() + self.busy_timeout / 1000
-        pause = 0.005
+        pause = 0.001
         while True:
+            if abandon.is_set():
+                raise _OpenAbandoned
             try:
-                conn.execute("PRAGMA journal_mode=WAL").fetchone()
+                step()
                 return
             except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                left = deadline - time.monotonic()
+                if "locked" not in str(exc) or left <= 0:
                     raise
-            time.sleep(pause)
-            pause = min(pause * 2, 0.1)
+            if abandon.wait(min(pause, left)):
+                raise _OpenAbandoned
+            pause = min(pause * 2, 0.05)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         cur = conn.cursor()
@@ -319,9 +345,11 @@ class SqliteStore(Store):
     def _refuse_foreign(self, cur: sqlite3.Cursor) -> None:
         """Raise :class:`NotATaskwatchStore` for a file holding another application's tables.
 
-        A new (empty) file and taskwatch's own (its ``schema_migrations`` ledger) are used;
-        migrating anything else would mix taskwatch's tables into a foreign schema, or fail
-        half way on a table name both use.
+        A new (empty) file and taskwatch's own are used; migrating anything else would mix
+        taskwatch's tables into a foreign schema, or fail half way on a table name both use.
+        Taskwatch's own is told by its ``schema_migrations`` ledger: these columns, and rows
+        naming taskwatch's migrations (another tool's ledger may have the same columns).
+        Versions past this taskwatch's are left to the schema check, which says to upgrade.
         """
         tables = [name for (name,) in cur.execute(_FILE_TABLES).fetchall()]
         if not tables:
@@ -329,13 +357,24 @@ class SqliteStore(Store):
         if "schema_migrations" in tables:
             columns = {row[1] for row in cur.execute("PRAGMA table_info(schema_migrations)").fetchall()}
             if columns == _LEDGER_COLUMNS:
-                return
+                rows = cur.execute("SELECT version, name FROM schema_migrations").fetchall()
+                known = [_MIGRATION_NAMES.get(version) == name for version, name in rows if version in _MIGRATION_NAMES]
+                if (known and all(known)) or tables == ["schema_migrations"]:
+                    return
         raise NotATaskwatchStore(self._where, tables)
 
-    def _main(self, ready: concurrent.futures.Future[None], exited: concurrent.futures.Future[None]) -> None:
+    def _main(
+        self,
+        ready: concurrent.futures.Future[None],
+        exited: concurrent.futures.Future[None],
+        abandon: threading.Event,
+    ) -> None:
         try:
+            # once running, ``ready`` can no longer be cancelled under the results set below
+            if not ready.set_running_or_notify_cancel():
+                return
             try:
-                conn = self._connect()
+                conn = self._connect(abandon)
             except sqlite3.Error as exc:
                 ready.set_exception(self._translate(exc, _OPEN_ADVICE))
                 return
@@ -435,12 +474,53 @@ class SqliteStore(Store):
     def _translate(self, exc: BaseException, advice: str = _LATER_ADVICE) -> BaseException:
         if isinstance(exc, StoreError) or not isinstance(exc, sqlite3.Error):
             return exc
+        unwritable = None
+        if getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY")):
+            unwritable = self._why_unwritable()
         if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
             err: StoreError = StoreBusy(self._where, self.busy_timeout)
+        elif unwritable is not None:
+            err = StoreUnavailable(self._where, f"{unwritable[0]} ({exc})", unwritable[1])
         else:
             err = StoreUnavailable(self._where, f"{type(exc).__name__}: {exc}", advice)
         err.__cause__ = exc
         return err
+
+    def _why_unwritable(self) -> tuple[str, str] | None:
+        """Why SQLite cannot open or write the file, where the file system can tell (SQLite
+        says only "unable to open database file" or "attempt to write a readonly database"):
+        (the cause, what to do), or None."""
+        path = self._full_path
+        folder = os.path.dirname(path)
+        elsewhere = "or point the store at a path this user may write"
+        if os.path.isdir(path):
+            return (
+                f"{path!r} is a folder, not a file",
+                f"Point the store at a file, e.g. {os.path.join(path, 'runs.db')!r}, or move that folder",
+            )
+        try:
+            read_only_fs = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+        except (OSError, AttributeError):  # no statvfs (Windows), or no such folder
+            read_only_fs = False
+        if read_only_fs:
+            return (
+                "it is on a read-only file system",
+                "Mount that file system read-write, or point the store at a path on a writable one",
+            )
+        if os.path.exists(path) and not os.access(path, os.W_OK):
+            return "the file is read-only for this user", f"Give this user write access to it, {elsewhere}"
+        if os.path.isdir(folder) and not os.access(folder, os.W_OK):
+            return (
+                f"its folder {folder!r} is read-only for this user, and SQLite keeps its -wal and -shm files beside the file",
+                f"Give this user write access to the folder, {elsewhere}",
+            )
+        for companion in (path + "-wal", path + "-shm"):
+            if os.path.exists(companion) and not os.access(companion, os.W_OK):
+                return (
+                    f"{companion!r}, which SQLite keeps beside the file, is read-only for this user",
+                    f"Give this user write access to it, {elsewhere}",
+                )
+        return None
 
     def _deliver_threadsafe(self, results: list[tuple[asyncio.Future[Any], Any, BaseException | None]], tx: _Tx) -> None:
         loop = self._loop

@@ -1,0 +1,267 @@
+"""The SQLite store at its edges: a process that changes directory, a restart's history, a
+start cancelled while another process holds the file, URLs and files that are no store."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from taskwatch.engine import Engine, TaskContext
+from taskwatch.engine.errors import InvalidConfiguration, NotATaskwatchStore, StoreUnavailable
+from taskwatch.engine.store import NewRun, SqliteStore
+
+
+def _store_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("taskwatch-sqlite")]
+
+
+def _listing(root: Path) -> dict[str, bytes | None]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() and not p.is_symlink() else None
+        for p in sorted(root.rglob("*"))
+    }
+
+
+# ---------------------------------------------------------------- a relative path and chdir
+
+
+@pytest.mark.parametrize("relative", ["runs.db", "data/runs.db"])
+async def test_a_relative_path_means_the_directory_the_engine_was_built_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, relative: str
+) -> None:
+    built, moved = tmp_path / "built", tmp_path / "moved"
+    built.mkdir()
+    moved.mkdir()
+    monkeypatch.chdir(built)
+    engine = Engine(store=f"sqlite:///{relative}", node_id="cd")
+
+    @engine.task
+    async def work(ctx: TaskContext) -> int:
+        return 1
+
+    monkeypatch.chdir(moved)  # a daemon library's chdir("/"), between construction and start
+    async with engine:
+        run = await (await engine.submit("work")).wait(timeout=10)
+        assert run.status.value == "succeeded"
+        assert engine.store.describe() == f"sqlite:{built / relative}"
+    assert (built / relative).is_file()
+    assert list(moved.iterdir()) == []
+    with sqlite3.connect(built / relative) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM runs WHERE status = 'succeeded'").fetchone() == (1,)
+
+
+# ---------------------------------------------------------------- history after a restart
+
+
+async def test_finished_history_is_in_the_index_after_a_restart_beside_every_unfinished_run(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    history = 5
+
+    first = Engine(store=url, node_id="h", history=history, max_concurrency=4)
+
+    @first.task
+    async def work(ctx: TaskContext) -> int:
+        return 1
+
+    @first.task
+    async def later(ctx: TaskContext) -> int:
+        await asyncio.Event().wait()  # until the stop cuts it short
+        return 1
+
+    async with first:
+        done = [await first.submit("work") for _ in range(8)]
+        for handle in done:
+            await handle.wait(timeout=10)
+        waiting = [(await first.submit("later")).id for _ in range(12)]  # 4 running, 8 pending
+        await first.stop(timeout=0.1)  # the running ones go back to pending
+
+    second = Engine(store=url, node_id="h", history=history)  # `later` is no longer registered
+
+    @second.task
+    async def work(ctx: TaskContext) -> int:  # noqa: F811
+        return 1
+
+    async with second:
+        view = second.runs(limit=1000)
+        finished = [r.id for r in view if r.status.finished]
+        assert sorted(finished) == sorted(h.id for h in done[-history:])
+        assert sorted(r.id for r in view if not r.status.finished) == sorted(waiting)
+        assert second.get(done[-1].id) is not None
+
+
+# ---------------------------------------------------------------- a cancelled start
+
+
+@pytest.fixture
+def thread_errors(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """What reaches threading.excepthook: a thread that died of an uncaught exception."""
+    seen: list[Any] = []
+    monkeypatch.setattr(threading, "excepthook", seen.append)
+    yield seen
+
+
+async def test_a_start_cancelled_while_another_process_holds_the_file_stops_at_once(
+    tmp_path: Path, thread_errors: list[Any]
+) -> None:
+    path = tmp_path / "runs.db"
+    async with SqliteStore(path):
+        pass  # a taskwatch file already
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process's write, holding the lock
+    before = set(_store_threads())
+    engine = Engine(store=f"sqlite:///{path}", node_id="c")  # busy_timeout: 5 s
+
+    @engine.task
+    async def work(ctx: TaskContext) -> int:
+        return 1
+
+    began = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(engine.start(), 0.3)
+    assert time.monotonic() - began < 2.0, "the cancelled start waited out busy_timeout"
+    assert set(_store_threads()) == before
+    assert engine.state == "new"
+    holder.execute("COMMIT")
+    holder.close()
+    async with engine:  # nothing left behind stands in the way of the next start
+        run = await (await engine.submit("work")).wait(timeout=10)
+        assert run.status.value == "succeeded"
+    assert set(_store_threads()) == before
+    assert thread_errors == []
+
+
+async def test_a_start_that_outlasts_busy_timeout_still_says_the_file_is_busy(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    async with SqliteStore(path):
+        pass
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(Exception, match="busy") as info:
+            await SqliteStore(path, busy_timeout=200).open()
+        assert "busy_timeout" in str(info.value)
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    assert _store_threads() == []
+
+
+# ---------------------------------------------------------------- URLs that name no file
+
+
+def test_sqlites_in_memory_database_is_refused_pointing_at_the_memory_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidConfiguration, match='store="memory"') as info:
+        Engine(store="sqlite:///:memory:", node_id="m")
+    assert "keeps nothing" in str(info.value)
+    with pytest.raises(InvalidConfiguration, match='store="memory"'):
+        SqliteStore(":memory:")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- files that are no store
+
+
+async def test_another_tools_ledger_shaped_like_taskwatchs_is_refused_before_anything_changes(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT, applied_at REAL)")
+    conn.execute("INSERT INTO schema_migrations VALUES (1, 'init', 0)")
+    conn.execute("CREATE TABLE users (name TEXT)")
+    conn.commit()
+    conn.close()
+    before, threads = _listing(tmp_path), set(_store_threads())
+    with pytest.raises(NotATaskwatchStore) as info:
+        await SqliteStore(path).open()
+    assert info.value.tables == ["schema_migrations", "users"]
+    assert _listing(tmp_path) == before  # journal mode included: no -wal or -shm beside it
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert set(_store_threads()) == threads
+
+
+async def test_an_empty_ledger_beside_other_tables_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, name TEXT, applied_at REAL)")
+        conn.execute("CREATE TABLE users (name TEXT)")
+    with pytest.raises(NotATaskwatchStore):
+        await SqliteStore(path).open()
+
+
+async def test_a_taskwatch_file_of_every_schema_version_still_opens(tmp_path: Path) -> None:
+    from taskwatch.engine.store import queries as Q
+
+    for upto in range(1, len(Q.MIGRATIONS) + 1):
+        path = tmp_path / f"v{upto}.db"
+        with sqlite3.connect(path) as conn:
+            conn.execute(Q.CREATE_MIGRATIONS)
+            for version, name, statements in Q.MIGRATIONS[:upto]:
+                for sql in statements:
+                    conn.execute(sql)
+                conn.execute(Q.RECORD_MIGRATION, {"version": version, "name": name, "now": 0.0})
+            conn.execute("CREATE TABLE notes (body TEXT)")  # the user's own, beside taskwatch's
+        async with SqliteStore(path) as store:
+            await store.insert([NewRun("a")])
+            assert (await store.counts()).pending == 1
+
+
+async def test_a_folder_at_the_path_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "runs.db").mkdir()
+    with pytest.raises(StoreUnavailable, match="is a folder, not a file"):
+        await SqliteStore(tmp_path / "runs.db").open()
+
+
+_OPENER = (  # opens the store and writes, as an engine's start does
+    "import asyncio, sys\n"
+    "from taskwatch.engine.store import NewRun, make_store\n"
+    "async def main():\n"
+    "    async with make_store(sys.argv[1]) as store:\n"
+    "        await store.insert([NewRun('a')])\n"
+    "try:\n"
+    "    asyncio.run(main())\n"
+    "    print('written')\n"
+    "except Exception as exc:\n"
+    "    print(type(exc).__name__, exc)\n"
+)
+
+
+def _open_without_root_powers(url: str) -> str:
+    command = [sys.executable, "-c", _OPENER, url]
+    if os.geteuid() == 0:
+        # root writes anywhere while it holds these capabilities: the opener runs without them
+        caps = "-dac_override,-dac_read_search,-fowner"
+        command = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", "--", *command]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60).stdout
+
+
+@pytest.mark.parametrize("what", ["folder", "file"])
+async def test_a_read_only_file_or_folder_is_named_as_the_cause(tmp_path: Path, what: str) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    path = folder / "runs.db"
+    async with SqliteStore(path) as store:
+        await store.insert([NewRun("a")])
+    locked = folder if what == "folder" else path
+    locked.chmod(0o500 if what == "folder" else 0o400)
+    try:
+        said = _open_without_root_powers(f"sqlite:///{path}")
+    finally:
+        locked.chmod(0o700 if what == "folder" else 0o600)
+    assert said.startswith("StoreUnavailable "), said
+    if what == "folder":
+        assert f"its folder {str(folder)!r} is read-only for this user" in said
+    else:
+        assert "the file is read-only for this user" in said
+    assert "write access" in said
