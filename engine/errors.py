@@ -565,6 +565,25 @@ class LeaseUnavailable(TaskwatchError, ConnectionError):
         )
 
 
+class LeaseRefused(TaskwatchError):
+    """The store that keeps the leader lease answered, but refuses this lease: a wrong user or
+    password, a database (or Redis database index) that does not exist, a connection option
+    the server does not know, a table of another application's.
+
+    Unlike :class:`LeaseUnavailable` it does not pass by itself. ``engine.start()`` raises it
+    when the first election meets it (nothing is started); met later, the node stops leading,
+    ``leadership().backend`` says ``refused: <cause>`` and the elector keeps trying.
+    """
+
+    def __init__(self, where: str, cause: str) -> None:
+        self.where = where
+        self.cause = cause
+        super().__init__(
+            f"the lease store {where} refused the lease ({cause}). Check the lease's URL (user, "
+            "password, database, options) against the server's settings"
+        )
+
+
 # ---------------------------------------------------------------- run stores
 
 

@@ -308,7 +308,7 @@ class LeaseEvent(BaseEvent):
     ``holder``, ``term`` and ``expires_at`` describe the lease after the
     change; ``previous_holder`` and ``previous_term`` the one before it (on
     ``lease.acquired``, the holder this node last saw, ``None`` if it saw
-    none; on ``lease.lost`` and ``lease.released``, this node itself).
+    none; on ``lease.renewed``, ``lease.lost`` and ``lease.released``, this node itself).
     """
 
     holder: str | None = None

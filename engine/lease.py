@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from .errors import InvalidConfiguration, LeaseUnavailable
+from .errors import InvalidConfiguration, LeaseRefused, LeaseUnavailable, NotATaskwatchStore
 from .events import LeaseAcquired, LeaseEvent, LeaseLost, LeaseReleased, LeaseRenewed
 from .options import MIN_INTERVAL, LeaseOptions, PositiveSeconds, Seconds, check_options
 
@@ -46,6 +46,10 @@ T = TypeVar("T")
 
 #: how long after a seen holder's lease lapses a follower tries to take it
 _TAKEOVER_SLACK = 0.01
+
+#: lease calls that only read: one answered says nothing of the others (a store may let a node
+#: read the lease and refuse it the writes that take or keep it)
+_READS = frozenset({"holder lookup", "check"})
 
 #: called with True when this node becomes leader, False when it stops being one
 LeadershipListener = Callable[[bool], None]
@@ -183,6 +187,11 @@ class Lease(ABC):
         """Let go of connections; called when the engine stops. A later call reconnects."""
 
 
+#: what a lease raises when its store answered and refuses it for good (a wrong password, a
+#: database that does not exist): ``engine.start()`` fails with it, as a store's start would
+REFUSALS: tuple[type[Exception], ...] = (LeaseRefused, NotATaskwatchStore)
+
+
 class StoreHealth:
     """How a lease's remote store has been answering: for the failure counts, the backoff
     and what :meth:`Lease.describe` says.
@@ -191,7 +200,9 @@ class StoreHealth:
     with :class:`LeaseUnavailable` for ``backoff`` seconds, doubling up to
     ``backoff_max``; the store counts as unreachable until a call is answered
     again, not only while the backoff lasts, so ``leadership().backend`` says
-    so for as long as it is true.
+    so for as long as it is true. A store that answers with an error (a wrong
+    password, a database that does not exist) is reachable but *refuses*: that
+    is said until a call succeeds, with no backoff (the elector's period paces it).
     """
 
     def __init__(self, where: str, backoff: float, backoff_max: float) -> None:
@@ -204,6 +215,9 @@ class StoreHealth:
         self.last_error: str | None = None
         #: since the last failure nothing was answered
         self.down = False
+        #: calls the store answered with an error, and the last such error while it lasts
+        self.refusals = 0
+        self.refusal: str | None = None
         self._delay = 0.0
         self._retry_at = 0.0
 
@@ -228,10 +242,20 @@ class StoreHealth:
             self.reconnects += 1
         self.down = False
         self._delay = 0.0
+        self.refusal = None
+
+    def refused(self, error: str) -> None:
+        """The store answered a call with ``error`` (not a connection failure)."""
+        self.answered()
+        self.refusals += 1
+        self.refusal = error
 
     def describe(self) -> str:
-        """``", unreachable: <last error>"`` while the store is down, else nothing."""
-        return f", unreachable: {self.last_error}" if self.down else ""
+        """``", unreachable: <last error>"`` while the store is down, ``", refused: <error>"``
+        while it answers with an error, else nothing."""
+        if self.down:
+            return f", unreachable: {self.last_error}"
+        return f", refused: {self.refusal}" if self.refusal is not None else ""
 
 
 class ReportsHealth:
@@ -254,6 +278,11 @@ class ReportsHealth:
     def last_error(self) -> str | None:
         """The error of the last failure (kept after the store answers again)."""
         return self._health.last_error
+
+    @property
+    def refusals(self) -> int:
+        """Calls the store answered with an error (a wrong password, a missing database, ...)."""
+        return self._health.refusals
 
 
 class InProcessLease(Lease):
@@ -345,6 +374,10 @@ class LeaderElector:
         #: a term given up by :meth:`suspend`, released by the renew loop when it can
         self._to_release: int | None = None
         self._wake = asyncio.Event()
+        #: what the last failed lease call was logged as (None: the last call succeeded)
+        self._logged: str | None = None
+        #: the lease store's refusal, if the last failed call met one
+        self._refusal: Exception | None = None
 
     @property
     def node_id(self) -> str:
@@ -444,6 +477,12 @@ class LeaderElector:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        """Make the first election, then keep the lease (or compete for it) in the background.
+
+        Raises what the lease raised if its store refuses it (:class:`LeaseRefused`, or
+        :class:`NotATaskwatchStore`): that does not pass by waiting. A store that cannot be
+        reached does: this node then starts as a follower and leads once it answers.
+        """
         if self.lease is None or self._task is not None:
             return
         self._wake = asyncio.Event()
@@ -452,7 +491,15 @@ class LeaderElector:
         self._suspended = False
         # one attempt before returning, so the engine's other components (and
         # the caller) start with the outcome of the first election
+        self._refusal = None
         await self._try_acquire()
+        refusal = self._refusal
+        if refusal is not None:
+            # a store that refuses this lease (a wrong password, no such database) will refuse
+            # it at every try: fail the start, as a store's own start does. An unreachable
+            # store is another matter: it comes back, and the node leads then
+            await self._close()
+            raise refusal
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"taskwatch-lease-{self.node_id}"
         )
@@ -551,8 +598,17 @@ class LeaderElector:
         if state is None or state.holder != self.node_id or state.expires_at <= self.lease.now():
             self._lose()
             return
+        previous_term = self.term
         self.term, self.expires_at = state.term, state.expires_at
-        self._engine.bus.emit(LeaseRenewed, holder=self.node_id, term=state.term, expires_at=state.expires_at)
+        # a renew changes only the expiry: the lease before it was this node's, in this term
+        self._engine.bus.emit(
+            LeaseRenewed,
+            holder=self.node_id,
+            term=state.term,
+            expires_at=state.expires_at,
+            previous_holder=self.node_id,
+            previous_term=previous_term,
+        )
 
     async def _release_given_up(self) -> None:
         """Release the term :meth:`suspend` gave up, if the lease can be reached (best effort:
@@ -592,13 +648,42 @@ class LeaderElector:
         bound = asyncio.timeout(timeout)
         try:
             async with bound:
-                return await op
+                result = await op
         except Exception as exc:  # includes TimeoutError
-            log.warning("lease %s by %s failed: %r", what, self.node_id, exc)
-            if bound.expired() and self.lease is not None:
+            expired = bound.expired()
+            if expired and self.lease is not None:
                 # a store that answers nothing raises nothing: the lease only learns it here
                 self.lease.timed_out(what, timeout)
+            self._failed(what, exc, f"no answer within {timeout:.3g} s" if expired else None)
             return None
+        if what not in _READS:
+            if self._logged is not None:
+                log.info("the lease store of %s answers again", self.node_id)
+            self._logged = None
+            self._refusal = None
+        return result
+
+    def _failed(self, what: str, exc: Exception, timed_out: str | None) -> None:
+        """Note a failed lease call; log it only when it is news.
+
+        A store that stays down, or keeps refusing, is tried every renew interval (and the
+        acquire and the holder lookup fail together): one line per failure would bury the
+        log. So a failure is logged when it differs from the last one logged since a call
+        that takes, keeps or gives up the lease last succeeded (a read may succeed while the
+        writes are refused); an unreachable store by the kind of error only, as its message
+        changes from try to try (the operation, the backoff left).
+        """
+        self._refusal = exc if isinstance(exc, REFUSALS) else None
+        if timed_out is not None:
+            key = "TimeoutError"
+        elif isinstance(exc, LeaseUnavailable):
+            key = exc.cause.partition(":")[0]
+        else:
+            key = f"{type(exc).__name__}: {exc}"
+        if key == self._logged:
+            return
+        self._logged = key
+        log.warning("lease %s by %s failed: %s", what, self.node_id, timed_out or f"{type(exc).__name__}: {exc}")
 
     def _lose(self) -> None:
         self._change(False, LeaseLost, holder=None, term=self.term, expires_at=self.expires_at)

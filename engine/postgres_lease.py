@@ -18,16 +18,22 @@ gives up waiting: see :meth:`PostgresLease.timed_out`) is counted
 so in ``engine.leadership().backend``, until an operation is answered again;
 meanwhile operations back off as :class:`~.redis_lease.RedisLease`'s do
 (50 ms doubling up to the renew interval), failing fast with
-:class:`~.errors.LeaseUnavailable`.
+:class:`~.errors.LeaseUnavailable`. A database that answers with an error
+(a wrong password, a database or a role that does not exist, a setting in the
+URL the server does not know) is no outage: the operation raises
+:class:`~.errors.LeaseRefused`, which fails ``engine.start()``, and
+``leadership().backend`` says ``refused: <error>`` until an operation succeeds.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
-from .errors import InvalidConfiguration
+from .errors import InvalidConfiguration, LeaseRefused, NotATaskwatchStore
 from .jsonsafe import name_problem
 from .lease import Lease, LeaseState, ReportsHealth, StoreHealth, seconds_option
 from .urls import redact_url
@@ -42,6 +48,10 @@ _BACKOFF = 0.05
 
 #: SQLSTATE classes that mean the server cannot serve now (connection, shutdown, resources)
 _UNREACHABLE_CLASSES = ("08", "57", "53")
+
+#: SQLSTATE class of a transaction to try again (serialization failure, deadlock): neither an
+#: outage nor a refusal
+_RETRY_CLASS = "40"
 
 _NOW = "EXTRACT(EPOCH FROM clock_timestamp())::float8"
 
@@ -58,24 +68,27 @@ _SETUP = [
     "CREATE SEQUENCE IF NOT EXISTS lease_terms",
 ]
 
-#: free, expired or already the caller's: take it, with a new term. A term is drawn only
-#: when the lease is taken (an INSERT ... ON CONFLICT draws one on every try): terms then
-#: count the leaders, and a follower's tries do not make the next leader's term jump
-_ACQUIRE = f"""
-WITH taken AS (
-    UPDATE leases SET holder = $2, term = nextval('lease_terms'), expires_at = {_NOW} + $3
-    WHERE name = $1 AND (holder IS NULL OR expires_at <= {_NOW} OR holder = $2)
-    RETURNING term, expires_at
-), made AS (
-    INSERT INTO leases (name, holder, term, expires_at)
-    SELECT $1, $2, nextval('lease_terms'), {_NOW} + $3
-    WHERE NOT EXISTS (SELECT 1 FROM leases WHERE name = $1)
-    ON CONFLICT (name) DO NOTHING
-    RETURNING term, expires_at
-)
-SELECT term, expires_at, {_NOW} FROM taken
-UNION ALL
-SELECT term, expires_at, {_NOW} FROM made"""
+# An acquire is three statements in one transaction, so that a term is drawn only by the node
+# that takes the lease: terms then count the leaderships. (A term drawn in the statement that
+# checks the row is drawn by every racer that passes the check before the winner commits, and
+# wasted when the row, locked and checked again, turns out taken; an INSERT ... ON CONFLICT
+# draws one on every try.)
+
+#: the lease's row, free, if there is none yet (term 0 is no term: it is never handed out)
+_MAKE_ROW = "INSERT INTO leases (name, holder, term, expires_at) VALUES ($1, NULL, 0, 0) ON CONFLICT (name) DO NOTHING"
+
+#: the row locked if it is free, expired or already the caller's; checked again on the newest
+#: version once a racer that locked it first has committed
+_LOCK_IF_FREE = f"""
+SELECT 1 FROM leases
+WHERE name = $1 AND (holder IS NULL OR expires_at <= {_NOW} OR holder = $2)
+FOR UPDATE"""
+
+#: the locked row taken, with the new term (a statement of its own: it sees the row as locked)
+_TAKE = f"""
+UPDATE leases SET holder = $2, term = nextval('lease_terms'), expires_at = {_NOW} + $3
+WHERE name = $1
+RETURNING term, expires_at, {_NOW}"""
 
 _RENEW = f"""
 UPDATE leases SET expires_at = {_NOW} + $4
@@ -90,6 +103,27 @@ RETURNING term, {_NOW}"""
 _HOLDER = f"""
 SELECT holder, term, expires_at, {_NOW} FROM leases
 WHERE name = $1 AND holder IS NOT NULL AND expires_at > {_NOW}"""
+
+
+def _url_problems(url: object) -> list[str]:
+    """What makes ``url`` a PostgreSQL URL no connection could ever be made with (the
+    driver's and the server's own options are theirs to judge, when connecting)."""
+    if not isinstance(url, str):
+        return [f"url must be a postgresql:// URL (postgresql://user:password@host:port/database), got {url!r}"]
+    shown = redact_url(url)
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        return [f"url must be a postgresql:// URL (postgresql://user:password@host:port/database), got {shown!r}"]
+    problems = []
+    # as the store's URL: the server named, not left to the driver's default
+    if not parts.hostname and "host=" not in parts.query:
+        problems.append(f"url {shown} names no server: postgresql://user@host:port/database")
+    if "," not in parts.netloc:  # several servers (db1:5432,db2:5432) are the driver's to read
+        try:
+            parts.port
+        except ValueError as exc:
+            problems.append(f"url {shown}: {exc}")
+    return problems
 
 
 def _node_of(holder: str) -> str:
@@ -120,16 +154,22 @@ class PostgresLease(ReportsHealth, Lease):
         connect_timeout: float = 5.0,
     ) -> None:
         self._driver = load_driver()
-        super().__init__(ttl, renew_interval=renew_interval)
+        problems = _url_problems(url)
+        # a timeout of -1 or NaN fails every connection: the node would never lead, only say
+        # the database is unreachable; a name the driver cannot send fails the same way
+        if (problem := name_problem("name", name)) is not None:
+            problems.append(problem)
+        timeout = seconds_option("connect_timeout", connect_timeout, problems)
+        try:
+            super().__init__(ttl, renew_interval=renew_interval)
+        except InvalidConfiguration as exc:
+            # named together: fixing one only to be told of the next is a slow way to configure
+            raise InvalidConfiguration("PostgresLease", [*problems, *exc.problems]) from None
+        if problems or timeout is None:
+            raise InvalidConfiguration("PostgresLease", problems)
         self.schema, problems = schema_of(url)
         if problems:
             raise InvalidConfiguration(f"the PostgreSQL lease {redact_url(url)}", problems)
-        # a timeout of -1 or NaN fails every connection: the node would never lead, only say
-        # the database is unreachable; a name the driver cannot send fails the same way
-        problems = [problem] if (problem := name_problem("name", name)) is not None else []
-        timeout = seconds_option("connect_timeout", connect_timeout, problems)
-        if problems or timeout is None:
-            raise InvalidConfiguration("PostgresLease", problems)
         self.url = url
         #: the URL may be the cluster's one (with the store's or the relay's options in it)
         self._dsn = driver_url(url)
@@ -142,13 +182,14 @@ class PostgresLease(ReportsHealth, Lease):
         #: are still two holders, and neither renews or releases the other's lease
         self._token = os.urandom(8).hex()
         self._ready = False
-        self._health = StoreHealth(redact_url(url), _BACKOFF, self.renew_interval)
+        self._where = redact_url(url)
+        self._health = StoreHealth(self._where, _BACKOFF, self.renew_interval)
 
     def now(self) -> float:
         return time.time() + self._offset
 
     def describe(self) -> str:
-        return super().describe() + self._health.describe()
+        return f"postgres {self._where} name={self.name} ttl={self.ttl:g}s{self._health.describe()}"
 
     def timed_out(self, operation: str, after: float) -> None:
         # a silent database raises nothing before the elector's bound (at most the renew
@@ -157,13 +198,34 @@ class PostgresLease(ReportsHealth, Lease):
 
     def _unreachable(self, exc: BaseException) -> bool:
         d = self._driver
+        if isinstance(exc, d.exceptions.ClientConfigurationError):
+            return False  # an option in the URL the driver cannot use: no outage
         if isinstance(exc, OSError | TimeoutError | d.InterfaceError | d.exceptions.InternalClientError):
             return True
         sqlstate = str(getattr(exc, "sqlstate", "") or "")
         return isinstance(exc, d.PostgresError) and sqlstate[:2] in _UNREACHABLE_CLASSES
 
+    def _refusal(self, exc: Exception) -> Exception:
+        """What to raise for ``exc``, an error the database (or the driver) answered with;
+        shown in :meth:`describe` until an operation succeeds."""
+        d = self._driver
+        error = f"{type(exc).__name__}: {exc}"
+        self._health.refused(error)
+        if isinstance(exc, NotATaskwatchStore):
+            return exc  # another application's leases table: already says what to do
+        sqlstate = str(getattr(exc, "sqlstate", "") or "")
+        if isinstance(exc, d.PostgresError) and sqlstate[:2] == _RETRY_CLASS:
+            return exc  # the next try goes through: nothing to fix
+        if isinstance(exc, d.PostgresError | d.InterfaceError):
+            return LeaseRefused(self._where, error)
+        return exc
+
     async def _one(self, sql: str, *args: Any) -> tuple[Any, float]:
         """One statement on a connection of its own: its row (or None) and the round trip in seconds."""
+        return await self._on_connection(lambda conn: conn.fetchrow(sql, *args))
+
+    async def _on_connection(self, work: Callable[[Any], Awaitable[Any]]) -> tuple[Any, float]:
+        """``work`` on a connection of its own: what it returned (a row or None) and how long it took."""
         self._health.check()
         try:
             conn = await self._driver.connect(self._dsn, timeout=self.connect_timeout, server_settings=self._settings)
@@ -178,7 +240,7 @@ class PostgresLease(ReportsHealth, Lease):
                             await conn.execute(statement)
                     self._ready = True
                 sent = time.time()
-                row = await conn.fetchrow(sql, *args)
+                row = await work(conn)
                 back = time.time()
             except BaseException:
                 # cut short (an error, or the elector's timeout): a polite close would wait
@@ -191,7 +253,10 @@ class PostgresLease(ReportsHealth, Lease):
                 conn.terminate()
         except Exception as exc:
             if not self._unreachable(exc):
-                raise
+                refusal = self._refusal(exc)
+                if refusal is exc:
+                    raise
+                raise refusal from exc
             raise self._health.failed(f"{type(exc).__name__}: {exc}") from exc
         self._health.answered()
         if row is not None:
@@ -205,7 +270,17 @@ class PostgresLease(ReportsHealth, Lease):
         return LeaseState(holder=holder, term=term, expires_at=expires_at - rtt - _MARGIN * self.ttl)
 
     async def acquire(self, node_id: str) -> LeaseState | None:
-        row, rtt = await self._one(_ACQUIRE, self.name, self._holder(node_id), float(self.ttl))
+        holder = self._holder(node_id)
+
+        async def take(conn: Any) -> Any:
+            async with conn.transaction():
+                await conn.execute(_MAKE_ROW, self.name)
+                if await conn.fetchval(_LOCK_IF_FREE, self.name, holder) is None:
+                    return None
+                return await conn.fetchrow(_TAKE, self.name, holder, float(self.ttl))
+
+        # the round trip of the whole transaction: the expiry the holder is told errs early
+        row, rtt = await self._on_connection(take)
         return None if row is None else self._state(node_id, row[0], row[1], rtt)
 
     async def renew(self, node_id: str, term: int) -> LeaseState | None:
@@ -233,4 +308,4 @@ class PostgresLease(ReportsHealth, Lease):
         return None if row is None else LeaseState(holder=_node_of(row[0]), term=row[1], expires_at=row[2])
 
     def __repr__(self) -> str:
-        return f"<PostgresLease {self.name!r} ttl={self.ttl:g}>"
+        return f"<PostgresLease {self.describe()}>"

@@ -19,6 +19,13 @@ holes of the hand-written versions closed:
   the highest term this object has seen and the script raises the counter to
   it first. Keep the counter durable (``appendonly yes``, ``appendfsync
   always``) for the guarantee to hold across a Redis crash.
+- **A Redis that lost its data** (restarted without persistence, flushed)
+  has lost the key of a holder that may still think it leads, until its own
+  deadline. The counter behind a term the claimant saw gives the loss away:
+  a claimant that saw another holder since its own last term then takes the
+  lease only a ttl after it first noticed, when that holder's deadline is
+  surely past (its last renew was sent before the loss). The holder itself
+  takes it back at once: it stepped down when its renew found no key.
 - **Expiry** is judged on this host's monotonic clock: a holder's deadline is
   the moment it *sent* the acquire or renew plus the ttl, minus a safety
   margin for clock-rate drift and the time stepping down takes. Redis starts
@@ -27,6 +34,12 @@ holes of the hand-written versions closed:
   can acquire. Wall clocks of different hosts are never compared; ``now()``
   is the monotonic clock expressed in UNIX seconds, so ``expires_at`` reads
   like a time of day.
+- **Refusals**: an error Redis answers with (a wrong password, a database
+  index it does not have) is no outage: it raises :class:`LeaseRefused`,
+  which fails ``engine.start()``, and is shown in ``leadership().backend``
+  until a call succeeds. A URL that could never work (a port out of range, a
+  database that is not a number, an option redis-py does not take) is refused
+  when the lease is made.
 - **Connections** are made lazily in the running loop, with no retries inside
   a call (the elector bounds each call itself); after a connection error, or
   a call the elector gave up waiting for (a hung or blackholed Redis raises
@@ -50,17 +63,23 @@ import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable
+import re
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
-from .errors import InvalidConfiguration, MissingDependency
+from .errors import InvalidConfiguration, LeaseRefused, MissingDependency
 from .lease import Lease, LeaseState, ReportsHealth, StoreHealth, seconds_option
 from .urls import redact_url
 
 T = TypeVar("T")
 
+#: the first wait after a failure (doubling up to backoff_max), unless the renew interval is shorter
+_BACKOFF = 0.05
+
 # KEYS[1] the lease, KEYS[2] its term counter
-# ARGV[1] the claimant "<token>:<node_id>", ARGV[2] ttl in ms, ARGV[3] highest term the claimant saw
+# ARGV[1] the claimant "<token>:<node_id>", ARGV[2] ttl in ms, ARGV[3] highest term the claimant saw,
+# ARGV[4] "1" if it may take the lease even though Redis lost its data (see RedisLease.acquire)
+# returns {1, value, ttl} taken; {0, value, pttl} held by another; {2, '', 0} data lost, not taken
 _ACQUIRE = """
 local current = redis.call('GET', KEYS[1])
 if current then
@@ -70,6 +89,9 @@ if current then
   end
 end
 if tonumber(redis.call('GET', KEYS[2]) or '0') < tonumber(ARGV[3]) then
+  if ARGV[4] ~= '1' then
+    return {2, '', 0}
+  end
   redis.call('SET', KEYS[2], ARGV[3])
 end
 local value = redis.call('INCR', KEYS[2]) .. ':' .. ARGV[1]
@@ -104,6 +126,21 @@ return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
 
 _SCHEMES = ("redis", "rediss", "unix")
 
+#: the path of a redis:// URL: nothing, or the database index
+_DB_PATH = re.compile(r"/?[0-9]*")
+
+#: answers from a Redis that cannot serve now but will (a replica until a failover ends, a full
+#: memory, a cluster reconfiguring), counted as unreachable as a connection failure is
+_PASSING = ("ReadOnlyError", "OutOfMemoryError", "TryAgainError", "ClusterDownError")
+
+#: connection errors to redis-py that are the server refusing this client, not an outage
+_REFUSED_CONNECTIONS = ("AuthenticationError", "AuthorizationError")
+
+
+def _classes(errors: Any, names: tuple[str, ...]) -> tuple[type[BaseException], ...]:
+    """The exception classes of ``names`` this redis-py has (an older one may lack some)."""
+    return tuple(getattr(errors, name) for name in names if hasattr(errors, name))
+
 
 def _import_redis() -> tuple[Any, Any, Any, Any]:
     """redis-py's asyncio client, its exceptions, Retry and NoBackoff; a clear error without it."""
@@ -115,6 +152,43 @@ def _import_redis() -> tuple[Any, Any, Any, Any]:
     except ImportError as exc:
         raise MissingDependency("RedisLease", "redis", "redis") from exc
     return redis_asyncio, redis_errors, Retry, NoBackoff
+
+
+def _url_problems(url: object, redis_asyncio: Any) -> list[str]:
+    """What makes ``url`` a Redis URL no connection could ever be made with, judged as
+    redis-py reads it (which would otherwise fail every call, or quietly use database 0)."""
+    if not isinstance(url, str) or urlsplit(url).scheme not in _SCHEMES:
+        shown = redact_url(url) if isinstance(url, str) else url
+        return [f"url must be a redis://, rediss:// or unix:// URL, got {shown!r}"]
+    shown = redact_url(url)
+    parts = urlsplit(url)
+    try:
+        # the port, the scheme's "//" and the values of the options redis-py knows
+        options = redis_asyncio.connection.parse_url(url)
+    except ValueError as exc:
+        return [f"url {shown}: {exc}"]
+    problems = []
+    if parts.scheme == "unix":
+        if not parts.path:
+            problems.append(f"url {shown} names no socket: write unix:///path/to/redis.sock")
+    elif not _DB_PATH.fullmatch(unquote(parts.path)):
+        problems.append(
+            f"url {shown}: its path names database {unquote(parts.path).lstrip('/')!r}; a database is "
+            "given by its index, 0 or more (redis://host:6379/0)"
+        )
+    elif parts.path.strip("/") and any(name == "db" for name, _ in parse_qsl(parts.query)):
+        problems.append(f"url {shown} gives the database both as its path and as ?db=; give it in one place")
+    db = options.get("db", 0)
+    if db < 0:
+        problems.append(f"url {shown}: db={db}; a database index is 0 or more")
+    if not problems:
+        try:
+            # what redis-py does with the URL's other options on every connection, done once
+            # here, without connecting: an option it does not take fails it with a TypeError
+            redis_asyncio.Redis.from_url(url).connection_pool.make_connection()
+        except TypeError as exc:
+            problems.append(f"url {shown}: an option redis-py does not take ({exc})")
+    return problems
 
 
 class RedisLease(ReportsHealth, Lease):
@@ -134,15 +208,18 @@ class RedisLease(ReportsHealth, Lease):
         ttl: float = 15.0,
         renew_interval: float | None = None,
         safety_margin: float | None = None,
-        backoff: float = 0.05,
+        backoff: float | None = None,
         backoff_max: float | None = None,
     ) -> None:
-        super().__init__(ttl, renew_interval=renew_interval)
-        problems = []
-        if not isinstance(url, str) or urlsplit(url).scheme not in _SCHEMES:
-            problems.append(f"url must be a redis://, rediss:// or unix:// URL, got {url!r}")
+        self._redis_module, self._redis_errors, self._retry, self._no_backoff = _import_redis()
+        problems = _url_problems(url, self._redis_module)
         if not isinstance(key, str) or not key:
             problems.append(f"key must be a non-empty string, got {key!r}")
+        try:
+            super().__init__(ttl, renew_interval=renew_interval)
+        except InvalidConfiguration as exc:
+            # named together: fixing one only to be told of the next is a slow way to configure
+            raise InvalidConfiguration("RedisLease", [*problems, *exc.problems]) from None
         # the checked values from here on: a str or a bool must not reach the arithmetic below
         margin = (
             self.ttl * 0.05
@@ -153,13 +230,17 @@ class RedisLease(ReportsHealth, Lease):
             problems.append(
                 f"safety_margin must be at least 0 and leave more than one renew interval of the ttl, got {margin!r}"
             )
-        step = seconds_option("backoff", backoff, problems)
         top = self.renew_interval if backoff_max is None else seconds_option("backoff_max", backoff_max, problems)
+        # the default never exceeds the cap: a short ttl (a short renew interval) lowers both
+        step = (
+            (None if top is None else min(_BACKOFF, top))
+            if backoff is None
+            else seconds_option("backoff", backoff, problems)
+        )
         if step is not None and top is not None and step > top:
             problems.append(f"backoff must be at most backoff_max ({top!r}), got {backoff!r}")
         if problems or margin is None or step is None or top is None:
             raise InvalidConfiguration("RedisLease", problems)
-        self._redis_module, self._redis_errors, self._retry, self._no_backoff = _import_redis()
         self.url = url
         self.key = key
         self.term_key = f"{key}:term"
@@ -172,7 +253,12 @@ class RedisLease(ReportsHealth, Lease):
         # the monotonic clock, read as UNIX seconds: anchored once, never stepped by NTP
         self._anchor = time.time() - time.monotonic()
         self._highest_term = 0
-        self._health = StoreHealth(redact_url(url), step, top)
+        #: the term of this object's last acquire
+        self._own_term = 0
+        #: when Redis was found to have lost its data: no acquire before this (see acquire)
+        self._hold_off_until: float | None = None
+        self._where = redact_url(url)
+        self._health = StoreHealth(self._where, step, top)
 
     # ------------------------------------------------------------------ clock and identity
 
@@ -195,7 +281,12 @@ class RedisLease(ReportsHealth, Lease):
         return LeaseState(holder=holder, term=int(term), expires_at=sent + pttl / 1000)
 
     def describe(self) -> str:
-        return f"redis {redact_url(self.url)} key={self.key} ttl={self.ttl:g}s{self._health.describe()}"
+        waiting = (
+            ", Redis lost the lease's data: waiting out the last holder's lease"
+            if self._hold_off_until is not None and self.now() < self._hold_off_until
+            else ""
+        )
+        return f"redis {self._where} key={self.key} ttl={self.ttl:g}s{self._health.describe()}{waiting}"
 
     def timed_out(self, operation: str, after: float) -> None:
         # the elector's bound (at most the renew interval, less near the deadline) runs out
@@ -233,12 +324,26 @@ class RedisLease(ReportsHealth, Lease):
             if task is not None and task.cancelling() > cancels:
                 # redis-py can swallow a cancel that lands mid-command: pass it on
                 raise asyncio.CancelledError
-        except (errors.ConnectionError, errors.TimeoutError, OSError) as exc:
+        except (errors.RedisError, OSError) as exc:
             if task is not None and task.cancelling() > cancels:
                 raise asyncio.CancelledError from exc
-            raise self._health.failed(f"{type(exc).__name__}: {exc}") from exc
+            error = f"{type(exc).__name__}: {exc}"
+            if self._refused(exc):
+                self._health.refused(error)
+                raise LeaseRefused(self._where, error) from exc
+            raise self._health.failed(error) from exc
         self._health.answered()
         return result
+
+    def _refused(self, exc: BaseException) -> bool:
+        """Whether Redis answered ``exc`` for good (an outage passes; a wrong password does not)."""
+        errors = self._redis_errors
+        # redis-py counts a refused password as a connection error: it is no outage
+        if isinstance(exc, _classes(errors, _REFUSED_CONNECTIONS)):
+            return True
+        if isinstance(exc, OSError | errors.ConnectionError | errors.TimeoutError):
+            return False
+        return not isinstance(exc, _classes(errors, _PASSING))
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -252,16 +357,28 @@ class RedisLease(ReportsHealth, Lease):
         sent = self.now()
         ttl_ms = max(1, int(self.ttl * 1000))
         claimant = self._claimant(node_id)
+        # after Redis lost its data, the last holder may think it leads until its own deadline,
+        # which is within a ttl of the loss (its last renew was sent before it). This object may
+        # take the lease at once if that holder was itself (it stepped down when its renew found
+        # no key), otherwise a ttl after it first saw the loss
+        hold_off = self._hold_off_until
+        may_take = self._own_term >= self._highest_term or (hold_off is not None and sent >= hold_off)
         won, value, pttl = await self._run(
             lambda _c, s: s["acquire"](
-                keys=[self.key, self.term_key], args=[claimant, ttl_ms, self._highest_term]
+                keys=[self.key, self.term_key], args=[claimant, ttl_ms, self._highest_term, int(may_take)]
             )
         )
+        if won == 2:
+            if hold_off is None:
+                self._hold_off_until = sent + self.ttl
+            return None
+        self._hold_off_until = None
         if not won:
             self._parse(value, int(pttl), sent)  # remember the term it saw
             return None
         state = self._parse(value, int(pttl), sent)
         assert state is not None
+        self._own_term = state.term
         return state.model_copy(update={"expires_at": sent + self.ttl - self.safety_margin})
 
     async def renew(self, node_id: str, term: int) -> LeaseState | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -42,9 +43,13 @@ class FlakyLease(InProcessLease):
         super().__init__(*args, **kwargs)
         #: node id -> "raise" (store unreachable), "hang" (no reply), "refuse" (CAS fails)
         self.failing: dict[str, str] = {}
+        #: calls made while failing (by any node)
+        self.failed_calls = 0
 
     async def _refused(self, node_id: str) -> bool:
         mode = self.failing.get(node_id)
+        if mode is not None:
+            self.failed_calls += 1
         if mode == "raise":
             raise ConnectionError("lease store unreachable")
         if mode == "hang":
@@ -316,6 +321,8 @@ async def test_leadership_events_carry_node_holder_term_and_expiry() -> None:
         renewed = rec.of("lease.renewed")[0]
         assert (renewed.node, renewed.holder, renewed.term) == ("a", "a", 1)
         assert renewed.expires_at == pytest.approx(clock.now + TTL)
+        # as on every lease event, the lease before the change: for a renew, the same holder and term
+        assert (renewed.previous_holder, renewed.previous_term) == ("a", 1)
     finally:
         await engine.stop(1.0)
 
@@ -396,6 +403,40 @@ async def test_follower_takes_over_when_the_leader_cannot_reach_the_lease() -> N
     finally:
         await stop_all(a, b)
     watch.check()
+
+
+async def test_a_lease_store_failing_on_every_attempt_is_logged_once_per_outage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # a store that stays down is tried every renew interval: a line per try would bury the log
+    caplog.set_level(logging.INFO, logger="taskwatch.lease")
+    lease = FlakyLease(ttl=TTL, renew_interval=RENEW)
+    engine = Engine(node_id="a", lease=lease, health_interval=None)
+
+    def failures() -> list[str]:
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        return [message for message in warnings if "unreachable" in message]
+
+    try:
+        await engine.start()
+        assert engine.leadership().is_leader
+        lease.failing["a"] = "raise"
+        await eventually(lambda: lease.failed_calls >= 6, timeout=3.0)
+        assert len(failures()) == 1, failures()
+        assert not engine.leadership().is_leader
+
+        del lease.failing["a"]
+        await eventually(lambda: engine.leadership().is_leader, timeout=3.0)
+        assert any("answers again" in r.getMessage() for r in caplog.records)
+        # a new outage is news again
+        calls = lease.failed_calls
+        lease.failing["a"] = "raise"
+        await eventually(lambda: lease.failed_calls >= calls + 4, timeout=3.0)
+        assert len(failures()) == 2, failures()
+    finally:
+        lease.failing.clear()
+        await engine.stop(1.0)
+    assert not stray_tasks()
 
 
 async def test_a_lapsed_lease_fails_ensure_leader_before_the_elector_notices() -> None:

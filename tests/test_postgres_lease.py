@@ -8,13 +8,17 @@ and the other takes over with a higher term.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 from taskwatch.engine import Engine, InvalidConfiguration, PostgresLease, TaskContext
+from taskwatch.engine.errors import LeaseRefused, NotATaskwatchStore
 
 from .cutting_proxy import CuttingProxy
 from .helpers import eventually, stray_tasks
@@ -37,6 +41,154 @@ def test_a_connect_timeout_or_a_name_that_could_never_work_is_refused(option: st
     # report the database unreachable
     with pytest.raises(InvalidConfiguration, match=f"PostgresLease: {option}="):
         PostgresLease("postgresql://app@127.0.0.1:1/app", **{option: bad})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        (None, "postgresql://"),
+        ("redis://127.0.0.1:6379/0", "postgresql://"),
+        ("mysql://app:s3cret@127.0.0.1/app", "postgresql://"),
+        ("postgresql://app@127.0.0.1:99999/app", "Port out of range"),
+        ("postgresql://app@127.0.0.1:pg/app", "Port could not be cast"),
+        ("postgresql:///app", "names no server"),
+    ],
+)
+def test_a_url_that_could_never_work_is_refused_when_the_lease_is_made(url: object, named: str) -> None:
+    with pytest.raises(InvalidConfiguration, match="PostgresLease") as info:
+        PostgresLease(url)  # type: ignore[arg-type]
+    assert named in str(info.value) and "s3cret" not in str(info.value)
+    # with the other options' problems, not one at a time
+    with pytest.raises(InvalidConfiguration, match="ttl=0") as info:
+        PostgresLease(url, ttl=0)  # type: ignore[arg-type]
+    assert named in str(info.value)
+
+
+def test_a_url_naming_several_servers_or_a_socket_is_the_drivers_to_read() -> None:
+    for url in ("postgresql://app@db1:5432,db2:5433/app", "postgresql:///app?host=/run/postgresql"):
+        assert PostgresLease(url).url == url
+
+
+def engine_on(lease: PostgresLease) -> tuple[Engine, list[TaskContext]]:
+    engine = Engine(node_id="a", lease=lease, health_interval=None)
+    contexts: list[TaskContext] = []
+
+    @engine.supervised(name="guarded", leader_only=True, backoff=0.05)
+    async def guarded(ctx: TaskContext) -> None:
+        contexts.append(ctx)
+        await asyncio.Event().wait()
+
+    return engine, contexts
+
+
+@pytest.mark.parametrize(
+    ("change", "refusal"),
+    [
+        (lambda url: url.rsplit("/", 1)[0] + "/no_such_db", 'database "no_such_db" does not exist'),
+        (lambda url: url + "?bogus=1", 'unrecognized configuration parameter "bogus"'),
+        (lambda url: url.replace("postgres@", "nobody:s3cret@"), 'role "nobody" does not exist'),
+        (lambda url: url + "?sslmode=sometimes", "sslmode"),
+    ],
+)
+async def test_a_lease_the_server_refuses_fails_the_start(postgres_url: str, change: Any, refusal: str) -> None:
+    # as a store on that URL does: the node could never lead, and waiting changes nothing
+    url = change(postgres_url)
+    engine, contexts = engine_on(PostgresLease(url, ttl=1.0))
+    with pytest.raises(LeaseRefused, match=refusal) as info:
+        await engine.start()
+    assert "s3cret" not in str(info.value)
+    assert engine.state == "stopped" and contexts == []
+    assert not stray_tasks()
+
+
+async def test_another_applications_leases_table_fails_the_start(postgres_url: str) -> None:
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute("CREATE TABLE leases (id serial PRIMARY KEY, tenant text)")
+    finally:
+        await conn.close()
+    engine, contexts = engine_on(PostgresLease(postgres_url, ttl=1.0))
+    with pytest.raises(NotATaskwatchStore, match=r"\(leases\)"):
+        await engine.start()
+    assert engine.state == "stopped" and contexts == []
+    assert not stray_tasks()
+
+
+async def test_a_database_that_starts_refusing_is_shown_in_the_backend_and_logged_once(
+    postgres_server: PostgresServer, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="taskwatch.lease")
+    database = postgres_url.rsplit("/", 1)[1]
+    role = f"lease_{database}"
+    postgres_server.sql(f"CREATE ROLE {role} LOGIN")
+    postgres_server.sql(f"ALTER DATABASE {database} OWNER TO {role}")
+    lease = PostgresLease(postgres_url.replace("postgres@", f"{role}@"), ttl=1.0)
+    engine, contexts = engine_on(lease)
+
+    def refusals() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "not permitted to log in" in r.getMessage()]
+
+    try:
+        await engine.start()
+        await eventually(lambda: contexts, timeout=10.0)
+        postgres_server.sql(f"ALTER ROLE {role} NOLOGIN")
+        await eventually(lambda: not engine.leadership().is_leader, timeout=5.0)
+        await eventually(lambda: lease.refusals >= 6, timeout=10.0)
+        backend = engine.leadership().backend or ""
+        assert "refused: InvalidAuthorizationSpecificationError" in backend and "unreachable" not in backend
+        assert len(refusals()) == 1, refusals()
+
+        postgres_server.sql(f"ALTER ROLE {role} LOGIN")
+        await eventually(lambda: engine.leadership().is_leader, timeout=5.0)
+        assert "refused" not in (engine.leadership().backend or "")
+    finally:
+        await engine.stop(2.0)
+        postgres_server.sql(f"REASSIGN OWNED BY {role} TO postgres", database)
+        postgres_server.sql(f"DROP ROLE {role}")
+    assert not stray_tasks()
+
+
+async def test_the_backend_names_the_database_and_the_lease_without_the_password(postgres_url: str) -> None:
+    url = postgres_url.replace("postgres@", "postgres:s3cret@")  # the test server trusts: any password does
+    engine, contexts = engine_on(PostgresLease(url, ttl=1.0, name="jobs"))
+    try:
+        await engine.start()
+        backend = engine.leadership().backend or ""
+        database = postgres_url.rsplit("/", 1)[1]
+        assert f"/{database}" in backend and "name=jobs" in backend and "***" in backend
+        assert "s3cret" not in backend and "s3cret" not in repr(engine.elector.lease)
+    finally:
+        await engine.stop(2.0)
+
+
+async def test_takers_racing_for_a_free_lease_draw_one_term_between_them(postgres_url: str) -> None:
+    # terms count the leaderships: a taker that loses the race must not use a number up
+    takers = [PostgresLease(postgres_url, ttl=30, name="raced") for _ in range(6)]
+    first = await takers[0].acquire("n0")
+    assert first is not None and await takers[0].release("n0", first.term)
+    terms = [first.term]
+    holder, watcher = await asyncpg.connect(postgres_url), await asyncpg.connect(postgres_url)
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    try:
+        for _ in range(3):
+            # the row held by a transaction of its own: every taker gets as far as it can, then
+            # they all go at once when it ends
+            async with holder.transaction():
+                await holder.execute("SELECT 1 FROM leases WHERE name = 'raced' FOR UPDATE")
+                race = asyncio.gather(*(t.acquire(f"n{i}") for i, t in enumerate(takers)))
+                async with asyncio.timeout(10):
+                    while await watcher.fetchval(waiting) < len(takers):
+                        await asyncio.sleep(0.01)
+            won = [(i, state) for i, state in enumerate(await race) if state is not None]
+            assert len(won) == 1, won
+            ((i, state),) = won
+            terms.append(state.term)
+            assert await takers[i].release(f"n{i}", state.term)
+        assert terms == list(range(terms[0], terms[0] + len(terms)))
+        assert await watcher.fetchval("SELECT last_value FROM lease_terms") == terms[-1]
+    finally:
+        await holder.close()
+        await watcher.close()
 
 
 async def test_acquire_renew_release_and_terms_that_only_grow(postgres_url: str) -> None:

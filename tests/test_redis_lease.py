@@ -9,6 +9,8 @@ multi-process failover tests (kill -9, SIGSTOP, random schedules) are in
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import signal
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from taskwatch.engine import (
     RedisLease,
     TaskContext,
 )
+from taskwatch.engine.errors import LeaseRefused
 
 from .helpers import Recorder, eventually, stray_tasks
 from .processes import REPO
@@ -141,6 +144,45 @@ def test_bad_options_are_refused_with_every_problem_named() -> None:
             RedisLease("redis://127.0.0.1:1/0", **bad)
 
 
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("redis://127.0.0.1:99999/0", "Port out of range"),
+        ("redis://127.0.0.1:port/0", "Port could not be cast"),
+        ("redis://127.0.0.1:6379/abc", "'abc'"),  # redis-py would quietly use database 0
+        ("redis://127.0.0.1:6379/-1", "'-1'"),
+        ("redis://127.0.0.1:6379/0?db=-2", "db=-2"),
+        ("redis://127.0.0.1:6379/1?db=2", "in one place"),
+        ("redis://127.0.0.1:6379/0?bogus=1", "bogus"),  # redis-py would fail every connection with a TypeError
+        ("redis://127.0.0.1:6379/0?socket_timeout=soon", "socket_timeout"),
+        ("unix://", "socket"),
+        ("http://user:s3cret@127.0.0.1/0", "redis://"),
+        ("redis:127.0.0.1", "redis://"),
+    ],
+)
+def test_a_url_that_could_never_work_is_refused_when_the_lease_is_made(url: str, named: str) -> None:
+    with pytest.raises(InvalidConfiguration, match="RedisLease") as info:
+        RedisLease(url)
+    assert named in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
+def test_the_url_and_key_are_judged_with_the_ttl() -> None:
+    with pytest.raises(InvalidConfiguration) as info:
+        RedisLease("redis://127.0.0.1:99999/0", key="", ttl=0)
+    message = str(info.value)
+    assert "Port out of range" in message and "key" in message and "ttl=0" in message
+
+
+def test_a_short_ttl_needs_no_backoff_of_its_own() -> None:
+    # the default backoff (50 ms) is never more than the cap the ttl sets (its renew interval)
+    lease = RedisLease("redis://127.0.0.1:1/0", ttl=0.1)
+    assert lease.backoff == lease.backoff_max == pytest.approx(0.1 / 3)
+    assert RedisLease("redis://127.0.0.1:1/0", ttl=15).backoff == 0.05
+    with pytest.raises(InvalidConfiguration, match="backoff must be at most backoff_max"):
+        RedisLease("redis://127.0.0.1:1/0", ttl=0.1, backoff=0.05)
+
+
 def test_backoffs_and_margins_are_read_as_the_other_options_are() -> None:
     # a str is read as its number, as ttl and every other option is; a bool or NaN is refused
     lease = RedisLease(
@@ -183,6 +225,138 @@ async def test_an_unreachable_redis_fails_fast_with_backoff(redis_server: RedisS
         await lease.close()
 
 
+# ---------------------------------------------------------------- a Redis that refuses the lease
+
+
+async def test_a_database_index_the_server_does_not_have_fails_the_start(redis_server: RedisServer) -> None:
+    # redis-server has 16 databases unless configured otherwise: SELECT 99 is refused, every time
+    lease = RedisLease(f"redis://127.0.0.1:{redis_server.port}/99", key=KEY, ttl=1.0)
+    engine, contexts = leader_engine(lease, "a")
+    with pytest.raises(LeaseRefused, match="DB index is out of range") as info:
+        await engine.start()
+    assert f"127.0.0.1:{redis_server.port}/99" in str(info.value)
+    assert engine.state == "stopped" and contexts == []
+    assert not stray_tasks()
+
+
+async def test_a_wrong_password_fails_the_start(redis_server: RedisServer, raw: Any) -> None:
+    await raw.config_set("requirepass", "right")
+    lease = RedisLease(redis_server.url.replace("redis://", "redis://:s3cret@"), key=KEY, ttl=1.0)
+    engine, _ = leader_engine(lease, "a")
+    with pytest.raises(LeaseRefused, match="AuthenticationError") as info:
+        await engine.start()
+    assert "s3cret" not in str(info.value)
+    assert engine.state == "stopped"
+    assert not stray_tasks()
+
+
+async def test_an_unreachable_redis_does_not_fail_the_start(redis_server: RedisServer) -> None:
+    # unlike a refusal, an outage passes: the node starts as a follower and leads once Redis is back
+    redis_server.stop()
+    lease = lease_for(redis_server, ttl=1.0)
+    engine, contexts = leader_engine(lease, "a")
+    try:
+        await engine.start()
+        assert not engine.leadership().is_leader
+        assert "unreachable" in (engine.leadership().backend or "")
+        redis_server.start()
+        await eventually(lambda: contexts, timeout=10.0)
+    finally:
+        await engine.stop(2.0)
+    assert not stray_tasks()
+
+
+async def test_a_redis_that_starts_refusing_is_shown_in_the_backend_and_logged_once(
+    redis_server: RedisServer, raw: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="taskwatch.lease")
+    lease = lease_for(redis_server, ttl=1.0)
+    engine, contexts = leader_engine(lease, "a")
+    rec = Recorder(engine)
+
+    def refusals() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "AuthenticationError" in r.getMessage()]
+
+    try:
+        await engine.start()
+        await eventually(lambda: contexts, timeout=5.0)
+        # the lease's connections were made without a password: the next one is refused
+        await raw.config_set("requirepass", "now-needed")
+        await raw.client_kill_filter(_type="normal", skipme=True)
+
+        await eventually(lambda: rec.of("lease.lost"), timeout=5.0)
+        await eventually(lambda: lease.refusals >= 6, timeout=10.0)
+        backend = engine.leadership().backend or ""
+        assert "refused: AuthenticationError" in backend and "unreachable" not in backend
+        assert len(refusals()) == 1, refusals()
+        assert engine.workers()[0].state == "waiting_for_leadership"
+
+        await raw.config_set("requirepass", "")
+        await eventually(lambda: engine.leadership().is_leader, timeout=5.0)
+        assert "refused" not in (engine.leadership().backend or "")
+    finally:
+        await engine.stop(2.0)
+    assert not stray_tasks()
+
+
+# ---------------------------------------------------------------- a Redis that lost its data
+
+
+async def acquire_when_answered(lease: RedisLease, node: str) -> tuple[Any, float]:
+    """``lease.acquire(node)`` tried until Redis answers (it may be restarting): what it
+    answered and the lease's clock when it did."""
+    deadline = lease.now() + 10.0
+    while True:
+        try:
+            return await lease.acquire(node), lease.now()
+        except LeaseUnavailable:
+            assert lease.now() < deadline, "Redis did not come back"
+            await asyncio.sleep(0.02)
+
+
+async def test_a_redis_restarted_without_persistence_gives_no_second_leader_before_the_first_ones_deadline(
+    redis_server: RedisServer,
+) -> None:
+    a, b = lease_for(redis_server, ttl=2.0), lease_for(redis_server, ttl=2.0)
+    try:
+        held = await a.acquire("a")
+        assert held is not None
+        assert await b.acquire("b") is None  # b follows a: it saw a's term
+
+        redis_server.restart()  # no persistence: the lease key and the term counter are gone
+
+        # b tries as often as a follower would; as long as a may think it leads, b must not
+        taken, said = None, set()
+        while taken is None:
+            taken, at = await acquire_when_answered(b, "b")
+            if taken is None:
+                assert a.now() < held.expires_at + 5.0, "b never took the lease"
+                said.add(b.describe())
+                await asyncio.sleep(0.02)
+        assert at >= held.expires_at
+        assert any("Redis lost the lease's data" in backend for backend in said), said
+        assert taken.term > held.term  # the counter was raised past the term b saw
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_the_holder_itself_takes_its_lease_back_at_once_after_redis_lost_it(redis_server: RedisServer) -> None:
+    a, b = lease_for(redis_server, ttl=2.0), lease_for(redis_server, ttl=2.0)
+    try:
+        held = await a.acquire("a")
+        assert held is not None and await b.acquire("b") is None
+        redis_server.restart()
+        # a stepped down (its renew finds no key) and competes again: nobody else can lead
+        # in its term, so it need not wait its own deadline out
+        again, at = await acquire_when_answered(a, "a")
+        assert again is not None and again.term > held.term and at < held.expires_at
+        assert (await acquire_when_answered(b, "b"))[0] is None
+    finally:
+        await a.close()
+        await b.close()
+
+
 # ---------------------------------------------------------------- an engine on the lease
 
 
@@ -220,7 +394,9 @@ async def test_ensure_leader_asks_redis_at_that_moment(redis_server: RedisServer
         term = await probe.ensure_leader()
         assert term == engine.leadership().term
 
-        # someone else's term in Redis, while this node's own view is still valid
+        # someone else's term in Redis (its counter with it, as a real acquire leaves it), while
+        # this node's own view is still valid
+        await raw.set(f"{KEY}:term", term + 7)
         await raw.set(KEY, f"{term + 7}:feedfeedfeedfeed:b", px=5000)
         assert engine.elector.lease_valid()
         with pytest.raises(NotLeader):
@@ -233,7 +409,6 @@ async def test_ensure_leader_asks_redis_at_that_moment(redis_server: RedisServer
         assert not rec.of("worker.crashed")
         await raw.delete(KEY)
         await eventually(lambda: engine.leadership().is_leader, timeout=5.0)
-        # the counter was raised past the foreign term this node saw
         assert engine.leadership().term > term + 7
     finally:
         await engine.stop(2.0)
