@@ -47,12 +47,17 @@ from taskwatch.widgets import (
     TaskStatsTable,
     TriggersTable,
     WorkersTable,
+    printable,
+    printable_lines,
 )
 from textual import events, on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, HorizontalGroup, Vertical
+from textual.content import Content
 from textual.css.query import NoMatches
+from textual.markup import MarkupError
+from textual.notifications import SeverityLevel
 from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widget import Widget
@@ -377,6 +382,26 @@ class TaskwatchApp(App[None]):
 
     def get_default_screen(self) -> Screen[Any]:
         return self.main
+
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: SeverityLevel = "information",
+        timeout: float | None = None,
+        markup: bool = True,
+    ) -> None:
+        # messages quote task names, trigger keys and errors from engines and stores:
+        # no escape sequence in them may reach the terminal, and a "[/x]" in them must not
+        # stop the app (a toast's markup is parsed when it is drawn, and raises there)
+        message = printable_lines(message)
+        if markup:
+            try:
+                Content.from_markup(message)
+            except MarkupError:
+                markup = False
+        super().notify(message, title=printable(title), severity=severity, timeout=timeout, markup=markup)
 
     def on_resize(self, event: events.Resize) -> None:
         # Rich asks the OS for the terminal size on every measurement unless it is
@@ -1046,7 +1071,8 @@ class TaskwatchApp(App[None]):
                 self.notify("the selected worker has not crashed", severity="warning")
             else:
                 error = worker.last_error
-                self.push_screen(TracebackScreen(f"worker {worker.name}: {error.type}: {error.message}", error.traceback))
+                title = printable(f"worker {worker.name}: {error.type}: {error.message}")
+                self.push_screen(TracebackScreen(title, printable_lines(error.traceback)))
             return
         if self.active_tab == "failures":
             failures = self.main.query_one(FailuresList)
@@ -1068,8 +1094,9 @@ class TaskwatchApp(App[None]):
         if run is None or run.error is None:
             self.notify("the selected run has no traceback", severity="warning")
             return
-        title = f"{run.task} {run.id}: {run.error.type}: {run.error.message}"
-        self.push_screen(TracebackScreen(title, run.error.traceback))
+        # a task's error may hold escape sequences: shown, never handed to the terminal
+        title = printable(f"{run.task} {run.id}: {run.error.type}: {run.error.message}")
+        self.push_screen(TracebackScreen(title, printable_lines(run.error.traceback)))
 
     def action_filter(self) -> None:
         tab = self.main.query_one(TabbedContent).active

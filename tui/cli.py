@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import importlib
 import inspect
+import math
 import os
 import shlex
 import stat
@@ -345,6 +346,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = _main_parser().parse_args(args)
     if opts.seconds is not None and not opts.plain:
         return fail("--seconds goes with --plain (the dashboard runs until you quit it)")
+    if opts.seconds is not None and not (math.isfinite(opts.seconds) and opts.seconds > 0):
+        return fail(
+            f"--seconds {opts.seconds:g} is not a number of seconds above 0; "
+            "leave it out to print events until Ctrl-C"
+        )
     if opts.plain and opts.serve:
         return fail("--serve goes with the dashboard, not --plain; to watch from elsewhere, serve from your app")
     if opts.app:

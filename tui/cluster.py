@@ -38,7 +38,6 @@ from typing import Any
 
 from rich.text import Text
 from taskwatch.engine import (
-    ClusterNode,
     ClusterObserver,
     EventRelay,
     RunNotCancellable,
@@ -62,9 +61,6 @@ from .screens import ConfirmScreen, EventScreen, RunScreen
 #: what a command through the store can fail with: its own errors, or a lost connection
 COMMAND_ERRORS = (TaskwatchError, OSError)
 
-#: a table cell: its text and its style
-Cell = tuple[str, str]
-
 #: seconds between two redraws of the runs table when its runs changed, and when they did not
 #: (running runs' durations tick): every running run is listed, thousands of them on a busy
 #: cluster, and each redraw renders every running row again
@@ -85,21 +81,6 @@ def join_parts(parts: list[str], width: int) -> str:
         used += size + (2 if lines[-1] else 0)
         lines[-1].append(part)
     return "\n".join("  ".join(line) for line in lines)
-
-
-class ObservedNodesTable(StoreNodesTable):
-    """:class:`StoreNodesTable` that also shows a node whose state is not known now (the
-    database out of reach since it was last seen up): ``unknown``, its last figures dimmed."""
-
-    def cells(self, info: ClusterNode, now: float) -> tuple[Cell, ...]:
-        if info.state != "unknown":
-            return super().cells(info, now)
-        # drawn as a node that is not up (its load dimmed), then named for what it is
-        cells = list(super().cells(info.model_copy(update={"unknown": False, "dead": True}), now))
-        keys = [column.key for column in self.COLUMNS]
-        cells[keys.index("state")] = ("unknown", "bold yellow")
-        cells[keys.index("heartbeat")] = (cells[keys.index("heartbeat")][0], "yellow")
-        return tuple(cells)
 
 
 class ClusterApp(App[None]):
@@ -145,7 +126,7 @@ class ClusterApp(App[None]):
     def compose(self) -> ComposeResult:
         yield Static("", id="cluster-header")
         if self.observer is not None:
-            yield ObservedNodesTable(id="nodes")
+            yield StoreNodesTable(id="nodes")
             yield ClusterRunsTable(id="cluster-runs", max_rows=self.observer.runs_limit * 2)
         else:
             yield NodesTable(id="nodes")

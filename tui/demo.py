@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 from taskwatch.engine import Engine, TaskContext
+from taskwatch.widgets import printable
 
 
 class EmbedParams(BaseModel):
@@ -229,4 +230,6 @@ def format_event_line(event: Any) -> str:
         if isinstance(value, dict) and noisy == "error":
             fields[noisy] = f"{value.get('type')}: {value.get('message')}"
     body = " ".join(f"{k}={v}" for k, v in fields.items() if v not in (None, {}, []))
-    return f"{event.seq:>6} {event.kind:<22} {body}"
+    # one line per event, and nothing in it a terminal would take for a command: a task's
+    # error message or name may hold escape sequences
+    return printable(f"{event.seq:>6} {event.kind:<22} {body}")

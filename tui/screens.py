@@ -10,7 +10,7 @@ from typing import Any
 from rich.syntax import Syntax
 from rich.text import Text
 from taskwatch.engine import BaseEvent, InvalidParams, RunRecord, TaskInfo, TaskwatchError, event_to_json
-from taskwatch.widgets import ParamsForm, ParamsFormError, RunDetail
+from taskwatch.widgets import ParamsForm, ParamsFormError, RunDetail, printable
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -65,7 +65,7 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
         with Vertical(id="submit-dialog"):
             # docked above and below the fields: those scroll in what room is left
             with Vertical(id="submit-head"):
-                yield Label(self._title, id="submit-title")
+                yield Label(Text(printable(self._title)), id="submit-title")
                 yield Select(
                     [(name, name) for name in self.tasks],
                     value=self._initial if self._initial is not None else Select.BLANK,
@@ -257,7 +257,8 @@ class TracebackScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="traceback-dialog"):
-            yield Label(self._title, id="traceback-title")
+            # task text: drawn as written, never read as markup
+            yield Label(Text(printable(self._title)), id="traceback-title")
             with VerticalScroll():
                 yield Static(
                     Syntax(self._traceback or "(no traceback recorded)", "pytb", word_wrap=True, theme="ansi_dark"),
@@ -291,7 +292,7 @@ class EventScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         kind = getattr(self.event, "kind", type(self.event).__name__)
         with Vertical(id="event-dialog"):
-            yield Label(f"Event #{self.event.seq}: {kind}", id="event-title")
+            yield Label(Text(printable(f"Event #{self.event.seq}: {kind}")), id="event-title")
             with VerticalScroll(id="event-scroll"):
                 yield Static(Syntax(self.json, "json", word_wrap=True, theme="ansi_dark"), id="event-body")
             yield Static(Text("c: copy the JSON    esc: close", style="dim"), id="event-keys")
@@ -355,10 +356,10 @@ class RunScreen(ModalScreen[None]):
         self.query_one("#run-title", Label).update(self._title())
         self.query_one(RunDetail).show(record, now)
 
-    def _title(self) -> str:
+    def _title(self) -> Text:
         record = self._record
         where = f" on {record.node}" if record.node else ""
-        return f"Run {record.id}: {record.task}, {record.status.value}{where}"
+        return Text(printable(f"Run {record.id}: {record.task}, {record.status.value}{where}"))
 
 
 class ChooseKeyScreen(ModalScreen[str | None]):
@@ -374,7 +375,7 @@ class ChooseKeyScreen(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="choose-key-dialog"):
-            yield Label(f"Fire trigger {self.trigger}: which key?", id="choose-key-title")
+            yield Label(Text(printable(f"Fire trigger {self.trigger}: which key?")), id="choose-key-title")
             if self.keys:
                 yield OptionList(*self.keys, id="choose-key-list")
             box = Input(placeholder="or type a key and press enter", id="choose-key-input")

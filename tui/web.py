@@ -42,6 +42,7 @@ import secrets
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from urllib.parse import urlsplit
 import aiohttp_jinja2
 from aiohttp import WSCloseCode, hdrs, web
 from rich.console import Console
+from rich.logging import RichHandler
 from textual_serve.app_service import AppService
 from textual_serve.server import Server, to_int
 
@@ -221,6 +223,10 @@ class _Session(AppService):
     async def run(self) -> None:
         try:
             await super().run()
+        except ConnectionError as exc:
+            # the browser went away while its screen was being sent (a tab closed, a client that
+            # stopped reading): the websocket's end, not a fault; the session is ended below
+            log.debug("a dashboard session's websocket closed while it was written to: %r", exc)
         finally:
             self.ended.set()
 
@@ -457,9 +463,26 @@ class DashboardServer(Server):
             )
 
     def initialize_logging(self) -> None:
+        """textual-serve's logging, without what would leak the secret or a session's token.
+
+        Its handler prints tracebacks with every frame's local variables: a malformed
+        request's raw bytes (the secret path), a session's environment (the token).
+        Here tracebacks show no locals, and any record that still holds the secret
+        is written with it masked.
+        """
         # log lines on stderr: stdout carries the URL line that bg.dashboard() reads
         self.console = Console(stderr=True)
-        super().initialize_logging()
+        handler = RichHandler(
+            show_path=False,
+            show_time=False,
+            rich_tracebacks=True,
+            tracebacks_show_locals=False,
+            console=self.console,
+        )
+        handler.addFilter(_Masked(self.secret))
+        logging.basicConfig(
+            level="DEBUG" if self.debug else "INFO", format="%(message)s", handlers=[handler], force=True
+        )
         # aiohttp's access log writes every request line, secret included
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
@@ -467,6 +490,26 @@ class DashboardServer(Server):
         # runs before the sockets listen: the URL is printed by _listening, once they do
         # (textual-serve's own banner, which this replaces, is not shown)
         return None
+
+
+class _Masked(logging.Filter):
+    """Writes a record that holds ``secret`` anywhere (message, arguments, exception) as plain
+    text with the secret masked, its traceback included: the URL is the dashboard's only key."""
+
+    def __init__(self, secret: str) -> None:
+        super().__init__()
+        self.secret = secret
+        self._plain = logging.Formatter("%(message)s")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        cached = record.exc_text
+        text = self._plain.format(record)
+        record.exc_text = cached  # format() caches the traceback's text, which the handler would then append
+        if self.secret in text:
+            record.msg = text.replace(self.secret, "<secret>")
+            record.args = None
+            record.exc_info = record.exc_text = record.stack_info = None
+        return True
 
 
 async def _close(websocket: web.WebSocketResponse, code: int) -> None:
@@ -496,6 +539,27 @@ def serve(
     """
     from_env = take_secret()
     DashboardServer(command, secret=secret or from_env, host=host, port=port, title=title).serve()
+
+
+def exit_when_stdin_closes() -> None:
+    """SIGTERM this process (so it ends its sessions and exits) once its stdin reaches EOF.
+
+    ``bg.dashboard()`` starts the server with a pipe on stdin that it never
+    writes to: the pipe closes when that process dies, however it dies
+    (SIGKILL, a notebook kernel killed), and the server must not outlive it
+    holding the port and a secret URL.
+    """
+
+    def watch() -> None:
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass  # no stdin at all: nothing to watch for, and nothing holds this process
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="taskwatch-web-parent", daemon=True).start()
 
 
 def take_secret() -> str:

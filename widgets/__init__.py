@@ -5,6 +5,7 @@ Every widget takes the public pydantic models of :mod:`taskwatch.engine`
 user choices upward with messages. None of them keeps global state.
 """
 
+from ._format import printable, printable_lines
 from .counts_bar import CountsBar
 from .event_log import EventLog
 from .failures_list import FailuresList
@@ -44,4 +45,6 @@ __all__ = [
     "TriggersTable",
     "WorkersTable",
     "fields_from_schema",
+    "printable",
+    "printable_lines",
 ]

@@ -7,6 +7,7 @@ tables can compare cheap tuples and only build a ``Text`` for cells that changed
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -20,6 +21,46 @@ STATUS_STYLES: dict[str, str] = {
 }
 
 DASH = "—"
+
+# What text from tasks must not hand the terminal: C0 and C1 controls and DEL (ESC, BEL and
+# CSI start commands: a retitled window, colours, a cleared screen), line and paragraph
+# separators, the bidirectional overrides that reorder what is drawn, and lone surrogates
+# (they cannot be encoded for the terminal at all).
+_OTHER_UNSAFE = r"\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff"
+_UNSAFE_CHARS = re.compile(rf"[\x00-\x1f{_OTHER_UNSAFE}]")
+#: the same, but newlines and tabs are left to a multi-line view
+_UNSAFE_IN_LINES = re.compile(rf"[\x00-\x08\x0b-\x1f{_OTHER_UNSAFE}]")
+_NAMED_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    named = _NAMED_ESCAPES.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """``text`` safe to draw on one line: every control character shown as its Python escape
+    (ESC as ``\\x1b``, a newline as ``\\n``), so text that came from a task can neither send
+    the terminal a command nor pass for other lines. Cheap when there is nothing to escape."""
+    if text.isprintable():
+        return text
+    return _UNSAFE_CHARS.sub(_escaped, text)
+
+
+def printable_lines(text: str) -> str:
+    """Like :func:`printable` for a view of several lines (a traceback): newlines stay, tabs
+    become spaces, a CR before a newline goes."""
+    if text.isprintable():
+        return text
+    if "\r\n" in text:
+        text = text.replace("\r\n", "\n")
+    if "\t" in text:
+        text = text.expandtabs(4)
+    return _UNSAFE_IN_LINES.sub(_escaped, text)
 
 
 def status_style(status: str | None) -> str:
@@ -104,11 +145,12 @@ def pretty_json(value: Any, limit: int = 20_000) -> str:
         text = repr(value)
     if len(text) > limit:
         text = f"{text[:limit]}\n… ({len(text) - limit} more characters)"
-    return text
+    # JSON escapes C0 controls in strings but not DEL, C1 (CSI) or the separators
+    return printable_lines(text)
 
 
 def compact(value: Any, limit: int = 40) -> str:
-    """One-line rendering of a value, truncated for summaries."""
+    """One-line rendering of a value, truncated for summaries (control characters escaped)."""
     if isinstance(value, str):
         text = value
     elif isinstance(value, float):
@@ -120,7 +162,7 @@ def compact(value: Any, limit: int = 40) -> str:
             text = repr(value)
     else:
         text = str(value)
-    text = text.replace("\n", " ")
+    text = printable(text)
     if len(text) > limit:
         text = text[: limit - 1] + "…"
     return text

@@ -72,7 +72,10 @@ class KeyedTable(KeyedRows, DataTable[Text]):
         self._rebuild_pending = False
         self._selection_before: str | None = None
         self._last_highlighted: str | None = None
+        #: the DataTable has the shown columns (only possible once mounted: see _ensure_columns)
         self._columns_ready = False
+        self._mounted = False
+        self._select_on_mount: str | None = None
         #: the columns on screen: COLUMNS, or the selection of them a subclass chose to show
         self.shown_columns: tuple[Column, ...] = self.COLUMNS
 
@@ -98,6 +101,9 @@ class KeyedTable(KeyedRows, DataTable[Text]):
         """Move the cursor to the row ``key``; False when that row is not shown."""
         if key not in self._cells:
             return False
+        if not self._columns_ready:
+            self._select_on_mount = key  # the rows are drawn on mount; the cursor goes there then
+            return True
         if self._rebuild_pending:
             self._apply_rebuild()
         self.move_cursor(row=self.get_row_index(key))
@@ -113,7 +119,9 @@ class KeyedTable(KeyedRows, DataTable[Text]):
     def _upsert(self, key: str, order: Any, cells: tuple[Cell, ...]) -> bool:
         """Show ``cells`` in row ``key``, placed by ``order`` (ascending; orders of one
         table must compare with each other); returns True when the row is new."""
-        self._ensure_columns()
+        if not self._ensure_columns():
+            # not mounted yet: the rows are kept and drawn on mount
+            self._rebuild_pending = True
         previous = self._cells.get(key)
         if previous is None:
             self._cells[key] = cells
@@ -165,7 +173,8 @@ class KeyedTable(KeyedRows, DataTable[Text]):
         self._first_cells.clear()
         self._reorder = False
         self._rebuild_pending = False
-        self.clear()
+        if self._columns_ready:
+            self.clear()
 
     def _show_columns(self, columns: tuple[Column, ...]) -> None:
         """Show ``columns`` from now on: columns with the keys of some of COLUMNS, the
@@ -177,12 +186,16 @@ class KeyedTable(KeyedRows, DataTable[Text]):
         if columns == self.shown_columns:
             return
         self._clear_rows()
-        self.clear(columns=True)
+        if self._columns_ready:
+            self.clear(columns=True)
         self.shown_columns = columns
         self._columns_ready = False
 
     def _finish(self) -> None:
         """End a batch: apply one rebuild or sort, keep the cursor on its row, post messages."""
+        if not self._ensure_columns():
+            self._selection_before = None
+            return  # not mounted yet: on_mount draws the rows
         if self._rebuild_pending:
             self._apply_rebuild()
         elif self._reorder:
@@ -199,17 +212,29 @@ class KeyedTable(KeyedRows, DataTable[Text]):
 
     # ------------------------------------------------------------ internals
 
-    def _ensure_columns(self) -> None:
+    def _ensure_columns(self) -> bool:
+        """Add the shown columns if they are not there yet; False while that cannot be done."""
         # Columns are added lazily: add_column measures labels with the app's console,
-        # which only exists once the widget is attached to a running app.
+        # which a widget can only reach once it is mounted in a running app.
         if self._columns_ready:
-            return
-        self._columns_ready = True
+            return True
+        if not self._mounted:
+            return False
         for column in self.shown_columns:
             self.add_column(column.label, key=column.key, width=column.width)
+        self._columns_ready = True
+        return True
 
     def on_mount(self) -> None:
+        self._mounted = True
         self._ensure_columns()
+        if self._rebuild_pending:
+            # rows given before mount: drawn now, as one batch
+            self._apply_rebuild()
+            wanted, self._select_on_mount = self._select_on_mount, None
+            if wanted is not None and wanted in self._cells:
+                self.move_cursor(row=self.get_row_index(wanted))
+            self._sync_highlight()
 
     def _make_text(self, key: str, column: Column, cell: Cell, index: int) -> Text:
         text, style = cell

@@ -41,6 +41,7 @@ from textual.renderables.styled import Styled
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
+from ._format import printable
 from ._keyed_rows import Cell, Column, KeyedRows
 
 #: the index of the header line among the rows (as in DataTable)
@@ -589,4 +590,6 @@ class VirtualTable(KeyedRows, ScrollView, can_focus=True):
     @staticmethod
     def _make_text(column: Column, cell: Cell) -> Text:
         text, style = cell
-        return Text(text, style=style, justify=column.justify, no_wrap=True, overflow="ellipsis", end="")
+        # cells show what tasks named and said: a control character must neither reach the
+        # terminal nor cut the cell at a newline (only a cell not in the cache gets here)
+        return Text(printable(text), style=style, justify=column.justify, no_wrap=True, overflow="ellipsis", end="")

@@ -8,7 +8,10 @@ stay in sight however large the counts grow.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from rich.text import Text
 from textual.reactive import reactive
@@ -25,6 +28,23 @@ _SEPARATOR = ("  │  ", "dim")
 def fmt_count(count: int) -> str:
     """``10482`` -> ``10,482``: three-digit groups read at a glance."""
     return f"{count:,}"
+
+
+def _check_count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a whole number of 0 or more, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be 0 or more, got {value}")
+
+
+def _counts(name: str, counts: Any) -> dict[str, int]:
+    if not isinstance(counts, Mapping):
+        raise TypeError(f"{name} must map statuses to counts, got {type(counts).__name__}")
+    for status, count in counts.items():
+        if not isinstance(status, str):
+            raise TypeError(f"{name} must be keyed by status names, got the key {status!r}")
+        _check_count(f"{name}[{status!r}]", count)
+    return dict(counts)
 
 
 class CountsBar(Widget):
@@ -55,9 +75,24 @@ class CountsBar(Widget):
         totals: dict[str, int] | None = None,
         rate: float | None = None,
     ) -> None:
+        """Show these figures. Raises TypeError or ValueError, naming the bad entry, for a
+        count that is not a whole number of 0 or more (or a rate that is not a number);
+        nothing changes then. A bad count would otherwise only fail at the next repaint,
+        taking the app down with it."""
+        by_status = _counts("by_status", by_status)
+        totals = None if totals is None else _counts("totals", totals)
+        _check_count("dropped", dropped)
+        _check_count("view_paused_buffered", view_paused_buffered)
+        if not isinstance(paused, bool):
+            raise TypeError(f"paused must be True or False, got {paused!r}")
+        if rate is not None:
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+                raise TypeError(f"rate must be a number of runs per second or None, got {rate!r}")
+            if math.isnan(rate):
+                raise ValueError("rate is nan; give None when the rate is not known")
         # reactives compare before repainting, so an unchanged update costs nothing
-        self.by_status = dict(by_status)
-        self.totals = dict(totals) if totals is not None else None
+        self.by_status = by_status
+        self.totals = totals
         self.rate = None if rate is None else round(rate, 1)
         self.dropped = dropped
         self.paused = paused

@@ -35,7 +35,7 @@ from textual.reactive import reactive
 from textual.strip import Strip
 from textual.widgets import RichLog
 
-from ._format import compact, fmt_bytes, fmt_clock, fmt_clock_ms, fmt_duration, short_id
+from ._format import compact, fmt_bytes, fmt_clock, fmt_clock_ms, fmt_duration, printable, short_id
 
 #: colour per event family (the part of the kind before the dot) ...
 FAMILY_STYLES: dict[str, str] = {
@@ -113,7 +113,7 @@ def summarize(event: BaseEvent, limit: int = 160) -> str:
         if value is None or value == {} or value == [] or (not field.is_required() and value == field.default):
             continue
         if name == "run_id" or name.endswith("_run_id"):
-            parts.append(f"{name.removesuffix('_id')}={short_id(value)}")
+            parts.append(f"{name.removesuffix('_id')}={printable(short_id(value))}")
         elif isinstance(value, RunError):
             parts.append(f"{name}={compact(f'{value.type}: {value.message}', 60)}")
         else:
@@ -126,7 +126,7 @@ def format_event(event: BaseEvent, show_node: bool = False) -> Text:
     kind: str = getattr(event, "kind", type(event).__name__)
     # a cluster-wide log names the node each event came from instead of its number
     # one line per event: the log maps its lines to events by position
-    where = (f"{event.node.replace(chr(10), ' '):<12}", "bold") if show_node else (f"#{event.seq:<6}", "dim")
+    where = (f"{printable(event.node):<12}", "bold") if show_node else (f"#{event.seq:<6}", "dim")
     return Text.assemble(
         (fmt_clock_ms(event.ts), "dim"),
         " ",
@@ -208,6 +208,8 @@ class EventLog(RichLog):
         self._history: deque[_Entry] = deque(maxlen=max_lines)
         self._pending: deque[BaseEvent] = deque()
         self._not_shown = 0
+        #: events that arrived while paused: the newest entries of the history, not drawn yet
+        self._held = 0
         self._kinds: tuple[frozenset[str], tuple[str, ...]] | None = None
         self._match_cache: dict[str, bool] = {}
         self._on_screen = False
@@ -261,17 +263,25 @@ class EventLog(RichLog):
             self._match_cache[kind] = cached
         return cached
 
-    def set_filter(self, kinds: Iterable[str] | None) -> None:
+    def set_filter(self, kinds: str | Iterable[str] | None) -> None:
         """Show only these kinds: exact ("run.failed") or prefixes ("run." or "run.*").
 
-        ``None`` (or an empty set) shows everything. The kept history is redrawn.
+        ``None`` (or an empty set) shows everything; one kind may be given as a plain
+        string. The kept history is redrawn. Raises ``TypeError`` for kinds that are no
+        strings; then the filter stays.
         """
         if kinds is None:
             new = None
         else:
+            if isinstance(kinds, str):
+                kinds = (kinds,)  # one kind, not its letters
+            elif not isinstance(kinds, Iterable):
+                raise TypeError(f"EventLog.set_filter: kinds must be a str or strings, got {kinds!r:.80}; the filter stays")
             exact: set[str] = set()
             prefixes: list[str] = []
             for kind in kinds:
+                if not isinstance(kind, str):
+                    raise TypeError(f"EventLog.set_filter: kinds must be strings, got {kind!r:.80}; the filter stays")
                 kind = kind.strip()
                 if kind.endswith("*"):
                     kind = kind[:-1]
@@ -291,10 +301,14 @@ class EventLog(RichLog):
         fresh: list[_Entry] = []
         if self.paused:
             pending = self._pending
+            history = self._history
             for event in events:
                 self.total_events += 1
+                # into the history as it comes, matching or not: a filter change redraws the
+                # history, which must keep the order events came in
+                history.append(event)
+                self._held += 1
                 if not self.matches(event.kind):  # type: ignore[attr-defined]
-                    self._history.append(event)  # invisible now; kept for a later filter change
                     continue
                 if len(pending) >= self.buffer_cap:
                     pending.popleft()  # keep the newest: the gap sits where the marker will be
@@ -347,6 +361,7 @@ class EventLog(RichLog):
         self._history.clear()
         self._pending.clear()
         self._not_shown = 0
+        self._held = 0
         self._backlog = 0
         self.clear()
 
@@ -358,13 +373,22 @@ class EventLog(RichLog):
     def watch_paused(self, paused: bool) -> None:
         if paused:
             return
+        held = min(self._held, len(self._history))
+        self._held = 0
+        if not self._on_screen:
+            # drawn from the history when shown: the held events are its newest entries
+            self._backlog += held
+            self._pending.clear()
+            self._not_shown = 0
+            return
+        # the gap marker is for this view only: the events it stands for are in the history,
+        # so a redraw shows them
         entries: list[_Entry] = []
         if self._not_shown:
             entries.append(_Gap(self._not_shown))
         entries.extend(self._pending)
         self._pending.clear()
         self._not_shown = 0
-        self._history.extend(entries)
         self._render_entries(entries)
 
     def _render_entries(self, entries: list[_Entry], cap: int | None = None) -> None:
@@ -398,11 +422,20 @@ class EventLog(RichLog):
 
     def _redraw(self) -> None:
         self.clear()
+        history = list(self._history)
+        held = min(self._held, len(history))
+        if held:
+            # paused: the view shows what came before the pause; what came since is drawn
+            # at the resume, as far as the filter (maybe new) lets it
+            history, arrived = history[: len(history) - held], history[len(history) - held :]
+            matching = [e for e in arrived if isinstance(e, BaseEvent) and self.matches(e.kind)]  # type: ignore[attr-defined]
+            self._not_shown = max(0, len(matching) - self.buffer_cap)
+            self._pending = deque(matching[self._not_shown :])
         if not self._on_screen:
             self._full_redraw = True
             self._backlog = 0
             return
-        self._render_entries(list(self._history))
+        self._render_entries(history)
 
     def on_show(self, event: Show) -> None:
         self._on_screen = True
@@ -412,10 +445,12 @@ class EventLog(RichLog):
             self._redraw()
         elif self._backlog:
             # the lines drawn before hiding are still right: only append what came since
-            backlog = min(self._backlog, len(self._history))
-            self._backlog = 0
+            # (and before a pause: what came during it waits for the resume)
             history = self._history
-            self._render_entries(list(islice(history, len(history) - backlog, None)))
+            end = len(history) - min(self._held, len(history))
+            backlog = min(self._backlog, end)
+            self._backlog = 0
+            self._render_entries(list(islice(history, end - backlog, end)))
 
     def on_hide(self, event: Hide) -> None:
         self._on_screen = False

@@ -15,7 +15,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Static
 
-from ._format import DASH, fmt_clock, short_id
+from ._format import DASH, fmt_clock, printable, printable_lines, short_id
 from ._keyed_table import Cell, Column, KeyedTable
 
 FailureKind = Literal["run", "worker"]
@@ -25,7 +25,7 @@ _Item: TypeAlias = RunRecord | WorkerInfo
 def _error_line(error: RunError | None, limit: int = 60) -> str:
     if error is None:
         return DASH
-    text = f"{error.type}: {error.message}".replace("\n", " ")
+    text = printable(f"{error.type}: {error.message}")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -93,6 +93,9 @@ class FailuresList(Vertical):
         self._detail_key: str | None = None
         self._detail_item: _Item | None = None
         self._early_update: tuple[list[RunRecord], list[WorkerInfo]] | None = None
+        # Textual says a widget is mounted only once its on_mount has run, and on_mount
+        # draws the early update: the table is there from then on
+        self._ready = False
 
     def compose(self) -> ComposeResult:
         yield _FailuresTable(id="failures-table")
@@ -100,9 +103,10 @@ class FailuresList(Vertical):
             yield Static("No failures.", id="failures-traceback")
 
     def on_mount(self) -> None:
+        self._ready = True
         if self._early_update is not None:
-            self.update(*self._early_update)
-            self._early_update = None
+            early, self._early_update = self._early_update, None
+            self.update(*early)
 
     @property
     def table(self) -> KeyedTable:
@@ -115,7 +119,8 @@ class FailuresList(Vertical):
         return _split_key(key) if key is not None else None
 
     def selected_traceback(self) -> tuple[str, str] | None:
-        """(title, traceback text) of the highlighted failure, e.g. for a full-screen view."""
+        """(title, traceback text) of the highlighted failure, e.g. for a full-screen view:
+        ready to draw, with the control characters a task's message may hold escaped."""
         key = self.table.selected_key
         item = self._items.get(key) if key is not None else None
         if item is None:
@@ -125,15 +130,15 @@ class FailuresList(Vertical):
         else:
             error, title = item.last_error, f"worker {item.name}"
         if error is None:
-            return title, ""
-        return f"{title}: {error.type}: {error.message}", error.traceback
+            return printable(title), ""
+        return printable(f"{title}: {error.type}: {error.message}"), printable_lines(error.traceback)
 
     def select(self, kind: FailureKind, ident: str) -> bool:
         return self.table.select_key(f"{kind}:{ident}")
 
     def update(self, failed_runs: list[RunRecord], workers: list[WorkerInfo]) -> None:
         """Show these failed runs and every worker that has crashed at least once."""
-        if not self.is_mounted:
+        if not self._ready:
             self._early_update = (failed_runs, workers)  # the table does not exist yet
             return
         entries: list[tuple[float, str, _Item]] = []
@@ -180,16 +185,16 @@ def _cells(item: _Item) -> tuple[Cell, ...]:
     if isinstance(item, RunRecord):
         return (
             ("run", "red"),
-            (item.task, "bold"),
-            (short_id(item.id), "dim"),
+            (printable(item.task), "bold"),
+            (printable(short_id(item.id)), "dim"),
             (f"{item.attempt}/{item.max_attempts}", "yellow" if item.attempt > 1 else ""),
             (_error_line(item.error), "red"),
             (fmt_clock(_run_time(item)), ""),
         )
     return (
         ("worker", "yellow"),
-        (item.name, "bold"),
-        (item.state, "bold red" if item.state == "backoff" else ""),
+        (printable(item.name), "bold"),
+        (printable(item.state), "bold red" if item.state == "backoff" else ""),
         (f"{item.restarts} restart{'s' if item.restarts != 1 else ''}", "yellow" if item.restarts else ""),
         (_error_line(item.last_error), "red"),
         (fmt_clock(item.last_error_at), ""),
@@ -201,23 +206,24 @@ def _detail(item: _Item | None) -> RenderableType:
         return Text("No failures.", style="dim italic")
     if isinstance(item, RunRecord):
         title = Text.assemble(
-            ("run ", "dim"), (item.id, "bold"), ("  task ", "dim"), (item.task, "bold"),
+            ("run ", "dim"), (printable(item.id), "bold"), ("  task ", "dim"), (printable(item.task), "bold"),
             ("  attempt ", "dim"), f"{item.attempt}/{item.max_attempts}",
             ("  failed at ", "dim"), fmt_clock(_run_time(item)),
         )
         error = item.error
     else:
         title = Text.assemble(
-            ("worker ", "dim"), (item.name, "bold"), ("  state ", "dim"), item.state,
+            ("worker ", "dim"), (printable(item.name), "bold"), ("  state ", "dim"), printable(item.state),
             ("  restarts ", "dim"), str(item.restarts), ("  crashes ", "dim"), str(item.crashes),
             ("  last error at ", "dim"), fmt_clock(item.last_error_at),
         )
         error = item.last_error
     if error is None:
         return title
-    parts: list[RenderableType] = [title, Text.assemble((error.type, "bold red"), ": ", error.message)]
+    parts: list[RenderableType] = [
+        title, Text.assemble((printable(error.type), "bold red"), ": ", printable_lines(error.message))
+    ]
     if error.traceback:
-        parts.append(
-            Syntax(error.traceback.rstrip("\n"), "pytb", theme="ansi_dark", background_color="default", word_wrap=True)
-        )
+        traceback = printable_lines(error.traceback.rstrip("\n"))
+        parts.append(Syntax(traceback, "pytb", theme="ansi_dark", background_color="default", word_wrap=True))
     return Group(*parts)

@@ -4,6 +4,7 @@ the window, and a time axis under the graphs."""
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from textual.widgets import Label, Sparkline, Static
 from ._format import fmt_bytes, fmt_duration
 
 if TYPE_CHECKING:
-    # not re-exported by taskwatch.engine; only needed for annotations
+    # only needed for annotations (taskwatch.engine exports it too)
     from taskwatch.engine.events import HealthSample
 
 
@@ -107,14 +108,36 @@ class HealthSparklines(Widget):
         return self._times[-1] - self._times[0] if len(self._times) > 1 else 0.0
 
     def add_sample(self, sample: HealthSample) -> None:
-        """Append one sample; the oldest falls off once ``history`` samples are kept."""
-        self._last = sample
-        self._times.append(sample.ts)
-        for metric in self.METRICS:
-            self._history[metric.key].append(float(metric.value(sample)))
+        """Add one sample in time order; the oldest falls off once ``history`` samples are
+        kept. A sample older than the newest (delivered late) goes where its time puts it,
+        or nowhere when it is older than the whole full window."""
+        times = self._times
+        index = bisect_right(times, sample.ts)
+        if index < len(times):
+            if index == 0 and len(times) == self.history_size:
+                return  # it would be the first to fall off
+            self._insert(index, sample)
+        else:
+            self._last = sample
+            times.append(sample.ts)
+            for metric in self.METRICS:
+                self._history[metric.key].append(float(metric.value(sample)))
         if not self.is_mounted or self.paused:
             return  # values are kept and drawn on mount, or on resume
         self._redraw()
+
+    def _insert(self, index: int, sample: HealthSample) -> None:
+        # deque.insert refuses a full deque: make room at the old end first
+        full = len(self._times) == self.history_size
+        if full:
+            index -= 1
+        for values, value in (
+            (self._times, sample.ts),
+            *((self._history[metric.key], float(metric.value(sample))) for metric in self.METRICS),
+        ):
+            if full:
+                values.popleft()
+            values.insert(index, value)
 
     def watch_paused(self, paused: bool) -> None:
         if not paused and self.is_mounted:

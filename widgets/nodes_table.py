@@ -6,7 +6,9 @@ every column (an 80-column terminal) leaves out the ones least needed at a
 glance (``NARROW_DROPS``: the last event, which the log below tells anyway;
 the version) rather than hiding the missed counts at its right edge behind a
 scrollbar. A stopped node takes no part in elections (no role is shown); the
-load of a node that is not up is the last it reported, dimmed."""
+load of a node that is not up is the last it reported, dimmed. A node the
+watcher cannot tell about now (``unknown``: the store out of reach since it
+was last seen up) shows as such, in yellow."""
 
 from __future__ import annotations
 
@@ -17,11 +19,20 @@ from typing import ClassVar
 from rich.cells import cell_len
 from taskwatch.engine import ClusterNode
 from textual.events import Resize
+from textual.message import Message
 
 from ._format import DASH, fmt_ago, fmt_bytes
 from ._keyed_table import Cell, Column, KeyedTable
 
-_STATE_STYLES = {"up": "green", "dead": "bold red", "stopped": "dim"}
+_STATE_STYLES = {"up": "green", "dead": "bold red", "stopped": "dim", "unknown": "bold yellow"}
+#: how old a node's last heartbeat looks, by its state: alarming once it is dead, a warning
+#: while it cannot be told whether the node is still up
+_HEARTBEAT_STYLES = {"dead": "bold red", "unknown": "yellow"}
+
+
+def _state(info: ClusterNode) -> Cell:
+    state = info.state
+    return (state, _STATE_STYLES.get(state, ""))
 
 
 def _role(info: ClusterNode) -> Cell:
@@ -49,7 +60,7 @@ def node_cells(info: ClusterNode, now: float) -> tuple[Cell, ...]:
     return (
         (info.node, "bold"),
         _role(info),
-        (info.state, _STATE_STYLES[info.state]),
+        _state(info),
         *_load(info),
         (info.last_kind, ""),
         (fmt_ago(info.last_ts, now), "dim"),
@@ -63,8 +74,8 @@ def store_node_cells(info: ClusterNode, now: float) -> tuple[Cell, ...]:
     return (
         (info.node, "bold"),
         _role(info),
-        (info.state, _STATE_STYLES[info.state]),
-        (fmt_ago(info.last_heartbeat, now), "bold red" if info.dead else "dim"),
+        _state(info),
+        (fmt_ago(info.last_heartbeat, now), _HEARTBEAT_STYLES.get(info.state, "dim")),
         *_load(info),
         (info.version or DASH, ""),
         (str(info.events), ""),
@@ -89,6 +100,30 @@ class NodesTable(KeyedTable):
     )
     #: the columns left out when the table is too narrow for all of them
     NARROW_DROPS: ClassVar[frozenset[str]] = frozenset({"last", "ago"})
+
+    class NodeHighlighted(Message):
+        """The cursor moved to another node (None when the table emptied)."""
+
+        def __init__(self, table: NodesTable, node: str | None) -> None:
+            self.table = table
+            self.node = node
+            super().__init__()
+
+        @property
+        def control(self) -> NodesTable:
+            return self.table
+
+    class NodeSelected(Message):
+        """A node was chosen with Enter or a click."""
+
+        def __init__(self, table: NodesTable, node: str) -> None:
+            self.table = table
+            self.node = node
+            super().__init__()
+
+        @property
+        def control(self) -> NodesTable:
+            return self.table
 
     def __init__(self, *, name: str | None = None, id: str | None = None, classes: str | None = None,
                  disabled: bool = False) -> None:  # fmt: skip
@@ -133,9 +168,15 @@ class NodesTable(KeyedTable):
         if self._shown_at is not None and self._columns_for(event.size.width) != self.shown_columns:
             self.update_nodes(self._shown_nodes, self._shown_at)
 
+    def _highlight_message(self, key: str | None) -> Message:
+        return self.NodeHighlighted(self, key)
+
+    def _selected_message(self, key: str) -> Message:
+        return self.NodeSelected(self, key)
+
 
 class StoreNodesTable(NodesTable):
-    """Nodes as a cluster store records them: up, dead or stopped, the last heartbeat, the
+    """Nodes as a cluster store records them: up, dead, stopped or unknown, the last heartbeat, the
     load each reports with it, the version it runs; events seen and missed beside."""
 
     COLUMNS: ClassVar[tuple[Column, ...]] = (

@@ -3,7 +3,11 @@
 Strings, integers and floats get an Input, booleans a Switch (or, where empty
 means something -- null, or a default the schema does not state -- a Select of
 true and false that may stay blank), string enums a Select, and everything else (lists, dicts, nested models via ``$ref``,
-unions) a JSON text field. Each field shows its description and limits
+unions) a JSON text field. A union with a string in it (``int | str``) takes
+plain text: what reads as one of its other members is that (``5``), anything
+else is the string (``hello``; ``"5"`` quoted for the string 5). Numbers must
+be finite: JSON, and so the engine, cannot carry nan or infinity. Each field
+shows its description and limits
 (``1 ≤ value ≤ 100``, ``at most 20 characters``), which ``collect()`` checks
 along with parsing, so every error the form can know of shows at once.
 ``collect()`` parses values client-side; the engine still validates them, and
@@ -13,6 +17,7 @@ its ``InvalidParams.errors`` can be shown inline with ``show_errors``.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -74,6 +79,11 @@ class FieldSpec:
     choices: tuple[str, ...] = ()
     #: numeric bounds and length or item limits from the schema (JSON schema keywords)
     limits: tuple[tuple[str, float], ...] = ()
+    #: a union with a plain string member: text that is none of the other members is the string
+    text_fallback: bool = False
+    #: with ``text_fallback``: the JSON types of the other members ("integer", "array", ...;
+    #: None where any JSON value may do)
+    alternatives: tuple[str | None, ...] = ()
 
     def limits_text(self) -> str:
         """The limits as people say them: ``1 ≤ value < 10``, ``at most 20 characters``."""
@@ -112,6 +122,9 @@ def _field(name: str, prop: Mapping[str, Any], required: bool, defs: Mapping[str
         nullable = len(types) < len(prop["type"])
         schema = {**prop, "type": types[0] if len(types) == 1 else types}
     kind, type_label, json_type, choices = _classify(schema, defs)
+    text_fallback, alternatives, union_label = _string_union(schema, defs)
+    if text_fallback:
+        type_label = union_label
     limits = tuple(
         (key, float(schema[key])) for key in _LIMIT_KEYS
         if isinstance(schema.get(key), (int, float)) and not isinstance(schema.get(key), bool)
@@ -130,7 +143,37 @@ def _field(name: str, prop: Mapping[str, Any], required: bool, defs: Mapping[str
         json_type=json_type,
         choices=choices,
         limits=limits,
+        text_fallback=text_fallback,
+        alternatives=alternatives,
     )
+
+
+#: the JSON type each simple field kind stands for
+_KIND_TYPES: dict[str, str | None] = {"int": "integer", "float": "number", "bool": "boolean"}
+
+
+def _string_union(schema: Mapping[str, Any], defs: Mapping[str, Any]) -> tuple[bool, tuple[str | None, ...], str]:
+    """For a union with a plain string member: True, the other members' JSON types and a
+    label naming every member; else ``(False, (), "")``."""
+    members = schema.get("anyOf")
+    if not isinstance(members, list):
+        return False, (), ""
+    has_text = False
+    alternatives: list[str | None] = []
+    labels: list[str] = []
+    for member in members:
+        kind, label, json_type, choices = _classify(member, defs)
+        if kind == "str":
+            has_text = has_text or not choices  # a string enum is a string too, but not any text
+            if not choices and "string" in labels:
+                continue
+            labels.append("string" if not choices else label)
+            continue
+        alternatives.append(_KIND_TYPES[kind] if kind in _KIND_TYPES else json_type)
+        labels.append(label)
+    if not has_text:
+        return False, (), ""
+    return True, tuple(alternatives), " or ".join(labels)
 
 
 def _classify(
@@ -174,6 +217,13 @@ def _string_enum(schema: Mapping[str, Any]) -> tuple[str, ...]:
 def _initial_text(spec: FieldSpec, value: Any) -> str:
     if value is None:
         return ""
+    if spec.text_fallback and isinstance(value, str):
+        try:
+            as_typed = _parse(spec, value)
+        except ValueError:
+            as_typed = None
+        # quoted only where the plain text would read as another member ("5" for an int | str)
+        return value if as_typed == value else json.dumps(value, ensure_ascii=False)
     if spec.kind == "json":
         return json.dumps(value, ensure_ascii=False, default=str)
     return str(value)
@@ -449,6 +499,52 @@ def _echo(text: str, limit: int = 40) -> str:
     return f"{text[:limit]!r}… ({len(text)} characters)"
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"invalid JSON: {name} is not a JSON number; JSON cannot carry nan or infinity")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"invalid JSON: {_echo(text)} is too large for a number (it would be infinity)")
+    return number
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+
+
+def _is_json_type(value: Any, json_type: str | None) -> bool:
+    if json_type is None:
+        return not isinstance(value, str)
+    if json_type == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if json_type == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if json_type == "boolean":
+        return isinstance(value, bool)
+    if json_type == "array":
+        return isinstance(value, list)
+    if json_type == "object":
+        return isinstance(value, dict)
+    return False
+
+
+def _parse_text_union(spec: FieldSpec, raw: str) -> Any:
+    """A union with a string: the value of another member when the text reads as one, a JSON
+    string when quoted, else the text itself."""
+    try:
+        value = _loads(raw.strip())
+    except ValueError:
+        return raw
+    if isinstance(value, str) or any(_is_json_type(value, t) for t in spec.alternatives):
+        return value
+    return raw
+
+
 def _parse(spec: FieldSpec, raw: str) -> Any:
     if spec.kind == "bool":
         return raw.strip() == "true"
@@ -471,13 +567,15 @@ def _parse(spec: FieldSpec, raw: str) -> Any:
             raise ValueError(f"not an integer: {_echo(text)}") from None
     if spec.kind == "float":
         try:
-            return float(text)
+            number = float(text)
         except ValueError:
             raise ValueError(f"not a number: {_echo(text)}") from None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+        if not math.isfinite(number):
+            raise ValueError(f"not a finite number: {_echo(text)} (JSON cannot carry nan or infinity)")
+        return number
+    if spec.text_fallback:
+        return _parse_text_union(spec, raw)
+    value = _loads(text)
     if spec.json_type == "array" and not isinstance(value, list):
         raise ValueError(f"expected a JSON list, e.g. {_EXAMPLES['array']}")
     if spec.json_type == "object" and not isinstance(value, dict):

@@ -7,6 +7,7 @@ from collections import deque
 from typing import ClassVar
 
 from taskwatch.engine import QueueInfo
+from textual.message import Message
 
 from ._format import DASH, fmt_rate
 from ._keyed_table import Cell, Column, KeyedTable
@@ -26,6 +27,30 @@ class QueuesTable(KeyedTable):
         Column("purged", "purged", 7, "right"),
         Column("rate", "rate", 9, "right"),
     )
+
+    class QueueHighlighted(Message):
+        """The cursor moved to another queue (None when the table emptied)."""
+
+        def __init__(self, table: QueuesTable, name: str | None) -> None:
+            self.table = table
+            self.name = name
+            super().__init__()
+
+        @property
+        def control(self) -> QueuesTable:
+            return self.table
+
+    class QueueSelected(Message):
+        """A queue was chosen with Enter or a click."""
+
+        def __init__(self, table: QueuesTable, name: str) -> None:
+            self.table = table
+            self.name = name
+            super().__init__()
+
+        @property
+        def control(self) -> QueuesTable:
+            return self.table
 
     def __init__(
         self,
@@ -70,6 +95,12 @@ class QueuesTable(KeyedTable):
             self._record(info, now)
             self._upsert(info.name, info.name, self._row(info))
         self._finish()
+
+    def _highlight_message(self, key: str | None) -> Message:
+        return self.QueueHighlighted(self, key)
+
+    def _selected_message(self, key: str) -> Message:
+        return self.QueueSelected(self, key)
 
     def _record(self, info: QueueInfo, now: float) -> None:
         samples = self._samples.setdefault(info.name, deque(maxlen=512))

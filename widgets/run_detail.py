@@ -16,7 +16,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import ProgressBar, Static
 
-from ._format import DASH, fmt_clock, fmt_duration, pretty_json, status_style
+from ._format import DASH, fmt_clock, fmt_duration, pretty_json, printable, printable_lines, status_style
 
 _UNSET: Any = object()
 
@@ -63,13 +63,13 @@ def attempts_table(attempts: list[RunAttempt], now: float) -> Table:
             took = fmt_duration(end - attempt.started_at)
         outcome = Text(attempt.outcome, style=_OUTCOME_STYLES.get(attempt.outcome) or status_style(attempt.outcome))
         if attempt.lost_on:
-            outcome.append(f" on {attempt.lost_on}", style="magenta")
+            outcome.append(f" on {printable(attempt.lost_on)}", style="magenta")
         if attempt.error is not None:
-            outcome.append(f"  {attempt.error.type}: {attempt.error.message}".replace("\n", " "), style="red")
+            outcome.append(printable(f"  {attempt.error.type}: {attempt.error.message}"), style="red")
         if attempt.recovery:
-            outcome.append(f"  {attempt.recovery}", style="magenta")
+            outcome.append(f"  {printable(attempt.recovery)}", style="magenta")
         if attempt.note:
-            outcome.append(f"  {attempt.note}", style="dim")
+            outcome.append(f"  {printable(attempt.note)}", style="dim")
         grid.add_row(f"#{attempt.number}", fmt_clock(attempt.started_at), fmt_clock(attempt.ended_at), took, outcome)
     return grid
 
@@ -80,7 +80,7 @@ def _json_view(value: Any) -> Syntax:
 
 def _traceback_view(traceback: str) -> Syntax:
     return Syntax(
-        traceback.rstrip("\n"), "pytb", theme="ansi_dark", background_color="default", word_wrap=True
+        printable_lines(traceback.rstrip("\n")), "pytb", theme="ansi_dark", background_color="default", word_wrap=True
     )
 
 
@@ -105,6 +105,9 @@ class RunDetail(VerticalScroll):
         self._result: Any = _UNSET
         self._error: RunError | None | object = _UNSET
         self._attempts: list[RunAttempt] = []
+        # Textual says a widget is mounted only once its on_mount has run: what is shown
+        # before that is drawn by on_mount itself, so it needs its own word for "ready"
+        self._ready = False
 
     def compose(self) -> ComposeResult:
         yield Static("No run selected.", id="run-detail-empty")
@@ -126,6 +129,7 @@ class RunDetail(VerticalScroll):
                 yield Static(id="run-detail-traceback")
 
     def on_mount(self) -> None:
+        self._ready = True
         self.query_one("#run-detail-body").display = False
         pending, self._record = self._record, None
         if pending is not None:
@@ -156,7 +160,7 @@ class RunDetail(VerticalScroll):
         is the run's history; without it, the record's own attempt is shown."""
         if attempts is None and record is not None:
             attempts = [attempt_of(record)]
-        if not self.is_mounted:
+        if not self._ready:
             self._record = record  # shown on mount
             self._attempts = attempts or []
             return
@@ -205,24 +209,24 @@ class RunDetail(VerticalScroll):
         grid.add_column()
         status = Text(record.status.value, style=status_style(record.status.value))
         if record.cancel_reason is not None:
-            status.append(f" ({record.cancel_reason})", style="dim")
+            status.append(f" ({printable(record.cancel_reason)})", style="dim")
         if record.started_at is None:
             duration = DASH
         else:
             end = record.finished_at if record.finished_at is not None else now
             duration = fmt_duration(end - record.started_at)
         rows: list[tuple[str, RenderableType]] = [
-            ("run", Text(record.id, style="bold")),
-            ("task", Text(record.task, style="bold")),
+            ("run", Text(printable(record.id), style="bold")),
+            ("task", Text(printable(record.task), style="bold")),
             ("status", status),
             ("attempt", Text(f"{record.attempt} of {record.max_attempts}")),
             ("created", Text(fmt_clock(record.created_at))),
             ("started", Text(fmt_clock(record.started_at))),
             ("finished", Text(fmt_clock(record.finished_at))),
             ("duration", Text(duration)),
-            ("key", Text(record.key or DASH)),
-            ("source", Text(record.source)),
-            ("node", Text(record.node or DASH)),
+            ("key", Text(printable(record.key or DASH))),
+            ("source", Text(printable(record.source))),
+            ("node", Text(printable(record.node or DASH))),
         ]
         for label, value in rows:
             grid.add_row(label, value)
@@ -240,7 +244,7 @@ class RunDetail(VerticalScroll):
         if fraction is None and progress.done:
             parts.append(f"{progress.done:g} done")
         if progress.message:
-            parts.append(progress.message)
+            parts.append(printable(progress.message))
         message.update(Text(" · ".join(parts) if parts else "", style="italic"))
         self.query_one("#run-detail-progress-row").display = fraction is not None or bool(parts)
 
@@ -260,7 +264,7 @@ class RunDetail(VerticalScroll):
             return
         self._error = error
         self.query_one("#run-detail-error", Static).update(
-            Text.assemble((error.type, "bold red"), ": ", error.message)
+            Text.assemble((printable(error.type), "bold red"), ": ", printable_lines(error.message))
         )
         traceback = self.query_one("#run-detail-traceback", Static)
         if error.traceback:

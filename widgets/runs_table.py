@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
-from taskwatch.engine import RunRecord, RunStatus, StoredRun
+from taskwatch.engine import InvalidStatus, RunRecord, RunStatus, StoredRun
 from textual.binding import Binding
 from textual.message import Message
 
@@ -192,12 +192,24 @@ class RunsTable(VirtualTable):
         return self._records.get(run_id)
 
     def update_runs(self, records: Iterable[RunRecord], now: float) -> None:
-        """Show these runs (new or changed ones; unchanged ones cost a comparison)."""
+        """Show these runs (new or changed ones; unchanged ones cost a comparison).
+
+        Raises ``TypeError`` when an item is no ``RunRecord`` or ``now`` is no time;
+        then nothing changes."""
+        batch = list(records)
+        for index, record in enumerate(batch):
+            if not isinstance(record, RunRecord):
+                raise TypeError(
+                    f"RunsTable.update_runs takes RunRecord objects; item {index} is {type(record).__name__}: "
+                    f"{record!r:.80}; nothing was shown"
+                )
+        if isinstance(now, bool) or not isinstance(now, (int, float)):
+            raise TypeError(f"RunsTable.update_runs: now must be a UNIX time (float), got {now!r:.80}")
         self._now = now
         self._begin()
         changed: list[str] = []
         known = self._records
-        for record in records:
+        for record in batch:
             previous = known.get(record.id)
             if previous is record or previous == record:
                 continue
@@ -238,15 +250,20 @@ class RunsTable(VirtualTable):
 
     def set_filter(
         self,
-        statuses: set[str] | frozenset[str] | None,
+        statuses: str | Iterable[str] | None,
         text: str = "",
-        tasks: Iterable[str] | None = None,
+        tasks: str | Iterable[str] | None = None,
     ) -> None:
         """Show only runs whose status is in ``statuses`` (None or empty: any), whose task
         is one of ``tasks`` exactly (None or empty: any) and whose task name or id contains
-        ``text`` (case-insensitive)."""
-        new_statuses = frozenset(str(s) for s in statuses) if statuses else None
-        new_tasks = frozenset(tasks) if tasks else None
+        ``text`` (case-insensitive). One status or task may be given as a plain string.
+
+        Raises :class:`InvalidStatus` for a status that names none (as ``engine.runs``
+        does) and ``TypeError`` for values that are no strings; then the filter stays."""
+        new_statuses = _status_filter(statuses)
+        new_tasks = _names(tasks, "tasks")
+        if not isinstance(text, str):
+            raise TypeError(f"RunsTable.set_filter: text must be a str, got {text!r:.80}; the filter stays")
         new_text = text.strip().lower()
         if new_statuses == self._statuses and new_text == self._text and new_tasks == self._tasks:
             return
@@ -329,6 +346,33 @@ class RunsTable(VirtualTable):
 
 def _newest_first(record: RunRecord) -> _RunOrder:
     return (-record.created_at, record.id)
+
+
+def _names(values: str | Iterable[str] | None, what: str) -> frozenset[str] | None:
+    """A filter's values: one string is one value (not its letters); None or empty: no filter."""
+    if values is None:
+        return None
+    if isinstance(values, str):
+        return frozenset((values,)) if values else None
+    if not isinstance(values, Iterable):
+        raise TypeError(f"RunsTable.set_filter: {what} must be a str or strings, got {values!r:.80}; the filter stays")
+    names: set[str] = set()
+    for name in values:
+        if not isinstance(name, str):
+            raise TypeError(f"RunsTable.set_filter: {what} must be strings, got {name!r:.80}; the filter stays")
+        names.add(name)
+    return frozenset(names) or None
+
+
+def _status_filter(statuses: str | Iterable[str] | None) -> frozenset[str] | None:
+    names = _names(statuses, "statuses")
+    if names is None:
+        return None
+    valid = [status.value for status in RunStatus]
+    for name in names:
+        if name not in valid:
+            raise InvalidStatus(name, valid)
+    return frozenset(RunStatus(name).value for name in names)
 
 
 class ClusterRunsTable(RunsTable):

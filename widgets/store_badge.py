@@ -25,7 +25,7 @@ def shorten_middle(text: str, limit: int) -> str:
 
 
 class StoreBadge(Widget):
-    """One line: ``store sqlite:/var/app/runs.db · incarnation 3f2a91c4 · via tcp://127.0.0.1:7070``.
+    """One line: ``store sqlite:/var/app/runs.db · via tcp://127.0.0.1:7070 · incarnation 3f2a91c4``.
 
     Long store locations are shortened in the middle to fit, so the file name stays readable.
     """

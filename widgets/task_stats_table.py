@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
+from textual.message import Message
 
 from ._format import DASH, fmt_clock, fmt_duration
 from ._keyed_table import Cell, Column, KeyedTable
@@ -77,6 +78,30 @@ class TaskStatsTable(KeyedTable):
         Column("errors", "failures by type"),
     )
 
+    class TaskHighlighted(Message):
+        """The cursor moved to another task (None when the table emptied)."""
+
+        def __init__(self, table: TaskStatsTable, task: str | None) -> None:
+            self.table = table
+            self.task = task
+            super().__init__()
+
+        @property
+        def control(self) -> TaskStatsTable:
+            return self.table
+
+    class TaskSelected(Message):
+        """A task was chosen with Enter or a click."""
+
+        def __init__(self, table: TaskStatsTable, task: str) -> None:
+            self.table = table
+            self.task = task
+            super().__init__()
+
+        @property
+        def control(self) -> TaskStatsTable:
+            return self.table
+
     @property
     def selected_task(self) -> str | None:
         return self.selected_key
@@ -84,3 +109,9 @@ class TaskStatsTable(KeyedTable):
     def update_stats(self, rows: list[TaskStats]) -> None:
         """Show exactly these tasks."""
         self.set_rows((row.task, row.task, stats_cells(row)) for row in rows)
+
+    def _highlight_message(self, key: str | None) -> Message:
+        return self.TaskHighlighted(self, key)
+
+    def _selected_message(self, key: str) -> Message:
+        return self.TaskSelected(self, key)

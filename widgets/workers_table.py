@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from taskwatch.engine import WorkerInfo
+from textual.message import Message
 
 from ._format import DASH, compact, fmt_duration
 from ._keyed_table import Cell, Column, KeyedTable
@@ -65,6 +66,30 @@ class WorkersTable(KeyedTable):
         Column("error", "last error"),
     )
 
+    class WorkerHighlighted(Message):
+        """The cursor moved to another worker (None when the table emptied)."""
+
+        def __init__(self, table: WorkersTable, name: str | None) -> None:
+            self.table = table
+            self.name = name
+            super().__init__()
+
+        @property
+        def control(self) -> WorkersTable:
+            return self.table
+
+    class WorkerSelected(Message):
+        """A worker was chosen with Enter or a click."""
+
+        def __init__(self, table: WorkersTable, name: str) -> None:
+            self.table = table
+            self.name = name
+            super().__init__()
+
+        @property
+        def control(self) -> WorkersTable:
+            return self.table
+
     @property
     def selected_name(self) -> str | None:
         return self.selected_key
@@ -75,3 +100,9 @@ class WorkersTable(KeyedTable):
     def update_workers(self, infos: list[WorkerInfo], now: float) -> None:
         """Show exactly these workers (the full list, as ``engine.workers()`` returns it)."""
         self.set_rows((info.name, index, worker_cells(info, now)) for index, info in enumerate(infos))
+
+    def _highlight_message(self, key: str | None) -> Message:
+        return self.WorkerHighlighted(self, key)
+
+    def _selected_message(self, key: str) -> Message:
+        return self.WorkerSelected(self, key)
