@@ -1,0 +1,61 @@
+"""The README's widgets example, runnable: `python -m examples.widgets_app` (q quits).
+
+taskwatch's widgets in an application's own Textual app: counts, runs and the
+event log of an engine the app starts and stops, redrawn four times a second.
+Press s to submit a run, Enter on a run to be told its id.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import BaseModel
+from taskwatch.engine import Engine, TaskContext
+from taskwatch.widgets import CountsBar, EventLog, RunsTable
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+
+engine = Engine(health_interval=None)
+
+
+class Fetch(BaseModel):
+    url: str
+
+
+@engine.task
+async def fetch(ctx: TaskContext, params: Fetch) -> int:
+    await ctx.progress(1, 1, params.url)
+    return len(params.url)
+
+
+class Jobs(App[None]):
+    BINDINGS = [Binding("s", "submit", "Submit"), Binding("q", "quit", "Quit")]
+
+    def compose(self) -> ComposeResult:
+        yield CountsBar()
+        yield RunsTable()
+        yield EventLog()
+
+    async def on_mount(self) -> None:
+        await engine.start()
+        self.events = engine.bus.subscribe()  # read at the redraw rate, never per event
+        self.set_interval(1 / 4, self.redraw)
+
+    def redraw(self) -> None:
+        stats = engine.stats()
+        self.query_one(CountsBar).update(stats.by_status, self.events.dropped, paused=False)
+        self.query_one(RunsTable).update_runs(engine.runs(limit=200), now=time.time())
+        self.query_one(EventLog).add_events(self.events.get_batch())
+
+    def on_runs_table_run_selected(self, message: RunsTable.RunSelected) -> None:
+        self.notify(f"run {message.run_id}")
+
+    async def action_submit(self) -> None:
+        await engine.submit("fetch", Fetch(url="https://example.org"))
+
+    async def on_unmount(self) -> None:
+        await engine.stop()
+
+
+if __name__ == "__main__":
+    Jobs().run()
