@@ -3,7 +3,7 @@
 The public API of the engine; nothing here imports Textual.
 """
 
-from .background import BackgroundEngine, BackgroundRunHandle
+from .background import BackgroundEngine, BackgroundRunHandle, stop_all_background
 from .bus import EventBus, Subscription
 from .context import TaskContext
 from .engine import Engine
@@ -293,4 +293,5 @@ __all__ = [
     "event_to_json",
     "is_truncated",
     "make_store",
+    "stop_all_background",
 ]

@@ -41,6 +41,9 @@ import sys
 import tempfile
 import threading
 import time
+import types
+import urllib.parse
+import warnings
 import weakref
 from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any
@@ -73,6 +76,15 @@ _UNSET: Any = object()
 #: extra seconds a blocking wait allows beyond the engine-side timeout it asked for
 _SLACK = 5.0
 
+#: rounds of ``cancel_grace`` a task left on the loop at its end gets, cancelled again each round
+#: (as many as Engine.stop gives the runs it cuts), before it is abandoned
+_END_ROUNDS = 3
+
+#: the longest drain a stop at interpreter exit waits for: a Jupyter kernel told to restart or
+#: shut down is SIGTERMed by jupyter_client after shutdown_wait_time / 2 (2.5 s by default), and a
+#: stop cut there runs no task's ``finally`` and hands back no run
+EXIT_STOP_TIMEOUT = 1.0
+
 #: how long a wait on a stopped engine waits at a time before it looks again: the engine
 #: may be started again meanwhile, and the wait must then go to the engine's new loop
 _STOPPED_SLICE = 1.0
@@ -90,10 +102,13 @@ _DASHBOARD_ON_LOOP = (
 # run in a subprocess by dashboard(): textual-serve blocks its thread and owns
 # its own aiohttp loop and signal handlers, so a process is the clean way to stop it.
 # taskwatch.tui.web puts it behind a secret, which arrives in the environment
-# (_WEB_SECRET_ENV), not argv: ps shows every process's argv to every local user
+# (_WEB_SECRET_ENV), not argv: ps shows every process's argv to every local user.
+# Its stdin is a pipe this process holds open and never writes to: when this process
+# dies, however (SIGKILL, a kernel killed), the server reads EOF and exits
 _WEB_SERVER_SCRIPT = """\
 import sys
-from taskwatch.tui.web import serve
+from taskwatch.tui.web import exit_when_stdin_closes, serve
+exit_when_stdin_closes()
 serve(sys.argv[1], host=sys.argv[2], port=int(sys.argv[3]))
 """
 #: the same names as taskwatch.tui.web.SECRET_ENV and the attach CLI's token variable;
@@ -169,7 +184,8 @@ class BackgroundEngine:
     Create it with ``engine.start_background(**options)``. Options:
     ``call_timeout`` (seconds a blocking call waits for the loop; default 60,
     None waits forever -- note the inline backend's ``submit`` waits for the
-    run), ``stop_timeout`` (default drain time for :meth:`stop`, 10 s) and
+    run), ``stop_timeout`` (default drain time for :meth:`stop`, 10 s; the
+    stop at interpreter exit drains at most :data:`EXIT_STOP_TIMEOUT`) and
     ``start_timeout`` (30 s).
     """
 
@@ -192,7 +208,12 @@ class BackgroundEngine:
         self._main_task: asyncio.Task[None] | None = None
         self._stop_requested: asyncio.Event | None = None
         self._drain_timeout = self.stop_timeout
+        #: the drain the engine's stop began with, once it began (None before): fixed from then on
+        self._drain_begun: float | None = None
         self._ready = threading.Event()
+        #: set as the loop thread's last step. Not ``thread.is_alive()``: on Python 3.11 a
+        #: ``join()`` cut short by Ctrl-C marks the thread stopped while it still runs (bpo-45274)
+        self._ended = threading.Event()
         #: the launch gave up waiting for the start: whatever got started is stopped
         self._aborted = False
         self._start_error: BaseException | None = None
@@ -206,6 +227,8 @@ class BackgroundEngine:
         self._stopping = False
         self._server_info: ServerInfo | None = None
         self._dashboards: list[subprocess.Popen[bytes]] = []
+        #: the port each dashboard listens on, by its process id
+        self._dashboard_ports: dict[int, int] = {}
         self._thread = threading.Thread(
             target=self._thread_main, name=f"taskwatch-{engine.node_id}", daemon=True
         )
@@ -242,29 +265,101 @@ class BackgroundEngine:
             bg._thread.join()
             raise bg._start_error
         _stop_at_interpreter_exit(bg)
+        _warn_of_others(bg)
         return bg
 
     # ------------------------------------------------------------------ the loop thread
 
     def _thread_main(self) -> None:
+        loop: asyncio.AbstractEventLoop | None = None
         try:
-            with asyncio.Runner() as runner:
-                try:
-                    runner.run(self._main())
-                except BaseException as exc:  # noqa: BLE001 - reported to the caller, not lost
-                    if self._start_error is None and not self._ready.is_set():
-                        self._start_error = exc
-                    elif not isinstance(exc, asyncio.CancelledError):
-                        self._crashed(runner, exc)
+            # not asyncio.Runner: its close() waits without bound for every task left on the
+            # loop, and for the default executor's threads, so one run that swallows every
+            # cancel (or one blocking call in to_thread) would keep this thread, and the
+            # engine's claim, alive for good. The end here is bounded (_end_loop).
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            # the executor asyncio.to_thread uses, ours so that its end can be bounded
+            executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="asyncio")
+            loop.set_default_executor(executor)
+            try:
+                loop.run_until_complete(self._main())
+            except BaseException as exc:  # noqa: BLE001 - reported to the caller, not lost
+                if self._start_error is None and not self._ready.is_set():
+                    self._start_error = exc
+                elif not isinstance(exc, asyncio.CancelledError):
+                    self._crashed(loop, exc)
+            finally:
+                self._end_loop(loop, executor)
         except BaseException as exc:  # noqa: BLE001
             if self._crash is None and self._ready.is_set() and not isinstance(exc, asyncio.CancelledError):
                 self._crash = exc
                 log.error("the background engine's loop failed", exc_info=exc)
         finally:
+            if loop is not None:
+                asyncio.set_event_loop(None)
+                loop.close()
             self._fail_outstanding()
             self._ready.set()
+            # last: whoever waits for the end (stop(), the state) learns of it only once all is done
+            self._ended.set()
 
-    def _crashed(self, runner: asyncio.Runner, exc: BaseException) -> None:
+    def _end_loop(self, loop: asyncio.AbstractEventLoop, executor: concurrent.futures.ThreadPoolExecutor) -> None:
+        """What ``asyncio.run`` does at its end, each step bounded: cancel and await what is
+        left on the loop, close async generators, shut the loop's executor down.
+
+        A task still going after :data:`_END_ROUNDS` rounds of ``cancel_grace`` (cancelled
+        again each round; ``Engine.stop`` gives the runs it cuts as many) is logged and
+        abandoned, as ``Engine.stop`` abandons such a run; so are executor threads still in
+        blocking code after one ``cancel_grace``: the loop closes and the thread ends anyway.
+        """
+        grace = self.engine.cancel_grace
+        cancelled: set[asyncio.Task[Any]] = set()
+        left = _unfinished(loop)
+        for _ in range(_END_ROUNDS):
+            if not left:
+                break
+            for task in left:
+                task.cancel()
+            cancelled.update(left)
+            loop.run_until_complete(asyncio.wait(left, timeout=grace))
+            left = _unfinished(loop)  # with any that those ending started
+        for task in cancelled:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                loop.call_exception_handler(
+                    {"message": "unhandled exception while the background engine's loop ended",
+                     "exception": task.exception(), "task": task}
+                )
+        if left:
+            log.warning(
+                "%d task(s) on the background engine's loop ignored cancellation for %.3g s and were "
+                "abandoned as the loop closed: %s",
+                len(left), _END_ROUNDS * grace, ", ".join(sorted(task.get_name() for task in left)),
+            )
+            # held, so that they are not reported again as "destroyed but pending" when collected
+            _abandoned.extend(left)
+        closing = loop.create_task(loop.shutdown_asyncgens())
+        loop.run_until_complete(asyncio.wait([closing], timeout=grace))
+        if not closing.done():
+            closing.cancel()
+            _abandoned.append(closing)
+            log.warning("async generators on the background engine's loop did not close within %.3g s", grace)
+        elif not closing.cancelled() and (failed := closing.exception()) is not None:
+            log.warning("closing the async generators on the background engine's loop failed", exc_info=failed)
+        # a thread still in a blocking call cannot be cancelled, and loop.shutdown_default_executor()
+        # would wait for it without bound: waited for here up to cancel_grace, on a thread of its own
+        shutting = threading.Thread(
+            target=executor.shutdown, kwargs={"cancel_futures": True}, name=f"{self._thread.name}-executor", daemon=True
+        )
+        shutting.start()
+        shutting.join(grace)
+        if shutting.is_alive():
+            log.warning(
+                "a thread of the background engine's executor (asyncio.to_thread) was still in a blocking "
+                "call %.3g s after the loop ended; it was left running", grace
+            )
+
+    def _crashed(self, loop: asyncio.AbstractEventLoop, exc: BaseException) -> None:
         """The loop died under a running engine: say so, then stop the engine on that loop.
 
         The stop still drains nothing (timeout 0) but cancels and awaits every
@@ -276,7 +371,7 @@ class BackgroundEngine:
         with self._lock:
             self._finished = True  # refuse new calls with EngineCrashed from here on
         try:
-            runner.run(self.engine.stop(0))
+            loop.run_until_complete(self.engine.stop(0))
         except BaseException:  # noqa: BLE001
             log.exception("stopping the engine after its loop died failed")
 
@@ -309,7 +404,10 @@ class BackgroundEngine:
         finally:
             # a cancel from a launch that gave up just as the start completed lands here too:
             # the engine never outlives its loop
-            await self._stop_engine(self._drain_timeout)
+            with self._lock:
+                # from here the engine's own deadline holds: a later, shorter stop() cannot cut it
+                drain = self._drain_begun = self._drain_timeout
+            await self._stop_engine(drain)
 
     async def _stop_engine(self, timeout: float) -> None:
         if self.engine.loop is not asyncio.get_running_loop():
@@ -328,12 +426,15 @@ class BackgroundEngine:
                 loop.call_soon_threadsafe(task.cancel)
             except RuntimeError:
                 pass  # the loop already closed
-        self._thread.join(_SLACK)
+        self._ended.wait(_SLACK)
 
     def _phase(self) -> str:
         if self._stopping:
             return "stopping"
         return "running" if self._ready.is_set() else "starting"
+
+    def _loop_thread_ended(self) -> bool:
+        return self._ended.is_set() or self._thread.ident is None  # (None: never started)
 
     def _fail_outstanding(self) -> None:
         with self._lock:
@@ -372,15 +473,19 @@ class BackgroundEngine:
 
     @property
     def running(self) -> bool:
-        """True until :meth:`stop` (or a failure) ended the loop thread."""
-        return not self._finished and self._thread.is_alive()
+        """True until :meth:`stop` (or a failure) ended the loop thread (so also while it stops)."""
+        return not self._finished and not self._loop_thread_ended()
 
     @property
     def state(self) -> str:
-        """``running``, ``stopped``, or ``failed`` when the loop died (see :attr:`error`)."""
+        """``running``; ``stopping`` from :meth:`stop` until the loop thread has ended (also
+        after a stop cut short by Ctrl-C: the engine goes on stopping); ``stopped``; or
+        ``failed`` when the loop died (see :attr:`error`)."""
         if self._crash is not None:
             return "failed"
-        return "running" if self.running else "stopped"
+        if not self.running:
+            return "stopped"
+        return "stopping" if self._stopping else "running"
 
     @property
     def error(self) -> BaseException | None:
@@ -493,7 +598,7 @@ class BackgroundEngine:
         Called with ``_launch_lock`` held, so that no launch begins meanwhile.
         """
         with self._lock:
-            if not self._finished or self._crash is not None or self._thread.is_alive():
+            if not self._finished or self._crash is not None or not self._loop_thread_ended():
                 return self
         current = _facades.get(id(self.engine))
         if current is not None and current is not self and current.engine is self.engine:
@@ -771,7 +876,7 @@ class BackgroundEngine:
         with tempfile.TemporaryFile() as out_file, tempfile.TemporaryFile() as log_file:
             proc = subprocess.Popen(
                 [sys.executable, "-c", _WEB_SERVER_SCRIPT, shlex.join(argv), host, str(port)],
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,
                 stdout=out_file,
                 stderr=log_file,
                 env=env,
@@ -786,15 +891,21 @@ class BackgroundEngine:
                 raise self._not_running()
             try:
                 url = _wait_for_url(proc, host, port, ready_timeout, out_file, log_file)
-            except Exception:
+            except Exception as exc:
                 if self._stopping:
                     raise self._not_running() from None  # the stop ended the server as it started
+                _close_stdin(proc)
+                if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+                    raise OSError(errno.EADDRINUSE, _port_in_use(self, host, port)) from None
                 raise
+        with self._lock:
+            self._dashboard_ports[proc.pid] = urllib.parse.urlsplit(url).port or port
         return _dashboard_view(url)
 
     def _stop_dashboards(self) -> None:
         with self._lock:
             procs, self._dashboards = self._dashboards, []
+            self._dashboard_ports.clear()
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()  # textual-serve exits gracefully on SIGTERM
@@ -804,6 +915,14 @@ class BackgroundEngine:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            _close_stdin(proc)
+
+    def _dashboard_on(self, port: int) -> bool:
+        """Whether a dashboard of this facade's, still running, listens on ``port``."""
+        with self._lock:
+            return any(
+                self._dashboard_ports.get(proc.pid) == port and proc.poll() is None for proc in self._dashboards
+            )
 
     # ------------------------------------------------------------------ stopping
 
@@ -811,44 +930,64 @@ class BackgroundEngine:
         """Stop the engine (draining up to ``timeout`` s), end its loop and join its thread.
 
         Idempotent; safe from any thread but the engine's own (:meth:`astop`
-        from code on another event loop).
+        from code on another event loop). A stop cut short (Ctrl-C) goes on in
+        the background: :attr:`state` says ``stopping`` until it is done, and
+        ``stop()`` again waits for it. A later call's shorter ``timeout`` counts
+        only if the engine had not begun stopping yet (its loop was busy).
         """
         if self._on_loop_thread():
             raise LoopThreadError("stop", _STOP_ON_LOOP.format(method="stop"))
         drain = self.stop_timeout if timeout is None else _seconds("BackgroundEngine.stop()", timeout)
+        self._request_stop(drain)
+        self._wait_stopped()
+
+    def _request_stop(self, drain: float) -> None:
+        """Stop the dashboards and ask the loop to stop the engine, without waiting for that."""
         with self._lock:
             first = not self._stopping
             self._stopping = True
-            if first:
-                self._drain_timeout = drain
+            if self._drain_begun is None:
+                self._drain_timeout = drain if first else min(self._drain_timeout, drain)
         # every time, not only the first: none may outlive the engine it shows
         self._stop_dashboards()
         if first:
-            _running.discard(self)
             loop, requested = self._loop, self._stop_requested
             if loop is not None and requested is not None:
                 try:
                     loop.call_soon_threadsafe(requested.set)
                 except RuntimeError:
                     pass  # the loop already closed
-        # generous: stop drains, then gives cancelled runs their grace, possibly more than once
-        self._thread.join(_thread_timeout(self._drain_timeout + 3 * self.engine.cancel_grace + _SLACK))
-        if self._thread.is_alive():
-            raise TimeoutError("the background engine's thread did not end; a task ignores cancellation")
-        if first and self._stop_error is not None:
-            raise self._stop_error
+
+    def _wait_stopped(self) -> None:
+        """Wait for the stop under way to end the loop thread; raise what the engine's stop raised."""
+        budget = self._stop_budget()
+        if not self._ended.wait(_thread_timeout(budget)):
+            raise TimeoutError(
+                f"the background engine's loop did not end within {budget:g} s: code running on it blocks it "
+                "(a task calling blocking code without await?); the engine goes on stopping once that returns, "
+                "and bg.stop() again waits for it"
+            )
+        self._thread.join(_SLACK)  # its last steps, after _ended was set
+        # only now: a stop cut short (Ctrl-C) is still the interpreter exit's to wait for
+        _running.discard(self)
+        with self._lock:
+            error, self._stop_error = self._stop_error, None  # raised once, to the first call to see the end
+        if error is not None:
+            raise error
+
+    def _stop_budget(self) -> float:
+        """How long a stop may take before something blocks the loop: the drain, the rounds of
+        ``cancel_grace`` the engine gives the runs it cuts and the loop's end gives what is left
+        (plus its async generators and executor), and some slack for the last writes."""
+        with self._lock:
+            drain = self._drain_begun if self._drain_begun is not None else self._drain_timeout
+        return drain + (3 + _END_ROUNDS + 2) * self.engine.cancel_grace + 2 * _SLACK
 
     async def astop(self, timeout: float | None = None) -> None:
         """Awaitable :meth:`stop`, for code on another event loop: that loop goes on while the engine stops."""
         if self._on_loop_thread():
             raise LoopThreadError("astop", _STOP_ON_LOOP.format(method="astop"))
         await asyncio.to_thread(self.stop, timeout)
-
-    def _stop_at_exit(self) -> None:
-        try:
-            self.stop()
-        except Exception:
-            log.exception("stopping the background engine at exit failed")
 
     def __enter__(self) -> BackgroundEngine:
         return self
@@ -939,6 +1078,39 @@ def _end_process(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    _close_stdin(proc)
+
+
+def _close_stdin(proc: subprocess.Popen[bytes]) -> None:
+    if proc.stdin is not None:
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass  # closing a pipe whose reader has gone
+
+
+def _port_in_use(bg: BackgroundEngine, host: str, port: int) -> str:
+    """Why ``port`` is taken, naming the dashboard of this process that holds it if one does."""
+    advice = "pass another port to dashboard(), or port=0 for a free one"
+    if bg._dashboard_on(port):
+        return f"{host}:{port} is already in use by this engine's own dashboard (an earlier bg.dashboard()); {advice}"
+    for other in list(_facades.values()):
+        if other is not bg and other._dashboard_on(port):
+            return (
+                f"{host}:{port} is already in use by the dashboard of {other!r}, started earlier in this "
+                "process (a notebook cell run again?) and still running: stop that engine with its "
+                f"bg.stop(), or every one with {_STOP_ALL}; or {advice}"
+            )
+    return f"{host}:{port} is already in use; {advice}"
+
+
+#: tasks a loop's end gave up on (they ignored every cancel), held so that their collection is
+#: not reported as "Task was destroyed but it is pending": _end_loop has said what happened
+_abandoned: list[asyncio.Future[Any]] = []
+
+
+def _unfinished(loop: asyncio.AbstractEventLoop) -> list[asyncio.Task[Any]]:
+    return [task for task in asyncio.all_tasks(loop) if not task.done()]
 
 
 #: background engines still running, stopped when the interpreter exits (weakly held:
@@ -973,8 +1145,107 @@ def _stop_at_interpreter_exit(bg: BackgroundEngine) -> None:
 
 
 def _stop_all_at_exit() -> None:
-    for bg in list(_running):
-        bg._stop_at_exit()
+    # all asked first, then waited for: the drains run at once, within the time Jupyter gives
+    stopping = list(_running)
+    for bg in stopping:
+        try:
+            bg._request_stop(min(bg.stop_timeout, EXIT_STOP_TIMEOUT))
+        except Exception:
+            log.exception("stopping the background engine at exit failed")
+    for bg in stopping:
+        try:
+            bg._wait_stopped()
+        except Exception:
+            log.exception("stopping the background engine at exit failed")
+
+
+#: where the messages point a user to stop_all_background(): reachable whatever taskwatch.engine exports
+_STOP_ALL = "taskwatch.engine.stop_all_background()"
+
+
+def stop_all_background(timeout: float | None = None) -> list[BackgroundEngine]:
+    """Stop every :class:`BackgroundEngine` still running in this process; returns them.
+
+    For the engines a notebook cell run again left behind: its variables name
+    the new engine, and the old one goes on running (its periodic tasks, its
+    dashboard, and with the same store the runs submitted to the new one,
+    with its old task code). Each is stopped as :meth:`BackgroundEngine.stop`
+    does, with ``timeout`` (None: each one's ``stop_timeout``), all at once;
+    if any stop raises, the others are still stopped and the first error is
+    raised at the end.
+    """
+    drain = None if timeout is None else _seconds("stop_all_background()", timeout)
+    running = [bg for bg in list(_facades.values()) if bg.running]
+    if any(bg._on_loop_thread() for bg in running):
+        raise LoopThreadError(
+            "stop_all_background",
+            "stop_all_background() ends every background engine's loop thread and waits for them to end, and "
+            "this is one of those threads, so it would wait forever. Call it from another thread",
+        )
+    errors: list[BaseException] = []
+    # all asked first, then waited for: their drains run at once
+    for bg in running:
+        try:
+            bg._request_stop(bg.stop_timeout if drain is None else drain)
+        except Exception as exc:
+            log.warning("stopping %r failed: %s", bg, exc)
+            errors.append(exc)
+    for bg in running:
+        try:
+            bg._wait_stopped()
+        except Exception as exc:
+            log.warning("stopping %r failed: %s", bg, exc)
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+    return running
+
+
+def _warn_of_others(bg: BackgroundEngine) -> None:
+    """Say so when ``bg`` is not the only background engine running in this process.
+
+    The usual cause is a notebook cell run again: the cell's ``engine`` and
+    ``bg`` now name new ones, and nothing names the old engine any more, which
+    goes on running (with a shared store, taking the new one's runs with its
+    old task code) and keeps its dashboard's port.
+    """
+    others = [other for other in list(_facades.values()) if other is not bg and other.running]
+    if not others:
+        return
+    named = ", ".join(repr(other) for other in others)
+    message = (
+        f"another BackgroundEngine is still running in this process: {named} (started by an earlier "
+        "start_background(); a notebook cell run again?). It goes on running the tasks as they were when it "
+        "started (with the same store, it also takes runs submitted here), and a dashboard it opened keeps "
+        f"its port. Stop it with bg.stop() on it, or all of them with {_STOP_ALL}"
+    )
+    if log.hasHandlers():
+        # not otherwise: logging's last resort would print it on stderr a second time
+        log.warning("%s", message)
+    frame = _callers_frame()
+    if frame is None:
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return
+    # explicit, with no registry: shown for every start, not once per line (the line of a cell
+    # run again is the same line, and the engine left running then is another one)
+    warnings.warn_explicit(
+        message,
+        RuntimeWarning,
+        frame.f_code.co_filename,
+        frame.f_lineno,
+        module=frame.f_globals.get("__name__", "<unknown>"),
+        module_globals=frame.f_globals,
+    )
+
+
+def _callers_frame() -> types.FrameType | None:
+    """The first frame outside taskwatch.engine: the line of the user's code (a notebook
+    cell's) that started the engine."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame = inspect.currentframe()
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+        frame = frame.f_back
+    return frame
 
 
 #: what the web server prints once it listens (taskwatch.tui.web), with the port it bound
@@ -994,10 +1265,7 @@ def _wait_for_url(
             log_file.seek(0)
             tail = log_file.read()[-2000:].decode(errors="replace")
             if "address already in use" in tail.lower():
-                raise OSError(
-                    errno.EADDRINUSE,
-                    f"{host}:{port} is already in use; pass another port to dashboard(), or port=0 for a free one",
-                )
+                raise OSError(errno.EADDRINUSE, f"{host}:{port} is already in use")  # dashboard() says by what
             raise RuntimeError(
                 f"the dashboard web server exited with code {proc.returncode} "
                 f"(is textual-serve installed? pip install 'taskwatch[web]'):\n{tail}"

@@ -76,20 +76,28 @@ class LoopCall:
         self._task = self._loop.create_task(self._run(fn, args, kwargs))
         self._task.add_done_callback(self._settle)
 
-    async def _run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    async def _run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # the handshake, in the same step as the call's own first one: nothing of the call
         # runs unless this wins against a cancel of the future
         try:
             if not self.future.set_running_or_notify_cancel():
-                return None
+                return
         except RuntimeError:
-            return None  # already answered (the loop's owner failed it while ending)
-        return await _invoke(fn, args, kwargs)
+            return  # already answered (the loop's owner failed it while ending)
+        # answered here, in the step the call returned in, not from the task's done callback:
+        # that runs only after whatever the call scheduled meanwhile (a submitted run's first
+        # step, which may block the loop for seconds before its first await)
+        try:
+            result = await _invoke(fn, args, kwargs)
+        except Exception as exc:
+            _answer(self.future, exc, failed=True)
+        else:
+            _answer(self.future, result, failed=False)
 
     def _settle(self, task: asyncio.Task[Any]) -> None:
         future = self.future
         if future.done():
-            return  # given up before it started
+            return  # answered by _run, or given up before it started
         try:
             if task.cancelled():
                 self.cut = not self._given_up
@@ -123,6 +131,16 @@ class LoopCall:
         # on the loop, after _create: the future was running, so the task exists
         if self._task is not None:
             self._task.cancel()
+
+
+def _answer(future: concurrent.futures.Future[Any], value: Any, *, failed: bool) -> None:
+    try:
+        if failed:
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+    except concurrent.futures.InvalidStateError:
+        pass  # answered meanwhile from the caller's side: the first answer stands
 
 
 def ship(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> LoopCall:

@@ -245,17 +245,33 @@ class _Session(AppService):
                 break
             self._signal_group(process.pid, sig)
         await process.wait()
-        with contextlib.suppress(TimeoutError):
+        if process.stdin is not None:
+            # the process's transport ends once its pipes have: left open, it is closed only when
+            # collected, which may be after the loop closed ("Event loop is closed" at exit)
+            process.stdin.close()
+        try:
             # the output ends once every process of the group has gone
             await asyncio.wait_for(self.ended.wait(), grace)
+        except TimeoutError:
+            # something the dashboard started still holds its output: the group outlived its leader
+            self._signal_group(process.pid, signal.SIGKILL)
             return
-        # something the dashboard started still holds its output: the group outlived its leader
-        self._signal_group(process.pid, signal.SIGKILL)
+        # what run() left unread (it stops early when the websocket fails): read to the end, so
+        # that the pipes, and with them the process's transport, close on this loop
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(_read_to_end(stream), grace)
 
     @staticmethod
     def _signal_group(pgid: int, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, sig)
+
+
+async def _read_to_end(stream: asyncio.StreamReader) -> None:
+    while await stream.read(65536):
+        pass
 
 
 class DashboardServer(Server):

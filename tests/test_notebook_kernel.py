@@ -1,0 +1,135 @@
+"""The background engine in a real IPython kernel, driven as Jupyter drives it: cells run
+again, and a kernel shut down (or restarted) with a run still going.
+
+The kernel is this interpreter (tests/test_notebook.py's ``kernel_dir`` fixture).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.manager import KernelManager
+
+from .test_notebook import kernel_dir  # noqa: F401 - the fixture
+
+CELL_TIMEOUT = 60.0
+
+
+class Kernel:
+    def __init__(self, cwd: Path) -> None:
+        self.manager = KernelManager(kernel_name="python3")
+        self.manager.start_kernel(cwd=str(cwd))
+        self.client: BlockingKernelClient = self.manager.client()
+        self.client.start_channels()
+        self.client.wait_for_ready(timeout=CELL_TIMEOUT)
+
+    def run(self, code: str) -> dict[str, str]:
+        """Execute a cell; what it wrote, by stream (``stdout``, ``stderr``), and ``error`` if it raised."""
+        out: dict[str, str] = {"stdout": "", "stderr": "", "error": ""}
+
+        def hook(msg: dict[str, Any]) -> None:
+            content = msg["content"]
+            if msg["msg_type"] == "stream":
+                out[content["name"]] += content["text"]
+            elif msg["msg_type"] == "error":
+                out["error"] += f"{content['ename']}: {content['evalue']}"
+
+        self.client.execute_interactive(textwrap.dedent(code), timeout=CELL_TIMEOUT, output_hook=hook)
+        return out
+
+    def close(self) -> None:
+        self.client.stop_channels()
+        if self.manager.has_kernel:
+            self.manager.shutdown_kernel(now=True)
+
+
+@pytest.fixture
+def kernel(kernel_dir: Path) -> Iterator[Kernel]:  # noqa: F811 - the imported fixture
+    k = Kernel(kernel_dir)
+    try:
+        yield k
+    finally:
+        k.close()
+
+
+def test_shutting_the_kernel_down_hands_a_running_run_back_cleanly(kernel: Kernel, tmp_path: Path) -> None:
+    db, marker = tmp_path / "runs.db", tmp_path / "finally.txt"
+    started = kernel.run(
+        f"""
+        import asyncio, time
+        from taskwatch.engine import Engine, TaskContext
+
+        engine = Engine(store="sqlite:///{db}", health_interval=None)
+
+        @engine.task
+        async def long(ctx: TaskContext) -> None:
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                with open({str(marker)!r}, "a") as f:
+                    f.write(f"finally attempt={{ctx.attempt}}\\n")
+
+        bg = engine.start_background()  # the default stop_timeout (10 s): longer than Jupyter waits
+        handle = bg.submit("long")
+        deadline = time.monotonic() + 10
+        while handle.status.value != "running":
+            assert time.monotonic() < deadline, handle.status
+            time.sleep(0.01)
+        print(handle.id)
+        """
+    )
+    assert not started["error"], started
+    run_id = started["stdout"].strip()
+    # what Jupyter's "Shut down kernel" / "Restart" does: ask, then SIGTERM after
+    # shutdown_wait_time / 2 (2.5 s), SIGKILL after as long again
+    kernel.manager.shutdown_kernel(now=False)
+    # the stop at exit ran to its end: the task's cleanup ran, and the run went back to the
+    # store's queue for the next start, rather than being left "running" for recovery to call lost
+    assert (marker.read_text() if marker.exists() else "") == "finally attempt=1\n"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        status, lost, error = conn.execute(
+            "SELECT status, lost_count, error FROM runs WHERE id = ?", (run_id,)
+        ).fetchone()
+    assert (status, lost) == ("pending", 0)
+    assert json.loads(error)["type"] == "Shutdown"  # re-queued by the stop, not found lost later
+
+
+ENGINE_CELL = """
+from taskwatch.engine import Engine, TaskContext
+
+engine = Engine(health_interval=None)
+
+@engine.task
+async def compute(ctx: TaskContext) -> str:
+    return "v"
+
+bg = engine.start_background()
+"""
+
+
+def test_running_the_engines_cell_again_warns_of_the_engine_left_running(kernel: Kernel) -> None:
+    first = kernel.run(ENGINE_CELL)
+    assert not first["error"] and "BackgroundEngine" not in first["stderr"], first
+    old = kernel.run("print(repr(bg))")["stdout"].strip()
+    again = kernel.run(ENGINE_CELL)
+    assert not again["error"], again
+    # the user sees it under the cell, naming the old engine and how to stop it
+    assert "another BackgroundEngine is still running" in again["stderr"], again
+    assert old in again["stderr"] and "stop_all_background()" in again["stderr"]
+    stopped = kernel.run(
+        """
+        from taskwatch.engine.background import stop_all_background
+        import threading
+        print(len(stop_all_background()))
+        print(sorted(t.name for t in threading.enumerate() if t.name.startswith("taskwatch-")))
+        """
+    )
+    assert stopped["stdout"].split("\n")[:2] == ["2", "[]"], stopped
