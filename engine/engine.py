@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import difflib
 import functools
 import logging
 import math
@@ -200,8 +201,11 @@ class Engine:
     resources:
         Named objects a periodic task ``requires=``, passed to it by name; a
         task whose needs are not all here is registered disabled, with the reason.
+        Change them while the engine runs with :meth:`provide` and :meth:`withdraw`
+        (``engine.resources`` is there to read).
     flags:
-        Feature flags (strict bools) that ``opt_in=`` periodic tasks wait for.
+        Feature flags (strict bools) that ``opt_in=`` periodic tasks wait for;
+        change one while the engine runs with :meth:`set_flag`.
     replay:
         Events the bus keeps for late subscribers (``subscribe(replay=N)``).
     cancel_grace:
@@ -1507,10 +1511,24 @@ class Engine:
     ) -> F | Callable[[F], F]:
         """Register ``async def fn(ctx, **resources)`` to run on an interval or a cron expression.
 
+        ``every`` is seconds between runs, measured from the end of one run to
+        the start of the next (``fixed_rate=True``: from start to start, on a
+        fixed grid; not with ``cron``). ``cron`` is a five-field expression
+        (``"0 3 * * *"``) or a six-field one with seconds first
+        (``"*/10 * * * * *"``), read in the local time zone: a time the clocks
+        skip when DST starts runs an hour later that day (``30 2 * * *`` at
+        03:30), a time they repeat when it ends runs once. ``jitter`` is a
+        fraction from 0 to 1: each tick is delayed by a random part of up to
+        that fraction of the interval (for cron, of the gap to its next time).
+        ``initial_delay`` holds the first tick after every start.
+
         ``requires`` names resources from ``Engine(resources=...)`` passed in by
         name; ``opt_in`` names a flag from ``Engine(flags=...)`` that must be
         true. A task whose needs are not met is registered disabled, with the
-        reason shown in :meth:`schedule` and published as an event.
+        reason shown in :meth:`schedule` and published as a
+        ``periodic.registered`` event; :meth:`provide`, :meth:`withdraw` and
+        :meth:`set_flag` enable or disable it at once. Bad options raise
+        :class:`InvalidConfiguration` and record nothing.
         """
 
         def decorate(func: F) -> F:
@@ -1540,6 +1558,63 @@ class Engine:
 
     def resume_periodic(self, name: str) -> PeriodicInfo:
         return self._scheduler.resume(name)
+
+    def provide(self, name: str, resource: Any) -> None:
+        """Make ``resource`` the engine's resource ``name`` (replacing one of that name).
+
+        Periodic tasks that were disabled for want of it (and need nothing else)
+        are enabled at once, as at a start, each with a ``periodic.registered``
+        event; a shared store's runs of tasks requiring it are claimed here from now
+        on. Safe from any thread: off the engine's loop the change is applied there.
+        """
+        if (problem := name_problem("name", name)) is not None:
+            raise InvalidConfiguration("a resource", [problem])
+        self.resources[name] = resource
+        self._needs_changed()
+
+    def withdraw(self, name: str) -> Any:
+        """Take the resource ``name`` away and return it.
+
+        Periodic tasks requiring it are disabled at once (a run in progress
+        finishes), with the reason and a ``periodic.registered`` event. Raises
+        :class:`InvalidConfiguration` when no resource of that name is provided.
+        """
+        if not isinstance(name, str) or name not in self.resources:
+            known = sorted(str(r) for r in self.resources)
+            near = difflib.get_close_matches(name, known, n=1) if isinstance(name, str) else []
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise InvalidConfiguration(
+                f"resource {name!r}",
+                [f"no resource of that name is provided{hint}; provided: {', '.join(known) or 'none'}"],
+            )
+        resource = self.resources.pop(name)
+        self._needs_changed()
+        return resource
+
+    def set_flag(self, name: str, on: bool) -> None:
+        """Turn the flag ``name`` on or off; ``opt_in`` periodic tasks follow at once.
+
+        Raises :class:`InvalidConfiguration` for a name that is no plain text and
+        for ``on`` that is not a bool (``"false"`` is not taken as true).
+        """
+        problems = [problem] if (problem := name_problem("name", name)) is not None else []
+        if not isinstance(on, bool):
+            problems.append(f"on={on!r}: a flag is True or False")
+        if problems:
+            raise InvalidConfiguration(f"flag {name!r}", problems)
+        self.flags[name] = on
+        self._needs_changed()
+
+    def _needs_changed(self) -> None:
+        loop = self._loop
+        if self._state == "running" and loop is not None and threading.get_ident() != self._loop_thread:
+            loop.call_soon_threadsafe(self._apply_needs)
+        else:
+            self._apply_needs()
+
+    def _apply_needs(self) -> None:
+        self._refresh_limits()
+        self._scheduler.needs_changed()
 
     # ------------------------------------------------------------------ queues and triggers
 

@@ -62,10 +62,21 @@ class TaskOptions(_Options):
     on_lost: Literal["retry", "fail"]
 
 
+def _flag_name(value: Any) -> Any:
+    # checked before the task is recorded: a flag name that is no str cannot even be looked
+    # up (a list is unhashable), and would break every schedule() and snapshot afterwards
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError("the name of a flag in Engine(flags=...) is needed: a non-empty str, such as opt_in='kg_extraction'")
+    return value
+
+
 class PeriodicOptions(_Options):
     every: Annotated[float, BeforeValidator(_not_bool), Field(ge=MIN_INTERVAL, allow_inf_nan=False)] | None
     initial_delay: Seconds
     jitter: Annotated[float, BeforeValidator(_not_bool), Field(ge=0, le=1, allow_inf_nan=False)]
+    opt_in: Annotated[str | None, BeforeValidator(_flag_name)]
+    # strict: fixed_rate="no" would otherwise be taken as true
+    fixed_rate: Annotated[bool, Field(strict=True)]
 
 
 class QueueOptions(_Options):

@@ -9,7 +9,9 @@ Time model
 Due times are wall-clock UNIX seconds read from the engine's clock, the same
 clock its run timestamps use (so a frozen engine clock freezes the schedule).
 Cron expressions are evaluated in the **local time zone**, like cron itself:
-``"0 3 * * *"`` means 03:00 local wall-clock time. Intervals are measured from
+``"0 3 * * *"`` means 03:00 local wall-clock time (six fields put seconds first:
+``"*/10 * * * * *"``; a time the clocks skip when DST starts fires an hour
+later that day, one they repeat fires once). Intervals are measured from
 the end of the previous run by default, or from its scheduled start with
 ``fixed_rate=True``. The next-due arithmetic lives in small pure functions
 (:func:`next_interval_due`, :func:`next_cron_due`, :func:`jitter_delay`) that
@@ -30,11 +32,28 @@ is skipped and counted (``PeriodicSkipped``); runs of one periodic task never
 overlap. With the default end-based interval this cannot happen by
 construction, except right after a resume while a run started before the
 pause is still going.
+
+Missed slots
+------------
+A loop held up (a blocked event loop, a suspended process, an engine that was
+stopped, a task disabled for want of a resource) fires the slot it was waiting for once, late, and then goes back to
+its schedule: the slots that passed meanwhile are not made up, in a burst or
+otherwise. They are counted in ``PeriodicInfo.missed`` (and logged): for cron
+and ``fixed_rate`` tasks the slots of their grid that passed unfired, for an
+end-based interval the whole intervals the tick was late by.
+
+Needs
+-----
+``requires`` and ``opt_in`` are checked at start, at registration, at a
+resume, whenever ``Engine.provide``/``withdraw``/``set_flag`` change them, and
+at every tick: a tick whose resource has gone (or whose flag was turned off)
+runs nothing and disables its task with the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import difflib
 import inspect
 import logging
 import math
@@ -47,7 +66,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from cronsim import CronSim, CronSimError
 from pydantic import BaseModel, ConfigDict
 
-from .errors import EngineNotRunning, QueueFull, TaskDefinitionError, UnknownPeriodic
+from .errors import (
+    EngineNotRunning,
+    InvalidConfiguration,
+    QueueFull,
+    RunNotFound,
+    TaskDefinitionError,
+    UnknownPeriodic,
+)
+from .jsonsafe import name_problem
 from .options import PeriodicOptions, check_options
 from .events import (
     FINISHED_RUN_KINDS,
@@ -77,6 +104,9 @@ _MAX_SLEEP = 30.0
 _ERROR_BACKOFF = 1.0
 #: slots of an interval task this close to a full interval apart count as a full interval apart
 _SLOT_TOLERANCE = 0.001
+#: cron slots counted one by one when a loop missed some; past this many the rest are estimated
+_MISSED_CRON_COUNT = 1000
+_NEVER_AGAIN = "cron expression never matches again"
 
 
 class PeriodicInfo(BaseModel):
@@ -106,6 +136,10 @@ class PeriodicInfo(BaseModel):
     runs: int = 0
     failures: int = 0
     skipped: int = 0
+    #: slots that passed without a tick while the loop was held up (a blocked event loop,
+    #: a suspended process, a stopped engine, the task disabled): the late tick fired once
+    #: for all of them
+    missed: int = 0
     requires: tuple[str, ...] = ()
     opt_in: str | None = None
     jitter: float = 0.0
@@ -192,21 +226,48 @@ def _validate(
     initial_delay: float,
     requires: tuple[str, ...],
     jitter: float,
-) -> None:
-    """Raise :class:`TaskDefinitionError` for anything that would fail only later."""
+    opt_in: str | None,
+    fixed_rate: bool,
+) -> PeriodicOptions:
+    """Raise :class:`InvalidConfiguration` for a bad value (naming every one) and
+    :class:`TaskDefinitionError` for a function that could not be called, before
+    anything is recorded; return the options as they are to be kept."""
+    where = f"periodic task {name!r}"
+    problems: list[str] = []
     if (every is None) == (cron is None):
-        raise TaskDefinitionError(
-            f"periodic task {name!r} needs exactly one of every= (seconds) or cron= (expression)"
+        problems.append("needs exactly one of every= (seconds) or cron= (expression)")
+    opts: PeriodicOptions | None = None
+    try:
+        opts = check_options(
+            PeriodicOptions, where,
+            every=every, initial_delay=initial_delay, jitter=jitter, opt_in=opt_in, fixed_rate=fixed_rate,
         )
-    check_options(PeriodicOptions, f"periodic task {name!r}", every=every, initial_delay=initial_delay, jitter=jitter)
+    except InvalidConfiguration as exc:
+        problems.extend(exc.problems)
     if cron is not None:
-        try:
-            CronSim(cron, datetime.now())
-        except (CronSimError, ValueError, TypeError, AttributeError) as exc:
-            raise TaskDefinitionError(
-                f"cron= for periodic task {name!r} does not parse: {cron!r} ({exc})"
-            ) from None
+        if not isinstance(cron, str):
+            problems.append(f"cron={cron!r}: a cron expression is a str, such as cron='0 3 * * *'")
+        else:
+            try:
+                CronSim(cron, datetime.now())
+            except (CronSimError, ValueError, TypeError, AttributeError) as exc:
+                problems.append(
+                    f"cron={cron!r} does not parse ({exc}); its fields are minute hour day month weekday, "
+                    "as in '0 3 * * *', with an optional seconds field first ('*/10 * * * * *')"
+                )
+        if fixed_rate is True:
+            problems.append(
+                "fixed_rate=True: a cron task fires at its expression's times, there is no rate to fix; "
+                "drop fixed_rate, or use every= with it"
+            )
+    if isinstance(opt_in, str) and opt_in and (problem := name_problem("opt_in", opt_in)) is not None:
+        problems.append(problem)
+    # every event and snapshot naming a missing resource carries these names
+    problems.extend(p for r in requires if (p := name_problem("requires", r)) is not None)
+    if problems or opts is None:
+        raise InvalidConfiguration(where, problems)
     _validate_signature(fn, name, requires)
+    return opts
 
 
 def _validate_signature(fn: Any, name: str, requires: tuple[str, ...]) -> None:
@@ -259,9 +320,14 @@ class _Periodic:
     enabled: bool = True
     reason: str | None = None
     paused: bool = False
-    #: the nominal (un-jittered) time of the next tick, and when it is actually due
+    #: the nominal (un-jittered) time of the next tick, that time with its jitter, and
+    #: when it is actually due (not before ``hold_until``)
     slot: float | None = None
+    planned: float | None = None
     next_due: float | None = None
+    #: no tick yet since the loop was started: a slot it missed was missed while the engine
+    #: was stopped (or the task disabled), which is no news
+    fresh: bool = True
     #: not due before this (``initial_delay`` after a start), whatever the slot says
     hold_until: float = 0.0
     current: RunHandle | None = None
@@ -275,9 +341,12 @@ class _Periodic:
     last_status: str | None = None
     last_started: float | None = None
     last_duration: float | None = None
+    #: when the most recently finished run ended: an end-based interval counts from it
+    last_end: float | None = None
     runs: int = 0
     failures: int = 0
     skipped: int = 0
+    missed: int = 0
 
     @property
     def trigger(self) -> str:
@@ -325,10 +394,14 @@ class Scheduler:
         retries: int = 0,
         timeout: float | None = None,
     ) -> PeriodicInfo:
-        """Validate and record a periodic task; raises :class:`TaskDefinitionError`.
+        """Validate and record a periodic task; raises :class:`InvalidConfiguration` for a bad
+        option and :class:`TaskDefinitionError` for a function it could not call.
 
-        The engine task is registered now (so a name clash fails at decoration
-        time); whether it is enabled is decided when the engine starts.
+        Everything is checked before anything is recorded, so a refused task
+        leaves nothing behind (the corrected call goes through). The engine task
+        is registered now (so a name clash fails at decoration time); whether it
+        is enabled is decided when the engine starts, and again whenever its
+        needs change (see :meth:`needs_changed`).
         """
         task_name = name or getattr(fn, "__name__", None) or repr(fn)
         # read once (a generator gives its names only once); tuple("redis") would be ('r', 'e', 'd', 'i', 's')
@@ -339,19 +412,22 @@ class Scheduler:
                 f"such as requires=('redis',), got {requires!r}"
             )
         requires = names
-        _validate(fn, task_name, every, cron, initial_delay, requires, jitter)
+        opts = _validate(fn, task_name, every, cron, initial_delay, requires, jitter, opt_in, fixed_rate)
+        # the last check (name, clash, retries, timeout); it records the task only once they pass,
+        # and nothing after it can fail
         self._engine.register(
             fn, name=task_name, retries=retries, timeout=timeout, kind="periodic", resources=requires
         )
+        # the validated values: "5" given for seconds is kept as 5.0, as every option is
         entry = _Periodic(
             name=task_name,
-            every=float(every) if every is not None else None,
+            every=opts.every,
             cron=cron,
-            initial_delay=initial_delay,
+            initial_delay=opts.initial_delay,
             requires=requires,
-            opt_in=opt_in,
-            jitter=jitter,
-            fixed_rate=fixed_rate,
+            opt_in=opts.opt_in,
+            jitter=opts.jitter,
+            fixed_rate=opts.fixed_rate,
         )
         entry.reason = self._unmet_needs(entry)
         entry.enabled = entry.reason is None
@@ -368,10 +444,41 @@ class Scheduler:
         missing = [r for r in p.requires if r not in engine.resources]
         if missing:
             noun = "resource" if len(missing) == 1 else "resources"
-            reasons.append(f"missing {noun}: {', '.join(missing)}")
-        if p.opt_in is not None and not engine.flags.get(p.opt_in, False):
-            reasons.append(f"flag {p.opt_in} is off")
+            have = [str(r) for r in engine.resources]
+            reasons.append(f"missing {noun}: {', '.join(_with_suggestion(r, have) for r in missing)}")
+        if p.opt_in is not None:
+            if p.opt_in not in engine.flags:
+                flags = sorted(str(f) for f in engine.flags)
+                known = f"the engine's flags: {', '.join(flags)}" if flags else "the engine has no flags"
+                reasons.append(f"flag {_with_suggestion(p.opt_in, flags)} is not set; {known}")
+            elif not engine.flags[p.opt_in]:
+                reasons.append(f"flag {p.opt_in} is off")
         return "; ".join(reasons) or None
+
+    def _recheck(self, p: _Periodic) -> bool:
+        """Decide again whether ``p``'s needs are met; True when that changed ``p``'s state or reason."""
+        if p.reason == _NEVER_AGAIN:
+            return False
+        reason = self._unmet_needs(p)
+        if reason == p.reason:
+            return False
+        p.reason = reason
+        p.enabled = reason is None
+        return True
+
+    def needs_changed(self) -> None:
+        """The engine's resources or flags changed: enable the tasks whose needs are met now
+        (their loop starts at once, as at a start) and disable those whose needs are not
+        (a run in progress finishes), each told with a ``periodic.registered`` event."""
+        for p in self._entries.values():
+            if not self._recheck(p) or not self._running:
+                continue  # not running: the start decides and tells
+            if not p.enabled:
+                self._halt(p)
+                log.warning("periodic task %r disabled: %s", p.name, p.reason)
+            elif not p.paused:
+                self._launch(p, self._first_slot(p))
+            self._emit_registered(p)
 
     def _get(self, name: str) -> _Periodic:
         entry = self._entries.get(name)
@@ -410,6 +517,7 @@ class Scheduler:
             runs=p.runs,
             failures=p.failures,
             skipped=p.skipped,
+            missed=p.missed,
             requires=p.requires,
             opt_in=p.opt_in,
             jitter=p.jitter,
@@ -425,12 +533,18 @@ class Scheduler:
         return self._info(p)
 
     def resume(self, name: str) -> PeriodicInfo:
-        """Schedule ``name`` again; its next due time is computed from now."""
+        """Schedule ``name`` again; its next due time is computed from now.
+
+        Its needs are checked again: a resource withdrawn meanwhile leaves it
+        disabled (with the reason), one provided meanwhile enables it."""
         p = self._get(name)
         if p.paused:
             p.paused = False
+            changed = self._running and self._recheck(p)
             if self._running and p.enabled:
                 self._launch(p, self._resume_slot(p))
+            if changed:
+                self._emit_registered(p)
             self._engine.bus.emit(PeriodicResumed, name=p.name, next_due=p.next_due)
         return self._info(p)
 
@@ -463,13 +577,18 @@ class Scheduler:
                 p.last_status = record.status.value
                 p.last_started = record.started_at
                 p.last_duration = record.duration
+                p.last_end = record.finished_at
                 break
 
     async def stop(self, deadline: float) -> None:
-        """Cancel and await every loop; runs already submitted are the engine's to drain."""
+        """Cancel and await every loop; runs already submitted are the engine's to drain.
+
+        Pauses end here: a pause lasts until its resume or until the engine stops (it
+        is not kept in the store, so a restarted process would not have it either)."""
         self._running = False
         for p in self._entries.values():
             self._halt(p)
+            p.paused = False
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()
@@ -484,6 +603,9 @@ class Scheduler:
         p.enabled = p.reason is None
         if p.enabled and not p.paused:
             self._launch(p, self._first_slot(p))
+        self._emit_registered(p)
+
+    def _emit_registered(self, p: _Periodic) -> None:
         self._engine.bus.emit(
             PeriodicRegistered,
             name=p.name,
@@ -499,16 +621,17 @@ class Scheduler:
             self._never_again(p)
             return
         self._plan(p, slot)
+        p.fresh = True
         task = asyncio.get_running_loop().create_task(self._loop(p), name=f"taskwatch-periodic-{p.name}")
         p.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def _halt(self, p: _Periodic) -> None:
-        p.next_due = None
-        p.slot = None
+        p.next_due = p.planned = p.slot = None
         task, p.task = p.task, None
-        if task is not None:
+        # a loop that disables its own task returns instead
+        if task is not None and task is not _current_task():
             task.cancel()  # stays in self._tasks until done, so stop() still awaits it
 
     # ------------------------------------------------------------ due times
@@ -526,7 +649,11 @@ class Scheduler:
             if p.every is not None:
                 # another node's start may be later: its slot is then less than an interval
                 # after this one's, and the store refuses it (see gap in _loop)
-                return max(p.last_fire + p.every, p.hold_until)
+                base = p.last_fire
+                if not p.fixed_rate and p.last_end is not None and p.last_end > base:
+                    # end-based: from the end of the last run, as without the restart
+                    base = p.last_end
+                return max(base + p.every, p.hold_until)
             # a cron slot stays the nominal time every node claims (once, cluster-wide);
             # only when this node fires it waits for the warm-up
             return self._cron_after(p, p.last_fire)
@@ -548,8 +675,8 @@ class Scheduler:
     def _never_again(self, p: _Periodic) -> None:
         # only a cron expression can run out of future times (cronsim looks 50 years ahead)
         p.enabled = False
-        p.reason = "cron expression never matches again"
-        p.next_due = p.slot = None
+        p.reason = _NEVER_AGAIN
+        p.next_due = p.planned = p.slot = None
 
     def _plan(self, p: _Periodic, slot: float) -> None:
         """Set the nominal slot and the jittered due time of the next tick."""
@@ -558,7 +685,8 @@ class Scheduler:
         if span is None and p.jitter > 0:
             following = self._cron_after(p, slot)
             span = following - slot if following is not None else 0.0
-        p.next_due = max(slot + jitter_delay(span or 0.0, p.jitter, self._rng), p.hold_until)
+        p.planned = slot + jitter_delay(span or 0.0, p.jitter, self._rng)
+        p.next_due = max(p.planned, p.hold_until)
 
     def _slot_after_tick(self, p: _Periodic, slot: float, end: float | None) -> float | None:
         now = self._now()
@@ -576,10 +704,17 @@ class Scheduler:
     # ------------------------------------------------------------ the loop
 
     async def _loop(self, p: _Periodic) -> None:
-        while p.next_due is not None and p.slot is not None:
+        while p.next_due is not None and p.slot is not None and p.planned is not None:
             try:
                 await self._sleep_until(p.next_due)
-                slot = p.slot
+                if self._recheck(p) and not p.enabled:
+                    # a resource deleted from engine.resources (or a flag turned off) behind
+                    # the scheduler's back: the run could only fail, so none is made
+                    self._halt(p)
+                    log.warning("periodic task %r disabled: %s", p.name, p.reason)
+                    self._emit_registered(p)
+                    return
+                slot, planned, fired_at = p.slot, p.planned, self._now()
                 # the store records each slot once: of the nodes sharing it, one fires it
                 # (and an interval task fires at most once per interval, whichever node's
                 # clock of the previous run's end its slots follow)
@@ -593,6 +728,8 @@ class Scheduler:
                     p.next_due = None
                     end = await self._wait_current(p)
                 following = self._slot_after_tick(p, slot, end)
+                if following is not None:
+                    self._count_missed(p, slot, planned, fired_at, following)
             except EngineNotRunning:
                 return
             except Exception:
@@ -603,6 +740,28 @@ class Scheduler:
                 self._never_again(p)
                 return
             self._plan(p, following)
+
+    def _count_missed(self, p: _Periodic, slot: float, planned: float, fired_at: float, following: float) -> None:
+        """Count the slots the tick just fired (late) for ``slot`` let pass unfired."""
+        if p.cron is not None:
+            missed = _cron_slots_between(p.cron, slot, following)
+        elif p.fixed_rate:
+            # the grid slots between this one and the next one planned
+            missed = max(0, round((following - slot) / p.every) - 1) if p.every else 0
+        else:
+            # no grid: the whole intervals the tick was late by
+            missed = max(0, math.floor((fired_at - planned) / p.every)) if p.every else 0
+        fresh, p.fresh = p.fresh, False
+        if missed <= 0:
+            return
+        p.missed += missed
+        # the first tick after a start makes up for the time the engine was stopped, as
+        # documented; later, a loop was held up (blocked, suspended), which is news
+        log.log(
+            logging.INFO if fresh else logging.WARNING,
+            "periodic task %r fired %.3g s late; %d slot(s) passed without a run (fired once for them all)",
+            p.name, max(0.0, fired_at - planned), missed,
+        )
 
     async def _sleep_until(self, due: float) -> None:
         # at least one turn of the loop even for a slot already due: a schedule that falls
@@ -659,7 +818,7 @@ class Scheduler:
         found = self._inflight.pop(event.run_id, None)  # type: ignore[attr-defined]
         if found is None:
             return
-        p, _ = found
+        p, handle = found
         # from the event itself: with a small history the run may already be evicted
         status = _STATUS_OF_KIND[event.kind]  # type: ignore[attr-defined]
         duration: float | None = getattr(event, "duration", None)
@@ -667,5 +826,41 @@ class Scheduler:
         p.last_status = status.value
         p.last_started = event.ts - duration if duration is not None else None
         p.last_duration = duration
+        try:
+            # the record's end, which the loop's next due time counts from too
+            p.last_end = handle.record().finished_at or event.ts
+        except RunNotFound:
+            p.last_end = event.ts
         if status is RunStatus.FAILED:
             p.failures += 1
+
+
+def _with_suggestion(name: str, known: list[str]) -> str:
+    """``name``, with the nearest of ``known`` when it looks like a typo of one."""
+    near = difflib.get_close_matches(name, known, n=1)
+    return f"{name} (did you mean {near[0]}?)" if near else name
+
+
+def _cron_slots_between(expr: str, after: float, before: float) -> int:
+    """How many times ``expr`` matches strictly between ``after`` and ``before``.
+
+    Counted one by one up to ``_MISSED_CRON_COUNT``; past that (a process suspended for
+    days under a every-second expression) the rest is estimated at the rate counted."""
+    count, t = 0, after
+    while count < _MISSED_CRON_COUNT:
+        try:
+            t = next_cron_due(expr, t)
+        except StopIteration:
+            return count
+        if t >= before:
+            return count
+        count += 1
+    rate = (t - after) / count
+    return count + int((before - t) / rate) if rate > 0 else count
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no loop running (a pause before the engine starts)
+        return None

@@ -843,7 +843,12 @@ async def test_periodic_and_trigger_tasks_are_run_by_their_loops_not_by_hand() -
 
 
 async def test_a_missing_resource_fails_the_run_instead_of_hanging_it() -> None:
-    engine = make_engine(resources={"db": object()})
+    engine = make_engine(resources={"db": object()}, max_concurrency=1)
+    release = asyncio.Event()
+
+    @engine.task(name="hold")
+    async def hold(ctx: TaskContext) -> None:
+        await release.wait()
 
     @engine.periodic(every=0.01, requires=("db",), name="uses_db")
     async def uses_db(ctx: TaskContext, db: object) -> None:
@@ -852,7 +857,11 @@ async def test_a_missing_resource_fails_the_run_instead_of_hanging_it() -> None:
     async with engine:
         run = await eventually(lambda: engine.runs(task="uses_db"))
         await eventually(lambda: engine.get(run[0].id).status.finished)
+        await engine.submit("hold")
+        # a run already queued when its resource goes (later ticks see it gone and queue none)
+        await eventually(lambda: engine.runs(task="uses_db", status="pending"))
         del engine.resources["db"]
+        release.set()
         failed = await eventually(lambda: engine.runs(task="uses_db", status="failed"))
         assert failed[0].error is not None and failed[0].error.type == "KeyError"
 

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 import pytest
 from taskwatch.engine import (
     Engine,
+    InvalidConfiguration,
     RunStatus,
     TaskContext,
     TaskDefinitionError,
@@ -146,6 +147,8 @@ def test_cron_across_month_and_year_in_an_explicit_zone() -> None:
         ({"cron": "not a cron"}, "does not parse"),
         ({"every": 5.0, "jitter": 1.5}, "jitter"),
         ({"every": 5.0, "initial_delay": -1.0}, "initial_delay"),
+        ({"cron": "* * * * *", "fixed_rate": True}, "fixed_rate=True: a cron task"),
+        ({"cron": 5}, "cron=5: a cron expression is a str"),
     ],
 )
 def test_bad_trigger_options_raise_typed_errors(options: dict, message: str) -> None:
@@ -153,9 +156,10 @@ def test_bad_trigger_options_raise_typed_errors(options: dict, message: str) -> 
 
     async def tick(ctx: TaskContext) -> None: ...
 
-    with pytest.raises(TaskDefinitionError, match=message):
+    # bad values, not a malformed function: a ValueError, and nothing is registered
+    with pytest.raises(InvalidConfiguration, match=message):
         engine.periodic(tick, **options)
-    assert engine.schedule() == []
+    assert engine.schedule() == [] and engine.tasks() == {}
 
 
 def test_function_must_be_async_and_accept_its_resources() -> None:
