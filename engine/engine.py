@@ -1355,6 +1355,12 @@ class Engine:
             wanted = {run_status(s) for s in status}
         return self._index.select(wanted, task, limit)
 
+    @property
+    def executing(self) -> int:
+        """How many runs this node is executing now: its own claims, not the runs it
+        submitted that other nodes of a shared store execute."""
+        return self._executor.running
+
     def stats(self) -> EngineStats:
         index = self._index
         counts = index.counts

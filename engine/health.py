@@ -3,6 +3,14 @@
 Every ``interval`` seconds: process CPU %, RSS, threads and open file
 descriptors (psutil), event-loop lag (how late this loop's own timer fired),
 queue depths, running runs and finished/failed runs per second.
+
+``running`` is the runs this node executes, not every run it knows to be
+running: on a cluster store a node also knows the runs it submitted that
+others execute, and the cluster's Nodes view shows each node's sample.
+``queue_depth`` is the runs waiting to start that this node knows of (those
+it submitted, and others it read from the store): a waiting run belongs to
+no node yet, any node with its task may start it, so on a cluster the figure
+is the node's view of the cluster's queue, not work waiting for this node.
 """
 
 from __future__ import annotations
@@ -73,7 +81,7 @@ class HealthSampler:
             threads=threads,
             open_fds=fds,
             loop_lag_ms=max(0.0, loop_lag * 1000.0),
-            running=counts[RunStatus.RUNNING.value],
+            running=engine.executing,
             queue_depth=counts[RunStatus.PENDING.value],
             queue_depths={q.name: q.depth for q in queues},
             finished_per_s=finished,

@@ -34,12 +34,13 @@ __all__ = ["MemoryEventRelay", "MemoryEventStream"]
 
 @dataclass(frozen=True, slots=True)
 class StreamEntry:
-    """One event in the stream: its place (ids count up from 1), its JSON, and how many
-    coalesced events of its node it follows."""
+    """One event in the stream: its place (ids count up from 1), its JSON, how many
+    coalesced events of its node it follows, and the relay's bus that numbered it."""
 
     id: int
     data: str
     skipped: int
+    bus: str | None = None
 
 
 class MemoryEventStream:
@@ -74,12 +75,13 @@ class MemoryEventStream:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def append(self, records: list[Outgoing]) -> None:
-        """Add one batch, in order, trimming the oldest entries beyond ``maxlen``."""
+    def append(self, records: list[Outgoing], bus: str | None = None) -> None:
+        """Add one batch, in order, trimming the oldest entries beyond ``maxlen``; ``bus``
+        names the relay's bus that numbered it (readers follow each bus's numbers apart)."""
         with self._lock:
             for record in records:
                 self._last_id += 1
-                self._entries.append(StreamEntry(self._last_id, record.data, record.skipped))
+                self._entries.append(StreamEntry(self._last_id, record.data, record.skipped, bus))
             excess = len(self._entries) - self.maxlen
             for _ in range(max(0, excess)):
                 self._entries.popleft()
@@ -183,7 +185,7 @@ class MemoryEventRelay(EventRelay):
         self.memory.unwatch(self._appended)
 
     async def _send(self, batch: list[Outgoing]) -> None:
-        self.memory.append(batch)
+        self.memory.append(batch, self.bus_id)
 
     async def _read_loop(self) -> None:
         while True:
@@ -192,7 +194,7 @@ class MemoryEventRelay(EventRelay):
             entries = self.memory.read(self._last_id or 0, self.batch)
             for entry in entries:
                 self._last_id = entry.id
-                self._take(entry.data, entry.skipped)
+                self._take(entry.data, entry.skipped, entry.bus)
             if len(entries) < self.batch:
                 await self._appended.wait()
             else:

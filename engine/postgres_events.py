@@ -14,9 +14,14 @@ gap accounting and the per-node summary are the base's (``relay.py``).
 
 Batches of all nodes are written one at a time (an advisory lock held from
 the insert to the commit): the table's ids then commit in order, so a reader
-never skips an event committed late with a lower id. The table is capped:
+never skips an event committed late with a lower id. A node paused or cut off
+inside its batch would hold that lock, and every node's events with it: the
+server ends a session idle inside a transaction after ``idle_timeout``
+(5 s), and a batch taking longer than ``send_timeout`` (10 s) has its
+connection cut and is sent again. The table is capped:
 each publishing node deletes, every ``prune_interval``, what is beyond the
-newest ``keep`` events or older than ``max_age`` seconds. A reader that fell
+newest ``keep`` events or older than ``max_age`` seconds by the server's
+clock (one clock for every node's events, whatever the pruning node's says). A reader that fell
 further behind than that finds gaps in the nodes' numbers, counts them as
 missed and puts a ``bus.dropped`` event naming the node on its bus.
 
@@ -39,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -56,6 +62,7 @@ _INSERT, _INSERT_ARGS = Q.for_postgres(Q.PG_INSERT_EVENTS)
 _AFTER, _ = Q.for_postgres(Q.EVENTS_AFTER)
 _PRUNE, _ = Q.for_postgres(Q.PRUNE_EVENTS)
 _NOTIFY, _ = Q.for_postgres(Q.PG_NOTIFY)
+_SERVER_NOW = "SELECT extract(epoch FROM now())::float8"
 
 
 def _split_options(url: str) -> tuple[str, dict[str, str]]:
@@ -79,8 +86,12 @@ class PostgresEventRelay(EventRelay):
     to be sent. ``since="$"`` reads from the moment the relay starts, ``"0"``
     from the oldest event the table still holds (events of a node before that
     count as missed). ``poll_interval``: the longest a reader waits without a
-    notification before it looks anyway. ``migrate=False``: a watcher's relay, which never
-    creates or migrates the tables (:func:`~.store.postgres.check_schema`).
+    notification before it looks anyway. ``idle_timeout``: how long the server lets the
+    relay's session sit idle inside a batch's transaction (which holds the lock every
+    node's batches wait for) before it ends the session. ``send_timeout``: the longest a
+    batch (or a pruning) may take before its connection is cut and it is tried again.
+    ``migrate=False``: a watcher's relay, which never creates or migrates the tables
+    (:func:`~.store.postgres.check_schema`).
     """
 
     def __init__(
@@ -99,6 +110,8 @@ class PostgresEventRelay(EventRelay):
         poll_interval: float = 1.0,
         prune_interval: float = 5.0,
         connect_timeout: float = 5.0,
+        idle_timeout: float = 5.0,
+        send_timeout: float = 10.0,
         migrate: bool = True,
     ) -> None:
         problems = []
@@ -121,7 +134,8 @@ class PostgresEventRelay(EventRelay):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be a positive count, got {value!r}")
         for name, seconds in (("max_age", max_age), ("poll_interval", poll_interval),
-                              ("prune_interval", prune_interval), ("connect_timeout", connect_timeout)):  # fmt: skip
+                              ("prune_interval", prune_interval), ("connect_timeout", connect_timeout),
+                              ("idle_timeout", idle_timeout), ("send_timeout", send_timeout)):  # fmt: skip
             if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < float("inf"):
                 problems.append(f"{name} must be a positive number of seconds, got {seconds!r}")
         if not isinstance(linger, int | float) or not 0 <= linger <= 5:
@@ -150,6 +164,8 @@ class PostgresEventRelay(EventRelay):
         self.poll_interval = poll_interval
         self.prune_interval = prune_interval
         self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.send_timeout = send_timeout
         #: whether the first connection creates and migrates the tables (False: only checks them)
         self.migrates = migrate
         # every row names self.bus_id: a batch written again after its commit answer was lost
@@ -174,9 +190,14 @@ class PostgresEventRelay(EventRelay):
     # ------------------------------------------------------------------ connections
 
     async def _connect(self) -> Any:
-        conn = await self._driver.connect(
-            self.url, timeout=self.connect_timeout, server_settings=schema_settings(self.schema)
-        )
+        settings = {
+            # every node's batches wait for the one holding the events lock: a node paused or
+            # cut off inside its batch (three statements sent back to back, never idle for a
+            # reason) would stop the cluster's events for as long; the server ends it instead
+            "idle_in_transaction_session_timeout": str(max(1, round(self.idle_timeout * 1000))),
+            **schema_settings(self.schema),
+        }
+        conn = await self._driver.connect(self.url, timeout=self.connect_timeout, server_settings=settings)
         try:
             if not self._migrated:
                 # the events table comes with the store's schema; the first to arrive applies it
@@ -249,16 +270,38 @@ class PostgresEventRelay(EventRelay):
             "bodies": [r.data for r in batch],
         }
         try:
-            async with conn.transaction():
-                await conn.execute(Q.PG_EVENTS_LOCK)
-                await conn.execute(_INSERT, *[values[name] for name in _INSERT_ARGS])
-                # delivered at commit: one notification per batch
-                await conn.execute(_NOTIFY, self.channel, "")
+            with self._bounded(conn, "sending a batch of events"):
+                async with conn.transaction():
+                    await conn.execute(Q.PG_EVENTS_LOCK)
+                    await conn.execute(_INSERT, *[values[name] for name in _INSERT_ARGS])
+                    # delivered at commit: one notification per batch
+                    await conn.execute(_NOTIFY, self.channel, "")
         except BaseException:
             # a connection cut mid-transaction may be left in any state: never reuse it
             self._writer = None
             conn.terminate()
             raise
+
+    @contextlib.contextmanager
+    def _bounded(self, conn: Any, doing: str) -> Iterator[None]:
+        """Cut ``conn`` if what is done on it takes longer than ``send_timeout``, and raise
+        TimeoutError then: a silent network never answers, and a cancelled transaction would
+        wait for its ROLLBACK's answer; a cut connection fails every wait on it at once."""
+        cut: list[bool] = []
+
+        def cut_off() -> None:
+            cut.append(True)
+            conn.terminate()
+
+        timer = asyncio.get_running_loop().call_later(self.send_timeout, cut_off)
+        try:
+            yield
+        except Exception as exc:
+            if not cut:
+                raise
+            raise TimeoutError(f"{doing} took longer than {self.send_timeout:g} s (send_timeout)") from exc
+        finally:
+            timer.cancel()
 
     def _idle_timeout(self) -> float | None:
         return max(0.0, self._prune_due - asyncio.get_running_loop().time())
@@ -270,9 +313,17 @@ class PostgresEventRelay(EventRelay):
         self._prune_due = now + self.prune_interval * random.uniform(0.8, 1.2)
         if self._writer is None or self._writer.is_closed():
             self._writer = await self._connect()
-        assert self.source is not None  # only a publishing relay prunes
-        # events carry their bus's clock; their age is judged by the same clock
-        status = await self._writer.execute(_PRUNE, self.keep, self.source.clock() - self.max_age)
+        conn = self._writer
+        try:
+            with self._bounded(conn, "pruning the events table"):
+                # every node's events are judged by one clock, the server's: a node whose
+                # clock runs ahead would otherwise delete every other node's fresh events
+                now = float(await conn.fetchval(_SERVER_NOW))
+                status = await conn.execute(_PRUNE, self.keep, now - self.max_age)
+        except BaseException:
+            self._writer = None
+            conn.terminate()
+            raise
         tail = status.rsplit(" ", 1)[-1]
         self.pruned += int(tail) if tail.isdigit() else 0
 

@@ -5,20 +5,25 @@ stream, a PostgreSQL table) and reads every node's events back into its own
 :attr:`EventRelay.bus`, each with the ``node`` that emitted it. This module
 holds what does not depend on that place:
 
-- the outgoing buffer: events wait in a bounded queue (what does not fit is
-  counted as ``unsent``) and go out in batches, after a short linger; within
+- the outgoing buffer: events wait in a bounded queue (what does not fit, and
+  what is still in it when a stop gives up sending, is counted as
+  ``unsent``) and go out in batches, after a short linger; within
   a batch, progress events of one run are coalesced to the newest (counted
   as ``coalesced``); a run's start or end this node only read from the store
   is not sent (the node that ran it sends its own); the record sent after
   such events says how many were left out, so readers do not take them for
   lost;
-- the reader's accounting: every node numbers its events, so a gap in a
-  node's numbers that coalescing does not explain (the shared place was
-  trimmed past what this reader had read, or the node could not send them)
-  is counted as ``missed`` for that node and announced on the cluster bus as
-  a ``bus.dropped`` event naming the node;
+- the reader's accounting: every node numbers its events (each process of it
+  on its own bus, so a restart, or two processes started under one id by
+  mistake, are followed apart), so a gap in a bus's numbers that coalescing
+  does not explain (the shared place was trimmed past what this reader had
+  read, or the node could not send them) is counted as ``missed`` for that
+  node and announced on the cluster bus as a ``bus.dropped`` event naming the
+  node;
 - :meth:`EventRelay.nodes`: each node as its events show it (last event,
-  leadership, running runs, CPU and RSS from its health samples).
+  leadership, running runs, CPU and RSS from its health samples); a node
+  silent for a few of its health intervals is ``unknown`` (killed, cut off,
+  or this reader cannot reach the shared place).
 
 The cluster bus is separate from the engine's own bus on purpose: the
 engine's bus numbers *this* node's events (``seq``) and snapshots resume from
@@ -31,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +51,13 @@ log = logging.getLogger("taskwatch.events")
 
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
+
+#: a node silent for this many of its health intervals (plus the slack, for batching and a
+#: reader's poll) shows as unknown: a node killed with ``kill -9`` never says it stopped
+SILENT_SAMPLES = 3
+SILENT_SLACK = 1.0
+#: the buses of one node whose numbering is followed (restarts, or processes sharing its id)
+BUSES_PER_NODE = 16
 
 
 def cancelling() -> bool:
@@ -77,8 +90,10 @@ class ClusterNode(BaseModel):
     #: silent for longer than the store's node TTL (from the nodes table)
     dead: bool = False
     #: up when the nodes table was last read, and silent for longer than the node TTL since,
-    #: while the watcher cannot read the table again (the database is out of reach): it may
-    #: be up or dead; its role and load are not known either
+    #: while the watcher cannot read the table again (the database is out of reach); or, as
+    #: its events show it, silent for a few of its health intervals (killed, cut off, or the
+    #: reader cut off from the shared place): it may be up or dead; its role and load are
+    #: not known either
     unknown: bool = False
     incarnation: str | None = None
     version: str | None = None
@@ -122,14 +137,15 @@ class Outgoing:
 
 
 class _NodeView:
-    __slots__ = ("node", "last_seq", "last_bus", "last_ts", "last_kind", "events", "missed", "coalesced",
-                 "is_leader", "term", "running", "cpu_percent", "rss_bytes", "stopped")
+    __slots__ = ("node", "seqs", "last_ts", "last_kind", "events", "missed", "coalesced", "is_leader", "term",
+                 "running", "cpu_percent", "rss_bytes", "stopped", "heard_at", "health_ts", "health_every")
 
     def __init__(self, node: str) -> None:
         self.node = node
-        self.last_seq: int | None = None
-        #: the bus that numbered the last event read (None: the shared place does not say)
-        self.last_bus: str | None = None
+        #: the last seq read from each bus that numbered this node's events (None: the shared
+        #: place does not say), the most recent last; two processes started with one node id
+        #: by mistake number their events each on its own, and a restart begins again at 1
+        self.seqs: dict[str | None, int] = {}
         self.last_ts = 0.0
         self.last_kind = ""
         self.events = 0
@@ -141,10 +157,24 @@ class _NodeView:
         self.cpu_percent: float | None = None
         self.rss_bytes: int | None = None
         self.stopped = False
+        #: when (this process's monotonic clock) the last event of the node was read
+        self.heard_at = 0.0
+        #: the node's clock at its last health sample, and the interval between its last two
+        #: (None: not known yet, or the node's clock stands still)
+        self.health_ts: float | None = None
+        self.health_every: float | None = None
 
-    def model(self) -> ClusterNode:
-        hidden = ("last_seq", "last_bus")
-        return ClusterNode(**{name: getattr(self, name) for name in self.__slots__ if name not in hidden})
+    def silent(self, now: float) -> bool:
+        """Whether the node missed a few health samples in a row (as read here, at ``now``):
+        killed, cut off, or the reader cannot reach the shared place. A node that samples no
+        health is never judged."""
+        every = self.health_every
+        return not self.stopped and every is not None and now - self.heard_at > SILENT_SAMPLES * every + SILENT_SLACK
+
+    def model(self, now: float) -> ClusterNode:
+        hidden = ("seqs", "heard_at", "health_ts", "health_every")
+        fields = {name: getattr(self, name) for name in self.__slots__ if name not in hidden}
+        return ClusterNode(**fields, unknown=self.silent(now))
 
 
 def coalesce(events: list[BaseEvent], carried: int = 0) -> tuple[list[Outgoing], int, int]:
@@ -228,6 +258,8 @@ class EventRelay:
         self._from_start = from_start
         self._opened = False
         self.connected = False
+        #: the last batch could not be sent (the reader may still read): not connected either
+        self._send_failing = False
         self.published = 0
         self.unsent = 0
         self.batches = 0
@@ -277,6 +309,7 @@ class EventRelay:
         if self._tasks:
             return
         self._wake = asyncio.Event()
+        self._send_failing = False
         await self._open()
         self._opened = True
         self.bus.reopen()
@@ -313,7 +346,14 @@ class EventRelay:
                 async with asyncio.timeout(max(0.05, deadline - loop.time())):
                     await self._flush()
             except (TimeoutError, *self.transient_errors) as exc:  # type: ignore[misc]
-                log.warning("%d events not sent to %s at stop: %r", self.pending, self.stream, exc)
+                # given up: counted with those the buffer had no room for, so the node's own
+                # figures say what its readers never get (the node's last events, after which
+                # nothing of it comes that would show them a gap)
+                left = self.pending
+                self.unsent += left
+                self._outgoing.clear()
+                self._unsent_batch = None
+                log.warning("%d events not sent to %s at stop (counted as unsent): %r", left, self.stream, exc)
         self._opened = False
         with contextlib.suppress(Exception):
             await self._close()
@@ -339,12 +379,16 @@ class EventRelay:
 
         A node that never said anything about the lease is a follower once
         another node has said it leads (followers publish no lease events).
+        One not stopped whose events stopped coming for three of its health
+        intervals and a second is ``unknown`` (a node killed with ``kill -9``
+        never says it stopped).
         """
         views = [self._nodes[name] for name in sorted(self._nodes)]
         someone_leads = any(view.is_leader for view in views)
+        now = time.monotonic()
         out = []
         for view in views:
-            info = view.model()
+            info = view.model(now)
             if someone_leads and info.is_leader is None:
                 info = info.model_copy(update={"is_leader": False})
             out.append(info)
@@ -353,7 +397,7 @@ class EventRelay:
     def stats(self) -> RelayStats:
         return RelayStats(
             stream=self.stream,
-            connected=self.connected,
+            connected=self.connected and not self._send_failing,
             published=self.published,
             unsent=self.unsent,
             pending=self.pending,
@@ -393,10 +437,12 @@ class EventRelay:
                 await self._flush()
                 await self._between_batches()
                 delay = 0.0
+                self._send_failing = False
                 if cancelling():
                     # some clients swallow a cancel that lands in a round trip
                     raise asyncio.CancelledError
             except self.transient_errors as exc:
+                self._send_failing = True
                 delay = await self._back_off(exc, delay, "publishing events to")
                 self._wake.set()
 
@@ -450,25 +496,35 @@ class EventRelay:
         view = self._nodes.get(event.node)
         if view is None:
             view = self._nodes[event.node] = _NodeView(event.node)
-            # reading from the oldest kept event: what came before it was trimmed away
-            view.last_seq = 0 if self._from_start else None
-        if view.last_seq is not None:
-            gap = event.seq - view.last_seq - 1 - max(0, skipped)
-            if event.seq <= view.last_seq:
-                if bus is not None and bus == view.last_bus:
+        # each bus numbers its events on its own: a restart (a new bus, from 1 again), or a
+        # second process started under the node's id, is followed apart from the others
+        last = view.seqs.pop(bus, None)
+        if last is None:
+            if view.seqs:
+                view.stopped = False  # a new bus under this name: a process of it is up
+            if self._from_start:
+                # reading from the oldest kept event: what came before it was trimmed away
+                last = 0
+            while len(view.seqs) >= BUSES_PER_NODE:
+                del view.seqs[next(iter(view.seqs))]
+        if last is not None:
+            gap = event.seq - last - 1 - max(0, skipped)
+            if event.seq <= last:
+                if bus is not None:
                     # the same bus does not number two events alike: this one was written
                     # twice (a batch sent again after its commit answer was lost), and read
+                    view.seqs[bus] = last
                     self.repeated += 1
                     return
-                # numbers start again: the node restarted (a new engine, a new bus)
+                # numbers start again where the shared place names no bus: the node restarted
                 view.stopped = False
             elif gap > 0:
                 view.missed += gap
                 self.missed += gap
                 self.bus.publish(EventsDropped(node=event.node, ts=event.ts, count=gap, total=view.missed))
         view.coalesced += max(0, skipped)
-        view.last_seq = event.seq
-        view.last_bus = bus
+        view.seqs[bus] = event.seq
+        view.heard_at = time.monotonic()
         view.last_ts = event.ts
         view.last_kind = event.kind  # type: ignore[attr-defined]
         view.events += 1
@@ -495,6 +551,9 @@ class EventRelay:
 def _note(view: _NodeView, event: Any) -> None:
     kind = event.kind
     if kind == "health":
+        if view.health_ts is not None and event.ts > view.health_ts:
+            view.health_every = event.ts - view.health_ts
+        view.health_ts = event.ts
         view.running = event.running
         view.cpu_percent = event.cpu_percent
         view.rss_bytes = event.rss_bytes

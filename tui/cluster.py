@@ -3,9 +3,12 @@
 ``taskwatch attach redis://host:6379/0`` opens it on the Redis stream that
 engines made with ``events="redis://..."`` publish to (an
 :class:`~taskwatch.engine.RedisEventRelay` with no bus of its own): a Nodes
-view (id, leader badge and term, up or stopped, running runs, CPU, RSS, last
-event, events seen and missed) above the cluster's event log, each line
-naming its node (Enter on a line shows its event's JSON). It only watches.
+view (id, leader badge and term, up, stopped or unknown, running runs, CPU,
+RSS, last event, events seen and missed) above the cluster's event log, each
+line naming its node (Enter on a line shows its event's JSON). It only
+watches. A node killed without a word (``kill -9``) shows as unknown once it
+has been silent for a few of its health intervals (the relay's ``nodes()``
+says so).
 
 ``taskwatch attach postgresql://...`` opens it on the cluster's database (a
 :class:`~taskwatch.engine.ClusterObserver`, which runs no tasks): the Nodes

@@ -54,7 +54,7 @@ from .models import (
     TriggerKeyRecord,
     Wakeup,
 )
-from .postgres import OWN_OPTIONS, PostgresStore
+from .postgres import PostgresStore
 from .sqlite import SqliteStore
 
 __all__ = [
@@ -152,8 +152,10 @@ def _postgres(spec: str, options: dict[str, Any]) -> Store:
     for name, raw in parse_qsl(parts.query, keep_blank_values=True):
         conv = _POSTGRES_OPTIONS.get(name)
         if conv is None:
-            if name not in OWN_OPTIONS:  # the event relay's (keep=...) are not the store's
-                driver_args.append((name, raw))  # sslmode, application_name, ...: the driver's
+            # sslmode, application_name, ...: the driver's; the event relay's (keep=...) stay in
+            # the store's url too, which events="postgres" builds its relay from (the store's
+            # own connections leave them out)
+            driver_args.append((name, raw))
             continue
         _url_option(spec, options, name, raw, conv)
     if options.get("clock") is time.time:
