@@ -720,6 +720,13 @@ class BackgroundEngine:
     async def aresume_periodic(self, name: str) -> PeriodicInfo:
         return await self._acall(self.engine.resume_periodic, name)
 
+    def run_periodic(self, name: str) -> BackgroundRunHandle:
+        """Queue one run of a periodic task now (see :meth:`Engine.run_periodic`)."""
+        return BackgroundRunHandle(self, self._call("run_periodic", self.engine.run_periodic, name))
+
+    async def arun_periodic(self, name: str) -> BackgroundRunHandle:
+        return BackgroundRunHandle(self, await self._acall(self.engine.run_periodic, name))
+
     def restart_worker(self, name: str) -> WorkerInfo:
         budget = self._budget(self.engine.cancel_grace * 3)
         return self._call("restart_worker", self.engine.restart_worker, name, timeout_=budget)

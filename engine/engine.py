@@ -1147,6 +1147,7 @@ class Engine:
         if spec is not None and not spec.submittable:
             raise RunNotRetryable(
                 run_id, old.status.value, f"it belongs to the {spec.kind} {spec.name!r}, which runs it again itself"
+                + (f"; to run it now, use run_periodic({spec.name!r})" if spec.kind == "periodic" else ""),
             )
         handle = await self._submit(self._prepare(old.task, old.params, None, f"retry:{run_id}"))
         if self._inline:
@@ -1564,6 +1565,27 @@ class Engine:
 
     def resume_periodic(self, name: str) -> PeriodicInfo:
         return self._scheduler.resume(name)
+
+    async def run_periodic(self, name: str) -> RunHandle:
+        """Queue one run of the periodic task ``name`` now, off its schedule (say, to re-run
+        a failed nightly backup); returns its handle once the store has it.
+
+        Its source is ``periodic:NAME:manual``. A paused task may be run; the
+        schedule is left as it was (a tick coming due while this run goes is
+        skipped and counted, as for any overlap). Raises :class:`UnknownPeriodic`,
+        :class:`EngineNotRunning`, :class:`QueueFull`, and :class:`PeriodicNotRunnable`
+        while the task's needs are unmet or a run of it is pending or running (on
+        a store nodes share, as far as the store says when asked: a tick another
+        node fires in the same moment can still overlap it); nothing is queued then.
+        """
+
+        def submit(source: str) -> Awaitable[RunHandle]:
+            return self._submit(self._prepare(name, None, None, source, internal=True))
+
+        handle = await self._scheduler.run_now(name, submit)
+        if self._inline:
+            await handle.wait()
+        return handle
 
     def provide(self, name: str, resource: Any) -> None:
         """Make ``resource`` the engine's resource ``name`` (replacing one of that name).

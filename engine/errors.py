@@ -190,6 +190,31 @@ class UnknownPeriodic(TaskwatchError, LookupError):
         super().__init__(f"no periodic task named {name!r}; known periodic tasks: {listing}")
 
 
+class PeriodicNotRunnable(TaskwatchError):
+    """``run_periodic`` was asked for a periodic task that cannot run now: a run of it is
+    still pending or running (``run_id``), or its needs are unmet (``reason``). Nothing was queued."""
+
+    def __init__(self, name: str, *, run_id: str | None = None, status: str | None = None,
+                 reason: str | None = None) -> None:  # fmt: skip
+        self.name = name
+        #: the run still going, which a second one would overlap
+        self.run_id = run_id
+        self.status = status
+        #: why the task is disabled (``missing resource: redis``)
+        self.reason = reason
+        if run_id is not None:
+            super().__init__(
+                f"periodic task {name!r} cannot be run now: its run {run_id} is still {status or 'going'}, "
+                f"and runs of a periodic task never overlap; nothing was queued. Wait for it to finish, "
+                f"or cancel it (cancel({run_id!r})) and run the task again"
+            )
+        else:
+            super().__init__(
+                f"periodic task {name!r} cannot be run now: it is disabled ({reason}); nothing was queued. "
+                "Give it what it needs (engine.provide(...), engine.set_flag(...)) and run it again"
+            )
+
+
 class UnknownQueue(TaskwatchError, LookupError):
     """No queue with that name was created with ``engine.queue``. Nothing was changed."""
 

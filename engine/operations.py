@@ -36,6 +36,7 @@ from .wire import (
     ResumeCommand,
     ResumeQueueCommand,
     RetryCommand,
+    RunPeriodicCommand,
     SnapshotCommand,
     StartWorkerCommand,
     StopWorkerCommand,
@@ -63,6 +64,10 @@ OPERATIONS: dict[str, Operation] = {
         Operation("get", ("run_id",), GetCommand, RunRecord, "a run's full record"),
         Operation("pause_periodic", ("name",), PauseCommand, PeriodicInfo, "stop a periodic task firing"),
         Operation("resume_periodic", ("name",), ResumeCommand, PeriodicInfo, "let a paused periodic task fire again"),
+        Operation(
+            "run_periodic", ("name",), RunPeriodicCommand, RunRecord,
+            "queue a run of a periodic task now, its schedule unchanged (refused while one is going)",
+        ),
         Operation(
             "restart_worker", ("name",), RestartWorkerCommand, WorkerInfo,
             "cancel a supervised worker and start it again now (leader-only: on the leader)",

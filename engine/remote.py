@@ -726,6 +726,10 @@ class RemoteEngine:
     async def resume_periodic(self, name: str) -> PeriodicInfo:
         return await self._op("resume_periodic", name=name)  # type: ignore[no-any-return]
 
+    async def run_periodic(self, name: str) -> RunRecord:
+        """Queue one run of a periodic task now; its record (``PeriodicNotRunnable`` while one goes)."""
+        return await self._op("run_periodic", name=name)  # type: ignore[no-any-return]
+
     async def restart_worker(self, name: str) -> WorkerInfo:
         """Restart a supervised worker now; ``WorkerNotLeading`` for a leader-only one on a follower."""
         return await self._op("restart_worker", name=name)  # type: ignore[no-any-return]

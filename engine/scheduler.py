@@ -33,6 +33,15 @@ overlap. With the default end-based interval this cannot happen by
 construction, except right after a resume while a run started before the
 pause is still going.
 
+Run now
+-------
+``Engine.run_periodic`` queues one run by hand (source
+``periodic:NAME:manual``), paused or not, and leaves the schedule as it was.
+It is refused while a run of the task is pending or running: one this node
+fired or knows of, or one the store holds (other nodes' too). That last
+look and the insert are two steps, so on a store nodes share a tick another
+node fires between them can still overlap it.
+
 Missed slots
 ------------
 A loop held up (a blocked event loop, a suspended process, an engine that was
@@ -58,8 +67,8 @@ import inspect
 import logging
 import math
 import random
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import datetime, tzinfo
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -69,6 +78,7 @@ from pydantic import BaseModel, ConfigDict
 from .errors import (
     EngineNotRunning,
     InvalidConfiguration,
+    PeriodicNotRunnable,
     QueueFull,
     RunNotFound,
     TaskDefinitionError,
@@ -107,6 +117,8 @@ _SLOT_TOLERANCE = 0.001
 #: cron slots counted one by one when a loop missed some; past this many the rest are estimated
 _MISSED_CRON_COUNT = 1000
 _NEVER_AGAIN = "cron expression never matches again"
+#: newest runs of a periodic task a run by hand looks through, in the store, for one still going
+_GOING_LOOKED_AT = 10
 
 
 class PeriodicInfo(BaseModel):
@@ -347,6 +359,9 @@ class _Periodic:
     failures: int = 0
     skipped: int = 0
     missed: int = 0
+    #: held by a tick and by a run by hand from their look at the run going to the
+    #: submit of theirs: each awaits the store between the two, and must see the other's run
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def trigger(self) -> str:
@@ -556,6 +571,8 @@ class Scheduler:
         # makes up every slot it missed)
         store = self._engine.store
         for p in self._entries.values():
+            # a lock once waited on belongs to that loop: an engine started again may run on another
+            p.lock = asyncio.Lock()
             p.last_fire = await store.get_periodic(p.name)
             self._seed(p)
         self._running = True
@@ -781,6 +798,10 @@ class Scheduler:
     async def _tick(self, p: _Periodic, slot: float, gap: float) -> None:
         """Fire ``slot`` unless another node (or an earlier start) did: submit its run, or
         skip it if the previous run is still going."""
+        async with p.lock:
+            await self._tick_locked(p, slot, gap)
+
+    async def _tick_locked(self, p: _Periodic, slot: float, gap: float) -> None:
         current = p.current
         if current is not None and current.id in self._inflight:  # its finished event has not come yet
             if await self._engine.store.claim_periodic(p.name, slot, gap):
@@ -808,6 +829,60 @@ class Scheduler:
             return
         p.runs += 1
         self._inflight[handle.id] = (p, handle)
+
+    async def run_now(self, name: str, submit: Callable[[str], Awaitable[RunHandle]]) -> RunHandle:
+        """Queue one run of ``name`` now with ``submit(source)`` (the engine's), off its schedule.
+
+        A paused task may be run (an operator's explicit act); its next tick stays as it
+        was, and one coming due while this run goes is skipped and counted, as for any
+        overlap. Raises :class:`UnknownPeriodic`, :class:`EngineNotRunning`, and
+        :class:`PeriodicNotRunnable` while its needs are unmet or a run of it is pending
+        or running (see the module's "Run now" for how far that look reaches).
+        """
+        p = self._get(name)
+        state = self._engine.state
+        if state != "running":
+            raise EngineNotRunning(state)
+        # looked at now, not taken from the last tick's: a resource deleted from
+        # engine.resources directly is only found missing at a tick
+        reason = self._unmet_needs(p)
+        if reason is not None:
+            raise PeriodicNotRunnable(p.name, reason=reason)
+        async with p.lock:
+            self._refuse_if_going(p)
+            await self._refuse_if_stored(p)
+            handle = await submit(f"periodic:{p.name}:manual")
+            p.current = handle
+            p.elsewhere = None
+            p.runs += 1
+            self._inflight[handle.id] = (p, handle)
+        return handle
+
+    def _refuse_if_going(self, p: _Periodic) -> None:
+        current = p.current
+        if current is not None and current.id in self._inflight:
+            try:
+                status: str | None = current.record().status.value
+            except RunNotFound:  # another node's, pruned from the store before this node saw it end
+                status = None
+            raise PeriodicNotRunnable(p.name, run_id=current.id, status=status)
+        # also a run read back at a start, or one of another node's this node took up
+        for record in self._engine.runs((RunStatus.PENDING, RunStatus.RUNNING), task=p.name, limit=1):
+            raise PeriodicNotRunnable(p.name, run_id=record.id, status=record.status.value)
+
+    async def _refuse_if_stored(self, p: _Periodic) -> None:
+        """The store may hold a run of ``p`` another node (or engine of this process) queued, unknown here."""
+        engine = self._engine
+        # one query, not one per status: a run claimed between two would pass both unseen. Runs
+        # of the task are not queued while one goes, so one going is among the newest
+        page = await engine.store.query(task=p.name, limit=_GOING_LOOKED_AT)
+        for stored in page.runs:
+            if stored.status.finished:
+                continue
+            known = engine.current(stored.id)
+            # this node's own run, finished here before its end reached the store, is over
+            if known is None or not known.status.finished:
+                raise PeriodicNotRunnable(p.name, run_id=stored.id, status=stored.status.value)
 
     def _skip(self, p: _Periodic, running_run_id: str | None) -> None:
         p.skipped += 1

@@ -110,6 +110,7 @@ from .wire import (
     ResumeCommand,
     ResumeQueueCommand,
     RetryCommand,
+    RunPeriodicCommand,
     SnapshotCommand,
     StartWorkerCommand,
     StopWorkerCommand,
@@ -933,6 +934,8 @@ class ControlServer:
                 result = self._bounded(engine.pause_periodic(name))
             case ResumeCommand(name=name):
                 result = self._bounded(engine.resume_periodic(name))
+            case RunPeriodicCommand(name=name):
+                result = self._bounded((await engine.run_periodic(name)).record())
             case RestartWorkerCommand(name=name):
                 result = self._bounded(await engine.restart_worker(name))
             case StopWorkerCommand(name=name):

@@ -12,7 +12,7 @@ A connection goes::
                               <-    snapshot {snapshot}
                               <-    event {event}            (a stream, until close)
     submit/cancel/retry/get/pause/
-    resume/snapshot/ping {id} ->
+    resume/run_periodic/snapshot/ping {id} ->
     restart_worker/stop_worker/start_worker/
     pause_queue/resume_queue/purge_queue/
     fire_trigger {id} ->
@@ -132,6 +132,13 @@ class ResumeCommand(Command):
     name: str
 
 
+class RunPeriodicCommand(Command):
+    """Queue one run of a periodic task now, off its schedule; the reply is its record."""
+
+    type: Literal["run_periodic"] = "run_periodic"
+    name: str
+
+
 class RestartWorkerCommand(Command):
     type: Literal["restart_worker"] = "restart_worker"
     name: str
@@ -191,6 +198,7 @@ ClientMessage = Annotated[
     | GetCommand
     | PauseCommand
     | ResumeCommand
+    | RunPeriodicCommand
     | RestartWorkerCommand
     | StopWorkerCommand
     | StartWorkerCommand

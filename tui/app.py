@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from taskwatch.engine import (
     EVENT_KINDS,
+    PeriodicNotRunnable,
     QueueInfo,
     RunNotCancellable,
     RunNotRetryable,
@@ -250,6 +251,7 @@ class DashboardScreen(Screen[None]):
         Binding("slash", "app.filter", "Filter", priority=True),
         Binding("p", "app.toggle_view", "Pause", priority=True),
         Binding("z", "app.toggle_periodic", "Pause periodic", show=False, priority=True),
+        Binding("n", "app.run_periodic", "Run periodic now", show=False, priority=True),
         # the Scheduler tab's keys, grouped in the footer by the table they act on
         Binding("P", "app.toggle_queue", "Pause or resume queue", group=_QUEUE_KEYS, priority=True),
         Binding("D", "app.purge_queue", "Purge queue", group=_QUEUE_KEYS, priority=True),
@@ -1184,6 +1186,20 @@ class TaskwatchApp(App[None]):
         self.state.schedule = [result if p.name == name else p for p in self.state.schedule]
         self.main.query_one(ScheduleTable).update_schedule(self.state.schedule, self.clock())
 
+    @work(group="actions")
+    async def action_run_periodic(self, name: str | None = None) -> None:
+        if name is None and self.active_tab == "scheduler":
+            name = self.main.query_one(ScheduleTable).selected_name
+        if name is None:
+            self.notify("select a periodic task on the Scheduler tab (3)", severity="warning")
+            return
+        # a run still going is a refusal to read, not a failure
+        record = await self._command("run", self.client.run_periodic(name), PeriodicNotRunnable)
+        if record is None:
+            return
+        self.notify(f"periodic task {name} queued now as run {record.id}; its schedule is unchanged")
+        self.state.add_record(record)
+
     # ------------------------------------------------------------------ the Scheduler tab's other loops
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
@@ -1355,6 +1371,10 @@ class TaskwatchApp(App[None]):
             yield SystemCommand(
                 f"{verb} periodic {periodic.name}", f"{verb} the periodic task {periodic.name} ({periodic.trigger})",
                 lambda name=periodic.name: self.action_toggle_periodic(name), discover=False,
+            )
+            yield SystemCommand(
+                f"Run periodic {periodic.name} now", f"Queue a run of {periodic.name} now, its schedule unchanged (n)",
+                lambda name=periodic.name: self.action_run_periodic(name), discover=False,
             )
         for worker in self.state.workers:
             yield SystemCommand(

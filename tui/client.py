@@ -90,6 +90,9 @@ class DashboardClient(ABC):
     async def resume_periodic(self, name: str) -> PeriodicInfo: ...
 
     @abstractmethod
+    async def run_periodic(self, name: str) -> RunRecord: ...
+
+    @abstractmethod
     async def restart_worker(self, name: str) -> WorkerInfo: ...
 
     @abstractmethod
@@ -211,6 +214,13 @@ class LocalClient(DashboardClient):
 
     async def resume_periodic(self, name: str) -> PeriodicInfo:
         return await self._on_engine(lambda: self.engine.resume_periodic(name))
+
+    async def run_periodic(self, name: str) -> RunRecord:
+        async def go() -> RunRecord:
+            handle = await self.engine.run_periodic(name)
+            return handle.record()
+
+        return await self._on_engine(go)
 
     async def restart_worker(self, name: str) -> WorkerInfo:
         return await self._on_engine(lambda: self.engine.restart_worker(name))

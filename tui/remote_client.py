@@ -195,6 +195,9 @@ class RemoteClient(DashboardClient):
     async def resume_periodic(self, name: str) -> PeriodicInfo:
         return await self._reply(self._require().resume_periodic(name))
 
+    async def run_periodic(self, name: str) -> RunRecord:
+        return await self._reply(self._require().run_periodic(name))
+
     async def restart_worker(self, name: str) -> WorkerInfo:
         return await self._reply(self._require().restart_worker(name))
 

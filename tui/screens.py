@@ -423,6 +423,7 @@ HELP = """\
 [b]Scheduler tab[/b]: each key acts on the selected row of its table
 
   [b]z[/b]        pause / resume the selected periodic task
+  [b]n[/b]        run the selected periodic task now (its schedule unchanged)
   [b]P[/b]        pause / resume a queue's consumers (puts still accepted)
   [b]D[/b]        purge a queue's waiting jobs (asks first, naming the count)
   [b]f[/b]        fire the selected trigger key now (or type a key)
