@@ -1151,19 +1151,26 @@ def _stop_at_interpreter_exit(bg: BackgroundEngine) -> None:
         _exit_hook_registered = True
 
 
+def _stop_together(engines: list[BackgroundEngine], drain: Callable[[BackgroundEngine], float]) -> list[Exception]:
+    """Stop ``engines``, each draining ``drain(bg)`` seconds: all asked first, then waited
+    for, so their drains run at once. Every one is stopped; what failed is logged and returned."""
+    errors: list[Exception] = []
+    for step in ("ask", "wait"):
+        for bg in engines:
+            try:
+                if step == "ask":
+                    bg._request_stop(drain(bg))
+                else:
+                    bg._wait_stopped()
+            except Exception as exc:
+                log.warning("stopping %r failed: %s", bg, exc)
+                errors.append(exc)
+    return errors
+
+
 def _stop_all_at_exit() -> None:
-    # all asked first, then waited for: the drains run at once, within the time Jupyter gives
-    stopping = list(_running)
-    for bg in stopping:
-        try:
-            bg._request_stop(min(bg.stop_timeout, EXIT_STOP_TIMEOUT))
-        except Exception:
-            log.exception("stopping the background engine at exit failed")
-    for bg in stopping:
-        try:
-            bg._wait_stopped()
-        except Exception:
-            log.exception("stopping the background engine at exit failed")
+    # within the time Jupyter gives a kernel it shuts down
+    _stop_together(list(_running), lambda bg: min(bg.stop_timeout, EXIT_STOP_TIMEOUT))
 
 
 #: where the messages point a user to stop_all_background(): reachable whatever taskwatch.engine exports
@@ -1189,20 +1196,7 @@ def stop_all_background(timeout: float | None = None) -> list[BackgroundEngine]:
             "stop_all_background() ends every background engine's loop thread and waits for them to end, and "
             "this is one of those threads, so it would wait forever. Call it from another thread",
         )
-    errors: list[BaseException] = []
-    # all asked first, then waited for: their drains run at once
-    for bg in running:
-        try:
-            bg._request_stop(bg.stop_timeout if drain is None else drain)
-        except Exception as exc:
-            log.warning("stopping %r failed: %s", bg, exc)
-            errors.append(exc)
-    for bg in running:
-        try:
-            bg._wait_stopped()
-        except Exception as exc:
-            log.warning("stopping %r failed: %s", bg, exc)
-            errors.append(exc)
+    errors = _stop_together(running, lambda bg: bg.stop_timeout if drain is None else drain)
     if errors:
         raise errors[0]
     return running

@@ -1597,8 +1597,7 @@ class Engine:
         """
         if (problem := name_problem("name", name)) is not None:
             raise InvalidConfiguration("a resource", [problem])
-        self.resources[name] = resource
-        self._needs_changed()
+        self._needs_changed(self.resources.__setitem__, name, resource)
 
     def withdraw(self, name: str) -> Any:
         """Take the resource ``name`` away and return it.
@@ -1615,8 +1614,8 @@ class Engine:
                 f"resource {name!r}",
                 [f"no resource of that name is provided{hint}; provided: {', '.join(known) or 'none'}"],
             )
-        resource = self.resources.pop(name)
-        self._needs_changed()
+        resource = self.resources[name]
+        self._needs_changed(self._forget_resource, name, resource)
         return resource
 
     def set_flag(self, name: str, on: bool) -> None:
@@ -1630,19 +1629,32 @@ class Engine:
             problems.append(f"on={on!r}: a flag is True or False")
         if problems:
             raise InvalidConfiguration(f"flag {name!r}", problems)
-        self.flags[name] = on
-        self._needs_changed()
+        self._needs_changed(self.flags.__setitem__, name, on)
 
-    def _needs_changed(self) -> None:
+    def _needs_changed(self, change: Callable[..., object], *args: Any) -> None:
+        """Apply ``change(*args)`` to the resources or flags, then what follows from it, on the
+        engine's loop: the scheduler reads those dicts and starts and cancels tasks there, so a
+        call from another thread (in any state, a stop under way included) is handed to it."""
         loop = self._loop
-        if self._state == "running" and loop is not None and threading.get_ident() != self._loop_thread:
-            loop.call_soon_threadsafe(self._apply_needs)
-        else:
-            self._apply_needs()
+        if loop is not None and not loop.is_closed() and threading.get_ident() != self._loop_thread:
+            try:
+                loop.call_soon_threadsafe(self._apply_needs, change, args)
+                return
+            except RuntimeError:
+                pass  # closed meanwhile: nothing runs on it any more
+        self._apply_needs(change, args)
 
-    def _apply_needs(self) -> None:
+    def _apply_needs(self, change: Callable[..., object], args: tuple[Any, ...]) -> None:
+        change(*args)
         self._refresh_limits()
         self._scheduler.needs_changed()
+        # a run of a task its resource was withdrawn from waits here: claim it now, not at the next poll
+        self._executor.wake()
+
+    def _forget_resource(self, name: str, resource: Any) -> None:
+        # only the object withdrawn: one provided again since stays
+        if self.resources.get(name) is resource:
+            del self.resources[name]
 
     # ------------------------------------------------------------------ queues and triggers
 

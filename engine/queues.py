@@ -542,7 +542,8 @@ class WorkQueue:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
-        ctx_name = f"queue:{self.name}"
+        # a first delivery's context says attempt 1 whoever keeps it: one serves them all
+        first = TaskContext(self._engine, None, f"queue:{self.name}") if self._with_ctx else None
         while True:
             while not self._items or self.paused:
                 # a job accepted from another thread is still on its way: wait for it
@@ -569,12 +570,9 @@ class WorkQueue:
                 self._set_aside(kept)
                 continue
             job = item if kept is None else kept.job
-            # one context per job: a handler that keeps it reads its own job's attempt
-            ctx = (
-                TaskContext(self._engine, None, ctx_name, attempt=1 if kept is None else kept.attempt)
-                if self._with_ctx
-                else None
-            )
+            ctx = first
+            if ctx is not None and kept is not None and kept.attempt > 1:
+                ctx = TaskContext(self._engine, None, ctx.name, attempt=kept.attempt)  # a job's own
             self._in_flight += 1
             if kept is not None:
                 self._running[task] = kept

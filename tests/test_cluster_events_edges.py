@@ -217,7 +217,11 @@ async def test_a_node_killed_without_a_word_shows_as_unknown_once_it_missed_its_
     assert not stray_tasks()
 
 
-async def test_pruning_judges_age_by_the_servers_clock(postgres_server: PostgresServer, postgres_url: str) -> None:
+async def test_pruning_judges_age_by_the_servers_clock_whatever_the_pruning_nodes_clock(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    # an event's age is the server's now() less its time stamp (the emitting node's clock):
+    # every pruner judges alike; a node two hours behind has its events read as two hours old
     db = database(postgres_url)
     hour = 3600.0
     fresh = EventBus(node="fresh")

@@ -4,6 +4,7 @@ pauses across a stop, slots missed while the loop was held up, DST and the cron 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -320,3 +321,58 @@ def test_six_fields_put_seconds_first() -> None:
     assert next_cron_due("*/10 * * * * *", after, tz=utc) == after + 7
     assert next_cron_due("30 0 12 * * *", after, tz=utc) == datetime(2024, 1, 1, 12, 0, 30, tzinfo=utc).timestamp()
 
+
+
+async def test_set_flag_from_another_thread_while_the_engine_stops_is_applied_on_its_loop() -> None:
+    # the window between stop()'s start and the scheduler's stop: a config watcher's thread
+    # changing a flag then ran scheduler code on its own thread (RuntimeError, no running loop)
+    engine = Engine(flags={"f": False}, health_interval=None)
+
+    @engine.periodic(every=60.0, opt_in="f")
+    async def tick(ctx: TaskContext) -> None:
+        return None
+
+    errors: list[BaseException] = []
+
+    def watcher() -> None:
+        try:
+            engine.set_flag("f", True)
+            engine.provide("db", object())
+        except BaseException as exc:  # noqa: BLE001 - what the test looks for
+            errors.append(exc)
+
+    await engine.start()
+    stopping = asyncio.get_running_loop().create_task(engine.stop(timeout=1))
+    await asyncio.sleep(0)  # one step: stop() under way, the scheduler not stopped yet
+    assert engine.state == "stopping"
+    thread = threading.Thread(target=watcher)
+    thread.start()
+    await asyncio.get_running_loop().run_in_executor(None, thread.join, 10)
+    await asyncio.wait_for(stopping, 10)
+    assert errors == []
+    assert engine.flags["f"] is True and "db" in engine.resources
+    assert not stray_tasks()
+
+
+async def test_a_run_left_waiting_by_withdraw_starts_as_soon_as_its_resource_is_provided() -> None:
+    # the executor polls every 30 s here: only a wake at provide() starts the run in time
+    engine = Engine(resources={"r": "R"}, max_concurrency=1, poll_interval=30.0, health_interval=None)
+    gate = asyncio.Event()
+    got: list[str] = []
+
+    @engine.task(name="blocker")
+    async def blocker(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    @engine.periodic(every=3600.0, initial_delay=0.2, requires=("r",))
+    async def uses_r(ctx: TaskContext, r: str) -> None:
+        got.append(r)
+
+    async with engine:
+        await engine.submit("blocker")
+        await eventually(lambda: [x for x in engine.runs(status="pending") if x.task == "uses_r"], timeout=10)
+        assert engine.withdraw("r") == "R"
+        gate.set()
+        await eventually(lambda: all(x.status.finished for x in engine.runs(task="blocker")), timeout=10)
+        engine.provide("r", "R2")
+        await eventually(lambda: got == ["R2"], timeout=10)
