@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -69,3 +70,19 @@ def server_missing(message: str) -> NoReturn:
     if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
         pytest.fail(message + " (CI: a missing server is a failure)", pytrace=False)
     pytest.skip(message)
+
+
+def taskwatch_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("taskwatch-")}
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """Poll from a plain thread (no event loop here) with a bounded wait."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.005)

@@ -15,7 +15,7 @@ import textwrap
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ from taskwatch.engine.display import on_engine_thread
 from taskwatch.engine.hop import call_apart
 from taskwatch.engine.errors import EngineAlreadyRunning
 
+from .helpers import taskwatch_threads, wait_until
+
 
 class EmbedParams(BaseModel):
     user_id: str
@@ -64,22 +66,6 @@ def build_engine() -> Engine:
         await asyncio.Event().wait()
 
     return engine
-
-
-def taskwatch_threads() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if t.name.startswith("taskwatch-")}
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """Poll from a plain thread (no event loop here) with a bounded wait."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.005)
 
 
 @pytest.fixture

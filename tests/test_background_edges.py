@@ -19,7 +19,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,25 +33,10 @@ from taskwatch.engine import (
 )
 from taskwatch.engine.background import stop_all_background
 
+from .helpers import taskwatch_threads, wait_until
 from .test_web_security import children, cmdline
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def taskwatch_threads() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if t.name.startswith("taskwatch-")}
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
-    """Poll from a plain thread (no event loop here) with a bounded wait."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.005)
 
 
 def build_engine(cancel_grace: float = 1.0) -> Engine:
