@@ -18,10 +18,12 @@ never skips an event committed late with a lower id. A node paused or cut off
 inside its batch would hold that lock, and every node's events with it: the
 server ends a session idle inside a transaction after ``idle_timeout``
 (5 s), and a batch taking longer than ``send_timeout`` (10 s) has its
-connection cut and is sent again. The table is capped:
+connection cut and is sent again (a read, too, is cut after that long: a
+silent network must not leave a reader that says it is connected and hears
+nothing). The table is capped:
 each publishing node deletes, every ``prune_interval``, what is beyond the
-newest ``keep`` events or older than ``max_age`` seconds by the server's
-clock (one clock for every node's events, whatever the pruning node's says). A reader that fell
+newest ``keep`` events or older than ``max_age`` seconds: the server's clock
+less each event's time stamp (the emitting node's clock). A reader that fell
 further behind than that finds gaps in the nodes' numbers, counts them as
 missed and puts a ``bus.dropped`` event naming the node on its bus.
 
@@ -89,7 +91,7 @@ class PostgresEventRelay(EventRelay):
     notification before it looks anyway. ``idle_timeout``: how long the server lets the
     relay's session sit idle inside a batch's transaction (which holds the lock every
     node's batches wait for) before it ends the session. ``send_timeout``: the longest a
-    batch (or a pruning) may take before its connection is cut and it is tried again.
+    batch, a pruning or a read may take before its connection is cut and it is tried again.
     ``migrate=False``: a watcher's relay, which never creates or migrates the tables
     (:func:`~.store.postgres.check_schema`).
     """
@@ -339,7 +341,10 @@ class PostgresEventRelay(EventRelay):
                     await self._connect_reader()
                 # cleared before the read: a notification that comes during it wakes the next wait
                 self._notified.clear()
-                rows = await self._reader.fetch(_AFTER, self._last_id, self.batch)
+                # bounded as a send is: a silent network would hold this read, and the
+                # relay would say it is connected while it hears nothing, for good
+                with self._bounded(self._reader, "reading events"):
+                    rows = await self._reader.fetch(_AFTER, self._last_id, self.batch)
                 self.connected = True
                 delay = 0.0
             except self.transient_errors as exc:

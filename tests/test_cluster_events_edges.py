@@ -42,6 +42,7 @@ from taskwatch.engine.redis_events import RedisEventRelay
 from taskwatch.tui.cluster import ClusterApp
 from taskwatch.widgets import NodesTable
 
+from .cutting_proxy import StallingProxy
 from .helpers import eventually, stray_tasks
 from .postgres_server import PostgresServer
 from .redis_server import RedisServer
@@ -319,4 +320,27 @@ async def test_a_nodes_health_sample_counts_the_runs_it_executes(postgres_url: s
         release.set()
         await a.stop(5.0)
         await b.stop(5.0)
+    assert not stray_tasks()
+
+
+async def test_a_reader_on_a_network_gone_silent_says_it_is_not_connected_and_reads_again_after(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    # a silent network answers nothing and refuses nothing: an unbounded read would wait for
+    # good, the relay saying it is connected while it hears no event
+    writer_bus = EventBus(node="writer")
+    async with StallingProxy(postgres_server.port) as proxy, PostgresEventRelay(postgres_url, writer_bus) as writer:
+        reader = PostgresEventRelay(proxy.url(postgres_url), since="0", poll_interval=0.1, send_timeout=0.5)
+        async with reader:
+            writer_bus.emit(EngineStarted)
+            await eventually(lambda: events_of(reader, "writer", "engine.started"), timeout=TIMEOUT)
+            assert reader.stats().connected
+            proxy.hold()
+            try:
+                await eventually(lambda: not reader.stats().connected, timeout=TIMEOUT)
+            finally:
+                proxy.release()
+            writer_bus.emit(EngineStarted)
+            await eventually(lambda: len(events_of(reader, "writer", "engine.started")) == 2, timeout=TIMEOUT)
+            assert reader.stats().connected
     assert not stray_tasks()
