@@ -38,9 +38,10 @@ class UnknownTask(TaskwatchError, LookupError):
         self.kind = kind
         listing = ", ".join(self.known) if self.known else "none registered yet"
         if kind is not None:
+            now = f"engine.run_periodic({name!r}) runs it now; " if kind == "periodic" else ""
             super().__init__(
                 f"task {name!r} is a {kind} task, which the engine runs itself and which cannot be "
-                f"submitted; for runs on demand register an @engine.task. Submittable tasks: {listing}"
+                f"submitted; {now}for runs on demand register an @engine.task. Submittable tasks: {listing}"
             )
             return
         super().__init__(

@@ -386,8 +386,8 @@ class Supervisor:
             # a worker that ignores cancellation this long is a bug in that worker; waiting for
             # it forever would hang stop() and stop_worker(), so say so and go on (as for runs)
             log.warning(
-                "supervised workers %s ignored cancellation %d times and are still running",
-                sorted(t.get_name() for t in pending), _CANCEL_ROUNDS,
+                "node %s: supervised workers %s ignored cancellation %d times and are still running",
+                self._engine.node_id, sorted(t.get_name() for t in pending), _CANCEL_ROUNDS,
             )
 
     async def _supervise(self, worker: _Worker) -> None:

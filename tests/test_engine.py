@@ -829,9 +829,10 @@ async def test_periodic_and_trigger_tasks_are_run_by_their_loops_not_by_hand() -
     async with engine:
         with pytest.raises(UnknownTask, match="'hourly' is a periodic task, which the engine runs itself") as info:
             await engine.submit("hourly")
-        assert info.value.kind == "periodic"
-        with pytest.raises(UnknownTask, match="is a trigger task"):
+        assert info.value.kind == "periodic" and "engine.run_periodic('hourly') runs it now" in str(info.value)
+        with pytest.raises(UnknownTask, match="is a trigger task") as info:
             await engine.submit(trigger.task_name, {"key": "k"})
+        assert "run_periodic" not in str(info.value)
         with pytest.raises(UnknownTask, match="unknown task 'nope'") as info:
             await engine.submit("nope")
         assert info.value.kind is None

@@ -274,9 +274,12 @@ async def test_worker_that_swallows_cancellation_is_not_restarted() -> None:
 
 
 @pytest.mark.parametrize("stop", ["engine", "worker"])
-async def test_a_worker_that_never_lets_a_cancel_through_does_not_hang_stop(stop: str) -> None:
+async def test_a_worker_that_never_lets_a_cancel_through_does_not_hang_stop(
+    stop: str, caplog: pytest.LogCaptureFixture
+) -> None:
     # a bug in that worker: stop() and stop_worker() say so and return, as they do for runs
-    engine = engine_with(cancel_grace=0.05)
+    caplog.set_level(logging.WARNING, logger="taskwatch.supervisor")
+    engine = engine_with(cancel_grace=0.05, node_id="node-7")
     stubborn_to_the_end = True
 
     @engine.supervised(name="stubborn")
@@ -297,6 +300,9 @@ async def test_a_worker_that_never_lets_a_cancel_through_does_not_hang_stop(stop
         else:
             await asyncio.wait_for(engine.stop_worker("stubborn"), timeout=10)
             assert engine.workers()[0].stopped_by_user
+        # the log names the node too: several engines may share one process and its log
+        [warning] = [r.getMessage() for r in caplog.records if "ignored cancellation" in r.getMessage()]
+        assert "node-7" in warning and "taskwatch-worker-stubborn" in warning
     finally:
         stubborn_to_the_end = False  # let the test end: the worker's task goes with a last cancel
         left = [task for task in stray_tasks() if task.get_name() == "taskwatch-worker-stubborn"]
