@@ -1564,6 +1564,7 @@ class Engine:
         return self._scheduler.pause(name)
 
     def resume_periodic(self, name: str) -> PeriodicInfo:
+        self._refresh_limits()  # the needs are checked again: which tasks' runs this node may claim too
         return self._scheduler.resume(name)
 
     async def run_periodic(self, name: str) -> RunHandle:
@@ -1603,8 +1604,9 @@ class Engine:
         """Take the resource ``name`` away and return it.
 
         Periodic tasks requiring it are disabled at once (a run in progress
-        finishes), with the reason and a ``periodic.registered`` event. Raises
-        :class:`InvalidConfiguration` when no resource of that name is provided.
+        finishes, keeping it), with the reason and a ``periodic.registered`` event. Raises
+        :class:`InvalidConfiguration` when no resource of that name is provided. Safe
+        from any thread, as :meth:`provide` is.
         """
         if not isinstance(name, str) or name not in self.resources:
             known = sorted(str(r) for r in self.resources)
@@ -1622,7 +1624,8 @@ class Engine:
         """Turn the flag ``name`` on or off; ``opt_in`` periodic tasks follow at once.
 
         Raises :class:`InvalidConfiguration` for a name that is no plain text and
-        for ``on`` that is not a bool (``"false"`` is not taken as true).
+        for ``on`` that is not a bool (``"false"`` is not taken as true). Safe from
+        any thread, as :meth:`provide` is.
         """
         problems = [problem] if (problem := name_problem("name", name)) is not None else []
         if not isinstance(on, bool):

@@ -313,8 +313,12 @@ class Execution:
         # another, so a run's context variables never reach the run its freed slot starts next
         base = self.base_context
         context = base.copy()
+        spec = run.spec
+        # taken now, with the claim: a resource withdrawn before the task's first step (a
+        # callback between the two) stays the run's, as it does for a run under way
+        given = self._resources_for(spec.resources) if spec is not None and spec.resources else None
         task = asyncio.get_running_loop().create_task(
-            self._execute(run, token, ended, context), name=f"taskwatch-run-{run.id}", context=base.copy()
+            self._execute(run, token, ended, context, given), name=f"taskwatch-run-{run.id}", context=base.copy()
         )
         run.handle = task
         # also a callback: it runs for a task cancelled before its first step (see _execute)
@@ -491,8 +495,18 @@ class Execution:
         self.bus.emit(StoreReachable, store=self.store.describe(), seconds=seconds)
         self.engine.elector.resume()
 
+    def _resources_for(self, names: Sequence[str]) -> dict[str, Any] | None:
+        """The resources ``names`` as the engine provides them now; None if one is missing."""
+        provided = self.engine.resources
+        return {name: provided[name] for name in names} if all(name in provided for name in names) else None
+
     async def _execute(
-        self, run: Run, token: str, ended: Callable[[asyncio.Task[None]], None], context: contextvars.Context
+        self,
+        run: Run,
+        token: str,
+        ended: Callable[[asyncio.Task[None]], None],
+        context: contextvars.Context,
+        given: dict[str, Any] | None = None,
     ) -> None:
         """Run one attempt of a claimed run and write its outcome with the claim's token."""
         window: asyncio.Timeout | None = None
@@ -514,7 +528,13 @@ class Execution:
                 ctx = TaskContext(self.engine, run, spec.name, report=self.progress, attempt=run.attempt)
                 args: tuple[Any, ...] = (ctx,) if model is None else (ctx, model)
                 if spec.resources:
-                    kwargs = {name: self.engine.resources[name] for name in spec.resources}
+                    kwargs = given if given is not None else self._resources_for(spec.resources)
+                    if kwargs is None:
+                        missing = [name for name in spec.resources if name not in self.engine.resources]
+                        raise LookupError(
+                            f"resource {missing[0]!r} of task {spec.name!r} is not provided on node "
+                            f"{self.engine.node_id!r}: provide it (engine.provide) and retry the run"
+                        )
                     call = spec.fn(*args, **kwargs)
                 else:
                     call = spec.fn(*args)

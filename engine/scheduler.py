@@ -561,6 +561,14 @@ class Scheduler:
             if changed:
                 self._emit_registered(p)
             self._engine.bus.emit(PeriodicResumed, name=p.name, next_due=p.next_due)
+        elif self._running and self._recheck(p):
+            # not paused, yet resumed: its needs are checked again all the same (a resource
+            # put back into engine.resources by hand is found here)
+            if p.enabled:
+                self._launch(p, self._first_slot(p))
+            else:
+                self._halt(p)
+            self._emit_registered(p)
         return self._info(p)
 
     # ------------------------------------------------------------ lifecycle
@@ -664,13 +672,15 @@ class Scheduler:
             # fired before this start: the slot after the last one, or at once if it
             # was missed while nothing ran (once, however many were missed)
             if p.every is not None:
-                # another node's start may be later: its slot is then less than an interval
-                # after this one's, and the store refuses it (see gap in _loop)
                 base = p.last_fire
                 if not p.fixed_rate and p.last_end is not None and p.last_end > base:
                     # end-based: from the end of the last run, as without the restart
                     base = p.last_end
-                return max(base + p.every, p.hold_until)
+                # the slot it was waiting for, as its schedule has it, even when it passed
+                # meanwhile: it then fires late (not before hold_until, see _plan), the slots
+                # passed since are counted missed, and a fixed-rate grid stays where it was.
+                # Every node sharing the store names the same slot, and one claims it
+                return base + p.every
             # a cron slot stays the nominal time every node claims (once, cluster-wide);
             # only when this node fires it waits for the warm-up
             return self._cron_after(p, p.last_fire)

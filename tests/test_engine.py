@@ -864,7 +864,9 @@ async def test_a_missing_resource_fails_the_run_instead_of_hanging_it() -> None:
         del engine.resources["db"]
         release.set()
         failed = await eventually(lambda: engine.runs(task="uses_db", status="failed"))
-        assert failed[0].error is not None and failed[0].error.type == "KeyError"
+        error = failed[0].error
+        assert error is not None and error.type == "LookupError"
+        assert "resource 'db' of task 'uses_db' is not provided" in error.message and "engine.provide" in error.message
 
 
 async def test_a_handle_still_waits_for_its_run_after_it_left_history_and_store() -> None:

@@ -376,3 +376,66 @@ async def test_a_run_left_waiting_by_withdraw_starts_as_soon_as_its_resource_is_
         await eventually(lambda: all(x.status.finished for x in engine.runs(task="blocker")), timeout=10)
         engine.provide("r", "R2")
         await eventually(lambda: got == ["R2"], timeout=10)
+
+
+async def test_a_resource_withdrawn_as_its_run_starts_stays_that_runs() -> None:
+    # claimed and marked running, its first step not taken yet: the run was given the resource
+    # with its claim (it failed with a bare KeyError when the withdraw came in between)
+    engine = Engine(resources={"db": 42}, health_interval=None)
+    got: list[int] = []
+
+    @engine.periodic(every=3600.0, initial_delay=3000, requires=("db",), name="needdb")
+    async def needdb(ctx: TaskContext, db: int) -> None:
+        got.append(db)
+
+    async with engine:
+        handle = await engine.run_periodic("needdb")
+        assert handle.status.value == "running"
+        assert engine.withdraw("db") == 42
+        record = await handle.wait(timeout=10)
+    assert (record.status.value, got) == ("succeeded", [42])
+
+
+async def test_resume_checks_the_needs_of_a_task_disabled_by_a_resource_deleted_by_hand() -> None:
+    engine = Engine(resources={"db": 1}, health_interval=None)
+    got: list[int] = []
+
+    @engine.periodic(every=0.05, requires=("db",), name="t")
+    async def t(ctx: TaskContext, db: int) -> None:
+        got.append(db)
+
+    async with engine:
+        await eventually(lambda: got)
+        del engine.resources["db"]  # by hand, not withdraw(): found gone at the next tick
+        await eventually(lambda: not engine.schedule()[0].enabled)
+        engine.resources["db"] = 2  # put back by hand
+        info = engine.resume_periodic("t")  # not paused: it checks the needs all the same
+        assert info.enabled and info.reason is None
+        await eventually(lambda: 2 in got)
+
+
+async def test_a_fixed_rate_task_started_again_late_keeps_its_grid_and_counts_what_it_missed(tmp_path: Path) -> None:
+    every = 60.0
+    store = f"sqlite:///{tmp_path / 'grid.db'}"
+
+    def grid_engine(ahead: float) -> Engine:
+        engine = Engine(store=store, node_id="n", health_interval=None, clock=lambda: time.time() + ahead)
+
+        @engine.periodic(every=every, fixed_rate=True)
+        async def grid(ctx: TaskContext) -> None:
+            return None
+
+        return engine
+
+    first = grid_engine(0.0)
+    async with first:
+        await eventually(lambda: first.schedule()[0].runs == 1)
+        [fired] = first.runs(task="grid")
+    # started again two and a half intervals later: the slot it waited for fires once, late
+    later = grid_engine(2.5 * every)
+    async with later:
+        await eventually(lambda: later.schedule()[0].runs == 1)
+        info = later.schedule()[0]
+    slot = fired.created_at
+    assert info.missed == 1  # of the slots at +60 and +120, one is the late tick's, one missed
+    assert info.next_due is not None and abs(info.next_due - (slot + 3 * every)) < 1.0  # on its grid

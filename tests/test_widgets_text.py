@@ -20,11 +20,12 @@ from taskwatch.engine import (
     WorkerInfo,
     event_from_dict,
 )
+from taskwatch.engine.events import EngineStarted
 from taskwatch.tui.app import TaskwatchApp
 from taskwatch.tui.client import LocalClient
 from taskwatch.tui.demo import format_event_line, print_events
 from taskwatch.tui.screens import TracebackScreen
-from taskwatch.widgets import EventLog, FailuresList, RunAttempt, RunDetail, RunsTable
+from taskwatch.widgets import EventLog, FailuresList, RunAttempt, RunDetail, RunsTable, StoreBadge
 from textual.app import App, ComposeResult
 from textual.geometry import Region
 from textual.widget import Widget
@@ -242,6 +243,25 @@ async def test_failures_list_updated_before_mount_shows_them_once_mounted() -> N
         await pilot.pause()
         assert failures.table.row_count == 1
         assert "KeyError: gone" in "\n".join(drawn_lines(failures))
+
+
+async def test_event_log_and_store_badge_refuse_what_they_could_not_draw_and_change_nothing() -> None:
+    log, badge = EventLog(), StoreBadge()
+    async with Host(log, badge).run_test(size=(100, 12)) as pilot:
+        good = EngineStarted(seq=1, ts=T0, node="n")
+        with pytest.raises(TypeError, match="takes events; item 1 is str"):
+            log.add_events([good, "x"])  # type: ignore[list-item]
+        assert log.total_events == 0
+        log.set_filter(["engine."])  # redraws the history: nothing bad was kept in it
+        log.add_events([good])
+        await pilot.pause()
+        assert log.total_events == 1
+        with pytest.raises(TypeError, match="store is text; got int"):
+            badge.update(1, "i", "in-process")  # type: ignore[arg-type]
+        badge.update("memory", "abcdef0123", "in-process")
+        await pilot.pause()
+        assert "store memory" in "".join(drawn_lines(badge))
+        assert pilot.app.is_running
 
 
 async def test_runs_table_refuses_a_batch_with_a_bad_item_and_changes_nothing() -> None:

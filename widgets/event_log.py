@@ -297,7 +297,14 @@ class EventLog(RichLog):
         self._redraw()
 
     def add_events(self, events: Iterable[BaseEvent]) -> None:
-        """Append a batch of events (one write for the whole batch)."""
+        """Append a batch of events (one write for the whole batch).
+
+        Raises ``TypeError`` for a batch holding anything but events, and adds none of it:
+        kept in the history, one would break every later redraw (a filter change)."""
+        events = list(events)
+        for i, event in enumerate(events):
+            if not isinstance(event, BaseEvent):
+                raise TypeError(f"EventLog.add_events takes events; item {i} is {type(event).__name__}: {event!r:.80}")
         fresh: list[_Entry] = []
         if self.paused:
             pending = self._pending

@@ -38,6 +38,11 @@ class StoreBadge(Widget):
     via: reactive[str] = reactive("")
 
     def update(self, store: str, incarnation: str, via: str) -> None:
+        """Show ``store`` (its description), ``incarnation`` and ``via``; ``TypeError`` for a
+        value that is not text, and nothing changes (drawn, it would fail at the next repaint)."""
+        for name, value in (("store", store), ("incarnation", incarnation), ("via", via)):
+            if not isinstance(value, str):
+                raise TypeError(f"StoreBadge.update: {name} is text; got {type(value).__name__}: {value!r:.80}")
         self.store = store
         self.incarnation = incarnation
         self.via = via
