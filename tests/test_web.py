@@ -57,8 +57,13 @@ GOING_AWAY = 1001
 
 
 def dashboards(server_pid: int) -> list[int]:
-    """The dashboard processes (``python -m taskwatch.tui ...``) the server's sessions run."""
-    return [pid for pid in descendants(server_pid) if cmdline(pid)[1:3] == ["-m", "taskwatch.tui"]]
+    """The dashboard processes (``python -m taskwatch.tui ...``) the server's sessions run.
+
+    A session forked and not yet exec'd still has the server's own command line: not one yet."""
+    server = cmdline(server_pid)
+    return [
+        pid for pid in descendants(server_pid) if (argv := cmdline(pid))[1:3] == ["-m", "taskwatch.tui"] and argv != server
+    ]
 
 
 async def until_dashboards(server_pid: int, count: int) -> list[int]:
