@@ -34,6 +34,7 @@ from taskwatch.engine import (
 from taskwatch.engine.background import stop_all_background
 
 from .helpers import taskwatch_threads, wait_until
+from .test_background import hold_loop
 from .test_web_security import children, cmdline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -161,15 +162,7 @@ def test_a_later_shorter_stop_shortens_a_drain_not_begun_yet() -> None:
     wait_until(lambda: handle.status is RunStatus.RUNNING)
 
     # the loop is busy (a callback blocking it), so the first stop's request waits there
-    entered, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        entered.set()
-        release.wait(30)
-
-    assert bg.loop is not None
-    bg.loop.call_soon_threadsafe(hold)
-    assert entered.wait(5)
+    release = hold_loop(bg)
     first = threading.Thread(target=bg.stop, kwargs={"timeout": 60})
     first.start()
     wait_until(lambda: bg.state == "stopping")
