@@ -1059,7 +1059,8 @@ async def test_schedule_table_shows_state_next_due_and_selection() -> None:
     async with host.run_test(size=SIZE) as pilot:
         now = T0
         infos = [
-            periodic("reindex", next_due=now + 42, last_status="failed", last_duration=1.5, runs=10, failures=2),
+            periodic("reindex", next_due=now + 42, last_status="failed", last_duration=1.5, runs=10, failures=2,
+                     skipped=1, missed=3),
             periodic("cleanup", paused=True, next_due=now + 5),
             periodic("billing", enabled=False, reason="leader only", trigger="cron 0 3 * * *", trigger_kind="cron"),
             periodic("ticker", enabled=False, reason="flag tick is off", paused=True),
@@ -1070,6 +1071,10 @@ async def test_schedule_table_shows_state_next_due_and_selection() -> None:
         assert cell(table, "reindex", "next") == "42s"
         assert cell(table, "reindex", "last") == "failed"
         assert cell(table, "reindex", "failures") == "2"
+        # overlapped ticks and slots that passed while the loop was held up are told apart
+        assert cell(table, "reindex", "skipped") == "1"
+        assert cell(table, "reindex", "missed") == "3"
+        assert cell(table, "cleanup", "missed") == "0"
         assert cell(table, "cleanup", "state") == "paused"
         assert cell(table, "cleanup", "next") == "—"
         assert cell(table, "billing", "state") == "disabled"

@@ -48,6 +48,7 @@ def schedule_cells(info: PeriodicInfo, now: float) -> tuple[Cell, ...]:
         (str(info.runs), ""),
         (str(info.failures), "bold red" if info.failures else "dim"),
         (str(info.skipped), "yellow" if info.skipped else "dim"),
+        (str(info.missed), "yellow" if info.missed else "dim"),
         _note(info),
     )
 
@@ -65,6 +66,7 @@ class ScheduleTable(KeyedTable):
         Column("runs", "runs", 6, "right"),
         Column("failures", "failed", 6, "right"),
         Column("skipped", "skipped", 7, "right"),
+        Column("missed", "missed", 6, "right"),
         Column("note", "note"),
     )
 
