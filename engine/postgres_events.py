@@ -22,8 +22,8 @@ connection cut and is sent again (a read, too, is cut after that long: a
 silent network must not leave a reader that says it is connected and hears
 nothing). The table is capped:
 each publishing node deletes, every ``prune_interval``, what is beyond the
-newest ``keep`` events or older than ``max_age`` seconds: the server's clock
-less each event's time stamp (the emitting node's clock). A reader that fell
+newest ``keep`` events or stored more than ``max_age`` seconds ago, both
+times the server's (migration 7), whatever the nodes' clocks say. A reader that fell
 further behind than that finds gaps in the nodes' numbers, counts them as
 missed and puts a ``bus.dropped`` event naming the node on its bus.
 
@@ -35,7 +35,7 @@ gets through.
 
 Each relay keeps two connections of its own (one writes, one listens and
 reads), reconnecting with backoff (50 ms doubling to 2 s); the table comes
-with the store's schema (migrations 3 and 5), which the relay applies itself
+with the store's schema (migrations 3, 5 and 7), which the relay applies itself
 when it is the first to reach the database; a watcher's relay (``migrate=False``,
 the cluster observer's) never does: it refuses a database without the tables,
 or at another schema version.
@@ -318,8 +318,9 @@ class PostgresEventRelay(EventRelay):
         conn = self._writer
         try:
             with self._bounded(conn, "pruning the events table"):
-                # every node's events are judged by one clock, the server's: a node whose
-                # clock runs ahead would otherwise delete every other node's fresh events
+                # both ends of an event's age are the server's clock (its stored_at, its now):
+                # a node whose clock is off would otherwise delete others' fresh events (ahead)
+                # or have its own pruned as soon as they were written (behind)
                 now = float(await conn.fetchval(_SERVER_NOW))
                 status = await conn.execute(_PRUNE, self.keep, now - self.max_age)
         except BaseException:

@@ -17,8 +17,9 @@ Checked here:
 - a node killed with SIGKILL, which never says it stopped, shows as ``unknown`` once it
   has missed a few of its health samples, in ``nodes()`` and on the cluster dashboard,
   while a live node beside it stays up;
-- pruning judges events' age by the server's clock: a node whose clock runs ahead does not
-  delete the other nodes' fresh events;
+- pruning judges events' age by the server's clock at both ends: a node whose clock runs
+  ahead does not delete the other nodes' fresh events, and one whose clock runs behind keeps
+  its own;
 - ``?keep=N&max_age=S`` on the store's URL caps the table with ``events="postgres"``;
 - a node's health sample counts the runs it executes, not those it submitted that others
   execute.
@@ -218,24 +219,31 @@ async def test_a_node_killed_without_a_word_shows_as_unknown_once_it_missed_its_
     assert not stray_tasks()
 
 
-async def test_pruning_judges_age_by_the_servers_clock_whatever_the_pruning_nodes_clock(
+async def test_pruning_judges_age_by_the_servers_clock_whatever_the_nodes_clocks(
     postgres_server: PostgresServer, postgres_url: str
 ) -> None:
-    # an event's age is the server's now() less its time stamp (the emitting node's clock):
-    # every pruner judges alike; a node two hours behind has its events read as two hours old
+    # an event's age is the server's now() less the server's time when it was stored: every
+    # pruner judges alike, and a node whose clock runs behind keeps its fresh events
     db = database(postgres_url)
     hour = 3600.0
     fresh = EventBus(node="fresh")
-    old = EventBus(node="old", clock=lambda: time.time() - 2 * hour)
+    behind = EventBus(node="behind", clock=lambda: time.time() - 2 * hour)
+    stale = EventBus(node="stale")
+    legacy = EventBus(node="legacy", clock=lambda: time.time() - 2 * hour)
     ahead = EventBus(node="ahead", clock=lambda: time.time() + 2 * hour)
     # only "ahead" prunes (often); the others would not for an hour
-    async with PostgresEventRelay(postgres_url, fresh, prune_interval=hour) as a, PostgresEventRelay(
-        postgres_url, old, prune_interval=hour
-    ) as b:
-        for bus in (fresh, old):
+    relays = [PostgresEventRelay(postgres_url, bus, prune_interval=hour) for bus in (fresh, behind, stale, legacy)]
+    for relay in relays:
+        await relay.start()
+    try:
+        for bus in (fresh, behind, stale, legacy):
             for _ in range(5):
                 bus.emit(EngineStarted)
-        await eventually(lambda: a.stats().published == b.stats().published == 5, timeout=TIMEOUT)
+        await eventually(lambda: all(r.stats().published == 5 for r in relays), timeout=TIMEOUT)
+        # rows stored two hours ago, and rows from before the server's time was kept (only the
+        # emitter's time stamp, two hours behind, to go by)
+        postgres_server.sql("UPDATE events SET stored_at = stored_at - 7200 WHERE node = 'stale'", db)
+        postgres_server.sql("UPDATE events SET stored_at = NULL WHERE node = 'legacy'", db)
         async with PostgresEventRelay(postgres_url, ahead, prune_interval=0.1) as pruner:
             ahead.emit(EngineStarted)
 
@@ -243,11 +251,14 @@ async def test_pruning_judges_age_by_the_servers_clock_whatever_the_pruning_node
                 out = postgres_server.sql("SELECT node, count(*) FROM events GROUP BY node", db)
                 return {node: int(n) for node, n in (row.split("|") for row in out.split())}
 
-            # events two hours old by the server's clock are pruned...
-            await eventually(lambda: "old" not in rows(), timeout=TIMEOUT, interval=0.1)
-            assert pruner.pruned == 5
-            # ...and fresh ones kept, whatever the pruning node's clock says
-            assert rows() == {"fresh": 5, "ahead": 1}
+            # what the server stored two hours ago is pruned...
+            await eventually(lambda: "stale" not in rows() and "legacy" not in rows(), timeout=TIMEOUT, interval=0.1)
+            assert pruner.pruned == 10
+            # ...and what it stored just now is kept, whatever the emitting or pruning node's clock says
+            assert rows() == {"fresh": 5, "behind": 5, "ahead": 1}
+    finally:
+        for relay in relays:
+            await relay.stop()
     assert not stray_tasks()
 
 

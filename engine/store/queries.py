@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 
 #: the newest schema this code knows; a database with a higher version is refused
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: finished rows are exactly those with a finished_at (a re-queued run has none)
 FINISHED = "finished_at IS NOT NULL"
@@ -188,6 +188,15 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             # delivery is at least once: a handler told its job was handed over from a holder
             # that ended (ctx.attempt > 1) can check before doing what must not happen twice
             "ALTER TABLE queue_jobs ADD COLUMN handovers INTEGER NOT NULL DEFAULT 0",
+        ],
+    ),
+    (
+        7,
+        "the server's time of each cluster event",
+        [
+            # pruning by age reads the server's clock at both ends: by the emitting node's time
+            # stamp, a node whose clock ran behind by more than max_age lost its events at once
+            "ALTER TABLE events ADD COLUMN stored_at DOUBLE PRECISION",
         ],
     ),
 ]
@@ -646,8 +655,8 @@ PG_EVENTS_LOCK = "SELECT pg_advisory_xact_lock(7418990304)"
 #: one batch of one node's events, ids in the batch's order; events of the batch already
 #: stored (the batch written again after its commit answer was lost) are left out
 PG_INSERT_EVENTS = """
-INSERT INTO events (node, bus, seq, skipped, ts, body)
-SELECT :node, :bus, e.seq, e.skipped, e.ts, e.body
+INSERT INTO events (node, bus, seq, skipped, ts, body, stored_at)
+SELECT :node, :bus, e.seq, e.skipped, e.ts, e.body, extract(epoch FROM clock_timestamp())
 FROM unnest(CAST(:seqs AS bigint[]), CAST(:skipped AS int[]), CAST(:tss AS float8[]), CAST(:bodies AS text[]))
      WITH ORDINALITY AS e(seq, skipped, ts, body, n)
 ORDER BY e.n
@@ -658,8 +667,11 @@ EVENTS_AFTER = "SELECT id, skipped, body, bus FROM events WHERE id > :after ORDE
 
 LAST_EVENT_ID = "SELECT COALESCE(MAX(id), 0) FROM events"
 
-#: keep the newest :keep events (about: ids may have holes) and none older than :cutoff
-PRUNE_EVENTS = "DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - :keep OR ts < :cutoff"
+#: keep the newest :keep events (about: ids may have holes) and none stored before :cutoff
+#: (the server's time; rows written before migration 7 have only the emitter's time stamp)
+PRUNE_EVENTS = (
+    "DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - :keep OR COALESCE(stored_at, ts) < :cutoff"
+)
 
 _NAME = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
 
