@@ -12,8 +12,26 @@ from typing import Any
 from .urls import redact_url
 
 
+def _rebuilt(cls: type[TaskwatchError], args: tuple[Any, ...]) -> TaskwatchError:
+    """An error of ``cls`` holding ``args``, made without ``cls.__init__`` (see ``TaskwatchError.__reduce__``)."""
+    # cls.__new__, not BaseException.__new__: an OSError subclass (ConnectionClosed) needs its own
+    error = cls.__new__(cls, *args)
+    error.args = args
+    return error
+
+
 class TaskwatchError(Exception):
-    """Base class of every error raised by taskwatch."""
+    """Base class of every error raised by taskwatch.
+
+    Every one pickles and copies (``pickle``, ``copy.copy``, a ``ProcessPoolExecutor``
+    worker's raise) as the same class with the same message and attributes.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception's own __reduce__ calls cls(*self.args), which fails or garbles the message
+        # for every subclass whose __init__ takes what the message is built from; so the
+        # message and the attributes are restored as they are, without calling __init__
+        return (_rebuilt, (type(self), self.args), self.__dict__ or None)
 
 
 class TaskDefinitionError(TaskwatchError, TypeError):
@@ -678,8 +696,12 @@ class StoreClosed(StoreError, RuntimeError):
     """An operation reached a store that is not open."""
 
     def __init__(self, where: str) -> None:
+        self.where = where
+        # most users never handle the store: the engine opens it at start and closes it at stop
         super().__init__(
-            f"the run store {where} is not open; use `async with store:` or `await store.open()` first"
+            f"the run store {where} is not open; start the engine that uses it (`async with engine:` "
+            "or `await engine.start()`) first, or, for a store used on its own, `async with store:` "
+            "or `await store.open()`"
         )
 
 

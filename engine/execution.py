@@ -41,9 +41,9 @@ from .events import (
 from .errors import InvalidConfiguration, InvalidProgress, RunNotFound, StoppedBeforeDone
 from .executor import Executor
 from .index import RunIndex
-from .jsonsafe import NotJsonSafe, jsonable, safe_str, safe_text
+from .jsonsafe import NotJsonSafe, cut_text, jsonable, safe_str, safe_text
 from .options import CancelOptions, WaitOptions, check_options
-from .runs import CancelReason, Progress, Run, RunError, RunRecord, RunStatus
+from .runs import MAX_ERROR_MESSAGE, CancelReason, Progress, Run, RunError, RunRecord, RunStatus
 from .store import (
     Cancelled,
     Claim,
@@ -954,7 +954,10 @@ class Execution:
                 task=run.task,
                 done=done,
                 total=total,
-                message=safe_text(message) if isinstance(message, str) else message,
+                # bound as an error message is: every event, record, snapshot and store row carries it
+                message=cut_text(safe_text(message), MAX_ERROR_MESSAGE // 2, MAX_ERROR_MESSAGE // 2)
+                if isinstance(message, str)
+                else message,
             )
         except ValidationError as exc:
             problems = [
