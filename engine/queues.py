@@ -10,8 +10,9 @@ Jobs are pydantic models or JSON-serialisable values (usually dicts); anything
 else is refused at put time so a failure report can always carry the job. The
 handler receives the job object as it was put, except when its job parameter is
 annotated with a pydantic model: a job is then validated into that model at put
-(:class:`InvalidJob` if it does not fit; an instance of the model is passed as
-is). Nothing is ever dropped silently: a full queue raises :class:`QueueFull`
+(:class:`InvalidJob` if it does not fit, or would not read back from its JSON as
+put: a ``SecretStr``, a field excluded from dumps; an instance of the model is
+passed as is). Nothing is ever dropped silently: a full queue raises :class:`QueueFull`
 (and counts it), a failing job is published as ``QueueJobFailed`` with its
 traceback, and jobs still undone when ``engine.stop`` times out are reported in
 ``QueueDrainIncomplete``. A cancel of a consumer that is not the engine's (the
@@ -69,24 +70,26 @@ import typing
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Secret, SecretBytes, SecretStr, ValidationError
 
 from .context import TaskContext
 from .errors import (
     EngineNotRunning,
     InvalidConfiguration,
     InvalidJob,
+    InvalidParams,
     JobNotSerializable,
     QueueFull,
     StoppedBeforeDone,
     TaskDefinitionError,
 )
-from .hop import cancel_and_wait
+from .hop import Escaped, cancel_and_wait, ship
 from .jsonsafe import NotJsonSafe, jsonable
 from .options import PutOptions, QueueOptions, check_options
 from .events import QueueDrainIncomplete, QueueJobFailed, QueuePaused, QueuePurged, QueueResumed
 from .runs import RunError
 from .store import StoredJob
+from .tasks import recorded_params
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -204,6 +207,33 @@ def _job_model(handler: Any) -> type[BaseModel] | None:
     ]
     hint = hints.get(positional[-1]) if positional else None
     return hint if isinstance(hint, type) and issubclass(hint, BaseModel) else None
+
+
+def _why_unrecordable(model: type[BaseModel], job: BaseModel, problem: dict[str, Any]) -> str:
+    """What a job's field that does not read back from the job's JSON record turns into, and what to do."""
+    loc = problem.get("loc") or ()
+    name = loc[0] if loc and isinstance(loc[0], str) else None
+    field = None
+    if name is not None:
+        field = model.model_fields.get(name) or next(
+            (f for f in model.model_fields.values() if name in (f.alias, f.validation_alias)), None
+        )
+    later = "after a restart or on another node, the handler would get"
+    if field is not None and field.exclude:
+        instead = f"the job as plain JSON, not a {model.__qualname__}" if field.is_required() else "its default"
+        return (
+            f"excluded from dumps (exclude=True), so the stored job leaves it out: {later} {instead}; "
+            "drop exclude=True, or keep the value out of the job"
+        )
+    if name is not None and isinstance(getattr(job, name, None), (SecretStr, SecretBytes, Secret)):
+        return (
+            f"a secret's JSON dump is masked ('**********'), so the stored job holds the mask: {later} "
+            "that; put a reference the handler looks the secret up by instead (or a plain str)"
+        )
+    return (
+        f"reads back from the stored JSON job as another value: {later} that; use a type whose "
+        "JSON dump reads back as the same value"
+    )
 
 
 def _wants_context(handler: Any, name: str) -> bool:
@@ -335,7 +365,7 @@ class WorkQueue:
         stopped, :class:`JobNotSerializable` for jobs that are not pydantic
         models or JSON-serialisable, :class:`InvalidJob` for one that does not
         validate against the model the handler's job parameter is annotated
-        with, and :class:`QueueFull` when ``maxsize`` jobs are waiting. Before
+        with (or would not read back from its JSON record as put), and :class:`QueueFull` when ``maxsize`` jobs are waiting. Before
         the engine starts, jobs wait for it.
         """
         self._check_open()
@@ -349,8 +379,9 @@ class WorkQueue:
 
         The default ``timeout=0`` never waits; a timeout that is not a finite number
         of seconds, 0 or more (None, inf, NaN, a bool, a str, a negative), raises
-        :class:`InvalidConfiguration`. Await this on the engine's loop; other
-        threads use :meth:`put_nowait`. Jobs are checked as by :meth:`put_nowait`.
+        :class:`InvalidConfiguration`. Awaited on another loop than the engine's
+        (a BackgroundEngine's caller), it runs on the engine's loop all the same;
+        a cancel of the caller gives it up there. Jobs are checked as by :meth:`put_nowait`.
 
         On a durable store it returns once the job is committed (or already
         handled). A write the store refuses is retried, and this waits for it
@@ -358,6 +389,9 @@ class WorkQueue:
         back and the store's error is raised (:class:`StoreBusy` or
         :class:`StoreUnavailable`): nothing was queued, so retry the put.
         """
+        if (home := self._elsewhere()) is not None:
+            await _on_loop(home, self.put, job, timeout=timeout)
+            return
         wait = self._put_timeout(timeout)
         self._check_open()
         job = self._checked(job)
@@ -406,6 +440,15 @@ class WorkQueue:
         self._maybe_idle()
         return True
 
+    def _elsewhere(self) -> asyncio.AbstractEventLoop | None:
+        """The engine's loop when it runs and the caller awaits on another one (a BackgroundEngine's
+        caller, a notebook's), else None: the queue's futures belong to the engine's loop, and one
+        resolved from there would not wake the caller's."""
+        loop = self._loop
+        if loop is None or not loop.is_running() or loop is asyncio.get_running_loop():
+            return None
+        return loop
+
     def _check_open(self) -> None:
         state = self._engine.state
         if state in _CLOSED_STATES:
@@ -428,7 +471,26 @@ class WorkQueue:
             jsonable(job)
         except NotJsonSafe as exc:
             raise JobNotSerializable(self.name, type(job).__qualname__, exc.detail) from None
+        if model is not None:
+            self._refuse_unrecordable(model, job)
         return job
+
+    def _refuse_unrecordable(self, model: type[BaseModel], job: BaseModel) -> None:
+        """Raise :class:`InvalidJob` for a job that does not read back from its JSON record as put.
+
+        A durable store hands the handler the job read back from that record (after a restart,
+        on another node): a ``SecretStr`` would arrive masked, a field with ``exclude=True`` as
+        its default, silently. Refused on every store, as task params are, so that a job model
+        is accepted or refused the same wherever the queue runs.
+        """
+        try:
+            recorded_params(f"queue {self.name!r}", job)
+        except InvalidParams as exc:
+            problems = [
+                {**p, "msg": _why_unrecordable(model, job, p)} if p.get("type") == "json_round_trip" else p
+                for p in exc.errors
+            ]
+            raise InvalidJob(self.name, model.__qualname__, problems) from None
 
     def _put_timeout(self, timeout: object) -> float:
         where = f"put() on queue {self.name!r}"
@@ -1070,6 +1132,8 @@ class WorkQueue:
         Returns how many were dropped. Jobs put from another thread that have
         not reached the loop yet are not waiting here yet, so they stay.
         """
+        if (home := self._elsewhere()) is not None:
+            return await _on_loop(home, self.purge)
         async with self._store_lock:
             # no write is under way: a job has a row exactly when it has an id
             with self._lock:
@@ -1120,8 +1184,12 @@ class WorkQueue:
         """Wait until nothing is queued or in flight; ``TimeoutError`` after ``timeout``.
 
         Raises :class:`StoppedBeforeDone` if the engine stops (or stopped) with jobs
-        of this queue left undone.
+        of this queue left undone. Awaited on another loop than the engine's, it
+        waits on the engine's loop.
         """
+        if (home := self._elsewhere()) is not None:
+            await _on_loop(home, self.join, timeout)
+            return
         while not self._is_idle() or self._stop_answers_joins:
             fut = asyncio.get_running_loop().create_future()
             self._idle_waiters.append(fut)
@@ -1369,6 +1437,48 @@ class WorkQueue:
 
     def __repr__(self) -> str:
         return f"<WorkQueue {self.name} depth={self.depth} in_flight={self._in_flight}>"
+
+
+#: how often a caller on another loop looks whether the engine's loop closed under its call
+_LOOP_CHECK = 1.0
+
+
+async def _on_loop(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Await ``fn(*args, **kwargs)`` run on the engine's ``loop``, from a coroutine on another loop.
+
+    It runs there exactly as if awaited there. A cancel of the caller gives the call up (one
+    not started yet never starts; one under way is cancelled at its next await, as a caller
+    cancelled on the engine's loop would be). :class:`EngineNotRunning` if the loop ends first.
+    """
+    try:
+        call = ship(loop, fn, *args, **kwargs)
+    except RuntimeError:
+        raise EngineNotRunning("stopped") from None
+    answer = asyncio.wrap_future(call.future)
+    try:
+        # a loop that closes drops a call still waiting for its first step, which nothing
+        # would then answer: looked at now and then, as no callback says it closed
+        while not (await asyncio.wait([answer], timeout=_LOOP_CHECK))[0]:
+            if loop.is_closed():
+                call.give_up()
+                raise EngineNotRunning("stopped")
+    except asyncio.CancelledError:
+        call.give_up()
+        # what the given-up call still ends with is nobody's to hear now
+        answer.add_done_callback(_heard)
+        raise
+    try:
+        return answer.result()
+    except asyncio.CancelledError:
+        raise EngineNotRunning("stopped") from None  # the loop's end cancelled the call
+    except Escaped as escaped:
+        raise escaped.exc from None
+
+
+def _heard(answer: asyncio.Future[Any]) -> None:
+    """Keeps asyncio from reporting an answer nobody awaits any more as never retrieved."""
+    if not answer.cancelled():
+        answer.exception()
 
 
 def _hand_over(task: asyncio.Task[None], kept: _Kept) -> bool:
