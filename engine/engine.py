@@ -37,8 +37,11 @@ from .errors import (
     DuplicateTask,
     EngineNotRunning,
     InvalidConfiguration,
+    InvalidKey,
+    InvalidParams,
     InvalidQuery,
     InvalidSubmission,
+    LoopThreadError,
     QueueFull,
     RunNotCancellable,
     RunNotFound,
@@ -497,7 +500,9 @@ class Engine:
     def history(self, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise InvalidConfiguration("the engine", [f"history={value!r}: a count of finished runs to keep (0 or more)"])
-        self._index.history = value
+        # lowered, the runs beyond it go at once: runs(), get() and stats() must not show
+        # runs the store prunes meanwhile
+        self._index.set_history(value)
 
     @property
     def store(self) -> Store:
@@ -836,6 +841,19 @@ class Engine:
         if self._state != "running":
             raise EngineNotRunning(self._state)
 
+    def _require_loop_thread(self, method: str) -> None:
+        # the index, the executor and the memory store are the loop's alone: a submit from
+        # another thread would record half a run (claimed, never started) and hold its slot
+        if threading.get_ident() != self._loop_thread:
+            raise LoopThreadError(
+                method,
+                f"Engine.{method}() was called from a thread other than the engine's event loop's, "
+                "which alone may queue runs; nothing was queued. On the engine's loop, "
+                "`await engine.submit(...)`; from another thread, use the background engine's "
+                "`submit(...)` (`engine.start_background()`), or "
+                "`asyncio.run_coroutine_threadsafe(engine.submit(...), engine.loop).result()`",
+            )
+
     def _prepare(
         self,
         task: str,
@@ -843,12 +861,14 @@ class Engine:
         key: str | None,
         source: str,
         internal: bool = False,
+        method: str = "submit",
     ) -> Run:
         """Validate a submission and make its run, recorded nowhere yet; raises before anything changes.
 
         Periodic and trigger tasks are submitted by their own loops only (``internal``).
         """
         self._require_running()
+        self._require_loop_thread(method)
         spec = self._tasks.get(task)
         if spec is None or not (spec.submittable or internal):
             raise UnknownTask(
@@ -988,8 +1008,21 @@ class Engine:
             await handle.wait()
         return handle
 
+    async def _holders_written(self, runs: list[Run]) -> None:
+        """Write the submit_nowait runs not written yet that hold these runs' keys, first.
+
+        Such a run's write may find its key held in the store (by a run this node sees
+        as written and pending), and it then ends cancelled (KeyHeld): a submit that
+        can wait is answered by the store once that write is over, never with a run
+        that will not do the work. (Shielded: a cancel of this submit must not cut the
+        batch write, which other runs' submitters are waiting on.)
+        """
+        if self._memory is None and any(run.key is not None and self._key_holder(run) is not None for run in runs):
+            await asyncio.shield(self._executor.flush())
+
     async def _submit(self, run: Run) -> RunHandle:
         if run.key is not None:
+            await self._holders_written([run])
             holder = self._key_holder(run)
             if holder is not None:
                 return RunHandle(self, holder.id, holder)
@@ -1016,20 +1049,30 @@ class Engine:
         and ``key``. Every item is validated first: one bad item raises and
         nothing is queued.
         """
+        if self._state == "running":
+            # (an empty batch too: its start_soon() would claim runs from this thread)
+            self._require_loop_thread("submit_many")
         runs: list[Run] = []
         for index, item in enumerate(submissions):
-            if isinstance(item, Mapping):
-                unknown = sorted(str(k) for k in item if k not in _SUBMISSION_FIELDS)
-                if unknown:
-                    raise InvalidSubmission(index, f"has field(s) {', '.join(unknown)}, which a submission has not")
-                if "task" not in item:
-                    raise InvalidSubmission(index, "names no task")
-                runs.append(self._prepare(item["task"], item.get("params"), item.get("key"), "submit"))
-            elif isinstance(item, Sequence) and not isinstance(item, (str, bytes)) and len(item) == 2:
-                task, params = item  # a tuple, or a list (read from JSON, say)
-                runs.append(self._prepare(task, params, None, "submit"))
-            else:
-                raise InvalidSubmission(index, f"is {reprlib.repr(item)}")
+            try:
+                if isinstance(item, Mapping):
+                    unknown = sorted(str(k) for k in item if k not in _SUBMISSION_FIELDS)
+                    if unknown:
+                        raise InvalidSubmission(index, f"has field(s) {', '.join(unknown)}, which a submission has not")
+                    if "task" not in item:
+                        raise InvalidSubmission(index, "names no task")
+                    runs.append(self._prepare(item["task"], item.get("params"), item.get("key"), "submit", method="submit_many"))
+                elif isinstance(item, Sequence) and not isinstance(item, (str, bytes)) and len(item) == 2:
+                    task, params = item  # a tuple, or a list (read from JSON, say)
+                    runs.append(self._prepare(task, params, None, "submit", method="submit_many"))
+                else:
+                    raise InvalidSubmission(index, f"is {reprlib.repr(item)}")
+            except (InvalidParams, InvalidKey, UnknownTask) as exc:
+                # in a batch of many, the message says which item to fix (the error's own
+                # fields, such as InvalidParams.errors, stay as a single submit has them)
+                exc.args = (f"item {index} of submit_many: {exc}", *exc.args[1:])
+                raise
+        await self._holders_written(runs)
         fresh: list[Run] = []
         handles: list[RunHandle | None] = []
         for run in runs:
@@ -1084,12 +1127,14 @@ class Engine:
         the next batch (a moment later). With a ``key`` held by a pending run
         in a store other nodes share, that write finds out: this run then ends
         ``cancelled`` with ``error.type == "KeyHeld"`` naming the holder (a
-        pending run of this node's not written yet is answered at once, as
-        :meth:`submit` does). ``internal`` lets the engine's own
+        pending run of this node's not written yet is answered at once;
+        :meth:`submit` waits for that run's write first). Only on the engine's
+        loop: from another thread it raises :class:`LoopThreadError` and queues
+        nothing. ``internal`` lets the engine's own
         loops (periodic tasks, triggers) submit the tasks they registered,
         which users cannot submit directly.
         """
-        run = self._prepare(task, params, key, source, internal)
+        run = self._prepare(task, params, key, source, internal, method="submit_nowait")
         holder = self._key_holder(run)
         if holder is not None:
             return RunHandle(self, holder.id, holder)
@@ -1149,7 +1194,7 @@ class Engine:
                 run_id, old.status.value, f"it belongs to the {spec.kind} {spec.name!r}, which runs it again itself"
                 + (f"; to run it now, use run_periodic({spec.name!r})" if spec.kind == "periodic" else ""),
             )
-        handle = await self._submit(self._prepare(old.task, old.params, None, f"retry:{run_id}"))
+        handle = await self._submit(self._prepare(old.task, old.params, None, f"retry:{run_id}", method="retry"))
         if self._inline:
             await handle.wait()
         return handle

@@ -60,6 +60,12 @@ class RunIndex:
         self._evicted_every = max(1, every)
         self._evicted = 0
 
+    def set_history(self, history: int) -> None:
+        """Keep ``history`` finished runs from now on, evicting the oldest beyond it now."""
+        self.history = history
+        while len(self._finished) > history:
+            self._evict()
+
     def clear(self) -> None:
         """Forget every run (totals stay: they count since this engine object started)."""
         self.runs.clear()

@@ -5,12 +5,15 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import inspect
+import reprlib
 import typing
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, RootModel, ValidationError
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticSerializationError
 
 from .errors import InvalidConfiguration, InvalidParams, TaskDefinitionError
@@ -66,19 +69,23 @@ class TaskSpec:
         """The params as the task's model and as JSON-ready data; raises InvalidParams."""
         model_cls = self.params_model
         if model_cls is None:
-            if params:
+            # exactly None or {}: 0, "" or [] are params given by mistake, not "none"
+            if params is not None and not (isinstance(params, dict) and not params):
                 raise InvalidParams(
                     self.name,
-                    [{"loc": ("params",), "msg": f"task {self.name!r} takes no params", "type": "extra_forbidden"}],
+                    [{"loc": ("params",), "msg": f"task {self.name!r} takes no params: leave them out (or give None or {{}}), "
+                      f"not {reprlib.repr(params)}", "type": "extra_forbidden"}],
                 )
             return None, {}
         try:
             if isinstance(params, model_cls):
                 # validated again (model_construct skips validation), from its field values
-                # and its extra ones (a model with extra="allow")
-                model = model_cls.model_validate({**params.__dict__, **(params.__pydantic_extra__ or {})})
+                # keyed as the model takes them (by alias, where it has one) and its extra
+                # ones (a model with extra="allow")
+                model = model_cls.model_validate(_input_of(params))
             elif isinstance(params, BaseModel):
-                model = model_cls.model_validate(params.model_dump())
+                # (a computed field is no input: passed on, extra="forbid" would refuse it)
+                model = model_cls.model_validate(params.model_dump(exclude=set(type(params).model_computed_fields)))
             else:
                 model = model_cls.model_validate(params if params is not None else {})
         except ValidationError as exc:
@@ -117,9 +124,9 @@ def recorded_params(task: str, model: BaseModel) -> tuple[BaseModel, dict[str, A
     """
     model_cls = type(model)
     try:
-        # by alias: the record reads back as the model's input (its schema's names), also
-        # for a model that takes only its aliases
-        dumped = model.model_dump(mode="json", by_alias=True)
+        dumped = model.model_dump(mode="json", by_alias=False)
+        if not _dumps_as_input(model_cls):
+            dumped = _record_of(model, dumped)
         check_jsonable(dumped)
     except (NotJsonSafe, PydanticSerializationError, ValueError, TypeError) as exc:
         _refuse_non_finite(task, model)
@@ -138,6 +145,125 @@ def recorded_params(task: str, model: BaseModel) -> tuple[BaseModel, dict[str, A
             _lost_in_json([{"loc": (name,), "msg": "reads back as another value", "type": "value_error"} for name in changed]),
         )
     return stored, dumped
+
+
+#: model class -> whether its dump by field name is its input as it is (no alias, no computed
+#: field, at any level): most params models, whose record then costs no walk of the dump
+_AS_INPUT: weakref.WeakKeyDictionary[type[BaseModel], bool] = weakref.WeakKeyDictionary()
+
+
+def _dumps_as_input(cls: type[BaseModel], seen: frozenset[type[BaseModel]] = frozenset()) -> bool:
+    known = _AS_INPUT.get(cls)
+    if known is not None:
+        return known
+    if cls in seen:
+        return False  # a model that nests itself: the walk handles it
+    seen |= {cls}
+    plain = (
+        not issubclass(cls, RootModel)
+        and not cls.model_computed_fields
+        and all(
+            _input_path(cls, name, field) == (name,)
+            and all(_dumps_as_input(nested, seen) for nested in _models_in(field.annotation))
+            for name, field in cls.model_fields.items()
+        )
+    )
+    _AS_INPUT[cls] = plain
+    return plain
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's annotation names (in ``list[M]``, ``M | None`` and the like)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]
+
+
+def _record_of(value: Any, dumped: Any) -> Any:
+    """``dumped`` (``value``'s JSON dump by field name) keyed as the models in it take their
+    input, at every level: the record reads back as ``value``, and its names are the params
+    schema's (a field's alias, not its serialization alias). Computed fields are left out:
+    they are no input (a model with extra="forbid" refuses them; with extra="allow" they
+    would come back as extra values)."""
+    if isinstance(value, RootModel):
+        return _record_of(value.root, dumped)
+    if isinstance(value, BaseModel) and isinstance(dumped, dict):
+        cls = type(value)
+        fields = cls.model_fields
+        computed = cls.model_computed_fields
+        out: dict[str, Any] = {}
+        for name, item in dumped.items():
+            field = fields.get(name)
+            if field is None:
+                if name not in computed:
+                    out[name] = item  # an extra value (extra="allow"), or a model_serializer's own key
+                continue
+            _put(out, _input_path(cls, name, field), _record_of(getattr(value, name, None), item))
+        return out
+    if isinstance(value, (list, tuple)) and isinstance(dumped, list) and len(value) == len(dumped):
+        return [_record_of(v, d) for v, d in zip(value, dumped)]
+    if isinstance(value, dict) and isinstance(dumped, dict) and len(value) == len(dumped):
+        # (the JSON dump keeps the order of the dict's items, with its keys as strings)
+        return {k: _record_of(v, d) for (k, d), v in zip(dumped.items(), value.values())}
+    return dumped
+
+
+def _input_of(model: BaseModel) -> Any:
+    """``model``'s field values (not dumped: validated as they are) keyed as its class takes them."""
+    if isinstance(model, RootModel):
+        return model.root
+    cls = type(model)
+    out: dict[str, Any] = {}
+    for name, field in cls.model_fields.items():
+        if name in model.__dict__:
+            _put(out, _input_path(cls, name, field), model.__dict__[name])
+    out.update(model.__pydantic_extra__ or {})
+    return out
+
+
+def _input_path(cls: type[BaseModel], name: str, field: FieldInfo) -> tuple[str | int, ...]:
+    """Where the input of ``cls`` carries field ``name``: its validation alias (the first of
+    its choices; an AliasPath is a path into nested data), or its name."""
+    alias = field.validation_alias if field.validation_alias is not None else field.alias
+    config = cls.model_config
+    by_name = bool(config.get("populate_by_name") or config.get("validate_by_name"))
+    if alias is None or config.get("validate_by_alias") is False:
+        return (name,)
+    if isinstance(alias, AliasChoices):
+        alias = alias.choices[0]
+    if isinstance(alias, str):
+        return (alias,)
+    path = tuple(alias.path)
+    # a path into a list is one the model can read only as far as the list holds items:
+    # by name, where the model takes it so
+    if by_name and any(isinstance(part, int) for part in path):
+        return (name,)
+    if not path or any(isinstance(part, int) and part < 0 for part in path):
+        return (name,)
+    return path
+
+
+def _put(out: dict[str, Any] | list[Any], path: tuple[str | int, ...], value: Any) -> None:
+    """Set ``value`` at ``path`` in nested dicts and lists, making (and padding) them on the way."""
+    head, rest = path[0], path[1:]
+    child: Any = None
+    if isinstance(out, list):
+        if not isinstance(head, int):
+            return  # another field's path made this a list: that field's value stays
+        out.extend([None] * (head + 1 - len(out)))
+        if rest and not isinstance(child := out[head], (dict, list)):
+            child = out[head] = [] if isinstance(rest[0], int) else {}
+        if not rest:
+            out[head] = value
+    else:
+        if not isinstance(head, str):
+            return
+        if rest and not isinstance(child := out.get(head), (dict, list)):
+            child = out[head] = [] if isinstance(rest[0], int) else {}
+        if not rest:
+            out[head] = value
+    if rest:
+        _put(child, rest, value)
 
 
 def _refuse_non_finite(task: str, model: BaseModel) -> None:
@@ -204,6 +330,16 @@ def _function_name(fn: TaskFn, name: str) -> str:
     return getattr(_unwrap_partial(fn), "__name__", None) or name
 
 
+def _call_target(fn: TaskFn) -> TaskFn:
+    """``fn``, or the bound ``__call__`` of an object (not a function) that is called as a task."""
+    target = _unwrap_partial(fn)
+    if target is fn and not inspect.isroutine(fn) and not isinstance(fn, type):
+        call = getattr(fn, "__call__", None)
+        if call is not None and inspect.isroutine(call):
+            return typing.cast(TaskFn, call)
+    return fn
+
+
 def _unwrap_partial(fn: Any) -> Any:
     while isinstance(fn, functools.partial):
         fn = fn.func
@@ -219,6 +355,8 @@ def params_model_of(
     signature that call cannot fill is refused here rather than failing every run.
     """
     fn_name = _function_name(fn, name)
+    # an object with an `async def __call__` is called as one: its __call__ is what to read
+    fn = _call_target(fn)
     if inspect.isasyncgenfunction(fn):
         raise TaskDefinitionError(
             f"task {name!r} is an async generator (it has a `yield`): a task returns its "
@@ -226,7 +364,8 @@ def params_model_of(
         )
     if not inspect.iscoroutinefunction(fn):
         raise TaskDefinitionError(
-            f"task {name!r} must be an `async def` function taking (ctx, params); "
+            f"task {name!r} must be an `async def` function taking (ctx, params) (or an object "
+            "whose `__call__` is one); "
             "wrap blocking code with `await asyncio.to_thread(...)`"
         )
     try:
