@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import NotLeader
+from .runs import detached
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -21,7 +22,7 @@ class TaskContext:
     destructive writes so a stale leader's writes can be refused.
     """
 
-    __slots__ = ("_engine", "_run", "_report", "_attempt", "name")
+    __slots__ = ("_engine", "_run", "_report", "_attempt", "_params", "name")
 
     def __init__(
         self,
@@ -38,6 +39,8 @@ class TaskContext:
         #: fixed when the attempt starts: an attempt that outlives its claim (recovered from
         #: under it) must not read the number of the attempt that replaced it
         self._attempt = attempt
+        #: this attempt's own copy of its run's params, made when first asked for
+        self._params: dict[str, Any] | None = None
         self.name = name
 
     @property
@@ -58,7 +61,12 @@ class TaskContext:
 
     @property
     def params(self) -> dict[str, Any]:
-        return self._run.params if self._run is not None else {}
+        """The run's params as JSON data: this attempt's own copy, so what the task changes in
+        it stays in the task (the run's recorded params, and a retry's, are as submitted)."""
+        params = self._params
+        if params is None:
+            params = self._params = detached(self._run.params) if self._run is not None else {}
+        return params
 
     @property
     def node_id(self) -> str:

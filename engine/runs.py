@@ -273,7 +273,9 @@ class Run:
         self.task = task
         #: the registered task (None for a run of a task this node does not know)
         self.spec = spec
-        self.params = params
+        # a params model validated from ``params`` shares their nested dicts and lists (fields
+        # typed Any, dict[str, Any]): the task changing its model in place must not rewrite them
+        self.params = _detached_dict(params) if model is not None and params else params
         self.model = model
         self.status = RunStatus.PENDING
         self.attempt = 1
@@ -305,7 +307,7 @@ class Run:
             record.id,
             record.task,
             spec,
-            dict(record.params),
+            detached(record.params),
             None,
             record.created_at,
             record.key,
@@ -319,7 +321,7 @@ class Run:
         run.done = record.progress.done
         run.total = record.progress.total
         run.message = record.progress.message
-        run.result = record.result
+        run.result = detached(record.result)
         run.error = record.error
         run.cancel_reason = record.cancel_reason
         run.node = record.node
@@ -327,20 +329,27 @@ class Run:
 
     def record(self) -> RunRecord:
         # the engine's own values, of their declared types: put together, not validated again
-        # (a record per awaited run); the params are the record's own, as validation makes them
-        fields = record_fields(self)
-        fields["params"] = dict(self.params)
-        return construct(RunRecord, fields, _RECORD_FIELDS)
+        # (a record per awaited run); its params and result are the record's own (record_fields)
+        return construct(RunRecord, record_fields(self), _RECORD_FIELDS)
 
 
 def record_fields(run: Any) -> dict[str, Any]:
     """The :class:`RunRecord` fields of an object keeping them as attributes of the same
     names, with progress as ``done``/``total``/``message`` (the engine's index entry and
-    the memory store's row both do)."""
+    the memory store's row both do).
+
+    The params and result are copies (:func:`detached`): a record is handed to user code,
+    and a caller post-processing ``record.result`` in place must not rewrite what every
+    later ``get``, ``runs``, snapshot and dashboard sees (nor, with a value JSON cannot
+    carry, break every dashboard's attach).
+    """
+    params = run.params
+    result = run.result
     return {
         "id": run.id,
         "task": run.task,
-        "params": run.params,
+        # the checks first: most runs have no params and no result, and pay nothing here
+        "params": _detached_dict(params) if params else {},
         "status": run.status,
         "attempt": run.attempt,
         "max_attempts": run.max_attempts,
@@ -349,10 +358,31 @@ def record_fields(run: Any) -> dict[str, Any]:
         "finished_at": run.finished_at,
         "progress": _NO_PROGRESS if run.done == 0 and run.total is None and not run.message
         else Progress(done=run.done, total=run.total, message=run.message),
-        "result": run.result,
+        "result": result if type(result) not in _CONTAINERS else detached(result),
         "error": run.error,
         "key": run.key,
         "source": run.source,
         "cancel_reason": run.cancel_reason,
         "node": run.node,
     }
+
+
+#: the mutable types JSON data is made of: params are dumped as JSON and results made JSON
+#: data (``jsonable``) where they enter the engine, so every other value in them is a str,
+#: number, bool or None, which needs no copy
+_CONTAINERS = frozenset({dict, list})
+
+
+def detached(value: Any) -> Any:
+    """``value`` (JSON data) sharing no dict or list with it: what the engine hands out of its
+    own params and results, so that changing the copy in place cannot change the engine's."""
+    cls = type(value)
+    if cls is dict:
+        return _detached_dict(value)
+    if cls is list:
+        return [item if type(item) not in _CONTAINERS else detached(item) for item in value]
+    return value
+
+
+def _detached_dict(value: dict[str, Any]) -> dict[str, Any]:
+    return {key: item if type(item) not in _CONTAINERS else detached(item) for key, item in value.items()}
