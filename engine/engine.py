@@ -790,6 +790,10 @@ class Engine:
                 cancelled_pending = await self._cancel_pending("shutdown")
             tasks = self._run.cut_running("shutdown")
             self._run.give_up(await self._run.await_tasks(tasks))
+            # what the drained queues and the runs notified after the triggers' own stop saved
+            # (a queue's handler notifying a trigger) would be lost at the next start otherwise
+            for trigger in self._triggers.values():
+                await trigger.save_changes()
             self._store.give_up_after(min(give_up, time.monotonic() + _STOP_WRITE_GRACE))
             await self._executor.stop()
             await self._wakeups.stop()

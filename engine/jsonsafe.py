@@ -112,11 +112,16 @@ def cut_text(text: str, head: int, tail: int) -> str:
 
 
 def safe_text(text: str) -> str:
-    """``text`` with anything UTF-8 cannot encode escaped as ``\\udcff``; unchanged otherwise."""
+    """``text`` with anything UTF-8 cannot encode escaped as ``\\udcff``, and each NUL as
+    ``\\x00``; the very same object when it has neither."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    # PostgreSQL's text refuses NUL: a progress message holding one would fail every write
+    # of its run (and the node's heartbeat with it), where UTF-8 JSON would carry it
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
     return text
 
 
@@ -130,11 +135,22 @@ def safe_str(obj: object) -> str:
 
 
 def check_key(owner: str, key: object) -> None:
-    """Refuse a key that is not a ``str`` UTF-8 can encode; raises :class:`InvalidKey`."""
+    """Refuse a key that is not a ``str`` UTF-8 can encode, or that holds a NUL; raises :class:`InvalidKey`."""
     if not isinstance(key, str):
         raise InvalidKey(owner, key, f"a key must be a str, not {type(key).__qualname__}")
+    if "\x00" in key:
+        # refused on every store, not only PostgreSQL's (whose text cannot hold it): an
+        # application moving to it would find out key by key, each save of them failing
+        raise InvalidKey(
+            owner, key, f"it holds a NUL character ('\\x00' at index {key.index(chr(0))}), which a "
+            "PostgreSQL store cannot keep; drop it or encode the key (as hex, say)"
+        )
     if safe_text(key) is not key:
         raise InvalidKey(owner, key, "it holds characters UTF-8 cannot encode (lone surrogates)")
+
+
+#: what a name of plain text never holds: C0 and C1 control characters (NUL, newline, tab, ESC) and DEL
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def name_problem(option: str, name: object) -> str | None:
@@ -144,6 +160,14 @@ def name_problem(option: str, name: object) -> str | None:
         return f"{option}={name!r}: a name must be a str, not {type(name).__qualname__}"
     if not name:
         return f"{option}='': a name must not be empty"
+    control = _CONTROL.search(name)
+    if control is not None:
+        # a NUL makes a PostgreSQL store refuse every write naming it (the start itself, for a
+        # queue's); a newline or an escape sequence garbles every log line and dashboard row
+        return (
+            f"{option}={name!r}: it holds the control character {control.group()!r} (at index "
+            f"{control.start()}); use a name of plain text"
+        )
     if safe_text(name) is not name:
         # every snapshot and event naming it would fail to encode, dropping each dashboard
         return (

@@ -19,15 +19,19 @@ shutdown) leaves the count as it was, so the key fires again later.
 
 With a durable store the keys' state (counts, last runs, the run a key is
 waiting on) is saved at most ``save_interval`` seconds after it changes and
-at stop, and loaded at start: a crash loses at most that last interval of
-notifies, and a key whose run was still queued follows that run again.
+at stop (once more after the engine's queues and runs have finished, so what
+they notified is kept), and loaded at start: a crash loses at most that last
+interval of notifies, and a key whose run was still queued follows that run
+again.
 
-A key that is idle (count 0, no run queued or running) for ``forget_after``
-seconds since its last run (or its first notify) is forgotten by the sweep:
-dropped from memory, the dashboard and a durable store, and counted in
-``TriggerState.forgotten``. Without ``forget_after`` every key ever notified
-is kept, which suits a bounded set of keys (users, documents) but not keys
-drawn from an unbounded space (request ids, timestamps).
+A key untouched for ``forget_after`` seconds (no notify, no run ended, and no
+run queued or running) is forgotten by the sweep, whatever its count: dropped
+from memory, the dashboard and a durable store, and counted in
+``TriggerState.forgotten``. A key due by size or staleness fires instead. A
+store keeps no notify times: a start counts as touching the keys it loads with
+a count. Without ``forget_after`` every key ever notified is kept, which suits
+a bounded set of keys (users, documents) but not keys drawn from an unbounded
+space (request ids, timestamps).
 
 An operator can fire a key now (``fire(key)``, ``engine.fire_trigger``)
 whatever its count, published as ``TriggerFired`` with reason ``manual``;
@@ -50,8 +54,16 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .context import TaskContext
-from .errors import EngineNotRunning, InvalidCount, QueueFull, RunNotFound, StoppedBeforeDone, TaskDefinitionError
-from .hop import cancel_and_wait
+from .errors import (
+    EngineNotRunning,
+    InvalidConfiguration,
+    InvalidCount,
+    QueueFull,
+    RunNotFound,
+    StoppedBeforeDone,
+    TaskDefinitionError,
+)
+from .hop import call_on, cancel_and_wait
 from .events import BaseEvent, TriggerFired
 from .jsonsafe import check_key
 from .options import TriggerOptions, check_options
@@ -165,6 +177,8 @@ class _Key:
     #: notifies since the store last had this key's count (a durable store's): what a start
     #: adds to the count it reads back, and only that (the rest the store has already)
     unsaved: int = 0
+    #: the last notify (kept only when the trigger forgets keys: it costs a clock read)
+    touched_at: float | None = None
 
 
 def _heat(item: tuple[str, _Key]) -> tuple[bool, int]:
@@ -237,6 +251,21 @@ class Trigger:
             forget_after=forget,
         )
         stale, forget = opts.staleness, opts.forget_after
+        problems = []
+        if opts.size_threshold > _MAX_COUNT:
+            problems.append(
+                f"size_threshold={size_threshold!r}: a key's count stops at 2**63-1, so a key would "
+                "never reach it; use at most 2**63-1 (which leaves firing to staleness in practice)"
+            )
+        if opts.staleness_min > opts.size_threshold:
+            # a key reaching staleness_min has passed the size threshold first, and fired by size
+            problems.append(
+                f"staleness_min={staleness_min!r}: above size_threshold={size_threshold!r}, a key fires "
+                f"by size before it counts that many, so staleness could never fire it; use at most "
+                f"{size_threshold!r}"
+            )
+        if problems:
+            raise InvalidConfiguration(f"trigger {name!r}", problems)
         _check_fn(fn, name)
         self._engine = engine
         self.name = name
@@ -275,6 +304,15 @@ class Trigger:
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
+        #: while no loop counts (before the start, after the stop) notifies from several threads
+        #: count under it; reentrant: a fire's event may reach a callback that notifies
+        self._lock = threading.RLock()
+        #: the start's sweep of keys that reached their threshold before it, not run yet
+        self._first_check: asyncio.Handle | None = None
+        #: drains waiting for this trigger's start (made while the engine runs), on the engine's loop
+        self._launch_waiters: list[asyncio.Future[None]] = []
+        #: the start has launched the sweeps (until the stop)
+        self._launched = False
         self._sweeper: asyncio.Task[None] | None = None
         self._retry: asyncio.TimerHandle | None = None
         #: runs of this trigger the engine's stop cancelled (memory store), since the last start
@@ -284,6 +322,8 @@ class Trigger:
         self.save_interval = opts.save_interval
         self._dirty: set[str] = set()
         self._saver: asyncio.Task[None] | None = None
+        #: the last start read the store's keys: only then may a save write over them
+        self._loaded = False
         engine.bus.add_callback(self._on_run_event, _RUN_KINDS)
 
     async def _run_key(self, ctx: TaskContext, params: TriggerKey) -> Any:
@@ -304,23 +344,39 @@ class Trigger:
             # checked here, on the caller's thread: a bad count raises to its caller, not later
             # on the loop, and a count of 0.5 or -3 would break the key's record
             n = _whole_count(f"trigger {self.name!r}", n)
+        if self._loop is not None and threading.get_ident() == self._loop_thread:
+            self._count(key, n)
+        else:
+            self._count_elsewhere(key, n)
+
+    def _count_elsewhere(self, key: str, n: int) -> None:
+        """Count off the loop: handed to the loop when there is one, else here under the lock."""
         loop = self._loop
-        if loop is not None and threading.get_ident() != self._loop_thread:
+        if loop is not None:
             try:
                 loop.call_soon_threadsafe(self._count, key, n)
                 return
             except RuntimeError:
-                pass  # the loop is closed: nothing else touches the counters any more
-        self._count(key, n)
+                pass  # the loop is closed: it counts nothing any more
+        with self._lock:
+            if self._loop is not loop and self._loop is not None:
+                # the start took a loop while this thread waited: that loop counts from now on
+                self._count_elsewhere(key, n)
+                return
+            # no fire here: runs are queued on the engine's loop only. A key that is due now
+            # fires at the start's first sweep (the engine may be starting this very moment)
+            self._count(key, n, False)
 
-    def _count(self, key: str, n: int) -> None:
+    def _count(self, key: str, n: int, fire: bool = True) -> None:
         st = self._keys.get(key)
         if st is None:
             st = self._keys[key] = _Key(first_seen_at=self._now())
+        elif self.forget_after is not None:
+            st.touched_at = self._now()
         st.count = min(st.count + n, _MAX_COUNT)
         st.unsaved = min(st.unsaved + n, _MAX_COUNT)
         self._changed(key)
-        if st.count >= self.size_threshold and st.run_id is None:
+        if st.count >= self.size_threshold and st.run_id is None and fire:
             self._fire(key, st, "size")
 
     def _now(self) -> float:
@@ -392,7 +448,7 @@ class Trigger:
 
     def check(self) -> int:
         """Run the sweep once: fire every idle key that is due by size or staleness, and
-        forget the keys idle for ``forget_after``.
+        forget the keys untouched for ``forget_after`` (whatever their count).
 
         Returns how many runs were fired.
         """
@@ -401,16 +457,16 @@ class Trigger:
         for key, st in list(self._keys.items()):
             if st.run_id is not None:
                 continue
-            if st.count <= 0:
-                if self.forget_after is not None and self._idle_for(st, now) >= self.forget_after:
-                    del self._keys[key]
-                    if self._saved:
-                        self._forget.add(key)
-                    self.forgotten += 1
-                continue
-            reason = self._due_reason(st, now)
-            if reason is not None and self._fire(key, st, reason) is not None:
-                fired += 1
+            reason = self._due_reason(st, now) if st.count > 0 else None
+            if reason is not None:
+                if self._fire(key, st, reason) is not None:
+                    fired += 1
+                continue  # refused by a full queue: tried again, not forgotten
+            if self.forget_after is not None and self._untouched_for(st, now) >= self.forget_after:
+                del self._keys[key]
+                if self._saved:
+                    self._forget.add(key)
+                self.forgotten += 1
         return fired
 
     def _due_reason(self, st: _Key, now: float) -> str | None:
@@ -428,6 +484,12 @@ class Trigger:
         """Seconds since the key's last run, or else its first notify (0 with neither)."""
         since = st.last_run_at if st.last_run_at is not None else st.first_seen_at
         return 0.0 if since is None else now - since
+
+    @staticmethod
+    def _untouched_for(st: _Key, now: float) -> float:
+        """Seconds since the key's last notify, last run or first notify, the latest of them."""
+        times = [t for t in (st.touched_at, st.last_run_at, st.first_seen_at) if t is not None]
+        return now - max(times) if times else 0.0
 
     def _changed(self, key: str) -> None:
         if self._saved:
@@ -478,9 +540,31 @@ class Trigger:
     # ------------------------------------------------------------ waiting and state
 
     async def drain(self, timeout: float | None = None) -> None:
-        """Wait until no run of this trigger is queued or running (``TimeoutError`` after ``timeout``)."""
+        """Wait until no run of this trigger is queued or running (``TimeoutError`` after ``timeout``).
+
+        Keys that reached their threshold before the start count: they fire first. From a
+        loop other than the engine's (a ``start_background()`` engine) the wait is made on
+        the engine's loop, which is the one that hears the runs end.
+        """
+        # the engine's loop while it runs: this trigger's may not be bound yet (made a moment ago)
+        loop = self._engine.loop if self._engine.state in ("running", "stopping") else self._loop
+        if loop is not None and loop.is_closed():
+            loop = None
+        await call_on(loop, self._drain_here, timeout)
+
+    async def _drain_here(self, timeout: float | None) -> None:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout):
+            if not self._launched and self._engine.state == "running":
+                # made while the engine runs: its start is a task of the loop, not run yet
+                launched = loop.create_future()
+                self._launch_waiters.append(launched)
+                await launched
+            if (first := self._first_check) is not None:
+                # the start's own sweep is only scheduled: a drain right after the start would
+                # find nothing queued yet and return before those keys ran
+                first.cancel()
+                self._check_first()
             while self._active:
                 if self._engine.state == "stopped" and self._engine.durable:
                     raise self._left_at_stop()
@@ -496,6 +580,10 @@ class Trigger:
         """The engine has stopped: drains still waiting on runs it left pending (kept in a
         durable store for the next start) hear so instead of waiting for good. (With the
         memory store a run still here is one that ignored its cancel: its end answers them.)"""
+        with self._lock:
+            # no loop counts any more: notifies from any thread count under the lock
+            self._loop = self._loop_thread = None
+        self._wake_launch_waiters()  # stopped before this trigger started: nothing will run
         if not self._active or not self._engine.durable:
             return
         waiters, self._drain_waiters = self._drain_waiters, []
@@ -565,23 +653,43 @@ class Trigger:
     def bind_loop(self, loop: asyncio.AbstractEventLoop, thread_id: int) -> None:
         """Take ``loop`` (run by thread ``thread_id``) as the engine's before the start has
         run there: calls from other threads are handed to it from now on, after the start."""
-        self._loop, self._loop_thread = loop, thread_id
+        with self._lock:
+            # a thread counting under the lock finishes first: from now on only the loop counts
+            self._loop, self._loop_thread = loop, thread_id
 
     def launch(self) -> None:
         """Start the staleness sweep on the running loop (sync: usable after engine start)."""
         loop = asyncio.get_running_loop()
-        self._loop = loop
-        self._loop_thread = threading.get_ident()
+        self.bind_loop(loop, threading.get_ident())
         self._cut_at_stop = 0
         self._retry_delay = _RETRY_FIRST
-        # keys that reached their threshold before the engine ran fire now
-        loop.call_soon(self.check)
+        # keys that reached their threshold before the engine ran fire now, once the rest of
+        # the engine has started
+        if self._first_check is None:
+            self._first_check = loop.call_soon(self._check_first)
+        self._launched = True
+        self._wake_launch_waiters()
         if self.check_interval is not None and self._sweeper is None:
             self._sweeper = loop.create_task(self._sweep(self.check_interval), name=f"taskwatch-trigger-{self.name}")
 
+    def _wake_launch_waiters(self) -> None:
+        waiters, self._launch_waiters = self._launch_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _check_first(self) -> None:
+        self._first_check = None
+        self.check()
+
     async def start(self) -> None:
+        # counts made by other threads from now on go to this loop, between the load's steps
+        # (as this loop's own notifies do), never beside it
+        self.bind_loop(asyncio.get_running_loop(), threading.get_ident())
         if self._engine.durable:
+            self._loaded = False
             await self._load()
+            self._loaded = True
             if self._saver is None:
                 self._saver = asyncio.get_running_loop().create_task(
                     self._save_loop(), name=f"taskwatch-trigger-{self.name}-store"
@@ -597,6 +705,9 @@ class Trigger:
             if st is None:
                 st = self._keys[key] = _Key()
             st.count = min(rec.count + st.unsaved, _MAX_COUNT)
+            if st.count > 0 and self.forget_after is not None:
+                # the store keeps no notify times: its last may have been just before the stop
+                st.touched_at = self._now() if st.touched_at is None else st.touched_at
             st.first_seen_at = rec.first_seen_at if st.first_seen_at is None else min(st.first_seen_at, rec.first_seen_at or st.first_seen_at)
             st.last_run_at, st.last_run_id, st.last_status = rec.last_run_at, rec.last_run_id, rec.last_status
             if rec.run_id is None or st.run_id is not None:
@@ -661,6 +772,20 @@ class Trigger:
             run_id=st.run_id, last_run_id=st.last_run_id, last_status=st.last_status,
         )
 
+    async def save_changes(self) -> None:
+        """Save the keys changed since the last save to a durable store now; a failure is logged.
+
+        The engine's stop calls it once its queues and runs have finished: what they
+        notified, after the trigger's own stop saved, is kept for the next start.
+        """
+        if not self._loaded or (not self._dirty and not self._forget):
+            # (a start that never read the store's counts must not write its own over them)
+            return
+        try:
+            await self._save()
+        except Exception:
+            log.exception("trigger %r: saving its counts at stop failed", self.name)
+
     async def _save_loop(self) -> None:
         while True:
             await asyncio.sleep(self.save_interval)
@@ -684,15 +809,16 @@ class Trigger:
 
     async def stop(self, deadline: float) -> None:
         """Stop the sweep. Runs already fired are engine runs: the engine drains them."""
+        self._launched = False
         sweeper, self._sweeper = self._sweeper, None
         await cancel_and_wait(sweeper)
         retry, self._retry = self._retry, None
         if retry is not None:
             retry.cancel()
+        first, self._first_check = self._first_check, None
+        if first is not None:
+            first.cancel()  # the engine takes no run any more: the next start fires those keys
         saver, self._saver = self._saver, None
         if saver is not None:
             await cancel_and_wait(saver)
-            try:
-                await self._save()
-            except Exception:
-                log.exception("trigger %r: saving its counts at stop failed", self.name)
+            await self.save_changes()

@@ -450,18 +450,19 @@ async def test_idle_keys_are_forgotten_after_forget_after_and_counted() -> None:
     assert compile.check_interval == 6.0  # the sweep runs though there is no staleness
     async with engine:
         compile.notify("done", n=2)  # runs, then sits idle with count 0
-        compile.notify("pending")  # count 1: waiting for more, never forgotten
+        compile.notify("pending")  # count 1, below the threshold: forgotten all the same
         await asyncio.wait_for(compile.drain(), 1.0)
         assert ran == ["done"]
         clock.now += 59.0
         compile.check()
         assert sorted(compile.keys) == ["done", "pending"]
+        compile.notify("recent")  # touched now: kept for another 60 s
         clock.now += 1.0
         compile.check()
-        assert compile.keys == ["pending"]
+        assert compile.keys == ["recent"]
         state = compile.state()
-        assert (state.forgotten, state.forget_after) == (1, 60.0)
-        assert key_state(compile, "pending").count == 1
+        assert (state.forgotten, state.forget_after) == (2, 60.0)
+        assert key_state(compile, "recent").count == 1
         compile.notify("done", n=2)  # a forgotten key comes back as new
         await asyncio.wait_for(compile.drain(), 1.0)
         assert ran == ["done", "done"]
@@ -584,21 +585,31 @@ async def test_huge_counts_are_refused_or_saturate_and_every_save_still_works(tm
     # trigger, and the other keys' counts were lost with it
     url = f"sqlite:///{tmp_path / 'runs.db'}"
 
-    async def run_compile(ctx: TaskContext, key: str) -> None: ...
+    hold = asyncio.Event()  # never set: the run "big" fires is still going at each stop
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        await hold.wait()
 
     engine = make_engine(store=url, node_id="n")
-    compile = engine.trigger("compile", run_compile, size_threshold=2**64)  # never reached: the counts stay to be read
-    async with engine:
+    # the largest threshold there is: reached only by a saturated count
+    compile = engine.trigger("compile", run_compile, size_threshold=2**63 - 1)
+    await engine.start()
+    try:
         with pytest.raises(InvalidCount, match="from 1 to 2\\*\\*62"):
             compile.notify("big", 2**63)
         assert compile.keys == []
         for _ in range(3):
             compile.notify("big", 2**62)  # saturates at the largest count a store keeps
         compile.notify("small", 3)
+    finally:
+        await engine.stop(timeout=0)  # the run is put back; the key waits on it, its count kept
     again = make_engine(store=url, node_id="n")
-    compile = again.trigger("compile", run_compile, size_threshold=2**64)  # never reached: the counts stay to be read
-    async with again:
+    compile = again.trigger("compile", run_compile, size_threshold=2**63 - 1)
+    await again.start()
+    try:
         assert {k.key: k.count for k in compile.state().keys} == {"big": 2**63 - 1, "small": 3}
+    finally:
+        await again.stop(timeout=0)
 
 
 def test_trigger_intervals_under_a_millisecond_and_string_flags_are_refused() -> None:

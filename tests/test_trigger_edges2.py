@@ -1,0 +1,450 @@
+"""Threshold triggers at their edges: notifies made while the engine stops, NUL in keys and
+names, notifies from several threads before the start, a drain right after the start or
+from another loop, forgetting keys whatever their count, and options that could never work."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from taskwatch.engine import (
+    Engine,
+    InvalidConfiguration,
+    InvalidKey,
+    RunStatus,
+    TaskContext,
+    Trigger,
+    WorkQueue,
+)
+
+from .helpers import eventually
+
+
+def make_engine(**kwargs: object) -> Engine:
+    kwargs.setdefault("health_interval", None)
+    return Engine(**kwargs)  # type: ignore[arg-type]
+
+
+class Clock:
+    """A wall clock the test moves by hand."""
+
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def counts(trigger: Trigger) -> dict[str, int]:
+    return {k.key: k.count for k in trigger.state().keys}
+
+
+async def nothing(ctx: TaskContext, key: str) -> None:
+    return None
+
+
+# ------------------------------------------------------------ notifies made while stopping
+
+
+async def test_notifies_of_a_queue_drained_by_the_stop_are_there_after_a_restart(tmp_path: Path) -> None:
+    # the README's pattern: a queue's handler notifies a trigger. The stop drains the queue
+    # after the trigger stopped; each of those notifies must reach the next start
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+
+    def make() -> tuple[Engine, Trigger, WorkQueue]:
+        engine = make_engine(store=url, node_id="n1")
+        compile = engine.trigger("compile", nothing, size_threshold=1_000)
+
+        async def ingest(job: dict[str, str]) -> None:
+            await asyncio.sleep(0.005)  # the handler's own work
+            compile.notify(job["doc"])
+
+        return engine, compile, engine.queue("ingest", ingest, concurrency=1)
+
+    engine, compile, ingest = make()
+    async with engine:
+        for _ in range(50):
+            await ingest.put({"doc": "bank-42"})
+    assert ingest.info().processed == 50
+    assert counts(compile) == {"bank-42": 50}
+
+    again, compile, _ = make()
+    async with again:
+        assert counts(compile) == {"bank-42": 50}
+
+
+async def test_notifies_made_by_runs_and_workers_the_stop_waits_for_are_kept(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    engine = make_engine(store=url, node_id="n1")
+    gate = asyncio.Event()
+    started = asyncio.Event()
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        started.set()
+        await gate.wait()
+        trigger.notify(key, 2)  # counted for the key's next run
+
+    trigger = engine.trigger("compile", run_compile, size_threshold=3)
+
+    @engine.supervised(name="flusher")
+    async def flusher(ctx: TaskContext) -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            # the stop cancels workers after the triggers have stopped: a worker flushing
+            # what it holds notifies then, and lets the run go on
+            trigger.notify("from-worker", 1)
+            gate.set()
+
+    async with engine:
+        trigger.notify("bank-42", 3)
+        await asyncio.wait_for(started.wait(), 5)
+    assert counts(trigger) == {"bank-42": 2, "from-worker": 1}
+
+    again = make_engine(store=url, node_id="n1")
+    later = again.trigger("compile", nothing, size_threshold=100)
+    async with again:
+        assert counts(later) == {"bank-42": 2, "from-worker": 1}
+        assert {k.key: k.last_status for k in later.state().keys}["bank-42"] == "succeeded"
+
+
+# ------------------------------------------------------------ NUL in keys and names
+
+
+@pytest.mark.parametrize("where", ["memory", "sqlite"])
+async def test_a_key_holding_a_nul_is_refused_and_counts_nothing(where: str, tmp_path: Path) -> None:
+    store = {} if where == "memory" else {"store": f"sqlite:///{tmp_path / 'n.db'}", "node_id": "n1"}
+    engine = make_engine(**store)
+    compile = engine.trigger("compile", nothing, size_threshold=100)
+
+    @engine.task(name="job")
+    async def job(ctx: TaskContext) -> None:
+        return None
+
+    async with engine:
+        compile.notify("good", 2)
+        with pytest.raises(InvalidKey, match=re.escape("NUL character ('\\x00' at index 3)")):
+            compile.notify("bad\x00key")
+        with pytest.raises(InvalidKey, match="NUL"):
+            engine.fire_trigger("compile", "bad\x00key")
+        with pytest.raises(InvalidKey, match="NUL"):
+            await engine.submit("job", key="dedup\x00")
+        assert counts(compile) == {"good": 2}
+        assert compile.state().fired == 0
+        assert engine.runs(task="job") == []
+
+
+@pytest.mark.parametrize("name", ["q\x00x", "a\nb", "tab\there", "esc\x1b[31m", "del\x7f"])
+def test_names_holding_control_characters_are_refused(name: str) -> None:
+    engine = make_engine()
+
+    async def handler(job: object) -> None:
+        return None
+
+    control = next(c for c in name if ord(c) < 32 or ord(c) == 127)
+    with pytest.raises(InvalidConfiguration, match=re.escape(f"the control character {control!r}")):
+        engine.queue(name, handler)
+    with pytest.raises(InvalidConfiguration, match="use a name of plain text"):
+        engine.trigger(name, nothing, size_threshold=2)
+
+    async def work(ctx: TaskContext) -> None:
+        return None
+
+    with pytest.raises(InvalidConfiguration, match="control character"):
+        engine.register(work, name=name)
+    assert engine.queues() == [] and engine.triggers() == []
+    assert name not in engine.tasks()
+
+
+def test_a_refused_name_says_which_character_and_where() -> None:
+    engine = make_engine()
+    with pytest.raises(InvalidConfiguration) as caught:
+        engine.trigger("counts\x00old", nothing, size_threshold=2)
+    assert "the control character '\\x00' (at index 6)" in str(caught.value)
+
+
+async def test_on_postgres_a_nul_key_is_refused_and_the_other_keys_survive_a_restart(postgres_url: str) -> None:
+    engine = make_engine(store=postgres_url, node_id="n1")
+    compile = engine.trigger("compile", nothing, size_threshold=100, save_interval=0.02)
+    async with engine:
+        compile.notify("good", 5)
+        with pytest.raises(InvalidKey, match="PostgreSQL"):
+            compile.notify("bad\x00key")
+    again = make_engine(store=postgres_url, node_id="n1")
+    later = again.trigger("compile", nothing, size_threshold=100)
+    async with again:
+        assert counts(later) == {"good": 5}
+
+
+async def test_on_postgres_a_progress_message_holding_a_nul_is_kept_escaped(postgres_url: str) -> None:
+    # params, results and error texts travel as JSON (which escapes NUL); a progress message
+    # is plain text to the store, which refused it, so the run could never finish
+    engine = make_engine(store=postgres_url, node_id="n1")
+
+    @engine.task(name="reads")
+    async def reads(ctx: TaskContext) -> str:
+        await ctx.progress(1, 2, "half\x00way")
+        return "done\x00too"
+
+    async with engine:
+        record = await (await engine.submit("reads")).wait(10)
+        assert record.status is RunStatus.SUCCEEDED
+        assert record.result == "done\x00too"
+        assert record.progress.message == "half\\x00way"
+    again = make_engine(store=postgres_url, node_id="n1")
+    async with again:
+        stored = await again.fetch_run(record.id)
+        assert (stored.status, stored.progress.message, stored.result) == (RunStatus.SUCCEEDED, "half\\x00way", "done\x00too")
+
+
+# ------------------------------------------------------------ notifies from several threads
+
+
+@pytest.fixture
+def busy_switching() -> Iterator[None]:
+    """Threads switch every few microseconds: a count made without the lock loses notifies."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
+def hammer(trigger: Trigger, n: int) -> None:
+    for _ in range(n):
+        trigger.notify("k")
+
+
+def notify_from_threads(trigger: Trigger, threads: int, n: int) -> None:
+    workers = [threading.Thread(target=hammer, args=(trigger, n)) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
+async def test_notifies_from_several_threads_before_the_start_are_all_counted(busy_switching: None) -> None:
+    engine = make_engine()
+    compile = engine.trigger("compile", nothing, size_threshold=10**12)
+    notify_from_threads(compile, 4, 30_000)
+    assert counts(compile) == {"k": 120_000}
+    async with engine:
+        assert counts(compile) == {"k": 120_000}
+    # stopped: no loop counts for it any more, the threads count as before the start
+    notify_from_threads(compile, 4, 10_000)
+    assert counts(compile) == {"k": 160_000}
+
+
+async def test_notifies_from_threads_while_a_durable_start_loads_are_all_counted(
+    tmp_path: Path, busy_switching: None
+) -> None:
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    first = make_engine(store=url, node_id="n1")
+    compile = first.trigger("compile", nothing, size_threshold=10**12)
+    async with first:
+        compile.notify("k", 1_000)
+
+    engine = make_engine(store=url, node_id="n1")
+    compile = engine.trigger("compile", nothing, size_threshold=10**12)
+    done = threading.Event()
+
+    def run() -> None:
+        notify_from_threads(compile, 4, 20_000)
+        done.set()
+
+    threading.Thread(target=run).start()
+    async with engine:
+        await eventually(done.is_set, timeout=30)
+        await eventually(lambda: counts(compile) == {"k": 81_000}, timeout=5)
+    again = make_engine(store=url, node_id="n1")
+    later = again.trigger("compile", nothing, size_threshold=10**12)
+    async with again:
+        assert counts(later) == {"k": 81_000}
+
+
+async def test_a_key_due_from_another_thread_before_the_trigger_started_fires_on_the_loop(tmp_path: Path) -> None:
+    # a trigger made while a durable engine runs starts in a task of the loop: a thread's
+    # notifies before that are counted there, and the run is queued on the loop, not the thread
+    engine = make_engine(store=f"sqlite:///{tmp_path / 'l.db'}", node_id="n1")
+    loop_thread = threading.get_ident()
+    fired_on: list[int] = []
+    engine.bus.add_callback(lambda event: fired_on.append(threading.get_ident()), ["trigger.fired"])
+    errors: list[BaseException] = []
+    ran: list[str] = []
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    async with engine:
+        late = engine.trigger("late", run_compile, size_threshold=2)
+
+        def producer() -> None:
+            try:
+                late.notify("k", 2)
+            except BaseException as exc:  # noqa: BLE001 - handed to the test
+                errors.append(exc)
+
+        thread = threading.Thread(target=producer)
+        thread.start()
+        thread.join()  # the loop is held: the trigger's start has not run yet
+        assert errors == []
+        await asyncio.wait_for(late.drain(), 5)
+        assert ran == ["k"] and fired_on == [loop_thread]
+
+
+# ------------------------------------------------------------ drain
+
+
+@pytest.mark.parametrize("where", ["memory", "sqlite"])
+async def test_a_drain_right_after_the_start_waits_for_keys_due_before_it(where: str, tmp_path: Path) -> None:
+    store = {} if where == "memory" else {"store": f"sqlite:///{tmp_path / 'd.db'}", "node_id": "n1"}
+    engine = make_engine(**store)
+    ran: list[str] = []
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    compile = engine.trigger("compile", run_compile, size_threshold=3)
+    compile.notify("bank-42", 3)  # due before the engine runs
+    async with engine:
+        # awaited at once, not wrapped in a task (which would start a loop turn later)
+        await compile.drain(timeout=5)
+        assert ran == ["bank-42"]
+        assert counts(compile) == {"bank-42": 0}
+
+
+def test_a_drain_awaited_on_another_loop_returns_when_the_runs_end() -> None:
+    engine = make_engine()
+    release = threading.Event()
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        await asyncio.to_thread(release.wait, 5)
+
+    compile = engine.trigger("compile", run_compile, size_threshold=1)
+    bg = engine.start_background()
+    try:
+
+        async def app() -> None:
+            compile.notify("k")
+            await eventually(lambda: compile.state().keys and compile.state().keys[0].running)
+            waiting = asyncio.ensure_future(compile.drain())
+            done, _ = await asyncio.wait([waiting], timeout=0.05)
+            assert not done  # the run is held
+            release.set()
+            began = time.monotonic()
+            # nothing else wakes this loop: the end of the run on the engine's loop must (a
+            # waiter answered from the engine's thread was seen only at the 5 s timeout)
+            await asyncio.wait_for(waiting, 5)
+            assert time.monotonic() - began < 2.5
+            assert compile.state().keys[0].last_status == "succeeded"
+
+            # a drain its caller gives up on leaves the next one working
+            release.clear()
+            compile.notify("k")
+            await eventually(lambda: compile.state().keys[0].running)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(compile.drain(), 0.05)
+            with pytest.raises(TimeoutError):
+                await compile.drain(timeout=0.05)
+            release.set()
+            await asyncio.wait_for(compile.drain(), 5)
+            assert compile.state().fired == 2
+
+            # a notify made just before the drain is counted before the drain looks
+            release.clear()
+            compile.notify("k")
+            with pytest.raises(TimeoutError):
+                await compile.drain(timeout=0.05)
+            release.set()
+            await asyncio.wait_for(compile.drain(), 5)
+
+        asyncio.run(app())
+    finally:
+        release.set()
+        bg.stop(timeout=5)
+
+
+# ------------------------------------------------------------ forget_after
+
+
+@pytest.mark.parametrize("where", ["memory", "sqlite"])
+async def test_forget_after_drops_keys_untouched_that_long_whatever_their_count(where: str, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    store = {} if where == "memory" else {"store": url, "node_id": "n1"}
+    clock = Clock()
+    engine = make_engine(**store)
+    gate = asyncio.Event()
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        if key == "busy":
+            await gate.wait()
+
+    compile = engine.trigger(
+        "compile", run_compile, size_threshold=5, forget_after=100, clock=clock, save_interval=0.02
+    )
+    async with engine:
+        compile.notify("once", 1)  # a request id: never notified again, never due
+        compile.notify("steady", 1)
+        compile.notify("busy", 5)  # its run is still going when the time is up
+        await eventually(lambda: compile.state().keys and any(k.running for k in compile.state().keys))
+        clock.now += 60
+        compile.notify("steady", 1)  # touched: kept for another 100 s
+        clock.now += 50
+        compile.check()
+        assert counts(compile) == {"busy": 5, "steady": 2}
+        assert compile.state().forgotten == 1
+        gate.set()
+        await asyncio.wait_for(compile.drain(), 5)
+        clock.now += 101
+        compile.check()
+        assert counts(compile) == {}
+        assert compile.state().forgotten == 3
+    if where == "sqlite":
+        again = make_engine(store=url, node_id="n1")
+        later = again.trigger("compile", nothing, size_threshold=5)
+        async with again:
+            assert counts(later) == {}
+
+
+async def test_a_key_due_by_staleness_fires_rather_than_being_forgotten() -> None:
+    clock = Clock()
+    engine = make_engine()
+    ran: list[str] = []
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    compile = engine.trigger(
+        "compile", run_compile, size_threshold=5, staleness=50, forget_after=100, clock=clock
+    )
+    async with engine:
+        compile.notify("k", 2)
+        clock.now += 200
+        assert compile.check() == 1
+        await asyncio.wait_for(compile.drain(), 5)
+        assert ran == ["k"] and counts(compile) == {"k": 0}
+
+
+# ------------------------------------------------------------ options that could never work
+
+
+def test_staleness_min_above_the_size_threshold_is_refused() -> None:
+    engine = make_engine()
+    with pytest.raises(InvalidConfiguration, match="staleness could never fire it; use at most 5"):
+        engine.trigger("compile", nothing, size_threshold=5, staleness=10, staleness_min=6)
+    # nothing was registered: the name is free
+    engine.trigger("compile", nothing, size_threshold=5, staleness=10, staleness_min=5)
+
+
+def test_a_size_threshold_beyond_the_largest_count_is_refused() -> None:
+    engine = make_engine()
+    with pytest.raises(InvalidConfiguration, match=r"use at most 2\*\*63-1"):
+        engine.trigger("compile", nothing, size_threshold=2**63)
+    engine.trigger("compile", nothing, size_threshold=2**63 - 1)
