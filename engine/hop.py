@@ -25,6 +25,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from .errors import EngineNotRunning
+
 T = TypeVar("T")
 
 
@@ -187,19 +189,49 @@ def _current_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+#: how often a caller on another loop looks whether the engine's loop closed under its call
+_LOOP_CHECK = 1.0
+
+
 async def call_on(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Await ``fn(*args, **kwargs)`` run on ``loop``, from a coroutine on any loop."""
+    """Await ``fn(*args, **kwargs)`` run on ``loop``, from a coroutine on any loop.
+
+    It runs there exactly as if awaited there. A cancel of the caller gives the call up (one
+    not started yet never starts; one under way is cancelled at its next await, as a caller
+    cancelled on that loop would be). :class:`EngineNotRunning` if the loop ends first.
+    """
     if loop is None or loop is _current_loop():
         result = fn(*args, **kwargs)
         return await result if inspect.isawaitable(result) else result
-    call = ship(loop, fn, *args, **kwargs)
     try:
-        return await asyncio.wrap_future(call.future)
-    except Escaped as escaped:
-        raise escaped.exc from None
+        call = ship(loop, fn, *args, **kwargs)
+    except RuntimeError:
+        raise EngineNotRunning("stopped") from None
+    answer = asyncio.wrap_future(call.future)
+    try:
+        # a loop that closes drops a call still waiting for its first step, which nothing
+        # would then answer: looked at now and then, as no callback says it closed
+        while not (await asyncio.wait([answer], timeout=_LOOP_CHECK))[0]:
+            if loop.is_closed():
+                call.give_up()
+                raise EngineNotRunning("stopped")
     except asyncio.CancelledError:
         call.give_up()  # this caller was cancelled: a call under way ends with it
+        # what the given-up call still ends with is nobody's to hear now
+        answer.add_done_callback(_unheard)
         raise
+    try:
+        return answer.result()
+    except asyncio.CancelledError:
+        raise EngineNotRunning("stopped") from None  # the loop's end cancelled the call
+    except Escaped as escaped:
+        raise escaped.exc from None
+
+
+def _unheard(answer: asyncio.Future[Any]) -> None:
+    """Keeps asyncio from reporting an answer nobody awaits any more as never retrieved."""
+    if not answer.cancelled():
+        answer.exception()
 
 
 def call_blocking(

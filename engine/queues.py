@@ -83,7 +83,7 @@ from .errors import (
     StoppedBeforeDone,
     TaskDefinitionError,
 )
-from .hop import Escaped, cancel_and_wait, ship
+from .hop import call_on, cancel_and_wait
 from .jsonsafe import NotJsonSafe, jsonable
 from .options import PutOptions, QueueOptions, check_options
 from .events import QueueDrainIncomplete, QueueJobFailed, QueuePaused, QueuePurged, QueueResumed
@@ -390,7 +390,7 @@ class WorkQueue:
         :class:`StoreUnavailable`): nothing was queued, so retry the put.
         """
         if (home := self._elsewhere()) is not None:
-            await _on_loop(home, self.put, job, timeout=timeout)
+            await call_on(home, self.put, job, timeout=timeout)
             return
         wait = self._put_timeout(timeout)
         self._check_open()
@@ -1133,7 +1133,7 @@ class WorkQueue:
         not reached the loop yet are not waiting here yet, so they stay.
         """
         if (home := self._elsewhere()) is not None:
-            return await _on_loop(home, self.purge)
+            return await call_on(home, self.purge)
         async with self._store_lock:
             # no write is under way: a job has a row exactly when it has an id
             with self._lock:
@@ -1188,7 +1188,7 @@ class WorkQueue:
         waits on the engine's loop.
         """
         if (home := self._elsewhere()) is not None:
-            await _on_loop(home, self.join, timeout)
+            await call_on(home, self.join, timeout)
             return
         while not self._is_idle() or self._stop_answers_joins:
             fut = asyncio.get_running_loop().create_future()
@@ -1437,48 +1437,6 @@ class WorkQueue:
 
     def __repr__(self) -> str:
         return f"<WorkQueue {self.name} depth={self.depth} in_flight={self._in_flight}>"
-
-
-#: how often a caller on another loop looks whether the engine's loop closed under its call
-_LOOP_CHECK = 1.0
-
-
-async def _on_loop(loop: asyncio.AbstractEventLoop, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Await ``fn(*args, **kwargs)`` run on the engine's ``loop``, from a coroutine on another loop.
-
-    It runs there exactly as if awaited there. A cancel of the caller gives the call up (one
-    not started yet never starts; one under way is cancelled at its next await, as a caller
-    cancelled on the engine's loop would be). :class:`EngineNotRunning` if the loop ends first.
-    """
-    try:
-        call = ship(loop, fn, *args, **kwargs)
-    except RuntimeError:
-        raise EngineNotRunning("stopped") from None
-    answer = asyncio.wrap_future(call.future)
-    try:
-        # a loop that closes drops a call still waiting for its first step, which nothing
-        # would then answer: looked at now and then, as no callback says it closed
-        while not (await asyncio.wait([answer], timeout=_LOOP_CHECK))[0]:
-            if loop.is_closed():
-                call.give_up()
-                raise EngineNotRunning("stopped")
-    except asyncio.CancelledError:
-        call.give_up()
-        # what the given-up call still ends with is nobody's to hear now
-        answer.add_done_callback(_heard)
-        raise
-    try:
-        return answer.result()
-    except asyncio.CancelledError:
-        raise EngineNotRunning("stopped") from None  # the loop's end cancelled the call
-    except Escaped as escaped:
-        raise escaped.exc from None
-
-
-def _heard(answer: asyncio.Future[Any]) -> None:
-    """Keeps asyncio from reporting an answer nobody awaits any more as never retrieved."""
-    if not answer.cancelled():
-        answer.exception()
 
 
 def _hand_over(task: asyncio.Task[None], kept: _Kept) -> bool:
