@@ -172,9 +172,9 @@ class _Gap:
 
     __slots__ = ("first_seq", "count")
 
-    def __init__(self, first_seq: int) -> None:
+    def __init__(self, first_seq: int, count: int = 1) -> None:
         self.first_seq = first_seq
-        self.count = 1
+        self.count = count
 
 
 class EventBuffer:
@@ -183,7 +183,10 @@ class EventBuffer:
     Events past ``maxsize`` are dropped and counted; each run of dropped events
     leaves one marker in the queue, read back as an
     :class:`~taskwatch.engine.events.EventsDropped` notice at exactly that
-    place, carrying the ``seq`` of the first event missed. One event loop only.
+    place, carrying the ``seq`` of the first event missed. A drop notice from
+    further up (a server's, a relay's) dropped here stands for the ``count``
+    events it announced: they are all counted, so the notices read back add up
+    to every event lost on the way. One event loop only.
     """
 
     def __init__(self, maxsize: int, node: str = "", clock: Callable[[], float] = time.time) -> None:
@@ -203,12 +206,13 @@ class EventBuffer:
         """Keep ``event`` if there is room (True), else count it as dropped (False)."""
         items = self._items
         if self._events >= self.maxsize:
-            self.dropped += 1
+            lost = event.count if type(event) is EventsDropped else 1
+            self.dropped += lost
             tail = items[-1] if items else None
             if isinstance(tail, _Gap):
-                tail.count += 1
+                tail.count += lost
             else:
-                items.append(_Gap(event.seq))
+                items.append(_Gap(event.seq, lost))
             return False
         items.append(event)
         self._events += 1

@@ -251,6 +251,11 @@ class RemoteEngine:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
         self._events = EventBuffer(self.buffer, self.node_id or "")
+        #: events the engine dropped for this connection, as its notices kept here announced
+        #: (a notice dropped here is counted by the buffer, with the events it stood for)
+        self._announced = 0
+        #: an error line with no id: the engine saying why it ends the connection
+        self._parting: TaskwatchError | None = None
         self._ready = asyncio.Event()
         self._watermark = 0
         self._last_seq = 0
@@ -511,13 +516,16 @@ class RemoteEngine:
         except (ConnectionError, OSError) as exc:
             reason = exc
         finally:
-            self._mark_disconnected(reason)
+            self._mark_disconnected(self._parting or reason)
             if self._writer is not None:
                 self._writer.close()
 
     def _dispatch(self, msg: ServerMessage) -> None:
         if isinstance(msg, EventMessage):
             self._offer(msg.event)
+        elif isinstance(msg, ErrorReply) and msg.id is None:
+            # answers no command: the engine says why it is about to close the connection
+            self._parting = error_from_reply(msg)
         elif isinstance(msg, OkReply | ErrorReply):
             fut = self._pending.pop(msg.id, None) if isinstance(msg.id, int) else None
             if fut is not None and not fut.done():
@@ -532,8 +540,12 @@ class RemoteEngine:
 
     @property
     def dropped(self) -> int:
-        """Events lost because the local buffer was full."""
-        return self._events.dropped
+        """Events this connection lost: dropped for it by the engine (each run of them
+        announced by a ``bus.dropped`` notice) or here, because the local buffer was full.
+
+        The ``count`` of the ``bus.dropped`` notices read add up to it, once all are read.
+        """
+        return self._events.dropped + self._announced
 
     def pending(self) -> int:
         """Events buffered locally and not yet read."""
@@ -543,7 +555,8 @@ class RemoteEngine:
         if event.seq <= self._watermark:
             return  # already reflected in the last snapshot (a drop notice: its gap too)
         self._last_seq = max(self._last_seq, event.seq)
-        self._events.offer(event)
+        if self._events.offer(event) and event.kind == "bus.dropped":
+            self._announced += event.count
         self._ready.set()
 
     def _resynced(self, snapshot: Snapshot) -> None:
@@ -672,9 +685,10 @@ class RemoteEngine:
             raise self._failed(TimeoutError, kind, what, sent) from None
         except ConnectionClosed:
             when = "before the reply" if sent else "before it could be sent"
-            raise self._failed(
-                ConnectionClosed, kind, f"the connection to {self.address} closed {when}", sent
-            ) from self.close_reason
+            what = f"the connection to {self.address} closed {when}"
+            if self.close_reason is not None:
+                what += f" ({self.close_reason})"
+            raise self._failed(ConnectionClosed, kind, what, sent) from self.close_reason
         except TaskwatchError:
             raise  # the engine's own answer
         except OSError as exc:  # ConnectionResetError, BrokenPipeError...

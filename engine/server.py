@@ -30,9 +30,13 @@ without bound:
   encoding, a wake-up and a send.
   What waits for its socket is bounded in lines (``outgoing``) and in bytes
   (``max_outgoing_bytes``): events may fill half the bytes and then wait
-  (and are dropped as above); a reply that would go over the bound
-  disconnects the client, as does a socket that stays unwritable past
-  ``write_timeout``.
+  (and are dropped as above); a reply that would go over the bound waits
+  for the client to read what is before it, and no further command of that
+  client is executed meanwhile. A client is disconnected once it has taken
+  no bytes for ``write_timeout`` -- for ``_REPLY_PATIENCE`` if a reply of
+  its own is waiting for room -- and told why in a last error line.
+* A client that half-closes its connection (``nc -N``) still gets the
+  replies to the commands it sent, then the end of the stream.
 * No line sent is longer than the connection's ``max_send``: values too large
   to send are cut down in snapshots, events and replies, and runs are left
   out of a snapshot that is still too long (see
@@ -56,6 +60,7 @@ import re
 import secrets
 import socket
 import stat
+import sys
 import tempfile
 from collections import Counter, deque
 from pathlib import Path
@@ -67,6 +72,7 @@ from pydantic_core import to_jsonable_python
 from .options import ServerOptions, check_options
 from .errors import (
     AuthenticationFailed,
+    ConnectionClosed,
     IncompatibleVersion,
     InvalidAddress,
     InvalidConfiguration,
@@ -154,8 +160,22 @@ _WRITE_CHUNK = 256 * 1024
 #: put on a connection's outgoing queue when its event stream ends (no real line is empty)
 _END = b""
 
-#: how long a stopping server keeps writing what its clients have not received yet
+#: how long a stopping server keeps writing what its clients have not received yet, and
+#: how long a client cut off has to read the line saying why
 _FLUSH_TIMEOUT = 1.0
+
+#: a client whose reply waits for room (it asked for more than max_outgoing_bytes at once)
+#: is cut off once it has taken no bytes for this long (write_timeout if shorter): it holds
+#: its whole bound and one reply more, and reading nothing it never will free them. One
+#: that reads, however slowly, keeps getting its replies
+_REPLY_PATIENCE = 2.0
+
+#: how often, at most, a writer waiting for its socket looks whether the client took bytes
+_PROGRESS_CHECK = 0.25
+
+#: after a client's last line (a half-close, as ``nc -N`` sends), how long its commands still
+#: executing have to finish: their replies are written before the connection ends
+_EOF_GRACE = 10.0
 
 #: the kernel's queues of connections not accepted yet. What one wake of the loop
 #: takes from them is bounded by _ACCEPTS_PER_WAKE, not by this (asyncio's own
@@ -191,6 +211,30 @@ _VALUES_PER_LINE = 32
 
 #: what snapshot_line adds around a snapshot's JSON, newline included
 _SNAPSHOT_FRAME = len(snapshot_line(b""))
+
+if sys.platform.startswith("linux"):
+    import fcntl
+    import termios
+
+    def _kernel_unsent(fd: int) -> int:
+        """Bytes the kernel still holds for a socket's peer: not acknowledged yet over TCP;
+        not read yet from a Unix socket, counted with the kernel's overhead and freed a whole
+        buffer (about 36 KiB) at a time, so there a reader slower than that per write_timeout
+        is taken for stalled."""
+        if fd < 0:
+            return 0
+        try:
+            buf = fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0")
+        except OSError:
+            return 0
+        return int.from_bytes(buf, sys.byteorder, signed=True)
+
+else:
+
+    def _kernel_unsent(fd: int) -> int:
+        # elsewhere only the transport's own buffer shows progress: the kernel's queue is
+        # taken for progress as soon as the transport hands it bytes
+        return 0
 
 
 class ServerInfo(BaseModel):
@@ -341,7 +385,10 @@ class ControlServer:
         handed to the socket and not yet sent (default 32 MiB; at least twice
         ``max_send``). Events wait once they fill half of it (and are dropped
         for that client if they keep coming); a reply that would go over it
-        disconnects the client (counted as ``overflow_disconnects``).
+        waits while the client reads, and no further command of that client
+        is executed meanwhile. A client whose reply waits and that reads
+        nothing for 2 s (``write_timeout`` if shorter) is disconnected
+        (counted as ``overflow_disconnects``).
     max_send:
         Longest line sent to a client, in bytes (default 16 MiB), announced in
         ``welcome``; a client's hello may ask for less, down to
@@ -352,7 +399,10 @@ class ControlServer:
         than ``get`` (default 16 KiB); larger ones are cut down as
         :mod:`taskwatch.engine.snapshot` describes.
     write_timeout:
-        Seconds a connection's socket may stay unwritable before it is dropped.
+        Seconds a client may take no bytes at all of what is written to it
+        before it is dropped; one that reads, however slowly, is not. A client
+        dropped (for this or the above) gets a last ``error`` line
+        (``ConnectionClosed``, no id) saying why.
     snapshot_runs:
         Runs included in each snapshot (newest first).
     max_inflight:
@@ -486,14 +536,26 @@ class ControlServer:
         """The real address: the socket path, or ``tcp://host:port`` with the chosen port."""
         if self._address is None:
             raise RuntimeError("the server is not started")
+        if self._stopped:
+            # nothing listens there any more (and over TCP another process may have the port now)
+            raise RuntimeError(
+                f"the server that served at {self._address} is stopped; start() serves again "
+                "(at a new port if it was given port 0)"
+            )
         return self._address
 
     def info(self) -> ServerInfo:
         return ServerInfo(address=self.address, token=self.token, node_id=self.engine.node_id)
 
     async def start(self) -> None:
+        """Listen at the address; again after :meth:`stop` (over TCP with port 0, at a new port).
+
+        Does nothing while already listening.
+        """
         if self._listener is not None:
             return
+        self._stopped = False
+        self._address = None
         target = self._target or UnixAddress(str(default_socket_path(self.engine.node_id)))
         if isinstance(target, TcpAddress):
             await self._start_tcp(target)
@@ -569,8 +631,11 @@ class ControlServer:
         self._resume_accepting()
 
     async def stop(self) -> None:
-        """Close the listener and every connection, await their tasks, remove the socket file."""
-        if self._stopped:
+        """Close the listener and every connection, await their tasks, remove the socket file.
+
+        :meth:`start` serves again afterwards.
+        """
+        if self._stopped or self._listener is None:
             return
         self._stopped = True
         self._close_listener()
@@ -605,6 +670,7 @@ class ControlServer:
             return
         self._pause_accepting(None)
         listener.close()
+        self._listener = None
 
     def _remove_socket_file(self) -> None:
         path = self._socket_path
@@ -892,9 +958,9 @@ class ControlServer:
         (valid hello beyond ``max_connections``), ``auth_failures``,
         ``malformed``, ``oversized`` (lines over ``max_hello`` or
         ``max_message``), ``unknown``, ``commands``, ``errors`` (commands that
-        failed), ``slow_disconnects`` (socket unwritable past
-        ``write_timeout``), ``overflow_disconnects`` (a reply would have gone
-        over ``max_outgoing_bytes``), ``values_truncated`` and ``runs_omitted``
+        failed), ``slow_disconnects`` (took no bytes for ``write_timeout``),
+        ``overflow_disconnects`` (read nothing while a reply waited for room
+        within ``max_outgoing_bytes``), ``values_truncated`` and ``runs_omitted``
         (to keep lines within ``max_send``), ``events_too_large`` (sent as a
         ``bus.dropped`` notice instead), ``events_dropped`` (lost by slow
         clients). Gauges: ``handshaking`` and ``active`` (authenticated)
@@ -1047,18 +1113,16 @@ class _Refused(Exception):
         self.error = error
 
 
-class _Overflow(Exception):
-    """A reply would take a connection's outgoing bytes over their bound."""
-
-
 class _Outbox:
     """A connection's encoded lines waiting for its socket writer, bounded in lines and in bytes.
 
     ``size`` counts the bytes queued plus those taken by the writer and not yet
-    drained to the socket, so a client that reads nothing holds at most
-    ``max_bytes`` of the server's memory, whatever it asks for. Events are put
-    in batches without waiting (see :meth:`_Connection.forward`); the writer is
-    woken once per batch, not once per line.
+    drained to the socket. A reply that does not fit waits for room, and while
+    one waits no further command is executed (:meth:`wait_turn`), so a client
+    that reads nothing holds at most ``max_bytes`` of the server's memory and
+    one reply more, whatever it asks for. Events are put in batches without
+    waiting (see :meth:`_Connection.forward`); the writer is woken once per
+    batch, not once per line.
     """
 
     def __init__(self, max_lines: int, max_bytes: int) -> None:
@@ -1070,6 +1134,11 @@ class _Outbox:
         self._filled = asyncio.Event()
         #: set when lines or bytes were freed (what a waiting reply waits for)
         self._freed = asyncio.Event()
+        #: replies waiting for room, in turn (first come, first queued)
+        self.waiting = 0
+        self._turns = asyncio.Lock()
+        #: the connection is ending: nothing more is queued, and waiting replies give up
+        self.closed = False
 
     def fits_event(self, line: bytes, lines: int = 0, size: int = 0) -> bool:
         """Whether ``line`` fits after ``lines`` more lines of ``size`` bytes.
@@ -1095,14 +1164,34 @@ class _Outbox:
         self.size += size
         self._filled.set()
 
-    async def put_reply(self, line: bytes) -> None:
-        """Wait for a free line, then queue ``line``; raise :class:`_Overflow` if its
-        bytes do not fit (a client asking for more than it reads is cut off, not waited for)."""
-        while len(self.lines) >= self.max_lines:
-            self._freed.clear()
-            await self._freed.wait()
-        if self.size + len(line) > self.max_bytes:
-            raise _Overflow
+    def _fits_reply(self, line: bytes) -> bool:
+        return len(self.lines) < self.max_lines and self.size + len(line) <= self.max_bytes
+
+    async def put_reply(self, line: bytes) -> bool:
+        """Queue ``line`` once it fits, after the replies already waiting; False if the
+        connection ended first. (The writer cuts off a client that reads nothing meanwhile.)"""
+        if not self.waiting and self._fits_reply(line):
+            self._queue(line)
+            return True
+        self.waiting += 1
+        try:
+            async with self._turns:
+                while not self.closed and not self._fits_reply(line):
+                    await self.wait_freed()
+                if self.closed:
+                    return False
+                self._queue(line)
+                return True
+        finally:
+            self.waiting -= 1
+
+    async def wait_turn(self) -> None:
+        """Wait while a reply waits for room: a command's reply is made only once the ones
+        before it are queued, so what a client asked for and does not read stays bounded."""
+        while self.waiting and not self.closed:
+            await self.wait_freed()
+
+    def _queue(self, line: bytes) -> None:
         self.lines.append(line)
         self.size += len(line)
         self._filled.set()
@@ -1138,6 +1227,8 @@ class _Outbox:
         self._freed.set()
 
     def clear(self) -> None:
+        """The connection is ending: drop what is queued; replies waiting give up."""
+        self.closed = True
         self.lines.clear()
         self.size = 0
         self._freed.set()
@@ -1216,16 +1307,18 @@ class _Connection:
         if self.writer is not None:
             self.writer.transport.abort()
 
-    def _cut_off(self, counter: str) -> None:
-        """Drop this client now, and what is buffered for it: it is not reading."""
+    def _cut_off(self, counter: str, why: str) -> None:
+        """Drop this client, and what is queued for it: it is not reading. ``why`` is its last line."""
         if self.cut_off:
             return
         self.cut_off = True
         self.server.count(counter)
         self.out.clear()
-        # abort, not close: close would keep the unsent bytes until the peer reads them;
-        # the reader then sees the end of the stream, which ends the other tasks
-        self._streams[1].transport.abort()
+        transport = self._streams[1].transport
+        # after what its socket already holds (whole lines), so that a client that reads again
+        # learns why the stream ended; teardown aborts if it does not read within _FLUSH_TIMEOUT
+        transport.write(self._error_line(None, ConnectionClosed(why)))
+        transport.close()
 
     # ------------------------------------------------------------------ handshake
 
@@ -1350,18 +1443,10 @@ class _Connection:
                 log.warning("control connection %s failed", task.get_name(), exc_info=exc)
 
     async def _reply(self, line: bytes) -> None:
-        """Queue a reply for the writer; a client that is that far behind is cut off."""
+        """Queue a reply for the writer, once it fits (see :meth:`_drain` for a client that reads nothing)."""
         if self.cut_off:
             return  # the commands still in flight when it was cut off: nobody reads their replies
-        try:
-            await self.out.put_reply(line)
-        except _Overflow:
-            if not self.cut_off:
-                log.warning(
-                    "dropping a control client with more than %d bytes of replies unread",
-                    self.server.max_outgoing_bytes,
-                )
-            self._cut_off("overflow_disconnects")
+        await self.out.put_reply(line)
 
     def _error_line(self, message_id: MessageId | None, exc: BaseException) -> bytes:
         return encode_message(error_reply(message_id, exc, self.server.max_value))
@@ -1380,6 +1465,7 @@ class _Connection:
             except ConnectionError:
                 return
             if line is None:
+                await self._finish()
                 return
             if not line.strip():
                 continue  # blank lines are harmless (e.g. typed by hand into nc)
@@ -1402,12 +1488,30 @@ class _Connection:
             self.commands.add(task)
             task.add_done_callback(self._command_done)
 
+    async def _finish(self) -> None:
+        """The client has sent its last line; it may still be reading (a half-close: ``nc -N``).
+        Its commands still executing finish (for up to ``_EOF_GRACE``), then what is queued for
+        it, their replies among it, is written before the connection ends."""
+        if self.commands and not self.cut_off:
+            await asyncio.wait(set(self.commands), timeout=_EOF_GRACE)
+        if self.cut_off:
+            return
+        if not self.ended:
+            self.ended = True  # no more events: the stream ends after these replies
+            self.out.put_end()
+        await self.flushed.wait()
+
     def _command_done(self, task: asyncio.Task[None]) -> None:
         self.commands.discard(task)
         self.inflight.release()
 
     async def _command(self, cmd: Command) -> None:
         server = self.server
+        # made only once the replies before it are queued: a client that asks for more than it
+        # reads holds one reply waiting, not one per command in flight
+        await self.out.wait_turn()
+        if self.cut_off:
+            return
         # what the reply adds around its result must fit in the line too
         room = self.max_send - (len(ok_line(cmd.id, b"")) - 1)
         try:
@@ -1426,13 +1530,15 @@ class _Connection:
         # _FAN_OUT_INTERVAL: a busy engine's events go out in batches, one wake-up
         # and one write each, rather than one per event
         out = self.out
-        while True:
+        while not self.ended:
             if not await sub.wait():
                 if sub.closed:
                     break
                 # the writer's forward() took what woke us (it is a second reader of
                 # the subscription): nothing ended, wait for the next event
                 continue
+            if self.ended:
+                break  # the client sent its last line: its stream ends after its replies
             self.forward()
             if self.held or not out.has_event_room():
                 # the writer forwards the rest as it makes room; meanwhile the
@@ -1521,13 +1627,10 @@ class _Connection:
             if ending:
                 chunks = [chunk for chunk in chunks if chunk is not _END]
             try:
-                writer.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-                async with asyncio.timeout(self.server.write_timeout):
-                    await writer.drain()
-            except TimeoutError:
-                log.warning("dropping a control client that read nothing for %s s", self.server.write_timeout)
-                self._cut_off("slow_disconnects")
-                return
+                if chunks:
+                    writer.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                if not await self._drain(writer):
+                    return
             except (ConnectionError, OSError):
                 return
             out.written(size)
@@ -1535,6 +1638,60 @@ class _Connection:
                 self.flushed.set()
                 return
             self.forward()  # room was made: events (or a drop notice) waiting for it go now
+
+    def _unsent(self, transport: asyncio.WriteTransport) -> int:
+        """Bytes written for this client that it has not taken yet (the kernel's share as
+        far as the system tells)."""
+        return transport.get_write_buffer_size() + _kernel_unsent(self.sock.fileno())
+
+    async def _drain(self, writer: asyncio.StreamWriter) -> bool:
+        """Wait until the socket has taken what was written. False once the client is cut off
+        for taking no bytes at all for ``write_timeout`` -- or for ``_REPLY_PATIENCE``, if shorter,
+        while a reply waits for room: a slow reader is no stalled one."""
+        server = self.server
+        interval = min(_PROGRESS_CHECK, server.write_timeout / 4)
+        loop = asyncio.get_running_loop()
+        transport = writer.transport
+        last = self._unsent(transport)
+        since = loop.time()
+        while True:
+            try:
+                async with asyncio.timeout(interval):
+                    await writer.drain()
+                return True
+            except TimeoutError:
+                pass
+            now = loop.time()
+            unsent = self._unsent(transport)
+            if unsent < last:
+                since = now  # the client took bytes since the last look (nothing else writes meanwhile)
+            last = unsent
+            waiting = self.out.waiting
+            limit = min(server.write_timeout, _REPLY_PATIENCE) if waiting else server.write_timeout
+            if now - since < limit:
+                continue
+            if waiting:
+                log.warning(
+                    "dropping a control client with replies unread: they do not fit the %d bytes kept "
+                    "for it, and it took no bytes of what was written to it for %g s",
+                    server.max_outgoing_bytes, limit,
+                )
+                self._cut_off(
+                    "overflow_disconnects",
+                    f"the engine closed this connection: the replies it asked for did not fit the "
+                    f"{server.max_outgoing_bytes} bytes the engine keeps for a client, and it read nothing "
+                    f"for {limit:g} s. Read replies as they come, or ask for less at a time",
+                )
+            else:
+                log.warning(
+                    "dropping a control client that took no bytes of what was written to it for %g s", limit
+                )
+                self._cut_off(
+                    "slow_disconnects",
+                    f"the engine closed this connection: it read nothing of what was sent to it for {limit:g} s. "
+                    "Read what the engine sends as it comes (events too), or serve with a longer write_timeout",
+                )
+            return False
 
     async def _teardown(self) -> None:
         self.server.stop_streaming(self)
@@ -1549,12 +1706,11 @@ class _Connection:
             self.sock.close()  # the streams were never made: the peer left at once
             return
         transport = writer.transport
-        if self.cut_off:
-            transport.abort()
-        else:
-            writer.close()
+        # a client cut off has the line saying why at the end of what its socket holds: it
+        # gets _FLUSH_TIMEOUT to read it, like any client the rest of its stream
+        writer.close()
         try:
-            async with asyncio.timeout(1.0):
+            async with asyncio.timeout(_FLUSH_TIMEOUT):
                 await writer.wait_closed()
         except TimeoutError:
             # a peer that reads nothing would keep what is still buffered for it forever

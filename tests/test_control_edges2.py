@@ -1,0 +1,394 @@
+"""The control endpoint at its edges: many large replies asked for at once, events lost on
+both sides of a connection, clients that half-close, slow links, and a server started again.
+
+Every test serves a real engine on a real socket, and talks to it with
+:class:`RemoteEngine` (on a loop of its own where the client must stop reading,
+as a busy dashboard process does) or with a hand-rolled client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from pydantic import BaseModel
+from taskwatch.engine import (
+    ConnectionClosed,
+    ControlServer,
+    Engine,
+    EngineUnreachable,
+    RemoteEngine,
+    RunStatus,
+    TaskContext,
+)
+from taskwatch.engine.wire import PROTOCOL_VERSION
+
+from .helpers import eventually, stray_tasks
+from .raw_client import RawClient, serve
+
+KIB = 1 << 10
+MIB = 1 << 20
+
+T = TypeVar("T")
+
+
+class ChatterParams(BaseModel):
+    #: characters in each progress message
+    size: int = 200
+
+
+class ClientLoop:
+    """An event loop on a thread of its own, as a dashboard process has: blocked, it reads nothing."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-client-loop", daemon=True)
+        self.thread.start()
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    def block(self) -> threading.Event:
+        """Hold the loop (nothing on it runs, its sockets are not read) until the event is set."""
+        held = threading.Event()
+        self.loop.call_soon_threadsafe(held.wait, 30)
+        return held
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def client_loop() -> Iterator[ClientLoop]:
+    client = ClientLoop()
+    yield client
+    client.close()
+
+
+def build_engine(**options: Any) -> Engine:
+    engine = Engine(health_interval=None, max_concurrency=16, cancel_grace=5.0, **options)
+
+    @engine.task
+    async def big(ctx: TaskContext) -> str:
+        return "x" * (4 * MIB)
+
+    @engine.task
+    async def medium(ctx: TaskContext) -> str:
+        return "m" * (10 * KIB)
+
+    @engine.task
+    async def quick(ctx: TaskContext) -> int:
+        return 1
+
+    @engine.task
+    async def slow_to_cancel(ctx: TaskContext) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            # a little cleanup: the cancel command's reply comes after it
+            await asyncio.sleep(0.2)
+            raise
+
+    @engine.task
+    async def chatter(ctx: TaskContext, p: ChatterParams) -> None:
+        i = 0
+        while True:
+            i += 1
+            await ctx.progress(i, None, "t" * p.size)
+            await asyncio.sleep(0.002)  # the task's own pace
+
+    return engine
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[Engine]:
+    engine = build_engine()
+    async with engine:
+        yield engine
+    assert stray_tasks() == set()
+
+
+async def finished(engine: Engine, task: str, n: int) -> list[str]:
+    handles = [await engine.submit(task) for _ in range(n)]
+    for handle in handles:
+        assert (await handle.wait(30)).status is RunStatus.SUCCEEDED
+    return [handle.id for handle in handles]
+
+
+# ---------------------------------------------------------------- 1: large replies asked for at once
+
+
+async def test_a_client_that_reads_gets_every_large_reply_it_asked_for_at_once(engine: Engine, sock_path: str) -> None:
+    big = await finished(engine, "big", 10)  # 40 MiB of full records: over the 32 MiB kept per client
+    await finished(engine, "medium", 400)  # snapshots of about 4 MB each
+    server = await serve(engine, sock_path)
+    async with RemoteEngine(sock_path, timeout=30) as remote:
+        records = await asyncio.gather(*(remote.get(run_id) for run_id in big))
+        assert [len(record.result) for record in records] == [4 * MIB] * 10
+        snapshots = await asyncio.gather(*(remote.snapshot(runs_limit=100_000) for _ in range(16)))
+        assert [len(snapshot.runs) for snapshot in snapshots] == [410] * 16
+        assert remote.connected and remote.close_reason is None
+    assert server.stats()["overflow_disconnects"] == 0
+
+
+async def test_a_client_that_asks_for_more_than_it_reads_is_told_why_it_is_cut_off(
+    engine: Engine, sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="taskwatch.server")
+    big = await finished(engine, "big", 4)
+    server = await serve(engine, sock_path, max_send=5 * MIB, max_outgoing_bytes=10 * MIB, write_timeout=30)
+    hog = await RawClient.authenticated(sock_path)
+    hog.reading(False)  # asks for 20 MiB of records, reads none of them
+    for i, run_id in enumerate(big):
+        await hog.send({"type": "get", "id": i, "run_id": run_id})
+    await hog.send({"type": "ping", "id": 99})
+    await hog.send({"type": "get", "id": 100, "run_id": big[0]})
+    # told well before write_timeout: it holds all the engine keeps for it, and reads nothing
+    await eventually(lambda: server.stats()["overflow_disconnects"] == 1, timeout=10)
+    hog.reading(True)
+    replies: list[dict[str, Any]] = []
+    async with asyncio.timeout(10):
+        while line := await hog.reader.readline():
+            msg = json.loads(line)
+            if msg["type"] != "event":
+                replies.append(msg)
+    # what was written before the cut arrives whole; the last line says why the stream ends
+    assert replies, "the stream ended without a word"
+    last = replies[-1]
+    assert (last["type"], last["id"], last["error_type"]) == ("error", None, "ConnectionClosed")
+    assert "read nothing for 2 s" in last["message"] and "ask for less at a time" in last["message"]
+    assert all(reply["type"] == "ok" for reply in replies[:-1])
+    assert server.stats()["slow_disconnects"] == 0
+    said = [r.getMessage() for r in caplog.records if "replies unread" in r.getMessage()]
+    assert len(said) == 1 and "took no bytes" in said[0], said
+    await hog.close()
+
+
+async def test_a_client_that_stops_reading_learns_why_its_connection_ended(
+    engine: Engine, sock_path: str, client_loop: ClientLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="taskwatch.server")
+    server = await serve(engine, sock_path, write_timeout=1.0)
+    remote = RemoteEngine(sock_path, timeout=10)
+    await client_loop.run(remote.connect())
+    held = client_loop.block()  # its process is busy: it reads nothing while events pour in
+    chatter = await engine.submit("chatter")
+    try:
+        await eventually(lambda: server.stats()["slow_disconnects"] == 1, timeout=15)
+    finally:
+        held.set()
+        await engine.cancel(chatter.id)
+
+    async def gone() -> BaseException | None:
+        await remote.disconnected.wait()
+        return remote.close_reason
+
+    reason = await client_loop.run(gone())
+    assert isinstance(reason, ConnectionClosed)
+    assert "read nothing of what was sent to it for 1 s" in str(reason) and "write_timeout" in str(reason)
+    with pytest.raises(ConnectionClosed):
+        await client_loop.run(remote.ping())
+    await client_loop.run(remote.close())
+    said = [r.getMessage() for r in caplog.records if "dropping" in r.getMessage()]
+    assert said == ["dropping a control client that took no bytes of what was written to it for 1 s"]
+
+
+# ---------------------------------------------------------------- 2: events lost on both sides, counted
+
+
+async def test_events_lost_by_the_engine_and_by_the_client_are_all_counted(
+    sock_path: str, client_loop: ClientLoop
+) -> None:
+    engine = build_engine(max_queue=100_000, history=100_000)
+    async with engine:
+        server = await serve(engine, sock_path, buffer=50, outgoing=4)
+        remote = RemoteEngine(sock_path, buffer=20, timeout=10)  # a small local buffer, never read
+        first = (await client_loop.run(remote.connect())).last_seq
+        held = client_loop.block()  # it reads nothing: the engine drops events for it too
+        try:
+            await finished(engine, "quick", 3000)
+            await eventually(lambda: server.stats()["events_dropped"] > 1000)
+        finally:
+            held.set()
+        emitted = engine.bus.last_seq - first
+
+        async def all_accounted() -> list[Any]:
+            # every event after the snapshot is either here or counted as lost
+            await eventually(lambda: remote.pending() + remote.dropped >= emitted, timeout=10)
+            return remote.get_batch()
+
+        taken = await client_loop.run(all_accounted())
+        notices = [event for event in taken if event.kind == "bus.dropped"]
+        events = [event for event in taken if event.kind != "bus.dropped"]
+        lost = sum(notice.count for notice in notices)  # what a dashboard adds up
+        assert len(events) == 20
+        assert lost == remote.dropped == emitted - 20
+        await client_loop.run(remote.close())
+
+
+# ---------------------------------------------------------------- 3: half-closed connections
+
+
+async def read_to_end(raw: RawClient) -> list[dict[str, Any]]:
+    messages = []
+    async with asyncio.timeout(20):
+        while line := await raw.reader.readline():
+            messages.append(json.loads(line))
+    return messages
+
+
+async def test_a_client_that_half_closes_gets_every_reply_then_the_end(tmp_path: Path, sock_path: str) -> None:
+    # `printf '...' | nc -N -U sock`: the commands, then the end of what the client sends
+    engine = build_engine(store=f"sqlite:///{tmp_path / 'runs.db'}")
+    async with engine:
+        await serve(engine, sock_path)
+        raw = await RawClient.open(sock_path)
+        lines = [{"type": "hello", "version": PROTOCOL_VERSION}]
+        lines += [{"type": "submit", "id": i, "task": "quick"} for i in range(20)]
+        await raw.send(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+        raw.writer.write_eof()
+        messages = await read_to_end(raw)
+        replies = {msg["id"]: msg for msg in messages if msg["type"] in ("ok", "error")}
+        assert sorted(replies) == list(range(20))
+        assert all(reply["type"] == "ok" for reply in replies.values())
+        assert len(engine.runs(limit=100)) == 20
+        await raw.close()
+
+
+async def test_a_cancel_sent_before_a_half_close_is_answered_once_the_run_has_stopped(
+    engine: Engine, sock_path: str
+) -> None:
+    handle = await engine.submit("slow_to_cancel")
+    await eventually(lambda: engine.get(handle.id).status is RunStatus.RUNNING)
+    await serve(engine, sock_path)
+    raw = await RawClient.open(sock_path)
+    await raw.send(
+        b"".join(
+            json.dumps(line).encode() + b"\n"
+            for line in (
+                {"type": "hello", "version": PROTOCOL_VERSION},
+                {"type": "cancel", "id": 7, "run_id": handle.id},
+                {"type": "ping", "id": 8},
+            )
+        )
+    )
+    raw.writer.write_eof()
+    replies = {msg["id"]: msg for msg in await read_to_end(raw) if msg["type"] in ("ok", "error")}
+    assert sorted(replies) == [7, 8]
+    assert replies[7]["type"] == "ok" and replies[7]["result"]["status"] == "cancelled"
+    await raw.close()
+
+
+# ---------------------------------------------------------------- 4: a server started again
+
+
+async def test_a_stopped_server_serves_again_when_started(engine: Engine, sock_path: str) -> None:
+    server = await serve(engine, sock_path)
+    await server.stop()
+    with pytest.raises(EngineUnreachable):
+        await RemoteEngine(sock_path, timeout=2).connect()
+    with pytest.raises(RuntimeError, match="is stopped; start"):
+        server.address  # noqa: B018  (nothing listens there)
+    await server.start()
+    assert server.address == sock_path
+    async with RemoteEngine(server.address, timeout=5) as remote:
+        assert await remote.ping() >= 0
+
+    tcp = ControlServer(engine, "tcp://127.0.0.1:0", announce=False)
+    async with tcp:
+        pass
+    async with tcp:  # a second `async with` serves again, at a port of its own
+        async with RemoteEngine(tcp.address, tcp.token, timeout=5) as remote:
+            assert await remote.ping() >= 0
+
+
+# ---------------------------------------------------------------- 5: slow links
+
+
+class SlowProxy:
+    """A TCP proxy passing ``rate`` bytes/s from the engine to its client: an SSH tunnel over a
+    poor link. It holds little itself, so the engine's bytes wait in the engine's socket."""
+
+    def __init__(self, target: str, rate: int) -> None:
+        host, port = target[len("tcp://"):].rsplit(":", 1)
+        self.target = (host, int(port))
+        self.rate = rate
+        self.pumps: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return f"tcp://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for pump in self.pumps:
+            pump.cancel()
+        await asyncio.gather(*self.pumps, return_exceptions=True)
+        await self.server.wait_closed()
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, paced: bool) -> None:
+        try:
+            while data := await source.read(1024 if paced else 65536):
+                sink.write(data)
+                await sink.drain()
+                if paced:
+                    await asyncio.sleep(len(data) / self.rate)  # the link's pace, not synchronisation
+        except ConnectionError:
+            pass
+        finally:
+            sink.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream = socket.socket()
+        upstream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        upstream.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(upstream, self.target)
+        engine_reader, engine_writer = await asyncio.open_connection(sock=upstream, limit=1024)
+        for pump in (self._pump(engine_reader, writer, True), self._pump(reader, engine_writer, False)):
+            task = asyncio.ensure_future(pump)
+            self.pumps.add(task)
+
+
+async def test_a_client_reading_steadily_over_a_slow_link_is_not_taken_for_stalled(engine: Engine) -> None:
+    server = await serve(
+        engine, "tcp://127.0.0.1:0", write_timeout=1.0, max_send=512 * KIB, max_outgoing_bytes=1 * MIB
+    )
+    proxy = SlowProxy(server.address, rate=16_000)
+    address = await proxy.start()
+    # about 1.5 MB/s of events: they soon fill every buffer on the way, and the link sets the pace
+    chatter = await engine.submit("chatter", {"size": 4000})
+    received = 0
+    try:
+        async with RemoteEngine(address, server.token, timeout=30) as remote:
+
+            async def read() -> None:
+                nonlocal received
+                async for _ in remote.events():
+                    received += 1
+
+            reader = asyncio.create_task(read())
+            try:
+                # the engine drops events for it: the link is full, and the client reads all it carries
+                await eventually(lambda: server.stats()["events_dropped"] or server.stats()["slow_disconnects"], 30)
+                assert server.stats()["slow_disconnects"] == 0
+                # a dozen more events of 4 KB: three times write_timeout of reading, never a second without
+                at = received
+                await eventually(lambda: received >= at + 12 or server.stats()["slow_disconnects"], timeout=30)
+                assert server.stats()["slow_disconnects"] == 0
+                assert remote.connected and remote.close_reason is None
+            finally:
+                reader.cancel()
+                await engine.cancel(chatter.id)
+    finally:
+        await proxy.close()
