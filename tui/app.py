@@ -9,6 +9,7 @@ calls; they talk back with messages.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import functools
 import gc
@@ -16,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, NamedTuple, TypeVar
 
+from rich.text import Text
 from taskwatch.engine import (
     EVENT_KINDS,
     PeriodicNotRunnable,
@@ -232,6 +234,44 @@ class DashboardFooter(Footer):
         yield from last
 
 
+class EngineStateNote(Static):
+    """The header's word on an engine stopping or stopped; hidden while it runs."""
+
+    DEFAULT_CSS = """
+    EngineStateNote {
+        width: auto;
+        height: 1;
+        padding: 0 1;
+        display: none;
+    }
+    EngineStateNote.-stopping {
+        background: $warning 25%;
+    }
+    EngineStateNote.-stopped {
+        background: $error 25%;
+    }
+    """
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__("", id=id)
+        #: "" (hidden), "stopping" or "stopped"
+        self.state = ""
+        self._shown: tuple[str, str] = ("", "")
+
+    def show(self, state: str, text: Text | None = None) -> None:
+        """Say ``text`` in the colours of ``state`` ("stopping" or "stopped"); "" hides it."""
+        text = text or Text()
+        # called every frame: only a change repaints
+        if (state, text.markup) == self._shown:
+            return
+        self._shown = (state, text.markup)
+        self.state = state
+        self.set_class(state == "stopping", "-stopping")
+        self.set_class(state == "stopped", "-stopped")
+        self.display = bool(state)
+        self.update(text)
+
+
 class DashboardScreen(Screen[None]):
     """The dashboard itself: header, tabs, footer. Modal dialogs stack above it.
 
@@ -285,6 +325,7 @@ class DashboardScreen(Screen[None]):
         with Vertical(id="top"):
             with Horizontal(id="top-line"):
                 yield LeaderBadge(id="leader")
+                yield EngineStateNote(id="engine-state")
                 yield StoreBadge(id="store")
             yield CountsBar(id="counts")
         with TabbedContent(initial="runs", id="tabs"):
@@ -772,19 +813,62 @@ class TaskwatchApp(App[None]):
         silent = time.monotonic() - (since if heard is None else max(since, heard))
         return silent if silent >= self.unresponsive_after else None
 
+    @property
+    def engine_gone(self) -> bool:
+        """Whether the engine went away for good: it was connected, is not, and the client
+        does not reconnect (an in-process engine that stopped; a remote client keeps trying,
+        saying so in ``retrying``, until it gives up with a ``failure``)."""
+        return (
+            self._connected_once
+            and self.client.failure is None
+            and not self.client.connected
+            and not self.client.retrying
+        )
+
     @while_dashboard_alive
     def _update_header(self, now: float | None = None) -> None:
         now = self.clock() if now is None else now
+        badge = self.main.query_one(LeaderBadge)
         failure = self.client.failure
+        gone = self.engine_gone
+        if badge.display == gone:
+            # the note says all there is: "reconnecting" would never come true, "leader" is over
+            badge.display = not gone
         if failure is not None:
-            self.main.query_one(LeaderBadge).update_failed(failure)
+            badge.update_failed(failure)
+        elif gone:
+            pass
         elif self.state.leadership is not None:
-            self.main.query_one(LeaderBadge).update(
+            badge.update(
                 self.state.leadership, self.state.started_at, now, connected=self.client.connected,
                 silent_for=self.unresponsive_for(),
             )
         else:
-            self.main.query_one(LeaderBadge).update_disconnected(self.client.where)
+            badge.update_disconnected(self.client.where)
+        self.main.query_one(EngineStateNote).show(*self._engine_state_note(gone))
+
+    def _engine_state_note(self, gone: bool) -> tuple[str, Text | None]:
+        """What the header says of the engine's stop: its state (as EngineStateNote takes
+        it) and words; ("", None) while it runs, or nothing is known of a stop."""
+        if gone:
+            text = Text("■ STOPPED", style="bold red")
+            if self.state.node_id:
+                text.append(f"  {self.state.node_id}", style="bold")
+            if self.state.leadership is not None:
+                text.append(f"  last term {self.state.leadership.term}", style="dim")
+            text.append("  shown as it ended; q quits", style="dim")
+            return "stopped", text
+        engine_state = self.state.engine_state
+        if self.client.failure is not None or engine_state not in ("stopping", "stopped"):
+            return "", None
+        if self.client.connected:
+            if engine_state == "stopping":
+                return "stopping", Text("■ STOPPING", style="bold yellow")
+            return "stopped", Text("■ STOPPED", style="bold red")
+        # disconnected, reconnecting: the engine said it was stopping, so no network fault
+        # took it away (it may come back, restarted)
+        said = "stopping when last seen" if engine_state == "stopping" else "STOPPED"
+        return "stopped", Text(f"■ {said}", style="bold red")
 
     def _update_counts(self) -> None:
         log = self.main.query_one(EventLog)
@@ -794,7 +878,8 @@ class TaskwatchApp(App[None]):
             self.view_paused,
             log.buffered,
             totals=self.state.totals(),
-            rate=self.state.finish_rate(),
+            # measured over the overviews: none come while disconnected, so no rate is known
+            rate=self.state.finish_rate() if self.client.connected else None,
         )
 
     @while_dashboard_alive
@@ -978,16 +1063,31 @@ class TaskwatchApp(App[None]):
     async def _cancel_many(self, runs: list[RunRecord]) -> None:
         if not await self._confirmed(f"Cancel {len(runs)} marked runs: {self._name_runs(runs)}?", f"Cancel {len(runs)} runs"):
             return
-        cancelled, refused = 0, []
-        for run in runs:
-            try:
-                record = await self.client.cancel(run.id)
-            except COMMAND_ERRORS as exc:
-                refused.append(f"{run.id}: {command_failure('cancel', exc)}")
-                continue
-            cancelled += record.status is RunStatus.CANCELLED
+        records, refused = await self._each_run("cancel", self.client.cancel, runs)
+        cancelled = sum(record.status is RunStatus.CANCELLED for record in records)
         self.main.query_one(RunsTable).clear_marks()
         self._say_bulk(f"cancelled {cancelled} of {len(runs)} marked runs", refused)
+
+    #: commands of one bulk action in flight at once: a run that takes its time to wind down
+    #: holds up no other, and a remote client's window of requests (16) is not filled by them
+    _BULK_IN_FLIGHT = 8
+
+    async def _each_run(
+        self, verb: str, command: Callable[[str], Awaitable[RunRecord]], runs: list[RunRecord]
+    ) -> tuple[list[RunRecord], list[str]]:
+        """``command`` for every run, a few at a time: the records it returned, in the runs'
+        order, and what became of those it was refused for."""
+        gate = asyncio.Semaphore(self._BULK_IN_FLIGHT)
+
+        async def one(run: RunRecord) -> RunRecord | str:
+            async with gate:
+                try:
+                    return await command(run.id)
+                except COMMAND_ERRORS as exc:
+                    return f"{run.id}: {command_failure(verb, exc)}"
+
+        outcomes = await asyncio.gather(*(one(run) for run in runs))
+        return [o for o in outcomes if not isinstance(o, str)], [o for o in outcomes if isinstance(o, str)]
 
     def _say_bulk(self, done: str, refused: list[str]) -> None:
         if refused:
@@ -996,16 +1096,9 @@ class TaskwatchApp(App[None]):
             self.notify(done)
 
     async def _retry_many(self, runs: list[RunRecord]) -> list[RunRecord]:
-        retried: list[RunRecord] = []
-        refused: list[str] = []
-        for run in runs:
-            try:
-                record = await self.client.retry(run.id)
-            except COMMAND_ERRORS as exc:
-                refused.append(f"{run.id}: {command_failure('retry', exc)}")
-                continue
+        retried, refused = await self._each_run("retry", self.client.retry, runs)
+        for record in retried:
             self.state.add_record(record)
-            retried.append(record)
         self._say_bulk(f"retried {len(retried)} of {len(runs)} runs", refused)
         return retried
 
@@ -1110,16 +1203,20 @@ class TaskwatchApp(App[None]):
         box.focus()
 
     def action_close_filter(self) -> None:
-        """Esc closes what is open: the run detail on a narrow screen, or the filter box
-        being typed in (clearing the filter, as in k9s)."""
+        """Esc closes what is open: the run detail on a narrow screen, or the filter of the tab
+        in view (clearing it, as in k9s), being typed in or confirmed with Enter and left on
+        screen while the table has focus."""
         if self.detail_open and self.active_tab == "runs":
             self.open_detail(False)
             return
+        in_view = f"{self.active_tab}-filter"
         for box in self.main.query(".filter").results(Input):
-            if box.has_focus:
+            if box.has_focus or (box.id == in_view and box.has_class("shown")):
+                had_focus = box.has_focus
                 box.value = ""
                 box.remove_class("shown")
-                self.main.query_one(EventLog if box.id == "events-filter" else RunsTable).focus()
+                if had_focus:
+                    self.main.query_one(EventLog if box.id == "events-filter" else RunsTable).focus()
 
     @on(Input.Changed, "#runs-filter")
     def _runs_filter(self, event: Input.Changed) -> None:
@@ -1347,6 +1444,19 @@ class TaskwatchApp(App[None]):
         yield from super().get_system_commands(screen)
         if screen is not self.main:
             return  # a dialog is open: its own keys apply
+        # the palette reads titles and help as markup, and they quote names and descriptions
+        # from tasks: a "[/]" in one raised in the palette's search, which lost every command
+        # after it, and a "[bold red]" was eaten
+        for command in self._dashboard_commands():
+            yield command._replace(title=self._as_written(command.title), help=self._as_written(command.help))
+
+    @staticmethod
+    def _as_written(text: str) -> str:
+        """``text`` as markup that draws it as written, on one line. Textual's markup has one
+        escape, ``\\[`` for ``[`` (``textual.markup.escape`` misses ``[$x]`` and doubles backslashes)."""
+        return printable(text).replace("[", "\\[")
+
+    def _dashboard_commands(self) -> Iterable[SystemCommand]:
         yield SystemCommand("Submit a task", "Open the submit form (s)", self.action_submit)
         for info in self.state.tasks:
             if info.submittable:

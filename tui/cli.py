@@ -21,10 +21,13 @@ import importlib
 import inspect
 import math
 import os
+import select
 import shlex
+import signal
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,6 +37,9 @@ from taskwatch.engine.wire import TcpAddress, UnixAddress, parse_address, parse_
 
 if TYPE_CHECKING:
     import socket
+
+    from taskwatch.engine.background import BackgroundEngine
+    from textual.app import App
 
     from .web import DashboardServer
 
@@ -204,29 +210,95 @@ class TokenError(Exception):
     """A token option that cannot be used as given."""
 
 
-def read_token_file(path: str) -> str:
+#: how long ``--token-file`` waits for a pipe's writer (``<(pass show x)``) to give the token
+TOKEN_PIPE_TIMEOUT = 30.0
+#: more than this is no token: a path given by mistake (a log, a device) is refused, not read whole
+TOKEN_MAX_BYTES = 64 * 1024
+
+
+def read_token_file(path: str, pipe_timeout: float = TOKEN_PIPE_TIMEOUT) -> str:
     """The token in ``path`` (surrounding whitespace dropped); refuses a file others can access.
 
-    Permissions are read from the opened file, so the file checked is the file read.
+    ``path`` is a regular file or a pipe (``--token-file <(pass show taskwatch)``, or a FIFO
+    something writes the token to); a pipe is read until its writer closes it, for at most
+    ``pipe_timeout`` seconds. Permissions are read from the opened file, so the file checked
+    is the file read; it is opened without blocking, as a FIFO nobody writes to would
+    otherwise hold the open forever.
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise TokenError(f"token file {path} is not a regular file")
-            if st.st_mode & 0o077:
-                raise TokenError(
-                    f"token file {path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                    f"run: chmod 600 {shlex.quote(path)}"
-                )
-            token = f.read().strip()
+        # (Windows has neither O_NONBLOCK nor FIFOs)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise TokenError(f"cannot read token file {path}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        pipe = stat.S_ISFIFO(st.st_mode)
+        if not (stat.S_ISREG(st.st_mode) or pipe):
+            raise TokenError(f"token file {path} is not a regular file or a pipe")
+        if st.st_mode & 0o077:
+            raise TokenError(
+                f"token file {path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                f"run: chmod 600 {shlex.quote(path)}"
+            )
+        data = _read_pipe(fd, path, pipe_timeout) if pipe else _read_regular(fd, path)
+    except OSError as exc:
+        raise TokenError(f"cannot read token file {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    try:
+        token = data.decode("utf-8").strip()
     except UnicodeDecodeError:
         raise TokenError(f"token file {path} is not text") from None
     if not token:
         raise TokenError(f"token file {path} is empty")
     return token
+
+
+def _too_large(path: str) -> TokenError:
+    return TokenError(f"token file {path} holds more than {TOKEN_MAX_BYTES // 1024} KiB: that is no token; check the path")
+
+
+def _read_regular(fd: int, path: str) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > TOKEN_MAX_BYTES:
+            raise _too_large(path)
+    return b"".join(chunks)
+
+
+def _read_pipe(fd: int, path: str, timeout: float) -> bytes:
+    """What the pipe's writer writes until it closes its end, within ``timeout`` seconds.
+
+    A FIFO nobody has opened for writing yet polls as not ready (and reads as empty): the
+    wait covers a writer that starts after us, as ``echo $T > fifo &`` may."""
+    deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    chunks: list[bytes] = []
+    size = 0
+    if not poller.poll(min(timeout, 1.0) * 1000):
+        # a FIFO whose writer has not come yet: say what this is waiting for, not hang mutely
+        _say(f"waiting for the token on the pipe {path} (up to {timeout:g} s)…")
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(left * 1000):
+            raise TokenError(
+                f"no token came through the pipe {path} within {timeout:g} s "
+                "(read until its writer closes it); write the token to it, or give a regular file (chmod 600)"
+            )
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > TOKEN_MAX_BYTES:
+            raise _too_large(path)
 
 
 def resolve_token(opts: argparse.Namespace) -> str | None:
@@ -405,7 +477,112 @@ def _print_plain(engine: Engine, seconds: float | None) -> int:
     return 0
 
 
+
+#: signals that end a dashboard as `q` does: the terminal is given back and the engine stopped
+#: (the exit status is then 128 + the signal's number, as a shell reports a process it ended)
+ENDING_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
+class EndingSignals:
+    """While entered, SIGTERM and SIGHUP quit the dashboard :meth:`run` runs, as `q` does.
+
+    Outside the dashboard (starting, and stopping the engine after it) they are only noted:
+    killed there, the process would leave a durable store's runs `running` until recovery
+    and the terminal in the dashboard's modes. A second one does not cut the stop short
+    (it is bounded: SIGKILL is for not waiting at all).
+    """
+
+    def __init__(self) -> None:
+        #: the first ending signal that came, or None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _note(self, signum: int, frame: Any = None) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def _install(self) -> None:
+        for sig in ENDING_SIGNALS:
+            previous = signal.signal(sig, self._note)
+            self._previous.setdefault(sig, previous)
+
+    def __enter__(self) -> EndingSignals:
+        self._install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def run(self, app: App[Any]) -> int:
+        """Run ``app`` in this terminal until it quits; its exit status: 128 + the signal's
+        number if an ending signal ended it, 1 if it crashed, else 0."""
+
+        def on_signal(signum: int) -> None:
+            self._note(signum)
+            app.exit(return_code=128 + signum)
+
+        async def run_app() -> None:
+            loop = asyncio.get_running_loop()
+            for sig in ENDING_SIGNALS:
+                # on the loop (not a plain handler): it may tell the app to exit
+                loop.add_signal_handler(sig, on_signal, sig)
+            if self.signum is None:  # one that came while starting ends it before it takes the screen
+                await app.run_async()
+
+        try:
+            asyncio.run(run_app())
+        finally:
+            # closing the loop put the defaults back: the engine's stop must not be killed either
+            self._install()
+        if self.signum is not None:
+            return 128 + self.signum
+        return app.return_code or 0
+
+
+def run_dashboard(app: App[Any]) -> int:
+    """Run ``app`` in this terminal until it quits or SIGTERM or SIGHUP ends it; its exit status."""
+    with EndingSignals() as catch:
+        return catch.run(app)
+
+
+def _say(message: str) -> None:
+    """A line on stderr, unless the terminal is gone (SIGHUP: its window was closed)."""
+    try:
+        print(f"taskwatch: {message}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+#: how long quitting the dashboard lets runs still going finish before the engine stops them
+STOP_TIMEOUT = 5.0
+
+
+def _stop_engine(bg: BackgroundEngine, timeout: float = STOP_TIMEOUT) -> None:
+    """Stop the dashboard's engine; when runs are still going, say first what the wait is for."""
+    try:
+        running = bg.stats().running
+    except (TaskwatchError, TimeoutError):
+        running = 0  # crashed, or too busy to say: the stop goes on all the same
+    if running:
+        runs = "1 run" if running == 1 else f"{running} runs"
+        _say(f"stopping the engine: {runs} still running (up to {timeout:g} s)…")
+    bg.stop(timeout=timeout)
+
+
 def _run_local(engine: Engine, serve: str | None, *, confirm: bool = True, token: str | None = None) -> int:
+    with EndingSignals() as catch:
+        status = _run_local_app(engine, serve, catch, confirm=confirm, token=token)
+    # one that came while the engine started or stopped ended the process too
+    return status if catch.signum is None else 128 + catch.signum
+
+
+def _run_local_app(
+    engine: Engine, serve: str | None, catch: EndingSignals, *, confirm: bool, token: str | None
+) -> int:
     from .app import TaskwatchApp
     from .client import LocalClient
 
@@ -423,12 +600,12 @@ def _run_local(engine: Engine, serve: str | None, *, confirm: bool = True, token
                 # (a port in use, a socket path taken); `finally` stops the engine
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 return fail(f"cannot serve at {serve}: {reason}")
-        TaskwatchApp(LocalClient(engine), confirm=confirm, serving=info).run()
+        status = catch.run(TaskwatchApp(LocalClient(engine), confirm=confirm, serving=info))
         if info is not None:
-            print(f"taskwatch: served {engine.node_id} at {info}", file=sys.stderr)
+            _say(f"served {engine.node_id} at {info}")
     finally:
-        bg.stop(timeout=5)
-    return 0
+        _stop_engine(bg)
+    return status
 
 
 def _attach(opts: argparse.Namespace) -> int:
@@ -456,9 +633,7 @@ def _attach(opts: argparse.Namespace) -> int:
     from .app import TaskwatchApp
     from .remote_client import RemoteClient
 
-    app = TaskwatchApp(RemoteClient(opts.address, token=token), confirm=opts.confirm)
-    app.run()
-    return app.return_code or 0
+    return run_dashboard(TaskwatchApp(RemoteClient(opts.address, token=token), confirm=opts.confirm))
 
 
 def _attach_cluster(url: str, stream: str) -> int:
@@ -470,8 +645,7 @@ def _attach_cluster(url: str, stream: str) -> int:
         relay = RedisEventRelay(url, stream=stream)
     except TaskwatchError as exc:
         return fail(str(exc))
-    ClusterApp(relay).run()
-    return 0
+    return run_dashboard(ClusterApp(relay))
 
 
 def _attach_database(url: str, lease: str, *, confirm: bool) -> int:
@@ -488,9 +662,7 @@ def _attach_database(url: str, lease: str, *, confirm: bool) -> int:
         asyncio.run(_can_watch(ClusterObserver(url, lease=lease or None)))
     except (TaskwatchError, OSError) as exc:
         return fail(f"cannot watch {observer.public_url}: {exc}")
-    app = ClusterApp(observer, confirm=confirm)
-    app.run()
-    return app.return_code or 0
+    return run_dashboard(ClusterApp(observer, confirm=confirm))
 
 
 async def _can_watch(observer: Any) -> None:

@@ -62,6 +62,12 @@ class DashboardClient(ABC):
         """Why the client gave up for good (say, a wrong token), or None while it can still connect."""
         return None
 
+    @property
+    def retrying(self) -> bool:
+        """Whether the client reconnects by itself when the connection drops (an in-process
+        client never needs to: its engine stopped, it is gone)."""
+        return False
+
     @abstractmethod
     async def connect(self, runs_limit: int = 500) -> Snapshot:
         """Start receiving events and return the state they continue from: the newest

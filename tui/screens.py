@@ -4,13 +4,16 @@ read one run in full, pick a trigger key, the key help."""
 from __future__ import annotations
 
 import json
+import os
+import shlex
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from rich.syntax import Syntax
 from rich.text import Text
 from taskwatch.engine import BaseEvent, InvalidParams, RunRecord, TaskInfo, TaskwatchError, event_to_json
-from taskwatch.widgets import ParamsForm, ParamsFormError, RunDetail, printable
+from taskwatch.engine.wire import UnixAddress, parse_address
+from taskwatch.widgets import ParamsForm, ParamsFormError, RunDetail, printable, printable_lines
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -66,13 +69,14 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
             # docked above and below the fields: those scroll in what room is left
             with Vertical(id="submit-head"):
                 yield Label(Text(printable(self._title)), id="submit-title")
+                # task text: drawn as written, never read as markup
                 yield Select(
-                    [(name, name) for name in self.tasks],
+                    [(Text(printable(name)), name) for name in self.tasks],
                     value=self._initial if self._initial is not None else Select.BLANK,
                     allow_blank=False if self.tasks else True,
                     id="submit-task",
                 )
-                description = Static(initial.description if initial else "", id="submit-description")
+                description = Static(_description(initial), id="submit-description")
                 description.display = bool(initial and initial.description)  # no blank lines for none
                 yield description
             with Vertical(id="submit-foot"):
@@ -101,7 +105,7 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
     async def _show_form(self, name: str) -> None:
         info = self.tasks[name]
         description = self.query_one("#submit-description", Static)
-        description.update(info.description or "")
+        description.update(_description(info))
         description.display = bool(info.description)
         self._say("")
         holder = self.query_one("#submit-form", VerticalScroll)
@@ -173,6 +177,11 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
         self.dismiss(record)
 
 
+def _description(info: TaskInfo | None) -> Text:
+    """A task's description as written: a ``[/tmp/x]`` in a docstring is text, not markup."""
+    return Text(printable_lines(info.description) if info else "")
+
+
 class ConfirmScreen(ModalScreen[bool]):
     """A yes/no question naming what is about to happen: Enter or y says yes, Esc or n no."""
 
@@ -224,14 +233,26 @@ class AttachScreen(ModalScreen[None]):
 
     @property
     def command(self) -> str:
-        env = f"TASKWATCH_TOKEN={self._token} " if self._token else ""
-        return f"{env}taskwatch attach {self.address}"
+        """The command as a shell reads it: pasted, a token or a socket path with spaces, ``;``
+        or ``$(...)`` in it stays one word; a relative socket path is made absolute, since the
+        command is run from another directory."""
+        env = f"TASKWATCH_TOKEN={shlex.quote(self._token)} " if self._token else ""
+        return f"{env}taskwatch attach {shlex.quote(self._attach_address())}"
+
+    def _attach_address(self) -> str:
+        try:
+            target = parse_address(self.address)
+        except TaskwatchError:
+            return self.address  # served, so it parsed once; shown as given rather than not at all
+        if isinstance(target, UnixAddress) and not os.path.isabs(target.path):
+            return os.path.abspath(target.path)
+        return self.address
 
     def compose(self) -> ComposeResult:
         with Vertical(id="attach-dialog"):
-            yield Label(f"Engine {self._node_id} is served at {self.address}", id="attach-title")
+            yield Label(Text(printable(f"Engine {self._node_id} is served at {self._attach_address()}")), id="attach-title")
             yield Static("To watch it from another terminal, run:", classes="attach-hint")
-            yield Static(Text(self.command, style="bold"), id="attach-command")
+            yield Static(Text(printable(self.command), style="bold"), id="attach-command")
             if self._token:
                 yield Static(
                     Text("The token is shown here only: keep it out of shell history and logs "
@@ -377,7 +398,8 @@ class ChooseKeyScreen(ModalScreen[str | None]):
         with Vertical(id="choose-key-dialog"):
             yield Label(Text(printable(f"Fire trigger {self.trigger}: which key?")), id="choose-key-title")
             if self.keys:
-                yield OptionList(*self.keys, id="choose-key-list")
+                # keys come from tasks: drawn as written, never read as markup
+                yield OptionList(*(Text(printable(key)) for key in self.keys), id="choose-key-list")
             box = Input(placeholder="or type a key and press enter", id="choose-key-input")
             box.cursor_blink = self._cursor_blink
             yield box

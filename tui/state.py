@@ -38,6 +38,24 @@ _FINISHED = {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED}
 DEFAULT_MAX_RUNS = 2_000
 
 
+def _status_move(kind: str, e: Any, known: str | None) -> tuple[str | None, str] | None:
+    """The status change (from, to) a run event makes, as the engine counts it: from the
+    status the dashboard knew the run in (``known``), else the one the event implies."""
+    if kind == "run.submitted":
+        return (None, "pending")
+    if kind == "run.started":
+        move: tuple[str | None, str] = (known or "pending", "running")
+    elif kind == "run.retrying" or (kind == "run.recovered" and e.action == "requeued"):
+        move = (known or "running", "pending")
+    elif kind in ("run.succeeded", "run.failed"):
+        move = (known or "running", kind.removeprefix("run."))
+    elif kind == "run.cancelled":
+        move = (known or ("running" if e.was_running else "pending"), "cancelled")
+    else:
+        return None  # progress; a recovery that fails or cancels the run has its own event
+    return None if move[0] == move[1] else move
+
+
 class DashboardState:
     """Everything the dashboard shows, as plain data."""
 
@@ -64,7 +82,16 @@ class DashboardState:
         self.triggers: list[TriggerState] = []
         self.workers: list[WorkerInfo] = []
         self.leadership: Leadership | None = None
+        #: runs by status and, finished since the engine started, by outcome: the last
+        #: snapshot's counts moved on by the run events after it (they also come once the
+        #: engine can no longer be asked: stopping, stopped, or the connection gone)
         self.by_status: dict[str, int] = {}
+        self.finished_totals: dict[str, int] | None = None
+        #: the ``last_seq`` of the snapshot the counts were taken from: events up to it are in them
+        self._counted_seq = 0
+        #: the status moves (seq, from, to) of events after it: the next snapshot may have been
+        #: taken before some of them, which are then moved on it again
+        self._moves: deque[tuple[int, str | None, str]] = deque(maxlen=100_000)
         self.last_seq = 0
         self.events_applied = 0
         #: events the engine's bus or our client dropped before we saw them
@@ -113,6 +140,7 @@ class DashboardState:
         self.gone = set()
         if not same:
             self.failures = {}  # another engine process: its failures are not these
+        self._moves.clear()  # the snapshot holds every event before it; none after it was applied
         self.add_failures(view.record() for view in self.runs.values() if view.status is RunStatus.FAILED)
         self.apply_overview(snap)
         self.last_seq = snap.last_seq
@@ -130,6 +158,17 @@ class DashboardState:
         self.leadership = snap.leadership
         self.by_status = dict(snap.stats.by_status)
         self.stats = snap.stats
+        self.finished_totals = {
+            "succeeded": snap.stats.succeeded_total,
+            "failed": snap.stats.failed_total,
+            "cancelled": snap.stats.cancelled_total,
+        }
+        self._counted_seq = snap.last_seq
+        moves = self._moves
+        while moves and moves[0][0] <= snap.last_seq:
+            moves.popleft()
+        for _, old, new in moves:
+            self._move_count(old, new)
         self._finished_samples.append((self.clock(), snap.stats.finished_total))
         self.engine_state = snap.state
 
@@ -168,6 +207,7 @@ class DashboardState:
     def _apply_run(self, kind: str, e: Any) -> None:
         self.task_stats.on_event(kind, e)
         run_id = e.run_id
+        self._count_run_event(kind, e, self.runs.get(run_id))
         if kind == "run.submitted":
             self.runs[run_id] = RunView(
                 run_id, e.task, e.params, e.max_attempts, e.ts, e.key, e.source
@@ -224,6 +264,26 @@ class DashboardState:
             return
         run.cached = None
         self.dirty.add(run_id)
+
+    def _count_run_event(self, kind: str, e: Any, run: RunView | None) -> None:
+        """Move the counts on by a run event the last snapshot's counts do not hold yet."""
+        if self.finished_totals is None or (e.seq and e.seq <= self._counted_seq):
+            return
+        move = _status_move(kind, e, None if run is None else run.status.value)
+        if move is None:
+            return
+        if e.seq:
+            self._moves.append((e.seq, *move))
+        self._move_count(*move)
+
+    def _move_count(self, old: str | None, new: str) -> None:
+        counts = self.by_status
+        if old is not None and counts.get(old, 0) > 0:
+            counts[old] -= 1
+        counts[new] = counts.get(new, 0) + 1
+        totals = self.finished_totals
+        if totals is not None and new in totals:
+            totals[new] += 1
 
     def _apply_lease(self, kind: str, e: Any) -> None:
         mine = e.node == self.node_id
@@ -321,14 +381,7 @@ class DashboardState:
 
     def totals(self) -> dict[str, int] | None:
         """Finished runs by status since the engine started (not only those its history keeps)."""
-        stats = self.stats
-        if stats is None:
-            return None
-        return {
-            "succeeded": stats.succeeded_total,
-            "failed": stats.failed_total,
-            "cancelled": stats.cancelled_total,
-        }
+        return None if self.finished_totals is None else dict(self.finished_totals)
 
     def finish_rate(self) -> float | None:
         """Runs finished per second over the last snapshots (about ten seconds of them);

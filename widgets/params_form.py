@@ -24,12 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from rich.text import Text
 from taskwatch.engine import TaskInfo
 from textual import on
 from textual.app import ComposeResult
+from textual.content import Content
 from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Input, Label, Select, Static, Switch
+
+from ._format import printable, printable_lines
 
 FieldKind = Literal["str", "int", "float", "bool", "json"]
 
@@ -275,12 +279,12 @@ class ParamsForm(Widget):
 
     def compose(self) -> ComposeResult:
         if self._show_description and self.task_info.description:
-            yield Static(self.task_info.description, classes="params-form--description", markup=False)
+            yield Static(printable_lines(self.task_info.description), classes="params-form--description", markup=False)
         if not self.fields:
             yield Static("This task takes no params.", classes="params-form--empty")
         for index, spec in enumerate(self.fields):
             field_id = f"params-field-{index}"
-            label = Label(spec.label, classes="params-form--label", markup=False)
+            label = Label(printable(spec.label), classes="params-form--label", markup=False)
             if spec.required:
                 label.add_class("-required")
             if spec.description:
@@ -288,7 +292,7 @@ class ParamsForm(Widget):
             yield label
             hint = " · ".join(part for part in (spec.description, spec.limits_text()) if part)
             if hint:
-                yield Static(hint, classes="params-form--hint", markup=False)
+                yield Static(printable_lines(hint), classes="params-form--hint", markup=False)
             value = self._initial.get(spec.name, spec.default if spec.has_default else None)
             widget: Input | Switch | Select[str]
             if spec.kind == "bool" and _three_way(spec):
@@ -307,7 +311,8 @@ class ParamsForm(Widget):
                 # a pick from the allowed values, not free text; blank only where empty means something
                 chosen: dict[str, Any] = {"value": value} if isinstance(value, str) and value in spec.choices else {}
                 widget = Select(
-                    [(choice, choice) for choice in spec.choices],
+                    # the task's values, drawn as written: never read as markup
+                    [(Text(printable(choice)), choice) for choice in spec.choices],
                     **chosen,
                     allow_blank=spec.nullable or spec.has_default or not spec.required or value not in spec.choices,
                     prompt=self._placeholder(spec),
@@ -435,6 +440,12 @@ class ParamsForm(Widget):
 
     @staticmethod
     def _placeholder(spec: FieldSpec) -> str:
+        """What an empty field means; it may quote the task's choices and default, so it is made
+        printable and (for a Select) kept from being read as markup."""
+        return _AsWritten(printable(ParamsForm._empty_hint(spec)))
+
+    @staticmethod
+    def _empty_hint(spec: FieldSpec) -> str:
         if spec.nullable:
             hint = "empty: null"
         elif spec.has_default:
@@ -458,6 +469,19 @@ class ParamsForm(Widget):
         except ParamsFormError:
             return
         self.post_message(self.Submitted(self, params))
+
+
+class _AsWritten(str):
+    """Text drawn as written wherever Textual draws it. A Select draws its prompt twice: as
+    the blank option of its list (plain text, fine) and, while nothing is picked, through a
+    Static that would read it as markup, where a choice or default like ``a[/]b`` crashes the
+    app. Textual draws an object with a ``visualize`` method as what that returns, before it
+    would parse a str as markup."""
+
+    __slots__ = ()
+
+    def visualize(self) -> Content:
+        return Content(str(self))
 
 
 def _default_text(spec: FieldSpec) -> str:

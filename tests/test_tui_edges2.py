@@ -1,0 +1,284 @@
+"""The dashboard with awkward text from tasks, pasted attach commands, Esc on a confirmed
+filter, and bulk cancels of runs that take their time to stop.
+
+Every test drives the real app with Pilot on a live engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import shlex
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+from taskwatch.engine import Engine, RunStatus, TaskContext
+from taskwatch.tui.app import TaskwatchApp
+from taskwatch.tui.client import LocalClient
+from taskwatch.tui.screens import AttachScreen, ChooseKeyScreen, ConfirmScreen, SubmitScreen
+from taskwatch.widgets import ParamsForm, RunsTable
+from textual.command import CommandList, CommandPalette
+from textual.pilot import Pilot
+from textual.widgets import Input, OptionList, Select, Static
+
+from .helpers import eventually
+from .test_dashboard import make_engine, shown_status, table
+from .test_dashboard_use import LARGE, SMALL, dashboard, notes, visible, visible_text
+
+#: text from tasks that Rich/Textual markup would read as tags (and raise on, or eat)
+CLOSING_PATH = "Reads paths like [/tmp/x]."
+LINK = "see [link=https://x]docs[/link]"
+
+
+class Mode(str, enum.Enum):
+    odd = "a[/]b"
+    plain = "plain"
+
+
+class ModeParams(BaseModel):
+    mode: Mode  # required, no default: the field starts blank, its prompt drawn
+
+
+def markup_engine() -> Engine:
+    engine = make_engine()
+
+    @engine.task(name="boom[/]x", description=f"{CLOSING_PATH} {LINK}")
+    async def boom(ctx: TaskContext, params: ModeParams) -> None:
+        return None
+
+    @engine.task(name="[bold red]loud", description="says \x1b[31mred\x1b[0m [/]")
+    async def loud(ctx: TaskContext) -> None:
+        return None
+
+    return engine
+
+
+def select_label(select: Select[Any]) -> str:
+    """What a Select shows as its value (or its prompt while nothing is picked)."""
+    return visible(select.query(Static).first())
+
+
+async def open_list(pilot: Pilot, select: Select[Any]) -> OptionList:
+    select.focus()
+    await pilot.pause()
+    await pilot.press("enter")
+    overlay = select.query_one(OptionList)
+    await eventually(lambda: overlay.display and overlay.size.height > 0)
+    await pilot.pause()
+    return overlay
+
+
+async def palette_lines(app: TaskwatchApp, pilot: Pilot, query: str, wanted: str) -> list[str]:
+    """The palette's hits for ``query``, as drawn, once one of them holds ``wanted``."""
+    await pilot.press("ctrl+p")
+    palette = await eventually(lambda: app.screen if isinstance(app.screen, CommandPalette) else None)
+    await pilot.press(*query)
+    hits = palette.query_one(CommandList)
+
+    def drawn() -> list[str]:
+        return [line.rstrip() for y in range(hits.size.height) if (line := hits.render_line(y).text.strip())]
+
+    await eventually(lambda: any(wanted in line for line in drawn()))
+    lines = drawn()
+    await pilot.press("escape")
+    await eventually(lambda: app.screen is app.main)
+    return lines
+
+
+# ---------------------------------------------------------------- markup-like text from tasks
+
+
+async def test_the_submit_form_draws_task_names_descriptions_and_choices_that_look_like_markup_as_written() -> None:
+    engine = markup_engine()
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        await eventually(lambda: any(t.name == "boom[/]x" for t in app.state.tasks))
+        await pilot.press("s")
+        screen = await eventually(lambda: app.screen if isinstance(app.screen, SubmitScreen) else None)
+        tasks = screen.query_one("#submit-task", Select)
+        tasks.value = "boom[/]x"
+        await eventually(lambda: screen.query(ParamsForm) and screen.query_one(ParamsForm).task_info.name == "boom[/]x")
+        await pilot.pause()
+        assert select_label(tasks).startswith("boom[/]x")
+        assert visible_text(screen.query_one("#submit-description", Static)) == f"{CLOSING_PATH} {LINK}"
+        # the blank enum field draws its prompt, which names the choices
+        mode = screen.query_one(ParamsForm).field_widget("mode")
+        assert isinstance(mode, Select)
+        assert select_label(mode).startswith("a[/]b | plain  (required)")
+        choices = await open_list(pilot, mode)
+        drawn = visible_text(choices)
+        assert "a[/]b | plain (required)" in drawn and " a[/]b " in f" {drawn} "
+        await pilot.press("down", "enter")  # the first choice, under the blank prompt
+        await eventually(lambda: mode.value == "a[/]b")
+        assert select_label(mode).startswith("a[/]b")
+        # the other task: its name, and its description with escape sequences shown, not sent
+        tasks.value = "[bold red]loud"
+        await eventually(lambda: screen.query_one(ParamsForm).task_info.name == "[bold red]loud")
+        await pilot.pause()
+        assert select_label(tasks).startswith("[bold red]loud")
+        assert visible_text(screen.query_one("#submit-description", Static)) == r"says \x1b[31mred\x1b[0m [/]"
+        names = visible_text(await open_list(pilot, tasks))
+        assert "boom[/]x" in names and "[bold red]loud" in names
+        assert app.is_running
+
+
+async def test_the_command_palette_lists_markup_like_task_names_as_written_and_every_command_after_them() -> None:
+    engine = markup_engine()
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        await eventually(lambda: any(t.name == "boom[/]x" for t in app.state.tasks))
+        assert "Submit boom[/]x" in await palette_lines(app, pilot, "boom", "Submit boom[/]x")
+        lines = await palette_lines(app, pilot, "loud", "loud")
+        assert "Submit [bold red]loud" in lines
+        assert r"says \x1b[31mred\x1b[0m [/]" in lines  # its help line: the description, as written
+        # the commands listed after those tasks are still there
+        assert "Pause periodic hourly" in await palette_lines(app, pilot, "Pause periodic", "hourly")
+        assert app.is_running
+
+
+async def test_a_trigger_key_that_looks_like_markup_is_offered_as_written_and_fired() -> None:
+    engine = make_engine()
+    fired: list[str] = []
+
+    async def compile_key(ctx: TaskContext, key: str) -> None:
+        fired.append(key)
+
+    trigger = engine.trigger("compile", compile_key, size_threshold=100)
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        trigger.notify("k[/]1")
+        trigger.notify("k2")
+        await eventually(lambda: any(t.name == "compile" and len(t.keys) == 2 for t in app.state.triggers))
+        app.action_fire_trigger("compile")  # what the palette's "Fire trigger compile" does
+        dialog = await eventually(lambda: app.screen if isinstance(app.screen, ChooseKeyScreen) else None)
+        keys = dialog.query_one(OptionList)
+        await pilot.pause()
+        drawn = visible_text(keys)
+        assert "k[/]1" in drawn and "k2" in drawn
+        keys.highlighted = next(i for i, key in enumerate(dialog.keys) if key == "k[/]1")
+        await pilot.press("enter")
+        await eventually(lambda: fired == ["k[/]1"])
+        assert app.is_running
+
+
+# ---------------------------------------------------------------- the attach command
+
+
+@pytest.fixture
+def odd_dir() -> Iterator[str]:
+    # short, under /tmp: a unix socket path has a length limit a pytest tmp_path may pass
+    path = tempfile.mkdtemp(prefix="tw a;b ")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def attach_command(engine: Engine, address: str, token: str) -> tuple[str, str]:
+    """The command the dialog holds and the line it draws."""
+    server = await engine.serve(address, token=token, announce=False)
+    app = TaskwatchApp(LocalClient(engine), refresh_hz=30.0, serving=server.info())
+    async with app.run_test(size=SMALL) as pilot:
+        app.action_attach_command()
+        dialog = await eventually(lambda: app.screen if isinstance(app.screen, AttachScreen) else None)
+        await pilot.pause()
+        drawn = visible_text(dialog.query_one("#attach-command", Static))
+        command = dialog.command
+        await app.action_quit()
+    return command, drawn
+
+
+async def test_the_attach_command_is_quoted_for_the_shell_it_is_pasted_into(odd_dir: str) -> None:
+    engine = make_engine()
+    token = "correct horse $(id) battery staple"
+    socket = os.path.join(odd_dir, "e;x.sock")
+    async with engine:
+        command, drawn = await attach_command(engine, socket, token)
+        engine.resources["release"].set()
+    assert shlex.split(command) == [f"TASKWATCH_TOKEN={token}", "taskwatch", "attach", socket]
+    assert drawn == command  # fits on one line at 80 columns
+
+
+async def test_a_relative_socket_path_is_shown_absolute_in_the_attach_command(
+    odd_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(odd_dir)
+    engine = make_engine()
+    async with engine:
+        command, _ = await attach_command(engine, "rel.sock", "a-token-of-sufficient-length-42")
+        *_, address = shlex.split(command)
+        assert address == os.path.join(os.getcwd(), "rel.sock")
+        assert os.path.exists(address)  # the socket the engine serves on, found from any directory
+        engine.resources["release"].set()
+
+
+# ---------------------------------------------------------------- Esc on a confirmed filter
+
+
+async def test_esc_clears_and_closes_a_filter_confirmed_with_enter() -> None:
+    engine = make_engine()
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        failed = await (await engine.submit("explode")).wait(2)
+        ok = await (await engine.submit("embed_batch", {"user_id": "u", "contents": ["a"]})).wait(2)
+        await eventually(lambda: set(table(app).shown_keys) == {failed.id, ok.id})
+        box = app.main.query_one("#runs-filter", Input)
+        await pilot.press("slash", *"status:failed", "enter")
+        await eventually(lambda: table(app).shown_keys == [failed.id])
+        assert app.focused is table(app) and box.has_class("shown")
+        await pilot.press("escape")
+        assert box.value == "" and not box.has_class("shown")
+        await eventually(lambda: set(table(app).shown_keys) == {failed.id, ok.id})
+        assert app.focused is table(app)
+        # on the Events tab too
+        await pilot.press("5", "slash", *"run.failed", "enter")
+        events_box = app.main.query_one("#events-filter", Input)
+        assert events_box.has_class("shown") and not events_box.has_focus
+        await pilot.press("escape")
+        assert events_box.value == "" and not events_box.has_class("shown")
+
+
+async def test_esc_on_another_tab_leaves_the_runs_filter_alone() -> None:
+    engine = make_engine()
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        box = app.main.query_one("#runs-filter", Input)
+        await pilot.press("slash", *"explode", "enter")
+        assert box.has_class("shown")
+        await pilot.press("4", "escape")  # the Runs tab's filter is out of sight: Esc there is no surprise
+        assert box.value == "explode" and box.has_class("shown")
+
+
+# ---------------------------------------------------------------- bulk cancel
+
+
+async def test_cancelling_marked_runs_cancels_them_together_not_one_after_another() -> None:
+    engine = make_engine()
+    count = 4
+    winding_down = 0
+    all_winding_down = asyncio.Event()
+
+    @engine.task(name="sticky")
+    async def sticky(ctx: TaskContext) -> None:
+        nonlocal winding_down
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            # each run finishes winding down only once every one has been asked to stop: one
+            # cancel at a time would leave the first waiting out its grace, still running
+            winding_down += 1
+            if winding_down == count:
+                all_winding_down.set()
+            await all_winding_down.wait()
+            raise
+
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        ids = [(await engine.submit("sticky")).id for _ in range(count)]
+        await eventually(lambda: all(shown_status(app, i) == "running" for i in ids))
+        await pilot.press("g", *["space"] * count)  # from the newest down: each marks and moves on
+        assert sorted(table(app).marked) == sorted(ids)
+        await pilot.press("c")
+        await eventually(lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await eventually(lambda: any("marked runs" in n for n in notes(app)))
+        assert f"cancelled {count} of {count} marked runs" in notes(app)
+        assert all(engine.get(i).status is RunStatus.CANCELLED for i in ids)
+        assert app.main.query_one(RunsTable).marked == []
