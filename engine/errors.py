@@ -193,10 +193,15 @@ class NotLeader(TaskwatchError):
         self.node_id = node_id
         self.holder = holder
         self.reason = reason
-        held = f"held by {holder!r}" if holder else "not held by anyone"
+        if holder is not None and holder == node_id:
+            # the node's own last view of the lease names itself: the lease ran out (a pause,
+            # a slow store) before it was renewed, and the node has not heard who holds it now
+            held = "its lease lapsed before it was renewed"
+        else:
+            held = f"lease held by {holder!r}" if holder else "lease not held by anyone"
         why = f"; {reason}" if reason else ""
         super().__init__(
-            f"node {node_id!r} is not the leader (lease {held}{why}); leader-only work must stop here"
+            f"node {node_id!r} is not the leader ({held}{why}); leader-only work must stop here"
         )
 
 

@@ -97,8 +97,9 @@ class RunRecovered(RunEvent):
     ``action`` says what became of it: ``requeued`` (pending again, with
     ``attempt`` counted up), ``failed`` (as ``WorkerLost``: lost too often, or
     its task says ``on_lost="fail"``) or ``cancelled`` (a cancel was pending).
-    A ``failed`` or ``cancelled`` run that this node was tracking also gets
-    its usual finished event.
+    A ``failed`` or ``cancelled`` run also gets its usual finished event, from
+    the node that recovered it (the node that ran it is gone), so the cluster
+    bus carries it once.
     """
 
     kind: Literal["run.recovered"] = "run.recovered"

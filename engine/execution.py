@@ -57,6 +57,7 @@ from .store import (
     Store,
     StoreClosed,
     StoreError,
+    StoredRun,
     StoreGaveUp,
     Succeeded,
 )
@@ -157,6 +158,8 @@ class Execution:
         self._start_again = False
         #: when (time.monotonic()) the store's dead incarnations were last pruned
         self._nodes_pruned_at = float("-inf")
+        #: ids of the runs this node's recovery is settling (see on_recovered)
+        self._recovering: set[str] = set()
 
     def forget_claims(self) -> None:
         """A restart of the engine object: the store is the truth, no claim of ours survives."""
@@ -289,7 +292,8 @@ class Execution:
             if run.token is not None:
                 self._claimed.pop(run.token, None)
                 run.token = None
-            if run.handle is not None:
+            if run.handle is not None and not run.handle.cancelling():
+                # (one cancel: an attempt told of its lost claim already is cleaning up)
                 run.handle.cancel()
             self.index.counts[_RUNNING] -= 1
             self.index.counts[_PENDING] += 1
@@ -458,9 +462,14 @@ class Execution:
         run = self._claimed.get(token)
         if run is None or token in self._finishing:
             return  # gone, or ended by our own finish, which the heartbeat crossed
+        if run.token != token:
+            # already let go (an earlier heartbeat said so, or a cut-off): the claim stays listed
+            # until the task ends, so every heartbeat meanwhile reports it lost again. Cancelling
+            # once more would cut short the task's own cleanup, which gets one cancel, as a user's does
+            return
         log.warning("lost the claim on run %s (recovered by another node); stopping it here", run.id)
         run.token = None  # nothing this attempt does may be recorded any more
-        if run.handle is not None:
+        if run.handle is not None and not run.handle.cancelling():  # a user's cancel may be under way
             run.handle.cancel()
 
     def cut_off(self, seconds: float, tokens: Sequence[str], first: bool) -> None:
@@ -772,17 +781,34 @@ class Execution:
         )
 
     async def on_recovered(self, recovered: list[Recovered]) -> None:
-        """Runs taken back from lost workers (any node's): update the index, publish what happened."""
-        rows = await self.store.get_many([item.run_id for item in recovered])  # one query for the lot
+        """Runs taken back from lost workers (any node's): update the index, publish what happened.
+
+        A run recovery fails or cancels has no owner left to say it ended: this node, the one
+        that recovered it, publishes its ``run.failed`` / ``run.cancelled`` as its own news
+        (``from_store=False``, so its relay sends it to the cluster), whether or not it knew the run.
+        """
+        ids = [item.run_id for item in recovered]
+        # until that news is out, a read-back of the store (the store's notice of their end, a
+        # waiter's refresh, a catch-up) leaves these runs alone: it would end them here as read
+        # from the store, which no relay sends, and the cluster would never hear how they ended
+        self._recovering.update(ids)
+        try:
+            self._settle_recovered(recovered, await self.store.get_many(ids))  # one query for the lot
+        finally:
+            self._recovering.difference_update(ids)
+
+    def _settle_recovered(self, recovered: list[Recovered], rows: Mapping[str, StoredRun]) -> None:
         for item in recovered:
             self.index.recovered_total += 1
             stored = rows.get(item.run_id)
             run = self.index.runs.get(item.run_id)
+            untracked: Run | None = None
             if run is None:
                 if stored is None:
                     continue  # pruned meanwhile
                 # a previous incarnation's run, or another node's: the store's row says it all
-                self.index.add(Run.from_record(stored.to_record(), self.tasks.get(item.task)))
+                untracked = Run.from_record(stored.to_record(), self.tasks.get(item.task))
+                self.index.add(untracked)
             elif item.action == "requeued":
                 if run.token is not None and run.attempt >= item.attempt:
                     pass  # claimed here since, as the attempt recovery made: it runs here now
@@ -794,7 +820,7 @@ class Execution:
                         # the next attempt instead of itself
                         self._claimed.pop(run.token, None)
                         run.token = None
-                        if run.handle is not None:
+                        if run.handle is not None and not run.handle.cancelling():
                             run.handle.cancel()
                     self.index.requeued(run, stored.error if stored is not None else run.error, 0.0)
                     run.attempt = item.attempt
@@ -804,7 +830,13 @@ class Execution:
                 RunRecovered, run_id=item.run_id, task=item.task, action=item.action, reason=item.reason,
                 attempt=item.attempt, lost_count=item.lost_count, from_node=item.node,
             )
-            if run is None or run.status.finished:
+            ended = untracked if untracked is not None else run if run is not None and run.status.finished else None
+            if ended is not None:
+                # indexed as the store has it after the recovery (unknown here before, or read in
+                # by this node's start, which recovers first): its end not yet told on this bus
+                self._recovered_end(ended, item)
+                continue
+            if run is None:
                 continue
             if item.action == "failed":
                 error = stored.error if stored is not None and stored.error is not None else RunError(
@@ -816,6 +848,21 @@ class Execution:
                 # record here says what the store's does
                 reason = stored.cancel_reason if stored is not None and stored.cancel_reason else "user"
                 self.finish_cancelled(run, reason, was_running=True)
+
+    def _recovered_end(self, run: Run, item: Recovered) -> None:
+        """Publish how a run indexed as already ended ended at its recovery, if it was failed or cancelled."""
+        if item.action == "failed" and run.status is _FAILED:
+            error = run.error or RunError(type="WorkerLost", message="its worker was lost")
+            finished = run.finished_at or self.engine.clock()
+            self.bus.post(
+                RunFailed, run_id=run.id, task=run.task, attempt=run.attempt,
+                duration=max(0.0, finished - (run.started_at or finished)), error=error, from_store=False,
+            )
+        elif item.action == "cancelled" and run.status is _CANCELLED:
+            self.bus.post(
+                RunCancelled, run_id=run.id, task=run.task, attempt=run.attempt,
+                reason=run.cancel_reason or "user", was_running=True, from_store=False,
+            )
 
     async def prune(self) -> None:
         """Keep the store within ``history`` and ``retention`` (never touching unfinished runs),
@@ -868,14 +915,15 @@ class Execution:
         self.finish_cancelled(run, stored.cancel_reason or "user", was_running=run.status is _RUNNING)
 
     async def _take_from_store(self, runs: list[Run]) -> None:
-        wanted = [run for run in runs if not self.executor.unwritten(run.id)]
+        recovering = self._recovering
+        wanted = [run for run in runs if not self.executor.unwritten(run.id) and run.id not in recovering]
         if not wanted:
             return
         found = await self.store.get_many([run.id for run in wanted])  # one query for the lot
         vanished = []
         for run in wanted:
-            if run.token is not None or run.status.finished:
-                continue  # this node claimed or ended it meanwhile
+            if run.token is not None or run.status.finished or run.id in recovering:
+                continue  # this node claimed, ended or is recovering it meanwhile
             stored = found.get(run.id)
             if stored is None:
                 vanished.append(run)

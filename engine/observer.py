@@ -4,7 +4,8 @@ A :class:`ClusterObserver` runs no tasks and registers no node. It reads what
 the nodes share in their database: the ``nodes`` table (each node's newest
 incarnation: up, dead or stopped, last heartbeat, running runs, CPU and RSS,
 version), the leader and its term from the ``leases`` table (when the nodes
-use a :class:`~.postgres_lease.PostgresLease`), the newest runs of the whole
+use a :class:`~.postgres_lease.PostgresLease`; else, a RedisLease say, from
+the nodes' own lease events), the newest runs of the whole
 cluster (with the node each ran on), and the cluster's events through a
 :class:`~.postgres_events.PostgresEventRelay` (nodes started with
 ``events="postgres"``). ``taskwatch attach postgresql://...`` shows it.
@@ -99,6 +100,8 @@ class ClusterObserver:
         self.runs_interval = runs_interval
         self._node_rows: list[NodeInfo] = []
         self._leader: LeaseState | None = None
+        #: the lease was seen held since this observer started: the nodes lead through it
+        self._lease_seen = False
         self._lease_due = 0.0
         self._runs: dict[str, StoredRun] = {}
         self._runs_stale = True
@@ -187,13 +190,27 @@ class ClusterObserver:
             return False
         return self._leader is None or self._leader.expires_at < self.store.clock()
 
+    @property
+    def by_lease(self) -> bool:
+        """Whether the roles come from the lease watched here: it is held now, or was seen held
+        since this observer started. Until then (the nodes may lead through another lease, a
+        RedisLease say, or none) each node's role is what its own lease events said."""
+        return self._lease is not None and (self._leader is not None or self._lease_seen)
+
+    @property
+    def leader_vacant(self) -> bool:
+        """Whether nobody leads, as known now: the lease the nodes lead through was read
+        unheld (a read that got through, not a lapse seen from a database out of reach)."""
+        return self.by_lease and self._leader is None and not self.stale
+
     def nodes(self) -> list[ClusterNode]:
         """Each node's newest incarnation, by name, with what its events said (events, missed).
 
         A node that is not up (dead, stopped, or unknown while the database is out of reach)
         has no role, unless it still holds the lease (until it lapses), and its running count
         is the store's count of runs it still holds (0 once they were taken over), not the last
-        it reported; an unknown node's is not known.
+        it reported; an unknown node's is not known. Roles come from the lease (see
+        :attr:`by_lease`), else from the nodes' lease events.
         """
         newest: dict[str, NodeInfo] = {}
         for info in self._node_rows:  # registration order: a later start replaces an earlier one
@@ -202,6 +219,7 @@ class ClusterObserver:
                 newest[info.node] = info
         seen = {view.node: view for view in self.relay.nodes()}
         leader = None if self.leader_unknown else self._leader
+        by_lease = self.by_lease
         now = self.store.clock()
         stale = self.stale
         ttl = self.store.node_ttl
@@ -241,7 +259,7 @@ class ClusterObserver:
             if stopped or dead or unknown:
                 # what it last reported is not what it holds now: its runs may have been taken over
                 fields.update(running=None if unknown else holding.get(name, 0), is_leader=None, term=None)
-            elif self._lease is not None:
+            elif by_lease:
                 # no holder read (or not known now): nobody is shown as a follower either
                 fields.update(is_leader=None if leader is None else holds_lease, term=None)
             if holds_lease:
@@ -314,6 +332,7 @@ class ClusterObserver:
             self._lease_due = self._now + _LEASE_INTERVAL
             try:
                 self._leader = await self._lease.peek()
+                self._lease_seen = self._lease_seen or self._leader is not None
             except Exception as exc:  # noqa: BLE001 - the badge waits for the next look; the rest goes on
                 log.debug("reading the lease failed: %r", exc)
         if runs:

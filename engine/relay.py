@@ -23,7 +23,9 @@ holds what does not depend on that place:
 - :meth:`EventRelay.nodes`: each node as its events show it (last event,
   leadership, running runs, CPU and RSS from its health samples); a node
   silent for a few of its health intervals is ``unknown`` (killed, cut off,
-  or this reader cannot reach the shared place).
+  or this reader cannot reach the shared place); until two samples give the
+  interval, it is taken from the node's start to its first sample, or else
+  as the engine's default.
 
 The cluster bus is separate from the engine's own bus on purpose: the
 engine's bus numbers *this* node's events (``seq``) and snapshots resume from
@@ -56,6 +58,9 @@ BACKOFF_MAX = 2.0
 #: reader's poll) shows as unknown: a node killed with ``kill -9`` never says it stopped
 SILENT_SAMPLES = 3
 SILENT_SLACK = 1.0
+#: the interval assumed between a node's health samples until it can be measured (the engine's
+#: default ``health_interval``): a node killed right after its first sample is judged too
+ASSUMED_HEALTH_INTERVAL = 1.0
 #: the buses of one node whose numbering is followed (restarts, or processes sharing its id)
 BUSES_PER_NODE = 16
 
@@ -138,7 +143,7 @@ class Outgoing:
 
 class _NodeView:
     __slots__ = ("node", "seqs", "last_ts", "last_kind", "events", "missed", "coalesced", "is_leader", "term",
-                 "running", "cpu_percent", "rss_bytes", "stopped", "heard_at", "health_ts", "health_every")
+                 "running", "cpu_percent", "rss_bytes", "stopped", "heard_at", "health_ts", "health_every", "started_ts")
 
     def __init__(self, node: str) -> None:
         self.node = node
@@ -163,16 +168,21 @@ class _NodeView:
         #: (None: not known yet, or the node's clock stands still)
         self.health_ts: float | None = None
         self.health_every: float | None = None
+        #: the node's clock at its last engine.started (its sampler starts after it: the first
+        #: sample comes a whole interval later)
+        self.started_ts: float | None = None
 
     def silent(self, now: float) -> bool:
         """Whether the node missed a few health samples in a row (as read here, at ``now``):
         killed, cut off, or the reader cannot reach the shared place. A node that samples no
         health is never judged."""
         every = self.health_every
+        if every is None and self.health_ts is not None:
+            every = ASSUMED_HEALTH_INTERVAL  # one sample read: it does sample, at a rate not known yet
         return not self.stopped and every is not None and now - self.heard_at > SILENT_SAMPLES * every + SILENT_SLACK
 
     def model(self, now: float) -> ClusterNode:
-        hidden = ("seqs", "heard_at", "health_ts", "health_every")
+        hidden = ("seqs", "heard_at", "health_ts", "health_every", "started_ts")
         fields = {name: getattr(self, name) for name in self.__slots__ if name not in hidden}
         return ClusterNode(**fields, unknown=self.silent(now))
 
@@ -553,6 +563,9 @@ def _note(view: _NodeView, event: Any) -> None:
     if kind == "health":
         if view.health_ts is not None and event.ts > view.health_ts:
             view.health_every = event.ts - view.health_ts
+        elif view.health_ts is None and view.started_ts is not None and event.ts > view.started_ts:
+            # the first sample of a process seen starting: an interval after its start, or a bit more
+            view.health_every = event.ts - view.started_ts
         view.health_ts = event.ts
         view.running = event.running
         view.cpu_percent = event.cpu_percent
@@ -565,3 +578,6 @@ def _note(view: _NodeView, event: Any) -> None:
         view.stopped = True
     elif kind == "engine.started":
         view.stopped = False
+        # a new process: its samples are timed afresh (not from the last one before the restart)
+        view.started_ts = event.ts
+        view.health_ts = view.health_every = None

@@ -13,7 +13,9 @@ says so).
 ``taskwatch attach postgresql://...`` opens it on the cluster's database (a
 :class:`~taskwatch.engine.ClusterObserver`, which runs no tasks): the Nodes
 view comes from the nodes table (up, dead or stopped, last heartbeat, running
-runs, CPU, RSS, version) with the leader and term from the lease table; the
+runs, CPU, RSS, version) with the leader and term from the lease table (from
+the nodes' lease events when they lead through another lease, a RedisLease
+say; "leader unknown" when neither says); the
 runs of the whole cluster, each with its node, sit between the nodes and the
 event log, and ``c`` / ``r`` cancel or retry the selected run wherever it
 runs; Enter opens it in full (params, result, attempts, a failure's
@@ -41,6 +43,7 @@ from typing import Any
 
 from rich.text import Text
 from taskwatch.engine import (
+    ClusterNode,
     ClusterObserver,
     EventRelay,
     RunNotCancellable,
@@ -84,6 +87,24 @@ def join_parts(parts: list[str], width: int) -> str:
         used += size + (2 if lines[-1] else 0)
         lines[-1].append(part)
     return "\n".join("  ".join(line) for line in lines)
+
+
+def leader_part(observer: ClusterObserver, nodes: list[ClusterNode]) -> str:
+    """The header's word on who leads, from the nodes the table shows (their roles come from
+    the lease, or from the nodes' lease events when they lead through another lease)."""
+    if observer.leader_unknown:
+        return "[bold yellow]leader unknown[/]"  # the lease read last lapsed since
+    leaders = [node for node in nodes if node.is_leader]
+    if leaders:
+        top = max(leaders, key=lambda node: node.term or 0)
+        return f"leader {top.node}" + (f" t{top.term}" if top.term is not None else "")
+    lease = observer.leader
+    if lease is not None:  # held by a process the nodes table does not list
+        return f"leader {lease.holder} t{lease.term}"
+    if observer.leader_vacant or any(node.is_leader is False for node in nodes):
+        return "no leader"
+    # nothing says who leads: the nodes may lead through a lease this dashboard cannot see
+    return "[yellow]leader unknown[/]"
 
 
 class ClusterApp(App[None]):
@@ -197,11 +218,7 @@ class ClusterApp(App[None]):
         parts = [f"[b]{stats.stream}[/] on {self.source.public_url}", link, f"{len(nodes)} nodes",
                  f"{stats.received} events", missed]  # fmt: skip
         if observer is not None:
-            leader = observer.leader
-            if observer.leader_unknown:
-                parts.insert(3, "[bold yellow]leader unknown[/]")  # the lease read last lapsed since
-            else:
-                parts.insert(3, f"leader {leader.holder} t{leader.term}" if leader is not None else "no leader")
+            parts.insert(3, leader_part(observer, nodes))
             if observer.stale:
                 # nothing below is current: say how old it is
                 read_at = observer.read_at
