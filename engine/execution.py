@@ -43,7 +43,7 @@ from .executor import Executor
 from .index import RunIndex
 from .jsonsafe import NotJsonSafe, cut_text, jsonable, safe_str, safe_text
 from .options import CancelOptions, WaitOptions, check_options
-from .runs import MAX_ERROR_MESSAGE, CancelReason, Progress, Run, RunError, RunRecord, RunStatus
+from .runs import MAX_ERROR_MESSAGE, CancelReason, Progress, Run, RunError, RunRecord, RunStatus, detached
 from .store import (
     Cancelled,
     Claim,
@@ -429,7 +429,7 @@ class Execution:
             RunSubmitted,
             run_id=run.id,
             task=run.task,
-            params=dict(run.params),  # the event's own, as validation would make it
+            params=detached(run.params),  # the event's own: a subscriber changing it changes no record
             key=run.key,
             source=run.source,
             max_attempts=run.max_attempts,
@@ -532,8 +532,15 @@ class Execution:
             try:
                 model = run.model
                 if model is None and spec.params_model is not None:
-                    # a run read back from the store: its params are validated again here
-                    model = run.model = spec.params_model.model_validate(run.params)
+                    # a run read back from the store: its params are validated again here (a copy:
+                    # the model may share lists and dicts with what it was validated from)
+                    try:
+                        model = run.model = spec.params_model.model_validate(detached(run.params))
+                    except ValidationError as exc:
+                        # the task's model changed since the run was recorded: no retry can help
+                        error = RunError(type="InvalidParams", message=_params_no_longer_fit(spec.name, exc))
+                        self._record(run, token, Failed(error), error)
+                        return
                 ctx = TaskContext(self.engine, run, spec.name, report=self.progress, attempt=run.attempt)
                 args: tuple[Any, ...] = (ctx,) if model is None else (ctx, model)
                 if spec.resources:
@@ -777,7 +784,7 @@ class Execution:
         self._finish(run, _SUCCEEDED, now)
         self.bus.post(
             RunSucceeded, run_id=run.id, task=run.task, attempt=run.attempt,
-            duration=now - (run.started_at or now), result=result, from_store=False,
+            duration=now - (run.started_at or now), result=detached(result), from_store=False,
         )
 
     async def on_recovered(self, recovered: list[Recovered]) -> None:
@@ -978,7 +985,7 @@ class Execution:
             if stored.status is _SUCCEEDED:
                 self.bus.emit(
                     RunSucceeded, run_id=run.id, task=run.task, attempt=run.attempt, duration=duration,
-                    result=run.result, from_store=True,
+                    result=detached(run.result), from_store=True,
                 )
             else:
                 error = run.error or RunError(type="Unknown", message="failed on another node")
@@ -1283,3 +1290,15 @@ class _Overrun:
     def cancelled_elsewhere(self) -> bool:
         """Whether a cancel other than the timeout's and this object's is pending on the task."""
         return self.task.cancelling() > self.entered
+
+
+def _params_no_longer_fit(task: str, exc: ValidationError) -> str:
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in problem['loc']) or 'params'}: {problem['msg']}" for problem in exc.errors()[:5]
+    )
+    more = f" (and {exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
+    return (
+        f"the params recorded for this run no longer fit task {task!r}'s params model ({problems}{more}): "
+        "the model changed since the run was submitted, so retrying cannot help; submit it again with "
+        "params that fit"
+    )

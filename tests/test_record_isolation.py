@@ -10,6 +10,7 @@ the snapshot's JSON or a dashboard's attach.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from pathlib import Path
 from typing import Any
@@ -143,3 +144,17 @@ async def test_a_value_json_cannot_carry_put_into_ctx_params_breaks_no_dashboard
         record.model_dump_json()
         attached = await attached_runs(engine, sock_path)
         assert (attached[record.id].params, engine.get(record.id).params) == ({}, {})
+
+
+async def test_a_subscriber_changing_an_events_values_changes_no_record(store: str) -> None:
+    # an event is handed to every subscriber: its params and result are its own as well
+    engine = make_engine(store)
+    async with engine:
+        events = engine.bus.subscribe(kinds=("run.submitted", "run.succeeded"))
+        handle = await engine.submit("fetch_user", PARAMS)
+        await handle.wait(timeout=10)
+        seen = [await asyncio.wait_for(anext(events), 5) for _ in range(2)]
+        submitted, succeeded = sorted(seen, key=lambda e: e.kind)  # run.submitted < run.succeeded
+        submitted.params["data"]["nested"].append("changed")
+        succeeded.result["items"][1]["deep"].append("changed")
+        assert_as_run(await every_view(engine, handle.id), PARAMS, RESULT)

@@ -20,6 +20,7 @@ from taskwatch.engine import (
     RunStatus,
     TaskContext,
 )
+from taskwatch.engine.store import NewRun, SqliteStore
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -304,3 +305,27 @@ async def test_lowering_the_history_forgets_the_oldest_finished_runs_at_once(sto
         assert engine.get(handles[-1].id).status is RunStatus.SUCCEEDED
         # a handle the submitter kept still reads its run
         assert (await handles[0].wait(timeout=5)).status is RunStatus.SUCCEEDED
+
+
+class V2(BaseModel):
+    n: int
+    added: str  # a required field the recorded params (from the model before it) lack
+
+
+async def test_a_run_whose_recorded_params_no_longer_fit_fails_once_saying_so(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    async with SqliteStore(str(tmp_path / "runs.db")) as store:
+        # recorded by an engine whose model of "t" was {n: int}
+        [inserted] = await store.insert([NewRun("t", {"n": 1}, max_attempts=3)])
+    engine = Engine(store=url, health_interval=None)
+
+    @engine.task(params=V2, retries=2, backoff=0.01)
+    async def t(ctx: TaskContext, params: V2) -> int:
+        return params.n
+
+    async with engine:
+        record = await engine.handle(inserted.id).wait(timeout=10)
+    assert record.status is RunStatus.FAILED
+    assert record.attempt == 1  # retrying cannot make old params fit: failed at once
+    assert record.error is not None and record.error.type == "InvalidParams"
+    assert "no longer fit" in record.error.message and "added" in record.error.message
