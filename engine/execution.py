@@ -636,7 +636,8 @@ class Execution:
                 self._record(run, token, self._cut_short(run, run.cancel_reason), None)
                 return
             if run.attempt < run.max_attempts and self.engine.state != "stopped":
-                delay = min(spec.backoff_max, spec.backoff * 2 ** (run.attempt - 1))
+                # (the exponent capped: 2.0 ** 1024 overflows, and the cap is reached long before)
+                delay = min(spec.backoff_max, spec.backoff * 2.0 ** min(run.attempt - 1, 64))
                 delay *= random.uniform(0.5, 1.0)  # jitter so retries of a burst spread out
                 self._record(run, token, Retry(error, delay), error)
                 return

@@ -61,6 +61,13 @@ class TaskOptions(_Options):
     backoff_max: Seconds
     on_lost: Literal["retry", "fail"]
 
+    @model_validator(mode="after")
+    def _ordered(self) -> TaskOptions:
+        # a cap below the first delay would silently make every delay the cap
+        if self.backoff_max < self.backoff:
+            raise ValueError(f"backoff_max must be at least backoff ({self.backoff:g})")
+        return self
+
 
 def _flag_name(value: Any) -> Any:
     # checked before the task is recorded: a flag name that is no str cannot even be looked

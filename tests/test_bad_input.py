@@ -651,6 +651,9 @@ async def _fn(ctx: TaskContext) -> None: ...
         (lambda e: e.task(_fn, backoff=-1.0), "backoff"),
         (lambda e: e.task(_fn, backoff=math.nan), "backoff"),
         (lambda e: e.task(_fn, backoff_max=math.nan), "backoff_max"),
+        # a cap below the first delay would make every delay the cap, silently
+        (lambda e: e.task(_fn, backoff=10, backoff_max=1), "backoff_max"),
+        (lambda e: e.task(_fn, name="a\nb"), "name"),
         (lambda e: e.task(_fn, retries=True), "retries"),
         (lambda e: e.task(_fn, concurrency=0), "concurrency"),
         (lambda e: e.queue("q", _fn, concurrency=0), "concurrency"),

@@ -329,3 +329,18 @@ async def test_a_run_whose_recorded_params_no_longer_fit_fails_once_saying_so(tm
     assert record.attempt == 1  # retrying cannot make old params fit: failed at once
     assert record.error is not None and record.error.type == "InvalidParams"
     assert "no longer fit" in record.error.message and "added" in record.error.message
+
+
+async def test_a_task_with_over_a_thousand_retries_runs_every_one(store: str) -> None:
+    # the backoff's exponent once reached 2 ** 1024, which overflows a float: the failure
+    # handling itself raised, at attempt 1025
+    engine = Engine(store=store, health_interval=None)
+
+    @engine.task(retries=1100, backoff=0)
+    async def always_fails(ctx: TaskContext) -> None:
+        raise RuntimeError(f"attempt {ctx.attempt}")
+
+    async with engine:
+        record = await (await engine.submit("always_fails")).wait(timeout=60)
+    assert record.status is RunStatus.FAILED and record.attempt == 1101
+    assert record.error is not None and record.error.message == "attempt 1101"
