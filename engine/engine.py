@@ -268,6 +268,12 @@ class Engine:
                 "Engine",
                 [f"backend={backend!r}: choose one of {', '.join(_BACKENDS)}, or pass store= for where runs live"],
             )
+        if node_id is not None and node_id != "":  # "" (an unset environment variable, say) means the default
+            # every event, heartbeat, claim and log line names it: a NUL would make a PostgreSQL
+            # store refuse the node's registration, and a non-str breaks every event
+            problem = name_problem("node_id", node_id)
+            if problem is not None:
+                raise InvalidConfiguration("Engine", [problem])
         # the default is held for as long as this engine lives: a second copy of the program
         # running beside this one gets the next id, a restart after this one ends gets this one
         self.node_id = node_id or hold_default_node_id(self)

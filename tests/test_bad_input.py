@@ -878,3 +878,16 @@ async def test_a_runs_query_that_can_select_nothing_says_why(
             await engine.query_runs(**query)
         page = await engine.query_runs(limit=1)
         assert len(page.runs) == 1  # a good query still reads
+
+
+@pytest.mark.parametrize("node_id", [5, "api\x001", "api\n1", "report-\udcff"])
+def test_a_node_id_no_event_or_store_could_carry_is_refused(node_id: Any) -> None:
+    # a NUL made a PostgreSQL store refuse the node at start with a "check the server is up"
+    # error; an int broke every event naming the node
+    with pytest.raises(InvalidConfiguration, match="node_id"):
+        Engine(node_id=node_id, health_interval=None)
+
+
+def test_an_empty_node_id_means_the_default() -> None:
+    # (an unset environment variable, read as "", must not name a node "")
+    assert Engine(node_id="", health_interval=None).node_id != ""
