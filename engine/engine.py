@@ -1142,8 +1142,13 @@ class Engine:
         loop: from another thread it raises :class:`LoopThreadError` and queues
         nothing. ``internal`` lets the engine's own
         loops (periodic tasks, triggers) submit the tasks they registered,
-        which users cannot submit directly.
+        which users cannot submit directly. ``source`` (what the dashboard's run
+        detail names as where the run came from) is plain text, else
+        :class:`InvalidConfiguration`.
         """
+        if source != "submit" and (problem := name_problem("source", source)) is not None:
+            # it goes into the run's row: a NUL made a PostgreSQL store refuse the write
+            raise InvalidConfiguration("submit_nowait()", [problem])
         run = self._prepare(task, params, key, source, internal, method="submit_nowait")
         holder = self._key_holder(run)
         if holder is not None:

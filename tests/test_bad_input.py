@@ -891,3 +891,17 @@ def test_a_node_id_no_event_or_store_could_carry_is_refused(node_id: Any) -> Non
 def test_an_empty_node_id_means_the_default() -> None:
     # (an unset environment variable, read as "", must not name a node "")
     assert Engine(node_id="", health_interval=None).node_id != ""
+
+
+async def test_a_source_no_store_could_keep_is_refused_and_queues_nothing() -> None:
+    engine = Engine(health_interval=None)
+
+    @engine.task
+    async def t(ctx: TaskContext) -> None: ...
+
+    async with engine:
+        for source in ("x\x00y", 5):
+            with pytest.raises(InvalidConfiguration, match="source"):
+                engine.submit_nowait("t", source=source)  # type: ignore[arg-type]
+        assert engine.runs() == []
+        assert engine.submit_nowait("t", source="import:batch-7").record().source == "import:batch-7"
