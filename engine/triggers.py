@@ -257,6 +257,12 @@ class Trigger:
                 f"size_threshold={size_threshold!r}: a key's count stops at 2**63-1, so a key would "
                 "never reach it; use at most 2**63-1 (which leaves firing to staleness in practice)"
             )
+        if opts.check_interval is not None and stale is None and forget is None:
+            # nothing to sweep for: the interval would be ignored without a word
+            problems.append(
+                f"check_interval={check_interval!r}: the sweep only looks for stale keys (staleness=) "
+                "and idle ones (forget_after=); give one of those, or leave check_interval out"
+            )
         if opts.staleness_min > opts.size_threshold:
             # a key reaching staleness_min has passed the size threshold first, and fired by size
             problems.append(

@@ -620,6 +620,9 @@ def test_trigger_intervals_under_a_millisecond_and_string_flags_are_refused() ->
     for option in ("staleness", "check_interval", "save_interval", "forget_after"):
         with pytest.raises(InvalidConfiguration, match=option):
             engine.trigger("a", ok, **{"size_threshold": 5, "staleness": 10, option: 1e-6})
+    # a sweep interval with nothing to sweep for would be ignored without a word
+    with pytest.raises(InvalidConfiguration, match="check_interval=5: the sweep only looks"):
+        engine.trigger("a", ok, size_threshold=5, check_interval=5)
     assert engine.triggers() == []
     # read from the environment, "false" and "0" are true to Python: refused, not switched on
     with pytest.raises(InvalidConfiguration, match="flags"):
