@@ -229,11 +229,14 @@ async def test_runs_table_shows_newest_first_with_formatted_cells() -> None:
                 run("a" * 16, 1, started=1, finished=3.5, attempt=2, max_attempts=3),
                 run("b" * 16, 3, status=RunStatus.PENDING),
                 run("c" * 16, 2, status=RunStatus.RUNNING, started=2, progress=Progress(done=3, total=5)),
+                # a count with no total: how far it got, as the detail pane says it
+                run("d" * 16, 0, status=RunStatus.RUNNING, started=0.5, progress=Progress(done=42)),
             ],
             now=T0 + 6,
         )
         await pilot.pause()
-        assert table.shown_keys == ["b" * 16, "c" * 16, "a" * 16]
+        assert table.shown_keys == ["b" * 16, "c" * 16, "a" * 16, "d" * 16]
+        assert cell(table, "d" * 16, "progress") == "42 done"
         assert cell(table, "a" * 16, "id") == "aaaaaaaa"
         assert cell(table, "a" * 16, "attempt") == "2/3"
         assert cell(table, "a" * 16, "duration") == "2.5s"

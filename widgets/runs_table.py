@@ -56,11 +56,19 @@ def run_cells(record: RunRecord, now: float, marked: bool = False) -> tuple[Cell
         (short_id(record.id), MARKED_STYLE if marked else "dim"),
         (record.task, "bold"),
         (status, style),
-        (progress_bar(fraction, width=_BAR_WIDTH), style if fraction is not None else "dim"),
+        _progress_cell(record, fraction, style),
         (duration, ""),
         (f"{record.attempt}/{record.max_attempts}", attempt_style),
         (fmt_clock(record.started_at), ""),
     )
+
+
+def _progress_cell(record: RunRecord, fraction: float | None, style: str) -> Cell:
+    if fraction is not None:
+        return (progress_bar(fraction, width=_BAR_WIDTH), style)
+    done = record.progress.done
+    # a count with no total (items so far of a stream) says as much as the detail pane does
+    return (f"{done:g} done", style) if done else (DASH, "dim")
 
 
 class RunsTable(VirtualTable):
