@@ -275,7 +275,7 @@ class Run:
         self.spec = spec
         # a params model validated from ``params`` shares their nested dicts and lists (fields
         # typed Any, dict[str, Any]): the task changing its model in place must not rewrite them
-        self.params = _detached_dict(params) if model is not None and params else params
+        self.params = _detached_dict(params) if model is not None and params and shares_input(type(model)) else params
         self.model = model
         self.status = RunStatus.PENDING
         self.attempt = 1
@@ -371,6 +371,42 @@ def record_fields(run: Any) -> dict[str, Any]:
 #: data (``jsonable``) where they enter the engine, so every other value in them is a str,
 #: number, bool or None, which needs no copy
 _CONTAINERS = frozenset({dict, list})
+
+
+#: core-schema kinds whose validation builds every list, dict and model anew, or keeps only
+#: immutable values: a model made of these alone shares nothing with what it was validated from
+_REBUILT = frozenset({
+    "model", "model-fields", "model-field", "dataclass", "dataclass-args", "dataclass-field",
+    "typed-dict", "typed-dict-field", "list", "tuple", "set", "frozenset", "dict", "default",
+    "nullable", "union", "tagged-union", "literal", "enum", "str", "int", "float", "bool", "none",
+    "bytes", "datetime", "date", "time", "timedelta", "decimal", "uuid", "url", "multi-host-url",
+    "definitions", "definition-ref", "lax-or-strict", "json-or-python", "chain",
+})
+_SHARES_INPUT: dict[type, bool] = {}
+
+
+def shares_input(model: type[BaseModel]) -> bool:
+    """Whether an instance of ``model`` may share a list or dict with the data it was validated
+    from (a field typed ``Any``, a custom validator...): decided once per class, conservatively."""
+    shares = _SHARES_INPUT.get(model)
+    if shares is None:
+        kinds: set[str] = set()
+        _schema_kinds(model.__pydantic_core_schema__, kinds)
+        shares = _SHARES_INPUT[model] = not kinds <= _REBUILT
+    return shares
+
+
+def _schema_kinds(schema: Any, into: set[str]) -> None:
+    # every "type" in the schema counts, a serializer's included: unknown kinds mean "may share"
+    if isinstance(schema, dict):
+        kind = schema.get("type")
+        if isinstance(kind, str):
+            into.add(kind)
+        for value in schema.values():
+            _schema_kinds(value, into)
+    elif isinstance(schema, (list, tuple)):
+        for value in schema:
+            _schema_kinds(value, into)
 
 
 def detached(value: Any) -> Any:
