@@ -11,8 +11,8 @@ else is refused at put time so a failure report can always carry the job. The
 handler receives the job object as it was put, except when its job parameter is
 annotated with a pydantic model: a job is then validated into that model at put
 (:class:`InvalidJob` if it does not fit, or would not read back from its JSON as
-put: a ``SecretStr``, a field excluded from dumps; an instance of the model is
-passed as is). Nothing is ever dropped silently: a full queue raises :class:`QueueFull`
+put: a ``SecretStr``, a field excluded from dumps, a serialization alias the
+model does not read; an instance of the model is passed as is). Nothing is ever dropped silently: a full queue raises :class:`QueueFull`
 (and counts it), a failing job is published as ``QueueJobFailed`` with its
 traceback, and jobs still undone when ``engine.stop`` times out are reported in
 ``QueueDrainIncomplete``. A cancel of a consumer that is not the engine's (the
@@ -77,7 +77,6 @@ from .errors import (
     EngineNotRunning,
     InvalidConfiguration,
     InvalidJob,
-    InvalidParams,
     JobNotSerializable,
     QueueFull,
     StoppedBeforeDone,
@@ -89,7 +88,7 @@ from .options import PutOptions, QueueOptions, check_options
 from .events import QueueDrainIncomplete, QueueJobFailed, QueuePaused, QueuePurged, QueueResumed
 from .runs import RunError
 from .store import StoredJob
-from .tasks import recorded_params
+from .tasks import NotReadBack, read_back
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -209,23 +208,50 @@ def _job_model(handler: Any) -> type[BaseModel] | None:
     return hint if isinstance(hint, type) and issubclass(hint, BaseModel) else None
 
 
+def _job_from_record(model: type[BaseModel], stored: Any) -> BaseModel:
+    """The job a handler that takes ``model`` gets from ``stored`` (its job as the store keeps it,
+    ``jsonable(job)``); raises ValidationError. Put checks a job with this, so a job that is
+    accepted is one that reads back."""
+    return model.model_validate(stored)
+
+
 def _why_unrecordable(model: type[BaseModel], job: BaseModel, problem: dict[str, Any]) -> str:
     """What a job's field that does not read back from the job's JSON record turns into, and what to do."""
     loc = problem.get("loc") or ()
     name = loc[0] if loc and isinstance(loc[0], str) else None
-    field = None
-    if name is not None:
-        field = model.model_fields.get(name) or next(
-            (f for f in model.model_fields.values() if name in (f.alias, f.validation_alias)), None
-        )
     later = "after a restart or on another node, the handler would get"
+    if not loc and type(job) is not model:
+        return (
+            f"{problem.get('msg', 'reads back as another value')}: the store keeps the job as JSON, and "
+            f"{later} a {model.__qualname__} made from it; put a {model.__qualname__} (or annotate the "
+            f"handler's job with {type(job).__qualname__})"
+        )
+    field, field_name = None, name
+    if name is not None:
+        field = model.model_fields.get(name)
+        if field is None:
+            field_name, field = next(
+                ((n, f) for n, f in model.model_fields.items() if name in (f.alias, f.validation_alias, f.serialization_alias)),
+                (name, None),
+            )
+    if field is not None and field_name is not None and len(loc) == 1 and problem.get("type") == "missing":
+        stored_as = field.serialization_alias or field.alias or field_name
+        if stored_as != name and field.exclude is not True:
+            # the store keeps the job by its serialization aliases, the model reads it by its
+            # validation aliases
+            return (
+                f"the stored job holds it as {stored_as!r} (its serialization alias), which the model does not "
+                f"read it by: {later} the job as plain JSON, not a {model.__qualname__}; give the field one "
+                f"alias for both (Field(alias=...)), or let it read {stored_as!r} too "
+                f"(validation_alias=AliasChoices({name!r}, {stored_as!r}))"
+            )
     if field is not None and field.exclude:
         instead = f"the job as plain JSON, not a {model.__qualname__}" if field.is_required() else "its default"
         return (
             f"excluded from dumps (exclude=True), so the stored job leaves it out: {later} {instead}; "
             "drop exclude=True, or keep the value out of the job"
         )
-    if name is not None and isinstance(getattr(job, name, None), (SecretStr, SecretBytes, Secret)):
+    if field_name is not None and isinstance(getattr(job, field_name, None), (SecretStr, SecretBytes, Secret)):
         return (
             f"a secret's JSON dump is masked ('**********'), so the stored job holds the mask: {later} "
             "that; put a reference the handler looks the secret up by instead (or a plain str)"
@@ -468,28 +494,27 @@ class WorkQueue:
                 problems = [dict(e) for e in exc.errors(include_url=False, include_context=False, include_input=False)]
                 raise InvalidJob(self.name, model.__qualname__, problems) from None
         try:
-            jsonable(job)
+            stored = jsonable(job)
         except NotJsonSafe as exc:
             raise JobNotSerializable(self.name, type(job).__qualname__, exc.detail) from None
         if model is not None:
-            self._refuse_unrecordable(model, job)
+            self._refuse_unrecordable(model, job, stored)
         return job
 
-    def _refuse_unrecordable(self, model: type[BaseModel], job: BaseModel) -> None:
-        """Raise :class:`InvalidJob` for a job that does not read back from its JSON record as put.
+    def _refuse_unrecordable(self, model: type[BaseModel], job: BaseModel, stored: Any) -> None:
+        """Raise :class:`InvalidJob` for a job that does not read back from ``stored`` (what the
+        store keeps of it) as put.
 
         A durable store hands the handler the job read back from that record (after a restart,
         on another node): a ``SecretStr`` would arrive masked, a field with ``exclude=True`` as
-        its default, silently. Refused on every store, as task params are, so that a job model
-        is accepted or refused the same wherever the queue runs.
+        its default, a field stored by a serialization alias the model does not read as plain
+        JSON, silently. Refused on every store, as task params are, so that a job model is
+        accepted or refused the same wherever the queue runs.
         """
         try:
-            recorded_params(f"queue {self.name!r}", job)
-        except InvalidParams as exc:
-            problems = [
-                {**p, "msg": _why_unrecordable(model, job, p)} if p.get("type") == "json_round_trip" else p
-                for p in exc.errors
-            ]
+            read_back(job, stored, lambda data: _job_from_record(model, data))
+        except NotReadBack as exc:
+            problems = [{**p, "msg": _why_unrecordable(model, job, p), "type": "json_round_trip"} for p in exc.problems]
             raise InvalidJob(self.name, model.__qualname__, problems) from None
 
     def _put_timeout(self, timeout: object) -> float:
@@ -829,7 +854,7 @@ class WorkQueue:
         value = job.job
         if self._job_model is not None:
             try:
-                value = self._job_model.model_validate(value)
+                value = _job_from_record(self._job_model, value)
             except ValidationError:
                 pass  # the model changed since it was put: the handler gets the JSON, and decides
         return _Kept(value, job.id, epoch, job.handovers + 1)

@@ -122,29 +122,84 @@ def recorded_params(task: str, model: BaseModel) -> tuple[BaseModel, dict[str, A
     back as they were (a ``SecretStr`` dumps masked, a field excluded from
     dumps is lost), which would run differently there.
     """
-    model_cls = type(model)
+    first: InvalidParams | None = None
+    for make in (_record_by_input_names, _record_by_alias):
+        try:
+            return _read_back_record(task, model, make(task, model))
+        except InvalidParams as exc:
+            # the record by the models' input names re-keys pydantic models only: a nested
+            # dataclass or TypedDict with an alias takes it by that alias, as the dump by
+            # alias (how params were first recorded) has it. The first record's problem is
+            # the one to tell.
+            if first is None:
+                first = exc
+    assert first is not None
+    raise first
+
+
+def _record_by_input_names(task: str, model: BaseModel) -> Any:
+    """``model`` dumped keyed as the models in it take their input (the params schema's names)."""
     try:
         dumped = model.model_dump(mode="json", by_alias=False)
-        if not _dumps_as_input(model_cls):
-            dumped = _record_of(model, dumped)
-        check_jsonable(dumped)
-    except (NotJsonSafe, PydanticSerializationError, ValueError, TypeError) as exc:
+        return dumped if _dumps_as_input(type(model)) else _record_of(model, dumped)
+    except (PydanticSerializationError, ValueError, TypeError) as exc:
         _refuse_non_finite(task, model)
-        raise json_unsafe(task, exc.detail if isinstance(exc, NotJsonSafe) else safe_str(exc)) from None
+        raise json_unsafe(task, safe_str(exc)) from None
+
+
+def _record_by_alias(task: str, model: BaseModel) -> Any:
     try:
-        stored = model_cls.model_validate(dumped)
+        return model.model_dump(mode="json", by_alias=True)
+    except (PydanticSerializationError, ValueError, TypeError) as exc:
+        _refuse_non_finite(task, model)
+        raise json_unsafe(task, safe_str(exc)) from None
+
+
+def _read_back_record(task: str, model: BaseModel, dumped: Any) -> tuple[BaseModel, dict[str, Any]]:
+    try:
+        check_jsonable(dumped)
+    except NotJsonSafe as exc:
+        _refuse_non_finite(task, model)
+        raise json_unsafe(task, exc.detail) from None
+    try:
+        return read_back(model, dumped, type(model).model_validate), dumped
+    except NotReadBack as exc:
+        _refuse_non_finite(task, model)
+        raise InvalidParams(task, _lost_in_json(exc.problems)) from None
+
+
+class NotReadBack(ValueError):
+    """A value's record reads back as something else; ``problems`` say where, in pydantic's
+    error shape (``loc``, ``msg``, ``type``)."""
+
+    def __init__(self, problems: list[dict[str, Any]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in problems))
+
+
+def read_back(given: BaseModel, record: Any, read: Callable[[Any], Any]) -> BaseModel:
+    """``given`` as ``read`` makes it from its JSON ``record``; raises :class:`NotReadBack` when
+    that is not the same value (a tuple reading back as a list of the same items, and an
+    aware datetime at the same instant, count as the same)."""
+    try:
+        stored = read(record)
     except ValidationError as exc:
-        _refuse_non_finite(task, model)
-        raise InvalidParams(task, _lost_in_json(_problems(exc))) from None
-    # (tuples read back as lists: the same values, as JSON has them)
-    if stored != model and not _same(stored, model):
-        _refuse_non_finite(task, model)
-        changed = [name for name in model_cls.model_fields if not _same(getattr(stored, name, None), getattr(model, name, None))]
-        raise InvalidParams(
-            task,
-            _lost_in_json([{"loc": (name,), "msg": "reads back as another value", "type": "value_error"} for name in changed]),
-        )
-    return stored, dumped
+        raise NotReadBack(_problems(exc)) from None
+    if stored == given or _same(stored, given):
+        return typing.cast(BaseModel, stored)
+    if type(stored) is not type(given):
+        raise NotReadBack([{
+            "loc": (),
+            "msg": f"reads back as a {type(stored).__qualname__}, not the {type(given).__qualname__} given",
+            "type": "value_error",
+        }])
+    names = type(given).model_fields
+    changed = [name for name in names if not _same(getattr(stored, name, None), getattr(given, name, None))]
+    raise NotReadBack(
+        [{"loc": (name,), "msg": "reads back as another value", "type": "value_error"} for name in changed]
+        # no field differs: an extra value (extra="allow") does
+        or [{"loc": (), "msg": "its extra values read back as other values", "type": "value_error"}]
+    )
 
 
 #: model class -> whether its dump by field name is its input as it is (no alias, no computed

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from taskwatch.engine import BackgroundEngine, Engine, EngineNotRunning, InvalidJob, StoreBusy
 
 from .helpers import eventually
@@ -278,3 +279,94 @@ def test_a_put_on_another_loop_after_the_engine_stopped_raises_engine_not_runnin
             await queue.put(1)
 
     asyncio.run(app())
+
+
+# ---------------------------------------------------------------- checked against what the store keeps
+
+
+@pydantic_dataclass
+class Customer:
+    customer_id: int = Field(alias="customerId")
+
+
+class Invoice(BaseModel):
+    customer: Customer
+    lines: list[int]
+
+
+class Refund(BaseModel):
+    # read by one name, stored (serialised) by another: the stored job would not read back
+    refund_id: int = Field(validation_alias="rid", serialization_alias="refundId")
+
+
+class Urgent(Invoice):
+    reason: str
+
+
+async def test_a_job_with_a_nested_aliased_dataclass_is_accepted_and_read_back_after_a_restart(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'q.db'}"
+    got: list[Any] = []
+    held = asyncio.Event()
+
+    async def bill(invoice: Invoice) -> None:
+        got.append(invoice)
+        held.set()
+        await asyncio.Event().wait()  # still running when the first engine stops: kept for the next
+
+    engine = _engine(db)
+    queue = engine.queue("bill", bill)
+    async with engine:
+        await queue.put({"customer": {"customerId": 1}, "lines": [1, 2]})
+        queue.put_nowait(Invoice(customer=Customer(customerId=2), lines=[3]))
+        await asyncio.wait_for(held.wait(), TIMEOUT)
+        await engine.stop(timeout=0.1)
+
+    async def done(invoice: Invoice) -> None:
+        got.append(invoice)
+
+    engine = _engine(db)
+    queue = engine.queue("bill", done)
+    async with engine:
+        await queue.join(timeout=TIMEOUT)
+    first, second = Invoice(customer=Customer(customerId=1), lines=[1, 2]), Invoice(customer=Customer(customerId=2), lines=[3])
+    assert got == [first, first, second]
+    assert all(isinstance(job, Invoice) for job in got)
+
+
+async def test_a_job_stored_by_a_name_its_model_does_not_read_or_of_a_subclass_is_refused_at_put(
+    store: str | None,
+) -> None:
+    handled: list[Any] = []
+
+    async def refund(job: Refund) -> None:
+        handled.append(job)
+
+    async def bill(job: Invoice) -> None:
+        handled.append(job)
+
+    engine = _engine(store)
+    refunds = engine.queue("refunds", refund)
+    invoices = engine.queue("invoices", bill)
+    async with engine:
+        with pytest.raises(InvalidJob) as aliased:
+            await refunds.put({"rid": 5})
+        with pytest.raises(InvalidJob):
+            refunds.put_nowait(Refund(rid=5))  # type: ignore[call-arg]
+        with pytest.raises(InvalidJob) as subclass:
+            await invoices.put(Urgent(customer=Customer(customerId=1), lines=[], reason="late"))
+        infos = [refunds.info(), invoices.info()]
+    assert [e["loc"] for e in aliased.value.errors] == [("rid",)]
+    assert "rid: the stored job holds it as 'refundId' (its serialization alias)" in str(aliased.value)
+    assert "the handler would get the job as plain JSON, not a Refund" in str(aliased.value)
+    assert "reads back as a Invoice, not the Urgent given" in str(subclass.value)
+    assert "put a Invoice (or annotate the handler's job with Urgent)" in str(subclass.value)
+    assert [(i.accepted, i.depth) for i in infos] == [(0, 0), (0, 0)]
+    if store is not None:
+        # nothing was stored: a restart hands the handlers nothing
+        engine = _engine(store)
+        refunds, invoices = engine.queue("refunds", refund), engine.queue("invoices", bill)
+        async with engine:
+            await refunds.join(timeout=TIMEOUT)
+            await invoices.join(timeout=TIMEOUT)
+            assert refunds.info().adopted == invoices.info().adopted == 0
+    assert handled == []
