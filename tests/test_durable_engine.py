@@ -907,10 +907,11 @@ async def test_a_missed_cron_slot_fires_once_across_nodes_started_apart(tmp_path
     a, b = node("a"), node("b")
     async with a:
         async with b:  # started after a: its warm-up ends later
-            # each has had its go at the missed slot once its next one is tomorrow's
-            tomorrow = time.time() + 3_600
+            # each has had its go at the missed slot once it waits for the coming one (at any
+            # hour of the day: an hour ahead is not always "the next day's")
+            upcoming = next_cron_due("0 3 * * *", time.time())
             await eventually(
-                lambda: all((e.schedule()[0].next_due or 0) > tomorrow for e in (a, b)), timeout=10
+                lambda: all((e.schedule()[0].next_due or 0) >= upcoming - 1 for e in (a, b)), timeout=10
             )
             fired = (await a.query_runs(task="nightly", limit=10)).runs
             assert len(fired) == 1, [(r.node, r.created_at) for r in fired]
