@@ -499,7 +499,10 @@ class Engine:
 
     @property
     def history(self) -> int:
-        """Finished runs kept in the store and the index (set it to keep more or fewer from now on)."""
+        """Finished runs kept in the store and the index (set it to keep more or fewer from now on).
+
+        Safe to set from any thread: off the engine's running loop, the runs beyond a lowered
+        count are let go there, a moment later."""
         return self._index.history
 
     @history.setter
@@ -507,7 +510,18 @@ class Engine:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise InvalidConfiguration("the engine", [f"history={value!r}: a count of finished runs to keep (0 or more)"])
         # lowered, the runs beyond it go at once: runs(), get() and stats() must not show
-        # runs the store prunes meanwhile
+        # runs the store prunes meanwhile. The index and the memory store are the loop's: from
+        # another thread (a notebook cell beside start_background()) only the number is set
+        # here, and the eviction is handed to the loop, where nothing iterates them meanwhile
+        loop = self._loop
+        if loop is not None and loop.is_running() and threading.get_ident() != self._loop_thread:
+            self._index.history = value
+            try:
+                # trim, not set_history(value): a later setting made before this runs must stand
+                loop.call_soon_threadsafe(self._index.trim)
+                return
+            except RuntimeError:
+                pass  # closed meanwhile: nothing iterates them any more
         self._index.set_history(value)
 
     @property
@@ -855,13 +869,19 @@ class Engine:
         # the index, the executor and the memory store are the loop's alone: a submit from
         # another thread would record half a run (claimed, never started) and hold its slot
         if threading.get_ident() != self._loop_thread:
+            # submit_nowait is no coroutine: what another thread waits for is a submit (and
+            # BackgroundEngine.call() would await the handle it returns, i.e. the run's end)
+            coro = "submit" if method == "submit_nowait" else method
+            # BackgroundEngine has methods of these names only; the rest go through its call()
+            facade = f"{coro}(...)" if coro in ("submit", "retry", "run_periodic") else f"call(lambda e: e.{coro}(...))"
+            on_loop = "`engine.submit_nowait(...)` or " if method == "submit_nowait" else ""
             raise LoopThreadError(
                 method,
                 f"Engine.{method}() was called from a thread other than the engine's event loop's, "
-                "which alone may queue runs; nothing was queued. On the engine's loop, "
-                "`await engine.submit(...)`; from another thread, use the background engine's "
-                "`submit(...)` (`engine.start_background()`), or "
-                "`asyncio.run_coroutine_threadsafe(engine.submit(...), engine.loop).result()`",
+                f"which alone may queue runs; nothing was queued. On the engine's loop, "
+                f"{on_loop}`await engine.{coro}(...)`; from another thread, use the background engine's "
+                f"`{facade}` (`engine.start_background()`), or "
+                f"`asyncio.run_coroutine_threadsafe(engine.{coro}(...), engine.loop).result()`",
             )
 
     def _prepare(
@@ -871,9 +891,12 @@ class Engine:
         key: str | None,
         source: str,
         internal: bool = False,
-        method: str = "submit",
+        *,
+        method: str,
     ) -> Run:
         """Validate a submission and make its run, recorded nowhere yet; raises before anything changes.
+
+        ``method`` is the public method called, named by the refusal from another thread.
 
         Periodic and trigger tasks are submitted by their own loops only (``internal``).
         """
@@ -1013,7 +1036,7 @@ class Engine:
         and in each case nothing is queued. (With ``backend="inline"`` it
         returns only once the run has finished.)
         """
-        handle = await self._submit(self._prepare(task, params, key, "submit"))
+        handle = await self._submit(self._prepare(task, params, key, "submit", method="submit"))
         if self._inline:
             await handle.wait()
         return handle
@@ -1187,7 +1210,7 @@ class Engine:
             if not await self._store.claim_periodic(task, slot, gap):
                 return None
             return self.submit_nowait(task, None, source=source, internal=True), True
-        run = self._prepare(task, None, None, source, internal=True)
+        run = self._prepare(task, None, None, source, internal=True, method="submit_periodic")
         inserted = await self._insert([run], (slot, gap))
         if not inserted:
             return None
@@ -1200,6 +1223,9 @@ class Engine:
 
     async def retry(self, run_id: str) -> RunHandle:
         """Submit a new run of a failed or cancelled run's task with the same params."""
+        if self._state == "running":
+            # before the run is read: a durable store's read is a future of the engine's loop
+            self._require_loop_thread("retry")
         old = await self.fetch_run(run_id)
         if old.status not in (_FAILED, _CANCELLED):
             raise RunNotRetryable(run_id, old.status.value)
@@ -1640,8 +1666,12 @@ class Engine:
         node fires in the same moment can still overlap it); nothing is queued then.
         """
 
+        if self._state == "running":
+            # before the scheduler looks: it reads the index and awaits the store, which are the loop's
+            self._require_loop_thread("run_periodic")
+
         def submit(source: str) -> Awaitable[RunHandle]:
-            return self._submit(self._prepare(name, None, None, source, internal=True))
+            return self._submit(self._prepare(name, None, None, source, internal=True, method="run_periodic"))
 
         handle = await self._scheduler.run_now(name, submit)
         if self._inline:

@@ -490,8 +490,11 @@ class EngineUnreachable(TaskwatchError, ConnectionError):
 
 class LoopThreadError(TaskwatchError, RuntimeError):
     """An object was used from an event loop or thread it cannot serve: a blocking
-    ``BackgroundEngine`` call from the engine's own loop thread, or a ``RemoteEngine``
-    from a loop other than the one it connected on (``message`` says which)."""
+    ``BackgroundEngine`` call from the engine's own loop thread, a ``RemoteEngine``
+    from a loop other than the one it connected on, or an ``Engine`` method that queues
+    runs (``submit``, ``submit_many``, ``submit_nowait``, ``retry``, ``run_periodic``)
+    from a thread other than its loop's; nothing was queued then (``method`` names the
+    method, ``message`` says what to call instead)."""
 
     def __init__(self, method: str, message: str | None = None) -> None:
         self.method = method

@@ -63,7 +63,11 @@ class RunIndex:
     def set_history(self, history: int) -> None:
         """Keep ``history`` finished runs from now on, evicting the oldest beyond it now."""
         self.history = history
-        while len(self._finished) > history:
+        self.trim()
+
+    def trim(self) -> None:
+        """Evict the oldest finished runs beyond ``history`` (as it is when this runs)."""
+        while len(self._finished) > self.history:
             self._evict()
 
     def clear(self) -> None:

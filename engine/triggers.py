@@ -319,6 +319,8 @@ class Trigger:
         self._launch_waiters: list[asyncio.Future[None]] = []
         #: the start has launched the sweeps (until the stop)
         self._launched = False
+        #: the last start raised (a durable store's read failed): no launch is coming for drains to wait for
+        self._start_failed = False
         self._sweeper: asyncio.Task[None] | None = None
         self._retry: asyncio.TimerHandle | None = None
         #: runs of this trigger the engine's stop cancelled (memory store), since the last start
@@ -550,7 +552,9 @@ class Trigger:
 
         Keys that reached their threshold before the start count: they fire first. From a
         loop other than the engine's (a ``start_background()`` engine) the wait is made on
-        the engine's loop, which is the one that hears the runs end.
+        the engine's loop, which is the one that hears the runs end. A trigger made while
+        the engine runs waits for its start first; a start that failed (logged) is not
+        waited for: the runs its notifies fired are.
         """
         # the engine's loop while it runs: this trigger's may not be bound yet (made a moment ago)
         loop = self._engine.loop if self._engine.state in ("running", "stopping") else self._loop
@@ -561,7 +565,7 @@ class Trigger:
     async def _drain_here(self, timeout: float | None) -> None:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout):
-            if not self._launched and self._engine.state == "running":
+            if not self._launched and not self._start_failed and self._engine.state == "running":
                 # made while the engine runs: its start is a task of the loop, not run yet
                 launched = loop.create_future()
                 self._launch_waiters.append(launched)
@@ -689,18 +693,26 @@ class Trigger:
         self.check()
 
     async def start(self) -> None:
+        self._start_failed = False
         # counts made by other threads from now on go to this loop, between the load's steps
         # (as this loop's own notifies do), never beside it
         self.bind_loop(asyncio.get_running_loop(), threading.get_ident())
-        if self._engine.durable:
-            self._loaded = False
-            await self._load()
-            self._loaded = True
-            if self._saver is None:
-                self._saver = asyncio.get_running_loop().create_task(
-                    self._save_loop(), name=f"taskwatch-trigger-{self.name}-store"
-                )
-        self.launch()
+        try:
+            if self._engine.durable:
+                self._loaded = False
+                await self._load()
+                self._loaded = True
+                if self._saver is None:
+                    self._saver = asyncio.get_running_loop().create_task(
+                        self._save_loop(), name=f"taskwatch-trigger-{self.name}-store"
+                    )
+            self.launch()
+        except BaseException:
+            # the loop is bound, so notifies still fire runs: a drain waits for those, not for
+            # a launch that is not coming (it waited until the engine stopped)
+            self._start_failed = True
+            self._wake_launch_waiters()
+            raise
 
     async def _load(self) -> None:
         """Take up the keys saved by an earlier start; notifies made since are added on top

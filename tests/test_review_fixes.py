@@ -1,0 +1,195 @@
+"""Fixes from a review: engine.history set from another thread, a trigger whose late start
+failed, and what the loop-thread refusal tells a caller on another thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from taskwatch.engine import BackgroundEngine, Engine, LoopThreadError, RunStatus, TaskContext
+
+
+def in_thread(call: Callable[[], Any]) -> Any:
+    """What ``call`` returns or raises in a thread of its own."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive()
+    return out.get("error", out.get("value"))
+
+
+# ---------------------------------------------------------------- history from another thread
+
+
+@pytest.fixture
+def bg() -> Iterator[BackgroundEngine]:
+    engine = Engine(health_interval=None, history=1_000)
+
+    @engine.task(name="t")
+    async def t(ctx: TaskContext) -> None:
+        return None
+
+    background = engine.start_background()
+    try:
+        yield background
+    finally:
+        background.stop(timeout=10)
+
+
+def test_history_lowered_from_another_thread_leaves_the_loops_runs_alone_until_its_next_turn(
+    bg: BackgroundEngine,
+) -> None:
+    async def fill(engine: Engine) -> None:
+        handles = await engine.submit_many([("t", None)] * 300)
+        await asyncio.gather(*(h.wait() for h in handles))
+
+    bg.call(fill)
+    lowered = threading.Event()
+    looking = threading.Event()
+
+    def on_the_loop(engine: Engine) -> tuple[int, int]:
+        # what a snapshot or runs() iterating on the loop sees across the other thread's setting
+        before = len(engine.runs(limit=None))
+        looking.set()
+        assert lowered.wait(10)
+        return before, len(engine.runs(limit=None))
+
+    seen: list[tuple[int, int]] = []
+    caller = threading.Thread(target=lambda: seen.append(bg.call(on_the_loop)))
+    caller.start()
+    assert looking.wait(10)
+    bg.engine.history = 10  # from this thread, as a notebook cell beside start_background() would
+    assert bg.engine.history == 10
+    lowered.set()
+    caller.join(10)
+    assert seen == [(300, 300)]  # the loop's dicts did not change under it
+    # and the loop lets them go at its next turn
+    assert len(bg.runs(limit=None)) == 10
+    assert bg.stats().by_status["succeeded"] == 10
+
+
+def test_history_set_from_another_thread_with_no_loop_running_evicts_at_once() -> None:
+    engine = Engine(health_interval=None)
+
+    @engine.task(name="t")
+    async def t(ctx: TaskContext) -> None:
+        return None
+
+    bg = engine.start_background()
+    for _ in range(5):
+        bg.submit("t").wait(timeout=10)
+    bg.stop(timeout=10)
+    in_thread(lambda: setattr(engine, "history", 2))
+    assert len(engine.runs(limit=None)) == 2
+
+
+# ---------------------------------------------------------------- a trigger whose late start failed
+
+
+async def test_drain_of_a_trigger_whose_late_start_failed_waits_only_for_its_runs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "runs.db"
+    engine = Engine(health_interval=None, store=f"sqlite:///{path}")
+    ran: list[str] = []
+
+    async def on_key(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    async with engine:
+        # another process changing the file under the engine (a migration, an operator): the
+        # trigger's start cannot read its saved counts
+        other = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+        try:
+            await asyncio.to_thread(other.execute, "ALTER TABLE trigger_keys RENAME TO trigger_keys_away")
+            with caplog.at_level(logging.ERROR):
+                trigger = engine.trigger("late", on_key, size_threshold=1)
+                # made before the start ran, this drain waits for it: its failure answers it
+                await asyncio.wait_for(trigger.drain(), 5)
+            assert any("trigger 'late'" in r.getMessage() and "could not start" in r.getMessage() for r in caplog.records)
+            await asyncio.to_thread(other.execute, "ALTER TABLE trigger_keys_away RENAME TO trigger_keys")
+        finally:
+            other.close()
+        trigger.notify("k")  # still counted and fired on the engine's loop
+        await asyncio.wait_for(trigger.drain(), 5)
+        assert ran == ["k"]
+        assert trigger.fired == 1
+        assert [r.status for r in engine.runs(limit=None)] == [RunStatus.SUCCEEDED]
+
+
+# ---------------------------------------------------------------- what the refusal says
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["memory", "sqlite"])
+async def test_each_refusal_from_another_thread_names_its_method_and_a_fix_that_exists(
+    durable: bool, tmp_path: Path
+) -> None:
+    # a durable store's reads are futures of the engine's loop: run_periodic and retry read before they queue
+    engine = Engine(health_interval=None, store=f"sqlite:///{tmp_path / 'runs.db'}" if durable else "memory")
+
+    @engine.task(name="t")
+    async def t(ctx: TaskContext) -> None:
+        return None
+
+    @engine.task(name="boom")
+    async def boom(ctx: TaskContext) -> None:
+        raise ValueError("boom")
+
+    @engine.periodic(name="per", every=3600, initial_delay=3600)
+    async def per(ctx: TaskContext) -> None:
+        return None
+
+    async with engine:
+        failed = await (await engine.submit("boom")).wait(timeout=5)
+        calls: dict[str, Callable[[], Any]] = {
+            "submit": lambda: asyncio.run(engine.submit("t")),
+            "submit_many": lambda: asyncio.run(engine.submit_many([("t", None)])),
+            "submit_nowait": lambda: engine.submit_nowait("t"),
+            "retry": lambda: asyncio.run(engine.retry(failed.id)),
+            "run_periodic": lambda: asyncio.run(engine.run_periodic("per")),
+        }
+        errors = {name: await asyncio.to_thread(in_thread, call) for name, call in calls.items()}
+        assert len(engine.runs(limit=None)) == 1  # nothing was queued
+    for name, error in errors.items():
+        assert isinstance(error, LoopThreadError), (name, error)
+        assert error.method == name
+        assert f"Engine.{name}() was called from a thread" in str(error)
+        assert "nothing was queued" in str(error)
+    for name in ("submit", "retry", "run_periodic"):
+        assert f"background engine's `{name}(...)`" in str(errors[name])
+        assert hasattr(BackgroundEngine, name)
+    # the background engine has no submit_nowait: its submit returns a handle as soon as the run is queued
+    assert "background engine's `submit(...)`" in str(errors["submit_nowait"])
+    assert "background engine's `call(lambda e: e.submit_many(...))`" in str(errors["submit_many"])
+    assert not hasattr(BackgroundEngine, "submit_many")
+
+
+def test_the_suggested_background_call_for_a_batch_queues_it() -> None:
+    engine = Engine(health_interval=None)
+
+    @engine.task(name="t")
+    async def t(ctx: TaskContext) -> str:
+        return "ok"
+
+    bg = engine.start_background()
+    try:
+        handles = bg.call(lambda e: e.submit_many([("t", None), ("t", None)]))
+        records = [bg.call(lambda e, h=h: h.wait(timeout=5)) for h in handles]
+        assert [r.result for r in records] == ["ok", "ok"]
+    finally:
+        bg.stop(timeout=10)
