@@ -86,3 +86,20 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(0.005)
+
+
+def in_thread(call: Callable[[], Any]) -> Any:
+    """What ``call`` returns or raises in a thread of its own."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test as it was raised
+            out["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive()
+    return out.get("error", out.get("value"))

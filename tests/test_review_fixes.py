@@ -15,22 +15,7 @@ import pytest
 
 from taskwatch.engine import BackgroundEngine, Engine, LoopThreadError, RunStatus, TaskContext
 
-
-def in_thread(call: Callable[[], Any]) -> Any:
-    """What ``call`` returns or raises in a thread of its own."""
-    out: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            out["value"] = call()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            out["error"] = exc
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join(10)
-    assert not thread.is_alive()
-    return out.get("error", out.get("value"))
+from .helpers import in_thread
 
 
 # ---------------------------------------------------------------- history from another thread

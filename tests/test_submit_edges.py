@@ -4,8 +4,6 @@ and output differ (aliases, computed fields), with odd params, and lowering the 
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,27 +23,12 @@ from taskwatch.engine import (
 )
 from taskwatch.engine.store import NewRun, SqliteStore
 
+from .helpers import in_thread
+
 
 @pytest.fixture(params=["memory", "sqlite"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return "memory" if request.param == "memory" else f"sqlite:///{tmp_path / 'runs.db'}"
-
-
-def in_thread(call: Callable[[], Any]) -> Any:
-    """What ``call`` returns or raises in a thread of its own."""
-    out: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            out["value"] = call()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test as it was raised
-            out["error"] = exc
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join(10)
-    assert not thread.is_alive()
-    return out.get("error", out.get("value"))
 
 
 # ---------------------------------------------------------------- the engine's own thread
@@ -245,7 +228,8 @@ async def test_a_task_without_params_refuses_any_params(params: Any) -> None:
             await engine.submit("bare", params)
         assert caught.value.errors[0]["loc"] == ("params",)
         assert engine.stats().submitted_total == 0
-        for none in (None, {}):
+        nothing: tuple[dict[str, Any] | None, ...] = (None, {})
+        for none in nothing:
             assert (await (await engine.submit("bare", none)).wait(timeout=5)).result == "ok"
 
 

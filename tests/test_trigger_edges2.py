@@ -24,21 +24,7 @@ from taskwatch.engine import (
 )
 
 from .helpers import eventually
-
-
-def make_engine(**kwargs: object) -> Engine:
-    kwargs.setdefault("health_interval", None)
-    return Engine(**kwargs)  # type: ignore[arg-type]
-
-
-class Clock:
-    """A wall clock the test moves by hand."""
-
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from .test_triggers import Clock, make_engine
 
 
 def counts(trigger: Trigger) -> dict[str, int]:
