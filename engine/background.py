@@ -45,7 +45,7 @@ import types
 import urllib.parse
 import warnings
 import weakref
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -694,6 +694,20 @@ class BackgroundEngine:
     ) -> BackgroundRunHandle:
         handle = await self._acall(self.engine.submit, task, params, key=key)
         return BackgroundRunHandle(self, handle)
+
+    def submit_many(
+        self, submissions: Iterable[tuple[str, BaseModel | dict[str, Any] | None] | Mapping[str, Any]]
+    ) -> list[BackgroundRunHandle]:
+        """Validate and queue many runs in one store write (see :meth:`Engine.submit_many`)."""
+        # a list here: a generator would otherwise be read on the engine's thread
+        handles = self._call("submit_many", self.engine.submit_many, list(submissions))
+        return [BackgroundRunHandle(self, handle) for handle in handles]
+
+    async def asubmit_many(
+        self, submissions: Iterable[tuple[str, BaseModel | dict[str, Any] | None] | Mapping[str, Any]]
+    ) -> list[BackgroundRunHandle]:
+        handles = await self._acall(self.engine.submit_many, list(submissions))
+        return [BackgroundRunHandle(self, handle) for handle in handles]
 
     def cancel(self, run_id: str, grace: float | None = None) -> RunRecord:
         budget = self._budget(self.engine.cancel_grace if grace is None else grace)

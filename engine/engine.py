@@ -872,8 +872,7 @@ class Engine:
             # submit_nowait is no coroutine: what another thread waits for is a submit (and
             # BackgroundEngine.call() would await the handle it returns, i.e. the run's end)
             coro = "submit" if method == "submit_nowait" else method
-            # BackgroundEngine has methods of these names only; the rest go through its call()
-            facade = f"{coro}(...)" if coro in ("submit", "retry", "run_periodic") else f"call(lambda e: e.{coro}(...))"
+            facade = f"{coro}(...)"
             on_loop = "`engine.submit_nowait(...)` or " if method == "submit_nowait" else ""
             raise LoopThreadError(
                 method,

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from taskwatch.engine import BackgroundEngine, Engine, LoopThreadError, RunStatus, TaskContext
+from taskwatch.engine import BackgroundEngine, Engine, InvalidParams, LoopThreadError, RunStatus, TaskContext
 
 from .helpers import in_thread
 
@@ -155,16 +155,14 @@ async def test_each_refusal_from_another_thread_names_its_method_and_a_fix_that_
         assert error.method == name
         assert f"Engine.{name}() was called from a thread" in str(error)
         assert "nothing was queued" in str(error)
-    for name in ("submit", "retry", "run_periodic"):
+    for name in ("submit", "submit_many", "retry", "run_periodic"):
         assert f"background engine's `{name}(...)`" in str(errors[name])
         assert hasattr(BackgroundEngine, name)
     # the background engine has no submit_nowait: its submit returns a handle as soon as the run is queued
     assert "background engine's `submit(...)`" in str(errors["submit_nowait"])
-    assert "background engine's `call(lambda e: e.submit_many(...))`" in str(errors["submit_many"])
-    assert not hasattr(BackgroundEngine, "submit_many")
 
 
-def test_the_suggested_background_call_for_a_batch_queues_it() -> None:
+def test_the_background_engines_batch_submit_gives_handles_waited_from_any_thread() -> None:
     engine = Engine(health_interval=None)
 
     @engine.task(name="t")
@@ -173,8 +171,11 @@ def test_the_suggested_background_call_for_a_batch_queues_it() -> None:
 
     bg = engine.start_background()
     try:
-        handles = bg.call(lambda e: e.submit_many([("t", None), ("t", None)]))
-        records = [bg.call(lambda e, h=h: h.wait(timeout=5)) for h in handles]
-        assert [r.result for r in records] == ["ok", "ok"]
+        handles = bg.submit_many([("t", None), {"task": "t", "key": "k"}])
+        # waited from this thread (not the engine's), as bg.submit's are
+        assert [h.wait(timeout=5).result for h in handles] == ["ok", "ok"]
+        with pytest.raises(InvalidParams, match="item 1 of submit_many"):
+            bg.submit_many([("t", None), ("t", {"x": 1})])
+        assert len(bg.runs()) == 2  # the bad batch queued nothing
     finally:
         bg.stop(timeout=10)
