@@ -429,7 +429,8 @@ class Execution:
             RunSubmitted,
             run_id=run.id,
             task=run.task,
-            params=detached(run.params),  # the event's own: a subscriber changing it changes no record
+            # the event's own: a subscriber changing it changes no record (no call for none)
+            params=detached(run.params) if run.params else {},
             key=run.key,
             source=run.source,
             max_attempts=run.max_attempts,
@@ -785,7 +786,8 @@ class Execution:
         self._finish(run, _SUCCEEDED, now)
         self.bus.post(
             RunSucceeded, run_id=run.id, task=run.task, attempt=run.attempt,
-            duration=now - (run.started_at or now), result=detached(result), from_store=False,
+            duration=now - (run.started_at or now), result=result if result is None else detached(result),
+            from_store=False,
         )
 
     async def on_recovered(self, recovered: list[Recovered]) -> None:
