@@ -24,6 +24,7 @@ import math
 import os
 import reprlib
 import threading
+from threading import get_ident
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
@@ -900,7 +901,8 @@ class Engine:
         Periodic and trigger tasks are submitted by their own loops only (``internal``).
         """
         self._require_running()
-        self._require_loop_thread(method)
+        if get_ident() != self._loop_thread:  # (the check inline: this is every run's path)
+            self._require_loop_thread(method)
         spec = self._tasks.get(task)
         if spec is None or not (spec.submittable or internal):
             raise UnknownTask(
