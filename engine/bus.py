@@ -339,8 +339,10 @@ class Subscription:
                 # woken once: the next events find no waiter until a reader waits again
                 self._wake()
         else:
+            dropped = buffer.dropped
             buffer.offer(event)  # counts the drop and marks the gap
-            self._bus.dropped_total += 1
+            # (a drop notice from further up stands for the events it announced, as it does there)
+            self._bus.dropped_total += buffer.dropped - dropped
 
     def _wake(self) -> None:
         waiters = self._waiters

@@ -421,3 +421,15 @@ async def test_a_kinds_filter_that_could_match_nothing_is_refused(kinds: object,
     bus.add_callback(lambda e: got.append(e.kind), ["queue.", "run.failed", "health"])
     bus.emit(ev.QueuePaused, queue="q", depth=0)
     assert got == ["queue.paused"]
+
+
+def test_the_bus_counts_a_dropped_drop_notice_as_the_events_it_stood_for() -> None:
+    # a relay's notice that 40 events were lost upstream, dropped here too: the subscription and
+    # the bus's own total both count the 40 (the bus once counted 1)
+    bus = EventBus(node="n")
+    sub = bus.subscribe(maxsize=1)
+    bus.emit(ev.EngineStarted)  # fills the buffer
+    bus.publish(ev.EventsDropped(node="far", count=40, total=40))
+    bus.emit(ev.EngineStarted)
+    assert sub.dropped == 41
+    assert bus.stats()["dropped"] == 41
