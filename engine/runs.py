@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import traceback
+import weakref
 from enum import StrEnum
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
@@ -382,7 +383,8 @@ _REBUILT = frozenset({
     "bytes", "datetime", "date", "time", "timedelta", "decimal", "uuid", "url", "multi-host-url",
     "definitions", "definition-ref", "lax-or-strict", "json-or-python", "chain",
 })
-_SHARES_INPUT: dict[type, bool] = {}
+#: (weak, as tasks' own per-class cache: a model class made at run time may go away)
+_SHARES_INPUT: weakref.WeakKeyDictionary[type[BaseModel], bool] = weakref.WeakKeyDictionary()
 
 
 def shares_input(model: type[BaseModel]) -> bool:
