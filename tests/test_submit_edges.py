@@ -61,8 +61,9 @@ async def test_submits_from_another_thread_are_refused_and_record_nothing(store:
 # ---------------------------------------------------------------- dedup keys
 
 
-async def test_a_submit_with_a_key_returns_the_first_holder_after_a_submit_nowait(store: str) -> None:
-    engine = Engine(health_interval=None, store=store, max_concurrency=1, node_id="nk")
+def gated_engine(store: str, **options: Any) -> tuple[Engine, asyncio.Event]:
+    """An engine running one run at a time of task "t", which waits for the gate returned."""
+    engine = Engine(health_interval=None, store=store, max_concurrency=1, **options)
     gate = asyncio.Event()
 
     @engine.task
@@ -70,6 +71,11 @@ async def test_a_submit_with_a_key_returns_the_first_holder_after_a_submit_nowai
         await gate.wait()
         return 1
 
+    return engine, gate
+
+
+async def test_a_submit_with_a_key_returns_the_first_holder_after_a_submit_nowait(store: str) -> None:
+    engine, gate = gated_engine(store, node_id="nk")
     async with engine:
         blocker = await engine.submit("t")
         first = await engine.submit("t", key="k")
@@ -96,14 +102,7 @@ async def test_a_submit_with_a_key_returns_the_first_holder_after_a_submit_nowai
 
 
 async def test_a_submit_with_a_key_after_a_submit_nowait_returns_that_run(store: str) -> None:
-    engine = Engine(health_interval=None, store=store, max_concurrency=1)
-    gate = asyncio.Event()
-
-    @engine.task
-    async def t(ctx: TaskContext) -> int:
-        await gate.wait()
-        return 1
-
+    engine, gate = gated_engine(store)
     async with engine:
         blocker = await engine.submit("t")
         nowait = engine.submit_nowait("t", key="k")
