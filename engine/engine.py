@@ -129,6 +129,8 @@ _SUBMISSION_FIELDS = frozenset({"task", "params", "key"})
 
 #: seconds a stop's store writes may go on retrying an unreachable store after its drain and cancel grace
 _STOP_WRITE_GRACE = 1.0
+#: a queue's or trigger's late start that failed is tried again after this, doubling up to the max
+_LATE_RETRY_FIRST, _LATE_RETRY_MAX = 0.5, 30.0
 
 #: the failed runs a snapshot carries however old (a dashboard's failures list holds as many)
 SNAPSHOT_FAILURES = 200
@@ -335,6 +337,8 @@ class Engine:
         #: starts of queues and triggers made while the engine runs (a durable store's take
         #: reads and writes the store); the stop waits for them before stopping those
         self._late_starts: set[asyncio.Task[None]] = set()
+        #: late starts that failed, waiting to be tried again
+        self._late_retries: dict[WorkQueue | Trigger, asyncio.TimerHandle] = {}
         self._started_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._leader = LeaderElector(self, lease)
@@ -779,6 +783,9 @@ class Engine:
                 pending=self._index.counts[_PENDING],
                 running=self._index.counts[_RUNNING],
             )
+            for retry in self._late_retries.values():
+                retry.cancel()
+            self._late_retries.clear()
             if self._late_starts:
                 # a queue or trigger still taking up what the store holds: let it, or it would
                 # stop before it started
@@ -1790,7 +1797,8 @@ class Engine:
         service.bind_loop(loop, self._loop_thread)
         loop.call_soon_threadsafe(self._begin_late, service, what)
 
-    def _begin_late(self, service: WorkQueue | Trigger, what: str) -> None:
+    def _begin_late(self, service: WorkQueue | Trigger, what: str, delay: float = _LATE_RETRY_FIRST) -> None:
+        self._late_retries.pop(service, None)
         if self._state != "running":
             return  # stopped meanwhile: the next start starts it with the rest
         if not self._durable:
@@ -1798,12 +1806,22 @@ class Engine:
             return
         task = asyncio.get_running_loop().create_task(service.start(), name=f"taskwatch-start-{what}")
         self._late_starts.add(task)
-        task.add_done_callback(functools.partial(self._late_started, what))
+        task.add_done_callback(functools.partial(self._late_started, service, what, delay))
 
-    def _late_started(self, what: str, task: asyncio.Task[None]) -> None:
+    def _late_started(self, service: WorkQueue | Trigger, what: str, delay: float, task: asyncio.Task[None]) -> None:
         self._late_starts.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        if self._state != "running" or self._loop is None:
             log.error("%s made while node %s runs could not start: %s", what, self.node_id, exc, exc_info=exc)
+            return
+        # the store failing for a moment (a restart, a lock, a cut) must not leave a queue with
+        # no consumers or a trigger with no sweep until the next engine start: try again
+        log.error("%s made while node %s runs could not start (trying again in %.3g s): %s",
+                  what, self.node_id, delay, exc, exc_info=exc)  # fmt: skip
+        self._late_retries[service] = self._loop.call_later(
+            delay, self._begin_late, service, what, min(delay * 2, _LATE_RETRY_MAX)
+        )
 
     def queues(self) -> list[QueueInfo]:
         return [q.info() for q in self._queues.values()]

@@ -15,7 +15,7 @@ import pytest
 
 from taskwatch.engine import BackgroundEngine, Engine, InvalidParams, LoopThreadError, RunStatus, TaskContext
 
-from .helpers import in_thread
+from .helpers import eventually, in_thread
 
 
 # ---------------------------------------------------------------- history from another thread
@@ -115,6 +115,74 @@ async def test_drain_of_a_trigger_whose_late_start_failed_waits_only_for_its_run
         assert ran == ["k"]
         assert trigger.fired == 1
         assert [r.status for r in engine.runs(limit=None)] == [RunStatus.SUCCEEDED]
+
+
+async def test_a_trigger_whose_late_start_failed_starts_once_the_store_answers_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "runs.db"
+    ran: list[str] = []
+
+    async def on_key(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    first = Engine(health_interval=None, store=f"sqlite:///{path}")
+    first.trigger("late", on_key, size_threshold=3).notify("k", 2)
+    async with first:
+        pass
+    engine = Engine(health_interval=None, store=f"sqlite:///{path}")
+    async with engine:
+        other = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+        try:
+            await asyncio.to_thread(other.execute, "ALTER TABLE trigger_keys RENAME TO trigger_keys_away")
+            with caplog.at_level(logging.ERROR):
+                trigger = engine.trigger("late", on_key, size_threshold=3, check_interval=0.05, staleness=3600)
+                await eventually(lambda: any("trying again" in r.getMessage() for r in caplog.records))
+            await asyncio.to_thread(other.execute, "ALTER TABLE trigger_keys_away RENAME TO trigger_keys")
+        finally:
+            other.close()
+        # the two counts the first engine saved are taken up by the start tried again
+        await eventually(lambda: [(k.key, k.count) for k in trigger.state().keys] == [("k", 2)], timeout=10)
+        trigger.notify("k")
+        await asyncio.wait_for(trigger.drain(), 5)
+        assert ran == ["k"]
+
+
+async def test_a_queue_whose_late_start_failed_handles_its_jobs_once_the_store_answers_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "runs.db"
+    handled: list[int] = []
+
+    async def handle(job: int) -> None:
+        handled.append(job)
+
+    engine = Engine(health_interval=None, store=f"sqlite:///{path}")
+    async with engine:
+        other = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+        try:
+            await asyncio.to_thread(other.execute, "ALTER TABLE queue_jobs RENAME TO queue_jobs_away")
+            with caplog.at_level(logging.ERROR):
+                queue = engine.queue("late", handle)
+                await eventually(lambda: any("trying again" in r.getMessage() for r in caplog.records))
+            for job in range(3):
+                await queue.put(job)
+            await asyncio.to_thread(other.execute, "ALTER TABLE queue_jobs_away RENAME TO queue_jobs")
+        finally:
+            other.close()
+        await asyncio.wait_for(queue.join(), 10)
+        assert handled == [0, 1, 2]
+    # nothing was left behind for a next start
+    seen: list[int] = []
+
+    async def keep(job: int) -> None:
+        seen.append(job)
+
+    again = Engine(health_interval=None, store=f"sqlite:///{path}")
+    q = again.queue("late", keep)
+    async with again:
+        await asyncio.wait_for(q.join(), 5)
+    assert seen == [] and q.adopted == 0
 
 
 # ---------------------------------------------------------------- what the refusal says
