@@ -53,7 +53,7 @@ from pydantic import BaseModel
 from .errors import EngineAlreadyRunning, EngineCrashed, EngineNotRunning, InvalidConfiguration, LoopThreadError
 from .execution import checked_timeout
 from .hop import Escaped, LoopCall, call_apart, ship
-from .options import BackgroundOptions, WaitOptions, check_options
+from .options import BackgroundOptions, WaitOptions, check_option_names, check_options
 from .runs import RunRecord, RunStatus
 
 if TYPE_CHECKING:
@@ -856,12 +856,19 @@ class BackgroundEngine:
 
     def serve(self, address: str | None = None, **options: Any) -> ServerInfo:
         """Start a control endpoint (see ``Engine.serve``); returns its address and token."""
+        from .server import ControlServer
+
+        # checked here as well, so that the error names the method called, not Engine.serve()
+        check_option_names("BackgroundEngine.serve()", options, ControlServer)
         server = self._call("serve", self.engine.serve, address, **options)
         info: ServerInfo = server.info()
         self._server_info = info
         return info
 
     async def aserve(self, address: str | None = None, **options: Any) -> ServerInfo:
+        from .server import ControlServer
+
+        check_option_names("BackgroundEngine.aserve()", options, ControlServer)
         server = await self._acall(self.engine.serve, address, **options)
         info: ServerInfo = server.info()
         self._server_info = info

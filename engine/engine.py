@@ -67,7 +67,7 @@ from .jsonsafe import check_key, name_problem
 from .lease import LeaderElector, Leadership
 from .memory_events import MemoryEventRelay, MemoryEventStream
 from .nodeid import hold_default_node_id
-from .options import EngineOptions, StopOptions, TaskOptions, check_options
+from .options import EngineOptions, StopOptions, TaskOptions, check_option_names, check_options
 from .postgres_events import PostgresEventRelay
 from .queues import QueueInfo, QueuePurge, WorkQueue
 from .redis_events import RedisEventRelay
@@ -1543,12 +1543,14 @@ class Engine:
         """Run this engine on its own event loop in a daemon thread; returns a thread-safe facade."""
         from .background import BackgroundEngine
 
+        check_option_names("Engine.start_background()", options, BackgroundEngine)
         return BackgroundEngine.launch(self, **options)
 
     async def serve(self, address: str | None = None, **options: Any) -> ControlServer:
         """Expose this engine to dashboards in other processes (Unix socket or tcp://127.0.0.1:PORT)."""
         from .server import ControlServer
 
+        check_option_names("Engine.serve()", options, ControlServer)
         self._require_running()
         server = ControlServer(self, address, **options)
         await server.start()
@@ -1862,6 +1864,7 @@ class Engine:
         """
         if (problem := name_problem("name", name)) is not None:
             raise InvalidConfiguration(f"trigger {name!r}", [problem])
+        check_option_names("Engine.trigger()", options, Trigger)
         if name in self._triggers:
             raise DuplicateTask("trigger", name)
         trigger = Trigger(self, name, fn, **options)

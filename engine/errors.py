@@ -353,8 +353,12 @@ class InvalidAddress(TaskwatchError, ValueError):
         super().__init__(f"bad address {address!r}: {why}" + (f"; {advice}" if advice else ""))
 
 
-class InvalidKey(TaskwatchError, TypeError):
-    """A dedup key (or trigger key) is not a JSON-safe string. Nothing was queued."""
+class InvalidKey(TaskwatchError, TypeError, ValueError):
+    """A dedup key (or trigger key) is not a JSON-safe string. Nothing was queued.
+
+    A ``TypeError`` for a key that is no ``str``, and a ``ValueError`` as well: a ``str``
+    holding a NUL or a lone surrogate is a bad value, which ``except ValueError`` expects to catch.
+    """
 
     def __init__(self, owner: str, key: object, why: str) -> None:
         self.owner = owner

@@ -9,6 +9,9 @@ engine spin, stall or fail every run later.
 
 from __future__ import annotations
 
+import difflib
+import inspect
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -215,3 +218,31 @@ def check_options(model: type[M], where: str, **values: Any) -> M:
             else:
                 problems.setdefault("", msg)
         raise InvalidConfiguration(where, list(problems.values())) from None
+
+
+def check_option_names(where: str, given: Iterable[str], takes: Callable[..., Any]) -> None:
+    """Refuse, as :func:`check_options` refuses a bad value, each of ``given`` that ``takes`` has no
+    keyword-only parameter for and each such parameter without a default that is not in ``given``.
+
+    For a method that forwards ``**options`` to ``takes``: ``where`` names that method, which the
+    user called, not ``takes``, which Python's own TypeError would name.
+    """
+    names = set(given)
+    params = [p for p in inspect.signature(takes).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    accepted = [p.name for p in params]
+    problems = []
+    suggested = set()
+    for name in sorted(names.difference(accepted)):
+        near = difflib.get_close_matches(name, accepted, n=1)
+        suggested.update(near)
+        problems.append(
+            f"{name}: no such option (did you mean {near[0]}?)"
+            if near
+            else f"{name}: no such option; the options are {', '.join(accepted)}"
+        )
+    for param in params:
+        # a required option misspelled is said once, by its did-you-mean
+        if param.default is param.empty and param.name not in names and param.name not in suggested:
+            problems.append(f"{param.name}: required and not given; pass {param.name}=...")
+    if problems:
+        raise InvalidConfiguration(where, problems)
