@@ -45,7 +45,7 @@ def test_version_and_help() -> None:
     [
         ("no_such_module:engine", "module 'no_such_module' not found"),
         ("examples.service:nope", "module 'examples.service' has no attribute 'nope'"),
-        ("examples.service:FakeCache", "is a FakeCache, not a taskwatch Engine"),
+        ("examples.service:FakeCache", "calling 'examples.service:FakeCache' returned an object of type FakeCache, not"),
         ("examples", "module 'examples' has no attribute 'engine'; name the engine: examples:ATTRIBUTE"),
         (":engine", "expected PACKAGE.MODULE:ATTRIBUTE"),
         ("examples.service:random", "is a module, not a taskwatch Engine"),
@@ -84,6 +84,18 @@ def test_an_async_factory_is_refused_with_the_way_to_write_it(tmp_path: Path, mo
         load_engine("asyncapp:make")
     with pytest.raises(AppPathError, match="returned an awaitable; return the Engine itself"):
         load_engine("asyncapp:awaitable")
+
+
+def test_what_is_not_an_engine_is_named_in_plain_english(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "notengines.py").write_text("count = 3\ndef forgot_return():\n    Engine = None\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AppPathError) as an_int:
+        load_engine("notengines:count")
+    assert str(an_int.value) == "'notengines:count' is an object of type int, not a taskwatch Engine"
+    # the factory's result is what is wrong, not the factory
+    with pytest.raises(AppPathError) as none:
+        load_engine("notengines:forgot_return")
+    assert str(none.value) == "calling 'notengines:forgot_return' returned None, not a taskwatch Engine"
 
 
 def test_attach_needs_an_address() -> None:
@@ -193,9 +205,10 @@ def test_web_serves_the_dashboard_page_at_the_printed_url(tmp_path: Path) -> Non
         (["--serve", "tcp://127.0.0.1:0"], {"TASKWATCH_TOKEN": "short"}, "the control token is 5 bytes"),
         (["--seconds", "3"], {}, "--seconds goes with --plain"),
         (["--plain", "--serve", "tcp://0.0.0.0:1"], {}, "--serve goes with the dashboard, not --plain"),
+        (["--plain", "--seconds", "1", "--no-confirm"], {}, "--no-confirm goes with the dashboard, not --plain"),
+        (["examples.service", "--plain", "--no-confirm"], {}, "--no-confirm goes with the dashboard, not --plain"),
         (["examples.service", "--store", "sqlite:///x.db"], {}, "--store is for the demo; examples.service builds"),
         (["examples.service:engine", "--seed", "3", "--plain"], {}, "--seed is for the demo"),
-        (["attach", "http://127.0.0.1:7070"], {}, "bad address 'http://127.0.0.1:7070': only tcp:// and unix:"),
         (["attach", "tcp://127.0.0.1:notaport"], {}, "port is not a number"),
         (["web", "a", "b", "c"], {}, "unexpected arguments 'b c'"),
         (["web", "attach", "tcp://127.0.0.1:notaport"], {}, "port is not a number"),
@@ -321,6 +334,25 @@ def test_an_attach_option_the_address_would_ignore_is_one_clear_line(kind: str, 
     assert_one_clear_line(result, f"{option} {APPLIES_TO[option]}")
     assert KIND_NAMES[kind] in result.stderr, result.stderr
     assert "pw" not in result.stderr  # the address is named by its kind, never echoed with its password
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [
+        (["attach", "http://127.0.0.1:7070"], "'http://127.0.0.1:7070'"),
+        (["attach", "mysql://u:pw@db/app"], "'mysql://u:***@db/app'"),
+        (["attach", "rediss-typo://x"], "'rediss-typo://x'"),
+        (["web", "attach", "mysql://db/app"], "'mysql://db/app'"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_an_address_attach_cannot_take_is_refused_naming_every_kind_it_takes(args: list[str], shown: str) -> None:
+    result = taskwatch(*args, timeout=30)
+    assert_one_clear_line(result, f"bad address {shown}: `attach` takes tcp://, unix: (or a socket path), ")
+    # every spelling attach_kind accepts is named, so none looks unsupported
+    for scheme in ("postgresql://", "postgres://", "redis://", "rediss://"):
+        assert scheme in result.stderr, result.stderr
+    assert "pw" not in result.stderr
 
 
 def test_every_attach_option_is_taken_where_it_applies() -> None:

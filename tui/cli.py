@@ -31,8 +31,9 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from taskwatch.engine import Engine, TaskwatchError, WeakToken, __version__
+from taskwatch.engine import Engine, InvalidAddress, TaskwatchError, WeakToken, __version__
 from taskwatch.engine.server import MIN_TOKEN_BYTES
+from taskwatch.engine.urls import redact_url
 from taskwatch.engine.wire import TcpAddress, UnixAddress, parse_address, parse_connect_address
 
 if TYPE_CHECKING:
@@ -85,7 +86,8 @@ def load_engine(path: str) -> Engine:
                     f"module {module_name!r} has no attribute {attr!r}; name the engine: {module_name}:ATTRIBUTE"
                 ) from None
             raise AppPathError(f"module {module_name!r} has no attribute {attr!r}") from None
-    if callable(target) and not isinstance(target, Engine):
+    called = callable(target) and not isinstance(target, Engine)
+    if called:
         if inspect.iscoroutinefunction(target):
             raise AppPathError(
                 f"{path!r} is an async function; make the factory a plain def that builds the Engine "
@@ -100,8 +102,18 @@ def load_engine(path: str) -> Engine:
             target.close()  # never awaited, and said so here rather than in a RuntimeWarning
         raise AppPathError(f"calling {path!r} returned an awaitable; return the Engine itself from a plain def")
     if not isinstance(target, Engine):
-        raise AppPathError(f"{path!r} is a {type(target).__name__}, not a taskwatch Engine")
+        found = f"calling {path!r} returned" if called else f"{path!r} is"
+        raise AppPathError(f"{found} {_described(target)}, not a taskwatch Engine")
     return target
+
+
+def _described(value: object) -> str:
+    """``value``'s kind as a sentence names it: "an object of type int", never "a int"."""
+    if value is None:
+        return "None"  # a factory that forgot its `return`
+    if inspect.ismodule(value):
+        return "a module"
+    return f"an object of type {type(value).__qualname__}"
 
 
 def _main_parser() -> argparse.ArgumentParser:
@@ -371,6 +383,17 @@ ATTACH_OPTION_KINDS: dict[str, tuple[frozenset[AttachKind], str]] = {
 }
 
 
+#: every kind of address `attach` takes (``attach_kind`` and ``parse_connect_address`` spell them)
+ATTACH_TAKES = (
+    "`attach` takes tcp://, unix: (or a socket path), postgresql:// (or postgres://) and redis:// (or rediss://) "
+    "addresses"
+)
+ATTACH_EXAMPLES = (
+    "use tcp://127.0.0.1:PORT or a socket path for an engine, postgresql://USER@HOST/DB or redis://HOST:PORT/DB "
+    "for a cluster"
+)
+
+
 def attach_kind(address: str) -> AttachKind:
     if address.startswith(("redis://", "rediss://")):
         return "redis"
@@ -386,6 +409,9 @@ def check_attach_address(address: str) -> None:
     protocol is plaintext, and the token would be the first thing to cross the network.
     """
     if attach_kind(address) == "engine":
+        if "://" in address and not address.startswith(("tcp://", "unix:")):
+            # the engine's own refusal names only what it can serve; attach also takes cluster URLs
+            raise InvalidAddress(_shown_address(address), ATTACH_TAKES, ATTACH_EXAMPLES)
         target = parse_connect_address(address)
         if isinstance(target, TcpAddress) and not target.is_loopback:
             raise ValueError(
@@ -394,6 +420,14 @@ def check_attach_address(address: str) -> None:
                 f"port over SSH (ssh -N -L 7070:127.0.0.1:{target.port} {target.host}) and attach to "
                 "tcp://127.0.0.1:7070"
             )
+
+
+def _shown_address(address: str) -> str:
+    """``address`` as a refusal may echo it: without a password (``mysql://u:pw@db``)."""
+    try:
+        return redact_url(address)
+    except ValueError:  # too malformed to find its password in: only its scheme is named
+        return address.partition("://")[0] + "://…"
 
 
 def check_attach_options(address: str, given: Sequence[str]) -> None:
@@ -425,6 +459,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if opts.plain and opts.serve:
         return fail("--serve goes with the dashboard, not --plain; to watch from elsewhere, serve from your app")
+    if opts.plain and not opts.confirm:
+        return fail("--no-confirm goes with the dashboard, not --plain (which only prints events: nothing asks to confirm)")
     if opts.app:
         # every option is used or refused: one silently ignored would show the demo's setup as the app's
         for given, name in ((opts.store, "--store"), (opts.seed, "--seed")):
