@@ -266,6 +266,15 @@ class Engine:
             health_interval=health_interval,
             flags=flags or {},
         )
+        if resources is not None and not isinstance(resources, Mapping):
+            raise InvalidConfiguration(
+                "Engine()", [f"resources={resources!r}: a dict of resource name to resource is needed"]
+            )
+        # the names set_flag() and provide() would refuse: every event and snapshot naming a
+        # flag or a missing resource carries them
+        names = [("flag name", n) for n in flags or {}] + [("resource name", n) for n in resources or {}]
+        if problems := [p for option, n in names if (p := name_problem(option, n)) is not None]:
+            raise InvalidConfiguration("Engine()", problems)
         if backend not in _BACKENDS:
             raise InvalidConfiguration(
                 "Engine",
@@ -1924,7 +1933,11 @@ class Engine:
         backoff: float = 1.0,
         backoff_max: float = 60.0,
     ) -> W | Callable[[W], W]:
-        """Register a long-lived ``async def worker(ctx)`` restarted with backoff when it crashes."""
+        """Register a long-lived ``async def worker(ctx)`` restarted with backoff when it crashes.
+
+        Raises :class:`TaskDefinitionError` for a worker that cannot be called as ``fn(ctx)``
+        (an object whose ``__call__`` is such a function is one), as a task's is checked.
+        """
 
         def decorate(func: W) -> W:
             self._supervisor.add(

@@ -28,7 +28,6 @@ and start it again. Each is published as an event.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -50,6 +49,7 @@ from .hop import call_blocking, cancel_and_wait
 from .jsonsafe import name_problem
 from .options import WorkerOptions, check_options
 from .runs import RunError
+from .tasks import check_worker_fn
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -166,10 +166,12 @@ class Supervisor:
         no trace. Callable from any thread: on an engine running on another
         thread's loop (``start_background``) the worker is added, and started, there.
         """
-        worker_name = (getattr(fn, "__name__", None) or repr(fn)) if name is None else name
+        worker_name = getattr(fn, "__name__", None) if name is None else name
+        if worker_name is None:
+            # as for a task: a repr (with its memory address) would name it differently on every run
+            raise TaskDefinitionError(f"{fn!r} has no __name__ (a functools.partial, say): give the worker a name=")
         where = f"supervised worker {worker_name!r}"
-        if not inspect.iscoroutinefunction(fn):
-            raise TaskDefinitionError(f"{where} must be an `async def worker(ctx)` function")
+        check_worker_fn(fn, worker_name)
         problems: list[str] = []
         if (problem := name_problem("name", worker_name)) is not None:
             problems.append(problem)

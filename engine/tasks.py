@@ -401,6 +401,39 @@ def _unwrap_partial(fn: Any) -> Any:
     return fn
 
 
+def _async_signature(fn: TaskFn, what: str, takes: str, shape: str) -> tuple[TaskFn, inspect.Signature]:
+    """What a call of ``fn`` runs and its signature; :class:`TaskDefinitionError` for
+    anything but an async function (or an object whose ``__call__`` is one)."""
+    # an object with an `async def __call__` is called as one: its __call__ is what to read
+    fn = _call_target(fn)
+    if not inspect.iscoroutinefunction(fn):
+        raise TaskDefinitionError(
+            f"{what} must be an `async def` function taking {takes} (or an object "
+            "whose `__call__` is one); "
+            "wrap blocking code with `await asyncio.to_thread(...)`"
+        )
+    try:
+        return fn, inspect.signature(fn)
+    except (TypeError, ValueError) as exc:
+        raise TaskDefinitionError(f"cannot read the signature of {what} ({exc}); {shape}") from None
+
+
+def check_worker_fn(fn: TaskFn, name: str) -> None:
+    """Refuse a supervised worker that cannot be called as ``fn(ctx)``, the only call its
+    supervisor makes: otherwise every start fails with a TypeError, restarted forever."""
+    fn_name = _function_name(fn, name)
+    what = f"supervised worker {name!r}"
+    shape = (
+        f"a supervised worker is `async def {fn_name}(ctx: TaskContext)`, called with the "
+        "TaskContext alone (any further parameter needs a default)"
+    )
+    _, sig = _async_signature(fn, what, "(ctx)", shape)
+    try:
+        sig.bind(None)
+    except TypeError as exc:
+        raise TaskDefinitionError(f"{what} cannot be called as {fn_name}(ctx) ({exc}); {shape}") from None
+
+
 def params_model_of(
     fn: TaskFn, explicit: type[BaseModel] | None, name: str, resources: tuple[str, ...] = ()
 ) -> type[BaseModel] | None:
@@ -410,23 +443,12 @@ def params_model_of(
     signature that call cannot fill is refused here rather than failing every run.
     """
     fn_name = _function_name(fn, name)
-    # an object with an `async def __call__` is called as one: its __call__ is what to read
-    fn = _call_target(fn)
-    if inspect.isasyncgenfunction(fn):
+    if inspect.isasyncgenfunction(_call_target(fn)):
         raise TaskDefinitionError(
             f"task {name!r} is an async generator (it has a `yield`): a task returns its "
             "result instead, and reports how far it got with `await ctx.progress(done, total)`"
         )
-    if not inspect.iscoroutinefunction(fn):
-        raise TaskDefinitionError(
-            f"task {name!r} must be an `async def` function taking (ctx, params) (or an object "
-            "whose `__call__` is one); "
-            "wrap blocking code with `await asyncio.to_thread(...)`"
-        )
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError) as exc:
-        raise TaskDefinitionError(f"cannot read the signature of task {name!r} ({exc}); {_shape(fn_name)}") from None
+    fn, sig = _async_signature(fn, f"task {name!r}", "(ctx, params)", _shape(fn_name))
     # a resource is passed by keyword: an argument it names is no positional one a run must fill
     positional = [
         p
