@@ -231,9 +231,13 @@ async def test_f_fires_the_selected_key_or_asks_which_key() -> None:
         await eventually(lambda: "notify:user-9" in seen["keys"])
 
         # from the palette, for a trigger with several keys: chosen from a list
+        typed_in = chooser
         command = next(c for c in app.get_system_commands(app.main) if c.title == "Fire trigger compile")
         command.callback()
-        chooser = await eventually(lambda: app.screen if isinstance(app.screen, ChooseKeyScreen) else None)
+        # the dialog the key was typed into may not have closed yet: this is a new one
+        chooser = await eventually(
+            lambda: app.screen if isinstance(app.screen, ChooseKeyScreen) and app.screen is not typed_in else None
+        )
         options = chooser.query_one(OptionList)
         await eventually(lambda: app.focused is options)
         assert [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)] == ["bank-1", "bank-2"]
