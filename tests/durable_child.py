@@ -311,7 +311,7 @@ async def main(args: argparse.Namespace) -> None:
         emit(ev="stopped", seq=engine.bus.last_seq)
         return
     await asyncio.to_thread(sys.stdin.read)  # until the test closes stdin (or kills us)
-    await engine.stop()
+    await engine.stop(args.stop_timeout)
     emit(ev="stopped", seq=engine.bus.last_seq)
 
 
@@ -337,6 +337,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--health", type=float, default=None, help="sample the engine's health every SECONDS")
     p.add_argument("--steps", type=int, default=400, help="progress reports of one 'steps' run")
     p.add_argument("--errors", action="store_true", help="print ERROR log records of taskwatch as lines")
+    p.add_argument("--stop-timeout", type=float, default=10.0, help="what the final engine.stop() drains for")
     sub = p.add_subparsers(dest="mode", required=True)
     run = sub.add_parser("run")
     run.add_argument("--submit", default=None, help="task to submit --count runs of, in one submit_many")

@@ -402,7 +402,8 @@ def test_max_queue_holds_across_nodes(
 ) -> None:
     limit = 40
     # one slot per node, taken by a run that never ends: everything else stays queued
-    common = ("--wait-go", "--max-concurrency", "1", "--max-queue", str(limit), "--lease-ttl", "30")
+    # (the stop does not wait out its default drain for those)
+    common = ("--wait-go", "--max-concurrency", "1", "--max-queue", str(limit), "--lease-ttl", "30", "--stop-timeout", "0.5")
     fillers = [start(nodes, postgres_url, f"node-{n}", tmp_path / "exec.log", *common, "fill") for n in "ab"]
     for child in fillers:
         child.event("ready")
@@ -423,6 +424,7 @@ def test_max_queue_holds_across_nodes(
     for child in fillers:
         assert child.proc.stdin is not None
         child.proc.stdin.close()
+    for child in fillers:
         child.event("stopped", timeout=30)
 
 
@@ -432,7 +434,8 @@ def test_a_node_cut_off_from_the_database_steps_down_and_comes_back(
     ttl = 1.0
     log = tmp_path / "exec.log"
     node = start(nodes, postgres_url, "node-a", log, "--leader", "--sleep", "60", "--max-concurrency", "4",
-                 "--lease-ttl", str(ttl), "--poll", "0.2", "run", "--submit", "work", "--count", "2")  # fmt: skip
+                 "--lease-ttl", str(ttl), "--poll", "0.2", "--stop-timeout", "0.5",
+                 "run", "--submit", "work", "--count", "2")  # fmt: skip
     node.event("lease.acquired")
     ids = set(node.event("submitted")["ids"])
     wait_until(lambda: {line["run"] for line in executions(log)} == ids, 30, "both runs started")
