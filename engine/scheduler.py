@@ -11,7 +11,10 @@ clock its run timestamps use (so a frozen engine clock freezes the schedule).
 Cron expressions are evaluated in the **local time zone**, like cron itself:
 ``"0 3 * * *"`` means 03:00 local wall-clock time (six fields put seconds first:
 ``"*/10 * * * * *"``; a time the clocks skip when DST starts fires an hour
-later that day, one they repeat fires once). Intervals are measured from
+later that day, one they repeat fires once, in its first pass: see
+:func:`next_cron_due`, which reads any other zone given it by the same rules).
+A slot whose submit fails (the store unreachable) is tried again shortly as
+that same slot. Intervals are measured from
 the end of the previous run by default, or from its scheduled start with
 ``fixed_rate=True``. The next-due arithmetic lives in small pure functions
 (:func:`next_interval_due`, :func:`next_cron_due`, :func:`jitter_delay`) that
@@ -69,12 +72,13 @@ import math
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, tzinfo
+from datetime import datetime, timedelta, timezone, tzinfo
 from typing import TYPE_CHECKING, Any, Literal
 
 from cronsim import CronSim, CronSimError
 from pydantic import BaseModel, ConfigDict
 
+from .hop import call_blocking
 from .errors import (
     EngineNotRunning,
     InvalidConfiguration,
@@ -117,6 +121,7 @@ _SLOT_TOLERANCE = 0.001
 #: cron slots counted one by one when a loop missed some; past this many the rest are estimated
 _MISSED_CRON_COUNT = 1000
 _NEVER_AGAIN = "cron expression never matches again"
+_DAY = 86400.0
 #: newest runs of a periodic task a run by hand looks through, in the store, for one still going
 _GOING_LOOKED_AT = 10
 
@@ -199,28 +204,78 @@ def next_interval_due(
     return due + jitter_delay(every, jitter_fraction, rng)
 
 
-def next_cron_due(expr: str, after: float, tz: tzinfo | None = None) -> float:
+def next_cron_due(expr: str, after: float, tz: tzinfo | None = None, *, fired: float | None = None) -> float:
     """The first time strictly after ``after`` (UNIX seconds) that ``expr`` matches.
 
-    With ``tz=None`` the expression is read in the local time zone, as cron
-    does: naive local wall-clock times are converted with the platform's
-    rules, so DST changes are honoured. Pass a ``tzinfo`` (e.g.
-    ``datetime.timezone.utc``) to use another zone. Raises ``StopIteration``
-    if the expression never matches again.
+    ``expr`` names wall-clock times of ``tz``: with ``tz=None`` the local time zone, as
+    cron reads it; pass a ``tzinfo`` (``datetime.timezone.utc``, a ``ZoneInfo``) for
+    another. Every zone follows the same rules at its DST changes:
+
+    * a time the clocks skip when DST starts is taken as late as the clocks jumped (an
+      hour later that day: ``30 2 * * *`` at 03:30, ``0,30 2 * * *`` at 03:00 and 03:30);
+      one that lands on a time the expression also names is that one time, once;
+    * a time the clocks repeat when DST ends is its first pass. Its second pass is taken
+      only when ``after`` is an earlier time of that second pass (a schedule that starts
+      or wakes there goes on from there, not back), and then not when its first pass is
+      at or before ``fired``, the slot last fired (a time whose first pass was fired, or
+      let pass for a later slot, is not fired again).
+
+    Raises ``StopIteration`` if the expression never matches again.
     """
-    if tz is not None:
-        # cronsim drops sub-second parts and then steps one second, so the result is > after
-        return next(CronSim(expr, datetime.fromtimestamp(after, tz))).timestamp()
-    # In the hour a DST change repeats, one wall-clock time names two instants (fold 0
-    # and 1), and cronsim's naive results carry fold 0: from the second pass of that hour
-    # its next match would lie before ``after``, and a schedule planned from it would
-    # fire the same past slot again and again. The first instant after ``after`` wins.
-    for wall in CronSim(expr, datetime.fromtimestamp(after)):
-        for fold in (0, 1):
-            due = wall.replace(fold=fold).timestamp()
-            if due > after:
-                return due
-    raise StopIteration(f"cron expression {expr!r} never matches again")
+    # both passes of the repeated hour and the times the clocks skip are worked out here, on
+    # naive wall-clock times, the same way for every zone (cronsim's own handling of an aware
+    # zone differs: a skipped 02:30 at 03:00, a repeated 02:00 twice)
+    start = _wall(after, tz) - _just_skipped(after, tz)
+    # a slot fired in the second pass tells nothing of the first: times after it were not served
+    served = fired if fired is not None and not _wall(fired, tz).fold else None
+    best: float | None = None
+    best_wall: datetime | None = None
+    for wall in CronSim(expr, start.replace(fold=0)):
+        if best_wall is not None and wall > best_wall:
+            break  # no later wall-clock time is an earlier instant
+        first = _instant(wall, 0, tz)
+        due = first
+        if due <= after:
+            second = _instant(wall, 1, tz)
+            if second <= first or (served is not None and first <= served):
+                continue  # not a repeated time, or one whose first pass was served
+            due = second
+        if due <= after or (best is not None and due >= best):
+            continue
+        best, best_wall = due, _wall(due, tz)
+        if best_wall <= wall:
+            break  # it was taken as written: times after it come later
+    if best is None:
+        raise StopIteration(f"cron expression {expr!r} never matches again")
+    return best
+
+
+def _wall(t: float, tz: tzinfo | None) -> datetime:
+    """The naive wall-clock time of ``t`` in ``tz`` (None: local), its ``fold`` telling the pass."""
+    return datetime.fromtimestamp(t) if tz is None else datetime.fromtimestamp(t, tz).replace(tzinfo=None)
+
+
+def _instant(wall: datetime, fold: int, tz: tzinfo | None) -> float:
+    # a skipped time with fold=0 is read with the offset before the change (PEP 495): as late as the clocks jumped
+    if tz is None:
+        return wall.replace(fold=fold).timestamp()
+    return wall.replace(tzinfo=tz, fold=fold).timestamp()
+
+
+def _offset(t: float, tz: tzinfo | None) -> timedelta:
+    aware = datetime.fromtimestamp(t, timezone.utc).astimezone(tz)  # astimezone(None): the local zone
+    return aware.utcoffset() or timedelta(0)
+
+
+def _just_skipped(after: float, tz: tzinfo | None) -> timedelta:
+    """How far before ``after``'s wall-clock time a time the clocks just skipped may lie and still
+    be due after it: a skipped time is taken as late as the clocks jumped, so in the first moments
+    after a jump forward its skipped times come after wall-clock times already past."""
+    now = _offset(after, tz)
+    jump = now - _offset(after - _DAY, tz)
+    if jump <= timedelta(0) or _offset(after - jump.total_seconds(), tz) >= now:
+        return timedelta(0)
+    return jump
 
 
 def trigger_text(every: float | None, cron: str | None) -> str:
@@ -246,6 +301,8 @@ def _validate(
     anything is recorded; return the options as they are to be kept."""
     where = f"periodic task {name!r}"
     problems: list[str] = []
+    if (problem := name_problem("name", name)) is not None:
+        problems.append(problem)
     if (every is None) == (cron is None):
         problems.append("needs exactly one of every= (seconds) or cron= (expression)")
     opts: PeriodicOptions | None = None
@@ -418,7 +475,8 @@ class Scheduler:
         is enabled is decided when the engine starts, and again whenever its
         needs change (see :meth:`needs_changed`).
         """
-        task_name = name or getattr(fn, "__name__", None) or repr(fn)
+        # an empty name is refused (below), as for task() and supervised(), not replaced
+        task_name = (getattr(fn, "__name__", None) or repr(fn)) if name is None else name
         # read once (a generator gives its names only once); tuple("redis") would be ('r', 'e', 'd', 'i', 's')
         names = None if isinstance(requires, (str, bytes)) or not isinstance(requires, Iterable) else tuple(requires)
         if names is None or not all(isinstance(r, str) for r in names):
@@ -428,11 +486,6 @@ class Scheduler:
             )
         requires = names
         opts = _validate(fn, task_name, every, cron, initial_delay, requires, jitter, opt_in, fixed_rate)
-        # the last check (name, clash, retries, timeout); it records the task only once they pass,
-        # and nothing after it can fail
-        self._engine.register(
-            fn, name=task_name, retries=retries, timeout=timeout, kind="periodic", resources=requires
-        )
         # the validated values: "5" given for seconds is kept as 5.0, as every option is
         entry = _Periodic(
             name=task_name,
@@ -443,6 +496,17 @@ class Scheduler:
             opt_in=opts.opt_in,
             jitter=opts.jitter,
             fixed_rate=opts.fixed_rate,
+        )
+        # the engine's registry, this one and the task's loop belong to the engine's loop: from
+        # another thread (start_background) the rest is done there, its error raised here
+        return call_blocking(self._engine.loop, self._record, fn, entry, retries, timeout)
+
+    def _record(self, fn: Any, entry: _Periodic, retries: int, timeout: float | None) -> PeriodicInfo:
+        task_name = entry.name
+        # the last check (clash, retries, timeout); it records the task only once they pass,
+        # and nothing after it can fail
+        self._engine.register(
+            fn, name=task_name, retries=retries, timeout=timeout, kind="periodic", resources=entry.requires
         )
         entry.reason = self._unmet_needs(entry)
         entry.enabled = entry.reason is None
@@ -539,7 +603,11 @@ class Scheduler:
         )
 
     def pause(self, name: str) -> PeriodicInfo:
-        """Stop scheduling ``name`` (a run in progress finishes normally)."""
+        """Stop scheduling ``name`` (a run in progress finishes normally). Callable from any
+        thread: the loop it cancels is the engine's, so the pause is made there."""
+        return call_blocking(self._engine.loop, self._pause, name)
+
+    def _pause(self, name: str) -> PeriodicInfo:
         p = self._get(name)
         if not p.paused:
             p.paused = True
@@ -551,7 +619,11 @@ class Scheduler:
         """Schedule ``name`` again; its next due time is computed from now.
 
         Its needs are checked again: a resource withdrawn meanwhile leaves it
-        disabled (with the reason), one provided meanwhile enables it."""
+        disabled (with the reason), one provided meanwhile enables it. Callable from
+        any thread: its loop is started on the engine's, so the resume is made there."""
+        return call_blocking(self._engine.loop, self._resume, name)
+
+    def _resume(self, name: str) -> PeriodicInfo:
         p = self._get(name)
         if p.paused:
             p.paused = False
@@ -695,7 +767,9 @@ class Scheduler:
     def _cron_after(self, p: _Periodic, after: float) -> float | None:
         assert p.cron is not None
         try:
-            return next_cron_due(p.cron, after)
+            # a time of the repeated hour whose first pass this task fired (here, or on a node
+            # sharing the store, as the store told at the start) is not fired in its second
+            return next_cron_due(p.cron, after, fired=p.last_fire)
         except StopIteration:
             return None
 
@@ -760,9 +834,13 @@ class Scheduler:
             except EngineNotRunning:
                 return
             except Exception:
-                # a bug here must not end the schedule; try again shortly
+                # a store that failed (or a bug) must not end the schedule. The same slot is
+                # tried again shortly, not a new one: the store then refuses it if another node
+                # (or this one, before the error) fired it, and cron and fixed-rate slots stay
+                # on their grid
                 log.exception("periodic task %r: scheduling error; retrying", p.name)
-                following = self._now() + _ERROR_BACKOFF
+                p.next_due = self._now() + _ERROR_BACKOFF
+                continue
             if following is None:
                 self._never_again(p)
                 return
@@ -934,7 +1012,7 @@ def _cron_slots_between(expr: str, after: float, before: float) -> int:
     count, t = 0, after
     while count < _MISSED_CRON_COUNT:
         try:
-            t = next_cron_due(expr, t)
+            t = next_cron_due(expr, t, fired=t)
         except StopIteration:
             return count
         if t >= before:
