@@ -339,6 +339,8 @@ class Execution:
                 reason = run.cancel_reason or "external"
                 if reason == "shutdown" and self.durable:
                     self._hand_back(run, token)
+                elif reason == "external" and self._torn_down():
+                    self._claimed.pop(token, None)  # left for recovery, as a killed process leaves it
                 else:
                     self.finish_cancelled(run, reason, was_running=True)
                     self._end_claim(run, token, Cancelled(reason))
@@ -360,6 +362,13 @@ class Execution:
     def _dispatch(self) -> None:
         self._dispatching = False
         self.start_soon()
+
+    def _torn_down(self) -> bool:
+        """Whether a run cancelled from outside the engine was cancelled by the event loop's
+        teardown under a running engine on a durable store (``asyncio.run`` ending in an error
+        or Ctrl-C with no ``engine.stop()``). No one cancelled that run: it is not recorded as
+        cancelled, and its claim is left for recovery to run again, as a killed process's is."""
+        return self.durable and self.engine.state == "running" and self.executor.torn_down
 
     def _hand_back(self, run: Run, token: str) -> None:
         """Give back a claim whose attempt never started (the node is stopping): pending, same attempt."""
@@ -584,7 +593,8 @@ class Execution:
             except asyncio.CancelledError:
                 reason = run.cancel_reason or "external"
                 if reason == "external" and run.token is not None:
-                    self._record(run, token, Cancelled(reason), None)
+                    if not self._torn_down():
+                        self._record(run, token, Cancelled(reason), None)
                     raise
                 if run.token is not None:
                     self._record(run, token, self._cut_short(run, reason), None)

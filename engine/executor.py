@@ -159,6 +159,13 @@ class Executor:
         return self._renewed_at
 
     @property
+    def torn_down(self) -> bool:
+        """True once this executor's own loops were cancelled from outside the engine: the event
+        loop is being torn down (``asyncio.run`` ending with no ``engine.stop()``), which
+        cancels every task at once."""
+        return any(loop.cancelling() for loop in self._loops)
+
+    @property
     def cut_off(self) -> bool:
         """True while this node cannot renew its claims (see the watchdog)."""
         return self._cut_since is not None

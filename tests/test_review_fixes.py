@@ -247,3 +247,51 @@ def test_the_background_engines_batch_submit_gives_handles_waited_from_any_threa
         assert len(bg.runs()) == 2  # the bad batch queued nothing
     finally:
         bg.stop(timeout=10)
+
+
+# ---------------------------------------------------------------- a program that ends without stop()
+
+_ENDS_WITHOUT_STOP = """
+import asyncio, sys
+from taskwatch.engine import Engine, TaskContext
+
+engine = Engine(store=sys.argv[1], node_id="w1", health_interval=None)
+
+@engine.task(name="long")
+async def long(ctx: TaskContext) -> None:
+    await asyncio.Event().wait()
+
+async def main() -> None:
+    await engine.start()  # no `async with`, and no stop(): main() fails first
+    handles = [await engine.submit("long") for _ in range(4)]
+    while any(engine.get(h.id).status != "running" for h in handles):
+        await asyncio.sleep(0.005)
+    print(" ".join(h.id for h in handles), flush=True)
+    raise RuntimeError("a bug elsewhere in the program")
+
+asyncio.run(main())
+"""
+
+
+async def test_runs_going_when_a_program_ends_without_stop_are_run_again_not_cancelled(tmp_path: Path) -> None:
+    # asyncio.run's end cancels every task: no one cancelled those runs, and a kill -9 at the
+    # same moment would have left them to run again
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", _ENDS_WITHOUT_STOP, url], capture_output=True, text=True, timeout=60
+    )
+    assert "a bug elsewhere in the program" in done.stderr, done.stderr
+    ids = done.stdout.split()
+    assert len(ids) == 4
+    engine = Engine(store=url, node_id="w1", health_interval=None)
+
+    @engine.task(name="long")
+    async def long(ctx: TaskContext) -> int:
+        return ctx.attempt
+
+    async with engine:
+        records = [await asyncio.wait_for(engine.handle(i).wait(), 10) for i in ids]
+    assert [(r.status, r.result) for r in records] == [(RunStatus.SUCCEEDED, 2)] * 4
