@@ -1984,13 +1984,12 @@ class Engine:
         sample = self._health.last
         return (None, None) if sample is None else (sample.cpu_percent, sample.rss_bytes)
 
-    def _superseded(self, tokens: Collection[str]) -> None:
+    def _superseded(self, tokens: Collection[str], lost: Sequence[str]) -> None:
         """A later process registered under this node's id: the store counts this incarnation
         gone, and every node recovers what it claims at once. The executor claims no more and
         gives up ``tokens``; leading on would make two leaders of one id. Loud, since only the
         operator can end it (this process does not stop by itself)."""
-        held = set(tokens)
-        stopped = [run.id for run in self._index.runs.values() if run.token is not None and run.token in held]
+        stopped = [*lost, *self._run.claimed_runs(tokens)]
         self._leader.suspend()
         for queue in self._queues.values():
             queue.node_superseded()

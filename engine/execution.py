@@ -467,20 +467,28 @@ class Execution:
             run.cancel_reason = reason
             run.handle.cancel()
 
-    def claim_lost(self, token: str) -> None:
-        """The store no longer counts this node as the run's owner (recovered elsewhere): stop it."""
+    def claimed_runs(self, tokens: Iterable[str]) -> list[str]:
+        """The ids of the runs this node's attempts hold the claims ``tokens`` of (a lost claim's
+        run too, until its attempt has ended), leaving out those whose outcome is being written."""
+        claimed, finishing = self._claimed, self._finishing
+        return [run.id for token in tokens if (run := claimed.get(token)) is not None and token not in finishing]
+
+    def claim_lost(self, token: str) -> str | None:
+        """The store no longer counts this node as the run's owner (recovered elsewhere): stop
+        it; the id of the run stopped, or None if there was none to stop."""
         run = self._claimed.get(token)
         if run is None or token in self._finishing:
-            return  # gone, or ended by our own finish, which the heartbeat crossed
+            return None  # gone, or ended by our own finish, which the heartbeat crossed
         if run.token != token:
             # already let go (an earlier heartbeat said so, or a cut-off): the claim stays listed
             # until the task ends, so every heartbeat meanwhile reports it lost again. Cancelling
             # once more would cut short the task's own cleanup, which gets one cancel, as a user's does
-            return
+            return None
         log.warning("lost the claim on run %s (recovered by another node); stopping it here", run.id)
         run.token = None  # nothing this attempt does may be recorded any more
         if run.handle is not None and not run.handle.cancelling():  # a user's cancel may be under way
             run.handle.cancel()
+        return run.id
 
     def cut_off(self, seconds: float, tokens: Sequence[str], first: bool) -> None:
         """The store has been out of reach past the claims' lease: stop the runs whose claims ran

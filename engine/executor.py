@@ -63,7 +63,7 @@ class Executor:
         launch: Callable[[list[Claim]], None],
         claims: Callable[[], Mapping[str, Progress]],
         cancel_requested: Callable[[str, CancelReason], None],
-        claim_lost: Callable[[str], None],
+        claim_lost: Callable[[str], str | None],
         inserted: Callable[[list[NewRun], list[Inserted] | BaseException], None],
         recovered: Callable[[list[Recovered]], Awaitable[None]],
         next_due: Callable[[], float | None],
@@ -111,7 +111,8 @@ class Executor:
         self._reconnected = reconnected
         #: called once when a later start of this node id replaced this incarnation, with the
         #: claim tokens this node still held (it gives them up right after)
-        self.on_superseded: Callable[[Sequence[str]], None] | None = None
+        #: called with the claims given up and the ids of the runs stopped just before, as lost
+        self.on_superseded: Callable[[Sequence[str], Sequence[str]], None] | None = None
         #: a later start of this node id replaced this incarnation: it claims nothing any more
         self._superseded = False
         self._ttl = store.lease_ttl
@@ -374,6 +375,7 @@ class Executor:
         sent = time.monotonic()
         claims = self._claims()
         lost: Sequence[str] = ()
+        stopped: list[str] = []
         renewed: Mapping[str, object] = claims
         if claims:
             result = await self.store.heartbeat(self.incarnation, list(claims), dict(claims))
@@ -381,17 +383,18 @@ class Executor:
                 self._cancel_requested(token, reason)
             lost = result.lost
             for token in lost:
-                self._claim_lost(token)
+                if (run_id := self._claim_lost(token)) is not None:
+                    stopped.append(run_id)
             if result.busy:
                 renewed = {t: p for t, p in claims.items() if t not in result.busy}
         cpu, rss = self._node_load() if self._node_load is not None else (None, None)
         replaced = await self.store.node_heartbeat(self.incarnation, self.running, cpu_percent=cpu, rss_bytes=rss)
         if replaced and not self._superseded:
-            self._supersede(lost)
+            self._supersede(lost, stopped)
         if self._shared:
             self._renewed(sent, renewed, lost)
 
-    def _supersede(self, lost: Sequence[str]) -> None:
+    def _supersede(self, lost: Sequence[str], stopped: Sequence[str]) -> None:
         """A later start of this node id registered: every node (this one too) counts this
         incarnation gone and recovers its claims at once, so taking more would only run them
         twice. Stop claiming for good and give up what it holds (their late finishes are
@@ -399,7 +402,9 @@ class Executor:
         self._superseded = True
         held = [token for token in self._claims() if token not in lost]  # those are being stopped already
         if self.on_superseded is not None:
-            self.on_superseded(held)
+            # the runs the same heartbeat found lost too: the newer process recovered them at
+            # its start, so they are runs this one was executing
+            self.on_superseded(held, stopped)
         for token in held:
             self._claim_lost(token)
 

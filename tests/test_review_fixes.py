@@ -295,3 +295,30 @@ async def test_runs_going_when_a_program_ends_without_stop_are_run_again_not_can
     async with engine:
         records = [await asyncio.wait_for(engine.handle(i).wait(), 10) for i in ids]
     assert [(r.status, r.result) for r in records] == [(RunStatus.SUCCEEDED, 2)] * 4
+
+
+# ---------------------------------------------------------------- what a superseded process says it stopped
+
+
+async def test_a_process_replaced_under_its_node_id_names_the_runs_it_stopped(tmp_path: Path) -> None:
+    # the newer process recovers the older one's claims at its start, so the older one's next
+    # heartbeat finds them lost and learns it was replaced at once: they are still its runs
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    old = Engine(store=url, node_id="same", lease_ttl=1.0, health_interval=None)
+    new = Engine(store=url, node_id="same", lease_ttl=1.0, health_interval=None)
+    for engine in (old, new):
+
+        @engine.task(name="long")
+        async def long(ctx: TaskContext) -> None:
+            await asyncio.Event().wait()
+
+    said: list[Any] = []
+    old.bus.add_callback(said.append, ["node.superseded"])
+    async with old:
+        ids = [(await old.submit("long")).id for _ in range(3)]
+        await eventually(lambda: all(old.get(i).status is RunStatus.RUNNING for i in ids))
+        async with new:
+            await eventually(lambda: said, 10)
+            assert sorted(said[0].stopped) == sorted(ids)
+            await new.stop(0.1)
+        await old.stop(0.1)
