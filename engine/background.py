@@ -30,12 +30,14 @@ import concurrent.futures
 import concurrent.futures.thread  # noqa: F401 - its exit hook registers first, so ours runs before it
 import errno
 import inspect
+import ipaddress
 import logging
 import math
 import os
 import re
 import secrets
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -84,6 +86,12 @@ _END_ROUNDS = 3
 #: shut down is SIGTERMed by jupyter_client after shutdown_wait_time / 2 (2.5 s by default), and a
 #: stop cut there runs no task's ``finally`` and hands back no run
 EXIT_STOP_TIMEOUT = 1.0
+
+#: what the interpreter's exit waits for an engine's stop beyond its drain and one ``cancel_grace``
+#: (the time the runs it cuts have to end): the dashboards' end and the last writes. Not the rounds
+#: a stop() waits through: past this, something blocks the loop (or a run ignores cancellation),
+#: and the exit goes on without the engine rather than hang for a minute
+EXIT_SLACK = 1.0
 
 #: how long a wait on a stopped engine waits at a time before it looks again: the engine
 #: may be started again meanwhile, and the wait must then go to the engine's new loop
@@ -225,7 +233,13 @@ class BackgroundEngine:
         self._outstanding: set[concurrent.futures.Future[Any]] = set()
         self._finished = False
         self._stopping = False
+        #: the endpoint serve() made last
         self._server_info: ServerInfo | None = None
+        #: the endpoint a dashboard() made for the dashboards' sessions when serve() had made none they
+        #: can attach to, and the private directory its socket is in (removed once the engine has stopped)
+        self._dashboard_endpoint: ServerInfo | None = None
+        self._dashboard_dir: str | None = None
+        self._dashboard_endpoint_lock = threading.Lock()
         self._dashboards: list[subprocess.Popen[bytes]] = []
         #: the port each dashboard listens on, by its process id
         self._dashboard_ports: dict[int, int] = {}
@@ -300,6 +314,7 @@ class BackgroundEngine:
                 asyncio.set_event_loop(None)
                 loop.close()
             self._fail_outstanding()
+            self._remove_dashboard_dir()
             self._ready.set()
             # last: whoever waits for the end (stop(), the state) learns of it only once all is done
             self._ended.set()
@@ -358,6 +373,13 @@ class BackgroundEngine:
                 "a thread of the background engine's executor (asyncio.to_thread) was still in a blocking "
                 "call %.3g s after the loop ended; it was left running", grace
             )
+
+    def _remove_dashboard_dir(self) -> None:
+        # the engine's stop has closed the dashboards' endpoint (and removed its socket)
+        with self._lock:
+            private, self._dashboard_dir = self._dashboard_dir, None
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
 
     def _crashed(self, loop: asyncio.AbstractEventLoop, exc: BaseException) -> None:
         """The loop died under a running engine: say so, then stop the engine on that loop.
@@ -880,21 +902,24 @@ class BackgroundEngine:
         ``port=0`` takes a free port (the URL says which). A port something
         else listens on raises :class:`OSError` (``EADDRINUSE``).
 
-        Starts a control endpoint first if :meth:`serve` was not called, then a
-        textual-serve web server (a subprocess, stopped by :meth:`stop`) whose
-        sessions run ``taskwatch attach ADDRESS`` with the token in their
-        environment. The URL carries a secret made for this dashboard: the
-        server refuses (403) every request without it, and websockets opened by
-        other web sites. ``host`` is where it listens; keep it loopback unless
-        others must reach it.
+        The dashboards attach to the endpoint :meth:`serve` made last, if
+        ``taskwatch attach`` takes it (a Unix socket, or TCP on loopback);
+        otherwise the first dashboard serves the engine on a Unix socket of
+        their own, in a directory only this user can enter. Then a
+        textual-serve web server starts (a subprocess in a session of its own,
+        stopped by :meth:`stop`) whose sessions run ``taskwatch attach
+        ADDRESS`` with the token in their environment. The URL
+        carries a secret made for this dashboard: the server refuses (403)
+        every request without it, and websockets opened by other web sites.
+        ``host`` is where it listens; keep it loopback unless others must reach
+        it (any other host warns: the URL is then the only key, over plain HTTP).
         """
         if self._on_loop_thread():
             raise LoopThreadError("dashboard", _DASHBOARD_ON_LOOP)
         with self._lock:
             if self._stopping or self._finished:
                 raise self._not_running()  # a server started now would outlive the stop
-        info = self._server_info or self.serve()
-        argv, attach_env = attach_command(info)
+        argv, attach_env = attach_command(self._dashboard_server())
         secret = secrets.token_urlsafe(32)
         # sessions inherit the server's environment: theirs is the token of this endpoint or none
         env = {key: value for key, value in os.environ.items() if key != _TOKEN_ENV}
@@ -908,6 +933,12 @@ class BackgroundEngine:
                 stdout=out_file,
                 stderr=log_file,
                 env=env,
+                # out of this process's group: a notebook's Interrupt (and a terminal's Ctrl+C) signals
+                # the whole group, which would end the server under a live IFrame; and ipykernel's
+                # shutdown ends every child in its group and waits until none is left, which ours,
+                # never reaped, never is: Jupyter then SIGTERMs the kernel before its stop at exit has
+                # handed back the runs. The stdin pipe still ends the server when this process goes
+                start_new_session=True,
             )
             with self._lock:
                 # a stop that began meanwhile has stopped the dashboards it knew of: not this one
@@ -928,7 +959,54 @@ class BackgroundEngine:
                 raise
         with self._lock:
             self._dashboard_ports[proc.pid] = urllib.parse.urlsplit(url).port or port
+        if not _is_loopback_host(host):
+            # the server says so too, but on its stderr, which nobody reads
+            warnings.warn(
+                f"bg.dashboard(host={host!r}) listens "
+                f"{'on every interface' if _is_wildcard_host(host) else 'beyond this machine'}: anyone who can "
+                "reach this machine there and has the dashboard's URL can cancel runs and submit tasks; the URL "
+                "is the only key and the connection is unencrypted (plain HTTP). Keep the default host "
+                "(127.0.0.1) unless others must reach it, and then only on a network you trust",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return _dashboard_view(url)
+
+    def _dashboard_server(self) -> ServerInfo:
+        """The endpoint the dashboards' sessions attach to: the one :meth:`serve` made last,
+        unless that is TCP beyond loopback, which ``taskwatch attach`` refuses (the protocol is
+        plaintext); else one made once, on a Unix socket in a private directory, with a token."""
+        from .server import new_token
+        from .wire import TcpAddress, parse_address
+
+        served = self._server_info
+        if served is not None:
+            target = parse_address(served.address)
+            if not isinstance(target, TcpAddress) or target.is_loopback:
+                return served
+        with self._dashboard_endpoint_lock:
+            if self._dashboard_endpoint is None:
+                # mode 0700; named as taskwatch.tui.web names its own (pid, then random), so that one
+                # this process could not remove (killed outright) is removed by a later `taskwatch web`
+                private = tempfile.mkdtemp(prefix=f"taskwatch-web-{os.getpid()}-")
+                try:
+                    server = self._call(
+                        "dashboard", self.engine.serve, os.path.join(private, "engine.sock"),
+                        token=new_token(), announce=False,
+                    )
+                except BaseException:
+                    shutil.rmtree(private, ignore_errors=True)
+                    raise
+                with self._lock:
+                    # the loop thread's end removes the directory; one that already ran it cannot
+                    ended = self._finished
+                    if not ended:
+                        self._dashboard_dir = private
+                if ended:
+                    shutil.rmtree(private, ignore_errors=True)
+                    raise self._not_running()
+                self._dashboard_endpoint = server.info()
+            return self._dashboard_endpoint
 
     def _stop_dashboards(self) -> None:
         with self._lock:
@@ -986,10 +1064,24 @@ class BackgroundEngine:
                 except RuntimeError:
                     pass  # the loop already closed
 
-    def _wait_stopped(self) -> None:
-        """Wait for the stop under way to end the loop thread; raise what the engine's stop raised."""
+    def _wait_stopped(self, exit_deadline: float | None = None) -> None:
+        """Wait for the stop under way to end the loop thread; raise what the engine's stop raised.
+
+        ``exit_deadline`` (a :func:`time.monotonic` time: the interpreter is exiting) ends the wait
+        there if that is sooner.
+        """
         budget = self._stop_budget()
+        if exit_deadline is not None:
+            budget = min(budget, max(0.0, exit_deadline - time.monotonic()))
         if not self._ended.wait(_thread_timeout(budget)):
+            if exit_deadline is not None:
+                raise TimeoutError(
+                    "the background engine's loop did not end within the time the interpreter's exit gives it "
+                    "(its drain, at most background.EXIT_STOP_TIMEOUT, plus its cancel_grace and "
+                    "background.EXIT_SLACK): code running on it blocks it (a task calling blocking code "
+                    "without await?) or a run ignores cancellation. The process exits without it: the runs "
+                    "it had not handed back stay as its store has them"
+                )
             raise TimeoutError(
                 f"the background engine's loop did not end within {budget:g} s: code running on it blocks it "
                 "(a task calling blocking code without await?); the engine goes on stopping once that returns, "
@@ -1098,6 +1190,25 @@ def _dashboard_view(url: str) -> Any:
     return Dashboard(url, width="100%", height=640)
 
 
+def _is_loopback_host(host: str) -> bool:
+    """Whether ``host`` is this machine only (as taskwatch.tui.web judges it: a name other than
+    localhost's may resolve anywhere)."""
+    name = host.strip().strip("[]").lower()
+    if name in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_wildcard_host(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_unspecified
+    except ValueError:
+        return False
+
+
 def _end_process(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -1172,26 +1283,38 @@ def _stop_at_interpreter_exit(bg: BackgroundEngine) -> None:
         _exit_hook_registered = True
 
 
-def _stop_together(engines: list[BackgroundEngine], drain: Callable[[BackgroundEngine], float]) -> list[Exception]:
+def _stop_together(
+    engines: list[BackgroundEngine],
+    drain: Callable[[BackgroundEngine], float],
+    give_up_after: Callable[[BackgroundEngine], float] | None = None,
+) -> list[Exception]:
     """Stop ``engines``, each draining ``drain(bg)`` seconds: all asked first, then waited
-    for, so their drains run at once. Every one is stopped; what failed is logged and returned."""
+    for, so their drains run at once. Every one is stopped; what failed is logged and returned.
+    ``give_up_after(bg)``: the seconds, from its ask, after which the wait for ``bg`` ends."""
     errors: list[Exception] = []
+    deadlines: dict[BackgroundEngine, float] = {}
     for step in ("ask", "wait"):
         for bg in engines:
             try:
                 if step == "ask":
+                    if give_up_after is not None:
+                        deadlines[bg] = time.monotonic() + give_up_after(bg)
                     bg._request_stop(drain(bg))
                 else:
-                    bg._wait_stopped()
+                    bg._wait_stopped(deadlines.get(bg))
             except Exception as exc:
                 log.warning("stopping %r failed: %s", bg, exc)
                 errors.append(exc)
     return errors
 
 
+def _exit_drain(bg: BackgroundEngine) -> float:
+    return min(bg.stop_timeout, EXIT_STOP_TIMEOUT)
+
+
 def _stop_all_at_exit() -> None:
-    # within the time Jupyter gives a kernel it shuts down
-    _stop_together(list(_running), lambda bg: min(bg.stop_timeout, EXIT_STOP_TIMEOUT))
+    # the drain within the time Jupyter gives a kernel it shuts down; the wait bounded as well
+    _stop_together(list(_running), _exit_drain, lambda bg: _exit_drain(bg) + bg.engine.cancel_grace + EXIT_SLACK)
 
 
 #: where the messages point a user to stop_all_background(): reachable whatever taskwatch.engine exports

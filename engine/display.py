@@ -68,9 +68,32 @@ class EngineView:
     failures: list[RunRecord]
 
 
-def engine_view(engine: Engine) -> EngineView:
-    """Gather an :class:`EngineView`, hopping to the engine's loop thread if another thread owns it."""
-    return on_engine_thread(engine, _gather)
+@dataclass(frozen=True, slots=True)
+class BusyEngineView:
+    """An engine whose loop did not answer in time: what its rendering says instead."""
+
+    node_id: str
+    state: str
+    timeout: float
+
+
+#: seconds a rendering waits for the engine's loop before it shows the engine as busy
+DISPLAY_TIMEOUT = 5.0
+
+
+def engine_view(engine: Engine) -> EngineView | BusyEngineView:
+    """Gather an :class:`EngineView`, hopping to the engine's loop thread if another thread owns it.
+
+    A loop that does not answer within :data:`DISPLAY_TIMEOUT` (a task running
+    blocking code on it) gives a :class:`BusyEngineView`: a display that raised
+    would fail its notebook cell, and stop a "Run All" there.
+    """
+    timeout = DISPLAY_TIMEOUT
+    try:
+        return on_engine_thread(engine, _gather, timeout=timeout)
+    except TimeoutError:
+        # node_id and state are plain attributes: read here without the loop
+        return BusyEngineView(node_id=engine.node_id, state=engine.state, timeout=timeout)
 
 
 def _gather(engine: Engine) -> EngineView:
@@ -232,7 +255,20 @@ def _failures_html(failures: Sequence[RunRecord]) -> str:
     return f'<div style="margin-top: 6px"><b>failures</b><ul style="margin: 2px 0">{items}</ul></div>'
 
 
-def engine_html(view: EngineView) -> str:
+def _busy_text(view: BusyEngineView) -> str:
+    return (
+        f"busy: the engine's loop did not answer within {view.timeout:g} s (a task running blocking code "
+        "on it?); display it again once it is free"
+    )
+
+
+def engine_html(view: EngineView | BusyEngineView) -> str:
+    if isinstance(view, BusyEngineView):
+        return (
+            f'<div class="taskwatch-engine" data-busy="true" style="{_BOX}">'
+            f"<div><b>taskwatch engine</b> <code>{_e(view.node_id)}</code> &middot; {_e(view.state)}</div>"
+            f'<div style="color: {_HTML_COLOURS[RunStatus.CANCELLED]}">{_e(_busy_text(view))}</div></div>'
+        )
     stats = view.stats
     header = (
         f"<div><b>taskwatch engine</b> <code>{_e(view.node_id)}</code> &middot; {_e(view.state)}"
@@ -354,11 +390,14 @@ def _rich_failures(failures: Sequence[RunRecord]) -> RenderableType | None:
     return text
 
 
-def engine_rich(view: EngineView) -> RenderableType:
+def engine_rich(view: EngineView | BusyEngineView) -> RenderableType:
     from rich.console import Group
     from rich.panel import Panel
     from rich.text import Text
 
+    if isinstance(view, BusyEngineView):
+        title = Text(f"taskwatch engine {view.node_id} · {view.state}")
+        return Panel(Text(_busy_text(view), style="yellow"), title=title, title_align="left", expand=False)
     parts: list[RenderableType] = [_rich_counts(_counts(view.stats))]
     parts.append(runs_rich(view.recent) if view.recent else Text("no runs yet", style="dim"))
     failures = _rich_failures(view.failures)

@@ -1,6 +1,7 @@
 """The background facade at its edges: runs that will not end, a stop cut short, engines left
-running by a notebook cell run again, a dashboard whose parent died, a submit whose run blocks
-the loop at once.
+running by a notebook cell run again, a dashboard whose parent died (or that listens beyond
+loopback, or whose engine is served there), a submit whose run blocks the loop at once, an engine
+displayed or the interpreter exiting while a task blocks the loop.
 
 Real threads and real processes throughout; waits are bounded polls or events.
 """
@@ -9,21 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import html
+import io
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from rich.console import Console
 from taskwatch.engine import (
     BackgroundEngine,
     Engine,
@@ -31,11 +39,14 @@ from taskwatch.engine import (
     EngineNotRunning,
     RunStatus,
 )
+from taskwatch.engine import display
 from taskwatch.engine.background import stop_all_background
 
 from .helpers import taskwatch_threads, wait_until
 from .test_background import hold_loop
-from .test_web_security import children, cmdline
+from .test_web import tab
+from .test_web_security import SESSION_TIMEOUT, children, cmdline
+from .test_web_security import http  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -308,3 +319,116 @@ def test_the_dashboard_server_exits_when_its_parent_is_killed() -> None:
         for pid in servers:
             if cmdline(pid):  # left behind (the bug this test is about): do not leak it
                 os.kill(pid, signal.SIGKILL)
+        # the dashboards' private directory, which the killed parent could not remove
+        for private in Path(tempfile.gettempdir()).glob(f"taskwatch-web-{parent.pid}-*"):
+            shutil.rmtree(private, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- a dashboard beyond loopback
+
+
+def test_a_dashboard_listening_beyond_loopback_warns_the_caller() -> None:
+    bg = build_engine().start_background()
+    try:
+        with warnings.catch_warnings(record=True) as quiet:
+            warnings.simplefilter("always")
+            bg.dashboard(port=0)  # loopback, the default: nothing to say
+        assert [str(w.message) for w in quiet if "dashboard" in str(w.message)] == []
+        # the server writes its warning where nobody reads it: the notebook cell must show one
+        with pytest.warns(RuntimeWarning, match=r"every interface.*only key.*unencrypted") as warned:
+            url = str(bg.dashboard(port=0, host="0.0.0.0"))
+        (warning,) = [w for w in warned if "dashboard" in str(w.message)]
+        assert warning.filename == __file__  # under the line that called it
+        assert url.rstrip("/").rsplit("/", 1)[1] not in str(warning.message)  # the secret stays out of logs
+    finally:
+        bg.stop(timeout=0)
+
+
+async def test_a_dashboard_of_an_engine_served_beyond_loopback_still_attaches(
+    http: aiohttp.ClientSession,  # noqa: F811 - the imported fixture
+) -> None:
+    bg = build_engine().start_background()
+    try:
+        await bg.aserve("tcp://0.0.0.0:0", allow_remote=True, announce=False)
+        alone = (await bg.asnapshot()).stats.bus["subscribers"]
+        url = str(await asyncio.to_thread(bg.dashboard, port=0))
+        secret, port = url.rstrip("/").rsplit("/", 1)[1], int(url.split("/")[2].rsplit(":", 1)[1])
+        ws_url = f"ws://127.0.0.1:{port}/{secret}/ws?width=100&height=30"
+        async with tab(http, ws_url, f"http://127.0.0.1:{port}") as closed:
+            # `taskwatch attach` refuses a plaintext address beyond loopback: the tab's dashboard
+            # must attach some other way, not close the tab at once
+            deadline = time.monotonic() + SESSION_TIMEOUT
+            while (await bg.asnapshot()).stats.bus["subscribers"] <= alone:
+                assert not closed.done(), f"the tab closed (code {closed.result()}): its dashboard did not attach"
+                assert time.monotonic() < deadline, "the tab's dashboard never attached"
+                await asyncio.sleep(0.05)
+    finally:
+        await asyncio.to_thread(bg.stop, 0)
+
+
+# ---------------------------------------------------------------- a task blocking the loop
+
+
+def test_displaying_an_engine_whose_loop_is_blocked_says_so_instead_of_failing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(display, "DISPLAY_TIMEOUT", 0.2)  # 5 s in a notebook
+    bg = build_engine().start_background()
+    try:
+        release = hold_loop(bg)
+        try:
+            # a display that raised would fail the notebook cell, and stop a "Run All" there
+            shown = [bg._repr_html_(), bg.engine._repr_html_()]
+            console = Console(file=io.StringIO(), width=200, record=True)
+            console.print(bg)
+            shown.append(console.export_text())
+        finally:
+            release.set()
+        for text in map(html.unescape, shown):
+            assert "busy: the engine's loop did not answer within 0.2 s" in text, text
+            assert bg.engine.node_id in text
+        # once the loop is free, the engine shows as ever
+        assert "0 submitted" in bg._repr_html_()
+    finally:
+        bg.stop(timeout=0)
+
+
+BLOCKED_AT_EXIT = textwrap.dedent(
+    """
+    import threading, time
+    from taskwatch.engine import Engine
+
+    engine = Engine(health_interval=None, cancel_grace=0.2)
+    entered = threading.Event()
+
+    @engine.task
+    async def hog(ctx) -> None:
+        entered.set()
+        time.sleep(30)  # blocking code in a task: the engine's loop is held
+
+    bg = engine.start_background(stop_timeout=0.1)
+    bg.submit("hog")
+    assert entered.wait(10)
+    print("exiting", flush=True)
+    """
+)
+
+
+def test_the_interpreter_exit_does_not_wait_out_a_loop_a_task_blocks() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BLOCKED_AT_EXIT], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "exiting\n"
+        exiting = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - exiting
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    # its drain (0.1 s) + its cancel_grace (0.2 s) + EXIT_SLACK (1 s), not the minute-long budget of
+    # a stop() (here 11.7 s), and the exit says why it did not wait for the engine
+    assert took < 1.3 + 3, took
+    assert proc.returncode == 0, err
+    assert "The process exits without it" in err, err

@@ -98,6 +98,22 @@ def test_what_is_not_an_engine_is_named_in_plain_english(tmp_path: Path, monkeyp
     assert str(none.value) == "calling 'notengines:forgot_return' returned None, not a taskwatch Engine"
 
 
+def test_help_says_where_the_token_options_apply() -> None:
+    def help_of(*args: str) -> str:
+        result = taskwatch(*args, "--help", timeout=30)
+        assert result.returncode == 0, result.stderr
+        return " ".join(result.stdout.split())  # as argparse wrapped it, on one line
+
+    main = help_of()
+    assert "--token TOKEN with --serve: access token" in main
+    assert "--token-file PATH with --serve: read the access token" in main
+    web = help_of("web")
+    for option in ("--token TOKEN", "--token-file PATH"):
+        assert f"{option} with attach ADDRESS (an engine's tcp:// or Unix socket address): " in web, web
+    # both at once are refused, so neither is said to win over the other
+    assert "from --token-file or --token (one of them, not both), else $TASKWATCH_TOKEN" in help_of("attach")
+
+
 def test_attach_needs_an_address() -> None:
     result = taskwatch("attach")
     assert result.returncode == 2 and "address" in result.stderr
@@ -149,7 +165,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_web_serves_the_dashboard_page_at_the_printed_url(tmp_path: Path) -> None:
+def test_web_serves_the_dashboard_page_at_the_printed_url() -> None:
     import queue
     import threading
     import time
@@ -157,7 +173,7 @@ def test_web_serves_the_dashboard_page_at_the_printed_url(tmp_path: Path) -> Non
 
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "taskwatch.tui", "web", "attach", str(tmp_path / "engine.sock"), "--port", str(port)],
+        [sys.executable, "-m", "taskwatch.tui", "web", "--port", str(port)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     lines: queue.Queue[str] = queue.Queue()

@@ -1,5 +1,5 @@
 """The background engine in a real IPython kernel, driven as Jupyter drives it: cells run
-again, and a kernel shut down (or restarted) with a run still going.
+again, a cell interrupted, and a kernel shut down (or restarted) with a run still going.
 
 The kernel is this interpreter (tests/test_notebook.py's ``kernel_dir`` fixture).
 """
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import sqlite3
 import textwrap
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +33,19 @@ class Kernel:
         self.client.start_channels()
         self.client.wait_for_ready(timeout=CELL_TIMEOUT)
 
-    def run(self, code: str) -> dict[str, str]:
-        """Execute a cell; what it wrote, by stream (``stdout``, ``stderr``), and ``error`` if it raised."""
+    def run(self, code: str, on_output: Callable[[], None] | None = None) -> dict[str, str]:
+        """Execute a cell; what it wrote, by stream (``stdout``, ``stderr``), and ``error`` if it raised.
+
+        ``on_output`` is called each time the cell writes something, while it runs.
+        """
         out: dict[str, str] = {"stdout": "", "stderr": "", "error": ""}
 
         def hook(msg: dict[str, Any]) -> None:
             content = msg["content"]
             if msg["msg_type"] == "stream":
                 out[content["name"]] += content["text"]
+                if on_output is not None:
+                    on_output()
             elif msg["msg_type"] == "error":
                 out["error"] += f"{content['ename']}: {content['evalue']}"
 
@@ -100,6 +107,71 @@ def test_shutting_the_kernel_down_hands_a_running_run_back_cleanly(kernel: Kerne
         ).fetchone()
     assert (status, lost) == ("pending", 0)
     assert json.loads(error)["type"] == "Shutdown"  # re-queued by the stop, not found lost later
+
+
+def serves(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_an_interrupt_leaves_the_dashboard_up_and_a_shutdown_with_it_still_hands_the_run_back(
+    kernel: Kernel, tmp_path: Path
+) -> None:
+    db, marker = tmp_path / "runs.db", tmp_path / "finally.txt"
+    started = kernel.run(
+        f"""
+        import asyncio, time
+        from taskwatch.engine import Engine, TaskContext
+
+        engine = Engine(store="sqlite:///{db}", health_interval=None)
+
+        @engine.task
+        async def long(ctx: TaskContext) -> None:
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                with open({str(marker)!r}, "a") as f:
+                    f.write("finally\\n")
+
+        bg = engine.start_background()
+        handle = bg.submit("long")
+        deadline = time.monotonic() + 10
+        while handle.status.value != "running":
+            assert time.monotonic() < deadline, handle.status
+            time.sleep(0.01)
+        print(handle.id, bg.dashboard(port=0))
+        """
+    )
+    assert not started["error"], started
+    run_id, url = started["stdout"].splitlines()[-1].split()
+    port = int(url.split("/")[2].rsplit(":", 1)[1])
+    assert serves(url)
+
+    # Jupyter's Interrupt button: SIGINT to the kernel's whole process group, here while a cell waits
+    interrupted = kernel.run('print("waiting", flush=True); time.sleep(30)', on_output=kernel.manager.interrupt_kernel)
+    assert interrupted["error"].startswith("KeyboardInterrupt"), interrupted
+    # the cell stopped, the dashboard in the IFrame above it did not
+    assert serves(url)
+
+    # Jupyter's Restart / Shut down: ask, then SIGTERM after 2.5 s. The dashboard's web server is
+    # not one of the children the kernel ends and waits for, so the stop at exit ran to its end
+    kernel.manager.shutdown_kernel(now=False)
+    assert (marker.read_text() if marker.exists() else "") == "finally\n"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        status, error = conn.execute("SELECT status, error FROM runs WHERE id = ?", (run_id,)).fetchone()
+    assert status == "pending" and json.loads(error)["type"] == "Shutdown"
+    assert not listening(port)  # and the web server went with the kernel
 
 
 ENGINE_CELL = """

@@ -15,17 +15,22 @@ import contextlib
 import os
 import re
 import secrets
+import shlex
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from taskwatch.engine import RemoteEngine
+from taskwatch.tui.web import remove_abandoned_directories
 
 from .served_engine import build_engine
 from .test_web_security import (
@@ -38,6 +43,7 @@ from .test_web_security import (
     environ,
     free_port,
     http,  # noqa: F401 - the fixture
+    served,  # noqa: F401 - the fixture
     session,
     start_web,
     status,
@@ -168,7 +174,8 @@ async def test_a_signal_to_the_server_ends_every_session_and_exits_promptly(
             while web.proc.poll() is None:
                 assert time.monotonic() < deadline, f"the server still runs {EXIT_BOUND} s after {sig.name}"
                 await asyncio.sleep(0.05)
-            assert web.proc.returncode == 0
+            # Ctrl+C is the way to quit; SIGTERM's status says a signal ended it, as a shell reports
+            assert web.proc.returncode == (0 if sig == signal.SIGINT else 128 + sig)
             # the tab was told, not left to find out from a dead connection
             assert await asyncio.wait_for(closed, 5) == GOING_AWAY
         await until_gone(sessions, within=2)  # no dashboard outlives the server
@@ -231,9 +238,8 @@ class Forward:
             await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
-async def test_the_page_works_through_a_port_forward(http: aiohttp.ClientSession, tmp_path: Path) -> None:
-    # nothing listens at the engine address: the page and the websocket handshake are what is checked
-    web = await start_web(["attach", str(tmp_path / "engine.sock")])
+async def test_the_page_works_through_a_port_forward(http: aiohttp.ClientSession, served: dict[str, Any]) -> None:
+    web = await start_web(["attach", served["address"]], env={"TASKWATCH_TOKEN": served["token"]})
     try:
         async with Forward(web.port).open() as port:
             origin = f"http://127.0.0.1:{port}"
@@ -250,12 +256,12 @@ async def test_the_page_works_through_a_port_forward(http: aiohttp.ClientSession
         stop(web.proc)
 
 
-async def test_on_every_interface_the_printed_url_names_this_machine(tmp_path: Path) -> None:
+async def test_on_every_interface_the_printed_url_names_this_machine(served: dict[str, Any]) -> None:
     port, secret = free_port(), secrets.token_urlsafe(32)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "taskwatch.tui", "web", "attach", str(tmp_path / "x.sock"), "--host", "0.0.0.0",
+        [sys.executable, "-m", "taskwatch.tui", "web", "attach", served["address"], "--host", "0.0.0.0",
          "--port", str(port)],
-        cwd=REPO, env={**os.environ, "TASKWATCH_WEB_SECRET": secret},
+        cwd=REPO, env={**os.environ, "TASKWATCH_WEB_SECRET": secret, "TASKWATCH_TOKEN": served["token"]},
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -269,8 +275,10 @@ async def test_on_every_interface_the_printed_url_names_this_machine(tmp_path: P
         stop(proc)
 
 
-async def test_the_url_without_its_final_slash_is_redirected(http: aiohttp.ClientSession, tmp_path: Path) -> None:
-    web = await start_web(["attach", str(tmp_path / "engine.sock")])
+async def test_the_url_without_its_final_slash_is_redirected(
+    http: aiohttp.ClientSession, served: dict[str, Any]
+) -> None:
+    web = await start_web(["attach", served["address"]], env={"TASKWATCH_TOKEN": served["token"]})
     try:
         base = f"{web.origin}/{web.secret}"
         for query in ("", "?fontsize=20"):
@@ -304,3 +312,177 @@ async def test_stopping_a_background_engine_ends_its_dashboard_sessions(http: ai
         await until_gone([server_pid, *sessions], within=2)
     finally:
         bg.stop(timeout=5)
+
+
+async def test_a_killed_server_leaves_no_dashboard_running_and_the_next_removes_its_directory(
+    http: aiohttp.ClientSession,
+) -> None:
+    web = await start_web([])
+    sessions: list[int] = []
+    try:
+        async with http.ws_connect(web.ws_url, origin=web.origin) as ws:
+            async for message in ws:  # until the tab shows the engine: its dashboard runs
+                if isinstance(message.data, bytes) and b"demo-node" in message.data:
+                    break
+            (dashboard,) = dashboards(web.proc.pid)
+            sessions = descendants(web.proc.pid)
+            directory = Path(cmdline(dashboard)[4]).parent  # where the engine's socket is
+            web.proc.kill()  # SIGKILL, as the OOM killer sends: nothing of the server's own runs
+            web.proc.wait()
+            # the sessions' stdin closed with the server: no dashboard goes on attached to nothing
+            await until_gone(sessions, within=5)
+    finally:
+        stop(web.proc)
+        for pid in sessions:  # what a failure above left running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert directory.is_dir()  # nothing could remove it then
+    second = await start_web([])
+    try:
+        assert not directory.exists()  # the next server did, its own server being gone
+        (own,) = Path(tempfile.gettempdir()).glob(f"taskwatch-web-{second.proc.pid}-*")
+        remove_abandoned_directories()
+        assert own.is_dir()  # a running server's is kept
+    finally:
+        stop(second.proc)
+    assert not own.exists()
+
+
+def test_only_a_directory_whose_server_is_gone_is_removed() -> None:
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # a pid no process has
+    with tempfile.TemporaryDirectory() as parent:  # short: a socket path has a length limit
+        dead = Path(parent, f"taskwatch-web-{ended.pid}-abc_12")
+        alive = Path(parent, f"taskwatch-web-{os.getpid()}-def34")
+        other = Path(parent, "taskwatch-web-notapid")
+        for directory in (dead, alive, other):
+            directory.mkdir(mode=0o700)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(dead / "engine.sock"))
+            listener.listen()
+            # its pid is gone, but something answers on its socket (another PID namespace's server)
+            assert remove_abandoned_directories(parent) == []
+        finally:
+            listener.close()
+        assert remove_abandoned_directories(parent) == [str(dead)]
+        assert not dead.exists() and alive.is_dir() and other.is_dir()
+
+
+SLOW_STOP_APP = """\
+import asyncio
+from pathlib import Path
+
+from taskwatch.engine import Engine, TaskContext
+
+engine = Engine(node_id="web-stop", store="sqlite:///{db}")
+FILES = Path({files!r})
+
+
+@engine.periodic(every=3600.0, name="slow")
+async def slow(ctx: TaskContext) -> str:
+    (FILES / "started").touch()
+    while not (FILES / "release").exists():
+        await asyncio.sleep(0.02)
+    return "done"
+"""
+
+
+async def until_exists(path: Path, within: float) -> None:
+    deadline = time.monotonic() + within
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear within {within} s"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    ("sig", "status"), [(signal.SIGHUP, 129), (signal.SIGTERM, 143), (signal.SIGINT, 0)], ids=["HUP", "TERM", "INT"]
+)
+async def test_a_signal_ends_the_web_server_and_a_second_one_does_not_cut_the_engines_stop_short(
+    sig: signal.Signals, status: int, tmp_path: Path
+) -> None:
+    db = tmp_path / "runs.db"
+    (tmp_path / "webapp_slow_stop.py").write_text(SLOW_STOP_APP.format(db=db, files=str(tmp_path)))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])),
+        "TASKWATCH_WEB_SECRET": secrets.token_urlsafe(32),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "taskwatch.tui", "web", "webapp_slow_stop", "--port", "0",
+        cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), SESSION_TIMEOUT)
+        assert line.startswith(b"taskwatch web: open "), line
+        await until_exists(tmp_path / "started", within=SESSION_TIMEOUT)
+        proc.send_signal(sig)  # an SSH session closing (HUP), `kill`, Ctrl+C
+        said = b""
+        while b"stopping the engine: 1 run still running" not in said:
+            said = await asyncio.wait_for(proc.stderr.readline(), EXIT_BOUND)
+            assert said, f"the server ended (status {await proc.wait()}) before stopping its engine"
+        proc.send_signal(sig)  # while the stop waits for the run
+        (tmp_path / "release").touch()  # the run ends on its own: the stop was not cut short
+        rest = await asyncio.wait_for(proc.stderr.read(), EXIT_BOUND)
+        assert await asyncio.wait_for(proc.wait(), EXIT_BOUND) == status
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert b"Traceback" not in rest, rest.decode()
+    with contextlib.closing(sqlite3.connect(db)) as store:
+        assert store.execute("SELECT status FROM runs WHERE task = 'slow'").fetchall() == [("succeeded",)]
+    # the engine's private directory went with it
+    assert list(Path(tempfile.gettempdir()).glob(f"taskwatch-web-{proc.pid}-*")) == []
+
+
+#: a session's process that floods its output: once the server has not read it for half a second
+#: (stuck sending to a browser that does not read), it says so in a file and exits, as a dashboard
+#: quit meanwhile does
+FLOOD = """\
+import os, select, sys
+os.write(1, b"__GANGLION__\\n")
+packet = b"D" + (65536).to_bytes(4, "big") + b"x" * 65536
+os.set_blocking(1, False)
+writable = select.poll()
+writable.register(1, select.POLLOUT)
+left = b""
+while writable.poll(500):
+    left = left or packet
+    try:
+        left = left[os.write(1, left):]
+    except BlockingIOError:
+        pass
+open(sys.argv[1], "w").close()
+"""
+
+
+async def test_a_browser_that_stopped_reading_leaves_nothing_to_report_at_exit(tmp_path: Path) -> None:
+    port, secret = free_port(), secrets.token_urlsafe(32)
+    blocked = tmp_path / "blocked"
+    command = shlex.join([sys.executable, "-c", FLOOD, str(blocked)])
+    proc = subprocess.Popen(
+        [sys.executable, "-W", "always::ResourceWarning", "-c",
+         f"from taskwatch.tui.web import serve; serve({command!r}, port={port})"],
+        cwd=REPO, env={**os.environ, "TASKWATCH_WEB_SECRET": secret},
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        await wait_listening(proc, port)
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.sendall(
+                f"GET /{secret}/ws?width=80&height=24 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
+            )  # and never reads a byte
+            await until_exists(blocked, within=SESSION_TIMEOUT)
+            proc.terminate()
+            _, stderr = await asyncio.to_thread(proc.communicate, timeout=EXIT_BOUND)
+    finally:
+        stop(proc)
+    assert proc.returncode == 0
+    # the session's process transport was closed on the server's loop: not collected unclosed
+    # (a ResourceWarning, shown here), nor after the loop closed ("Event loop is closed")
+    assert "SubprocessTransport" not in stderr and "Event loop is closed" not in stderr, stderr

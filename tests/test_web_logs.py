@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import signal
 import socket
 import struct
 import subprocess
@@ -132,6 +133,6 @@ def test_a_client_that_stops_reading_and_drops_leaves_no_traceback(server: Serve
         time.sleep(0.1)
     reset(sock)
     err = server.stop()
-    assert server.proc.returncode == 0, err
+    assert server.proc.returncode == 128 + signal.SIGTERM, err  # ended by the SIGTERM, as a shell reports it
     for noise in ("Task exception was never retrieved", "ConnectionError", "Event loop is closed", "Traceback"):
         assert noise not in err, err

@@ -442,3 +442,29 @@ def test_a_token_file_others_can_read_is_refused(command: list[str], tmp_path: P
     )
     result = run("--token-file", str(path), "--token", "x")
     assert result.returncode == 2 and "give --token or --token-file, not both" in result.stderr
+
+
+def _without_token() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items() if key != "TASKWATCH_TOKEN"}
+
+
+@pytest.mark.parametrize("case", ["no engine there", "wrong token", "no token"])
+def test_web_attach_tries_the_engine_once_and_refuses_what_no_tab_could_attach_to(
+    case: str, served: dict[str, Any], tmp_path: Path
+) -> None:
+    address, env = served["address"], _without_token()
+    if case == "no engine there":
+        address = str(tmp_path / "engine.sock")
+        expected = f"cannot reach an engine at {address}: "
+    elif case == "wrong token":
+        env["TASKWATCH_TOKEN"] = secrets.token_urlsafe(32)
+        expected = f"the engine at {address} turned the token away: it is not that engine's token"
+    else:
+        expected = f"the engine at {address} asks for a token: give it in $TASKWATCH_TOKEN or --token-file PATH"
+    result = subprocess.run(
+        [sys.executable, "-m", "taskwatch.tui", "web", "attach", address, "--port", str(free_port())],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    # one line and status 2, as every refusal: no URL to a page whose every tab would only fail
+    assert result.returncode == 2 and result.stdout == "", (result.returncode, result.stdout, result.stderr)
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"taskwatch: {expected}"), result.stderr

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import inspect
 import math
@@ -26,12 +27,21 @@ import shlex
 import signal
 import stat
 import sys
-import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from taskwatch.engine import Engine, InvalidAddress, TaskwatchError, WeakToken, __version__
+from taskwatch.engine import (
+    AuthenticationFailed,
+    Engine,
+    EngineUnreachable,
+    InvalidAddress,
+    RemoteEngine,
+    TaskwatchError,
+    WeakToken,
+    __version__,
+)
 from taskwatch.engine.server import MIN_TOKEN_BYTES
 from taskwatch.engine.urls import redact_url
 from taskwatch.engine.wire import TcpAddress, UnixAddress, parse_address, parse_connect_address
@@ -136,7 +146,7 @@ def _main_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=None, help="with --plain: stop after this many seconds")
     parser.add_argument("--serve", metavar="ADDRESS", default=None, help="also serve the engine for `taskwatch attach`")
     _add_confirm_option(parser)
-    _add_token_options(parser)
+    _add_token_options(parser, "with --serve: ")
     parser.add_argument(
         "--store",
         metavar="URL",
@@ -162,17 +172,18 @@ def _add_confirm_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_token_options(parser: argparse.ArgumentParser) -> None:
+def _add_token_options(parser: argparse.ArgumentParser, only: str = "") -> None:
+    """--token and --token-file; ``only`` starts their help with where they apply ("with --serve: ")."""
     parser.add_argument(
         "--token",
         default=None,
-        help=f"access token; visible to every local user in `ps`, so prefer ${TOKEN_ENV} or --token-file",
+        help=f"{only}access token; visible to every local user in `ps`, so prefer ${TOKEN_ENV} or --token-file",
     )
     parser.add_argument(
         "--token-file",
         metavar="PATH",
         default=None,
-        help="read the access token from PATH, which only you may read (chmod 600)",
+        help=f"{only}read the access token from PATH, which only you may read (chmod 600)",
     )
 
 
@@ -180,7 +191,7 @@ def _attach_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskwatch attach",
         description="Open the dashboard on an engine served elsewhere.",
-        epilog=f"The token is taken from --token-file, else --token, else ${TOKEN_ENV}.",
+        epilog=f"The token is taken from --token-file or --token (one of them, not both), else ${TOKEN_ENV}.",
     )
     parser.add_argument(
         "address",
@@ -210,7 +221,7 @@ def _web_parser() -> argparse.ArgumentParser:
         "APP (default: the demo) runs here, once; every browser tab watches that one engine.",
     )
     parser.add_argument("target", nargs="*", help="APP, or: attach ADDRESS")
-    _add_token_options(parser)
+    _add_token_options(parser, "with attach ADDRESS (an engine's tcp:// or Unix socket address): ")
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
     )
@@ -522,27 +533,54 @@ ENDING_SIGNALS: tuple[signal.Signals, ...] = tuple(
 
 
 class EndingSignals:
-    """While entered, SIGTERM and SIGHUP quit the dashboard :meth:`run` runs, as `q` does.
+    """While entered, SIGTERM and SIGHUP quit the dashboard :meth:`run` runs, as `q` does
+    (or, through :meth:`on_loop`, whatever else a loop runs: the web server).
 
     Outside the dashboard (starting, and stopping the engine after it) they are only noted:
     killed there, the process would leave a durable store's runs `running` until recovery
     and the terminal in the dashboard's modes. A second one does not cut the stop short
-    (it is bounded: SIGKILL is for not waiting at all).
+    (it is bounded: SIGKILL is for not waiting at all). With ``interrupt``, SIGINT (Ctrl+C)
+    is handled too, as the way to quit: it sets :attr:`interrupted`, not :attr:`signum`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, interrupt: bool = False) -> None:
         #: the first ending signal that came, or None
         self.signum: int | None = None
+        #: whether SIGINT came (only handled with ``interrupt``)
+        self.interrupted = False
+        self._signals = ENDING_SIGNALS + ((signal.SIGINT,) if interrupt else ())
         self._previous: dict[int, Any] = {}
 
     def _note(self, signum: int, frame: Any = None) -> None:
-        if self.signum is None:
+        if signum == signal.SIGINT:
+            self.interrupted = True
+        elif self.signum is None:
             self.signum = signum
 
     def _install(self) -> None:
-        for sig in ENDING_SIGNALS:
+        for sig in self._signals:
             previous = signal.signal(sig, self._note)
             self._previous.setdefault(sig, previous)
+
+    @property
+    def came(self) -> bool:
+        """Whether any of the signals handled came."""
+        return self.signum is not None or self.interrupted
+
+    def on_loop(self, loop: asyncio.AbstractEventLoop, end: Callable[[int], None]) -> None:
+        """On ``loop``, each signal is noted and then calls ``end(signum)``, which may stop what
+        the loop runs. Closing the loop puts the defaults back: call :meth:`resume` after it."""
+
+        def on_signal(signum: int) -> None:
+            self._note(signum)
+            end(signum)
+
+        for sig in self._signals:
+            loop.add_signal_handler(sig, on_signal, sig)
+
+    def resume(self) -> None:
+        """Only note the signals again, once the loop given to :meth:`on_loop` has closed."""
+        self._install()
 
     def __enter__(self) -> EndingSignals:
         self._install()
@@ -557,15 +595,11 @@ class EndingSignals:
         """Run ``app`` in this terminal until it quits; its exit status: 128 + the signal's
         number if an ending signal ended it, 1 if it crashed, else 0."""
 
-        def on_signal(signum: int) -> None:
-            self._note(signum)
-            app.exit(return_code=128 + signum)
-
         async def run_app() -> None:
-            loop = asyncio.get_running_loop()
-            for sig in ENDING_SIGNALS:
-                # on the loop (not a plain handler): it may tell the app to exit
-                loop.add_signal_handler(sig, on_signal, sig)
+            # on the loop (not a plain handler): it may tell the app to exit
+            self.on_loop(asyncio.get_running_loop(), lambda signum: app.exit(return_code=128 + signum))
+            if _in_browser(app):
+                _quit_when_stdin_hangs_up(app)
             if self.signum is None:  # one that came while starting ends it before it takes the screen
                 await app.run_async()
 
@@ -573,10 +607,38 @@ class EndingSignals:
             asyncio.run(run_app())
         finally:
             # closing the loop put the defaults back: the engine's stop must not be killed either
-            self._install()
+            self.resume()
         if self.signum is not None:
             return 128 + self.signum
         return app.return_code or 0
+
+
+def _in_browser(app: App[Any]) -> bool:
+    """Whether ``app`` runs under textual-serve (``taskwatch web``, ``bg.dashboard()``)."""
+    from textual.drivers.web_driver import WebDriver
+
+    return issubclass(app.get_driver_class(), WebDriver)
+
+
+def _quit_when_stdin_hangs_up(app: App[Any]) -> None:
+    """Quit ``app`` once nothing can write to its stdin any more.
+
+    Under textual-serve its stdin is a pipe from the web server, whose end closes however
+    the server ends: SIGKILL and the OOM killer included. Textual's web driver only stops
+    reading then, and the dashboard would go on for good, attached to its engine with no
+    screen (and no server left to end it).
+    """
+    loop = asyncio.get_running_loop()
+
+    def watch() -> None:
+        poller = select.poll()
+        # no event asked for: a hang-up is reported all the same, and nothing is read (the driver reads)
+        poller.register(0, 0)
+        poller.poll()
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the app has ended already
+            loop.call_soon_threadsafe(app.exit)
+
+    threading.Thread(target=watch, name="taskwatch-stdin-hangup", daemon=True).start()
 
 
 def run_dashboard(app: App[Any]) -> int:
@@ -743,6 +805,9 @@ def _web(opts: argparse.Namespace) -> int:
             engine = load_engine(opts.target[0]) if opts.target else _demo_engine()
         except (AppPathError, TaskwatchError) as exc:
             return fail(str(exc))
+    elif attach_kind(opts.target[1]) == "engine" and (refused := _cannot_attach(opts.target[1], token)):
+        # tried once here: an engine that is not there, or turns the token away, is one line, not a failed tab each
+        return fail(refused)
     try:
         socks = server.bind()
     except OSError as exc:
@@ -753,12 +818,61 @@ def _web(opts: argparse.Namespace) -> int:
             server.command = shlex.join([sys.executable, "-m", "taskwatch.tui", "attach", opts.target[1]])
             # the sessions' environment, not their argv, which `ps` shows to every local user
             server.env = {TOKEN_ENV: token} if token else {}
-            server.serve(sockets=socks)
-            return 0
+            with EndingSignals(interrupt=True) as catch:
+                _serve_web(server, socks, catch)
+            return 0 if catch.signum is None else 128 + catch.signum
         return _web_engine(server, socks, engine)
     finally:
         for sock in socks:
             sock.close()
+
+
+#: how long `taskwatch web attach` gives the engine to answer its check
+ATTACH_CHECK_TIMEOUT = 10.0
+
+
+def _cannot_attach(address: str, token: str | None) -> str | None:
+    """Why a dashboard could not attach to the engine at ``address`` with ``token``, or None if
+    one can: connects, authenticates, and disconnects."""
+
+    async def attach_once() -> None:
+        remote = RemoteEngine(address, token=token, timeout=ATTACH_CHECK_TIMEOUT)
+        try:
+            await remote.connect()
+        finally:
+            await remote.close()
+
+    try:
+        asyncio.run(attach_once())
+    except EngineUnreachable as exc:
+        return str(exc)  # it names the address, and what to check
+    except AuthenticationFailed:
+        if token is None:
+            return f"the engine at {address} asks for a token: give it in ${TOKEN_ENV} or --token-file PATH"
+        return f"the engine at {address} turned the token away: it is not that engine's token"
+    except (TaskwatchError, OSError) as exc:
+        return f"cannot attach to {address}: {exc}"
+    return None
+
+
+def _serve_web(server: DashboardServer, socks: list[socket.socket], catch: EndingSignals) -> None:
+    """Serve until Ctrl+C or an ending signal (``catch``'s) asks the server to exit.
+
+    After it, until ``catch`` is left, they are only noted: a second one does not cut short
+    the sessions' end or the engine's stop.
+    """
+    if catch.came:
+        return  # one came while the engine started: nothing is served
+
+    def on_loop(loop: asyncio.AbstractEventLoop) -> None:
+        catch.on_loop(loop, lambda signum: server.request_exit())
+        if catch.came:  # one that came just now, before the loop took the signals
+            loop.call_soon(server.request_exit)
+
+    try:
+        server.serve(sockets=socks, on_loop=on_loop)
+    finally:
+        catch.resume()
 
 
 def _demo_engine() -> Engine:
@@ -777,23 +891,27 @@ def _web_engine(server: DashboardServer, socks: list[socket.socket], engine: Eng
     from taskwatch.engine.background import attach_command
     from taskwatch.engine.server import new_token
 
-    with tempfile.TemporaryDirectory(prefix="taskwatch-web-") as private:
+    from . import web
+
+    # SIGTERM and SIGHUP end it as they end the terminal dashboard: the engine stopped, its
+    # directory removed, exit status 128 + the signal's number
+    with EndingSignals(interrupt=True) as catch, web.private_directory() as private:
         try:
             bg = engine.start_background()
         except (TaskwatchError, OSError) as exc:
             return fail(f"the engine did not start: {exc}")
         try:
             try:
-                info = bg.serve(os.path.join(private, "engine.sock"), token=new_token(), announce=False)
+                info = bg.serve(os.path.join(private, web.ENGINE_SOCKET), token=new_token(), announce=False)
             except (ValueError, OSError, TaskwatchError) as exc:
                 return fail(f"cannot serve the engine to the browser sessions: {exc}")
             argv, env = attach_command(info)
             server.command, server.env = shlex.join(argv), env
-            server.serve(sockets=socks)
+            _serve_web(server, socks, catch)
         finally:
             # after the web server: its sessions are gone, none sees the engine stop
-            bg.stop(timeout=5)
-    return 0
+            _stop_engine(bg)
+    return 0 if catch.signum is None else 128 + catch.signum
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ server listening on 0.0.0.0, or an SSH port forward to another local port.
 Each browser tab runs the command in a process group of its own; the tab's
 websocket closes when that process ends, and on SIGINT/SIGTERM every session is
 asked to quit (then its group killed) and every websocket closed, so the server
-exits within a couple of seconds and leaves no session process behind.
+exits within a couple of seconds and leaves no session process behind. A server
+killed outright (SIGKILL) cannot do that: its sessions' stdin pipes close then,
+and ``taskwatch attach`` under textual-serve quits when its stdin does.
 
 Used by ``taskwatch web`` and, in a subprocess, by ``BackgroundEngine.dashboard()``,
 which hands the secret over in ``$TASKWATCH_WEB_SECRET`` so it never shows in ``ps``.
@@ -39,11 +41,14 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
+import stat
 import sys
+import tempfile
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -70,6 +75,11 @@ SESSION_QUIT_GRACE = 1.0
 _WS_CLOSE_TIMEOUT = 1.0
 #: aiohttp's last resort at exit: handlers still running after this are cancelled
 _SHUTDOWN_TIMEOUT = 3.0
+#: `taskwatch web APP`'s private directory: this prefix, the server's pid, "-", tempfile's random part
+_PRIVATE_PREFIX = "taskwatch-web-"
+_PRIVATE_RE = re.compile(r"taskwatch-web-([0-9]+)-[a-z0-9_]+")
+#: the engine's socket in that directory, where every session attaches
+ENGINE_SOCKET = "engine.sock"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -253,14 +263,20 @@ class _Session(AppService):
             # the output ends once every process of the group has gone
             await asyncio.wait_for(self.ended.wait(), grace)
         except TimeoutError:
-            # something the dashboard started still holds its output: the group outlived its leader
+            # something the dashboard started still holds its output (the group outlived its
+            # leader), or run() is stuck sending the screen to a browser that stopped reading
             self._signal_group(process.pid, signal.SIGKILL)
-            return
+            if self._task is not None:
+                self._task.cancel()  # run() takes a cancel as its end, and stops reading the pipes
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ended.wait(), grace)
         # what run() left unread (it stops early when the websocket fails): read to the end, so
-        # that the pipes, and with them the process's transport, close on this loop
+        # that the pipes, and with them the process's transport, close on this loop (left open, it
+        # is closed when collected, after the loop closed: "Event loop is closed" at exit)
         for stream in (process.stdout, process.stderr):
             if stream is not None:
-                with contextlib.suppress(TimeoutError):
+                # RuntimeError: run() still reads it (an escaped process holds the output open)
+                with contextlib.suppress(TimeoutError, RuntimeError):
                     await asyncio.wait_for(_read_to_end(stream), grace)
 
     @staticmethod
@@ -288,7 +304,8 @@ class DashboardServer(Server):
     (``App.deliver_*``, which taskwatch does not use) is fetched from the site
     root by that JavaScript and so stays refused. A session is textual-serve's
     ``AppService`` with ``_build_environment`` and ``_open_app_process``
-    replaced (see :class:`_Session`).
+    replaced, whose ``_task`` (``run()``, started by ``start()``) it cancels
+    when that is stuck writing to a browser (see :class:`_Session`).
 
     ``env`` is added to each session's environment (a token, kept off argv).
     """
@@ -433,13 +450,22 @@ class DashboardServer(Server):
         self.url = dashboard_url(shown_host(self.host), self.port, self.secret)
         return socks
 
-    def serve(self, debug: bool = False, *, sockets: list[socket.socket] | None = None) -> None:
+    def serve(
+        self,
+        debug: bool = False,
+        *,
+        sockets: list[socket.socket] | None = None,
+        on_loop: Callable[[asyncio.AbstractEventLoop], None] | None = None,
+    ) -> None:
         """textual-serve's ``serve()``, on sockets bound first (``sockets``, else :meth:`bind` now).
 
         A port in use or a host that does not resolve raises :class:`OSError`
         before anything is printed; the URL is printed once the server listens,
         with the port actually bound (the one the system chose for port 0).
         Returns after SIGINT or SIGTERM, once every session has ended.
+        ``on_loop`` is called with the server's event loop before it runs:
+        signal handlers it adds there replace those two (which call
+        :meth:`request_exit`).
         """
         socks = self.bind() if sockets is None else sockets
         try:
@@ -451,6 +477,8 @@ class DashboardServer(Server):
                 loop.add_signal_handler(signal.SIGTERM, self.request_exit)
             except NotImplementedError:
                 pass
+            if on_loop is not None:
+                on_loop(loop)
             # aiohttp calls ``print`` once every socket listens
             web.run_app(
                 self._make_app(), sock=socks, handle_signals=False, loop=loop, print=self._listening,
@@ -576,6 +604,71 @@ def exit_when_stdin_closes() -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="taskwatch-web-parent", daemon=True).start()
+
+
+@contextlib.contextmanager
+def private_directory() -> Iterator[str]:
+    """A new directory only this user can enter, removed on exit, named with this process's pid.
+
+    A server killed outright (SIGKILL, the OOM killer) cannot remove its own: each
+    one first removes those a dead server left (:func:`remove_abandoned_directories`).
+    """
+    remove_abandoned_directories()
+    with tempfile.TemporaryDirectory(prefix=f"{_PRIVATE_PREFIX}{os.getpid()}-") as path:
+        yield path
+
+
+def remove_abandoned_directories(parent: str | None = None) -> list[str]:
+    """Remove this user's private directories (in ``parent``, default the temp dir) whose
+    server has gone; the paths removed.
+
+    Gone means both: no process has the pid in the name, and nothing answers on the
+    engine socket inside (a /tmp shared with another PID namespace, or a reused pid,
+    keeps a directory rather than losing a live one).
+    """
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(parent or tempfile.gettempdir()))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _PRIVATE_RE.fullmatch(entry.name)
+        if match is None:
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            continue
+        if _running(int(match[1])) or _answers(os.path.join(entry.path, ENGINE_SOCKET)):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _answers(path: str) -> bool:
+    """Whether something listens on the Unix socket ``path`` (unsure counts as yes)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+        except OSError:
+            return True
+    return True
 
 
 def take_secret() -> str:
