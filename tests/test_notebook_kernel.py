@@ -67,9 +67,10 @@ def kernel(kernel_dir: Path) -> Iterator[Kernel]:  # noqa: F811 - the imported f
         k.close()
 
 
-def test_shutting_the_kernel_down_hands_a_running_run_back_cleanly(kernel: Kernel, tmp_path: Path) -> None:
-    db, marker = tmp_path / "runs.db", tmp_path / "finally.txt"
-    started = kernel.run(
+def running_long_run(db: Path, marker: Path) -> str:
+    """A cell: a background engine on the SQLite file ``db`` with one run of a task that waits
+    for good, running (`handle`); the run's cleanup appends its attempt to ``marker``."""
+    return textwrap.dedent(
         f"""
         import asyncio, time
         from taskwatch.engine import Engine, TaskContext
@@ -84,15 +85,20 @@ def test_shutting_the_kernel_down_hands_a_running_run_back_cleanly(kernel: Kerne
                 with open({str(marker)!r}, "a") as f:
                     f.write(f"finally attempt={{ctx.attempt}}\\n")
 
-        bg = engine.start_background()  # the default stop_timeout (10 s): longer than Jupyter waits
+        bg = engine.start_background()
         handle = bg.submit("long")
         deadline = time.monotonic() + 10
         while handle.status.value != "running":
             assert time.monotonic() < deadline, handle.status
             time.sleep(0.01)
-        print(handle.id)
         """
     )
+
+
+def test_shutting_the_kernel_down_hands_a_running_run_back_cleanly(kernel: Kernel, tmp_path: Path) -> None:
+    db, marker = tmp_path / "runs.db", tmp_path / "finally.txt"
+    # the default stop_timeout (10 s): longer than Jupyter waits
+    started = kernel.run(running_long_run(db, marker) + "print(handle.id)\n")
     assert not started["error"], started
     run_id = started["stdout"].strip()
     # what Jupyter's "Shut down kernel" / "Restart" does: ask, then SIGTERM after
@@ -129,30 +135,7 @@ def test_an_interrupt_leaves_the_dashboard_up_and_a_shutdown_with_it_still_hands
     kernel: Kernel, tmp_path: Path
 ) -> None:
     db, marker = tmp_path / "runs.db", tmp_path / "finally.txt"
-    started = kernel.run(
-        f"""
-        import asyncio, time
-        from taskwatch.engine import Engine, TaskContext
-
-        engine = Engine(store="sqlite:///{db}", health_interval=None)
-
-        @engine.task
-        async def long(ctx: TaskContext) -> None:
-            try:
-                await asyncio.sleep(3600)
-            finally:
-                with open({str(marker)!r}, "a") as f:
-                    f.write("finally\\n")
-
-        bg = engine.start_background()
-        handle = bg.submit("long")
-        deadline = time.monotonic() + 10
-        while handle.status.value != "running":
-            assert time.monotonic() < deadline, handle.status
-            time.sleep(0.01)
-        print(handle.id, bg.dashboard(port=0))
-        """
-    )
+    started = kernel.run(running_long_run(db, marker) + "print(handle.id, bg.dashboard(port=0))\n")
     assert not started["error"], started
     run_id, url = started["stdout"].splitlines()[-1].split()
     port = int(url.split("/")[2].rsplit(":", 1)[1])
@@ -167,7 +150,7 @@ def test_an_interrupt_leaves_the_dashboard_up_and_a_shutdown_with_it_still_hands
     # Jupyter's Restart / Shut down: ask, then SIGTERM after 2.5 s. The dashboard's web server is
     # not one of the children the kernel ends and waits for, so the stop at exit ran to its end
     kernel.manager.shutdown_kernel(now=False)
-    assert (marker.read_text() if marker.exists() else "") == "finally\n"
+    assert (marker.read_text() if marker.exists() else "") == "finally attempt=1\n"
     with contextlib.closing(sqlite3.connect(db)) as conn:
         status, error = conn.execute("SELECT status, error FROM runs WHERE id = ?", (run_id,)).fetchone()
     assert status == "pending" and json.loads(error)["type"] == "Shutdown"

@@ -4,10 +4,11 @@ failed, and what the loop-thread refusal tells a caller on another thread."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,21 @@ def test_history_set_from_another_thread_with_no_loop_running_evicts_at_once() -
 # ---------------------------------------------------------------- a trigger whose late start failed
 
 
+@contextlib.asynccontextmanager
+async def table_away(path: Path, table: str) -> AsyncIterator[None]:
+    """Another process renames ``table`` of the engine's file while inside (a migration, an
+    operator): the engine's reads and writes of it fail until it is back."""
+    other = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+    try:
+        await asyncio.to_thread(other.execute, f"ALTER TABLE {table} RENAME TO {table}_away")
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(other.execute, f"ALTER TABLE {table}_away RENAME TO {table}")
+    finally:
+        other.close()
+
+
 async def test_drain_of_a_trigger_whose_late_start_failed_waits_only_for_its_runs(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -99,17 +115,12 @@ async def test_drain_of_a_trigger_whose_late_start_failed_waits_only_for_its_run
     async with engine:
         # another process changing the file under the engine (a migration, an operator): the
         # trigger's start cannot read its saved counts
-        other = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
-        try:
-            await asyncio.to_thread(other.execute, "ALTER TABLE trigger_keys RENAME TO trigger_keys_away")
+        async with table_away(path, "trigger_keys"):
             with caplog.at_level(logging.ERROR):
                 trigger = engine.trigger("late", on_key, size_threshold=1)
                 # made before the start ran, this drain waits for it: its failure answers it
                 await asyncio.wait_for(trigger.drain(), 5)
             assert any("trigger 'late'" in r.getMessage() and "could not start" in r.getMessage() for r in caplog.records)
-            await asyncio.to_thread(other.execute, "ALTER TABLE trigger_keys_away RENAME TO trigger_keys")
-        finally:
-            other.close()
         trigger.notify("k")  # still counted and fired on the engine's loop
         await asyncio.wait_for(trigger.drain(), 5)
         assert ran == ["k"]
@@ -132,15 +143,10 @@ async def test_a_trigger_whose_late_start_failed_starts_once_the_store_answers_a
         pass
     engine = Engine(health_interval=None, store=f"sqlite:///{path}")
     async with engine:
-        other = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
-        try:
-            await asyncio.to_thread(other.execute, "ALTER TABLE trigger_keys RENAME TO trigger_keys_away")
+        async with table_away(path, "trigger_keys"):
             with caplog.at_level(logging.ERROR):
                 trigger = engine.trigger("late", on_key, size_threshold=3, check_interval=0.05, staleness=3600)
                 await eventually(lambda: any("trying again" in r.getMessage() for r in caplog.records))
-            await asyncio.to_thread(other.execute, "ALTER TABLE trigger_keys_away RENAME TO trigger_keys")
-        finally:
-            other.close()
         # the two counts the first engine saved are taken up by the start tried again
         await eventually(lambda: [(k.key, k.count) for k in trigger.state().keys] == [("k", 2)], timeout=10)
         trigger.notify("k")
@@ -159,17 +165,12 @@ async def test_a_queue_whose_late_start_failed_handles_its_jobs_once_the_store_a
 
     engine = Engine(health_interval=None, store=f"sqlite:///{path}")
     async with engine:
-        other = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
-        try:
-            await asyncio.to_thread(other.execute, "ALTER TABLE queue_jobs RENAME TO queue_jobs_away")
+        async with table_away(path, "queue_jobs"):
             with caplog.at_level(logging.ERROR):
                 queue = engine.queue("late", handle)
                 await eventually(lambda: any("trying again" in r.getMessage() for r in caplog.records))
             for job in range(3):
                 await queue.put(job)
-            await asyncio.to_thread(other.execute, "ALTER TABLE queue_jobs_away RENAME TO queue_jobs")
-        finally:
-            other.close()
         await asyncio.wait_for(queue.join(), 10)
         assert handled == [0, 1, 2]
     # nothing was left behind for a next start
