@@ -196,6 +196,60 @@ def test_quitting_with_a_run_going_says_what_the_wait_is_for(long_app: tuple[Ter
     assert "running" not in statuses(db)
 
 
+SLOW_TO_STOP_APP = '''
+import asyncio, os
+from taskwatch.engine import Engine, TaskContext
+
+engine = Engine(node_id="slow", store="sqlite:///{db}", health_interval=None)
+
+
+@engine.task(name="long")
+async def long(ctx: TaskContext) -> None:
+    # goes on past the engine's stop until the test lets it end
+    while not os.path.exists({release!r}):
+        await asyncio.sleep(0.02)
+
+
+@engine.periodic(every=3600, initial_delay=0, name="kick")
+async def kick(ctx: TaskContext) -> None:
+    await engine.submit("long")
+'''
+
+
+def test_ctrl_c_while_the_engine_stops_lets_the_stop_finish_without_a_traceback(tmp_path: Path) -> None:
+    db, release = tmp_path / "runs.db", tmp_path / "release"
+    (tmp_path / "slow_app.py").write_text(SLOW_TO_STOP_APP.format(db=db, release=str(release)))
+    term = Terminal(["slow_app"], cwd=tmp_path)
+    try:
+        term.wait_for(ENTER_ALT_SCREEN)
+        term.wait_for(b"LEADER")
+        wait_until(lambda: db.exists() and statuses(db) == ["running"], timeout=TIMEOUT)
+        quit_at = len(term.output)
+        term.press("q")
+        term.wait_for(b"stopping the engine: 1 run still running", start=quit_at)
+        term.proc.send_signal(signal.SIGINT)  # Ctrl-C at the shell's prompt line, impatient
+        release.touch()
+        assert term.wait_exit() == 0
+        after = bytes(term.output[quit_at:]).decode("utf-8", "replace")
+        assert "Traceback" not in after and "KeyboardInterrupt" not in after, after
+        assert statuses(db) == ["succeeded"]  # the stop was not cut short: the run ended as it does
+    finally:
+        term.kill()
+
+
+def test_q_typed_before_the_dashboard_is_drawn_quits_cleanly(tmp_path: Path) -> None:
+    db = tmp_path / "runs.db"
+    (tmp_path / "lifecycle_app.py").write_text(LONG_APP.format(db=db))
+    term = Terminal(["lifecycle_app"], cwd=tmp_path)
+    try:
+        term.wait_for(ENTER_ALT_SCREEN)
+        term.press("q")  # typed ahead, while the screen is still being built
+        assert term.wait_exit() == 0, term.text()[-3000:]
+        assert "Traceback" not in term.text()
+    finally:
+        term.kill()
+
+
 def test_a_dashboard_that_crashed_exits_with_a_failure_status(tmp_path: Path) -> None:
     (tmp_path / "crashing_app.py").write_text(CRASHING_APP)
     term = Terminal(["crashing_app"], cwd=tmp_path)

@@ -416,6 +416,10 @@ class TaskwatchApp(App[None]):
         self._full_records: dict[str, RunRecord] = {}
         self._fetching: set[str] = set()
         self.unresponsive_after = unresponsive_after
+        #: whether the dashboard screen's widgets exist (see :meth:`dashboard_ready`)
+        self._dashboard_up = False
+        #: a quit typed before they did, carried out once they do
+        self._quit_when_ready = False
         #: ``time.monotonic()`` when the overview request in flight was sent (None: none is)
         self._overview_sent: float | None = None
         #: when the first overview request still unanswered was sent (None: the last one was)
@@ -504,6 +508,17 @@ class TaskwatchApp(App[None]):
         self._freeze_startup_objects()
         self.set_interval(1.0 / self.refresh_hz, self.redraw, name="redraw")
         self.set_interval(self.overview_interval, self._overview_tick, name="overview")
+        self._dashboard_up = True
+        if self._quit_when_ready:
+            self.exit()
+
+    async def action_quit(self) -> None:
+        if not self._dashboard_up:
+            # `q` typed ahead, while the screen is still being built: exiting under a mount
+            # crashes Textual's tabs (a traceback and exit status 1), so it waits for the mount
+            self._quit_when_ready = True
+            return
+        await super().action_quit()
 
     def _freeze_startup_objects(self) -> None:
         """Take what exists now out of the garbage collector's passes, until the app stops.

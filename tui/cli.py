@@ -29,7 +29,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from taskwatch.engine import (
@@ -562,6 +562,17 @@ class EndingSignals:
             previous = signal.signal(sig, self._note)
             self._previous.setdefault(sig, previous)
 
+    @contextlib.contextmanager
+    def interrupts_noted(self) -> Iterator[None]:
+        """Within, Ctrl-C (SIGINT) is noted as :attr:`interrupted` instead of raised: for a
+        bounded wait, the engine's stop, that cut short would leave a durable store's runs
+        `running` and print a traceback."""
+        previous = signal.signal(signal.SIGINT, self._note)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
     @property
     def came(self) -> bool:
         """Whether any of the signals handled came."""
@@ -702,7 +713,8 @@ def _run_local_app(
         if info is not None:
             _say(f"served {engine.node_id} at {info}")
     finally:
-        _stop_engine(bg)
+        with catch.interrupts_noted():
+            _stop_engine(bg)
     return status
 
 
