@@ -437,6 +437,34 @@ async def test_a_signal_ends_the_web_server_and_a_second_one_does_not_cut_the_en
     assert list(Path(tempfile.gettempdir()).glob(f"taskwatch-web-{proc.pid}-*")) == []
 
 
+async def test_ctrl_c_while_the_engine_starts_ends_the_web_server_at_once(tmp_path: Path) -> None:
+    # a PostgreSQL address where connections are taken and never answered: the start hangs
+    silent = socket.create_server(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
+    (tmp_path / "webapp_hung_start.py").write_text(
+        "from taskwatch.engine import Engine\n"
+        f"engine = Engine(store='postgresql://u@127.0.0.1:{port}/db', health_interval=None)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "taskwatch.tui", "web", "webapp_hung_start", "--port", "0",
+        cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        silent.settimeout(SESSION_TIMEOUT)
+        conn, _ = await asyncio.to_thread(silent.accept)  # the engine's start is waiting on it now
+        with conn:
+            proc.send_signal(signal.SIGINT)
+            _, err = await asyncio.wait_for(proc.communicate(), EXIT_BOUND)  # not its 30 s start timeout
+        assert proc.returncode == 128 + signal.SIGINT
+        assert b"Traceback" not in err, err.decode()
+    finally:
+        silent.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 #: a session's process that floods its output: once the server has not read it for half a second
 #: (stuck sending to a browser that does not read), it says so in a file and exits, as a dashboard
 #: quit meanwhile does

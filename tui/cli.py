@@ -562,6 +562,13 @@ class EndingSignals:
             previous = signal.signal(sig, self._note)
             self._previous.setdefault(sig, previous)
 
+    def take_interrupts(self) -> None:
+        """From now on, Ctrl-C (SIGINT) is handled as ``interrupt=True`` handles it: taken up once
+        what Ctrl-C should still cut short (an engine's start) is done."""
+        if signal.SIGINT not in self._signals:
+            self._signals += (signal.SIGINT,)
+            self._install()
+
     @contextlib.contextmanager
     def interrupts_noted(self) -> Iterator[None]:
         """Within, Ctrl-C (SIGINT) is noted as :attr:`interrupted` instead of raised: for a
@@ -907,11 +914,15 @@ def _web_engine(server: DashboardServer, socks: list[socket.socket], engine: Eng
 
     # SIGTERM and SIGHUP end it as they end the terminal dashboard: the engine stopped, its
     # directory removed, exit status 128 + the signal's number
-    with EndingSignals(interrupt=True) as catch, web.private_directory() as private:
+    with EndingSignals() as catch, web.private_directory() as private:
         try:
             bg = engine.start_background()
         except (TaskwatchError, OSError) as exc:
             return fail(f"the engine did not start: {exc}")
+        except KeyboardInterrupt:
+            return 128 + signal.SIGINT  # Ctrl-C while it started (a store that does not answer, say)
+        # Ctrl-C quits from now on, as the sessions' end and the engine's stop, which it must not cut short
+        catch.take_interrupts()
         try:
             try:
                 info = bg.serve(os.path.join(private, web.ENGINE_SOCKET), token=new_token(), announce=False)
