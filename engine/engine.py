@@ -804,9 +804,11 @@ class Engine:
             # producers stop first so the drain below has a fixed amount of work;
             # queues drain within the deadline, supervised workers are cancelled
             await self._scheduler.stop(deadline)
-            for trigger in self._triggers.values():
+            # snapshots: a queue or trigger made meanwhile (by a run still draining) is not
+            # started, so there is nothing of it to stop
+            for trigger in list(self._triggers.values()):
                 await trigger.stop(deadline)
-            for queue in self._queues.values():
+            for queue in list(self._queues.values()):
                 await queue.stop(deadline)
             await self._supervisor.stop(deadline)
             if self._durable:
@@ -829,7 +831,7 @@ class Engine:
             self._run.give_up(await self._run.await_tasks(tasks))
             # what the drained queues and the runs notified after the triggers' own stop saved
             # (a queue's handler notifying a trigger) would be lost at the next start otherwise
-            for trigger in self._triggers.values():
+            for trigger in list(self._triggers.values()):
                 await trigger.save_changes()
             self._store.give_up_after(min(give_up, time.monotonic() + _STOP_WRITE_GRACE))
             await self._executor.stop()

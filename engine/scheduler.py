@@ -90,6 +90,7 @@ from .errors import (
 )
 from .jsonsafe import name_problem
 from .options import PeriodicOptions, check_options
+from .tasks import async_signature
 from .events import (
     FINISHED_RUN_KINDS,
     BaseEvent,
@@ -340,11 +341,10 @@ def _validate(
 
 
 def _validate_signature(fn: Any, name: str, requires: tuple[str, ...]) -> None:
-    if not inspect.iscoroutinefunction(fn):
-        raise TaskDefinitionError(
-            f"periodic task {name!r} must be an `async def` function taking (ctx, **resources)"
-        )
-    params = list(inspect.signature(fn).parameters.values())
+    shape = f"a periodic task is `async def {getattr(fn, '__name__', name)}(ctx: TaskContext, **resources)`"
+    # an object whose `__call__` is an `async def` is one, as for task() and supervised()
+    _, sig = async_signature(fn, f"periodic task {name!r}", "(ctx, **resources)", shape)
+    params = list(sig.parameters.values())
     if not params or params[0].kind not in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
         raise TaskDefinitionError(
             f"periodic task {name!r} must take a TaskContext as its first argument: "
@@ -476,7 +476,11 @@ class Scheduler:
         needs change (see :meth:`needs_changed`).
         """
         # an empty name is refused (below), as for task() and supervised(), not replaced
-        task_name = (getattr(fn, "__name__", None) or repr(fn)) if name is None else name
+        task_name = getattr(fn, "__name__", None) if name is None else name
+        if task_name is None:
+            # a repr (with its memory address) would differ on every node and at every restart:
+            # the store's once-per-slot claim and the last slot it keeps would never match
+            raise TaskDefinitionError(f"{fn!r} has no __name__ (a functools.partial, say): give the periodic task a name=")
         # read once (a generator gives its names only once); tuple("redis") would be ('r', 'e', 'd', 'i', 's')
         names = None if isinstance(requires, (str, bytes)) or not isinstance(requires, Iterable) else tuple(requires)
         if names is None or not all(isinstance(r, str) for r in names):
@@ -650,13 +654,18 @@ class Scheduler:
         # remembers it across restarts, so a restart neither repeats a slot nor
         # makes up every slot it missed)
         store = self._engine.store
-        for p in self._entries.values():
-            # a lock once waited on belongs to that loop: an engine started again may run on another
-            p.lock = asyncio.Lock()
-            p.last_fire = await store.get_periodic(p.name)
-            self._seed(p)
+        seeded: set[str] = set()
+        # a task added while this reads (from another thread, handed to this loop between the
+        # reads) is read too, before the loops begin: after that, an added task starts itself
+        while todo := [p for p in self._entries.values() if p.name not in seeded]:
+            for p in todo:
+                seeded.add(p.name)
+                # a lock once waited on belongs to that loop: an engine started again may run on another
+                p.lock = asyncio.Lock()
+                p.last_fire = await store.get_periodic(p.name)
+                self._seed(p)
         self._running = True
-        for p in self._entries.values():
+        for p in list(self._entries.values()):
             self._activate(p)
 
     def _seed(self, p: _Periodic) -> None:

@@ -401,7 +401,7 @@ def _unwrap_partial(fn: Any) -> Any:
     return fn
 
 
-def _async_signature(fn: TaskFn, what: str, takes: str, shape: str) -> tuple[TaskFn, inspect.Signature]:
+def async_signature(fn: TaskFn, what: str, takes: str, shape: str) -> tuple[TaskFn, inspect.Signature]:
     """What a call of ``fn`` runs and its signature; :class:`TaskDefinitionError` for
     anything but an async function (or an object whose ``__call__`` is one)."""
     # an object with an `async def __call__` is called as one: its __call__ is what to read
@@ -427,7 +427,7 @@ def check_worker_fn(fn: TaskFn, name: str) -> None:
         f"a supervised worker is `async def {fn_name}(ctx: TaskContext)`, called with the "
         "TaskContext alone (any further parameter needs a default)"
     )
-    _, sig = _async_signature(fn, what, "(ctx)", shape)
+    _, sig = async_signature(fn, what, "(ctx)", shape)
     try:
         sig.bind(None)
     except TypeError as exc:
@@ -448,7 +448,7 @@ def params_model_of(
             f"task {name!r} is an async generator (it has a `yield`): a task returns its "
             "result instead, and reports how far it got with `await ctx.progress(done, total)`"
         )
-    fn, sig = _async_signature(fn, f"task {name!r}", "(ctx, params)", _shape(fn_name))
+    fn, sig = async_signature(fn, f"task {name!r}", "(ctx, params)", _shape(fn_name))
     # a resource is passed by keyword: an argument it names is no positional one a run must fill
     positional = [
         p

@@ -306,3 +306,74 @@ async def test_a_fixed_rate_grid_stays_put_after_a_store_error(tmp_path: Path, c
         # fired late for its slot, then back on the grid it had
         await eventually(lambda: info(engine, "hourly").next_due not in (None, slot), timeout=5)
         assert info(engine, "hourly").next_due == slot + 3600
+
+
+def test_periodic_tasks_added_from_another_thread_while_the_engine_starts_all_run(tmp_path: Path) -> None:
+    # the scheduler's start reads each task's last slot from the store, one await each: tasks
+    # added meanwhile (handed to the loop between those reads) broke the start, or were skipped
+    engine = Engine(store=f"sqlite:///{tmp_path / 'runs.db'}", health_interval=None)
+
+    async def tick(ctx: TaskContext) -> None:
+        return None
+
+    for i in range(200):
+        engine.periodic(tick, every=3600, initial_delay=3600, name=f"early-{i}")
+    added: list[str] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def add() -> None:
+        while not done.is_set() and len(added) < 2_000:
+            name = f"late-{len(added)}"
+            try:
+                engine.periodic(tick, every=3600, initial_delay=3600, name=name)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                return
+            added.append(name)
+
+    adder = threading.Thread(target=add)
+    adder.start()
+    try:
+        bg = engine.start_background()
+    finally:
+        done.set()
+        adder.join(30)
+    try:
+        assert errors == []
+        # every one is scheduled, those added during the start included
+        unscheduled = [p.name for p in bg.schedule() if p.next_due is None]
+        assert unscheduled == [] and len(bg.schedule()) == 200 + len(added)
+    finally:
+        bg.stop(timeout=10)
+
+
+async def test_a_periodic_task_with_no_name_of_its_own_needs_name_and_a_callable_object_is_one() -> None:
+    import functools
+
+    from taskwatch.engine import TaskDefinitionError
+
+    engine = Engine(health_interval=None)
+    ran = asyncio.Event()
+
+    async def tick(ctx: TaskContext, label: str) -> None:
+        ran.set()
+
+    # a partial has no __name__: its repr (a memory address) would name it differently on every node
+    with pytest.raises(TaskDefinitionError, match="give the periodic task a name="):
+        engine.periodic(functools.partial(tick, label="x"), every=3600)
+    assert engine.schedule() == []
+    engine.periodic(functools.partial(tick, label="x"), every=3600, name="tick-x")
+
+    class Poll:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def __call__(self, ctx: TaskContext) -> None:
+            self.calls += 1
+
+    poll = Poll()
+    engine.periodic(poll, every=0.01, name="poll")  # accepted, as task() and supervised() accept one
+    async with engine:
+        await eventually(lambda: poll.calls >= 2)
+    assert sorted(p.name for p in engine.schedule()) == ["poll", "tick-x"]

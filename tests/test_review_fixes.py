@@ -16,7 +16,7 @@ import pytest
 
 from taskwatch.engine import BackgroundEngine, Engine, InvalidParams, LoopThreadError, RunStatus, TaskContext
 
-from .helpers import eventually, in_thread
+from .helpers import eventually, in_thread, stray_tasks
 
 
 # ---------------------------------------------------------------- history from another thread
@@ -323,3 +323,30 @@ async def test_a_process_replaced_under_its_node_id_names_the_runs_it_stopped(tm
             assert sorted(said[0].stopped) == sorted(ids)
             await new.stop(0.1)
         await old.stop(0.1)
+
+
+# ---------------------------------------------------------------- a queue made while the engine stops
+
+
+async def test_a_queue_made_by_a_job_while_the_engine_stops_leaves_the_stop_whole(tmp_path: Path) -> None:
+    engine = Engine(store=f"sqlite:///{tmp_path / 'runs.db'}", health_interval=None)
+    made: list[str] = []
+
+    async def quick(job: int) -> None:
+        return None
+
+    async def maker(job: int) -> None:
+        # a job still handled while the stop drains the queues makes another queue
+        while engine.state == "running":
+            await asyncio.sleep(0.005)
+        for _ in range(50):
+            await asyncio.sleep(0)  # the stop is past its scheduler and triggers: at the queues
+        made.append(engine.queue("made-late", quick).name)
+
+    first = engine.queue("first", maker)
+    await engine.start()
+    await first.put(1)
+    await eventually(lambda: first.info().in_flight == 1)
+    await engine.stop(5)
+    assert made == ["made-late"] and engine.state == "stopped"
+    assert stray_tasks() == set()  # the executor's loops too
