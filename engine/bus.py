@@ -594,13 +594,20 @@ class EventBus:
 
         def unsubscribe() -> None:
             if cb in self._callbacks:
-                self._callbacks.remove(cb)
+                # a new list, not the one an event being delivered goes over: removing from that
+                # one (a callback unsubscribing itself, say) would skip the next callback's turn
+                self._callbacks = [c for c in self._callbacks if c is not cb]
 
         return unsubscribe
 
     def recent(self, limit: int | None = None) -> list[Event]:
+        """The newest ``limit`` events the bus keeps for replay (all of them for None), oldest first."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise InvalidConfiguration("EventBus.recent()", [f"limit={limit!r}: a whole number >= 0, or None for all"])
         items = list(self._ring)
-        return [built(item) for item in (items if limit is None else items[-limit:])]
+        if limit is not None:
+            items = items[len(items) - limit :] if limit else []
+        return [built(item) for item in items]
 
     def _remove(self, sub: Subscription) -> None:
         if sub in self._subs:

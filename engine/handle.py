@@ -8,15 +8,24 @@ submitted here also keeps that run's in-memory entry, so ``wait()`` and
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Generator
 from typing import TYPE_CHECKING, Any
 
 from .execution import checked_grace, checked_timeout
+from .hop import call_on
 from .runs import RunRecord, RunStatus
 
 if TYPE_CHECKING:
     from .engine import Engine
     from .runs import Run
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class RunHandle:
@@ -59,6 +68,14 @@ class RunHandle:
         so gathering many handles costs no task each.
         """
         timeout = checked_timeout("RunHandle.wait()", timeout)
+        loop = self._engine.loop
+        if loop is not None and loop.is_running() and loop is not _running_loop():
+            # awaited on another loop (a thread's own, a notebook's beside start_background()):
+            # a run's finish resolves futures of the engine's loop, so the wait is made there
+            return call_on(loop, self._wait_here, timeout)
+        return self._wait_here(timeout)
+
+    def _wait_here(self, timeout: float | None) -> Awaitable[RunRecord]:
         if timeout is None:
             return self._engine.wait_for(self.id, None, run=self._run)
         return self._wait(timeout)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -433,3 +434,39 @@ def test_the_bus_counts_a_dropped_drop_notice_as_the_events_it_stood_for() -> No
     bus.emit(ev.EngineStarted)
     assert sub.dropped == 41
     assert bus.stats()["dropped"] == 41
+
+
+def test_a_callback_unsubscribing_itself_or_another_costs_no_other_callback_an_event() -> None:
+    bus = EventBus(node="n")
+    seen: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+    unsubscribe: dict[str, Any] = {}
+
+    def make(name: str) -> Any:
+        def on_event(event: Any) -> None:
+            seen[name].append(event.seq)
+            if name == "a":
+                unsubscribe["a"]()  # once is enough: it goes on its first event
+            if name == "b" and event.seq == 2:
+                unsubscribe["c"]()  # from the next event on
+
+        return on_event
+
+    for name in seen:
+        unsubscribe[name] = bus.add_callback(make(name))
+    for _ in range(3):
+        bus.emit(ev.EngineStarted, backend="asyncio")
+    assert seen == {"a": [1], "b": [1, 2, 3], "c": [1, 2]}
+
+
+def test_recent_gives_the_newest_events_and_refuses_a_limit_that_is_no_count() -> None:
+    from taskwatch.engine import InvalidConfiguration
+
+    bus = EventBus(node="n", replay=10)
+    for _ in range(4):
+        bus.emit(ev.EngineStarted, backend="asyncio")
+    assert [e.seq for e in bus.recent()] == [1, 2, 3, 4]
+    assert [e.seq for e in bus.recent(2)] == [3, 4]
+    assert bus.recent(0) == []
+    for bad in (-1, 1.5, "2", True):
+        with pytest.raises(InvalidConfiguration, match="limit="):
+            bus.recent(bad)  # type: ignore[arg-type]

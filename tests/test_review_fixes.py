@@ -350,3 +350,30 @@ async def test_a_queue_made_by_a_job_while_the_engine_stops_leaves_the_stop_whol
     await engine.stop(5)
     assert made == ["made-late"] and engine.state == "stopped"
     assert stray_tasks() == set()  # the executor's loops too
+
+
+# ---------------------------------------------------------------- a handle awaited on another loop
+
+
+async def test_a_run_handle_awaited_on_another_loop_than_the_engines_gets_the_finish() -> None:
+    engine = Engine(health_interval=None)
+    gate = threading.Event()
+
+    @engine.task(name="gated")
+    async def gated(ctx: TaskContext) -> int:
+        await asyncio.to_thread(gate.wait, 10)
+        return 7
+
+    bg = engine.start_background()  # the engine's loop is another thread's; this test's is its own
+    try:
+        run_id = bg.submit("gated").id
+        waits = [
+            asyncio.ensure_future(engine.handle(run_id).wait()),
+            asyncio.ensure_future(engine.handle(run_id).wait(timeout=30)),
+        ]
+        gate.set()
+        records = await asyncio.wait_for(asyncio.gather(*waits), 10)
+        assert [(r.status, r.result) for r in records] == [(RunStatus.SUCCEEDED, 7)] * 2
+        assert (await engine.handle(run_id)).result == 7  # and once it has finished
+    finally:
+        bg.stop(timeout=10)
