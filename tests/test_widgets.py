@@ -11,6 +11,7 @@ import pytest
 from pydantic import BaseModel, Field
 from rich.console import Console, RenderableType
 from taskwatch.engine import (
+    BaseEvent,
     ClusterNode,
     Leadership,
     PeriodicInfo,
@@ -1323,3 +1324,61 @@ async def test_params_form_offers_enums_shows_limits_and_reports_every_error_at_
         form.field_widget("tags").value = "[]"
         size.value = "large"
         assert form.collect() == {"name": "ada", "size": "large", "tags": []}
+
+
+# ---------------------------------------------------------------- times and events the widgets cannot use
+
+
+async def test_runs_table_shows_a_time_it_cannot_write_as_unknown_and_keeps_updating() -> None:
+    table = RunsTable()
+    far = run("far", 1, status=RunStatus.RUNNING, started=1e20)  # past any calendar: no clock to draw
+    async with Host(table).run_test(size=SIZE) as pilot:
+        table.update_runs([run("a", 0)], now=T0 + 5)
+        table.update_runs([far], now=T0 + 5)
+        await pilot.pause()
+        assert cell(table, "far", "started") == "?"
+        # the running row is redrawn on every update: later ones still work
+        for i in range(3):
+            table.update_runs([run(f"b{i}", 2 + i)], now=T0 + 6 + i)
+        await pilot.pause()
+        assert table.shown_keys == ["b2", "b1", "b0", "far", "a"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "now", "what"),
+    [
+        ({"created_at": float("nan")}, T0, "created_at=nan"),
+        ({"started_at": float("inf")}, T0, "started_at=inf"),
+        ({"finished_at": float("-inf")}, T0, "finished_at=-inf"),
+        ({}, float("nan"), "now must be a finite UNIX time"),
+        ({}, float("inf"), "now must be a finite UNIX time"),
+    ],
+    ids=["nan-created", "inf-started", "-inf-finished", "nan-now", "inf-now"],
+)
+async def test_runs_table_refuses_a_batch_with_a_time_that_is_no_time_and_changes_nothing(
+    bad: dict[str, float], now: float, what: str
+) -> None:
+    table = RunsTable()
+    async with Host(table).run_test(size=SIZE) as pilot:
+        table.update_runs([run(f"r{i}", i) for i in range(5)], now=T0 + 10)
+        broken = run("x", 2.5, status=RunStatus.RUNNING, started=3).model_copy(update=bad)
+        with pytest.raises(ValueError, match=what):
+            table.update_runs([run("new", 9), broken], now=now)
+        await pilot.pause()
+        assert table.record("x") is None and table.record("new") is None
+        table.update_runs([run("new", 9), run("x", 2.5, status=RunStatus.RUNNING, started=3)], now=T0 + 10)
+        await pilot.pause()
+        assert table.shown_keys == ["new", "r4", "r3", "x", "r2", "r1", "r0"]  # newest first, in order
+
+
+async def test_event_log_refuses_an_event_without_a_kind_and_keeps_filtering() -> None:
+    log = EventLog()
+    async with Host(log).run_test(size=SIZE) as pilot:
+        good = event_from_dict({"kind": "run.submitted", "seq": 1, "ts": T0, "run_id": "r1", "task": "t"})
+        with pytest.raises(TypeError, match="item 1 is BaseEvent without one"):
+            log.add_events([good, BaseEvent(seq=2, ts=T0)])
+        assert log.total_events == 0
+        log.add_events([good])
+        log.set_filter("run.")  # redraws the history: nothing without a kind was kept in it
+        await pilot.pause()
+        assert log.total_events == 1 and len(log.lines) == 1

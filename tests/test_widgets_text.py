@@ -9,14 +9,22 @@ import time
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, field_validator
 from taskwatch.engine import (
+    ClusterNode,
     Engine,
+    InvalidParams,
     InvalidStatus,
+    Leadership,
+    PeriodicInfo,
     Progress,
+    QueueInfo,
     RunError,
     RunRecord,
     RunStatus,
     TaskContext,
+    TriggerKeyState,
+    TriggerState,
     WorkerInfo,
     event_from_dict,
 )
@@ -25,7 +33,23 @@ from taskwatch.tui.app import TaskwatchApp
 from taskwatch.tui.client import LocalClient
 from taskwatch.tui.demo import format_event_line, print_events
 from taskwatch.tui.screens import TracebackScreen
-from taskwatch.widgets import EventLog, FailuresList, RunAttempt, RunDetail, RunsTable, StoreBadge
+from taskwatch.widgets import (
+    EventLog,
+    FailuresList,
+    LeaderBadge,
+    NodesTable,
+    ParamsForm,
+    QueuesTable,
+    RunAttempt,
+    RunDetail,
+    RunsTable,
+    ScheduleTable,
+    StoreBadge,
+    TaskStats,
+    TaskStatsTable,
+    TriggersTable,
+    WorkersTable,
+)
 from textual.app import App, ComposeResult
 from textual.geometry import Region
 from textual.widget import Widget
@@ -345,3 +369,92 @@ async def test_event_log_keeps_the_order_of_events_that_came_while_paused() -> N
         log.paused = False
         await pilot.pause()
         assert shown() == ["#1", "#2", "#3", "#4", "#5", "#6"]
+
+
+# ---------------------------------------------------------------- the keyed tables, the form, the badges
+
+
+async def test_every_keyed_table_shows_names_from_tasks_and_nodes_escaped_on_one_line() -> None:
+    name = f"n{EVIL}\nZ"
+    triggers, queues, workers, schedule, nodes, stats = (
+        TriggersTable(), QueuesTable(), WorkersTable(), ScheduleTable(), NodesTable(), TaskStatsTable()
+    )
+    tables = (triggers, queues, workers, schedule, nodes, stats)
+    async with Host(*tables).run_test(size=(400, 60)) as pilot:
+        triggers.update_triggers(
+            [TriggerState(name="t", size_threshold=5, keys=[TriggerKeyState(key=name, count=1)], key_count=1)], now=T0
+        )
+        queues.update_queues(
+            [QueueInfo(name=name, concurrency=1, maxsize=0, depth=1, in_flight=0, processed=0, failed=0)]
+        )
+        workers.update_workers([WorkerInfo(name=name, leader_only=False, state="running")], now=T0)
+        schedule.update_schedule(
+            [PeriodicInfo(name=name, trigger="every 1s", trigger_kind="interval", enabled=False, reason=f"r{EVIL}")],
+            now=T0,
+        )
+        nodes.update_nodes([ClusterNode(node=name)], now=T0)
+        stats.update_stats([TaskStats(task=name)])
+        await pilot.pause()
+        for table in tables:
+            lines = drawn_lines(table)
+            text = assert_no_control(lines)
+            assert "nX\\x1b]2;PWNED\\x07Y" in text, (type(table).__name__, table.size, text)
+            assert table.row_count == 1
+        assert "disabled: rX\\x1b]2;PWNED" in "\n".join(drawn_lines(schedule))  # why it is disabled, too
+
+
+class Url(BaseModel):
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def check(cls, value: str) -> str:
+        raise ValueError(f"not a URL: {value}")  # echoes what was typed, as validators do
+
+
+async def test_params_form_shows_error_messages_escaped() -> None:
+    engine = Engine(health_interval=None)
+
+    @engine.task(name="fetch")
+    async def fetch(ctx: TaskContext, params: Url) -> None:
+        pass
+
+    info = next(task for task in engine.catalog() if task.name == "fetch")
+    await engine.start()
+    try:
+        with pytest.raises(InvalidParams) as refused:
+            await engine.submit("fetch", {"url": EVIL})
+    finally:
+        await engine.stop()
+    form = ParamsForm(info, cursor_blink=False)
+    async with Host(form).run_test(size=(120, 30)) as pilot:
+        errors = [*refused.value.errors, {"loc": ("elsewhere",), "msg": f"general {EVIL}\nsecond line"}]
+        form.show_errors(errors)
+        await pilot.pause()
+        text = assert_no_control(drawn_lines(form))
+        assert "not a URL: X\\x1b]2;PWNED\\x07Y\\x1b[5;31mBLINK\\x9b2J" in text
+        assert "elsewhere: general X\\x1b]2;PWNED" in text
+        assert any(line.strip() == "second line" for line in drawn_lines(form))  # its own line, as written
+
+
+async def test_leader_and_store_badges_show_names_from_other_processes_escaped() -> None:
+    leader, follower, lost, failed, store = LeaderBadge(), LeaderBadge(), LeaderBadge(), LeaderBadge(), StoreBadge()
+    async with Host(leader, follower, lost, failed, store).run_test(size=(300, 12)) as pilot:
+        leadership = Leadership(node_id=f"node{EVIL}", is_leader=False, holder=f"h{EVIL}", term=3, expires_at=T0 + 5)
+        leader.update(leadership.model_copy(update={"is_leader": True}), started_at=T0 - 10, now=T0)
+        follower.update(leadership, started_at=T0 - 10, now=T0)
+        lost.update(leadership, started_at=T0 - 10, now=T0)
+        lost.update_disconnected(f"tcp://{EVIL}")
+        failed.update_failed(f"refused: {EVIL}")
+        store.update(f"sqlite:/x/{EVIL}", f"i{EVIL}", f"tcp://{EVIL}")
+        await pilot.pause()
+        for badge, shown in (
+            (leader, "LEADER  nodeX\\x1b]2;PWNED"),
+            (follower, "leader hX\\x1b]2;PWNED"),
+            (lost, "to tcp://X\\x1b]2;PWNED"),
+            (failed, "refused: X\\x1b]2;PWNED"),
+            (store, "via tcp://X\\x1b]2;PWNED"),
+        ):
+            assert shown in assert_no_control(drawn_lines(badge))
+        assert "last seen nodeX\\x1b]2;PWNED" in "".join(drawn_lines(lost))
+        assert "store sqlite:/x/X\\x1b]2;PWNED" in "".join(drawn_lines(store))

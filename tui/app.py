@@ -10,6 +10,7 @@ calls; they talk back with messages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import functools
 import gc
@@ -725,7 +726,14 @@ class TaskwatchApp(App[None]):
             fresh += missing[:room]
             self._backfill = len(missing) > room
         candidates = [v.record() for v in known] + [v.record() for v in fresh]
-        table.update_runs(candidates, now)
+        try:
+            table.update_runs(candidates, now)
+        except ValueError:
+            # a record the table refuses (a time that is no time, from a remote node's event):
+            # the others are shown, that one is not, rather than no redraw ever again
+            for record in candidates:
+                with contextlib.suppress(ValueError):
+                    table.update_runs([record], now)
 
     def _update_detail(self, dirty: set[str], full: bool) -> None:
         """Keep the detail pane on the selected run, current, with a live duration."""

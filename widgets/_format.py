@@ -7,6 +7,7 @@ tables can compare cheap tuples and only build a ``Text`` for cells that changed
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from typing import Any
@@ -72,22 +73,35 @@ def short_id(run_id: str | None, length: int = 8) -> str:
     return run_id[-length:] if run_id else DASH
 
 
+#: a time or duration that cannot be written (infinite, or a time past the platform's calendar)
+UNKNOWN = "?"
+
+
 def fmt_clock(ts: float | None) -> str:
     """Local wall-clock time as HH:MM:SS."""
     if ts is None:
         return DASH
-    return time.strftime("%H:%M:%S", time.localtime(ts))
+    try:
+        return time.strftime("%H:%M:%S", time.localtime(ts))
+    except (OverflowError, OSError, ValueError):
+        # a widget redraws on every update: one unwritable time must not break all of them
+        return UNKNOWN
 
 
 def fmt_clock_ms(ts: float) -> str:
     """Local wall-clock time with milliseconds, for the event log."""
-    return f"{time.strftime('%H:%M:%S', time.localtime(ts))}.{int((ts % 1) * 1000):03d}"
+    clock = fmt_clock(ts)
+    if clock == UNKNOWN:
+        return clock
+    return f"{clock}.{int((ts % 1) * 1000):03d}"
 
 
 def fmt_duration(seconds: float | None) -> str:
     """A compact duration whose resolution shrinks as it grows (so it ticks less often)."""
     if seconds is None:
         return DASH
+    if not math.isfinite(seconds):
+        return UNKNOWN
     seconds = max(0.0, seconds)
     if seconds < 10:
         return f"{seconds:.1f}s"

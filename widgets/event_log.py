@@ -299,12 +299,19 @@ class EventLog(RichLog):
     def add_events(self, events: Iterable[BaseEvent]) -> None:
         """Append a batch of events (one write for the whole batch).
 
-        Raises ``TypeError`` for a batch holding anything but events, and adds none of it:
-        kept in the history, one would break every later redraw (a filter change)."""
+        Raises ``TypeError`` for a batch holding anything but events (each with a ``kind``
+        string, as every event class of the engine has), and adds none of it: kept in the
+        history, one would break every later redraw (a filter change)."""
         events = list(events)
         for i, event in enumerate(events):
             if not isinstance(event, BaseEvent):
                 raise TypeError(f"EventLog.add_events takes events; item {i} is {type(event).__name__}: {event!r:.80}")
+            if not isinstance(getattr(event, "kind", None), str):
+                raise TypeError(
+                    f"EventLog.add_events takes events with a kind (a str, such as 'run.failed'); item {i} is "
+                    f"{type(event).__name__} without one: {event!r:.80}; give an event class of taskwatch.engine.events"
+                    " or a subclass of BaseEvent with a kind field"
+                )
         fresh: list[_Entry] = []
         if self.paused:
             pending = self._pending

@@ -9,7 +9,7 @@ from taskwatch.engine import Leadership
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from ._format import fmt_duration
+from ._format import fmt_duration, printable
 
 
 class LeaderBadge(Widget):
@@ -112,16 +112,18 @@ class LeaderBadge(Widget):
         self.set_class(state in ("disconnected", "failed", "unresponsive"), "-disconnected")
 
     def render(self) -> Text:
-        node = self.node_id or "?"
+        # node ids, the holder, the address and the failure come from other processes (a
+        # remote engine, the lease store): escaped, so none can send the terminal a command
+        node = printable(self.node_id) or "?"
         state = self.state
         if state == "failed":
-            return Text.assemble(("✖ NOT CONNECTED  ", "bold red"), (self.failure or "", "red"))
+            return Text.assemble(("✖ NOT CONNECTED  ", "bold red"), (printable(self.failure or ""), "red"))
         if state == "disconnected":
             text = Text("✖ DISCONNECTED — reconnecting…", style="bold red")
             if self.where:
-                text.append(f" to {self.where}", style="red")
+                text.append(f" to {printable(self.where)}", style="red")
             if self.node_id:
-                text.append(f"  last seen {self.node_id}", style="dim")
+                text.append(f"  last seen {node}", style="dim")
             if self.term:
                 text.append(f"  last term {self.term}", style="dim")
             return text
@@ -138,7 +140,7 @@ class LeaderBadge(Widget):
         if state == "leader":
             text = Text.assemble(("● LEADER", "bold green"), "  ", (node, "bold"))
         else:
-            holder = self.holder or "nobody"
+            holder = printable(self.holder or "nobody")
             text = Text.assemble(
                 ("○ follower", "bold yellow"), "  ", (node, "bold"), ("  leader ", "dim"), holder
             )

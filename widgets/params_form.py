@@ -408,12 +408,13 @@ class ParamsForm(Widget):
                 general.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
         for name, messages in per_field.items():
             error = self._errors[name]
-            error.update("\n".join(messages))
+            # messages echo what the user typed (and what validators say): escaped, newlines kept
+            error.update(printable_lines("\n".join(messages)))
             error.display = True
             self._inputs[name].add_class("-invalid")
         if general and self.is_mounted:
             widget = self.query_one("#params-form-general-error", Static)
-            widget.update("\n".join(general))
+            widget.update(printable_lines("\n".join(general)))
             widget.display = True
         first = next((spec.name for spec in self.fields if spec.name in per_field), None)
         if first is not None:

@@ -18,6 +18,7 @@ to). ``g`` (or ctrl+home) follows the newest again.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -202,8 +203,11 @@ class RunsTable(VirtualTable):
     def update_runs(self, records: Iterable[RunRecord], now: float) -> None:
         """Show these runs (new or changed ones; unchanged ones cost a comparison).
 
-        Raises ``TypeError`` when an item is no ``RunRecord`` or ``now`` is no time;
-        then nothing changes."""
+        Records of one run are taken in the order given: when a batch holds several for
+        the same id, the last one given is the one kept and shown, so give them oldest first.
+
+        Raises ``TypeError`` when an item is no ``RunRecord`` or ``now`` is no time, and
+        ``ValueError`` when ``now`` or a record's time is nan or infinite; then nothing changes."""
         batch = list(records)
         for index, record in enumerate(batch):
             if not isinstance(record, RunRecord):
@@ -213,6 +217,10 @@ class RunsTable(VirtualTable):
                 )
         if isinstance(now, bool) or not isinstance(now, (int, float)):
             raise TypeError(f"RunsTable.update_runs: now must be a UNIX time (float), got {now!r:.80}")
+        if not math.isfinite(now):
+            raise ValueError(f"RunsTable.update_runs: now must be a finite UNIX time, got {now!r}; nothing was shown")
+        for index, record in enumerate(batch):
+            _check_times(record, index)
         self._now = now
         self._begin()
         changed: list[str] = []
@@ -350,6 +358,20 @@ class RunsTable(VirtualTable):
 
     def _selected_message(self, key: str) -> Message:
         return self.RunSelected(self, key)
+
+
+def _check_times(record: RunRecord, index: int) -> None:
+    # a nan created_at compares with nothing, so the rows sorted by it would fall out of
+    # order; an infinite time has no clock or duration to draw
+    for name in ("created_at", "started_at", "finished_at"):
+        value = getattr(record, name)
+        if value is None and name != "created_at":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(
+                f"RunsTable.update_runs: item {index} (run {record.id!r:.40}) has {name}={value!r:.40}; "
+                "times must be finite UNIX times; nothing was shown"
+            )
 
 
 def _newest_first(record: RunRecord) -> _RunOrder:

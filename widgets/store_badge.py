@@ -8,6 +8,8 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
+from ._format import printable
+
 
 def shorten_middle(text: str, limit: int) -> str:
     """``text`` cut in its middle to ``limit`` characters; a path keeps its file name whole
@@ -50,12 +52,13 @@ class StoreBadge(Widget):
     def render(self) -> Text:
         width = max(1, self.content_region.width or 80)
         # what gives way first when the line is short: the incarnation, then how it is reached
+        # escaped before measuring: a remote engine describes its own store and incarnation
         extras: list[tuple[str, str]] = []
         if self.via:
-            extras.append(("via", self.via))
+            extras.append(("via", printable(self.via)))
         if self.incarnation:
-            extras.append(("incarnation", self.incarnation[:8]))
-        store = self.store or "?"
+            extras.append(("incarnation", printable(self.incarnation[:8])))
+        store = printable(self.store) or "?"
         while True:
             tail = "".join(f" · {label} {value}" for label, value in extras)
             room = width - len("store ") - len(tail)
