@@ -24,11 +24,15 @@ import difflib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from typing import Any, Literal, TypeVar, overload
+from collections.abc import Callable, Iterable, Sequence
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, overload
+
+from pydantic.fields import FieldInfo
 
 from .errors import InvalidConfiguration, UnknownEventKind
 from .events import EVENT_KINDS, BaseEvent, Event, EventsDropped
+from .options import SubscribeOptions, check_options
 from .trusted import FAST, new, set_dict, set_extra, set_fields_set, set_private
 
 log = logging.getLogger("taskwatch.bus")
@@ -89,27 +93,109 @@ class KindFilter:
         return hit
 
 
+#: the class every reader of the wire (a dashboard, a RemoteEngine, a relay) decodes each kind as
+_CLASS_OF_KIND: dict[str, type[BaseEvent]] = {
+    cls.model_fields["kind"].default: cls for cls in get_args(get_args(Event)[0])
+}
+#: the fields the bus stamps itself
+_STAMPED = frozenset({"seq", "ts", "node"})
+
+
+def _wire_kind(cls: object, where: str) -> str:
+    """The kind of event class ``cls``; InvalidConfiguration unless readers decode it as one."""
+    if not (isinstance(cls, type) and issubclass(cls, BaseEvent)):
+        raise InvalidConfiguration(
+            where,
+            [
+                f"{cls!r} is no event class; pass one such as RunProgressed (from "
+                "taskwatch.engine.events); nothing was published"
+            ],
+        )
+    field = cls.model_fields.get("kind")
+    kind = field.default if field is not None else None
+    known = _CLASS_OF_KIND.get(kind) if isinstance(kind, str) else None
+    if isinstance(kind, str) and known is not None and issubclass(cls, known):
+        return kind
+    # a reader decodes events as the Event union: it would refuse this one and drop its
+    # connection, which would leave every dashboard attached to the engine blind
+    if known is not None:
+        what = f"has the kind {kind!r} of {known.__name__} without being a {known.__name__}"
+    elif field is None:
+        what = "has no kind"
+    else:
+        what = f"has kind {kind!r}, which is not one of the engine's event kinds (EVENT_KINDS)"
+    raise InvalidConfiguration(
+        where,
+        [
+            f"{cls.__qualname__} {what}: every dashboard and client attached to the engine reads "
+            "its events as the engine's own classes and would drop its connection on this one; "
+            "publish one of those (from taskwatch.engine.events), or keep events of your own on "
+            "an EventBus() of your own, which no server streams; nothing was published"
+        ],
+    )
+
+
+def _finite_only(meta: object) -> bool:
+    if getattr(meta, "allow_inf_nan", None) is False:
+        return True
+    return isinstance(meta, FieldInfo) and any(_finite_only(m) for m in meta.metadata)
+
+
+def _admits(annotation: Any, metadata: Sequence[Any], of: type) -> bool:
+    """Whether a field so declared holds plain ``of`` values; for ``float``, ones that may be
+    NaN or infinite (not declared finite)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        base, *extra = get_args(annotation)
+        return _admits(base, [*metadata, *extra], of)
+    if origin is Union or origin is UnionType:
+        return any(_admits(arm, metadata, of) for arm in get_args(annotation))
+    if annotation is not of:
+        return False
+    return of is not float or not any(_finite_only(m) for m in metadata)
+
+
+def _escaped(text: str) -> str:
+    """``text`` with what UTF-8 cannot encode (lone surrogates) escaped as ``\\udcff``, as
+    progress messages are; the same object when it has none."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 class EventShape:
     """What building a posted event of one class needs: the class, its ``kind``, and the
-    fields a poster gives when it gives every one but ``kind`` (their number and names)."""
+    fields a poster gives when it gives every one but ``kind`` (their number and names);
+    and what :meth:`EventBus.emit` checks of values from user code: its ``texts`` (fields
+    holding a str) and ``numbers`` (floats that may be NaN or infinite)."""
 
-    __slots__ = ("cls", "kind", "size", "given")
+    __slots__ = ("cls", "kind", "size", "given", "texts", "numbers")
 
-    def __init__(self, cls: type[BaseEvent]) -> None:
+    def __init__(self, cls: type[BaseEvent], where: str = "bus.emit()") -> None:
+        self.kind: str = _wire_kind(cls, where)
         self.cls = cls
-        self.kind: str = cls.model_fields["kind"].default
         self.given = {name for name in cls.model_fields if name != "kind"}
         self.size = len(self.given)
+        fields = [(name, f) for name, f in cls.model_fields.items() if name not in _STAMPED]
+        self.texts = tuple(name for name, f in fields if _admits(f.annotation, f.metadata, str))
+        self.numbers = tuple(name for name, f in fields if _admits(f.annotation, f.metadata, float))
 
 
 _SHAPES: dict[type[BaseEvent], EventShape] = {}
 
 
-def shape_of(cls: type[BaseEvent]) -> EventShape:
-    """The :class:`EventShape` of ``cls``, made once."""
-    shape = _SHAPES.get(cls)
+def shape_of(cls: type[BaseEvent], where: str = "bus.emit()") -> EventShape:
+    """The :class:`EventShape` of ``cls``, made once; InvalidConfiguration for a class no
+    reader of the engine's events could decode (``where`` names the call)."""
+    try:
+        shape = _SHAPES.get(cls)
+    except TypeError:  # unhashable: no class at all, which EventShape refuses
+        shape = None
     if shape is None:
-        shape = _SHAPES[cls] = EventShape(cls)
+        shape = EventShape(cls, where)
+        _SHAPES[cls] = shape
     return shape
 
 
@@ -160,6 +246,24 @@ class Posted:
             self._event = event
             self.fields = None
         return event  # type: ignore[return-value]
+
+
+def _check_finite(event: BaseEvent, shape: EventShape, where: str) -> None:
+    """Refuse an event holding a NaN or infinite float (InvalidConfiguration): JSON has
+    neither, so a reader would get null where it needs a number and drop its connection."""
+    values = event.__dict__
+    for name in shape.numbers:
+        value = values[name]
+        # NaN - NaN and inf - inf are NaN, which is true; any finite x - x is 0.0
+        if type(value) is float and value - value:
+            raise InvalidConfiguration(
+                where,
+                [
+                    f"{shape.cls.__qualname__}.{name}={value!r}: JSON has no NaN or infinity, and every "
+                    "dashboard attached would drop its connection on this event; give a finite "
+                    "number; nothing was published"
+                ],
+            )
 
 
 def built(item: BaseEvent | Posted) -> Event:
@@ -450,7 +554,22 @@ class EventBus:
         return cls(seq=self._seq, ts=self.clock(), node=self.node, **fields)
 
     def emit(self, cls: type[E], **fields: Any) -> E:
-        """Build an event with the next ``seq`` and publish it."""
+        """Build an event with the next ``seq`` and publish it.
+
+        Refuses (InvalidConfiguration, before the event takes a ``seq``) a class
+        that is not one of the engine's events and a float that is NaN or
+        infinite; escapes lone surrogates in str fields: attached dashboards
+        could not read any of them.
+        """
+        try:
+            shape = _SHAPES[cls]
+        except (KeyError, TypeError):
+            shape = shape_of(cls)
+        for name in shape.texts:
+            # str.isascii() is a flag lookup: only other text is tried for surrogates
+            value = fields.get(name)
+            if isinstance(value, str) and not value.isascii():
+                fields[name] = _escaped(value)
         fields["seq"] = self._seq + 1
         fields["ts"] = self.clock()
         fields["node"] = self.node
@@ -458,8 +577,10 @@ class EventBus:
         # without building a second dict on the hot path; a bad value raises before the
         # event takes its seq, so a refused event leaves no hole in the sequence
         event: E = cls.__pydantic_validator__.validate_python(fields)
+        if shape.numbers:
+            _check_finite(event, shape, "bus.emit()")
         self._seq += 1
-        self._deliver(event, event.kind)  # type: ignore[attr-defined]
+        self._deliver(event, shape.kind)
         return event
 
     def post(self, cls: type[BaseEvent], **fields: Any) -> None:
@@ -470,12 +591,12 @@ class EventBus:
         once. Anything from user code goes through :meth:`emit`, which
         validates before publishing and raises on a bad value.
         """
+        shape = _SHAPES.get(cls) or shape_of(cls, "bus.post()")  # a class refused takes no seq
         self._seq += 1
         seq = self._seq
         fields["seq"] = seq
         fields["ts"] = self.clock()
         fields["node"] = self.node
-        shape = _SHAPES.get(cls) or shape_of(cls)
         kind = shape.kind
         item = Posted(shape, fields, seq)
         # _deliver, inline: three of these per run
@@ -486,10 +607,23 @@ class EventBus:
             self._call_back(item, kind)
 
     def publish(self, event: Event) -> Event:
-        """Publish a ready-made event, restamping it with the next ``seq``."""
+        """Publish a ready-made event, restamping it with the next ``seq``; checked as
+        :meth:`emit` checks its values."""
+        cls = type(event)
+        shape = _SHAPES.get(cls) or shape_of(cls, "bus.publish()")
+        if shape.numbers:
+            _check_finite(event, shape, "bus.publish()")
+        update: dict[str, Any] = {"seq": self._seq + 1, "node": event.node or self.node}
+        values = event.__dict__
+        for name in shape.texts:
+            value = values.get(name)
+            if isinstance(value, str) and not value.isascii():
+                escaped = _escaped(value)
+                if escaped is not value:
+                    update[name] = escaped
         self._seq += 1
-        event = event.model_copy(update={"seq": self._seq, "node": event.node or self.node})
-        self._deliver(event, event.kind)  # type: ignore[attr-defined]
+        event = event.model_copy(update=update)
+        self._deliver(event, shape.kind)
         return event
 
     def _deliver(self, item: BaseEvent | Posted, kind: str) -> None:
@@ -543,8 +677,12 @@ class EventBus:
 
         ``kinds`` filters by exact kind (``"run.failed"``) or prefix (``"run."``).
         ``maxsize`` bounds the buffer; overflow is dropped for this subscriber only.
+        A ``replay`` over ``maxsize`` replays the newest ``maxsize`` events: history the
+        buffer cannot hold is not counted as dropped, as no live event was lost.
         """
+        check_options(SubscribeOptions, "bus.subscribe()", replay=replay, maxsize=maxsize)
         sub = Subscription(self, maxsize, kinds)
+        replay = min(replay, maxsize)
         if replay > 0:
             # the last ``replay`` events this subscriber would have received
             picked: list[BaseEvent | Posted] = []

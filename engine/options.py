@@ -196,6 +196,12 @@ class StopOptions(_Options):
     timeout: StrictSeconds
 
 
+class SubscribeOptions(_Options):
+    # strict counts: "10" or 1.5 events of buffer is a mistake, and a negative replay no history
+    replay: Count
+    maxsize: AtLeastOne
+
+
 class PutOptions(_Options):
     # no None and no inf: a queue's put promises its producer never blocks without limit
     timeout: StrictSeconds

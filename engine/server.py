@@ -880,7 +880,16 @@ class ControlServer:
         hit = self._encoded.get(seq)
         if hit is not None and hit[0] is event:
             return hit[1], hit[2]
-        body, cut = bounded_json(event, self.max_value)
+        try:
+            body, cut = bounded_json(event, self.max_value)
+        except (ValueError, TypeError, RecursionError) as exc:  # pydantic's serialization error is a ValueError
+            # a value no JSON can carry, published unchecked: a drop notice stands in its place
+            # (kept for every client, so counted once), where raising would end every client's stream
+            self._counts["events_unencodable"] += 1
+            log.warning("a %s event (seq %d) cannot be encoded; sent a drop notice instead: %s",
+                        getattr(event, "kind", "?"), seq, exc)
+            notice = EventsDropped(seq=seq, ts=event.ts, node=event.node, count=1, total=1)
+            body, cut = notice.model_dump_json().encode(), 0
         line = event_line(body)
         # kept for the other clients (a drop notice is one client's own)
         if len(self._streaming) > 1 and type(event) is not EventsDropped:
@@ -947,6 +956,7 @@ class ControlServer:
         "values_truncated",
         "runs_omitted",
         "events_too_large",
+        "events_unencodable",
     )
 
     def stats(self) -> dict[str, int]:
@@ -962,7 +972,8 @@ class ControlServer:
         ``overflow_disconnects`` (read nothing while a reply waited for room
         within ``max_outgoing_bytes``), ``values_truncated`` and ``runs_omitted``
         (to keep lines within ``max_send``), ``events_too_large`` (sent as a
-        ``bus.dropped`` notice instead), ``events_dropped`` (lost by slow
+        ``bus.dropped`` notice instead), ``events_unencodable`` (holding a value
+        no JSON can carry: also sent as a notice), ``events_dropped`` (lost by slow
         clients). Gauges: ``handshaking`` and ``active`` (authenticated)
         connections.
         """

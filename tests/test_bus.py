@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import pytest
 from hypothesis import given
@@ -15,7 +16,9 @@ from taskwatch.engine import (
     EVENT_KINDS,
     Engine,
     EventBus,
+    InvalidConfiguration,
     MemoryStore,
+    RemoteEngine,
     RunError,
     RunRecord,
     RunStatus,
@@ -470,3 +473,134 @@ def test_recent_gives_the_newest_events_and_refuses_a_limit_that_is_no_count() -
     for bad in (-1, 1.5, "2", True):
         with pytest.raises(InvalidConfiguration, match="limit="):
             bus.recent(bad)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- what no reader could take
+
+
+class _OwnEvent(ev.BaseEvent):
+    kind: Literal["my.event"] = "my.event"
+    x: int = 0
+
+
+class _LookAlike(ev.BaseEvent):
+    # the kind of RunProgressed without its fields: a reader would decode it as one, and fail
+    kind: Literal["run.progress"] = "run.progress"
+
+
+@pytest.mark.parametrize(
+    ("cls", "said"),
+    [
+        (_OwnEvent, "_OwnEvent has kind 'my.event', which is not one of the engine's event kinds"),
+        (_LookAlike, "_LookAlike has the kind 'run.progress' of RunProgressed without being a RunProgressed"),
+        (ev.RunEvent, "RunEvent has no kind"),
+        ("run.progress", "'run.progress' is no event class"),
+    ],
+)
+def test_emit_refuses_an_event_class_no_attached_client_could_read(cls: Any, said: str) -> None:
+    bus = EventBus(node="n")
+    sub = bus.subscribe()
+    with pytest.raises(InvalidConfiguration, match=re.escape(said)) as caught:
+        bus.emit(cls, run_id="r", task="t")
+    assert "nothing was published" in str(caught.value)
+    if isinstance(cls, type):
+        assert "or keep events of your own on an EventBus() of your own" in str(caught.value)
+        with pytest.raises(InvalidConfiguration, match=re.escape(said)):
+            bus.publish(cls(run_id="r", task="t"))
+    assert bus.last_seq == 0 and sub.get_batch() == [] and bus.recent() == []
+    bus.emit(ev.EngineStarted)
+    assert [e.seq for e in sub.get_batch()] == [1]  # no hole where the refused ones were
+
+
+def test_emit_escapes_lone_surrogates_as_progress_does_and_refuses_nan_before_any_seq() -> None:
+    bus = EventBus(node="n")
+    sub = bus.subscribe()
+    event = bus.emit(ev.RunProgressed, run_id="r", task="t\udcfe", message="bad\udcff é")
+    assert (event.task, event.message) == ("t\\udcfe", "bad\\udcff é")
+    assert event_from_json(event_to_json(event)) == event  # a reader takes it as it is
+    recovered = ev.RunRecovered(run_id="r", task="t", action="requeued", reason="gone\udcff", attempt=2, lost_count=1)
+    assert bus.publish(recovered).reason == "gone\\udcff"  # type: ignore[union-attr]
+    refused: list[tuple[type[ev.BaseEvent], str, dict[str, Any]]] = [
+        (ev.EngineStopping, "timeout", {"timeout": float("nan")}),
+        (ev.StoreReachable, "seconds", {"store": "s", "seconds": float("inf")}),
+        (ev.PeriodicResumed, "next_due", {"name": "p", "next_due": "-inf"}),  # pydantic reads it as a float
+    ]
+    for cls, name, fields in refused:
+        with pytest.raises(InvalidConfiguration, match=rf"{cls.__name__}\.{name}=.*JSON has no NaN or infinity"):
+            bus.emit(cls, **fields)
+    assert [e.seq for e in sub.get_batch()] == [1, 2] and bus.last_seq == 2
+
+
+async def test_an_event_no_json_can_carry_never_cuts_off_an_attached_client(tmp_path: Path) -> None:
+    # once, one such event made the server's event pump raise: every client was disconnected
+    # without a reason and got nothing more
+    engine = make_engine()
+    async with engine:
+        server = await engine.serve(str(tmp_path / "e.sock"), announce=False)
+        remote = RemoteEngine(server.address, timeout=5)
+        try:
+            await remote.connect()
+            engine.bus.emit(ev.RunProgressed, run_id="r", task="t", message="bad\udcff")
+            with pytest.raises(InvalidConfiguration):
+                engine.bus.emit(_OwnEvent, x=1)  # a client would refuse it and drop its connection
+            # nested in a result, past what emit checks: the server sends a drop notice in its place
+            unencodable = engine.bus.emit(ev.RunSucceeded, run_id="r", task="t", result={"a": "x\udcff"})
+            handle = await engine.submit("noop")
+            await handle.wait()
+            got: list[Any] = []
+
+            async def read() -> None:
+                async for event in remote.events():
+                    got.append(event)
+                    if event.kind == "run.succeeded" and event.run_id == handle.id:
+                        return
+
+            await asyncio.wait_for(read(), 5)
+            assert remote.connected and remote.close_reason is None
+            progress = next(e for e in got if e.kind == "run.progress")
+            assert progress.message == "bad\\udcff"
+            notice = next(e for e in got if e.seq == unencodable.seq)
+            assert notice.kind == "bus.dropped" and notice.count == 1
+            assert [e.kind for e in got if e.kind.startswith("run.") and e.run_id == handle.id] == [
+                "run.submitted", "run.started", "run.succeeded"
+            ]
+            assert server.stats()["events_unencodable"] == 1
+        finally:
+            await remote.close()
+            await server.stop()
+
+
+# ---------------------------------------------------------------- subscribe's options
+
+
+def test_a_replay_larger_than_the_buffer_keeps_the_newest_events_and_drops_nothing() -> None:
+    bus = EventBus(node="n", replay=100)
+    for _ in range(20):
+        bus.emit(ev.EngineStarted)
+    sub = bus.subscribe(replay=20, maxsize=3)
+    assert [e.seq for e in sub.get_batch()] == [18, 19, 20]
+    assert sub.dropped == 0 and bus.stats()["dropped"] == 0
+    bus.emit(ev.EngineStarted)  # and the buffer takes live events again
+    assert [e.seq for e in sub.get_batch()] == [21]
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ({"maxsize": "10"}, "maxsize='10'"),
+        ({"maxsize": True}, "maxsize=True"),
+        ({"maxsize": 1.5}, "maxsize=1.5"),
+        ({"replay": "5"}, "replay='5'"),
+        ({"replay": -1}, "replay=-1"),
+        ({"replay": False}, "replay=False"),
+    ],
+)
+def test_subscribe_refuses_options_that_are_no_counts(options: dict[str, Any], said: str) -> None:
+
+    bus = EventBus(node="n")
+    bus.emit(ev.EngineStarted)
+    with pytest.raises(InvalidConfiguration, match=re.escape(f"bus.subscribe(): {said}")):
+        bus.subscribe(**options)
+    assert bus.subscribers == 0
+    bus.emit(ev.EngineStarted)
+    assert bus.stats()["dropped"] == 0
