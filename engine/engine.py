@@ -20,7 +20,6 @@ import contextvars
 import difflib
 import functools
 import logging
-import math
 import os
 import reprlib
 import threading
@@ -40,7 +39,6 @@ from .errors import (
     InvalidConfiguration,
     InvalidKey,
     InvalidParams,
-    InvalidQuery,
     InvalidSubmission,
     LoopThreadError,
     QueueFull,
@@ -62,7 +60,15 @@ from .execution import Execution, checked_timeout
 from .handle import RunHandle
 from .health import HealthSampler
 from .hop import cancel_and_wait
-from .index import RunIndex
+from .index import (
+    RunIndex,
+    check_query,
+    limit_problem,
+    runs_limit_problem,
+    since_problem,
+    task_problem,
+    wanted_statuses,
+)
 from .jsonsafe import check_key, name_problem
 from .lease import LeaderElector, Leadership
 from .memory_events import MemoryEventRelay, MemoryEventStream
@@ -79,7 +85,6 @@ from .runs import (
     RunList,
     RunRecord,
     RunStatus,
-    run_status,
 )
 from .scheduler import PeriodicInfo, Scheduler
 from .snapshot import Snapshot
@@ -122,8 +127,6 @@ _CANCELLED = RunStatus.CANCELLED
 
 #: ``backend=`` values kept as aliases: both run on the store; inline makes submit wait
 _BACKENDS = ("asyncio", "inline")
-#: the largest integer a store's column holds
-_MAX_INT64 = 2**63 - 1
 #: what a submit_many mapping may hold
 _SUBMISSION_FIELDS = frozenset({"task", "params", "key"})
 
@@ -1393,15 +1396,9 @@ class Engine:
         under 1, a ``task`` that is no text or a ``before`` that is no page's cursor, and
         :class:`InvalidStatus` for a status that names none.
         """
-        problems = []
-        if since is not None and (isinstance(since, bool) or not isinstance(since, (int, float)) or not math.isfinite(since)):
-            problems.append(f"since={since!r} is no time: pass UNIX seconds (time.time() - 3600, say) or None")
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= _MAX_INT64:
-            problems.append(f"limit={limit!r}: pass how many runs a page holds, an int of 1 or more")
-        if task is not None and not isinstance(task, str):
-            problems.append(f"task={task!r} is no task name")
-        if problems:
-            raise InvalidQuery(problems)
+        check_query(
+            since_problem(since), limit_problem("limit", limit, 1, "how many runs a page holds"), task_problem(task)
+        )
         return await self._store.query(status=status, task=task, since=since, limit=limit, before=before)
 
     def wait_for(
@@ -1451,14 +1448,16 @@ class Engine:
         task: str | None = None,
         limit: int | None = 50,
     ) -> RunList:
-        """Runs this node knows, newest first, optionally filtered by status(es) and task name."""
-        wanted: set[RunStatus] | None
-        if status is None:
-            wanted = None
-        elif isinstance(status, str):
-            wanted = {run_status(status)}
-        else:
-            wanted = {run_status(s) for s in status}
+        """Runs this node knows, newest first, optionally filtered by status(es) and task name.
+
+        Raises :class:`InvalidStatus` for a status that names none, and :class:`InvalidQuery`
+        for a ``task`` that is no text or a ``limit`` that is neither None nor an int of 0 or more.
+        """
+        wanted = wanted_statuses(status)
+        check_query(
+            task_problem(task),
+            None if limit is None else limit_problem("limit", limit, 0, "how many runs to list (None for all)"),
+        )
         return self._index.select(wanted, task, limit)
 
     @property
@@ -1509,7 +1508,8 @@ class Engine:
         )
 
     def rates(self, seconds: float = 1.0) -> tuple[float, float]:
-        """Runs finished and failed per second over the last ``seconds`` whole seconds."""
+        """Runs finished and failed per second over the last ``seconds`` whole seconds
+        (:class:`InvalidQuery` for a ``seconds`` that is no finite number of 1 or more)."""
         return self._index.rates(seconds)
 
     def leadership(self) -> Leadership:
@@ -1521,7 +1521,9 @@ class Engine:
 
         ``runs`` holds the newest ``runs_limit`` runs and, however old, every running
         run and the newest :data:`SNAPSHOT_FAILURES` failed ones (none with ``runs_limit=0``).
+        Raises :class:`InvalidQuery` for a ``runs_limit`` that is no int of 0 or more.
         """
+        check_query(runs_limit_problem(runs_limit))
         runs = self.runs(limit=runs_limit)
         if runs_limit > 0:
             # however old: running runs, which a dashboard must be able to see and cancel,
@@ -1886,7 +1888,10 @@ class Engine:
 
     def triggers(self, keys_limit: int | None = None) -> list[TriggerState]:
         """Every trigger with all its keys, or with the ``keys_limit`` hottest of each
-        (queued or running first, then the biggest counts)."""
+        (queued or running first, then the biggest counts). Raises :class:`InvalidQuery`
+        for a ``keys_limit`` that is neither None nor an int of 0 or more."""
+        if keys_limit is not None:
+            check_query(limit_problem("keys_limit", keys_limit, 0, "how many keys of each trigger to list (None for all)"))
         return [t.state(keys_limit) for t in self._triggers.values()]
 
     def fire_trigger(self, name: str, key: str) -> TriggerFire:

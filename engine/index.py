@@ -13,11 +13,13 @@ publishes.
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from .runs import Run, RunError, RunList, RunStatus
+from .errors import InvalidQuery
+from .runs import Run, RunError, RunList, RunStatus, run_status
 
 _PENDING = RunStatus.PENDING
 _RUNNING = RunStatus.RUNNING
@@ -25,6 +27,65 @@ _SUCCEEDED = RunStatus.SUCCEEDED
 _FAILED = RunStatus.FAILED
 _CANCELLED = RunStatus.CANCELLED
 _monotonic = time.monotonic
+#: the largest integer a store's column holds
+MAX_LIMIT = 2**63 - 1
+
+
+# ---------------------------------------------------------------- checking the queries' arguments
+#
+# Shared by every read of runs (``query_runs``, ``runs``, ``snapshot``, ``rates``...) and the
+# remote client, so that one bad value is refused alike whichever way it is asked, as an
+# InvalidQuery naming it. Each returns why a value cannot be used, or None: cheap enough for
+# a dashboard's every refresh (no model is built).
+
+
+def limit_problem(name: str, value: object, least: int, what: str) -> str | None:
+    """Why ``value`` is no count of at least ``least`` (a bool is none), or None."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        return f"{name}={value!r}: pass {what}, an int of {least} or more"
+    if value > MAX_LIMIT:
+        return f"{name}={value!r}: pass {what}, an int from {least} to 2**63 - 1"
+    return None
+
+
+def runs_limit_problem(runs_limit: object) -> str | None:
+    """Why ``runs_limit`` is no number of runs a snapshot can hold, or None."""
+    return limit_problem("runs_limit", runs_limit, 0, "how many of the newest runs the snapshot holds (0 for none)")
+
+
+def since_problem(since: object) -> str | None:
+    if since is None or (not isinstance(since, bool) and isinstance(since, (int, float)) and math.isfinite(since)):
+        return None
+    return f"since={since!r} is no time: pass UNIX seconds (time.time() - 3600, say) or None"
+
+
+def task_problem(task: object) -> str | None:
+    if task is None or isinstance(task, str):
+        return None
+    return f"task={task!r} is no task name: pass a task's name (a str) or None for every task"
+
+
+def seconds_problem(seconds: object) -> str | None:
+    if not isinstance(seconds, bool) and isinstance(seconds, (int, float)) and 1 <= seconds < math.inf:
+        return None  # (a NaN compares false)
+    return f"seconds={seconds!r}: pass how many seconds back to count, a finite number of 1 or more"
+
+
+def check_query(*problems: str | None) -> None:
+    """Raise :class:`InvalidQuery` naming every problem given (None is none)."""
+    found = [p for p in problems if p is not None]
+    if found:
+        raise InvalidQuery(found)
+
+
+def wanted_statuses(status: RunStatus | str | Iterable[RunStatus | str] | None) -> set[RunStatus] | None:
+    """The statuses a ``status=`` filter names (None: all); :class:`InvalidStatus` for one naming none."""
+    if status is None:
+        return None
+    if isinstance(status, str) or not isinstance(status, Iterable):
+        # not iterable (status=5): a bad status, not a TypeError about iterating
+        return {run_status(status)}
+    return {run_status(s) for s in status}
 
 
 class RunIndex:
@@ -268,9 +329,11 @@ class RunIndex:
         return sum(b[1] for b in self._tp if b[0] > now - window) / window
 
     def rates(self, seconds: float = 1.0) -> tuple[float, float]:
-        """Runs finished and failed per second over the last ``seconds`` whole seconds."""
+        """Runs finished and failed per second over the last ``seconds`` whole seconds
+        (:class:`InvalidQuery` for a ``seconds`` that is no finite number of 1 or more)."""
+        check_query(seconds_problem(seconds))
         now = int(time.monotonic())
-        span = max(1, int(seconds))
+        span = int(seconds)
         done = failed = 0
         for second, fin, fail in self._tp:
             if now - span <= second < now:

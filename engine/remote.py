@@ -66,6 +66,7 @@ from .errors import (
     TaskwatchError,
 )
 from .events import Event
+from .index import check_query, runs_limit_problem
 from .jsonsafe import NotJsonSafe, check_key, jsonable, safe_str
 from .operations import OPERATIONS
 from .options import RemoteOptions, check_options
@@ -778,7 +779,12 @@ class RemoteEngine:
         A full snapshot (``runs_limit=None``) replaces what buffered events
         described, so those are dropped; a partial one (e.g. ``runs_limit=0``
         for the schedule and stats only) leaves the event buffer alone.
+        A ``runs_limit`` that is neither None nor an int of 0 or more raises
+        :class:`InvalidQuery`, as ``Engine.snapshot()`` does, and nothing is sent.
         """
+        if runs_limit is not None:
+            # refused as Engine.snapshot() refuses it, not as a wire-level MalformedMessage
+            check_query(runs_limit_problem(runs_limit))
         snapshot: Snapshot = await self._op("snapshot", runs_limit=runs_limit)
         if runs_limit is None:
             self._resynced(snapshot)

@@ -155,7 +155,7 @@ async def test_a_model_refusing_nan_gives_the_in_process_reason(pair: Pair) -> N
         ("int run id", lambda r: r.cancel(5), "run_id"),
         ("bytes run id", lambda r: r.retry(b"x"), "run_id"),  # was sent as the str 'x'
         ("None run id", lambda r: r.get(None), "run_id"),
-        ("negative runs_limit", lambda r: r.snapshot(-1), "runs_limit"),
+        # a negative runs_limit raises the engine's own InvalidQuery, before sending: test_query_args
         ("int task name", lambda r: r.submit(42), "task"),
         ("surrogate periodic name", lambda r: r.pause_periodic(SURROGATE), "UTF-8"),
     ],
