@@ -237,6 +237,28 @@ def test_ctrl_c_while_the_engine_stops_lets_the_stop_finish_without_a_traceback(
         term.kill()
 
 
+def test_ctrl_c_while_the_engine_starts_ends_the_dashboard_at_once(tmp_path: Path) -> None:
+    import socket
+
+    # a PostgreSQL address where connections are taken and never answered: the start hangs
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        (tmp_path / "hung_app.py").write_text(
+            "from taskwatch.engine import Engine\n"
+            f"engine = Engine(store='postgresql://u@127.0.0.1:{port}/db', health_interval=None)\n"
+        )
+        term = Terminal(["hung_app"], cwd=tmp_path)
+        try:
+            silent.settimeout(TIMEOUT)
+            conn, _ = silent.accept()  # the engine's start is waiting on it now
+            with conn:
+                term.proc.send_signal(signal.SIGINT)
+                assert term.wait_exit() == 128 + signal.SIGINT  # not after its 30 s start timeout
+            assert "Traceback" not in term.text(), term.text()[-3000:]
+        finally:
+            term.kill()
+
+
 def test_q_typed_before_the_dashboard_is_drawn_quits_cleanly(tmp_path: Path) -> None:
     db = tmp_path / "runs.db"
     (tmp_path / "lifecycle_app.py").write_text(LONG_APP.format(db=db))

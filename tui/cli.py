@@ -702,7 +702,10 @@ def _run_local_app(
     from .app import TaskwatchApp
     from .client import LocalClient
 
-    bg = engine.start_background()
+    try:
+        bg = engine.start_background()
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT  # Ctrl-C while it started (a store that does not answer, say)
     try:
         info = None
         if serve:
