@@ -8,24 +8,16 @@ submitted here also keeps that run's in-memory entry, so ``wait()`` and
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Generator
 from typing import TYPE_CHECKING, Any
 
 from .execution import checked_grace, checked_timeout
-from .hop import call_on
+from .hop import call_on, current_loop
 from .runs import RunRecord, RunStatus
 
 if TYPE_CHECKING:
     from .engine import Engine
     from .runs import Run
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 class RunHandle:
@@ -69,7 +61,7 @@ class RunHandle:
         """
         timeout = checked_timeout("RunHandle.wait()", timeout)
         loop = self._engine.loop
-        if loop is not None and loop.is_running() and loop is not _running_loop():
+        if loop is not None and loop.is_running() and loop is not current_loop():
             # awaited on another loop (a thread's own, a notebook's beside start_background()):
             # a run's finish resolves futures of the engine's loop, so the wait is made there
             return call_on(loop, self._wait_here, timeout)

@@ -182,7 +182,8 @@ def call_apart(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return result
 
 
-def _current_loop() -> asyncio.AbstractEventLoop | None:
+def current_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop running in this thread, or None outside one."""
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
@@ -200,7 +201,7 @@ async def call_on(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., Any]
     not started yet never starts; one under way is cancelled at its next await, as a caller
     cancelled on that loop would be). :class:`EngineNotRunning` if the loop ends first.
     """
-    if loop is None or loop is _current_loop():
+    if loop is None or loop is current_loop():
         result = fn(*args, **kwargs)
         return await result if inspect.isawaitable(result) else result
     try:
@@ -241,7 +242,7 @@ def call_blocking(
 
     On the loop's own thread, or when the loop is not running, it runs here.
     """
-    if loop is None or loop.is_closed() or not loop.is_running() or loop is _current_loop():
+    if loop is None or loop.is_closed() or not loop.is_running() or loop is current_loop():
         return fn(*args, **kwargs)
     call = ship(loop, fn, *args, **kwargs)
     try:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from .bus import DEFAULT_REPLAY, EventBus
 from .errors import InvalidConfiguration
+from .hop import current_loop
 from .relay import EventRelay, Outgoing
 
 __all__ = ["MemoryEventRelay", "MemoryEventStream"]
@@ -112,11 +113,7 @@ class MemoryEventStream:
 
 
 def _wake(wake: asyncio.Event, loop: asyncio.AbstractEventLoop) -> None:
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    if loop is running:
+    if loop is current_loop():
         wake.set()
         return
     # a reader on another thread's loop; a loop that closed meanwhile has no reader left to wake
