@@ -32,6 +32,7 @@ from pydantic.fields import FieldInfo
 
 from .errors import InvalidConfiguration, UnknownEventKind
 from .events import EVENT_KINDS, BaseEvent, Event, EventsDropped
+from .jsonsafe import utf8_text
 from .options import SubscribeOptions, check_options
 from .trusted import FAST, new, set_dict, set_extra, set_fields_set, set_private
 
@@ -153,16 +154,6 @@ def _admits(annotation: Any, metadata: Sequence[Any], of: type) -> bool:
     if annotation is not of:
         return False
     return of is not float or not any(_finite_only(m) for m in metadata)
-
-
-def _escaped(text: str) -> str:
-    """``text`` with what UTF-8 cannot encode (lone surrogates) escaped as ``\\udcff``, as
-    progress messages are; the same object when it has none."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
 
 
 class EventShape:
@@ -569,7 +560,7 @@ class EventBus:
             # str.isascii() is a flag lookup: only other text is tried for surrogates
             value = fields.get(name)
             if isinstance(value, str) and not value.isascii():
-                fields[name] = _escaped(value)
+                fields[name] = utf8_text(value)
         fields["seq"] = self._seq + 1
         fields["ts"] = self.clock()
         fields["node"] = self.node
@@ -618,7 +609,7 @@ class EventBus:
         for name in shape.texts:
             value = values.get(name)
             if isinstance(value, str) and not value.isascii():
-                escaped = _escaped(value)
+                escaped = utf8_text(value)
                 if escaped is not value:
                     update[name] = escaped
         self._seq += 1

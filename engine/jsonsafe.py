@@ -111,13 +111,20 @@ def cut_text(text: str, head: int, tail: int) -> str:
     return text[:head] + TEXT_CUT.format(cut) + text[len(text) - tail :]
 
 
-def safe_text(text: str) -> str:
-    """``text`` with anything UTF-8 cannot encode escaped as ``\\udcff``, and each NUL as
-    ``\\x00``; the very same object when it has neither."""
+def utf8_text(text: str) -> str:
+    """``text`` with anything UTF-8 cannot encode (lone surrogates) escaped as ``\\udcff``;
+    the very same object when it has none."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def safe_text(text: str) -> str:
+    """``text`` with anything UTF-8 cannot encode escaped as ``\\udcff``, and each NUL as
+    ``\\x00``; the very same object when it has neither."""
+    text = utf8_text(text)
     # PostgreSQL's text refuses NUL: a progress message holding one would fail every write
     # of its run (and the node's heartbeat with it), where UTF-8 JSON would carry it
     if "\x00" in text:
