@@ -29,7 +29,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from taskwatch.engine import (
@@ -539,16 +539,16 @@ class EndingSignals:
     Outside the dashboard (starting, and stopping the engine after it) they are only noted:
     killed there, the process would leave a durable store's runs `running` until recovery
     and the terminal in the dashboard's modes. A second one does not cut the stop short
-    (it is bounded: SIGKILL is for not waiting at all). With ``interrupt``, SIGINT (Ctrl+C)
-    is handled too, as the way to quit: it sets :attr:`interrupted`, not :attr:`signum`.
+    (it is bounded: SIGKILL is for not waiting at all). After :meth:`take_interrupts`,
+    SIGINT (Ctrl+C) is handled too: it sets :attr:`interrupted`, not :attr:`signum`.
     """
 
-    def __init__(self, *, interrupt: bool = False) -> None:
+    def __init__(self) -> None:
         #: the first ending signal that came, or None
         self.signum: int | None = None
-        #: whether SIGINT came (only handled with ``interrupt``)
+        #: whether SIGINT came (only handled after take_interrupts())
         self.interrupted = False
-        self._signals = ENDING_SIGNALS + ((signal.SIGINT,) if interrupt else ())
+        self._signals = ENDING_SIGNALS
         self._previous: dict[int, Any] = {}
 
     def _note(self, signum: int, frame: Any = None) -> None:
@@ -563,22 +563,13 @@ class EndingSignals:
             self._previous.setdefault(sig, previous)
 
     def take_interrupts(self) -> None:
-        """From now on, Ctrl-C (SIGINT) is handled as ``interrupt=True`` handles it: taken up once
-        what Ctrl-C should still cut short (an engine's start) is done."""
+        """From now on, until this is left, Ctrl-C (SIGINT) is noted and (on a loop given to
+        :meth:`on_loop`) quits, instead of raising: taken up once what Ctrl-C should still cut
+        short (an engine's start) is done, before what it must not (the engine's stop, which
+        cut short would leave a durable store's runs `running` and print a traceback)."""
         if signal.SIGINT not in self._signals:
             self._signals += (signal.SIGINT,)
             self._install()
-
-    @contextlib.contextmanager
-    def interrupts_noted(self) -> Iterator[None]:
-        """Within, Ctrl-C (SIGINT) is noted as :attr:`interrupted` instead of raised: for a
-        bounded wait, the engine's stop, that cut short would leave a durable store's runs
-        `running` and print a traceback."""
-        previous = signal.signal(signal.SIGINT, self._note)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
 
     @property
     def came(self) -> bool:
@@ -723,8 +714,8 @@ def _run_local_app(
         if info is not None:
             _say(f"served {engine.node_id} at {info}")
     finally:
-        with catch.interrupts_noted():
-            _stop_engine(bg)
+        catch.take_interrupts()
+        _stop_engine(bg)
     return status
 
 
@@ -840,7 +831,8 @@ def _web(opts: argparse.Namespace) -> int:
             server.command = shlex.join([sys.executable, "-m", "taskwatch.tui", "attach", opts.target[1]])
             # the sessions' environment, not their argv, which `ps` shows to every local user
             server.env = {TOKEN_ENV: token} if token else {}
-            with EndingSignals(interrupt=True) as catch:
+            with EndingSignals() as catch:
+                catch.take_interrupts()  # Ctrl+C quits it: no engine of its own to start here
                 _serve_web(server, socks, catch)
             return 0 if catch.signum is None else 128 + catch.signum
         return _web_engine(server, socks, engine)
