@@ -152,10 +152,24 @@ def total(db: Path, name: str) -> int:
 
 
 def executions(log: Path) -> list[Line]:
-    """The execution log: one line per attempt a task started, in any process."""
+    """The execution log: one line per attempt a task started, in any process.
+
+    A process SIGKILLed in the middle of writing its line leaves part of it, with no newline:
+    that part is its own (an attempt it had started, and the kill cut short) and is left out;
+    the line the next process appended after it is kept.
+    """
     if not log.exists():
         return []
-    return [json.loads(raw) for raw in log.read_text().splitlines()]
+    lines = []
+    for raw in log.read_text().splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except json.JSONDecodeError:
+            start = raw.rfind('{"run": ', 1)
+            if start > 0:
+                lines.append(json.loads(raw[start:]))
+            # else: the torn last line of a killed process, nothing after it
+    return lines
 
 
 def by_status(rows: dict[str, dict[str, Any]]) -> dict[str, set[str]]:
