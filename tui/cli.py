@@ -668,8 +668,12 @@ def _say(message: str) -> None:
 STOP_TIMEOUT = 5.0
 
 
-def _stop_engine(bg: BackgroundEngine, timeout: float = STOP_TIMEOUT) -> None:
-    """Stop the dashboard's engine; when runs are still going, say first what the wait is for."""
+def _stop_engine(bg: BackgroundEngine, timeout: float = STOP_TIMEOUT, *, announce: bool = True) -> None:
+    """Stop the dashboard's engine; when runs are still going, say first what the wait is for
+    (unless ``announce`` is False: a refusal already said, in its one line, why it ends)."""
+    if not announce:
+        bg.stop(timeout=timeout)
+        return
     try:
         running = bg.stats().running
     except (TaskwatchError, TimeoutError):
@@ -697,6 +701,7 @@ def _run_local_app(
         bg = engine.start_background()
     except KeyboardInterrupt:
         return 128 + signal.SIGINT  # Ctrl-C while it started (a store that does not answer, say)
+    refused = False
     try:
         info = None
         if serve:
@@ -709,13 +714,14 @@ def _run_local_app(
                 # checked before the engine started; this is what only binding finds out
                 # (a port in use, a socket path taken); `finally` stops the engine
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                refused = True
                 return fail(f"cannot serve at {serve}: {reason}")
         status = catch.run(TaskwatchApp(LocalClient(engine), confirm=confirm, serving=info))
         if info is not None:
             _say(f"served {engine.node_id} at {info}")
     finally:
         catch.take_interrupts()
-        _stop_engine(bg)
+        _stop_engine(bg, announce=not refused)
     return status
 
 
