@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .urls import redact_url
+from .urls import shown_url
 
 
 def _rebuilt(cls: type[TaskwatchError], args: tuple[Any, ...]) -> TaskwatchError:
@@ -349,8 +349,9 @@ class InvalidAddress(TaskwatchError, ValueError):
     def __init__(
         self, address: object, why: str, advice: str = "use tcp://127.0.0.1:PORT, unix:/path/to/socket or a socket path"
     ) -> None:
-        self.address = address
-        super().__init__(f"bad address {address!r}: {why}" + (f"; {advice}" if advice else ""))
+        # a password written into the address (``postgresql://u:pw@db``) is never echoed
+        self.address = shown_url(address) if isinstance(address, str) else address
+        super().__init__(f"bad address {self.address!r}: {why}" + (f"; {advice}" if advice else ""))
 
 
 class InvalidKey(TaskwatchError, TypeError, ValueError):
@@ -652,7 +653,7 @@ class UnknownStore(StoreError, ValueError):
 
     def __init__(self, spec: object, detail: str = "") -> None:
         # a URL's password never reaches a message, a log or a traceback
-        self.spec = redact_url(spec) if isinstance(spec, str) else spec
+        self.spec = shown_url(spec) if isinstance(spec, str) else spec
         super().__init__(
             f"unknown run store {self.spec!r}{': ' + detail if detail else ''}; use 'memory', "
             "'sqlite:///relative/path.db', 'sqlite:////absolute/path.db' (optionally "

@@ -34,3 +34,12 @@ def redact_url(url: str) -> str:
         + (f"?{query}" if query else "")
         + (f"#{parts.fragment}" if parts.fragment else "")
     )
+
+
+def shown_url(text: str) -> str:
+    """``text`` as a message may echo it: :func:`redact_url`, and for a text too malformed to
+    find its password in, only its scheme (``mysql://…``), since the secret could be anywhere."""
+    try:
+        return redact_url(text)
+    except ValueError:  # urlsplit refuses an unbalanced "[" of an IPv6 host
+        return text.partition("://")[0] + "://…" if "://" in text else text

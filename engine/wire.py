@@ -452,7 +452,10 @@ Address = UnixAddress | TcpAddress
 def parse_address(address: str) -> Address:
     """``tcp://HOST:PORT``, ``unix:PATH`` / ``unix://PATH``, or a plain socket path."""
     if address.startswith("tcp://"):
-        parts = urlsplit(address)
+        try:
+            parts = urlsplit(address)
+        except ValueError:  # an unbalanced "[" around an IPv6 host
+            raise InvalidAddress(address, "its host is not a valid IPv6 address in brackets") from None
         try:
             port = parts.port or 0
         except ValueError:
@@ -460,15 +463,16 @@ def parse_address(address: str) -> Address:
         if not parts.hostname:
             raise InvalidAddress(address, "it names no host")
         return TcpAddress(parts.hostname, port)
-    if address.startswith("unix://"):
-        address = address[len("unix://"):]
-    elif address.startswith("unix:"):
-        address = address[len("unix:"):]
-    if not address:
+    path = address
+    if path.startswith("unix://"):
+        path = path[len("unix://"):]
+    elif path.startswith("unix:"):
+        path = path[len("unix:"):]
+    if not path:
         raise InvalidAddress(address, "the socket path is empty")
-    if "://" in address:
+    if "://" in path:
         raise InvalidAddress(address, "only tcp:// and unix: addresses are supported")
-    return UnixAddress(address)
+    return UnixAddress(path)
 
 
 def parse_connect_address(address: str) -> Address:

@@ -786,6 +786,22 @@ async def test_a_status_or_an_address_that_names_nothing_is_refused_with_a_typed
     assert stray_tasks() == set()
 
 
+async def test_a_refused_address_never_echoes_a_password_and_names_what_was_written() -> None:
+    engine = make_engine()
+    async with engine:
+        for address, shown, why in [
+            ("postgresql://app:s3cret@db/prod", "postgresql://app:***@db/prod", "only tcp:// and unix:"),
+            ("tcp://app:s3cret@127.0.0.1:99999", "tcp://app:***@127.0.0.1:99999", "port"),
+            ("tcp://app:s3cret@[::1:7070", "tcp://…", "IPv6"),  # too malformed to find the password in
+            ("unix://", "unix://", "empty"),
+        ]:
+            with pytest.raises(InvalidAddress, match=why) as caught:
+                await engine.serve(address)
+            assert f"bad address {shown!r}" in str(caught.value)
+            assert "s3cret" not in str(caught.value) and "s3cret" not in repr(caught.value.address)
+        with pytest.raises(InvalidAddress, match="IPv6"):
+            RemoteEngine("tcp://[::1:7070")
+
 async def test_every_refusal_leaves_no_task_behind() -> None:
     engine = make_engine()
     async with engine:

@@ -43,7 +43,6 @@ from taskwatch.engine import (
     __version__,
 )
 from taskwatch.engine.server import MIN_TOKEN_BYTES
-from taskwatch.engine.urls import redact_url
 from taskwatch.engine.wire import TcpAddress, UnixAddress, parse_address, parse_connect_address
 
 if TYPE_CHECKING:
@@ -422,7 +421,7 @@ def check_attach_address(address: str) -> None:
     if attach_kind(address) == "engine":
         if "://" in address and not address.startswith(("tcp://", "unix:")):
             # the engine's own refusal names only what it can serve; attach also takes cluster URLs
-            raise InvalidAddress(_shown_address(address), ATTACH_TAKES, ATTACH_EXAMPLES)
+            raise InvalidAddress(address, ATTACH_TAKES, ATTACH_EXAMPLES)
         target = parse_connect_address(address)
         if isinstance(target, TcpAddress) and not target.is_loopback:
             raise ValueError(
@@ -431,14 +430,6 @@ def check_attach_address(address: str) -> None:
                 f"port over SSH (ssh -N -L 7070:127.0.0.1:{target.port} {target.host}) and attach to "
                 "tcp://127.0.0.1:7070"
             )
-
-
-def _shown_address(address: str) -> str:
-    """``address`` as a refusal may echo it: without a password (``mysql://u:pw@db``)."""
-    try:
-        return redact_url(address)
-    except ValueError:  # too malformed to find its password in: only its scheme is named
-        return address.partition("://")[0] + "://…"
 
 
 def check_attach_options(address: str, given: Sequence[str]) -> None:
