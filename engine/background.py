@@ -862,17 +862,35 @@ class BackgroundEngine:
     async def asnapshot(self, runs_limit: int = 500) -> Snapshot:
         return await self._aread(self.engine.snapshot, runs_limit)
 
+    def rates(self, seconds: float = 1.0) -> tuple[float, float]:
+        return self._read("rates", self.engine.rates, seconds)
+
+    async def arates(self, seconds: float = 1.0) -> tuple[float, float]:
+        return await self._aread(self.engine.rates, seconds)
+
     def catalog(self) -> list[TaskInfo]:
         return self._read("catalog", self.engine.catalog)
+
+    async def acatalog(self) -> list[TaskInfo]:
+        return await self._aread(self.engine.catalog)
 
     def queues(self) -> list[QueueInfo]:
         return self._read("queues", self.engine.queues)
 
-    def triggers(self) -> list[TriggerState]:
-        return self._read("triggers", self.engine.triggers)
+    async def aqueues(self) -> list[QueueInfo]:
+        return await self._aread(self.engine.queues)
+
+    def triggers(self, keys_limit: int | None = None) -> list[TriggerState]:
+        return self._read("triggers", self.engine.triggers, keys_limit)
+
+    async def atriggers(self, keys_limit: int | None = None) -> list[TriggerState]:
+        return await self._aread(self.engine.triggers, keys_limit)
 
     def workers(self) -> list[WorkerInfo]:
         return self._read("workers", self.engine.workers)
+
+    async def aworkers(self) -> list[WorkerInfo]:
+        return await self._aread(self.engine.workers)
 
     # ------------------------------------------------------------------ serving and dashboards
 

@@ -1523,7 +1523,7 @@ class Engine:
         run and the newest :data:`SNAPSHOT_FAILURES` failed ones (none with ``runs_limit=0``).
         Raises :class:`InvalidQuery` for a ``runs_limit`` that is no int of 0 or more.
         """
-        check_query(runs_limit_problem(runs_limit))
+        check_query(runs_limit_problem(runs_limit), what="snapshot query")
         runs = self.runs(limit=runs_limit)
         if runs_limit > 0:
             # however old: running runs, which a dashboard must be able to see and cancel,
@@ -1891,7 +1891,10 @@ class Engine:
         (queued or running first, then the biggest counts). Raises :class:`InvalidQuery`
         for a ``keys_limit`` that is neither None nor an int of 0 or more."""
         if keys_limit is not None:
-            check_query(limit_problem("keys_limit", keys_limit, 0, "how many keys of each trigger to list (None for all)"))
+            check_query(
+                limit_problem("keys_limit", keys_limit, 0, "how many keys of each trigger to list (None for all)"),
+                what="triggers query",
+            )
         return [t.state(keys_limit) for t in self._triggers.values()]
 
     def fire_trigger(self, name: str, key: str) -> TriggerFire:

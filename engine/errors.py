@@ -335,12 +335,13 @@ class InvalidSubmission(TaskwatchError, ValueError):
 
 
 class InvalidQuery(TaskwatchError, ValueError):
-    """A runs query's argument cannot select anything (a cursor not from a page, a ``since``
-    that is no time, a limit under 1). Nothing was read."""
+    """A read's argument cannot select anything (a cursor not from a page, a ``since`` that
+    is no time, a limit under 1): of a runs query, a snapshot, ``rates()`` or ``triggers()``.
+    Nothing was read."""
 
-    def __init__(self, problems: Iterable[str]) -> None:
+    def __init__(self, problems: Iterable[str], what: str = "runs query") -> None:
         self.problems = list(problems)
-        super().__init__("invalid runs query: " + "; ".join(self.problems))
+        super().__init__(f"invalid {what}: " + "; ".join(self.problems))
 
 
 class InvalidAddress(TaskwatchError, ValueError):

@@ -71,11 +71,11 @@ def seconds_problem(seconds: object) -> str | None:
     return f"seconds={seconds!r}: pass how many seconds back to count, a finite number of 1 or more"
 
 
-def check_query(*problems: str | None) -> None:
-    """Raise :class:`InvalidQuery` naming every problem given (None is none)."""
+def check_query(*problems: str | None, what: str = "runs query") -> None:
+    """Raise :class:`InvalidQuery` naming every problem given (None is none) and the read refused."""
     found = [p for p in problems if p is not None]
     if found:
-        raise InvalidQuery(found)
+        raise InvalidQuery(found, what)
 
 
 def wanted_statuses(status: RunStatus | str | Iterable[RunStatus | str] | None) -> set[RunStatus] | None:
@@ -331,7 +331,7 @@ class RunIndex:
     def rates(self, seconds: float = 1.0) -> tuple[float, float]:
         """Runs finished and failed per second over the last ``seconds`` whole seconds
         (:class:`InvalidQuery` for a ``seconds`` that is no finite number of 1 or more)."""
-        check_query(seconds_problem(seconds))
+        check_query(seconds_problem(seconds), what="rates query")
         now = int(time.monotonic())
         span = int(seconds)
         done = failed = 0

@@ -784,7 +784,7 @@ class RemoteEngine:
         """
         if runs_limit is not None:
             # refused as Engine.snapshot() refuses it, not as a wire-level MalformedMessage
-            check_query(runs_limit_problem(runs_limit))
+            check_query(runs_limit_problem(runs_limit), what="snapshot query")
         snapshot: Snapshot = await self._op("snapshot", runs_limit=runs_limit)
         if runs_limit is None:
             self._resynced(snapshot)

@@ -68,7 +68,7 @@ async def engine() -> AsyncIterator[Engine]:
 
 @pytest.mark.parametrize("limit", BAD_LIMITS, ids=repr)
 async def test_runs_refuses_a_limit_that_is_no_count(engine: Engine, limit: Any) -> None:
-    with pytest.raises(InvalidQuery, match=re.escape(f"limit={limit!r}: pass how many runs to list")):
+    with pytest.raises(InvalidQuery, match=re.escape(f"invalid runs query: limit={limit!r}: pass how many runs to list")):
         engine.runs(limit=limit)
     # the good ones still read: 0 lists none, None every one
     assert engine.runs(limit=0) == [] and len(engine.runs(limit=None)) == len(engine.runs(limit=2)) + 1 == RUNS
@@ -91,7 +91,7 @@ async def test_runs_refuses_a_status_that_is_no_status_as_an_invalid_status(engi
 
 @pytest.mark.parametrize("runs_limit", BAD_LIMITS, ids=repr)
 async def test_snapshot_refuses_a_runs_limit_that_is_no_count(engine: Engine, runs_limit: Any) -> None:
-    with pytest.raises(InvalidQuery, match=re.escape(f"runs_limit={runs_limit!r}: pass how many of the newest runs")):
+    with pytest.raises(InvalidQuery, match=re.escape(f"invalid snapshot query: runs_limit={runs_limit!r}: pass how many of the newest runs")):
         engine.snapshot(runs_limit=runs_limit)
     assert engine.snapshot(runs_limit=0).runs == [] and len(engine.snapshot(runs_limit=2).runs) == 2
 
@@ -99,7 +99,7 @@ async def test_snapshot_refuses_a_runs_limit_that_is_no_count(engine: Engine, ru
 @pytest.mark.parametrize("seconds", [math.nan, math.inf, "x", True, 0, -1, 0.5], ids=repr)
 async def test_rates_refuses_seconds_that_are_no_span(engine: Engine, seconds: Any) -> None:
     # 0, -1 and 0.5 were silently read as 1 s; NaN and "x" raised a bare ValueError
-    with pytest.raises(InvalidQuery, match=re.escape(f"seconds={seconds!r}: pass how many seconds back to count")):
+    with pytest.raises(InvalidQuery, match=re.escape(f"invalid rates query: seconds={seconds!r}: pass how many seconds back to count")):
         engine.rates(seconds)
     done, failed = engine.rates(60)  # a good span still counts
     assert done >= 0 and failed == 0.0
@@ -107,7 +107,7 @@ async def test_rates_refuses_seconds_that_are_no_span(engine: Engine, seconds: A
 
 @pytest.mark.parametrize("keys_limit", BAD_LIMITS, ids=repr)
 async def test_triggers_refuses_a_keys_limit_that_is_no_count(engine: Engine, keys_limit: Any) -> None:
-    with pytest.raises(InvalidQuery, match=re.escape(f"keys_limit={keys_limit!r}: pass how many keys")):
+    with pytest.raises(InvalidQuery, match=re.escape(f"invalid triggers query: keys_limit={keys_limit!r}: pass how many keys")):
         engine.triggers(keys_limit=keys_limit)
     [state] = engine.triggers(keys_limit=2)
     assert len(state.keys) == 2 and state.key_count == 3
@@ -143,6 +143,8 @@ FACADE_CASES: list[tuple[str, dict[str, Any]]] = [
     ("runs", {"status": 5}),
     ("snapshot", {"runs_limit": -1}),
     ("snapshot", {"runs_limit": 1.5}),
+    ("rates", {"seconds": 0}),
+    ("triggers", {"keys_limit": -1}),
 ]
 
 
@@ -159,6 +161,18 @@ def test_a_background_engine_refuses_as_the_engine_does(
         }
     )
     assert len(background.runs()) == RUNS  # and reads on
+
+
+def test_a_background_engine_reads_what_the_engine_reads(background: BackgroundEngine) -> None:
+    [state] = background.triggers(keys_limit=2)
+    assert len(state.keys) == 2 and state.key_count == 3
+    assert asyncio.run(background.atriggers(keys_limit=0))[0].keys == []
+    # whole seconds only: the runs of this second may not count yet, so only the shape is known
+    for done, failed in (background.rates(60), asyncio.run(background.arates(60))):
+        assert done >= 0.0 and failed == 0.0
+    assert [t.name for t in asyncio.run(background.acatalog())] == [t.name for t in background.catalog()]
+    assert asyncio.run(background.aqueues()) == background.queues()
+    assert asyncio.run(background.aworkers()) == background.workers()
 
 
 @pytest.fixture
