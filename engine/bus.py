@@ -32,7 +32,7 @@ from pydantic.fields import FieldInfo
 
 from .errors import InvalidConfiguration, UnknownEventKind
 from .events import EVENT_KINDS, BaseEvent, Event, EventsDropped
-from .jsonsafe import utf8_text
+from .jsonsafe import NotJsonSafe, jsonable, utf8_text
 from .options import SubscribeOptions, check_options
 from .trusted import FAST, new, set_dict, set_extra, set_fields_set, set_private
 
@@ -156,13 +156,25 @@ def _admits(annotation: Any, metadata: Sequence[Any], of: type) -> bool:
     return of is not float or not any(_finite_only(m) for m in metadata)
 
 
+def _scalar(annotation: Any) -> bool:
+    """Whether a field so declared holds only a str, a number, a bool, a literal or None:
+    nothing nested, in which a value JSON cannot carry could hide."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _scalar(get_args(annotation)[0])
+    if origin is Union or origin is UnionType:
+        return all(_scalar(arm) for arm in get_args(annotation))
+    return origin is Literal or annotation in (str, int, float, bool, type(None))
+
+
 class EventShape:
     """What building a posted event of one class needs: the class, its ``kind``, and the
     fields a poster gives when it gives every one but ``kind`` (their number and names);
     and what :meth:`EventBus.emit` checks of values from user code: its ``texts`` (fields
-    holding a str) and ``numbers`` (floats that may be NaN or infinite)."""
+    holding a str), ``numbers`` (floats that may be NaN or infinite) and ``nested``
+    (fields that may hold dicts, lists or models: a result, a job, params, an error)."""
 
-    __slots__ = ("cls", "kind", "size", "given", "texts", "numbers")
+    __slots__ = ("cls", "kind", "size", "given", "texts", "numbers", "nested")
 
     def __init__(self, cls: type[BaseEvent], where: str = "bus.emit()") -> None:
         self.kind: str = _wire_kind(cls, where)
@@ -172,6 +184,7 @@ class EventShape:
         fields = [(name, f) for name, f in cls.model_fields.items() if name not in _STAMPED]
         self.texts = tuple(name for name, f in fields if _admits(f.annotation, f.metadata, str))
         self.numbers = tuple(name for name, f in fields if _admits(f.annotation, f.metadata, float))
+        self.nested = tuple(name for name, f in fields if not _scalar(f.annotation))
 
 
 _SHAPES: dict[type[BaseEvent], EventShape] = {}
@@ -255,6 +268,28 @@ def _check_finite(event: BaseEvent, shape: EventShape, where: str) -> None:
                     "number; nothing was published"
                 ],
             )
+
+
+def _check_nested(event: BaseEvent, shape: EventShape, where: str) -> None:
+    """Refuse an event with a value nested in a field (a result, a job, params) that JSON
+    cannot carry (InvalidConfiguration): a lone surrogate, NaN or infinity, an object with
+    no JSON form. Every attached dashboard and the cluster's relay would have to drop it."""
+    values = event.__dict__
+    for name in shape.nested:
+        value = values[name]
+        if value is None or (not value and isinstance(value, (dict, list))):
+            continue
+        try:
+            jsonable(value)
+        except NotJsonSafe as exc:
+            raise InvalidConfiguration(
+                where,
+                [
+                    f"{shape.cls.__qualname__}.{name} holds a value JSON cannot carry ({exc.detail}), so no "
+                    "attached dashboard or other node could read this event; make it JSON-safe (escape "
+                    "or drop the text, use None for a NaN); nothing was published"
+                ],
+            ) from None
 
 
 def built(item: BaseEvent | Posted) -> Event:
@@ -548,9 +583,10 @@ class EventBus:
         """Build an event with the next ``seq`` and publish it.
 
         Refuses (InvalidConfiguration, before the event takes a ``seq``) a class
-        that is not one of the engine's events and a float that is NaN or
-        infinite; escapes lone surrogates in str fields: attached dashboards
-        could not read any of them.
+        that is not one of the engine's events, a float that is NaN or infinite,
+        and a value nested in a result, job or params that JSON cannot carry;
+        escapes lone surrogates in str fields: attached dashboards and other
+        nodes could not read any of them.
         """
         try:
             shape = _SHAPES[cls]
@@ -570,6 +606,8 @@ class EventBus:
         event: E = cls.__pydantic_validator__.validate_python(fields)
         if shape.numbers:
             _check_finite(event, shape, "bus.emit()")
+        if shape.nested:
+            _check_nested(event, shape, "bus.emit()")
         self._seq += 1
         self._deliver(event, shape.kind)
         return event
@@ -604,6 +642,8 @@ class EventBus:
         shape = _SHAPES.get(cls) or shape_of(cls, "bus.publish()")
         if shape.numbers:
             _check_finite(event, shape, "bus.publish()")
+        if shape.nested:
+            _check_nested(event, shape, "bus.publish()")
         update: dict[str, Any] = {"seq": self._seq + 1, "node": event.node or self.node}
         values = event.__dict__
         for name in shape.texts:

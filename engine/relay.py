@@ -42,7 +42,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -125,6 +125,9 @@ class RelayStats(BaseModel):
     batches: int
     #: progress events left out because a newer one of the same run went in the same batch
     coalesced: int = 0
+    #: events this node could not encode (a value no JSON carries, published unchecked):
+    #: left out, and counted as missed by every reader
+    unencodable: int = 0
     received: int
     missed: int
     malformed: int
@@ -187,7 +190,19 @@ class _NodeView:
         return ClusterNode(**fields, unknown=self.silent(now))
 
 
-def coalesce(events: list[BaseEvent], carried: int = 0) -> tuple[list[Outgoing], int, int]:
+class Coalesced(NamedTuple):
+    """A batch of events as records to send (see :func:`coalesce`)."""
+
+    records: list[Outgoing]
+    #: progress events left out because a newer one of the same run came in the batch
+    left_out: int
+    #: events left out at the end of the batch, for the next batch's first record to count
+    carried: int
+    #: events no JSON can carry, left out so that readers count them as missed
+    unencodable: int
+
+
+def coalesce(events: list[BaseEvent], carried: int = 0) -> Coalesced:
     """``events`` as records to send, and how many progress events were coalesced away.
 
     Left out: each run's progress events but the newest, and events this node
@@ -195,7 +210,9 @@ def coalesce(events: list[BaseEvent], carried: int = 0) -> tuple[list[Outgoing],
     sends its own: sent here too, the cluster would see the run start and
     end twice). Each record counts the events left out just before it, so
     readers do not take them for lost; ``carried`` are left out at the end of
-    the previous batch, and the third value those at the end of this one.
+    the previous batch. An event that cannot be encoded (a value posted
+    unchecked) is left out uncounted: readers see the gap and count it missed,
+    where raising would lose the whole batch and stop the relay.
     """
     newest: dict[str, int] = {}
     for i, event in enumerate(events):
@@ -203,7 +220,7 @@ def coalesce(events: list[BaseEvent], carried: int = 0) -> tuple[list[Outgoing],
             newest[event.run_id] = i  # type: ignore[attr-defined]
     out: list[Outgoing] = []
     skipped = carried
-    left_out = 0
+    left_out = unencodable = 0
     for i, event in enumerate(events):
         if newest and event.kind == "run.progress" and newest[event.run_id] != i:  # type: ignore[attr-defined]
             skipped += 1
@@ -212,9 +229,16 @@ def coalesce(events: list[BaseEvent], carried: int = 0) -> tuple[list[Outgoing],
         if getattr(event, "from_store", False):
             skipped += 1
             continue
-        out.append(Outgoing(event.seq, event.ts, event_to_json(event), skipped))
+        try:
+            data = event_to_json(event)
+        except (ValueError, TypeError, RecursionError) as exc:  # pydantic's serialization error is a ValueError
+            unencodable += 1
+            log.warning("a %s event (seq %d) cannot be encoded; left out, readers count it missed: %s",
+                        getattr(event, "kind", "?"), event.seq, exc)
+            continue
+        out.append(Outgoing(event.seq, event.ts, data, skipped))
         skipped = 0
-    return out, left_out, skipped
+    return Coalesced(out, left_out, skipped, unencodable)
 
 
 class EventRelay:
@@ -274,6 +298,7 @@ class EventRelay:
         self.unsent = 0
         self.batches = 0
         self.coalesced = 0
+        self.unencodable = 0
         self.received = 0
         self.missed = 0
         self.malformed = 0
@@ -413,6 +438,7 @@ class EventRelay:
             pending=self.pending,
             batches=self.batches,
             coalesced=self.coalesced,
+            unencodable=self.unencodable,
             received=self.received,
             missed=self.missed,
             malformed=self.malformed,
@@ -473,9 +499,11 @@ class EventRelay:
 
     def _next_batch(self) -> list[Outgoing]:
         events = [self._outgoing.popleft() for _ in range(min(self.batch, len(self._outgoing)))]
-        records, left_out, self._left_out_last = coalesce(events, self._left_out_last)
-        self.coalesced += left_out
-        return records
+        batch = coalesce(events, self._left_out_last)
+        self._left_out_last = batch.carried
+        self.coalesced += batch.left_out
+        self.unencodable += batch.unencodable
+        return batch.records
 
     async def _flush(self) -> None:
         while self._unsent_batch or self._outgoing:

@@ -531,6 +531,26 @@ def test_emit_escapes_lone_surrogates_as_progress_does_and_refuses_nan_before_an
     assert [e.seq for e in sub.get_batch()] == [1, 2] and bus.last_seq == 2
 
 
+def test_emit_refuses_a_nested_value_no_json_can_carry_before_any_seq() -> None:
+    bus = EventBus(node="n")
+    sub = bus.subscribe()
+    error = ev.RunError(type="E", message="m")
+    refused: list[tuple[type[ev.BaseEvent], str, dict[str, Any]]] = [
+        (ev.RunSucceeded, "result", {"run_id": "r", "task": "t", "result": {"text": "x\udcff"}}),
+        (ev.RunSucceeded, "result", {"run_id": "r", "task": "t", "result": [1.0, float("nan")]}),
+        (ev.RunSubmitted, "params", {"run_id": "r", "task": "t", "params": {"when": object()}}),
+        (ev.QueueJobFailed, "job", {"queue": "q", "job": {"\udcff": 1}, "error": error}),
+    ]
+    for cls, name, fields in refused:
+        with pytest.raises(InvalidConfiguration, match=rf"{cls.__name__}\.{name} holds a value JSON cannot carry"):
+            bus.emit(cls, **fields)
+        with pytest.raises(InvalidConfiguration, match=rf"{cls.__name__}\.{name} holds a value JSON cannot carry"):
+            bus.publish(cls.model_construct(**fields))
+    assert bus.last_seq == 0 and sub.get_batch() == []
+    kept = bus.emit(ev.QueueJobFailed, queue="q", job={"text": "é", "n": [1.5]}, error=error)
+    assert [e.seq for e in sub.get_batch()] == [1] and event_from_json(event_to_json(kept)) == kept
+
+
 async def test_an_event_no_json_can_carry_never_cuts_off_an_attached_client(tmp_path: Path) -> None:
     # once, one such event made the server's event pump raise: every client was disconnected
     # without a reason and got nothing more
@@ -543,8 +563,9 @@ async def test_an_event_no_json_can_carry_never_cuts_off_an_attached_client(tmp_
             engine.bus.emit(ev.RunProgressed, run_id="r", task="t", message="bad\udcff")
             with pytest.raises(InvalidConfiguration):
                 engine.bus.emit(_OwnEvent, x=1)  # a client would refuse it and drop its connection
-            # nested in a result, past what emit checks: the server sends a drop notice in its place
-            unencodable = engine.bus.emit(ev.RunSucceeded, run_id="r", task="t", result={"a": "x\udcff"})
+            # posted unchecked, as only the engine's own values are: the server sends a drop notice in its place
+            engine.bus.post(ev.RunSucceeded, run_id="r", task="t", from_store=False, result={"a": "x\udcff"})
+            unencodable_seq = engine.bus.last_seq
             handle = await engine.submit("noop")
             await handle.wait()
             got: list[Any] = []
@@ -559,7 +580,7 @@ async def test_an_event_no_json_can_carry_never_cuts_off_an_attached_client(tmp_
             assert remote.connected and remote.close_reason is None
             progress = next(e for e in got if e.kind == "run.progress")
             assert progress.message == "bad\\udcff"
-            notice = next(e for e in got if e.seq == unencodable.seq)
+            notice = next(e for e in got if e.seq == unencodable_seq)
             assert notice.kind == "bus.dropped" and notice.count == 1
             assert [e.kind for e in got if e.kind.startswith("run.") and e.run_id == handle.id] == [
                 "run.submitted", "run.started", "run.succeeded"

@@ -24,7 +24,7 @@ from taskwatch.engine import (
     MemoryEventStream,
     TaskContext,
 )
-from taskwatch.engine.events import RunStarted
+from taskwatch.engine.events import RunStarted, RunSucceeded
 from taskwatch.engine.relay import coalesce
 
 from .helpers import Recorder, eventually, stray_tasks
@@ -201,13 +201,34 @@ async def test_a_run_submitted_on_one_node_and_run_on_another_starts_and_ends_on
     assert not stray_tasks()
 
 
+async def test_an_event_no_json_can_carry_is_counted_missed_and_the_relay_goes_on() -> None:
+    # once, one such event lost the batch it came in and stopped the node's relay for good
+    stream = MemoryEventStream()
+    engine = cluster_engine("a", stream)
+    async with engine, MemoryEventRelay(stream) as reader:
+        first = await engine.submit("hello")
+        await first.wait()
+        await eventually(lambda: reader.stats().received >= 4)  # started, and the run's three
+        # posted unchecked, as only the engine's own values are
+        engine.bus.post(RunSucceeded, run_id="r", task="t", from_store=False, result={"text": "x\udcff"})
+        second = await engine.submit("hello")
+        await second.wait()
+        await eventually(lambda: any(getattr(e, "run_id", None) == second.id and e.kind == "run.succeeded"
+                                     for e in reader.bus.recent()))
+        assert engine.cluster is not None and engine.cluster.stats().unencodable == 1
+        assert reader.stats().missed == 1 and reader.stats().malformed == 0
+        [node] = reader.nodes()
+        assert node.node == "a" and node.missed == 1
+        assert [e.count for e in reader.bus.recent() if e.kind == "bus.dropped"] == [1]
+
+
 def test_events_left_out_at_the_end_of_a_batch_are_counted_by_the_next_record() -> None:
     def started(seq: int, from_store: bool) -> RunStarted:
         return RunStarted(seq=seq, node="n", run_id=f"r{seq}", task="t", from_store=from_store)
 
-    first, left_out, carried = coalesce([started(1, False), started(2, True), started(3, True)])
+    first, left_out, carried, _ = coalesce([started(1, False), started(2, True), started(3, True)])
     assert ([r.seq for r in first], left_out, carried) == ([1], 0, 2)
-    second, _, carried = coalesce([started(4, False)], carried)
+    second, _, carried, _ = coalesce([started(4, False)], carried)
     assert [(r.seq, r.skipped) for r in second] == [(4, 2)] and carried == 0
 
 
