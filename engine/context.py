@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .errors import NotLeader
+from pydantic import ValidationError
+
+from .errors import InvalidProgress, NotLeader
+from .events import RunProgressed
 from .runs import detached
 
 if TYPE_CHECKING:
@@ -87,10 +90,17 @@ class TaskContext:
 
         ``done`` and ``total`` are finite numbers and ``message`` text (anything
         else raises :class:`InvalidProgress` here and changes nothing); a report made
-        after the run has ended changes nothing either.
+        after the run has ended changes nothing either. A queue handler's context
+        has no run: its reports are checked the same way, and publish nothing.
         """
         if self._run is not None and self._report is not None:
             self._report(self._run, done, total, message)
+            return
+        try:
+            # the checks a run's report gets, so a handler's bad report fails wherever it runs
+            RunProgressed(run_id=self.name, task=self.name, done=done, total=total, message=message)
+        except ValidationError as exc:
+            raise InvalidProgress.refused(self.name, exc) from None
 
     async def ensure_leader(self) -> int:
         """Return the current fencing token, or raise :class:`NotLeader` if leadership is lost.

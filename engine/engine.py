@@ -283,6 +283,12 @@ class Engine:
                 "Engine",
                 [f"backend={backend!r}: choose one of {', '.join(_BACKENDS)}, or pass store= for where runs live"],
             )
+        if not isinstance(store, (str, Store)):
+            # checked before the node id is held: a refused engine holds nothing
+            raise InvalidConfiguration("Engine", [
+                f"store={store!r}: pass 'memory' (the default), a URL such as 'sqlite:///path/to/file.db' or "
+                "'postgresql://user@host/db', or a Store instance (SqliteStore(...), PostgresStore(...))"
+            ])  # fmt: skip
         if node_id is not None and node_id != "":  # "" (an unset environment variable, say) means the default
             # every event, heartbeat, claim and log line names it: a NUL would make a PostgreSQL
             # store refuse the node's registration, and a non-str breaks every event

@@ -7,9 +7,12 @@ family with one ``except``. Each message says what went wrong and what to do.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .urls import shown_url
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 def _rebuilt(cls: type[TaskwatchError], args: tuple[Any, ...]) -> TaskwatchError:
@@ -87,13 +90,22 @@ class InvalidParams(TaskwatchError, ValueError):
 class QueueFull(TaskwatchError):
     """A bounded queue is at its limit; the item was not accepted."""
 
-    def __init__(self, queue: str, limit: int) -> None:
+    def __init__(self, queue: str, limit: int, waiting: int | None = None) -> None:
         self.queue = queue
         self.limit = limit
-        super().__init__(
-            f"{queue} is full ({limit} items waiting); nothing was queued. "
-            "Retry later, or raise its limit"
-        )
+        #: how many items wait: more than ``limit`` where items taken up from a store are never held back
+        self.waiting = limit if waiting is None else waiting
+        if self.waiting > limit:
+            super().__init__(
+                f"{queue} is full ({self.waiting} items waiting, more than its limit of {limit}: jobs "
+                "taken up from the store count too); nothing was queued. Retry once it has drained "
+                "below its limit, or raise its limit"
+            )
+        else:
+            super().__init__(
+                f"{queue} is full ({limit} items waiting); nothing was queued. "
+                "Retry later, or raise its limit"
+            )
 
 
 class RunNotFound(TaskwatchError, LookupError):
@@ -390,6 +402,14 @@ class InvalidProgress(TaskwatchError, ValueError):
             f"invalid progress for run {run_id}: {'; '.join(self.problems)}; report finite numbers, "
             "such as ctx.progress(3, 10, 'pages'); the run's progress is unchanged"
         )
+
+    @classmethod
+    def refused(cls, run_id: str, exc: ValidationError) -> InvalidProgress:
+        """The error for a report the progress event's validation refused, a line per field."""
+        return cls(run_id, [
+            f"{e['loc'][0]} {e['msg'].removeprefix('Input ').removeprefix('Value error, ')}, got {e['input']!r}"[:300]
+            for e in exc.errors()
+        ])  # fmt: skip
 
 
 class EngineCrashed(EngineNotRunning):

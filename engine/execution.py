@@ -1036,11 +1036,7 @@ class Execution:
                 else message,
             )
         except ValidationError as exc:
-            problems = [
-                f"{e['loc'][0]} {e['msg'].removeprefix('Input ').removeprefix('Value error, ')}, got {e['input']!r}"[:300]
-                for e in exc.errors()
-            ]
-            raise InvalidProgress(run.id, problems) from None
+            raise InvalidProgress.refused(run.id, exc) from None
         run.done = event.done
         run.total = event.total
         run.message = event.message

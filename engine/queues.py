@@ -61,12 +61,10 @@ as an event, and purged jobs are counted in :class:`QueueInfo`.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import logging
 import threading
 import time
-import typing
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -82,13 +80,14 @@ from .errors import (
     StoppedBeforeDone,
     TaskDefinitionError,
 )
-from .hop import call_on, cancel_and_wait
+from .execution import checked_timeout
+from .hop import call_on, cancel_and_wait, current_loop
 from .jsonsafe import NotJsonSafe, jsonable
 from .options import PutOptions, QueueOptions, check_options
 from .events import QueueDrainIncomplete, QueueJobFailed, QueuePaused, QueuePurged, QueueResumed
 from .runs import RunError
 from .store import StoredJob
-from .tasks import NotReadBack, read_back
+from .tasks import NotReadBack, async_signature, read_back, resolve_annotation
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -114,6 +113,28 @@ class _Transit:
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
+    if fut.done():
+        return
+    if exc is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(exc)
+
+
+def _wake(fut: asyncio.Future[None], exc: BaseException | None = None) -> None:
+    """Resolve a waiter's future from any thread. A join or put awaited on another loop before
+    the engine started waits on that loop, and only a wake made there reaches it."""
+    loop = fut.get_loop()
+    if loop is current_loop():
+        _settle(fut, exc)
+        return
+    try:
+        loop.call_soon_threadsafe(_settle, fut, exc)
+    except RuntimeError:
+        pass  # that loop is closed: nobody waits there any more
 
 
 class QueueInfo(BaseModel):
@@ -193,21 +214,6 @@ class _Kept:
         self.unstorable = False
 
 
-def _job_model(handler: Any) -> type[BaseModel] | None:
-    """The pydantic model ``handler(job)`` or ``handler(ctx, job)`` declares for its job, if it does."""
-    try:
-        hints = typing.get_type_hints(handler)
-    except Exception:  # noqa: BLE001 - an annotation that does not resolve declares nothing usable
-        return None
-    positional = [
-        p.name
-        for p in inspect.signature(handler).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    hint = hints.get(positional[-1]) if positional else None
-    return hint if isinstance(hint, type) and issubclass(hint, BaseModel) else None
-
-
 def _job_from_record(model: type[BaseModel], stored: Any) -> BaseModel:
     """The job a handler that takes ``model`` gets from ``stored`` (its job as the store keeps it,
     ``jsonable(job)``); raises ValidationError. Put checks a job with this, so a job that is
@@ -262,25 +268,33 @@ def _why_unrecordable(model: type[BaseModel], job: BaseModel, problem: dict[str,
     )
 
 
-def _wants_context(handler: Any, name: str) -> bool:
-    """True for ``handler(ctx, job)``, False for ``handler(job)``; else TaskDefinitionError."""
-    if not inspect.iscoroutinefunction(handler):
-        raise TaskDefinitionError(
-            f"the handler of queue {name!r} must be an `async def handler(job)` "
-            "(or `async def handler(ctx, job)`) function"
-        )
-    params = inspect.signature(handler).parameters.values()
+def _handler_shape(handler: Any, name: str) -> tuple[bool, type[BaseModel] | None]:
+    """Whether ``handler`` is called as ``handler(ctx, job)`` (else ``handler(job)``), and the
+    pydantic model its job parameter is annotated with, if any; else TaskDefinitionError."""
+    what = f"the handler of queue {name!r}"
+    shape = "a queue's handler is `async def handler(job)` or `async def handler(ctx, job)`"
+    # a functools.partial and an object whose `__call__` is async are called as tasks' are
+    target, sig = async_signature(handler, what, "(job) or (ctx, job)", shape)
+    params = sig.parameters.values()
     required = [
         p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
     ]
-    if len(required) == 1 or (not required and any(p.kind is p.VAR_POSITIONAL for p in params)):
-        return False
-    if len(required) == 2:
-        return True
-    raise TaskDefinitionError(
-        f"the handler of queue {name!r} takes {len(required)} required positional arguments; "
-        "it must take (job) or (ctx, job)"
-    )
+    if len(required) > 2 or (not required and not any(p.kind is p.VAR_POSITIONAL for p in params)):
+        raise TaskDefinitionError(
+            f"the handler of queue {name!r} takes {len(required)} required positional arguments; "
+            "it must take (job) or (ctx, job)"
+        )
+    with_ctx = len(required) == 2
+    job = required[-1] if required else None
+    if job is None or job.annotation is job.empty:
+        return with_ctx, None
+    # an annotation that does not resolve is refused: ignored, it would let through every job
+    # the model would have refused, and hand the handler dicts instead of the model
+    hint = resolve_annotation(
+        target, job.name, f"the job parameter {job.name!r} of {what}",
+        "drop the annotation (the handler then gets each job as put, unchecked)",
+    )  # fmt: skip
+    return with_ctx, hint if isinstance(hint, type) and issubclass(hint, BaseModel) else None
 
 
 class WorkQueue:
@@ -288,6 +302,8 @@ class WorkQueue:
 
     ``put`` waits at most ``timeout`` seconds (default 0: not at all) for room
     and then raises :class:`QueueFull`, so a producer can never block forever.
+    Jobs taken up from a durable store are never held back by ``maxsize``: the
+    queue may then hold more, and puts wait or are refused until it is below.
     On ``engine.stop`` the queue drains within the stop timeout; whatever is
     still undone then (queued plus in-flight jobs, which are cancelled) is
     reported as ``QueueDrainIncomplete(left=N)`` and counted in ``abandoned``.
@@ -305,10 +321,9 @@ class WorkQueue:
         self.handler = handler
         self.concurrency = concurrency
         self.maxsize = maxsize
-        self._with_ctx = _wants_context(handler, name)
         #: the pydantic model the handler's job parameter is annotated with, if any:
         #: jobs read back from a durable store are validated into it again
-        self._job_model = _job_model(handler)
+        self._with_ctx, self._job_model = _handler_shape(handler, name)
         self._items: deque[Any] = deque()
         # put paths on different threads check room and append under this lock;
         # consumers only ever shrink the deque, which needs no lock
@@ -381,6 +396,12 @@ class WorkQueue:
         self._lost = 0
         self.consumers_replaced = 0
         self._names = itertools.count(concurrency)
+        #: the consumers run (from the launch until the stop)
+        self._launched = False
+        #: puts and joins waiting for the start of a queue made while the engine runs
+        self._launch_waiters: list[asyncio.Future[None]] = []
+        #: the last start raised (the engine tries a late one again): no launch is coming to wait for
+        self._start_failed = False
 
     # ------------------------------------------------------------ producers
 
@@ -391,14 +412,15 @@ class WorkQueue:
         stopped, :class:`JobNotSerializable` for jobs that are not pydantic
         models or JSON-serialisable, :class:`InvalidJob` for one that does not
         validate against the model the handler's job parameter is annotated
-        with (or would not read back from its JSON record as put), and :class:`QueueFull` when ``maxsize`` jobs are waiting. Before
+        with (or would not read back from its JSON record as put), and :class:`QueueFull` when ``maxsize`` jobs
+        (or more: jobs taken up from a durable store are never held back) are waiting. Before
         the engine starts, jobs wait for it.
         """
         self._check_open()
         job = self._checked(job)
         if self._try_put(job) is _FULL:
             self.rejected += 1
-            raise QueueFull(f"queue {self.name!r}", self.maxsize)
+            raise self._full()
 
     async def put(self, job: Any, *, timeout: float = 0.0) -> None:
         """Queue ``job``, waiting up to ``timeout`` seconds for room; then raise QueueFull.
@@ -413,7 +435,11 @@ class WorkQueue:
         handled). A write the store refuses is retried, and this waits for it
         while a consumer has the job; a job no consumer has taken yet is taken
         back and the store's error is raised (:class:`StoreBusy` or
-        :class:`StoreUnavailable`): nothing was queued, so retry the put.
+        :class:`StoreUnavailable`): nothing was queued, so retry the put. On a
+        queue made while the engine runs, it first waits for the queue's start
+        (which takes up the jobs the store holds). A start that failed (logged; the
+        engine tries it again) is not waited for: the job is kept here, and written
+        and handled once a start succeeds.
         """
         if (home := self._elsewhere()) is not None:
             await call_on(home, self.put, job, timeout=timeout)
@@ -421,15 +447,24 @@ class WorkQueue:
         wait = self._put_timeout(timeout)
         self._check_open()
         job = self._checked(job)
+        if self._engine.durable:
+            # queued before the start, the job would not be written yet when this returns
+            await self._late_start()
+            self._check_open()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while (item := self._try_put(job)) is _FULL:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 self.rejected += 1
-                raise QueueFull(f"queue {self.name!r}", self.maxsize)
+                raise self._full()
             await self._wait_for_room(remaining)
             self._check_open()
+            if (home := self._elsewhere()) is not None:
+                # waited on this loop before the engine started on another: the rest is put there
+                # (on a durable store, it waits there for the job's write)
+                await call_on(home, self.put, job, timeout=max(0.0, deadline - loop.time()))
+                return
         if type(item) is _Kept and self._keeper is not None:
             await self._until_written(item)
 
@@ -448,6 +483,24 @@ class WorkQueue:
             if self._withdraw(kept):
                 raise outcome
             # a consumer has the job already (or a new write of it is under way): wait for the next write
+
+    def _full(self) -> QueueFull:
+        # jobs taken up from the store are never held back by maxsize: the depth may be above it
+        return QueueFull(f"queue {self.name!r}", self.maxsize, max(self.depth, self.maxsize))
+
+    async def _late_start(self) -> None:
+        """A queue made while the engine runs is started by a task of the engine's loop (on a
+        durable store, once it took up the jobs the store holds): wait for that start, unless
+        it failed (the engine tries it again later; what is queued here waits for that)."""
+        if not self._launched and not self._start_failed and self._engine.state == "running":
+            fut = asyncio.get_running_loop().create_future()
+            self._launch_waiters.append(fut)
+            await fut
+
+    def _wake_launch_waiters(self) -> None:
+        waiters, self._launch_waiters = self._launch_waiters, []
+        for fut in waiters:
+            _wake(fut)
 
     def _withdraw(self, kept: _Kept) -> bool:
         """Take back a job whose write failed, if no consumer and no write has it; True if taken."""
@@ -471,6 +524,8 @@ class WorkQueue:
         caller, a notebook's), else None: the queue's futures belong to the engine's loop, and one
         resolved from there would not wake the caller's."""
         loop = self._loop
+        if loop is None and self._engine.state == "running":
+            loop = self._engine.loop  # made while the engine runs: its start is on the way there
         if loop is None or not loop.is_running() or loop is asyncio.get_running_loop():
             return None
         return loop
@@ -620,7 +675,7 @@ class WorkQueue:
         while waiters:
             fut = waiters.popleft()
             if not fut.done():
-                fut.set_result(None)
+                _wake(fut)
                 return
 
     # ------------------------------------------------------------ consumers
@@ -1200,26 +1255,40 @@ class WorkQueue:
     def _maybe_idle(self) -> None:
         # a stop that cleared what was left is no drain: its end answers the joins
         if self._idle_waiters and self._is_idle() and not self._stop_answers_joins:
-            waiters, self._idle_waiters = self._idle_waiters, []
+            with self._lock:
+                waiters, self._idle_waiters = self._idle_waiters, []
             for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+                _wake(fut)
+
+    def _idle_waiter(self) -> asyncio.Future[None] | None:
+        """A future resolved once the queue is idle; None if it is now."""
+        fut = asyncio.get_running_loop().create_future()
+        # under the lock _maybe_idle takes the waiters by: a join on another loop before the
+        # engine started (on a thread of its own) sees the queue go idle, or is woken by it
+        with self._lock:
+            if self._is_idle() and not self._stop_answers_joins:
+                return None
+            self._idle_waiters.append(fut)
+        return fut
 
     async def join(self, timeout: float | None = None) -> None:
         """Wait until nothing is queued or in flight; ``TimeoutError`` after ``timeout``.
 
         Raises :class:`StoppedBeforeDone` if the engine stops (or stopped) with jobs
         of this queue left undone. Awaited on another loop than the engine's, it
-        waits on the engine's loop.
+        waits on the engine's loop. :class:`InvalidConfiguration` for a ``timeout`` that
+        is no number of seconds >= 0 (as ``RunHandle.wait``'s).
         """
+        timeout = checked_timeout(f"queue {self.name!r} join()", timeout)
         if (home := self._elsewhere()) is not None:
             await call_on(home, self.join, timeout)
             return
-        while not self._is_idle() or self._stop_answers_joins:
-            fut = asyncio.get_running_loop().create_future()
-            self._idle_waiters.append(fut)
+        async with asyncio.timeout(timeout):
+            # made while the engine runs: what the store holds is taken up by its start, which
+            # is still to come (a start that failed is not waited for: the jobs put here are)
+            await self._late_start()
             # a job arriving from another thread can land after the idle signal: re-check
-            async with asyncio.timeout(timeout):
+            while (fut := self._idle_waiter()) is not None:
                 await fut
         if self._left_at_stop is not None:
             raise StoppedBeforeDone(*self._left_at_stop)
@@ -1290,18 +1359,28 @@ class WorkQueue:
         ]
         if self._durable:
             self._watch_handle = loop.call_soon(self._watch)
+        self._launched = True
+        self._start_failed = False
+        self._wake_launch_waiters()
 
     async def start(self) -> None:
-        if self._engine.durable and not self._consumers:
-            self._hold_begins()
-            stamp = self._stamp()
-            # jobs an earlier start left (or queued and never ran) go first
-            adopted = await self._engine.store.adopt_jobs(self.name, self._engine.incarnation, own=True)
-            if adopted:
-                with self._lock:
-                    self._items.extendleft(self._revive(j, stamp) for j in reversed(adopted))
-                self.adopted += len(adopted)
-        self.launch()
+        self._start_failed = False
+        try:
+            if self._engine.durable and not self._consumers:
+                self._hold_begins()
+                stamp = self._stamp()
+                # jobs an earlier start left (or queued and never ran) go first
+                adopted = await self._engine.store.adopt_jobs(self.name, self._engine.incarnation, own=True)
+                if adopted:
+                    with self._lock:
+                        self._items.extendleft(self._revive(j, stamp) for j in reversed(adopted))
+                    self.adopted += len(adopted)
+            self.launch()
+        except BaseException:
+            # puts and joins waiting for this start go on, not waiting for a launch that is not coming
+            self._start_failed = True
+            self._wake_launch_waiters()
+            raise
 
     async def stop(self, deadline: float) -> None:
         """Drain until ``deadline`` (loop time), then cancel what is in flight and report the rest."""
@@ -1311,6 +1390,8 @@ class WorkQueue:
             self._closing = True
             if self._transits:
                 landed = self._landed = loop.create_future()
+        # a start still to come (made while the engine ran) is not coming any more
+        self._wake_launch_waiters()
         if landed is not None:
             # jobs other threads put before the queue closed are on their way (the count cannot grow
             # any more): let them land, so they are handled, or counted below, like any other
@@ -1345,6 +1426,7 @@ class WorkQueue:
         # kept: not woken as if the queue had drained when its consumers are cancelled
         self._stop_answers_joins = True
         consumers, self._consumers = self._consumers, []
+        self._launched = False
         for t in consumers:
             t.cancel()
         stuck = await self._await_consumers(consumers)
@@ -1357,8 +1439,7 @@ class WorkQueue:
         self.ignored_cancel += len(stuck)
         self._running.clear()
         for fut in self._putters:
-            if not fut.done():
-                fut.set_result(None)  # waiting producers re-check and raise EngineNotRunning
+            _wake(fut)  # waiting producers re-check and raise EngineNotRunning
         lost = await self._stop_keeping(deadline)
         with self._lock:
             # taken up from the store while the keeper was stopping: their rows stay for the next start
@@ -1378,14 +1459,10 @@ class WorkQueue:
         if left or stranded:
             self._left_at_stop = (f"the {left + stranded} jobs left in queue {self.name!r}", kept)
         self._stop_answers_joins = False
-        joins, self._idle_waiters = self._idle_waiters, []
+        with self._lock:
+            joins, self._idle_waiters = self._idle_waiters, []
         for fut in joins:
-            if fut.done():
-                continue
-            if self._left_at_stop is not None:
-                fut.set_exception(StoppedBeforeDone(*self._left_at_stop))
-            else:
-                fut.set_result(None)
+            _wake(fut, None if self._left_at_stop is None else StoppedBeforeDone(*self._left_at_stop))
 
     async def _await_consumers(self, consumers: list[asyncio.Task[None]]) -> list[asyncio.Task[None]]:
         """Await the cancelled consumers, cancelling again those whose handler swallows the cancel;

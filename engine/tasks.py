@@ -6,6 +6,7 @@ import datetime as dt
 import functools
 import inspect
 import reprlib
+import types
 import typing
 import weakref
 from collections.abc import Awaitable, Callable
@@ -523,36 +524,56 @@ def _annotated_as_params(fn: TaskFn, param: str, name: str) -> bool:
 
 
 def _resolve_annotation(fn: TaskFn, param: str, name: str) -> Any:
+    return resolve_annotation(
+        fn, param, f"the params argument {param!r} of task {name!r}", "pass params=Model to the decorator"
+    )
+
+
+def resolve_annotation(fn: Any, param: str, what: str, instead: str) -> Any:
     """Resolve one parameter's annotation, including string annotations of local classes.
 
     ``from __future__ import annotations`` turns annotations into strings; a model
     defined inside a function (common in tests and scripts) is then only found in
-    the frame that applies the decorator, so look there after the module globals.
+    the frame that applies the decorator (or makes the queue), so look there after
+    the module globals. ``what`` names the parameter in the error, ``instead`` says
+    what else the user can do: :class:`TaskDefinitionError` if it cannot be resolved.
     """
+    target = _call_target(_unwrap_partial(fn))
     try:
         # (typing reads the hints of the function a functools.partial wraps, not of the partial)
-        return typing.get_type_hints(_unwrap_partial(fn)).get(param)
-    except NameError:
+        return typing.get_type_hints(target).get(param)
+    except Exception:  # noqa: BLE001 - another parameter's annotation may be what fails: this one alone below
         pass
-    except Exception as exc:  # noqa: BLE001 - typing raises what the annotation's own code raises
-        raise TaskDefinitionError(
-            f"cannot resolve the annotation of {param!r} of task {name!r} ({safe_str(exc)}); "
-            "annotate it with a pydantic model defined at module level, or pass params=Model to the decorator"
-        ) from None
     raw = inspect.signature(fn).parameters[param].annotation
     if not isinstance(raw, str):
         return raw
+    # this parameter's annotation alone, so that one typing cannot evaluate elsewhere in the
+    # signature (a ctx annotation imported under TYPE_CHECKING) does not hide it
+    alone = types.SimpleNamespace(__annotations__={param: raw})
+    globalns = getattr(target, "__globals__", {})
+    # the caller's frames, not this one's: its locals are no user's names
     frame = inspect.currentframe()
+    frame = frame.f_back if frame is not None else None
     try:
         depth = 0
-        while frame is not None and depth < 8:
-            if raw in frame.f_locals:
-                return frame.f_locals[raw]
+        localns: dict[str, Any] | None = None
+        while True:
+            try:
+                return typing.get_type_hints(alone, globalns, localns)[param]
+            except NameError:
+                pass
+            except Exception as exc:  # noqa: BLE001 - typing raises what the annotation's own code raises
+                raise TaskDefinitionError(
+                    f"cannot resolve the annotation {raw!r} of {what} ({safe_str(exc)}); annotate it "
+                    f"with a pydantic model defined at module level, or {instead}"
+                ) from None
+            if frame is None or depth >= 8:
+                break
+            localns = frame.f_locals
             frame = frame.f_back
             depth += 1
     finally:
         del frame
     raise TaskDefinitionError(
-        f"cannot resolve the params annotation {raw!r} of task {name!r}; "
-        "define the model at module level or pass params=Model to the decorator"
+        f"cannot resolve the annotation {raw!r} of {what}; define the model at module level, or {instead}"
     )

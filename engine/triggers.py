@@ -58,17 +58,21 @@ from .errors import (
     EngineNotRunning,
     InvalidConfiguration,
     InvalidCount,
+    LoopThreadError,
     QueueFull,
     RunNotFound,
     StoppedBeforeDone,
     TaskDefinitionError,
 )
-from .hop import call_on, cancel_and_wait
+from .hop import call_blocking, call_on, cancel_and_wait, current_loop
 from .events import BaseEvent, TriggerFired
+from .execution import checked_timeout
+from .index import check_query, limit_problem
 from .jsonsafe import check_key
 from .options import TriggerOptions, check_options
 from .runs import RunStatus
 from .store import TriggerKeyRecord
+from .tasks import async_signature
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -88,6 +92,10 @@ _MAX_N = 2**62
 _MAX_COUNT = 2**63 - 1
 
 _RUN_KINDS = ("run.started", "run.retrying", "run.succeeded", "run.failed", "run.cancelled")
+
+#: keys the staleness sweep looks at between two yields to the loop: a sweep of a million keys
+#: in one step would hold up every other task of the loop for about a second
+_SWEEP_STEP = 4096
 
 
 
@@ -188,24 +196,33 @@ def _heat(item: tuple[str, _Key]) -> tuple[bool, int]:
 def _seconds(staleness: timedelta | float | None) -> float | None:
     if staleness is None:
         return None
-    # not float(): a bool or a string must reach validation as it was given
+    # not float(): a bool must reach validation as it was given, to be refused there
     return staleness.total_seconds() if isinstance(staleness, timedelta) else staleness
 
 
 def _check_fn(fn: Any, name: str) -> None:
-    if not inspect.iscoroutinefunction(fn):
-        raise TaskDefinitionError(f"the function of trigger {name!r} must be `async def fn(ctx, key)`")
-    positional = [
-        p
-        for p in inspect.signature(fn).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    if len(positional) < 2 and not any(
-        p.kind is p.VAR_POSITIONAL for p in inspect.signature(fn).parameters.values()
-    ):
-        raise TaskDefinitionError(
-            f"the function of trigger {name!r} must take (ctx, key): async def {fn.__name__}(ctx, key: str)"
-        )
+    """Refuse a trigger function a run cannot call as ``fn(ctx, key)``, the only call it makes:
+    otherwise every run would fail. Accepted as tasks are: a ``functools.partial``, an object
+    whose ``__call__`` is async."""
+    what = f"the function of trigger {name!r}"
+    fn_name = getattr(fn, "__name__", None) or "fn"
+    shape = f"a trigger's function is `async def {fn_name}(ctx, key: str)`"
+    _, sig = async_signature(fn, what, "(ctx, key)", shape)
+    try:
+        sig.bind(None, "key")
+    except TypeError as exc:
+        params = sig.parameters.values()
+        positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        # a run passes (ctx, key) and nothing else: a parameter more without a default fails every run
+        required = [p.name for p in positional[2:] if p.default is p.empty]
+        required += [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+        if required:
+            raise TaskDefinitionError(
+                f"{what} is called with (ctx, key) only, so its parameter {', '.join(required)} would never "
+                f"get a value and every run would fail: give it a default, or take it out "
+                f"(async def {fn_name}(ctx, key: str))"
+            ) from None
+        raise TaskDefinitionError(f"{what} cannot be called as {fn_name}(ctx, key) ({exc}); {shape}") from None
 
 
 class Trigger:
@@ -263,6 +280,18 @@ class Trigger:
                 f"check_interval={check_interval!r}: the sweep only looks for stale keys (staleness=) "
                 "and idle ones (forget_after=); give one of those, or leave check_interval out"
             )
+        if stale is None and opts.staleness_min != 1:
+            # only staleness reads it: without staleness it would be ignored without a word
+            problems.append(
+                f"staleness_min={staleness_min!r}: it is the count a key needs to fire by staleness, "
+                "and this trigger has no staleness=; give staleness= too, or leave staleness_min out"
+            )
+        if clock is not None and not callable(clock):
+            # found out only at the first notify otherwise, as a TypeError of every notify
+            problems.append(
+                f"clock={clock!r}: pass a callable taking no arguments that returns UNIX seconds "
+                "(time.time, or a test's fake clock), or None for the engine's clock"
+            )
         if opts.staleness_min > opts.size_threshold:
             # a key reaching staleness_min has passed the size threshold first, and fired by size
             problems.append(
@@ -308,13 +337,16 @@ class Trigger:
         #: (else those sets would hold every key ever notified)
         self._saved = engine.durable
         self._drain_waiters: list[asyncio.Future[None]] = []
+        #: keys due that a full run queue refused, tried again by ``_retry`` (insertion order:
+        #: the first refused is tried first)
+        self._refused: dict[str, None] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         #: while no loop counts (before the start, after the stop) notifies from several threads
         #: count under it; reentrant: a fire's event may reach a callback that notifies
         self._lock = threading.RLock()
         #: the start's sweep of keys that reached their threshold before it, not run yet
-        self._first_check: asyncio.Handle | None = None
+        self._first_check: asyncio.Task[None] | None = None
         #: drains waiting for this trigger's start (made while the engine runs), on the engine's loop
         self._launch_waiters: list[asyncio.Future[None]] = []
         #: the start has launched the sweeps (until the stop)
@@ -399,8 +431,19 @@ class Trigger:
         result names that run with ``fired=False``. Raises :class:`InvalidKey`
         for a key that is not a str, and :class:`QueueFull` or
         :class:`EngineNotRunning` when the engine takes no run; nothing changes then.
+        Call it on the engine's loop; :class:`LoopThreadError` from another thread.
         """
         check_key(f"trigger {self.name!r}", key)
+        loop = self._engine.loop
+        if self._engine.state == "running" and loop is not None and current_loop() is not loop:
+            # said here: the engine's own refusal would name submit_nowait(), which nobody called
+            raise LoopThreadError(
+                "fire",
+                f"Trigger.fire() was called from a thread other than the engine's event loop's, which "
+                f"alone may queue runs; nothing was queued. On the engine's loop, `trigger.fire(key)` or "
+                f"`engine.fire_trigger({self.name!r}, key)`; from another thread, the background engine's "
+                f"`bg.fire_trigger({self.name!r}, key)` (`bg = engine.start_background()`)",
+            )
         st = self._keys.get(key)
         if st is not None and st.run_id is not None:
             return TriggerFire(
@@ -424,6 +467,7 @@ class Trigger:
             # the count stays, and the key is tried again soon: without that a trigger
             # with no staleness sweep would wait for this key's next notify, maybe forever
             self.rejected += 1
+            self._refused[key] = None
             self._retry_later()
             return None
         except EngineNotRunning:
@@ -438,11 +482,24 @@ class Trigger:
         self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX)
 
     def _retry_refused(self) -> None:
+        """Try the keys a full queue refused again (those still due; the sweep finds the rest)."""
         self._retry = None
-        self.check()
+        # only those: a walk over every key at each retry would stall the loop as often
+        # as the queue is full, for as long as the trigger has keys
+        refused, self._refused = self._refused, {}
+        now = self._now()
+        for key in refused:
+            st = self._keys.get(key)
+            if st is not None and st.run_id is None and st.count > 0:
+                reason = self._due_reason(st, now)
+                if reason is not None:
+                    self._fire(key, st, reason)
+        if not self._active and not self._refused:
+            self._wake_drainers()  # they waited on these keys alone
 
     def _fired(self, key: str, st: _Key, handle: RunHandle, reason: str) -> None:
         self._retry_delay = _RETRY_FIRST
+        self._refused.pop(key, None)
         st.run_id = handle.id
         st.captured = st.count
         self._changed(key)
@@ -450,6 +507,9 @@ class Trigger:
         st.running = handle.status is RunStatus.RUNNING
         self._active[handle.id] = key
         self.fired += 1
+        # published after the run's own run.submitted (and run.started, given a free slot): the
+        # event names the run, whose id exists only once the engine has taken it, and one sent
+        # before the submit would claim a fire that a full queue then refuses
         self._engine.bus.emit(
             TriggerFired, trigger=self.name, key=key, reason=reason, count=st.count, run_id=handle.id
         )
@@ -463,19 +523,38 @@ class Trigger:
         now = self._now()
         fired = 0
         for key, st in list(self._keys.items()):
-            if st.run_id is not None:
-                continue
-            reason = self._due_reason(st, now) if st.count > 0 else None
-            if reason is not None:
-                if self._fire(key, st, reason) is not None:
-                    fired += 1
-                continue  # refused by a full queue: tried again, not forgotten
-            if self.forget_after is not None and self._untouched_for(st, now) >= self.forget_after:
-                del self._keys[key]
-                if self._saved:
-                    self._forget.add(key)
-                self.forgotten += 1
+            fired += self._check_key(key, st, now)
         return fired
+
+    async def _check_stepwise(self) -> int:
+        """:meth:`check`, yielding to the loop every ``_SWEEP_STEP`` keys."""
+        now = self._now()
+        fired = 0
+        keys = list(self._keys)
+        for start in range(0, len(keys), _SWEEP_STEP):
+            if start:
+                await asyncio.sleep(0)
+            for key in keys[start : start + _SWEEP_STEP]:
+                # forgotten, or forgotten and notified afresh, while the sweep yielded
+                st = self._keys.get(key)
+                if st is not None:
+                    fired += self._check_key(key, st, now)
+        return fired
+
+    def _check_key(self, key: str, st: _Key, now: float) -> bool:
+        """Fire ``key`` if it is idle and due, else forget it if untouched too long; True if it fired."""
+        if st.run_id is not None:
+            return False
+        reason = self._due_reason(st, now) if st.count > 0 else None
+        if reason is not None:
+            # refused by a full queue: tried again, not forgotten
+            return self._fire(key, st, reason) is not None
+        if self.forget_after is not None and self._untouched_for(st, now) >= self.forget_after:
+            del self._keys[key]
+            if self._saved:
+                self._forget.add(key)
+            self.forgotten += 1
+        return False
 
     def _due_reason(self, st: _Key, now: float) -> str | None:
         if st.count >= self.size_threshold:
@@ -550,12 +629,15 @@ class Trigger:
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until no run of this trigger is queued or running (``TimeoutError`` after ``timeout``).
 
-        Keys that reached their threshold before the start count: they fire first. From a
+        Keys that reached their threshold before the start count: they fire first; so do keys
+        due that a full run queue refused (they are tried again until it takes them). From a
         loop other than the engine's (a ``start_background()`` engine) the wait is made on
         the engine's loop, which is the one that hears the runs end. A trigger made while
         the engine runs waits for its start first; a start that failed (logged) is not
-        waited for: the runs its notifies fired are.
+        waited for: the runs its notifies fired are. :class:`InvalidConfiguration` for a
+        ``timeout`` that is no number of seconds >= 0.
         """
+        timeout = checked_timeout("Trigger.drain()", timeout)
         # the engine's loop while it runs: this trigger's may not be bound yet (made a moment ago)
         loop = self._engine.loop if self._engine.state in ("running", "stopping") else self._loop
         if loop is not None and loop.is_closed():
@@ -571,13 +653,16 @@ class Trigger:
                 self._launch_waiters.append(launched)
                 await launched
             if (first := self._first_check) is not None:
-                # the start's own sweep is only scheduled: a drain right after the start would
-                # find nothing queued yet and return before those keys ran
-                first.cancel()
-                self._check_first()
-            while self._active:
-                if self._engine.state == "stopped" and self._engine.durable:
+                # the start's own sweep may not have reached those keys yet: a drain right after
+                # the start would find nothing queued and return before they ran. (A wait, not
+                # an await: a drain that times out or is cancelled leaves the sweep going)
+                await asyncio.wait([first])
+            while self._active or self._refused:
+                if self._engine.state == "stopped" and self._engine.durable and self._active:
                     raise self._left_at_stop()
+                if not self._active and self._retry is None:
+                    # the trigger stopped, which cancelled the retry: nothing runs them now
+                    raise self._refused_at_stop()
                 fut = loop.create_future()
                 self._drain_waiters.append(fut)
                 # a refire after the last finish is scheduled before this wake-up,
@@ -600,6 +685,12 @@ class Trigger:
         for fut in waiters:
             if not fut.done():
                 fut.set_exception(self._left_at_stop())
+
+    def _refused_at_stop(self) -> StoppedBeforeDone:
+        # their counts stay with the trigger (and a durable store): the next start fires them
+        return StoppedBeforeDone(
+            f"the {len(self._refused)} keys of trigger {self.name!r} that a full run queue refused", kept=True
+        )
 
     def _left_at_stop(self) -> StoppedBeforeDone:
         if self._active:
@@ -627,7 +718,27 @@ class Trigger:
 
     def state(self, keys_limit: int | None = None) -> TriggerState:
         """The trigger and its keys: all of them, or the ``keys_limit`` hottest (queued or
-        running first, then the biggest counts; ``key_count`` says how many there are)."""
+        running first, then the biggest counts; ``key_count`` says how many there are).
+
+        Callable from any thread: from one other than the engine's loop's the keys are read on
+        that loop. Raises :class:`InvalidQuery` for a ``keys_limit`` that is neither None nor
+        an int of 0 or more.
+        """
+        if keys_limit is not None:
+            check_query(
+                limit_problem("keys_limit", keys_limit, 0, "how many keys to list (None for all)"),
+                what="triggers query",
+            )
+        # the loop changes the keys as notifies arrive: read beside it, a walk over them would
+        # meet a dict that changed size. (Without a running loop, threads count under the lock.)
+        loop = self._loop if self._loop is not None else self._engine.loop
+        return call_blocking(loop, self._locked_state, keys_limit)
+
+    def _locked_state(self, keys_limit: int | None) -> TriggerState:
+        with self._lock:
+            return self._state_here(keys_limit)
+
+    def _state_here(self, keys_limit: int | None) -> TriggerState:
         items: Iterable[tuple[str, _Key]] = self._keys.items()
         if keys_limit is not None and len(self._keys) > keys_limit:
             hottest = heapq.nlargest(keys_limit, items, key=_heat)
@@ -673,10 +784,11 @@ class Trigger:
         self.bind_loop(loop, threading.get_ident())
         self._cut_at_stop = 0
         self._retry_delay = _RETRY_FIRST
+        self._refused.clear()  # the first sweep, just below, tries every key due
         # keys that reached their threshold before the engine ran fire now, once the rest of
         # the engine has started
         if self._first_check is None:
-            self._first_check = loop.call_soon(self._check_first)
+            self._first_check = loop.create_task(self._check_first(), name=f"taskwatch-trigger-{self.name}-first")
         self._launched = True
         self._wake_launch_waiters()
         if self.check_interval is not None and self._sweeper is None:
@@ -688,9 +800,15 @@ class Trigger:
             if not fut.done():
                 fut.set_result(None)
 
-    def _check_first(self) -> None:
-        self._first_check = None
-        self.check()
+    async def _check_first(self) -> None:
+        try:
+            # stepwise as every sweep: a durable store may hand the start a million keys
+            await self._check_stepwise()
+        except Exception:
+            log.exception("trigger %r: the start's sweep failed", self.name)
+        finally:
+            if self._first_check is asyncio.current_task():
+                self._first_check = None
 
     async def start(self) -> None:
         self._start_failed = False
@@ -820,7 +938,7 @@ class Trigger:
         while True:
             await asyncio.sleep(interval)
             try:
-                self.check()
+                await self._check_stepwise()
             except Exception:
                 # one bad sweep must not end staleness checks for good
                 log.exception("trigger %r: staleness sweep failed", self.name)
@@ -830,12 +948,14 @@ class Trigger:
         self._launched = False
         sweeper, self._sweeper = self._sweeper, None
         await cancel_and_wait(sweeper)
+        first, self._first_check = self._first_check, None
+        # the engine takes no run any more: the next start fires those keys
+        await cancel_and_wait(first)
         retry, self._retry = self._retry, None
         if retry is not None:
             retry.cancel()
-        first, self._first_check = self._first_check, None
-        if first is not None:
-            first.cancel()  # the engine takes no run any more: the next start fires those keys
+            if not self._active:
+                self._wake_drainers()  # those waiting on the refused keys hear no retry is coming
         saver, self._saver = self._saver, None
         if saver is not None:
             await cancel_and_wait(saver)

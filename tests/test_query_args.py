@@ -40,7 +40,7 @@ def build_engine() -> Engine:
     async def noop(ctx: TaskContext) -> int:
         return 1
 
-    async def count(ctx: TaskContext, key: str, n: int) -> None:
+    async def count(ctx: TaskContext, key: str, n: int = 1) -> None:
         pass
 
     engine.trigger("counted", count, size_threshold=1000)

@@ -59,7 +59,7 @@ def build_engine() -> Engine:
     async def finite(ctx: Any, p: Finite) -> None:
         pass
 
-    async def t(ctx: Any, key: str, n: int) -> None:
+    async def t(ctx: Any, key: str, n: int = 1) -> None:
         pass
 
     engine.trigger("t", t, size_threshold=1000)
