@@ -226,6 +226,35 @@ async def test_a_table_updated_before_it_is_mounted_shows_those_rows_once_mounte
         assert first in table.render_line(1).text
 
 
+LONG_NAME = "reindex_" + "x" * 292
+
+#: the tables whose first column is a name a user chose, filled with one very long one and a short one
+NAMED: list[tuple[type[Any], Callable[[Any], None]]] = [
+    (ScheduleTable, lambda t: t.update_schedule([periodic(LONG_NAME), periodic("short")], T0)),
+    (QueuesTable, lambda t: t.update_queues([queue(LONG_NAME), queue("short")])),
+    (WorkersTable, lambda t: t.update_workers([worker(LONG_NAME), worker("short")], T0)),
+    (TriggersTable, lambda t: t.update_triggers(
+        [TriggerState(name=n, size_threshold=3, keys=[TriggerKeyState(key="k", count=1)])
+         for n in (LONG_NAME, "short")], T0)),
+    (TaskStatsTable, lambda t: t.update_stats([TaskStats(task=LONG_NAME), TaskStats(task="short")])),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("cls", "fill"), NAMED, ids=lambda v: getattr(v, "__name__", ""))
+async def test_one_long_name_is_cut_with_an_ellipsis_and_leaves_the_other_columns_in_sight(
+    cls: type[Any], fill: Callable[[Any], None]
+) -> None:
+    table = cls()
+    async with Host(table).run_test(size=(120, 20)) as pilot:
+        fill(table)
+        await pilot.pause()
+        header = table.render_line(0).text
+        # the last column's header is on screen, not pushed off it by the name
+        assert table.shown_columns[-1].label in header, header
+        shown = [table.render_line(y).text for y in (1, 2)]
+        assert any("reindex_x" in line and "…" in line for line in shown), shown
+
+
 async def test_a_row_selected_before_mount_is_under_the_cursor_once_mounted() -> None:
     table = WorkersTable()
     table.update_workers([worker("a"), worker("b"), worker("c")], T0)

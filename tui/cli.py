@@ -658,9 +658,14 @@ def _say(message: str) -> None:
 #: how long quitting the dashboard lets runs still going finish before the engine stops them
 STOP_TIMEOUT = 5.0
 
+#: rounds of ``cancel_grace`` a run that ignores cancellation can hold a stop up: three from
+#: ``Engine.stop``, then three more as the background engine's loop ends (see the README)
+CANCEL_ROUNDS = 6
+
 
 def _stop_engine(bg: BackgroundEngine, timeout: float = STOP_TIMEOUT, *, announce: bool = True) -> None:
     """Stop the dashboard's engine; when runs are still going, say first what the wait is for
+    and how long it can last, then again when the wait for them ends and they are cancelled
     (unless ``announce`` is False: a refusal already said, in its one line, why it ends)."""
     if not announce:
         bg.stop(timeout=timeout)
@@ -669,10 +674,27 @@ def _stop_engine(bg: BackgroundEngine, timeout: float = STOP_TIMEOUT, *, announc
         running = bg.stats().running
     except (TaskwatchError, TimeoutError):
         running = 0  # crashed, or too busy to say: the stop goes on all the same
-    if running:
-        runs = "1 run" if running == 1 else f"{running} runs"
-        _say(f"stopping the engine: {runs} still running (up to {timeout:g} s)…")
-    bg.stop(timeout=timeout)
+    if not running:
+        bg.stop(timeout=timeout)
+        return
+    runs = "1 run" if running == 1 else f"{running} runs"
+    cancelling = CANCEL_ROUNDS * bg.engine.cancel_grace
+    _say(
+        f"stopping the engine: {runs} still running (up to {timeout:g} s to finish, then cancelled; "
+        f"a run that ignores cancellation holds the stop up to {timeout + cancelling:g} s in all)…"
+    )
+    stopped = threading.Event()
+
+    def say_when_cancelling() -> None:
+        if not stopped.wait(timeout):
+            _say(f"cancelling the runs still going after {timeout:g} s (up to {cancelling:g} s more)…")
+
+    # a daemon: it says one line, or nothing when the stop ends first, and never holds the exit
+    threading.Thread(target=say_when_cancelling, name="taskwatch-stop-notice", daemon=True).start()
+    try:
+        bg.stop(timeout=timeout)
+    finally:
+        stopped.set()
 
 
 def _run_local(engine: Engine, serve: str | None, *, confirm: bool = True, token: str | None = None) -> int:

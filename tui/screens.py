@@ -315,7 +315,10 @@ class EventScreen(ModalScreen[None]):
         with Vertical(id="event-dialog"):
             yield Label(Text(printable(f"Event #{self.event.seq}: {kind}")), id="event-title")
             with VerticalScroll(id="event-scroll"):
-                yield Static(Syntax(self.json, "json", word_wrap=True, theme="ansi_dark"), id="event-body")
+                # JSON escapes C0 controls in strings, not DEL, C1 (CSI) or the bidirectional
+                # overrides: drawn escaped, copied (``c``) as they are
+                shown = printable_lines(self.json)
+                yield Static(Syntax(shown, "json", word_wrap=True, theme="ansi_dark"), id="event-body")
             yield Static(Text("c: copy the JSON    esc: close", style="dim"), id="event-keys")
             with Horizontal(id="event-buttons"):
                 yield Button("Copy", variant="primary", id="event-copy")

@@ -12,6 +12,8 @@ import re
 import time
 from typing import Any
 
+from rich.cells import cell_len, set_cell_size
+
 #: Run status colours, as ``celery events`` users expect them.
 STATUS_STYLES: dict[str, str] = {
     "pending": "blue",
@@ -62,6 +64,25 @@ def printable_lines(text: str) -> str:
     if "\t" in text:
         text = text.expandtabs(4)
     return _UNSAFE_IN_LINES.sub(_escaped, text)
+
+
+def json_text(value: Any) -> str:
+    """``value`` as one line of JSON that parses back to the same value and is safe to draw:
+    JSON escapes C0 controls in strings itself; what it leaves raw there (DEL, C1 such as
+    CSI, the bidirectional overrides, line separators, lone surrogates) is written as a
+    ``\\uXXXX`` escape too, which a JSON parser reads back as that very character."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    if text.isprintable():
+        return text
+    # only strings in JSON can hold these, so each escape lands inside a string literal
+    return _UNSAFE_CHARS.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
+def clip(text: str, width: int) -> str:
+    """``text`` cut to at most ``width`` cells, ending in an ellipsis where it was cut."""
+    if len(text) <= width // 2 or cell_len(text) <= width:
+        return text
+    return set_cell_size(text, width - 1).rstrip() + "…"
 
 
 def status_style(status: str | None) -> str:

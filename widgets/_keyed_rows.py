@@ -29,6 +29,13 @@ class Column:
     #: re-measuring an auto-width column can scan the whole column)
     width: int | None = None
     justify: JustifyMethod = "left"
+    #: for a column that fits its content: the most cells it takes; longer text ends in an
+    #: ellipsis (one long name must not push every other column off screen)
+    max_width: int | None = None
+
+
+#: the widest a name column (task, queue, periodic task) grows: the full name is in the detail
+NAME_WIDTH = 24
 
 
 class KeyedRows:

@@ -23,7 +23,7 @@ from textual.coordinate import Coordinate
 from textual.widgets import DataTable
 from textual.widgets.data_table import CellDoesNotExist
 
-from ._format import printable
+from ._format import clip, printable
 from ._keyed_rows import Cell, Column, KeyedRows
 
 __all__ = ["Cell", "Column", "KeyedTable"]
@@ -241,6 +241,8 @@ class KeyedTable(KeyedRows, DataTable[Text]):
         text, style = cell
         # every cell may hold text from tasks, events or other nodes: escaped here, once for all tables
         text = printable(text)
+        if column.max_width is not None:
+            text = clip(text, column.max_width)
         if index == 0:
             ordered = _OrderedText(
                 text, self._orders[key], style=style, justify=column.justify, no_wrap=True, overflow="ellipsis", end=""

@@ -16,6 +16,7 @@ from textual.message import Message
 from textual.widgets import Static
 
 from ._format import DASH, fmt_clock, printable, printable_lines, short_id
+from ._keyed_rows import NAME_WIDTH
 from ._keyed_table import Cell, Column, KeyedTable
 
 FailureKind = Literal["run", "worker"]
@@ -36,7 +37,7 @@ def _run_time(record: RunRecord) -> float:
 class _FailuresTable(KeyedTable):
     COLUMNS: ClassVar[tuple[Column, ...]] = (
         Column("kind", "kind", 6),
-        Column("name", "task / worker"),
+        Column("name", "task / worker", max_width=NAME_WIDTH),
         Column("ident", "id / state", 12),
         Column("tries", "tries", 11, "right"),
         Column("error", "error"),

@@ -16,6 +16,7 @@ its ``InvalidParams.errors`` can be shown inline with ``show_errors``.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -33,7 +34,7 @@ from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Input, Label, Select, Static, Switch
 
-from ._format import printable, printable_lines
+from ._format import json_text, printable, printable_lines
 
 FieldKind = Literal["str", "int", "float", "bool", "json"]
 
@@ -88,6 +89,8 @@ class FieldSpec:
     #: with ``text_fallback``: the JSON types of the other members ("integer", "array", ...;
     #: None where any JSON value may do)
     alternatives: tuple[str | None, ...] = ()
+    #: a secret (``format: password``, as for pydantic's SecretStr): its schema default is a mask
+    secret: bool = False
 
     def limits_text(self) -> str:
         """The limits as people say them: ``1 ≤ value < 10``, ``at most 20 characters``."""
@@ -149,6 +152,7 @@ def _field(name: str, prop: Mapping[str, Any], required: bool, defs: Mapping[str
         limits=limits,
         text_fallback=text_fallback,
         alternatives=alternatives,
+        secret=schema.get("format") == "password",
     )
 
 
@@ -218,19 +222,29 @@ def _string_enum(schema: Mapping[str, Any]) -> tuple[str, ...]:
     return ()
 
 
-def _initial_text(spec: FieldSpec, value: Any) -> str:
+def _initial_text(spec: FieldSpec, value: Any, *, from_run: bool = False) -> tuple[str, bool]:
+    """The text a field starts with, and whether it is a string field showing its value as a
+    JSON string: one with control characters (drawn escaped, never raw) or, from a run, an
+    empty string (a blank field would mean null or the default instead)."""
     if value is None:
-        return ""
+        return "", False
+    # a string needs quotes where as typed it would draw controls, or read as nothing
+    needs_quotes = isinstance(value, str) and (printable(value) != value or (from_run and value == ""))
     if spec.text_fallback and isinstance(value, str):
         try:
             as_typed = _parse(spec, value)
         except ValueError:
             as_typed = None
-        # quoted only where the plain text would read as another member ("5" for an int | str)
-        return value if as_typed == value else json.dumps(value, ensure_ascii=False)
+        # quoted also where the plain text would read as another member ("5" for an int | str);
+        # the field reads a JSON string back as that string
+        return (value if as_typed == value and not needs_quotes else json_text(value)), False
+    if spec.kind == "str" and isinstance(value, str):
+        return (json_text(value), True) if needs_quotes else (value, False)
     if spec.kind == "json":
-        return json.dumps(value, ensure_ascii=False, default=str)
-    return str(value)
+        return json_text(value), False
+    # a value of another type than the field's (the task's model changed since the run): never
+    # drawn raw; submitted unchanged as the run had it unless edited
+    return printable(str(value)), False
 
 
 class ParamsForm(Widget):
@@ -240,6 +254,10 @@ class ParamsForm(Widget):
     """
 
     DEFAULT_CSS = Path(__file__).with_suffix(".tcss").read_text(encoding="utf-8")
+
+    #: the name (for ``field_widget`` and ``field_error``) of the JSON field holding the params
+    #: of ``values`` that no field of the schema takes (a model with ``extra="allow"``)
+    OTHER_PARAMS = "(other params)"
 
     class Submitted(Message):
         """Enter was pressed in a field and every field parsed."""
@@ -265,17 +283,26 @@ class ParamsForm(Widget):
         classes: str | None = None,
         disabled: bool = False,
     ) -> None:
-        """``values`` pre-fills fields (e.g. a failed run's params) instead of the defaults;
+        """``values`` pre-fills fields (e.g. a failed run's params) instead of the defaults: a
+        field left as it was filled submits that value exactly, and values no field takes are
+        shown (and submitted) as JSON in a field of their own, ``OTHER_PARAMS``;
         ``show_description`` puts the task's description above the fields;
         ``cursor_blink=False`` keeps pictures of the form stable."""
         super().__init__(name=name, id=id, classes=classes, disabled=disabled)
         self.task_info = task
         self.fields: tuple[FieldSpec, ...] = tuple(fields_from_schema(task.params_schema))
         self._initial = dict(values or {})
+        known = {spec.name for spec in self.fields}
+        self._other = {key: value for key, value in self._initial.items() if key not in known}
         self._show_description = show_description
         self._cursor_blink = cursor_blink
         self._inputs: dict[str, Input | Switch | Select[str]] = {}
         self._errors: dict[str, Static] = {}
+        #: what each field held as filled in (an Input's text, a Switch's state, a Select's pick
+        #: or ""): a field still holding it is untouched
+        self._filled: dict[str, str | bool] = {}
+        #: string fields showing their value as a JSON string (see _initial_text)
+        self._quoted: set[str] = set()
 
     def compose(self) -> ComposeResult:
         if self._show_description and self.task_info.description:
@@ -298,6 +325,7 @@ class ParamsForm(Widget):
             if spec.kind == "bool" and _three_way(spec):
                 # a Switch has no "not set": blank here is null, or the task's own default
                 picked: dict[str, Any] = {"value": "true" if value else "false"} if isinstance(value, bool) else {}
+                self._filled[spec.name] = picked.get("value", "")
                 widget = Select(
                     [("true", "true"), ("false", "false")],
                     **picked,
@@ -307,9 +335,11 @@ class ParamsForm(Widget):
                 )
             elif spec.kind == "bool":
                 widget = Switch(value=bool(value), id=field_id)
+                self._filled[spec.name] = bool(value)
             elif spec.choices:
                 # a pick from the allowed values, not free text; blank only where empty means something
                 chosen: dict[str, Any] = {"value": value} if isinstance(value, str) and value in spec.choices else {}
+                self._filled[spec.name] = chosen.get("value", "")
                 widget = Select(
                     # the task's values, drawn as written: never read as markup
                     [(Text(printable(choice)), choice) for choice in spec.choices],
@@ -319,8 +349,13 @@ class ParamsForm(Widget):
                     id=field_id,
                 )
             else:
+                text, quoted = _initial_text(spec, value, from_run=spec.name in self._initial)
+                if quoted:
+                    self._quoted.add(spec.name)
+                    yield Static(_QUOTED_HINT, classes="params-form--hint", markup=False)
+                self._filled[spec.name] = text
                 widget = Input(
-                    _initial_text(spec, value),
+                    text,
                     placeholder=self._placeholder(spec),
                     type="integer" if spec.kind == "int" else "number" if spec.kind == "float" else "text",
                     id=field_id,
@@ -329,18 +364,41 @@ class ParamsForm(Widget):
             widget.add_class("params-form--input")
             self._inputs[spec.name] = widget
             yield widget
-            error = Static("", classes="params-form--error", markup=False)
-            error.display = False
-            self._errors[spec.name] = error
-            yield error
+            yield self._error_line(spec.name)
+        if self._other:
+            yield from self._compose_other()
         general = Static("", id="params-form-general-error", classes="params-form--error", markup=False)
         general.display = False
         yield general
 
+    def _error_line(self, name: str) -> Static:
+        error = Static("", classes="params-form--error", markup=False)
+        error.display = False
+        self._errors[name] = error
+        return error
+
+    def _compose_other(self) -> ComposeResult:
+        """The values no field takes, as one JSON object: kept on resubmit, and in sight."""
+        yield Label(f"{self.OTHER_PARAMS}: dict (JSON)", classes="params-form--label", markup=False)
+        names = ", ".join(sorted(self._other))
+        yield Static(
+            printable_lines(f"params this form has no field for, submitted as they are: {names}"),
+            classes="params-form--hint",
+            markup=False,
+        )
+        text = json_text(self._other)
+        self._filled[self.OTHER_PARAMS] = text
+        widget = Input(text, placeholder='{"key": "value"}  (empty: none)', id="params-field-other")
+        widget.cursor_blink = self._cursor_blink
+        widget.add_class("params-form--input")
+        self._inputs[self.OTHER_PARAMS] = widget
+        yield widget
+        yield self._error_line(self.OTHER_PARAMS)
+
     # ------------------------------------------------------------ public API
 
     def field_widget(self, name: str) -> Input | Switch | Select[str]:
-        """The Input, Switch or Select of field ``name``."""
+        """The Input, Switch or Select of field ``name`` (or of ``OTHER_PARAMS``)."""
         return self._inputs[name]
 
     def field_error(self, name: str) -> str:
@@ -358,13 +416,21 @@ class ParamsForm(Widget):
 
     def collect(self) -> dict[str, Any]:
         """The params as a dict; raises ParamsFormError (and shows it inline) when a field
-        does not parse. Empty nullable fields become None; other empty fields that are not
-        required are left out, so the task's default applies (also one the schema does not
-        state, as for ``default_factory``); only required ones are refused when empty."""
+        does not parse. A field still as ``values`` filled it gives that value exactly. Empty
+        nullable fields become None; other empty fields that are not required are left out, so
+        the task's default applies (also one the schema does not state, as for
+        ``default_factory``); only required ones are refused when empty. A secret left at its
+        schema default is left out too: that default is a mask, not the secret."""
         params: dict[str, Any] = {}
         errors: list[dict[str, Any]] = []
         for spec in self.fields:
             widget = self._inputs[spec.name]
+            if _shown_value(widget) == self._filled.get(spec.name):
+                if spec.name in self._initial:
+                    params[spec.name] = copy.deepcopy(self._initial[spec.name])
+                    continue
+                if spec.secret and spec.has_default:
+                    continue
             if isinstance(widget, Switch):
                 params[spec.name] = widget.value
                 continue
@@ -378,6 +444,8 @@ class ParamsForm(Widget):
                 elif spec.required:
                     errors.append(_error(spec.name, "this field is required", "missing"))
                 continue
+            if spec.name in self._quoted:
+                raw = _unquoted(raw)
             try:
                 params[spec.name] = value = _parse(spec, raw)
             except ValueError as exc:
@@ -386,11 +454,37 @@ class ParamsForm(Widget):
             broken = _broken_limit(spec, value)
             if broken:
                 errors.append(_error(spec.name, broken, "value_error"))
+        if self._other:
+            self._collect_other(params, errors)
         if errors:
             self.show_errors(errors)
             raise ParamsFormError(errors)
         self.clear_errors()
         return params
+
+    def _collect_other(self, params: dict[str, Any], errors: list[dict[str, Any]]) -> None:
+        name = self.OTHER_PARAMS
+        raw = self._inputs[name].value
+        if raw == self._filled[name] or not isinstance(raw, str):  # (always text: an Input)
+            params.update(copy.deepcopy(self._other))
+            return
+        if not raw.strip():
+            return
+        try:
+            value = _loads(raw.strip())
+        except ValueError as exc:
+            errors.append(_error(name, str(exc), "value_error"))
+            return
+        if not isinstance(value, dict):
+            expected = f"expected a JSON object, e.g. {_EXAMPLES['object']} (empty: none)"
+            errors.append(_error(name, expected, "value_error"))
+            return
+        taken = [key for key in value if any(spec.name == key for spec in self.fields)]
+        if taken:
+            clash = f"{', '.join(taken)}: has a field of its own above; set it there"
+            errors.append(_error(name, clash, "value_error"))
+            return
+        params.update(value)
 
     def show_errors(self, errors: Sequence[Mapping[str, Any]]) -> None:
         """Show pydantic-style errors (``loc``, ``msg``) under their fields; errors that
@@ -416,7 +510,8 @@ class ParamsForm(Widget):
             widget = self.query_one("#params-form-general-error", Static)
             widget.update(printable_lines("\n".join(general)))
             widget.display = True
-        first = next((spec.name for spec in self.fields if spec.name in per_field), None)
+        order = [spec.name for spec in self.fields] + [self.OTHER_PARAMS]
+        first = next((name for name in order if name in per_field), None)
         if first is not None:
             # where the form scrolls (not where focus would put it): once the errors are laid out,
             # the first wrong field at the top, its error under it
@@ -470,6 +565,30 @@ class ParamsForm(Widget):
         except ParamsFormError:
             return
         self.post_message(self.Submitted(self, params))
+
+
+_QUOTED_HINT = (
+    'shown as a JSON string: "" is empty text, \\u001b and the like are control characters; '
+    "text without the quotes is taken as typed"
+)
+
+
+def _shown_value(widget: Input | Switch | Select[str]) -> str | bool:
+    """What a field holds, as ``ParamsForm._filled`` records it."""
+    if isinstance(widget, Switch):
+        return widget.value
+    if isinstance(widget, Select):
+        return widget.value if isinstance(widget.value, str) else ""
+    return widget.value
+
+
+def _unquoted(raw: str) -> str:
+    """A string field shown JSON-quoted: the string its text spells as JSON, else the text as typed."""
+    try:
+        value = json.loads(raw.strip())
+    except ValueError:
+        return raw
+    return value if isinstance(value, str) else raw
 
 
 class _AsWritten(str):

@@ -10,6 +10,7 @@ from taskwatch.engine import QueueInfo
 from textual.message import Message
 
 from ._format import DASH, fmt_rate
+from ._keyed_rows import NAME_WIDTH
 from ._keyed_table import Cell, Column, KeyedTable
 
 
@@ -17,7 +18,7 @@ class QueuesTable(KeyedTable):
     """Queues keyed by name; throughput is measured from successive updates."""
 
     COLUMNS: ClassVar[tuple[Column, ...]] = (
-        Column("name", "queue"),
+        Column("name", "queue", max_width=NAME_WIDTH),
         Column("state", "state", 6),
         Column("depth", "depth", 13, "right"),
         Column("in_flight", "in flight", 9, "right"),

@@ -8,6 +8,7 @@ from taskwatch.engine import PeriodicInfo
 from textual.message import Message
 
 from ._format import DASH, fmt_duration, status_style
+from ._keyed_rows import NAME_WIDTH
 from ._keyed_table import Cell, Column, KeyedTable
 
 
@@ -57,7 +58,7 @@ class ScheduleTable(KeyedTable):
     """Periodic tasks keyed by name, sorted by name."""
 
     COLUMNS: ClassVar[tuple[Column, ...]] = (
-        Column("name", "name"),
+        Column("name", "name", max_width=NAME_WIDTH),
         Column("trigger", "trigger"),
         Column("state", "state"),
         Column("next", "next in", 8, "right"),

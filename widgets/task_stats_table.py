@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from textual.message import Message
 
 from ._format import DASH, fmt_clock, fmt_duration
+from ._keyed_rows import NAME_WIDTH
 from ._keyed_table import Cell, Column, KeyedTable
 
 
@@ -66,7 +67,7 @@ class TaskStatsTable(KeyedTable):
     """One row per task, sorted by name."""
 
     COLUMNS: ClassVar[tuple[Column, ...]] = (
-        Column("task", "task"),
+        Column("task", "task", max_width=NAME_WIDTH),
         Column("submitted", "submitted", 9, "right"),
         Column("succeeded", "succeeded", 9, "right"),
         Column("failed", "failed", 7, "right"),

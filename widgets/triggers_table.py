@@ -8,6 +8,7 @@ from taskwatch.engine import TriggerKeyState, TriggerState
 from textual.message import Message
 
 from ._format import DASH, fmt_ago
+from ._keyed_rows import NAME_WIDTH
 from ._keyed_table import Cell, Column, KeyedTable
 
 _SEP = "\x1f"  # joins trigger and key into one row key; never typed by anyone
@@ -25,7 +26,7 @@ class TriggersTable(KeyedTable):
     """Trigger keys sorted by trigger then key; a trigger with no keys gets one placeholder row."""
 
     COLUMNS: ClassVar[tuple[Column, ...]] = (
-        Column("trigger", "trigger"),
+        Column("trigger", "trigger", max_width=NAME_WIDTH),
         Column("key", "key"),
         Column("count", "count", 7, "right"),
         Column("threshold", "threshold", 14, "right"),

@@ -8,6 +8,7 @@ from taskwatch.engine import WorkerInfo
 from textual.message import Message
 
 from ._format import DASH, compact, fmt_duration
+from ._keyed_rows import NAME_WIDTH
 from ._keyed_table import Cell, Column, KeyedTable
 
 #: what each state reads as, and its colour
@@ -56,7 +57,7 @@ class WorkersTable(KeyedTable):
     """Supervised workers keyed by name, in the order they were registered."""
 
     COLUMNS: ClassVar[tuple[Column, ...]] = (
-        Column("name", "worker"),
+        Column("name", "worker", max_width=NAME_WIDTH),
         Column("state", "state", 15),
         Column("runs_on", "runs on", 7),
         Column("restarts", "restarts", 8, "right"),
