@@ -170,6 +170,15 @@ def params_for_wire(task: str, params: object) -> dict[str, Any] | None:
     return data  # type: ignore[no-any-return]
 
 
+def _says_welcome(line: bytes) -> bool:
+    """Whether ``line`` is a JSON object of type ``welcome`` (another taskwatch's, if not one we read)."""
+    try:
+        data = pydantic_core.from_json(line)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("type") == "welcome"
+
+
 class RemoteEngine:
     """A connection to an engine's control endpoint (see :mod:`taskwatch.engine.server`).
 
@@ -240,6 +249,8 @@ class RemoteEngine:
         self.close_reason: BaseException | None = None
         self.node_id: str | None = None
         self.server_version: str | None = None
+        #: the connect() in progress: a second call made meanwhile shares its outcome
+        self._connecting: asyncio.Future[Snapshot] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -276,8 +287,37 @@ class RemoteEngine:
 
         Raises :class:`~taskwatch.engine.errors.EngineUnreachable` (a
         ``ConnectionError``) when no engine answers at the address: no socket
-        file, nothing listening, or no welcome within ``timeout``.
+        file, nothing listening, no welcome within ``timeout``, or what answers
+        is not a taskwatch control endpoint. A call made while another is
+        connecting shares that one's outcome: the same snapshot, or the same error.
         """
+        while (pending := self._connecting) is not None and not pending.done():
+            if pending.get_loop() is not asyncio.get_running_loop():
+                raise self._wrong_loop("connect")
+            # a second connection would replace the first one's streams under its reader, and
+            # each call would end the other's; waited for (not shielded) so cancelling this
+            # call leaves the other alone
+            await asyncio.wait({pending})
+            if not pending.cancelled():
+                return pending.result()
+            # the call it waited for was cancelled: this one connects for itself
+        fut: asyncio.Future[Snapshot] = asyncio.get_running_loop().create_future()
+        self._connecting = fut
+        try:
+            snapshot = await self._connect()
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                fut.cancel()
+            else:
+                fut.set_exception(exc)
+                fut.exception()  # raised to this caller: no "never retrieved" report if nobody else waits
+            raise
+        finally:
+            self._connecting = None
+        fut.set_result(snapshot)
+        return snapshot
+
+    async def _connect(self) -> Snapshot:
         if self._connected:
             if self._foreign_loop():
                 raise self._wrong_loop("connect")
@@ -329,7 +369,7 @@ class RemoteEngine:
         self._connected = True
         # a new Event, not the old one cleared: that one may be bound to a loop now gone
         self.disconnected = asyncio.Event()
-        self._read_task = loop.create_task(self._read_loop(reader), name="taskwatch-remote-read")
+        self._read_task = loop.create_task(self._read_loop(reader, writer), name="taskwatch-remote-read")
         return first.snapshot
 
     async def _open_unix(self, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -427,12 +467,30 @@ class RemoteEngine:
                 f"{self.address} closed the connection during the handshake; check that it is a "
                 "taskwatch engine's address"
             )
-        msg = decode_server_message(line, self.max_message)
+        try:
+            msg = decode_server_message(line, self.max_message)
+        except ProtocolError as exc:
+            if kind is Welcome and not _says_welcome(line):
+                raise self._not_taskwatch(line) from exc
+            raise  # a taskwatch welcome this side cannot read: the error says what is wrong in it
         if isinstance(msg, ErrorReply):
             raise error_from_reply(msg)
         if not isinstance(msg, kind):
+            if kind is Welcome:
+                raise self._not_taskwatch(line)
             raise MalformedMessage(f"expected a {kind.__name__} message, got {msg.type!r}")
         return msg
+
+    def _not_taskwatch(self, first: bytes) -> EngineUnreachable:
+        """What answers at the address does not speak the control protocol (a web server, SSH...)."""
+        shown = first[:80].decode("utf-8", "replace").strip()
+        return EngineUnreachable(
+            self.address,
+            f"what answers there is not a taskwatch control endpoint: its first line, {shown!r}, is no "
+            "welcome of the taskwatch protocol",
+            "Check the port (or socket path): the engine prints the address it serves at, and another "
+            "service may have that port",
+        )
 
     async def close(self) -> None:
         """Close the connection and wait for its reader task. Safe to call repeatedly.
@@ -503,7 +561,7 @@ class RemoteEngine:
         self._ready.set()
         self.disconnected.set()
 
-    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+    async def _read_loop(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         reason: BaseException | None = None
         try:
             while True:
@@ -517,9 +575,10 @@ class RemoteEngine:
         except (ConnectionError, OSError) as exc:
             reason = exc
         finally:
-            self._mark_disconnected(self._parting or reason)
-            if self._writer is not None:
-                self._writer.close()
+            # its own connection only: a newer one may have replaced it meanwhile
+            if self._writer is writer:
+                self._mark_disconnected(self._parting or reason)
+            writer.close()
 
     def _dispatch(self, msg: ServerMessage) -> None:
         if isinstance(msg, EventMessage):

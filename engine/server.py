@@ -10,15 +10,18 @@ without bound:
 
 * Before its hello, a connection is in a pool of its own (``max_handshakes``):
   it has ``hello_timeout`` seconds and ``max_hello`` bytes to say hello, and
-  it does not count against ``max_connections``. Until its first byte arrives
-  it is only a socket the loop's selector watches -- no task, no timer, no
-  stream -- so a flood of connections that never speak costs the engine a few
-  system calls each. When the pool is full, the connection that has been
-  silent longest is closed to make room; one whose bytes are waiting is never
-  taken for silent (its socket is peeked first), and one that has started its
-  hello keeps its place for ``_HELLO_GRACE``. If nobody can make room the
-  server stops accepting until someone can: the kernel's small queue holds the
-  rest, so idle or slow sockets cannot keep a real client out.
+  it does not count against ``max_connections``. Until its whole hello line
+  has arrived it is only a socket the loop's selector watches and the bytes
+  it sent -- no task, no timer, no stream -- so a flood of connections that
+  never speak, or send a byte and stall, costs the engine a few system calls
+  each. When the pool is full, the connection that has waited longest without
+  a whole hello is closed to make room; one whose bytes are waiting is read
+  first (its socket is peeked), and one whose whole hello is here is never
+  closed: a real client sends its hello at once, and it is read within a few
+  turns of the loop. So the server goes on accepting during such a flood --
+  a listener that paused would let the kernel's queue overflow, dropping a
+  real client's connection with the flood's -- and idle or slow sockets
+  cannot keep a real client out.
 * After a valid hello a connection counts against ``max_connections``; one more
   is told so and closed.
 * Every connection has its own reader and writer tasks. Events reach it
@@ -177,24 +180,21 @@ _PROGRESS_CHECK = 0.25
 #: executing have to finish: their replies are written before the connection ends
 _EOF_GRACE = 10.0
 
-#: the kernel's queues of connections not accepted yet. What one wake of the loop
-#: takes from them is bounded by _ACCEPTS_PER_WAKE, not by this (asyncio's own
-#: accept loop takes up to the backlog per wake). Over TCP with TCP_DEFER_ACCEPT
-#: it also bounds the connections the kernel holds until their first bytes
-#: arrive: sockets that never speak wait there, never reaching the loop, unless
-#: there are more of them than this (then SYN cookies let them through, to the
-#: silent pool below). Kept small all the same: connections that send one byte
-#: and stall each hold a pool place for _HELLO_GRACE, so the server takes them
-#: at a bounded rate, and a long queue of them ahead of a real client would make
-#: it wait seconds for its turn
-_LISTEN_BACKLOG = 128
+#: the kernel's queues of connections not accepted yet (capped by the system's
+#: somaxconn). What one wake of the loop takes from them is bounded by
+#: _ACCEPTS_PER_WAKE, not by this (asyncio's own accept loop takes up to the
+#: backlog per wake). Over TCP with TCP_DEFER_ACCEPT it also bounds the
+#: connections the kernel holds until their first bytes arrive: sockets that
+#: never speak wait there, never reaching the loop. Long enough that a flood of
+#: connections arriving faster than one turn of the loop takes them does not
+#: overflow it: an overflowing queue drops every new connection alike, a real
+#: client's with the rest (its connect is retried only after a second, then
+#: three). The server never stops taking from it for long (see _make_room), so
+#: a real client waits for those ahead of it only a moment
+_LISTEN_BACKLOG = 1024
 
 #: connections accepted per wake of the listener: bounds what one wake costs the loop
 _ACCEPTS_PER_WAKE = 16
-
-#: a connection that has started its hello keeps its place in a full handshake pool
-#: this long (a real client sends its whole hello at once; a trickle is not one)
-_HELLO_GRACE = 0.25
 
 #: what a peek at a silent connection's socket found
 _SILENT, _SPOKE, _GONE = range(3)
@@ -367,12 +367,12 @@ class ControlServer:
     max_handshakes:
         Connections that have not yet said hello, at once (default 64, room for
         every dashboard reconnecting at once after a restart). When one more
-        arrives, the one that has been silent longest is closed (counted as
-        ``handshakes_evicted``), then one whose partial hello is older than
-        ``_HELLO_GRACE``; a connection whose hello is waiting to be read is
-        never closed to make room. If none can go, accepting pauses until one
-        can. Idle sockets cannot keep a real client out, nor count against
-        ``max_connections``.
+        arrives, the one that has waited longest without sending a whole hello
+        line is closed (counted as ``handshakes_evicted``); a connection whose
+        whole hello has arrived is never closed to make room. Only while every
+        place is held by such a hello does accepting pause, until the first of
+        them is read (a few turns of the loop). Idle or trickling sockets cannot
+        keep a real client out, nor count against ``max_connections``.
     hello_timeout:
         Seconds a new connection has for its whole handshake: sending its hello
         and, if refused, reading why (default 5).
@@ -582,7 +582,17 @@ class ControlServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(sockaddr)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                # an OSError still (callers test its errno), saying where, as the Unix socket's does
+                raise OSError(
+                    errno.EADDRINUSE,
+                    f"another server is already listening at {TcpAddress(host, target.port)} (address "
+                    "already in use); stop it, or serve at another port (port 0 picks a free one)",
+                ) from None
             if hasattr(socket, "TCP_DEFER_ACCEPT"):
                 # Linux: a connection reaches accept() only once its first bytes (the
                 # hello) arrive, or after about this many seconds: a connect flood that
@@ -690,10 +700,11 @@ class ControlServer:
 
     # ------------------------------------------------------------------ connections
 
-    # Before its first byte a connection is a _Silent: a socket in the selector,
-    # nothing else. Its first byte (or a full pool, or its hello_timeout) ends
-    # that: it becomes a _Connection reading its hello, or it is closed. So a
-    # socket that never speaks costs accept, a peek, the selector and close.
+    # Until its whole hello line is here a connection is a _Silent: a socket in
+    # the selector and the bytes it sent, nothing else. Its hello's newline (or
+    # a full pool, or its hello_timeout) ends that: it becomes a _Connection
+    # reading its hello, or it is closed. So a socket that never speaks, or
+    # sends a byte and stalls, costs accept, a read, the selector and close.
 
     def _pool_size(self) -> int:
         return len(self._silent) + len(self._handshaking)
@@ -717,6 +728,10 @@ class ControlServer:
                 return
             self._counts["connections"] += 1
             sock.setblocking(False)
+            data = _take(sock, self.max_hello + 1)
+            if data is None:
+                sock.close()
+                continue
             if not self._make_room():
                 # a silent socket spoke between the check and the accept: this one is refused
                 self._counts["handshakes_evicted"] += 1
@@ -724,17 +739,16 @@ class ControlServer:
                     sock.send(self._evicted_line)
                 sock.close()
                 continue
-            state = _peek(sock)
-            if state == _GONE:
-                sock.close()
-            elif state == _SPOKE:
-                # its hello is already here (the usual case for a real client)
-                self._start_connection(sock, self._now() + self.hello_timeout)
+            deadline = self._now() + self.hello_timeout
+            if self._hello_complete(data):
+                # its whole hello is already here (the usual case for a real client)
+                self._start_connection(sock, deadline, data)
             else:
-                self._add_silent(sock)
+                self._add_silent(sock, deadline, data)
 
     def _has_room(self) -> bool:
-        """Whether one more connection fits once whoever has had its chance is closed; else accepting pauses.
+        """Whether one more connection fits once a silent socket is closed; else accepting
+        pauses until a handshake ends.
 
         Closes nobody: a connection is closed to make room only for one accepted."""
         while self._pool_size() >= self.max_handshakes:
@@ -744,42 +758,38 @@ class ControlServer:
                 if state == _SILENT:
                     return True
                 if state == _SPOKE:
-                    self._promote(fd)
+                    self._silent_readable(fd)  # it stays silent if its hello is still partial
                 else:
                     self._drop_silent(fd)
                 continue
-            oldest = next(iter(self._handshaking))
-            if self._now() - oldest.since < _HELLO_GRACE:
-                # every waiting connection is reading a hello it started moments ago:
-                # stop accepting until one finishes, or until the oldest has had its grace
-                self._pause_accepting(oldest.since + _HELLO_GRACE)
-                return False
-            return True
+            # every place is held by a whole hello being read: each is done within a few
+            # turns of the loop, and the first to end resumes accepting (_handshake_over)
+            self._pause_accepting(None)
+            return False
         return True
 
     def _make_room(self) -> bool:
-        """Room in the handshake pool for one more connection, closing who has had its chance; False if none."""
+        """Room in the handshake pool for one more connection, closing the silent socket
+        (or partial hello) that has waited longest; False if none."""
         while self._pool_size() >= self.max_handshakes:
-            if self._silent:
-                fd, silent = next(iter(self._silent.items()))
-                # its bytes may have arrived since the selector last looked: then it is
-                # no idle socket but a client about to say hello, and it keeps its place
-                state = _peek(silent.sock)
-                if state == _SPOKE:
-                    self._promote(fd)
-                elif state == _GONE:
-                    self._drop_silent(fd)
-                else:
-                    self._counts["handshakes_evicted"] += 1
-                    self._drop_silent(fd, self._evicted_line)
-                continue
-            oldest = next(iter(self._handshaking))
-            if self._now() - oldest.since < _HELLO_GRACE:
+            if not self._silent:
                 return False
-            del self._handshaking[oldest]
-            self._counts["handshakes_evicted"] += 1
-            oldest.evict(self._evicted_line)
+            fd, silent = next(iter(self._silent.items()))
+            # its bytes may have arrived since the selector last looked: then it may be
+            # no idle socket but a client whose hello is here, and that one keeps its place
+            state = _peek(silent.sock)
+            if state == _SPOKE:
+                self._silent_readable(fd)
+            elif state == _GONE:
+                self._drop_silent(fd)
+            else:
+                self._counts["handshakes_evicted"] += 1
+                self._drop_silent(fd, self._evicted_line)
         return True
+
+    def _hello_complete(self, data: bytes) -> bool:
+        """Whether ``data`` holds a whole line, or more than a hello may hold: it is read now."""
+        return b"\n" in data or len(data) > self.max_hello
 
     def _pause_accepting(self, until: float | None) -> None:
         """Stop watching the listener; until the loop time ``until`` at the latest, if given."""
@@ -805,30 +815,42 @@ class ControlServer:
         assert self._loop is not None
         return self._loop.time()
 
-    def _add_silent(self, sock: socket.socket) -> None:
+    def _add_silent(self, sock: socket.socket, deadline: float, data: bytes) -> None:
         assert self._loop is not None
         fd = sock.fileno()
-        self._silent[fd] = _Silent(sock, self._now() + self.hello_timeout)
+        self._silent[fd] = _Silent(sock, deadline, data)
         self._loop.add_reader(fd, self._silent_readable, fd)
         if self._silent_timer is None:
             self._silent_timer = self._loop.call_at(self._silent[fd].deadline, self._expire_silent)
 
     def _silent_readable(self, fd: int) -> None:
+        """Bytes (or the end) came: kept while the hello is partial, a connection once it is whole."""
         silent = self._silent.get(fd)
         if silent is None:
             return
-        if _peek(silent.sock) == _SPOKE:
-            self._promote(fd)
-        else:
-            self._drop_silent(fd)  # it left (or its socket failed) without a word
+        data = _take(silent.sock, self.max_hello + 1 - len(silent.data))
+        if data == b"":
+            return  # a wake-up with nothing to read
+        if data is None:
+            if silent.data.rstrip().endswith(b"}"):
+                # a hello without its newline, then the end of what the client sends (printf
+                # '...' | nc -N): it is still answered. Other leftovers are a client gone
+                # mid-hello; it has nobody to tell
+                self._promote(fd)
+                return
+            self._drop_silent(fd)
             self._resume_accepting()
+            return
+        silent.data += data
+        if self._hello_complete(silent.data):
+            self._promote(fd)
 
     def _promote(self, fd: int) -> None:
-        """A silent socket spoke: it becomes a connection reading its hello, in the same pool place."""
+        """A silent socket's hello is here: it becomes a connection reading it, in the same pool place."""
         assert self._loop is not None
         silent = self._silent.pop(fd)
         self._loop.remove_reader(fd)
-        self._start_connection(silent.sock, silent.deadline)
+        self._start_connection(silent.sock, silent.deadline, silent.data)
 
     def _drop_silent(self, fd: int, tell: bytes | None = None) -> None:
         """Close a silent socket, telling it why first if ``tell`` (it has room for one short line)."""
@@ -854,9 +876,9 @@ class ControlServer:
             self._drop_silent(fd, self._hello_timeout_line)
         self._resume_accepting()
 
-    def _start_connection(self, sock: socket.socket, deadline: float) -> None:
+    def _start_connection(self, sock: socket.socket, deadline: float, data: bytes) -> None:
         assert self._loop is not None
-        conn = _Connection(self, sock, deadline, self._now())
+        conn = _Connection(self, sock, deadline, data)
         self._handshaking[conn] = None
         task = self._loop.create_task(conn.run(), name="taskwatch-control-conn")
         self._conns[task] = conn
@@ -1106,14 +1128,26 @@ def _peek(sock: socket.socket) -> int:
         return _GONE
 
 
+def _take(sock: socket.socket, size: int) -> bytes | None:
+    """Up to ``size`` bytes a connection has sent (``b""`` if none yet), or None once it has gone."""
+    try:
+        return sock.recv(size) or None
+    except (BlockingIOError, InterruptedError):
+        return b""
+    except OSError:
+        return None
+
+
 class _Silent:
-    """An accepted socket that has sent nothing yet, and when its hello_timeout is up."""
+    """An accepted socket whose hello has not all arrived: what it sent of it (``data``), and
+    when its hello_timeout is up."""
 
-    __slots__ = ("sock", "deadline")
+    __slots__ = ("sock", "deadline", "data")
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, deadline: float, data: bytes) -> None:
         self.sock = sock
         self.deadline = deadline
+        self.data = data
 
 
 class _Refused(Exception):
@@ -1248,13 +1282,14 @@ class _Outbox:
 class _Connection:
     """One client: handshake, then reader, writer and event-pump tasks until either side ends."""
 
-    def __init__(self, server: ControlServer, sock: socket.socket, deadline: float, since: float) -> None:
+    def __init__(self, server: ControlServer, sock: socket.socket, deadline: float, data: bytes) -> None:
         self.server = server
         self.sock = sock
         #: loop time by which the handshake must be over (hello_timeout after the accept)
         self.deadline = deadline
-        #: loop time its first byte was seen (a full pool leaves it alone for _HELLO_GRACE)
-        self.since = since
+        #: what it sent before it became a connection: its hello (whole, unless too long or
+        #: ended early), perhaps commands after it
+        self.data = data
         # set by _open_streams, first thing in run()
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
@@ -1297,6 +1332,10 @@ class _Connection:
     async def _open_streams(self) -> None:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=self.server.max_hello, loop=loop)
+        if self.data:
+            # read from the socket already (see ControlServer._silent_readable): it comes first
+            reader.feed_data(self.data)
+            self.data = b""
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         transport, _ = await loop.connect_accepted_socket(lambda: protocol, self.sock)
         self.reader = reader

@@ -456,6 +456,24 @@ def parse_address(address: str) -> Address:
             parts = urlsplit(address)
         except ValueError:  # an unbalanced "[" around an IPv6 host
             raise InvalidAddress(address, "its host is not a valid IPv6 address in brackets") from None
+        # a token written into the address (tcp://:TOKEN@host:port) would be shown wherever
+        # the address is -- repr, errors, the dashboard's header -- so none of this is echoed
+        hostport = parts.netloc.rpartition("@")[2]
+        if "@" in parts.netloc:
+            raise InvalidAddress(
+                f"tcp://***@{hostport}",
+                "a tcp:// address carries no user part (what is before '@', shown here as ***): "
+                "the address is shown in messages and dashboards, a token in it would be too",
+                "write tcp://HOST:PORT and give the token apart: token= (RemoteEngine, engine.serve), "
+                "or --token-file or $TASKWATCH_TOKEN (taskwatch attach)",
+            )
+        if address[len("tcp://") + len(parts.netloc):]:
+            raise InvalidAddress(
+                f"tcp://{hostport}/…",
+                "a tcp:// address has nothing after its port (no path, '?' query or '#' fragment; "
+                "shown here as …)",
+                f"write it as tcp://{hostport} and give the token apart (token=, --token-file or $TASKWATCH_TOKEN)",
+            )
         try:
             port = parts.port or 0
         except ValueError:

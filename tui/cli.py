@@ -593,7 +593,15 @@ class EndingSignals:
 
     def run(self, app: App[Any]) -> int:
         """Run ``app`` in this terminal until it quits; its exit status: 128 + the signal's
-        number if an ending signal ended it, 1 if it crashed, else 0."""
+        number if an ending signal ended it, 1 if it crashed, else 0 (2, and a line saying
+        why, if there is no terminal to run it in)."""
+        if not _in_browser(app) and not _has_terminal():
+            # Textual would draw to nothing and spin on a stdin that never blocks (cron, nohup)
+            return fail(
+                "the dashboard needs a terminal, and stdin or stdout is not one (a pipe, a file, "
+                "/dev/null); run it in a terminal, or use --plain to print the events, or "
+                "`taskwatch web` for a dashboard in the browser"
+            )
 
         async def run_app() -> None:
             # on the loop (not a plain handler): it may tell the app to exit
@@ -611,6 +619,14 @@ class EndingSignals:
         if self.signum is not None:
             return 128 + self.signum
         return app.return_code or 0
+
+
+def _has_terminal() -> bool:
+    """Whether stdin and stdout are both a terminal (a dashboard reads keys and draws there)."""
+    try:
+        return sys.stdin is not None and sys.stdout is not None and sys.stdin.isatty() and sys.stdout.isatty()
+    except ValueError:  # closed
+        return False
 
 
 def _in_browser(app: App[Any]) -> bool:
