@@ -133,8 +133,19 @@ def error_from_reply(reply: ErrorReply) -> TaskwatchError:
     exc.args = (reply.message,)
     for name, value in reply.details.items():
         if name.isidentifier() and not name.startswith("_") and not hasattr(cls, name):
-            setattr(exc, name, value)
+            setattr(exc, name, _as_raised(name, value))
     return exc
+
+
+def _as_raised(name: str, value: Any) -> Any:
+    """An attribute as the error held it before JSON: pydantic's ``errors`` name a field by a
+    ``loc`` tuple, which JSON made a list."""
+    if name == "errors" and isinstance(value, list):
+        return [
+            {**e, "loc": tuple(e["loc"])} if isinstance(e, dict) and isinstance(e.get("loc"), list) else e
+            for e in value
+        ]
+    return value
 
 
 def params_for_wire(task: str, params: object) -> dict[str, Any] | None:

@@ -149,6 +149,16 @@ async def test_a_model_refusing_nan_gives_the_in_process_reason(pair: Pair) -> N
     assert "finite" in str(far.value)
 
 
+async def test_a_remote_params_error_has_its_fields_named_as_in_process(pair: Pair) -> None:
+    engine, remote, _ = pair
+    with pytest.raises(InvalidParams) as local:
+        await engine.submit("num", {"x": "many"})
+    with pytest.raises(InvalidParams) as far:
+        await remote.submit("num", {"x": "many"})
+    # a loc is a tuple in-process: `("x",) in locs` must find it the same over the wire
+    assert [e["loc"] for e in far.value.errors] == [e["loc"] for e in local.value.errors] == [("x",)]
+
+
 @pytest.mark.parametrize(
     ("label", "call", "field"),
     [
