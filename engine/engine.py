@@ -794,6 +794,9 @@ class Engine:
     async def _stop(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
+        # a stopping node cannot start leader-only work: were it to take the lease, no node
+        # would do that work until its stop ended
+        self._leader.stop_competing()
         try:
             self.bus.emit(
                 EngineStopping,
@@ -820,6 +823,9 @@ class Engine:
             for queue in list(self._queues.values()):
                 await queue.stop(deadline)
             await self._supervisor.stop(deadline)
+            # its leader-only work has ended: let another node lead while this one drains its
+            # runs (a run calling ctx.ensure_leader() from here on is told it does not lead)
+            await self._leader.resign(loop.time() + 1.0)
             if self._durable:
                 # what is queued waits in the store for the next start; finish what runs
                 self._executor.stop_claiming()

@@ -371,6 +371,10 @@ class LeaderElector:
         self.expires_at: float | None = None
         #: set while this node must not lead (it cannot reach its store): no acquire attempts
         self._suspended = False
+        #: set once the engine stops: it never takes the lease again until the next start
+        #: (a stopping node cannot run leader-only work, so leading would only leave the
+        #: cluster leaderless); until :meth:`resign` a follower still looks up who leads
+        self._stopping = False
         #: a term given up by :meth:`suspend`, released by the renew loop when it can
         self._to_release: int | None = None
         self._wake = asyncio.Event()
@@ -489,6 +493,7 @@ class LeaderElector:
         # a start reaches the store (it registers there first): whatever suspended this node
         # before its last stop, such as losing the store, is over
         self._suspended = False
+        self._stopping = False
         # one attempt before returning, so the engine's other components (and
         # the caller) start with the outcome of the first election
         self._refusal = None
@@ -503,6 +508,30 @@ class LeaderElector:
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"taskwatch-lease-{self.node_id}"
         )
+
+    def stop_competing(self) -> None:
+        """The engine is stopping: never take the lease from now on (a leader keeps it until
+        :meth:`resign`, as its leader-only work is still being stopped)."""
+        self._stopping = True
+
+    async def resign(self, deadline: float) -> None:
+        """Release the lease now if this node holds it, and compete no more until the next start.
+
+        The engine calls it once its leader-only work has stopped, before draining its runs,
+        so another node leads during that drain instead of a whole drain later. Elections
+        end here for this node: :meth:`stop` then only closes the lease.
+        """
+        self.stop_competing()
+        if self.lease is None:
+            return
+        task, self._task = self._task, None
+        if task is not None:
+            # no renew may be on its way while the release is
+            task.cancel()
+            await asyncio.wait([task])
+        if self._to_release is not None:
+            await self._release_given_up()
+        await self._step_down(deadline)
 
     async def stop(self, deadline: float) -> None:
         task, self._task = self._task, None
@@ -568,6 +597,8 @@ class LeaderElector:
                     pass
                 elif self.is_leader:
                     await self._renew()
+                elif self._stopping:
+                    await self._look_up_holder()
                 else:
                     await self._try_acquire()
             except Exception:
@@ -622,8 +653,9 @@ class LeaderElector:
         assert self.lease is not None
         lease = self.lease
         state = await self._call(lease.acquire(self.node_id), lease.renew_interval, "acquire")
-        if state is not None and self._suspended:
-            self._to_release = state.term  # told to stand aside while this was on its way
+        if state is not None and (self._suspended or self._stopping):
+            # told to stand aside, or the engine began to stop, while this was on its way
+            self._to_release = state.term
             self._wake.set()
             return
         if state is not None and state.holder == self.node_id and state.expires_at > lease.now():
@@ -631,6 +663,11 @@ class LeaderElector:
                 True, LeaseAcquired, holder=self.node_id, term=state.term, expires_at=state.expires_at
             )
             return
+        await self._look_up_holder()
+
+    async def _look_up_holder(self) -> None:
+        assert self.lease is not None
+        lease = self.lease
         # a follower only reports who leads (unknown if the lookup fails); the
         # term it saw stays, so a dashboard can tell how far elections have gone
         seen = await self._call(lease.holder(), lease.renew_interval, "holder lookup")

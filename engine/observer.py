@@ -26,7 +26,9 @@ While the database is out of reach, what was read last is not shown as
 current: see :attr:`ClusterObserver.stale`. A node that was up and has been
 silent past the node TTL since (by this process's view of the database's
 clock) is ``unknown``, and a leader whose lease has lapsed since is no longer
-shown (:attr:`ClusterObserver.leader_unknown`).
+shown (:attr:`ClusterObserver.leader_unknown`). So is a node whose events stopped
+coming (:attr:`~.relay.ClusterNode.unknown`): the nodes' TTL may be far shorter than
+the watcher's ``node_ttl``, which the nodes table does not record.
 """
 
 from __future__ import annotations
@@ -100,6 +102,10 @@ class ClusterObserver:
         self.runs_interval = runs_interval
         self._node_rows: list[NodeInfo] = []
         self._leader: LeaseState | None = None
+        #: the term read held last, and when it was first read so (the database's clock): a node
+        #: whose newest process registered after that holds it only through an older process
+        #: of its name (the lease names the node, not the process)
+        self._term_seen: tuple[int, float] | None = None
         #: the lease was seen held since this observer started: the nodes lead through it
         self._lease_seen = False
         self._lease_due = 0.0
@@ -206,11 +212,13 @@ class ClusterObserver:
     def nodes(self) -> list[ClusterNode]:
         """Each node's newest incarnation, by name, with what its events said (events, missed).
 
-        A node that is not up (dead, stopped, or unknown while the database is out of reach)
-        has no role, unless it still holds the lease (until it lapses), and its running count
-        is the store's count of runs it still holds (0 once they were taken over), not the last
-        it reported; an unknown node's is not known. Roles come from the lease (see
-        :attr:`by_lease`), else from the nodes' lease events.
+        A node that is not up (dead, stopped, or unknown: silent past the node TTL while the
+        database is out of reach, or its events stopped coming, whatever this watcher's node
+        TTL) has no role, unless it still holds the lease (until it lapses), and its running
+        count is the store's count of runs it still holds (0 once they were taken over), not
+        the last it reported; an unknown node's is not known. Roles come from the lease (see
+        :attr:`by_lease`), else from the nodes' lease events; a process restarted under the
+        holder's name is not the holder while the lease of the one it replaced runs out.
         """
         newest: dict[str, NodeInfo] = {}
         for info in self._node_rows:  # registration order: a later start replaces an earlier one
@@ -241,7 +249,10 @@ class ClusterObserver:
             # dead as the nodes table said at its last read; silent past the TTL only since, and
             # that read is no longer current: nobody here can tell whether it is up or dead
             dead = not stopped and info.last_heartbeat < self._now - ttl
-            unknown = not stopped and not dead and stale and info.last_heartbeat < now - ttl
+            # or its events stopped coming (see ClusterNode.unknown): this watcher's node_ttl may
+            # be far longer than the nodes' own, and a killed node would show up until it passed
+            silent = view is not None and view.unknown
+            unknown = not stopped and not dead and (silent or (stale and info.last_heartbeat < now - ttl))
             fields: dict[str, Any] = view.model_dump() if view is not None else {"node": name}
             fields.update(
                 running=info.running,
@@ -255,7 +266,7 @@ class ClusterObserver:
                 started_at=info.started_at,
                 last_heartbeat=info.last_heartbeat,
             )
-            holds_lease = leader is not None and leader.holder == name
+            holds_lease = leader is not None and leader.holder == name and not self._held_before(leader, info)
             if stopped or dead or unknown:
                 # what it last reported is not what it holds now: its runs may have been taken over
                 fields.update(running=None if unknown else holding.get(name, 0), is_leader=None, term=None)
@@ -268,6 +279,13 @@ class ClusterObserver:
                 fields.update(is_leader=True, term=leader.term)
             out.append(ClusterNode(**fields))
         return out
+
+    def _held_before(self, leader: LeaseState, info: NodeInfo) -> bool:
+        """Whether ``leader``'s term was read held before ``info``'s process registered: then
+        an earlier process of that name holds it (a process starts without the lease, and
+        every acquire makes a new term), its lease running out after a restart."""
+        seen = self._term_seen
+        return seen is not None and seen[0] == leader.term and seen[1] < info.started_at
 
     @property
     def leader(self) -> LeaseState | None:
@@ -333,6 +351,8 @@ class ClusterObserver:
             try:
                 self._leader = await self._lease.peek()
                 self._lease_seen = self._lease_seen or self._leader is not None
+                if self._leader is not None and (self._term_seen is None or self._term_seen[0] != self._leader.term):
+                    self._term_seen = (self._leader.term, self.store.clock())
             except Exception as exc:  # noqa: BLE001 - the badge waits for the next look; the rest goes on
                 log.debug("reading the lease failed: %r", exc)
         if runs:

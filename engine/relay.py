@@ -416,7 +416,8 @@ class EventRelay:
         another node has said it leads (followers publish no lease events).
         One not stopped whose events stopped coming for three of its health
         intervals and a second is ``unknown`` (a node killed with ``kill -9``
-        never says it stopped).
+        never says it stopped): its role, term and running count are not known
+        (``None``), as a cluster store's watcher shows such a node.
         """
         views = [self._nodes[name] for name in sorted(self._nodes)]
         someone_leads = any(view.is_leader for view in views)
@@ -424,7 +425,9 @@ class EventRelay:
         out = []
         for view in views:
             info = view.model(now)
-            if someone_leads and info.is_leader is None:
+            if info.unknown:
+                info = info.model_copy(update={"is_leader": None, "term": None, "running": None})
+            elif someone_leads and info.is_leader is None:
                 info = info.model_copy(update={"is_leader": False})
             out.append(info)
         return out
@@ -606,6 +609,9 @@ def _note(view: _NodeView, event: Any) -> None:
         view.stopped = True
     elif kind == "engine.started":
         view.stopped = False
+        # a new process of this name holds no lease (an earlier one's may still be running out):
+        # what it holds, its own lease events say
+        view.is_leader = view.term = None
         # a new process: its samples are timed afresh (not from the last one before the restart)
         view.started_ts = event.ts
         view.health_ts = view.health_every = None

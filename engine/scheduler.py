@@ -52,7 +52,9 @@ stopped, a task disabled for want of a resource) fires the slot it was waiting f
 its schedule: the slots that passed meanwhile are not made up, in a burst or
 otherwise. They are counted in ``PeriodicInfo.missed`` (and logged): for cron
 and ``fixed_rate`` tasks the slots of their grid that passed unfired, for an
-end-based interval the whole intervals the tick was late by.
+end-based interval the whole intervals the tick was late by. On a store nodes
+share, only those after the last slot the store says a node fired count: a
+node held up while another fired its slots missed none.
 
 Needs
 -----
@@ -156,7 +158,7 @@ class PeriodicInfo(BaseModel):
     skipped: int = 0
     #: slots that passed without a tick while the loop was held up (a blocked event loop,
     #: a suspended process, a stopped engine, the task disabled): the late tick fired once
-    #: for all of them
+    #: for all of them. Slots up to the last one another node sharing the store fired are not counted
     missed: int = 0
     requires: tuple[str, ...] = ()
     opt_in: str | None = None
@@ -839,7 +841,7 @@ class Scheduler:
                     end = await self._wait_current(p)
                 following = self._slot_after_tick(p, slot, end)
                 if following is not None:
-                    self._count_missed(p, slot, planned, fired_at, following)
+                    await self._count_missed(p, slot, planned, fired_at, following)
             except EngineNotRunning:
                 return
             except Exception:
@@ -855,18 +857,34 @@ class Scheduler:
                 return
             self._plan(p, following)
 
-    def _count_missed(self, p: _Periodic, slot: float, planned: float, fired_at: float, following: float) -> None:
-        """Count the slots the tick just fired (late) for ``slot`` let pass unfired."""
-        if p.cron is not None:
-            missed = _cron_slots_between(p.cron, slot, following)
-        elif p.fixed_rate:
-            # the grid slots between this one and the next one planned
-            missed = max(0, round((following - slot) / p.every) - 1) if p.every else 0
-        else:
-            # no grid: the whole intervals the tick was late by
-            missed = max(0, math.floor((fired_at - planned) / p.every)) if p.every else 0
+    async def _count_missed(
+        self, p: _Periodic, slot: float, planned: float, fired_at: float, following: float
+    ) -> None:
+        """Count the slots the tick just made (late) for ``slot`` let pass, and no node fired."""
+        missed = self._slots_passed(p, slot, planned, fired_at, following)
         fresh, p.fresh = p.fresh, False
         if missed <= 0:
+            return
+        # on a store nodes share, this loop being held up is no missed slot if another node fired
+        # meanwhile: the store tells the last slot any node fired (the ones before it are not
+        # known one by one, so they are not counted missed either)
+        last = await self._last_fired(p)
+        if last is not None and last > slot:
+            due = last + p.every if p.every is not None else last
+            missed = self._slots_passed(p, last, due, fired_at, following)
+            p.missed += missed
+            if missed > 0:
+                log.warning(
+                    "periodic task %r: this node's tick came %.3g s late; %d slot(s) since the last one a "
+                    "node sharing the store fired (%.3g s ago) passed without a run",
+                    p.name, max(0.0, fired_at - planned), missed, max(0.0, fired_at - last),
+                )  # fmt: skip
+            else:
+                log.info(
+                    "periodic task %r: this node's tick came %.3g s late; a node sharing the store fired "
+                    "its slots meanwhile (the last %.3g s ago): none was missed",
+                    p.name, max(0.0, fired_at - planned), max(0.0, fired_at - last),
+                )  # fmt: skip
             return
         p.missed += missed
         # the first tick after a start makes up for the time the engine was stopped, as
@@ -876,6 +894,25 @@ class Scheduler:
             "periodic task %r fired %.3g s late; %d slot(s) passed without a run (fired once for them all)",
             p.name, max(0.0, fired_at - planned), missed,
         )
+
+    def _slots_passed(self, p: _Periodic, slot: float, planned: float, fired_at: float, following: float) -> int:
+        """The slots between ``slot`` (planned for ``planned``), fired at ``fired_at``, and ``following``."""
+        if p.cron is not None:
+            return _cron_slots_between(p.cron, slot, following)
+        if p.fixed_rate:
+            # the grid slots between this one and the next one planned
+            return max(0, round((following - slot) / p.every) - 1) if p.every else 0
+        # no grid: the whole intervals the tick was late by
+        return max(0, math.floor((fired_at - planned) / p.every)) if p.every else 0
+
+    async def _last_fired(self, p: _Periodic) -> float | None:
+        """The last slot of ``p`` the store recorded fired, by any node; None if it cannot say."""
+        try:
+            return await self._engine.store.get_periodic(p.name)
+        except Exception as exc:
+            # only the count depends on it: the schedule goes on
+            log.debug("periodic task %r: the store could not say which slot fired last: %s", p.name, exc)
+            return None
 
     async def _sleep_until(self, due: float) -> None:
         # at least one turn of the loop even for a slot already due: a schedule that falls
