@@ -324,13 +324,16 @@ class BackgroundEngine:
         left on the loop, close async generators, shut the loop's executor down.
 
         A task still going after :data:`_END_ROUNDS` rounds of ``cancel_grace`` (cancelled
-        again each round; ``Engine.stop`` gives the runs it cuts as many) is logged and
-        abandoned, as ``Engine.stop`` abandons such a run; so are executor threads still in
+        again each round) is logged and abandoned, as ``Engine.stop`` abandons such a run;
+        those ``Engine.stop`` gave up on after as many rounds are not waited for again; so are executor threads still in
         blocking code after one ``cancel_grace``: the loop closes and the thread ends anyway.
         """
         grace = self.engine.cancel_grace
+        # the engine's stop cancelled these for as many rounds already, and said so: waiting
+        # for them again would only double how long a stubborn run holds the exit
+        given_up = set(self.engine.given_up_tasks())
         cancelled: set[asyncio.Task[Any]] = set()
-        left = _unfinished(loop)
+        left = [task for task in _unfinished(loop) if task not in given_up]
         for _ in range(_END_ROUNDS):
             if not left:
                 break
@@ -338,7 +341,7 @@ class BackgroundEngine:
                 task.cancel()
             cancelled.update(left)
             loop.run_until_complete(asyncio.wait(left, timeout=grace))
-            left = _unfinished(loop)  # with any that those ending started
+            left = [task for task in _unfinished(loop) if task not in given_up]  # with any that those ending started
         for task in cancelled:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 loop.call_exception_handler(
@@ -353,6 +356,7 @@ class BackgroundEngine:
             )
             # held, so that they are not reported again as "destroyed but pending" when collected
             _abandoned.extend(left)
+        _abandoned.extend(task for task in given_up if not task.done())
         closing = loop.create_task(loop.shutdown_asyncgens())
         loop.run_until_complete(asyncio.wait([closing], timeout=grace))
         if not closing.done():

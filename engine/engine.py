@@ -1478,6 +1478,15 @@ class Engine:
         submitted that other nodes of a shared store execute."""
         return self._executor.running
 
+    def given_up_tasks(self) -> list[asyncio.Task[Any]]:
+        """The tasks of runs and queue handlers the last stop cancelled for every round of
+        ``cancel_grace`` and then left going (code that ignores cancellation); logged by the
+        stop. Whoever closes the loop need not wait for them again."""
+        tasks = list(self._run.left_going)
+        for queue in list(self._queues.values()):
+            tasks.extend(queue.left_going)
+        return [task for task in tasks if not task.done()]
+
     def stats(self) -> EngineStats:
         index = self._index
         counts = index.counts

@@ -103,6 +103,8 @@ class Execution:
     ) -> None:
         self.engine = engine
         self.bus = engine.bus
+        #: run tasks the last stop cancelled for every round of ``cancel_grace`` and left going
+        self.left_going: list[asyncio.Task[Any]] = []
         self.store = store
         self.index = index
         self.tasks = tasks
@@ -1198,6 +1200,7 @@ class Execution:
         waiters, and whatever their task does later is not recorded. A durable store
         keeps them for recovery, as any run of a stopped node.
         """
+        self.left_going = list(tasks)
         if self.memory is None:
             return
         for token, run in list(self._claimed.items()):

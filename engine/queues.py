@@ -375,6 +375,8 @@ class WorkQueue:
         #: cancels) no longer counts anything when its handler ends, nor takes another job
         self._generation = 0
         self.ignored_cancel = 0
+        #: handler tasks the last stop cancelled for every round of ``cancel_grace`` and left going
+        self.left_going: list[asyncio.Task[Any]] = []
         #: the consumer task -> the stored job it is handling
         self._running: dict[asyncio.Task[None], _Kept] = {}
         #: durable store: this node's hold on the jobs it took from the store. ``_epoch`` grows with
@@ -1437,6 +1439,7 @@ class WorkQueue:
         self._generation += 1
         self._in_flight -= len(stuck)
         self.ignored_cancel += len(stuck)
+        self.left_going = list(stuck)
         self._running.clear()
         for fut in self._putters:
             _wake(fut)  # waiting producers re-check and raise EngineNotRunning

@@ -238,15 +238,14 @@ def test_quitting_while_runs_ignore_cancellation_says_how_long_it_can_take_and_w
         after = bytes(term.output[said_at:]).decode("utf-8", "replace")
     finally:
         term.kill()
-    # the whole wait, as the engine's options make it: the drain (5 s), then every round of
-    # cancel_grace (0.2 s) a run that ignores cancellation gets, from the engine's stop and
-    # the loop's end (six)
+    # the whole wait, as the engine's options make it: the drain (5 s), then the three rounds
+    # of cancel_grace (0.2 s) the engine's stop gives a run that ignores cancellation
     assert (
-        "up to 5 s to finish, then cancelled; a run that ignores cancellation holds the stop up to 6.2 s in all"
+        "up to 5 s to finish, then cancelled; a run that ignores cancellation holds the stop up to 5.6 s in all"
     ) in after
     # and a second line once the wait for them ends
-    assert "cancelling the runs still going after 5 s (up to 1.2 s more)" in after
-    assert took < 6.2 + 4.0  # the bound said, and a moment for a loaded machine
+    assert "cancelling the runs still going after 5 s (up to 0.6 s more)" in after
+    assert took < 5.6 + 4.0  # the bound said, and a moment for a loaded machine
 
 
 SLOW_TO_STOP_APP = '''

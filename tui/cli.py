@@ -674,9 +674,9 @@ def _say(message: str) -> None:
 #: how long quitting the dashboard lets runs still going finish before the engine stops them
 STOP_TIMEOUT = 5.0
 
-#: rounds of ``cancel_grace`` a run that ignores cancellation can hold a stop up: three from
-#: ``Engine.stop``, then three more as the background engine's loop ends (see the README)
-CANCEL_ROUNDS = 6
+#: rounds of ``cancel_grace`` a run that ignores cancellation can hold a stop up: ``Engine.stop``'s
+#: three (the background engine's loop then ends without waiting for it again)
+CANCEL_ROUNDS = 3
 
 
 def _stop_engine(bg: BackgroundEngine, timeout: float = STOP_TIMEOUT, *, announce: bool = True) -> None:
