@@ -292,6 +292,17 @@ def _check_nested(event: BaseEvent, shape: EventShape, where: str) -> None:
             ) from None
 
 
+def check_event(event: BaseEvent, where: str = "bus.publish()") -> None:
+    """Refuse (InvalidConfiguration) an event no attached dashboard or other node could read:
+    a class outside the engine's events, a NaN or infinite float, a nested value JSON cannot
+    carry. What :meth:`EventBus.publish` checks, for a caller that checks first."""
+    shape = _SHAPES.get(type(event)) or shape_of(type(event), where)
+    if shape.numbers:
+        _check_finite(event, shape, where)
+    if shape.nested:
+        _check_nested(event, shape, where)
+
+
 def built(item: BaseEvent | Posted) -> Event:
     """The event itself, built now if it was posted unbuilt (safe from any thread)."""
     return item.get() if type(item) is Posted else item  # type: ignore[union-attr,return-value]
@@ -635,15 +646,18 @@ class EventBus:
         if self._callbacks:
             self._call_back(item, kind)
 
-    def publish(self, event: Event) -> Event:
+    def publish(self, event: Event, *, checked: bool = False) -> Event:
         """Publish a ready-made event, restamping it with the next ``seq``; checked as
-        :meth:`emit` checks its values."""
+        :meth:`emit` checks its values, unless ``checked`` says :func:`check_event` (or
+        its equivalent) already passed it: an event just decoded from JSON that holds no
+        NaN or infinity, say, which a relay reads by the thousand."""
         cls = type(event)
         shape = _SHAPES.get(cls) or shape_of(cls, "bus.publish()")
-        if shape.numbers:
-            _check_finite(event, shape, "bus.publish()")
-        if shape.nested:
-            _check_nested(event, shape, "bus.publish()")
+        if not checked:
+            if shape.numbers:
+                _check_finite(event, shape, "bus.publish()")
+            if shape.nested:
+                _check_nested(event, shape, "bus.publish()")
         update: dict[str, Any] = {"seq": self._seq + 1, "node": event.node or self.node}
         values = event.__dict__
         for name in shape.texts:

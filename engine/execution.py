@@ -868,6 +868,10 @@ class Execution:
                 continue
             if run is None:
                 continue
+            if item.action in ("failed", "cancelled"):
+                # lost on another node after attempts this one never saw start: its end names
+                # the attempt the store's record does
+                run.attempt = max(run.attempt, item.attempt)
             if item.action == "failed":
                 error = stored.error if stored is not None and stored.error is not None else RunError(
                     type="WorkerLost", message="its worker was lost"
@@ -1005,14 +1009,16 @@ class Execution:
                 return
             self._finish(run, stored.status, now)
             duration = now - (run.started_at or now)
+            # posted, as the engine's own outcomes are: the values are the store's, checked
+            # when they were recorded (a result encoded again here would cost as much as it is big)
             if stored.status is _SUCCEEDED:
-                self.bus.emit(
+                self.bus.post(
                     RunSucceeded, run_id=run.id, task=run.task, attempt=run.attempt, duration=duration,
                     result=detached(run.result), from_store=True,
                 )
             else:
                 error = run.error or RunError(type="Unknown", message="failed on another node")
-                self.bus.emit(
+                self.bus.post(
                     RunFailed, run_id=run.id, task=run.task, attempt=run.attempt, duration=duration, error=error,
                     from_store=True,
                 )

@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .bus import DEFAULT_REPLAY, EventBus
+from .bus import DEFAULT_REPLAY, EventBus, check_event
 from .events import BaseEvent, EventsDropped, event_from_json, event_to_json
 
 log = logging.getLogger("taskwatch.events")
@@ -531,7 +531,11 @@ class EventRelay:
             if data is None:
                 raise ValueError("an entry without an event")
             event = event_from_json(data)
-        except (ValueError, ValidationError):
+            # JSON's reader lets NaN and infinity through, which no reader further on could
+            # carry (only a foreign writer puts them there); all else decoded is JSON's own
+            if _may_hold_non_finite(data):
+                check_event(event, "an event read back from the cluster")
+        except (ValueError, ValidationError):  # InvalidConfiguration is a ValueError
             self.malformed += 1
             return
         view = self._nodes.get(event.node)
@@ -573,7 +577,7 @@ class EventRelay:
         if view.is_leader and event.kind in ("lease.acquired", "lease.renewed"):  # type: ignore[attr-defined]
             self._one_leader(view)
         self.received += 1
-        self.bus.publish(event)
+        self.bus.publish(event, checked=True)
 
     def _one_leader(self, claimant: _NodeView) -> None:
         """Settle who leads after ``claimant`` said it leads: terms only grow and one node
@@ -587,6 +591,14 @@ class EventRelay:
                 view.is_leader = False
             elif view.term > claimant.term:
                 claimant.is_leader = False
+
+
+def _may_hold_non_finite(data: bytes | str) -> bool:
+    """Whether JSON text may hold a NaN or an infinity (a substring search; true also when
+    a text merely says so, which only costs a check)."""
+    if isinstance(data, str):
+        return "NaN" in data or "Infinity" in data
+    return b"NaN" in data or b"Infinity" in data
 
 
 def _note(view: _NodeView, event: Any) -> None:

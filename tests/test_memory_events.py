@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from taskwatch.engine import (
     TaskContext,
 )
 from taskwatch.engine.events import RunStarted, RunSucceeded
-from taskwatch.engine.relay import coalesce
+from taskwatch.engine.relay import Outgoing, coalesce
 
 from .helpers import Recorder, eventually, stray_tasks
 
@@ -220,6 +221,22 @@ async def test_an_event_no_json_can_carry_is_counted_missed_and_the_relay_goes_o
         [node] = reader.nodes()
         assert node.node == "a" and node.missed == 1
         assert [e.count for e in reader.bus.recent() if e.kind == "bus.dropped"] == [1]
+
+
+@pytest.mark.parametrize("bad", ['"result":{"v":NaN}', '"result":1,"duration":Infinity'])
+async def test_an_entry_holding_a_nan_from_a_foreign_writer_is_malformed_and_reading_goes_on(bad: str) -> None:
+    # JSON's reader lets NaN through; once, publishing it ended the node's reader for good
+    stream = MemoryEventStream()
+    engine = cluster_engine("b", stream)
+    async with engine:
+        assert engine.cluster is not None
+        now = time.time()
+        entry = '{"kind":"run.succeeded","seq":%d,"ts":%f,"node":"x","run_id":"r%d","task":"t",%s}'
+        stream.append([Outgoing(1, now, entry % (1, now, 1, bad))], "bus-x")
+        stream.append([Outgoing(2, now, entry % (2, now, 2, '"result":{"v":"NaN in a text is fine"}'))], "bus-x")
+        await eventually(lambda: any(getattr(e, "run_id", None) == "r2" for e in engine.cluster.bus.recent()))
+        assert engine.cluster.stats().malformed == 1
+        assert not any(getattr(e, "run_id", None) == "r1" for e in engine.cluster.bus.recent())
 
 
 def test_events_left_out_at_the_end_of_a_batch_are_counted_by_the_next_record() -> None:

@@ -90,10 +90,19 @@ class Subscription:
         return self.poll()
 
 
-def gone_incarnations(nodes: Iterable[NodeInfo], now: float, node_ttl: float) -> dict[str, LostReason]:
+def gone_incarnations(
+    nodes: Iterable[NodeInfo], now: float, node_ttl: float, *, answering_since: float | None = None
+) -> dict[str, LostReason]:
     """Incarnations provably dead: stopped, silent for longer than ``node_ttl``, or
-    replaced by a later incarnation of the same node id (a restarted process)."""
+    replaced by a later incarnation of the same node id (a restarted process).
+
+    ``answering_since``: when the store last began to answer the caller again after an
+    outage (None: no outage known). While the store was out of reach, no node could
+    heartbeat, so silence proves nothing until every node has had ``node_ttl`` of an
+    answering store to be heard from: until then no node is judged silent.
+    """
     gone: dict[str, LostReason] = {}
+    silence_counts = answering_since is None or answering_since <= now - node_ttl
     newest: dict[str, NodeInfo] = {}
     rows = list(nodes)
     for n in rows:
@@ -103,7 +112,7 @@ def gone_incarnations(nodes: Iterable[NodeInfo], now: float, node_ttl: float) ->
     for n in rows:
         if n.stopped_at is not None:
             gone[n.incarnation] = "owner_stopped"
-        elif n.last_heartbeat < now - node_ttl:
+        elif silence_counts and n.last_heartbeat < now - node_ttl:
             gone[n.incarnation] = "owner_silent"
         elif newest[n.node] is not n:
             gone[n.incarnation] = "owner_restarted"

@@ -423,6 +423,8 @@ class PostgresStore(Store):
         self.listen_connects = 0
         #: when operations began to find the database unreachable (None: the last one got through)
         self._down_since: float | None = None
+        #: when (by :attr:`clock`) an operation last got through after an outage (None: none seen)
+        self._back_at: float | None = None
         #: set by a stopping engine: no retry goes on past it
         self._give_up_at: float | None = None
         #: every operation's bound (none until a stopping engine sets one), and the connections
@@ -652,12 +654,20 @@ class PostgresStore(Store):
                         raise
                     raise translated from exc
                 now = time.monotonic()
-                if self._down_since is None and str(getattr(exc, "sqlstate", "") or "")[:2] != "40":
-                    self._down_since = now  # the server or the way to it is gone (not a deadlock)
+                conflict = str(getattr(exc, "sqlstate", "") or "")[:2] == "40"  # a deadlock, not an outage
                 if deadline is None:
                     deadline = now + self.reconnect_timeout
                     self.reconnects += 1
-                    log.warning("the run store %s is unreachable (%s); retrying", self._where, exc)
+                    # one warning per outage: every operation under way meets it, and each
+                    # saying so would bury the one line that matters
+                    if conflict:
+                        log.warning("an operation on the run store %s conflicted (%s); retrying", self._where, exc)
+                    elif self._down_since is None:
+                        log.warning("the run store %s is unreachable (%s); retrying", self._where, exc)
+                    else:
+                        log.debug("the run store %s is still unreachable (%s); retrying", self._where, exc, exc_info=True)
+                if self._down_since is None and not conflict:
+                    self._down_since = now  # the server or the way to it is gone
                 if now >= deadline:
                     raise StoreUnavailable(
                         self._where,
@@ -668,7 +678,10 @@ class PostgresStore(Store):
                     raise StoreGaveUp(self._where, f"{type(exc).__name__}: {exc}") from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-        self._down_since = None
+        if self._down_since is not None:
+            self._back_at = self.clock()
+            log.info("the run store %s answers again after %.1f s", self._where, time.monotonic() - self._down_since)
+            self._down_since = None
         if tx.work or tx.cancels or tx.finished:
             if self._notifying:
                 self._notify(tx.work, tx.cancels, tx.finished)
@@ -1000,7 +1013,7 @@ class PostgresStore(Store):
             totals.append(None if p is None or p.total is None else float(p.total))
             messages.append(p.message if p is not None else "")
         values = {
-            "lease_until": self.clock() + self.lease_ttl,
+            "lease_until": 0.0,  # set by each try (see _renew)
             "incarnation": incarnation,
             "seqs": seqs,
             "tokens": toks,
@@ -1009,7 +1022,7 @@ class PostgresStore(Store):
             "totals": totals,
             "messages": messages,
         }
-        rows = await self._run(self._fetch, Q.PG_HEARTBEAT_MANY, values, single=True)
+        rows = await self._run(self._renew, values, single=True)
         cancel: dict[str, CancelReason] = {}
         kept: set[str] = set()
         busy: list[str] = []
@@ -1020,6 +1033,12 @@ class PostgresStore(Store):
             elif requested:
                 cancel[token] = reason or "user"
         return HeartbeatResult(cancel=cancel, lost=[t for t in tokens if t not in kept], busy=busy)
+
+    async def _renew(self, tx: _Tx, values: dict[str, Any]) -> list[Any]:
+        # a lease from this try's time: a heartbeat that waited out an outage and got through
+        # at its end must not write a lease already (nearly) run out
+        values["lease_until"] = self.clock() + self.lease_ttl
+        return await tx.fetch(Q.PG_HEARTBEAT_MANY, values)
 
     async def finish(self, token: str, outcome: Outcome, progress: Progress | None = None) -> RunStatus | None:
         if isinstance(outcome, Retry):
@@ -1163,10 +1182,20 @@ class PostgresStore(Store):
 
     async def recover(self, live_incarnations: Collection[str] | None = None) -> list[Recovered]:
         live = None if live_incarnations is None else frozenset(live_incarnations)
-        return await self._run(self._recover, live, self.clock())  # type: ignore[no-any-return]
+        return await self._run(self._recover, live)  # type: ignore[no-any-return]
 
-    async def _recover(self, tx: _Tx, live: frozenset[str] | None, now: float) -> list[Recovered]:
-        gone = gone_incarnations((node_info(r) for r in await tx.fetch(Q.ALL_NODES, {})), now, self.node_ttl)
+    def _answering_since(self) -> float | None:
+        """When the database began to answer this node again after its last outage (by
+        :attr:`clock`), for :func:`gone_incarnations`: now, while an operation that got through
+        has yet to end the outage (it is the first)."""
+        return self.clock() if self._down_since is not None else self._back_at
+
+    async def _recover(self, tx: _Tx, live: frozenset[str] | None) -> list[Recovered]:
+        # the time of this try, not of the call: a call that waited out an outage judges the
+        # others by what they could have done since, and re-queues at the time it does it
+        now = self.clock()
+        nodes = (node_info(r) for r in await tx.fetch(Q.ALL_NODES, {}))
+        gone = gone_incarnations(nodes, now, self.node_ttl, answering_since=self._answering_since())
         out: list[Recovered] = []
         # every running claim is read without a lock (heartbeats and finishes of healthy
         # claims never wait for a recovery); the lost ones are then locked and judged again
@@ -1250,9 +1279,16 @@ class PostgresStore(Store):
     async def node_heartbeat(
         self, incarnation: str, running: int, *, cpu_percent: float | None = None, rss_bytes: int | None = None
     ) -> bool:
-        values = {"incarnation": incarnation, "running": running, "now": self.clock(),
+        values = {"incarnation": incarnation, "running": running, "now": 0.0,
                   "cpu_percent": cpu_percent, "rss_bytes": rss_bytes}  # fmt: skip
-        return bool(await self._run(self._fetchval, Q.NODE_HEARTBEAT, values, single=True))
+        return bool(await self._run(self._node_heartbeat, values, single=True))
+
+    async def _node_heartbeat(self, tx: _Tx, values: dict[str, Any]) -> Any:
+        # stamped with this try's time: a heartbeat that waited out an outage and got through
+        # at its end, stamped with its call's, would tell the others this node had been silent
+        # all along, and they would take the runs it claims from now on
+        values["now"] = self.clock()
+        return await tx.fetchval(Q.NODE_HEARTBEAT, values)
 
     async def node_stopped(self, incarnation: str) -> None:
         await self._run(self._exec, Q.NODE_STOPPED, {"incarnation": incarnation, "now": self.clock()}, single=True)
@@ -1372,7 +1408,7 @@ class PostgresStore(Store):
 
     async def _adopt_jobs(self, tx: _Tx, queue: str, incarnation: str, own: bool, nonce: str) -> list[StoredJob]:
         nodes = [node_info(r) for r in await tx.fetch(Q.ALL_NODES, {})]
-        gone = gone_incarnations(nodes, self.clock(), self.node_ttl)
+        gone = gone_incarnations(nodes, self.clock(), self.node_ttl, answering_since=self._answering_since())
         known = {n.incarnation for n in nodes}
         out: list[StoredJob] = []
         # rows another node is adopting right now are locked and skipped: each job has one taker

@@ -1,0 +1,176 @@
+"""A database outage longer than the node TTL, with two healthy nodes sharing one PostgreSQL store.
+
+While the server is down no node can heartbeat, so when it answers again every node's last
+heartbeat is older than the TTL. That silence is the database's, not the nodes': no node may
+judge another dead for it. What the test proves, with real processes and the real server
+stopped and started again:
+
+- the runs cut off by the outage go back to pending once (handed back by their node, or
+  recovered by either as their lease ran out: at most one loss), are run again once
+  (attempt 2), and succeed; neither node takes them from the other as ``owner_silent``
+  while the other is running them;
+- attempt 2 starts only after attempt 1 was stopped: one node at a time runs a run.
+
+And, store by store (two :class:`PostgresStore` objects stand for two nodes):
+
+- a heartbeat that waited out the outage and got through at its end counts from then: a node
+  that opens its store just after the outage takes nothing from the node that sent it (the
+  heartbeat wrote the time its call began, so the node looked silent, and its renewed claims
+  already expired); the outage is logged once (not once per operation meeting it);
+- a node that saw the outage judges no other node silent until a node TTL has passed since
+  the database answered it again (the other claimed a run before its first heartbeat got
+  through); a node that stays silent after that is judged so, and its run recovered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from taskwatch.engine.store import NewRun, PostgresStore
+
+from .postgres_server import PostgresServer
+from .test_cluster import database, executions, start, wait_until
+from .test_durable import Child
+
+#: the lease and node TTL of both nodes, and how long the server stays down (well past it)
+TTL = 2.0
+OUTAGE = 5.0
+
+
+def run_rows(server: PostgresServer, url: str) -> dict[str, tuple[str, int, int]]:
+    out = server.sql("SELECT id, status, attempt, lost_count FROM runs", database(url))
+    rows = (line.split("|") for line in out.splitlines() if line)
+    return {run_id: (status, int(attempt), int(lost)) for run_id, status, attempt, lost in rows}
+
+
+async def test_an_outage_of_the_database_costs_each_run_one_attempt_and_no_node_takes_the_others_runs(
+    postgres_server: PostgresServer, postgres_url: str, tmp_path: Path, nodes: list[Child]
+) -> None:
+    log = tmp_path / "exec.log"
+    # runs of 4 to 12 s: each outlives the moment its node is cut off, and its next attempt ends soon after
+    common = ("--sleep", "8", "--max-concurrency", "4", "--lease-ttl", str(TTL), "--poll", "0.2")
+    b = start(nodes, postgres_url, "node-b", log, *common, "run")
+    b.event("started")
+    a = start(nodes, postgres_url, "node-a", log, *common, "run", "--submit", "work", "--count", "2")
+    ids = set(a.event("submitted")["ids"])
+    wait_until(lambda: {line["run"] for line in executions(log)} == ids, 30, "both runs started")
+
+    await asyncio.to_thread(postgres_server.stop, "fast")
+    down_at = time.time()
+    try:
+        # past the TTL: the owner is cut off and stops its runs, and every node's heartbeat is stale
+        await asyncio.to_thread(wait_until, lambda: time.time() - down_at >= OUTAGE, OUTAGE + 5, "the outage")
+    finally:
+        await asyncio.to_thread(postgres_server.start)
+
+    def ended() -> bool:
+        rows = run_rows(postgres_server, postgres_url)
+        return len(rows) == 2 and all(status in ("succeeded", "failed", "cancelled") for status, _, _ in rows.values())
+
+    await asyncio.to_thread(wait_until, ended, 30, "both runs ended")
+    rows = run_rows(postgres_server, postgres_url)
+    recovered = [line for child in (a, b) for line in child.of("recovered")]
+    # each run lost the attempt the outage cut, and only that one (counted as lost at most once)
+    assert {run_id: (status, attempt) for run_id, (status, attempt, _) in rows.items()} == {
+        run_id: ("succeeded", 2) for run_id in ids
+    }, (rows, recovered)
+    assert all(lost <= 1 for _, _, lost in rows.values()), (rows, recovered)
+    assert all(line["reason"] != "owner_silent" for line in recovered), recovered
+    runs: dict[str, list[int]] = defaultdict(list)
+    started_at: dict[tuple[str, int], float] = {}
+    for line in executions(log):
+        runs[line["run"]].append(line["attempt"])
+        started_at[line["run"], line["attempt"]] = line["t"]
+    assert {run_id: sorted(attempts) for run_id, attempts in runs.items()} == {i: [1, 2] for i in ids}
+    # attempt 1 was stopped where it ran before attempt 2 began (on either node)
+    stopped = {line["id"]: line["t"] for child in (a, b) for line in child.of("interrupted", attempt=1)}
+    assert set(stopped) == ids
+    for run_id in ids:
+        assert stopped[run_id] <= started_at[run_id, 2], (run_id, stopped[run_id], started_at[run_id, 2])
+    for child in (a, b):
+        assert child.proc.stdin is not None
+        child.proc.stdin.close()
+    for child in (a, b):
+        child.event("stopped", timeout=30)
+
+
+async def outage(server: PostgresServer, seconds: float, *during: Awaitable[Any]) -> list[Any]:
+    """Stop the server for ``seconds`` (the length of the outage: no sleep stands in for a wait
+    here); ``during`` are operations begun while it is down. Their results, once it is back."""
+    await asyncio.to_thread(server.stop, "fast")
+    try:
+        pending = [asyncio.ensure_future(op) for op in during]
+        await asyncio.sleep(seconds)
+    finally:
+        await asyncio.to_thread(server.start)
+    return list(await asyncio.gather(*pending))
+
+
+async def test_a_heartbeat_that_waited_out_an_outage_counts_from_when_it_got_through(
+    postgres_server: PostgresServer, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = PostgresStore(postgres_url, lease_ttl=TTL, reconnect_timeout=30)
+    async with a:
+        await a.register_node("a", "ia", "test")
+        (run,) = await a.insert([NewRun("t")])
+        (claim,) = await a.claim("a", "ia", 1, {"t": None})
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            # the executor's two heartbeats, begun while the server is down and retried until it is back
+            await outage(
+                postgres_server, TTL + 1.5, a.heartbeat("ia", [claim.token]), a.node_heartbeat("ia", 1)
+            )
+        # (the driver's pool logs its own tries to restore its idle connection: not ours to word)
+        said = [
+            (r.name, r.getMessage())
+            for r in caplog.records
+            if r.levelno >= logging.WARNING and r.name.startswith("taskwatch")
+        ]
+        assert len(said) == 1 and said[0][0] == "taskwatch.store.postgres" and "unreachable" in said[0][1], said
+        # a node starting now saw no outage: it judges by what the rows say
+        async with PostgresStore(postgres_url, lease_ttl=TTL) as b:
+            assert await b.recover() == []
+            stored = await b.get(run.id)
+            assert stored is not None and stored.claim_token == claim.token and stored.lost_count == 0
+
+
+async def test_after_an_outage_no_node_is_judged_silent_until_it_could_have_been_heard(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    node_ttl = TTL
+    # claims held far longer than the node TTL: only a node judged silent loses its run
+    a = PostgresStore(postgres_url, lease_ttl=30, node_ttl=node_ttl, reconnect_timeout=30)
+    b = PostgresStore(postgres_url, lease_ttl=30, node_ttl=node_ttl, reconnect_timeout=30)
+    async with a, b:
+        await a.register_node("a", "ia", "test")
+        await b.register_node("b", "ib", "test")
+        (run,) = await a.insert([NewRun("t")])
+        # b's heartbeat meets the outage, and gets through when the server is back
+        await outage(postgres_server, node_ttl + 1.5, b.node_heartbeat("ib", 0))
+        back = time.monotonic()
+        # a claims before its first heartbeat since the outage got through (its claim loop woke
+        # first): its last heartbeat is older than the node TTL, as every node's is
+        (claim,) = await a.claim("a", "ia", 1, {"t": None})
+        assert await b.recover() == []
+        stored = await b.get(run.id)
+        assert stored is not None and stored.claim_token == claim.token
+
+        # a stays silent: once a node TTL has passed since the database answered b, a is silent
+        async def recovered() -> list[Any]:
+            deadline = time.monotonic() + node_ttl + 5
+            while time.monotonic() < deadline:
+                if found := await b.recover():
+                    return found
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"a's run was not recovered within {node_ttl + 5} s of the outage's end")
+
+        (item,) = await recovered()
+        assert (item.run_id, item.reason, item.action) == (run.id, "owner_silent", "requeued")
+        assert time.monotonic() - back >= node_ttl - 0.5
