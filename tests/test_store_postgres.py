@@ -104,6 +104,18 @@ async def test_a_password_in_the_url_is_never_shown(postgres_server: PostgresSer
         assert all("***" in text for text in shown[:2]), shown
 
 
+async def test_a_database_that_does_not_exist_is_named_as_such_not_as_a_server_out_of_reach(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    # the server answered: "check that it is up and reachable" would send the user the wrong way
+    missing = postgres_url.rsplit("/", 1)[0] + "/no_such_db"
+    with pytest.raises(StoreUnavailable) as caught:
+        await PostgresStore(missing, reconnect_timeout=0.2).open()
+    said = str(caught.value)
+    assert "no_such_db" in said and "create it (createdb NAME)" in said
+    assert "reachable" not in said
+
+
 # ---------------------------------------------------------------- two nodes, one queue
 
 

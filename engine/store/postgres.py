@@ -92,6 +92,13 @@ _CLOCK_MAX_RTT = 0.5
 #: node sends a few dozen notifications a second however many runs it writes
 _NOTIFY_SPACING = 0.02
 _ADVICE = "Check that the database server is up and reachable from this host"
+#: what to do about an error the server answered with, by SQLSTATE (or its class): the
+#: server is up, so "check it is reachable" would send the user the wrong way
+_ANSWERED_ADVICE = {
+    "3D000": "The server is up but has no such database: create it (createdb NAME) or fix the database in the URL",
+    "28": "The server refused the login: check the user and password in the URL (or PGPASSWORD, ~/.pgpass) and pg_hba.conf",
+    "42501": "The server refused the user a privilege taskwatch needs: grant it, or use the database's owner",
+}
 #: SQLSTATE classes that mean "the connection or the server went away; try again"
 _TRANSIENT_CLASSES = ("08", "57", "53", "40")
 
@@ -198,6 +205,11 @@ _WATCH_ADVICE = (
     "Watch the cluster's own database, with the ?schema=NAME its nodes use if they use one "
     "(?schema=taskwatch, say): a watcher creates and changes no table; the nodes make them when they first start"
 )
+
+
+def _advice_for(exc: BaseException) -> str:
+    sqlstate = str(getattr(exc, "sqlstate", "") or "")
+    return _ANSWERED_ADVICE.get(sqlstate) or _ANSWERED_ADVICE.get(sqlstate[:2]) or _ADVICE
 
 
 async def check_schema(conn: asyncpg.Connection, where: str, schema: str | None = None) -> None:
@@ -705,7 +717,7 @@ class PostgresStore(Store):
         driver_error = type(exc).__module__.startswith("asyncpg") or isinstance(exc, OSError)
         if isinstance(exc, StoreError) or not driver_error:
             return exc
-        err = StoreUnavailable(self._where, f"{type(exc).__name__}: {exc}", _ADVICE)
+        err = StoreUnavailable(self._where, f"{type(exc).__name__}: {exc}", _advice_for(exc))
         err.__cause__ = exc
         return err
 
