@@ -138,7 +138,7 @@ async def test_edit_and_resubmit_draws_control_characters_escaped_and_submits_th
 
 async def test_an_unchanged_resubmit_sends_the_runs_params_exactly() -> None:
     engine = make_engine()
-    cases = [
+    cases: list[tuple[str, dict[str, Any]]] = [
         ("mail", {"to": "a@b", "subject": "", "note": ""}),  # "" is not the default, nor None
         ("mail", {"to": "", "subject": "hi", "note": None}),  # "" passes where a value is required
         ("loose", {"a": 2, "extra_key": [1, 2]}),  # a key the schema does not name
@@ -162,20 +162,26 @@ async def test_an_unchanged_resubmit_sends_the_runs_params_exactly() -> None:
             assert again.params == run.params == params
 
 
+async def submit_form(app: TaskwatchApp, pilot: Pilot[Any], task: str) -> ParamsForm:
+    """The submit dialog opened with ``s`` and ``task`` chosen: its params form, drawn."""
+    await started(app, pilot)
+    await pilot.press("s")
+    screen = await eventually(lambda: app.screen if isinstance(app.screen, SubmitScreen) else None)
+    screen.query_one("#submit-task").value = task  # type: ignore[attr-defined]
+    form: ParamsForm = await eventually(
+        lambda: screen.query(ParamsForm) and screen.query_one(ParamsForm).task_info.name == task
+        and screen.query_one(ParamsForm)
+    )
+    await pilot.pause()
+    return form
+
+
 async def test_a_new_submission_still_leaves_empty_optional_fields_to_the_task() -> None:
     engine = make_engine()
     async with make_app(engine).run_test(size=(120, 40)) as pilot:
         app = pilot.app
         assert isinstance(app, TaskwatchApp)
-        await started(app, pilot)
-        await pilot.press("s")
-        screen = await eventually(lambda: app.screen if isinstance(app.screen, SubmitScreen) else None)
-        screen.query_one("#submit-task").value = "mail"  # type: ignore[attr-defined]
-        form = await eventually(
-            lambda: screen.query(ParamsForm) and screen.query_one(ParamsForm).task_info.name == "mail"
-            and screen.query_one(ParamsForm)
-        )
-        await pilot.pause()
+        form = await submit_form(app, pilot, "mail")
         form.field_widget("to").value = "a@b"
         form.field_widget("subject").value = ""
         form.field_widget("note").value = ""
@@ -189,15 +195,7 @@ async def test_an_untouched_secret_is_not_sent_as_its_schema_mask() -> None:
     async with make_app(engine).run_test(size=(120, 40)) as pilot:
         app = pilot.app
         assert isinstance(app, TaskwatchApp)
-        await started(app, pilot)
-        await pilot.press("s")
-        screen = await eventually(lambda: app.screen if isinstance(app.screen, SubmitScreen) else None)
-        screen.query_one("#submit-task").value = "login"  # type: ignore[attr-defined]
-        form = await eventually(
-            lambda: screen.query(ParamsForm) and screen.query_one(ParamsForm).task_info.name == "login"
-            and screen.query_one(ParamsForm)
-        )
-        await pilot.pause()
+        form = await submit_form(app, pilot, "login")
         # the schema's default of a SecretStr is a mask: left out, the task's own default applies
         assert form.collect() == {"user": "bot"}
         await pilot.click("#submit-ok")
