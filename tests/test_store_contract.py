@@ -351,6 +351,18 @@ async def test_restarted_node_orphans_its_previous_incarnation_at_once(store: St
     assert await store.finish(c_old.token, Succeeded()) is None
 
 
+async def test_an_incarnation_a_restart_replaced_claims_nothing(store: Store) -> None:
+    # the others count it gone and recover what it holds at once: a process resumed from a
+    # pause shorter than a lease, not yet told by a heartbeat, would run those runs twice
+    await store.register_node("n1", "old", "1.0")
+    await insert_ids(store, NewRun("a"), NewRun("a"))
+    await store.register_node("n1", "new", "1.1")  # same node id, new process
+    assert await store.claim("n1", "old", 2, {"a": None}) == []
+    assert await store.claim("n1", "old", 2, {"a": None}, limits={"a": 5}) == []
+    assert len(await store.claim("n1", "new", 2, {"a": None})) == 2
+    assert await store.node_heartbeat("old", 0) is True  # and its next heartbeat tells it
+
+
 async def test_stopped_or_silent_incarnations_are_gone(store: Store, clock: FakeClock) -> None:
     await store.register_node("n1", "i1", "1.0")
     await store.register_node("n2", "i2", "1.0")

@@ -364,6 +364,8 @@ class MemoryStore(Store):
         *,
         limits: Mapping[str, int] | None = None,
     ) -> list[Claim]:
+        if self._replaced(incarnation):
+            return []  # as the durable stores refuse it (see REPLACED_INCARNATION)
         if limits:
             tasks = self._within(tasks, limits)
         return self.claim_now(node, incarnation, slots, tasks)
@@ -723,6 +725,13 @@ class MemoryStore(Store):
         update = {"last_heartbeat": self.clock(), "running": running, "cpu_percent": cpu_percent,
                   "rss_bytes": rss_bytes}  # fmt: skip
         self._nodes[incarnation] = info.model_copy(update=update)
+        return self._replaced(incarnation)
+
+    def _replaced(self, incarnation: str) -> bool:
+        """Whether a later start of ``incarnation``'s node id registered (it counts as gone)."""
+        info = self._nodes.get(incarnation)
+        if info is None:
+            return False
         # the rows are in registration order, which breaks ties of started_at (as in gone_incarnations)
         after = False
         for other in self._nodes.values():

@@ -386,6 +386,17 @@ RETURNING EXISTS (SELECT 1 FROM nodes AS later
                     AND (later.started_at > nodes.started_at
                          OR (later.started_at = nodes.started_at AND later.registered_seq > nodes.registered_seq)))"""
 
+#: true when a later start of :incarnation's node id registered, as NODE_HEARTBEAT judges it:
+#: every node counts it gone and recovers what it holds at once, so it may claim nothing (a
+#: process resumed from a pause shorter than a lease would otherwise claim before its next
+#: heartbeat told it, and its runs would run twice)
+REPLACED_INCARNATION = """EXISTS (
+    SELECT 1 FROM nodes AS me JOIN nodes AS later
+        ON later.node = me.node AND later.incarnation <> me.incarnation
+    WHERE me.incarnation = :incarnation
+      AND (later.started_at > me.started_at
+           OR (later.started_at = me.started_at AND later.registered_seq > me.registered_seq)))"""
+
 NODE_STOPPED = "UPDATE nodes SET stopped_at = :now, running = 0 WHERE incarnation = :incarnation"
 
 #: incarnations that stopped, or fell silent and were replaced by a later start of the same
@@ -522,6 +533,8 @@ WHERE runs.seq IN (
         END
         FOR UPDATE SKIP LOCKED
     ) AS c
+    -- evaluated once per statement: a replaced incarnation locks no row at all
+    WHERE NOT """ + REPLACED_INCARNATION + """
     ORDER BY c.seq
     LIMIT :slots
 ) AND runs.status = 'pending'

@@ -68,6 +68,7 @@ from .rows import stored_run as _stored
 
 
 _CLAIM_CANDIDATES = Q.for_sqlite(Q.CLAIM_CANDIDATES)
+_REPLACED = "SELECT " + Q.REPLACED_INCARNATION
 _RUNNING_CLAIMS = Q.for_sqlite(Q.RUNNING_CLAIMS)
 _QUEUE_JOBS = Q.for_sqlite(Q.QUEUE_JOBS)
 
@@ -654,6 +655,8 @@ class SqliteStore(Store):
         caps: dict[str, int] | None = None,
     ) -> list[Claim]:
         cur = tx.cur
+        if cur.execute(_REPLACED, {"incarnation": incarnation}).fetchone()[0]:
+            return []  # a later start of this node id registered: it claims nothing more
         found: list[tuple[Any, ...]] = []
         for task, free in tasks.items():
             n = slots if free is None else min(free, slots)
