@@ -110,11 +110,6 @@ class _Transit:
         self.job = job
 
 
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
 def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
     if fut.done():
         return
@@ -654,11 +649,8 @@ class WorkQueue:
     def _check_landed(self) -> None:
         """Resolve stop()'s wait once nothing is in transit from other threads (any thread)."""
         landed = self._landed
-        if landed is not None and not self._transits and not landed.done() and self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(_resolve, landed)
-            except RuntimeError:
-                pass  # the loop is gone, and the stop with it
+        if landed is not None and not self._transits and not landed.done():
+            _wake(landed)  # on stop()'s loop, from whichever thread landed the last job
 
     async def _wait_for_room(self, timeout: float) -> None:
         fut = asyncio.get_running_loop().create_future()
