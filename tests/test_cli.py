@@ -18,11 +18,23 @@ from taskwatch.tui.cli import AppPathError, load_engine
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def taskwatch(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "taskwatch.tui", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-        stdin=subprocess.DEVNULL, env={**os.environ, **env} if env else None,
-    )
+def taskwatch(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None, terminal: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run the command; with ``terminal``, its stdin and stdout are a pseudo-terminal (what a
+    dashboard needs), and only stderr is captured."""
+    master, slave = os.openpty() if terminal else (-1, -1)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "taskwatch.tui", *args], cwd=ROOT, text=True, timeout=timeout,
+            stdin=slave if terminal else subprocess.DEVNULL,
+            stdout=slave if terminal else subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, **env} if env else None,
+        )
+    finally:
+        if terminal:
+            os.close(master)
+            os.close(slave)
 
 
 def assert_one_clear_line(result: subprocess.CompletedProcess[str], message: str) -> None:
@@ -252,7 +264,7 @@ def busy_port() -> Iterator[int]:
 
 def test_serve_on_a_busy_port_stops_the_engine_and_is_one_clear_line(busy_port: int) -> None:
     # only binding finds this out, after the engine started: it is stopped and the process exits
-    result = taskwatch("--serve", f"tcp://127.0.0.1:{busy_port}", timeout=30)
+    result = taskwatch("--serve", f"tcp://127.0.0.1:{busy_port}", timeout=30, terminal=True)
     assert_one_clear_line(result, f"cannot serve at tcp://127.0.0.1:{busy_port}")
     assert "address already in use" in result.stderr.lower()
 

@@ -268,6 +268,15 @@ def test_a_dashboard_without_a_terminal_is_refused_in_one_line(command: list[str
     assert len(lines) == 1 and "needs a terminal" in lines[0] and "--plain" in lines[0], result.stderr[-600:]
 
 
+def test_a_demo_refused_for_want_of_a_terminal_starts_nothing(tmp_path: Path) -> None:
+    # refused before the engine starts: no store opened, no demo run started only to be stopped
+    db = tmp_path / "demo.db"
+    result = _no_terminal("--store", f"sqlite:///{db}", stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-600:]
+    assert "needs a terminal" in result.stderr
+    assert not db.exists()
+
+
 def test_a_dashboard_with_a_terminal_stdin_but_stdout_piped_is_refused() -> None:
     master, slave = os.openpty()
     try:

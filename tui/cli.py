@@ -495,6 +495,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return fail(str(exc))
     if opts.plain:
         return _print_plain(engine, opts.seconds)
+    if not _has_terminal():
+        # before the engine starts: its runs would start only to be stopped again
+        return fail(NO_TERMINAL)
     return _run_local(engine, opts.serve, confirm=opts.confirm, token=token)
 
 
@@ -597,11 +600,7 @@ class EndingSignals:
         why, if there is no terminal to run it in)."""
         if not _in_browser(app) and not _has_terminal():
             # Textual would draw to nothing and spin on a stdin that never blocks (cron, nohup)
-            return fail(
-                "the dashboard needs a terminal, and stdin or stdout is not one (a pipe, a file, "
-                "/dev/null); run it in a terminal, or use --plain to print the events, or "
-                "`taskwatch web` for a dashboard in the browser"
-            )
+            return fail(NO_TERMINAL)
 
         async def run_app() -> None:
             # on the loop (not a plain handler): it may tell the app to exit
@@ -619,6 +618,13 @@ class EndingSignals:
         if self.signum is not None:
             return 128 + self.signum
         return app.return_code or 0
+
+
+NO_TERMINAL = (
+    "the dashboard needs a terminal, and stdin or stdout is not one (a pipe, a file, "
+    "/dev/null); run it in a terminal, or use --plain to print the events, or "
+    "`taskwatch web` for a dashboard in the browser"
+)
 
 
 def _has_terminal() -> bool:
