@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # database servers the tests start on loopback ports (program:debian-package)
 SERVERS := postgres:postgresql redis-server:redis-server
+# test processes side by side: most tests wait on servers, subprocesses and
+# timers, so two halve the suite's time on two cores (TEST_WORKERS=0: one process)
+TEST_WORKERS ?= 2
 
 .PHONY: run test bench screenshots clean
 
@@ -20,7 +23,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	@[ -z "$(SERVERS)" ] || .ci/need $(SERVERS)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS)
 
 $(VENV)/.bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
