@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import select
 import signal
 import sqlite3
 import struct
@@ -59,15 +60,24 @@ class Terminal:
         self.output = bytearray()
         self._eof = False
         self._changed = threading.Condition()
+        self._closing = threading.Event()
         self._reader = threading.Thread(target=self._read, args=(master,), daemon=True)
         self._reader.start()
 
     def _read(self, fd: int) -> None:
         while True:
-            try:
-                data = os.read(fd, 65536)
-            except OSError:  # EIO: the last writer is gone
+            # never blocked in read() while close() may want the terminal gone: a read in
+            # progress holds the master open, and the kernel hangs up (SIGHUP) only when the
+            # last hold is dropped (which, on a screen with nothing to redraw, is never)
+            if self._closing.is_set():
                 data = b""
+            elif not select.select([fd], [], [], 0.05)[0]:
+                continue
+            else:
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:  # EIO: the last writer is gone
+                    data = b""
             with self._changed:
                 if data:
                     self.output += data
@@ -92,6 +102,8 @@ class Terminal:
     def close(self) -> None:
         """Close the terminal, as closing its window does (its process gets SIGHUP)."""
         if self.master is not None:
+            self._closing.set()
+            self._reader.join(TIMEOUT)
             os.close(self.master)
             self.master = None
 
