@@ -358,6 +358,8 @@ class LeaderElector:
         self._engine = engine
         self.lease = lease
         self._listeners: list[LeadershipListener] = []
+        #: what must end before a term given up is released (leader-only work winding down)
+        self._release_holds: list[Callable[[], Awaitable[None]]] = []
         self._task: asyncio.Task[None] | None = None
         if lease is None:
             # nobody to compete with: this engine leads, for good
@@ -450,8 +452,8 @@ class LeaderElector:
         The engine calls it when this node cannot reach its store: a leader
         whose work depends on a database it cannot reach should not lead.
         Leader-only workers are cancelled at once (``lease.lost``); the lease
-        itself is released in the background, so another node may lead
-        before it would have expired.
+        itself is released in the background once they have wound down (see
+        :meth:`hold_release`), so another node may lead before it would have expired.
         """
         if self.lease is None or self._suspended:
             return
@@ -477,6 +479,16 @@ class LeaderElector:
                 self._listeners.remove(listener)
 
         return remove
+
+    def hold_release(self, wait: Callable[[], Awaitable[None]]) -> None:
+        """Release a term :meth:`suspend` gave up only once ``wait()`` has returned.
+
+        The supervisor's leader-only workers are cancelled when leadership is lost, and may
+        take a while to clean up; released at once, the lease would let another node start
+        the same work beside them. Meanwhile the term is renewed, as a stopping leader's is,
+        so it does not lapse in the middle of the cleanup either.
+        """
+        self._release_holds.append(wait)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -645,9 +657,24 @@ class LeaderElector:
         """Release the term :meth:`suspend` gave up, if the lease can be reached (best effort:
         otherwise it lapses at its ttl, as a silent leader's would)."""
         assert self.lease is not None
-        term, self._to_release = self._to_release, None
-        if term is not None:
-            await self._call(self.lease.release(self.node_id, term), self.lease.renew_interval, "release")
+        term = self._to_release
+        if term is None:
+            return
+        held = True
+        for hold in self._release_holds:
+            waiting = asyncio.ensure_future(hold())
+            try:
+                while not waiting.done():
+                    await asyncio.wait([waiting], timeout=self.lease.renew_interval)
+                    if held and not waiting.done():
+                        renewed = await self._call(self.lease.renew(self.node_id, term), self.lease.renew_interval, "renew")
+                        held = renewed is not None
+            finally:
+                # cancelled itself (the engine stops): the stop waits for the work, then releases
+                waiting.cancel()
+        self._to_release = None
+        # even when a renew failed: the release names its term, so it frees nothing another node took
+        await self._call(self.lease.release(self.node_id, term), self.lease.renew_interval, "release")
 
     async def _try_acquire(self) -> None:
         assert self.lease is not None

@@ -110,6 +110,9 @@ class _Worker:
     last_error: RunError | None = None
     last_error_at: float | None = None
     next_restart_at: float | None = None
+    #: the loop time a crash's backoff ends, while one is owed: kept when leadership is lost
+    #: during the wait, so regaining it does not restart a crashing worker early
+    backoff_ends: float | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     #: set by whoever cancels ``task``, so the task can tell why it ends
     stop_reason: StopReason | None = None
@@ -148,6 +151,7 @@ class Supervisor:
         #: waits for leader-only workers cancelled on a lost leadership (the listener cannot await)
         self._winding_down: set[asyncio.Task[None]] = set()
         engine.elector.add_listener(self.on_leadership)
+        engine.elector.hold_release(self.wound_down)
 
     # ------------------------------------------------------------------ registry
 
@@ -226,6 +230,7 @@ class Supervisor:
             await self._end(worker, "restart")
             worker.held = False
             worker.streak = 0
+            worker.backoff_ends = None
             self._start_now(worker)
             return worker.info()
 
@@ -250,6 +255,7 @@ class Supervisor:
             return worker.info()
         worker.held = False
         worker.streak = 0
+        worker.backoff_ends = None
         self._start_now(worker)
         self._engine.bus.emit(WorkerResumed, name=worker.name, state=worker.state)
         return worker.info()
@@ -263,9 +269,15 @@ class Supervisor:
             return  # the engine's start starts it
         self._reconcile(worker)
         if worker.task is not None and not worker.task.done():
-            # its task runs on the next loop turn; say so from now on
-            worker.state = "running"
-            worker.started_at = self._engine.clock()
+            left = self._backoff_left(worker)
+            if left:
+                # it first waits out the backoff its last crash earned
+                worker.state = "backoff"
+                worker.next_restart_at = self._engine.clock() + left
+            else:
+                # its task runs on the next loop turn; say so from now on
+                worker.state = "running"
+                worker.started_at = self._engine.clock()
 
     async def _end(self, worker: _Worker, reason: StopReason) -> bool:
         """Cancel ``worker``'s task (``reason`` says why) and wait for it; False when none ran."""
@@ -293,6 +305,7 @@ class Supervisor:
         for worker in self._workers.values():
             worker.state = "stopped"
             worker.next_restart_at = None
+            worker.backoff_ends = None  # the next start starts it at once
 
     def on_leadership(self, is_leader: bool) -> None:
         """The elector's listener: start or cancel the leader-only workers."""
@@ -313,6 +326,12 @@ class Supervisor:
                 # a worker that swallows the cancel would go on as a second leader: wait for it,
                 # re-cancelling, as a stop does; its state changes once its task has ended
                 self._wind_down(task)
+
+    async def wound_down(self) -> None:
+        """Return once the leader-only workers cancelled on a lost leadership have ended
+        (or ignored cancellation for as long as a stop waits for them)."""
+        while self._winding_down:
+            await asyncio.wait(list(self._winding_down))
 
     def _wind_down(self, task: asyncio.Task[None]) -> None:
         loop = asyncio.get_running_loop()
@@ -395,7 +414,9 @@ class Supervisor:
     async def _supervise(self, worker: _Worker) -> None:
         """Run ``worker`` until cancelled, restarting it after crashes and returns."""
         worker.began = True
-        delay: float | None = None
+        delay: float | None = self._backoff_left(worker) or None
+        if delay is not None:
+            worker.state = "backoff"
         try:
             while True:
                 if delay is not None:
@@ -415,10 +436,19 @@ class Supervisor:
 
     async def _pause(self, worker: _Worker, delay: float) -> None:
         worker.next_restart_at = self._engine.clock() + delay
+        worker.backoff_ends = asyncio.get_running_loop().time() + delay
         try:
             await asyncio.sleep(delay)
+            worker.backoff_ends = None
         finally:
             worker.next_restart_at = None
+
+    @staticmethod
+    def _backoff_left(worker: _Worker) -> float:
+        """Seconds left of the backoff ``worker`` still owes (0 if none)."""
+        if worker.backoff_ends is None:
+            return 0.0
+        return max(0.0, worker.backoff_ends - asyncio.get_running_loop().time())
 
     async def _run_once(self, worker: _Worker) -> float | None:
         """Run the worker function once; return the delay before the next start, or None to end."""

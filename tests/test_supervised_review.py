@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
-from taskwatch.engine import Engine, InvalidConfiguration, TaskContext, TaskDefinitionError
+from taskwatch.engine import Engine, InProcessLease, InvalidConfiguration, TaskContext, TaskDefinitionError
 
-from .helpers import stray_tasks
+from .helpers import eventually, stray_tasks
 
 
 def engine_with(**options: object) -> Engine:
@@ -155,3 +157,93 @@ def test_resources_that_are_no_dict_are_refused() -> None:
     with pytest.raises(InvalidConfiguration, match=r"Engine\(\): resources=\['db'\]: a dict of resource name"):
         engine_with(resources=["db"])
 
+
+
+# ---------------------------------------------------------------- a leader that steps down hands over after its cleanup
+
+
+async def test_a_leader_replaced_under_its_node_id_hands_the_lease_over_only_after_its_workers_cleanup(
+    tmp_path: Path,
+) -> None:
+    # stepping down because a newer process took over its node id (or its store went away),
+    # the leader's worker is cancelled and cleans up: until that ends, no other node may start
+    # the same singleton beside it, so the lease is kept (renewed) and only then released
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    lease = InProcessLease(ttl=0.4, renew_interval=0.05)
+    timeline: list[tuple[str, str]] = []
+    cleanup_may_end = asyncio.Event()
+
+    def build(node_id: str, with_lease: bool) -> Engine:
+        engine = Engine(store=url, node_id=node_id, lease=lease if with_lease else None, lease_ttl=1.0, health_interval=None)
+
+        @engine.supervised(name="poller", leader_only=True)
+        async def poller(ctx: TaskContext) -> None:
+            timeline.append((node_id, "start"))
+            try:
+                await asyncio.Event().wait()
+            finally:
+                await cleanup_may_end.wait()  # finishing its current batch
+                timeline.append((node_id, "ended"))
+
+        return engine
+
+    old, follower = build("x", True), build("y", True)
+    newer = Engine(store=url, node_id="x", lease_ttl=1.0, health_interval=None)
+    replaced: list[Any] = []
+    old.bus.add_callback(replaced.append, ["node.superseded"])
+    await old.start()
+    try:
+        await follower.start()
+        await eventually(lambda: timeline == [("x", "start")], 5)
+        await newer.start()
+        await eventually(lambda: replaced, 10)
+        gave_up = await lease.holder()
+        assert gave_up is not None and gave_up.holder == "x", "released while its worker was still cleaning up"
+
+        async def renewed_past_its_expiry_or_taken() -> bool:
+            state = await lease.holder()
+            return ("y", "start") in timeline or (
+                state is not None and state.expires_at > gave_up.expires_at + lease.ttl
+            )
+
+        deadline = asyncio.get_running_loop().time() + 5
+        while not await renewed_past_its_expiry_or_taken():
+            assert asyncio.get_running_loop().time() < deadline, "the lease neither renewed nor taken"
+            await asyncio.sleep(0.01)
+        assert timeline == [("x", "start")], "the follower started the worker beside the old leader's cleanup"
+        assert not old.elector.is_leader
+
+        cleanup_may_end.set()
+        await eventually(lambda: ("y", "start") in timeline, 5)
+        assert timeline == [("x", "start"), ("x", "ended"), ("y", "start")]
+    finally:
+        cleanup_may_end.set()
+        for engine in (newer, follower, old):
+            await engine.stop(1.0)
+
+
+# ---------------------------------------------------------------- a lapse of the lease during a backoff
+
+
+async def test_a_crashing_worker_that_loses_and_regains_leadership_still_waits_out_its_backoff() -> None:
+    # a flaky lease store must not turn every dropped renew into a restart without backoff
+    # against whatever the worker keeps crashing on
+    offset = [0.0]
+    lease = InProcessLease(ttl=0.6, renew_interval=0.05, clock=lambda: time.time() + offset[0])
+    engine = Engine(node_id="a", lease=lease, health_interval=None)
+    terms: list[int] = []
+    engine.bus.add_callback(lambda event: terms.append(event.term), ["lease.acquired"])
+
+    @engine.supervised(name="poller", leader_only=True, backoff=30, backoff_max=60)
+    async def poller(ctx: TaskContext) -> None:
+        raise RuntimeError("the feed is down")
+
+    async with engine:
+        await eventually(lambda: engine.workers()[0].state == "backoff", 5)
+        owed_until = engine.workers()[0].next_restart_at
+        assert owed_until is not None
+        offset[0] += 1.0  # the lease lapses, as when renews do not get through
+        await eventually(lambda: len(terms) == 2 and engine.workers()[0].state == "backoff", 5)
+        worker = engine.workers()[0]
+        assert (worker.crashes, worker.restarts) == (1, 0)
+        assert worker.next_restart_at is not None and abs(worker.next_restart_at - owed_until) < 1.0
