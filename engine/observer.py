@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from typing import Any
 
 from .bus import EventBus
@@ -343,9 +344,13 @@ class ClusterObserver:
 
     async def refresh(self, runs: bool = True) -> None:
         """Read the nodes, the leader and (with ``runs``) the runs again, now."""
+        await self._refresh(runs, lease_now=True)
+
+    async def _refresh(self, runs: bool, *, lease_now: bool) -> None:
+        """:meth:`refresh`; the lease is read only when due, unless ``lease_now``."""
         self._node_rows = await self.store.nodes()
         self._now = self.store.clock()
-        if self._lease is not None and self._now >= self._lease_due:
+        if self._lease is not None and (lease_now or self._now >= self._lease_due):
             # each look opens a connection of its own (as the lease's operations do): every few seconds
             self._lease_due = self._now + _LEASE_INTERVAL
             try:
@@ -401,6 +406,12 @@ class ClusterObserver:
                 self._runs[run.id] = run.model_copy(update={"progress": progress})
                 self.runs_changes += 1
             return
+        elif kind in ("lease.acquired", "lease.released", "lease.lost"):
+            # a node took the lease, or let it go: the badge reads who leads at the next look
+            # (not on each renew, which changes no holder: each read opens a connection)
+            self._lease_due = -math.inf
+            self._poke.set()
+            return
         elif not kind.startswith("run."):
             return
         self._runs_stale = True
@@ -417,7 +428,7 @@ class ClusterObserver:
             now = loop.time()
             read_runs = self._runs_stale or now >= runs_due
             try:
-                await self.refresh(runs=read_runs)
+                await self._refresh(read_runs, lease_now=False)
                 self.last_error = None
             except (TaskwatchError, OSError) as exc:
                 self.errors += 1

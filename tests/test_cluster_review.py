@@ -307,3 +307,21 @@ async def test_a_killed_node_on_the_redis_dashboard_has_no_role_once_unknown(red
         await watcher.stop()
         await b.stop(2.0)
     assert not stray_tasks()
+
+
+async def test_a_refresh_reads_who_leads_now(postgres_url: str, nodes: list[Child]) -> None:
+    # refresh() says "now": right after a takeover it must not show the killed leader
+    args = (*COMMON, "--lease-ttl", "2", "run")
+    first = Child(postgres_url, "n1", *args)  # type: ignore[arg-type]
+    nodes.append(first)
+    await asyncio.to_thread(first.event, "lease.acquired", TIMEOUT)
+    second = Child(postgres_url, "n2", *args)  # type: ignore[arg-type]
+    nodes.append(second)
+    await asyncio.to_thread(second.event, "started", TIMEOUT)
+    async with ClusterObserver(postgres_url, refresh_interval=0.2) as observer:
+        await observer.refresh()
+        assert observer.leader is not None and observer.leader.holder == "n1"
+        await asyncio.to_thread(first.sigkill)
+        await asyncio.to_thread(second.event, "lease.acquired", TIMEOUT)
+        await observer.refresh()
+        assert observer.leader is not None and (observer.leader.holder, observer.leader.term) == ("n2", 2)
