@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -417,3 +418,27 @@ async def test_finishes_whose_answer_was_cut_off_report_what_the_store_did(
         stored = await node.get(retried.run_id)
         assert stored is not None and (stored.status, stored.attempt) == (RunStatus.PENDING, 2)
         assert (await node.counts()).by_status["succeeded"] == 2
+
+
+async def test_an_outage_leaves_the_drivers_reconnect_warnings_one_line_each(
+    postgres_server: PostgresServer, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the driver warns at every try to reconnect its pool's floor; with a whole traceback each,
+    # an outage of a few minutes filled the log with pages saying "connection refused"
+    caplog.set_level(logging.WARNING, logger="asyncpg.pool")
+    proxy = CuttingProxy(postgres_server.port)
+    await proxy.__aenter__()
+    node = PostgresStore(proxy.url(postgres_url), lease_ttl=TTL)
+    async with node:
+        await node.register_node("n1", "inc-1", "x")
+        await proxy.__aexit__(None, None, None)  # the database goes away: connections reset, then refused
+
+        def warned() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.name == "asyncpg.pool" and "connection floor" in r.getMessage()]
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while not warned():
+            assert asyncio.get_running_loop().time() < deadline, "the driver never tried to reconnect"
+            await asyncio.sleep(0.02)
+        record = warned()[0]
+        assert record.exc_info is None and "Error: " in record.getMessage()  # the error, named

@@ -103,6 +103,25 @@ _ANSWERED_ADVICE = {
 _TRANSIENT_CLASSES = ("08", "57", "53", "40")
 
 
+class _FloorRetriesInOneLine(logging.Filter):
+    """asyncpg logs a whole traceback each time its pool fails to restore its minimum
+    connection, at every retry through an outage (backing off to once a minute), while the
+    store says once itself that the database is out of reach. A driver's or the network's
+    error keeps its warning on one line, the error named; anything else keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        floor = isinstance(record.msg, str) and record.msg.startswith("Failed to restore the pool connection floor")
+        if floor and exc is not None and (type(exc).__module__.startswith("asyncpg") or isinstance(exc, OSError)):
+            record.msg = f"{record.msg} ({type(exc).__name__}: {exc})"
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_FLOOR_RETRIES = _FloorRetriesInOneLine()
+
+
 #: what taskwatch itself reads from a PostgreSQL URL's query (the store's options, the event
 #: relay's), never handed to the driver: one URL serves the store, the lease and the events
 OWN_OPTIONS = frozenset({"pool_size", "lease_ttl", "node_ttl", "reconnect_timeout", "schema", "keep", "max_age"})
@@ -485,6 +504,9 @@ class PostgresStore(Store):
             return
         self._closing = False
         self.give_up_after(None)
+        pool_log = logging.getLogger("asyncpg.pool")
+        if _FLOOR_RETRIES not in pool_log.filters:
+            pool_log.addFilter(_FLOOR_RETRIES)
         try:
             pool = await self._driver.create_pool(
                 self._dsn, min_size=1, max_size=self.pool_size, reset=_keep_session,
