@@ -128,7 +128,7 @@ from .relay import ClusterNode, EventRelay, RelayStats
 from .redis_lease import RedisLease
 from .remote import RemoteEngine
 from .runs import EngineStats, Progress, RunError, RunList, RunRecord, RunStatus
-from .scheduler import PeriodicInfo
+from .scheduler import PeriodicInfo, next_cron_due
 from .server import ControlServer, ServerInfo
 from .snapshot import Snapshot, is_truncated
 from .store import MemoryStore, NodeInfo, PostgresStore, SqliteStore, Store, StoredRun, make_store
@@ -295,5 +295,6 @@ __all__ = [
     "event_to_json",
     "is_truncated",
     "make_store",
+    "next_cron_due",
     "stop_all_background",
 ]

@@ -29,6 +29,7 @@ import atexit
 import concurrent.futures
 import concurrent.futures.thread  # noqa: F401 - its exit hook registers first, so ours runs before it
 import errno
+import functools
 import inspect
 import ipaddress
 import logging
@@ -299,6 +300,8 @@ class BackgroundEngine:
             try:
                 loop.run_until_complete(self._main())
             except BaseException as exc:  # noqa: BLE001 - reported to the caller, not lost
+                if not isinstance(exc, asyncio.CancelledError):
+                    loop.set_exception_handler(functools.partial(_reported_once, exc))
                 if self._start_error is None and not self._ready.is_set():
                     self._start_error = exc
                 elif not isinstance(exc, asyncio.CancelledError):
@@ -1268,6 +1271,20 @@ def _port_in_use(bg: BackgroundEngine, host: str, port: int) -> str:
 #: tasks a loop's end gave up on (they ignored every cancel), held so that their collection is
 #: not reported as "Task was destroyed but it is pending": _end_loop has said what happened
 _abandoned: list[asyncio.Future[Any]] = []
+
+
+def _reported_once(crash: BaseException, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The exception handler of a loop that ``crash`` ended, which was reported then.
+
+    A ``SystemExit`` or ``KeyboardInterrupt`` that leaves a task's step through the loop is
+    also kept as that task's outcome, which nothing awaits any more (asyncio.all_tasks no
+    longer lists a finished task, to read it there): without this its collection, at any
+    later time, would log it again as "Task exception was never retrieved". Only that one
+    exception object is let go; anything else is the default handler's.
+    """
+    if context.get("exception") is crash:
+        return
+    loop.default_exception_handler(context)
 
 
 def _unfinished(loop: asyncio.AbstractEventLoop) -> list[asyncio.Task[Any]]:

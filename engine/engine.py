@@ -604,12 +604,17 @@ class Engine:
         return self._leader
 
     def get_queue(self, name: str) -> WorkQueue:
-        """The queue created with ``engine.queue(name, ...)``; ``KeyError`` if there is none."""
-        return self._queues[name]
+        """The queue created with ``engine.queue(name, ...)``; :class:`UnknownQueue` (a
+        ``LookupError``) naming the queues there are if there is none."""
+        return self._queue_named(name)
 
     def get_trigger(self, name: str) -> Trigger:
-        """The trigger created with ``engine.trigger(name, ...)``; ``KeyError`` if there is none."""
-        return self._triggers[name]
+        """The trigger created with ``engine.trigger(name, ...)``; :class:`UnknownTrigger` (a
+        ``LookupError``) naming the triggers there are if there is none."""
+        trigger = self._triggers.get(name)
+        if trigger is None:
+            raise UnknownTrigger(name, self._triggers)
+        return trigger
 
     @property
     def backend(self) -> str:
@@ -970,11 +975,13 @@ class Engine:
 
     def _check_room(self, extra: int = 1) -> None:
         if self._index.counts[_PENDING] + extra > self.max_queue:
-            raise QueueFull("the engine's run queue", self.max_queue)
+            raise QueueFull("the engine's run queue", self.max_queue, option="Engine(max_queue=...)")
 
     def _shared_queue_full(self) -> QueueFull:
         """A durable store holds ``max_queue`` across every node sharing it: say so."""
-        return QueueFull(f"the run queue shared by every node of {self._store.describe()}", self.max_queue)
+        return QueueFull(
+            f"the run queue shared by every node of {self._store.describe()}", self.max_queue, option="Engine(max_queue=...)"
+        )
 
     @staticmethod
     def _new_row(run: Run) -> NewRun:

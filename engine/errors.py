@@ -90,21 +90,22 @@ class InvalidParams(TaskwatchError, ValueError):
 class QueueFull(TaskwatchError):
     """A bounded queue is at its limit; the item was not accepted."""
 
-    def __init__(self, queue: str, limit: int, waiting: int | None = None) -> None:
+    def __init__(self, queue: str, limit: int, waiting: int | None = None, *, option: str | None = None) -> None:
         self.queue = queue
         self.limit = limit
+        raise_it = "its limit" if option is None else f"its limit ({option})"
         #: how many items wait: more than ``limit`` where items taken up from a store are never held back
         self.waiting = limit if waiting is None else waiting
         if self.waiting > limit:
             super().__init__(
                 f"{queue} is full ({self.waiting} items waiting, more than its limit of {limit}: jobs "
                 "taken up from the store count too); nothing was queued. Retry once it has drained "
-                "below its limit, or raise its limit"
+                f"below its limit, or raise {raise_it}"
             )
         else:
             super().__init__(
-                f"{queue} is full ({limit} items waiting); nothing was queued. "
-                "Retry later, or raise its limit"
+                f"{queue} is full ({limit} {'item' if limit == 1 else 'items'} waiting); nothing was queued. "
+                f"Retry later, or raise {raise_it}"
             )
 
 
@@ -395,36 +396,46 @@ class InvalidProgress(TaskwatchError, ValueError):
     """A task reported progress that is not a finite number (or a message that is not text).
     The run's progress stays as it was."""
 
-    def __init__(self, run_id: str, problems: Iterable[str]) -> None:
+    def __init__(self, run_id: str, problems: Iterable[str], fields: Iterable[str] = ("done",)) -> None:
         self.run_id = run_id
         self.problems = list(problems)
+        # the advice fits what was wrong: the numbers, the message, or both
+        wrong = set(fields)
+        wants = []
+        if wrong - {"message"}:
+            wants.append("done and total as finite numbers")
+        if "message" in wrong:
+            wants.append("the message as text (a str)")
         super().__init__(
-            f"invalid progress for run {run_id}: {'; '.join(self.problems)}; report finite numbers, "
+            f"invalid progress for run {run_id}: {'; '.join(self.problems)}; report {' and '.join(wants)}, "
             "such as ctx.progress(3, 10, 'pages'); the run's progress is unchanged"
         )
 
     @classmethod
     def refused(cls, run_id: str, exc: ValidationError) -> InvalidProgress:
         """The error for a report the progress event's validation refused, a line per field."""
+        errors = exc.errors()
         return cls(run_id, [
             f"{e['loc'][0]} {e['msg'].removeprefix('Input ').removeprefix('Value error, ')}, got {e['input']!r}"[:300]
-            for e in exc.errors()
-        ])  # fmt: skip
+            for e in errors
+        ], [str(e["loc"][0]) for e in errors])  # fmt: skip
 
 
 class EngineCrashed(EngineNotRunning):
-    """The background engine's event loop died; the engine cannot take calls any more.
+    """The background engine's event loop died; this facade takes no more calls.
 
-    ``cause`` is the exception that ended the loop. Start a new engine; the
-    cause's traceback was logged when it happened.
+    ``cause`` is the exception that ended the loop; its traceback was logged
+    when it happened. The engine itself was stopped on the way out, so
+    ``engine.start_background()`` starts it again, with a new facade.
     """
 
     def __init__(self, cause: BaseException) -> None:
         self.cause = f"{type(cause).__qualname__}: {cause}"
         TaskwatchError.__init__(
             self,
-            f"the engine's event loop died ({self.cause}) and it accepts no more calls; "
-            "fix the cause and start a new engine",
+            f"the engine's event loop died ({self.cause}) and this BackgroundEngine accepts no more "
+            "calls; fix the cause, then start the engine again with engine.start_background() and "
+            "make your calls on the BackgroundEngine it returns",
         )
         self.state = "failed"
 
@@ -538,8 +549,9 @@ class JobNotSerializable(TaskwatchError, TypeError):
     def __init__(self, queue: str, type_name: str, detail: str) -> None:
         self.queue = queue
         self.type_name = type_name
+        article = "an" if type_name[:1].lower() in ("a", "e", "i", "o", "u") else "a"
         super().__init__(
-            f"a {type_name} job cannot be put into queue {queue!r}: jobs must be pydantic models "
+            f"{article} {type_name} job cannot be put into queue {queue!r}: jobs must be pydantic models "
             f"or JSON-serialisable values (dicts, lists, str, numbers); nothing was queued ({detail})"
         )
 

@@ -1324,7 +1324,7 @@ def _params_no_longer_fit(task: str, exc: ValidationError) -> str:
     )
     more = f" (and {exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
     return (
-        f"the params recorded for this run no longer fit task {task!r}'s params model ({problems}{more}): "
+        f"the params recorded for this run no longer fit the params model of task {task!r} ({problems}{more}): "
         "the model changed since the run was submitted, so retrying cannot help; submit it again with "
         "params that fit"
     )

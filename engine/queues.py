@@ -483,7 +483,9 @@ class WorkQueue:
 
     def _full(self) -> QueueFull:
         # jobs taken up from the store are never held back by maxsize: the depth may be above it
-        return QueueFull(f"queue {self.name!r}", self.maxsize, max(self.depth, self.maxsize))
+        return QueueFull(
+            f"queue {self.name!r}", self.maxsize, max(self.depth, self.maxsize), option="the maxsize= of engine.queue()"
+        )
 
     async def _late_start(self) -> None:
         """A queue made while the engine runs is started by a task of the engine's loop (on a
@@ -1452,7 +1454,8 @@ class WorkQueue:
             kept = lost == 0 and not stranded and not unstorable
             self._engine.bus.emit(QueueDrainIncomplete, queue=self.name, left=left + stranded, kept=kept)
         if left or stranded:
-            self._left_at_stop = (f"the {left + stranded} jobs left in queue {self.name!r}", kept)
+            count = left + stranded
+            self._left_at_stop = (f"the {count} {'job' if count == 1 else 'jobs'} left in queue {self.name!r}", kept)
         self._stop_answers_joins = False
         with self._lock:
             joins, self._idle_waiters = self._idle_waiters, []

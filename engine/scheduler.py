@@ -76,6 +76,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone, tzinfo
 from typing import TYPE_CHECKING, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 from pydantic import BaseModel, ConfigDict
@@ -207,12 +208,16 @@ def next_interval_due(
     return due + jitter_delay(every, jitter_fraction, rng)
 
 
-def next_cron_due(expr: str, after: float, tz: tzinfo | None = None, *, fired: float | None = None) -> float:
+def next_cron_due(expr: str, after: float, tz: tzinfo | str | None = None, *, fired: float | None = None) -> float:
     """The first time strictly after ``after`` (UNIX seconds) that ``expr`` matches.
 
-    ``expr`` names wall-clock times of ``tz``: with ``tz=None`` the local time zone, as
-    cron reads it; pass a ``tzinfo`` (``datetime.timezone.utc``, a ``ZoneInfo``) for
-    another. Every zone follows the same rules at its DST changes:
+    ``after`` (and ``fired``) are UNIX seconds, an int or float as ``time.time()`` gives
+    (for a ``datetime``, pass its ``.timestamp()``); so is the answer. ``expr`` names
+    wall-clock times of ``tz``: with ``tz=None`` the local time zone, as cron reads it;
+    pass a ``tzinfo`` (``datetime.timezone.utc``, a ``ZoneInfo``) or a zone name
+    (``"Europe/Berlin"``, read with ``zoneinfo``) for another. Any other value, or an
+    expression that does not parse, raises :class:`InvalidConfiguration`. Every zone
+    follows the same rules at its DST changes:
 
     * a time the clocks skip when DST starts is taken as late as the clocks jumped (an
       hour later that day: ``30 2 * * *`` at 03:30, ``0,30 2 * * *`` at 03:00 and 03:30);
@@ -225,15 +230,36 @@ def next_cron_due(expr: str, after: float, tz: tzinfo | None = None, *, fired: f
 
     Raises ``StopIteration`` if the expression never matches again.
     """
+    problems = [
+        f"{name}={value!r}: {problem}"
+        for name, value in (("after", after), ("fired", fired))
+        if value is not None and (problem := _seconds_problem(value)) is not None
+    ]
+    if not isinstance(expr, str):
+        problems.append(f"expr={expr!r}: a cron expression is a str, such as '0 3 * * *'")
+    zone = _cron_zone(tz)
+    if isinstance(zone, str):
+        problems.append(zone)
+        zone = None
+    tz = zone
+    if problems:
+        raise InvalidConfiguration("next_cron_due()", problems)
     # both passes of the repeated hour and the times the clocks skip are worked out here, on
     # naive wall-clock times, the same way for every zone (cronsim's own handling of an aware
     # zone differs: a skipped 02:30 at 03:00, a repeated 02:00 twice)
     start = _wall(after, tz) - _just_skipped(after, tz)
     # a slot fired in the second pass tells nothing of the first: times after it were not served
     served = fired if fired is not None and not _wall(fired, tz).fold else None
+    try:
+        slots = CronSim(expr, start.replace(fold=0))
+    except (CronSimError, ValueError, TypeError, AttributeError) as exc:
+        raise InvalidConfiguration("next_cron_due()", [
+            f"expr={expr!r} does not parse ({exc}); its fields are minute hour day month weekday, "
+            "as in '0 3 * * *', with an optional seconds field first ('*/10 * * * * *')"
+        ]) from None  # fmt: skip
     best: float | None = None
     best_wall: datetime | None = None
-    for wall in CronSim(expr, start.replace(fold=0)):
+    for wall in slots:
         if best_wall is not None and wall > best_wall:
             break  # no later wall-clock time is an earlier instant
         first = _instant(wall, 0, tz)
@@ -251,6 +277,43 @@ def next_cron_due(expr: str, after: float, tz: tzinfo | None = None, *, fired: f
     if best is None:
         raise StopIteration(f"cron expression {expr!r} never matches again")
     return best
+
+
+def _cron_zone(tz: object) -> tzinfo | str | None:
+    """``tz`` as :func:`next_cron_due` reads it (a zone name looked up with ``zoneinfo``), or
+    what is wrong with it, as a str."""
+    if tz is None or isinstance(tz, tzinfo):
+        return tz
+    if isinstance(tz, str):
+        try:
+            return ZoneInfo(tz)
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            problem = "no time zone has that name"
+    else:
+        problem = f"not a time zone nor a zone name (got {type(tz).__qualname__})"
+    return (
+        f"tz={tz!r}: {problem}; give an IANA zone name such as 'Europe/Berlin' or 'UTC', a tzinfo "
+        "(datetime.timezone.utc, a zoneinfo.ZoneInfo), or None for the local time zone"
+    )
+
+
+def _seconds_problem(value: object) -> str | None:
+    """Why ``value`` is not UNIX seconds :func:`next_cron_due` can read, or None."""
+    if isinstance(value, datetime):
+        return "a datetime is not UNIX seconds; pass its .timestamp()"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"not UNIX seconds (got {type(value).__qualname__}); give an int or float, as time.time() gives"
+    if not math.isfinite(value):
+        return "not a finite number; give UNIX seconds, as time.time() gives"
+    if not _EARLIEST <= value < _LATEST:
+        # milliseconds, the likeliest slip, land here (time.time() * 1000 is past year 50000)
+        return "not a date of years 2 to 8999; give UNIX seconds (not milliseconds), as time.time() gives"
+    return None
+
+
+# the dates datetime reads in every zone, with room for cronsim's look ahead (50 years)
+_EARLIEST = datetime(2, 1, 1, tzinfo=timezone.utc).timestamp()
+_LATEST = datetime(9000, 1, 1, tzinfo=timezone.utc).timestamp()
 
 
 def _wall(t: float, tz: tzinfo | None) -> datetime:

@@ -193,6 +193,11 @@ def _heat(item: tuple[str, _Key]) -> tuple[bool, int]:
     return item[1].run_id is not None, item[1].count
 
 
+def _counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: "1 run", "2 runs"."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _seconds(staleness: timedelta | float | None) -> float | None:
     if staleness is None:
         return None
@@ -247,7 +252,7 @@ class Trigger:
         *,
         size_threshold: int,
         staleness: timedelta | float | None = None,
-        staleness_min: int = 1,
+        staleness_min: int | None = None,
         check_interval: float | None = None,
         retries: int = 0,
         timeout: float | None = None,
@@ -257,6 +262,9 @@ class Trigger:
     ) -> None:
         stale = _seconds(staleness)
         forget = _seconds(forget_after)
+        # None: left out (1); told apart from a 1 given, which without staleness is refused as any value is
+        given_min = staleness_min
+        staleness_min = 1 if staleness_min is None else staleness_min
         opts = check_options(
             TriggerOptions,
             f"trigger {name!r}",
@@ -280,7 +288,7 @@ class Trigger:
                 f"check_interval={check_interval!r}: the sweep only looks for stale keys (staleness=) "
                 "and idle ones (forget_after=); give one of those, or leave check_interval out"
             )
-        if stale is None and opts.staleness_min != 1:
+        if stale is None and given_min is not None:
             # only staleness reads it: without staleness it would be ignored without a word
             problems.append(
                 f"staleness_min={staleness_min!r}: it is the count a key needs to fire by staleness, "
@@ -689,14 +697,15 @@ class Trigger:
     def _refused_at_stop(self) -> StoppedBeforeDone:
         # their counts stay with the trigger (and a durable store): the next start fires them
         return StoppedBeforeDone(
-            f"the {len(self._refused)} keys of trigger {self.name!r} that a full run queue refused", kept=True
+            f"the {_counted(len(self._refused), 'key')} of trigger {self.name!r} that a full run queue refused",
+            kept=True,
         )
 
     def _left_at_stop(self) -> StoppedBeforeDone:
         if self._active:
-            return StoppedBeforeDone(f"the {len(self._active)} runs of trigger {self.name!r}", kept=True)
+            return StoppedBeforeDone(f"the {_counted(len(self._active), 'run')} of trigger {self.name!r}", kept=True)
         # the memory store's stop cancelled them: no key ran, the counts stay
-        return StoppedBeforeDone(f"the {self._cut_at_stop} runs of trigger {self.name!r}", kept=False)
+        return StoppedBeforeDone(f"the {_counted(self._cut_at_stop, 'run')} of trigger {self.name!r}", kept=False)
 
     def _wake_drainers(self) -> None:
         waiters, self._drain_waiters = self._drain_waiters, []
