@@ -224,29 +224,15 @@ async def test_get_queue_and_get_trigger_refuse_an_unknown_name_naming_the_known
 # ------------------------------------------------------------ the advice a full queue gives
 
 
-async def test_a_full_run_queue_names_the_max_queue_option_that_raises_its_limit() -> None:
-    engine = make_engine(max_queue=1, max_concurrency=1)
-    gate = asyncio.Event()
-
-    @engine.task
-    async def hold(ctx: TaskContext) -> None:
-        await gate.wait()
-
-    async with engine:
-        try:
-            await engine.submit("hold")
-            await eventually(lambda: engine.stats().running == 1)
-            await engine.submit("hold")
-            with pytest.raises(QueueFull) as full:
-                await engine.submit("hold")
-        finally:
-            gate.set()
-    assert "the engine's run queue is full (1 item waiting)" in str(full.value)
-    assert "Engine(max_queue=...)" in str(full.value)
-
-
-async def test_a_full_run_queue_a_store_shares_names_max_queue_too(tmp_path: Path) -> None:
-    engine = make_engine(store=f"sqlite:///{tmp_path / 'runs.db'}", max_queue=1, max_concurrency=1)
+@pytest.mark.parametrize(
+    ("durable", "said"),
+    [(False, "the engine's run queue is full (1 item waiting)"), (True, "the run queue shared by every node")],
+)
+async def test_a_full_run_queue_names_the_max_queue_option_that_raises_its_limit(
+    tmp_path: Path, durable: bool, said: str
+) -> None:
+    store = {"store": f"sqlite:///{tmp_path / 'runs.db'}"} if durable else {}
+    engine = make_engine(max_queue=1, max_concurrency=1, **store)
     gate = asyncio.Event()
 
     @engine.task
@@ -262,7 +248,7 @@ async def test_a_full_run_queue_a_store_shares_names_max_queue_too(tmp_path: Pat
                 await engine.submit("hold")
         finally:
             gate.set()
-    assert "the run queue shared by every node" in str(full.value)
+    assert said in str(full.value)
     assert "Engine(max_queue=...)" in str(full.value)
 
 
