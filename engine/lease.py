@@ -674,7 +674,13 @@ class LeaderElector:
                 waiting.cancel()
         self._to_release = None
         # even when a renew failed: the release names its term, so it frees nothing another node took
-        await self._call(self.lease.release(self.node_id, term), self.lease.renew_interval, "release")
+        released = await self._call(self.lease.release(self.node_id, term), self.lease.renew_interval, "release")
+        if released:
+            # lease.lost said this node stopped leading; this says the lease is free now (a
+            # dashboard would otherwise show this node holding it until its next look)
+            self._engine.bus.emit(
+                LeaseReleased, holder=None, term=term, expires_at=None, previous_holder=self.node_id, previous_term=term
+            )
 
     async def _try_acquire(self) -> None:
         assert self.lease is not None

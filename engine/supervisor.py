@@ -385,8 +385,11 @@ class Supervisor:
         task = worker.task
         if task is None or task.done():
             return None
-        if worker.stop_reason is None:
-            worker.stop_reason = reason
+        if worker.stop_reason is not None:
+            # already told to stop, and cleaning up: a second cancel would cut that cleanup
+            # short (the waiters re-cancel one that swallows the first, once its time is up)
+            return task
+        worker.stop_reason = reason
         task.cancel()
         return task
 

@@ -191,6 +191,8 @@ async def test_a_leader_replaced_under_its_node_id_hands_the_lease_over_only_aft
     newer = Engine(store=url, node_id="x", lease_ttl=1.0, health_interval=None)
     replaced: list[Any] = []
     old.bus.add_callback(replaced.append, ["node.superseded"])
+    released: list[Any] = []
+    old.bus.add_callback(released.append, ["lease.released"])
     await old.start()
     try:
         await follower.start()
@@ -216,6 +218,8 @@ async def test_a_leader_replaced_under_its_node_id_hands_the_lease_over_only_aft
         cleanup_may_end.set()
         await eventually(lambda: ("y", "start") in timeline, 5)
         assert timeline == [("x", "start"), ("x", "ended"), ("y", "start")]
+        # said once freed, so a dashboard need not wait for its next look to see it free
+        assert [(e.previous_holder, e.term, e.holder) for e in released] == [("x", 1, None)]
     finally:
         cleanup_may_end.set()
         for engine in (newer, follower, old):
@@ -247,3 +251,36 @@ async def test_a_crashing_worker_that_loses_and_regains_leadership_still_waits_o
         worker = engine.workers()[0]
         assert (worker.crashes, worker.restarts) == (1, 0)
         assert worker.next_restart_at is not None and abs(worker.next_restart_at - owed_until) < 1.0
+
+
+@pytest.mark.parametrize("then", ["engine.stop", "stop_worker"])
+async def test_a_worker_winding_down_after_a_lost_leadership_keeps_its_cleanup_when_stopped(then: str) -> None:
+    # a second cancel from the stop would land in the middle of the cleanup it is waiting for
+    engine = Engine(node_id="a", lease=InProcessLease(ttl=0.5, renew_interval=0.05), health_interval=None)
+    said: list[str] = []
+
+    @engine.supervised(name="poller", leader_only=True)
+    async def poller(ctx: TaskContext) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            said.append("cleanup begins")
+            try:
+                await asyncio.sleep(0.3)  # the cleanup's own work: flushing what it holds
+            except asyncio.CancelledError:
+                said.append("cleanup cut")
+                raise
+            said.append("cleanup finished")
+            raise
+
+    await engine.start()
+    try:
+        await eventually(lambda: engine.workers()[0].state == "running" and engine.elector.is_leader, 5)
+        engine.elector.suspend()  # what the engine does when its store is out of reach
+        await eventually(lambda: said == ["cleanup begins"], 5)
+        if then == "stop_worker":
+            await engine.stop_worker("poller")
+    finally:
+        await engine.stop(5.0)
+    assert said == ["cleanup begins", "cleanup finished"]
+    assert stray_tasks() == set()
