@@ -752,27 +752,38 @@ def test_the_html_counts_include_runs_evicted_from_the_history() -> None:
     assert 'data-status="failed" data-count="2"' in html
 
 
+CTRL_C_APART = """
+import asyncio, json, signal, threading
+from taskwatch.engine.hop import call_apart
+
+entered, release = threading.Event(), threading.Event()
+
+async def stuck():
+    entered.set()
+    await asyncio.to_thread(release.wait)
+
+def interrupt():
+    entered.wait(30)
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+threading.Thread(target=interrupt, daemon=True).start()
+try:
+    call_apart(stuck)
+    said = "returned"
+except KeyboardInterrupt:
+    # only release, set below, ends the call it gave up: the caller was freed before it ended
+    said = "interrupted while the call still waited"
+release.set()
+print(json.dumps(said), flush=True)
+"""
+
+
 def test_ctrl_c_during_a_wait_on_a_loop_apart_frees_the_caller_at_once() -> None:
-    # what a wait on a stopped engine runs on: Ctrl-C must not then wait for that loop to end
-    entered, release = threading.Event(), threading.Event()
-
-    async def stuck() -> None:
-        entered.set()
-        await asyncio.to_thread(release.wait, 30)
-
-    def interrupt() -> None:
-        assert entered.wait(5)
-        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
-
-    interrupter = threading.Thread(target=interrupt)
-    interrupter.start()
-    started = time.monotonic()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            call_apart(stuck)
-        took = time.monotonic() - started
-    finally:
-        release.set()
-        interrupter.join()
-    assert took < 5
-    wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("taskwatch-apart")])
+    # what a wait on a stopped engine runs on: Ctrl-C must not then wait for that loop to end.
+    # In a process of its own: what Ctrl-C does depends on the process's signal state, which
+    # a test runner's may not be (a fresh interpreter's is the user's)
+    child = subprocess.run(
+        [sys.executable, "-c", CTRL_C_APART], capture_output=True, text=True, timeout=60
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.strip() == '"interrupted while the call still waited"', child.stdout + child.stderr[-2000:]
