@@ -117,6 +117,11 @@ class ClusterObserver:
         self._unsubscribe: Any = None
         #: the database's time of the last read of the nodes table that got through
         self._now = 0.0
+        #: a read failed since the last that got through (the database is out of reach)
+        self._read_failed = False
+        #: the database's time of the first read that got through after one failed: no node
+        #: could heartbeat before, so none is judged dead until node_ttl after it
+        self._answering_since = -math.inf
         #: running runs the last read left out (beyond running_limit): 0 when every one is listed
         self.running_unlisted = 0
         #: counts the changes to what runs() returns (a view redraws the runs when it moved)
@@ -249,11 +254,14 @@ class ClusterObserver:
             stopped = info.stopped_at is not None or (view is not None and view.stopped)
             # dead as the nodes table said at its last read; silent past the TTL only since, and
             # that read is no longer current: nobody here can tell whether it is up or dead
-            dead = not stopped and info.last_heartbeat < self._now - ttl
+            overdue = info.last_heartbeat < self._now - ttl
+            # unless the database answers again only since less than a TTL: an outage proves
+            # no node dead (none could heartbeat through it), so until then it is not known
+            dead = not stopped and overdue and self._now >= self._answering_since + ttl
             # or its events stopped coming (see ClusterNode.unknown): this watcher's node_ttl may
             # be far longer than the nodes' own, and a killed node would show up until it passed
             silent = view is not None and view.unknown
-            unknown = not stopped and not dead and (silent or (stale and info.last_heartbeat < now - ttl))
+            unknown = not stopped and not dead and (silent or overdue or (stale and info.last_heartbeat < now - ttl))
             fields: dict[str, Any] = view.model_dump() if view is not None else {"node": name}
             fields.update(
                 running=info.running,
@@ -348,8 +356,15 @@ class ClusterObserver:
 
     async def _refresh(self, runs: bool, *, lease_now: bool) -> None:
         """:meth:`refresh`; the lease is read only when due, unless ``lease_now``."""
-        self._node_rows = await self.store.nodes()
+        try:
+            self._node_rows = await self.store.nodes()
+        except BaseException:
+            self._read_failed = True
+            raise
         self._now = self.store.clock()
+        if self._read_failed:
+            self._read_failed = False
+            self._answering_since = self._now
         if self._lease is not None and (lease_now or self._now >= self._lease_due):
             # each look opens a connection of its own (as the lease's operations do): every few seconds
             self._lease_due = self._now + _LEASE_INTERVAL

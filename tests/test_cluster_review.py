@@ -35,6 +35,7 @@ from taskwatch.engine.redis_events import RedisEventRelay
 from taskwatch.engine.relay import ClusterNode
 
 from .helpers import Recorder, eventually, stray_tasks
+from .postgres_server import PostgresServer
 from .processes import JsonLineProcess
 from .redis_server import RedisServer
 from .test_durable import Child
@@ -325,3 +326,28 @@ async def test_a_refresh_reads_who_leads_now(postgres_url: str, nodes: list[Chil
         await asyncio.to_thread(second.event, "lease.acquired", TIMEOUT)
         await observer.refresh()
         assert observer.leader is not None and (observer.leader.holder, observer.leader.term) == ("n2", 2)
+
+
+async def test_after_an_outage_a_node_that_was_up_is_not_shown_dead_before_it_could_heartbeat(
+    postgres_server: PostgresServer, postgres_url: str, nodes: list[Child]
+) -> None:
+    # an outage longer than the node TTL leaves every heartbeat old: the first read after it
+    # proves nothing about who is alive, so a live node is "unknown" until it could be heard
+    node = Child(postgres_url, "w", *COMMON, "--lease-ttl", "3", "run")  # type: ignore[arg-type]
+    nodes.append(node)
+    await asyncio.to_thread(node.event, "lease.acquired", TIMEOUT)
+    async with ClusterObserver(f"{postgres_url}?node_ttl=3&reconnect_timeout=1", refresh_interval=0.2) as observer:
+
+        def state() -> str | None:
+            n = node_named(observer, "w")
+            return None if n is None else "dead" if n.dead else "unknown" if n.unknown else "up"
+
+        await eventually(lambda: state() == "up", timeout=TIMEOUT)
+        await asyncio.to_thread(postgres_server.stop)
+        try:
+            await eventually(lambda: state() == "unknown", timeout=TIMEOUT)
+        finally:
+            await asyncio.to_thread(postgres_server.start)
+        seen: list[str | None] = []
+        await eventually(lambda: seen.append(state()) or seen[-1] == "up", timeout=TIMEOUT)
+        assert "dead" not in seen, seen
