@@ -3,9 +3,12 @@
 Three engines publish their events to one Redis stream; one dashboard reads
 it and must show each node (with the leader's badge and health figures) and
 each node's events under its id. A dashboard opened after most of a node's
-events were trimmed away says how many it missed. On an in-process stream
-(no server): the log keeps its newest event in view when the space above it
-changes, and at 80 columns every node's missed count stays in sight.
+events were trimmed away says how many it missed, and entries in the stream
+that are no event are counted in the header. On an in-process stream (no
+server): the log keeps its newest event in view when the space above it
+changes, and at 80 columns every node's state and missed count stays in
+sight, as does each event's text after a node id of a hundred characters
+and more.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import socket
 import uuid
 from typing import Any
 
+import redis.asyncio as aioredis
+from rich.cells import cell_len
 from rich.text import Text
 from taskwatch.engine import Engine, InProcessLease, MemoryEventRelay, MemoryEventStream, RedisEventRelay, TaskContext
 from taskwatch.tui.cli import main as cli_main
@@ -202,6 +207,65 @@ async def test_a_narrow_dashboard_shows_every_nodes_missed_count() -> None:
             missed = table.get_cell("api-1", "missed").plain
             assert table.virtual_size.width <= table.size.width  # no column past the right edge
             assert f"{missed} missed" in header(app).split("\n")[-1]
+    finally:
+        for engine in engines:
+            await engine.stop(1.0)
+    assert not stray_tasks()
+
+
+async def test_entries_that_are_no_event_are_counted_in_the_header(redis_server: RedisServer) -> None:
+    stream = f"test:{uuid.uuid4().hex[:8]}:events"
+    engine = node_engine(redis_server.url, "api-1", stream)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    app = ClusterApp(RedisEventRelay(redis_server.url, stream=stream))
+    try:
+        async with app.run_test(size=(150, 40)):
+            await engine.start()
+            await (await engine.submit("hello")).wait()
+            await eventually(lambda: any("run.succeeded" in line for line in log_lines(app)), timeout=10.0)
+            assert "malformed" not in header(app)
+            # a foreign writer's entries: one that is not JSON, one without the event field
+            await raw.xadd(stream, {"e": "not json"})
+            await raw.xadd(stream, {"x": "no event here"})
+            await eventually(lambda: "2 malformed" in header(app), timeout=10.0)
+            assert "0 missed" in header(app)  # none of api-1's events went missing for it
+    finally:
+        await engine.stop(1.0)
+        await raw.aclose()
+    assert not stray_tasks()
+
+
+#: node ids of the length pods and hosts get (the engine takes any length)
+LONG_IDS = ("taskwatch-worker-7f9c8d6b5-x2k4p.prod-eu-west-1.internal-0001", "node-" + "x" * 150 + "-end")
+
+
+async def test_long_node_ids_leave_each_nodes_state_and_missed_and_each_events_text_in_sight() -> None:
+    stream = MemoryEventStream()
+    engines = [memory_engine(node, stream) for node in ("api-1", *LONG_IDS)]
+    try:
+        for engine in engines:
+            await engine.start()
+            await (await engine.submit("hello")).wait()
+        app = ClusterApp(MemoryEventRelay(stream, since="0"))
+        async with app.run_test(size=(80, 24)) as pilot:
+            table = app.query_one(NodesTable)
+            await eventually(lambda: len(table.shown_keys) == 3)
+            await pilot.pause()
+            assert table.virtual_size.width <= table.size.width  # no column past the right edge
+            assert {"state", "missed"} <= {column.key for column in table.shown_columns}
+            for node in LONG_IDS:
+                shown = table.get_cell(node, "node").plain
+                assert cell_len(shown) <= 24 and shown.endswith("…") and node.startswith(shown[:-1])
+                assert table.get_cell(node, "state").plain == "up"
+                assert table.get_cell(node, "missed").plain == "0"
+            assert table.get_cell("api-1", "node").plain == "api-1"
+
+            log = app.query_one(EventLog)
+            succeeded = [line for line in log_lines(app) if "run.succeeded" in line]
+            assert len(succeeded) == 3
+            for line in succeeded:
+                # the event's own text starts on screen, not past a node id wider than the log
+                assert line.index("run=") + len("run=") < log.size.width
     finally:
         for engine in engines:
             await engine.stop(1.0)

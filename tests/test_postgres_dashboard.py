@@ -30,6 +30,7 @@ from taskwatch.engine import (
     Engine,
     NotATaskwatchStore,
     PostgresEventRelay,
+    RunStatus,
     SchemaTooNew,
     StoreUnavailable,
     TaskContext,
@@ -43,6 +44,7 @@ from taskwatch.tui.screens import ConfirmScreen, RunScreen
 from taskwatch.widgets import ClusterRunsTable, EventLog, RunDetail, StoreNodesTable
 from textual.widgets import Label, Static
 
+from .cutting_proxy import StallingProxy
 from .helpers import eventually, stray_tasks
 from .postgres_server import PostgresServer, schema_script
 from .processes import Line
@@ -420,3 +422,130 @@ async def test_enter_on_a_run_shows_it_in_full_and_keeps_it_current(postgres_url
             await eventually(lambda: shown.record is not None and shown.record.result == "finally", timeout=TIMEOUT)
             assert shown.record.status.value == "succeeded"
     assert not stray_tasks()
+
+
+# ---------------------------------------------------------------- keys while the database is away
+
+
+def messages(app: ClusterApp) -> list[str]:
+    return [str(note.message) for note in app._notifications]
+
+
+def said(app: ClusterApp, text: str) -> bool:
+    return any(text in message for message in messages(app))
+
+
+async def test_while_the_database_is_down_enter_shows_the_run_as_read_and_c_and_r_refuse_at_once(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    async with PostgresStore(postgres_url) as submitter:  # no node runs these: one waits, one was cancelled
+        (waiting,) = await submitter.insert([NewRun(task="later", params={"n": 1})])
+        (cancelled,) = await submitter.insert([NewRun(task="later", params={"n": 2})])
+        await submitter.request_cancel(cancelled.id)
+    # the store retries for 30 s before it gives up: no key may wait that long
+    app = ClusterApp(ClusterObserver(f"{postgres_url}?reconnect_timeout=30", lease=None))
+    async with app.run_test(size=(160, 45)) as pilot:
+        table = app.query_one(ClusterRunsTable)
+        await eventually(lambda: cancelled.id in table.shown_keys and cell(table, cancelled.id, "status") == "cancelled"
+                         and waiting.id in table.shown_keys, timeout=TIMEOUT)  # fmt: skip
+        await asyncio.to_thread(postgres_server.stop)
+        try:
+            await eventually(lambda: "stale" in header(app), timeout=TIMEOUT)
+            assert table.select_run(waiting.id)
+            await pilot.press("enter")
+            await eventually(lambda: isinstance(app.screen, RunScreen), timeout=2.0)
+            assert app.screen.run_id == waiting.id  # type: ignore[attr-defined]
+            assert said(app, f"the database is unreachable: run {waiting.id} is shown as read")
+            assert said(app, "before the outage")
+            await pilot.press("escape")
+            await eventually(lambda: not isinstance(app.screen, RunScreen))
+
+            # c refuses before asking: nothing could be sent
+            await pilot.press("c")
+            await eventually(lambda: said(app, f"cannot cancel run {waiting.id}: the database is unreachable: "
+                                               "nothing was sent; try again once it answers"), timeout=2.0)  # fmt: skip
+            assert not isinstance(app.screen, ConfirmScreen)
+            assert table.select_run(cancelled.id)
+            await pilot.press("r")
+            await eventually(lambda: said(app, f"cannot retry run {cancelled.id}: the database is unreachable"),
+                             timeout=2.0)  # fmt: skip
+        finally:
+            await asyncio.to_thread(postgres_server.start)
+        await eventually(lambda: "stale" not in header(app), timeout=TIMEOUT)
+        assert not isinstance(app.screen, (RunScreen, ConfirmScreen))
+    # and nothing was carried out once it answered again: the run waits, no retry was queued
+    async with PostgresStore(postgres_url) as store:
+        run = await store.get(waiting.id)
+        assert run is not None and run.status is RunStatus.PENDING
+        assert {r.id for r in (await store.query(limit=10)).runs} == {waiting.id, cancelled.id}
+    assert not stray_tasks()
+
+
+def detail_open(app: ClusterApp) -> bool:
+    """Whether the read of a run Enter asked for is still under way."""
+    return any(worker.group == "detail" for worker in app.workers)
+
+
+async def test_a_database_that_does_not_answer_is_waited_for_briefly_and_a_late_answer_opens_nothing(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    async with PostgresStore(postgres_url) as submitter:
+        (waiting,) = await submitter.insert([NewRun(task="later", params={})])
+    async with StallingProxy(postgres_server.port) as proxy:
+        # a network that delivers nothing and refuses nothing: the observer cannot tell yet
+        app = ClusterApp(ClusterObserver(proxy.url(postgres_url), lease=None), answer_timeout=0.5)
+        async with app.run_test(size=(160, 45)) as pilot:
+            table = app.query_one(ClusterRunsTable)
+            await eventually(lambda: waiting.id in table.shown_keys, timeout=TIMEOUT)
+            assert table.select_run(waiting.id)
+            proxy.hold()
+            try:
+                await pilot.press("c")
+                await eventually(lambda: isinstance(app.screen, ConfirmScreen))
+                await pilot.press("y")
+                # given up on after the bound, and said so: the cancel may have reached the database
+                await eventually(lambda: said(app, f"cancel of run {waiting.id}: no answer from the database within "
+                                                   "0.5 s; it may still have been carried out"))  # fmt: skip
+
+                # Enter: after the bound, the run as read last
+                await pilot.press("enter")
+                await eventually(lambda: isinstance(app.screen, RunScreen))
+                assert said(app, f"cannot read run {waiting.id} (no answer from the database within 0.5 s)")
+                await pilot.press("escape")
+                await eventually(lambda: not isinstance(app.screen, RunScreen))
+                assert "stale" not in header(app)  # all of this within what the observer still takes as current
+
+                # Enter, then c while the read is under way: its answer does not cover the question
+                app.answer_timeout = 10.0
+                await pilot.press("enter")
+                await eventually(lambda: detail_open(app))
+                await pilot.press("c")
+                await eventually(lambda: isinstance(app.screen, ConfirmScreen))
+            finally:
+                proxy.release()
+            await eventually(lambda: not detail_open(app), timeout=TIMEOUT)
+            await pilot.pause()
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("n")
+    assert not stray_tasks()
+
+
+async def test_space_marks_no_run_in_the_cluster_runs_table(postgres_url: str) -> None:
+    # c and r act on the run under the cursor: a mark would say they act on the marked ones
+    async with PostgresStore(postgres_url) as submitter:
+        batch = await submitter.insert([NewRun(task="later", params={"n": n}) for n in range(3)])
+    app = ClusterApp(ClusterObserver(postgres_url, lease=None))
+    async with app.run_test(size=(160, 45)) as pilot:
+        table = app.query_one(ClusterRunsTable)
+        await eventually(lambda: len(table.shown_keys) == 3, timeout=TIMEOUT)
+        top = table.shown_keys[0]
+        assert table.select_run(top)
+        await pilot.press("space")
+        await pilot.press("space")
+        assert table.marked == []
+        assert table.selected_run_id == top  # nor did the cursor move as marking moves it
+        await pilot.press("c")
+        await eventually(lambda: isinstance(app.screen, ConfirmScreen))
+        assert top in app.screen.question  # type: ignore[attr-defined]
+        await pilot.press("n")
+    assert {r.id for r in batch} == set(table.shown_keys)

@@ -23,11 +23,16 @@ traceback), read from the store and kept current while open. When events were mi
 store. Runs are newest first, those submitted together in the order the store
 took them. While the database is out of reach the header says how old what is
 shown is, a node silent past the node TTL since shows as ``unknown`` and a
-leader whose lease lapsed since is no longer shown.
+leader whose lease lapsed since is no longer shown; Enter shows a run as read
+before, at once, and ``c`` / ``r`` are refused at once (nothing is sent). A
+read or a command that gets no answer within ``answer_timeout`` is given up on,
+and the user is told (a cancel or a retry may still have been carried out).
 
 Any event relay will do: ``ClusterApp(MemoryEventRelay(stream))`` watches
 engines of one process sharing a :class:`~taskwatch.engine.MemoryEventStream`
 (the pictures of ``make screenshots`` are taken that way).
+
+Entries in the stream that are no event are counted in the header (``N malformed``).
 
 Like the engine dashboard it never redraws per event: a timer drains the bus
 at a fixed rate. Events missed on the way are counted per node and in the
@@ -37,6 +42,7 @@ the events held back meanwhile).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -66,6 +72,14 @@ from .screens import ConfirmScreen, EventScreen, RunScreen
 
 #: what a command through the store can fail with: its own errors, or a lost connection
 COMMAND_ERRORS = (TaskwatchError, OSError)
+
+#: seconds a read or a command through the store (Enter, ``c``, ``r``) may take before the
+#: dashboard says it got no answer: the store itself keeps retrying for its reconnect_timeout
+#: (30 s by default), and a key that goes silent that long reads as ignored
+ANSWER_TIMEOUT = 5.0
+
+#: what ``c`` and ``r`` say while the observer knows the database is out of reach
+UNREACHABLE = "the database is unreachable: nothing was sent; try again once it answers"
 
 #: seconds between two redraws of the runs table when its runs changed, and when they did not
 #: (running runs' durations tick): every running run is listed, thousands of them on a busy
@@ -107,12 +121,20 @@ def leader_part(observer: ClusterObserver, nodes: list[ClusterNode]) -> str:
     return "[yellow]leader unknown[/]"
 
 
+def read_ago(observer: ClusterObserver) -> str:
+    """How old what the observer read last is ("as read 12s ago"), by the database's clock."""
+    read_at = observer.read_at
+    return "never read" if read_at is None else f"as read {max(0, int(observer.store.clock() - read_at))}s ago"
+
+
 class ClusterApp(App[None]):
     """Watches a cluster through an event relay (events only) or a :class:`ClusterObserver`
     (nodes, runs and events, with cancel and retry). The source is started with the app and
     stopped with it unless ``manage=False`` (then the caller runs it). ``confirm=False``
     cancels without asking first. ``clock`` is the wall clock that "last event ... ago" is
-    measured against (the observer measures heartbeats by the database's clock instead)."""
+    measured against (the observer measures heartbeats by the database's clock instead).
+    ``answer_timeout``: the seconds Enter, ``c`` and ``r`` wait for the store before saying
+    it did not answer."""
 
     CSS_PATH = ["cluster.tcss", "screens.tcss"]
     TITLE = "taskwatch cluster"
@@ -132,6 +154,7 @@ class ClusterApp(App[None]):
         refresh_hz: float = 15.0,
         confirm: bool = True,
         clock: Callable[[], float] = time.time,
+        answer_timeout: float = ANSWER_TIMEOUT,
     ) -> None:
         super().__init__()
         self.source = source
@@ -141,6 +164,7 @@ class ClusterApp(App[None]):
         self.refresh_hz = refresh_hz
         self.confirm = confirm
         self.clock = clock
+        self.answer_timeout = answer_timeout
         self._sub: Subscription | None = None
         self._timer: Timer | None = None
         self._runs_shown: set[str] = set()
@@ -217,13 +241,14 @@ class ClusterApp(App[None]):
         missed = f"[bold red]{stats.missed} missed[/]" if stats.missed else "0 missed"
         parts = [f"[b]{stats.stream}[/] on {self.source.public_url}", link, f"{len(nodes)} nodes",
                  f"{stats.received} events", missed]  # fmt: skip
+        if stats.malformed:
+            # entries in the stream that are no event (a foreign writer, a corrupted row): counted nowhere else
+            parts.append(f"[bold red]{stats.malformed} malformed[/]")
         if observer is not None:
             parts.insert(3, leader_part(observer, nodes))
             if observer.stale:
                 # nothing below is current: say how old it is
-                read_at = observer.read_at
-                age = "never read" if read_at is None else f"as read {max(0, int(now - read_at))}s ago"
-                parts.insert(4, f"[bold yellow]stale: {age}[/]")
+                parts.insert(4, f"[bold yellow]stale: {read_ago(observer)}[/]")
             if observer.running_unlisted:
                 parts.append(f"[bold yellow]{observer.running_unlisted} more running not listed[/]")
             if observer.resyncs:
@@ -281,23 +306,40 @@ class ClusterApp(App[None]):
 
     @work(group="detail", exclusive=True)
     async def _open_run(self, run_id: str) -> None:
-        """Enter on a run: its full record, read from the store (the list may be older)."""
+        """Enter on a run: its full record, read from the store (the list may be older); while
+        the database is out of reach, at once, the record as read last."""
         observer = self.observer
         if observer is None:
             return
+        origin = self.screen
+        last = observer.record(run_id)
+        if observer.stale:
+            # waiting for the store would leave the key silent for its whole reconnect_timeout
+            if last is None:
+                self.notify(f"cannot open run {run_id}: the database is unreachable and it was never read; "
+                            "try again once it answers", severity="error")  # fmt: skip
+                return
+            self.push_screen(RunScreen(last, observer.store.clock()))
+            self.notify(f"the database is unreachable: run {run_id} is shown {read_ago(observer)}, "
+                        "before the outage", severity="warning", timeout=10)  # fmt: skip
+            return
+        bound = asyncio.timeout(self.answer_timeout)
         try:
-            record: StoredRun = await observer.get(run_id)
+            async with bound:
+                record: StoredRun = await observer.get(run_id)
         except RunNotFound:
             self.notify(f"run {run_id} is no longer in the store (pruned by history or retention)", severity="warning")
             return
         except COMMAND_ERRORS as exc:
-            last = observer.record(run_id)  # the database is out of reach: what was read last
+            last = observer.record(run_id) or last  # the database is out of reach: what was read last
+            why = f"no answer from the database within {self.answer_timeout:g} s" if bound.expired() else str(exc)
             if last is None:
-                self.notify(f"cannot read run {run_id}: {exc}", severity="error")
+                self.notify(f"cannot read run {run_id}: {why}", severity="error")
                 return
             record = last
-            self.notify(f"the store is out of reach ({exc}): showing run {run_id} as read last", severity="warning")
-        if not isinstance(self.screen, RunScreen):
+            self.notify(f"cannot read run {run_id} ({why}): it is shown {read_ago(observer)}",
+                        severity="warning", timeout=10)  # fmt: skip
+        if self.screen is origin:  # not over a screen the user opened meanwhile
             self.push_screen(RunScreen(record, observer.store.clock()))
 
     async def _confirmed(self, question: str, yes: str) -> bool:
@@ -312,16 +354,30 @@ class ClusterApp(App[None]):
         if self.observer is None or run is None:
             self.notify("select a run to cancel", severity="warning")
             return
+        if self.observer.stale:
+            self.notify(f"cannot cancel run {run.id}: {UNREACHABLE}", severity="error")
+            return
         where = f" on {run.node}" if run.node else ""
         if not await self._confirmed(f"Cancel run {run.id} ({run.task}, {run.status.value}{where})?", "Cancel run"):
             return
+        if self.observer.stale:  # it went out of reach while the question was open
+            self.notify(f"cannot cancel run {run.id}: {UNREACHABLE}", severity="error")
+            return
+        bound = asyncio.timeout(self.answer_timeout)
         try:
-            record = await self.observer.cancel(run.id)
+            async with bound:
+                record = await self.observer.cancel(run.id)
         except RunNotCancellable as exc:
             self.notify(str(exc), severity="warning")
             return
         except COMMAND_ERRORS as exc:
-            self.notify(f"cancel failed: {exc}", severity="error")
+            if bound.expired():
+                # given up on, not undone: the cancel may have reached the database before
+                self.notify(f"cancel of run {run.id}: no answer from the database within {self.answer_timeout:g} s; "
+                            "it may still have been carried out: see the run's status once the database answers",
+                            severity="error", timeout=15)  # fmt: skip
+            else:
+                self.notify(f"cancel failed: {exc}", severity="error")
             return
         if record.status is RunStatus.CANCELLED:
             self.notify(f"run {run.id} cancelled")
@@ -334,13 +390,23 @@ class ClusterApp(App[None]):
         if self.observer is None or run is None:
             self.notify("select a failed or cancelled run to retry", severity="warning")
             return
+        if self.observer.stale:
+            self.notify(f"cannot retry run {run.id}: {UNREACHABLE}", severity="error")
+            return
+        bound = asyncio.timeout(self.answer_timeout)
         try:
-            record = await self.observer.retry(run.id)
+            async with bound:
+                record = await self.observer.retry(run.id)
         except RunNotRetryable as exc:
             self.notify(str(exc), severity="warning")
             return
         except COMMAND_ERRORS as exc:
-            self.notify(f"retry failed: {exc}", severity="error")
+            if bound.expired():
+                self.notify(f"retry of run {run.id}: no answer from the database within {self.answer_timeout:g} s; "
+                            "a new run may still have been queued: see the runs once the database answers",
+                            severity="error", timeout=15)  # fmt: skip
+            else:
+                self.notify(f"retry failed: {exc}", severity="error")
             return
         self.notify(f"retrying {run.task} as run {record.id}")
         self._runs_drawn = (float("-inf"), -1)  # now: the new run is selected next

@@ -35,7 +35,8 @@ from textual.reactive import reactive
 from textual.strip import Strip
 from textual.widgets import RichLog
 
-from ._format import compact, fmt_bytes, fmt_clock, fmt_clock_ms, fmt_duration, printable, short_id
+from ._format import clip, compact, fmt_bytes, fmt_clock, fmt_clock_ms, fmt_duration, printable, short_id
+from ._keyed_rows import NAME_WIDTH
 
 #: colour per event family (the part of the kind before the dot) ...
 FAMILY_STYLES: dict[str, str] = {
@@ -124,9 +125,10 @@ def summarize(event: BaseEvent, limit: int = 160) -> str:
 
 def format_event(event: BaseEvent, show_node: bool = False) -> Text:
     kind: str = getattr(event, "kind", type(event).__name__)
-    # a cluster-wide log names the node each event came from instead of its number
+    # a cluster-wide log names the node each event came from instead of its number (a long id
+    # clipped as in the Nodes view, so the event's own text stays in sight: its JSON has it whole)
     # one line per event: the log maps its lines to events by position
-    where = (f"{printable(event.node):<12}", "bold") if show_node else (f"#{event.seq:<6}", "dim")
+    where = (f"{clip(printable(event.node), NAME_WIDTH):<12}", "bold") if show_node else (f"#{event.seq:<6}", "dim")
     return Text.assemble(
         (fmt_clock_ms(event.ts), "dim"),
         " ",

@@ -1,10 +1,14 @@
 """NodesTable: every node of a cluster, as its shared event stream shows it; StoreNodesTable:
 as the cluster store's nodes table records it (heartbeats, version), with what its events said.
 
-The node column is as wide as the longest node name. A table too narrow for
-every column (an 80-column terminal) leaves out the ones least needed at a
-glance (``NARROW_DROPS``: the last event, which the log below tells anyway;
-the version) rather than hiding the missed counts at its right edge behind a
+The node column is as wide as the longest node name, up to ``NAME_WIDTH``
+cells: a longer id (a pod's name runs to 60 characters and more) is cut
+there, ending in an ellipsis (an event's JSON names it whole). A table too
+narrow for every column (an 80-column terminal) leaves out the ones least
+needed at a glance (``NARROW_DROPS``: the last event, which the log below
+tells anyway; the version), narrows the node column down to
+``NODE_MIN_WIDTH`` and then leaves out ``NARROWER_DROPS`` (RSS) too, rather
+than hiding the state and the missed counts at its right edge behind a
 scrollbar. A stopped node takes no part in elections (no role is shown); the
 load of a node that is not up is the last it reported, dimmed. A node the
 watcher cannot tell about now (``unknown``: the store out of reach since it
@@ -21,8 +25,13 @@ from taskwatch.engine import ClusterNode
 from textual.events import Resize
 from textual.message import Message
 
-from ._format import DASH, fmt_ago, fmt_bytes
+from ._format import DASH, clip, fmt_ago, fmt_bytes, printable
+from ._keyed_rows import NAME_WIDTH
 from ._keyed_table import Cell, Column, KeyedTable
+
+#: the narrowest the node column is made on a narrow terminal before a load column gives way
+NODE_MIN_WIDTH = 12
+
 
 _STATE_STYLES = {"up": "green", "dead": "bold red", "stopped": "dim", "unknown": "bold yellow"}
 #: how old a node's last heartbeat looks, by its state: alarming once it is dead, a warning
@@ -100,6 +109,8 @@ class NodesTable(KeyedTable):
     )
     #: the columns left out when the table is too narrow for all of them
     NARROW_DROPS: ClassVar[frozenset[str]] = frozenset({"last", "ago"})
+    #: left out too when even so the node column would be narrower than NODE_MIN_WIDTH
+    NARROWER_DROPS: ClassVar[frozenset[str]] = frozenset({"rss"})
 
     class NodeHighlighted(Message):
         """The cursor moved to another node (None when the table emptied)."""
@@ -140,29 +151,41 @@ class NodesTable(KeyedTable):
         self._show_columns(self._columns_for(self.size.width))
         keys = {column.key for column in self.shown_columns}
         shown = [index for index, column in enumerate(self.COLUMNS) if column.key in keys]
+        width = self.shown_columns[0].width or NAME_WIDTH
         self._begin()
         wanted = {info.node for info in nodes}
         self._remove([key for key in self._cells if key not in wanted])
         for info in nodes:
             cells = self.cells(info, now)
-            self._upsert(info.node, info.node, tuple(cells[index] for index in shown))
+            (name, style), *rest = (cells[index] for index in shown)
+            self._upsert(info.node, info.node, ((clip(printable(name), width), style), *rest))
         self._finish()
 
     def _columns_for(self, width: int) -> tuple[Column, ...]:
-        """The node column as wide as the longest name, then every other column if ``width``
-        holds them all (or is not known yet), else the narrow set.
+        """The node column as wide as the longest name (up to NAME_WIDTH), then every other
+        column if ``width`` holds them all (or is not known yet); else the narrow set, the
+        node column taking the room left (down to NODE_MIN_WIDTH, or the narrower set).
 
         Every column has a fixed width: a column fitted to its content is measured only
         when the table is idle, and a header drawn before that keeps the old width while
         the rows below take the new one.
         """
         first, *rest = self.COLUMNS
-        names = max([cell_len(first.label), *(cell_len(info.node) for info in self._shown_nodes)])
-        columns = (replace(first, width=first.width or names), *rest)
-        need = sum((column.width or 0) + 2 * self.cell_padding for column in columns)
-        if not width or need <= width:
+        longest = max([cell_len(first.label), *(cell_len(printable(info.node)) for info in self._shown_nodes)])
+        names = min(longest, NAME_WIDTH)
+        columns = (replace(first, width=names), *rest)
+        if not width or self._width_of(columns) <= width:
             return columns
-        return tuple(column for column in columns if column.key not in self.NARROW_DROPS)
+        floor = min(names, NODE_MIN_WIDTH)
+        for drops in (self.NARROW_DROPS, self.NARROW_DROPS | self.NARROWER_DROPS):
+            kept = tuple(column for column in rest if column.key not in drops)
+            room = width - self._width_of(kept) - 2 * self.cell_padding
+            if room >= floor:
+                break
+        return (replace(first, width=max(floor, min(names, room))), *kept)
+
+    def _width_of(self, columns: tuple[Column, ...]) -> int:
+        return sum((column.width or 0) + 2 * self.cell_padding for column in columns)
 
     def on_resize(self, event: Resize) -> None:
         if self._shown_at is not None and self._columns_for(event.size.width) != self.shown_columns:

@@ -407,13 +407,19 @@ def _status_filter(statuses: str | Iterable[str] | None) -> frozenset[str] | Non
 
 class ClusterRunsTable(RunsTable):
     """:class:`RunsTable` for the runs of a whole cluster: a node column says where each runs
-    (or ran); runs not yet claimed show none."""
+    (or ran); runs not yet claimed show none. Space marks nothing: the cluster dashboard's
+    commands act on the run under the cursor, and a mark would promise otherwise."""
 
     COLUMNS: ClassVar[tuple[Column, ...]] = (
         *RunsTable.COLUMNS[:2],
         Column("node", "node", 12),
         *RunsTable.COLUMNS[2:],
     )
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "toggle_mark":
+            return False
+        return super().check_action(action, parameters)
 
     def order_of(self, record: RunRecord) -> tuple[Any, ...]:
         # runs created at one time (submitted together) newest first too: by the store's
