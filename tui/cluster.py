@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from rich.text import Text
@@ -348,36 +348,50 @@ class ClusterApp(App[None]):
         answer: bool = await self.push_screen_wait(ConfirmScreen(question, yes=yes))
         return answer
 
+    def _unreachable(self, verb: str, run_id: str) -> bool:
+        """Whether the database is known out of reach: then the command is refused at once
+        (the store would retry it for its whole reconnect_timeout, and act late)."""
+        if self.observer is None or not self.observer.stale:
+            return False
+        self.notify(f"cannot {verb} run {run_id}: {UNREACHABLE}", severity="error")
+        return True
+
+    async def _send(
+        self, verb: str, run_id: str, command: Awaitable[StoredRun], refused: type[Exception], unanswered: str
+    ) -> StoredRun | None:
+        """``command`` through the store, bounded by ``answer_timeout``; None, the user told
+        why, when it was refused or failed (``unanswered``: what may have happened anyway)."""
+        bound = asyncio.timeout(self.answer_timeout)
+        try:
+            async with bound:
+                return await command
+        except refused as exc:
+            self.notify(str(exc), severity="warning")
+        except COMMAND_ERRORS as exc:
+            if bound.expired():
+                # given up on, not undone: the command may have reached the database before
+                self.notify(f"{verb} of run {run_id}: no answer from the database within "
+                            f"{self.answer_timeout:g} s; {unanswered}", severity="error", timeout=15)  # fmt: skip
+            else:
+                self.notify(f"{verb} failed: {exc}", severity="error")
+        return None
+
     @work(group="actions")
     async def action_cancel_run(self) -> None:
         run = self._selected_run()
         if self.observer is None or run is None:
             self.notify("select a run to cancel", severity="warning")
             return
-        if self.observer.stale:
-            self.notify(f"cannot cancel run {run.id}: {UNREACHABLE}", severity="error")
+        if self._unreachable("cancel", run.id):
             return
         where = f" on {run.node}" if run.node else ""
         if not await self._confirmed(f"Cancel run {run.id} ({run.task}, {run.status.value}{where})?", "Cancel run"):
             return
-        if self.observer.stale:  # it went out of reach while the question was open
-            self.notify(f"cannot cancel run {run.id}: {UNREACHABLE}", severity="error")
+        if self._unreachable("cancel", run.id):  # it went out of reach while the question was open
             return
-        bound = asyncio.timeout(self.answer_timeout)
-        try:
-            async with bound:
-                record = await self.observer.cancel(run.id)
-        except RunNotCancellable as exc:
-            self.notify(str(exc), severity="warning")
-            return
-        except COMMAND_ERRORS as exc:
-            if bound.expired():
-                # given up on, not undone: the cancel may have reached the database before
-                self.notify(f"cancel of run {run.id}: no answer from the database within {self.answer_timeout:g} s; "
-                            "it may still have been carried out: see the run's status once the database answers",
-                            severity="error", timeout=15)  # fmt: skip
-            else:
-                self.notify(f"cancel failed: {exc}", severity="error")
+        record = await self._send("cancel", run.id, self.observer.cancel(run.id), RunNotCancellable,
+                                  "it may still have been carried out: see the run's status once the database answers")  # fmt: skip
+        if record is None:
             return
         if record.status is RunStatus.CANCELLED:
             self.notify(f"run {run.id} cancelled")
@@ -390,23 +404,11 @@ class ClusterApp(App[None]):
         if self.observer is None or run is None:
             self.notify("select a failed or cancelled run to retry", severity="warning")
             return
-        if self.observer.stale:
-            self.notify(f"cannot retry run {run.id}: {UNREACHABLE}", severity="error")
+        if self._unreachable("retry", run.id):
             return
-        bound = asyncio.timeout(self.answer_timeout)
-        try:
-            async with bound:
-                record = await self.observer.retry(run.id)
-        except RunNotRetryable as exc:
-            self.notify(str(exc), severity="warning")
-            return
-        except COMMAND_ERRORS as exc:
-            if bound.expired():
-                self.notify(f"retry of run {run.id}: no answer from the database within {self.answer_timeout:g} s; "
-                            "a new run may still have been queued: see the runs once the database answers",
-                            severity="error", timeout=15)  # fmt: skip
-            else:
-                self.notify(f"retry failed: {exc}", severity="error")
+        record = await self._send("retry", run.id, self.observer.retry(run.id), RunNotRetryable,
+                                  "a new run may still have been queued: see the runs once the database answers")  # fmt: skip
+        if record is None:
             return
         self.notify(f"retrying {run.task} as run {record.id}")
         self._runs_drawn = (float("-inf"), -1)  # now: the new run is selected next
