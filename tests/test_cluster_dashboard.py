@@ -250,8 +250,8 @@ async def test_long_node_ids_leave_each_nodes_state_and_missed_and_each_events_t
         async with app.run_test(size=(80, 24)) as pilot:
             table = app.query_one(NodesTable)
             await eventually(lambda: len(table.shown_keys) == 3)
-            await pilot.pause()
-            assert table.virtual_size.width <= table.size.width  # no column past the right edge
+            # no column past the right edge (once laid out for the three)
+            await eventually(lambda: 0 < table.virtual_size.width <= table.size.width)
             assert {"state", "missed"} <= {column.key for column in table.shown_columns}
             for node in LONG_IDS:
                 shown = table.get_cell(node, "node").plain
@@ -261,8 +261,12 @@ async def test_long_node_ids_leave_each_nodes_state_and_missed_and_each_events_t
             assert table.get_cell("api-1", "node").plain == "api-1"
 
             log = app.query_one(EventLog)
-            succeeded = [line for line in log_lines(app) if "run.succeeded" in line]
-            assert len(succeeded) == 3
+
+            def succeeded_lines() -> list[str]:
+                return [line for line in log_lines(app) if "run.succeeded" in line]
+
+            await eventually(lambda: len(succeeded_lines()) == 3)
+            succeeded = succeeded_lines()
             for line in succeeded:
                 # the event's own text starts on screen, not past a node id wider than the log
                 assert line.index("run=") + len("run=") < log.size.width

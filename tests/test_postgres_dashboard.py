@@ -455,7 +455,8 @@ async def test_while_the_database_is_down_enter_shows_the_run_as_read_and_c_and_
             await pilot.press("enter")
             await eventually(lambda: isinstance(app.screen, RunScreen), timeout=2.0)
             assert app.screen.run_id == waiting.id  # type: ignore[attr-defined]
-            assert said(app, f"the database is unreachable: run {waiting.id} is shown as read")
+            # the notice is a message of its own, handled after the screen was pushed
+            await eventually(lambda: said(app, f"the database is unreachable: run {waiting.id} is shown as read"))
             assert said(app, "before the outage")
             await pilot.press("escape")
             await eventually(lambda: not isinstance(app.screen, RunScreen))
@@ -492,8 +493,10 @@ async def test_a_database_that_does_not_answer_is_waited_for_briefly_and_a_late_
     async with PostgresStore(postgres_url) as submitter:
         (waiting,) = await submitter.insert([NewRun(task="later", params={})])
     async with StallingProxy(postgres_server.port) as proxy:
-        # a network that delivers nothing and refuses nothing: the observer cannot tell yet
-        app = ClusterApp(ClusterObserver(proxy.url(postgres_url), lease=None), answer_timeout=0.5)
+        # a network that delivers nothing and refuses nothing: the observer cannot tell yet (it
+        # reads every 5 s, so it takes what it read as current for 15 s: the whole test, loaded)
+        observer = ClusterObserver(proxy.url(postgres_url), lease=None, refresh_interval=5.0)
+        app = ClusterApp(observer, answer_timeout=0.5)
         async with app.run_test(size=(160, 45)) as pilot:
             table = app.query_one(ClusterRunsTable)
             await eventually(lambda: waiting.id in table.shown_keys, timeout=TIMEOUT)
@@ -510,7 +513,7 @@ async def test_a_database_that_does_not_answer_is_waited_for_briefly_and_a_late_
                 # Enter: after the bound, the run as read last
                 await pilot.press("enter")
                 await eventually(lambda: isinstance(app.screen, RunScreen))
-                assert said(app, f"cannot read run {waiting.id} (no answer from the database within 0.5 s)")
+                await eventually(lambda: said(app, f"cannot read run {waiting.id} (no answer from the database within 0.5 s)"))
                 await pilot.press("escape")
                 await eventually(lambda: not isinstance(app.screen, RunScreen))
                 assert "stale" not in header(app)  # all of this within what the observer still takes as current
