@@ -368,31 +368,6 @@ async def test_a_drain_cut_by_a_stop_counts_one_run_in_the_singular() -> None:
     assert "the engine stopped before the 1 run of trigger 'compile' finished" in str(stopped.value)
 
 
-async def test_a_drain_on_one_refused_key_counts_it_in_the_singular() -> None:
-    engine = make_engine(max_concurrency=1, max_queue=1)
-    gate = asyncio.Event()
-
-    @engine.task
-    async def hold(ctx: TaskContext) -> None:
-        await gate.wait()
-
-    compile = engine.trigger("compile", nothing, size_threshold=1)
-    await engine.start()
-    try:
-        engine.submit_nowait("hold")
-        await eventually(lambda: engine.stats().running == 1)
-        engine.submit_nowait("hold")
-        compile.notify("bank-42")  # refused: the run queue is full
-        draining = asyncio.ensure_future(compile.drain(timeout=TIMEOUT))
-        done, _ = await asyncio.wait([draining], timeout=0.05)
-        assert not done
-    finally:
-        await engine.stop(timeout=0.1)
-    with pytest.raises(StoppedBeforeDone) as stopped:
-        await draining
-    assert "the 1 key of trigger 'compile' that a full run queue refused" in str(stopped.value)
-
-
 # ------------------------------------------------------------ a key is per task, as the README says
 
 

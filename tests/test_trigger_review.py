@@ -108,6 +108,7 @@ async def test_a_drain_on_refused_keys_hears_when_the_engine_stops() -> None:
         await engine.stop(timeout=0.1)
     with pytest.raises(StoppedBeforeDone, match="refused") as stopped:
         await draining
+    assert "the 1 key of trigger 'compile' that a full run queue refused" in str(stopped.value)
     assert stopped.value.kept  # the key keeps its count: the next start fires it
     assert compile.state().keys[0].count == 1
 
