@@ -358,7 +358,8 @@ class ClusterObserver:
         """:meth:`refresh`; the lease is read only when due, unless ``lease_now``."""
         try:
             self._node_rows = await self.store.nodes()
-        except BaseException:
+        except Exception:
+            # a failed read, not a cancel (the observer stopping): only that proves an outage
             self._read_failed = True
             raise
         self._now = self.store.clock()
