@@ -1,12 +1,16 @@
-"""Shared test helpers: bounded polling instead of sleeping, and event collection."""
+"""Shared test helpers: bounded polling instead of sleeping, event collection, and a table taken
+away from under an engine's SQLite file."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
@@ -103,3 +107,18 @@ def in_thread(call: Callable[[], Any]) -> Any:
     thread.join(10)
     assert not thread.is_alive()
     return out.get("error", out.get("value"))
+
+
+@contextlib.asynccontextmanager
+async def table_away(path: Path, table: str) -> AsyncIterator[None]:
+    """Another process renames ``table`` of the engine's file while inside (a migration, an
+    operator): the engine's reads and writes of it fail until it is back."""
+    other = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+    try:
+        await asyncio.to_thread(other.execute, f"ALTER TABLE {table} RENAME TO {table}_away")
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(other.execute, f"ALTER TABLE {table}_away RENAME TO {table}")
+    finally:
+        other.close()

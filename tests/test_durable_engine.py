@@ -1,17 +1,31 @@
-"""An engine on a durable store: periodic slots across restarts, runs another node executes."""
+"""An engine on a durable store: periodic slots across restarts, runs another node executes,
+runs left going by a program that ended without a stop, and a process replaced under its
+node id.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from taskwatch.engine import Engine, EngineNotRunning, RunHandle, RunRecord, StoppedBeforeDone, TaskContext
+from taskwatch.engine import (
+    Engine,
+    EngineNotRunning,
+    RunHandle,
+    RunRecord,
+    RunStatus,
+    StoppedBeforeDone,
+    TaskContext,
+)
 from taskwatch.engine.scheduler import next_cron_due
 
 from .helpers import eventually
@@ -283,7 +297,6 @@ async def test_an_outcome_refused_by_a_busy_file_is_written_once_the_file_is_fre
 ) -> None:
     # another process holds the file's write lock past the store's busy timeout just as a
     # run ends: the outcome waits for the file and is written, not left to recovery
-    import logging
     import sqlite3
 
     from taskwatch.engine import RunStatus
@@ -321,7 +334,6 @@ async def test_an_outcome_write_waits_out_a_busy_file_while_its_claim_holds(
 ) -> None:
     # the file stays locked past what a fixed number of tries would wait, but not past the
     # claim's lease: the outcome is written once it is free, and the run never runs twice
-    import logging
     import sqlite3
 
     db = tmp_path / "busy.db"
@@ -360,7 +372,6 @@ async def test_a_cancel_before_the_first_step_reaches_a_busy_file(
     # a run cancelled between its claim and its first step ends without an attempt; the store
     # must hear so even if the file is locked just then, or the claim, let go unwritten, would
     # be recovered as lost once its lease ran out and the run would execute after all
-    import logging
     import sqlite3
 
     from taskwatch.engine import RunStatus
@@ -518,7 +529,6 @@ async def test_a_submit_given_up_while_the_store_writes_still_indexes_and_announ
     # a control client that disconnects, or a timeout around submit(), cancels the submit
     # while the store writes: the run lands in the store all the same, and must not go
     # unannounced and uncounted here
-    import sqlite3
 
     from taskwatch.engine import RunStatus
 
@@ -552,7 +562,6 @@ async def test_a_submit_given_up_while_the_store_writes_still_indexes_and_announ
 
 async def test_progress_an_older_version_stored_as_infinity_does_not_stop_a_start(tmp_path: Path) -> None:
     # older taskwatch took ctx.progress(float("inf")) and stored it; the file must still open
-    import sqlite3
 
     path = tmp_path / "runs.db"
     engine = Engine(store=f"sqlite:///{path}", node_id="n", health_interval=None)
@@ -714,7 +723,6 @@ async def test_a_crash_as_a_periodic_slot_fires_does_not_lose_that_slots_run(tmp
 async def test_a_cancel_waits_its_grace_not_a_busy_file(tmp_path: Path) -> None:
     # the request is also written to the store; a file another process holds locked must not
     # stretch the cancel past its grace (the write lands once the file is free)
-    import sqlite3
 
     from taskwatch.engine import RunStatus
 
@@ -961,3 +969,78 @@ async def test_a_run_recovered_from_under_its_own_node_stops_there_and_its_next_
         record = await handle.wait(timeout=10)
     assert (record.status.value, record.attempt, record.result) == ("succeeded", 2, 2)
     assert cancelled == [1] and starts.empty()
+
+
+# ---------------------------------------------------------------- a program that ends without stop()
+
+_ENDS_WITHOUT_STOP = """
+import asyncio, sys
+from taskwatch.engine import Engine, TaskContext
+
+engine = Engine(store=sys.argv[1], node_id="w1", health_interval=None)
+
+@engine.task(name="long")
+async def long(ctx: TaskContext) -> None:
+    await asyncio.Event().wait()
+
+async def main() -> None:
+    await engine.start()  # no `async with`, and no stop(): main() fails first
+    handles = [await engine.submit("long") for _ in range(4)]
+    while any(engine.get(h.id).status != "running" for h in handles):
+        await asyncio.sleep(0.005)
+    print(" ".join(h.id for h in handles), flush=True)
+    raise RuntimeError("a bug elsewhere in the program")
+
+asyncio.run(main())
+"""
+
+
+async def test_runs_going_when_a_program_ends_without_stop_are_run_again_not_cancelled(tmp_path: Path) -> None:
+    # asyncio.run's end cancels every task: no one cancelled those runs, and a kill -9 at the
+    # same moment would have left them to run again
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", _ENDS_WITHOUT_STOP, url], capture_output=True, text=True, timeout=60
+    )
+    assert "a bug elsewhere in the program" in done.stderr, done.stderr
+    ids = done.stdout.split()
+    assert len(ids) == 4
+    engine = Engine(store=url, node_id="w1", health_interval=None)
+
+    @engine.task(name="long")
+    async def long(ctx: TaskContext) -> int:
+        return ctx.attempt
+
+    async with engine:
+        records = [await asyncio.wait_for(engine.handle(i).wait(), 10) for i in ids]
+    assert [(r.status, r.result) for r in records] == [(RunStatus.SUCCEEDED, 2)] * 4
+
+
+# ---------------------------------------------------------------- what a superseded process says it stopped
+
+
+async def test_a_process_replaced_under_its_node_id_names_the_runs_it_stopped(tmp_path: Path) -> None:
+    # the newer process recovers the older one's claims at its start, so the older one's next
+    # heartbeat finds them lost and learns it was replaced at once: they are still its runs
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    old = Engine(store=url, node_id="same", lease_ttl=1.0, health_interval=None)
+    new = Engine(store=url, node_id="same", lease_ttl=1.0, health_interval=None)
+    for engine in (old, new):
+
+        @engine.task(name="long")
+        async def long(ctx: TaskContext) -> None:
+            await asyncio.Event().wait()
+
+    said: list[Any] = []
+    old.bus.add_callback(said.append, ["node.superseded"])
+    async with old:
+        ids = [(await old.submit("long")).id for _ in range(3)]
+        await eventually(lambda: all(old.get(i).status is RunStatus.RUNNING for i in ids))
+        async with new:
+            await eventually(lambda: said, 10)
+            assert sorted(said[0].stopped) == sorted(ids)
+            await new.stop(0.1)
+        await old.stop(0.1)

@@ -1,4 +1,4 @@
-"""The public API at its edges, after review: next_cron_due as exported and documented, the
+"""The public API at its edges: next_cron_due as exported and documented, the
 advice of EngineCrashed followed, a crashed loop reported once, unknown queue and trigger
 names looked up, the advice of QueueFull and InvalidProgress, staleness_min given without
 staleness, and the wording of messages a user reads.
