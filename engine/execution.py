@@ -42,6 +42,7 @@ from .errors import InvalidConfiguration, InvalidProgress, RunNotFound, StoppedB
 from .executor import Executor
 from .index import RunIndex
 from .jsonsafe import NotJsonSafe, cut_text, jsonable, safe_str, safe_text
+from .logs import log_safely, log_text, traceback_block
 from .options import CancelOptions, WaitOptions, check_options
 from .runs import MAX_ERROR_MESSAGE, CancelReason, Progress, Run, RunError, RunRecord, RunStatus, detached
 from .store import (
@@ -68,6 +69,8 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 log = logging.getLogger("taskwatch.engine")
+#: failed attempts of runs: a retry at INFO, a run's final failure at WARNING with its traceback
+runs_log = logging.getLogger("taskwatch.runs")
 
 #: seconds between two prunes of the store's dead incarnations (they only grow per process start)
 NODE_PRUNE_INTERVAL = 60.0
@@ -780,11 +783,15 @@ class Execution:
         now = self.engine.clock()
         if status is _PENDING:
             assert isinstance(outcome, Retry)
+            tried = run.attempt
             self.index.requeued(run, outcome.error, now + outcome.delay)
             self.bus.post(
                 RunRetrying, run_id=run.id, task=run.task, attempt=run.attempt, delay=float(outcome.delay), error=outcome.error
             )
             self.executor.wake()
+            # (no error: a run handed back at a stop, which is no failure of its code)
+            if error is not None and runs_log.isEnabledFor(logging.INFO):
+                _log_retry(run, tried, error, float(outcome.delay))
         elif status is _SUCCEEDED:
             self._succeeded(run, outcome.result if isinstance(outcome, Succeeded) else None)
         elif status is _FAILED:
@@ -794,6 +801,10 @@ class Execution:
                 RunFailed, run_id=run.id, task=run.task, attempt=run.attempt,
                 duration=now - (run.started_at or now), error=error, from_store=False,
             )
+            # logged here only, by the node whose attempt failed: the nodes that hear of the end
+            # from the store or the relay stay silent, so a collector gets the traceback once
+            if error is not None and runs_log.isEnabledFor(logging.WARNING):
+                _log_failed(run, error)
         else:
             reason = outcome.reason if isinstance(outcome, Cancelled) else (run.cancel_reason or "user")
             self.finish_cancelled(run, reason, was_running=True)
@@ -877,6 +888,8 @@ class Execution:
                     type="WorkerLost", message="its worker was lost"
                 )
                 self.fail_unstarted(run, error)
+                if runs_log.isEnabledFor(logging.WARNING):
+                    _log_failed(run, error, traceback=False)  # the lost attempt's traceback is nowhere
             elif item.action == "cancelled":
                 # its cancel was asked for (by a user, unless the store says otherwise): the
                 # record here says what the store's does
@@ -892,6 +905,8 @@ class Execution:
                 RunFailed, run_id=run.id, task=run.task, attempt=run.attempt,
                 duration=max(0.0, finished - (run.started_at or finished)), error=error, from_store=False,
             )
+            if runs_log.isEnabledFor(logging.WARNING):
+                _log_failed(run, error, traceback=False)
         elif item.action == "cancelled" and run.status is _CANCELLED:
             self.bus.post(
                 RunCancelled, run_id=run.id, task=run.task, attempt=run.attempt,
@@ -1224,6 +1239,21 @@ def _last_progress(run: Run) -> Progress | None:
     if not run.done and run.total is None and not run.message:
         return None
     return Progress(done=run.done, total=run.total, message=run.message)
+
+
+def _log_retry(run: Run, tried: int, error: RunError, delay: float) -> None:
+    log_safely(
+        runs_log, logging.INFO, "run %s of task %r failed on try %d of %d (%s: %s); trying again in %.3g s",
+        run.id, run.task, tried, run.max_attempts, log_text(error.type), log_text(error.message), delay,
+    )  # fmt: skip
+
+
+def _log_failed(run: Run, error: RunError, *, traceback: bool = True) -> None:
+    log_safely(
+        runs_log, logging.WARNING, "run %s of task %r failed on try %d of %d: %s: %s%s",
+        run.id, run.task, run.attempt, run.max_attempts, log_text(error.type), log_text(error.message),
+        traceback_block(error) if traceback else "",
+    )  # fmt: skip
 
 
 def checked_timeout(where: str, timeout: float | None) -> float | None:

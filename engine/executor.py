@@ -38,6 +38,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
+from .logs import OutageLog
 from .runs import CancelReason, Progress
 from .store import Claim, Inserted, MemoryStore, NewRun, Recovered, Store
 
@@ -134,6 +135,10 @@ class Executor:
         #: the ids of that batch: not in the store yet either
         self._writing: frozenset[str | None] = frozenset()
         self._loops: list[asyncio.Task[None]] = []
+        # one line per outage for each loop, not a traceback per try
+        self._claims_log = OutageLog(log, "claiming runs")
+        self._heartbeat_log = OutageLog(log, "the heartbeat")
+        self._maintenance_log = OutageLog(log, "recovery or pruning")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -332,12 +337,13 @@ class Executor:
             try:
                 await self.flush()
                 claimed = await self.claim_now()
+                self._claims_log.succeeded()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 # a store that fails now (disk full, file locked too long) may work
                 # on the next round; the error must not end the loop for good
-                log.exception("claiming runs failed; trying again in %.2g s", self.poll_interval)
+                self._claims_log.failed(exc, f"trying again every {self.poll_interval:g} s")
                 claimed = 0
             if claimed and self.max_concurrency - self.running > 0:
                 continue  # more may be due: claim again before sleeping
@@ -365,10 +371,11 @@ class Executor:
             await asyncio.sleep(self.heartbeat_interval)
             try:
                 await self.heartbeat()
+                self._heartbeat_log.succeeded()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("heartbeat failed; claims expire unless the next one succeeds")
+            except Exception as exc:
+                self._heartbeat_log.failed(exc, "this node's claims expire unless a later one succeeds")
 
     async def heartbeat(self) -> None:
         """Extend every claim this node holds; act on cancels and lost claims."""
@@ -507,10 +514,11 @@ class Executor:
                 await self.heartbeat()
                 await self.recover()
                 await self._prune()
+                self._maintenance_log.succeeded()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("recovery or pruning failed; trying again in %.2g s", self.maintenance_interval)
+            except Exception as exc:
+                self._maintenance_log.failed(exc, f"trying again every {self.maintenance_interval:g} s")
 
     async def recover(self) -> list[Recovered]:
         recovered = await self.store.recover()

@@ -53,7 +53,7 @@ from urllib.parse import parse_qsl, urlsplit
 from .bus import DEFAULT_REPLAY, EventBus
 from .errors import InvalidConfiguration
 from .urls import redact_url
-from .relay import EventRelay, Outgoing, cancelling, log
+from .relay import READING, EventRelay, Outgoing, cancelling, log
 from .store import queries as Q
 from .store.postgres import check_schema, driver_url, load_driver, migrate, schema_of, schema_settings
 
@@ -348,13 +348,14 @@ class PostgresEventRelay(EventRelay):
                     rows = await self._reader.fetch(_AFTER, self._last_id, self.batch)
                 self.connected = True
                 delay = 0.0
+                self._went_through(READING)
             except self.transient_errors as exc:
                 if cancelling():
                     raise asyncio.CancelledError from exc
                 conn, self._reader = self._reader, None
                 if conn is not None:
                     conn.terminate()
-                delay = await self._back_off(exc, delay, "reading events from")
+                delay = await self._back_off(exc, delay, READING)
                 continue
             for event_id, skipped, body, bus in rows:
                 self._last_id = event_id

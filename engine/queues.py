@@ -84,6 +84,7 @@ from .execution import checked_timeout
 from .hop import call_on, cancel_and_wait, current_loop
 from .jsonsafe import NotJsonSafe, jsonable
 from .options import PutOptions, QueueOptions, check_options
+from .logs import OutageLog, log_safely, log_text, traceback_block
 from .events import QueueDrainIncomplete, QueueJobFailed, QueuePaused, QueuePurged, QueueResumed
 from .runs import RunError
 from .store import StoredJob
@@ -733,7 +734,7 @@ class WorkQueue:
                         if cut:
                             self._cut_short(kept)  # type: ignore[arg-type]
                         else:
-                            self._failed(job, cancel)
+                            self._failed(job, cancel, kept)
                             if kept is not None:
                                 self._done(kept)
                         self._consumer_lost()
@@ -748,7 +749,7 @@ class WorkQueue:
                 if failure is None:
                     self.processed += 1
                 else:
-                    self._failed(job, failure)
+                    self._failed(job, failure, kept)
                 if kept is not None:
                     self._done(kept)  # not reached when stop cancels it: the job stays kept
             finally:
@@ -870,6 +871,7 @@ class WorkQueue:
         interval = min(max(self._engine.lease_ttl / 3, 0.5), 10.0)
         next_adopt = loop.time() + interval
         retry: float | None = None  # after a failed write: how soon to try again
+        trouble = OutageLog(log, f"queue {self.name!r}: writing to the store")
         while not self._keeper_stop:
             wait = next_adopt - loop.time()
             if retry is not None and (self._unwritten or self._handled):
@@ -892,11 +894,12 @@ class WorkQueue:
                 elif loop.time() >= next_adopt and not self._closing:
                     next_adopt = loop.time() + interval
                     await self._adopt()
+                trouble.succeeded()
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
                 # a busy or failing store may work on the next round: the jobs stay queued here
-                log.exception("queue %r: writing to the store failed; trying again", self.name)
+                trouble.failed(exc, "the jobs stay queued here, trying again in up to 1 s")
                 retry = 0.05 if retry is None else min(retry * 2, 1.0)
                 next_adopt = max(next_adopt, loop.time() + retry)
 
@@ -1173,13 +1176,24 @@ class WorkQueue:
             return exc
         return None
 
-    def _failed(self, job: Any, exc: BaseException) -> None:
+    def _failed(self, job: Any, exc: BaseException, kept: _Kept | None) -> None:
         self.failed += 1
         try:
             data = jsonable(job)
         except NotJsonSafe:
             data = repr(job)  # mutated into something unserialisable since it was put
-        self._engine.bus.emit(QueueJobFailed, queue=self.name, job=data, error=RunError.from_exception(exc))
+        error = RunError.from_exception(exc)
+        self._engine.bus.emit(QueueJobFailed, queue=self.name, job=data, error=error)
+        # after the event, and guarded: a raising log handler must not take the consumer down.
+        # Never the job itself: its contents are the application's (secrets, personal data)
+        if log.isEnabledFor(logging.WARNING):
+            job_id = None if kept is None else kept.id
+            delivery = "" if kept is None or kept.attempt == 1 else f" (delivery {kept.attempt})"
+            log_safely(
+                log, logging.WARNING, "queue %r: %s%s failed (a queue never retries a job): %s: %s%s",
+                self.name, "a job" if job_id is None else f"job {job_id}", delivery,
+                log_text(error.type), log_text(error.message), traceback_block(error),
+            )  # fmt: skip
 
     # ------------------------------------------------------------ operator actions
 

@@ -30,7 +30,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from .bus import DEFAULT_REPLAY, EventBus
 from .errors import InvalidConfiguration, MissingDependency
 from .urls import redact_url
-from .relay import ClusterNode, EventRelay, Outgoing, RelayStats, cancelling
+from .relay import READING, ClusterNode, EventRelay, Outgoing, RelayStats, cancelling
 
 __all__ = ["ClusterNode", "RedisEventRelay", "RelayStats"]
 
@@ -169,11 +169,12 @@ class RedisEventRelay(EventRelay):
                 )
                 self.connected = True
                 delay = 0.0
+                self._went_through(READING)
                 if cancelling():
                     # redis-py can swallow a cancel that lands in a blocking read
                     raise asyncio.CancelledError
             except self.transient_errors as exc:
-                delay = await self._back_off(exc, delay, "reading events from")
+                delay = await self._back_off(exc, delay, READING)
                 continue
             for _stream, entries in reply or ():
                 for entry_id, fields in entries:

@@ -48,11 +48,15 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .bus import DEFAULT_REPLAY, EventBus, check_event
 from .events import BaseEvent, EventsDropped, event_from_json, event_to_json
+from .logs import OutageLog
 
 log = logging.getLogger("taskwatch.events")
 
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 2.0
+#: what a relay does, as its log lines say it: each has outages of its own
+PUBLISHING = "publishing events to"
+READING = "reading events from"
 
 #: a node silent for this many of its health intervals (plus the slack, for batching and a
 #: reader's poll) shows as unknown: a node killed with ``kill -9`` never says it stopped
@@ -294,6 +298,8 @@ class EventRelay:
         self.connected = False
         #: the last batch could not be sent (the reader may still read): not connected either
         self._send_failing = False
+        #: the log lines of each direction's outages ("publishing events to", "reading events from")
+        self._outages: dict[str, OutageLog] = {}
         self.published = 0
         self.unsent = 0
         self.batches = 0
@@ -477,12 +483,13 @@ class EventRelay:
                 await self._between_batches()
                 delay = 0.0
                 self._send_failing = False
+                self._went_through(PUBLISHING)
                 if cancelling():
                     # some clients swallow a cancel that lands in a round trip
                     raise asyncio.CancelledError
             except self.transient_errors as exc:
                 self._send_failing = True
-                delay = await self._back_off(exc, delay, "publishing events to")
+                delay = await self._back_off(exc, delay, PUBLISHING)
                 self._wake.set()
 
     async def _back_off(self, exc: BaseException, delay: float, doing: str) -> float:
@@ -496,9 +503,21 @@ class EventRelay:
         self.errors += 1
         self.connected = False
         delay = min(BACKOFF_MAX, delay * 2 if delay else BACKOFF_MIN)
-        log.warning("%s %s failed (%r); retrying in %.2g s", doing, self.public_url, exc, delay)
+        self._outage(doing).failed(exc, f"retrying in {delay:.2g} s, backing off to every {BACKOFF_MAX:g} s")
         await asyncio.sleep(delay)
         return delay
+
+    def _went_through(self, doing: str) -> None:
+        """A round trip of ``doing`` worked: the end of its outage, if any, is said once."""
+        outage = self._outages.get(doing)
+        if outage is not None:
+            outage.succeeded()
+
+    def _outage(self, doing: str) -> OutageLog:
+        outage = self._outages.get(doing)
+        if outage is None:
+            outage = self._outages[doing] = OutageLog(log, f"{doing} {self.public_url}", self.transient_errors)
+        return outage
 
     def _next_batch(self) -> list[Outgoing]:
         events = [self._outgoing.popleft() for _ in range(min(self.batch, len(self._outgoing)))]

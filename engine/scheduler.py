@@ -93,6 +93,7 @@ from .errors import (
 )
 from .jsonsafe import name_problem
 from .options import PeriodicOptions, check_options
+from .logs import OutageLog
 from .tasks import async_signature
 from .events import (
     FINISHED_RUN_KINDS,
@@ -879,6 +880,7 @@ class Scheduler:
     # ------------------------------------------------------------ the loop
 
     async def _loop(self, p: _Periodic) -> None:
+        trouble = OutageLog(log, f"periodic task {p.name!r}: scheduling")
         while p.next_due is not None and p.slot is not None and p.planned is not None:
             try:
                 await self._sleep_until(p.next_due)
@@ -907,14 +909,15 @@ class Scheduler:
                     await self._count_missed(p, slot, planned, fired_at, following)
             except EngineNotRunning:
                 return
-            except Exception:
+            except Exception as exc:
                 # a store that failed (or a bug) must not end the schedule. The same slot is
                 # tried again shortly, not a new one: the store then refuses it if another node
                 # (or this one, before the error) fired it, and cron and fixed-rate slots stay
                 # on their grid
-                log.exception("periodic task %r: scheduling error; retrying", p.name)
+                trouble.failed(exc, f"trying the same slot again every {_ERROR_BACKOFF:g} s")
                 p.next_due = self._now() + _ERROR_BACKOFF
                 continue
+            trouble.succeeded()
             if following is None:
                 self._never_again(p)
                 return

@@ -65,6 +65,7 @@ import socket
 import stat
 import sys
 import tempfile
+import time
 from collections import Counter, deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -201,6 +202,10 @@ _SILENT, _SPOKE, _GONE = range(3)
 
 #: shorter tokens are refused: a guessable token protects nothing
 MIN_TOKEN_BYTES = 16
+
+#: a refused token is logged (WARNING) at most once per this many seconds; the refusals in
+#: between are counted, and the next line says how many: a flood of guesses cannot flood the log
+AUTH_WARNING_INTERVAL = 60.0
 
 #: default bound on the bytes waiting for one connection's socket
 DEFAULT_MAX_OUTGOING_BYTES = 32 << 20
@@ -411,7 +416,10 @@ class ControlServer:
         Authenticated clients served at once; one more is told so after its
         hello, counted (``refused``) and closed.
     announce:
-        Print the address once started (never the token: a generated one is ``.token``).
+        Print the address on standard output once started (never the token: a
+        generated one is ``.token``). Pass False where standard output is a log
+        (a service's JSON lines, say): the address is logged at INFO on the
+        ``taskwatch.server`` logger whether or not it is printed.
     """
 
     def __init__(
@@ -526,6 +534,11 @@ class ControlServer:
         # finished runs are encoded once for every snapshot of every client, not once each
         self._run_cache = RunJsonCache(max_value, max_bytes=max_send)
         self._counts: Counter[str] = Counter()
+        #: refused tokens: loop time and wall-clock time of the last WARNING, and how many
+        #: were refused since it without a line of their own
+        self._auth_warned_at: float | None = None
+        self._auth_warned_wall = 0.0
+        self._auth_unlogged = 0
         self._closed_dropped = 0
         self._stopped = False
 
@@ -561,10 +574,11 @@ class ControlServer:
             await self._start_tcp(target)
         else:
             await self._start_unix(Path(target.path))
+        # never the token itself, in the log or on standard output (often a log too): a log is
+        # read by more people than may drive the engine
+        extra = " (with a token made here: the returned server's .token)" if self.token and self._generated else ""
+        log.info("engine %s serving at %s%s", self.engine.node_id, self._address, extra)
         if self.announce:
-            # never the token itself: a service's standard output is its log, and a log is read
-            # by more people than may drive the engine
-            extra = " (with a token made here: the returned server's .token)" if self.token and self._generated else ""
             print(f"taskwatch: engine {self.engine.node_id} serving at {self._address}{extra}", flush=True)
 
     async def _start_tcp(self, target: TcpAddress) -> None:
@@ -953,6 +967,30 @@ class ControlServer:
 
     def count(self, what: str, n: int = 1) -> None:
         self._counts[what] += n
+
+    def refuse_token(self, peer: str) -> None:
+        """Count a hello with a wrong or missing token, and log it, at most once per
+        :data:`AUTH_WARNING_INTERVAL` (never the token: it may be a mistyped real one)."""
+        self._counts["auth_failures"] += 1
+        now = self._now()
+        if self._auth_warned_at is not None and now - self._auth_warned_at < AUTH_WARNING_INTERVAL:
+            self._auth_unlogged += 1
+            return
+        if self._auth_unlogged:
+            since = time.strftime("%H:%M:%S", time.localtime(self._auth_warned_wall))
+            log.warning(
+                "control endpoint at %s refused a wrong token from %s; %d more refused since %s",
+                self._address, peer, self._auth_unlogged, since,
+            )  # fmt: skip
+        else:
+            log.warning(
+                "control endpoint at %s refused a wrong token from %s; more within %g s are only "
+                "counted (stats()['auth_failures']) until the next such line",
+                self._address, peer, AUTH_WARNING_INTERVAL,
+            )  # fmt: skip
+        self._auth_warned_at = now
+        self._auth_warned_wall = time.time()
+        self._auth_unlogged = 0
 
     def token_ok(self, token: str | None) -> bool:
         if self.token is None:
@@ -1420,7 +1458,7 @@ class _Connection:
         if msg.version != PROTOCOL_VERSION:
             raise _Refused(None, IncompatibleVersion(PROTOCOL_VERSION, msg.version))
         if not server.token_ok(msg.token):
-            server.count("auth_failures")
+            server.refuse_token(self._peer())
             raise _Refused(None, AuthenticationFailed())
         if not server._admit(self):
             raise _Refused(None, TooManyConnections(server.max_connections))
@@ -1428,6 +1466,18 @@ class _Connection:
             # a client may ask for shorter lines, down to the floor every bounded event fits in
             self.max_send = min(server.max_send, max(msg.max_message, server.min_send))
         return True
+
+    def _peer(self) -> str:
+        """Who is connected, for a log line: ``host:port`` over TCP. Nothing the client chose
+        (a Unix client's own socket path is, so it is not named)."""
+        if self.sock.family == socket.AF_UNIX:
+            return "a unix socket client"
+        # taken by asyncio when the transport was made: still there once the peer has left
+        peer = self._streams[1].get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            host, port = peer[0], peer[1]
+            return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        return "an unknown peer"
 
     def evict(self, line: bytes) -> None:
         """Close this connection, still in its handshake, to make room; ``line`` tells it why."""

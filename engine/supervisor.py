@@ -45,6 +45,7 @@ from .errors import (
     WorkerNotLeading,
 )
 from .events import WorkerCrashed, WorkerResumed, WorkerStarted, WorkerStopped
+from .logs import log_safely, log_text, traceback_block
 from .hop import call_blocking, cancel_and_wait
 from .jsonsafe import name_problem
 from .options import WorkerOptions, check_options
@@ -57,6 +58,9 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 log = logging.getLogger("taskwatch.supervisor")
+
+#: characters of a crash's message its log line shows at most (its traceback has the whole)
+_CRASH_TEXT_LIMIT = 200
 
 WorkerState = Literal["running", "backoff", "waiting_for_leadership", "stopped", "returned"]
 StopReason = Literal["cancelled", "leadership_lost", "shutdown", "user", "restart"]
@@ -498,11 +502,12 @@ class Supervisor:
             # the cleanup left undone must not go unseen
             worker.last_error = RunError.from_exception(error)
             worker.last_error_at = self._engine.clock()
-            log.warning(
-                "supervised worker %r raised %s while it was being stopped (%s)",
-                worker.name, worker.last_error.type, worker.stop_reason, exc_info=error,
-            )
             self._stopped(worker, worker.stop_reason)
+            log_safely(
+                log, logging.WARNING, "supervised worker %r raised %s while it was being stopped (%s): %s",
+                worker.name, log_text(worker.last_error.type), worker.stop_reason,
+                log_text(worker.last_error.message, _CRASH_TEXT_LIMIT), exc_info=error,
+            )  # fmt: skip
             return None
         ran_for = asyncio.get_running_loop().time() - started
         return self._crashed(worker, error, ran_for)
@@ -518,10 +523,18 @@ class Supervisor:
         worker.state = "backoff"
         worker.last_error = error
         worker.last_error_at = self._engine.clock()
-        log.warning("supervised worker %r crashed (%s); restart in %.3g s", worker.name, error.type, delay)
         self._engine.bus.emit(
             WorkerCrashed, name=worker.name, error=error, restarts=worker.restarts, restart_in=delay
         )
+        # logged last, and guarded: a log handler that raises must not keep the restart from
+        # being scheduled. The traceback once per streak: a worker crashing the same way all
+        # night logs one line per restart after the first
+        if log.isEnabledFor(logging.WARNING):
+            log_safely(
+                log, logging.WARNING, "supervised worker %r crashed (%s: %s); restart in %.3g s%s",
+                worker.name, log_text(error.type), log_text(error.message, _CRASH_TEXT_LIMIT), delay,
+                traceback_block(error) if worker.streak == 1 else "",
+            )  # fmt: skip
         return delay
 
     def _stopped(self, worker: _Worker, reason: StopReason) -> None:

@@ -70,6 +70,7 @@ from .execution import checked_timeout
 from .index import check_query, limit_problem
 from .jsonsafe import check_key
 from .options import TriggerOptions, check_options
+from .logs import OutageLog
 from .runs import RunStatus
 from .store import TriggerKeyRecord
 from .tasks import async_signature
@@ -932,25 +933,29 @@ class Trigger:
             log.exception("trigger %r: saving its counts at stop failed", self.name)
 
     async def _save_loop(self) -> None:
+        trouble = OutageLog(log, f"trigger {self.name!r}: saving its counts")
         while True:
             await asyncio.sleep(self.save_interval)
             if not self._dirty and not self._forget:
                 continue
             try:
                 await self._save()
+                trouble.succeeded()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("trigger %r: saving its counts failed; trying again", self.name)
+            except Exception as exc:
+                trouble.failed(exc, f"trying again every {self.save_interval:g} s")
 
     async def _sweep(self, interval: float) -> None:
+        trouble = OutageLog(log, f"trigger {self.name!r}: the staleness sweep")
         while True:
             await asyncio.sleep(interval)
             try:
                 await self._check_stepwise()
-            except Exception:
+                trouble.succeeded()
+            except Exception as exc:
                 # one bad sweep must not end staleness checks for good
-                log.exception("trigger %r: staleness sweep failed", self.name)
+                trouble.failed(exc, f"sweeping again every {interval:g} s")
 
     async def stop(self, deadline: float) -> None:
         """Stop the sweep. Runs already fired are engine runs: the engine drains them."""

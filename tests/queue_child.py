@@ -17,8 +17,8 @@ stdin:
   "info": ..., "incomplete": [...]}`` and the process ends.
 
 The handler prints ``{"ev": "handled", "i": I}`` (a job put with ``hold``
-first waits for ``release``). Every warning or error logged by the queue is
-printed as ``{"ev": "log", "msg": ...}``.
+first waits for ``release``). Every line logged by the queue, debug included (a
+store outage's later failures are debug lines), is printed as ``{"ev": "log", "msg": ...}``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ async def main() -> None:
     parser.add_argument("--busy-timeout", type=int, default=5000)
     parser.add_argument("--paused", action="store_true")
     args = parser.parse_args()
-    logging.getLogger("taskwatch.queues").addHandler(Printed(logging.WARNING))
+    queues_log = logging.getLogger("taskwatch.queues")
+    queues_log.addHandler(Printed(logging.DEBUG))
+    queues_log.setLevel(logging.DEBUG)
 
     engine = Engine(
         store=f"sqlite:///{args.db}?busy_timeout={args.busy_timeout}", node_id=args.node, health_interval=None

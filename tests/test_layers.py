@@ -18,7 +18,8 @@ from pathlib import Path
 ENGINE = Path(__file__).resolve().parent.parent / "engine"
 
 LAYERS: list[set[str]] = [
-    {"version", "errors", "jsonsafe", "hop", "runs", "events", "options", "tasks", "nodeid", "trusted", "urls"},
+    {"version", "errors", "jsonsafe", "hop", "runs", "events", "options", "tasks", "nodeid", "trusted", "urls",
+     "logs"},
     {"bus"},
     {"store", "lease", "postgres_lease", "redis_lease"},
     {"executor", "execution", "index", "context", "handle", "scheduler", "queues", "triggers", "supervisor", "health",

@@ -1,0 +1,125 @@
+"""What an outage of the store or of the events' transport puts in the log: for each loop that
+meets it, one warning when it starts (the store's own message, no traceback), debug lines while
+it lasts, and one info line when it ends, however long it lasts and however many loops retry.
+
+A real SQLite file whose tables another connection takes away, and a real ``redis-server``
+stopped and started again.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from taskwatch.engine import Engine, RedisEventRelay, SqliteStore, TaskContext
+from taskwatch.engine.bus import EventBus
+from taskwatch.engine.events import RunSubmitted
+
+from .helpers import eventually, table_away
+from .redis_server import RedisServer
+
+
+def said(caplog: pytest.LogCaptureFixture, logger: str, level: int, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == logger and r.levelno == level and text in r.getMessage()]
+
+
+async def test_a_store_outage_is_one_warning_per_loop_and_one_line_when_it_ends(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="taskwatch")
+    path = tmp_path / "runs.db"
+    engine = Engine(store=f"sqlite:///{path}", health_interval=None, poll_interval=0.02)
+
+    @engine.task(name="t")
+    async def t(ctx: TaskContext) -> None:
+        return None
+
+    @engine.periodic(every=0.05, name="tick")
+    async def tick(ctx: TaskContext) -> None:
+        return None
+
+    async with engine:
+        async with table_away(path, "runs"):
+            # many tries of each loop while the table is away
+            await eventually(lambda: len(said(caplog, "taskwatch.executor", logging.DEBUG, "claiming runs failed again")) >= 5)
+            await eventually(lambda: len(said(caplog, "taskwatch.scheduler", logging.DEBUG, "failed again")) >= 3)
+        await eventually(lambda: said(caplog, "taskwatch.executor", logging.INFO, "claiming runs works again after"))
+        await eventually(lambda: said(caplog, "taskwatch.scheduler", logging.INFO, "scheduling works again after"))
+        assert (await (await engine.submit("t")).wait(10)).status == "succeeded"
+
+    loud = [r for r in caplog.records if r.name.startswith("taskwatch") and r.levelno >= logging.WARNING]
+    claims = [r for r in loud if r.name == "taskwatch.executor" and "claiming runs failed" in r.getMessage()]
+    ticks = [r for r in loud if r.name == "taskwatch.scheduler" and "'tick': scheduling failed" in r.getMessage()]
+    # once each, as warnings naming the store's own error and what to check
+    assert len(claims) == 1 and len(ticks) == 1, [r.getMessage() for r in loud]
+    for record in claims + ticks:
+        assert record.levelno == logging.WARNING
+        assert "StoreUnavailable" in record.getMessage() and "no such table: runs" in record.getMessage()
+        assert "further failures are logged at debug level" in record.getMessage()
+    # a store error's traceback shows only the engine's frames: none is logged at all
+    assert not [r for r in loud if r.exc_info], [r.getMessage() for r in loud if r.exc_info]
+    ended = said(caplog, "taskwatch.executor", logging.INFO, "claiming runs works again after")
+    assert len(ended) == 1 and "failed tries" in ended[0].getMessage()
+
+
+class FlakyStore(SqliteStore):
+    """A store of the user's own making whose claims fail with an error of its own at first."""
+
+    failures = 0
+
+    async def claim(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failures < 4:
+            self.failures += 1
+            raise LookupError(f"shard map not loaded yet ({self.failures})")
+        return await super().claim(*args, **kwargs)
+
+
+async def test_an_unexpected_error_in_a_loop_keeps_its_traceback_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # an error that is no store error is a bug to report: its traceback is logged, once
+    caplog.set_level(logging.DEBUG, logger="taskwatch")
+    store = FlakyStore(tmp_path / "runs.db")
+    engine = Engine(store=store, health_interval=None, poll_interval=0.02)
+
+    @engine.task(name="t")
+    async def t(ctx: TaskContext) -> None:
+        return None
+
+    async with engine:
+        assert (await (await engine.submit("t")).wait(10)).status == "succeeded"
+    assert store.failures == 4
+    loud = [r for r in caplog.records if r.name == "taskwatch.executor" and r.levelno >= logging.WARNING]
+    assert len(loud) == 1, [r.getMessage() for r in loud]
+    assert loud[0].levelno == logging.ERROR and loud[0].exc_info is not None
+    assert loud[0].exc_info[0] is LookupError
+    assert said(caplog, "taskwatch.executor", logging.INFO, "claiming runs works again after")
+
+
+async def test_an_events_transport_outage_is_one_warning_each_way_and_one_line_when_it_ends(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="taskwatch")
+    bus = EventBus(node="w")
+    relay = RedisEventRelay(redis_server.url, bus, stream="tw:outage-logs", read_block=0.05)
+    await relay.start()
+    try:
+        bus.emit(RunSubmitted, run_id="r1", task="t")
+        await eventually(lambda: relay.stats().published == 1, timeout=10)
+        redis_server.stop()
+        bus.emit(RunSubmitted, run_id="r2", task="t")
+        # the relay backs off up to 2 s between tries: a few tries of each direction
+        await eventually(lambda: len(said(caplog, "taskwatch.events", logging.DEBUG, "failed again")) >= 4, timeout=15)
+        redis_server.start()
+        await eventually(lambda: relay.stats().published == 2, timeout=15)
+        await eventually(lambda: said(caplog, "taskwatch.events", logging.INFO, "reading events from"), timeout=15)
+    finally:
+        await relay.stop()
+
+    warnings = [r for r in caplog.records if r.name == "taskwatch.events" and r.levelno >= logging.WARNING]
+    publishing = [r for r in warnings if r.getMessage().startswith("publishing events to")]
+    reading = [r for r in warnings if r.getMessage().startswith("reading events from")]
+    assert len(publishing) == 1 and len(reading) == 1, [r.getMessage() for r in warnings]
+    assert said(caplog, "taskwatch.events", logging.INFO, "publishing events to")
