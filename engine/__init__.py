@@ -9,6 +9,7 @@ from .context import TaskContext
 from .engine import Engine
 from .errors import (
     AuthenticationFailed,
+    CommandTimeout,
     ConnectionClosed,
     DuplicateRunId,
     DuplicateTask,
@@ -131,7 +132,7 @@ from .runs import EngineStats, Progress, RunError, RunList, RunRecord, RunStatus
 from .scheduler import PeriodicInfo, next_cron_due
 from .server import ControlServer, ServerInfo
 from .snapshot import Snapshot, is_truncated
-from .store import MemoryStore, NodeInfo, PostgresStore, SqliteStore, Store, StoredRun, make_store
+from .store import MemoryStore, NodeInfo, Page, PostgresStore, SqliteStore, Store, StoredRun, make_store
 from .supervisor import WorkerInfo
 from .tasks import TaskInfo, TaskSpec
 from .triggers import Trigger, TriggerFire, TriggerKeyState, TriggerState
@@ -144,6 +145,7 @@ __all__ = [
     "BaseEvent",
     "ClusterNode",
     "ClusterObserver",
+    "CommandTimeout",
     "ConnectionClosed",
     "ControlServer",
     "DuplicateRunId",
@@ -198,6 +200,7 @@ __all__ = [
     "NotLeader",
     "OPERATIONS",
     "Operation",
+    "Page",
     "PeriodicInfo",
     "PeriodicNotRunnable",
     "PeriodicPaused",

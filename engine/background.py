@@ -48,8 +48,8 @@ import types
 import urllib.parse
 import warnings
 import weakref
-from collections.abc import Callable, Generator, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
 
 from pydantic import BaseModel
 
@@ -73,6 +73,9 @@ if TYPE_CHECKING:
     from .triggers import TriggerFire, TriggerState
 
 log = logging.getLogger("taskwatch.background")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 _UNSET: Any = object()
 
@@ -697,6 +700,13 @@ class BackgroundEngine:
         except Escaped as escaped:
             raise escaped.exc from None
 
+    # the awaitable form first: a coroutine function's result is what it returns once awaited
+    @overload
+    def call(
+        self, fn: Callable[Concatenate[Engine, _P], Awaitable[_R]], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _R: ...
+    @overload
+    def call(self, fn: Callable[Concatenate[Engine, _P], _R], *args: _P.args, **kwargs: _P.kwargs) -> _R: ...
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(engine, *args, **kwargs)`` on the engine's loop and return its result.
 
@@ -705,6 +715,12 @@ class BackgroundEngine:
         """
         return self._call("call", fn, self.engine, *args, **kwargs)
 
+    @overload
+    async def acall(
+        self, fn: Callable[Concatenate[Engine, _P], Awaitable[_R]], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _R: ...
+    @overload
+    async def acall(self, fn: Callable[Concatenate[Engine, _P], _R], *args: _P.args, **kwargs: _P.kwargs) -> _R: ...
     async def acall(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Awaitable :meth:`call`, for code inside an event loop."""
         return await self._acall(fn, self.engine, *args, **kwargs)

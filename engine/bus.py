@@ -305,7 +305,7 @@ def check_event(event: BaseEvent, where: str = "bus.publish()") -> None:
 
 def built(item: BaseEvent | Posted) -> Event:
     """The event itself, built now if it was posted unbuilt (safe from any thread)."""
-    return item.get() if type(item) is Posted else item  # type: ignore[union-attr,return-value]
+    return item.get() if type(item) is Posted else item  # type: ignore[return-value]
 
 
 class _Gap:
@@ -732,12 +732,12 @@ class EventBus:
             # the last ``replay`` events this subscriber would have received
             picked: list[BaseEvent | Posted] = []
             for item in reversed(self._ring):
-                if sub._filter(item.kind):  # type: ignore[union-attr]
+                if sub._filter(item.kind):
                     picked.append(item)
                     if len(picked) >= replay:
                         break
             for item in reversed(picked):
-                sub._offer(item, item.kind)  # type: ignore[union-attr]
+                sub._offer(item, item.kind)
         if self.closed:
             sub.closed = True
         else:

@@ -451,9 +451,14 @@ class MalformedMessage(ProtocolError):
 
 
 class MessageTooLarge(ProtocolError):
-    """A wire message is longer than the receiver's ``max_message`` limit."""
+    """A wire message is longer than the receiver's ``max_message`` limit.
+
+    Raised by a ``RemoteEngine`` command over the engine's limit, ``sent`` is False:
+    the command was not sent, so the engine did nothing.
+    """
 
     reason = "oversized"
+    sent: bool = False
 
     def __init__(self, size: int, limit: int, setting: str = "max_message") -> None:
         self.size = size
@@ -506,6 +511,21 @@ class ConnectionClosed(TaskwatchError, ConnectionError):
     Raised by a ``RemoteEngine`` call, its ``sent`` attribute says whether the
     command had been sent: if so, the engine may still carry it out.
     """
+
+    sent: bool = False
+
+
+class CommandTimeout(TaskwatchError, TimeoutError):
+    """A ``RemoteEngine`` command did not end within the client's ``timeout``: no reply
+    came, or the engine read nothing more, so the command could not be sent.
+
+    A ``TimeoutError``, so ``except TimeoutError`` catches it. ``sent`` says whether
+    the command had been sent: if so, the engine may still carry it out.
+    """
+
+    # RemoteEngine always says; one that does not is taken as sent, as a dashboard takes a
+    # timeout that does not say: "maybe done" is the answer that loses no run
+    sent: bool = True
 
 
 class EngineUnreachable(TaskwatchError, ConnectionError):

@@ -8,15 +8,36 @@ them; :func:`event_to_json` and :func:`event_from_json` round-trip losslessly.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter
 
 from .runs import CancelReason, RunError
 
+if TYPE_CHECKING:
+    from pydantic import PrivateAttr
+    from pydantic._internal._model_construction import ModelMetaclass
+    from typing_extensions import dataclass_transform
 
-class BaseEvent(BaseModel):
+    # What type checkers see of an event class: pydantic's model transform, frozen as the
+    # models are (model_config). Frozen fields are read-only to a checker, so a subclass may
+    # narrow BaseEvent's ``kind: str`` to its ``Literal``; with pydantic's own (mutable) view,
+    # pyright refuses that override, and a ``frozen=True`` class keyword would make every
+    # subclass, a user's too, say it again
+    @dataclass_transform(kw_only_default=True, frozen_default=True, field_specifiers=(Field, PrivateAttr))
+    class _EventMeta(ModelMetaclass): ...
+else:
+    _EventMeta = type(BaseModel)
+
+
+class BaseEvent(BaseModel, metaclass=_EventMeta):
     model_config = ConfigDict(frozen=True)
+
+    if TYPE_CHECKING:
+        # every event has one (each class sets its own, e.g. Literal["run.failed"]); declared
+        # for type checkers only: a field here would lead every event's dump and JSON, and
+        # cost each event built a field more
+        kind: str
 
     seq: int = 0
     ts: float = 0.0

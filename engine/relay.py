@@ -220,7 +220,7 @@ def coalesce(events: list[BaseEvent], carried: int = 0) -> Coalesced:
     """
     newest: dict[str, int] = {}
     for i, event in enumerate(events):
-        if event.kind == "run.progress":  # type: ignore[attr-defined]
+        if event.kind == "run.progress":
             newest[event.run_id] = i  # type: ignore[attr-defined]
     out: list[Outgoing] = []
     skipped = carried
@@ -590,10 +590,10 @@ class EventRelay:
         view.seqs[bus] = event.seq
         view.heard_at = time.monotonic()
         view.last_ts = event.ts
-        view.last_kind = event.kind  # type: ignore[attr-defined]
+        view.last_kind = event.kind
         view.events += 1
         _note(view, event)
-        if view.is_leader and event.kind in ("lease.acquired", "lease.renewed"):  # type: ignore[attr-defined]
+        if view.is_leader and event.kind in ("lease.acquired", "lease.renewed"):
             self._one_leader(view)
         self.received += 1
         self.bus.publish(event, checked=True)

@@ -22,12 +22,13 @@ raise the matching :class:`~taskwatch.engine.errors.TaskwatchError` subclass
 :class:`RemoteError` for error types this side does not know.
 
 Unlike an in-process call, a command that fails with ``TimeoutError`` (no
-reply within ``timeout``) or :class:`~taskwatch.engine.errors.ConnectionClosed`
-may still have been carried out: the exception's ``sent`` attribute (and its
-message) says whether the command had been written to the connection. One that
-was not sent did nothing; one that was may still run on the engine, so before
-submitting again look for it, or submit with ``key=`` (a repeat then returns
-the first run while it is pending).
+reply within ``timeout``: a :class:`~taskwatch.engine.errors.CommandTimeout`) or
+:class:`~taskwatch.engine.errors.ConnectionClosed` may still have been carried
+out: the exception's ``sent`` attribute (and its message) says whether the
+command had been written to the connection. One that was not sent did nothing;
+one that was may still run on the engine, so before submitting again look for
+it, or submit with ``key=`` (a repeat then returns the first run while it is
+pending).
 
 Snapshots, events and the records in command replies carry values over the
 server's ``max_value`` cut down (a params dict becomes
@@ -53,6 +54,7 @@ from pydantic import BaseModel, ValidationError
 from . import errors as _errors
 from .bus import EventBuffer
 from .errors import (
+    CommandTimeout,
     ConnectionClosed,
     EngineUnreachable,
     IncompatibleVersion,
@@ -693,11 +695,13 @@ class RemoteEngine:
             "sent. Send less (a large input is better passed by reference: a path, a URL, a key), or "
             "raise the limit where the engine is served: engine.serve(..., max_message=N)",
         )
-        exc.sent = False  # type: ignore[attr-defined]
+        exc.sent = False
         return exc
 
-    def _failed(self, cls: type[OSError], kind: str, what: str, sent: bool) -> OSError:
-        """A command's ``TimeoutError`` or ``ConnectionClosed``, saying whether it was sent.
+    def _failed(
+        self, cls: type[CommandTimeout | ConnectionClosed], kind: str, what: str, sent: bool
+    ) -> CommandTimeout | ConnectionClosed:
+        """A command's ``CommandTimeout`` or ``ConnectionClosed``, saying whether it was sent.
 
         ``sent``: the command's line was handed to the connection, so the engine may
         receive it and carry it out whatever this side hears back.
@@ -712,7 +716,7 @@ class RemoteEngine:
         else:
             outcome = f"{kind!r} was not sent, so the engine will not carry it out"
         exc = cls(f"{what}; {outcome}")
-        exc.sent = sent  # type: ignore[attr-defined]
+        exc.sent = sent
         return exc
 
     async def _request(self, make: type[Command], **fields: Any) -> Any:
@@ -753,7 +757,7 @@ class RemoteEngine:
                     f"could not send {kind!r} to {self.address} within {self.timeout:g} s: the engine is "
                     "not reading this connection (its process paused or overloaded, or the network stalled)"
                 )
-            raise self._failed(TimeoutError, kind, what, sent) from None
+            raise self._failed(CommandTimeout, kind, what, sent) from None
         except ConnectionClosed:
             when = "before the reply" if sent else "before it could be sent"
             what = f"the connection to {self.address} closed {when}"

@@ -1095,7 +1095,7 @@ class Scheduler:
             return
         p, handle = found
         # from the event itself: with a small history the run may already be evicted
-        status = _STATUS_OF_KIND[event.kind]  # type: ignore[attr-defined]
+        status = _STATUS_OF_KIND[event.kind]
         duration: float | None = getattr(event, "duration", None)
         p.last_run_id = event.run_id  # type: ignore[attr-defined]
         p.last_status = status.value

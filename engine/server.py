@@ -1726,6 +1726,8 @@ class _Connection:
             ending = any(chunk is _END for chunk in chunks)
             if ending:
                 chunks = [chunk for chunk in chunks if chunk is not _END]
+            if writer.transport.is_closing():
+                return  # the client left: uvloop raises on a write to a closed transport
             try:
                 if chunks:
                     writer.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))

@@ -597,7 +597,7 @@ class Trigger:
         if key is None:
             return
         st = self._keys[key]
-        kind: str = event.kind  # type: ignore[attr-defined]
+        kind: str = event.kind
         if kind == "run.started":
             st.running = True
             return

@@ -484,7 +484,7 @@ def frozen(served: Served) -> Iterator[None]:
 
 async def test_a_full_record_that_does_not_come_in_time_is_a_warning_not_a_crash(serve: ServeFn, sock_path: Path) -> None:
     """A run whose params came cut down is fetched in full when selected; an engine that does not
-    answer in time (RemoteEngine raises the builtin TimeoutError) must not take the dashboard down."""
+    answer in time (RemoteEngine raises CommandTimeout, a TimeoutError) must not take the dashboard down."""
     served = await serve(str(sock_path), node_id="big", interval=0)
     served.send("submit greet " + json.dumps({"name": "A" + "x" * 40_000, "times": 1}))
     big = (await eventually(lambda: served.submitted("greet"), timeout=TIMEOUT))[0]
@@ -533,6 +533,22 @@ async def test_an_engine_that_stops_answering_is_shown_as_not_responding_until_i
             assert "● LEADER" not in said
             assert app.client.connected  # nothing closed: silence is all there is
         await eventually(lambda: badge(app).state == "leader", timeout=TIMEOUT)  # answered again
+
+
+async def test_requests_that_time_out_do_not_count_as_the_engine_answering(
+    serve: ServeFn, sock_path: Path
+) -> None:
+    # a request with no reply in time is silence too: the badge keeps counting through each one
+    served = await serve(str(sock_path), node_id="hung", interval=0.05)
+    client = RemoteClient(served.address, timeout=0.3)
+    app = TaskwatchApp(client, refresh_hz=30.0, overview_interval=0.2, unresponsive_after=0.5)
+    async with app.run_test(size=SIZE):
+        await eventually(lambda: badge(app).state == "leader", timeout=TIMEOUT)
+        with frozen(served):
+            # several overview requests sent and timed out meanwhile
+            await eventually(lambda: (badge(app).silent_for or 0) >= 1.5, timeout=TIMEOUT)
+            assert badge(app).state == "unresponsive"
+        await eventually(lambda: badge(app).state == "leader", timeout=TIMEOUT)
 
 
 def test_cli_attach_without_an_address_is_a_usage_error() -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -14,6 +17,7 @@ from pathlib import Path
 import pytest
 from taskwatch.engine import Engine, __version__
 from taskwatch.tui.cli import AppPathError, load_engine
+from taskwatch.tui.held_logs import HeldTerminalLogs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -412,3 +416,78 @@ def test_an_engine_address_reads_the_token_file_it_is_given() -> None:
 )
 def test_a_token_option_nothing_would_use_is_one_clear_line(args: list[str], message: str) -> None:
     assert_one_clear_line(taskwatch(*args, timeout=30), message)
+
+
+def test_the_demos_staged_failures_print_no_traceback() -> None:
+    result = taskwatch("--plain", "--seconds", "4", "--seed", "7")
+    assert result.returncode == 0, result.stderr
+    kinds = {line.split()[1] for line in result.stdout.splitlines() if line.strip()}
+    assert "queue.job_failed" in kinds  # a bad job fails within the window, as the demo means it to
+    # the demo fails on purpose: its events say so; its stderr stays for what goes wrong
+    assert "Traceback" not in result.stderr and "failed" not in result.stderr, result.stderr[-2000:]
+
+
+def test_log_lines_bound_for_the_terminal_are_held_then_written_saying_how_many_were_left_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    master, slave = os.openpty()
+    terminal = os.fdopen(slave, "w")
+    piped = io.StringIO()
+    handlers: list[logging.Handler] = [
+        on_terminal := logging.StreamHandler(terminal),
+        logging.StreamHandler(piped),  # stderr sent to a pipe or a file: not the dashboard's screen
+        logging.FileHandler(tmp_path / "app.log"),
+    ]
+    logger = logging.getLogger("test_cli.held")
+    logger.propagate, logger.level = False, logging.INFO
+    for handler in handlers:
+        logger.addHandler(handler)
+    lines = [f"line {n:03d} {'x' * 22}" for n in range(100)]  # 32 characters each, with its newline
+    try:
+        with HeldTerminalLogs(limit=1024):
+            for line in lines:
+                logger.info(line)
+            assert not select.select([master], [], [], 0)[0]  # nothing reached the terminal
+            assert capsys.readouterr().err == ""  # nor, yet, stderr
+        err = capsys.readouterr().err.splitlines()
+        # the stream given back: lines reach the terminal again
+        logger.info("after")
+        assert os.read(master, 100) == b"after\r\n"
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+            handler.close()
+        os.close(master)
+    # the newest whole lines that fit in the limit, after a line saying what was left out
+    assert err[0] == (
+        "taskwatch: 100 log lines were written while the dashboard was open "
+        "(the first 68 left out, to keep the last 1 KiB):"
+    )
+    assert err[1:] == lines[68:]
+    assert (tmp_path / "app.log").read_text().splitlines() == [*lines, "after"] == piped.getvalue().splitlines()
+    assert on_terminal.stream is terminal
+
+
+def test_what_the_last_resort_handler_would_write_is_held_too() -> None:
+    # no handler anywhere: logging's last resort writes on sys.stderr as it is then (under the
+    # dashboard, Textual's capture, where the line is lost)
+    script = (
+        "import logging, sys\n"
+        "from taskwatch.tui.held_logs import HeldTerminalLogs\n"
+        "with HeldTerminalLogs():\n"
+        "    logging.getLogger('app').warning('disk almost full')\n"
+        "    logging.getLogger('app').info('not a warning: not for the last resort')\n"
+        "    print('closing', file=sys.stderr)\n"
+        "with HeldTerminalLogs():\n"
+        "    print('nothing held', file=sys.stderr)\n"
+        "logging.getLogger('app').warning('after')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], text=True, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "closing",
+        "taskwatch: 1 log line was written while the dashboard was open:",
+        "disk almost full",
+        "nothing held",
+        "after",
+    ]

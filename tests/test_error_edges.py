@@ -32,6 +32,7 @@ PYDANTIC_ERRORS: list[dict[str, Any]] = [{"loc": ("n",), "msg": "Input should be
 ERROR_ARGS: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
     "AuthenticationFailed": ((), {}),
     "ConnectionClosed": (("the connection closed",), {}),
+    "CommandTimeout": (("no reply within 10 s",), {}),
     "DuplicateRunId": (("r1",), {}),
     "DuplicateTask": (("task", "t"), {}),
     "EngineAlreadyRunning": (("running",), {"holder": "a BackgroundEngine"}),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import re
 import select
 import signal
 import sqlite3
@@ -344,6 +345,65 @@ def test_a_dashboard_that_crashed_exits_with_a_failure_status(tmp_path: Path) ->
         assert "a bug in this engine's snapshot" in term.text()  # its traceback is shown
     finally:
         term.kill()
+
+
+LOGGING_APP = '''
+import asyncio, logging, pathlib
+from taskwatch.engine import Engine, TaskContext
+
+# as a service module often does at import: a handler holding the real stderr, the terminal
+logging.basicConfig(level=logging.INFO)
+log = logging.getLogger("logging_app")
+engine = Engine(node_id="logging", health_interval=None)
+
+
+@engine.task(name="explode")
+async def explode(ctx: TaskContext) -> None:
+    raise ValueError("the reactor is on fire")
+
+
+@engine.periodic(every=3600, initial_delay=0, name="kick")
+async def kick(ctx: TaskContext) -> None:
+    while not pathlib.Path("go").exists():  # the test says when the dashboard is drawn
+        await asyncio.sleep(0.02)
+    log.info("kick submits a task that fails")
+    await (await engine.submit("explode")).wait(timeout=30)
+    pathlib.Path("logged").touch()  # logging writes as it is called: the failure is logged by now
+'''
+
+
+def test_log_lines_written_while_the_dashboard_is_open_come_after_it_closes(tmp_path: Path) -> None:
+    (tmp_path / "logging_app.py").write_text(LOGGING_APP)
+    term = Terminal(["logging_app"], cwd=tmp_path)
+    try:
+        term.wait_for(ENTER_ALT_SCREEN)
+        term.wait_for(b"LEADER")
+        (tmp_path / "go").touch()
+        wait_until(lambda: (tmp_path / "logged").exists(), timeout=TIMEOUT)
+        term.press("q")
+        assert term.wait_exit() == 0, term.text()[-3000:]
+        output = bytes(term.output)
+    finally:
+        term.kill()
+    opened, closed = output.find(ENTER_ALT_SCREEN), output.rfind(LEAVE_ALT_SCREEN)
+    assert 0 <= opened < closed
+    # nothing written over the dashboard's screen
+    during = output[opened:closed].decode("utf-8", "replace")
+    for logged in ("INFO:logging_app", "WARNING:taskwatch.runs", "Traceback", 'raise ValueError("the reactor'):
+        assert logged not in during, during[-3000:]
+    # and nothing lost: once the shell's screen is back, each line, after one saying how many
+    shell = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output[closed:].decode("utf-8", "replace"))  # its modes reset
+    after = shell.replace("\r\n", "\n").splitlines()
+    headers = [i for i, line in enumerate(after) if " log lines were written while the dashboard was open:" in line]
+    assert len(headers) == 1, after
+    header = after[headers[0]]
+    assert re.fullmatch(r"taskwatch: \d+ log lines were written while the dashboard was open:", header), header
+    held = after[headers[0] + 1 : headers[0] + 1 + int(header.split()[1])]
+    assert "INFO:logging_app:kick submits a task that fails" in held
+    failed = next(i for i, line in enumerate(held) if line.startswith("WARNING:taskwatch.runs:run "))
+    assert "of task 'explode' failed on try 1 of 1: ValueError: the reactor is on fire" in held[failed]
+    assert held[failed + 1] == "Traceback (most recent call last):"
+    assert "ValueError: the reactor is on fire" in held[failed + 2 :], held  # the traceback's end
 
 
 # ---------------------------------------------------------------------- the engine stops under it

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import importlib
 import inspect
+import logging
 import math
 import os
 import select
@@ -29,7 +30,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from taskwatch.engine import (
@@ -44,6 +45,8 @@ from taskwatch.engine import (
 )
 from taskwatch.engine.server import MIN_TOKEN_BYTES
 from taskwatch.engine.wire import TcpAddress, UnixAddress, parse_address, parse_connect_address
+
+from .held_logs import HeldTerminalLogs
 
 if TYPE_CHECKING:
     import socket
@@ -493,12 +496,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             engine = build_demo_engine(opts.seed, store=opts.store or "memory")
         except TaskwatchError as exc:
             return fail(str(exc))
-    if opts.plain:
-        return _print_plain(engine, opts.seconds)
-    if not _has_terminal():
-        # before the engine starts: its runs would start only to be stopped again
-        return fail(NO_TERMINAL)
-    return _run_local(engine, opts.serve, confirm=opts.confirm, token=token)
+    with contextlib.nullcontext() if opts.app else demo_failures_unlogged():
+        if opts.plain:
+            return _print_plain(engine, opts.seconds)
+        if not _has_terminal():
+            # before the engine starts: its runs would start only to be stopped again
+            return fail(NO_TERMINAL)
+        return _run_local(engine, opts.serve, confirm=opts.confirm, token=token)
 
 
 def _print_plain(engine: Engine, seconds: float | None) -> int:
@@ -517,6 +521,31 @@ def _print_plain(engine: Engine, seconds: float | None) -> int:
         return fail(str(exc))
     return 0
 
+
+#: the loggers that report failing user code, each failure with its traceback
+FAILURE_LOGGERS = ("taskwatch.runs", "taskwatch.queues", "taskwatch.supervisor")
+
+
+@contextlib.contextmanager
+def demo_failures_unlogged() -> Iterator[None]:
+    """While the demo runs, its failures are not logged (unless a logger's level was set).
+
+    The demo fails on purpose (a flaky SMTP relay, a bad queue job, a crashing worker), to
+    show what failing looks like; each failure's traceback would fill ``--plain``'s stderr,
+    the web server's log, or the terminal once the dashboard closes. Its events still say
+    every failure. Here, not in ``build_demo_engine``, which tests build in their own process.
+    """
+    quieted = [
+        logger for name in FAILURE_LOGGERS if (logger := logging.getLogger(name)).level == logging.NOTSET
+    ]
+    for logger in quieted:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger in quieted:
+            if logger.level == logging.ERROR:  # unless something else has set it since
+                logger.setLevel(logging.NOTSET)
 
 
 #: signals that end a dashboard as `q` does: the terminal is given back and the engine stopped
@@ -610,8 +639,13 @@ class EndingSignals:
             if self.signum is None:  # one that came while starting ends it before it takes the screen
                 await app.run_async()
 
+        # in a browser, the screen is not this process's terminal: nothing written there lands on it
+        hold: contextlib.AbstractContextManager[object] = (
+            contextlib.nullcontext() if _in_browser(app) else HeldTerminalLogs()
+        )
         try:
-            asyncio.run(run_app())
+            with hold:
+                asyncio.run(run_app())
         finally:
             # closing the loop put the defaults back: the engine's stop must not be killed either
             self.resume()
@@ -876,7 +910,8 @@ def _web(opts: argparse.Namespace) -> int:
                 catch.take_interrupts()  # Ctrl+C quits it: no engine of its own to start here
                 _serve_web(server, socks, catch)
             return 0 if catch.signum is None else 128 + catch.signum
-        return _web_engine(server, socks, engine)
+        with contextlib.nullcontext() if opts.target else demo_failures_unlogged():
+            return _web_engine(server, socks, engine)
     finally:
         for sock in socks:
             sock.close()

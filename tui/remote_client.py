@@ -27,7 +27,13 @@ from taskwatch.engine import (
     TriggerFire,
     WorkerInfo,
 )
-from taskwatch.engine.errors import AuthenticationFailed, ConnectionClosed, InvalidAddress, MessageTooLarge
+from taskwatch.engine.errors import (
+    AuthenticationFailed,
+    CommandTimeout,
+    ConnectionClosed,
+    InvalidAddress,
+    MessageTooLarge,
+)
 from taskwatch.engine.remote import RemoteEngine
 
 from .client import DEFAULT_BUFFER, DashboardClient
@@ -167,8 +173,9 @@ class RemoteClient(DashboardClient):
         try:
             result = await request
         except TaskwatchError as exc:
-            # a lost connection, or a request too large to send, is no word from the engine
-            if not isinstance(exc, ConnectionClosed | MessageTooLarge):
+            # a lost connection, a request too large to send, or no reply in time is no word
+            # from the engine
+            if not isinstance(exc, ConnectionClosed | MessageTooLarge | CommandTimeout):
                 self._heard()
             raise
         self._heard()

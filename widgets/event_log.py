@@ -324,7 +324,7 @@ class EventLog(RichLog):
                 # history, which must keep the order events came in
                 history.append(event)
                 self._held += 1
-                if not self.matches(event.kind):  # type: ignore[attr-defined]
+                if not self.matches(event.kind):
                     continue
                 if len(pending) >= self.buffer_cap:
                     pending.popleft()  # keep the newest: the gap sits where the marker will be
@@ -337,7 +337,7 @@ class EventLog(RichLog):
             self.total_events += 1
             self._history.append(event)
             fresh.append(event)
-            if event.kind in quiet and not self.matches(event.kind):  # type: ignore[attr-defined]
+            if event.kind in quiet and not self.matches(event.kind):
                 hidden += 1
         if hidden:
             self.quiet_hidden += hidden
@@ -415,7 +415,7 @@ class EventLog(RichLog):
             self._backlog += len(entries)  # drawn when shown
             return
         if cap is not None and len(entries) > cap:
-            matching = [e for e in entries if isinstance(e, _Gap) or self.matches(e.kind)]  # type: ignore[attr-defined]
+            matching = [e for e in entries if isinstance(e, _Gap) or self.matches(e.kind)]
             if len(matching) > cap:
                 entries = [_Gap(len(matching) - cap, "arriving faster than drawn; pause or filter to read them"),
                            *matching[-cap:]]  # fmt: skip
@@ -425,7 +425,7 @@ class EventLog(RichLog):
             if isinstance(entry, _Gap):
                 lines.append(entry.text())
                 drawn.append(entry)
-            elif self.matches(entry.kind):  # type: ignore[attr-defined]
+            elif self.matches(entry.kind):
                 lines.append(format_event(entry, self.show_node))
                 drawn.append(entry)
         if lines:
@@ -444,7 +444,7 @@ class EventLog(RichLog):
             # paused: the view shows what came before the pause; what came since is drawn
             # at the resume, as far as the filter (maybe new) lets it
             history, arrived = history[: len(history) - held], history[len(history) - held :]
-            matching = [e for e in arrived if isinstance(e, BaseEvent) and self.matches(e.kind)]  # type: ignore[attr-defined]
+            matching = [e for e in arrived if isinstance(e, BaseEvent) and self.matches(e.kind)]
             self._not_shown = max(0, len(matching) - self.buffer_cap)
             self._pending = deque(matching[self._not_shown :])
         if not self._on_screen:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar, Literal, TypeAlias
 
@@ -137,10 +138,11 @@ class FailuresList(Vertical):
     def select(self, kind: FailureKind, ident: str) -> bool:
         return self.table.select_key(f"{kind}:{ident}")
 
-    def update(self, failed_runs: list[RunRecord], workers: list[WorkerInfo]) -> None:
+    def update(self, failed_runs: Iterable[RunRecord], workers: Iterable[WorkerInfo]) -> None:
         """Show these failed runs and every worker that has crashed at least once."""
         if not self._ready:
-            self._early_update = (failed_runs, workers)  # the table does not exist yet
+            # the table does not exist yet; copied, so that what is drawn then is what was given now
+            self._early_update = (list(failed_runs), list(workers))
             return
         entries: list[tuple[float, str, _Item]] = []
         for record in failed_runs:

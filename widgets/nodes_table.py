@@ -17,6 +17,7 @@ was last seen up) shows as such, in yellow."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import ClassVar
 
@@ -145,9 +146,11 @@ class NodesTable(KeyedTable):
     def cells(self, info: ClusterNode, now: float) -> tuple[Cell, ...]:
         return node_cells(info, now)
 
-    def update_nodes(self, nodes: list[ClusterNode], now: float | None = None) -> None:
+    def update_nodes(self, nodes: Iterable[ClusterNode], now: float | None = None) -> None:
         now = time.time() if now is None else now
-        self._shown_nodes, self._shown_at = list(nodes), now
+        # read three times (and again at a resize): a generator would be spent by the first
+        nodes = self._shown_nodes = list(nodes)
+        self._shown_at = now
         self._show_columns(self._columns_for(self.size.width))
         keys = {column.key for column in self.shown_columns}
         shown = [index for index, column in enumerate(self.COLUMNS) if column.key in keys]

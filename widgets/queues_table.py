@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import ClassVar
 
 from taskwatch.engine import QueueInfo
@@ -84,8 +85,9 @@ class QueuesTable(KeyedTable):
             return None
         return max(0.0, (n1 - n0) / (t1 - t0))
 
-    def update_queues(self, infos: list[QueueInfo], now: float | None = None) -> None:
+    def update_queues(self, infos: Iterable[QueueInfo], now: float | None = None) -> None:
         """Show exactly these queues; ``now`` (monotonic seconds) defaults to the clock."""
+        infos = list(infos)  # read three times: a generator would be spent by the first
         now = time.monotonic() if now is None else now
         self._begin()
         wanted = {info.name for info in infos}

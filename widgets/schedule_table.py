@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import ClassVar
 
 from taskwatch.engine import PeriodicInfo
@@ -102,8 +103,9 @@ class ScheduleTable(KeyedTable):
     def select_name(self, name: str) -> bool:
         return self.select_key(name)
 
-    def update_schedule(self, infos: list[PeriodicInfo], now: float) -> None:
+    def update_schedule(self, infos: Iterable[PeriodicInfo], now: float) -> None:
         """Show exactly these periodic tasks (the full list, as engine.schedule() returns it)."""
+        infos = list(infos)  # read twice: a generator would be spent by the first
         self._begin()
         wanted = {info.name for info in infos}
         self._remove([name for name in self._cells if name not in wanted])

@@ -3,6 +3,7 @@ durations, the last failure and the failures grouped by exception type."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -107,7 +108,7 @@ class TaskStatsTable(KeyedTable):
     def selected_task(self) -> str | None:
         return self.selected_key
 
-    def update_stats(self, rows: list[TaskStats]) -> None:
+    def update_stats(self, rows: Iterable[TaskStats]) -> None:
         """Show exactly these tasks."""
         self.set_rows((row.task, row.task, stats_cells(row)) for row in rows)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import ClassVar
 
 from taskwatch.engine import TriggerKeyState, TriggerState
@@ -85,7 +86,7 @@ class TriggersTable(KeyedTable):
         """Move the cursor to ``key`` of ``trigger`` (None: its no-keys row); False when not shown."""
         return self.select_key(_row_key(trigger, key))
 
-    def update_triggers(self, states: list[TriggerState], now: float) -> None:
+    def update_triggers(self, states: Iterable[TriggerState], now: float) -> None:
         """Show exactly these triggers' keys (the hottest ``max_rows`` when there are more)."""
         rows: list[tuple[str, tuple[str, str], tuple[Cell, ...], tuple[bool, int]]] = []
         for state in states:

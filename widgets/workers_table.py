@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import ClassVar
 
 from taskwatch.engine import WorkerInfo
@@ -98,7 +99,7 @@ class WorkersTable(KeyedTable):
     def select_name(self, name: str) -> bool:
         return self.select_key(name)
 
-    def update_workers(self, infos: list[WorkerInfo], now: float) -> None:
+    def update_workers(self, infos: Iterable[WorkerInfo], now: float) -> None:
         """Show exactly these workers (the full list, as ``engine.workers()`` returns it)."""
         self.set_rows((info.name, index, worker_cells(info, now)) for index, info in enumerate(infos))
 
