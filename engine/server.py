@@ -1035,12 +1035,15 @@ class ControlServer:
         ``bus.dropped`` notice instead), ``events_unencodable`` (holding a value
         no JSON can carry: also sent as a notice), ``events_dropped`` (lost by slow
         clients). Gauges: ``handshaking`` and ``active`` (authenticated)
-        connections.
+        connections, and ``cached_runs``/``cached_bytes``: the finished runs whose JSON
+        is kept for the next snapshots.
         """
         counts = {key: self._counts[key] for key in self._STATS}
         counts["events_dropped"] = self._closed_dropped + sum(c.dropped for c in self._conns.values())
         counts["handshaking"] = self._pool_size()
         counts["active"] = len(self._served)
+        counts["cached_runs"] = len(self._run_cache)
+        counts["cached_bytes"] = self._run_cache.size
         return counts
 
     # ------------------------------------------------------------------ commands

@@ -183,17 +183,22 @@ def bounded_json(
 
 
 class RunJsonCache:
-    """The bounded JSON of finished runs, which no longer change, up to ``max_bytes`` in all.
+    """The bounded JSON of finished runs, which no longer change, up to ``max_bytes`` in all,
+    and no more runs than twice the largest snapshot listed so far.
 
     A snapshot lists hundreds of runs, most of them finished; with this cache
     only new and changed runs are encoded again. That matters when their values
-    are megabytes, serialised only to be cut down.
+    are megabytes, serialised only to be cut down. Runs no snapshot lists any
+    more (gone from the engine's history) are let go once the cache holds twice
+    what one lists, oldest first, rather than kept until ``max_bytes``.
     """
 
     def __init__(self, max_value: int, max_bytes: int) -> None:
         self.max_value = max_value
         self.max_bytes = max_bytes
         self.size = 0
+        #: the most runs one snapshot listed: the cache keeps twice that at most
+        self.listed_max = 0
         # run id -> (what identifies the finished record, its JSON, values cut); oldest first
         self._entries: dict[str, tuple[tuple[str, float | None, int], bytes, int]] = {}
 
@@ -212,6 +217,12 @@ class RunJsonCache:
         while self.size > self.max_bytes and self._entries:
             self._forget(next(iter(self._entries)))
         return data, cut
+
+    def listed(self, runs: int) -> None:
+        """A snapshot listed ``runs`` runs: the oldest entries past twice the most ever listed go."""
+        self.listed_max = max(self.listed_max, runs)
+        while len(self._entries) > 2 * self.listed_max:
+            self._forget(next(iter(self._entries)))
 
     def _forget(self, run_id: str) -> None:
         entry = self._entries.pop(run_id, None)
@@ -251,6 +262,8 @@ def encode_snapshot(
         raise ValueError("the cache holds runs bounded to another max_value")
     encode = cache.encode if cache is not None else lambda run: bounded_json(run, max_value)
     runs = [encode(run) for run in snapshot.runs]
+    if cache is not None:
+        cache.listed(len(runs))
     # assembled here, so that each run's size is known and leaving one out is arithmetic;
     # one comma per run is counted, so the estimate is never short
     size = len(rest) + _SNAPSHOT_FRAME + sum(len(body) + 1 for body, _ in runs)

@@ -97,6 +97,9 @@ _RUN_KINDS = ("run.started", "run.retrying", "run.succeeded", "run.failed", "run
 #: keys the staleness sweep looks at between two yields to the loop: a sweep of a million keys
 #: in one step would hold up every other task of the loop for about a second
 _SWEEP_STEP = 4096
+#: runs a sweep fires between two yields to the loop at most: each submits a run, which costs
+#: as much as looking at many keys
+_FIRES_PER_STEP = 128
 
 
 
@@ -536,18 +539,24 @@ class Trigger:
         return fired
 
     async def _check_stepwise(self) -> int:
-        """:meth:`check`, yielding to the loop every ``_SWEEP_STEP`` keys."""
+        """:meth:`check`, yielding to the loop every ``_SWEEP_STEP`` keys looked at, or sooner,
+        every ``_FIRES_PER_STEP`` runs fired: a fire submits a run, which costs far more."""
         now = self._now()
         fired = 0
-        keys = list(self._keys)
-        for start in range(0, len(keys), _SWEEP_STEP):
-            if start:
+        step = 0
+        for key in list(self._keys):
+            if step >= _SWEEP_STEP:
+                step = 0
                 await asyncio.sleep(0)
-            for key in keys[start : start + _SWEEP_STEP]:
-                # forgotten, or forgotten and notified afresh, while the sweep yielded
-                st = self._keys.get(key)
-                if st is not None:
-                    fired += self._check_key(key, st, now)
+            # forgotten, or forgotten and notified afresh, while the sweep yielded
+            st = self._keys.get(key)
+            if st is None:
+                step += 1
+            elif self._check_key(key, st, now):
+                fired += 1
+                step += _SWEEP_STEP // _FIRES_PER_STEP
+            else:
+                step += 1
         return fired
 
     def _check_key(self, key: str, st: _Key, now: float) -> bool:

@@ -661,3 +661,27 @@ async def test_a_client_reading_steadily_over_a_slow_link_is_not_taken_for_stall
                 await engine.cancel(chatter.id)
     finally:
         await proxy.close()
+
+
+async def test_runs_gone_from_the_history_are_not_kept_encoded_for_snapshots(tmp_path: Path) -> None:
+    # each attach encodes the finished runs its snapshot lists; runs the history let go since
+    # are listed by no snapshot again, and are let go here too instead of piling up to max_send
+    engine = Engine(health_interval=None, history=50)
+
+    @engine.task
+    async def quick(ctx: TaskContext) -> int:
+        return 1
+
+    async with engine:
+        server = await engine.serve(str(tmp_path / "s.sock"), announce=False)
+        for _ in range(6):
+            for handle in [await engine.submit("quick") for _ in range(50)]:
+                await handle.wait(10)
+            remote = RemoteEngine(server.address)
+            snapshot = await remote.connect()
+            await remote.close()
+            assert len(snapshot.runs) == 50
+        stats = server.stats()
+    # 300 runs were listed over time, at most 50 at once: at most twice that are kept
+    assert 50 <= stats["cached_runs"] <= 100, stats
+    assert stats["cached_bytes"] > 0

@@ -180,6 +180,31 @@ async def test_a_sweep_of_many_keys_lets_other_work_of_the_loop_run() -> None:
     assert compile.state().forgotten == keys
 
 
+async def test_a_sweep_that_fires_many_stale_keys_lets_other_work_run_between_its_fires() -> None:
+    # fewer keys than a sweep looks at between two yields: only the runs it fires (each a
+    # submit) make it yield, as they must, for they cost far more than a look
+    clock = Clock()
+    engine = make_engine()
+    keys = 2_000
+    compile = engine.trigger("compile", nothing, size_threshold=10**9, staleness=60, clock=clock, check_interval=0.01)
+    loop_turns = 0
+    turn_at_fire: list[int] = []
+    engine.bus.add_callback(lambda event: turn_at_fire.append(loop_turns), ("trigger.fired",))
+    async with engine:
+        for i in range(keys):
+            compile.notify(f"doc-{i}")
+        clock.now += 61  # every key stale: the next sweep fires them all
+        deadline = time.monotonic() + 30
+        while len(turn_at_fire) < keys:
+            assert time.monotonic() < deadline, len(turn_at_fire)
+            loop_turns += 1
+            await asyncio.sleep(0)
+        await compile.drain(timeout=60)
+    assert len(turn_at_fire) == keys
+    # this loop ran while the sweep fired: between its first fire and its last, many times
+    assert turn_at_fire[-1] - turn_at_fire[0] >= keys // 256, (turn_at_fire[0], turn_at_fire[-1])
+
+
 async def test_the_start_sweep_over_many_due_keys_lets_other_work_run_and_fires_them_all() -> None:
     engine = make_engine()
     keys = 10_000
