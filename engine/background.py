@@ -376,7 +376,13 @@ class BackgroundEngine:
         shutting = threading.Thread(
             target=executor.shutdown, kwargs={"cancel_futures": True}, name=f"{self._thread.name}-executor", daemon=True
         )
-        shutting.start()
+        try:
+            shutting.start()
+        except RuntimeError:
+            # no new thread while the interpreter exits (Python 3.12.0 to 3.12.2, gh-113964):
+            # the executor's queued calls are dropped and its threads told to end, unwaited
+            executor.shutdown(wait=False, cancel_futures=True)
+            return
         shutting.join(grace)
         if shutting.is_alive():
             log.warning(
@@ -1428,13 +1434,18 @@ def _warn_of_others(bg: BackgroundEngine) -> None:
         return
     # explicit, with no registry: shown for every start, not once per line (the line of a cell
     # run again is the same line, and the engine left running then is another one)
+    # the globals let the warning show the line's source; since Python 3.12 they are refused
+    # (ValueError) without a loader, as a notebook's __main__ has none (IPython keeps the
+    # cell's source where the warning finds it anyway)
+    spec = frame.f_globals.get("__spec__")
+    loaded = frame.f_globals.get("__loader__") is not None or getattr(spec, "loader", None) is not None
     warnings.warn_explicit(
         message,
         RuntimeWarning,
         frame.f_code.co_filename,
         frame.f_lineno,
         module=frame.f_globals.get("__name__", "<unknown>"),
-        module_globals=frame.f_globals,
+        module_globals=frame.f_globals if loaded else None,
     )
 
 

@@ -59,7 +59,7 @@ from .events import (
 from .execution import Execution, checked_timeout
 from .handle import RunHandle
 from .health import HealthSampler
-from .hop import cancel_and_wait
+from .hop import as_future, cancel_and_wait, spawn
 from .index import (
     RunIndex,
     check_query,
@@ -791,7 +791,7 @@ class Engine:
             return
         if self._shutdown is None:
             self._state = "stopping"
-            self._shutdown = asyncio.get_running_loop().create_task(
+            self._shutdown = spawn(
                 self._stop(timeout), name="taskwatch-shutdown"
             )
         await asyncio.shield(self._shutdown)
@@ -1012,7 +1012,7 @@ class Engine:
             sent = self._store.insert(rows, max_pending=self.max_queue)
         else:
             sent = self._store.claim_periodic_run(runs[0].task, *slot, rows[0], max_pending=self.max_queue)
-        write = asyncio.ensure_future(sent)
+        write = as_future(sent)
         try:
             # awaited as it is (no shield: that costs a loop turn per submit), so a cancel
             # here cancels the write's future too and its answer is lost (see _admit_late)
@@ -1037,7 +1037,7 @@ class Engine:
         if write.cancelled():
             # its answer went with the cancel, not necessarily the write (SQLite's writer
             # thread does it all the same; PostgreSQL may have committed first): read back
-            check = asyncio.ensure_future(self._store.get_many([run.id for run in runs]))
+            check = as_future(self._store.get_many([run.id for run in runs]))
             self._run.keep_write(check, functools.partial(self._admit_found, runs))
             return
         self._run.written(runs)
@@ -1339,7 +1339,7 @@ class Engine:
             # while the task cleans up, the store holds the request too: a crash meanwhile must not
             # bring the run back as pending (recovery ends a run whose cancel was requested). Written
             # beside the grace, not before it: a busy store must not lengthen the wait
-            request = asyncio.ensure_future(self._store.request_cancel(run_id, "user"))
+            request = as_future(self._store.request_cancel(run_id, "user"))
             self._run.keep_write(request, functools.partial(_cancel_recorded, run_id))
         await self._run.wait_finished(run, self.cancel_grace if grace is None else grace)
         return run.record()
@@ -1847,7 +1847,7 @@ class Engine:
         if not self._durable:
             service.launch()
             return
-        task = asyncio.get_running_loop().create_task(service.start(), name=f"taskwatch-start-{what}")
+        task = spawn(service.start(), name=f"taskwatch-start-{what}")
         self._late_starts.add(task)
         task.add_done_callback(functools.partial(self._late_started, service, what, delay))
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from .hop import spawn, as_future
 from .context import TaskContext
 from .events import (
     RunCancelled,
@@ -185,6 +186,10 @@ class Execution:
         executor = self.executor
         if executor.running >= executor.max_concurrency:
             return  # every slot taken (most submits of a burst): room() would say so
+        if executor.torn_down:
+            # the loop's teardown (asyncio.run ending with no stop()) already collected the tasks
+            # it cancels and awaits: a run started now would be destroyed pending with the loop
+            return
         runs = self.index.runs
         self._starting = True
         try:
@@ -326,7 +331,7 @@ class Execution:
         # taken now, with the claim: a resource withdrawn before the task's first step (a
         # callback between the two) stays the run's, as it does for a run under way
         given = self._resources_for(spec.resources) if spec is not None and spec.resources else None
-        task = asyncio.get_running_loop().create_task(
+        task = spawn(
             self._execute(run, token, ended, context, given), name=f"taskwatch-run-{run.id}", context=base.copy()
         )
         run.handle = task
@@ -359,8 +364,15 @@ class Execution:
         elif not self._dispatching:
             # the freed slot takes the next due run on the loop's next turn: runs ending in
             # the same turn (a burst) are refilled by one claim instead of one claim each
-            self._dispatching = True
-            asyncio.get_running_loop().call_soon(self._dispatch)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                # no loop runs: a run task its closed loop left pending, whose coroutine the
+                # garbage collector closes. Nothing can start any more
+                pass
+            else:
+                self._dispatching = True
+                loop.call_soon(self._dispatch)
         if self._idle is not None:
             self._check_idle()
 
@@ -409,7 +421,7 @@ class Execution:
         if self.engine.loop is None or self.engine.loop.is_closed():
             return
         try:
-            write = asyncio.ensure_future(self.store.finish(token, outcome), loop=self.engine.loop)
+            write = as_future(self.store.finish(token, outcome), loop=self.engine.loop)
         except StoreError as exc:
             log.warning("writing a run's outcome to the store failed: %s", exc)
             return
@@ -710,11 +722,11 @@ class Execution:
             try:
                 sent = self.store.finish(token, outcome, _last_progress(run))
                 # the store's own future as it is (ensure_future is two Python calls per run)
-                write = sent if isinstance(sent, asyncio.Future) else asyncio.ensure_future(sent)
+                write = sent if isinstance(sent, asyncio.Future) else as_future(sent)
             except StoreError:
                 again = True
         if write is None:
-            write = asyncio.ensure_future(self._write_outcome(run, token, outcome))
+            write = as_future(self._write_outcome(run, token, outcome))
         self._writes.add(write)
         write.add_done_callback(functools.partial(self._outcome_written, run, token, outcome, error, again))
 

@@ -38,6 +38,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
+from .hop import spawn
 from .logs import OutageLog
 from .runs import CancelReason, Progress
 from .store import Claim, Inserted, MemoryStore, NewRun, Recovered, Store
@@ -143,7 +144,6 @@ class Executor:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._claiming = True
         self._until.clear()
@@ -151,12 +151,12 @@ class Executor:
         self._cut_since = None
         self._superseded = False  # a start registers a new incarnation
         self._loops = [
-            loop.create_task(self._claim_loop(), name="taskwatch-executor-claim"),
-            loop.create_task(self._heartbeat_loop(), name="taskwatch-executor-heartbeat"),
-            loop.create_task(self._maintenance_loop(), name="taskwatch-executor-maintenance"),
+            spawn(self._claim_loop(), name="taskwatch-executor-claim"),
+            spawn(self._heartbeat_loop(), name="taskwatch-executor-heartbeat"),
+            spawn(self._maintenance_loop(), name="taskwatch-executor-maintenance"),
         ]
         if self._shared:
-            self._loops.append(loop.create_task(self._watch_loop(), name="taskwatch-executor-watchdog"))
+            self._loops.append(spawn(self._watch_loop(), name="taskwatch-executor-watchdog"))
 
     @property
     def renewed_at(self) -> float:
@@ -168,8 +168,11 @@ class Executor:
     def torn_down(self) -> bool:
         """True once this executor's own loops were cancelled from outside the engine: the event
         loop is being torn down (``asyncio.run`` ending with no ``engine.stop()``), which
-        cancels every task at once."""
-        return any(loop.cancelling() for loop in self._loops)
+        cancels every task at once. All of them, not any: the claim loop's own timeout cancels
+        it for a moment too, and taken for a teardown that would stall the engine's starts."""
+        loops = self._loops
+        # the heartbeat loop first: nothing of the engine's cancels it while the engine runs
+        return bool(loops) and loops[1].cancelling() > 0 and all(loop.cancelling() for loop in loops)
 
     @property
     def cut_off(self) -> bool:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from .hop import spawn
 from .events import HealthSample, QueueStatsEvent
 from .runs import RunStatus
 
@@ -41,7 +42,7 @@ class HealthSampler:
             return
         # the first cpu_percent call only sets the baseline
         self._process.cpu_percent(None)
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="taskwatch-health")
+        self._task = spawn(self._loop(), name="taskwatch-health")
 
     async def stop(self, deadline: float) -> None:
         task, self._task = self._task, None

@@ -12,22 +12,50 @@ with :meth:`LoopCall.give_up`, which tells it whether the call had started:
 one given up before its first step on the loop never takes it, so a submit
 nobody waits for any more queues nothing.
 
-It also holds the one way a loop of the engine ends a task it owns:
-:func:`cancel_and_wait`.
+It also holds the one way the engine starts a task, :func:`spawn` (asyncio's own
+task, whatever task factory the loop has), and the one way a loop of the engine
+ends a task it owns: :func:`cancel_and_wait`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import inspect
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from .errors import EngineNotRunning
 
 T = TypeVar("T")
+
+
+def spawn(
+    coro: Coroutine[Any, Any, T],
+    *,
+    name: str | None = None,
+    context: contextvars.Context | None = None,
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> asyncio.Task[T]:
+    """Start ``coro`` as a task of ``loop`` (the running one by default), as asyncio's own.
+
+    Not ``loop.create_task``, which hands the coroutine to the loop's task factory: an eager
+    one (``asyncio.eager_task_factory``, which Textual's apps set on Python 3.12 and later)
+    runs the task's first step inside the call that makes it. A run would start, and a quick
+    one end, inside ``submit()``, before whoever submitted it knows its id; a loop's first
+    step would run before the code that starts it has finished. The engine's order of
+    events is the same on every loop and every Python.
+    """
+    return asyncio.Task(coro, loop=loop or asyncio.get_running_loop(), name=name, context=context)
+
+
+def as_future(aw: Awaitable[T], *, loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Future[T]:
+    """``aw`` as a future: a future as it is, a coroutine as a task :func:`spawn` starts."""
+    if asyncio.iscoroutine(aw):
+        return spawn(aw, loop=loop)
+    return asyncio.ensure_future(aw, loop=loop)
 
 
 class Escaped(Exception):
@@ -75,7 +103,7 @@ class LoopCall:
     def _create(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self.future.cancelled():
             return  # given up while it waited for the loop: not even a task
-        self._task = self._loop.create_task(self._run(fn, args, kwargs))
+        self._task = spawn(self._run(fn, args, kwargs), loop=self._loop)
         self._task.add_done_callback(self._settle)
 
     async def _run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

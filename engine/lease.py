@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
+from .hop import spawn, as_future
 from .errors import InvalidConfiguration, LeaseRefused, LeaseUnavailable, NotATaskwatchStore
 from .events import LeaseAcquired, LeaseEvent, LeaseLost, LeaseReleased, LeaseRenewed
 from .options import MIN_INTERVAL, LeaseOptions, PositiveSeconds, Seconds, check_options
@@ -517,7 +518,7 @@ class LeaderElector:
             # store is another matter: it comes back, and the node leads then
             await self._close()
             raise refusal
-        self._task = asyncio.get_running_loop().create_task(
+        self._task = spawn(
             self._run(), name=f"taskwatch-lease-{self.node_id}"
         )
 
@@ -662,7 +663,7 @@ class LeaderElector:
             return
         held = True
         for hold in self._release_holds:
-            waiting = asyncio.ensure_future(hold())
+            waiting = as_future(hold())
             try:
                 while not waiting.done():
                     await asyncio.wait([waiting], timeout=self.lease.renew_interval)

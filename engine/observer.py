@@ -39,6 +39,7 @@ import logging
 import math
 from typing import Any
 
+from .hop import spawn
 from .bus import EventBus
 from .errors import InvalidConfiguration, RunNotCancellable, RunNotFound, RunNotRetryable, TaskwatchError
 from .lease import LeaseState
@@ -147,7 +148,7 @@ class ClusterObserver:
         self._unsubscribe = self.relay.bus.add_callback(self._on_event)
         with contextlib.suppress(TaskwatchError, OSError):
             await self.refresh()
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="taskwatch-observer")
+        self._task = spawn(self._loop(), name="taskwatch-observer")
 
     async def stop(self) -> None:
         task, self._task = self._task, None

@@ -81,7 +81,7 @@ from .errors import (
     TaskDefinitionError,
 )
 from .execution import checked_timeout
-from .hop import call_on, cancel_and_wait, current_loop
+from .hop import call_on, cancel_and_wait, current_loop, spawn
 from .jsonsafe import NotJsonSafe, jsonable
 from .options import PutOptions, QueueOptions, check_options
 from .logs import OutageLog, log_safely, log_text, traceback_block
@@ -694,7 +694,7 @@ class WorkQueue:
                 try:
                     await fut
                 except asyncio.CancelledError:
-                    if not self._abandon and generation == self._generation:
+                    if not self._abandon and generation == self._generation and not self._torn_down():
                         self._consumer_lost()
                     raise
                 finally:
@@ -726,7 +726,7 @@ class WorkQueue:
                             return
                         self._cut_short(kept)  # type: ignore[arg-type]
                         continue
-                    if not self._abandon and generation == self._generation:
+                    if not self._abandon and generation == self._generation and not self._torn_down():
                         # not the stop's: the application cancelled this consumer (a handler
                         # cancelling its own task, say). The task ends, as a cancelled task must
                         # (asyncio.run() waits for it), the job counted as failed (or, cut, run
@@ -738,7 +738,7 @@ class WorkQueue:
                             if kept is not None:
                                 self._done(kept)
                         self._consumer_lost()
-                    raise  # the stop's cancel: the job counts as left undone
+                    raise  # the stop's cancel, or the loop's teardown's: the job counts as left undone
                 if kept is not None and kept.cut:
                     task.uncancel()  # the handler swallowed its cut's cancel
                     if failure is not None and generation == self._generation:
@@ -768,6 +768,12 @@ class WorkQueue:
         if self._items and self._loop is not None:
             self._loop.call_soon(self._replace_lost)
 
+    def _torn_down(self) -> bool:
+        """Whether the event loop is being torn down under the running engine (``asyncio.run``
+        ending with no ``engine.stop()``): its cancel is no one's, every consumer gets it and
+        none would take another's place, and a job being handled is left undone, as by a stop."""
+        return self._executor is not None and self._executor.torn_down
+
     def _replace_lost(self) -> None:
         """Start consumers in place of those cancelled from outside the engine (none while stopping)."""
         lost, self._lost = self._lost, 0
@@ -776,7 +782,7 @@ class WorkQueue:
             return
         live = [t for t in self._consumers if not t.done()]
         self._consumers = live + [
-            loop.create_task(self._consume(self._generation), name=f"taskwatch-queue-{self.name}-{next(self._names)}")
+            spawn(self._consume(self._generation), name=f"taskwatch-queue-{self.name}-{next(self._names)}")
             for _ in range(lost)
         ]
 
@@ -803,7 +809,7 @@ class WorkQueue:
         thread) or be rolled back (PostgreSQL), and either way the queue would
         no longer know which. Whoever writes next waits for it (the store lock).
         """
-        write = asyncio.ensure_future(self._flush_locked())
+        write = spawn(self._flush_locked())
         write.add_done_callback(_retrieved)
         await asyncio.shield(write)
 
@@ -1361,10 +1367,10 @@ class WorkQueue:
                 self._kick.set()
                 if self._written is None:
                     self._written = loop.create_future()
-            self._keeper = loop.create_task(self._keep_loop(self._kick), name=f"taskwatch-queue-{self.name}-store")
+            self._keeper = spawn(self._keep_loop(self._kick), name=f"taskwatch-queue-{self.name}-store")
             self._hold_begins()
         self._consumers = [
-            loop.create_task(self._consume(self._generation), name=f"taskwatch-queue-{self.name}-{i}")
+            spawn(self._consume(self._generation), name=f"taskwatch-queue-{self.name}-{i}")
             for i in range(self.concurrency)
         ]
         if self._durable:

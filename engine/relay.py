@@ -46,6 +46,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .hop import spawn
 from .bus import DEFAULT_REPLAY, EventBus, check_event
 from .events import BaseEvent, EventsDropped, event_from_json, event_to_json
 from .logs import OutageLog
@@ -354,8 +355,7 @@ class EventRelay:
         await self._open()
         self._opened = True
         self.bus.reopen()
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._read_loop(), name=f"taskwatch-events-read-{self.stream}")]
+        self._tasks = [spawn(self._read_loop(), name=f"taskwatch-events-read-{self.stream}")]
         if self.source is not None:
             # what the bus published before this start (the engine's start event,
             # registrations) goes out first; no await from here to the subscription
@@ -363,7 +363,7 @@ class EventRelay:
                 if event.seq > self._sent_through:
                     self._offer(event)
             self._unsubscribe = self.source.add_callback(self._offer)
-            self._tasks.append(loop.create_task(self._publish_loop(), name=f"taskwatch-events-send-{self.stream}"))
+            self._tasks.append(spawn(self._publish_loop(), name=f"taskwatch-events-send-{self.stream}"))
 
     async def stop(self, deadline: float | None = None) -> None:
         """Send what is still buffered (until ``deadline``, loop time; 1 s by default),

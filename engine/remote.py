@@ -52,6 +52,7 @@ import pydantic_core
 from pydantic import BaseModel, ValidationError
 
 from . import errors as _errors
+from .hop import spawn
 from .bus import EventBuffer
 from .errors import (
     CommandTimeout,
@@ -382,7 +383,7 @@ class RemoteEngine:
         self._connected = True
         # a new Event, not the old one cleared: that one may be bound to a loop now gone
         self.disconnected = asyncio.Event()
-        self._read_task = loop.create_task(self._read_loop(reader, writer), name="taskwatch-remote-read")
+        self._read_task = spawn(self._read_loop(reader, writer), name="taskwatch-remote-read")
         return first.snapshot
 
     async def _open_unix(self, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import inspect
 import logging
 import math
 import random
@@ -81,7 +80,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from cronsim import CronSim, CronSimError
 from pydantic import BaseModel, ConfigDict
 
-from .hop import call_blocking
+from .hop import call_blocking, spawn
 from .errors import (
     EngineNotRunning,
     InvalidConfiguration,
@@ -794,7 +793,7 @@ class Scheduler:
             return
         self._plan(p, slot)
         p.fresh = True
-        task = asyncio.get_running_loop().create_task(self._loop(p), name=f"taskwatch-periodic-{p.name}")
+        task = spawn(self._loop(p), name=f"taskwatch-periodic-{p.name}")
         p.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

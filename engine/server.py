@@ -73,6 +73,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict
 from pydantic_core import to_jsonable_python
 
+from .hop import spawn
 from .options import ServerOptions, check_options
 from .errors import (
     AuthenticationFailed,
@@ -894,7 +895,7 @@ class ControlServer:
         assert self._loop is not None
         conn = _Connection(self, sock, deadline, data)
         self._handshaking[conn] = None
-        task = self._loop.create_task(conn.run(), name="taskwatch-control-conn")
+        task = spawn(conn.run(), name="taskwatch-control-conn")
         self._conns[task] = conn
         task.add_done_callback(self._conn_done)
 
@@ -1527,11 +1528,10 @@ class _Connection:
         self.out.put_first(encode_message(welcome))
         self.out.put_first(snapshot_line(first.json))
         server.stream_to(self)
-        loop = asyncio.get_running_loop()
         tasks = [
-            loop.create_task(self._read_loop(), name="taskwatch-control-read"),
-            loop.create_task(self._pump(self.sub), name="taskwatch-control-pump"),
-            loop.create_task(self._write_loop(), name="taskwatch-control-write"),
+            spawn(self._read_loop(), name="taskwatch-control-read"),
+            spawn(self._pump(self.sub), name="taskwatch-control-pump"),
+            spawn(self._write_loop(), name="taskwatch-control-write"),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -1557,7 +1557,6 @@ class _Connection:
     async def _read_loop(self) -> None:
         server = self.server
         reader = self._streams[0]
-        loop = asyncio.get_running_loop()
         while True:
             try:
                 line = await read_line(reader, server.max_message)
@@ -1587,7 +1586,7 @@ class _Connection:
             # commands run as tasks so a slow one (cancel waits for its run) does
             # not hold up the next; the semaphore bounds how many at once
             await self.inflight.acquire()
-            task = loop.create_task(self._command(msg), name=f"taskwatch-control-{msg.type}")
+            task = spawn(self._command(msg), name=f"taskwatch-control-{msg.type}")
             self.commands.add(task)
             task.add_done_callback(self._command_done)
 

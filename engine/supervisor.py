@@ -46,7 +46,7 @@ from .errors import (
 )
 from .events import WorkerCrashed, WorkerResumed, WorkerStarted, WorkerStopped
 from .logs import log_safely, log_text, traceback_block
-from .hop import call_blocking, cancel_and_wait
+from .hop import call_blocking, cancel_and_wait, spawn
 from .jsonsafe import name_problem
 from .options import WorkerOptions, check_options
 from .runs import RunError
@@ -339,7 +339,7 @@ class Supervisor:
 
     def _wind_down(self, task: asyncio.Task[None]) -> None:
         loop = asyncio.get_running_loop()
-        waiter = loop.create_task(
+        waiter = spawn(
             self._await_cancelled([task], loop.time() + self._engine.cancel_grace),
             name=f"{task.get_name()}-winding-down",
         )
@@ -368,7 +368,7 @@ class Supervisor:
             return
         worker.stop_reason = None
         worker.began = False
-        task = asyncio.get_running_loop().create_task(
+        task = spawn(
             self._supervise(worker), name=f"taskwatch-worker-{worker.name}"
         )
         worker.task = task

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import inspect
 import logging
 import operator
 import threading
@@ -64,7 +63,7 @@ from .errors import (
     StoppedBeforeDone,
     TaskDefinitionError,
 )
-from .hop import call_blocking, call_on, cancel_and_wait, current_loop
+from .hop import call_blocking, call_on, cancel_and_wait, current_loop, spawn
 from .events import BaseEvent, TriggerFired
 from .execution import checked_timeout
 from .index import check_query, limit_problem
@@ -807,11 +806,11 @@ class Trigger:
         # keys that reached their threshold before the engine ran fire now, once the rest of
         # the engine has started
         if self._first_check is None:
-            self._first_check = loop.create_task(self._check_first(), name=f"taskwatch-trigger-{self.name}-first")
+            self._first_check = spawn(self._check_first(), name=f"taskwatch-trigger-{self.name}-first")
         self._launched = True
         self._wake_launch_waiters()
         if self.check_interval is not None and self._sweeper is None:
-            self._sweeper = loop.create_task(self._sweep(self.check_interval), name=f"taskwatch-trigger-{self.name}")
+            self._sweeper = spawn(self._sweep(self.check_interval), name=f"taskwatch-trigger-{self.name}")
 
     def _wake_launch_waiters(self) -> None:
         waiters, self._launch_waiters = self._launch_waiters, []
@@ -840,7 +839,7 @@ class Trigger:
                 await self._load()
                 self._loaded = True
                 if self._saver is None:
-                    self._saver = asyncio.get_running_loop().create_task(
+                    self._saver = spawn(
                         self._save_loop(), name=f"taskwatch-trigger-{self.name}-store"
                     )
             self.launch()

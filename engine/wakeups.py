@@ -16,6 +16,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection
 
+from .hop import spawn
 from .executor import Executor
 from .store import Store, Subscription
 
@@ -36,7 +37,7 @@ class StoreWakeups:
     async def start(self) -> None:
         if self._task is None and self.store.pushes_remote_changes:
             sub = self.store.subscribe(finished=True)
-            self._task = asyncio.get_running_loop().create_task(self._relay(sub), name="taskwatch-store-wakeups")
+            self._task = spawn(self._relay(sub), name="taskwatch-store-wakeups")
 
     async def stop(self, deadline: float | None = None) -> None:
         task, self._task = self._task, None

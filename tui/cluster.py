@@ -45,7 +45,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from rich.text import Text
 from taskwatch.engine import (

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from ..hop import spawn
 from ..errors import (
     DuplicateRunId,
     InvalidConfiguration,
@@ -536,7 +537,7 @@ class PostgresStore(Store):
                 raise self._translate(exc) from exc
             raise
         self._listening = asyncio.Event()
-        self._listener = asyncio.get_running_loop().create_task(self._listen(), name="taskwatch-postgres-listen")
+        self._listener = spawn(self._listen(), name="taskwatch-postgres-listen")
         # an open store hears the other nodes: work they insert from now on is not missed
         # (if listening takes longer, the slow poll covers the gap)
         try:
@@ -752,7 +753,7 @@ class PostgresStore(Store):
         out.cancels.update(cancels)
         out.finished.update(finished)
         if self._notifier is None or self._notifier.done():
-            self._notifier = asyncio.get_running_loop().create_task(self._send_notifications(), name="taskwatch-postgres-notify")
+            self._notifier = spawn(self._send_notifications(), name="taskwatch-postgres-notify")
 
     async def _send_notifications(self) -> None:
         while self._outbox:
@@ -1090,7 +1091,7 @@ class PostgresStore(Store):
         fut: asyncio.Future[RunStatus | None] = asyncio.get_running_loop().create_future()
         self._finishes.append(_Finish(seq_of(token), token, status.value, result, error, reason, fut, progress))
         if self._finisher is None or self._finisher.done():
-            self._finisher = asyncio.get_running_loop().create_task(self._write_finishes(), name="taskwatch-postgres-finish")
+            self._finisher = spawn(self._write_finishes(), name="taskwatch-postgres-finish")
         # shielded: a caller that stops waiting does not take the batch's other finishes with it
         return await asyncio.shield(fut)
 
