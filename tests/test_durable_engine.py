@@ -421,9 +421,10 @@ async def test_a_cancel_before_the_first_step_reaches_a_busy_file(
 @contextlib.asynccontextmanager
 async def keyed_run_started_elsewhere(url: str) -> AsyncIterator[tuple[Engine, Engine, RunHandle, asyncio.Event]]:
     """Nodes A and B sharing ``url``: A (its one slot held) submitted a run of ``job`` with
-    key ``K``, which B has started; A's index still shows it pending. ``release`` ends them."""
-    options = dict(store=url, health_interval=None, lease_ttl=30, poll_interval=0.05)
-    a = Engine(node_id="node-a", max_concurrency=1, **options)  # type: ignore[arg-type]
+    key ``K``, which B has started; A's index still shows it pending. ``release`` ends them.
+    B has one slot too: a run submitted next stays pending until ``release``, whoever polls."""
+    options = dict(store=url, health_interval=None, lease_ttl=30, poll_interval=0.05, max_concurrency=1)
+    a = Engine(node_id="node-a", **options)  # type: ignore[arg-type]
     b = Engine(node_id="node-b", **options)  # type: ignore[arg-type]
     release = asyncio.Event()
 
