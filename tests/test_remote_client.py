@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 from taskwatch.engine import (
+    CommandTimeout,
     ConnectionClosed,
-    Engine,
     EngineUnreachable,
     InvalidAddress,
     InvalidConfiguration,
@@ -358,3 +358,19 @@ def test_remote_engine_options_out_of_range_are_refused_when_given(tmp_path: Pat
         assert "ttttt" not in said[-1] and "12345" not in said[-1]
     assert "decode it" in said[0] and "not int" in said[1] and "UTF-8" in said[2]
     RemoteEngine(address, token="é" * 8, timeout=0.1, max_message=32 * 1024, buffer=1)  # the least allowed
+
+
+async def test_a_remote_command_timing_out_is_a_timeout_error_saying_it_was_sent(
+    serve: ServeFn, tmp_path: Path
+) -> None:
+    served = await serve(str(tmp_path / "e.sock"), interval=0)
+    async with RemoteEngine(served.address, timeout=0.5) as remote:
+        caught: TimeoutError | None = None
+        with frozen(served):
+            try:
+                await remote.ping()
+            except TimeoutError as exc:  # as code written for the builtin one catches it
+                caught = exc
+        assert isinstance(caught, CommandTimeout) and isinstance(caught, TaskwatchError)
+        assert caught.sent is True
+        assert "'ping' was sent" in str(caught)

@@ -1,4 +1,6 @@
-"""The package's type hints hold: mypy over engine, widgets and tui, and user code checked with ``--strict``."""
+"""The package's type hints hold: mypy over engine, widgets and tui, and user code checked with ``--strict``:
+what the README writes, and what a program reads of the API (event kinds, ``exc.sent``, ``bg.call``
+results, widget updates given any iterable, ``Page``)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ from taskwatch.engine import events
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
 #: kept between runs: a cold check reads pydantic's hints for seconds, a warm one takes one
 USER_CACHE = ROOT / ".mypy_cache" / "user-program"
+
 
 #: a user's program as the README writes it; ``# expect: CODE`` marks the lines mypy must flag
 USER_PROGRAM = '''\
@@ -153,19 +157,24 @@ def installed_layout(base: Path) -> Path:
     return site
 
 
-def test_user_code_keeps_its_types_under_mypy_strict(tmp_path: Path) -> None:
+def strict_mypy(tmp_path: Path, program: str, cache: Path) -> str:
+    """What ``mypy --strict`` says of ``program``, a user's module importing taskwatch as installed."""
     site = installed_layout(tmp_path)
     # errors inside the package are not the user's: mypy hides them for an installed package too
     (tmp_path / "mypy.ini").write_text(
         f"[mypy]\nmypy_path = {site}\n\n[mypy-taskwatch.*]\nfollow_imports = silent\n"
     )
-    (tmp_path / "user.py").write_text(USER_PROGRAM)
+    (tmp_path / "user.py").write_text(program)
     result = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--config-file", "mypy.ini",
-         "--cache-dir", str(USER_CACHE), "user.py"],
+         "--cache-dir", str(cache), "user.py"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )
-    output = result.stdout + result.stderr
+    )  # fmt: skip
+    return result.stdout + result.stderr
+
+
+def test_user_code_keeps_its_types_under_mypy_strict(tmp_path: Path) -> None:
+    output = strict_mypy(tmp_path, USER_PROGRAM, USER_CACHE)
     expected = {
         (number, line.split("# expect: ")[1])
         for number, line in enumerate(USER_PROGRAM.splitlines(), 1)
@@ -182,3 +191,83 @@ def test_every_event_class_is_exported() -> None:
     }
     assert classes - set(taskwatch.engine.__all__) == set()
     assert all(getattr(taskwatch.engine, name) is getattr(events, name) for name in classes)
+
+
+#: kept between runs: a cold check reads pydantic's and Textual's hints for seconds
+API_CACHE = ROOT / ".mypy_cache" / "user-api-program"
+
+
+#: a user's program reading what the README says the API gives
+API_PROGRAM = '''\
+from __future__ import annotations
+
+import time
+from typing import Any, assert_type
+
+from taskwatch.engine import (
+    CommandTimeout,
+    ConnectionClosed,
+    Engine,
+    MessageTooLarge,
+    Page,
+    QueuePurge,
+    RemoteEngine,
+    RunEvent,
+    StoredRun,
+    WorkQueue,
+)
+from taskwatch.widgets import EventLog, FailuresList, ScheduleTable
+from textual.app import App
+
+engine = Engine()
+
+
+async def handler(job: dict[str, Any]) -> None: ...
+
+
+class Dashboard(App[None]):
+    def on_event_log_event_chosen(self, message: EventLog.EventChosen) -> None:
+        assert_type(message.event.kind, str)
+        if isinstance(message.event, RunEvent):
+            print(message.event.kind, message.event.run_id)
+        chosen = self.query_one(EventLog).chosen
+        if chosen is not None and chosen.kind == "run.failed":
+            print(chosen.seq)
+
+    async def show_failures(self) -> None:
+        page = await engine.query_runs(status="failed", limit=200)
+        assert_type(page, Page)
+        assert_type(page.runs, list[StoredRun])
+        self.query_one(FailuresList).update(page.runs, engine.workers())
+        due = (info for info in engine.schedule() if info.enabled)
+        self.query_one(ScheduleTable).update_schedule(due, time.time())
+
+
+def in_a_thread() -> None:
+    bg = engine.start_background()
+    queue = bg.call(lambda e: e.queue("q", handler))
+    assert_type(queue, WorkQueue)
+    queue.put_nowait({"a": 1})
+    assert_type(bg.call(Engine.purge_queue, "q"), QueuePurge)
+
+
+async def in_another_loop() -> None:
+    bg = engine.start_background()
+    assert_type(await bg.acall(Engine.purge_queue, "q"), QueuePurge)
+    assert_type(await bg.acall(lambda e: e.queue("q2", handler)), WorkQueue)
+
+
+async def remote_submit(address: str) -> None:
+    async with RemoteEngine(address) as remote:
+        try:
+            await remote.submit("embed_batch", {"user_id": "u1"})
+        except (CommandTimeout, ConnectionClosed, MessageTooLarge) as exc:
+            if not exc.sent:
+                await remote.submit("embed_batch", {"user_id": "u1"})
+            raise
+'''
+
+
+def test_a_users_program_reads_the_api_under_mypy_strict(tmp_path: Path) -> None:
+    output = strict_mypy(tmp_path, API_PROGRAM, API_CACHE)
+    assert "Success: no issues found" in output, output

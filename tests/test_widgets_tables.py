@@ -5,7 +5,7 @@ for unusual data, what they do with bad input and with data given before they ar
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -45,6 +45,8 @@ from textual.widgets import DataTable, Input
 from .helpers import eventually
 
 SIZE = (140, 30)
+
+
 T0 = 1_700_000_000.0
 
 
@@ -116,6 +118,7 @@ TABLES: list[tuple[type[Any], Callable[[Any], None], tuple[str, str], Callable[[
      ("NodeHighlighted", "NodeSelected"), lambda m: m.node),
 ]  # fmt: skip
 
+
 #: empties each table
 EMPTY: dict[type[Any], Callable[[Any], None]] = {
     ScheduleTable: lambda t: t.update_schedule([], T0),
@@ -127,8 +130,11 @@ EMPTY: dict[type[Any], Callable[[Any], None]] = {
     StoreNodesTable: lambda t: t.update_nodes([], T0),
 }
 
+
 #: what the rows "a" and "b" of each table are called in its messages
 ROW_A: dict[type[Any], Any] = {TriggersTable: ("t", "a")}
+
+
 ROW_B: dict[type[Any], Any] = {TriggersTable: ("t", "b")}
 
 
@@ -227,6 +233,7 @@ async def test_a_table_updated_before_it_is_mounted_shows_those_rows_once_mounte
 
 
 LONG_NAME = "reindex_" + "x" * 292
+
 
 #: the tables whose first column is a name a user chose, filled with one very long one and a short one
 NAMED: list[tuple[type[Any], Callable[[Any], None]]] = [
@@ -438,3 +445,29 @@ def test_plain_refuses_seconds_that_are_not_a_positive_number(
     assert code == 2 and len(lines) == 1, captured.err
     assert lines[0].startswith(f"taskwatch: --seconds {seconds} is not a number of seconds above 0")
     assert captured.out == ""  # refused before the demo engine ran
+
+
+def _periodic(name: str) -> PeriodicInfo:
+    return PeriodicInfo(name=name, trigger="every 1s", trigger_kind="interval", enabled=True)
+
+
+def _queue(name: str) -> QueueInfo:
+    return QueueInfo(name=name, concurrency=1, maxsize=0, depth=0, in_flight=0, processed=0, failed=0)
+
+
+#: a table and how to fill it with the rows "a" and "b" given by a generator
+FROM_GENERATORS: list[tuple[type[Any], Callable[[Any, Iterator[Any]], None], Callable[[str], Any]]] = [
+    (ScheduleTable, lambda t, rows: t.update_schedule(rows, 0.0), _periodic),
+    (QueuesTable, lambda t, rows: t.update_queues(rows), _queue),
+    (NodesTable, lambda t, rows: t.update_nodes(rows, 0.0), lambda name: ClusterNode(node=name)),
+]
+
+
+@pytest.mark.parametrize(("cls", "fill", "make"), FROM_GENERATORS, ids=lambda v: getattr(v, "__name__", ""))
+async def test_a_table_given_a_generator_shows_every_row(
+    cls: type[Any], fill: Callable[[Any, Iterator[Any]], None], make: Callable[[str], Any]
+) -> None:
+    table = cls()
+    async with Host(table).run_test(size=(140, 20)):
+        fill(table, (make(name) for name in "ab"))
+        await eventually(lambda: table.row_count == 2)

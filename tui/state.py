@@ -184,7 +184,7 @@ class DashboardState:
     def _apply_one(self, event: BaseEvent) -> None:
         kind: str = event.kind
         if kind == "bus.dropped":
-            self.dropped += event.count
+            self.dropped += event.count  # type: ignore[attr-defined]
             self.needs_resync = True
             return
         if event.seq and event.seq <= self.last_seq:
@@ -194,7 +194,7 @@ class DashboardState:
         if kind.startswith("run."):
             self._apply_run(kind, event)
         elif kind == "health":
-            self.health.append(event)
+            self.health.append(event)  # type: ignore[arg-type]
         elif kind.startswith("lease."):
             self._apply_lease(kind, event)
         elif kind == "worker.crashed":
