@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import importlib
 import inspect
-import logging
 import math
 import os
 import select
@@ -30,7 +29,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from taskwatch.engine import (
@@ -46,6 +45,7 @@ from taskwatch.engine import (
 from taskwatch.engine.server import MIN_TOKEN_BYTES
 from taskwatch.engine.wire import TcpAddress, UnixAddress, parse_address, parse_connect_address
 
+from .demo import demo_failures_unlogged
 from .held_logs import HeldTerminalLogs
 
 if TYPE_CHECKING:
@@ -520,32 +520,6 @@ def _print_plain(engine: Engine, seconds: float | None) -> int:
     except TaskwatchError as exc:
         return fail(str(exc))
     return 0
-
-
-#: the loggers that report failing user code, each failure with its traceback
-FAILURE_LOGGERS = ("taskwatch.runs", "taskwatch.queues", "taskwatch.supervisor")
-
-
-@contextlib.contextmanager
-def demo_failures_unlogged() -> Iterator[None]:
-    """While the demo runs, its failures are not logged (unless a logger's level was set).
-
-    The demo fails on purpose (a flaky SMTP relay, a bad queue job, a crashing worker), to
-    show what failing looks like; each failure's traceback would fill ``--plain``'s stderr,
-    the web server's log, or the terminal once the dashboard closes. Its events still say
-    every failure. Here, not in ``build_demo_engine``, which tests build in their own process.
-    """
-    quieted = [
-        logger for name in FAILURE_LOGGERS if (logger := logging.getLogger(name)).level == logging.NOTSET
-    ]
-    for logger in quieted:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger in quieted:
-            if logger.level == logging.ERROR:  # unless something else has set it since
-                logger.setLevel(logging.NOTSET)
 
 
 #: signals that end a dashboard as `q` does: the terminal is given back and the engine stopped

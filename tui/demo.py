@@ -10,7 +10,10 @@ now and then. ``seed`` makes the random choices repeatable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import random
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -54,6 +57,33 @@ def _decode_header(url: str) -> str:
     if url.endswith((".bmp", ".tiff")):
         raise UnsupportedFormat(f"cannot decode {url.rsplit('.', 1)[-1]} images: no codec installed")
     return "png"
+
+
+#: the loggers that report failing user code, each failure with its traceback
+FAILURE_LOGGERS = ("taskwatch.runs", "taskwatch.queues", "taskwatch.supervisor")
+
+
+@contextlib.contextmanager
+def demo_failures_unlogged() -> Iterator[None]:
+    """While the demo runs, its failures are not logged (unless a logger's level was set).
+
+    The demo fails on purpose (a flaky SMTP relay, a bad queue job, a crashing worker), to
+    show what failing looks like; each failure's traceback would fill ``--plain``'s stderr,
+    the web server's log, or the terminal once the dashboard closes. Its events still say
+    every failure. A context of its own, not part of :func:`build_demo_engine`, which tests
+    build in their own process: the loggers are the process's.
+    """
+    quieted = [
+        logger for name in FAILURE_LOGGERS if (logger := logging.getLogger(name)).level == logging.NOTSET
+    ]
+    for logger in quieted:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger in quieted:
+            if logger.level == logging.ERROR:  # unless something else has set it since
+                logger.setLevel(logging.NOTSET)
 
 
 def build_demo_engine(seed: int | None = None, *, speed: float = 1.0, **options: Any) -> Engine:
