@@ -323,6 +323,9 @@ class Executor:
             caps = self._caps if self._shared and self._caps else None
             sent = time.monotonic()
             claims = await self.store.claim(self.node, self.incarnation, free, tasks, limits=caps)
+            # said here, where the store answered: a round with no free slot (or one cut off
+            # from the store) asks it nothing, which says nothing of an outage
+            self._claims_log.succeeded()
             if self._shared:
                 until = sent + self._ttl  # the store's lease counts from about when this was sent
                 for claim in claims:
@@ -340,7 +343,6 @@ class Executor:
             try:
                 await self.flush()
                 claimed = await self.claim_now()
-                self._claims_log.succeeded()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

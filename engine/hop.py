@@ -12,9 +12,9 @@ with :meth:`LoopCall.give_up`, which tells it whether the call had started:
 one given up before its first step on the loop never takes it, so a submit
 nobody waits for any more queues nothing.
 
-It also holds the one way the engine starts a task, :func:`spawn` (asyncio's own
-task, whatever task factory the loop has), and the one way a loop of the engine
-ends a task it owns: :func:`cancel_and_wait`.
+It also holds the one way the engine starts a task, :func:`spawn` (its first step
+on a later turn of the loop, whatever task factory the loop has), and the one way
+a loop of the engine ends a task it owns: :func:`cancel_and_wait`.
 """
 
 from __future__ import annotations
@@ -39,16 +39,31 @@ def spawn(
     context: contextvars.Context | None = None,
     loop: asyncio.AbstractEventLoop | None = None,
 ) -> asyncio.Task[T]:
-    """Start ``coro`` as a task of ``loop`` (the running one by default), as asyncio's own.
+    """Start ``coro`` as a task of ``loop`` (the running one by default); its first step runs
+    on a later turn of the loop, never inside this call.
 
-    Not ``loop.create_task``, which hands the coroutine to the loop's task factory: an eager
-    one (``asyncio.eager_task_factory``, which Textual's apps set on Python 3.12 and later)
-    runs the task's first step inside the call that makes it. A run would start, and a quick
-    one end, inside ``submit()``, before whoever submitted it knows its id; a loop's first
-    step would run before the code that starts it has finished. The engine's order of
+    A loop's task factory may run a task's first step inside ``create_task`` (an eager one:
+    ``asyncio.eager_task_factory``, which Textual's apps set on Python 3.12 and later). A run
+    would start, and a quick one end, inside ``submit()``, before whoever submitted it knows
+    its id; a loop's first step would run before the code that starts it has finished. So a
+    loop with no factory gets asyncio's own task, and one with a factory (an eager one, or a
+    user's: Sentry's and OpenTelemetry's give each task a scope of its own) gets its task made
+    by the factory, around a coroutine whose first step only yields. The engine's order of
     events is the same on every loop and every Python.
     """
-    return asyncio.Task(coro, loop=loop or asyncio.get_running_loop(), name=name, context=context)
+    loop = loop or asyncio.get_running_loop()
+    if loop.get_task_factory() is None:
+        return asyncio.Task(coro, loop=loop, name=name, context=context)
+    task: asyncio.Task[T] = loop.create_task(_after_a_turn(coro), name=name, context=context)
+    # cancelled before its first step, the wrapper never awaited ``coro``: closed unstarted, it
+    # is not reported as never awaited
+    task.add_done_callback(lambda _: coro.close())
+    return task
+
+
+async def _after_a_turn(coro: Coroutine[Any, Any, T]) -> T:
+    await asyncio.sleep(0)  # a bare yield: an eager factory's first step ends here
+    return await coro
 
 
 def as_future(aw: Awaitable[T], *, loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Future[T]:

@@ -11,7 +11,8 @@
   traceback for each try would bury the one line that matters, and say nothing when it
   ends. The first failure of a streak is a warning (an outage's error by its message,
   which says what to check; anything else with its traceback, a bug to report), the rest
-  are debug, and the first success after them one info line with how long it lasted.
+  are debug (an error of another kind within the streak is said once too), and the first
+  success after them one info line with how long it lasted.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def log_safely(
 class OutageLog:
     """The log lines of one retrying loop's failure streaks."""
 
-    __slots__ = ("_log", "_what", "_expected", "_since", "_failures")
+    __slots__ = ("_log", "_what", "_expected", "_since", "_failures", "_said")
 
     def __init__(
         self, log: logging.Logger, what: str, expected: tuple[type[BaseException], ...] = (StoreError,)
@@ -78,14 +79,20 @@ class OutageLog:
         self._expected = expected
         self._since: float | None = None
         self._failures = 0
+        #: the kinds of error the streak has said: one of another kind is said too, once
+        self._said: set[type[BaseException]] = set()
 
     def failed(self, exc: BaseException, retry: str) -> None:
         """A try failed; ``retry`` says what happens next ("trying again in 1 s")."""
         self._failures += 1
-        if self._since is not None:
+        if type(exc) in self._said:
             log_safely(self._log, logging.DEBUG, "%s failed again (%s); %s", self._what, _named(exc), retry, exc_info=exc)
             return
-        self._since = time.monotonic()
+        # the first failure of a streak, or one of another kind within it (an outage that turns
+        # into a bug, or the other way round): each is said once
+        if self._since is None:
+            self._since = time.monotonic()
+        self._said.add(type(exc))
         if isinstance(exc, self._expected):
             # a store error's message names the store, what failed and what to check, a driver's
             # what the network said: the traceback would only show the engine's own frames
@@ -101,6 +108,7 @@ class OutageLog:
             return
         lasted = time.monotonic() - self._since
         failures, self._since, self._failures = self._failures, None, 0
+        self._said.clear()
         log_safely(
             self._log, logging.INFO, "%s works again after %.1f s (%d failed %s)", self._what, lasted, failures,
             "try" if failures == 1 else "tries",

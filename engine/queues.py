@@ -354,6 +354,9 @@ class WorkQueue:
         self.kept = 0
         self.adopted = 0
         self.write_failures = 0
+        # the store's outages as the log says them: once when one starts, once when a write
+        # or a read of this queue's jobs goes through again
+        self._store_trouble = OutageLog(log, f"queue {name!r}: writing to the store")
         self.lost = 0
         self._unwritten: list[_Kept] = []
         self._handled: list[int] = []
@@ -841,6 +844,7 @@ class WorkQueue:
             if fresh:
                 stamp = self._stamp()
                 ids = await store.put_jobs(self.name, self._engine.incarnation, encoded)
+                self._store_trouble.succeeded()
                 for kept, job_id in zip(fresh, ids):
                     kept.id = job_id
                     kept.epoch = stamp
@@ -863,6 +867,7 @@ class WorkQueue:
         if handled:
             try:
                 await store.done_jobs(handled)
+                self._store_trouble.succeeded()
             except BaseException:
                 self._handled[:0] = handled  # their rows stay: deleted at the next write
                 self.write_failures += 1
@@ -877,7 +882,6 @@ class WorkQueue:
         interval = min(max(self._engine.lease_ttl / 3, 0.5), 10.0)
         next_adopt = loop.time() + interval
         retry: float | None = None  # after a failed write: how soon to try again
-        trouble = OutageLog(log, f"queue {self.name!r}: writing to the store")
         while not self._keeper_stop:
             wait = next_adopt - loop.time()
             if retry is not None and (self._unwritten or self._handled):
@@ -900,12 +904,11 @@ class WorkQueue:
                 elif loop.time() >= next_adopt and not self._closing:
                     next_adopt = loop.time() + interval
                     await self._adopt()
-                trouble.succeeded()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 # a busy or failing store may work on the next round: the jobs stay queued here
-                trouble.failed(exc, "the jobs stay queued here, trying again in up to 1 s")
+                self._store_trouble.failed(exc, "the jobs stay queued here, trying again in up to 1 s")
                 retry = 0.05 if retry is None else min(retry * 2, 1.0)
                 next_adopt = max(next_adopt, loop.time() + retry)
 
@@ -925,6 +928,7 @@ class WorkQueue:
             return  # the retake takes them up, once the store has this node's heartbeat again
         stamp = self._stamp()
         adopted = await self._engine.store.adopt_jobs(self.name, self._engine.incarnation, own=False)
+        self._store_trouble.succeeded()
         if adopted:
             with self._lock:
                 self._items.extend(self._revive(j, stamp) for j in adopted)
@@ -1116,6 +1120,7 @@ class WorkQueue:
                 return
             epoch = self._epoch
             jobs = await self._engine.store.adopt_jobs(self.name, self._engine.incarnation, own=True)
+            self._store_trouble.succeeded()
             if epoch != self._epoch or not self._hold_ok or self._abandon:
                 # lapsed again meanwhile (asked again once the store answers), or the stop counted
                 # what was set aside: the rows stay this node's, for the next start

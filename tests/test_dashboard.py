@@ -428,13 +428,13 @@ async def test_what_the_dashboard_froze_for_the_collector_is_given_back_when_it_
     # passes (shorter pauses under a flood); a program that ran it gets them back afterwards
     engine = make_engine()
     before = gc.get_freeze_count()
+    if before:
+        pytest.skip("this interpreter froze objects before the dashboard (Python 3.12.1 does at startup)")
     async with dashboard(engine) as (app, pilot):
         await eventually(lambda: gc.get_freeze_count() > before)
         await pilot.press("1")
         assert app.is_running
-    # none of them stays frozen (an interpreter that froze some of its own at startup, as
-    # Python 3.12.1 does, gets those back into the collector's passes too)
-    assert gc.get_freeze_count() <= before
+    assert gc.get_freeze_count() == before
 
 
 async def test_a_host_programs_own_frozen_objects_stay_frozen_after_the_dashboard() -> None:

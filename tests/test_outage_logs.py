@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from taskwatch.engine import Engine, RedisEventRelay, SqliteStore, TaskContext
+from taskwatch.engine import Engine, RedisEventRelay, SqliteStore, StoreUnavailable, TaskContext
 from taskwatch.engine.bus import EventBus
 from taskwatch.engine.events import RunSubmitted
 
@@ -123,3 +123,65 @@ async def test_an_events_transport_outage_is_one_warning_each_way_and_one_line_w
     reading = [r for r in warnings if r.getMessage().startswith("reading events from")]
     assert len(publishing) == 1 and len(reading) == 1, [r.getMessage() for r in warnings]
     assert said(caplog, "taskwatch.events", logging.INFO, "publishing events to")
+
+
+class ShiftingStore(SqliteStore):
+    """A store of the user's own making whose claims fail with an outage, then with a bug of its
+    own, then work."""
+
+    failures = 0
+
+    async def claim(self, *args: Any, **kwargs: Any) -> Any:
+        self.failures += 1
+        if self.failures <= 3:
+            raise StoreUnavailable("shards", "its shard map is loading", "wait a moment")
+        if self.failures <= 6:
+            raise KeyError("shard 7")
+        return await super().claim(*args, **kwargs)
+
+
+async def test_an_error_of_another_kind_within_an_outage_is_said_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="taskwatch")
+    store = ShiftingStore(tmp_path / "runs.db")
+    engine = Engine(store=store, health_interval=None, poll_interval=0.02)
+
+    @engine.task(name="t")
+    async def t(ctx: TaskContext) -> None:
+        return None
+
+    async with engine:
+        assert (await (await engine.submit("t")).wait(10)).status == "succeeded"
+    loud = [r for r in caplog.records if r.name == "taskwatch.executor" and r.levelno >= logging.WARNING]
+    # the outage once, then the bug once, with its traceback: neither buried at debug level
+    assert [(r.levelno, r.exc_info is not None) for r in loud] == [(logging.WARNING, False), (logging.ERROR, True)]
+    assert "StoreUnavailable" in loud[0].getMessage() and loud[1].exc_info[0] is KeyError  # type: ignore[index]
+    [ended] = said(caplog, "taskwatch.executor", logging.INFO, "claiming runs works again after")
+    assert "(6 failed tries)" in ended.getMessage()
+
+
+async def test_a_node_cut_off_from_its_store_does_not_say_claiming_works_again_until_it_does(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # cut off (no heartbeat for a lease), the node asks the store for no claims at all: rounds
+    # that ask nothing say nothing of the outage
+    caplog.set_level(logging.DEBUG, logger="taskwatch")
+    path = tmp_path / "runs.db"
+    engine = Engine(store=f"sqlite:///{path}", health_interval=None, poll_interval=0.02, lease_ttl=0.6)
+
+    @engine.task(name="t")
+    async def t(ctx: TaskContext) -> None:
+        return None
+
+    async with engine:
+        async with table_away(path, "runs"), table_away(path, "nodes"):
+            await eventually(lambda: said(caplog, "taskwatch.executor", logging.WARNING, "has not reached its store"), 10)
+            # the heartbeat, still failing, is the clock: a few more of its tries
+            beats = len(said(caplog, "taskwatch.executor", logging.DEBUG, "the heartbeat failed again"))
+            await eventually(
+                lambda: len(said(caplog, "taskwatch.executor", logging.DEBUG, "the heartbeat failed again")) >= beats + 3, 10
+            )
+            assert not said(caplog, "taskwatch.executor", logging.INFO, "claiming runs works again")
+        await eventually(lambda: said(caplog, "taskwatch.executor", logging.INFO, "claiming runs works again after"), 10)
+        assert (await (await engine.submit("t")).wait(10)).status == "succeeded"

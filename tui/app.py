@@ -80,10 +80,6 @@ from .screens import (
 )
 from .state import DEFAULT_MAX_RUNS, DashboardState
 
-#: objects the collector already had frozen when the dashboard was imported: some interpreters
-#: freeze a few of their own at startup (Python 3.12.1 a few hundred), which is no host program's
-_FROZEN_AT_IMPORT = gc.get_freeze_count()
-
 TABS = ("runs", "failures", "scheduler", "health", "events", "tasks")
 
 #: below this many columns the run detail goes behind Enter instead of beside the table
@@ -536,7 +532,8 @@ class TaskwatchApp(App[None]):
         """
         # only in a process nobody froze before: unfreezing at the stop must not
         # hand back objects a host program froze for reasons of its own
-        if not self._frozen and gc.get_freeze_count() == _FROZEN_AT_IMPORT:
+        # (Python 3.12.1 freezes a few hundred objects of its own at startup: no freeze there)
+        if not self._frozen and gc.get_freeze_count() == 0:
             self._frozen = True
             gc.collect()
             gc.freeze()
