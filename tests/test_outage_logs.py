@@ -64,24 +64,28 @@ async def test_a_store_outage_is_one_warning_per_loop_and_one_line_when_it_ends(
     assert len(ended) == 1 and "failed tries" in ended[0].getMessage()
 
 
-class FlakyStore(SqliteStore):
-    """A store of the user's own making whose claims fail with an error of its own at first."""
+class ScriptedStore(SqliteStore):
+    """A store of the user's own making whose claims raise ``errors`` in turn, then work."""
 
-    failures = 0
+    def __init__(self, path: Path, errors: list[BaseException]) -> None:
+        super().__init__(path)
+        self.errors = errors
+        self.failures = 0
 
     async def claim(self, *args: Any, **kwargs: Any) -> Any:
-        if self.failures < 4:
+        if self.failures < len(self.errors):
             self.failures += 1
-            raise LookupError(f"shard map not loaded yet ({self.failures})")
+            raise self.errors[self.failures - 1]
         return await super().claim(*args, **kwargs)
 
 
-async def test_an_unexpected_error_in_a_loop_keeps_its_traceback_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    # an error that is no store error is a bug to report: its traceback is logged, once
+async def failing_claims(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, errors: list[BaseException]
+) -> list[logging.LogRecord]:
+    """Runs one run through claims that first raise ``errors``; the executor's warnings and
+    worse that says of them (each of the errors raised)."""
     caplog.set_level(logging.DEBUG, logger="taskwatch")
-    store = FlakyStore(tmp_path / "runs.db")
+    store = ScriptedStore(tmp_path / "runs.db", errors)
     engine = Engine(store=store, health_interval=None, poll_interval=0.02)
 
     @engine.task(name="t")
@@ -90,8 +94,15 @@ async def test_an_unexpected_error_in_a_loop_keeps_its_traceback_once(
 
     async with engine:
         assert (await (await engine.submit("t")).wait(10)).status == "succeeded"
-    assert store.failures == 4
-    loud = [r for r in caplog.records if r.name == "taskwatch.executor" and r.levelno >= logging.WARNING]
+    assert store.failures == len(errors)
+    return [r for r in caplog.records if r.name == "taskwatch.executor" and r.levelno >= logging.WARNING]
+
+
+async def test_an_unexpected_error_in_a_loop_keeps_its_traceback_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # an error that is no store error is a bug to report: its traceback is logged, once
+    loud = await failing_claims(tmp_path, caplog, [LookupError(f"shard map not loaded yet ({i})") for i in range(4)])
     assert len(loud) == 1, [r.getMessage() for r in loud]
     assert loud[0].levelno == logging.ERROR and loud[0].exc_info is not None
     assert loud[0].exc_info[0] is LookupError
@@ -125,35 +136,11 @@ async def test_an_events_transport_outage_is_one_warning_each_way_and_one_line_w
     assert said(caplog, "taskwatch.events", logging.INFO, "publishing events to")
 
 
-class ShiftingStore(SqliteStore):
-    """A store of the user's own making whose claims fail with an outage, then with a bug of its
-    own, then work."""
-
-    failures = 0
-
-    async def claim(self, *args: Any, **kwargs: Any) -> Any:
-        self.failures += 1
-        if self.failures <= 3:
-            raise StoreUnavailable("shards", "its shard map is loading", "wait a moment")
-        if self.failures <= 6:
-            raise KeyError("shard 7")
-        return await super().claim(*args, **kwargs)
-
-
 async def test_an_error_of_another_kind_within_an_outage_is_said_too(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="taskwatch")
-    store = ShiftingStore(tmp_path / "runs.db")
-    engine = Engine(store=store, health_interval=None, poll_interval=0.02)
-
-    @engine.task(name="t")
-    async def t(ctx: TaskContext) -> None:
-        return None
-
-    async with engine:
-        assert (await (await engine.submit("t")).wait(10)).status == "succeeded"
-    loud = [r for r in caplog.records if r.name == "taskwatch.executor" and r.levelno >= logging.WARNING]
+    outage = [StoreUnavailable("shards", "its shard map is loading", "wait a moment") for _ in range(3)]
+    loud = await failing_claims(tmp_path, caplog, [*outage, *(KeyError("shard 7") for _ in range(3))])
     # the outage once, then the bug once, with its traceback: neither buried at debug level
     assert [(r.levelno, r.exc_info is not None) for r in loud] == [(logging.WARNING, False), (logging.ERROR, True)]
     assert "StoreUnavailable" in loud[0].getMessage() and loud[1].exc_info[0] is KeyError  # type: ignore[index]
