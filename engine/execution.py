@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from .hop import spawn, as_future
+from .hop import as_future, spawn
 from .context import TaskContext
 from .events import (
     RunCancelled,
@@ -802,7 +802,7 @@ class Execution:
             )
             self.executor.wake()
             # (no error: a run handed back at a stop, which is no failure of its code)
-            if error is not None and runs_log.isEnabledFor(logging.INFO):
+            if error is not None:
                 _log_retry(run, tried, error, float(outcome.delay))
         elif status is _SUCCEEDED:
             self._succeeded(run, outcome.result if isinstance(outcome, Succeeded) else None)
@@ -815,7 +815,7 @@ class Execution:
             )
             # logged here only, by the node whose attempt failed: the nodes that hear of the end
             # from the store or the relay stay silent, so a collector gets the traceback once
-            if error is not None and runs_log.isEnabledFor(logging.WARNING):
+            if error is not None:
                 _log_failed(run, error)
         else:
             reason = outcome.reason if isinstance(outcome, Cancelled) else (run.cancel_reason or "user")
@@ -900,8 +900,7 @@ class Execution:
                     type="WorkerLost", message="its worker was lost"
                 )
                 self.fail_unstarted(run, error)
-                if runs_log.isEnabledFor(logging.WARNING):
-                    _log_failed(run, error, traceback=False)  # the lost attempt's traceback is nowhere
+                _log_failed(run, error, traceback=False)  # the lost attempt's traceback is nowhere
             elif item.action == "cancelled":
                 # its cancel was asked for (by a user, unless the store says otherwise): the
                 # record here says what the store's does
@@ -917,8 +916,7 @@ class Execution:
                 RunFailed, run_id=run.id, task=run.task, attempt=run.attempt,
                 duration=max(0.0, finished - (run.started_at or finished)), error=error, from_store=False,
             )
-            if runs_log.isEnabledFor(logging.WARNING):
-                _log_failed(run, error, traceback=False)
+            _log_failed(run, error, traceback=False)
         elif item.action == "cancelled" and run.status is _CANCELLED:
             self.bus.post(
                 RunCancelled, run_id=run.id, task=run.task, attempt=run.attempt,
@@ -1254,6 +1252,8 @@ def _last_progress(run: Run) -> Progress | None:
 
 
 def _log_retry(run: Run, tried: int, error: RunError, delay: float) -> None:
+    if not runs_log.isEnabledFor(logging.INFO):
+        return  # nothing formatted for a level nobody reads
     log_safely(
         runs_log, logging.INFO, "run %s of task %r failed on try %d of %d (%s: %s); trying again in %.3g s",
         run.id, run.task, tried, run.max_attempts, log_text(error.type), log_text(error.message), delay,
@@ -1261,6 +1261,8 @@ def _log_retry(run: Run, tried: int, error: RunError, delay: float) -> None:
 
 
 def _log_failed(run: Run, error: RunError, *, traceback: bool = True) -> None:
+    if not runs_log.isEnabledFor(logging.WARNING):
+        return
     log_safely(
         runs_log, logging.WARNING, "run %s of task %r failed on try %d of %d: %s: %s%s",
         run.id, run.task, run.attempt, run.max_attempts, log_text(error.type), log_text(error.message),

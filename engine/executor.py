@@ -136,6 +136,7 @@ class Executor:
         #: the ids of that batch: not in the store yet either
         self._writing: frozenset[str | None] = frozenset()
         self._loops: list[asyncio.Task[None]] = []
+        self._heartbeat: asyncio.Task[None] | None = None
         # one line per outage for each loop, not a traceback per try
         self._claims_log = OutageLog(log, "claiming runs")
         self._heartbeat_log = OutageLog(log, "the heartbeat")
@@ -150,9 +151,12 @@ class Executor:
         self._renewed_at = time.monotonic()  # the start just registered this node
         self._cut_since = None
         self._superseded = False  # a start registers a new incarnation
+        # the heartbeat loop is kept by name too: nothing of the engine's cancels it while the
+        # engine runs, which makes it the first one torn_down looks at
+        self._heartbeat = spawn(self._heartbeat_loop(), name="taskwatch-executor-heartbeat")
         self._loops = [
             spawn(self._claim_loop(), name="taskwatch-executor-claim"),
-            spawn(self._heartbeat_loop(), name="taskwatch-executor-heartbeat"),
+            self._heartbeat,
             spawn(self._maintenance_loop(), name="taskwatch-executor-maintenance"),
         ]
         if self._shared:
@@ -170,9 +174,10 @@ class Executor:
         loop is being torn down (``asyncio.run`` ending with no ``engine.stop()``), which
         cancels every task at once. All of them, not any: the claim loop's own timeout cancels
         it for a moment too, and taken for a teardown that would stall the engine's starts."""
-        loops = self._loops
-        # the heartbeat loop first: nothing of the engine's cancels it while the engine runs
-        return bool(loops) and loops[1].cancelling() > 0 and all(loop.cancelling() for loop in loops)
+        heartbeat, loops = self._heartbeat, self._loops
+        return bool(loops) and heartbeat is not None and heartbeat.cancelling() > 0 and all(
+            loop.cancelling() for loop in loops
+        )
 
     @property
     def cut_off(self) -> bool:
