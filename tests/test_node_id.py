@@ -90,7 +90,10 @@ for _ in range(2):
     if pid == 0:
         async def main():
             async with engine:
-                print("child", engine.node_id, engine.bus.node, engine.incarnation, flush=True)
+                # one write per line: two children share the pipe, and print() writes its parts
+                # one by one when Python runs unbuffered (PYTHONUNBUFFERED), so they interleave
+                line = f"child {engine.node_id} {engine.bus.node} {engine.incarnation}\n"
+                os.write(1, line.encode())
                 sys.stdin.readline()  # held until the parent has heard from both children
         asyncio.run(main())
         os._exit(0)
