@@ -23,10 +23,10 @@ import logging
 import os
 import reprlib
 import threading
-from threading import get_ident
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from threading import get_ident
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from pydantic import BaseModel
@@ -675,6 +675,7 @@ class Engine:
         self._run.base_context = contextvars.copy_context()
         await self._store.open()
         try:
+            registered_at = time.monotonic()  # sent from here on: the store's clock reads no earlier
             await self._store.register_node(self.node_id, self.incarnation, __version__)
             # runs held by this node's previous incarnation are provably orphaned now
             recovered = await self._store.recover()
@@ -688,7 +689,7 @@ class Engine:
         self.bus.emit(EngineStarted, backend=self._store.name)
         if recovered:
             await self._run.on_recovered(recovered)
-        self._executor.start()
+        self._executor.start(registered_at)
         started: list[Any] = []
         try:
             for service in self._services_in_start_order():

@@ -144,11 +144,15 @@ class Executor:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self) -> None:
+    def start(self, registered_at: float | None = None) -> None:
+        """Start the loops; ``registered_at`` is when (``time.monotonic()``) the engine's start
+        sent this node's registration, which the store counts as its first heartbeat."""
         self._wake = asyncio.Event()
         self._claiming = True
         self._until.clear()
-        self._renewed_at = time.monotonic()  # the start just registered this node
+        # not now: recovery and loading the index ran since, and a node that counted its hold
+        # from here would think it held its jobs for longer than the store does
+        self._renewed_at = time.monotonic() if registered_at is None else registered_at
         self._cut_since = None
         self._superseded = False  # a start registers a new incarnation
         # the heartbeat loop is kept by name too: nothing of the engine's cancels it while the
@@ -377,8 +381,11 @@ class Executor:
                 pass
 
     async def _heartbeat_loop(self) -> None:
+        # the first is due an interval after the registration, however long the start took since
+        delay = self._renewed_at + self.heartbeat_interval - time.monotonic()
         while True:
-            await asyncio.sleep(self.heartbeat_interval)
+            await asyncio.sleep(max(0.0, delay))
+            delay = self.heartbeat_interval
             try:
                 await self.heartbeat()
                 self._heartbeat_log.succeeded()

@@ -17,8 +17,9 @@ import pytest
 from taskwatch.engine import BaseEvent, Engine
 
 
-async def eventually(predicate: Callable[[], Any], timeout: float = 3.0, interval: float = 0.005) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+async def eventually(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.005) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``
+    (generous: a passing test returns as soon as it holds, and these machines are shared)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -80,7 +81,7 @@ def taskwatch_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name.startswith("taskwatch-")}
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
     """Poll from a plain thread (no event loop here) with a bounded wait."""
     deadline = time.monotonic() + timeout
     while True:

@@ -33,7 +33,6 @@ import aiohttp
 import pytest
 from rich.console import Console
 from taskwatch.engine import (
-    BackgroundEngine,
     Engine,
     EngineAlreadyRunning,
     EngineNotRunning,

@@ -247,7 +247,7 @@ async def test_long_node_ids_leave_each_nodes_state_and_missed_and_each_events_t
             await engine.start()
             await (await engine.submit("hello")).wait()
         app = ClusterApp(MemoryEventRelay(stream, since="0"))
-        async with app.run_test(size=(80, 24)) as pilot:
+        async with app.run_test(size=(80, 24)):
             table = app.query_one(NodesTable)
             await eventually(lambda: len(table.shown_keys) == 3)
             # no column past the right edge (once laid out for the three)

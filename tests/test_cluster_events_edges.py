@@ -340,7 +340,7 @@ async def test_a_reader_on_a_network_gone_silent_says_it_is_not_connected_and_re
     # a silent network answers nothing and refuses nothing: an unbounded read would wait for
     # good, the relay saying it is connected while it hears no event
     writer_bus = EventBus(node="writer")
-    async with StallingProxy(postgres_server.port) as proxy, PostgresEventRelay(postgres_url, writer_bus) as writer:
+    async with StallingProxy(postgres_server.port) as proxy, PostgresEventRelay(postgres_url, writer_bus):
         reader = PostgresEventRelay(proxy.url(postgres_url), since="0", poll_interval=0.1, send_timeout=0.5)
         async with reader:
             writer_bus.emit(EngineStarted)

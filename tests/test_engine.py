@@ -449,8 +449,6 @@ async def test_a_callback_that_submits_while_a_batch_is_admitted_sees_the_whole_
 async def test_a_retry_due_without_a_free_slot_does_not_keep_the_engine_busy() -> None:
     # the retry is due while the only slot is taken: the engine waits for the slot to free
     # (or polls) instead of going round its claim loop at once, again and again, on a full core
-    import time
-
     engine = make_engine(max_concurrency=1)
     gate = asyncio.Event()
     retrying = asyncio.Event()

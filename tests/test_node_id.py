@@ -23,8 +23,18 @@ sys.stdin.read()
 """
 
 
+def start(script: Path) -> subprocess.Popen[str]:
+    """Runs ``script`` with a temporary directory of its test's own: the locks on default ids
+    are kept there, so tests running side by side do not take each other's ids."""
+    locks = script.parent / "tmp"
+    locks.mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(locks)}
+    pipe = subprocess.PIPE
+    return subprocess.Popen([sys.executable, str(script)], stdin=pipe, stdout=pipe, text=True, env=env)
+
+
 def holder(script: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = start(script)
     assert proc.stdout is not None
     return proc, proc.stdout.readline().strip()
 
@@ -92,7 +102,7 @@ for _ in range(2):
             async with engine:
                 # one write per line: two children share the pipe, and print() writes its parts
                 # one by one when Python runs unbuffered (PYTHONUNBUFFERED), so they interleave
-                line = f"child {engine.node_id} {engine.bus.node} {engine.incarnation}\n"
+                line = f"child {engine.node_id} {engine.bus.node} {engine.incarnation}\\n"
                 os.write(1, line.encode())
                 sys.stdin.readline()  # held until the parent has heard from both children
         asyncio.run(main())
@@ -108,7 +118,7 @@ for pid in children:
 def test_an_engine_built_before_a_fork_gets_an_id_of_its_own_in_each_child(tmp_path: Path) -> None:
     script = tmp_path / "app.py"
     script.write_text(FORKED)
-    proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = start(script)
     assert proc.stdout is not None and proc.stdin is not None
     try:
         lines = [proc.stdout.readline().split() for _ in range(3)]
@@ -144,7 +154,7 @@ sys.stdin.read()
 def test_a_forked_child_does_not_keep_its_parents_id_after_the_parent_dies(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(PARENT_OF_A_LIVE_CHILD)
-    parent = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    parent = start(script)
     assert parent.stdout is not None and parent.stdin is not None
     node_id, child = parent.stdout.readline().split()
     try:

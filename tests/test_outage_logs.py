@@ -8,14 +8,16 @@ stopped and started again.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 from taskwatch.engine import Engine, RedisEventRelay, SqliteStore, StoreUnavailable, TaskContext
 from taskwatch.engine.bus import EventBus
-from taskwatch.engine.events import RunSubmitted
+from taskwatch.engine.events import BaseEvent, RunSubmitted
 
 from .helpers import eventually, table_away
 from .redis_server import RedisServer
@@ -40,11 +42,26 @@ async def test_a_store_outage_is_one_warning_per_loop_and_one_line_when_it_ends(
     async def tick(ctx: TaskContext) -> None:
         return None
 
+    # the table goes away right as a tick's run has finished: one still going then would hold
+    # its schedule (an interval counts from a run's end) until its outcome could be written
+    other = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+    gone = asyncio.Event()
+
+    def take_away(event: BaseEvent) -> None:
+        if not gone.is_set() and getattr(event, "task", None) == "tick":
+            other.execute("ALTER TABLE runs RENAME TO runs_away")
+            gone.set()
+
+    engine.bus.add_callback(take_away, ["run.succeeded"])
     async with engine:
-        async with table_away(path, "runs"):
+        try:
+            await gone.wait()
             # many tries of each loop while the table is away
             await eventually(lambda: len(said(caplog, "taskwatch.executor", logging.DEBUG, "claiming runs failed again")) >= 5)
             await eventually(lambda: len(said(caplog, "taskwatch.scheduler", logging.DEBUG, "failed again")) >= 3)
+        finally:
+            await asyncio.to_thread(other.execute, "ALTER TABLE runs_away RENAME TO runs")
+            other.close()
         await eventually(lambda: said(caplog, "taskwatch.executor", logging.INFO, "claiming runs works again after"))
         await eventually(lambda: said(caplog, "taskwatch.scheduler", logging.INFO, "scheduling works again after"))
         assert (await (await engine.submit("t")).wait(10)).status == "succeeded"

@@ -9,6 +9,8 @@ whose hold on its stored jobs lapses.
   SIGSTOP would) on a SQLite file another node shares: the other node takes its
   waiting jobs up, and the paused one, resumed, starts none of them; alone, it
   runs them all once it is back (the store says they are still its own);
+- a node whose start outlasts its lease counts its hold from the registration its start
+  sent, as the store does, and so as lapsed until its first heartbeat is through;
 - a process replaced by a later start under its node id: the new process runs
   every job the old one kept in the store, its running job too (cancelled on the old
   one), and jobs put on the old one afterwards; the old one starts none of them;
@@ -298,6 +300,41 @@ async def test_a_lone_node_paused_past_its_lease_runs_its_jobs_once_it_is_back(t
     finally:
         await node.run(a.stop())
         node.close()
+
+
+class SlowToStart(SqliteStore):
+    """A store whose recovery at a node's start takes longer than the lease, as a start that
+    looks through a long history or waits on a busy database does."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, lease_ttl=TTL)
+        self.slow = True
+
+    async def recover(self, live_incarnations: Any = None) -> Any:
+        if self.slow:
+            self.slow = False
+            await asyncio.sleep(TTL * 1.5)
+        return await super().recover(live_incarnations)
+
+
+async def test_a_node_whose_start_outlasts_its_lease_counts_its_hold_from_its_registration(tmp_path: Path) -> None:
+    # the store counts the node alive from the registration its start sent, so by the end of this
+    # start another node could have taken its jobs: the node must not count its hold as fresh
+    db = tmp_path / "q.db"
+    handled: list[int] = []
+
+    async def handle(job: dict[str, int]) -> None:
+        handled.append(job["i"])
+
+    engine = Engine(store=SlowToStart(db), node_id="a", health_interval=None)
+    queue = engine.queue("q", handle)
+    async with engine:
+        await eventually(lambda: queue.info().hold_lapses == 1, TIMEOUT)
+        # and once its heartbeat is back, the jobs put on it run as ever
+        for i in range(3):
+            await queue.put({"i": i})
+        await eventually(lambda: sorted(handled) == [0, 1, 2], TIMEOUT)
+        assert queue.info().given_up == 0
 
 
 async def test_a_process_replaced_under_its_node_id_starts_none_of_its_stored_jobs(tmp_path: Path) -> None:
