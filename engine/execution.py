@@ -979,6 +979,7 @@ class Execution:
         if not wanted:
             return
         found = await self.store.get_many([run.id for run in wanted])  # one query for the lot
+        incarnation = self.executor.incarnation
         vanished = []
         for run in wanted:
             if run.token is not None or run.status.finished or run.id in recovering:
@@ -986,6 +987,11 @@ class Execution:
             stored = found.get(run.id)
             if stored is None:
                 vanished.append(run)
+            elif stored.attempt < run.attempt or (stored.status is _RUNNING and stored.incarnation == incarnation):
+                # read before something this node has seen since: it claimed the run after the
+                # read began, and ran an attempt of it (a claim of its own is the executor's to
+                # start: a row saying this node runs it is as old as that claim, or older)
+                continue
             else:
                 self._apply_stored(run, stored.to_record())
         if vanished:

@@ -23,6 +23,7 @@ from taskwatch.engine import (
     RunHandle,
     RunRecord,
     RunStatus,
+    SqliteStore,
     StoppedBeforeDone,
     TaskContext,
 )
@@ -1045,3 +1046,61 @@ async def test_a_process_replaced_under_its_node_id_names_the_runs_it_stopped(tm
             assert sorted(said[0].stopped) == sorted(ids)
             await new.stop(0.1)
         await old.stop(0.1)
+
+
+class SlowReads(SqliteStore):
+    """A store whose ``get_many`` is held before it reads and again before it answers, as a
+    busy database holds a query: the answer reaches the engine later than the state it read."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.read, self.answer = asyncio.Event(), asyncio.Event()
+        self.reading, self.has_read = asyncio.Event(), asyncio.Event()
+
+    async def get_many(self, run_ids: Any) -> Any:
+        self.reading.set()
+        await self.read.wait()
+        rows = await super().get_many(run_ids)
+        self.has_read.set()
+        await self.answer.wait()
+        return rows
+
+
+async def test_a_stale_read_of_a_run_this_node_ran_meanwhile_does_not_move_it_back(tmp_path: Path) -> None:
+    # a look at the store for a run still pending (fetch_run, or the index's catch-up with other
+    # nodes) can answer after this node claimed it, ran an attempt and put it back for a retry:
+    # what it read (running, attempt 1) is older than what this node knows (pending, attempt 2)
+    store = SlowReads(tmp_path / "runs.db")
+    engine = Engine(store=store, node_id="n", max_concurrency=1, poll_interval=0.02, health_interval=None)
+    slot, first_attempt, fail = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    started: list[tuple[str, int]] = []
+    engine.bus.add_callback(lambda e: started.append((e.run_id, e.attempt)), ["run.started"])
+
+    @engine.task
+    async def blocker(ctx: TaskContext) -> None:
+        await slot.wait()
+
+    @engine.task(retries=1, backoff=60.0)
+    async def flaky(ctx: TaskContext) -> None:
+        first_attempt.set()
+        await fail.wait()
+        raise RuntimeError("the first attempt fails")
+
+    async with engine:
+        held = await engine.submit("blocker")
+        await eventually(lambda: held.status is RunStatus.RUNNING)
+        handle = await engine.submit("flaky")  # pending: the only slot is taken
+        looking = asyncio.create_task(engine.fetch_run(handle.id))
+        await store.reading.wait()
+        slot.set()
+        await first_attempt.wait()
+        store.read.set()
+        await store.has_read.wait()  # it read the run running its first attempt
+        fail.set()
+        await eventually(lambda: engine.get(handle.id).attempt == 2)  # pending for its retry
+        store.answer.set()
+        record = await looking
+        assert (record.status, record.attempt) == (RunStatus.PENDING, 2)
+        assert (engine.get(handle.id).status, engine.get(handle.id).attempt) == (RunStatus.PENDING, 2)
+        assert [attempt for run_id, attempt in started if run_id == handle.id] == [1]
+        await engine.cancel(handle.id)
