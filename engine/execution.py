@@ -166,6 +166,9 @@ class Execution:
         self._nodes_pruned_at = float("-inf")
         #: ids of the runs this node's recovery is settling (see on_recovered)
         self._recovering: set[str] = set()
+        #: periodic task -> its runs failed here in a row, and the error type whose traceback was
+        #: logged last: a schedule failing the same way logs that traceback once, not each run
+        self._failing: dict[str, tuple[int, str]] = {}
 
     def forget_claims(self) -> None:
         """A restart of the engine object: the store is the truth, no claim of ours survives."""
@@ -816,7 +819,7 @@ class Execution:
             # logged here only, by the node whose attempt failed: the nodes that hear of the end
             # from the store or the relay stay silent, so a collector gets the traceback once
             if error is not None:
-                _log_failed(run, error)
+                self._log_failure(run, error)
         else:
             reason = outcome.reason if isinstance(outcome, Cancelled) else (run.cancel_reason or "user")
             self.finish_cancelled(run, reason, was_running=True)
@@ -832,6 +835,32 @@ class Execution:
             duration=now - (run.started_at or now), result=result if result is None else detached(result),
             from_store=False,
         )
+        if self._failing:
+            self._streak_ended(run)
+
+    def _log_failure(self, run: Run, error: RunError) -> None:
+        """A run that failed here, logged. Each run with its traceback, but a periodic task's
+        that fails as its last run did: a schedule that fails every few seconds for the same
+        reason (a database down, a bad setting) would bury everything else under its copies."""
+        if not run.source.startswith("periodic:"):
+            _log_failed(run, error)
+            return
+        failed, logged = self._failing.get(run.task, (0, ""))
+        failed += 1
+        if error.type != logged:
+            self._failing[run.task] = (failed, error.type)
+            _log_failed(run, error)
+        else:
+            self._failing[run.task] = (failed, logged)
+            _log_failed(run, error, traceback=False, streak=failed)
+
+    def _streak_ended(self, run: Run) -> None:
+        streak = self._failing.pop(run.task, None) if run.source.startswith("periodic:") else None
+        if streak is not None and runs_log.isEnabledFor(logging.INFO):
+            log_safely(
+                runs_log, logging.INFO, "periodic task %r succeeded again (run %s) after %d failed run(s) in a row",
+                run.task, run.id, streak[0],
+            )  # fmt: skip
 
     async def on_recovered(self, recovered: list[Recovered]) -> None:
         """Runs taken back from lost workers (any node's): update the index, publish what happened.
@@ -1266,13 +1295,16 @@ def _log_retry(run: Run, tried: int, error: RunError, delay: float) -> None:
     )  # fmt: skip
 
 
-def _log_failed(run: Run, error: RunError, *, traceback: bool = True) -> None:
+def _log_failed(run: Run, error: RunError, *, traceback: bool = True, streak: int = 0) -> None:
     if not runs_log.isEnabledFor(logging.WARNING):
         return
+    if streak:
+        tail = f" ({streak} runs of this periodic task failed in a row; the traceback was logged with the first of this kind)"
+    else:
+        tail = traceback_block(error) if traceback else ""
     log_safely(
         runs_log, logging.WARNING, "run %s of task %r failed on try %d of %d: %s: %s%s",
-        run.id, run.task, run.attempt, run.max_attempts, log_text(error.type), log_text(error.message),
-        traceback_block(error) if traceback else "",
+        run.id, run.task, run.attempt, run.max_attempts, log_text(error.type), log_text(error.message), tail,
     )  # fmt: skip
 
 

@@ -245,3 +245,44 @@ async def test_a_log_handler_that_raises_does_not_stop_a_workers_restarts() -> N
         [info] = engine.workers()
         assert info.crashes >= 3
     assert not stray_tasks()
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_a_periodic_task_failing_the_same_way_logs_its_traceback_once_a_streak(
+    store: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a schedule failing every tick for one reason (its database is down) would bury the log
+    # under copies of one traceback: it comes with the first failure, and again for a new kind
+    engine = make_engine(store, tmp_path)
+    script = ["down", "down", "down", "slow", "ok", "down"]
+    ended: list[str] = []
+    engine.bus.add_callback(lambda e: ended.append(e.kind), ["run.succeeded", "run.failed"])
+
+    @engine.periodic(every=0.01, name="sync")
+    async def sync(ctx: TaskContext) -> None:
+        step = script.pop(0) if script else "ok"
+        if step == "down":
+            raise ConnectionError("database is down")
+        if step == "slow":
+            raise TimeoutError("database is slow")
+
+    @engine.task(name="once")
+    async def once(ctx: TaskContext) -> None:
+        raise ConnectionError("database is down")
+
+    caplog.set_level(logging.DEBUG, logger="taskwatch.runs")
+    async with engine:
+        await eventually(lambda: len(ended) >= 6)
+        # a one-shot task's failures are each a request of their own: each keeps its traceback
+        for _ in range(2):
+            await (await engine.submit("once")).wait(10)
+
+    logged = [r.getMessage() for r in records(caplog, "taskwatch.runs")]
+    periodic = [m for m in logged if "of task 'sync'" in m or "periodic task 'sync'" in m][:6]
+    assert ["Traceback" in m for m in periodic] == [True, False, False, True, False, True], periodic
+    assert "(2 runs of this periodic task failed in a row" in periodic[1]
+    assert "(3 runs of this periodic task failed in a row" in periodic[2]
+    assert "TimeoutError: database is slow" in periodic[3]
+    assert "periodic task 'sync' succeeded again" in periodic[4] and "after 4 failed run(s) in a row" in periodic[4]
+    assert "ConnectionError: database is down" in periodic[5]
+    assert [("Traceback" in m) for m in logged if "of task 'once'" in m] == [True, True]
