@@ -3,7 +3,7 @@
 The public API of the engine; nothing here imports Textual.
 """
 
-from .background import BackgroundEngine, BackgroundRunHandle, stop_all_background
+from .background import BackgroundEngine, BackgroundKwargs, BackgroundRunHandle, stop_all_background
 from .bus import EventBus, Subscription
 from .context import TaskContext
 from .engine import Engine
@@ -130,17 +130,18 @@ from .redis_lease import RedisLease
 from .remote import RemoteEngine
 from .runs import EngineStats, Progress, RunError, RunList, RunRecord, RunStatus
 from .scheduler import PeriodicInfo, next_cron_due
-from .server import ControlServer, ServerInfo
+from .server import ControlServer, ServeKwargs, ServerInfo
 from .snapshot import Snapshot, is_truncated
 from .store import MemoryStore, NodeInfo, Page, PostgresStore, SqliteStore, Store, StoredRun, make_store
 from .supervisor import WorkerInfo
 from .tasks import TaskInfo, TaskSpec
-from .triggers import Trigger, TriggerFire, TriggerKeyState, TriggerState
+from .triggers import Trigger, TriggerFire, TriggerKeyState, TriggerKwargs, TriggerState
 from .version import __version__
 
 __all__ = [
     "AuthenticationFailed",
     "BackgroundEngine",
+    "BackgroundKwargs",
     "BackgroundRunHandle",
     "BaseEvent",
     "ClusterNode",
@@ -247,6 +248,7 @@ __all__ = [
     "RunSucceeded",
     "NotATaskwatchStore",
     "SchemaTooNew",
+    "ServeKwargs",
     "ServerInfo",
     "Snapshot",
     "SqliteStore",
@@ -274,6 +276,7 @@ __all__ = [
     "TriggerFire",
     "TriggerFired",
     "TriggerKeyState",
+    "TriggerKwargs",
     "TriggerState",
     "UnknownCommand",
     "UnknownEventKind",

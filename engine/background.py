@@ -49,7 +49,7 @@ import urllib.parse
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypedDict, TypeVar, Unpack, overload
 
 from pydantic import BaseModel
 
@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from .queues import QueueInfo, QueuePurge
     from .runs import EngineStats
     from .scheduler import PeriodicInfo
-    from .server import ServerInfo
+    from .server import ServeKwargs, ServerInfo
     from .snapshot import Snapshot
     from .supervisor import WorkerInfo
     from .tasks import TaskInfo
@@ -190,6 +190,19 @@ class BackgroundRunHandle:
         return f"<BackgroundRunHandle {self.id}>"
 
 
+class BackgroundKwargs(TypedDict, total=False):
+    """The options of ``engine.start_background(**options)``: :class:`BackgroundEngine`'s
+    keyword-only parameters, so a type checker catches a misspelt option or a wrong type where it
+    is written.
+
+    Values are still checked when the facade is made (a type does not say -1 is too small).
+    """
+
+    call_timeout: float | None
+    stop_timeout: float
+    start_timeout: float
+
+
 class BackgroundEngine:
     """A thread-safe facade over an :class:`~taskwatch.engine.Engine` running on its own loop.
 
@@ -252,7 +265,7 @@ class BackgroundEngine:
         )
 
     @classmethod
-    def launch(cls, engine: Engine, **options: Any) -> BackgroundEngine:
+    def launch(cls, engine: Engine, **options: Unpack[BackgroundKwargs]) -> BackgroundEngine:
         """Start ``engine`` on a new loop thread; returns once ``engine.start()`` completed there.
 
         If ``engine.start()`` raises, the thread ends and the error is re-raised here.
@@ -923,7 +936,7 @@ class BackgroundEngine:
 
     # ------------------------------------------------------------------ serving and dashboards
 
-    def serve(self, address: str | None = None, **options: Any) -> ServerInfo:
+    def serve(self, address: str | None = None, **options: Unpack[ServeKwargs]) -> ServerInfo:
         """Start a control endpoint (see ``Engine.serve``); returns its address and token."""
         from .server import ControlServer
 
@@ -934,7 +947,7 @@ class BackgroundEngine:
         self._server_info = info
         return info
 
-    async def aserve(self, address: str | None = None, **options: Any) -> ServerInfo:
+    async def aserve(self, address: str | None = None, **options: Unpack[ServeKwargs]) -> ServerInfo:
         from .server import ControlServer
 
         check_option_names("BackgroundEngine.aserve()", options, ControlServer)

@@ -108,9 +108,13 @@ from .version import __version__
 from .wakeups import StoreWakeups
 
 if TYPE_CHECKING:
-    # the edge layer, for return types only: start_background() and serve() import it when called
-    from .background import BackgroundEngine
-    from .server import ControlServer
+    from typing import Unpack
+
+    from .triggers import TriggerKwargs
+
+    # the edge layer, for annotations only: start_background() and serve() import it when called
+    from .background import BackgroundEngine, BackgroundKwargs
+    from .server import ControlServer, ServeKwargs
 
 #: a decorated task or periodic function, handed back as it was so it keeps its own type
 F = TypeVar("F", bound=TaskFn)
@@ -1581,14 +1585,14 @@ class Engine:
 
     # ------------------------------------------------------------------ elsewhere: threads, sockets
 
-    def start_background(self, **options: Any) -> BackgroundEngine:
+    def start_background(self, **options: Unpack[BackgroundKwargs]) -> BackgroundEngine:
         """Run this engine on its own event loop in a daemon thread; returns a thread-safe facade."""
         from .background import BackgroundEngine
 
         check_option_names("Engine.start_background()", options, BackgroundEngine)
         return BackgroundEngine.launch(self, **options)
 
-    async def serve(self, address: str | None = None, **options: Any) -> ControlServer:
+    async def serve(self, address: str | None = None, **options: Unpack[ServeKwargs]) -> ControlServer:
         """Expose this engine to dashboards in other processes (Unix socket or tcp://127.0.0.1:PORT)."""
         from .server import ControlServer
 
@@ -1897,7 +1901,9 @@ class Engine:
         """
         return await self._queue_named(name).purge()
 
-    def trigger(self, name: str, fn: Callable[[TaskContext, str], Awaitable[Any]], **options: Any) -> Trigger:
+    def trigger(
+        self, name: str, fn: Callable[[TaskContext, str], Awaitable[Any]], **options: Unpack[TriggerKwargs]
+    ) -> Trigger:
         """Create a threshold trigger: ``notify(key)`` counts; a key runs ``fn`` when due.
 
         Options: ``size_threshold``, ``staleness`` (timedelta or seconds),

@@ -68,7 +68,7 @@ import tempfile
 import time
 from collections import Counter, deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from pydantic import BaseModel, ConfigDict
 from pydantic_core import to_jsonable_python
@@ -342,6 +342,32 @@ def error_reply(message_id: Any, exc: BaseException, max_value: int = DEFAULT_MA
         message=truncate_text(str(exc), max_value),
         details={key: truncate_value(value, max_value) for key, value in details.items()},
     )
+
+
+class ServeKwargs(TypedDict, total=False):
+    """The options of ``engine.serve(address, **options)`` and ``bg.serve(address, **options)``:
+    :class:`ControlServer`'s keyword-only parameters, so a type checker catches a misspelt option
+    or a wrong type where it is written.
+
+    Values are still checked when the server is made (a type does not say a limit is too small).
+    """
+
+    token: str | None
+    allow_remote: bool
+    max_message: int
+    max_hello: int
+    max_handshakes: int
+    hello_timeout: float
+    buffer: int
+    outgoing: int
+    max_outgoing_bytes: int
+    max_send: int
+    max_value: int
+    write_timeout: float
+    snapshot_runs: int
+    max_inflight: int
+    max_connections: int
+    announce: bool
 
 
 class ControlServer:

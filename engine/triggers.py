@@ -48,7 +48,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Required, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -231,6 +231,24 @@ def _check_fn(fn: Any, name: str) -> None:
                 f"(async def {fn_name}(ctx, key: str))"
             ) from None
         raise TaskDefinitionError(f"{what} cannot be called as {fn_name}(ctx, key) ({exc}); {shape}") from None
+
+
+class TriggerKwargs(TypedDict, total=False):
+    """The options of ``engine.trigger(name, fn, **options)``: :class:`Trigger`'s keyword-only
+    parameters, so a type checker catches a misspelt option or a wrong type where it is written.
+
+    Values are still checked when the trigger is made (a type does not say 0 is too small).
+    """
+
+    size_threshold: Required[int]
+    staleness: timedelta | float | None
+    staleness_min: int | None
+    check_interval: float | None
+    retries: int
+    timeout: float | None
+    clock: Callable[[], float] | None
+    save_interval: float
+    forget_after: timedelta | float | None
 
 
 class Trigger:

@@ -10,7 +10,9 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import ForwardRef
 
+import pytest
 import taskwatch.engine
 from taskwatch.engine import events
 
@@ -25,12 +27,13 @@ USER_CACHE = ROOT / ".mypy_cache" / "user-program"
 USER_PROGRAM = '''\
 from __future__ import annotations
 
-from typing import assert_type
+from typing import Unpack, assert_type
 
 from pydantic import BaseModel
 
 from taskwatch.engine import (
     BackgroundEngine,
+    BackgroundKwargs,
     ControlServer,
     Engine,
     Event,
@@ -89,6 +92,10 @@ engine.trigger("compile", compile_key, size_threshold=3)
 def on_health(event: HealthSample) -> None: ...
 
 
+def start_quietly(**options: Unpack[BackgroundKwargs]) -> BackgroundEngine:
+    return engine.start_background(**options)
+
+
 def on_nothing() -> None: ...
 
 
@@ -101,6 +108,12 @@ async def use(ctx: TaskContext) -> None:
     assert_type(server, ControlServer)
     assert_type(server.info(), ServerInfo)
     assert_type(engine.start_background(), BackgroundEngine)
+    engine.trigger("t", compile_key, size_threshold=5, staleness=30.0)
+    assert_type(await engine.serve("/tmp/x.sock", announce=False), ControlServer)
+    bg = engine.start_background(call_timeout=2.0)
+    assert_type(bg.serve("/tmp/y.sock", announce=False), ServerInfo)
+    assert_type(await bg.aserve("/tmp/z.sock", max_message=1 << 20), ServerInfo)
+    assert_type(start_quietly(stop_timeout=1.0), BackgroundEngine)
     engine.bus.add_callback(lambda event: print(event.kind, event.seq))
     engine.bus.add_callback(on_health, kinds=["health"])
     async for event in engine.bus.subscribe(kinds=["run."]):
@@ -117,8 +130,21 @@ async def misuse(ctx: TaskContext, event: Event) -> None:
     await worker()  # expect: call-arg
     print(event.error)  # expect: union-attr
     engine.queue("bad", not_async_handler)  # expect: arg-type
-    engine.trigger("bad", handle)  # expect: arg-type
+    engine.trigger("bad", handle, size_threshold=3)  # expect: arg-type
     engine.bus.add_callback(on_nothing)  # expect: arg-type
+
+
+async def misspelt_options(bg: BackgroundEngine) -> None:
+    engine.trigger("t1", compile_key, size_treshold=5)  # expect: call-arg
+    engine.trigger("t2", compile_key)  # expect: call-arg
+    engine.trigger("t3", compile_key, size_threshold=5, staleness="30s")  # expect: arg-type
+    engine.start_background(call_timout=1.0)  # expect: call-arg
+    start_quietly(call_timeout="1s")  # expect: arg-type
+    await engine.serve("/tmp/x.sock", anounce=False)  # expect: call-arg
+    await engine.serve("/tmp/x.sock", max_message="big")  # expect: arg-type
+    bg.serve("/tmp/y.sock", anounce=False)  # expect: call-arg
+    bg.serve("/tmp/y.sock", max_message="big")  # expect: arg-type
+    await bg.aserve("/tmp/z.sock", tokn="secret")  # expect: call-arg
 
 
 @engine.task  # expect: type-var
@@ -182,6 +208,27 @@ def test_user_code_keeps_its_types_under_mypy_strict(tmp_path: Path) -> None:
     }
     found = {(int(m[1]), m[2]) for m in re.finditer(r"^user\.py:(\d+): error: .*\[([a-z-]+)\]$", output, re.M)}
     assert found == expected, output
+
+
+@pytest.mark.parametrize(
+    ("options", "constructor"),
+    [
+        ("TriggerKwargs", taskwatch.engine.Trigger),
+        ("BackgroundKwargs", taskwatch.engine.BackgroundEngine),
+        ("ServeKwargs", taskwatch.engine.ControlServer),
+    ],
+)
+def test_each_options_type_is_the_keyword_options_its_constructor_takes(options: str, constructor: type) -> None:
+    # what mypy checks a user's options against cannot drift from what the constructor accepts
+    typed = getattr(taskwatch.engine, options)
+    params = {p.name: p for p in inspect.signature(constructor).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    assert set(typed.__annotations__) == set(params)
+    for name, param in params.items():
+        # both read as written (the modules postpone annotations); Required exactly where there is no default
+        hint = typed.__annotations__[name]
+        written = hint.__forward_arg__ if isinstance(hint, ForwardRef) else hint
+        expected = f"Required[{param.annotation}]" if param.default is param.empty else param.annotation
+        assert written == expected, name
 
 
 def test_every_event_class_is_exported() -> None:

@@ -750,9 +750,8 @@ def _run_local_app(
         if serve:
             # nothing printed: the dashboard is about to take the screen; it shows the
             # attach command itself (ctrl+p, "Attach command")
-            options = {"token": token} if token else {}
             try:
-                info = bg.serve(serve, announce=False, **options)
+                info = bg.serve(serve, announce=False, token=token or None)
             except (ValueError, OSError, TaskwatchError) as exc:
                 # checked before the engine started; this is what only binding finds out
                 # (a port in use, a socket path taken); `finally` stops the engine
