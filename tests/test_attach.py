@@ -262,7 +262,8 @@ async def test_submit_from_the_dashboard_runs_on_the_remote_engine(serve: ServeF
         run_id = await eventually(
             lambda: (rid := table.selected_run_id) and app.state.runs[rid].task == "greet" and rid
         )
-        assert any(msg == f"submitted greet as run {run_id}" for msg, _ in notifications(app))
+        # a notification is shown a message later than the table row: waited for, as the row was
+        await eventually(lambda: any(msg == f"submitted greet as run {run_id}" for msg, _ in notifications(app)))
 
         snap = await remote_until(remote, lambda s: (r := run_of(s, run_id)) is not None and r.status.finished)
         record = run_of(snap, run_id)
