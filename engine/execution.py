@@ -173,6 +173,7 @@ class Execution:
     def forget_claims(self) -> None:
         """A restart of the engine object: the store is the truth, no claim of ours survives."""
         self._claimed.clear()
+        self._failing.clear()  # nor a streak: its runs may have succeeded elsewhere meanwhile
         self._retrying.clear()
 
     def start_soon(self) -> None:
@@ -1076,6 +1077,8 @@ class Execution:
                     RunSucceeded, run_id=run.id, task=run.task, attempt=run.attempt, duration=duration,
                     result=detached(run.result), from_store=True,
                 )
+                if self._failing:
+                    self._failing.pop(run.task, None)  # it works again, on another node: a new streak
             else:
                 error = run.error or RunError(type="Unknown", message="failed on another node")
                 self.bus.post(

@@ -974,7 +974,8 @@ class WorkQueue:
         renewed = self._renewed_at()
         now = time.monotonic()
         ttl = self._ttl()
-        missed = self._hold_ok and renewed - self._seen_renewal > ttl
+        seen = self._seen_renewal
+        missed = self._hold_ok and renewed - seen > ttl
         fresh = not self._cut_off() and now < renewed + ttl and not missed
         self._seen_renewal = renewed
         if fresh != self._hold_ok:
@@ -983,7 +984,8 @@ class WorkQueue:
                 if self._kick is not None:
                     self._kick.set()  # the keeper asks the store which jobs are still this node's
             else:
-                self._lapse(now - renewed)
+                # a missed renewal: the silence was the gap between the two, since made good
+                self._lapse(renewed - seen if missed else now - renewed)
         return fresh
 
     def _stamp(self) -> int:

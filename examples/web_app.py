@@ -2,7 +2,7 @@
 
 TASKWATCH_STORE picks where runs live (`sqlite:///runs.db` keeps them across restarts; the
 default, memory, does not). TASKWATCH_CONTROL, a Unix socket path, lets
-`taskwatch attach PATH` show this app's runs live.
+`taskwatch attach PATH` show this app's runs live (`{pid}` in it: one per worker process).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ engine = Engine(store=os.environ.get("TASKWATCH_STORE", "memory"), max_queue=100
 
 
 class ReportParams(BaseModel):
-    user_id: str
+    user_id: str = Field(max_length=200)  # params are stored with the run: bound what a client sends
     pages: int = Field(10, ge=1, le=50)
     delay: float = Field(0.0, ge=0, le=30)  # seconds the whole report takes: a stand-in for real work
 
@@ -50,7 +50,8 @@ async def render_report(ctx: TaskContext, params: ReportParams) -> dict[str, Any
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with engine:  # started before the first request; stopped, and awaited, at shutdown
         if control := os.environ.get("TASKWATCH_CONTROL"):
-            await engine.serve(control)  # a 0600 Unix socket; the engine's stop closes it
+            # "{pid}" in the path gives each worker of `uvicorn --workers N` a socket of its own
+            await engine.serve(control.format(pid=os.getpid()))  # 0600; the engine's stop closes it
         yield
 
 
@@ -94,7 +95,9 @@ async def get_run(run_id: str) -> dict[str, Any]:
 
 @app.get("/runs")
 async def list_runs(limit: int = 50) -> list[dict[str, Any]]:
-    return [record.model_dump(mode="json") for record in engine.runs(limit=limit)]
+    # from the store, newest first: every worker of `uvicorn --workers N` answers the same
+    page = await engine.query_runs(limit=limit)
+    return [record.model_dump(mode="json") for record in page.runs]
 
 
 @app.delete("/runs/{run_id}")

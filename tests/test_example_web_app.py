@@ -166,6 +166,7 @@ def test_a_report_submitted_over_http_runs_and_its_record_shows_the_result(web: 
     [
         ({"user_id": "u1", "pages": 0}, "pages", "Input should be greater than or equal to 1"),
         ({"pages": 3}, "user_id", "Field required"),
+        ({"user_id": "u" * 201}, "user_id", "String should have at most 200 characters"),
     ],
 )
 def test_bad_params_answer_422_with_taskwatchs_message_and_record_nothing(
@@ -237,12 +238,14 @@ def test_a_sqlite_store_keeps_the_runs_across_a_restart(start: Any, tmp_path: Pa
     )
 
 
-def test_an_attached_client_sees_the_runs_submitted_over_http(start: Any, sock_path: str) -> None:
-    app = start(TASKWATCH_CONTROL=sock_path)
+def test_an_attached_client_sees_the_runs_submitted_over_http(start: Any, tmp_path: Path) -> None:
+    # "{pid}" in the path: each worker process of `uvicorn --workers N` serves a socket of its own
+    app = start(TASKWATCH_CONTROL=str(tmp_path / "web-{pid}.sock"))
     run_id = app.submit(user_id="u6", pages=1)
+    served = str(tmp_path / f"web-{app.proc.pid}.sock")
 
     async def attached() -> Any:
-        async with RemoteEngine(sock_path, timeout=HTTP_TIMEOUT) as remote:
+        async with RemoteEngine(served, timeout=HTTP_TIMEOUT) as remote:
             return await remote.get(run_id)
 
     record = asyncio.run(attached())

@@ -286,3 +286,30 @@ async def test_a_periodic_task_failing_the_same_way_logs_its_traceback_once_a_st
     assert "periodic task 'sync' succeeded again" in periodic[4] and "after 4 failed run(s) in a row" in periodic[4]
     assert "ConnectionError: database is down" in periodic[5]
     assert [("Traceback" in m) for m in logged if "of task 'once'" in m] == [True, True]
+
+
+async def test_a_periodic_tasks_failure_after_a_restart_logs_its_traceback_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the streak is of runs in a row on one start: what ran meanwhile (another node sharing the
+    # store may have run the task with success) is not known, so the next failure tells all again
+    engine = make_engine("sqlite", tmp_path)
+    failed: list[str] = []
+    engine.bus.add_callback(lambda e: failed.append(e.run_id), ["run.failed"])
+
+    @engine.periodic(every=0.01, name="sync")
+    async def sync(ctx: TaskContext) -> None:
+        raise ConnectionError("database is down")
+
+    caplog.set_level(logging.DEBUG, logger="taskwatch.runs")
+
+    def logged() -> list[str]:
+        return [r.getMessage() for r in records(caplog, "taskwatch.runs") if "of task 'sync'" in r.getMessage()]
+
+    async with engine:
+        await eventually(lambda: len(failed) >= 2)
+    first = logged()
+    assert ["Traceback" in m for m in first[:2]] == [True, False]
+    async with engine:
+        await eventually(lambda: len(logged()) > len(first))
+    assert "Traceback" in logged()[len(first)]

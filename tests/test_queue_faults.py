@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -317,7 +318,9 @@ class SlowToStart(SqliteStore):
         return await super().recover(live_incarnations)
 
 
-async def test_a_node_whose_start_outlasts_its_lease_counts_its_hold_from_its_registration(tmp_path: Path) -> None:
+async def test_a_node_whose_start_outlasts_its_lease_counts_its_hold_from_its_registration(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # the store counts the node alive from the registration its start sent, so by the end of this
     # start another node could have taken its jobs: the node must not count its hold as fresh
     db = tmp_path / "q.db"
@@ -326,10 +329,15 @@ async def test_a_node_whose_start_outlasts_its_lease_counts_its_hold_from_its_re
     async def handle(job: dict[str, int]) -> None:
         handled.append(job["i"])
 
+    caplog.set_level(logging.INFO, logger="taskwatch.queues")
     engine = Engine(store=SlowToStart(db), node_id="a", health_interval=None)
     queue = engine.queue("q", handle)
     async with engine:
         await eventually(lambda: queue.info().hold_lapses == 1, TIMEOUT)
+        # and says for how long no heartbeat reached the store: the start's, at least 1.5 leases
+        [said] = [r.getMessage() for r in caplog.records if "no heartbeat of this node" in r.getMessage()]
+        silent = float(re.search(r"reached the store for ([\d.]+) s", said)[1])  # type: ignore[index]
+        assert silent >= 1.5 * TTL, said
         # and once its heartbeat is back, the jobs put on it run as ever
         for i in range(3):
             await queue.put({"i": i})

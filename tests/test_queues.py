@@ -432,6 +432,9 @@ def test_asyncio_run_ends_with_an_engine_never_stopped_whatever_its_tasks_do_on_
     # its end cancels every task once and waits for them: a consumer must end on that cancel, even
     # while another task's cleanup makes new tasks (asyncio.shield wraps its coroutine in one)
     outcome: list[str] = []
+    # held past program()'s end: a pending task that nothing refers to is a garbage cycle, which
+    # the collector may destroy (pending) before asyncio.run's end gets to cancel it
+    kept: list[asyncio.Task[None]] = []
 
     async def program() -> None:
         engine = make_engine()
@@ -448,7 +451,7 @@ def test_asyncio_run_ends_with_an_engine_never_stopped_whatever_its_tasks_do_on_
                 if cleanup == "shielded":
                     await asyncio.shield(asyncio.sleep(0.01))
 
-        asyncio.get_running_loop().create_task(tidy())
+        kept.append(asyncio.get_running_loop().create_task(tidy()))
         queue = engine.queue("unstopped", handler, concurrency=2)
         engine.queue("idle", handler, concurrency=2)
         await engine.start()
