@@ -200,8 +200,10 @@ async def test_plain_output_of_a_real_engine_holds_no_escape_sequence(capsys: py
     async def fetch(ctx: TaskContext) -> None:
         raise ValueError(EVIL)
 
+    stopping: list[asyncio.Task[None]] = []  # referred to until the end: never collected pending
+
     def stop_after_failure(event: Any) -> None:
-        asyncio.get_running_loop().create_task(engine.stop())
+        stopping.append(asyncio.get_running_loop().create_task(engine.stop()))
 
     engine.bus.add_callback(stop_after_failure, ("run.failed",))
     await asyncio.wait_for(print_events(engine), timeout=30)
