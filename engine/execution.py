@@ -847,13 +847,11 @@ class Execution:
             _log_failed(run, error)
             return
         failed, logged = self._failing.get(run.task, (0, ""))
-        failed += 1
+        self._failing[run.task] = (failed + 1, error.type)
         if error.type != logged:
-            self._failing[run.task] = (failed, error.type)
             _log_failed(run, error)
         else:
-            self._failing[run.task] = (failed, logged)
-            _log_failed(run, error, traceback=False, streak=failed)
+            _log_failed(run, error, streak=failed + 1)
 
     def _streak_ended(self, run: Run) -> None:
         streak = self._failing.pop(run.task, None) if run.source.startswith("periodic:") else None
@@ -1078,7 +1076,7 @@ class Execution:
                     result=detached(run.result), from_store=True,
                 )
                 if self._failing:
-                    self._failing.pop(run.task, None)  # it works again, on another node: a new streak
+                    self._streak_ended(run)  # it works again, on another node
             else:
                 error = run.error or RunError(type="Unknown", message="failed on another node")
                 self.bus.post(
