@@ -8,6 +8,7 @@ its controlling terminal, so closing it sends SIGHUP as closing a terminal windo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import re
@@ -29,7 +30,10 @@ from taskwatch.tui.app import TaskwatchApp
 from taskwatch.tui.cli import TokenError, read_token_file
 from taskwatch.tui.client import LocalClient
 from taskwatch.tui.remote_client import RemoteClient
+from taskwatch.tui.terminal import TerminalStream
 from taskwatch.widgets import CountsBar, LeaderBadge
+from textual.drivers._writer_thread import MAX_QUEUED_WRITES, WriterThread
+from textual.drivers.linux_driver import LinuxDriver
 
 from .helpers import eventually, wait_until
 
@@ -194,6 +198,34 @@ def test_closing_the_terminal_window_stops_the_engine(long_app: tuple[Terminal, 
     term.close()  # SIGHUP, and nothing to draw on any more
     assert term.wait_exit() == 128 + signal.SIGHUP
     assert "running" not in statuses(db)
+
+
+def test_the_dashboards_screen_writer_outlives_a_closed_terminal() -> None:
+    # closing the window ends the terminal, and the frames drawn before SIGHUP is handled (a
+    # loaded machine, a dashboard at 15 frames a second) must not fill the writer's queue of
+    # 30: a write past that would block the app's loop for good, and the engine never stop
+    app = TaskwatchApp(LocalClient(Engine(health_interval=None)))
+    driver = app.get_driver_class()
+    assert issubclass(driver, LinuxDriver) and driver is not LinuxDriver
+    master, slave = os.openpty()
+    terminal = os.fdopen(slave, "w")
+    try:
+        writer = WriterThread(TerminalStream(terminal))
+        writer.start()
+        os.close(master)  # the window closed
+        drawn = threading.Event()
+
+        def draw() -> None:
+            for n in range(4 * MAX_QUEUED_WRITES):
+                writer.write(f"frame {n}\n")
+            writer.stop()  # the driver's close(): returns once the queue is drained
+            drawn.set()
+
+        threading.Thread(target=draw, daemon=True).start()
+        assert drawn.wait(TIMEOUT), "the writer died with the terminal, and its full queue blocked the app"
+    finally:
+        with contextlib.suppress(OSError):  # what it still buffers has nowhere to go
+            terminal.close()
 
 
 def test_quitting_with_a_run_going_says_what_the_wait_is_for(long_app: tuple[Terminal, Path]) -> None:

@@ -57,6 +57,7 @@ from taskwatch.widgets import (
 from textual import events, on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
+from textual.driver import Driver
 from textual.containers import Horizontal, HorizontalGroup, Vertical
 from textual.content import Content
 from textual.css.query import NoMatches
@@ -79,6 +80,7 @@ from .screens import (
     may_have_been_done,
 )
 from .state import DEFAULT_MAX_RUNS, DashboardState
+from .terminal import hangup_safe
 
 TABS = ("runs", "failures", "scheduler", "health", "events", "tasks")
 
@@ -364,6 +366,10 @@ class TaskwatchApp(App[None]):
     CSS_PATH = ["app.tcss", "screens.tcss"]
     TITLE = "taskwatch"
     view_paused: reactive[bool] = reactive(False, init=False)
+
+    def get_driver_class(self) -> type[Driver]:
+        # a terminal closed under it must not leave the dashboard, and its engine, hanging
+        return hangup_safe(super().get_driver_class())
 
     def __init__(
         self,

@@ -63,11 +63,13 @@ from taskwatch.widgets import ClusterRunsTable, EventLog, NodesTable, RunsTable,
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.driver import Driver
 from textual.css.query import NoMatches
 from textual.timer import Timer
 from textual.widgets import Footer, Static
 
 from .screens import ConfirmScreen, EventScreen, RunScreen
+from .terminal import hangup_safe
 
 #: what a command through the store can fail with: its own errors, or a lost connection
 COMMAND_ERRORS = (TaskwatchError, OSError)
@@ -144,6 +146,10 @@ class ClusterApp(App[None]):
         Binding("p", "toggle_pause", "pause log"),
         Binding("q", "quit", "quit", priority=True),
     ]
+
+    def get_driver_class(self) -> type[Driver]:
+        # a terminal closed under it must not leave the dashboard, and its engine, hanging
+        return hangup_safe(super().get_driver_class())
 
     def __init__(
         self,
