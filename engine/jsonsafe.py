@@ -14,7 +14,7 @@ import math
 import re
 from typing import Any
 
-from pydantic_core import PydanticSerializationError, to_json, to_jsonable_python
+from pydantic_core import PydanticSerializationError, from_json, to_json, to_jsonable_python
 
 from .errors import InvalidKey
 
@@ -42,9 +42,10 @@ def jsonable(value: Any, *, finite: bool = True) -> Any:
         data = to_jsonable_python(value)
         encoded = to_json(data)
     except _ENCODE_ERRORS as exc:
-        raise NotJsonSafe(_describe(exc)) from None
+        raise NotJsonSafe(encode_problem(exc)) from None
     if finite:
         _check_finite(data, encoded)
+    _check_readable(encoded)
     return data
 
 
@@ -53,8 +54,57 @@ def check_jsonable(data: Any) -> None:
     try:
         encoded = to_json(data)
     except _ENCODE_ERRORS as exc:
-        raise NotJsonSafe(_describe(exc)) from None
+        raise NotJsonSafe(encode_problem(exc)) from None
     _check_finite(data, encoded)
+    _check_readable(encoded)
+
+
+#: how deep a value may nest: JSON readers stop at a depth (200 for pydantic's, which every
+#: dashboard, client and store here reads with), and a value travels inside messages that
+#: nest it a few levels further
+MAX_DEPTH = 100
+#: the most digits an integer may have: JSON readers refuse longer ones (pydantic's says
+#: "number out of range"), as Python's own int() does past sys.get_int_max_str_digits()
+MAX_INT_DIGITS = 4300
+
+#: each byte of a text as ``0`` if it is a digit, else ``x``: a run of digits too long for a
+#: reader shows as a run of zeros that a substring search finds at C speed
+_DIGIT_RUNS = bytes(48 if 48 <= b <= 57 else 120 for b in range(256))
+_TOO_MANY_DIGITS = b"0" * (MAX_INT_DIGITS + 1)
+#: the reader's own depth limit (pydantic_core's JSON parser, which the wire and stores use)
+_READER_DEPTH = 200
+_PAD = _READER_DEPTH - MAX_DEPTH
+_TOO_DEEP = (
+    f"it is nested more than {MAX_DEPTH} levels deep, which JSON readers refuse; "
+    "flatten it, or keep the structure elsewhere and pass a reference to it"
+)
+
+
+def _check_readable(encoded: bytes) -> None:
+    # The encoder writes what no reader takes back: a value nested past a reader's depth, or
+    # an int too long to parse. Recorded, it would break every snapshot holding it, so each
+    # dashboard's attach, for as long as the run is kept. Neither fits in a short text, and
+    # neither can be there without many brackets or a long run of digits, so the common
+    # value costs a length test, and only a suspect one is read back.
+    if len(encoded) <= 2 * MAX_DEPTH:
+        return
+    if encoded.count(b"[") + encoded.count(b"{") <= MAX_DEPTH and (
+        len(encoded) <= MAX_INT_DIGITS or _TOO_MANY_DIGITS not in encoded.translate(_DIGIT_RUNS)
+    ):
+        return
+    try:
+        # read inside _PAD levels of lists, so the reader's own limit stops at MAX_DEPTH
+        from_json(b"[" * _PAD + encoded + b"]" * _PAD)
+    except ValueError as exc:
+        text = str(exc)
+        if "recursion" in text:
+            raise NotJsonSafe(_TOO_DEEP) from None
+        if "number" in text:
+            raise NotJsonSafe(
+                f"it holds an integer of more than {MAX_INT_DIGITS} digits, which JSON readers "
+                "refuse; pass it as a string"
+            ) from None
+        raise NotJsonSafe(f"it does not read back as JSON ({safe_str(exc)})") from None
 
 
 def _check_finite(data: Any, encoded: bytes) -> None:
@@ -184,8 +234,11 @@ def name_problem(option: str, name: object) -> str | None:
     return None
 
 
-def _describe(exc: BaseException) -> str:
+def encode_problem(exc: BaseException) -> str:
+    """What an encoder's ``exc`` says is wrong with a value, in words a user acts on."""
     text = safe_str(exc)
     if isinstance(exc, RecursionError) or "Circular reference" in text:
         return "it refers to itself (a circular structure)"
+    if "serialization depth" in text:
+        return _TOO_DEEP
     return text

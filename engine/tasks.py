@@ -5,20 +5,24 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import inspect
+import logging
 import reprlib
 import types
 import typing
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, RootModel, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PydanticUserError, RootModel, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticSerializationError
 
 from .errors import InvalidConfiguration, InvalidParams, TaskDefinitionError
-from .jsonsafe import NotJsonSafe, check_jsonable, name_problem, non_finite_problem, safe_str
+from .jsonsafe import NotJsonSafe, check_jsonable, encode_problem, name_problem, non_finite_problem, safe_str
+
+log = logging.getLogger("taskwatch.engine")
 
 TaskFn = Callable[..., Awaitable[Any]]
 
@@ -55,12 +59,15 @@ class TaskSpec:
     description: str = ""
     #: what recovery does with a run whose worker was lost: run it again, or fail it
     on_lost: Literal["retry", "fail"] = "retry"
+    #: the params' JSON schema, made once: every snapshot carries it
+    schema: dict[str, Any] = dataclass_field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         # checked before the engine records the spec, so a refused name registers nothing
         problem = name_problem("name", self.name)
         if problem is not None:
             raise InvalidConfiguration(f"{self.kind} {self.name!r}", [problem])
+        self.schema = _params_schema(self.name, self.params_model)
 
     @property
     def submittable(self) -> bool:
@@ -102,14 +109,37 @@ class TaskSpec:
             retries=self.retries,
             timeout=self.timeout,
             concurrency=self.concurrency,
-            params_schema=self.params_schema(),
+            params_schema=self.schema,
         )
 
-    def params_schema(self) -> dict[str, Any]:
-        """JSON schema of the params model (empty object schema when there are no params)."""
-        if self.params_model is None:
-            return {"type": "object", "properties": {}, "title": f"{self.name} params"}
-        return self.params_model.model_json_schema()
+
+def _params_schema(task: str, model: type[BaseModel] | None) -> dict[str, Any]:
+    """JSON schema of a task's params model (an empty object's when it takes none).
+
+    A model pydantic makes no JSON schema for (a field of an arbitrary class, a
+    plain validator) still validates params, so the task registers; its schema
+    says why there is none, where a dashboard's submit form looks for fields.
+    Left to every snapshot to find out, it would stop each dashboard attaching.
+    """
+    if model is None:
+        return {"type": "object", "properties": {}, "title": f"{task} params"}
+    try:
+        schema = model.model_json_schema()
+        check_jsonable(schema)
+    except (PydanticUserError, NotJsonSafe, ValueError, TypeError) as exc:
+        # (pydantic's own text goes on with a line pointing at its documentation)
+        reason = (exc.detail if isinstance(exc, NotJsonSafe) else encode_problem(exc)).split("\n", 1)[0]
+        log.warning(
+            "task %r: its params model %s has no JSON schema (%s), so dashboards cannot show a "
+            "form for it; give each field a type pydantic makes a schema for, or annotate it "
+            "with pydantic's WithJsonSchema", task, model.__qualname__, reason,
+        )
+        return {
+            "type": "object",
+            "title": f"{task} params",
+            "description": f"no JSON schema: {reason}",
+        }
+    return schema
 
 
 def recorded_params(task: str, model: BaseModel) -> tuple[BaseModel, dict[str, Any]]:
@@ -145,7 +175,7 @@ def _record_by_input_names(task: str, model: BaseModel) -> Any:
         return dumped if _dumps_as_input(type(model)) else _record_of(model, dumped)
     except (PydanticSerializationError, ValueError, TypeError) as exc:
         _refuse_non_finite(task, model)
-        raise json_unsafe(task, safe_str(exc)) from None
+        raise json_unsafe(task, encode_problem(exc)) from None
 
 
 def _record_by_alias(task: str, model: BaseModel) -> Any:
@@ -153,7 +183,7 @@ def _record_by_alias(task: str, model: BaseModel) -> Any:
         return model.model_dump(mode="json", by_alias=True)
     except (PydanticSerializationError, ValueError, TypeError) as exc:
         _refuse_non_finite(task, model)
-        raise json_unsafe(task, safe_str(exc)) from None
+        raise json_unsafe(task, encode_problem(exc)) from None
 
 
 def _read_back_record(task: str, model: BaseModel, dumped: Any) -> tuple[BaseModel, dict[str, Any]]:

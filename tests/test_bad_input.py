@@ -176,6 +176,105 @@ async def test_params_and_results_json_cannot_carry_are_refused_not_shown_as_nul
         await attach_works(engine, tmp_path / "e.sock")
 
 
+def nested(depth: int) -> Any:
+    """``depth`` dicts, each inside the one before."""
+    value: Any = "leaf"
+    for _ in range(depth):
+        value = {"child": value}
+    return value
+
+
+class Blob(BaseModel):
+    data: Any
+
+
+#: one digit more than JSON readers take (and Python's int() from text, by default)
+HUGE = 10**4300
+
+
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_values_json_readers_refuse_are_refused_so_every_dashboard_can_still_attach(
+    store: str, tmp_path: Path
+) -> None:
+    # the encoder writes values nested past a reader's depth, or ints past its digits; recorded,
+    # each would stop every dashboard attaching for as long as its run is kept (and the SQLite
+    # store from claiming anything after it)
+    engine = make_engine(store=f"sqlite:///{tmp_path / 'runs.db'}" if store == "sqlite" else "memory")
+
+    @engine.task
+    async def echo(ctx: TaskContext, params: Blob) -> Any:
+        return params.data
+
+    @engine.task
+    async def deep(ctx: TaskContext) -> Any:
+        return nested(101)
+
+    @engine.task
+    async def huge(ctx: TaskContext) -> Any:
+        return {"n": HUGE}
+
+    recorder = Recorder(engine)
+    async with engine:
+        # params hold one level more than their data: nested(100) is 101 deep
+        for bad, why in ((nested(100), "nested more than 100 levels"), (nested(300), "nested more than 100"),
+                         ([1, -HUGE], "more than 4300 digits")):
+            with pytest.raises(InvalidParams, match=why):
+                await engine.submit("echo", {"data": bad})
+            with pytest.raises(InvalidParams, match=why):
+                await engine.submit_many([("echo", {"data": 1}), ("echo", {"data": bad})])
+        assert engine.runs() == [] and "run.submitted" not in recorder.kinds()
+
+        for task, why in (("deep", "nested more than 100 levels"), ("huge", "more than 4300 digits")):
+            record = await (await engine.submit(task)).wait(5)
+            assert record.status is RunStatus.FAILED and record.result is None, task
+            assert record.error is not None and record.error.type == "ResultNotSerializable"
+            assert why in record.error.message
+        # right at the limits, values go through, and read back as they were
+        fine = {"data": [nested(98), 10**4299, "9" * 10_000]}  # 100 levels: params, list, 98 dicts
+        record = await (await engine.submit("echo", fine)).wait(5)
+        assert record.status is RunStatus.SUCCEEDED and record.result == fine["data"]
+        assert (await engine.fetch_run(record.id)).params == fine
+        assert_consistent(engine)
+        await attach_works(engine, tmp_path / "e.sock")
+
+        async def handle(job: Any) -> None: ...
+
+        queue = engine.queue("jobs", handle)
+        with pytest.raises(JobNotSerializable, match="nested more than 100 levels"):
+            await queue.put(nested(101))
+        assert queue.depth == 0
+
+
+class Handle:
+    """Something pydantic validates by isinstance and makes no JSON schema for."""
+
+
+class WithHandle(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    handle: Handle | None = None
+    n: int = 1
+
+
+async def test_a_params_model_with_no_json_schema_runs_and_dashboards_still_attach(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = make_engine()
+
+    @engine.task
+    async def count(ctx: TaskContext, params: WithHandle) -> int:
+        return params.n
+
+    (warning,) = [r.getMessage() for r in caplog.records if "no JSON schema" in r.getMessage()]
+    assert "'count'" in warning and "WithJsonSchema" in warning
+    async with engine:
+        (info,) = [t for t in engine.snapshot().tasks if t.name == "count"]
+        assert "no JSON schema" in info.params_schema["description"]
+        assert (await (await engine.submit("count", {"n": 3})).wait(5)).result == 3
+        assert_consistent(engine)
+        await attach_works(engine, tmp_path / "e.sock")
+
+
 @pytest.mark.parametrize("n", [0.5, -3, 0, True, "2", None])
 async def test_a_trigger_count_that_is_not_a_whole_number_is_refused(n: object, tmp_path: Path) -> None:
     engine = make_engine()

@@ -130,7 +130,7 @@ async def test_runs_another_node_executes_finish_in_this_nodes_index_and_waits(t
         assert {ran_on[h.id] for h in handles} == {"node-b"}
         assert [r.result for r in records] == ["node-b"] * 3
         # a's own view agrees: nothing of it is left pending
-        await eventually(lambda: a.stats().by_status["pending"] == 0, timeout=5)
+        await eventually(lambda: a.stats().by_status["pending"] == 0)
         assert all(a.get(h.id).status is RunStatus.SUCCEEDED for h in handles)
         release.set()
 
@@ -811,7 +811,7 @@ async def test_a_start_says_so_when_pending_runs_are_of_a_task_it_no_longer_has(
 
     await before.start()
     busy = await before.submit("hold")  # the one slot: what comes next waits
-    await eventually(lambda: before.get(busy.id).status.value == "running", timeout=5)
+    await eventually(lambda: before.get(busy.id).status.value == "running")
     waiting = [await before.submit("old_task") for _ in range(3)]
     await before.stop(timeout=0)  # hold is cut short: pending again, as the rest
     # the next version of the code has neither task
@@ -844,7 +844,7 @@ async def test_a_restart_shows_the_periodic_tasks_run_still_going_and_then_its_l
 
     first = engine_with_digest()
     await first.start()
-    await eventually(lambda: shown(first)[0] is not None, timeout=5)
+    await eventually(lambda: shown(first)[0] is not None)
     going = shown(first)[0]
     await first.stop(timeout=0)  # cut short: pending again, for the next start
     second = engine_with_digest()
@@ -852,7 +852,7 @@ async def test_a_restart_shows_the_periodic_tasks_run_still_going_and_then_its_l
         # shown going from the start (it is taken up again at once), not only once a slot finds it
         assert shown(second) == (going, None, None)
         release.set()
-        await eventually(lambda: shown(second) == (None, going, "succeeded"), timeout=5)
+        await eventually(lambda: shown(second) == (None, going, "succeeded"))
     third = engine_with_digest()
     async with third:
         assert shown(third) == (None, going, "succeeded")  # the last run, as the store has it

@@ -694,7 +694,7 @@ async def test_a_wait_on_a_run_still_executing_after_the_stop_gets_its_verdict(d
             assert engine.stats().running == 0 and engine.stats().by_status["cancelled"] == 1
     finally:
         let_go.set()
-        await eventually(lambda: not stray_tasks(), timeout=5)  # the stubborn task's own end
+        await eventually(lambda: not stray_tasks())  # the stubborn task's own end
     if not durable:
         after = engine.get(handle.id)
         assert (after.status, after.result) == (RunStatus.CANCELLED, None)

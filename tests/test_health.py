@@ -41,7 +41,7 @@ async def test_health_events_describe_the_process_and_the_engine() -> None:
         assert sample.cpu_percent >= 0 and sample.loop_lag_ms >= 0
         assert sample.queue_depth == 0
         # finished runs show up as a rate once a whole second has passed
-        await eventually(lambda: any(e.finished_per_s >= 20 for e in rec.of("health")), timeout=3)
+        await eventually(lambda: any(e.finished_per_s >= 20 for e in rec.of("health")))
         stats = await eventually(lambda: [e for e in rec.of("queue.stats") if e.queue == "jobs" and e.in_flight == 1])
         assert stats[-1].depth == 2 and stats[-1].maxsize == 10
         release.set()

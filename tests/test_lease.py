@@ -296,7 +296,7 @@ async def test_two_engines_sharing_a_lease_elect_exactly_one_leader() -> None:
             await TaskContext(b, None, "probe").ensure_leader()
         assert info.value.holder == "a"
 
-        await eventually(lambda: contexts["a"], timeout=1.0)
+        await eventually(lambda: contexts["a"])
         assert contexts["b"] == []
         assert contexts["a"][0].term == 1
     finally:
@@ -317,7 +317,7 @@ async def test_leadership_events_carry_node_holder_term_and_expiry() -> None:
 
         # renewals come from the elector's own timer; each one pushes the expiry out
         clock.advance(0.1)
-        await eventually(lambda: rec.of("lease.renewed"), timeout=1.0)
+        await eventually(lambda: rec.of("lease.renewed"))
         renewed = rec.of("lease.renewed")[0]
         assert (renewed.node, renewed.holder, renewed.term) == ("a", "a", 1)
         assert renewed.expires_at == pytest.approx(clock.now + TTL)
@@ -341,16 +341,16 @@ async def test_follower_takes_over_at_once_when_the_leader_stops() -> None:
     try:
         await a.start()
         await b.start()
-        await eventually(lambda: contexts["a"], timeout=1.0)
+        await eventually(lambda: contexts["a"])
         old_term = a.leadership().term
 
         await a.stop(1.0)
 
         assert rec_a.of("lease.released")[0].term == old_term
         assert [e.reason for e in rec_a.of("worker.stopped")] == ["shutdown"]
-        await eventually(lambda: b.leadership().is_leader, timeout=1.0)
+        await eventually(lambda: b.leadership().is_leader)
         assert b.leadership().term > old_term
-        await eventually(lambda: contexts["b"], timeout=1.0)
+        await eventually(lambda: contexts["b"])
         assert rec_b.of("worker.started")[0].term == b.leadership().term
         with pytest.raises(NotLeader):
             await contexts["a"][0].ensure_leader()
@@ -370,15 +370,15 @@ async def test_follower_takes_over_when_the_leader_cannot_reach_the_lease() -> N
     try:
         await a.start()
         await b.start()
-        await eventually(lambda: contexts["a"], timeout=1.0)
+        await eventually(lambda: contexts["a"])
         old_term = a.leadership().term
 
         lease.failing["a"] = "raise"
 
         # a gives up within a renew interval: its leader-only worker is cancelled
         # and already sees it is no longer leader
-        await eventually(lambda: rec_a.of("lease.lost"), timeout=1.0)
-        await eventually(lambda: endings["a"], timeout=1.0)
+        await eventually(lambda: rec_a.of("lease.lost"))
+        await eventually(lambda: endings["a"])
         assert endings["a"] == ["not_leader"]
         assert [e.reason for e in rec_a.of("worker.stopped")] == ["leadership_lost"]
         with pytest.raises(NotLeader):
@@ -389,14 +389,14 @@ async def test_follower_takes_over_when_the_leader_cannot_reach_the_lease() -> N
 
         clock.advance(10.0)
 
-        await eventually(lambda: b.leadership().is_leader, timeout=1.0)
+        await eventually(lambda: b.leadership().is_leader)
         assert b.leadership().term > old_term
-        await eventually(lambda: contexts["b"], timeout=1.0)
+        await eventually(lambda: contexts["b"])
         assert contexts["b"][0].term == b.leadership().term
 
         # a reconnects and finds b in charge
         del lease.failing["a"]
-        await eventually(lambda: a.leadership().holder == "b", timeout=1.0)
+        await eventually(lambda: a.leadership().holder == "b")
         assert not a.leadership().is_leader
         assert len(contexts["a"]) == 1
         assert not rec_b.of("lease.lost")
@@ -421,17 +421,17 @@ async def test_a_lease_store_failing_on_every_attempt_is_logged_once_per_outage(
         await engine.start()
         assert engine.leadership().is_leader
         lease.failing["a"] = "raise"
-        await eventually(lambda: lease.failed_calls >= 6, timeout=3.0)
+        await eventually(lambda: lease.failed_calls >= 6)
         assert len(failures()) == 1, failures()
         assert not engine.leadership().is_leader
 
         del lease.failing["a"]
-        await eventually(lambda: engine.leadership().is_leader, timeout=3.0)
+        await eventually(lambda: engine.leadership().is_leader)
         assert any("answers again" in r.getMessage() for r in caplog.records)
         # a new outage is news again
         calls = lease.failed_calls
         lease.failing["a"] = "raise"
-        await eventually(lambda: lease.failed_calls >= calls + 4, timeout=3.0)
+        await eventually(lambda: lease.failed_calls >= calls + 4)
         assert len(failures()) == 2, failures()
     finally:
         lease.failing.clear()
@@ -448,7 +448,7 @@ async def test_a_lapsed_lease_fails_ensure_leader_before_the_elector_notices() -
     try:
         await a.start()
         await b.start()
-        await eventually(lambda: contexts["a"], timeout=1.0)
+        await eventually(lambda: contexts["a"])
         ctx = contexts["a"][0]
         old_term = ctx.term
 
@@ -458,11 +458,10 @@ async def test_a_lapsed_lease_fails_ensure_leader_before_the_elector_notices() -
         with pytest.raises(NotLeader):
             await ctx.ensure_leader()
 
-        await eventually(lambda: rec_a.of("lease.lost"), timeout=1.0)
+        await eventually(lambda: rec_a.of("lease.lost"))
         # whichever node wins the next election does so with a new term
         await eventually(
             lambda: [e for e in (a, b) if e.leadership().is_leader and e.leadership().term > old_term],
-            timeout=1.0,
         )
     finally:
         await stop_all(a, b)
@@ -478,12 +477,12 @@ async def test_leader_that_fails_to_renew_cancels_its_workers_and_recovers(failu
     rec = Recorder(a)
     try:
         await a.start()
-        await eventually(lambda: contexts["a"], timeout=1.0)
+        await eventually(lambda: contexts["a"])
 
         lease.failing["a"] = failure
 
-        await eventually(lambda: rec.of("lease.lost"), timeout=1.0)
-        await eventually(lambda: endings["a"], timeout=1.0)
+        await eventually(lambda: rec.of("lease.lost"))
+        await eventually(lambda: endings["a"])
         assert endings["a"] == ["not_leader"]
         assert rec.of("worker.stopped")[0].reason == "leadership_lost"
         assert not a.leadership().is_leader
@@ -491,8 +490,8 @@ async def test_leader_that_fails_to_renew_cancels_its_workers_and_recovers(failu
         # once the store answers again the node leads again, in a new term,
         # and its leader-only worker starts again
         del lease.failing["a"]
-        await eventually(lambda: a.leadership().is_leader, timeout=1.0)
-        await eventually(lambda: len(contexts["a"]) == 2, timeout=1.0)
+        await eventually(lambda: a.leadership().is_leader)
+        await eventually(lambda: len(contexts["a"]) == 2)
         assert a.leadership().term > 1
         assert rec.of("worker.started")[-1].term == a.leadership().term
     finally:
@@ -523,7 +522,7 @@ async def test_an_error_while_acquiring_never_counts_as_holding() -> None:
         with pytest.raises(NotLeader):
             await TaskContext(a, None, "probe").ensure_leader()
         # the loop keeps trying (and failing) without ever claiming leadership
-        await eventually(lambda: lease.attempts >= 3, timeout=1.0)
+        await eventually(lambda: lease.attempts >= 3)
         assert not a.leadership().is_leader
         assert not rec.of("lease.acquired")
         assert contexts["a"] == []
@@ -537,7 +536,7 @@ async def test_stop_leaves_no_task_behind_and_frees_the_lease() -> None:
     (a, b), contexts, _ = leader_engines(lease, "a", "b")
     await a.start()
     await b.start()
-    await eventually(lambda: contexts["a"], timeout=1.0)
+    await eventually(lambda: contexts["a"])
 
     await stop_all(b, a)
 
@@ -551,7 +550,7 @@ async def test_stop_while_the_lease_store_hangs_still_returns() -> None:
     (a,), contexts, _ = leader_engines(lease, "a")
     rec = Recorder(a)
     await a.start()
-    await eventually(lambda: contexts["a"], timeout=1.0)
+    await eventually(lambda: contexts["a"])
     lease.failing["a"] = "hang"
 
     await asyncio.wait_for(a.stop(0.2), timeout=2.0)
@@ -582,17 +581,17 @@ async def test_leadership_regained_during_a_workers_cleanup_starts_it_once_clean
     rec = Recorder(engine)
     try:
         await engine.start()
-        await eventually(lambda: starts == 1, timeout=1.0)
+        await eventually(lambda: starts == 1)
         lease.failing["a"] = "refuse"
-        await eventually(lambda: rec.of("lease.lost"), timeout=1.0)
+        await eventually(lambda: rec.of("lease.lost"))
         del lease.failing["a"]
-        await eventually(lambda: engine.leadership().is_leader, timeout=1.0)
+        await eventually(lambda: engine.leadership().is_leader)
 
         # never a second copy while the first is still cleaning up
         assert starts == 1
         cleanup_may_end.set()
 
-        await eventually(lambda: starts == 2, timeout=1.0)
+        await eventually(lambda: starts == 2)
         assert rec.of("worker.started")[-1].term == engine.leadership().term == 2
     finally:
         cleanup_may_end.set()
@@ -626,16 +625,16 @@ async def test_a_leader_only_worker_swallowing_the_cancel_of_a_lost_leadership_i
     rec = Recorder(engine, kinds=("lease.", "worker."))
     try:
         await engine.start()
-        await eventually(lambda: ticks > 0, timeout=1.0)
+        await eventually(lambda: ticks > 0)
         lease.failing["a"] = "refuse"
-        await eventually(lambda: rec.of("lease.lost"), timeout=1.0)
-        await eventually(lambda: swallowed == 1, timeout=1.0)
+        await eventually(lambda: rec.of("lease.lost"))
+        await eventually(lambda: swallowed == 1)
         # still going: it says so rather than "waiting_for_leadership"
         assert not ended.is_set() and engine.workers()[0].state == "running"
 
         await asyncio.wait_for(ended.wait(), timeout=2.0)
         assert swallowed == 2
-        await eventually(lambda: engine.workers()[0].state == "waiting_for_leadership", timeout=1.0)
+        await eventually(lambda: engine.workers()[0].state == "waiting_for_leadership")
         assert [e.reason for e in rec.of("worker.stopped")] == ["leadership_lost"]
     finally:
         await engine.stop(1.0)

@@ -188,7 +188,7 @@ async def test_a_supervised_workers_crash_line_has_its_message_and_the_streaks_f
 
     caplog.set_level(logging.WARNING, logger="taskwatch.supervisor")
     async with engine:
-        await eventually(lambda: engine.stats().supervised["feed"]["crashes"] >= 3, timeout=5.0)
+        await eventually(lambda: engine.stats().supervised["feed"]["crashes"] >= 3)
 
     crashes = [r.getMessage() for r in records(caplog, "taskwatch.supervisor") if "crashed" in r.getMessage()]
     assert len(crashes) >= 3
@@ -241,7 +241,7 @@ async def test_a_log_handler_that_raises_does_not_stop_a_workers_restarts() -> N
         raise RuntimeError("crash")
 
     async with engine:
-        await eventually(lambda: starts >= 4, timeout=5.0)
+        await eventually(lambda: starts >= 4)
         [info] = engine.workers()
         assert info.crashes >= 3
     assert not stray_tasks()

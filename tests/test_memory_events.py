@@ -127,13 +127,13 @@ async def test_an_engine_started_again_reads_on_and_reports_nothing_missed() -> 
         await a.start()
         await b.start()
         await (await b.submit("hello")).wait()
-        await eventually(lambda: kinds_by_node(relay, "run.succeeded") == ["b"], timeout=5.0)
+        await eventually(lambda: kinds_by_node(relay, "run.succeeded") == ["b"])
         await a.stop(2.0)
         await (await b.submit("hello")).wait()  # while a is stopped: it waits in the stream
-        await eventually(lambda: b_relay.stats().pending == 0, timeout=5.0)
+        await eventually(lambda: b_relay.stats().pending == 0)
         await a.start()
         await (await b.submit("hello")).wait()
-        await eventually(lambda: len(kinds_by_node(relay, "run.succeeded")) >= 3, timeout=5.0)
+        await eventually(lambda: len(kinds_by_node(relay, "run.succeeded")) >= 3)
         assert kinds_by_node(relay, "run.succeeded") == ["b", "b", "b"]
         assert {n.node: n.missed for n in relay.nodes()} == {"a": 0, "b": 0}
     finally:
@@ -166,7 +166,7 @@ async def test_a_run_submitted_on_one_node_and_run_on_another_starts_and_ends_on
     try:
         await submitter.start()
         busy = await submitter.submit("hold")  # the submitter's one slot: the runner takes the rest
-        await eventually(lambda: submitter.get(busy.id).status.value == "running", timeout=5.0)
+        await eventually(lambda: submitter.get(busy.id).status.value == "running")
         await runner.start()
         ok, bad = await submitter.submit("hello"), await submitter.submit("breaks")
         assert [(await h.wait()).status.value for h in (ok, bad)] == ["succeeded", "failed"]

@@ -278,8 +278,8 @@ async def test_slots_missed_while_the_loop_was_held_up_are_counted(options: dict
         await eventually(lambda: info(engine, "tick").last_status == "succeeded")
         assert info(engine, "tick").missed == 0
         jump = 10.5
-        await eventually(lambda: len(fired) >= 2, timeout=5.0)
-        p = await eventually(lambda: (p := info(engine, "tick")).next_due is not None and p, timeout=5.0)
+        await eventually(lambda: len(fired) >= 2)
+        p = await eventually(lambda: (p := info(engine, "tick")).next_due is not None and p)
         assert p.missed == 10
         # fired once for them all, and the next tick is ahead, not in a burst
         assert p.next_due > fired[1] and len(fired) == 2
@@ -294,9 +294,9 @@ async def test_a_long_suspension_under_an_every_second_cron_is_counted_without_s
     async def tick(ctx: TaskContext) -> None: ...
 
     async with engine:
-        await eventually(lambda: info(engine, "tick").runs >= 1, timeout=3.0)
+        await eventually(lambda: info(engine, "tick").runs >= 1)
         jump = 2 * 3600 + 0.5
-        await eventually(lambda: info(engine, "tick").missed > 0, timeout=5.0)
+        await eventually(lambda: info(engine, "tick").missed > 0)
         assert abs(info(engine, "tick").missed - 7200) <= 2
     assert not stray_tasks()
 
@@ -683,7 +683,7 @@ async def test_a_cron_slot_whose_store_write_failed_on_one_node_is_not_fired_aga
         try:
             with caplog.at_level(logging.WARNING, logger="taskwatch.scheduler"):
                 now[0] = slot
-                await eventually(lambda: any("scheduling failed" in r.getMessage() for r in caplog.records), timeout=5)
+                await eventually(lambda: any("scheduling failed" in r.getMessage() for r in caplog.records))
         finally:
             await asyncio.to_thread(other.execute, "ROLLBACK")
             other.close()
@@ -700,7 +700,7 @@ async def test_a_cron_slot_whose_store_write_failed_on_one_node_is_not_fired_aga
         assert len(runs) == 1
         # a tries again a second later: that same slot, which b has fired
         now[0] = slot + 1.5
-        await eventually(lambda: info(a, "hourly").next_due == slot + 3600, timeout=5)
+        await eventually(lambda: info(a, "hourly").next_due == slot + 3600)
         assert len(await stored()) == 1
         assert info(a, "hourly").runs == 0
 
@@ -721,14 +721,14 @@ async def test_a_fixed_rate_grid_stays_put_after_a_store_error(tmp_path: Path, c
         try:
             with caplog.at_level(logging.WARNING, logger="taskwatch.scheduler"):
                 now[0] = slot + 0.2
-                await eventually(lambda: any("scheduling failed" in r.getMessage() for r in caplog.records), timeout=5)
+                await eventually(lambda: any("scheduling failed" in r.getMessage() for r in caplog.records))
         finally:
             await asyncio.to_thread(other.execute, "ROLLBACK")
             other.close()
         now[0] = slot + 2.0
-        await eventually(lambda: info(engine, "hourly").runs == 1, timeout=5)
+        await eventually(lambda: info(engine, "hourly").runs == 1)
         # fired late for its slot, then back on the grid it had
-        await eventually(lambda: info(engine, "hourly").next_due not in (None, slot), timeout=5)
+        await eventually(lambda: info(engine, "hourly").next_due not in (None, slot))
         assert info(engine, "hourly").next_due == slot + 3600
 
 

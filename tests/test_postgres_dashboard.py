@@ -453,7 +453,7 @@ async def test_while_the_database_is_down_enter_shows_the_run_as_read_and_c_and_
             await eventually(lambda: "stale" in header(app), timeout=TIMEOUT)
             assert table.select_run(waiting.id)
             await pilot.press("enter")
-            await eventually(lambda: isinstance(app.screen, RunScreen), timeout=2.0)
+            await eventually(lambda: isinstance(app.screen, RunScreen))
             assert app.screen.run_id == waiting.id  # type: ignore[attr-defined]
             # the notice is a message of its own, handled after the screen was pushed
             await eventually(lambda: said(app, f"the database is unreachable: run {waiting.id} is shown as read"))
@@ -468,8 +468,7 @@ async def test_while_the_database_is_down_enter_shows_the_run_as_read_and_c_and_
             assert not isinstance(app.screen, ConfirmScreen)
             assert table.select_run(cancelled.id)
             await pilot.press("r")
-            await eventually(lambda: said(app, f"cannot retry run {cancelled.id}: the database is unreachable"),
-                             timeout=2.0)  # fmt: skip
+            await eventually(lambda: said(app, f"cannot retry run {cancelled.id}: the database is unreachable"))  # fmt: skip
         finally:
             await asyncio.to_thread(postgres_server.start)
         await eventually(lambda: "stale" not in header(app), timeout=TIMEOUT)

@@ -132,14 +132,14 @@ async def test_a_database_that_starts_refusing_is_shown_in_the_backend_and_logge
         await engine.start()
         await eventually(lambda: contexts, timeout=10.0)
         postgres_server.sql(f"ALTER ROLE {role} NOLOGIN")
-        await eventually(lambda: not engine.leadership().is_leader, timeout=5.0)
+        await eventually(lambda: not engine.leadership().is_leader)
         await eventually(lambda: lease.refusals >= 6, timeout=10.0)
         backend = engine.leadership().backend or ""
         assert "refused: InvalidAuthorizationSpecificationError" in backend and "unreachable" not in backend
         assert len(refusals()) == 1, refusals()
 
         postgres_server.sql(f"ALTER ROLE {role} LOGIN")
-        await eventually(lambda: engine.leadership().is_leader, timeout=5.0)
+        await eventually(lambda: engine.leadership().is_leader)
         assert "refused" not in (engine.leadership().backend or "")
     finally:
         await engine.stop(2.0)
@@ -278,7 +278,7 @@ async def test_a_silent_database_counts_as_unreachable_until_it_answers(
             await engine.start()
             assert engine.leadership().is_leader
             proxy.silent = True  # nothing gets through, nobody is told
-            await eventually(lambda: not engine.leadership().is_leader, timeout=5.0)
+            await eventually(lambda: not engine.leadership().is_leader)
             # the elector gives up on each operation before any driver timeout would: the
             # lease counts those, says so in leadership().backend and backs off
             await eventually(silent_for_a_while, timeout=10.0)

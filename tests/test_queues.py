@@ -67,7 +67,7 @@ async def test_concurrency_limits_jobs_in_flight() -> None:
     async with engine:
         for n in range(7):
             await queue.put({"n": n})
-        await eventually(lambda: queue.in_flight == 3, timeout=1.0)
+        await eventually(lambda: queue.in_flight == 3)
         assert queue.depth == 4
         assert engine.queues()[0].in_flight == 3
         release.set()
@@ -111,7 +111,7 @@ async def test_a_full_queue_raises_queue_full_and_counts_it() -> None:
     queue = engine.queue("small", handler, concurrency=1, maxsize=2)
     async with engine:
         queue.put_nowait({"n": 0})
-        await eventually(lambda: queue.in_flight == 1, timeout=1.0)
+        await eventually(lambda: queue.in_flight == 1)
         queue.put_nowait({"n": 1})
         queue.put_nowait({"n": 2})
         with pytest.raises(QueueFull, match="small"):
@@ -141,7 +141,7 @@ async def test_put_with_a_timeout_gives_up_with_queue_full() -> None:
     queue = engine.queue("stuck", handler, maxsize=1)
     async with engine:
         queue.put_nowait({"n": 0})
-        await eventually(lambda: queue.in_flight == 1, timeout=1.0)
+        await eventually(lambda: queue.in_flight == 1)
         queue.put_nowait({"n": 1})
         with pytest.raises(QueueFull):
             await queue.put({"n": 2}, timeout=0.02)
@@ -258,7 +258,7 @@ async def test_stop_timeout_reports_what_was_left_undone() -> None:
     await engine.start()
     for n in range(3):
         queue.put_nowait({"n": n})
-    await eventually(lambda: queue.in_flight == 1, timeout=1.0)
+    await eventually(lambda: queue.in_flight == 1)
     joining = asyncio.ensure_future(queue.join())
     await engine.stop(timeout=0.05)
     # the job in flight was cancelled and awaited; it and the two queued ones are reported

@@ -239,20 +239,20 @@ async def test_a_batch_redis_ran_after_a_stall_past_the_write_timeout_is_read_on
     try:
         await relay.start()
         bus.emit(RunSubmitted, run_id="r1", task="t")
-        await eventually(lambda: submitted(relay) == ["r1"], timeout=5.0)
+        await eventually(lambda: submitted(relay) == ["r1"])
 
         redis_server.proc.send_signal(signal.SIGSTOP)
         try:
             bus.emit(RunSubmitted, run_id="r2", task="t")
             # the batch reached Redis, its answer did not come in time: it is sent again
-            await eventually(lambda: "publishing events to" in caplog.text, timeout=5.0)
+            await eventually(lambda: "publishing events to" in caplog.text)
         finally:
             redis_server.proc.send_signal(signal.SIGCONT)
         # Redis ran the first copy when it woke, and a later one: r2 is in the stream twice
-        await eventually(lambda: relay.stats().pending == 0, timeout=5.0)
+        await eventually(lambda: relay.stats().pending == 0)
         assert await raw.xlen(stream) >= 3
         bus.emit(RunSubmitted, run_id="r3", task="t")
-        await eventually(lambda: "r3" in submitted(relay), timeout=5.0)
+        await eventually(lambda: "r3" in submitted(relay))
 
         # ... and every reader sees it once: not a second time as if the node had restarted
         assert submitted(relay) == ["r1", "r2", "r3"]

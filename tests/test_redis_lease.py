@@ -279,12 +279,12 @@ async def test_a_redis_that_starts_refusing_is_shown_in_the_backend_and_logged_o
 
     try:
         await engine.start()
-        await eventually(lambda: contexts, timeout=5.0)
+        await eventually(lambda: contexts)
         # the lease's connections were made without a password: the next one is refused
         await raw.config_set("requirepass", "now-needed")
         await raw.client_kill_filter(_type="normal", skipme=True)
 
-        await eventually(lambda: rec.of("lease.lost"), timeout=5.0)
+        await eventually(lambda: rec.of("lease.lost"))
         await eventually(lambda: lease.refusals >= 6, timeout=10.0)
         backend = engine.leadership().backend or ""
         assert "refused: AuthenticationError" in backend and "unreachable" not in backend
@@ -292,7 +292,7 @@ async def test_a_redis_that_starts_refusing_is_shown_in_the_backend_and_logged_o
         assert engine.workers()[0].state == "waiting_for_leadership"
 
         await raw.config_set("requirepass", "")
-        await eventually(lambda: engine.leadership().is_leader, timeout=5.0)
+        await eventually(lambda: engine.leadership().is_leader)
         assert "refused" not in (engine.leadership().backend or "")
     finally:
         await engine.stop(2.0)
@@ -389,7 +389,7 @@ async def test_ensure_leader_asks_redis_at_that_moment(redis_server: RedisServer
     rec = Recorder(engine)
     try:
         await engine.start()
-        await eventually(lambda: contexts, timeout=5.0)
+        await eventually(lambda: contexts)
         probe = TaskContext(engine, None, "probe")
         term = await probe.ensure_leader()
         assert term == engine.leadership().term
@@ -404,11 +404,11 @@ async def test_ensure_leader_asks_redis_at_that_moment(redis_server: RedisServer
 
         # the node steps down at once: its leader-only worker is stopped, not crashed
         assert rec.of("lease.lost")
-        await eventually(lambda: rec.of("worker.stopped"), timeout=5.0)
+        await eventually(lambda: rec.of("worker.stopped"))
         assert [e.reason for e in rec.of("worker.stopped")] == ["leadership_lost"]
         assert not rec.of("worker.crashed")
         await raw.delete(KEY)
-        await eventually(lambda: engine.leadership().is_leader, timeout=5.0)
+        await eventually(lambda: engine.leadership().is_leader)
         assert engine.leadership().term > term + 7
     finally:
         await engine.stop(2.0)
@@ -430,7 +430,7 @@ async def test_leader_change_events_carry_old_and_new_holder_and_term(redis_serv
 
         (released,) = rec_a.of("lease.released")
         assert (released.previous_holder, released.previous_term, released.holder) == ("a", 1, None)
-        await eventually(lambda: rec_b.of("lease.acquired"), timeout=5.0)
+        await eventually(lambda: rec_b.of("lease.acquired"))
         (acquired_b,) = rec_b.of("lease.acquired")
         assert (acquired_b.holder, acquired_b.term) == ("b", 2)
         assert (acquired_b.previous_holder, acquired_b.previous_term) == ("a", 1)
@@ -450,13 +450,13 @@ async def test_redis_going_away_makes_the_leader_step_down_and_come_back(
     rec = Recorder(engine)
     try:
         await engine.start()
-        await eventually(lambda: contexts, timeout=5.0)
+        await eventually(lambda: contexts)
         first_term = engine.leadership().term
 
         server.stop()
 
-        await eventually(lambda: rec.of("lease.lost"), timeout=5.0)
-        await eventually(lambda: rec.of("worker.stopped"), timeout=5.0)
+        await eventually(lambda: rec.of("lease.lost"))
+        await eventually(lambda: rec.of("worker.stopped"))
         assert engine.workers()[0].state == "waiting_for_leadership"
         with pytest.raises(NotLeader):
             await TaskContext(engine, None, "probe").ensure_leader()
@@ -464,7 +464,7 @@ async def test_redis_going_away_makes_the_leader_step_down_and_come_back(
         server.start()
 
         await eventually(lambda: engine.leadership().is_leader, timeout=10.0)
-        await eventually(lambda: len(contexts) == 2, timeout=5.0)
+        await eventually(lambda: len(contexts) == 2)
         assert engine.leadership().term > first_term
         assert lease.failures >= 1 and lease.reconnects >= 1
         assert not rec.of("worker.crashed")
@@ -490,12 +490,12 @@ async def test_a_hung_redis_counts_as_unreachable_until_it_answers_and_gets_no_s
 
     try:
         await engine.start()
-        await eventually(lambda: contexts, timeout=5.0)
+        await eventually(lambda: contexts)
         first_term = engine.leadership().term
 
         redis_server.proc.send_signal(signal.SIGSTOP)  # accepts connections, answers nothing
         try:
-            await eventually(lambda: rec.of("lease.lost"), timeout=5.0)
+            await eventually(lambda: rec.of("lease.lost"))
             # the elector gives up on each call before redis-py's socket timeout would: the
             # lease counts those as failures and backs off, as it does for a refused connection
             await eventually(hung_for_a_while, timeout=10.0)
@@ -531,7 +531,7 @@ async def test_a_password_in_the_url_query_is_never_shown(redis_server: RedisSer
         assert all("password=***" in text and "s3cret" not in text for text in shown), shown
 
         redis_server.stop()
-        await eventually(lambda: lease.failures > 0 and not engine.leadership().is_leader, timeout=5.0)
+        await eventually(lambda: lease.failures > 0 and not engine.leadership().is_leader)
         with pytest.raises(LeaseUnavailable) as info:
             await lease.holder()
         assert "s3cret" not in str(info.value) and "s3cret" not in (engine.leadership().backend or "")

@@ -120,7 +120,7 @@ async def test_a_cron_task_started_in_the_repeated_hour_plans_its_next_tick_ahea
         return None
 
     async with engine:
-        first = await eventually(lambda: engine.runs(task="minutely", limit=None), timeout=5)
+        first = await eventually(lambda: engine.runs(task="minutely", limit=None))
         assert first[0].created_at >= start + 0.5 - 0.05
         # the following tick is a minute on (a slot in the past would fire again at once)
         assert info(engine, "minutely").next_due == start + 60.5
@@ -211,7 +211,7 @@ async def test_unmet_needs_register_the_task_disabled_with_a_reason() -> None:
         assert info(engine, "needs_redis").next_due is None
         assert info(engine, "needs_flag").reason == "flag kg_extraction is off"
         # the enabled one keeps running while the disabled ones never do
-        await eventually(lambda: calls.count("witness") >= 3, timeout=1.0)
+        await eventually(lambda: calls.count("witness") >= 3)
         assert "redis" not in calls and "flag" not in calls
         assert engine.runs(task="needs_redis") == []
     finally:
@@ -229,7 +229,7 @@ async def test_resources_are_passed_by_name_and_runs_go_through_the_engine() -> 
         seen.append(redis)
 
     async with engine:
-        await eventually(lambda: info(engine, "scheduled_prompt_tick").last_status == "succeeded", timeout=1.0)
+        await eventually(lambda: info(engine, "scheduled_prompt_tick").last_status == "succeeded")
         assert seen == [client]
         [run] = engine.runs(task="scheduled_prompt_tick")
         assert run.source == "periodic:scheduled_prompt_tick"
@@ -299,7 +299,7 @@ async def test_a_periodic_task_added_while_running_starts_at_once() -> None:
         @engine.periodic(every=60.0)
         async def late(ctx: TaskContext) -> None: ...
 
-        await eventually(lambda: info(engine, "late").runs == 1, timeout=1.0)
+        await eventually(lambda: info(engine, "late").runs == 1)
         assert [e.name for e in rec.of("periodic.registered")] == ["late"]
     assert not stray_tasks()
 
@@ -320,7 +320,7 @@ async def test_a_slow_run_is_not_overlapped_and_skipped_ticks_are_counted() -> N
 
     rec = Recorder(engine, ("periodic.skipped",))
     async with engine:
-        await eventually(lambda: info(engine, "slow").skipped >= 3, timeout=1.0)
+        await eventually(lambda: info(engine, "slow").skipped >= 3)
         p = info(engine, "slow")
         assert started == 1 and p.runs == 1
         assert p.running_run_id is not None
@@ -330,7 +330,7 @@ async def test_a_slow_run_is_not_overlapped_and_skipped_ticks_are_counted() -> N
         assert {e.running_run_id for e in skipped} == {p.running_run_id}
         assert [e.skipped_total for e in skipped[:3]] == [1, 2, 3]
         release.set()
-        await eventually(lambda: info(engine, "slow").runs >= 2, timeout=1.0)
+        await eventually(lambda: info(engine, "slow").runs >= 2)
     assert not stray_tasks()
 
 
@@ -343,10 +343,10 @@ async def test_end_based_interval_waits_for_the_run_to_end() -> None:
         await release.wait()
 
     async with engine:
-        await eventually(lambda: info(engine, "slow").running_run_id is not None, timeout=1.0)
+        await eventually(lambda: info(engine, "slow").running_run_id is not None)
         assert info(engine, "slow").next_due is None  # unknown until the run ends
         release.set()
-        await eventually(lambda: info(engine, "slow").next_due is not None, timeout=1.0)
+        await eventually(lambda: info(engine, "slow").next_due is not None)
         [run] = engine.runs(task="slow")
         assert run.finished_at is not None
         assert info(engine, "slow").next_due == run.finished_at + 30.0
@@ -365,8 +365,8 @@ async def test_a_failing_run_does_not_stop_later_runs_and_is_counted() -> None:
             raise RuntimeError(f"boom {calls}")
 
     async with engine:
-        await eventually(lambda: info(engine, "flaky").runs >= 4, timeout=1.0)
-        await eventually(lambda: info(engine, "flaky").last_status == "succeeded", timeout=1.0)
+        await eventually(lambda: info(engine, "flaky").runs >= 4)
+        await eventually(lambda: info(engine, "flaky").last_status == "succeeded")
         p = info(engine, "flaky")
         assert p.failures == 2
         failed = engine.runs(RunStatus.FAILED, task="flaky")
@@ -389,14 +389,14 @@ async def test_pause_and_resume_with_events() -> None:
 
     rec = Recorder(engine, ("periodic.paused", "periodic.resumed"))
     async with engine:
-        await eventually(lambda: counts["paused"] >= 1, timeout=1.0)
+        await eventually(lambda: counts["paused"] >= 1)
         p = engine.pause_periodic("paused")
         assert p.paused and p.next_due is None
         assert [e.name for e in rec.of("periodic.paused")] == ["paused"]
         before = counts["paused"]
         # the witness ticks at the same rate: several of its runs without one of ours
         witness = counts["witness"]
-        await eventually(lambda: counts["witness"] >= witness + 4, timeout=1.0)
+        await eventually(lambda: counts["witness"] >= witness + 4)
         assert counts["paused"] == before
         assert info(engine, "paused").next_due is None
         # pausing twice is harmless and says nothing more
@@ -407,7 +407,7 @@ async def test_pause_and_resume_with_events() -> None:
         assert not p.paused and p.next_due is not None
         [resumed] = rec.of("periodic.resumed")
         assert resumed.name == "paused" and resumed.next_due == p.next_due
-        await eventually(lambda: counts["paused"] > before, timeout=1.0)
+        await eventually(lambda: counts["paused"] > before)
 
         with pytest.raises(UnknownPeriodic, match="paused, witness"):
             engine.pause_periodic("nope")
@@ -435,7 +435,7 @@ async def test_stop_cancels_every_loop_and_leaves_no_task_behind() -> None:
     assert all(p.next_due is None for p in engine.schedule())
     [run] = engine.runs(task="forever")
     assert run.status is RunStatus.CANCELLED
-    await eventually(lambda: info(engine, "forever").last_status == "cancelled", timeout=1.0)
+    await eventually(lambda: info(engine, "forever").last_status == "cancelled")
 
 
 async def test_due_times_follow_the_engine_clock() -> None:
@@ -474,18 +474,18 @@ async def test_a_tick_refused_by_a_full_queue_waits_an_interval_and_the_task_run
 
     rec = Recorder(engine, ("periodic.skipped",))
     async with engine:
-        await eventually(lambda: info(engine, "tick").runs >= 1, timeout=2.0)
-        await eventually(lambda: info(engine, "tick").running_run_id is None, timeout=2.0)
+        await eventually(lambda: info(engine, "tick").runs >= 1)
+        await eventually(lambda: info(engine, "tick").running_run_id is None)
         await engine.submit("block")
-        await eventually(lambda: engine.stats().by_status["running"] == 1, timeout=2.0)
+        await eventually(lambda: engine.stats().by_status["running"] == 1)
         await engine.submit("block")  # the queue's one place is taken
-        await eventually(lambda: len(rec.of("periodic.skipped")) >= 3, timeout=3.0)
+        await eventually(lambda: len(rec.of("periodic.skipped")) >= 3)
         runs = info(engine, "tick").runs
         skipped = rec.of("periodic.skipped")
         gaps = [b.ts - a.ts for a, b in zip(skipped, skipped[1:])]
         assert min(gaps) >= every / 2, f"refused ticks came back at once: {gaps}"
         release.set()
-        await eventually(lambda: info(engine, "tick").runs >= runs + 2, timeout=3.0)
+        await eventually(lambda: info(engine, "tick").runs >= runs + 2)
     assert not stray_tasks()
 
 
@@ -505,7 +505,7 @@ async def test_a_fixed_rate_tick_that_fired_late_does_not_fire_again_at_once() -
         # hold the event loop up past several slots: the next tick fires late, once
         time.sleep(3 * every)
         held = len(fired)
-        await eventually(lambda: len(fired) >= held + 2, timeout=3.0)
+        await eventually(lambda: len(fired) >= held + 2)
         late, following = fired[held], fired[held + 1]
         assert following - late >= every / 4, "a late tick fired twice in a burst"
     assert not stray_tasks()
@@ -577,11 +577,11 @@ async def test_a_node_without_a_periodic_tasks_resource_leaves_its_runs_to_a_nod
     try:
         # the only node with the resource is busy when the periodic run comes due
         busy = await has.submit("hold")
-        await eventually(lambda: has.get(busy.id).status is RunStatus.RUNNING, timeout=5.0)
+        await eventually(lambda: has.get(busy.id).status is RunStatus.RUNNING)
         await lacks.start()
         assert info(lacks, "digest").reason == "missing resource: redis"
         has.resume_periodic("digest")
-        due = await eventually(lambda: has.runs(task="digest", limit=1), timeout=5.0)
+        due = await eventually(lambda: has.runs(task="digest", limit=1))
         digest_id = due[0].id
         # the other node claims oldest first: the due digest run comes before this one
         later = await lacks.submit("where")

@@ -610,7 +610,7 @@ async def test_notifies_from_threads_while_a_durable_start_loads_are_all_counted
     threading.Thread(target=run).start()
     async with engine:
         await eventually(done.is_set, timeout=30)
-        await eventually(lambda: counts(compile) == {"k": 81_000}, timeout=5)
+        await eventually(lambda: counts(compile) == {"k": 81_000})
     again = make_engine(store=url, node_id="n1")
     later = again.trigger("compile", nothing, size_threshold=10**12)
     async with again:

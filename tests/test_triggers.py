@@ -102,7 +102,7 @@ async def test_a_key_already_queued_or_running_is_not_queued_twice_and_notifies_
             compile.notify("k")
         fired = key_state(compile, "k")
         assert fired.queued or fired.running  # fired at once
-        await eventually(lambda: ran == ["k"] and key_state(compile, "k").running, timeout=1.0)
+        await eventually(lambda: ran == ["k"] and key_state(compile, "k").running)
         for _ in range(7):  # past the threshold again, while the run goes on
             compile.notify("k")
         assert len(rec.of("trigger.fired")) == 1
@@ -224,7 +224,7 @@ async def test_the_sweep_loop_checks_staleness_by_itself() -> None:
     async with engine:
         compile.notify("k")
         clock.now += 61
-        await eventually(lambda: rec.of("trigger.fired"), timeout=1.0)
+        await eventually(lambda: rec.of("trigger.fired"))
         assert rec.of("trigger.fired")[0].reason == "staleness"
     assert not stray_tasks()
 
@@ -251,7 +251,7 @@ async def test_counts_before_start_fire_once_the_engine_runs() -> None:
     compile.notify("k", n=2)
     assert compile.state().fired == 0
     async with engine:
-        await eventually(lambda: compile.state().fired == 1, timeout=1.0)
+        await eventually(lambda: compile.state().fired == 1)
         await asyncio.wait_for(compile.drain(), 1.0)
     assert ran == ["k"]
 
@@ -271,7 +271,7 @@ async def test_notify_from_another_thread() -> None:
 
     async with engine:
         await asyncio.to_thread(produce)
-        await eventually(lambda: compile.state().fired == 1, timeout=1.0)
+        await eventually(lambda: compile.state().fired == 1)
         await asyncio.wait_for(compile.drain(), 1.0)
     assert ran == ["k"]
     assert not stray_tasks()
@@ -288,7 +288,7 @@ async def test_pending_fires_cancelled_by_shutdown_keep_their_count() -> None:
     await engine.start()
     compile.notify("a")
     compile.notify("b")  # waits for the single slot
-    await eventually(lambda: key_state(compile, "a").running, timeout=1.0)
+    await eventually(lambda: key_state(compile, "a").running)
     await engine.stop(timeout=0.05)
     assert not stray_tasks()
     # neither did its work: both keep their counts for the next start
@@ -426,13 +426,13 @@ async def test_a_key_refused_by_a_full_queue_runs_once_the_queue_has_room() -> N
     compile = engine.trigger("compile", run_compile, size_threshold=2)
     async with engine:
         await engine.submit("block")
-        await eventually(lambda: engine.stats().by_status["running"] == 1, timeout=2.0)
+        await eventually(lambda: engine.stats().by_status["running"] == 1)
         await engine.submit("block")  # the queue's one place is taken
         compile.notify("bank-1", n=2)
         assert compile.state().rejected == 1
         assert key_state(compile, "bank-1").count == 2 and not key_state(compile, "bank-1").queued
         release.set()
-        await eventually(lambda: ran == ["bank-1"], timeout=5.0)
+        await eventually(lambda: ran == ["bank-1"])
         assert key_state(compile, "bank-1").count == 0
     assert not stray_tasks()
 
