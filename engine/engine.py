@@ -45,7 +45,6 @@ from .errors import (
     RunNotCancellable,
     RunNotFound,
     RunNotRetryable,
-    TaskDefinitionError,
     UnknownQueue,
     UnknownTask,
     UnknownTrigger,
@@ -101,7 +100,7 @@ from .store import (
 )
 from .store.base import gone_incarnations, new_run_id
 from .supervisor import Supervisor, WorkerInfo
-from .tasks import TaskFn, TaskInfo, TaskSpec, params_model_of
+from .tasks import TaskFn, TaskInfo, TaskSpec, params_model_of, registered_name
 from .triggers import Trigger, TriggerFire, TriggerState
 from .trusted import float_clock
 from .version import __version__
@@ -465,9 +464,7 @@ class Engine:
         resources: tuple[str, ...] = (),
         on_lost: Literal["retry", "fail"] = "retry",
     ) -> TaskSpec:
-        task_name = getattr(fn, "__name__", None) if name is None else name
-        if task_name is None:
-            raise TaskDefinitionError(f"{fn!r} has no __name__ (a functools.partial, say): give the {kind} a name=")
+        task_name = registered_name(fn, name, kind)
         if (problem := name_problem("name", task_name)) is not None:
             raise InvalidConfiguration(f"{kind} {task_name!r}", [problem])
         if task_name in self._tasks:
@@ -1268,7 +1265,11 @@ class Engine:
         return RunHandle(self, run.id, run), True
 
     async def retry(self, run_id: str) -> RunHandle:
-        """Submit a new run of a failed or cancelled run's task with the same params."""
+        """Submit a new run of a failed or cancelled run's task with the same params and key.
+
+        The key keeps its meaning: while a run of the task with that key is pending
+        (submitted since), its handle is returned instead of queueing a second one.
+        """
         if self._state == "running":
             # before the run is read: a durable store's read is a future of the engine's loop
             self._require_loop_thread("retry")
@@ -1281,7 +1282,7 @@ class Engine:
                 run_id, old.status.value, f"it belongs to the {spec.kind} {spec.name!r}, which runs it again itself"
                 + (f"; to run it now, use run_periodic({spec.name!r})" if spec.kind == "periodic" else ""),
             )
-        handle = await self._submit(self._prepare(old.task, old.params, None, f"retry:{run_id}", method="retry"))
+        handle = await self._submit(self._prepare(old.task, old.params, old.key, f"retry:{run_id}", method="retry"))
         if self._inline:
             await handle.wait()
         return handle

@@ -490,9 +490,25 @@ class IncompatibleVersion(ProtocolError):
 
 
 class AuthenticationFailed(TaskwatchError, PermissionError):
-    """A control connection presented a missing or wrong token; it was disconnected."""
+    """A control connection presented a missing or wrong token; it was disconnected.
 
-    def __init__(self, message: str = "authentication failed: missing or wrong token") -> None:
+    ``token_given`` (when known) says which: the message then names it. Either way the
+    message says where the engine's token goes.
+    """
+
+    def __init__(self, message: str | None = None, *, token_given: bool | None = None) -> None:
+        if message is None:
+            if token_given is None:
+                what = "missing or wrong token"
+            elif token_given:
+                what = "the token given is not this engine's"
+            else:
+                what = "no token was given, and this engine requires one"
+            message = (
+                f"authentication failed: {what}. Pass the token the engine was served with (its "
+                "token=, or the server's .token if generated): RemoteEngine(address, token=...), or "
+                "$TASKWATCH_TOKEN or --token-file PATH for taskwatch attach"
+            )
         super().__init__(message)
 
 

@@ -168,7 +168,8 @@ class ServerOptions(_Options):
 
 class RemoteOptions(_Options):
     # no engine sends lines shorter than 32 of its values, and max_value is at least 1 KiB:
-    # a client refusing longer lines could never read a first snapshot
+    # a client refusing longer lines could never read a first snapshot. The floor of the engine
+    # connected to (512 KiB with the default max_value) is checked by connect(), once known
     max_message: Annotated[int, BeforeValidator(_not_bool), Field(ge=32 * 1024, strict=True)]
     buffer: AtLeastOne
     timeout: PeerSeconds

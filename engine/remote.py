@@ -44,6 +44,7 @@ import contextlib
 import itertools
 import os
 import socket
+import stat
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, TypeVar
@@ -184,6 +185,23 @@ def params_for_wire(task: str, params: object) -> dict[str, Any] | None:
     return data  # type: ignore[no-any-return]
 
 
+def _not_a_socket(path: str) -> str | None:
+    """What is at ``path`` ("a directory", "a regular file"...) if it is there and no socket, else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # gone, or not ours to look at: the error connecting says enough
+    if stat.S_ISSOCK(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    return "a device or other special file"
+
+
 def _says_welcome(line: bytes) -> bool:
     """Whether ``line`` is a JSON object of type ``welcome`` (another taskwatch's, if not one we read)."""
     try:
@@ -211,7 +229,10 @@ class RemoteEngine:
     max_message:
         Longest server line accepted, in bytes (snapshots can be large), at
         least 32 KiB. Sent in the hello: the server keeps its lines within it,
-        down to a floor of its own (512 KiB by default).
+        down to a floor of its own, 32 times its ``max_value`` (512 KiB by
+        default). ``connect()`` raises
+        :class:`~taskwatch.engine.errors.MessageTooLarge` naming that floor
+        when ``max_message`` is below it, so every line it may send can be read.
     buffer:
         Events buffered locally; beyond it new events are dropped, counted in
         :attr:`dropped`, and announced by a ``bus.dropped`` event.
@@ -280,7 +301,7 @@ class RemoteEngine:
         #: events the engine dropped for this connection, as its notices kept here announced
         #: (a notice dropped here is counted by the buffer, with the events it stood for)
         self._announced = 0
-        #: an error line with no id: the engine saying why it ends the connection
+        #: a ConnectionClosed error line with no id: the engine saying why it ends the connection
         self._parting: TaskwatchError | None = None
         self._ready = asyncio.Event()
         self._watermark = 0
@@ -363,6 +384,10 @@ class RemoteEngine:
                         first = await self._expect(reader, SnapshotMessage)
                     except MessageTooLarge as exc:
                         raise self._first_too_large(exc, welcome.max_send) from None
+                    if welcome.max_send > self.max_message:
+                        # the engine's floor is above what this client asked for: a longer reply
+                        # or event would come one day and end the connection, get() included
+                        raise self._below_floor(welcome.max_send)
             except TaskwatchError:
                 raise
             except OSError as exc:  # TimeoutError too
@@ -424,6 +449,18 @@ class RemoteEngine:
         )
         return exc
 
+    def _below_floor(self, max_send: int) -> MessageTooLarge:
+        """The engine's lines may be longer than this client's ``max_message``: say which value would do."""
+        exc = MessageTooLarge(max_send, self.max_message)
+        exc.args = (
+            f"the engine at {self.address} sends lines of up to {max_send} bytes, over this "
+            f"RemoteEngine's max_message of {self.max_message}: an engine keeps to shorter lines "
+            "only down to 32 times its max_value (512 KiB by default), and a reply or event longer "
+            "than max_message could not be read and would end the connection. Pass "
+            f"max_message={max_send} or more (or serve the engine with a smaller max_value)",
+        )
+        return exc
+
     def _unreachable(self, exc: OSError, opened: bool) -> EngineUnreachable:
         """``connect``'s error for ``exc``: what failed, in words, and what to check."""
         target = self._target
@@ -454,6 +491,15 @@ class RemoteEngine:
         # a name lookup's error numbers (negative) are not the system's
         why = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else str(exc) or type(exc).__name__
         if isinstance(target, UnixAddress):
+            other = None if isinstance(exc, FileNotFoundError) else _not_a_socket(target.path)
+            if other is not None:
+                # connecting to a file that is no socket is refused too: not an engine that stopped
+                return EngineUnreachable(
+                    self.address,
+                    f"{target.path} is {other}, not a socket ({why})",
+                    "Give the path of the engine's socket: the engine prints the address it serves at "
+                    "(by default a socket file under the user's runtime directory)",
+                )
             if isinstance(exc, FileNotFoundError):
                 reason = f"there is no socket file at {target.path} ({why})"
             elif isinstance(exc, ConnectionRefusedError):
@@ -598,8 +644,12 @@ class RemoteEngine:
         if isinstance(msg, EventMessage):
             self._offer(msg.event)
         elif isinstance(msg, ErrorReply) and msg.id is None:
-            # answers no command: the engine says why it is about to close the connection
-            self._parting = error_from_reply(msg)
+            # answers no command. The engine's parting words are a ConnectionClosed (its last
+            # line); any other is about a line it could not tell the id of (too long, say),
+            # and the connection goes on: taken for parting words, it would be named as the
+            # reason whenever the connection ended later, for whatever reason
+            if msg.error_type == ConnectionClosed.__name__:
+                self._parting = error_from_reply(msg)
         elif isinstance(msg, OkReply | ErrorReply):
             fut = self._pending.pop(msg.id, None) if isinstance(msg.id, int) else None
             if fut is not None and not fut.done():

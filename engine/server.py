@@ -48,7 +48,10 @@ without bound:
 Bad input -- malformed JSON, unknown commands, lines over ``max_message`` --
 gets an error reply and is counted in :meth:`ControlServer.stats`; after the
 hello the connection keeps working (an oversized line is read and discarded up
-to its newline, never buffered).
+to its newline, never buffered). The reply carries the line's ``id`` where one
+can be found, even in a line the JSON reader refuses (nested too deep, an
+integer too long: see :func:`~taskwatch.engine.wire.peek_id`), so that the
+client learns at once which of its commands failed.
 """
 
 from __future__ import annotations
@@ -1489,7 +1492,7 @@ class _Connection:
             raise _Refused(None, IncompatibleVersion(PROTOCOL_VERSION, msg.version))
         if not server.token_ok(msg.token):
             server.refuse_token(self._peer())
-            raise _Refused(None, AuthenticationFailed())
+            raise _Refused(None, AuthenticationFailed(token_given=msg.token is not None))
         if not server._admit(self):
             raise _Refused(None, TooManyConnections(server.max_connections))
         if msg.max_message is not None:

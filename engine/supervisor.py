@@ -40,7 +40,6 @@ from .errors import (
     EngineNotRunning,
     InvalidConfiguration,
     NotLeader,
-    TaskDefinitionError,
     UnknownWorker,
     WorkerNotLeading,
 )
@@ -50,7 +49,7 @@ from .hop import call_blocking, cancel_and_wait, spawn
 from .jsonsafe import name_problem
 from .options import WorkerOptions, check_options
 from .runs import RunError
-from .tasks import check_worker_fn
+from .tasks import check_worker_fn, registered_name
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -174,10 +173,7 @@ class Supervisor:
         no trace. Callable from any thread: on an engine running on another
         thread's loop (``start_background``) the worker is added, and started, there.
         """
-        worker_name = getattr(fn, "__name__", None) if name is None else name
-        if worker_name is None:
-            # as for a task: a repr (with its memory address) would name it differently on every run
-            raise TaskDefinitionError(f"{fn!r} has no __name__ (a functools.partial, say): give the worker a name=")
+        worker_name = registered_name(fn, name, "worker")
         where = f"supervised worker {worker_name!r}"
         check_worker_fn(fn, worker_name)
         problems: list[str] = []

@@ -113,6 +113,36 @@ class TaskSpec:
         )
 
 
+#: how each kind's options are written, for the error an option given by position gets
+_OPTIONS_BY_KEYWORD = {
+    "task": "@engine.task(retries=3)",
+    "periodic task": "@engine.periodic(every=60)",
+    "worker": "@engine.supervised(name='indexer')",
+}
+
+
+def registered_name(fn: object, name: str | None, kind: str) -> str:
+    """The name ``fn`` registers under as a ``kind``: ``name``, else its ``__name__``.
+
+    Raises :class:`TaskDefinitionError` for something that is no function (an
+    option given by position, as in ``@engine.periodic(60)``), and for one with
+    no ``__name__`` and no ``name``: a repr, with its memory address, would name
+    it differently on every node and at every restart.
+    """
+    if not callable(fn):
+        example = _OPTIONS_BY_KEYWORD.get(kind)
+        raise TaskDefinitionError(
+            f"{reprlib.repr(fn)} is not a function: a {kind} is registered on an `async def` "
+            "function, and its options are keywords" + (f", as in {example}" if example else "")
+        )
+    if name is not None:
+        return name
+    own = getattr(fn, "__name__", None)
+    if own is None:
+        raise TaskDefinitionError(f"{fn!r} has no __name__ (a functools.partial, say): give the {kind} a name=")
+    return str(own)
+
+
 def _params_schema(task: str, model: type[BaseModel] | None) -> dict[str, Any]:
     """JSON schema of a task's params model (an empty object's when it takes none).
 

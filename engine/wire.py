@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -247,7 +249,9 @@ class OkReply(WireMessage):
 
 class ErrorReply(WireMessage):
     type: Literal["error"] = "error"
-    #: the failed command's id; null when the line had no readable id (or before hello)
+    #: the failed command's id; null when the line had no readable id (or before hello).
+    #: A ``ConnectionClosed`` error with a null id is the server's last line: why it ends the
+    #: connection; any other with a null id answers a line it could not tell the id of
     id: MessageId | None = None
     #: the TaskwatchError class name, e.g. ``InvalidParams``
     error_type: str
@@ -330,6 +334,10 @@ def _classify(exc: ValidationError) -> ProtocolError:
             f"unknown message type {_clip(str(ctx.get('tag')))!r}; "
             f"expected one of {ctx.get('expected_tags', '')}"
         )
+    if first.get("type") == "json_invalid":
+        unreadable = _unreadable((first.get("ctx") or {}).get("error"))
+        if unreadable is not None:
+            return MalformedMessage(unreadable)
     parts = []
     for err in errors[:3]:
         loc = ".".join(str(p) for p in err.get("loc", ())) or "(message)"
@@ -338,25 +346,186 @@ def _classify(exc: ValidationError) -> ProtocolError:
     return MalformedMessage("malformed message: " + "; ".join(parts) + more)
 
 
+#: what pydantic_core's JSON reader takes, and refuses beyond: nesting, and an integer's digits
+JSON_MAX_DEPTH = 200
+JSON_MAX_INT_DIGITS = 4300
+
+_READER_AT = re.compile(r"at line (\d+) column (\d+)$")
+
+
+def _unreadable(error: object) -> str | None:
+    """Words for a line the JSON reader stopped at because of one of its own limits (the
+    line may be valid JSON), or None for another reason: its own message says that well."""
+    if not isinstance(error, str):
+        return None
+    at = _READER_AT.search(error)
+    where = f" (it stopped at column {at.group(2)})" if at and at.group(1) == "1" else ""
+    if error.startswith("recursion limit exceeded"):
+        return (
+            f"unreadable message: its JSON nests arrays and objects more than {JSON_MAX_DEPTH} levels "
+            f"deep, more than the JSON reader takes{where}, so nothing in it was read (values must "
+            "be nested less deeply)"
+        )
+    if error.startswith("number out of range"):
+        return (
+            f"unreadable message: it holds an integer of more than {JSON_MAX_INT_DIGITS} digits, more "
+            f"than the JSON reader takes{where}, so nothing in it was read (so long a number must "
+            "travel as a string)"
+        )
+    return None
+
+
 def _clip(text: str, limit: int = 120) -> str:
     # error replies echo parts of hostile input; keep them short
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def peek_id(line: bytes) -> MessageId | None:
-    """Best-effort ``id`` of a line that failed to decode, so the error reply can echo it."""
+    """Best-effort ``id`` of a line that failed to decode, so the error reply can echo it.
+
+    The line's head is first scanned for a top-level ``"id"`` member, without
+    parsing the line: one the JSON reader refuses (nested deeper than it takes, an
+    integer longer than it reads) still names its command, so its sender learns at
+    once which command was refused, rather than waiting out its timeout.
+    ``RemoteEngine`` writes ``id`` first, so its lines are answered from their first
+    bytes. The scan is bounded (:data:`_SCAN_BYTES` of the line, :data:`_SCAN_STEPS`
+    steps); where it cannot tell, a full parse decides, as for any well-formed line.
+    """
+    found = _scan_id(line[:_SCAN_BYTES])
+    if found is not _UNKNOWN:
+        return found
     try:
         data = pydantic_core.from_json(line)
     except (ValueError, RecursionError):
         return None
     if not isinstance(data, dict):
         return None
-    mid = data.get("id")
+    return _usable_id(data.get("id"))
+
+
+def _usable_id(mid: object) -> MessageId | None:
+    """``mid`` if a reply can echo it as the id a command carried, else None."""
     if isinstance(mid, bool) or not isinstance(mid, int | str):
         return None
-    if isinstance(mid, str) and len(mid) > MAX_ID_LENGTH:
-        return None
+    if isinstance(mid, str):
+        if len(mid) > MAX_ID_LENGTH:
+            return None
+        try:
+            mid.encode()
+        except UnicodeEncodeError:  # a lone surrogate: no reply could carry it
+            return None
     return mid
+
+
+#: what :func:`_scan_id` returns when it cannot tell (a full parse decides then)
+_UNKNOWN: Any = object()
+
+#: how much of a line :func:`peek_id` scans: a command's id comes before any bulky value, or
+#: the line is parsed whole. Regex matching runs at some ms a MiB: this keeps it well under one
+_SCAN_BYTES = 64 << 10
+
+#: members, and strings and brackets inside values before ``id``, that the scan steps over at
+#: most (one regex match each): a line of nothing else costs a few ms at worst
+_SCAN_STEPS = 2048
+
+_WS = rb"[ \t\r\n]*+"
+#: a JSON string, escapes and all (possessive: matching it never backtracks)
+_STRING = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+_OPEN = re.compile(_WS + rb"\{")
+_CLOSE = re.compile(_WS + rb"\}")
+_KEY = re.compile(_WS + rb"(" + _STRING + rb")" + _WS + rb":" + _WS, re.DOTALL)
+_STRING_AT = re.compile(_STRING, re.DOTALL)
+#: a scalar value other than a string, as far as telling where it ends goes
+_BARE = re.compile(rb"[-+0-9A-Za-z.]++")
+_INT = re.compile(rb"-?+(?:0|[1-9][0-9]*+)")
+_NEXT = re.compile(_WS + rb"([,}])")
+_STRUCTURE = re.compile(rb'[\[\]{}"]')
+
+
+def _scan_id(head: bytes) -> Any:
+    """The id of the object ``head`` begins (None: it has none, or one no reply can echo),
+    or :data:`_UNKNOWN` when that is not in ``head`` or not plain enough to tell."""
+    start = _OPEN.match(head)
+    if start is None:
+        return _UNKNOWN
+    pos = start.end()
+    if _CLOSE.match(head, pos) is not None:
+        return None  # {}
+    steps = _SCAN_STEPS
+    while steps > 0:
+        steps -= 1
+        key = _KEY.match(head, pos)
+        if key is None:
+            return _UNKNOWN
+        pos = key.end()
+        if _is_id(key.group(1)):
+            return _id_at(head, pos)
+        pos, steps = _skip_value(head, pos, steps)
+        after = _NEXT.match(head, pos) if pos >= 0 else None
+        if after is None:
+            return _UNKNOWN
+        if after.group(1) == b"}":
+            return None  # the whole object, and no id in it
+        pos = after.end()
+    return _UNKNOWN
+
+
+def _is_id(key: bytes) -> bool:
+    if key == b'"id"':
+        return True
+    # "\u0069d" is "id" too; an escaped key longer than this cannot be
+    if b"\\" not in key or len(key) > 16:
+        return False
+    try:
+        return bool(json.loads(key) == "id")
+    except ValueError:
+        return False
+
+
+def _id_at(head: bytes, pos: int) -> Any:
+    """The id whose value starts at ``pos``: an int or a string, as a command's is."""
+    if head[pos : pos + 1] == b'"':
+        token = _STRING_AT.match(head, pos)
+        if token is None:
+            return _UNKNOWN
+        try:
+            return _usable_id(json.loads(token.group()))
+        except ValueError:
+            return _UNKNOWN
+    token = _INT.match(head, pos)
+    if token is None or _NEXT.match(head, token.end()) is None:
+        return _UNKNOWN  # not an int (a float, an object...), or cut at the end of the head
+    return int(token.group()) if token.end() - pos <= MAX_ID_LENGTH else None
+
+
+def _skip_value(head: bytes, pos: int, steps: int) -> tuple[int, int]:
+    """Where the value at ``pos`` ends (-1: not found), and the steps left."""
+    first = head[pos : pos + 1]
+    if first == b'"':
+        token = _STRING_AT.match(head, pos)
+        return (-1 if token is None else token.end()), steps
+    if first not in (b"[", b"{"):
+        token = _BARE.match(head, pos)
+        return (-1 if token is None else token.end()), steps
+    # an array or object: count brackets, stepping over strings (which may hold brackets)
+    depth = 0
+    while steps > 0:
+        steps -= 1
+        mark = _STRUCTURE.search(head, pos)
+        if mark is None:
+            return -1, steps
+        char = head[mark.start()]
+        if char == 0x22:  # '"'
+            token = _STRING_AT.match(head, mark.start())
+            if token is None:
+                return -1, steps
+            pos = token.end()
+            continue
+        pos = mark.end()
+        depth += 1 if char in b"[{" else -1
+        if depth == 0:
+            return pos, steps
+    return -1, steps
 
 
 async def read_line(

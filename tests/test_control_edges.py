@@ -1,8 +1,9 @@
 """The control endpoint and RemoteEngine at their edges: a flood of one-byte connections,
 addresses carrying secrets, concurrent connects, a service that is not taskwatch, a TCP port
 already taken, ``taskwatch attach`` without a terminal, many large replies asked for at once,
-events lost on both sides of a connection, clients that half-close, slow links, and a server
-started again.
+events lost on both sides of a connection, clients that half-close, slow links, a server
+started again, lines the engine's JSON reader refuses, a client limit below the engine's floor,
+and refusals that say what to do (a wrong token, a path that is no socket).
 
 Every test serves a real engine on a real socket, and talks to it with
 :class:`RemoteEngine` (on a loop of its own where the client must stop reading,
@@ -29,15 +30,20 @@ from typing import Any, TypeVar
 import pytest
 from pydantic import BaseModel
 from taskwatch.engine import (
+    AuthenticationFailed,
     ConnectionClosed,
     ControlServer,
     Engine,
     EngineUnreachable,
     InvalidAddress,
+    MalformedMessage,
+    MessageTooLarge,
     RemoteEngine,
+    ReplyTooLarge,
     RunStatus,
     TaskContext,
 )
+from taskwatch.engine import remote as remote_module
 from taskwatch.engine.wire import PROTOCOL_VERSION
 
 from .helpers import eventually, stray_tasks
@@ -313,6 +319,11 @@ class ChatterParams(BaseModel):
     size: int = 200
 
 
+class SizedParams(BaseModel):
+    #: characters in the result
+    size: int
+
+
 class ClientLoop:
     """An event loop on a thread of its own, as a dashboard process has: blocked, it reads nothing."""
 
@@ -357,6 +368,10 @@ def build_engine(**options: Any) -> Engine:
     @engine.task
     async def quick(ctx: TaskContext) -> int:
         return 1
+
+    @engine.task
+    async def sized(ctx: TaskContext, p: SizedParams) -> str:
+        return "s" * p.size
 
     @engine.task
     async def slow_to_cancel(ctx: TaskContext) -> None:
@@ -685,3 +700,150 @@ async def test_runs_gone_from_the_history_are_not_kept_encoded_for_snapshots(tmp
     # 300 runs were listed over time, at most 50 at once: at most twice that are kept
     assert 50 <= stats["cached_runs"] <= 100, stats
     assert stats["cached_bytes"] > 0
+
+
+# ---------------------------------------------------------------- 6: lines the engine's JSON reader refuses
+
+
+def nested(depth: int) -> list[Any]:
+    """A list ``depth`` levels deep."""
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+async def test_a_command_the_engines_json_reader_refuses_is_answered_at_once_with_its_id(
+    engine: Engine, sock_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a client whose own checks let through what the engine's JSON reader refuses (another
+    # version's, say): the reader stops short of the id, which must still be found
+    monkeypatch.setattr(remote_module, "params_for_wire", lambda task, params: params)
+    server = await serve(engine, sock_path)
+    async with RemoteEngine(sock_path, timeout=5) as remote:
+        for params, said in [
+            ({"a": nested(200)}, "more than 200 levels deep"),
+            ({"a": 10**4300}, "an integer of more than 4300 digits"),
+        ]:
+            # no CommandTimeout saying it may have run: the engine's own answer, at once
+            with pytest.raises(MalformedMessage) as caught:
+                await remote.submit("quick", params)
+            assert said in str(caught.value) and "nothing in it was read" in str(caught.value)
+        assert await remote.ping() >= 0
+        assert engine.runs(limit=10) == []
+        assert server.stats()["malformed"] == 2
+    assert remote.close_reason is None
+
+
+async def test_the_engine_finds_the_id_of_a_line_its_reader_refuses_and_shrugs_off_hostile_ones(
+    engine: Engine, sock_path: str
+) -> None:
+    server = await serve(engine, sock_path)
+    raw = await RawClient.authenticated(sock_path)
+    deep = b"[" * 300 + b"]" * 300
+    lines: list[tuple[bytes, Any, str]] = [
+        (b'{"id":1,"type":"submit","task":"quick","params":{"a":' + deep + b"}}", 1, "levels deep"),
+        # the id after the values the reader refuses, past strings holding brackets and quotes
+        (
+            b'{"type":"submit","task":"quick","params":{"s":"]}\\"{[","a":' + deep + b',"n":1e5},"id":"last"}',
+            "last",
+            "levels deep",
+        ),
+        (b'{"type": "submit", "\\u0069d": 3, "params": {"a": 1' + b"0" * 4300 + b"}}", 3, "4300 digits"),
+        # hostile: half a million brackets before the id, a key that never ends, no object at all
+        (b'{"params":' + b"[" * 500_000 + b',"id":4}', None, "levels deep"),
+        (b'{"' + b"k" * 500_000, None, "malformed message"),
+        (b"[" * 500_000, None, "levels deep"),
+        (b'{"id":{"no":"object"},"type":"ping"}', None, "malformed message"),
+    ]
+    for line, message_id, said in lines:
+        await raw.send(line + b"\n")
+        reply = await raw.reply()
+        assert (reply["type"], reply["id"], reply["error_type"]) == ("error", message_id, "MalformedMessage")
+        assert said in reply["message"], reply["message"]
+    # the connection and the engine go on
+    await raw.send({"type": "ping", "id": 5})
+    assert await raw.reply() == {"type": "ok", "id": 5, "result": None}
+    assert server.stats()["malformed"] == len(lines) and server.stats()["active"] == 1
+    await raw.close()
+
+
+async def test_an_error_about_a_line_without_an_id_is_not_taken_for_why_the_connection_ended(
+    engine: Engine, sock_path: str
+) -> None:
+    server = await serve(engine, sock_path)
+    remote = RemoteEngine(sock_path, timeout=5)
+    await remote.connect()
+    # a line the engine can tell no id of, on this connection: its error answers no command
+    assert remote._writer is not None
+    remote._writer.write(b"not json\n")
+    await eventually(lambda: server.stats()["malformed"] == 1)
+    assert await remote.ping() >= 0  # answered after that error: the connection goes on
+    assert remote.connected
+    await server.stop()  # the end of the stream, with no parting words
+    await asyncio.wait_for(remote.disconnected.wait(), 10)
+    assert remote.close_reason is None
+    await remote.close()
+
+
+# ---------------------------------------------------------------- 7: a client limit below the engine's floor
+
+
+async def test_a_client_limit_below_the_engines_floor_is_refused_when_connecting(
+    engine: Engine, sock_path: str, tmp_path: Path
+) -> None:
+    record = await engine.submit("sized", {"size": 100_000})
+    assert (await record.wait(10)).status is RunStatus.SUCCEEDED
+    server = await serve(engine, sock_path)  # max_value 16 KiB: lines down to 512 KiB, not shorter
+    # not connected, to lose the connection at the first reply over 32 KiB (get's 100 KB record)
+    with pytest.raises(MessageTooLarge) as caught:
+        await RemoteEngine(sock_path, max_message=32 * KIB, timeout=5).connect()
+    said = str(caught.value)
+    assert f"max_message of {32 * KIB}" in said and f"pass max_message={512 * KIB} or more" in said.lower()
+    await eventually(lambda: server.stats()["active"] == 0)
+    async with RemoteEngine(sock_path, max_message=512 * KIB, timeout=5) as remote:
+        assert len((await remote.get(record.id)).result) == 100_000
+
+    # an engine whose floor is lower keeps to the same client's limit: get says the record is too large
+    small = await serve(engine, str(tmp_path / "small.sock"), max_value=1 * KIB)
+    async with RemoteEngine(small.address, max_message=32 * KIB, timeout=5) as remote:
+        with pytest.raises(ReplyTooLarge) as too_large:
+            await remote.get(record.id)
+        assert too_large.value.size > 100_000 and too_large.value.limit <= 32 * KIB
+        assert remote.connected and await remote.ping() >= 0
+        assert remote.close_reason is None
+
+
+# ---------------------------------------------------------------- 8: messages that say what to do
+
+
+async def test_a_missing_or_wrong_token_says_where_the_engines_token_goes(engine: Engine) -> None:
+    server = await serve(engine, "tcp://127.0.0.1:0", token="the-right-token-0123456789")
+    said = {}
+    for label, token in [("missing", None), ("wrong", "not-the-token-0123456789")]:
+        with pytest.raises(AuthenticationFailed) as caught:
+            await RemoteEngine(server.address, token=token, timeout=5).connect()
+        said[label] = str(caught.value)
+        assert "authentication failed" in said[label]
+        assert "token=" in said[label] and "TASKWATCH_TOKEN" in said[label] and "--token-file" in said[label]
+        assert "not-the-token" not in said[label]
+    assert "no token was given" in said["missing"]
+    assert "not this engine's" in said["wrong"]
+    assert server.stats()["auth_failures"] == 2
+
+
+async def test_a_path_that_is_no_socket_is_named_for_what_it_is(tmp_path: Path) -> None:
+    regular = tmp_path / "regular.file"
+    regular.write_text("")
+    for path, what in [(regular, "a regular file"), (tmp_path, "a directory")]:
+        with pytest.raises(EngineUnreachable) as caught:
+            await RemoteEngine(str(path), timeout=5).connect()
+        said = str(caught.value)
+        assert f"{path} is {what}, not a socket" in said and "has stopped" not in said
+    # a socket file nothing listens on (its engine gone) is still told apart
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as left:
+        left.bind(str(stale))
+        with pytest.raises(EngineUnreachable) as caught:
+            await RemoteEngine(str(stale), timeout=5).connect()
+    assert "nothing listens on the socket file" in str(caught.value)

@@ -591,6 +591,35 @@ async def test_retry_a_failed_run_with_same_params() -> None:
     assert calls == [{"n": 7}, {"n": 7}]
 
 
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+async def test_a_retry_keeps_the_runs_dedup_key(store: str, tmp_path: Path) -> None:
+    engine = make_engine(store="memory" if store == "memory" else f"sqlite:///{tmp_path / 'runs.db'}")
+    gate = asyncio.Event()
+    calls = 0
+
+    @engine.task(concurrency=1)
+    async def compile_bank(ctx: TaskContext) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("first")
+        await gate.wait()
+        return "done"
+
+    async with engine:
+        failed = await (await engine.submit("compile_bank", key="bank-42")).wait(5)
+        assert failed.status is RunStatus.FAILED
+        busy = await engine.submit("compile_bank", key="bank-7")
+        await eventually(lambda: busy.status is RunStatus.RUNNING)
+        retried = await engine.retry(failed.id)  # pending behind bank-7's run
+        assert retried.record().key == "bank-42"
+        # the key still dedups: the pending retry is the run that does bank-42's work
+        assert (await engine.submit("compile_bank", key="bank-42")).id == retried.id
+        gate.set()
+        assert (await retried.wait(5)).status is RunStatus.SUCCEEDED
+    assert sorted(str(r.key) for r in engine.runs(task="compile_bank", limit=None)) == ["bank-42", "bank-42", "bank-7"]
+
+
 async def test_stats_counts_and_throughput() -> None:
     engine = make_engine()
     async with engine:
