@@ -112,6 +112,8 @@ class Execution:
         self.store = store
         self.index = index
         self.tasks = tasks
+        #: the tasks whose runs this node may claim (those whose resources it has), by name
+        self.limits = limits
         #: the memory store, whose operations the hot path calls without coroutines; None for a durable store
         self.memory: MemoryStore | None = store if isinstance(store, MemoryStore) else None
         self.durable = self.memory is None
@@ -1219,9 +1221,20 @@ class Execution:
 
 
     def local_work(self) -> int:
-        """Runs this node still has to see through before it is idle."""
+        """Runs this node still has to see through before it is idle: with the memory store,
+        its pending runs too, but for those of tasks whose resources it lacks, which it cannot
+        start (a stop would wait out its whole timeout for them)."""
         running = len(self._claimed)
-        return running if self.durable else running + self.index.counts[_PENDING]
+        if self.durable:
+            return running
+        pending = self.index.counts[_PENDING]
+        if pending and not running:
+            # nothing runs, yet runs wait: perhaps only ones no one here can start. Counted
+            # only then (the index is walked), and only while some task is held back
+            claimable = self.limits()
+            if len(claimable) < len(self.tasks):
+                pending = sum(1 for run in self.index.runs.values() if run.status is _PENDING and run.task in claimable)
+        return running + pending
 
     async def wait_idle(self, timeout: float) -> bool:
         if self.local_work() == 0:

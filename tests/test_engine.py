@@ -750,6 +750,34 @@ async def test_stop_waits_for_running_work_within_timeout() -> None:
     assert handle.record().status is RunStatus.SUCCEEDED
 
 
+async def test_stop_does_not_wait_for_pending_runs_no_one_here_can_start() -> None:
+    # a periodic run queued, then its resource withdrawn: it can never start on this node,
+    # so the drain ends with the last run that could, not with the stop's timeout
+    engine = make_engine(max_concurrency=1, resources={"db": "DB"})
+    release = asyncio.Event()
+
+    @engine.task
+    async def slow(ctx: TaskContext) -> None:
+        await release.wait()
+
+    @engine.periodic(every=3600, initial_delay=3600, requires=("db",))
+    async def vacuum(ctx: TaskContext, db: str) -> None: ...
+
+    await engine.start()
+    busy = await engine.submit("slow")
+    await eventually(lambda: busy.status is RunStatus.RUNNING)
+    held = await engine.run_periodic("vacuum")  # behind slow's run, in the only slot
+    engine.withdraw("db")
+    stopping = asyncio.ensure_future(engine.stop(timeout=3600))
+    await eventually(lambda: engine.state == "stopping")
+    release.set()
+    await asyncio.wait_for(stopping, 30)
+    assert busy.record().status is RunStatus.SUCCEEDED
+    record = held.record()
+    assert record.status is RunStatus.CANCELLED and record.cancel_reason == "shutdown"
+    assert not stray_tasks()
+
+
 async def test_inline_backend_runs_in_the_caller() -> None:
     engine = make_engine(backend="inline")
     async with engine:
