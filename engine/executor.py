@@ -7,7 +7,9 @@ It owns three loops, each cancelled and awaited by :meth:`Executor.stop`:
   and per task) and hands each claim to the engine to execute. It sleeps
   until woken (new work, a freed slot) or until the next delayed retry is
   due, and never longer than ``poll_interval``, which is how it notices work
-  other processes put into a shared store;
+  other processes put into a shared store. Cancelled from outside (the event
+  loop's teardown with no stop), it hands the runs still queued to the store
+  as they are, which a SQLite store writes before the process exits;
 - the heartbeat loop: extends the lease of every claim this node holds,
   writes their progress, and learns which of them someone asked to cancel
   and which were taken away;
@@ -34,6 +36,7 @@ engine's: the executor calls back into it through the functions it was given.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -347,6 +350,39 @@ class Executor:
     # ------------------------------------------------------------------ loops
 
     async def _claim_loop(self) -> None:
+        try:
+            await self._claim_rounds()
+        except asyncio.CancelledError:
+            self._hand_over_unwritten()
+            raise
+
+    def _hand_over_unwritten(self) -> None:
+        """The claim loop ends: give the store the runs still queued without waiting, without
+        waiting for it. A stop wrote them already; the loop's teardown (``asyncio.run`` ending
+        with no ``engine.stop()``) cancels this loop wherever it is, and the runs it accepted
+        would be lost. A store whose insert is under way once called (SQLite's writer queue)
+        writes them, also once the loop is gone; with any other, they stay unwritten."""
+        batch = self._unwritten
+        if not batch:
+            return
+        try:
+            write = self.store.insert(batch, max_pending=self.max_pending)
+        except Exception:  # noqa: BLE001 - a store closed or failing: nothing more to do here
+            return
+        if not isinstance(write, asyncio.Future):
+            if inspect.iscoroutine(write):
+                write.close()  # it would run only on a loop going away
+            return
+        self._unwritten = []
+
+        def landed(done: asyncio.Future[list[Inserted]]) -> None:
+            if not done.cancelled():
+                exc = done.exception()
+                self._inserted(batch, done.result() if exc is None else exc)
+
+        write.add_done_callback(landed)
+
+    async def _claim_rounds(self) -> None:
         while True:
             self._wake.clear()
             try:

@@ -23,7 +23,11 @@ What each test proves:
 - a run that kills its worker is failed as ``WorkerLost`` after three losses,
   or at the first restart with ``on_lost="fail"``;
 - processes opening a new file at the same moment all open it, and make
-  different run ids however the application seeds ``random``.
+  different run ids however the application seeds ``random``;
+- a program that ends with no ``engine.stop()`` (``main()`` returning, an
+  exception or ``sys.exit`` out of ``asyncio.run``, Ctrl-C) leaves every run
+  ``submit_nowait`` accepted in the file, pending, even when the file was
+  locked by another process until the program was exiting.
 """
 
 from __future__ import annotations
@@ -550,3 +554,88 @@ def test_run_ids_differ_across_processes_whatever_the_application_seeds() -> Non
     for proc in procs:
         proc.join(timeout=30)
     assert len(ids | {new_run_id()}) == 5
+
+
+# ---------------------------------------------------------------- 7. a program that ends with no stop()
+
+
+#: the program: an engine on the file; on a line from stdin (the test holds the file's write
+#: lock from then on) it accepts runs with submit_nowait, then ends as argv[2] says
+_ENDS_WITHOUT_STOP = """
+import asyncio, atexit, json, sys
+from taskwatch.engine import Engine, TaskContext
+
+def emit(**fields):
+    sys.stdout.write(json.dumps(fields) + "\\n")
+    sys.stdout.flush()
+
+async def main(db, how):
+    # busy_timeout: the writes wait for the test's lock however long a loaded machine takes
+    engine = Engine(store=f"sqlite:///{db}?busy_timeout=120000", node_id="n", poll_interval=0.05, health_interval=None)
+
+    @engine.task
+    async def job(ctx: TaskContext) -> None:
+        await asyncio.Event().wait()
+
+    await engine.start()
+    # atexit runs the hook registered last first: this one, once the event loop is gone and
+    # before the store's own, so the test frees the file while the process is exiting
+    atexit.register(emit, ev="exiting")
+    emit(ev="started")
+    await asyncio.to_thread(sys.stdin.readline)
+    first = engine.submit_nowait("job")
+    # one turn of the loop: the claim loop, woken by that submit, is now waiting on the store
+    # (writing it, or a claim it began before), so the runs below wait in the engine's own batch
+    await asyncio.sleep(0)
+    ids = [first.id] + [engine.submit_nowait("job").id for _ in range(5)]
+    emit(ev="queued", ids=ids)
+    if how == "raise":
+        raise RuntimeError("the program fails after queueing")
+    if how == "exit":
+        sys.exit(3)
+    if how == "interrupt":
+        await asyncio.Event().wait()  # until Ctrl-C
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("how", "code"), [("return", 0), ("raise", 1), ("exit", 3), ("interrupt", -signal.SIGINT)])
+def test_runs_submit_nowait_accepted_are_kept_by_a_program_that_ends_without_stop(
+    tmp_path: Path, how: str, code: int
+) -> None:
+    db = tmp_path / "runs.db"
+    child = JsonLineProcess([sys.executable, "-c", _ENDS_WITHOUT_STOP, str(db), how], f"ends by {how}", START_TIMEOUT)
+    try:
+        child.event("started")
+        # another process's long write holds the file: nothing the program hands its store
+        # can be committed until the program is already exiting
+        lock = sqlite3.connect(db, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            child.send("go")
+            ids = child.event("queued")["ids"]
+            if how == "interrupt":
+                os.kill(child.proc.pid, signal.SIGINT)
+            child.event("exiting")
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        assert child.proc.wait(EXIT_TIMEOUT) == code
+    finally:
+        if child.proc.poll() is None:
+            child.proc.kill()
+            child.proc.wait()
+        child._reader.join(5)
+        for pipe in (child.proc.stdin, child.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+    assert integrity(db) == "ok"
+    rows = table(db)
+    assert sorted(rows) == sorted(ids), f"{len(set(ids) - set(rows))} of the {len(ids)} accepted runs are not in the file"
+    # the teardown started none of them and claimed none: the next start runs each as attempt 1
+    assert {(r["status"], r["attempt"], r["lost_count"]) for r in rows.values()} == {("pending", 1, 0)}
+    assert total(db, "inserted") == len(ids)

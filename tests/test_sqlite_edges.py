@@ -1,10 +1,13 @@
 """The SQLite store at its edges: a process that changes directory, a restart's history, a
-start cancelled while another process holds the file, URLs and files that are no store."""
+start cancelled while another process holds the file, URLs and files that are no store, a
+claim and a heartbeat that waited for the file's lock while their process was paused."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +21,9 @@ import pytest
 from taskwatch.engine import Engine, TaskContext
 from taskwatch.engine.errors import InvalidConfiguration, NotATaskwatchStore, StoreUnavailable
 from taskwatch.engine.store import NewRun, SqliteStore
+
+from .helpers import wait_until
+from .processes import JsonLineProcess
 
 
 def _store_threads() -> list[threading.Thread]:
@@ -265,3 +271,109 @@ async def test_a_read_only_file_or_folder_is_named_as_the_cause(tmp_path: Path, 
     else:
         assert "the file is read-only for this user" in said
     assert "write access" in said
+
+
+# ---------------------------------------------------------------- a pause while waiting for the lock
+
+
+#: a store in its own process: three pending runs and node A's registration; on each line from
+#: stdin (the test holds the file's write lock from then on) it queues one operation, says so,
+#: and prints what the operation returned once it has
+_PAUSED_WRITES = """
+import asyncio, json, sys, time
+from taskwatch.engine.store import NewRun, SqliteStore
+
+def emit(**fields):
+    sys.stdout.write(json.dumps(fields) + "\\n")
+    sys.stdout.flush()
+
+async def queued(operation):
+    pending = asyncio.ensure_future(operation)
+    await asyncio.sleep(0)  # one turn of the loop: the operation is in the writer's queue
+    emit(ev="queued")
+    return await pending
+
+async def main(db, ttl):
+    async with SqliteStore(db, lease_ttl=ttl, busy_timeout=120000) as store:
+        await store.insert([NewRun("job") for _ in range(3)])
+        await store.register_node("A", "a1", "test")
+        emit(ev="ready")
+        await asyncio.to_thread(sys.stdin.readline)
+        claims = await queued(store.claim("A", "a1", 3, {"job": None}))
+        emit(ev="claimed", ids=[c.run_id for c in claims])
+        await store.node_heartbeat("a1", 0)
+        sent = time.time()
+        claims = await store.claim("A", "a1", 3, {"job": None})
+        emit(ev="claimed", ids=[c.run_id for c in claims], sent=sent, leases=[c.lease_until for c in claims])
+        await asyncio.to_thread(sys.stdin.readline)
+        beat = await queued(store.heartbeat("a1", [c.token for c in claims]))
+        emit(ev="renewed", lost=beat.lost)
+
+asyncio.run(main(sys.argv[1], float(sys.argv[2])))
+"""
+
+
+def _column(db: Path, sql: str) -> list[Any]:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return [row[0] for row in conn.execute(sql)]
+
+
+@pytest.mark.timeout(90)
+def test_a_claim_or_heartbeat_that_waited_out_a_pause_writes_leases_from_when_it_is_written(tmp_path: Path) -> None:
+    """A process paused (SIGSTOP) while its claim waits for another process's write lock is
+    written after it resumes. Its leases count from then, not from before the pause (they
+    would have run out already, and the node's own recovery would take the runs back), and
+    while the node's registration has lapsed it claims nothing: the others may count it gone."""
+    db, ttl = tmp_path / "runs.db", 1.0
+    child = JsonLineProcess([sys.executable, "-c", _PAUSED_WRITES, str(db), str(ttl)], "store A", 20.0)
+
+    def paused_while_locked(until: Any) -> float:
+        """Hold the write lock, let A queue its operation, stop A, free the lock; resume A once
+        ``until()`` holds; when A was resumed."""
+        lock = sqlite3.connect(db, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            mark = child.mark()
+            child.send("go")
+            child.wait_for(lambda line: line["ev"] == "queued", start=mark)
+            child.proc.send_signal(signal.SIGSTOP)
+            # a signal is delivered a moment after kill() returns: not a write may land before
+            _, status = os.waitpid(child.proc.pid, os.WUNTRACED)
+            assert os.WIFSTOPPED(status), status
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        try:
+            wait_until(until, timeout=30)
+        finally:
+            resumed = time.time()
+            child.proc.send_signal(signal.SIGCONT)
+        return resumed
+
+    try:
+        child.event("ready")
+        last_heartbeat = "SELECT last_heartbeat FROM nodes WHERE incarnation = 'a1'"
+        # the pause outlasts A's registration: its queued claim must take nothing
+        mark = child.mark()
+        paused_while_locked(lambda: time.time() > _column(db, last_heartbeat)[0] + ttl)
+        assert child.wait_for(lambda line: line["ev"] == "claimed", start=mark)["ids"] == []
+        # a heartbeat went through: it claims again, with leases from the claim's own time
+        claimed = child.wait_for(lambda line: line["ev"] == "claimed" and line["ids"], start=mark)
+        assert len(claimed["ids"]) == 3
+        assert min(claimed["leases"]) >= claimed["sent"] + ttl
+        # the pause outlasts those leases: the queued heartbeat renews them from when it is written
+        mark = child.mark()
+        resumed = paused_while_locked(lambda: time.time() > max(_column(db, "SELECT lease_until FROM runs")))
+        assert child.wait_for(lambda line: line["ev"] == "renewed", start=mark)["lost"] == []
+        leases = _column(db, "SELECT lease_until FROM runs WHERE status = 'running'")
+        assert len(leases) == 3 and min(leases) >= resumed + ttl, [lease - resumed for lease in leases]
+        assert child.proc.wait(20) == 0
+    finally:
+        if child.proc.poll() is None:
+            child.proc.kill()
+            child.proc.wait()
+        child._reader.join(5)
+        for pipe in (child.proc.stdin, child.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()

@@ -13,12 +13,15 @@ claiming from one file are serialised and never claim the same run.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
+import logging
 import os
 import queue
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal
 
@@ -67,8 +70,14 @@ from .rows import book_recovered, recovery_step
 from .rows import stored_run as _stored
 
 
+log = logging.getLogger("taskwatch.store.sqlite")
+
 _CLAIM_CANDIDATES = Q.for_sqlite(Q.CLAIM_CANDIDATES)
-_REPLACED = "SELECT " + Q.REPLACED_INCARNATION
+#: whether a later start of this node id replaced the incarnation, and its last heartbeat
+#: (NULL: no row, which proves nothing)
+_STANDING = (
+    "SELECT " + Q.REPLACED_INCARNATION + ", (SELECT last_heartbeat FROM nodes WHERE incarnation = :incarnation)"
+)
 _RUNNING_CLAIMS = Q.for_sqlite(Q.RUNNING_CLAIMS)
 _QUEUE_JOBS = Q.for_sqlite(Q.QUEUE_JOBS)
 
@@ -128,6 +137,56 @@ def _remove_folders(created: list[str]) -> None:
             return
 
 
+#: seconds a process that is exiting waits, beyond a store's busy_timeout, for its writer to
+#: commit what it was handed (a disk that hangs must not hang the exit for good)
+_EXIT_GRACE = 5.0
+
+#: stores whose writer thread runs, each written out before the interpreter exits (weakly
+#: held: the writer thread holds its store while it runs)
+_open_stores: weakref.WeakSet[SqliteStore] = weakref.WeakSet()
+_exit_hook_lock = threading.Lock()
+_exit_hook_registered = False
+
+
+def _write_out_at_exit() -> None:
+    """Let every open store's writer commit what it was handed, then end it.
+
+    A program that ends with no ``engine.stop()`` (an exception out of ``asyncio.run``,
+    Ctrl-C, ``main()`` returning) has handed the writer runs it accepted (``submit_nowait``'s
+    batch, outcomes, queue jobs), and nothing awaits them any more: the writer is a daemon,
+    and the interpreter would end it with them uncommitted. An :mod:`atexit` hook runs after
+    the program's other threads were joined (their writes are queued by then) and while
+    daemon threads still run.
+    """
+    stores = [store for store in list(_open_stores) if store._owned_here()]
+    waits: list[tuple[SqliteStore, concurrent.futures.Future[None], float]] = []
+    for store in stores:
+        exited = store._exited
+        if exited is None:
+            continue
+        store._exiting = True  # a claim now would only take runs nobody here will start
+        store._closing = True
+        store._queue.put(None)
+        waits.append((store, exited, time.monotonic() + store.busy_timeout / 1000 + _EXIT_GRACE))
+    for store, exited, deadline in waits:
+        try:
+            exited.result(timeout=max(0.0, deadline - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            log.warning(
+                "the SQLite store %s had not written everything it was handed when the process exited; "
+                "what it had left is lost", store._where,
+            )
+
+
+def _write_out_before_exit(store: SqliteStore) -> None:
+    global _exit_hook_registered
+    _open_stores.add(store)
+    with _exit_hook_lock:
+        if not _exit_hook_registered:
+            atexit.register(_write_out_at_exit)
+            _exit_hook_registered = True
+
+
 class SqliteStore(Store):
     """Runs in a SQLite file (WAL). ``synchronous="normal"`` survives a killed process;
     ``"full"`` also survives a power cut, at the cost of an fsync per commit."""
@@ -176,6 +235,10 @@ class SqliteStore(Store):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._exited: concurrent.futures.Future[None] | None = None
         self._closing = False
+        #: the process is exiting: the writer commits what it was handed, but claims nothing
+        self._exiting = False
+        #: the process that started the writer thread (a forked child has none)
+        self._pid: int | None = None
 
     def describe(self) -> str:
         return f"sqlite:{self._full_path}"
@@ -196,8 +259,9 @@ class SqliteStore(Store):
         self._exited = concurrent.futures.Future()
         self._queue = queue.SimpleQueue()
         abandon = threading.Event()
-        # daemon: a store never closed must not keep the interpreter from exiting; SQLite's
-        # journal makes an interrupted transaction roll back, and nobody was told it committed
+        # daemon: a store never closed must not keep the interpreter from exiting (joining
+        # non-daemon threads comes first); what it was handed is written at exit all the same
+        # (_write_out_at_exit), and SQLite's journal rolls back a transaction a kill cut short
         thread = threading.Thread(
             target=self._main,
             args=(ready, self._exited, abandon),
@@ -217,6 +281,14 @@ class SqliteStore(Store):
             _remove_folders(created)
             raise
         self._thread = thread
+        self._pid = os.getpid()
+        self._exiting = False
+        _write_out_before_exit(self)
+
+    def _owned_here(self) -> bool:
+        """Whether this process runs the store's writer (open, and not inherited by a fork)."""
+        thread = self._thread
+        return thread is not None and self._pid == os.getpid() and thread.is_alive()
 
     def _make_folders(self) -> list[str]:
         """Create the file's missing folders and return them, outermost first.
@@ -279,6 +351,7 @@ class SqliteStore(Store):
         await asyncio.wrap_future(self._exited)
         thread.join()
         self._thread = None
+        _open_stores.discard(self)
 
     # ---------------------------------------------------------------- the writer thread
 
@@ -640,9 +713,8 @@ class SqliteStore(Store):
     ) -> list[Claim]:
         if slots <= 0 or not tasks:
             return []
-        now = self.clock()
         caps = dict(limits) if limits else None
-        return await self._call(self._claim, node, incarnation, slots, dict(tasks), now, caps)  # type: ignore[no-any-return]
+        return await self._call(self._claim, node, incarnation, slots, dict(tasks), caps)  # type: ignore[no-any-return]
 
     def _claim(
         self,
@@ -651,12 +723,23 @@ class SqliteStore(Store):
         incarnation: str,
         slots: int,
         tasks: dict[str, int | None],
-        now: float,
         caps: dict[str, int] | None = None,
     ) -> list[Claim]:
+        if self._exiting:
+            return []  # the process is exiting: nobody would start what this took
         cur = tx.cur
-        if cur.execute(_REPLACED, {"incarnation": incarnation}).fetchone()[0]:
+        # the time is read here, under the write lock, not when the claim was queued: a claim
+        # that waited for the lock while its process was paused would be written with a lease
+        # already run out (its own node's recovery would take the run back from under it)
+        now = self.clock()
+        replaced, last_heartbeat = cur.execute(_STANDING, {"incarnation": incarnation}).fetchone()
+        if replaced:
             return []  # a later start of this node id registered: it claims nothing more
+        if last_heartbeat is not None and last_heartbeat < now - self.node_ttl:
+            # this node's registration has lapsed (its process was paused, say): the others may
+            # count it gone and recover what it holds, so it claims nothing until a heartbeat
+            # has gone through
+            return []
         found: list[tuple[Any, ...]] = []
         for task, free in tasks.items():
             n = slots if free is None else min(free, slots)
@@ -691,14 +774,15 @@ class SqliteStore(Store):
     ) -> HeartbeatResult:
         if not tokens:
             return HeartbeatResult()
-        now = self.clock()
-        return await self._call(self._heartbeat, incarnation, list(tokens), dict(progress or {}), now)  # type: ignore[no-any-return]
+        return await self._call(self._heartbeat, incarnation, list(tokens), dict(progress or {}))  # type: ignore[no-any-return]
 
     def _heartbeat(
-        self, tx: _Tx, incarnation: str, tokens: list[str], progress: dict[str, Progress], now: float
+        self, tx: _Tx, incarnation: str, tokens: list[str], progress: dict[str, Progress]
     ) -> HeartbeatResult:
         cur = tx.cur
-        lease_until = now + self.lease_ttl
+        # from the time it is written (see _claim): one that waited out a pause must not write
+        # a lease already run out
+        lease_until = self.clock() + self.lease_ttl
         cancel: dict[str, CancelReason] = {}
         lost: list[str] = []
         for token in tokens:
@@ -904,6 +988,9 @@ class SqliteStore(Store):
     async def node_heartbeat(
         self, incarnation: str, running: int, *, cpu_percent: float | None = None, rss_bytes: int | None = None
     ) -> bool:
+        # the time it was sent, not written: it proves the engine's loop ran then. Written late,
+        # after a pause, it leaves a lapsed registration lapsed, so the node claims again only
+        # once a heartbeat sent since the pause has gone through (see _claim)
         args = {"incarnation": incarnation, "running": running, "now": self.clock(),
                 "cpu_percent": cpu_percent, "rss_bytes": rss_bytes}  # fmt: skip
         return await self._call(self._node_heartbeat, args)  # type: ignore[no-any-return]
