@@ -28,6 +28,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import concurrent.futures.thread  # noqa: F401 - its exit hook registers first, so ours runs before it
+import contextvars
 import errno
 import functools
 import inspect
@@ -260,8 +261,11 @@ class BackgroundEngine:
         self._dashboards: list[subprocess.Popen[bytes]] = []
         #: the port each dashboard listens on, by its process id
         self._dashboard_ports: dict[int, int] = {}
+        # the loop thread runs in a copy of the launcher's context: as under `await engine.start()`,
+        # runs see the context variables of the code that started the engine
         self._thread = threading.Thread(
-            target=self._thread_main, name=f"taskwatch-{engine.node_id}", daemon=True
+            target=contextvars.copy_context().run, args=(self._thread_main,), name=f"taskwatch-{engine.node_id}",
+            daemon=True,
         )
 
     @classmethod

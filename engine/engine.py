@@ -851,6 +851,15 @@ class Engine:
                 cancelled_pending = await self._cancel_pending("shutdown")
             tasks = self._run.cut_running("shutdown")
             self._run.give_up(await self._run.await_tasks(tasks))
+            if not self._durable and (cancelled_pending or tasks):
+                # work a caller was promised is gone (a script ending with no stop() of its own
+                # gets this one at exit): never silently
+                log.warning(
+                    "engine %s stopped with %d pending and %d running run(s) not done: they ended "
+                    "cancelled (shutdown), and the memory store keeps nothing across a stop; give "
+                    "stop() time to drain them, or use a SQLite store to keep them for the next start",
+                    self.node_id, cancelled_pending, len(tasks),
+                )
             # what the drained queues and the runs notified after the triggers' own stop saved
             # (a queue's handler notifying a trigger) would be lost at the next start otherwise
             for trigger in list(self._triggers.values()):

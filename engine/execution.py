@@ -334,6 +334,10 @@ class Execution:
         base = self.base_context
         context = base.copy()
         spec = run.spec
+        if spec is None:
+            # read from the store before its task was registered here (a notebook's cells,
+            # the tasks' after the engine's): the node claims a task's runs once it runs it
+            spec = run.spec = self.tasks.get(run.task)
         # taken now, with the claim: a resource withdrawn before the task's first step (a
         # callback between the two) stays the run's, as it does for a run under way
         given = self._resources_for(spec.resources) if spec is not None and spec.resources else None

@@ -1107,3 +1107,31 @@ async def test_a_stale_read_of_a_run_this_node_ran_meanwhile_does_not_move_it_ba
         assert (engine.get(handle.id).status, engine.get(handle.id).attempt) == (RunStatus.PENDING, 2)
         assert [attempt for run_id, attempt in started if run_id == handle.id] == [1]
         await engine.cancel(handle.id)
+
+
+async def test_runs_kept_for_a_task_registered_after_the_start_run_once_it_is(tmp_path: Path) -> None:
+    # a notebook's order: the engine's cell, then the tasks' (after a kernel restart that
+    # left runs pending in the file)
+    db = f"sqlite:///{tmp_path / 'runs.db'}"
+    first = Engine(store=db, health_interval=None)
+    never = asyncio.Event()
+
+    @first.task
+    async def report(ctx: TaskContext) -> str:
+        await never.wait()
+        return "first"
+
+    async with first:
+        kept = (await first.submit("report")).id
+        await first.stop(timeout=0)  # cut short: back to pending, in the file
+
+    second = Engine(store=db, health_interval=None)
+    async with second:
+        assert (await second.fetch_run(kept)).status is RunStatus.PENDING
+
+        @second.task(name="report")
+        async def report_again(ctx: TaskContext) -> str:
+            return "second"
+
+        record = await second.handle(kept).wait(10)
+    assert record.status is RunStatus.SUCCEEDED and record.result == "second"

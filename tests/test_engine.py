@@ -778,6 +778,24 @@ async def test_stop_does_not_wait_for_pending_runs_no_one_here_can_start() -> No
     assert not stray_tasks()
 
 
+async def test_a_stop_that_cancels_work_on_the_memory_store_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    engine = make_engine(max_concurrency=1)
+    never = asyncio.Event()
+
+    @engine.task
+    async def send_email(ctx: TaskContext) -> None:
+        await never.wait()
+
+    await engine.start()
+    handles = [await engine.submit("send_email") for _ in range(3)]
+    await eventually(lambda: handles[0].status is RunStatus.RUNNING)
+    with caplog.at_level("WARNING", logger="taskwatch.engine"):
+        await engine.stop(timeout=0)
+    assert [h.status for h in handles] == [RunStatus.CANCELLED] * 3
+    (said,) = [r.getMessage() for r in caplog.records if "not done" in r.getMessage()]
+    assert "2 pending and 1 running run(s) not done" in said and "SQLite store" in said
+
+
 async def test_inline_backend_runs_in_the_caller() -> None:
     engine = make_engine(backend="inline")
     async with engine:
