@@ -34,7 +34,11 @@ A tick that comes due while the previous run of the same task is still going
 is skipped and counted (``PeriodicSkipped``); runs of one periodic task never
 overlap. With the default end-based interval this cannot happen by
 construction, except right after a resume while a run started before the
-pause is still going.
+pause is still going. On a durable store the store says whether a run is
+going, on any node, as the slot is claimed: this node's view of a run it does
+not execute (another node's, or one read back at its start) lags the store's,
+and never hears the end of one the store pruned first (the engine lets such a
+run go, and so does the schedule).
 
 Run now
 -------
@@ -48,7 +52,7 @@ node fires between them can still overlap it.
 Missed slots
 ------------
 A loop held up (a blocked event loop, a suspended process, an engine that was
-stopped, a task disabled for want of a resource) fires the slot it was waiting for once, late, and then goes back to
+stopped) fires the slot it was waiting for once, late, and then goes back to
 its schedule: the slots that passed meanwhile are not made up, in a burst or
 otherwise. They are counted in ``PeriodicInfo.missed`` (and logged): for cron
 and ``fixed_rate`` tasks the slots of their grid that passed unfired, for an
@@ -61,13 +65,18 @@ Needs
 ``requires`` and ``opt_in`` are checked at start, at registration, at a
 resume, whenever ``Engine.provide``/``withdraw``/``set_flag`` change them, and
 at every tick: a tick whose resource has gone (or whose flag was turned off)
-runs nothing and disables its task with the reason.
+runs nothing and disables its task with the reason. A task enabled again keeps
+its schedule: it takes it up at its next slot after that moment (an end-based
+interval from the end of its last run, or of the run that went on meanwhile),
+with no ``initial_delay`` unless the start's still holds. The slots that passed
+while it was disabled are no held-up loop's: neither fired late nor counted missed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import difflib
+import functools
 import logging
 import math
 import random
@@ -93,7 +102,7 @@ from .errors import (
 from .jsonsafe import name_problem
 from .options import PeriodicOptions, check_options
 from .logs import OutageLog
-from .tasks import async_signature
+from .tasks import async_signature, registered_name
 from .events import (
     FINISHED_RUN_KINDS,
     BaseEvent,
@@ -102,7 +111,7 @@ from .events import (
     PeriodicResumed,
     PeriodicSkipped,
 )
-from .runs import RunStatus
+from .runs import RunRecord, RunStatus
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -158,7 +167,7 @@ class PeriodicInfo(BaseModel):
     failures: int = 0
     skipped: int = 0
     #: slots that passed without a tick while the loop was held up (a blocked event loop,
-    #: a suspended process, a stopped engine, the task disabled): the late tick fired once
+    #: a suspended process, a stopped engine; not the task disabled): the late tick fired once
     #: for all of them. Slots up to the last one another node sharing the store fired are not counted
     missed: int = 0
     requires: tuple[str, ...] = ()
@@ -464,6 +473,9 @@ class _Periodic:
     fresh: bool = True
     #: not due before this (``initial_delay`` after a start), whatever the slot says
     hold_until: float = 0.0
+    #: the slot the loop was waiting for when the task was disabled: enabled again, it
+    #: keeps to that schedule (a fixed-rate grid stays where it was)
+    kept: float | None = None
     current: RunHandle | None = None
     #: the run of this task another node (or an earlier start) has going, which the
     #: latest tick found and let pass: shown as the running run while it goes
@@ -541,11 +553,9 @@ class Scheduler:
         needs change (see :meth:`needs_changed`).
         """
         # an empty name is refused (below), as for task() and supervised(), not replaced
-        task_name = getattr(fn, "__name__", None) if name is None else name
-        if task_name is None:
-            # a repr (with its memory address) would differ on every node and at every restart:
-            # the store's once-per-slot claim and the last slot it keeps would never match
-            raise TaskDefinitionError(f"{fn!r} has no __name__ (a functools.partial, say): give the periodic task a name=")
+        # (a repr for a name would differ on every node and at every restart: the store's
+        # once-per-slot claim and the last slot it keeps would never match)
+        task_name = registered_name(fn, name, "periodic task")
         # read once (a generator gives its names only once); tuple("redis") would be ('r', 'e', 'd', 'i', 's')
         names = None if isinstance(requires, (str, bytes)) or not isinstance(requires, Iterable) else tuple(requires)
         if names is None or not all(isinstance(r, str) for r in names):
@@ -616,16 +626,17 @@ class Scheduler:
 
     def needs_changed(self) -> None:
         """The engine's resources or flags changed: enable the tasks whose needs are met now
-        (their loop starts at once, as at a start) and disable those whose needs are not
-        (a run in progress finishes), each told with a ``periodic.registered`` event."""
+        (their loop takes up their schedule at once, see :meth:`_reenable`) and disable those
+        whose needs are not (a run in progress finishes), each told with a
+        ``periodic.registered`` event."""
         for p in self._entries.values():
             if not self._recheck(p) or not self._running:
                 continue  # not running: the start decides and tells
             if not p.enabled:
-                self._halt(p)
+                self._disable(p)
                 log.warning("periodic task %r disabled: %s", p.name, p.reason)
             elif not p.paused:
-                self._launch(p, self._first_slot(p))
+                self._reenable(p)
             self._emit_registered(p)
 
     def _get(self, name: str) -> _Periodic:
@@ -706,9 +717,9 @@ class Scheduler:
             # not paused, yet resumed: its needs are checked again all the same (a resource
             # put back into engine.resources by hand is found here)
             if p.enabled:
-                self._launch(p, self._first_slot(p))
+                self._reenable(p)
             else:
-                self._halt(p)
+                self._disable(p)
             self._emit_registered(p)
         return self._info(p)
 
@@ -719,6 +730,11 @@ class Scheduler:
         # remembers it across restarts, so a restart neither repeats a slot nor
         # makes up every slot it missed)
         store = self._engine.store
+        # the runs followed before a stop are read back from the store as new entries, or not at
+        # all when they ended meanwhile (with no finish event here): the index tells which still go
+        self._inflight.clear()
+        for p in self._entries.values():
+            p.current = p.elsewhere = p.kept = None
         seeded: set[str] = set()
         # a task added while this reads (from another thread, handed to this loop between the
         # reads) is read too, before the loops begin: after that, an added task starts itself
@@ -742,7 +758,7 @@ class Scheduler:
             if not record.status.finished:
                 if p.current is None and record.id not in self._inflight:
                     p.current = handle = engine.handle(record.id)
-                    self._inflight[record.id] = (p, handle)
+                    self._follow(p, handle)
             elif p.last_run_id is None:
                 p.last_run_id = record.id
                 p.last_status = record.status.value
@@ -772,8 +788,14 @@ class Scheduler:
         """Decide enabled/disabled from the engine's resources and flags, start the loop, tell."""
         p.reason = self._unmet_needs(p)
         p.enabled = p.reason is None
+        # initial_delay is the service's time to warm up after a start (or after the task's
+        # registration on a running engine): a task enabled later within it waits for it too
+        p.hold_until = self._now() + p.initial_delay
         if p.enabled and not p.paused:
             self._launch(p, self._first_slot(p))
+        elif not p.enabled:
+            # a misspelled resource or flag name would otherwise leave no trace in the log
+            log.info("periodic task %r is disabled until its needs are met: %s", p.name, p.reason)
         self._emit_registered(p)
 
     def _emit_registered(self, p: _Periodic) -> None:
@@ -786,17 +808,46 @@ class Scheduler:
             next_due=p.next_due,
         )
 
-    def _launch(self, p: _Periodic, slot: float | None) -> None:
+    def _launch(self, p: _Periodic, slot: float | None, *, fresh: bool = True) -> None:
+        """Start ``p``'s loop, its first tick at ``slot``. ``fresh``: as at a start, the time
+        since its last tick is no news (a late first tick is logged at INFO)."""
         self._halt(p)
+        p.kept = None  # a schedule taken up anew: what a disable left is no longer it
         if slot is None:
             self._never_again(p)
             return
         self._plan(p, slot)
-        p.fresh = True
-        task = spawn(self._loop(p), name=f"taskwatch-periodic-{p.name}")
+        self._spawn(p, fresh=fresh)
+
+    def _spawn(self, p: _Periodic, *, fresh: bool, after_current: bool = False) -> None:
+        p.fresh = fresh
+        task = spawn(self._loop(p, after_current=after_current), name=f"taskwatch-periodic-{p.name}")
         p.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _disable(self, p: _Periodic) -> None:
+        if p.slot is not None and p.next_due is not None:
+            # the slot its loop was waiting for (not one it fired, whose run it waits on)
+            p.kept = p.slot
+        self._halt(p)
+
+    def _reenable(self, p: _Periodic) -> None:
+        """``p``'s needs are met again: its loop takes up its schedule where it was (see the
+        module's "Needs"), no slot of the time it was disabled fired late or counted missed."""
+        self._halt(p)
+        current = p.current
+        if p.every is not None and not p.fixed_rate and current is not None and self._going(current.id, p):
+            # an end-based interval whose run went on meanwhile counts from that run's end, as
+            # if the task had never been disabled (no tick skipped for it, none late)
+            p.kept = None
+            self._spawn(p, fresh=False, after_current=True)
+            return
+        self._launch(p, self._enable_slot(p), fresh=False)
+
+    def _going(self, run_id: str, p: _Periodic) -> bool:
+        """Whether ``run_id``, a run of ``p``, is one this scheduler knows is still going."""
+        return run_id in self._inflight or run_id == p.elsewhere
 
     def _halt(self, p: _Periodic) -> None:
         p.next_due = p.planned = p.slot = None
@@ -811,9 +862,7 @@ class Scheduler:
         return (self._fixed_clock or self._engine.clock)()
 
     def _first_slot(self, p: _Periodic) -> float | None:
-        now = self._now()
-        # initial_delay is the service's time to warm up after a start: this one's too
-        p.hold_until = now + p.initial_delay
+        """The first slot after a start (or the task's registration on a running engine)."""
         if p.last_fire is not None:
             # fired before this start: the slot after the last one, or at once if it
             # was missed while nothing ran (once, however many were missed)
@@ -830,9 +879,30 @@ class Scheduler:
             # a cron slot stays the nominal time every node claims (once, cluster-wide);
             # only when this node fires it waits for the warm-up
             return self._cron_after(p, p.last_fire)
-        start = now + p.initial_delay
+        start = p.hold_until
         # just before `start`, so a cron time that falls exactly on it still counts
         return start if p.cron is None else self._cron_after(p, start - 1e-6)
+
+    def _enable_slot(self, p: _Periodic) -> float | None:
+        """The slot a task enabled again takes its schedule up at: the next one from now (not
+        within the start's warm-up, which still holds): those that passed while it was
+        disabled are let go, not fired late."""
+        ref = max(self._now(), p.hold_until)
+        kept, p.kept = p.kept, None
+        if p.cron is not None:
+            return self._cron_after(p, ref - 1e-6)
+        every = p.every
+        assert every is not None
+        if p.fixed_rate:
+            # the grid of the slot it was waiting for (or of the last one fired), where it was
+            anchor = kept if kept is not None else p.last_fire
+            if anchor is None or anchor >= ref:
+                return ref if anchor is None else anchor
+            return anchor + every * math.ceil((ref - anchor) / every)
+        # end-based: the slot it was waiting for, else an interval after the last run ended
+        # (or the last slot fired); at once if that time has come
+        due = [kept] if kept is not None else [t + every for t in (p.last_fire, p.last_end) if t is not None]
+        return max([ref, *due])
 
     def _resume_slot(self, p: _Periodic) -> float | None:
         now = self._now()
@@ -863,30 +933,45 @@ class Scheduler:
         p.planned = slot + jitter_delay(span or 0.0, p.jitter, self._rng)
         p.next_due = max(p.planned, p.hold_until)
 
-    def _slot_after_tick(self, p: _Periodic, slot: float, end: float | None) -> float | None:
+    def _slot_after_tick(self, p: _Periodic, slot: float, planned: float, end: float | None) -> float | None:
         now = self._now()
+        # how late the loop is, as on the grid: a tick its jitter put near the next slot (up to
+        # a whole interval later with jitter=1.0) is not late, and that next slot stands
+        behind = now - (planned - slot)
         if p.cron is not None:
             # from now, not from the slot: a loop that woke late fires once, not in a burst
-            return self._cron_after(p, max(slot, now))
+            return self._cron_after(p, max(slot, behind))
         assert p.every is not None
         if p.fixed_rate:
-            due = next_interval_due(slot, None, p.every, True, now=now)
+            due = next_interval_due(slot, None, p.every, True, now=behind)
             # the latest slot already past is the one this late tick just fired for:
             # a loop held up for a while fires once, then keeps to the grid
-            return due + p.every if due < now else due
+            return due + p.every if due < behind else due
         return next_interval_due(None, end if end is not None else now, p.every, False)
 
     # ------------------------------------------------------------ the loop
 
-    async def _loop(self, p: _Periodic) -> None:
+    async def _loop(self, p: _Periodic, *, after_current: bool = False) -> None:
+        """Tick ``p`` at its slots. ``after_current``: an end-based interval whose next slot
+        is an interval after the end of its run still going (``p.current``)."""
         trouble = OutageLog(log, f"periodic task {p.name!r}: scheduling")
+        if after_current:
+            assert p.every is not None
+            try:
+                end = await self._wait_current(p)
+            except EngineNotRunning:
+                return
+            except Exception as exc:
+                trouble.failed(exc, "its interval counts from now")
+                end = None
+            self._plan(p, next_interval_due(None, end if end is not None else self._now(), p.every, False))
         while p.next_due is not None and p.slot is not None and p.planned is not None:
             try:
                 await self._sleep_until(p.next_due)
                 if self._recheck(p) and not p.enabled:
                     # a resource deleted from engine.resources (or a flag turned off) behind
                     # the scheduler's back: the run could only fail, so none is made
-                    self._halt(p)
+                    self._disable(p)
                     log.warning("periodic task %r disabled: %s", p.name, p.reason)
                     self._emit_registered(p)
                     return
@@ -903,7 +988,7 @@ class Scheduler:
                     # one a skipped tick found still going) has finished
                     p.next_due = None
                     end = await self._wait_current(p)
-                following = self._slot_after_tick(p, slot, end)
+                following = self._slot_after_tick(p, slot, planned, end)
                 if following is not None:
                     await self._count_missed(p, slot, planned, fired_at, following)
             except EngineNotRunning:
@@ -990,7 +1075,13 @@ class Scheduler:
         current = p.current
         if current is None:
             return None
-        record = await current.wait()
+        try:
+            record = await current.wait()
+        except RunNotFound:
+            # another node's run, pruned from the store before this node saw it end: it is
+            # over, when is not known (the interval counts from now)
+            self._let_go(current.id)
+            return None
         p.elsewhere = None
         return record.finished_at
 
@@ -1002,10 +1093,17 @@ class Scheduler:
 
     async def _tick_locked(self, p: _Periodic, slot: float, gap: float) -> None:
         current = p.current
-        if current is not None and current.id in self._inflight:  # its finished event has not come yet
+        going = current is not None and current.id in self._inflight  # its finished event has not come yet
+        if going and not self._engine.durable:
+            assert current is not None
+            # the memory store: the run is this node's own, whose end this node always hears
             if await self._engine.store.claim_periodic(p.name, slot, gap):
                 self._skip(p, current.id)  # the slot is this node's, and passes without a run
             return
+        # a durable store looks for a run of the task going on any node as it claims the slot,
+        # in one transaction: what this node knows of a run it does not execute (one read at
+        # its start, or another node's) lags the store, and may never hear its end at all (a
+        # run pruned from the store first), so the store's word decides, not this node's
         try:
             fired = await self._engine.submit_periodic(p.name, slot, gap)
         except QueueFull:
@@ -1013,21 +1111,26 @@ class Scheduler:
             self._skip(p, None)
             fired = None
         if fired is None:
-            # nothing runs for this slot: an end-based interval counts from now, not
-            # again from the end of a run that finished before it (that end would give
-            # this same slot back, refused again, at once and forever)
-            p.current = p.elsewhere = None
+            if not going:
+                # nothing runs for this slot: an end-based interval counts from now, not
+                # again from the end of a run that finished before it (that end would give
+                # this same slot back, refused again, at once and forever)
+                p.current = p.elsewhere = None
             return
         handle, new = fired
-        p.current = handle
-        p.elsewhere = None if new else handle.id
         if not new:
-            # a run of this task still goes (another node's, or an earlier start's): the
-            # slot passes without overlapping it, and an end-based interval counts from its end
+            # a run of this task still goes (this node's, another node's, or an earlier
+            # start's): the slot passes without overlapping it, and an end-based interval
+            # counts from its end
+            if current is None or current.id != handle.id:
+                p.current = handle
+            p.elsewhere = None if handle.id in self._inflight else handle.id
             self._skip(p, handle.id)
             return
+        p.current = handle
+        p.elsewhere = None
         p.runs += 1
-        self._inflight[handle.id] = (p, handle)
+        self._follow(p, handle)
 
     async def run_now(self, name: str, submit: Callable[[str], Awaitable[RunHandle]]) -> RunHandle:
         """Queue one run of ``name`` now with ``submit(source)`` (the engine's), off its schedule.
@@ -1048,14 +1151,57 @@ class Scheduler:
         if reason is not None:
             raise PeriodicNotRunnable(p.name, reason=reason)
         async with p.lock:
+            await self._refresh_current(p)
             self._refuse_if_going(p)
             await self._refuse_if_stored(p)
             handle = await submit(f"periodic:{p.name}:manual")
             p.current = handle
             p.elsewhere = None
             p.runs += 1
-            self._inflight[handle.id] = (p, handle)
+            self._follow(p, handle)
         return handle
+
+    async def _refresh_current(self, p: _Periodic) -> None:
+        """Bring what this node knows of ``p``'s run going up to what a durable store says:
+        one another node executes may have ended there unheard here, or been pruned."""
+        current = p.current
+        if current is None or not self._engine.durable or not self._going(current.id, p):
+            return
+        try:
+            # reads the store for a run of another node's, and announces its end if it came
+            await self._engine.fetch_run(current.id)
+        except RunNotFound:
+            self._let_go(current.id)
+
+    def _follow(self, p: _Periodic, handle: RunHandle) -> None:
+        """Count ``handle``'s run as ``p``'s in flight until it ends (its finished event), or until
+        the engine lets it go unfinished: a run of another node's that the store pruned before
+        this node heard how it ended has no finished event, only a wait that raises RunNotFound."""
+        self._inflight[handle.id] = (p, handle)
+        engine = self._engine
+        if not engine.durable or engine.current(handle.id) is None:
+            return  # the memory store's runs all end here; a run not indexed has no wait to hear
+        ended = asyncio.ensure_future(engine.wait_for(handle.id))  # a plain future for an indexed run
+        ended.add_done_callback(functools.partial(self._follow_ended, handle.id))
+
+    def _follow_ended(self, run_id: str, ended: asyncio.Future[RunRecord]) -> None:
+        if ended.cancelled():
+            return
+        # read, so an error is never left unretrieved: a finished run is the finished event's
+        # to record, one left pending at a stop the next start's to read back
+        if isinstance(ended.exception(), RunNotFound):
+            self._let_go(run_id)
+
+    def _let_go(self, run_id: str) -> None:
+        """``run_id`` is over, how it ended unknown (gone from the store): no slot waits for it."""
+        found = self._inflight.pop(run_id, None)
+        if found is None:
+            return
+        p, _ = found
+        if p.current is not None and p.current.id == run_id:
+            p.current = None
+        if p.elsewhere == run_id:
+            p.elsewhere = None
 
     def _refuse_if_going(self, p: _Periodic) -> None:
         current = p.current
@@ -1093,20 +1239,28 @@ class Scheduler:
         if found is None:
             return
         p, handle = found
-        # from the event itself: with a small history the run may already be evicted
         status = _STATUS_OF_KIND[event.kind]
-        duration: float | None = getattr(event, "duration", None)
-        p.last_run_id = event.run_id  # type: ignore[attr-defined]
-        p.last_status = status.value
-        p.last_started = event.ts - duration if duration is not None else None
-        p.last_duration = duration
-        try:
-            # the record's end, which the loop's next due time counts from too
-            p.last_end = handle.record().finished_at or event.ts
-        except RunNotFound:
-            p.last_end = event.ts
         if status is RunStatus.FAILED:
             p.failures += 1
+        try:
+            # the record's times (a handle keeps its run's entry after the index let it go), the
+            # node's that ran it: a cancel's event has no duration, another node's is heard late
+            record = handle.record()
+            started, duration, end = record.started_at, record.duration, record.finished_at or event.ts
+        except RunNotFound:
+            duration = getattr(event, "duration", None)
+            started = event.ts - duration if duration is not None else None
+            end = event.ts
+        if p.current is not handle and p.last_end is not None and end < p.last_end:
+            # a run of another node's whose end this node heard only after the end of a later
+            # run (runs of one task never overlap: the later end is the later run)
+            return
+        p.last_run_id = event.run_id  # type: ignore[attr-defined]
+        p.last_status = status.value
+        p.last_started = started
+        p.last_duration = duration
+        # the end the loop's next due time counts from too
+        p.last_end = end
 
 
 def _with_suggestion(name: str, known: list[str]) -> str:

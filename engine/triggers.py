@@ -17,6 +17,11 @@ captured when it fired (notifies that arrived during the run are kept) and
 its last-run time is recorded. A run cancelled before doing its work (e.g. by
 shutdown) leaves the count as it was, so the key fires again later.
 
+Keys due that a full run queue refused keep their counts and wait in line, tried again as
+the queue makes room (counted once each in ``TriggerState.rejected``). So does a key whose
+run a shared store refused after this node's queue took it: that run failed ``QueueFull``
+without starting, did no work, and takes nothing off.
+
 With a durable store the keys' state (counts, last runs, the run a key is
 waiting on) is saved at most ``save_interval`` seconds after it changes and
 at stop (once more after the engine's queues and runs have finished, so what
@@ -45,6 +50,7 @@ import heapq
 import logging
 import operator
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -59,7 +65,6 @@ from .errors import (
     InvalidCount,
     LoopThreadError,
     QueueFull,
-    RunNotFound,
     StoppedBeforeDone,
     TaskDefinitionError,
 )
@@ -71,7 +76,7 @@ from .jsonsafe import check_key
 from .options import TriggerOptions, check_options
 from .logs import OutageLog
 from .runs import RunStatus
-from .store import TriggerKeyRecord
+from .store import StoredRun, TriggerKeyRecord
 from .tasks import async_signature
 
 if TYPE_CHECKING:
@@ -84,6 +89,7 @@ log = logging.getLogger("taskwatch.triggers")
 _MAX_CHECK_INTERVAL = 60.0
 
 #: after a full queue refused a run, due keys are tried again this soon, doubling up to the cap
+#: (sooner when a run leaves this engine's queue: the timer is for room this node does not hear of)
 _RETRY_FIRST, _RETRY_MAX = 0.05, 5.0
 
 #: the most one notify may count, and (saturating) a key's count: a store keeps counts as
@@ -99,7 +105,8 @@ _SWEEP_STEP = 4096
 #: runs a sweep fires between two yields to the loop at most: each submits a run, which costs
 #: as much as looking at many keys
 _FIRES_PER_STEP = 128
-
+#: runs a start reads from the store in one request when it takes up the keys' runs
+_READ_STEP = 1000
 
 
 def _whole_count(owner: str, n: object) -> int:
@@ -139,7 +146,8 @@ class TriggerState(BaseModel):
     fired: int = 0
     keys: list[TriggerKeyState] = Field(default_factory=list)
     check_interval: float | None = None
-    #: fires refused because the engine's run queue was full (retried later)
+    #: keys a full run queue refused (this engine's, or a shared store's), each counted once
+    #: until the queue takes it: they are tried again as it makes room
     rejected: int = 0
     forget_after: float | None = None  # seconds
     #: idle keys dropped after ``forget_after``, since the engine object was made
@@ -190,6 +198,9 @@ class _Key:
     unsaved: int = 0
     #: the last notify (kept only when the trigger forgets keys: it costs a clock read)
     touched_at: float | None = None
+    #: a full queue refused the key and no run of it has started or ended since: counted
+    #: in ``rejected`` once, however often it is tried meanwhile
+    refused: bool = False
 
 
 def _heat(item: tuple[str, _Key]) -> tuple[bool, int]:
@@ -366,9 +377,9 @@ class Trigger:
         #: (else those sets would hold every key ever notified)
         self._saved = engine.durable
         self._drain_waiters: list[asyncio.Future[None]] = []
-        #: keys due that a full run queue refused, tried again by ``_retry`` (insertion order:
-        #: the first refused is tried first)
-        self._refused: dict[str, None] = {}
+        #: keys due that a full run queue refused, tried again by ``_retry_refused`` (first
+        #: refused first; an OrderedDict, whose front pops in O(1) however many went before)
+        self._refused: OrderedDict[str, None] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         #: while no loop counts (before the start, after the stop) notifies from several threads
@@ -383,7 +394,17 @@ class Trigger:
         #: the last start raised (a durable store's read failed): no launch is coming for drains to wait for
         self._start_failed = False
         self._sweeper: asyncio.Task[None] | None = None
+        #: the next try of the refused keys: after ``_retry_delay``, and on the loop's next turn
+        #: once a run left the queue (room for them) or a try stopped to let the loop breathe
         self._retry: asyncio.TimerHandle | None = None
+        self._soon: asyncio.Handle | None = None
+        #: a shared store refused runs this node's queue had taken (the node cannot see the
+        #: other nodes' runs): tries send at most this many keys each, doubling while none comes
+        #: back refused, since the store refuses a whole write of runs that does not fit
+        #: (None: no such refusal since the store last took them)
+        self._window: int | None = None
+        #: the runs the last of those tries sent, not refused so far
+        self._probes: set[str] = set()
         #: runs of this trigger the engine's stop cancelled (memory store), since the last start
         self._cut_at_stop = 0
         self._retry_delay = _RETRY_FIRST
@@ -490,44 +511,120 @@ class Trigger:
         return self._engine.submit_nowait(self.task_name, TriggerKey(key=key), source=self.source, internal=True)
 
     def _fire(self, key: str, st: _Key, reason: str) -> RunHandle | None:
+        if self._launched and self._refused:
+            # keys a full queue refused wait for room already: this one waits behind them. Tried
+            # now, it would be refused too (validated and built for nothing), or take the room
+            # they wait for
+            self._refuse(key, st)
+            return None
+        return self._submit_due(key, st, reason)
+
+    def _submit_due(self, key: str, st: _Key, reason: str) -> RunHandle | None:
         try:
             handle = self._submit(key)
         except QueueFull:
             # the count stays, and the key is tried again soon: without that a trigger
             # with no staleness sweep would wait for this key's next notify, maybe forever
-            self.rejected += 1
-            self._refused[key] = None
-            self._retry_later()
+            self._refuse(key, st)
             return None
         except EngineNotRunning:
             return None  # counts keep accumulating until the engine runs
         self._fired(key, st, handle, reason)
         return handle
 
+    def _refuse(self, key: str, st: _Key) -> None:
+        """A full queue refused ``key``: it waits in line for room, counted once."""
+        if not st.refused:
+            st.refused = True
+            self.rejected += 1
+        self._refused[key] = None
+        self._retry_later()
+
+    def _may_retry(self) -> bool:
+        # not once the trigger stopped: its stop told the drains that nothing tries them any more
+        loop = self._loop
+        return loop is not None and not loop.is_closed() and (self._launched or self._engine.state == "running")
+
     def _retry_later(self) -> None:
-        if self._retry is not None or self._loop is None or self._loop.is_closed():
+        if self._retry is not None or not self._may_retry():
             return
-        self._retry = self._loop.call_later(self._retry_delay, self._retry_refused)
+        assert self._loop is not None
+        self._retry = self._loop.call_later(self._retry_delay, self._retry_timer)
         self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX)
 
-    def _retry_refused(self) -> None:
-        """Try the keys a full queue refused again (those still due; the sweep finds the rest)."""
+    def _retry_soon(self) -> None:
+        if self._soon is not None or not self._refused or not self._may_retry():
+            return
+        assert self._loop is not None
+        self._soon = self._loop.call_soon(self._retry_now)
+
+    def _retry_timer(self) -> None:
         self._retry = None
-        # only those: a walk over every key at each retry would stall the loop as often
-        # as the queue is full, for as long as the trigger has keys
-        refused, self._refused = self._refused, {}
+        self._retry_refused()
+
+    def _retry_now(self) -> None:
+        self._soon = None
+        self._retry_refused()
+
+    def _retry_refused(self) -> None:
+        """Fire the keys a full queue refused, first refused first, until it refuses one again.
+
+        The rest would be refused as well: they wait for the next try, which a run leaving
+        the queue brings on at once (the timer is for room this node does not hear of). A try
+        fires at most ``_FIRES_PER_STEP`` keys and then lets the loop's other work run first.
+        """
+        budget = _FIRES_PER_STEP
+        if self._window is not None:
+            if self._probes:
+                # the keys the last try sent have not come back refused: the store took them
+                self._probes.clear()
+                self._retry_delay = _RETRY_FIRST
+                self._window *= 2
+                if self._window >= _FIRES_PER_STEP:
+                    self._window = None
+            budget = self._window or budget
         now = self._now()
-        for key in refused:
+        fired = step = 0
+        full = False
+        refused = self._refused
+        while refused and fired < budget and step < _SWEEP_STEP:
+            key, _ = refused.popitem(last=False)
             st = self._keys.get(key)
-            if st is not None and st.run_id is None and st.count > 0:
-                reason = self._due_reason(st, now)
-                if reason is not None:
-                    self._fire(key, st, reason)
-        if not self._active and not self._refused:
-            self._wake_drainers()  # they waited on these keys alone
+            reason = None if st is None or st.run_id is not None else self._due_reason(st, now)
+            if st is None or reason is None:
+                # forgotten, fired by hand, or no longer due (its count taken by a run that
+                # ended meanwhile): nothing to wait for
+                if st is not None and st.run_id is None:
+                    st.refused = False
+                step += 1
+                continue
+            try:
+                handle = self._submit(key)
+            except (QueueFull, EngineNotRunning):
+                refused[key] = None
+                refused.move_to_end(key, last=False)  # still the first in line
+                full = True
+                break
+            self._fired(key, st, handle, reason)
+            if self._window is not None:
+                self._probes.add(handle.id)
+            fired += 1
+            step += _SWEEP_STEP // _FIRES_PER_STEP
+        if not refused:
+            if self._probes:
+                self._retry_later()  # to see whether the store takes them
+            else:
+                self._window = None
+                self._retry_delay = _RETRY_FIRST
+            if not self._active:
+                self._wake_drainers()  # they waited on these keys alone
+            return
+        # set while keys wait: the next try may be refused with no run of this node left to end
+        self._retry_later()
+        if not full and self._window is None:
+            self._retry_soon()  # only the step was spent: go on once the loop's other work ran
 
     def _fired(self, key: str, st: _Key, handle: RunHandle, reason: str) -> None:
-        self._retry_delay = _RETRY_FIRST
         self._refused.pop(key, None)
         st.run_id = handle.id
         st.captured = st.count
@@ -619,18 +716,30 @@ class Trigger:
 
     def _on_run_event(self, event: BaseEvent) -> None:
         """Bus callback: follow our runs from queued to running to finished."""
+        kind: str = event.kind
+        if self._refused and self._window is None and (kind == "run.started" or kind == "run.cancelled"):
+            # a run (of any task) left this engine's queue, or a slot: room for a refused key
+            self._retry_soon()
         key = self._active.get(event.run_id)  # type: ignore[attr-defined]
         if key is None:
             return
         st = self._keys[key]
-        kind: str = event.kind
         if kind == "run.started":
             st.running = True
+            st.refused = False  # the queue took it
+            if self._window is None:
+                self._retry_delay = _RETRY_FIRST
             return
         if kind == "run.retrying":
             st.running = False
             return
         del self._active[event.run_id]  # type: ignore[attr-defined]
+        if kind == "run.failed" and self._store_refused(event, st):
+            self._given_back(key, st)
+            if not self._active:
+                self._wake_drainers()  # (they go on waiting for the key, now refused)
+            return
+        st.refused = False
         if kind == "run.cancelled" and getattr(event, "reason", None) == "shutdown":
             self._cut_at_stop += 1  # a drain waiting on it hears it did not run
         self._ended(key, st, kind.removeprefix("run."), self._now())
@@ -642,6 +751,28 @@ class Trigger:
             self._loop.call_soon(self._refire, key)
         if not self._active:
             self._wake_drainers()
+
+    def _store_refused(self, event: BaseEvent, st: _Key) -> bool:
+        """Whether the failed run was one a shared store's full queue refused when it was
+        written (this node's queue had taken it): it never started, so it did no work."""
+        error = getattr(event, "error", None)
+        if error is None or error.type != QueueFull.__name__ or st.running or getattr(event, "attempt", 1) != 1:
+            return False
+        # a handler may raise QueueFull too (a submit of its own refused), but only after it started
+        run = self._engine.current(event.run_id)  # type: ignore[attr-defined]
+        return run is None or run.started_at is None
+
+    def _given_back(self, key: str, st: _Key) -> None:
+        """The key's run was refused by the store: the count it fired with stays, and the key
+        waits for room as a key this node's queue refused does."""
+        st.running = False
+        st.run_id, st.captured = None, 0
+        self._changed(key)
+        # the store refuses a whole write that does not fit: from now on, try few keys at a time
+        self._window, self._probes = 1, set()
+        if self._due_reason(st, self._now()) is not None:
+            self._refuse(key, st)
+        # else fired by hand below its threshold: that run failed QueueFull, as a submit's does
 
     def _ended(self, key: str, st: _Key, status: str, at: float) -> None:
         """The key's run ended with ``status``: a run that did its work takes its count off."""
@@ -695,7 +826,7 @@ class Trigger:
             while self._active or self._refused:
                 if self._engine.state == "stopped" and self._engine.durable and self._active:
                     raise self._left_at_stop()
-                if not self._active and self._retry is None:
+                if not self._active and self._retry is None and self._soon is None:
                     # the trigger stopped, which cancelled the retry: nothing runs them now
                     raise self._refused_at_stop()
                 fut = loop.create_future()
@@ -821,6 +952,7 @@ class Trigger:
         self._cut_at_stop = 0
         self._retry_delay = _RETRY_FIRST
         self._refused.clear()  # the first sweep, just below, tries every key due
+        self._window, self._probes = None, set()
         # keys that reached their threshold before the engine ran fire now, once the rest of
         # the engine has started
         if self._first_check is None:
@@ -872,6 +1004,7 @@ class Trigger:
         """Take up the keys saved by an earlier start; notifies made since are added on top
         (this engine object's own start before, whose counts the store has, adds nothing)."""
         saved = await self._engine.store.load_trigger(self.name)
+        following: list[tuple[str, _Key]] = []
         for key, rec in saved.items():
             st = self._keys.get(key)
             if st is None:
@@ -884,19 +1017,53 @@ class Trigger:
             st.last_run_at, st.last_run_id, st.last_status = rec.last_run_at, rec.last_run_id, rec.last_status
             if rec.run_id is None or st.run_id is not None:
                 continue
-            # the run this key waited on when the last start ended: follow it, or take its outcome
+            # the run this key waited on when the last start ended: follow it, or take its outcome.
+            # Followed from here on, so an end told while the runs are read below is heard
             st.run_id, st.captured = rec.run_id, rec.captured
+            self._active[rec.run_id] = key
+            following.append((key, st))
+        if following:
             try:
-                run = await self._engine.fetch_run(rec.run_id)
-            except RunNotFound:
-                st.run_id, st.captured = None, 0  # pruned meanwhile: the count stays, the key fires again
-                continue
-            if run.status.finished:
-                self._ended(key, st, run.status.value, run.finished_at or self._now())
-            else:
-                self._active[rec.run_id] = key
-                st.running = run.status is RunStatus.RUNNING
+                await self._take_up(following)
+            except BaseException:
+                # the start is tried again, and takes up only keys that follow no run
+                for key, st in following:
+                    if st.run_id is not None and self._active.get(st.run_id) == key:
+                        del self._active[st.run_id]
+                        st.run_id, st.captured, st.running = None, 0, False
+                raise
         self._follow_unrecorded(saved)
+
+    async def _take_up(self, following: list[tuple[str, _Key]]) -> None:
+        """Follow the saved runs of these keys as they are now, read from the store in a few
+        requests (one per run held up a start of many keys for seconds)."""
+        ids = [st.run_id for _, st in following if st.run_id is not None]
+        stored: dict[str, StoredRun] = {}
+        for i in range(0, len(ids), _READ_STEP):
+            stored.update(await self._engine.store.get_many(ids[i : i + _READ_STEP]))
+        for key, st in following:
+            run_id = st.run_id
+            if run_id is None or self._active.get(run_id) != key:
+                continue  # it ended while the runs were read: the key has heard so
+            here = self._engine.current(run_id)
+            row = stored.get(run_id)
+            if here is not None and (here.status.finished or row is None):
+                # this node's own end is in its index before the store has it (and a run not
+                # written yet only there)
+                status, finished_at = here.status, here.finished_at
+            elif row is not None:
+                status, finished_at = row.status, row.finished_at
+            else:
+                # pruned meanwhile: the count stays, the key fires again
+                del self._active[run_id]
+                st.run_id, st.captured = None, 0
+                continue
+            if status.finished:
+                del self._active[run_id]
+                self._ended(key, st, status.value, finished_at or self._now())
+            else:
+                # another node's claim is in the store before this node hears of it
+                st.running = RunStatus.RUNNING in (status, here.status if here is not None else None)
 
     def _follow_unrecorded(self, saved: Mapping[str, TriggerKeyRecord]) -> None:
         """Follow the runs of this trigger's task that are not finished and that no saved key
@@ -992,10 +1159,12 @@ class Trigger:
         # the engine takes no run any more: the next start fires those keys
         await cancel_and_wait(first)
         retry, self._retry = self._retry, None
-        if retry is not None:
-            retry.cancel()
-            if not self._active:
-                self._wake_drainers()  # those waiting on the refused keys hear no retry is coming
+        soon, self._soon = self._soon, None
+        for handle in (retry, soon):
+            if handle is not None:
+                handle.cancel()
+        if self._refused and not self._active:
+            self._wake_drainers()  # those waiting on the refused keys hear no retry is coming
         saver, self._saver = self._saver, None
         if saver is not None:
             await cancel_and_wait(saver)

@@ -204,6 +204,130 @@ async def test_reasons_name_a_flag_that_is_not_set_and_the_nearest_resource() ->
         )
 
 
+async def test_a_task_disabled_at_the_start_is_logged_with_what_it_waits_for(caplog: pytest.LogCaptureFixture) -> None:
+    # the same state reached later logged a warning, at the start nothing: a misspelled
+    # resource name left no trace in the log
+    engine = make_engine(resources={"redis": 1}, flags={"kg": False})
+
+    @engine.periodic(every=60.0, requires=("reddis",))
+    async def typo(ctx: TaskContext, reddis: object) -> None: ...
+
+    @engine.periodic(every=60.0, opt_in="kg")
+    async def flagged(ctx: TaskContext) -> None: ...
+
+    @engine.periodic(every=60.0, initial_delay=60.0)
+    async def fine(ctx: TaskContext) -> None: ...
+
+    with caplog.at_level(logging.INFO, logger="taskwatch.scheduler"):
+        async with engine:
+            pass
+    said = {(r.levelno, r.getMessage()) for r in caplog.records if r.name == "taskwatch.scheduler"}
+    assert said == {
+        (logging.INFO, "periodic task 'typo' is disabled until its needs are met: missing resource: reddis (did you mean redis?)"),
+        (logging.INFO, "periodic task 'flagged' is disabled until its needs are met: flag kg is off"),
+    }
+
+
+async def test_a_fixed_rate_task_enabled_again_keeps_its_grid_and_counts_nothing_missed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # a flag turned off and on again restarted the task as at an engine start: the slot it
+    # waited for before it was turned off fired at once, late, and counted the slots of the
+    # time it was off as missed, logging them as a late tick
+    start = 1_800_000_000.0
+    now = [start]
+    engine = make_engine(flags={"on": True}, clock=lambda: now[0])
+
+    @engine.periodic(every=60.0, fixed_rate=True, opt_in="on")
+    async def tick(ctx: TaskContext) -> None: ...
+
+    with caplog.at_level(logging.INFO, logger="taskwatch.scheduler"):
+        async with engine:
+            await eventually(lambda: info(engine, "tick").last_status == "succeeded")
+            engine.set_flag("on", False)
+            now[0] = start + 179.9  # two slots of its grid pass while it is off
+            engine.set_flag("on", True)
+            p = info(engine, "tick")
+            assert (p.enabled, p.next_due, p.runs, p.missed) == (True, start + 180.0, 1, 0)
+            now[0] = start + 180.0
+            await eventually(lambda: info(engine, "tick").runs == 2 and info(engine, "tick").next_due == start + 240.0)
+            assert info(engine, "tick").missed == 0
+    assert not [r for r in caplog.records if "late" in r.getMessage()]
+
+
+async def test_a_task_enabled_again_waits_for_no_initial_delay_but_the_starts() -> None:
+    start = 1_800_000_000.0
+    now = [start]
+    engine = make_engine(flags={"on": True}, clock=lambda: now[0])
+
+    @engine.periodic(every=60.0, initial_delay=0.5, opt_in="on")
+    async def tick(ctx: TaskContext) -> None: ...
+
+    async with engine:
+        assert info(engine, "tick").next_due == start + 0.5
+        # off and on within the start's warm-up: that one still holds, no new one begins
+        engine.set_flag("on", False)
+        now[0] = start + 0.3
+        engine.set_flag("on", True)
+        assert info(engine, "tick").next_due == start + 0.5
+        # off for a while: the interval's time came meanwhile, so it fires at once
+        engine.set_flag("on", False)
+        now[0] = start + 100.0
+        engine.set_flag("on", True)
+        assert info(engine, "tick").next_due == start + 100.0
+        await eventually(lambda: info(engine, "tick").last_status == "succeeded")
+        p = info(engine, "tick")
+        assert (p.runs, p.missed, p.skipped) == (1, 0, 0)
+
+
+async def test_an_end_based_task_enabled_again_while_its_run_goes_counts_from_that_runs_end() -> None:
+    # a resource swapped (withdraw, provide) while a run went on: the task started again as at
+    # a start, so the slot it had already fired came due at once, was skipped for the run
+    # still going, and the ticks after it were counted missed
+    start = 1_800_000_000.0
+    now = [start]
+    engine = make_engine(resources={"db": "conn-1"}, clock=lambda: now[0])
+    release = asyncio.Event()
+
+    @engine.periodic(every=60.0, requires=("db",))
+    async def job(ctx: TaskContext, db: str) -> None:
+        await release.wait()
+
+    async with engine:
+        await eventually(lambda: engine.runs(task="job", status="running"))
+        engine.withdraw("db")
+        engine.provide("db", "conn-2")
+        p = info(engine, "job")
+        # waiting for that run's end, as an end-based interval does
+        assert (p.enabled, p.next_due, p.running_run_id is not None) == (True, None, True)
+        now[0] = start + 5.0
+        release.set()
+        p = await eventually(lambda: (p := info(engine, "job")).next_due is not None and p)
+        assert (p.next_due, p.runs, p.skipped, p.missed, p.last_status) == (start + 65.0, 1, 0, 0, "succeeded")
+
+
+async def test_schedule_shows_when_a_cancelled_run_started_and_how_long_it_ran(tmp_path: Path) -> None:
+    # a cancel's event carries no duration: schedule() showed None for both until a restart
+    # read them from the store
+    engine = make_engine(store=f"sqlite:///{tmp_path / 'runs.db'}")
+    started = asyncio.Event()
+
+    @engine.periodic(every=3600.0)
+    async def long(ctx: TaskContext) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    async with engine:
+        await asyncio.wait_for(started.wait(), 10)
+        run_id = info(engine, "long").running_run_id
+        assert run_id is not None
+        await engine.cancel(run_id)
+        record = await engine.wait_for(run_id)
+        p = await eventually(lambda: (p := info(engine, "long")).last_run_id == run_id and p)
+    assert record.started_at is not None and record.duration is not None
+    assert (p.last_status, p.last_started, p.last_duration) == ("cancelled", record.started_at, record.duration)
+
+
 # ---------------------------------------------------------------- restarts and stops
 
 
@@ -284,6 +408,40 @@ async def test_slots_missed_while_the_loop_was_held_up_are_counted(options: dict
         # fired once for them all, and the next tick is ahead, not in a burst
         assert p.next_due > fired[1] and len(fired) == 2
     assert not stray_tasks()
+
+
+async def test_a_fixed_rate_tick_its_full_jitter_put_near_the_next_slot_leaves_that_slot_standing() -> None:
+    # with jitter=1.0 a tick may be put just before the next slot of its grid; reached a little
+    # after its own time, it took that next slot for passed: dropped, counted missed, and
+    # logged as a late tick
+    start = 1_800_000_000.0
+    now = [start]
+    engine = make_engine(clock=lambda: now[0])
+    every = 60.0
+
+    @engine.periodic(every=every, fixed_rate=True, jitter=1.0)
+    async def tick(ctx: TaskContext) -> None: ...
+
+    engine.pause_periodic("tick")
+    async with engine:
+        for _ in range(100):
+            # its next slot an interval from now, and the jitter drawn for it
+            planned = engine.resume_periodic("tick").next_due
+            slot = now[0] + every
+            assert planned is not None and slot <= planned <= slot + every
+            if planned - slot >= 1.0:
+                break
+            engine.pause_periodic("tick")
+        else:
+            pytest.fail("no jitter of a second or more in 100 draws")
+        # the loop reaches the tick later than its jittered time, past the next slot of the
+        # grid, yet less than an interval late: no slot passed while it was held up
+        now[0] = slot + every + (planned - slot) / 2
+        # caught up: its next tick planned ahead (the next slot's may have come due already)
+        p = await eventually(lambda: (p := info(engine, "tick")).next_due is not None and p.next_due > now[0] and p)
+    assert p.missed == 0
+    # no slot of the grid left out: each fired one is followed by the next, with its own jitter
+    assert p.runs in (1, 2) and slot + p.runs * every <= p.next_due <= slot + (p.runs + 1) * every
 
 
 async def test_a_long_suspension_under_an_every_second_cron_is_counted_without_stalling_the_loop() -> None:

@@ -207,3 +207,17 @@ async def test_a_resource_may_be_taken_as_a_positional_or_keyword_argument() -> 
     engine.register(lookup, params=Lookup, resources=("db",))
     async with engine:
         assert (await (await engine.submit("lookup", {"key": "a"})).wait()).result == 1
+
+
+@pytest.mark.parametrize(
+    ("decorator", "example"),
+    [("task", "@engine.task(retries=3)"), ("periodic", "@engine.periodic(every=60)"),
+     ("supervised", "@engine.supervised(name='indexer')")],
+)
+def test_an_option_given_by_position_is_refused_with_how_options_are_written(decorator: str, example: str) -> None:
+    # @engine.periodic(60) takes 60 for the function: the error must not send the user to name=
+    engine = Engine()
+    with pytest.raises(TaskDefinitionError, match="60 is not a function") as caught:
+        getattr(engine, decorator)(60)
+    assert example in str(caught.value) and "name=" not in str(caught.value).replace(example, "")
+    assert engine.tasks() == {} and engine.schedule() == [] and engine.workers() == []

@@ -127,6 +127,134 @@ async def test_a_drain_on_refused_keys_hears_when_the_engine_stops() -> None:
     assert compile.state().keys[0].count == 1
 
 
+async def test_keys_a_full_queue_refused_are_counted_once_each_and_run_first_refused_first() -> None:
+    # more keys due at once than the queue holds: those it refused wait in line and go in as
+    # it makes room. `rejected` says how many keys it refused, not how often they were tried
+    # (every retry of every waiting key counted, it ran into the millions)
+    engine = make_engine(max_concurrency=1, max_queue=5)
+    gate = asyncio.Event()
+    ran: list[str] = []
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        await gate.wait()
+        ran.append(key)
+
+    compile = engine.trigger("compile", run_compile, size_threshold=1)
+    keys = [f"k{i:02d}" for i in range(40)]
+    async with engine:
+        for key in keys:
+            compile.notify(key)
+        assert compile.state().rejected == 34  # one running, 5 queued, the rest refused
+        gate.set()
+        await compile.drain(timeout=TIMEOUT)
+        assert ran == keys  # the queue took them in the order they became due
+        state = compile.state()
+        assert state.rejected == 34
+        assert state.fired == 40
+        assert all(k.count == 0 and k.last_status == "succeeded" for k in state.keys)
+
+
+async def test_a_key_a_shared_store_refused_keeps_its_count_and_runs_once_there_is_room(tmp_path: Path) -> None:
+    # two nodes on one file share a queue of 5: this node's own queue is empty and takes the
+    # key's run, which the store then refuses (the run fails QueueFull without starting). The
+    # count it fired with was taken off as if the run had done its work, and the key never ran
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    here = make_engine(store=url, node_id="a", max_queue=5)
+    other = make_engine(store=url, node_id="b", max_queue=5, max_concurrency=1)
+    gate = asyncio.Event()
+
+    async def block(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    other.register(block, name="block")
+    ran: list[str] = []
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        if key == "raises":
+            # raised by a run that started: its count is taken off as any failure's
+            raise QueueFull("a queue of the handler's own", 1)
+        ran.append(key)
+
+    compile = here.trigger("compile", run_compile, size_threshold=3)
+    failed = Recorder(here, ("run.failed",))
+    await here.start()
+    await other.start()
+    try:
+        await other.submit("block")
+        await eventually(lambda: other.stats().running == 1)
+        for _ in range(5):
+            await other.submit("block")  # the shared queue is full
+        compile.notify("bank-42", n=3)
+        await eventually(lambda: failed.of("run.failed"))
+        [refused] = failed.of("run.failed")
+        assert refused.error.type == "QueueFull"
+        [key] = compile.state().keys
+        assert key.count == 3 and not key.queued and not key.running
+        assert compile.state().rejected == 1
+        # tried again and refused again: still one key refused
+        await eventually(lambda: len(failed.of("run.failed")) >= 2)
+        assert {e.error.type for e in failed.of("run.failed")} == {"QueueFull"}
+        assert compile.state().rejected == 1
+        assert compile.state().keys[0].count == 3
+        gate.set()
+        await compile.drain(timeout=TIMEOUT)
+        assert ran == ["bank-42"]
+        [key] = compile.state().keys
+        assert key.count == 0 and key.last_status == "succeeded"
+
+        compile.notify("raises", n=3)
+        await compile.drain(timeout=TIMEOUT)
+        raised = key_named(compile, "raises")
+        assert raised.count == 0 and raised.last_status == "failed"
+        assert compile.state().rejected == 1
+    finally:
+        await other.stop(timeout=1.0)
+        await here.stop(timeout=1.0)
+
+
+async def test_keys_a_shared_store_refused_all_run_while_it_has_room_for_only_two(tmp_path: Path) -> None:
+    # the store refuses a whole write that does not fit: were every refused key tried at once,
+    # the keys would be refused for good while the other node's runs hold three of five places
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    here = make_engine(store=url, node_id="a", max_queue=5)
+    other = make_engine(store=url, node_id="b", max_queue=5, max_concurrency=1)
+    gate = asyncio.Event()
+
+    async def block(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    other.register(block, name="block")
+    ran: list[str] = []
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    compile = here.trigger("compile", run_compile, size_threshold=1)
+    keys = [f"k{i}" for i in range(12)]
+    await here.start()
+    await other.start()
+    try:
+        await other.submit("block")
+        await eventually(lambda: other.stats().running == 1)
+        for _ in range(3):
+            await other.submit("block")  # pending: two places left
+        for key in keys:
+            compile.notify(key)
+        await compile.drain(timeout=TIMEOUT)
+        assert sorted(ran) == sorted(keys)
+        assert all(k.count == 0 and k.last_status == "succeeded" for k in compile.state().keys)
+        assert compile.state().rejected <= len(keys)
+    finally:
+        gate.set()
+        await other.stop(timeout=1.0)
+        await here.stop(timeout=1.0)
+
+
+def key_named(trigger: Trigger, key: str) -> Any:
+    [found] = [k for k in trigger.state().keys if k.key == key]
+    return found
+
+
 # ------------------------------------------------------------ state() from another thread
 
 
