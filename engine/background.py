@@ -28,7 +28,6 @@ import asyncio
 import atexit
 import concurrent.futures
 import concurrent.futures.thread  # noqa: F401 - its exit hook registers first, so ours runs before it
-import contextvars
 import errno
 import functools
 import inspect
@@ -261,11 +260,11 @@ class BackgroundEngine:
         self._dashboards: list[subprocess.Popen[bytes]] = []
         #: the port each dashboard listens on, by its process id
         self._dashboard_ports: dict[int, int] = {}
-        # the loop thread runs in a copy of the launcher's context: as under `await engine.start()`,
-        # runs see the context variables of the code that started the engine
+        # the loop thread starts with a context of its own, not the launcher's: in a notebook the
+        # kernel keeps the cell that ran in a context variable, and runs would print (and the
+        # engine log) into the cell that started the engine, long finished, instead of the one running
         self._thread = threading.Thread(
-            target=contextvars.copy_context().run, args=(self._thread_main,), name=f"taskwatch-{engine.node_id}",
-            daemon=True,
+            target=self._thread_main, name=f"taskwatch-{engine.node_id}", daemon=True
         )
 
     @classmethod

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import errno
 import math
 import re
@@ -34,7 +33,6 @@ from taskwatch.engine import (
     RunNotFound,
     RunStatus,
     StoppedBeforeDone,
-    TaskContext,
     TaskwatchError,
     UnknownTask,
 )
@@ -97,28 +95,6 @@ def test_start_background_returns_a_ready_engine() -> None:
     assert engine.state == "stopped"
     assert bg.thread not in threading.enumerate()
     assert taskwatch_threads() <= before
-
-
-REGION: contextvars.ContextVar[str] = contextvars.ContextVar("region", default="unset")
-
-
-def test_runs_see_the_context_variables_of_the_code_that_started_the_engine() -> None:
-    # as under `await engine.start()`: a request id, a tenant, a tracing span set by the launcher
-    engine = Engine(health_interval=None)
-
-    @engine.task
-    async def where(ctx: TaskContext) -> str:
-        return REGION.get()
-
-    token = REGION.set("eu-west")
-    try:
-        bg = engine.start_background()
-    finally:
-        REGION.reset(token)
-    try:
-        assert bg.submit("where").wait(10).result == "eu-west"
-    finally:
-        bg.stop(timeout=5)
 
 
 def test_start_error_is_raised_in_the_caller() -> None:
