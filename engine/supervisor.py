@@ -227,11 +227,15 @@ class Supervisor:
                 raise EngineNotRunning(self._engine.state)
             if worker.leader_only and not self._leads():
                 raise WorkerNotLeading(name, self._engine.node_id, self._engine.elector.holder)
-            await self._end(worker, "restart")
             worker.held = False
             worker.streak = 0
             worker.backoff_ends = None
-            self._start_now(worker)
+            try:
+                await self._end(worker, "restart")
+            finally:
+                # also when the caller gave up waiting for the cleanup: the worker is not left
+                # ended (a copy still unwinding is started again by its done-callback)
+                self._start_now(worker)
             return worker.info()
 
     async def stop_worker(self, name: str) -> WorkerInfo:
@@ -376,9 +380,10 @@ class Supervisor:
             if task.cancelled() and not worker.began:
                 # cancelled before its first step (stopped right after a start): say so as _supervise would
                 self._stopped(worker, worker.stop_reason or "cancelled")
-        # what ended it may have been undone while it unwound: leadership came back, or
-        # start_worker was called during a stop_worker
-        if worker.stop_reason in ("leadership_lost", "user"):
+        # what ended it may have been undone while it unwound: leadership came back,
+        # start_worker was called during a stop_worker, or a restart's caller stopped waiting
+        # for (or gave up on) a cleanup longer than its cancel rounds
+        if worker.stop_reason in ("leadership_lost", "user", "restart"):
             self._start_now(worker)
 
     def _cancel(self, worker: _Worker, reason: StopReason) -> asyncio.Task[None] | None:

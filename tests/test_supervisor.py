@@ -542,3 +542,33 @@ async def test_a_start_during_a_stop_runs_the_worker_again_once_it_has_ended() -
         info = engine.workers()[0]
         assert info.state == "running" and not info.stopped_by_user
     assert not stray_tasks()
+
+
+async def test_a_restart_whose_caller_stops_waiting_still_starts_the_worker_again() -> None:
+    engine = Engine(health_interval=None, cancel_grace=30)
+    starts = 0
+    cleaning = asyncio.Event()
+    cleaned = asyncio.Event()
+
+    @engine.supervised(name="indexer")
+    async def indexer(ctx: TaskContext) -> None:
+        nonlocal starts
+        starts += 1
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cleaning.set()
+            await cleaned.wait()  # a cleanup that takes a while (flushing a buffer, say)
+            raise
+
+    async with engine:
+        await eventually(lambda: starts == 1)
+        restarting = asyncio.create_task(engine.restart_worker("indexer"))
+        await cleaning.wait()
+        restarting.cancel()  # the caller gives up (a request's timeout, say)
+        with pytest.raises(asyncio.CancelledError):
+            await restarting
+        cleaned.set()
+        await eventually(lambda: starts == 2)
+        await eventually(lambda: engine.workers()[0].state == "running")
+    assert not stray_tasks()
