@@ -23,10 +23,20 @@ meanwhile operations back off as :class:`~.redis_lease.RedisLease`'s do
 URL the server does not know) is no outage: the operation raises
 :class:`~.errors.LeaseRefused`, which fails ``engine.start()``, and
 ``leadership().backend`` says ``refused: <error>`` until an operation succeeds.
+
+A node stalled inside its acquire (paused, or cut off by a network that drops
+its packets) holds the lease's row locked: the server ends its session once it
+has sat idle in its transaction for a ttl, and the other nodes' waits for the
+row end after half a renew interval (``lock_timeout``), before the elector
+gives up on them, so they read as "another node holds the lease", not as a
+database out of reach. A term is committed durably (``synchronous_commit``)
+before the holder is told it. Tables dropped under a running cluster (a
+restore, a schema reset) are created again by the next operation.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -40,6 +50,8 @@ from .urls import redact_url
 from .store import queries as Q
 from .store.postgres import LEASE_OBJECTS, claim_schema, driver_url, load_driver, schema_of, schema_settings
 
+log = logging.getLogger("taskwatch.lease")
+
 #: seconds taken off the expiry a holder is told, beyond the round trip, as a fraction of the ttl
 _MARGIN = 0.05
 
@@ -48,6 +60,10 @@ _BACKOFF = 0.05
 
 #: SQLSTATE classes that mean the server cannot serve now (connection, shutdown, resources)
 _UNREACHABLE_CLASSES = ("08", "57", "53")
+
+#: the server ended a session left idle inside its transaction (this node was paused or cut off
+#: mid-acquire): the connection is lost, as a cut one is
+_SESSION_ENDED = "25P03"
 
 #: SQLSTATE class of a transaction to try again (serialization failure, deadlock): neither an
 #: outage nor a refusal
@@ -67,6 +83,12 @@ _SETUP = [
     )""",
     "CREATE SEQUENCE IF NOT EXISTS lease_terms",
 ]
+
+#: a sequence made again (the old one dropped) raised past the highest term this node has seen,
+#: so the next term drawn is above it (next = last_value, or last_value + 1 once one was drawn);
+#: the term written in, not bound: a statement with parameters is prepared, and this one cannot
+#: be before the transaction that makes the sequence (see acquire())
+_RAISE_TERMS = "SELECT setval('lease_terms', {term}) FROM lease_terms WHERE last_value + is_called::int <= {term}"
 
 # An acquire is three statements in one transaction, so that a term is drawn only by the node
 # that takes the lease: terms then count the leaderships. (A term drawn in the statement that
@@ -173,7 +195,21 @@ class PostgresLease(ReportsHealth, Lease):
         self.url = url
         #: the URL may be the cluster's one (with the store's or the relay's options in it)
         self._dsn = driver_url(url)
-        self._settings = schema_settings(self.schema)
+        self._settings = {
+            # a term committed asynchronously can be lost in a crash of the server, which then
+            # hands the same term out again: two leaderships with one fencing token
+            "synchronous_commit": "on",
+            # a node paused or cut off inside its acquire holds the lease's row locked: without
+            # this the cluster has no leader until its connection dies (hours on a silent
+            # network); a healthy transaction is never idle that long (the elector gives up on
+            # the whole operation after a renew interval, at most half the ttl)
+            "idle_in_transaction_session_timeout": str(max(1, round(self.ttl * 1000))),
+            # a wait for that row ends on the server, and before the elector gives up on the
+            # operation: so it reads as a lease held, not as a database that does not answer,
+            # and no waiting session is left behind on the server for each try
+            "lock_timeout": str(max(1, round(self.renew_interval * 500))),
+            **schema_settings(self.schema),
+        }
         self.name = name
         self.connect_timeout = timeout
         #: database clock minus local clock, as the last operation measured it
@@ -182,6 +218,10 @@ class PostgresLease(ReportsHealth, Lease):
         #: are still two holders, and neither renews or releases the other's lease
         self._token = os.urandom(8).hex()
         self._ready = False
+        #: the highest term this lease object has seen: a sequence made again starts above it
+        self._term_seen = 0
+        #: a wait for the lease's row timed out, and no try has got through to it since
+        self._row_locked = False
         self._where = redact_url(url)
         self._health = StoreHealth(self._where, _BACKOFF, self.renew_interval)
 
@@ -203,7 +243,7 @@ class PostgresLease(ReportsHealth, Lease):
         if isinstance(exc, OSError | TimeoutError | d.InterfaceError | d.exceptions.InternalClientError):
             return True
         sqlstate = str(getattr(exc, "sqlstate", "") or "")
-        return isinstance(exc, d.PostgresError) and sqlstate[:2] in _UNREACHABLE_CLASSES
+        return isinstance(exc, d.PostgresError) and (sqlstate[:2] in _UNREACHABLE_CLASSES or sqlstate == _SESSION_ENDED)
 
     def _refusal(self, exc: Exception) -> Exception:
         """What to raise for ``exc``, an error the database (or the driver) answered with;
@@ -231,16 +271,17 @@ class PostgresLease(ReportsHealth, Lease):
             conn = await self._driver.connect(self._dsn, timeout=self.connect_timeout, server_settings=self._settings)
             try:
                 if not self._ready:
-                    async with conn.transaction():
-                        for statement in _SETUP_LOCKS:
-                            await conn.execute(statement)
-                        # another application's leases table is refused, not written to
-                        await claim_schema(conn, self.schema, redact_url(self.url), LEASE_OBJECTS)
-                        for statement in _SETUP:
-                            await conn.execute(statement)
-                    self._ready = True
+                    await self._set_up(conn)
                 sent = time.time()
-                row = await work(conn)
+                try:
+                    row = await work(conn)
+                except self._driver.UndefinedTableError:
+                    # the table or the sequence was dropped under the running cluster (a restore,
+                    # a schema reset): made again here, or no node would lead until restarted
+                    log.warning("the lease tables of %s are gone; creating them again", self._where)
+                    self._ready = False
+                    await self._set_up(conn)
+                    row = await work(conn)
                 back = time.time()
             except BaseException:
                 # cut short (an error, or the elector's timeout): a polite close would wait
@@ -252,6 +293,10 @@ class PostgresLease(ReportsHealth, Lease):
             except Exception:  # noqa: BLE001 - the answer is in: a connection failing to close changes nothing
                 conn.terminate()
         except Exception as exc:
+            if isinstance(exc, self._driver.LockNotAvailableError):
+                # lock_timeout: the database answered, another session holds the lock
+                self._health.answered()
+                raise
             if not self._unreachable(exc):
                 refusal = self._refusal(exc)
                 if refusal is exc:
@@ -263,6 +308,37 @@ class PostgresLease(ReportsHealth, Lease):
             self._offset = row[-1] - (sent + back) / 2
         return row, back - sent
 
+    async def _set_up(self, conn: Any) -> None:
+        """Create the table and the sequence if they are missing (under the migrations' lock)."""
+        async with conn.transaction():
+            for statement in _SETUP_LOCKS:
+                await conn.execute(statement)
+            # another application's leases table is refused, not written to
+            await claim_schema(conn, self.schema, redact_url(self.url), LEASE_OBJECTS)
+            for statement in _SETUP:
+                await conn.execute(statement)
+            if self._term_seen:
+                # terms only grow, also across a sequence dropped and made again: a fencing
+                # target that saw a term would refuse every lower one, the new leader's too
+                await conn.execute(_RAISE_TERMS.format(term=int(self._term_seen)))
+        self._ready = True
+
+    def _saw(self, term: int) -> int:
+        self._term_seen = max(self._term_seen, term)
+        return term
+
+    def _locked_out(self) -> None:
+        """An acquire, renew or release waited out ``lock_timeout``: another session holds the
+        lease's row (or the setup's lock), so this node cannot take or keep the lease now."""
+        if not self._row_locked:
+            self._row_locked = True
+            log.warning(
+                "the lease %s in %s is locked by another session (a node stalled inside its "
+                "acquire?); the server ends a session idle in its transaction after %g s, and "
+                "the lease can be taken then",
+                self.name, self._where, self.ttl,
+            )  # fmt: skip
+
     def _holder(self, node_id: str) -> str:
         return f"{node_id}#{self._token}"
 
@@ -273,27 +349,47 @@ class PostgresLease(ReportsHealth, Lease):
         holder = self._holder(node_id)
 
         async def take(conn: Any) -> Any:
+            # prepared before the transaction: a statement prepared inside it would be sent ending
+            # in a Flush, not a Sync, and a session left waiting for the rest (its node paused or
+            # cut off right then) is "active" to the server, beyond idle_in_transaction_session_timeout,
+            # holding the row for as long as its connection lives. Inside, every message ends
+            # in a Sync, so the server sees a stalled node idle in its transaction and ends it
+            make_row, lock_if_free, take_row = [await conn.prepare(sql) for sql in (_MAKE_ROW, _LOCK_IF_FREE, _TAKE)]
             async with conn.transaction():
-                await conn.execute(_MAKE_ROW, self.name)
-                if await conn.fetchval(_LOCK_IF_FREE, self.name, holder) is None:
+                await make_row.fetchval(self.name)
+                if await lock_if_free.fetchval(self.name, holder) is None:
                     return None
-                return await conn.fetchrow(_TAKE, self.name, holder, float(self.ttl))
+                return await take_row.fetchrow(self.name, holder, float(self.ttl))
 
         # the round trip of the whole transaction: the expiry the holder is told errs early
-        row, rtt = await self._on_connection(take)
-        return None if row is None else self._state(node_id, row[0], row[1], rtt)
+        try:
+            row, rtt = await self._on_connection(take)
+        except self._driver.LockNotAvailableError:
+            self._locked_out()
+            return None  # as when another node holds the lease: it is not this node's to take
+        self._row_locked = False
+        return None if row is None else self._state(node_id, self._saw(row[0]), row[1], rtt)
 
     async def renew(self, node_id: str, term: int) -> LeaseState | None:
-        row, rtt = await self._one(_RENEW, self.name, self._holder(node_id), term, float(self.ttl))
-        return None if row is None else self._state(node_id, row[0], row[1], rtt)
+        try:
+            row, rtt = await self._one(_RENEW, self.name, self._holder(node_id), term, float(self.ttl))
+        except self._driver.LockNotAvailableError:
+            # only a lease that lapsed can be locked by a taker: not renewed
+            self._locked_out()
+            return None
+        return None if row is None else self._state(node_id, self._saw(row[0]), row[1], rtt)
 
     async def release(self, node_id: str, term: int) -> bool:
-        row, _ = await self._one(_RELEASE, self.name, self._holder(node_id), term)
+        try:
+            row, _ = await self._one(_RELEASE, self.name, self._holder(node_id), term)
+        except self._driver.LockNotAvailableError:
+            self._locked_out()
+            return False
         return row is not None
 
     async def holder(self) -> LeaseState | None:
         row, _ = await self._one(_HOLDER, self.name)
-        return None if row is None else LeaseState(holder=_node_of(row[0]), term=row[1], expires_at=row[2])
+        return None if row is None else LeaseState(holder=_node_of(row[0]), term=self._saw(row[1]), expires_at=row[2])
 
     async def peek(self) -> LeaseState | None:
         """:meth:`holder` for a watcher that changes nothing: a database whose nodes use no

@@ -10,19 +10,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 from taskwatch.engine import Engine, InvalidConfiguration, PostgresLease, TaskContext
-from taskwatch.engine.errors import LeaseRefused, NotATaskwatchStore
+from taskwatch.engine.errors import LeaseRefused, LeaseUnavailable, NotATaskwatchStore
 
-from .cutting_proxy import CuttingProxy
+from .cutting_proxy import CuttingProxy, Match, StallingProxy
 from .helpers import eventually, stray_tasks
-from .postgres_server import PostgresServer
+from .postgres_server import PostgresServer, start_server
 from .test_durable import Child
 
 
@@ -315,3 +317,197 @@ def test_a_killed_leader_is_replaced_with_a_higher_term(
     second.proc.stdin.close()
     second.event("lease.released", timeout=30)
     second.event("stopped", timeout=30)
+
+
+_LOCK_WAITS = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+
+
+async def test_a_lease_row_held_by_a_silent_session_reads_as_held_not_as_unreachable(postgres_url: str) -> None:
+    # a node stalled inside its acquire holds the row locked: the others' waits for it end on
+    # the server, before the elector gives up on them, and say another node holds the lease
+    lease = PostgresLease(postgres_url, ttl=6.0)
+    engine, contexts = engine_on(lease)
+    holder, watcher = await asyncpg.connect(postgres_url), await asyncpg.connect(postgres_url)
+    try:
+        await lease.holder()  # the table made
+        await holder.execute("INSERT INTO leases VALUES ('leader', NULL, 0, 0)")
+        # as a node's acquire leaves it when the node stalls right after locking the free row
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("SELECT 1 FROM leases WHERE name = 'leader' FOR UPDATE")
+        await engine.start()  # one election before it returns: it met the locked row
+        leadership = engine.leadership()
+        assert not leadership.is_leader and contexts == []
+        assert "unreachable" not in (leadership.backend or "") and "refused" not in (leadership.backend or "")
+        assert lease.failures == 0 and lease.refusals == 0
+        # the server ended the wait itself: no session is left waiting for the row
+        assert await watcher.fetchval(_LOCK_WAITS) == 0
+
+        await transaction.rollback()
+        await eventually(lambda: contexts, timeout=20.0)
+        assert lease.failures == 0
+    finally:
+        await engine.stop(2.0)
+        await holder.close()
+        await watcher.close()
+    assert not stray_tasks()
+
+
+def _silent_after(proxy: CuttingProxy, marker: bytes) -> Match:
+    """A step for :meth:`CuttingProxy.cut_after` that cuts nothing: once a client chunk holding
+    ``marker`` went through, the proxy drops every packet, both ways, and tells nobody."""
+
+    def step(chunk: bytes) -> bool:
+        if marker in chunk:
+            proxy.silent = True
+        return False
+
+    return step
+
+
+@pytest.mark.parametrize(
+    "marker",
+    [
+        # the text of the statement that draws the term: prepared with the row locked, the
+        # session waits "active" for the rest of it, out of reach of every server timeout
+        pytest.param(b"nextval('lease_terms')", id="preparing-the-take"),
+        # the stalled node's name goes first with the statement that locks the row
+        pytest.param(b"stalled-node#", id="once-the-row-is-locked"),
+    ],
+)
+async def test_a_node_stalled_inside_its_acquire_does_not_keep_the_others_from_leading(
+    postgres_server: PostgresServer, postgres_url: str, marker: bytes
+) -> None:
+    ttl = 1.0
+    async with CuttingProxy(postgres_server.port) as proxy:
+        stalled = PostgresLease(proxy.url(postgres_url), ttl=ttl)
+        await stalled.holder()  # the table made
+        proxy.cut_after(_silent_after(proxy, marker))
+        # no bound on it: its connection stays open, as a paused process's does, and nothing
+        # but the server can end its transaction
+        stuck = asyncio.ensure_future(stalled.acquire("stalled-node"))
+        try:
+            await eventually(lambda: proxy.silent)
+            engine, contexts = engine_on(PostgresLease(postgres_url, ttl=ttl))
+            try:
+                await engine.start()
+                await eventually(lambda: contexts, timeout=20.0)
+                assert engine.leadership().holder == "a"
+            finally:
+                await engine.stop(2.0)
+            if marker.startswith(b"stalled-node"):
+                # it held the row: the server ended its session, and its acquire failed
+                with pytest.raises(LeaseUnavailable):
+                    await asyncio.wait_for(stuck, 20.0)
+        finally:
+            stuck.cancel()
+            await asyncio.gather(stuck, return_exceptions=True)
+            # its connection through the proxy winds down (the hang-up reaches the server, whose
+            # close comes back) rather than being cancelled under it by the proxy's exit
+            await eventually(lambda: not proxy._tasks)
+    assert not stray_tasks()
+
+
+async def test_a_stalled_node_that_wakes_after_its_session_was_ended_has_lost_the_race(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    # paused holding the row (a network that held every packet, a process stopped): by the time
+    # it goes on, the server has ended its session and another node leads; it must neither take
+    # the lease nor read the lost session as a refusal (that would fail an engine's start)
+    ttl = 1.0
+    async with StallingProxy(postgres_server.port) as network, CuttingProxy(network.port) as watch:
+        stalled = PostgresLease(watch.url(network.url(postgres_url)), ttl=ttl)
+        await stalled.holder()  # the table made
+        sent: list[bytes] = []
+
+        def take_sent(chunk: bytes) -> bool:
+            if b"stalled-node#" in chunk:
+                sent.append(chunk)  # the statement that locks the row, then the one that takes it
+                if len(sent) == 2:
+                    network.hold()  # the take, and all after it, held on the way
+            return False
+
+        watch.cut_after(take_sent)
+        stuck = asyncio.ensure_future(stalled.acquire("stalled-node"))
+        try:
+            await eventually(lambda: len(sent) == 2)
+            other = PostgresLease(postgres_url, ttl=ttl)
+            engine, contexts = engine_on(other)
+            try:
+                await engine.start()
+                await eventually(lambda: contexts, timeout=20.0)
+                network.release()
+                with pytest.raises(LeaseUnavailable):
+                    await asyncio.wait_for(stuck, 20.0)
+                assert stalled.refusals == 0
+                assert engine.leadership().is_leader and engine.leadership().holder == "a"
+                seen = await other.holder()
+                assert seen is not None and seen.holder == "a"
+            finally:
+                await engine.stop(2.0)
+        finally:
+            stuck.cancel()
+            await asyncio.gather(stuck, return_exceptions=True)
+    assert not stray_tasks()
+
+
+async def test_the_lease_tables_dropped_under_running_nodes_are_made_again_and_terms_still_grow(
+    postgres_url: str,
+) -> None:
+    # a database restored from an older dump, a schema reset: the nodes lead again without a
+    # restart, and a fencing target that saw the old terms accepts the new leader's
+    a, b = PostgresLease(postgres_url, ttl=30), PostgresLease(postgres_url, ttl=30)
+    held = await a.acquire("a")
+    assert held is not None
+    seen = await b.holder()
+    assert seen is not None and seen.term == held.term
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute("DROP TABLE leases; DROP SEQUENCE lease_terms")
+    finally:
+        await conn.close()
+    taken = await b.acquire("b")
+    assert taken is not None and taken.term > held.term
+    assert await a.renew("a", held.term) is None  # its row went with the table
+    now = await a.holder()
+    assert now is not None and (now.holder, now.term) == ("b", taken.term)
+    assert a.refusals == b.refusals == 0 and a.failures == b.failures == 0
+    assert "refused" not in a.describe() + b.describe()
+
+
+@pytest.fixture
+def crashing_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the test's own, to crash and start again on its data."""
+    server = start_server()
+    try:
+        yield server
+    finally:
+        try:
+            server.stop("immediate")
+        except Exception:  # noqa: BLE001 - stopped already, or never restarted
+            pass
+        shutil.rmtree(server.root, ignore_errors=True)
+
+
+async def test_a_term_handed_out_survives_a_crash_of_the_server(crashing_server: PostgresServer) -> None:
+    # the server commits asynchronously (synchronous_commit=off, as the test servers and many
+    # production ones run) and its WAL writer waits 10 s between rounds: a commit not yet
+    # written is lost in a crash, and the term it drew would be handed out again
+    server = crashing_server
+    server.sql("ALTER SYSTEM SET wal_writer_delay = '10s'")
+    server.sql("SELECT pg_reload_conf()")
+    lease = PostgresLease(server.url(), ttl=30)
+    first = await lease.acquire("n")
+    assert first is not None
+    server.sql("CHECKPOINT")  # the table and the first term on disk
+    terms = [first.term]
+    for _ in range(3):
+        taken = await lease.acquire("n")  # the holder acquiring again: a new term, led with at once
+        assert taken is not None
+        terms.append(taken.term)
+        await asyncio.to_thread(server.stop, "immediate")  # a crash: no checkpoint, no flush
+        await asyncio.to_thread(server.start)
+    last = await lease.acquire("n")
+    assert last is not None
+    terms.append(last.term)
+    assert terms == sorted(set(terms)), terms
