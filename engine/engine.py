@@ -16,6 +16,7 @@ drains, then cancels, then awaits, so no asyncio task outlives it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import difflib
 import functools
@@ -25,9 +26,9 @@ import reprlib
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from threading import get_ident
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, Literal, ParamSpec, TypeVar, overload
 
 from pydantic import BaseModel
 
@@ -35,6 +36,7 @@ from .bus import DEFAULT_REPLAY, EventBus
 from .context import TaskContext
 from .errors import (
     DuplicateTask,
+    EngineAlreadyRunning,
     EngineNotRunning,
     InvalidConfiguration,
     InvalidKey,
@@ -58,7 +60,7 @@ from .events import (
 from .execution import Execution, checked_timeout
 from .handle import RunHandle
 from .health import HealthSampler
-from .hop import as_future, cancel_and_wait, spawn
+from .hop import Escaped, as_future, call_on, cancel_and_wait, current_loop, ship, spawn
 from .index import (
     RunIndex,
     check_query,
@@ -142,6 +144,52 @@ _LATE_RETRY_FIRST, _LATE_RETRY_MAX = 0.5, 30.0
 SNAPSHOT_FAILURES = 200
 #: a snapshot lists at most this many keys per trigger, the hottest (a dashboard shows as many)
 SNAPSHOT_TRIGGER_KEYS = 500
+
+#: seconds a read or loop action called from another thread waits for the engine's loop (a
+#: ``BackgroundEngine`` call's default ``call_timeout``), and how often meanwhile it looks whether
+#: the loop closed (a stop ending), which would never take the call up
+_HOP_TIMEOUT, _HOP_PIECE = 60.0, 1.0
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _on_loop(method: Callable[Concatenate[Engine, _P], _R]) -> Callable[Concatenate[Engine, _P], _R]:
+    """``method`` made on the engine's loop, its answer handed back, when called from another thread.
+
+    The index, the memory store and the records of queues, triggers, workers and periodic tasks
+    change on the engine's loop alone, and these methods walk them: walked from another thread (a
+    notebook cell beside ``start_background()``) while the loop changes them, a dict raises
+    "changed size during iteration", or the interpreter crashes. On the loop's thread (the
+    dashboards', the server's and the facade's reads) the check is one comparison; with no loop
+    running the call is made here.
+    """
+
+    @functools.wraps(method)
+    def hopped(self: Engine, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if get_ident() == self._loop_thread:
+            return method(self, *args, **kwargs)
+        return self._hop(method.__name__, method, self, *args, **kwargs)
+
+    return hopped
+
+
+def _on_loop_async(
+    method: Callable[Concatenate[Engine, _P], Coroutine[Any, Any, _R]],
+) -> Callable[Concatenate[Engine, _P], Coroutine[Any, Any, _R]]:
+    """``method`` awaited on the engine's loop when awaited on another (a notebook's beside
+    ``start_background()``): its tasks, futures and locks are that loop's. As :func:`_on_loop`,
+    on the engine's own loop (or with none running) it is awaited here."""
+
+    @functools.wraps(method)
+    async def hopped(self: Engine, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        loop = self._loop
+        if loop is None or get_ident() == self._loop_thread or not loop.is_running():
+            return await method(self, *args, **kwargs)
+        result: _R = await call_on(loop, method, self, *args, **kwargs)
+        return result
+
+    return hopped
 
 
 def _cancel_recorded(run_id: str, request: asyncio.Future[Any]) -> None:
@@ -635,9 +683,17 @@ class Engine:
         """Open the store, take back the runs a previous incarnation left, then start every loop.
 
         A second caller while a start is under way waits for that same start
-        (and sees its error, if it fails).
+        (and sees its error, if it fails). Awaited on another event loop than the one the
+        engine runs or starts on (a notebook's, beside ``start_background()``), it raises
+        :class:`EngineAlreadyRunning` and starts nothing.
         """
+        starting = self._starting
+        if starting is not None and starting.get_loop() is not asyncio.get_running_loop():
+            raise EngineAlreadyRunning("starting")
         if self._state == "running":
+            if self._loop is not asyncio.get_running_loop():
+                # its tasks and futures are that loop's: none of them would serve this one
+                raise EngineAlreadyRunning(self._state)
             return
         if self._state == "stopping":
             raise EngineNotRunning("stopping")
@@ -782,9 +838,12 @@ class Engine:
         The shutdown runs as one task of the engine's own: a second caller waits
         for the same shutdown, and a caller that is itself cancelled does not
         leave the engine half stopped. A ``timeout`` that is no finite number of
-        seconds >= 0 raises :class:`InvalidConfiguration` before anything stops.
+        seconds >= 0 raises :class:`InvalidConfiguration` before anything stops. Awaited on
+        another event loop than the running one the engine is started (or starting, or
+        stopping) on, it raises :class:`LoopThreadError` and stops nothing.
         """
         timeout = check_options(StopOptions, "Engine.stop()", timeout=timeout).timeout
+        self._require_own_loop_to_stop()
         starting = self._starting
         if starting is not None:
             # stop what is being started, once it is (a start that fails leaves nothing to stop)
@@ -797,6 +856,27 @@ class Engine:
                 self._stop(timeout), name="taskwatch-shutdown"
             )
         await asyncio.shield(self._shutdown)
+
+    def _require_own_loop_to_stop(self) -> None:
+        """Refuse a stop awaited on another loop than the engine's, while that one runs it.
+
+        The shutdown is a task of the engine's loop, cancelling that loop's tasks and awaiting
+        its futures: made from another loop it fails half way, leaving the engine "stopped"
+        with its loops still going. Not hopped there either: an engine that a
+        ``BackgroundEngine`` runs stops with the facade, which ends its thread as well.
+        """
+        loop = self._loop
+        if loop is None or loop is current_loop() or not loop.is_running():
+            return
+        if self._state in ("new", "stopped") and self._starting is None:
+            return  # nothing to stop (a stopped engine's loop may still be ending)
+        raise LoopThreadError(
+            "stop",
+            f"Engine.stop() was awaited on another event loop than the engine's, which runs in another "
+            f"thread; nothing was stopped (the engine is {self._state}). An engine started with "
+            "start_background() stops with `bg.stop()` (`await bg.astop()` from an event loop); "
+            "one started with `await engine.start()` on a loop of its own stops on that loop",
+        )
 
     async def _stop(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -932,6 +1012,44 @@ class Engine:
                 f"`{facade}` (`engine.start_background()`), or "
                 f"`asyncio.run_coroutine_threadsafe(engine.{coro}(...), engine.loop).result()`",
             )
+
+    def _hop(self, method: str, fn: Callable[..., _R], *args: Any, **kwargs: Any) -> _R:
+        """``fn(*args, **kwargs)`` (no coroutine) made on the engine's loop from another thread, waited for here.
+
+        At most :data:`_HOP_TIMEOUT` seconds, looking every :data:`_HOP_PIECE` whether the loop
+        closed meanwhile (a stop ending): a closed loop never takes up a call still waiting for
+        it, and with no loop running nothing changes what ``fn`` reads, so it is then made here.
+        """
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            return fn(*args, **kwargs)
+        try:
+            call = ship(loop, fn, *args, **kwargs)
+        except RuntimeError:
+            return fn(*args, **kwargs)  # closed meanwhile
+        future = call.future
+        deadline = time.monotonic() + _HOP_TIMEOUT
+        try:
+            while not future.done() and not loop.is_closed() and (left := deadline - time.monotonic()) > 0:
+                concurrent.futures.wait((future,), min(_HOP_PIECE, left))
+        except BaseException:
+            call.give_up()  # interrupted (Ctrl-C): a call not yet taken up never runs
+            raise
+        if not future.done() and call.give_up():
+            if loop.is_closed():
+                return fn(*args, **kwargs)
+            raise TimeoutError(
+                f"Engine.{method}() waited {_HOP_TIMEOUT:g} s for the engine's event loop, which runs in "
+                "another thread, and it did not take the call up: it is busy or blocked (a task running "
+                "blocking code on it?); the call did nothing"
+            )
+        try:
+            # taken up just as the wait ended: being no coroutine, it answers in the step it started in
+            return future.result()  # type: ignore[no-any-return]
+        except concurrent.futures.CancelledError:
+            return fn(*args, **kwargs)  # cancelled by the loop's end before its first step
+        except Escaped as escaped:
+            raise escaped.exc from None
 
     def _prepare(
         self,
@@ -1298,6 +1416,7 @@ class Engine:
 
     # ------------------------------------------------------------------ cancel
 
+    @_on_loop_async
     async def cancel(self, run_id: str, grace: float | None = None) -> RunRecord:
         """Cancel a pending or running run and return its record.
 
@@ -1396,11 +1515,13 @@ class Engine:
             return indexed
         return known if known is not None and known.status.finished else None
 
+    @_on_loop
     def get(self, run_id: str) -> RunRecord:
         """The current record of a run this node knows. Raises :class:`RunNotFound` for
         unknown or evicted ids (:meth:`fetch_run` also reads the store)."""
         return self._lookup(run_id).record()
 
+    @_on_loop_async
     async def fetch_run(self, run_id: str) -> RunRecord:
         """A run's record from the index, or else from the store (runs of other processes,
         runs pruned from the index but still stored). Raises :class:`RunNotFound`."""
@@ -1415,6 +1536,7 @@ class Engine:
             raise RunNotFound(run_id)
         return stored.to_record()
 
+    @_on_loop_async
     async def query_runs(
         self,
         *,
@@ -1475,6 +1597,7 @@ class Engine:
             await asyncio.sleep(pause)  # another process's run: nothing here to wake us
             delay = min(delay * 2, 0.5)
 
+    @_on_loop
     def runs(
         self,
         status: RunStatus | str | Iterable[RunStatus | str] | None = None,
@@ -1500,6 +1623,7 @@ class Engine:
         submitted that other nodes of a shared store execute."""
         return self._executor.running
 
+    @_on_loop
     def given_up_tasks(self) -> list[asyncio.Task[Any]]:
         """The tasks of runs and queue handlers the last stop cancelled for every round of
         ``cancel_grace`` and then left going (code that ignores cancellation); logged by the
@@ -1509,6 +1633,7 @@ class Engine:
             tasks.extend(queue.left_going)
         return [task for task in tasks if not task.done()]
 
+    @_on_loop
     def stats(self) -> EngineStats:
         index = self._index
         counts = index.counts
@@ -1550,15 +1675,18 @@ class Engine:
             bus=self.bus.stats(),
         )
 
+    @_on_loop
     def rates(self, seconds: float = 1.0) -> tuple[float, float]:
         """Runs finished and failed per second over the last ``seconds`` whole seconds
         (:class:`InvalidQuery` for a ``seconds`` that is no finite number of 1 or more)."""
         return self._index.rates(seconds)
 
+    @_on_loop
     def leadership(self) -> Leadership:
         """Who leads, as this node sees it."""
         return self._leader.snapshot()
 
+    @_on_loop
     def snapshot(self, runs_limit: int = 500) -> Snapshot:
         """Everything a dashboard needs to draw itself, in one JSON-serialisable model.
 
@@ -1613,6 +1741,7 @@ class Engine:
         self._servers.append(server)
         return server
 
+    @_on_loop
     def catalog(self) -> list[TaskInfo]:
         """Every registered task with its params schema (what a submit form needs)."""
         return [spec.info() for spec in self._tasks.values()]
@@ -1708,6 +1837,7 @@ class Engine:
 
         return decorate(fn) if fn is not None else decorate
 
+    @_on_loop
     def schedule(self) -> list[PeriodicInfo]:
         """Every periodic task: trigger, enabled or why not, next due, last outcome, counts."""
         return self._scheduler.schedule()
@@ -1881,6 +2011,7 @@ class Engine:
             delay, self._begin_late, service, what, min(delay * 2, _LATE_RETRY_MAX)
         )
 
+    @_on_loop
     def queues(self) -> list[QueueInfo]:
         return [q.info() for q in self._queues.values()]
 
@@ -1890,6 +2021,7 @@ class Engine:
             raise UnknownQueue(name, self._queues)
         return queue
 
+    @_on_loop
     def pause_queue(self, name: str) -> QueueInfo:
         """Stop the queue's consumers taking jobs; ``put`` still accepts jobs up to ``maxsize``.
 
@@ -1898,6 +2030,7 @@ class Engine:
         """
         return self._queue_named(name).pause()
 
+    @_on_loop
     def resume_queue(self, name: str) -> QueueInfo:
         """Let a paused queue's consumers take jobs again (``queue.resumed``)."""
         return self._queue_named(name).resume()
@@ -1931,6 +2064,7 @@ class Engine:
             self._start_late(trigger, f"trigger {name!r}")
         return trigger
 
+    @_on_loop
     def triggers(self, keys_limit: int | None = None) -> list[TriggerState]:
         """Every trigger with all its keys, or with the ``keys_limit`` hottest of each
         (queued or running first, then the biggest counts). Raises :class:`InvalidQuery`
@@ -2002,9 +2136,11 @@ class Engine:
 
         return decorate(fn) if fn is not None else decorate
 
+    @_on_loop
     def workers(self) -> list[WorkerInfo]:
         return self._supervisor.workers()
 
+    @_on_loop_async
     async def restart_worker(self, name: str) -> WorkerInfo:
         """Cancel a supervised worker and start it again now, its backoff forgotten.
 
@@ -2015,6 +2151,7 @@ class Engine:
         """
         return await self._supervisor.restart(name)
 
+    @_on_loop_async
     async def stop_worker(self, name: str) -> WorkerInfo:
         """Cancel a supervised worker and keep it stopped until ``start_worker`` or ``restart_worker``.
 
@@ -2024,6 +2161,7 @@ class Engine:
         """
         return await self._supervisor.stop_worker(name)
 
+    @_on_loop
     def start_worker(self, name: str) -> WorkerInfo:
         """Let a worker stopped with :meth:`stop_worker` run again: now, or (leader-only) once this node leads.
 

@@ -8,6 +8,7 @@ bounded timeout instead of sleeping.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import threading
@@ -90,6 +91,17 @@ class JsonLineProcess:
     @property
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def close(self) -> None:
+        """Kill the child if it still runs, and let go of its reader and pipes."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(5)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
     def send(self, text: str) -> None:
         """One line on the child's stdin."""

@@ -109,16 +109,6 @@ class Child(JsonLineProcess):
         self._reader.join(5)
         return rc
 
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._reader.join(5)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
-
 
 @pytest.fixture
 def spawn() -> Iterator[Callable[..., Child]]:
@@ -624,14 +614,7 @@ def test_runs_submit_nowait_accepted_are_kept_by_a_program_that_ends_without_sto
             lock.close()
         assert child.proc.wait(EXIT_TIMEOUT) == code
     finally:
-        if child.proc.poll() is None:
-            child.proc.kill()
-            child.proc.wait()
-        child._reader.join(5)
-        for pipe in (child.proc.stdin, child.proc.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
+        child.close()
 
     assert integrity(db) == "ok"
     rows = table(db)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from datetime import datetime, timezone
+from typing import Any
 
 import pytest
 from taskwatch.engine import (
@@ -611,6 +612,19 @@ async def pruned_from_the_store(engine: Engine, run_id: str) -> None:
     raise AssertionError(f"run {run_id} never finished in the store")
 
 
+def job_node(db: str, name: str, ran: list[str], release: asyncio.Event, **options: Any) -> Engine:
+    """A node of a cluster on ``db`` whose periodic task ``job`` notes where it ran, then
+    holds its run until ``release`` is set."""
+    engine = make_engine(store=db, node_id=name)
+
+    @engine.periodic(name="job", **options)
+    async def job(ctx: TaskContext) -> None:
+        ran.append(ctx.node_id)
+        await release.wait()
+
+    return engine
+
+
 @pytest.mark.parametrize("fixed_rate", [True, False], ids=["fixed_rate", "end_based"])
 async def test_a_node_takes_up_a_periodic_task_whose_run_it_took_up_from_another_node_was_pruned(
     fixed_rate: bool, tmp_path: Path
@@ -623,14 +637,7 @@ async def test_a_node_takes_up_a_periodic_task_whose_run_it_took_up_from_another
     ran: list[str] = []
 
     def node(name: str) -> Engine:
-        engine = make_engine(store=db, node_id=name)
-
-        @engine.periodic(every=0.1, fixed_rate=fixed_rate, name="job")
-        async def job(ctx: TaskContext) -> None:
-            ran.append(ctx.node_id)
-            await release.wait()
-
-        return engine
+        return job_node(db, name, ran, release, every=0.1, fixed_rate=fixed_rate)
 
     a, b = node("a"), node("b")
     await a.start()
@@ -659,14 +666,7 @@ async def test_a_run_taken_up_from_another_node_and_pruned_unseen_is_let_go(tmp_
     ran: list[str] = []
 
     def node(name: str) -> Engine:
-        engine = make_engine(store=db, node_id=name)
-
-        @engine.periodic(every=3600.0, name="job")
-        async def job(ctx: TaskContext) -> None:
-            ran.append(ctx.node_id)
-            await release.wait()
-
-        return engine
+        return job_node(db, name, ran, release, every=3600.0)
 
     a, b = node("a"), node("b")
     b.pause_periodic("job")  # b runs the task only by hand
@@ -700,14 +700,7 @@ async def test_run_periodic_asks_the_store_whether_another_nodes_run_it_took_up_
     ran: list[str] = []
 
     def node(name: str) -> Engine:
-        engine = make_engine(store=db, node_id=name)
-
-        @engine.periodic(every=3600.0, name="job")
-        async def job(ctx: TaskContext) -> None:
-            ran.append(ctx.node_id)
-            await release.wait()
-
-        return engine
+        return job_node(db, name, ran, release, every=3600.0)
 
     a, b = node("a"), node("b")
     b.pause_periodic("job")
@@ -742,14 +735,7 @@ async def test_a_node_fires_the_first_slot_after_another_nodes_run_ended_in_the_
     ran: list[str] = []
 
     def node(name: str) -> Engine:
-        engine = make_engine(store=db, node_id=name)
-
-        @engine.periodic(every=0.05, fixed_rate=True, name="job")
-        async def job(ctx: TaskContext) -> None:
-            ran.append(ctx.node_id)
-            await release.wait()
-
-        return engine
+        return job_node(db, name, ran, release, every=0.05, fixed_rate=True)
 
     a, b = node("a"), node("b")
     await a.start()

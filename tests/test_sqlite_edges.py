@@ -369,11 +369,4 @@ def test_a_claim_or_heartbeat_that_waited_out_a_pause_writes_leases_from_when_it
         assert len(leases) == 3 and min(leases) >= resumed + ttl, [lease - resumed for lease in leases]
         assert child.proc.wait(20) == 0
     finally:
-        if child.proc.poll() is None:
-            child.proc.kill()
-            child.proc.wait()
-        child._reader.join(5)
-        for pipe in (child.proc.stdin, child.proc.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
+        child.close()
