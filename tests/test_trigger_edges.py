@@ -154,10 +154,9 @@ async def test_keys_a_full_queue_refused_are_counted_once_each_and_run_first_ref
         assert all(k.count == 0 and k.last_status == "succeeded" for k in state.keys)
 
 
-async def test_a_key_a_shared_store_refused_keeps_its_count_and_runs_once_there_is_room(tmp_path: Path) -> None:
-    # two nodes on one file share a queue of 5: this node's own queue is empty and takes the
-    # key's run, which the store then refuses (the run fails QueueFull without starting). The
-    # count it fired with was taken off as if the run had done its work, and the key never ran
+def sharing_a_queue_of_five(tmp_path: Path) -> tuple[Engine, Engine, asyncio.Event]:
+    """Two nodes on one SQLite file whose queue holds five runs: ``here``, and ``other``,
+    whose task ``block`` holds its one slot until the event is set."""
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     here = make_engine(store=url, node_id="a", max_queue=5)
     other = make_engine(store=url, node_id="b", max_queue=5, max_concurrency=1)
@@ -167,6 +166,14 @@ async def test_a_key_a_shared_store_refused_keeps_its_count_and_runs_once_there_
         await gate.wait()
 
     other.register(block, name="block")
+    return here, other, gate
+
+
+async def test_a_key_a_shared_store_refused_keeps_its_count_and_runs_once_there_is_room(tmp_path: Path) -> None:
+    # two nodes on one file share a queue of 5: this node's own queue is empty and takes the
+    # key's run, which the store then refuses (the run fails QueueFull without starting). The
+    # count it fired with was taken off as if the run had done its work, and the key never ran
+    here, other, gate = sharing_a_queue_of_five(tmp_path)
     ran: list[str] = []
 
     async def run_compile(ctx: TaskContext, key: str) -> None:
@@ -215,15 +222,7 @@ async def test_a_key_a_shared_store_refused_keeps_its_count_and_runs_once_there_
 async def test_keys_a_shared_store_refused_all_run_while_it_has_room_for_only_two(tmp_path: Path) -> None:
     # the store refuses a whole write that does not fit: were every refused key tried at once,
     # the keys would be refused for good while the other node's runs hold three of five places
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
-    here = make_engine(store=url, node_id="a", max_queue=5)
-    other = make_engine(store=url, node_id="b", max_queue=5, max_concurrency=1)
-    gate = asyncio.Event()
-
-    async def block(ctx: TaskContext) -> None:
-        await gate.wait()
-
-    other.register(block, name="block")
+    here, other, gate = sharing_a_queue_of_five(tmp_path)
     ran: list[str] = []
 
     async def run_compile(ctx: TaskContext, key: str) -> None:
