@@ -598,18 +598,24 @@ async def test_a_node_without_a_periodic_tasks_resource_leaves_its_runs_to_a_nod
     assert not stray_tasks()
 
 
-async def pruned_from_the_store(engine: Engine, run_id: str) -> None:
-    """Prune ``run_id`` from ``engine``'s store as soon as it has finished there, as a store whose
-    history or retention is short does before other nodes read how it ended."""
+async def finished_in_the_store(engine: Engine, run_id: str) -> bool:
+    """Wait (bounded) until ``run_id`` has finished in ``engine``'s store; False once it is gone
+    from it."""
     for _ in range(10_000):
         stored = await engine.store.get(run_id)
         if stored is None:
-            return
+            return False
         if stored.status.finished:
-            await engine.store.prune(keep=0)
-        else:
-            await asyncio.sleep(0.001)
+            return True
+        await asyncio.sleep(0.001)
     raise AssertionError(f"run {run_id} never finished in the store")
+
+
+async def pruned_from_the_store(engine: Engine, run_id: str) -> None:
+    """Prune ``run_id`` from ``engine``'s store as soon as it has finished there, as a store whose
+    history or retention is short does before other nodes read how it ended."""
+    if await finished_in_the_store(engine, run_id):
+        await engine.store.prune(keep=0)
 
 
 def job_node(db: str, name: str, ran: list[str], release: asyncio.Event, **options: Any) -> Engine:
@@ -710,12 +716,7 @@ async def test_run_periodic_asks_the_store_whether_another_nodes_run_it_took_up_
         first = info(a, "job").running_run_id
         await b.start()
         release.set()
-
-        async def ended_in_the_store() -> None:
-            while not ((stored := await a.store.get(first)) is not None and stored.status.finished):
-                await asyncio.sleep(0.001)
-
-        await asyncio.wait_for(ended_in_the_store(), 10)
+        assert await finished_in_the_store(a, first)
         handle = await b.run_periodic("job")  # no refusal naming the run that ended
         assert (await handle.wait(timeout=10)).status is RunStatus.SUCCEEDED
         assert info(b, "job").last_run_id == handle.id
