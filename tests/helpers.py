@@ -11,10 +11,12 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import pytest
 from taskwatch.engine import BaseEvent, Engine
+
+S = TypeVar("S")
 
 
 async def eventually(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.005) -> Any:
@@ -28,6 +30,20 @@ async def eventually(predicate: Callable[[], Any], timeout: float = 10.0, interv
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s: {predicate}")
         await asyncio.sleep(interval)
+
+
+async def screen_shown(app: Any, kind: type[S], *, other_than: object = None, timeout: float = 10.0) -> S:
+    """The app's screen once it is a ``kind`` and mounted. A pushed screen is ``app.screen``
+    before it has composed its widgets, so a query made on it at once can miss them."""
+
+    def ready() -> S | None:
+        screen = app.screen
+        if isinstance(screen, kind) and screen is not other_than and screen.is_mounted:
+            return screen
+        return None
+
+    result: S = await eventually(ready, timeout=timeout)
+    return result
 
 
 class Recorder:

@@ -29,7 +29,7 @@ from taskwatch.tui.screens import SubmitScreen
 from taskwatch.widgets import LeaderBadge, ParamsForm, RunDetail, RunsTable, ScheduleTable
 from textual.widgets import Select
 
-from .helpers import eventually
+from .helpers import eventually, screen_shown
 
 SIZE = (140, 42)
 REPO = Path(__file__).resolve().parent.parent
@@ -204,7 +204,7 @@ async def open_submit(app: TaskwatchApp, pilot: Any, task: str) -> tuple[SubmitS
     """Press ``s``, pick ``task`` in the Select and return the screen and its generated form."""
     await eventually(lambda: app.state.tasks, timeout=TIMEOUT)
     await pilot.press("s")
-    screen = await eventually(lambda: app.screen if isinstance(app.screen, SubmitScreen) else None)
+    screen = await screen_shown(app, SubmitScreen)
     screen.query_one("#submit-task", Select).value = task
 
     def form_for_task() -> ParamsForm | None:

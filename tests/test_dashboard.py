@@ -27,7 +27,7 @@ from taskwatch.widgets import (
 from textual.pilot import Pilot
 from textual.widgets import Input, Select, TabbedContent
 
-from .helpers import eventually
+from .helpers import eventually, screen_shown
 
 SIZE = (140, 42)
 
@@ -88,7 +88,7 @@ def shown_status(app: TaskwatchApp, run_id: str) -> str | None:
 
 async def open_submit(app: TaskwatchApp, pilot: Pilot, task: str) -> SubmitScreen:
     await pilot.press("s")
-    screen = await eventually(lambda: app.screen if isinstance(app.screen, SubmitScreen) else None)
+    screen = await screen_shown(app, SubmitScreen)
     select = screen.query_one("#submit-task", Select)
     select.value = task
     await eventually(lambda: screen.query(ParamsForm) and screen.query_one(ParamsForm).task_info.name == task)
@@ -170,7 +170,7 @@ async def test_optional_fields_left_empty_are_sent_as_the_task_would_have_them_a
         # e: the same params again, None kept as None
         await eventually(lambda: table(app).selected_run_id == first.id)
         await pilot.press("e")
-        screen = await eventually(lambda: app.screen if isinstance(app.screen, SubmitScreen) else None)
+        screen = await screen_shown(app, SubmitScreen)
         await pilot.pause()
         await pilot.click("#submit-ok")
         await eventually(lambda: len(seen) == 2)
@@ -207,7 +207,7 @@ async def test_retry_a_failed_run_with_its_params() -> None:
         await eventually(lambda: shown_status(app, failed.id) == "failed")
         table(app).select_run(failed.id)
         await pilot.press("t")
-        screen = await eventually(lambda: app.screen if isinstance(app.screen, TracebackScreen) else None)
+        screen = await screen_shown(app, TracebackScreen)
         assert "kaboom in explode" in screen._traceback and "in explode" in screen._traceback
         await pilot.press("escape")
         await eventually(lambda: not isinstance(app.screen, TracebackScreen))
@@ -280,7 +280,7 @@ async def test_help_and_command_palette_list_every_action() -> None:
     engine = make_engine()
     async with dashboard(engine) as (app, pilot):
         await pilot.press("question_mark")
-        await eventually(lambda: isinstance(app.screen, HelpScreen))
+        await screen_shown(app, HelpScreen)
         await pilot.press("escape")
         await eventually(lambda: not isinstance(app.screen, HelpScreen))
         titles = {c.title for c in app.get_system_commands(app.screen)}

@@ -30,7 +30,7 @@ from textual.command import CommandList, CommandPalette
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, OptionList, Select, Static
 
-from .helpers import eventually
+from .helpers import eventually, screen_shown
 from .test_dashboard import make_engine, shown_status, table
 from .test_dashboard_use import LARGE, SMALL, dashboard, notes, visible, visible_text
 
@@ -105,7 +105,7 @@ async def edit_run(app: TaskwatchApp, pilot: Pilot[Any], run: RunRecord) -> tupl
     runs.select_run(run.id)
     await pilot.pause()
     await pilot.press("e")
-    screen = await eventually(lambda: app.screen if isinstance(app.screen, SubmitScreen) else None)
+    screen = await screen_shown(app, SubmitScreen)
     form = await eventually(lambda: screen.query(ParamsForm) and screen.query_one(ParamsForm))
     await pilot.pause()
     return screen, form
@@ -179,7 +179,7 @@ async def submit_form(app: TaskwatchApp, pilot: Pilot[Any], task: str) -> Params
     """The submit dialog opened with ``s`` and ``task`` chosen: its params form, drawn."""
     await started(app, pilot)
     await pilot.press("s")
-    screen = await eventually(lambda: app.screen if isinstance(app.screen, SubmitScreen) else None)
+    screen = await screen_shown(app, SubmitScreen)
     screen.query_one("#submit-task").value = task  # type: ignore[attr-defined]
     form: ParamsForm = await eventually(
         lambda: screen.query(ParamsForm) and screen.query_one(ParamsForm).task_info.name == task
@@ -237,7 +237,7 @@ async def test_the_event_json_view_draws_control_characters_escaped_and_copies_t
         await pilot.press("g")
         await eventually(lambda: getattr(log.chosen, "kind", None) == "run.succeeded")
         await pilot.press("enter")
-        screen = await eventually(lambda: app.screen if isinstance(app.screen, EventScreen) else None)
+        screen = await screen_shown(app, EventScreen)
         await pilot.pause()
         body = screen.query_one("#event-body", Static).content
         assert isinstance(body, Syntax)
@@ -331,7 +331,7 @@ async def open_list(pilot: Pilot, select: Select[Any]) -> OptionList:
 async def palette_lines(app: TaskwatchApp, pilot: Pilot, query: str, wanted: str) -> list[str]:
     """The palette's hits for ``query``, as drawn, once one of them holds ``wanted``."""
     await pilot.press("ctrl+p")
-    palette = await eventually(lambda: app.screen if isinstance(app.screen, CommandPalette) else None)
+    palette = await screen_shown(app, CommandPalette)
     await pilot.press(*query)
     hits = palette.query_one(CommandList)
 
@@ -353,7 +353,7 @@ async def test_the_submit_form_draws_task_names_descriptions_and_choices_that_lo
     async with dashboard(engine, size=LARGE) as (app, pilot):
         await eventually(lambda: any(t.name == "boom[/]x" for t in app.state.tasks))
         await pilot.press("s")
-        screen = await eventually(lambda: app.screen if isinstance(app.screen, SubmitScreen) else None)
+        screen = await screen_shown(app, SubmitScreen)
         tasks = screen.query_one("#submit-task", Select)
         tasks.value = "boom[/]x"
         await eventually(lambda: screen.query(ParamsForm) and screen.query_one(ParamsForm).task_info.name == "boom[/]x")
@@ -407,7 +407,7 @@ async def test_a_trigger_key_that_looks_like_markup_is_offered_as_written_and_fi
         trigger.notify("k2")
         await eventually(lambda: any(t.name == "compile" and len(t.keys) == 2 for t in app.state.triggers))
         app.action_fire_trigger("compile")  # what the palette's "Fire trigger compile" does
-        dialog = await eventually(lambda: app.screen if isinstance(app.screen, ChooseKeyScreen) else None)
+        dialog = await screen_shown(app, ChooseKeyScreen)
         keys = dialog.query_one(OptionList)
         await pilot.pause()
         drawn = visible_text(keys)
@@ -435,7 +435,7 @@ async def attach_command(engine: Engine, address: str, token: str) -> tuple[str,
     app = TaskwatchApp(LocalClient(engine), refresh_hz=30.0, serving=server.info())
     async with app.run_test(size=SMALL) as pilot:
         app.action_attach_command()
-        dialog = await eventually(lambda: app.screen if isinstance(app.screen, AttachScreen) else None)
+        dialog = await screen_shown(app, AttachScreen)
         await pilot.pause()
         drawn = visible_text(dialog.query_one("#attach-command", Static))
         command = dialog.command
@@ -531,7 +531,7 @@ async def test_cancelling_marked_runs_cancels_them_together_not_one_after_anothe
         await pilot.press("g", *["space"] * count)  # from the newest down: each marks and moves on
         assert sorted(table(app).marked) == sorted(ids)
         await pilot.press("c")
-        await eventually(lambda: isinstance(app.screen, ConfirmScreen))
+        await screen_shown(app, ConfirmScreen)
         await pilot.press("y")
         await eventually(lambda: any("marked runs" in n for n in notes(app)))
         assert f"cancelled {count} of {count} marked runs" in notes(app)

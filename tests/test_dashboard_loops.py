@@ -20,7 +20,7 @@ from taskwatch.widgets import EventLog, QueuesTable, TriggersTable, WorkersTable
 from textual.pilot import Pilot
 from textual.widgets import Input, OptionList
 
-from .helpers import Recorder, eventually
+from .helpers import Recorder, eventually, screen_shown
 from .raw_client import serve
 
 SIZE = (140, 42)
@@ -111,7 +111,7 @@ async def test_t_on_the_scheduler_tab_shows_the_selected_workers_last_traceback(
         await eventually(lambda: any(w.name == "flaky" and w.crashes for w in app.state.workers))
         await eventually(lambda: workers.select_name("flaky"))
         await pilot.press("t")
-        screen = await eventually(lambda: app.screen if isinstance(app.screen, TracebackScreen) else None)
+        screen = await screen_shown(app, TracebackScreen)
         assert "worker flaky: ConnectionError: the index server hung up" in str(screen.query_one("#traceback-title").render())
         await pilot.press("escape")
         await eventually(lambda: app.screen is app.main)
@@ -170,14 +170,14 @@ async def test_shift_d_asks_naming_the_queue_and_its_count_then_purges() -> None
             engine.get_queue("mail").put_nowait(i)
         await eventually(lambda: any(q.depth == 7 for q in app.state.queues))
         await pilot.press("D")
-        dialog = await eventually(lambda: app.screen if isinstance(app.screen, ConfirmScreen) else None)
+        dialog = await screen_shown(app, ConfirmScreen)
         assert "mail" in dialog.question and "7 jobs" in dialog.question
         await pilot.press("n")  # no: nothing is dropped
         await eventually(lambda: app.screen is app.main)
         assert engine.queues()[0].depth == 7 and engine.queues()[0].purged == 0
 
         await pilot.press("D")
-        await eventually(lambda: isinstance(app.screen, ConfirmScreen))
+        await screen_shown(app, ConfirmScreen)
         await pilot.press("y")
         await eventually(lambda: engine.queues()[0].purged == 7)
         assert engine.queues()[0].depth == 0 and seen["jobs"] == []
@@ -197,7 +197,7 @@ async def test_purge_through_a_dashboard_attached_over_the_control_endpoint(sock
             await on_scheduler(app, pilot)
             await eventually(lambda: any(q.depth == 4 for q in app.state.queues))
             await pilot.press("D")
-            dialog = await eventually(lambda: app.screen if isinstance(app.screen, ConfirmScreen) else None)
+            dialog = await screen_shown(app, ConfirmScreen)
             assert "4 jobs" in dialog.question
             await pilot.press("enter")
             await eventually(lambda: engine.queues()[0].purged == 4)
@@ -225,9 +225,9 @@ async def test_f_fires_the_selected_key_or_asks_which_key() -> None:
         # a trigger without keys: the key is typed in
         assert table.select_trigger_key("notify")
         await pilot.press("f")
-        chooser = await eventually(lambda: app.screen if isinstance(app.screen, ChooseKeyScreen) else None)
-        assert not chooser.query(OptionList)
+        chooser = await screen_shown(app, ChooseKeyScreen)
         await eventually(lambda: isinstance(app.focused, Input))
+        assert not chooser.query(OptionList)
         await pilot.press(*"user-9", "enter")
         await eventually(lambda: "notify:user-9" in seen["keys"])
 
@@ -236,9 +236,7 @@ async def test_f_fires_the_selected_key_or_asks_which_key() -> None:
         command = next(c for c in app.get_system_commands(app.main) if c.title == "Fire trigger compile")
         command.callback()
         # the dialog the key was typed into may not have closed yet: this is a new one
-        chooser = await eventually(
-            lambda: app.screen if isinstance(app.screen, ChooseKeyScreen) and app.screen is not typed_in else None
-        )
+        chooser = await screen_shown(app, ChooseKeyScreen, other_than=typed_in)
         options = chooser.query_one(OptionList)
         await eventually(lambda: app.focused is options)
         assert [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)] == ["bank-1", "bank-2"]
@@ -272,7 +270,7 @@ async def test_the_scheduler_keys_show_and_act_only_on_the_scheduler_tab() -> No
         assert len(bound) == len(set(bound))
 
         await pilot.press("question_mark")
-        help_screen = await eventually(lambda: app.screen if isinstance(app.screen, HelpScreen) else None)
+        help_screen = await screen_shown(app, HelpScreen)
         text = str(help_screen.query_one("#help-body").render())
         for line in ("purge a queue's waiting jobs", "fire the selected trigger key", "restart a supervised worker",
                      "stop a worker", "pause / resume a queue's consumers", "the event's full JSON"):
@@ -303,7 +301,7 @@ async def test_enter_on_an_event_shows_its_json_and_c_copies_it() -> None:
         await eventually(lambda: log.chosen is not None and log.chosen.kind == "queue.paused")  # type: ignore[attr-defined]
         event = log.chosen
         await pilot.press("enter")
-        screen = await eventually(lambda: app.screen if isinstance(app.screen, EventScreen) else None)
+        screen = await screen_shown(app, EventScreen)
         assert json.loads(screen.json) == event_to_dict(event)
         assert '\n  "kind": "queue.paused"' in screen.json  # pretty-printed
         await pilot.press("c")
@@ -317,12 +315,12 @@ async def test_enter_on_an_event_shows_its_json_and_c_copies_it() -> None:
         older = log.chosen
         assert older is not None and older.seq < event.seq  # type: ignore[union-attr]
         await pilot.press("enter")
-        screen = await eventually(lambda: app.screen if isinstance(app.screen, EventScreen) else None)
+        screen = await screen_shown(app, EventScreen)
         assert json.loads(screen.json)["seq"] == older.seq
         await pilot.press("escape")
         await eventually(lambda: app.screen is app.main)
         await pilot.click(EventLog, offset=(10, 0))
-        screen = await eventually(lambda: app.screen if isinstance(app.screen, EventScreen) else None)
+        screen = await screen_shown(app, EventScreen)
         first = app.main.query_one(EventLog)
         assert json.loads(screen.json)["seq"] == first.chosen.seq  # type: ignore[union-attr]
 

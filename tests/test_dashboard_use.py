@@ -22,7 +22,7 @@ from taskwatch.widgets import FailuresList, ParamsForm, RunDetail, ScheduleTable
 from textual.pilot import Pilot
 from textual.widgets import Button, Input, Sparkline, Static, TabbedContent
 
-from .helpers import Recorder, eventually
+from .helpers import Recorder, eventually, screen_shown
 from .test_dashboard import make_engine, open_submit, shown_status, table
 
 SMALL = (80, 24)
@@ -94,10 +94,10 @@ async def test_number_keys_switch_tabs_from_any_focus() -> None:
         app.main.query_one(RunDetail).focus()
         await pilot.pause()  # focus moves on the next message round
         await pilot.press("question_mark")
-        await eventually(lambda: isinstance(app.screen, HelpScreen))
+        await screen_shown(app, HelpScreen)
         await pilot.press("escape")
         await pilot.press("s")
-        await eventually(lambda: isinstance(app.screen, SubmitScreen))
+        await screen_shown(app, SubmitScreen)
 
 
 async def test_typing_in_a_filter_is_text_not_keys() -> None:
@@ -137,7 +137,7 @@ async def test_tab_in_the_submit_form_goes_to_a_field_that_shows_what_is_typed()
     engine = make_engine()
     async with dashboard(engine, size=LARGE) as (app, pilot):
         await pilot.press("s")
-        screen = await eventually(lambda: app.screen if isinstance(app.screen, SubmitScreen) else None)
+        screen = await screen_shown(app, SubmitScreen)
         await eventually(lambda: screen.query(ParamsForm))
         await pilot.pause()
         form = screen.query_one(ParamsForm)
@@ -199,7 +199,7 @@ async def test_at_60_columns_the_footer_still_shows_help_and_quit(tab: str) -> N
         for key in ("question_mark", "q"):
             assert in_sight(keys[key]) and keys[key].region.right <= 60, key
         await pilot.click(keys["question_mark"])  # and they work
-        await eventually(lambda: isinstance(app.screen, HelpScreen))
+        await screen_shown(app, HelpScreen)
 
 
 # ---------------------------------------------------------------- actions on what the user chose
@@ -290,7 +290,7 @@ async def test_marked_runs_stay_marked_however_many_newer_runs_arrive() -> None:
         assert table(app).marked == failed[::-1]
         assert all(table(app).get_cell(run_id, "id").style == "bold black on yellow" for run_id in failed)
         await pilot.press("r")
-        dialog = await eventually(lambda: app.screen if isinstance(app.screen, ConfirmScreen) else None)
+        dialog = await screen_shown(app, ConfirmScreen)
         assert "2 marked runs" in dialog.question
         await pilot.press("y")
         await eventually(lambda: {r.source for r in engine.runs(limit=None)} >= {f"retry:{i}" for i in failed})
@@ -304,13 +304,13 @@ async def test_cancel_asks_first_naming_the_run_and_cancels_exactly_that_run() -
         await eventually(lambda: shown_status(app, other.id) == "running")
         table(app).select_run(held.id)
         await pilot.press("c")
-        dialog = await eventually(lambda: app.screen if isinstance(app.screen, ConfirmScreen) else None)
+        dialog = await screen_shown(app, ConfirmScreen)
         assert held.id in dialog.question and "hold" in dialog.question
         await pilot.press("n")  # no: nothing happens
         await eventually(lambda: app.screen is app.main)
         assert engine.get(held.id).status is RunStatus.RUNNING
         await pilot.press("c")
-        await eventually(lambda: isinstance(app.screen, ConfirmScreen))
+        await screen_shown(app, ConfirmScreen)
         # the table moving meanwhile does not change which run the dialog cancels
         table(app).select_run(other.id)
         await pilot.press("enter")
@@ -343,7 +343,7 @@ async def test_a_running_run_older_than_max_rows_newer_runs_stays_listed_and_can
         await pilot.press("slash", *"status:running", "enter")
         await eventually(lambda: table(app).shown_keys == [held.id])
         await pilot.press("c")
-        dialog = await eventually(lambda: app.screen if isinstance(app.screen, ConfirmScreen) else None)
+        dialog = await screen_shown(app, ConfirmScreen)
         assert held.id in dialog.question
         await pilot.press("y")
         await eventually(lambda: engine.get(held.id).status is RunStatus.CANCELLED)
@@ -723,7 +723,7 @@ async def test_space_marks_runs_and_c_cancels_every_marked_run_after_one_confirm
         assert table(app).marked == [held[2].id, held[1].id]
         assert table(app).get_cell(held[2].id, "id").style == "bold black on yellow"
         await pilot.press("c")
-        dialog = await eventually(lambda: app.screen if isinstance(app.screen, ConfirmScreen) else None)
+        dialog = await screen_shown(app, ConfirmScreen)
         assert "2 marked runs" in dialog.question and held[2].id in dialog.question and held[1].id in dialog.question
         await pilot.press("y")
         await eventually(lambda: engine.get(held[2].id).status is RunStatus.CANCELLED)
@@ -749,7 +749,7 @@ async def test_r_on_failures_retries_every_failure_of_that_task() -> None:
         failures.select("run", failed[0])
         await pilot.pause()
         await pilot.press("R")
-        dialog = await eventually(lambda: app.screen if isinstance(app.screen, ConfirmScreen) else None)
+        dialog = await screen_shown(app, ConfirmScreen)
         assert "3 failed runs of task explode" in dialog.question
         await pilot.press("enter")
         await eventually(lambda: any("retried 3 of 3 runs" in n for n in notes(app)))
@@ -759,7 +759,7 @@ async def test_r_on_failures_retries_every_failure_of_that_task() -> None:
         retries = {r.id for r in engine.runs(task="explode") if r.source.startswith("retry:")}
         await eventually(lambda: retries <= set(app.state.failures))
         await pilot.press("R")
-        dialog = await eventually(lambda: app.screen if isinstance(app.screen, ConfirmScreen) else None)
+        dialog = await screen_shown(app, ConfirmScreen)
         assert "3 failed runs of task explode" in dialog.question
         assert not any(run_id in dialog.question for run_id in failed)
         await pilot.press("n")
@@ -772,7 +772,7 @@ async def test_e_opens_the_submit_form_filled_with_a_runs_params_to_edit_and_res
         await eventually(lambda: shown_status(app, first.id) == "succeeded")
         table(app).select_run(first.id)
         await pilot.press("e")
-        screen = await eventually(lambda: app.screen if isinstance(app.screen, SubmitScreen) else None)
+        screen = await screen_shown(app, SubmitScreen)
         form = await eventually(lambda: screen.query(ParamsForm) and screen.query_one(ParamsForm))
         assert form.field_widget("user_id").value == "u1" and form.field_widget("batch").value == "3"
         assert first.id in str(screen.query_one("#submit-title").content)
@@ -874,13 +874,13 @@ async def test_edit_and_traceback_from_the_failures_tab_use_the_whole_run_when_a
             failures = app.main.query_one(FailuresList)
             await eventually(lambda: failures.selected == ("run", failed.id))
             await pilot.press("e")
-            screen = await eventually(lambda: app.screen if isinstance(app.screen, SubmitScreen) else None)
+            screen = await screen_shown(app, SubmitScreen)
             form = await eventually(lambda: screen.query(ParamsForm) and screen.query_one(ParamsForm))
             assert form.field_widget("text").value == big and form.field_widget("n").value == "3"
             await pilot.press("escape")
             await eventually(lambda: app.screen is app.main)
             await pilot.press("t")
-            shown = await eventually(lambda: app.screen if isinstance(app.screen, TracebackScreen) else None)
+            shown = await screen_shown(app, TracebackScreen)
             body = str(shown.query_one("#traceback-body", Static).content.code)  # type: ignore[attr-defined]
             assert "characters truncated" not in body and body.rstrip().endswith("y the end")
             await app.action_quit()
@@ -932,7 +932,7 @@ async def test_a_served_dashboard_shows_the_attach_command_in_a_dialog(tmp_path:
             titles = {c.title for c in app.get_system_commands(app.screen)}
             assert "Attach command" in titles
             app.action_attach_command()
-            dialog = await eventually(lambda: app.screen if isinstance(app.screen, AttachScreen) else None)
+            dialog = await screen_shown(app, AttachScreen)
             assert dialog.command == f"TASKWATCH_TOKEN=a-token-of-sufficient-length-42 taskwatch attach {info.address}"
             await pilot.press("escape")
             await eventually(lambda: app.screen is app.main)

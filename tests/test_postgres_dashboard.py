@@ -45,7 +45,7 @@ from taskwatch.widgets import ClusterRunsTable, EventLog, RunDetail, StoreNodesT
 from textual.widgets import Label, Static
 
 from .cutting_proxy import StallingProxy
-from .helpers import eventually, stray_tasks
+from .helpers import eventually, screen_shown, stray_tasks
 from .postgres_server import PostgresServer, schema_script
 from .processes import Line
 from .test_durable import Child
@@ -116,7 +116,7 @@ async def test_the_dashboard_shows_both_nodes_their_runs_and_cancels_and_retries
         # cancel the run node-b holds: asked first, then node-b hears of it and stops it
         assert runs_table.select_run(on_b)
         await pilot.press("c")
-        await eventually(lambda: isinstance(app.screen, ConfirmScreen), timeout=TIMEOUT)
+        await screen_shown(app, ConfirmScreen, timeout=TIMEOUT)
         assert on_b in app.screen.question and "node-b" in app.screen.question  # type: ignore[attr-defined]
         await pilot.press("y")
         assert (await line(b, "cancelled", id=on_b))["id"] == on_b
@@ -392,7 +392,7 @@ async def test_enter_on_a_run_shows_it_in_full_and_keeps_it_current(postgres_url
             await eventually(lambda: failed.id in table.shown_keys, timeout=TIMEOUT)
             assert table.select_run(failed.id)
             await pilot.press("enter")
-            await eventually(lambda: isinstance(app.screen, RunScreen), timeout=TIMEOUT)
+            await screen_shown(app, RunScreen, timeout=TIMEOUT)
             screen = app.screen
             assert isinstance(screen, RunScreen)
             detail = screen.query_one(RunDetail)
@@ -417,7 +417,7 @@ async def test_enter_on_a_run_shows_it_in_full_and_keeps_it_current(postgres_url
                              timeout=TIMEOUT)  # fmt: skip
             assert table.select_run(going.id)
             await pilot.press("enter")
-            await eventually(lambda: isinstance(app.screen, RunScreen), timeout=TIMEOUT)
+            await screen_shown(app, RunScreen, timeout=TIMEOUT)
             shown = app.screen.query_one(RunDetail)
             assert shown.record is not None and shown.record.status.value == "running"
             gate.set()
@@ -456,7 +456,7 @@ async def test_while_the_database_is_down_enter_shows_the_run_as_read_and_c_and_
             await eventually(lambda: "stale" in header(app), timeout=TIMEOUT)
             assert table.select_run(waiting.id)
             await pilot.press("enter")
-            await eventually(lambda: isinstance(app.screen, RunScreen))
+            await screen_shown(app, RunScreen)
             assert app.screen.run_id == waiting.id  # type: ignore[attr-defined]
             # the notice is a message of its own, handled after the screen was pushed
             await eventually(lambda: said(app, f"the database is unreachable: run {waiting.id} is shown as read"))
@@ -506,7 +506,7 @@ async def test_a_database_that_does_not_answer_is_waited_for_briefly_and_a_late_
             proxy.hold()
             try:
                 await pilot.press("c")
-                await eventually(lambda: isinstance(app.screen, ConfirmScreen))
+                await screen_shown(app, ConfirmScreen)
                 await pilot.press("y")
                 # given up on after the bound, and said so: the cancel may have reached the database
                 await eventually(lambda: said(app, f"cancel of run {waiting.id}: no answer from the database within "
@@ -514,7 +514,7 @@ async def test_a_database_that_does_not_answer_is_waited_for_briefly_and_a_late_
 
                 # Enter: after the bound, the run as read last
                 await pilot.press("enter")
-                await eventually(lambda: isinstance(app.screen, RunScreen))
+                await screen_shown(app, RunScreen)
                 await eventually(lambda: said(app, f"cannot read run {waiting.id} (no answer from the database within 0.5 s)"))
                 await pilot.press("escape")
                 await eventually(lambda: not isinstance(app.screen, RunScreen))
@@ -525,7 +525,7 @@ async def test_a_database_that_does_not_answer_is_waited_for_briefly_and_a_late_
                 await pilot.press("enter")
                 await eventually(lambda: detail_open(app))
                 await pilot.press("c")
-                await eventually(lambda: isinstance(app.screen, ConfirmScreen))
+                await screen_shown(app, ConfirmScreen)
             finally:
                 proxy.release()
             await eventually(lambda: not detail_open(app), timeout=TIMEOUT)
@@ -550,7 +550,7 @@ async def test_space_marks_no_run_in_the_cluster_runs_table(postgres_url: str) -
         assert table.marked == []
         assert table.selected_run_id == top  # nor did the cursor move as marking moves it
         await pilot.press("c")
-        await eventually(lambda: isinstance(app.screen, ConfirmScreen))
+        await screen_shown(app, ConfirmScreen)
         assert top in app.screen.question  # type: ignore[attr-defined]
         await pilot.press("n")
     assert {r.id for r in batch} == set(table.shown_keys)

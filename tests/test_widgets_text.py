@@ -53,7 +53,7 @@ from textual.app import App, ComposeResult
 from textual.geometry import Region
 from textual.widget import Widget
 
-from .helpers import eventually
+from .helpers import eventually, screen_shown
 
 T0 = 1_700_000_000.0
 #: what a terminal takes for a command (newlines never appear inside a drawn line either)
@@ -227,7 +227,7 @@ async def test_dashboard_traceback_and_notifications_hold_no_escape_sequence() -
         table = app.main.query_one(RunsTable)
         await eventually(lambda: table.record(failed.id) is not None and table.select_run(failed.id))
         await pilot.press("t")
-        screen = await eventually(lambda: app.screen if isinstance(app.screen, TracebackScreen) else None)
+        screen = await screen_shown(app, TracebackScreen)
         await pilot.pause()
         text = assert_no_control(drawn_lines(screen))
         assert "X\\x1b]2;PWNED\\x07Y\\x1b[5;31mBLINK" in text
