@@ -53,7 +53,14 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypedDict, TypeVa
 
 from pydantic import BaseModel
 
-from .errors import EngineAlreadyRunning, EngineCrashed, EngineNotRunning, InvalidConfiguration, LoopThreadError
+from .errors import (
+    EngineAlreadyRunning,
+    EngineCrashed,
+    EngineInAnotherProcess,
+    EngineNotRunning,
+    InvalidConfiguration,
+    LoopThreadError,
+)
 from .execution import checked_timeout
 from .hop import Escaped, LoopCall, call_apart, ship
 from .options import BackgroundOptions, WaitOptions, check_option_names, check_options
@@ -226,6 +233,8 @@ class BackgroundEngine:
         _refuse_nan("start_background()", **given)
         checked = check_options(BackgroundOptions, "start_background()", **given)
         self.engine = engine
+        #: the process whose thread runs the loop: a fork of it has neither (see _schedule)
+        self._pid = os.getpid()
         self.call_timeout = checked.call_timeout
         self.stop_timeout = checked.stop_timeout
         self.start_timeout = checked.start_timeout
@@ -280,6 +289,8 @@ class BackgroundEngine:
             # claimed under the lock, before the thread starts: of two launches at once, one starts it
             current = _facades.get(id(engine))
             if current is not None and current.engine is engine and not current._finished:
+                if current._forked():
+                    raise EngineInAnotherProcess(current._pid)
                 raise EngineAlreadyRunning(current._phase(), repr(current))
             if engine.state not in ("new", "stopped"):
                 raise EngineAlreadyRunning(engine.state)
@@ -527,8 +538,9 @@ class BackgroundEngine:
 
     @property
     def running(self) -> bool:
-        """True until :meth:`stop` (or a failure) ended the loop thread (so also while it stops)."""
-        return not self._finished and not self._loop_thread_ended()
+        """True until :meth:`stop` (or a failure) ended the loop thread (so also while it stops);
+        False in a fork of the process it runs in."""
+        return not self._finished and not self._loop_thread_ended() and not self._forked()
 
     @property
     def state(self) -> str:
@@ -557,7 +569,14 @@ class BackgroundEngine:
     def _on_loop_thread(self) -> bool:
         return threading.get_ident() == self._thread.ident
 
+    def _forked(self) -> bool:
+        """Whether this process is a fork of the one the engine runs in: the loop and its thread
+        stayed there, and a call shipped to the loop object copied here would wait forever."""
+        return self._pid != os.getpid()
+
     def _schedule(self, fn: Callable[..., Any], *args: Any, read_: bool = False, **kwargs: Any) -> LoopCall:
+        if self._forked():
+            raise EngineInAnotherProcess(self._pid)
         with self._lock:
             loop = self._loop
             # a stop under way takes no more work, but its engine still answers reads (as an
@@ -1106,6 +1125,8 @@ class BackgroundEngine:
         """
         if self._on_loop_thread():
             raise LoopThreadError("stop", _STOP_ON_LOOP.format(method="stop"))
+        if self._forked():
+            return  # the engine runs on in the process this one was forked from: that one stops it
         drain = self.stop_timeout if timeout is None else _seconds("BackgroundEngine.stop()", timeout)
         self._request_stop(drain)
         self._wait_stopped()
@@ -1391,7 +1412,9 @@ def _exit_drain(bg: BackgroundEngine) -> float:
 
 def _stop_all_at_exit() -> None:
     # the drain within the time Jupyter gives a kernel it shuts down; the wait bounded as well
-    _stop_together(list(_running), _exit_drain, lambda bg: _exit_drain(bg) + bg.engine.cancel_grace + EXIT_SLACK)
+    # (a forked process's exit leaves the engines of the process it was forked from alone)
+    ours = [bg for bg in list(_running) if not bg._forked()]
+    _stop_together(ours, _exit_drain, lambda bg: _exit_drain(bg) + bg.engine.cancel_grace + EXIT_SLACK)
 
 
 #: where the messages point a user to stop_all_background(): reachable whatever taskwatch.engine exports

@@ -37,6 +37,7 @@ from .context import TaskContext
 from .errors import (
     DuplicateTask,
     EngineAlreadyRunning,
+    EngineInAnotherProcess,
     EngineNotRunning,
     InvalidConfiguration,
     InvalidKey,
@@ -186,6 +187,7 @@ def _on_loop_async(
         loop = self._loop
         if loop is None or get_ident() == self._loop_thread or not loop.is_running():
             return await method(self, *args, **kwargs)
+        self._refuse_in_fork()
         result: _R = await call_on(loop, method, self, *args, **kwargs)
         return result
 
@@ -691,6 +693,7 @@ class Engine:
         if starting is not None and starting.get_loop() is not asyncio.get_running_loop():
             raise EngineAlreadyRunning("starting")
         if self._state == "running":
+            self._refuse_in_fork()
             if self._loop is not asyncio.get_running_loop():
                 # its tasks and futures are that loop's: none of them would serve this one
                 raise EngineAlreadyRunning(self._state)
@@ -870,6 +873,7 @@ class Engine:
             return
         if self._state in ("new", "stopped") and self._starting is None:
             return  # nothing to stop (a stopped engine's loop may still be ending)
+        self._refuse_in_fork()
         raise LoopThreadError(
             "stop",
             f"Engine.stop() was awaited on another event loop than the engine's, which runs in another "
@@ -995,10 +999,18 @@ class Engine:
         if self._state != "running":
             raise EngineNotRunning(self._state)
 
+    def _refuse_in_fork(self) -> None:
+        """Raise if the engine runs in the process this one was forked from: its loop looks
+        running (the loop object came along) but no thread here runs it, so a call shipped to
+        it would wait forever. Called on the paths that would ship a call, never on a run's."""
+        if self._pid != os.getpid():
+            raise EngineInAnotherProcess(self._pid)
+
     def _require_loop_thread(self, method: str) -> None:
         # the index, the executor and the memory store are the loop's alone: a submit from
         # another thread would record half a run (claimed, never started) and hold its slot
         if threading.get_ident() != self._loop_thread:
+            self._refuse_in_fork()
             # submit_nowait is no coroutine: what another thread waits for is a submit (and
             # BackgroundEngine.call() would await the handle it returns, i.e. the run's end)
             coro = "submit" if method == "submit_nowait" else method
@@ -1023,6 +1035,7 @@ class Engine:
         loop = self._loop
         if loop is None or not loop.is_running():
             return fn(*args, **kwargs)
+        self._refuse_in_fork()
         try:
             call = ship(loop, fn, *args, **kwargs)
         except RuntimeError:

@@ -6,6 +6,7 @@ family with one ``except``. Each message says what went wrong and what to do.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -151,6 +152,27 @@ class EngineNotRunning(TaskwatchError, RuntimeError):
             message
             or f"the engine is {state} and accepts no work; use `async with engine:` "
             "or `await engine.start()` first"
+        )
+
+
+class EngineInAnotherProcess(EngineNotRunning):
+    """The engine runs in the process this one was forked from (``os.fork()``, a pre-forking
+    server such as gunicorn with ``--preload``, ``multiprocessing`` with the fork method).
+
+    Its event loop and loop thread did not come along into the fork, so nothing here could
+    ever answer a call; it raises at once instead of waiting for an answer that never comes.
+    Nothing was done, in this process or in the other one.
+    """
+
+    def __init__(self, started_in: int) -> None:
+        self.started_in = started_in
+        super().__init__(
+            "forked",
+            f"this engine was started in process {started_in}, and this process (pid {os.getpid()}) is a "
+            "fork of it: the engine's event loop and its thread stay in that process, so nothing here can "
+            "run or answer for it. Start the engine after the fork, in each process that needs one (it may "
+            "be built and its tasks registered before): with gunicorn --preload, in a post_fork hook or the "
+            "app's startup, not at import",
         )
 
 

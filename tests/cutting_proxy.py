@@ -11,6 +11,9 @@ Made :attr:`CuttingProxy.silent`, it is a network that drops every packet:
 nothing gets through either way, new connections are taken and never
 answered, and nobody is told (no reset, no refusal).
 
+Made to :meth:`CuttingProxy.refuse`, it is a server gone away: every connection is
+reset, and new ones are reset as they come, until :meth:`CuttingProxy.accept`.
+
 A :class:`StallingProxy` holds every packet instead, and lets them go: what
 it held then arrives, as with a router that came back.
 """
@@ -65,6 +68,16 @@ class CuttingProxy(_Proxy):
         #: client chunks dropped while silent: a client is waiting for an answer
         self.swallowed = 0
         self._arm: list[Match] = []
+        self._refusing = False
+
+    def refuse(self) -> None:
+        """Reset every connection, and each new one, until :meth:`accept`."""
+        self._refusing = True
+        for task in list(self._tasks):
+            task.cancel()  # its connection is aborted on the way out
+
+    def accept(self) -> None:
+        self._refusing = False
 
     def cut_after(self, *steps: Match) -> None:
         """Cut the connection after the client chunk matching the last of ``steps``, each
@@ -72,6 +85,9 @@ class CuttingProxy(_Proxy):
         self._arm = list(steps)
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if self._refusing:
+            client_w.transport.abort()
+            return
         if self.silent:
             task = asyncio.current_task()
             assert task is not None

@@ -436,3 +436,81 @@ def test_the_interpreter_exit_does_not_wait_out_a_loop_a_task_blocks() -> None:
     assert took < 1.3 + 3, took
     assert proc.returncode == 0, err
     assert "The process exits without it" in err, err
+
+
+FORKED = textwrap.dedent(
+    """
+    import asyncio, json, os, sys, time
+    from taskwatch.engine import Engine, EngineInAnotherProcess
+
+    def build():
+        engine = Engine(health_interval=None)
+
+        @engine.task
+        async def hello(ctx) -> str:
+            return f"hello from {os.getpid()}"
+
+        return engine
+
+    engine = build()
+    bg = engine.start_background(call_timeout=60)
+    before = bg.submit("hello")
+    before.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the fork: the engine's loop thread stayed in the parent
+        said = {}
+        calls = {
+            "bg.submit": lambda: bg.submit("hello"),
+            "bg.get": lambda: bg.get(before.id),
+            "handle.wait": lambda: before.wait(5),
+            "engine.runs": lambda: engine.runs(),
+            "engine.submit": lambda: asyncio.run(engine.submit("hello")),
+            "engine.start": lambda: asyncio.run(engine.start()),
+            "start_background": lambda: engine.start_background(),
+        }
+        for name, call in calls.items():
+            try:
+                call()
+                said[name] = "answered"
+            except EngineInAnotherProcess as exc:
+                said[name] = "refused" if exc.started_in == os.getppid() else f"wrong pid {exc.started_in}"
+            except Exception as exc:
+                said[name] = f"{type(exc).__name__}: {exc}"
+        bg.stop()  # nothing of the parent's is stopped from here
+        said["running"] = bg.running
+        # an engine started after the fork runs here
+        mine = build().start_background()
+        said["own engine"] = mine.submit("hello").wait(10).result == f"hello from {os.getpid()}"
+        mine.stop()
+        print(json.dumps(said), flush=True)
+        sys.exit(0)  # and the exit does not wait for the parent's engine
+    deadline = time.monotonic() + 30
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            print(json.dumps({"hung": True}), flush=True)
+            break
+        time.sleep(0.01)
+    print(json.dumps({"parent": bg.submit("hello").wait(10).result == f"hello from {os.getpid()}"}), flush=True)
+    bg.stop()
+    """
+)
+
+
+@pytest.mark.timeout(120)
+def test_a_fork_of_a_process_running_a_background_engine_is_told_at_once_and_exits() -> None:
+    """A pre-forking server (gunicorn --preload) that started the engine at import: the workers
+    it forks have the engine's objects but not its loop thread. A call there would wait for an
+    answer that never comes (a minute, per call) and the fork's exit would wait on its stop."""
+    proc = subprocess.run(
+        [sys.executable, "-c", FORKED], cwd=REPO, capture_output=True, text=True, timeout=100
+    )
+    assert proc.returncode == 0, proc.stderr
+    child, parent = (json.loads(line) for line in proc.stdout.splitlines())
+    assert child == {
+        "bg.submit": "refused", "bg.get": "refused", "handle.wait": "refused", "engine.runs": "refused",
+        "engine.submit": "refused", "engine.start": "refused", "start_background": "refused",
+        "running": False, "own engine": True,
+    }
+    assert parent == {"parent": True}  # the parent's engine was left alone

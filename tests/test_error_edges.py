@@ -37,6 +37,7 @@ ERROR_ARGS: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
     "DuplicateTask": (("task", "t"), {}),
     "EngineAlreadyRunning": (("running",), {"holder": "a BackgroundEngine"}),
     "EngineCrashed": ((ValueError("boom"),), {}),
+    "EngineInAnotherProcess": ((4242,), {}),
     "EngineNotRunning": (("new",), {}),
     "EngineUnreachable": (("tcp://127.0.0.1:1", "connection refused", "Check the port"), {}),
     "IncompatibleVersion": ((3, 2), {}),

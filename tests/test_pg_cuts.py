@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 from taskwatch.engine import Engine, PostgresEventRelay, TaskContext
 from taskwatch.engine.events import BaseEvent, EngineStarted, RunSucceeded, event_to_json
 from taskwatch.engine.runs import RunStatus
@@ -288,6 +290,59 @@ async def test_a_version_4_database_migrates_to_5_once_with_several_nodes_and_ke
 
 
 # ---------------------------------------------------------------- a silent network
+
+
+async def test_a_claim_that_waited_out_an_outage_takes_its_leases_from_when_it_got_through(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    # the claim keeps trying through the outage (reconnect_timeout); the leases it writes when
+    # it gets through must count from then: leases that ran out during the outage would have the
+    # runs taken back as lost (and run twice) while this node starts them
+    # (the outage is shorter than node_ttl: the node's registration is still good)
+    ttl = 2.0
+    async with PostgresStore(postgres_url, lease_ttl=ttl) as other, CuttingProxy(postgres_server.port) as proxy:
+        node = PostgresStore(
+            proxy.url(postgres_url), lease_ttl=ttl, node_ttl=5 * ttl, reconnect_timeout=TIMEOUT, pool_size=1
+        )
+        async with node:
+            await node.register_node("n", "inc-n", "test")
+            runs = await other.insert([NewRun("t"), NewRun("t")])
+            proxy.refuse()
+            began = time.time()
+            claiming = asyncio.create_task(node.claim("n", "inc-n", 2, {"t": None}))
+            await eventually(lambda: node.reconnects > 0, timeout=TIMEOUT)
+            await eventually(lambda: time.time() > began + 2 * ttl, timeout=TIMEOUT)
+            back = time.time()
+            proxy.accept()
+            claims = await asyncio.wait_for(claiming, TIMEOUT)
+            assert sorted(c.run_id for c in claims) == sorted(r.id for r in runs)
+            assert min(c.lease_until for c in claims) >= back + ttl / 2, [c.lease_until - back for c in claims]
+            conn = await asyncpg.connect(postgres_url)
+            try:
+                written = await conn.fetch("SELECT lease_until FROM runs WHERE status = 'running'")
+            finally:
+                await conn.close()
+            assert len(written) == 2 and min(r[0] for r in written) >= back + ttl / 2, [r[0] - back for r in written]
+
+
+async def test_a_node_whose_registration_lapsed_claims_nothing_until_a_heartbeat_goes_through(
+    postgres_url: str,
+) -> None:
+    # a process paused (or cut off) for longer than node_ttl may be counted gone by the others,
+    # who recover what it holds: runs it claimed on waking would be taken back and run twice
+    ttl = 1.0
+    async with PostgresStore(postgres_url, lease_ttl=ttl) as node, PostgresStore(postgres_url, lease_ttl=ttl) as other:
+        await node.register_node("n", "inc-n", "test")
+        runs = await other.insert([NewRun("t"), NewRun("t")])
+        registered = time.time()
+        await eventually(lambda: time.time() > registered + 1.5 * ttl, timeout=TIMEOUT)
+        assert await node.claim("n", "inc-n", 2, {"t": None}) == []
+        assert all(s is not None and s.status is RunStatus.PENDING for s in [await other.get(r.id) for r in runs])
+        await node.node_heartbeat("inc-n", 0)
+        claims = await node.claim("n", "inc-n", 2, {"t": None})
+        assert sorted(c.run_id for c in claims) == sorted(r.id for r in runs)
+        # and the others leave them with it
+        assert await other.recover() == []
 
 
 async def test_a_stop_on_a_network_that_drops_every_packet_ends_and_its_runs_come_back(

@@ -961,13 +961,13 @@ class PostgresStore(Store):
                 capped[task] = (n, cap)
         if not free and not capped:
             return []
-        now = self.clock()
         values = {
             "node": node,
             "incarnation": incarnation,
             "nonce": os.urandom(8).hex(),
-            "lease_until": now + self.lease_ttl,
-            "now": now,
+            "lease_until": 0.0,  # set by each try (see _stamp)
+            "now": 0.0,
+            "node_ttl": self.node_ttl,
             "tasks": list(free),
             "limits": list(free.values()),
             "caps": [None] * len(free),
@@ -984,12 +984,9 @@ class PostgresStore(Store):
             # is taken in a statement of its own (a statement's snapshot is taken when it
             # starts), so this claim is a transaction of three statements
             names = sorted(waiting)
-            now = self.clock()
             values = {
                 **values,
                 "nonce": os.urandom(8).hex(),
-                "now": now,
-                "lease_until": now + self.lease_ttl,
                 "tasks": names,
                 "limits": [capped[t][0] for t in names],
                 "caps": [capped[t][1] for t in names],
@@ -1010,6 +1007,7 @@ class PostgresStore(Store):
     async def _claim_and_peek(self, tx: _Tx, values: dict[str, Any]) -> tuple[list[Claim], list[str]]:
         if before := await self._claimed_before(tx, values):
             return before, []
+        self._stamp(values)
         rows = await tx.fetch(Q.PG_CLAIM_AND_PEEK, values)
         waiting = [r[2] for r in rows if r[1] is None]
         return self._claims_of([r for r in rows if r[1] is not None], values), waiting
@@ -1021,7 +1019,15 @@ class PostgresStore(Store):
     async def _claim(self, tx: _Tx, values: dict[str, Any]) -> list[Claim]:
         if before := await self._claimed_before(tx, values):
             return before
+        self._stamp(values)
         return self._claims_of(await tx.fetch(Q.PG_CLAIM, values), values)
+
+    def _stamp(self, values: dict[str, Any]) -> None:
+        """Leases from this try's time: a claim that waited out an outage and got through at its
+        end must not write leases already (nearly) run out, which other nodes would take back as
+        lost while this one starts the runs. (What an earlier try committed keeps its own.)"""
+        now = self.clock()
+        values["now"], values["lease_until"] = now, now + self.lease_ttl
 
     @staticmethod
     def _claims_of(rows: list[Any], values: dict[str, Any]) -> list[Claim]:
@@ -1070,9 +1076,7 @@ class PostgresStore(Store):
         return HeartbeatResult(cancel=cancel, lost=[t for t in tokens if t not in kept], busy=busy)
 
     async def _renew(self, tx: _Tx, values: dict[str, Any]) -> list[Any]:
-        # a lease from this try's time: a heartbeat that waited out an outage and got through
-        # at its end must not write a lease already (nearly) run out
-        values["lease_until"] = self.clock() + self.lease_ttl
+        self._stamp(values)  # a heartbeat that waited out an outage renews from when it got through
         return await tx.fetch(Q.PG_HEARTBEAT_MANY, values)
 
     async def finish(self, token: str, outcome: Outcome, progress: Progress | None = None) -> RunStatus | None:

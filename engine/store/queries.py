@@ -397,6 +397,12 @@ REPLACED_INCARNATION = """EXISTS (
       AND (later.started_at > me.started_at
            OR (later.started_at = me.started_at AND later.registered_seq > me.registered_seq)))"""
 
+#: whether the incarnation has not heartbeaten for ``node_ttl`` (a process paused, a network cut
+#: off): it claims nothing until a heartbeat goes through (no row proves nothing)
+LAPSED_INCARNATION = """EXISTS (
+    SELECT 1 FROM nodes WHERE incarnation = :incarnation
+    AND last_heartbeat < CAST(:now AS float8) - CAST(:node_ttl AS float8))"""
+
 NODE_STOPPED = "UPDATE nodes SET stopped_at = :now, running = 0 WHERE incarnation = :incarnation"
 
 #: incarnations that stopped, or fell silent and were replaced by a later start of the same
@@ -533,8 +539,9 @@ WHERE runs.seq IN (
         END
         FOR UPDATE SKIP LOCKED
     ) AS c
-    -- evaluated once per statement: a replaced incarnation locks no row at all
-    WHERE NOT """ + REPLACED_INCARNATION + """
+    -- evaluated once per statement: a replaced incarnation, or one whose registration has
+    -- lapsed (the others may count it gone and recover what it holds), locks no row at all
+    WHERE NOT """ + REPLACED_INCARNATION + """ AND NOT """ + LAPSED_INCARNATION + """
     ORDER BY c.seq
     LIMIT :slots
 ) AND runs.status = 'pending'
