@@ -17,8 +17,8 @@ from pydantic import BaseModel
 from taskwatch.engine import Engine, InProcessLease, LeaseState, RunStatus
 from taskwatch.tui.app import TaskwatchApp
 from taskwatch.tui.client import LocalClient
-from taskwatch.tui.screens import ConfirmScreen, HelpScreen, SubmitScreen
-from taskwatch.widgets import FailuresList, ParamsForm, RunDetail, ScheduleTable
+from taskwatch.tui.screens import ConfirmScreen, HelpScreen, SubmitScreen, TracebackScreen
+from taskwatch.widgets import CountsBar, FailuresList, ParamsForm, RunDetail, ScheduleTable
 from textual.pilot import Pilot
 from textual.widgets import Button, Input, Sparkline, Static, TabbedContent
 
@@ -296,6 +296,58 @@ async def test_marked_runs_stay_marked_however_many_newer_runs_arrive() -> None:
         await eventually(lambda: {r.source for r in engine.runs(limit=None)} >= {f"retry:{i}" for i in failed})
 
 
+async def test_a_chosen_run_that_leaves_the_filter_leaves_no_run_selected_for_c_to_hit() -> None:
+    engine = make_engine(max_concurrency=1)
+    async with dashboard(engine, size=LARGE, confirm=False) as (app, pilot):
+        first, chosen, *others = [await engine.submit("hold") for _ in range(4)]
+        await eventually(lambda: shown_status(app, first.id) == "running")
+        await pilot.press("slash", *"status:pending", "enter")
+        await eventually(lambda: set(table(app).shown_keys) == {chosen.id, *(h.id for h in others)})
+        assert table(app).select_run(chosen.id)
+        await engine.cancel(first.id)  # the chosen run starts: it is no longer pending
+        await eventually(lambda: chosen.id not in table(app).shown_keys)
+        await pilot.pause()
+        # not moved to its neighbour, which c would then cancel
+        assert table(app).selected_run_id is None
+        await pilot.press("c")
+        await eventually(lambda: any("select a run to cancel" in n for n in notes(app)))
+        assert [engine.get(h.id).status for h in others] == [RunStatus.PENDING] * 2
+
+
+async def test_enter_holds_the_cursor_on_the_run_it_opened_as_newer_runs_arrive() -> None:
+    engine = make_engine()
+    async with dashboard(engine, size=(60, 20), confirm=False) as (app, pilot):
+        opened = await engine.submit("hold")
+        await eventually(lambda: table(app).shown_keys == [opened.id])
+        await pilot.press("enter")  # on the untouched table: the newest run, which it follows
+        await eventually(lambda: app.detail_open)
+        newer = await engine.submit("hold")
+        await eventually(lambda: newer.id in table(app).shown_keys)
+        await pilot.pause()
+        assert table(app).selected_run_id == opened.id
+        assert app.main.query_one(RunDetail).record.id == opened.id  # type: ignore[union-attr]
+        await pilot.press("c")
+        await eventually(lambda: engine.get(opened.id).status is RunStatus.CANCELLED)
+        assert engine.get(newer.id).status is RunStatus.RUNNING
+
+
+async def test_marks_outlive_a_reload_from_a_snapshot_and_c_still_acts_on_every_marked_run() -> None:
+    engine = make_engine(max_concurrency=1)
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        held = [await engine.submit("hold") for _ in range(5)]
+        await eventually(lambda: set(table(app).shown_keys) == {h.id for h in held})
+        await pilot.press("j", "space", "space", "space")
+        marked = table(app).marked
+        assert len(marked) == 3
+        # what a dashboard does after dropping events, or on a reconnect: start over from a snapshot
+        await app.resync().wait()
+        await eventually(lambda: set(table(app).marked) == set(marked))
+        await pilot.press("c")
+        dialog = await screen_shown(app, ConfirmScreen)
+        assert "3 marked runs" in dialog.question
+        await pilot.press("escape")
+
+
 async def test_cancel_asks_first_naming_the_run_and_cancels_exactly_that_run() -> None:
     engine = make_engine()
     async with dashboard(engine) as (app, pilot):
@@ -442,8 +494,6 @@ async def test_counts_are_totals_since_start_not_the_history_window() -> None:
 
 
 async def test_pause_and_drop_indicators_stay_visible_beside_large_counts() -> None:
-    from taskwatch.widgets import CountsBar
-
     from .test_widgets import Host
 
     bar = CountsBar()
@@ -455,11 +505,29 @@ async def test_pause_and_drop_indicators_stay_visible_beside_large_counts() -> N
         await pilot.pause()
         line = visible(bar)
         assert "dropped 37 events" in line and "paused (950 buffered)" in line
-        assert line.startswith("pending 4,512")
+        assert line.startswith("pend 4,512 run 128 │ ok")  # the narrowest form, then cut
         bar.update({"pending": 1}, dropped=0, paused=False, totals={"succeeded": 2, "failed": 0, "cancelled": 0})
         await pilot.pause()
         line = visible(bar)
         assert "succeeded 2" in line and "paused" not in line and "dropped" not in line
+
+
+@pytest.mark.parametrize(("size", "pause"), [((60, 20), False), ((80, 24), True)])
+async def test_a_narrow_header_still_shows_the_failed_and_cancelled_totals(size: tuple[int, int], pause: bool) -> None:
+    engine = make_engine()
+    async with dashboard(engine, size=size) as (app, pilot):
+        for _ in range(1_234):
+            engine.submit_nowait("explode")
+        held = await engine.submit("hold")
+        await engine.cancel(held.id)
+        await eventually(lambda: engine.stats().failed_total == 1_234)
+        if pause:
+            await pilot.press("p")
+            await engine.submit("hold")
+        bar = app.main.query_one(CountsBar)
+        # the names shortened rather than the totals cut off the end
+        await eventually(lambda: "fail 1,234" in visible(bar) and "canc 1" in visible(bar))
+        assert ("paused" in visible(bar)) is pause
 
 
 # ---------------------------------------------------------------- a run's attempts
@@ -491,6 +559,13 @@ async def test_the_detail_pane_lists_each_attempt_with_its_outcome() -> None:
         await pilot.pause()
         text = visible_text(app.main.query_one("#run-detail-attempts"))
         assert "#1" in text and "ConnectionError: relay refused attempt 1" in text and "succeeded" in text
+        # the run keeps its last failed attempt's error, as the engine's record does (and t shows it)
+        assert run.error is not None and "attempt 2" in run.error.message
+        assert detail.record is not None and detail.record.error == run.error
+        assert detail.record.node == run.node == "dash-test"
+        await pilot.press("t")
+        shown = await screen_shown(app, TracebackScreen)
+        assert "relay refused attempt 2" in str(shown.query_one("#traceback-title").render())
 
 
 def visible_text(widget: Any) -> str:

@@ -412,6 +412,8 @@ class TaskwatchApp(App[None]):
         self._table_stale = False
         #: after a reconnect, the run to select again once the refilled runs table shows it
         self._reselect: str | None = None
+        #: runs marked before a reload emptied the table, marked again as the refill brings them
+        self._remark: dict[str, None] = {}
         #: new rows the runs table takes per frame (each costs a measurement of its cells)
         self.rows_per_frame = rows_per_frame
         #: off for screenshots and snapshot tests, whose pictures must not depend on timing
@@ -590,6 +592,7 @@ class TaskwatchApp(App[None]):
             kept.add(table.selected_run_id)
         if self._reselect is not None:
             kept.add(self._reselect)
+        kept.update(self._remark)
         return kept
 
     def _reset_runs_table(self) -> None:
@@ -598,6 +601,9 @@ class TaskwatchApp(App[None]):
         # newest run follows the refilled table's newest instead
         if self._reselect is None and not table.following:
             self._reselect = table.selected_run_id
+        # marks too: c and r act on every marked run, and a reload (a reconnect, dropped
+        # events) must not quietly narrow that to the run under the cursor
+        self._remark.update(dict.fromkeys(table.marked))
         table.clear_runs()
         self._table_stale = False
 
@@ -691,12 +697,24 @@ class TaskwatchApp(App[None]):
                 # the refill may take a few frames (rows_per_frame); give up once it is complete
                 if self.main.query_one(RunsTable).select_run(self._reselect) or not self._backfill:
                     self._reselect = None
+            if self._remark:
+                self._restore_marks()
             self._update_detail(dirty, full)
             self._update_failures()
             self._update_header(now)
             self._update_counts()
             # "next in" counts down between the once-a-second schedule refreshes
             self.main.query_one(ScheduleTable).update_schedule(self.state.schedule, now)
+
+    def _restore_marks(self) -> None:
+        """Mark again the runs marked before the reload, as the refill brings them; once it is
+        complete, the ones it did not bring (gone from the engine) are let go."""
+        table = self.main.query_one(RunsTable)
+        for run_id in list(self._remark):
+            if table.mark(run_id):
+                del self._remark[run_id]
+        if not self._backfill:
+            self._remark.clear()
 
     def _update_runs(self, now: float, dirty: set[str] | None = None, full: bool = True) -> None:
         """Hand the runs table what changed, at most ``rows_per_frame`` new rows a frame.

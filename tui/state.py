@@ -223,6 +223,10 @@ class DashboardState:
             run.attempt = e.attempt
             run.started_at = e.ts
             run.finished_at = None
+            if not e.from_store:
+                # the node that started it (one that read the start from the store publishes an
+                # event of its own, under its own name: the node is then left to the next snapshot)
+                run.node = e.node or None
             run.attempts.append(AttemptLog(e.attempt, e.ts))
         elif kind == "run.progress":
             run.progress = (e.done, e.total, e.message)
@@ -230,12 +234,13 @@ class DashboardState:
             run.status = RunStatus.PENDING
             run.attempt = e.attempt
             run.error = e.error
+            run.node = None  # waiting again: no node holds it (as the engine's record says)
             run.end_attempt(e.attempt - 1, e.ts, "retried", error=e.error, note=f"retry in {fmt_seconds(e.delay)}")
         elif kind == "run.succeeded":
             run.status = RunStatus.SUCCEEDED
             run.result = e.result
             run.finished_at = e.ts
-            run.error = None
+            # (a success after retries keeps its last failed attempt's error, as the engine's record does)
             run.end_attempt(e.attempt, e.ts, "succeeded", duration=e.duration)
         elif kind == "run.failed":
             run.status = RunStatus.FAILED
@@ -260,6 +265,7 @@ class DashboardState:
             if e.action == "requeued":
                 run.status = RunStatus.PENDING
                 run.finished_at = None
+                run.node = None
         else:
             return
         run.cached = None
@@ -464,7 +470,7 @@ class RunView:
     __slots__ = (
         "id", "task", "params", "status", "attempt", "max_attempts", "created_at", "started_at",
         "finished_at", "progress", "result", "error", "key", "source", "cancel_reason", "cached",
-        "attempts",
+        "attempts", "node",
     )
 
     def __init__(
@@ -495,6 +501,8 @@ class RunView:
         self.cached: RunRecord | None = None
         #: the attempts seen through events (empty for a run known only from a snapshot)
         self.attempts: list[AttemptLog] = []
+        #: the node running it, or the one that ran its last attempt
+        self.node: str | None = None
 
     def end_attempt(
         self,
@@ -539,6 +547,7 @@ class RunView:
         view.result = record.result
         view.error = record.error
         view.cancel_reason = record.cancel_reason
+        view.node = record.node
         view.cached = record
         return view
 
@@ -562,5 +571,6 @@ class RunView:
                 key=self.key,
                 source=self.source,
                 cancel_reason=self.cancel_reason,  # type: ignore[arg-type]
+                node=self.node,
             )
         return cached

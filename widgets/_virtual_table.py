@@ -426,6 +426,10 @@ class VirtualTable(KeyedRows, ScrollView, can_focus=True):
 
     def action_select_cursor(self) -> None:
         self._set_hover(False)
+        # the row opened is the one chosen: held, as a row moved to is, so that what the
+        # opened row's detail shows (and what a key then acts on) is not the next newest row
+        if self._cursor_key is not None:
+            self._following = False
         self._post_selected()
 
     def _post_selected(self) -> None:

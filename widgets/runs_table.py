@@ -252,6 +252,10 @@ class RunsTable(VirtualTable):
                 self._upsert(run_id, self.order_of(record), self._cells_of(record))
             else:
                 hidden.append(run_id)
+        if hidden and not self.following and self.selected_key in hidden:
+            # the run the user chose left the filter (its status changed): no run is selected
+            # then, rather than its neighbour, which a key acting on "the selected run" would hit
+            self.clear_cursor()
         self._remove(hidden)
         self._finish()
 
