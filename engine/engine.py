@@ -48,6 +48,7 @@ from .errors import (
     RunNotCancellable,
     RunNotFound,
     RunNotRetryable,
+    StoreUnavailable,
     UnknownQueue,
     UnknownTask,
     UnknownTrigger,
@@ -1598,8 +1599,19 @@ class Engine:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         delay = 0.01
+        last: RunRecord | None = None
         while True:
-            record = await self.fetch_run(run_id)
+            try:
+                record = last = await self.fetch_run(run_id)
+            except StoreUnavailable:
+                # an outage (each read tries for the store's reconnect_timeout): the run goes on
+                # on its node, so a wait with time left goes on too, rather than ending early
+                if self._state != "running" or (deadline is not None and loop.time() >= deadline):
+                    if last is None:
+                        raise
+                    return last
+                await asyncio.sleep(1.0 if deadline is None else min(1.0, max(0.0, deadline - loop.time())))
+                continue
             if record.status.finished or (deadline is not None and loop.time() >= deadline):
                 return record
             run = self._index.runs.get(run_id)

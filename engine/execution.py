@@ -314,6 +314,10 @@ class Execution:
             self.index.counts[_RUNNING] -= 1
             self.index.counts[_PENDING] += 1
             run.status = _PENDING
+        if claim.error is not None:
+            # its last failed attempt ran elsewhere (another node, a previous incarnation): the
+            # record keeps that error, as the node it failed on keeps it
+            run.error = claim.error
         if not self.executor.claiming:
             # claimed while this node was stopping: not started, so handed back as it was
             note = RunError(type="Shutdown", message=f"node {self.engine.node_id!r} stopped before the run started")

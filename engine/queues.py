@@ -96,6 +96,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("taskwatch.queues")
 
+#: seconds past its drain a stopping queue waits for a delete of handled jobs held up by a
+#: store out of reach (those jobs run again at the next start if it is given up)
+_STOP_DELETE_GRACE = 1.0
+
 _CLOSED_STATES = ("stopping", "stopped")
 
 #: what ``_try_put`` answers when there is no room
@@ -364,6 +368,9 @@ class WorkQueue:
         self._written: asyncio.Future[BaseException | None] | None = None
         #: the same for the write under way (its jobs are in neither list meanwhile)
         self._writing: asyncio.Future[BaseException | None] | None = None
+        #: the store write under way (put, then delete), and whether it is at its delete
+        self._write_task: asyncio.Task[None] | None = None
+        self._deleting = False
         #: the keeper is asked to end (after the write it is doing); stop writes the rest
         self._keeper_stop = False
         #: one write to the store at a time: a purge then knows which jobs have rows
@@ -804,23 +811,23 @@ class WorkQueue:
 
     # ------------------------------------------------------------ the durable store
 
-    async def _flush(self) -> None:
-        """Write queued jobs and delete handled ones: one store call each.
+    async def _flush(self, deletes: bool = True) -> None:
+        """Write queued jobs and delete handled ones (unless ``deletes`` is False): one store call each.
 
         The write runs in a task of its own that cancelling the caller does not
         cancel: cut short, a write may commit all the same (SQLite's writer
         thread) or be rolled back (PostgreSQL), and either way the queue would
         no longer know which. Whoever writes next waits for it (the store lock).
         """
-        write = spawn(self._flush_locked())
+        write = self._write_task = spawn(self._flush_locked(deletes))
         write.add_done_callback(_retrieved)
         await asyncio.shield(write)
 
-    async def _flush_locked(self) -> None:
+    async def _flush_locked(self, deletes: bool) -> None:
         async with self._store_lock:
-            await self._flush_now()
+            await self._flush_now(deletes)
 
-    async def _flush_now(self) -> None:
+    async def _flush_now(self, deletes: bool = True) -> None:
         store = self._engine.store
         batch, self._unwritten = self._unwritten, []
         written, self._written = self._written, None
@@ -863,8 +870,11 @@ class WorkQueue:
             self._writing = None
             if written is not None and not written.done():
                 written.set_result(failure)
+        if not deletes:
+            return
         handled, self._handled = self._handled, []
         if handled:
+            self._deleting = True
             try:
                 await store.done_jobs(handled)
                 self._store_trouble.succeeded()
@@ -872,6 +882,8 @@ class WorkQueue:
                 self._handled[:0] = handled  # their rows stay: deleted at the next write
                 self.write_failures += 1
                 raise
+            finally:
+                self._deleting = False
 
     async def _keep_loop(self, kick: asyncio.Event) -> None:
         """Write puts and acks as they come; take up jobs of gone holders now and then.
@@ -1529,13 +1541,26 @@ class WorkQueue:
         # start) or waiting for its write, which goes on and which the writes below wait for
         await cancel_and_wait(keeper)
         failure: Exception | None = None
+        write = self._write_task
+        while write is not None and not write.done():
+            await asyncio.wait([write], timeout=max(0.0, deadline - loop.time()) + _STOP_DELETE_GRACE)
+            if not write.done() and self._deleting:
+                # held up deleting handled jobs (a store out of reach retries for its whole
+                # reconnect_timeout), which no job depends on: given up, their rows stay and
+                # they run again at the next start. A put of jobs is never cut short
+                await cancel_and_wait(write)
+        async with self._store_lock:
+            pass  # a write another thread's put began meanwhile ends first
+        # a store out of reach holds each write for its whole retry period: then only the jobs
+        # that exist nowhere else are worth one (handled jobs whose rows stay just run again)
+        deletes = self._engine.store.unreachable_since is None
         for _ in range(3):  # again for jobs that arrived from other threads during a write
+            if not (self._unwritten or (deletes and self._handled)):
+                break
             try:
-                await self._flush()  # after the write under way, if any: it holds the store lock
+                await self._flush(deletes)
             except Exception as exc:  # noqa: BLE001 - logged and counted below
                 failure = exc
-                break
-            if not (self._unwritten or self._handled):
                 break
         lost = [k for k in self._unwritten if not k.done]
         if lost:

@@ -1135,3 +1135,44 @@ async def test_runs_kept_for_a_task_registered_after_the_start_run_once_it_is(tm
 
         record = await second.handle(kept).wait(10)
     assert record.status is RunStatus.SUCCEEDED and record.result == "second"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_a_run_that_succeeds_on_another_node_after_a_failed_attempt_keeps_that_error(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # as it is kept on the node where the attempt failed: every node gives the same record
+    from taskwatch.engine import RunStatus
+
+    url = f"sqlite:///{tmp_path / 'shared.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
+    options = dict(store=url, health_interval=None, poll_interval=0.05)
+    a = Engine(node_id="node-a", max_concurrency=1, **options)  # type: ignore[arg-type]
+    b = Engine(node_id="node-b", **options)  # type: ignore[arg-type]
+    release = asyncio.Event()
+
+    @a.task
+    async def hold(ctx: TaskContext) -> None:
+        await release.wait()
+
+    @a.task(name="upload", retries=3, backoff=1.0)
+    async def accepted(ctx: TaskContext) -> str:
+        return ctx.node_id
+
+    @b.task(name="upload", retries=3, backoff=1.0)
+    async def refused(ctx: TaskContext) -> str:
+        raise ConnectionError(f"refused on {ctx.node_id}, attempt {ctx.attempt}")
+
+    async with a:
+        await a.submit("hold")  # a's only slot is taken: b takes the first attempt
+        await eventually(lambda: a.stats().running == 1)
+        handle = await a.submit("upload")
+        async with b, asyncio.timeout(10):
+            while (await a.store.get(handle.id)).error is None:  # type: ignore[union-attr]
+                await asyncio.sleep(0.01)
+        # b stopped before the retry was due: a runs it
+        release.set()
+        record = await handle.wait(timeout=20)
+        assert record.status is RunStatus.SUCCEEDED and record.result == "node-a"
+        stored = await a.store.get(handle.id)
+        assert stored is not None and stored.error is not None and "on node-b" in stored.error.message
+        assert record.error == a.get(handle.id).error == stored.error

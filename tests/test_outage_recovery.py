@@ -18,8 +18,9 @@ And, store by store (two :class:`PostgresStore` objects stand for two nodes):
   heartbeat wrote the time its call began, so the node looked silent, and its renewed claims
   already expired); the outage is logged once (not once per operation meeting it);
 - a node that saw the outage judges no other node silent until a node TTL has passed since
-  the database answered it again (the other claimed a run before its first heartbeat got
-  through); a node that stays silent after that is judged so, and its run recovered.
+  the database answered it again (the other holds a claim from before the outage, and claims
+  nothing more until a heartbeat of its own got through); a node that stays silent after that
+  is judged so, and its run recovered.
 """
 
 from __future__ import annotations
@@ -152,13 +153,16 @@ async def test_after_an_outage_no_node_is_judged_silent_until_it_could_have_been
         await a.register_node("a", "ia", "test")
         await b.register_node("b", "ib", "test")
         (run,) = await a.insert([NewRun("t")])
+        (claim,) = await a.claim("a", "ia", 1, {"t": None})
         # b's heartbeat meets the outage, and gets through when the server is back
         await outage(postgres_server, node_ttl + 1.5, b.node_heartbeat("ib", 0))
         back = time.monotonic()
-        # a claims before its first heartbeat since the outage got through (its claim loop woke
-        # first): its last heartbeat is older than the node TTL, as every node's is
-        (claim,) = await a.claim("a", "ia", 1, {"t": None})
+        # a's last heartbeat is older than the node TTL, as every node's is: not silent for that
         assert await b.recover() == []
+        # (a itself claims nothing more until a heartbeat of its own gets through: the others
+        # may count it gone once they have had a node TTL to hear from it)
+        await a.insert([NewRun("t")])
+        assert await a.claim("a", "ia", 1, {"t": None}) == []
         stored = await b.get(run.id)
         assert stored is not None and stored.claim_token == claim.token
 

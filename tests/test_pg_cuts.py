@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import pytest
 from taskwatch.engine import Engine, PostgresEventRelay, TaskContext
 from taskwatch.engine.events import BaseEvent, EngineStarted, RunSucceeded, event_to_json
 from taskwatch.engine.runs import RunStatus
@@ -343,6 +344,65 @@ async def test_a_node_whose_registration_lapsed_claims_nothing_until_a_heartbeat
         assert sorted(c.run_id for c in claims) == sorted(r.id for r in runs)
         # and the others leave them with it
         assert await other.recover() == []
+
+
+async def test_a_wait_on_another_nodes_run_outlasts_an_outage_shorter_than_its_timeout(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    # the waiting node's reads fail for longer than its reconnect_timeout; the run goes on on
+    # its node, and so does the wait: it ends with the run, not with StoreUnavailable
+    release = asyncio.Event()
+    runner = Engine(store=postgres_url, node_id="runner", health_interval=None, poll_interval=0.05)
+
+    @runner.task
+    async def slow(ctx: TaskContext) -> str:
+        await release.wait()
+        return "done"
+
+    async with runner, CuttingProxy(postgres_server.port) as proxy:
+        store = PostgresStore(proxy.url(postgres_url), reconnect_timeout=0.5, pool_size=1)
+        waiter = Engine(store=store, node_id="waiter", health_interval=None, poll_interval=0.05)
+        async with waiter:
+            handle = await runner.submit("slow")
+            waiting = asyncio.create_task(waiter.handle(handle.id).wait(timeout=TIMEOUT))
+            await eventually(lambda: runner.get(handle.id).status is RunStatus.RUNNING, timeout=TIMEOUT)
+            proxy.refuse()
+            cut = time.monotonic()
+            await eventually(lambda: store.reconnects > 0 and time.monotonic() > cut + 4 * store.reconnect_timeout)
+            assert not waiting.done()
+            proxy.accept()
+            release.set()
+            record = await asyncio.wait_for(waiting, TIMEOUT)
+            assert record.status is RunStatus.SUCCEEDED and record.result == "done"
+
+
+async def test_a_stop_during_an_outage_does_not_wait_out_deletes_of_handled_queue_jobs(
+    postgres_server: PostgresServer, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the store retries each write for reconnect_timeout (here far longer than the test's
+    # bound); jobs handled during the outage keep their rows, which is no reason to hold a stop
+    handled: list[int] = []
+    release = asyncio.Event()
+    async with CuttingProxy(postgres_server.port) as proxy:
+        store = PostgresStore(proxy.url(postgres_url), reconnect_timeout=120.0)
+        engine = Engine(store=store, node_id="n", cancel_grace=0.2, health_interval=None)
+
+        async def handler(job: int) -> None:
+            await release.wait()
+            handled.append(job)
+
+        queue = engine.queue("q", handler, concurrency=4)
+        await engine.start()
+        for job in range(4):
+            await queue.put(job)
+        await eventually(lambda: queue.info().in_flight == 4)
+        proxy.refuse()
+        release.set()  # handled now: their deletes wait for the store
+        await eventually(lambda: len(handled) == 4 and store.unreachable_since is not None, timeout=TIMEOUT)
+        async with asyncio.timeout(TIMEOUT):  # it waited out the whole retry period (twice)
+            await engine.stop(0.5)
+        assert engine.state == "stopped"
+        assert "4 handled jobs could not be deleted from the store; they run again at the next start" in caplog.text
 
 
 async def test_a_stop_on_a_network_that_drops_every_packet_ends_and_its_runs_come_back(

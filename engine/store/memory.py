@@ -843,6 +843,7 @@ def claim_of(row: MemoryRow) -> Claim:
         row.key,
         row.source,
         row.lost_count,
+        row.error,
     )
 
 

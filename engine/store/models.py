@@ -62,6 +62,9 @@ class Claim:
     key: str | None
     source: str
     lost_count: int
+    #: the error of its last failed attempt (None before any): a run retried on another node
+    #: keeps it there, as it is kept where it failed
+    error: RunError | None = None
 
 
 # ---------------------------------------------------------------- outcomes

@@ -75,7 +75,18 @@ from .models import (
     Wakeup,
 )
 from .memory import parse_cursor
-from .rows import counts_of, book_recovered, dumps, error_json, loads, node_info, recovery_step, seq_of, stored_run
+from .rows import (
+    book_recovered,
+    counts_of,
+    dumps,
+    error_json,
+    error_of,
+    loads,
+    node_info,
+    recovery_step,
+    seq_of,
+    stored_run,
+)
 
 if TYPE_CHECKING:
     import asyncpg
@@ -1034,8 +1045,11 @@ class PostgresStore(Store):
         now, lease_until = values["now"], values["lease_until"]
         rows.sort(key=lambda r: r[0])  # RETURNING has no order: oldest first
         return [
-            Claim(run_id, token, task, loads(params), attempt, max_attempts, created_at, now, lease_until, key, source, lost)
-            for _seq, run_id, task, params, attempt, max_attempts, created_at, key, source, lost, token in rows
+            Claim(
+                run_id, token, task, loads(params), attempt, max_attempts, created_at, now, lease_until, key, source,
+                lost, error_of(error),
+            )
+            for _seq, run_id, task, params, attempt, max_attempts, created_at, key, source, lost, error, token in rows
         ]
 
     async def heartbeat(

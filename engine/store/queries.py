@@ -224,7 +224,7 @@ COUNT_PENDING = "SELECT COUNT(*) FROM runs WHERE status = 'pending'"
 
 #: the due pending runs of one task, oldest first; run once per task the node may claim
 CLAIM_CANDIDATES = """
-SELECT seq, id, task, params, attempt, max_attempts, created_at, dedup_key, source, lost_count
+SELECT seq, id, task, params, attempt, max_attempts, created_at, dedup_key, source, lost_count, error
 FROM runs
 WHERE status = 'pending' AND task = :task AND run_after <= :now
 ORDER BY seq
@@ -546,13 +546,13 @@ WHERE runs.seq IN (
     LIMIT :slots
 ) AND runs.status = 'pending'
 RETURNING seq, id, task, params, attempt, max_attempts, created_at, dedup_key, source, lost_count,
-          claim_token"""
+          error, claim_token"""
 
 #: the runs a claim with this nonce already took: a claim tried again after its connection
 #: was cut may have been committed before the cut (same columns as PG_CLAIM's RETURNING)
 PG_CLAIMED_WITH_NONCE = """
 SELECT seq, id, task, params, attempt, max_attempts, created_at, dedup_key, source, lost_count,
-       claim_token
+       error, claim_token
 FROM runs
 WHERE owner_incarnation = :incarnation AND status = 'running' AND claim_token LIKE '%.' || :nonce"""
 
@@ -573,11 +573,12 @@ PG_IDS_PRESENT = "SELECT id, task, created_at FROM runs WHERE id = ANY(CAST(:ids
 #: the locks only while such runs wait
 PG_CLAIM_AND_PEEK = f"""
 WITH claimed AS ({PG_CLAIM})
-SELECT seq, id, task, params, attempt, max_attempts, created_at, dedup_key, source, lost_count, claim_token
+SELECT seq, id, task, params, attempt, max_attempts, created_at, dedup_key, source, lost_count, error,
+       claim_token
 FROM claimed
 UNION ALL
 SELECT NULL::bigint, NULL::text, p.task, NULL::text, NULL::int, NULL::int, NULL::float8, NULL::text,
-       NULL::text, NULL::int, NULL::text
+       NULL::text, NULL::int, NULL::text, NULL::text
 FROM unnest(CAST(:peek AS text[])) AS p(task)
 WHERE EXISTS (
     SELECT 1 FROM runs AS w WHERE w.status = 'pending' AND w.task = p.task AND w.run_after <= :now

@@ -40,6 +40,11 @@ def error_json(error: RunError | None) -> str | None:
     return None if error is None else dumps(error.model_dump())
 
 
+def error_of(text: str | None) -> RunError | None:
+    """The :class:`RunError` a row's ``error`` column holds (written by :func:`error_json`)."""
+    return None if text is None else RunError(**loads(text))
+
+
 def counts_of(rows: Sequence[Sequence[Any]]) -> Counts:
     """:class:`Counts` from the rows of ``queries.COUNTS`` (``'status'`` or ``'total'``, name, value)."""
     by_status = {s.value: 0 for s in RunStatus}
@@ -72,7 +77,7 @@ def stored_run(r: Sequence[Any]) -> StoredRun:
         # an older taskwatch stored non-finite progress: read back as none, never refused
         progress=Progress(done=_finite(done) or 0.0, total=_finite(total), message=message),
         result=None if result is None else loads(result),
-        error=None if error is None else RunError(**loads(error)),
+        error=error_of(error),
         key=key,
         source=source,
         cancel_reason=cancel_reason,

@@ -63,6 +63,7 @@ from .models import (
 from .memory import parse_cursor
 from .rows import counts_of, dumps as _dumps
 from .rows import error_json as _error_json
+from .rows import error_of
 from .rows import loads as _loads
 from .rows import node_info as _node
 from .rows import seq_of as _seq_of
@@ -758,13 +759,16 @@ class SqliteStore(Store):
         lease_until = now + self.lease_ttl
         takes = []
         claims = []
-        for seq, run_id, task, params, attempt, max_attempts, created_at, key, source, lost_count in found:
+        for seq, run_id, task, params, attempt, max_attempts, created_at, key, source, lost_count, error in found:
             token = f"{seq}.{self._nonce():016x}"
             takes.append(
                 {"seq": seq, "node": node, "incarnation": incarnation, "token": token, "lease_until": lease_until, "now": now}
             )
             claims.append(
-                Claim(run_id, token, task, _loads(params), attempt, max_attempts, created_at, now, lease_until, key, source, lost_count)
+                Claim(
+                    run_id, token, task, _loads(params), attempt, max_attempts, created_at, now, lease_until, key,
+                    source, lost_count, error_of(error),
+                )
             )
         cur.executemany(Q.CLAIM_TAKE, takes)
         return claims
