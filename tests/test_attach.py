@@ -375,6 +375,20 @@ async def test_reconnects_and_resynchronises_when_the_engine_comes_back(serve: S
         assert app.client.connections == 2
 
 
+async def test_a_paused_view_still_says_which_engine_answers_after_a_restart(serve: ServeFn, sock_path: Path) -> None:
+    first = await serve(str(sock_path), node_id="first")
+    app = attach(first.address, None)
+    async with app.run_test(size=SIZE) as pilot:
+        await eventually(lambda: badge(app).state == "leader" and badge(app).node_id == "first", timeout=TIMEOUT)
+        await pilot.press("p")  # the view holds still: the runs as they were
+        assert first.terminate() == 0
+        await eventually(lambda: badge(app).state == "disconnected", timeout=TIMEOUT)
+        await serve(str(sock_path), node_id="second")
+        # not left saying "reconnecting" to the engine that went away
+        await eventually(lambda: badge(app).state == "leader" and badge(app).node_id == "second", timeout=TIMEOUT)
+        assert app.view_paused and "second" in str(badge(app).render())
+
+
 async def test_a_dropped_connection_to_the_same_engine_comes_back_with_the_selection_kept(serve: ServeFn) -> None:
     # more runs than the dashboard adds to its table in one frame, so the refill takes a few
     served = await serve("tcp://127.0.0.1:0", token="s3cret-token-0123456789", interval=0.01)

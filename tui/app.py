@@ -684,6 +684,9 @@ class TaskwatchApp(App[None]):
             table = self.main.query_one(RunsTable)
             self.state.gone = {run_id for run_id in self.state.gone if table.record(run_id) is not None}
             self._update_counts()
+            # the view holds still, not the connection: the badge says who answers (another
+            # process now, after a restart; answering again, after a stall) as it changes
+            self._update_header()
             return
         self.frames += 1
         now = self.clock()
