@@ -126,6 +126,9 @@ class RelayStats(BaseModel):
     connected: bool
     published: int
     unsent: int
+    #: events of the batch a stop gave up waiting for the answer to: written to the transport
+    #: or not, they may still reach readers (a hung server that comes back runs what it got)
+    unconfirmed: int = 0
     pending: int
     batches: int
     #: progress events left out because a newer one of the same run went in the same batch
@@ -303,6 +306,7 @@ class EventRelay:
         self._outages: dict[str, OutageLog] = {}
         self.published = 0
         self.unsent = 0
+        self.unconfirmed = 0
         self.batches = 0
         self.coalesced = 0
         self.unencodable = 0
@@ -390,11 +394,18 @@ class EventRelay:
                 # given up: counted with those the buffer had no room for, so the node's own
                 # figures say what its readers never get (the node's last events, after which
                 # nothing of it comes that would show them a gap)
-                left = self.pending
+                # a send refused is known not to have gone; one cut off waiting is not known
+                in_flight = len(self._unsent_batch or ()) if isinstance(exc, TimeoutError) else 0
+                left = self.pending - in_flight
                 self.unsent += left
+                self.unconfirmed += in_flight
                 self._outgoing.clear()
                 self._unsent_batch = None
-                log.warning("%d events not sent to %s at stop (counted as unsent): %r", left, self.stream, exc)
+                log.warning(
+                    "%d events not sent to %s at stop (counted as unsent), and %d sent without an answer "
+                    "(counted as unconfirmed: they may still reach readers): %r",
+                    left, self.stream, in_flight, exc,
+                )  # fmt: skip
         self._opened = False
         with contextlib.suppress(Exception):
             await self._close()
@@ -444,6 +455,7 @@ class EventRelay:
             connected=self.connected and not self._send_failing,
             published=self.published,
             unsent=self.unsent,
+            unconfirmed=self.unconfirmed,
             pending=self.pending,
             batches=self.batches,
             coalesced=self.coalesced,

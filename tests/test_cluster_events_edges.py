@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import redis as redis_py
 from taskwatch.engine import Engine, EventBus, PostgresEventRelay, TaskContext
 from taskwatch.engine.events import EngineStarted
 from taskwatch.engine.redis_events import RedisEventRelay
@@ -159,6 +160,36 @@ async def test_events_left_waiting_when_a_stop_gives_up_count_as_unsent(redis_se
     stats = relay.stats()
     # given up, and said so in the node's own figures
     assert (stats.published, stats.unsent, stats.pending) == (1, 5, 0)
+    assert not stray_tasks()
+
+
+async def test_a_batch_a_stop_gave_up_waiting_on_counts_as_unconfirmed_not_unsent(redis_server: RedisServer) -> None:
+    # Redis hung (SIGSTOP) with a batch written to it: it runs that batch when it comes back,
+    # so counting it as never sent would tell readers' figures a gap that is not there
+    stream = f"edges:{uuid.uuid4().hex[:8]}"
+    bus = EventBus(node="n")
+    relay = RedisEventRelay(f"{redis_server.url}?stream={stream}", bus, linger=0)
+    await relay.start()
+    bus.emit(EngineStarted)
+    await eventually(lambda: relay.stats().published == 1, timeout=TIMEOUT)
+    assert redis_server.proc is not None
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        for _ in range(5):
+            bus.emit(EngineStarted)
+        await eventually(lambda: relay.stats().errors >= 1 or relay.stats().pending == 5, timeout=TIMEOUT)
+        await relay.stop(asyncio.get_running_loop().time() + 0.3)
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    stats = relay.stats()
+    assert stats.published == 1 and stats.pending == 0
+    assert stats.unsent + stats.unconfirmed == 5 and stats.unconfirmed > 0
+    raw = redis_py.Redis.from_url(redis_server.url)
+    try:
+        # what reached the stream is never more than what was published or unconfirmed
+        await eventually(lambda: raw.xlen(stream) == 1 + stats.unconfirmed, timeout=TIMEOUT)
+    finally:
+        raw.close()
     assert not stray_tasks()
 
 

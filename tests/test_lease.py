@@ -469,6 +469,42 @@ async def test_a_lapsed_lease_fails_ensure_leader_before_the_elector_notices() -
     assert len(watch.acquired) >= 2
 
 
+async def test_a_worker_that_finds_its_leadership_gone_itself_gets_its_cleanup() -> None:
+    # as when the elector's renew finds it out: cancelled and waited for as stop_worker waits,
+    # not cut off at the cleanup's first await by a cancel made from inside its own ensure_leader()
+    lease = InProcessLease(ttl=30.0)
+    engine = Engine(node_id="a", lease=lease, health_interval=None, cancel_grace=5.0)
+    steps: list[str] = []
+    checking = asyncio.Event()
+
+    @engine.supervised(leader_only=True)
+    async def guard(ctx: TaskContext) -> None:
+        try:
+            while True:
+                await ctx.ensure_leader()
+                checking.set()
+                await asyncio.sleep(0.01)
+        except NotLeader:
+            steps.append("told")
+            raise
+        finally:
+            await asyncio.sleep(0.01)  # a cleanup that awaits: flushing, releasing
+            steps.append("cleaned up")
+
+    events = Recorder(engine, ("worker.",))
+    async with engine:
+        await asyncio.wait_for(checking.wait(), 10)
+        # the lease store loses a's lease (a Redis that lost its data) and b takes it: a's own
+        # view is still good, so it is the worker's next check that finds out
+        held = await lease.holder()
+        assert held is not None and await lease.release("a", held.term)
+        assert await lease.acquire("b") is not None
+        await eventually(lambda: steps == ["told", "cleaned up"])
+        await eventually(lambda: engine.workers()[0].state == "waiting_for_leadership")
+        stops = [e for e in events.events if e.kind != "worker.started"]
+        assert [(e.kind, getattr(e, "reason", None)) for e in stops] == [("worker.stopped", "leadership_lost")]
+
+
 @pytest.mark.parametrize("failure", ["raise", "hang", "refuse"])
 async def test_leader_that_fails_to_renew_cancels_its_workers_and_recovers(failure: str) -> None:
     # a long ttl: leadership is lost because renewing failed, not because time ran out

@@ -128,6 +128,7 @@ async def test_a_term_counter_lost_with_redis_data_never_hands_a_term_out_again(
 
         await raw.flushall()  # what a restart without persistence does
 
+        assert await lease.renew("a", 3) is None  # the holder's next renew finds no key
         state = await lease.acquire("a")
         assert state is not None and state.term == 4
     finally:
@@ -347,11 +348,65 @@ async def test_the_holder_itself_takes_its_lease_back_at_once_after_redis_lost_i
         held = await a.acquire("a")
         assert held is not None and await b.acquire("b") is None
         redis_server.restart()
-        # a stepped down (its renew finds no key) and competes again: nobody else can lead
-        # in its term, so it need not wait its own deadline out
+        # a's renew finds no key, in its term: a steps down and competes again. Nobody else
+        # can lead in its term, so it need not wait its own deadline out
+        assert await renew_when_answered(a, "a", held.term) is None
         again, at = await acquire_when_answered(a, "a")
         assert again is not None and again.term > held.term and at < held.expires_at
         assert (await acquire_when_answered(b, "b"))[0] is None
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_holder_whose_renew_met_the_restart_takes_its_lease_back_at_once(redis_server: RedisServer) -> None:
+    a, b = lease_for(redis_server, ttl=2.0), lease_for(redis_server, ttl=2.0)
+    try:
+        held = await a.acquire("a")
+        assert held is not None and await b.acquire("b") is None
+        redis_server.stop()
+        # a's renew meets Redis away, while a still holds the lease: a steps down
+        with pytest.raises(LeaseUnavailable):
+            await a.renew("a", held.term)
+        redis_server.start()  # empty: no persistence
+        again, at = await acquire_when_answered(a, "a")
+        assert again is not None and again.term > held.term and at < held.expires_at
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def renew_when_answered(lease: RedisLease, node: str, term: int) -> Any:
+    deadline = lease.now() + 10.0
+    while True:
+        try:
+            return await lease.renew(node, term)
+        except LeaseUnavailable:
+            assert lease.now() < deadline, "Redis did not come back"
+            await asyncio.sleep(0.02)
+
+
+async def test_a_holder_paused_past_its_lease_waits_like_any_node_after_redis_lost_it(
+    redis_server: RedisServer,
+) -> None:
+    # it may have missed a newer term (another node led while it was paused): taking the lease
+    # back at once would hand that term out a second time, the fencing token of two leaders
+    a, b = lease_for(redis_server, ttl=1.0), lease_for(redis_server, ttl=1.0)
+    try:
+        held = await a.acquire("a")
+        assert held is not None
+        await eventually(lambda: a.now() > held.expires_at + 0.2)  # a is paused past its lease
+        taken = await b.acquire("b")
+        assert taken is not None and taken.term == held.term + 1  # a never hears of this term
+        redis_server.restart()
+        assert await renew_when_answered(a, "a", held.term) is None  # a resumes: its lease is gone
+        again, at = await acquire_when_answered(a, "a")
+        assert again is None and at < taken.expires_at  # b may still think it leads in its term
+        while again is None:
+            assert a.now() < taken.expires_at + 5.0, "a never took the lease"
+            await asyncio.sleep(0.02)
+            again, at = await acquire_when_answered(a, "a")
+        assert at >= taken.expires_at or again.term > taken.term
     finally:
         await a.close()
         await b.close()
