@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -112,6 +114,12 @@ class TaskContext:
         leader = self._engine.elector
         term = await leader.verify()
         if term is None:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # this check found the loss, and stepping down cancelled this very task (a
+                # leader-only worker): the cancel is taken here, at this await, as one from
+                # elsewhere would be, not left to cut the worker's cleanup at its first await
+                await asyncio.sleep(0)
             raise NotLeader(self._engine.node_id, leader.holder)
         return term
 

@@ -1606,10 +1606,12 @@ class Engine:
             except StoreUnavailable:
                 # an outage (each read tries for the store's reconnect_timeout): the run goes on
                 # on its node, so a wait with time left goes on too, rather than ending early
-                if self._state != "running" or (deadline is not None and loop.time() >= deadline):
+                if self._state != "running":
+                    raise  # a stop: nothing here reads the store again
+                if deadline is not None and loop.time() >= deadline:
                     if last is None:
                         raise
-                    return last
+                    return last  # as it was last read: the wait's TimeoutError says it goes on
                 await asyncio.sleep(1.0 if deadline is None else min(1.0, max(0.0, deadline - loop.time())))
                 continue
             if record.status.finished or (deadline is not None and loop.time() >= deadline):

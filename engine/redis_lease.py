@@ -67,7 +67,7 @@ import re
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from .errors import InvalidConfiguration, LeaseRefused, LeaseUnavailable, MissingDependency
+from .errors import InvalidConfiguration, LeaseRefused, MissingDependency
 from .lease import Lease, LeaseState, ReportsHealth, StoreHealth, seconds_option
 from .urls import redact_url
 
@@ -255,11 +255,9 @@ class RedisLease(ReportsHealth, Lease):
         self._highest_term = 0
         #: the term of this object's last acquire
         self._own_term = 0
-        #: until when its last acquire or renew holds the lease, by this object's clock
+        #: until when its last acquire or renew holds the lease, by this object's clock (Redis
+        #: keeps the key at least that long: the safety margin is taken off)
         self._held_until = 0.0
-        #: whether it found the lease gone (a renew, a check) while it still held it: Redis lost
-        #: it then, with no newer term possible in between, so this node may take it back at once
-        self._lost_while_held = False
         #: when Redis was found to have lost its data: no acquire before this (see acquire)
         self._hold_off_until: float | None = None
         self._where = redact_url(url)
@@ -364,11 +362,12 @@ class RedisLease(ReportsHealth, Lease):
         claimant = self._claimant(node_id)
         # after Redis lost its data, the last holder may think it leads until its own deadline,
         # which is within a ttl of the loss (its last renew was sent before it). This object may
-        # take the lease at once if that holder was itself and found the key gone while it still
-        # held it (it stepped down then); otherwise a ttl after it first saw the loss. (A holder
-        # paused past its lease may have missed newer terms: it waits like any other node)
+        # take the lease at once if that holder was itself and its lease has not run out yet:
+        # its key could not have expired, so no newer term can have been handed out since (it
+        # stepped down when it found the key gone). Otherwise a ttl after it first saw the loss:
+        # a holder paused or cut off past its lease may have missed a newer term
         hold_off = self._hold_off_until
-        lost_own = self._own_term >= self._highest_term and self._lost_while_held
+        lost_own = self._own_term >= self._highest_term and sent < self._held_until
         may_take = lost_own or (hold_off is not None and sent >= hold_off)
         won, value, pttl = await self._run(
             lambda _c, s: s["acquire"](
@@ -387,23 +386,14 @@ class RedisLease(ReportsHealth, Lease):
         assert state is not None
         self._own_term = state.term
         self._held_until = sent + self.ttl - self.safety_margin
-        self._lost_while_held = False
         return state.model_copy(update={"expires_at": self._held_until})
 
     async def renew(self, node_id: str, term: int) -> LeaseState | None:
         sent = self.now()
         ttl_ms = max(1, int(self.ttl * 1000))
         value = self._value(node_id, term)
-        held = term == self._own_term and sent < self._held_until
-        try:
-            done = await self._run(lambda _c, s: s["renew"](keys=[self.key], args=[value, ttl_ms]))
-        except LeaseUnavailable:
-            # Redis away (restarting, say) while this node held the lease: nobody can have
-            # taken a newer term since, and an empty Redis is this node's to take back at once
-            self._lost_while_held = held
-            raise
+        done = await self._run(lambda _c, s: s["renew"](keys=[self.key], args=[value, ttl_ms]))
         if not done:
-            self._lost_while_held = held
             return None
         self._held_until = sent + self.ttl - self.safety_margin
         return LeaseState(holder=node_id, term=term, expires_at=self._held_until)
@@ -418,11 +408,9 @@ class RedisLease(ReportsHealth, Lease):
         return self._parse(value, int(pttl), sent)
 
     async def check(self, node_id: str, term: int) -> bool:
-        sent = self.now()
         value = self._value(node_id, term)
         current = await self._run(lambda c, _s: c.get(self.key))
         if current is None:
-            self._lost_while_held = term == self._own_term and sent < self._held_until
             return False
         text = current.decode() if isinstance(current, bytes) else current
         self._highest_term = max(self._highest_term, int(text.split(":", 1)[0]))

@@ -395,11 +395,6 @@ class Supervisor:
             # short (the waiters re-cancel one that swallows the first, once its time is up)
             return task
         worker.stop_reason = reason
-        if reason == "leadership_lost" and task is asyncio.current_task():
-            # the worker found it out itself (ctx.ensure_leader() raising NotLeader in it): a
-            # cancel now would fire at its cleanup's first await. It ends with that NotLeader;
-            # the wind-down cancels it if it carries on past its grace (as after a cancel)
-            return task
         task.cancel()
         return task
 

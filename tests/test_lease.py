@@ -469,11 +469,19 @@ async def test_a_lapsed_lease_fails_ensure_leader_before_the_elector_notices() -
     assert len(watch.acquired) >= 2
 
 
-async def test_a_worker_that_finds_its_leadership_gone_itself_gets_its_cleanup() -> None:
+async def lose_the_lease_in_its_store(lease: InProcessLease) -> None:
+    """The lease store loses a's lease (a Redis that lost its data) and b takes it: a's own view
+    is still good, so it is a worker's next ``ensure_leader()`` that finds out."""
+    held = await lease.holder()
+    assert held is not None and await lease.release("a", held.term)
+    assert await lease.acquire("b") is not None
+
+
+async def test_a_worker_that_finds_its_leadership_gone_itself_is_cancelled_there_and_gets_its_cleanup() -> None:
     # as when the elector's renew finds it out: cancelled and waited for as stop_worker waits,
-    # not cut off at the cleanup's first await by a cancel made from inside its own ensure_leader()
+    # not cut off at the cleanup's first await by a cancel made from inside its own check
     lease = InProcessLease(ttl=30.0)
-    engine = Engine(node_id="a", lease=lease, health_interval=None, cancel_grace=5.0)
+    engine = Engine(node_id="a", lease=lease, health_interval=None, cancel_grace=30.0)
     steps: list[str] = []
     checking = asyncio.Event()
 
@@ -484,8 +492,8 @@ async def test_a_worker_that_finds_its_leadership_gone_itself_gets_its_cleanup()
                 await ctx.ensure_leader()
                 checking.set()
                 await asyncio.sleep(0.01)
-        except NotLeader:
-            steps.append("told")
+        except asyncio.CancelledError:
+            steps.append("cancelled")
             raise
         finally:
             await asyncio.sleep(0.01)  # a cleanup that awaits: flushing, releasing
@@ -494,15 +502,35 @@ async def test_a_worker_that_finds_its_leadership_gone_itself_gets_its_cleanup()
     events = Recorder(engine, ("worker.",))
     async with engine:
         await asyncio.wait_for(checking.wait(), 10)
-        # the lease store loses a's lease (a Redis that lost its data) and b takes it: a's own
-        # view is still good, so it is the worker's next check that finds out
-        held = await lease.holder()
-        assert held is not None and await lease.release("a", held.term)
-        assert await lease.acquire("b") is not None
-        await eventually(lambda: steps == ["told", "cleaned up"])
+        await lose_the_lease_in_its_store(lease)
+        await eventually(lambda: steps == ["cancelled", "cleaned up"])
         await eventually(lambda: engine.workers()[0].state == "waiting_for_leadership")
         stops = [e for e in events.events if e.kind != "worker.started"]
         assert [(e.kind, getattr(e, "reason", None)) for e in stops] == [("worker.stopped", "leadership_lost")]
+
+
+async def test_a_worker_that_catches_every_error_is_still_stopped_at_once_when_its_check_finds_the_loss() -> None:
+    lease = InProcessLease(ttl=30.0)
+    # a grace far past the test's bound: the worker must not be left running until it is over
+    engine = Engine(node_id="a", lease=lease, health_interval=None, cancel_grace=60.0)
+    checking = asyncio.Event()
+    refused: list[Exception] = []
+
+    @engine.supervised(leader_only=True)
+    async def guard(ctx: TaskContext) -> None:
+        while True:
+            try:
+                await ctx.ensure_leader()
+                checking.set()
+            except Exception as exc:  # "log and carry on"
+                refused.append(exc)
+            await asyncio.sleep(0.01)
+
+    async with engine:
+        await asyncio.wait_for(checking.wait(), 10)
+        await lose_the_lease_in_its_store(lease)
+        await eventually(lambda: engine.workers()[0].state == "waiting_for_leadership")
+        assert len(refused) <= 1
 
 
 @pytest.mark.parametrize("failure", ["raise", "hang", "refuse"])

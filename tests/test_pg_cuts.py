@@ -26,6 +26,7 @@ import pytest
 from taskwatch.engine import Engine, PostgresEventRelay, TaskContext
 from taskwatch.engine.events import BaseEvent, EngineStarted, RunSucceeded, event_to_json
 from taskwatch.engine.runs import RunStatus
+from taskwatch.engine.errors import StoreError
 from taskwatch.engine.store import NewRun, PostgresStore
 from taskwatch.engine.store import queries as Q
 from taskwatch.engine.store.base import Subscription
@@ -374,6 +375,34 @@ async def test_a_wait_on_another_nodes_run_outlasts_an_outage_shorter_than_its_t
             release.set()
             record = await asyncio.wait_for(waiting, TIMEOUT)
             assert record.status is RunStatus.SUCCEEDED and record.result == "done"
+
+
+async def test_a_wait_on_another_nodes_run_ended_by_a_stop_during_an_outage_raises(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    # not resolved with the run as last read (still running): a wait without a timeout
+    # resolves only with the finished run
+    release = asyncio.Event()
+    runner = Engine(store=postgres_url, node_id="runner", health_interval=None, poll_interval=0.05)
+
+    @runner.task
+    async def slow(ctx: TaskContext) -> str:
+        await release.wait()
+        return "done"
+
+    async with runner, CuttingProxy(postgres_server.port) as proxy:
+        store = PostgresStore(proxy.url(postgres_url), reconnect_timeout=0.5, pool_size=1)
+        waiter = Engine(store=store, node_id="waiter", health_interval=None, poll_interval=0.05)
+        await waiter.start()
+        handle = await runner.submit("slow")
+        await eventually(lambda: runner.get(handle.id).status is RunStatus.RUNNING, timeout=TIMEOUT)
+        waiting = asyncio.create_task(waiter.handle(handle.id).wait())
+        proxy.refuse()
+        await eventually(lambda: store.unreachable_since is not None, timeout=TIMEOUT)
+        await waiter.stop(0.5)
+        with pytest.raises(StoreError):
+            await asyncio.wait_for(waiting, TIMEOUT)
+        release.set()
 
 
 async def test_a_stop_during_an_outage_does_not_wait_out_deletes_of_handled_queue_jobs(
