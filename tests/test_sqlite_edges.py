@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -370,3 +371,59 @@ def test_a_claim_or_heartbeat_that_waited_out_a_pause_writes_leases_from_when_it
         assert child.proc.wait(20) == 0
     finally:
         child.close()
+
+
+async def test_a_stop_while_another_process_holds_the_file_lock_ends_after_its_drain_and_grace(
+    tmp_path: Path,
+) -> None:
+    # the last writes (the cut run's hand-back, the node's end) wait for the lock no longer
+    # than the stop's drain, its cancel grace and a second: recovery does what they leave
+    db = tmp_path / "runs.db"
+    engine = Engine(
+        store=SqliteStore(db, busy_timeout=120_000, lease_ttl=120.0), node_id="n", cancel_grace=0.2,
+        health_interval=None,
+    )
+    started = asyncio.Event()
+
+    @engine.task
+    async def long(ctx: TaskContext) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    await engine.start()
+    await engine.submit("long")
+    await asyncio.wait_for(started.wait(), 10)
+    other = sqlite3.connect(db, isolation_level=None, timeout=10)
+    other.execute("BEGIN IMMEDIATE")  # another process's write, held for good
+    try:
+        async with asyncio.timeout(30):  # (it waited for the lock past busy_timeout, per write)
+            await engine.stop(0.5)
+        assert engine.state == "stopped"
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    # the run it could not hand back is still the node's in the file: the next start takes it back
+    started.clear()
+    again = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None, cancel_grace=0.2)
+    again.task(long)
+    await again.start()
+    try:
+        await asyncio.wait_for(started.wait(), 10)
+        assert again.runs()[0].attempt == 2
+    finally:
+        await again.stop(0.1)
+
+
+async def test_a_store_whose_file_was_removed_refuses_writes_instead_of_losing_them(tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    engine = Engine(store=f"sqlite:///{folder / 'runs.db'}", node_id="n", health_interval=None)
+
+    @engine.task
+    async def work(ctx: TaskContext) -> str:
+        return "done"
+
+    async with engine:
+        assert (await (await engine.submit("work")).wait(10)).result == "done"
+        shutil.rmtree(folder)  # SQLite would go on writing to the unlinked file, never seen again
+        with pytest.raises(StoreUnavailable, match="file was removed"):
+            await engine.submit("work")

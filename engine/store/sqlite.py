@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import logging
 import os
 import queue
@@ -34,6 +35,7 @@ from ..errors import (
     SchemaTooNew,
     StoreBusy,
     StoreClosed,
+    StoreGaveUp,
     StoreError,
     StoreUnavailable,
 )
@@ -240,6 +242,16 @@ class SqliteStore(Store):
         self._exiting = False
         #: the process that started the writer thread (a forked child has none)
         self._pid: int | None = None
+        #: the writer's connection while it serves (interrupted by a stopping engine's give-up)
+        self._conn: sqlite3.Connection | None = None
+        #: set by a stopping engine: no wait for another process's lock goes on past it
+        self._give_up_at: float | None = None
+        self._interrupter: asyncio.TimerHandle | None = None
+        self._busy_now = busy_timeout
+        #: the file the connection opened ((device, inode)): removed or replaced, writes would go
+        #: to a file nobody opens again
+        self._identity: tuple[int, int] | None = None
+        self._gone: str | None = None
 
     def describe(self) -> str:
         return f"sqlite:{self._full_path}"
@@ -256,6 +268,7 @@ class SqliteStore(Store):
         created = self._make_folders()  # sqlite:///.taskwatch/app.db on a fresh checkout
         self._loop = asyncio.get_running_loop()
         self._closing = False
+        self.give_up_after(None)
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._exited = concurrent.futures.Future()
         self._queue = queue.SimpleQueue()
@@ -456,10 +469,15 @@ class SqliteStore(Store):
             except BaseException as exc:  # noqa: BLE001 - handed to open()
                 ready.set_exception(exc)
                 return
+            self._identity = self._file_identity()
+            self._gone = None
+            self._busy_now = self.busy_timeout
+            self._conn = conn
             ready.set_result(None)
             try:
                 self._serve(conn)
             finally:
+                self._conn = None
                 conn.close()
         finally:
             exited.set_result(None)
@@ -498,6 +516,12 @@ class SqliteStore(Store):
         write = any(op[3] for op in batch)
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         tx = _Tx(cur)
+        gone = self._file_gone() if write else self._gone
+        if gone is not None:
+            lost = StoreUnavailable(self._where, gone, "Put the file back where it was, or start the engine again")
+            self._deliver_threadsafe([(op[2], None, lost) for op in batch], tx)
+            return
+        self._bound_busy_wait(conn)
         try:
             # a read-only batch must not take the write lock other processes wait for
             cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
@@ -546,9 +570,72 @@ class SqliteStore(Store):
             return
         self._deliver_threadsafe(results, tx)
 
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self._full_path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _file_gone(self) -> str | None:
+        """Why the path no longer names the file the connection has open (removed, its folder
+        removed, or replaced by another file), or None; looked at before every write batch (a
+        stat, a few µs beside the batch's commit).
+
+        SQLite goes on writing to an open file after it is unlinked, and nothing of it is
+        seen again: every write from then on would be lost while reported committed."""
+        if self._gone is not None or self._identity is None:
+            return self._gone
+        found = self._file_identity()
+        if found is None:
+            self._gone = "the file was removed (or its folder) while the store had it open"
+        elif found != self._identity:
+            self._gone = "the file was replaced by another while the store had it open"
+        if self._gone is not None:
+            log.error("the SQLite store %s: %s; every operation fails from now on", self._where, self._gone)
+        return self._gone
+
+    def give_up_after(self, deadline: float | None) -> None:
+        self._give_up_at = deadline
+        if self._interrupter is not None:
+            self._interrupter.cancel()
+            self._interrupter = None
+        if deadline is None:
+            return
+        loop = asyncio.get_running_loop()
+        # an operation already waiting for another process's lock is bounded too: interrupted then
+        self._interrupter = loop.call_at(loop.time() + (deadline - time.monotonic()), self._interrupt)
+
+    def _interrupt(self) -> None:
+        self._interrupter = None
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(Exception):  # (closing meanwhile)
+                conn.interrupt()
+
+    def _bound_busy_wait(self, conn: sqlite3.Connection) -> None:
+        """The writer's wait for another process's lock, bounded by a stopping engine's give-up."""
+        give_up = self._give_up_at
+        wanted = self.busy_timeout
+        if give_up is not None:
+            wanted = min(wanted, max(0, int((give_up - time.monotonic()) * 1000)))
+        if wanted != self._busy_now:
+            conn.execute(f"PRAGMA busy_timeout={wanted}")
+            self._busy_now = wanted
+
+    def _gave_up(self) -> bool:
+        give_up = self._give_up_at
+        return give_up is not None and time.monotonic() >= give_up - 0.05
+
     def _translate(self, exc: BaseException, advice: str = _LATER_ADVICE) -> BaseException:
         if isinstance(exc, StoreError) or not isinstance(exc, sqlite3.Error):
             return exc
+        if isinstance(exc, sqlite3.OperationalError) and self._gave_up() and (
+            "locked" in str(exc) or "interrupted" in str(exc)
+        ):
+            gave_up = StoreGaveUp(self._where, f"another process held the file's lock ({exc})")
+            gave_up.__cause__ = exc
+            return gave_up
         unwritable = None
         if getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY")):
             unwritable = self._why_unwritable()
