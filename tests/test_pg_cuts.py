@@ -347,34 +347,49 @@ async def test_a_node_whose_registration_lapsed_claims_nothing_until_a_heartbeat
         assert await other.recover() == []
 
 
-async def test_a_wait_on_another_nodes_run_outlasts_an_outage_shorter_than_its_timeout(
-    postgres_server: PostgresServer, postgres_url: str
-) -> None:
-    # the waiting node's reads fail for longer than its reconnect_timeout; the run goes on on
-    # its node, and so does the wait: it ends with the run, not with StoreUnavailable
+@contextlib.asynccontextmanager
+async def waiting_across_a_proxy(
+    server: PostgresServer, url: str, *, timeout: float | None
+) -> AsyncIterator[tuple[CuttingProxy, PostgresStore, Engine, asyncio.Task[Any], asyncio.Event]]:
+    """A run executing on a "runner" node, released by the event yielded last, and a wait for it
+    on a started "waiter" node whose store (reconnect_timeout 0.5 s) goes through a proxy."""
     release = asyncio.Event()
-    runner = Engine(store=postgres_url, node_id="runner", health_interval=None, poll_interval=0.05)
+    runner = Engine(store=url, node_id="runner", health_interval=None, poll_interval=0.05)
 
     @runner.task
     async def slow(ctx: TaskContext) -> str:
         await release.wait()
         return "done"
 
-    async with runner, CuttingProxy(postgres_server.port) as proxy:
-        store = PostgresStore(proxy.url(postgres_url), reconnect_timeout=0.5, pool_size=1)
+    async with runner, CuttingProxy(server.port) as proxy:
+        store = PostgresStore(proxy.url(url), reconnect_timeout=0.5, pool_size=1)
         waiter = Engine(store=store, node_id="waiter", health_interval=None, poll_interval=0.05)
-        async with waiter:
+        await waiter.start()
+        try:
             handle = await runner.submit("slow")
-            waiting = asyncio.create_task(waiter.handle(handle.id).wait(timeout=TIMEOUT))
             await eventually(lambda: runner.get(handle.id).status is RunStatus.RUNNING, timeout=TIMEOUT)
-            proxy.refuse()
-            cut = time.monotonic()
-            await eventually(lambda: store.reconnects > 0 and time.monotonic() > cut + 4 * store.reconnect_timeout)
-            assert not waiting.done()
-            proxy.accept()
+            waiting = asyncio.create_task(waiter.handle(handle.id).wait(timeout=timeout))
+            yield proxy, store, waiter, waiting, release
+        finally:
             release.set()
-            record = await asyncio.wait_for(waiting, TIMEOUT)
-            assert record.status is RunStatus.SUCCEEDED and record.result == "done"
+            await waiter.stop()
+
+
+async def test_a_wait_on_another_nodes_run_outlasts_an_outage_shorter_than_its_timeout(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    # the waiting node's reads fail for longer than its reconnect_timeout; the run goes on on
+    # its node, and so does the wait: it ends with the run, not with StoreUnavailable
+    waiting_run = waiting_across_a_proxy(postgres_server, postgres_url, timeout=TIMEOUT)
+    async with waiting_run as (proxy, store, _, waiting, release):
+        proxy.refuse()
+        cut = time.monotonic()
+        await eventually(lambda: store.reconnects > 0 and time.monotonic() > cut + 4 * store.reconnect_timeout)
+        assert not waiting.done()
+        proxy.accept()
+        release.set()
+        record = await asyncio.wait_for(waiting, TIMEOUT)
+        assert record.status is RunStatus.SUCCEEDED and record.result == "done"
 
 
 async def test_a_wait_on_another_nodes_run_ended_by_a_stop_during_an_outage_raises(
@@ -382,27 +397,13 @@ async def test_a_wait_on_another_nodes_run_ended_by_a_stop_during_an_outage_rais
 ) -> None:
     # not resolved with the run as last read (still running): a wait without a timeout
     # resolves only with the finished run
-    release = asyncio.Event()
-    runner = Engine(store=postgres_url, node_id="runner", health_interval=None, poll_interval=0.05)
-
-    @runner.task
-    async def slow(ctx: TaskContext) -> str:
-        await release.wait()
-        return "done"
-
-    async with runner, CuttingProxy(postgres_server.port) as proxy:
-        store = PostgresStore(proxy.url(postgres_url), reconnect_timeout=0.5, pool_size=1)
-        waiter = Engine(store=store, node_id="waiter", health_interval=None, poll_interval=0.05)
-        await waiter.start()
-        handle = await runner.submit("slow")
-        await eventually(lambda: runner.get(handle.id).status is RunStatus.RUNNING, timeout=TIMEOUT)
-        waiting = asyncio.create_task(waiter.handle(handle.id).wait())
+    waiting_run = waiting_across_a_proxy(postgres_server, postgres_url, timeout=None)
+    async with waiting_run as (proxy, store, waiter, waiting, _):
         proxy.refuse()
         await eventually(lambda: store.unreachable_since is not None, timeout=TIMEOUT)
         await waiter.stop(0.5)
         with pytest.raises(StoreError):
             await asyncio.wait_for(waiting, TIMEOUT)
-        release.set()
 
 
 async def test_a_stop_during_an_outage_does_not_wait_out_deletes_of_handled_queue_jobs(

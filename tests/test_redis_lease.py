@@ -14,7 +14,7 @@ import logging
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -304,16 +304,24 @@ async def test_a_redis_that_starts_refusing_is_shown_in_the_backend_and_logged_o
 # ---------------------------------------------------------------- a Redis that lost its data
 
 
-async def acquire_when_answered(lease: RedisLease, node: str) -> tuple[Any, float]:
-    """``lease.acquire(node)`` tried until Redis answers (it may be restarting): what it
-    answered and the lease's clock when it did."""
+async def when_answered(lease: RedisLease, call: Callable[[], Awaitable[Any]]) -> tuple[Any, float]:
+    """``call()`` (an operation of ``lease``) tried until Redis answers (it may be restarting):
+    what it answered and the lease's clock when it did."""
     deadline = lease.now() + 10.0
     while True:
         try:
-            return await lease.acquire(node), lease.now()
+            return await call(), lease.now()
         except LeaseUnavailable:
             assert lease.now() < deadline, "Redis did not come back"
             await asyncio.sleep(0.02)
+
+
+async def acquire_when_answered(lease: RedisLease, node: str) -> tuple[Any, float]:
+    return await when_answered(lease, lambda: lease.acquire(node))
+
+
+async def renew_when_answered(lease: RedisLease, node: str, term: int) -> Any:
+    return (await when_answered(lease, lambda: lease.renew(node, term)))[0]
 
 
 async def test_a_redis_restarted_without_persistence_gives_no_second_leader_before_the_first_ones_deadline(
@@ -402,16 +410,6 @@ async def test_a_holder_cut_off_past_its_lease_waits_like_any_node_after_redis_l
         finally:
             await a.close()
             await b.close()
-
-
-async def renew_when_answered(lease: RedisLease, node: str, term: int) -> Any:
-    deadline = lease.now() + 10.0
-    while True:
-        try:
-            return await lease.renew(node, term)
-        except LeaseUnavailable:
-            assert lease.now() < deadline, "Redis did not come back"
-            await asyncio.sleep(0.02)
 
 
 async def test_a_holder_paused_past_its_lease_waits_like_any_node_after_redis_lost_it(
