@@ -44,9 +44,14 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from .hop import spawn
 from .logs import OutageLog
 from .runs import CancelReason, Progress
+from .errors import StoreBusy, StoreGaveUp, StoreUnavailable
 from .store import Claim, Inserted, MemoryStore, NewRun, Recovered, Store
 
 log = logging.getLogger("taskwatch.executor")
+
+#: store errors a write of submit_nowait's runs waits out (tried again next round), as opposed to
+#: a refusal (QueueFull, a duplicate id) or a stop's give-up, which fail the runs
+_PASSING = (StoreBusy, StoreUnavailable)
 
 #: how long the claim loop waits before trying again for a run that is due but could not be
 #: claimed while slots are free (its task at its cap, say)
@@ -142,6 +147,7 @@ class Executor:
         self._heartbeat: asyncio.Task[None] | None = None
         # one line per outage for each loop, not a traceback per try
         self._claims_log = OutageLog(log, "claiming runs")
+        self._queued_log = OutageLog(log, "writing runs queued with submit_nowait")
         self._heartbeat_log = OutageLog(log, "the heartbeat")
         self._maintenance_log = OutageLog(log, "recovery or pruning")
 
@@ -266,6 +272,8 @@ class Executor:
 
         Returns once they are written, also those of a batch another caller
         (the claim loop) is writing: the stop relies on it, then cancels that loop.
+        While the node claims, a batch the store is too busy (or too far) to take
+        is put back for the next round instead.
         """
         while True:
             writing = self._flushing
@@ -285,6 +293,15 @@ class Executor:
                 self._flushing = None
                 self._writing = frozenset()
                 done.set_result(None)
+            if self._claiming and isinstance(inserted, _PASSING) and not isinstance(inserted, StoreGaveUp):
+                # busy (another process's lock) or away for now: the runs exist nowhere else,
+                # so they wait here for the claim loop's next round rather than fail (a stop,
+                # no longer claiming, tries once more and fails what is left)
+                self._unwritten[:0] = batch
+                self._queued_log.failed(inserted, "the runs stay queued here until it answers")
+                return
+            if not isinstance(inserted, BaseException):
+                self._queued_log.succeeded()
             self._inserted(batch, inserted)
 
     def lease_left(self, token: str) -> float | None:

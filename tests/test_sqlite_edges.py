@@ -23,7 +23,7 @@ from taskwatch.engine import Engine, TaskContext
 from taskwatch.engine.errors import InvalidConfiguration, NotATaskwatchStore, StoreUnavailable
 from taskwatch.engine.store import NewRun, SqliteStore
 
-from .helpers import wait_until
+from .helpers import eventually, wait_until
 from .processes import JsonLineProcess
 
 
@@ -427,3 +427,29 @@ async def test_a_store_whose_file_was_removed_refuses_writes_instead_of_losing_t
         shutil.rmtree(folder)  # SQLite would go on writing to the unlinked file, never seen again
         with pytest.raises(StoreUnavailable, match="file was removed"):
             await engine.submit("work")
+
+
+async def test_a_run_queued_with_submit_nowait_outlasts_a_lock_held_past_busy_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the run exists nowhere else: it waits to be written, as a queue's put_nowait does, rather
+    # than failing StoreBusy while the engine goes on
+    db = tmp_path / "runs.db"
+    engine = Engine(store=SqliteStore(db, busy_timeout=200), node_id="n", health_interval=None, poll_interval=0.05)
+
+    @engine.task
+    async def work(ctx: TaskContext) -> str:
+        return "done"
+
+    async with engine:
+        other = sqlite3.connect(db, isolation_level=None, timeout=10)
+        other.execute("BEGIN IMMEDIATE")  # another process's long write
+        try:
+            handle = engine.submit_nowait("work")
+            await eventually(lambda: "writing runs queued with submit_nowait failed (StoreBusy" in caplog.text)
+            assert engine.get(handle.id).status.value == "pending"
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        record = await handle.wait(timeout=10)
+        assert record.status.value == "succeeded" and record.result == "done"
