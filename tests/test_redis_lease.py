@@ -10,6 +10,7 @@ multi-process failover tests (kill -9, SIGSTOP, random schedules) are in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import subprocess
@@ -304,6 +305,17 @@ async def test_a_redis_that_starts_refusing_is_shown_in_the_backend_and_logged_o
 # ---------------------------------------------------------------- a Redis that lost its data
 
 
+@contextlib.asynccontextmanager
+async def two_leases(server: RedisServer, ttl: float) -> AsyncIterator[tuple[RedisLease, RedisLease]]:
+    """Nodes a and b on one lease key of ``server``, closed after."""
+    a, b = lease_for(server, ttl=ttl), lease_for(server, ttl=ttl)
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def when_answered(lease: RedisLease, call: Callable[[], Awaitable[Any]]) -> tuple[Any, float]:
     """``call()`` (an operation of ``lease``) tried until Redis answers (it may be restarting):
     what it answered and the lease's clock when it did."""
@@ -327,8 +339,7 @@ async def renew_when_answered(lease: RedisLease, node: str, term: int) -> Any:
 async def test_a_redis_restarted_without_persistence_gives_no_second_leader_before_the_first_ones_deadline(
     redis_server: RedisServer,
 ) -> None:
-    a, b = lease_for(redis_server, ttl=2.0), lease_for(redis_server, ttl=2.0)
-    try:
+    async with two_leases(redis_server, ttl=2.0) as (a, b):
         held = await a.acquire("a")
         assert held is not None
         assert await b.acquire("b") is None  # b follows a: it saw a's term
@@ -346,15 +357,11 @@ async def test_a_redis_restarted_without_persistence_gives_no_second_leader_befo
         assert at >= held.expires_at
         assert any("Redis lost the lease's data" in backend for backend in said), said
         assert taken.term > held.term  # the counter was raised past the term b saw
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_the_holder_itself_takes_its_lease_back_at_once_after_redis_lost_it(redis_server: RedisServer) -> None:
     # (a ttl the restart fits in with room to spare: its lease still holds when it is back)
-    a, b = lease_for(redis_server, ttl=10.0), lease_for(redis_server, ttl=10.0)
-    try:
+    async with two_leases(redis_server, ttl=10.0) as (a, b):
         held = await a.acquire("a")
         assert held is not None and await b.acquire("b") is None
         redis_server.restart()
@@ -364,14 +371,10 @@ async def test_the_holder_itself_takes_its_lease_back_at_once_after_redis_lost_i
         again, at = await acquire_when_answered(a, "a")
         assert again is not None and again.term > held.term and at < held.expires_at
         assert (await acquire_when_answered(b, "b"))[0] is None
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_a_holder_whose_renew_met_the_restart_takes_its_lease_back_at_once(redis_server: RedisServer) -> None:
-    a, b = lease_for(redis_server, ttl=10.0), lease_for(redis_server, ttl=10.0)
-    try:
+    async with two_leases(redis_server, ttl=10.0) as (a, b):
         held = await a.acquire("a")
         assert held is not None and await b.acquire("b") is None
         redis_server.stop()
@@ -381,9 +384,6 @@ async def test_a_holder_whose_renew_met_the_restart_takes_its_lease_back_at_once
         redis_server.start()  # empty: no persistence
         again, at = await acquire_when_answered(a, "a")
         assert again is not None and again.term > held.term and at < held.expires_at
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_a_holder_cut_off_past_its_lease_waits_like_any_node_after_redis_lost_it(
@@ -417,8 +417,7 @@ async def test_a_holder_paused_past_its_lease_waits_like_any_node_after_redis_lo
 ) -> None:
     # it may have missed a newer term (another node led while it was paused): taking the lease
     # back at once would hand that term out a second time, the fencing token of two leaders
-    a, b = lease_for(redis_server, ttl=1.0), lease_for(redis_server, ttl=1.0)
-    try:
+    async with two_leases(redis_server, ttl=1.0) as (a, b):
         held = await a.acquire("a")
         assert held is not None
         await eventually(lambda: a.now() > held.expires_at + 0.2)  # a is paused past its lease
@@ -433,9 +432,6 @@ async def test_a_holder_paused_past_its_lease_waits_like_any_node_after_redis_lo
             await asyncio.sleep(0.02)
             again, at = await acquire_when_answered(a, "a")
         assert at >= taken.expires_at or again.term > taken.term
-    finally:
-        await a.close()
-        await b.close()
 
 
 # ---------------------------------------------------------------- an engine on the lease
