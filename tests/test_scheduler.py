@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any
@@ -631,33 +632,29 @@ def job_node(db: str, name: str, ran: list[str], release: asyncio.Event, **optio
     return engine
 
 
-@pytest.mark.parametrize("fixed_rate", [True, False], ids=["fixed_rate", "end_based"])
-async def test_a_node_takes_up_a_periodic_task_whose_run_it_took_up_from_another_node_was_pruned(
-    fixed_rate: bool, tmp_path: Path
-) -> None:
-    # b starts while a runs the task, and takes that run up as going. It ended on a and left
-    # the store before b read how: b skipped every slot for it from then on (fixed rate), or
-    # waited on it, failing every second with RunNotFound (end-based), so the task never ran
+@contextlib.asynccontextmanager
+async def job_going_on_a(
+    tmp_path: Path, scheduled_on: str, **options: Any
+) -> AsyncIterator[tuple[Engine, Engine, list[str], asyncio.Event, str]]:
+    """Nodes a and b sharing a SQLite file, with the periodic task ``job`` (``options``): a fired
+    its first run, which holds until the event yielded is set, and then b started. Only the
+    node ``scheduled_on`` fires the task from then on (a, or b from a's first run on); yields
+    a, b, where the task ran, that event and the first run's id. Both are stopped at the end."""
     db = f"sqlite:///{tmp_path / 'shared.db'}"
     release = asyncio.Event()
     ran: list[str] = []
-
-    def node(name: str) -> Engine:
-        return job_node(db, name, ran, release, every=0.1, fixed_rate=fixed_rate)
-
-    a, b = node("a"), node("b")
+    a, b = (job_node(db, name, ran, release, **options) for name in ("a", "b"))
+    if scheduled_on == "a":
+        b.pause_periodic("job")  # b runs the task only by hand
     await a.start()
     try:
         await eventually(lambda: ran == ["a"])
         first = info(a, "job").running_run_id
-        a.pause_periodic("job")  # from here on only b's schedule fires the task
+        assert first is not None
+        if scheduled_on == "b":
+            a.pause_periodic("job")
         await b.start()
-        assert info(b, "job").running_run_id == first
-        release.set()
-        await pruned_from_the_store(a, first)
-        await eventually(lambda: "b" in ran)
-        await eventually(lambda: info(b, "job").runs >= 2)
-        assert info(b, "job").running_run_id != first
+        yield a, b, ran, release, first
     finally:
         release.set()
         await b.stop()
@@ -665,22 +662,25 @@ async def test_a_node_takes_up_a_periodic_task_whose_run_it_took_up_from_another
     assert not stray_tasks()
 
 
+@pytest.mark.parametrize("fixed_rate", [True, False], ids=["fixed_rate", "end_based"])
+async def test_a_node_takes_up_a_periodic_task_whose_run_it_took_up_from_another_node_was_pruned(
+    fixed_rate: bool, tmp_path: Path
+) -> None:
+    # b starts while a runs the task, and takes that run up as going. It ended on a and left
+    # the store before b read how: b skipped every slot for it from then on (fixed rate), or
+    # waited on it, failing every second with RunNotFound (end-based), so the task never ran
+    async with job_going_on_a(tmp_path, "b", every=0.1, fixed_rate=fixed_rate) as (a, b, ran, release, first):
+        assert info(b, "job").running_run_id == first
+        release.set()
+        await pruned_from_the_store(a, first)
+        await eventually(lambda: "b" in ran)
+        await eventually(lambda: info(b, "job").runs >= 2)
+        assert info(b, "job").running_run_id != first
+
+
 async def test_a_run_taken_up_from_another_node_and_pruned_unseen_is_let_go(tmp_path: Path) -> None:
     # b's schedule showed the run going for good, and run_periodic was refused for it
-    db = f"sqlite:///{tmp_path / 'shared.db'}"
-    release = asyncio.Event()
-    ran: list[str] = []
-
-    def node(name: str) -> Engine:
-        return job_node(db, name, ran, release, every=3600.0)
-
-    a, b = node("a"), node("b")
-    b.pause_periodic("job")  # b runs the task only by hand
-    await a.start()
-    try:
-        await eventually(lambda: ran == ["a"])
-        first = info(a, "job").running_run_id
-        await b.start()
+    async with job_going_on_a(tmp_path, "a", every=3600.0) as (a, b, ran, release, first):
         assert info(b, "job").running_run_id == first
         release.set()
         await pruned_from_the_store(a, first)
@@ -689,11 +689,6 @@ async def test_a_run_taken_up_from_another_node_and_pruned_unseen_is_let_go(tmp_
         handle = await b.run_periodic("job")
         assert (await handle.wait(timeout=10)).status is RunStatus.SUCCEEDED
         assert ran == ["a", "b"]
-    finally:
-        release.set()
-        await b.stop()
-        await a.stop()
-    assert not stray_tasks()
 
 
 async def test_run_periodic_asks_the_store_whether_another_nodes_run_it_took_up_is_still_going(
@@ -701,66 +696,25 @@ async def test_run_periodic_asks_the_store_whether_another_nodes_run_it_took_up_
 ) -> None:
     # b learns of the end of a's run at its next catch-up with the store, up to a second
     # later; till then run_periodic on b was refused, naming a run that had ended
-    db = f"sqlite:///{tmp_path / 'shared.db'}"
-    release = asyncio.Event()
-    ran: list[str] = []
-
-    def node(name: str) -> Engine:
-        return job_node(db, name, ran, release, every=3600.0)
-
-    a, b = node("a"), node("b")
-    b.pause_periodic("job")
-    await a.start()
-    try:
-        await eventually(lambda: ran == ["a"])
-        first = info(a, "job").running_run_id
-        await b.start()
+    async with job_going_on_a(tmp_path, "a", every=3600.0) as (a, b, _, release, first):
         release.set()
         assert await finished_in_the_store(a, first)
         handle = await b.run_periodic("job")  # no refusal naming the run that ended
         assert (await handle.wait(timeout=10)).status is RunStatus.SUCCEEDED
         assert info(b, "job").last_run_id == handle.id
-    finally:
-        release.set()
-        await b.stop()
-        await a.stop()
-    assert not stray_tasks()
 
 
 async def test_a_node_fires_the_first_slot_after_another_nodes_run_ended_in_the_store(tmp_path: Path) -> None:
     # b took a's run up as going at its start, and hears of its end only at its next catch-up
     # with the store (up to a second later): every slot till then passed with no run on any
     # node, b claiming it and skipping it for a run that had ended
-    db = f"sqlite:///{tmp_path / 'shared.db'}"
-    release = asyncio.Event()
-    ran: list[str] = []
-
-    def node(name: str) -> Engine:
-        return job_node(db, name, ran, release, every=0.05, fixed_rate=True)
-
-    a, b = node("a"), node("b")
-    await a.start()
-    try:
-        await eventually(lambda: ran == ["a"])
-        first = info(a, "job").running_run_id
-        a.pause_periodic("job")
-        await b.start()
+    async with job_going_on_a(tmp_path, "b", every=0.05, fixed_rate=True) as (a, b, ran, release, first):
         rec = Recorder(b, ("periodic.skipped", "run.submitted"))
         await eventually(lambda: rec.of("periodic.skipped"))  # b's slots pass while it goes
         release.set()
-
-        async def ended_in_the_store() -> None:
-            while not ((stored := await a.store.get(first)) is not None and stored.status.finished):
-                await asyncio.sleep(0.001)
-
-        await asyncio.wait_for(ended_in_the_store(), 10)
+        assert await finished_in_the_store(a, first)
         since = len(rec.events)
         await eventually(lambda: "b" in ran)
         later = rec.events[since:]
         # the tick whose look at the store was under way as the run ended may still skip
         assert len([e for e in later if e.kind == "periodic.skipped"]) <= 1, later
-    finally:
-        release.set()
-        await b.stop()
-        await a.stop()
-    assert not stray_tasks()
