@@ -285,32 +285,36 @@ class BackgroundEngine:
         another event loop raises :class:`EngineAlreadyRunning`.
         """
         bg = cls(engine, **options)  # options checked first: a bad one starts nothing
-        with _launch_lock:
-            # claimed under the lock, before the thread starts: of two launches at once, one starts it
-            current = _facades.get(id(engine))
-            if current is not None and current.engine is engine and not current._finished:
-                if current._forked():
-                    raise EngineInAnotherProcess(current._pid)
-                raise EngineAlreadyRunning(current._phase(), repr(current))
-            if engine.state not in ("new", "stopped"):
-                raise EngineAlreadyRunning(engine.state)
-            _facades[id(engine)] = bg
-            try:
+        claimed = False
+        try:
+            with _launch_lock:
+                # claimed under the lock, before the thread starts: of two launches at once, one starts it
+                current = _facades.get(id(engine))
+                if current is not None and current.engine is engine and not current._finished:
+                    if current._forked():
+                        raise EngineInAnotherProcess(current._pid)
+                    raise EngineAlreadyRunning(current._phase(), repr(current))
+                if engine.state not in ("new", "stopped"):
+                    raise EngineAlreadyRunning(engine.state)
+                _facades[id(engine)] = bg
+                claimed = True
                 bg._thread.start()
-            except BaseException:
-                bg._finished = True  # never ran: the claim is released
-                raise
-        if not bg._ready.wait(_thread_timeout(bg.start_timeout)):
-            bg._abort_start()
-            raise TimeoutError(
-                f"the engine did not start within {bg.start_timeout:g} s; the start was given up "
-                "and what it had started was stopped"
-            )
-        if bg._start_error is not None:
-            bg._thread.join()
-            raise bg._start_error
-        _stop_at_interpreter_exit(bg)
-        _warn_of_others(bg)
+            if not bg._ready.wait(_thread_timeout(bg.start_timeout)):
+                raise TimeoutError(
+                    f"the engine did not start within {bg.start_timeout:g} s; the start was given up "
+                    "and what it had started was stopped"
+                )
+            if bg._start_error is not None:
+                bg._thread.join()
+                raise bg._start_error
+            _stop_at_interpreter_exit(bg)
+            _warn_of_others(bg)
+        except BaseException:
+            # also when cut short (Ctrl-C, a notebook's Interrupt): the caller gets no `bg`, so the
+            # engine must not go on running, taking runs and holding the claim a next start needs
+            if claimed:
+                _give_up_start(bg)
+            raise
         return bg
 
     # ------------------------------------------------------------------ the loop thread
@@ -450,6 +454,8 @@ class BackgroundEngine:
             self._stop_requested = asyncio.Event()
             if self._aborted:
                 return
+            if self._stopping:
+                self._stop_requested.set()  # asked before there was a loop to tell
         try:
             await self.engine.start()
             if self.engine.loop is not loop:
@@ -485,12 +491,22 @@ class BackgroundEngine:
     def _abort_start(self) -> None:
         with self._lock:
             self._aborted = True
+            self._stopping = True  # the launch's engine, given up: it takes no work
+            if self._drain_begun is None:
+                # a start given up drains nothing: runs it took up (recovered from the store, say)
+                # go back to the store now, not after a stop_timeout nobody waits for
+                self._drain_timeout = 0.0
             loop, task = self._loop, self._main_task
         if loop is not None and task is not None:
             try:
                 loop.call_soon_threadsafe(task.cancel)
             except RuntimeError:
                 pass  # the loop already closed
+        if self._thread.ident is None:
+            # its start failed (or was cut short): it never ran, or sees _aborted and does nothing
+            with self._lock:
+                self._finished = True  # the claim is released
+            return
         self._ended.wait(_SLACK)
 
     def _phase(self) -> str:
@@ -1092,8 +1108,7 @@ class BackgroundEngine:
 
     def _stop_dashboards(self) -> None:
         with self._lock:
-            procs, self._dashboards = self._dashboards, []
-            self._dashboard_ports.clear()
+            procs = list(self._dashboards)
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()  # textual-serve exits gracefully on SIGTERM
@@ -1104,6 +1119,11 @@ class BackgroundEngine:
                 proc.kill()
                 proc.wait()
             _close_stdin(proc)
+            # forgotten only once ended: a stop cut short leaves the rest to the next stop
+            with self._lock:
+                if proc in self._dashboards:
+                    self._dashboards.remove(proc)
+                self._dashboard_ports.pop(proc.pid, None)
 
     def _dashboard_on(self, port: int) -> bool:
         """Whether a dashboard of this facade's, still running, listens on ``port``."""
@@ -1132,21 +1152,26 @@ class BackgroundEngine:
         self._wait_stopped()
 
     def _request_stop(self, drain: float) -> None:
-        """Stop the dashboards and ask the loop to stop the engine, without waiting for that."""
+        """Ask the loop to stop the engine and stop the dashboards, without waiting for the engine.
+
+        Each step every time, not only the first: a stop cut short (Ctrl-C while a dashboard
+        ends, say) leaves the rest to the next one -- the stop() again, the interpreter's exit
+        -- which must not find the loop never told.
+        """
         with self._lock:
             first = not self._stopping
             self._stopping = True
             if self._drain_begun is None:
                 self._drain_timeout = drain if first else min(self._drain_timeout, drain)
-        # every time, not only the first: none may outlive the engine it shows
-        self._stop_dashboards()
-        if first:
             loop, requested = self._loop, self._stop_requested
-            if loop is not None and requested is not None:
-                try:
-                    loop.call_soon_threadsafe(requested.set)
-                except RuntimeError:
-                    pass  # the loop already closed
+        # the loop first: ending a dashboard waits for its process, which an interrupt can cut short
+        if loop is not None and requested is not None:
+            try:
+                loop.call_soon_threadsafe(requested.set)
+            except RuntimeError:
+                pass  # the loop already closed
+        # none may outlive the engine it shows
+        self._stop_dashboards()
 
     def _wait_stopped(self, exit_deadline: float | None = None) -> None:
         """Wait for the stop under way to end the loop thread; raise what the engine's stop raised.
@@ -1221,6 +1246,16 @@ _launch_lock = threading.Lock()
 #: the facade each engine was last started under, by ``id(engine)``: the facade holds its
 #: engine, so the id is that engine's as long as the entry lives
 _facades: weakref.WeakValueDictionary[int, BackgroundEngine] = weakref.WeakValueDictionary()
+
+
+def _give_up_start(bg: BackgroundEngine) -> None:
+    """Stop what a launch that gave up (timed out, or cut short) had started."""
+    bg._abort_start()
+    if bg._loop_thread_ended():
+        _running.discard(bg)  # (registered if what gave up came after the start)
+    else:
+        # still ending (a store call that cannot be cut short): the interpreter's exit waits for it
+        _stop_at_interpreter_exit(bg)
 
 
 def _ready(target: BackgroundEngine) -> BackgroundEngine:

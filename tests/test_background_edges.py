@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,7 @@ import textwrap
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,8 @@ from .test_web_security import http  # noqa: F401 - the fixture
 REPO = Path(__file__).resolve().parent.parent
 
 
-def build_engine(cancel_grace: float = 1.0) -> Engine:
-    engine = Engine(health_interval=None, cancel_grace=cancel_grace)
+def build_engine(cancel_grace: float = 1.0, store: str = "memory") -> Engine:
+    engine = Engine(store=store, health_interval=None, cancel_grace=cancel_grace)
 
     @engine.task
     async def forever(ctx: Any) -> None:
@@ -170,6 +171,57 @@ def test_ctrl_c_during_stop_leaves_the_facade_stopping_until_the_engine_has_stop
     engine.start_background().stop(timeout=5)
 
 
+def interrupt_main_thread_once(ready: Callable[[], object]) -> threading.Thread:
+    """A thread that sends the main thread SIGINT, as Ctrl-C (or a notebook's Interrupt) does,
+    once ``ready()`` holds; started, to be joined."""
+
+    def interrupt() -> None:
+        wait_until(ready)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt)
+    interrupter.start()
+    return interrupter
+
+
+def test_ctrl_c_while_the_stop_ends_a_dashboard_still_stops_the_engine_and_stop_again_waits_for_it() -> None:
+    engine = build_engine(cancel_grace=0.2)
+    bg = engine.start_background(stop_timeout=0.2)
+    handle = bg.submit("forever")
+    wait_until(lambda: handle.status is RunStatus.RUNNING)
+    url = str(bg.dashboard(port=0))
+    port = int(url.split("/")[2].rsplit(":", 1)[1])
+    [server] = bg._dashboards
+    in_wait, release = threading.Event(), threading.Event()
+    real_wait = server.wait
+
+    def held_wait(timeout: float | None = None) -> int:
+        # the stop waiting for the web server to end (its SIGTERM sent), held there for the Ctrl-C
+        if not in_wait.is_set():
+            in_wait.set()
+            release.wait(30)
+        return real_wait(timeout)
+
+    server.wait = held_wait  # type: ignore[method-assign]
+    interrupter = interrupt_main_thread_once(in_wait.is_set)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bg.stop()
+    finally:
+        release.set()
+        interrupter.join()
+
+    # the stop goes on in the background: the engine's loop was told, whatever the Ctrl-C cut short
+    # (it used to stay "running" under a facade saying "stopping", for good)
+    wait_until(lambda: engine.state != "running")
+    # and stop() again waits for it, not its whole budget to then blame code blocking the loop
+    bg.stop()
+    assert (bg.state, engine.state) == ("stopped", "stopped")
+    assert handle.record().cancel_reason == "shutdown"
+    assert server.poll() is not None and refused(port)  # the dashboard the Ctrl-C left went with it
+    engine.start_background().stop(timeout=5)
+
+
 def test_a_later_shorter_stop_shortens_a_drain_not_begun_yet() -> None:
     engine = build_engine()
     bg = engine.start_background()
@@ -199,6 +251,51 @@ def test_a_later_shorter_stop_shortens_a_drain_not_begun_yet() -> None:
     first.join(10)
     assert not first.is_alive()
     assert bg.state == "stopped" and handle.record().cancel_reason == "shutdown"
+
+
+# ---------------------------------------------------------------- a start cut short
+
+
+def main_thread_waits_in(function: str) -> bool:
+    """Whether the main thread is blocked in a wait that ``function`` called."""
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    while frame is not None and frame.f_back is not None:
+        if frame.f_code.co_name == "wait" and frame.f_back.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_ctrl_c_during_a_slow_start_stops_what_it_started_and_the_next_start_works(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'runs.db'}?busy_timeout=60000"
+    earlier = build_engine(store=store).start_background()
+    queued = earlier.submit("forever")
+    earlier.stop(timeout=0)  # a previous session left a run for the next start to take up
+    before = taskwatch_threads()
+    engine = build_engine(store=store)
+    # another connection holds the file (another process's, in a notebook): the start waits for it
+    locker = sqlite3.connect(tmp_path / "runs.db", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        interrupter = interrupt_main_thread_once(lambda: main_thread_waits_in("launch"))
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                engine.start_background()
+        finally:
+            interrupter.join()
+        # no `bg` came back, so nothing of it may go on: it used to start once the lock went,
+        # take the run, refuse the next start, and be left out of the interpreter's exit stop
+        wait_until(lambda: taskwatch_threads() <= before)
+        assert engine.state in ("new", "stopped")
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    bg = engine.start_background()
+    try:
+        # the run the earlier session left is this engine's to take up: no engine left over took it
+        wait_until(lambda: bg.get(queued.id).status is RunStatus.RUNNING)
+    finally:
+        bg.stop(timeout=0)
 
 
 # ---------------------------------------------------------------- a submit answers at once
