@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic.fields import FieldInfo
 
-from .errors import InvalidConfiguration, UnknownEventKind
+from .errors import InvalidConfiguration, LoopThreadError, UnknownEventKind
 from .events import EVENT_KINDS, BaseEvent, Event, EventsDropped
 from .jsonsafe import NotJsonSafe, jsonable, utf8_text
 from .options import SubscribeOptions, check_options
@@ -303,6 +303,17 @@ def check_event(event: BaseEvent, where: str = "bus.publish()") -> None:
         _check_nested(event, shape, where)
 
 
+def after_seq(notice: EventsDropped, seq: int) -> EventsDropped | None:
+    """The part of a drop notice past ``seq`` (None if it has none), for a reader whose
+    snapshot taken at ``seq`` covers the rest: the notice stands for consecutive seqs."""
+    last = notice.seq + notice.count - 1
+    if last <= seq:
+        return None
+    if notice.seq > seq:
+        return notice
+    return notice.model_copy(update={"seq": seq + 1, "count": last - seq})
+
+
 def built(item: BaseEvent | Posted) -> Event:
     """The event itself, built now if it was posted unbuilt (safe from any thread)."""
     return item.get() if type(item) is Posted else item  # type: ignore[return-value]
@@ -409,13 +420,28 @@ class EventBuffer:
         return out
 
     def discard_through(self, seq: int) -> None:
-        """Forget events (and gaps) up to ``seq``: a snapshot taken at ``seq`` covers them."""
+        """Forget events (and gaps) up to ``seq``: a snapshot taken at ``seq`` covers them.
+
+        A gap or drop notice that reaches past ``seq`` is kept for its part past
+        it: the events lost after the snapshot must still be announced. Both
+        stand for a run of consecutive seqs (a buffer holding every kind, as
+        a connection's does: a notice counts its own events as lost).
+        """
         kept: deque[BaseEvent | Posted | _Gap] = deque()
         events = 0
         for item in self._items:
-            if (item.first_seq if isinstance(item, _Gap) else item.seq) > seq:
+            if isinstance(item, _Gap):
+                last = item.first_seq + item.count - 1
+                if last > seq:
+                    if item.first_seq <= seq:
+                        item.first_seq, item.count = seq + 1, last - seq
+                    kept.append(item)
+            elif item.seq > seq:
                 kept.append(item)
-                events += not isinstance(item, _Gap)
+                events += 1
+            elif type(item) is EventsDropped and (after := after_seq(item, seq)) is not None:
+                kept.append(after)
+                events += 1
         self._items = kept
         self._taken += self._events - events
         self._events = events
@@ -506,7 +532,17 @@ class Subscription:
             return True
         if self.closed:
             return False
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        home = self._bus.loop
+        if home is not None and loop is not home and home.is_running():
+            raise LoopThreadError(
+                "Subscription.wait",
+                "a subscription was awaited on another event loop than the engine's, which publishes "
+                "its events and could never wake it (a notebook cell beside start_background(), say); "
+                "read it on the engine's loop: `await bg.acall(watch)` with `async def watch(engine): "
+                "async for event in engine.bus.subscribe(): ...`; nothing was read",
+            )
+        waiter = loop.create_future()
         self._waiters.append(waiter)
         try:
             if timeout is None:
@@ -576,6 +612,9 @@ class EventBus:
         self.dropped_total = 0
         self.callback_errors = 0
         self.closed = False
+        #: the event loop that publishes (the engine's, once started): the only one a
+        #: subscription's wait can be woken on
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def last_seq(self) -> int:
@@ -631,9 +670,11 @@ class EventBus:
         once. Anything from user code goes through :meth:`emit`, which
         validates before publishing and raises on a bad value.
         """
-        shape = _SHAPES.get(cls) or shape_of(cls, "bus.post()")  # a class refused takes no seq
-        self._seq += 1
-        seq = self._seq
+        try:
+            shape = _SHAPES[cls]
+        except (KeyError, TypeError):
+            shape = shape_of(cls, "bus.post()")  # a class refused takes no seq
+        seq = self._seq = self._seq + 1
         fields["seq"] = seq
         fields["ts"] = self.clock()
         fields["node"] = self.node

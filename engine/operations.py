@@ -59,7 +59,7 @@ OPERATIONS: dict[str, Operation] = {
     op.name: op
     for op in (
         Operation("submit", ("task", "params", "key"), SubmitCommand, RunRecord, "validate and queue a run"),
-        Operation("cancel", ("run_id",), CancelCommand, RunRecord, "cancel a pending or running run"),
+        Operation("cancel", ("run_id", "grace"), CancelCommand, RunRecord, "cancel a pending or running run"),
         Operation("retry", ("run_id",), RetryCommand, RunRecord, "queue a finished run again, same params"),
         Operation("get", ("run_id",), GetCommand, RunRecord, "a run's full record"),
         Operation("pause_periodic", ("name",), PauseCommand, PeriodicInfo, "stop a periodic task firing"),

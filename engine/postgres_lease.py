@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 from .errors import InvalidConfiguration, LeaseRefused, NotATaskwatchStore
 from .jsonsafe import name_problem
 from .lease import Lease, LeaseState, ReportsHealth, StoreHealth, seconds_option
-from .urls import redact_url
+from .urls import password_problem, redact_url
 from .store import queries as Q
 from .store.postgres import LEASE_OBJECTS, claim_schema, driver_url, load_driver, schema_of, schema_settings
 
@@ -136,6 +136,8 @@ def _url_problems(url: object) -> list[str]:
     parts = urlsplit(url)
     if parts.scheme not in ("postgresql", "postgres"):
         return [f"url must be a postgresql:// URL (postgresql://user:password@host:port/database), got {shown!r}"]
+    if (problem := password_problem(url)) is not None:
+        return [f"url {shown}: {problem}"]
     problems = []
     # as the store's URL: the server named, not left to the driver's default
     if not parts.hostname and "host=" not in parts.query:

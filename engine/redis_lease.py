@@ -69,7 +69,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .errors import InvalidConfiguration, LeaseRefused, MissingDependency
 from .lease import Lease, LeaseState, ReportsHealth, StoreHealth, seconds_option
-from .urls import redact_url
+from .urls import password_problem, redact_url
 
 T = TypeVar("T")
 
@@ -161,6 +161,8 @@ def _url_problems(url: object, redis_asyncio: Any) -> list[str]:
         shown = redact_url(url) if isinstance(url, str) else url
         return [f"url must be a redis://, rediss:// or unix:// URL, got {shown!r}"]
     shown = redact_url(url)
+    if (problem := password_problem(url)) is not None:
+        return [f"url {shown}: {problem}"]  # before redis-py's reading, whose error quotes the password
     parts = urlsplit(url)
     try:
         # the port, the scheme's "//" and the values of the options redis-py knows

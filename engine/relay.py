@@ -359,6 +359,7 @@ class EventRelay:
         await self._open()
         self._opened = True
         self.bus.reopen()
+        self.bus.loop = asyncio.get_running_loop()
         self._tasks = [spawn(self._read_loop(), name=f"taskwatch-events-read-{self.stream}")]
         if self.source is not None:
             # what the bus published before this start (the engine's start event,

@@ -54,7 +54,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import errors as _errors
 from .hop import spawn
-from .bus import EventBuffer
+from .bus import EventBuffer, after_seq
 from .errors import (
     CommandTimeout,
     ConnectionClosed,
@@ -69,7 +69,8 @@ from .errors import (
     RemoteError,
     TaskwatchError,
 )
-from .events import Event
+from .events import Event, EventsDropped
+from .execution import checked_grace
 from .index import check_query, runs_limit_problem
 from .jsonsafe import NotJsonSafe, check_key, jsonable, safe_str
 from .operations import OPERATIONS
@@ -667,7 +668,8 @@ class RemoteEngine:
         """Events this connection lost: dropped for it by the engine (each run of them
         announced by a ``bus.dropped`` notice) or here, because the local buffer was full.
 
-        The ``count`` of the ``bus.dropped`` notices read add up to it, once all are read.
+        The ``count`` of the ``bus.dropped`` notices read add up to it, once all are read,
+        with the losses a snapshot taken meanwhile covered (no notice announces those).
         """
         return self._events.dropped + self._announced
 
@@ -677,7 +679,16 @@ class RemoteEngine:
 
     def _offer(self, event: Event) -> None:
         if event.seq <= self._watermark:
-            return  # already reflected in the last snapshot (a drop notice: its gap too)
+            if type(event) is not EventsDropped:
+                return  # already reflected in the last snapshot
+            # a notice of a gap the snapshot was taken in: the events lost after it are not
+            # in the snapshot, and are still announced
+            after = after_seq(event, self._watermark)
+            # lost all the same, so counted in dropped; only what is past the snapshot is announced
+            self._announced += event.count - (0 if after is None else after.count)
+            if after is None:
+                return
+            event = after
         self._last_seq = max(self._last_seq, event.seq)
         if self._events.offer(event) and event.kind == "bus.dropped":
             self._announced += event.count
@@ -845,8 +856,11 @@ class RemoteEngine:
             check_key(f"task {task!r}", key)
         return await self._op("submit", task=task, params=data, key=key)  # type: ignore[no-any-return]
 
-    async def cancel(self, run_id: str) -> RunRecord:
-        return await self._op("cancel", run_id=run_id)  # type: ignore[no-any-return]
+    async def cancel(self, run_id: str, grace: float | None = None) -> RunRecord:
+        """Cancel the run; ``grace``: seconds to wait for a running one to end before the engine
+        answers (checked as ``Engine.cancel``'s; None: the engine's ``cancel_grace``)."""
+        grace = checked_grace("RemoteEngine.cancel()", grace)
+        return await self._op("cancel", run_id=run_id, grace=grace)  # type: ignore[no-any-return]
 
     async def retry(self, run_id: str) -> RunRecord:
         return await self._op("retry", run_id=run_id)  # type: ignore[no-any-return]

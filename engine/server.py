@@ -37,7 +37,12 @@ without bound:
   for the client to read what is before it, and no further command of that
   client is executed meanwhile. A client is disconnected once it has taken
   no bytes for ``write_timeout`` -- for ``_REPLY_PATIENCE`` if a reply of
-  its own is waiting for room -- and told why in a last error line.
+  its own is waiting for room -- and told why in a last error line, after
+  what its socket holds; it has ``write_timeout`` more to read it (no longer
+  counted against ``max_connections`` meanwhile).
+* A snapshot, and a run's full record, is made without an await: one of them
+  per turn of the loop, whoever asked (:meth:`ControlServer.heavy_turn`), so
+  that a client asking for many at once holds the loop for one at a time.
 * A client that half-closes its connection (``nc -N``) still gets the
   replies to the commands it sent, then the end of the stream.
 * No line sent is longer than the connection's ``max_send``: values too large
@@ -70,6 +75,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, deque
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -81,6 +87,7 @@ from .options import ServerOptions, check_options
 from .errors import (
     AuthenticationFailed,
     ConnectionClosed,
+    EngineNotRunning,
     IncompatibleVersion,
     InvalidAddress,
     InvalidConfiguration,
@@ -169,7 +176,8 @@ _WRITE_CHUNK = 256 * 1024
 _END = b""
 
 #: how long a stopping server keeps writing what its clients have not received yet, and
-#: how long a client cut off has to read the line saying why
+#: how long a closed connection has to take the rest of its stream (a client cut off for not
+#: reading has write_timeout, if longer, to read the line saying why)
 _FLUSH_TIMEOUT = 1.0
 
 #: a client whose reply waits for room (it asked for more than max_outgoing_bytes at once)
@@ -331,6 +339,27 @@ def error_details(exc: BaseException) -> dict[str, Any]:
     except (ValueError, TypeError):
         return {}
     return details if isinstance(details, dict) else {}
+
+
+def for_client(exc: BaseException) -> BaseException:
+    """``exc`` as a client of the control endpoint is told it: with advice it can follow.
+
+    A plain :class:`EngineNotRunning` tells the engine's owner to start the engine
+    (``async with engine:``), which a client cannot do; what it can do is wait,
+    and reconnect once the engine runs again. (Its subclasses say something
+    else -- a run the stop left unfinished, a crash -- and are told as they are.)
+    """
+    if type(exc) is not EngineNotRunning:
+        return exc
+    state = exc.state
+    if state in ("stopping", "stopped"):
+        advice = (
+            f"the engine is {state} and accepts no work; it ends this connection once it has stopped. "
+            "Reconnect once it runs again (taskwatch attach reconnects by itself)"
+        )
+    else:
+        advice = f"the engine is {state} and accepts no work yet; try again once it runs"
+    return EngineNotRunning(state, advice)
 
 
 def error_reply(message_id: Any, exc: BaseException, max_value: int = DEFAULT_MAX_VALUE) -> ErrorReply:
@@ -571,6 +600,9 @@ class ControlServer:
         self._auth_unlogged = 0
         self._closed_dropped = 0
         self._stopped = False
+        #: taken by each command that holds the loop for long without an await (a snapshot, a
+        #: full record) and by each first snapshot: one of them per turn of the loop
+        self._heavy = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -599,6 +631,8 @@ class ControlServer:
             return
         self._stopped = False
         self._address = None
+        # a lock is bound to the loop it was first waited on: this start's loop may be another
+        self._heavy = asyncio.Lock()
         target = self._target or UnixAddress(str(default_socket_path(self.engine.node_id)))
         if isinstance(target, TcpAddress):
             await self._start_tcp(target)
@@ -1078,6 +1112,23 @@ class ControlServer:
 
     # ------------------------------------------------------------------ commands
 
+    @contextlib.asynccontextmanager
+    async def heavy_turn(self) -> AsyncIterator[None]:
+        """A turn of the loop of its own for work that holds the loop without an await (a
+        snapshot, a full record): one such piece of work per turn, whoever asked for it.
+
+        The commands read from one client's buffer in one turn (16 snapshots pipelined, a
+        dashboard's ``gather``) would otherwise all run in the next turn, back to back, and
+        no timer, run or other client would get a turn before the last of them. Each waits
+        for the one before it, then lets the loop turn twice before it runs: a task whose
+        timer fell due or whose socket was read meanwhile is woken in the first of those
+        turns and runs in the second, before this work rather than after it.
+        """
+        async with self._heavy:
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            yield
+
     async def execute(self, cmd: Command, limit: int | None = None) -> bytes:
         """Run one command on the engine; returns its result as JSON of at most ``limit`` bytes.
 
@@ -1091,13 +1142,15 @@ class ControlServer:
         match cmd:
             case SubmitCommand(task=task, params=params, key=key):
                 result = self._bounded((await engine.submit(task, params, key=key)).record())
-            case CancelCommand(run_id=run_id):
-                result = self._bounded(await engine.cancel(run_id))
+            case CancelCommand(run_id=run_id, grace=grace):
+                # the client's grace, not the engine's: it says how long it waits for the reply
+                result = self._bounded(await engine.cancel(run_id, grace))
             case RetryCommand(run_id=run_id):
                 result = self._bounded((await engine.retry(run_id)).record())
             case GetCommand(run_id=run_id):
                 # the whole record: this is how a client reads what listings cut down
-                result = engine.get(run_id).model_dump_json().encode()
+                async with self.heavy_turn():
+                    result = engine.get(run_id).model_dump_json().encode()
                 if len(result) > room:
                     raise ReplyTooLarge(f"run {run_id}'s full record", len(result), room)
             case PauseCommand(name=name):
@@ -1122,7 +1175,8 @@ class ControlServer:
                 result = self._bounded(engine.fire_trigger(name, key))
             case SnapshotCommand(runs_limit=runs_limit):
                 limit_runs = self.snapshot_runs if runs_limit is None else runs_limit
-                return self.encode_snapshot(engine.snapshot(limit_runs), room).json
+                async with self.heavy_turn():
+                    return self.encode_snapshot(engine.snapshot(limit_runs), room).json
             case PingCommand():
                 result = b"null"
             case _:
@@ -1385,6 +1439,8 @@ class _Connection:
         self.dismissed = False
         #: the server ended this connection: what is still buffered for it is thrown away
         self.cut_off = False
+        #: cut off for not reading, the line saying why written after what its socket holds
+        self.told_why = False
 
     @property
     def dropped(self) -> int:
@@ -1433,11 +1489,12 @@ class _Connection:
         if self.cut_off:
             return
         self.cut_off = True
+        self.told_why = True
         self.server.count(counter)
         self.out.clear()
         transport = self._streams[1].transport
         # after what its socket already holds (whole lines), so that a client that reads again
-        # learns why the stream ended; teardown aborts if it does not read within _FLUSH_TIMEOUT
+        # learns why the stream ended; teardown aborts if it does not read within write_timeout
         transport.write(self._error_line(None, ConnectionClosed(why)))
         transport.close()
 
@@ -1472,8 +1529,10 @@ class _Connection:
         """Read and check the hello: True once admitted, False if the peer left; else :class:`_Refused`."""
         server = self.server
         try:
-            # left half-read if too long: the connection closes, nothing more is read
-            line = await read_line(self._streams[0], server.max_hello, discard=False)
+            # left half-read if too long: the connection closes, nothing more is read. A hello
+            # without its newline, then the end of what the client sends (printf | nc -N), is
+            # still one
+            line = await read_line(self._streams[0], server.max_hello, discard=False, unterminated=True)
         except MessageTooLarge as exc:
             server.count(exc.reason)
             # a hello's bound is the server's max_hello, not the max_message the reply would name
@@ -1532,13 +1591,16 @@ class _Connection:
     async def _serve(self) -> None:
         server = self.server
         engine = server.engine
-        # subscribe before the snapshot, with no await between them: every event
-        # is either reflected in the snapshot or delivered after it
-        self.sub = engine.bus.subscribe(replay=0, maxsize=server.buffer)
         try:
-            first = server.encode_snapshot(
-                engine.snapshot(server.snapshot_runs), self.max_send - _SNAPSHOT_FRAME
-            )
+            async with server.heavy_turn():
+                if server._stopped:
+                    return  # stopped while it waited for its turn: it would stream nothing
+                # subscribe before the snapshot, with no await between them: every event
+                # is either reflected in the snapshot or delivered after it
+                self.sub = engine.bus.subscribe(replay=0, maxsize=server.buffer)
+                first = server.encode_snapshot(
+                    engine.snapshot(server.snapshot_runs), self.max_send - _SNAPSHOT_FRAME
+                )
         except ReplyTooLarge as too_large:
             # nothing a dashboard could draw from: say why, rather than send a line it cannot read
             log.warning("cannot send a control client its first snapshot: %s", too_large)
@@ -1588,7 +1650,8 @@ class _Connection:
         reader = self._streams[0]
         while True:
             try:
-                line = await read_line(reader, server.max_message)
+                # a last command without its newline (printf | nc -N) is still answered
+                line = await read_line(reader, server.max_message, unterminated=True)
             except MessageTooLarge as exc:
                 server.count(exc.reason)
                 await self._reply(self._error_line(None, exc))
@@ -1651,7 +1714,7 @@ class _Connection:
             server.count("errors")
             if not isinstance(exc, TaskwatchError):
                 log.warning("control command %r failed", cmd, exc_info=True)
-            line = self._error_line(cmd.id, exc)
+            line = self._error_line(cmd.id, for_client(exc))
         else:
             line = ok_line(cmd.id, result)
         await self._reply(line)
@@ -1839,11 +1902,18 @@ class _Connection:
             self.sock.close()  # the streams were never made: the peer left at once
             return
         transport = writer.transport
-        # a client cut off has the line saying why at the end of what its socket holds: it
-        # gets _FLUSH_TIMEOUT to read it, like any client the rest of its stream
+        # a client cut off finds the line saying why after what its socket holds and it has not
+        # read: aborted before it reads again, its stream would end mid-line, that line lost. It
+        # gets as long to read again as it had before the cut, holding no more than the transport
+        # held then; any other client gets _FLUSH_TIMEOUT for the rest of its stream
+        patience = max(_FLUSH_TIMEOUT, self.server.write_timeout) if self.told_why else _FLUSH_TIMEOUT
+        if self.told_why:
+            # served no more (its subscription closed): meanwhile it keeps no client out, its
+            # own reconnect say
+            self.server._served.discard(self)
         writer.close()
         try:
-            async with asyncio.timeout(_FLUSH_TIMEOUT):
+            async with asyncio.timeout(patience):
                 await writer.wait_closed()
         except TimeoutError:
             # a peer that reads nothing would keep what is still buffered for it forever

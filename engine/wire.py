@@ -50,7 +50,7 @@ from urllib.parse import urlsplit
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from .errors import InvalidAddress, MalformedMessage, MessageTooLarge, ProtocolError, UnknownCommand
+from .errors import ConnectionClosed, InvalidAddress, MalformedMessage, MessageTooLarge, ProtocolError, UnknownCommand
 from .events import BaseEvent, Event
 from .snapshot import DEFAULT_MAX_VALUE, Snapshot, bounded_json
 from .version import __version__
@@ -108,8 +108,15 @@ class SubmitCommand(Command):
 
 
 class CancelCommand(Command):
+    """Cancel a run. ``grace``: how long to wait for a running run to end before replying, as
+    ``Engine.cancel``'s (finite, 0 or more; None: the engine's ``cancel_grace``). A client
+    sends what it can wait for: a reply after the engine's own grace may come after the
+    client's timeout, and a dashboard would report a cancel that happened as failed.
+    """
+
     type: Literal["cancel"] = "cancel"
     run_id: str
+    grace: float | None = Field(default=None, ge=0, allow_inf_nan=False, strict=True)
 
 
 class RetryCommand(Command):
@@ -529,7 +536,7 @@ def _skip_value(head: bytes, pos: int, steps: int) -> tuple[int, int]:
 
 
 async def read_line(
-    reader: asyncio.StreamReader, max_message: int, *, discard: bool = True
+    reader: asyncio.StreamReader, max_message: int, *, discard: bool = True, unterminated: bool = False
 ) -> bytes | None:
     """The next line without its newline, or None at end of stream.
 
@@ -539,6 +546,12 @@ async def read_line(
     half-read, as soon as the excess arrives (for a caller that closes the
     connection then). ``reader``'s own ``limit`` may be lower than
     ``max_message``: a longer line is then gathered in pieces of that size.
+
+    A stream that ends in the middle of a line raises :class:`ConnectionClosed`:
+    the peer went away (or was cut off) mid-message, and the bytes that came are
+    no message. With ``unterminated`` such a last line is returned instead, for a
+    server whose client sends its last line without a newline and then the end of
+    what it sends (``printf '...' | nc -N``).
     """
     parts: list[bytes] = []
     size = 0
@@ -546,10 +559,14 @@ async def read_line(
         try:
             piece = await reader.readuntil(b"\n")
         except asyncio.IncompleteReadError as exc:
-            # a last line without a newline still counts; an empty one is the end
             piece = exc.partial
             if not piece and not parts:
                 return None
+            if not unterminated:
+                raise ConnectionClosed(
+                    f"the connection ended in the middle of a message: {size + len(piece)} bytes of a "
+                    "line came, then the end of the stream, without the line's newline"
+                ) from None
         except asyncio.LimitOverrunError as exc:
             if size + exc.consumed > max_message:
                 if not discard:

@@ -68,6 +68,7 @@ class CuttingProxy(_Proxy):
         #: client chunks dropped while silent: a client is waiting for an answer
         self.swallowed = 0
         self._arm: list[Match] = []
+        self._refuse_at_cut = False
         self._refusing = False
 
     def refuse(self) -> None:
@@ -79,10 +80,12 @@ class CuttingProxy(_Proxy):
     def accept(self) -> None:
         self._refusing = False
 
-    def cut_after(self, *steps: Match) -> None:
+    def cut_after(self, *steps: Match, then_refuse: bool = False) -> None:
         """Cut the connection after the client chunk matching the last of ``steps``, each
-        step looked for in the chunks after the one matching the step before it."""
+        step looked for in the chunks after the one matching the step before it;
+        ``then_refuse``: and refuse every connection from then on, until :meth:`accept`."""
         self._arm = list(steps)
+        self._refuse_at_cut = then_refuse
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         if self._refusing:
@@ -118,6 +121,8 @@ class CuttingProxy(_Proxy):
                     if not self._arm:
                         state["cut"] = True  # the server's answer to this never arrives
                         self.cuts += 1
+                        if self._refuse_at_cut:
+                            self._refusing = True  # before the client can try again
                         await asyncio.sleep(self.linger)
                         client_w.transport.abort()
                         server_w.transport.abort()
@@ -154,16 +159,23 @@ class StallingProxy(_Proxy):
         super().__init__(target_port)
         self._flowing = asyncio.Event()
         self._flowing.set()
+        #: what the server sends flows (held alone, the client's packets still reach the server)
+        self._answering = asyncio.Event()
+        self._answering.set()
 
     async def __aexit__(self, *exc: object) -> None:
-        self._flowing.set()
+        self.release()
         await super().__aexit__(*exc)
 
-    def hold(self) -> None:
-        self._flowing.clear()
+    def hold(self, *, answers_only: bool = False) -> None:
+        """Hold every packet; ``answers_only``: only the server's (a client that stopped reading)."""
+        self._answering.clear()
+        if not answers_only:
+            self._flowing.clear()
 
     def release(self) -> None:
         self._flowing.set()
+        self._answering.set()
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -174,14 +186,16 @@ class StallingProxy(_Proxy):
             await self._flowing.wait()
             server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
 
-            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, flowing: asyncio.Event) -> None:
                 while data := await src.read(65536):
-                    await self._flowing.wait()
+                    await flowing.wait()
                     dst.write(data)
                     await dst.drain()
                 dst.close()
 
-            await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w), return_exceptions=True)
+            await asyncio.gather(
+                pipe(client_r, server_w, self._flowing), pipe(server_r, client_w, self._answering), return_exceptions=True
+            )
         finally:
             self._tasks.discard(task)  # type: ignore[arg-type]
             client_w.transport.abort()

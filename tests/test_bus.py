@@ -439,6 +439,25 @@ def test_the_bus_counts_a_dropped_drop_notice_as_the_events_it_stood_for() -> No
     assert bus.stats()["dropped"] == 41
 
 
+def test_a_snapshot_covers_only_the_part_of_a_run_of_losses_before_it() -> None:
+    from taskwatch.engine.bus import EventBuffer
+
+    # what a connection's buffer holds when its snapshot (taken at seq 20) arrives: an event, a
+    # notice from the engine of 10 lost from seq 12, an event, then 8 lost here from seq 23
+    buffer = EventBuffer(maxsize=2)
+    buffer.offer(ev.EngineStarted(seq=11, ts=0.0, node="n"))
+    buffer.offer(ev.EventsDropped(seq=12, ts=0.0, node="n", count=10, total=10))
+    for seq in range(23, 31):
+        buffer.offer(ev.EngineStarted(seq=seq, ts=0.0, node="n"))
+    buffer.discard_through(20)
+    left = buffer.take()
+    # the losses after seq 20 are still announced, from seq 21 on; seq 11 is covered
+    assert [(e.kind, e.seq, getattr(e, "count", None)) for e in left] == [
+        ("bus.dropped", 21, 1), ("bus.dropped", 23, 8)
+    ]
+    assert buffer.dropped == 8  # lost all the same
+
+
 def test_a_callback_unsubscribing_itself_or_another_costs_no_other_callback_an_event() -> None:
     bus = EventBus(node="n")
     seen: dict[str, list[int]] = {"a": [], "b": [], "c": []}

@@ -34,8 +34,10 @@ from taskwatch.engine import (
     ConnectionClosed,
     ControlServer,
     Engine,
+    EngineNotRunning,
     EngineUnreachable,
     InvalidAddress,
+    InvalidConfiguration,
     MalformedMessage,
     MessageTooLarge,
     RemoteEngine,
@@ -44,7 +46,9 @@ from taskwatch.engine import (
     TaskContext,
 )
 from taskwatch.engine import remote as remote_module
-from taskwatch.engine.wire import PROTOCOL_VERSION
+from taskwatch.engine.wire import PROTOCOL_VERSION, SnapshotMessage, Welcome, encode_message
+from taskwatch.tui.client import LocalClient
+from taskwatch.tui.remote_client import RemoteClient
 
 from .helpers import eventually, stray_tasks
 from .raw_client import RawClient, serve
@@ -175,6 +179,63 @@ def test_attach_with_the_token_in_the_address_refuses_without_showing_it() -> No
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "no user part" in proc.stderr and TOKEN not in proc.stderr + proc.stdout
+
+
+#: a generated password: base64's '/', '+' and '=', and a password manager's '?' and '#'
+PASSWORD = "Xk3/9s+Q?w#b=="
+
+
+@pytest.mark.parametrize(
+    ("url", "shown", "unescaped"),
+    [
+        (f"redis://:{PASSWORD}@cache:6379/0", "redis://***@cache:6379/0", True),
+        ("redis://:Xk3#9sQw@cache:6379/0", "redis://***@cache:6379/0", True),
+        (f"postgresql://app:{PASSWORD}@db/app", "postgresql://app:***@db/app", True),
+        # a password whose head reads as a port, and one holding '@' as well
+        ("postgresql://app:123/456@db:5432/app?password=x", "postgresql://app:***@db:5432/app?password=***", True),
+        ("postgresql://app:123?456@db/app", "postgresql://app:***@db/app", True),
+        ("postgresql://u:p@s/s@[::1]:5432/db", "postgresql://u:***@[::1]:5432/db", True),
+        ("unix://:Xk3/9s@/run/redis.sock?db=0", "unix://***@/run/redis.sock?db=0", True),
+        # as before: a password encoded, none, an '@' in a query value or a socket path
+        ("redis://:Xk3%2F9s@cache:6379/0", "redis://***@cache:6379/0", False),
+        ("redis://user@cache/0", "redis://user@cache/0", False),
+        ("postgresql://db:5432/app?application_name=me@corp", "postgresql://db:5432/app?application_name=me@corp", False),
+        ("postgresql://u:pw@db/app?application_name=me@corp", "postgresql://u:***@db/app?application_name=me@corp", False),
+        ("unix:///run/r@dis.sock", "unix:///run/r@dis.sock", False),
+    ],
+)
+def test_a_password_in_a_url_is_shown_as_stars_whatever_it_holds(url: str, shown: str, unescaped: bool) -> None:
+    from taskwatch.engine.urls import password_problem, redact_url
+
+    assert redact_url(url) == shown
+    # a password holding '/', '?' or '#' as they are is no password any driver reads: said so,
+    # without quoting it
+    problem = password_problem(url)
+    assert (problem is not None) == unescaped, problem
+    if problem is not None:
+        assert "percent-encode the password" in problem and "%2F" in problem
+
+
+def test_an_address_given_with_such_a_password_is_refused_without_it() -> None:
+    with pytest.raises(InvalidAddress) as caught:
+        RemoteEngine(f"postgresql://app:{PASSWORD}@db/prod", timeout=1)
+    assert caught.value.address == "postgresql://app:***@db/prod"
+    assert "9s+Q" not in str(caught.value)
+
+
+def test_a_store_or_lease_given_such_a_password_is_refused_without_it() -> None:
+    from taskwatch.engine import PostgresLease, PostgresStore, RedisLease, make_store
+
+    for make in (
+        lambda: RedisLease(f"redis://:{PASSWORD}@cache:6379/0", ttl=10),
+        lambda: PostgresLease(f"postgresql://app:{PASSWORD}@db/app", ttl=10),
+        lambda: PostgresStore(f"postgresql://app:{PASSWORD}@db/app"),
+        lambda: make_store(f"postgresql://app:{PASSWORD}@db/app"),
+    ):
+        with pytest.raises(InvalidConfiguration) as caught:
+            make()
+        assert "percent-encode the password" in str(caught.value)
+        assert "Xk3" not in str(caught.value) and "9s+Q" not in str(caught.value)
 
 
 # ---------------------------------------------------------------- 3: concurrent connect() calls
@@ -484,6 +545,65 @@ async def test_a_client_that_stops_reading_learns_why_its_connection_ended(
     await client_loop.run(remote.close())
     said = [r.getMessage() for r in caplog.records if "dropping" in r.getMessage()]
     assert said == ["dropping a control client that took no bytes of what was written to it for 1 s"]
+
+
+async def test_a_client_cut_off_that_reads_again_later_still_learns_why(engine: Engine, sock_path: str) -> None:
+    # its socket is full of lines it has not read, the last one cut, the line saying why after
+    # them in the engine's buffer: dropped a second after the cut, as it was, its stream ended
+    # mid-line (the client said the engine sent a malformed message) and the reason was lost
+    server = await serve(engine, sock_path, write_timeout=1.5)
+    stalled = await RawClient.authenticated(sock_path)
+    stalled.reading(False)
+    chatter = await engine.submit("chatter", {"size": 4000})
+    try:
+        await eventually(lambda: server.stats()["slow_disconnects"] == 1, timeout=15)
+        # its place is free at once (its reconnect is no connection over the limit) ...
+        await eventually(lambda: server.stats()["active"] == 0)
+    finally:
+        await engine.cancel(chatter.id)
+    # ... while its stream waits for it to read again
+    stalled.reading(True)
+    lines = []
+    async with asyncio.timeout(10):
+        while line := await stalled.reader.readline():
+            lines.append(line)
+    assert lines and all(line.endswith(b"\n") for line in lines)  # whole lines, to the end
+    last = json.loads(lines[-1])
+    assert (last["type"], last.get("id"), last.get("error_type")) == ("error", None, "ConnectionClosed"), last
+    assert "read nothing of what was sent to it for 1.5 s" in last["message"]
+    assert {json.loads(line)["type"] for line in lines[:-1]} == {"event"}
+    await stalled.close()
+
+
+async def test_a_stream_cut_mid_line_is_a_closed_connection_to_the_client(engine: Engine) -> None:
+    # what a client reads last before the end of its stream may be part of a line (the engine
+    # dropped it, or the link went): that is the connection ending, no malformed message
+    cut = b'{"type":"event","event":{"kind":"run.progress","seq":'
+
+    async def cut_short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()  # the hello
+        writer.write(encode_message(Welcome(version=PROTOCOL_VERSION, node_id="cut")))
+        writer.write(encode_message(SnapshotMessage(snapshot=engine.snapshot())))
+        await reader.readline()  # the ping
+        writer.write(cut)
+        await writer.drain()
+        writer.close()
+
+    service = await asyncio.start_server(cut_short, "127.0.0.1", 0)
+    port = service.sockets[0].getsockname()[1]
+    try:
+        remote = RemoteEngine(f"tcp://127.0.0.1:{port}", token="x" * 20, timeout=5)
+        await remote.connect()
+        with pytest.raises(ConnectionClosed) as caught:
+            await remote.ping()
+        await asyncio.wait_for(remote.disconnected.wait(), 5)
+        assert isinstance(remote.close_reason, ConnectionClosed)
+        assert "in the middle of a message" in str(remote.close_reason)
+        assert "in the middle of a message" in str(caught.value)
+        await remote.close()
+    finally:
+        service.close()
+        await service.wait_closed()
 
 
 # ---------------------------------------------------------------- 2: events lost on both sides, counted
@@ -847,3 +967,70 @@ async def test_a_path_that_is_no_socket_is_named_for_what_it_is(tmp_path: Path) 
         with pytest.raises(EngineUnreachable) as caught:
             await RemoteEngine(str(stale), timeout=5).connect()
     assert "nothing listens on the socket file" in str(caught.value)
+
+
+async def test_a_command_while_the_engine_stops_says_to_reconnect_not_to_start_it(sock_path: str) -> None:
+    # what the engine tells its owner (`async with engine:`) a client cannot do
+    engine = Engine(health_interval=None)
+    finish = asyncio.Event()
+
+    @engine.task
+    async def draining(ctx: TaskContext) -> None:
+        await finish.wait()
+
+    @engine.task
+    async def quick(ctx: TaskContext) -> int:
+        return 1
+
+    await engine.start()
+    try:
+        await serve(engine, sock_path)
+        remote = RemoteEngine(sock_path, timeout=5)
+        await remote.connect()
+        run = await engine.submit("draining")
+        await eventually(lambda: engine.get(run.id).status is RunStatus.RUNNING)
+        stopping = asyncio.create_task(engine.stop(timeout=30))  # waits for the run to finish
+        await eventually(lambda: engine.state == "stopping")
+        with pytest.raises(EngineNotRunning) as caught:
+            await remote.submit("quick")
+        said = str(caught.value)
+        assert caught.value.state == "stopping" and "the engine is stopping" in said
+        assert "Reconnect once it runs again" in said
+        assert "async with engine" not in said and "engine.start()" not in said
+        finish.set()
+        await stopping
+        await remote.close()
+    finally:
+        finish.set()
+        await engine.stop(timeout=5)
+
+
+async def test_the_attached_dashboard_cancels_as_the_in_process_one_does(sock_path: str) -> None:
+    # an engine whose cancel_grace is longer than the attached dashboard waits for a reply: the
+    # in-process one answered after its own 2 s, the attached one timed out, the cancel done
+    engine = Engine(health_interval=None, cancel_grace=120.0)
+    cleaned_up = asyncio.Event()
+    entered = asyncio.Event()
+
+    @engine.task
+    async def slow_cleanup(ctx: TaskContext) -> None:
+        entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await cleaned_up.wait()  # its cleanup lasts until the test ends it
+            raise
+
+    async with engine:
+        server = await serve(engine, sock_path)
+        answered = {}
+        for client in (LocalClient(engine), RemoteClient(server.address, timeout=5)):
+            await client.connect()
+            entered.clear()
+            run = await engine.submit("slow_cleanup")
+            await asyncio.wait_for(entered.wait(), 10)
+            answered[type(client).__name__] = (await client.cancel(run.id)).status
+            await client.close()
+        # both shown as still going (cancelling), neither as failed
+        assert answered == {"LocalClient": RunStatus.RUNNING, "RemoteClient": RunStatus.RUNNING}
+        cleaned_up.set()

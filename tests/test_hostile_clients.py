@@ -28,6 +28,7 @@ from taskwatch.engine import (
     RemoteEngine,
     RunNotFound,
     RunStatus,
+    Snapshot,
     TaskwatchError,
     TooManyConnections,
 )
@@ -521,3 +522,49 @@ def test_generated_tokens_never_look_like_a_command_line_option() -> None:
     tokens = [new_token() for _ in range(2_000)]  # about 30 would start with "-" if drawn plainly
     assert all(len(t) >= 32 and not t.startswith("-") for t in tokens)
     assert len(set(tokens)) == len(tokens)
+
+
+# ---------------------------------------------------------------- 11: heavy commands pipelined
+
+
+async def test_pipelined_snapshots_leave_the_loop_a_turn_between_them(
+    engine: Engine, sock_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot holds the engine's loop, with no await, for as long as it takes (a quarter
+    of a second for 10,000 runs). Sixteen read from one client's buffer at once (a dashboard's
+    ``gather`` of snapshot() calls) ran back to back in one turn: no timer fell due and no
+    other client was read until the last. A task woken by a timer during one runs before the next."""
+    for _ in range(3):
+        await finished(engine, "echo", "x")
+    await serve(engine, sock_path)
+    hog = await RawClient.authenticated(sock_path)
+    loop = asyncio.get_running_loop()
+    taking = engine.snapshot
+    #: per snapshot: whether the task waiting for the timer the one before it set has run
+    had_its_turn: list[bool] = []
+    woken = [True]
+    waiters: list[asyncio.Task[None]] = []
+
+    async def on_timer(due: asyncio.Future[None]) -> None:
+        await due
+        woken[0] = True
+
+    def snapshot(runs_limit: int = 500) -> Snapshot:
+        had_its_turn.append(woken[0])
+        woken[0] = False
+        # a timer falling due while the snapshot is taken, as a sleeping run's or a heartbeat's
+        # does: the loop wakes its task in the next turn, and the task runs in the one after
+        due: asyncio.Future[None] = loop.create_future()
+        loop.call_later(0, due.set_result, None)
+        waiters.append(asyncio.ensure_future(on_timer(due)))
+        return taking(runs_limit)
+
+    monkeypatch.setattr(engine, "snapshot", snapshot)
+    # one write: the server reads the sixteen commands (its max_inflight) in one turn
+    await hog.send(b"".join(json.dumps({"type": "snapshot", "id": i}).encode() + b"\n" for i in range(16)))
+    replies = [await hog.reply() for _ in range(16)]
+    assert sorted(reply["id"] for reply in replies) == list(range(16))
+    assert {reply["type"] for reply in replies} == {"ok"}
+    assert had_its_turn == [True] * 16
+    await asyncio.gather(*waiters)
+    await hog.close()

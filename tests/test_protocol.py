@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 from taskwatch.engine import (
     AuthenticationFailed,
+    ConnectionClosed,
     ControlServer,
     Engine,
     InvalidAddress,
@@ -37,6 +38,7 @@ from taskwatch.engine.wire import (
     WireMessage,
     decode_client_message,
     decode_server_message,
+    read_line,
 )
 
 from .helpers import eventually, stray_tasks
@@ -289,6 +291,46 @@ async def test_commands_with_typed_errors(engine: Engine) -> None:
         assert server.stats()["errors"] == 5
 
 
+async def test_a_cancel_waits_for_the_run_as_long_as_the_client_says(sock_path: str) -> None:
+    # the engine's own cancel_grace can be longer than a client waits for a reply: the client
+    # says how long it waits (a dashboard, 2 s), validated as Engine.cancel validates it
+    engine = Engine(health_interval=None, cancel_grace=120.0)
+    entered = asyncio.Event()
+    cancelling = asyncio.Event()
+    cleaned_up = asyncio.Event()
+
+    @engine.task
+    async def slow_cleanup(ctx: Any) -> None:
+        entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelling.set()
+            await cleaned_up.wait()  # its cleanup lasts until the test ends it
+            raise
+
+    async with engine:
+        server = await serve(engine, sock_path)
+        raw = await RawClient.authenticated(sock_path)
+        run = await engine.submit("slow_cleanup")
+        await asyncio.wait_for(entered.wait(), 10)
+        cancel = b'{"type":"cancel","id":%d,"run_id":"%s","grace":%s}\n'
+        for i, grace in enumerate([b"-1", b'"2"', b"true", b"NaN", b"Infinity", b"1e999"]):
+            await raw.send(cancel % (i, run.id.encode(), grace))
+            reply = await raw.reply()
+            assert (reply["type"], reply["id"], reply["error_type"]) == ("error", i, "MalformedMessage"), reply
+            assert "grace" in reply["message"]
+        assert not cancelling.is_set()  # refused before anything was cancelled
+        await raw.send(cancel % (10, run.id.encode(), b"0.1"))
+        reply = await raw.reply()
+        assert (reply["type"], reply["id"], reply["result"]["status"]) == ("ok", 10, "running")
+        assert cancelling.is_set()
+        cleaned_up.set()
+        assert (await run.wait(10)).status is RunStatus.CANCELLED
+        assert server.stats()["malformed"] == 6
+        await raw.close()
+
+
 async def _finished(engine: Engine, run_id: str) -> Any:
     await eventually(lambda: engine.get(run_id).status.finished)
     return engine.get(run_id)
@@ -360,6 +402,33 @@ async def test_oversized_line_is_discarded_and_counted(engine: Engine, sock_path
     await raw.close()
     # and the engine did not notice
     assert (await (await engine.submit("add", {"a": 1, "b": 1})).wait(5)).result == 2
+
+
+def ended_stream(data: bytes) -> asyncio.StreamReader:
+    """A stream that held ``data`` and then ended, as a connection closed after sending it."""
+    reader = asyncio.StreamReader(limit=16)  # a line over the limit is gathered in pieces too
+    reader.feed_data(data)
+    reader.feed_eof()
+    return reader
+
+
+async def test_a_stream_ending_mid_line_is_a_closed_connection_not_a_message() -> None:
+    # a client cut off, or a peer gone, in the middle of a line: what came of it is no message
+    # (taken for one, it failed to decode, and the client said the engine sent a malformed one)
+    cut = b'{"type":"ok","id":1,"result":null}\n{"type":"event","event":{"kind":"run.prog'
+    reader = ended_stream(cut)
+    assert await read_line(reader, 1 << 20) == b'{"type":"ok","id":1,"result":null}'
+    with pytest.raises(ConnectionClosed, match="in the middle of a message: 41 bytes"):
+        await read_line(reader, 1 << 20)
+    # a stream that ends between lines ends cleanly
+    reader = ended_stream(b'{"type":"ok","id":1,"result":null}\n')
+    assert await read_line(reader, 1 << 20) is not None
+    assert await read_line(reader, 1 << 20) is None
+    # the server's reading of a client that sends its last command without a newline, then the
+    # end of what it sends (printf '...' | nc -N): that line is still answered
+    reader = ended_stream(b'{"type":"ping","id":2}')
+    assert await read_line(reader, 1 << 20, unterminated=True) == b'{"type":"ping","id":2}'
+    assert await read_line(reader, 1 << 20, unterminated=True) is None
 
 
 async def test_remote_engine_refuses_to_send_oversized_commands(engine: Engine, sock_path: str) -> None:

@@ -33,6 +33,11 @@ from taskwatch.engine.hop import call_on
 
 DEFAULT_BUFFER = 200_000
 
+#: seconds a dashboard's cancel waits for a running run to end before it answers, whatever
+#: the engine's cancel_grace (a run whose cleanup takes longer is shown cancelling meanwhile);
+#: the same in-process and attached, so that the two dashboards answer alike
+CANCEL_GRACE = 2.0
+
 
 class DashboardClient(ABC):
     """What a dashboard can ask of an engine, wherever it runs."""
@@ -84,7 +89,9 @@ class DashboardClient(ABC):
     async def submit(self, task: str, params: dict[str, Any] | None = None, key: str | None = None) -> RunRecord: ...
 
     @abstractmethod
-    async def cancel(self, run_id: str) -> RunRecord: ...
+    async def cancel(self, run_id: str, grace: float | None = CANCEL_GRACE) -> RunRecord:
+        """Cancel a run; a running one is given ``grace`` seconds to end before the record is
+        returned (None: the engine's cancel_grace), as ``Engine.cancel`` does."""
 
     @abstractmethod
     async def retry(self, run_id: str) -> RunRecord: ...
@@ -205,8 +212,8 @@ class LocalClient(DashboardClient):
 
         return await self._on_engine(go)
 
-    async def cancel(self, run_id: str) -> RunRecord:
-        return await self._on_engine(lambda: self.engine.cancel(run_id, grace=2.0))
+    async def cancel(self, run_id: str, grace: float | None = CANCEL_GRACE) -> RunRecord:
+        return await self._on_engine(lambda: self.engine.cancel(run_id, grace=grace))
 
     async def retry(self, run_id: str) -> RunRecord:
         async def go() -> RunRecord:

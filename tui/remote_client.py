@@ -34,9 +34,10 @@ from taskwatch.engine.errors import (
     InvalidAddress,
     MessageTooLarge,
 )
+from taskwatch.engine.execution import checked_grace
 from taskwatch.engine.remote import RemoteEngine
 
-from .client import DEFAULT_BUFFER, DashboardClient
+from .client import CANCEL_GRACE, DEFAULT_BUFFER, DashboardClient
 
 T = TypeVar("T")
 
@@ -190,8 +191,18 @@ class RemoteClient(DashboardClient):
     async def submit(self, task: str, params: dict[str, Any] | None = None, key: str | None = None) -> RunRecord:
         return await self._reply(self._require().submit(task, params, key))
 
-    async def cancel(self, run_id: str) -> RunRecord:
-        return await self._reply(self._require().cancel(run_id))
+    async def cancel(self, run_id: str, grace: float | None = CANCEL_GRACE) -> RunRecord:
+        """As :meth:`DashboardClient.cancel`; a ``grace`` is cut to half this client's timeout.
+
+        The engine waits for the run as long as it is told, then replies: told nothing, it
+        would wait its own cancel_grace, which may be longer than this client waits for a
+        reply, and a cancel that happened would be reported as timed out.
+        """
+        # refused as Engine.cancel refuses it (InvalidConfiguration), before anything is sent
+        grace = checked_grace("RemoteClient.cancel()", grace)
+        if grace is not None:
+            grace = min(grace, self.timeout / 2)
+        return await self._reply(self._require().cancel(run_id, grace))
 
     async def retry(self, run_id: str) -> RunRecord:
         return await self._reply(self._require().retry(run_id))

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-from ..urls import redact_url
+from ..urls import password_problem, redact_url
 from .base import Store, Subscription
 from ..errors import (
     DuplicateRunId,
@@ -145,6 +145,8 @@ def _url_option(spec: str, options: dict[str, Any], name: str, raw: str, conv: C
 
 
 def _postgres(spec: str, options: dict[str, Any]) -> Store:
+    if (problem := password_problem(spec)) is not None:
+        raise _bad_option(spec, problem)  # before the query is read: a '?' in the password would split it
     parts = urlsplit(spec)
     if not parts.hostname and "host=" not in parts.query:
         raise UnknownStore(spec, "a PostgreSQL URL names its server: postgresql://user@host:port/database")
