@@ -195,9 +195,12 @@ _BOX = (
 _CELL = "padding: 2px 8px; text-align: left; border-bottom: 1px solid #eaeef2"
 
 
-def _badges_html(counts: dict[RunStatus, int]) -> str:
+def _badges_html(counts: dict[RunStatus, int], since_start: bool = False) -> str:
     parts = []
     for status, count in counts.items():
+        if since_start and status is RunStatus.SUCCEEDED:
+            # the engine's totals: runs of earlier starts the table lists (a durable store's) are not in them
+            parts.append('<span style="margin-right: 6px; color: #8a8a8a">since start:</span>')
         colour = _HTML_COLOURS[status]
         parts.append(
             f'<span data-status="{status.value}" data-count="{count}" '
@@ -272,12 +275,12 @@ def engine_html(view: EngineView | BusyEngineView) -> str:
     stats = view.stats
     header = (
         f"<div><b>taskwatch engine</b> <code>{_e(view.node_id)}</code> &middot; {_e(view.state)}"
-        f" &middot; {stats.submitted_total} submitted, {stats.throughput:.2f} runs/s</div>"
+        f" &middot; {stats.submitted_total} submitted since start, {stats.throughput:.2f} runs/s</div>"
     )
     return (
         f'<div class="taskwatch-engine" style="{_BOX}">'
         + header
-        + _badges_html(_counts(stats))
+        + _badges_html(_counts(stats), since_start=True)
         + _runs_table_html(view.recent, time.time())
         + _failures_html(view.failures)
         + "</div>"
@@ -346,11 +349,13 @@ def _rich_progress(run: RunRecord) -> RenderableType:
     return grid
 
 
-def _rich_counts(counts: dict[RunStatus, int]) -> RenderableType:
+def _rich_counts(counts: dict[RunStatus, int], since_start: bool = False) -> RenderableType:
     from rich.text import Text
 
     text = Text()
     for status, count in counts.items():
+        if since_start and status is RunStatus.SUCCEEDED:
+            text.append("│ since start: ", style="dim")
         text.append(f"{status.value} ", style=_RICH_STYLES[status])
         text.append(f"{count}   ", style="bold")
     return text
@@ -398,7 +403,7 @@ def engine_rich(view: EngineView | BusyEngineView) -> RenderableType:
     if isinstance(view, BusyEngineView):
         title = Text(f"taskwatch engine {view.node_id} · {view.state}")
         return Panel(Text(_busy_text(view), style="yellow"), title=title, title_align="left", expand=False)
-    parts: list[RenderableType] = [_rich_counts(_counts(view.stats))]
+    parts: list[RenderableType] = [_rich_counts(_counts(view.stats), since_start=True)]
     parts.append(runs_rich(view.recent) if view.recent else Text("no runs yet", style="dim"))
     failures = _rich_failures(view.failures)
     if failures is not None:

@@ -59,7 +59,7 @@ from .events import (
     EngineStopping,
     NodeSuperseded,
 )
-from .execution import Execution, checked_timeout
+from .execution import Execution, RunWait, checked_timeout
 from .handle import RunHandle
 from .health import HealthSampler
 from .hop import Escaped, as_future, call_on, cancel_and_wait, current_loop, ship, spawn
@@ -442,6 +442,7 @@ class Engine:
         backoff_max: float = 60.0,
         description: str | None = None,
         on_lost: Literal["retry", "fail"] = "retry",
+        replace: bool = False,
     ) -> F: ...
 
     @overload
@@ -458,6 +459,7 @@ class Engine:
         backoff_max: float = 60.0,
         description: str | None = None,
         on_lost: Literal["retry", "fail"] = "retry",
+        replace: bool = False,
     ) -> Callable[[F], F]: ...
 
     def task(
@@ -473,6 +475,7 @@ class Engine:
         backoff_max: float = 60.0,
         description: str | None = None,
         on_lost: Literal["retry", "fail"] = "retry",
+        replace: bool = False,
     ) -> F | Callable[[F], F]:
         """Register an ``async def task(ctx, params)`` function. Usable bare or with options.
 
@@ -480,6 +483,11 @@ class Engine:
         run it again (``"retry"``, the default; delivery is at-least-once, see
         ``ctx.attempt``), or fail it as ``WorkerLost`` (``"fail"``, for work
         that must not run twice).
+
+        ``replace``: a task of that name already registered is redefined (a
+        notebook cell run again): attempts started from now on run the new
+        function with the new options; those under way finish on the old one.
+        Without it a name taken raises :class:`DuplicateTask`.
         """
 
         def decorate(func: F) -> F:
@@ -494,6 +502,7 @@ class Engine:
                 backoff_max=backoff_max,
                 description=description,
                 on_lost=on_lost,
+                replace=replace,
             )
             return func
 
@@ -514,12 +523,16 @@ class Engine:
         kind: str = "task",
         resources: tuple[str, ...] = (),
         on_lost: Literal["retry", "fail"] = "retry",
+        replace: bool = False,
     ) -> TaskSpec:
         task_name = registered_name(fn, name, kind)
         if (problem := name_problem("name", task_name)) is not None:
             raise InvalidConfiguration(f"{kind} {task_name!r}", [problem])
-        if task_name in self._tasks:
-            raise DuplicateTask("task", task_name)
+        taken = self._tasks.get(task_name)
+        if taken is not None and not (replace and taken.kind == kind == "task"):
+            # a periodic task's, a queue's or a trigger's runs belong to a loop it drives: only
+            # a plain task is redefined in place
+            raise DuplicateTask("task", task_name, replaceable=taken.kind == kind == "task")
         # its values, not the given ones, are kept: "5" is read as 5.0, as every option is
         opts = check_options(
             TaskOptions,
@@ -546,6 +559,8 @@ class Engine:
             description=description or (fn.__doc__ or "").strip().split("\n")[0],
             on_lost=on_lost,
         )
+        if taken is not None:
+            taken.replaced = True
         self._tasks[task_name] = spec
         self._refresh_limits()
         return spec
@@ -682,6 +697,11 @@ class Engine:
         """The event loop the engine was started on (None before the first start)."""
         return self._loop
 
+    @property
+    def starting(self) -> asyncio.Future[None] | None:
+        """The start under way, a future of its loop that its end resolves (None when no start is)."""
+        return self._starting
+
     async def start(self) -> None:
         """Open the store, take back the runs a previous incarnation left, then start every loop.
 
@@ -717,7 +737,7 @@ class Engine:
             self._starting = None
 
     async def _start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = self.bus.loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         forked = self._pid != os.getpid()
         if forked:
@@ -1578,7 +1598,8 @@ class Engine:
 
         Resolves from this node's own finish, or by reading the store for a
         run another process executes. Without a timeout, for a run this node
-        holds, the awaitable is a plain future resolved by the finish itself:
+        holds, the awaitable is a future resolved by the finish itself
+        (:class:`~taskwatch.engine.execution.RunWait`, a coroutine as well):
         ``gather`` over many of them starts no task per run.
         """
         timeout = checked_timeout("Engine.wait_for()", timeout)
@@ -1588,7 +1609,7 @@ class Engine:
         if self._state == "stopped" and self._run.left_undone(run):
             # kept in the store for the next start, which reads it back as a new entry:
             # nothing would ever resolve a wait on this one
-            refused: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
+            refused: asyncio.Future[RunRecord] = RunWait(loop=asyncio.get_running_loop())
             refused.set_exception(self._run.stopped_error(run))
             return refused
         if timeout is None:

@@ -45,9 +45,12 @@ class TaskDefinitionError(TaskwatchError, TypeError):
 class DuplicateTask(TaskwatchError, ValueError):
     """A task, periodic task, queue or trigger name is already registered."""
 
-    def __init__(self, kind: str, name: str) -> None:
+    def __init__(self, kind: str, name: str, replaceable: bool = False) -> None:
         self.name = name
-        super().__init__(f"a {kind} named {name!r} is already registered; pick another name")
+        super().__init__(
+            f"a {kind} named {name!r} is already registered; pick another name"
+            + (", or pass replace=True to redefine it (a notebook cell run again)" if replaceable else "")
+        )
 
 
 class UnknownTask(TaskwatchError, LookupError):
@@ -191,7 +194,8 @@ class EngineAlreadyRunning(TaskwatchError, RuntimeError):
         else:
             said = (
                 f"the engine is already {state} on another event loop (`await engine.start()` or "
-                "`async with engine:` there); use it on that loop, or stop it there first"
+                "`async with engine:` there, or start_background()'s thread); use it on that loop "
+                "(through the `bg` that start_background() returned), or stop it there (bg.stop()) first"
             )
         super().__init__(said + "; nothing was started")
 
@@ -586,7 +590,8 @@ class EngineUnreachable(TaskwatchError, ConnectionError):
 class LoopThreadError(TaskwatchError, RuntimeError):
     """An object was used from an event loop or thread it cannot serve: a blocking
     ``BackgroundEngine`` call from the engine's own loop thread, a ``RemoteEngine``
-    from a loop other than the one it connected on, or an ``Engine`` method that queues
+    from a loop other than the one it connected on, a bus subscription awaited on
+    another loop than the engine's, or an ``Engine`` method that queues
     runs (``submit``, ``submit_many``, ``submit_nowait``, ``retry``, ``run_periodic``)
     from a thread other than its loop's; nothing was queued then (``method`` names the
     method, ``message`` says what to call instead)."""

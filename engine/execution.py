@@ -88,6 +88,36 @@ _CANCELLED = RunStatus.CANCELLED
 _NO_RESULT = Succeeded(None)
 
 
+class RunWait(asyncio.Future["RunRecord"]):
+    """The future ``RunHandle.wait()`` gives for a run this node holds, resolved by its finish.
+
+    A future, so ``gather`` over thousands of waits starts no task per run; and
+    a coroutine too (``send``, ``throw``, ``close``), because ``create_task``
+    and ``TaskGroup.create_task`` accept nothing else, and ``tg.create_task(
+    handle.wait())`` is how much asyncio code is written. A task running it
+    waits on the future itself, as a coroutine awaiting it would.
+    """
+
+    __slots__ = ()
+    #: what a task running this wait shows in its repr
+    __name__ = "RunHandle.wait"
+
+    def send(self, value: None) -> asyncio.Future[RunRecord]:
+        if not self.done():
+            # what Future.__await__ yields: the task wakes when this future is done
+            self._asyncio_future_blocking = True
+            return self
+        raise StopIteration(self.result())
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        # a task throws what cancelled it (or what its waited future raised) into the
+        # coroutine it runs; a wait has nothing to clean up, so it ends with it
+        raise typ if isinstance(typ, BaseException) else (typ() if val is None else val)
+
+    def close(self) -> None:
+        pass
+
+
 class Execution:
     """Runs the attempts of the runs this node claims; owns the executor that claims them."""
 
@@ -338,10 +368,13 @@ class Execution:
         base = self.base_context
         context = base.copy()
         spec = run.spec
-        if spec is None:
+        if spec is None or spec.replaced:
             # read from the store before its task was registered here (a notebook's cells,
-            # the tasks' after the engine's): the node claims a task's runs once it runs it
+            # the tasks' after the engine's): the node claims a task's runs once it runs it;
+            # or queued before its task was redefined: the new definition runs it, its params
+            # validated by the new model
             spec = run.spec = self.tasks.get(run.task)
+            run.model = None
         # taken now, with the claim: a resource withdrawn before the task's first step (a
         # callback between the two) stays the run's, as it does for a run under way
         given = self._resources_for(spec.resources) if spec is not None and spec.resources else None
@@ -629,19 +662,26 @@ class Execution:
                         raise TimeoutError
                 if result is not None:
                     result = jsonable(result)
-            except asyncio.CancelledError:
-                reason = run.cancel_reason or "external"
-                if reason == "external" and run.token is not None:
-                    if not self._torn_down():
-                        self._record(run, token, Cancelled(reason), None)
-                    raise
-                if run.token is not None:
-                    self._record(run, token, self._cut_short(run, reason), None)
-                # our own cancel: the run is recorded, the task ends normally
+            except asyncio.CancelledError as exc:
                 current = asyncio.current_task()
-                if current is not None:
-                    current.uncancel()
-                return
+                if run.cancel_reason is None and current is not None and not current.cancelling():
+                    # nobody cancelled this task: it raised CancelledError itself (it awaited a
+                    # task or future that was cancelled, say). A failure, retried as any: taken
+                    # for a cancel from outside it ended the run as if it had done nothing, and a
+                    # trigger fired the key again at once, over and over
+                    error = _raised_cancelled(spec.name, exc)
+                else:
+                    reason = run.cancel_reason or "external"
+                    if reason == "external" and run.token is not None:
+                        if not self._torn_down():
+                            self._record(run, token, Cancelled(reason), None)
+                        raise
+                    if run.token is not None:
+                        self._record(run, token, self._cut_short(run, reason), None)
+                    # our own cancel: the run is recorded, the task ends normally
+                    if current is not None:
+                        current.uncancel()
+                    return
             except TimeoutError as exc:
                 # the run's own timeout, not a TimeoutError the task raised itself
                 if window is not None and (window.expired() or overran) and run.cancel_reason is None:
@@ -1137,8 +1177,8 @@ class Execution:
 
 
     def finished_future(self, run: Run) -> asyncio.Future[RunRecord]:
-        """A plain future the run's finish resolves (no task per waiter)."""
-        fut: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
+        """A future the run's finish resolves (no task per waiter); a coroutine too, see :class:`RunWait`."""
+        fut: asyncio.Future[RunRecord] = RunWait(loop=asyncio.get_running_loop())
         if run.status.finished:
             fut.set_result(run.record())
         elif run.waiters is None:
@@ -1420,6 +1460,19 @@ class _Overrun:
     def cancelled_elsewhere(self) -> bool:
         """Whether a cancel other than the timeout's and this object's is pending on the task."""
         return self.task.cancelling() > self.entered
+
+
+def _raised_cancelled(task: str, exc: asyncio.CancelledError) -> RunError:
+    """The failure of an attempt whose task raised CancelledError while nothing cancelled it."""
+    error = RunError.from_exception(exc)
+    detail = f" ({error.message})" if error.message else ""
+    return error.model_copy(
+        update={
+            "message": f"task {task!r} raised CancelledError{detail} without being cancelled (it awaited a task "
+            "or future that was cancelled, say): a failure of the run, not a cancel; catch it where it "
+            "comes from, or let it fail the run"
+        }
+    )
 
 
 def _params_no_longer_fit(task: str, exc: ValidationError) -> str:

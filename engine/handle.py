@@ -56,8 +56,10 @@ class RunHandle:
         Raises ``TimeoutError`` if it is still going after ``timeout`` seconds
         (``math.inf`` is no limit), and :class:`InvalidConfiguration` at once for a
         ``timeout`` that is no number of seconds >= 0.
-        Without a timeout this is a plain future resolved by the run's finish,
-        so gathering many handles costs no task each.
+        Without a timeout this is a future resolved by the run's finish, so
+        gathering many handles costs no task each, and a coroutine too, so
+        ``create_task`` and a ``TaskGroup`` take it (``asyncio.wait``, which
+        refuses coroutines, takes that task).
         """
         timeout = checked_timeout("RunHandle.wait()", timeout)
         loop = self._engine.loop

@@ -191,8 +191,19 @@ def safe_str(obj: object) -> str:
     return safe_text(text)
 
 
+#: the most UTF-8 bytes a key (a dedup key, a trigger key) may have, on every store. A PostgreSQL
+#: store indexes a key beside its task's or trigger's name, and an index entry holds at most about
+#: 2.7 KB there (a third of a page): past that, every write of the key would fail. With names of
+#: at most :data:`MAX_NAME_BYTES` a key of this size always fits
+MAX_KEY_BYTES = 2048
+#: the most UTF-8 bytes a name (of a task, a queue, a trigger, a worker, a node...) may have: a
+#: PostgreSQL store indexes names (a task's with its runs' dedup keys, a trigger's with its keys)
+MAX_NAME_BYTES = 512
+
+
 def check_key(owner: str, key: object) -> None:
-    """Refuse a key that is not a ``str`` UTF-8 can encode, or that holds a NUL; raises :class:`InvalidKey`."""
+    """Refuse a key that is not a ``str`` UTF-8 can encode, that holds a NUL, or that is longer
+    than :data:`MAX_KEY_BYTES` in UTF-8; raises :class:`InvalidKey`."""
     if not isinstance(key, str):
         raise InvalidKey(owner, key, f"a key must be a str, not {type(key).__qualname__}")
     if "\x00" in key:
@@ -202,8 +213,18 @@ def check_key(owner: str, key: object) -> None:
             owner, key, f"it holds a NUL character ('\\x00' at index {key.index(chr(0))}), which a "
             "PostgreSQL store cannot keep; drop it or encode the key (as hex, say)"
         )
-    if safe_text(key) is not key:
-        raise InvalidKey(owner, key, "it holds characters UTF-8 cannot encode (lone surrogates)")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidKey(owner, key, "it holds characters UTF-8 cannot encode (lone surrogates)") from None
+    if size > MAX_KEY_BYTES:
+        # refused on every store, as a NUL is: on PostgreSQL's each save of the key would fail
+        raise InvalidKey(
+            owner, key, f"it is {size} bytes long in UTF-8, over the {MAX_KEY_BYTES} a key may have on every "
+            "store (PostgreSQL's indexes it); use a digest of the long value as the key "
+            "(hashlib.sha256(value.encode()).hexdigest(), say) and keep the value where the task can "
+            "look it up by that"
+        )
 
 
 #: what a name of plain text never holds: C0 and C1 control characters (NUL, newline, tab, ESC) and DEL
@@ -225,11 +246,21 @@ def name_problem(option: str, name: object) -> str | None:
             f"{option}={name!r}: it holds the control character {control.group()!r} (at index "
             f"{control.start()}); use a name of plain text"
         )
-    if safe_text(name) is not name:
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
         # every snapshot and event naming it would fail to encode, dropping each dashboard
         return (
             f"{option}={name!r}: it holds characters UTF-8 cannot encode (lone surrogates, "
             "as os.fsdecode() makes of non-UTF-8 bytes); use a name of plain text"
+        )
+    # a run's source is no index's and holds a name behind a prefix ("trigger:NAME"): not counted
+    if size > MAX_NAME_BYTES and option != "source":
+        # a PostgreSQL store indexes names, with keys beside them: a longer one, with a long
+        # key, would make every write of it fail
+        return (
+            f"{option}={name[:40]!r}...: it is {size} bytes long in UTF-8, over the {MAX_NAME_BYTES} "
+            "a name may have; use a shorter name"
         )
     return None
 

@@ -21,7 +21,8 @@ as any cancelled task ends; another takes its place once there is work.
 
 With a durable store every job is also kept in the store until its handler
 has run (delivery is at least once): ``await put(job)`` returns once the job
-is committed, ``put_nowait`` within one group commit after. A write the store
+is committed, ``put_nowait`` within one group commit after; jobs put before the
+engine's start are written by that start before it returns. A write the store
 refuses (locked too long, unreachable) is retried; a ``put`` whose job no
 consumer has taken yet withdraws it and raises the store's error instead, so
 the caller may simply retry. A write is never cut short: a stop waits for the
@@ -445,9 +446,12 @@ class WorkQueue:
         back and the store's error is raised (:class:`StoreBusy` or
         :class:`StoreUnavailable`): nothing was queued, so retry the put. On a
         queue made while the engine runs, it first waits for the queue's start
-        (which takes up the jobs the store holds). A start that failed (logged; the
+        (which takes up the jobs the store holds), and while the engine's start
+        is under way, for that start. A start that failed (logged; the
         engine tries it again) is not waited for: the job is kept here, and written
-        and handled once a start succeeds.
+        and handled once a start succeeds. Awaited before the engine's start, it
+        returns at once (that start may be the caller's next line), and the start
+        writes the job before it returns.
         """
         if (home := self._elsewhere()) is not None:
             await call_on(home, self.put, job, timeout=timeout)
@@ -457,6 +461,7 @@ class WorkQueue:
         job = self._checked(job)
         if self._engine.durable:
             # queued before the start, the job would not be written yet when this returns
+            await self._start_under_way()
             await self._late_start()
             self._check_open()
         loop = asyncio.get_running_loop()
@@ -506,6 +511,21 @@ class WorkQueue:
             fut = asyncio.get_running_loop().create_future()
             self._launch_waiters.append(fut)
             await fut
+
+    async def _start_under_way(self) -> None:
+        """Wait for an engine start under way on this loop that has not launched this queue yet.
+
+        The start writes the jobs queued before it (see :meth:`start`), so a put that waited
+        for it returns with its job committed. A put awaited before any start cannot wait so:
+        the start may be its caller's next line; that start writes the job before it returns.
+        """
+        if self._launched or self._engine.state == "running":
+            return  # running: :meth:`_late_start` waits for this queue's own start, if it is to come
+        starting = self._engine.starting
+        if starting is not None and starting.get_loop() is asyncio.get_running_loop():
+            # its outcome is the start's caller's to hear: a start that failed leaves the job queued
+            # here, as before any start
+            await asyncio.wait([starting])
 
     def _wake_launch_waiters(self) -> None:
         waiters, self._launch_waiters = self._launch_waiters, []
@@ -1374,11 +1394,7 @@ class WorkQueue:
         self._closing = self._abandon = self._stop_answers_joins = False
         self._left_at_stop = None
         self._lost = 0
-        if self._engine.durable and not self._durable:
-            self._durable = True
-            with self._lock:
-                # jobs put before the start; those taken up from the store are kept already
-                self._items = deque(job if type(job) is _Kept else self._keep(job) for job in self._items)
+        self._keep_queued()
         if self._durable:
             self._keeper_stop = False
             self._kick = asyncio.Event()
@@ -1398,7 +1414,19 @@ class WorkQueue:
         self._start_failed = False
         self._wake_launch_waiters()
 
+    def _keep_queued(self) -> None:
+        """Durable store: make the jobs put before the first start kept ones (queued for a write)."""
+        if self._engine.durable and not self._durable:
+            self._durable = True
+            with self._lock:
+                # jobs put before the start; those taken up from the store are kept already
+                self._items = deque(job if type(job) is _Kept else self._keep(job) for job in self._items)
+
     async def start(self) -> None:
+        """Start the queue; on a durable store, first take up the jobs the store holds for this
+        node, and write the jobs put before the start: once the engine's start returns, a crash
+        loses none of them (an ``await put()`` made before the start returns at once, its job
+        unwritten: this write is what keeps it)."""
         self._start_failed = False
         try:
             if self._engine.durable and not self._consumers:
@@ -1410,6 +1438,11 @@ class WorkQueue:
                     with self._lock:
                         self._items.extendleft(self._revive(j, stamp) for j in reversed(adopted))
                     self.adopted += len(adopted)
+                self._keep_queued()
+                if self._unwritten:
+                    # a write that fails fails the start (the engine's, or a late start tried again):
+                    # the jobs stay queued here, written by the next start
+                    await self._flush(deletes=False)
             self.launch()
         except BaseException:
             # puts and joins waiting for this start go on, not waiting for a launch that is not coming

@@ -1181,7 +1181,7 @@ class Scheduler:
         engine = self._engine
         if not engine.durable or engine.current(handle.id) is None:
             return  # the memory store's runs all end here; a run not indexed has no wait to hear
-        ended = asyncio.ensure_future(engine.wait_for(handle.id))  # a plain future for an indexed run
+        ended = asyncio.ensure_future(engine.wait_for(handle.id))  # a future, no task, for an indexed run
         ended.add_done_callback(functools.partial(self._follow_ended, handle.id))
 
     def _follow_ended(self, run_id: str, ended: asyncio.Future[RunRecord]) -> None:

@@ -61,6 +61,8 @@ class TaskSpec:
     on_lost: Literal["retry", "fail"] = "retry"
     #: the params' JSON schema, made once: every snapshot carries it
     schema: dict[str, Any] = dataclass_field(init=False, repr=False)
+    #: redefined since (``register(..., replace=True)``): runs holding this spec look up the new one
+    replaced: bool = dataclass_field(init=False, repr=False, default=False)
 
     def __post_init__(self) -> None:
         # checked before the engine records the spec, so a refused name registers nothing

@@ -27,7 +27,11 @@ waiting on) is saved at most ``save_interval`` seconds after it changes and
 at stop (once more after the engine's queues and runs have finished, so what
 they notified is kept), and loaded at start: a crash loses at most that last
 interval of notifies, and a key whose run was still queued follows that run
-again.
+again. So does a key whose run fired in that last interval, not named by its
+saved record; one such run that finished takes the saved count off. Until the
+start has taken the keys up, notifies count but fire nothing (nor does
+``fire``): a key fired then could go beside the run it waits on. Saves and loads
+of many keys go in steps, and the loop's other work runs between them.
 
 A key untouched for ``forget_after`` seconds (no notify, no run ended, and no
 run queued or running) is forgotten by the sweep, whatever its count: dropped
@@ -75,13 +79,14 @@ from .index import check_query, limit_problem
 from .jsonsafe import check_key
 from .options import TriggerOptions, check_options
 from .logs import OutageLog
-from .runs import RunStatus
+from .runs import RunRecord, RunStatus
 from .store import StoredRun, TriggerKeyRecord
 from .tasks import async_signature
 
 if TYPE_CHECKING:
     from .engine import Engine
     from .handle import RunHandle
+    from .runs import Run
 
 log = logging.getLogger("taskwatch.triggers")
 
@@ -107,6 +112,9 @@ _SWEEP_STEP = 4096
 _FIRES_PER_STEP = 128
 #: runs a start reads from the store in one request when it takes up the keys' runs
 _READ_STEP = 1000
+#: keys a save hands a durable store in one request: the store turns each into a row on the
+#: loop, and a hundred thousand changed keys in one request held the loop for a second
+_SAVE_STEP = 512
 
 
 def _whole_count(owner: str, n: object) -> int:
@@ -494,6 +502,15 @@ class Trigger:
                 f"`engine.fire_trigger({self.name!r}, key)`; from another thread, the background engine's "
                 f"`bg.fire_trigger({self.name!r}, key)` (`bg = engine.start_background()`)",
             )
+        if self._held():
+            # the key may wait on a run its saved record names, not known yet: a run queued now
+            # could go beside it
+            raise EngineNotRunning(
+                "starting",
+                f"trigger {self.name!r} is still taking up the keys its store saved (and the runs they "
+                f"wait on), so nothing was queued; fire once it has started (`await trigger.drain()` "
+                f"waits for its start)",
+            )
         st = self._keys.get(key)
         if st is not None and st.run_id is not None:
             return TriggerFire(
@@ -510,7 +527,16 @@ class Trigger:
     def _submit(self, key: str) -> RunHandle:
         return self._engine.submit_nowait(self.task_name, TriggerKey(key=key), source=self.source, internal=True)
 
+    def _held(self) -> bool:
+        """Whether fires wait: on a durable store, until the start has taken up the saved keys
+        (a start that failed included, until one tried again has). A key may wait on a run its
+        saved record names, or on one fired after the last save, which a run fired before the
+        key follows it would go beside; the start's first sweep fires what came due meanwhile."""
+        return self._saved and not self._launched and self._engine.state == "running"
+
     def _fire(self, key: str, st: _Key, reason: str) -> RunHandle | None:
+        if self._held():
+            return None  # counted: the start's first sweep fires it
         if self._launched and self._refused:
             # keys a full queue refused wait for room already: this one waits behind them. Tried
             # now, it would be refused too (validated and built for nothing), or take the room
@@ -543,7 +569,10 @@ class Trigger:
     def _may_retry(self) -> bool:
         # not once the trigger stopped: its stop told the drains that nothing tries them any more
         loop = self._loop
-        return loop is not None and not loop.is_closed() and (self._launched or self._engine.state == "running")
+        return (
+            loop is not None and not loop.is_closed() and (self._launched or self._engine.state == "running")
+            and not self._held()
+        )  # fmt: skip
 
     def _retry_later(self) -> None:
         if self._retry is not None or not self._may_retry():
@@ -573,6 +602,8 @@ class Trigger:
         the queue brings on at once (the timer is for room this node does not hear of). A try
         fires at most ``_FIRES_PER_STEP`` keys and then lets the loop's other work run first.
         """
+        if self._held():
+            return  # the launch tries every key due, these too
         budget = _FIRES_PER_STEP
         if self._window is not None:
             if self._probes:
@@ -800,7 +831,8 @@ class Trigger:
         loop other than the engine's (a ``start_background()`` engine) the wait is made on
         the engine's loop, which is the one that hears the runs end. A trigger made while
         the engine runs waits for its start first; a start that failed (logged) is not
-        waited for: the runs its notifies fired are. :class:`InvalidConfiguration` for a
+        waited for, only the runs fired already are (on a durable store, keys notified since
+        fire once a start tried again has taken up the saved keys). :class:`InvalidConfiguration` for a
         ``timeout`` that is no number of seconds >= 0.
         """
         timeout = checked_timeout("Trigger.drain()", timeout)
@@ -994,18 +1026,28 @@ class Trigger:
                     )
             self.launch()
         except BaseException:
-            # the loop is bound, so notifies still fire runs: a drain waits for those, not for
-            # a launch that is not coming (it waited until the engine stopped)
+            # notifies go on counting, and fire once a start tried again has loaded the keys: a
+            # drain waits for the runs fired already, not for a launch that may be long in coming
+            # (it waited until the engine stopped)
             self._start_failed = True
             self._wake_launch_waiters()
             raise
 
     async def _load(self) -> None:
         """Take up the keys saved by an earlier start; notifies made since are added on top
-        (this engine object's own start before, whose counts the store has, adds nothing)."""
+        (this engine object's own start before, whose counts the store has, adds nothing).
+
+        Stepwise, yielding to the loop every ``_SWEEP_STEP`` keys: a trigger made while the
+        engine runs may take up a hundred thousand keys under its other work. Notifies that
+        arrive meanwhile count (their fires wait for the launch, see :meth:`_held`)."""
         saved = await self._engine.store.load_trigger(self.name)
         following: list[tuple[str, _Key]] = []
+        step = 0
         for key, rec in saved.items():
+            if step >= _SWEEP_STEP:
+                step = 0
+                await asyncio.sleep(0)
+            step += 1
             st = self._keys.get(key)
             if st is None:
                 st = self._keys[key] = _Key()
@@ -1022,90 +1064,166 @@ class Trigger:
             st.run_id, st.captured = rec.run_id, rec.captured
             self._active[rec.run_id] = key
             following.append((key, st))
-        if following:
-            try:
+        try:
+            if following:
                 await self._take_up(following)
-            except BaseException:
-                # the start is tried again, and takes up only keys that follow no run
-                for key, st in following:
-                    if st.run_id is not None and self._active.get(st.run_id) == key:
-                        del self._active[st.run_id]
-                        st.run_id, st.captured, st.running = None, 0, False
-                raise
-        self._follow_unrecorded(saved)
+            await self._follow_unrecorded(saved)
+        except BaseException:
+            # the start is tried again, and takes up only keys that follow no run
+            for key, st in following:
+                if st.run_id is not None and self._active.get(st.run_id) == key:
+                    del self._active[st.run_id]
+                    st.run_id, st.captured, st.running = None, 0, False
+            raise
 
     async def _take_up(self, following: list[tuple[str, _Key]]) -> None:
         """Follow the saved runs of these keys as they are now, read from the store in a few
         requests (one per run held up a start of many keys for seconds)."""
-        ids = [st.run_id for _, st in following if st.run_id is not None]
-        stored: dict[str, StoredRun] = {}
-        for i in range(0, len(ids), _READ_STEP):
-            stored.update(await self._engine.store.get_many(ids[i : i + _READ_STEP]))
-        for key, st in following:
-            run_id = st.run_id
-            if run_id is None or self._active.get(run_id) != key:
-                continue  # it ended while the runs were read: the key has heard so
-            here = self._engine.current(run_id)
-            row = stored.get(run_id)
-            if here is not None and (here.status.finished or row is None):
-                # this node's own end is in its index before the store has it (and a run not
-                # written yet only there)
-                status, finished_at = here.status, here.finished_at
-            elif row is not None:
-                status, finished_at = row.status, row.finished_at
-            else:
-                # pruned meanwhile: the count stays, the key fires again
-                del self._active[run_id]
-                st.run_id, st.captured = None, 0
-                continue
-            if status.finished:
-                del self._active[run_id]
-                self._ended(key, st, status.value, finished_at or self._now())
-            else:
-                # another node's claim is in the store before this node hears of it
-                st.running = RunStatus.RUNNING in (status, here.status if here is not None else None)
+        for i in range(0, len(following), _READ_STEP):
+            part = following[i : i + _READ_STEP]
+            ids = [st.run_id for _, st in part if st.run_id is not None]
+            stored = await self._engine.store.get_many(ids)
+            for key, st in part:
+                self._take_up_key(key, st, stored)
 
-    def _follow_unrecorded(self, saved: Mapping[str, TriggerKeyRecord]) -> None:
-        """Follow the runs of this trigger's task that are not finished and that no saved key
-        names: fired after the last save, before the process died. Firing their keys again
-        now would run a key twice at once; the count saved before the fire is theirs.
+    def _take_up_key(self, key: str, st: _Key, stored: Mapping[str, StoredRun]) -> None:
+        run_id = st.run_id
+        if run_id is None or self._active.get(run_id) != key:
+            return  # it ended while the runs were read: the key has heard so
+        here = self._engine.current(run_id)
+        row = stored.get(run_id)
+        if here is not None and (here.status.finished or row is None):
+            # this node's own end is in its index before the store has it (and a run not
+            # written yet only there)
+            status, finished_at = here.status, here.finished_at
+        elif row is not None:
+            status, finished_at = row.status, row.finished_at
+        else:
+            # pruned meanwhile: the count stays, the key fires again
+            del self._active[run_id]
+            st.run_id, st.captured = None, 0
+            return
+        if status.finished:
+            del self._active[run_id]
+            self._ended(key, st, status.value, finished_at or self._now())
+        else:
+            # another node's claim is in the store before this node hears of it
+            st.running = RunStatus.RUNNING in (status, here.status if here is not None else None)
 
-        The engine's index has them (read back from the store at the start), and this
-        trigger hears their events from it, so a key never waits on a run nobody reports.
+    async def _follow_unrecorded(self, saved: Mapping[str, TriggerKeyRecord]) -> None:
+        """Take up the runs of this trigger's task that no saved key names: fired after the
+        last save, before the process died.
+
+        One not finished is followed: firing its key again now would run the key twice at
+        once. One that finished did its key's work: the count saved before it fired is taken
+        to be in it and comes off (firing the key again would redo that work), and the key's
+        last run is that one. The engine's index has them (read back from the store at the
+        start: every unfinished run, and the newest finished ones), and this trigger hears
+        their events from it, so a key never waits on a run nobody reports.
         """
+        by_key: dict[str, list[RunRecord]] = {}
         for run in self._engine.runs(task=self.task_name, limit=None):
             key = run.params.get("key")
-            if run.status.finished or not isinstance(key, str) or run.id in self._active:
+            if not isinstance(key, str) or run.id in self._active or not self._unrecorded(run, saved.get(key)):
                 continue
+            if run.status.finished and key not in saved:
+                # no saved count to take off; and a key forgotten since (its record deleted) is
+                # not brought back by a run it had before
+                continue
+            by_key.setdefault(key, []).append(run)
+        step = 0
+        for key, runs in by_key.items():
+            if step >= _SWEEP_STEP:
+                step = 0
+                # (a run ending meanwhile is heard by no key yet: each is read as it is now, below)
+                await asyncio.sleep(0)
+            step += len(runs)
             st = self._keys.get(key)
             if st is None:
                 st = self._keys[key] = _Key()
-            if st.run_id is not None:
-                continue
-            rec = saved.get(key)
-            st.run_id, st.captured = run.id, min(rec.count if rec is not None else 0, st.count)
-            st.running = run.status is RunStatus.RUNNING
-            self._active[run.id] = key
-            self._changed(key)
+            # runs of a key go one after another: the first to end after the save took its count
+            runs.sort(key=operator.attrgetter("created_at"))
+            for record in runs:
+                if st.run_id is not None:
+                    break  # following a run already (a run of this key's going on before these)
+                found: Run | RunRecord = self._engine.current(record.id) or record
+                if found.status is RunStatus.FAILED and self._never_started(found):
+                    continue  # refused by a shared store's full queue: it did no work
+                # what the store had of the count (notifies since come on top): in this run
+                st.run_id, st.captured = found.id, max(0, st.count - st.unsaved)
+                if not found.status.finished:
+                    st.running = found.status is RunStatus.RUNNING
+                    self._active[found.id] = key
+                    self._changed(key)
+                    break
+                self._ended(key, st, found.status.value, found.finished_at or self._now())
+
+    def _unrecorded(self, run: RunRecord, rec: TriggerKeyRecord | None) -> bool:
+        """Whether ``run`` of a key fired after ``rec``, its key's saved record, was saved.
+
+        A key's runs go one after another, so the run its record names last (the one it
+        waits on, else its last) tells: a run made after that one is unknown to the record.
+        The index holds the newest finished runs: one named but no longer there is older than
+        any of them. A record naming no run is older than the runs made since its first notify
+        (a key forgotten and notified afresh keeps no runs of before)."""
+        if rec is None:
+            return True
+        named = rec.run_id or rec.last_run_id
+        if run.id == rec.run_id or run.id == rec.last_run_id:
+            return False
+        if named is not None:
+            known = self._engine.current(named)
+            return known is None or run.created_at > known.created_at
+        if rec.first_seen_at is None or self._fixed_clock is not None:
+            # (a clock of the trigger's own is not the one runs are stamped with)
+            return True
+        return run.created_at >= rec.first_seen_at
+
+    @staticmethod
+    def _never_started(run: Run | RunRecord) -> bool:
+        error = run.error
+        return error is not None and error.type == QueueFull.__name__ and run.started_at is None and run.attempt == 1
 
     async def _save(self) -> None:
+        """Save the keys changed since the last save (and delete those forgotten), handing the
+        store ``_SAVE_STEP`` of each per request: the store turns each into a row on the loop,
+        so a request of all of them held it up for as long as that took.
+
+        Each key's record is made just before its request: notifies meanwhile are in it, or
+        change the key again and are saved next time. Keys a failed or cancelled request left
+        are saved next time too."""
         dirty, self._dirty = self._dirty, set()
-        # a key notified again after it was forgotten is saved afresh, not deleted
-        forget, self._forget = {key for key in self._forget if key not in self._keys}, set()
-        records = {key: self._record(st) for key in dirty if (st := self._keys.get(key)) is not None}
-        unsaved = {key: self._keys[key].unsaved for key in records}
+        forget, self._forget = self._forget, set()
+        keys, gone = list(dirty), list(forget)
+        done = done_gone = 0
+        save = self._engine.store.save_trigger
         try:
-            await self._engine.store.save_trigger(self.name, records, forget)
+            while done < len(keys) or done_gone < len(gone):
+                # a key notified again after it was forgotten is saved afresh, not deleted
+                deleting = [key for key in gone[done_gone : done_gone + _SAVE_STEP] if key not in self._keys]
+                records: dict[str, TriggerKeyRecord] = {}
+                unsaved: list[tuple[_Key, int]] = []
+                for key in keys[done : done + _SAVE_STEP]:
+                    st = self._keys.get(key)
+                    if st is not None:
+                        records[key] = self._record(st)
+                        unsaved.append((st, st.unsaved))
+                if records or deleting:
+                    await save(self.name, records, deleting)
+                done_gone += _SAVE_STEP
+                done += _SAVE_STEP
+                for st, n in unsaved:
+                    # notifies during the write stay unsaved (and a save made meanwhile, by a
+                    # save_changes(), may have taken its share off already)
+                    st.unsaved = max(0, st.unsaved - n)
         except BaseException:
-            self._dirty |= dirty  # saved next time
-            self._forget |= forget
+            self._dirty.update(keys[done:])  # saved next time
+            self._forget.update(gone[done_gone:])
             raise
-        for key, n in unsaved.items():
-            if (st := self._keys.get(key)) is not None:
-                st.unsaved -= n  # notifies during the write stay unsaved
 
     @staticmethod
     def _record(st: _Key) -> TriggerKeyRecord:
+        # (validated: pydantic's model_construct, in Python, takes twice as long as its validation)
         return TriggerKeyRecord(
             count=st.count, captured=st.captured, first_seen_at=st.first_seen_at, last_run_at=st.last_run_at,
             run_id=st.run_id, last_run_id=st.last_run_id, last_status=st.last_status,

@@ -121,6 +121,34 @@ def test_submit_and_wait_from_the_main_thread(bg: BackgroundEngine) -> None:
     assert handle.done and handle.status is RunStatus.SUCCEEDED
 
 
+def test_a_subscription_awaited_on_another_loop_says_so_and_reads_on_the_engines(bg: BackgroundEngine) -> None:
+    # a notebook cell: its own loop beside the engine's; nothing there could ever wake the wait
+    async def in_a_cell() -> None:
+        sub = bg.engine.bus.subscribe(kinds=["run.succeeded"])
+        bg.submit("embed_batch", GOOD).wait(timeout=10)
+        assert sub.get_batch()[0].kind == "run.succeeded"  # taken as it is, without waiting
+        with pytest.raises(LoopThreadError) as wrong:
+            await asyncio.wait_for(anext(aiter(sub)), 10)
+        assert "bg.acall(watch)" in str(wrong.value)
+        sub.close()
+
+        subscribed = threading.Event()
+
+        async def watch(engine: Engine) -> str:
+            async with engine.bus.subscribe(kinds=["run.succeeded"]) as events:
+                subscribed.set()
+                async for event in events:
+                    return event.kind
+            return "ended"
+
+        reading = asyncio.ensure_future(bg.acall(watch))
+        assert await asyncio.to_thread(subscribed.wait, 10)
+        bg.submit("embed_batch", GOOD)
+        assert await asyncio.wait_for(reading, 10) == "run.succeeded"
+
+    asyncio.run(in_a_cell())
+
+
 def test_submit_and_wait_from_other_threads(bg: BackgroundEngine) -> None:
     results: list[Any] = []
     errors: list[BaseException] = []
@@ -232,6 +260,37 @@ def test_stop_is_idempotent_and_leaves_no_thread() -> None:
     assert bg.stats().state == "stopped" and bg.snapshot().stats.by_status["cancelled"] == 1
     assert "forever" in bg._repr_html_()
     assert asyncio.run(bg.aget(sleeper.id)).status is RunStatus.CANCELLED
+
+
+def test_the_engines_view_says_its_finished_counts_are_since_the_start(tmp_path: Path) -> None:
+    # a kernel restarted on the same store: the view lists the runs of the session before,
+    # which the engine's own totals do not count
+    store = f"sqlite:///{tmp_path / 'runs.db'}"
+    first = Engine(store=store, health_interval=None)
+
+    @first.task
+    async def boom(ctx: Any) -> None:
+        raise ValueError("bad input")
+
+    bg = first.start_background()
+    try:
+        assert bg.submit("boom").wait(timeout=10).status is RunStatus.FAILED
+    finally:
+        bg.stop(timeout=10)
+    second = Engine(store=store, health_interval=None)
+    second.task(boom)
+    bg = second.start_background()
+    try:
+        html = bg._repr_html_()
+        assert "bad input" in html  # the earlier run is listed...
+        # ...and the counts beside it say what they count
+        assert "0 submitted since start" in html
+        assert re.search(r"since start:.*data-status=\"failed\" data-count=\"0\"", html)
+        console = Console(record=True, width=160, color_system=None)
+        console.print(bg)
+        assert "since start: succeeded 0   failed 0" in console.export_text()
+    finally:
+        bg.stop(timeout=10)
 
 
 def test_html_repr_shows_counts_and_failures_escaped(bg: BackgroundEngine) -> None:

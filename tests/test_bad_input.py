@@ -138,6 +138,82 @@ async def test_params_and_keys_no_dashboard_could_decode_are_refused(tmp_path: P
         await attach_works(engine, tmp_path / "e.sock")
 
 
+#: the most UTF-8 bytes of a key and of a name, on every store, as the README says
+MAX_KEY_BYTES = 2048
+MAX_NAME_BYTES = 512
+#: keys as long in UTF-8 as a key may be, and a byte longer (two-byte characters: the limit is in
+#: bytes, not characters), and names likewise
+LONGEST_KEY = "é" * (MAX_KEY_BYTES // 2)
+TOO_LONG_KEY = "k" + LONGEST_KEY
+LONGEST_NAME = "n" * MAX_NAME_BYTES
+#: a trigger's task is named ``trigger:NAME``, which is a name too
+LONGEST_TRIGGER = "t" * (MAX_NAME_BYTES - len("trigger:"))
+
+
+async def test_a_key_too_long_for_every_store_is_refused_at_once_and_the_longest_kept(tmp_path: Path) -> None:
+    # a PostgreSQL store indexes keys beside their task's or trigger's name: a longer one failed
+    # every save of its trigger there, retried for ever, losing all its keys' counts at a restart.
+    # Refused on every store alike, a SQLite file's here, so code tried on one works on the other
+    db = f"sqlite:///{tmp_path / 'runs.db'}"
+    engine = make_engine(store=db)
+
+    async def compile_key(ctx: TaskContext, key: str) -> None:
+        await asyncio.Event().wait()
+
+    trigger = engine.trigger(LONGEST_TRIGGER, compile_key, size_threshold=100, save_interval=0.05)
+    assert len(TOO_LONG_KEY) < MAX_KEY_BYTES < len(TOO_LONG_KEY.encode())
+    async with engine:
+        refusals = {
+            "submit": lambda: engine.submit("work", {"name": "a"}, key=TOO_LONG_KEY),
+            "notify": lambda: trigger.notify(TOO_LONG_KEY),
+            "fire": lambda: trigger.fire(TOO_LONG_KEY),
+            "fire_trigger": lambda: engine.fire_trigger(LONGEST_TRIGGER, TOO_LONG_KEY),
+            "remote submit": lambda: RemoteEngine("tcp://127.0.0.1:9").submit("work", {"name": "a"}, key=TOO_LONG_KEY),
+            "remote fire": lambda: RemoteEngine("tcp://127.0.0.1:9").fire_trigger(LONGEST_TRIGGER, TOO_LONG_KEY),
+        }
+        for what, call in refusals.items():
+            with pytest.raises(InvalidKey) as caught:
+                outcome = call()
+                if asyncio.iscoroutine(outcome):
+                    await outcome
+            said = str(caught.value)
+            assert f"{MAX_KEY_BYTES + 1} bytes long in UTF-8, over the {MAX_KEY_BYTES}" in said, what
+            assert "hashlib.sha256" in said, what
+            assert isinstance(caught.value, ValueError)
+        assert engine.runs() == [] and trigger.key_count == 0
+        handle = await engine.submit("work", {"name": "a"}, key=LONGEST_KEY)
+        assert (await handle.wait(5)).status is RunStatus.SUCCEEDED
+        trigger.notify(LONGEST_KEY, 3)
+        await eventually(lambda: trigger.state().keys[0].count == 3)
+    # the longest key, beside the longest name, was saved and is read back by the next start
+    again = make_engine(store=db)
+    kept = again.trigger(LONGEST_TRIGGER, compile_key, size_threshold=100)
+    async with again:
+        assert [(k.key, k.count) for k in kept.state().keys] == [(LONGEST_KEY, 3)]
+        assert [r.key for r in again.runs()] == [LONGEST_KEY]
+
+
+async def test_a_name_too_long_to_index_beside_a_key_is_refused() -> None:
+    engine = make_engine()
+    too_long = "é" * (MAX_NAME_BYTES // 2) + "x"
+
+    async def handler(job: Any) -> None:
+        return None
+
+    makers = {
+        "task": lambda: engine.task(name=too_long)(handler),
+        "queue": lambda: engine.queue(too_long, handler),
+        "trigger": lambda: engine.trigger(too_long, handler),
+    }
+    for what, make in makers.items():
+        with pytest.raises(InvalidConfiguration, match=f"{MAX_NAME_BYTES + 1} bytes long in UTF-8") as caught:
+            make()
+        assert f"over the {MAX_NAME_BYTES} a name may have" in str(caught.value), what
+    with pytest.raises(InvalidConfiguration, match="bytes long"):
+        Engine(node_id=too_long, health_interval=None)
+    engine.queue(LONGEST_NAME, handler)  # as long as a name may be
+
+
 class Measure(BaseModel):
     value: float
     extra: dict[str, Any] = {}

@@ -214,7 +214,7 @@ async def test_waits_open_at_a_stop_hear_that_their_work_is_kept_for_the_next_st
     engine.pause_queue("jobs")
     queue.put_nowait(1)
     trigger.notify("bank-1")
-    waits = [asyncio.ensure_future(w) for w in (pending.wait(), queue.join(), trigger.drain())]
+    waits = [asyncio.create_task(w) for w in (pending.wait(), queue.join(), trigger.drain())]
     await engine.stop(timeout=0)
     done, _ = await asyncio.wait(waits, timeout=5)
     assert len(done) == 3, "a wait open at the stop was left waiting for good"

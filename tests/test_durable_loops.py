@@ -1,4 +1,5 @@
-"""Queue jobs and trigger counts on a durable store: they survive a SIGKILL and a restart.
+"""Queue jobs and trigger counts on a durable store: they survive a SIGKILL and a restart, and a
+trigger's start takes up its keys and their runs before any of them fires again.
 
 Real SQLite files and real child processes (``tests/loops_child.py``) killed
 with SIGKILL.
@@ -10,16 +11,23 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydantic import BaseModel
-from taskwatch.engine import Engine, TaskContext
+from taskwatch.engine import Engine, EngineNotRunning, RunStatus, TaskContext
 from taskwatch.engine.events import QueueDrainIncomplete
+from taskwatch.engine.store import TriggerKeyRecord
+from taskwatch.engine.triggers import TriggerKeyState
 
+from .helpers import eventually
+from .processes import JsonLineProcess
 from .test_durable import Child
+from .test_triggers import Clock
 
 CHILD = "tests.loops_child"
 
@@ -429,3 +437,204 @@ def test_a_put_whose_job_a_consumer_has_waits_for_the_store_to_free_up(tmp_path:
         assert child.exit() == 0
     assert stopped["info"]["processed"] == 1 and stopped["incomplete"] == []
     assert rows(db) == []
+
+
+# ---------------------------------------------------------------- a trigger's start and the keys it takes up
+
+
+@pytest.mark.parametrize("notified_from", ["the loop", "another thread", "a trigger made while the engine runs"])
+async def test_a_notify_while_the_trigger_loads_its_keys_waits_for_the_key_to_follow_its_saved_run(
+    tmp_path: Path, notified_from: str
+) -> None:
+    # the key's run is cut short by a stop (pending again, named by the key's saved record); at the
+    # next start an edit is notified while the trigger still reads its keys (a queue's handler runs
+    # by then): the key follows its saved run first, then runs once more for that edit, never two
+    # runs at once
+    store = f"sqlite:///{tmp_path / 't.db'}"
+    gate = asyncio.Event()
+    started: list[str] = []
+    running = peak = 0
+
+    async def compile_key(ctx: TaskContext, key: str) -> None:
+        nonlocal running, peak
+        started.append(ctx.run_id)
+        running += 1
+        peak = max(peak, running)
+        try:
+            await gate.wait()
+        finally:
+            running -= 1
+
+    engine = Engine(store=store, node_id="n", health_interval=None)
+    trigger = engine.trigger("compile", compile_key, size_threshold=1)
+    async with engine:
+        trigger.notify("k")
+        [state] = trigger.state().keys
+        saved_run = state.run_id
+        assert saved_run is not None
+        await eventually(lambda: started == [saved_run])
+        await engine.stop(timeout=0.1)
+
+    started.clear()
+    engine = Engine(store=store, node_id="n", health_interval=None)
+    real_load = engine.store.load_trigger
+
+    async def load_trigger(name: str) -> dict[str, TriggerKeyRecord]:
+        if notified_from == "another thread":
+            await asyncio.to_thread(trigger.notify, "k")
+        else:
+            trigger.notify("k")
+        return await real_load(name)
+
+    engine.store.load_trigger = load_trigger  # type: ignore[method-assign]
+    if notified_from != "a trigger made while the engine runs":
+        trigger = engine.trigger("compile", compile_key, size_threshold=1)
+        await engine.start()
+    else:
+        await engine.start()
+        trigger = engine.trigger("compile", compile_key, size_threshold=1)
+    try:
+        # the saved run is recovered and under way, and the key follows it (a run fired beside it
+        # would be under way too by now)
+        await eventually(lambda: saved_run in started)
+        await eventually(lambda: [(k.key, k.run_id) for k in trigger.state().keys] == [("k", saved_run)])
+        gate.set()
+        await trigger.drain(timeout=10)
+        [state] = trigger.state().keys
+    finally:
+        await engine.stop()
+    assert peak == 1
+    assert len(started) == 2 and started[0] == saved_run  # then one run for the edit
+    assert (state.count, state.last_status, trigger.fired) == (0, "succeeded", 1)
+
+
+async def test_fire_while_the_trigger_loads_its_keys_is_refused(tmp_path: Path) -> None:
+    engine = Engine(store=f"sqlite:///{tmp_path / 't.db'}", node_id="n", health_interval=None)
+    refused: list[Exception] = []
+
+    async def compile_key(ctx: TaskContext, key: str) -> None:
+        return None
+
+    real_load = engine.store.load_trigger
+
+    async def load_trigger(name: str) -> dict[str, TriggerKeyRecord]:
+        try:
+            trigger.fire("k")  # the key may wait on a saved run not known yet
+        except EngineNotRunning as exc:
+            refused.append(exc)
+        return await real_load(name)
+
+    engine.store.load_trigger = load_trigger  # type: ignore[method-assign]
+    trigger = engine.trigger("compile", compile_key, size_threshold=5)
+    async with engine:
+        await trigger.drain(timeout=10)
+        assert [str(e) for e in refused] == [
+            "trigger 'compile' is still taking up the keys its store saved (and the runs they wait on), so "
+            "nothing was queued; fire once it has started (`await trigger.drain()` waits for its start)"
+        ]
+        assert engine.runs(limit=None) == [] and trigger.fired == 0
+        assert trigger.fire("k").fired  # once started
+
+
+#: a trigger on a SQLite file whose key "k" fires and succeeds after its count was saved, and before
+#: the next save: the process is killed then. Prints {"ev": "ran", "run_id"}; the runs go to the log
+RAN_UNSAVED_CHILD = r"""
+import asyncio, json, os, sys
+from taskwatch.engine import Engine, TaskContext
+
+async def main(db: str, log: str, ran_before: bool) -> None:
+    engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    async def compile_key(ctx: TaskContext, key: str) -> None:
+        os.write(fd, (json.dumps({"key": key, "run": ctx.run_id, "pid": os.getpid()}) + "\n").encode())
+
+    # no save of its own before the kill: only those save_changes() makes
+    trigger = engine.trigger("compile", compile_key, size_threshold=3, save_interval=3600)
+    async with engine:
+        if ran_before:
+            trigger.notify("k", 3)
+            await trigger.drain()
+        trigger.notify("k", 2)
+        await trigger.save_changes()
+        trigger.notify("k")
+        await trigger.drain()
+        [state] = trigger.state().keys
+        print(json.dumps({"ev": "ran", "run_id": state.run_id}), flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3] == "1"))
+"""
+
+
+@pytest.mark.parametrize("ran_before", [False, True], ids=["first run", "a run recorded before"])
+def test_a_key_whose_run_succeeded_after_the_last_save_does_not_run_again_after_a_kill(
+    tmp_path: Path, ran_before: bool
+) -> None:
+    db, log = tmp_path / "t.db", tmp_path / "runs.log"
+    child = JsonLineProcess(
+        [sys.executable, "-c", RAN_UNSAVED_CHILD, str(db), str(log), "1" if ran_before else "0"], "child", 30.0
+    )
+    try:
+        run_id = child.event("ran")["run_id"]
+
+        def status() -> str | None:
+            with sqlite3.connect(db) as conn:
+                row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+            return None if row is None else str(row[0])
+
+        poll(lambda: status() == "succeeded", what="the run's success in the file")
+    finally:
+        child.close()  # SIGKILL: the key's record still holds the count of 2 that run took
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count, run_id FROM trigger_keys").fetchall() == [(2, None)]
+    assert len(lines(log)) == (2 if ran_before else 1)
+    restarted: list[str] = []
+
+    async def restart() -> TriggerKeyState:
+        engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
+
+        async def compile_key(ctx: TaskContext, key: str) -> None:
+            restarted.append(key)
+
+        trigger = engine.trigger("compile", compile_key, size_threshold=3)
+        trigger.notify("k")  # one unit of new work: below the threshold, unless the 2 were still counted
+        async with engine:
+            await trigger.drain(timeout=10)
+            [state] = trigger.state().keys
+            return state
+
+    state = asyncio.run(restart())
+    assert restarted == []
+    assert (state.count, state.run_id, state.last_status) == (1, run_id, "succeeded")
+
+
+async def test_a_run_of_a_key_before_it_was_forgotten_takes_nothing_off_its_new_count(tmp_path: Path) -> None:
+    # the key ran, was forgotten (its record deleted) and was notified afresh: its old run is no
+    # run fired after the record was saved
+    store = f"sqlite:///{tmp_path / 't.db'}"
+    clock = Clock()
+    ran: list[str] = []
+
+    async def compile_key(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    engine = Engine(store=store, node_id="n", health_interval=None, clock=clock)
+    trigger = engine.trigger("compile", compile_key, size_threshold=3, forget_after=100, check_interval=3600)
+    async with engine:
+        trigger.notify("k", 3)
+        await trigger.drain(timeout=10)
+        clock.now += 200
+        trigger.check()
+        assert trigger.key_count == 0
+        await trigger.save_changes()
+        clock.now += 10
+        trigger.notify("k", 2)
+    assert ran == ["k"]
+
+    engine = Engine(store=store, node_id="n", health_interval=None, clock=clock)
+    trigger = engine.trigger("compile", compile_key, size_threshold=3, forget_after=100, check_interval=3600)
+    async with engine:
+        assert [r.status for r in engine.runs(task="trigger:compile", limit=None)] == [RunStatus.SUCCEEDED]
+        [state] = trigger.state().keys
+        assert (state.count, state.run_id, state.last_status) == (2, None, None)

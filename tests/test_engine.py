@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 from taskwatch.engine import (
+    DuplicateTask,
     Engine,
     EngineNotRunning,
     InvalidParams,
@@ -817,6 +818,82 @@ async def test_handle_wait_timeout() -> None:
         await engine.cancel(handle.id)
         assert (await handle).status is RunStatus.CANCELLED
 
+
+class ShapeV1(BaseModel):
+    path: str
+
+
+class ShapeV2(BaseModel):
+    path: str
+    fmt: str = "csv"
+
+
+async def test_a_task_redefined_with_replace_runs_its_new_code_from_its_next_attempt() -> None:
+    # a notebook cell defining a task, edited and run again
+    engine = make_engine(max_concurrency=1)
+    gate = asyncio.Event()
+
+    @engine.task
+    async def shape(ctx: TaskContext, p: ShapeV1) -> str:
+        await gate.wait()
+        return f"old {p.path}"
+
+    async with engine:
+        under_way = await engine.submit("shape", {"path": "a"})
+        await eventually(lambda: under_way.status is RunStatus.RUNNING)
+        queued = await engine.submit("shape", {"path": "b"})  # waits for the only slot
+
+        with pytest.raises(DuplicateTask, match="pass replace=True to redefine it"):
+            engine.task(shape)
+
+        @engine.task(replace=True)
+        async def shape(ctx: TaskContext, p: ShapeV2) -> str:  # noqa: F811 - the point of the test
+            return f"new {p.path} as {p.fmt}"
+
+        gate.set()
+        assert (await under_way.wait(5)).result == "old a"  # finished on the code it started on
+        # queued under the old definition: run by the new one, its params read by the new model
+        assert (await queued.wait(5)).result == "new b as csv"
+        assert (await (await engine.submit("shape", {"path": "c", "fmt": "tsv"})).wait(5)).result == "new c as tsv"
+
+    # only a plain task is redefined in place: a periodic task's name stays taken
+    periodic = make_engine()
+
+    @periodic.periodic(every=3600)
+    async def nightly(ctx: TaskContext) -> None:
+        return None
+
+    with pytest.raises(DuplicateTask) as taken:
+        periodic.task(nightly, replace=True)
+    assert "replace=True" not in str(taken.value)
+
+
+async def test_a_wait_is_a_task_of_its_own_in_create_task_and_a_task_group() -> None:
+    engine = make_engine()
+    gate = asyncio.Event()
+
+    @engine.task
+    async def held(ctx: TaskContext) -> str:
+        await gate.wait()
+        return "done"
+
+    async with engine:
+        first, second, third = [await engine.submit("held") for _ in range(3)]
+        waiting = asyncio.create_task(first.wait())
+        # a task of a wait cancelled gives up that wait only: the run goes on
+        given_up = asyncio.create_task(second.wait())
+        await asyncio.sleep(0)
+        given_up.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await given_up
+        assert second.status is RunStatus.RUNNING and not waiting.done()
+        async with asyncio.TaskGroup() as group:
+            in_group = [group.create_task(h.wait()) for h in (second, third)]
+            gate.set()
+        assert [t.result().result for t in in_group] == ["done", "done"]
+        assert (await waiting).status is RunStatus.SUCCEEDED
+        # a wait on a run already finished is a task that ends at once with its record
+        assert (await asyncio.create_task(first.wait())).id == first.id
 
 async def test_cancel_right_after_submit_never_runs_the_task() -> None:
     engine = make_engine()

@@ -26,8 +26,8 @@ import pytest
 from taskwatch.engine import Engine, PostgresEventRelay, TaskContext
 from taskwatch.engine.events import BaseEvent, EngineStarted, RunSucceeded, event_to_json
 from taskwatch.engine.runs import RunStatus
-from taskwatch.engine.errors import StoreError
-from taskwatch.engine.store import NewRun, PostgresStore
+from taskwatch.engine.errors import DuplicateRunId, StoreError, StoreUnavailable
+from taskwatch.engine.store import Inserted, NewRun, PostgresStore
 from taskwatch.engine.store import queries as Q
 from taskwatch.engine.store.base import Subscription
 
@@ -126,6 +126,33 @@ async def test_engine_cancel_of_a_pending_run_whose_commit_answer_is_lost_return
                 await eventually(lambda: e.get(h.id).status is RunStatus.CANCELLED, TIMEOUT)
             finally:
                 gate.set()
+
+
+async def test_runs_whose_insert_was_given_up_after_its_commit_went_through_insert_again_as_themselves(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    # the engine puts a batch of submit_nowait runs back when the store stays away past its
+    # reconnect_timeout, and writes it again later: the rows of a try that did commit are its own
+    async with CuttingProxy(postgres_server.port) as proxy:
+        node = PostgresStore(proxy.url(postgres_url), lease_ttl=TTL, pool_size=1, reconnect_timeout=0.5)
+        async with node:
+            await node.insert([NewRun("t")])  # the statement is prepared: one chunk per call
+            runs = [NewRun("t", id=f"chosen-{i}", created_at=1_000.0 + i) for i in range(3)]
+            # the insert's Bind: executed and committed on its own, its answer never arrives
+            proxy.cut_after(lambda c: c[:1] == b"B" and b"chosen-0" in c, then_refuse=True)
+            with pytest.raises(StoreUnavailable):
+                await node.insert(runs)
+            assert proxy.cuts == 1
+            proxy.accept()
+            # written again with a run queued meanwhile, which no earlier try sent
+            later = NewRun("t", id="queued-since", created_at=2_000.0)
+            assert await node.insert([*runs, later]) == [Inserted(r.id, True) for r in [*runs, later]]  # type: ignore[arg-type]
+            stored = [await node.get(r.id) for r in [*runs, later]]  # type: ignore[arg-type]
+            assert [r.status if r else None for r in stored] == [RunStatus.PENDING] * 4
+            assert (await node.counts()).pending == 5
+            # another run under a taken id is still no run of this batch
+            with pytest.raises(DuplicateRunId):
+                await node.insert([NewRun("t", id="chosen-0", created_at=5.0)])
 
 
 # ---------------------------------------------------------------- queue jobs

@@ -129,6 +129,56 @@ async def test_a_put_on_a_queue_made_while_the_engine_runs_survives_a_crash_righ
     assert seen == [{"n": 1}]
 
 
+#: puts jobs before the engine's start ("before": two awaited puts and a put_nowait, then the
+#: start; "during": one awaited put while the start is opening the store), then is killed with
+#: SIGKILL right after: no stop, no further write
+_KILLED_AFTER_START = """
+import asyncio, os, signal, sys
+from taskwatch.engine import Engine
+
+async def main() -> None:
+    engine = Engine(store="sqlite:///" + sys.argv[1], node_id="n1", health_interval=None)
+
+    async def handler(job):
+        await asyncio.Event().wait()
+
+    queue = engine.queue("early", handler)
+    if sys.argv[2] == "before":
+        await queue.put({"n": 1})
+        await queue.put({"n": 2})
+        queue.put_nowait({"n": 3})
+        await engine.start()
+        print("start returned", flush=True)
+    else:
+        starting = asyncio.create_task(engine.start())
+        await asyncio.sleep(0)  # the start's task takes its first step: it is opening the store
+        assert engine.state == "new" and not starting.done()
+        await queue.put({"n": 1})
+        print("put returned", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(("when", "said", "jobs"), [("before", "start returned", 3), ("during", "put returned", 1)])
+def test_jobs_put_before_or_during_the_engine_start_are_in_the_store_once_start_or_put_returned(
+    tmp_path: Path, when: str, said: str, jobs: int
+) -> None:
+    db = tmp_path / "q.db"
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_AFTER_START, str(db), when], cwd=REPO, capture_output=True, text=True,
+        timeout=60,
+    )
+    assert child.returncode == -9, child.stderr
+    assert child.stdout.strip() == said
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT job FROM queue_jobs WHERE queue = 'early' ORDER BY id").fetchall()
+    # before: a put before the start only queued the job in memory, and the start returned (and
+    # a put during it) before the job's write: the kill left no row of them
+    assert [json.loads(job) for (job,) in rows] == [{"n": n} for n in range(1, jobs + 1)]
+
+
 async def _leave_jobs(db: Path, name: str, count: int, maxsize: int = 1000) -> None:
     """Put ``count`` jobs whose handler never ends, and stop: the store keeps them for the next start."""
 

@@ -11,19 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+import string
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 
 import pytest
-from taskwatch.engine.errors import InvalidConfiguration, QueueFull
+from taskwatch.engine import Engine, TaskContext
+from taskwatch.engine.errors import InvalidConfiguration, InvalidKey, QueueFull
 from taskwatch.engine.runs import RunStatus
 from taskwatch.engine.store import (
     NewRun,
     PostgresStore,
     StoreDriverMissing,
+    StoreError,
     StoreUnavailable,
     Succeeded,
+    TriggerKeyRecord,
     UnknownStore,
     make_store,
 )
@@ -115,6 +120,99 @@ async def test_a_database_that_does_not_exist_is_named_as_such_not_as_a_server_o
     said = str(caught.value)
     assert "no_such_db" in said and "create it (createdb NAME)" in said
     assert "reachable" not in said
+
+
+# ---------------------------------------------------------------- what the server refuses
+
+
+def _random_text(size: int, seed: int) -> str:
+    """``size`` ASCII characters that do not compress: PostgreSQL compresses a long index entry"""
+    rnd = random.Random(seed)
+    return "".join(rnd.choice(string.ascii_letters + string.digits) for _ in range(size))
+
+
+async def test_an_operation_the_server_refuses_is_raised_as_such_not_as_an_outage(postgres_url: str) -> None:
+    # an index entry holds at most ~2.7 KB: every try of such an insert or save meets the same
+    # answer. As StoreUnavailable ("check that the database server is up") its callers wrote it
+    # again and again: a trigger with one such key never saved any of its keys again
+    node = PostgresStore(postgres_url, lease_ttl=TTL, reconnect_timeout=30)
+    async with node:
+        long_key = _random_text(3000, 1)
+        record = TriggerKeyRecord(count=3)
+        calls = {
+            "insert": lambda: node.insert([NewRun("t", key=long_key)]),
+            "save_trigger": lambda: node.save_trigger("t", {"doc-1": record, long_key: record}),
+        }
+        for what, call in calls.items():
+            with pytest.raises(StoreError) as caught:
+                await call()
+            said = str(caught.value)
+            assert not isinstance(caught.value, StoreUnavailable), (what, said)
+            assert "refused the operation (SQLSTATE 54000): ProgramLimitExceededError" in said, what
+            assert "index row size" in said and "reachable" not in said, what
+            assert type(caught.value.__cause__).__name__ == "ProgramLimitExceededError"
+        # answered at once, never retried: no outage began
+        assert node.reconnects == 0 and node.unreachable_since is None
+        assert (await node.counts()).pending == 0 and await node.load_trigger("t") == {}
+        await node.save_trigger("t", {"doc-1": record})
+        assert await node.load_trigger("t") == {"doc-1": record}
+
+
+def test_outages_and_conflicts_are_retried_and_a_refusal_is_not() -> None:
+    import asyncpg.exceptions as pg
+
+    node = PostgresStore("postgresql://db.example/app")
+    retried = [
+        pg.DeadlockDetectedError("deadlock detected"),  # 40P01
+        pg.SerializationError("could not serialize access"),  # 40001
+        pg.AdminShutdownError("terminating connection due to administrator command"),  # 57P01
+        pg.CannotConnectNowError("the database system is starting up"),  # 57P03
+        pg.TooManyConnectionsError("sorry, too many clients already"),  # 53300
+        pg.IdleInTransactionSessionTimeoutError("terminating connection due to idle-in-transaction timeout"),
+        ConnectionResetError("reset by peer"),
+    ]
+    assert [e for e in retried if not node._transient(e)] == []
+    refused = [
+        pg.ProgramLimitExceededError("index row size 3048 exceeds btree version 4 maximum 2704"),  # 54000
+        pg.CharacterNotInRepertoireError('invalid byte sequence for encoding "UTF8": 0x00'),  # 22021
+        pg.UndefinedTableError('relation "runs" does not exist'),  # 42P01
+    ]
+    for exc in refused:
+        assert not node._transient(exc)
+        translated = node._translate(exc)
+        assert type(translated) is StoreError and "refused the operation" in str(translated), exc
+    # an answer about the store's setup still says what to fix there, as before
+    for exc, advice in [
+        (pg.InvalidCatalogNameError('database "app" does not exist'), "createdb"),
+        (pg.InsufficientPrivilegeError("permission denied for schema public"), "privilege"),
+    ]:
+        translated = node._translate(exc)
+        assert isinstance(translated, StoreUnavailable) and advice in str(translated)
+
+
+async def test_the_longest_key_beside_the_longest_trigger_name_is_kept_and_a_longer_key_refused(
+    postgres_url: str,
+) -> None:
+    # the limits hold what PostgreSQL's index holds: a trigger key of 2048 bytes beside a name of
+    # 512 bytes (the trigger's own, 504, plus "trigger:") is saved and read back after a restart
+    name = _random_text(512 - len("trigger:"), 2)
+    longest = _random_text(2048, 3)
+
+    async def handle(ctx: TaskContext, key: str) -> None:
+        return None
+
+    engine = Engine(store=postgres_url, node_id="n1", health_interval=None)
+    trigger = engine.trigger(name, handle, size_threshold=100, save_interval=0.05)
+    async with engine:
+        with pytest.raises(InvalidKey, match="2049 bytes long in UTF-8, over the 2048"):
+            trigger.notify(longest + "x", 3)
+        trigger.notify(longest, 3)
+        trigger.notify("doc-1", 5)
+        assert trigger.key_count == 2
+    again = Engine(store=postgres_url, node_id="n1", health_interval=None)
+    kept = again.trigger(name, handle, size_threshold=100)
+    async with again:
+        assert sorted((k.key, k.count) for k in kept.state().keys) == sorted([(longest, 3), ("doc-1", 5)])
 
 
 # ---------------------------------------------------------------- two nodes, one queue

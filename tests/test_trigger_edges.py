@@ -1,9 +1,10 @@
 """Threshold triggers at their edges: drains that wait for keys a full run queue refused,
 notifies made while the engine stops, NUL in keys and names, notifies from several threads
 before the start, a drain right after the start or from another loop, state() from another
-thread, sweeps that let the loop breathe, forgetting keys whatever their count, a late start
-that failed, options refused at registration or that could never work, and the checks of
-drain()'s and join()'s timeouts, state()'s keys_limit and fire()'s thread.
+thread, sweeps (and a durable store's saves and loads of many keys) that let the loop breathe,
+forgetting keys whatever their count, a late start that failed, options refused at registration
+or that could never work, the checks of drain()'s and join()'s timeouts, state()'s keys_limit
+and fire()'s thread, and a run whose task raises CancelledError though nothing cancelled it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import logging
 import math
 import re
+import sqlite3
 import sys
 import threading
 import time
@@ -353,6 +355,84 @@ async def test_the_start_sweep_over_many_due_keys_lets_other_work_run_and_fires_
         assert compile.state().fired == keys
     # the callback ran while the sweep still had keys to fire
     assert loop_ran_at and loop_ran_at[0] < keys
+
+
+async def test_saving_many_changed_keys_to_a_durable_store_lets_other_work_run_between_its_requests(
+    tmp_path: Path,
+) -> None:
+    # a save hands the store its keys a few at a time (the store turns each into a row on the
+    # loop), and the loop's other work runs between those requests
+    engine = Engine(health_interval=None, store=f"sqlite:///{tmp_path / 't.db'}")
+    keys = 100_000
+    compile = engine.trigger("compile", nothing, size_threshold=10**9, save_interval=3600)
+    sizes: list[int] = []
+    # for each request, how many requests had been made when a callback it scheduled ran
+    turns: dict[int, int] = {}
+    async with engine:
+        real_save = engine.store.save_trigger
+        loop = asyncio.get_running_loop()
+
+        async def save_trigger(name: str, records: Any, forget: Any = ()) -> None:
+            i = len(sizes)
+            sizes.append(len(records) + len(forget))
+            loop.call_soon(lambda: turns.setdefault(i, len(sizes)))
+            await real_save(name, records, forget)
+
+        engine.store.save_trigger = save_trigger  # type: ignore[method-assign]
+        for i in range(keys):
+            compile.notify(f"doc-{i}")
+        await compile.save_changes()
+        engine.store.save_trigger = real_save  # type: ignore[method-assign]
+        assert sum(sizes) == keys
+        assert max(sizes) <= 4096
+        # each request's callback ran before the next request was made
+        assert [turns.get(i) for i in range(len(sizes))] == list(range(1, len(sizes) + 1))
+    with sqlite3.connect(tmp_path / "t.db") as conn:
+        assert conn.execute("SELECT count(*) FROM trigger_keys").fetchone() == (keys,)
+
+
+async def test_a_trigger_made_while_the_engine_runs_takes_up_many_saved_keys_letting_other_work_run(
+    tmp_path: Path,
+) -> None:
+    store = f"sqlite:///{tmp_path / 't.db'}"
+    keys = 100_000
+    first = Engine(health_interval=None, store=store)
+    compile = first.trigger("compile", nothing, size_threshold=10**9)
+    async with first:
+        for i in range(keys):
+            compile.notify(f"doc-{i}")
+    engine = Engine(health_interval=None, store=store)
+    # loop turns between the store's answer and the trigger's launch, while it takes the keys up
+    turns = 0
+    launched = False
+    async with engine:
+        real_load = engine.store.load_trigger
+        loop = asyncio.get_running_loop()
+
+        def turn() -> None:
+            nonlocal turns
+            if not launched:
+                turns += 1
+                loop.call_soon(turn)
+
+        async def load_trigger(name: str) -> Any:
+            saved = await real_load(name)
+            loop.call_soon(turn)
+            return saved
+
+        engine.store.load_trigger = load_trigger  # type: ignore[method-assign]
+        compile = engine.trigger("compile", nothing, size_threshold=10**9)
+        real_launch = compile.launch
+
+        def launch() -> None:
+            nonlocal launched
+            launched = True
+            real_launch()
+
+        compile.launch = launch  # type: ignore[method-assign]
+        await compile.drain(timeout=60)
+        assert compile.key_count == keys
+    assert turns >= keys // 4096 - 1, turns
 
 
 # ------------------------------------------------------------ options refused at registration
@@ -947,7 +1027,10 @@ async def test_drain_of_a_trigger_whose_late_start_failed_waits_only_for_its_run
                 await eventually(
                     lambda: any("trigger 'late'" in r.getMessage() and "could not start" in r.getMessage() for r in caplog.records)
                 )
-        trigger.notify("k")  # still counted and fired on the engine's loop
+        # counted, and fired once the start tried again has taken up the saved keys (fired before,
+        # it could go beside a run its key's saved record names)
+        trigger.notify("k")
+        await eventually(lambda: ran == ["k"], timeout=TIMEOUT)
         await asyncio.wait_for(trigger.drain(), 5)
         assert ran == ["k"]
         assert trigger.fired == 1
@@ -978,3 +1061,68 @@ async def test_a_trigger_whose_late_start_failed_starts_once_the_store_answers_a
         trigger.notify("k")
         await asyncio.wait_for(trigger.drain(), 5)
         assert ran == ["k"]
+
+
+# ------------------------------------------------------------ a CancelledError nobody asked for
+
+
+async def raises_cancelled_itself() -> None:
+    """What a handler does that awaits a task someone else cancelled: CancelledError comes out
+    of it, though nothing cancelled the handler's own task."""
+    inner = asyncio.ensure_future(asyncio.sleep(3600))
+    inner.cancel()
+    await inner
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["memory", "sqlite"])
+async def test_a_trigger_run_raising_cancelled_error_itself_fails_with_its_retries_and_is_not_fired_again(
+    tmp_path: Path, durable: bool
+) -> None:
+    engine = Engine(health_interval=None, **({"store": f"sqlite:///{tmp_path / 't.db'}"} if durable else {}))
+    calls = 0
+
+    async def compile_key(ctx: TaskContext, key: str) -> None:
+        nonlocal calls
+        calls += 1
+        await raises_cancelled_itself()
+
+    compile = engine.trigger("compile", compile_key, size_threshold=3, retries=1)
+    async with engine:
+        compile.notify("k", 3)
+        # (taken for a cancel from outside, the run ended as if it had done nothing, and the key,
+        # still at its threshold, was fired again at once, for good: this drain never returned)
+        await compile.drain(timeout=TIMEOUT)
+        [run] = engine.runs(task="trigger:compile", limit=None)
+        [state] = compile.state().keys
+    assert calls == 2
+    assert (run.status, run.attempt, run.cancel_reason) == (RunStatus.FAILED, 2, None)
+    assert run.error is not None and run.error.type == "CancelledError"
+    assert "raised CancelledError without being cancelled" in run.error.message
+    assert "raises_cancelled_itself" in run.error.traceback
+    assert (state.count, state.last_status, compile.fired) == (0, "failed", 1)
+
+
+async def test_a_run_whose_task_is_cancelled_from_outside_the_engine_is_still_cancelled_external() -> None:
+    engine = make_engine()
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def compile_key(ctx: TaskContext, key: str) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.append(task)
+        if len(tasks) == 1:
+            await asyncio.Event().wait()
+
+    compile = engine.trigger("compile", compile_key, size_threshold=1)
+    async with engine:
+        compile.notify("k")
+        await eventually(lambda: tasks)
+        tasks[0].cancel()  # by code of the program's own, not the engine
+        await eventually(lambda: len(tasks) == 2)
+        await compile.drain(timeout=TIMEOUT)
+        runs = engine.runs(task="trigger:compile", limit=None)
+    # a cancelled run did no work: its key, at its threshold still, fired again
+    assert [(r.status, r.cancel_reason) for r in reversed(runs)] == [
+        (RunStatus.CANCELLED, "external"),
+        (RunStatus.SUCCEEDED, None),
+    ]

@@ -51,7 +51,7 @@ from ..errors import (
 )
 from ..options import PostgresOptions, check_options
 from ..runs import CancelReason, Progress, RunStatus, run_status
-from ..urls import redact_url
+from ..urls import password_problem, redact_url
 from . import queries as Q
 from .base import Store, adoptable, gone_incarnations, lost_reason, new_run_id
 from .models import (
@@ -111,8 +111,24 @@ _ANSWERED_ADVICE = {
     "28": "The server refused the login: check the user and password in the URL (or PGPASSWORD, ~/.pgpass) and pg_hba.conf",
     "42501": "The server refused the user a privilege taskwatch needs: grant it, or use the database's owner",
 }
-#: SQLSTATE classes that mean "the connection or the server went away; try again"
+#: SQLSTATE classes tried again (for up to ``reconnect_timeout``), each an answer that a later try
+#: can get past: the connection or the server went away (08: a cut; 57: a shutdown, a restart, a
+#: session or statement ended by an operator or a timeout), the server cannot serve now (53: too many
+#: connections, disk or memory full), or the transaction lost a race with another (40: a
+#: serialization failure, a deadlock), which is no outage. An answer refusing the statement itself
+#: is none of these: see _REFUSED_CLASSES
 _TRANSIENT_CLASSES = ("08", "57", "53", "40")
+#: the server ended a session left idle inside its transaction (idle_in_transaction_session_timeout,
+#: which this store sets): the connection is lost, as a cut one is
+_SESSION_ENDED = "25P03"
+#: SQLSTATE classes of an answer refusing the operation itself, which every try gets alike: a value
+#: (22: data exception), a constraint (23), a program limit (54: an index entry over its ~2.7 KB, say),
+#: the statement or what it names (42, but for 42501, a privilege, in _ANSWERED_ADVICE), a feature
+#: (0A), a cardinality (21). Raised as StoreError, neither retried nor said to be an outage
+#: (StoreUnavailable, which callers write again and again, saying to check the server is up)
+_REFUSED_CLASSES = ("22", "23", "54", "42", "0A", "21")
+#: run ids an insert that failed may have stored, kept for a later insert of them to look for
+_UNSURE_KEPT = 100_000
 
 
 class _FloorRetriesInOneLine(logging.Filter):
@@ -429,6 +445,8 @@ class PostgresStore(Store):
         check_options(
             PostgresOptions, "PostgresStore", pool_size=pool_size, reconnect_timeout=reconnect_timeout, channel=channel
         )
+        if (problem := password_problem(url)) is not None:
+            raise InvalidConfiguration(f"run store {redact_url(url)}", [problem])
         self.schema, problems = schema_of(url, schema)
         if problems:
             raise InvalidConfiguration(f"run store {redact_url(url)}", problems)
@@ -475,6 +493,9 @@ class PostgresStore(Store):
         self._limits: set[asyncio.Timeout] = set()
         self._busy: set[Any] = set()
         self._terminator: asyncio.TimerHandle | None = None
+        #: ids of runs whose insert failed after a try that may have committed, its answer
+        #: lost: a later insert of them (the engine puts a submit_nowait batch back) looks first
+        self._unsure: dict[str, None] = {}
 
     def describe(self) -> str:
         return self._where
@@ -743,15 +764,31 @@ class PostgresStore(Store):
         if isinstance(exc, d.exceptions.InterfaceError) and "connection" in str(exc).lower():
             return True
         if isinstance(exc, d.PostgresError):
-            return str(getattr(exc, "sqlstate", "") or "")[:2] in _TRANSIENT_CLASSES
+            sqlstate = str(getattr(exc, "sqlstate", "") or "")
+            return sqlstate[:2] in _TRANSIENT_CLASSES or sqlstate == _SESSION_ENDED
         return False
 
     def _translate(self, exc: BaseException) -> BaseException:
-        """A driver's or the network's error as :class:`StoreUnavailable`; anything else as it is."""
+        """A driver's or the network's error as :class:`StoreUnavailable`, one refusing the
+        operation itself as :class:`StoreError`; anything else as it is."""
         driver_error = type(exc).__module__.startswith("asyncpg") or isinstance(exc, OSError)
         if isinstance(exc, StoreError) or not driver_error:
             return exc
-        err = StoreUnavailable(self._where, f"{type(exc).__name__}: {exc}", _advice_for(exc))
+        sqlstate = str(getattr(exc, "sqlstate", "") or "")
+        err: StoreError
+        if (
+            isinstance(exc, self._driver.PostgresError)
+            and sqlstate[:2] in _REFUSED_CLASSES
+            and sqlstate not in _ANSWERED_ADVICE
+        ):
+            err = StoreError(
+                f"the run store {self._where} refused the operation (SQLSTATE {sqlstate}): "
+                f"{type(exc).__name__}: {exc}; it was not applied. The server is up and answered, and would "
+                "answer every try alike: change what was written (a value past one of PostgreSQL's limits, "
+                "say), or report it as a bug of taskwatch's with this message"
+            )
+        else:
+            err = StoreUnavailable(self._where, f"{type(exc).__name__}: {exc}", _advice_for(exc))
         err.__cause__ = exc
         return err
 
@@ -858,7 +895,28 @@ class PostgresStore(Store):
         # a plain insert is one statement; dedup keys (looked up first) and a limit (checked
         # under a lock taken first) need a transaction around the lookups and the insert
         single = max_pending is None and all(row["key"] is None for row in rows)
-        return await self._run(self._insert, rows, max_pending, single=single)  # type: ignore[no-any-return]
+        chosen = [new.id for new in runs if new.id is not None]
+        kept = self._unsure
+        unsure = bool(kept) and any(run_id in kept for run_id in chosen)
+        try:
+            inserted: list[Inserted] = await self._run(self._insert, rows, max_pending, unsure, single=single)
+        except (StoreUnavailable, asyncio.CancelledError):
+            # given up on (an outage outlasting reconnect_timeout, a stop) after a try that may
+            # have been committed: its rows would make a second insert of the same ids collide
+            kept.update(dict.fromkeys(chosen))
+            while len(kept) > _UNSURE_KEPT:
+                # the oldest: runs failed by a stop that could not write them are never sent again
+                del kept[next(iter(kept))]
+            raise
+        except BaseException:
+            if unsure:
+                for run_id in chosen:
+                    kept.pop(run_id, None)
+            raise
+        if unsure:
+            for run_id in chosen:
+                kept.pop(run_id, None)
+        return inserted
 
     @staticmethod
     def _rows(runs: Sequence[NewRun], now: float) -> list[dict[str, Any]]:
@@ -885,7 +943,19 @@ class PostgresStore(Store):
             )
         return rows
 
-    async def _insert(self, tx: _Tx, rows: list[dict[str, Any]], max_pending: int | None) -> list[Inserted]:
+    async def _insert(
+        self, tx: _Tx, rows: list[dict[str, Any]], max_pending: int | None, unsure: bool = False
+    ) -> list[Inserted]:
+        if unsure and not tx.again:
+            # some rows were sent by an earlier call that failed, maybe after its commit; the
+            # others (newer runs written with them) never were: those found, as sent, stand
+            sent = {row["id"]: (row["task"], row["created_at"]) for row in rows}
+            found = await tx.fetch(Q.PG_IDS_PRESENT, {"ids": list(sent)})
+            stood = {r[0] for r in found if sent[r[0]] == (r[1], r[2])}
+            if stood:
+                tx.work = True
+                rest = iter(await self._insert(tx, [row for row in rows if row["id"] not in stood], max_pending))
+                return [Inserted(row["id"], True) if row["id"] in stood else next(rest) for row in rows]
         if tx.again:
             sent = {row["id"]: (row["task"], row["created_at"]) for row in rows}
             found = await tx.fetch(Q.PG_IDS_PRESENT, {"ids": list(sent)})
