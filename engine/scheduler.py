@@ -26,7 +26,11 @@ Nodes sharing a store (SQLite file, PostgreSQL) each run the schedule, and
 the store records each slot once (``Store.claim_periodic``): the node that
 records it fires it, the others skip it. Cron and ``fixed_rate`` slots are
 the same on every node, so each fires once; end-based intervals fire at most
-once per interval across the cluster.
+once per interval across the cluster, and each node counts them from the end
+of the task's previous run on any node: a node whose slot another node fired,
+or that starts while another node's run of the task goes, follows that run
+(the latest the store holds) and counts its next interval from its end (from
+when it finds no run going, if the store cannot say which run that is).
 
 Overlap
 -------
@@ -48,6 +52,15 @@ It is refused while a run of the task is pending or running: one this node
 fired or knows of, or one the store holds (other nodes' too). That last
 look and the insert are two steps, so on a store nodes share a tick another
 node fires between them can still overlap it.
+
+Pause
+-----
+A pause (or a disable) stops the loop at once, except while its tick is
+writing the slot's run to the store (waiting for a SQLite file's write lock,
+say): that write cannot be taken back (it may commit whatever this node does),
+so it is let end, and a run it stored goes, shown and counted as any fired
+run (``runs``, ``running_run_id``, ``last_run_id``, ``last_status``); no
+tick comes after it until the resume.
 
 Missed slots
 ------------
@@ -483,6 +496,9 @@ class _Periodic:
     #: the slot of the latest tick (kept in the engine's store)
     last_fire: float | None = None
     task: asyncio.Task[None] | None = None
+    #: the loop whose tick is writing its slot's run to the store: a halt lets that write
+    #: end (it may commit whatever this node does) and the loop follow its run, then stop
+    writer: asyncio.Task[Any] | None = None
     last_run_id: str | None = None
     last_status: str | None = None
     last_started: float | None = None
@@ -683,8 +699,9 @@ class Scheduler:
         )
 
     def pause(self, name: str) -> PeriodicInfo:
-        """Stop scheduling ``name`` (a run in progress finishes normally). Callable from any
-        thread: the loop it cancels is the engine's, so the pause is made there."""
+        """Stop scheduling ``name`` (a run in progress finishes normally, and so does a tick's
+        write of its run under way: see the module's "Pause"). Callable from any thread: the
+        loop it cancels is the engine's, so the pause is made there."""
         return call_blocking(self._engine.loop, self._pause, name)
 
     def _pause(self, name: str) -> PeriodicInfo:
@@ -792,7 +809,15 @@ class Scheduler:
         # registration on a running engine): a task enabled later within it waits for it too
         p.hold_until = self._now() + p.initial_delay
         if p.enabled and not p.paused:
-            self._launch(p, self._first_slot(p))
+            if self._counts_from_current(p):
+                # a run read back at the start, or another node's, goes: an end-based interval
+                # counts from its end, not from the slot it fired for (which would fire the
+                # next one an interval after that slot, however long the run took)
+                self._halt(p)
+                p.kept = None
+                self._spawn(p, fresh=True, after_current=True)
+            else:
+                self._launch(p, self._first_slot(p))
         elif not p.enabled:
             # a misspelled resource or flag name would otherwise leave no trace in the log
             log.info("periodic task %r is disabled until its needs are met: %s", p.name, p.reason)
@@ -836,14 +861,18 @@ class Scheduler:
         """``p``'s needs are met again: its loop takes up its schedule where it was (see the
         module's "Needs"), no slot of the time it was disabled fired late or counted missed."""
         self._halt(p)
-        current = p.current
-        if p.every is not None and not p.fixed_rate and current is not None and self._going(current.id, p):
+        if self._counts_from_current(p):
             # an end-based interval whose run went on meanwhile counts from that run's end, as
             # if the task had never been disabled (no tick skipped for it, none late)
             p.kept = None
             self._spawn(p, fresh=False, after_current=True)
             return
         self._launch(p, self._enable_slot(p), fresh=False)
+
+    def _counts_from_current(self, p: _Periodic) -> bool:
+        """Whether ``p`` is an end-based interval whose run known here still goes."""
+        current = p.current
+        return p.every is not None and not p.fixed_rate and current is not None and self._going(current.id, p)
 
     def _going(self, run_id: str, p: _Periodic) -> bool:
         """Whether ``run_id``, a run of ``p``, is one this scheduler knows is still going."""
@@ -852,8 +881,10 @@ class Scheduler:
     def _halt(self, p: _Periodic) -> None:
         p.next_due = p.planned = p.slot = None
         task, p.task = p.task, None
-        # a loop that disables its own task returns instead
-        if task is not None and task is not _current_task():
+        # a loop that disables its own task returns instead, and so does one writing its slot's
+        # run: cancelled there, the write would go on unseen (a SQLite writer waiting for the
+        # file's lock still commits) and its run go uncounted, shown nowhere in the schedule
+        if task is not None and task is not _current_task() and task is not p.writer:
             task.cancel()  # stays in self._tasks until done, so stop() still awaits it
 
     # ------------------------------------------------------------ due times
@@ -947,7 +978,12 @@ class Scheduler:
             # the latest slot already past is the one this late tick just fired for:
             # a loop held up for a while fires once, then keeps to the grid
             return due + p.every if due < behind else due
-        return next_interval_due(None, end if end is not None else now, p.every, False)
+        # an end that gives no slot after this one (a run read from a store other nodes' clocks
+        # wrote, or an older one than the slot's, pruned first) cannot be the end of the run
+        # this slot followed: the interval counts from now, when no run of the task goes
+        if end is None or end + p.every <= slot:
+            end = now
+        return next_interval_due(None, end, p.every, False)
 
     # ------------------------------------------------------------ the loop
 
@@ -955,6 +991,7 @@ class Scheduler:
         """Tick ``p`` at its slots. ``after_current``: an end-based interval whose next slot
         is an interval after the end of its run still going (``p.current``)."""
         trouble = OutageLog(log, f"periodic task {p.name!r}: scheduling")
+        me = _current_task()
         if after_current:
             assert p.every is not None
             try:
@@ -982,6 +1019,13 @@ class Scheduler:
                 gap = p.every - _SLOT_TOLERANCE if p.every is not None else 0.0
                 await self._tick(p, slot, gap)
                 p.last_fire = slot
+                if p.task is not me:
+                    # halted (paused, disabled) while the tick wrote its run, which it let end:
+                    # that run, if the store took it, is followed and counted as any other.
+                    # The slot fired, so a disable's is no longer the one waited for
+                    if p.kept == slot:
+                        p.kept = None
+                    return
                 end = None
                 if p.cron is None and not p.fixed_rate:
                     # end-based: the next interval starts when this run (or the
@@ -994,6 +1038,10 @@ class Scheduler:
             except EngineNotRunning:
                 return
             except Exception as exc:
+                if p.task is not me:
+                    # halted during a write that failed: nothing to try again
+                    log.warning("periodic task %r: scheduling failed as it was halted: %s", p.name, exc)
+                    return
                 # a store that failed (or a bug) must not end the schedule. The same slot is
                 # tried again shortly, not a new one: the store then refuses it if another node
                 # (or this one, before the error) fired it, and cron and fixed-rate slots stay
@@ -1104,18 +1152,25 @@ class Scheduler:
         # in one transaction: what this node knows of a run it does not execute (one read at
         # its start, or another node's) lags the store, and may never hear its end at all (a
         # run pruned from the store first), so the store's word decides, not this node's
+        me = p.writer = _current_task()
         try:
             fired = await self._engine.submit_periodic(p.name, slot, gap)
         except QueueFull:
             log.warning("periodic task %r: engine run queue full; tick skipped", p.name)
             self._skip(p, None)
             fired = None
+        finally:
+            if p.writer is me:
+                p.writer = None
         if fired is None:
             if not going:
-                # nothing runs for this slot: an end-based interval counts from now, not
-                # again from the end of a run that finished before it (that end would give
-                # this same slot back, refused again, at once and forever)
+                # the slot is not this node's: an end-based interval counts from the end of
+                # the run the node that fired it started, not again from the end of a run that
+                # finished before it (that end would give this same slot back, refused again,
+                # at once and forever), nor from this node's tick
                 p.current = p.elsewhere = None
+                if p.every is not None and not p.fixed_rate and self._engine.durable and p.task is me:
+                    await self._take_up_latest(p)
             return
         handle, new = fired
         if not new:
@@ -1131,6 +1186,25 @@ class Scheduler:
         p.elsewhere = None
         p.runs += 1
         self._follow(p, handle)
+
+    async def _take_up_latest(self, p: _Periodic) -> None:
+        """Another node fired this slot (or one less than an interval before it): take up the
+        run of ``p`` the store holds last, as the one the loop waits for. That node claimed its
+        slot with that run (in one transaction), or while that run went, and runs of one task
+        never overlap: its end is the one that node counts the interval from too. If the store
+        cannot say, the interval counts from now, when this node finds no run of the task going."""
+        try:
+            page = await self._engine.store.query(task=p.name, limit=1)
+        except Exception as exc:
+            log.debug("periodic task %r: the store could not say which run its slot started: %s", p.name, exc)
+            return
+        if not page.runs:
+            return
+        latest = page.runs[0]
+        followed = self._inflight.get(latest.id)
+        p.current = followed[1] if followed is not None else self._engine.handle(latest.id)
+        if followed is None and not latest.status.finished:
+            p.elsewhere = latest.id  # shown going, as a run a tick found going is
 
     async def run_now(self, name: str, submit: Callable[[str], Awaitable[RunHandle]]) -> RunHandle:
         """Queue one run of ``name`` now with ``submit(source)`` (the engine's), off its schedule.

@@ -890,6 +890,45 @@ async def test_a_fixed_rate_grid_stays_put_after_a_store_error(tmp_path: Path, c
         assert info(engine, "hourly").next_due == slot + 3600
 
 
+async def test_a_pause_while_a_ticks_write_waits_for_the_lock_leaves_the_run_it_stored_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the pause cancelled the tick as its write waited for the file's lock; the write committed
+    # all the same and its run went, shown nowhere: runs=0 and last_run_id None for good
+    path = tmp_path / "runs.db"
+    start = 1_800_000_000.0
+    now = [start]
+    engine = make_engine(store=f"sqlite:///{path}", clock=lambda: now[0])
+
+    @engine.periodic(every=3600, initial_delay=0.05)
+    async def hourly(ctx: TaskContext) -> None: ...
+
+    writing = asyncio.Event()
+    claim = engine.store.claim_periodic_run
+
+    def noted(*args: Any, **kwargs: Any) -> Any:
+        writing.set()
+        return claim(*args, **kwargs)
+
+    monkeypatch.setattr(engine.store, "claim_periodic_run", noted)
+    async with engine:
+        other = await asyncio.to_thread(locked, path)
+        try:
+            now[0] = start + 0.05
+            await asyncio.wait_for(writing.wait(), 10.0)
+            engine.pause_periodic("hourly")
+            assert info(engine, "hourly").paused and info(engine, "hourly").next_due is None
+        finally:
+            await asyncio.to_thread(other.execute, "ROLLBACK")
+            other.close()
+        stored = await eventually(lambda: engine.runs(task="hourly"))
+        done = await engine.wait_for(stored[0].id)
+        shown = await eventually(lambda: info(engine, "hourly").last_run_id and info(engine, "hourly"))
+        assert (shown.runs, shown.last_run_id, shown.last_status) == (1, done.id, "succeeded")
+        assert shown.paused and shown.next_due is None and shown.running_run_id is None
+        assert len((await engine.store.query(task="hourly", limit=10)).runs) == 1
+
+
 def test_periodic_tasks_added_from_another_thread_while_the_engine_starts_all_run(tmp_path: Path) -> None:
     # the scheduler's start reads each task's last slot from the store, one await each: tasks
     # added meanwhile (handed to the loop between those reads) broke the start, or were skipped

@@ -517,8 +517,9 @@ async def test_a_fixed_rate_tick_that_fired_late_does_not_fire_again_at_once() -
 async def test_nodes_sharing_a_store_never_overlap_runs_of_one_periodic_task(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    # each node measures its interval from the end of its own runs: the store must also
-    # hold a node back while another node's run of the task is still going
+    # each node counts its interval from the end of the task's last run on any node, which
+    # it follows; the store also holds a node back while another node's run of the task
+    # is still going, whatever that node knows of it
     db = f"sqlite:///{tmp_path / 'shared.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
     spans: list[tuple[float, float, str]] = []
     engines = [make_engine(store=db, node_id=f"node-{n}") for n in "ab"]
@@ -547,9 +548,10 @@ async def test_nodes_sharing_a_store_never_overlap_runs_of_one_periodic_task(
     spans.sort()
     overlaps = [(a, b) for a, b in zip(spans, spans[1:]) if b[0] < a[1]]
     assert overlaps == [], overlaps
-    # the slots that came due meanwhile passed, counted, naming the run that was going
+    # no slot comes due while a run goes (every node follows it); a tick that found one going
+    # all the same passed, counted, naming it
     skipped = [e for rec in recorders for e in rec.of("periodic.skipped")]
-    assert skipped and all(e.running_run_id for e in skipped)
+    assert all(e.running_run_id for e in skipped)
     assert not stray_tasks()
 
 
@@ -718,3 +720,69 @@ async def test_a_node_fires_the_first_slot_after_another_nodes_run_ended_in_the_
         later = rec.events[since:]
         # the tick whose look at the store was under way as the run ended may still skip
         assert len([e for e in later if e.kind == "periodic.skipped"]) <= 1, later
+
+
+async def test_a_node_whose_slot_another_node_fired_counts_its_interval_from_that_nodes_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # b's claim of its slot found it fired by a: b took it that nothing ran for it and counted
+    # its next interval from its own tick, so with runs shorter than the interval b's next run
+    # started less than an interval after a's run ended
+    db = f"sqlite:///{tmp_path / 'shared.db'}"
+    release = asyncio.Event()
+    ran: list[str] = []
+    a, b = (job_node(db, name, ran, release, every=3600.0) for name in ("a", "b"))
+    at_claim, a_fired = asyncio.Event(), asyncio.Event()
+    claim = b.store.claim_periodic_run
+
+    def after_a(*args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        monkeypatch.setattr(b.store, "claim_periodic_run", claim)  # b's first claim only
+
+        async def claimed() -> Any:
+            at_claim.set()
+            await a_fired.wait()
+            return await claim(*args, **kwargs)
+
+        return asyncio.ensure_future(claimed())
+
+    monkeypatch.setattr(b.store, "claim_periodic_run", after_a)
+    await b.start()
+    try:
+        await asyncio.wait_for(at_claim.wait(), 10.0)  # b's first slot, claimed once a has fired
+        await a.start()
+        first = await eventually(lambda: info(a, "job").running_run_id)
+        a_fired.set()
+        # b follows a's run, shown going on b as on a, and counts its interval from its end
+        await eventually(lambda: info(b, "job").running_run_id == first)
+        assert info(b, "job").next_due is None
+        release.set()
+        assert await finished_in_the_store(a, first)
+        stored = await a.store.get(first)
+        assert stored is not None and stored.finished_at is not None
+        due = stored.finished_at + 3600.0
+        await eventually(lambda: info(b, "job").next_due is not None)
+        assert info(b, "job").next_due == due
+        assert ran == ["a"] and info(b, "job").runs == 0
+    finally:
+        release.set()
+        await a.stop()
+        await b.stop()
+    assert not stray_tasks()
+
+
+async def test_a_node_started_while_another_nodes_run_goes_counts_its_interval_from_that_runs_end(
+    tmp_path: Path,
+) -> None:
+    # b took a's run up as going at its start, yet planned its first slot an interval after
+    # the slot that run fired for: a run longer than that was skipped, a shorter one was
+    # followed by b's run less than an interval after it ended
+    async with job_going_on_a(tmp_path, "b", every=3600.0) as (a, b, ran, release, first):
+        assert info(b, "job").running_run_id == first
+        assert info(b, "job").next_due is None
+        release.set()
+        assert await finished_in_the_store(a, first)
+        stored = await a.store.get(first)
+        assert stored is not None and stored.finished_at is not None
+        await eventually(lambda: info(b, "job").next_due is not None)
+        assert info(b, "job").next_due == stored.finished_at + 3600.0
+        assert ran == ["a"]
