@@ -16,6 +16,7 @@ import shlex
 import shutil
 import tempfile
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -201,6 +202,42 @@ async def test_a_new_submission_still_leaves_empty_optional_fields_to_the_task()
         # as the README says: emptied, the default; emptied and nullable, null
         run = await submit_and_get_new_run(engine, app, pilot, "mail")
         assert run.params == {"to": "a@b", "subject": "Your weekly digest", "note": None}
+
+
+class Payment(BaseModel):
+    amount: Decimal
+    ratio: float = 1.0
+
+
+async def test_a_decimal_typed_in_the_form_reaches_the_task_exactly_as_engine_submit_would_take_it() -> None:
+    engine = form_engine()
+    got: list[tuple[Decimal, float]] = []
+
+    @engine.task(name="pay")
+    async def pay(ctx: TaskContext, params: Payment) -> None:
+        got.append((params.amount, params.ratio))
+
+    typed = "12345678901234567890.12"  # more digits than a float holds
+    async with make_app(engine).run_test(size=(120, 40)) as pilot:
+        app = pilot.app
+        assert isinstance(app, TaskwatchApp)
+        form = await submit_form(app, pilot, "pay")
+        form.field_widget("amount").value = typed
+        form.field_widget("ratio").value = "0.1"  # a float field reads a float, as before
+        run = await submit_and_get_new_run(engine, app, pilot, "pay")
+        await engine.handle(run.id).wait(2)
+        direct = await (await engine.submit("pay", {"amount": typed, "ratio": 0.1})).wait(2)
+        assert got == [(Decimal(typed), 0.1), (Decimal(typed), 0.1)]
+        assert run.params == direct.params
+        # a number a float holds as typed is still taken as a number
+        form = await submit_form(app, pilot, "pay")
+        form.field_widget("amount").value = "2.5"
+        await submit_and_get_new_run(engine, app, pilot, "pay")
+        await eventually(lambda: len(got) == 3)
+        assert got[-1][0] == Decimal("2.5")
+        # edited again, the amount is shown as typed, not as a quoted string
+        _, form = await edit_run(app, pilot, run)
+        assert form.field_widget("amount").value == typed
 
 
 async def test_an_untouched_secret_is_not_sent_as_its_schema_mask() -> None:

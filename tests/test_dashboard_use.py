@@ -7,6 +7,7 @@ Every test drives the real app with Pilot on a live engine (or a real remote con
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -1101,3 +1102,123 @@ async def test_health_samples_taken_while_the_view_is_paused_reach_the_graphs_on
         assert lines.history("cpu") == [float(s.cpu_percent) for s in samples]
         assert lines.history("threads") == [float(s.threads) for s in samples]
         assert list(graph.data or []) == lines.history("cpu")
+
+
+# ---------------------------------------------------------------- reported by a review
+
+
+async def test_an_untouched_failures_list_follows_the_newest_failure_and_r_retries_that_one() -> None:
+    engine = make_engine()
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        first = [(await (await engine.submit("explode")).wait(2)).id for _ in range(3)]
+        await pilot.press("2")
+        failures = app.main.query_one(FailuresList)
+        await eventually(lambda: failures.selected == ("run", first[-1]))
+        newer = [(await (await engine.submit("explode")).wait(2)).id for _ in range(3)]
+        await eventually(lambda: failures.selected == ("run", newer[-1]))
+        assert failures.table.shown_keys[0] == f"run:{newer[-1]}"
+        await pilot.press("r")
+        await eventually(lambda: [r for r in engine.runs(limit=None) if r.source == f"retry:{newer[-1]}"])
+        assert not [r for r in engine.runs(limit=None) if r.source == f"retry:{first[0]}"]
+
+
+async def test_a_chosen_failure_pushed_out_of_the_list_leaves_none_selected_for_r_to_hit() -> None:
+    engine = make_engine()
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        app.state.max_failures = 4  # the list's bound, reached sooner
+        first = [(await (await engine.submit("explode")).wait(2)).id for _ in range(3)]
+        await pilot.press("2")
+        failures = app.main.query_one(FailuresList)
+        await eventually(lambda: failures.selected == ("run", first[-1]))
+        await pilot.press("j")  # chosen: held as newer failures arrive
+        assert failures.selected == ("run", first[1])
+        await (await engine.submit("explode")).wait(2)
+        await eventually(lambda: len(failures.table.shown_keys) == 4)
+        await pilot.pause()
+        assert failures.selected == ("run", first[1])
+        pushing = [(await (await engine.submit("explode")).wait(2)).id for _ in range(3)]
+        await eventually(lambda: f"run:{first[1]}" not in failures.table.shown_keys)
+        await pilot.pause()
+        # not moved to a neighbour, which r would then retry
+        assert failures.selected is None
+        assert "No failure selected" in visible_text(failures.query_one("#failures-traceback"))
+        await pilot.press("r")
+        await eventually(lambda: any("select a run to retry" in n for n in notes(app)))
+        assert not [r for r in engine.runs(limit=None) if r.source.startswith("retry:")]
+        await pilot.press("j")  # the cursor comes back where it was
+        assert failures.selected is not None
+        await pilot.press("g")  # and follows the newest again
+        assert failures.selected == ("run", pushing[-1])
+        newest = (await (await engine.submit("explode")).wait(2)).id
+        await eventually(lambda: failures.selected == ("run", newest))
+
+
+def actions_under_way(app: TaskwatchApp) -> int:
+    return sum(1 for worker in app.workers if worker.group == "actions" and not worker.is_finished)
+
+
+def waiting(app: TaskwatchApp) -> list[str]:
+    """The messages saying a key was pressed again while its command waits for its reply."""
+    return [n for n in notes(app) if "still waiting for the engine" in n]
+
+
+async def test_r_or_c_pressed_again_while_the_engine_has_not_answered_acts_once() -> None:
+    engine = make_engine()
+    bg = engine.start_background()
+    answer = threading.Event()
+    try:
+        app = TaskwatchApp(LocalClient(engine), refresh_hz=30.0, overview_interval=0.2, confirm=False)
+        async with app.run_test(size=LARGE) as pilot:
+            await eventually(lambda: app.state.node_id == "dash-test")
+            failed = bg.submit("explode")
+            failed.wait(timeout=2)
+            held = bg.submit("hold")
+            await eventually(lambda: shown_status(app, failed.id) == "failed")
+            await eventually(lambda: shown_status(app, held.id) == "running")
+
+            for key, run_id in (("r", failed.id), ("c", held.id)):
+                assert table(app).select_run(run_id)
+                # the engine answers nothing for now: its loop is busy
+                answer.clear()
+                assert engine.loop is not None
+                engine.loop.call_soon_threadsafe(answer.wait, 10)
+                await pilot.press(key)
+                await eventually(lambda: actions_under_way(app) == 1)
+                said = len(waiting(app))
+                await pilot.press(key)  # nothing seemed to happen: pressed again
+                await eventually(lambda: len(waiting(app)) > said)
+                assert f"run {run_id}" in waiting(app)[-1]
+                await eventually(lambda: actions_under_way(app) == 1)  # the first press's alone
+                answer.set()
+                await eventually(lambda: actions_under_way(app) == 0)
+            assert len([r for r in engine.runs(limit=None) if r.source == f"retry:{failed.id}"]) == 1
+            assert engine.get(held.id).status is RunStatus.CANCELLED
+            await app.action_quit()
+    finally:
+        answer.set()
+        engine.resources["release"].set()
+        bg.stop(timeout=2)
+
+
+async def test_task_filter_quotes_a_name_with_a_space() -> None:
+    engine = make_engine()
+    for name in ("send email", "send", "email digest"):
+        engine.task(name=name)(_nothing)
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        ids = {name: (await (await engine.submit(name)).wait(2)).id for name in ("send email", "send", "email digest")}
+        await eventually(lambda: set(ids.values()) <= set(table(app).shown_keys))
+        await pilot.press("slash", *'task:"send email"', "enter")
+        await eventually(lambda: table(app).shown_keys == [ids["send email"]])
+        box = app.main.query_one("#runs-filter", Input)
+        box.value = "t:'email digest',send"
+        await eventually(lambda: set(table(app).shown_keys) == {ids["email digest"], ids["send"]})
+        box.value = 'task:"send email'  # a quote never closed runs to the end
+        await eventually(lambda: table(app).shown_keys == [ids["send email"]])
+        box.value = '"'
+        await pilot.press("enter")
+        await eventually(lambda: len(table(app).shown_keys) == 3)
+        assert app.is_running
+
+
+async def _nothing(ctx: Any) -> None:
+    return None

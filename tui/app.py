@@ -15,7 +15,8 @@ import difflib
 import functools
 import gc
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from itertools import islice
 from typing import Any, NamedTuple, TypeVar
 
 from rich.text import Text
@@ -116,6 +117,14 @@ COMMAND_ERRORS = (TaskwatchError, OSError, RuntimeError)
 #: full records of cut-down runs kept for the detail pane (they can be megabytes each)
 _FULL_RECORDS_KEPT = 16
 
+#: runs first heard of after their submission whose records wait to be fetched (the newest
+#: are kept: under a flood of such runs the oldest stay as their events told them)
+_FILLS_QUEUED = 256
+#: of those, fetched at once
+_FILLS_AT_ONCE = 4
+#: runs whose records were asked for, remembered so that none is asked for again and again
+_FILLS_REMEMBERED = 2_000
+
 
 def _has_cut_values(record: RunRecord) -> bool:
     error = record.error
@@ -138,10 +147,9 @@ def unknown_statuses(text: str) -> list[str]:
     """The ``status:`` values in a runs filter that are not statuses."""
     valid = {s.value for s in RunStatus}
     out: list[str] = []
-    for token in text.split():
-        key, sep, value = token.partition(":")
-        if sep and key in ("status", "s"):
-            out.extend(v for v in value.split(",") if v and v not in valid)
+    for word in filter_words(text):
+        if word.key in ("status", "s"):
+            out.extend(v for v in word.values if v and v not in valid)
     return out
 
 
@@ -173,25 +181,77 @@ class RunFilter(NamedTuple):
     tasks: set[str] | None
 
 
+class FilterWord(NamedTuple):
+    """One word of a filter: ``key`` is what comes before its first ``:`` (None when it has
+    none), ``values`` what comes after, split at its commas, and ``text`` the whole word."""
+
+    key: str | None
+    values: list[str]
+    text: str
+
+
+_QUOTES = "\"'"
+
+
+def filter_words(text: str) -> list[FilterWord]:
+    """The words of a filter, split at whitespace. A quote where a value starts (a word, or
+    the part after ``key:`` or a comma) runs to the same quote and keeps its spaces, colons
+    and commas: ``task:"send email"``; one never closed runs to the end of the text. A quote
+    anywhere else is a character of the word (``bob's``)."""
+    words: list[FilterWord] = []
+    i, end = 0, len(text)
+    while i < end:
+        if text[i].isspace():
+            i += 1
+            continue
+        key: str | None = None
+        values = [""]
+        whole = ""
+        starts_value = True
+        while i < end and not text[i].isspace():
+            char = text[i]
+            if char in _QUOTES and starts_value:
+                close = text.find(char, i + 1)
+                if close < 0:
+                    close = end
+                quoted = text[i + 1 : close]
+                values[-1] += quoted
+                whole += quoted
+                i = close + 1
+                starts_value = False
+                continue
+            i += 1
+            whole += char
+            if char == ":" and key is None:
+                key, values, starts_value = values[0], [""], True
+            elif char == "," and key is not None:
+                values.append("")
+                starts_value = True
+            else:
+                values[-1] += char
+                starts_value = False
+        words.append(FilterWord(key, values if key is not None else [], whole))
+    return words
+
+
 def parse_run_filter(text: str) -> RunFilter:
     """``"status:failed,running task:embed x"`` -> ({"failed", "running"}, "x", {"embed"}).
 
-    ``task:`` names tasks exactly (``task:fail`` is not ``deep_fail``); free text is a
-    substring of the task name or the run id."""
+    ``task:`` names tasks exactly (``task:fail`` is not ``deep_fail``; ``task:"send email"``
+    one with a space); free text is a substring of the task name or the run id."""
     statuses: set[str] = set()
     tasks: set[str] = set()
     words: list[str] = []
     valid = {s.value for s in RunStatus}
-    for token in text.split():
-        key, sep, value = token.partition(":")
-        if sep and key in ("status", "s"):
-            statuses.update(v for v in value.split(",") if v in valid)
-        elif sep and key in ("task", "t"):
-            tasks.update(v for v in value.split(",") if v)
-        elif token in valid:
-            statuses.add(token)
-        else:
-            words.append(token)
+    for word in filter_words(text):
+        if word.key in ("status", "s"):
+            statuses.update(v for v in word.values if v in valid)
+        elif word.key in ("task", "t"):
+            tasks.update(v for v in word.values if v)
+        elif word.key is None and word.text in valid:
+            statuses.add(word.text)
+        elif word.text:
+            words.append(word.text)
     return RunFilter(statuses or None, " ".join(words), tasks or None)
 
 
@@ -333,7 +393,7 @@ class DashboardScreen(Screen[None]):
             yield CountsBar(id="counts")
         with TabbedContent(initial="runs", id="tabs"):
             with TabPane("Runs", id="runs"):
-                yield Input(placeholder="filter runs: text, status:failed, task:NAME  (esc closes)", id="runs-filter", classes="filter")
+                yield Input(placeholder='filter runs: text, status:failed, task:NAME, task:"A NAME"  (esc closes)', id="runs-filter", classes="filter")
                 with Horizontal(id="runs-body"):
                     yield RunsTable(id="runs-table", max_rows=self.max_rows)
                     yield RunDetail(id="run-detail")
@@ -433,6 +493,14 @@ class TaskwatchApp(App[None]):
         self._overview_sent: float | None = None
         #: when the first overview request still unanswered was sent (None: the last one was)
         self._unanswered_since: float | None = None
+        #: (verb, run id or name) of the commands whose replies the keys still wait for
+        self._acting: set[tuple[str, str]] = set()
+        #: runs known only from their later events, whose records are to be fetched (newest last)
+        self._to_fill: dict[str, None] = {}
+        self._filling = False
+        #: runs whose records were asked for already (one the engine no longer has is not
+        #: asked for again each time the detail pane draws it)
+        self._fill_asked: dict[str, None] = {}
 
     # ------------------------------------------------------------------ layout
 
@@ -662,6 +730,9 @@ class TaskwatchApp(App[None]):
         if events:
             self.events_seen += len(events)
             self.state.apply(events, keep=self._kept_runs())
+            first_seen = self.state.take_partial()
+            if first_seen:
+                self._fill(first_seen)
         if self.client.dropped != self._client_dropped:
             # our own buffer overflowed: what we hold is incomplete, reload it
             self._client_dropped = self.client.dropped
@@ -794,6 +865,8 @@ class TaskwatchApp(App[None]):
         (see ``taskwatch.engine.snapshot``); the detail pane asks for the whole
         record when the user looks at such a run.
         """
+        if record is not None and record.id not in self._fill_asked and self.state.is_partial(record.id):
+            self._fill([record.id])  # looked at: fetched next
         if record is None or not _has_cut_values(record):
             return record
         full = self._full_records.get(record.id)
@@ -821,6 +894,40 @@ class TaskwatchApp(App[None]):
         if self.main.query_one(RunsTable).selected_run_id == run_id:
             self._show_detail(run_id)
 
+    def _fill(self, run_ids: Iterable[str]) -> None:
+        """Fetch the records of these runs, which the model knows only from events after their
+        submission (no params, submit time or key), in the background; the last given first."""
+        queued = self._to_fill
+        for run_id in run_ids:
+            queued.pop(run_id, None)
+            queued[run_id] = None
+        for run_id in list(islice(queued, max(0, len(queued) - _FILLS_QUEUED))):
+            del queued[run_id]
+        if queued and not self._filling:
+            self._filling = True
+            self.run_worker(self._fill_runs(), group="fill-runs")
+
+    async def _fill_runs(self) -> None:
+        try:
+            while self._to_fill and not self._dashboard_gone:
+                batch = list(self._to_fill)[-_FILLS_AT_ONCE:]
+                for run_id in batch:
+                    del self._to_fill[run_id]
+                    self._fill_asked[run_id] = None
+                for run_id in list(islice(self._fill_asked, max(0, len(self._fill_asked) - _FILLS_REMEMBERED))):
+                    del self._fill_asked[run_id]
+                batch = [run_id for run_id in batch if self.state.is_partial(run_id)]
+                answers = await asyncio.gather(*(self.client.get(run_id) for run_id in batch), return_exceptions=True)
+                for answer in answers:
+                    if isinstance(answer, RunRecord):
+                        self.state.fill(answer)
+                    elif not isinstance(answer, COMMAND_ERRORS):
+                        raise answer
+                    # else gone from the engine, disconnected or no reply: the run stays as
+                    # its events told it
+        finally:
+            self._filling = False
+
     def _keep_full(self, full: RunRecord) -> None:
         self._full_records[full.id] = full
         while len(self._full_records) > _FULL_RECORDS_KEPT:
@@ -830,9 +937,10 @@ class TaskwatchApp(App[None]):
         """``record`` with every value in full, fetched now if the wire cut some down; None
         (and a message) when it cannot be had: an action that uses the values (a form to
         resubmit, a traceback to read) must never use a shortened stand-in."""
-        if not _has_cut_values(record):
+        partial = self.state.is_partial(record.id)
+        if not _has_cut_values(record) and not partial:
             return record
-        full = self._full_records.get(record.id)
+        full = None if partial else self._full_records.get(record.id)
         if full is None or full.status is not record.status or full.attempt != record.attempt:
             try:
                 full = await self.client.get(record.id)
@@ -840,6 +948,7 @@ class TaskwatchApp(App[None]):
                 self.notify(f"could not load run {record.id} in full for {purpose}: {exc}", severity="warning")
                 return None
             self._keep_full(full)
+            self.state.fill(full)
         if is_truncated(full.params) or is_truncated(full.result):  # a value the engine itself holds shortened
             self.notify(f"run {record.id} holds shortened values: {purpose} needs them whole", severity="warning")
             return None
@@ -952,7 +1061,8 @@ class TaskwatchApp(App[None]):
         self.main.query_one(TaskStatsTable).update_stats([TaskStats(**row) for row in book.rows()])
         since = "" if book.since is None else time.strftime("%H:%M:%S", time.localtime(book.since))
         self.main.query_one("#task-stats-since", Static).update(
-            f"Runs seen by this dashboard since {since} (its first snapshot's runs included)" if since else ""
+            f"Runs seen by this dashboard since {since} (its first snapshot's runs included, older queued "
+            "ones once they start or end)" if since else ""
         )
 
     # ------------------------------------------------------------------ selection
@@ -1053,6 +1163,23 @@ class TaskwatchApp(App[None]):
             submitted,
         )
 
+    @contextlib.contextmanager
+    def _sole(self, verb: str, targets: Iterable[str], what: str) -> Iterator[bool]:
+        """Whether a key may ``verb`` ``targets`` now: False, after a word, while an earlier
+        ``verb`` of one of them still waits for the engine's reply. A slow engine shows nothing
+        for a while, and a key pressed again must not send its command twice (``r`` would
+        retry the run twice); the submit form's Submit refuses a second press the same way."""
+        keys = {(verb, target) for target in targets}
+        if keys & self._acting:
+            self.notify(f"{verb} {what}: still waiting for the engine's reply to the last one", severity="warning")
+            yield False
+            return
+        self._acting |= keys
+        try:
+            yield True
+        finally:
+            self._acting -= keys
+
     async def _command(
         self, verb: str, call: Awaitable[T], refused: type[TaskwatchError] | None = None
     ) -> T | None:
@@ -1065,6 +1192,19 @@ class TaskwatchApp(App[None]):
             else:
                 self.notify(command_failure(verb, exc), severity="error", timeout=10)
             return None
+
+    async def _command_once(
+        self,
+        verb: str,
+        target: str,
+        what: str,
+        call: Callable[[], Awaitable[T]],
+        refused: type[TaskwatchError] | None = None,
+    ) -> T | None:
+        """:meth:`_command` of ``call()``; None, sending nothing, while the last ``verb`` of
+        ``target`` still waits for its reply (see :meth:`_sole`)."""
+        with self._sole(verb, [target], what) as free:
+            return await self._command(verb, call(), refused) if free else None
 
     def _marked_runs(self) -> list[RunRecord]:
         """The runs marked in the Runs table (when that is the tab in view)."""
@@ -1090,7 +1230,9 @@ class TaskwatchApp(App[None]):
     async def action_cancel_run(self) -> None:
         marked = self._marked_runs()
         if marked:
-            await self._cancel_many(marked)
+            with self._sole("cancel", (r.id for r in marked), f"{len(marked)} marked runs") as free:
+                if free:
+                    await self._cancel_many(marked)
             return
         run = self.selected_run if self.active_tab == "runs" else None
         if run is None:
@@ -1100,6 +1242,11 @@ class TaskwatchApp(App[None]):
             # no dialog: a "yes" could only be refused
             self.notify(str(RunNotCancellable(run.id, run.status.value)), severity="warning")
             return
+        with self._sole("cancel", [run.id], f"run {run.id}") as free:
+            if free:
+                await self._cancel_one(run)
+
+    async def _cancel_one(self, run: RunRecord) -> None:
         # the run is fixed now: rows moving while the dialog is open change nothing
         if not await self._confirmed(f"Cancel run {run.id} ({run.task}, {run.status.value})?", "Cancel run"):
             return
@@ -1157,14 +1304,22 @@ class TaskwatchApp(App[None]):
     async def action_retry_run(self) -> None:
         marked = self._marked_runs()
         if marked:
-            if await self._confirmed(f"Retry {len(marked)} marked runs: {self._name_runs(marked)}?", f"Retry {len(marked)} runs"):
-                self.main.query_one(RunsTable).clear_marks()
-                await self._retry_many(marked)
+            with self._sole("retry", (r.id for r in marked), f"{len(marked)} marked runs") as free:
+                if free and await self._confirmed(
+                    f"Retry {len(marked)} marked runs: {self._name_runs(marked)}?", f"Retry {len(marked)} runs"
+                ):
+                    self.main.query_one(RunsTable).clear_marks()
+                    await self._retry_many(marked)
             return
         run = self.selected_run
         if run is None:
             self._no_run_selected("retry")
             return
+        with self._sole("retry", [run.id], f"run {run.id}") as free:
+            if free:
+                await self._retry_one(run)
+
+    async def _retry_one(self, run: RunRecord) -> None:
         record = await self._command("retry", self.client.retry(run.id), RunNotRetryable)
         if record is None:
             return
@@ -1188,9 +1343,12 @@ class TaskwatchApp(App[None]):
         if not runs:
             self.notify(f"every failure of {failure.task} shown here was retried already", severity="warning")
             return
-        if await self._confirmed(f"Retry the {len(runs)} failed runs of task {failure.task}: {self._name_runs(runs)}?",
-                                 f"Retry {len(runs)} runs"):
-            await self._retry_many(runs)
+        with self._sole("retry", (r.id for r in runs), f"the failures of {failure.task}") as free:
+            if free and await self._confirmed(
+                f"Retry the {len(runs)} failed runs of task {failure.task}: {self._name_runs(runs)}?",
+                f"Retry {len(runs)} runs",
+            ):
+                await self._retry_many(runs)
 
     @work(group="actions")
     async def action_edit_resubmit(self) -> None:
@@ -1204,7 +1362,8 @@ class TaskwatchApp(App[None]):
             self.notify(f"task {run.task} cannot be submitted from the dashboard", severity="warning")
             return
         # params the wire cut down would fill the form with a stand-in (or nothing)
-        full = await self._in_full(run, "edit and resubmit")
+        with self._sole("edit and resubmit", [run.id], f"run {run.id}") as free:
+            full = await self._in_full(run, "edit and resubmit") if free else None
         if full is None:
             return
         self.action_submit(full.task, values=dict(full.params), title=f"Edit and resubmit {full.task} (from run {full.id})")
@@ -1231,11 +1390,14 @@ class TaskwatchApp(App[None]):
             if failed is None:  # a crashed worker: its error came whole with the overview
                 self.push_screen(TracebackScreen(*picked))
                 return
-            # a traceback the wire cut down is fetched whole (shown cut, after a warning, if it cannot be)
-            run: RunRecord | None = await self._in_full(failed, "the traceback") or failed
+            run: RunRecord | None = failed
         else:
             run = self.selected_run
-            if run is not None:
+        if run is not None:
+            # a traceback the wire cut down is fetched whole (shown cut, after a warning, if it cannot be)
+            with self._sole("show the traceback of", [run.id], f"run {run.id}") as free:
+                if not free:
+                    return
                 run = await self._in_full(run, "the traceback") or run
         if run is None or run.error is None:
             self.notify("the selected run has no traceback", severity="warning")
@@ -1326,8 +1488,8 @@ class TaskwatchApp(App[None]):
         info = next((p for p in self.state.schedule if p.name == name), None)
         resume = info is not None and info.paused
         verb = "resume" if resume else "pause"
-        call = self.client.resume_periodic(name) if resume else self.client.pause_periodic(name)
-        result = await self._command(verb, call)
+        call = self.client.resume_periodic if resume else self.client.pause_periodic
+        result = await self._command_once(verb, name, f"periodic task {name}", lambda: call(name))
         if result is None:
             return
         self.notify(f"periodic task {name} {verb}d")
@@ -1342,7 +1504,9 @@ class TaskwatchApp(App[None]):
             self.notify("select a periodic task on the Scheduler tab (3)", severity="warning")
             return
         # a run still going is a refusal to read, not a failure
-        record = await self._command("run", self.client.run_periodic(name), PeriodicNotRunnable)
+        record = await self._command_once(
+            "run", name, f"periodic task {name}", lambda: self.client.run_periodic(name), PeriodicNotRunnable
+        )
         if record is None:
             return
         self.notify(f"periodic task {name} queued now as run {record.id}; its schedule is unchanged")
@@ -1390,7 +1554,9 @@ class TaskwatchApp(App[None]):
         if name is None:
             self.notify("select a supervised worker on the Scheduler tab (3)", severity="warning")
             return
-        info = await self._command("restart", self.client.restart_worker(name), WorkerNotLeading)
+        info = await self._command_once(
+            "restart", name, f"worker {name}", lambda: self.client.restart_worker(name), WorkerNotLeading
+        )
         if info is not None:
             self._show_worker(info)
             self.notify(f"worker {name} restarted")
@@ -1403,8 +1569,8 @@ class TaskwatchApp(App[None]):
             return
         current = next((w for w in self.state.workers if w.name == name), None)
         start = current is not None and current.stopped_by_user
-        call = self.client.start_worker(name) if start else self.client.stop_worker(name)
-        info = await self._command("start" if start else "stop", call)
+        call = self.client.start_worker if start else self.client.stop_worker
+        info = await self._command_once("start" if start else "stop", name, f"worker {name}", lambda: call(name))
         if info is None:
             return
         self._show_worker(info)
@@ -1423,8 +1589,8 @@ class TaskwatchApp(App[None]):
             return
         current = next((q for q in self.state.queues if q.name == name), None)
         resume = current is not None and current.paused
-        call = self.client.resume_queue(name) if resume else self.client.pause_queue(name)
-        info = await self._command("resume" if resume else "pause", call)
+        call = self.client.resume_queue if resume else self.client.pause_queue
+        info = await self._command_once("resume" if resume else "pause", name, f"queue {name}", lambda: call(name))
         if info is None:
             return
         self._show_queue(info)
@@ -1439,6 +1605,11 @@ class TaskwatchApp(App[None]):
         if name is None:
             self.notify("select a queue on the Scheduler tab (3)", severity="warning")
             return
+        with self._sole("purge", [name], f"queue {name}") as free:
+            if free:
+                await self._purge(name)
+
+    async def _purge(self, name: str) -> None:
         current = next((q for q in self.state.queues if q.name == name), None)
         depth = current.depth if current is not None else 0
         jobs = "1 job" if depth == 1 else f"{depth} jobs"
@@ -1473,7 +1644,11 @@ class TaskwatchApp(App[None]):
                 key = await self.push_screen_wait(ChooseKeyScreen(name, keys, cursor_blink=self.cursor_blink))
                 if key is None:
                     return
-        fire = await self._command("fire", self.client.fire_trigger(name, key))
+        trigger, fired_key = name, key
+        fire = await self._command_once(
+            "fire", f"{name}\0{key}", f"trigger {name} for key {key}",
+            lambda: self.client.fire_trigger(trigger, fired_key),
+        )
         if fire is None:
             return
         if fire.fired:

@@ -34,6 +34,12 @@ from .task_stats import TaskStatsBook
 
 _FINISHED = {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED}
 
+#: the events of a run after its submission: each makes a run the model does not know yet
+#: known from then on (see :meth:`DashboardState._first_seen`)
+_LATER_RUN_EVENTS = frozenset(
+    {"run.started", "run.progress", "run.retrying", "run.succeeded", "run.failed", "run.cancelled", "run.recovered"}
+)
+
 #: runs the model keeps (finished ones; pending and running ones always stay)
 DEFAULT_MAX_RUNS = 2_000
 
@@ -108,6 +114,8 @@ class DashboardState:
         self.needs_resync = False
         #: per-task figures from the runs seen since the first snapshot
         self.task_stats = TaskStatsBook()
+        #: runs first heard of after their submission, whose full records nobody asked for yet
+        self.partial: dict[str, None] = {}
 
     # ------------------------------------------------------------------ snapshot
 
@@ -216,8 +224,9 @@ class DashboardState:
             return
         run = self.runs.get(run_id)
         if run is None:
-            # we joined after this run was submitted and it is not in our snapshot
-            return
+            if kind not in _LATER_RUN_EVENTS:
+                return
+            run = self._first_seen(kind, e)
         if kind == "run.started":
             run.status = RunStatus.RUNNING
             run.attempt = e.attempt
@@ -270,6 +279,62 @@ class DashboardState:
             return
         run.cached = None
         self.dirty.add(run_id)
+
+    def _first_seen(self, kind: str, e: Any) -> RunView:
+        """A run heard of only after its submission: say one queued before the snapshot's
+        newest runs (which that snapshot leaves out while it waits) that starts, fails or is
+        cancelled now. Known from here on, as the event tells it, so that it is listed, and
+        can be cancelled or retried, like any other; what the event does not carry (params,
+        submit time, key) comes with its record (see :meth:`fill`), so it is placed among
+        the oldest runs meanwhile, where that record will most likely put it."""
+        oldest = next(iter(self.runs.values()), None)
+        created = e.ts if oldest is None else min(e.ts, oldest.created_at)
+        attempt = getattr(e, "attempt", 1)
+        run = RunView(e.run_id, e.task, {}, attempt, created, None, "submit")
+        # progress and a recovery come from a run under way; the other events set the status
+        run.status = RunStatus.RUNNING
+        run.attempt = attempt
+        duration = getattr(e, "duration", 0.0)
+        if kind in ("run.succeeded", "run.failed") and duration:
+            run.started_at = e.ts - duration
+        run.partial = True
+        self.runs[run.id] = run
+        self.partial[run.id] = None
+        # counted as submitted when first seen, as its first snapshot's runs are: no task
+        # has more runs ended than submitted
+        self.task_stats.seen(e.task)
+        return run
+
+    def take_partial(self) -> list[str]:
+        """The runs first heard of since the last call, whose records the app is to fetch."""
+        partial, self.partial = list(self.partial), {}
+        return partial
+
+    def is_partial(self, run_id: str) -> bool:
+        """Whether the run is known only from its events after its submission (no params yet)."""
+        run = self.runs.get(run_id)
+        return run is not None and run.partial
+
+    def fill(self, record: RunRecord) -> None:
+        """Complete a run first heard of after its submission with its record: what no event
+        carried. Its status and the rest stay as its events told them (newer, maybe)."""
+        run = self.runs.get(record.id)
+        if run is None or not run.partial:
+            return
+        run.partial = False
+        run.params = record.params
+        run.max_attempts = max(record.max_attempts, run.attempt)
+        run.created_at = record.created_at
+        run.key = record.key
+        run.source = record.source
+        if run.started_at is None:
+            run.started_at = record.started_at
+        if run.node is None:
+            run.node = record.node
+        run.cached = None
+        self.dirty.add(run.id)
+        if run.id in self.failures:
+            self.failures[run.id] = run.record()
 
     def _count_run_event(self, kind: str, e: Any, run: RunView | None) -> None:
         """Move the counts on by a run event the last snapshot's counts do not hold yet."""
@@ -470,7 +535,7 @@ class RunView:
     __slots__ = (
         "id", "task", "params", "status", "attempt", "max_attempts", "created_at", "started_at",
         "finished_at", "progress", "result", "error", "key", "source", "cancel_reason", "cached",
-        "attempts", "node",
+        "attempts", "node", "partial",
     )
 
     def __init__(
@@ -503,6 +568,9 @@ class RunView:
         self.attempts: list[AttemptLog] = []
         #: the node running it, or the one that ran its last attempt
         self.node: str | None = None
+        #: known only from events after its submission: params, key, source and submit time
+        #: are stand-ins until its record fills them in
+        self.partial = False
 
     def end_attempt(
         self,

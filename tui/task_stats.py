@@ -104,6 +104,13 @@ class TaskStatsBook:
             tally.last_failure_at = ts
             tally.last_failure = kind if error is None else f"{error.type}: {error.message}"
 
+    def seen(self, task: str) -> None:
+        """Count a run first seen after its submission (queued before the first snapshot's
+        runs, say) as submitted: its end is counted too, and no task may show more runs
+        ended than submitted."""
+        self._tally(task).submitted += 1
+        self.changed = True
+
     def on_event(self, kind: str, event: Any) -> None:
         """Count one run event (``kind`` is its ``kind``)."""
         if kind == "run.submitted":

@@ -10,6 +10,12 @@ batched removals (a full rebuild when many rows go at once, since every
 Row order is carried by the first cell of each row: an ``_OrderedText`` with an
 ``order`` attribute, so ``DataTable.sort`` can order rows without a visible
 sort column.
+
+The cursor stays on its row (by key) as rows come, go or move. A table with
+``FOLLOWS_FIRST_ROW`` (a list sorted newest first) keeps it on the first row
+instead until the user moves it, as ``VirtualTable`` does: then the row the user
+chose is held, and when that row goes no row is selected (``selected_key`` is None,
+no cursor drawn) rather than a neighbour, until the user moves the cursor again.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Collection
 from typing import Any, ClassVar
 
 from rich.text import Text
+from textual import events
 from textual.binding import Binding
 from textual.coordinate import Coordinate
 from textual.widgets import DataTable
@@ -41,6 +48,8 @@ class KeyedTable(KeyedRows, DataTable[Text]):
     """Base class of the keyed, diff-updated tables (not meant to be used directly)."""
 
     COLUMNS: ClassVar[tuple[Column, ...]] = ()
+    #: the cursor follows the first row until the user moves it (see the module's doc)
+    FOLLOWS_FIRST_ROW: ClassVar[bool] = False
 
     #: the keys of less, vim and k9s, beside the arrows, Home and End
     BINDINGS = [
@@ -79,13 +88,24 @@ class KeyedTable(KeyedRows, DataTable[Text]):
         self._select_on_mount: str | None = None
         #: the columns on screen: COLUMNS, or the selection of them a subclass chose to show
         self.shown_columns: tuple[Column, ...] = self.COLUMNS
+        #: with FOLLOWS_FIRST_ROW: the cursor is on the first row and stays there as rows arrive
+        self._following = self.FOLLOWS_FIRST_ROW
+        #: the row the cursor was held on went: no row is selected until the user moves it
+        self._cursor_cleared = False
 
     # ------------------------------------------------------------ public
 
     @property
+    def following(self) -> bool:
+        """Whether the cursor follows the first row (only a table with ``FOLLOWS_FIRST_ROW``
+        does: at start and after ``g``, until the user moves it)."""
+        return self._following
+
+    @property
     def selected_key(self) -> str | None:
-        """The key of the row under the cursor, or ``None`` when the table is empty."""
-        if not self.row_count or not self.columns:
+        """The key of the row under the cursor, or ``None`` when the table is empty (or, with
+        ``FOLLOWS_FIRST_ROW``, when the row the cursor was held on went)."""
+        if not self.row_count or not self.columns or self._cursor_cleared:
             return None
         try:
             cell_key = self.coordinate_to_cell_key(Coordinate(self.cursor_row, 0))
@@ -99,9 +119,10 @@ class KeyedTable(KeyedRows, DataTable[Text]):
         return [row.key.value for row in self.ordered_rows if row.key.value is not None]
 
     def select_key(self, key: str) -> bool:
-        """Move the cursor to the row ``key``; False when that row is not shown."""
+        """Move the cursor to the row ``key`` (and hold it there); False when that row is not shown."""
         if key not in self._cells:
             return False
+        self._hold()
         if not self._columns_ready:
             self._select_on_mount = key  # the rows are drawn on mount; the cursor goes there then
             return True
@@ -205,11 +226,82 @@ class KeyedTable(KeyedRows, DataTable[Text]):
                 self.sort(self.shown_columns[0].key, key=_order_of)
         selected = self._selection_before
         self._selection_before = None
-        if selected is not None and selected in self._cells:
+        if self._following:
+            # nobody moved the cursor: it shows what arrives on the first row
+            if self.row_count and self.cursor_row != 0:
+                self.move_cursor(row=0)
+        elif selected is not None and selected in self._cells:
             index = self.get_row_index(selected)
             if index != self.cursor_row:
                 self.move_cursor(row=index)
+        elif selected is not None and self.FOLLOWS_FIRST_ROW:
+            # the row the user chose went: a neighbour under the cursor would be acted on
+            # by a key meant for the row chosen
+            self._clear_cursor()
         self._sync_highlight()
+
+    # ------------------------------------------------------------ following the first row
+
+    def _hold(self) -> None:
+        """The user (or ``select_key``) put the cursor somewhere: it stays on that row."""
+        self._following = False
+        if self._cursor_cleared:
+            self._cursor_cleared = False
+            self.show_cursor = True
+
+    def _clear_cursor(self) -> None:
+        self._following = False
+        self._cursor_cleared = True
+        self.show_cursor = False
+
+    def _moved_by_user(self) -> bool:
+        """Before a key moves the cursor: hold it from now on. True when the key may move it;
+        False when there was no cursor (its row went), which the key brings back where it was."""
+        cleared = self._cursor_cleared
+        self._hold()
+        if cleared:
+            self._sync_highlight()
+        return not cleared
+
+    def action_cursor_up(self) -> None:
+        if self._moved_by_user():
+            super().action_cursor_up()
+
+    def action_cursor_down(self) -> None:
+        if self._moved_by_user():
+            super().action_cursor_down()
+
+    def action_page_up(self) -> None:
+        if self._moved_by_user():
+            super().action_page_up()
+
+    def action_page_down(self) -> None:
+        if self._moved_by_user():
+            super().action_page_down()
+
+    def action_scroll_bottom(self) -> None:
+        if self._moved_by_user():
+            super().action_scroll_bottom()
+
+    def action_scroll_top(self) -> None:
+        self._hold()
+        super().action_scroll_top()
+        # g: the newest again, and the rows arriving after it
+        self._following = self.FOLLOWS_FIRST_ROW
+        self._sync_highlight()
+
+    def action_select_cursor(self) -> None:
+        # the row opened is the one chosen: held, so that a key then acts on it and not on
+        # a newer row that arrived meanwhile
+        if not self._cursor_cleared:
+            self._following = False
+        super().action_select_cursor()
+
+    def on_click(self, event: events.Click) -> None:
+        # before DataTable's own handler (Textual calls each class's, subclass first), which
+        # moves no cursor that is hidden; a click on the header moves none
+        if event.style.meta.get("row", -1) >= 0:
+            self._hold()
 
     # ------------------------------------------------------------ internals
 

@@ -36,6 +36,9 @@ def _run_time(record: RunRecord) -> float:
 
 
 class _FailuresTable(KeyedTable):
+    # newest first: an untouched list shows, and r acts on, the newest failure
+    FOLLOWS_FIRST_ROW = True
+
     COLUMNS: ClassVar[tuple[Column, ...]] = (
         Column("kind", "kind", 6),
         Column("name", "task / worker", max_width=NAME_WIDTH),
@@ -63,7 +66,12 @@ class _FailuresTable(KeyedTable):
 
 
 class FailuresList(Vertical):
-    """Failed runs and crashed workers, newest first; the highlighted one's traceback below."""
+    """Failed runs and crashed workers, newest first; the highlighted one's traceback below.
+
+    Until the user moves it, the cursor follows the newest failure; once moved (or after
+    ``select``), it stays on the failure chosen as newer ones arrive, and when that failure
+    leaves the list (pushed out by ``max_items`` newer ones) none is selected until the
+    cursor is moved again (``g`` follows the newest again)."""
 
     DEFAULT_CSS = Path(__file__).with_suffix(".tcss").read_text(encoding="utf-8")
 
@@ -92,8 +100,8 @@ class FailuresList(Vertical):
         super().__init__(name=name, id=id, classes=classes, disabled=disabled)
         self.max_items = max_items
         self._items: dict[str, _Item] = {}
-        self._detail_key: str | None = None
-        self._detail_item: _Item | None = None
+        #: what the detail pane shows: (key, item, whether any failure is listed)
+        self._detail_shown: tuple[str | None, _Item | None, bool] | None = None
         self._early_update: tuple[list[RunRecord], list[WorkerInfo]] | None = None
         # Textual says a widget is mounted only once its on_mount has run, and on_mount
         # draws the early update: the table is there from then on
@@ -172,11 +180,11 @@ class FailuresList(Vertical):
 
     def _show_detail(self, key: str | None) -> None:
         item = self._items.get(key) if key is not None else None
-        if key == self._detail_key and item == self._detail_item:
+        shown = (key, item, bool(self._items))
+        if shown == self._detail_shown:
             return
-        self._detail_key = key
-        self._detail_item = item
-        self.query_one("#failures-traceback", Static).update(_detail(item))
+        self._detail_shown = shown
+        self.query_one("#failures-traceback", Static).update(_detail(item, listed=shown[2]))
 
 
 def _split_key(key: str) -> tuple[FailureKind, str]:
@@ -204,8 +212,11 @@ def _cells(item: _Item) -> tuple[Cell, ...]:
     )
 
 
-def _detail(item: _Item | None) -> RenderableType:
+def _detail(item: _Item | None, listed: bool = False) -> RenderableType:
     if item is None:
+        if listed:
+            # the failure chosen left the list: say so, rather than that there are none
+            return Text("No failure selected: move the cursor to one (g: the newest).", style="dim italic")
         return Text("No failures.", style="dim italic")
     if isinstance(item, RunRecord):
         title = Text.assemble(

@@ -22,6 +22,7 @@ import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
@@ -677,12 +678,26 @@ def _is_json_type(value: Any, json_type: str | None) -> bool:
     return False
 
 
+def _float_keeps(text: str, number: float) -> bool:
+    """Whether ``number``, read from ``text``, is still the number typed: written back as
+    the shortest text that reads as it, it is the same number (20 digits are not)."""
+    try:
+        return Decimal(repr(number)) == Decimal(text)
+    except InvalidOperation:
+        return False
+
+
 def _parse_text_union(spec: FieldSpec, raw: str) -> Any:
     """A union with a string: the value of another member when the text reads as one, a JSON
     string when quoted, else the text itself."""
+    text = raw.strip()
     try:
-        value = _loads(raw.strip())
+        value = _loads(text)
     except ValueError:
+        return raw
+    if isinstance(value, float) and not _float_keeps(text, value):
+        # pydantic's Decimal is such a union (number or string): a float would round the
+        # amount typed, while the text reaches the task exactly, as engine.submit's would
         return raw
     if isinstance(value, str) or any(_is_json_type(value, t) for t in spec.alternatives):
         return value
