@@ -19,7 +19,12 @@ event and tells its listeners (the supervisor) when leadership starts or
 ends. A leader also wakes when its own view of the lease lapses, so it steps
 down then even if a renew is late, and :meth:`LeaderElector.verify` asks the
 lease itself before ``ctx.ensure_leader()`` lets destructive work go on.
-Without a lease an engine is its own permanent leader (term 1).
+Without a lease an engine leads from its start to its stop whatever other nodes
+do: no lease granted that, so nothing stops another node from leading too. Its
+:class:`Leadership` says so with ``backend=None`` (and ``expires_at=None``);
+its ``term`` is 1 on every such node, a placeholder that fences nothing. Nodes
+sharing a store without a lease all lead and all run every leader-only worker
+(the supervisor logs a warning when it sees another live node on the store).
 """
 
 from __future__ import annotations
@@ -75,8 +80,11 @@ class Leadership(BaseModel):
 
     ``term`` and ``expires_at`` are this node's own when it leads, otherwise
     those of the holder it last saw (``None`` when it has seen none).
-    ``expires_at`` is ``None`` for an engine without a lease (permanent leader).
-    ``backend`` says where the lease lives (``None`` without a lease).
+    ``backend`` says where the lease lives. Without a lease it is ``None``, and
+    then nobody elected this node: it leads because nothing can stop it, and so
+    does every other node without one, even on a shared store (``is_leader``
+    True, ``holder`` itself, ``expires_at`` ``None``, and ``term`` 1 on each of
+    them: no lease granted that term, and it fences nothing).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -363,7 +371,8 @@ class LeaderElector:
         self._release_holds: list[Callable[[], Awaitable[None]]] = []
         self._task: asyncio.Task[None] | None = None
         if lease is None:
-            # nobody to compete with: this engine leads, for good
+            # nothing to compete through: this engine leads, for good, whatever other nodes do
+            # (term 1 is no granted term: every engine without a lease has it)
             self.is_leader = True
             self.term = 1
             self.holder: str | None = engine.node_id
@@ -422,7 +431,8 @@ class LeaderElector:
 
         The lease is asked at this moment (bounded by what is left of the
         lease), so a node that was paused, or lost the lease without noticing
-        yet, is told so before it does destructive work.
+        yet, is told so before it does destructive work. Without a lease it is
+        always 1, on every node: nothing was asked, so it proves nothing.
         """
         if self.lease is None:
             return self.term

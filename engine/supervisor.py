@@ -23,6 +23,17 @@ An operator can restart a worker now (cancel the running one, forget the
 backoff, start again; a leader-only worker only where this node leads), stop
 it (it stays stopped, whatever leadership does, until started or restarted)
 and start it again. Each is published as an event.
+
+A worker whose cleanup outlasts every wait (an engine stop, a lost leadership,
+an operator's stop or restart) is reported ``running`` until its code has
+really ended, and is never started beside itself: when it ends, it is started
+again if it should run by then (the engine was started again meanwhile, leadership
+came back, a restart asked for it).
+
+Without a lease every engine leads: nodes sharing a store then all run every
+leader-only worker. A node that has leader-only workers and no lease watches
+the store's nodes table and logs a warning, once per start, when it sees
+another live node there.
 """
 
 from __future__ import annotations
@@ -47,8 +58,9 @@ from .events import WorkerCrashed, WorkerResumed, WorkerStarted, WorkerStopped
 from .logs import log_safely, log_text, traceback_block
 from .hop import call_blocking, cancel_and_wait, spawn
 from .jsonsafe import name_problem
-from .options import WorkerOptions, check_options
+from .options import MIN_INTERVAL, WorkerOptions, check_options
 from .runs import RunError
+from .store.base import gone_incarnations
 from .tasks import check_worker_fn, registered_name
 
 if TYPE_CHECKING:
@@ -79,6 +91,9 @@ class WorkerInfo(BaseModel):
     start, nor starts on regaining leadership or asked for with
     ``restart_worker``); ``crashes`` counts crashes. ``stopped_by_user``: stopped
     with ``stop_worker``; it stays stopped until ``start_worker`` or ``restart_worker``.
+    A worker being stopped (by the engine's stop, a lost leadership, ``stop_worker``
+    or ``restart_worker``) stays ``running`` until its code has ended, also when the
+    stop gave up waiting for a cleanup that ignores cancellation.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -153,6 +168,8 @@ class Supervisor:
         self._running = False
         #: waits for leader-only workers cancelled on a lost leadership (the listener cannot await)
         self._winding_down: set[asyncio.Task[None]] = set()
+        #: looks for other live nodes on the store while leader-only workers run without a lease
+        self._other_leaders_watch: asyncio.Task[None] | None = None
         engine.elector.add_listener(self.on_leadership)
         engine.elector.hold_release(self.wound_down)
 
@@ -199,6 +216,7 @@ class Supervisor:
         self._workers[worker.name] = worker
         if self._running:
             self._reconcile(worker)
+            self._watch_for_other_leaders()
         return worker.info()
 
     def workers(self) -> list[WorkerInfo]:
@@ -253,9 +271,16 @@ class Supervisor:
             return worker.info()
 
     def start_worker(self, name: str) -> WorkerInfo:
-        """Let a worker stopped with :meth:`stop_worker` run again (now, or once this node leads)."""
+        """Let a worker stopped with :meth:`stop_worker` run again (now, or once this node leads).
+
+        A worker not stopped that way is left as it is, except one with nothing of it left
+        running on a running engine (its task was cancelled from outside): that one is started.
+        """
         worker = self._get(name)
         if not worker.held:
+            if self._running and (worker.task is None or worker.task.done()):
+                # a copy still ending is not touched: its done-callback starts the next one
+                self._start_now(worker)
             return worker.info()
         worker.held = False
         worker.streak = 0
@@ -297,19 +322,27 @@ class Supervisor:
     async def start(self) -> None:
         self._running = True
         for worker in self._workers.values():
+            # one whose last copy still runs (its cleanup outlasted the last stop) is
+            # started by that copy's done-callback once it has ended
             self._reconcile(worker)
+        self._watch_for_other_leaders()
 
     async def stop(self, deadline: float) -> None:
         self._running = False
+        watch, self._other_leaders_watch = self._other_leaders_watch, None
+        await cancel_and_wait(watch)
         tasks = [t for w in self._workers.values() if (t := self._cancel(w, "shutdown")) is not None]
         await self._await_cancelled(tasks, deadline)
         # the workers they wait for were just waited for (and warned about) here
         for waiter in list(self._winding_down):
             await cancel_and_wait(waiter)
         for worker in self._workers.values():
-            worker.state = "stopped"
             worker.next_restart_at = None
             worker.backoff_ends = None  # the next start starts it at once
+            if worker.task is None or worker.task.done():
+                worker.state = "stopped"
+            # else its code still runs (a cleanup that ignored every cancel): it says "running"
+            # until it ends, when it says "stopped" (and starts again if the engine runs by then)
 
     def on_leadership(self, is_leader: bool) -> None:
         """The elector's listener: start or cancel the leader-only workers."""
@@ -346,6 +379,51 @@ class Supervisor:
         self._winding_down.add(waiter)
         waiter.add_done_callback(self._winding_down.discard)
 
+    # ------------------------------------------------------------------ leaders without a lease
+
+    def _watch_for_other_leaders(self) -> None:
+        """Without a lease every node leads: watch for other live nodes on the store while
+        this one has leader-only workers (once started, until the engine stops)."""
+        if self._engine.elector.lease is not None or self._other_leaders_watch is not None:
+            return
+        if not any(w.leader_only for w in self._workers.values()):
+            return
+        self._other_leaders_watch = spawn(
+            self._look_for_other_leaders(), name=f"taskwatch-other-leaders-{self._engine.node_id}"
+        )
+
+    async def _look_for_other_leaders(self) -> None:
+        """Warn, once, when another live node shares the store: it leads too, and may run the
+        same leader-only workers beside these. Its nodes table is all that says so; a node that
+        starts later is seen within a third of ``node_ttl``."""
+        store = self._engine.store
+        interval = max(MIN_INTERVAL, store.node_ttl / 3)
+        while True:
+            others = await self._other_live_nodes()
+            workers = sorted(w.name for w in self._workers.values() if w.leader_only and not w.held)
+            if others and workers:
+                log.warning(
+                    "node %s has no lease, so it leads whatever other nodes do, and other live nodes "
+                    "share its store %s: %s. Leader-only workers (here %s) run on every node without a "
+                    "lease at once. Give every node the same lease (lease=RedisLease(...) or "
+                    "lease=PostgresLease(...)), or register leader-only workers on one node only",
+                    self._engine.node_id, store.describe(), ", ".join(map(repr, others)), ", ".join(map(repr, workers)),
+                )  # fmt: skip
+                return
+            await asyncio.sleep(interval)
+
+    async def _other_live_nodes(self) -> list[str]:
+        """The ids of the other live incarnations on this engine's store (none if it cannot say)."""
+        store = self._engine.store
+        try:
+            nodes = await store.nodes()
+        except Exception:  # noqa: BLE001 - out of reach or refusing: the executor logs that; look again later
+            log.debug("node %s: reading the nodes table failed", self._engine.node_id, exc_info=True)
+            return []
+        gone = gone_incarnations(nodes, store.clock(), store.node_ttl)
+        me = self._engine.incarnation
+        return sorted({n.node for n in nodes if n.incarnation != me and n.incarnation not in gone})
+
     # ------------------------------------------------------------------ internals
 
     def _may_run(self, worker: _Worker) -> bool:
@@ -381,9 +459,10 @@ class Supervisor:
                 # cancelled before its first step (stopped right after a start): say so as _supervise would
                 self._stopped(worker, worker.stop_reason or "cancelled")
         # what ended it may have been undone while it unwound: leadership came back,
-        # start_worker was called during a stop_worker, or a restart's caller stopped waiting
-        # for (or gave up on) a cleanup longer than its cancel rounds
-        if worker.stop_reason in ("leadership_lost", "user", "restart"):
+        # start_worker was called during a stop_worker, a restart's caller stopped waiting
+        # for (or gave up on) a cleanup longer than its cancel rounds, or the engine was
+        # started again after a stop that gave up on it (its start left this to us)
+        if worker.stop_reason in ("leadership_lost", "user", "restart", "shutdown"):
             self._start_now(worker)
 
     def _cancel(self, worker: _Worker, reason: StopReason) -> asyncio.Task[None] | None:
