@@ -97,6 +97,14 @@ async def ending_cleanups(engine: Engine, worker: SlowCleanup) -> AsyncIterator[
             await asyncio.wait(left, timeout=CHILD_TIMEOUT)
 
 
+async def stopped_while_it_cleans_up(engine: Engine, worker: SlowCleanup) -> None:
+    """Start ``engine``, then stop it while ``worker`` swallows the stop's cancels in its cleanup."""
+    await engine.start()
+    await eventually(lambda: engine.workers()[0].state == "running")
+    await asyncio.wait_for(engine.stop(0.05), timeout=CHILD_TIMEOUT)
+    assert worker.cleaning.is_set()
+
+
 async def test_a_worker_still_cleaning_up_after_the_engine_stopped_says_running_until_it_ends(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -104,11 +112,8 @@ async def test_a_worker_still_cleaning_up_after_the_engine_stopped_says_running_
     engine, worker = engine_with_slow_cleanup(tmp_path)
     rec = Recorder(engine, kinds=("worker.",))
     async with ending_cleanups(engine, worker):
-        await engine.start()
-        await eventually(lambda: engine.workers()[0].state == "running")
-
-        await asyncio.wait_for(engine.stop(0.05), timeout=CHILD_TIMEOUT)
-        assert worker.cleaning.is_set() and "ignored cancellation" in caplog.text
+        await stopped_while_it_cleans_up(engine, worker)
+        assert "ignored cancellation" in caplog.text
         # its code is still executing: "stopped" would be a lie
         assert engine.workers()[0].state == "running"
         assert rec.of("worker.stopped") == []
@@ -127,10 +132,7 @@ async def test_a_worker_whose_cleanup_outlasted_the_stop_runs_again_once_it_ends
     engine, worker = engine_with_slow_cleanup(tmp_path)
     rec = Recorder(engine, kinds=("worker.",))
     async with ending_cleanups(engine, worker):
-        await engine.start()
-        await eventually(lambda: engine.workers()[0].state == "running")
-        await asyncio.wait_for(engine.stop(0.05), timeout=CHILD_TIMEOUT)
-        assert worker.cleaning.is_set()
+        await stopped_while_it_cleans_up(engine, worker)
 
         await engine.start()
         # the old copy still runs: no second one beside it, and starting it changes nothing
