@@ -936,8 +936,17 @@ class Engine:
                 await queue.stop(deadline)
             await self._supervisor.stop(deadline)
             # its leader-only work has ended: let another node lead while this one drains its
-            # runs (a run calling ctx.ensure_leader() from here on is told it does not lead)
-            await self._leader.resign(loop.time() + 1.0)
+            # runs (a run calling ctx.ensure_leader() from here on is told it does not lead).
+            # Leader-only code that ignored every cancel still runs: handed over now, the lease
+            # would let another node's copy run beside it; left to lapse, it buys that code its ttl
+            still = self._supervisor.leader_only_running()
+            if still and self._leader.is_leader:
+                log.warning(
+                    "node %s stops while leader-only worker(s) %s still run (they ignored every cancel): "
+                    "the lease is left to lapse at the end of its ttl rather than handed over now",
+                    self.node_id, ", ".join(still),
+                )
+            await self._leader.resign(loop.time() + 1.0, release=not still)
             if self._durable:
                 # what is queued waits in the store for the next start; finish what runs
                 self._executor.stop_claiming()

@@ -537,12 +537,14 @@ class LeaderElector:
         :meth:`resign`, as its leader-only work is still being stopped)."""
         self._stopping = True
 
-    async def resign(self, deadline: float) -> None:
+    async def resign(self, deadline: float, *, release: bool = True) -> None:
         """Release the lease now if this node holds it, and compete no more until the next start.
 
         The engine calls it once its leader-only work has stopped, before draining its runs,
         so another node leads during that drain instead of a whole drain later. Elections
-        end here for this node: :meth:`stop` then only closes the lease.
+        end here for this node: :meth:`stop` then only closes the lease. ``release=False``
+        (leader-only code still runs, having ignored every cancel): the lease is not handed
+        over but left to lapse at the end of its ttl, renewed no more.
         """
         self.stop_competing()
         if self.lease is None:
@@ -554,7 +556,10 @@ class LeaderElector:
             await asyncio.wait([task])
         if self._to_release is not None:
             await self._release_given_up()
-        await self._step_down(deadline)
+        if release:
+            await self._step_down(deadline)
+        elif self.is_leader:
+            self._change(False, LeaseLost, holder=self.node_id, term=self.term, expires_at=self.expires_at)
 
     async def stop(self, deadline: float) -> None:
         task, self._task = self._task, None

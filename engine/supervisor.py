@@ -344,6 +344,13 @@ class Supervisor:
             # else its code still runs (a cleanup that ignored every cancel): it says "running"
             # until it ends, when it says "stopped" (and starts again if the engine runs by then)
 
+    def leader_only_running(self) -> list[str]:
+        """The leader-only workers whose code still runs (after a stop: a cleanup that
+        ignored every cancel), by name."""
+        return sorted(
+            w.name for w in self._workers.values() if w.leader_only and w.task is not None and not w.task.done()
+        )
+
     def on_leadership(self, is_leader: bool) -> None:
         """The elector's listener: start or cancel the leader-only workers."""
         if not self._running:

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from taskwatch.engine import Engine, TaskContext
+from taskwatch.engine import Engine, InProcessLease, TaskContext
 
 from .helpers import Recorder, eventually, stray_tasks
 from .processes import JsonLineProcess
@@ -283,3 +283,36 @@ async def _node_main(db: str, node: str) -> None:
 
 if __name__ == "__main__":
     asyncio.run(_node_main(sys.argv[1], sys.argv[2]))
+
+
+async def test_a_leader_stopping_while_a_leader_only_cleanup_still_runs_leaves_the_lease_to_lapse(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # handed over at once, the lease would start the other node's copy beside this one
+    lease = InProcessLease(ttl=5.0, renew_interval=0.5)
+    first = Engine(node_id="a", lease=lease, health_interval=None, cancel_grace=0.05)
+    worker = SlowCleanup()
+    first.supervised(name="flusher", leader_only=True)(worker)
+    second = Engine(node_id="b", lease=lease, health_interval=None)
+    async with ending_cleanups(first, worker):
+        await first.start()
+        await eventually(lambda: first.leadership().is_leader and worker.runs == 1)
+        await asyncio.wait_for(first.stop(0.05), timeout=CHILD_TIMEOUT)
+        assert worker.cleaning.is_set() and worker.alive == 1
+        held = await lease.holder()
+        assert held is not None and held.holder == "a"  # not released: it lapses at its ttl
+        assert not first.leadership().is_leader
+        assert "the lease is left to lapse" in caplog.text
+        async with second:
+            assert not second.leadership().is_leader
+    # a leader whose leader-only work did end hands the lease over at once, as before
+    other = InProcessLease(ttl=5.0, renew_interval=0.5)
+    third = Engine(node_id="c", lease=other, health_interval=None, cancel_grace=0.05)
+
+    @third.supervised(name="quick", leader_only=True)
+    async def quick(ctx: TaskContext) -> None:
+        await forever()
+
+    async with third:
+        await eventually(lambda: third.leadership().is_leader)
+    assert await other.holder() is None
