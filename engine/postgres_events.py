@@ -52,7 +52,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from .bus import DEFAULT_REPLAY, EventBus
 from .errors import InvalidConfiguration
-from .urls import redact_url
+from .urls import password_problem, redact_url, shown_url
 from .relay import READING, EventRelay, Outgoing, cancelling, log
 from .store import queries as Q
 from .store.postgres import check_schema, driver_url, load_driver, migrate, schema_of, schema_settings
@@ -119,7 +119,10 @@ class PostgresEventRelay(EventRelay):
         problems = []
         schema: str | None = None
         if not isinstance(url, str) or urlsplit(url).scheme not in ("postgresql", "postgres"):
-            problems.append(f"events must be a postgresql:// URL, got {url!r}")
+            shown = shown_url(url) if isinstance(url, str) else url
+            problems.append(f"events must be a postgresql:// URL, got {shown!r}")
+        elif (problem := password_problem(url)) is not None:
+            problems.append(f"url {redact_url(url)}: {problem}")
         else:
             schema, wrong = schema_of(url)
             problems += wrong

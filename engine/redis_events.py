@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .bus import DEFAULT_REPLAY, EventBus
 from .errors import InvalidConfiguration, MissingDependency
-from .urls import redact_url
+from .urls import password_problem, redact_url, shown_url
 from .relay import READING, ClusterNode, EventRelay, Outgoing, RelayStats, cancelling
 
 __all__ = ["ClusterNode", "RedisEventRelay", "RelayStats"]
@@ -83,7 +83,11 @@ class RedisEventRelay(EventRelay):
     ) -> None:
         problems = []
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
-            problems.append(f"events must be a redis://, rediss:// or unix:// URL, got {url!r}")
+            shown = shown_url(url) if isinstance(url, str) else url
+            problems.append(f"events must be a redis://, rediss:// or unix:// URL, got {shown!r}")
+        elif (problem := password_problem(url)) is not None:
+            # before the options are split off: a '?' in the password would split it
+            problems.append(f"url {redact_url(url)}: {problem}")
         else:
             url, options = _split_options(url)
             stream = options.get("stream", stream)

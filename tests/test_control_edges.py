@@ -224,9 +224,11 @@ def test_an_address_given_with_such_a_password_is_refused_without_it() -> None:
 
 
 def test_a_store_or_lease_given_such_a_password_is_refused_without_it() -> None:
-    from taskwatch.engine import PostgresLease, PostgresStore, RedisLease, make_store
+    from taskwatch.engine import PostgresEventRelay, PostgresLease, PostgresStore, RedisEventRelay, RedisLease, make_store
 
     for make in (
+        lambda: RedisEventRelay(f"redis://:{PASSWORD}@cache:6379/0"),
+        lambda: PostgresEventRelay(f"postgresql://app:{PASSWORD}@db/app"),
         lambda: RedisLease(f"redis://:{PASSWORD}@cache:6379/0", ttl=10),
         lambda: PostgresLease(f"postgresql://app:{PASSWORD}@db/app", ttl=10),
         lambda: PostgresStore(f"postgresql://app:{PASSWORD}@db/app"),
