@@ -349,16 +349,39 @@ async def press(app: App[None], pilot: Pilot[None], keys: list[str]) -> None:
     logs = [log for log in app.screen.query(RichLog) if log.display and log.region.height]
     await _until(lambda: all(log.scroll_y >= log.max_scroll_y for log in logs))
     await pilot.pause()
-    # a container scrolled to keep what was focused (or an error) in sight may get there a
-    # refresh later: the picture waits until no scroll offset moves from one pause to the next
+    # a key's work travels as messages (Enter in a field: Input.Submitted, then the form's
+    # Submitted, then the errors laid out, then a scroll after the refresh), and a pause
+    # only waits for what was queued when it began; on a loaded machine the picture could
+    # catch the chain half way. A chain under way always has a message queued somewhere,
+    # so the picture waits until every message pump has been seen empty (the dashboard's
+    # redraw timer keeps some busy now and then, so not at every look) and no scroll offset
+    # has moved since
+    await _until_still(app, pilot)
+
+
+def _pending_messages(app: App[None]) -> int:
+    pumps: list[Any] = [app]
+    for screen in app.screen_stack:
+        pumps.extend(screen.walk_children(with_self=True))
+    return sum(pump.message_queue_size for pump in pumps)
+
+
+async def _until_still(app: App[None], pilot: Pilot[None], timeout: float = 30.0) -> None:
     offsets = None
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline:
+    emptied = False
+    still = 0
+    deadline = time.monotonic() + timeout
+    while not (emptied and still >= 2):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the dashboard did not come to rest for its picture")
+        await pilot.pause()
         now = [(w.scroll_x, w.scroll_y) for w in app.screen.query("*") if w.is_scrollable]
         if now == offsets:
-            break
+            still += 1
+        else:
+            still, emptied = 0, False
+        emptied = emptied or not _pending_messages(app)
         offsets = now
-        await pilot.pause()
 
 
 async def capture(name: str, keys: list[str]) -> str:
