@@ -2115,7 +2115,7 @@ class Engine:
         check_option_names("Engine.trigger()", options, Trigger)
         if name in self._triggers:
             raise DuplicateTask("trigger", name)
-        trigger = Trigger(self, name, fn, **options)
+        trigger = Trigger(self, name, fn, self._executor, **options)
         self._triggers[name] = trigger
         if self._state == "running":
             self._start_late(trigger, f"trigger {name!r}")

@@ -33,6 +33,12 @@ start has taken the keys up, notifies count but fire nothing (nor does
 ``fire``): a key fired then could go beside the run it waits on. Saves and loads
 of many keys go in steps, and the loop's other work runs between them.
 
+Nodes sharing a store share its rows by trigger name, each row held by the incarnation that
+saved it: a node saves and forgets only its own, takes up at its start its own and those of
+holders that are gone, and at its saves, now and then, those of holders gone since (merged
+into its keys: counts add, a key waiting on no run follows the one its row follows). So the
+same trigger on every node fires a key once per notifying node's counts, not once per node.
+
 A key untouched for ``forget_after`` seconds (no notify, no run ended, and no
 run queued or running) is forgotten by the sweep, whatever its count: dropped
 from memory, the dashboard and a durable store, and counted in
@@ -54,6 +60,7 @@ import heapq
 import logging
 import operator
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -69,6 +76,7 @@ from .errors import (
     InvalidCount,
     LoopThreadError,
     QueueFull,
+    RunNotFound,
     StoppedBeforeDone,
     TaskDefinitionError,
 )
@@ -81,10 +89,12 @@ from .options import TriggerOptions, check_options
 from .logs import OutageLog
 from .runs import RunRecord, RunStatus
 from .store import StoredRun, TriggerKeyRecord
+from .store.base import merge_trigger_records
 from .tasks import async_signature
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .executor import Executor
     from .handle import RunHandle
     from .runs import Run
 
@@ -289,6 +299,7 @@ class Trigger:
         engine: Engine,
         name: str,
         fn: Any,
+        executor: Executor | None = None,
         *,
         size_threshold: int,
         staleness: timedelta | float | None = None,
@@ -422,6 +433,16 @@ class Trigger:
         self._saver: asyncio.Task[None] | None = None
         #: the last start read the store's keys: only then may a save write over them
         self._loaded = False
+        #: keys taken up while running from holders gone meanwhile, since the engine object was made
+        self.adopted = 0
+        #: the node's claims and heartbeats: whether it may look gone to others (see :meth:`_may_adopt`)
+        self._executor = executor
+        #: the executor's last renewal as the last adoption saw it (see :meth:`_may_adopt`)
+        self._seen_renewal = 0.0
+        #: an adoption under way: a stop waits for it (the store may have handed the keys over)
+        self._adopting: asyncio.Task[None] | None = None
+        #: tasks reading the end of runs taken up with keys that this node's index does not hold
+        self._watchers: set[asyncio.Task[None]] = set()
         engine.bus.add_callback(self._on_run_event, _RUN_KINDS)
 
     async def _run_key(self, ctx: TaskContext, params: TriggerKey) -> Any:
@@ -1034,13 +1055,43 @@ class Trigger:
             raise
 
     async def _load(self) -> None:
-        """Take up the keys saved by an earlier start; notifies made since are added on top
-        (this engine object's own start before, whose counts the store has, adds nothing).
+        """Take up, at the start, the keys saved in the store under this trigger's name by this
+        engine object's earlier start and by holders that are gone (a node that stopped or died);
+        notifies made since are added on top.
 
-        Stepwise, yielding to the loop every ``_SWEEP_STEP`` keys: a trigger made while the
-        engine runs may take up a hundred thousand keys under its other work. Notifies that
-        arrive meanwhile count (their fires wait for the launch, see :meth:`_held`)."""
-        saved = await self._engine.store.load_trigger(self.name)
+        Rows of holders still alive are theirs: they fire them. What the store had of a key is
+        the store's: a key starts again from the notifies the store never had (``unsaved``) and
+        takes the rest from the rows taken up (another node may have taken up this object's rows
+        while it was stopped, and fired them). Stepwise, yielding to the loop every
+        ``_SWEEP_STEP`` keys: a trigger made while the engine runs may take up a hundred
+        thousand keys under its other work. Notifies that arrive meanwhile count (their fires
+        wait for the launch, see :meth:`_held`)."""
+        await self._drop_saved()
+        saved = await self._engine.store.adopt_trigger(self.name, self._engine.incarnation, own=True)
+        await self._take_up_saved(saved, at_start=True)
+
+    async def _drop_saved(self) -> None:
+        """Keep of each key only what the store never had: its notifies since the last save (the
+        store's part comes back with the rows a start takes up, if they are still this node's)."""
+        step = 0
+        for key, st in list(self._keys.items()):
+            if step >= _SWEEP_STEP:
+                step = 0
+                await asyncio.sleep(0)
+            step += 1
+            if st.run_id is not None and self._active.get(st.run_id) == key:
+                del self._active[st.run_id]
+            st.run_id, st.captured, st.running = None, 0, False
+            st.count = st.unsaved
+
+    async def _take_up_saved(self, saved: Mapping[str, TriggerKeyRecord], *, at_start: bool) -> None:
+        """Merge keys taken up from the store into this trigger's, at the start and at a save
+        that found holders gone since, by :func:`merge_trigger_records`: counts add, and a key
+        following no run follows the one its row follows (read as it is now: it may have ended).
+
+        At the start, runs of the trigger that no saved key names are taken up too (see
+        :meth:`_follow_unrecorded`), and the start's first sweep fires the keys due; later, the
+        keys due among those taken up fire at once, and the merged keys are saved next."""
         following: list[tuple[str, _Key]] = []
         step = 0
         for key, rec in saved.items():
@@ -1051,30 +1102,77 @@ class Trigger:
             st = self._keys.get(key)
             if st is None:
                 st = self._keys[key] = _Key()
-            st.count = min(rec.count + st.unsaved, _MAX_COUNT)
-            if st.count > 0 and self.forget_after is not None:
+            merged = merge_trigger_records(self._record(st), rec)
+            st.count, st.first_seen_at = merged.count, merged.first_seen_at
+            st.last_run_at, st.last_run_id, st.last_status = merged.last_run_at, merged.last_run_id, merged.last_status
+            if st.count > 0 and self.forget_after is not None and st.touched_at is None:
                 # the store keeps no notify times: its last may have been just before the stop
-                st.touched_at = self._now() if st.touched_at is None else st.touched_at
-            st.first_seen_at = rec.first_seen_at if st.first_seen_at is None else min(st.first_seen_at, rec.first_seen_at or st.first_seen_at)
-            st.last_run_at, st.last_run_id, st.last_status = rec.last_run_at, rec.last_run_id, rec.last_status
-            if rec.run_id is None or st.run_id is not None:
+                st.touched_at = self._now()
+            if not at_start:
+                self._changed(key)  # the store merged the rows too: this record is the one to keep
+            if st.run_id is not None or merged.run_id is None:
                 continue
-            # the run this key waited on when the last start ended: follow it, or take its outcome.
-            # Followed from here on, so an end told while the runs are read below is heard
-            st.run_id, st.captured = rec.run_id, rec.captured
-            self._active[rec.run_id] = key
+            # the run the row's key waited on when its holder last saved: follow it, or take its
+            # outcome. Followed from here on, so an end told while the runs are read below is heard
+            st.run_id, st.captured = merged.run_id, merged.captured
+            self._active[merged.run_id] = key
             following.append((key, st))
         try:
             if following:
                 await self._take_up(following)
-            await self._follow_unrecorded(saved)
+            if at_start:
+                await self._follow_unrecorded(saved)
         except BaseException:
-            # the start is tried again, and takes up only keys that follow no run
+            # a start is tried again, and takes up the rows again (its own now); later, the counts
+            # stay and the keys fire again rather than wait on runs nobody reads
             for key, st in following:
                 if st.run_id is not None and self._active.get(st.run_id) == key:
                     del self._active[st.run_id]
                     st.run_id, st.captured, st.running = None, 0, False
+                    self._changed(key)
             raise
+        if not at_start:
+            await self._fire_due(saved)
+            if not self._active:
+                self._wake_drainers()  # runs taken up had ended, as a run's event would have said
+
+    async def _fire_due(self, keys: Iterable[str]) -> None:
+        """Fire those of ``keys`` that are idle and due, yielding to the loop as a sweep does."""
+        now = self._now()
+        step = 0
+        for key in list(keys):
+            if step >= _SWEEP_STEP:
+                step = 0
+                await asyncio.sleep(0)
+            st = self._keys.get(key)
+            if st is not None and st.run_id is None and st.count > 0 and self._due_reason(st, now) is not None:
+                self._check_key(key, st, now)
+                step += _SWEEP_STEP // _FIRES_PER_STEP
+            else:
+                step += 1
+
+    def _may_adopt(self) -> bool:
+        """Whether this node may take up the keys of holders that are gone now: not while it may
+        look gone itself (its last heartbeat that reached the store sent ``node_ttl`` ago or
+        more, one missed since the last look, cut off, replaced), as a queue's adoption."""
+        executor = self._executor
+        if executor is None:
+            return True
+        renewed = executor.renewed_at
+        missed = renewed - self._seen_renewal > self._engine.store.node_ttl
+        self._seen_renewal = renewed
+        fresh = time.monotonic() < renewed + self._engine.store.node_ttl
+        return fresh and not missed and not executor.cut_off and not executor.superseded
+
+    async def _adopt(self) -> None:
+        """Take up the keys of holders gone since the start (a node that stopped or died with
+        counts saved): they fire here, once."""
+        if not self._may_adopt():
+            return
+        taken = await self._engine.store.adopt_trigger(self.name, self._engine.incarnation, own=False)
+        if taken:
+            self.adopted += len(taken)
+            await self._take_up_saved(taken, at_start=False)
 
     async def _take_up(self, following: list[tuple[str, _Key]]) -> None:
         """Follow the saved runs of these keys as they are now, read from the store in a few
@@ -1109,6 +1207,36 @@ class Trigger:
         else:
             # another node's claim is in the store before this node hears of it
             st.running = RunStatus.RUNNING in (status, here.status if here is not None else None)
+            if here is None:
+                # not in this node's index (fired by a holder gone while this node ran, and run
+                # elsewhere): no event of it reaches this node, so its end is read from the store
+                watch = spawn(self._watch_elsewhere(key, run_id), name=f"taskwatch-trigger-{self.name}-watch")
+                self._watchers.add(watch)
+                watch.add_done_callback(self._watchers.discard)
+
+    async def _watch_elsewhere(self, key: str, run_id: str) -> None:
+        """Wait for the end of ``key``'s run ``run_id``, which this node's index does not hold,
+        and take it as the run's event would (if no event of it came first: claimed here)."""
+        try:
+            record: RunRecord | None = await self._engine.wait_for(run_id)
+        except RunNotFound:
+            record = None  # pruned meanwhile: the count stays, the key fires again
+        except Exception:
+            log.exception("trigger %r: following run %s of key %r failed; the key fires again", self.name, run_id, key)
+            record = None
+        st = self._keys.get(key)
+        if st is None or self._active.get(run_id) != key:
+            return  # its end was heard here already
+        del self._active[run_id]
+        if record is None:
+            st.run_id, st.captured, st.running = None, 0, False
+            self._changed(key)
+        else:
+            self._ended(key, st, record.status.value, record.finished_at or self._now())
+        if st.count >= self.size_threshold:
+            self._refire(key)
+        if not self._active:
+            self._wake_drainers()
 
     async def _follow_unrecorded(self, saved: Mapping[str, TriggerKeyRecord]) -> None:
         """Take up the runs of this trigger's task that no saved key names: fired after the
@@ -1120,6 +1248,11 @@ class Trigger:
         last run is that one. The engine's index has them (read back from the store at the
         start: every unfinished run, and the newest finished ones), and this trigger hears
         their events from it, so a key never waits on a run nobody reports.
+
+        A key another node (one still holding rows of this trigger) has saved too is left out:
+        its runs may be that node's, fired for that node's counts, and taking them for the
+        saver's would drop counts nobody ran. A run a dead node fired after its last save may
+        then run again beside a run fired here (at least once, never lost).
         """
         by_key: dict[str, list[RunRecord]] = {}
         for run in self._engine.runs(task=self.task_name, limit=None):
@@ -1131,6 +1264,10 @@ class Trigger:
                 # not brought back by a run it had before
                 continue
             by_key.setdefault(key, []).append(run)
+        if by_key:
+            # (read only when there is a run to place: most starts have none)
+            for key in await self._engine.store.trigger_keys_elsewhere(self.name, self._engine.incarnation):
+                by_key.pop(key, None)
         step = 0
         for key, runs in by_key.items():
             if step >= _SWEEP_STEP:
@@ -1197,6 +1334,7 @@ class Trigger:
         keys, gone = list(dirty), list(forget)
         done = done_gone = 0
         save = self._engine.store.save_trigger
+        incarnation = self._engine.incarnation
         try:
             while done < len(keys) or done_gone < len(gone):
                 # a key notified again after it was forgotten is saved afresh, not deleted
@@ -1209,7 +1347,7 @@ class Trigger:
                         records[key] = self._record(st)
                         unsaved.append((st, st.unsaved))
                 if records or deleting:
-                    await save(self.name, records, deleting)
+                    await save(self.name, incarnation, records, deleting)
                 done_gone += _SAVE_STEP
                 done += _SAVE_STEP
                 for st, n in unsaved:
@@ -1245,12 +1383,27 @@ class Trigger:
 
     async def _save_loop(self) -> None:
         trouble = OutageLog(log, f"trigger {self.name!r}: saving its counts")
+        loop = asyncio.get_running_loop()
+        # as often as a queue looks for jobs of gone holders: each look is a write transaction
+        every = min(max(self._engine.lease_ttl / 3, 0.5), 10.0)
+        next_adopt = loop.time() + every
+        self._seen_renewal = self._executor.renewed_at if self._executor is not None else time.monotonic()
         while True:
             await asyncio.sleep(self.save_interval)
-            if not self._dirty and not self._forget:
+            adopting = loop.time() >= next_adopt
+            if not adopting and not self._dirty and not self._forget:
                 continue
             try:
-                await self._save()
+                if adopting:
+                    next_adopt = loop.time() + every
+                    # not cut short by a stop: the store may hand the keys over all the same, and
+                    # counts it holds for this node that this node does not know would be lost
+                    # at its next save. The stop waits for it, then saves
+                    self._adopting = spawn(self._adopt(), name=f"taskwatch-trigger-{self.name}-adopt")
+                    await asyncio.shield(self._adopting)
+                    self._adopting = None
+                if self._dirty or self._forget:
+                    await self._save()
                 trouble.succeeded()
             except asyncio.CancelledError:
                 raise
@@ -1286,4 +1439,12 @@ class Trigger:
         saver, self._saver = self._saver, None
         if saver is not None:
             await cancel_and_wait(saver)
+            adopting, self._adopting = self._adopting, None
+            if adopting is not None:
+                await asyncio.wait([adopting])
+                if not adopting.cancelled() and adopting.exception() is not None:
+                    log.warning("trigger %r: taking up the keys of gone holders failed: %s", self.name, adopting.exception())
             await self.save_changes()
+        watchers, self._watchers = self._watchers, set()
+        for watch in watchers:
+            await cancel_and_wait(watch)  # the next start reads those runs again

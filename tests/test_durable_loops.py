@@ -477,16 +477,16 @@ async def test_a_notify_while_the_trigger_loads_its_keys_waits_for_the_key_to_fo
 
     started.clear()
     engine = Engine(store=store, node_id="n", health_interval=None)
-    real_load = engine.store.load_trigger
+    real_load = engine.store.adopt_trigger
 
-    async def load_trigger(name: str) -> dict[str, TriggerKeyRecord]:
+    async def adopt_trigger(name: str, incarnation: str, *, own: bool = False) -> dict[str, TriggerKeyRecord]:
         if notified_from == "another thread":
             await asyncio.to_thread(trigger.notify, "k")
         else:
             trigger.notify("k")
-        return await real_load(name)
+        return await real_load(name, incarnation, own=own)
 
-    engine.store.load_trigger = load_trigger  # type: ignore[method-assign]
+    engine.store.adopt_trigger = adopt_trigger  # type: ignore[method-assign]
     if notified_from != "a trigger made while the engine runs":
         trigger = engine.trigger("compile", compile_key, size_threshold=1)
         await engine.start()
@@ -515,16 +515,16 @@ async def test_fire_while_the_trigger_loads_its_keys_is_refused(tmp_path: Path) 
     async def compile_key(ctx: TaskContext, key: str) -> None:
         return None
 
-    real_load = engine.store.load_trigger
+    real_load = engine.store.adopt_trigger
 
-    async def load_trigger(name: str) -> dict[str, TriggerKeyRecord]:
+    async def adopt_trigger(name: str, incarnation: str, *, own: bool = False) -> dict[str, TriggerKeyRecord]:
         try:
             trigger.fire("k")  # the key may wait on a saved run not known yet
         except EngineNotRunning as exc:
             refused.append(exc)
-        return await real_load(name)
+        return await real_load(name, incarnation, own=own)
 
-    engine.store.load_trigger = load_trigger  # type: ignore[method-assign]
+    engine.store.adopt_trigger = adopt_trigger  # type: ignore[method-assign]
     trigger = engine.trigger("compile", compile_key, size_threshold=5)
     async with engine:
         await trigger.drain(timeout=10)

@@ -551,11 +551,12 @@ async def test_periodic_last_fire(store: Store) -> None:
 
 
 async def test_trigger_keys_are_saved_per_trigger_and_replaced_per_key(store: Store) -> None:
-    assert await store.load_trigger("t") == {}
-    await store.save_trigger("t", {"k": TriggerKeyRecord(count=3, first_seen_at=5.0), "k2": TriggerKeyRecord(count=1)})
-    await store.save_trigger("t", {"k": TriggerKeyRecord(count=4, captured=4, run_id="r1", first_seen_at=5.0)})
-    await store.save_trigger("other", {"k": TriggerKeyRecord(count=9)})
-    keys = await store.load_trigger("t")
+    await store.register_node("n1", "i1", "1")
+    assert await store.adopt_trigger("t", "i1", own=True) == {}
+    await store.save_trigger("t", "i1", {"k": TriggerKeyRecord(count=3, first_seen_at=5.0), "k2": TriggerKeyRecord(count=1)})
+    await store.save_trigger("t", "i1", {"k": TriggerKeyRecord(count=4, captured=4, run_id="r1", first_seen_at=5.0)})
+    await store.save_trigger("other", "i1", {"k": TriggerKeyRecord(count=9)})
+    keys = await store.adopt_trigger("t", "i1", own=True)
     assert keys == {
         "k": TriggerKeyRecord(count=4, captured=4, run_id="r1", first_seen_at=5.0),
         "k2": TriggerKeyRecord(count=1),
@@ -563,14 +564,15 @@ async def test_trigger_keys_are_saved_per_trigger_and_replaced_per_key(store: St
 
 
 async def test_forgotten_trigger_keys_are_deleted_and_only_those(store: Store) -> None:
-    await store.save_trigger("t", {"a": TriggerKeyRecord(count=0), "b": TriggerKeyRecord(count=2)})
-    await store.save_trigger("other", {"a": TriggerKeyRecord(count=9)})
-    await store.save_trigger("t", {"c": TriggerKeyRecord(count=1)}, forget=["a", "never-saved"])
-    assert await store.load_trigger("t") == {"b": TriggerKeyRecord(count=2), "c": TriggerKeyRecord(count=1)}
-    assert await store.load_trigger("other") == {"a": TriggerKeyRecord(count=9)}
+    await store.register_node("n1", "i1", "1")
+    await store.save_trigger("t", "i1", {"a": TriggerKeyRecord(count=0), "b": TriggerKeyRecord(count=2)})
+    await store.save_trigger("other", "i1", {"a": TriggerKeyRecord(count=9)})
+    await store.save_trigger("t", "i1", {"c": TriggerKeyRecord(count=1)}, forget=["a", "never-saved"])
+    assert await store.adopt_trigger("t", "i1", own=True) == {"b": TriggerKeyRecord(count=2), "c": TriggerKeyRecord(count=1)}
+    assert await store.adopt_trigger("other", "i1", own=True) == {"a": TriggerKeyRecord(count=9)}
     # a key forgotten and saved afresh in one call is kept, as saved
-    await store.save_trigger("t", {"b": TriggerKeyRecord(count=5)}, forget=["b"])
-    assert (await store.load_trigger("t"))["b"] == TriggerKeyRecord(count=5)
+    await store.save_trigger("t", "i1", {"b": TriggerKeyRecord(count=5)}, forget=["b"])
+    assert (await store.adopt_trigger("t", "i1", own=True))["b"] == TriggerKeyRecord(count=5)
 
 
 async def test_queue_jobs_are_kept_until_done_and_adopted_only_from_gone_holders(store: Store, clock: FakeClock) -> None:

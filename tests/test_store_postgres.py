@@ -141,7 +141,7 @@ async def test_an_operation_the_server_refuses_is_raised_as_such_not_as_an_outag
         record = TriggerKeyRecord(count=3)
         calls = {
             "insert": lambda: node.insert([NewRun("t", key=long_key)]),
-            "save_trigger": lambda: node.save_trigger("t", {"doc-1": record, long_key: record}),
+            "save_trigger": lambda: node.save_trigger("t", "i1", {"doc-1": record, long_key: record}),
         }
         for what, call in calls.items():
             with pytest.raises(StoreError) as caught:
@@ -153,9 +153,9 @@ async def test_an_operation_the_server_refuses_is_raised_as_such_not_as_an_outag
             assert type(caught.value.__cause__).__name__ == "ProgramLimitExceededError"
         # answered at once, never retried: no outage began
         assert node.reconnects == 0 and node.unreachable_since is None
-        assert (await node.counts()).pending == 0 and await node.load_trigger("t") == {}
-        await node.save_trigger("t", {"doc-1": record})
-        assert await node.load_trigger("t") == {"doc-1": record}
+        assert (await node.counts()).pending == 0 and await node.adopt_trigger("t", "i1", own=True) == {}
+        await node.save_trigger("t", "i1", {"doc-1": record})
+        assert await node.adopt_trigger("t", "i1", own=True) == {"doc-1": record}
 
 
 def test_outages_and_conflicts_are_retried_and_a_refusal_is_not() -> None:

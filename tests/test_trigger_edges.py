@@ -372,11 +372,11 @@ async def test_saving_many_changed_keys_to_a_durable_store_lets_other_work_run_b
         real_save = engine.store.save_trigger
         loop = asyncio.get_running_loop()
 
-        async def save_trigger(name: str, records: Any, forget: Any = ()) -> None:
+        async def save_trigger(name: str, incarnation: str, records: Any, forget: Any = ()) -> None:
             i = len(sizes)
             sizes.append(len(records) + len(forget))
             loop.call_soon(lambda: turns.setdefault(i, len(sizes)))
-            await real_save(name, records, forget)
+            await real_save(name, incarnation, records, forget)
 
         engine.store.save_trigger = save_trigger  # type: ignore[method-assign]
         for i in range(keys):
@@ -406,7 +406,7 @@ async def test_a_trigger_made_while_the_engine_runs_takes_up_many_saved_keys_let
     turns = 0
     launched = False
     async with engine:
-        real_load = engine.store.load_trigger
+        real_load = engine.store.adopt_trigger
         loop = asyncio.get_running_loop()
 
         def turn() -> None:
@@ -415,12 +415,12 @@ async def test_a_trigger_made_while_the_engine_runs_takes_up_many_saved_keys_let
                 turns += 1
                 loop.call_soon(turn)
 
-        async def load_trigger(name: str) -> Any:
-            saved = await real_load(name)
+        async def adopt_trigger(name: str, incarnation: str, *, own: bool = False) -> Any:
+            saved = await real_load(name, incarnation, own=own)
             loop.call_soon(turn)
             return saved
 
-        engine.store.load_trigger = load_trigger  # type: ignore[method-assign]
+        engine.store.adopt_trigger = adopt_trigger  # type: ignore[method-assign]
         compile = engine.trigger("compile", nothing, size_threshold=10**9)
         real_launch = compile.launch
 

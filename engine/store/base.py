@@ -126,6 +126,56 @@ def adoptable(holder: str, incarnation: str, own: bool, known: Collection[str], 
     return holder in gone or holder not in known
 
 
+#: the largest count a saved key holds (a store keeps counts as 64-bit integers)
+MAX_TRIGGER_COUNT = 2**63 - 1
+
+
+def merge_trigger_records(first: TriggerKeyRecord, then: TriggerKeyRecord) -> TriggerKeyRecord:
+    """One key of a trigger from two records of it (two holders' rows, or a trigger's own
+    counts and a row it takes up): what the one who takes up keeps.
+
+    Counts add: each holder counted notifies of its own. The key follows ``first``'s run if it
+    has one, else ``then``'s, with the count that run fired with (taken off when it ends); a key
+    follows one run at a time, so the count the other's run fired with stays counted and runs
+    again (at least once, never lost). The first notify is the earlier, the last run the later.
+    """
+    seen = [t for t in (first.first_seen_at, then.first_seen_at) if t is not None]
+    run_id, captured = (first.run_id, first.captured) if first.run_id is not None else (then.run_id, then.captured)
+    last = then if _ran_later(then, first) else first
+    return TriggerKeyRecord(
+        count=min(first.count + then.count, MAX_TRIGGER_COUNT), captured=captured,
+        first_seen_at=min(seen) if seen else None, last_run_at=last.last_run_at, run_id=run_id,
+        last_run_id=last.last_run_id, last_status=last.last_status,
+    )  # fmt: skip
+
+
+def _ran_later(a: TriggerKeyRecord, b: TriggerKeyRecord) -> bool:
+    if a.last_run_id is None and a.last_run_at is None:
+        return False
+    if b.last_run_id is None and b.last_run_at is None:
+        return True
+    return (a.last_run_at or float("-inf")) > (b.last_run_at or float("-inf"))
+
+
+def trigger_record(row: Sequence[Any]) -> TriggerKeyRecord:
+    """A saved key from its row's columns, in the order of ``queries.TRIGGER_KEY_COLUMNS``."""
+    count, captured, first_seen_at, last_run_at, run_id, last_run_id, last_status = row
+    return TriggerKeyRecord(
+        count=count, captured=captured, first_seen_at=first_seen_at, last_run_at=last_run_at,
+        run_id=run_id, last_run_id=last_run_id, last_status=last_status,
+    )  # fmt: skip
+
+
+def merge_taken(rows: Iterable[tuple[str, TriggerKeyRecord]]) -> dict[str, TriggerKeyRecord]:
+    """The rows an adoption takes up (key, record), one record per key: rows of one key merged
+    in the order they come (:func:`merge_trigger_records`)."""
+    out: dict[str, TriggerKeyRecord] = {}
+    for key, rec in rows:
+        had = out.get(key)
+        out[key] = rec if had is None else merge_trigger_records(had, rec)
+    return out
+
+
 def lost_reason(
     incarnation: str | None,
     lease_until: float | None,
@@ -445,15 +495,34 @@ class Store(ABC):
         return list(await self.insert([run], max_pending=max_pending))
 
     @abstractmethod
-    async def load_trigger(self, trigger: str) -> dict[str, TriggerKeyRecord]:
-        """Every saved key of ``trigger``."""
+    async def adopt_trigger(
+        self, trigger: str, incarnation: str, *, own: bool = False
+    ) -> dict[str, TriggerKeyRecord]:
+        """Hand ``incarnation`` the saved keys of ``trigger`` whose holder is gone, in one
+        transaction; with ``own``, its own rows too (an engine object started again, or a start
+        tried again). Returns each key taken once: the rows taken for it merged
+        (:func:`merge_trigger_records`; with ``own``, its own row first).
+
+        Gone is as for :meth:`adopt_jobs`: stopped, silent for longer than ``node_ttl``,
+        replaced by a later start of its node, or never registered (rows saved before keys
+        had holders have none). A row is taken once: two callers at the same moment never
+        both get it. The rows taken are held by ``incarnation`` from then on, as one row per
+        key: its own row of the key (if it had one) merged with what it took, so a crash
+        before its next save neither loses the counts taken nor counts them twice.
+        """
+
+    @abstractmethod
+    async def trigger_keys_elsewhere(self, trigger: str, incarnation: str) -> set[str]:
+        """The keys of ``trigger`` that a holder other than ``incarnation`` has saved (a node
+        that counts them too: its runs of those keys may be its own)."""
 
     @abstractmethod
     async def save_trigger(
-        self, trigger: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = ()
+        self, trigger: str, incarnation: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = ()
     ) -> None:
-        """Delete the keys in ``forget``, then insert or replace the given keys of ``trigger``
-        (other keys stay as they are), in one transaction."""
+        """Delete ``incarnation``'s rows of the keys in ``forget``, then insert or replace its rows
+        of the given keys of ``trigger``, in one transaction. Other holders' rows, and its
+        other keys, stay as they are."""
 
     # ---------------------------------------------------------------- queue jobs
 

@@ -26,7 +26,17 @@ from typing import Any
 
 from ..errors import DuplicateRunId, InvalidQuery, QueueFull, RunNotFound
 from ..runs import CancelReason, Progress, Run, RunError, RunStatus, run_status, record_fields
-from .base import Clock, Store, adoptable, gone_incarnations, lost_action, lost_reason, new_run_id
+from .base import (
+    Clock,
+    Store,
+    adoptable,
+    gone_incarnations,
+    lost_action,
+    lost_reason,
+    merge_taken,
+    merge_trigger_records,
+    new_run_id,
+)
 from .models import (
     CancelResult,
     Cancelled,
@@ -227,7 +237,8 @@ class MemoryStore(Store):
         self._tokens = map((os.urandom(3).hex() + "-{}").format, itertools.count(1))
         self._nodes: dict[str, NodeInfo] = {}
         self._periodic: dict[str, float] = {}
-        self._trigger_keys: dict[str, dict[str, TriggerKeyRecord]] = {}
+        #: trigger name -> holder incarnation -> key -> record
+        self._trigger_keys: dict[str, dict[str, dict[str, TriggerKeyRecord]]] = {}
         #: queue name -> job id -> (holder incarnation, job, handovers)
         self._jobs: dict[str, dict[int, tuple[str, Any, int]]] = {}
         self._job_ids = itertools.count(1)
@@ -461,6 +472,8 @@ class MemoryStore(Store):
                 row.token = token
                 row.lease_until = lease_until
                 row.started_at = now
+                # an attempt starts with no progress of its own (as the durable stores' claims)
+                row.done, row.total, row.message = 0, None, ""
                 if row.holds_key:
                     self._release_key(row)
                 claims[token] = row
@@ -789,16 +802,38 @@ class MemoryStore(Store):
         self._periodic[name] = slot
         return self.insert_now([run], max_pending=max_pending)
 
-    async def load_trigger(self, trigger: str) -> dict[str, TriggerKeyRecord]:
-        return dict(self._trigger_keys.get(trigger, {}))
+    async def adopt_trigger(
+        self, trigger: str, incarnation: str, *, own: bool = False
+    ) -> dict[str, TriggerKeyRecord]:
+        # no await: one step, as a transaction is
+        held = self._trigger_keys.get(trigger)
+        if not held:
+            return {}
+        gone = gone_incarnations(self._nodes.values(), self.clock(), self.node_ttl)
+        taking = [h for h in held if h != incarnation and adoptable(h, incarnation, own, self._nodes, gone)]
+        if own and incarnation in held:
+            taking.insert(0, incarnation)  # its own first: the run its own row follows is kept
+        taken = merge_taken((key, rec) for holder in taking for key, rec in held.pop(holder).items())
+        if taken:
+            mine = held.setdefault(incarnation, {})
+            for key, rec in taken.items():
+                had = None if own else mine.get(key)
+                mine[key] = rec if had is None else merge_trigger_records(had, rec)
+        return taken
+
+    async def trigger_keys_elsewhere(self, trigger: str, incarnation: str) -> set[str]:
+        held = self._trigger_keys.get(trigger, {})
+        return {key for holder, keys in held.items() if holder != incarnation for key in keys}
 
     async def save_trigger(
-        self, trigger: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = ()
+        self, trigger: str, incarnation: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = ()
     ) -> None:
-        saved = self._trigger_keys.setdefault(trigger, {})
+        if not keys and not forget:
+            return
+        mine = self._trigger_keys.setdefault(trigger, {}).setdefault(incarnation, {})
         for key in forget:
-            saved.pop(key, None)
-        saved.update(keys)
+            mine.pop(key, None)
+        mine.update(keys)
 
     # ---------------------------------------------------------------- queue jobs
 

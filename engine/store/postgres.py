@@ -53,7 +53,16 @@ from ..options import PostgresOptions, check_options
 from ..runs import CancelReason, Progress, RunStatus, run_status
 from ..urls import password_problem, redact_url
 from . import queries as Q
-from .base import Store, adoptable, gone_incarnations, lost_reason, new_run_id
+from .base import (
+    Store,
+    adoptable,
+    gone_incarnations,
+    lost_reason,
+    merge_taken,
+    merge_trigger_records,
+    new_run_id,
+    trigger_record,
+)
 from .models import (
     CancelResult,
     Cancelled,
@@ -1475,22 +1484,64 @@ class PostgresStore(Store):
         found = await self._run(self._fetchval, Q.PG_CLAIM_PERIODIC, values, single=True)
         return found is not None
 
-    async def load_trigger(self, trigger: str) -> dict[str, TriggerKeyRecord]:
-        rows = await self._run(self._fetch, Q.LOAD_TRIGGER, {"trigger": trigger}, write=False)
-        return {
-            key: TriggerKeyRecord(
-                count=count, captured=captured, first_seen_at=first_seen_at, last_run_at=last_run_at,
-                run_id=run_id, last_run_id=last_run_id, last_status=last_status,
-            )
-            for key, count, captured, first_seen_at, last_run_at, run_id, last_run_id, last_status in rows
-        }
+    async def adopt_trigger(
+        self, trigger: str, incarnation: str, *, own: bool = False
+    ) -> dict[str, TriggerKeyRecord]:
+        return await self._run(self._adopt_trigger, trigger, incarnation, own, _nonce())  # type: ignore[no-any-return]
+
+    async def _adopt_trigger(
+        self, tx: _Tx, trigger: str, incarnation: str, own: bool, nonce: str
+    ) -> dict[str, TriggerKeyRecord]:
+        holders = [h for (h,) in await tx.fetch(Q.TRIGGER_HOLDERS, {"trigger": trigger})]
+        nodes = [node_info(r) for r in await tx.fetch(Q.ALL_NODES, {})]
+        gone = gone_incarnations(nodes, self.clock(), self.node_ttl, answering_since=self._answering_since())
+        known = {n.incarnation for n in nodes}
+        taking = [h for h in holders if h != incarnation and adoptable(h, incarnation, own, known, gone)]
+        if own and incarnation in holders:
+            taking.insert(0, incarnation)  # its own first: the run its own row follows is kept
+        before: list[tuple[str, TriggerKeyRecord]] = []
+        if tx.again and not own:
+            # taken by this call's first try, committed before the cut, and merged into this
+            # incarnation's own rows there: its own part cannot be told apart any more, so it
+            # comes back with them (counted again, rather than lost)
+            found = await tx.fetch(Q.PG_TRIGGER_KEYS_ADOPTED_AS, {"trigger": trigger, "holder": incarnation, "nonce": nonce})
+            before = [(r[0], trigger_record(r[1:])) for r in found]
+        rows: list[tuple[str, TriggerKeyRecord]] = []
+        if taking:
+            # rows another node is taking up right now are locked and skipped: each has one taker
+            found = await tx.fetch(Q.PG_TAKE_TRIGGER_KEYS, {"trigger": trigger, "holders": taking})
+            order = {holder: i for i, holder in enumerate(taking)}
+            found.sort(key=lambda r: order[r[0]])
+            rows = [(r[1], trigger_record(r[2:])) for r in found]
+            others = [{"trigger": trigger, "holder": r[0], "key": r[1]} for r in found if r[0] != incarnation]
+            if others:
+                await tx.executemany(Q.FORGET_TRIGGER_KEY, others)
+        taken = merge_taken(rows)
+        if taken:
+            mine: dict[str, TriggerKeyRecord] = {}
+            if not own:
+                values = {"trigger": trigger, "holder": incarnation, "keys": list(taken)}
+                mine = {r[0]: trigger_record(r[1:]) for r in await tx.fetch(Q.PG_HELD_TRIGGER_KEYS_OF, values)}
+            keep = []
+            for key, rec in taken.items():
+                had = mine.get(key)
+                merged = rec if had is None else merge_trigger_records(had, rec)
+                keep.append({"trigger": trigger, "holder": incarnation, "key": key, "nonce": nonce, **merged.model_dump()})
+            await tx.executemany(Q.SAVE_TRIGGER_KEY, keep)
+        return merge_taken([*before, *rows]) if before else taken
+
+    async def trigger_keys_elsewhere(self, trigger: str, incarnation: str) -> set[str]:
+        values = {"trigger": trigger, "holder": incarnation}
+        rows = await self._run(self._fetch, Q.TRIGGER_KEYS_ELSEWHERE, values, write=False)
+        return {key for (key,) in rows}
 
     async def save_trigger(
-        self, trigger: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = ()
+        self, trigger: str, incarnation: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = ()
     ) -> None:
         if keys or forget:
-            rows = [{"trigger": trigger, "key": key, **rec.model_dump()} for key, rec in keys.items()]
-            gone = [{"trigger": trigger, "key": key} for key in forget]
+            mine = {"trigger": trigger, "holder": incarnation, "nonce": None}
+            rows = [{**mine, "key": key, **rec.model_dump()} for key, rec in keys.items()]
+            gone = [{"trigger": trigger, "holder": incarnation, "key": key} for key in forget]
             await self._run(self._save_trigger, rows, gone)
 
     @staticmethod

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 
 #: the newest schema this code knows; a database with a higher version is refused
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 #: finished rows are exactly those with a finished_at (a re-queued run has none)
 FINISHED = "finished_at IS NOT NULL"
@@ -199,6 +199,41 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "ALTER TABLE events ADD COLUMN stored_at DOUBLE PRECISION",
         ],
     ),
+    (
+        8,
+        "trigger keys held by the incarnation that saved them",
+        [
+            # every node sharing the store counts its own notifies under the trigger's name: a
+            # key's row is its saver's (a node takes up only its own rows and those of holders
+            # that are gone, so a key's saved count fires once). A primary key cannot change in
+            # place in SQLite: the table is made anew. Rows saved before have no holder (''),
+            # which no incarnation is, so the first node to start the trigger takes them up.
+            # ``nonce``: the adoption that wrote the row (PostgreSQL's retry after a cut)
+            """
+            CREATE TABLE trigger_keys_held (
+                trigger_name   TEXT NOT NULL,
+                holder         TEXT NOT NULL DEFAULT '',
+                counter_key    TEXT NOT NULL,
+                count          BIGINT NOT NULL,
+                captured       BIGINT NOT NULL,
+                first_seen_at  DOUBLE PRECISION,
+                last_run_at    DOUBLE PRECISION,
+                run_id         TEXT,
+                last_run_id    TEXT,
+                last_status    TEXT,
+                nonce          TEXT,
+                PRIMARY KEY (trigger_name, holder, counter_key)
+            )""",
+            """
+            INSERT INTO trigger_keys_held (trigger_name, holder, counter_key, count, captured, first_seen_at,
+                                           last_run_at, run_id, last_run_id, last_status)
+            SELECT trigger_name, '', counter_key, count, captured, first_seen_at, last_run_at, run_id,
+                   last_run_id, last_status
+            FROM trigger_keys""",
+            "DROP TABLE trigger_keys",
+            "ALTER TABLE trigger_keys_held RENAME TO trigger_keys",
+        ],
+    ),
 ]
 
 # ---------------------------------------------------------------- runs
@@ -234,10 +269,12 @@ LIMIT :n
 #: runs of one task running now, on any node (a cluster-wide concurrency limit's count)
 COUNT_RUNNING_TASK = "SELECT COUNT(*) FROM runs WHERE status = 'running' AND task = :task"
 
+#: a claim starts an attempt, whose progress is its own: the last attempt's is cleared
 CLAIM_TAKE = """
 UPDATE runs
 SET status = 'running', owner_node = :node, owner_incarnation = :incarnation,
-    claim_token = :token, lease_until = :lease_until, started_at = :now, dedup_slot = NULL
+    claim_token = :token, lease_until = :lease_until, started_at = :now, dedup_slot = NULL,
+    progress_done = 0, progress_total = NULL, progress_message = ''
 WHERE seq = :seq AND status = 'pending'"""
 
 HEARTBEAT = """
@@ -424,17 +461,56 @@ ON CONFLICT (name) DO UPDATE SET last_fire = excluded.last_fire"""
 
 TRIGGER_KEY_COLUMNS = "count, captured, first_seen_at, last_run_at, run_id, last_run_id, last_status"
 
-LOAD_TRIGGER = f"SELECT counter_key, {TRIGGER_KEY_COLUMNS} FROM trigger_keys WHERE trigger_name = :trigger"
+#: the incarnations holding saved keys of a trigger ('' for rows saved before keys had holders)
+TRIGGER_HOLDERS = "SELECT DISTINCT holder FROM trigger_keys WHERE trigger_name = :trigger"
+
+#: the keys of a trigger other holders than one have saved
+TRIGGER_KEYS_ELSEWHERE = (
+    "SELECT DISTINCT counter_key FROM trigger_keys WHERE trigger_name = :trigger AND holder <> :holder"
+)
+
+#: one holder's saved keys of a trigger
+HELD_TRIGGER_KEYS = f"""
+SELECT counter_key, {TRIGGER_KEY_COLUMNS} FROM trigger_keys WHERE trigger_name = :trigger AND holder = :holder"""
+
+#: one key of a trigger as one holder saved it
+HELD_TRIGGER_KEY = f"""
+SELECT {TRIGGER_KEY_COLUMNS} FROM trigger_keys
+WHERE trigger_name = :trigger AND holder = :holder AND counter_key = :key"""
+
+#: every saved key of the holders taken up (PostgreSQL): rows another node is taking up right now
+#: are locked, and skipped, so each row has one taker
+PG_TAKE_TRIGGER_KEYS = f"""
+SELECT holder, counter_key, {TRIGGER_KEY_COLUMNS} FROM trigger_keys
+WHERE trigger_name = :trigger AND holder = ANY(CAST(:holders AS text[]))
+FOR UPDATE SKIP LOCKED"""
+
+#: the rows this incarnation's adoption of this nonce wrote, committed by a try whose answer a cut lost
+PG_TRIGGER_KEYS_ADOPTED_AS = f"""
+SELECT counter_key, {TRIGGER_KEY_COLUMNS} FROM trigger_keys
+WHERE trigger_name = :trigger AND holder = :holder AND nonce = :nonce"""
+
+#: this incarnation's own rows of some keys (PostgreSQL), to merge what it takes up into
+PG_HELD_TRIGGER_KEYS_OF = f"""
+SELECT counter_key, {TRIGGER_KEY_COLUMNS} FROM trigger_keys
+WHERE trigger_name = :trigger AND holder = :holder AND counter_key = ANY(CAST(:keys AS text[]))
+FOR UPDATE"""
 
 SAVE_TRIGGER_KEY = f"""
-INSERT INTO trigger_keys (trigger_name, counter_key, {TRIGGER_KEY_COLUMNS})
-VALUES (:trigger, :key, :count, :captured, :first_seen_at, :last_run_at, :run_id, :last_run_id, :last_status)
-ON CONFLICT (trigger_name, counter_key) DO UPDATE SET
+INSERT INTO trigger_keys (trigger_name, holder, counter_key, {TRIGGER_KEY_COLUMNS}, nonce)
+VALUES (:trigger, :holder, :key, :count, :captured, :first_seen_at, :last_run_at, :run_id, :last_run_id,
+        :last_status, :nonce)
+ON CONFLICT (trigger_name, holder, counter_key) DO UPDATE SET
     count = excluded.count, captured = excluded.captured, first_seen_at = excluded.first_seen_at,
     last_run_at = excluded.last_run_at, run_id = excluded.run_id, last_run_id = excluded.last_run_id,
-    last_status = excluded.last_status"""
+    last_status = excluded.last_status, nonce = excluded.nonce"""
 
-FORGET_TRIGGER_KEY = "DELETE FROM trigger_keys WHERE trigger_name = :trigger AND counter_key = :key"
+FORGET_TRIGGER_KEY = (
+    "DELETE FROM trigger_keys WHERE trigger_name = :trigger AND holder = :holder AND counter_key = :key"
+)
+
+#: every row of a holder taken up (SQLite: its write transaction keeps others out meanwhile)
+FORGET_TRIGGER_HOLDER = "DELETE FROM trigger_keys WHERE trigger_name = :trigger AND holder = :holder"
 
 # ---------------------------------------------------------------- queue jobs
 
@@ -518,12 +594,13 @@ FROM (SELECT DISTINCT u.task FROM unnest(CAST(:tasks AS text[])) AS u(task) ORDE
 #: claim up to :slots due runs, oldest first, at most :limits[i] of :tasks[i], and for a task
 #: with a cluster-wide cap (:caps[i] not NULL) no more than leaves it at that many running;
 #: rows another node is claiming are skipped, not waited for. Tokens are "<seq>.<nonce>":
-#: one nonce per call.
+#: one nonce per call. Each claim starts an attempt with no progress (see CLAIM_TAKE).
 PG_CLAIM = """
 UPDATE runs
 SET status = 'running', owner_node = :node, owner_incarnation = :incarnation,
     claim_token = runs.seq::text || '.' || :nonce, lease_until = :lease_until,
-    started_at = :now, dedup_slot = NULL
+    started_at = :now, dedup_slot = NULL,
+    progress_done = 0, progress_total = NULL, progress_message = ''
 WHERE runs.seq IN (
     SELECT c.seq
     FROM unnest(CAST(:tasks AS text[]), CAST(:limits AS int[]), CAST(:caps AS int[])) AS t(task, n, cap)

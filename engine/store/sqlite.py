@@ -42,7 +42,17 @@ from ..errors import (
 from ..options import SqliteOptions, check_options
 from ..runs import CancelReason, Progress, RunStatus, run_status
 from . import queries as Q
-from .base import Clock, Store, adoptable, counter_from_random_start, gone_incarnations, new_run_id
+from .base import (
+    Clock,
+    Store,
+    adoptable,
+    counter_from_random_start,
+    gone_incarnations,
+    merge_taken,
+    merge_trigger_records,
+    new_run_id,
+    trigger_record,
+)
 from .models import (
     CancelResult,
     Cancelled,
@@ -1144,27 +1154,54 @@ class SqliteStore(Store):
             return [Inserted(going, False)]  # the slot passes: that run is still going
         return self._insert(tx, [run], now, max_pending)  # a full queue rolls the claim back with it
 
-    async def load_trigger(self, trigger: str) -> dict[str, TriggerKeyRecord]:
-        return await self._call(self._load_trigger, trigger, write=False)  # type: ignore[no-any-return]
+    async def adopt_trigger(
+        self, trigger: str, incarnation: str, *, own: bool = False
+    ) -> dict[str, TriggerKeyRecord]:
+        return await self._call(self._adopt_trigger, trigger, incarnation, own)  # type: ignore[no-any-return]
+
+    def _adopt_trigger(self, tx: _Tx, trigger: str, incarnation: str, own: bool) -> dict[str, TriggerKeyRecord]:
+        # one write transaction (BEGIN IMMEDIATE): no other process takes or saves rows meanwhile
+        cur = tx.cur
+        holders = [h for (h,) in cur.execute(Q.TRIGGER_HOLDERS, {"trigger": trigger}).fetchall()]
+        nodes = [_node(r) for r in cur.execute(Q.ALL_NODES).fetchall()]
+        gone = gone_incarnations(nodes, self.clock(), self.node_ttl)
+        known = {n.incarnation for n in nodes}
+        taking = [h for h in holders if h != incarnation and adoptable(h, incarnation, own, known, gone)]
+        if own and incarnation in holders:
+            taking.insert(0, incarnation)  # its own first: the run its own row follows is kept
+        if not taking:
+            return {}
+        rows: list[tuple[str, TriggerKeyRecord]] = []
+        for holder in taking:
+            found = cur.execute(Q.HELD_TRIGGER_KEYS, {"trigger": trigger, "holder": holder}).fetchall()
+            rows.extend((r[0], trigger_record(r[1:])) for r in found)
+            cur.execute(Q.FORGET_TRIGGER_HOLDER, {"trigger": trigger, "holder": holder})
+        taken = merge_taken(rows)
+        keep: list[dict[str, Any]] = []
+        for key, rec in taken.items():
+            if not own:
+                had = cur.execute(Q.HELD_TRIGGER_KEY, {"trigger": trigger, "holder": incarnation, "key": key}).fetchone()
+                if had is not None:
+                    rec = merge_trigger_records(trigger_record(had), rec)
+            keep.append({"trigger": trigger, "holder": incarnation, "key": key, "nonce": None, **rec.model_dump()})
+        cur.executemany(Q.SAVE_TRIGGER_KEY, keep)
+        return taken
+
+    async def trigger_keys_elsewhere(self, trigger: str, incarnation: str) -> set[str]:
+        values = {"trigger": trigger, "holder": incarnation}
+        return await self._call(self._keys_elsewhere, values, write=False)  # type: ignore[no-any-return]
 
     @staticmethod
-    def _load_trigger(tx: _Tx, trigger: str) -> dict[str, TriggerKeyRecord]:
-        out: dict[str, TriggerKeyRecord] = {}
-        for key, count, captured, first_seen_at, last_run_at, run_id, last_run_id, last_status in tx.cur.execute(
-            Q.LOAD_TRIGGER, {"trigger": trigger}
-        ):
-            out[key] = TriggerKeyRecord(
-                count=count, captured=captured, first_seen_at=first_seen_at, last_run_at=last_run_at,
-                run_id=run_id, last_run_id=last_run_id, last_status=last_status,
-            )
-        return out
+    def _keys_elsewhere(tx: _Tx, values: dict[str, Any]) -> set[str]:
+        return {key for (key,) in tx.cur.execute(Q.TRIGGER_KEYS_ELSEWHERE, values)}
 
     async def save_trigger(
-        self, trigger: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = ()
+        self, trigger: str, incarnation: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = ()
     ) -> None:
         if keys or forget:
-            rows = [{"trigger": trigger, "key": key, **rec.model_dump()} for key, rec in keys.items()]
-            gone = [{"trigger": trigger, "key": key} for key in forget]
+            mine = {"trigger": trigger, "holder": incarnation, "nonce": None}
+            rows = [{**mine, "key": key, **rec.model_dump()} for key, rec in keys.items()]
+            gone = [{"trigger": trigger, "holder": incarnation, "key": key} for key in forget]
             await self._call(self._save_trigger, rows, gone)
 
     @staticmethod

@@ -1,0 +1,458 @@
+"""Trigger keys saved in a store several nodes share are held by the incarnation that saved them.
+
+The same trigger registered on every node fires a key once per notifying node's counts, never
+once per node: a node takes up at its start its own rows and those of holders that are gone, and
+while it runs the rows of holders gone since (at its saves). Real SQLite files, a real PostgreSQL
+server and a real child process killed with SIGKILL (``tests/loops_child.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from taskwatch.engine import Engine, RunStatus, TaskContext
+from taskwatch.engine.store import PostgresStore, Store, TriggerKeyRecord
+from taskwatch.engine.store import queries as Q
+from taskwatch.engine.triggers import Trigger
+
+from .helpers import eventually
+from .test_durable import Child
+from .test_store_contract import TTL, FakeClock, clock, store  # noqa: F401 - the stores' fixtures
+from .test_triggers import Clock
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def shared(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a store two engines of the test share."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'shared.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+def node(url: str, node_id: str, ran: list[str], wall: Clock, **options: Any) -> tuple[Engine, Trigger]:
+    """An engine with trigger "compile" due by staleness on ``wall`` (moved by the test, and
+    swept by its ``check()``); its runs append their key to ``ran``."""
+    engine = Engine(store=url, node_id=node_id, health_interval=None, **options)
+
+    async def compile_key(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    trigger = engine.trigger(
+        "compile", compile_key, size_threshold=1000, staleness=10, check_interval=3600, clock=wall,
+        save_interval=3600,
+    )  # fmt: skip
+    return engine, trigger
+
+
+async def trigger_runs(engine: Engine) -> list[Any]:
+    """Every run of trigger "compile" in the store, whichever node fired it."""
+    return (await engine.query_runs(task="trigger:compile", limit=100)).runs
+
+
+async def test_the_same_trigger_on_two_nodes_fires_a_key_once_when_one_node_is_notified(shared: str) -> None:
+    wall = Clock(1000.0)
+    ran: list[str] = []
+    a, ta = node(shared, "a", ran, wall)
+    b, tb = node(shared, "b", ran, wall)
+    engines = [a, b]
+    await a.start()
+    await b.start()
+    try:
+        ta.notify("k", 2)
+        await ta.save_changes()
+        # b starts again while a runs: what a saved is a's, to fire, not b's
+        await b.stop()
+        b, tb = node(shared, "b", ran, wall)
+        engines.append(b)
+        await b.start()
+        assert tb.key_count == 0
+        wall.now += 11  # stale on both nodes' clock
+        assert ta.check() + tb.check() == 1
+        await ta.drain(timeout=10)
+        assert ran == ["k"]
+
+        # notified again and not saved before the stop, which saves it; a is gone then, and b's
+        # next start takes its counts up, once
+        ta.notify("k", 2)
+        await a.stop()
+        await b.stop()
+        b, tb = node(shared, "b", ran, wall)
+        engines.append(b)
+        await b.start()
+        assert [(k.key, k.count) for k in tb.state().keys] == [("k", 2)]
+        wall.now += 11
+        assert tb.check() == 1
+        await tb.drain(timeout=10)
+        assert ran == ["k", "k"]
+
+        # a back: b holds those counts now (and ran them), a has none to fire
+        a, ta = node(shared, "a", ran, wall)
+        engines.append(a)
+        await a.start()
+        assert ta.key_count == 0
+        wall.now += 11
+        assert ta.check() + tb.check() == 0
+        runs = await trigger_runs(a)
+        assert [r.status for r in runs] == [RunStatus.SUCCEEDED] * 2
+        assert ran == ["k", "k"]
+    finally:
+        for engine in engines:
+            await engine.stop()
+
+
+async def test_each_node_fires_the_counts_it_was_notified_of(shared: str) -> None:
+    wall = Clock(1000.0)
+    ran: list[str] = []
+    a, ta = node(shared, "a", ran, wall)
+    b, tb = node(shared, "b", ran, wall)
+    await a.start()
+    await b.start()
+    try:
+        ta.notify("k", 2)
+        tb.notify("k", 3)
+        await ta.save_changes()
+        await tb.save_changes()
+        wall.now += 11
+        assert ta.check() + tb.check() == 2  # one run per notified node
+        await ta.drain(timeout=10)
+        await tb.drain(timeout=10)
+        assert sorted(r.status for r in await trigger_runs(a)) == [RunStatus.SUCCEEDED] * 2
+        assert [k.count for k in ta.state().keys] == [0] and [k.count for k in tb.state().keys] == [0]
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_a_restart_takes_no_run_another_node_fired_for_a_key_as_its_own(shared: str) -> None:
+    # a's run of k did a's counts: b's saved counts of k, taken up at b's restart, still fire
+    ran: list[str] = []
+
+    def threshold_node(node_id: str) -> tuple[Engine, Trigger]:
+        engine = Engine(store=shared, node_id=node_id, health_interval=None)
+
+        async def compile_key(ctx: TaskContext, key: str) -> None:
+            ran.append(key)
+
+        return engine, engine.trigger("compile", compile_key, size_threshold=3, save_interval=3600)
+
+    (a, ta), (b, tb) = threshold_node("a"), threshold_node("b")
+    engines = [a, b]
+    await a.start()
+    await b.start()
+    try:
+        tb.notify("k", 2)
+        await tb.save_changes()
+        ta.notify("k", 3)
+        await ta.drain(timeout=10)
+        await ta.save_changes()
+        assert ran == ["k"]
+        await b.stop()
+        b, tb = threshold_node("b")
+        engines.append(b)
+        await b.start()
+        assert [(k.key, k.count) for k in tb.state().keys] == [("k", 2)]
+        tb.notify("k")
+        await tb.drain(timeout=10)
+        assert ran == ["k", "k"]
+    finally:
+        for engine in engines:
+            await engine.stop()
+
+
+# ---------------------------------------------------------------- a node killed while another runs
+
+
+async def test_a_killed_nodes_saved_counts_fire_once_on_a_node_that_keeps_running(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    fired: list[str] = []
+    survivor = Engine(store=f"sqlite:///{db}", node_id="survivor", lease_ttl=3.0, health_interval=None)
+
+    async def compile_key(ctx: TaskContext, key: str) -> None:
+        fired.append(key)
+
+    trigger = survivor.trigger("compile", compile_key, size_threshold=7, save_interval=0.1)
+    await survivor.start()
+    # the child's trigger never fires (its threshold is a million): it saves 7 for doc-1, then dies
+    child = Child(db, "killed", "notify", "--key", "doc-1", "--count", "7", module="tests.loops_child")
+    try:
+        await asyncio.to_thread(child.event, "notified")
+
+        def saved() -> list[tuple[int]]:
+            with sqlite3.connect(db) as conn:
+                return conn.execute("SELECT count FROM trigger_keys WHERE counter_key = 'doc-1'").fetchall()
+
+        assert await eventually(saved, timeout=30) == [(7,)]
+        assert trigger.fired == 0  # the child's counts, while it lives
+        await asyncio.to_thread(child.sigkill)
+        # silent past the survivor's node_ttl: its next save takes the counts up, and they fire
+        await eventually(lambda: trigger.fired == 1, timeout=30)
+        await trigger.drain(timeout=10)
+        assert fired == ["doc-1"]
+        assert [(k.key, k.count, k.last_status) for k in trigger.state().keys] == [("doc-1", 0, "succeeded")]
+        runs = await trigger_runs(survivor)
+    finally:
+        child.close()
+        await survivor.stop()
+    assert [r.status for r in runs] == [RunStatus.SUCCEEDED]
+    assert trigger.adopted == 1
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT holder, count FROM trigger_keys").fetchall() == [(survivor.incarnation, 0)]
+
+
+async def test_a_key_taken_up_while_running_follows_its_run_to_its_end_on_a_third_node(tmp_path: Path) -> None:
+    # x fires k and stops while c runs that run; b takes up x's key at its next save: b's index
+    # never held the run, and b still hears it end (else k would wait on it for good)
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    gate = asyncio.Event()
+    ran: list[str] = []
+
+    async def compile_key(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+        await gate.wait()
+
+    async def blocker(ctx: TaskContext) -> None:
+        await gate.wait()
+
+    def make(node_id: str, *, busy: bool, save_interval: float = 0.05) -> tuple[Engine, Trigger]:
+        engine = Engine(store=url, node_id=node_id, lease_ttl=1.5, health_interval=None, max_concurrency=1)
+        if busy:  # its one slot goes to a blocker: the key's run goes to c
+            engine.task(name="blocker")(blocker)
+        return engine, engine.trigger("compile", compile_key, size_threshold=3, save_interval=save_interval)
+
+    # (c saves, and so looks for gone holders, only at its stop: b is the one to take k up)
+    (x, tx), (b, tb), (c, _) = make("x", busy=True), make("b", busy=True), make("c", busy=False, save_interval=3600)
+    engines = [x, b, c]
+    for engine in engines:
+        await engine.start()
+    try:
+        for engine in (x, b):
+            await engine.submit("blocker")
+        await eventually(lambda: x.executing == 1 and b.executing == 1)
+        tx.notify("k", 3)
+        await eventually(lambda: c.executing == 1 and ran == ["k"])
+        [state] = tx.state().keys
+        run_id = state.run_id
+        await x.stop(timeout=0.1)  # saves k, waiting on that run
+        await eventually(lambda: tb.adopted == 1)
+        assert [(k.key, k.run_id, k.count) for k in tb.state().keys] == [("k", run_id, 3)]
+        gate.set()
+        await tb.drain(timeout=10)
+        assert [(k.key, k.run_id, k.count, k.last_status) for k in tb.state().keys] == [("k", run_id, 0, "succeeded")]
+        assert ran == ["k"]
+    finally:
+        gate.set()
+        for engine in engines:
+            await engine.stop()
+
+
+# ---------------------------------------------------------------- two nodes starting at once
+
+
+async def test_two_postgres_nodes_taking_up_a_gone_holders_keys_at_once_never_both_take_one(
+    postgres_url: str,
+) -> None:
+    keys = {f"doc-{i}": TriggerKeyRecord(count=i + 1, first_seen_at=5.0) for i in range(300)}
+    rounds = 12
+    gone = PostgresStore(postgres_url, lease_ttl=TTL)
+    async with gone:
+        await gone.register_node("x", "ix", "1")
+        for r in range(rounds):
+            await gone.save_trigger(f"t{r}", "ix", keys)
+        await gone.node_stopped("ix")
+    stores = [PostgresStore(postgres_url, lease_ttl=TTL) for _ in range(2)]
+    await asyncio.gather(*(s.open() for s in stores))
+    try:
+        await stores[0].register_node("a", "ia", "1")
+        await stores[1].register_node("b", "ib", "1")
+        for r in range(rounds):
+            got_a, got_b = await asyncio.gather(
+                stores[0].adopt_trigger(f"t{r}", "ia", own=True), stores[1].adopt_trigger(f"t{r}", "ib", own=True)
+            )
+            assert not got_a.keys() & got_b.keys()
+            assert {**got_a, **got_b} == keys
+            # each key is held once, by the node that took it
+            assert await stores[0].adopt_trigger(f"t{r}", "ia", own=True) == got_a
+            assert await stores[1].adopt_trigger(f"t{r}", "ib", own=True) == got_b
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_a_postgres_node_skips_the_rows_another_node_is_taking_up(postgres_url: str) -> None:
+    keys = {f"doc-{i}": TriggerKeyRecord(count=1) for i in range(10)}
+    s = PostgresStore(postgres_url, lease_ttl=TTL)
+    async with s:
+        await s.register_node("x", "ix", "1")
+        await s.save_trigger("t", "ix", keys)
+        await s.node_stopped("ix")
+        await s.register_node("a", "ia", "1")
+        other = await asyncpg.connect(postgres_url)
+        try:
+            # another node's adoption holds these rows, in a transaction not committed yet
+            tx = other.transaction()
+            await tx.start()
+            await other.execute(
+                "SELECT 1 FROM trigger_keys WHERE holder = 'ix' AND counter_key = ANY($1) FOR UPDATE",
+                ["doc-0", "doc-1", "doc-2"],
+            )
+            got = await asyncio.wait_for(s.adopt_trigger("t", "ia"), 10)  # neither waits nor takes them
+            assert set(got) == set(keys) - {"doc-0", "doc-1", "doc-2"}
+            await tx.rollback()
+        finally:
+            await other.close()
+        assert set(await s.adopt_trigger("t", "ia")) == {"doc-0", "doc-1", "doc-2"}
+
+
+async def test_two_postgres_engines_starting_at_once_share_a_gone_nodes_keys_out_once(postgres_url: str) -> None:
+    keys = {f"doc-{i}": TriggerKeyRecord(count=1, first_seen_at=5.0) for i in range(2000)}
+    gone = PostgresStore(postgres_url, lease_ttl=TTL)
+    async with gone:
+        await gone.register_node("x", "ix", "1")
+        await gone.save_trigger("compile", "ix", keys)
+        await gone.node_stopped("ix")
+    wall = Clock(1000.0)
+    ran: list[str] = []
+    (a, ta), (b, tb) = node(postgres_url, "a", ran, wall), node(postgres_url, "b", ran, wall)
+    await asyncio.gather(a.start(), b.start())
+    try:
+        counted = {k.key: k.count for k in ta.state().keys}
+        for k in tb.state().keys:
+            assert k.key not in counted
+            counted[k.key] = k.count
+        assert counted == {key: 1 for key in keys}
+    finally:
+        await asyncio.gather(a.stop(), b.stop())
+
+
+# ---------------------------------------------------------------- what the store does
+
+
+async def test_a_trigger_key_is_taken_up_only_from_a_holder_that_is_gone(
+    store: Store, clock: FakeClock  # noqa: F811 - the fixtures
+) -> None:
+    await store.register_node("n1", "i1", "1")
+    await store.register_node("n2", "i2", "1")
+    await store.save_trigger("t", "i1", {"k": TriggerKeyRecord(count=2, first_seen_at=7.0)})
+    await store.save_trigger("t", "i2", {"k": TriggerKeyRecord(count=1, first_seen_at=9.0), "j": TriggerKeyRecord(count=5)})
+    # both alive: each holds its own
+    assert await store.adopt_trigger("t", "i2") == {}
+    assert await store.adopt_trigger("t", "i2", own=True) == {
+        "k": TriggerKeyRecord(count=1, first_seen_at=9.0), "j": TriggerKeyRecord(count=5),
+    }  # fmt: skip
+    await store.node_stopped("i1")
+    # i1's row of k comes back alone, and is merged into i2's own row in the store
+    assert await store.adopt_trigger("t", "i2") == {"k": TriggerKeyRecord(count=2, first_seen_at=7.0)}
+    assert await store.adopt_trigger("t", "i2") == {}
+    assert await store.adopt_trigger("t", "i1", own=True) == {}
+    assert await store.adopt_trigger("t", "i2", own=True) == {
+        "k": TriggerKeyRecord(count=3, first_seen_at=7.0), "j": TriggerKeyRecord(count=5),
+    }  # fmt: skip
+    # a later save of i2 replaces its row
+    await store.save_trigger("t", "i2", {"k": TriggerKeyRecord(count=0)}, forget=["j"])
+    assert await store.adopt_trigger("t", "i2", own=True) == {"k": TriggerKeyRecord(count=0)}
+
+
+@pytest.mark.parametrize("how", ["silent", "replaced", "never registered"])
+async def test_every_kind_of_gone_holder_gives_up_its_trigger_keys(
+    store: Store, clock: FakeClock, how: str  # noqa: F811 - the fixtures
+) -> None:
+    await store.register_node("n2", "i2", "1")
+    if how != "never registered":
+        await store.register_node("n1", "i1", "1")
+    await store.save_trigger("t", "i1", {"k": TriggerKeyRecord(count=2)})
+    if how == "silent":
+        clock.advance(TTL / 2)
+        await store.node_heartbeat("i2", 0)
+        assert await store.adopt_trigger("t", "i2") == {}
+        clock.advance(TTL / 2 + 1)
+        await store.node_heartbeat("i2", 0)
+    elif how == "replaced":
+        assert await store.adopt_trigger("t", "i2") == {}
+        await store.register_node("n1", "i1-again", "1")
+    assert await store.adopt_trigger("t", "i2") == {"k": TriggerKeyRecord(count=2)}
+
+
+async def test_a_taken_row_that_follows_a_run_keeps_following_it(store: Store) -> None:  # noqa: F811 - the fixture
+    await store.register_node("n2", "i2", "1")
+    await store.save_trigger("t", "i2", {"k": TriggerKeyRecord(count=1, last_run_id="r0", last_run_at=3.0)})
+    gone = TriggerKeyRecord(count=4, captured=3, run_id="r1", last_run_id="r00", last_run_at=2.0)
+    await store.save_trigger("t", "ghost", {"k": gone})
+    assert await store.adopt_trigger("t", "i2") == {"k": gone}
+    assert await store.adopt_trigger("t", "i2", own=True) == {
+        "k": TriggerKeyRecord(count=5, captured=3, run_id="r1", last_run_id="r0", last_run_at=3.0)
+    }
+
+
+# ---------------------------------------------------------------- keys saved before they had holders
+
+#: the trigger_keys of schema 7, with keys saved by an older taskwatch (no holder)
+OLD_ROWS = [
+    (
+        "INSERT INTO trigger_keys (trigger_name, counter_key, count, captured, first_seen_at) VALUES "
+        "('compile', 'k', 3, 0, 5.0), ('compile', 'j', 1, 0, 5.0), ('other', 'k', 9, 0, NULL)"
+    ),
+]
+
+
+def old_sqlite_file(path: Path) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.execute(Q.CREATE_MIGRATIONS)
+        for version, name, statements in Q.MIGRATIONS[:7]:
+            for sql in statements:
+                conn.execute(sql)
+            conn.execute(Q.RECORD_MIGRATION, {"version": version, "name": name, "now": 0.0})
+        for sql in OLD_ROWS:
+            conn.execute(sql)
+
+
+async def test_a_sqlite_file_of_schema_7_keeps_its_trigger_keys_and_the_first_start_takes_them_up(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "old.db"
+    old_sqlite_file(db)
+    ran: list[str] = []
+    engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
+
+    async def compile_key(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    trigger = engine.trigger("compile", compile_key, size_threshold=3)
+    async with engine:
+        await trigger.drain(timeout=10)
+        assert ran == ["k"]  # due at the start: fired once
+        assert sorted((k.key, k.count) for k in trigger.state().keys) == [("j", 1), ("k", 0)]
+        incarnation = engine.incarnation
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone() == (Q.SCHEMA_VERSION,)
+        rows = conn.execute("SELECT trigger_name, holder, counter_key, count FROM trigger_keys ORDER BY 1, 3").fetchall()
+    # the other trigger's keys wait, without a holder, for a node that has that trigger
+    assert rows == [("compile", incarnation, "j", 1), ("compile", incarnation, "k", 0), ("other", "", "k", 9)]
+
+
+async def test_a_postgres_database_of_schema_7_keeps_its_trigger_keys(postgres_url: str) -> None:
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(Q.CREATE_MIGRATIONS)
+        for version, name, statements in Q.MIGRATIONS[:7]:
+            for sql in statements:
+                await conn.execute(Q.postgres_ddl(sql))
+            await conn.execute("INSERT INTO schema_migrations VALUES ($1, $2, 0)", version, name)
+        for sql in OLD_ROWS:
+            await conn.execute(sql)
+    finally:
+        await conn.close()
+    s = PostgresStore(postgres_url, lease_ttl=TTL)
+    async with s:
+        await s.register_node("n", "i1", "1")
+        assert await s.adopt_trigger("compile", "i1") == {
+            "k": TriggerKeyRecord(count=3, first_seen_at=5.0), "j": TriggerKeyRecord(count=1, first_seen_at=5.0),
+        }  # fmt: skip
+        # counts are 64-bit now
+        await s.save_trigger("compile", "i1", {"k": TriggerKeyRecord(count=2**63 - 1)})
+        assert (await s.adopt_trigger("compile", "i1", own=True))["k"].count == 2**63 - 1
+
