@@ -596,3 +596,46 @@ def test_a_token_fifo_others_can_read_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TokenError, match="accessible by group or others"):
         read_token_file(str(fifo), pipe_timeout=TIMEOUT)
     assert time.monotonic() - started < TIMEOUT / 2  # refused before any wait for a writer
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_stops_the_plain_printer_as_ctrl_c_does(tmp_path: Path, signum: int) -> None:
+    # --plain is what runs under cron, nohup and service managers, which stop it with SIGTERM:
+    # the engine must stop then, or a durable store's run stays `running` until its lease
+    # runs out and counts as lost, again at every such stop, until it fails as WorkerLost
+    db = tmp_path / "runs.db"
+    (tmp_path / "lifecycle_app.py").write_text(LONG_APP.format(db=db))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "taskwatch.tui", "lifecycle_app", "--plain"],
+        cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        proc.stdout.readline()  # its first event: the store's tables are made
+        wait_until(lambda: statuses(db) == ["running"], timeout=TIMEOUT)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signum, err[-800:]
+    assert "Traceback" not in err, err[-800:]
+    assert "engine.stopped" in out  # the events of the stop are printed, as for --seconds
+    assert "running" not in statuses(db)
+
+
+def test_a_store_that_fails_at_the_start_is_said_in_one_line_by_the_dashboard(tmp_path: Path) -> None:
+    # as --plain and `taskwatch web` say it: the dashboard never took the screen, nothing crashed
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the store's directory should be")
+    term = Terminal(["--store", f"sqlite:///{blocked}/runs.db"], cwd=tmp_path)
+    try:
+        assert term.wait_exit() == 2
+    finally:
+        term.kill()
+    text = term.text()
+    assert "Traceback" not in text, text[-1500:]
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("taskwatch: "), text[-1500:]
+    assert ENTER_ALT_SCREEN not in term.output

@@ -506,20 +506,40 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _print_plain(engine: Engine, seconds: float | None) -> int:
+    """Print the engine's events until ``seconds`` pass, the reader goes away, or a signal
+    ends it: SIGTERM and SIGHUP (what cron, nohup and service managers send) stop the engine
+    as Ctrl-C does, so a durable store's runs are handed back, not left `running`."""
     from .demo import print_events
 
-    try:
-        asyncio.run(print_events(engine, seconds))
-    except KeyboardInterrupt:
-        pass
-    except BrokenPipeError:
-        # the reader went away (`taskwatch --plain | head`): that ends the output, quietly;
-        # stdout goes to devnull so the interpreter's final flush does not fail again
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except TaskwatchError as exc:
-        return fail(str(exc))
-    return 0
+    async def plain(catch: EndingSignals) -> None:
+        stopping: list[asyncio.Task[None]] = []
+
+        def end(signum: int) -> None:
+            if not stopping:  # a second signal does not cut the stop short
+                stopping.append(asyncio.ensure_future(engine.stop()))
+
+        catch.on_loop(asyncio.get_running_loop(), end)
+        try:
+            await print_events(engine, seconds)
+        finally:
+            if stopping:
+                await stopping[0]
+
+    with EndingSignals() as catch:
+        try:
+            asyncio.run(plain(catch))
+        except KeyboardInterrupt:
+            pass
+        except BrokenPipeError:
+            # the reader went away (`taskwatch --plain | head`): that ends the output, quietly;
+            # stdout goes to devnull so the interpreter's final flush does not fail again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except TaskwatchError as exc:
+            return fail(str(exc))
+        finally:
+            catch.resume()
+    return 0 if catch.signum is None else 128 + catch.signum
 
 
 #: signals that end a dashboard as `q` does: the terminal is given back and the engine stopped
@@ -744,6 +764,10 @@ def _run_local_app(
         bg = engine.start_background()
     except KeyboardInterrupt:
         return 128 + signal.SIGINT  # Ctrl-C while it started (a store that does not answer, say)
+    except (TaskwatchError, TimeoutError) as exc:
+        # a store refused or silent: said in one line, as --plain and `taskwatch web` say it
+        # (the dashboard never took the screen; this is no crash of it)
+        return fail(str(exc))
     refused = False
     try:
         info = None
