@@ -358,6 +358,11 @@ class Execution:
     def _start(self, run: Run, token: str, attempt: int, started_at: float) -> None:
         """Execute a pending run of the index that this node now holds the claim ``token`` of."""
         self.index.started(run, attempt, started_at, self.engine.node_id)
+        # progress is an attempt's own: the last attempt's (a retry, a run recovered or handed
+        # back at a stop) is not how far this one got. The store's claim cleared its row too
+        run.done = 0
+        run.total = None
+        run.message = ""
         run.token = token
         self._claimed[token] = run
         self.executor.started(run.task)
@@ -1104,6 +1109,9 @@ class Execution:
         """Move ``run``'s index entry to what the store holds, announcing each transition."""
         if stored.status is _RUNNING and run.status is _PENDING:
             self.index.started(run, stored.attempt, stored.started_at, stored.node)
+            # the attempt's own progress (its claim cleared the row's), not the last attempt's
+            progress = stored.progress
+            run.done, run.total, run.message = progress.done, progress.total, progress.message
             self.bus.emit(RunStarted, run_id=run.id, task=run.task, attempt=run.attempt, from_store=True)
         elif stored.status is _PENDING and run.status is _RUNNING:
             self.index.unclaimed(run)

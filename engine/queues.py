@@ -108,12 +108,17 @@ _FULL = object()
 
 
 class _Transit:
-    """A job on its way from another thread to the loop (compared by identity)."""
+    """A job on its way from another thread to the loop (compared by identity).
 
-    __slots__ = ("job",)
+    ``sent``: its handover to the loop is queued, so its ``put_nowait`` has returned (or is
+    returning): from then on the loop may land it ahead of its handover (see ``_land``).
+    """
+
+    __slots__ = ("job", "sent")
 
     def __init__(self, job: Any) -> None:
         self.job = job
+        self.sent = False
 
 
 def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
@@ -329,8 +334,9 @@ class WorkQueue:
         # put paths on different threads check room and append under this lock;
         # consumers only ever shrink the deque, which needs no lock
         self._lock = threading.Lock()
-        #: jobs accepted from other threads that have not reached the loop yet
-        self._transits: set[_Transit] = set()
+        #: jobs accepted from other threads that have not reached the loop yet, in the order
+        #: their puts took the lock (a dict as an ordered set): they land in that order
+        self._transits: dict[_Transit, None] = {}
         self._in_flight = 0
         self.processed = 0
         self.failed = 0
@@ -621,6 +627,10 @@ class WorkQueue:
         loop = self._loop
         if loop is not None and threading.get_ident() != self._loop_thread:
             return True if self._put_from_thread(loop, job) else _FULL
+        if self._transits:
+            # jobs other threads' puts queued before this one (they have returned) go first:
+            # their handovers, still to come, would put them after it
+            self._land()
         with self._lock:
             if len(self._items) + len(self._transits) >= self.maxsize:
                 return _FULL
@@ -651,16 +661,19 @@ class WorkQueue:
                 if len(self._items) + len(self._transits) >= self.maxsize:
                     return False
                 # the slot is taken now, so the caller learns about QueueFull synchronously; one
-                # set operation, so an interrupt can never leave half a reservation behind
-                self._transits.add(transit)
+                # dict operation, so an interrupt can never leave half a reservation behind
+                self._transits[transit] = None
                 self.accepted += 1
             loop.call_soon_threadsafe(self._arrive, transit)
+            # after the handover is queued, never before: a transit the loop lands ahead of its
+            # handover is one whose put cannot be withdrawn below any more
+            transit.sent = True
         except BaseException as exc:
             # the loop is closed, or the thread was interrupted (Ctrl-C) with the handover maybe
             # queued: the put did not happen, and a handover that still comes is ignored
             with self._lock:
                 if transit in self._transits:
-                    self._transits.discard(transit)
+                    del self._transits[transit]
                     self.accepted -= 1
             self._check_landed()
             if isinstance(exc, RuntimeError) and not isinstance(exc, EngineNotRunning):
@@ -670,14 +683,31 @@ class WorkQueue:
 
     def _arrive(self, transit: _Transit) -> None:
         """On the loop: a job put from another thread lands in the queue (always before stop() counts)."""
+        self._land(transit)
+
+    def _land(self, arriving: _Transit | None = None) -> None:
+        """On the loop: land ``arriving`` and every job whose put from another thread has
+        returned, in the order their puts took the lock.
+
+        Called by each handover, and before anything on the loop that must come after those
+        puts (a put made here, a purge): a handover is a callback the loop runs when its turn
+        comes, and a put that returned is queued from that moment on, not from its handover's.
+        A transit that is missing (withdrawn: its put was interrupted and raised, or landed
+        already) is left alone, as is one whose put is still under way on its thread.
+        """
         with self._lock:
-            if transit not in self._transits:
-                return  # withdrawn: its put was interrupted and raised
-            self._transits.discard(transit)
-            job = transit.job
-            self._items.append(self._keep(job) if self._durable else job)
-        self._work_arrived()
-        self._check_landed()
+            transits = self._transits
+            if not transits:
+                return
+            landing = [t for t in transits if t.sent or t is arriving]
+            for transit in landing:
+                del transits[transit]
+                job = transit.job
+                self._items.append(self._keep(job) if self._durable else job)
+        for _ in landing:
+            self._work_arrived()
+        if landing:
+            self._check_landed()
 
     def _check_landed(self) -> None:
         """Resolve stop()'s wait once nothing is in transit from other threads (any thread)."""
@@ -1264,13 +1294,17 @@ class WorkQueue:
     async def purge(self) -> QueuePurge:
         """Drop every waiting job (jobs being handled finish); delete their rows from a durable store.
 
-        Returns how many were dropped. Jobs put from another thread that have
-        not reached the loop yet are not waiting here yet, so they stay.
+        Returns how many were dropped. Those include jobs another thread put
+        before the purge (its ``put_nowait`` returned) whose handover to the
+        engine's loop has not run yet: they were queued, and counted in the
+        depth, as soon as their put returned.
         """
         if (home := self._elsewhere()) is not None:
             return await call_on(home, self.purge)
         async with self._store_lock:
-            # no write is under way: a job has a row exactly when it has an id
+            # no write is under way: a job has a row exactly when it has an id. Jobs landed
+            # here are kept with no id yet, so the write below leaves them out (done)
+            self._land()
             with self._lock:
                 dropped = list(self._items)
                 self._items.clear()

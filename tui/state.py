@@ -228,6 +228,11 @@ class DashboardState:
                 return
             run = self._first_seen(kind, e)
         if kind == "run.started":
+            if run.status is not RunStatus.RUNNING or run.attempt != e.attempt:
+                # progress is an attempt's own, as in the engine's record: the next attempt
+                # starts with none. (Not a second word of the same start: another node that
+                # read it from the store tells it too, after the attempt's progress maybe)
+                run.progress = (0, None, "")
             run.status = RunStatus.RUNNING
             run.attempt = e.attempt
             run.started_at = e.ts
