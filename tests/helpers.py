@@ -139,3 +139,15 @@ async def table_away(path: Path, table: str) -> AsyncIterator[None]:
             await asyncio.to_thread(other.execute, f"ALTER TABLE {table}_away RENAME TO {table}")
     finally:
         other.close()
+
+
+def each_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path, clock: Callable[[], float], lease_ttl: float) -> Any:
+    """A run store of ``kind`` ("memory", "sqlite": a real file, "postgres": a fresh database on
+    the test server), on ``clock``: what a store fixture parametrized over the three opens."""
+    from taskwatch.engine.store import MemoryStore, PostgresStore, SqliteStore
+
+    if kind == "memory":
+        return MemoryStore(clock=clock, lease_ttl=lease_ttl)
+    if kind == "sqlite":
+        return SqliteStore(tmp_path / "runs.db", clock=clock, lease_ttl=lease_ttl)
+    return PostgresStore(request.getfixturevalue("postgres_url"), clock=clock, lease_ttl=lease_ttl)

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from taskwatch.engine import Engine, Progress, RunStatus, TaskContext
 from taskwatch.engine.runs import RunError
-from taskwatch.engine.store import MemoryStore, NewRun, PostgresStore, Retry, SqliteStore, Store
+from taskwatch.engine.store import NewRun, Retry, SqliteStore, Store
 from taskwatch.tui.state import DashboardState
 from taskwatch.widgets import RunDetail
 
-from .helpers import Recorder, eventually
+from .helpers import Recorder, each_store, eventually
 from .test_widgets import Host
 
 NONE = Progress()
@@ -222,13 +222,7 @@ TTL = 10.0
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def store_and_clock(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Store, Clock]]:
     clock = Clock()
-    s: Store
-    if request.param == "memory":
-        s = MemoryStore(clock=clock, lease_ttl=TTL)
-    elif request.param == "sqlite":
-        s = SqliteStore(tmp_path / "runs.db", clock=clock, lease_ttl=TTL)
-    else:
-        s = PostgresStore(request.getfixturevalue("postgres_url"), clock=clock, lease_ttl=TTL)
+    s: Store = each_store(request.param, request, tmp_path, clock, TTL)
     async with s:
         yield s, clock
 

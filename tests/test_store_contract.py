@@ -20,7 +20,6 @@ from taskwatch.engine.store import (
     Inserted,
     MemoryStore,
     NewRun,
-    PostgresStore,
     Retry,
     SqliteStore,
     Store,
@@ -29,6 +28,8 @@ from taskwatch.engine.store import (
     UnknownStore,
     make_store,
 )
+
+from .helpers import each_store
 
 TTL = 10.0
 BOOM = RunError(type="ValueError", message="boom")
@@ -52,13 +53,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> AsyncIterator[Store]:
-    s: Store
-    if request.param == "memory":
-        s = MemoryStore(clock=clock, lease_ttl=TTL)
-    elif request.param == "sqlite":
-        s = SqliteStore(tmp_path / "runs.db", clock=clock, lease_ttl=TTL)
-    else:
-        s = PostgresStore(request.getfixturevalue("postgres_url"), clock=clock, lease_ttl=TTL)
+    s: Store = each_store(request.param, request, tmp_path, clock, TTL)
     async with s:
         yield s
 
