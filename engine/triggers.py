@@ -1386,29 +1386,38 @@ class Trigger:
         loop = asyncio.get_running_loop()
         # as often as a queue looks for jobs of gone holders: each look is a write transaction
         every = min(max(self._engine.lease_ttl / 3, 0.5), 10.0)
+        # on a clock of its own, not the saves': a look at most every third of node_ttl also
+        # tells a heartbeat missed (see _may_adopt) from the plain gap between two looks, which
+        # with a save_interval past node_ttl would read as one every time and take nothing up
+        next_save = loop.time() + self.save_interval
         next_adopt = loop.time() + every
         self._seen_renewal = self._executor.renewed_at if self._executor is not None else time.monotonic()
         while True:
-            await asyncio.sleep(self.save_interval)
-            adopting = loop.time() >= next_adopt
-            if not adopting and not self._dirty and not self._forget:
+            await asyncio.sleep(max(0.0, min(next_save, next_adopt) - loop.time()))
+            now = loop.time()
+            adopting = now >= next_adopt
+            saving = now >= next_save and bool(self._dirty or self._forget)
+            if now >= next_save:
+                next_save = now + self.save_interval
+            if not adopting and not saving:
                 continue
             try:
                 if adopting:
-                    next_adopt = loop.time() + every
+                    next_adopt = now + every
                     # not cut short by a stop: the store may hand the keys over all the same, and
                     # counts it holds for this node that this node does not know would be lost
                     # at its next save. The stop waits for it, then saves
                     self._adopting = spawn(self._adopt(), name=f"taskwatch-trigger-{self.name}-adopt")
                     await asyncio.shield(self._adopting)
                     self._adopting = None
-                if self._dirty or self._forget:
+                if saving:
                     await self._save()
                 trouble.succeeded()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                trouble.failed(exc, f"trying again every {self.save_interval:g} s")
+                trouble.failed(exc, f"trying again within {min(self.save_interval, every):g} s")
+
 
     async def _sweep(self, interval: float) -> None:
         trouble = OutageLog(log, f"trigger {self.name!r}: the staleness sweep")

@@ -205,6 +205,36 @@ async def test_a_killed_nodes_saved_counts_fire_once_on_a_node_that_keeps_runnin
         assert conn.execute("SELECT holder, count FROM trigger_keys").fetchall() == [(survivor.incarnation, 0)]
 
 
+async def test_a_stopped_nodes_counts_are_taken_up_even_when_saves_are_rarer_than_node_ttl(shared: str) -> None:
+    # saves once a minute (fewer writes), heartbeats good for a second: the looks for gone
+    # holders keep their own pace, and the gap between two looks is not taken for a missed beat
+    fired: list[str] = []
+
+    def make(node_id: str) -> tuple[Engine, Trigger]:
+        engine = Engine(store=shared, node_id=node_id, lease_ttl=1.0, health_interval=None)
+
+        async def compile_key(ctx: TaskContext, key: str) -> None:
+            fired.append(f"{node_id}:{key}")
+
+        return engine, engine.trigger("compile", compile_key, size_threshold=3, save_interval=60)
+
+    a, ta = make("a")
+    b, tb = make("b")
+    await a.start()
+    await b.start()
+    try:
+        ta.notify("k", 2)
+        await a.stop()  # saves k=2 as a's, and a is gone
+        tb.notify("k", 1)  # b's own 1, with a's 2 once taken up: 3, the threshold
+        await eventually(lambda: tb.fired == 1, timeout=30)
+        await tb.drain(timeout=10)
+    finally:
+        await a.stop()
+        await b.stop()
+    assert fired == ["b:k"]
+    assert tb.adopted == 1
+
+
 async def test_a_key_taken_up_while_running_follows_its_run_to_its_end_on_a_third_node(tmp_path: Path) -> None:
     # x fires k and stops while c runs that run; b takes up x's key at its next save: b's index
     # never held the run, and b still hears it end (else k would wait on it for good)
