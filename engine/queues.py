@@ -664,7 +664,7 @@ class WorkQueue:
                 # dict operation, so an interrupt can never leave half a reservation behind
                 self._transits[transit] = None
                 self.accepted += 1
-            loop.call_soon_threadsafe(self._arrive, transit)
+            loop.call_soon_threadsafe(self._land, transit)
             # after the handover is queued, never before: a transit the loop lands ahead of its
             # handover is one whose put cannot be withdrawn below any more
             transit.sent = True
@@ -680,10 +680,6 @@ class WorkQueue:
                 raise EngineNotRunning("stopped") from None
             raise
         return True
-
-    def _arrive(self, transit: _Transit) -> None:
-        """On the loop: a job put from another thread lands in the queue (always before stop() counts)."""
-        self._land(transit)
 
     def _land(self, arriving: _Transit | None = None) -> None:
         """On the loop: land ``arriving`` and every job whose put from another thread has

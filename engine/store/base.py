@@ -126,6 +126,19 @@ def adoptable(holder: str, incarnation: str, own: bool, known: Collection[str], 
     return holder in gone or holder not in known
 
 
+def trigger_holders_taken(
+    holders: Iterable[str], incarnation: str, own: bool, known: Collection[str], gone: Mapping[str, Any]
+) -> list[str]:
+    """The holders whose saved keys of a trigger ``incarnation`` takes up (see
+    ``Store.adopt_trigger``): those :func:`adoptable` names, its own first (with ``own``), so
+    the run its own row of a key follows is the one kept."""
+    holders = list(holders)
+    taking = [h for h in holders if h != incarnation and adoptable(h, incarnation, own, known, gone)]
+    if own and incarnation in holders:
+        taking.insert(0, incarnation)
+    return taking
+
+
 #: the largest count a saved key holds (a store keeps counts as 64-bit integers)
 MAX_TRIGGER_COUNT = 2**63 - 1
 

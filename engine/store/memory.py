@@ -36,6 +36,7 @@ from .base import (
     merge_taken,
     merge_trigger_records,
     new_run_id,
+    trigger_holders_taken,
 )
 from .models import (
     CancelResult,
@@ -810,9 +811,7 @@ class MemoryStore(Store):
         if not held:
             return {}
         gone = gone_incarnations(self._nodes.values(), self.clock(), self.node_ttl)
-        taking = [h for h in held if h != incarnation and adoptable(h, incarnation, own, self._nodes, gone)]
-        if own and incarnation in held:
-            taking.insert(0, incarnation)  # its own first: the run its own row follows is kept
+        taking = trigger_holders_taken(held, incarnation, own, self._nodes, gone)
         taken = merge_taken((key, rec) for holder in taking for key, rec in held.pop(holder).items())
         if taken:
             mine = held.setdefault(incarnation, {})

@@ -61,6 +61,7 @@ from .base import (
     merge_taken,
     merge_trigger_records,
     new_run_id,
+    trigger_holders_taken,
     trigger_record,
 )
 from .models import (
@@ -1496,9 +1497,7 @@ class PostgresStore(Store):
         nodes = [node_info(r) for r in await tx.fetch(Q.ALL_NODES, {})]
         gone = gone_incarnations(nodes, self.clock(), self.node_ttl, answering_since=self._answering_since())
         known = {n.incarnation for n in nodes}
-        taking = [h for h in holders if h != incarnation and adoptable(h, incarnation, own, known, gone)]
-        if own and incarnation in holders:
-            taking.insert(0, incarnation)  # its own first: the run its own row follows is kept
+        taking = trigger_holders_taken(holders, incarnation, own, known, gone)
         before: list[tuple[str, TriggerKeyRecord]] = []
         if tx.again and not own:
             # taken by this call's first try, committed before the cut, and merged into this

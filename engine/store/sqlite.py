@@ -51,6 +51,7 @@ from .base import (
     merge_taken,
     merge_trigger_records,
     new_run_id,
+    trigger_holders_taken,
     trigger_record,
 )
 from .models import (
@@ -1166,9 +1167,7 @@ class SqliteStore(Store):
         nodes = [_node(r) for r in cur.execute(Q.ALL_NODES).fetchall()]
         gone = gone_incarnations(nodes, self.clock(), self.node_ttl)
         known = {n.incarnation for n in nodes}
-        taking = [h for h in holders if h != incarnation and adoptable(h, incarnation, own, known, gone)]
-        if own and incarnation in holders:
-            taking.insert(0, incarnation)  # its own first: the run its own row follows is kept
+        taking = trigger_holders_taken(holders, incarnation, own, known, gone)
         if not taking:
             return {}
         rows: list[tuple[str, TriggerKeyRecord]] = []
