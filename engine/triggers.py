@@ -214,6 +214,10 @@ class _Key:
     #: notifies since the store last had this key's count (a durable store's): what a start
     #: adds to the count it reads back, and only that (the rest the store has already)
     unsaved: int = 0
+    #: the count and the run this node's row of the key held when the store last had it: what
+    #: another node took, if it took the row up while this node looked gone (see Trigger._retake)
+    saved: int = 0
+    saved_run: str | None = None
     #: the last notify (kept only when the trigger forgets keys: it costs a clock read)
     touched_at: float | None = None
     #: a full queue refused the key and no run of it has started or ended since: counted
@@ -435,10 +439,17 @@ class Trigger:
         self._loaded = False
         #: keys taken up while running from holders gone meanwhile, since the engine object was made
         self.adopted = 0
-        #: the node's claims and heartbeats: whether it may look gone to others (see :meth:`_may_adopt`)
+        #: the node's claims and heartbeats: whether it may look gone to others (see :meth:`_hold_fresh`)
         self._executor = executor
-        #: the executor's last renewal as the last adoption saw it (see :meth:`_may_adopt`)
+        #: the executor's last renewal as the last look saw it (see :meth:`_hold_fresh`)
         self._seen_renewal = 0.0
+        #: this node may have looked gone since its last save: another node may have taken up its
+        #: rows. Saves and fires wait until the store says which are still its own (:meth:`_retake`)
+        self._lapsed = False
+        #: times this node's hold on its saved keys may have lapsed, and keys whose saved counts
+        #: another node took up meanwhile (they fire there), since the engine object was made
+        self.hold_lapses = 0
+        self.given_up = 0
         #: an adoption under way: a stop waits for it (the store may have handed the keys over)
         self._adopting: asyncio.Task[None] | None = None
         #: tasks reading the end of runs taken up with keys that this node's index does not hold
@@ -555,9 +566,15 @@ class Trigger:
         key follows it would go beside; the start's first sweep fires what came due meanwhile."""
         return self._saved and not self._launched and self._engine.state == "running"
 
+    def _waits(self) -> bool:
+        """Whether keys that come due wait to fire: until the start has taken up the saved keys
+        (:meth:`_held`), and while another node may be taking up this node's (:meth:`_retake`
+        fires them). A key fired by hand does not wait for the latter."""
+        return self._lapsed or self._held()
+
     def _fire(self, key: str, st: _Key, reason: str) -> RunHandle | None:
-        if self._held():
-            return None  # counted: the start's first sweep fires it
+        if self._waits():
+            return None  # counted: the start's first sweep (or the retake) fires it
         if self._launched and self._refused:
             # keys a full queue refused wait for room already: this one waits behind them. Tried
             # now, it would be refused too (validated and built for nothing), or take the room
@@ -592,7 +609,7 @@ class Trigger:
         loop = self._loop
         return (
             loop is not None and not loop.is_closed() and (self._launched or self._engine.state == "running")
-            and not self._held()
+            and not self._waits()
         )  # fmt: skip
 
     def _retry_later(self) -> None:
@@ -623,8 +640,8 @@ class Trigger:
         the queue brings on at once (the timer is for room this node does not hear of). A try
         fires at most ``_FIRES_PER_STEP`` keys and then lets the loop's other work run first.
         """
-        if self._held():
-            return  # the launch tries every key due, these too
+        if self._waits():
+            return  # the launch (or the retake) tries every key due, these too
         budget = _FIRES_PER_STEP
         if self._window is not None:
             if self._probes:
@@ -1083,6 +1100,7 @@ class Trigger:
                 del self._active[st.run_id]
             st.run_id, st.captured, st.running = None, 0, False
             st.count = st.unsaved
+            st.saved, st.saved_run = 0, None
 
     async def _take_up_saved(self, saved: Mapping[str, TriggerKeyRecord], *, at_start: bool) -> None:
         """Merge keys taken up from the store into this trigger's, at the start and at a save
@@ -1104,6 +1122,11 @@ class Trigger:
                 st = self._keys[key] = _Key()
             merged = merge_trigger_records(self._record(st), rec)
             st.count, st.first_seen_at = merged.count, merged.first_seen_at
+            # the store's row of the key now: the rows taken, merged with this node's own
+            if at_start:
+                st.saved, st.saved_run = rec.count, rec.run_id
+            else:
+                st.saved, st.saved_run = min(st.saved + rec.count, _MAX_COUNT), st.saved_run or rec.run_id
             st.last_run_at, st.last_run_id, st.last_status = merged.last_run_at, merged.last_run_id, merged.last_status
             if st.count > 0 and self.forget_after is not None and st.touched_at is None:
                 # the store keeps no notify times: its last may have been just before the stop
@@ -1151,24 +1174,90 @@ class Trigger:
             else:
                 step += 1
 
-    def _may_adopt(self) -> bool:
-        """Whether this node may take up the keys of holders that are gone now: not while it may
-        look gone itself (its last heartbeat that reached the store sent ``node_ttl`` ago or
-        more, one missed since the last look, cut off, replaced), as a queue's adoption."""
+    def _hold_fresh(self) -> bool:
+        """Whether this node's hold on its saved keys is fresh now, as a queue's on its jobs: its
+        last heartbeat that reached the store was sent less than ``node_ttl`` ago, none was missed
+        since the last look, and it is neither cut off nor replaced. Not fresh, it may look gone
+        to the other nodes, which then take up its rows: the lapse is noted, and until
+        :meth:`_retake` has asked the store what is still this node's, it saves and fires nothing."""
         executor = self._executor
         if executor is None:
             return True
+        ttl = self._engine.store.node_ttl
         renewed = executor.renewed_at
-        missed = renewed - self._seen_renewal > self._engine.store.node_ttl
-        self._seen_renewal = renewed
-        fresh = time.monotonic() < renewed + self._engine.store.node_ttl
-        return fresh and not missed and not executor.cut_off and not executor.superseded
+        now = time.monotonic()
+        seen, self._seen_renewal = self._seen_renewal, renewed
+        missed = renewed - seen > ttl
+        fresh = now < renewed + ttl and not missed and not executor.cut_off and not executor.superseded
+        if not fresh and not self._lapsed:
+            self._lapsed = True
+            self.hold_lapses += 1
+            log.warning(
+                "trigger %r: no heartbeat of this node has reached the store for %.1f s (node_ttl %g s): "
+                "another node may take up its saved counts. Saves and fires wait until the store says "
+                "which keys are still this node's", self.name, renewed - seen if missed else now - renewed, ttl,
+            )  # fmt: skip
+        return fresh
+
+    async def _look(self) -> None:
+        """Once a third of ``lease_ttl``: take up the keys of holders gone since, or after a
+        lapse, first give up those another node took meanwhile."""
+        if not self._hold_fresh():
+            return
+        if self._lapsed:
+            await self._retake()
+        await self._adopt()
+
+    async def _retake(self) -> None:
+        """After a lapse, once a heartbeat got through again: give up what another node took.
+
+        A key whose row the store no longer holds for this node was taken up by a node that
+        counted this one gone: its saved count (and the run the row named, with the count that
+        run took) went there, and fires there. What this node counted since its last save stays
+        here, and is saved as its row again. The keys that came due meanwhile fire now.
+        """
+        held = await self._engine.store.trigger_keys_held(self.name, self._engine.incarnation)
+        if not self._lapsed or not self._hold_fresh():
+            return  # retaken meanwhile (a stop's), or lapsed again: asked again at the next look
+        given = step = 0
+        for key, st in list(self._keys.items()):
+            if step >= _SWEEP_STEP:
+                step = 0
+                await asyncio.sleep(0)
+            step += 1
+            if key in held or (st.saved == 0 and st.saved_run is None):
+                continue
+            given += 1
+            if st.run_id is not None and st.run_id == st.saved_run:
+                # the taker follows this run, and takes its count off when it ends
+                if self._active.get(st.run_id) == key:
+                    del self._active[st.run_id]
+                st.run_id, st.captured, st.running = None, 0, False
+            else:
+                # a run fired here after the save took the saved count with it: the taker fires it again
+                st.captured = max(0, st.captured - st.saved)
+            st.count = max(0, st.count - st.saved)
+            st.saved, st.saved_run = 0, None
+            self._changed(key)
+        self._lapsed = False
+        self.given_up += given
+        if given:
+            log.warning(
+                "trigger %r: another node took up the saved counts of %d key(s) while this node looked gone: "
+                "they fire there; what this node counted since its last save stays here", self.name, given,
+            )  # fmt: skip
+        if not self._launched:
+            return  # a stop's: the next start fires what is due
+        await self._fire_due(list(self._keys))
+        self._retry_soon()
+        if not self._active:
+            self._wake_drainers()
 
     async def _adopt(self) -> None:
         """Take up the keys of holders gone since the start (a node that stopped or died with
         counts saved): they fire here, once."""
-        if not self._may_adopt():
-            return
+        if self._lapsed or not self._hold_fresh():
+            return  # the retake comes first: this node's own rows may have gone to another
         taken = await self._engine.store.adopt_trigger(self.name, self._engine.incarnation, own=False)
         if taken:
             self.adopted += len(taken)
@@ -1340,20 +1429,21 @@ class Trigger:
                 # a key notified again after it was forgotten is saved afresh, not deleted
                 deleting = [key for key in gone[done_gone : done_gone + _SAVE_STEP] if key not in self._keys]
                 records: dict[str, TriggerKeyRecord] = {}
-                unsaved: list[tuple[_Key, int]] = []
+                unsaved: list[tuple[_Key, int, TriggerKeyRecord]] = []
                 for key in keys[done : done + _SAVE_STEP]:
                     st = self._keys.get(key)
                     if st is not None:
-                        records[key] = self._record(st)
-                        unsaved.append((st, st.unsaved))
+                        rec = records[key] = self._record(st)
+                        unsaved.append((st, st.unsaved, rec))
                 if records or deleting:
                     await save(self.name, incarnation, records, deleting)
                 done_gone += _SAVE_STEP
                 done += _SAVE_STEP
-                for st, n in unsaved:
+                for st, n, rec in unsaved:
                     # notifies during the write stay unsaved (and a save made meanwhile, by a
                     # save_changes(), may have taken its share off already)
                     st.unsaved = max(0, st.unsaved - n)
+                    st.saved, st.saved_run = rec.count, rec.run_id
         except BaseException:
             self._dirty.update(keys[done:])  # saved next time
             self._forget.update(gone[done_gone:])
@@ -1387,8 +1477,10 @@ class Trigger:
         # as often as a queue looks for jobs of gone holders: each look is a write transaction
         every = min(max(self._engine.lease_ttl / 3, 0.5), 10.0)
         # on a clock of its own, not the saves': a look at most every third of node_ttl also
-        # tells a heartbeat missed (see _may_adopt) from the plain gap between two looks, which
+        # tells a heartbeat missed (see _hold_fresh) from the plain gap between two looks, which
         # with a save_interval past node_ttl would read as one every time and take nothing up
+        # (after a lapse, looked at again as often as the executor's watchdog probes)
+        probe = min(1.0, self._engine.store.node_ttl / 3)
         next_save = loop.time() + self.save_interval
         next_adopt = loop.time() + every
         self._seen_renewal = self._executor.renewed_at if self._executor is not None else time.monotonic()
@@ -1407,11 +1499,14 @@ class Trigger:
                     # not cut short by a stop: the store may hand the keys over all the same, and
                     # counts it holds for this node that this node does not know would be lost
                     # at its next save. The stop waits for it, then saves
-                    self._adopting = spawn(self._adopt(), name=f"taskwatch-trigger-{self.name}-adopt")
+                    self._adopting = spawn(self._look(), name=f"taskwatch-trigger-{self.name}-adopt")
                     await asyncio.shield(self._adopting)
                     self._adopting = None
-                if saving:
+                if saving and not self._lapsed and self._hold_fresh():
+                    # (lapsed, a save could write back rows another node just took up)
                     await self._save()
+                if self._lapsed:
+                    next_adopt = min(next_adopt, loop.time() + probe)
                 trouble.succeeded()
             except asyncio.CancelledError:
                 raise
@@ -1453,6 +1548,12 @@ class Trigger:
                 await asyncio.wait([adopting])
                 if not adopting.cancelled() and adopting.exception() is not None:
                     log.warning("trigger %r: taking up the keys of gone holders failed: %s", self.name, adopting.exception())
+            if self._lapsed and self._hold_fresh():
+                try:
+                    await self._retake()
+                except Exception as exc:
+                    log.warning("trigger %r: asking the store which saved keys are still this node's failed: %s", self.name, exc)
+            # still lapsed, saved all the same: a count may then fire on two nodes, but none is lost
             await self.save_changes()
         watchers, self._watchers = self._watchers, set()
         for watch in watchers:

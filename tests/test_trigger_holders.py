@@ -10,20 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
 from taskwatch.engine import Engine, RunStatus, TaskContext
-from taskwatch.engine.store import PostgresStore, Store, TriggerKeyRecord
+from taskwatch.engine.store import PostgresStore, SqliteStore, Store, TriggerKeyRecord, make_store
 from taskwatch.engine.store import queries as Q
 from taskwatch.engine.triggers import Trigger
 
 from .helpers import eventually
 from .test_durable import Child
+from .test_queue_faults import TIMEOUT as QTIMEOUT
+from .test_queue_faults import TTL as QTTL
+from .test_queue_faults import LoopThread
 from .test_store_contract import TTL, FakeClock, clock, store  # noqa: F401 - the stores' fixtures
 from .test_triggers import Clock
+
+T = TypeVar("T")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -359,6 +366,169 @@ async def test_two_postgres_engines_starting_at_once_share_a_gone_nodes_keys_out
         await asyncio.gather(a.stop(), b.stop())
 
 
+# ---------------------------------------------------------------- a node that only looked gone
+
+
+def paused_pair(url: str, fired: list[str]) -> tuple[LoopThread, Engine, Trigger, Engine, Trigger]:
+    """Nodes a (on a loop of its own, which the test can freeze) and b, with trigger "compile"
+    of threshold 10, saving often, and heartbeats good for QTTL seconds."""
+    node_a = LoopThread()
+    engines: list[tuple[Engine, Trigger]] = []
+    for name in ("a", "b"):
+        engine = Engine(store=url, node_id=name, lease_ttl=QTTL, health_interval=None)
+
+        async def compile_key(ctx: TaskContext, key: str, name: str = name) -> None:
+            fired.append(f"{name}:{key}")
+
+        engines.append((engine, engine.trigger("compile", compile_key, size_threshold=10, save_interval=0.05)))
+    (a, ta), (b, tb) = engines
+    return node_a, a, ta, b, tb
+
+
+async def on(node: LoopThread, fn: Callable[[], T]) -> T:
+    """``fn()`` called on ``node``'s loop (a trigger is counted and read there)."""
+
+    async def call() -> T:
+        return fn()
+
+    return await node.run(call())
+
+
+async def saved_by(url: str, engine: Engine, keys: set[str]) -> None:
+    """Wait until ``engine``'s rows of trigger "compile" in the store at ``url`` are ``keys``."""
+    async with make_store(url, lease_ttl=QTTL) as looker:
+        async with asyncio.timeout(QTIMEOUT):
+            while await looker.trigger_keys_held("compile", engine.incarnation) != keys:
+                await asyncio.sleep(0.02)
+
+
+async def test_a_node_paused_while_another_took_up_its_counts_gives_them_up_when_it_is_back(shared: str) -> None:
+    fired: list[str] = []
+    node_a, a, ta, b, tb = paused_pair(shared, fired)
+    c = Engine(store=shared, node_id="c", health_interval=None)
+
+    async def compile_key(ctx: TaskContext, key: str) -> None:
+        fired.append(f"c:{key}")
+
+    tc = c.trigger("compile", compile_key, size_threshold=10)
+    try:
+        await node_a.run(a.start())
+        await on(node_a, lambda: ta.notify("k", 6))
+        await saved_by(shared, a, {"k"})
+        await b.start()
+        # a paused past its heartbeats' ttl: b takes its saved 6 up
+        thaw = await node_a.freeze(lambda: None)
+        try:
+            await eventually(lambda: tb.adopted == 1, timeout=QTIMEOUT)
+        finally:
+            thaw.set()
+        assert [(k.key, k.count) for k in tb.state().keys] == [("k", 6)]
+        # back, a asks the store which keys are still its own, and gives k's saved 6 up
+        await eventually(lambda: ta.given_up == 1, timeout=QTIMEOUT)
+        assert ta.hold_lapses >= 1
+        assert await on(node_a, lambda: [(k.key, k.count) for k in ta.state().keys]) == [("k", 0)]
+        # 4 more on each node: only b's 6 + 4 reach the threshold, and fire once
+        await on(node_a, lambda: ta.notify("k", 4))
+        tb.notify("k", 4)
+        await tb.drain(timeout=QTIMEOUT)
+        # (either node may run it: they share the store's queue)
+        assert len(fired) == 1
+        assert (ta.fired, tb.fired) == (0, 1)
+        assert await on(node_a, lambda: [(k.key, k.count) for k in ta.state().keys]) == [("k", 4)]
+        await b.stop()
+        await node_a.run(a.stop())
+        # what the store holds of k when both are gone: a's 4, not run yet (not the 6 b ran too)
+        await c.start()
+        assert [(k.key, k.count) for k in tc.state().keys] == [("k", 4)]
+    finally:
+        await c.stop()
+        await b.stop()
+        await node_a.run(a.stop())
+        node_a.close()
+
+
+async def test_a_paused_node_leaves_the_run_its_taken_row_named_to_the_node_that_took_it(shared: str) -> None:
+    gate = threading.Event()
+    node_a = LoopThread()
+    engines: list[Engine] = []
+    triggers: list[Trigger] = []
+    for name in ("a", "b"):
+        engine = Engine(store=shared, node_id=name, lease_ttl=QTTL, health_interval=None)
+
+        async def compile_key(ctx: TaskContext, key: str) -> None:
+            await asyncio.to_thread(gate.wait, QTIMEOUT)
+
+        engines.append(engine)
+        triggers.append(engine.trigger("compile", compile_key, size_threshold=10, save_interval=0.05))
+    a, b = engines
+    ta, tb = triggers
+
+    def keys(trigger: Trigger) -> list[tuple[str, int, bool]]:
+        return [(k.key, k.count, k.queued or k.running) for k in trigger.state().keys]
+
+    try:
+        await node_a.run(a.start())
+        await on(node_a, lambda: ta.notify("k", 12))  # fires with 12
+        [run_id] = await on(node_a, lambda: [k.run_id for k in ta.state().keys])
+        async with make_store(shared, lease_ttl=QTTL) as looker:
+            async with asyncio.timeout(QTIMEOUT):
+                while run_id not in await looker.get_many([run_id]):  # (a shared store's writes lag)
+                    await asyncio.sleep(0.02)
+        await node_a.run(ta.save_changes())  # the row names the run
+        await b.start()
+        thaw = await node_a.freeze(lambda: None)
+        try:
+            await eventually(lambda: tb.adopted == 1, timeout=QTIMEOUT)
+        finally:
+            thaw.set()
+        # b follows the run with the 12 it took; a, back, gives both up
+        assert keys(tb) == [("k", 12, True)]
+        await eventually(lambda: ta.given_up == 1, timeout=QTIMEOUT)
+        assert await on(node_a, lambda: keys(ta)) == [("k", 0, False)]
+        await on(node_a, lambda: ta.notify("k", 3))
+        gate.set()
+        # the run's end takes its 12 off on b; a keeps the 3 it counted since
+        await eventually(lambda: keys(tb) == [("k", 0, False)], timeout=QTIMEOUT)
+        assert await on(node_a, lambda: keys(ta)) == [("k", 3, False)]
+        assert (ta.fired, tb.fired) == (1, 0)
+    finally:
+        gate.set()
+        await b.stop()
+        await node_a.run(a.stop())
+        node_a.close()
+
+
+async def test_a_lone_node_paused_past_its_heartbeats_ttl_keeps_its_counts(tmp_path: Path) -> None:
+    db = tmp_path / "lone.db"
+    fired: list[str] = []
+    node_a, a, ta, _, _ = paused_pair(f"sqlite:///{db}", fired)
+    try:
+        await node_a.run(a.start())
+        await on(node_a, lambda: ta.notify("k", 6))
+        await saved_by(f"sqlite:///{db}", a, {"k"})
+        async with SqliteStore(db, lease_ttl=QTTL) as looker:
+
+            async def looks_gone() -> bool:
+                [row] = [n for n in await looker.nodes() if n.node == "a"]
+                return row.last_heartbeat < looker.clock() - QTTL
+
+            thaw = await node_a.freeze(lambda: None)
+            try:
+                async with asyncio.timeout(QTIMEOUT):
+                    while not await looks_gone():  # its hold has lapsed in the store's eyes
+                        await asyncio.sleep(0.02)
+            finally:
+                thaw.set()
+        # nobody took its row: the store says k is still a's, and its 6 stay
+        await eventually(lambda: ta.hold_lapses >= 1, timeout=QTIMEOUT)
+        await on(node_a, lambda: ta.notify("k", 4))
+        await eventually(lambda: fired == ["a:k"], timeout=QTIMEOUT)
+        assert ta.given_up == 0
+    finally:
+        await node_a.run(a.stop())
+        node_a.close()
+
+
 # ---------------------------------------------------------------- what the store does
 
 
@@ -374,9 +544,13 @@ async def test_a_trigger_key_is_taken_up_only_from_a_holder_that_is_gone(
     assert await store.adopt_trigger("t", "i2", own=True) == {
         "k": TriggerKeyRecord(count=1, first_seen_at=9.0), "j": TriggerKeyRecord(count=5),
     }  # fmt: skip
+    assert (await store.trigger_keys_held("t", "i1"), await store.trigger_keys_held("t", "i2")) == ({"k"}, {"k", "j"})
+    assert await store.trigger_keys_elsewhere("t", "i1") == {"k", "j"}
     await store.node_stopped("i1")
     # i1's row of k comes back alone, and is merged into i2's own row in the store
     assert await store.adopt_trigger("t", "i2") == {"k": TriggerKeyRecord(count=2, first_seen_at=7.0)}
+    assert (await store.trigger_keys_held("t", "i1"), await store.trigger_keys_held("t", "i2")) == (set(), {"k", "j"})
+    assert await store.trigger_keys_held("other", "i2") == set()
     assert await store.adopt_trigger("t", "i2") == {}
     assert await store.adopt_trigger("t", "i1", own=True) == {}
     assert await store.adopt_trigger("t", "i2", own=True) == {

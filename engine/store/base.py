@@ -530,6 +530,11 @@ class Store(ABC):
         that counts them too: its runs of those keys may be its own)."""
 
     @abstractmethod
+    async def trigger_keys_held(self, trigger: str, incarnation: str) -> set[str]:
+        """The keys of ``trigger`` that ``incarnation`` holds rows of: those it saved or took
+        up, less those another node took up while it looked gone."""
+
+    @abstractmethod
     async def save_trigger(
         self, trigger: str, incarnation: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = ()
     ) -> None:

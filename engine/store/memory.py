@@ -824,6 +824,9 @@ class MemoryStore(Store):
         held = self._trigger_keys.get(trigger, {})
         return {key for holder, keys in held.items() if holder != incarnation for key in keys}
 
+    async def trigger_keys_held(self, trigger: str, incarnation: str) -> set[str]:
+        return set(self._trigger_keys.get(trigger, {}).get(incarnation, {}))
+
     async def save_trigger(
         self, trigger: str, incarnation: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = ()
     ) -> None:

@@ -1534,6 +1534,11 @@ class PostgresStore(Store):
         rows = await self._run(self._fetch, Q.TRIGGER_KEYS_ELSEWHERE, values, write=False)
         return {key for (key,) in rows}
 
+    async def trigger_keys_held(self, trigger: str, incarnation: str) -> set[str]:
+        values = {"trigger": trigger, "holder": incarnation}
+        rows = await self._run(self._fetch, Q.TRIGGER_KEYS_HELD, values, write=False)
+        return {key for (key,) in rows}
+
     async def save_trigger(
         self, trigger: str, incarnation: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = ()
     ) -> None:

@@ -469,6 +469,9 @@ TRIGGER_KEYS_ELSEWHERE = (
     "SELECT DISTINCT counter_key FROM trigger_keys WHERE trigger_name = :trigger AND holder <> :holder"
 )
 
+#: the keys of a trigger one holder has saved rows of
+TRIGGER_KEYS_HELD = "SELECT counter_key FROM trigger_keys WHERE trigger_name = :trigger AND holder = :holder"
+
 #: one holder's saved keys of a trigger
 HELD_TRIGGER_KEYS = f"""
 SELECT counter_key, {TRIGGER_KEY_COLUMNS} FROM trigger_keys WHERE trigger_name = :trigger AND holder = :holder"""

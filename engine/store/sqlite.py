@@ -1188,11 +1188,15 @@ class SqliteStore(Store):
 
     async def trigger_keys_elsewhere(self, trigger: str, incarnation: str) -> set[str]:
         values = {"trigger": trigger, "holder": incarnation}
-        return await self._call(self._keys_elsewhere, values, write=False)  # type: ignore[no-any-return]
+        return await self._call(self._keys_of, Q.TRIGGER_KEYS_ELSEWHERE, values, write=False)  # type: ignore[no-any-return]
+
+    async def trigger_keys_held(self, trigger: str, incarnation: str) -> set[str]:
+        values = {"trigger": trigger, "holder": incarnation}
+        return await self._call(self._keys_of, Q.TRIGGER_KEYS_HELD, values, write=False)  # type: ignore[no-any-return]
 
     @staticmethod
-    def _keys_elsewhere(tx: _Tx, values: dict[str, Any]) -> set[str]:
-        return {key for (key,) in tx.cur.execute(Q.TRIGGER_KEYS_ELSEWHERE, values)}
+    def _keys_of(tx: _Tx, sql: str, values: dict[str, Any]) -> set[str]:
+        return {key for (key,) in tx.cur.execute(sql, values)}
 
     async def save_trigger(
         self, trigger: str, incarnation: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = ()
