@@ -248,3 +248,19 @@ async def test_a_claim_starts_the_row_of_the_next_attempt_with_no_progress(
     row = await store.get(run_id)
     assert row is not None and (row.status, row.attempt) == (RunStatus.RUNNING, 2)
     assert row.progress == NONE
+
+
+@pytest.mark.parametrize("store_and_clock", ["sqlite", "postgres"], indirect=True)
+async def test_a_stored_run_back_to_pending_for_its_retry_shows_how_far_its_last_attempt_got(
+    store_and_clock: tuple[Store, Clock],
+) -> None:
+    # what another node, a dashboard reading the store, or this node after a restart see of it
+    store, _ = store_and_clock
+    (run_id,) = [r.id for r in await store.insert([NewRun("a", max_attempts=3)])]
+    (first,) = await store.claim("n1", "i1", 1, {"a": None})
+    last = Progress(done=7, total=10, message="got 7 of 10")
+    error = RunError(type="ValueError", message="transient")
+    assert await store.finish(first.token, Retry(error, 60.0), last) is RunStatus.PENDING
+    row = await store.get(run_id)
+    assert row is not None and (row.status, row.attempt, row.progress) == (RunStatus.PENDING, 2, last)
+    assert row.error is not None and row.error.message == "transient"

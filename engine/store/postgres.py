@@ -1175,7 +1175,7 @@ class PostgresStore(Store):
 
     async def finish(self, token: str, outcome: Outcome, progress: Progress | None = None) -> RunStatus | None:
         if isinstance(outcome, Retry):
-            return await self._run(self._finish_retry, token, outcome, self.clock())  # type: ignore[no-any-return]
+            return await self._run(self._finish_retry, token, outcome, self.clock(), progress)  # type: ignore[no-any-return]
         if isinstance(outcome, Succeeded):
             status, result, error, reason = RunStatus.SUCCEEDED, None if outcome.result is None else dumps(outcome.result), None, None
         elif isinstance(outcome, Failed):
@@ -1241,7 +1241,17 @@ class PostgresStore(Store):
                     tx.finished.append(run_id)
         return ended
 
-    async def _finish_retry(self, tx: _Tx, token: str, outcome: Retry, now: float) -> RunStatus | None:
+    async def _finish_retry(
+        self, tx: _Tx, token: str, outcome: Retry, now: float, progress: Progress | None = None
+    ) -> RunStatus | None:
+        status = await self._end_for_retry(tx, token, outcome, now)
+        if progress is not None and status is not None:
+            # how far the attempt got, shown while the run waits for its next (whose claim clears it)
+            values = {"seq": seq_of(token), "done": progress.done, "total": progress.total, "message": progress.message}
+            await tx.execute(Q.ENDED_PROGRESS, values)
+        return status
+
+    async def _end_for_retry(self, tx: _Tx, token: str, outcome: Retry, now: float) -> RunStatus | None:
         seq = seq_of(token)
         run_after, error = now + max(0.0, outcome.delay), error_json(outcome.error)
         state = await tx.fetchrow(Q.PG_CLAIM_STATE_LOCKED, {"seq": seq, "token": token})

@@ -914,7 +914,8 @@ class SqliteStore(Store):
         self, tx: _Tx, token: str, outcome: Outcome, now: float, progress: Progress | None = None
     ) -> RunStatus | None:
         status = self._end_claimed(tx, token, outcome, now)
-        if progress is not None and status is not None and status is not RunStatus.PENDING:
+        # (a run back to pending for its retry shows how far its last attempt got: the claim clears it)
+        if progress is not None and status is not None:
             values = {"seq": _seq_of(token), "done": progress.done, "total": progress.total, "message": progress.message}
             tx.cur.execute(Q.ENDED_PROGRESS, values)
         return status
