@@ -91,7 +91,8 @@ _SETUP = [
 _RAISE_TERMS = "SELECT setval('lease_terms', {term}) FROM lease_terms WHERE last_value + is_called::int <= {term}"
 
 # An acquire is three statements in one transaction, so that a term is drawn only by the node
-# that takes the lease: terms then count the leaderships. (A term drawn in the statement that
+# that takes the lease: terms then count the leaderships, but for the values a server crash skips
+# (PostgreSQL logs sequences 32 values ahead). (A term drawn in the statement that
 # checks the row is drawn by every racer that passes the check before the winner commits, and
 # wasted when the row, locked and checked again, turns out taken; an INSERT ... ON CONFLICT
 # draws one on every try.)
