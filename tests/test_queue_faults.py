@@ -193,6 +193,24 @@ class LoopThread:
         self.loop.close()
 
 
+async def frozen_until_it_looks_gone(node: LoopThread, db: Path, node_id: str, first: Callable[[], None]) -> None:
+    """Block ``node``'s loop (after ``first()`` on it) until the SQLite store at ``db`` counts
+    its engine, ``node_id``, silent past TTL: its hold has lapsed in the store's eyes."""
+    async with SqliteStore(db, lease_ttl=TTL) as looker:
+
+        async def looks_gone() -> bool:
+            [row] = [n for n in await looker.nodes() if n.node == node_id]
+            return row.last_heartbeat < looker.clock() - TTL
+
+        thaw = await node.freeze(first)
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                while not await looks_gone():
+                    await asyncio.sleep(0.02)
+        finally:
+            thaw.set()
+
+
 async def _info(node: LoopThread, queue: WorkQueue) -> QueueInfo:
     async def read() -> QueueInfo:
         return queue.info()
@@ -282,19 +300,7 @@ async def test_a_lone_node_paused_past_its_lease_runs_its_jobs_once_it_is_back(t
     try:
         await node.run(a.start())
         await node.run(put_all())
-        async with SqliteStore(db, lease_ttl=TTL) as looker:
-
-            async def looks_gone() -> bool:
-                [row] = [n for n in await looker.nodes() if n.node == "a"]
-                return row.last_heartbeat < looker.clock() - TTL
-
-            thaw = await node.freeze(gate.set)
-            try:
-                async with asyncio.timeout(TIMEOUT):
-                    while not await looks_gone():  # its hold has lapsed in the store's eyes
-                        await asyncio.sleep(0.02)
-            finally:
-                thaw.set()
+        await frozen_until_it_looks_gone(node, db, "a", gate.set)
         info = await _settled(node, queue)
         assert sorted(handled) == list(range(jobs))
         assert info.hold_lapses >= 1 and info.given_up == 0 and info.processed == jobs

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 from taskwatch.engine import Engine, RunStatus, TaskContext
-from taskwatch.engine.store import PostgresStore, SqliteStore, Store, TriggerKeyRecord, make_store
+from taskwatch.engine.store import PostgresStore, Store, TriggerKeyRecord, make_store
 from taskwatch.engine.store import queries as Q
 from taskwatch.engine.triggers import Trigger
 
@@ -26,7 +26,7 @@ from .helpers import eventually
 from .test_durable import Child
 from .test_queue_faults import TIMEOUT as QTIMEOUT
 from .test_queue_faults import TTL as QTTL
-from .test_queue_faults import LoopThread
+from .test_queue_faults import LoopThread, frozen_until_it_looks_gone
 from .test_store_contract import TTL, FakeClock, clock, store  # noqa: F401 - the stores' fixtures
 from .test_triggers import Clock
 
@@ -385,6 +385,15 @@ def paused_pair(url: str, fired: list[str]) -> tuple[LoopThread, Engine, Trigger
     return node_a, a, ta, b, tb
 
 
+async def paused_until(node: LoopThread, done: Callable[[], bool]) -> None:
+    """``node``'s loop blocked, as a paused process's, until ``done()``."""
+    thaw = await node.freeze(lambda: None)
+    try:
+        await eventually(done, timeout=QTIMEOUT)
+    finally:
+        thaw.set()
+
+
 async def on(node: LoopThread, fn: Callable[[], T]) -> T:
     """``fn()`` called on ``node``'s loop (a trigger is counted and read there)."""
 
@@ -417,11 +426,7 @@ async def test_a_node_paused_while_another_took_up_its_counts_gives_them_up_when
         await saved_by(shared, a, {"k"})
         await b.start()
         # a paused past its heartbeats' ttl: b takes its saved 6 up
-        thaw = await node_a.freeze(lambda: None)
-        try:
-            await eventually(lambda: tb.adopted == 1, timeout=QTIMEOUT)
-        finally:
-            thaw.set()
+        await paused_until(node_a, lambda: tb.adopted == 1)
         assert [(k.key, k.count) for k in tb.state().keys] == [("k", 6)]
         # back, a asks the store which keys are still its own, and gives k's saved 6 up
         await eventually(lambda: ta.given_up == 1, timeout=QTIMEOUT)
@@ -476,11 +481,7 @@ async def test_a_paused_node_leaves_the_run_its_taken_row_named_to_the_node_that
                     await asyncio.sleep(0.02)
         await node_a.run(ta.save_changes())  # the row names the run
         await b.start()
-        thaw = await node_a.freeze(lambda: None)
-        try:
-            await eventually(lambda: tb.adopted == 1, timeout=QTIMEOUT)
-        finally:
-            thaw.set()
+        await paused_until(node_a, lambda: tb.adopted == 1)
         # b follows the run with the 12 it took; a, back, gives both up
         assert keys(tb) == [("k", 12, True)]
         await eventually(lambda: ta.given_up == 1, timeout=QTIMEOUT)
@@ -506,19 +507,7 @@ async def test_a_lone_node_paused_past_its_heartbeats_ttl_keeps_its_counts(tmp_p
         await node_a.run(a.start())
         await on(node_a, lambda: ta.notify("k", 6))
         await saved_by(f"sqlite:///{db}", a, {"k"})
-        async with SqliteStore(db, lease_ttl=QTTL) as looker:
-
-            async def looks_gone() -> bool:
-                [row] = [n for n in await looker.nodes() if n.node == "a"]
-                return row.last_heartbeat < looker.clock() - QTTL
-
-            thaw = await node_a.freeze(lambda: None)
-            try:
-                async with asyncio.timeout(QTIMEOUT):
-                    while not await looks_gone():  # its hold has lapsed in the store's eyes
-                        await asyncio.sleep(0.02)
-            finally:
-                thaw.set()
+        await frozen_until_it_looks_gone(node_a, db, "a", lambda: None)
         # nobody took its row: the store says k is still a's, and its 6 stay
         await eventually(lambda: ta.hold_lapses >= 1, timeout=QTIMEOUT)
         await on(node_a, lambda: ta.notify("k", 4))
