@@ -1056,6 +1056,8 @@ class Trigger:
         try:
             if self._engine.durable:
                 self._loaded = False
+                # a lapse before a stop is over: the start reads back what is still this node's
+                self._lapsed = False
                 await self._load()
                 self._loaded = True
                 if self._saver is None:
