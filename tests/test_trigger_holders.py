@@ -256,14 +256,14 @@ async def test_a_key_taken_up_while_running_follows_its_run_to_its_end_on_a_thir
     async def blocker(ctx: TaskContext) -> None:
         await gate.wait()
 
-    def make(node_id: str, *, busy: bool, save_interval: float = 0.05) -> tuple[Engine, Trigger]:
-        engine = Engine(store=url, node_id=node_id, lease_ttl=1.5, health_interval=None, max_concurrency=1)
+    def make(node_id: str, *, busy: bool, lease_ttl: float = 1.5) -> tuple[Engine, Trigger]:
+        engine = Engine(store=url, node_id=node_id, lease_ttl=lease_ttl, health_interval=None, max_concurrency=1)
         if busy:  # its one slot goes to a blocker: the key's run goes to c
             engine.task(name="blocker")(blocker)
-        return engine, engine.trigger("compile", compile_key, size_threshold=3, save_interval=save_interval)
+        return engine, engine.trigger("compile", compile_key, size_threshold=3, save_interval=0.05)
 
-    # (c saves, and so looks for gone holders, only at its stop: b is the one to take k up)
-    (x, tx), (b, tb), (c, _) = make("x", busy=True), make("b", busy=True), make("c", busy=False, save_interval=3600)
+    # (c looks for gone holders every 10 s, b every 0.5 s: b is the one to take k up)
+    (x, tx), (b, tb), (c, _) = make("x", busy=True), make("b", busy=True), make("c", busy=False, lease_ttl=60)
     engines = [x, b, c]
     for engine in engines:
         await engine.start()
