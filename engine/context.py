@@ -112,15 +112,20 @@ class TaskContext:
         twice, and attach the returned term to that work.
         """
         leader = self._engine.elector
+        led = leader.is_leader
         term = await leader.verify()
         if term is None:
+            # a node whose own lease ran out steps down with no holder known: it is named
+            # itself, which NotLeader reads as "lapsed before it was renewed"
+            lapsed = led and not leader.is_leader and not leader.lease_valid()
+            holder = self._engine.node_id if lapsed else leader.holder
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # this check found the loss, and stepping down cancelled this very task (a
                 # leader-only worker): the cancel is taken here, at this await, as one from
                 # elsewhere would be, not left to cut the worker's cleanup at its first await
                 await asyncio.sleep(0)
-            raise NotLeader(self._engine.node_id, leader.holder)
+            raise NotLeader(self._engine.node_id, holder)
         return term
 
     def __repr__(self) -> str:

@@ -916,29 +916,22 @@ class Engine:
                 pending=self._index.counts[_PENDING],
                 running=self._index.counts[_RUNNING],
             )
+            # producers stop first, so the drains below have a fixed amount of work. Supervised
+            # workers (feeding queues, triggers and runs) are cancelled before anything here
+            # awaits: none goes on into the stop to have its puts refused (and be restarted after
+            # that "crash"); their cleanup gets up to the deadline, queues and runs still going
+            # meanwhile (a cleanup may wait for what it fed). Then the periodic scheduler
+            self._supervisor.halt()
             for retry in self._late_retries.values():
                 retry.cancel()
             self._late_retries.clear()
-            if self._late_starts:
-                # a queue or trigger still taking up what the store holds: let it, or it would
-                # stop before it started
-                await asyncio.wait(self._late_starts, timeout=max(0.0, deadline - loop.time()))
-                for late in list(self._late_starts):
-                    await cancel_and_wait(late)
-            # producers stop first so the drain below has a fixed amount of work;
-            # queues drain within the deadline, supervised workers are cancelled
             await self._scheduler.stop(deadline)
-            # snapshots: a queue or trigger made meanwhile (by a run still draining) is not
-            # started, so there is nothing of it to stop
-            for trigger in list(self._triggers.values()):
-                await trigger.stop(deadline)
-            for queue in list(self._queues.values()):
-                await queue.stop(deadline)
             await self._supervisor.stop(deadline)
             # its leader-only work has ended: let another node lead while this one drains its
-            # runs (a run calling ctx.ensure_leader() from here on is told it does not lead).
-            # Leader-only code that ignored every cancel still runs: handed over now, the lease
-            # would let another node's copy run beside it; left to lapse, it buys that code its ttl
+            # queues and runs (a queue's handler or a run calling ctx.ensure_leader() from here
+            # on is told it does not lead). Leader-only code that ignored every cancel still
+            # runs: handed over now, the lease would let another node's copy run beside it;
+            # left to lapse, it buys that code its ttl
             still = self._supervisor.leader_only_running()
             if still and self._leader.is_leader:
                 log.warning(
@@ -947,6 +940,18 @@ class Engine:
                     self.node_id, ", ".join(still),
                 )
             await self._leader.resign(loop.time() + 1.0, release=not still)
+            if self._late_starts:
+                # a queue or trigger still taking up what the store holds: let it, or it would
+                # stop before it started
+                await asyncio.wait(self._late_starts, timeout=max(0.0, deadline - loop.time()))
+                for late in list(self._late_starts):
+                    await cancel_and_wait(late)
+            # snapshots: a queue or trigger made meanwhile (by a run still draining) is not
+            # started, so there is nothing of it to stop
+            for trigger in list(self._triggers.values()):
+                await trigger.stop(deadline)
+            for queue in list(self._queues.values()):
+                await queue.stop(deadline)
             if self._durable:
                 # what is queued waits in the store for the next start; finish what runs
                 self._executor.stop_claiming()

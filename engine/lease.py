@@ -436,20 +436,30 @@ class LeaderElector:
         """
         if self.lease is None:
             return self.term
-        if self._suspended or not (self.is_leader and self.lease_valid()):
+        if self._suspended or not self.is_leader:
+            return None
+        if not self.lease_valid():
+            # this node's own view lapsed (a stalled loop, a late renew) before the elector woke to
+            # notice: step down here, as the elector would. Left to its next wake, the step-down
+            # would cancel a leader-only worker in the middle of the cleanup this refusal began
+            self._lapsed()
             return None
         term = self.term
         ok = await self._call(
             self.lease.check(self.node_id, term), min(self.lease.renew_interval, self._time_left()), "check"
         )
-        # the answer only counts if nothing changed while it was on its way
-        if ok is True and self.is_leader and self.term == term and self.lease_valid():
+        if not self.is_leader or self.term != term:
+            return None  # stepped down (or another term began) while the check was on its way
+        if not self.lease_valid():
+            # lapsed while the check was on its way: its answer came too late to count
+            self._lapsed()
+            return None
+        if ok is True:
             return term
-        if ok is not True and self.is_leader and self.term == term:
-            # the lease says otherwise, or cannot say: step down now, as a failed
-            # renew would, so leader-only workers are cancelled rather than crash
-            log.warning("lease of %s (term %d) not confirmed by the lease store; stepping down", self.node_id, term)
-            self._lose()
+        # the lease says otherwise, or cannot say: step down now, as a failed
+        # renew would, so leader-only workers are cancelled rather than crash
+        log.warning("lease of %s (term %d) not confirmed by the lease store; stepping down", self.node_id, term)
+        self._lose()
         return None
 
     @property
@@ -643,8 +653,7 @@ class LeaderElector:
         # judged by the local view too, as ensure_leader() is: once that fails,
         # leader-only workers must be cancelled, not left to crash on NotLeader
         if not self.lease_valid():
-            log.warning("lease of %s (term %d) lapsed before it was renewed", self.node_id, self.term)
-            self._lose()
+            self._lapsed()
             return
         # a renew answered after the lease lapsed is worthless: bound it by what is left
         state = await self._call(
@@ -773,6 +782,11 @@ class LeaderElector:
 
     def _lose(self) -> None:
         self._change(False, LeaseLost, holder=None, term=self.term, expires_at=self.expires_at)
+
+    def _lapsed(self) -> None:
+        """Step down: this node's own view of its lease ran out before it was renewed."""
+        log.warning("lease of %s (term %d) lapsed before it was renewed", self.node_id, self.term)
+        self._lose()
 
     def _change(
         self,

@@ -24,11 +24,17 @@ backoff, start again; a leader-only worker only where this node leads), stop
 it (it stays stopped, whatever leadership does, until started or restarted)
 and start it again. Each is published as an event.
 
+The engine's stop cancels the workers first, before its queues, triggers and runs
+drain (workers feed them), and starts none again. A worker the stopping engine
+refused work just before it was cancelled (its ``put`` or ``submit`` raised
+``EngineNotRunning``) was stopped by the shutdown, not crashed.
+
 A worker whose cleanup outlasts every wait (an engine stop, a lost leadership,
 an operator's stop or restart) is reported ``running`` until its code has
 really ended, and is never started beside itself: when it ends, it is started
 again if it should run by then (the engine was started again meanwhile, leadership
-came back, a restart asked for it).
+came back, a restart asked for it). Ending after the engine's stop, it is
+``stopped`` with reason ``shutdown`` (``user`` if ``stop_worker`` stopped it).
 
 Without a lease every engine leads: nodes sharing a store then all run every
 leader-only worker. A node that has leader-only workers and no lease watches
@@ -327,8 +333,23 @@ class Supervisor:
             self._reconcile(worker)
         self._watch_for_other_leaders()
 
-    async def stop(self, deadline: float) -> None:
+    def halt(self) -> None:
+        """The engine's stop has begun: cancel every worker now and start none again.
+
+        No await: the engine calls it before anything of its stop awaits, so a worker never
+        runs on into the stop (its puts and submits refused) before it is cancelled.
+        :meth:`stop` waits for the workers' cleanup.
+        """
         self._running = False
+        if self._other_leaders_watch is not None:
+            self._other_leaders_watch.cancel()
+        for worker in self._workers.values():
+            self._cancel(worker, "shutdown")
+
+    async def stop(self, deadline: float) -> None:
+        """Cancel every worker (if :meth:`halt` has not) and wait for their cleanup until
+        ``deadline`` (loop time), re-cancelling one that swallows the cancel."""
+        self.halt()
         watch, self._other_leaders_watch = self._other_leaders_watch, None
         await cancel_and_wait(watch)
         tasks = [t for w in self._workers.values() if (t := self._cancel(w, "shutdown")) is not None]
@@ -478,7 +499,12 @@ class Supervisor:
             return None
         if worker.stop_reason is not None:
             # already told to stop, and cleaning up: a second cancel would cut that cleanup
-            # short (the waiters re-cancel one that swallows the first, once its time is up)
+            # short (the waiters re-cancel one that swallows the first, once its time is up).
+            # The engine's stop overrides why, unless stop_worker's stop (which outlives it)
+            # did it: a worker whose lost leadership or restart ends after the stop is not
+            # waiting for leadership nor restarted, it was stopped by the shutdown
+            if reason == "shutdown" and worker.stop_reason != "user":
+                worker.stop_reason = reason
             return task
         worker.stop_reason = reason
         task.cancel()
@@ -566,9 +592,10 @@ class Supervisor:
             error: BaseException = exc
         except NotLeader as exc:
             if worker.leader_only and not self._may_run(worker):
-                # ensure_leader() noticed the lost lease before the elector did
-                worker.stop_reason = "leadership_lost"
-                self._stopped(worker, "leadership_lost")
+                # ensure_leader() noticed the lost lease before the elector did (or the
+                # worker was being stopped anyway: that reason stands)
+                worker.stop_reason = worker.stop_reason or "leadership_lost"
+                self._stopped(worker, worker.stop_reason)
                 return None
             error = exc
         except BaseException as exc:  # noqa: BLE001
@@ -596,8 +623,30 @@ class Supervisor:
                 log_text(worker.last_error.message, _CRASH_TEXT_LIMIT), exc_info=error,
             )  # fmt: skip
             return None
+        if self._refused_by_the_stop(error):
+            # the engine began to stop just before it cancelled this worker, and refused what the
+            # worker fed it (a put, a submit): the stop ended it, it did not crash. Not started
+            # again either (no stop_reason: the done-callback leaves it to the stop)
+            log.info(
+                "supervised worker %r ended as the engine stops (%s)", worker.name, log_text(type(error).__name__)
+            )
+            self._stopped(worker, "shutdown")
+            return None
         ran_for = asyncio.get_running_loop().time() - started
         return self._crashed(worker, error, ran_for)
+
+    def _refused_by_the_stop(self, error: BaseException) -> bool:
+        """Whether ``error`` is (or was raised from) the engine refusing work because it stops."""
+        if self._engine.state == "running":
+            return False
+        seen: set[int] = set()
+        cause: BaseException | None = error
+        while cause is not None and id(cause) not in seen:
+            if isinstance(cause, EngineNotRunning):
+                return True
+            seen.add(id(cause))
+            cause = cause.__cause__
+        return False
 
     def _crashed(self, worker: _Worker, exc: BaseException, ran_for: float) -> float:
         # a run that stayed up as long as the longest delay was healthy; start over. The streak
@@ -625,8 +674,9 @@ class Supervisor:
         return delay
 
     def _stopped(self, worker: _Worker, reason: StopReason) -> None:
-        # stop_worker may have come while it was ending for leadership: then it stays stopped
-        waits = reason == "leadership_lost" and not worker.held
+        # stop_worker may have come while it was ending for leadership: then it stays stopped;
+        # so it does once the engine has stopped
+        waits = reason == "leadership_lost" and not worker.held and self._running
         worker.state = "waiting_for_leadership" if waits else "stopped"
         worker.next_restart_at = None
         self._engine.bus.emit(WorkerStopped, name=worker.name, reason=reason)
