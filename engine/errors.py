@@ -6,7 +6,9 @@ family with one ``except``. Each message says what went wrong and what to do.
 
 from __future__ import annotations
 
+import math
 import os
+import reprlib
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +16,49 @@ from .urls import shown_url
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
+
+
+class _Shown(reprlib.Repr):
+    """reprlib's bounded repr, with an int too long for ``repr`` shown by its size."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.maxstring = self.maxlong = self.maxother = limit
+        self.maxlevel = 3
+
+    def repr_int(self, x: int, level: int) -> str:
+        try:
+            return super().repr_int(x, level)
+        except ValueError:
+            # past sys.get_int_max_str_digits(): repr refuses it, and the digits are no help anyway
+            return f"<int of {_digits(x)} digits>"
+
+
+def _digits(x: int) -> int:
+    n = abs(x)
+    digits = int(math.log10(n)) + 1
+    # (a float log10 can be one off at a power of ten)
+    if 10 ** (digits - 1) > n:
+        digits -= 1
+    elif 10**digits <= n:
+        digits += 1
+    return digits
+
+
+#: the most characters of a caller's value an error message shows
+SHOWN_LIMIT = 200
+_SHOWN = _Shown(SHOWN_LIMIT)
+
+
+def shown(value: object, limit: int = SHOWN_LIMIT) -> str:
+    """``repr(value)`` for an error message about it: at most ``limit`` characters, and cheap
+    and safe for any value, which ``repr`` is not (an int past Python's 4300-digit limit
+    raises ValueError, a long text or list is copied whole, a ``__repr__`` may raise anything)."""
+    try:
+        text = _SHOWN.repr(value)
+    except BaseException:  # noqa: BLE001 - a broken __repr__ must not replace the error being raised
+        text = f"<{type(value).__qualname__} object>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _rebuilt(cls: type[TaskwatchError], args: tuple[Any, ...]) -> TaskwatchError:
@@ -70,7 +115,7 @@ class UnknownTask(TaskwatchError, LookupError):
             )
             return
         super().__init__(
-            f"unknown task {name!r}; register it with @engine.task first. Known tasks: {listing}"
+            f"unknown task {shown(name)}; register it with @engine.task first. Known tasks: {listing}"
         )
 
 
@@ -347,7 +392,7 @@ class InvalidStatus(TaskwatchError, ValueError):
 
     def __init__(self, value: object, known: Iterable[str]) -> None:
         self.value = value
-        super().__init__(f"{value!r} is not a run status; use one of {', '.join(known)}")
+        super().__init__(f"{shown(value)} is not a run status; use one of {', '.join(known)}")
 
 
 class UnknownEventKind(TaskwatchError, ValueError):
@@ -391,7 +436,7 @@ class InvalidAddress(TaskwatchError, ValueError):
     ) -> None:
         # a password written into the address (``postgresql://u:pw@db``) is never echoed
         self.address = shown_url(address) if isinstance(address, str) else address
-        super().__init__(f"bad address {self.address!r}: {why}" + (f"; {advice}" if advice else ""))
+        super().__init__(f"bad address {shown(self.address)}: {why}" + (f"; {advice}" if advice else ""))
 
 
 class InvalidKey(TaskwatchError, TypeError, ValueError):
@@ -403,7 +448,7 @@ class InvalidKey(TaskwatchError, TypeError, ValueError):
 
     def __init__(self, owner: str, key: object, why: str) -> None:
         self.owner = owner
-        self.key = repr(key)[:200]
+        self.key = shown(key)
         super().__init__(f"invalid key {self.key} for {owner}: {why}; nothing was queued")
 
 
@@ -412,7 +457,7 @@ class InvalidCount(TaskwatchError, ValueError):
 
     def __init__(self, owner: str, n: object) -> None:
         self.owner = owner
-        self.n = repr(n)[:200]
+        self.n = shown(n)
         super().__init__(
             f"invalid count {self.n} for {owner}: n must be an int from 1 to 2**62; nothing was counted"
         )
@@ -442,7 +487,7 @@ class InvalidProgress(TaskwatchError, ValueError):
         """The error for a report the progress event's validation refused, a line per field."""
         errors = exc.errors()
         return cls(run_id, [
-            f"{e['loc'][0]} {e['msg'].removeprefix('Input ').removeprefix('Value error, ')}, got {e['input']!r}"[:300]
+            f"{e['loc'][0]} {e['msg'].removeprefix('Input ').removeprefix('Value error, ')}, got {shown(e['input'])}"[:300]
             for e in errors
         ], [str(e["loc"][0]) for e in errors])  # fmt: skip
 
@@ -456,7 +501,11 @@ class EngineCrashed(EngineNotRunning):
     """
 
     def __init__(self, cause: BaseException) -> None:
-        self.cause = f"{type(cause).__qualname__}: {cause}"
+        try:
+            text = str(cause)
+        except BaseException:  # noqa: BLE001 - the cause is the user's: its __str__ may raise anything
+            text = "<unprintable>"
+        self.cause = f"{type(cause).__qualname__}: {text}"
         TaskwatchError.__init__(
             self,
             f"the engine's event loop died ({self.cause}) and this BackgroundEngine accepts no more "
@@ -510,7 +559,7 @@ class IncompatibleVersion(ProtocolError):
         self.ours = ours
         self.theirs = theirs
         super().__init__(
-            f"peer speaks protocol version {theirs!r}, this side speaks {ours}; "
+            f"peer speaks protocol version {shown(theirs)}, this side speaks {ours}; "
             "install the same taskwatch version on both ends"
         )
 
@@ -751,7 +800,7 @@ class UnknownStore(StoreError, ValueError):
         # a URL's password never reaches a message, a log or a traceback
         self.spec = shown_url(spec) if isinstance(spec, str) else spec
         super().__init__(
-            f"unknown run store {self.spec!r}{': ' + detail if detail else ''}; use 'memory', "
+            f"unknown run store {shown(self.spec)}{': ' + detail if detail else ''}; use 'memory', "
             "'sqlite:///relative/path.db', 'sqlite:////absolute/path.db' (optionally "
             "'?synchronous=full&busy_timeout=5000'), 'postgresql://user@host/database' "
             "(optionally '?pool_size=8') or pass a Store instance"

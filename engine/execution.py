@@ -64,7 +64,7 @@ from .store import (
     Succeeded,
 )
 from .store.memory import claim_of
-from .tasks import TaskSpec
+from .tasks import TaskSpec, params_from_record
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -619,10 +619,11 @@ class Execution:
             try:
                 model = run.model
                 if model is None and spec.params_model is not None:
-                    # a run read back from the store: its params are validated again here (a copy:
-                    # the model may share lists and dicts with what it was validated from)
+                    # a run read back from the store: its params are read again here, as submit
+                    # read them (a copy: the model may share lists and dicts with what it was
+                    # validated from)
                     try:
-                        model = run.model = spec.params_model.model_validate(detached(run.params))
+                        model = run.model = params_from_record(spec.params_model, detached(run.params))
                     except ValidationError as exc:
                         # the task's model changed since the run was recorded: no retry can help
                         error = RunError(type="InvalidParams", message=_params_no_longer_fit(spec.name, exc))
@@ -666,7 +667,7 @@ class Execution:
                         overran = True
                         raise TimeoutError
                 if result is not None:
-                    result = jsonable(result)
+                    result = jsonable(result, distinct_keys=True)
             except asyncio.CancelledError as exc:
                 current = asyncio.current_task()
                 if run.cancel_reason is None and current is not None and not current.cancelling():

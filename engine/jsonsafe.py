@@ -10,13 +10,14 @@ later by an encoder that would then drop every attached dashboard.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
 
 from pydantic_core import PydanticSerializationError, from_json, to_json, to_jsonable_python
 
-from .errors import InvalidKey
+from .errors import InvalidKey, shown
 
 #: what the encoders raise for values they cannot turn into JSON
 _ENCODE_ERRORS = (PydanticSerializationError, ValueError, TypeError, RecursionError)
@@ -30,13 +31,15 @@ class NotJsonSafe(ValueError):
         super().__init__(detail)
 
 
-def jsonable(value: Any, *, finite: bool = True) -> Any:
+def jsonable(value: Any, *, finite: bool = True, distinct_keys: bool = False) -> Any:
     """``value`` as plain JSON data that encodes as UTF-8; raises :class:`NotJsonSafe`.
 
     Pydantic models, dataclasses, datetimes and the like are converted as
     pydantic converts them. The encode check catches what conversion lets
     through (lone surrogates in strings, also as dict keys), and NaN or
-    infinity unless ``finite`` is false.
+    infinity unless ``finite`` is false. With ``distinct_keys``, a dict whose
+    keys become the same JSON key (``1`` and ``"1"``), which would lose all but
+    one of their entries, is refused too.
     """
     try:
         data = to_jsonable_python(value)
@@ -46,17 +49,67 @@ def jsonable(value: Any, *, finite: bool = True) -> Any:
     if finite:
         _check_finite(data, encoded)
     _check_readable(encoded)
+    if distinct_keys and type(value) not in _SCALARS:
+        _check_distinct_keys(value, encoded)
     return data
 
 
-def check_jsonable(data: Any) -> None:
-    """Raise :class:`NotJsonSafe` unless already-converted ``data`` encodes as UTF-8 JSON."""
+def check_jsonable(data: Any) -> bytes:
+    """Raise :class:`NotJsonSafe` unless already-converted ``data`` encodes as UTF-8 JSON; its
+    JSON text if it does."""
     try:
         encoded = to_json(data)
     except _ENCODE_ERRORS as exc:
         raise NotJsonSafe(encode_problem(exc)) from None
     _check_finite(data, encoded)
     _check_readable(encoded)
+    return encoded
+
+
+#: values that hold no dict, so no keys to run together
+_SCALARS = frozenset({int, float, str, bool})
+
+
+class _SameKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_same_key(pairs: list[tuple[str, Any]]) -> None:
+    if len(pairs) > 1:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _SameKey(key)
+            seen.add(key)
+    # (the parse is for its keys alone: nothing of it is kept)
+
+
+def _check_distinct_keys(value: Any, encoded: bytes) -> None:
+    # Converting a dict makes each key a str, and keys that were distinct can become the same
+    # one (1 and "1", None and "None", True and "true"): the dict made keeps the last entry of
+    # those and drops the others without a word. The value encoded as it is keeps every entry,
+    # a key repeated in its text where one was dropped, so it is the converted data's text
+    # unless one was: the common value costs an encode and a comparison. Text that differs
+    # for another reason (a computed field read twice, an iterator spent by the conversion) is
+    # read for repeated keys before anything is refused.
+    try:
+        direct = to_json(value)
+    except _ENCODE_ERRORS:
+        return  # converted once but not twice (an iterator, spent): what was converted is whole
+    if direct == encoded:
+        return
+    try:
+        json.loads(direct, object_pairs_hook=_no_same_key)
+    except _SameKey as same:
+        raise NotJsonSafe(
+            f"it holds a dict whose keys differ but become the same JSON key {shown(same.key)} (as 1 "
+            "and '1' do, or None and 'None', True and 'true'): JSON keys are text, so all but one of "
+            "those entries would be lost; give the dict keys of one type (str)"
+        ) from None
+    except (ValueError, RecursionError):
+        return  # no JSON a reader takes back, yet the converted data's is: that is what is kept
 
 
 #: how deep a value may nest: JSON readers stop at a depth (200 for pydantic's, which every
@@ -123,28 +176,51 @@ def non_finite_problem(data: Any) -> tuple[str, str] | None:
     """Where the first NaN or infinity in ``data`` (dicts, lists, tuples) is (``""``: ``data``
     itself; ``"scores[2]"``), and what is wrong with it, in the words :func:`check_jsonable`
     uses; None when there is none."""
-    found = _non_finite(data, "")
+    found = _non_finite(data)
     if found is None:
         return None
     where, value = found
-    return where, f"{where or 'it'} is {value!r}, which JSON cannot carry; use None or a string for it"
+    return where, f"{where or 'it'} is {shown(value)}, which JSON cannot carry; use None or a string for it"
 
 
-def _non_finite(data: Any, path: str) -> tuple[str, float] | None:
-    """The path to the first NaN or infinity in converted ``data`` (``""`` for ``data`` itself)."""
-    if isinstance(data, float):
-        return None if math.isfinite(data) else (path, data)
-    if isinstance(data, dict):
-        items: Any = data.items()
-    elif isinstance(data, (list, tuple)):
-        items = enumerate(data)
-    else:
-        return None
-    for key, item in items:
-        found = _non_finite(item, key if not path and isinstance(key, str) else f"{path}[{key!r}]")
-        if found is not None:
-            return found
+def _non_finite(data: Any) -> tuple[str, float] | None:
+    """The path to the first NaN or infinity in converted ``data`` (``""`` for ``data`` itself),
+    within :data:`MAX_DEPTH` levels."""
+    # A walk of its own stack, not of Python's: data nested a thousand levels must not make the
+    # search raise RecursionError. Deeper than MAX_DEPTH it does not look: such data is refused
+    # for its depth, which is what to tell, rather than a NaN at the end of a path that long.
+    # Each entry is (item, its key, its parent's entry, its depth); the path is spelled out for
+    # the one found alone.
+    pending: list[tuple[Any, Any, Any, int]] = [(data, None, None, 0)]
+    while pending:
+        entry = pending.pop()
+        item, _, _, depth = entry
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return _path_of(entry), item
+        elif depth >= MAX_DEPTH:
+            continue
+        elif isinstance(item, dict):
+            pending.extend((value, key, entry, depth + 1) for key, value in reversed(item.items()))
+        elif isinstance(item, (list, tuple)):
+            pending.extend(
+                (value, index, entry, depth + 1) for index, value in zip(range(len(item) - 1, -1, -1), reversed(item))
+            )
     return None
+
+
+def _path_of(entry: tuple[Any, Any, Any, int]) -> str:
+    keys = []
+    while entry[2] is not None:
+        keys.append(entry[1])
+        entry = entry[2]
+    keys.reverse()
+    if not keys:
+        return ""
+    first = keys[0]
+    # a top-level str key is named bare ("scores[2]"), as a field is
+    head = first if isinstance(first, str) else f"[{shown(first)}]"
+    return head + "".join(f"[{shown(key)}]" for key in keys[1:])
 
 
 #: the line that stands for the middle of a text cut to a bound (``is_truncated`` finds it)
@@ -186,7 +262,12 @@ def safe_str(obj: object) -> str:
     """``str(obj)`` made wire-safe, even for objects whose ``__str__`` raises."""
     try:
         text = str(obj)
-    except Exception:  # noqa: BLE001 - a broken __str__ must not hide the real failure
+        if type(text) is not str:
+            # a str subclass's own methods (encode, __contains__...) would run below, outside this try
+            text = str.__str__(text)
+    except BaseException:  # noqa: BLE001 - a broken __str__ must not hide the real failure
+        # BaseException: this runs where a run's failure is caught, and a __str__ raising
+        # KeyboardInterrupt or a BaseException of its own would escape the run from there
         text = f"<unprintable {type(obj).__qualname__}>"
     return safe_text(text)
 

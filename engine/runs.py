@@ -100,11 +100,11 @@ class RunError(BaseModel):
         The leading frames are the engine's own (the loop that awaited the
         task), which tell a user nothing about their failure, so they are cut.
         """
-        lines = traceback.format_exception(type(exc), exc, _from_user_code(exc.__traceback__))
+        message = safe_str(exc)
         return cls(
             type=type(exc).__qualname__,
-            message=_bounded_message(safe_str(exc)),
-            traceback=_bounded_traceback(safe_text("".join(lines))),
+            message=_bounded_message(message),
+            traceback=_bounded_traceback(safe_text(_formatted(exc, message))),
         )
 
     @classmethod
@@ -119,6 +119,31 @@ class RunError(BaseModel):
                 safe_text(f"Traceback (most recent call last):\n{''.join(frames)}TimeoutError: {message}\n")
             ),
         )
+
+
+def _formatted(exc: BaseException, message: str) -> str:
+    """``exc``'s traceback as Python prints it, from the user's code on.
+
+    Formatting runs the exception's own code (its ``__str__``, ``__notes__``, its chain's), and
+    this runs where a run's failure is caught: whatever that code raises, KeyboardInterrupt and
+    any BaseException included, gives a plainer traceback (the frames alone, else none) rather
+    than escaping the run's containment (the run ended cancelled, its retries skipped, the
+    caller's program stopped by a KeyboardInterrupt that no one pressed).
+    """
+    tb = _from_user_code(exc.__traceback__)
+    try:
+        return "".join(traceback.format_exception(type(exc), exc, tb))
+    except BaseException as broken:  # noqa: BLE001 - see above
+        why = type(broken).__qualname__
+    try:
+        frames = "".join(traceback.format_tb(tb))
+    except BaseException:  # noqa: BLE001 - a source line's loader is the user's code too
+        frames = ""
+    head = "Traceback (most recent call last):\n" if frames else ""
+    return (
+        f"{head}{frames}{type(exc).__qualname__}: {message}\n"
+        f"(its cause, context and notes are left out: formatting them raised {why})\n"
+    )
 
 
 def _from_user_code(tb: TracebackType | None) -> TracebackType | None:

@@ -6,7 +6,6 @@ import datetime as dt
 import functools
 import inspect
 import logging
-import reprlib
 import types
 import typing
 import weakref
@@ -17,9 +16,9 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PydanticUserError, RootModel, ValidationError
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticSerializationError
+from pydantic_core import PydanticSerializationError, to_json
 
-from .errors import InvalidConfiguration, InvalidParams, TaskDefinitionError
+from .errors import InvalidConfiguration, InvalidParams, TaskDefinitionError, shown
 from .jsonsafe import NotJsonSafe, check_jsonable, encode_problem, name_problem, non_finite_problem, safe_str
 
 log = logging.getLogger("taskwatch.engine")
@@ -84,7 +83,7 @@ class TaskSpec:
                 raise InvalidParams(
                     self.name,
                     [{"loc": ("params",), "msg": f"task {self.name!r} takes no params: leave them out (or give None or {{}}), "
-                      f"not {reprlib.repr(params)}", "type": "extra_forbidden"}],
+                      f"not {shown(params)}", "type": "extra_forbidden"}],
                 )
             return None, {}
         try:
@@ -134,7 +133,7 @@ def registered_name(fn: object, name: str | None, kind: str) -> str:
     if not callable(fn):
         example = _OPTIONS_BY_KEYWORD.get(kind)
         raise TaskDefinitionError(
-            f"{reprlib.repr(fn)} is not a function: a {kind} is registered on an `async def` "
+            f"{shown(fn)} is not a function: a {kind} is registered on an `async def` "
             "function, and its options are keywords" + (f", as in {example}" if example else "")
         )
     if name is not None:
@@ -220,15 +219,35 @@ def _record_by_alias(task: str, model: BaseModel) -> Any:
 
 def _read_back_record(task: str, model: BaseModel, dumped: Any) -> tuple[BaseModel, dict[str, Any]]:
     try:
-        check_jsonable(dumped)
+        encoded = check_jsonable(dumped)
     except NotJsonSafe as exc:
         _refuse_non_finite(task, model)
         raise json_unsafe(task, exc.detail) from None
     try:
-        return read_back(model, dumped, type(model).model_validate), dumped
+        return same_as_given(model, params_from_record(type(model), dumped, encoded)), dumped
+    except ValidationError as exc:
+        problems = _problems(exc)
     except NotReadBack as exc:
-        _refuse_non_finite(task, model)
-        raise InvalidParams(task, _lost_in_json(exc.problems)) from None
+        problems = exc.problems
+    _refuse_non_finite(task, model)
+    raise InvalidParams(task, _lost_in_json(problems)) from None
+
+
+def params_from_record(cls: type[BaseModel], record: Any, encoded: bytes | None = None) -> BaseModel:
+    """The params of model ``cls`` a run gets from their JSON ``record`` (``encoded``: its JSON
+    text, if at hand); raises ValidationError.
+
+    The record is read as the Python data it is first, which is the cheaper read and takes
+    what every lax model dumps. What that refuses is read from its JSON text, as pydantic
+    reads JSON: a strict model takes a datetime, UUID, enum or tuple from JSON's text and
+    lists alone, never from the Python str or list that stands for it. Submit and each
+    attempt read a record alike, so a run gets the params its submit checked.
+    """
+    try:
+        return cls.model_validate(record)
+    except ValidationError:
+        pass  # (out of the handler: the JSON read's own error is the one to tell)
+    return cls.model_validate_json(encoded if encoded is not None else to_json(record))
 
 
 class NotReadBack(ValueError):
@@ -248,6 +267,12 @@ def read_back(given: BaseModel, record: Any, read: Callable[[Any], Any]) -> Base
         stored = read(record)
     except ValidationError as exc:
         raise NotReadBack(_problems(exc)) from None
+    return same_as_given(given, stored)
+
+
+def same_as_given(given: BaseModel, stored: Any) -> BaseModel:
+    """``stored`` (``given`` read back from its record) if it is the same value as ``given``;
+    raises :class:`NotReadBack` saying where it is not."""
     if stored == given or _same(stored, given):
         return typing.cast(BaseModel, stored)
     if type(stored) is not type(given):
@@ -387,7 +412,11 @@ def _put(out: dict[str, Any] | list[Any], path: tuple[str | int, ...], value: An
 def _refuse_non_finite(task: str, model: BaseModel) -> None:
     """Params that did not read back as given because of a NaN or an infinity (the JSON dump
     has made it null): say that, and where, rather than "reads back as another value"."""
-    found = non_finite_problem(model.model_dump(by_alias=True))
+    try:
+        data = model.model_dump(by_alias=True)
+    except (PydanticSerializationError, ValueError, TypeError, RecursionError):
+        return  # no dump to search: the caller's own problem is the one to tell
+    found = non_finite_problem(data)
     if found is not None:
         where, problem = found
         # located at its field, so a form shows it there
@@ -478,7 +507,7 @@ def async_signature(fn: TaskFn, what: str, takes: str, shape: str) -> tuple[Task
     try:
         return fn, inspect.signature(fn)
     except (TypeError, ValueError) as exc:
-        raise TaskDefinitionError(f"cannot read the signature of {what} ({exc}); {shape}") from None
+        raise TaskDefinitionError(f"cannot read the signature of {what} ({safe_str(exc)}); {shape}") from None
 
 
 def check_worker_fn(fn: TaskFn, name: str) -> None:
