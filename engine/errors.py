@@ -196,11 +196,19 @@ class EngineNotRunning(TaskwatchError, RuntimeError):
 
     def __init__(self, state: str, message: str | None = None) -> None:
         self.state = state
-        super().__init__(
-            message
-            or f"the engine is {state} and accepts no work; use `async with engine:` "
-            "or `await engine.start()` first"
-        )
+        if message is None:
+            if state == "stopping":
+                # (the advice to start it would be wrong: its stop is under way)
+                message = (
+                    "the engine is stopping and accepts no new work (what it holds drains until the "
+                    "stop's timeout); give it work again once it has been started again"
+                )
+            else:
+                message = (
+                    f"the engine is {state} and accepts no work; use `async with engine:` "
+                    "or `await engine.start()` first"
+                )
+        super().__init__(message)
 
 
 class EngineInAnotherProcess(EngineNotRunning):

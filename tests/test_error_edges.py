@@ -26,6 +26,8 @@ from taskwatch.engine import (
 )
 from taskwatch.engine import errors as E
 
+from .helpers import eventually
+
 PYDANTIC_ERRORS: list[dict[str, Any]] = [{"loc": ("n",), "msg": "Input should be a valid integer", "type": "int_parsing"}]
 
 #: representative arguments for every error class; a new class must be added here
@@ -244,3 +246,28 @@ async def test_a_store_used_on_its_own_says_to_open_it(tmp_path: Path) -> None:
     with pytest.raises(StoreClosed) as raised:
         await store.get("abc")
     assert "`await store.open()`" in str(raised.value)
+
+
+async def test_a_submit_to_a_stopping_engine_is_not_told_to_start_it() -> None:
+    engine = Engine(health_interval=None)
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+
+    @engine.task
+    async def held(ctx: TaskContext) -> int:
+        entered.set()
+        await gate.wait()
+        return 1
+
+    await engine.start()
+    await engine.submit("held")
+    await entered.wait()
+    stopping = asyncio.create_task(engine.stop(timeout=10))
+    await eventually(lambda: engine.state == "stopping")
+    with pytest.raises(E.EngineNotRunning) as raised:
+        await engine.submit("held")
+    gate.set()
+    await stopping
+    assert raised.value.state == "stopping"
+    assert "is stopping and accepts no new work" in str(raised.value)
+    assert ENGINE_REMEDY not in str(raised.value)
