@@ -1346,8 +1346,14 @@ class Execution:
 
 
 def _log_failed_outcome(write: asyncio.Future[Any]) -> None:
-    if not write.cancelled() and write.exception() is not None:
-        log.warning("writing a run's outcome to the store failed", exc_info=write.exception())
+    if write.cancelled() or (exc := write.exception()) is None:
+        return
+    if isinstance(exc, StoreError):
+        # the outage the store's own log reports, once: the run is not lost, its row goes back to
+        # pending when a node recovers it (a traceback per run cut off said nothing more)
+        log.info("a cut-off run's re-queue was not written (%s); a recovery re-queues it", exc)
+        return
+    log.warning("writing a run's outcome to the store failed", exc_info=exc)
 
 
 def _last_progress(run: Run) -> Progress | None:

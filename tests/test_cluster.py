@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import time
@@ -494,6 +495,48 @@ async def test_a_node_cut_off_from_the_database_gives_up_a_lease_it_could_keep(
     assert kinds[0] == "lease.acquired" and "lease.lost" in kinds[:down + 1]
     # it competed for nothing while it was cut off, and led again once back
     assert "lease.acquired" not in kinds[down:up] and "lease.acquired" in kinds[up:]
+
+
+async def test_runs_cut_off_by_an_outage_are_requeued_without_a_traceback_each(
+    postgres_server: PostgresServer, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the outage is reported once (store.unreachable, and the store's own log): each run cut off
+    # is not worth a warning and a driver traceback of its own, as it is not lost
+    engine = Engine(store=postgres_url, node_id="a", lease_ttl=1.0, health_interval=None)
+    seen: list[Any] = []
+    engine.bus.add_callback(seen.append, ["store."])
+    started: list[int] = []
+
+    @engine.task
+    async def slow(ctx: TaskContext) -> None:
+        started.append(ctx.attempt)
+        await asyncio.Event().wait()
+
+    async with engine:
+        handles = [await engine.submit("slow") for _ in range(4)]
+        await eventually(lambda: len(started) == 4, timeout=30)
+        caplog.clear()
+        caplog.set_level(logging.INFO, "taskwatch.engine")
+
+        def requeue_given_up() -> bool:
+            # the write putting a cut-off run back gave up on the database (it tries for lease_ttl)
+            return any("re-queue was not written" in r.getMessage() or "outcome to the store failed" in r.getMessage()
+                       for r in caplog.records)  # fmt: skip
+
+        await asyncio.to_thread(postgres_server.stop, "fast")
+        try:
+            await eventually(lambda: any(e.kind == "store.unreachable" for e in seen), timeout=30)
+            await eventually(requeue_given_up, timeout=30)
+        finally:
+            await asyncio.to_thread(postgres_server.start)
+        # back once the database answers: each run runs again, as attempt 2
+        await eventually(lambda: sorted(started) == [1] * 4 + [2] * 4, timeout=60)
+        cut = next(e for e in seen if e.kind == "store.unreachable")
+        assert sorted(cut.stopped) == sorted(h.id for h in handles)
+        for handle in handles:
+            await engine.cancel(handle.id)
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING and r.exc_info is not None]
+    assert noisy == [], [r.getMessage() for r in noisy]
 
 
 async def test_a_stop_while_the_database_is_down_keeps_what_it_accepted_and_leaves_the_rest_to_recovery(
