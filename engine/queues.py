@@ -89,7 +89,7 @@ from .logs import OutageLog, log_safely, log_text, traceback_block
 from .events import QueueDrainIncomplete, QueueJobFailed, QueuePaused, QueuePurged, QueueResumed
 from .runs import RunError
 from .store import StoredJob
-from .tasks import NotReadBack, async_signature, read_back, resolve_annotation
+from .tasks import NotReadBack, async_signature, params_from_record, read_back, resolve_annotation
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -223,8 +223,9 @@ class _Kept:
 def _job_from_record(model: type[BaseModel], stored: Any) -> BaseModel:
     """The job a handler that takes ``model`` gets from ``stored`` (its job as the store keeps it,
     ``jsonable(job)``); raises ValidationError. Put checks a job with this, so a job that is
-    accepted is one that reads back."""
-    return model.model_validate(stored)
+    accepted is one that reads back. Read as a run's params are: a strict model takes a datetime,
+    UUID, enum or tuple from the record's JSON text."""
+    return params_from_record(model, stored)
 
 
 def _why_unrecordable(model: type[BaseModel], job: BaseModel, problem: dict[str, Any]) -> str:
@@ -585,7 +586,8 @@ class WorkQueue:
                 problems = [dict(e) for e in exc.errors(include_url=False, include_context=False, include_input=False)]
                 raise InvalidJob(self.name, model.__qualname__, problems) from None
         try:
-            stored = jsonable(job)
+            # (distinct keys: a dict whose keys became one JSON key would reach the handler short)
+            stored = jsonable(job, distinct_keys=True)
         except NotJsonSafe as exc:
             raise JobNotSerializable(self.name, type(job).__qualname__, exc.detail) from None
         if model is not None:

@@ -56,6 +56,7 @@ from taskwatch.engine import (
     InvalidConfiguration,
     InvalidJob,
     InvalidProgress,
+    JobNotSerializable,
     QueueFull,
     StoreBusy,
     TaskContext,
@@ -830,3 +831,49 @@ async def test_a_queue_made_by_a_job_while_the_engine_stops_leaves_the_stop_whol
     await engine.stop(5)
     assert made == ["made-late"] and engine.state == "stopped"
     assert stray_tasks() == set()  # the executor's loops too
+
+
+class StrictStamp(BaseModel):
+    model_config = ConfigDict(strict=True)
+    at: dt.datetime
+    xy: tuple[int, int]
+
+
+async def test_a_strict_job_model_takes_its_jobs_in_process_and_read_back_from_the_store(tmp_path: Path) -> None:
+    # JSON carries a datetime as text and a tuple as a list, which a strict model takes only as JSON
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    got: list[StrictStamp] = []
+    job = StrictStamp(at=dt.datetime(2026, 1, 2, 3, 4, tzinfo=dt.timezone.utc), xy=(1, 2))
+
+    async def handle(stamp: StrictStamp) -> None:
+        got.append(stamp)
+
+    first = Engine(store=url, health_interval=None)
+    queue = first.queue("stamps", handle)
+    async with first:
+        await queue.put(job)
+        await queue.join()
+        queue.pause()
+        await queue.put(job)  # kept in the store for the next start
+    assert got == [job]
+    again = Engine(store=url, health_interval=None)
+    queue = again.queue("stamps", handle)
+    async with again:
+        await queue.join()
+    assert got == [job, job]
+
+
+async def test_a_job_dict_whose_keys_collide_in_json_is_refused_and_nothing_is_queued() -> None:
+    engine = Engine(health_interval=None)
+    got: list[Any] = []
+
+    async def handle(job: Any) -> None:
+        got.append(job)
+
+    queue = engine.queue("q", handle)
+    async with engine:
+        with pytest.raises(JobNotSerializable, match="same JSON key"):
+            await queue.put({1: "a", "1": "b"})
+        await queue.put({"1": "b"})
+        await queue.join()
+    assert got == [{"1": "b"}]
