@@ -835,6 +835,8 @@ class Trigger:
         """The key's run was refused by the store: the count it fired with stays, and the key
         waits for room as a key this node's queue refused does."""
         st.running = False
+        if st.saved_run == st.run_id:
+            st.saved_run = None  # (its saved count stays whole: see _ended)
         st.run_id, st.captured = None, 0
         self._changed(key)
         # the store refuses a whole write that does not fit: from now on, try few keys at a time
@@ -846,6 +848,13 @@ class Trigger:
     def _ended(self, key: str, st: _Key, status: str, at: float) -> None:
         """The key's run ended with ``status``: a run that did its work takes its count off."""
         st.running = False
+        if status != RunStatus.CANCELLED.value:
+            # the count a run takes off is the oldest first, the saved part with it: what is left
+            # of the saved part is what a retake gives up if another node took the row meanwhile
+            # (which takes the count of the run it names off when that run ends, as here)
+            st.saved = max(0, st.saved - st.captured)
+        if st.saved_run is not None and st.saved_run == st.run_id:
+            st.saved_run = None
         st.last_run_id, st.run_id = st.run_id, None
         st.last_status = status
         if status != RunStatus.CANCELLED.value:
