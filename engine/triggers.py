@@ -1199,7 +1199,7 @@ class Trigger:
         now = time.monotonic()
         seen, self._seen_renewal = self._seen_renewal, renewed
         missed = renewed - seen > ttl
-        fresh = now < renewed + ttl and not missed and not executor.cut_off and not executor.superseded
+        fresh = self._alive() and not missed
         if not fresh and not self._lapsed:
             self._lapsed = True
             self.hold_lapses += 1
@@ -1210,6 +1210,15 @@ class Trigger:
             )  # fmt: skip
         return fresh
 
+    def _alive(self) -> bool:
+        """Whether the store counts this node alive now: its last heartbeat that reached the
+        store was sent less than ``node_ttl`` ago, and it is neither cut off nor replaced."""
+        executor = self._executor
+        if executor is None:
+            return True
+        live_until = executor.renewed_at + self._engine.store.node_ttl
+        return time.monotonic() < live_until and not executor.cut_off and not executor.superseded
+
     async def _look(self) -> None:
         """Once a third of ``lease_ttl``: take up the keys of holders gone since, or after a
         lapse, first give up those another node took meanwhile."""
@@ -1219,7 +1228,7 @@ class Trigger:
             await self._retake()
         await self._adopt()
 
-    async def _retake(self) -> None:
+    async def _retake(self, *, at_stop: bool = False) -> None:
         """After a lapse, once a heartbeat got through again: give up what another node took.
 
         A key whose row the store no longer holds for this node was taken up by a node that
@@ -1228,7 +1237,7 @@ class Trigger:
         here, and is saved as its row again. The keys that came due meanwhile fire now.
         """
         held = await self._engine.store.trigger_keys_held(self.name, self._engine.incarnation)
-        if not self._lapsed or not self._hold_fresh():
+        if not self._lapsed or not (self._alive() if at_stop else self._hold_fresh()):
             return  # retaken meanwhile (a stop's), or lapsed again: asked again at the next look
         given = step = 0
         for key, st in list(self._keys.items()):
@@ -1257,12 +1266,26 @@ class Trigger:
                 "trigger %r: another node took up the saved counts of %d key(s) while this node looked gone: "
                 "they fire there; what this node counted since its last save stays here", self.name, given,
             )  # fmt: skip
+        if not self._active:
+            self._wake_drainers()  # a drain waiting on a run the taker follows now waits no more
         if not self._launched:
             return  # a stop's: the next start fires what is due
         await self._fire_due(list(self._keys))
         self._retry_soon()
         if not self._active:
             self._wake_drainers()
+
+    async def _retake_at_stop(self, deadline: float) -> None:
+        """A stop while lapsed: the save it makes must not write back what another node took,
+        so the store is asked first, once it has had a heartbeat of this node since the lapse
+        (sent now if the executor's own has not gone yet: a node stopped right after a pause)."""
+        executor = self._executor
+        if not self._alive() and executor is not None:
+            async with asyncio.timeout(max(0.0, deadline - asyncio.get_running_loop().time())):
+                await executor.heartbeat()
+        if self._alive():
+            # (not waiting for a second look, as a running node does: its stop cannot)
+            await self._retake(at_stop=True)
 
     async def _adopt(self) -> None:
         """Take up the keys of holders gone since the start (a node that stopped or died with
@@ -1559,12 +1582,13 @@ class Trigger:
                 await asyncio.wait([adopting])
                 if not adopting.cancelled() and adopting.exception() is not None:
                     log.warning("trigger %r: taking up the keys of gone holders failed: %s", self.name, adopting.exception())
-            if self._lapsed and self._hold_fresh():
+            if self._lapsed:
                 try:
-                    await self._retake()
+                    await self._retake_at_stop(deadline)
                 except Exception as exc:
                     log.warning("trigger %r: asking the store which saved keys are still this node's failed: %s", self.name, exc)
-            # still lapsed, saved all the same: a count may then fire on two nodes, but none is lost
+            # still lapsed (the store out of reach), saved all the same: a count may then fire on
+            # two nodes, but none is lost
             await self.save_changes()
         watchers, self._watchers = self._watchers, set()
         for watch in watchers:

@@ -369,9 +369,12 @@ async def test_two_postgres_engines_starting_at_once_share_a_gone_nodes_keys_out
 # ---------------------------------------------------------------- a node that only looked gone
 
 
-def paused_pair(url: str, fired: list[str]) -> tuple[LoopThread, Engine, Trigger, Engine, Trigger]:
+def paused_pair(
+    url: str, fired: list[str], gate: threading.Event | None = None
+) -> tuple[LoopThread, Engine, Trigger, Engine, Trigger]:
     """Nodes a (on a loop of its own, which the test can freeze) and b, with trigger "compile"
-    of threshold 10, saving often, and heartbeats good for QTTL seconds."""
+    of threshold 10, saving often, and heartbeats good for QTTL seconds; its runs wait for
+    ``gate``, if given."""
     node_a = LoopThread()
     engines: list[tuple[Engine, Trigger]] = []
     for name in ("a", "b"):
@@ -379,6 +382,8 @@ def paused_pair(url: str, fired: list[str]) -> tuple[LoopThread, Engine, Trigger
 
         async def compile_key(ctx: TaskContext, key: str, name: str = name) -> None:
             fired.append(f"{name}:{key}")
+            if gate is not None:
+                await asyncio.to_thread(gate.wait, QTIMEOUT)
 
         engines.append((engine, engine.trigger("compile", compile_key, size_threshold=10, save_interval=0.05)))
     (a, ta), (b, tb) = engines
@@ -392,6 +397,18 @@ async def paused_until(node: LoopThread, done: Callable[[], bool]) -> None:
         await eventually(done, timeout=QTIMEOUT)
     finally:
         thaw.set()
+
+
+async def fire_and_save(url: str, node: LoopThread, trigger: Trigger) -> None:
+    """Notify ``trigger`` (on ``node``) of key k 12 times, which fires k, and save k's row
+    naming that run once the store has the run (a shared store's writes lag)."""
+    await on(node, lambda: trigger.notify("k", 12))
+    [run_id] = await on(node, lambda: [k.run_id for k in trigger.state().keys])
+    async with make_store(url, lease_ttl=QTTL) as looker:
+        async with asyncio.timeout(QTIMEOUT):
+            while run_id not in await looker.get_many([run_id]):
+                await asyncio.sleep(0.02)
+    await node.run(trigger.save_changes())
 
 
 async def on(node: LoopThread, fn: Callable[[], T]) -> T:
@@ -454,32 +471,14 @@ async def test_a_node_paused_while_another_took_up_its_counts_gives_them_up_when
 
 async def test_a_paused_node_leaves_the_run_its_taken_row_named_to_the_node_that_took_it(shared: str) -> None:
     gate = threading.Event()
-    node_a = LoopThread()
-    engines: list[Engine] = []
-    triggers: list[Trigger] = []
-    for name in ("a", "b"):
-        engine = Engine(store=shared, node_id=name, lease_ttl=QTTL, health_interval=None)
-
-        async def compile_key(ctx: TaskContext, key: str) -> None:
-            await asyncio.to_thread(gate.wait, QTIMEOUT)
-
-        engines.append(engine)
-        triggers.append(engine.trigger("compile", compile_key, size_threshold=10, save_interval=0.05))
-    a, b = engines
-    ta, tb = triggers
+    node_a, a, ta, b, tb = paused_pair(shared, [], gate)
 
     def keys(trigger: Trigger) -> list[tuple[str, int, bool]]:
         return [(k.key, k.count, k.queued or k.running) for k in trigger.state().keys]
 
     try:
         await node_a.run(a.start())
-        await on(node_a, lambda: ta.notify("k", 12))  # fires with 12
-        [run_id] = await on(node_a, lambda: [k.run_id for k in ta.state().keys])
-        async with make_store(shared, lease_ttl=QTTL) as looker:
-            async with asyncio.timeout(QTIMEOUT):
-                while run_id not in await looker.get_many([run_id]):  # (a shared store's writes lag)
-                    await asyncio.sleep(0.02)
-        await node_a.run(ta.save_changes())  # the row names the run
+        await fire_and_save(shared, node_a, ta)  # fires with 12: the row names the run
         await b.start()
         await paused_until(node_a, lambda: tb.adopted == 1)
         # b follows the run with the 12 it took; a, back, gives both up
@@ -492,6 +491,64 @@ async def test_a_paused_node_leaves_the_run_its_taken_row_named_to_the_node_that
         await eventually(lambda: keys(tb) == [("k", 0, False)], timeout=QTIMEOUT)
         assert await on(node_a, lambda: keys(ta)) == [("k", 3, False)]
         assert (ta.fired, tb.fired) == (1, 0)
+    finally:
+        gate.set()
+        await b.stop()
+        await node_a.run(a.stop())
+        node_a.close()
+
+
+async def test_a_node_stopped_as_soon_as_it_is_back_from_a_pause_saves_none_of_what_another_took(
+    shared: str,
+) -> None:
+    # the usual end of a node that stopped answering: its service manager stops it. The stop's
+    # save must not write back the 6 that b took up meanwhile (b would fire them twice)
+    fired: list[str] = []
+    node_a, a, ta, b, tb = paused_pair(shared, fired)
+    try:
+        await node_a.run(a.start())
+        await on(node_a, lambda: ta.notify("k", 6))
+        await saved_by(shared, a, {"k"})
+        await b.start()
+        thaw = await node_a.freeze(lambda: None)
+        try:
+            await eventually(lambda: tb.adopted == 1, timeout=QTIMEOUT)
+            # queued while a is paused: they run the moment it is back, before any heartbeat of it
+            node_a.loop.call_soon_threadsafe(ta.notify, "k", 1)
+            stopping = asyncio.run_coroutine_threadsafe(a.stop(timeout=10), node_a.loop)
+        finally:
+            thaw.set()
+        await asyncio.wrap_future(stopping)
+        assert (ta.hold_lapses, ta.given_up) == (1, 1)
+        # b takes up what a left at its stop: its 1, with the 6 b holds already, 7 in all
+        await eventually(lambda: tb.adopted == 2, timeout=QTIMEOUT)
+        assert [(k.key, k.count) for k in tb.state().keys] == [("k", 7)]
+        assert tb.fired == 0 and fired == []
+    finally:
+        await b.stop()
+        await node_a.run(a.stop())
+        node_a.close()
+
+
+async def test_a_drain_on_a_run_the_taker_follows_now_ends_with_the_stop_of_the_paused_node(shared: str) -> None:
+    gate = threading.Event()
+    node_a, a, ta, b, tb = paused_pair(shared, [], gate)
+    try:
+        await node_a.run(a.start())
+        await fire_and_save(shared, node_a, ta)  # its drain waits on that run
+        draining = asyncio.run_coroutine_threadsafe(ta.drain(), node_a.loop)
+        await b.start()
+        thaw = await node_a.freeze(lambda: None)
+        try:
+            await eventually(lambda: tb.adopted == 1, timeout=QTIMEOUT)
+            stopping = asyncio.run_coroutine_threadsafe(a.stop(timeout=10), node_a.loop)
+        finally:
+            thaw.set()
+        await asyncio.wrap_future(stopping)
+        # b follows the run now: a's drain has nothing here to wait for
+        assert ta.given_up == 1
+        async with asyncio.timeout(QTIMEOUT):
+            assert await asyncio.wrap_future(draining) is None
     finally:
         gate.set()
         await b.stop()
