@@ -1586,7 +1586,10 @@ class Trigger:
                 try:
                     await self._retake_at_stop(deadline)
                 except Exception as exc:
-                    log.warning("trigger %r: asking the store which saved keys are still this node's failed: %s", self.name, exc)
+                    log.warning(
+                        "trigger %r: asking the store which saved keys are still this node's failed (%s: %s); "
+                        "saving its counts all the same", self.name, type(exc).__name__, exc,
+                    )  # fmt: skip
             # still lapsed (the store out of reach), saved all the same: a count may then fire on
             # two nodes, but none is lost
             await self.save_changes()
