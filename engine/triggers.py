@@ -173,6 +173,12 @@ class TriggerState(BaseModel):
     #: every key the trigger holds; ``keys`` lists them all, or the hottest few when a
     #: limit was asked for (a snapshot's): those queued or running, then the biggest counts
     key_count: int = 0
+    #: on a store nodes share, since the engine object was made: keys taken up from holders
+    #: gone while it ran, times its own hold may have lapsed (it looked gone), and keys whose
+    #: saved counts another node took meanwhile (they fire there)
+    adopted: int = 0
+    hold_lapses: int = 0
+    given_up: int = 0
 
 
 class TriggerFire(BaseModel):
@@ -1000,6 +1006,9 @@ class Trigger:
             forget_after=self.forget_after,
             forgotten=self.forgotten,
             key_count=len(self._keys),
+            adopted=self.adopted,
+            hold_lapses=self.hold_lapses,
+            given_up=self.given_up,
             keys=[
                 TriggerKeyState(
                     key=key,
