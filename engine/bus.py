@@ -638,6 +638,7 @@ class EventBus:
         escapes lone surrogates in str fields: attached dashboards and other
         nodes could not read any of them.
         """
+        self._on_its_loop("emit")
         try:
             shape = _SHAPES[cls]
         except (KeyError, TypeError):
@@ -692,9 +693,17 @@ class EventBus:
         :meth:`emit` checks its values, unless ``checked`` says :func:`check_event` (or
         its equivalent) already passed it: an event just decoded from JSON that holds no
         NaN or infinity, say, which a relay reads by the thousand."""
+        self._on_its_loop("publish")
         cls = type(event)
         shape = _SHAPES.get(cls) or shape_of(cls, "bus.publish()")
         if not checked:
+            # the event keeps its own ts (emit stamps its own): a NaN there would reach readers too
+            ts = event.ts
+            if type(ts) is float and ts - ts:
+                raise InvalidConfiguration(
+                    "bus.publish()",
+                    [f"{cls.__qualname__}.ts={ts!r}: JSON has no NaN or infinity; give a finite time; nothing was published"],
+                )
             if shape.numbers:
                 _check_finite(event, shape, "bus.publish()")
             if shape.nested:
@@ -711,6 +720,21 @@ class EventBus:
         event = event.model_copy(update=update)
         self._deliver(event, shape.kind)
         return event
+
+    def _on_its_loop(self, method: str) -> None:
+        """Raise :class:`LoopThreadError` for a publish from a thread other than the running
+        engine loop's: ``seq`` is taken without a lock, so two threads would hand out one seq
+        twice, and a subscription woken from there would not wake its loop."""
+        loop = self.loop
+        if loop is not None and asyncio._get_running_loop() is not loop and loop.is_running():
+            raise LoopThreadError(
+                f"bus.{method}",
+                f"bus.{method}() was called from a thread other than the engine's event loop's, which "
+                "alone publishes (each event takes the next seq there); nothing was published. From "
+                "another thread, hand it to the engine's loop: "
+                f"`engine.loop.call_soon_threadsafe(functools.partial(engine.bus.{method}, ...))`, or "
+                f"`bg.call(lambda engine: engine.bus.{method}(...))` for a start_background() engine",
+            )
 
     def _deliver(self, item: BaseEvent | Posted, kind: str) -> None:
         self._ring.append(item)
@@ -772,7 +796,9 @@ class EventBus:
         if replay > 0:
             # the last ``replay`` events this subscriber would have received
             picked: list[BaseEvent | Posted] = []
-            for item in reversed(self._ring):
+            # a copy (made at once, under the GIL): a subscriber on another thread must not
+            # iterate the ring while the loop appends to it
+            for item in reversed(list(self._ring)):
                 if sub._filter(item.kind):
                     picked.append(item)
                     if len(picked) >= replay:
@@ -782,7 +808,8 @@ class EventBus:
         if self.closed:
             sub.closed = True
         else:
-            self._subs.append(sub)
+            # a new list, never the one a publish is going over (from a callback, or another thread)
+            self._subs = [*self._subs, sub]
         return sub
 
     # a callback gets every event its ``kinds`` match: typed as any event (narrow on ``kind``),
@@ -814,7 +841,8 @@ class EventBus:
         thread): building them is then no work for the engine's loop.
         """
         cb = _Callback(fn, kinds, unbuilt)
-        self._callbacks.append(cb)
+        # a new list: a callback added while an event is handed out gets the events after it
+        self._callbacks = [*self._callbacks, cb]
 
         def unsubscribe() -> None:
             if cb in self._callbacks:
@@ -835,7 +863,9 @@ class EventBus:
 
     def _remove(self, sub: Subscription) -> None:
         if sub in self._subs:
-            self._subs.remove(sub)
+            # a new list, not the one a publish is going over: removing from that one (a close
+            # from a callback, or from another thread) would skip the next subscriber's turn
+            self._subs = [s for s in self._subs if s is not sub]
 
     @property
     def subscribers(self) -> int:

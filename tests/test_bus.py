@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ from taskwatch.engine import (
     Engine,
     EventBus,
     InvalidConfiguration,
+    LoopThreadError,
     MemoryStore,
     RemoteEngine,
     RunError,
@@ -28,6 +30,7 @@ from taskwatch.engine import (
     event_to_json,
 )
 from taskwatch.engine import events as ev
+from taskwatch.engine.bus import Subscription
 
 from .helpers import eventually
 
@@ -644,3 +647,81 @@ def test_subscribe_refuses_options_that_are_no_counts(options: dict[str, Any], s
     assert bus.subscribers == 0
     bus.emit(ev.EngineStarted)
     assert bus.stats()["dropped"] == 0
+
+
+# ---------------------------------------------------------------- threads, and changes during a publish
+
+
+async def test_an_emit_from_another_thread_is_refused_while_the_engine_runs_and_takes_no_seq() -> None:
+    engine = Engine(health_interval=None)
+    async with engine:
+        before = engine.bus.last_seq
+        with pytest.raises(LoopThreadError, match="call_soon_threadsafe"):
+            await asyncio.to_thread(engine.bus.emit, ev.PeriodicPaused, name="p")
+        assert engine.bus.last_seq == before
+        event = ev.PeriodicPaused(seq=0, ts=0.0, node="x", name="p")
+        with pytest.raises(LoopThreadError):
+            await asyncio.to_thread(engine.bus.publish, event)
+        assert engine.bus.last_seq == before
+        # on its loop, as the message says
+        engine.bus.emit(ev.PeriodicPaused, name="p")
+        assert engine.bus.last_seq == before + 1
+
+
+def test_a_published_event_with_a_nan_time_is_refused() -> None:
+    bus = EventBus(node="n")
+    sub = bus.subscribe()
+    event = ev.PeriodicPaused(seq=0, ts=float("nan"), node="n", name="p")
+    with pytest.raises(InvalidConfiguration, match="ts=nan"):
+        bus.publish(event)
+    assert bus.last_seq == 0 and sub.get_batch() == []
+
+
+def test_a_callback_added_while_an_event_is_handed_out_gets_the_events_after_it() -> None:
+    bus = EventBus(node="n")
+    got: list[tuple[str, int]] = []
+
+    def late(event: Any) -> None:
+        got.append(("late", event.seq))
+
+    def registrar(event: Any) -> None:
+        got.append(("registrar", event.seq))
+        if event.seq == 1:
+            bus.add_callback(late)
+
+    bus.add_callback(registrar)
+    for _ in range(2):
+        bus.emit(ev.PeriodicPaused, name="p")
+    assert got == [("registrar", 1), ("registrar", 2), ("late", 2)]
+
+
+async def test_subscriptions_closed_from_another_thread_make_no_other_subscriber_miss_an_event() -> None:
+    # a close removed its subscription from the very list a publish was going over, and the
+    # next subscriber in it missed that event, uncounted
+    engine = Engine(health_interval=None)
+    async with engine:
+        bus = engine.bus
+        doomed: list[Subscription] = []
+        watchers: list[Subscription] = []
+        for i in range(1, 401):
+            doomed.append(bus.subscribe(maxsize=10))
+            if i % 10 == 0:  # among them: any close before one of these shifts it in the list
+                watchers.append(bus.subscribe(maxsize=1_000_000))
+        first = bus.last_seq + 1
+
+        def close_all() -> None:
+            for sub in doomed:
+                sub.close()
+                time.sleep(0)  # lets the loop's thread publish between two closes
+
+        closing = asyncio.create_task(asyncio.to_thread(close_all))
+        while not closing.done():
+            for _ in range(50):
+                bus.emit(ev.PeriodicPaused, name="p")
+            await asyncio.sleep(0)
+        await closing
+        last = bus.last_seq
+        for watcher in watchers:
+            seqs = [e.seq for e in watcher.get_batch()]
+            assert watcher.dropped == 0
+            assert seqs == list(range(first, last + 1))
