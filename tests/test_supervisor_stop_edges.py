@@ -225,6 +225,54 @@ class CheckAnsweredLate(InProcessLease):
         return held
 
 
+class Guard:
+    """A leader-only worker "guard" that waits for ``go``, then checks its leadership and works
+    on; told it does not lead, or cancelled, it notes where and cleans up until ``may_finish``
+    (``steps`` says whether that cleanup was cut or finished). A later copy just waits."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.waiting = asyncio.Event()
+        self.go = asyncio.Event()
+        self.cleaning = asyncio.Event()
+        self.may_finish = asyncio.Event()
+        self.steps: list[str] = []
+        engine.supervised(name="guard", leader_only=True)(self.guard)
+
+    async def cleanup(self) -> None:
+        self.cleaning.set()
+        try:
+            await self.may_finish.wait()  # flushing, releasing: it awaits
+        except asyncio.CancelledError:
+            self.steps.append("cleanup cut")
+            raise
+        self.steps.append("cleanup finished")
+
+    async def guard(self, ctx: TaskContext) -> None:
+        if self.steps:
+            await forever()  # a later copy, started once leadership is back
+        where = "waiting"
+        try:
+            self.waiting.set()
+            await self.go.wait()
+            where = "ensure_leader"
+            await ctx.ensure_leader()
+            where = "work"
+            await forever()
+        except NotLeader:
+            self.steps.append("not leader")
+            await self.cleanup()
+        except asyncio.CancelledError:
+            self.steps.append(f"cancelled at {where}")
+            await self.cleanup()
+            raise
+
+    async def cleaned_up(self) -> list[str]:
+        """``steps`` once the cleanup (let finish now) has ended, cut or not."""
+        self.may_finish.set()
+        await eventually(lambda: [s for s in self.steps if s.startswith("cleanup")])
+        return self.steps
+
+
 @pytest.mark.parametrize("lapse", ["before_the_check", "during_the_check"])
 async def test_a_worker_whose_check_finds_its_own_lease_lapsed_is_cancelled_there_and_keeps_its_cleanup(
     lapse: str,
@@ -233,53 +281,19 @@ async def test_a_worker_whose_check_finds_its_own_lease_lapsed_is_cancelled_ther
     # renewed every second: the elector wakes (and takes the lapsed lease back) while the cleanup runs
     lease = CheckAnsweredLate(clock, ttl=3.0, renew_interval=1.0)
     engine = Engine(node_id="a", lease=lease, health_interval=None, cancel_grace=60.0)
-    waiting = asyncio.Event()
-    go = asyncio.Event()
-    cleaning = asyncio.Event()
-    may_finish = asyncio.Event()
-    steps: list[str] = []
-
-    async def cleanup() -> None:
-        cleaning.set()
-        try:
-            await may_finish.wait()  # flushing, releasing: it awaits
-        except asyncio.CancelledError:
-            steps.append("cleanup cut")
-            raise
-        steps.append("cleanup finished")
-
-    @engine.supervised(name="guard", leader_only=True)
-    async def guard(ctx: TaskContext) -> None:
-        if steps:
-            await forever()  # a later copy, started once leadership is back
-        where = "waiting"
-        try:
-            waiting.set()
-            await go.wait()
-            where = "ensure_leader"
-            await ctx.ensure_leader()
-            where = "work"
-            await forever()
-        except NotLeader:
-            steps.append("not leader")
-            await cleanup()
-        except asyncio.CancelledError:
-            steps.append(f"cancelled at {where}")
-            await cleanup()
-            raise
-
+    guard = Guard(engine)
     rec = Recorder(engine, ("lease.", "worker."))
     await engine.start()
     try:
-        await asyncio.wait_for(waiting.wait(), 10)
+        await asyncio.wait_for(guard.waiting.wait(), 10)
         assert engine.leadership().is_leader
         if lapse == "before_the_check":
             clock.offset += 10 * lease.ttl
         else:
             lease.late = True
         # the worker's wake-up comes before any of the elector's: its own check finds the lapse
-        go.set()
-        await asyncio.wait_for(cleaning.wait(), 10)
+        guard.go.set()
+        await asyncio.wait_for(guard.cleaning.wait(), 10)
         lease.late = False
         await eventually(lambda: rec.of("lease.lost"))
         # the elector's next wakes while the cleanup runs: it takes the lease back, in a new
@@ -287,13 +301,11 @@ async def test_a_worker_whose_check_finds_its_own_lease_lapsed_is_cancelled_ther
         await eventually(lambda: len(rec.of("lease.acquired")) == 2)
         clock.offset += 10 * lease.ttl
         await eventually(lambda: len(rec.of("lease.lost")) == 2)
-        may_finish.set()
-        await eventually(lambda: [s for s in steps if s.startswith("cleanup")])
-        assert steps == ["cancelled at ensure_leader", "cleanup finished"]
+        assert await guard.cleaned_up() == ["cancelled at ensure_leader", "cleanup finished"]
         assert [e.reason for e in rec.of("worker.stopped")] == ["leadership_lost"]
         assert not rec.of("worker.crashed")
     finally:
-        may_finish.set()
+        guard.may_finish.set()
         await engine.stop(5.0)
     assert not stray_tasks()
 
@@ -318,53 +330,23 @@ async def test_a_worker_on_redis_whose_node_stalled_past_its_lease_keeps_its_cle
 ) -> None:
     lease = RedisLease(redis_server.url, key="test:stall", ttl=1.0)
     engine = Engine(node_id="a", lease=lease, health_interval=None, cancel_grace=60.0)
-    waiting = asyncio.Event()
-    go = asyncio.Event()
-    cleaning = asyncio.Event()
-    may_finish = asyncio.Event()
-    steps: list[str] = []
-
-    @engine.supervised(name="guard", leader_only=True)
-    async def guard(ctx: TaskContext) -> None:
-        if steps:
-            await forever()
-        where = "waiting"
-        try:
-            waiting.set()
-            await go.wait()
-            where = "ensure_leader"
-            await ctx.ensure_leader()
-            where = "work"
-            await forever()
-        except (NotLeader, asyncio.CancelledError) as exc:
-            steps.append(f"{type(exc).__name__} at {where}")
-            cleaning.set()
-            try:
-                await may_finish.wait()
-            except asyncio.CancelledError:
-                steps.append("cleanup cut")
-                raise
-            steps.append("cleanup finished")
-            raise
-
+    guard = Guard(engine)
     rec = Recorder(engine, ("lease.",))
     await engine.start()
     try:
-        await asyncio.wait_for(waiting.wait(), 10)
+        await asyncio.wait_for(guard.waiting.wait(), 10)
         await eventually(lambda: engine.leadership().is_leader)
         # the loop stalls past the lease (a GC pause, a blocking call): the condition under
         # test, not a wait for something
         time.sleep(lease.ttl + 0.1)
-        go.set()
-        await asyncio.wait_for(cleaning.wait(), 10)
+        guard.go.set()
+        await asyncio.wait_for(guard.cleaning.wait(), 10)
         await eventually(lambda: rec.of("lease.lost"))
         # the elector's next wake (a new election) comes while the cleanup runs
         await eventually(lambda: len(rec.of("lease.acquired")) == 2)
-        may_finish.set()
-        await eventually(lambda: [s for s in steps if s.startswith("cleanup")])
-        assert steps == ["CancelledError at ensure_leader", "cleanup finished"]
+        assert await guard.cleaned_up() == ["cancelled at ensure_leader", "cleanup finished"]
     finally:
-        may_finish.set()
+        guard.may_finish.set()
         await engine.stop(5.0)
     assert not stray_tasks()
 
