@@ -523,11 +523,24 @@ class Subscription:
         return self._buffer.pending
 
     def get_batch(self, limit: int | None = None) -> list[Event]:
-        """Take up to ``limit`` buffered items (events and drop notices) without waiting."""
+        """Take up to ``limit`` buffered items (events and drop notices) without waiting;
+        :class:`InvalidConfiguration` for a ``limit`` that is not an int >= 0 (nothing is taken)."""
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise InvalidConfiguration(
+                "Subscription.get_batch()", [f"limit={limit!r}: a whole number >= 0, or None for all"]
+            )
         return self._buffer.take(limit)
 
     async def wait(self, timeout: float | None = None) -> bool:
-        """Wait until an event is buffered or the bus closes. True if events are ready."""
+        """Wait until an event is buffered or the bus closes. True if events are ready.
+
+        ``timeout`` in seconds (0 or less: no wait); :class:`InvalidConfiguration` for NaN or
+        anything but a number or None, which would wait for good or fail later."""
+        if timeout is not None and (type(timeout) not in (int, float) or timeout != timeout):
+            raise InvalidConfiguration(
+                "Subscription.wait()",
+                [f"timeout={timeout!r}: give the seconds to wait as a number, or None to wait without limit"],
+            )
         if self._buffer:
             return True
         if self.closed:

@@ -725,3 +725,24 @@ async def test_subscriptions_closed_from_another_thread_make_no_other_subscriber
             seqs = [e.seq for e in watcher.get_batch()]
             assert watcher.dropped == 0
             assert seqs == list(range(first, last + 1))
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), "1", True])
+async def test_a_subscription_wait_refuses_a_timeout_that_is_no_number_of_seconds(timeout: Any) -> None:
+    # a NaN waited for good; "1" failed later with a plain TypeError
+    bus = EventBus(node="n")
+    sub = bus.subscribe()
+    with pytest.raises(InvalidConfiguration, match="timeout="):
+        await sub.wait(timeout)
+    bus.emit(ev.PeriodicPaused, name="p")
+    assert await sub.wait(0) and [e.seq for e in sub.get_batch()] == [1]
+
+
+@pytest.mark.parametrize("limit", [-1, "2", 1.5])
+def test_get_batch_refuses_a_limit_that_is_no_count_and_takes_nothing(limit: Any) -> None:
+    bus = EventBus(node="n")
+    sub = bus.subscribe()
+    bus.emit(ev.PeriodicPaused, name="p")
+    with pytest.raises(InvalidConfiguration, match="limit="):
+        sub.get_batch(limit)
+    assert [e.seq for e in sub.get_batch()] == [1]
