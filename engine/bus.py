@@ -53,7 +53,12 @@ def _checked_kinds(kinds: Iterable[str] | None) -> list[str]:
         return []
     if isinstance(kinds, (str, bytes)):
         raise UnknownEventKind(kinds, f"kinds takes a list of kinds, not the one string {kinds!r}: pass [{kinds!r}]")
-    out = list(kinds)
+    try:
+        out = list(kinds)
+    except TypeError:
+        raise UnknownEventKind(
+            kinds, f"kinds takes a list of kinds (or None for all), not {type(kinds).__qualname__} {kinds!r}"
+        ) from None
     for kind in out:
         if not isinstance(kind, str):
             raise UnknownEventKind(kind, f"kinds holds {kind!r}, which is no kind")
@@ -853,6 +858,11 @@ class EventBus:
         :func:`built` later, wherever the consumer reads them (say, on another
         thread): building them is then no work for the engine's loop.
         """
+        if not callable(fn):
+            # refused here: accepted, it would fail on every event, counted and logged once
+            raise InvalidConfiguration(
+                "bus.add_callback()", [f"fn={fn!r}: not callable; give a function that takes one event"]
+            )
         cb = _Callback(fn, kinds, unbuilt)
         # a new list: a callback added while an event is handed out gets the events after it
         self._callbacks = [*self._callbacks, cb]

@@ -715,9 +715,13 @@ async def test_subscriptions_closed_from_another_thread_make_no_other_subscriber
                 time.sleep(0)  # lets the loop's thread publish between two closes
 
         closing = asyncio.create_task(asyncio.to_thread(close_all))
-        while not closing.done():
+        emitted = 0
+        # bounded: the closes are slow to get the GIL from this busy thread, and events
+        # piling up by the million would make garbage collection the bottleneck
+        while not closing.done() and emitted < 20_000:
             for _ in range(50):
                 bus.emit(ev.PeriodicPaused, name="p")
+            emitted += 50
             await asyncio.sleep(0)
         await closing
         last = bus.last_seq
@@ -746,3 +750,14 @@ def test_get_batch_refuses_a_limit_that_is_no_count_and_takes_nothing(limit: Any
     with pytest.raises(InvalidConfiguration, match="limit="):
         sub.get_batch(limit)
     assert [e.seq for e in sub.get_batch()] == [1]
+
+
+def test_a_callback_that_cannot_be_called_or_kinds_that_are_no_list_are_refused_where_given() -> None:
+    bus = EventBus(node="n")
+    with pytest.raises(InvalidConfiguration, match="not callable"):
+        bus.add_callback("print")  # type: ignore[arg-type]
+    with pytest.raises(UnknownEventKind, match="takes a list of kinds"):
+        bus.subscribe(kinds=5)  # type: ignore[arg-type]
+    assert bus.subscribers == 0
+    bus.emit(ev.PeriodicPaused, name="p")
+    assert bus.callback_errors == 0
