@@ -1275,14 +1275,11 @@ class Trigger:
                 "trigger %r: another node took up the saved counts of %d key(s) while this node looked gone: "
                 "they fire there; what this node counted since its last save stays here", self.name, given,
             )  # fmt: skip
+        if self._launched:  # (a stop's retake fires nothing: the next start fires what is due)
+            await self._fire_due(list(self._keys))
+            self._retry_soon()
         if not self._active:
             self._wake_drainers()  # a drain waiting on a run the taker follows now waits no more
-        if not self._launched:
-            return  # a stop's: the next start fires what is due
-        await self._fire_due(list(self._keys))
-        self._retry_soon()
-        if not self._active:
-            self._wake_drainers()
 
     async def _retake_at_stop(self, deadline: float) -> None:
         """A stop while lapsed: the save it makes must not write back what another node took,
