@@ -76,6 +76,12 @@ def _checked_kinds(kinds: Iterable[str] | None) -> list[str]:
     return out
 
 
+def _check_limit(where: str, limit: int | None) -> None:
+    """:class:`InvalidConfiguration` for a count of events to take that is not an int >= 0 or None."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise InvalidConfiguration(where, [f"limit={limit!r}: a whole number >= 0, or None for all"])
+
+
 class KindFilter:
     """Matches event kinds exactly, or by prefix when a pattern ends with ``.``."""
 
@@ -530,10 +536,7 @@ class Subscription:
     def get_batch(self, limit: int | None = None) -> list[Event]:
         """Take up to ``limit`` buffered items (events and drop notices) without waiting;
         :class:`InvalidConfiguration` for a ``limit`` that is not an int >= 0 (nothing is taken)."""
-        if limit is not None and (type(limit) is not int or limit < 0):
-            raise InvalidConfiguration(
-                "Subscription.get_batch()", [f"limit={limit!r}: a whole number >= 0, or None for all"]
-            )
+        _check_limit("Subscription.get_batch()", limit)
         return self._buffer.take(limit)
 
     async def wait(self, timeout: float | None = None) -> bool:
@@ -877,8 +880,7 @@ class EventBus:
 
     def recent(self, limit: int | None = None) -> list[Event]:
         """The newest ``limit`` events the bus keeps for replay (all of them for None), oldest first."""
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-            raise InvalidConfiguration("EventBus.recent()", [f"limit={limit!r}: a whole number >= 0, or None for all"])
+        _check_limit("EventBus.recent()", limit)
         items = list(self._ring)
         if limit is not None:
             items = items[len(items) - limit :] if limit else []
