@@ -9,6 +9,9 @@ first process takes ``host-app``, a second running beside it ``host-app-2``,
 and so on, each holding its id with an advisory lock on a small file that the
 operating system lets go of when the process ends, however it ends (``kill
 -9`` included). A restarted process so takes the id of the one it replaces.
+The locks live in the user's temp directory, so copies that do not share it
+(other users, systemd's ``PrivateTmp``) cannot see each other: those need ids
+given to them.
 """
 
 from __future__ import annotations
