@@ -398,11 +398,11 @@ class Execution:
             if run.status is _RUNNING and run.token == token:
                 # cancelled before its first step: nothing recorded it
                 run.token = None
-                reason = run.cancel_reason or "external"
-                if reason == "shutdown" and self.durable:
-                    self._hand_back(run, token)
-                elif reason == "external" and self._torn_down():
+                reason = run.cancel_reason or self._outside_cancel()
+                if reason is None:
                     self._claimed.pop(token, None)  # left for recovery, as a killed process leaves it
+                elif reason == "shutdown" and self.durable:
+                    self._hand_back(run, token)
                 else:
                     self.finish_cancelled(run, reason, was_running=True)
                     self._end_claim(run, token, Cancelled(reason))
@@ -432,12 +432,25 @@ class Execution:
         self._dispatching = False
         self.start_soon()
 
-    def _torn_down(self) -> bool:
-        """Whether a run cancelled from outside the engine was cancelled by the event loop's
-        teardown under a running engine on a durable store (``asyncio.run`` ending in an error
-        or Ctrl-C with no ``engine.stop()``). No one cancelled that run: it is not recorded as
-        cancelled, and its claim is left for recovery to run again, as a killed process's is."""
-        return self.durable and self.engine.state == "running" and self.executor.torn_down
+    def _outside_cancel(self) -> CancelReason | None:
+        """What a cancel from outside the engine (no cancel was asked for: no ``cancel_reason``)
+        makes of a run executing here.
+
+        On a durable store, None when it was the event loop's teardown: ``asyncio.run`` ending
+        in an error or Ctrl-C with no ``engine.stop()``, and as well one ending while a stop
+        drains (a second Ctrl-C, a ``wait_for`` around ``stop()`` running out), so the engine
+        may be stopping, or even stopped if the interrupt ended the stop itself (its executor
+        loops, cancelled only by the stop's last steps, tell). No one cancelled that run: it is
+        not recorded as cancelled, and its claim is left for recovery to run again, as a killed
+        process's is (nothing is written: the store may be closing under the teardown).
+        ``"shutdown"`` for any other such cancel while the engine stops: the stop was going to
+        cut the run short, which puts it back to pending, and so does this. ``"external"``
+        while the engine goes on, or on the memory store, which keeps nothing across a stop."""
+        if not self.durable:
+            return "external"
+        if self.executor.torn_down:
+            return None
+        return "shutdown" if self.engine.state == "stopping" else "external"
 
     def _hand_back(self, run: Run, token: str) -> None:
         """Give back a claim whose attempt never started (the node is stopping): pending, same attempt."""
@@ -679,8 +692,13 @@ class Execution:
                 else:
                     reason = run.cancel_reason or "external"
                     if reason == "external" and run.token is not None:
-                        if not self._torn_down():
-                            self._record(run, token, Cancelled(reason), None)
+                        # someone else's cancel: the task ends cancelled, as that caller expects
+                        outside = self._outside_cancel()
+                        if outside == "shutdown":
+                            run.cancel_reason = outside  # as the stop's own cut would have marked it
+                            self._record(run, token, self._cut_short(run, outside), None)
+                        elif outside is not None:
+                            self._record(run, token, Cancelled(outside), None)
                         raise
                     if run.token is not None:
                         self._record(run, token, self._cut_short(run, reason), None)

@@ -184,12 +184,22 @@ class Executor:
     @property
     def torn_down(self) -> bool:
         """True once this executor's own loops were cancelled from outside the engine: the event
-        loop is being torn down (``asyncio.run`` ending with no ``engine.stop()``), which
-        cancels every task at once. All of them, not any: the claim loop's own timeout cancels
-        it for a moment too, and taken for a teardown that would stall the engine's starts."""
+        loop is being torn down (``asyncio.run`` ending with no ``engine.stop()``, or while one
+        drains), which cancels every task at once; :meth:`stop` lets go of the loops before it
+        cancels them, so its own cancel never counts. All of them, not any: the claim loop's
+        own timeout cancels it for a moment too, and taken for a teardown that would stall the
+        engine's starts.
+
+        A loop that has ended counts as torn down too: none ends by itself while it runs, so it
+        was ended by a ``KeyboardInterrupt`` (a second Ctrl-C raises it in whatever task runs
+        then) or a ``SystemExit``, which leaves it done, never cancelled, and the teardown that
+        follows cancels only the others."""
         heartbeat, loops = self._heartbeat, self._loops
-        return bool(loops) and heartbeat is not None and heartbeat.cancelling() > 0 and all(
-            loop.cancelling() for loop in loops
+        return (
+            bool(loops)
+            and heartbeat is not None
+            and (heartbeat.cancelling() > 0 or heartbeat.done())
+            and all(loop.cancelling() or loop.done() for loop in loops)
         )
 
     @property
