@@ -416,7 +416,7 @@ class Engine:
         self._leader = LeaderElector(self, lease)
         #: the cluster-wide event relay (events=...), started first and stopped last
         self._relay = self._make_relay(events)
-        self._scheduler = Scheduler(self)
+        self._scheduler = Scheduler(self, limits_changed=self._refresh_limits)
         self._queues: dict[str, WorkQueue] = {}
         self._triggers: dict[str, Trigger] = {}
         self._supervisor = Supervisor(self)
@@ -567,13 +567,16 @@ class Engine:
 
     def _refresh_limits(self) -> None:
         # a task needing a resource this node lacks is left to the nodes sharing the store
-        # that have it: claimed here, its run could only fail. A new mapping each time: the
-        # executor notices a change by identity
+        # that have it: claimed here, its run could only fail. A periodic task whose opt_in
+        # flag is off here is turned off on this node: its runs already queued (or left in the
+        # store by a stop) wait as well, for the flag or for a node where it is on. A new
+        # mapping each time: the executor notices a change by identity
         have = self.resources
+        opted_out = self._scheduler.opted_out()
         self._limits = {
             name: spec.concurrency
             for name, spec in self._tasks.items()
-            if all(resource in have for resource in spec.resources)
+            if all(resource in have for resource in spec.resources) and name not in opted_out
         }
 
     def tasks(self) -> dict[str, TaskSpec]:
@@ -833,7 +836,8 @@ class Engine:
         log.log(
             logging.INFO if others else logging.WARNING,
             "%d pending run(s) in %s are of tasks node %s does not run (%s): they wait for a node "
-            "that registers the task (with the resources it requires); register it, or cancel them",
+            "that registers the task (with the resources it requires, and its opt_in flag on); "
+            "register it, or cancel them",
             sum(waiting.values()), self._store.describe(), self.node_id,
             ", ".join(f"{task!r}: {n}" for task, n in waiting.most_common()),
         )

@@ -60,7 +60,10 @@ writing the slot's run to the store (waiting for a SQLite file's write lock,
 say): that write cannot be taken back (it may commit whatever this node does),
 so it is let end, and a run it stored goes, shown and counted as any fired
 run (``runs``, ``running_run_id``, ``last_run_id``, ``last_status``); no
-tick comes after it until the resume.
+tick comes after it until the resume. A resume computes the next tick from
+its moment: a cron task's next time, an end-based interval's one interval
+later, and a ``fixed_rate`` task's next slot of the grid it had (as a task
+enabled again keeps it, see "Needs").
 
 Missed slots
 ------------
@@ -71,14 +74,32 @@ otherwise. They are counted in ``PeriodicInfo.missed`` (and logged): for cron
 and ``fixed_rate`` tasks the slots of their grid that passed unfired, for an
 end-based interval the whole intervals the tick was late by. On a store nodes
 share, only those after the last slot the store says a node fired count: a
-node held up while another fired its slots missed none.
+node held up while another fired its slots missed none. A task's first late
+tick is warned of at once, the next ones at most once a minute, each warning
+saying how many came since the previous one (a loop that cannot keep up is
+late at every tick); ``missed`` counts every one.
+
+Registration on a running engine
+--------------------------------
+A task registered while the engine runs is taken up as one registered before
+the start: its loop starts once the store has told its last slot fired and its
+last run (it plans no tick until then), so its missed slot fires late, a
+fixed-rate grid holds and its last run shows. Its last run is the store's newest
+finished one, at a start too: the engine's index keeps only the newest
+``history`` runs of all tasks. Once it is pruned from the store as well, an
+end-based interval counts from the latest it can have ended (see
+``Scheduler._ended_by``), never from its slot.
 
 Needs
 -----
 ``requires`` and ``opt_in`` are checked at start, at registration, at a
 resume, whenever ``Engine.provide``/``withdraw``/``set_flag`` change them, and
 at every tick: a tick whose resource has gone (or whose flag was turned off)
-runs nothing and disables its task with the reason. A task enabled again keeps
+runs nothing and disables its task with the reason. The runs of a task
+disabled at a start or by ``withdraw``/``set_flag`` that are already queued (or
+left in a durable store) wait, unclaimed on this node, until its needs are met
+again (``limits_changed``); a run by hand is refused meanwhile, and a
+periodic task is never submitted by name. A task enabled again keeps
 its schedule: it takes it up at its next slot after that moment (an end-based
 interval from the end of its last run, or of the run that went on meanwhile),
 with no ``initial_delay`` unless the start's still holds. The slots that passed
@@ -93,6 +114,7 @@ import functools
 import logging
 import math
 import random
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone, tzinfo
@@ -150,6 +172,9 @@ _NEVER_AGAIN = "cron expression never matches again"
 _DAY = 86400.0
 #: newest runs of a periodic task a run by hand looks through, in the store, for one still going
 _GOING_LOOKED_AT = 10
+#: seconds between two warnings of late ticks of one task: the late ticks between them are counted
+#: into the next (or told at the stop), not logged one by one
+_LATE_WARNING_EVERY = 60.0
 
 
 class PeriodicInfo(BaseModel):
@@ -496,6 +521,10 @@ class _Periodic:
     #: the slot of the latest tick (kept in the engine's store)
     last_fire: float | None = None
     task: asyncio.Task[None] | None = None
+    #: registered on a running engine: the task reading what the store knows of it (its last
+    #: slot fired, its last run) before its loop may start. Not ``task``: a pause or a disable
+    #: halts the loop, and must not cancel this read (the task would never be taken up)
+    seeding: asyncio.Task[None] | None = None
     #: the loop whose tick is writing its slot's run to the store: a halt lets that write
     #: end (it may commit whatever this node does) and the loop follow its run, then stop
     writer: asyncio.Task[Any] | None = None
@@ -505,10 +534,19 @@ class _Periodic:
     last_duration: float | None = None
     #: when the most recently finished run ended: an end-based interval counts from it
     last_end: float | None = None
+    #: read at a start with no finished run of the task left (the store and the index let
+    #: it go): the latest its last run can have ended, which an end-based interval counts from
+    ended_by: float | None = None
     runs: int = 0
     failures: int = 0
     skipped: int = 0
     missed: int = 0
+    #: when (``time.monotonic()``) the last warning of a late tick was logged, and the late ticks
+    #: and slots missed since that were held back: a loop that cannot keep up (every=0.001)
+    #: is late at every tick, and one line each would flood the log
+    late_warned: float | None = None
+    late_held: int = 0
+    late_held_missed: int = 0
     #: held by a tick and by a run by hand from their look at the run going to the
     #: submit of theirs: each awaits the store between the two, and must see the other's run
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -527,8 +565,12 @@ class Scheduler:
         *,
         clock: Callable[[], float] | None = None,
         rng: random.Random | None = None,
+        limits_changed: Callable[[], None] | None = None,
     ) -> None:
         self._engine = engine
+        #: tells the engine to work out again which tasks' runs this node claims: an entry
+        #: recorded, or its opt_in flag read, changes that (see opted_out())
+        self._limits_changed = limits_changed or (lambda: None)
         #: None: the engine's own wall clock, so due times agree with run timestamps
         self._fixed_clock = clock
         self._rng = rng or random.Random()
@@ -606,11 +648,24 @@ class Scheduler:
         entry.reason = self._unmet_needs(entry)
         entry.enabled = entry.reason is None
         self._entries[task_name] = entry
+        # the engine's claim limits again, now that the entry is here: register() computed them
+        # before it was, so with its opt_in flag off its runs queued (left in a durable store
+        # from before) would be claimed, see opted_out()
+        self._limits_changed()
         if self._unsubscribe is None:
             self._unsubscribe = self._engine.bus.add_callback(self._on_run_finished, FINISHED_RUN_KINDS)
         if self._running:
-            self._activate(entry)
+            # as a task registered before the start: what the store knows of it first (start()
+            # reads it for those), then its loop
+            self._take_up(entry)
         return self._info(entry)
+
+    def opted_out(self) -> set[str]:
+        """The periodic tasks whose ``opt_in`` flag is off (or not set): their runs already
+        queued wait on this node (the engine does not claim them) until it is on again, as
+        those of a task whose required resource was withdrawn."""
+        flags = self._engine.flags
+        return {p.name for p in self._entries.values() if p.opt_in is not None and not flags.get(p.opt_in)}
 
     def _unmet_needs(self, p: _Periodic) -> str | None:
         engine = self._engine
@@ -646,11 +701,18 @@ class Scheduler:
         whose needs are not (a run in progress finishes), each told with a
         ``periodic.registered`` event."""
         for p in self._entries.values():
+            if p.seeding is not None:
+                continue  # not taken up yet: its activation decides and tells, as at a start
+            was_enabled = p.enabled
             if not self._recheck(p) or not self._running:
                 continue  # not running: the start decides and tells
             if not p.enabled:
                 self._disable(p)
-                log.warning("periodic task %r disabled: %s", p.name, p.reason)
+                if was_enabled:
+                    log.warning("periodic task %r disabled: %s", p.name, p.reason)
+                else:
+                    # disabled already (and told so): only the reason changed
+                    log.info("periodic task %r stays disabled: %s", p.name, p.reason)
             elif not p.paused:
                 self._reenable(p)
             self._emit_registered(p)
@@ -708,12 +770,17 @@ class Scheduler:
         p = self._get(name)
         if not p.paused:
             p.paused = True
+            if p.slot is not None and p.next_due is not None:
+                # the slot its loop was waiting for: a fixed-rate grid resumes where it was
+                p.kept = p.slot
             self._halt(p)
             self._engine.bus.emit(PeriodicPaused, name=p.name)
         return self._info(p)
 
     def resume(self, name: str) -> PeriodicInfo:
-        """Schedule ``name`` again; its next due time is computed from now.
+        """Schedule ``name`` again: its next due time is computed from now (a cron task's next
+        time, an end-based interval's one interval later), a ``fixed_rate`` task's as the next
+        slot after now on the grid it had, as a task enabled again keeps it.
 
         Its needs are checked again: a resource withdrawn meanwhile leaves it
         disabled (with the reason), one provided meanwhile enables it. Callable from
@@ -722,6 +789,14 @@ class Scheduler:
 
     def _resume(self, name: str) -> PeriodicInfo:
         p = self._get(name)
+        if p.seeding is not None:
+            # registered on the running engine and not taken up yet: its loop starts once the
+            # store told what it knows of it (not before: it would fire from no schedule), and
+            # the needs are checked then
+            if p.paused:
+                p.paused = False
+                self._engine.bus.emit(PeriodicResumed, name=p.name, next_due=p.next_due)
+            return self._info(p)
         if p.paused:
             p.paused = False
             changed = self._running and self._recheck(p)
@@ -751,7 +826,7 @@ class Scheduler:
         # all when they ended meanwhile (with no finish event here): the index tells which still go
         self._inflight.clear()
         for p in self._entries.values():
-            p.current = p.elsewhere = p.kept = None
+            p.current = p.elsewhere = p.kept = p.seeding = None
         seeded: set[str] = set()
         # a task added while this reads (from another thread, handed to this loop between the
         # reads) is read too, before the loops begin: after that, an added task starts itself
@@ -760,29 +835,103 @@ class Scheduler:
                 seeded.add(p.name)
                 # a lock once waited on belongs to that loop: an engine started again may run on another
                 p.lock = asyncio.Lock()
+                indexed = self._follow_unfinished(p)
                 p.last_fire = await store.get_periodic(p.name)
-                self._seed(p)
+                await self._seed_last_run(p, indexed)
         self._running = True
         for p in list(self._entries.values()):
             self._activate(p)
 
-    def _seed(self, p: _Periodic) -> None:
-        """Take up what the engine's index knows of ``p``'s runs (read back from a durable
-        store at a restart): its last finished run, and one still pending or running, which
-        the schedule shows going and the next slot waits for, as for a run fired here."""
+    def _take_up(self, p: _Periodic) -> None:
+        """Start ``p``, registered on the running engine, as :meth:`start` starts the others:
+        what the store knows of it is read first (in a task of this scheduler's, which
+        :meth:`stop` cancels), and only then is its loop started."""
+        indexed = self._follow_unfinished(p)
+        task = spawn(self._seed_then_activate(p, indexed), name=f"taskwatch-periodic-{p.name}-seed")
+        p.seeding = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _seed_then_activate(self, p: _Periodic, indexed: RunRecord | None) -> None:
+        me = _current_task()
+        trouble = OutageLog(log, f"periodic task {p.name!r}: reading its last slot from the store")
+        try:
+            while True:
+                try:
+                    # without it a missed slot would not fire late, nor a fixed-rate grid
+                    # hold, and another node's slot could be taken for this one's to come:
+                    # the task waits for it, as a start does
+                    p.last_fire = await self._engine.store.get_periodic(p.name)
+                    break
+                except Exception as exc:
+                    trouble.failed(exc, f"its schedule waits; trying again every {_ERROR_BACKOFF:g} s")
+                    await asyncio.sleep(_ERROR_BACKOFF)
+            trouble.succeeded()
+            await self._seed_last_run(p, indexed)
+        finally:
+            if p.seeding is me:
+                p.seeding = None
+        if self._running and self._entries.get(p.name) is p:
+            self._activate(p)
+
+    def _follow_unfinished(self, p: _Periodic) -> RunRecord | None:
+        """Take up the run of ``p`` still pending or running that the engine's index holds (every
+        unfinished run, read back from a durable store at a restart), which the schedule shows
+        going and the next slot waits for, as for a run fired here. Returns the index's last
+        finished run of ``p`` (the index keeps only the ``history`` newest runs of all tasks)."""
         engine = self._engine
         for record in engine.runs(task=p.name, limit=None):  # newest first
-            if not record.status.finished:
-                if p.current is None and record.id not in self._inflight:
-                    p.current = handle = engine.handle(record.id)
-                    self._follow(p, handle)
-            elif p.last_run_id is None:
-                p.last_run_id = record.id
-                p.last_status = record.status.value
-                p.last_started = record.started_at
-                p.last_duration = record.duration
-                p.last_end = record.finished_at
-                break
+            if record.status.finished:
+                return record
+            if p.current is None and record.id not in self._inflight:
+                p.current = handle = engine.handle(record.id)
+                self._follow(p, handle)
+        return None
+
+    async def _seed_last_run(self, p: _Periodic, indexed: RunRecord | None) -> None:
+        """Take up ``p``'s last finished run, the one the store holds: the index may have let
+        it go for ``history`` runs of other tasks since (an end-based interval would then count
+        from the last slot, its start). ``indexed`` (the index's) stands in if the store fails."""
+        store = self._engine.store
+        try:
+            # the newest run of each final status: the one of them that ended last is the last
+            # (with no filter on the status, the newest runs may all still be pending)
+            found: list[RunRecord] = [
+                page.runs[0]
+                for status in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
+                if (page := await store.query(task=p.name, status=status, limit=1)).runs
+            ]
+        except Exception as exc:
+            log.debug("periodic task %r: the store could not say which run of it ended last: %s", p.name, exc)
+            found = []
+        if indexed is not None:
+            found.append(indexed)
+        p.ended_by = None
+        if found:
+            self._take_last(p, max(found, key=lambda r: r.finished_at or 0.0))
+        elif p.last_fire is not None and p.every is not None and not p.fixed_rate:
+            p.ended_by = self._ended_by()
+
+    def _ended_by(self) -> float:
+        """The latest a run no longer held anywhere can have ended: finished runs are let go
+        (from the index and the store, after ``history`` newer ones or ``retention``) oldest
+        end first, so no later than the oldest one kept; and no later than now. The start of
+        its slot would do for its end only as long as the run took no time."""
+        finished = (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
+        ends = [r.finished_at for r in self._engine.runs(finished, limit=None) if r.finished_at is not None]
+        return min([self._now(), *ends])
+
+    def _take_last(self, p: _Periodic, record: RunRecord) -> None:
+        """``record`` is ``p``'s last finished run as read at a start, unless one that ended
+        later is known here (one this node heard end while the store was read)."""
+        end = record.finished_at
+        if p.last_end is not None and (end is None or end <= p.last_end):
+            return
+        p.last_run_id = record.id
+        p.last_status = record.status.value
+        p.last_started = record.started_at
+        p.last_duration = record.duration
+        p.last_end = end
 
     async def stop(self, deadline: float) -> None:
         """Cancel and await every loop; runs already submitted are the engine's to drain.
@@ -800,6 +949,8 @@ class Scheduler:
             # the loops never swallow cancellation, so this returns promptly
             await asyncio.wait(tasks)
         self._tasks.clear()
+        for p in self._entries.values():
+            self._tell_late_held(p)
 
     def _activate(self, p: _Periodic) -> None:
         """Decide enabled/disabled from the engine's resources and flags, start the loop, tell."""
@@ -902,6 +1053,11 @@ class Scheduler:
                 if not p.fixed_rate and p.last_end is not None and p.last_end > base:
                     # end-based: from the end of the last run, as without the restart
                     base = p.last_end
+                elif not p.fixed_rate and p.ended_by is not None:
+                    # its last run is known nowhere any more: from the latest it can have
+                    # ended, never sooner than an interval after its end (the slot, its start,
+                    # would be that much too soon), and at once if that time has passed
+                    base = max(base, p.ended_by)
                 # the slot it was waiting for, as its schedule has it, even when it passed
                 # meanwhile: it then fires late (not before hold_until, see _plan), the slots
                 # passed since are counted missed, and a fixed-rate grid stays where it was.
@@ -927,9 +1083,7 @@ class Scheduler:
         if p.fixed_rate:
             # the grid of the slot it was waiting for (or of the last one fired), where it was
             anchor = kept if kept is not None else p.last_fire
-            if anchor is None or anchor >= ref:
-                return ref if anchor is None else anchor
-            return anchor + every * math.ceil((ref - anchor) / every)
+            return ref if anchor is None else _grid_slot(anchor, every, ref)
         # end-based: the slot it was waiting for, else an interval after the last run ended
         # (or the last slot fired); at once if that time has come
         due = [kept] if kept is not None else [t + every for t in (p.last_fire, p.last_end) if t is not None]
@@ -937,7 +1091,17 @@ class Scheduler:
 
     def _resume_slot(self, p: _Periodic) -> float | None:
         now = self._now()
-        return now + p.every if p.every is not None else self._cron_after(p, now)
+        kept, p.kept = p.kept, None
+        if p.every is None:
+            return self._cron_after(p, now)
+        if p.fixed_rate:
+            # the grid of the slot the pause (or a disable) left waiting, or of the last one
+            # fired: its next slot after now, as a task enabled again takes it up (see the
+            # module's "Needs"). With no slot planned yet there is no grid to keep
+            anchor = kept if kept is not None else p.last_fire
+            if anchor is not None:
+                return _grid_slot(anchor, p.every, now)
+        return now + p.every
 
     def _cron_after(self, p: _Periodic, after: float) -> float | None:
         assert p.cron is not None
@@ -1072,7 +1236,8 @@ class Scheduler:
             missed = self._slots_passed(p, last, due, fired_at, following)
             p.missed += missed
             if missed > 0:
-                log.warning(
+                self._warn_late(
+                    p, missed,
                     "periodic task %r: this node's tick came %.3g s late; %d slot(s) since the last one a "
                     "node sharing the store fired (%.3g s ago) passed without a run",
                     p.name, max(0.0, fired_at - planned), missed, max(0.0, fired_at - last),
@@ -1087,11 +1252,46 @@ class Scheduler:
         p.missed += missed
         # the first tick after a start makes up for the time the engine was stopped, as
         # documented; later, a loop was held up (blocked, suspended), which is news
-        log.log(
-            logging.INFO if fresh else logging.WARNING,
-            "periodic task %r fired %.3g s late; %d slot(s) passed without a run (fired once for them all)",
-            p.name, max(0.0, fired_at - planned), missed,
-        )
+        text = "periodic task %r fired %.3g s late; %d slot(s) passed without a run (fired once for them all)"
+        if fresh:
+            log.info(text, p.name, max(0.0, fired_at - planned), missed)
+        else:
+            self._warn_late(p, missed, text, p.name, max(0.0, fired_at - planned), missed)
+
+    def _warn_late(self, p: _Periodic, missed: int, text: str, *args: object) -> None:
+        """Log a late tick of ``p`` that missed ``missed`` slots at WARNING: the first one at
+        once, and then at most one every ``_LATE_WARNING_EVERY`` seconds, with how many were
+        held back since the previous (a loop that cannot keep up is late at every tick, a
+        thousand times a second at every=0.001). ``p.missed`` counts every slot all the same."""
+        # the process's own clock, not the engine's (which may be frozen, or jump): this paces
+        # the log lines as they are read, not the schedule
+        now = time.monotonic()
+        if p.late_warned is not None and now - p.late_warned < _LATE_WARNING_EVERY:
+            p.late_held += 1
+            p.late_held_missed += missed
+            return
+        if p.late_held:
+            text += (
+                "; before it, %d more late tick(s) since the previous warning %.0f s ago, %d slot(s) passed "
+                "without a run in all (late ticks are logged at most once every %g s)"
+            )
+            assert p.late_warned is not None
+            args = (*args, p.late_held, now - p.late_warned, p.late_held_missed, _LATE_WARNING_EVERY)
+        p.late_warned = now
+        p.late_held = p.late_held_missed = 0
+        log.warning(text, *args)
+
+    def _tell_late_held(self, p: _Periodic) -> None:
+        """At a stop: the late ticks of ``p`` held back since its last warning, which no later
+        one will tell now; the next start's first late tick is warned of at once."""
+        if p.late_held and p.late_warned is not None:
+            log.warning(
+                "periodic task %r: %d more late tick(s) since the warning %.0f s ago, %d slot(s) passed "
+                "without a run in all (late ticks are logged at most once every %g s)",
+                p.name, p.late_held, time.monotonic() - p.late_warned, p.late_held_missed, _LATE_WARNING_EVERY,
+            )  # fmt: skip
+        p.late_warned = None
+        p.late_held = p.late_held_missed = 0
 
     def _slots_passed(self, p: _Periodic, slot: float, planned: float, fired_at: float, following: float) -> int:
         """The slots between ``slot`` (planned for ``planned``), fired at ``fired_at``, and ``following``."""
@@ -1341,6 +1541,13 @@ def _with_suggestion(name: str, known: list[str]) -> str:
     """``name``, with the nearest of ``known`` when it looks like a typo of one."""
     near = difflib.get_close_matches(name, known, n=1)
     return f"{name} (did you mean {near[0]}?)" if near else name
+
+
+def _grid_slot(anchor: float, every: float, ref: float) -> float:
+    """The first slot at or after ``ref`` of the grid of ``anchor``, every ``every`` seconds."""
+    if anchor >= ref:
+        return anchor
+    return anchor + every * math.ceil((ref - anchor) / every)
 
 
 def _cron_slots_between(expr: str, after: float, before: float) -> int:
