@@ -788,6 +788,7 @@ class Engine:
             self._state = "stopped"
             self.bus.close()
             raise
+        self._store.started()
 
     async def _load_index(self) -> None:
         """Fill the run index from the store: its recent history and everything unfinished."""

@@ -286,8 +286,14 @@ class Store(ABC):
     async def close(self) -> None:
         """Release everything :meth:`open` took; idempotent."""
 
+    def started(self) -> None:
+        """The engine's start is over: until then (from :meth:`open`), a failure ends the start,
+        and the store's errors say to start the engine again; from now on, they say what
+        retries them. A store opened on its own (``async with store``) is started at once."""
+
     async def __aenter__(self) -> Store:
         await self.open()
+        self.started()
         return self
 
     async def __aexit__(

@@ -50,7 +50,7 @@ from ..errors import (
     StoreUnavailable,
 )
 from ..options import PostgresOptions, check_options
-from ..runs import CancelReason, Progress, RunStatus, run_status
+from ..runs import CancelReason, Progress, RunError, RunStatus, run_status
 from ..urls import password_problem, redact_url
 from . import queries as Q
 from .base import (
@@ -86,16 +86,15 @@ from .models import (
 )
 from .memory import parse_cursor
 from .rows import (
+    RunRows,
     book_recovered,
     counts_of,
     dumps,
     error_json,
-    error_of,
     loads,
     node_info,
     recovery_step,
     seq_of,
-    stored_run,
 )
 
 if TYPE_CHECKING:
@@ -474,6 +473,11 @@ class PostgresStore(Store):
         self._offset = 0.0
         self._clock_synced = False
         self._where = redact_url(self.url)
+        #: rows read one by one: a row changed by hand holds up no other run
+        self._run_rows = RunRows(
+            self._where, log, lambda sql: f"{sql} (in psql, on that database)",
+            "runs" if self.schema is None else f'"{self.schema}".runs',
+        )  # fmt: skip
         self._pool: asyncpg.Pool | None = None
         self._closing = False
         self._listener: asyncio.Task[None] | None = None
@@ -1093,7 +1097,7 @@ class PostgresStore(Store):
         this node's now, and claiming others instead would leave them running unexecuted."""
         if not tx.again:
             return []
-        return self._claims_of(await tx.fetch(Q.PG_CLAIMED_WITH_NONCE, values), values)
+        return await self._claims_of(tx, await tx.fetch(Q.PG_CLAIMED_WITH_NONCE, values), values)
 
     async def _claim_and_peek(self, tx: _Tx, values: dict[str, Any]) -> tuple[list[Claim], list[str]]:
         if before := await self._claimed_before(tx, values):
@@ -1101,7 +1105,7 @@ class PostgresStore(Store):
         self._stamp(values)
         rows = await tx.fetch(Q.PG_CLAIM_AND_PEEK, values)
         waiting = [r[2] for r in rows if r[1] is None]
-        return self._claims_of([r for r in rows if r[1] is not None], values), waiting
+        return await self._claims_of(tx, [r for r in rows if r[1] is not None], values), waiting
 
     async def _claim_capped(self, tx: _Tx, values: dict[str, Any], capped: list[str]) -> list[Claim]:
         await tx.execute(Q.PG_TASK_LOCKS, {"tasks": capped})
@@ -1111,7 +1115,7 @@ class PostgresStore(Store):
         if before := await self._claimed_before(tx, values):
             return before
         self._stamp(values)
-        return self._claims_of(await tx.fetch(Q.PG_CLAIM, values), values)
+        return await self._claims_of(tx, await tx.fetch(Q.PG_CLAIM, values), values)
 
     def _stamp(self, values: dict[str, Any]) -> None:
         """Leases from this try's time: a claim that waited out an outage and got through at its
@@ -1120,17 +1124,46 @@ class PostgresStore(Store):
         now = self.clock()
         values["now"], values["lease_until"] = now, now + self.lease_ttl
 
-    @staticmethod
-    def _claims_of(rows: list[Any], values: dict[str, Any]) -> list[Claim]:
+    async def _claims_of(self, tx: _Tx, rows: list[Any], values: dict[str, Any]) -> list[Claim]:
         now, lease_until = values["now"], values["lease_until"]
         rows.sort(key=lambda r: r[0])  # RETURNING has no order: oldest first
-        return [
-            Claim(
-                run_id, token, task, loads(params), attempt, max_attempts, created_at, now, lease_until, key, source,
-                lost, error_of(error),
+        claims: list[Claim] = []
+        unstartable: list[dict[str, Any]] = []
+        for seq, run_id, task, params, attempt, max_attempts, created_at, key, source, lost, error, token in rows:
+            decoded = self._run_rows.params(run_id, params)
+            if isinstance(decoded, RunError):
+                unstartable.append({"seq": seq, "token": token, "now": now, "lost": 0, "result": None,
+                                    "error": error_json(decoded), "cancel_reason": None, "status": "failed"})  # fmt: skip
+                continue
+            claims.append(
+                Claim(
+                    run_id, token, task, decoded, attempt, max_attempts, created_at, now, lease_until, key, source,
+                    lost, None if error is None else self._run_rows.error(run_id, error),
+                )
             )
-            for _seq, run_id, task, params, attempt, max_attempts, created_at, key, source, lost, error, token in rows
-        ]
+        if unstartable:
+            await self._fail_unstartable(tx, unstartable)
+        return claims
+
+    @staticmethod
+    async def _fail_unstartable(tx: _Tx, ends: list[dict[str, Any]]) -> None:
+        """End claimed runs whose params cannot be read (changed by hand): they cannot start, and
+        left pending they would be taken by every claim from now on.
+
+        The claim itself may be one statement committed on its own (``single``, no totals in
+        ``tx``): the ends and their count are a transaction of their own (a savepoint in a
+        claim that has one). Cut off before it commits, they stay claimed under this try's
+        nonce, and the claim's next try ends them.
+        """
+        failed = 0
+        async with tx.conn.transaction():
+            for values in ends:
+                ended = await tx.fetchrow(Q.END_CLAIMED, values)
+                if ended is not None:
+                    failed += 1
+                    tx.finished.append(ended[0])
+            if failed:
+                await tx.execute(Q.ADD_TOTAL, {"name": RunStatus.FAILED.value, "delta": failed})
 
     async def heartbeat(
         self, incarnation: str, tokens: Sequence[str], progress: Mapping[str, Progress] | None = None
@@ -1300,6 +1333,7 @@ class PostgresStore(Store):
         if row is None:
             raise RunNotFound(run_id)
         seq, status = row[0], row[4]
+        found = self._run_rows.record(row)  # a row that makes no record is left as it is
         action: Literal["cancelled", "requested"]
         if status == "pending":
             await tx.execute(Q.CANCEL_PENDING, {"seq": seq, "now": now, "reason": reason})
@@ -1318,10 +1352,10 @@ class PostgresStore(Store):
             # cancelled at this call's own moment: by its first try, committed before the cut,
             # not by someone else before it (counted then; its notification is sent now)
             tx.finished.append(run_id)
-            return CancelResult(action="cancelled", run=stored_run(row))
+            return CancelResult(action="cancelled", run=found)
         else:
-            return CancelResult(action="finished", run=stored_run(row))
-        return CancelResult(action=action, run=stored_run(await tx.fetchrow(Q.GET_RUN, {"id": run_id})))
+            return CancelResult(action="finished", run=found)
+        return CancelResult(action=action, run=self._run_rows.record(await tx.fetchrow(Q.GET_RUN, {"id": run_id})))
 
     async def recover(self, live_incarnations: Collection[str] | None = None) -> list[Recovered]:
         live = None if live_incarnations is None else frozenset(live_incarnations)
@@ -1359,13 +1393,13 @@ class PostgresStore(Store):
 
     async def get(self, run_id: str) -> StoredRun | None:
         row = await self._run(self._fetchrow, Q.GET_RUN, {"id": run_id}, write=False)
-        return None if row is None else stored_run(row)
+        return None if row is None else self._run_rows.record(row)
 
     async def get_many(self, run_ids: Collection[str]) -> dict[str, StoredRun]:
         if not run_ids:
             return {}
         rows = await self._run(self._fetch, Q.PG_GET_RUNS, {"ids": list(run_ids)}, write=False)
-        return {r[1]: stored_run(r) for r in rows}
+        return {run.id: run for run in self._run_rows.runs(rows)}
 
     async def query(
         self,
@@ -1385,8 +1419,9 @@ class PostgresStore(Store):
         }
         rows = await self._run(self._fetch, Q.QUERY_RUNS, values, write=False)
         more = len(rows) > limit
-        runs = [stored_run(r) for r in rows[:limit]]
-        return Page(runs=runs, next=str(runs[-1].seq) if more and runs else None)
+        shown = rows[:limit]
+        # the cursor is the last row's, read or not: the next page starts after it either way
+        return Page(runs=self._run_rows.runs(shown), next=str(shown[-1][0]) if more and shown else None)
 
     async def counts(self) -> Counts:
         return await self._run(self._counts, write=False)  # type: ignore[no-any-return]

@@ -6,13 +6,19 @@ the same order (``queries.RUN_COLUMNS``, ``queries.NODE_COLUMNS``).
 
 from __future__ import annotations
 
+import logging
 import math
+import re
+import reprlib
+import shlex
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
+from pydantic import ValidationError
 from pydantic_core import from_json, to_json
 
+from ..errors import StoreError
 from ..runs import Progress, RunError, RunStatus
 from . import queries as Q
 from .base import lost_action, lost_reason
@@ -40,9 +46,6 @@ def error_json(error: RunError | None) -> str | None:
     return None if error is None else dumps(error.model_dump())
 
 
-def error_of(text: str | None) -> RunError | None:
-    """The :class:`RunError` a row's ``error`` column holds (written by :func:`error_json`)."""
-    return None if text is None else RunError(**loads(text))
 
 
 def counts_of(rows: Sequence[Sequence[Any]]) -> Counts:
@@ -58,39 +61,261 @@ def _finite(value: float | None) -> float | None:
     return value if value is None or math.isfinite(value) else None
 
 
-def stored_run(r: Sequence[Any]) -> StoredRun:
-    (
-        seq, run_id, task, params, status, attempt, max_attempts, lost_count, created_at, started_at,
-        finished_at, run_after, node, incarnation, token, lease_until, cancel_requested, cancel_reason,
-        done, total, message, result, error, key, source, on_lost,
-    ) = r  # fmt: skip
-    return StoredRun(
-        id=run_id,
-        task=task,
-        params=loads(params),
-        status=status,
-        attempt=attempt,
-        max_attempts=max_attempts,
-        created_at=created_at,
-        started_at=started_at,
-        finished_at=finished_at,
-        # an older taskwatch stored non-finite progress: read back as none, never refused
-        progress=Progress(done=_finite(done) or 0.0, total=_finite(total), message=message),
-        result=None if result is None else loads(result),
-        error=error_of(error),
-        key=key,
-        source=source,
-        cancel_reason=cancel_reason,
-        node=node,
-        incarnation=incarnation,
-        claim_token=token,
-        lease_until=lease_until,
-        run_after=run_after,
-        lost_count=lost_count,
-        cancel_requested=bool(cancel_requested),
-        on_lost=on_lost,
-        seq=seq,
-    )
+#: the ``type`` of the error a run's record carries when a column of its row could not be read
+UNREADABLE = "UnreadableColumn"
+
+#: what decoding a column raises for a value taskwatch did not write there (TypeError: not
+#: text at all, a number written by hand, say; ValueError: text that is no such JSON)
+_UNDECODABLE = (ValueError, TypeError)
+
+#: damaged runs a store remembers having logged; past that many it forgets them, and may log one again
+_TOLD_MAX = 10_000
+
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false"}
+
+
+class Unreadable(Exception):
+    """A column of a run's row that does not hold what taskwatch writes there."""
+
+    def __init__(self, column: str, why: str) -> None:
+        super().__init__(f"column {column!r} could not be read ({why})")
+        self.column = column
+        self.why = why
+
+
+def _decoded(column: str, text: Any) -> Any:
+    try:
+        return loads(text)
+    except _UNDECODABLE as exc:
+        raise Unreadable(column, f"{type(exc).__name__}: {exc}") from None
+
+
+def _object(column: str, text: Any) -> dict[str, Any]:
+    value = _decoded(column, text)
+    if not isinstance(value, dict):
+        raise Unreadable(column, f"it holds {_JSON_KINDS.get(type(value), 'null')}, not a JSON object")
+    return value
+
+
+def _error(text: Any) -> RunError:
+    try:
+        return RunError.model_validate(_object("error", text))
+    except _UNDECODABLE:  # a ValidationError
+        raise Unreadable("error", "it holds no error taskwatch wrote (a type and a message)") from None
+
+
+def _why(exc: BaseException) -> str:
+    """What a row's values failed to make, in one line (a ValidationError says it in several)."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']} (it holds {reprlib.repr(e['input'])})"
+            for e in exc.errors()
+        )
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _sql_text(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def sqlite_console(path: str) -> Callable[[str], str]:
+    """How to run a statement on the SQLite file at ``path``: a command line of the sqlite3 shell."""
+
+    def console(sql: str) -> str:
+        # double quotes read best; anything a shell would expand inside them is quoted the safe way
+        shown = f'"{sql}"' if re.fullmatch(r'[^"$`\\!]*', sql) else shlex.quote(sql)
+        return f"sqlite3 {shlex.quote(path)} {shown}"
+
+    return console
+
+
+class RunRows:
+    """One SQL store's run rows turned into its values, every row on its own: a row changed by
+    hand (a database shell writing a Python repr into ``params``, say) fails no read, no
+    claim and no engine start, and holds up none of the other runs.
+
+    - A JSON column that does not decode shows empty (``params`` as ``{}``, ``result`` as
+      None) and the record's ``error`` says which column could not be read and why
+      (:data:`UNREADABLE`). A run whose ``params`` cannot be read cannot start: the claim
+      that takes it fails it at once with that error (:meth:`params`), and it ends there.
+    - A row that makes no record at all (a status or a time that is no such value) is left as
+      it is: reads leave it out (:meth:`runs`), reading it alone raises :class:`StoreError`.
+
+    Each damaged run is logged at ERROR once (per store object), with the statement that
+    shows its row; those left out are counted in :attr:`left_out`.
+    """
+
+    def __init__(self, where: str, log: logging.Logger, console: Callable[[str], str], table: str = "runs") -> None:
+        self.where = where
+        self._log = log
+        #: a statement as the user would run it on this store
+        self._console = console
+        #: the runs table as a statement names it
+        self._table = table
+        #: ids of the runs whose rows make no record, left out of reads
+        self.left_out: set[str] = set()
+        self._told: set[str] = set()
+
+    def run(self, r: Sequence[Any]) -> StoredRun | None:
+        """The record of a row of ``queries.RUN_COLUMNS``; None for one that makes no record."""
+        run = self._read(r)
+        if isinstance(run, str):
+            self._left_out(r[1], run)
+            return None
+        return run
+
+    def runs(self, rows: Iterable[Sequence[Any]]) -> list[StoredRun]:
+        """The records of ``rows``, without those that make none."""
+        return [run for r in rows if (run := self.run(r)) is not None]
+
+    def record(self, r: Sequence[Any]) -> StoredRun:
+        """The record of the one run a caller asked for; :class:`StoreError` if its row makes none."""
+        run = self._read(r)
+        if isinstance(run, str):
+            self._left_out(r[1], run)
+            raise StoreError(
+                f"run {r[1]!r} in the run store {self.where} cannot be read: its row holds what taskwatch "
+                f"does not write there (changed by hand?): {run}. Nothing was changed. {self._how_to_look(r[1])}"
+            )
+        return run
+
+    def _read(self, r: Sequence[Any]) -> StoredRun | str:
+        """The record of a row, or why it makes none."""
+        (
+            seq, run_id, task, params, status, attempt, max_attempts, lost_count, created_at, started_at,
+            finished_at, run_after, node, incarnation, token, lease_until, cancel_requested, cancel_reason,
+            done, total, message, result, error, key, source, on_lost,
+        ) = r  # fmt: skip
+        damage: list[Unreadable] = []
+        try:
+            params = _object("params", params)
+        except Unreadable as exc:
+            damage.append(exc)
+            params = {}
+        if result is not None:
+            try:
+                result = _decoded("result", result)
+            except Unreadable as exc:
+                damage.append(exc)
+                result = None
+        if error is not None:
+            try:
+                error = _error(error)
+            except Unreadable as exc:
+                damage.append(exc)
+                error = None
+        note = None
+        if damage and not (isinstance(error, RunError) and error.type == UNREADABLE):
+            # (one the claim that failed the run recorded says it already)
+            note = error = self._note(damage, "to start" if status == "pending" else "shown")
+        try:
+            stored = StoredRun(
+                id=run_id,
+                task=task,
+                params=params,
+                status=status,
+                attempt=attempt,
+                max_attempts=max_attempts,
+                created_at=created_at,
+                started_at=started_at,
+                finished_at=finished_at,
+                # an older taskwatch stored non-finite progress: read back as none, never refused
+                progress=Progress(done=_finite(done) or 0.0, total=_finite(total), message=message),
+                result=result,
+                error=error,
+                key=key,
+                source=source,
+                cancel_reason=cancel_reason,
+                node=node,
+                incarnation=incarnation,
+                claim_token=token,
+                lease_until=lease_until,
+                run_after=run_after,
+                lost_count=lost_count,
+                cancel_requested=bool(cancel_requested),
+                on_lost=on_lost,
+                seq=seq,
+            )
+        except _UNDECODABLE as exc:  # a ValidationError, or a time that is no number (math.isfinite)
+            return _why(exc)
+        if note is not None:
+            self._tell(run_id, note)
+        return stored
+
+    def params(self, run_id: str, text: Any) -> dict[str, Any] | RunError:
+        """A claimed run's params; if they cannot be read, the error to fail the run with (it
+        cannot start, and claimed again it would fail again)."""
+        try:
+            return _object("params", text)
+        except Unreadable as exc:
+            err = self._note([exc], "claimed")
+            self._log.error("run %s is failed at its claim: %s. %s", run_id, err.message, self._how_to_look(run_id))
+            return err
+
+    def error(self, run_id: str, text: Any) -> RunError | None:
+        """The error of a claimed run's last attempt (None before any); one that cannot be read is
+        replaced by an error saying so (the run can still start)."""
+        if text is None:
+            return None
+        try:
+            return _error(text)
+        except Unreadable as exc:
+            note = self._note([exc], "to start")
+            self._tell(run_id, note)
+            return note
+
+    def _note(self, damage: list[Unreadable], when: str) -> RunError:
+        """The error a damaged run's record carries. ``when``: the run is "to start" (pending),
+        "claimed" now, or "shown" only (it started or ended before the damage)."""
+        parts = []
+        for d in damage:
+            part = str(d)
+            if d.column == "params":
+                part += {
+                    "to start": ", so the run cannot start: the claim that takes it fails it",
+                    "claimed": ", so the run could not start and was failed",
+                    "shown": "; its params show as {}",
+                }[when]
+                if when != "shown":
+                    part += "; submit it again with the params it needs"
+            elif d.column == "result":
+                part += "; its result shows as None"
+            parts.append(part)
+        return RunError(
+            type=UNREADABLE,
+            message=(
+                f"the run's row in the run store {self.where} holds what taskwatch did not write there "
+                f"(changed by hand?): {'; '.join(parts)}"
+            ),
+        )
+
+    def _tell(self, run_id: str, note: RunError) -> None:
+        if self._first_time(run_id):
+            self._log.error("run %s: %s. %s", run_id, note.message, self._how_to_look(run_id))
+
+    def _left_out(self, run_id: str, why: str) -> None:
+        self.left_out.add(run_id)
+        if self._first_time(run_id):
+            self._log.error(
+                "run %s in the run store %s makes no record (%s): it is left as it is, and left out of "
+                "what the store reads (%d such run(s) so far). %s",
+                run_id, self.where, why, len(self.left_out), self._how_to_look(run_id),
+            )  # fmt: skip
+
+    def _first_time(self, run_id: str) -> bool:
+        if run_id in self._told:
+            return False
+        if len(self._told) >= _TOLD_MAX:
+            self._told.clear()
+        self._told.add(run_id)
+        return True
+
+    def _how_to_look(self, run_id: Any) -> str:
+        where = f"id = {_sql_text(str(run_id))}"
+        return (
+            f"Look at its row with: {self._console(f'SELECT * FROM {self._table} WHERE {where}')}; "
+            f"fix it there, or delete it with: {self._console(f'DELETE FROM {self._table} WHERE {where}')}"
+        )
 
 
 def node_info(r: Sequence[Any]) -> NodeInfo:

@@ -40,7 +40,7 @@ from ..errors import (
     StoreUnavailable,
 )
 from ..options import SqliteOptions, check_options
-from ..runs import CancelReason, Progress, RunStatus, run_status
+from ..runs import CancelReason, Progress, RunError, RunStatus, run_status
 from . import queries as Q
 from .base import (
     Clock,
@@ -76,12 +76,10 @@ from .models import (
 from .memory import parse_cursor
 from .rows import counts_of, dumps as _dumps
 from .rows import error_json as _error_json
-from .rows import error_of
 from .rows import loads as _loads
 from .rows import node_info as _node
 from .rows import seq_of as _seq_of
-from .rows import book_recovered, recovery_step
-from .rows import stored_run as _stored
+from .rows import RunRows, book_recovered, recovery_step, sqlite_console
 
 
 log = logging.getLogger("taskwatch.store.sqlite")
@@ -105,8 +103,9 @@ _LEDGER_COLUMNS = {"version", "name", "applied_at"}
 #: taskwatch's migrations by version, as its ledger names them (released entries never change)
 _MIGRATION_NAMES = {version: name for version, name, _ in Q.MIGRATIONS}
 
-#: what to do when the file fails: at open, the engine did not start; later, the writer
-#: thread carries on and the next operation tries the file again (a full disk freed, say)
+#: what to do when the file fails: at open (and in what the engine's start asks of the store
+#: until it calls started()), the engine did not start; later, the writer thread carries
+#: on and the next operation tries the file again (a full disk freed, say)
 _OPEN_ADVICE = "Check the disk and the file, then start the engine again"
 _LATER_ADVICE = "Check the disk and the file; later operations try it again, so no restart is needed once it is fixed"
 
@@ -137,8 +136,9 @@ class _Tx:
 #: status -> its text (an enum's ``.value`` is a descriptor call, on the writer's hot path)
 _VALUES = {status: status.value for status in RunStatus}
 
-#: (operation, its arguments, the caller's future, whether it writes, whether it is one statement)
-_Op = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]", bool, bool]
+#: (operation, its arguments, the caller's future, whether it writes, whether it is one
+#: statement, what its failure tells the caller to do)
+_Op = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]", bool, bool, str]
 
 
 def _remove_folders(created: list[str]) -> None:
@@ -240,6 +240,8 @@ class SqliteStore(Store):
         # which a later chdir (a daemon library's, a test's) must not move
         self._full_path = os.path.abspath(self.path)
         self._where = repr(self._full_path)
+        #: rows read one by one: a row changed by hand holds up no other run
+        self._run_rows = RunRows(self._where, log, sqlite_console(self._full_path))
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         # claim tokens: a counter from a random start tells this store's claims apart from
         # every other process's, with no system call per claim (one would release the GIL
@@ -263,6 +265,8 @@ class SqliteStore(Store):
         #: to a file nobody opens again
         self._identity: tuple[int, int] | None = None
         self._gone: str | None = None
+        #: from the open until the engine's start is over (started()): a failure ends the start
+        self._starting = False
 
     def describe(self) -> str:
         return f"sqlite:{self._full_path}"
@@ -276,6 +280,7 @@ class SqliteStore(Store):
     async def open(self) -> None:
         if self._thread is not None:
             return
+        self._starting = True
         created = self._make_folders()  # sqlite:///.taskwatch/app.db on a fresh checkout
         self._loop = asyncio.get_running_loop()
         self._closing = False
@@ -297,6 +302,7 @@ class SqliteStore(Store):
         try:
             await asyncio.wrap_future(ready)
         except BaseException:
+            self._starting = False
             # cancelled, say by a wait_for around the engine's start: the thread stops waiting
             # for another process's lock at once, and one that opened meanwhile ends its service
             abandon.set()
@@ -372,6 +378,7 @@ class SqliteStore(Store):
         if thread is None or self._exited is None:
             return
         self._closing = True
+        self._starting = False
         self._queue.put(None)
         await asyncio.wrap_future(self._exited)
         thread.join()
@@ -519,8 +526,7 @@ class SqliteStore(Store):
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
-                err = self._translate(exc)
-                self._deliver_threadsafe([(op[2], None, err) for op in batch], _Tx(conn.cursor()))
+                self._deliver_threadsafe(self._all_failed(batch, exc), _Tx(conn.cursor()))
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         cur = conn.cursor()
@@ -537,11 +543,10 @@ class SqliteStore(Store):
             # a read-only batch must not take the write lock other processes wait for
             cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         except sqlite3.Error as exc:
-            err = self._translate(exc)
-            self._deliver_threadsafe([(op[2], None, err) for op in batch], tx)
+            self._deliver_threadsafe(self._all_failed(batch, exc), tx)
             return
         insert = self._insert
-        for fn, args, fut, _, single in batch:
+        for fn, args, fut, _, single, advice in batch:
             if fn != insert:
                 tx.pending = None
             # a failed operation leaves the batch as it found it: SQLite undoes a failed
@@ -562,7 +567,7 @@ class SqliteStore(Store):
                     del tx.cancels[saved[2] :], tx.finished[saved[3] :]
                 elif not conn.in_transaction:
                     raise  # SQLite rolled the whole transaction back (a full disk, say): the batch failed
-                results.append((fut, None, self._translate(exc)))
+                results.append((fut, None, self._translate(exc, advice)))
             else:
                 if saved is not None:
                     cur.execute("RELEASE op")
@@ -576,10 +581,23 @@ class SqliteStore(Store):
                 cur.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            err = self._translate(exc)
-            self._deliver_threadsafe([(r[0], None, err) for r in results], _Tx(cur))
+            self._deliver_threadsafe(self._all_failed(batch, exc), _Tx(cur))
             return
         self._deliver_threadsafe(results, tx)
+
+    def _all_failed(
+        self, batch: list[_Op], exc: BaseException
+    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        """Every operation of ``batch`` failed with ``exc``: its error, with the advice its caller needs."""
+        errors: dict[str, BaseException] = {}
+        out: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        for op in batch:
+            advice = op[5]
+            err = errors.get(advice)
+            if err is None:
+                err = errors[advice] = self._translate(exc, advice)
+            out.append((op[2], None, err))
+        return out
 
     def _file_identity(self) -> tuple[int, int] | None:
         try:
@@ -729,8 +747,17 @@ class SqliteStore(Store):
         loop = self._loop
         assert loop is not None
         fut = loop.create_future()
-        self._queue.put((fn, args, fut, write, single or not write))
+        self._queue.put((fn, args, fut, write, single or not write, self._advice()))
         return fut
+
+    def started(self) -> None:
+        self._starting = False
+
+    def _advice(self) -> str:
+        """What a failure of the operation being queued tells its caller to do: until the
+        engine's start is over, that the engine must be started again (the failure ended the
+        start); from then on, that later operations try the file again."""
+        return _OPEN_ADVICE if self._starting else _LATER_ADVICE
 
     # ---------------------------------------------------------------- runs
 
@@ -857,18 +884,32 @@ class SqliteStore(Store):
         lease_until = now + self.lease_ttl
         takes = []
         claims = []
+        unstartable: list[dict[str, Any]] = []
+        rows = self._run_rows
         for seq, run_id, task, params, attempt, max_attempts, created_at, key, source, lost_count, error in found:
             token = f"{seq}.{self._nonce():016x}"
             takes.append(
                 {"seq": seq, "node": node, "incarnation": incarnation, "token": token, "lease_until": lease_until, "now": now}
             )
+            decoded = rows.params(run_id, params)
+            if isinstance(decoded, RunError):
+                # params changed by hand into something unreadable: it cannot start, and left
+                # pending it would be taken by every claim from now on
+                unstartable.append({"seq": seq, "token": token, "now": now, "lost": 0, "result": None,
+                                    "error": _error_json(decoded), "cancel_reason": None, "status": "failed"})  # fmt: skip
+                continue
             claims.append(
                 Claim(
-                    run_id, token, task, _loads(params), attempt, max_attempts, created_at, now, lease_until, key,
-                    source, lost_count, error_of(error),
+                    run_id, token, task, decoded, attempt, max_attempts, created_at, now, lease_until, key,
+                    source, lost_count, None if error is None else rows.error(run_id, error),
                 )
             )
         cur.executemany(Q.CLAIM_TAKE, takes)
+        for values in unstartable:
+            ended = cur.execute(Q.END_CLAIMED, values).fetchone()
+            if ended is not None:
+                tx.add("failed")
+                tx.finished.append(ended[0])
         return claims
 
     async def heartbeat(
@@ -979,6 +1020,7 @@ class SqliteStore(Store):
         if row is None:
             raise RunNotFound(run_id)
         seq, status = row[0], row[4]
+        found = self._run_rows.record(row)  # a row that makes no record is left as it is
         action: Literal["cancelled", "requested"]
         if status == "pending":
             cur.execute(Q.CANCEL_PENDING, {"seq": seq, "now": now, "reason": reason})
@@ -990,8 +1032,8 @@ class SqliteStore(Store):
                 tx.cancels.append(run_id)
             action = "requested"
         else:
-            return CancelResult(action="finished", run=_stored(row))
-        return CancelResult(action=action, run=_stored(cur.execute(Q.GET_RUN, {"id": run_id}).fetchone()))
+            return CancelResult(action="finished", run=found)
+        return CancelResult(action=action, run=self._run_rows.record(cur.execute(Q.GET_RUN, {"id": run_id}).fetchone()))
 
     async def recover(self, live_incarnations: Collection[str] | None = None) -> list[Recovered]:
         live = None if live_incarnations is None else frozenset(live_incarnations)
@@ -1017,7 +1059,7 @@ class SqliteStore(Store):
 
     def _get(self, tx: _Tx, run_id: str) -> StoredRun | None:
         row = tx.cur.execute(Q.GET_RUN, {"id": run_id}).fetchone()
-        return None if row is None else _stored(row)
+        return None if row is None else self._run_rows.record(row)
 
     async def get_many(self, run_ids: Collection[str]) -> dict[str, StoredRun]:
         if not run_ids:
@@ -1028,8 +1070,8 @@ class SqliteStore(Store):
         found: dict[str, StoredRun] = {}
         for run_id in run_ids:
             row = tx.cur.execute(Q.GET_RUN, {"id": run_id}).fetchone()
-            if row is not None:
-                found[run_id] = _stored(row)
+            if row is not None and (run := self._run_rows.run(row)) is not None:
+                found[run_id] = run
         return found
 
     async def query(
@@ -1053,8 +1095,9 @@ class SqliteStore(Store):
     def _query(self, tx: _Tx, args: dict[str, Any], limit: int) -> Page:
         rows = tx.cur.execute(Q.QUERY_RUNS, args).fetchall()
         more = len(rows) > limit
-        runs = [_stored(r) for r in rows[:limit]]
-        return Page(runs=runs, next=str(runs[-1].seq) if more and runs else None)
+        shown = rows[:limit]
+        # the cursor is the last row's, read or not: the next page starts after it either way
+        return Page(runs=self._run_rows.runs(shown), next=str(shown[-1][0]) if more and shown else None)
 
     async def counts(self) -> Counts:
         return await self._call(self._counts, write=False)  # type: ignore[no-any-return]

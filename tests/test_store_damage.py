@@ -1,0 +1,207 @@
+"""A run store whose file or rows were damaged: a row changed by hand (a database shell writing a
+Python repr where JSON belongs) holds up no other run and no start, and a start that fails on a
+damaged file says to start again, while a failure once the engine runs still says no restart is
+needed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+from taskwatch.engine import Engine, RunStatus, TaskContext
+from taskwatch.engine.errors import StoreError, StoreUnavailable
+from taskwatch.engine.store import NewRun, PostgresStore, SqliteStore
+
+from .helpers import eventually
+
+#: a hand fix with a database shell that wrote a Python dict's repr: not JSON
+REPR_NOT_JSON = "{'i': 2}"
+
+
+class Numbered(BaseModel):
+    i: int
+
+
+def numbered_engine(store: str, *, max_concurrency: int = 4) -> Engine:
+    engine = Engine(store=store, node_id="damage", health_interval=None, max_concurrency=max_concurrency)
+
+    @engine.task
+    async def double(ctx: TaskContext, params: Numbered) -> int:
+        return params.i * 2
+
+    return engine
+
+
+async def stored_runs(path: Path, n: int) -> list[str]:
+    """``n`` pending runs of ``double`` in the SQLite file at ``path``, oldest first."""
+    async with SqliteStore(path) as store:
+        inserted = await store.insert([NewRun("double", {"i": i}) for i in range(n)])
+    return [run.id for run in inserted]
+
+
+def by_hand(path: Path, sql: str, *args: Any) -> None:
+    """What a user does with the sqlite3 module (or shell) on the file."""
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(sql, args)
+
+
+def row(path: Path, run_id: str) -> tuple[Any, ...]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        found = conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+    assert found is not None
+    return tuple(found)
+
+
+def errors_naming(caplog: pytest.LogCaptureFixture, run_id: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and run_id in r.getMessage()]
+
+
+async def test_a_run_whose_params_were_changed_by_hand_fails_alone_and_the_engine_starts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "runs.db"
+    ids = await stored_runs(db, 5)
+    bad = ids[2]
+    by_hand(db, "UPDATE runs SET params = ? WHERE id = ?", REPR_NOT_JSON, bad)
+    engine = numbered_engine(f"sqlite:///{db}")
+    with caplog.at_level(logging.ERROR, logger="taskwatch.store"):
+        async with engine:
+            done = [await engine.wait_for(run_id, timeout=10) for run_id in ids if run_id != bad]
+            failed = await engine.wait_for(bad, timeout=10)
+    assert [(run.status, run.result) for run in done] == [(RunStatus.SUCCEEDED, 2 * i) for i in (0, 1, 3, 4)]
+    assert failed.status is RunStatus.FAILED
+    assert failed.error is not None and failed.error.type == "UnreadableColumn"
+    message = failed.error.message
+    assert "column 'params' could not be read (ValueError: key must be a string at line 1 column 2)" in message
+    assert repr(str(db)) in message and "submit it again with the params it needs" in message
+    # written so: a restart, or another process sharing the file, finds it failed
+    status, error = row(db, bad)[4], row(db, bad)[22]
+    assert status == "failed" and "column 'params' could not be read" in error
+    # told once when the start read it, once when its claim failed it; each says how to look at it
+    told = errors_naming(caplog, bad)
+    assert len(told) == 2, told
+    assert "cannot start" in told[0] and "is failed at its claim" in told[1]
+    for line in told:
+        assert f"""sqlite3 {db} "SELECT * FROM runs WHERE id = '{bad}'\"""" in line
+        assert f"""sqlite3 {db} "DELETE FROM runs WHERE id = '{bad}'\"""" in line
+
+
+@pytest.mark.parametrize(
+    ("params", "why"),
+    [
+        (REPR_NOT_JSON, "ValueError: key must be a string at line 1 column 2"),
+        ("[1]", "it holds an array, not a JSON object"),
+    ],
+)
+async def test_a_pending_run_damaged_while_the_engine_runs_fails_at_its_claim_and_holds_up_no_other(
+    tmp_path: Path, params: str, why: str
+) -> None:
+    db = tmp_path / "runs.db"
+    engine = numbered_engine(f"sqlite:///{db}", max_concurrency=1)
+    released = asyncio.Event()
+
+    @engine.task
+    async def hold(ctx: TaskContext) -> None:
+        await released.wait()
+
+    async with engine:
+        holding = await engine.submit("hold")
+        await eventually(lambda: engine.get(holding.id).status is RunStatus.RUNNING)
+        damaged = await engine.submit("double", {"i": 1})  # pending: the one slot is taken
+        by_hand(db, "UPDATE runs SET params = ? WHERE id = ?", params, damaged.id)
+        after = await engine.submit("double", {"i": 5})
+        released.set()
+        ran = await after.wait(timeout=10)
+        failed = await damaged.wait(timeout=10)
+    assert (ran.status, ran.result) == (RunStatus.SUCCEEDED, 10)
+    assert failed.status is RunStatus.FAILED
+    assert failed.error is not None and failed.error.type == "UnreadableColumn"
+    assert f"column 'params' could not be read ({why})" in failed.error.message
+    assert row(db, damaged.id)[4] == "failed"
+
+
+async def test_a_row_that_makes_no_record_is_left_as_it_is_and_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "runs.db"
+    ids = await stored_runs(db, 3)
+    bad = ids[0]
+    # marked done by hand, with a time that is no time: there is no record to make of it
+    by_hand(db, "UPDATE runs SET status = 'succeeded', finished_at = 'yesterday' WHERE id = ?", bad)
+    before = row(db, bad)
+    engine = numbered_engine(f"sqlite:///{db}")
+    with caplog.at_level(logging.ERROR, logger="taskwatch.store"):
+        async with engine:
+            done = [await engine.wait_for(run_id, timeout=10) for run_id in ids[1:]]
+            with pytest.raises(StoreError) as info:
+                await engine.fetch_run(bad)
+            assert [r.id for r in (await engine.query_runs(limit=10)).runs] == ids[:0:-1]
+    assert [run.status for run in done] == [RunStatus.SUCCEEDED] * 2
+    assert f"run {bad!r} in the run store {str(db)!r} cannot be read" in str(info.value)
+    assert f"""sqlite3 {db} "DELETE FROM runs WHERE id = '{bad}'\"""" in str(info.value)
+    assert row(db, bad) == before
+    told = errors_naming(caplog, bad)
+    assert len(told) == 1, told
+    assert "finished_at: Input should be a valid number" in told[0] and "(1 such run(s) so far)" in told[0]
+    assert repr(str(db)) in told[0] and f"""sqlite3 {db} "SELECT * FROM runs WHERE id = '{bad}'\"""" in told[0]
+
+
+async def test_a_store_error_at_start_says_to_start_again_and_one_later_that_no_restart_is_needed(
+    tmp_path: Path,
+) -> None:
+    good, bad = tmp_path / "good.db", tmp_path / "bad.db"
+    await stored_runs(good, 300)
+    shutil.copy(good, bad)
+    with open(bad, "r+b") as f:  # pages 3 to 5 overwritten; page 1 (the header and the schema) kept
+        f.seek(4096 * 2)
+        f.write(b"\xff" * 4096 * 3)
+    engine = numbered_engine(f"sqlite:///{bad}")
+    with pytest.raises(StoreUnavailable) as info:
+        await engine.start()  # the file opens: registering, recovering or reading the runs fails
+    assert "database disk image is malformed" in str(info.value)
+    assert str(info.value).endswith("Check the disk and the file, then start the engine again")
+    assert engine.state == "new"
+
+    # once started, a failure (a full disk, as SQLite sees it) needs no restart, also one of
+    # the very task that started the engine
+    engine = numbered_engine(f"sqlite:///{good}")
+    async with engine:
+        store = engine.store
+        assert isinstance(store, SqliteStore)
+        pages = await store._call(lambda tx: tx.cur.execute("PRAGMA page_count").fetchone()[0], write=False)
+        await store._call(lambda tx: tx.cur.execute(f"PRAGMA max_page_count={pages}").fetchone(), write=False)
+        with pytest.raises(StoreUnavailable, match="full") as later:
+            await store.insert([NewRun("double", {"blob": "x" * 200_000})])
+    assert str(later.value).endswith("later operations try it again, so no restart is needed once it is fixed")
+
+
+async def test_postgres_a_run_whose_params_were_changed_by_hand_fails_alone(postgres_url: str) -> None:
+    import asyncpg
+
+    async with PostgresStore(postgres_url) as store:
+        ids = [r.id for r in await store.insert([NewRun("double", {"i": i}) for i in range(3)])]
+    bad = ids[1]
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute("UPDATE runs SET params = $1 WHERE id = $2", REPR_NOT_JSON, bad)
+    finally:
+        await conn.close()
+    engine = numbered_engine(postgres_url)
+    async with engine:
+        done = [await engine.wait_for(ids[i], timeout=10) for i in (0, 2)]
+        failed = await engine.wait_for(bad, timeout=10)
+        stored = await engine.store.get(bad)
+    assert [(run.status, run.result) for run in done] == [(RunStatus.SUCCEEDED, 0), (RunStatus.SUCCEEDED, 4)]
+    assert failed.status is RunStatus.FAILED
+    assert failed.error is not None and failed.error.type == "UnreadableColumn"
+    assert "column 'params' could not be read (ValueError: key must be a string" in failed.error.message
+    assert stored is not None and stored.status is RunStatus.FAILED
+    async with PostgresStore(postgres_url) as store:
+        assert (await store.counts()).failed_total == 1
