@@ -195,6 +195,10 @@ class PeriodicInfo(BaseModel):
     next_due: float | None = None
     #: the run in progress, if any
     running_run_id: str | None = None
+    #: that run's status as this node knows it: ``"pending"`` while it waits for a slot or its
+    #: due time (queued, not running yet), ``"running"``, or None when it is not in this node's
+    #: index (another node's run)
+    running_status: str | None = None
     #: the most recently *finished* run: id, final status, start time and duration
     last_run_id: str | None = None
     last_status: str | None = None
@@ -731,8 +735,15 @@ class Scheduler:
     def info(self, name: str) -> PeriodicInfo:
         return self._info(self._get(name))
 
+    def _status_of(self, run_id: str) -> str | None:
+        try:
+            return self._engine.get(run_id).status.value
+        except RunNotFound:
+            return None  # another node's run, not in this node's index
+
     def _info(self, p: _Periodic) -> PeriodicInfo:
         current = p.current
+        running = current if current is not None and (current.id in self._inflight or current.id == p.elsewhere) else None
         return PeriodicInfo(
             name=p.name,
             trigger=p.trigger,
@@ -744,9 +755,8 @@ class Scheduler:
             reason=p.reason,
             paused=p.paused,
             next_due=p.next_due,
-            running_run_id=(
-                current.id if current is not None and (current.id in self._inflight or current.id == p.elsewhere) else None
-            ),
+            running_run_id=None if running is None else running.id,
+            running_status=None if running is None else self._status_of(running.id),
             last_run_id=p.last_run_id,
             last_status=p.last_status,
             last_started=p.last_started,

@@ -272,3 +272,31 @@ async def test_the_dashboard_key_runs_the_selected_periodic_task_now() -> None:
         assert [r.id for r in engine.runs(task="backup")] == [run.id]
         gate.set()
         await engine.handle(run.id).wait(2)
+
+
+async def test_the_scheduler_tab_shows_a_tick_queued_behind_other_runs_as_pending_until_it_starts() -> None:
+    engine = make_engine(max_concurrency=1)
+    gate, hog_gate = asyncio.Event(), asyncio.Event()
+    started = held_backup(engine, gate, cron=None, every=3600, initial_delay=3600)
+
+    @engine.task()
+    async def hog(ctx: TaskContext) -> None:
+        await hog_gate.wait()
+
+    app = TaskwatchApp(LocalClient(engine, manage=True), refresh_hz=30.0, overview_interval=0.1)
+    async with app.run_test(size=(140, 42)) as pilot:
+        await eventually(lambda: app.state.node_id == engine.node_id)
+        hogging = await engine.submit("hog")
+        await eventually(lambda: engine.get(hogging.id).status is RunStatus.RUNNING)
+        await engine.run_periodic("backup")
+        await pilot.press("3")
+        schedule = app.main.query_one(ScheduleTable)
+        await eventually(lambda: schedule.shown_keys == ["backup"])
+        # the only slot is the hog's: the tick's run waits, and is shown waiting
+        await eventually(lambda: schedule.get_cell("backup", "state").plain == "pending")
+        assert info(engine, "backup").running_status == "pending" and started == []
+        hog_gate.set()
+        await eventually(lambda: schedule.get_cell("backup", "state").plain == "running")
+        assert len(started) == 1
+        gate.set()
+        await eventually(lambda: schedule.get_cell("backup", "state").plain == "enabled")

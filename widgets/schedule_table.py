@@ -20,7 +20,9 @@ def _state(info: PeriodicInfo) -> Cell:
     if not info.enabled:
         return ("disabled", "dim red")
     if info.running_run_id is not None:
-        return ("running", status_style("running"))
+        # a run queued behind others (or for its due time) is not running yet: shown as the runs tab shows it
+        status = "pending" if info.running_status == "pending" else "running"
+        return (status, status_style(status))
     return ("enabled", "green")
 
 
