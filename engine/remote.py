@@ -72,7 +72,7 @@ from .errors import (
 from .events import Event, EventsDropped
 from .execution import checked_grace
 from .index import check_query, runs_limit_problem
-from .jsonsafe import NotJsonSafe, check_key, jsonable, safe_str
+from .jsonsafe import check_key, safe_str
 from .operations import OPERATIONS
 from .options import RemoteOptions, check_options
 from .queues import QueueInfo, QueuePurge
@@ -81,7 +81,7 @@ from .scheduler import PeriodicInfo
 from .server import check_token
 from .snapshot import Snapshot
 from .supervisor import WorkerInfo
-from .tasks import json_unsafe, recorded_params
+from .tasks import json_params, recorded_params
 from .triggers import TriggerFire
 from .wire import (
     DEFAULT_CLIENT_MAX_MESSAGE,
@@ -156,11 +156,12 @@ def _as_raised(name: str, value: Any) -> Any:
 def params_for_wire(task: str, params: object) -> dict[str, Any] | None:
     """``params`` as the JSON data a ``submit`` command carries; raises :class:`InvalidParams`.
 
-    What the in-process engine refuses whatever the task's model is, this
-    refuses before anything is sent, in the same words: values UTF-8 JSON cannot
-    carry, and a model instance whose JSON dump reads back as other values (a
-    ``SecretStr`` dumps masked). A model instance travels as its JSON dump; the
-    server validates the data against the task's model. NaN and infinity travel
+    Refused before anything is sent, with the checks and words of an in-process
+    submit: values UTF-8 JSON cannot carry; a model instance whose JSON dump reads
+    back as other values (a ``SecretStr`` dumps masked); a dict whose keys become one
+    JSON key, or holding a value that reads back from JSON as another one (a set, a
+    date: see :func:`~.tasks.json_params`). A model instance travels as its JSON dump;
+    the server validates the data against the task's model. NaN and infinity travel
     as the ``NaN``/``Infinity`` constants the server reads, so the engine gives
     the verdict it gives in-process (JSON ``null`` would be another value).
     """
@@ -177,13 +178,7 @@ def params_for_wire(task: str, params: object) -> dict[str, Any] | None:
                 "type": "dict_type",
             }],
         )
-    try:
-        # NaN and infinity travel as JSON's constants: the engine refuses them itself,
-        # with the reason it gives in-process (a model's own "finite number" first)
-        data = jsonable(dict(params), finite=False)
-    except NotJsonSafe as exc:
-        raise json_unsafe(task, exc.detail) from None
-    return data  # type: ignore[no-any-return]
+    return json_params(task, params)
 
 
 def _not_a_socket(path: str) -> str | None:
@@ -846,9 +841,12 @@ class RemoteEngine:
         """Submit a run on the remote engine; returns its record (pending, usually).
 
         ``params`` is a dict or a pydantic model (sent as its JSON dump). What the
-        in-process call refuses whatever the task is raises here the same way,
-        before anything is sent: :class:`InvalidParams` for params JSON cannot
-        carry, :class:`InvalidKey` for a key that is not a UTF-8-encodable str,
+        in-process call refuses raises here the same way, before anything is sent:
+        :class:`InvalidParams` for params JSON cannot carry, or holding a value that
+        reads back from JSON as another one (a set, a date: the in-process call
+        refuses it where the model keeps it as given, and the model cannot be
+        consulted from here, so pass the model itself, or the value as JSON carries
+        it), :class:`InvalidKey` for a key that is not a UTF-8-encodable str,
         :class:`MalformedMessage` for other arguments of the wrong type.
         """
         data = params_for_wire(task, params)

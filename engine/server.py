@@ -172,6 +172,12 @@ _ENCODED_BYTES = 8 << 20
 #: bytes coalesced into one socket write
 _WRITE_CHUNK = 256 * 1024
 
+#: the most one send to a Unix socket client holds. The kernel keeps each send's bytes (up to
+#: about 36 KiB of them) as one buffer and frees it once the client has read all of it, and
+#: those frees are the only sign of its reading the engine gets (see _kernel_unsent): in
+#: smaller sends, a client reading slowly but steadily shows its progress at a finer grain
+_UNIX_SEND = 8 * 1024
+
 #: put on a connection's outgoing queue when its event stream ends (no real line is empty)
 _END = b""
 
@@ -206,6 +212,10 @@ _EOF_GRACE = 10.0
 #: a real client waits for those ahead of it only a moment
 _LISTEN_BACKLOG = 1024
 
+#: how long serving at a socket path waits for whatever listens there to answer, before
+#: taking it for a live server (stopped or busy): only a refused connection shows a stale file
+_STALE_PROBE_TIMEOUT = 2.0
+
 #: connections accepted per wake of the listener: bounds what one wake costs the loop
 _ACCEPTS_PER_WAKE = 16
 
@@ -236,8 +246,13 @@ if sys.platform.startswith("linux"):
     def _kernel_unsent(fd: int) -> int:
         """Bytes the kernel still holds for a socket's peer: not acknowledged yet over TCP;
         not read yet from a Unix socket, counted with the kernel's overhead and freed a whole
-        buffer (about 36 KiB) at a time, so there a reader slower than that per write_timeout
-        is taken for stalled."""
+        send (at most _UNIX_SEND bytes, as the writer makes them) at a time.
+
+        Over TCP the peer acknowledges what it has received, not what it has read: once its
+        receive buffer is full, what it reads shows only when its kernel reopens the window,
+        which may wait until it has read most of that buffer (on loopback, 128 KiB by default),
+        and a sender probing the shut window may hear of it seconds later still. No way of
+        writing changes that: it is the floor of a slow reader over TCP."""
         if fd < 0:
             return 0
         try:
@@ -285,6 +300,30 @@ def check_token(where: str, token: object) -> str | None:
     else:
         why = f"token: a str is needed, not {type(token).__name__}"
     raise InvalidConfiguration(where, [why])
+
+
+#: the longest ``max_message`` a client's hello is taken to carry, for the room a token has in it
+_HELLO_MAX_MESSAGE = 2**63 - 1
+
+
+def _check_token_fits(token: str | None, max_hello: int) -> None:
+    """Raise :class:`InvalidConfiguration` for a token no hello within ``max_hello`` bytes can
+    carry: every client would be refused before its token was even read (the token itself is
+    never quoted)."""
+    if token is None:
+        return
+    # the hello as a client writes it (the token JSON-escaped), with the longest max_message
+    size = len(encode_message(Hello(version=PROTOCOL_VERSION, token=token, max_message=_HELLO_MAX_MESSAGE))) - 1
+    if size <= max_hello:
+        return
+    room = max_hello - (size - len(token.encode()))
+    why = (
+        f"token: a hello carrying it is {size} bytes, over max_hello={max_hello}, so no client "
+        f"could ever say hello (a hello within that limit has room for about {max(room, 0)} bytes "
+        "of token); pass a shorter token (secrets.token_urlsafe(32) makes one of 43), or raise "
+        f"max_hello to {size} or more"
+    )
+    raise InvalidConfiguration("ControlServer", [why])
 
 
 def _utf8_encodable(text: str) -> bool:
@@ -464,9 +503,14 @@ class ControlServer:
         :mod:`taskwatch.engine.snapshot` describes.
     write_timeout:
         Seconds a client may take no bytes at all of what is written to it
-        before it is dropped; one that reads, however slowly, is not. A client
-        dropped (for this or the above) gets a last ``error`` line
-        (``ConnectionClosed``, no id) saying why.
+        before it is dropped; one that reads slowly is not, as long as its
+        reading shows within that time: the system shows it in steps, over a
+        Unix socket every 8 KiB read, over TCP as the client's receive window
+        reopens (on loopback that may take reading most of its 128 KiB receive
+        buffer, and seconds more), so a client reading less than one step per
+        ``write_timeout`` is taken for stalled. A client dropped (for this or
+        the above) gets a last ``error`` line (``ConnectionClosed``, no id)
+        saying why.
     snapshot_runs:
         Runs included in each snapshot (newest first).
     max_inflight:
@@ -541,6 +585,7 @@ class ControlServer:
         token = check_token("ControlServer", token)
         if token is not None and len(token.encode()) < MIN_TOKEN_BYTES:
             raise WeakToken(len(token.encode()), MIN_TOKEN_BYTES)
+        _check_token_fits(token, max_hello)
         self.token = token
         self.max_message = max_message
         self.max_hello = max_hello
@@ -687,7 +732,7 @@ class ControlServer:
         if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
             raise InvalidAddress(str(path), "the socket path is too long for a Unix socket; choose a shorter one")
         try:
-            _remove_stale_socket(path)
+            await _remove_stale_socket(path)
         except (FileNotFoundError, NotADirectoryError, PermissionError) as exc:
             raise _unusable_folder(path, exc) from exc
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -1207,8 +1252,15 @@ class ControlServer:
         )
 
 
-def _remove_stale_socket(path: Path) -> None:
-    """Unlink a socket file left by a dead server; refuse to touch anything else."""
+async def _remove_stale_socket(path: Path) -> None:
+    """Unlink a socket file left by a dead server; refuse to touch anything else.
+
+    Whether a server is there is found by connecting, without blocking the loop: a
+    server whose process is stopped (Ctrl+Z, a debugger) with its backlog full would
+    hold a blocking connect, and the engine's runs with it, for as long as it stays
+    stopped. A probe that gets no answer within ``_STALE_PROBE_TIMEOUT`` is taken for
+    a server that is there: only a refused connection shows that nothing listens.
+    """
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -1217,13 +1269,35 @@ def _remove_stale_socket(path: Path) -> None:
         raise FileExistsError(f"{path} exists and is not a socket; choose another path")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(os.fspath(path))
-    except OSError:
-        path.unlink(missing_ok=True)
-    else:
-        raise OSError(errno.EADDRINUSE, f"another server is already listening at {path}")
+        probe.setblocking(False)
+        try:
+            async with asyncio.timeout(_STALE_PROBE_TIMEOUT):
+                await asyncio.get_running_loop().sock_connect(probe, os.fspath(path))
+        except TimeoutError:
+            raise OSError(
+                errno.EADDRINUSE,
+                f"another server is already listening at {path} (it did not answer within "
+                f"{_STALE_PROBE_TIMEOUT:g} s: its process may be stopped or busy)",
+            ) from None
+        except OSError:
+            path.unlink(missing_ok=True)
+        else:
+            raise OSError(errno.EADDRINUSE, f"another server is already listening at {path}")
     finally:
         probe.close()
+
+
+def _hello_too_large(size: int, limit: int) -> MessageTooLarge:
+    """The refusal of a hello longer than ``limit`` (max_hello): read only until the excess came,
+    and the connection then closed, not the line discarded as a later one is."""
+    exc = MessageTooLarge(size, limit, setting="max_hello")
+    message = (
+        f"the hello is longer than this engine's {limit}-byte limit for it ({size} bytes came "
+        "before its end), so it was not read and the connection is closed; send a shorter hello "
+        "(a token the engine accepts fits), or raise max_hello where the engine is served"
+    )
+    exc.args = (message,)
+    return exc
 
 
 def _unusable_folder(path: Path, exc: OSError) -> InvalidAddress:
@@ -1441,6 +1515,11 @@ class _Connection:
         self.cut_off = False
         #: cut off for not reading, the line saying why written after what its socket holds
         self.told_why = False
+        #: the most one socket write holds (None: all that is taken from the outbox at once)
+        self.send_size: int | None = None
+        #: what the writer has of its lines and not written yet, while it waits for the socket
+        #: (see _send): written before the line saying why, if this client is cut off meanwhile
+        self.unwritten: memoryview | None = None
 
     @property
     def dropped(self) -> int:
@@ -1465,6 +1544,11 @@ class _Connection:
             self.data = b""
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         transport, _ = await loop.connect_accepted_socket(lambda: protocol, self.sock)
+        if self.sock.family == socket.AF_UNIX:
+            # written in sends of _UNIX_SEND bytes, each once the one before is in the kernel's
+            # hands (drain() waits for the transport's buffer to empty): see _send
+            transport.set_write_buffer_limits(high=0)
+            self.send_size = _UNIX_SEND
         self.reader = reader
         self.writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         if self.dismissed:
@@ -1493,6 +1577,9 @@ class _Connection:
         self.server.count(counter)
         self.out.clear()
         transport = self._streams[1].transport
+        if self.unwritten:
+            # the rest of the lines whose first part went out: only whole lines come before why
+            transport.write(self.unwritten)
         # after what its socket already holds (whole lines), so that a client that reads again
         # learns why the stream ended; teardown aborts if it does not read within write_timeout
         transport.write(self._error_line(None, ConnectionClosed(why)))
@@ -1535,8 +1622,7 @@ class _Connection:
             line = await read_line(self._streams[0], server.max_hello, discard=False, unterminated=True)
         except MessageTooLarge as exc:
             server.count(exc.reason)
-            # a hello's bound is the server's max_hello, not the max_message the reply would name
-            raise _Refused(None, MessageTooLarge(exc.size, exc.limit, setting="max_hello")) from None
+            raise _Refused(None, _hello_too_large(exc.size, exc.limit)) from None
         if line is None or self.dismissed:
             return False  # (what a dismissed client had sent is its problem no more)
         try:
@@ -1823,9 +1909,7 @@ class _Connection:
             if writer.transport.is_closing():
                 return  # the client left: uvloop raises on a write to a closed transport
             try:
-                if chunks:
-                    writer.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-                if not await self._drain(writer):
+                if not await self._send(writer, chunks[0] if len(chunks) == 1 else b"".join(chunks)):
                     return
             except (ConnectionError, OSError):
                 return
@@ -1834,6 +1918,36 @@ class _Connection:
                 self.flushed.set()
                 return
             self.forward()  # room was made: events (or a drop notice) waiting for it go now
+
+    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> bool:
+        """Write ``data`` and wait until the socket has taken it (see :meth:`_drain`); False
+        once the client is cut off.
+
+        To a Unix socket it goes in sends of at most ``send_size`` bytes, each written once
+        the kernel holds the one before (the transport writes a send that finds room at once,
+        and only a send that did not waits in its buffer), so the kernel holds it in buffers of
+        that size, whose frees show a slow reader's progress (see :func:`_kernel_unsent`).
+        """
+        size = self.send_size
+        if size is None or len(data) <= size:
+            if data:
+                writer.write(data)
+            return await self._drain(writer)
+        view = memoryview(data)
+        transport = writer.transport
+        try:
+            for start in range(0, len(data), size):
+                if transport.is_closing():
+                    return False  # the client left meanwhile
+                writer.write(view[start : start + size])
+                if transport.get_write_buffer_size():
+                    self.unwritten = view[start + size :]
+                    if not await self._drain(writer):
+                        return False
+                    self.unwritten = None
+        finally:
+            self.unwritten = None
+        return True
 
     def _unsent(self, transport: asyncio.WriteTransport) -> int:
         """Bytes written for this client that it has not taken yet (the kernel's share as
@@ -1880,14 +1994,27 @@ class _Connection:
                 )
             else:
                 log.warning(
-                    "dropping a control client that took no bytes of what was written to it for %g s", limit
-                )
+                    "dropping a control client that took no bytes of what was written to it for %g s "
+                    "(what a client reads shows only as the system frees it: %s, so one reading less "
+                    "than that in %g s is taken for stalled)",
+                    limit, self._progress_grain(), limit,
+                )  # fmt: skip
                 self._cut_off(
                     "slow_disconnects",
                     f"the engine closed this connection: it read nothing of what was sent to it for {limit:g} s. "
                     "Read what the engine sends as it comes (events too), or serve with a longer write_timeout",
                 )
             return False
+
+    def _progress_grain(self) -> str:
+        """In what steps a reading client's progress shows to the engine, in words (see
+        :func:`_kernel_unsent`)."""
+        if self.send_size is not None:
+            return f"over a Unix socket, every {self.send_size // 1024} KiB read"
+        return (
+            "over TCP, as its receive window reopens, which may take reading most of its receive "
+            "buffer (128 KiB by default on loopback) and a few seconds more"
+        )
 
     async def _teardown(self) -> None:
         self.server.stop_streaming(self)

@@ -6,10 +6,11 @@ import datetime as dt
 import functools
 import inspect
 import logging
+import math
 import types
 import typing
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Any, Literal
@@ -19,7 +20,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticSerializationError, to_json
 
 from .errors import InvalidConfiguration, InvalidParams, TaskDefinitionError, shown
-from .jsonsafe import NotJsonSafe, check_jsonable, encode_problem, name_problem, non_finite_problem, safe_str
+from .jsonsafe import NotJsonSafe, check_jsonable, encode_problem, jsonable, name_problem, non_finite_problem, safe_str
 
 log = logging.getLogger("taskwatch.engine")
 
@@ -95,6 +96,10 @@ class TaskSpec:
             elif isinstance(params, BaseModel):
                 # (a computed field is no input: passed on, extra="forbid" would refuse it)
                 model = model_cls.model_validate(params.model_dump(exclude=set(type(params).model_computed_fields)))
+            elif isinstance(params, Mapping):
+                # a dict is data as JSON would carry it (the control endpoint's, a dashboard's
+                # form): read as a record is, so a strict model takes its dates from their text
+                model = params_from_record(model_cls, params)
             else:
                 model = model_cls.model_validate(params if params is not None else {})
         except ValidationError as exc:
@@ -235,19 +240,35 @@ def _read_back_record(task: str, model: BaseModel, dumped: Any) -> tuple[BaseMod
 
 def params_from_record(cls: type[BaseModel], record: Any, encoded: bytes | None = None) -> BaseModel:
     """The params of model ``cls`` a run gets from their JSON ``record`` (``encoded``: its JSON
-    text, if at hand); raises ValidationError.
+    text, if at hand), or from a dict given to submit; raises ValidationError.
 
     The record is read as the Python data it is first, which is the cheaper read and takes
     what every lax model dumps. What that refuses is read from its JSON text, as pydantic
     reads JSON: a strict model takes a datetime, UUID, enum or tuple from JSON's text and
     lists alone, never from the Python str or list that stands for it. Submit and each
     attempt read a record alike, so a run gets the params its submit checked.
+
+    A dict given to submit is read the same way when it is plain JSON data (a dashboard's
+    form, the control endpoint), so ``{"day": "2024-01-02"}`` fills a strict model's date.
+    One holding values JSON has no type for (a date, a set) is read as given only: its JSON
+    stand-ins would coerce a date into a str field. A dict whose keys would become one JSON
+    key (``1`` and ``"1"``) is not read from JSON, which would lose one of them.
     """
     try:
         return cls.model_validate(record)
-    except ValidationError:
-        pass  # (out of the handler: the JSON read's own error is the one to tell)
-    return cls.model_validate_json(encoded if encoded is not None else to_json(record))
+    except ValidationError as exc:
+        python_error = exc
+    if encoded is None:
+        try:
+            data = jsonable(record, finite=False, distinct_keys=True)
+        except NotJsonSafe:
+            raise python_error from None  # no JSON text: the Python read is the only one
+        if not _same(data, record):
+            # values JSON has no type for (a date, a set): read as given, never as their stand-ins
+            raise python_error from None
+        encoded = to_json(data)  # (NaN as JSON's NaN, which the read takes back)
+    # (out of the handler: the JSON read's own error is the one to tell)
+    return cls.model_validate_json(encoded)
 
 
 class NotReadBack(ValueError):
@@ -288,6 +309,23 @@ def same_as_given(given: BaseModel, stored: Any) -> BaseModel:
         # no field differs: an extra value (extra="allow") does
         or [{"loc": (), "msg": "its extra values read back as other values", "type": "value_error"}]
     )
+
+
+def json_params(task: str, params: Mapping[Any, Any]) -> dict[str, Any]:
+    """``params`` (a dict) as the JSON data that carries them to an engine in another process;
+    raises :class:`InvalidParams`, as an in-process submit does for such values.
+
+    Values travel as their JSON stand-ins (a date as its ISO text, a set as a list), which
+    the task's model at the other end reads as it reads JSON. Refused: values UTF-8 JSON
+    cannot carry, and a dict whose keys would become one JSON key (``{1: "a", "1": "b"}``),
+    which would arrive with an entry lost. NaN and infinity are left in, for that engine to
+    judge as in-process.
+    """
+    try:
+        data = jsonable(dict(params), finite=False, distinct_keys=True)
+    except NotJsonSafe as exc:
+        raise json_unsafe(task, exc.detail) from None
+    return data  # type: ignore[no-any-return]
 
 
 #: model class -> whether its dump by field name is its input as it is (no alias, no computed
@@ -426,9 +464,12 @@ def _refuse_non_finite(task: str, model: BaseModel) -> None:
 
 def _same(read_back: Any, given: Any) -> bool:
     """Equal, a tuple and a list of equal items counting as the same (JSON has only lists),
-    and aware datetimes at the same instant counting as the same."""
+    aware datetimes at the same instant counting as the same, and a NaN as a NaN (JSON's
+    ``NaN`` carries it; whether to take it is for the model, or the record's own check)."""
     if isinstance(read_back, dt.datetime) and isinstance(given, dt.datetime):
         return _same_datetime(read_back, given)
+    if type(read_back) is float and type(given) is float and math.isnan(read_back) and math.isnan(given):
+        return True
     if isinstance(read_back, (list, tuple)) and isinstance(given, (list, tuple)):
         return len(read_back) == len(given) and all(_same(a, b) for a, b in zip(read_back, given))
     if isinstance(read_back, dict) and isinstance(given, dict):

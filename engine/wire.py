@@ -52,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .errors import ConnectionClosed, InvalidAddress, MalformedMessage, MessageTooLarge, ProtocolError, UnknownCommand
 from .events import BaseEvent, Event
+from .index import MAX_LIMIT
 from .snapshot import DEFAULT_MAX_VALUE, Snapshot, bounded_json
 from .version import __version__
 
@@ -189,10 +190,13 @@ class SnapshotCommand(Command):
 
     ``runs_limit`` caps the runs included (0 for just the schedule, queues,
     triggers, workers, stats and leadership); ``None`` uses the server's default.
+    Bounded as ``Engine.snapshot()``'s own ``runs_limit`` is, so the same values work
+    remotely: a snapshot holds no more runs than the engine's index keeps, and its line
+    keeps within ``max_send`` whatever is asked.
     """
 
     type: Literal["snapshot"] = "snapshot"
-    runs_limit: int | None = Field(default=None, ge=0, le=100_000)
+    runs_limit: int | None = Field(default=None, ge=0, le=MAX_LIMIT)
 
 
 class PingCommand(Command):

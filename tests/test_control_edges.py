@@ -546,7 +546,7 @@ async def test_a_client_that_stops_reading_learns_why_its_connection_ended(
         await client_loop.run(remote.ping())
     await client_loop.run(remote.close())
     said = [r.getMessage() for r in caplog.records if "dropping" in r.getMessage()]
-    assert said == ["dropping a control client that took no bytes of what was written to it for 1 s"]
+    assert len(said) == 1 and said[0].startswith("dropping a control client that took no bytes of what was written to it for 1 s ("), said
 
 
 async def test_a_client_cut_off_that_reads_again_later_still_learns_why(engine: Engine, sock_path: str) -> None:
