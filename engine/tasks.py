@@ -104,7 +104,14 @@ class TaskSpec:
                 model = model_cls.model_validate(params if params is not None else {})
         except ValidationError as exc:
             raise InvalidParams(self.name, _problems(exc)) from None
-        return recorded_params(self.name, model)
+        except Exception as exc:
+            raise _validator_raised(self.name, model_cls, exc) from exc
+        try:
+            return recorded_params(self.name, model)
+        except InvalidParams:
+            raise
+        except Exception as exc:  # its validators run again, on the record read back
+            raise _validator_raised(self.name, model_cls, exc) from exc
 
     def info(self) -> TaskInfo:
         return TaskInfo(
@@ -117,6 +124,17 @@ class TaskSpec:
             concurrency=self.concurrency,
             params_schema=self.schema,
         )
+
+
+def _validator_raised(task: str, model_cls: type[BaseModel], exc: Exception) -> InvalidParams:
+    """The params refused, for a validator of their model that raised what pydantic passes
+    through (a KeyError from a lookup, say) rather than a ValueError it would report."""
+    return InvalidParams(
+        task,
+        [{"loc": ("params",), "msg": f"a validator of {model_cls.__qualname__} raised {type(exc).__name__}: "
+          f"{safe_str(exc)} (raise ValueError in validators for pydantic to report it as a field's)",
+          "type": "validator_raised"}],
+    )
 
 
 #: how each kind's options are written, for the error an option given by position gets

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, computed_field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, computed_field, field_validator
 from taskwatch.engine import (
     Engine,
     EngineCrashed,
@@ -458,3 +458,34 @@ async def test_a_value_whose_repr_raises_is_named_by_its_type() -> None:
     with pytest.raises(InvalidKey) as raised:
         raise InvalidKey("task 't'", long_key, "too long")
     assert len(raised.value.key) <= 200 and raised.value.key.startswith("'kkk")
+
+
+REGIONS = {"eu": "eu-west-1"}
+
+
+class Placed(BaseModel):
+    region: str
+
+    @field_validator("region")
+    @classmethod
+    def known(cls, value: str) -> str:
+        REGIONS[value]  # a lookup: a KeyError, which pydantic passes through unreported
+        return value
+
+
+async def test_a_validator_raising_what_pydantic_does_not_report_refuses_the_params_and_queues_nothing() -> None:
+    engine = make_engine()
+
+    @engine.task
+    async def deploy(ctx: TaskContext, p: Placed) -> str:
+        return REGIONS[p.region]
+
+    async with engine:
+        with pytest.raises(InvalidParams) as refused:
+            await engine.submit("deploy", {"region": "mars"})
+        [problem] = refused.value.errors
+        assert problem["type"] == "validator_raised" and "KeyError: 'mars'" in problem["msg"]
+        assert isinstance(refused.value.__cause__, KeyError)  # the validator's own traceback, kept
+        assert engine.runs() == []
+        done = await (await engine.submit("deploy", {"region": "eu"})).wait(TIMEOUT)
+        assert done.status is RunStatus.SUCCEEDED and done.result == "eu-west-1"
