@@ -249,7 +249,7 @@ class Engine:
         Relays this node's events to every node and reads every node's back
         into :attr:`cluster`: ``"postgres"`` through the PostgreSQL store's
         database (or ``"postgresql://..."``, another one), ``"redis://host:6379/0"``
-        through a capped Redis stream (needs ``pip install 'taskwatch[redis]'``),
+        through a capped Redis stream (needs redis-py, the ``redis`` extra),
         or a :class:`~taskwatch.engine.MemoryEventStream` shared by engines of
         this process; ``None`` (default) keeps them local.
     lease_ttl:

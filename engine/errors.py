@@ -745,6 +745,22 @@ class ReplyTooLarge(TaskwatchError):
         )
 
 
+#: what each of taskwatch's optional extras installs (pyproject.toml's optional-dependencies;
+#: a test holds the two equal). Errors name the packages themselves: taskwatch is installed
+#: from its source, and ``pip install 'taskwatch[redis]'`` would fetch another project of
+#: that name from PyPI
+EXTRAS = {
+    "web": "textual-serve>=1.1,<1.2",
+    "postgres": "asyncpg>=0.30",
+    "redis": "redis>=5.0",
+}
+
+
+def install_hint(extra: str) -> str:
+    """How to install what taskwatch's optional ``extra`` needs, into the running environment."""
+    return f"pip install '{EXTRAS[extra]}' (taskwatch's {extra!r} extra)"
+
+
 class MissingDependency(TaskwatchError, ImportError):
     """An optional feature was used without the package it runs on."""
 
@@ -754,7 +770,7 @@ class MissingDependency(TaskwatchError, ImportError):
         self.extra = extra
         super().__init__(
             f"{feature} needs the {package!r} package, which is not installed; "
-            f"install it with: pip install 'taskwatch[{extra}]'"
+            f"install it with: {install_hint(extra)}"
         )
 
 
@@ -822,7 +838,7 @@ class StoreDriverMissing(StoreError, ImportError):
         self.extra = extra
         super().__init__(
             f"the {store} run store needs the {driver} driver, which is not installed; "
-            f"install it with: pip install 'taskwatch[{extra}]'"
+            f"install it with: {install_hint(extra)}"
         )
 
 

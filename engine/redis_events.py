@@ -17,7 +17,7 @@ Every record names the bus that numbered it (``b``, the relay's
 socket timeout, then ran it) is sent again, and readers leave the second copy
 out instead of taking the numbers starting again for a restarted node.
 
-redis-py is imported when a relay is made (``pip install 'taskwatch[redis]'``).
+redis-py is imported when a relay is made (``pip install 'redis>=5.0'``, the ``redis`` extra).
 """
 
 from __future__ import annotations

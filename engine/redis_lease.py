@@ -53,7 +53,7 @@ holes of the hand-written versions closed:
   restart therefore costs the leader its leadership and runs a new election,
   without a crash or a stray task.
 
-redis-py is an optional dependency (``pip install 'taskwatch[redis]'``): it is
+redis-py is an optional dependency (``pip install 'redis>=5.0'``, the ``redis`` extra): it is
 imported when a :class:`RedisLease` is made, never by ``import taskwatch.engine``.
 """
 

@@ -97,3 +97,14 @@ def test_the_readme_names_every_exported_error_and_event_kind() -> None:
     bus = bus[: bus.index("```")]
     listed = {kind for kind in api.EVENT_KINDS if f"`{kind}`" in bus or f"`{kind.split('.')[0]}.*`" in bus}
     assert sorted(set(api.EVENT_KINDS) - listed) == []
+
+
+def test_errors_name_the_packages_each_optional_extra_installs() -> None:
+    # errors name the packages, not 'taskwatch[extra]', which pip would fetch from PyPI, where
+    # the name is another project's
+    import tomllib
+
+    from taskwatch.engine.errors import EXTRAS
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {name: " ".join(extras[name]) for name in EXTRAS} == EXTRAS

@@ -208,7 +208,7 @@ def test_without_redis_py_the_engine_imports_and_the_lease_names_the_extra() -> 
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "pip install 'taskwatch[redis]'" in out.stdout
+    assert "pip install 'redis>=5.0' (taskwatch's 'redis' extra)" in out.stdout
 
 
 async def test_an_unreachable_redis_fails_fast_with_backoff(redis_server: RedisServer) -> None:

@@ -83,7 +83,7 @@ def test_make_store_postgres_specs() -> None:
 
 def test_without_the_driver_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "asyncpg", None)  # what an environment without it looks like
-    with pytest.raises(StoreDriverMissing, match=r"pip install 'taskwatch\[postgres\]'"):
+    with pytest.raises(StoreDriverMissing, match=r"pip install 'asyncpg>=0.30' \(taskwatch's 'postgres' extra\)"):
         make_store("postgresql://db/app")
     # and the engine itself imports without it
     code = "import sys; sys.modules['asyncpg'] = None; import taskwatch.engine; print('ok')"

@@ -42,6 +42,7 @@ from taskwatch.engine import (
     WeakToken,
     __version__,
 )
+from taskwatch.engine.errors import install_hint
 from taskwatch.engine.server import MIN_TOKEN_BYTES
 from taskwatch.engine.wire import TcpAddress, UnixAddress, parse_address, parse_connect_address
 
@@ -859,7 +860,7 @@ def _web(opts: argparse.Namespace) -> int:
     try:
         from . import web
     except ImportError:
-        return fail("`taskwatch web` needs textual-serve: pip install 'taskwatch[web]'")
+        return fail(f"`taskwatch web` needs textual-serve: {install_hint('web')}")
     attach = opts.target[:1] == ["attach"]
     if attach:
         if len(opts.target) != 2:
