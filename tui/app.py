@@ -24,6 +24,7 @@ from taskwatch.engine import (
     EVENT_KINDS,
     PeriodicNotRunnable,
     QueueInfo,
+    RunError,
     RunNotCancellable,
     RunNotRetryable,
     RunRecord,
@@ -60,9 +61,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.driver import Driver
 from textual.containers import Horizontal, HorizontalGroup, Vertical
-from textual.content import Content
 from textual.css.query import NoMatches
-from textual.markup import MarkupError
 from textual.notifications import SeverityLevel
 from textual.reactive import reactive
 from textual.screen import Screen
@@ -78,6 +77,7 @@ from .screens import (
     HelpScreen,
     SubmitScreen,
     TracebackScreen,
+    error_text,
     may_have_been_done,
 )
 from .state import DEFAULT_MAX_RUNS, DashboardState
@@ -139,8 +139,8 @@ def command_failure(verb: str, exc: BaseException) -> str:
     """What became of a command that raised, said so that nobody takes it for not done when
     it may have been."""
     if may_have_been_done(exc):
-        return f"{verb}: {exc}; it may have been done all the same: check before trying again"
-    return f"{verb} failed: {exc}"
+        return f"{verb}: {error_text(exc)}; it may have been done all the same: check before trying again"
+    return f"{verb} failed: {error_text(exc)}"
 
 
 def unknown_statuses(text: str) -> list[str]:
@@ -259,7 +259,13 @@ def parse_run_filter(text: str) -> RunFilter:
 SCHEDULER_ACTIONS = frozenset({"restart_worker", "toggle_worker", "toggle_queue", "purge_queue", "fire_trigger"})
 #: keys for the selected run: in the footer, and active, only on the tabs where they can act
 #: (a failed run can be retried from the Failures tab, but not cancelled)
-RUN_ACTIONS: dict[str, tuple[str, ...]] = {"cancel_run": ("runs",), "retry_run": ("runs", "failures")}
+RUN_ACTIONS: dict[str, tuple[str, ...]] = {
+    "cancel_run": ("runs",),
+    "retry_run": ("runs", "failures"),
+    # a run's, a failure's, a crashed worker's (Scheduler) or a failure event's (Events): the
+    # Health and Tasks tabs have nothing it could show
+    "traceback": ("runs", "failures", "scheduler", "events"),
+}
 
 _QUEUE_KEYS = Binding.Group("queue", compact=True)
 _WORKER_KEYS = Binding.Group("worker", compact=True)
@@ -463,6 +469,8 @@ class TaskwatchApp(App[None]):
         self.frames = 0
         self.events_seen = 0
         self._failures_shown: tuple[int, int] = (-1, -1)
+        #: the dropped events the Tasks tab last said its figures may miss
+        self._stats_dropped = 0
         #: whether this app froze the objects that existed when its dashboard was ready
         self._frozen = False
         self.main = DashboardScreen(max_rows)
@@ -516,16 +524,21 @@ class TaskwatchApp(App[None]):
         timeout: float | None = None,
         markup: bool = True,
     ) -> None:
-        # messages quote task names, trigger keys and errors from engines and stores:
-        # no escape sequence in them may reach the terminal, and a "[/x]" in them must not
-        # stop the app (a toast's markup is parsed when it is drawn, and raises there)
-        message = printable_lines(message)
-        if markup:
-            try:
-                Content.from_markup(message)
-            except MarkupError:
-                markup = False
-        super().notify(message, title=printable(title), severity=severity, timeout=timeout, markup=markup)
+        """Every message is drawn as written, whatever ``markup`` says: the dashboard's
+        messages quote task names, trigger keys and errors from engines and stores, where a
+        "[/x]" stopped the app (a toast's markup is parsed when it is drawn, and raises
+        there) and a "[b]" was eaten; none of them means markup. No escape sequence in them
+        may reach the terminal either."""
+        super().notify(
+            printable_lines(message), title=printable(title), severity=severity, timeout=timeout, markup=False
+        )
+
+    def action_help_quit(self) -> None:
+        # Textual's own word on ctrl+c, which it writes in markup: said plainly (see notify)
+        for key, active in self.active_bindings.items():
+            if active.binding.action in ("quit", "app.quit"):
+                self.notify(f"Press {key} to quit the app", title="Do you want to quit?")
+                return
 
     def on_resize(self, event: events.Resize) -> None:
         # Rich asks the OS for the terminal size on every measurement unless it is
@@ -944,8 +957,10 @@ class TaskwatchApp(App[None]):
         if full is None or full.status is not record.status or full.attempt != record.attempt:
             try:
                 full = await self.client.get(record.id)
-            except COMMAND_ERRORS as exc:
-                self.notify(f"could not load run {record.id} in full for {purpose}: {exc}", severity="warning")
+            except Exception as exc:  # noqa: BLE001 - a key's action says what went wrong, never stops the app
+                self.notify(
+                    f"could not load run {record.id} in full for {purpose}: {error_text(exc)}", severity="warning"
+                )
                 return None
             self._keep_full(full)
             self.state.fill(full)
@@ -1055,15 +1070,27 @@ class TaskwatchApp(App[None]):
 
     def _update_task_stats(self) -> None:
         book = self.state.task_stats
-        if not book.changed:
+        dropped = self.state.dropped + self.client.dropped
+        if not book.changed and dropped == self._stats_dropped:
             return
         book.changed = False
+        self._stats_dropped = dropped
         self.main.query_one(TaskStatsTable).update_stats([TaskStats(**row) for row in book.rows()])
         since = "" if book.since is None else time.strftime("%H:%M:%S", time.localtime(book.since))
-        self.main.query_one("#task-stats-since", Static).update(
-            f"Runs seen by this dashboard since {since} (its first snapshot's runs included, older queued "
-            "ones once they start or end)" if since else ""
-        )
+        text = Text()
+        if since:
+            text.append(
+                f"Runs seen by this dashboard since {since} (its first snapshot's runs included, older queued "
+                "ones once they start or end)"
+            )
+        if since and dropped:
+            # the header's counts come whole with each overview; these only from the runs listed
+            text.append(
+                f"\n⚠ {dropped:,} events were dropped: these figures may miss runs, or show runs as not "
+                "finished (the reload after a drop counts only the runs its snapshot lists)",
+                style="bold yellow",
+            )
+        self.main.query_one("#task-stats-since", Static).update(text)
 
     # ------------------------------------------------------------------ selection
 
@@ -1141,9 +1168,11 @@ class TaskwatchApp(App[None]):
     def action_submit(
         self, task: str | None = None, values: dict[str, Any] | None = None, title: str = "Submit a task"
     ) -> None:
-        if not self.state.tasks:
+        if not self._connected_once:
             self.notify("not connected to an engine yet", severity="warning")
             return
+        # connected to an engine with no task to submit (periodic tasks only, or only queues
+        # and workers): the dialog says so
 
         def submitted(record: RunRecord | None) -> None:
             if record is None:
@@ -1186,7 +1215,9 @@ class TaskwatchApp(App[None]):
         """Await a command to the engine; a refusal or a failure becomes a message."""
         try:
             return await call
-        except COMMAND_ERRORS as exc:
+        # anything else too: what an engine's callables or its store raise (a KeyError from a
+        # run id factory, say) is said like any failure; a key's worker never stops the app
+        except Exception as exc:  # noqa: BLE001
             if refused is not None and isinstance(exc, refused):
                 self.notify(str(exc), severity="warning")
             else:
@@ -1281,7 +1312,7 @@ class TaskwatchApp(App[None]):
             async with gate:
                 try:
                     return await command(run.id)
-                except COMMAND_ERRORS as exc:
+                except Exception as exc:  # noqa: BLE001 - said with the others refused (see _command)
                     return f"{run.id}: {command_failure(verb, exc)}"
 
         outcomes = await asyncio.gather(*(one(run) for run in runs))
@@ -1370,6 +1401,9 @@ class TaskwatchApp(App[None]):
 
     @work(group="actions")
     async def action_traceback(self) -> None:
+        if self.active_tab == "events":
+            await self._event_traceback()
+            return
         if self.active_tab == "scheduler":
             worker = self._selected_worker()
             if worker is None or worker.last_error is None:
@@ -1405,6 +1439,30 @@ class TaskwatchApp(App[None]):
         # a task's error may hold escape sequences: shown, never handed to the terminal
         title = printable(f"{run.task} {run.id}: {run.error.type}: {run.error.message}")
         self.push_screen(TracebackScreen(title, printable_lines(run.error.traceback)))
+
+    async def _event_traceback(self) -> None:
+        """The traceback of the event under the Events tab's cursor: a run's failure (the run's
+        own, fetched whole where the wire cut it), a retried attempt's or a worker's crash."""
+        event = self.main.query_one(EventLog).chosen
+        error = getattr(event, "error", None)
+        if event is None or not isinstance(error, RunError):
+            self.notify("the selected event has no traceback: move the cursor to a run.failed, "
+                        "run.retrying or worker.crashed event", severity="warning")
+            return
+        run_id = getattr(event, "run_id", None)
+        if event.kind == "run.failed" and isinstance(run_id, str):
+            # a run fails once: its record's error is this one, whole
+            record = self.state.failure(run_id)
+            if record is not None and record.error is not None:
+                with self._sole("show the traceback of", [run_id], f"run {run_id}") as free:
+                    if not free:
+                        return
+                    record = await self._in_full(record, "the traceback") or record
+                if record.error is not None:
+                    error = record.error
+        who = f"{getattr(event, 'task', '')} {run_id}" if run_id else f"worker {getattr(event, 'name', '')}"
+        title = printable(f"{who}: {error.type}: {error.message}")
+        self.push_screen(TracebackScreen(title, printable_lines(error.traceback)))
 
     def action_filter(self) -> None:
         tab = self.main.query_one(TabbedContent).active
@@ -1517,7 +1575,8 @@ class TaskwatchApp(App[None]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Keys for a tab's rows show in the footer, and act, only on that tab: the Scheduler
         tab's row keys there, each run key where it can act on the runs listed (cancel on
-        the Runs tab, retry there and on Failures; the footer has room then)."""
+        the Runs tab, retry there and on Failures, t wherever a traceback can be picked; the
+        footer has room then)."""
         if action not in SCHEDULER_ACTIONS and action not in RUN_ACTIONS:
             return True
         try:

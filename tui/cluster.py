@@ -46,7 +46,6 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from rich.text import Text
 from taskwatch.engine import (
     ClusterNode,
     ClusterObserver,
@@ -59,11 +58,21 @@ from taskwatch.engine import (
     Subscription,
     TaskwatchError,
 )
-from taskwatch.widgets import ClusterRunsTable, EventLog, NodesTable, RunsTable, StoreNodesTable
+from taskwatch.widgets import (
+    ClusterRunsTable,
+    EventLog,
+    NodesTable,
+    RunsTable,
+    StoreNodesTable,
+    printable,
+    printable_lines,
+)
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.content import Content
 from textual.driver import Driver
+from textual.notifications import SeverityLevel
 from textual.css.query import NoMatches
 from textual.timer import Timer
 from textual.widgets import Footer, Static
@@ -89,13 +98,22 @@ RUNS_REDRAW_CHANGED = 0.2
 RUNS_REDRAW_IDLE = 1.0
 
 
+def as_written(text: object) -> str:
+    """``text`` (a node name, a store's error) as markup that draws it as written, on one line:
+    the header is markup, and a "[/x]" in a store's error would stop the app. Textual's markup
+    has no escape for a backslash: one at the end would escape the closing tag after it, so a
+    zero-width space follows it."""
+    written = printable(str(text)).replace("[", "\\[")
+    return written + "\u200b" if written.endswith("\\") else written
+
+
 def join_parts(parts: list[str], width: int) -> str:
     """Markup ``parts`` two spaces apart, on as many lines of ``width`` cells as they need,
     so a narrow terminal never splits one part ("27 missed") across two lines."""
     lines: list[list[str]] = [[]]
     used = 0
     for part in parts:
-        size = Text.from_markup(part).cell_len
+        size = Content.from_markup(part).cell_length  # read as the Static reads it
         if lines[-1] and width and used + 2 + size > width:
             lines.append([])
             used = 0
@@ -112,10 +130,10 @@ def leader_part(observer: ClusterObserver, nodes: list[ClusterNode]) -> str:
     leaders = [node for node in nodes if node.is_leader]
     if leaders:
         top = max(leaders, key=lambda node: node.term or 0)
-        return f"leader {top.node}" + (f" t{top.term}" if top.term is not None else "")
+        return f"leader {as_written(top.node)}" + (f" t{top.term}" if top.term is not None else "")
     lease = observer.leader
     if lease is not None:  # held by a process the nodes table does not list
-        return f"leader {lease.holder} t{lease.term}"
+        return f"leader {as_written(lease.holder)} t{lease.term}"
     if observer.leader_vacant or any(node.is_leader is False for node in nodes):
         return "no leader"
     # nothing says who leads: the nodes may lead through a lease this dashboard cannot see
@@ -150,6 +168,28 @@ class ClusterApp(App[None]):
     def get_driver_class(self) -> type[Driver]:
         # a terminal closed under it must not leave the dashboard, and its engine, hanging
         return hangup_safe(super().get_driver_class())
+
+    def notify(
+        self,
+        message: str,
+        *,
+        title: str = "",
+        severity: SeverityLevel = "information",
+        timeout: float | None = None,
+        markup: bool = True,
+    ) -> None:
+        """Drawn as written, whatever ``markup`` says: the messages quote run ids, tasks and the
+        database's errors, where a "[/x]" would stop the app when the toast is drawn."""
+        super().notify(
+            printable_lines(message), title=printable(title), severity=severity, timeout=timeout, markup=False
+        )
+
+    def action_help_quit(self) -> None:
+        # Textual's own word on ctrl+c, which it writes in markup: said plainly (see notify)
+        for key, active in self.active_bindings.items():
+            if active.binding.action in ("quit", "app.quit"):
+                self.notify(f"Press {key} to quit the app", title="Do you want to quit?")
+                return
 
     def __init__(
         self,
@@ -244,8 +284,8 @@ class ClusterApp(App[None]):
         else:
             link = "[bold red]DISCONNECTED[/] (retrying)"
         missed = f"[bold red]{stats.missed} missed[/]" if stats.missed else "0 missed"
-        parts = [f"[b]{stats.stream}[/] on {self.source.public_url}", link, f"{len(nodes)} nodes",
-                 f"{stats.received} events", missed]  # fmt: skip
+        parts = [f"[b]{as_written(stats.stream)}[/] on {as_written(self.source.public_url)}", link,
+                 f"{len(nodes)} nodes", f"{stats.received} events", missed]  # fmt: skip
         if stats.malformed:
             # entries in the stream that are no event (a foreign writer, a corrupted row): counted nowhere else
             parts.append(f"[bold red]{stats.malformed} malformed[/]")
@@ -259,7 +299,7 @@ class ClusterApp(App[None]):
             if observer.resyncs:
                 parts.append(f"{observer.resyncs} resyncs")
             if observer.last_error:
-                parts.append(f"[bold red]store: {observer.last_error}[/]")
+                parts.append(f"[bold red]store: {as_written(observer.last_error)}[/]")
         log = self.query_one(EventLog)
         if log.paused:
             held = f" ({log.buffered} buffered)" if log.buffered else ""

@@ -58,6 +58,8 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
         self._values = values
         self._title = title
         self.tasks = {t.name: t for t in tasks if t.submittable}
+        #: tasks the engine has that cannot be submitted (periodic ones): named when none can
+        self._unsubmittable = [t.name for t in tasks if not t.submittable]
         self._submit = submit
         self._initial = initial if initial in self.tasks else next(iter(self.tasks), None)
         #: a submit request waits for its reply (Submit is disabled meanwhile)
@@ -72,7 +74,8 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
                 # task text: drawn as written, never read as markup
                 yield Select(
                     [(Text(printable(name)), name) for name in self.tasks],
-                    value=self._initial if self._initial is not None else Select.BLANK,
+                    # Select.NULL is "nothing picked" (Select.BLANK is Widget.BLANK, a bool)
+                    value=self._initial if self._initial is not None else Select.NULL,
                     allow_blank=False if self.tasks else True,
                     id="submit-task",
                 )
@@ -84,7 +87,7 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
                 error.display = False  # no blank line while there is nothing to say
                 yield error
                 with Horizontal(id="submit-buttons"):
-                    yield Button("Submit", variant="primary", id="submit-ok")
+                    yield Button("Submit", variant="primary", id="submit-ok", disabled=not self.tasks)
                     yield Button("Cancel", id="submit-cancel")
             # not a focus stop of its own: the first Tab goes to the first field
             with VerticalScroll(id="submit-form", can_focus=False):
@@ -94,7 +97,7 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
 
     def on_mount(self) -> None:
         if self._initial is None:
-            self._say("This engine has no submittable tasks.")
+            self._say(Text(_nothing_to_submit(self._unsubmittable)))
 
     @on(Select.Changed, "#submit-task")
     async def _task_changed(self, event: Select.Changed) -> None:
@@ -162,19 +165,42 @@ class SubmitScreen(ModalScreen[RunRecord | None]):
             self._say("")
             self.form.show_errors(exc.errors)
             return
-        except (TaskwatchError, OSError, RuntimeError) as exc:  # TimeoutError and a lost connection too
+        except Exception as exc:  # noqa: BLE001 - whatever the engine or its store raise too
+            # TaskwatchError, TimeoutError and a lost connection, and anything else: a KeyError
+            # (from a params validator, once) reached here and, uncaught, took the dashboard down
             if may_have_been_done(exc):
                 # the request went out and no reply came: the engine may well have taken it
-                self._say(Text(f"{exc}; the run may have been submitted: check the Runs tab before submitting again",
-                               style="bold yellow"))
+                said = f"{error_text(exc)}; the run may have been submitted: check the Runs tab before submitting again"
+                self._say(Text(printable_lines(said), style="bold yellow"))
             else:
-                self._say(Text(f"not submitted: {exc}", style="bold red"))
+                self._say(Text(printable_lines(f"not submitted: {error_text(exc)}"), style="bold red"))
             return
         finally:
             self._in_flight = False
             for button in self.query("#submit-ok").results(Button):  # none once the dialog closed
                 button.disabled = False
         self.dismiss(record)
+
+
+def error_text(exc: BaseException) -> str:
+    """What an exception says, with its type where the message alone may not say what went
+    wrong (``KeyError: 'mars'``); taskwatch's own errors, timeouts and lost connections say it
+    already."""
+    if isinstance(exc, (TaskwatchError, OSError)):
+        return str(exc)
+    message = str(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _nothing_to_submit(unsubmittable: list[str]) -> str:
+    """What the submit dialog says for an engine with no task it can submit."""
+    if not unsubmittable:
+        return "This engine has no submittable tasks: it has no tasks, only what runs on its own (queues, workers)."
+    names = ", ".join(printable(name) for name in unsubmittable[:5])
+    if len(unsubmittable) > 5:
+        names += f" and {len(unsubmittable) - 5} more"
+    return (f"This engine has no submittable tasks: its tasks ({names}) run on their own, on a schedule "
+            "or a trigger (on the Scheduler tab, n runs a periodic task now and f fires a trigger).")
 
 
 def _description(info: TaskInfo | None) -> Text:

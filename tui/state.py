@@ -153,6 +153,7 @@ class DashboardState:
         self.apply_overview(snap)
         self.last_seq = snap.last_seq
         self.needs_resync = False
+        # the first snapshot's runs, and, in a later one, what dropped events kept from the figures
         self.task_stats.seed(snap.runs, self.clock())
         self._trim(keep)
 
@@ -305,9 +306,7 @@ class DashboardState:
         run.partial = True
         self.runs[run.id] = run
         self.partial[run.id] = None
-        # counted as submitted when first seen, as its first snapshot's runs are: no task
-        # has more runs ended than submitted
-        self.task_stats.seen(e.task)
+        # (the Tasks tab's figures count it as submitted when first heard of: see TaskStatsBook)
         return run
 
     def take_partial(self) -> list[str]:

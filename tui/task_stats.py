@@ -4,7 +4,8 @@ Pure Python (no Textual): counts of submitted, succeeded, failed and
 cancelled runs per task, the durations of its recent finished runs (for p50
 and p95), its last failure, and its failures grouped by exception type. The
 figures cover what this dashboard has seen since ``since`` (its first
-snapshot's finished runs included), which it says on screen.
+snapshot's finished runs included), which it says on screen; each later
+snapshot corrects them for the runs it lists (see :class:`TaskStatsBook`).
 """
 
 from __future__ import annotations
@@ -63,14 +64,33 @@ class TaskTally:
 
 
 class TaskStatsBook:
-    """Every task's tally, fed one run event at a time."""
+    """Every task's tally, fed one run event at a time, and corrected from each snapshot the
+    dashboard reloads (after dropped events, or a reconnect).
 
-    def __init__(self, keep_durations: int = 1_000) -> None:
+    It remembers which runs it counted, and whether their end too: a later snapshot's runs
+    that it never heard of are counted then, and the ends it missed of the runs it did. Runs
+    whose events were dropped and that no snapshot lists stay missing (or unfinished): the
+    app says so beside the figures. Of the runs that ended, the last ``remember`` are
+    remembered; a snapshot's run submitted before those let go is taken as counted. Of the
+    runs not ended, ``remember_open`` (a run whose end was dropped stays one until a snapshot
+    lists it); one let go that is heard of again is counted as submitted again.
+    """
+
+    def __init__(self, keep_durations: int = 1_000, remember: int = 20_000, remember_open: int = 100_000) -> None:
         self.keep_durations = keep_durations
+        self.remember = remember
+        self.remember_open = remember_open
         self.tallies: dict[str, TaskTally] = {}
         #: when the figures start (the first snapshot's time, or the first event's)
         self.since: float | None = None
         self.changed = False
+        #: runs counted as submitted that have not ended, oldest first: id -> (the attempt last
+        #: known, when it was submitted or first heard of)
+        self._open: dict[str, tuple[int, float]] = {}
+        #: runs whose end is counted, oldest first: id -> when it was submitted (or first heard of)
+        self._ended: dict[str, float] = {}
+        #: the latest submit time among the ended runs let go (None: none was)
+        self._forgotten_upto: float | None = None
 
     def _tally(self, task: str) -> TaskTally:
         tally = self.tallies.get(task)
@@ -79,22 +99,60 @@ class TaskStatsBook:
         return tally
 
     def seed(self, runs: list[RunRecord], now: float) -> None:
-        """Count a first snapshot's runs (only once: later snapshots repeat what events told)."""
-        if self.since is not None:
-            return
-        self.since = min((r.created_at for r in runs), default=now)
+        """Count a snapshot's runs: all of them the first time; later, those not counted yet
+        and the ends not counted yet (their events were dropped, or came while disconnected)."""
+        if self.since is None:
+            self.since = min((r.created_at for r in runs), default=now)
+            self.changed = True
         for record in runs:
-            tally = self._tally(record.task)
-            tally.submitted += 1
-            if record.status is RunStatus.SUCCEEDED:
-                tally.succeeded += 1
-            elif record.status is RunStatus.FAILED:
-                self._failed(tally, record.finished_at or record.created_at, record.error)
-            elif record.status is RunStatus.CANCELLED:
-                tally.cancelled += 1
-            if record.status.finished and record.started_at is not None and record.finished_at is not None:
-                tally.durations.append(record.finished_at - record.started_at)
+            self._reconcile(record)
+
+    def _reconcile(self, record: RunRecord) -> None:
+        run_id = record.id
+        if run_id in self._ended:
+            return
+        known = self._open.get(run_id)
+        if known is None:
+            forgotten = self._forgotten_upto
+            if forgotten is not None and record.created_at <= forgotten:
+                return  # may be one of the ended runs let go: counted already
+            self._tally(record.task).submitted += 1
+            known = self._opened(run_id, 1, record.created_at)
+            self.changed = True
+        tally = self._tally(record.task)
+        attempt, submitted_at = known
+        if record.attempt > attempt:
+            # attempts whose retry (or recovery) events it missed
+            tally.retried += record.attempt - attempt
+            self._open[run_id] = (record.attempt, submitted_at)
+            self.changed = True
+        if not record.status.finished:
+            return
+        if record.status is RunStatus.SUCCEEDED:
+            tally.succeeded += 1
+        elif record.status is RunStatus.FAILED:
+            self._failed(tally, record.finished_at or record.created_at, record.error)
+        elif record.status is RunStatus.CANCELLED:
+            tally.cancelled += 1
+        if record.started_at is not None and record.finished_at is not None:
+            tally.durations.append(record.finished_at - record.started_at)
+        self._end(run_id)
         self.changed = True
+
+    def _opened(self, run_id: str, attempt: int, submitted_at: float) -> tuple[int, float]:
+        known = self._open[run_id] = (attempt, submitted_at)
+        if len(self._open) > self.remember_open:
+            del self._open[next(iter(self._open))]
+        return known
+
+    def _end(self, run_id: str) -> None:
+        known = self._open.pop(run_id, None)
+        self._ended[run_id] = known[1] if known is not None else 0.0
+        if len(self._ended) > self.remember:
+            oldest = next(iter(self._ended))
+            at = self._ended.pop(oldest)
+            if self._forgotten_upto is None or at > self._forgotten_upto:
+                self._forgotten_upto = at
 
     def _failed(self, tally: TaskTally, ts: float, error: Any) -> None:
         tally.failed += 1
@@ -104,34 +162,50 @@ class TaskStatsBook:
             tally.last_failure_at = ts
             tally.last_failure = kind if error is None else f"{error.type}: {error.message}"
 
-    def seen(self, task: str) -> None:
-        """Count a run first seen after its submission (queued before the first snapshot's
-        runs, say) as submitted: its end is counted too, and no task may show more runs
-        ended than submitted."""
-        self._tally(task).submitted += 1
-        self.changed = True
-
     def on_event(self, kind: str, event: Any) -> None:
-        """Count one run event (``kind`` is its ``kind``)."""
+        """Count one run event (``kind`` is its ``kind``). A run first heard of after its
+        submission (queued before the first snapshot's runs, say) is counted as submitted
+        then: its end is counted too, and no task may show more runs ended than submitted.
+        What was counted already (a run's submission or end told twice, or by a snapshot
+        first) is not counted again."""
+        if not kind.startswith("run."):
+            return
+        run_id = event.run_id
+        if run_id in self._ended:
+            return  # ended and counted: nothing after an end changes the figures
         if kind == "run.submitted":
             if self.since is None:
                 self.since = event.ts
+            if run_id in self._open:
+                return
             self._tally(event.task).submitted += 1
-        elif kind == "run.succeeded":
-            tally = self._tally(event.task)
+            self._opened(run_id, 1, event.ts)
+            self.changed = True
+            return
+        tally = self._tally(event.task)
+        known = self._open.get(run_id)
+        if known is None:
+            tally.submitted += 1
+            known = self._opened(run_id, getattr(event, "attempt", 1), event.ts)
+            self.changed = True
+        if kind == "run.succeeded":
             tally.succeeded += 1
             tally.durations.append(event.duration)
         elif kind == "run.failed":
-            tally = self._tally(event.task)
             self._failed(tally, event.ts, event.error)
             if event.duration:
                 tally.durations.append(event.duration)
         elif kind == "run.cancelled":
-            self._tally(event.task).cancelled += 1
+            tally.cancelled += 1
         elif kind == "run.retrying":
-            self._tally(event.task).retried += 1
+            tally.retried += 1
+            self._open[run_id] = (event.attempt, known[1])
         else:
+            if kind in ("run.started", "run.recovered") and event.attempt > known[0]:
+                self._open[run_id] = (event.attempt, known[1])
             return
+        if kind in ("run.succeeded", "run.failed", "run.cancelled"):
+            self._end(run_id)
         self.changed = True
 
     def rows(self) -> list[dict[str, Any]]:

@@ -2,8 +2,10 @@
 view's pause state on one line.
 
 The pause and drop indicators are laid out first and the counts get what is
-left of the width (cut with an ellipsis), so "paused" and "dropped N events"
-stay in sight however large the counts grow.
+left of the width (cut with an ellipsis, or left out when fewer than a few
+cells are left), so "paused" and "dropped N events" stay in sight however
+large the counts grow; on a terminal too narrow even for them, they shorten
+(``dropped 123,456 │ ⏸ paused (950)``) before they are cut.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ _ORDER = (*_NOW, *_FINISHED)
 _SEPARATOR = ("  │  ", "dim")
 _NARROW_SEPARATOR = (" │ ", "dim")
 #: the status names of the narrowest form
+#: the fewest cells the counts are cut to beside the indicators: fewer give way to them
+_LEAST_COUNTS = 6
 _SHORT = {"pending": "pend", "running": "run", "succeeded": "ok", "failed": "fail", "cancelled": "canc"}
 
 
@@ -101,17 +105,28 @@ class CountsBar(Widget):
         self.paused = paused
         self.buffered = view_paused_buffered
 
-    def indicators(self) -> Text:
-        """The part that is never cut: dropped events and the paused view."""
-        text = Text(no_wrap=True)
+    def indicators(self, compact: int = 0, *, lead: bool = True) -> Text:
+        """The part that is never cut: dropped events and the paused view.
+
+        ``compact`` 1 narrows the separators, 2 also leaves out the words "events" and
+        "buffered"; ``lead=False`` leaves out the separator before the first (nothing is
+        shown before it)."""
+        separator = _SEPARATOR if compact == 0 else _NARROW_SEPARATOR
+        parts: list[Text] = []
         if self.dropped:
-            text.append(*_SEPARATOR)
-            text.append(f"dropped {fmt_count(self.dropped)} events", style="bold red")
+            count = fmt_count(self.dropped)
+            parts.append(Text(f"dropped {count} events" if compact < 2 else f"dropped {count}", style="bold red"))
         if self.paused:
-            text.append(*_SEPARATOR)
-            text.append("⏸ paused", style="bold yellow")
+            part = Text("⏸ paused", style="bold yellow")
             if self.buffered:
-                text.append(f" ({fmt_count(self.buffered)} buffered)", style="yellow")
+                count = fmt_count(self.buffered)
+                part.append(f" ({count} buffered)" if compact < 2 else f" ({count})", style="yellow")
+            parts.append(part)
+        text = Text(no_wrap=True)
+        for index, part in enumerate(parts):
+            if index or lead:
+                text.append(*separator)
+            text.append_text(part)
         return text
 
     def counts(self, compact: int = 0) -> Text:
@@ -165,7 +180,17 @@ class CountsBar(Widget):
                     break
                 counts = self.counts(compact)
             if counts.cell_len > room:
-                counts.truncate(max(0, room), overflow="ellipsis")
+                if not indicators or room >= _LEAST_COUNTS:
+                    counts.truncate(max(1, room), overflow="ellipsis")
+                else:
+                    # the indicators need (nearly) the whole width: the counts give way
+                    # entirely, and the indicators narrow as far as they must to stay in sight
+                    counts = Text(no_wrap=True)
+                    for compact in (0, 1, 2):
+                        indicators = self.indicators(compact, lead=False)
+                        if indicators.cell_len <= width:
+                            break
+                    indicators.truncate(width, overflow="ellipsis")
         counts.append_text(indicators)
         counts.no_wrap = True
         return counts

@@ -198,13 +198,13 @@ def _classify(
         if isinstance(target, Mapping):
             choices = _string_enum(target)
             if choices:
-                return "str", f"{def_name} (one of {', '.join(choices)})", None, choices
+                return "str", f"{def_name} (one of {', '.join(map(_choice_text, choices))})", None, choices
             if target.get("type") == "object":
                 return "json", f"{def_name} (JSON)", "object", ()
         return "json", f"{def_name} (JSON)", None, ()
     choices = _string_enum(schema)
     if choices:
-        return "str", f"one of {', '.join(choices)}", None, choices
+        return "str", f"one of {', '.join(map(_choice_text, choices))}", None, choices
     json_type = schema.get("type")
     if isinstance(json_type, str) and json_type in _SIMPLE_TYPES:
         kind, label = _SIMPLE_TYPES[json_type]
@@ -300,8 +300,8 @@ class ParamsForm(Widget):
         self._inputs: dict[str, Input | Switch | Select[str]] = {}
         self._errors: dict[str, Static] = {}
         #: what each field held as filled in (an Input's text, a Switch's state, a Select's pick
-        #: or ""): a field still holding it is untouched
-        self._filled: dict[str, str | bool] = {}
+        #: or None for none: "" may be a pick): a field still holding it is untouched
+        self._filled: dict[str, str | bool | None] = {}
         #: string fields showing their value as a JSON string (see _initial_text)
         self._quoted: set[str] = set()
 
@@ -316,7 +316,8 @@ class ParamsForm(Widget):
             if spec.required:
                 label.add_class("-required")
             if spec.description:
-                label.tooltip = spec.description
+                # a tooltip's str is read as markup: "e.g. [/tmp/out]" raised on hover
+                label.tooltip = Content(printable_lines(spec.description))
             yield label
             hint = " · ".join(part for part in (spec.description, spec.limits_text()) if part)
             if hint:
@@ -326,7 +327,7 @@ class ParamsForm(Widget):
             if spec.kind == "bool" and _three_way(spec):
                 # a Switch has no "not set": blank here is null, or the task's own default
                 picked: dict[str, Any] = {"value": "true" if value else "false"} if isinstance(value, bool) else {}
-                self._filled[spec.name] = picked.get("value", "")
+                self._filled[spec.name] = picked.get("value")
                 widget = Select(
                     [("true", "true"), ("false", "false")],
                     **picked,
@@ -340,10 +341,11 @@ class ParamsForm(Widget):
             elif spec.choices:
                 # a pick from the allowed values, not free text; blank only where empty means something
                 chosen: dict[str, Any] = {"value": value} if isinstance(value, str) and value in spec.choices else {}
-                self._filled[spec.name] = chosen.get("value", "")
+                self._filled[spec.name] = chosen.get("value")
                 widget = Select(
-                    # the task's values, drawn as written: never read as markup
-                    [(Text(printable(choice)), choice) for choice in spec.choices],
+                    # the task's values, drawn as written: never read as markup; "" is a choice
+                    # of its own, told apart from the blank entry
+                    [(_choice_label(choice), choice) for choice in spec.choices],
                     **chosen,
                     allow_blank=spec.nullable or spec.has_default or not spec.required or value not in spec.choices,
                     prompt=self._placeholder(spec),
@@ -435,11 +437,10 @@ class ParamsForm(Widget):
             if isinstance(widget, Switch):
                 params[spec.name] = widget.value
                 continue
-            if isinstance(widget, Select):
-                raw = widget.value if isinstance(widget.value, str) else ""
-            else:
-                raw = widget.value
-            if (raw if spec.kind == "str" else raw.strip()) == "":
+            # a Select's blank is nothing picked; its "" (a string enum's empty choice) is a pick
+            picked = isinstance(widget, Select) and isinstance(widget.value, str)
+            raw = widget.value if isinstance(widget.value, str) else ""
+            if not picked and (raw if spec.kind == "str" else raw.strip()) == "":
                 if spec.nullable:
                     params[spec.name] = None
                 elif spec.required:
@@ -555,7 +556,7 @@ class ParamsForm(Widget):
         if spec.kind == "json" and spec.json_type in _EXAMPLES:
             return f"{_EXAMPLES[spec.json_type]}  ({hint})"
         if spec.choices:
-            return f"{' | '.join(spec.choices)}  ({hint})"
+            return f"{' | '.join(map(_choice_text, spec.choices))}  ({hint})"
         return hint
 
     @on(Input.Submitted)
@@ -574,13 +575,27 @@ _QUOTED_HINT = (
 )
 
 
-def _shown_value(widget: Input | Switch | Select[str]) -> str | bool:
-    """What a field holds, as ``ParamsForm._filled`` records it."""
+def _shown_value(widget: Input | Switch | Select[str]) -> str | bool | None:
+    """What a field holds, as ``ParamsForm._filled`` records it (None: a Select's blank)."""
     if isinstance(widget, Switch):
         return widget.value
     if isinstance(widget, Select):
-        return widget.value if isinstance(widget.value, str) else ""
+        return widget.value if isinstance(widget.value, str) else None
     return widget.value
+
+
+def _choice_text(choice: str) -> str:
+    """A string enum's value as the form names it: ``""`` for the empty one (and quoted where
+    it is only blanks), which would otherwise read as nothing, or as the blank entry."""
+    return json_text(choice) if not choice.strip() else choice
+
+
+def _choice_label(choice: str) -> Text:
+    """A string enum's value as its Select lists it: drawn as written, ``""`` said to be empty text."""
+    label = Text(printable(_choice_text(choice)))
+    if choice == "":
+        label.append("  (empty text)", style="dim")
+    return label
 
 
 def _unquoted(raw: str) -> str:
@@ -709,7 +724,7 @@ def _parse(spec: FieldSpec, raw: str) -> Any:
         return raw.strip() == "true"
     if spec.kind == "str":
         if spec.choices and raw not in spec.choices:
-            raise ValueError(f"must be one of: {', '.join(spec.choices)}")
+            raise ValueError(f"must be one of: {', '.join(map(_choice_text, spec.choices))}")
         return raw
     text = raw.strip()
     if spec.kind == "int":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +57,7 @@ def attempts_table(attempts: list[RunAttempt], now: float) -> Table:
     grid.add_column(no_wrap=True, justify="right")
     grid.add_column()
     for attempt in attempts:
-        if attempt.started_at is None:
-            took = DASH
-        else:
-            end = attempt.ended_at if attempt.ended_at is not None else now
-            took = fmt_duration(end - attempt.started_at)
+        took = _duration(attempt.started_at, attempt.ended_at, now)
         outcome = Text(attempt.outcome, style=_OUTCOME_STYLES.get(attempt.outcome) or status_style(attempt.outcome))
         if attempt.lost_on:
             outcome.append(f" on {printable(attempt.lost_on)}", style="magenta")
@@ -72,6 +69,31 @@ def attempts_table(attempts: list[RunAttempt], now: float) -> Table:
             outcome.append(f"  {printable(attempt.note)}", style="dim")
         grid.add_row(f"#{attempt.number}", fmt_clock(attempt.started_at), fmt_clock(attempt.ended_at), took, outcome)
     return grid
+
+
+def _duration(started_at: float | None, ended_at: float | None, now: float) -> str:
+    """Time taken as shown: till ``now`` while not ended, a dash before the start."""
+    if started_at is None:
+        return DASH
+    return fmt_duration((ended_at if ended_at is not None else now) - started_at)
+
+
+def _update_part(
+    part: Static,
+    shown: tuple[Any, ...] | None,
+    fixed: tuple[Any, ...],
+    durations: tuple[str, ...],
+    render: Callable[[], RenderableType],
+) -> tuple[Any, ...]:
+    """Update ``part`` only if what it shows changed: ``fixed`` (what it is drawn from) or the
+    ``durations`` it shows as text; returns what it shows now. A live duration ticking on in
+    text as wide as before is repainted without a layout (the part keeps its size)."""
+    key = (fixed, durations)
+    if key == shown:
+        return key
+    same_size = shown is not None and shown[0] == fixed and [len(d) for d in shown[1]] == [len(d) for d in durations]
+    part.update(render(), layout=not same_size)
+    return key
 
 
 def _json_view(value: Any) -> Syntax:
@@ -105,6 +127,12 @@ class RunDetail(VerticalScroll):
         self._result: Any = _UNSET
         self._error: RunError | None | object = _UNSET
         self._attempts: list[RunAttempt] = []
+        # What the summary, the attempts and the progress line show now (their inputs, with
+        # the live durations as drawn): a running run is shown again every frame, and an
+        # update of a part that shows the same forces a layout of the whole screen
+        self._summary_key: tuple[Any, ...] | None = None
+        self._attempts_key: tuple[Any, ...] | None = None
+        self._progress_key: tuple[Any, ...] | None = None
         # Textual says a widget is mounted only once its on_mount has run: what is shown
         # before that is drawn by on_mount itself, so it needs its own word for "ready"
         self._ready = False
@@ -181,17 +209,15 @@ class RunDetail(VerticalScroll):
             self._params = _UNSET
             self._result = _UNSET
             self._error = _UNSET
+            self._summary_key = self._attempts_key = self._progress_key = None
             return
         body.display = True
         empty.display = False
         if previous is not None and previous.id != record.id:
             self.scroll_home(animate=False)
-        self.query_one("#run-detail-summary", Static).update(
-            self._summary(record, time.time() if now is None else now)
-        )
-        self.query_one("#run-detail-attempts", Static).update(
-            attempts_table(self._attempts, time.time() if now is None else now)
-        )
+        now = time.time() if now is None else now
+        self._show_summary(record, now)
+        self._show_attempts(now)
         self._show_progress(record)
         # Keyed on the value, not the run id: attached, a run first arrives with its params
         # cut down by the wire and later, fetched in full, under the same id.
@@ -203,6 +229,25 @@ class RunDetail(VerticalScroll):
 
     # ------------------------------------------------------------ sections
 
+    def _show_summary(self, record: RunRecord, now: float) -> None:
+        duration = _duration(record.started_at, record.finished_at, now)
+        key = (
+            record.id, record.task, record.status, record.cancel_reason, record.attempt, record.max_attempts,
+            record.created_at, record.started_at, record.finished_at, record.key, record.source, record.node,
+        )
+        self._summary_key = _update_part(
+            self.query_one("#run-detail-summary", Static), self._summary_key, key, (duration,),
+            lambda: self._summary(record, now),
+        )
+
+    def _show_attempts(self, now: float) -> None:
+        attempts = self._attempts
+        took = tuple(_duration(a.started_at, a.ended_at, now) for a in attempts)
+        self._attempts_key = _update_part(
+            self.query_one("#run-detail-attempts", Static), self._attempts_key, tuple(attempts), took,
+            lambda: attempts_table(attempts, now),
+        )
+
     def _summary(self, record: RunRecord, now: float) -> RenderableType:
         grid = Table.grid(padding=(0, 2))
         grid.add_column(style="dim", no_wrap=True)
@@ -210,11 +255,7 @@ class RunDetail(VerticalScroll):
         status = Text(record.status.value, style=status_style(record.status.value))
         if record.cancel_reason is not None:
             status.append(f" ({printable(record.cancel_reason)})", style="dim")
-        if record.started_at is None:
-            duration = DASH
-        else:
-            end = record.finished_at if record.finished_at is not None else now
-            duration = fmt_duration(end - record.started_at)
+        duration = _duration(record.started_at, record.finished_at, now)
         rows: list[tuple[str, RenderableType]] = [
             ("run", Text(printable(record.id), style="bold")),
             ("task", Text(printable(record.task), style="bold")),
@@ -245,7 +286,10 @@ class RunDetail(VerticalScroll):
             parts.append(f"{progress.done:g} done")
         if progress.message:
             parts.append(printable(progress.message))
-        message.update(Text(" · ".join(parts) if parts else "", style="italic"))
+        shown = " · ".join(parts)
+        if self._progress_key != (shown,):
+            self._progress_key = (shown,)
+            message.update(Text(shown, style="italic"))
         self.query_one("#run-detail-progress-row").display = fraction is not None or bool(parts)
 
     def _show_result(self, record: RunRecord) -> None:
