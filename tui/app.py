@@ -57,12 +57,10 @@ from taskwatch.widgets import (
     printable_lines,
 )
 from textual import events, on, work
-from textual.app import App, ComposeResult, SystemCommand
+from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
-from textual.driver import Driver
 from textual.containers import Horizontal, HorizontalGroup, Vertical
 from textual.css.query import NoMatches
-from textual.notifications import SeverityLevel
 from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widget import Widget
@@ -81,7 +79,7 @@ from .screens import (
     may_have_been_done,
 )
 from .state import DEFAULT_MAX_RUNS, DashboardState
-from .terminal import hangup_safe
+from .plain_app import PlainApp
 
 TABS = ("runs", "failures", "scheduler", "health", "events", "tasks")
 
@@ -426,16 +424,13 @@ class DashboardScreen(Screen[None]):
         yield DashboardFooter()
 
 
-class TaskwatchApp(App[None]):
+class TaskwatchApp(PlainApp):
     """The dashboard. Give it a :class:`DashboardClient`: in-process or remote."""
 
     CSS_PATH = ["app.tcss", "screens.tcss"]
     TITLE = "taskwatch"
     view_paused: reactive[bool] = reactive(False, init=False)
 
-    def get_driver_class(self) -> type[Driver]:
-        # a terminal closed under it must not leave the dashboard, and its engine, hanging
-        return hangup_safe(super().get_driver_class())
 
     def __init__(
         self,
@@ -514,31 +509,6 @@ class TaskwatchApp(App[None]):
 
     def get_default_screen(self) -> Screen[Any]:
         return self.main
-
-    def notify(
-        self,
-        message: str,
-        *,
-        title: str = "",
-        severity: SeverityLevel = "information",
-        timeout: float | None = None,
-        markup: bool = True,
-    ) -> None:
-        """Every message is drawn as written, whatever ``markup`` says: the dashboard's
-        messages quote task names, trigger keys and errors from engines and stores, where a
-        "[/x]" stopped the app (a toast's markup is parsed when it is drawn, and raises
-        there) and a "[b]" was eaten; none of them means markup. No escape sequence in them
-        may reach the terminal either."""
-        super().notify(
-            printable_lines(message), title=printable(title), severity=severity, timeout=timeout, markup=False
-        )
-
-    def action_help_quit(self) -> None:
-        # Textual's own word on ctrl+c, which it writes in markup: said plainly (see notify)
-        for key, active in self.active_bindings.items():
-            if active.binding.action in ("quit", "app.quit"):
-                self.notify(f"Press {key} to quit the app", title="Do you want to quit?")
-                return
 
     def on_resize(self, event: events.Resize) -> None:
         # Rich asks the OS for the terminal size on every measurement unless it is

@@ -65,20 +65,17 @@ from taskwatch.widgets import (
     RunsTable,
     StoreNodesTable,
     printable,
-    printable_lines,
 )
 from textual import on, work
-from textual.app import App, ComposeResult
+from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.content import Content
-from textual.driver import Driver
-from textual.notifications import SeverityLevel
 from textual.css.query import NoMatches
 from textual.timer import Timer
 from textual.widgets import Footer, Static
 
 from .screens import ConfirmScreen, EventScreen, RunScreen
-from .terminal import hangup_safe
+from .plain_app import PlainApp
 
 #: what a command through the store can fail with: its own errors, or a lost connection
 COMMAND_ERRORS = (TaskwatchError, OSError)
@@ -146,7 +143,7 @@ def read_ago(observer: ClusterObserver) -> str:
     return "never read" if read_at is None else f"as read {max(0, int(observer.store.clock() - read_at))}s ago"
 
 
-class ClusterApp(App[None]):
+class ClusterApp(PlainApp):
     """Watches a cluster through an event relay (events only) or a :class:`ClusterObserver`
     (nodes, runs and events, with cancel and retry). The source is started with the app and
     stopped with it unless ``manage=False`` (then the caller runs it). ``confirm=False``
@@ -165,31 +162,6 @@ class ClusterApp(App[None]):
         Binding("q", "quit", "quit", priority=True),
     ]
 
-    def get_driver_class(self) -> type[Driver]:
-        # a terminal closed under it must not leave the dashboard, and its engine, hanging
-        return hangup_safe(super().get_driver_class())
-
-    def notify(
-        self,
-        message: str,
-        *,
-        title: str = "",
-        severity: SeverityLevel = "information",
-        timeout: float | None = None,
-        markup: bool = True,
-    ) -> None:
-        """Drawn as written, whatever ``markup`` says: the messages quote run ids, tasks and the
-        database's errors, where a "[/x]" would stop the app when the toast is drawn."""
-        super().notify(
-            printable_lines(message), title=printable(title), severity=severity, timeout=timeout, markup=False
-        )
-
-    def action_help_quit(self) -> None:
-        # Textual's own word on ctrl+c, which it writes in markup: said plainly (see notify)
-        for key, active in self.active_bindings.items():
-            if active.binding.action in ("quit", "app.quit"):
-                self.notify(f"Press {key} to quit the app", title="Do you want to quit?")
-                return
 
     def __init__(
         self,
