@@ -93,9 +93,10 @@ _SLACK = 5.0
 #: (as many as Engine.stop gives the runs it cuts), before it is abandoned
 _END_ROUNDS = 3
 
-#: the longest drain a stop at interpreter exit waits for: a Jupyter kernel told to restart or
-#: shut down is SIGTERMed by jupyter_client after shutdown_wait_time / 2 (2.5 s by default), and a
-#: stop cut there runs no task's ``finally`` and hands back no run
+#: the longest drain a stop at interpreter exit waits for, unless start_background() was given a
+#: stop_timeout (in a Jupyter kernel, even then): a Jupyter kernel told to restart or shut down is
+#: SIGTERMed by jupyter_client after shutdown_wait_time / 2 (2.5 s by default), and a stop cut
+#: there runs no task's ``finally`` and hands back no run
 EXIT_STOP_TIMEOUT = 1.0
 
 #: what the interpreter's exit waits for an engine's stop beyond its drain and one ``cancel_grace``
@@ -217,7 +218,8 @@ class BackgroundEngine:
     ``call_timeout`` (seconds a blocking call waits for the loop; default 60,
     None waits forever -- note the inline backend's ``submit`` waits for the
     run), ``stop_timeout`` (default drain time for :meth:`stop`, 10 s; the
-    stop at interpreter exit drains at most :data:`EXIT_STOP_TIMEOUT`) and
+    stop at interpreter exit drains at most :data:`EXIT_STOP_TIMEOUT` unless
+    ``stop_timeout`` is given, and in a Jupyter kernel whatever is given) and
     ``start_timeout`` (30 s).
     """
 
@@ -242,6 +244,12 @@ class BackgroundEngine:
         self._main_task: asyncio.Task[None] | None = None
         self._stop_requested: asyncio.Event | None = None
         self._drain_timeout = self.stop_timeout
+        #: why the drain asked for is shorter than stop_timeout, and how to make it longer, when the
+        #: interpreter's exit shortened it: the engine's warning about runs it leaves undone says so
+        self._drain_note: str | None = None
+        #: stop_timeout was given to start_background(): the stop at interpreter exit drains as long
+        #: (the caller chose it for that exit too; the default is cut to EXIT_STOP_TIMEOUT)
+        self._stop_timeout_given = False
         #: the drain the engine's stop began with, once it began (None before): fixed from then on
         self._drain_begun: float | None = None
         self._ready = threading.Event()
@@ -285,6 +293,7 @@ class BackgroundEngine:
         another event loop raises :class:`EngineAlreadyRunning`.
         """
         bg = cls(engine, **options)  # options checked first: a bad one starts nothing
+        bg._stop_timeout_given = "stop_timeout" in options
         claimed = False
         try:
             with _launch_lock:
@@ -478,13 +487,14 @@ class BackgroundEngine:
             with self._lock:
                 # from here the engine's own deadline holds: a later, shorter stop() cannot cut it
                 drain = self._drain_begun = self._drain_timeout
-            await self._stop_engine(drain)
+                note = self._drain_note
+            await self._stop_engine(drain, note)
 
-    async def _stop_engine(self, timeout: float) -> None:
+    async def _stop_engine(self, timeout: float, note: str | None = None) -> None:
         if self.engine.loop is not asyncio.get_running_loop():
             return  # started (or being started) on another loop: that one stops it
         try:
-            await self.engine.stop(timeout)
+            await self.engine.stop(timeout, drain_advice=note)
         except BaseException as exc:
             self._stop_error = exc
 
@@ -496,6 +506,7 @@ class BackgroundEngine:
                 # a start given up drains nothing: runs it took up (recovered from the store, say)
                 # go back to the store now, not after a stop_timeout nobody waits for
                 self._drain_timeout = 0.0
+                self._drain_note = None
             loop, task = self._loop, self._main_task
         if loop is not None and task is not None:
             try:
@@ -1151,18 +1162,21 @@ class BackgroundEngine:
         self._request_stop(drain)
         self._wait_stopped()
 
-    def _request_stop(self, drain: float) -> None:
+    def _request_stop(self, drain: float, note: str | None = None) -> None:
         """Ask the loop to stop the engine and stop the dashboards, without waiting for the engine.
 
         Each step every time, not only the first: a stop cut short (Ctrl-C while a dashboard
         ends, say) leaves the rest to the next one -- the stop() again, the interpreter's exit
-        -- which must not find the loop never told.
+        -- which must not find the loop never told. ``note``: why ``drain`` is short, for the
+        engine's warning, if this request's drain is the one the stop takes.
         """
         with self._lock:
             first = not self._stopping
             self._stopping = True
-            if self._drain_begun is None:
-                self._drain_timeout = drain if first else min(self._drain_timeout, drain)
+            # the shortest drain asked for before the stop began
+            if self._drain_begun is None and (first or drain < self._drain_timeout):
+                self._drain_timeout = drain
+                self._drain_note = note
             loop, requested = self._loop, self._stop_requested
         # the loop first: ending a dashboard waits for its process, which an interrupt can cut short
         if loop is not None and requested is not None:
@@ -1186,7 +1200,8 @@ class BackgroundEngine:
             if exit_deadline is not None:
                 raise TimeoutError(
                     "the background engine's loop did not end within the time the interpreter's exit gives it "
-                    "(its drain, at most background.EXIT_STOP_TIMEOUT, plus its cancel_grace and "
+                    "(its drain, at most background.EXIT_STOP_TIMEOUT unless start_background() was given a "
+                    "stop_timeout, plus its cancel_grace and "
                     "background.EXIT_SLACK): code running on it blocks it (a task calling blocking code "
                     "without await?) or a run ignores cancellation. The process exits without it: the runs "
                     "it had not handed back stay as its store has them"
@@ -1420,10 +1435,12 @@ def _stop_together(
     engines: list[BackgroundEngine],
     drain: Callable[[BackgroundEngine], float],
     give_up_after: Callable[[BackgroundEngine], float] | None = None,
+    note: Callable[[BackgroundEngine], str | None] = lambda bg: None,
 ) -> list[Exception]:
     """Stop ``engines``, each draining ``drain(bg)`` seconds: all asked first, then waited
     for, so their drains run at once. Every one is stopped; what failed is logged and returned.
-    ``give_up_after(bg)``: the seconds, from its ask, after which the wait for ``bg`` ends."""
+    ``give_up_after(bg)``: the seconds, from its ask, after which the wait for ``bg`` ends;
+    ``note(bg)``: why that drain is short, for the engine's warning of runs left undone."""
     errors: list[Exception] = []
     deadlines: dict[BackgroundEngine, float] = {}
     for step in ("ask", "wait"):
@@ -1432,7 +1449,7 @@ def _stop_together(
                 if step == "ask":
                     if give_up_after is not None:
                         deadlines[bg] = time.monotonic() + give_up_after(bg)
-                    bg._request_stop(drain(bg))
+                    bg._request_stop(drain(bg), note(bg))
                 else:
                     bg._wait_stopped(deadlines.get(bg))
             except Exception as exc:
@@ -1441,15 +1458,57 @@ def _stop_together(
     return errors
 
 
+def _in_jupyter_kernel() -> bool:
+    """Whether this process is a Jupyter (IPython) kernel, which its shutdown SIGTERMs 2.5 s in."""
+    kernelapp = sys.modules.get("ipykernel.kernelapp")  # never imported here: only a kernel has it running
+    if kernelapp is None:
+        return False
+    try:
+        return bool(kernelapp.IPKernelApp.initialized())
+    except Exception:  # noqa: BLE001 - an ipykernel unlike the ones known: taken for a kernel, the safe side
+        return True
+
+
 def _exit_drain(bg: BackgroundEngine) -> float:
+    """The drain of ``bg``'s stop at interpreter exit: its stop_timeout when start_background()
+    was given one, else at most :data:`EXIT_STOP_TIMEOUT`. A Jupyter kernel's always at most that:
+    Jupyter SIGTERMs the kernel 2.5 s into a shutdown or restart, and a stop cut there runs no
+    task's ``finally`` and hands no run back, so a longer drain would lose more, not less."""
+    if bg._stop_timeout_given and not _in_jupyter_kernel():
+        return bg.stop_timeout
     return min(bg.stop_timeout, EXIT_STOP_TIMEOUT)
 
 
+def _exit_note(bg: BackgroundEngine) -> str | None:
+    """Why the exit drains ``bg`` for less than its stop_timeout (None: it does not), and how to
+    drain longer: told by the engine's warning when the short drain leaves runs undone."""
+    drain = _exit_drain(bg)
+    if drain >= bg.stop_timeout:
+        return None
+    if _in_jupyter_kernel():
+        return (
+            f"the kernel's exit stopped the engine with a drain of {drain:g} s, not its stop_timeout of "
+            f"{bg.stop_timeout:g} s (in a Jupyter kernel an exit drains at most background.EXIT_STOP_TIMEOUT: "
+            "Jupyter SIGTERMs a kernel 2.5 s into its shutdown); to drain longer, run bg.stop(timeout) in a "
+            "cell before shutting the kernel down or restarting it"
+        )
+    return (
+        f"the interpreter's exit stopped the engine with a drain of {drain:g} s, not its stop_timeout of "
+        f"{bg.stop_timeout:g} s (an exit drains at most background.EXIT_STOP_TIMEOUT unless "
+        "start_background() is given a stop_timeout; it stops the engine before atexit handlers run, so "
+        "an atexit.register(bg.stop, ...) comes too late); to drain longer, call bg.stop(timeout) before "
+        "the script ends, or pass start_background(stop_timeout=...)"
+    )
+
+
 def _stop_all_at_exit() -> None:
-    # the drain within the time Jupyter gives a kernel it shuts down; the wait bounded as well
-    # (a forked process's exit leaves the engines of the process it was forked from alone)
+    # the drain within the time Jupyter gives a kernel it shuts down, unless the caller chose one;
+    # the wait bounded as well (a forked process's exit leaves the engines of the process it was
+    # forked from alone)
     ours = [bg for bg in list(_running) if not bg._forked()]
-    _stop_together(ours, _exit_drain, lambda bg: _exit_drain(bg) + bg.engine.cancel_grace + EXIT_SLACK)
+    _stop_together(
+        ours, _exit_drain, lambda bg: _exit_drain(bg) + bg.engine.cancel_grace + EXIT_SLACK, note=_exit_note
+    )
 
 
 #: where the messages point a user to stop_all_background(): reachable whatever taskwatch.engine exports

@@ -12,11 +12,13 @@ attacker-controllable text as far as a browser is concerned.
 from __future__ import annotations
 
 import html
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .errors import EngineInAnotherProcess
 from .hop import call_blocking
 from .runs import EngineStats, RunRecord, RunStatus
 
@@ -77,16 +79,32 @@ class BusyEngineView:
     timeout: float
 
 
+@dataclass(frozen=True, slots=True)
+class ForkedEngineView:
+    """An engine that runs in the process this one was forked from: nothing here can read it."""
+
+    node_id: str
+    #: the process the engine runs in
+    started_in: int
+    #: this process
+    pid: int
+
+
+#: what an engine's rendering can show
+AnyEngineView = EngineView | BusyEngineView | ForkedEngineView
+
 #: seconds a rendering waits for the engine's loop before it shows the engine as busy
 DISPLAY_TIMEOUT = 5.0
 
 
-def engine_view(engine: Engine) -> EngineView | BusyEngineView:
+def engine_view(engine: Engine) -> AnyEngineView:
     """Gather an :class:`EngineView`, hopping to the engine's loop thread if another thread owns it.
 
     A loop that does not answer within :data:`DISPLAY_TIMEOUT` (a task running
     blocking code on it) gives a :class:`BusyEngineView`: a display that raised
-    would fail its notebook cell, and stop a "Run All" there.
+    would fail its notebook cell, and stop a "Run All" there. In a fork of the
+    process the engine runs in, a :class:`ForkedEngineView`, at once: no thread
+    here runs its loop, so waiting could only end in "busy".
     """
     timeout = DISPLAY_TIMEOUT
     try:
@@ -94,6 +112,8 @@ def engine_view(engine: Engine) -> EngineView | BusyEngineView:
     except TimeoutError:
         # node_id and state are plain attributes: read here without the loop
         return BusyEngineView(node_id=engine.node_id, state=engine.state, timeout=timeout)
+    except EngineInAnotherProcess as exc:
+        return ForkedEngineView(node_id=engine.node_id, started_in=exc.started_in, pid=os.getpid())
 
 
 def _gather(engine: Engine) -> EngineView:
@@ -265,7 +285,25 @@ def _busy_text(view: BusyEngineView) -> str:
     )
 
 
-def engine_html(view: EngineView | BusyEngineView) -> str:
+def _forked_text(view: ForkedEngineView) -> str:
+    return (
+        f"this process (pid {view.pid}) is a fork of the one the engine runs in, which keeps its loop and "
+        "thread: nothing here can show or run its runs. Start an engine after the fork in each process "
+        "that needs one"
+    )
+
+
+def _forked_state(view: ForkedEngineView) -> str:
+    return f"runs in process {view.started_in}"
+
+
+def engine_html(view: AnyEngineView) -> str:
+    if isinstance(view, ForkedEngineView):
+        return (
+            f'<div class="taskwatch-engine" data-forked="true" style="{_BOX}">'
+            f"<div><b>taskwatch engine</b> <code>{_e(view.node_id)}</code> &middot; {_e(_forked_state(view))}</div>"
+            f'<div style="color: {_HTML_COLOURS[RunStatus.PENDING]}">{_e(_forked_text(view))}</div></div>'
+        )
     if isinstance(view, BusyEngineView):
         return (
             f'<div class="taskwatch-engine" data-busy="true" style="{_BOX}">'
@@ -395,11 +433,14 @@ def _rich_failures(failures: Sequence[RunRecord]) -> RenderableType | None:
     return text
 
 
-def engine_rich(view: EngineView | BusyEngineView) -> RenderableType:
+def engine_rich(view: AnyEngineView) -> RenderableType:
     from rich.console import Group
     from rich.panel import Panel
     from rich.text import Text
 
+    if isinstance(view, ForkedEngineView):
+        title = Text(f"taskwatch engine {view.node_id} · {_forked_state(view)}")
+        return Panel(Text(_forked_text(view), style="dim"), title=title, title_align="left", expand=False)
     if isinstance(view, BusyEngineView):
         title = Text(f"taskwatch engine {view.node_id} · {view.state}")
         return Panel(Text(_busy_text(view), style="yellow"), title=title, title_align="left", expand=False)

@@ -37,7 +37,6 @@ from .context import TaskContext
 from .errors import (
     DuplicateTask,
     EngineAlreadyRunning,
-    EngineInAnotherProcess,
     EngineNotRunning,
     InvalidConfiguration,
     InvalidKey,
@@ -62,7 +61,7 @@ from .events import (
 from .execution import Execution, RunWait, checked_timeout
 from .handle import RunHandle
 from .health import HealthSampler
-from .hop import Escaped, as_future, call_on, cancel_and_wait, current_loop, ship, spawn
+from .hop import Escaped, as_future, call_on, cancel_and_wait, current_loop, home_here, refuse_in_fork, ship, spawn
 from .index import (
     RunIndex,
     check_query,
@@ -139,6 +138,10 @@ _SUBMISSION_FIELDS = frozenset({"task", "params", "key"})
 
 #: seconds a stop's store writes may go on retrying an unreachable store after its drain and cancel grace
 _STOP_WRITE_GRACE = 1.0
+
+#: what a DuplicateTask calls a task of each kind that holds the name
+_KIND_NAMES = {"task": "task", "periodic": "periodic task", "trigger": "trigger's task"}
+
 #: a queue's or trigger's late start that failed is tried again after this, doubling up to the max
 _LATE_RETRY_FIRST, _LATE_RETRY_MAX = 0.5, 30.0
 
@@ -375,7 +378,11 @@ class Engine:
         self._store = self._store_for(store, clock, lease_ttl)
         #: the claims' lease, as the store keeps it (heartbeats go by it)
         self.lease_ttl = self._store.lease_ttl
+        #: never changed in place (a definition replaces it, as it replaces _queues and _triggers):
+        #: the loop walks it (snapshots, catalog()) while another thread defines a task
         self._tasks: dict[str, TaskSpec] = {}
+        #: held while a task, queue or trigger is added: of two threads defining at once, neither's is lost
+        self._defining = threading.RLock()
         self._limits: dict[str, int | None] = {}
         #: the run index: every run this node knows, pending and running ones always
         self._index = RunIndex(history, throughput_window)
@@ -528,11 +535,7 @@ class Engine:
         task_name = registered_name(fn, name, kind)
         if (problem := name_problem("name", task_name)) is not None:
             raise InvalidConfiguration(f"{kind} {task_name!r}", [problem])
-        taken = self._tasks.get(task_name)
-        if taken is not None and not (replace and taken.kind == kind == "task"):
-            # a periodic task's, a queue's or a trigger's runs belong to a loop it drives: only
-            # a plain task is redefined in place
-            raise DuplicateTask("task", task_name, replaceable=taken.kind == kind == "task")
+        self._refuse_taken(task_name, kind, replace)
         # its values, not the given ones, are kept: "5" is read as 5.0, as every option is
         opts = check_options(
             TaskOptions,
@@ -559,11 +562,27 @@ class Engine:
             description=description or (fn.__doc__ or "").strip().split("\n")[0],
             on_lost=on_lost,
         )
-        if taken is not None:
-            taken.replaced = True
-        self._tasks[task_name] = spec
-        self._refresh_limits()
+        with self._defining:
+            taken = self._refuse_taken(task_name, kind, replace)  # (again: another thread may have defined it)
+            if taken is not None:
+                taken.replaced = True
+            tasks = {**self._tasks, task_name: spec}
+            # the executor's first: a run the new mapping lets a submit make finds its task there
+            self._run.tasks = tasks
+            self._tasks = tasks
+            # here: of two definitions at once, the limits worked out last hold both tasks
+            self._refresh_limits()
         return spec
+
+    def _refuse_taken(self, name: str, kind: str, replace: bool) -> TaskSpec | None:
+        """The task registered as ``name`` that a definition of ``kind`` may replace (None: none
+        is); :class:`DuplicateTask` when one is there that it may not."""
+        taken = self._tasks.get(name)
+        if taken is not None and not (replace and taken.kind == kind == "task"):
+            # a periodic task's, a queue's or a trigger's runs belong to a loop it drives: only
+            # a plain task is redefined in place
+            raise DuplicateTask(_KIND_NAMES.get(taken.kind, taken.kind), name, replaceable=taken.kind == kind == "task")
+        return taken
 
     def _refresh_limits(self) -> None:
         # a task needing a resource this node lacks is left to the nodes sharing the store
@@ -608,6 +627,7 @@ class Engine:
         # here, and the eviction is handed to the loop, where nothing iterates them meanwhile
         loop = self._loop
         if loop is not None and loop.is_running() and threading.get_ident() != self._loop_thread:
+            refuse_in_fork(loop)  # the trim handed over below would never run there
             self._index.history = value
             try:
                 # trim, not set_history(value): a later setting made before this runs must stand
@@ -742,6 +762,7 @@ class Engine:
     async def _start(self) -> None:
         self._loop = self.bus.loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        home_here(self._loop)
         forked = self._pid != os.getpid()
         if forked:
             # built before a fork (a web server preloading the app): each forked copy starting
@@ -755,6 +776,8 @@ class Engine:
             # are then orphaned at once, whatever its stop could or could not write
             self.incarnation = self._executor.incarnation = os.urandom(8).hex()
         self._started_once = True
+        # before the store's recovery, which counts the runs it settles: every total is this start's
+        self._index.new_start()
         self._refresh_limits()  # resources may have been added since the tasks registered
         self._run.base_context = contextvars.copy_context()
         await self._store.open()
@@ -857,12 +880,15 @@ class Engine:
             self._scheduler,
         ]
 
-    async def stop(self, timeout: float = 10.0) -> None:
+    async def stop(self, timeout: float = 10.0, *, drain_advice: str | None = None) -> None:
         """Stop accepting work, drain for up to ``timeout`` seconds, cancel the rest, await all.
 
         With a durable store, pending runs stay queued for the next start, and
         runs cut short by the stop are put back to pending; with the memory
-        store they end ``cancelled`` with ``cancel_reason="shutdown"``.
+        store they end ``cancelled`` with ``cancel_reason="shutdown"``, and a
+        warning says how many. ``drain_advice`` is what that warning advises in place
+        of giving stop() time to drain them (the background engine's stop at
+        interpreter exit says why its drain was short, and how to make it longer).
 
         The shutdown runs as one task of the engine's own: a second caller waits
         for the same shutdown, and a caller that is itself cancelled does not
@@ -882,7 +908,7 @@ class Engine:
         if self._shutdown is None:
             self._state = "stopping"
             self._shutdown = spawn(
-                self._stop(timeout), name="taskwatch-shutdown"
+                self._stop(timeout, drain_advice), name="taskwatch-shutdown"
             )
         await asyncio.shield(self._shutdown)
 
@@ -908,7 +934,7 @@ class Engine:
             "one started with `await engine.start()` on a loop of its own stops on that loop",
         )
 
-    async def _stop(self, timeout: float) -> None:
+    async def _stop(self, timeout: float, drain_advice: str | None = None) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
         # a stopping node cannot start leader-only work: were it to take the lease, no node
@@ -980,9 +1006,9 @@ class Engine:
                 # gets this one at exit): never silently
                 log.warning(
                     "engine %s stopped with %d pending and %d running run(s) not done: they ended "
-                    "cancelled (shutdown), and the memory store keeps nothing across a stop; give "
-                    "stop() time to drain them, or use a SQLite store to keep them for the next start",
-                    self.node_id, cancelled_pending, len(tasks),
+                    "cancelled (shutdown), and the memory store keeps nothing across a stop; %s, or use "
+                    "a SQLite store to keep them for the next start",
+                    self.node_id, cancelled_pending, len(tasks), drain_advice or "give stop() time to drain them",
                 )
             # what the drained queues and the runs notified after the triggers' own stop saved
             # (a queue's handler notifying a trigger) would be lost at the next start otherwise
@@ -1042,9 +1068,9 @@ class Engine:
     def _refuse_in_fork(self) -> None:
         """Raise if the engine runs in the process this one was forked from: its loop looks
         running (the loop object came along) but no thread here runs it, so a call shipped to
-        it would wait forever. Called on the paths that would ship a call, never on a run's."""
-        if self._pid != os.getpid():
-            raise EngineInAnotherProcess(self._pid)
+        it would wait forever. Called on the paths that would ship a call, never on a run's.
+        The check every hand-off to the loop makes (queues' and triggers' too): hop's."""
+        refuse_in_fork(self._loop)
 
     def _require_loop_thread(self, method: str) -> None:
         # the index, the executor and the memory store are the loop's alone: a submit from
@@ -1993,6 +2019,8 @@ class Engine:
         call from another thread (in any state, a stop under way included) is handed to it."""
         loop = self._loop
         if loop is not None and not loop.is_closed() and threading.get_ident() != self._loop_thread:
+            # before the try: this refusal is a RuntimeError too, which there means a closed loop
+            refuse_in_fork(loop)
             try:
                 loop.call_soon_threadsafe(self._apply_needs, change, args)
                 return
@@ -2026,10 +2054,15 @@ class Engine:
         # checked first: every snapshot and event carries the name, and a bad one would break them all
         if (problem := name_problem("name", name)) is not None:
             raise InvalidConfiguration(f"queue {name!r}", [problem])
-        if name in self._queues:
-            raise DuplicateTask("queue", name)
-        queue = WorkQueue(self, name, handler, concurrency=concurrency, maxsize=maxsize, executor=self._executor)
-        self._queues[name] = queue
+        # before anything is made: in a fork its start, handed to the loop, would never come
+        self._refuse_in_fork()
+        with self._defining:
+            if name in self._queues:
+                raise DuplicateTask("queue", name)
+            queue = WorkQueue(self, name, handler, concurrency=concurrency, maxsize=maxsize, executor=self._executor)
+            # a new mapping, never one changed in place: the loop may be walking the old one
+            # (a snapshot) while a notebook cell makes a queue on its own thread
+            self._queues = {**self._queues, name: queue}
         if self._state == "running":
             self._start_late(queue, f"queue {name!r}")
         return queue
@@ -2123,10 +2156,12 @@ class Engine:
         if (problem := name_problem("name", name)) is not None:
             raise InvalidConfiguration(f"trigger {name!r}", [problem])
         check_option_names("Engine.trigger()", options, Trigger)
-        if name in self._triggers:
-            raise DuplicateTask("trigger", name)
-        trigger = Trigger(self, name, fn, self._executor, **options)
-        self._triggers[name] = trigger
+        self._refuse_in_fork()  # (as queue())
+        with self._defining:
+            if name in self._triggers:
+                raise DuplicateTask("trigger", name)
+            trigger = Trigger(self, name, fn, self._executor, **options)
+            self._triggers = {**self._triggers, name: trigger}  # (copied as queue() copies)
         if self._state == "running":
             self._start_late(trigger, f"trigger {name!r}")
         return trigger

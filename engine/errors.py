@@ -92,6 +92,16 @@ class DuplicateTask(TaskwatchError, ValueError):
 
     def __init__(self, kind: str, name: str, replaceable: bool = False) -> None:
         self.name = name
+        if kind == "periodic task":
+            # a notebook cell with @engine.periodic run again: replace=True is no way out
+            super().__init__(
+                f"a periodic task named {name!r} is already registered, and a periodic task cannot be replaced "
+                "in place, as a plain task can be: the one registered goes on running as it "
+                "was defined. To change it, register the new definition under another name (and "
+                f"engine.pause_periodic({name!r}) pauses the old one), or build a new Engine and register its "
+                "tasks again (in a notebook: stop the old one first, bg.stop())"
+            )
+            return
         super().__init__(
             f"a {kind} named {name!r} is already registered; pick another name"
             + (", or pass replace=True to redefine it (a notebook cell run again)" if replaceable else "")

@@ -59,7 +59,9 @@ class RunHandle:
         Without a timeout this is a future resolved by the run's finish, so
         gathering many handles costs no task each, and a coroutine too, so
         ``create_task`` and a ``TaskGroup`` take it (``asyncio.wait``, which
-        refuses coroutines, takes that task).
+        refuses coroutines, takes that task). Awaited in a fork of the process the engine
+        runs in, it raises :class:`EngineInAnotherProcess` at once (the wait is hopped to
+        the engine's loop, which no thread runs there).
         """
         timeout = checked_timeout("RunHandle.wait()", timeout)
         loop = self._engine.loop

@@ -15,6 +15,11 @@ nobody waits for any more queues nothing.
 It also holds the one way the engine starts a task, :func:`spawn` (its first step
 on a later turn of the loop, whatever task factory the loop has), and the one way
 a loop of the engine ends a task it owns: :func:`cancel_and_wait`.
+
+A fork of the process (``os.fork()``, a pre-forking server) copies an engine's loop,
+which then looks running, but not the thread that runs it: a call shipped to it, or a
+callback handed to it, would never be taken up. The engine notes the process its loop
+runs in (:func:`home_here`), and every hand-off asks :func:`refuse_in_fork` first.
 """
 
 from __future__ import annotations
@@ -23,13 +28,39 @@ import asyncio
 import concurrent.futures
 import contextvars
 import inspect
+import os
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from .errors import EngineNotRunning
+from .errors import EngineInAnotherProcess, EngineNotRunning
 
 T = TypeVar("T")
+
+#: the process each engine's loop runs in, noted as the engine starts on it (weakly held:
+#: a loop dropped is gone from here)
+_homes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
+
+
+def home_here(loop: asyncio.AbstractEventLoop) -> None:
+    """Note that ``loop`` runs in this process (its engine starts on it here)."""
+    _homes[loop] = os.getpid()
+
+
+def refuse_in_fork(loop: asyncio.AbstractEventLoop | None) -> None:
+    """Raise :class:`EngineInAnotherProcess` if ``loop`` runs in the process this one was forked from.
+
+    The loop object came along into the fork and looks running, but no thread here runs it:
+    whatever is handed to it waits for ever, or is lost without a word. A loop closed before
+    the fork (its engine stopped) is left to its callers, who refuse it as any closed loop,
+    and so is one no engine noted.
+    """
+    if loop is None:
+        return
+    home = _homes.get(loop)
+    if home is not None and home != os.getpid() and not loop.is_closed():
+        raise EngineInAnotherProcess(home)
 
 
 def spawn(
@@ -191,9 +222,11 @@ def _answer(future: concurrent.futures.Future[Any], value: Any, *, failed: bool)
 def ship(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> LoopCall:
     """Schedule ``fn(*args, **kwargs)`` on ``loop`` from any thread; its result arrives in the call's future.
 
-    Raises ``RuntimeError`` when ``loop`` is closed. A SystemExit or
-    KeyboardInterrupt from ``fn`` arrives as :class:`Escaped`.
+    Raises ``RuntimeError`` when ``loop`` is closed, :class:`EngineInAnotherProcess` (one too)
+    in a fork of the process it runs in. A SystemExit or KeyboardInterrupt from ``fn`` arrives
+    as :class:`Escaped`.
     """
+    refuse_in_fork(loop)
     return LoopCall(loop, fn, args, kwargs)
 
 
@@ -242,11 +275,14 @@ async def call_on(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., Any]
 
     It runs there exactly as if awaited there. A cancel of the caller gives the call up (one
     not started yet never starts; one under way is cancelled at its next await, as a caller
-    cancelled on that loop would be). :class:`EngineNotRunning` if the loop ends first.
+    cancelled on that loop would be). :class:`EngineNotRunning` if the loop ends first, and
+    :class:`EngineInAnotherProcess` at once in a fork of the process it runs in.
     """
     if loop is None or loop is current_loop():
         result = fn(*args, **kwargs)
         return await result if inspect.isawaitable(result) else result
+    # before the ship below, whose RuntimeError (which this one is too) means a closed loop
+    refuse_in_fork(loop)
     try:
         call = ship(loop, fn, *args, **kwargs)
     except RuntimeError:
@@ -283,7 +319,8 @@ def call_blocking(
 ) -> T:
     """``fn(*args, **kwargs)`` run on ``loop``, waiting for it on this thread (``fn`` must not be async).
 
-    On the loop's own thread, or when the loop is not running, it runs here.
+    On the loop's own thread, or when the loop is not running, it runs here. In a fork of the
+    process the loop runs in it raises :class:`EngineInAnotherProcess` at once.
     """
     if loop is None or loop.is_closed() or not loop.is_running() or loop is current_loop():
         return fn(*args, **kwargs)

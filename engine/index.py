@@ -4,9 +4,9 @@ The store owns the runs; the index is this node's view of them, fed as runs
 are admitted, claimed and finished here (and as the store tells of runs other
 nodes execute). Pending and running runs are always in it; finished ones are
 kept up to ``history`` and evicted oldest-finished first. It also keeps the
-counts by status, the totals since start, per-second throughput buckets, the
-dedup keys of the pending runs this node submitted, and when the next retry
-it knows of is due. Plain data and arithmetic: nothing here awaits or
+counts by status, the totals since the engine's latest start, per-second
+throughput buckets, the dedup keys of the pending runs this node submitted,
+and when the next retry it knows of is due. Plain data and arithmetic: nothing here awaits or
 publishes.
 """
 
@@ -131,8 +131,17 @@ class RunIndex:
         while len(self._finished) > self.history:
             self._evict()
 
+    def new_start(self) -> None:
+        """The engine starts (again): the totals count from here, as the views calling them
+        "since start" say. The runs held (a memory store's history) stay, counted by status."""
+        self.submitted_total = 0
+        self.finished_total = 0
+        self.totals = {_SUCCEEDED: 0, _FAILED: 0, _CANCELLED: 0}
+        self.retries_total = 0
+        self.recovered_total = 0
+
     def clear(self) -> None:
-        """Forget every run (totals stay: they count since this engine object started)."""
+        """Forget every run (the totals are :meth:`new_start`'s to reset)."""
         self.runs.clear()
         self._finished.clear()
         self._keys.clear()

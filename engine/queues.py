@@ -82,7 +82,7 @@ from .errors import (
     TaskDefinitionError,
 )
 from .execution import checked_timeout
-from .hop import call_on, cancel_and_wait, current_loop, spawn
+from .hop import call_on, cancel_and_wait, current_loop, refuse_in_fork, spawn
 from .jsonsafe import NotJsonSafe, jsonable
 from .options import PutOptions, QueueOptions, check_options
 from .logs import OutageLog, log_safely, log_text, traceback_block
@@ -430,8 +430,11 @@ class WorkQueue:
         validate against the model the handler's job parameter is annotated
         with (or would not read back from its JSON record as put), and :class:`QueueFull` when ``maxsize`` jobs
         (or more: jobs taken up from a durable store are never held back) are waiting. Before
-        the engine starts, jobs wait for it.
+        the engine starts, jobs wait for it. In a fork of the process the engine runs in,
+        :class:`EngineInAnotherProcess`: the job would be handed to a loop nothing runs here.
         """
+        # first, and before any lock: one the engine's thread held at the fork is held for good
+        refuse_in_fork(self._loop if self._loop is not None else self._engine.loop)
         self._check_open()
         job = self._checked(job)
         if self._try_put(job) is _FULL:
@@ -653,6 +656,9 @@ class WorkQueue:
         return kept
 
     def _put_from_thread(self, loop: asyncio.AbstractEventLoop, job: Any) -> bool:
+        # (put_nowait asked already; a put waiting for room gets here too) before the slot is
+        # taken and before the try, which reads a RuntimeError, as this refusal is, as a closed loop
+        refuse_in_fork(loop)
         transit = _Transit(job)
         try:
             with self._lock:

@@ -651,7 +651,9 @@ class Scheduler:
         )
         entry.reason = self._unmet_needs(entry)
         entry.enabled = entry.reason is None
-        self._entries[task_name] = entry
+        # a new mapping, never one changed in place: a task registered on another thread walks it
+        # there meanwhile (engine.register() -> opted_out())
+        self._entries = {**self._entries, task_name: entry}
         # the engine's claim limits again, now that the entry is here: register() computed them
         # before it was, so with its opt_in flag off its runs queued (left in a durable store
         # from before) would be claimed, see opted_out()

@@ -80,7 +80,7 @@ from .errors import (
     StoppedBeforeDone,
     TaskDefinitionError,
 )
-from .hop import call_blocking, call_on, cancel_and_wait, current_loop, spawn
+from .hop import call_blocking, call_on, cancel_and_wait, current_loop, refuse_in_fork, spawn
 from .events import BaseEvent, TriggerFired
 from .execution import checked_timeout
 from .index import check_query, limit_problem
@@ -472,7 +472,8 @@ class Trigger:
 
         O(1) and non-blocking. From another thread the count is handed to the
         engine's loop. Raises :class:`InvalidKey` for a key that is not a str
-        and :class:`InvalidCount` for an ``n`` that is not an int of at least 1;
+        and :class:`InvalidCount` for an ``n`` that is not an int of at least 1,
+        and in a fork of the process the engine runs in :class:`EngineInAnotherProcess`;
         either way nothing is counted.
         """
         check_key(f"trigger {self.name!r}", key)
@@ -489,6 +490,9 @@ class Trigger:
         """Count off the loop: handed to the loop when there is one, else here under the lock."""
         loop = self._loop
         if loop is not None:
+            # before the try, which reads a RuntimeError (as this refusal is) as a closed loop: in a
+            # fork the count would be handed to a loop nothing runs here
+            refuse_in_fork(loop)
             try:
                 loop.call_soon_threadsafe(self._count, key, n)
                 return
