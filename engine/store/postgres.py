@@ -91,6 +91,7 @@ from .rows import (
     counts_of,
     dumps,
     error_json,
+    failed_at_claim,
     loads,
     node_info,
     recovery_step,
@@ -1132,8 +1133,7 @@ class PostgresStore(Store):
         for seq, run_id, task, params, attempt, max_attempts, created_at, key, source, lost, error, token in rows:
             decoded = self._run_rows.params(run_id, params)
             if isinstance(decoded, RunError):
-                unstartable.append({"seq": seq, "token": token, "now": now, "lost": 0, "result": None,
-                                    "error": error_json(decoded), "cancel_reason": None, "status": "failed"})  # fmt: skip
+                unstartable.append(failed_at_claim(seq, token, now, decoded))
                 continue
             claims.append(
                 Claim(

@@ -48,6 +48,13 @@ def error_json(error: RunError | None) -> str | None:
 
 
 
+def failed_at_claim(seq: int, token: str, now: float, error: RunError) -> dict[str, Any]:
+    """The finish values that fail a claimed run which cannot start (its params unreadable):
+    left pending, every claim from then on would take it again."""
+    return {"seq": seq, "token": token, "now": now, "lost": 0, "result": None,
+            "error": error_json(error), "cancel_reason": None, "status": "failed"}  # fmt: skip
+
+
 def counts_of(rows: Sequence[Sequence[Any]]) -> Counts:
     """:class:`Counts` from the rows of ``queries.COUNTS`` (``'status'`` or ``'total'``, name, value)."""
     by_status = {s.value: 0 for s in RunStatus}

@@ -76,6 +76,7 @@ from .models import (
 from .memory import parse_cursor
 from .rows import counts_of, dumps as _dumps
 from .rows import error_json as _error_json
+from .rows import failed_at_claim
 from .rows import loads as _loads
 from .rows import node_info as _node
 from .rows import seq_of as _seq_of
@@ -895,8 +896,7 @@ class SqliteStore(Store):
             if isinstance(decoded, RunError):
                 # params changed by hand into something unreadable: it cannot start, and left
                 # pending it would be taken by every claim from now on
-                unstartable.append({"seq": seq, "token": token, "now": now, "lost": 0, "result": None,
-                                    "error": _error_json(decoded), "cancel_reason": None, "status": "failed"})  # fmt: skip
+                unstartable.append(failed_at_claim(seq, token, now, decoded))
                 continue
             claims.append(
                 Claim(
