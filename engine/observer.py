@@ -335,15 +335,20 @@ class ClusterObserver:
         return result.run
 
     async def retry(self, run_id: str) -> StoredRun:
-        """Queue a failed or cancelled run again with the same params (a new run, which any
-        node that has its task claims). Raises :class:`RunNotFound` or :class:`RunNotRetryable`."""
+        """Queue a failed or cancelled run again with the same params and key (a new run, which
+        any node that has its task claims), as :meth:`Engine.retry` does: while a run of the task
+        with that key waits, that run comes back instead of a second one. Raises
+        :class:`RunNotFound` or :class:`RunNotRetryable`.
+
+        The nodes' ``max_queue`` is theirs: a dashboard that runs nothing does not know it,
+        and a retry asked for by hand is not held to it."""
         old = await self.get(run_id)
         if old.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
             raise RunNotRetryable(run_id, old.status.value)
         if old.source.startswith(_RUNS_ITS_OWN):
             raise RunNotRetryable(run_id, old.status.value, f"it was started by {old.source}, which runs it again itself")
-        new = NewRun(old.task, dict(old.params), source=f"retry:{run_id}", max_attempts=old.max_attempts,
-                     on_lost=old.on_lost)  # fmt: skip
+        new = NewRun(old.task, dict(old.params), key=old.key, source=f"retry:{run_id}",
+                     max_attempts=old.max_attempts, on_lost=old.on_lost)  # fmt: skip
         (inserted,) = await self.store.insert([new])
         record = await self.get(inserted.id)
         self._keep(record)

@@ -30,13 +30,14 @@ from taskwatch.engine import (
     Engine,
     NotATaskwatchStore,
     PostgresEventRelay,
+    RunError,
     RunStatus,
     SchemaTooNew,
     StoreUnavailable,
     TaskContext,
     __version__,
 )
-from taskwatch.engine.store import NewRun, PostgresStore
+from taskwatch.engine.store import Failed, NewRun, PostgresStore
 from taskwatch.engine.store import queries as Q
 from taskwatch.tui.cli import main as cli_main
 from taskwatch.tui.cluster import ClusterApp
@@ -362,6 +363,24 @@ async def test_runs_submitted_together_are_listed_newest_first(postgres_url: str
             await eventually(lambda: len(table.shown_keys) == 9, timeout=TIMEOUT)
             assert table.shown_keys == [r.id for r in reversed(batch)] + [first[0].id]
             assert [r.id for r in app.observer.runs()] == table.shown_keys  # type: ignore[union-attr]
+
+
+async def test_r_on_a_keyed_run_keeps_its_key_and_hands_back_the_run_that_waits_with_it(postgres_url: str) -> None:
+    """The dashboard's retry is Engine.retry's: same params and dedup key, so a keyed run already
+    waiting is the one that comes back, and no unkeyed copy of the work is queued beside it."""
+    async with PostgresStore(postgres_url) as submitter, ClusterObserver(postgres_url, lease=None) as observer:
+        (failed,) = await submitter.insert([NewRun(task="charge", params={"order": 42}, key="order-42")])
+        await submitter.register_node("worker", "w1", __version__)
+        (claim,) = await submitter.claim("worker", "w1", 1, {"charge": None})
+        await submitter.finish(claim.token, Failed(RunError(type="CardDeclined", message="declined")))
+        assert (await observer.get(failed.id)).status is RunStatus.FAILED
+
+        again = await observer.retry(failed.id)
+        assert again.key == "order-42" and again.params == {"order": 42} and again.status is RunStatus.PENDING
+        # asked twice while the first retry waits: that one comes back
+        assert (await observer.retry(failed.id)).id == again.id
+        page = await submitter.query(task="charge", status=RunStatus.PENDING, limit=10)
+        assert [(r.id, r.key) for r in page.runs] == [(again.id, "order-42")]
 
 
 class ParseParams(BaseModel):
