@@ -393,19 +393,25 @@ class Supervisor:
                 self._wind_down(task)
 
     async def wound_down(self) -> None:
-        """Return once the leader-only workers cancelled on a lost leadership have ended
-        (or ignored cancellation for as long as a stop waits for them)."""
+        """Return once the leader-only workers cancelled on a lost leadership have ended,
+        however long a cleanup that ignores every cancel takes (a stop cancels this wait)."""
         while self._winding_down:
             await asyncio.wait(list(self._winding_down))
 
     def _wind_down(self, task: asyncio.Task[None]) -> None:
         loop = asyncio.get_running_loop()
-        waiter = spawn(
-            self._await_cancelled([task], loop.time() + self._engine.cancel_grace),
-            name=f"{task.get_name()}-winding-down",
-        )
+        waiter = spawn(self._outlast(task, loop.time() + self._engine.cancel_grace), name=f"{task.get_name()}-winding-down")
         self._winding_down.add(waiter)
         waiter.add_done_callback(self._winding_down.discard)
+
+    async def _outlast(self, task: asyncio.Task[None], deadline: float) -> None:
+        """Re-cancel a leader-only worker that lost its leadership, then wait for its end: code
+        still running after every cancel is still this node's leader-only code, and the term
+        given up stays held (renewed) until it ends, or another node would start the worker
+        beside it. Only a stop gives up on it (the lease then lapses rather than being handed over)."""
+        await self._await_cancelled([task], deadline)
+        if not task.done():
+            await asyncio.wait([task])
 
     # ------------------------------------------------------------------ leaders without a lease
 

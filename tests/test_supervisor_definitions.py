@@ -227,6 +227,63 @@ async def test_a_leader_replaced_under_its_node_id_hands_the_lease_over_only_aft
             await engine.stop(1.0)
 
 
+async def test_a_leader_that_steps_down_keeps_the_lease_while_a_cleanup_ignoring_every_cancel_still_runs() -> None:
+    # re-cancelled three times over and still going, the old leader's worker is still this
+    # node's leader-only code: released then, the lease would start it on the follower beside it
+    lease = InProcessLease(ttl=0.4, renew_interval=0.05)
+    timeline: list[tuple[str, str]] = []
+    swallowed: list[str] = []
+    cleanup_may_end = asyncio.Event()
+
+    def build(node_id: str) -> Engine:
+        engine = Engine(node_id=node_id, lease=lease, cancel_grace=0.05, health_interval=None)
+
+        @engine.supervised(name="poller", leader_only=True)
+        async def poller(ctx: TaskContext) -> None:
+            timeline.append((node_id, "start"))
+            try:
+                await asyncio.Event().wait()
+            finally:
+                while not cleanup_may_end.is_set():
+                    try:
+                        await cleanup_may_end.wait()
+                    except asyncio.CancelledError:
+                        swallowed.append(node_id)  # a bug in this worker, which the engine outlasts
+                timeline.append((node_id, "ended"))
+
+        return engine
+
+    old, follower = build("x"), build("y")
+    await old.start()
+    try:
+        await follower.start()
+        await eventually(lambda: timeline == [("x", "start")], 5)
+        gave_up = await lease.holder()
+        assert gave_up is not None and gave_up.holder == "x"
+        old.elector.suspend()  # what the engine does when its store is out of reach
+        # every re-cancel has come and gone, and the term has been renewed past a whole ttl since
+        await eventually(lambda: len(swallowed) >= 3, 5)
+
+        async def renewed_past_a_ttl() -> bool:
+            state = await lease.holder()
+            return ("y", "start") in timeline or (state is not None and state.expires_at > gave_up.expires_at + 2 * lease.ttl)
+
+        deadline = asyncio.get_running_loop().time() + 5
+        while not await renewed_past_a_ttl():
+            assert asyncio.get_running_loop().time() < deadline, "the lease neither renewed nor taken"
+            await asyncio.sleep(0.01)
+        assert timeline == [("x", "start")], "the follower started the worker beside the old leader's"
+
+        cleanup_may_end.set()
+        await eventually(lambda: ("y", "start") in timeline, 5)
+        assert timeline == [("x", "start"), ("x", "ended"), ("y", "start")]
+    finally:
+        cleanup_may_end.set()
+        for engine in (follower, old):
+            await engine.stop(1.0)
+    assert stray_tasks() == set()
+
+
 # ---------------------------------------------------------------- a lapse of the lease during a backoff
 
 
