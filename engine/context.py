@@ -27,15 +27,16 @@ class TaskContext:
     destructive writes so a stale leader's writes can be refused.
     """
 
-    __slots__ = ("_engine", "_run", "_report", "_attempt", "_params", "name")
+    __slots__ = ("_engine", "_run", "_report", "_attempt", "_token", "_params", "name")
 
     def __init__(
         self,
         engine: Engine,
         run: Run | None,
         name: str,
-        report: Callable[[Run, float, float | None, str], None] | None = None,
+        report: Callable[[Run, str | None, float, float | None, str], None] | None = None,
         attempt: int = 1,
+        token: str | None = None,
     ) -> None:
         self._engine = engine
         self._run = run
@@ -44,6 +45,9 @@ class TaskContext:
         #: fixed when the attempt starts: an attempt that outlives its claim (recovered from
         #: under it) must not read the number of the attempt that replaced it
         self._attempt = attempt
+        #: the claim this attempt runs under: its reports count while it is the run's current
+        #: one (a thread an attempt left going must not overwrite the next attempt's progress)
+        self._token = token
         #: this attempt's own copy of its run's params, made when first asked for
         self._params: dict[str, Any] | None = None
         self.name = name
@@ -92,11 +96,13 @@ class TaskContext:
 
         ``done`` and ``total`` are finite numbers and ``message`` text (anything
         else raises :class:`InvalidProgress` here and changes nothing); a report made
-        after the run has ended changes nothing either. A queue handler's context
+        after the run has ended, or by an attempt that is no longer the run's current one
+        (it timed out and left a thread reporting, its claim was lost), changes nothing
+        either. A queue handler's context
         has no run: its reports are checked the same way, and publish nothing.
         """
         if self._run is not None and self._report is not None:
-            self._report(self._run, done, total, message)
+            self._report(self._run, self._token, done, total, message)
             return
         try:
             # the checks a run's report gets, so a handler's bad report fails wherever it runs

@@ -344,6 +344,8 @@ class Execution:
             self.index.counts[_RUNNING] -= 1
             self.index.counts[_PENDING] += 1
             run.status = _PENDING
+        # the store's: a stop may have cut an attempt short elsewhere, which gave the run one more
+        run.max_attempts = claim.max_attempts
         if claim.error is not None:
             # its last failed attempt ran elsewhere (another node, a previous incarnation): the
             # record keeps that error, as the node it failed on keeps it
@@ -620,6 +622,7 @@ class Execution:
         """Run one attempt of a claimed run and write its outcome with the claim's token."""
         window: asyncio.Timeout | None = None
         overran = False
+        final = False  # the attempt failed in a way no retry can help
         try:
             spec = run.spec
             if spec is None:
@@ -642,7 +645,7 @@ class Execution:
                         error = RunError(type="InvalidParams", message=_params_no_longer_fit(spec.name, exc))
                         self._record(run, token, Failed(error), error)
                         return
-                ctx = TaskContext(self.engine, run, spec.name, report=self.progress, attempt=run.attempt)
+                ctx = TaskContext(self.engine, run, spec.name, report=self.progress, attempt=run.attempt, token=token)
                 args: tuple[Any, ...] = (ctx,) if model is None else (ctx, model)
                 if spec.resources:
                     kwargs = given if given is not None else self._resources_for(spec.resources)
@@ -680,7 +683,11 @@ class Execution:
                         overran = True
                         raise TimeoutError
                 if result is not None:
-                    result = jsonable(result, distinct_keys=True)
+                    try:
+                        result = jsonable(result, distinct_keys=True)
+                    except NotJsonSafe as exc:
+                        # told apart from a NotJsonSafe the task's own code raised, which fails as any
+                        raise _ResultNotJson(exc.detail) from None
             except asyncio.CancelledError as exc:
                 current = asyncio.current_task()
                 if run.cancel_reason is None and current is not None and not current.cancelling():
@@ -716,11 +723,15 @@ class Execution:
                     )
                 else:
                     error = RunError.from_exception(exc)
-            except NotJsonSafe as exc:
+            except _ResultNotJson as exc:
+                # the task ran to its end: another attempt would do its work again (charge a card
+                # twice) only to return the same kind of value, so the run fails without retries
+                final = True
                 error = RunError(
                     type="ResultNotSerializable",
                     message=f"task {spec.name!r} returned a value that cannot be sent as JSON: {exc.detail}; "
-                    "return JSON data (dicts, lists, str, numbers) or a pydantic model",
+                    "return JSON data (dicts, lists, str, numbers) or a pydantic model. Not retried: the "
+                    "attempt did its work, and another would do it again",
                 )
             except BaseException as exc:  # noqa: BLE001
                 # SystemExit, KeyboardInterrupt, GeneratorExit and the like raised by task
@@ -749,7 +760,7 @@ class Execution:
                 # cancelled while it was failing: the user's intent wins
                 self._record(run, token, self._cut_short(run, run.cancel_reason), None)
                 return
-            if run.attempt < run.max_attempts and self.engine.state != "stopped":
+            if not final and run.attempt < run.max_attempts and self.engine.state != "stopped":
                 # (the exponent capped: 2.0 ** 1024 overflows, and the cap is reached long before)
                 delay = min(spec.backoff_max, spec.backoff * 2.0 ** min(run.attempt - 1, 64))
                 delay *= random.uniform(0.5, 1.0)  # jitter so retries of a burst spread out
@@ -766,9 +777,13 @@ class Execution:
 
 
     def _cut_short(self, run: Run, reason: CancelReason) -> Outcome:
-        """A durable store keeps a run cut short by shutdown for the next start; else it is cancelled."""
+        """A durable store keeps a run cut short by shutdown for the next start, with the retries
+        it had (a stop is no failure of its code); else it is cancelled."""
         if reason == "shutdown" and self.durable:
-            return Retry(RunError(type="Shutdown", message=f"node {self.engine.node_id!r} stopped while the run was executing; re-queued"), 0.0)
+            return Retry(
+                RunError(type="Shutdown", message=f"node {self.engine.node_id!r} stopped while the run was executing; re-queued"),
+                cut_short=True,
+            )
         return Cancelled(reason)
 
     def _record(self, run: Run, token: str, outcome: Outcome, error: RunError | None) -> None:
@@ -788,7 +803,7 @@ class Execution:
             self._apply_outcome(run, token, outcome, error, memory.finish_now(token, outcome))
             return
         self._finishing.add(token)
-        if type(outcome) is Retry:
+        if isinstance(outcome, Retry):
             self._retrying[token] = (outcome, error)
         self._send(run, token, outcome, error, again=False)
 
@@ -875,6 +890,7 @@ class Execution:
             assert isinstance(outcome, Retry)
             tried = run.attempt
             self.index.requeued(run, outcome.error, now + outcome.delay)
+            run.max_attempts += outcome.added_attempts  # as the store wrote it
             self.bus.post(
                 RunRetrying, run_id=run.id, task=run.task, attempt=run.attempt, delay=float(outcome.delay), error=outcome.error
             )
@@ -1119,6 +1135,7 @@ class Execution:
     @staticmethod
     def _copy_outcome(run: Run, stored: RunRecord) -> None:
         run.attempt = stored.attempt
+        run.max_attempts = stored.max_attempts
         run.started_at = stored.started_at
         run.node = stored.node
         run.result = stored.result
@@ -1135,6 +1152,7 @@ class Execution:
         elif stored.status is _PENDING and run.status is _RUNNING:
             self.index.unclaimed(run)
             run.attempt = stored.attempt
+            run.max_attempts = stored.max_attempts  # more by one if its node's stop cut it short
         elif stored.status.finished:
             self._copy_outcome(run, stored)
             now = stored.finished_at or self.engine.clock()
@@ -1162,10 +1180,11 @@ class Execution:
                 )
 
 
-    def progress(self, run: Run, done: float, total: float | None, message: str) -> None:
-        if run.status is not _RUNNING:
-            # from something the task left going after its run ended: a finished record
-            # stays as it ended, and its run.progress events end before its last event
+    def progress(self, run: Run, token: str | None, done: float, total: float | None, message: str) -> None:
+        if run.status is not _RUNNING or run.token != token:
+            # from something an attempt left going after it ended (a thread a timeout could not
+            # stop, say): a finished record stays as it ended, its run.progress events end
+            # before its last event, and a later attempt's progress is that attempt's own
             return
         # the event is validated first: a value it refuses (not a finite number) raises in
         # the task and leaves the record as it was
@@ -1432,6 +1451,14 @@ def _checked_seconds(model: type[WaitOptions | CancelOptions], where: str, name:
     except InvalidConfiguration as exc:
         raise InvalidConfiguration(where, [f"{problem}; {advice}" for problem in exc.problems]) from None
     return checked
+
+
+class _ResultNotJson(Exception):
+    """The value an attempt returned cannot be sent as JSON (``detail`` says why)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
 
 
 #: the shortest pause between two cancels of a task that ignores its timeout: cancel_grace=0 must not spin

@@ -20,7 +20,16 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticSerializationError, to_json
 
 from .errors import InvalidConfiguration, InvalidParams, TaskDefinitionError, shown
-from .jsonsafe import NotJsonSafe, check_jsonable, encode_problem, jsonable, name_problem, non_finite_problem, safe_str
+from .jsonsafe import (
+    NotJsonSafe,
+    check_jsonable,
+    encode_problem,
+    jsonable,
+    name_problem,
+    non_finite_problem,
+    safe_str,
+    utf8_text,
+)
 
 log = logging.getLogger("taskwatch.engine")
 
@@ -87,23 +96,29 @@ class TaskSpec:
                       f"not {shown(params)}", "type": "extra_forbidden"}],
                 )
             return None, {}
+        given: Any = params  # what the model validates
         try:
             if isinstance(params, model_cls):
                 # validated again (model_construct skips validation), from its field values
                 # keyed as the model takes them (by alias, where it has one) and its extra
                 # ones (a model with extra="allow")
-                model = model_cls.model_validate(_input_of(params))
+                given = _input_of(params)
+                model = model_cls.model_validate(given)
             elif isinstance(params, BaseModel):
                 # (a computed field is no input: passed on, extra="forbid" would refuse it)
-                model = model_cls.model_validate(params.model_dump(exclude=set(type(params).model_computed_fields)))
+                given = params.model_dump(exclude=set(type(params).model_computed_fields))
+                model = model_cls.model_validate(given)
             elif isinstance(params, Mapping):
                 # a dict is data as JSON would carry it (the control endpoint's, a dashboard's
                 # form): read as a record is, so a strict model takes its dates from their text
                 model = params_from_record(model_cls, params)
             else:
-                model = model_cls.model_validate(params if params is not None else {})
+                given = params if params is not None else {}
+                model = model_cls.model_validate(given)
         except ValidationError as exc:
             raise InvalidParams(self.name, _problems(exc)) from None
+        except UnicodeEncodeError as exc:
+            raise _unencodable_message(self.name, model_cls, given, exc) from None
         except Exception as exc:
             raise _validator_raised(self.name, model_cls, exc) from exc
         try:
@@ -135,6 +150,59 @@ def _validator_raised(task: str, model_cls: type[BaseModel], exc: Exception) -> 
           f"{safe_str(exc)} (raise ValueError in validators for pydantic to report it as a field's)",
           "type": "validator_raised"}],
     )
+
+
+def _unencodable_message(
+    task: str, model_cls: type[BaseModel], given: Any, exc: UnicodeEncodeError
+) -> InvalidParams:
+    """The params refused, for a validator whose error message UTF-8 cannot encode.
+
+    A validator's ValueError naming a value that holds a lone surrogate (a path from
+    ``os.fsdecode``, say) is no error pydantic-core can make: it raises UnicodeEncodeError
+    instead, which names neither the field nor the message. The params are validated again
+    with their text escaped (``\\udcff``), as the engine escapes text everywhere: the field's
+    own problems, its message naming the value escaped. If that does not tell (the text came
+    from elsewhere), the message alone, escaped, of the params as a whole.
+    """
+    escaped = _escaped_input(given)
+    refused = _refused(model_cls, escaped) if escaped is not given else None
+    if refused is not None:
+        return InvalidParams(task, _problems(refused))
+    message = utf8_text(exc.object) if isinstance(exc.object, str) else safe_str(exc)
+    return InvalidParams(
+        task,
+        [{"loc": ("params",), "msg": f"a validator of {model_cls.__qualname__} refused them: {message}",
+          "type": "value_error"}],
+    )
+
+
+def _refused(model_cls: type[BaseModel], data: Any) -> ValidationError | None:
+    """What ``model_cls`` says of ``data`` when it refuses it as pydantic reports refusals."""
+    try:
+        model_cls.model_validate(data)
+    except ValidationError as exc:
+        return exc
+    except Exception:  # noqa: BLE001 - anything else tells nothing of the fields
+        return None
+    return None
+
+
+def _escaped_input(value: Any) -> Any:
+    """``value`` with what UTF-8 cannot encode in its text (keys too) escaped; the very same
+    object when it has nothing to escape."""
+    if isinstance(value, str):
+        return utf8_text(value)
+    if isinstance(value, Mapping):
+        items = [(_escaped_input(k), _escaped_input(v)) for k, v in value.items()]
+        if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, value.items(), strict=True)):
+            return value
+        return dict(items)
+    if isinstance(value, (list, tuple)):
+        escaped = [_escaped_input(item) for item in value]
+        if all(e is item for e, item in zip(escaped, value, strict=True)):
+            return value
+        return type(value)(escaped) if type(value) in (list, tuple) else escaped
+    return value
 
 
 #: how each kind's options are written, for the error an option given by position gets

@@ -534,7 +534,10 @@ class MemoryStore(Store):
                 return _CANCELLED
             if outcome.next_attempt:
                 self._totals["retried"] += 1
-            self._requeue(row, now, now + max(0.0, outcome.delay), outcome.error, step=1 if outcome.next_attempt else 0)
+            self._requeue(
+                row, now, now + max(0.0, outcome.delay), outcome.error, step=1 if outcome.next_attempt else 0,
+                added=outcome.added_attempts,
+            )
             return _PENDING
         raise TypeError(f"unknown outcome {outcome!r}; pass Succeeded, Failed, Cancelled or Retry")
 
@@ -558,12 +561,15 @@ class MemoryStore(Store):
         if self._notifying:
             self._notify(finished=(row.id,))
 
-    def _requeue(self, row: MemoryRow, now: float, run_after: float, error: RunError, step: int = 1) -> None:
+    def _requeue(
+        self, row: MemoryRow, now: float, run_after: float, error: RunError, step: int = 1, added: int = 0
+    ) -> None:
         counts = self._counts
         counts[row.status] -= 1
         counts[_PENDING] += 1
         row.status = _PENDING
         row.attempt += step
+        row.max_attempts += added  # (see Retry.cut_short)
         row.run_after = run_after
         row.node = row.incarnation = row.token = None
         row.lease_until = None

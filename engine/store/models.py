@@ -92,11 +92,22 @@ class Retry:
     ``next_attempt=False`` hands a claim back whose attempt never started (its
     node stopped first): pending again with the same attempt, and not counted
     as a retry.
+
+    ``cut_short``: the attempt's node cut it short at a graceful stop, which is no failure
+    of the run's code. It still counts as an execution (``attempt + 1``), and in the same
+    write ``max_attempts + 1``, so the run keeps the retries it had for failures of its own.
+    (A run recovered from a node that crashed is not cut short: its loss counts.)
     """
 
     error: RunError
     delay: float = 0.0
     next_attempt: bool = True
+    cut_short: bool = False
+
+    @property
+    def added_attempts(self) -> int:
+        """What re-queueing with this outcome adds to the run's ``max_attempts``."""
+        return 1 if self.cut_short and self.next_attempt else 0
 
 
 Outcome = Succeeded | Failed | Cancelled | Retry

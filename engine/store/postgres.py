@@ -1306,6 +1306,7 @@ class PostgresStore(Store):
                     "token": token,
                     "lost": 0,
                     "step": 1 if outcome.next_attempt else 0,
+                    "added": outcome.added_attempts,
                     "run_after": run_after,
                     "error": error,
                 },

@@ -321,10 +321,12 @@ WHERE seq = :seq AND claim_token = :token AND status = 'running'"""
 ENDED_PROGRESS = """
 UPDATE runs SET progress_done = :done, progress_total = :total, progress_message = :message WHERE seq = :seq"""
 
-#: a claimed run goes back to pending (retry, or its worker was lost), retaking its key if free
+#: a claimed run goes back to pending (retry, or its worker was lost), retaking its key if free;
+#: ``added`` is 1 for an attempt its node's graceful stop cut short (see models.Retry.cut_short)
 REQUEUE_CLAIMED = """
 UPDATE runs
-SET status = 'pending', attempt = attempt + :step, lost_count = lost_count + :lost,
+SET status = 'pending', attempt = attempt + :step, max_attempts = max_attempts + :added,
+    lost_count = lost_count + :lost,
     run_after = :run_after, error = :error,
     owner_node = NULL, owner_incarnation = NULL, claim_token = NULL, lease_until = NULL,
     dedup_slot = CASE

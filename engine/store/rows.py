@@ -364,7 +364,8 @@ def recovery_step(
     action = lost_action(bool(cancel_req), lost_count, on_lost, max_lost)
     args: dict[str, Any] = {"seq": seq, "token": token, "now": now, "lost": 1, "result": None, "cancel_reason": None}
     if action == "requeued":
-        args.update(run_after=now, step=1, error=error_json(lost_note(why)))
+        # a crash's loss counts against max_attempts (added=0), unlike a graceful stop's cut (Retry.cut_short)
+        args.update(run_after=now, step=1, added=0, error=error_json(lost_note(why)))
         sql = Q.REQUEUE_CLAIMED
         attempt += 1
     elif action == "cancelled":

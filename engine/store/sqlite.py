@@ -985,6 +985,7 @@ class SqliteStore(Store):
                         "token": token,
                         "lost": 0,
                         "step": 1 if outcome.next_attempt else 0,
+                        "added": outcome.added_attempts,
                         "run_after": now + max(0.0, outcome.delay),
                         "error": _error_json(outcome.error),
                     },
