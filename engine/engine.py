@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextvars
 import difflib
 import functools
 import logging
@@ -61,7 +60,10 @@ from .events import (
 from .execution import Execution, RunWait, checked_timeout
 from .handle import RunHandle
 from .health import HealthSampler
-from .hop import Escaped, as_future, call_on, cancel_and_wait, current_loop, home_here, refuse_in_fork, ship, spawn
+from .hop import (
+    Escaped, as_future, call_on, cancel_and_wait, current_loop, home_here, refuse_in_fork, ship, spawn, work_context,
+    works_for,
+)
 from .index import (
     RunIndex,
     check_query,
@@ -410,6 +412,9 @@ class Engine:
         self._wakeups = StoreWakeups(self._store, self._executor, self._run.caught_up)
         self._state = "new"
         self._shutdown: asyncio.Task[None] | None = None
+        #: a stop is draining the queues and runs: their own work (see :meth:`_require_running`) may
+        #: still put into a queue and submit runs
+        self._draining = False
         #: resolved once the start under way has ended (a second start() waits for it)
         self._starting: asyncio.Future[None] | None = None
         self._loop_thread: int | None = None
@@ -779,7 +784,8 @@ class Engine:
         # before the store's recovery, which counts the runs it settles: every total is this start's
         self._index.new_start()
         self._refresh_limits()  # resources may have been added since the tasks registered
-        self._run.base_context = contextvars.copy_context()
+        # what runs execute in: everything they start is the engine's own work (see _require_running)
+        self._run.base_context = work_context(self)
         await self._store.open()
         try:
             registered_at = time.monotonic()  # sent from here on: the store's clock reads no earlier
@@ -883,6 +889,11 @@ class Engine:
     async def stop(self, timeout: float = 10.0, *, drain_advice: str | None = None) -> None:
         """Stop accepting work, drain for up to ``timeout`` seconds, cancel the rest, await all.
 
+        The queues and the runs drain together: until the timeout nothing closes while one of
+        them still works, and the engine's own work (a queue's handler, a run, what either
+        starts, a trigger's fire) may still put into its queues and submit runs meanwhile, so a
+        pipeline drains through; callers outside the engine are refused at once.
+
         With a durable store, pending runs stay queued for the next start, and
         runs cut short by the stop are put back to pending; with the memory
         store they end ``cancelled`` with ``cancel_reason="shutdown"``, and a
@@ -907,6 +918,7 @@ class Engine:
             return
         if self._shutdown is None:
             self._state = "stopping"
+            self._draining = True
             self._shutdown = spawn(
                 self._stop(timeout, drain_advice), name="taskwatch-shutdown"
             )
@@ -978,14 +990,20 @@ class Engine:
                 for late in list(self._late_starts):
                     await cancel_and_wait(late)
             # snapshots: a queue or trigger made meanwhile (by a run still draining) is not
-            # started, so there is nothing of it to stop
+            # started, so there is nothing of it to stop. A trigger's sweeps end here; what its
+            # runs ending (or a handler's notifies) bring due meanwhile fires while the drain lasts
             for trigger in list(self._triggers.values()):
                 await trigger.stop(deadline)
+            if self._durable:
+                # what is queued waits in the store for the next start, runs submitted during the
+                # drain too; what runs is seen through
+                self._executor.stop_claiming()
+            # the queues and the runs drain together: a handler may put into another queue or
+            # submit a run, a run may put into a queue, so none is done while another still works
+            await self._drain(deadline)
             for queue in list(self._queues.values()):
                 await queue.stop(deadline)
             if self._durable:
-                # what is queued waits in the store for the next start; finish what runs
-                self._executor.stop_claiming()
                 await self._executor.flush()
             # the writes of what exists nowhere else (queued jobs, runs not written yet, trigger
             # counts) are done. A store out of reach would hold each write left (outcomes, the cut
@@ -994,7 +1012,9 @@ class Engine:
             # (the cut runs get up to three rounds of cancel_grace: Execution.await_tasks)
             give_up = time.monotonic() + max(0.0, deadline - loop.time()) + 3 * self.cancel_grace + _STOP_WRITE_GRACE
             self._store.give_up_after(give_up)
+            # (what the runs still do when there is no queue, or past the deadline)
             await self._run.wait_idle(deadline - loop.time())
+            self._draining = False  # from now on their own work is refused as any caller's
             self._executor.stop_claiming()
             cancelled_pending = 0
             if not self._durable:
@@ -1033,6 +1053,7 @@ class Engine:
                 # has been silent for node_ttl instead of at once
                 log.warning("could not tell the store that node %s stopped: %s", self.node_id, exc)
         finally:
+            self._draining = False
             try:
                 await self._store.close()
             finally:
@@ -1042,6 +1063,37 @@ class Engine:
                 self._run.stopped_before_done()
                 for trigger in self._triggers.values():
                     trigger.engine_stopped()
+
+    async def _drain(self, deadline: float) -> None:
+        """Until ``deadline`` (loop time), wait while a queue (its waiting jobs aside when it is
+        paused) or the runs still have work. Nothing closes meanwhile, so work the queues and
+        runs hand each other (a pipeline of queues, in whatever order they were made; a
+        handler submitting runs) goes through within the stop's timeout."""
+        if not self._queues:
+            # the runs alone: they drain once the store is told how long it may retry (the
+            # queues' writes, which are never cut short, are done then)
+            return
+        loop = asyncio.get_running_loop()
+        while (left := deadline - loop.time()) > 0:
+            waits: list[asyncio.Future[Any]] = [
+                w for queue in list(self._queues.values()) if (w := queue.drained()) is not None
+            ]
+            runs = spawn(self._run.wait_idle(left), name="taskwatch-stop-runs") if self._run.local_work() else None
+            if runs is not None:
+                waits.append(runs)
+            if not waits:
+                return
+            try:
+                # all of them: one done may get work again from another still going, so each
+                # round looks at every one afresh
+                _, pending = await asyncio.wait(waits, timeout=left)
+            finally:
+                for fut in waits:
+                    if fut is not runs:
+                        fut.cancel()
+                await cancel_and_wait(runs)  # (its own end clears the runs' idle waiter)
+            if pending:
+                return
 
     async def _cancel_pending(self, reason: CancelReason) -> int:
         """End every pending run this node knows as cancelled (the memory store's shutdown)."""
@@ -1062,7 +1114,11 @@ class Engine:
     # ------------------------------------------------------------------ submit
 
     def _require_running(self) -> None:
-        if self._state != "running":
+        """Refuse work unless the engine runs. While a stop drains its queues and runs, their own
+        work (a handler's put or submit, a run's, a task either started, a trigger's fire) is
+        still taken: refused, it would fail the job or run that feeds it, and a longer drain
+        would destroy more work than a short one. Callers outside the engine are refused."""
+        if self._state != "running" and not (self._draining and works_for(self)):
             raise EngineNotRunning(self._state)
 
     def _refuse_in_fork(self) -> None:

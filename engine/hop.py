@@ -16,6 +16,12 @@ It also holds the one way the engine starts a task, :func:`spawn` (its first ste
 on a later turn of the loop, whatever task factory the loop has), and the one way
 a loop of the engine ends a task it owns: :func:`cancel_and_wait`.
 
+It also tells the engine's own work from its callers': :func:`work_context` is the context an
+engine's runs and queue consumers are made in (so every task they start inherits it), and
+:func:`works_for` says whether the code running now is that work. A stopping engine still
+takes puts and submits from its own work while it drains (see ``Engine._stop``), never from
+its callers.
+
 A fork of the process (``os.fork()``, a pre-forking server) copies an engine's loop,
 which then looks running, but not the thread that runs it: a call shipped to it, or a
 callback handed to it, would never be taken up. The engine notes the process its loop
@@ -26,12 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import inspect
 import os
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from .errors import EngineInAnotherProcess, EngineNotRunning
@@ -41,6 +48,35 @@ T = TypeVar("T")
 #: the process each engine's loop runs in, noted as the engine starts on it (weakly held:
 #: a loop dropped is gone from here)
 _homes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
+
+
+#: the engine whose own work runs in this context: its runs, its queues' handlers, and the tasks
+#: and threads (``asyncio.to_thread``) they start, which copy the context they are made in
+_working_for: contextvars.ContextVar[object | None] = contextvars.ContextVar("taskwatch_working_for", default=None)
+
+
+def work_context(owner: object) -> contextvars.Context:
+    """A copy of the current context in which :func:`works_for` ``(owner)`` is true: set once
+    in the context an engine's runs and queue consumers are made in, it costs them nothing."""
+    context = contextvars.copy_context()
+    context.run(_working_for.set, owner)
+    return context
+
+
+def works_for(owner: object) -> bool:
+    """Whether the code running now is ``owner``'s own work (see :func:`work_context`)."""
+    return _working_for.get() is owner
+
+
+@contextlib.contextmanager
+def working_for(owner: object) -> Iterator[None]:
+    """Run the block as ``owner``'s own work (a trigger's fire, made by the engine itself
+    whatever context the call that brought it on came from)."""
+    token = _working_for.set(owner)
+    try:
+        yield
+    finally:
+        _working_for.reset(token)
 
 
 def home_here(loop: asyncio.AbstractEventLoop) -> None:

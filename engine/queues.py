@@ -47,8 +47,14 @@ another node (it is cancelled: it runs there).
 A process replaced by a later start under its node id holds nothing any
 more: it starts none of its stored jobs again (see ``node_superseded``).
 
-A stop cancels the handlers still running at its timeout and gives one that
-swallows the cancel three rounds of ``cancel_grace`` (cancelled again each
+While the engine stops, the queues and the runs drain together (see ``Engine._stop``): a
+handler (a run, a task or thread either started) may still put into a queue that has not
+closed yet, which callers outside the engine may not (see ``hop.works_for``). A stop cancels
+the handlers still running at its timeout: a job whose handler catches that cancel and
+returns, or raises something else instead, is left undone all the same (kept in a durable
+store), as is one whose handler the stopping engine refused a put or submit once its drain
+was over; neither is counted processed or failed, both are reported left. The stop gives a
+handler that swallows the cancel three rounds of ``cancel_grace`` (cancelled again each
 round), as it does a run: then it goes on without it, logs it as a bug in
 the handler and counts it in ``QueueInfo.ignored_cancel``. What such a
 handler does afterwards is not counted, nor acknowledged in the store.
@@ -62,6 +68,7 @@ as an event, and purged jobs are counted in :class:`QueueInfo`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import threading
@@ -82,7 +89,7 @@ from .errors import (
     TaskDefinitionError,
 )
 from .execution import checked_timeout
-from .hop import call_on, cancel_and_wait, current_loop, refuse_in_fork, spawn
+from .hop import call_on, cancel_and_wait, current_loop, refuse_in_fork, spawn, work_context, works_for
 from .jsonsafe import NotJsonSafe, jsonable
 from .options import PutOptions, QueueOptions, check_options
 from .logs import OutageLog, log_safely, log_text, traceback_block
@@ -291,6 +298,15 @@ def _handler_shape(handler: Any, name: str) -> tuple[bool, type[BaseModel] | Non
             f"the handler of queue {name!r} takes {len(required)} required positional arguments; "
             "it must take (job) or (ctx, job)"
         )
+    # a consumer passes (job) or (ctx, job) and nothing else: a keyword-only parameter with no
+    # default would never get a value, and every job would fail
+    unfilled = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    if unfilled:
+        raise TaskDefinitionError(
+            f"{what} is called with (job) or (ctx, job) only, so its keyword-only parameter "
+            f"{', '.join(unfilled)} would never get a value and every job would fail: give it a default, "
+            f"or take it out; {shape}"
+        )
     with_ctx = len(required) == 2
     job = required[-1] if required else None
     if job is None or job.annotation is job.empty:
@@ -350,6 +366,11 @@ class WorkQueue:
         self._getters: deque[asyncio.Future[None]] = deque()
         self._putters: deque[asyncio.Future[None]] = deque()
         self._idle_waiters: list[asyncio.Future[None]] = []
+        #: the engine's stop waiting for the consumers to have nothing left to do (see :meth:`drained`)
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        #: jobs whose handler the stopping engine refused a put or submit (its drain was over): left
+        #: undone as the stop leaves a job it cuts (kept in a durable store), counted by the stop
+        self._undone = 0
         self._closing = False
         self._abandon = False
         #: what a join hears once a stop left jobs undone, until the next start; and
@@ -572,7 +593,9 @@ class WorkQueue:
 
     def _check_open(self) -> None:
         state = self._engine.state
-        if state in _CLOSED_STATES:
+        if state in _CLOSED_STATES and not (state == "stopping" and works_for(self._engine)):
+            # the engine's own work (a handler, a run) still puts while the stop drains, until
+            # this queue closes: refused, the job or run feeding it would fail (see Engine._stop)
             raise EngineNotRunning(state)
         if self._closing:
             raise EngineNotRunning("stopping")
@@ -771,6 +794,7 @@ class WorkQueue:
             kept = item if type(item) is _Kept else None
             if kept is not None and (self._superseded or (kept.id is not None and not self._may_start(kept))):
                 self._set_aside(kept)
+                self._maybe_idle()  # (given up, it may have been the last job)
                 continue
             job = item if kept is None else kept.job
             ctx = first
@@ -782,6 +806,19 @@ class WorkQueue:
             try:
                 try:
                     failure = await self._call(ctx, job)
+                    if task.cancelling() and (self._abandon or self._torn_down()):
+                        # the stop's cancel (or the loop's teardown's), which the handler caught and
+                        # returned, or raised something else from its cleanup: handled below as the
+                        # cancel it swallowed, so the job is left undone all the same (its row stays,
+                        # and the stop counted it already)
+                        if failure is not None:
+                            error = RunError.from_exception(failure)
+                            log_safely(
+                                log, logging.WARNING, "queue %r: a handler cut short by the stop raised %s: %s "
+                                "instead of its cancel; its job is left undone", self.name,
+                                log_text(error.type), log_text(error.message),
+                            )  # fmt: skip
+                        raise asyncio.CancelledError
                 except asyncio.CancelledError as cancel:
                     cut = kept is not None and kept.cut
                     if cut and task.uncancel() == 0:
@@ -810,6 +847,12 @@ class WorkQueue:
                         continue
                 if generation != self._generation:
                     return  # a stop went on without this handler: nothing it did counts any more
+                if isinstance(failure, EngineNotRunning) and self._engine.state == "stopping":
+                    # refused a put or submit once the stop's drain was over (the queue it fed had
+                    # closed): the job did not fail, the stop cut it short. Left undone as a job the
+                    # stop cancels: its row stays for the next start, and the stop counts it
+                    self._undone += 1
+                    continue
                 if failure is None:
                     self.processed += 1
                 else:
@@ -821,6 +864,11 @@ class WorkQueue:
                     self._running.pop(task, None)
                     self._in_flight -= 1
                     self._maybe_idle()
+
+    def _work_context(self) -> contextvars.Context:
+        """A consumer's context: its handler (and what that starts) is the engine's own work, which
+        a stopping engine still takes puts and submits from while it drains."""
+        return work_context(self._engine)
 
     def _consumer_lost(self) -> None:
         """A consumer was cancelled from outside the engine and ends: another takes its place
@@ -846,7 +894,10 @@ class WorkQueue:
             return
         live = [t for t in self._consumers if not t.done()]
         self._consumers = live + [
-            spawn(self._consume(self._generation), name=f"taskwatch-queue-{self.name}-{next(self._names)}")
+            spawn(
+                self._consume(self._generation), name=f"taskwatch-queue-{self.name}-{next(self._names)}",
+                context=self._work_context(),
+            )
             for _ in range(lost)
         ]
 
@@ -1281,6 +1332,7 @@ class WorkQueue:
         if not self.paused:
             self.paused = True
             self._engine.bus.emit(QueuePaused, queue=self.name, depth=self.depth)
+            self._maybe_idle()  # a stop draining it waits no more for the jobs left waiting
         return self.info()
 
     def resume(self) -> QueueInfo:
@@ -1343,9 +1395,31 @@ class WorkQueue:
         return self._in_flight
 
     def _is_idle(self) -> bool:
-        return not self._items and not self._transits and not self._in_flight and not self._aside
+        # a job the stopping engine refused work is not done: the stop's end answers the joins
+        return not self._items and not self._transits and not self._in_flight and not self._aside and not self._undone
+
+    def _nothing_to_do(self) -> bool:
+        """The consumers have nothing left to handle: nothing waiting (a paused queue's waiting
+        jobs stay where they are) and nothing being handled."""
+        if self._in_flight:
+            return False
+        return self.paused or (not self._items and not self._transits and not self._aside)
+
+    def drained(self) -> asyncio.Future[None] | None:
+        """For the engine's stop: a future of the running loop resolved once the consumers have
+        nothing left to do (see :meth:`_nothing_to_do`), or None if they have nothing now, or
+        there are none to do it. It may get work again afterwards: ask again."""
+        if not self._consumers or self._nothing_to_do():
+            return None
+        fut = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append(fut)
+        return fut
 
     def _maybe_idle(self) -> None:
+        if self._drain_waiters and self._nothing_to_do():
+            drains, self._drain_waiters = self._drain_waiters, []
+            for fut in drains:
+                _wake(fut)
         # a stop that cleared what was left is no drain: its end answers the joins
         if self._idle_waiters and self._is_idle() and not self._stop_answers_joins:
             with self._lock:
@@ -1432,6 +1506,7 @@ class WorkQueue:
         self._closing = self._abandon = self._stop_answers_joins = False
         self._left_at_stop = None
         self._lost = 0
+        self._undone = 0
         self._keep_queued()
         if self._durable:
             self._keeper_stop = False
@@ -1443,7 +1518,7 @@ class WorkQueue:
             self._keeper = spawn(self._keep_loop(self._kick), name=f"taskwatch-queue-{self.name}-store")
             self._hold_begins()
         self._consumers = [
-            spawn(self._consume(self._generation), name=f"taskwatch-queue-{self.name}-{i}")
+            spawn(self._consume(self._generation), name=f"taskwatch-queue-{self.name}-{i}", context=self._work_context())
             for i in range(self.concurrency)
         ]
         if self._durable:
@@ -1521,8 +1596,10 @@ class WorkQueue:
             else:
                 await self._wait_idle(deadline - loop.time())
         with self._lock:
-            # jobs set aside by a lapse keep their rows: the next start (or another node) takes them up
-            left = self.depth + self._in_flight + len(self._aside)
+            # jobs set aside by a lapse keep their rows: the next start (or another node) takes them up;
+            # so do jobs whose handler the stopping engine refused work
+            left = self.depth + self._in_flight + len(self._aside) + self._undone
+            self._undone = 0
             # of those, jobs with no row yet: the last write below says whether they can have one
             unrowed = [k for k in (*self._items, *self._running.values()) if type(k) is _Kept and k.id is None]
             self._abandon = True
@@ -1654,7 +1731,10 @@ class WorkQueue:
         if timeout <= 0:
             return
         try:
-            await self.join(timeout)
+            async with asyncio.timeout(timeout):
+                # a job arriving from another thread can land after the wake-up: re-check
+                while (fut := self.drained()) is not None:
+                    await fut
         except TimeoutError:
             pass
 

@@ -17,6 +17,12 @@ captured when it fired (notifies that arrived during the run are kept) and
 its last-run time is recorded. A run cancelled before doing its work (e.g. by
 shutdown) leaves the count as it was, so the key fires again later.
 
+While the engine stops, a key that comes due (its run ended inside the stop's drain, a
+handler notified it) still fires as long as the stop drains its runs: with the memory store
+the run runs within the stop's timeout; a durable store keeps it pending for the next start.
+Once the stop takes no more runs, such a key keeps its count (saved, on a durable store) for
+the next start, and ``drain()`` raises ``StoppedBeforeDone`` rather than return as if it ran.
+
 Keys due that a full run queue refused keep their counts and wait in line, tried again as
 the queue makes room (counted once each in ``TriggerState.rejected``). So does a key whose
 run a shared store refused after this node's queue took it: that run failed ``QueueFull``
@@ -80,7 +86,7 @@ from .errors import (
     StoppedBeforeDone,
     TaskDefinitionError,
 )
-from .hop import call_blocking, call_on, cancel_and_wait, current_loop, refuse_in_fork, spawn
+from .hop import call_blocking, call_on, cancel_and_wait, current_loop, refuse_in_fork, spawn, working_for
 from .events import BaseEvent, TriggerFired
 from .execution import checked_timeout
 from .index import check_query, limit_problem
@@ -436,6 +442,9 @@ class Trigger:
         self._probes: set[str] = set()
         #: runs of this trigger the engine's stop cancelled (memory store), since the last start
         self._cut_at_stop = 0
+        #: keys that came due while the engine stopped and that it took no run for any more (its
+        #: drain was over), since the last start: they keep their counts for the next start
+        self._due_at_stop: set[str] = set()
         self._retry_delay = _RETRY_FIRST
         #: durable store only: keys changed since the last save, and the task that saves them
         self.save_interval = opts.save_interval
@@ -566,8 +575,17 @@ class Trigger:
             trigger=self.name, key=key, fired=True, run_id=handle.id, running=st.running, count=st.count
         )
 
-    def _submit(self, key: str) -> RunHandle:
-        return self._engine.submit_nowait(self.task_name, TriggerKey(key=key), source=self.source, internal=True)
+    def _submit(self, key: str, *, own: bool = False) -> RunHandle:
+        """Queue a run for ``key``. ``own``: the trigger's own fire (due by size or staleness, a
+        refused key tried again), which is the engine's work whatever call brought it on (a run
+        ending, a notify from anywhere): a stopping engine still takes it while it drains its
+        runs, so a key that comes due then runs within the stop's timeout (see
+        ``Engine._require_running``). A fire by hand (:meth:`fire`) is its caller's."""
+        params = TriggerKey(key=key)
+        if own and self._engine.state == "stopping":
+            with working_for(self._engine):
+                return self._engine.submit_nowait(self.task_name, params, source=self.source, internal=True)
+        return self._engine.submit_nowait(self.task_name, params, source=self.source, internal=True)
 
     def _held(self) -> bool:
         """Whether fires wait: on a durable store, until the start has taken up the saved keys
@@ -595,14 +613,17 @@ class Trigger:
 
     def _submit_due(self, key: str, st: _Key, reason: str) -> RunHandle | None:
         try:
-            handle = self._submit(key)
+            handle = self._submit(key, own=True)
         except QueueFull:
             # the count stays, and the key is tried again soon: without that a trigger
             # with no staleness sweep would wait for this key's next notify, maybe forever
             self._refuse(key, st)
             return None
         except EngineNotRunning:
-            return None  # counts keep accumulating until the engine runs
+            # the stop's drain is over: the count stays for the next start, and a drain waiting
+            # on this trigger hears that the key did not run (not that all is done)
+            self._due_at_stop.add(key)
+            return None
         self._fired(key, st, handle, reason)
         return handle
 
@@ -678,7 +699,7 @@ class Trigger:
                 step += 1
                 continue
             try:
-                handle = self._submit(key)
+                handle = self._submit(key, own=True)
             except (QueueFull, EngineNotRunning):
                 refused[key] = None
                 refused.move_to_end(key, last=False)  # still the first in line
@@ -824,10 +845,13 @@ class Trigger:
         self._ended(key, st, kind.removeprefix("run."), self._now())
         cancelled_by_user = kind == "run.cancelled" and getattr(event, "reason", None) == "user"
         # a user who cancels a key's run means it: wait for the next notify or sweep
-        if st.count >= self.size_threshold and self._loop is not None and not cancelled_by_user:
-            # notifies during the run reached the threshold again; fire after this
-            # event has been delivered, so events stay in order for every listener
-            self._loop.call_soon(self._refire, key)
+        if st.count >= self.size_threshold and not cancelled_by_user:
+            if self._loop is not None:
+                # notifies during the run reached the threshold again; fire after this
+                # event has been delivered, so events stay in order for every listener
+                self._loop.call_soon(self._refire, key)
+            else:
+                self._due_at_stop.add(key)  # the engine has stopped: nothing fires it before the next start
         if not self._active:
             self._wake_drainers()
 
@@ -923,8 +947,12 @@ class Trigger:
                 # a refire after the last finish is scheduled before this wake-up,
                 # so `_active` already holds it when the loop re-checks
                 await fut
-        if self._cut_at_stop and self._engine.state != "running":
-            raise self._left_at_stop()
+        if self._engine.state != "running":
+            if self._cut_at_stop:
+                raise self._left_at_stop()
+            due = [key for key in self._due_at_stop if (st := self._keys.get(key)) is not None and st.run_id is None]
+            if due:
+                raise self._due_when_stopped(len(due))
 
     def engine_stopped(self) -> None:
         """The engine has stopped: drains still waiting on runs it left pending (kept in a
@@ -945,6 +973,15 @@ class Trigger:
         # their counts stay with the trigger (and a durable store): the next start fires them
         return StoppedBeforeDone(
             f"the {_counted(len(self._refused), 'key')} of trigger {self.name!r} that a full run queue refused",
+            kept=True,
+        )
+
+    def _due_when_stopped(self, due: int) -> StoppedBeforeDone:
+        # their counts stay with the trigger (saved by the stop, on a durable store): the next
+        # start fires them
+        return StoppedBeforeDone(
+            f"the {_counted(due, 'key')} of trigger {self.name!r} that came due once the stop had "
+            "stopped taking runs",
             kept=True,
         )
 
@@ -1042,6 +1079,7 @@ class Trigger:
         loop = asyncio.get_running_loop()
         self.bind_loop(loop, threading.get_ident())
         self._cut_at_stop = 0
+        self._due_at_stop.clear()
         self._retry_delay = _RETRY_FIRST
         self._refused.clear()  # the first sweep, just below, tries every key due
         self._window, self._probes = None, set()

@@ -1,0 +1,479 @@
+"""A stop drains queues and runs that feed each other, and never destroys a job it cut short.
+
+- a queue handler that catches the stop's cancel and returns (or raises something else from
+  its cleanup) leaves its job undone, as when the cancel goes through: counted neither
+  processed nor failed, kept in a durable store and handled at the next start;
+- work the engine runs (a queue's handler, a run, a thread or task either starts) may still
+  put into a queue and submit runs while the stop drains: a pipeline of queues, in either
+  order of creation, a queue whose handler submits runs, a run that puts into a queue, all
+  drain within the stop's timeout (a durable store keeps the runs submitted then pending for
+  the next start); callers outside the engine are refused as before;
+- a handler refused a put because its target closed once the drain was over has its job
+  left undone (kept, reported in ``queue.drain_incomplete``), not failed and deleted;
+- ``Trigger.drain()`` during a stop: a key brought due by a run ending inside the drain fires
+  and runs (memory store), or its run waits pending in a durable store and drain() says so;
+  a key that comes due once the stop takes no more runs makes drain() raise
+  ``StoppedBeforeDone`` (its count kept) instead of returning as if all were done;
+- a queue handler with a required keyword-only parameter is refused at ``engine.queue()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+from taskwatch.engine import (
+    Engine,
+    EngineNotRunning,
+    StoppedBeforeDone,
+    TaskContext,
+    TaskDefinitionError,
+)
+
+from .helpers import Recorder, eventually
+
+#: a stop given this long drains everything these tests queue many times over
+LONG = 60.0
+
+
+class Num(BaseModel):
+    n: int
+
+
+def _engine(store: str, **options: Any) -> Engine:
+    return Engine(store=store, node_id="n1", health_interval=None, cancel_grace=0.05, **options)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return "memory" if request.param == "memory" else f"sqlite:///{tmp_path / 'stop.db'}"
+
+
+def _durable(store: str) -> bool:
+    return store != "memory"
+
+
+# ---------------------------------------------------------------- a handler swallowing the stop's cancel
+
+
+@pytest.mark.parametrize("cleanup", ["returns", "raises"])
+async def test_a_handler_that_swallows_the_stops_cancel_leaves_its_job_undone(store: str, cleanup: str) -> None:
+    started = asyncio.Event()
+
+    async def handler(job: int) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()  # the work, cut short by the stop
+        except asyncio.CancelledError:
+            if cleanup == "raises":
+                raise RuntimeError("the cleanup failed") from None
+            return  # closed a connection, say, and returned
+
+    engine = _engine(store)
+    rec = Recorder(engine, ("queue.drain_incomplete", "queue.job_failed"))
+    q = engine.queue("q", handler)
+    await engine.start()
+    await q.put(1)
+    await asyncio.wait_for(started.wait(), 10)
+    await engine.stop(timeout=0)
+
+    info = q.info()
+    assert (info.processed, info.failed, info.abandoned) == (0, 0, 1)
+    assert rec.of("queue.job_failed") == []
+    [event] = rec.of("queue.drain_incomplete")
+    assert event.left == 1 and event.kept is _durable(store)
+    assert info.kept == (1 if _durable(store) else 0)
+
+    if not _durable(store):
+        return
+    # kept means kept: the next start takes the job up and handles it
+    again = _engine(store)
+    done: list[Any] = []
+
+    async def finish(job: int) -> None:
+        done.append(job)
+
+    q2 = again.queue("q", finish)
+    async with again:
+        await q2.join(10)
+    assert done == [1] and q2.info().adopted == 1
+
+
+# ---------------------------------------------------------------- queues and runs feeding each other
+
+
+@pytest.mark.parametrize("down_first", [True, False])
+async def test_a_pipeline_of_queues_drains_through_at_stop(store: str, down_first: bool) -> None:
+    finished: list[int] = []
+    go = asyncio.Event()
+
+    async def down_h(job: int) -> None:
+        finished.append(job)
+
+    async def up_h(job: int) -> None:
+        await go.wait()  # every put into down is made during the stop
+        await down.put(job)
+
+    engine = _engine(store)
+    rec = Recorder(engine, ("queue.drain_incomplete", "queue.job_failed"))
+    if down_first:
+        down = engine.queue("down", down_h)
+        up = engine.queue("up", up_h)
+    else:
+        up = engine.queue("up", up_h)
+        down = engine.queue("down", down_h)
+    await engine.start()
+    for i in range(5):
+        await up.put(i)
+    stopping = asyncio.create_task(engine.stop(timeout=LONG))
+    await eventually(lambda: engine.state == "stopping")
+    go.set()
+    await stopping
+
+    assert sorted(finished) == [0, 1, 2, 3, 4]
+    assert (up.info().processed, up.info().failed, down.info().processed) == (5, 0, 5)
+    assert rec.events == []
+    if _durable(store):
+        # nothing left in the store: the next start has nothing to take up
+        again = _engine(store)
+        seen: list[int] = []
+
+        async def record(job: int) -> None:
+            seen.append(job)
+
+        up2, down2 = again.queue("up", record), again.queue("down", record)
+        async with again:
+            pass
+        assert (up2.info().adopted, down2.info().adopted, seen) == (0, 0, [])
+
+
+async def test_a_handlers_thread_may_still_put_while_the_stop_drains() -> None:
+    """What a handler starts is the engine's work too: a thread of ``asyncio.to_thread``
+    (which runs in a copy of the handler's context) puts into the next queue."""
+    finished: list[int] = []
+
+    async def down_h(job: int) -> None:
+        finished.append(job)
+
+    async def up_h(job: int) -> None:
+        await asyncio.to_thread(down.put_nowait, job)
+
+    engine = _engine("memory")
+    down = engine.queue("down", down_h)
+    up = engine.queue("up", up_h)
+    await engine.start()
+    for i in range(3):
+        up.put_nowait(i)
+    await engine.stop(timeout=LONG)
+    assert sorted(finished) == [0, 1, 2] and up.info().failed == 0
+
+
+async def test_a_queue_whose_handler_submits_runs_drains_at_stop(store: str) -> None:
+    ran: list[int] = []
+    engine = _engine(store)
+
+    @engine.task()
+    async def work(ctx: TaskContext, p: Num) -> None:
+        ran.append(p.n)
+
+    go = asyncio.Event()
+
+    async def handler(job: int) -> None:
+        await go.wait()  # every submit is made during the stop
+        await engine.submit("work", {"n": job})
+
+    q = engine.queue("q", handler)
+    rec = Recorder(engine, ("queue.job_failed",))
+    await engine.start()
+    for i in range(5):
+        await q.put(i)
+    stopping = asyncio.create_task(engine.stop(timeout=LONG))
+    await eventually(lambda: engine.state == "stopping")
+    go.set()
+    await stopping
+
+    assert (q.info().processed, q.info().failed) == (5, 0) and rec.events == []
+    if not _durable(store):
+        assert sorted(ran) == [0, 1, 2, 3, 4]  # run within the drain
+        return
+    # a durable stop runs no pending run: those submitted during the drain wait for the next start
+    assert ran == []
+    again = _engine(store)
+
+    @again.task(name="work")
+    async def work_again(ctx: TaskContext, p: Num) -> None:
+        ran.append(p.n)
+
+    async with again:
+        await eventually(lambda: len(ran) == 5)
+    assert sorted(ran) == [0, 1, 2, 3, 4]
+
+
+async def test_a_run_may_put_into_a_queue_while_the_stop_drains() -> None:
+    engine = _engine("memory")
+    release = asyncio.Event()
+    going = asyncio.Event()
+    handled: list[str] = []
+
+    async def handler(job: str) -> None:
+        handled.append(job)
+
+    q = engine.queue("q", handler)
+
+    @engine.task()
+    async def feed(ctx: TaskContext) -> None:
+        going.set()
+        await release.wait()
+        await q.put("from a run")
+
+    await engine.start()
+    handle = await engine.submit("feed")
+    await asyncio.wait_for(going.wait(), 10)
+    stopping = asyncio.create_task(engine.stop(timeout=LONG))
+    await eventually(lambda: engine.state == "stopping")
+    # a caller outside the engine is refused, as before
+    with pytest.raises(EngineNotRunning):
+        q.put_nowait("from outside")
+    with pytest.raises(EngineNotRunning):
+        await engine.submit("feed")
+    release.set()
+    await stopping
+    assert handled == ["from a run"]
+    assert (await handle.wait()).status.value == "succeeded"
+
+
+async def test_a_paused_queue_does_not_hold_the_drain_of_the_others() -> None:
+    engine = _engine("memory")
+    rec = Recorder(engine, ("queue.drain_incomplete",))
+    done: list[int] = []
+
+    async def handler(job: int) -> None:
+        done.append(job)
+
+    paused = engine.queue("paused", handler)
+    busy = engine.queue("busy", handler)
+    await engine.start()
+    engine.pause_queue("paused")
+    for i in range(3):
+        paused.put_nowait(i)
+        busy.put_nowait(10 + i)
+    # bounded: a drain waiting on the paused queue's jobs would take the whole LONG timeout
+    await asyncio.wait_for(engine.stop(timeout=LONG), LONG / 3)
+    assert sorted(done) == [10, 11, 12]
+    [event] = rec.of("queue.drain_incomplete")
+    assert (event.queue, event.left) == ("paused", 3)
+
+
+async def test_a_job_refused_work_once_the_drain_is_over_is_left_undone(store: str) -> None:
+    """``down`` (made first) closes before ``up``: the put of ``up``'s handler, still going past
+    the deadline, is refused. That job did not fail: the stop cut it short, and keeps it."""
+    down_going, up_going, go = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    finished: list[Any] = []
+
+    async def down_h(job: Any) -> None:
+        if job == "blocker":
+            down_going.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                go.set()  # down is closing now: up's handler goes on and puts into it
+                raise
+        finished.append(job)
+
+    async def up_h(job: int) -> None:
+        up_going.set()
+        await go.wait()
+        await down.put(job)
+
+    engine = _engine(store)
+    rec = Recorder(engine, ("queue.drain_incomplete", "queue.job_failed"))
+    down = engine.queue("down", down_h)
+    up = engine.queue("up", up_h)
+    await engine.start()
+    await down.put("blocker")
+    await up.put(7)
+    await asyncio.wait_for(down_going.wait(), 10)
+    await asyncio.wait_for(up_going.wait(), 10)
+    await engine.stop(timeout=0)
+
+    assert rec.of("queue.job_failed") == []
+    assert (up.info().failed, up.info().processed, up.info().abandoned) == (0, 0, 1)
+    drains = {e.queue: e for e in rec.of("queue.drain_incomplete")}
+    assert drains["up"].left == 1 and drains["up"].kept is _durable(store)
+    with pytest.raises(StoppedBeforeDone):
+        await up.join(1)
+    if not _durable(store):
+        return
+    again = _engine(store)
+
+    async def down_again(job: Any) -> None:
+        finished.append(job)
+
+    async def up_again(job: int) -> None:
+        await down2.put(job)
+
+    down2 = again.queue("down", down_again)
+    up2 = again.queue("up", up_again)
+    async with again:
+        await eventually(lambda: 7 in finished)
+    assert up2.info().adopted == 1 and up2.info().failed == 0
+
+
+# ---------------------------------------------------------------- triggers during the stop
+
+
+async def _due_again_during_the_stop(engine: Engine, ran: list[str]) -> tuple[Any, asyncio.Task[None]]:
+    """A key whose run is going when the stop begins and which notifies bring due again meanwhile:
+    the run ends inside the stop's drain. Returns the trigger and a drain() begun before the stop."""
+    release = asyncio.Event()
+    going = asyncio.Event()
+
+    async def fn(ctx: TaskContext, key: str) -> None:
+        if not ran:
+            going.set()
+            await release.wait()
+        ran.append(key)
+
+    t = engine.trigger("t", fn, size_threshold=2)
+    await engine.start()
+    t.notify("k", 2)  # fires the first run
+    await asyncio.wait_for(going.wait(), 10)
+    t.notify("k", 2)  # due again once that run ends
+    drain = asyncio.create_task(t.drain())
+    stopping = asyncio.create_task(engine.stop(timeout=LONG))
+    await eventually(lambda: engine.state == "stopping")
+    release.set()
+    await stopping
+    return t, drain
+
+
+async def test_a_key_due_again_inside_the_drain_runs_there() -> None:
+    engine = _engine("memory")
+    ran: list[str] = []
+    t, drain = await _due_again_during_the_stop(engine, ran)
+    await asyncio.wait_for(drain, 10)  # both runs ran: nothing is left undone
+    assert ran == ["k", "k"]
+    [key] = t.state().keys
+    assert (key.count, key.last_status) == (0, "succeeded")
+
+
+async def test_a_durable_key_due_again_inside_the_drain_waits_in_the_store(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'trigger.db'}"
+    engine = _engine(store)
+    ran: list[str] = []
+    t, drain = await _due_again_during_the_stop(engine, ran)
+    with pytest.raises(StoppedBeforeDone) as raised:
+        await asyncio.wait_for(drain, 10)
+    assert raised.value.kept
+    assert ran == ["k"]  # a durable stop runs no pending run: it waits for the next start
+    [key] = t.state().keys
+    assert key.count == 2 and key.queued  # the first run took its 2 off; the second follows the rest
+
+    again = _engine(store)
+
+    async def fn(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    t2 = again.trigger("t", fn, size_threshold=2)
+    async with again:
+        await asyncio.wait_for(t2.drain(), 10)
+        [key] = t2.state().keys
+        assert key.count == 0
+    assert ran == ["k", "k"]
+
+
+async def test_a_key_due_once_the_stop_takes_no_runs_makes_drain_raise(store: str) -> None:
+    """A run's cleanup, once the stop cut it, notifies a key to its threshold: no run is taken
+    any more, so drain() says the key was left (its count kept), not that all is done."""
+    engine = _engine(store)
+    going = asyncio.Event()
+    fired: list[str] = []
+
+    async def fn(ctx: TaskContext, key: str) -> None:
+        fired.append(key)
+
+    t = engine.trigger("t", fn, size_threshold=2)
+
+    @engine.task()
+    async def worker(ctx: TaskContext) -> None:
+        going.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            t.notify("k", 2)
+
+    await engine.start()
+    await engine.submit("worker")
+    await asyncio.wait_for(going.wait(), 10)
+    await engine.stop(timeout=0)
+
+    with pytest.raises(StoppedBeforeDone) as raised:
+        await asyncio.wait_for(t.drain(), 10)
+    assert raised.value.kept
+    assert fired == []
+    [key] = t.state().keys
+    assert key.count == 2 and not key.queued and not key.running
+    if not _durable(store):
+        return
+    # kept means saved: the next start fires it
+    again = _engine(store)
+
+    @again.task(name="worker")
+    async def worker_again(ctx: TaskContext) -> None:
+        pass
+
+    t2 = again.trigger("t", fn, size_threshold=2)
+    async with again:
+        await eventually(lambda: fired == ["k"])
+        await asyncio.wait_for(t2.drain(), 10)
+
+
+async def test_a_handler_notifying_a_trigger_during_the_drain_fires_its_run() -> None:
+    """queue -> trigger -> run: the key a handler brings due while the stop drains fires, and
+    its run runs within the stop's timeout (memory store)."""
+    engine = _engine("memory")
+    ran: list[str] = []
+    go = asyncio.Event()
+
+    async def fn(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    t = engine.trigger("t", fn, size_threshold=3)
+
+    async def handler(job: str) -> None:
+        await go.wait()
+        t.notify(job)
+
+    q = engine.queue("q", handler)
+    await engine.start()
+    for _ in range(3):
+        q.put_nowait("k")
+    stopping = asyncio.create_task(engine.stop(timeout=LONG))
+    await eventually(lambda: engine.state == "stopping")
+    go.set()
+    await stopping
+    assert ran == ["k"] and q.info().processed == 3
+    [key] = t.state().keys
+    assert (key.count, key.last_status) == (0, "succeeded")
+
+
+# ---------------------------------------------------------------- handler shapes
+
+
+async def test_a_queue_handler_with_a_required_keyword_only_parameter_is_refused() -> None:
+    engine = _engine("memory")
+
+    async def needs_db(job: Any, *, db: Any) -> None: ...
+
+    async def with_ctx(ctx: TaskContext, job: Any, *, db: Any) -> None: ...
+
+    for handler in (needs_db, with_ctx):
+        with pytest.raises(TaskDefinitionError, match="db"):
+            engine.queue(f"q-{handler.__name__}", handler)
+
+    async def optional(job: Any, *, db: Any = None) -> None: ...
+
+    engine.queue("fine", optional)  # a default: the consumer never needs to pass it
