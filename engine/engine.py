@@ -50,6 +50,7 @@ from .errors import (
     UnknownQueue,
     UnknownTask,
     UnknownTrigger,
+    shown,
 )
 from .events import (
     EngineStarted,
@@ -205,6 +206,42 @@ def _cancel_recorded(run_id: str, request: asyncio.Future[Any]) -> None:
         log.warning("cancel of run %s: the request could not be recorded in the store (%s)", run_id, exc)
 
 
+#: the longest run id of your own (``run_id_factory``), in UTF-8 bytes: ids travel in every
+#: event and wire message, and a store indexes them
+MAX_RUN_ID_BYTES = 256
+
+
+def _checked_ids(factory: Callable[[], str]) -> Callable[[], str]:
+    """``factory`` whose every id is checked before a run takes it: a non-empty str of printable
+    text UTF-8 can encode, of at most :data:`MAX_RUN_ID_BYTES` (a store would put an id of its
+    own in place of ``""``, keep ``42`` beside ``"42"``, and PostgreSQL cannot keep a NUL)."""
+
+    def made() -> str:
+        run_id = factory()
+        problem = None
+        if type(run_id) is not str:
+            problem = f"it returned {shown(run_id)}, a {type(run_id).__qualname__}, where a run id is a str"
+        elif not run_id:
+            problem = "it returned an empty id"
+        elif not run_id.isprintable():
+            problem = f"it returned {shown(run_id)}, which holds a control character (a newline, a NUL, ...)"
+        else:
+            try:
+                size = len(run_id.encode("utf-8"))
+            except UnicodeEncodeError:
+                problem = f"it returned {shown(run_id)}, which holds characters UTF-8 cannot encode"
+            else:
+                if size > MAX_RUN_ID_BYTES:
+                    problem = f"it returned an id of {size} bytes in UTF-8, over the {MAX_RUN_ID_BYTES} a run id may have"
+        if problem is not None:
+            raise InvalidConfiguration(
+                "Engine(run_id_factory=...)", [f"{problem}; nothing was queued: make it return unique, non-empty text"]
+            )
+        return run_id
+
+    return made
+
+
 def _on_lost(run: Run) -> OnLost:
     """What recovery does with ``run`` when its worker is lost (its task says; a run of a task
     this node does not know is retried)."""
@@ -287,7 +324,9 @@ class Engine:
         Wall clock (UNIX seconds) for every timestamp recorded; replace it to
         freeze time in tests and screenshots.
     run_id_factory:
-        Makes run ids (default: 16 hex digits counting up from a random start); ids must be unique.
+        Makes run ids (default: 16 hex digits counting up from a random start); ids must be unique,
+        non-empty printable text of at most 256 bytes in UTF-8: a submit whose id is not raises
+        :class:`InvalidConfiguration` and queues nothing.
     """
 
     def __init__(
@@ -374,7 +413,8 @@ class Engine:
         clock = float_clock(clock)
         #: wall clock for every timestamp the engine records (replaceable for tests)
         self.clock = clock
-        self._new_id = run_id_factory or new_run_id
+        # the default's ids need no look; one of your own is checked as each run takes its id
+        self._new_id = new_run_id if run_id_factory is None else _checked_ids(run_id_factory)
         self._inline = backend == "inline"
         self.bus = EventBus(node=self.node_id, replay=replay, clock=clock)
         self._store = self._store_for(store, clock, lease_ttl)
@@ -1238,14 +1278,18 @@ class Engine:
         return None
 
     def _check_room(self, extra: int = 1) -> None:
-        if self._index.counts[_PENDING] + extra > self.max_queue:
-            raise QueueFull("the engine's run queue", self.max_queue, option="Engine(max_queue=...)")
+        pending = self._index.counts[_PENDING]
+        if pending + extra > self.max_queue:
+            raise QueueFull("the engine's run queue", self.max_queue, pending, option="Engine(max_queue=...)", adding=extra)
 
-    def _shared_queue_full(self) -> QueueFull:
-        """A durable store holds ``max_queue`` across every node sharing it: say so."""
+    def _shared_queue_full(self, full: QueueFull) -> QueueFull:
+        """A durable store holds ``max_queue`` across every node sharing it: say so (with what the
+        store said of its pending runs, where it counted them)."""
         return QueueFull(
-            f"the run queue shared by every node of {self._store.describe()}", self.max_queue, option="Engine(max_queue=...)"
-        )
+            f"the run queue shared by every node of {self._store.describe()}", self.max_queue,
+            full.waiting if full.counted else None,
+            option="Engine(max_queue=...)", adding=full.adding,
+        )  # fmt: skip
 
     @staticmethod
     def _new_row(run: Run) -> NewRun:
@@ -1284,9 +1328,9 @@ class Engine:
         except asyncio.CancelledError:
             self._run.keep_write(write, functools.partial(self._admit_late, runs))
             raise
-        except QueueFull:
+        except QueueFull as full:
             self._run.written(runs)
-            raise self._shared_queue_full() from None
+            raise self._shared_queue_full(full) from None
         except BaseException:
             self._run.written(runs)
             raise

@@ -149,13 +149,30 @@ class InvalidParams(TaskwatchError, ValueError):
 class QueueFull(TaskwatchError):
     """A bounded queue is at its limit; the item was not accepted."""
 
-    def __init__(self, queue: str, limit: int, waiting: int | None = None, *, option: str | None = None) -> None:
+    def __init__(
+        self, queue: str, limit: int, waiting: int | None = None, *, option: str | None = None, adding: int = 1
+    ) -> None:
         self.queue = queue
         self.limit = limit
         raise_it = "its limit" if option is None else f"its limit ({option})"
         #: how many items wait: more than ``limit`` where items taken up from a store are never held back
         self.waiting = limit if waiting is None else waiting
-        if self.waiting > limit:
+        #: whether ``waiting`` was counted (False: a store that does not say took it to be ``limit``)
+        self.counted = waiting is not None
+        #: how many items were given at once (a batch: ``submit_many``)
+        self.adding = adding
+        if adding > 1 and waiting is None:
+            super().__init__(
+                f"{queue} has no room for the {adding} items given at once (its limit is {limit}); nothing was "
+                f"queued. Give fewer at once, retry once it has drained, or raise {raise_it}"
+            )
+        elif adding > 1 and self.waiting < limit:
+            room = limit - self.waiting
+            super().__init__(
+                f"{queue} has room for {room} more ({self.waiting} of {limit} waiting), not the {adding} given "
+                f"at once; nothing was queued. Give at most {room} at once, retry once it has drained, or raise {raise_it}"
+            )
+        elif self.waiting > limit:
             super().__init__(
                 f"{queue} is full ({self.waiting} items waiting, more than its limit of {limit}: jobs "
                 "taken up from the store count too); nothing was queued. Retry once it has drained "
@@ -396,7 +413,9 @@ class InvalidConfiguration(TaskDefinitionError, ValueError):
     """An option given to the engine, a task, a loop or a worker is out of range.
 
     Raised when the option is given (registration or construction), never
-    later at run time; nothing was registered.
+    later at run time; nothing was registered. (One exception: what a
+    ``run_id_factory`` returns is checked as each submit takes an id, and a
+    bad one refuses that submit, queueing nothing.)
     """
 
     def __init__(self, where: str, problems: list[str]) -> None:

@@ -350,7 +350,7 @@ class MemoryStore(Store):
                 ids.add(r.id)
             new_count += 1
         if max_pending is not None and new_count and self._counts[_PENDING] + new_count > max_pending:
-            raise QueueFull("the run store's pending queue", max_pending)
+            raise QueueFull("the run store's pending queue", max_pending, self._counts[_PENDING], adding=new_count)
 
     # ---------------------------------------------------------------- claim
 

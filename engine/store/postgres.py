@@ -1029,7 +1029,8 @@ class PostgresStore(Store):
             raise
         if inserted != len(fresh):
             assert max_pending is not None and inserted == 0, (inserted, len(fresh))
-            raise QueueFull("the run store's pending queue", max_pending)
+            # (how many wait, the one statement does not say)
+            raise QueueFull("the run store's pending queue", max_pending, adding=len(fresh))
         tx.work = True
         return out
 

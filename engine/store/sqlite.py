@@ -811,7 +811,7 @@ class SqliteStore(Store):
             if pending is None:
                 pending = cur.execute(Q.COUNT_PENDING).fetchone()[0]
             if pending + len(rows) > max_pending:
-                raise QueueFull("the run store's pending queue", max_pending)
+                raise QueueFull("the run store's pending queue", max_pending, pending, adding=len(rows))
             tx.pending = pending
         try:
             if len(rows) == 1:
