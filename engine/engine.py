@@ -1035,8 +1035,9 @@ class Engine:
             for trigger in list(self._triggers.values()):
                 await trigger.stop(deadline)
             if self._durable:
-                # what is queued waits in the store for the next start, runs submitted during the
-                # drain too; what runs is seen through
+                # what is queued waits in the store for the next start; what runs is seen through.
+                # Claims end before the drain: a run cut short meanwhile (refused a submit) goes
+                # back to pending, and must not be claimed again here, over and over
                 self._executor.stop_claiming()
             # the queues and the runs drain together: a handler may put into another queue or
             # submit a run, a run may put into a queue, so none is done while another still works
@@ -1052,8 +1053,12 @@ class Engine:
             # (the cut runs get up to three rounds of cancel_grace: Execution.await_tasks)
             give_up = time.monotonic() + max(0.0, deadline - loop.time()) + 3 * self.cancel_grace + _STOP_WRITE_GRACE
             self._store.give_up_after(give_up)
-            # (what the runs still do when there is no queue, or past the deadline)
-            await self._run.wait_idle(deadline - loop.time())
+            # (what the runs still do when there is no queue, or past the deadline); a run's end may
+            # bring on another (a trigger's key due again fires a turn after its run's end event)
+            while await self._run.wait_idle(deadline - loop.time()):
+                await asyncio.sleep(0)  # a bare yield: what the last end scheduled is taken up
+                if not self._run.local_work():
+                    break
             self._draining = False  # from now on their own work is refused as any caller's
             self._executor.stop_claiming()
             cancelled_pending = 0
@@ -1134,6 +1139,9 @@ class Engine:
                 await cancel_and_wait(runs)  # (its own end clears the runs' idle waiter)
             if pending:
                 return
+            # a bare yield before the next look: what the last end scheduled (a trigger's key due
+            # again fires a turn after its run's end event) is taken up first
+            await asyncio.sleep(0)
 
     async def _cancel_pending(self, reason: CancelReason) -> int:
         """End every pending run this node knows as cancelled (the memory store's shutdown)."""
@@ -1157,8 +1165,15 @@ class Engine:
         """Refuse work unless the engine runs. While a stop drains its queues and runs, their own
         work (a handler's put or submit, a run's, a task either started, a trigger's fire) is
         still taken: refused, it would fail the job or run that feeds it, and a longer drain
-        would destroy more work than a short one. Callers outside the engine are refused."""
-        if self._state != "running" and not (self._draining and works_for(self)):
+        would destroy more work than a short one. Callers outside the engine are refused.
+
+        Only with the memory store, whose stop runs what is pending: a durable store's stop
+        claims no more runs, so a run submitted then would only wait for the next start while
+        what submitted it (a handler awaiting its result) waited out the whole timeout and ran
+        again at that start, submitting it twice. Refused there, the job or run that submits
+        is left undone as the stop's cut leaves it, kept for the next start (see
+        ``WorkQueue`` and ``Execution``)."""
+        if self._state != "running" and not (self._draining and not self._durable and works_for(self)):
             raise EngineNotRunning(self._state)
 
     def _refuse_in_fork(self) -> None:

@@ -39,7 +39,7 @@ from .events import (
     StoreReachable,
     StoreUnreachable,
 )
-from .errors import InvalidConfiguration, InvalidProgress, RunNotFound, StoppedBeforeDone
+from .errors import EngineNotRunning, InvalidConfiguration, InvalidProgress, RunNotFound, StoppedBeforeDone
 from .executor import Executor
 from .index import RunIndex
 from .jsonsafe import NotJsonSafe, cut_text, jsonable, safe_str, safe_text
@@ -733,6 +733,16 @@ class Execution:
                     "return JSON data (dicts, lists, str, numbers) or a pydantic model. Not retried: the "
                     "attempt did its work, and another would do it again",
                 )
+            except EngineNotRunning as exc:
+                if self.engine.state != "stopping" or run.cancel_reason is not None:
+                    error = RunError.from_exception(exc)
+                else:
+                    # the stopping engine refused it a submit or a put (a durable store's stop
+                    # takes no runs; a queue closed once the drain was over): no failure of its
+                    # code, the stop cut it short, as it does a queue's handler in that spot
+                    run.cancel_reason = "shutdown"
+                    self._record(run, token, self._cut_short(run, "shutdown"), None)
+                    return
             except BaseException as exc:  # noqa: BLE001
                 # SystemExit, KeyboardInterrupt, GeneratorExit and the like raised by task
                 # code fail that run: escaping here would take down the caller's loop

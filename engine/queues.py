@@ -593,7 +593,7 @@ class WorkQueue:
 
     def _check_open(self) -> None:
         state = self._engine.state
-        if state in _CLOSED_STATES and not (state == "stopping" and works_for(self._engine)):
+        if state in _CLOSED_STATES and not (state == "stopping" and self._launched and works_for(self._engine)):
             # the engine's own work (a handler, a run) still puts while the stop drains, until
             # this queue closes: refused, the job or run feeding it would fail (see Engine._stop)
             raise EngineNotRunning(state)
