@@ -19,7 +19,8 @@ shutdown) leaves the count as it was, so the key fires again later.
 
 While the engine stops, a key that comes due (its run ended inside the stop's drain, a
 handler notified it) still fires as long as the stop drains its runs: with the memory store
-the run runs within the stop's timeout; a durable store keeps it pending for the next start.
+the run runs within the stop's timeout; a durable store's stop takes no run, and the key keeps
+its count for the next start.
 Once the stop takes no more runs, such a key keeps its count (saved, on a durable store) for
 the next start, and ``drain()`` raises ``StoppedBeforeDone`` rather than return as if it ran.
 
@@ -86,7 +87,7 @@ from .errors import (
     StoppedBeforeDone,
     TaskDefinitionError,
 )
-from .hop import call_blocking, call_on, cancel_and_wait, current_loop, refuse_in_fork, spawn, working_for
+from .hop import Escaped, call_on, cancel_and_wait, current_loop, refuse_in_fork, ship, spawn, working_for
 from .events import BaseEvent, TriggerFired
 from .execution import checked_timeout
 from .index import check_query, limit_problem
@@ -131,6 +132,16 @@ _READ_STEP = 1000
 #: keys a save hands a durable store in one request: the store turns each into a row on the
 #: loop, and a hundred thousand changed keys in one request held the loop for a second
 _SAVE_STEP = 512
+#: keys a listing asked from another thread (``state()``) reads per step of the engine's loop: the
+#: models are built in the caller's thread, and the loop's other work runs between the steps
+_LIST_STEP = 4096
+#: how long such a listing waits for the loop to take its next step before it gives up (the loop
+#: is blocked); a listing that goes on, however long, is waited for
+_LIST_PATIENCE = 5.0
+
+#: what a listing reads of a key on the loop: key, count, last_run_at, first_seen_at, run_id,
+#: running, last_run_id, last_status (atoms only: the collector stops tracking such a tuple)
+_Row = tuple[str, int, float | None, float | None, str | None, bool, str | None, str | None]
 
 
 def _whole_count(owner: str, n: object) -> int:
@@ -440,6 +451,12 @@ class Trigger:
         self._window: int | None = None
         #: the runs the last of those tries sent, not refused so far
         self._probes: set[str] = set()
+        #: keys whose run is being submitted now (see :meth:`_queue_run`): a bus callback of that
+        #: submit's own events may notify or fire the key before the submit has returned its run
+        self._submitting: set[str] = set()
+        #: the TriggerFired events of fires a callback made during another key's submit, published
+        #: after that key's own (see :meth:`_queue_run`)
+        self._held_fired: list[dict[str, Any]] = []
         #: runs of this trigger the engine's stop cancelled (memory store), since the last start
         self._cut_at_stop = 0
         #: keys that came due while the engine stopped and that it took no run for any more (its
@@ -567,13 +584,71 @@ class Trigger:
             return TriggerFire(
                 trigger=self.name, key=key, fired=False, run_id=st.run_id, running=st.running, count=st.count
             )
-        handle = self._submit(key)
-        if st is None:
-            st = self._keys[key] = _Key(first_seen_at=self._now())
-        self._fired(key, st, handle, "manual")
+        if key in self._submitting:
+            return self._being_queued(key)
+        handle = self._queue_run(key, "manual", own=False)
+        st = self._keys[key]
         return TriggerFire(
-            trigger=self.name, key=key, fired=True, run_id=handle.id, running=st.running, count=st.count
+            trigger=self.name, key=key, fired=True, run_id=handle.id, running=st.running, count=st.captured
         )
+
+    def _being_queued(self, key: str) -> TriggerFire:
+        """:meth:`fire` called back by an event of ``key``'s own submit (its ``run.submitted``, its
+        ``run.started``): the run that submit queued is the key's, though the submit has not
+        returned it yet. It is in the engine's index already, among the newest runs."""
+        st = self._keys.get(key)
+        for limit in (16, None):
+            for run in self._engine.runs((RunStatus.PENDING, RunStatus.RUNNING), task=self.task_name, limit=limit):
+                if run.params.get("key") == key and run.id not in self._active:
+                    return TriggerFire(
+                        trigger=self.name, key=key, fired=False, run_id=run.id,
+                        running=run.status is RunStatus.RUNNING, count=0 if st is None else st.count,
+                    )  # fmt: skip
+        # (the engine indexes a run before it publishes any event of it)
+        raise RuntimeError(
+            f"trigger {self.name!r}: key {key!r} is being queued, but its run is not in the engine's index"
+        )
+
+    def _queue_run(self, key: str, reason: str, *, own: bool) -> RunHandle:
+        """Submit a run for ``key`` and make it the key's run; raises what the submit raises.
+
+        The submit publishes the run's ``run.submitted`` (and ``run.started``, given a free
+        slot) to the bus's callbacks before it returns the run, and a callback may notify this
+        key, fire it or sweep (a callback may submit runs). Until the key has its run it counts
+        as queued already: a notify meanwhile counts toward its next run (a second run now
+        would go beside this one, both taking the same count off), and the count this run
+        takes off is the one the key had before the submit. A fire such a callback makes of
+        another key publishes its ``trigger.fired`` after this key's, so they come in the
+        order of their runs' ``run.submitted``.
+        """
+        st = self._keys.get(key)
+        captured = 0 if st is None else st.count
+        outermost = not self._submitting
+        self._submitting.add(key)
+        try:
+            try:
+                handle = self._submit(key, own=own)
+            except BaseException:
+                self._submitting.discard(key)
+                st = self._keys.get(key)
+                if st is not None and st.count > captured and st.run_id is None and self._loop is not None:
+                    # notified meanwhile, maybe past its threshold: the notify fired nothing
+                    self._loop.call_soon(self._refire, key)
+                raise
+            self._submitting.discard(key)
+            st = self._keys.get(key)
+            if st is None:  # (a key fired by hand that no notify has made)
+                st = self._keys[key] = _Key(first_seen_at=self._now())
+            self._fired(key, st, handle, reason, captured)
+        finally:
+            if outermost:
+                self._publish_held()
+        return handle
+
+    def _publish_held(self) -> None:
+        held, self._held_fired = self._held_fired, []
+        for fields in held:
+            self._engine.bus.emit(TriggerFired, **fields)
 
     def _submit(self, key: str, *, own: bool = False) -> RunHandle:
         """Queue a run for ``key``. ``own``: the trigger's own fire (due by size or staleness, a
@@ -603,6 +678,8 @@ class Trigger:
     def _fire(self, key: str, st: _Key, reason: str) -> RunHandle | None:
         if self._waits():
             return None  # counted: the start's first sweep (or the retake) fires it
+        if self._submitting and key in self._submitting:
+            return None  # its run is being queued: the count is for the next one (see _queue_run)
         if self._launched and self._refused:
             # keys a full queue refused wait for room already: this one waits behind them. Tried
             # now, it would be refused too (validated and built for nothing), or take the room
@@ -613,7 +690,7 @@ class Trigger:
 
     def _submit_due(self, key: str, st: _Key, reason: str) -> RunHandle | None:
         try:
-            handle = self._submit(key, own=True)
+            return self._queue_run(key, reason, own=True)
         except QueueFull:
             # the count stays, and the key is tried again soon: without that a trigger
             # with no staleness sweep would wait for this key's next notify, maybe forever
@@ -624,8 +701,6 @@ class Trigger:
             # on this trigger hears that the key did not run (not that all is done)
             self._due_at_stop.add(key)
             return None
-        self._fired(key, st, handle, reason)
-        return handle
 
     def _refuse(self, key: str, st: _Key) -> None:
         """A full queue refused ``key``: it waits in line for room, counted once."""
@@ -699,13 +774,12 @@ class Trigger:
                 step += 1
                 continue
             try:
-                handle = self._submit(key, own=True)
+                handle = self._queue_run(key, reason, own=True)
             except (QueueFull, EngineNotRunning):
                 refused[key] = None
                 refused.move_to_end(key, last=False)  # still the first in line
                 full = True
                 break
-            self._fired(key, st, handle, reason)
             if self._window is not None:
                 self._probes.add(handle.id)
             fired += 1
@@ -724,10 +798,10 @@ class Trigger:
         if not full and self._window is None:
             self._retry_soon()  # only the step was spent: go on once the loop's other work ran
 
-    def _fired(self, key: str, st: _Key, handle: RunHandle, reason: str) -> None:
+    def _fired(self, key: str, st: _Key, handle: RunHandle, reason: str, captured: int) -> None:
         self._refused.pop(key, None)
         st.run_id = handle.id
-        st.captured = st.count
+        st.captured = captured
         self._changed(key)
         # a free slot starts the run at once, before this trigger hears of it
         st.running = handle.status is RunStatus.RUNNING
@@ -736,16 +810,33 @@ class Trigger:
         # published after the run's own run.submitted (and run.started, given a free slot): the
         # event names the run, whose id exists only once the engine has taken it, and one sent
         # before the submit would claim a fire that a full queue then refuses
-        self._engine.bus.emit(
-            TriggerFired, trigger=self.name, key=key, reason=reason, count=st.count, run_id=handle.id
-        )
+        fields: dict[str, Any] = {
+            "trigger": self.name, "key": key, "reason": reason, "count": captured, "run_id": handle.id
+        }
+        if self._submitting:
+            # fired by a callback of another key's submit: published after that key's own
+            self._held_fired.append(fields)
+        else:
+            self._engine.bus.emit(TriggerFired, **fields)
 
     def check(self) -> int:
         """Run the sweep once: fire every idle key that is due by size or staleness, and
         forget the keys untouched for ``forget_after`` (whatever their count).
 
-        Returns how many runs were fired.
+        Returns how many runs were fired. Call it on the engine's loop while it runs:
+        :class:`LoopThreadError` from another thread, and nothing is fired or forgotten.
         """
+        loop = self._loop or self._engine.loop
+        if loop is not None and loop.is_running() and current_loop() is not loop:
+            # said here: the engine's own refusal, at the first key due, would name submit_nowait(),
+            # which nobody called; and the keys are the loop's to change
+            raise LoopThreadError(
+                "check",
+                "Trigger.check() was called from a thread other than the engine's event loop's, which "
+                "alone may queue runs and change the keys; nothing was fired or forgotten. On the engine's "
+                "loop, `trigger.check()`; from another thread, the background engine's "
+                "`bg.call(lambda engine: trigger.check())` (`bg = engine.start_background()`)",
+            )
         now = self._now()
         fired = 0
         for key, st in list(self._keys.items()):
@@ -775,8 +866,8 @@ class Trigger:
 
     def _check_key(self, key: str, st: _Key, now: float) -> bool:
         """Fire ``key`` if it is idle and due, else forget it if untouched too long; True if it fired."""
-        if st.run_id is not None:
-            return False
+        if st.run_id is not None or (self._submitting and key in self._submitting):
+            return False  # (a key whose run is being queued is not idle: see _queue_run)
         reason = self._due_reason(st, now) if st.count > 0 else None
         if reason is not None:
             # refused by a full queue: tried again, not forgotten
@@ -1025,43 +1116,164 @@ class Trigger:
         # the loop changes the keys as notifies arrive: read beside it, a walk over them would
         # meet a dict that changed size. (Without a running loop, threads count under the lock.)
         loop = self._loop if self._loop is not None else self._engine.loop
-        return call_blocking(loop, self._locked_state, keys_limit)
+        if loop is None or loop.is_closed() or not loop.is_running() or loop is current_loop():
+            with self._lock:
+                rows = self._rows(keys_limit)
+        else:
+            rows = self._rows_from(loop, keys_limit)
+        # built outside the lock, and off the loop when called from another thread: a model per
+        # key costs far more than reading the key (seconds for a million keys)
+        return self._built(*rows)
 
-    def _locked_state(self, keys_limit: int | None) -> TriggerState:
+    def _rows_from(self, loop: asyncio.AbstractEventLoop, keys_limit: int | None) -> tuple[dict[str, Any], list[_Row]]:
+        """:meth:`_rows` read on the running ``loop`` from this other thread, in steps
+        (:meth:`_rows_stepwise`). Waited for as long as the loop takes its steps: a million keys
+        are no reason to give up, a loop that takes no step for ``_LIST_PATIENCE`` seconds is."""
+        progress = [0]
+        call = ship(loop, self._rows_stepwise, keys_limit, progress)
+        seen = 0
+        try:
+            while True:
+                try:
+                    result: tuple[dict[str, Any], list[_Row]] = call.future.result(_LIST_PATIENCE)
+                    return result
+                except TimeoutError:
+                    if progress[0] == seen:
+                        raise
+                    seen = progress[0]
+        except Escaped as escaped:
+            raise escaped.exc from None
+        except BaseException as exc:
+            if call.future.done():
+                if call.cut and not loop.is_running():
+                    # the loop ended under the call (the engine stopped): the keys are read here now
+                    with self._lock:
+                        return self._rows(keys_limit)
+                raise  # the call's own error
+            call.give_up()  # timed out or interrupted: nobody waits for it any more
+            if isinstance(exc, TimeoutError):
+                raise TimeoutError(
+                    f"the engine's event loop took no step of the listing of trigger {self.name!r}'s keys "
+                    f"for {_LIST_PATIENCE:g} s: it is busy or blocked (a task running blocking code on it?)"
+                ) from None
+            raise
+
+    async def _rows_stepwise(self, keys_limit: int | None, progress: list[int]) -> tuple[dict[str, Any], list[_Row]]:
+        """:meth:`_rows`, on the loop, reading ``_LIST_STEP`` keys per step (``progress`` counts
+        the steps): the loop's other work runs between them. Each key is read as it is at its
+        step: one forgotten meanwhile is left out (or listed afresh if notified again since), one
+        notified for the first time meanwhile is not listed, and ``key_count`` is the keys listed."""
+        progress[0] += 1
         with self._lock:
-            return self._state_here(keys_limit)
+            if keys_limit is not None and len(self._keys) > keys_limit:
+                # the hottest are chosen in one step (a walk over every key: tens of ms a million)
+                return self._rows(keys_limit)
+            # (a tuple of str: the collector stops tracking it at its first look, and then never
+            # walks its million items again)
+            names = tuple(self._keys)
+        keys = self._keys
+        rows: list[_Row] = []
+        for start in range(0, len(names), _LIST_STEP):
+            if start:
+                await asyncio.sleep(0)
+                progress[0] += 1
+            with self._lock:
+                for key in names[start : start + _LIST_STEP]:
+                    st = keys.get(key)
+                    if st is not None:  # (else forgotten meanwhile)
+                        rows.append(
+                            (key, st.count, st.last_run_at, st.first_seen_at, st.run_id, st.running, st.last_run_id,
+                             st.last_status)
+                        )
+        with self._lock:
+            head = self._head()
+        head["key_count"] = len(rows)
+        return head, rows
 
-    def _state_here(self, keys_limit: int | None) -> TriggerState:
-        items: Iterable[tuple[str, _Key]] = self._keys.items()
-        if keys_limit is not None and len(self._keys) > keys_limit:
-            hottest = heapq.nlargest(keys_limit, items, key=_heat)
-            items = sorted(hottest, key=operator.itemgetter(0))
+    def _rows(self, keys_limit: int | None) -> tuple[dict[str, Any], list[_Row]]:
+        """What :meth:`state` lists, read in one step: the trigger's own fields, and a row per key
+        (all of them in the order they came, or the ``keys_limit`` hottest by name)."""
+        keys = self._keys
+        items: Iterable[tuple[str, _Key]] = keys.items()
+        if keys_limit is not None and len(keys) > keys_limit:
+            items = [(key, keys[key]) for key in self._hottest(keys_limit)]
+        rows: list[_Row] = [
+            (key, st.count, st.last_run_at, st.first_seen_at, st.run_id, st.running, st.last_run_id, st.last_status)
+            for key, st in items
+        ]
+        return self._head(), rows
+
+    def _hottest(self, limit: int) -> list[str]:
+        """The ``limit`` hottest keys by name: those queued or running first, then the biggest
+        counts; between keys alike, the one that came first. (The order of ``heapq.nlargest``
+        with the key ``_heat``, which took four times as long: a Python call per key.)
+
+        One walk over the keys, each looked at inline: a key queued or running is set aside (they
+        are few), and an idle key is kept in a heap of the ``limit`` biggest counts only if its
+        count beats the smallest kept, its tuple made only then."""
+        if limit <= 0:
+            return []
+        active: list[tuple[str, _Key]] = []
+        # (count, order, key): a later key has a lower order, so of two counts alike the later one
+        # is the first to make room, as with heapq.nlargest
+        heap: list[tuple[int, int, str]] = []
+        push, replace = heapq.heappush, heapq.heapreplace
+        top = -1  # the smallest count kept, once the heap is full (counts are 0 or more)
+        order = 0
+        for key, st in self._keys.items():
+            if st.run_id is not None:
+                active.append((key, st))
+            elif st.count > top:
+                order -= 1
+                if len(heap) < limit:
+                    push(heap, (st.count, order, key))
+                    if len(heap) == limit:
+                        top = heap[0][0]
+                else:
+                    replace(heap, (st.count, order, key))
+                    top = heap[0][0]
+        if len(active) >= limit:
+            chosen = [key for key, _ in heapq.nlargest(limit, active, key=_heat)]
+        else:
+            # the heap holds the `limit` biggest idle counts: the first of them fill the rest
+            chosen = [key for key, _ in active] + [key for _, _, key in heapq.nlargest(limit - len(active), heap)]
+        chosen.sort()
+        return chosen
+
+    def _head(self) -> dict[str, Any]:
+        """The fields of :class:`TriggerState` other than ``keys``, as they are now."""
+        return {
+            "name": self.name,
+            "size_threshold": self.size_threshold,
+            "staleness": self.staleness,
+            "staleness_min": self.staleness_min,
+            "fired": self.fired,
+            "check_interval": self.check_interval,
+            "rejected": self.rejected,
+            "forget_after": self.forget_after,
+            "forgotten": self.forgotten,
+            "key_count": len(self._keys),
+            "adopted": self.adopted,
+            "hold_lapses": self.hold_lapses,
+            "given_up": self.given_up,
+        }
+
+    @staticmethod
+    def _built(head: dict[str, Any], rows: list[_Row]) -> TriggerState:
         return TriggerState(
-            name=self.name,
-            size_threshold=self.size_threshold,
-            staleness=self.staleness,
-            staleness_min=self.staleness_min,
-            fired=self.fired,
-            check_interval=self.check_interval,
-            rejected=self.rejected,
-            forget_after=self.forget_after,
-            forgotten=self.forgotten,
-            key_count=len(self._keys),
-            adopted=self.adopted,
-            hold_lapses=self.hold_lapses,
-            given_up=self.given_up,
+            **head,
             keys=[
                 TriggerKeyState(
                     key=key,
-                    count=st.count,
-                    last_run_at=st.last_run_at,
-                    first_seen_at=st.first_seen_at,
-                    queued=st.run_id is not None and not st.running,
-                    running=st.running,
-                    run_id=st.run_id or st.last_run_id,
-                    last_status=st.last_status,
+                    count=count,
+                    last_run_at=last_run_at,
+                    first_seen_at=first_seen_at,
+                    queued=run_id is not None and not running,
+                    running=running,
+                    run_id=run_id or last_run_id,
+                    last_status=last_status,
                 )
-                for key, st in items
+                for key, count, last_run_at, first_seen_at, run_id, running, last_run_id, last_status in rows
             ],
         )
 
