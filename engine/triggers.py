@@ -93,7 +93,7 @@ from .execution import checked_timeout
 from .index import check_query, limit_problem
 from .jsonsafe import check_key
 from .options import TriggerOptions, check_options
-from .logs import OutageLog
+from .logs import OutageLog, log_safely, log_text
 from .runs import RunRecord, RunStatus
 from .store import StoredRun, TriggerKeyRecord
 from .store.base import merge_trigger_records
@@ -701,6 +701,17 @@ class Trigger:
             # on this trigger hears that the key did not run (not that all is done)
             self._due_at_stop.add(key)
             return None
+        except InvalidConfiguration as exc:
+            # the engine's run_id_factory made an id no store could keep: the notify that brought
+            # the key due is no caller's mistake (it raises only InvalidKey, InvalidCount). The
+            # count stays and the key waits in line, tried again as a full queue's keys are
+            self._misconfigured(exc)
+            self._refuse(key, st)
+            return None
+
+    def _misconfigured(self, exc: InvalidConfiguration) -> None:
+        log_safely(log, logging.ERROR, "trigger %r: a due key's run could not be queued, and is tried again: %s",
+                   self.name, log_text(str(exc)))  # fmt: skip
 
     def _refuse(self, key: str, st: _Key) -> None:
         """A full queue refused ``key``: it waits in line for room, counted once."""
@@ -775,7 +786,9 @@ class Trigger:
                 continue
             try:
                 handle = self._queue_run(key, reason, own=True)
-            except (QueueFull, EngineNotRunning):
+            except (QueueFull, EngineNotRunning, InvalidConfiguration) as exc:
+                if isinstance(exc, InvalidConfiguration):
+                    self._misconfigured(exc)
                 refused[key] = None
                 refused.move_to_end(key, last=False)  # still the first in line
                 full = True

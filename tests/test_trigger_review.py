@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from taskwatch.engine import LoopThreadError, TaskContext, Trigger, TriggerKeyState
+from taskwatch.engine import Engine, LoopThreadError, TaskContext, Trigger, TriggerKeyState
 from taskwatch.engine import triggers as triggers_module
 
 from .helpers import Gauge, Recorder, eventually, in_thread, wait_until
@@ -353,3 +353,29 @@ def test_check_from_another_thread_says_so_and_changes_nothing(due: str) -> None
         assert compile.key_count == (3 if due == "staleness" else 0)
     finally:
         bg.stop(timeout=5)
+
+
+async def test_a_due_key_whose_run_gets_a_bad_id_keeps_its_count_and_fires_once_ids_are_good() -> None:
+    """A run_id_factory making ids no store could keep refuses the submit (InvalidConfiguration):
+    the notify that brought the key due is no caller's mistake and returns; the key waits in line
+    and fires once the factory makes good ids again."""
+    made = {"good": False, "n": 0}
+
+    def ids() -> str:
+        made["n"] += 1
+        return f"run-{made['n']}" if made["good"] else ""
+
+    engine = Engine(run_id_factory=ids, health_interval=None)
+    ran: list[str] = []
+
+    async def compile_(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    t = engine.trigger("t", compile_, size_threshold=2)
+    async with engine:
+        t.notify("k", 2)  # returns: no InvalidConfiguration out of a notify
+        [key] = t.state().keys
+        assert key.count == 2 and key.run_id is None and ran == []
+        made["good"] = True
+        await asyncio.wait_for(t.drain(), 10)
+        assert ran == ["k"] and t.state().keys[0].count == 0
