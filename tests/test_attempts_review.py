@@ -23,13 +23,14 @@ import pytest
 from pydantic import BaseModel, field_validator
 from taskwatch.engine import Engine, InvalidParams, Progress, RunStatus, TaskContext
 from taskwatch.engine.jsonsafe import NotJsonSafe
-from taskwatch.engine.runs import RunError
+from taskwatch.engine.runs import RunError, RunRecord
 from taskwatch.engine.store import NewRun, Retry, Store, StoredRun, make_store
 
 from .helpers import Recorder, each_store
 
-NONE = Progress()
 TTL = 10.0
+
+NONE = Progress()
 SHUTDOWN = RunError(type="Shutdown", message="node 'n1' stopped while the run was executing; re-queued")
 BOOM = RunError(type="RuntimeError", message="boom")
 
@@ -126,21 +127,29 @@ def engine_on(url: str, stopped: Stopped, retries: int) -> Engine:
     return engine
 
 
+async def cut_once(url: str, stopped: Stopped, retries: int, run_id: str | None) -> tuple[str, RunRecord]:
+    """Start an engine on ``url``, submit the job (unless ``run_id`` names it already), and stop
+    the engine once the job runs, cutting it short (back to pending): the run, as it ran."""
+    engine = engine_on(url, stopped, retries=retries)
+    await engine.start()
+    try:
+        if run_id is None:
+            run_id = (await engine.submit("job")).id
+        stopped.entered.clear()
+        await asyncio.wait_for(stopped.entered.wait(), 20)
+        running = engine.get(run_id)
+    finally:
+        await engine.stop(timeout=0)
+    return run_id, running
+
+
 async def test_runs_handed_back_at_graceful_stops_keep_their_retries(
     durable_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     stopped = Stopped(stops=2)
     run_id = None
     for cycle in range(2):
-        engine = engine_on(durable_url, stopped, retries=1)
-        await engine.start()
-        try:
-            if run_id is None:
-                run_id = (await engine.submit("job")).id
-            stopped.entered.clear()
-            await asyncio.wait_for(stopped.entered.wait(), 20)
-        finally:
-            await engine.stop(timeout=0)  # cuts the run short: back to pending
+        run_id, _ = await cut_once(durable_url, stopped, 1, run_id)
         row = await stored(durable_url, run_id)
         assert row.status is RunStatus.PENDING
         assert row.error is not None and row.error.type == "Shutdown"
@@ -170,17 +179,8 @@ async def test_a_run_with_no_retries_stopped_many_times_still_gets_its_one_try(t
     stopped = Stopped(stops=3)
     run_id = None
     for _ in range(3):
-        engine = engine_on(url, stopped, retries=0)
-        await engine.start()
-        try:
-            if run_id is None:
-                run_id = (await engine.submit("job")).id
-            stopped.entered.clear()
-            await asyncio.wait_for(stopped.entered.wait(), 20)
-            running = engine.get(run_id)
-            assert running.attempt <= running.max_attempts  # never "attempt 4 of 1"
-        finally:
-            await engine.stop(timeout=0)
+        run_id, running = await cut_once(url, stopped, 0, run_id)
+        assert running.attempt <= running.max_attempts  # never "attempt 4 of 1"
     assert run_id is not None
     engine = engine_on(url, stopped, retries=0)
     await engine.start()
