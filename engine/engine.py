@@ -932,7 +932,9 @@ class Engine:
         The queues and the runs drain together: until the timeout nothing closes while one of
         them still works, and the engine's own work (a queue's handler, a run, what either
         starts, a trigger's fire) may still put into its queues and submit runs meanwhile, so a
-        pipeline drains through; callers outside the engine are refused at once.
+        pipeline drains through; callers outside the engine are refused at once. A durable
+        store's stop starts no pending run, so there a submit is refused to that work too, and
+        the handler or run that made it is cut short and kept for the next start.
 
         With a durable store, pending runs stay queued for the next start, and
         runs cut short by the stop are put back to pending; with the memory
