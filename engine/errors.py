@@ -919,9 +919,19 @@ class StoreClosed(StoreError, RuntimeError):
 class StoreBusy(StoreError):
     """Another process held the database's write lock longer than ``busy_timeout``."""
 
-    def __init__(self, where: str, timeout_ms: int) -> None:
+    def __init__(self, where: str, timeout_ms: int, locked_for: float | None = None) -> None:
+        #: how long the file has stayed locked, as far as this process has waited for it (seconds)
+        self.locked_for = timeout_ms / 1000 if locked_for is None else max(locked_for, timeout_ms / 1000)
+        if self.locked_for > timeout_ms / 1000 * 1.5:
+            # an operation that came while another waited for the lock waited for both
+            how_long = (
+                f"for {self.locked_for:.1f} s so far (each try waits up to busy_timeout, {timeout_ms} ms, and an "
+                "operation that arrived while another try waited waited for both)"
+            )
+        else:
+            how_long = f"for more than {timeout_ms} ms"
         super().__init__(
-            f"the run store {where} stayed locked by another process for more than {timeout_ms} ms; "
+            f"the run store {where} stayed locked by another process {how_long}; "
             "nothing was written. Retry, raise busy_timeout (sqlite:///...?busy_timeout=MS), or "
             "check for a process holding a long transaction"
         )

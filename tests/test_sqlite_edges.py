@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from taskwatch.engine import Engine, TaskContext
-from taskwatch.engine.errors import InvalidConfiguration, NotATaskwatchStore, StoreUnavailable
+from taskwatch.engine.errors import InvalidConfiguration, NotATaskwatchStore, StoreBusy, StoreUnavailable
 from taskwatch.engine.store import NewRun, SqliteStore
 
 from .helpers import eventually, wait_until
@@ -453,3 +453,30 @@ async def test_a_run_queued_with_submit_nowait_outlasts_a_lock_held_past_busy_ti
             other.close()
         record = await handle.wait(timeout=10)
         assert record.status.value == "succeeded" and record.result == "done"
+
+
+async def test_store_busy_says_how_long_the_file_has_stayed_locked_across_tries(tmp_path: Path) -> None:
+    """Each try waits up to busy_timeout, and an operation that arrives while another try waits
+    waits out both: StoreBusy says how long the file has stayed locked, not one busy_timeout."""
+    db = tmp_path / "runs.db"
+    engine = Engine(store=f"sqlite:///{db}?busy_timeout=300", health_interval=None)
+
+    @engine.task
+    async def job(ctx: TaskContext) -> None:
+        return None
+
+    async with engine:
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another process's long write
+        try:
+            with pytest.raises(StoreBusy) as first:
+                await engine.submit("job")
+            with pytest.raises(StoreBusy) as second:
+                await engine.submit("job")
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert second.value.locked_for >= first.value.locked_for + 0.25
+        assert second.value.locked_for >= 0.55 and "so far" in str(second.value), str(second.value)
+        # the lock gone, the next write goes through
+        await (await engine.submit("job")).wait(10)

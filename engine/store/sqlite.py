@@ -262,6 +262,10 @@ class SqliteStore(Store):
         self._give_up_at: float | None = None
         self._interrupter: asyncio.TimerHandle | None = None
         self._busy_now = busy_timeout
+        #: when the writer began the first of the waits for another process's lock that have all
+        #: timed out since (None once a transaction began): an operation queued behind one such
+        #: wait waits out that one and then its own, which StoreBusy then says
+        self._locked_since: float | None = None
         #: the file the connection opened ((device, inode)): removed or replaced, writes would go
         #: to a file nobody opens again
         self._identity: tuple[int, int] | None = None
@@ -540,12 +544,16 @@ class SqliteStore(Store):
             self._deliver_threadsafe([(op[2], None, lost) for op in batch], tx)
             return
         self._bound_busy_wait(conn)
+        began = time.monotonic()
         try:
             # a read-only batch must not take the write lock other processes wait for
             cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         except sqlite3.Error as exc:
+            if self._locked_since is None and isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                self._locked_since = began
             self._deliver_threadsafe(self._all_failed(batch, exc), tx)
             return
+        self._locked_since = None
         insert = self._insert
         for fn, args, fut, _, single, advice in batch:
             if fn != insert:
@@ -670,7 +678,8 @@ class SqliteStore(Store):
         if getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY")):
             unwritable = self._why_unwritable()
         if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
-            err: StoreError = StoreBusy(self._where, self.busy_timeout)
+            since = self._locked_since
+            err: StoreError = StoreBusy(self._where, self.busy_timeout, None if since is None else time.monotonic() - since)
         elif unwritable is not None:
             err = StoreUnavailable(self._where, f"{unwritable[0]} ({exc})", unwritable[1])
         else:
