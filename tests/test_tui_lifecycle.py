@@ -598,7 +598,15 @@ def test_a_token_fifo_others_can_read_is_refused(tmp_path: Path) -> None:
     assert time.monotonic() - started < TIMEOUT / 2  # refused before any wait for a writer
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def _sigint_default() -> None:
+    # a child of a process that ignores SIGINT (a test worker may) inherits that: Ctrl-C as a
+    # terminal sends it must reach the command
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=["SIGTERM", "SIGHUP", "Ctrl-C"]
+)
 def test_a_signal_stops_the_plain_printer_as_ctrl_c_does(tmp_path: Path, signum: int) -> None:
     # --plain is what runs under cron, nohup and service managers, which stop it with SIGTERM:
     # the engine must stop then, or a durable store's run stays `running` until its lease
@@ -608,6 +616,7 @@ def test_a_signal_stops_the_plain_printer_as_ctrl_c_does(tmp_path: Path, signum:
     proc = subprocess.Popen(
         [sys.executable, "-m", "taskwatch.tui", "lifecycle_app", "--plain"],
         cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_sigint_default,
     )
     assert proc.stdout is not None
     try:

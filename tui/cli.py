@@ -514,12 +514,20 @@ def _print_plain(engine: Engine, seconds: float | None) -> int:
 
     async def plain(catch: EndingSignals) -> None:
         stopping: list[asyncio.Task[None]] = []
+        loop = asyncio.get_running_loop()
 
         def end(signum: int) -> None:
             if not stopping:  # a second signal does not cut the stop short
                 stopping.append(asyncio.ensure_future(engine.stop()))
 
-        catch.on_loop(asyncio.get_running_loop(), end)
+        def started(event: object) -> None:
+            # Ctrl-C cuts a start short; once the engine runs it stops the engine as SIGTERM
+            # does, so the stop's events (engine.stopped among them) are printed too
+            catch.take_interrupts()
+            catch.on_loop(loop, end)
+
+        catch.on_loop(loop, end)
+        engine.bus.add_callback(started, ["engine.started"])
         try:
             await print_events(engine, seconds)
         finally:
@@ -540,7 +548,9 @@ def _print_plain(engine: Engine, seconds: float | None) -> int:
             return fail(str(exc))
         finally:
             catch.resume()
-    return 0 if catch.signum is None else 128 + catch.signum
+    if catch.signum is not None:
+        return 128 + catch.signum
+    return 128 + signal.SIGINT if catch.interrupted else 0
 
 
 #: signals that end a dashboard as `q` does: the terminal is given back and the engine stopped
