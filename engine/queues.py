@@ -1426,6 +1426,24 @@ class WorkQueue:
                 waiters, self._idle_waiters = self._idle_waiters, []
             for fut in waiters:
                 _wake(fut)
+        elif self._idle_waiters and self._only_undone():
+            with self._lock:
+                waiters, self._idle_waiters = self._idle_waiters, []
+            for fut in waiters:
+                _wake(fut, self._undone_at_stop())
+
+    def _only_undone(self) -> bool:
+        """All that is left is jobs the stopping engine refused work (see ``_undone``): nothing
+        here will do them before the next start, so a join waiting on them is told so now (a
+        worker's cleanup awaiting it would otherwise hold the stop to its timeout)."""
+        return bool(self._undone) and not self._items and not self._transits and not self._in_flight and not self._aside
+
+    def _undone_at_stop(self) -> StoppedBeforeDone:
+        count = self._undone
+        return StoppedBeforeDone(
+            f"the {count} {'job' if count == 1 else 'jobs'} of queue {self.name!r} the stopping engine refused work",
+            kept=self._durable,
+        )
 
     def _idle_waiter(self) -> asyncio.Future[None] | None:
         """A future resolved once the queue is idle; None if it is now."""
@@ -1456,6 +1474,9 @@ class WorkQueue:
             await self._late_start()
             # a job arriving from another thread can land after the idle signal: re-check
             while (fut := self._idle_waiter()) is not None:
+                if self._only_undone():
+                    fut.cancel()
+                    raise self._undone_at_stop()
                 await fut
         if self._left_at_stop is not None:
             raise StoppedBeforeDone(*self._left_at_stop)

@@ -614,3 +614,47 @@ async def test_with_no_queue_a_key_due_again_at_its_runs_end_runs_within_the_sto
     assert calls == ["k", "k"]
     [key] = t.state().keys
     assert key.count == 0
+
+
+async def test_a_workers_cleanup_joining_a_durable_queue_whose_jobs_the_stop_refused_is_told_at_once(
+    tmp_path: Path,
+) -> None:
+    """A supervised worker's cleanup may await queue.join() on what it fed: once the only jobs
+    left are ones the durable stop refused a submit (kept for the next start), the join says so
+    with StoppedBeforeDone, rather than hold the stop to its timeout."""
+    engine = _engine(f"sqlite:///{tmp_path / 'stop.db'}")
+    go = asyncio.Event()
+    joined: list[BaseException | None] = []
+
+    @engine.task(name="work")
+    async def work(ctx: TaskContext) -> None:
+        return None
+
+    async def handler(job: int) -> None:
+        await go.wait()  # every submit is made during the stop
+        await engine.submit("work")
+
+    q = engine.queue("q", handler)
+
+    @engine.supervised(name="feeder")
+    async def feeder(ctx: TaskContext) -> None:
+        try:
+            for n in range(3):
+                await q.put(n)
+            await asyncio.Event().wait()
+        finally:
+            try:
+                await q.join()
+                joined.append(None)
+            except StoppedBeforeDone as exc:
+                joined.append(exc)
+
+    await engine.start()
+    await eventually(lambda: q.info().accepted == 3)
+    stopping = asyncio.create_task(engine.stop(timeout=LONG))
+    await eventually(lambda: engine.state == "stopping")
+    go.set()
+    await asyncio.wait_for(stopping, LONG / 4)  # not the whole timeout
+    [told] = joined
+    assert isinstance(told, StoppedBeforeDone) and told.kept
+    assert (q.info().processed, q.info().failed, q.info().kept) == (0, 0, 3)
