@@ -480,3 +480,25 @@ async def test_store_busy_says_how_long_the_file_has_stayed_locked_across_tries(
         assert second.value.locked_for >= 0.55 and "so far" in str(second.value), str(second.value)
         # the lock gone, the next write goes through
         await (await engine.submit("job")).wait(10)
+
+
+async def test_a_claim_already_waiting_for_the_lock_ends_at_the_stops_give_up(tmp_path: Path) -> None:
+    """SQLite's wait for a lock heeds no interrupt: a claim that began waiting (busy_timeout
+    60 s) before a stopping engine's give-up must still end with it, or the stop, settling the
+    claim in flight, waits the whole minute."""
+    db = tmp_path / "runs.db"
+    async with SqliteStore(db, busy_timeout=60_000) as store:
+        await store.register_node("n", "i1", "test")
+        other = sqlite3.connect(db, isolation_level=None, timeout=10)
+        other.execute("BEGIN IMMEDIATE")  # another process's write, held for good
+        try:
+            claim = asyncio.ensure_future(store.claim("n", "i1", 1, {"job": None}))
+            await asyncio.sleep(0)  # one turn of the loop: the claim is the writer's, waiting for the lock
+            store.give_up_after(time.monotonic() + 0.3)
+            async with asyncio.timeout(10):
+                with pytest.raises(StoreUnavailable):
+                    await claim
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        store.give_up_after(None)

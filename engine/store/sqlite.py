@@ -111,6 +111,10 @@ _OPEN_ADVICE = "Check the disk and the file, then start the engine again"
 _LATER_ADVICE = "Check the disk and the file; later operations try it again, so no restart is needed once it is fixed"
 
 
+#: how long one try to begin a transaction waits for another process's lock (ms): the writer
+#: tries again until busy_timeout, looking at a stopping engine's give-up between tries
+_BUSY_SLICE_MS = 200
+
 class _OpenAbandoned(Exception):
     """The open() waiting for the writer thread was cancelled: the thread gives up and closes."""
 
@@ -543,11 +547,10 @@ class SqliteStore(Store):
             lost = StoreUnavailable(self._where, gone, "Put the file back where it was, or start the engine again")
             self._deliver_threadsafe([(op[2], None, lost) for op in batch], tx)
             return
-        self._bound_busy_wait(conn)
         began = time.monotonic()
         try:
             # a read-only batch must not take the write lock other processes wait for
-            cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            self._begin(conn, cur, "BEGIN IMMEDIATE" if write else "BEGIN")
         except sqlite3.Error as exc:
             if self._locked_since is None and isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
                 self._locked_since = began
@@ -651,15 +654,25 @@ class SqliteStore(Store):
             with contextlib.suppress(Exception):  # (closing meanwhile)
                 conn.interrupt()
 
-    def _bound_busy_wait(self, conn: sqlite3.Connection) -> None:
-        """The writer's wait for another process's lock, bounded by a stopping engine's give-up."""
-        give_up = self._give_up_at
-        wanted = self.busy_timeout
-        if give_up is not None:
-            wanted = min(wanted, max(0, int((give_up - time.monotonic()) * 1000)))
-        if wanted != self._busy_now:
-            conn.execute(f"PRAGMA busy_timeout={wanted}")
-            self._busy_now = wanted
+    def _begin(self, conn: sqlite3.Connection, cur: sqlite3.Cursor, begin: str) -> None:
+        """Begin the batch's transaction, waiting up to ``busy_timeout`` for another process's
+        lock, in slices: SQLite's own wait for a lock heeds no interrupt (a stopping engine's
+        give-up could not cut a wait begun before it, and the stop would wait it out, up to
+        busy_timeout), so each slice looks at the give-up again."""
+        until = time.monotonic() + self.busy_timeout / 1000
+        while True:
+            give_up = self._give_up_at
+            left = until if give_up is None else min(until, give_up)
+            wanted = max(0, min(_BUSY_SLICE_MS, int((left - time.monotonic()) * 1000)))
+            if wanted != self._busy_now:
+                conn.execute(f"PRAGMA busy_timeout={wanted}")
+                self._busy_now = wanted
+            try:
+                cur.execute(begin)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= left:
+                    raise
 
     def _gave_up(self) -> bool:
         give_up = self._give_up_at
