@@ -143,6 +143,16 @@ async def cut_once(url: str, stopped: Stopped, retries: int, run_id: str | None)
     return run_id, running
 
 
+async def run_to_its_end(url: str, stopped: Stopped, retries: int, run_id: str) -> RunRecord:
+    """Start an engine on ``url`` and let the run ``run_id`` finish there: its final record."""
+    engine = engine_on(url, stopped, retries=retries)
+    await engine.start()
+    try:
+        return await engine.handle(run_id).wait(20)
+    finally:
+        await engine.stop()
+
+
 async def test_runs_handed_back_at_graceful_stops_keep_their_retries(
     durable_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -159,12 +169,7 @@ async def test_runs_handed_back_at_graceful_stops_keep_their_retries(
     assert run_id is not None
 
     caplog.set_level(logging.INFO, logger="taskwatch.runs")
-    engine = engine_on(durable_url, stopped, retries=1)
-    await engine.start()
-    try:
-        record = await engine.handle(run_id).wait(20)
-    finally:
-        await engine.stop()
+    record = await run_to_its_end(durable_url, stopped, 1, run_id)
     # two executions cut short, then the run's own two tries (one retry) both failed
     assert stopped.executions == [1, 2, 3, 4]
     assert (record.status, record.attempt, record.max_attempts) == (RunStatus.FAILED, 4, 4)
@@ -182,12 +187,7 @@ async def test_a_run_with_no_retries_stopped_many_times_still_gets_its_one_try(t
         run_id, running = await cut_once(url, stopped, 0, run_id)
         assert running.attempt <= running.max_attempts  # never "attempt 4 of 1"
     assert run_id is not None
-    engine = engine_on(url, stopped, retries=0)
-    await engine.start()
-    try:
-        record = await engine.handle(run_id).wait(20)
-    finally:
-        await engine.stop()
+    record = await run_to_its_end(url, stopped, 0, run_id)
     assert stopped.executions == [1, 2, 3, 4]
     assert (record.status, record.attempt, record.max_attempts) == (RunStatus.FAILED, 4, 4)
 
