@@ -1394,9 +1394,13 @@ class WorkQueue:
     def in_flight(self) -> int:
         return self._in_flight
 
+    def _settled(self) -> bool:
+        """Nothing waiting, landing from another thread, set aside or being handled."""
+        return not self._items and not self._transits and not self._in_flight and not self._aside
+
     def _is_idle(self) -> bool:
         # a job the stopping engine refused work is not done: the stop's end answers the joins
-        return not self._items and not self._transits and not self._in_flight and not self._aside and not self._undone
+        return not self._undone and self._settled()
 
     def _nothing_to_do(self) -> bool:
         """The consumers have nothing left to handle: nothing waiting (a paused queue's waiting
@@ -1436,7 +1440,7 @@ class WorkQueue:
         """All that is left is jobs the stopping engine refused work (see ``_undone``): nothing
         here will do them before the next start, so a join waiting on them is told so now (a
         worker's cleanup awaiting it would otherwise hold the stop to its timeout)."""
-        return bool(self._undone) and not self._items and not self._transits and not self._in_flight and not self._aside
+        return bool(self._undone) and self._settled()
 
     def _undone_at_stop(self) -> StoppedBeforeDone:
         count = self._undone
