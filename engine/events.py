@@ -96,6 +96,9 @@ class RunRetrying(RunEvent):
     attempt: int = Field(description="the attempt that will run next")
     delay: float
     error: RunError
+    #: the run's attempt budget from now on: one more than before when a stop cut the attempt
+    #: short (a stop is no failure of its code). None from a node that does not say it
+    max_attempts: int | None = None
 
 
 class RunSucceeded(RunOutcomeEvent):

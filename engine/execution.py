@@ -902,7 +902,8 @@ class Execution:
             self.index.requeued(run, outcome.error, now + outcome.delay)
             run.max_attempts += outcome.added_attempts  # as the store wrote it
             self.bus.post(
-                RunRetrying, run_id=run.id, task=run.task, attempt=run.attempt, delay=float(outcome.delay), error=outcome.error
+                RunRetrying, run_id=run.id, task=run.task, attempt=run.attempt, delay=float(outcome.delay),
+                error=outcome.error, max_attempts=run.max_attempts,
             )
             self.executor.wake()
             # (no error: a run handed back at a stop, which is no failure of its code)

@@ -25,6 +25,7 @@ from taskwatch.engine import Engine, InvalidParams, Progress, RunStatus, TaskCon
 from taskwatch.engine.jsonsafe import NotJsonSafe
 from taskwatch.engine.runs import RunError, RunRecord
 from taskwatch.engine.store import NewRun, Retry, Store, StoredRun, make_store
+from taskwatch.tui.state import DashboardState
 
 from .helpers import Recorder, each_store
 
@@ -190,6 +191,31 @@ async def test_a_run_with_no_retries_stopped_many_times_still_gets_its_one_try(t
     record = await run_to_its_end(url, stopped, 0, run_id)
     assert stopped.executions == [1, 2, 3, 4]
     assert (record.status, record.attempt, record.max_attempts) == (RunStatus.FAILED, 4, 4)
+
+
+async def test_a_dashboard_fed_by_events_shows_the_budget_a_hand_back_raised(tmp_path: Path) -> None:
+    # an attached or cluster dashboard knows a run only from its events until it reloads: the
+    # hand-back's run.retrying carries the new budget, or it would show "attempt 2 of 1"
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    stopped = Stopped(stops=1)
+    engine = engine_on(url, stopped, retries=0)
+    state = DashboardState()
+    await engine.start()
+    sub = engine.bus.subscribe(kinds=["run."])
+    try:
+        run_id = (await engine.submit("job")).id
+        await asyncio.wait_for(stopped.entered.wait(), 20)
+    finally:
+        await engine.stop(timeout=0)
+    events = sub.get_batch()
+    (retrying,) = [e for e in events if e.kind == "run.retrying"]
+    assert retrying.max_attempts == 2
+    state.apply(events)
+    shown = state.record(run_id)
+    assert shown is not None
+    assert (shown.status, shown.attempt, shown.max_attempts) == (RunStatus.PENDING, 2, 2)
+    row = await stored(url, run_id)
+    assert (row.attempt, row.max_attempts) == (shown.attempt, shown.max_attempts)
 
 
 # ---------------------------------------------------------------- the stores: a cut short Retry, a Retry, recovery

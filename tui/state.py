@@ -248,6 +248,8 @@ class DashboardState:
         elif kind == "run.retrying":
             run.status = RunStatus.PENDING
             run.attempt = e.attempt
+            if e.max_attempts is not None:
+                run.max_attempts = e.max_attempts  # a stop's hand-back adds one
             run.error = e.error
             run.node = None  # waiting again: no node holds it (as the engine's record says)
             run.end_attempt(e.attempt - 1, e.ts, "retried", error=e.error, note=f"retry in {fmt_seconds(e.delay)}")
