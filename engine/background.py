@@ -972,10 +972,17 @@ class BackgroundEngine:
         return await self._aread(self.engine.queues)
 
     def triggers(self, keys_limit: int | None = None) -> list[TriggerState]:
-        return self._read("triggers", self.engine.triggers, keys_limit)
+        # asked of the loop only to hear that the engine answers (not crashed, not its own
+        # thread); the listing is made here: each trigger's keys are read on the loop a step at
+        # a time and listed in this thread (Trigger.state()), where run whole on the loop a
+        # trigger of a million keys held it for seconds
+        self._read("triggers", _answers)
+        return self.engine.triggers(keys_limit)
 
     async def atriggers(self, keys_limit: int | None = None) -> list[TriggerState]:
-        return await self._aread(self.engine.triggers, keys_limit)
+        await self._aread(_answers)
+        # (in a thread of its own: the listing waits on the engine's loop between its steps)
+        return await asyncio.to_thread(self.engine.triggers, keys_limit)
 
     def workers(self) -> list[WorkerInfo]:
         return self._read("workers", self.engine.workers)
@@ -1283,6 +1290,10 @@ async def _aready(target: BackgroundEngine) -> BackgroundEngine:
     if not target._ready.is_set():
         await asyncio.to_thread(target._ready.wait, _thread_timeout(target.start_timeout))
     return target
+
+
+def _answers() -> None:
+    """A read that reads nothing: the engine's loop answering it is what is asked."""
 
 
 def _thread_timeout(seconds: float | None) -> float | None:

@@ -201,6 +201,10 @@ def _on_loop_async(
     return hopped
 
 
+def _answers() -> None:
+    """A call that does nothing: the engine's loop taking it up is what is asked."""
+
+
 def _cancel_recorded(run_id: str, request: asyncio.Future[Any]) -> None:
     if not request.cancelled() and (exc := request.exception()) is not None:
         log.warning("cancel of run %s: the request could not be recorded in the store (%s)", run_id, exc)
@@ -2283,7 +2287,6 @@ class Engine:
             self._start_late(trigger, f"trigger {name!r}")
         return trigger
 
-    @_on_loop
     def triggers(self, keys_limit: int | None = None) -> list[TriggerState]:
         """Every trigger with all its keys, or with the ``keys_limit`` hottest of each
         (queued or running first, then the biggest counts). Raises :class:`InvalidQuery`
@@ -2293,6 +2296,12 @@ class Engine:
                 limit_problem("keys_limit", keys_limit, 0, "how many keys of each trigger to list (None for all)"),
                 what="triggers query",
             )
+        if get_ident() != self._loop_thread:
+            # from another thread the loop is asked to answer first, as by every read hopped there
+            # (a held loop: the same TimeoutError); the listing itself is not made there whole:
+            # each state() reads its keys on the loop a step at a time and lists them in this
+            # thread. (The triggers' dict is replaced, never changed, when one is made.)
+            self._hop("triggers", _answers)
         return [t.state(keys_limit) for t in self._triggers.values()]
 
     def fire_trigger(self, name: str, key: str) -> TriggerFire:
