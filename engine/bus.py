@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from types import UnionType
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, overload
 
+from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from .errors import InvalidConfiguration, LoopThreadError, UnknownEventKind
@@ -279,6 +280,21 @@ def _check_finite(event: BaseEvent, shape: EventShape, where: str) -> None:
                     "number; nothing was published"
                 ],
             )
+
+
+def _refuse_non_finite(exc: ValidationError, cls: type[BaseEvent], where: str) -> None:
+    """Raise InvalidConfiguration, as :func:`_check_finite` does, when pydantic refused a NaN or
+    infinity of a field declared finite (progress amounts): a user of emit() is told the same
+    for every number, whichever refused it."""
+    problems = [
+        f"{cls.__qualname__}.{'.'.join(map(str, err['loc']))}={err.get('input')!r}: JSON has no NaN or "
+        "infinity, and every dashboard attached would drop its connection on this event; give a "
+        "finite number; nothing was published"
+        for err in exc.errors()
+        if err["type"] == "finite_number"
+    ]
+    if problems:
+        raise InvalidConfiguration(where, problems) from None
 
 
 def _check_nested(event: BaseEvent, shape: EventShape, where: str) -> None:
@@ -675,7 +691,11 @@ class EventBus:
         # the validator on the kwargs dict itself: the same validation as cls(**fields),
         # without building a second dict on the hot path; a bad value raises before the
         # event takes its seq, so a refused event leaves no hole in the sequence
-        event: E = cls.__pydantic_validator__.validate_python(fields)
+        try:
+            event: E = cls.__pydantic_validator__.validate_python(fields)
+        except ValidationError as exc:
+            _refuse_non_finite(exc, cls, "bus.emit()")
+            raise
         if shape.numbers:
             _check_finite(event, shape, "bus.emit()")
         if shape.nested:

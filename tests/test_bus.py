@@ -306,6 +306,19 @@ async def test_a_refused_event_takes_no_seq() -> None:
     assert [e.seq for e in sub.get_batch()] == [1, 2] and bus.last_seq == 2 and sub.dropped == 0
 
 
+@pytest.mark.parametrize("fields", [{"done": float("nan")}, {"done": 1.0, "total": float("inf")}])
+async def test_a_non_finite_progress_amount_is_refused_as_every_non_finite_number_is(fields: dict[str, float]) -> None:
+    # progress amounts are declared finite, so pydantic refused them first, with its own error
+    bus = EventBus()
+    sub = bus.subscribe()
+    with pytest.raises(InvalidConfiguration, match="RunProgressed.(done|total)=.*JSON has no NaN or infinity"):
+        bus.emit(ev.RunProgressed, run_id="r", task="t", **fields)
+    with pytest.raises(InvalidConfiguration, match="RunSucceeded.duration=nan"):
+        bus.emit(ev.RunSucceeded, run_id="r", task="t", duration=float("nan"))
+    bus.emit(ev.EngineStarted)
+    assert [e.seq for e in sub.get_batch()] == [1] and bus.last_seq == 1
+
+
 async def test_callbacks_see_events_in_seq_order_when_a_callback_publishes() -> None:
     bus = EventBus()
     seen: list[int] = []
