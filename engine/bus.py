@@ -294,7 +294,7 @@ def _refuse_non_finite(exc: ValidationError, cls: type[BaseEvent], where: str) -
         if err["type"] == "finite_number"
     ]
     if problems:
-        raise InvalidConfiguration(where, problems) from None
+        raise InvalidConfiguration(where, problems) from exc  # (a progress report tells its own way)
 
 
 def _check_nested(event: BaseEvent, shape: EventShape, where: str) -> None:

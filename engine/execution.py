@@ -1213,6 +1213,12 @@ class Execution:
             )
         except ValidationError as exc:
             raise InvalidProgress.refused(run.id, exc) from None
+        except InvalidConfiguration as exc:
+            # a NaN or infinity, which emit() refuses as InvalidConfiguration: a task is told of
+            # its report as of every other bad value, InvalidProgress naming what it gave
+            if isinstance(exc.__cause__, ValidationError):
+                raise InvalidProgress.refused(run.id, exc.__cause__) from None
+            raise
         run.done = event.done
         run.total = event.total
         run.message = event.message
