@@ -34,6 +34,7 @@ from pydantic import BaseModel
 from .bus import DEFAULT_REPLAY, EventBus
 from .context import TaskContext
 from .errors import (
+    DuplicateRunId,
     DuplicateTask,
     EngineAlreadyRunning,
     EngineNotRunning,
@@ -1549,6 +1550,11 @@ class Engine:
         self._check_room()
         memory = self._memory
         if memory is None:
+            if run.id in self._index.runs:
+                # (a run_id_factory's id used before) refused here, as the store would refuse its
+                # write a moment later: indexed meanwhile, it would have stood in for the run
+                # already under that id, and that write's failure failed the run it replaced
+                raise DuplicateRunId(run.id)
             self._admitted(run)
             self._executor.insert_later(self._new_row(run))
             return RunHandle(self, run.id, run)

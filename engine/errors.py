@@ -967,6 +967,7 @@ class DuplicateRunId(StoreError, ValueError):
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         super().__init__(
-            f"a run with id {run_id!r} is already stored; nothing was inserted. "
-            "Ids must be unique: leave NewRun.id unset for a random one"
+            f"a run with id {run_id!r} is already stored; nothing was inserted. Ids must be unique: "
+            "make the engine's run_id_factory return ids never used before (or leave it unset for "
+            "random ones); given to a store directly, leave NewRun.id unset for a random one"
         )

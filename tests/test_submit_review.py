@@ -6,7 +6,8 @@ Checked here, on the memory store and a real SQLite file:
 - an ``Engine(run_id_factory=...)`` whose id is empty, not a str, holds a control character
   or is too long refuses that submit with :class:`InvalidConfiguration` naming the factory, and
   queues nothing (a store would put an id of its own in place of ``""``, leaving the caller's
-  handle waiting on a run that never ends); good ids of your own go on working;
+  handle waiting on a run that never ends); good ids of your own go on working; one used
+  already raises :class:`DuplicateRunId` and leaves the run under it alone;
 - ``submit_many`` of a batch the queue has no room for says how many wait and how many more
   it takes, so the caller knows a smaller batch fits; nothing of the batch is queued.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from taskwatch.engine import Engine, InvalidConfiguration, QueueFull, RunStatus, TaskContext
+from taskwatch.engine import DuplicateRunId, Engine, InvalidConfiguration, QueueFull, RunStatus, TaskContext
 
 TIMEOUT = 10.0
 
@@ -57,6 +58,43 @@ async def test_an_id_of_your_own_no_store_could_keep_refuses_its_submit_and_queu
     assert (first.id, first.result, last.id, last.result) == ("order-1", "order-1", "order-2", "order-2")
     assert sorted(r.id for r in stored.runs) == ["order-1", "order-2"]
     assert all(r.status is RunStatus.SUCCEEDED for r in stored.runs)
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+@pytest.mark.parametrize("how", ["submit", "submit_nowait", "submit_many"])
+async def test_an_id_of_your_own_used_twice_refuses_the_second_and_leaves_the_first_run_alone(
+    kind: str, how: str, tmp_path: Path
+) -> None:
+    ids = iter(["order-1", "order-1", "order-2"])
+    engine = Engine(store=_store(kind, tmp_path), run_id_factory=lambda: next(ids), health_interval=None)
+    release = asyncio.Event()
+
+    @engine.task
+    async def work(ctx: TaskContext) -> str:
+        await release.wait()
+        return ctx.run_id
+
+    async with engine:
+        first = await engine.submit("work")
+        with pytest.raises(DuplicateRunId, match="run_id_factory") as refused:
+            if how == "submit":
+                await engine.submit("work")
+            elif how == "submit_nowait":
+                engine.submit_nowait("work")
+            else:
+                await engine.submit_many([("work", None)])
+        assert refused.value.run_id == "order-1" and "nothing was inserted" in str(refused.value)
+        release.set()
+        done = await first.wait(TIMEOUT)
+        last = await (await engine.submit("work")).wait(TIMEOUT)
+        stored = await engine.query_runs()
+        stats = engine.stats()
+    # the run under that id was not stood in for (a SQLite submit_nowait failed it)
+    assert (done.status, done.result, last.id) == (RunStatus.SUCCEEDED, "order-1", "order-2")
+    assert sorted((r.id, r.status) for r in stored.runs) == [
+        ("order-1", RunStatus.SUCCEEDED), ("order-2", RunStatus.SUCCEEDED)
+    ]
+    assert (stats.submitted_total, stats.failed_total) == (2, 0)
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
