@@ -205,3 +205,47 @@ async def test_postgres_a_run_whose_params_were_changed_by_hand_fails_alone(post
     assert stored is not None and stored.status is RunStatus.FAILED
     async with PostgresStore(postgres_url) as store:
         assert (await store.counts()).failed_total == 1
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "why"),
+    [
+        ("created_at", "yesterday", "column 'created_at' could not be read (it holds 'yesterday', not a time)"),
+        ("attempt", "one", "column 'attempt' could not be read (it holds 'one', not a count)"),
+        ("source", b"web", "column 'source' could not be read (it holds b'web', not text)"),
+    ],
+)
+async def test_a_pending_run_whose_other_columns_were_changed_by_hand_is_failed_at_its_claim_not_run(
+    tmp_path: Path, column: str, value: Any, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the claim read these columns into the run's record as they were: a record reads leave out
+    # ran, and its text time broke every view sorting by time (the dashboard's among them)
+    db = tmp_path / "runs.db"
+    engine = numbered_engine(f"sqlite:///{db}", max_concurrency=1)
+    released = asyncio.Event()
+    ran: list[int] = []
+
+    @engine.task
+    async def hold(ctx: TaskContext) -> None:
+        await released.wait()
+
+    @engine.task
+    async def note(ctx: TaskContext, params: Numbered) -> None:
+        ran.append(params.i)
+
+    with caplog.at_level(logging.ERROR, logger="taskwatch.store"):
+        async with engine:
+            holding = await engine.submit("hold")
+            await eventually(lambda: engine.get(holding.id).status is RunStatus.RUNNING)
+            damaged = await engine.submit("note", {"i": 1})  # pending: the one slot is taken
+            by_hand(db, f"UPDATE runs SET {column} = ? WHERE id = ?", value, damaged.id)
+            after = await engine.submit("note", {"i": 2})
+            released.set()
+            assert (await after.wait(timeout=10)).status is RunStatus.SUCCEEDED
+            await eventually(lambda: row(db, damaged.id)[4] == "failed")
+            snapshot = engine.snapshot()
+    assert ran == [2]
+    assert why in row(db, damaged.id)[22] and "so the run could not start and was failed" in row(db, damaged.id)[22]
+    assert all(type(run.created_at) is float for run in snapshot.runs)
+    told = errors_naming(caplog, damaged.id)
+    assert any("is failed at its claim" in line and why in line for line in told), told

@@ -1132,7 +1132,7 @@ class PostgresStore(Store):
         claims: list[Claim] = []
         unstartable: list[dict[str, Any]] = []
         for seq, run_id, task, params, attempt, max_attempts, created_at, key, source, lost, error, token in rows:
-            decoded = self._run_rows.params(run_id, params)
+            decoded = self._run_rows.claimed(run_id, params, created_at, attempt, max_attempts, lost, key, source)
             if isinstance(decoded, RunError):
                 unstartable.append(failed_at_claim(seq, token, now, decoded))
                 continue

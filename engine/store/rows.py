@@ -104,6 +104,20 @@ def _object(column: str, text: Any) -> dict[str, Any]:
     return value
 
 
+def _check_claimed(created_at: Any, attempt: Any, max_attempts: Any, lost_count: Any, key: Any, source: Any) -> None:
+    """Raise :class:`Unreadable` for a column besides ``params`` that a claim reads and that does
+    not hold what taskwatch writes there (SQLite keeps whatever a hand writes into a column):
+    the run's record, which reads leave out, would carry it into the engine."""
+    if type(created_at) not in (int, float) or not math.isfinite(created_at):
+        raise Unreadable("created_at", f"it holds {reprlib.repr(created_at)}, not a time")
+    for column, count in (("attempt", attempt), ("max_attempts", max_attempts), ("lost_count", lost_count)):
+        if type(count) is not int:
+            raise Unreadable(column, f"it holds {reprlib.repr(count)}, not a count")
+    for column, text, optional in (("dedup_key", key, True), ("source", source, False)):
+        if not (type(text) is str or (optional and text is None)):
+            raise Unreadable(column, f"it holds {reprlib.repr(text)}, not text")
+
+
 def _error(text: Any) -> RunError:
     try:
         return RunError.model_validate(_object("error", text))
@@ -249,11 +263,17 @@ class RunRows:
             self._tell(run_id, note)
         return stored
 
-    def params(self, run_id: str, text: Any) -> dict[str, Any] | RunError:
-        """A claimed run's params; if they cannot be read, the error to fail the run with (it
-        cannot start, and claimed again it would fail again)."""
+    def claimed(
+        self, run_id: str, text: Any, created_at: Any, attempt: Any, max_attempts: Any, lost_count: Any,
+        key: Any, source: Any,
+    ) -> dict[str, Any] | RunError:
+        """A claimed run's params; if they, or another column the claim reads, cannot be read, the
+        error to fail the run with (it cannot start, and claimed again it would fail again; left
+        pending it would be the oldest candidate of every claim from then on)."""
         try:
-            return _object("params", text)
+            params = _object("params", text)
+            _check_claimed(created_at, attempt, max_attempts, lost_count, key, source)
+            return params
         except Unreadable as exc:
             err = self._note([exc], "claimed")
             self._log.error("run %s is failed at its claim: %s. %s", run_id, err.message, self._how_to_look(run_id))
@@ -287,6 +307,8 @@ class RunRows:
                     part += "; submit it again with the params it needs"
             elif d.column == "result":
                 part += "; its result shows as None"
+            elif when == "claimed":
+                part += ", so the run could not start and was failed; submit it again"
             parts.append(part)
         return RunError(
             type=UNREADABLE,

@@ -914,9 +914,9 @@ class SqliteStore(Store):
             takes.append(
                 {"seq": seq, "node": node, "incarnation": incarnation, "token": token, "lease_until": lease_until, "now": now}
             )
-            decoded = rows.params(run_id, params)
+            decoded = rows.claimed(run_id, params, created_at, attempt, max_attempts, lost_count, key, source)
             if isinstance(decoded, RunError):
-                # params changed by hand into something unreadable: it cannot start, and left
+                # a column changed by hand into something unreadable: it cannot start, and left
                 # pending it would be taken by every claim from now on
                 unstartable.append(failed_at_claim(seq, token, now, decoded))
                 continue
