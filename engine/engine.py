@@ -457,6 +457,9 @@ class Engine:
         self._wakeups = StoreWakeups(self._store, self._executor, self._run.caught_up)
         self._state = "new"
         self._shutdown: asyncio.Task[None] | None = None
+        #: a durable store's stop on a node alone on its store: no run pending here starts again
+        #: before the next start, so a wait on one is answered at once (see :meth:`_keep_pending`)
+        self._pending_kept = False
         #: a stop is draining the queues and runs: their own work (see :meth:`_require_running`) may
         #: still put into a queue and submit runs
         self._draining = False
@@ -1046,6 +1049,7 @@ class Engine:
                 # Claims end before the drain: a run cut short meanwhile (refused a submit) goes
                 # back to pending, and must not be claimed again here, over and over
                 self._executor.stop_claiming()
+                await self._keep_pending(deadline)
             # the queues and the runs drain together: a handler may put into another queue or
             # submit a run, a run may put into a queue, so none is done while another still works
             await self._drain(deadline)
@@ -1106,6 +1110,7 @@ class Engine:
                 log.warning("could not tell the store that node %s stopped: %s", self.node_id, exc)
         finally:
             self._draining = False
+            self._pending_kept = False
             try:
                 await self._store.close()
             finally:
@@ -1115,6 +1120,25 @@ class Engine:
                 self._run.stopped_before_done()
                 for trigger in self._triggers.values():
                     trigger.engine_stopped()
+
+    async def _keep_pending(self, deadline: float) -> None:
+        """A durable store's stop, which claims no more runs: when no other node is alive on the
+        store to take them up, no run pending here starts before the next start. Whoever waits on
+        one hears so now (:class:`StoppedBeforeDone`, kept), not at the stop's end: a queue's
+        handler awaiting a run it had submitted held the drain to its timeout, and was cut short
+        then all the same. With another node alive the waits go on: it may run them meanwhile."""
+        loop = asyncio.get_running_loop()
+        try:
+            # (bounded: a store out of reach or locked by another process says nothing in time)
+            nodes = await asyncio.wait_for(self._store.nodes(), min(1.0, max(0.0, deadline - loop.time())))
+        except (StoreError, TimeoutError) as exc:
+            log.debug("node %s stops without knowing whether another node takes up its pending runs: %s", self.node_id, exc)
+            return
+        live_since = self._store.clock() - self._store.node_ttl
+        if any(n.incarnation != self.incarnation and n.stopped_at is None and n.last_heartbeat >= live_since for n in nodes):
+            return
+        self._pending_kept = True
+        self._run.pending_kept()
 
     async def _drain(self, deadline: float) -> None:
         """Until ``deadline`` (loop time), wait while a queue (its waiting jobs aside when it is
@@ -1778,7 +1802,7 @@ class Engine:
         run = self.current(run_id, run)
         if run is None:
             return self._poll_store(run_id, timeout)
-        if self._state == "stopped" and self._run.left_undone(run):
+        if (self._state == "stopped" and self._run.left_undone(run)) or (self._pending_kept and run.status is _PENDING):
             # kept in the store for the next start, which reads it back as a new entry:
             # nothing would ever resolve a wait on this one
             refused: asyncio.Future[RunRecord] = RunWait(loop=asyncio.get_running_loop())

@@ -1277,6 +1277,18 @@ class Execution:
                 run.waiters.remove(fut)
 
 
+    def pending_kept(self) -> None:
+        """A durable store's stop that nothing else will run this node's pending runs for (see
+        ``Engine._keep_pending``): whoever waits on one hears now that it is kept for the next
+        start, as at the stop's end."""
+        for run in self.index.pending():
+            waiters = run.waiters
+            if waiters:
+                run.waiters = None
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_exception(self.stopped_error(run))
+
     def stopped_before_done(self) -> None:
         """The engine stopped: whoever waits on a run it leaves unfinished (pending in a
         durable store, for the next start) hears so instead of waiting on a future that

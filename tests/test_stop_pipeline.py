@@ -11,6 +11,8 @@
 - a durable store's stop runs no pending run, so it takes none: a handler or a run that
   submits (and awaits what it submitted) is cut short at once, left undone and kept, and
   handled once at the next start (the stop does not wait out its timeout, nothing runs twice);
+  a handler awaiting a run it submitted before the stop, still pending, is told at once
+  (StoppedBeforeDone, kept) when no other node is alive on the store, and waits on when one is;
   a run refused a put or a submit by the stop is cut short the same way, not failed;
 - with no queue at all, a trigger's key brought due by its run's end inside the stop still
   runs within the stop's timeout (memory store);
@@ -658,3 +660,86 @@ async def test_a_workers_cleanup_joining_a_durable_queue_whose_jobs_the_stop_ref
     [told] = joined
     assert isinstance(told, StoppedBeforeDone) and told.kept
     assert (q.info().processed, q.info().failed, q.info().kept) == (0, 0, 3)
+
+
+# ---------------------------------------------------------------- a durable stop: waits on runs it will not take
+
+
+def _awaiting(store: str, node: str, ran: list[tuple[str, int]], go: asyncio.Event) -> tuple[Engine, dict[str, Any]]:
+    """A node whose one slot ``hold`` keeps until ``go``, and whose queue ``q``'s handler submits
+    a ``child`` run and awaits it: the child stays pending while ``hold`` runs."""
+    engine = Engine(store=store, node_id=node, health_interval=None, cancel_grace=0.05, max_concurrency=1)
+    seen: dict[str, Any] = {"submitted": asyncio.Event(), "told": []}
+
+    @engine.task(name="hold")
+    async def hold(ctx: TaskContext) -> None:
+        await go.wait()
+
+    @engine.task(name="child")
+    async def child(ctx: TaskContext, p: Num) -> None:
+        ran.append((node, p.n))
+
+    async def handler(job: int) -> None:
+        handle = await engine.submit("child", {"n": job})
+        seen["submitted"].set()
+        try:
+            await handle.wait()
+        except StoppedBeforeDone as exc:
+            seen["told"].append((exc.kept, engine.state))
+            raise
+
+    seen["queue"] = engine.queue("q", handler)
+    return engine, seen
+
+
+async def test_a_durable_stop_alone_on_its_store_tells_a_handler_awaiting_a_pending_run_at_once(tmp_path: Path) -> None:
+    # the stop takes no pending run, and no other node will: the handler's wait was held to the
+    # stop's timeout, to be cut short then all the same
+    store = f"sqlite:///{tmp_path / 'stop.db'}"
+    ran: list[tuple[str, int]] = []
+    go = asyncio.Event()
+    engine, seen = _awaiting(store, "n1", ran, go)
+    await engine.start()
+    await engine.submit("hold")
+    await seen["queue"].put(7)
+    await asyncio.wait_for(seen["submitted"].wait(), LONG)
+    stopping = asyncio.create_task(engine.stop(timeout=LONG))
+    await eventually(lambda: engine.state == "stopping")
+    go.set()
+    await asyncio.wait_for(stopping, LONG / 4)  # not the whole timeout
+    assert seen["told"] == [(True, "stopping")]
+    info = seen["queue"].info()
+    assert (info.processed, info.failed, info.kept) == (0, 0, 1)
+    assert ran == []
+    again, seen2 = _awaiting(store, "n1", ran, go)
+    async with again:
+        # the job is handled again, and its child (kept pending) runs
+        await eventually(lambda: seen2["queue"].info().processed == 1)
+        assert ("n1", 7) in ran
+
+
+async def test_a_durable_stop_with_another_node_alive_lets_a_handler_wait_for_that_node_to_run_it(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'stop.db'}"
+    ran: list[tuple[str, int]] = []
+    go = asyncio.Event()
+    first, seen = _awaiting(store, "n1", ran, go)
+    other, _ = _awaiting(store, "n2", ran, go)
+    await first.start()
+    await first.submit("hold")
+    await eventually(lambda: first.stats().running == 1)
+    await other.start()
+    try:
+        await other.submit("hold")  # n2's slot: the child waits for go on both nodes
+        await eventually(lambda: other.stats().running == 1)
+        await seen["queue"].put(7)
+        await asyncio.wait_for(seen["submitted"].wait(), LONG)
+        stopping = asyncio.create_task(first.stop(timeout=LONG))
+        await eventually(lambda: first.state == "stopping")
+        go.set()
+        await asyncio.wait_for(stopping, LONG / 4)
+    finally:
+        await other.stop()
+    assert ran == [("n2", 7)]
+    assert seen["told"] == []
+    info = seen["queue"].info()
+    assert (info.processed, info.failed, info.kept) == (1, 0, 0)
