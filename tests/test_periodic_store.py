@@ -228,7 +228,10 @@ def history_engine(db: Path, now: list[float], *, prune: bool) -> Engine:
 async def run_then_others(engine: Engine, now: list[float]) -> str:
     """The periodic run (T0 to T0+3), then five other runs (ended at T0+4): more than `history`."""
     async with engine:
-        p = await eventually(lambda: (p := info(engine, "sync_job")).last_status == "succeeded" and p)
+        # (the next tick is planned a moment after the run's end is heard of)
+        p = await eventually(
+            lambda: (p := info(engine, "sync_job")).last_status == "succeeded" and p.next_due is not None and p
+        )
         assert (p.last_status, p.last_started, p.last_duration, p.next_due) == ("succeeded", T0, 3.0, T0 + 63.0)
         now[0] = T0 + 4.0
         handles = await engine.submit_many([("web", None)] * 5)
