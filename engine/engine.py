@@ -1127,10 +1127,12 @@ class Engine:
         one hears so now (:class:`StoppedBeforeDone`, kept), not at the stop's end: a queue's
         handler awaiting a run it had submitted held the drain to its timeout, and was cut short
         then all the same. With another node alive the waits go on: it may run them meanwhile."""
-        loop = asyncio.get_running_loop()
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            return  # no drain to spare a wait: the stop's end answers them
         try:
             # (bounded: a store out of reach or locked by another process says nothing in time)
-            nodes = await asyncio.wait_for(self._store.nodes(), min(1.0, max(0.0, deadline - loop.time())))
+            nodes = await asyncio.wait_for(self._store.nodes(), min(1.0, left))
         except (StoreError, TimeoutError) as exc:
             log.debug("node %s stops without knowing whether another node takes up its pending runs: %s", self.node_id, exc)
             return
