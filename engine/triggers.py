@@ -196,6 +196,9 @@ class TriggerState(BaseModel):
     adopted: int = 0
     hold_lapses: int = 0
     given_up: int = 0
+    #: counts notified since their key's last save that the engine's last stop could not save
+    #: (its durable store out of reach to the end): lost, and logged at ERROR
+    lost_at_stop: int = 0
 
 
 class TriggerFire(BaseModel):
@@ -482,6 +485,8 @@ class Trigger:
         #: another node took up meanwhile (they fire there), since the engine object was made
         self.hold_lapses = 0
         self.given_up = 0
+        #: counts the last stop could not save (see :class:`TriggerState`)
+        self.lost_at_stop = 0
         #: an adoption under way: a stop waits for it (the store may have handed the keys over)
         self._adopting: asyncio.Task[None] | None = None
         #: tasks reading the end of runs taken up with keys that this node's index does not hold
@@ -1269,6 +1274,7 @@ class Trigger:
             "adopted": self.adopted,
             "hold_lapses": self.hold_lapses,
             "given_up": self.given_up,
+            "lost_at_stop": self.lost_at_stop,
         }
 
     @staticmethod
@@ -1775,8 +1781,19 @@ class Trigger:
             return
         try:
             await self._save()
-        except Exception:
-            log.exception("trigger %r: saving its counts at stop failed", self.name)
+        except Exception as exc:
+            # nothing after the stop saves them: what was counted since the last save is gone,
+            # counted and said (the stop calls this twice: the last call's figure stands)
+            keys = [st for key in self._dirty if (st := self._keys.get(key)) is not None]
+            self.lost_at_stop = sum(st.unsaved for st in keys)
+            log.error(
+                "trigger %r: its store took none of its changes at this stop (%s: %s): %d count(s) notified "
+                "on %d key(s) since their last save are lost, and those keys start the next run from "
+                "their last saved counts (the store's reconnect_timeout is how long a save waits out an outage)",
+                self.name, type(exc).__name__, exc, self.lost_at_stop, len(keys),
+            )  # fmt: skip
+        else:
+            self.lost_at_stop = 0
 
     async def _save_loop(self) -> None:
         trouble = OutageLog(log, f"trigger {self.name!r}: saving its counts")
@@ -1864,7 +1881,7 @@ class Trigger:
                         "saving its counts all the same", self.name, type(exc).__name__, exc,
                     )  # fmt: skip
             # still lapsed (the store out of reach), saved all the same: a count may then fire on
-            # two nodes, but none is lost
+            # two nodes (a store out of reach to the end of the save loses them: counted, said)
             await self.save_changes()
         watchers, self._watchers = self._watchers, set()
         for watch in watchers:

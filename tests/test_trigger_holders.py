@@ -9,6 +9,7 @@ server and a real child process killed with SIGKILL (``tests/loops_child.py``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import threading
 from pathlib import Path
@@ -708,3 +709,37 @@ async def test_a_postgres_database_of_schema_7_keeps_its_trigger_keys(postgres_u
         await s.save_trigger("compile", "i1", {"k": TriggerKeyRecord(count=2**63 - 1)})
         assert (await s.adopt_trigger("compile", "i1", own=True))["k"].count == 2**63 - 1
 
+
+
+# ---------------------------------------------------------------- a stop with the store out of reach
+
+
+async def test_a_stop_with_the_store_out_of_reach_counts_and_says_the_counts_it_could_not_save(
+    postgres_server: Any, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # nothing saves them after the stop: they were logged as a traceback and counted nowhere
+    url = f"{postgres_url}?reconnect_timeout=0.5"
+    ran: list[str] = []
+    engine, trigger = node(url, "solo", ran, Clock(0.0))
+    await engine.start()
+    try:
+        for _ in range(10):
+            trigger.notify("k")
+        await trigger.save_changes()  # these 10 reached the store
+        postgres_server.stop("fast")
+        try:
+            trigger.notify("k", 5)
+            trigger.notify("j", 2)
+            with caplog.at_level(logging.ERROR, logger="taskwatch.triggers"):
+                await engine.stop(timeout=0.2)
+        finally:
+            postgres_server.start()
+    finally:
+        await engine.stop()
+    assert trigger.state().lost_at_stop == 7
+    told = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and "took none of its changes" in r.getMessage()]
+    assert told and "7 count(s) notified on 2 key(s) since their last save are lost" in told[-1]
+    again, trigger2 = node(url, "solo", ran, Clock(0.0))
+    async with again:
+        assert {k.key: k.count for k in trigger2.state().keys} == {"k": 10}  # as the state said
+        assert trigger2.state().lost_at_stop == 0
