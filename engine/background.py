@@ -167,6 +167,7 @@ class BackgroundRunHandle:
         ``StoppedBeforeDone`` for a run the stop left undone. Once the engine
         runs again (a later ``start_background()``), it waits there.
         """
+        self._refuse_on_loop("wait")
         return self._bg._wait_run(self._handle, checked_timeout("BackgroundRunHandle.wait()", timeout))
 
     async def finished(self, timeout: float | None = None) -> RunRecord:
@@ -178,7 +179,18 @@ class BackgroundRunHandle:
 
     def record(self) -> RunRecord:
         """The run's current record (read on the engine's loop, or from its records once stopped)."""
+        self._refuse_on_loop("record")
         return self._bg._read("record", self._handle.record)
+
+    def _refuse_on_loop(self, method: str) -> None:
+        # as the facade's own blocking calls refuse there, naming what a handle offers instead
+        if self._bg._on_loop_thread():
+            raise LoopThreadError(
+                f"BackgroundRunHandle.{method}",
+                f"BackgroundRunHandle.{method}() blocks until the engine's loop answers, and this is that loop's "
+                "own thread, so it would wait forever. Code running on the engine's loop should `await "
+                "handle.finished()` (or `await handle`), or use the Engine's own handle: `engine.handle(run_id)`",
+            )
 
     @property
     def status(self) -> RunStatus:
@@ -528,13 +540,13 @@ class BackgroundEngine:
     def _loop_thread_ended(self) -> bool:
         return self._ended.is_set() or self._thread.ident is None  # (None: never started)
 
-    def _fail_outstanding(self) -> None:
+    def _fail_outstanding(self, error: EngineNotRunning | None = None) -> None:
         with self._lock:
             self._finished = True
             pending, self._outstanding = self._outstanding, set()
         for fut in pending:
             if not fut.done():
-                fut.set_exception(self._not_running())
+                fut.set_exception(error or self._not_running())
 
     def _not_running(self) -> EngineNotRunning:
         if self._crash is not None:
@@ -721,7 +733,10 @@ class BackgroundEngine:
             with _launch_lock:
                 target = self._target()
             if target is not None:
-                budget = None if left is None else left + _SLACK
+                # a little past the wait's own timeout, for the engine's answer to come back (and
+                # never more than call_timeout past it: a loop a task blocks answers nothing)
+                slack = _SLACK if self.call_timeout is None else min(_SLACK, self.call_timeout)
+                budget = None if left is None else left + slack
                 record: RunRecord = _ready(target)._call("wait", handle.wait, left, timeout_=budget, changes_=False)
                 return record
             # a stopped engine answers at once (the record, or StoppedBeforeDone); waited on a piece at
@@ -1520,6 +1535,19 @@ def _stop_all_at_exit() -> None:
     _stop_together(
         ours, _exit_drain, lambda bg: _exit_drain(bg) + bg.engine.cancel_grace + EXIT_SLACK, note=_exit_note
     )
+    for bg in ours:
+        if not bg._loop_thread_ended():
+            # the exit goes on without that loop (its thread is a daemon): a thread still waiting
+            # on a call to it (a request thread's handle.wait()) would otherwise hold the exit for
+            # as long as the loop stays blocked, Python joining it before the process ends
+            bg._fail_outstanding(
+                EngineNotRunning(
+                    "stopped",
+                    "the interpreter is exiting, and the background engine's loop did not end within the time "
+                    "the exit gives it (its stop still drains, or code running on it blocks it); this call was "
+                    "given up without an answer",
+                )
+            )
 
 
 #: where the messages point a user to stop_all_background(): reachable whatever taskwatch.engine exports

@@ -228,9 +228,16 @@ def test_blocking_call_on_the_engines_own_loop_raises(bg: BackgroundEngine) -> N
         bg.call(lambda engine: bg.stats())
     with pytest.raises(LoopThreadError):
         bg.call(lambda engine: bg.stop())
+    # a handle's blocking methods name what a handle offers there (there is no BackgroundEngine.wait())
+    done = bg.submit("embed_batch", GOOD)
+    done.wait(timeout=10)
+    for method in ("wait", "record"):
+        with pytest.raises(LoopThreadError, match=rf"BackgroundRunHandle\.{method}\(\).*`await handle.finished\(\)`"):
+            bg.call(lambda engine: getattr(done, method)())
     # the awaitable variants are fine there, and the engine is unharmed
     stats = bg.call(lambda engine: bg.astats())
     assert stats.state == "running"
+    assert bg.call(lambda engine: done.finished()).status is RunStatus.SUCCEEDED
     assert bg.submit("embed_batch", GOOD).wait(timeout=10).status is RunStatus.SUCCEEDED
 
 
@@ -435,6 +442,23 @@ def test_a_call_given_up_before_the_engines_loop_took_it_up_never_runs() -> None
         bg.call(lambda engine: None)
         assert bg.stats().submitted_total == 0 and bg.runs() == []
         assert bg.submit("embed_batch", GOOD).wait(timeout=10).status is RunStatus.SUCCEEDED
+    finally:
+        bg.stop(timeout=5)
+
+
+def test_a_wait_with_a_timeout_on_a_blocked_loop_gives_up_within_call_timeout_of_it() -> None:
+    # it waited its timeout and a fixed 5 s more, whatever call_timeout said
+    bg = build_engine().start_background(call_timeout=0.25)
+    try:
+        done = bg.submit("embed_batch", GOOD)
+        done.wait(timeout=10)
+        release = hold_loop(bg)
+        try:
+            with pytest.raises(TimeoutError, match=r"did not take up wait\(\) within 0.45 s.*did nothing"):
+                done.wait(timeout=0.2)
+        finally:
+            release.set()
+        assert done.wait(timeout=0.2).status is RunStatus.SUCCEEDED
     finally:
         bg.stop(timeout=5)
 

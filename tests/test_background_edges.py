@@ -535,6 +535,59 @@ def test_the_interpreter_exit_does_not_wait_out_a_loop_a_task_blocks() -> None:
     assert "The process exits without it" in err, err
 
 
+WAITING_AT_EXIT = textwrap.dedent(
+    """
+    import asyncio, threading, time
+    from taskwatch.engine import Engine
+
+    engine = Engine(health_interval=None, cancel_grace=0.2)
+    entered = threading.Event()
+
+    @engine.task
+    async def hog(ctx) -> None:
+        entered.set()
+        time.sleep(600)  # blocking code in a task: the engine's loop is held
+
+    @engine.task
+    async def slow(ctx) -> None:
+        await asyncio.sleep(600)
+
+    bg = engine.start_background(stop_timeout=0.1)
+    handle = bg.submit("slow")
+
+    def request() -> None:  # a web server's request thread (not a daemon) waiting on its run
+        try:
+            handle.wait()
+        except Exception as exc:
+            print("request:", type(exc).__name__, exc, flush=True)
+
+    threading.Thread(target=request).start()
+    bg.submit("hog")
+    assert entered.wait(10)
+    print("exiting", flush=True)
+    """
+)
+
+
+def test_the_interpreter_exit_answers_a_thread_still_waiting_on_a_blocked_loop() -> None:
+    # the exit went on without the loop, but Python joins non-daemon threads before the process
+    # ends: the request thread waited for as long as the loop stayed blocked (here ten minutes)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WAITING_AT_EXIT], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "exiting\n"
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "The process exits without it" in err, err
+    assert out.startswith("request: EngineNotRunning the interpreter is exiting"), out
+    assert "this call was given up without an answer" in out, out
+
+
 FORKED = textwrap.dedent(
     """
     import asyncio, json, os, sys, time
