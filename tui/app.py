@@ -702,9 +702,10 @@ class TaskwatchApp(PlainApp):
     @while_dashboard_alive
     def redraw(self, full: bool = False) -> None:
         """Drain buffered events into the state, then update the widgets that changed."""
-        # while a resync waits for its snapshot, events stay in the client's buffer:
-        # applied now, they would be thrown away with the state the snapshot replaces
-        events = [] if self._resyncing else self.client.take_events()
+        # while a resync waits for its snapshot, and until the first connect's is loaded,
+        # events stay in the client's buffer: applied now, they would be thrown away with the
+        # state the snapshot replaces, and a run that ended meanwhile would show running for good
+        events = [] if self._resyncing or not self._connected_once else self.client.take_events()
         resync = getattr(self.client, "take_resync", lambda: None)()
         if resync is not None:
             # a reconnect, maybe to another engine process

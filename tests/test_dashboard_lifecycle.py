@@ -1,0 +1,58 @@
+"""The dashboard across its engine's life, as a user watching it sees it.
+
+- runs that end while an in-process dashboard connects (the engine busy in its own thread) are
+  shown ended: the events that arrived before the first snapshot was loaded were applied to
+  an empty model and then thrown away with it, and such a run showed running for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from taskwatch.engine import Engine, Snapshot, TaskContext
+from taskwatch.tui.app import TaskwatchApp
+from taskwatch.tui.client import LocalClient
+
+from .helpers import eventually
+
+
+class SlowHandOver(LocalClient):
+    """A client whose first snapshot reaches the app only once the engine, going on in its own
+    thread, has ended runs after it: the hop back to the app's loop, long."""
+
+    async def connect(self, runs_limit: int = 500) -> Snapshot:
+        snap = await super().connect(runs_limit)
+        await eventually(lambda: self.engine.stats().finished_total >= snap.stats.finished_total + 3)
+        return snap
+
+
+async def test_runs_that_end_while_an_in_process_dashboard_connects_are_shown_ended() -> None:
+    engine = Engine(node_id="busy", health_interval=None)
+
+    @engine.periodic(every=0.02, name="tick")
+    async def tick(ctx: TaskContext) -> None:
+        await asyncio.sleep(0.01)
+
+    bg = engine.start_background()
+    try:
+        app = TaskwatchApp(SlowHandOver(engine), refresh_hz=30.0, overview_interval=0.2, cursor_blink=False)
+        async with app.run_test(size=(160, 40)):
+            await eventually(lambda: app.state.node_id == "busy")
+
+            def stuck() -> list[str]:
+                # runs the engine has ended that the dashboard shows unended
+                return [
+                    f"{run_id}: shown {view.status.value}, ended {truth.status.value}"
+                    for run_id, view in list(app.state.runs.items())
+                    if (truth := engine.get(run_id)).status.finished and view.status is not truth.status
+                ]
+
+            bg.call(lambda engine: engine.pause_periodic("tick"))
+            await eventually(lambda: engine.stats().running == 0)
+            try:
+                await eventually(lambda: not stuck(), timeout=5)
+            except AssertionError:
+                left = stuck()
+                assert not left, left
+    finally:
+        bg.stop(timeout=5)
