@@ -26,7 +26,7 @@ from taskwatch.engine import RemoteEngine, RunStatus, Snapshot
 from taskwatch.tui.app import TaskwatchApp
 from taskwatch.tui.remote_client import RemoteClient
 from taskwatch.tui.screens import SubmitScreen
-from taskwatch.widgets import LeaderBadge, ParamsForm, RunDetail, RunsTable, ScheduleTable
+from taskwatch.widgets import CountsBar, LeaderBadge, ParamsForm, RunDetail, RunsTable, ScheduleTable
 from textual.widgets import Select
 
 from .helpers import eventually, screen_shown
@@ -536,8 +536,12 @@ async def test_an_engine_that_stops_answering_is_shown_as_not_responding_until_i
     app = TaskwatchApp(RemoteClient(served.address), refresh_hz=30.0, overview_interval=0.2, unresponsive_after=0.5)
     async with app.run_test(size=SIZE) as pilot:
         await eventually(lambda: badge(app).state == "leader", timeout=TIMEOUT)
+        counts = app.main.query_one(CountsBar)
+        await eventually(lambda: counts.rate is not None, timeout=TIMEOUT)  # measured between overviews
         with frozen(served):
             await eventually(lambda: badge(app).state == "unresponsive", timeout=TIMEOUT)
+            # a hung engine finishes nothing: the rate last measured no longer stands for it
+            await eventually(lambda: counts.rate is None)
             waiting = [w for w in app.workers if w.group == "overview" and not w.is_finished]
             await eventually(lambda: (badge(app).silent_for or 0) >= 1, timeout=TIMEOUT)  # five ticks later
             assert [w for w in app.workers if w.group == "overview" and not w.is_finished] == waiting
@@ -547,6 +551,7 @@ async def test_an_engine_that_stops_answering_is_shown_as_not_responding_until_i
             assert "NOT RESPONDING for" in said and "hung" in said and "last seen leader, term 1" in said
             assert "● LEADER" not in said
             assert app.client.connected  # nothing closed: silence is all there is
+            assert counts.rate is None
         await eventually(lambda: badge(app).state == "leader", timeout=TIMEOUT)  # answered again
 
 

@@ -1024,8 +1024,9 @@ class TaskwatchApp(PlainApp):
             self.view_paused,
             log.buffered,
             totals=self.state.totals(),
-            # measured over the overviews: none come while disconnected, so no rate is known
-            rate=self.state.finish_rate() if self.client.connected else None,
+            # measured over the overviews: none come while disconnected or unanswered, so no
+            # rate is known (the last one measured would stand for a hung engine's)
+            rate=self.state.finish_rate() if self.client.connected and self.unresponsive_for() is None else None,
         )
 
     @while_dashboard_alive
