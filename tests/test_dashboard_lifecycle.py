@@ -2,7 +2,9 @@
 
 - runs that end while an in-process dashboard connects (the engine busy in its own thread) are
   shown ended: the events that arrived before the first snapshot was loaded were applied to
-  an empty model and then thrown away with it, and such a run showed running for good.
+  an empty model and then thrown away with it, and such a run showed running for good;
+- an in-process engine that stopped shows its queues and periodic tasks as they ended, not as
+  the last overview before the stop left them.
 """
 
 from __future__ import annotations
@@ -56,3 +58,39 @@ async def test_runs_that_end_while_an_in_process_dashboard_connects_are_shown_en
                 assert not left, left
     finally:
         bg.stop(timeout=5)
+
+
+async def test_an_in_process_engine_that_stopped_shows_its_queues_and_schedule_as_they_ended() -> None:
+    # the last overview before the stop stayed on the Scheduler tab: a queue still "in flight",
+    # hundreds of jobs waiting, under a header saying STOPPED
+    engine = Engine(node_id="ends", health_interval=None)
+
+    @engine.periodic(every=3600, name="hourly")
+    async def hourly(ctx: TaskContext) -> None:
+        await asyncio.Event().wait()  # its first run, at the start, still runs at the stop
+
+    async def handle(job: int) -> None:
+        await asyncio.Event().wait()
+
+    jobs = engine.queue("jobs", handle, concurrency=2, maxsize=1000)
+    bg = engine.start_background()
+    stopped = False
+    try:
+        app = TaskwatchApp(LocalClient(engine), refresh_hz=30.0, overview_interval=0.2, cursor_blink=False)
+        async with app.run_test(size=(160, 40)):
+            await eventually(lambda: app.state.node_id == "ends")
+            for i in range(50):
+                jobs.put_nowait(i)
+            await eventually(
+                lambda: [(q.depth, q.in_flight) for q in app.state.queues] == [(48, 2)]
+                and [p.running_status for p in app.state.schedule] == ["running"]
+            )
+            await asyncio.to_thread(bg.stop, timeout=0.1)
+            stopped = True
+            (ended,) = engine.queues()
+            assert (ended.depth, ended.in_flight, ended.abandoned) == (0, 0, 50)
+            await eventually(lambda: [(q.depth, q.in_flight, q.abandoned) for q in app.state.queues] == [(0, 0, 50)])
+            assert [p.running_status for p in app.state.schedule] == [p.running_status for p in engine.schedule()] == [None]
+    finally:
+        if not stopped:
+            bg.stop(timeout=5)

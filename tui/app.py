@@ -460,6 +460,8 @@ class TaskwatchApp(PlainApp):
         self.clock = clock
         self._resyncing = False
         self._connected_once = False
+        #: the overview of the in-process engine as it stopped is shown (see refresh_overview)
+        self._stopped_overview_shown = False
         #: redraws done, and events drained, since start (for tests and the load bench)
         self.frames = 0
         self.events_seen = 0
@@ -633,6 +635,7 @@ class TaskwatchApp(PlainApp):
             self._reset_runs_table()
         # also after a first connect that failed: lets the overview refresh start
         self._connected_once = True
+        self._stopped_overview_shown = False
 
     def _kept_runs(self) -> set[str]:
         """The runs the user chose (the one the cursor holds, the marked ones): the model
@@ -682,6 +685,15 @@ class TaskwatchApp(PlainApp):
     @work(group="overview")
     async def refresh_overview(self) -> None:
         if not self.client.connected or not self._connected_once:
+            if self._connected_once and not self._stopped_overview_shown:
+                # an in-process engine that stopped: its queues, schedule and workers shown as they
+                # ended, not as the last overview before the stop left them (a queue "in flight")
+                ended = self.client.stopped_overview()
+                if ended is not None:
+                    self._stopped_overview_shown = True
+                    self.state.apply_overview(ended)
+                    if not self.view_paused:
+                        self.refresh_tables()
             self._update_header()
             return
         sent = self._overview_sent = time.monotonic()

@@ -148,6 +148,11 @@ class DashboardClient(ABC):
     def pending_events(self) -> int:
         return len(self._events)
 
+    def stopped_overview(self) -> Snapshot | None:
+        """The overview of an engine that has stopped for good, as it ended (None: none to be had;
+        a remote engine's is gone with its connection)."""
+        return None
+
 
 class LocalClient(DashboardClient):
     """Watches an :class:`Engine` in this process, on whichever loop runs it."""
@@ -168,6 +173,10 @@ class LocalClient(DashboardClient):
     @property
     def connected(self) -> bool:
         return self.engine.state in ("running", "stopping")
+
+    def stopped_overview(self) -> Snapshot | None:
+        # a stopped engine still answers its reads from its records (its loop may be gone)
+        return self.engine.snapshot(runs_limit=0) if self.engine.state == "stopped" else None
 
     def _engine_loop(self) -> asyncio.AbstractEventLoop | None:
         loop = self.engine.loop
