@@ -4,12 +4,14 @@
   shown ended: the events that arrived before the first snapshot was loaded were applied to
   an empty model and then thrown away with it, and such a run showed running for good;
 - an in-process engine that stopped shows its queues and periodic tasks as they ended, not as
-  the last overview before the stop left them.
+  the last overview before the stop left them; started again, it is shown as its new start
+  (incarnation, runs read back) rather than as the first one.
 """
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from taskwatch.engine import Engine, Snapshot, TaskContext
 from taskwatch.tui.app import TaskwatchApp
@@ -94,3 +96,30 @@ async def test_an_in_process_engine_that_stopped_shows_its_queues_and_schedule_a
     finally:
         if not stopped:
             bg.stop(timeout=5)
+
+
+async def test_an_in_process_engine_started_again_is_shown_with_its_new_incarnation(tmp_path: Path) -> None:
+    engine = Engine(node_id="again", store=f"sqlite:///{tmp_path / 'runs.db'}", health_interval=None)
+
+    @engine.task
+    async def slow(ctx: TaskContext) -> None:
+        await asyncio.Event().wait()
+
+    bg = engine.start_background()
+    try:
+        app = TaskwatchApp(LocalClient(engine), refresh_hz=30.0, overview_interval=0.2, cursor_blink=False)
+        async with app.run_test(size=(160, 40)):
+            await eventually(lambda: app.state.node_id == "again")
+            first = engine.incarnation
+            assert app.state.incarnation == first
+            run_id = bg.submit("slow").id
+            await eventually(lambda: app.state.runs.get(run_id) is not None and app.state.runs[run_id].status.value == "running")
+            await asyncio.to_thread(bg.stop, timeout=0.1)
+            await eventually(lambda: app.state.engine_state == "stopped")
+            bg = await asyncio.to_thread(engine.start_background)
+            assert engine.incarnation != first
+            # the header's incarnation, and the run its store read back, are the new start's
+            await eventually(lambda: app.state.incarnation == engine.incarnation)
+            await eventually(lambda: app.state.runs[run_id].status is engine.get(run_id).status)
+    finally:
+        bg.stop(timeout=5)

@@ -725,10 +725,15 @@ class TaskwatchApp(PlainApp):
             full = True
         if events:
             self.events_seen += len(events)
+            was = self.state.engine_state
             self.state.apply(events, keep=self._kept_runs())
             first_seen = self.state.take_partial()
             if first_seen:
                 self._fill(first_seen)
+            if was == "stopped" and self.state.engine_state == "running":
+                # the in-process engine started again (a remote one is reconnected to, and
+                # reloaded then): a new incarnation, with runs its store read back as new
+                self.resync()
         if self.client.dropped != self._client_dropped:
             # our own buffer overflowed: what we hold is incomplete, reload it
             self._client_dropped = self.client.dropped
