@@ -5,7 +5,9 @@
   an empty model and then thrown away with it, and such a run showed running for good;
 - an in-process engine that stopped shows its queues and periodic tasks as they ended, not as
   the last overview before the stop left them; started again, it is shown as its new start
-  (incarnation, runs read back) rather than as the first one.
+  (incarnation, runs read back) rather than as the first one;
+- a memory store's engine that stopped ended every run it had: a dashboard that lost their
+  cancel events (an attached one's buffer overflowing at the stop's burst) shows them ended.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from taskwatch.engine import Engine, Snapshot, TaskContext
+from taskwatch.engine import Engine, RunStatus, Snapshot, TaskContext
 from taskwatch.tui.app import TaskwatchApp
 from taskwatch.tui.client import LocalClient
+from taskwatch.tui.state import DashboardState
 
 from .helpers import eventually
 
@@ -123,3 +126,39 @@ async def test_an_in_process_engine_started_again_is_shown_with_its_new_incarnat
             await eventually(lambda: app.state.runs[run_id].status is engine.get(run_id).status)
     finally:
         bg.stop(timeout=5)
+
+
+async def test_a_memory_engines_stop_ends_the_runs_whose_cancel_events_a_dashboard_lost() -> None:
+    # an attached dashboard's connection buffer overflows at the stop's burst of run.cancelled
+    # events, and a stopped engine gives no snapshot to reload from: its pending and running
+    # runs stayed pending and running under STOPPED
+    engine = Engine(node_id="burst", health_interval=None, max_concurrency=2, cancel_grace=0.05)
+
+    @engine.task
+    async def slow(ctx: TaskContext) -> None:
+        await asyncio.Event().wait()
+
+    state = DashboardState()
+    await engine.start()
+    try:
+        sub = engine.bus.subscribe(maxsize=10_000)
+        ids = [(await engine.submit("slow")).id for _ in range(6)]
+        await eventually(lambda: engine.stats().running == 2)
+        state.load(engine.snapshot())
+        sub.get_batch()  # (what the snapshot holds)
+    finally:
+        await engine.stop(timeout=0)
+    events = sub.get_batch()
+    assert [e.kind for e in events].count("run.cancelled") == 6 and events[-1].kind == "engine.stopped"
+    # the stop's events but its cancellations, as a dashboard that lost them gets them
+    state.apply([e for e in events if e.kind != "run.cancelled"])
+    shown = {run_id: state.record(run_id) for run_id in ids}
+    assert {(r.status, r.cancel_reason) for r in shown.values() if r is not None} == {(RunStatus.CANCELLED, "shutdown")}
+    assert len([r for r in shown.values() if r is not None]) == 6
+    assert (state.by_status["pending"], state.by_status["running"], state.by_status["cancelled"]) == (0, 0, 6)
+    totals = state.totals()
+    assert totals is not None and totals["cancelled"] == 6
+    # the same, with every event: each run is counted once
+    whole = DashboardState()
+    whole.load(engine.snapshot())
+    assert (whole.by_status["pending"], whole.by_status["running"], whole.by_status["cancelled"]) == (0, 0, 6)

@@ -212,6 +212,31 @@ class DashboardState:
             self.engine_state = {"engine.stopping": "stopping", "engine.stopped": "stopped"}.get(kind, "running")
             if kind == "engine.started":
                 self.started_at = event.ts
+            elif kind == "engine.stopped" and self.store == "memory":
+                self._ended_by_stop(event.ts)
+
+    def _ended_by_stop(self, ts: float) -> None:
+        """A memory store's engine has stopped: every run of it not finished ended cancelled
+        (shutdown), each with an event before this one. A run still pending or running here
+        lost its event (a connection's buffer overflowing at the stop's burst, with no snapshot
+        to be had from a stopped engine): it is shown as the engine ended it, not as waiting for
+        good, and so are the counts."""
+        for run in self.runs.values():
+            if not run.status.finished:
+                if run.status is RunStatus.RUNNING:
+                    run.end_attempt(run.attempt, ts, "cancelled", note="reason: shutdown")
+                run.status = RunStatus.CANCELLED
+                run.cancel_reason = "shutdown"
+                run.finished_at = ts
+                run.cached = None
+                self.dirty.add(run.id)
+        counts = self.by_status
+        left = counts.get("pending", 0) + counts.get("running", 0)
+        if left:
+            counts["pending"] = counts["running"] = 0
+            counts["cancelled"] = counts.get("cancelled", 0) + left
+            if self.finished_totals is not None:
+                self.finished_totals["cancelled"] = self.finished_totals.get("cancelled", 0) + left
 
     def _apply_run(self, kind: str, e: Any) -> None:
         self.task_stats.on_event(kind, e)
