@@ -496,47 +496,6 @@ def test_displaying_an_engine_whose_loop_is_blocked_says_so_instead_of_failing(
 
 BLOCKED_AT_EXIT = textwrap.dedent(
     """
-    import threading, time
-    from taskwatch.engine import Engine
-
-    engine = Engine(health_interval=None, cancel_grace=0.2)
-    entered = threading.Event()
-
-    @engine.task
-    async def hog(ctx) -> None:
-        entered.set()
-        time.sleep(30)  # blocking code in a task: the engine's loop is held
-
-    bg = engine.start_background(stop_timeout=0.1)
-    bg.submit("hog")
-    assert entered.wait(10)
-    print("exiting", flush=True)
-    """
-)
-
-
-def test_the_interpreter_exit_does_not_wait_out_a_loop_a_task_blocks() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", BLOCKED_AT_EXIT], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "exiting\n"
-        exiting = time.monotonic()
-        _, err = proc.communicate(timeout=30)
-        took = time.monotonic() - exiting
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    # its drain (0.1 s) + its cancel_grace (0.2 s) + EXIT_SLACK (1 s), not the minute-long budget of
-    # a stop() (here 11.7 s), and the exit says why it did not wait for the engine
-    assert took < 1.3 + 3, took
-    assert proc.returncode == 0, err
-    assert "The process exits without it" in err, err
-
-
-WAITING_AT_EXIT = textwrap.dedent(
-    """
     import asyncio, threading, time
     from taskwatch.engine import Engine
 
@@ -569,21 +528,26 @@ WAITING_AT_EXIT = textwrap.dedent(
 )
 
 
-def test_the_interpreter_exit_answers_a_thread_still_waiting_on_a_blocked_loop() -> None:
-    # the exit went on without the loop, but Python joins non-daemon threads before the process
-    # ends: the request thread waited for as long as the loop stayed blocked (here ten minutes)
+def test_the_interpreter_exit_does_not_wait_out_a_loop_a_task_blocks() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-c", WAITING_AT_EXIT], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", BLOCKED_AT_EXIT], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline() == "exiting\n"
+        exiting = time.monotonic()
         out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - exiting
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+    # its drain (0.1 s) + its cancel_grace (0.2 s) + EXIT_SLACK (1 s), not the minute-long budget of
+    # a stop() (here 11.7 s), and the exit says why it did not wait for the engine
+    assert took < 1.3 + 3, took
     assert proc.returncode == 0, err
     assert "The process exits without it" in err, err
+    # nor for the request thread waiting on it: Python joins non-daemon threads before the process
+    # ends, and that one waited for as long as the loop stayed blocked (here ten minutes)
     assert out.startswith("request: EngineNotRunning the interpreter is exiting"), out
     assert "this call was given up without an answer" in out, out
 
