@@ -1136,9 +1136,15 @@ class Engine:
         except (StoreError, TimeoutError) as exc:
             log.debug("node %s stops without knowing whether another node takes up its pending runs: %s", self.node_id, exc)
             return
-        live_since = self._store.clock() - self._store.node_ttl
-        if any(n.incarnation != self.incarnation and n.stopped_at is None and n.last_heartbeat >= live_since for n in nodes):
+        # judged as recovery judges them: right after an outage no node could heartbeat, so a
+        # silence then proves no node gone (and a node id's earlier incarnation is)
+        store = self._store
+        gone = gone_incarnations(nodes, store.clock(), store.node_ttl, answering_since=store.answering_since())
+        others = sorted({n.node for n in nodes if n.incarnation != self.incarnation and n.incarnation not in gone})
+        if others:
+            log.debug("node %s stops beside live node(s) %s: waits on its pending runs go on", self.node_id, ", ".join(others))
             return
+        log.debug("node %s stops alone on its store: waits on its pending runs are answered now", self.node_id)
         self._pending_kept = True
         self._run.pending_kept()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -497,3 +498,47 @@ async def test_a_stop_on_a_network_that_drops_every_packet_ends_and_its_runs_com
         assert sorted(started) == [1, 1, 2, 2]
         for handle in handles:
             await again.cancel(handle.id)
+
+
+# ---------------------------------------------------------------- a stop just after an outage
+
+
+async def test_a_stop_right_after_an_outage_still_counts_the_other_nodes_alive(
+    postgres_server: PostgresServer, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # no node could heartbeat during the outage: a stop judging the others by their last heartbeat
+    # alone took a live node for gone and answered the waits on its pending runs at once (kept),
+    # while that node would run them (recovery's own judgment waits node_ttl of an answering store)
+    ttl = 1.0
+
+    def node(url: str, name: str) -> Engine:
+        engine = Engine(
+            store=f"{url}?lease_ttl={ttl}&node_ttl={ttl}&reconnect_timeout=60", node_id=name, health_interval=None
+        )
+
+        @engine.task(name="t")
+        async def t(ctx: TaskContext) -> None: ...
+
+        return engine
+
+    async with CuttingProxy(postgres_server.port) as pa, CuttingProxy(postgres_server.port) as pb:
+        a, b = node(pa.url(postgres_url), "A"), node(pb.url(postgres_url), "B")
+        await a.start()
+        await b.start()
+        try:
+            pa.refuse()
+            pb.refuse()
+            cut = time.monotonic()
+            # an outage longer than node_ttl: every heartbeat in the table is stale when it ends
+            await eventually(lambda: time.monotonic() - cut > 2.5 * ttl, timeout=TIMEOUT)
+            pa.accept()  # A answers again, B not yet
+            await eventually(lambda: a.store.unreachable_since is None, timeout=TIMEOUT)
+            with caplog.at_level(logging.DEBUG, logger="taskwatch.engine"):
+                await a.stop(timeout=1.0)
+            told = [r.getMessage() for r in caplog.records if "waits on its pending runs" in r.getMessage()]
+            assert told == ["node A stops beside live node(s) B: waits on its pending runs go on"]
+        finally:
+            pa.accept()
+            pb.accept()
+            await a.stop()
+            await b.stop()

@@ -269,6 +269,13 @@ class Store(ABC):
         or None while the last one got through. A store on a server says so; others never do."""
         return None
 
+    def answering_since(self) -> float | None:
+        """When (by :attr:`clock`) the store last began to answer this node again after an outage,
+        or None when no outage is known: until every node has had ``node_ttl`` of an answering
+        store to heartbeat, silence proves no node gone (see :func:`gone_incarnations`). A store
+        on a server says so; others never do."""
+        return None
+
     def give_up_after(self, deadline: float | None) -> None:
         """From now on, stop retrying an unreachable store at ``deadline`` (``time.monotonic()``).
 

@@ -1363,7 +1363,7 @@ class PostgresStore(Store):
         live = None if live_incarnations is None else frozenset(live_incarnations)
         return await self._run(self._recover, live)  # type: ignore[no-any-return]
 
-    def _answering_since(self) -> float | None:
+    def answering_since(self) -> float | None:
         """When the database began to answer this node again after its last outage (by
         :attr:`clock`), for :func:`gone_incarnations`: now, while an operation that got through
         has yet to end the outage (it is the first)."""
@@ -1374,7 +1374,7 @@ class PostgresStore(Store):
         # others by what they could have done since, and re-queues at the time it does it
         now = self.clock()
         nodes = (node_info(r) for r in await tx.fetch(Q.ALL_NODES, {}))
-        gone = gone_incarnations(nodes, now, self.node_ttl, answering_since=self._answering_since())
+        gone = gone_incarnations(nodes, now, self.node_ttl, answering_since=self.answering_since())
         out: list[Recovered] = []
         # every running claim is read without a lock (heartbeats and finishes of healthy
         # claims never wait for a recovery); the lost ones are then locked and judged again
@@ -1542,7 +1542,7 @@ class PostgresStore(Store):
     ) -> dict[str, TriggerKeyRecord]:
         holders = [h for (h,) in await tx.fetch(Q.TRIGGER_HOLDERS, {"trigger": trigger})]
         nodes = [node_info(r) for r in await tx.fetch(Q.ALL_NODES, {})]
-        gone = gone_incarnations(nodes, self.clock(), self.node_ttl, answering_since=self._answering_since())
+        gone = gone_incarnations(nodes, self.clock(), self.node_ttl, answering_since=self.answering_since())
         known = {n.incarnation for n in nodes}
         taking = trigger_holders_taken(holders, incarnation, own, known, gone)
         before: list[tuple[str, TriggerKeyRecord]] = []
@@ -1633,7 +1633,7 @@ class PostgresStore(Store):
 
     async def _adopt_jobs(self, tx: _Tx, queue: str, incarnation: str, own: bool, nonce: str) -> list[StoredJob]:
         nodes = [node_info(r) for r in await tx.fetch(Q.ALL_NODES, {})]
-        gone = gone_incarnations(nodes, self.clock(), self.node_ttl, answering_since=self._answering_since())
+        gone = gone_incarnations(nodes, self.clock(), self.node_ttl, answering_since=self.answering_since())
         known = {n.incarnation for n in nodes}
         out: list[StoredJob] = []
         # rows another node is adopting right now are locked and skipped: each job has one taker
