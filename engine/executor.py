@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from .hop import spawn
 from .logs import OutageLog
 from .runs import CancelReason, Progress
-from .errors import StoreBusy, StoreGaveUp, StoreUnavailable
+from .errors import DuplicateRunId, StoreBusy, StoreGaveUp, StoreUnavailable
 from .store import Claim, Inserted, MemoryStore, NewRun, Recovered, Store
 
 log = logging.getLogger("taskwatch.executor")
@@ -310,6 +310,15 @@ class Executor:
                 self._unwritten[:0] = batch
                 self._queued_log.failed(inserted, "the runs stay queued here until it answers")
                 return
+            if isinstance(inserted, DuplicateRunId) and len(batch) > 1:
+                # one run's id is a stored run's already (a run_id_factory's, used before): that run
+                # is refused alone, and the rest of the batch, which the refusal left unwritten,
+                # goes in the next one rather than failing with it
+                refused = [r for r in batch if r.id == inserted.run_id]
+                if refused:
+                    self._unwritten[:0] = [r for r in batch if r.id != inserted.run_id]
+                    self._inserted(refused, inserted)
+                    continue
             if not isinstance(inserted, BaseException):
                 self._queued_log.succeeded()
             self._inserted(batch, inserted)

@@ -97,6 +97,37 @@ async def test_an_id_of_your_own_used_twice_refuses_the_second_and_leaves_the_fi
     assert (stats.submitted_total, stats.failed_total) == (2, 0)
 
 
+async def test_an_id_used_by_a_run_only_the_store_still_holds_fails_that_run_alone(tmp_path: Path) -> None:
+    # (history=2: the engine's memory let the first session's runs go) submit_nowait's batch
+    # write was refused as a whole for that one id, failing every run written with it
+    ids = iter(["order-1", "order-2", "order-3", "order-1", *(f"new-{i}" for i in range(20))])
+    store = _store("sqlite", tmp_path)
+
+    def engine() -> Engine:
+        built = Engine(store=store, run_id_factory=lambda: next(ids), health_interval=None, history=2)
+
+        @built.task
+        async def work(ctx: TaskContext) -> str:
+            return ctx.run_id
+
+        return built
+
+    async with engine() as first:
+        for _ in range(3):
+            await (await first.submit("work")).wait(TIMEOUT)
+    async with engine() as second:
+        handles = [second.submit_nowait("work") for _ in range(21)]
+        records = [await h.wait(TIMEOUT) for h in handles]
+        stored = await second.query_runs(limit=100)
+    refused, *written = records
+    assert refused.id == "order-1" and refused.status is RunStatus.FAILED
+    assert refused.error is not None and refused.error.type == "DuplicateRunId"
+    assert [(r.id, r.status) for r in written] == [(f"new-{i}", RunStatus.SUCCEEDED) for i in range(20)]
+    # the stored run under that id is left as it was
+    assert {r.id: r.status for r in stored.runs}["order-1"] is RunStatus.SUCCEEDED
+    assert len(stored.runs) == 23
+
+
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
 async def test_a_batch_bigger_than_the_room_left_says_how_much_room_there_is(kind: str, tmp_path: Path) -> None:
     engine = Engine(store=_store(kind, tmp_path), max_queue=10, max_concurrency=1, health_interval=None)
