@@ -880,8 +880,9 @@ class SchemaTooNew(StoreError):
         self.supported = supported
         super().__init__(
             f"the run store {where} has schema version {found}, but this taskwatch only knows "
-            f"versions up to {supported}; upgrade taskwatch (pip install -U taskwatch) on every "
-            "node that opens it. Nothing was changed"
+            f"versions up to {supported}; install the newer taskwatch that wrote it (from its source: "
+            "`pip install /path/to/taskwatch`; `pip install taskwatch` fetches another project of that name) "
+            "on every node that opens it. Nothing was changed"
         )
 
 

@@ -164,7 +164,7 @@ async def test_a_newer_schema_is_refused_with_a_clear_error(tmp_path: Path) -> N
             (SCHEMA_VERSION + 1,),
         )
     before = set(_store_threads())
-    with pytest.raises(SchemaTooNew, match="upgrade taskwatch") as info:
+    with pytest.raises(SchemaTooNew, match=r"install the newer taskwatch that wrote it \(from its source: `pip install /path/to/taskwatch`") as info:
         await SqliteStore(path).open()
     assert (info.value.found, info.value.supported) == (SCHEMA_VERSION + 1, SCHEMA_VERSION)
     assert set(_store_threads()) == before
