@@ -886,6 +886,26 @@ class SchemaTooNew(StoreError):
         )
 
 
+class SchemaInUse(StoreError):
+    """The store would be migrated to this taskwatch's schema under nodes of an earlier one that
+    still run on it (``nodes``: their node ids): their writes would fail from then on, and what
+    they counted would be lost. Nothing was changed."""
+
+    def __init__(self, where: str, found: int, supported: int, nodes: list[str], node_ttl: float) -> None:
+        self.where = where
+        self.found = found
+        self.supported = supported
+        self.nodes = nodes
+        super().__init__(
+            f"the run store {where} has schema version {found}, which this taskwatch would migrate to "
+            f"{supported}, but node(s) {', '.join(nodes)} of an earlier taskwatch still run on it (a "
+            f"heartbeat less than node_ttl={node_ttl:g} s ago): migrated under them, their writes would "
+            "fail and what they counted would be lost. Stop every node of the earlier version first (a "
+            "crashed one counts as gone node_ttl after its last heartbeat), then start this one. Nothing "
+            "was changed"
+        )
+
+
 class NotATaskwatchStore(StoreError):
     """The store's file (or PostgreSQL schema) already holds another application's tables:
     taskwatch refuses it whole. ``advice``: where to put taskwatch instead (default: SQLite's)."""

@@ -120,7 +120,8 @@ def schema_script(versions: int) -> list[str]:
     script = [Q.CREATE_MIGRATIONS]
     for version, name, statements in Q.MIGRATIONS[:versions]:
         script += [Q.postgres_ddl(sql) for sql in statements]
-        script.append(f"INSERT INTO schema_migrations VALUES ({version}, '{name}', 0)")
+        quoted = name.replace("'", "''")  # (the names are text: "the server's time of ...")
+        script.append(f"INSERT INTO schema_migrations VALUES ({version}, '{quoted}', 0)")
     return script
 
 

@@ -21,10 +21,12 @@ from typing import Any
 import asyncpg
 import pytest
 from taskwatch.engine import ClusterObserver, Engine, PostgresEventRelay, PostgresLease, TaskContext
-from taskwatch.engine.errors import InvalidConfiguration, NotATaskwatchStore
+from taskwatch.engine.errors import InvalidConfiguration, NotATaskwatchStore, SchemaInUse
 from taskwatch.engine.store import NewRun, PostgresStore, make_store
+from taskwatch.engine.store.queries import SCHEMA_VERSION
 
 from .helpers import eventually
+from .postgres_server import PostgresServer, schema_script
 
 TIMEOUT = 30.0
 
@@ -245,3 +247,27 @@ def test_the_schema_is_given_in_one_place_and_kept_in_the_stores_url() -> None:
     assert s.url == "postgresql://app:secret@db/app?application_name=x&schema=tw"
     assert PostgresStore("postgresql://db/app", schema="tw").url == "postgresql://db/app?schema=tw"
     assert PostgresStore("postgresql://db/app").schema is None  # the connection's default, as ever
+
+
+async def test_a_database_an_earlier_taskwatch_still_runs_on_is_not_migrated_under_it(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    # a rolling upgrade: migrated under the earlier version's live node, its writes failed from then
+    # on (its trigger counts, and a newer node's saved ones, were lost) and nothing said so
+    older = SCHEMA_VERSION - 1
+    db = postgres_url.rsplit("/", 1)[1]
+    postgres_server.sql(";\n".join(schema_script(older)), db)
+    postgres_server.sql(
+        "INSERT INTO nodes (incarnation, node, version, started_at, last_heartbeat, running, registered_seq) "
+        "VALUES ('i1', 'web-1', '0.1.0', EXTRACT(EPOCH FROM now()) - 60, EXTRACT(EPOCH FROM now()) - 1, 0, 1)",
+        db,
+    )
+    with pytest.raises(SchemaInUse, match=r"node\(s\) web-1 of an earlier taskwatch still run on it") as refused:
+        await PostgresStore(postgres_url, node_ttl=30).open()
+    assert (refused.value.found, refused.value.nodes) == (older, ["web-1"])
+    assert postgres_server.sql("SELECT MAX(version) FROM schema_migrations", db) == str(older)
+    # once it stopped, the database is migrated
+    postgres_server.sql("UPDATE nodes SET stopped_at = EXTRACT(EPOCH FROM now())", db)
+    async with PostgresStore(postgres_url, node_ttl=30):
+        pass
+    assert postgres_server.sql("SELECT MAX(version) FROM schema_migrations", db) == str(SCHEMA_VERSION)

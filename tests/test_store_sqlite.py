@@ -4,6 +4,7 @@ two processes on one file claim each run once, schema versions, threads, group c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -11,13 +12,14 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from taskwatch.engine.errors import NotATaskwatchStore, QueueFull, StoreUnavailable
 from taskwatch.engine.runs import RunStatus
-from taskwatch.engine.store import NewRun, SchemaTooNew, SqliteStore, StoreClosed, Succeeded, make_store
+from taskwatch.engine.store import NewRun, SchemaInUse, SchemaTooNew, SqliteStore, StoreClosed, Succeeded, make_store
 from taskwatch.engine.store.queries import SCHEMA_VERSION
 
 INSERTER = r"""
@@ -190,6 +192,45 @@ async def test_a_file_of_an_older_schema_is_migrated_and_keeps_its_runs(tmp_path
         indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert versions == list(range(1, SCHEMA_VERSION + 1))
     assert "runs_status" not in indexes and {"runs_pending", "runs_running", "runs_finished"} <= indexes
+
+
+async def test_a_file_an_earlier_taskwatch_still_runs_on_is_not_migrated_under_it(tmp_path: Path) -> None:
+    # migrated under a live node of the earlier version, that node's writes failed from then on and
+    # what it counted (trigger counts) was lost; nothing said so
+    from taskwatch.engine.store import queries as Q
+
+    path = tmp_path / "runs.db"
+    older = SCHEMA_VERSION - 1
+    with sqlite3.connect(path) as conn:  # a file the previous version made, two of its nodes on it
+        conn.execute(Q.CREATE_MIGRATIONS)
+        for version, name, statements in Q.MIGRATIONS[:older]:
+            for sql in statements:
+                conn.execute(sql)
+            conn.execute(Q.RECORD_MIGRATION, {"version": version, "name": name, "now": 0.0})
+        now = time.time()
+        for seq, (node, beat, stopped) in enumerate([("web-1", now - 1.0, None), ("web-2", now - 2.0, now - 1.0)], 1):
+            conn.execute(
+                "INSERT INTO nodes (incarnation, node, version, started_at, last_heartbeat, running, stopped_at, "
+                "registered_seq) VALUES (?, ?, '0.1.0', ?, ?, 0, ?, ?)",
+                (f"i{seq}", node, now - 60, beat, stopped, seq),
+            )
+    def dump() -> list[str]:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            return list(conn.iterdump())
+
+    before = dump()
+    with pytest.raises(SchemaInUse, match=r"node\(s\) web-1 of an earlier taskwatch still run on it") as refused:
+        await SqliteStore(path, node_ttl=30).open()
+    assert (refused.value.found, refused.value.supported, refused.value.nodes) == (older, SCHEMA_VERSION, ["web-1"])
+    assert "Nothing was changed" in str(refused.value)
+    assert dump() == before
+    # stopped, or silent for node_ttl (crashed): the file is migrated
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE nodes SET stopped_at = ? WHERE node = 'web-1'", (time.time(),))
+    async with SqliteStore(path, node_ttl=30):
+        pass
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0] == SCHEMA_VERSION
 
 
 async def test_a_version_2_file_gains_node_load_and_events_and_keeps_its_data(tmp_path: Path) -> None:

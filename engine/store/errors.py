@@ -3,6 +3,7 @@
 from ..errors import (
     DuplicateRunId,
     NotATaskwatchStore,
+    SchemaInUse,
     SchemaTooNew,
     StoreBusy,
     StoreClosed,
@@ -16,6 +17,7 @@ from ..errors import (
 __all__ = [
     "DuplicateRunId",
     "NotATaskwatchStore",
+    "SchemaInUse",
     "SchemaTooNew",
     "StoreBusy",
     "StoreClosed",

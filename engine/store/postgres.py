@@ -42,6 +42,7 @@ from ..errors import (
     NotATaskwatchStore,
     QueueFull,
     RunNotFound,
+    SchemaInUse,
     SchemaTooNew,
     StoreClosed,
     StoreDriverMissing,
@@ -619,7 +620,7 @@ class PostgresStore(Store):
                 self._terminator = None
 
     async def _migrate(self, conn: asyncpg.Connection) -> None:
-        await migrate(conn, self._where, self.schema)
+        await migrate(conn, self._where, self.schema, node_ttl=self.node_ttl, now=None if self._db_clock else self.clock())
 
     # ---------------------------------------------------------------- the database clock
 
@@ -1661,11 +1662,16 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """
 
 
-async def migrate(conn: asyncpg.Connection, where: str, schema: str | None = None) -> None:
+async def migrate(
+    conn: asyncpg.Connection, where: str, schema: str | None = None, *, node_ttl: float | None = None,
+    now: float | None = None,
+) -> None:
     """Bring the database on ``conn`` to this code's schema (once, however many nodes start
     together); :class:`SchemaTooNew` when a newer taskwatch wrote it, :class:`NotATaskwatchStore`
-    when its tables would clash with another application's. ``where`` names it; ``schema``: the
-    one ``conn``'s search_path names (created here if missing), None for the connection's default."""
+    when its tables would clash with another application's, :class:`SchemaInUse` when nodes of an
+    earlier taskwatch heartbeat on it (within ``node_ttl``; None: not asked). ``where`` names it;
+    ``schema``: the one ``conn``'s search_path names (created here if missing), None for the
+    connection's default. ``now``: the heartbeats' clock (None: the database's)."""
     async with conn.transaction():
         await conn.execute(Q.PG_MIGRATION_LOCK)
         await claim_schema(conn, schema, where, TASKWATCH_OBJECTS)
@@ -1673,6 +1679,13 @@ async def migrate(conn: asyncpg.Connection, where: str, schema: str | None = Non
         found = await conn.fetchval(Q.SCHEMA_FOUND)
         if found > Q.SCHEMA_VERSION:
             raise SchemaTooNew(where, found, Q.SCHEMA_VERSION)
+        if node_ttl is not None and 0 < found < Q.SCHEMA_VERSION:
+            if now is None:
+                now = float(await conn.fetchval("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8"))
+            live = _q(Q.LIVE_NODES)
+            nodes = [r[0] for r in await conn.fetch(live.sql, *live.args({"since": now - node_ttl}))]
+            if nodes:
+                raise SchemaInUse(where, found, Q.SCHEMA_VERSION, nodes, node_ttl)
         for version, name, statements in Q.MIGRATIONS:
             if version <= found:
                 continue

@@ -411,6 +411,8 @@ SET node = excluded.node, version = excluded.version, last_heartbeat = excluded.
 NODE_COLUMNS = "node, incarnation, version, started_at, last_heartbeat, running, stopped_at, cpu_percent, rss_bytes"
 
 GET_NODE = f"SELECT {NODE_COLUMNS} FROM nodes WHERE incarnation = :incarnation"
+#: nodes that ran on the store a moment ago (a migration must not change the schema under them)
+LIVE_NODES = "SELECT DISTINCT node FROM nodes WHERE stopped_at IS NULL AND last_heartbeat >= :since ORDER BY node"
 
 ALL_NODES = f"SELECT {NODE_COLUMNS} FROM nodes ORDER BY registered_seq"
 

@@ -32,6 +32,7 @@ from ..errors import (
     NotATaskwatchStore,
     QueueFull,
     RunNotFound,
+    SchemaInUse,
     SchemaTooNew,
     StoreBusy,
     StoreClosed,
@@ -446,6 +447,11 @@ class SqliteStore(Store):
             found = cur.execute(Q.SCHEMA_FOUND).fetchone()[0]
             if found > Q.SCHEMA_VERSION:
                 raise SchemaTooNew(self._where, found, Q.SCHEMA_VERSION)
+            if 0 < found < Q.SCHEMA_VERSION:
+                # (under the write lock: no node of the earlier version heartbeats between this and the migration)
+                live = [n for (n,) in cur.execute(Q.LIVE_NODES, {"since": self.clock() - self.node_ttl}).fetchall()]
+                if live:
+                    raise SchemaInUse(self._where, found, Q.SCHEMA_VERSION, live, self.node_ttl)
             for version, name, statements in Q.MIGRATIONS:
                 if version <= found:
                     continue
