@@ -606,7 +606,9 @@ class BackgroundEngine:
         return self._thread
 
     def _on_loop_thread(self) -> bool:
-        return threading.get_ident() == self._thread.ident
+        # the thread itself, not its ident: once the loop's thread has ended, a new thread (a
+        # waiter on a handle of this facade, say) may be given the same ident
+        return threading.current_thread() is self._thread
 
     def _forked(self) -> bool:
         """Whether this process is a fork of the one the engine runs in: the loop and its thread

@@ -423,6 +423,34 @@ def hold_loop(bg: BackgroundEngine) -> threading.Event:
     return release
 
 
+def test_a_thread_given_the_ended_loop_threads_ident_is_not_taken_for_it() -> None:
+    # thread idents are reused once a thread has ended: a waiter on a stopped facade's handle
+    # that got its loop thread's ident was refused as if it ran on that loop (LoopThreadError)
+    bg = build_engine().start_background()
+    done = bg.submit("embed_batch", GOOD)
+    done.wait(timeout=10)
+    ended = bg.thread
+    bg.stop(timeout=5)
+    assert not ended.is_alive()
+    answers: list[Any] = []
+
+    def ask() -> None:
+        try:
+            answers.append((threading.get_ident(), done.wait(timeout=5).status, bg.get(done.id).status))
+        except Exception as exc:  # noqa: BLE001 - the answer under test
+            answers.append((threading.get_ident(), exc, None))
+
+    for _ in range(20):  # until one of them is given the ended thread's ident (Linux: the first)
+        worker = threading.Thread(target=ask)
+        worker.start()
+        worker.join(10)
+        if answers[-1][0] == ended.ident:
+            break
+    else:
+        pytest.skip("no thread was given the ended loop thread's ident here")
+    assert all(answer[1:] == (RunStatus.SUCCEEDED, RunStatus.SUCCEEDED) for answer in answers), answers
+
+
 def test_a_call_given_up_before_the_engines_loop_took_it_up_never_runs() -> None:
     bg = build_engine().start_background(call_timeout=0.2)
     try:

@@ -70,6 +70,7 @@ ERROR_ARGS: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
     "RunNotCancellable": (("r1", "succeeded"), {}),
     "RunNotFound": (("r1",), {}),
     "RunNotRetryable": (("r1", "running"), {}),
+    "SchemaInUse": (("'/tmp/x.db'", 7, 8, ["web-1", "web-2"], 30.0), {}),
     "SchemaTooNew": (("'/tmp/x.db'", 9, 3), {}),
     "StoppedBeforeDone": (("run r1", True), {"elsewhere": "n2"}),
     "StoreBusy": (("'/tmp/x.db'", 5000), {}),
