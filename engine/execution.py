@@ -1281,25 +1281,21 @@ class Execution:
         """A durable store's stop that nothing else will run this node's pending runs for (see
         ``Engine._keep_pending``): whoever waits on one hears now that it is kept for the next
         start, as at the stop's end."""
-        for run in self.index.pending():
-            waiters = run.waiters
-            if waiters:
-                run.waiters = None
-                for fut in waiters:
-                    if not fut.done():
-                        fut.set_exception(self.stopped_error(run))
+        self._tell_stopped(self.index.pending())
 
     def stopped_before_done(self) -> None:
         """The engine stopped: whoever waits on a run it leaves unfinished (pending in a
         durable store, for the next start) hears so instead of waiting on a future that
         nothing here will resolve (a restart reads the runs back as new objects)."""
-        for run in self.index.runs.values():
-            waiters = run.waiters
-            if waiters and self.left_undone(run):
-                run.waiters = None
-                for fut in waiters:
-                    if not fut.done():
-                        fut.set_exception(self.stopped_error(run))
+        self._tell_stopped(run for run in self.index.runs.values() if run.waiters and self.left_undone(run))
+
+    def _tell_stopped(self, runs: Iterable[Run]) -> None:
+        """Answer the waiters of ``runs`` with :meth:`stopped_error`."""
+        for run in runs:
+            waiters, run.waiters = run.waiters, None
+            for fut in waiters or ():
+                if not fut.done():
+                    fut.set_exception(self.stopped_error(run))
 
     def left_undone(self, run: Run) -> bool:
         """Whether nothing on this stopped engine will end ``run``. With the memory store a
