@@ -688,6 +688,8 @@ async def test_a_run_taken_up_from_another_node_and_pruned_unseen_is_let_go(tmp_
         await pruned_from_the_store(a, first)
         # b finds it gone at its next look at the store
         await eventually(lambda: info(b, "job").running_run_id is None)
+        # (a stops first: the two share the file, and a's claim could take b's run)
+        await a.stop()
         handle = await b.run_periodic("job")
         assert (await handle.wait(timeout=10)).status is RunStatus.SUCCEEDED
         assert ran == ["a", "b"]
