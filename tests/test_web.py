@@ -317,7 +317,11 @@ async def test_stopping_a_background_engine_ends_its_dashboard_sessions(http: ai
 async def test_a_killed_server_leaves_no_dashboard_running_and_the_next_removes_its_directory(
     http: aiohttp.ClientSession,
 ) -> None:
-    web = await start_web([])
+    # its own temporary directory: another test's server, starting meanwhile, would sweep the
+    # killed server's directory from the shared one before the assertion below could see it
+    parent = tempfile.mkdtemp(prefix="tw-")  # short: a socket path has a length limit
+    private = {"TMPDIR": parent}
+    web = await start_web([], env=private)
     sessions: list[int] = []
     try:
         async with http.ws_connect(web.ws_url, origin=web.origin) as ws:
@@ -336,16 +340,18 @@ async def test_a_killed_server_leaves_no_dashboard_running_and_the_next_removes_
         for pid in sessions:  # what a failure above left running
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    assert directory.parent == Path(parent)
     assert directory.is_dir()  # nothing could remove it then
-    second = await start_web([])
+    second = await start_web([], env=private)
     try:
         assert not directory.exists()  # the next server did, its own server being gone
-        (own,) = Path(tempfile.gettempdir()).glob(f"taskwatch-web-{second.proc.pid}-*")
-        remove_abandoned_directories()
+        (own,) = Path(parent).glob(f"taskwatch-web-{second.proc.pid}-*")
+        remove_abandoned_directories(parent)
         assert own.is_dir()  # a running server's is kept
     finally:
         stop(second.proc)
     assert not own.exists()
+    os.rmdir(parent)  # nothing else was left in it
 
 
 def test_only_a_directory_whose_server_is_gone_is_removed() -> None:
