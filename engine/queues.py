@@ -1219,6 +1219,9 @@ class WorkQueue:
             self.given_up += 1  # it runs on the node that took it (the store counts that handover)
             return
         kept.attempt += 1
+        # its cut is over: the next run of its handler ends as any other does (a failure counts as
+        # one), not as a cut again, which would run it again at once, and so on without end
+        kept.cut = False
         if kept.epoch == self._epoch and not self._lapsed:
             # the store said it is still this node's since: it runs again here
             with self._lock:

@@ -458,3 +458,39 @@ async def test_a_node_cut_off_from_postgres_stops_its_job_and_starts_none_anothe
     assert [i for n, i in handled if n == "a"] == [0], handled
     assert info.hold_lapses >= 1 and info.given_up == jobs and info.processed == 0
     assert attempts == {2}  # each handed over from A: B's handler is told it may have run before
+
+
+async def test_a_job_cut_by_a_lapse_and_run_again_here_fails_once_when_its_handler_then_fails(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    # alone on the store, the node gets its cut job back once the store answers, and runs it again:
+    # that run ends as any run does. Its failure used to count as the cut again, which ran the job
+    # again at once, and so on: tens of thousands of handler calls a second, for good
+    attempts: list[int] = []
+    cut = asyncio.Event()
+
+    async def handle(ctx: TaskContext, job: dict[str, int]) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            try:
+                await asyncio.Event().wait()  # until the lapse cuts it
+            except asyncio.CancelledError:
+                cut.set()
+                raise
+        raise ValueError("this job cannot be handled")
+
+    async with StallingProxy(postgres_server.port) as proxy:
+        async with _engine(proxy.url(postgres_url), "a", "q", handle) as (_, queue):
+            await queue.put({"i": 0})
+            await eventually(lambda: attempts == [1], TIMEOUT)
+            proxy.hold()
+            try:
+                async with asyncio.timeout(TIMEOUT):
+                    await cut.wait()
+            finally:
+                proxy.release()
+            await eventually(lambda: queue.info().failed == 1, TIMEOUT)
+            await queue.join()
+            info = queue.info()
+            assert attempts == [1, 2]
+            assert info.processed == 0 and info.given_up == 0 and info.depth == 0 and info.set_aside == 0, info
