@@ -4,7 +4,8 @@
   shown ended: the events that arrived before the first snapshot was loaded were applied to
   an empty model and then thrown away with it, and such a run showed running for good;
 - an in-process engine that stopped shows its queues and periodic tasks as they ended, not as
-  the last overview before the stop left them; started again, it is shown as its new start
+  the last overview before the stop left them (and with no rate: the last one measured said
+  nothing of a stopped queue); started again, it is shown as its new start
   (incarnation, runs read back) rather than as the first one;
 - a memory store's engine that stopped ended every run it had: a dashboard that lost their
   cancel events (an attached one's buffer overflowing at the stop's burst) shows them ended.
@@ -19,6 +20,7 @@ from taskwatch.engine import Engine, RunStatus, Snapshot, TaskContext
 from taskwatch.tui.app import TaskwatchApp
 from taskwatch.tui.client import LocalClient
 from taskwatch.tui.state import DashboardState
+from taskwatch.widgets import QueuesTable
 
 from .helpers import eventually
 
@@ -90,11 +92,15 @@ async def test_an_in_process_engine_that_stopped_shows_its_queues_and_schedule_a
                 lambda: [(q.depth, q.in_flight) for q in app.state.queues] == [(48, 2)]
                 and [p.running_status for p in app.state.schedule] == ["running"]
             )
+            table = app.main.query_one(QueuesTable)
+            await eventually(lambda: str(table.get_cell("jobs", "rate")) == "0.0/s")  # measured: none done
             await asyncio.to_thread(bg.stop, timeout=0.1)
             stopped = True
             (ended,) = engine.queues()
             assert (ended.depth, ended.in_flight, ended.abandoned) == (0, 0, 50)
             await eventually(lambda: [(q.depth, q.in_flight, q.abandoned) for q in app.state.queues] == [(0, 0, 50)])
+            # a stopped queue has no rate: the last one measured no longer says anything
+            await eventually(lambda: str(table.get_cell("jobs", "rate")) == "—")
             assert [p.running_status for p in app.state.schedule] == [p.running_status for p in engine.schedule()] == [None]
     finally:
         if not stopped:

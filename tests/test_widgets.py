@@ -1114,7 +1114,15 @@ async def test_queues_table_shows_counters_and_throughput() -> None:
         await pilot.pause()
         assert cell(table, "emails", "rate") == "10.0/s"
         assert table.get_cell("emails", "depth").style == "bold red"  # 90 % full
-        table.update_queues([], now=103.0)
+        # counts of an engine that stopped or does not answer: no rate, rather than the last one
+        table.update_queues([info(30, depth=9)], now=102.5, live=False)
+        await pilot.pause()
+        assert cell(table, "emails", "rate") == "—" and not table.measuring
+        table.update_queues([info(40)], now=104.0)  # live again: measured anew
+        table.update_queues([info(50)], now=105.0)
+        await pilot.pause()
+        assert cell(table, "emails", "rate") == "10.0/s" and table.measuring
+        table.update_queues([], now=106.0)
         await pilot.pause()
         assert table.row_count == 0
 

@@ -1043,14 +1043,21 @@ class TaskwatchApp(PlainApp):
             totals=self.state.totals(),
             # measured over the overviews: none come while disconnected or unanswered, so no
             # rate is known (the last one measured would stand for a hung engine's)
-            rate=self.state.finish_rate() if self.client.connected and self.unresponsive_for() is None else None,
+            rate=self.state.finish_rate() if self._live() else None,
         )
+        queues = self.main.query_one(QueuesTable)
+        if queues.measuring and not self._live() and not self.view_paused:
+            queues.update_queues(self.state.queues, self.clock(), live=False)  # the queues' rates too
+
+    def _live(self) -> bool:
+        """Whether the overviews come from a running engine that answers (rates are measured on them)."""
+        return self.client.connected and self.unresponsive_for() is None
 
     @while_dashboard_alive
     def refresh_tables(self) -> None:
         now = self.clock()
         self.main.query_one(ScheduleTable).update_schedule(self.state.schedule, now)
-        self.main.query_one(QueuesTable).update_queues(self.state.queues, now)
+        self.main.query_one(QueuesTable).update_queues(self.state.queues, now, live=self._live())
         self.main.query_one(TriggersTable).update_triggers(self.state.triggers, now)
         self.main.query_one(WorkersTable).update_workers(self.state.workers, now)
         self._failures_shown = (-1, -1)

@@ -85,8 +85,18 @@ class QueuesTable(KeyedTable):
             return None
         return max(0.0, (n1 - n0) / (t1 - t0))
 
-    def update_queues(self, infos: Iterable[QueueInfo], now: float | None = None) -> None:
-        """Show exactly these queues; ``now`` (monotonic seconds) defaults to the clock."""
+    @property
+    def measuring(self) -> bool:
+        """Whether a rate is shown for some queue (see ``live`` in :meth:`update_queues`)."""
+        return any(len(samples) >= 2 for samples in self._samples.values())
+
+    def update_queues(self, infos: Iterable[QueueInfo], now: float | None = None, *, live: bool = True) -> None:
+        """Show exactly these queues; ``now`` (monotonic seconds) defaults to the clock.
+
+        ``live=False``: these are not counts of a running engine (it stopped, is out of reach or
+        does not answer), so no rate is shown, rather than the last one measured; the next live
+        update starts measuring anew.
+        """
         infos = list(infos)  # read three times: a generator would be spent by the first
         now = time.monotonic() if now is None else now
         self._begin()
@@ -94,8 +104,11 @@ class QueuesTable(KeyedTable):
         self._remove([name for name in self._cells if name not in wanted])
         for gone in [name for name in self._samples if name not in wanted]:
             del self._samples[gone]
+        if not live:
+            self._samples.clear()
         for info in infos:
-            self._record(info, now)
+            if live:
+                self._record(info, now)
             self._upsert(info.name, info.name, self._row(info))
         self._finish()
 
