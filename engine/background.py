@@ -28,6 +28,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import concurrent.futures.thread  # noqa: F401 - its exit hook registers first, so ours runs before it
+import dataclasses
 import errno
 import functools
 import inspect
@@ -67,6 +68,7 @@ from .options import BackgroundOptions, WaitOptions, check_option_names, check_o
 from .runs import RunRecord, RunStatus
 
 if TYPE_CHECKING:
+    from .display import AnyEngineView
     from .engine import Engine
     from .handle import RunHandle
     from .lease import Leadership
@@ -323,7 +325,9 @@ class BackgroundEngine:
             if not bg._ready.wait(_thread_timeout(bg.start_timeout)):
                 raise TimeoutError(
                     f"the engine did not start within {bg.start_timeout:g} s; the start was given up "
-                    "and what it had started was stopped"
+                    f"and what it had started was stopped. A start waits for its store "
+                    f"({engine.store.describe()}) to answer: check that it is up and reachable from here, "
+                    "or give a slower one more time with start_background(start_timeout=...)"
                 )
             if bg._start_error is not None:
                 bg._thread.join()
@@ -1083,9 +1087,11 @@ class BackgroundEngine:
                 raise self._not_running()
             try:
                 url = _wait_for_url(proc, host, port, ready_timeout, out_file, log_file)
-            except Exception as exc:
-                if self._stopping:
+            except BaseException as exc:
+                if self._stopping and isinstance(exc, Exception):
                     raise self._not_running() from None  # the stop ended the server as it started
+                # interrupted too (a notebook's Interrupt): a server whose URL nobody was given
+                # would hold its port until the engine stops; its closed stdin ends it
                 _close_stdin(proc)
                 if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
                     raise OSError(errno.EADDRINUSE, _port_in_use(self, host, port)) from None
@@ -1266,14 +1272,27 @@ class BackgroundEngine:
     # ------------------------------------------------------------------ display
 
     def _repr_html_(self) -> str:
-        from .display import engine_html, engine_view
+        from .display import engine_html
 
-        return engine_html(engine_view(self.engine))
+        return engine_html(self._view())
 
     def __rich__(self) -> Any:
-        from .display import engine_rich, engine_view
+        from .display import engine_rich
 
-        return engine_rich(engine_view(self.engine))
+        return engine_rich(self._view())
+
+    def _view(self) -> AnyEngineView:
+        """The engine's view, stating this facade's state: an earlier facade of an engine started
+        again under a later one is stopped (its submits refused), whatever the engine is."""
+        from .display import BusyEngineView, EngineView, engine_view
+
+        view = engine_view(self.engine)
+        state = self.state
+        if isinstance(view, (EngineView, BusyEngineView)) and view.state != state:
+            if state == "stopped" and view.state == "running":
+                state = "stopped (the engine runs again under a later start_background(): use that one)"
+            view = dataclasses.replace(view, state=state)
+        return view
 
     def __repr__(self) -> str:
         return f"<BackgroundEngine {self.engine.node_id} {self.state}>"

@@ -1982,8 +1982,12 @@ class Engine:
         check_option_names("Engine.start_background()", options, BackgroundEngine)
         return BackgroundEngine.launch(self, **options)
 
+    @_on_loop_async
     async def serve(self, address: str | None = None, **options: Unpack[ServeKwargs]) -> ControlServer:
-        """Expose this engine to dashboards in other processes (Unix socket or tcp://127.0.0.1:PORT)."""
+        """Expose this engine to dashboards in other processes (Unix socket or tcp://127.0.0.1:PORT).
+
+        Awaited on another loop than the engine's (a notebook cell's, beside ``start_background()``),
+        the server is made on the engine's: its connections read the engine's bus there."""
         from .server import ControlServer
 
         check_option_names("Engine.serve()", options, ControlServer)

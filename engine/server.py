@@ -79,10 +79,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import to_jsonable_python
 
-from .hop import spawn
+from .hop import call_on, current_loop, spawn
 from .options import ServerOptions, check_options
 from .errors import (
     AuthenticationFailed,
@@ -275,7 +275,9 @@ class ServerInfo(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     address: str
-    token: str | None
+    #: kept out of the repr too: a notebook cell ending in ``bg.serve()`` shows it, and the
+    #: saved notebook keeps what it showed
+    token: str | None = Field(repr=False)
     node_id: str
 
     def __str__(self) -> str:
@@ -682,7 +684,9 @@ class ControlServer:
         if isinstance(target, TcpAddress):
             await self._start_tcp(target)
         else:
-            await self._start_unix(Path(target.path))
+            # made absolute now: it is the address given to clients in other directories, and the
+            # file is removed at the stop, after a chdir (a notebook's %cd) maybe
+            await self._start_unix(Path(os.path.abspath(target.path)))
         # never the token itself, in the log or on standard output (often a log too): a log is
         # read by more people than may drive the engine
         extra = " (with a token made here: the returned server's .token)" if self.token and self._generated else ""
@@ -769,6 +773,12 @@ class ControlServer:
         :meth:`start` serves again afterwards.
         """
         if self._stopped or self._listener is None:
+            return
+        loop = self._loop
+        if loop is not None and loop is not current_loop() and loop.is_running():
+            # awaited on another loop (a notebook's, beside start_background()): its connections'
+            # tasks are the loop's it serves on, and are ended and awaited there
+            await call_on(loop, self.stop)
             return
         self._stopped = True
         self._close_listener()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import html
 import math
 import re
 import signal
@@ -28,6 +29,7 @@ from taskwatch.engine import (
     InvalidConfiguration,
     InvalidParams,
     LoopThreadError,
+    RemoteEngine,
     RunList,
     RunNotCancellable,
     RunNotFound,
@@ -147,6 +149,38 @@ def test_a_subscription_awaited_on_another_loop_says_so_and_reads_on_the_engines
         assert await asyncio.wait_for(reading, 10) == "run.succeeded"
 
     asyncio.run(in_a_cell())
+
+
+def test_an_endpoint_served_from_another_loop_serves_on_the_engines(bg: BackgroundEngine) -> None:
+    # `await engine.serve()` in a notebook cell: made on the cell's loop, the endpoint read the
+    # engine's bus there, and dropped every client's command (the reason only in a log line)
+    async def in_a_cell() -> None:
+        server = await bg.engine.serve("tcp://127.0.0.1:0", announce=False)
+        address = server.info().address
+        remote = RemoteEngine(address, server.token, timeout=10)
+        await remote.connect()
+        try:
+            submitted = await remote.submit("embed_batch", GOOD)
+            async with asyncio.timeout(10):
+                while (record := await remote.get(submitted.id)).status is not RunStatus.SUCCEEDED:
+                    await asyncio.sleep(0.02)  # polled: the run's end is what is waited for
+            assert record.result == 2
+        finally:
+            await remote.close()
+        await server.stop()  # on the engine's loop too, where its connections' tasks are
+        assert await server_gone(address)
+
+    asyncio.run(in_a_cell())
+
+
+async def server_gone(address: str) -> bool:
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    try:
+        _, writer = await asyncio.open_connection(host, int(port))
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    return False
 
 
 def test_submit_and_wait_from_other_threads(bg: BackgroundEngine) -> None:
@@ -692,11 +726,20 @@ def test_the_old_facades_reads_go_through_the_engines_loop_once_it_runs_again() 
             release.set()
         assert old.get(handle.id).status is RunStatus.SUCCEEDED
         assert old.stats().state == "running"
+        # what a notebook shows for the old facade is its own state (its submits are refused),
+        # and where the engine runs now; the new facade's says running
+        assert "stopped (the engine runs again under a later start_background()" in html_text(old._repr_html_())
+        assert " · running · " in html_text(bg._repr_html_())
     finally:
         bg.stop(timeout=5)
     # both stopped: the reads answer from the stopped engine's records again
     assert old.get(handle.id).status is RunStatus.SUCCEEDED
     assert handle.wait(1).status is RunStatus.SUCCEEDED
+
+
+def html_text(markup: str) -> str:
+    """The text an HTML display shows: its tags gone, its entities read."""
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", markup)))
 
 
 def test_starting_a_running_engine_again_is_refused_with_what_to_do() -> None:

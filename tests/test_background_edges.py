@@ -45,7 +45,7 @@ from taskwatch.engine.background import stop_all_background
 from .helpers import taskwatch_threads, wait_until
 from .test_background import hold_loop
 from .test_web import tab
-from .test_web_security import SESSION_TIMEOUT, children, cmdline
+from .test_web_security import SESSION_TIMEOUT, children, cmdline, free_port
 from .test_web_security import http  # noqa: F401 - the fixture
 
 REPO = Path(__file__).resolve().parent.parent
@@ -425,6 +425,41 @@ def test_the_dashboard_server_exits_when_its_parent_is_killed() -> None:
             shutil.rmtree(private, ignore_errors=True)
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_dashboard_interrupted_while_its_server_starts_leaves_no_server_holding_its_port() -> None:
+    # a notebook's Interrupt while bg.dashboard(port=P) waits for its server: the server went on
+    # listening on P at a URL nobody was given, until the engine stopped
+    bg = build_engine().start_background()
+    port = free_port()
+    spawned: list[int] = []
+
+    def servers() -> list[int]:
+        return [pid for pid in children(os.getpid()) if "taskwatch.tui.web" in " ".join(cmdline(pid))]
+
+    def interrupt_once_it_is_spawned() -> None:
+        wait_until(lambda: bool(servers()), timeout=30)
+        spawned.extend(servers())
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # as Ctrl-C's, without touching how this process takes SIGINT
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    interrupter = threading.Thread(target=interrupt_once_it_is_spawned)
+    try:
+        interrupter.start()
+        with pytest.raises(KeyboardInterrupt):
+            bg.dashboard(port=port)
+        interrupter.join(30)
+        (server,) = spawned
+        wait_until(lambda: not cmdline(server), timeout=15)
+        assert refused(port)
+        assert str(port) in str(bg.dashboard(port=port))  # the port is free for the cell run again
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        bg.stop(timeout=5)
+
+
 # ---------------------------------------------------------------- a dashboard beyond loopback
 
 
@@ -628,3 +663,20 @@ def test_a_fork_of_a_process_running_a_background_engine_is_told_at_once_and_exi
         "running": False, "own engine": True,
     }
     assert parent == {"parent": True}  # the parent's engine was left alone
+
+
+def test_a_start_that_times_out_names_the_store_it_waited_for_and_the_option() -> None:
+    # a database that accepts connections and never answers (a stopped process, a proxy): the
+    # start gave up saying neither what it waited on nor how to wait longer
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    before = taskwatch_threads()
+    try:
+        engine = Engine(store=f"postgresql://tw@127.0.0.1:{port}/tw", health_interval=None)
+        with pytest.raises(TimeoutError) as timed_out:
+            engine.start_background(start_timeout=0.5)
+        said = str(timed_out.value)
+        assert f"127.0.0.1:{port}" in said and "start_timeout=" in said, said
+        wait_until(lambda: taskwatch_threads() <= before, timeout=30)  # what it started, stopped
+    finally:
+        listener.close()

@@ -592,6 +592,9 @@ async def test_serving_never_prints_a_token(capsys: pytest.CaptureFixture[str]) 
     given = "a-token-from-the-secret-store-0042"
     async with engine:
         server = await engine.serve("tcp://127.0.0.1:0", token=given)
+        info = server.info()
+        # what a notebook cell ending in bg.serve() shows, and its saved file keeps
+        assert info.token == given and given not in repr(info) and given not in str(info)
         await server.stop()
         made = await engine.serve("tcp://127.0.0.1:0")
         await made.stop()

@@ -46,6 +46,28 @@ async def engine() -> AsyncIterator[Engine]:
         yield engine
 
 
+# ---------------------------------------------------------------- a relative socket path
+
+
+async def test_a_relative_socket_path_is_served_as_an_absolute_one(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # served as given, the address held only in the directory of the serving cell: after a
+    # chdir (a notebook's %cd) clients were sent to a path with no socket, and the stop left its file
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    server = await engine.serve("engine.sock", announce=False)
+    address = server.info().address
+    assert address == str(tmp_path / "engine.sock")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    remote = RemoteEngine(address, server.token, timeout=10)
+    snap = await remote.connect()
+    await remote.close()
+    assert snap.node_id == engine.node_id
+    await server.stop()
+    assert not (tmp_path / "engine.sock").exists()
+
+
 # ---------------------------------------------------------------- a socket path held by a server that does not answer
 
 
