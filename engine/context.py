@@ -83,13 +83,17 @@ class TaskContext:
 
     @property
     def is_leader(self) -> bool:
-        return self._engine.elector.is_leader
+        """Whether this node leads by its own view, now: False once its lease ran out unrenewed
+        (its loop blocked, the process paused), even before the elector has stepped down.
+        :meth:`ensure_leader` asks the lease itself."""
+        return self._engine.elector.leads()
 
     @property
     def term(self) -> int:
-        """The fencing token of this node's current leadership term (0 if not leader)."""
+        """The fencing token of this node's current leadership term (0 if not leader, as for
+        :attr:`is_leader`)."""
         elector = self._engine.elector
-        return elector.term if elector.is_leader else 0
+        return elector.term if elector.leads() else 0
 
     async def progress(self, done: float, total: float | None = None, message: str = "") -> None:
         """Report progress; published as a ``run.progress`` event.
@@ -124,14 +128,13 @@ class TaskContext:
             # a node whose own lease ran out steps down with no holder known: it is named
             # itself, which NotLeader reads as "lapsed before it was renewed"
             lapsed = led and not leader.is_leader and not leader.lease_valid()
-            holder = self._engine.node_id if lapsed else leader.holder
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # this check found the loss, and stepping down cancelled this very task (a
                 # leader-only worker): the cancel is taken here, at this await, as one from
                 # elsewhere would be, not left to cut the worker's cleanup at its first await
                 await asyncio.sleep(0)
-            raise NotLeader(self._engine.node_id, holder)
+            raise NotLeader(self._engine.node_id, None if lapsed else leader.holder, lapsed=lapsed)
         return term
 
     def __repr__(self) -> str:

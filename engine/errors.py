@@ -308,14 +308,21 @@ class StoppedBeforeDone(EngineNotRunning):
 class NotLeader(TaskwatchError):
     """This node does not hold the leader lease (or lost it); stop destructive work."""
 
-    def __init__(self, node_id: str, holder: str | None, reason: str | None = None) -> None:
+    def __init__(self, node_id: str, holder: str | None, reason: str | None = None, *, lapsed: bool = False) -> None:
         self.node_id = node_id
         self.holder = holder
         self.reason = reason
-        if holder is not None and holder == node_id:
-            # the node's own last view of the lease names itself: the lease ran out (a pause,
-            # a slow store) before it was renewed, and the node has not heard who holds it now
+        #: this node led, and its lease ran out (a pause, a slow store) before it was renewed
+        self.lapsed = lapsed
+        if lapsed:
             held = "its lease lapsed before it was renewed"
+        elif holder is not None and holder == node_id:
+            # a process that never led here, seeing its own node id hold the lease: the one it
+            # replaced (killed, restarted), whose lease the others wait out too
+            held = (
+                "the lease is held under this node id by an earlier process (one this process replaced); "
+                "it is free once that lease runs out"
+            )
         else:
             held = f"lease held by {holder!r}" if holder else "lease not held by anyone"
         why = f"; {reason}" if reason else ""

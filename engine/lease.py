@@ -409,10 +409,16 @@ class LeaderElector:
             return True
         return self.expires_at > self.lease.now()
 
+    def leads(self) -> bool:
+        """Whether this node leads and its lease, as it last renewed it, has not run out: between
+        the lapse and the elector's next look (a blocked loop, a paused process) another node may
+        already lead, and what this node says of itself must not claim otherwise."""
+        return self.is_leader and self.lease_valid()
+
     def snapshot(self) -> Leadership:
         return Leadership(
             node_id=self.node_id,
-            is_leader=self.is_leader,
+            is_leader=self.leads(),
             holder=self.holder,
             term=self.term,
             expires_at=self.expires_at,

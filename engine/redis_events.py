@@ -32,6 +32,9 @@ from .errors import InvalidConfiguration, MissingDependency
 from .urls import password_problem, redact_url, shown_url
 from .relay import READING, ClusterNode, EventRelay, Outgoing, RelayStats, cancelling
 
+#: seconds the start asks Redis for the stream's newest entry before reading from "now" on anyway
+_ASK_TIMEOUT = 1.0
+
 __all__ = ["ClusterNode", "RedisEventRelay", "RelayStats"]
 
 
@@ -156,8 +159,12 @@ class RedisEventRelay(EventRelay):
 
     async def _current_last_id(self) -> str:
         try:
-            newest = await self._reader.xrevrange(self.stream, count=1)
-        except self.transient_errors:
+            # bounded well below the reader's socket timeout: the engine's start waits for this,
+            # and a Redis that takes connections but does not answer (a stopped process) would
+            # hold it for read_block + 5 s, where an unreachable one is passed over at once
+            async with asyncio.timeout(_ASK_TIMEOUT):
+                newest = await self._reader.xrevrange(self.stream, count=1)
+        except (*self.transient_errors, TimeoutError):
             return "$"
         if not newest:
             return "0-0"

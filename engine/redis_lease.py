@@ -401,6 +401,10 @@ class RedisLease(ReportsHealth, Lease):
         return LeaseState(holder=node_id, term=term, expires_at=self._held_until)
 
     async def release(self, node_id: str, term: int) -> bool:
+        # given up (whether Redis hears it or not): another node may take the lease from now on,
+        # so after a loss of Redis's data this one no longer knows that no newer term went out
+        # (see acquire), and waits a ttl like any other
+        self._held_until = 0.0
         value = self._value(node_id, term)
         return bool(await self._run(lambda _c, s: s["release"](keys=[self.key], args=[value])))
 

@@ -296,8 +296,7 @@ class Supervisor:
         return worker.info()
 
     def _leads(self) -> bool:
-        leader = self._engine.elector
-        return leader.is_leader and leader.lease_valid()
+        return self._engine.elector.leads()
 
     def _start_now(self, worker: _Worker) -> None:
         if not self._running:

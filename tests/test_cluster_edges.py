@@ -548,11 +548,15 @@ async def test_attach_says_leader_unknown_when_nothing_says_who_leads(postgres_u
 async def test_not_leader_after_a_lapsed_lease_says_it_lapsed_not_that_the_node_holds_it() -> None:
     engine = Engine(node_id="solo", lease=InProcessLease(ttl=0.3), health_interval=None)
     caught: list[NotLeader] = []
+    stale: list[object] = []
 
     @engine.task
     async def guarded(ctx: TaskContext) -> None:
         await ctx.ensure_leader()
         time.sleep(0.5)  # the node stalls (a blocking call, a GC pause) past its lease
+        # before the elector has looked again, what the node says of itself already counts the
+        # lapse: a worker guarding with `if ctx.is_leader:` would act while another node leads
+        stale.extend([ctx.is_leader, ctx.term, engine.leadership().is_leader])
         try:
             await ctx.ensure_leader()
         except NotLeader as exc:
@@ -562,7 +566,8 @@ async def test_not_leader_after_a_lapsed_lease_says_it_lapsed_not_that_the_node_
         await eventually(lambda: engine.leadership().is_leader, timeout=TIMEOUT)
         await (await engine.submit("guarded")).wait(timeout=TIMEOUT)
     (exc,) = caught
-    assert "lapsed" in str(exc) and "held by 'solo'" not in str(exc)
+    assert stale == [False, 0, False]
+    assert exc.lapsed and "lapsed" in str(exc) and "held by 'solo'" not in str(exc)
     assert str(exc).startswith("node 'solo' is not the leader")
 
 

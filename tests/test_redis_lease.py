@@ -137,6 +137,27 @@ async def test_a_term_counter_lost_with_redis_data_never_hands_a_term_out_again(
         await lease.close()
 
 
+async def test_a_holder_that_released_waits_like_any_other_after_redis_lost_its_data(
+    redis_server: RedisServer, raw: Any
+) -> None:
+    # it gave the lease up, so another node may hold a newer term it never saw: after the loss
+    # it took the lease back at once, under that node's term, and two workers ran
+    a, b = lease_for(redis_server), lease_for(redis_server)
+    try:
+        first = await a.acquire("a")
+        assert first is not None and await a.release("a", first.term)
+        taken = await b.acquire("b")
+        assert taken is not None and taken.term == first.term + 1
+
+        await raw.flushall()  # what a restart without persistence does
+
+        assert await a.acquire("a") is None  # a ttl first, as for any node that saw a term
+        assert await b.renew("b", taken.term) is None  # b steps down, finding the key gone
+    finally:
+        await a.close()
+        await b.close()
+
+
 def test_bad_options_are_refused_with_every_problem_named() -> None:
     with pytest.raises(InvalidConfiguration) as info:
         RedisLease("http://example", key="", ttl=1.0, safety_margin=5.0)
@@ -490,6 +511,28 @@ async def test_ensure_leader_asks_redis_at_that_moment(redis_server: RedisServer
     finally:
         await engine.stop(2.0)
     assert not stray_tasks()
+
+
+async def test_a_process_that_replaced_the_leader_under_its_node_id_is_told_so_not_that_its_lease_lapsed(
+    redis_server: RedisServer,
+) -> None:
+    # the earlier process (killed, say) still holds the lease under the same node id: the new
+    # one never led, so "its lease lapsed before it was renewed" sent its reader the wrong way
+    earlier, _ = leader_engine(lease_for(redis_server, ttl=30.0), "a")
+    later = Engine(node_id="a", lease=lease_for(redis_server, ttl=30.0), health_interval=None)
+    try:
+        await earlier.start()
+        await eventually(lambda: earlier.leadership().is_leader)
+        await later.start()
+        await eventually(lambda: later.leadership().holder == "a")
+        with pytest.raises(NotLeader) as refused:
+            await TaskContext(later, None, "probe").ensure_leader()
+        said = str(refused.value)
+        assert "held under this node id by an earlier process" in said and "lapsed" not in said, said
+        assert not refused.value.lapsed
+    finally:
+        await later.stop(2.0)
+        await earlier.stop(2.0)
 
 
 async def test_leader_change_events_carry_old_and_new_holder_and_term(redis_server: RedisServer) -> None:
