@@ -164,7 +164,9 @@ class RedisEventRelay(EventRelay):
             # hold it for read_block + 5 s, where an unreachable one is passed over at once
             async with asyncio.timeout(_ASK_TIMEOUT):
                 newest = await self._reader.xrevrange(self.stream, count=1)
-        except (*self.transient_errors, TimeoutError):
+        except TimeoutError:
+            return "$"
+        except self.transient_errors:
             return "$"
         if not newest:
             return "0-0"
