@@ -1130,6 +1130,7 @@ class ControlServer:
         "unknown",
         "commands",
         "errors",
+        "replies_given_up",
         "slow_disconnects",
         "overflow_disconnects",
         "values_truncated",
@@ -1147,7 +1148,9 @@ class ControlServer:
         (valid hello beyond ``max_connections``), ``auth_failures``,
         ``malformed``, ``oversized`` (lines over ``max_hello`` or
         ``max_message``), ``unknown``, ``commands``, ``errors`` (commands that
-        failed), ``slow_disconnects`` (took no bytes for ``write_timeout``),
+        failed), ``replies_given_up`` (commands still going ``_EOF_GRACE`` after
+        their client half-closed: it got an error line instead of the reply),
+        ``slow_disconnects`` (took no bytes for ``write_timeout``),
         ``overflow_disconnects`` (read nothing while a reply waited for room
         within ``max_outgoing_bytes``), ``values_truncated`` and ``runs_omitted``
         (to keep lines within ``max_send``), ``events_too_large`` (sent as a
@@ -1509,6 +1512,8 @@ class _Connection:
         self.max_send = server.max_send
         self.sub: Subscription | None = None
         self.commands: set[asyncio.Task[None]] = set()
+        #: what each command task answers (its id and type), for the line a late one gets instead
+        self.asked: dict[asyncio.Task[None], Command] = {}
         self.inflight = asyncio.Semaphore(server.max_inflight)
         #: set once everything queued before the end of the stream is written
         self.flushed = asyncio.Event()
@@ -1776,14 +1781,29 @@ class _Connection:
             await self.inflight.acquire()
             task = spawn(self._command(msg), name=f"taskwatch-control-{msg.type}")
             self.commands.add(task)
+            self.asked[task] = msg
             task.add_done_callback(self._command_done)
 
     async def _finish(self) -> None:
         """The client has sent its last line; it may still be reading (a half-close: ``nc -N``).
         Its commands still executing finish (for up to ``_EOF_GRACE``), then what is queued for
-        it, their replies among it, is written before the connection ends."""
+        it, their replies among it, is written before the connection ends. A command still going
+        then is given up, and its id gets an error line saying so in place of its reply."""
         if self.commands and not self.cut_off:
-            await asyncio.wait(set(self.commands), timeout=_EOF_GRACE)
+            _, late = await asyncio.wait(set(self.commands), timeout=_EOF_GRACE)
+            if late and not self.cut_off:
+                given_up = [self.asked[task] for task in late if task in self.asked]
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
+                self.server.count("replies_given_up", len(given_up))
+                for cmd in given_up:
+                    why = (
+                        f"the client closed its side of the connection and {cmd.type!r} was still going "
+                        f"{_EOF_GRACE:g} s later: its reply was given up, and whether it was applied is "
+                        "unknown (look it up, e.g. the run it acted on)"
+                    )
+                    await self._reply(self._error_line(cmd.id, ConnectionClosed(why)))
         if self.cut_off:
             return
         if not self.ended:
@@ -1793,6 +1813,7 @@ class _Connection:
 
     def _command_done(self, task: asyncio.Task[None]) -> None:
         self.commands.discard(task)
+        self.asked.pop(task, None)
         self.inflight.release()
 
     async def _command(self, cmd: Command) -> None:

@@ -46,6 +46,7 @@ from taskwatch.engine import (
     TaskContext,
 )
 from taskwatch.engine import remote as remote_module
+from taskwatch.engine import server as server_module
 from taskwatch.engine.wire import PROTOCOL_VERSION, SnapshotMessage, Welcome, encode_message
 from taskwatch.tui.client import LocalClient
 from taskwatch.tui.remote_client import RemoteClient
@@ -692,6 +693,50 @@ async def test_a_cancel_sent_before_a_half_close_is_answered_once_the_run_has_st
     assert sorted(replies) == [7, 8]
     assert replies[7]["type"] == "ok" and replies[7]["result"]["status"] == "cancelled"
     await raw.close()
+
+
+async def test_a_command_still_going_long_after_a_half_close_gets_an_error_line_not_silence(
+    sock_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # its reply was dropped without a word when the connection ended, and counted nowhere
+    monkeypatch.setattr(server_module, "_EOF_GRACE", 0.3)
+    engine = Engine(health_interval=None)
+    release = asyncio.Event()
+
+    @engine.task
+    async def stubborn(ctx: TaskContext) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await release.wait()  # a cleanup that outlasts the grace the server gives
+            raise
+
+    async with engine:
+        handle = await engine.submit("stubborn")
+        await eventually(lambda: engine.get(handle.id).status is RunStatus.RUNNING)
+        server = await serve(engine, sock_path)
+        raw = await RawClient.open(sock_path)
+        await raw.send(
+            b"".join(
+                json.dumps(line).encode() + b"\n"
+                for line in (
+                    {"type": "hello", "version": PROTOCOL_VERSION},
+                    {"type": "cancel", "id": 7, "run_id": handle.id, "grace": 30},
+                    {"type": "ping", "id": 8},
+                )
+            )
+        )
+        raw.writer.write_eof()
+        try:
+            replies = {msg["id"]: msg for msg in await read_to_end(raw) if msg["type"] in ("ok", "error")}
+        finally:
+            release.set()
+        await raw.close()
+        assert replies[8]["type"] == "ok"
+        assert replies[7]["type"] == "error" and replies[7]["error_type"] == "ConnectionClosed"
+        assert "'cancel' was still going" in replies[7]["message"] and "given up" in replies[7]["message"]
+        assert server.stats()["replies_given_up"] == 1
+        await eventually(lambda: engine.get(handle.id).status is RunStatus.CANCELLED)  # it was applied
 
 
 # ---------------------------------------------------------------- 4: a server started again
