@@ -1513,7 +1513,7 @@ class _Connection:
         self.sub: Subscription | None = None
         self.commands: set[asyncio.Task[None]] = set()
         #: what each command task answers (its id and type), for the line a late one gets instead
-        self.asked: dict[asyncio.Task[None], Command] = {}
+        self.asked: dict[asyncio.Task[None], tuple[MessageId, str]] = {}
         self.inflight = asyncio.Semaphore(server.max_inflight)
         #: set once everything queued before the end of the stream is written
         self.flushed = asyncio.Event()
@@ -1781,7 +1781,7 @@ class _Connection:
             await self.inflight.acquire()
             task = spawn(self._command(msg), name=f"taskwatch-control-{msg.type}")
             self.commands.add(task)
-            self.asked[task] = msg
+            self.asked[task] = (msg.id, msg.type)
             task.add_done_callback(self._command_done)
 
     async def _finish(self) -> None:
@@ -1797,13 +1797,13 @@ class _Connection:
                     task.cancel()
                 await asyncio.gather(*late, return_exceptions=True)
                 self.server.count("replies_given_up", len(given_up))
-                for cmd in given_up:
+                for message_id, kind in given_up:
                     why = (
-                        f"the client closed its side of the connection and {cmd.type!r} was still going "
+                        f"the client closed its side of the connection and {kind!r} was still going "
                         f"{_EOF_GRACE:g} s later: its reply was given up, and whether it was applied is "
                         "unknown (look it up, e.g. the run it acted on)"
                     )
-                    await self._reply(self._error_line(cmd.id, ConnectionClosed(why)))
+                    await self._reply(self._error_line(message_id, ConnectionClosed(why)))
         if self.cut_off:
             return
         if not self.ended:
