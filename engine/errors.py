@@ -579,9 +579,11 @@ class MessageTooLarge(ProtocolError):
     reason = "oversized"
     sent: bool = False
 
-    def __init__(self, size: int, limit: int, setting: str = "max_message") -> None:
+    def __init__(self, size: int, limit: int, setting: str = "max_message", *, head: bytes = b"") -> None:
         self.size = size
         self.limit = limit
+        #: the first bytes of the message (as many as were read): where its id may be found
+        self.head = head
         super().__init__(
             f"message of {size} bytes exceeds the {limit}-byte limit and was discarded; "
             f"send smaller messages or raise {setting}"

@@ -1125,6 +1125,7 @@ class ControlServer:
         "hello_timeouts",
         "refused",
         "auth_failures",
+        "incompatible",
         "malformed",
         "oversized",
         "unknown",
@@ -1146,7 +1147,7 @@ class ControlServer:
         (closed before their hello to make room in the handshake pool),
         ``hello_timeouts`` (no hello within ``hello_timeout``), ``refused``
         (valid hello beyond ``max_connections``), ``auth_failures``,
-        ``malformed``, ``oversized`` (lines over ``max_hello`` or
+        ``incompatible`` (a hello of another protocol version), ``malformed``, ``oversized`` (lines over ``max_hello`` or
         ``max_message``), ``unknown``, ``commands``, ``errors`` (commands that
         failed), ``replies_given_up`` (commands still going ``_EOF_GRACE`` after
         their client half-closed: it got an error line instead of the reply),
@@ -1635,6 +1636,10 @@ class _Connection:
             # without its newline, then the end of what the client sends (printf | nc -N), is
             # still one
             line = await read_line(self._streams[0], server.max_hello, discard=False, unterminated=True)
+            # blank lines before it are harmless, as after it (an Enter typed into nc first);
+            # hello_timeout bounds how long they may go on
+            while line is not None and not line.strip() and not self.dismissed:
+                line = await read_line(self._streams[0], server.max_hello, discard=False, unterminated=True)
         except MessageTooLarge as exc:
             server.count(exc.reason)
             raise _Refused(None, _hello_too_large(exc.size, exc.limit)) from None
@@ -1649,6 +1654,7 @@ class _Connection:
             server.count("unknown")
             raise _Refused(peek_id(line), UnknownCommand("the first message must be hello"))
         if msg.version != PROTOCOL_VERSION:
+            server.count("incompatible")
             raise _Refused(None, IncompatibleVersion(PROTOCOL_VERSION, msg.version))
         if not server.token_ok(msg.token):
             server.refuse_token(self._peer())
@@ -1755,7 +1761,9 @@ class _Connection:
                 line = await read_line(reader, server.max_message, unterminated=True)
             except MessageTooLarge as exc:
                 server.count(exc.reason)
-                await self._reply(self._error_line(None, exc))
+                # named by the id in its first bytes, if it has one there: a client with several
+                # commands out learns which one was refused, rather than waiting out its timeout
+                await self._reply(self._error_line(peek_id(exc.head) if exc.head else None, exc))
                 continue
             except ConnectionError:
                 return

@@ -48,7 +48,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, TypeAdapter, ValidationError
 
 from .errors import ConnectionClosed, InvalidAddress, MalformedMessage, MessageTooLarge, ProtocolError, UnknownCommand
 from .events import BaseEvent, Event
@@ -75,7 +75,8 @@ DEFAULT_MAX_HELLO = 4096
 MAX_ID_LENGTH = 200
 
 #: request ids are chosen by the client and echoed in the reply
-MessageId = int | Annotated[str, Field(max_length=MAX_ID_LENGTH)]
+#: (strict: a ``true`` taken for 1 would be echoed as an id its client never sent)
+MessageId = StrictInt | Annotated[StrictStr, Field(max_length=MAX_ID_LENGTH)]
 
 
 class WireMessage(BaseModel):
@@ -377,6 +378,13 @@ def _unreadable(error: object) -> str | None:
             f"deep, more than the JSON reader takes{where}, so nothing in it was read (values must "
             "be nested less deeply)"
         )
+    if "surrogate" in error or error.startswith("unexpected end of hex escape"):
+        # what json.dumps writes for text that is no Unicode (a file name os.fsdecode read, say)
+        return (
+            f"unreadable message: a string in it holds a \\u escape of half a UTF-16 surrogate pair{where}, "
+            "which is no character: no text can carry it (send such text as valid Unicode, e.g. with "
+            "its undecodable bytes replaced, or as base64)"
+        )
     if error.startswith("number out of range"):
         return (
             f"unreadable message: it holds an integer of more than {JSON_MAX_INT_DIGITS} digits, more "
@@ -573,10 +581,14 @@ async def read_line(
                 ) from None
         except asyncio.LimitOverrunError as exc:
             if size + exc.consumed > max_message:
+                # its head is kept for the refusal to name the command's id (see peek_id)
+                head = b"".join(parts)[:_SCAN_BYTES]
                 if not discard:
-                    raise MessageTooLarge(size + exc.consumed, max_message) from None
-                rest = await _discard_line(reader, exc.consumed)
-                raise MessageTooLarge(size + rest, max_message) from None
+                    raise MessageTooLarge(size + exc.consumed, max_message, head=head) from None
+                rest, first = await _discard_line(reader, exc.consumed)
+                if len(head) < _SCAN_BYTES:
+                    head = (head + first)[:_SCAN_BYTES]
+                raise MessageTooLarge(size + rest, max_message, head=head) from None
             # ``consumed`` bytes are buffered and hold no newline
             parts.append(await reader.readexactly(exc.consumed))
             size += exc.consumed
@@ -585,25 +597,28 @@ async def read_line(
     line = b"".join((*parts, piece)) if parts else piece
     body = line[:-1] if line.endswith(b"\n") else line
     if len(body) > max_message:
-        raise MessageTooLarge(len(body), max_message)
+        raise MessageTooLarge(len(body), max_message, head=body[:_SCAN_BYTES])
     return body
 
 
-async def _discard_line(reader: asyncio.StreamReader, consumed: int) -> int:
-    """Drop the rest of an oversized line; returns its size in bytes."""
+async def _discard_line(reader: asyncio.StreamReader, consumed: int) -> tuple[int, bytes]:
+    """Drop the rest of an oversized line; returns its size in bytes and its first piece."""
     total = 0
+    first = b""
     while True:
         # ``consumed`` bytes are already buffered and hold no newline
-        await reader.readexactly(consumed)
+        piece = await reader.readexactly(consumed)
+        if not total:
+            first = piece[:_SCAN_BYTES]
         total += consumed
         try:
             rest = await reader.readuntil(b"\n")
         except asyncio.LimitOverrunError as exc:
             consumed = exc.consumed
         except asyncio.IncompleteReadError as exc:
-            return total + len(exc.partial)
+            return total + len(exc.partial), first
         else:
-            return total + len(rest) - 1
+            return total + len(rest) - 1, first
 
 
 # ---------------------------------------------------------------- addresses

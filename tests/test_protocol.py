@@ -397,11 +397,50 @@ async def test_oversized_line_is_discarded_and_counted(engine: Engine, sock_path
     reply = await raw.reply()
     assert (reply["error_type"], reply["details"]["limit"]) == ("MessageTooLarge", 1024)
     assert reply["details"]["size"] == len(big) - 1
+    assert reply["id"] == 1  # read from the line's first bytes: its sender knows which was refused
     assert await raw.reply() == {"type": "ok", "id": 2, "result": None}
     assert server.stats()["oversized"] == 1
     await raw.close()
     # and the engine did not notice
     assert (await (await engine.submit("add", {"a": 1, "b": 1})).wait(5)).result == 2
+
+
+async def test_a_hello_of_another_version_is_counted_and_blank_lines_before_a_hello_are_harmless(
+    engine: Engine, sock_path: str
+) -> None:
+    server = await serve(engine, sock_path)
+    raw = await RawClient.open(sock_path)
+    await raw.send({"type": "hello", "version": PROTOCOL_VERSION + 1})
+    assert (await raw.recv())["error_type"] == "IncompatibleVersion"
+    await raw.close()
+    assert server.stats()["incompatible"] == 1  # counted, as every other refused hello is
+    # an Enter typed into nc before the hello, as after it: no MalformedMessage, no closed connection
+    raw = await RawClient.open(sock_path)
+    await raw.send(b"\r\n\n")
+    await raw.send({"type": "hello", "version": PROTOCOL_VERSION})
+    assert (await raw.recv())["type"] == "welcome"
+    assert server.stats()["malformed"] == 0
+    await raw.close()
+
+
+async def test_an_id_that_is_no_int_or_text_and_a_lone_surrogate_are_refused_in_plain_words(
+    engine: Engine, sock_path: str
+) -> None:
+    await serve(engine, sock_path)
+    raw = await RawClient.authenticated(sock_path)
+    # taken for 1, it was echoed as an id its client never sent, which never saw its reply
+    await raw.send(b'{"type":"ping","id":true}\n')
+    reply = await raw.reply()
+    assert (reply["type"], reply["error_type"], reply["id"]) == ("error", "MalformedMessage", None)
+    # what json.dumps writes for a file name os.fsdecode read: the JSON reader's own words
+    # ("unexpected end of hex escape") said nothing of it
+    await raw.send(b'{"type":"submit","id":5,"task":"add","params":{"name":"\\ud800"}}\n')
+    reply = await raw.reply()
+    assert (reply["error_type"], reply["id"]) == ("MalformedMessage", 5)
+    assert "surrogate" in reply["message"] and "hex escape" not in reply["message"], reply["message"]
+    await raw.send({"type": "ping", "id": 6})
+    assert await raw.reply() == {"type": "ok", "id": 6, "result": None}
+    await raw.close()
 
 
 def ended_stream(data: bytes) -> asyncio.StreamReader:
