@@ -198,6 +198,9 @@ _PROGRESS_CHECK = 0.25
 #: after a client's last line (a half-close, as ``nc -N`` sends), how long its commands still
 #: executing have to finish: their replies are written before the connection ends
 _EOF_GRACE = 10.0
+#: after a piece of work that holds the loop (a snapshot), the loop is left to everything else
+#: for this many times as long before the next: such work takes at most a quarter of it
+_HEAVY_REST = 3.0
 
 #: the kernel's queues of connections not accepted yet (capped by the system's
 #: somaxconn). What one wake of the loop takes from them is bounded by
@@ -650,6 +653,8 @@ class ControlServer:
         #: taken by each command that holds the loop for long without an await (a snapshot, a
         #: full record) and by each first snapshot: one of them per turn of the loop
         self._heavy = asyncio.Lock()
+        #: when (loop time) the next heavy piece of work may begin (see heavy_turn)
+        self._heavy_free_at = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -680,6 +685,8 @@ class ControlServer:
         self._address = None
         # a lock is bound to the loop it was first waited on: this start's loop may be another
         self._heavy = asyncio.Lock()
+        #: when (loop time) the next heavy piece of work may begin (see heavy_turn)
+        self._heavy_free_at = 0.0
         target = self._target or UnixAddress(str(default_socket_path(self.engine.node_id)))
         if isinstance(target, TcpAddress):
             await self._start_tcp(target)
@@ -1184,9 +1191,21 @@ class ControlServer:
         turns and runs in the second, before this work rather than after it.
         """
         async with self._heavy:
+            loop = asyncio.get_running_loop()
+            rest = self._heavy_free_at - loop.time()
+            if rest > 0:
+                # pacing, not synchronisation: clients asking for snapshot after snapshot (one
+                # pipelining them, many reconnecting) get this work at most a share of the loop,
+                # and the engine's own work the rest, however fast they ask
+                await asyncio.sleep(rest)
             await asyncio.sleep(0)
             await asyncio.sleep(0)
-            yield
+            began = loop.time()
+            try:
+                yield
+            finally:
+                ended = loop.time()
+                self._heavy_free_at = ended + (ended - began) * _HEAVY_REST
 
     async def execute(self, cmd: Command, limit: int | None = None) -> bytes:
         """Run one command on the engine; returns its result as JSON of at most ``limit`` bytes.
