@@ -1099,8 +1099,8 @@ class Engine:
             self.bus.emit(EngineStopped, cancelled_pending=cancelled_pending, cancelled_running=len(tasks))
             if self._relay is not None:
                 await self._relay.stop(loop.time() + 1.0)
-            for server in self._servers:
-                await server.stop()
+            # side by side: each gives its slow readers up to a second to take their last lines
+            await asyncio.gather(*(server.stop() for server in self._servers))
             self._servers.clear()
             try:
                 await self._store.node_stopped(self.incarnation)
