@@ -653,6 +653,16 @@ async def read_to_end(raw: RawClient) -> list[dict[str, Any]]:
     return messages
 
 
+async def cancel_then_half_close(sock_path: str, cancel: dict[str, Any]) -> RawClient:
+    """A client that sends its hello, ``cancel`` and a ping (id 8) in one go, then the end of
+    what it sends, as `printf '...' | nc -N` does; it goes on reading."""
+    raw = await RawClient.open(sock_path)
+    lines = ({"type": "hello", "version": PROTOCOL_VERSION}, cancel, {"type": "ping", "id": 8})
+    await raw.send(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+    raw.writer.write_eof()
+    return raw
+
+
 async def test_a_client_that_half_closes_gets_every_reply_then_the_end(tmp_path: Path, sock_path: str) -> None:
     # `printf '...' | nc -N -U sock`: the commands, then the end of what the client sends
     engine = build_engine(store=f"sqlite:///{tmp_path / 'runs.db'}")
@@ -677,18 +687,7 @@ async def test_a_cancel_sent_before_a_half_close_is_answered_once_the_run_has_st
     handle = await engine.submit("slow_to_cancel")
     await eventually(lambda: engine.get(handle.id).status is RunStatus.RUNNING)
     await serve(engine, sock_path)
-    raw = await RawClient.open(sock_path)
-    await raw.send(
-        b"".join(
-            json.dumps(line).encode() + b"\n"
-            for line in (
-                {"type": "hello", "version": PROTOCOL_VERSION},
-                {"type": "cancel", "id": 7, "run_id": handle.id},
-                {"type": "ping", "id": 8},
-            )
-        )
-    )
-    raw.writer.write_eof()
+    raw = await cancel_then_half_close(sock_path, {"type": "cancel", "id": 7, "run_id": handle.id})
     replies = {msg["id"]: msg for msg in await read_to_end(raw) if msg["type"] in ("ok", "error")}
     assert sorted(replies) == [7, 8]
     assert replies[7]["type"] == "ok" and replies[7]["result"]["status"] == "cancelled"
@@ -715,18 +714,7 @@ async def test_a_command_still_going_long_after_a_half_close_gets_an_error_line_
         handle = await engine.submit("stubborn")
         await eventually(lambda: engine.get(handle.id).status is RunStatus.RUNNING)
         server = await serve(engine, sock_path)
-        raw = await RawClient.open(sock_path)
-        await raw.send(
-            b"".join(
-                json.dumps(line).encode() + b"\n"
-                for line in (
-                    {"type": "hello", "version": PROTOCOL_VERSION},
-                    {"type": "cancel", "id": 7, "run_id": handle.id, "grace": 30},
-                    {"type": "ping", "id": 8},
-                )
-            )
-        )
-        raw.writer.write_eof()
+        raw = await cancel_then_half_close(sock_path, {"type": "cancel", "id": 7, "run_id": handle.id, "grace": 30})
         try:
             replies = {msg["id"]: msg for msg in await read_to_end(raw) if msg["type"] in ("ok", "error")}
         finally:
