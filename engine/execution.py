@@ -1430,7 +1430,7 @@ def _log_retry(run: Run, tried: int, error: RunError, delay: float) -> None:
         return  # nothing formatted for a level nobody reads
     log_safely(
         runs_log, logging.INFO, "run %s of task %r failed on try %d of %d (%s: %s); trying again in %.3g s",
-        run.id, run.task, tried, run.max_attempts, log_text(error.type), log_text(error.message), delay,
+        run.id, run.task, tried, max(run.max_attempts, tried), log_text(error.type), log_text(error.message), delay,
     )  # fmt: skip
 
 
@@ -1443,7 +1443,10 @@ def _log_failed(run: Run, error: RunError, *, traceback: bool = True, streak: in
         tail = traceback_block(error) if traceback else ""
     log_safely(
         runs_log, logging.WARNING, "run %s of task %r failed on try %d of %d: %s: %s%s",
-        run.id, run.task, run.attempt, run.max_attempts, log_text(error.type), log_text(error.message), tail,
+        # a run recovered from a lost node is on an attempt past max_attempts (the lost try counts,
+        # bounded by max_lost instead): "try 2 of 2", as the dashboards show it, not "2 of 1"
+        run.id, run.task, run.attempt, max(run.max_attempts, run.attempt), log_text(error.type),
+        log_text(error.message), tail,
     )  # fmt: skip
 
 

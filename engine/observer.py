@@ -63,6 +63,10 @@ _MIN_GAP = 0.25
 #: running runs read per query (all of them are read, a page at a time, up to running_limit)
 _RUNNING_PAGE = 1000
 
+#: lease events looked at per question: a holder renews every few seconds, so its last
+#: events before it died name the term it held then
+_LEASE_EVENTS_LOOKED_AT = 20
+
 
 class ClusterObserver:
     """Every node, run and event of the cluster whose PostgreSQL database ``url`` names.
@@ -71,8 +75,10 @@ class ClusterObserver:
     be silent before it shows as dead; default the lease TTL, 30 s) and the
     event relay's (``keep``, ``max_age``). ``lease``: the name of the
     nodes' :class:`PostgresLease` (``None``: show no leader). ``runs_limit``:
-    the newest runs shown; every running run is shown besides, however old, up to
-    ``running_limit`` (those beyond it are counted in :attr:`running_unlisted`).
+    the newest runs shown, and as many of those that ended last and of the newest
+    failures, whatever their place in the queue; every running run is shown besides,
+    however old, up to ``running_limit`` (those beyond it are counted in
+    :attr:`running_unlisted`), and so is one waiting for its next attempt.
     """
 
     def __init__(
@@ -108,10 +114,19 @@ class ClusterObserver:
         #: whose newest process registered after that holds it only through an older process
         #: of its name (the lease names the node, not the process)
         self._term_seen: tuple[int, float] | None = None
+        #: (term, incarnation) -> whether the store's events show that term held by the node
+        #: before that incarnation (its newest process) started: looked up once each, for a
+        #: term held since before this observer started (see _held_before)
+        self._earlier_terms: dict[tuple[int, str], bool] = {}
         #: the lease was seen held since this observer started: the nodes lead through it
         self._lease_seen = False
         self._lease_due = 0.0
         self._runs: dict[str, StoredRun] = {}
+        #: the run kept current whether or not the reads list it (a run's open detail)
+        self._followed: str | None = None
+        #: run id -> (attempt, progress) from the newest run.progress event of a running run:
+        #: the store's row holds only what the node's last heartbeat wrote, often older
+        self._progress_seen: dict[str, tuple[int, Progress | None]] = {}
         self._runs_stale = True
         self._poke = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -291,11 +306,38 @@ class ClusterObserver:
         return out
 
     def _held_before(self, leader: LeaseState, info: NodeInfo) -> bool:
-        """Whether ``leader``'s term was read held before ``info``'s process registered: then
-        an earlier process of that name holds it (a process starts without the lease, and
-        every acquire makes a new term), its lease running out after a restart."""
+        """Whether ``leader``'s term was held before ``info``'s process registered: then an
+        earlier process of that name holds it (a process registers before it competes for the
+        lease, and every acquire makes a new term), its lease running out after a restart.
+
+        Known when this observer read the term before that process registered, or when the
+        node's own lease events in the store name the term and were stored before it
+        registered (see :meth:`_judge_term`). The lease's row cannot tell: it holds the
+        holder, the term and the expiry, not when the term was taken nor the ttl it runs on."""
         seen = self._term_seen
-        return seen is not None and seen[0] == leader.term and seen[1] < info.started_at
+        if seen is not None and seen[0] == leader.term and seen[1] < info.started_at:
+            return True
+        return self._earlier_terms.get((leader.term, info.incarnation), False)
+
+    async def _judge_term(self, leader: LeaseState) -> None:
+        """Look up, once per term and process, whether the holder's newest process took the
+        term it holds or an earlier process of its name did (see :meth:`_held_before`)."""
+        rows = [info for info in self._node_rows if info.node == leader.holder]
+        if len(rows) < 2:
+            return  # no earlier process of that name is known: nobody else to hold it
+        newest = max(rows, key=lambda info: info.started_at)
+        key = (leader.term, newest.incarnation)
+        seen = self._term_seen
+        if key in self._earlier_terms or (seen is not None and seen[0] == leader.term and seen[1] < newest.started_at):
+            return
+        # a term named in the node's lease events stored before its newest process registered
+        # was held before that process existed, so it is not that process's
+        earlier = leader.term in await self.store.lease_terms_before(
+            leader.holder, newest.started_at, _LEASE_EVENTS_LOOKED_AT
+        )
+        # one term at a time is looked at: the entries of terms gone are of no use
+        self._earlier_terms = {k: v for k, v in self._earlier_terms.items() if k[0] == leader.term}
+        self._earlier_terms[key] = earlier
 
     @property
     def leader(self) -> LeaseState | None:
@@ -308,7 +350,8 @@ class ClusterObserver:
         return self._now or None
 
     def runs(self) -> list[StoredRun]:
-        """The newest runs of the whole cluster (and every running one), newest first."""
+        """The runs of the whole cluster the last read listed (see :meth:`_read_runs`), by
+        their place in the queue, newest first."""
         return sorted(self._runs.values(), key=lambda r: r.seq, reverse=True)
 
     def record(self, run_id: str) -> StoredRun | None:
@@ -376,21 +419,78 @@ class ClusterObserver:
             # each look opens a connection of its own (as the lease's operations do): every few seconds
             self._lease_due = self._now + _LEASE_INTERVAL
             try:
-                self._leader = await self._lease.peek()
-                self._lease_seen = self._lease_seen or self._leader is not None
-                if self._leader is not None and (self._term_seen is None or self._term_seen[0] != self._leader.term):
-                    self._term_seen = (self._leader.term, self.store.clock())
+                leader = await self._lease.peek()
+                if leader is not None and (self._term_seen is None or self._term_seen[0] != leader.term):
+                    self._term_seen = (leader.term, self.store.clock())
+                if leader is not None:
+                    # before the holder is shown: a restarted process is never shown leading
+                    # on its predecessor's term until the store is asked
+                    try:
+                        await self._judge_term(leader)
+                    except (TaskwatchError, OSError) as exc:
+                        log.debug("reading the lease's events failed: %r", exc)  # asked again at the next look
+                self._leader = leader
+                self._lease_seen = self._lease_seen or leader is not None
             except Exception as exc:  # noqa: BLE001 - the badge waits for the next look; the rest goes on
                 log.debug("reading the lease failed: %r", exc)
         if runs:
             self._runs_stale = False
-            newest = await self.store.query(limit=self.runs_limit)
-            running = await self._running_runs()
-            fresh = {r.id: r for r in (*newest.runs, *running)}
-            old = self._runs
-            # unchanged rows keep their object, so a table diffing by identity skips them
-            self._runs = {run_id: old[run_id] if old.get(run_id) == r else r for run_id, r in fresh.items()}
-            self.runs_changes += 1
+            await self._read_runs()
+
+    async def _read_runs(self) -> None:
+        """Read the runs again: the newest ``runs_limit`` submitted, every running one, the
+        ``runs_limit`` that ended last and the newest ``runs_limit`` failures, whatever their
+        place in the queue (in a backlog, a run starts and ends long after newer runs were
+        submitted), and by id those listed before that have started and not ended (a run
+        waiting for its next attempt) and the followed one (see :meth:`follow`). Each read is
+        bounded by an index; a read that comes later holds the newer row of a run."""
+        fresh: dict[str, StoredRun] = {}
+        for batch in (
+            (await self.store.query(limit=self.runs_limit)).runs,
+            await self._running_runs(),
+            await self.store.recently_finished(self.runs_limit),
+            (await self.store.query(status=RunStatus.FAILED.value, limit=self.runs_limit)).runs,
+        ):
+            fresh.update((r.id, r) for r in batch)
+        old = self._runs
+        # a running run the reads left out stopped running, unless the bound on them left it out
+        every_running = self.running_unlisted == 0
+        carried = [run_id for run_id, r in old.items() if run_id not in fresh and (
+                   (r.status is RunStatus.RUNNING and every_running)
+                   or (r.status is RunStatus.PENDING and r.started_at is not None))][: self.runs_limit]  # fmt: skip
+        if self._followed is not None and self._followed not in fresh:
+            carried.append(self._followed)
+        if carried:
+            for run_id, r in (await self.store.get_many(carried)).items():
+                # a run that ended and is no longer among those that ended last goes (unless followed)
+                if not r.status.finished or run_id == self._followed:
+                    fresh[run_id] = r
+        self._progress_seen = {run_id: seen for run_id, seen in self._progress_seen.items()
+                               if (now := fresh.get(run_id)) is not None and not now.status.finished}  # fmt: skip
+        # unchanged rows keep their object, so a table diffing by identity skips them
+        self._runs = {run_id: self._merged(old.get(run_id), r) for run_id, r in fresh.items()}
+        self.runs_changes += 1
+
+    def _merged(self, old: StoredRun | None, new: StoredRun) -> StoredRun:
+        """``new`` (a run read again), with the progress its events told since when that is
+        newer: a running run's row holds the progress its node's last heartbeat wrote, and
+        its progress events come as it goes (while they come: not when they were missed,
+        whose resync forgets them, or while the relay is cut off)."""
+        seen = self._progress_seen.get(new.id)
+        told = None if seen is None or seen[0] != new.attempt else seen[1]
+        if told is not None and new.status is RunStatus.RUNNING and new.progress != told and self.relay.connected:
+            new = new.model_copy(update={"progress": told})
+        return old if old == new and old is not None else new
+
+    def follow(self, run_id: str | None) -> None:
+        """Keep ``run_id`` current whether or not the reads list it (a run's open detail),
+        read by id with the others; None: none. A run not listed yet is read at once."""
+        if run_id == self._followed:
+            return
+        self._followed = run_id
+        if run_id is not None and run_id not in self._runs:
+            self._runs_stale = True
+            self._poke.set()
 
     async def _running_runs(self) -> list[StoredRun]:
         """Every running run, however many, a page at a time, up to ``running_limit`` (those
@@ -419,15 +519,28 @@ class ClusterObserver:
     def _on_event(self, event: Any) -> None:
         kind: str = event.kind
         if kind == "bus.dropped":
-            # events were missed: what the runs show may be wrong until read again
+            # events were missed: what the runs show may be wrong until read again, and the
+            # progress events kept may not be the newest
             self.resyncs += 1
+            self._progress_seen.clear()
         elif kind == "run.progress":
             run = self._runs.get(event.run_id)
-            if run is not None and run.status is RunStatus.RUNNING:
-                progress = Progress(done=event.done, total=event.total, message=event.message)
+            if run is None:
+                return
+            # the attempt its run.started named: the row read before it may still show the last one
+            before = self._progress_seen.get(run.id)
+            attempt = run.attempt if before is None else before[0]
+            progress = Progress(done=event.done, total=event.total, message=event.message)
+            self._progress_seen[run.id] = (attempt, progress)
+            if run.status is RunStatus.RUNNING and run.attempt == attempt:
                 self._runs[run.id] = run.model_copy(update={"progress": progress})
                 self.runs_changes += 1
             return
+        elif kind == "run.started":
+            # another attempt: its progress is its own, the last attempt's events say nothing of it
+            self._progress_seen[event.run_id] = (event.attempt, None)
+        elif kind in ("run.retrying", "run.recovered"):
+            self._progress_seen.pop(event.run_id, None)
         elif kind in ("lease.acquired", "lease.released", "lease.lost"):
             # a node took the lease, or let it go: the badge reads who leads at the next look
             # (not on each renew, which changes no holder: each read opens a connection)

@@ -45,6 +45,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from rich.text import Text
 from taskwatch.engine import (
@@ -60,6 +61,7 @@ from taskwatch.engine import (
 from taskwatch.engine.redis_events import RedisEventRelay
 from taskwatch.engine.relay import ClusterNode
 from taskwatch.tui.cluster import ClusterApp
+from taskwatch.widgets import StoreNodesTable
 from textual.widgets import Static
 
 from .helpers import Recorder, eventually, stray_tasks
@@ -269,6 +271,45 @@ async def test_a_process_restarted_under_the_leaders_id_is_not_shown_leading_on_
         # the lease names n1 and term 1: the killed process's, running out; not the new process's
         assert observer.leader is not None and (observer.leader.holder, observer.leader.term) == ("n1", 1)
         assert (now.is_leader, now.term) == (False, None)
+
+
+async def test_a_dashboard_opened_after_a_restart_does_not_show_the_new_process_leading_on_the_old_lease(
+    postgres_url: str, nodes: list[Child]
+) -> None:
+    # the dashboard never saw the killed process lead: only the store can say whose the term is
+    args = (*COMMON, "--lease-ttl", "60", "run")
+    first = Child(postgres_url, "n1", *args)  # type: ignore[arg-type]
+    nodes.append(first)
+    await asyncio.to_thread(first.event, "lease.acquired", TIMEOUT)
+    # its lease.acquired is in the events table before it dies (events go out in batches)
+    told = "SELECT count(*) FROM events WHERE node = 'n1' AND body LIKE '%\"kind\":\"lease.acquired\"%'"
+    probe = await asyncpg.connect(postgres_url)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not await probe.fetchval(told):
+            assert time.monotonic() < deadline, "n1's lease.acquired never reached the events table"
+            await asyncio.sleep(0.05)
+    finally:
+        await probe.close()
+    await asyncio.to_thread(first.sigkill)
+    second = Child(postgres_url, "n1", *args)  # type: ignore[arg-type]
+    nodes.append(second)
+    await asyncio.to_thread(second.event, "started", TIMEOUT)
+
+    app = ClusterApp(ClusterObserver(postgres_url, refresh_interval=0.2))
+    async with app.run_test(size=(160, 45)):
+        observer = app.observer
+        assert observer is not None
+        table = app.query_one(StoreNodesTable)
+
+        # the newest process of n1 (the one shown) is the one started after the kill
+        now = await eventually(lambda: (n := node_named(observer, "n1")) is not None and n.state == "up" and n,
+                               timeout=TIMEOUT)  # fmt: skip
+        # the lease names n1 and term 1: the killed process's, running out; not the new process's
+        assert observer.leader is not None and (observer.leader.holder, observer.leader.term) == ("n1", 1)
+        assert (now.is_leader, now.term) == (False, None)
+        await eventually(lambda: "n1" in table.shown_keys, timeout=TIMEOUT)
+        assert str(table.get_cell("n1", "role")) == "follower"
 
 
 async def test_a_killed_node_shows_unknown_once_its_events_stop_whatever_the_dashboards_node_ttl(

@@ -22,22 +22,26 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import asyncpg
 import pytest
 from pydantic import BaseModel
 from rich.text import Text
 from taskwatch.engine import (
     ClusterObserver,
     Engine,
+    EventBus,
     NotATaskwatchStore,
     PostgresEventRelay,
+    Progress,
     RunError,
+    RunProgressed,
     RunStatus,
     SchemaTooNew,
     StoreUnavailable,
     TaskContext,
     __version__,
 )
-from taskwatch.engine.store import Failed, NewRun, PostgresStore
+from taskwatch.engine.store import Failed, NewRun, PostgresStore, Retry, Succeeded
 from taskwatch.engine.store import queries as Q
 from taskwatch.tui.cli import main as cli_main
 from taskwatch.tui.cluster import ClusterApp
@@ -50,6 +54,7 @@ from .helpers import eventually, screen_shown, stray_tasks
 from .postgres_server import PostgresServer, schema_script
 from .processes import Line
 from .test_durable import Child
+from .test_widgets import plain
 
 TIMEOUT = 30.0
 
@@ -444,6 +449,160 @@ async def test_enter_on_a_run_shows_it_in_full_and_keeps_it_current(postgres_url
             await eventually(lambda: shown.record is not None and shown.record.result == "finally", timeout=TIMEOUT)
             assert shown.record.status.value == "succeeded"
     assert not stray_tasks()
+
+
+async def test_a_backlogs_runs_that_start_and_end_stay_listed_and_an_open_one_stays_current(postgres_url: str) -> None:
+    # runs_limit 3: the newest runs submitted wait behind the early ones, which start and end
+    # behind them, as the oldest runs of a backlog do
+    async with PostgresStore(postgres_url) as node:  # a node's part, played by hand
+        early = await node.insert([NewRun(task="early", params={"n": n}) for n in range(8)])
+        later = await node.insert([NewRun(task="later", params={"n": n}) for n in range(6)])
+        await node.register_node("worker", "w1", __version__)
+        tokens = {claim.run_id: claim.token for claim in await node.claim("worker", "w1", 8, {"early": None})}
+        assert set(tokens) == {r.id for r in early}
+        observer = ClusterObserver(postgres_url, lease=None, runs_limit=3, refresh_interval=0.1, runs_interval=0.2)
+        app = ClusterApp(observer)
+        async with app.run_test(size=(160, 45)) as pilot:
+            table = app.query_one(ClusterRunsTable)
+            first = early[0].id
+            await eventually(lambda: first in table.shown_keys and cell(table, first, "status") == "running",
+                             timeout=TIMEOUT)  # fmt: skip
+            assert table.select_run(first)
+            await pilot.press("enter")
+            screen = await screen_shown(app, RunScreen, timeout=TIMEOUT)
+
+            # it ends first, and the seven after it push it out of the three that ended last
+            await node.finish(tokens[first], Succeeded("done"))
+            await node.finish(tokens[early[1].id], Failed(RunError(type="ValueError", message="bad row")))
+            for run in early[2:]:
+                await node.finish(tokens[run.id], Succeeded(None))
+            # the open run is read by id: it does not stay "running"
+            await eventually(lambda: screen.record.status is RunStatus.SUCCEEDED, timeout=TIMEOUT)
+            assert screen.record.result == "done"
+            await pilot.press("escape")
+
+            def listed() -> bool:
+                shown = table.shown_keys
+                return (early[1].id in shown and cell(table, early[1].id, "status") == "failed"
+                        and all(r.id in shown and cell(table, r.id, "status") == "succeeded" for r in early[5:]))  # fmt: skip
+
+            # the failure, and the runs that ended last, whatever their place in the queue
+            await eventually(listed, timeout=TIMEOUT)
+            assert {r.id for r in later[3:]} <= set(table.shown_keys)  # the newest submitted, as ever
+
+
+async def test_a_running_runs_progress_from_its_events_is_not_set_back_by_its_older_row(postgres_url: str) -> None:
+    async with PostgresStore(postgres_url) as node:
+        (long,) = await node.insert([NewRun(task="long", params={})])
+        await node.register_node("worker", "w1", __version__)
+        (claim,) = await node.claim("worker", "w1", 1, {"long": None})
+        # a heartbeat wrote 2 of 10: the row holds that until the next one
+        await node.heartbeat("w1", [claim.token], {claim.token: Progress(done=2, total=10)})
+        bus = EventBus(node="worker")
+        app = ClusterApp(ClusterObserver(postgres_url, lease=None))
+        async with app.run_test(size=(160, 45)):
+            observer = app.observer
+            assert observer is not None
+            table = app.query_one(ClusterRunsTable)
+            await eventually(lambda: long.id in table.shown_keys and cell(table, long.id, "progress").endswith("20%"),
+                             timeout=TIMEOUT)  # fmt: skip
+            async with PostgresEventRelay(postgres_url, bus=bus):  # the node's events
+                bus.emit(RunProgressed, run_id=long.id, task="long", done=7, total=10)
+
+                def told() -> float | None:
+                    record = observer.record(long.id)
+                    return None if record is None else record.progress.done
+
+                await eventually(lambda: told() == 7, timeout=TIMEOUT)
+                await observer.refresh()  # the runs read again: the row still says 2
+                assert told() == 7
+                await eventually(lambda: cell(table, long.id, "progress").endswith("70%"), timeout=TIMEOUT)
+
+                # its next attempt starts from nothing: the last attempt's events say nothing of it
+                await node.finish(claim.token, Retry(RunError(type="Flaky", message="again")))
+                (again,) = await node.claim("worker", "w1", 1, {"long": None})
+                assert again.attempt == 2
+                await observer.refresh()
+                assert told() == 0
+
+
+async def test_r_pressed_again_while_its_retry_waits_sends_nothing_and_r_on_the_detail_acts_on_the_retry(
+    postgres_url: str,
+) -> None:
+    async with PostgresStore(postgres_url) as node:
+        first, second = await node.insert([NewRun(task="charge", params={"n": n}) for n in range(2)])
+        await node.register_node("worker", "w1", __version__)
+        for claim in await node.claim("worker", "w1", 2, {"charge": None}):
+            await node.finish(claim.token, Failed(RunError(type="CardDeclined", message="declined")))
+
+    async def retries_of(run_id: str) -> int:
+        async with PostgresStore(postgres_url) as store:
+            return sum(r.source == f"retry:{run_id}" for r in (await store.query(limit=50)).runs)
+
+    def acting(app: ClusterApp) -> bool:
+        return any(worker.group == "actions" for worker in app.workers)
+
+    app = ClusterApp(ClusterObserver(postgres_url, lease=None))
+    async with app.run_test(size=(160, 45)) as pilot:
+        table = app.query_one(ClusterRunsTable)
+        await eventually(lambda: all(r.id in table.shown_keys and cell(table, r.id, "status") == "failed"
+                                     for r in (first, second)), timeout=TIMEOUT)  # fmt: skip
+        assert table.select_run(first.id)
+        # the database is slow to answer: the runs table is locked by another session
+        blocker = await asyncpg.connect(postgres_url)
+        try:
+            lock = blocker.transaction()
+            await lock.start()
+            await blocker.execute("LOCK TABLE runs IN ACCESS EXCLUSIVE MODE")
+            await pilot.press("r")
+            await pilot.press("r")
+            await eventually(lambda: said(app, f"retry run {first.id}: still waiting for the database's answer "
+                                               "to the last one"), timeout=TIMEOUT)  # fmt: skip
+            await lock.rollback()
+        finally:
+            await blocker.close()
+        await eventually(lambda: said(app, "retrying charge as run") and not acting(app), timeout=TIMEOUT)
+        assert await retries_of(first.id) == 1
+
+        # on the run's own screen, a retry shows the new run: r again acts on that one
+        assert table.select_run(second.id)
+        await pilot.press("enter")
+        screen = await screen_shown(app, RunScreen, timeout=TIMEOUT)
+        await pilot.press("r")
+        await eventually(lambda: screen.run_id != second.id, timeout=TIMEOUT)
+        retry = screen.run_id
+        assert screen.record.status is RunStatus.PENDING and said(app, f"retrying charge as run {retry}")
+        await eventually(lambda: not acting(app), timeout=TIMEOUT)
+        await pilot.press("r")
+        await eventually(lambda: said(app, f"run {retry} is pending; only failed or cancelled runs can be retried"),
+                         timeout=TIMEOUT)  # fmt: skip
+        await eventually(lambda: not acting(app), timeout=TIMEOUT)
+        assert await retries_of(second.id) == 1
+
+
+async def test_a_run_recovered_from_a_lost_node_shows_its_try_against_what_it_may_take(postgres_url: str) -> None:
+    # allowed one try, lost with its node: recovery puts it back as its second attempt, which
+    # the engine runs (losses are bounded by max_lost) and does not retry if it fails
+    async with PostgresStore(postgres_url) as node:
+        (lost,) = await node.insert([NewRun(task="once", params={}, max_attempts=1)])
+        await node.register_node("worker", "w1", __version__)
+        await node.claim("worker", "w1", 1, {"once": None})
+        await node.register_node("worker", "w2", __version__)  # the node restarted: w1's claim is lost
+        (recovered,) = await node.recover()
+        assert recovered.action == "requeued"
+        (claim,) = await node.claim("worker", "w2", 1, {"once": None})
+        assert (claim.attempt, claim.max_attempts, claim.lost_count) == (2, 1, 1)
+        app = ClusterApp(ClusterObserver(postgres_url, lease=None))
+        async with app.run_test(size=(160, 45)) as pilot:
+            table = app.query_one(ClusterRunsTable)
+            await eventually(lambda: lost.id in table.shown_keys and cell(table, lost.id, "status") == "running",
+                             timeout=TIMEOUT)  # fmt: skip
+            assert cell(table, lost.id, "attempt") == "2/2"
+            assert table.select_run(lost.id)
+            await pilot.press("enter")
+            screen = await screen_shown(app, RunScreen, timeout=TIMEOUT)
+            text = plain(screen.query_one("#run-detail-summary", Static).content)
+            assert "2 of 2 (1 lost with its node)" in text and "of 1" not in text
 
 
 # ---------------------------------------------------------------- keys while the database is away

@@ -616,6 +616,20 @@ async def test_run_detail_shows_a_failure_with_its_traceback() -> None:
         assert not detail.query_one("#run-detail-body").display
 
 
+async def test_a_run_recovered_past_its_tries_shows_its_attempt_against_what_it_may_take() -> None:
+    # lost with its node, a run allowed one try comes back as its second attempt (recovery
+    # raises no max_attempts): "2/2", its last try, never "2/1"
+    record = run("0123456789abcdef", 1, status=RunStatus.RUNNING, started=1, attempt=2, max_attempts=1)
+    table, detail = RunsTable(), RunDetail()
+    async with Host(table, detail).run_test(size=SIZE) as pilot:
+        table.update_runs([record], now=T0 + 2)
+        detail.show(record)
+        await pilot.pause()
+        assert cell(table, record.id, "attempt") == "2/2"
+        summary = plain(detail.query_one("#run-detail-summary", Static).content)
+        assert "2 of 2" in summary and "of 1" not in summary
+
+
 async def test_run_detail_replaces_cut_down_params_once_the_full_record_arrives() -> None:
     # attached, a run first comes with its large params cut by the wire, then in full
     detail = RunDetail()

@@ -15,7 +15,7 @@ import difflib
 import functools
 import gc
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from itertools import islice
 from typing import Any, NamedTuple, TypeVar
 
@@ -67,6 +67,7 @@ from textual.widget import Widget
 from textual.widgets import Footer, Input, Static, TabbedContent, TabPane
 
 from .client import DashboardClient
+from .in_flight import CommandsInFlight
 from .screens import (
     AttachScreen,
     ChooseKeyScreen,
@@ -498,8 +499,8 @@ class TaskwatchApp(PlainApp):
         self._overview_sent: float | None = None
         #: when the first overview request still unanswered was sent (None: the last one was)
         self._unanswered_since: float | None = None
-        #: (verb, run id or name) of the commands whose replies the keys still wait for
-        self._acting: set[tuple[str, str]] = set()
+        #: the commands whose replies the keys still wait for
+        self._in_flight = CommandsInFlight(lambda text: self.notify(text, severity="warning"), "the engine's reply")
         #: runs known only from their later events, whose records are to be fetched (newest last)
         self._to_fill: dict[str, None] = {}
         self._filling = False
@@ -1188,22 +1189,11 @@ class TaskwatchApp(PlainApp):
             submitted,
         )
 
-    @contextlib.contextmanager
-    def _sole(self, verb: str, targets: Iterable[str], what: str) -> Iterator[bool]:
+    def _sole(self, verb: str, targets: Iterable[str], what: str) -> contextlib.AbstractContextManager[bool]:
         """Whether a key may ``verb`` ``targets`` now: False, after a word, while an earlier
-        ``verb`` of one of them still waits for the engine's reply. A slow engine shows nothing
-        for a while, and a key pressed again must not send its command twice (``r`` would
-        retry the run twice); the submit form's Submit refuses a second press the same way."""
-        keys = {(verb, target) for target in targets}
-        if keys & self._acting:
-            self.notify(f"{verb} {what}: still waiting for the engine's reply to the last one", severity="warning")
-            yield False
-            return
-        self._acting |= keys
-        try:
-            yield True
-        finally:
-            self._acting -= keys
+        ``verb`` of one of them still waits for the engine's reply (see :class:`CommandsInFlight`);
+        the submit form's Submit refuses a second press the same way."""
+        return self._in_flight.sole(verb, targets, what)
 
     async def _command(
         self, verb: str, call: Awaitable[T], refused: type[TaskwatchError] | None = None

@@ -26,7 +26,10 @@ shown is, a node silent past the node TTL since shows as ``unknown`` and a
 leader whose lease lapsed since is no longer shown; Enter shows a run as read
 before, at once, and ``c`` / ``r`` are refused at once (nothing is sent). A
 read or a command that gets no answer within ``answer_timeout`` is given up on,
-and the user is told (a cancel or a retry may still have been carried out).
+and the user is told (a cancel or a retry may still have been carried out). A
+``c`` or ``r`` pressed again while its command still waits is not sent twice (as
+in the engine dashboard), and ``r`` on a run's own screen shows the new run then,
+so that ``r`` again acts on it.
 
 Any event relay will do: ``ClusterApp(MemoryEventRelay(stream))`` watches
 engines of one process sharing a :class:`~taskwatch.engine.MemoryEventStream`
@@ -74,6 +77,7 @@ from textual.css.query import NoMatches
 from textual.timer import Timer
 from textual.widgets import Footer, Static
 
+from .in_flight import CommandsInFlight
 from .screens import ConfirmScreen, EventScreen, RunScreen
 from .plain_app import PlainApp
 
@@ -185,6 +189,8 @@ class ClusterApp(PlainApp):
         self._sub: Subscription | None = None
         self._timer: Timer | None = None
         self._runs_shown: set[str] = set()
+        #: the cancels and retries whose answers the keys still wait for (as the engine dashboard's)
+        self._in_flight = CommandsInFlight(lambda text: self.notify(text, severity="warning"), "the database's answer")
         #: (monotonic time, observer.runs_changes) of the last redraw of the runs table
         self._runs_drawn: tuple[float, int] = (float("-inf"), -1)
 
@@ -192,7 +198,9 @@ class ClusterApp(PlainApp):
         yield Static("", id="cluster-header")
         if self.observer is not None:
             yield StoreNodesTable(id="nodes")
-            yield ClusterRunsTable(id="cluster-runs", max_rows=self.observer.runs_limit * 2)
+            # room for every run the observer lists that has ended: the newest, those that ended
+            # last and the newest failures (runs_limit of each) and a few more (one followed, ...)
+            yield ClusterRunsTable(id="cluster-runs", max_rows=self.observer.runs_limit * 4)
         else:
             yield NodesTable(id="nodes")
         yield EventLog(id="cluster-events", show_node=True)
@@ -280,6 +288,10 @@ class ClusterApp(PlainApp):
         header.update(join_parts(parts, header.size.width))
 
     def _draw_runs(self, observer: ClusterObserver, now: float) -> None:
+        screen = self.screen
+        detail = screen if isinstance(screen, RunScreen) else None
+        # the open run is read by id when the list leaves it out (a backlog's run that ended)
+        observer.follow(None if detail is None else detail.run_id)
         at, changes = self._runs_drawn
         wall = time.monotonic()
         if wall - at < (RUNS_REDRAW_IDLE if changes == observer.runs_changes else RUNS_REDRAW_CHANGED):
@@ -293,12 +305,11 @@ class ClusterApp(PlainApp):
             table.remove_runs(gone)
         self._runs_shown = current
         table.update_runs(runs, now)
-        screen = self.screen
-        if isinstance(screen, RunScreen):
+        if detail is not None:
             # the run read again with the others: its status, a new attempt, a live duration
-            fresh = observer.record(screen.run_id)
+            fresh = observer.record(detail.run_id)
             if fresh is not None:
-                screen.show(fresh, now)
+                detail.show(fresh, now)
 
     # ------------------------------------------------------------------ actions
 
@@ -401,12 +412,17 @@ class ClusterApp(PlainApp):
             return
         if self._unreachable("cancel", run.id):
             return
+        with self._in_flight.sole("cancel", [run.id], f"run {run.id}") as free:
+            if free:
+                await self._cancel(self.observer, run)
+
+    async def _cancel(self, observer: ClusterObserver, run: StoredRun) -> None:
         where = f" on {run.node}" if run.node else ""
         if not await self._confirmed(f"Cancel run {run.id} ({run.task}, {run.status.value}{where})?", "Cancel run"):
             return
         if self._unreachable("cancel", run.id):  # it went out of reach while the question was open
             return
-        record = await self._send("cancel", run.id, self.observer.cancel(run.id), RunNotCancellable,
+        record = await self._send("cancel", run.id, observer.cancel(run.id), RunNotCancellable,
                                   "it may still have been carried out: see the run's status once the database answers")  # fmt: skip
         if record is None:
             return
@@ -423,11 +439,21 @@ class ClusterApp(PlainApp):
             return
         if self._unreachable("retry", run.id):
             return
-        record = await self._send("retry", run.id, self.observer.retry(run.id), RunNotRetryable,
+        with self._in_flight.sole("retry", [run.id], f"run {run.id}") as free:
+            if free:
+                await self._retry(self.observer, run)
+
+    async def _retry(self, observer: ClusterObserver, run: StoredRun) -> None:
+        record = await self._send("retry", run.id, observer.retry(run.id), RunNotRetryable,
                                   "a new run may still have been queued: see the runs once the database answers")  # fmt: skip
         if record is None:
             return
         self.notify(f"retrying {run.task} as run {record.id}")
+        screen = self.screen
+        if isinstance(screen, RunScreen) and screen.run_id == run.id:
+            # the new run is the one shown now, as the engine dashboard's detail follows the
+            # retry it selects: r again acts on it, never on the failed run once more
+            screen.show(record, observer.store.clock())
         self._runs_drawn = (float("-inf"), -1)  # now: the new run is selected next
         self._draw()
         self.query_one(ClusterRunsTable).select_run(record.id)

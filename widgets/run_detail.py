@@ -18,6 +18,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import ProgressBar, Static
 
 from ._format import DASH, fmt_clock, fmt_duration, pretty_json, printable, printable_lines, status_style
+from .runs_table import attempt_budget
 
 _UNSET: Any = object()
 
@@ -233,6 +234,7 @@ class RunDetail(VerticalScroll):
         duration = _duration(record.started_at, record.finished_at, now)
         key = (
             record.id, record.task, record.status, record.cancel_reason, record.attempt, record.max_attempts,
+            getattr(record, "lost_count", 0),
             record.created_at, record.started_at, record.finished_at, record.key, record.source, record.node,
         )
         self._summary_key = _update_part(
@@ -260,7 +262,7 @@ class RunDetail(VerticalScroll):
             ("run", Text(printable(record.id), style="bold")),
             ("task", Text(printable(record.task), style="bold")),
             ("status", status),
-            ("attempt", Text(f"{record.attempt} of {record.max_attempts}")),
+            ("attempt", self._attempt(record)),
             ("created", Text(fmt_clock(record.created_at))),
             ("started", Text(fmt_clock(record.started_at))),
             ("finished", Text(fmt_clock(record.finished_at))),
@@ -272,6 +274,16 @@ class RunDetail(VerticalScroll):
         for label, value in rows:
             grid.add_row(label, value)
         return grid
+
+    @staticmethod
+    def _attempt(record: RunRecord) -> Text:
+        """"2 of 3": the attempt and the tries it may take (see :func:`attempt_budget`), and
+        how many were lost with their node when the record says (a store's record does)."""
+        text = Text(f"{record.attempt} of {attempt_budget(record)}")
+        lost = getattr(record, "lost_count", 0)
+        if isinstance(lost, int) and lost > 0:
+            text.append(f" ({lost} lost with {'its node' if lost == 1 else 'their nodes'})", style="dim")
+        return text
 
     def _show_progress(self, record: RunRecord) -> None:
         progress = record.progress

@@ -41,6 +41,16 @@ MARKED_STYLE = "bold black on yellow"
 _BAR_WIDTH = 7
 
 
+def attempt_budget(record: RunRecord) -> int:
+    """The tries ``record`` may take, the ones taken counted: its ``max_attempts``, or its
+    attempt when that is higher. Recovery puts a run whose node was lost back as its next
+    attempt without raising ``max_attempts`` (the lost try counts; losses are bounded by the
+    store's ``max_lost`` instead), so a run allowed one try can be on its second. A failure is
+    retried while the attempt is below this, as the engine judges it (``attempt <
+    max_attempts``); shown as "2/2", not "2/1"."""
+    return max(record.max_attempts, record.attempt)
+
+
 def run_cells(record: RunRecord, now: float, marked: bool = False) -> tuple[Cell, ...]:
     """The (text, style) of every column for one run."""
     status = record.status.value
@@ -59,7 +69,7 @@ def run_cells(record: RunRecord, now: float, marked: bool = False) -> tuple[Cell
         (status, style),
         _progress_cell(record, fraction, style),
         (duration, ""),
-        (f"{record.attempt}/{record.max_attempts}", attempt_style),
+        (f"{record.attempt}/{attempt_budget(record)}", attempt_style),
         (fmt_clock(record.started_at), ""),
     )
 

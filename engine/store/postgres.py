@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -1403,6 +1404,26 @@ class PostgresStore(Store):
             return {}
         rows = await self._run(self._fetch, Q.PG_GET_RUNS, {"ids": list(run_ids)}, write=False)
         return {run.id: run for run in self._run_rows.runs(rows)}
+
+    async def recently_finished(self, limit: int) -> list[StoredRun]:
+        """The ``limit`` runs that ended last, the last first, whatever their place in the queue
+        (in a backlog a run ends long after newer ones were submitted)."""
+        rows = await self._run(self._fetch, Q.RECENTLY_FINISHED, {"limit": max(0, limit)}, write=False)
+        return self._run_rows.runs(rows)
+
+    async def lease_terms_before(self, node: str, before: float, limit: int = 20) -> set[int]:
+        """The lease terms ``node``'s newest ``limit`` lease events stored before ``before`` (the
+        server's time) say it held, as the event relay stored them (``events="postgres"``):
+        a process of that node that registered at ``before`` did not take those terms."""
+        values = {"node": node, "before": before, "limit": limit}
+        terms: set[int] = set()
+        for (body,) in await self._run(self._fetch, Q.PG_LEASE_EVENTS_BEFORE, values, write=False):
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                event = json.loads(body)
+                term = event.get("term")
+                if event.get("kind") in ("lease.acquired", "lease.renewed") and type(term) is int:
+                    terms.add(term)
+        return terms
 
     async def query(
         self,

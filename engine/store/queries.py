@@ -388,6 +388,10 @@ ADD_TOTAL = "UPDATE totals SET value = value + :delta WHERE name = :name"
 
 PRUNE_OLDER = f"DELETE FROM runs WHERE {FINISHED} AND finished_at < :cutoff"
 
+#: the runs that ended last, whatever their place in the queue: read newest first off the
+#: runs_finished index, which stops at the limit
+RECENTLY_FINISHED = f"SELECT {RUN_COLUMNS} FROM runs WHERE {FINISHED} ORDER BY finished_at DESC, seq DESC LIMIT :limit"
+
 #: the newest finished run beyond the ``keep`` newest (its position bounds the delete)
 PRUNE_BOUNDARY = f"""
 SELECT finished_at, seq FROM runs WHERE {FINISHED}
@@ -771,6 +775,12 @@ ON CONFLICT (node, bus, seq) DO NOTHING"""
 EVENTS_AFTER = "SELECT id, skipped, body, bus FROM events WHERE id > :after ORDER BY id LIMIT :n"
 
 LAST_EVENT_ID = "SELECT COALESCE(MAX(id), 0) FROM events"
+
+#: a node's newest lease events stored before a time: the terms it held by then
+PG_LEASE_EVENTS_BEFORE = """
+SELECT body FROM events
+WHERE node = :node AND COALESCE(stored_at, ts) < :before AND body LIKE '%"kind":"lease.%'
+ORDER BY id DESC LIMIT :limit"""
 
 #: keep the newest :keep events (about: ids may have holes) and none stored before :cutoff
 #: (the server's time; rows written before migration 7 have only the emitter's time stamp)
