@@ -494,3 +494,44 @@ async def test_a_job_cut_by_a_lapse_and_run_again_here_fails_once_when_its_handl
             info = queue.info()
             assert attempts == [1, 2]
             assert info.processed == 0 and info.given_up == 0 and info.depth == 0 and info.set_aside == 0, info
+
+
+@pytest.mark.parametrize("holder", ["trigger", "queue"])
+async def test_a_stop_while_the_network_to_postgres_drops_every_packet_ends_within_its_bounds(
+    postgres_server: PostgresServer, postgres_url: str, holder: str
+) -> None:
+    # a look for gone nodes' keys (or jobs) under way when the network went silent waited for
+    # an answer, or a rollback's, that never came: the stop returned only once the network did
+    async def handle(job: dict[str, int]) -> None:
+        pass
+
+    async def compile_key(ctx: TaskContext, key: str) -> None:
+        pass
+
+    async with StallingProxy(postgres_server.port) as proxy:
+        engine = Engine(store=proxy.url(postgres_url), node_id="a", lease_ttl=TTL, cancel_grace=0.2, health_interval=None)
+        unreachable = Recorder(engine, ("store.unreachable",))
+        if holder == "queue":
+            queue = engine.queue("q", handle)
+        else:
+            trigger = engine.trigger("compile", compile_key, size_threshold=100, save_interval=0.1)
+        await engine.start()
+        try:
+            if holder == "queue":
+                await queue.put({"i": 1})
+            else:
+                trigger.notify("k", 5)
+                await eventually(lambda: trigger.state().keys[0].count == 5, TIMEOUT)
+            proxy.hold()
+            await eventually(lambda: bool(unreachable.of("store.unreachable")), TIMEOUT)
+            if holder == "trigger":
+                trigger.notify("k", 2)  # a count the store cannot take: lost at the stop, and said so
+            async with asyncio.timeout(TIMEOUT):  # the network stays silent throughout
+                await engine.stop(timeout=1.0)
+        finally:
+            proxy.release()
+            if engine.state != "stopped":
+                await engine.stop(timeout=1.0)
+    assert engine.state == "stopped" and not stray_tasks()
+    if holder == "trigger":
+        assert trigger.state().lost_at_stop >= 2
