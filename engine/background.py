@@ -323,11 +323,12 @@ class BackgroundEngine:
                 claimed = True
                 bg._thread.start()
             if not bg._ready.wait(_thread_timeout(bg.start_timeout)):
+                store = f"its store ({engine.store.describe()}), " if engine.durable else ""
                 raise TimeoutError(
                     f"the engine did not start within {bg.start_timeout:g} s; the start was given up "
-                    f"and what it had started was stopped. A start waits for its store "
-                    f"({engine.store.describe()}) to answer: check that it is up and reachable from here, "
-                    "or give a slower one more time with start_background(start_timeout=...)"
+                    f"and what it had started was stopped. A start waits for {store}its lease and its "
+                    "event relay to answer: check that they are up and reachable from here, or give a "
+                    "slower one more time with start_background(start_timeout=...)"
                 )
             if bg._start_error is not None:
                 bg._thread.join()
