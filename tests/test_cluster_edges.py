@@ -245,21 +245,29 @@ def node_named(observer: ClusterObserver, name: str) -> ClusterNode | None:
     return next((n for n in observer.nodes() if n.node == name), None)
 
 
+#: the lease outlives the test: the killed process's term is still running when the new one is up
+LONG_LEASE = (*COMMON, "--lease-ttl", "60", "run")
+
+
+async def leading_n1(postgres_url: str, nodes: list[Child]) -> Child:
+    """Node n1 in a process of its own, once it holds the lease (term 1)."""
+    first = Child(postgres_url, "n1", *LONG_LEASE)  # type: ignore[arg-type]
+    nodes.append(first)
+    await asyncio.to_thread(first.event, "lease.acquired", TIMEOUT)
+    return first
+
+
 async def test_a_process_restarted_under_the_leaders_id_is_not_shown_leading_on_the_old_lease(
     postgres_url: str, nodes: list[Child]
 ) -> None:
-    # the lease outlives the test: the killed process's term is still running when the new one is up
-    args = (*COMMON, "--lease-ttl", "60", "run")
-    first = Child(postgres_url, "n1", *args)  # type: ignore[arg-type]
-    nodes.append(first)
-    await asyncio.to_thread(first.event, "lease.acquired", TIMEOUT)
+    first = await leading_n1(postgres_url, nodes)
     async with ClusterObserver(postgres_url, refresh_interval=0.2) as observer:
         before = await eventually(lambda: (n := node_named(observer, "n1")) is not None and n.is_leader and n,
                                   timeout=TIMEOUT)  # fmt: skip
         assert before.term == 1
 
         await asyncio.to_thread(first.sigkill)
-        second = Child(postgres_url, "n1", *args)  # type: ignore[arg-type]
+        second = Child(postgres_url, "n1", *LONG_LEASE)  # type: ignore[arg-type]
         nodes.append(second)
         await asyncio.to_thread(second.event, "started", TIMEOUT)
 
@@ -277,10 +285,7 @@ async def test_a_dashboard_opened_after_a_restart_does_not_show_the_new_process_
     postgres_url: str, nodes: list[Child]
 ) -> None:
     # the dashboard never saw the killed process lead: only the store can say whose the term is
-    args = (*COMMON, "--lease-ttl", "60", "run")
-    first = Child(postgres_url, "n1", *args)  # type: ignore[arg-type]
-    nodes.append(first)
-    await asyncio.to_thread(first.event, "lease.acquired", TIMEOUT)
+    first = await leading_n1(postgres_url, nodes)
     # its lease.acquired is in the events table before it dies (events go out in batches)
     told = "SELECT count(*) FROM events WHERE node = 'n1' AND body LIKE '%\"kind\":\"lease.acquired\"%'"
     probe = await asyncpg.connect(postgres_url)
@@ -292,7 +297,7 @@ async def test_a_dashboard_opened_after_a_restart_does_not_show_the_new_process_
     finally:
         await probe.close()
     await asyncio.to_thread(first.sigkill)
-    second = Child(postgres_url, "n1", *args)  # type: ignore[arg-type]
+    second = Child(postgres_url, "n1", *LONG_LEASE)  # type: ignore[arg-type]
     nodes.append(second)
     await asyncio.to_thread(second.event, "started", TIMEOUT)
 

@@ -89,6 +89,7 @@ from .models import (
 from .memory import parse_cursor
 from .rows import (
     RunRows,
+    trigger_save,
     book_recovered,
     counts_of,
     dumps,
@@ -1614,11 +1615,7 @@ class PostgresStore(Store):
     ) -> set[str]:
         if not keys and not forget:
             return set()
-        mine = {"trigger": trigger, "holder": incarnation, "nonce": None}
-        rows = [{**mine, "key": key, **rec.model_dump()} for key, rec in keys.items()]
-        gone = [{"trigger": trigger, "holder": incarnation, "key": key} for key in forget]
-        kept = [key for key in held if key in keys]
-        return await self._run(self._save_trigger, rows, gone, kept)  # type: ignore[no-any-return]
+        return await self._run(self._save_trigger, *trigger_save(trigger, incarnation, keys, forget, held))  # type: ignore[no-any-return]
 
     @staticmethod
     async def _save_trigger(tx: _Tx, rows: list[dict[str, Any]], gone: list[dict[str, Any]], held: list[str]) -> set[str]:

@@ -81,7 +81,7 @@ from .rows import failed_at_claim
 from .rows import loads as _loads
 from .rows import node_info as _node
 from .rows import seq_of as _seq_of
-from .rows import RunRows, book_recovered, recovery_step, sqlite_console
+from .rows import RunRows, book_recovered, recovery_step, sqlite_console, trigger_save
 
 
 log = logging.getLogger("taskwatch.store.sqlite")
@@ -1277,11 +1277,7 @@ class SqliteStore(Store):
     ) -> set[str]:
         if not keys and not forget:
             return set()
-        mine = {"trigger": trigger, "holder": incarnation, "nonce": None}
-        rows = [{**mine, "key": key, **rec.model_dump()} for key, rec in keys.items()]
-        gone = [{"trigger": trigger, "holder": incarnation, "key": key} for key in forget]
-        kept = [key for key in held if key in keys]
-        return await self._call(self._save_trigger, rows, gone, kept)  # type: ignore[no-any-return]
+        return await self._call(self._save_trigger, *trigger_save(trigger, incarnation, keys, forget, held))  # type: ignore[no-any-return]
 
     @staticmethod
     def _save_trigger(tx: _Tx, rows: list[dict[str, Any]], gone: list[dict[str, Any]], held: list[str]) -> set[str]:
