@@ -1039,14 +1039,16 @@ class Engine:
                 await asyncio.wait(self._late_starts, timeout=max(0.0, deadline - loop.time()))
                 for late in list(self._late_starts):
                     await cancel_and_wait(late)
-            # A store out of reach would hold each write left (outcomes, the cut runs put back,
-            # trigger counts, queued jobs, the node's end) for a whole retry period, and a network
-            # that drops packets holds a call (a look for gone nodes' keys or jobs, a rollback)
-            # without end: from here on every store call gives up past the drain, the cut runs'
-            # cleanup and a moment, and what they leave undone is recovery's to do (the cut runs
-            # get up to three rounds of cancel_grace: Execution.await_tasks)
-            give_up = time.monotonic() + max(0.0, deadline - loop.time()) + 3 * self.cancel_grace + _STOP_WRITE_GRACE
-            self._store.give_up_after(give_up)
+            # A network that drops packets holds a call to the store (a look for gone nodes' keys
+            # or jobs, a rollback) without end, where an outage holds it for the store's retry
+            # period: until the writes of what exists nowhere else are done, every call gives up
+            # past that period after the drain and the cut runs' cleanup (the cut runs get up to
+            # three rounds of cancel_grace: Execution.await_tasks), so those writes still wait out
+            # an outage as long as any write does, and nothing waits for ever
+            past_drain = max(0.0, deadline - loop.time()) + 3 * self.cancel_grace + _STOP_WRITE_GRACE
+            retry_period = getattr(self._store, "reconnect_timeout", None)
+            if isinstance(retry_period, (int, float)):
+                self._store.give_up_after(time.monotonic() + past_drain + retry_period)
             # snapshots: a queue or trigger made meanwhile (by a run still draining) is not
             # started, so there is nothing of it to stop. A trigger's sweeps end here; what its
             # runs ending (or a handler's notifies) bring due meanwhile fires while the drain lasts
@@ -1065,6 +1067,12 @@ class Engine:
                 await queue.stop(deadline)
             if self._durable:
                 await self._executor.flush()
+            # the writes of what exists nowhere else (queued jobs, runs not written yet, trigger
+            # counts) are done: what is left (outcomes, the cut runs put back, the node's end)
+            # gives up past the drain, the cut runs' cleanup and a moment, and what it leaves
+            # undone is recovery's to do
+            give_up = time.monotonic() + max(0.0, deadline - loop.time()) + 3 * self.cancel_grace + _STOP_WRITE_GRACE
+            self._store.give_up_after(give_up)
             # (what the runs still do when there is no queue, or past the deadline); a run's end may
             # bring on another (a trigger's key due again fires a turn after its run's end event)
             while await self._run.wait_idle(deadline - loop.time()):

@@ -34,9 +34,9 @@ from typing import Any, TypeVar
 import pytest
 from taskwatch.engine import Engine, TaskContext
 from taskwatch.engine.queues import QueueInfo, WorkQueue
-from taskwatch.engine.store import SqliteStore
+from taskwatch.engine.store import PostgresStore, SqliteStore
 
-from .cutting_proxy import StallingProxy
+from .cutting_proxy import CuttingProxy, StallingProxy
 from .helpers import Recorder, eventually, stray_tasks
 from .postgres_server import PostgresServer
 
@@ -569,3 +569,31 @@ async def test_a_purge_during_a_lapse_drops_the_jobs_set_aside_too(
                     await asyncio.sleep(0.05)  # polled: their rows go at the queue's next write
             await queue.join()
     assert handled in ([0], [0, 0])  # the first job (cut by the lapse, maybe, and run again), no other
+
+
+async def test_jobs_queued_when_a_short_outage_spans_the_stop_are_written_once_it_ends(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    # the writes of what exists nowhere else wait out an outage as long as any write does (the
+    # store's reconnect_timeout), past the stop's own short bound for what recovery can redo
+    handled: list[int] = []
+
+    async def handle(job: dict[str, int]) -> None:
+        handled.append(job["i"])
+
+    async with CuttingProxy(postgres_server.port) as proxy:
+        engine = Engine(store=PostgresStore(proxy.url(postgres_url), reconnect_timeout=30), node_id="a",
+                        cancel_grace=0.2, health_interval=None)  # fmt: skip
+        queue = engine.queue("q", handle)
+        await engine.start()
+        queue.pause()  # nothing handled here: the jobs wait for the next start
+        proxy.refuse()  # the database restarts...
+        for i in range(5):
+            queue.put_nowait({"i": i})
+        # ...for longer than the stop's bound past its drain (0.5 s + 3 x 0.2 s + 1 s)
+        asyncio.get_running_loop().call_later(4.0, proxy.accept)
+        async with asyncio.timeout(TIMEOUT):
+            await engine.stop(timeout=0.5)
+    assert queue.info().lost == 0
+    async with _engine(postgres_url, "a", "q", handle):
+        await eventually(lambda: sorted(handled) == [0, 1, 2, 3, 4], TIMEOUT)
