@@ -194,8 +194,7 @@ class QueueInfo(BaseModel):
 
 class QueuePurge(BaseModel):
     """What ``purge_queue`` did: ``purged`` waiting jobs dropped, ``from_store`` of them
-    deleted from the durable store (those a hold lapse had set aside at the queue's next write,
-    once the store answers), and the queue as it is now."""
+    deleted from the durable store, and the queue as it is now."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -1366,9 +1365,9 @@ class WorkQueue:
             # here are kept with no id yet, so the write below leaves them out (done)
             self._land()
             with self._lock:
-                waiting = list(self._items)
+                dropped = list(self._items)
                 self._items.clear()
-            kept = [item for item in waiting if type(item) is _Kept]
+            kept = [item for item in dropped if type(item) is _Kept]
             stored = [item.id for item in kept if item.id is not None]
             if stored:
                 try:
@@ -1376,24 +1375,13 @@ class WorkQueue:
                 except BaseException:
                     # the rows stay, so the jobs would come back at the next start: keep them queued
                     with self._lock:
-                        self._items.extendleft(reversed(waiting))
+                        self._items.extendleft(reversed(dropped))
                     raise
             for item in kept:
                 if item.id is None:
                     item.done = True  # the next write leaves it out
-            # and those a lapse set aside until the store says whether they are still this
-            # node's: waiting too, and they would run once it answers. The store may be out of
-            # reach now (what lapsed the hold): their rows go as handled jobs' do, at the next
-            # write, and the retake does not bring them back meanwhile
-            aside = [kept.id for kept in self._aside.values() if kept.id is not None]
-            self._aside.clear()
-            self._handled.extend(aside)
-            if aside and self._kick is not None:
-                self._kick.set()
-        for _ in waiting:  # (the set-aside ones left the depth, and woke a putter, when set aside)
+        for _ in dropped:
             self._wake_one(self._putters)
-        dropped = [*waiting, *aside]
-        stored = [*stored, *aside]
         self.purged += len(dropped)
         self._maybe_idle()
         self._engine.bus.emit(QueuePurged, queue=self.name, purged=len(dropped), from_store=len(stored))

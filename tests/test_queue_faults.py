@@ -537,40 +537,6 @@ async def test_a_stop_while_the_network_to_postgres_drops_every_packet_ends_with
         assert trigger.state().lost_at_stop >= 2
 
 
-async def test_a_purge_during_a_lapse_drops_the_jobs_set_aside_too(
-    postgres_server: PostgresServer, postgres_url: str
-) -> None:
-    # they waited for the store to say whether they were still this node's; the purge left them
-    # out (purged 0), and once the store answered they ran
-    handled: list[int] = []
-    gate = asyncio.Event()
-
-    async def handle(job: dict[str, int]) -> None:
-        handled.append(job["i"])
-        await gate.wait()  # the first job holds the only consumer
-
-    async with StallingProxy(postgres_server.port) as proxy:
-        async with _engine(proxy.url(postgres_url), "a", "q", handle) as (engine, queue):
-            for i in range(5):
-                await queue.put({"i": i})
-            await eventually(lambda: handled == [0], TIMEOUT)
-            proxy.hold()
-            try:
-                await eventually(lambda: queue.info().set_aside == 4, TIMEOUT)
-                purge = await engine.purge_queue("q")  # the store out of reach: nothing to wait for
-                assert (purge.purged, purge.from_store, purge.info.set_aside, purge.info.depth) == (4, 4, 0, 0)
-            finally:
-                proxy.release()
-            gate.set()
-            # the store answers again: the hold is looked at again, and nothing purged comes back
-            await eventually(lambda: queue.info().set_aside == 0 and queue.info().in_flight == 0, TIMEOUT)
-            async with asyncio.timeout(TIMEOUT):
-                while await engine.store.adopt_jobs("q", engine.incarnation, own=True):
-                    await asyncio.sleep(0.05)  # polled: their rows go at the queue's next write
-            await queue.join()
-    assert handled in ([0], [0, 0])  # the first job (cut by the lapse, maybe, and run again), no other
-
-
 async def test_jobs_queued_when_a_short_outage_spans_the_stop_are_written_once_it_ends(
     postgres_server: PostgresServer, postgres_url: str
 ) -> None:
