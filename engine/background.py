@@ -1289,7 +1289,8 @@ class BackgroundEngine:
 
         view = engine_view(self.engine)
         state = self.state
-        if isinstance(view, (EngineView, BusyEngineView)) and view.state != state:
+        # (a facade still running shows its engine's state: stopped from a call on its loop, say)
+        if isinstance(view, (EngineView, BusyEngineView)) and state != "running" and view.state != state:
             if state == "stopped" and view.state == "running":
                 state = "stopped (the engine runs again under a later start_background(): use that one)"
             view = dataclasses.replace(view, state=state)

@@ -127,7 +127,11 @@ class TaskContext:
         if term is None:
             # a node whose own lease ran out steps down with no holder known: it is named
             # itself, which NotLeader reads as "lapsed before it was renewed"
-            lapsed = led and not leader.is_leader and not leader.lease_valid()
+            # this process's own term, whether its view just lapsed or a stop left it to lapse
+            # (not an earlier process's under the same node id: see NotLeader)
+            lapsed = (led and not leader.is_leader and not leader.lease_valid()) or (
+                leader.holder == self._engine.node_id and leader.term == leader.own_term
+            )
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # this check found the loss, and stepping down cancelled this very task (a

@@ -381,6 +381,9 @@ class LeaderElector:
             self.term = 0
             self.holder = None
         self.expires_at: float | None = None
+        #: the last term this elector took (0: none): a lease its node id holds in that term is
+        #: this process's own, given up or lapsed, not an earlier process's under the same id
+        self.own_term = self.term
         #: set while this node must not lead (it cannot reach its store): no acquire attempts
         self._suspended = False
         #: set once the engine stops: it never takes the lease again until the next start
@@ -811,6 +814,8 @@ class LeaderElector:
         self.holder = holder
         self.term = term
         self.expires_at = expires_at
+        if is_leader:
+            self.own_term = term
         self._engine.bus.emit(
             event,
             holder=holder,

@@ -692,8 +692,11 @@ class ControlServer:
             await self._start_tcp(target)
         else:
             # made absolute now: it is the address given to clients in other directories, and the
-            # file is removed at the stop, after a chdir (a notebook's %cd) maybe
-            await self._start_unix(Path(os.path.abspath(target.path)))
+            # file is removed at the stop, after a chdir (a notebook's %cd) maybe. Unless that is
+            # too long for a socket, where the path given (short, relative) still is not
+            absolute = Path(os.path.abspath(target.path))
+            fits = len(os.fsencode(absolute)) <= _MAX_SOCKET_PATH
+            await self._start_unix(absolute if fits else Path(target.path))
         # never the token itself, in the log or on standard output (often a log too): a log is
         # read by more people than may drive the engine
         extra = " (with a token made here: the returned server's .token)" if self.token and self._generated else ""

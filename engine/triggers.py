@@ -692,8 +692,10 @@ class Trigger:
 
     def _fire(self, key: str, st: _Key, reason: str) -> RunHandle | None:
         if self._waits():
-            if self._lapsed and self._launched:
-                self._withheld.add(key)  # a drain waits for the retake, which fires it
+            if self._lapsed and self._launched and not self._replaced:
+                # a drain waits for the retake, which fires it (a replaced process has none:
+                # its keys fire on the process that replaced it)
+                self._withheld.add(key)
             return None  # counted: the start's first sweep (or the retake) fires it
         if self._submitting and key in self._submitting:
             return None  # its run is being queued: the count is for the next one (see _queue_run)
@@ -1514,6 +1516,11 @@ class Trigger:
                     "counts it gone, and other nodes (that process first) take up its saved counts. It fires none "
                     "of its keys any more; its stop gives up the counts taken and saves the rest for them", self.name,
                 )  # fmt: skip
+                if self._withheld:
+                    # no retake is coming to fire them here: drains waiting on them end
+                    self._withheld.clear()
+                    if not self._active:
+                        self._wake_drainers()
         elif not fresh and not self._lapsed:
             self._lapsed = True
             self.hold_lapses += 1

@@ -737,6 +737,16 @@ def test_the_old_facades_reads_go_through_the_engines_loop_once_it_runs_again() 
     assert handle.wait(1).status is RunStatus.SUCCEEDED
 
 
+def test_a_running_facade_whose_engine_was_stopped_on_its_loop_shows_it_stopped() -> None:
+    bg = build_engine().start_background()
+    try:
+        bg.call(lambda engine: engine.stop())
+        assert bg.state == "running"  # its loop thread goes on
+        assert " · stopped · " in html_text(bg._repr_html_())  # the engine's state, as it is
+    finally:
+        bg.stop(timeout=5)
+
+
 def html_text(markup: str) -> str:
     """The text an HTML display shows: its tags gone, its entities read."""
     return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", markup)))

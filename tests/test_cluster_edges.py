@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -615,6 +616,35 @@ async def test_not_leader_after_a_lapsed_lease_says_it_lapsed_not_that_the_node_
     assert stale == [False, 0, False]
     assert exc.lapsed and "lapsed" in str(exc) and "held by 'solo'" not in str(exc)
     assert str(exc).startswith("node 'solo' is not the leader")
+
+
+async def test_not_leader_in_a_stop_that_left_this_processs_lease_to_lapse_says_it_lapsed() -> None:
+    # the stop left the lease to lapse (its leader-only worker ignored the cancels): the lease
+    # naming this node is this process's own term, not an earlier process's under its id
+    engine = Engine(node_id="a", lease=InProcessLease(ttl=30.0), cancel_grace=0.05, health_interval=None)
+    caught: list[NotLeader] = []
+    release = asyncio.Event()
+
+    @engine.supervised(name="flusher", leader_only=True)
+    async def flusher(ctx: TaskContext) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            while not release.is_set():  # a final flush that goes on through the stop's cancels
+                with contextlib.suppress(asyncio.CancelledError):
+                    await release.wait()
+            try:
+                await ctx.ensure_leader()
+            except NotLeader as exc:
+                caught.append(exc)
+
+    await engine.start()
+    await eventually(lambda: engine.leadership().is_leader, timeout=TIMEOUT)
+    await engine.stop(timeout=0.1)  # the worker is left going, the lease left to lapse
+    release.set()
+    await eventually(lambda: bool(caught), timeout=TIMEOUT)
+    (exc,) = caught
+    assert exc.lapsed and "lapsed" in str(exc) and "earlier process" not in str(exc), str(exc)
 
 
 # ---------------------------------------------------------------- the node program

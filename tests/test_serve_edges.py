@@ -68,6 +68,21 @@ async def test_a_relative_socket_path_is_served_as_an_absolute_one(
     assert not (tmp_path / "engine.sock").exists()
 
 
+async def test_a_short_relative_socket_path_serves_from_a_directory_too_deep_for_its_absolute_one(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)  # its absolute socket path is over the kernel's limit
+    deep.mkdir(parents=True)
+    monkeypatch.chdir(deep)
+    server = await engine.serve("tw.sock", announce=False)
+    assert server.info().address == "tw.sock"  # as given: the path that fits
+    remote = RemoteEngine("tw.sock", server.token, timeout=10)
+    assert (await remote.connect()).node_id == engine.node_id
+    await remote.close()
+    await server.stop()
+    assert not (deep / "tw.sock").exists()
+
+
 # ---------------------------------------------------------------- a socket path held by a server that does not answer
 
 

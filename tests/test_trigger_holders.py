@@ -955,3 +955,26 @@ async def test_a_drain_during_a_lapse_waits_for_a_key_that_came_due_meanwhile(tm
         answer.set()
         await node_a.run(a.stop())
         node_a.close()
+
+
+async def test_a_drain_in_a_process_replaced_under_its_node_id_does_not_wait_for_keys_it_never_fires(
+    shared: str,
+) -> None:
+    # such a key fires on the process that replaced it: no retake ever comes here to fire it,
+    # and the drain waited for one until the replaced process stopped
+    engines = [Engine(store=shared, node_id="a", lease_ttl=QTTL, health_interval=None) for _ in range(2)]
+    old, new = engines
+    t_old, _ = (e.trigger("compile", nothing, size_threshold=1) for e in engines)
+    replaced = Recorder(old, ("node.superseded",))
+    try:
+        await old.start()
+        await new.start()
+        await eventually(lambda: replaced.of("node.superseded"), timeout=QTIMEOUT)
+        await eventually(lambda: t_old.state().hold_lapses == 1, timeout=QTIMEOUT)
+        t_old.notify("k")
+        async with asyncio.timeout(QTIMEOUT):
+            await t_old.drain()
+        assert t_old.fired == 0
+    finally:
+        await new.stop()
+        await old.stop()
