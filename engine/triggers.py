@@ -45,6 +45,9 @@ saved it: a node saves and forgets only its own, takes up at its start its own a
 holders that are gone, and at its saves, now and then, those of holders gone since (merged
 into its keys: counts add, a key waiting on no run follows the one its row follows). So the
 same trigger on every node fires a key once per notifying node's counts, not once per node.
+A node that looked gone (paused, cut off, replaced under its node id) may have had its rows
+taken up meanwhile: a save writes a key's row over its own only if that row is still there,
+and it fires nothing until the store has said which keys are still its own.
 
 A key untouched for ``forget_after`` seconds (no notify, no run ended, and no
 run queued or running) is forgotten by the sweep, whatever its count: dropped
@@ -487,6 +490,13 @@ class Trigger:
         self.given_up = 0
         #: counts the last stop could not save (see :class:`TriggerState`)
         self.lost_at_stop = 0
+        #: a later process registered under this node's id (said once): its hold is gone for good
+        self._replaced = False
+        #: keys that came due while the hold may have lapsed, not fired: the retake fires them,
+        #: and a drain waits for it (see :meth:`_waits`)
+        self._withheld: set[str] = set()
+        #: the look at the hold that runs on a timer of its own (see :meth:`_watch`)
+        self._watch_handle: asyncio.TimerHandle | None = None
         #: an adoption under way: a stop waits for it (the store may have handed the keys over)
         self._adopting: asyncio.Task[None] | None = None
         #: tasks reading the end of runs taken up with keys that this node's index does not hold
@@ -682,6 +692,10 @@ class Trigger:
 
     def _fire(self, key: str, st: _Key, reason: str) -> RunHandle | None:
         if self._waits():
+            if self._lapsed and self._launched and not self._replaced:
+                # a drain waits for the retake, which fires it (a replaced process has none:
+                # its keys fire on the process that replaced it)
+                self._withheld.add(key)
             return None  # counted: the start's first sweep (or the retake) fires it
         if self._submitting and key in self._submitting:
             return None  # its run is being queued: the count is for the next one (see _queue_run)
@@ -1045,11 +1059,19 @@ class Trigger:
                 # the start would find nothing queued and return before they ran. (A wait, not
                 # an await: a drain that times out or is cancelled leaves the sweep going)
                 await asyncio.wait([first])
-            while self._active or self._refused:
+            while self._active or self._refused or self._withheld:
                 if self._engine.state == "stopped" and self._engine.durable and self._active:
                     raise self._left_at_stop()
-                if not self._active and self._retry is None and self._soon is None:
-                    # the trigger stopped, which cancelled the retry: nothing runs them now
+                if not self._active and self._withheld and not self._launched:
+                    # came due while the hold lapsed, and the trigger stopped before the store
+                    # answered: they keep their counts for the next start
+                    raise self._due_when_stopped(len(self._withheld))
+                if (
+                    not self._active and self._refused and self._retry is None and self._soon is None
+                    and not (self._lapsed and self._launched)
+                ):  # fmt: skip
+                    # the trigger stopped, which cancelled the retry: nothing runs them now (while
+                    # the hold lapsed, none is set: the retake tries them again)
                     raise self._refused_at_stop()
                 fut = loop.create_future()
                 self._drain_waiters.append(fut)
@@ -1313,6 +1335,7 @@ class Trigger:
         self._due_at_stop.clear()
         self._retry_delay = _RETRY_FIRST
         self._refused.clear()  # the first sweep, just below, tries every key due
+        self._withheld.clear()
         self._window, self._probes = None, set()
         # keys that reached their threshold before the engine ran fire now, once the rest of
         # the engine has started
@@ -1348,7 +1371,7 @@ class Trigger:
             if self._engine.durable:
                 self._loaded = False
                 # a lapse before a stop is over: the start reads back what is still this node's
-                self._lapsed = False
+                self._lapsed = self._replaced = False
                 await self._load()
                 self._loaded = True
                 if self._saver is None:
@@ -1482,7 +1505,23 @@ class Trigger:
         seen, self._seen_renewal = self._seen_renewal, renewed
         missed = renewed - seen > ttl
         fresh = self._alive() and not missed
-        if not fresh and not self._lapsed:
+        if executor.superseded:
+            if not self._replaced:
+                self._replaced = True
+                if not self._lapsed:
+                    self._lapsed = True
+                    self.hold_lapses += 1
+                log.warning(
+                    "trigger %r: a later process started under this node's id and replaced this one: the store "
+                    "counts it gone, and other nodes (that process first) take up its saved counts. It fires none "
+                    "of its keys any more; its stop gives up the counts taken and saves the rest for them", self.name,
+                )  # fmt: skip
+                if self._withheld:
+                    # no retake is coming to fire them here: drains waiting on them end
+                    self._withheld.clear()
+                    if not self._active:
+                        self._wake_drainers()
+        elif not fresh and not self._lapsed:
             self._lapsed = True
             self.hold_lapses += 1
             log.warning(
@@ -1510,6 +1549,24 @@ class Trigger:
             await self._retake()
         await self._adopt()
 
+    def _watch(self, probe: float) -> None:
+        """Look at the hold when it runs out, and every ``probe`` while it is lapsed (a loop
+        callback, as a queue's): the save loop looks only between its requests to the store, and
+        one held up by an outage held up the look with it, so the trigger went on firing while it
+        looked gone. Lapsed, it fires nothing until the store has said which keys are its own."""
+        self._watch_handle = None
+        executor = self._executor
+        if executor is None:
+            return
+        fresh = self._hold_fresh()
+        if executor.superseded:
+            return  # gone for good: nothing left to look for
+        if fresh and not self._lapsed:
+            delay = executor.renewed_at + self._engine.store.node_ttl - time.monotonic() + 0.001
+        else:
+            delay = probe
+        self._watch_handle = asyncio.get_running_loop().call_later(max(0.0, delay), self._watch, probe)
+
     async def _retake(self, *, at_stop: bool = False) -> None:
         """After a lapse, once a heartbeat got through again: give up what another node took.
 
@@ -1517,9 +1574,13 @@ class Trigger:
         counted this one gone: its saved count (and the run the row named, with the count that
         run took) went there, and fires there. What this node counted since its last save stays
         here, and is saved as its row again. The keys that came due meanwhile fire now.
+
+        A stop asks too for a process replaced under its node id, whose heartbeats never get
+        through again: the rows still there are kept (its save writes them for the others to
+        take), and a row taken after this answer is one its save finds gone (see :meth:`_save`).
         """
         held = await self._engine.store.trigger_keys_held(self.name, self._engine.incarnation)
-        if not self._lapsed or not (self._alive() if at_stop else self._hold_fresh()):
+        if not self._lapsed or not ((self._alive() or self._superseded()) if at_stop else self._hold_fresh()):
             return  # retaken meanwhile (a stop's), or lapsed again: asked again at the next look
         given = step = 0
         for key, st in list(self._keys.items()):
@@ -1530,17 +1591,7 @@ class Trigger:
             if key in held or (st.saved == 0 and st.saved_run is None):
                 continue
             given += 1
-            if st.run_id is not None and st.run_id == st.saved_run:
-                # the taker follows this run, and takes its count off when it ends
-                if self._active.get(st.run_id) == key:
-                    del self._active[st.run_id]
-                st.run_id, st.captured, st.running = None, 0, False
-            else:
-                # a run fired here after the save took the saved count with it: the taker fires it again
-                st.captured = max(0, st.captured - st.saved)
-            st.count = max(0, st.count - st.saved)
-            st.saved, st.saved_run = 0, None
-            self._changed(key)
+            self._give_up(key, st)
         self._lapsed = False
         self.given_up += given
         if given:
@@ -1549,20 +1600,56 @@ class Trigger:
                 "they fire there; what this node counted since its last save stays here", self.name, given,
             )  # fmt: skip
         if self._launched:  # (a stop's retake fires nothing: the next start fires what is due)
+            self._withheld.clear()
             await self._fire_due(list(self._keys))
             self._retry_soon()
         if not self._active:
             self._wake_drainers()  # a drain waiting on a run the taker follows now waits no more
 
+    def _give_up(self, key: str, st: _Key) -> None:
+        """Another node took up this node's row of ``key`` while this node looked gone: the
+        row's count, and the run it named with the count that run took, went there."""
+        if st.run_id is not None and st.run_id == st.saved_run:
+            # the taker follows this run, and takes its count off when it ends
+            if self._active.get(st.run_id) == key:
+                del self._active[st.run_id]
+            st.run_id, st.captured, st.running = None, 0, False
+        else:
+            # a run fired here after the save took the saved count with it: the taker fires it again
+            st.captured = max(0, st.captured - st.saved)
+        st.count = max(0, st.count - st.saved)
+        st.saved, st.saved_run = 0, None
+        self._changed(key)
+
+    def _given_up_at_save(self, given: int) -> None:
+        """A save found ``given`` rows of this node's gone: another node took them up, so this
+        one looked gone (however short the lapse, and whether or not a look saw it)."""
+        self.given_up += given
+        if not self._lapsed:
+            # its other rows may have gone too: the next look asks the store, and fires wait for it
+            self._lapsed = True
+            self.hold_lapses += 1
+        log.warning(
+            "trigger %r: another node took up the saved counts of %d key(s) while this node looked gone (found "
+            "by a save, which wrote none of them back): they fire there; what this node counted since its last "
+            "save stays here", self.name, given,
+        )  # fmt: skip
+        if not self._active:
+            self._wake_drainers()
+
+    def _superseded(self) -> bool:
+        return self._executor is not None and self._executor.superseded
+
     async def _retake_at_stop(self, deadline: float) -> None:
         """A stop while lapsed: the save it makes must not write back what another node took,
         so the store is asked first, once it has had a heartbeat of this node since the lapse
-        (sent now if the executor's own has not gone yet: a node stopped right after a pause)."""
+        (sent now if the executor's own has not gone yet: a node stopped right after a pause).
+        A process replaced under its node id sends none: the store answers it as it is."""
         executor = self._executor
-        if not self._alive() and executor is not None:
+        if not self._alive() and executor is not None and not executor.superseded:
             async with asyncio.timeout(max(0.0, deadline - asyncio.get_running_loop().time())):
                 await executor.heartbeat()
-        if self._alive():
+        if self._alive() or self._superseded():
             # (not waiting for a second look, as a running node does: its stop cannot)
             await self._retake(at_stop=True)
 
@@ -1723,44 +1810,69 @@ class Trigger:
         error = run.error
         return error is not None and error.type == QueueFull.__name__ and run.started_at is None and run.attempt == 1
 
-    async def _save(self) -> None:
+    async def _save(self, *, guarded: bool = False) -> int:
         """Save the keys changed since the last save (and delete those forgotten), handing the
         store ``_SAVE_STEP`` of each per request: the store turns each into a row on the loop,
         so a request of all of them held it up for as long as that took.
 
         Each key's record is made just before its request: notifies meanwhile are in it, or
         change the key again and are saved next time. Keys a failed or cancelled request left
-        are saved next time too."""
+        are saved next time too. ``guarded`` (the save loop's saves): no request goes out once
+        the hold may have lapsed; the keys left are saved after the retake.
+
+        A key this node's row held already is written only over that row (``held`` of
+        ``Store.save_trigger``): a pause or an outage may have lasted past ``node_ttl``, however
+        short ago it ended or whether or not a look saw it (it may begin after the last look,
+        with the request under way), and another node may have taken the row up meanwhile.
+        Written again, its count would fire on both nodes. Such a key gives up what the row
+        held (:meth:`_give_up`) and is saved next with what this node counted since. Returns how
+        many keys did so."""
         dirty, self._dirty = self._dirty, set()
         forget, self._forget = self._forget, set()
         keys, gone = list(dirty), list(forget)
-        done = done_gone = 0
+        done = done_gone = given = 0
         save = self._engine.store.save_trigger
         incarnation = self._engine.incarnation
         try:
             while done < len(keys) or done_gone < len(gone):
+                if guarded and (self._lapsed or not self._hold_fresh()):
+                    break
                 # a key notified again after it was forgotten is saved afresh, not deleted
                 deleting = [key for key in gone[done_gone : done_gone + _SAVE_STEP] if key not in self._keys]
                 records: dict[str, TriggerKeyRecord] = {}
-                unsaved: list[tuple[_Key, int, TriggerKeyRecord]] = []
+                held: list[str] = []
+                unsaved: list[tuple[str, _Key, int, TriggerKeyRecord]] = []
                 for key in keys[done : done + _SAVE_STEP]:
                     st = self._keys.get(key)
                     if st is not None:
                         rec = records[key] = self._record(st)
-                        unsaved.append((st, st.unsaved, rec))
-                if records or deleting:
+                        unsaved.append((key, st, st.unsaved, rec))
+                        if st.saved or st.saved_run is not None:
+                            held.append(key)
+                taken: set[str] | None = None
+                if held:
+                    taken = await save(self.name, incarnation, records, deleting, held=held)
+                elif records or deleting:
+                    # (no held=: a store wrapped with save_trigger's older signature saves these alike)
                     await save(self.name, incarnation, records, deleting)
                 done_gone += _SAVE_STEP
                 done += _SAVE_STEP
-                for st, n, rec in unsaved:
+                for key, st, n, rec in unsaved:
+                    if taken and key in taken:
+                        if self._keys.get(key) is st:
+                            self._give_up(key, st)
+                            given += 1
+                        continue
                     # notifies during the write stay unsaved (and a save made meanwhile, by a
                     # save_changes(), may have taken its share off already)
                     st.unsaved = max(0, st.unsaved - n)
                     st.saved, st.saved_run = rec.count, rec.run_id
-        except BaseException:
+        finally:
             self._dirty.update(keys[done:])  # saved next time
             self._forget.update(gone[done_gone:])
-            raise
+            if given:
+                self._given_up_at_save(given)
+        return given
 
     @staticmethod
     def _record(st: _Key) -> TriggerKeyRecord:
@@ -1780,7 +1892,9 @@ class Trigger:
             # (a start that never read the store's counts must not write its own over them)
             return
         try:
-            await self._save()
+            if await self._save():
+                # what those keys counted since their rows were taken: rows of their own again
+                await self._save()
         except Exception as exc:
             # nothing after the stop saves them: what was counted since the last save is gone,
             # counted and said (the stop calls this twice: the last call's figure stands)
@@ -1808,34 +1922,41 @@ class Trigger:
         next_save = loop.time() + self.save_interval
         next_adopt = loop.time() + every
         self._seen_renewal = self._executor.renewed_at if self._executor is not None else time.monotonic()
-        while True:
-            await asyncio.sleep(max(0.0, min(next_save, next_adopt) - loop.time()))
-            now = loop.time()
-            adopting = now >= next_adopt
-            saving = now >= next_save and bool(self._dirty or self._forget)
-            if now >= next_save:
-                next_save = now + self.save_interval
-            if not adopting and not saving:
-                continue
-            try:
-                if adopting:
-                    next_adopt = now + every
-                    # not cut short by a stop: the store may hand the keys over all the same, and
-                    # counts it holds for this node that this node does not know would be lost
-                    # at its next save. The stop waits for it, then saves
-                    self._adopting = spawn(self._look(), name=f"taskwatch-trigger-{self.name}-adopt")
-                    await asyncio.shield(self._adopting)
-                    self._adopting = None
-                if saving and not self._lapsed and self._hold_fresh():
-                    # (lapsed, a save could write back rows another node just took up)
-                    await self._save()
-                if self._lapsed:
-                    next_adopt = min(next_adopt, loop.time() + probe)
-                trouble.succeeded()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                trouble.failed(exc, f"trying again within {min(self.save_interval, every):g} s")
+        # the look at the hold on a timer of its own: this loop's looks wait on the store
+        self._watch(probe)
+        try:
+            while True:
+                await asyncio.sleep(max(0.0, min(next_save, next_adopt) - loop.time()))
+                now = loop.time()
+                adopting = now >= next_adopt
+                saving = now >= next_save and bool(self._dirty or self._forget)
+                if now >= next_save:
+                    next_save = now + self.save_interval
+                if not adopting and not saving:
+                    continue
+                try:
+                    if adopting:
+                        next_adopt = now + every
+                        # not cut short by a stop: the store may hand the keys over all the same, and
+                        # counts it holds for this node that this node does not know would be lost
+                        # at its next save. The stop waits for it, then saves
+                        self._adopting = spawn(self._look(), name=f"taskwatch-trigger-{self.name}-adopt")
+                        await asyncio.shield(self._adopting)
+                        self._adopting = None
+                    if saving and not self._lapsed and self._hold_fresh():
+                        # (lapsed, fires and saves wait for the retake)
+                        await self._save(guarded=True)
+                    if self._lapsed:
+                        next_adopt = min(next_adopt, loop.time() + probe)
+                    trouble.succeeded()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    trouble.failed(exc, f"trying again within {min(self.save_interval, every):g} s")
+        finally:
+            watch, self._watch_handle = self._watch_handle, None
+            if watch is not None:
+                watch.cancel()
 
 
     async def _sweep(self, interval: float) -> None:
@@ -1862,7 +1983,7 @@ class Trigger:
         for handle in (retry, soon):
             if handle is not None:
                 handle.cancel()
-        if self._refused and not self._active:
+        if (self._refused or self._withheld) and not self._active:
             self._wake_drainers()  # those waiting on the refused keys hear no retry is coming
         saver, self._saver = self._saver, None
         if saver is not None:
@@ -1872,6 +1993,8 @@ class Trigger:
                 await asyncio.wait([adopting])
                 if not adopting.cancelled() and adopting.exception() is not None:
                     log.warning("trigger %r: taking up the keys of gone holders failed: %s", self.name, adopting.exception())
+            if not self._lapsed:
+                self._hold_fresh()  # a pause that just ended may not have been looked at yet
             if self._lapsed:
                 try:
                     await self._retake_at_stop(deadline)

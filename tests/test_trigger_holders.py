@@ -23,13 +23,15 @@ from taskwatch.engine.store import PostgresStore, Store, TriggerKeyRecord, make_
 from taskwatch.engine.store import queries as Q
 from taskwatch.engine.triggers import Trigger
 
-from .helpers import eventually
+from .cutting_proxy import StallingProxy
+from .helpers import Recorder, eventually
 from .test_durable import Child
 from .test_queue_faults import TIMEOUT as QTIMEOUT
 from .test_queue_faults import TTL as QTTL
 from .test_queue_faults import LoopThread, frozen_until_it_looks_gone
 from .test_store_contract import TTL, FakeClock, clock, store  # noqa: F401 - the stores' fixtures
 from .test_triggers import Clock
+from .postgres_server import PostgresServer
 
 T = TypeVar("T")
 
@@ -501,38 +503,6 @@ async def test_a_paused_node_leaves_the_run_its_taken_row_named_to_the_node_that
         node_a.close()
 
 
-async def test_a_node_stopped_as_soon_as_it_is_back_from_a_pause_saves_none_of_what_another_took(
-    shared: str,
-) -> None:
-    # the usual end of a node that stopped answering: its service manager stops it. The stop's
-    # save must not write back the 6 that b took up meanwhile (b would fire them twice)
-    fired: list[str] = []
-    node_a, a, ta, b, tb = paused_pair(shared, fired)
-    try:
-        await node_a.run(a.start())
-        await on(node_a, lambda: ta.notify("k", 6))
-        await saved_by(shared, a, {"k"})
-        await b.start()
-        thaw = await node_a.freeze(lambda: None)
-        try:
-            await eventually(lambda: tb.adopted == 1, timeout=QTIMEOUT)
-            # queued while a is paused: they run the moment it is back, before any heartbeat of it
-            node_a.loop.call_soon_threadsafe(ta.notify, "k", 1)
-            stopping = asyncio.run_coroutine_threadsafe(a.stop(timeout=10), node_a.loop)
-        finally:
-            thaw.set()
-        await asyncio.wrap_future(stopping)
-        assert (ta.hold_lapses, ta.given_up) == (1, 1)
-        # b takes up what a left at its stop: its 1, with the 6 b holds already, 7 in all
-        await eventually(lambda: tb.adopted == 2, timeout=QTIMEOUT)
-        assert [(k.key, k.count) for k in tb.state().keys] == [("k", 7)]
-        assert tb.fired == 0 and fired == []
-    finally:
-        await b.stop()
-        await node_a.run(a.stop())
-        node_a.close()
-
-
 async def test_a_drain_on_a_run_the_taker_follows_now_ends_with_the_stop_of_the_paused_node(shared: str) -> None:
     gate = threading.Event()
     node_a, a, ta, b, tb = paused_pair(shared, [], gate)
@@ -628,6 +598,31 @@ async def test_every_kind_of_gone_holder_gives_up_its_trigger_keys(
         assert await store.adopt_trigger("t", "i2") == {}
         await store.register_node("n1", "i1-again", "1")
     assert await store.adopt_trigger("t", "i2") == {"k": TriggerKeyRecord(count=2)}
+
+
+async def test_a_save_writes_a_key_it_held_only_over_its_row_still_there(
+    store: Store, clock: FakeClock  # noqa: F811 - the fixtures
+) -> None:
+    await store.register_node("n1", "i1", "1")
+    await store.register_node("n2", "i2", "1")
+    await store.save_trigger("t", "i1", {"k": TriggerKeyRecord(count=6), "j": TriggerKeyRecord(count=2)})
+    await store.save_trigger("t", "i2", {"k": TriggerKeyRecord(count=1)})
+    clock.advance(TTL + 1)
+    await store.node_heartbeat("i2", 0)
+    # i1 looked gone: i2 took up its rows, merged into i2's own
+    assert set(await store.adopt_trigger("t", "i2")) == {"k", "j"}
+    await store.node_heartbeat("i1", 0)
+    # i1, back, saves k and j (rows it held) and a key new to the store: only the new one is written
+    keys = {"k": TriggerKeyRecord(count=7), "j": TriggerKeyRecord(count=2), "n": TriggerKeyRecord(count=1)}
+    assert await store.save_trigger("t", "i1", keys, held=["k", "j"]) == {"k", "j"}
+    assert await store.trigger_keys_held("t", "i1") == {"n"}
+    # a row still there is written over; a key forgotten in the same save is no row to look for
+    assert await store.save_trigger("t", "i1", {"n": TriggerKeyRecord(count=3)}, held=["n"]) == set()
+    assert await store.save_trigger("t", "i1", {"k": TriggerKeyRecord(count=1)}, forget=["n"]) == set()
+    assert await store.adopt_trigger("t", "i1", own=True) == {"k": TriggerKeyRecord(count=1)}
+    assert await store.adopt_trigger("t", "i2", own=True) == {
+        "k": TriggerKeyRecord(count=7), "j": TriggerKeyRecord(count=2),
+    }  # fmt: skip
 
 
 async def test_a_taken_row_that_follows_a_run_keeps_following_it(store: Store) -> None:  # noqa: F811 - the fixture
@@ -743,3 +738,243 @@ async def test_a_stop_with_the_store_out_of_reach_counts_and_says_the_counts_it_
     async with again:
         assert {k.key: k.count for k in trigger2.state().keys} == {"k": 10}  # as the state said
         assert trigger2.state().lost_at_stop == 0
+
+
+# ---------------------------------------------------------------- a pause across a save, a replaced process
+
+
+async def nothing(ctx: TaskContext, key: str) -> None:
+    return None
+
+
+class PausedSave:
+    """Freezes ``engine``'s loop, as a paused process's, in its next trigger save once armed:
+    the save's records are made, and its request has not gone out."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.armed, self.paused, self.thaw = threading.Event(), threading.Event(), threading.Event()
+        real = engine.store.save_trigger
+
+        async def save_trigger(trigger: str, incarnation: str, keys: Any, forget: Any = (), **kw: Any) -> Any:
+            if self.armed.is_set():
+                self.armed.clear()
+                self.paused.set()
+                self.thaw.wait(QTIMEOUT)  # the whole node stopped here, its loop with it
+            return await real(trigger, incarnation, keys, forget, **kw)
+
+        engine.store.save_trigger = save_trigger  # type: ignore[method-assign]
+
+
+async def paused_in_a_save(node: LoopThread, trigger: Trigger, pause: PausedSave) -> None:
+    """Count 1 more of key k on ``node``: its next save begins, and the node is paused in it."""
+    pause.armed.set()
+    await on(node, lambda: trigger.notify("k", 1))
+    assert await asyncio.to_thread(pause.paused.wait, QTIMEOUT)
+
+
+async def test_a_save_under_way_across_a_pause_writes_back_none_of_what_another_node_took(shared: str) -> None:
+    # the pause began with a's save of k under way: the save went out once a was back, and wrote
+    # back the row b had taken up meanwhile. a's retake then found k still its own, and kept the
+    # 6 b held too: they fired on both nodes
+    fired: list[str] = []
+    node_a, a, ta, b, tb = paused_pair(shared, fired)
+    pause = PausedSave(a)
+    c = Engine(store=shared, node_id="c", health_interval=None)
+    tc = c.trigger("compile", nothing, size_threshold=10)
+    try:
+        await node_a.run(a.start())
+        await on(node_a, lambda: ta.notify("k", 6))
+        await saved_by(shared, a, {"k"})
+        await b.start()
+        await paused_in_a_save(node_a, ta, pause)
+        try:
+            await eventually(lambda: tb.adopted == 1, timeout=QTIMEOUT)
+        finally:
+            pause.thaw.set()
+        # the save found k's row gone, and wrote none of it: a gives up the 6 b took, keeps its 1
+        await eventually(lambda: ta.given_up == 1, timeout=QTIMEOUT)
+        state = await on(node_a, ta.state)
+        assert state.hold_lapses >= 1 and [(k.key, k.count) for k in state.keys] == [("k", 1)]
+        await node_a.run(a.stop())
+        await b.stop()
+        # what the store holds of k when both are gone: b's 6 and a's 1, each once
+        await c.start()
+        assert [(k.key, k.count) for k in tc.state().keys] == [("k", 7)]
+        assert fired == []
+    finally:
+        pause.thaw.set()
+        await c.stop()
+        await b.stop()
+        await node_a.run(a.stop())
+        node_a.close()
+
+
+@pytest.mark.parametrize("paused", ["idle", "in a save"])
+async def test_a_node_stopped_as_soon_as_it_is_back_from_a_pause_writes_back_none_of_what_another_took(
+    shared: str, paused: str
+) -> None:
+    # the usual end of a node that stopped answering: its service manager stops it. The stop's
+    # save must not write back the 6 that b took up meanwhile (b would fire them twice). Paused in
+    # a save, its stop checked the lapse flag only, which no look had set yet: it asked the store
+    # nothing, and the save under way wrote k's row back with the 6 b took
+    fired: list[str] = []
+    node_a, a, ta, b, tb = paused_pair(shared, fired)
+    pause = PausedSave(a)
+    thaw = pause.thaw
+    try:
+        await node_a.run(a.start())
+        await on(node_a, lambda: ta.notify("k", 6))
+        await saved_by(shared, a, {"k"})
+        await b.start()
+        if paused == "in a save":
+            await paused_in_a_save(node_a, ta, pause)  # with 1 more of k counted
+        else:
+            thaw = await node_a.freeze(lambda: None)
+        try:
+            await eventually(lambda: tb.adopted == 1, timeout=QTIMEOUT)
+            if paused == "idle":
+                # queued while a is paused: they run the moment it is back, before any heartbeat of it
+                node_a.loop.call_soon_threadsafe(ta.notify, "k", 1)
+            stopping = asyncio.run_coroutine_threadsafe(a.stop(timeout=10), node_a.loop)
+        finally:
+            thaw.set()
+        await asyncio.wrap_future(stopping)
+        assert (ta.hold_lapses, ta.given_up) == (1, 1)
+        # b takes up what a left at its stop: its 1, with the 6 b holds already, 7 in all
+        await eventually(lambda: tb.adopted == 2, timeout=QTIMEOUT)
+        assert [(k.key, k.count) for k in tb.state().keys] == [("k", 7)]
+        assert tb.fired == 0 and fired == []
+    finally:
+        thaw.set()
+        pause.thaw.set()
+        await b.stop()
+        await node_a.run(a.stop())
+        node_a.close()
+
+
+async def test_a_process_replaced_under_its_node_id_gives_up_at_its_stop_the_counts_the_later_one_took(
+    shared: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # replaced, it is never alive again: its stop asked the store nothing and wrote back every
+    # count, the 6 the later process took at its start included
+    engines = [Engine(store=shared, node_id=node_id, lease_ttl=QTTL, health_interval=None) for node_id in ("a", "a", "r")]
+    old, new, reader = engines
+    t_old, t_new, t_reader = (e.trigger("compile", nothing, size_threshold=100, save_interval=0.05) for e in engines)
+    replaced = Recorder(old, ("node.superseded",))
+    try:
+        await old.start()
+        t_old.notify("k", 6)
+        await saved_by(shared, old, {"k"})
+        await new.start()
+        assert [(k.key, k.count) for k in t_new.state().keys] == [("k", 6)]
+        await eventually(lambda: replaced.of("node.superseded"), timeout=QTIMEOUT)
+        t_old.notify("k", 1)
+        with caplog.at_level(logging.WARNING, logger="taskwatch.triggers"):
+            await old.stop()
+        assert t_old.given_up == 1 and t_old.fired == 0
+        told = [r.getMessage() for r in caplog.records if r.name == "taskwatch.triggers"]
+        assert any("replaced this one" in m for m in told) and not any("no heartbeat" in m for m in told), told
+        await new.stop()
+        # the later process's 6 and the 1 counted here after it took them: 7, each once
+        await reader.start()
+        assert [(k.key, k.count) for k in t_reader.state().keys] == [("k", 7)]
+    finally:
+        for engine in engines:
+            await engine.stop()
+
+
+async def test_a_trigger_cut_off_from_postgres_counts_the_lapse_and_fires_nothing_until_the_store_answers(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    # its looks at the hold were made between its requests to the store, and the one under way
+    # waited out the outage: it never saw the lapse, and went on firing as if it held its keys
+    ran: list[str] = []
+
+    async def compile_key(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    async with StallingProxy(postgres_server.port) as proxy:
+        engine = Engine(store=proxy.url(postgres_url), node_id="a", lease_ttl=QTTL, health_interval=None)
+        trigger = engine.trigger("compile", compile_key, size_threshold=10, save_interval=0.05)
+        await engine.start()
+        try:
+            trigger.notify("k", 3)
+            await saved_by(postgres_url, engine, {"k"})
+            proxy.hold()
+            try:
+                await eventually(lambda: trigger.hold_lapses == 1, timeout=QTIMEOUT)
+                trigger.notify("k", 7)  # due: it waits for the store to say k is still this node's
+                [k] = trigger.state().keys
+                assert (k.count, k.queued, trigger.fired) == (10, False, 0)
+            finally:
+                proxy.release()
+            await trigger.drain(timeout=QTIMEOUT)
+            assert ran == ["k"] and trigger.given_up == 0
+        finally:
+            proxy.release()
+            await engine.stop(5)
+
+
+async def test_a_drain_during_a_lapse_waits_for_a_key_that_came_due_meanwhile(tmp_path: Path) -> None:
+    # it waited only for runs queued or running and keys a full queue refused: a key held back
+    # until the store answers was neither, and the drain returned before its run was even queued
+    db = tmp_path / "lone.db"
+    url = f"sqlite:///{db}"
+    fired: list[str] = []
+    node_a, a, ta, _, _ = paused_pair(url, fired)
+    draining, answer = threading.Event(), threading.Event()
+    real = a.store.trigger_keys_held
+
+    async def trigger_keys_held(trigger: str, incarnation: str) -> set[str]:
+        # the store's answer after the lapse comes once the drain is under way
+        await asyncio.to_thread(answer.wait, QTIMEOUT)
+        return await real(trigger, incarnation)
+
+    a.store.trigger_keys_held = trigger_keys_held  # type: ignore[method-assign]
+
+    async def drained() -> list[str]:
+        await eventually(lambda: ta.hold_lapses == 1, timeout=QTIMEOUT)
+        ta.notify("k", 10)
+        draining.set()
+        await ta.drain(timeout=QTIMEOUT)
+        return list(fired)  # the runs done when the drain returned
+
+    try:
+        await node_a.run(a.start())
+        await on(node_a, lambda: ta.notify("k", 6))
+        await saved_by(url, a, {"k"})
+        await frozen_until_it_looks_gone(node_a, db, "a", lambda: None)
+        done = asyncio.run_coroutine_threadsafe(drained(), node_a.loop)
+        try:
+            assert await asyncio.to_thread(draining.wait, QTIMEOUT)
+        finally:
+            answer.set()
+        assert await asyncio.wrap_future(done) == ["a:k"]
+        assert ta.given_up == 0
+    finally:
+        answer.set()
+        await node_a.run(a.stop())
+        node_a.close()
+
+
+async def test_a_drain_in_a_process_replaced_under_its_node_id_does_not_wait_for_keys_it_never_fires(
+    shared: str,
+) -> None:
+    # such a key fires on the process that replaced it: no retake ever comes here to fire it,
+    # and the drain waited for one until the replaced process stopped
+    engines = [Engine(store=shared, node_id="a", lease_ttl=QTTL, health_interval=None) for _ in range(2)]
+    old, new = engines
+    t_old, _ = (e.trigger("compile", nothing, size_threshold=1) for e in engines)
+    replaced = Recorder(old, ("node.superseded",))
+    try:
+        await old.start()
+        await new.start()
+        await eventually(lambda: replaced.of("node.superseded"), timeout=QTIMEOUT)
+        await eventually(lambda: t_old.state().hold_lapses == 1, timeout=QTIMEOUT)
+        t_old.notify("k")
+        async with asyncio.timeout(QTIMEOUT):
+            await t_old.drain()
+        assert t_old.fired == 0
+    finally:
+        await new.stop()
+        await old.stop()

@@ -549,11 +549,18 @@ class Store(ABC):
 
     @abstractmethod
     async def save_trigger(
-        self, trigger: str, incarnation: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = ()
-    ) -> None:
+        self, trigger: str, incarnation: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = (),
+        *, held: Collection[str] = (),
+    ) -> set[str]:
         """Delete ``incarnation``'s rows of the keys in ``forget``, then insert or replace its rows
         of the given keys of ``trigger``, in one transaction. Other holders' rows, and its
-        other keys, stay as they are."""
+        other keys, stay as they are.
+
+        ``held`` names keys whose row ``incarnation`` saved or took up before: each of those is
+        replaced only if that row is still there. Another node that counted ``incarnation`` gone
+        (paused, cut off, replaced) may have taken it up meanwhile, with its count, and writing
+        the key again would count that twice. Returns those of ``held`` whose row was gone, and
+        were not saved."""
 
     # ---------------------------------------------------------------- queue jobs
 

@@ -834,14 +834,17 @@ class MemoryStore(Store):
         return set(self._trigger_keys.get(trigger, {}).get(incarnation, {}))
 
     async def save_trigger(
-        self, trigger: str, incarnation: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = ()
-    ) -> None:
+        self, trigger: str, incarnation: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = (),
+        *, held: Collection[str] = (),
+    ) -> set[str]:
         if not keys and not forget:
-            return
+            return set()
         mine = self._trigger_keys.setdefault(trigger, {}).setdefault(incarnation, {})
         for key in forget:
             mine.pop(key, None)
-        mine.update(keys)
+        taken = {key for key in held if key in keys and key not in mine}
+        mine.update((key, rec) for key, rec in keys.items() if key not in taken)
+        return taken
 
     # ---------------------------------------------------------------- queue jobs
 

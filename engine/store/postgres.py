@@ -89,6 +89,7 @@ from .models import (
 from .memory import parse_cursor
 from .rows import (
     RunRows,
+    trigger_save,
     book_recovered,
     counts_of,
     dumps,
@@ -1609,20 +1610,29 @@ class PostgresStore(Store):
         return {key for (key,) in rows}
 
     async def save_trigger(
-        self, trigger: str, incarnation: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = ()
-    ) -> None:
-        if keys or forget:
-            mine = {"trigger": trigger, "holder": incarnation, "nonce": None}
-            rows = [{**mine, "key": key, **rec.model_dump()} for key, rec in keys.items()]
-            gone = [{"trigger": trigger, "holder": incarnation, "key": key} for key in forget]
-            await self._run(self._save_trigger, rows, gone)
+        self, trigger: str, incarnation: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = (),
+        *, held: Collection[str] = (),
+    ) -> set[str]:
+        if not keys and not forget:
+            return set()
+        return await self._run(self._save_trigger, *trigger_save(trigger, incarnation, keys, forget, held))  # type: ignore[no-any-return]
 
     @staticmethod
-    async def _save_trigger(tx: _Tx, rows: list[dict[str, Any]], gone: list[dict[str, Any]]) -> None:
+    async def _save_trigger(tx: _Tx, rows: list[dict[str, Any]], gone: list[dict[str, Any]], held: list[str]) -> set[str]:
         if gone:
             await tx.executemany(Q.FORGET_TRIGGER_KEY, gone)
+        taken: set[str] = set()
+        if held and rows:
+            # locked until the commit: a node taking rows up skips them meanwhile, and a row another
+            # node's adoption deleted before is not found (read committed: its delete is seen)
+            values = {"trigger": rows[0]["trigger"], "holder": rows[0]["holder"], "keys": held}
+            there = {r[0] for r in await tx.fetch(Q.PG_HELD_TRIGGER_KEYS_OF, values)}
+            taken = set(held) - there
+            if taken:
+                rows = [row for row in rows if row["key"] not in taken]
         if rows:
             await tx.executemany(Q.SAVE_TRIGGER_KEY, rows)
+        return taken
 
     @staticmethod
     async def _exec_many(tx: _Tx, sql: str, rows: list[dict[str, Any]]) -> None:

@@ -22,7 +22,7 @@ from ..errors import StoreError
 from ..runs import Progress, RunError, RunStatus
 from . import queries as Q
 from .base import lost_action, lost_reason
-from .models import Counts, LostReason, NodeInfo, Recovered, StoredRun, lost_note, worker_lost_error
+from .models import Counts, LostReason, NodeInfo, Recovered, StoredRun, TriggerKeyRecord, lost_note, worker_lost_error
 
 
 def dumps(value: Any) -> str:
@@ -53,6 +53,26 @@ def failed_at_claim(seq: int, token: str, now: float, error: RunError) -> dict[s
     left pending, every claim from then on would take it again."""
     return {"seq": seq, "token": token, "now": now, "lost": 0, "result": None,
             "error": error_json(error), "cancel_reason": None, "status": "failed"}  # fmt: skip
+
+
+class TriggerSave(NamedTuple):
+    """What ``Store.save_trigger`` writes, as statement parameters: the rows to insert or
+    replace, those to delete, and the keys of ``rows`` to write only over a row still there."""
+
+    rows: list[dict[str, Any]]
+    gone: list[dict[str, Any]]
+    held: list[str]
+
+
+def trigger_save(
+    trigger: str, incarnation: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str], held: Collection[str]
+) -> TriggerSave:
+    mine = {"trigger": trigger, "holder": incarnation, "nonce": None}
+    return TriggerSave(
+        rows=[{**mine, "key": key, **rec.model_dump()} for key, rec in keys.items()],
+        gone=[{"trigger": trigger, "holder": incarnation, "key": key} for key in forget],
+        held=[key for key in held if key in keys],
+    )
 
 
 def counts_of(rows: Sequence[Sequence[Any]]) -> Counts:

@@ -81,7 +81,7 @@ from .rows import failed_at_claim
 from .rows import loads as _loads
 from .rows import node_info as _node
 from .rows import seq_of as _seq_of
-from .rows import RunRows, book_recovered, recovery_step, sqlite_console
+from .rows import RunRows, book_recovered, recovery_step, sqlite_console, trigger_save
 
 
 log = logging.getLogger("taskwatch.store.sqlite")
@@ -1272,18 +1272,26 @@ class SqliteStore(Store):
         return {key for (key,) in tx.cur.execute(sql, values)}
 
     async def save_trigger(
-        self, trigger: str, incarnation: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = ()
-    ) -> None:
-        if keys or forget:
-            mine = {"trigger": trigger, "holder": incarnation, "nonce": None}
-            rows = [{**mine, "key": key, **rec.model_dump()} for key, rec in keys.items()]
-            gone = [{"trigger": trigger, "holder": incarnation, "key": key} for key in forget]
-            await self._call(self._save_trigger, rows, gone)
+        self, trigger: str, incarnation: str, keys: Mapping[str, TriggerKeyRecord], forget: Collection[str] = (),
+        *, held: Collection[str] = (),
+    ) -> set[str]:
+        if not keys and not forget:
+            return set()
+        return await self._call(self._save_trigger, *trigger_save(trigger, incarnation, keys, forget, held))  # type: ignore[no-any-return]
 
     @staticmethod
-    def _save_trigger(tx: _Tx, rows: list[dict[str, Any]], gone: list[dict[str, Any]]) -> None:
-        tx.cur.executemany(Q.FORGET_TRIGGER_KEY, gone)
-        tx.cur.executemany(Q.SAVE_TRIGGER_KEY, rows)
+    def _save_trigger(tx: _Tx, rows: list[dict[str, Any]], gone: list[dict[str, Any]], held: list[str]) -> set[str]:
+        cur = tx.cur
+        cur.executemany(Q.FORGET_TRIGGER_KEY, gone)
+        taken: set[str] = set()
+        if held and rows:
+            # (the write transaction keeps takers out until it ends: a row there now stays there)
+            where = {"trigger": rows[0]["trigger"], "holder": rows[0]["holder"]}
+            taken = {key for key in held if cur.execute(Q.HELD_TRIGGER_KEY, {**where, "key": key}).fetchone() is None}
+            if taken:
+                rows = [row for row in rows if row["key"] not in taken]
+        cur.executemany(Q.SAVE_TRIGGER_KEY, rows)
+        return taken
 
     @staticmethod
     def _exec_many(tx: _Tx, sql: str, rows: list[dict[str, Any]]) -> None:
