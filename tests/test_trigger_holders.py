@@ -349,7 +349,9 @@ async def test_a_postgres_node_skips_the_rows_another_node_is_taking_up(postgres
 
 
 async def test_two_postgres_engines_starting_at_once_share_a_gone_nodes_keys_out_once(postgres_url: str) -> None:
-    keys = {f"doc-{i}": TriggerKeyRecord(count=1, first_seen_at=5.0) for i in range(2000)}
+    # first seen just now on the nodes' clock: none is due, so none fires (and is counted 0)
+    # while the other node still starts
+    keys = {f"doc-{i}": TriggerKeyRecord(count=1, first_seen_at=1000.0) for i in range(2000)}
     gone = PostgresStore(postgres_url, lease_ttl=TTL)
     async with gone:
         await gone.register_node("x", "ix", "1")
@@ -514,7 +516,9 @@ async def test_a_drain_on_a_run_the_taker_follows_now_ends_with_the_stop_of_the_
         thaw = await node_a.freeze(lambda: None)
         try:
             await eventually(lambda: tb.adopted == 1, timeout=QTIMEOUT)
-            stopping = asyncio.run_coroutine_threadsafe(a.stop(timeout=10), node_a.loop)
+            # (the run still waits on the gate: unless a saw its claim lost first, the stop
+            # gives it its timeout, then cuts it)
+            stopping = asyncio.run_coroutine_threadsafe(a.stop(timeout=1), node_a.loop)
         finally:
             thaw.set()
         await asyncio.wrap_future(stopping)
