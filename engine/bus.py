@@ -60,6 +60,9 @@ def _checked_kinds(kinds: Iterable[str] | None) -> list[str]:
         raise UnknownEventKind(
             kinds, f"kinds takes a list of kinds (or None for all), not {type(kinds).__qualname__} {kinds!r}"
         ) from None
+    if not out:
+        # (it used to mean every event, the opposite of what it says)
+        raise UnknownEventKind(kinds, f"kinds={kinds!r} names no kind and would deliver nothing: pass None for every event")
     for kind in out:
         if not isinstance(kind, str):
             raise UnknownEventKind(kind, f"kinds holds {kind!r}, which is no kind")

@@ -1046,14 +1046,14 @@ class Engine:
             # three rounds of cancel_grace: Execution.await_tasks), so those writes still wait out
             # an outage as long as any write does, and nothing waits for ever
             past_drain = max(0.0, deadline - loop.time()) + 3 * self.cancel_grace + _STOP_WRITE_GRACE
-            retry_period = getattr(self._store, "reconnect_timeout", None)
-            if isinstance(retry_period, (int, float)):
+            retry_period = self._store.retry_period
+            if retry_period is not None:
                 self._store.give_up_after(time.monotonic() + past_drain + retry_period)
             # snapshots: a queue or trigger made meanwhile (by a run still draining) is not
             # started, so there is nothing of it to stop. A trigger's sweeps end here; what its
             # runs ending (or a handler's notifies) bring due meanwhile fires while the drain lasts
             for trigger in list(self._triggers.values()):
-                await trigger.stop(deadline)
+                await trigger.stop(deadline, saved_again=True)  # (by the save below, after the drain)
             if self._durable:
                 # what is queued waits in the store for the next start; what runs is seen through.
                 # Claims end before the drain: a run cut short meanwhile (refused a submit) goes

@@ -1888,6 +1888,12 @@ class Trigger:
         The engine's stop calls it once its queues and runs have finished: what they
         notified, after the trigger's own stop saved, is kept for the next start.
         """
+        await self._save_changes(last=True)
+
+    async def _save_changes(self, *, last: bool) -> None:
+        """:meth:`save_changes`; a failure is said at ERROR, with the counts lost, by the
+        ``last`` save of a stop only (the engine's, once its runs drained, tries again what
+        the trigger's own stop could not save)."""
         if not self._loaded or (not self._dirty and not self._forget):
             # (a start that never read the store's counts must not write its own over them)
             return
@@ -1896,8 +1902,12 @@ class Trigger:
                 # what those keys counted since their rows were taken: rows of their own again
                 await self._save()
         except Exception as exc:
+            if not last:
+                log.debug("trigger %r: its stop's save failed (%s: %s); tried again once the runs drained",
+                          self.name, type(exc).__name__, exc)
+                return
             # nothing after the stop saves them: what was counted since the last save is gone,
-            # counted and said (the stop calls this twice: the last call's figure stands)
+            # counted and said
             keys = [st for key in self._dirty if (st := self._keys.get(key)) is not None]
             self.lost_at_stop = sum(st.unsaved for st in keys)
             log.error(
@@ -1970,8 +1980,10 @@ class Trigger:
                 # one bad sweep must not end staleness checks for good
                 trouble.failed(exc, f"sweeping again every {interval:g} s")
 
-    async def stop(self, deadline: float) -> None:
-        """Stop the sweep. Runs already fired are engine runs: the engine drains them."""
+    async def stop(self, deadline: float, *, saved_again: bool = False) -> None:
+        """Stop the sweep. Runs already fired are engine runs: the engine drains them.
+        ``saved_again``: the caller saves once more after this (:meth:`save_changes`), and
+        that save alone says what a store out of reach lost."""
         self._launched = False
         sweeper, self._sweeper = self._sweeper, None
         await cancel_and_wait(sweeper)
@@ -2004,8 +2016,9 @@ class Trigger:
                         "saving its counts all the same", self.name, type(exc).__name__, exc,
                     )  # fmt: skip
             # still lapsed (the store out of reach), saved all the same: a count may then fire on
-            # two nodes (a store out of reach to the end of the save loses them: counted, said)
-            await self.save_changes()
+            # two nodes (a store out of reach to the end of the engine's last save loses them:
+            # counted and said there)
+            await self._save_changes(last=not saved_again)
         watchers, self._watchers = self._watchers, set()
         for watch in watchers:
             await cancel_and_wait(watch)  # the next start reads those runs again

@@ -427,6 +427,7 @@ async def test_every_event_the_engine_posts_for_a_run_gives_every_field() -> Non
         (["nothing."], "no event has kind 'nothing.'"),
         ("run.", "pass ['run.']"),
         ([5], "kinds holds 5"),
+        ([], "kinds=[] names no kind"),
     ],
 )
 async def test_a_kinds_filter_that_could_match_nothing_is_refused(kinds: object, said: str) -> None:

@@ -276,6 +276,13 @@ class Store(ABC):
         on a server says so; others never do."""
         return None
 
+    @property
+    def retry_period(self) -> float | None:
+        """How long one call waits out an unreachable store before it gives up (a server's
+        ``reconnect_timeout``), or None for a store that has no outage to wait out. A stopping
+        engine gives its last writes this long past the drain (see :meth:`give_up_after`)."""
+        return None
+
     def give_up_after(self, deadline: float | None) -> None:
         """From now on, stop retrying an unreachable store at ``deadline`` (``time.monotonic()``).
 

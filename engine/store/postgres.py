@@ -527,6 +527,10 @@ class PostgresStore(Store):
 
     # ---------------------------------------------------------------- lifecycle
 
+    @property
+    def retry_period(self) -> float:
+        return self.reconnect_timeout
+
     def give_up_after(self, deadline: float | None) -> None:
         self._give_up_at = deadline
         if self._terminator is not None:
