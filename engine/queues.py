@@ -1473,7 +1473,9 @@ class WorkQueue:
         """
         timeout = checked_timeout(f"queue {self.name!r} join()", timeout)
         if (home := self._elsewhere()) is not None:
-            await call_on(home, self.join, timeout)
+            # the timeout kept here too: a blocked engine loop would not end the join it runs there
+            async with asyncio.timeout(timeout):
+                await call_on(home, self.join, timeout)
             return
         async with asyncio.timeout(timeout):
             # made while the engine runs: what the store holds is taken up by its start, which

@@ -497,6 +497,9 @@ class Trigger:
         self._withheld: set[str] = set()
         #: the look at the hold that runs on a timer of its own (see :meth:`_watch`)
         self._watch_handle: asyncio.TimerHandle | None = None
+        #: the save loop looks at the hold (durable store, from its first step to its end): a
+        #: fire looks too, as the renewal it last saw is set
+        self._hold_watched = False
         #: an adoption under way: a stop waits for it (the store may have handed the keys over)
         self._adopting: asyncio.Task[None] | None = None
         #: tasks reading the end of runs taken up with keys that this node's index does not hold
@@ -691,6 +694,11 @@ class Trigger:
         return self._lapsed or self._held()
 
     def _fire(self, key: str, st: _Key, reason: str) -> RunHandle | None:
+        if self._hold_watched and not self._lapsed and self._launched:
+            # a pause that just ended may not have been looked at yet (the first callbacks of
+            # the loop after a SIGSTOP run before the timer that looks): another node may have
+            # taken up this key's row meanwhile, and fires it
+            self._hold_fresh()
         if self._waits():
             if self._lapsed and self._launched and not self._replaced:
                 # a drain waits for the retake, which fires it (a replaced process has none:
@@ -1044,7 +1052,9 @@ class Trigger:
         loop = self._engine.loop if self._engine.state in ("running", "stopping") else self._loop
         if loop is not None and loop.is_closed():
             loop = None
-        await call_on(loop, self._drain_here, timeout)
+        # the timeout kept here too: a blocked engine loop would not end the drain it runs there
+        async with asyncio.timeout(timeout):
+            await call_on(loop, self._drain_here, timeout)
 
     async def _drain_here(self, timeout: float | None) -> None:
         loop = asyncio.get_running_loop()
@@ -1866,7 +1876,15 @@ class Trigger:
                     # notifies during the write stay unsaved (and a save made meanwhile, by a
                     # save_changes(), may have taken its share off already)
                     st.unsaved = max(0, st.unsaved - n)
-                    st.saved, st.saved_run = rec.count, rec.run_id
+                    if rec.run_id is not None and st.run_id != rec.run_id:
+                        # the run the row follows ended during the request, and took its count
+                        # off here (see _ended); whoever reads the row takes it off there too, so
+                        # the row holds the rest (given up whole, the count notified since would
+                        # go with it if another node took the row before the next save)
+                        took = st.last_run_id == rec.run_id and st.last_status != RunStatus.CANCELLED.value
+                        st.saved, st.saved_run = (max(0, rec.count - rec.captured) if took else rec.count), None
+                    else:
+                        st.saved, st.saved_run = rec.count, rec.run_id
         finally:
             self._dirty.update(keys[done:])  # saved next time
             self._forget.update(gone[done_gone:])
@@ -1934,6 +1952,7 @@ class Trigger:
         self._seen_renewal = self._executor.renewed_at if self._executor is not None else time.monotonic()
         # the look at the hold on a timer of its own: this loop's looks wait on the store
         self._watch(probe)
+        self._hold_watched = True
         try:
             while True:
                 await asyncio.sleep(max(0.0, min(next_save, next_adopt) - loop.time()))
@@ -1964,6 +1983,7 @@ class Trigger:
                 except Exception as exc:
                     trouble.failed(exc, f"trying again within {min(self.save_interval, every):g} s")
         finally:
+            self._hold_watched = False
             watch, self._watch_handle = self._watch_handle, None
             if watch is not None:
                 watch.cancel()

@@ -533,6 +533,27 @@ async def test_a_drain_on_a_run_the_taker_follows_now_ends_with_the_stop_of_the_
         node_a.close()
 
 
+@pytest.mark.parametrize("wait", ["trigger drain", "queue join"])
+async def test_a_drain_from_another_loop_ends_at_its_timeout_while_the_engines_loop_is_blocked(
+    tmp_path: Path, wait: str
+) -> None:
+    # the timeout was kept on the engine's loop alone, which a blocked loop never runs
+    node_a, a, ta, _, _ = paused_pair(f"sqlite:///{tmp_path / 'blocked.db'}", [])
+    queue = a.queue("q", nothing)
+    try:
+        await node_a.run(a.start())
+        thaw = await node_a.freeze(lambda: None)
+        try:
+            draining = asyncio.ensure_future(ta.drain(timeout=0.2) if wait == "trigger drain" else queue.join(timeout=0.2))
+            await asyncio.wait([draining], timeout=QTIMEOUT)
+            assert draining.done() and isinstance(draining.exception(), TimeoutError)
+        finally:
+            thaw.set()
+    finally:
+        await node_a.run(a.stop())
+        node_a.close()
+
+
 async def test_a_lone_node_paused_past_its_heartbeats_ttl_keeps_its_counts(tmp_path: Path) -> None:
     db = tmp_path / "lone.db"
     fired: list[str] = []
@@ -808,6 +829,91 @@ async def test_a_save_under_way_across_a_pause_writes_back_none_of_what_another_
         assert fired == []
     finally:
         pause.thaw.set()
+        await c.stop()
+        await b.stop()
+        await node_a.run(a.stop())
+        node_a.close()
+
+
+async def test_a_node_back_from_a_pause_fires_nothing_another_node_took_before_it_has_asked_the_store(
+    shared: str,
+) -> None:
+    # a notify queued while a was paused (a timer of the application's, due meanwhile) ran first
+    # once a was back, before anything had looked at its hold: a fired k with the 9 b had taken
+    # up, and b fired them too
+    fired: list[str] = []
+    node_a, a, ta, b, tb = paused_pair(shared, fired)
+    try:
+        await node_a.run(a.start())
+        await on(node_a, lambda: ta.notify("k", 9))
+        await saved_by(shared, a, {"k"})
+        await b.start()
+        thaw = await node_a.freeze(lambda: None)
+        try:
+            await eventually(lambda: tb.adopted == 1, timeout=QTIMEOUT)
+            node_a.loop.call_soon_threadsafe(ta.notify, "k", 1)
+        finally:
+            thaw.set()
+        await eventually(lambda: ta.given_up == 1, timeout=QTIMEOUT)
+        tb.notify("k", 1)
+        await eventually(lambda: fired == ["b:k"], timeout=QTIMEOUT)
+        # a keeps its 1, counted after its last save
+        assert [(k.key, k.count) for k in (await on(node_a, ta.state)).keys] == [("k", 1)]
+    finally:
+        await b.stop()
+        await node_a.run(a.stop())
+        node_a.close()
+
+
+async def test_a_run_that_ends_during_a_save_of_its_key_leaves_the_counts_since_to_the_node_after_a_pause(
+    shared: str,
+) -> None:
+    # the save's answer marked the row as holding the 10 the run had taken off meanwhile: after
+    # the pause, a gave up those 10 from the 9 counted since, and the 9 were lost everywhere
+    fired: list[str] = []
+    gate = threading.Event()
+    node_a, a, ta, b, tb = paused_pair(shared, fired, gate)
+    armed, paused, thaw = threading.Event(), threading.Event(), threading.Event()
+    real = a.store.save_trigger
+
+    async def save_trigger(trigger: str, incarnation: str, keys: Any, forget: Any = (), **kw: Any) -> Any:
+        if not (armed.is_set() and "k" in keys and keys["k"].run_id is not None):
+            return await real(trigger, incarnation, keys, forget, **kw)
+        armed.clear()
+        gate.set()  # k's run ends while this save of the row that follows it is under way
+        async with asyncio.timeout(QTIMEOUT):
+            while (k := ta.state().keys[0]).queued or k.running:
+                await asyncio.sleep(0.01)
+        taken = await real(trigger, incarnation, keys, forget, **kw)
+        ta.notify("k", 9)
+        paused.set()
+        thaw.wait(QTIMEOUT)  # then the whole node is paused, its loop with it
+        return taken
+
+    a.store.save_trigger = save_trigger  # type: ignore[method-assign]
+    c = Engine(store=shared, node_id="c", health_interval=None)
+    tc = c.trigger("compile", nothing, size_threshold=10)
+    try:
+        await node_a.run(a.start())
+        await b.start()
+        armed.set()
+        await on(node_a, lambda: ta.notify("k", 10))  # fires k with 10
+        assert await asyncio.to_thread(paused.wait, QTIMEOUT)
+        try:
+            await eventually(lambda: tb.adopted == 1, timeout=QTIMEOUT)
+        finally:
+            thaw.set()
+        # back, a asks the store what is still its own, and saves k again as its own row
+        await eventually(lambda: ta.hold_lapses >= 1, timeout=QTIMEOUT)
+        await saved_by(shared, a, {"k"})
+        await node_a.run(a.stop())
+        await b.stop()
+        await c.start()
+        # 19 notified: 10 fired once, the 9 since are left
+        assert fired == ["a:k"] and [(k.key, k.count) for k in tc.state().keys] == [("k", 9)]
+    finally:
+        thaw.set()
+        gate.set()
         await c.stop()
         await b.stop()
         await node_a.run(a.stop())
