@@ -1052,42 +1052,43 @@ class Trigger:
         loop = self._engine.loop if self._engine.state in ("running", "stopping") else self._loop
         if loop is not None and loop.is_closed():
             loop = None
-        # the timeout kept here too: a blocked engine loop would not end the drain it runs there
+        # the timeout kept on the caller's loop: a blocked engine loop would not end a drain
+        # timed there (a call on it given up is cancelled at its next await there)
         async with asyncio.timeout(timeout):
-            await call_on(loop, self._drain_here, timeout)
+            await call_on(loop, self._drain_here)
 
-    async def _drain_here(self, timeout: float | None) -> None:
+    async def _drain_here(self) -> None:
+        # (within drain()'s timeout, kept on the caller's loop: see drain())
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(timeout):
-            if not self._launched and not self._start_failed and self._engine.state == "running":
-                # made while the engine runs: its start is a task of the loop, not run yet
-                launched = loop.create_future()
-                self._launch_waiters.append(launched)
-                await launched
-            if (first := self._first_check) is not None:
-                # the start's own sweep may not have reached those keys yet: a drain right after
-                # the start would find nothing queued and return before they ran. (A wait, not
-                # an await: a drain that times out or is cancelled leaves the sweep going)
-                await asyncio.wait([first])
-            while self._active or self._refused or self._withheld:
-                if self._engine.state == "stopped" and self._engine.durable and self._active:
-                    raise self._left_at_stop()
-                if not self._active and self._withheld and not self._launched:
-                    # came due while the hold lapsed, and the trigger stopped before the store
-                    # answered: they keep their counts for the next start
-                    raise self._due_when_stopped(len(self._withheld))
-                if (
-                    not self._active and self._refused and self._retry is None and self._soon is None
-                    and not (self._lapsed and self._launched)
-                ):  # fmt: skip
-                    # the trigger stopped, which cancelled the retry: nothing runs them now (while
-                    # the hold lapsed, none is set: the retake tries them again)
-                    raise self._refused_at_stop()
-                fut = loop.create_future()
-                self._drain_waiters.append(fut)
-                # a refire after the last finish is scheduled before this wake-up,
-                # so `_active` already holds it when the loop re-checks
-                await fut
+        if not self._launched and not self._start_failed and self._engine.state == "running":
+            # made while the engine runs: its start is a task of the loop, not run yet
+            launched = loop.create_future()
+            self._launch_waiters.append(launched)
+            await launched
+        if (first := self._first_check) is not None:
+            # the start's own sweep may not have reached those keys yet: a drain right after
+            # the start would find nothing queued and return before they ran. (A wait, not
+            # an await: a drain that times out or is cancelled leaves the sweep going)
+            await asyncio.wait([first])
+        while self._active or self._refused or self._withheld:
+            if self._engine.state == "stopped" and self._engine.durable and self._active:
+                raise self._left_at_stop()
+            if not self._active and self._withheld and not self._launched:
+                # came due while the hold lapsed, and the trigger stopped before the store
+                # answered: they keep their counts for the next start
+                raise self._due_when_stopped(len(self._withheld))
+            if (
+                not self._active and self._refused and self._retry is None and self._soon is None
+                and not (self._lapsed and self._launched)
+            ):  # fmt: skip
+                # the trigger stopped, which cancelled the retry: nothing runs them now (while
+                # the hold lapsed, none is set: the retake tries them again)
+                raise self._refused_at_stop()
+            fut = loop.create_future()
+            self._drain_waiters.append(fut)
+            # a refire after the last finish is scheduled before this wake-up,
+            # so `_active` already holds it when the loop re-checks
+            await fut
         if self._engine.state != "running":
             if self._cut_at_stop:
                 raise self._left_at_stop()
