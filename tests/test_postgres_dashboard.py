@@ -20,6 +20,8 @@ while it is open, and ``r`` there retries it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from typing import Any
 
 import asyncpg
@@ -47,6 +49,7 @@ from taskwatch.tui.cli import main as cli_main
 from taskwatch.tui.cluster import ClusterApp
 from taskwatch.tui.screens import ConfirmScreen, RunScreen
 from taskwatch.widgets import ClusterRunsTable, EventLog, RunDetail, StoreNodesTable
+from textual.screen import Screen
 from textual.widgets import Label, Static
 
 from .cutting_proxy import StallingProxy
@@ -710,6 +713,38 @@ async def test_a_database_that_does_not_answer_is_waited_for_briefly_and_a_late_
             await pilot.pause()
             assert isinstance(app.screen, ConfirmScreen)
             await pilot.press("n")
+    assert not stray_tasks()
+
+
+async def test_a_redraw_due_while_the_dashboard_closes_its_last_screens_is_no_error(postgres_url: str) -> None:
+    # the redraw timer can tick after a shutdown has taken every screen off the stack, while
+    # a screen kept off it (installed, popped, still closing) holds the shutdown there: with
+    # no screen to ask which one is open, a redraw draws nothing and is no error
+    app: ClusterApp
+    late = asyncio.Event()
+
+    def clock() -> float:
+        if not app.is_running and not app.screen_stack:
+            late.set()
+        return time.time()
+
+    class Closing(Screen[None]):
+        async def on_unmount(self) -> None:
+            # holds the shutdown until a redraw has come (bounded: one that draws nothing reads no clock)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await late.wait()
+
+    async with PostgresStore(postgres_url) as submitter:
+        (run,) = await submitter.insert([NewRun(task="later", params={})])
+    app = ClusterApp(ClusterObserver(postgres_url, lease=None), refresh_hz=50, clock=clock)
+    async with app.run_test(size=(160, 45)):
+        table = app.query_one(ClusterRunsTable)
+        await eventually(lambda: run.id in table.shown_keys, timeout=TIMEOUT)
+        app.install_screen(Closing(), "closing")
+        await app.push_screen("closing")
+        await app.pop_screen()
+    assert app.return_code in (None, 0)
     assert not stray_tasks()
 
 
