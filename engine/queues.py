@@ -96,6 +96,7 @@ from .logs import OutageLog, log_safely, log_text, traceback_block
 from .events import QueueDrainIncomplete, QueueJobFailed, QueuePaused, QueuePurged, QueueResumed
 from .runs import RunError
 from .store import StoredJob
+from .store.rows import UNREADABLE
 from .tasks import NotReadBack, async_signature, params_from_record, read_back, resolve_annotation
 
 if TYPE_CHECKING:
@@ -225,6 +226,18 @@ class _Kept:
         self.lost = False
         #: changed after its put into something not JSON-safe: it runs here, but has no row (counted lost)
         self.unstorable = False
+
+
+class _Unreadable:
+    """A stored job whose row holds no JSON (changed by hand, say): failed as it is, never
+    handed to the handler, so it holds up no other job."""
+
+    __slots__ = ("text", "error")
+
+    def __init__(self, text: Any, why: str) -> None:
+        #: what the row holds, shown as the failed job
+        self.text = text
+        self.error = RunError(type=UNREADABLE, message=f"{why}; the job is dropped: put it again")
 
 
 def _job_from_record(model: type[BaseModel], stored: Any) -> BaseModel:
@@ -805,13 +818,13 @@ class WorkQueue:
                 self._running[task] = kept
             try:
                 try:
-                    failure = await self._call(ctx, job)
+                    failure = job.error if type(job) is _Unreadable else await self._call(ctx, job)
                     if task.cancelling() and (self._abandon or self._torn_down()):
                         # the stop's cancel (or the loop's teardown's), which the handler caught and
                         # returned, or raised something else from its cleanup: handled below as the
                         # cancel it swallowed, so the job is left undone all the same (its row stays,
                         # and the stop counted it already)
-                        if failure is not None:
+                        if isinstance(failure, BaseException):
                             error = RunError.from_exception(failure)
                             log_safely(
                                 log, logging.WARNING, "queue %r: a handler cut short by the stop raised %s: %s "
@@ -1032,7 +1045,9 @@ class WorkQueue:
     def _revive(self, job: StoredJob, epoch: int) -> _Kept:
         """A job read back from the store, as the handler expects it (its model, when it names one)."""
         value = job.job
-        if self._job_model is not None:
+        if job.unreadable is not None:
+            value = _Unreadable(value, job.unreadable)
+        elif self._job_model is not None:
             try:
                 value = _job_from_record(self._job_model, value)
             except ValidationError:
@@ -1309,21 +1324,26 @@ class WorkQueue:
             return exc
         return None
 
-    def _failed(self, job: Any, exc: BaseException, kept: _Kept | None) -> None:
+    def _failed(self, job: Any, exc: BaseException | RunError, kept: _Kept | None) -> None:
         self.failed += 1
-        try:
-            data = jsonable(job)
-        except NotJsonSafe:
-            data = repr(job)  # mutated into something unserialisable since it was put
-        error = RunError.from_exception(exc)
+        if type(job) is _Unreadable:
+            data: Any = job.text
+        else:
+            try:
+                data = jsonable(job)
+            except NotJsonSafe:
+                data = repr(job)  # mutated into something unserialisable since it was put
+        error = exc if isinstance(exc, RunError) else RunError.from_exception(exc)
         self._engine.bus.emit(QueueJobFailed, queue=self.name, job=data, error=error)
         # after the event, and guarded: a raising log handler must not take the consumer down.
         # Never the job itself: its contents are the application's (secrets, personal data)
-        if log.isEnabledFor(logging.WARNING):
+        # a row that holds no JSON is a job lost, not one its handler failed
+        level = logging.ERROR if type(job) is _Unreadable else logging.WARNING
+        if log.isEnabledFor(level):
             job_id = None if kept is None else kept.id
             delivery = "" if kept is None or kept.attempt == 1 else f" (delivery {kept.attempt})"
             log_safely(
-                log, logging.WARNING, "queue %r: %s%s failed (a queue never retries a job): %s: %s%s",
+                log, level, "queue %r: %s%s failed (a queue never retries a job): %s: %s%s",
                 self.name, "a job" if job_id is None else f"job {job_id}", delivery,
                 log_text(error.type), log_text(error.message), traceback_block(error),
             )  # fmt: skip

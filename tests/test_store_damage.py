@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
-from taskwatch.engine import Engine, RunStatus, TaskContext
+from taskwatch.engine import Engine, QueueJobFailed, RunStatus, TaskContext
 from taskwatch.engine.errors import StoreError, StoreUnavailable
 from taskwatch.engine.store import NewRun, PostgresStore, SqliteStore
 
@@ -249,3 +249,48 @@ async def test_a_pending_run_whose_other_columns_were_changed_by_hand_is_failed_
     assert all(type(run.created_at) is float for run in snapshot.runs)
     told = errors_naming(caplog, damaged.id)
     assert any("is failed at its claim" in line and why in line for line in told), told
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_a_queue_job_whose_row_holds_no_json_fails_alone_and_the_queue_handles_the_others(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
+    # before, the queue's start failed on it, and failed again each time it was tried: no job ran
+    url = f"sqlite:///{tmp_path / 'jobs.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
+    store: SqliteStore | PostgresStore = SqliteStore(tmp_path / "jobs.db") if kind == "sqlite" else PostgresStore(url)
+    async with store:
+        ids = await store.put_jobs("mail", "a-gone-node", [{"i": i} for i in range(3)])
+    if kind == "sqlite":
+        by_hand(tmp_path / "jobs.db", "UPDATE queue_jobs SET job = ? WHERE id = ?", REPR_NOT_JSON, ids[1])
+    else:
+        import asyncpg
+
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("UPDATE queue_jobs SET job = $1 WHERE id = $2", REPR_NOT_JSON, ids[1])
+        finally:
+            await conn.close()
+
+    handled: list[Any] = []
+
+    async def send(job: Any) -> None:
+        handled.append(job)
+
+    engine = Engine(store=url, node_id="damage", health_interval=None)
+    queue = engine.queue("mail", send)
+    failures = engine.bus.subscribe(kinds=["queue.job_failed"])
+    with caplog.at_level(logging.ERROR, logger="taskwatch"):
+        async with engine:
+            await queue.join(timeout=10)
+    assert handled == [{"i": 0}, {"i": 2}]
+    assert (queue.info().processed, queue.info().failed) == (2, 1)
+    (failed,) = [e for e in failures.get_batch() if isinstance(e, QueueJobFailed)]
+    assert failed.queue == "mail" and failed.job == REPR_NOT_JSON  # what the row holds, to put right
+    assert failed.error.type == "UnreadableColumn"
+    assert "column 'job' could not be read (ValueError: key must be a string at line 1 column 2)" in failed.error.message
+    assert "put it again" in failed.error.message
+    told = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(f"queue 'mail': job {ids[1]}" in line and "could not be read" in line for line in told), told
+    # dropped: the next start does not fail it again
+    async with SqliteStore(tmp_path / "jobs.db") if kind == "sqlite" else PostgresStore(url) as again:
+        assert await again.adopt_jobs("mail", "a-later-node") == []

@@ -586,7 +586,8 @@ class Store(ABC):
         A holder is gone when its incarnation stopped, fell silent for longer
         than ``lease_ttl``, was replaced by a later start of its node, or was
         never registered. With ``own``, jobs ``incarnation`` itself holds are
-        returned too (an engine object started again).
+        returned too (an engine object started again). A job whose row holds no
+        JSON (changed by hand) is handed over all the same, marked ``unreadable``.
         """
 
 

@@ -228,11 +228,16 @@ class NodeInfo(BaseModel):
 
 class StoredJob(NamedTuple):
     """A queue job as the store keeps it: its row id, its JSON value, and how many times
-    the store handed it to a new holder because the one before had ended or was cut off."""
+    the store handed it to a new holder because the one before had ended or was cut off.
+
+    ``unreadable`` says why a row's ``job`` column is no JSON (changed by hand, say); ``job``
+    is then what the column holds, as text, for the queue to fail the job with (it holds up
+    no other job)."""
 
     id: int
     job: Any
     handovers: int = 0
+    unreadable: str | None = None
 
 
 class TriggerKeyRecord(BaseModel):

@@ -99,6 +99,7 @@ from .rows import (
     node_info,
     recovery_step,
     seq_of,
+    stored_job,
 )
 
 if TYPE_CHECKING:
@@ -1677,12 +1678,12 @@ class PostgresStore(Store):
             if tx.again and written_by == nonce:
                 # adopted by this call's first try, committed before the cut: this
                 # incarnation's now (its handover counted), and handed to nobody yet
-                out.append(StoredJob(int(job_id), loads(job), int(handovers)))
+                out.append(stored_job(int(job_id), job, int(handovers)))
             elif adoptable(holder, incarnation, own, known, gone):
                 if holder != incarnation:
                     await tx.execute(Q.PG_ADOPT_JOB, {"incarnation": incarnation, "nonce": nonce, "id": job_id})
                     handovers += 1
-                out.append(StoredJob(int(job_id), loads(job), int(handovers)))
+                out.append(stored_job(int(job_id), job, int(handovers)))
         return out
 
 

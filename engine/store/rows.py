@@ -22,7 +22,17 @@ from ..errors import StoreError
 from ..runs import Progress, RunError, RunStatus
 from . import queries as Q
 from .base import lost_action, lost_reason
-from .models import Counts, LostReason, NodeInfo, Recovered, StoredRun, TriggerKeyRecord, lost_note, worker_lost_error
+from .models import (
+    Counts,
+    LostReason,
+    NodeInfo,
+    Recovered,
+    StoredJob,
+    StoredRun,
+    TriggerKeyRecord,
+    lost_note,
+    worker_lost_error,
+)
 
 
 def dumps(value: Any) -> str:
@@ -115,6 +125,15 @@ def _decoded(column: str, text: Any) -> Any:
         return loads(text)
     except _UNDECODABLE as exc:
         raise Unreadable(column, f"{type(exc).__name__}: {exc}") from None
+
+
+def stored_job(job_id: int, text: Any, handovers: int) -> StoredJob:
+    """A queue job's row as its queue takes it up; one whose ``job`` is no JSON comes with why."""
+    try:
+        return StoredJob(job_id, loads(text), handovers)
+    except _UNDECODABLE as exc:
+        held = text if isinstance(text, str) else repr(text)
+        return StoredJob(job_id, held, handovers, f"column 'job' could not be read ({type(exc).__name__}: {exc})")
 
 
 def _object(column: str, text: Any) -> dict[str, Any]:

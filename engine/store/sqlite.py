@@ -78,10 +78,9 @@ from .memory import parse_cursor
 from .rows import counts_of, dumps as _dumps
 from .rows import error_json as _error_json
 from .rows import failed_at_claim
-from .rows import loads as _loads
 from .rows import node_info as _node
 from .rows import seq_of as _seq_of
-from .rows import RunRows, book_recovered, recovery_step, sqlite_console, trigger_save
+from .rows import RunRows, book_recovered, recovery_step, sqlite_console, stored_job, trigger_save
 
 
 log = logging.getLogger("taskwatch.store.sqlite")
@@ -1330,6 +1329,6 @@ class SqliteStore(Store):
                 if holder != incarnation:
                     cur.execute(Q.ADOPT_JOB, {"incarnation": incarnation, "id": job_id})
                     handovers += 1
-                out.append(StoredJob(job_id, _loads(job), handovers))
+                out.append(stored_job(job_id, job, handovers))
         return out
 
