@@ -165,6 +165,9 @@ _PUMP_BATCH = 256
 #: a busy engine's events reach each client in batches at most this often (seconds):
 #: one wake-up and one write per client per batch, rather than per event
 _FAN_OUT_INTERVAL = 0.002
+#: blank lines a connection's reader skips between two turns of the loop: a buffer full of
+#: them comes without a pause (a quarter MiB read at once is a quarter million lines)
+_BLANK_RUN = 512
 
 #: bytes of encoded event lines kept for clients that have not taken them yet
 _ENCODED_BYTES = 8 << 20
@@ -1323,14 +1326,16 @@ async def _remove_stale_socket(path: Path) -> None:
         probe.close()
 
 
-def _hello_too_large(size: int, limit: int) -> MessageTooLarge:
-    """The refusal of a hello longer than ``limit`` (max_hello): read only until the excess came,
-    and the connection then closed, not the line discarded as a later one is."""
+def _hello_too_large(size: int, limit: int, blank: int = 0) -> MessageTooLarge:
+    """The refusal of a hello longer than ``limit`` (max_hello), ``blank`` bytes of blank lines
+    before it included: read only until the excess came, and the connection then closed, not the
+    line discarded as a later one is."""
     exc = MessageTooLarge(size, limit, setting="max_hello")
+    came = f"{size} bytes came before its end" + (f", {blank} of them blank lines before it" if blank else "")
     message = (
-        f"the hello is longer than this engine's {limit}-byte limit for it ({size} bytes came "
-        "before its end), so it was not read and the connection is closed; send a shorter hello "
-        "(a token the engine accepts fits), or raise max_hello where the engine is served"
+        f"the hello is longer than this engine's {limit}-byte limit for it ({came}), so it was not "
+        "read and the connection is closed; send a shorter hello (a token the engine accepts fits), "
+        "or raise max_hello where the engine is served"
     )
     exc.args = (message,)
     return exc
@@ -1653,18 +1658,24 @@ class _Connection:
     async def _hello(self) -> bool:
         """Read and check the hello: True once admitted, False if the peer left; else :class:`_Refused`."""
         server = self.server
+        limit = server.max_hello
+        blank = 0  # bytes of blank lines before the hello
         try:
             # left half-read if too long: the connection closes, nothing more is read. A hello
             # without its newline, then the end of what the client sends (printf | nc -N), is
             # still one
-            line = await read_line(self._streams[0], server.max_hello, discard=False, unterminated=True)
-            # blank lines before it are harmless, as after it (an Enter typed into nc first);
-            # hello_timeout bounds how long they may go on
+            line = await read_line(self._streams[0], limit, discard=False, unterminated=True)
+            # blank lines before it are harmless, as after it (an Enter typed into nc first), but
+            # count towards its limit: a buffer full of them is read without a pause, and an
+            # endless stream of them (a client that never says hello) would hold the engine's loop
             while line is not None and not line.strip() and not self.dismissed:
-                line = await read_line(self._streams[0], server.max_hello, discard=False, unterminated=True)
+                blank += len(line) + 1
+                if blank >= limit:
+                    raise MessageTooLarge(0, limit)  # (no byte of the hello itself yet)
+                line = await read_line(self._streams[0], limit - blank, discard=False, unterminated=True)
         except MessageTooLarge as exc:
             server.count(exc.reason)
-            raise _Refused(None, _hello_too_large(exc.size, exc.limit)) from None
+            raise _Refused(None, _hello_too_large(blank + exc.size, limit, blank)) from None
         if line is None or self.dismissed:
             return False  # (what a dismissed client had sent is its problem no more)
         try:
@@ -1777,6 +1788,7 @@ class _Connection:
     async def _read_loop(self) -> None:
         server = self.server
         reader = self._streams[0]
+        blank = 0  # blank lines skipped
         while True:
             try:
                 # a last command without its newline (printf | nc -N) is still answered
@@ -1793,7 +1805,12 @@ class _Connection:
                 await self._finish()
                 return
             if not line.strip():
-                continue  # blank lines are harmless (e.g. typed by hand into nc)
+                # blank lines are harmless (e.g. typed by hand into nc); but read from a full buffer
+                # they come without a pause, and a stream of them would hold the engine's loop
+                blank += 1
+                if blank % _BLANK_RUN == 0:
+                    await asyncio.sleep(0)
+                continue
             try:
                 msg = decode_client_message(line, server.max_message)
             except ProtocolError as exc:

@@ -235,6 +235,53 @@ async def test_an_endless_hello_line_is_refused_at_the_hello_limit(engine: Engin
     await raw.close()
 
 
+async def test_blank_lines_before_the_hello_count_towards_its_limit(engine: Engine, sock_path: str) -> None:
+    # read from a full buffer, they came without a pause: a client that never said hello, only
+    # sent blank lines, held the engine's loop for about a second at a time
+    server = await serve(engine, sock_path, hello_timeout=30)  # so only the line limit can refuse it
+    raw = await RawClient.open(sock_path)
+    await raw.send(b"\n" * (64 * KIB))
+    reply = await raw.recv(timeout=3)
+    assert (reply["type"], reply["error_type"]) == ("error", "MessageTooLarge")
+    assert reply["details"]["limit"] == 4096
+    assert "4096 of them blank lines before it" in reply["message"] and "raise max_hello" in reply["message"]
+    assert await raw.closed_by_server(timeout=3)
+    assert server.stats()["oversized"] == 1
+    await raw.close()
+
+    # a few before a hello are harmless (an Enter typed into nc first)
+    raw = await RawClient.open(sock_path)
+    hello = {"type": "hello", "version": PROTOCOL_VERSION}
+    await raw.send(b"\n \r\n\n" + json.dumps(hello).encode() + b"\n")
+    assert (await raw.recv())["type"] == "welcome"
+    await raw.close()
+
+
+async def test_a_flood_of_blank_lines_leaves_the_loop_turns_while_it_is_read(engine: Engine, sock_path: str) -> None:
+    # a quarter MiB read at once is a quarter million blank lines, each skipped without a pause:
+    # the engine's loop was held for as long as that took (a second, loaded), for every client
+    await serve(engine, sock_path)
+    flood = await RawClient.authenticated(sock_path)
+    turns = 0
+    reading = True
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while reading:
+            turns += 1
+            await asyncio.sleep(0)
+
+    counter = asyncio.create_task(count_turns())
+    lines = 1 << 20
+    await flood.send(b"\n" * lines + b'{"type":"ping","id":1}\n')
+    reply = await flood.reply(timeout=30)
+    reading = False
+    await counter
+    assert (reply["type"], reply["id"]) == ("ok", 1)  # and nothing else came back for them
+    assert turns >= lines // 1024, turns  # a turn of the loop at least every thousand lines
+    await flood.close()
+
+
 # ---------------------------------------------------------------- 8: outgoing bytes
 
 
