@@ -1185,9 +1185,13 @@ class ControlServer:
     # ------------------------------------------------------------------ commands
 
     @contextlib.asynccontextmanager
-    async def heavy_turn(self) -> AsyncIterator[None]:
+    async def heavy_turn(self, own: asyncio.Lock | None = None) -> AsyncIterator[None]:
         """A turn of the loop of its own for work that holds the loop without an await (a
         snapshot, a full record): one such piece of work per turn, whoever asked for it.
+
+        ``own`` is a lock of the asking client's: its heavy commands then wait in the shared line
+        one at a time, so a client keeping sixteen snapshots in flight puts one ahead of a new
+        client's attach, not sixteen (each client's turns come round in the order they asked).
 
         The commands read from one client's buffer in one turn (16 snapshots pipelined, a
         dashboard's ``gather``) would otherwise all run in the next turn, back to back, and
@@ -1196,7 +1200,7 @@ class ControlServer:
         timer fell due or whose socket was read meanwhile is woken in the first of those
         turns and runs in the second, before this work rather than after it.
         """
-        async with self._heavy:
+        async with own if own is not None else contextlib.nullcontext(), self._heavy:
             loop = asyncio.get_running_loop()
             rest = self._heavy_free_at - loop.time()
             if rest > 0:
@@ -1213,12 +1217,13 @@ class ControlServer:
                 ended = loop.time()
                 self._heavy_free_at = ended + (ended - began) * _HEAVY_REST
 
-    async def execute(self, cmd: Command, limit: int | None = None) -> bytes:
+    async def execute(self, cmd: Command, limit: int | None = None, heavy: asyncio.Lock | None = None) -> bytes:
         """Run one command on the engine; returns its result as JSON of at most ``limit`` bytes.
 
         ``limit`` defaults to ``max_send``. Records are bounded as in snapshots,
         except by ``get``, which returns the full record or raises
-        :class:`ReplyTooLarge` -- as does any result that cannot fit.
+        :class:`ReplyTooLarge` -- as does any result that cannot fit. ``heavy``: the
+        asking client's own lock for :meth:`heavy_turn`.
         """
         engine = self.engine
         room = self.max_send if limit is None else limit
@@ -1233,7 +1238,7 @@ class ControlServer:
                 result = self._bounded((await engine.retry(run_id)).record())
             case GetCommand(run_id=run_id):
                 # the whole record: this is how a client reads what listings cut down
-                async with self.heavy_turn():
+                async with self.heavy_turn(heavy):
                     result = engine.get(run_id).model_dump_json().encode()
                 if len(result) > room:
                     raise ReplyTooLarge(f"run {run_id}'s full record", len(result), room)
@@ -1259,7 +1264,7 @@ class ControlServer:
                 result = self._bounded(engine.fire_trigger(name, key))
             case SnapshotCommand(runs_limit=runs_limit):
                 limit_runs = self.snapshot_runs if runs_limit is None else runs_limit
-                async with self.heavy_turn():
+                async with self.heavy_turn(heavy):
                     return self.encode_snapshot(engine.snapshot(limit_runs), room).json
             case PingCommand():
                 result = b"null"
@@ -1543,6 +1548,8 @@ class _Connection:
         #: what each command task answers (its id and type), for the line a late one gets instead
         self.asked: dict[asyncio.Task[None], tuple[MessageId, str]] = {}
         self.inflight = asyncio.Semaphore(server.max_inflight)
+        #: its place in the server's line for heavy work (see ControlServer.heavy_turn)
+        self.heavy = asyncio.Lock()
         #: set once everything queued before the end of the stream is written
         self.flushed = asyncio.Event()
         #: event lines taken from the subscription that did not fit the outbox yet (at
@@ -1873,7 +1880,7 @@ class _Connection:
         # what the reply adds around its result must fit in the line too
         room = self.max_send - (len(ok_line(cmd.id, b"")) - 1)
         try:
-            result = await server.execute(cmd, room)
+            result = await server.execute(cmd, room, self.heavy)
         except Exception as exc:
             server.count("errors")
             if not isinstance(exc, TaskwatchError):

@@ -574,6 +574,37 @@ def test_generated_tokens_never_look_like_a_command_line_option() -> None:
 # ---------------------------------------------------------------- 11: heavy commands pipelined
 
 
+async def test_a_client_with_many_snapshots_in_flight_holds_one_place_in_the_line_for_heavy_work(
+    engine: Engine, sock_path: str
+) -> None:
+    # heavy work (a snapshot, a full record) is done a piece per turn, in the order it was asked
+    # for: a client keeping sixteen snapshots in flight put all sixteen ahead of another client's
+    # get or attach, and a few such clients kept a fresh dashboard waiting for seconds
+    # runs enough for a snapshot to take a while (and the rest after it three times as long)
+    handles = [await engine.submit("echo", {"data": "x" * 100}) for _ in range(300)]
+    await eventually(lambda: all(engine.get(h.id).status.finished for h in handles))
+    await serve(engine, sock_path)
+    hog = await RawClient.authenticated(sock_path)
+    other = await RawClient.authenticated(sock_path)
+    arrived: list[str] = []
+
+    async def replies(client: RawClient, name: str, count: int) -> None:
+        for _ in range(count):
+            assert (await client.reply(timeout=30))["type"] == "ok"
+            arrived.append(name)
+
+    await hog.send(b"".join(json.dumps({"type": "snapshot", "id": i}).encode() + b"\n" for i in range(16)))
+    await replies(hog, "hog", 1)  # the other fifteen wait in line now
+    hogs = asyncio.create_task(replies(hog, "hog", 15))
+    await other.send({"type": "get", "id": 1, "run_id": handles[0].id})
+    await asyncio.gather(hogs, replies(other, "other", 1))
+    # behind the one snapshot of the hog's in line before it (and a few more at most, served
+    # while the get was on its way), not behind all fifteen
+    assert arrived.index("other") <= 5, arrived
+    await hog.close()
+    await other.close()
+
+
 async def test_pipelined_snapshots_leave_the_loop_a_turn_between_them(
     engine: Engine, sock_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
