@@ -294,3 +294,97 @@ async def test_a_queue_job_whose_row_holds_no_json_fails_alone_and_the_queue_han
     # dropped: the next start does not fail it again
     async with SqliteStore(tmp_path / "jobs.db") if kind == "sqlite" else PostgresStore(url) as again:
         assert await again.adopt_jobs("mail", "a-later-node") == []
+
+
+async def _by_hand_pg(url: str, sql: str, *args: Any) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(sql, *args)
+    finally:
+        await conn.close()
+
+
+def _ticking(store: str) -> Engine:
+    engine = Engine(store=store, node_id="damage", health_interval=None)
+
+    @engine.periodic(every=0.2)
+    async def tick(ctx: TaskContext) -> str:
+        return "ticked"
+
+    return engine
+
+
+async def _ticks(engine: Engine) -> None:
+    await eventually(lambda: any(r.status is RunStatus.SUCCEEDED for r in engine.runs(task="tick")), timeout=10)
+
+
+async def test_postgres_times_that_are_no_time_hold_up_no_start_and_no_periodic_task(
+    postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # PostgreSQL's double precision takes 'Infinity' and 'NaN' from psql: the periodic task's
+    # slot and its last run's end made every start of the engine raise InvalidConfiguration
+    # (a next fire at infinity), and the cluster dashboard's tables refused the run
+    async with PostgresStore(postgres_url) as store:
+        await store.set_periodic("tick", 1_000.0)
+        (last,) = await store.insert([NewRun("tick", source="periodic:tick")])
+    await _by_hand_pg(postgres_url, "UPDATE periodic SET last_fire = 'Infinity'")
+    await _by_hand_pg(
+        postgres_url, "UPDATE runs SET status = 'succeeded', started_at = 1000, finished_at = 'Infinity' WHERE id = $1",
+        last.id,
+    )  # fmt: skip
+    engine = _ticking(postgres_url)
+    with caplog.at_level(logging.ERROR, logger="taskwatch"):
+        async with engine:
+            await _ticks(engine)
+            with pytest.raises(StoreError, match="finished_at: it holds inf, not a time"):
+                await engine.store.get(last.id)
+            listed = [r.id for r in (await engine.store.query(task="tick")).runs]
+    assert last.id not in listed and listed  # left out; the runs since are there
+    told = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("periodic task 'tick'" in line and "holds inf as the time it last fired" in line for line in told), told
+    assert any(last.id in line and "makes no record" in line for line in told), told
+    async with PostgresStore(postgres_url) as store:
+        fired = await store.get_periodic("tick")
+    assert fired is not None and fired > 1_000.0  # its fire wrote a time over it
+
+
+async def test_a_periodic_slot_written_by_hand_as_text_holds_up_no_fire(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "runs.db"
+    async with SqliteStore(db) as store:
+        await store.set_periodic("tick", 1_000.0)
+    by_hand(db, "UPDATE periodic SET last_fire = datetime('now')")  # text: SQLite keeps what it is given
+    engine = _ticking(f"sqlite:///{db}")
+    with caplog.at_level(logging.ERROR, logger="taskwatch"):
+        async with engine:
+            await _ticks(engine)
+    told = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("periodic task 'tick'" in line and "which is no time" in line for line in told), told
+
+
+async def test_a_nodes_row_changed_by_hand_holds_up_no_start_and_no_recovery(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # one unreadable nodes row (a heartbeat written as text) failed every start, and every
+    # recovery and adoption on every node sharing the file: a dead node's runs stayed running.
+    # Its node is one never registered now: its claim is taken back once its lease is out
+    db = tmp_path / "runs.db"
+    async with SqliteStore(db, lease_ttl=1.0) as store:
+        await store.register_node("crashed", "inc-crashed", "1")
+        (run,) = await store.insert([NewRun("double", {"i": 4})])
+        (claim,) = await store.claim("crashed", "inc-crashed", 1, {"double": None})
+        assert claim.run_id == run.id
+    by_hand(db, "UPDATE nodes SET last_heartbeat = datetime('now') WHERE incarnation = 'inc-crashed'")
+    engine = numbered_engine(f"sqlite:///{db}")
+    with caplog.at_level(logging.ERROR, logger="taskwatch"):
+        async with engine:
+            done = await engine.wait_for(run.id, timeout=10)  # its claim taken back, and run here
+            nodes = await engine.store.nodes()
+    assert (done.status, done.result) == (RunStatus.SUCCEEDED, 8)
+    assert [n.incarnation for n in nodes] == [engine.incarnation]
+    told = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("incarnation inc-crashed" in line and "makes no node" in line and "DELETE FROM nodes" in line
+               for line in told), told  # fmt: skip

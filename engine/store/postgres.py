@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -1381,7 +1382,7 @@ class PostgresStore(Store):
         # the time of this try, not of the call: a call that waited out an outage judges the
         # others by what they could have done since, and re-queues at the time it does it
         now = self.clock()
-        nodes = (node_info(r) for r in await tx.fetch(Q.ALL_NODES, {}))
+        nodes = self._run_rows.nodes(await tx.fetch(Q.ALL_NODES, {}))
         gone = gone_incarnations(nodes, now, self.node_ttl, answering_since=self.answering_since())
         out: list[Recovered] = []
         # every running claim is read without a lock (heartbeats and finishes of healthy
@@ -1502,7 +1503,7 @@ class PostgresStore(Store):
         await self._run(self._exec, Q.NODE_STOPPED, {"incarnation": incarnation, "now": self.clock()}, single=True)
 
     async def nodes(self) -> list[NodeInfo]:
-        return [node_info(r) for r in await self._run(self._fetch, Q.ALL_NODES, {}, write=False)]
+        return self._run_rows.nodes(await self._run(self._fetch, Q.ALL_NODES, {}, write=False))
 
     async def prune_nodes(self, older_than: float) -> int:
         cutoff = self.clock() - older_than
@@ -1527,7 +1528,8 @@ class PostgresStore(Store):
         return await tx.fetchval(sql, values)
 
     async def get_periodic(self, name: str) -> float | None:
-        return await self._run(self._fetchval, Q.GET_PERIODIC, {"name": name}, write=False)  # type: ignore[no-any-return]
+        stored = await self._run(self._fetchval, Q.GET_PERIODIC, {"name": name}, write=False)
+        return self._run_rows.periodic_fire(name, stored)
 
     async def set_periodic(self, name: str, fired_at: float) -> None:
         await self._run(self._exec, Q.SET_PERIODIC, {"name": name, "fired_at": float(fired_at)}, single=True)
@@ -1537,7 +1539,7 @@ class PostgresStore(Store):
     ) -> list[Inserted]:
         # the claim's nonce and the run's id, kept by every try: a try after a cut finds both its
         # first try's claim and its row, and reports them as its own
-        values = {"name": name, "slot": float(slot), "gap": float(gap), "nonce": _nonce()}
+        values = {"name": name, "slot": float(slot), "gap": float(gap), "forever": math.inf, "nonce": _nonce()}
         [row] = self._rows([run], self.clock())
         return await self._run(self._claim_periodic_run, values, row, max_pending)  # type: ignore[no-any-return]
 
@@ -1556,7 +1558,7 @@ class PostgresStore(Store):
     async def claim_periodic(self, name: str, slot: float, gap: float = 0.0) -> bool:
         # one nonce per call, kept by every try: a try after a cut wins the slot again if the
         # row is still the one its first try wrote (a slot taken is no proof it was ours)
-        values = {"name": name, "slot": float(slot), "gap": float(gap), "nonce": _nonce()}
+        values = {"name": name, "slot": float(slot), "gap": float(gap), "forever": math.inf, "nonce": _nonce()}
         found = await self._run(self._fetchval, Q.PG_CLAIM_PERIODIC, values, single=True)
         return found is not None
 
@@ -1569,7 +1571,7 @@ class PostgresStore(Store):
         self, tx: _Tx, trigger: str, incarnation: str, own: bool, nonce: str
     ) -> dict[str, TriggerKeyRecord]:
         holders = [h for (h,) in await tx.fetch(Q.TRIGGER_HOLDERS, {"trigger": trigger})]
-        nodes = [node_info(r) for r in await tx.fetch(Q.ALL_NODES, {})]
+        nodes = self._run_rows.nodes(await tx.fetch(Q.ALL_NODES, {}))
         gone = gone_incarnations(nodes, self.clock(), self.node_ttl, answering_since=self.answering_since())
         known = {n.incarnation for n in nodes}
         taking = trigger_holders_taken(holders, incarnation, own, known, gone)
@@ -1669,7 +1671,7 @@ class PostgresStore(Store):
         return await self._run(self._adopt_jobs, queue, incarnation, own, _nonce())  # type: ignore[no-any-return]
 
     async def _adopt_jobs(self, tx: _Tx, queue: str, incarnation: str, own: bool, nonce: str) -> list[StoredJob]:
-        nodes = [node_info(r) for r in await tx.fetch(Q.ALL_NODES, {})]
+        nodes = self._run_rows.nodes(await tx.fetch(Q.ALL_NODES, {}))
         gone = gone_incarnations(nodes, self.clock(), self.node_ttl, answering_since=self.answering_since())
         known = {n.incarnation for n in nodes}
         out: list[StoredJob] = []

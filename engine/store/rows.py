@@ -12,7 +12,7 @@ import re
 import reprlib
 import shlex
 
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from pydantic import ValidationError
@@ -164,6 +164,10 @@ def _error(text: Any) -> RunError:
         raise Unreadable("error", "it holds no error taskwatch wrote (a type and a message)") from None
 
 
+#: a run row's times, checked finite as it is read
+_TIME_COLUMNS = ("created_at", "started_at", "finished_at", "run_after", "lease_until")
+
+
 def _why(exc: BaseException) -> str:
     """What a row's values failed to make, in one line (a ValidationError says it in several)."""
     if isinstance(exc, ValidationError):
@@ -203,6 +207,9 @@ class RunRows:
 
     Each damaged run is logged at ERROR once (per store object), with the statement that
     shows its row; those left out are counted in :attr:`left_out`.
+
+    The nodes table's rows are read alike (:meth:`nodes`): one that makes no node is left
+    out, so it holds up no start, no recovery and no adoption of the other nodes' work.
     """
 
     def __init__(self, where: str, log: logging.Logger, console: Callable[[str], str], table: str = "runs") -> None:
@@ -214,7 +221,7 @@ class RunRows:
         self._table = table
         #: ids of the runs whose rows make no record, left out of reads
         self.left_out: set[str] = set()
-        self._told: set[str] = set()
+        self._told: set[Hashable] = set()
 
     def run(self, r: Sequence[Any]) -> StoredRun | None:
         """The record of a row of ``queries.RUN_COLUMNS``; None for one that makes no record."""
@@ -264,6 +271,11 @@ class RunRows:
             except Unreadable as exc:
                 damage.append(exc)
                 error = None
+        for column, value in zip(_TIME_COLUMNS, (created_at, started_at, finished_at, run_after, lease_until), strict=True):
+            if type(value) is float and not math.isfinite(value):
+                # PostgreSQL's double precision takes 'Infinity' and 'NaN' (psql, say): no time,
+                # which every comparison, JSON and the dashboard's tables would trip over
+                return f"{column}: it holds {value!r}, not a time"
         note = None
         if damage and not (isinstance(error, RunError) and error.type == UNREADABLE):
             # (one the claim that failed the run recorded says it already)
@@ -370,7 +382,7 @@ class RunRows:
                 run_id, self.where, why, len(self.left_out), self._how_to_look(run_id),
             )  # fmt: skip
 
-    def _first_time(self, run_id: str) -> bool:
+    def _first_time(self, run_id: Hashable) -> bool:
         if run_id in self._told:
             return False
         if len(self._told) >= _TOLD_MAX:
@@ -378,12 +390,51 @@ class RunRows:
         self._told.add(run_id)
         return True
 
-    def _how_to_look(self, run_id: Any) -> str:
-        where = f"id = {_sql_text(str(run_id))}"
+    def _how_to_look(self, run_id: Any, table: str | None = None, column: str = "id") -> str:
+        table = table or self._table
+        where = f"{column} = {_sql_text(str(run_id))}"
         return (
-            f"Look at its row with: {self._console(f'SELECT * FROM {self._table} WHERE {where}')}; "
-            f"fix it there, or delete it with: {self._console(f'DELETE FROM {self._table} WHERE {where}')}"
+            f"Look at its row with: {self._console(f'SELECT * FROM {table} WHERE {where}')}; "
+            f"fix it there, or delete it with: {self._console(f'DELETE FROM {table} WHERE {where}')}"
         )
+
+    def periodic_fire(self, name: str, stored: Any) -> float | None:
+        """The time periodic task ``name`` last fired as its row holds it; None (never) for a
+        value that is no time (changed by hand: 'NaN' or 'Infinity' in PostgreSQL, text in
+        SQLite), logged at ERROR once: its next fire writes a time over it."""
+        if stored is None or (type(stored) in (int, float) and math.isfinite(stored)):
+            return stored  # type: ignore[no-any-return]
+        if self._first_time(("periodic", name)):
+            self._log.error(
+                "periodic task %r: its row in the run store %s holds %s as the time it last fired, which is "
+                "no time (changed by hand?): it is taken as never fired, and its next fire writes over it. %s",
+                name, self.where, reprlib.repr(stored), self._how_to_look(name, "periodic", "name"),
+            )  # fmt: skip
+        return None
+
+    def nodes(self, rows: Iterable[Sequence[Any]]) -> list[NodeInfo]:
+        """The nodes of rows of ``queries.NODE_COLUMNS``, without those whose row makes none
+        (changed by hand: a time written as text, say), each logged at ERROR once. Such a
+        node's incarnation counts as never registered: its claims and jobs are taken up."""
+        out = []
+        for r in rows:
+            try:
+                info = node_info(r)
+                for column in ("started_at", "last_heartbeat", "stopped_at"):
+                    value = getattr(info, column)
+                    if value is not None and not math.isfinite(value):
+                        raise ValueError(f"{column}: it holds {value!r}, not a time")
+            except _UNDECODABLE as exc:
+                incarnation = r[1]
+                if self._first_time(("nodes", incarnation)):
+                    self._log.error(
+                        "the nodes row of incarnation %s in the run store %s makes no node (%s): it is left as "
+                        "it is, and the node counts as gone. %s",
+                        incarnation, self.where, _why(exc), self._how_to_look(incarnation, "nodes", "incarnation"),
+                    )  # fmt: skip
+                continue
+            out.append(info)
+        return out
 
 
 def node_info(r: Sequence[Any]) -> NodeInfo:

@@ -17,6 +17,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import logging
+import math
 import os
 import queue
 import sqlite3
@@ -1069,7 +1070,7 @@ class SqliteStore(Store):
 
     def _recover(self, tx: _Tx, live: frozenset[str] | None, now: float) -> list[Recovered]:
         cur = tx.cur
-        gone = gone_incarnations((_node(r) for r in cur.execute(Q.ALL_NODES).fetchall()), now, self.node_ttl)
+        gone = gone_incarnations(self._run_rows.nodes(cur.execute(Q.ALL_NODES).fetchall()), now, self.node_ttl)
         out: list[Recovered] = []
         for row in cur.execute(_RUNNING_CLAIMS).fetchall():
             step = recovery_step(row, now, gone, live, self.max_lost)
@@ -1181,7 +1182,7 @@ class SqliteStore(Store):
         return await self._call(self._nodes, write=False)  # type: ignore[no-any-return]
 
     def _nodes(self, tx: _Tx) -> list[NodeInfo]:
-        return [_node(r) for r in tx.cur.execute(Q.ALL_NODES).fetchall()]
+        return self._run_rows.nodes(tx.cur.execute(Q.ALL_NODES).fetchall())
 
     async def prune_nodes(self, older_than: float) -> int:
         return await self._call(self._prune_nodes, self.clock() - older_than)  # type: ignore[no-any-return]
@@ -1202,19 +1203,20 @@ class SqliteStore(Store):
         return None if row is None else row[0]
 
     async def get_periodic(self, name: str) -> float | None:
-        return await self._call(self._scalar, Q.GET_PERIODIC, {"name": name}, write=False)  # type: ignore[no-any-return]
+        stored = await self._call(self._scalar, Q.GET_PERIODIC, {"name": name}, write=False)
+        return self._run_rows.periodic_fire(name, stored)
 
     async def set_periodic(self, name: str, fired_at: float) -> None:
         await self._call(self._exec, Q.SET_PERIODIC, {"name": name, "fired_at": fired_at})
 
     async def claim_periodic(self, name: str, slot: float, gap: float = 0.0) -> bool:
-        values = {"name": name, "slot": float(slot), "gap": float(gap)}
+        values = {"name": name, "slot": float(slot), "gap": float(gap), "forever": math.inf}
         return await self._call(self._scalar, Q.CLAIM_PERIODIC, values) is not None
 
     def claim_periodic_run(
         self, name: str, slot: float, gap: float, run: NewRun, *, max_pending: int | None = None
     ) -> asyncio.Future[list[Inserted]]:
-        values = {"name": name, "slot": float(slot), "gap": float(gap)}
+        values = {"name": name, "slot": float(slot), "gap": float(gap), "forever": math.inf}
         return self._call(self._claim_periodic_run, values, run, self.clock(), max_pending)
 
     def _claim_periodic_run(
@@ -1236,7 +1238,7 @@ class SqliteStore(Store):
         # one write transaction (BEGIN IMMEDIATE): no other process takes or saves rows meanwhile
         cur = tx.cur
         holders = [h for (h,) in cur.execute(Q.TRIGGER_HOLDERS, {"trigger": trigger}).fetchall()]
-        nodes = [_node(r) for r in cur.execute(Q.ALL_NODES).fetchall()]
+        nodes = self._run_rows.nodes(cur.execute(Q.ALL_NODES).fetchall())
         gone = gone_incarnations(nodes, self.clock(), self.node_ttl)
         known = {n.incarnation for n in nodes}
         taking = trigger_holders_taken(holders, incarnation, own, known, gone)
@@ -1320,7 +1322,7 @@ class SqliteStore(Store):
 
     def _adopt_jobs(self, tx: _Tx, queue: str, incarnation: str, own: bool) -> list[StoredJob]:
         cur = tx.cur
-        nodes = [_node(r) for r in cur.execute(Q.ALL_NODES).fetchall()]
+        nodes = self._run_rows.nodes(cur.execute(Q.ALL_NODES).fetchall())
         gone = gone_incarnations(nodes, self.clock(), self.node_ttl)
         known = {n.incarnation for n in nodes}
         out: list[StoredJob] = []
