@@ -17,7 +17,7 @@ import pytest
 from pydantic import BaseModel
 from taskwatch.engine import Engine, QueueJobFailed, RunStatus, TaskContext
 from taskwatch.engine.errors import StoreError, StoreUnavailable
-from taskwatch.engine.store import NewRun, PostgresStore, SqliteStore
+from taskwatch.engine.store import NewRun, PostgresStore, SqliteStore, TriggerKeyRecord
 
 from .helpers import eventually
 
@@ -388,3 +388,66 @@ async def test_a_nodes_row_changed_by_hand_holds_up_no_start_and_no_recovery(
     told = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("incarnation inc-crashed" in line and "makes no node" in line and "DELETE FROM nodes" in line
                for line in told), told  # fmt: skip
+
+
+async def test_a_saved_trigger_key_changed_by_hand_holds_up_no_start_and_no_other_key(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a count written as text failed the trigger's start, and with it the engine's, every time
+    db = tmp_path / "runs.db"
+
+    async def compile_key(ctx: TaskContext, key: str) -> None: ...
+
+    async with SqliteStore(db) as store:
+        await store.register_node("gone", "inc-gone", "1")
+        await store.save_trigger("compile", "inc-gone", {"a": TriggerKeyRecord(count=3), "b": TriggerKeyRecord(count=4)})
+        await store.node_stopped("inc-gone")
+    by_hand(db, "UPDATE trigger_keys SET count = 'many' WHERE counter_key = 'b'")
+    engine = Engine(store=f"sqlite:///{db}", node_id="damage", health_interval=None)
+    compile = engine.trigger("compile", compile_key, size_threshold=100)
+    with caplog.at_level(logging.ERROR, logger="taskwatch"):
+        async with engine:
+            assert {k.key: k.count for k in compile.state().keys} == {"a": 3}
+            compile.notify("b")  # counted afresh
+            assert {k.key: k.count for k in compile.state().keys} == {"a": 3, "b": 1}
+    told = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("trigger 'compile', key 'b'" in line and "makes no key" in line
+               and "DELETE FROM trigger_keys WHERE trigger_name = 'compile' AND counter_key = 'b'" in line
+               for line in told), told  # fmt: skip
+
+
+async def test_a_queue_jobs_handover_count_changed_by_hand_holds_up_no_start(tmp_path: Path) -> None:
+    db = tmp_path / "jobs.db"
+    async with SqliteStore(db) as store:
+        await store.put_jobs("mail", "a-gone-node", [{"i": 0}, {"i": 1}])
+    by_hand(db, "UPDATE queue_jobs SET handovers = 'many' WHERE job = '{\"i\":0}'")
+    handled: list[tuple[Any, int]] = []
+
+    async def send(ctx: TaskContext, job: Any) -> None:
+        handled.append((job, ctx.attempt))
+
+    engine = Engine(store=f"sqlite:///{db}", node_id="damage", health_interval=None)
+    queue = engine.queue("mail", send)
+    async with engine:
+        await queue.join(timeout=10)
+    # each was handed over once (from a node never registered): its second delivery
+    assert handled == [({"i": 0}, 2), ({"i": 1}, 2)]
+
+
+@pytest.mark.parametrize(("column", "value"), [("lost_count", "once"), ("attempt", "one"), ("lease_until", "soon")])
+async def test_a_running_run_changed_by_hand_holds_up_no_recovery(tmp_path: Path, column: str, value: str) -> None:
+    # recovery did arithmetic on the row as it found it: the start failed with a TypeError,
+    # and so did every recovery on every node sharing the file, for the other runs too
+    db = tmp_path / "runs.db"
+    async with SqliteStore(db, lease_ttl=1.0) as store:
+        damaged, other = await store.insert([NewRun("double", {"i": 1}), NewRun("double", {"i": 2})])
+        # by a node with no row (pruned, say): its runs are taken back once their lease is out
+        claims = await store.claim("crashed", "inc-crashed", 2, {"double": None})
+        assert {c.run_id for c in claims} == {damaged.id, other.id}
+    by_hand(db, f"UPDATE runs SET {column} = ? WHERE id = ?", value, damaged.id)
+    engine = numbered_engine(f"sqlite:///{db}")
+    async with engine:
+        ran = await engine.wait_for(other.id, timeout=10)
+        again = await engine.wait_for(damaged.id, timeout=10)
+    assert (ran.status, ran.result) == (RunStatus.SUCCEEDED, 4)
+    assert (again.status, again.result) == (RunStatus.SUCCEEDED, 2)  # taken back and run here

@@ -65,7 +65,6 @@ from .base import (
     merge_trigger_records,
     new_run_id,
     trigger_holders_taken,
-    trigger_record,
 )
 from .models import (
     CancelResult,
@@ -1581,14 +1580,14 @@ class PostgresStore(Store):
             # incarnation's own rows there: its own part cannot be told apart any more, so it
             # comes back with them (counted again, rather than lost)
             found = await tx.fetch(Q.PG_TRIGGER_KEYS_ADOPTED_AS, {"trigger": trigger, "holder": incarnation, "nonce": nonce})
-            before = [(r[0], trigger_record(r[1:])) for r in found]
+            before = [(r[0], rec) for r in found if (rec := self._run_rows.trigger_key(trigger, r[0], r[1:])) is not None]
         rows: list[tuple[str, TriggerKeyRecord]] = []
         if taking:
             # rows another node is taking up right now are locked and skipped: each has one taker
             found = await tx.fetch(Q.PG_TAKE_TRIGGER_KEYS, {"trigger": trigger, "holders": taking})
             order = {holder: i for i, holder in enumerate(taking)}
             found.sort(key=lambda r: order[r[0]])
-            rows = [(r[1], trigger_record(r[2:])) for r in found]
+            rows = [(r[1], rec) for r in found if (rec := self._run_rows.trigger_key(trigger, r[1], r[2:])) is not None]
             others = [{"trigger": trigger, "holder": r[0], "key": r[1]} for r in found if r[0] != incarnation]
             if others:
                 await tx.executemany(Q.FORGET_TRIGGER_KEY, others)
@@ -1597,7 +1596,8 @@ class PostgresStore(Store):
             mine: dict[str, TriggerKeyRecord] = {}
             if not own:
                 values = {"trigger": trigger, "holder": incarnation, "keys": list(taken)}
-                mine = {r[0]: trigger_record(r[1:]) for r in await tx.fetch(Q.PG_HELD_TRIGGER_KEYS_OF, values)}
+                held = await tx.fetch(Q.PG_HELD_TRIGGER_KEYS_OF, values)
+                mine = {r[0]: rec for r in held if (rec := self._run_rows.trigger_key(trigger, r[0], r[1:])) is not None}
             keep = []
             for key, rec in taken.items():
                 had = mine.get(key)

@@ -21,7 +21,7 @@ from pydantic_core import from_json, to_json
 from ..errors import StoreError
 from ..runs import Progress, RunError, RunStatus
 from . import queries as Q
-from .base import lost_action, lost_reason
+from .base import lost_action, lost_reason, trigger_record
 from .models import (
     Counts,
     LostReason,
@@ -127,8 +127,11 @@ def _decoded(column: str, text: Any) -> Any:
         raise Unreadable(column, f"{type(exc).__name__}: {exc}") from None
 
 
-def stored_job(job_id: int, text: Any, handovers: int) -> StoredJob:
-    """A queue job's row as its queue takes it up; one whose ``job`` is no JSON comes with why."""
+def stored_job(job_id: int, text: Any, handovers: Any) -> StoredJob:
+    """A queue job's row as its queue takes it up; one whose ``job`` is no JSON comes with why
+    (a ``handovers`` that is no count, changed by hand as well, counts none)."""
+    if type(handovers) is not int:
+        handovers = 0
     try:
         return StoredJob(job_id, loads(text), handovers)
     except _UNDECODABLE as exc:
@@ -391,12 +394,29 @@ class RunRows:
         return True
 
     def _how_to_look(self, run_id: Any, table: str | None = None, column: str = "id") -> str:
-        table = table or self._table
-        where = f"{column} = {_sql_text(str(run_id))}"
+        return self._statements(table or self._table, f"{column} = {_sql_text(str(run_id))}")
+
+    def _statements(self, table: str, where: str) -> str:
         return (
             f"Look at its row with: {self._console(f'SELECT * FROM {table} WHERE {where}')}; "
             f"fix it there, or delete it with: {self._console(f'DELETE FROM {table} WHERE {where}')}"
         )
+
+    def trigger_key(self, trigger: str, key: str, row: Sequence[Any]) -> TriggerKeyRecord | None:
+        """A saved key of ``trigger`` from its row's columns (``queries.TRIGGER_KEY_COLUMNS``);
+        None for a row that makes none (a count written as text, say), logged at ERROR once:
+        the key is taken up as never counted, so the trigger's start holds up no other key."""
+        try:
+            return trigger_record(row)
+        except _UNDECODABLE as exc:
+            if self._first_time(("trigger_keys", trigger, key)):
+                where = f"trigger_name = {_sql_text(trigger)} AND counter_key = {_sql_text(key)}"
+                self._log.error(
+                    "trigger %r, key %r: its saved row in the run store %s makes no key (%s): the key is taken "
+                    "up as never counted, and its row dropped or written over by the key's next save. %s",
+                    trigger, key, self.where, _why(exc), self._statements("trigger_keys", where),
+                )  # fmt: skip
+            return None
 
     def periodic_fire(self, name: str, stored: Any) -> float | None:
         """The time periodic task ``name`` last fired as its row holds it; None (never) for a
@@ -469,10 +489,16 @@ def recovery_step(
     the record's action (totals, wakeups) the same way.
     """
     seq, run_id, task, node, inc, token, lease_until, cancel_req, lost_count, on_lost, attempt = row
+    # a value changed by hand into no time or no count (text in SQLite, 'NaN' in PostgreSQL) fails
+    # no recovery: a lease that is no time is none (expired), a count that is no count is none
+    if not (type(lease_until) in (int, float) and math.isfinite(lease_until)):
+        lease_until = None
     why = lost_reason(inc, lease_until, now, gone, live)
     if why is None:
         return None
-    lost_count += 1
+    lost_count = (lost_count if type(lost_count) is int else 0) + 1
+    if type(attempt) is not int:
+        attempt = 1
     action = lost_action(bool(cancel_req), lost_count, on_lost, max_lost)
     args: dict[str, Any] = {"seq": seq, "token": token, "now": now, "lost": 1, "result": None, "cancel_reason": None}
     if action == "requeued":

@@ -54,7 +54,6 @@ from .base import (
     merge_trigger_records,
     new_run_id,
     trigger_holders_taken,
-    trigger_record,
 )
 from .models import (
     CancelResult,
@@ -1247,15 +1246,16 @@ class SqliteStore(Store):
         rows: list[tuple[str, TriggerKeyRecord]] = []
         for holder in taking:
             found = cur.execute(Q.HELD_TRIGGER_KEYS, {"trigger": trigger, "holder": holder}).fetchall()
-            rows.extend((r[0], trigger_record(r[1:])) for r in found)
+            rows.extend((r[0], rec) for r in found if (rec := self._run_rows.trigger_key(trigger, r[0], r[1:])) is not None)
             cur.execute(Q.FORGET_TRIGGER_HOLDER, {"trigger": trigger, "holder": holder})
         taken = merge_taken(rows)
         keep: list[dict[str, Any]] = []
         for key, rec in taken.items():
             if not own:
                 had = cur.execute(Q.HELD_TRIGGER_KEY, {"trigger": trigger, "holder": incarnation, "key": key}).fetchone()
-                if had is not None:
-                    rec = merge_trigger_records(trigger_record(had), rec)
+                mine = None if had is None else self._run_rows.trigger_key(trigger, key, had)
+                if mine is not None:
+                    rec = merge_trigger_records(mine, rec)
             keep.append({"trigger": trigger, "holder": incarnation, "key": key, "nonce": None, **rec.model_dump()})
         cur.executemany(Q.SAVE_TRIGGER_KEY, keep)
         return taken
@@ -1330,7 +1330,8 @@ class SqliteStore(Store):
             if adoptable(holder, incarnation, own, known, gone):
                 if holder != incarnation:
                     cur.execute(Q.ADOPT_JOB, {"incarnation": incarnation, "id": job_id})
-                    handovers += 1
+                    # (one changed by hand into no count counts none: the store's own + 1 made it 1)
+                    handovers = (handovers if type(handovers) is int else 0) + 1
                 out.append(stored_job(job_id, job, handovers))
         return out
 
