@@ -451,3 +451,16 @@ async def test_a_running_run_changed_by_hand_holds_up_no_recovery(tmp_path: Path
         again = await engine.wait_for(damaged.id, timeout=10)
     assert (ran.status, ran.result) == (RunStatus.SUCCEEDED, 4)
     assert (again.status, again.result) == (RunStatus.SUCCEEDED, 2)  # taken back and run here
+
+
+async def test_postgres_a_stopped_nodes_row_whose_start_is_no_time_replaces_no_later_start(postgres_url: str) -> None:
+    # 'NaN' sorts above every number in PostgreSQL: the old row looked like a later start of the
+    # node id, so every start of it took itself for replaced and claimed nothing, for a day
+    async with PostgresStore(postgres_url) as store:
+        await store.register_node("damage", "inc-old", "1")
+        await store.node_stopped("inc-old")
+    await _by_hand_pg(postgres_url, "UPDATE nodes SET started_at = 'NaN' WHERE incarnation = 'inc-old'")
+    engine = numbered_engine(postgres_url)
+    async with engine:
+        done = await (await engine.submit("double", {"i": 21})).wait(timeout=10)
+    assert (done.status, done.result) == (RunStatus.SUCCEEDED, 42)

@@ -422,12 +422,15 @@ ALL_NODES = f"SELECT {NODE_COLUMNS} FROM nodes ORDER BY registered_seq"
 
 #: also whether a later start of the node id registered since (the newest by ``started_at``,
 #: registration order breaking ties, as ``gone_incarnations`` decides): the others then count
-#: this incarnation gone, and it must stop claiming
+#: this incarnation gone, and it must stop claiming. A start time that is no time (changed by
+#: hand: PostgreSQL's 'NaN' and 'Infinity' sort above every number, SQLite's text above every
+#: number too) is no later start: below 1e308 in both, a time is a number
 NODE_HEARTBEAT = """
 UPDATE nodes SET last_heartbeat = :now, running = :running, cpu_percent = :cpu_percent, rss_bytes = :rss_bytes
 WHERE incarnation = :incarnation
 RETURNING EXISTS (SELECT 1 FROM nodes AS later
                   WHERE later.node = nodes.node AND later.incarnation <> nodes.incarnation
+                    AND later.started_at < 1e308
                     AND (later.started_at > nodes.started_at
                          OR (later.started_at = nodes.started_at AND later.registered_seq > nodes.registered_seq)))"""
 
@@ -439,6 +442,7 @@ REPLACED_INCARNATION = """EXISTS (
     SELECT 1 FROM nodes AS me JOIN nodes AS later
         ON later.node = me.node AND later.incarnation <> me.incarnation
     WHERE me.incarnation = :incarnation
+      AND later.started_at < 1e308
       AND (later.started_at > me.started_at
            OR (later.started_at = me.started_at AND later.registered_seq > me.registered_seq)))"""
 
