@@ -934,8 +934,10 @@ class ControlServer:
         return True
 
     def _hello_complete(self, data: bytes) -> bool:
-        """Whether ``data`` holds a whole line, or more than a hello may hold: it is read now."""
-        return b"\n" in data or len(data) > self.max_hello
+        """Whether ``data`` holds a whole line, or more than a hello may hold: it is read now.
+        Blank lines before it are no hello: a socket that sent only those stays silent, and may
+        be closed to make room (else 64 sockets sending a newline each held every place)."""
+        return b"\n" in data.lstrip() or len(data) > self.max_hello
 
     def _pause_accepting(self, until: float | None) -> None:
         """Stop watching the listener; until the loop time ``until`` at the latest, if given."""

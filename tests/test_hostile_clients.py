@@ -106,11 +106,17 @@ async def finished(engine: Engine, task: str, data: str) -> str:
 # ---------------------------------------------------------------- 7: handshakes
 
 
-async def test_idle_sockets_before_hello_do_not_lock_out_real_clients(engine: Engine, sock_path: str) -> None:
+@pytest.mark.parametrize("said", [b"", b"\n", b" \r\n\n"], ids=["nothing", "a blank line", "blank lines"])
+async def test_idle_sockets_before_hello_do_not_lock_out_real_clients(engine: Engine, sock_path: str, said: bytes) -> None:
     # the reported attack: more idle token-less sockets than max_connections (on a Unix
-    # socket: over TCP the kernel does not even hand the server a socket that says nothing)
+    # socket: over TCP the kernel does not even hand the server a socket that says nothing).
+    # Blank lines are no hello: a socket that sent a newline was kept as one whose hello had
+    # come, never closed to make room, and 64 of them kept real clients out
     server = await serve(engine, sock_path, max_connections=2, max_handshakes=16, hello_timeout=30)
-    idle = [await RawClient.open(server.address) for _ in range(40)]
+    idle = []
+    for _ in range(40):
+        idle.append(raw := await RawClient.open(server.address))
+        raw.writer.write(said)  # (the bytes go out as it connects: it may be closed by the next ones)
     await eventually(lambda: server.stats()["connections"] == 40)
     stats = server.stats()
     # they wait in the handshake pool (16 here), the oldest closed to make room

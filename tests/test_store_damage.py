@@ -464,3 +464,25 @@ async def test_postgres_a_stopped_nodes_row_whose_start_is_no_time_replaces_no_l
     async with engine:
         done = await (await engine.submit("double", {"i": 21})).wait(timeout=10)
     assert (done.status, done.result) == (RunStatus.SUCCEEDED, 42)
+
+
+async def test_a_live_nodes_row_changed_by_hand_leaves_it_its_jobs_keys_and_claims(tmp_path: Path) -> None:
+    # the node whose row cannot be read may be alive and working: counted gone, another node took
+    # its queue jobs and handled them a second time, and took its running claim back at once
+    db = tmp_path / "runs.db"
+    async with SqliteStore(db, lease_ttl=30.0) as store:
+        await store.register_node("alive", "inc-alive", "1")
+        await store.register_node("other", "inc-other", "1")
+        await store.put_jobs("mail", "inc-alive", [{"i": 0}])
+        await store.save_trigger("compile", "inc-alive", {"k": TriggerKeyRecord(count=3)})
+        (run,) = await store.insert([NewRun("double", {"i": 1})])
+        (claim,) = await store.claim("alive", "inc-alive", 1, {"double": None})
+        by_hand(db, "UPDATE nodes SET started_at = datetime('now') WHERE incarnation = 'inc-alive'")
+        by_hand(db, "UPDATE runs SET lease_until = 'soon' WHERE id = ?", run.id)
+        assert [n.incarnation for n in await store.nodes()] == ["inc-other"]
+        assert await store.adopt_jobs("mail", "inc-other") == []
+        assert await store.adopt_trigger("compile", "inc-other") == {}
+        assert await store.recover() == []  # its lease is no time: its renewal writes over it
+        await store.heartbeat("inc-alive", [claim.token])
+        stored = await store.get(run.id)
+        assert stored is not None and stored.status is RunStatus.RUNNING and stored.lease_until is not None

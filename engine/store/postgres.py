@@ -97,6 +97,7 @@ from .rows import (
     failed_at_claim,
     loads,
     node_info,
+    claim_lease,
     recovery_step,
     seq_of,
     stored_job,
@@ -1382,16 +1383,20 @@ class PostgresStore(Store):
         # others by what they could have done since, and re-queues at the time it does it
         now = self.clock()
         nodes = self._run_rows.nodes(await tx.fetch(Q.ALL_NODES, {}))
-        gone = gone_incarnations(nodes, now, self.node_ttl, answering_since=self.answering_since())
+        gone = gone_incarnations(nodes.nodes, now, self.node_ttl, answering_since=self.answering_since())
+        known = nodes.known
         out: list[Recovered] = []
         # every running claim is read without a lock (heartbeats and finishes of healthy
         # claims never wait for a recovery); the lost ones are then locked and judged again
         # on what they hold now, skipping those another node is recovering or finishing
-        lost = [r[0] for r in await tx.fetch(_UNLOCKED_CLAIMS, {}) if lost_reason(r[4], r[6], now, gone, live)]
+        lost = [
+            r[0] for r in await tx.fetch(_UNLOCKED_CLAIMS, {})
+            if lost_reason(r[4], claim_lease(r[4], r[6], known), now, gone, live)
+        ]  # fmt: skip
         if not lost:
             return out
         for row in await tx.fetch(Q.PG_LOCK_CLAIMS, {"seqs": lost}):
-            step = recovery_step(row, now, gone, live, self.max_lost)
+            step = recovery_step(row, now, gone, live, self.max_lost, known)
             if step is None:
                 continue  # judged again on what it holds now: it was heartbeaten or finished meanwhile
             await tx.fetch(step.sql, step.args)
@@ -1502,7 +1507,7 @@ class PostgresStore(Store):
         await self._run(self._exec, Q.NODE_STOPPED, {"incarnation": incarnation, "now": self.clock()}, single=True)
 
     async def nodes(self) -> list[NodeInfo]:
-        return self._run_rows.nodes(await self._run(self._fetch, Q.ALL_NODES, {}, write=False))
+        return self._run_rows.nodes(await self._run(self._fetch, Q.ALL_NODES, {}, write=False)).nodes
 
     async def prune_nodes(self, older_than: float) -> int:
         cutoff = self.clock() - older_than
@@ -1571,8 +1576,8 @@ class PostgresStore(Store):
     ) -> dict[str, TriggerKeyRecord]:
         holders = [h for (h,) in await tx.fetch(Q.TRIGGER_HOLDERS, {"trigger": trigger})]
         nodes = self._run_rows.nodes(await tx.fetch(Q.ALL_NODES, {}))
-        gone = gone_incarnations(nodes, self.clock(), self.node_ttl, answering_since=self.answering_since())
-        known = {n.incarnation for n in nodes}
+        gone = gone_incarnations(nodes.nodes, self.clock(), self.node_ttl, answering_since=self.answering_since())
+        known = nodes.known
         taking = trigger_holders_taken(holders, incarnation, own, known, gone)
         before: list[tuple[str, TriggerKeyRecord]] = []
         if tx.again and not own:
@@ -1672,8 +1677,8 @@ class PostgresStore(Store):
 
     async def _adopt_jobs(self, tx: _Tx, queue: str, incarnation: str, own: bool, nonce: str) -> list[StoredJob]:
         nodes = self._run_rows.nodes(await tx.fetch(Q.ALL_NODES, {}))
-        gone = gone_incarnations(nodes, self.clock(), self.node_ttl, answering_since=self.answering_since())
-        known = {n.incarnation for n in nodes}
+        gone = gone_incarnations(nodes.nodes, self.clock(), self.node_ttl, answering_since=self.answering_since())
+        known = nodes.known
         out: list[StoredJob] = []
         # rows another node is adopting right now are locked and skipped: each job has one taker
         for job_id, job, holder, written_by, handovers in await tx.fetch(Q.PG_QUEUE_JOBS, {"queue": queue}):

@@ -432,11 +432,13 @@ class RunRows:
             )  # fmt: skip
         return None
 
-    def nodes(self, rows: Iterable[Sequence[Any]]) -> list[NodeInfo]:
+    def nodes(self, rows: Iterable[Sequence[Any]]) -> NodeRows:
         """The nodes of rows of ``queries.NODE_COLUMNS``, without those whose row makes none
-        (changed by hand: a time written as text, say), each logged at ERROR once. Such a
-        node's incarnation counts as never registered: its claims and jobs are taken up."""
-        out = []
+        (changed by hand: a time written as text, say), each logged at ERROR once. Such a node
+        is neither gone nor shown: its queue jobs and trigger keys stay its own (it may be alive
+        and working), and its claims are taken back once their lease is out, as a node's without
+        a row are; until its row is fixed or deleted."""
+        out = NodeRows([], set())
         for r in rows:
             try:
                 info = node_info(r)
@@ -446,14 +448,16 @@ class RunRows:
                         raise ValueError(f"{column}: it holds {value!r}, not a time")
             except _UNDECODABLE as exc:
                 incarnation = r[1]
+                out.unreadable.add(incarnation)
                 if self._first_time(("nodes", incarnation)):
                     self._log.error(
                         "the nodes row of incarnation %s in the run store %s makes no node (%s): it is left as "
-                        "it is, and the node counts as gone. %s",
+                        "it is; its claims are taken back once their lease is out, and its queue jobs and "
+                        "trigger keys stay its own until the row is fixed or deleted. %s",
                         incarnation, self.where, _why(exc), self._how_to_look(incarnation, "nodes", "incarnation"),
                     )  # fmt: skip
                 continue
-            out.append(info)
+            out.nodes.append(info)
         return out
 
 
@@ -472,6 +476,18 @@ def node_info(r: Sequence[Any]) -> NodeInfo:
     )
 
 
+class NodeRows(NamedTuple):
+    """The nodes table as read: the nodes its rows make, and the incarnations of those that make none."""
+
+    nodes: list[NodeInfo]
+    unreadable: set[str]
+
+    @property
+    def known(self) -> set[str]:
+        """Every incarnation with a row: one whose row cannot be read may be alive, and keeps what it holds."""
+        return {n.incarnation for n in self.nodes} | self.unreadable
+
+
 class RecoveryStep(NamedTuple):
     """What recovery does with one running claim: a statement, its arguments, and the record of it."""
 
@@ -480,22 +496,34 @@ class RecoveryStep(NamedTuple):
     recovered: Recovered
 
 
+def claim_lease(incarnation: str | None, lease_until: Any, known: Collection[str]) -> float | None:
+    """A running claim's lease as recovery judges it. One changed by hand into no time (text in
+    SQLite, 'NaN' in PostgreSQL) fails no recovery: it has run out for an owner with no nodes
+    row (no renewal is coming), and never for one with a row (it may be alive, and its next
+    renewal writes over it; gone, it is recovered as gone)."""
+    if type(lease_until) in (int, float) and math.isfinite(lease_until):
+        return lease_until  # type: ignore[no-any-return]
+    return math.inf if incarnation in known else None
+
+
 def recovery_step(
-    row: Sequence[Any], now: float, gone: Mapping[str, LostReason], live: Collection[str] | None, max_lost: int
+    row: Sequence[Any],
+    now: float,
+    gone: Mapping[str, LostReason],
+    live: Collection[str] | None,
+    max_lost: int,
+    known: Collection[str] = (),
 ) -> RecoveryStep | None:
     """The step for a claim row of ``queries.RUNNING_CLAIMS``'s columns; None while its owner may hold it.
 
-    Both SQL stores run the statement in the recovering transaction and book
-    the record's action (totals, wakeups) the same way.
+    ``known``: the incarnations with a nodes row. Both SQL stores run the statement in the
+    recovering transaction and book the record's action (totals, wakeups) the same way.
     """
     seq, run_id, task, node, inc, token, lease_until, cancel_req, lost_count, on_lost, attempt = row
-    # a value changed by hand into no time or no count (text in SQLite, 'NaN' in PostgreSQL) fails
-    # no recovery: a lease that is no time is none (expired), a count that is no count is none
-    if not (type(lease_until) in (int, float) and math.isfinite(lease_until)):
-        lease_until = None
-    why = lost_reason(inc, lease_until, now, gone, live)
+    why = lost_reason(inc, claim_lease(inc, lease_until, known), now, gone, live)
     if why is None:
         return None
+    # (a count changed by hand into no count is none)
     lost_count = (lost_count if type(lost_count) is int else 0) + 1
     if type(attempt) is not int:
         attempt = 1

@@ -1069,10 +1069,12 @@ class SqliteStore(Store):
 
     def _recover(self, tx: _Tx, live: frozenset[str] | None, now: float) -> list[Recovered]:
         cur = tx.cur
-        gone = gone_incarnations(self._run_rows.nodes(cur.execute(Q.ALL_NODES).fetchall()), now, self.node_ttl)
+        nodes = self._run_rows.nodes(cur.execute(Q.ALL_NODES).fetchall())
+        gone = gone_incarnations(nodes.nodes, now, self.node_ttl)
+        known = nodes.known
         out: list[Recovered] = []
         for row in cur.execute(_RUNNING_CLAIMS).fetchall():
-            step = recovery_step(row, now, gone, live, self.max_lost)
+            step = recovery_step(row, now, gone, live, self.max_lost, known)
             if step is None:
                 continue
             cur.execute(step.sql, step.args).fetchall()
@@ -1181,7 +1183,7 @@ class SqliteStore(Store):
         return await self._call(self._nodes, write=False)  # type: ignore[no-any-return]
 
     def _nodes(self, tx: _Tx) -> list[NodeInfo]:
-        return self._run_rows.nodes(tx.cur.execute(Q.ALL_NODES).fetchall())
+        return self._run_rows.nodes(tx.cur.execute(Q.ALL_NODES).fetchall()).nodes
 
     async def prune_nodes(self, older_than: float) -> int:
         return await self._call(self._prune_nodes, self.clock() - older_than)  # type: ignore[no-any-return]
@@ -1238,8 +1240,8 @@ class SqliteStore(Store):
         cur = tx.cur
         holders = [h for (h,) in cur.execute(Q.TRIGGER_HOLDERS, {"trigger": trigger}).fetchall()]
         nodes = self._run_rows.nodes(cur.execute(Q.ALL_NODES).fetchall())
-        gone = gone_incarnations(nodes, self.clock(), self.node_ttl)
-        known = {n.incarnation for n in nodes}
+        gone = gone_incarnations(nodes.nodes, self.clock(), self.node_ttl)
+        known = nodes.known
         taking = trigger_holders_taken(holders, incarnation, own, known, gone)
         if not taking:
             return {}
@@ -1323,8 +1325,8 @@ class SqliteStore(Store):
     def _adopt_jobs(self, tx: _Tx, queue: str, incarnation: str, own: bool) -> list[StoredJob]:
         cur = tx.cur
         nodes = self._run_rows.nodes(cur.execute(Q.ALL_NODES).fetchall())
-        gone = gone_incarnations(nodes, self.clock(), self.node_ttl)
-        known = {n.incarnation for n in nodes}
+        gone = gone_incarnations(nodes.nodes, self.clock(), self.node_ttl)
+        known = nodes.known
         out: list[StoredJob] = []
         for job_id, job, holder, handovers in cur.execute(_QUEUE_JOBS, {"queue": queue}).fetchall():
             if adoptable(holder, incarnation, own, known, gone):
