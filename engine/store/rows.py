@@ -501,7 +501,7 @@ def claim_lease(incarnation: str | None, lease_until: Any, known: Collection[str
     SQLite, 'NaN' in PostgreSQL) fails no recovery: it has run out for an owner with no nodes
     row (no renewal is coming), and never for one with a row (it may be alive, and its next
     renewal writes over it; gone, it is recovered as gone)."""
-    if type(lease_until) in (int, float) and math.isfinite(lease_until):
+    if lease_until is None or (type(lease_until) in (int, float) and math.isfinite(lease_until)):
         return lease_until  # type: ignore[no-any-return]
     return math.inf if incarnation in known else None
 
