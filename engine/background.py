@@ -62,7 +62,8 @@ from .errors import (
     InvalidConfiguration,
     LoopThreadError,
 )
-from .execution import checked_timeout
+from .execution import checked_grace, checked_timeout
+from .handle import no_answer_in_time
 from .hop import Escaped, LoopCall, call_apart, ship
 from .options import BackgroundOptions, WaitOptions, check_option_names, check_options
 from .runs import RunRecord, RunStatus
@@ -764,7 +765,16 @@ class BackgroundEngine:
             with _launch_lock:
                 target = self._target()
             if target is not None:
-                awaited: RunRecord = await (await _aready(target))._acall(handle.wait, left, read_=True)
+                engine = await _aready(target)
+                # the timeout kept on this loop too: one blocked by a task would not end a wait timed there
+                bound = asyncio.timeout(left)
+                try:
+                    async with bound:
+                        awaited: RunRecord = await engine._acall(handle.wait, left, read_=True)
+                except TimeoutError:
+                    if not bound.expired():
+                        raise
+                    raise no_answer_in_time(handle.id, timeout) from None
                 return awaited
             piece = _STOPPED_SLICE if left is None else min(left, _STOPPED_SLICE)
             try:
@@ -845,6 +855,8 @@ class BackgroundEngine:
         return [BackgroundRunHandle(self, handle) for handle in handles]
 
     def cancel(self, run_id: str, grace: float | None = None) -> RunRecord:
+        # checked here first: the budget is reckoned from it (a str would fail that with a TypeError)
+        grace = checked_grace("BackgroundEngine.cancel()", grace)
         budget = self._budget(self.engine.cancel_grace if grace is None else grace)
         return self._call("cancel", self.engine.cancel, run_id, grace, timeout_=budget)
 

@@ -8,6 +8,7 @@ submitted here also keeps that run's in-memory entry, so ``wait()`` and
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Generator
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,15 @@ from .runs import RunRecord, RunStatus
 if TYPE_CHECKING:
     from .engine import Engine
     from .runs import Run
+
+
+def no_answer_in_time(run_id: str, timeout: float | None) -> TimeoutError:
+    """The wait for a run that ended on the caller's loop, the engine's being too busy (or
+    blocked by a task) to say how the run stands within ``timeout``."""
+    return TimeoutError(
+        f"run {run_id}: no answer from the engine's loop within {timeout} s (a task holds it up?); "
+        "the run may still be going: wait again, or read its record"
+    )
 
 
 class RunHandle:
@@ -68,8 +78,21 @@ class RunHandle:
         if loop is not None and loop.is_running() and loop is not current_loop():
             # awaited on another loop (a thread's own, a notebook's beside start_background()):
             # a run's finish resolves futures of the engine's loop, so the wait is made there
-            return call_on(loop, self._wait_here, timeout)
+            return self._wait_elsewhere(loop, timeout)
         return self._wait_here(timeout)
+
+    async def _wait_elsewhere(self, loop: asyncio.AbstractEventLoop, timeout: float | None) -> RunRecord:
+        # the timeout kept on the caller's loop too: an engine loop blocked by a task would not
+        # end a wait timed there (the call given up is cancelled at its next await there)
+        bound = asyncio.timeout(timeout)
+        try:
+            async with bound:
+                record: RunRecord = await call_on(loop, self._wait_here, timeout)
+        except TimeoutError:
+            if not bound.expired():
+                raise  # the engine's own answer, which says how the run stands
+            raise no_answer_in_time(self.id, timeout) from None
+        return record
 
     def _wait_here(self, timeout: float | None) -> Awaitable[RunRecord]:
         if timeout is None:

@@ -37,6 +37,7 @@ from taskwatch.engine import (
     Engine,
     EngineAlreadyRunning,
     EngineNotRunning,
+    InvalidConfiguration,
     RunStatus,
 )
 from taskwatch.engine import display
@@ -76,6 +77,52 @@ def no_engine_left() -> Iterator[None]:
     yield
     stop_all_background(timeout=0)
     assert taskwatch_threads() <= before
+
+
+@pytest.mark.parametrize("grace", ["2", [1], -1.0, float("nan")], ids=repr)
+def test_a_background_cancel_refuses_a_grace_that_is_no_number_of_seconds_and_cancels_nothing(grace: Any) -> None:
+    # the facade reckoned its wait from the grace before the engine checked it: a str raised a
+    # bare TypeError (can only concatenate str), where the awaited form said what was wrong
+    engine = build_engine()
+    bg = engine.start_background()
+    try:
+        handle = bg.submit("forever")
+        wait_until(lambda: handle.status is RunStatus.RUNNING)
+        with pytest.raises(InvalidConfiguration, match=r"BackgroundEngine\.cancel\(\): grace="):
+            bg.cancel(handle.id, grace)
+        with pytest.raises(InvalidConfiguration, match=r"BackgroundEngine\.cancel\(\): grace="):
+            handle.cancel(grace)
+        assert handle.record().status is RunStatus.RUNNING
+        assert bg.cancel(handle.id, 1).status is RunStatus.CANCELLED  # a good grace still cancels it
+    finally:
+        bg.stop(timeout=0)
+
+
+def test_awaited_waits_on_another_loop_end_at_their_timeout_while_the_engines_loop_is_held() -> None:
+    # timed only on the engine's loop, a wait from a notebook's own loop hung for as long as a
+    # task held that loop (for good, held for good), where the blocking wait() ended on time
+    bg = build_engine().start_background()
+    try:
+        handle = bg.submit("forever")
+        wait_until(lambda: handle.status is RunStatus.RUNNING)
+        engine_handle = bg.engine.handle(handle.id)
+        release = hold_loop(bg)
+        outcomes: list[str] = []
+        try:
+
+            async def waits() -> None:
+                for wait in (handle.finished(timeout=0.3), engine_handle.wait(0.3)):
+                    with pytest.raises(TimeoutError, match="no answer from the engine's loop within 0.3 s"):
+                        await wait
+                    outcomes.append("timed out" if not release.is_set() else "answered once released")
+
+            asyncio.run(waits())
+        finally:
+            release.set()
+        assert outcomes == ["timed out", "timed out"]  # while the loop was still held
+        assert handle.record().status is RunStatus.RUNNING  # the runs go on
+    finally:
+        bg.stop(timeout=0)
 
 
 # ---------------------------------------------------------------- runs that ignore the stop
