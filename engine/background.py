@@ -117,6 +117,11 @@ _STOP_ON_LOOP = (
     "that thread, so it would wait forever. Call bg.stop() from another thread, or `await bg.astop()` "
     "on another event loop"
 )
+_STOP_ON_EXECUTOR = (
+    "BackgroundEngine.{method}() waits for the engine's loop to end, and the loop's end waits for "
+    "the threads of its executor, this one (asyncio.to_thread from a run) among them. Return from "
+    "this thread and stop the engine from another, or `await bg.astop()` on another event loop"
+)
 _DASHBOARD_ON_LOOP = (
     "BackgroundEngine.dashboard() waits for the engine's loop (it serves the engine there first), and "
     "this is that loop's own thread, so it would wait forever. Call it from another thread"
@@ -356,7 +361,9 @@ class BackgroundEngine:
             loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
             # the executor asyncio.to_thread uses, ours so that its end can be bounded
-            executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="asyncio")
+            executor = concurrent.futures.ThreadPoolExecutor(
+                thread_name_prefix="asyncio", initializer=_serving.__setattr__, initargs=("engine", self)
+            )
             loop.set_default_executor(executor)
             try:
                 loop.run_until_complete(self._main())
@@ -1191,7 +1198,8 @@ class BackgroundEngine:
     def stop(self, timeout: float | None = None) -> None:
         """Stop the engine (draining up to ``timeout`` s), end its loop and join its thread.
 
-        Idempotent; safe from any thread but the engine's own (:meth:`astop`
+        Idempotent; safe from any thread but the engine's own and its executor's (a
+        run's ``asyncio.to_thread``), whose ends the loop's end waits for (:meth:`astop`
         from code on another event loop). A stop cut short (Ctrl-C) goes on in
         the background: :attr:`state` says ``stopping`` until it is done, and
         ``stop()`` again waits for it. A later call's shorter ``timeout`` counts
@@ -1199,6 +1207,8 @@ class BackgroundEngine:
         """
         if self._on_loop_thread():
             raise LoopThreadError("stop", _STOP_ON_LOOP.format(method="stop"))
+        if getattr(_serving, "engine", None) is self:
+            raise LoopThreadError("stop", _STOP_ON_EXECUTOR.format(method="stop"))
         if self._forked():
             return  # the engine runs on in the process this one was forked from: that one stops it
         drain = self.stop_timeout if timeout is None else _seconds("BackgroundEngine.stop()", timeout)
@@ -1315,6 +1325,9 @@ class BackgroundEngine:
 #: held while a launch claims an engine, and while a stopped engine is read directly (so that
 #: no launch starts it meanwhile)
 _launch_lock = threading.Lock()
+
+#: ``engine``: the BackgroundEngine whose loop's executor (asyncio.to_thread) this thread serves
+_serving = threading.local()
 #: the facade each engine was last started under, by ``id(engine)``: the facade holds its
 #: engine, so the id is that engine's as long as the entry lives
 _facades: weakref.WeakValueDictionary[int, BackgroundEngine] = weakref.WeakValueDictionary()

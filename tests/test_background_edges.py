@@ -38,6 +38,7 @@ from taskwatch.engine import (
     EngineAlreadyRunning,
     EngineNotRunning,
     InvalidConfiguration,
+    LoopThreadError,
     RunStatus,
 )
 from taskwatch.engine import display
@@ -123,6 +124,33 @@ def test_awaited_waits_on_another_loop_end_at_their_timeout_while_the_engines_lo
         assert handle.record().status is RunStatus.RUNNING  # the runs go on
     finally:
         bg.stop(timeout=0)
+
+
+def test_stop_from_a_runs_to_thread_is_refused_rather_than_waiting_for_itself() -> None:
+    # the loop's end waits for its executor's threads, this one among them: the stop sat out the
+    # drain and cancel_grace, then warned of a thread "still in a blocking call" (the stop itself)
+    engine = Engine(health_interval=None, cancel_grace=5.0)
+    bg = engine.start_background()
+    seen: list[BaseException] = []
+
+    @engine.task
+    async def stops_its_engine(ctx: Any) -> None:
+        def stop() -> None:
+            try:
+                bg.stop(timeout=1)
+            except LoopThreadError as exc:
+                seen.append(exc)
+
+        await asyncio.to_thread(stop)
+
+    try:
+        done = bg.submit("stops_its_engine").wait(timeout=10)
+        assert done.status is RunStatus.SUCCEEDED and bg.running
+        [refused] = seen
+        assert "Return from this thread and stop the engine from another" in str(refused)
+    finally:
+        bg.stop(timeout=0)
+    assert not bg.thread.is_alive()
 
 
 # ---------------------------------------------------------------- runs that ignore the stop
