@@ -64,7 +64,7 @@ from .errors import (
 )
 from .execution import checked_grace, checked_timeout
 from .handle import no_answer_in_time
-from .hop import Escaped, LoopCall, call_apart, ship
+from .hop import Escaped, LoopCall, call_apart, ship, unheard
 from .options import BackgroundOptions, WaitOptions, check_option_names, check_options
 from .runs import RunRecord, RunStatus
 
@@ -777,7 +777,7 @@ class BackgroundEngine:
                 bound = asyncio.timeout(left)
                 try:
                     async with bound:
-                        awaited: RunRecord = await engine._acall(handle.wait, left, read_=True)
+                        awaited: RunRecord = await engine._acall(handle.wait, left, read_=True, timeout_=None)
                 except TimeoutError:
                     if not bound.expired():
                         raise
@@ -792,10 +792,25 @@ class BackgroundEngine:
             if deadline is not None:
                 left = max(0.0, deadline - time.monotonic())
 
-    async def _acall(self, fn: Callable[..., Any], *args: Any, read_: bool = False, **kwargs: Any) -> Any:
+    async def _acall(
+        self, fn: Callable[..., Any], *args: Any, read_: bool = False, timeout_: Any = _UNSET, **kwargs: Any
+    ) -> Any:
+        """:meth:`_call` for a caller on another event loop, bounded alike (``call_timeout``, or ``timeout_``)."""
         call = self._schedule(fn, *args, read_=read_, **kwargs)
+        timeout = self.call_timeout if timeout_ is _UNSET else timeout_
+        answer = asyncio.wrap_future(call.future)
         try:
-            return await asyncio.wrap_future(call.future)
+            if timeout is not None and not (await asyncio.wait([answer], timeout=timeout))[0]:
+                # kept on this loop: the engine's, blocked by a task, would not end the call
+                method = getattr(fn, "__name__", "call")
+                answer.add_done_callback(unheard)
+                if call.give_up():
+                    raise TimeoutError(
+                        f"the engine did not take up {method}() within {timeout:g} s (its loop is busy or blocked); "
+                        "the call was withdrawn before it started and did nothing, so it can be made again"
+                    )
+                raise TimeoutError(self._started_too_long(method, timeout, not read_))
+            return await answer
         except asyncio.CancelledError:
             me = asyncio.current_task()
             if call.cut and (me is None or not me.cancelling()):
@@ -868,7 +883,9 @@ class BackgroundEngine:
         return self._call("cancel", self.engine.cancel, run_id, grace, timeout_=budget)
 
     async def acancel(self, run_id: str, grace: float | None = None) -> RunRecord:
-        return await self._acall(self.engine.cancel, run_id, grace)
+        grace = checked_grace("BackgroundEngine.acancel()", grace)
+        budget = self._budget(self.engine.cancel_grace if grace is None else grace)
+        return await self._acall(self.engine.cancel, run_id, grace, timeout_=budget)
 
     def retry(self, run_id: str) -> BackgroundRunHandle:
         return BackgroundRunHandle(self, self._call("retry", self.engine.retry, run_id))
@@ -900,14 +917,16 @@ class BackgroundEngine:
         return self._call("restart_worker", self.engine.restart_worker, name, timeout_=budget)
 
     async def arestart_worker(self, name: str) -> WorkerInfo:
-        return await self._acall(self.engine.restart_worker, name)
+        budget = self._budget(self.engine.cancel_grace * 3)
+        return await self._acall(self.engine.restart_worker, name, timeout_=budget)
 
     def stop_worker(self, name: str) -> WorkerInfo:
         budget = self._budget(self.engine.cancel_grace * 3)
         return self._call("stop_worker", self.engine.stop_worker, name, timeout_=budget)
 
     async def astop_worker(self, name: str) -> WorkerInfo:
-        return await self._acall(self.engine.stop_worker, name)
+        budget = self._budget(self.engine.cancel_grace * 3)
+        return await self._acall(self.engine.stop_worker, name, timeout_=budget)
 
     def start_worker(self, name: str) -> WorkerInfo:
         return self._call("start_worker", self.engine.start_worker, name)

@@ -334,7 +334,7 @@ async def call_on(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., Any]
     except asyncio.CancelledError:
         call.give_up()  # this caller was cancelled: a call under way ends with it
         # what the given-up call still ends with is nobody's to hear now
-        answer.add_done_callback(_unheard)
+        answer.add_done_callback(unheard)
         raise
     try:
         return answer.result()
@@ -344,7 +344,7 @@ async def call_on(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., Any]
         raise escaped.exc from None
 
 
-def _unheard(answer: asyncio.Future[Any]) -> None:
+def unheard(answer: asyncio.Future[Any]) -> None:
     """Keeps asyncio from reporting an answer nobody awaits any more as never retrieved."""
     if not answer.cancelled():
         answer.exception()

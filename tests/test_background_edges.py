@@ -126,6 +126,36 @@ def test_awaited_waits_on_another_loop_end_at_their_timeout_while_the_engines_lo
         bg.stop(timeout=0)
 
 
+def test_awaited_calls_on_another_loop_end_at_call_timeout_while_the_engines_loop_is_held() -> None:
+    # the blocking forms gave up at call_timeout; the awaited ones waited for as long as a task
+    # held the engine's loop (for good, held for good)
+    engine = build_engine()
+    bg = engine.start_background(call_timeout=0.3)
+    try:
+        handle = bg.submit("forever")
+        wait_until(lambda: handle.status is RunStatus.RUNNING)
+        release = hold_loop(bg)
+        outcomes: list[str] = []
+        try:
+
+            async def calls() -> None:
+                with pytest.raises(TimeoutError, match=r"did not take up get\(\) within 0.3 s.*did nothing"):
+                    await bg.aget(handle.id)
+                outcomes.append("get" if not release.is_set() else "get, once released")
+                with pytest.raises(TimeoutError, match=r"did not take up submit\(\) within 0.3 s.*did nothing"):
+                    await bg.asubmit("forever")
+                outcomes.append("submit" if not release.is_set() else "submit, once released")
+
+            asyncio.run(calls())
+        finally:
+            release.set()
+        assert outcomes == ["get", "submit"]  # while the loop was still held
+        # the submit given up before it started queued nothing
+        assert [r.id for r in bg.runs() if r.task == "forever"] == [handle.id]
+    finally:
+        bg.stop(timeout=0)
+
+
 def test_stop_from_a_runs_to_thread_is_refused_rather_than_waiting_for_itself() -> None:
     # the loop's end waits for its executor's threads, this one among them: the stop sat out the
     # drain and cancel_grace, then warned of a thread "still in a blocking call" (the stop itself)
