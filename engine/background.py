@@ -64,7 +64,7 @@ from .errors import (
 )
 from .execution import checked_grace, checked_timeout
 from .handle import no_answer_in_time
-from .hop import Escaped, LoopCall, call_apart, ship, unheard
+from .hop import Escaped, LoopCall, call_apart, fail_waiting, ship, unheard
 from .options import BackgroundOptions, WaitOptions, check_option_names, check_options
 from .runs import RunRecord, RunStatus
 
@@ -1607,14 +1607,17 @@ def _stop_all_at_exit() -> None:
             # the exit goes on without that loop (its thread is a daemon): a thread still waiting
             # on a call to it (a request thread's handle.wait()) would otherwise hold the exit for
             # as long as the loop stays blocked, Python joining it before the process ends
-            bg._fail_outstanding(
-                EngineNotRunning(
-                    "stopped",
-                    "the interpreter is exiting, and the background engine's loop did not end within the time "
-                    "the exit gives it (its stop still drains, or code running on it blocks it); this call was "
-                    "given up without an answer",
-                )
+            given_up = EngineNotRunning(
+                "stopped",
+                "the interpreter is exiting, and the background engine's loop did not end within the time "
+                "the exit gives it (its stop still drains, or code running on it blocks it); this call was "
+                "given up without an answer",
             )
+            bg._fail_outstanding(given_up)
+            if (loop := bg.loop) is not None:
+                # and the calls made through the Engine itself (engine.get() from a thread, an
+                # engine.handle(id).wait() awaited on another loop), which the facade does not track
+                fail_waiting(loop, given_up)
 
 
 #: where the messages point a user to stop_all_background(): reachable whatever taskwatch.engine exports

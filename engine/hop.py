@@ -34,6 +34,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
+import functools
 import inspect
 import os
 import threading
@@ -255,6 +256,13 @@ def _answer(future: concurrent.futures.Future[Any], value: Any, *, failed: bool)
         pass  # answered meanwhile from the caller's side: the first answer stands
 
 
+#: the futures of the calls shipped to each loop that are not answered yet (see fail_waiting)
+_unanswered: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[concurrent.futures.Future[Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+_unanswered_lock = threading.Lock()
+
+
 def ship(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> LoopCall:
     """Schedule ``fn(*args, **kwargs)`` on ``loop`` from any thread; its result arrives in the call's future.
 
@@ -263,7 +271,33 @@ def ship(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any, **
     as :class:`Escaped`.
     """
     refuse_in_fork(loop)
-    return LoopCall(loop, fn, args, kwargs)
+    call = LoopCall(loop, fn, args, kwargs)
+    future = call.future
+    with _unanswered_lock:
+        waiting = _unanswered.get(loop)
+        if waiting is None:
+            waiting = _unanswered[loop] = set()
+        waiting.add(future)
+    future.add_done_callback(functools.partial(_answered, waiting))
+    return call
+
+
+def _answered(waiting: set[concurrent.futures.Future[Any]], future: concurrent.futures.Future[Any]) -> None:
+    with _unanswered_lock:
+        waiting.discard(future)
+
+
+def fail_waiting(loop: asyncio.AbstractEventLoop, error: BaseException) -> None:
+    """Answer every call shipped to ``loop`` and not answered yet with ``error``: the process
+    exits without the loop (a task blocks it), and a thread still waiting on a call to it (an
+    ``engine.get()`` from a request thread) would hold the exit for as long as it is blocked."""
+    with _unanswered_lock:
+        pending = list(_unanswered.get(loop, ()))
+    for future in pending:
+        try:
+            future.set_exception(error)
+        except concurrent.futures.InvalidStateError:
+            pass  # answered meanwhile: that answer stands
 
 
 def call_apart(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
