@@ -1072,11 +1072,13 @@ class BackgroundEngine:
         self._server_info = info
         return info
 
-    def dashboard(self, port: int = 8000, *, host: str = "127.0.0.1", ready_timeout: float = 20.0) -> Any:
+    def dashboard(self, port: int = 8000, *, host: str = "127.0.0.1", ready_timeout: float = 60.0) -> Any:
         """Serve the Textual dashboard in a browser; returns an IPython ``IFrame`` (or the URL).
 
         ``port=0`` takes a free port (the URL says which). A port something
-        else listens on raises :class:`OSError` (``EADDRINUSE``).
+        else listens on raises :class:`OSError` (``EADDRINUSE``). The web server
+        has ``ready_timeout`` seconds to start (a first start on a busy machine
+        compiles Textual's modules: it may take many), else :class:`TimeoutError`.
 
         The dashboards attach to the endpoint :meth:`serve` made last, if
         ``taskwatch attach`` takes it (a Unix socket, or TCP on loopback);

@@ -400,7 +400,7 @@ def test_dashboard_on_port_zero_takes_a_free_port_and_a_taken_port_is_refused(tm
     bg = build_engine().start_background()
     try:
         bg.serve(str(tmp_path / "c.sock"), announce=False)
-        frame = bg.dashboard(port=0, ready_timeout=15)
+        frame = bg.dashboard(port=0)
         url = getattr(frame, "src", frame)
         port = int(re.fullmatch(r"http://127\.0\.0\.1:(\d+)/[\w-]{43}/", url)[1])  # type: ignore[index]
         assert port != 0
@@ -409,7 +409,7 @@ def test_dashboard_on_port_zero_takes_a_free_port_and_a_taken_port_is_refused(tm
         # that port is now this dashboard's: a second one there is refused, not shown in its place
         own = r"already in use by this engine's own dashboard.*pass another port"
         with pytest.raises(OSError, match=own) as refused:
-            bg.dashboard(port=port, ready_timeout=15)
+            bg.dashboard(port=port)
         assert refused.value.errno == errno.EADDRINUSE
     finally:
         bg.stop(timeout=5)
@@ -855,7 +855,7 @@ def test_a_dashboard_of_a_stopped_engine_is_refused_and_starts_no_server(tmp_pat
     bg.serve(str(tmp_path / "c.sock"), announce=False)
     bg.stop(timeout=5)
     with pytest.raises(EngineNotRunning, match="stopped") as refused:
-        bg.dashboard(port=0, ready_timeout=15)
+        bg.dashboard(port=0)
     assert "async with" not in str(refused.value)
     assert bg._dashboards == []
 

@@ -458,18 +458,18 @@ def test_starting_a_second_engine_warns_of_the_one_still_running_and_stop_all_st
 def test_a_dashboard_port_held_by_an_earlier_engine_names_it(tmp_path: Path) -> None:
     old = build_engine().start_background()
     old.serve(str(tmp_path / "old.sock"), announce=False)
-    url = str(old.dashboard(port=0, ready_timeout=20))
+    url = str(old.dashboard(port=0))
     port = int(url.split("/")[2].rsplit(":", 1)[1])
     with pytest.warns(RuntimeWarning):
         new = build_engine().start_background()
     new.serve(str(tmp_path / "new.sock"), announce=False)
     with pytest.raises(OSError, match="already in use by the dashboard of") as refused:
-        new.dashboard(port=port, ready_timeout=20)
+        new.dashboard(port=port)
     assert refused.value.errno == errno.EADDRINUSE
     assert repr(old) in str(refused.value) and "stop_all_background()" in str(refused.value)
     old.stop(timeout=0)
     # once the old engine is stopped, its port is free for the new one's dashboard
-    assert f":{port}/" in str(new.dashboard(port=port, ready_timeout=20))
+    assert f":{port}/" in str(new.dashboard(port=port))
     new.stop(timeout=0)
 
 
