@@ -365,6 +365,35 @@ async def test_a_periodic_slot_written_by_hand_as_text_holds_up_no_fire(
     assert any("periodic task 'tick'" in line and "which is no time" in line for line in told), told
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_a_periodic_slot_recorded_ahead_of_the_clock_holds_up_no_fire(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a node whose clock ran ten days ahead records its slots there: before, every node read
+    # that as the last fire and waited ten days for the next, and no claim could take a slot
+    # below it, so the task stopped everywhere without a word
+    url = f"sqlite:///{tmp_path / 'runs.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
+
+    async def ahead() -> None:
+        async with SqliteStore(tmp_path / "runs.db") if kind == "sqlite" else PostgresStore(url) as store:
+            await store.set_periodic("tick", store.clock() + 10 * 86_400)
+
+    def ticked() -> int:
+        return sum(r.status is RunStatus.SUCCEEDED for r in engine.runs(task="tick"))
+
+    await ahead()
+    engine = _ticking(url)
+    with caplog.at_level(logging.ERROR, logger="taskwatch"):
+        async with engine:
+            await _ticks(engine)  # read at the start
+            await ahead()  # written while this node runs: its next claim finds it
+            seen = ticked()
+            await eventually(lambda: ticked() >= seen + 2, timeout=10)
+    told = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("periodic task 'tick'" in line and "more than a day after this node's clock" in line
+               for line in told), told  # fmt: skip
+
+
 async def test_a_nodes_row_changed_by_hand_holds_up_no_start_and_no_recovery(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -88,6 +88,7 @@ from .models import (
 )
 from .memory import parse_cursor
 from .rows import (
+    FIRE_AHEAD,
     RunRows,
     trigger_save,
     book_recovered,
@@ -1533,7 +1534,7 @@ class PostgresStore(Store):
 
     async def get_periodic(self, name: str) -> float | None:
         stored = await self._run(self._fetchval, Q.GET_PERIODIC, {"name": name}, write=False)
-        return self._run_rows.periodic_fire(name, stored)
+        return self._run_rows.periodic_fire(name, stored, self.clock())
 
     async def set_periodic(self, name: str, fired_at: float) -> None:
         await self._run(self._exec, Q.SET_PERIODIC, {"name": name, "fired_at": float(fired_at)}, single=True)
@@ -1543,7 +1544,7 @@ class PostgresStore(Store):
     ) -> list[Inserted]:
         # the claim's nonce and the run's id, kept by every try: a try after a cut finds both its
         # first try's claim and its row, and reports them as its own
-        values = {"name": name, "slot": float(slot), "gap": float(gap), "forever": math.inf, "nonce": _nonce()}
+        values = {"name": name, "slot": float(slot), "gap": float(gap), "latest": float(slot) + FIRE_AHEAD, "nonce": _nonce()}
         [row] = self._rows([run], self.clock())
         return await self._run(self._claim_periodic_run, values, row, max_pending)  # type: ignore[no-any-return]
 
@@ -1562,7 +1563,7 @@ class PostgresStore(Store):
     async def claim_periodic(self, name: str, slot: float, gap: float = 0.0) -> bool:
         # one nonce per call, kept by every try: a try after a cut wins the slot again if the
         # row is still the one its first try wrote (a slot taken is no proof it was ours)
-        values = {"name": name, "slot": float(slot), "gap": float(gap), "forever": math.inf, "nonce": _nonce()}
+        values = {"name": name, "slot": float(slot), "gap": float(gap), "latest": float(slot) + FIRE_AHEAD, "nonce": _nonce()}
         found = await self._run(self._fetchval, Q.PG_CLAIM_PERIODIC, values, single=True)
         return found is not None
 

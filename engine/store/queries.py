@@ -562,14 +562,15 @@ def for_sqlite(sql: str) -> str:
 # ---------------------------------------------------------------- cluster (both dialects)
 
 #: take a periodic slot: returns a row only for the first node to record ``slot``, and only
-#: if the last slot recorded is more than ``gap`` seconds before it, or is no time (``forever``
-#: is infinity: PostgreSQL's 'NaN' and 'Infinity', SQLite's text, changed by hand, are not below
-#: it), which would hold the task's slots for good
+#: if the last slot recorded is more than ``gap`` seconds before it, or is no time: ``latest``
+#: is a day after ``slot`` (rows.FIRE_AHEAD), and PostgreSQL's 'NaN' and 'Infinity', SQLite's
+#: text (changed by hand) and a time past it (a clock that ran ahead) are not below it; each
+#: would hold the task's slots on every node, for good or until that time
 CLAIM_PERIODIC = """
 INSERT INTO periodic (name, last_fire) VALUES (:name, :slot)
 ON CONFLICT (name) DO UPDATE SET last_fire = excluded.last_fire
 WHERE periodic.last_fire < excluded.last_fire - :gap
-   OR NOT (periodic.last_fire < :forever)
+   OR NOT (periodic.last_fire < :latest)
 RETURNING last_fire"""
 
 #: a run of ``task`` not finished yet (on any node): a periodic slot then passes without one.
@@ -591,7 +592,7 @@ PG_CLAIM_PERIODIC = """
 INSERT INTO periodic (name, last_fire, nonce) VALUES (:name, :slot, :nonce)
 ON CONFLICT (name) DO UPDATE SET last_fire = excluded.last_fire, nonce = excluded.nonce
 WHERE periodic.last_fire < excluded.last_fire - :gap
-   OR NOT (periodic.last_fire < :forever)
+   OR NOT (periodic.last_fire < :latest)
    OR (periodic.nonce = excluded.nonce AND periodic.last_fire = excluded.last_fire)
 RETURNING last_fire"""
 

@@ -196,6 +196,14 @@ def sqlite_console(path: str) -> Callable[[str], str]:
     return console
 
 
+#: how far past a node's clock a periodic task's last fire may be and still be taken as one.
+#: A slot is recorded once it has come, on the clock of the node that fires it, so a later
+#: one means a clock that ran ahead (or a row changed by hand): taken as it is, it would hold
+#: the task's slots on every node until that time, without a word. Clocks of nodes kept by
+#: NTP are apart by far less than this
+FIRE_AHEAD = 86_400.0
+
+
 class RunRows:
     """One SQL store's run rows turned into its values, every row on its own: a row changed by
     hand (a database shell writing a Python repr into ``params``, say) fails no read, no
@@ -418,17 +426,24 @@ class RunRows:
                 )  # fmt: skip
             return None
 
-    def periodic_fire(self, name: str, stored: Any) -> float | None:
+    def periodic_fire(self, name: str, stored: Any, now: float) -> float | None:
         """The time periodic task ``name`` last fired as its row holds it; None (never) for a
         value that is no time (changed by hand: 'NaN' or 'Infinity' in PostgreSQL, text in
-        SQLite), logged at ERROR once: its next fire writes a time over it."""
-        if stored is None or (type(stored) in (int, float) and math.isfinite(stored)):
-            return stored  # type: ignore[no-any-return]
+        SQLite) or more than :data:`FIRE_AHEAD` after ``now``, logged at ERROR once: its next
+        fire writes a time over it."""
+        if stored is None:
+            return None
+        if type(stored) in (int, float) and math.isfinite(stored):
+            if stored <= now + FIRE_AHEAD:
+                return stored  # type: ignore[no-any-return]
+            why = f"more than a day after this node's clock ({now:.0f}): written by a node whose clock ran ahead, or by hand?"
+        else:
+            why = "which is no time (changed by hand?)"
         if self._first_time(("periodic", name)):
             self._log.error(
-                "periodic task %r: its row in the run store %s holds %s as the time it last fired, which is "
-                "no time (changed by hand?): it is taken as never fired, and its next fire writes over it. %s",
-                name, self.where, reprlib.repr(stored), self._how_to_look(name, "periodic", "name"),
+                "periodic task %r: its row in the run store %s holds %s as the time it last fired, %s: it is "
+                "taken as never fired, and its next fire writes over it. %s",
+                name, self.where, reprlib.repr(stored), why, self._how_to_look(name, "periodic", "name"),
             )  # fmt: skip
         return None
 

@@ -80,7 +80,7 @@ from .rows import error_json as _error_json
 from .rows import failed_at_claim
 from .rows import node_info as _node
 from .rows import seq_of as _seq_of
-from .rows import RunRows, book_recovered, recovery_step, sqlite_console, stored_job, trigger_save
+from .rows import FIRE_AHEAD, RunRows, book_recovered, recovery_step, sqlite_console, stored_job, trigger_save
 
 
 log = logging.getLogger("taskwatch.store.sqlite")
@@ -1205,19 +1205,19 @@ class SqliteStore(Store):
 
     async def get_periodic(self, name: str) -> float | None:
         stored = await self._call(self._scalar, Q.GET_PERIODIC, {"name": name}, write=False)
-        return self._run_rows.periodic_fire(name, stored)
+        return self._run_rows.periodic_fire(name, stored, self.clock())
 
     async def set_periodic(self, name: str, fired_at: float) -> None:
         await self._call(self._exec, Q.SET_PERIODIC, {"name": name, "fired_at": fired_at})
 
     async def claim_periodic(self, name: str, slot: float, gap: float = 0.0) -> bool:
-        values = {"name": name, "slot": float(slot), "gap": float(gap), "forever": math.inf}
+        values = {"name": name, "slot": float(slot), "gap": float(gap), "latest": float(slot) + FIRE_AHEAD}
         return await self._call(self._scalar, Q.CLAIM_PERIODIC, values) is not None
 
     def claim_periodic_run(
         self, name: str, slot: float, gap: float, run: NewRun, *, max_pending: int | None = None
     ) -> asyncio.Future[list[Inserted]]:
-        values = {"name": name, "slot": float(slot), "gap": float(gap), "forever": math.inf}
+        values = {"name": name, "slot": float(slot), "gap": float(gap), "latest": float(slot) + FIRE_AHEAD}
         return self._call(self._claim_periodic_run, values, run, self.clock(), max_pending)
 
     def _claim_periodic_run(
