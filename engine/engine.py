@@ -1728,10 +1728,17 @@ class Engine:
     async def _cancelled_elsewhere(self, run: Run, asked: RunRecord, grace: float | None) -> RunRecord:
         """A run another node executes has its cancel requested: as with a run of this node's,
         wait up to ``grace`` for it to end (its owner hears at once on a store that pushes
-        changes, at its next heartbeat otherwise), and return the record as it is then."""
+        changes, at its next heartbeat otherwise), and return the record as it is then.
+
+        :class:`RunNotCancellable` if it ended otherwise than cancelled: its outcome was on its
+        way before the request (this node's own run, whose write waited on a busy store, or
+        another node's that ended before it heard), so the cancel did nothing."""
         self._run.apply_stored(run, asked)
         await self._run.wait_finished(run, self.cancel_grace if grace is None else grace)
-        return run.record()
+        record = run.record()
+        if record.status.finished and record.status is not RunStatus.CANCELLED:
+            raise RunNotCancellable(run.id, record.status.value)
+        return record
 
     async def _cancel_elsewhere(self, run_id: str, grace: float | None) -> RunRecord:
         result = await self._store.request_cancel(run_id, "user")  # RunNotFound if the store has none

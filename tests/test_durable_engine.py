@@ -528,6 +528,47 @@ async def test_cancelling_a_run_another_node_finished_meanwhile_says_it_finished
         await other.close()
 
 
+@pytest.mark.parametrize("ending", ["succeeded", "failed"])
+async def test_a_cancel_asked_while_the_runs_outcome_was_on_its_way_says_it_finished(
+    ending: str, tmp_path: Path
+) -> None:
+    # the run's node had its outcome on the way (a write waiting on a busy file, or a node that
+    # had not heard of the request yet) when the cancel was asked: before, cancel() returned the
+    # succeeded record as if it had cancelled it, and the row kept cancel_reason 'user' for a
+    # run that ran to its end (the node that ran it said None)
+    from taskwatch.engine import RunError, RunNotCancellable
+    from taskwatch.engine.store import Failed, NewRun, SqliteStore, Succeeded
+
+    path = tmp_path / "shared.db"
+    other = SqliteStore(path)  # another node, executing the run
+    await other.open()
+    try:
+        await other.register_node("node-b", "b-incarnation", "x")
+        [inserted] = await other.insert([NewRun("job")])
+        [claim] = await other.claim("node-b", "b-incarnation", 1, {"job": None})
+        engine = Engine(store=f"sqlite:///{path}", node_id="node-a", health_interval=None, poll_interval=0.05)
+
+        @engine.task
+        async def job(ctx: TaskContext) -> None:
+            await asyncio.Event().wait()
+
+        async with engine:
+            cancelling = asyncio.create_task(engine.cancel(inserted.id, grace=30))
+
+            async with asyncio.timeout(10):  # the request is in the store
+                while (row := await other.get(inserted.id)) is None or row.cancel_reason != "user":
+                    await asyncio.sleep(0.01)
+            outcome = Succeeded("done") if ending == "succeeded" else Failed(RunError(type="ValueError", message="no"))
+            assert await other.finish(claim.token, outcome) is not None
+            with pytest.raises(RunNotCancellable, match=ending):
+                await cancelling
+            stored = await engine.store.get(inserted.id)
+            assert stored is not None and (stored.status.value, stored.cancel_reason) == (ending, None)
+            assert engine.get(inserted.id).cancel_reason is None
+    finally:
+        await other.close()
+
+
 async def test_a_submit_given_up_while_the_store_writes_still_indexes_and_announces_the_run(tmp_path: Path) -> None:
     # a control client that disconnects, or a timeout around submit(), cancels the submit
     # while the store writes: the run lands in the store all the same, and must not go

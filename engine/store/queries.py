@@ -298,11 +298,13 @@ WHERE seq = :seq AND claim_token = :token AND status = 'running'"""
 #: until the transaction ends, so a cancel requested meanwhile waits and is not overwritten
 PG_CLAIM_STATE_LOCKED = CLAIM_STATE + "\nFOR UPDATE"
 
-#: a claimed run ends; returns nothing when the token is stale
+#: a claimed run ends; returns nothing when the token is stale. A cancel requested while its
+#: outcome was on its way keeps its reason only if the run ends cancelled: one that succeeded or
+#: failed was not cancelled, and its row says so as the node that ran it does
 END_CLAIMED = """
 UPDATE runs
-SET status = :status, finished_at = :now, result = :result,
-    error = COALESCE(:error, error), cancel_reason = COALESCE(:cancel_reason, cancel_reason),
+SET status = :status, finished_at = :now, result = :result, error = COALESCE(:error, error),
+    cancel_reason = CASE WHEN :status = 'cancelled' THEN COALESCE(:cancel_reason, cancel_reason) END,
     lost_count = lost_count + :lost,
     claim_token = NULL, lease_until = NULL, dedup_slot = NULL
 WHERE seq = :seq AND claim_token = :token AND status = 'running'
@@ -313,7 +315,7 @@ RETURNING id"""
 #: whether the token was current (SQLite, every run that succeeds)
 SUCCEED_CLAIMED = """
 UPDATE runs
-SET status = 'succeeded', finished_at = :now, result = :result,
+SET status = 'succeeded', finished_at = :now, result = :result, cancel_reason = NULL,
     claim_token = NULL, lease_until = NULL, dedup_slot = NULL
 WHERE seq = :seq AND claim_token = :token AND status = 'running'"""
 
