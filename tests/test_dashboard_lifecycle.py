@@ -168,3 +168,30 @@ async def test_a_memory_engines_stop_ends_the_runs_whose_cancel_events_a_dashboa
     whole = DashboardState()
     whole.load(engine.snapshot())
     assert (whole.by_status["pending"], whole.by_status["running"], whole.by_status["cancelled"]) == (0, 0, 6)
+
+
+async def test_the_finish_rate_after_the_engine_process_was_replaced_counts_only_the_new_ones() -> None:
+    # an attached dashboard reloads from the process that replaced the one it watched (same
+    # node id, a new start): the rate took the new process's total less the old one's over
+    # a window spanning both, and read 44/s for a process finishing 90/s
+    now = [0.0]
+    state = DashboardState(clock=lambda: now[0])
+
+    async def finished(engine: Engine, n: int) -> Snapshot:
+        handles = [await engine.submit("noop") for _ in range(n)]
+        for handle in handles:
+            await handle.wait(timeout=10)
+        return engine.snapshot()
+
+    for n, later in [(3, 2), (200, 90)]:  # the old process, then the one that replaced it
+        engine = Engine(node_id="web-1", health_interval=None)
+
+        @engine.task
+        async def noop(ctx: TaskContext) -> None: ...
+
+        async with engine:
+            now[0] += 100
+            state.load(await finished(engine, n))
+            now[0] += 1
+            state.apply_overview(await finished(engine, later))
+    assert state.finish_rate() == 90.0

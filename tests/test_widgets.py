@@ -646,6 +646,27 @@ async def test_run_detail_replaces_cut_down_params_once_the_full_record_arrives(
         assert '"table": "orders"' in shown
 
 
+async def test_run_detail_shows_each_runs_own_params_and_result_where_python_finds_them_equal() -> None:
+    # True == 1 == 1.0 in Python: a run with params {"limit": true} returning true, shown after
+    # one with {"limit": 1.0} returning 1, kept that run's params and result on screen
+    detail = RunDetail()
+    ready = run("0123456789abcdef", 1, status=RunStatus.SUCCEEDED, started=1, finished=2,
+                params={"limit": True}, result=True)  # fmt: skip
+    count = run("feedfacefeedface", 2, status=RunStatus.SUCCEEDED, started=1, finished=2,
+                params={"limit": 1.0}, result=1)  # fmt: skip
+
+    def shown() -> tuple[str, str]:
+        params = plain(detail.query_one("#run-detail-params", Static).content)
+        return " ".join(params.split()), plain(detail.query_one("#run-detail-result", Static).content).strip()
+
+    async with Host(detail).run_test(size=SIZE) as pilot:
+        for record, expected in [(count, ('{ "limit": 1.0 }', "1")), (ready, ('{ "limit": true }', "true")),
+                                 (count, ('{ "limit": 1.0 }', "1"))]:  # fmt: skip
+            detail.show(record)
+            await pilot.pause()
+            assert shown() == expected, record.task
+
+
 # ---------------------------------------------------------------- ParamsForm
 
 

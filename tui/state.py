@@ -147,7 +147,10 @@ class DashboardState:
         self.dirty = set(self.runs)
         self.gone = set()
         if not same:
-            self.failures = {}  # another engine process: its failures are not these
+            # another engine process: its failures are not these, and its total of finished
+            # runs counts from its own start (the rate's window begins at this snapshot)
+            self.failures = {}
+            self._finished_samples.clear()
         self._moves.clear()  # the snapshot holds every event before it; none after it was applied
         self.add_failures(view.record() for view in self.runs.values() if view.status is RunStatus.FAILED)
         self.apply_overview(snap)

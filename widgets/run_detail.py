@@ -97,8 +97,8 @@ def _update_part(
     return key
 
 
-def _json_view(value: Any) -> Syntax:
-    return Syntax(pretty_json(value), "json", theme="ansi_dark", background_color="default", word_wrap=True)
+def _json_view(text: str) -> Syntax:
+    return Syntax(text, "json", theme="ansi_dark", background_color="default", word_wrap=True)
 
 
 def _traceback_view(traceback: str) -> Syntax:
@@ -124,8 +124,9 @@ class RunDetail(VerticalScroll):
         self._record: RunRecord | None = None
         # Last values per section: the params/result JSON and the traceback are only
         # re-highlighted when they change, not on every dashboard tick.
-        self._params: Any = _UNSET
-        self._result: Any = _UNSET
+        #: the params and the result shown, each as (value, its JSON text)
+        self._params: tuple[Any, str] | None = None
+        self._result: tuple[Any, str] | None = None
         self._error: RunError | None | object = _UNSET
         self._attempts: list[RunAttempt] = []
         # What the summary, the attempts and the progress line show now (their inputs, with
@@ -207,8 +208,7 @@ class RunDetail(VerticalScroll):
         if record is None:
             body.display = False
             empty.display = True
-            self._params = _UNSET
-            self._result = _UNSET
+            self._params = self._result = None
             self._error = _UNSET
             self._summary_key = self._attempts_key = self._progress_key = None
             return
@@ -222,9 +222,7 @@ class RunDetail(VerticalScroll):
         self._show_progress(record)
         # Keyed on the value, not the run id: attached, a run first arrives with its params
         # cut down by the wire and later, fetched in full, under the same id.
-        if self._params is _UNSET or (record.params is not self._params and record.params != self._params):
-            self._params = record.params
-            self.query_one("#run-detail-params", Static).update(_json_view(record.params))
+        self._params = self._show_json("#run-detail-params", record.params, self._params)
         self._show_result(record)
         self._show_error(record)
 
@@ -308,9 +306,19 @@ class RunDetail(VerticalScroll):
         section = self.query_one("#run-detail-result-section")
         has_result = record.status is RunStatus.SUCCEEDED or record.result is not None
         section.display = has_result
-        if has_result and (self._result is _UNSET or self._result != record.result):
-            self._result = record.result
-            self.query_one("#run-detail-result", Static).update(_json_view(record.result))
+        if has_result:
+            self._result = self._show_json("#run-detail-result", record.result, self._result)
+
+    def _show_json(self, part: str, value: Any, shown: tuple[Any, str] | None) -> tuple[Any, str]:
+        """Show ``value`` as JSON in ``part`` unless it is there already (``shown``: the value and
+        text shown last). Told apart by their text: ``True``, ``1`` and ``1.0`` are equal in
+        Python, and a run's ``true`` must not stay on screen for the next run's ``1``."""
+        if shown is not None and shown[0] is value:
+            return shown
+        text = pretty_json(value)
+        if shown is None or shown[1] != text:
+            self.query_one(part, Static).update(_json_view(text))
+        return value, text
 
     def _show_error(self, record: RunRecord) -> None:
         error = record.error
