@@ -505,10 +505,11 @@ class Supervisor:
         if worker.stop_reason is not None:
             # already told to stop, and cleaning up: a second cancel would cut that cleanup
             # short (the waiters re-cancel one that swallows the first, once its time is up).
-            # The engine's stop overrides why, unless stop_worker's stop (which outlives it)
-            # did it: a worker whose lost leadership or restart ends after the stop is not
-            # waiting for leadership nor restarted, it was stopped by the shutdown
-            if reason == "shutdown" and worker.stop_reason != "user":
+            # stop_worker's stop overrides why, and the engine's stop does unless stop_worker's
+            # (which outlives it) did it: a worker whose lost leadership or restart ends after
+            # either is not waiting for leadership nor restarted, it was stopped, and its
+            # worker.stopped says by whom
+            if reason == "user" or (reason == "shutdown" and worker.stop_reason != "user"):
                 worker.stop_reason = reason
             return task
         worker.stop_reason = reason

@@ -703,3 +703,36 @@ async def test_a_leader_only_worker_swallowing_the_cancel_of_a_lost_leadership_i
     finally:
         await engine.stop(1.0)
     assert not stray_tasks()
+
+
+async def test_an_operators_stop_during_a_cleanup_for_lost_leadership_is_published_as_the_users() -> None:
+    # stop_worker while the worker still cleaned up after its node lost the lease: the stop
+    # held, but the bus said only leadership_lost, so whoever audits or alerts on
+    # worker.stopped never saw that an operator stopped it
+    lease = FlakyLease(ttl=10.0, renew_interval=RENEW)
+    engine = Engine(node_id="a", lease=lease, health_interval=None, cancel_grace=30)
+    cleaning, cleaned = asyncio.Event(), asyncio.Event()
+
+    @engine.supervised(name="sync", leader_only=True)
+    async def sync(ctx: TaskContext) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cleaning.set()
+            await cleaned.wait()  # flushing what it holds
+            raise
+
+    rec = Recorder(engine)
+    async with engine:
+        await eventually(lambda: engine.workers()[0].state == "running")
+        lease.failing["a"] = "refuse"
+        await asyncio.wait_for(cleaning.wait(), 10)  # leadership lost: cleaning up
+        stopping = asyncio.create_task(engine.stop_worker("sync"))
+        await eventually(lambda: engine.workers()[0].stopped_by_user)
+        cleaned.set()
+        info = await stopping
+        assert (info.state, info.stopped_by_user) == ("stopped", True)
+        assert [e.reason for e in rec.of("worker.stopped")] == ["user"]
+        lease.failing.clear()
+        await eventually(lambda: engine.leadership().is_leader)
+        assert engine.workers()[0].state == "stopped"  # held: leading again starts nothing

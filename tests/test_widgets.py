@@ -1229,16 +1229,19 @@ async def test_workers_table_shows_each_workers_state_and_crashes() -> None:
                        last_error=RunError(type="OSError", message="socket closed")),
             WorkerInfo(name="mailer", leader_only=False, state="stopped", stopped_by_user=True),
             WorkerInfo(name="sync", leader_only=True, state="waiting_for_leadership"),
+            # stop_worker gave up waiting for a cleanup that ignores cancels: its code still runs
+            WorkerInfo(name="flush", leader_only=False, state="running", started_at=T0 + 90, stopped_by_user=True),
         ]
         table.update_workers(infos, now)
         await pilot.pause()
-        assert table.shown_keys == ["poller", "dedup", "mailer", "sync"]
+        assert table.shown_keys == ["poller", "dedup", "mailer", "sync", "flush"]
         assert cell(table, "poller", "state") == "running" and cell(table, "poller", "up") == "1m00s"
         assert cell(table, "poller", "restarts") == "2" and cell(table, "poller", "runs_on") == "all"
         assert cell(table, "dedup", "runs_on") == "leader" and cell(table, "dedup", "next") == "8.0s"
         assert cell(table, "dedup", "error") == "OSError: socket closed"
         assert cell(table, "mailer", "state") == "stopped by user"
         assert cell(table, "sync", "state") == "waits for lead"
+        assert (cell(table, "flush", "state"), cell(table, "flush", "up")) == ("stopping (user)", "10s")
         table.select_name("mailer")
         assert table.selected_name == "mailer"
         table.update_workers(infos[1:], now + 1)

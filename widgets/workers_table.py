@@ -24,7 +24,8 @@ _STATES: dict[str, Cell] = {
 
 def _state(info: WorkerInfo) -> Cell:
     if info.stopped_by_user:
-        return ("stopped by user", "bold yellow")
+        # its code runs until it has ended: a cleanup may outlast the stop's wait for it
+        return ("stopping (user)" if info.state == "running" else "stopped by user", "bold yellow")
     return _STATES.get(info.state, (info.state, ""))
 
 
