@@ -392,6 +392,15 @@ class LeaderElector:
         self._stopping = False
         #: a term given up by :meth:`suspend`, released by the renew loop when it can
         self._to_release: int | None = None
+        #: an acquire is on its way, and whether the last one got no answer (an error, or none
+        #: in time): a store may have applied it all the same, the lease then held in this
+        #: node's name with nobody to renew or release it
+        self._acquiring = False
+        self._unanswered_acquire = False
+        #: whether the last lease call failed (raised, or no answer in time)
+        self._call_failed = False
+        #: the renew loop ends after the step under way (see _end_elections)
+        self._exit = False
         self._wake = asyncio.Event()
         #: what the last failed lease call was logged as (None: the last call succeeded)
         self._logged: str | None = None
@@ -536,6 +545,7 @@ class LeaderElector:
         # before its last stop, such as losing the store, is over
         self._suspended = False
         self._stopping = False
+        self._unanswered_acquire = self._exit = False
         # one attempt before returning, so the engine's other components (and
         # the caller) start with the outcome of the first election
         self._refusal = None
@@ -568,30 +578,63 @@ class LeaderElector:
         self.stop_competing()
         if self.lease is None:
             return
-        task, self._task = self._task, None
-        if task is not None:
-            # no renew may be on its way while the release is
-            task.cancel()
-            await asyncio.wait([task])
+        await self._end_elections(deadline)
         if self._to_release is not None:
             await self._release_given_up()
+        await self._release_unanswered(deadline)
         if release:
             await self._step_down(deadline)
         elif self.is_leader:
             self._change(False, LeaseLost, holder=self.node_id, term=self.term, expires_at=self.expires_at)
 
     async def stop(self, deadline: float) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            # asyncio.wait, unlike awaiting the task, leaves a cancel of stop() itself alone
-            await asyncio.wait([task])
+        self._stopping = True
+        await self._end_elections(deadline)
         try:
             if self._to_release is not None:
                 await self._release_given_up()
+            await self._release_unanswered(deadline)
             await self._step_down(deadline)
         finally:
             await self._close()
+
+    async def _end_elections(self, deadline: float) -> None:
+        """End the renew loop, for no renew to be on its way while the release is.
+
+        An acquire under way is let answer first (within its own bound, the renew interval):
+        a store applies one sent before the cancel all the same (Redis runs the script it
+        read), and cancelled it would leave the lease held in this node's name for a whole
+        ttl, with no leader meanwhile. Answered while stopping, its term is released.
+        """
+        task, self._task = self._task, None
+        if task is None:
+            return
+        if self._acquiring and self.lease is not None:
+            self._exit = True
+            left = deadline - asyncio.get_running_loop().time()
+            await asyncio.wait([task], timeout=max(0.0, min(left, self.lease.renew_interval)))
+        task.cancel()
+        # asyncio.wait, unlike awaiting the task, leaves a cancel of the caller itself alone
+        await asyncio.wait([task])
+        self._exit = False
+
+    async def _release_unanswered(self, deadline: float) -> None:
+        """Release the lease if an acquire that got no answer took it after all (best effort:
+        one short lookup and release; a store still out of reach lets it lapse at its ttl)."""
+        if not self._unanswered_acquire or self.is_leader or self.lease is None:
+            return
+        self._unanswered_acquire = False
+        lease = self.lease
+        left = deadline - asyncio.get_running_loop().time()
+        timeout = min(left, lease.renew_interval) if left > 0 else lease.renew_interval
+        seen = await self._call(lease.holder(), timeout, "holder lookup")
+        if seen is None or seen.holder != self.node_id or seen.expires_at <= lease.now():
+            return
+        if await self._call(lease.release(self.node_id, seen.term), timeout, "release"):
+            self._engine.bus.emit(
+                LeaseReleased, holder=None, term=seen.term, expires_at=None,
+                previous_holder=self.node_id, previous_term=seen.term,
+            )  # fmt: skip
 
     async def _step_down(self, deadline: float) -> None:
         if self.lease is None or not self.is_leader:
@@ -652,6 +695,8 @@ class LeaderElector:
                 # a bug in a listener or an event callback must not end elections
                 # for this node; a leader that stops renewing loses its lease anyway
                 log.exception("leader election step failed on %s", self.node_id)
+            if self._exit:
+                return  # ended by _end_elections once the acquire under way was answered
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 # a lease client that swallowed the stop's cancel must not keep this loop alive
@@ -719,7 +764,13 @@ class LeaderElector:
     async def _try_acquire(self) -> None:
         assert self.lease is not None
         lease = self.lease
-        state = await self._call(lease.acquire(self.node_id), lease.renew_interval, "acquire")
+        # until it answers (cancelled, it never does): a store may apply it all the same
+        self._unanswered_acquire = self._acquiring = True
+        try:
+            state = await self._call(lease.acquire(self.node_id), lease.renew_interval, "acquire")
+            self._unanswered_acquire = self._call_failed
+        finally:
+            self._acquiring = False
         if state is not None and (self._suspended or self._stopping):
             # told to stand aside, or the engine began to stop, while this was on its way
             self._to_release = state.term
@@ -750,6 +801,7 @@ class LeaderElector:
         it returned, the lease it reports on could have changed hands.
         """
         bound = asyncio.timeout(timeout)
+        self._call_failed = True
         try:
             async with bound:
                 result = await op
@@ -760,6 +812,7 @@ class LeaderElector:
                 self.lease.timed_out(what, timeout)
             self._failed(what, exc, f"no answer within {timeout:.3g} s" if expired else None)
             return None
+        self._call_failed = False
         if what not in _READS:
             if self._logged is not None:
                 log.info("the lease store of %s answers again", self.node_id)

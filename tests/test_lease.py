@@ -593,6 +593,8 @@ async def test_an_error_while_acquiring_never_counts_as_holding() -> None:
         assert a.workers()[0].state == "waiting_for_leadership"
     finally:
         await a.stop(1.0)
+    # the store did take it: the stop, which never heard so, looks and releases it
+    assert await lease.holder() is None
 
 
 async def test_stop_leaves_no_task_behind_and_frees_the_lease() -> None:
@@ -736,3 +738,47 @@ async def test_an_operators_stop_during_a_cleanup_for_lost_leadership_is_publish
         lease.failing.clear()
         await eventually(lambda: engine.leadership().is_leader)
         assert engine.workers()[0].state == "stopped"  # held: leading again starts nothing
+
+
+class SlowReplyLease(InProcessLease):
+    """Applies an acquire at once; its answer arrives only once ``reply`` is set (a remote
+    store's reply on its way, or held up by a store that stalled after running it)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reply: asyncio.Event | None = None
+        self.applied = asyncio.Event()
+
+    async def acquire(self, node_id: str) -> LeaseState | None:
+        state = await super().acquire(node_id)
+        if self.reply is not None and state is not None and state.holder == node_id:
+            self.applied.set()
+            await self.reply.wait()
+        return state
+
+
+async def test_a_follower_stopped_while_its_acquire_is_on_its_way_leaves_the_lease_free() -> None:
+    # the store ran the acquire, the follower stopped before the answer came: cancelled, the
+    # answer was lost and the lease stayed in the stopped node's name for a whole ttl, with no
+    # leader meanwhile (on Redis, a rolling deploy's leader releasing as its follower stops)
+    lease = SlowReplyLease(ttl=10.0, renew_interval=0.5)
+    other = await lease.acquire("old-leader")
+    assert other is not None
+    (b,), contexts, _ = leader_engines(lease, "b")
+    rec = Recorder(b)
+    await b.start()
+    try:
+        assert not b.leadership().is_leader
+        lease.reply = asyncio.Event()
+        assert await lease.release("old-leader", other.term)
+        await asyncio.wait_for(lease.applied.wait(), 10)  # b's next acquire took it; no answer yet
+        stopping = asyncio.create_task(b.stop(5.0))
+        await eventually(lambda: b.state != "running")
+        lease.reply.set()
+        await stopping
+    finally:
+        await b.stop(1.0)
+    assert await lease.holder() is None
+    assert contexts["b"] == []  # a stopping node leads nothing
+    assert [e.previous_holder for e in rec.of("lease.released")] == ["b"]
+    assert not stray_tasks()
