@@ -500,32 +500,41 @@ async def test_a_run_cancelled_while_its_worker_was_lost_ends_cancelled_by_its_u
         assert stored is not None and stored.cancel_reason == "user"
 
 
-async def test_cancelling_a_run_another_node_finished_meanwhile_says_it_finished(tmp_path: Path) -> None:
-    from taskwatch.engine import RunNotCancellable
-    from taskwatch.engine.store import NewRun, SqliteStore, Succeeded
+@contextlib.asynccontextmanager
+async def _claimed_by_another_node(path: Path, poll_interval: float) -> AsyncIterator[tuple[Engine, Any, str, str]]:
+    """An engine on ``path`` (node-a), and a run another node (node-b, a store of its own)
+    claimed and executes: yields the engine, that store, the run's id and node-b's claim token."""
+    from taskwatch.engine.store import NewRun, SqliteStore
 
-    path = tmp_path / "shared.db"
     other = SqliteStore(path)  # another node, executing the run
     await other.open()
     try:
         await other.register_node("node-b", "b-incarnation", "x")
         [inserted] = await other.insert([NewRun("job")])
         [claim] = await other.claim("node-b", "b-incarnation", 1, {"job": None})
-        engine = Engine(store=f"sqlite:///{path}", node_id="node-a", health_interval=None, poll_interval=60)
+        engine = Engine(store=f"sqlite:///{path}", node_id="node-a", health_interval=None, poll_interval=poll_interval)
 
         @engine.task
         async def job(ctx: TaskContext) -> None:
             await asyncio.Event().wait()
 
         async with engine:
-            assert engine.get(inserted.id).status.value == "running"  # on node-b, as loaded at start
-            assert await other.finish(claim.token, Succeeded("done")) is not None
-            with pytest.raises(RunNotCancellable, match="succeeded"):
-                await engine.cancel(inserted.id)
-            stored = await engine.store.get(inserted.id)
-            assert stored is not None and stored.status.value == "succeeded" and stored.cancel_reason is None
+            yield engine, other, inserted.id, claim.token
     finally:
         await other.close()
+
+
+async def test_cancelling_a_run_another_node_finished_meanwhile_says_it_finished(tmp_path: Path) -> None:
+    from taskwatch.engine import RunNotCancellable
+    from taskwatch.engine.store import Succeeded
+
+    async with _claimed_by_another_node(tmp_path / "shared.db", poll_interval=60) as (engine, other, run_id, token):
+        assert engine.get(run_id).status.value == "running"  # on node-b, as loaded at start
+        assert await other.finish(token, Succeeded("done")) is not None
+        with pytest.raises(RunNotCancellable, match="succeeded"):
+            await engine.cancel(run_id)
+        stored = await engine.store.get(run_id)
+        assert stored is not None and stored.status.value == "succeeded" and stored.cancel_reason is None
 
 
 @pytest.mark.parametrize("ending", ["succeeded", "failed"])
@@ -537,36 +546,20 @@ async def test_a_cancel_asked_while_the_runs_outcome_was_on_its_way_says_it_fini
     # succeeded record as if it had cancelled it, and the row kept cancel_reason 'user' for a
     # run that ran to its end (the node that ran it said None)
     from taskwatch.engine import RunError, RunNotCancellable
-    from taskwatch.engine.store import Failed, NewRun, SqliteStore, Succeeded
+    from taskwatch.engine.store import Failed, Succeeded
 
-    path = tmp_path / "shared.db"
-    other = SqliteStore(path)  # another node, executing the run
-    await other.open()
-    try:
-        await other.register_node("node-b", "b-incarnation", "x")
-        [inserted] = await other.insert([NewRun("job")])
-        [claim] = await other.claim("node-b", "b-incarnation", 1, {"job": None})
-        engine = Engine(store=f"sqlite:///{path}", node_id="node-a", health_interval=None, poll_interval=0.05)
-
-        @engine.task
-        async def job(ctx: TaskContext) -> None:
-            await asyncio.Event().wait()
-
-        async with engine:
-            cancelling = asyncio.create_task(engine.cancel(inserted.id, grace=30))
-
-            async with asyncio.timeout(10):  # the request is in the store
-                while (row := await other.get(inserted.id)) is None or row.cancel_reason != "user":
-                    await asyncio.sleep(0.01)
-            outcome = Succeeded("done") if ending == "succeeded" else Failed(RunError(type="ValueError", message="no"))
-            assert await other.finish(claim.token, outcome) is not None
-            with pytest.raises(RunNotCancellable, match=ending):
-                await cancelling
-            stored = await engine.store.get(inserted.id)
-            assert stored is not None and (stored.status.value, stored.cancel_reason) == (ending, None)
-            assert engine.get(inserted.id).cancel_reason is None
-    finally:
-        await other.close()
+    async with _claimed_by_another_node(tmp_path / "shared.db", poll_interval=0.05) as (engine, other, run_id, token):
+        cancelling = asyncio.create_task(engine.cancel(run_id, grace=30))
+        async with asyncio.timeout(10):  # the request is in the store
+            while (row := await other.get(run_id)) is None or row.cancel_reason != "user":
+                await asyncio.sleep(0.01)
+        outcome = Succeeded("done") if ending == "succeeded" else Failed(RunError(type="ValueError", message="no"))
+        assert await other.finish(token, outcome) is not None
+        with pytest.raises(RunNotCancellable, match=ending):
+            await cancelling
+        stored = await engine.store.get(run_id)
+        assert stored is not None and (stored.status.value, stored.cancel_reason) == (ending, None)
+        assert engine.get(run_id).cancel_reason is None
 
 
 async def test_a_submit_given_up_while_the_store_writes_still_indexes_and_announces_the_run(tmp_path: Path) -> None:
