@@ -17,7 +17,6 @@ import atexit
 import concurrent.futures
 import contextlib
 import logging
-import math
 import os
 import queue
 import sqlite3
