@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 from pydantic_core import PydanticSerializationError, from_json, to_json, to_jsonable_python
@@ -258,10 +259,11 @@ def safe_text(text: str) -> str:
     return text
 
 
-def safe_str(obj: object) -> str:
-    """``str(obj)`` made wire-safe, even for objects whose ``__str__`` raises."""
+def safe_str(obj: object, show: Callable[[object], str] = str) -> str:
+    """``str(obj)`` (or ``show(obj)``: ``repr``) made wire-safe, even for objects whose
+    ``__str__`` raises."""
     try:
-        text = str(obj)
+        text = show(obj)
         if type(text) is not str:
             # a str subclass's own methods (encode, __contains__...) would run below, outside this try
             text = str.__str__(text)

@@ -90,7 +90,7 @@ from .errors import (
 )
 from .execution import checked_timeout
 from .hop import call_on, cancel_and_wait, current_loop, refuse_in_fork, spawn, work_context, works_for
-from .jsonsafe import NotJsonSafe, jsonable
+from .jsonsafe import NotJsonSafe, jsonable, safe_str
 from .options import PutOptions, QueueOptions, check_options
 from .logs import OutageLog, log_safely, log_text, traceback_block
 from .events import QueueDrainIncomplete, QueueJobFailed, QueuePaused, QueuePurged, QueueResumed
@@ -1332,7 +1332,7 @@ class WorkQueue:
             try:
                 data = jsonable(job)
             except NotJsonSafe:
-                data = repr(job)  # mutated into something unserialisable since it was put
+                data = safe_str(job, repr)  # mutated into something unserialisable since it was put
         error = exc if isinstance(exc, RunError) else RunError.from_exception(exc)
         self._engine.bus.emit(QueueJobFailed, queue=self.name, job=data, error=error)
         # after the event, and guarded: a raising log handler must not take the consumer down.

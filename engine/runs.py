@@ -102,7 +102,9 @@ class RunError(BaseModel):
         """
         message = safe_str(exc)
         return cls(
-            type=type(exc).__qualname__,
+            # a class may be given any name (a generated one, from a file name, say): one UTF-8
+            # cannot encode would be refused by every event and store write that carries it
+            type=safe_text(type(exc).__qualname__),
             message=_bounded_message(message),
             traceback=_bounded_traceback(safe_text(_formatted(exc, message))),
         )

@@ -101,6 +101,45 @@ async def test_a_failing_job_is_recorded_with_its_traceback_and_the_consumer_sur
     assert not stray_tasks()
 
 
+class _Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+async def test_a_failure_that_cannot_be_written_as_it_is_still_fails_its_job_alone() -> None:
+    # an exception class whose name UTF-8 cannot encode (a generated class, named from a file
+    # name), and a job its handler left holding an object whose repr raises: either ended the
+    # consumer without a word (no queue.job_failed, no log, no replacement) and join() hung
+    class BadError(Exception):
+        pass
+
+    BadError.__qualname__ = "Bad\udce9Error"
+    engine = make_engine()
+    done: list[int] = []
+
+    async def handler(job: dict) -> None:
+        if job["n"] == 1:
+            raise BadError("boom")
+        if job["n"] == 2:
+            job["kept"] = _Unprintable()
+            raise ValueError("bad job 2")
+        done.append(job["n"])
+
+    queue = engine.queue("fragile", handler, concurrency=1)
+    rec = Recorder(engine, ("queue.job_failed",))
+    async with engine:
+        for n in range(1, 5):
+            queue.put_nowait({"n": n})
+        await asyncio.wait_for(queue.join(), 10)
+        assert done == [3, 4]
+        info = queue.info()
+        assert (info.processed, info.failed, info.consumers_replaced) == (2, 2, 0)
+        first, second = rec.of("queue.job_failed")
+        assert (first.job, first.error.type) == ({"n": 1}, "Bad\\udce9Error")
+        assert (second.job, second.error.type) == ("<unprintable dict>", "ValueError")
+    assert not stray_tasks()
+
+
 async def test_a_full_queue_raises_queue_full_and_counts_it() -> None:
     engine = make_engine()
     release = asyncio.Event()
