@@ -36,10 +36,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -210,7 +211,7 @@ class Coalesced(NamedTuple):
     unencodable: int
 
 
-def coalesce(events: list[BaseEvent], carried: int = 0) -> Coalesced:
+def coalesce(events: list[BaseEvent], carried: int = 0, before: list[int] | None = None) -> Coalesced:
     """``events`` as records to send, and how many progress events were coalesced away.
 
     Left out: each run's progress events but the newest, and events this node
@@ -218,9 +219,10 @@ def coalesce(events: list[BaseEvent], carried: int = 0) -> Coalesced:
     sends its own: sent here too, the cluster would see the run start and
     end twice). Each record counts the events left out just before it, so
     readers do not take them for lost; ``carried`` are left out at the end of
-    the previous batch. An event that cannot be encoded (a value posted
-    unchecked) is left out uncounted: readers see the gap and count it missed,
-    where raising would lose the whole batch and stop the relay.
+    the previous batch, and ``before[i]`` (if given) just before ``events[i]``,
+    by the caller (see ``EventRelay._offer``). An event that cannot be encoded
+    (a value posted unchecked) is left out uncounted: readers see the gap and
+    count it missed, where raising would lose the whole batch and stop the relay.
     """
     newest: dict[str, int] = {}
     for i, event in enumerate(events):
@@ -230,6 +232,8 @@ def coalesce(events: list[BaseEvent], carried: int = 0) -> Coalesced:
     skipped = carried
     left_out = unencodable = 0
     for i, event in enumerate(events):
+        if before is not None:
+            skipped += before[i]
         if newest and event.kind == "run.progress" and newest[event.run_id] != i:  # type: ignore[attr-defined]
             skipped += 1
             left_out += 1
@@ -287,6 +291,13 @@ class EventRelay:
         #: every node's events, as read back
         self.bus = EventBus(node="cluster", replay=replay)
         self._outgoing: deque[BaseEvent] = deque()
+        #: each run's newest progress event waiting to be sent (in seq order), kept apart from
+        #: ``_outgoing``: a newer figure takes the older one's place, so a task reporting in a
+        #: tight loop holds one place, not thousands that push its run's end off the queue
+        self._progress: OrderedDict[str, BaseEvent] = OrderedDict()
+        #: the seqs of progress events a newer figure replaced: the next record sent after
+        #: each counts it among the events left out before it
+        self._replaced: list[int] = []
         #: a batch taken from the queue and not yet sent (sent again first after a failure)
         self._unsent_batch: list[Outgoing] | None = None
         self._wake = asyncio.Event()
@@ -401,6 +412,7 @@ class EventRelay:
                 self.unsent += left
                 self.unconfirmed += in_flight
                 self._outgoing.clear()
+                self._progress.clear()
                 self._unsent_batch = None
                 log.warning(
                     "%d events not sent to %s at stop (counted as unsent), and %d sent without an answer "
@@ -425,7 +437,7 @@ class EventRelay:
     @property
     def pending(self) -> int:
         """Events waiting to be sent."""
-        return len(self._outgoing) + len(self._unsent_batch or ())
+        return len(self._outgoing) + len(self._progress) + len(self._unsent_batch or ())
 
     def nodes(self) -> list[ClusterNode]:
         """Every node whose events were read, by name.
@@ -471,11 +483,24 @@ class EventRelay:
 
     def _offer(self, event: BaseEvent) -> None:
         self._sent_through = max(self._sent_through, event.seq)
-        if len(self._outgoing) >= self.max_pending:
+        progress = event.kind == "run.progress"
+        if progress:
+            older = self._progress.pop(event.run_id, None)  # type: ignore[attr-defined]
+            if older is not None:
+                # its place, now at the end of the line: readers count the older one left out
+                self._progress[event.run_id] = event  # type: ignore[attr-defined]
+                heapq.heappush(self._replaced, older.seq)
+                self.coalesced += 1
+                return
+        waiting = len(self._outgoing) + len(self._progress)
+        if waiting >= self.max_pending:
             self.unsent += 1
             return
-        self._outgoing.append(event)
-        if len(self._outgoing) == 1 or len(self._outgoing) >= self.batch:
+        if progress:
+            self._progress[event.run_id] = event  # type: ignore[attr-defined]
+        else:
+            self._outgoing.append(event)
+        if waiting == 0 or waiting + 1 >= self.batch:
             self._wake.set()
 
     async def _publish_loop(self) -> None:
@@ -488,7 +513,7 @@ class EventRelay:
                 pass
             if self._wake.is_set():
                 self._wake.clear()
-                if self.linger and len(self._outgoing) < self.batch:
+                if self.linger and len(self._outgoing) + len(self._progress) < self.batch:
                     # a short wait turns a burst into one round trip instead of many
                     await asyncio.sleep(self.linger)
             try:
@@ -533,15 +558,31 @@ class EventRelay:
         return outage
 
     def _next_batch(self) -> list[Outgoing]:
-        events = [self._outgoing.popleft() for _ in range(min(self.batch, len(self._outgoing)))]
-        batch = coalesce(events, self._left_out_last)
+        """The next ``batch`` events in seq order (the queue's and the runs' newest progress
+        merged), as records, each counting the events left out just before it."""
+        outgoing, progress, replaced = self._outgoing, self._progress, self._replaced
+        events: list[BaseEvent] = []
+        before: list[int] = []
+        while len(events) < self.batch and (outgoing or progress):
+            figure = next(iter(progress.values())) if progress else None
+            if figure is not None and (not outgoing or figure.seq < outgoing[0].seq):
+                event = progress.popitem(last=False)[1]
+            else:
+                event = outgoing.popleft()
+            left = 0
+            while replaced and replaced[0] < event.seq:
+                heapq.heappop(replaced)
+                left += 1
+            events.append(event)
+            before.append(left)
+        batch = coalesce(events, self._left_out_last, before)
         self._left_out_last = batch.carried
         self.coalesced += batch.left_out
         self.unencodable += batch.unencodable
         return batch.records
 
     async def _flush(self) -> None:
-        while self._unsent_batch or self._outgoing:
+        while self._unsent_batch or self._outgoing or self._progress:
             if not self._unsent_batch:
                 self._unsent_batch = self._next_batch()
             batch = self._unsent_batch

@@ -25,7 +25,8 @@ from taskwatch.engine import (
     MemoryEventStream,
     TaskContext,
 )
-from taskwatch.engine.events import RunStarted, RunSucceeded
+from taskwatch.engine.bus import EventBus
+from taskwatch.engine.events import RunProgressed, RunStarted, RunSucceeded
 from taskwatch.engine.relay import Outgoing, coalesce
 
 from .helpers import Recorder, eventually, stray_tasks
@@ -237,6 +238,36 @@ async def test_an_entry_holding_a_nan_from_a_foreign_writer_is_malformed_and_rea
         await eventually(lambda: any(getattr(e, "run_id", None) == "r2" for e in engine.cluster.bus.recent()))
         assert engine.cluster.stats().malformed == 1
         assert not any(getattr(e, "run_id", None) == "r1" for e in engine.cluster.bus.recent())
+
+
+async def test_a_run_reporting_progress_in_a_tight_loop_pushes_no_other_event_off_the_queue() -> None:
+    # each figure took a place in the line to send: a task calling ctx.progress in a loop
+    # filled it, and the runs' ends, starts and failures behind it were dropped (a cluster
+    # dashboard missed half of one node's failures)
+    stream = MemoryEventStream("app:events")
+    bus = EventBus(node="w")
+    writer = MemoryEventRelay(stream, bus, max_pending=100)
+    reader = MemoryEventRelay(stream)
+    await reader.start()
+    await writer.start()
+    try:
+        for run in ("r1", "r2"):
+            bus.post(RunStarted, run_id=run, task="flood", attempt=1, from_store=False)
+        for done in range(10_000):  # no await: nothing is sent meanwhile
+            for run in ("r1", "r2"):
+                bus.post(RunProgressed, run_id=run, task="flood", done=done, total=10_000.0, message="")
+        for run in ("r1", "r2"):
+            bus.post(RunSucceeded, run_id=run, task="flood", attempt=1, duration=1.0, result=None)
+        await eventually(lambda: len(kinds_by_node(reader, "run.succeeded")) == 2)
+        (seen,) = reader.nodes()
+        assert (seen.missed, writer.stats().unsent) == (0, 0)
+        assert seen.events + seen.coalesced == bus.last_seq
+        figures = [e for e in reader.bus.recent() if e.kind == "run.progress"]
+        assert {(e.run_id, e.done) for e in figures} == {("r1", 9_999), ("r2", 9_999)}  # type: ignore[attr-defined]
+    finally:
+        await writer.stop()
+        await reader.stop()
+    assert not stray_tasks()
 
 
 def test_events_left_out_at_the_end_of_a_batch_are_counted_by_the_next_record() -> None:
