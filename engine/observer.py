@@ -45,7 +45,7 @@ from .errors import InvalidConfiguration, RunNotCancellable, RunNotFound, RunNot
 from .lease import LeaseState
 from .postgres_events import PostgresEventRelay
 from .postgres_lease import PostgresLease
-from .relay import ClusterNode, RelayStats
+from .relay import SILENT_SAMPLES, SILENT_SLACK, ClusterNode, RelayStats
 from .runs import Progress, RunStatus
 from .store import NewRun, NodeInfo, PostgresStore, StoredRun, make_store
 
@@ -109,6 +109,9 @@ class ClusterObserver:
         self.refresh_interval = refresh_interval
         self.runs_interval = runs_interval
         self._node_rows: list[NodeInfo] = []
+        #: incarnation -> (its last heartbeat as read, the step between the last two read): how
+        #: often each node heartbeats, as far as the reads of the nodes table show
+        self._beats: dict[str, tuple[float, float | None]] = {}
         self._leader: LeaseState | None = None
         #: the term read held last, and when it was first read so (the database's clock): a node
         #: whose newest process registered after that holds it only through an older process
@@ -276,7 +279,7 @@ class ClusterObserver:
             dead = not stopped and overdue and self._now >= self._answering_since + ttl
             # or its events stopped coming (see ClusterNode.unknown): this watcher's node_ttl may
             # be far longer than the nodes' own, and a killed node would show up until it passed
-            silent = view is not None and view.unknown
+            silent = (view is not None and view.unknown) or self._quiet(info)
             unknown = not stopped and not dead and (silent or overdue or (stale and info.last_heartbeat < now - ttl))
             fields: dict[str, Any] = view.model_dump() if view is not None else {"node": name}
             fields.update(
@@ -304,6 +307,26 @@ class ClusterObserver:
                 fields.update(is_leader=True, term=leader.term)
             out.append(ClusterNode(**fields))
         return out
+
+    def _note_beats(self) -> None:
+        """Note how far each node's heartbeat moved since the last read of the nodes table."""
+        beats: dict[str, tuple[float, float | None]] = {}
+        for info in self._node_rows:
+            last, step = self._beats.get(info.incarnation, (info.last_heartbeat, None))
+            if info.last_heartbeat > last:
+                step = info.last_heartbeat - last
+            beats[info.incarnation] = (info.last_heartbeat, step)
+        self._beats = beats
+
+    def _quiet(self, info: NodeInfo) -> bool:
+        """Whether ``info``'s heartbeat stopped, judged by how often it heartbeats (or, for one
+        never seen to, how often the others do): unknown well before this watcher's node TTL,
+        which may be far longer than the nodes' own. Its events tell the same sooner, but only
+        for a node heard from since this watcher started, not one killed before."""
+        steps = [step for _, step in self._beats.values() if step is not None]
+        step = self._beats.get(info.incarnation, (0.0, None))[1]
+        every = step if step is not None else max(steps, default=None)
+        return every is not None and self._now - info.last_heartbeat > SILENT_SAMPLES * every + SILENT_SLACK
 
     def _held_before(self, leader: LeaseState, info: NodeInfo) -> bool:
         """Whether ``leader``'s term was held before ``info``'s process registered: then an
@@ -411,6 +434,7 @@ class ClusterObserver:
             # a failed read, not a cancel (the observer stopping): only that proves an outage
             self._read_failed = True
             raise
+        self._note_beats()
         self._now = self.store.clock()
         if self._read_failed:
             self._read_failed = False

@@ -338,6 +338,25 @@ async def test_a_killed_node_shows_unknown_once_its_events_stop_whatever_the_das
         assert gone.running is None
 
 
+async def test_a_node_killed_before_the_dashboard_opened_shows_unknown_whatever_the_dashboards_node_ttl(
+    postgres_url: str, nodes: list[Child]
+) -> None:
+    # no event of it ever reaches this dashboard: before, it showed up, with its last reported
+    # runs, for the dashboard's 30 s node TTL; its heartbeat has stopped, as the others' beat shows
+    survivor, doomed = (Child(postgres_url, name, *COMMON, "--lease-ttl", "3", "run") for name in ("survivor", "doomed"))  # type: ignore[arg-type]
+    nodes += [survivor, doomed]
+    for child in (survivor, doomed):
+        await asyncio.to_thread(child.event, "started", TIMEOUT)
+    await asyncio.to_thread(doomed.sigkill)
+    async with ClusterObserver(postgres_url, refresh_interval=0.2) as observer:
+        assert observer.store.node_ttl == 30
+        gone = await eventually(lambda: (n := node_named(observer, "doomed")) is not None and n.state != "up" and n,
+                                timeout=12.0)  # fmt: skip
+        assert (gone.state, gone.running) == ("unknown", None)
+        alive = node_named(observer, "survivor")
+        assert alive is not None and alive.state == "up"
+
+
 # ---------------------------------------------------------------- the Redis dashboard
 
 #: an engine leading on Redis, publishing its events (and health) there, in a process of its own
