@@ -1057,6 +1057,20 @@ class Scheduler:
 
     def _first_slot(self, p: _Periodic) -> float | None:
         """The first slot after a start (or the task's registration on a running engine)."""
+        slot = self._slot_after_last(p)
+        started = p.hold_until - p.initial_delay
+        if slot is not None and p.last_fire is not None and started <= slot < p.hold_until:
+            # it comes due within the warm-up, not while nothing ran: taken up as a fresh start
+            # takes its schedule up, at the warm-up's end (a cron or fixed-rate task at its first
+            # slot from then), with nothing missed. A deploy's quick restart is no missed slot
+            if p.cron is not None:
+                return self._cron_after(p, p.hold_until - 1e-6)
+            assert p.every is not None
+            return _grid_slot(slot, p.every, p.hold_until) if p.fixed_rate else p.hold_until
+        return slot
+
+    def _slot_after_last(self, p: _Periodic) -> float | None:
+        """The slot after the last one fired before this start (or the first one, if none was)."""
         if p.last_fire is not None:
             # fired before this start: the slot after the last one, or at once if it
             # was missed while nothing ran (once, however many were missed)

@@ -86,6 +86,39 @@ async def test_a_missed_slot_waits_for_initial_delay_after_a_restart(tmp_path: P
         assert [p.next_due for p in second.schedule()] == [1_000_630.0]
 
 
+@pytest.mark.parametrize(
+    "schedule", [{"every": 1.0}, {"every": 1.0, "fixed_rate": True}, {"cron": "* * * * * *"}],
+    ids=["end-based", "fixed-rate", "cron"],
+)
+async def test_a_quick_restart_counts_no_slot_of_its_warm_up_missed(tmp_path: Path, schedule: dict[str, Any]) -> None:
+    # a deploy restarts the engine at once; its next slot comes due within the warm-up, not
+    # while nothing ran: before, it fired late at the warm-up's end, logged "fired 2 s late",
+    # and the dashboard counted the slots in between missed (a cron task off its grid)
+    db = tmp_path / "sched.db"
+
+    def warming(delay: float) -> Engine:
+        engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
+
+        @engine.periodic(initial_delay=delay, **schedule)
+        async def tick(ctx: TaskContext) -> None: ...
+
+        return engine
+
+    first = warming(0.0)
+    async with first:
+        await eventually(lambda: [r for r in first.runs(task="tick") if r.status.finished])
+    second = warming(3.0)
+    started = time.time()
+    async with second:
+        warm_until = started + 3.0
+        [done] = await eventually(
+            lambda: [r for r in second.runs(task="tick") if r.created_at > started and r.status.finished], timeout=15
+        )
+        [info] = second.schedule()
+    assert done.created_at >= warm_until - 0.05
+    assert info.missed == 0
+
+
 async def test_slots_missed_while_stopped_fire_once(tmp_path: Path) -> None:
     db = tmp_path / "sched.db"
     first = periodic_engine(db)
