@@ -436,7 +436,10 @@ class RunRows:
         if type(stored) in (int, float) and math.isfinite(stored):
             if stored <= now + FIRE_AHEAD:
                 return stored  # type: ignore[no-any-return]
-            why = f"more than a day after this node's clock ({now:.0f}): written by a node whose clock ran ahead, or by hand?"
+            why = (
+                f"more than a day after this node's clock ({now:.0f}): this node's clock set back by more than a "
+                "day, or the time written by a node whose clock ran ahead, or by hand?"
+            )
         else:
             why = "which is no time (changed by hand?)"
         if self._first_time(("periodic", name)):
