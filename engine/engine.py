@@ -2035,6 +2035,7 @@ class Engine:
         fixed_rate: bool = False,
         retries: int = 0,
         timeout: float | None = None,
+        tz: str | None = None,
     ) -> F: ...
 
     @overload
@@ -2052,6 +2053,7 @@ class Engine:
         fixed_rate: bool = False,
         retries: int = 0,
         timeout: float | None = None,
+        tz: str | None = None,
     ) -> Callable[[F], F]: ...
 
     def periodic(
@@ -2068,6 +2070,7 @@ class Engine:
         fixed_rate: bool = False,
         retries: int = 0,
         timeout: float | None = None,
+        tz: str | None = None,
     ) -> F | Callable[[F], F]:
         """Register ``async def fn(ctx, **resources)`` to run on an interval or a cron expression.
 
@@ -2075,9 +2078,11 @@ class Engine:
         the start of the next (``fixed_rate=True``: from start to start, on a
         fixed grid; not with ``cron``). ``cron`` is a five-field expression
         (``"0 3 * * *"``) or a six-field one with seconds first
-        (``"*/10 * * * * *"``), read in the local time zone: a time the clocks
-        skip when DST starts runs an hour later that day (``30 2 * * *`` at
-        03:30), a time they repeat when it ends runs once. ``jitter`` is a
+        (``"*/10 * * * * *"``), read in the local time zone, or in ``tz`` (an
+        IANA name: ``"Europe/Berlin"``, ``"UTC"``; give it where nodes sharing a
+        store may run in different zones, or each fires the expression at its
+        own local times): a time the clocks skip when DST starts runs an hour
+        later that day (``30 2 * * *`` at 03:30), a time they repeat when it ends runs once. ``jitter`` is a
         fraction from 0 to 1: each tick is delayed by a random part of up to
         that fraction of the interval (for cron, of the gap to its next time).
         ``initial_delay`` holds the first tick after every start.
@@ -2104,6 +2109,7 @@ class Engine:
                 fixed_rate=fixed_rate,
                 retries=retries,
                 timeout=timeout,
+                tz=tz,
             )
             return func
 

@@ -187,6 +187,8 @@ class PeriodicInfo(BaseModel):
     trigger_kind: Literal["interval", "cron"]
     every: float | None = None
     cron: str | None = None
+    #: the zone a cron task's times are read in (an IANA name); None: the node's local zone
+    tz: str | None = None
     fixed_rate: bool = False
     enabled: bool
     reason: str | None = None  # why disabled
@@ -395,8 +397,10 @@ def _just_skipped(after: float, tz: tzinfo | None) -> timedelta:
     return jump
 
 
-def trigger_text(every: float | None, cron: str | None) -> str:
-    return f"cron {cron}" if cron is not None else f"every {every:g}s"
+def trigger_text(every: float | None, cron: str | None, tz: str | None = None) -> str:
+    if cron is None:
+        return f"every {every:g}s"
+    return f"cron {cron}" if tz is None else f"cron {cron} ({tz})"
 
 
 # ---------------------------------------------------------------- validation
@@ -412,6 +416,7 @@ def _validate(
     jitter: float,
     opt_in: str | None,
     fixed_rate: bool,
+    tz: str | None = None,
 ) -> PeriodicOptions:
     """Raise :class:`InvalidConfiguration` for a bad value (naming every one) and
     :class:`TaskDefinitionError` for a function that could not be called, before
@@ -446,6 +451,13 @@ def _validate(
                 "fixed_rate=True: a cron task fires at its expression's times, there is no rate to fix; "
                 "drop fixed_rate, or use every= with it"
             )
+    if tz is not None:
+        if cron is None:
+            problems.append(f"tz={tz!r}: a time zone is for a cron task's times; an interval counts seconds")
+        elif not isinstance(tz, str):
+            problems.append(f"tz={tz!r}: give the zone's IANA name, such as tz='Europe/Berlin' or tz='UTC'")
+        elif isinstance(zone := _cron_zone(tz), str):
+            problems.append(zone)
     if isinstance(opt_in, str) and opt_in and (problem := name_problem("opt_in", opt_in)) is not None:
         problems.append(problem)
     # every event and snapshot naming a missing resource carries these names
@@ -497,6 +509,8 @@ class _Periodic:
     name: str
     every: float | None
     cron: str | None
+    #: the zone a cron task's times are read in (its IANA name), None for the local one
+    tz: str | None
     initial_delay: float
     requires: tuple[str, ...]
     opt_in: str | None
@@ -557,7 +571,7 @@ class _Periodic:
 
     @property
     def trigger(self) -> str:
-        return trigger_text(self.every, self.cron)
+        return trigger_text(self.every, self.cron, self.tz)
 
 
 class Scheduler:
@@ -604,6 +618,7 @@ class Scheduler:
         fixed_rate: bool = False,
         retries: int = 0,
         timeout: float | None = None,
+        tz: str | None = None,
     ) -> PeriodicInfo:
         """Validate and record a periodic task; raises :class:`InvalidConfiguration` for a bad
         option and :class:`TaskDefinitionError` for a function it could not call.
@@ -626,12 +641,13 @@ class Scheduler:
                 f"such as requires=('redis',), got {requires!r}"
             )
         requires = names
-        opts = _validate(fn, task_name, every, cron, initial_delay, requires, jitter, opt_in, fixed_rate)
+        opts = _validate(fn, task_name, every, cron, initial_delay, requires, jitter, opt_in, fixed_rate, tz)
         # the validated values: "5" given for seconds is kept as 5.0, as every option is
         entry = _Periodic(
             name=task_name,
             every=opts.every,
             cron=cron,
+            tz=tz,
             initial_delay=opts.initial_delay,
             requires=requires,
             opt_in=opts.opt_in,
@@ -752,6 +768,7 @@ class Scheduler:
             trigger_kind="cron" if p.cron is not None else "interval",
             every=p.every,
             cron=p.cron,
+            tz=p.tz,
             fixed_rate=p.fixed_rate,
             enabled=p.enabled,
             reason=p.reason,
@@ -1134,7 +1151,7 @@ class Scheduler:
         try:
             # a time of the repeated hour whose first pass this task fired (here, or on a node
             # sharing the store, as the store told at the start) is not fired in its second
-            return next_cron_due(p.cron, after, fired=p.last_fire)
+            return next_cron_due(p.cron, after, p.tz, fired=p.last_fire)
         except StopIteration:
             return None
 
@@ -1322,7 +1339,7 @@ class Scheduler:
     def _slots_passed(self, p: _Periodic, slot: float, planned: float, fired_at: float, following: float) -> int:
         """The slots between ``slot`` (planned for ``planned``), fired at ``fired_at``, and ``following``."""
         if p.cron is not None:
-            return _cron_slots_between(p.cron, slot, following)
+            return _cron_slots_between(p.cron, slot, following, p.tz)
         if p.fixed_rate:
             # the grid slots between this one and the next one planned
             return max(0, round((following - slot) / p.every) - 1) if p.every else 0
@@ -1576,7 +1593,7 @@ def _grid_slot(anchor: float, every: float, ref: float) -> float:
     return anchor + every * math.ceil((ref - anchor) / every)
 
 
-def _cron_slots_between(expr: str, after: float, before: float) -> int:
+def _cron_slots_between(expr: str, after: float, before: float, tz: str | None = None) -> int:
     """How many times ``expr`` matches strictly between ``after`` and ``before``.
 
     Counted one by one up to ``_MISSED_CRON_COUNT``; past that (a process suspended for
@@ -1584,7 +1601,7 @@ def _cron_slots_between(expr: str, after: float, before: float) -> int:
     count, t = 0, after
     while count < _MISSED_CRON_COUNT:
         try:
-            t = next_cron_due(expr, t, fired=t)
+            t = next_cron_due(expr, t, tz, fired=t)
         except StopIteration:
             return count
         if t >= before:

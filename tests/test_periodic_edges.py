@@ -999,3 +999,37 @@ async def test_a_periodic_task_with_no_name_of_its_own_needs_name_and_a_callable
     async with engine:
         await eventually(lambda: poll.calls >= 2)
     assert sorted(p.name for p in engine.schedule()) == ["poll", "tick-x"]
+
+
+async def test_a_cron_task_given_a_zone_fires_at_that_zones_times_whatever_the_nodes_zone(new_york: None) -> None:
+    # nodes sharing a store in different zones (a container on UTC beside a host on local
+    # time) each fired "0 8 * * *" at its own 08:00: twice a day. A zone given keeps them to one
+    frozen = datetime(2027, 1, 15, 0, 0, tzinfo=timezone.utc).timestamp()
+    engine = Engine(health_interval=None, clock=lambda: frozen)
+
+    @engine.periodic(cron="0 8 * * *", tz="Asia/Kolkata")
+    async def nightly(ctx: TaskContext) -> None: ...
+
+    @engine.periodic(cron="0 8 * * *")
+    async def local(ctx: TaskContext) -> None: ...
+
+    async with engine:
+        ist, here = info(engine, "nightly"), info(engine, "local")
+    assert (ist.tz, ist.trigger) == ("Asia/Kolkata", "cron 0 8 * * * (Asia/Kolkata)")
+    assert ist.next_due == datetime(2027, 1, 15, 2, 30, tzinfo=timezone.utc).timestamp()  # 08:00 in Kolkata
+    assert (here.tz, here.next_due) == (None, datetime(2027, 1, 15, 13, 0, tzinfo=timezone.utc).timestamp())
+
+
+def test_a_zone_that_is_none_or_for_no_cron_task_is_refused_and_registers_nothing() -> None:
+    engine = make_engine()
+
+    async def f(ctx: TaskContext) -> None: ...
+
+    for options, problem in [
+        ({"cron": "0 8 * * *", "tz": "Mars/Olympus"}, "tz='Mars/Olympus': no time zone has that name"),
+        ({"cron": "0 8 * * *", "tz": timezone.utc}, "give the zone's IANA name"),
+        ({"every": 60, "tz": "UTC"}, "a time zone is for a cron task's times"),
+    ]:
+        with pytest.raises(InvalidConfiguration, match=problem):
+            engine.periodic(f, **options)
+    assert engine.schedule() == []
