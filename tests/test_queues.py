@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from taskwatch.engine import (
     InvalidConfiguration,
     InvalidJob,
     QueueFull,
+    QueueInfo,
     StoppedBeforeDone,
     TaskContext,
     TaskDefinitionError,
@@ -76,8 +78,22 @@ async def test_concurrency_limits_jobs_in_flight() -> None:
         assert queue.info().processed == 7
 
 
-async def test_a_failing_job_is_recorded_with_its_traceback_and_the_consumer_survives() -> None:
+async def _four_jobs(handler: Callable[[dict], Awaitable[None]]) -> tuple[QueueInfo, list[Any]]:
+    """Jobs {"n": 1} to {"n": 4} through ``handler`` on one consumer: the queue's figures once
+    it is idle, and its queue.job_failed events."""
     engine = make_engine()
+    queue = engine.queue("fragile", handler, concurrency=1)
+    rec = Recorder(engine, ("queue.job_failed",))
+    async with engine:
+        for n in range(1, 5):
+            queue.put_nowait({"n": n})
+        await asyncio.wait_for(queue.join(), 10)
+        info = queue.info()
+    assert not stray_tasks()
+    return info, rec.of("queue.job_failed")
+
+
+async def test_a_failing_job_is_recorded_with_its_traceback_and_the_consumer_survives() -> None:
     done: list[int] = []
 
     async def handler(job: dict) -> None:
@@ -85,20 +101,12 @@ async def test_a_failing_job_is_recorded_with_its_traceback_and_the_consumer_sur
             raise ValueError("bad job 2")
         done.append(job["n"])
 
-    queue = engine.queue("fragile", handler, concurrency=1)
-    rec = Recorder(engine, ("queue.job_failed",))
-    async with engine:
-        for n in range(1, 5):
-            queue.put_nowait({"n": n})
-        await asyncio.wait_for(queue.join(), 1.0)
-        assert done == [1, 3, 4]
-        info = queue.info()
-        assert info.processed == 3 and info.failed == 1
-        [event] = rec.of("queue.job_failed")
-        assert event.queue == "fragile" and event.job == {"n": 2}
-        assert event.error.type == "ValueError" and event.error.message == "bad job 2"
-        assert "Traceback" in event.error.traceback and "bad job 2" in event.error.traceback
-    assert not stray_tasks()
+    info, [event] = await _four_jobs(handler)
+    assert done == [1, 3, 4]
+    assert info.processed == 3 and info.failed == 1
+    assert event.queue == "fragile" and event.job == {"n": 2}
+    assert event.error.type == "ValueError" and event.error.message == "bad job 2"
+    assert "Traceback" in event.error.traceback and "bad job 2" in event.error.traceback
 
 
 class _Unprintable:
@@ -114,7 +122,6 @@ async def test_a_failure_that_cannot_be_written_as_it_is_still_fails_its_job_alo
         pass
 
     BadError.__qualname__ = "Bad\udce9Error"
-    engine = make_engine()
     done: list[int] = []
 
     async def handler(job: dict) -> None:
@@ -125,19 +132,11 @@ async def test_a_failure_that_cannot_be_written_as_it_is_still_fails_its_job_alo
             raise ValueError("bad job 2")
         done.append(job["n"])
 
-    queue = engine.queue("fragile", handler, concurrency=1)
-    rec = Recorder(engine, ("queue.job_failed",))
-    async with engine:
-        for n in range(1, 5):
-            queue.put_nowait({"n": n})
-        await asyncio.wait_for(queue.join(), 10)
-        assert done == [3, 4]
-        info = queue.info()
-        assert (info.processed, info.failed, info.consumers_replaced) == (2, 2, 0)
-        first, second = rec.of("queue.job_failed")
-        assert (first.job, first.error.type) == ({"n": 1}, "Bad\\udce9Error")
-        assert (second.job, second.error.type) == ("<unprintable dict>", "ValueError")
-    assert not stray_tasks()
+    info, [first, second] = await _four_jobs(handler)
+    assert done == [3, 4]
+    assert (info.processed, info.failed, info.consumers_replaced) == (2, 2, 0)
+    assert (first.job, first.error.type) == ({"n": 1}, "Bad\\udce9Error")
+    assert (second.job, second.error.type) == ("<unprintable dict>", "ValueError")
 
 
 async def test_a_full_queue_raises_queue_full_and_counts_it() -> None:
