@@ -109,9 +109,10 @@ class ClusterObserver:
         self.refresh_interval = refresh_interval
         self.runs_interval = runs_interval
         self._node_rows: list[NodeInfo] = []
-        #: incarnation -> (its last heartbeat as read, the step between the last two read): how
-        #: often each node heartbeats, as far as the reads of the nodes table show
-        self._beats: dict[str, tuple[float, float | None]] = {}
+        #: incarnation -> its last heartbeat as read, the step between the last two read (how
+        #: often it heartbeats, as far as the reads of the nodes table show), and when that
+        #: heartbeat was first read (this watcher's clock: nodes' clocks may be apart from it)
+        self._beats: dict[str, tuple[float, float | None, float]] = {}
         self._leader: LeaseState | None = None
         #: the term read held last, and when it was first read so (the database's clock): a node
         #: whose newest process registered after that holds it only through an older process
@@ -310,23 +311,28 @@ class ClusterObserver:
 
     def _note_beats(self) -> None:
         """Note how far each node's heartbeat moved since the last read of the nodes table."""
-        beats: dict[str, tuple[float, float | None]] = {}
+        beats: dict[str, tuple[float, float | None, float]] = {}
         for info in self._node_rows:
-            last, step = self._beats.get(info.incarnation, (info.last_heartbeat, None))
+            last, step, seen_at = self._beats.get(info.incarnation, (info.last_heartbeat, None, self._now))
             if info.last_heartbeat > last:
-                step = info.last_heartbeat - last
-            beats[info.incarnation] = (info.last_heartbeat, step)
+                # a difference of the node's own times: whatever its clock is apart from this one's
+                step, seen_at = info.last_heartbeat - last, self._now
+            beats[info.incarnation] = (info.last_heartbeat, step, seen_at)
         self._beats = beats
 
     def _quiet(self, info: NodeInfo) -> bool:
-        """Whether ``info``'s heartbeat stopped, judged by how often it heartbeats (or, for one
-        never seen to, how often the others do): unknown well before this watcher's node TTL,
-        which may be far longer than the nodes' own. Its events tell the same sooner, but only
-        for a node heard from since this watcher started, not one killed before."""
-        steps = [step for _, step in self._beats.values() if step is not None]
-        step = self._beats.get(info.incarnation, (0.0, None))[1]
-        every = step if step is not None else max(steps, default=None)
-        return every is not None and self._now - info.last_heartbeat > SILENT_SAMPLES * every + SILENT_SLACK
+        """Whether ``info``'s heartbeat stopped: not moved, as this watcher read it, for three of
+        its steps (or, for one never seen to move, of the others') and a second. Unknown well
+        before this watcher's node TTL, which may be far longer than the nodes' own; its events
+        tell the same sooner, but only for a node heard from since this watcher started, not
+        for one killed before."""
+        beat = self._beats.get(info.incarnation)
+        if beat is None:
+            return False
+        step = beat[1]
+        if step is None:
+            step = max((b[1] for b in self._beats.values() if b[1] is not None), default=None)
+        return step is not None and self._now - beat[2] > SILENT_SAMPLES * step + SILENT_SLACK
 
     def _held_before(self, leader: LeaseState, info: NodeInfo) -> bool:
         """Whether ``leader``'s term was held before ``info``'s process registered: then an
@@ -434,8 +440,8 @@ class ClusterObserver:
             # a failed read, not a cancel (the observer stopping): only that proves an outage
             self._read_failed = True
             raise
-        self._note_beats()
         self._now = self.store.clock()
+        self._note_beats()
         if self._read_failed:
             self._read_failed = False
             self._answering_since = self._now
