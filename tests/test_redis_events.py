@@ -70,10 +70,11 @@ async def test_three_engines_see_each_others_events_with_their_node_ids(redis_se
         # the run events say which node ran what
         succeeded = [e for e in cluster.bus.recent() if e.kind == "run.succeeded"]  # type: ignore[attr-defined]
         assert sorted((e.node, e.result) for e in succeeded) == [("a", "a"), ("b", "b"), ("c", "c")]
-        # the per-node summary: one leader, health figures for each
+        # the per-node summary: one leader, health figures for each (a node whose health samples,
+        # 0.1 s apart, a loaded machine held up for a second shows unknown, with no role, meanwhile)
         summary = {n.node: n for n in cluster.nodes()}
         assert set(summary) == {"a", "b", "c"}
-        assert [n for n, info in summary.items() if info.is_leader] == ["a"]
+        await eventually(lambda: [n.node for n in cluster.nodes() if n.is_leader] == ["a"], timeout=10.0)
         assert all(info.rss_bytes and info.rss_bytes > 0 and info.running is not None for info in summary.values())
         stats = cluster.stats()
         assert stats.connected and stats.missed == 0 and stats.unsent == 0 and stats.malformed == 0
