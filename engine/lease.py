@@ -625,12 +625,16 @@ class LeaderElector:
             return
         self._unanswered_acquire = False
         lease = self.lease
-        left = deadline - asyncio.get_running_loop().time()
-        timeout = min(left, lease.renew_interval) if left > 0 else lease.renew_interval
-        seen = await self._call(lease.holder(), timeout, "holder lookup")
-        if seen is None or seen.holder != self.node_id or seen.expires_at <= lease.now():
+        loop = asyncio.get_running_loop()
+        # within the stop's deadline, lookup and release together: unlike a leader's release,
+        # this one is only a chance (most such acquires took nothing), not worth a longer stop
+        ends = min(deadline, loop.time() + lease.renew_interval)
+        if ends <= loop.time():
             return
-        if await self._call(lease.release(self.node_id, seen.term), timeout, "release"):
+        seen = await self._call(lease.holder(), ends - loop.time(), "holder lookup")
+        if seen is None or seen.holder != self.node_id or seen.expires_at <= lease.now() or ends <= loop.time():
+            return
+        if await self._call(lease.release(self.node_id, seen.term), ends - loop.time(), "release"):
             self._engine.bus.emit(
                 LeaseReleased, holder=None, term=seen.term, expires_at=None,
                 previous_holder=self.node_id, previous_term=seen.term,

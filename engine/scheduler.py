@@ -527,6 +527,9 @@ class _Periodic:
     #: no tick yet since the loop was started: a slot it missed was missed while the engine
     #: was stopped (or the task disabled), which is no news
     fresh: bool = True
+    #: the first slot after a start, when it came due within the start's warm-up: fired at the
+    #: warm-up's end, it is not late, and the slots the warm-up let pass are not missed
+    warming: float | None = None
     #: not due before this (``initial_delay`` after a start), whatever the slot says
     hold_until: float = 0.0
     #: the slot the loop was waiting for when the task was disabled: enabled again, it
@@ -1076,14 +1079,10 @@ class Scheduler:
         """The first slot after a start (or the task's registration on a running engine)."""
         slot = self._slot_after_last(p)
         started = p.hold_until - p.initial_delay
-        if slot is not None and p.last_fire is not None and started <= slot < p.hold_until:
-            # it comes due within the warm-up, not while nothing ran: taken up as a fresh start
-            # takes its schedule up, at the warm-up's end (a cron or fixed-rate task at its first
-            # slot from then), with nothing missed. A deploy's quick restart is no missed slot
-            if p.cron is not None:
-                return self._cron_after(p, p.hold_until - 1e-6)
-            assert p.every is not None
-            return _grid_slot(slot, p.every, p.hold_until) if p.fixed_rate else p.hold_until
+        # one that comes due within the warm-up, not while nothing ran (a deploy's quick
+        # restart), fires at the warm-up's end as a fresh start's first slot does: not late,
+        # and the slots the warm-up let pass are not missed (see _count_missed)
+        p.warming = slot if slot is not None and p.last_fire is not None and started <= slot < p.hold_until else None
         return slot
 
     def _slot_after_last(self, p: _Periodic) -> float | None:
@@ -1268,7 +1267,8 @@ class Scheduler:
         """Count the slots the tick just made (late) for ``slot`` let pass, and no node fired."""
         missed = self._slots_passed(p, slot, planned, fired_at, following)
         fresh, p.fresh = p.fresh, False
-        if missed <= 0:
+        warming, p.warming = p.warming, None
+        if missed <= 0 or warming == slot:
             return
         # on a store nodes share, this loop being held up is no missed slot if another node fired
         # meanwhile: the store tells the last slot any node fired (the ones before it are not

@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import sys
 import time
+from datetime import datetime, timezone
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,29 @@ async def test_a_quick_restart_counts_no_slot_of_its_warm_up_missed(tmp_path: Pa
         [info] = second.schedule()
     assert done.created_at >= warm_until - 0.05
     assert info.missed == 0
+
+
+@pytest.mark.parametrize(
+    "schedule", [{"cron": "0 3 * * *"}, {"every": 3600.0, "fixed_rate": True}], ids=["daily cron", "hourly grid"]
+)
+async def test_a_restart_just_before_a_slot_fires_it_at_the_warm_ups_end(tmp_path: Path, schedule: dict[str, Any]) -> None:
+    # restarted ten seconds before its slot, with a 30 s warm-up: the slot fires once the
+    # warm-up is over, as it did before a deploy, never skipped to the day (or hour) after
+    from taskwatch.engine.store import SqliteStore
+
+    db = tmp_path / "sched.db"
+    slot = datetime(2024, 5, 10, 3, 0, tzinfo=timezone.utc).timestamp()
+    async with SqliteStore(db) as store:
+        await store.set_periodic("tick", slot - (86_400 if "cron" in schedule else 3600))
+    now = slot - 10
+    engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None, clock=lambda: now)
+
+    @engine.periodic(initial_delay=30.0, tz="UTC" if "cron" in schedule else None, **schedule)
+    async def tick(ctx: TaskContext) -> None: ...
+
+    async with engine:
+        [info] = engine.schedule()
+    assert info.next_due == slot + 20  # the warm-up's end
 
 
 async def test_slots_missed_while_stopped_fire_once(tmp_path: Path) -> None:

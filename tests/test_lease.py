@@ -45,9 +45,11 @@ class FlakyLease(InProcessLease):
         self.failing: dict[str, str] = {}
         #: calls made while failing (by any node)
         self.failed_calls = 0
+        #: no call answers, whoever makes it, lookups too (a store that stalled: a SIGSTOPped Redis)
+        self.frozen = False
 
     async def _refused(self, node_id: str) -> bool:
-        mode = self.failing.get(node_id)
+        mode = "hang" if self.frozen else self.failing.get(node_id)
         if mode is not None:
             self.failed_calls += 1
         if mode == "raise":
@@ -64,6 +66,11 @@ class FlakyLease(InProcessLease):
 
     async def release(self, node_id: str, term: int) -> bool:
         return False if await self._refused(node_id) else await super().release(node_id, term)
+
+    async def holder(self) -> LeaseState | None:
+        if self.frozen:
+            await asyncio.Event().wait()
+        return await super().holder()
 
 
 class LeaderWatch:
@@ -626,6 +633,24 @@ async def test_stop_while_the_lease_store_hangs_still_returns() -> None:
     # the store never answered, so the node cannot claim it released the lease
     assert rec.of("lease.released") == []
     assert len(rec.of("lease.lost")) == 1
+
+
+async def test_a_follower_stopped_while_its_acquire_hangs_still_stops_within_its_deadline() -> None:
+    # its acquire is let answer within the stop's deadline; one that never does may have taken
+    # the lease, but a look for that (and a release) gets only what is left of the deadline:
+    # before, each got a renew interval of its own past it (4 s each here)
+    lease = FlakyLease(ttl=12.0, renew_interval=4.0)
+    (a, b), _, _ = leader_engines(lease, "a", "b")
+    await a.start()
+    await b.start()
+    try:
+        assert a.leadership().is_leader and not b.leadership().is_leader
+        lease.frozen = True
+        await eventually(lambda: lease.failed_calls >= 2, timeout=10)  # a's renew, b's acquire: no answer
+        await asyncio.wait_for(b.stop(0.5), timeout=3.5)
+    finally:
+        await stop_all(a, b)
+    assert not stray_tasks()
 
 
 async def test_leadership_regained_during_a_workers_cleanup_starts_it_once_cleanup_ends() -> None:
