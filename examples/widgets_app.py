@@ -42,6 +42,8 @@ class Jobs(App[None]):
         self.set_interval(1 / 4, self.redraw)
 
     def redraw(self) -> None:
+        if not self.is_running:
+            return  # the app is closing: its widgets may be gone before this timer is
         stats = engine.stats()
         self.query_one(CountsBar).update(stats.by_status, self.events.dropped, paused=False)
         self.query_one(RunsTable).update_runs(engine.runs(limit=200), now=time.time())
