@@ -661,10 +661,12 @@ class BackgroundEngine:
         timeout = _thread_timeout(self.call_timeout if timeout_ is _UNSET else timeout_)
         try:
             concurrent.futures.wait((fut,), timeout)
-        except BaseException:
+        except BaseException as exc:
             # interrupted (Ctrl-C, a notebook's interrupt): the call is given up, so is its
             # coroutine on the engine's loop, which would otherwise go on as long as its run
-            call.give_up()
+            if not call.give_up() and changes_:
+                # it had started: what it did stands, which the bare interrupt would not say
+                exc.add_note(f"{method}() had started on the engine when interrupted, {self._may_stand(method)}")
             raise
         if timeout is not None and not fut.done():  # (without a timeout the wait ended with the call)
             if call.give_up():
@@ -682,13 +684,18 @@ class BackgroundEngine:
         except Escaped as escaped:
             raise escaped.exc from None
 
-    @staticmethod
-    def _started_too_long(method: str, timeout: float, changes: bool) -> str:
+    @classmethod
+    def _started_too_long(cls, method: str, timeout: float, changes: bool) -> str:
         said = f"{method}() started on the engine but did not answer within {timeout:g} s"
         if not changes:
             return said + " (its loop is busy or blocked)"
-        # a store write under way when the cancel comes still lands (see Engine._insert)
-        said += ", so it may have been applied (if still under way it is cancelled, but what it did stands)"
+        return f"{said}, {cls._may_stand(method)}"
+
+    @staticmethod
+    def _may_stand(method: str) -> str:
+        """What a call given up after it started leaves: a store write under way when the cancel
+        comes still lands (see Engine._insert)."""
+        said = "so it may have been applied (if still under way it is cancelled, but what it did stands)"
         if method == "submit":
             said += "; pass key= to submit() so that a retry returns the run it may have queued, not another"
         return said
@@ -1092,6 +1099,18 @@ class BackgroundEngine:
         ``host`` is where it listens; keep it loopback unless others must reach
         it (any other host warns: the URL is then the only key, over plain HTTP).
         """
+        problems = []
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            # a port past 65535 would be taken modulo 65536 by the resolver: another port, silently
+            problems.append(f"port={port!r}: a TCP port, from 0 (a free one) to 65535")
+        if not isinstance(host, str) or not host:
+            problems.append(f"host={host!r}: an address to listen on, such as '127.0.0.1'")
+        if isinstance(ready_timeout, bool) or not isinstance(ready_timeout, (int, float)) or not (
+            math.isfinite(ready_timeout) and ready_timeout > 0
+        ):
+            problems.append(f"ready_timeout={ready_timeout!r}: the seconds the web server has to start, above 0")
+        if problems:
+            raise InvalidConfiguration("BackgroundEngine.dashboard()", problems)
         if self._on_loop_thread():
             raise LoopThreadError("dashboard", _DASHBOARD_ON_LOOP)
         with self._lock:
@@ -1721,10 +1740,9 @@ def _wait_for_url(
             tail = log_file.read()[-2000:].decode(errors="replace")
             if "address already in use" in tail.lower():
                 raise OSError(errno.EADDRINUSE, f"{host}:{port} is already in use")  # dashboard() says by what
-            raise RuntimeError(
-                f"the dashboard web server exited with code {proc.returncode} "
-                f"(is textual-serve installed? pip install 'taskwatch[web]'):\n{tail}"
-            )
+            missing = "textual_serve" in tail and "ModuleNotFoundError" in tail
+            hint = " (textual-serve is not installed: pip install 'taskwatch[web]')" if missing else ""
+            raise RuntimeError(f"the dashboard web server exited with code {proc.returncode}{hint}:\n{tail}")
         time.sleep(0.05)  # a subprocess starting up: nothing to wait on but its output
     proc.terminate()
     raise TimeoutError(f"the dashboard web server did not listen on {host}:{port} within {timeout:g} s")

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -796,3 +797,41 @@ def test_a_start_that_times_out_names_the_store_it_waited_for_and_the_option() -
         wait_until(lambda: taskwatch_threads() <= before, timeout=30)  # what it started, stopped
     finally:
         listener.close()
+
+
+def test_an_interrupted_call_that_had_started_says_what_it_did_may_stand() -> None:
+    # a notebook's Interrupt on a bg.submit() waiting on a locked file gave a bare
+    # KeyboardInterrupt, and the run it had queued ran; the cell run again ran it twice
+    engine = build_engine()
+    bg = engine.start_background()
+    started = threading.Event()
+
+    async def charge(engine: Engine) -> None:
+        started.set()
+        await asyncio.Event().wait()  # its write waits on the store
+
+    interrupter = interrupt_main_thread_once(started.is_set)
+    try:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            bg.call(charge)
+    finally:
+        interrupter.join()
+        bg.stop(timeout=5)
+    notes = getattr(caught.value, "__notes__", [])
+    assert any("call() had started on the engine when interrupted, so it may have been applied" in n for n in notes)
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [({"port": 70000}, "port=70000"), ({"port": -1}, "port=-1"), ({"ready_timeout": float("nan")}, "ready_timeout=nan"),
+     ({"ready_timeout": -5}, "ready_timeout=-5"), ({"host": ""}, "host=''")],
+)  # fmt: skip
+def test_bad_dashboard_options_are_refused_before_any_server_starts(options: dict[str, Any], named: str) -> None:
+    # port=70000 served on 4464 (the resolver takes it modulo 65536); port=-1 blamed textual-serve
+    bg = build_engine().start_background()
+    try:
+        with pytest.raises(InvalidConfiguration, match=re.escape(named)):
+            bg.dashboard(**options)
+        assert not children(os.getpid())
+    finally:
+        bg.stop(timeout=5)
