@@ -510,7 +510,8 @@ class BackgroundEngine:
             # a cancel from a launch that gave up just as the start completed lands here too:
             # the engine never outlives its loop
             with self._lock:
-                # from here the engine's own deadline holds: a later, shorter stop() cannot cut it
+                # from here the engine's own deadline holds: a later, shorter stop() hurries it
+                # (engine.hurry_stop), as _request_stop does
                 drain = self._drain_begun = self._drain_timeout
                 note = self._drain_note
             await self._stop_engine(drain, note)
@@ -1270,11 +1271,19 @@ class BackgroundEngine:
             if self._drain_begun is None and (first or drain < self._drain_timeout):
                 self._drain_timeout = drain
                 self._drain_note = note
+            # and one begun already ends sooner if asked: a kernel's exit after an interrupted
+            # bg.stop(60) has the second or so Jupyter gives it, and cut there by its SIGTERM the
+            # stop would hand no run back
+            hurry = self._drain_begun is not None and drain < self._drain_begun
+            if hurry:
+                self._drain_begun = drain
             loop, requested = self._loop, self._stop_requested
         # the loop first: ending a dashboard waits for its process, which an interrupt can cut short
         if loop is not None and requested is not None:
             try:
                 loop.call_soon_threadsafe(requested.set)
+                if hurry:
+                    loop.call_soon_threadsafe(self.engine.hurry_stop, drain)
             except RuntimeError:
                 pass  # the loop already closed
         # none may outlive the engine it shows

@@ -457,6 +457,11 @@ class Engine:
         self._wakeups = StoreWakeups(self._store, self._executor, self._run.caught_up)
         self._state = "new"
         self._shutdown: asyncio.Task[None] | None = None
+        #: the stop's drain: when it ends (loop time), and what a shorter stop asked sets, once
+        #: that time has come, to end the waits for the runs and queues there (see hurry_stop)
+        self._stop_deadline: float | None = None
+        self._drain_cut: asyncio.Future[None] | None = None
+        self._cut_timer: asyncio.TimerHandle | None = None
         #: a durable store's stop on a node alone on its store: no run pending here starts again
         #: before the next start, so a wait on one is answered at once (see :meth:`_keep_pending`)
         self._pending_kept = False
@@ -969,10 +974,54 @@ class Engine:
         if self._shutdown is None:
             self._state = "stopping"
             self._draining = True
+            # set now, not at the shutdown's first step: a hurry_stop() in between must find them
+            loop = asyncio.get_running_loop()
+            self._stop_deadline = loop.time() + max(0.0, timeout)
+            self._drain_cut = loop.create_future()
             self._shutdown = spawn(
                 self._stop(timeout, drain_advice), name="taskwatch-shutdown"
             )
         await asyncio.shield(self._shutdown)
+
+    def hurry_stop(self, timeout: float) -> None:
+        """End the drain of the stop under way within ``timeout`` seconds from now, if that is
+        sooner than its own timeout (a second ``stop()`` only waits for the one under way).
+
+        For a stop that must end sooner than it was asked to (a Jupyter kernel's shutdown after
+        an interrupted ``bg.stop(60)``): the waits for the runs and queues to finish end then,
+        and what is left is cut short as at the end of any drain (put back to pending on a
+        durable store, ended cancelled with the memory store). Call it on the engine's loop;
+        it does nothing when no stop is under way, and raises :class:`InvalidConfiguration`
+        for a ``timeout`` that is no finite number of seconds >= 0.
+        """
+        timeout = check_options(StopOptions, "Engine.hurry_stop()", timeout=timeout).timeout
+        loop, ends = self._loop, self._stop_deadline
+        if loop is None or ends is None or self._drain_cut is None or self._drain_cut.done():
+            return
+        sooner = loop.time() + timeout
+        if sooner >= ends:
+            return
+        self._stop_deadline = sooner
+        if self._cut_timer is not None:
+            self._cut_timer.cancel()
+        self._cut_timer = loop.call_at(sooner, self._cut_drain)
+
+    def _cut_drain(self) -> None:
+        self._cut_timer = None
+        if self._drain_cut is not None and not self._drain_cut.done():
+            self._drain_cut.set_result(None)
+
+    async def _until_drain_cut(self, drain: Coroutine[Any, Any, None], name: str) -> None:
+        """Await ``drain`` (a wait for work to finish), ended early by :meth:`hurry_stop`."""
+        cut = self._drain_cut
+        task = spawn(drain, name=name)
+        try:
+            await asyncio.wait([task] if cut is None else [task, cut], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                await cancel_and_wait(task)
+        if not task.cancelled():
+            task.result()
 
     def _require_own_loop_to_stop(self) -> None:
         """Refuse a stop awaited on another loop than the engine's, while that one runs it.
@@ -998,7 +1047,8 @@ class Engine:
 
     async def _stop(self, timeout: float, drain_advice: str | None = None) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, timeout)
+        assert self._stop_deadline is not None  # (set by stop(), which made this task)
+        deadline = self._stop_deadline
         # a stopping node cannot start leader-only work: were it to take the lease, no node
         # would do that work until its stop ended
         self._leader.stop_competing()
@@ -1062,7 +1112,8 @@ class Engine:
                 await self._keep_pending(deadline)
             # the queues and the runs drain together: a handler may put into another queue or
             # submit a run, a run may put into a queue, so none is done while another still works
-            await self._drain(deadline)
+            await self._until_drain_cut(self._drain(deadline), "taskwatch-stop-drain")
+            deadline = min(deadline, self._stop_deadline)  # (a stop that hurried this one)
             for queue in list(self._queues.values()):
                 await queue.stop(deadline)
             if self._durable:
@@ -1073,12 +1124,8 @@ class Engine:
             # undone is recovery's to do
             give_up = time.monotonic() + max(0.0, deadline - loop.time()) + 3 * self.cancel_grace + _STOP_WRITE_GRACE
             self._store.give_up_after(give_up)
-            # (what the runs still do when there is no queue, or past the deadline); a run's end may
-            # bring on another (a trigger's key due again fires a turn after its run's end event)
-            while await self._run.wait_idle(deadline - loop.time()):
-                await asyncio.sleep(0)  # a bare yield: what the last end scheduled is taken up
-                if not self._run.local_work():
-                    break
+            # (what the runs still do when there is no queue, or past the deadline)
+            await self._until_drain_cut(self._drain_runs(deadline), "taskwatch-stop-runs")
             self._draining = False  # from now on their own work is refused as any caller's
             self._executor.stop_claiming()
             cancelled_pending = 0
@@ -1126,9 +1173,22 @@ class Engine:
                 self.bus.close()
                 self._state = "stopped"
                 self._shutdown = None
+                self._stop_deadline = self._drain_cut = None
+                if self._cut_timer is not None:
+                    self._cut_timer.cancel()
+                    self._cut_timer = None
                 self._run.stopped_before_done()
                 for trigger in self._triggers.values():
                     trigger.engine_stopped()
+
+    async def _drain_runs(self, deadline: float) -> None:
+        """Until ``deadline`` (loop time), wait for this node's runs to finish; a run's end may bring
+        on another (a trigger's key due again fires a turn after its run's end event)."""
+        loop = asyncio.get_running_loop()
+        while await self._run.wait_idle(deadline - loop.time()):
+            await asyncio.sleep(0)  # a bare yield: what the last end scheduled is taken up
+            if not self._run.local_work():
+                break
 
     async def _keep_pending(self, deadline: float) -> None:
         """A durable store's stop, which claims no more runs: when no other node is alive on the

@@ -835,3 +835,25 @@ def test_bad_dashboard_options_are_refused_before_any_server_starts(options: dic
         assert not children(os.getpid())
     finally:
         bg.stop(timeout=5)
+
+
+def test_a_shorter_stop_after_an_interrupted_one_hurries_the_drain_begun(tmp_path: Path) -> None:
+    # Interrupt on bg.stop(60), then the kernel's restart (or bg.stop(0)): the drain begun went
+    # on for its 60 s, Jupyter SIGTERMed the kernel, and the runs stayed running in the file
+    engine = build_engine(store=f"sqlite:///{tmp_path / 'runs.db'}", cancel_grace=0.2)
+    bg = engine.start_background()
+    handle = bg.submit("forever")
+    wait_until(lambda: handle.status is RunStatus.RUNNING)
+    interrupter = interrupt_main_thread_once(lambda: engine.state == "stopping")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bg.stop(timeout=60)
+    finally:
+        interrupter.join()
+    started = time.monotonic()
+    bg.stop(timeout=0)
+    assert time.monotonic() - started < 20  # not what is left of the 60 s drain
+    assert engine.state == "stopped"
+    # handed back for the next start, not left running for recovery
+    with sqlite3.connect(tmp_path / "runs.db") as db:
+        assert db.execute("SELECT status FROM runs WHERE id = ?", (handle.id,)).fetchone() == ("pending",)

@@ -18,6 +18,7 @@ from taskwatch.engine import (
     DuplicateTask,
     Engine,
     EngineNotRunning,
+    InvalidConfiguration,
     InvalidParams,
     QueueFull,
     RunHandle,
@@ -1180,3 +1181,26 @@ async def test_a_record_names_the_node_running_it_or_that_ran_it_and_none_while_
         gate.set()
         assert (await waiting.wait(5)).node == "api-1"
         assert (await engine.fetch_run(busy.id)).node == "api-1"
+
+
+async def test_hurry_stop_ends_a_long_drain_sooner_and_cuts_what_is_left() -> None:
+    engine = Engine(health_interval=None, cancel_grace=0.2)
+
+    @engine.task
+    async def forever(ctx: TaskContext) -> None:
+        await asyncio.Event().wait()
+
+    engine.hurry_stop(0)  # no stop under way: nothing to hurry
+    async with engine:
+        handle = await engine.submit("forever")
+        await eventually(lambda: handle.status is RunStatus.RUNNING)
+        stopping = asyncio.create_task(engine.stop(timeout=60))
+        await eventually(lambda: engine.state == "stopping")
+        with pytest.raises(InvalidConfiguration, match="timeout=-1"):
+            engine.hurry_stop(-1)
+        engine.hurry_stop(120)  # later than the drain's own end: changes nothing
+        engine.hurry_stop(0)
+        await asyncio.wait_for(stopping, 10)  # not the 60 s asked first
+    record = handle.record()
+    assert (record.status, record.cancel_reason) == (RunStatus.CANCELLED, "shutdown")
+    assert not stray_tasks()
