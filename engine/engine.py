@@ -983,6 +983,7 @@ class Engine:
             )
         await asyncio.shield(self._shutdown)
 
+    @_on_loop
     def hurry_stop(self, timeout: float) -> None:
         """End the drain of the stop under way within ``timeout`` seconds from now, if that is
         sooner than its own timeout (a second ``stop()`` only waits for the one under way).
@@ -990,9 +991,9 @@ class Engine:
         For a stop that must end sooner than it was asked to (a Jupyter kernel's shutdown after
         an interrupted ``bg.stop(60)``): the waits for the runs and queues to finish end then,
         and what is left is cut short as at the end of any drain (put back to pending on a
-        durable store, ended cancelled with the memory store). Call it on the engine's loop;
-        it does nothing when no stop is under way, and raises :class:`InvalidConfiguration`
-        for a ``timeout`` that is no finite number of seconds >= 0.
+        durable store, ended cancelled with the memory store). From another thread it is made
+        on the engine's loop. It does nothing when no stop is under way, and raises
+        :class:`InvalidConfiguration` for a ``timeout`` that is no finite number of seconds >= 0.
         """
         timeout = check_options(StopOptions, "Engine.hurry_stop()", timeout=timeout).timeout
         loop, ends = self._loop, self._stop_deadline

@@ -34,7 +34,7 @@ from taskwatch.engine import (
     UnknownTask,
 )
 
-from .helpers import Gauge, Recorder, eventually, stray_tasks
+from .helpers import Gauge, Recorder, eventually, stray_tasks, wait_until
 
 
 class EmbedParams(BaseModel):
@@ -1204,3 +1204,25 @@ async def test_hurry_stop_ends_a_long_drain_sooner_and_cuts_what_is_left() -> No
     record = handle.record()
     assert (record.status, record.cancel_reason) == (RunStatus.CANCELLED, "shutdown")
     assert not stray_tasks()
+
+
+def test_hurry_stop_from_another_thread_is_made_on_the_engines_loop() -> None:
+    engine = Engine(health_interval=None, cancel_grace=0.2)
+
+    @engine.task
+    async def forever(ctx: TaskContext) -> None:
+        await asyncio.Event().wait()
+
+    bg = engine.start_background()
+    handle = bg.submit("forever")
+    stopping = threading.Thread(target=bg.stop, kwargs={"timeout": 60})
+    try:
+        wait_until(lambda: handle.status is RunStatus.RUNNING)
+        stopping.start()
+        wait_until(lambda: engine.state == "stopping")
+        engine.hurry_stop(0)  # this thread is not the engine's loop's
+        stopping.join(10)
+        assert not stopping.is_alive() and engine.state == "stopped"
+    finally:
+        bg.stop(timeout=0)
+    assert handle.record().cancel_reason == "shutdown"
