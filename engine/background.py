@@ -35,6 +35,7 @@ import inspect
 import ipaddress
 import logging
 import math
+import operator
 import os
 import re
 import secrets
@@ -1101,6 +1102,10 @@ class BackgroundEngine:
         it (any other host warns: the URL is then the only key, over plain HTTP).
         """
         problems = []
+        if isinstance(port, str) and port.strip().isdigit():
+            port = int(port)  # from the environment, say
+        elif not isinstance(port, bool | int) and hasattr(port, "__index__"):
+            port = operator.index(port)  # a numpy integer
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             # a port past 65535 would be taken modulo 65536 by the resolver: another port, silently
             problems.append(f"port={port!r}: a TCP port, from 0 (a free one) to 65535")
@@ -1243,8 +1248,9 @@ class BackgroundEngine:
         run's ``asyncio.to_thread``), whose ends the loop's end waits for (:meth:`astop`
         from code on another event loop). A stop cut short (Ctrl-C) goes on in
         the background: :attr:`state` says ``stopping`` until it is done, and
-        ``stop()`` again waits for it. A later call's shorter ``timeout`` counts
-        only if the engine had not begun stopping yet (its loop was busy).
+        ``stop()`` again waits for it. A later call's shorter ``timeout`` shortens the
+        drain (hurries it, see ``Engine.hurry_stop``, once the engine has begun stopping);
+        ``stop()`` without one only waits.
         """
         if self._on_loop_thread():
             raise LoopThreadError("stop", _STOP_ON_LOOP.format(method="stop"))
@@ -1253,16 +1259,18 @@ class BackgroundEngine:
         if self._forked():
             return  # the engine runs on in the process this one was forked from: that one stops it
         drain = self.stop_timeout if timeout is None else _seconds("BackgroundEngine.stop()", timeout)
-        self._request_stop(drain)
+        self._request_stop(drain, hurry=timeout is not None)
         self._wait_stopped()
 
-    def _request_stop(self, drain: float, note: str | None = None) -> None:
+    def _request_stop(self, drain: float, note: str | None = None, *, hurry: bool = False) -> None:
         """Ask the loop to stop the engine and stop the dashboards, without waiting for the engine.
 
         Each step every time, not only the first: a stop cut short (Ctrl-C while a dashboard
         ends, say) leaves the rest to the next one -- the stop() again, the interpreter's exit
         -- which must not find the loop never told. ``note``: why ``drain`` is short, for the
-        engine's warning, if this request's drain is the one the stop takes.
+        engine's warning, if this request's drain is the one the stop takes. ``hurry``: a shorter
+        ``drain`` shortens one begun already (an explicit timeout, the interpreter's exit; a
+        stop() again without one only waits).
         """
         with self._lock:
             first = not self._stopping
@@ -1274,16 +1282,16 @@ class BackgroundEngine:
             # and one begun already ends sooner if asked: a kernel's exit after an interrupted
             # bg.stop(60) has the second or so Jupyter gives it, and cut there by its SIGTERM the
             # stop would hand no run back
-            hurry = self._drain_begun is not None and drain < self._drain_begun
-            if hurry:
-                self._drain_begun = drain
+            # (_drain_begun stays: the stop's phases before its drain are not cut, and the wait
+            # for the loop's end must not take them for a blocked loop)
+            hurry = hurry and self._drain_begun is not None and drain < self._drain_begun
             loop, requested = self._loop, self._stop_requested
         # the loop first: ending a dashboard waits for its process, which an interrupt can cut short
         if loop is not None and requested is not None:
             try:
                 loop.call_soon_threadsafe(requested.set)
                 if hurry:
-                    loop.call_soon_threadsafe(self.engine.hurry_stop, drain)
+                    loop.call_soon_threadsafe(functools.partial(self.engine.hurry_stop, drain, drain_advice=note))
             except RuntimeError:
                 pass  # the loop already closed
         # none may outlive the engine it shows
@@ -1559,6 +1567,7 @@ def _stop_together(
     drain: Callable[[BackgroundEngine], float],
     give_up_after: Callable[[BackgroundEngine], float] | None = None,
     note: Callable[[BackgroundEngine], str | None] = lambda bg: None,
+    hurry: bool = False,
 ) -> list[Exception]:
     """Stop ``engines``, each draining ``drain(bg)`` seconds: all asked first, then waited
     for, so their drains run at once. Every one is stopped; what failed is logged and returned.
@@ -1572,7 +1581,7 @@ def _stop_together(
                 if step == "ask":
                     if give_up_after is not None:
                         deadlines[bg] = time.monotonic() + give_up_after(bg)
-                    bg._request_stop(drain(bg), note(bg))
+                    bg._request_stop(drain(bg), note(bg), hurry=hurry)
                 else:
                     bg._wait_stopped(deadlines.get(bg))
             except Exception as exc:
@@ -1630,7 +1639,8 @@ def _stop_all_at_exit() -> None:
     # forked from alone)
     ours = [bg for bg in list(_running) if not bg._forked()]
     _stop_together(
-        ours, _exit_drain, lambda bg: _exit_drain(bg) + bg.engine.cancel_grace + EXIT_SLACK, note=_exit_note
+        ours, _exit_drain, lambda bg: _exit_drain(bg) + bg.engine.cancel_grace + EXIT_SLACK, note=_exit_note,
+        hurry=True,
     )
     for bg in ours:
         if not bg._loop_thread_ended():
@@ -1673,7 +1683,7 @@ def stop_all_background(timeout: float | None = None) -> list[BackgroundEngine]:
             "stop_all_background() ends every background engine's loop thread and waits for them to end, and "
             "this is one of those threads, so it would wait forever. Call it from another thread",
         )
-    errors = _stop_together(running, lambda bg: bg.stop_timeout if drain is None else drain)
+    errors = _stop_together(running, lambda bg: bg.stop_timeout if drain is None else drain, hurry=drain is not None)
     if errors:
         raise errors[0]
     return running

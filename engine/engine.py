@@ -462,6 +462,8 @@ class Engine:
         self._stop_deadline: float | None = None
         self._drain_cut: asyncio.Future[None] | None = None
         self._cut_timer: asyncio.TimerHandle | None = None
+        #: what the stop's warning of runs left undone advises (stop()'s drain_advice, or a hurry's)
+        self._drain_advice: str | None = None
         #: a durable store's stop on a node alone on its store: no run pending here starts again
         #: before the next start, so a wait on one is answered at once (see :meth:`_keep_pending`)
         self._pending_kept = False
@@ -978,13 +980,14 @@ class Engine:
             loop = asyncio.get_running_loop()
             self._stop_deadline = loop.time() + max(0.0, timeout)
             self._drain_cut = loop.create_future()
+            self._drain_advice = drain_advice
             self._shutdown = spawn(
-                self._stop(timeout, drain_advice), name="taskwatch-shutdown"
+                self._stop(timeout), name="taskwatch-shutdown"
             )
         await asyncio.shield(self._shutdown)
 
     @_on_loop
-    def hurry_stop(self, timeout: float) -> None:
+    def hurry_stop(self, timeout: float, *, drain_advice: str | None = None) -> None:
         """End the drain of the stop under way within ``timeout`` seconds from now, if that is
         sooner than its own timeout (a second ``stop()`` only waits for the one under way).
 
@@ -994,6 +997,8 @@ class Engine:
         durable store, ended cancelled with the memory store). From another thread it is made
         on the engine's loop. It does nothing when no stop is under way, and raises
         :class:`InvalidConfiguration` for a ``timeout`` that is no finite number of seconds >= 0.
+        ``drain_advice`` replaces the stop's own in its warning of runs left undone (see
+        :meth:`stop`): the hurry is why they were.
         """
         timeout = check_options(StopOptions, "Engine.hurry_stop()", timeout=timeout).timeout
         loop, ends = self._loop, self._stop_deadline
@@ -1003,6 +1008,8 @@ class Engine:
         if sooner >= ends:
             return
         self._stop_deadline = sooner
+        if drain_advice is not None:
+            self._drain_advice = drain_advice
         if self._cut_timer is not None:
             self._cut_timer.cancel()
         self._cut_timer = loop.call_at(sooner, self._cut_drain)
@@ -1046,7 +1053,7 @@ class Engine:
             "one started with `await engine.start()` on a loop of its own stops on that loop",
         )
 
-    async def _stop(self, timeout: float, drain_advice: str | None = None) -> None:
+    async def _stop(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         assert self._stop_deadline is not None  # (set by stop(), which made this task)
         deadline = self._stop_deadline
@@ -1141,7 +1148,7 @@ class Engine:
                     "engine %s stopped with %d pending and %d running run(s) not done: they ended "
                     "cancelled (shutdown), and the memory store keeps nothing across a stop; %s, or use "
                     "a SQLite store to keep them for the next start",
-                    self.node_id, cancelled_pending, len(tasks), drain_advice or "give stop() time to drain them",
+                    self.node_id, cancelled_pending, len(tasks), self._drain_advice or "give stop() time to drain them",
                 )
             # what the drained queues and the runs notified after the triggers' own stop saved
             # (a queue's handler notifying a trigger) would be lost at the next start otherwise
@@ -1174,7 +1181,7 @@ class Engine:
                 self.bus.close()
                 self._state = "stopped"
                 self._shutdown = None
-                self._stop_deadline = self._drain_cut = None
+                self._stop_deadline = self._drain_cut = self._drain_advice = None
                 if self._cut_timer is not None:
                     self._cut_timer.cancel()
                     self._cut_timer = None

@@ -9,6 +9,7 @@ Real threads and real processes throughout; waits are bounded polls or events.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import html
 import io
@@ -857,3 +858,50 @@ def test_a_shorter_stop_after_an_interrupted_one_hurries_the_drain_begun(tmp_pat
     # handed back for the next start, not left running for recovery
     with sqlite3.connect(tmp_path / "runs.db") as db:
         assert db.execute("SELECT status FROM runs WHERE id = ?", (handle.id,)).fetchone() == ("pending",)
+
+
+def test_stop_again_without_a_timeout_after_an_interrupted_stop_waits_and_cuts_nothing() -> None:
+    # stop() again is how the docs say to keep waiting after a Ctrl-C: it must not hurry the
+    # drain begun to its stop_timeout and cut runs that would have finished
+    engine = Engine(health_interval=None, cancel_grace=0.2)
+    release = threading.Event()
+
+    @engine.task
+    async def slow(ctx: Any) -> str:
+        await asyncio.to_thread(release.wait, 30)
+        return "done"
+
+    bg = engine.start_background(stop_timeout=0)
+    handle = bg.submit("slow")
+    wait_until(lambda: handle.status is RunStatus.RUNNING)
+    interrupter = interrupt_main_thread_once(lambda: engine.state == "stopping")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bg.stop(timeout=30)
+    finally:
+        interrupter.join()
+
+    def release_unless_cut() -> None:
+        # a hurry to the stop_timeout of 0 would cut the run at once: it is still going a second on
+        wait_until(lambda: main_thread_waits_in("_wait_stopped"))
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: handle.status is not RunStatus.RUNNING, timeout=1.0)
+        release.set()
+
+    releaser = threading.Thread(target=release_unless_cut)
+    releaser.start()
+    try:
+        bg.stop()
+    finally:
+        release.set()
+        releaser.join()
+    assert (handle.record().status, handle.record().result) == (RunStatus.SUCCEEDED, "done")
+
+
+def test_a_dashboard_port_given_as_text_is_taken(http: Any) -> None:
+    bg = build_engine().start_background()
+    try:
+        url = str(bg.dashboard(port="0"))  # type: ignore[arg-type]  # from the environment, say
+        assert url.startswith("http://127.0.0.1:") and not url.startswith("http://127.0.0.1:0/")
+    finally:
+        bg.stop(timeout=5)
