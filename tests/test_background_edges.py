@@ -838,19 +838,26 @@ def test_bad_dashboard_options_are_refused_before_any_server_starts(options: dic
         bg.stop(timeout=5)
 
 
+def running_then_interrupted_stop(bg: Any, task: str, timeout: float) -> Any:
+    """A run of ``task`` going, then a ``bg.stop(timeout)`` interrupted once the engine has begun
+    stopping (Ctrl-C, a notebook's Interrupt); the run's handle."""
+    handle = bg.submit(task)
+    wait_until(lambda: handle.status is RunStatus.RUNNING)
+    interrupter = interrupt_main_thread_once(lambda: bg.engine.state == "stopping")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            bg.stop(timeout=timeout)
+    finally:
+        interrupter.join()
+    return handle
+
+
 def test_a_shorter_stop_after_an_interrupted_one_hurries_the_drain_begun(tmp_path: Path) -> None:
     # Interrupt on bg.stop(60), then the kernel's restart (or bg.stop(0)): the drain begun went
     # on for its 60 s, Jupyter SIGTERMed the kernel, and the runs stayed running in the file
     engine = build_engine(store=f"sqlite:///{tmp_path / 'runs.db'}", cancel_grace=0.2)
     bg = engine.start_background()
-    handle = bg.submit("forever")
-    wait_until(lambda: handle.status is RunStatus.RUNNING)
-    interrupter = interrupt_main_thread_once(lambda: engine.state == "stopping")
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            bg.stop(timeout=60)
-    finally:
-        interrupter.join()
+    handle = running_then_interrupted_stop(bg, "forever", 60)
     started = time.monotonic()
     bg.stop(timeout=0)
     assert time.monotonic() - started < 20  # not what is left of the 60 s drain
@@ -872,14 +879,7 @@ def test_stop_again_without_a_timeout_after_an_interrupted_stop_waits_and_cuts_n
         return "done"
 
     bg = engine.start_background(stop_timeout=0)
-    handle = bg.submit("slow")
-    wait_until(lambda: handle.status is RunStatus.RUNNING)
-    interrupter = interrupt_main_thread_once(lambda: engine.state == "stopping")
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            bg.stop(timeout=30)
-    finally:
-        interrupter.join()
+    handle = running_then_interrupted_stop(bg, "slow", 30)
 
     def release_unless_cut() -> None:
         # a hurry to the stop_timeout of 0 would cut the run at once: it is still going a second on
