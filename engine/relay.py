@@ -203,8 +203,6 @@ class Coalesced(NamedTuple):
     """A batch of events as records to send (see :func:`coalesce`)."""
 
     records: list[Outgoing]
-    #: progress events left out because a newer one of the same run came in the batch
-    left_out: int
     #: events left out at the end of the batch, for the next batch's first record to count
     carried: int
     #: events no JSON can carry, left out so that readers count them as missed
@@ -212,32 +210,25 @@ class Coalesced(NamedTuple):
 
 
 def coalesce(events: list[BaseEvent], carried: int = 0, before: list[int] | None = None) -> Coalesced:
-    """``events`` as records to send, and how many progress events were coalesced away.
+    """``events`` as records to send.
 
-    Left out: each run's progress events but the newest, and events this node
-    read from the store of a run another node started or ended (that node
-    sends its own: sent here too, the cluster would see the run start and
-    end twice). Each record counts the events left out just before it, so
-    readers do not take them for lost; ``carried`` are left out at the end of
-    the previous batch, and ``before[i]`` (if given) just before ``events[i]``,
-    by the caller (see ``EventRelay._offer``). An event that cannot be encoded
-    (a value posted unchecked) is left out uncounted: readers see the gap and
-    count it missed, where raising would lose the whole batch and stop the relay.
+    Left out: events this node read from the store of a run another node started
+    or ended (that node sends its own: sent here too, the cluster would see the
+    run start and end twice). Each record counts the events left out just before
+    it, so readers do not take them for lost; ``carried`` are left out at the end
+    of the previous batch, and ``before[i]`` (if given) just before ``events[i]``,
+    by the caller (progress a newer figure replaced while it waited: see
+    ``EventRelay._offer``, which keeps one per run, so a batch never holds two). An
+    event that cannot be encoded (a value posted unchecked) is left out uncounted:
+    readers see the gap and count it missed, where raising would lose the whole
+    batch and stop the relay.
     """
-    newest: dict[str, int] = {}
-    for i, event in enumerate(events):
-        if event.kind == "run.progress":
-            newest[event.run_id] = i  # type: ignore[attr-defined]
     out: list[Outgoing] = []
     skipped = carried
-    left_out = unencodable = 0
+    unencodable = 0
     for i, event in enumerate(events):
         if before is not None:
             skipped += before[i]
-        if newest and event.kind == "run.progress" and newest[event.run_id] != i:  # type: ignore[attr-defined]
-            skipped += 1
-            left_out += 1
-            continue
         if getattr(event, "from_store", False):
             skipped += 1
             continue
@@ -250,7 +241,7 @@ def coalesce(events: list[BaseEvent], carried: int = 0, before: list[int] | None
             continue
         out.append(Outgoing(event.seq, event.ts, data, skipped))
         skipped = 0
-    return Coalesced(out, left_out, skipped, unencodable)
+    return Coalesced(out, skipped, unencodable)
 
 
 class EventRelay:
@@ -577,7 +568,6 @@ class EventRelay:
             before.append(left)
         batch = coalesce(events, self._left_out_last, before)
         self._left_out_last = batch.carried
-        self.coalesced += batch.left_out
         self.unencodable += batch.unencodable
         return batch.records
 

@@ -274,9 +274,9 @@ def test_events_left_out_at_the_end_of_a_batch_are_counted_by_the_next_record() 
     def started(seq: int, from_store: bool) -> RunStarted:
         return RunStarted(seq=seq, node="n", run_id=f"r{seq}", task="t", from_store=from_store)
 
-    first, left_out, carried, _ = coalesce([started(1, False), started(2, True), started(3, True)])
-    assert ([r.seq for r in first], left_out, carried) == ([1], 0, 2)
-    second, _, carried, _ = coalesce([started(4, False)], carried)
+    first, carried, _ = coalesce([started(1, False), started(2, True), started(3, True)])
+    assert ([r.seq for r in first], carried) == ([1], 2)
+    second, carried, _ = coalesce([started(4, False)], carried)
     assert [(r.seq, r.skipped) for r in second] == [(4, 2)] and carried == 0
 
 
