@@ -464,6 +464,10 @@ class Engine:
         self._cut_timer: asyncio.TimerHandle | None = None
         #: what the stop's warning of runs left undone advises (stop()'s drain_advice, or a hurry's)
         self._drain_advice: str | None = None
+        #: a stop() waits for the start under way before it sets its drain's end: a hurry_stop()
+        #: made meanwhile (loop time, advice) is kept for that drain
+        self._stop_waits_start = False
+        self._early_hurry: tuple[float, str | None] | None = None
         #: a durable store's stop on a node alone on its store: no run pending here starts again
         #: before the next start, so a wait on one is answered at once (see :meth:`_keep_pending`)
         self._pending_kept = False
@@ -970,7 +974,10 @@ class Engine:
         starting = self._starting
         if starting is not None:
             # stop what is being started, once it is (a start that fails leaves nothing to stop)
+            self._stop_waits_start = True
             await asyncio.wait([starting])
+            self._stop_waits_start = False
+        early, self._early_hurry = self._early_hurry, None
         if self._state in ("new", "stopped"):
             return
         if self._shutdown is None:
@@ -981,6 +988,8 @@ class Engine:
             self._stop_deadline = loop.time() + max(0.0, timeout)
             self._drain_cut = loop.create_future()
             self._drain_advice = drain_advice
+            if early is not None:
+                self._hurry_to(*early)
             self._shutdown = spawn(
                 self._stop(timeout), name="taskwatch-shutdown"
             )
@@ -995,16 +1004,33 @@ class Engine:
         an interrupted ``bg.stop(60)``): the waits for the runs and queues to finish end then,
         and what is left is cut short as at the end of any drain (put back to pending on a
         durable store, ended cancelled with the memory store). From another thread it is made
-        on the engine's loop. It does nothing when no stop is under way, and raises
+        on the engine's loop. Made while the stop waits for a start under way, it holds for the
+        drain that follows. It does nothing when no stop is under way, and raises
         :class:`InvalidConfiguration` for a ``timeout`` that is no finite number of seconds >= 0.
         ``drain_advice`` replaces the stop's own in its warning of runs left undone (see
         :meth:`stop`): the hurry is why they were.
         """
         timeout = check_options(StopOptions, "Engine.hurry_stop()", timeout=timeout).timeout
+        loop = self._loop
+        if loop is None:
+            return
+        sooner = loop.time() + timeout
+        if self._stop_deadline is None:
+            if self._stop_waits_start and self._starting is not None:
+                early = self._early_hurry
+                if early is None or sooner < early[0]:
+                    # as on a drain: a hurry that gives no advice leaves the one given before
+                    if drain_advice is None and early is not None:
+                        drain_advice = early[1]
+                    self._early_hurry = (sooner, drain_advice)
+            return
+        self._hurry_to(sooner, drain_advice)
+
+    def _hurry_to(self, sooner: float, drain_advice: str | None) -> None:
+        """End the drain under way at ``sooner`` (loop time), if that is before its own end."""
         loop, ends = self._loop, self._stop_deadline
         if loop is None or ends is None or self._drain_cut is None or self._drain_cut.done():
             return
-        sooner = loop.time() + timeout
         if sooner >= ends:
             return
         self._stop_deadline = sooner

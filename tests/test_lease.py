@@ -14,6 +14,7 @@ from taskwatch.engine import (
     Lease,
     LeaseState,
     NotLeader,
+    RunStatus,
     TaskContext,
 )
 
@@ -780,6 +781,37 @@ class SlowReplyLease(InProcessLease):
             self.applied.set()
             await self.reply.wait()
         return state
+
+
+async def test_a_hurry_made_while_the_stop_waits_for_the_start_ends_the_drain_that_follows(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # stop() waits for a start under way (here its first election, whose answer is on its way)
+    # before it sets its drain's end: a hurry_stop() made meanwhile was dropped, and the drain
+    # then took the whole timeout asked for a run that never ends
+    lease = SlowReplyLease(ttl=10.0, renew_interval=0.5)
+    lease.reply = asyncio.Event()
+    engine = Engine(node_id="a", lease=lease, health_interval=None, cancel_grace=0.2)
+
+    @engine.task
+    async def forever(ctx: TaskContext) -> None:
+        await asyncio.Event().wait()
+
+    starting = asyncio.create_task(engine.start())
+    await lease.applied.wait()
+    handle = await engine.submit("forever")
+    await eventually(lambda: handle.status is RunStatus.RUNNING)
+    stopping = asyncio.create_task(engine.stop(timeout=60))
+    await asyncio.sleep(0)  # one loop step: the stop now waits for the start
+    assert not stopping.done() and engine.starting is not None
+    engine.hurry_stop(120)  # later than the drain's own end: changes nothing
+    engine.hurry_stop(0, drain_advice="the test hurried it")
+    engine.hurry_stop(30)  # a later hurry does not undo a sooner one
+    lease.reply.set()
+    await asyncio.wait_for(asyncio.gather(starting, stopping), 10)  # not the 60 s asked
+    assert (handle.record().status, handle.record().cancel_reason) == (RunStatus.CANCELLED, "shutdown")
+    assert "the test hurried it" in caplog.text  # the warning of the run cut says why
+    assert not stray_tasks()
 
 
 async def test_a_follower_stopped_while_its_acquire_is_on_its_way_leaves_the_lease_free() -> None:
