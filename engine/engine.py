@@ -466,7 +466,7 @@ class Engine:
         self._drain_advice: str | None = None
         #: a stop() waits for the start under way before it sets its drain's end: a hurry_stop()
         #: made meanwhile (loop time, advice) is kept for that drain
-        self._stop_waits_start = False
+        self._stops_waiting_start = 0
         self._early_hurry: tuple[float, str | None] | None = None
         #: a durable store's stop on a node alone on its store: no run pending here starts again
         #: before the next start, so a wait on one is answered at once (see :meth:`_keep_pending`)
@@ -974,10 +974,16 @@ class Engine:
         starting = self._starting
         if starting is not None:
             # stop what is being started, once it is (a start that fails leaves nothing to stop)
-            self._stop_waits_start = True
-            await asyncio.wait([starting])
-            self._stop_waits_start = False
-        early, self._early_hurry = self._early_hurry, None
+            self._stops_waiting_start += 1
+            try:
+                await asyncio.wait([starting])
+            finally:
+                self._stops_waiting_start -= 1
+                early = self._early_hurry
+                if not self._stops_waiting_start:
+                    self._early_hurry = None  # (a stop cancelled meanwhile leaves none behind)
+        else:
+            early = None
         if self._state in ("new", "stopped"):
             return
         if self._shutdown is None:
@@ -1016,7 +1022,7 @@ class Engine:
             return
         sooner = loop.time() + timeout
         if self._stop_deadline is None:
-            if self._stop_waits_start and self._starting is not None:
+            if self._stops_waiting_start:
                 early = self._early_hurry
                 if early is None or sooner < early[0]:
                     # as on a drain: a hurry that gives no advice leaves the one given before

@@ -783,6 +783,18 @@ class SlowReplyLease(InProcessLease):
         return state
 
 
+async def start_held_at_its_election(
+    engine: Engine, lease: SlowReplyLease
+) -> tuple[asyncio.Task[None], asyncio.Event]:
+    """Start ``engine``, held at its first election until the event returned is set (a start
+    under way that takes runs meanwhile: the engine is running, its leadership not started)."""
+    reply = lease.reply = asyncio.Event()
+    lease.applied.clear()
+    starting = asyncio.create_task(engine.start())
+    await lease.applied.wait()
+    return starting, reply
+
+
 async def test_a_hurry_made_while_the_stop_waits_for_the_start_ends_the_drain_that_follows(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -790,15 +802,13 @@ async def test_a_hurry_made_while_the_stop_waits_for_the_start_ends_the_drain_th
     # before it sets its drain's end: a hurry_stop() made meanwhile was dropped, and the drain
     # then took the whole timeout asked for a run that never ends
     lease = SlowReplyLease(ttl=10.0, renew_interval=0.5)
-    lease.reply = asyncio.Event()
     engine = Engine(node_id="a", lease=lease, health_interval=None, cancel_grace=0.2)
 
     @engine.task
     async def forever(ctx: TaskContext) -> None:
         await asyncio.Event().wait()
 
-    starting = asyncio.create_task(engine.start())
-    await lease.applied.wait()
+    starting, reply = await start_held_at_its_election(engine, lease)
     handle = await engine.submit("forever")
     await eventually(lambda: handle.status is RunStatus.RUNNING)
     stopping = asyncio.create_task(engine.stop(timeout=60))
@@ -807,10 +817,43 @@ async def test_a_hurry_made_while_the_stop_waits_for_the_start_ends_the_drain_th
     engine.hurry_stop(120)  # later than the drain's own end: changes nothing
     engine.hurry_stop(0, drain_advice="the test hurried it")
     engine.hurry_stop(30)  # a later hurry does not undo a sooner one
-    lease.reply.set()
+    reply.set()
     await asyncio.wait_for(asyncio.gather(starting, stopping), 10)  # not the 60 s asked
     assert (handle.record().status, handle.record().cancel_reason) == (RunStatus.CANCELLED, "shutdown")
     assert "the test hurried it" in caplog.text  # the warning of the run cut says why
+    assert not stray_tasks()
+
+
+async def test_a_hurry_made_for_a_stop_cancelled_while_it_waited_holds_for_no_later_stop() -> None:
+    lease = SlowReplyLease(ttl=10.0, renew_interval=0.5)
+    engine = Engine(node_id="a", lease=lease, health_interval=None, cancel_grace=0.2)
+    gate = asyncio.Event()
+
+    @engine.task
+    async def gated(ctx: TaskContext) -> str:
+        await gate.wait()
+        return "done"
+
+    starting, reply = await start_held_at_its_election(engine, lease)
+    stopping = asyncio.create_task(engine.stop(timeout=60))
+    await asyncio.sleep(0)  # one loop step: the stop now waits for the start
+    engine.hurry_stop(0)
+    stopping.cancel()  # its caller gave up: the start goes on, and the hurry goes with the stop
+    reply.set()
+    await starting
+    assert stopping.cancelled() and engine.state == "running"
+    await engine.stop()
+    # the next start, and a stop that waits for it with no hurry: its drain takes its time
+    starting, reply = await start_held_at_its_election(engine, lease)
+    handle = await engine.submit("gated")
+    await eventually(lambda: handle.status is RunStatus.RUNNING)
+    stopping = asyncio.create_task(engine.stop(timeout=60))
+    await asyncio.sleep(0)
+    reply.set()
+    await eventually(lambda: engine.state == "stopping")
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(starting, stopping), 10)
+    assert (handle.record().status, handle.record().result) == (RunStatus.SUCCEEDED, "done")
     assert not stray_tasks()
 
 
