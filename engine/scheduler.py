@@ -568,6 +568,9 @@ class _Periodic:
     late_warned: float | None = None
     late_held: int = 0
     late_held_missed: int = 0
+    #: a node sharing the store was seen firing this cron task off this node's times (warned
+    #: once a start)
+    other_grid_told: bool = False
     #: held by a tick and by a run by hand from their look at the run going to the
     #: submit of theirs: each awaits the store between the two, and must see the other's run
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -859,6 +862,7 @@ class Scheduler:
         self._inflight.clear()
         for p in self._entries.values():
             p.current = p.elsewhere = p.kept = p.seeding = None
+            p.other_grid_told = False
         seeded: set[str] = set()
         # a task added while this reads (from another thread, handed to this loop between the
         # reads) is read too, before the loops begin: after that, an added task starts itself
@@ -1391,6 +1395,8 @@ class Scheduler:
             if await self._engine.store.claim_periodic(p.name, slot, gap):
                 self._skip(p, current.id)  # the slot is this node's, and passes without a run
             return
+        if p.cron is not None and not p.other_grid_told and self._engine.durable:
+            await self._tell_of_another_grid(p)
         # a durable store looks for a run of the task going on any node as it claims the slot,
         # in one transaction: what this node knows of a run it does not execute (one read at
         # its start, or another node's) lags the store, and may never hear its end at all (a
@@ -1429,6 +1435,31 @@ class Scheduler:
         p.elsewhere = None
         p.runs += 1
         self._follow(p, handle)
+
+    async def _tell_of_another_grid(self, p: _Periodic) -> None:
+        """Warn (once a start) when a node sharing the store fired the cron task ``p`` since this
+        node's last look at a time its cron names not here. The store records slots: it cannot
+        tell that two nodes reading the cron in different zones (a container on UTC beside a
+        host on local time), or after a rolling deploy changed the expression, each fire it
+        at their own times."""
+        last = await self._last_fired(p)
+        if last is None or p.last_fire is None or last <= p.last_fire:
+            return  # none since: this node fired last, or none it knows of before
+        assert p.cron is not None
+        try:
+            ours = next_cron_due(p.cron, last - _SLOT_TOLERANCE, p.tz, fired=p.last_fire)
+        except (StopIteration, InvalidConfiguration):
+            return
+        if ours == last:
+            return
+        p.other_grid_told = True
+        zone = p.tz or f"this node's local zone, {datetime.now().astimezone().tzname()}"
+        log.warning(
+            "periodic task %r: a node sharing the store fired it for %s UTC, which is no time of "
+            "its cron %r in %s: nodes whose zones or cron expressions differ each fire it at their "
+            "own times; give every node the same cron and tz=",
+            p.name, datetime.fromtimestamp(last, timezone.utc).strftime("%Y-%m-%d %H:%M:%S"), p.cron, zone,
+        )  # fmt: skip
 
     async def _take_up_latest(self, p: _Periodic) -> None:
         """Another node fired this slot (or one less than an interval before it): take up the

@@ -1033,3 +1033,33 @@ def test_a_zone_that_is_none_or_for_no_cron_task_is_refused_and_registers_nothin
         with pytest.raises(InvalidConfiguration, match=problem):
             engine.periodic(f, **options)
     assert engine.schedule() == []
+
+
+@pytest.mark.parametrize(
+    "other_cron", ["1-59/2 * * * * *", "*/2 * * * * *"], ids=["other-times", "same-times"]
+)
+async def test_a_node_sharing_the_store_that_fires_a_cron_task_at_other_times_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, other_cron: str
+) -> None:
+    # two zones (a container on UTC beside a host on local time), or a rolling deploy that
+    # changed the expression: the store records slots, so each node fired at its own times,
+    # twice as often as asked, and nothing said so
+    store = f"sqlite:///{tmp_path / 'runs.db'}"
+    here, other = make_engine(store=store, node_id="here"), make_engine(store=store, node_id="other")
+
+    async def tick(ctx: TaskContext) -> None: ...
+
+    here.periodic(tick, cron="*/2 * * * * *")
+    other.periodic(tick, cron=other_cron)
+    caplog.set_level(logging.WARNING, logger="taskwatch")
+    async with here, other:
+        fired = lambda: info(here, "tick").runs + info(other, "tick").runs  # noqa: E731
+        if other_cron != "*/2 * * * * *":
+            await eventually(lambda: "'*/2 * * * * *' in this node's local zone" in caplog.text, timeout=15)
+            await eventually(lambda: fired() >= 6, timeout=15)
+            # once a start, not at every tick
+            assert caplog.text.count("no time of its cron '*/2 * * * * *'") == 1
+            assert caplog.text.count(f"no time of its cron '{other_cron}'") == 1
+        else:
+            await eventually(lambda: fired() >= 3, timeout=15)
+            assert "no time of its cron" not in caplog.text
