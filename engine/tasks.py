@@ -309,6 +309,13 @@ def _record_by_alias(task: str, model: BaseModel) -> Any:
 
 
 def _read_back_record(task: str, model: BaseModel, dumped: Any) -> tuple[BaseModel, dict[str, Any]]:
+    if not isinstance(dumped, dict):
+        # a RootModel of a list or a number, whose schema registration could not read
+        problem = (
+            f"{type(model).__name__} dumps as a {type(dumped).__name__}, not as a JSON object: a run's "
+            "params are one object of named values"
+        )
+        raise InvalidParams(task, [{"loc": ("params",), "msg": problem, "type": "not_an_object"}])
     try:
         encoded = check_jsonable(dumped)
     except NotJsonSafe as exc:
@@ -714,7 +721,7 @@ def params_model_of(
                 f"TaskContext; take the params as its second argument: "
                 f"async def {fn_name}(ctx: TaskContext, params: {explicit.__name__})"
             )
-        return explicit
+        return _object_params(explicit, name)
     if len(positional) < 2:
         if _annotated_as_params(fn, positional[0].name, name):
             raise TaskDefinitionError(
@@ -727,6 +734,28 @@ def params_model_of(
         raise TaskDefinitionError(
             f"the params argument {positional[1].name!r} of task {name!r} must be annotated with "
             f"a pydantic BaseModel subclass (got {model!r}), or pass params=Model to the decorator"
+        )
+    return _object_params(model, name)
+
+
+def _object_params(model: type[BaseModel], name: str) -> type[BaseModel]:
+    """``model``, unless it is a ``RootModel`` whose params would not be a JSON object (a list,
+    a number): a run's params are recorded, shown and sent as one object of named values."""
+    if not issubclass(model, RootModel):
+        return model
+    try:
+        schema = model.model_json_schema()
+    except Exception:  # noqa: BLE001 - no JSON schema: the record is checked at submit
+        return model
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        schema = schema.get("$defs", {}).get(ref.rsplit("/", 1)[-1], {})
+    kind = schema.get("type")
+    if kind is not None and kind != "object":
+        raise TaskDefinitionError(
+            f"the params model {model.__name__} of task {name!r} is a RootModel of a JSON {kind}: a "
+            "run's params are one object of named values; give the task a model with a field "
+            f"holding it (class {model.__name__}(BaseModel): items: ...)"
         )
     return model
 

@@ -9,7 +9,7 @@ import zoneinfo
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, RootModel
 from taskwatch.engine import Engine, RunStatus, TaskContext, TaskDefinitionError
 
 
@@ -221,3 +221,52 @@ def test_an_option_given_by_position_is_refused_with_how_options_are_written(dec
         getattr(engine, decorator)(60)
     assert example in str(caught.value) and "name=" not in str(caught.value).replace(example, "")
     assert engine.tasks() == {} and engine.schedule() == [] and engine.workers() == []
+
+
+class Ids(RootModel[list[int]]):
+    pass
+
+
+class Limit(RootModel[int]):
+    pass
+
+
+class Counts(RootModel[dict[str, int]]):
+    pass
+
+
+class WrappedPage(RootModel[Page]):
+    pass
+
+
+async def test_a_root_model_params_is_taken_only_when_its_params_are_a_json_object() -> None:
+    # a RootModel of a list registered, and its run was queued and ran, but every read of
+    # the engine (runs(), snapshot(), the run's record, wait()) then raised AttributeError,
+    # and a SQLite store failed the run as a row "changed by hand"
+    engine = Engine(health_interval=None)
+
+    async def by_ids(ctx: TaskContext, params: Ids) -> int:
+        return len(params.root)
+
+    async def capped(ctx: TaskContext, params: Any) -> int:
+        return 0
+
+    with pytest.raises(TaskDefinitionError, match=r"Ids of task 'by_ids' is a RootModel of a JSON array"):
+        engine.task(by_ids)
+    with pytest.raises(TaskDefinitionError, match=r"Limit of task 'capped' is a RootModel of a JSON integer"):
+        engine.task(capped, params=Limit)
+    assert engine.catalog() == []
+
+    @engine.task
+    async def tally(ctx: TaskContext, params: Counts) -> int:
+        return sum(params.root.values())
+
+    @engine.task
+    async def wrapped(ctx: TaskContext, params: WrappedPage) -> int:
+        return params.root.n
+
+    async with engine:
+        counted = await (await engine.submit("tally", {"a": 1, "b": 2})).wait(5)
+        paged = await (await engine.submit("wrapped", {"n": 4})).wait(5)
+        assert [(r.params, r.result) for r in (counted, paged)] == [({"a": 1, "b": 2}, 3), ({"n": 4}, 4)]
+        assert len(engine.runs()) == 2
