@@ -64,7 +64,7 @@ from .errors import (
     LoopThreadError,
 )
 from .execution import checked_grace, checked_timeout
-from .handle import no_answer_in_time
+from .handle import caller_bound, no_answer_in_time
 from .hop import Escaped, LoopCall, call_apart, fail_waiting, ship, unheard
 from .options import BackgroundOptions, WaitOptions, check_option_names, check_options
 from .runs import RunRecord, RunStatus
@@ -783,7 +783,7 @@ class BackgroundEngine:
             if target is not None:
                 engine = await _aready(target)
                 # the timeout kept on this loop too: one blocked by a task would not end a wait timed there
-                bound = asyncio.timeout(left)
+                bound = caller_bound(left)
                 try:
                     async with bound:
                         awaited: RunRecord = await engine._acall(handle.wait, left, read_=True, timeout_=None)

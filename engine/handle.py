@@ -21,11 +21,24 @@ if TYPE_CHECKING:
     from .runs import Run
 
 
+#: how much longer than a wait's timeout its caller on another loop gives the engine's loop to
+#: answer: both timers would otherwise end together, and the caller's, which can only say the
+#: engine did not answer, came first about as often as not when the run was simply still going
+ANSWER_MARGIN = 0.5
+
+
+def caller_bound(timeout: float | None) -> asyncio.Timeout:
+    """The bound a caller on another loop keeps on a wait of ``timeout`` made on the engine's
+    (a blocked engine loop would not end a wait timed there)."""
+    return asyncio.timeout(None if timeout is None else timeout + ANSWER_MARGIN)
+
+
 def no_answer_in_time(run_id: str, timeout: float | None) -> TimeoutError:
     """The wait for a run that ended on the caller's loop, the engine's being too busy (or
-    blocked by a task) to say how the run stands within ``timeout``."""
+    blocked by a task) to say how the run stands within ``timeout`` and the margin."""
+    waited = "" if timeout is None else f" within {timeout + ANSWER_MARGIN:g} s"
     return TimeoutError(
-        f"run {run_id}: no answer from the engine's loop within {timeout} s (a task holds it up?); "
+        f"run {run_id}: no answer from the engine's loop{waited} (a task holds it up?); "
         "the run may still be going: wait again, or read its record"
     )
 
@@ -84,7 +97,7 @@ class RunHandle:
     async def _wait_elsewhere(self, loop: asyncio.AbstractEventLoop, timeout: float | None) -> RunRecord:
         # the timeout kept on the caller's loop too: an engine loop blocked by a task would not
         # end a wait timed there (the call given up is cancelled at its next await there)
-        bound = asyncio.timeout(timeout)
+        bound = caller_bound(timeout)
         try:
             async with bound:
                 record: RunRecord = await call_on(loop, self._wait_here, timeout)

@@ -115,7 +115,7 @@ def test_awaited_waits_on_another_loop_end_at_their_timeout_while_the_engines_lo
 
             async def waits() -> None:
                 for wait in (handle.finished(timeout=0.3), engine_handle.wait(0.3)):
-                    with pytest.raises(TimeoutError, match="no answer from the engine's loop within 0.3 s"):
+                    with pytest.raises(TimeoutError, match="no answer from the engine's loop within 0.8 s"):
                         await wait
                     outcomes.append("timed out" if not release.is_set() else "answered once released")
 
@@ -124,6 +124,30 @@ def test_awaited_waits_on_another_loop_end_at_their_timeout_while_the_engines_lo
             release.set()
         assert outcomes == ["timed out", "timed out"]  # while the loop was still held
         assert handle.record().status is RunStatus.RUNNING  # the runs go on
+    finally:
+        bg.stop(timeout=0)
+
+
+def test_a_wait_on_another_loop_for_a_run_still_going_says_so_when_the_engines_loop_answers() -> None:
+    # the caller's own bound and the engine's wait were timed alike, and the caller's, which can
+    # only blame the engine's loop, came first about half the time for a run simply still going
+    bg = build_engine().start_background()
+    try:
+        handle = bg.submit("forever")
+        wait_until(lambda: handle.status is RunStatus.RUNNING)
+        engine_handle = bg.engine.handle(handle.id)
+
+        async def waits() -> list[str]:
+            said = []
+            for _ in range(5):
+                for wait in (handle.finished(timeout=0.05), engine_handle.wait(0.05)):
+                    with pytest.raises(TimeoutError) as timed_out:
+                        await wait
+                    said.append(str(timed_out.value))
+            return said
+
+        said = asyncio.run(waits())
+        assert set(said) == {f"run {handle.id} is still running after 0.05 s"}
     finally:
         bg.stop(timeout=0)
 
