@@ -1330,7 +1330,7 @@ class Execution:
                     message=f"run {inserted.id} held the key {run.key!r} of task {run.task!r} when this run was "
                     "written, so this one was not queued; that run does the work",
                 )
-                self.finish_cancelled(run, "external", was_running=False)
+                self.finish_cancelled(run, "key_held", was_running=False)
 
     def fail_unstarted(self, run: Run, error: RunError) -> None:
         run.error = error

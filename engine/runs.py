@@ -50,8 +50,10 @@ def run_status(value: RunStatus | str) -> RunStatus:
         raise InvalidStatus(value, [s.value for s in RunStatus]) from None
 
 #: Why a run was cancelled: by a user (``engine.cancel``), by ``engine.stop``
-#: (a durable backend may re-queue these), or by something outside the engine.
-CancelReason = Literal["user", "shutdown", "external"]
+#: (a durable backend may re-queue these), by something outside the engine, or
+#: because its store found its dedup key held by another pending run when it was
+#: written (``submit_nowait``, which cannot wait for that answer; never queued).
+CancelReason = Literal["user", "shutdown", "external", "key_held"]
 
 
 class Progress(BaseModel):

@@ -703,7 +703,7 @@ async def test_submit_nowait_with_a_key_lets_a_shared_store_decide(tmp_path: Pat
         # written and pending now: the store's write of a third finds the key held, and says so
         third = a.submit_nowait("job", key="K")
         record = await third.wait(timeout=10)
-        assert record.status is RunStatus.CANCELLED
+        assert (record.status, record.cancel_reason) == (RunStatus.CANCELLED, "key_held")
         assert record.error is not None and record.error.type == "KeyHeld" and second.id in record.error.message
         release.set()
 

@@ -95,7 +95,7 @@ async def test_a_submit_with_a_key_returns_the_first_holder_after_a_submit_nowai
         for record in records[4:]:
             if record.id != first.id:
                 # a store other nodes may share decides at the write: the nowait run says who holds the key
-                assert record.status is RunStatus.CANCELLED
+                assert (record.status, record.cancel_reason) == (RunStatus.CANCELLED, "key_held")
                 assert record.error is not None and record.error.type == "KeyHeld"
                 assert first.id in record.error.message
         assert engine.stats().by_status["succeeded"] == 2
