@@ -1816,6 +1816,7 @@ class Engine:
             return await self._cancelled_elsewhere(run, result.run.to_record(), grace)
         run.cancel_reason = "user"  # set first: the store's notice of the request below then cancels nothing again
         run.handle.cancel()
+        self._run.keep_cancelling(run)
         if self._durable and not recorded:
             # while the task cleans up, the store holds the request too: a crash meanwhile must not
             # bring the run back as pending (recovery ends a run whose cancel was requested). Written

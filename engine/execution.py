@@ -1256,6 +1256,32 @@ class Execution:
             waiters.append(fut)
         return fut
 
+    def keep_cancelling(self, run: Run) -> None:
+        """Cancel the task of ``run``'s attempt again every ``cancel_grace`` seconds until it
+        ends, as a timeout and a stop do: one cancel is swallowed by a broad ``except``, and
+        the task would then go on for as long as its work takes, holding its slot."""
+        task, token = run.handle, run.token
+        if task is None or token is None:
+            return
+        every = max(self.engine.cancel_grace, _MIN_RECANCEL)
+        loop = asyncio.get_running_loop()
+        cancels = 0
+
+        def again() -> None:
+            nonlocal cancels
+            if task.done() or run.token != token:
+                return  # over, or no longer this attempt's
+            if task.cancel():
+                cancels += 1
+                if cancels == 1:
+                    log.warning(
+                        "run %s of task %r ignored its cancel; cancelling it again every %g s until it "
+                        "ends (a task should let CancelledError propagate)", run.id, run.task, every,
+                    )  # fmt: skip
+            loop.call_later(every, again)
+
+        loop.call_later(every, again)
+
     def checked_grace(self, grace: float | None) -> float:
         """``Engine.cancel``'s ``grace`` checked before anything is cancelled, None as the engine's ``cancel_grace``."""
         checked = checked_grace("Engine.cancel()", grace)

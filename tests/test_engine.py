@@ -256,6 +256,35 @@ async def test_cancel_running_run_ends_cancelled_not_failed() -> None:
     assert engine.stats().failed_total == 0
 
 
+async def test_a_cancelled_run_that_swallows_the_cancel_is_cancelled_again_until_it_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # a retry helper catching CancelledError once: a timeout's and a stop's cancels come again
+    # every cancel_grace, a user's came once, and the run went on for as long as its work took
+    engine = make_engine(cancel_grace=0.05)
+    started, swallowed = asyncio.Event(), asyncio.Event()
+
+    @engine.task
+    async def stubborn(ctx: TaskContext) -> str:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.set()
+        await asyncio.Event().wait()  # the work it goes on with, which never ends by itself
+        return "went on"
+
+    async with engine:
+        handle = await engine.submit("stubborn")
+        await started.wait()
+        await engine.cancel(handle.id, grace=0)
+        await eventually(swallowed.is_set)
+        record = await handle.wait(10)
+        assert (record.status, record.cancel_reason) == (RunStatus.CANCELLED, "user")
+    assert "ignored its cancel; cancelling it again every 0.05 s" in caplog.text
+    assert not stray_tasks()
+
+
 async def test_cancel_unknown_run() -> None:
     engine = make_engine()
     async with engine:
