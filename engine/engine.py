@@ -75,7 +75,7 @@ from .index import (
     task_problem,
     wanted_statuses,
 )
-from .jsonsafe import check_key, name_problem
+from .jsonsafe import check_run_key, name_problem
 from .lease import LeaderElector, Leadership
 from .memory_events import MemoryEventRelay, MemoryEventStream
 from .nodeid import hold_default_node_id
@@ -1415,7 +1415,7 @@ class Engine:
             )
         model, dumped = spec.validate_params(params)
         if key is not None:
-            check_key(f"task {spec.name!r}", key)
+            check_run_key(f"task {spec.name!r}", key)
         return Run(self._new_id(), spec.name, spec, dumped, model, self.clock(), key, source, spec.retries + 1)
 
     def handle(self, run_id: str) -> RunHandle:

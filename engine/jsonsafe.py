@@ -310,6 +310,17 @@ def check_key(owner: str, key: object) -> None:
         )
 
 
+def check_run_key(owner: str, key: object) -> None:
+    """:func:`check_key` for a run's dedup key, which may not be empty either: ``""`` (an empty
+    form field passed on) would make every submit given it one run, however unrelated."""
+    check_key(owner, key)
+    if key == "":
+        raise InvalidKey(
+            owner, key, "an empty key would make every submit given it the same run; give key=None for "
+            "a run with no dedup key"
+        )
+
+
 #: what a name of plain text never holds: C0 and C1 control characters (NUL, newline, tab, ESC) and DEL
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 

@@ -72,7 +72,7 @@ from .errors import (
 from .events import Event, EventsDropped
 from .execution import checked_grace
 from .index import check_query, runs_limit_problem
-from .jsonsafe import check_key, safe_str
+from .jsonsafe import check_key, check_run_key, safe_str
 from .operations import OPERATIONS
 from .options import RemoteOptions, check_options
 from .queues import QueueInfo, QueuePurge
@@ -851,7 +851,7 @@ class RemoteEngine:
         """
         data = params_for_wire(task, params)
         if key is not None:
-            check_key(f"task {task!r}", key)
+            check_run_key(f"task {task!r}", key)
         return await self._op("submit", task=task, params=data, key=key)  # type: ignore[no-any-return]
 
     async def cancel(self, run_id: str, grace: float | None = None) -> RunRecord:

@@ -123,6 +123,28 @@ async def test_a_key_that_is_not_a_str_is_refused_before_anything_is_recorded() 
     assert engine.stats().by_status["pending"] == 0
 
 
+async def test_an_empty_dedup_key_is_refused_not_taken_as_one_key_for_every_submit() -> None:
+    # an empty form field passed on as key="": every such submit got the first one's run back,
+    # whatever its params, in submit, submit_many and submit_nowait alike
+    engine = make_engine()
+    async with engine:
+        refusals = {
+            "submit": lambda: engine.submit("work", {"name": "a"}, key=""),
+            "submit_many": lambda: engine.submit_many([{"task": "work", "params": {"name": "a"}, "key": ""}]),
+            "submit_nowait": lambda: engine.submit_nowait("work", {"name": "a"}, key=""),
+            "remote submit": lambda: RemoteEngine("tcp://127.0.0.1:9").submit("work", {"name": "a"}, key=""),
+        }
+        for what, call in refusals.items():
+            with pytest.raises(InvalidKey, match="an empty key would make every submit given it the same run"):
+                outcome = call()
+                if asyncio.iscoroutine(outcome):
+                    await outcome
+            assert engine.runs() == [], what
+        first = await engine.submit("work", {"name": "a"}, key=None)
+        second = await engine.submit("work", {"name": "b"}, key=None)
+        assert first.id != second.id
+
+
 async def test_params_and_keys_no_dashboard_could_decode_are_refused(tmp_path: Path) -> None:
     engine = make_engine()
     recorder = Recorder(engine)
