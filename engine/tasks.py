@@ -10,7 +10,7 @@ import math
 import types
 import typing
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Any, Literal
@@ -297,6 +297,7 @@ def _record_by_input_names(task: str, model: BaseModel) -> Any:
         return dumped if _dumps_as_input(type(model)) else _record_of(model, dumped)
     except (PydanticSerializationError, ValueError, TypeError) as exc:
         _refuse_non_finite(task, model)
+        _refuse_raw_bytes(task, model)
         raise json_unsafe(task, encode_problem(exc)) from None
 
 
@@ -305,6 +306,7 @@ def _record_by_alias(task: str, model: BaseModel) -> Any:
         return model.model_dump(mode="json", by_alias=True)
     except (PydanticSerializationError, ValueError, TypeError) as exc:
         _refuse_non_finite(task, model)
+        _refuse_raw_bytes(task, model)
         raise json_unsafe(task, encode_problem(exc)) from None
 
 
@@ -553,6 +555,46 @@ def _refuse_non_finite(task: str, model: BaseModel) -> None:
         # located at its field, so a form shows it there
         field = where.partition("[")[0] or "params"
         raise InvalidParams(task, [{"loc": (field,), "msg": f"not encodable as UTF-8 JSON: {problem}", "type": "json_unsafe"}])
+
+
+def _refuse_raw_bytes(task: str, model: BaseModel) -> None:
+    """Params holding ``bytes`` that are no UTF-8 text, which pydantic's JSON dump cannot
+    carry as it carries bytes by default: say where, and how a model carries any bytes."""
+    try:
+        data = model.model_dump(by_alias=True)
+    except (PydanticSerializationError, ValueError, TypeError, RecursionError):
+        return
+    where = _raw_bytes_at(data, ())
+    if where is not None:
+        path = ".".join(map(str, where)) or "params"
+        raise InvalidParams(task, [{
+            "loc": where[:1] or ("params",),
+            "msg": f"not encodable as UTF-8 JSON: {path} holds bytes that are no UTF-8 text; give the model "
+            "ConfigDict(ser_json_bytes='base64', val_json_bytes='base64') to carry any bytes",
+            "type": "json_unsafe",
+        }])  # fmt: skip
+
+
+def _raw_bytes_at(data: Any, path: tuple[str | int, ...]) -> tuple[str | int, ...] | None:
+    """Where in a model's dump ``data`` the first bytes that are no UTF-8 text are, or None."""
+    if isinstance(data, (bytes, bytearray)):
+        try:
+            bytes(data).decode("utf-8")
+        except UnicodeDecodeError:
+            return path
+        return None
+    items: Iterable[tuple[str | int, Any]]
+    if isinstance(data, dict):
+        items = ((str(k), v) for k, v in data.items())
+    elif isinstance(data, (list, tuple)):
+        items = enumerate(data)
+    else:
+        return None
+    for key, value in items:
+        found = _raw_bytes_at(value, (*path, key))
+        if found is not None:
+            return found
+    return None
 
 
 def _same(read_back: Any, given: Any) -> bool:

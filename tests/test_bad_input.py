@@ -145,6 +145,44 @@ async def test_an_empty_dedup_key_is_refused_not_taken_as_one_key_for_every_subm
         assert first.id != second.id
 
 
+class Upload(BaseModel):
+    name: str
+    header: bytes = b""
+    parts: list[dict[str, bytes]] = []
+
+
+class Base64Upload(BaseModel):
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+    body: bytes
+
+
+async def test_params_holding_bytes_that_are_no_utf8_text_are_refused_at_their_field() -> None:
+    # the error said "params: ... can't decode byte 0x89 in position 0", naming no field of a
+    # model with several bytes fields, nor how a model carries any bytes
+    engine = make_engine()
+
+    @engine.task
+    async def upload(ctx: TaskContext, params: Upload) -> None: ...
+
+    @engine.task
+    async def carried(ctx: TaskContext, params: Base64Upload) -> int:
+        return len(params.body)
+
+    async with engine:
+        for params, field, path in [
+            ({"name": "a", "header": b"\x89PNG"}, "header", "header"),
+            ({"name": "a", "header": b"ok", "parts": [{"x": b"ok"}, {"x": b"\xff"}]}, "parts", "parts.1.x"),
+        ]:
+            with pytest.raises(InvalidParams) as refused:
+                await engine.submit("upload", params)
+            assert refused.value.errors[0]["loc"] == (field,)
+            assert f"{path} holds bytes that are no UTF-8 text" in str(refused.value)
+            assert "ser_json_bytes='base64'" in str(refused.value)
+        assert engine.runs() == []
+        handle = await engine.submit("carried", {"body": b"\x89PNG"})  # as the error advises
+        assert (await handle.wait(5)).result == 4
+
+
 async def test_params_and_keys_no_dashboard_could_decode_are_refused(tmp_path: Path) -> None:
     engine = make_engine()
     recorder = Recorder(engine)
