@@ -848,6 +848,20 @@ class LeaseRefused(TaskwatchError):
         )
 
 
+class RelayRefused(TaskwatchError):
+    """The server that carries cluster-wide events answered, but refuses this relay: a wrong
+    user or password, a Redis database index the server does not have. Unlike an outage it does
+    not pass by itself: the relay's start (the engine's, a dashboard's) raises it."""
+
+    def __init__(self, where: str, cause: str) -> None:
+        self.where = where
+        self.cause = cause
+        super().__init__(
+            f"the event stream's server {where} refused this relay ({cause}). Check the URL (user, "
+            "password, database, options) against the server's settings"
+        )
+
+
 # ---------------------------------------------------------------- run stores
 
 

@@ -28,7 +28,8 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .bus import DEFAULT_REPLAY, EventBus
-from .errors import InvalidConfiguration, MissingDependency
+from .errors import InvalidConfiguration, MissingDependency, RelayRefused
+from .redis_lease import redis_refused, redis_url_problems
 from .urls import password_problem, redact_url, shown_url
 from .relay import READING, ClusterNode, EventRelay, Outgoing, RelayStats, cancelling
 
@@ -85,6 +86,7 @@ class RedisEventRelay(EventRelay):
         read_block: float = 1.0,
     ) -> None:
         problems = []
+        self._redis, self._errors = _import_redis()
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
             shown = shown_url(url) if isinstance(url, str) else url
             problems.append(f"events must be a redis://, rediss:// or unix:// URL, got {shown!r}")
@@ -93,6 +95,10 @@ class RedisEventRelay(EventRelay):
             problems.append(f"url {redact_url(url)}: {problem}")
         else:
             url, options = _split_options(url)
+            # a port that is no number, a database index the path cannot be, an option value
+            # redis-py cannot read: refused here, as a lease's URL is, not at every connect (with
+            # a traceback whose locals hold the password)
+            problems.extend(redis_url_problems(url, self._redis))
             stream = options.get("stream", stream)
             try:
                 maxlen = int(options.get("maxlen", maxlen))
@@ -109,7 +115,6 @@ class RedisEventRelay(EventRelay):
             problems.append(f"since must be '$' (from now) or '0' (the oldest kept), got {since!r}")
         if problems:
             raise InvalidConfiguration("the Redis event relay", problems)
-        self._redis, self._errors = _import_redis()
         super().__init__(
             bus, stream=stream, batch=batch, linger=linger, max_pending=max_pending, from_start=since == "0",
             replay=replay,
@@ -136,7 +141,13 @@ class RedisEventRelay(EventRelay):
             self.url, socket_timeout=self.read_block + 5.0, socket_connect_timeout=5.0
         )
         if self._last_id is None or self._last_id == "$":
-            self._last_id = await self._current_last_id() if self.since == "$" else "0-0"
+            try:
+                # asked whatever `since` says: a server that refuses this relay says so here, at once
+                newest = await self._current_last_id()
+            except RelayRefused:
+                await self._close()
+                raise
+            self._last_id = newest if self.since == "$" else "0-0"
         # otherwise a restart reads on from where the last run stopped: the per-node views
         # (last seqs) are still there, and what came while stopped is read, not taken for
         # missed, as long as the stream still has it
@@ -166,7 +177,11 @@ class RedisEventRelay(EventRelay):
                 newest = await self._reader.xrevrange(self.stream, count=1)
         except TimeoutError:
             return "$"
-        except self.transient_errors:
+        except (self._errors.RedisError, OSError) as exc:
+            if redis_refused(exc, self._errors):
+                # a wrong password, a database index the server does not have: no outage, which
+                # would be retried for ever, showing the dashboard DISCONNECTED with no reason
+                raise RelayRefused(self.public_url, f"{type(exc).__name__}: {exc}") from None
             return "$"
         if not newest:
             return "0-0"

@@ -142,6 +142,17 @@ def _classes(errors: Any, names: tuple[str, ...]) -> tuple[type[BaseException], 
     return tuple(getattr(errors, name) for name in names if hasattr(errors, name))
 
 
+def redis_refused(exc: BaseException, errors: Any) -> bool:
+    """Whether Redis answered ``exc`` for good (an outage passes; a wrong password, a database
+    index the server does not have, does not); ``errors`` is ``redis.exceptions``."""
+    # redis-py counts a refused password as a connection error: it is no outage
+    if isinstance(exc, _classes(errors, _REFUSED_CONNECTIONS)):
+        return True
+    if isinstance(exc, OSError | errors.ConnectionError | errors.TimeoutError):
+        return False
+    return not isinstance(exc, _classes(errors, _PASSING))
+
+
 def _import_redis() -> tuple[Any, Any, Any, Any]:
     """redis-py's asyncio client, its exceptions, Retry and NoBackoff; a clear error without it."""
     try:
@@ -154,7 +165,7 @@ def _import_redis() -> tuple[Any, Any, Any, Any]:
     return redis_asyncio, redis_errors, Retry, NoBackoff
 
 
-def _url_problems(url: object, redis_asyncio: Any) -> list[str]:
+def redis_url_problems(url: object, redis_asyncio: Any) -> list[str]:
     """What makes ``url`` a Redis URL no connection could ever be made with, judged as
     redis-py reads it (which would otherwise fail every call, or quietly use database 0)."""
     if not isinstance(url, str) or urlsplit(url).scheme not in _SCHEMES:
@@ -214,7 +225,7 @@ class RedisLease(ReportsHealth, Lease):
         backoff_max: float | None = None,
     ) -> None:
         self._redis_module, self._redis_errors, self._retry, self._no_backoff = _import_redis()
-        problems = _url_problems(url, self._redis_module)
+        problems = redis_url_problems(url, self._redis_module)
         if not isinstance(key, str) or not key:
             problems.append(f"key must be a non-empty string, got {key!r}")
         try:
@@ -341,14 +352,7 @@ class RedisLease(ReportsHealth, Lease):
         return result
 
     def _refused(self, exc: BaseException) -> bool:
-        """Whether Redis answered ``exc`` for good (an outage passes; a wrong password does not)."""
-        errors = self._redis_errors
-        # redis-py counts a refused password as a connection error: it is no outage
-        if isinstance(exc, _classes(errors, _REFUSED_CONNECTIONS)):
-            return True
-        if isinstance(exc, OSError | errors.ConnectionError | errors.TimeoutError):
-            return False
-        return not isinstance(exc, _classes(errors, _PASSING))
+        return redis_refused(exc, self._redis_errors)
 
     async def close(self) -> None:
         client, self._client = self._client, None

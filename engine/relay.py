@@ -48,6 +48,7 @@ from typing import Any, NamedTuple
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .hop import spawn
+from .jsonsafe import safe_str
 from .bus import DEFAULT_REPLAY, EventBus, check_event
 from .events import BaseEvent, EventsDropped, event_from_json, event_to_json
 from .logs import OutageLog
@@ -141,6 +142,8 @@ class RelayStats(BaseModel):
     missed: int
     malformed: int
     errors: int
+    #: while not connected, why the last round trip failed (shown beside DISCONNECTED)
+    last_error: str | None = None
 
 
 @dataclass(slots=True)
@@ -316,6 +319,7 @@ class EventRelay:
         self.missed = 0
         self.malformed = 0
         self.errors = 0
+        self.last_error: str | None = None
         #: events read a second time (written twice by their bus) and left out
         self.repeated = 0
         #: names the bus this relay publishes, in every record it writes: a batch written
@@ -454,9 +458,10 @@ class EventRelay:
         return out
 
     def stats(self) -> RelayStats:
+        connected = self.connected and not self._send_failing
         return RelayStats(
             stream=self.stream,
-            connected=self.connected and not self._send_failing,
+            connected=connected,
             published=self.published,
             unsent=self.unsent,
             unconfirmed=self.unconfirmed,
@@ -468,6 +473,7 @@ class EventRelay:
             missed=self.missed,
             malformed=self.malformed,
             errors=self.errors,
+            last_error=None if connected else self.last_error,
         )
 
     # ------------------------------------------------------------------ publishing
@@ -531,6 +537,7 @@ class EventRelay:
             raise asyncio.CancelledError from exc
         self.errors += 1
         self.connected = False
+        self.last_error = f"{type(exc).__name__}: {safe_str(exc)}"
         delay = min(BACKOFF_MAX, delay * 2 if delay else BACKOFF_MIN)
         self._outage(doing).failed(exc, f"retrying in {delay:.2g} s, backing off to every {BACKOFF_MAX:g} s")
         await asyncio.sleep(delay)

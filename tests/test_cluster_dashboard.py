@@ -17,6 +17,7 @@ import socket
 import uuid
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 from rich.cells import cell_len
 from rich.text import Text
@@ -133,7 +134,9 @@ async def test_the_header_says_connecting_until_the_first_connection_succeeds_or
     refused.close()  # nothing listens there now
     app = ClusterApp(RedisEventRelay(f"redis://127.0.0.1:{port}/0", stream="test:refused"))
     async with app.run_test(size=(150, 40)):
-        await eventually(lambda: "DISCONNECTED" in header(app), timeout=10.0)
+        # and says why: the header said "(retrying)" and nothing more, whatever the cause
+        await eventually(lambda: "DISCONNECTED (retrying: ConnectionError: " in header(app), timeout=10.0)
+        assert f"127.0.0.1:{port}" in header(app)
     app = ClusterApp(RedisEventRelay(redis_server.url, stream=f"test:{uuid.uuid4().hex[:8]}"))
     async with app.run_test(size=(150, 40)):
         await eventually(lambda: "connected" in header(app) and "connecting" not in header(app), timeout=10.0)
@@ -143,6 +146,34 @@ async def test_the_header_says_connecting_until_the_first_connection_succeeds_or
 def test_attach_names_the_extra_when_the_url_is_bad(capsys: Any) -> None:
     assert cli_main(["attach", "redis://127.0.0.1:1/0", "--stream", ""]) != 0
     assert "stream" in capsys.readouterr().err
+
+
+def test_a_redis_url_or_password_the_server_refuses_is_one_line_that_never_shows_the_password(
+    redis_server: RedisServer, capsys: Any
+) -> None:
+    # a port that is no number, an option value redis-py cannot read and a database index the
+    # server does not have crashed attach with a traceback whose locals showed the password; a
+    # wrong password was retried for ever, the header saying DISCONNECTED and nothing more
+    secret = "Hunter2Secret"
+    sync = redis.Redis(port=redis_server.port)
+    sync.config_set("requirepass", secret)
+    sync.close()
+    port = redis_server.port
+    refusals = {
+        f"redis://:{secret}@127.0.0.1:notaport/0": "Port could not be cast to integer value",
+        f"redis://:{secret}@127.0.0.1:{port}/0?socket_timeout=abc": "Invalid value for 'socket_timeout'",
+        f"redis://:{secret}@127.0.0.1:{port}/99": "refused this relay (ResponseError: DB index is out of range)",
+        f"redis://:wrong-{secret}@127.0.0.1:{port}/0": "refused this relay (AuthenticationError: ",
+        f"redis://127.0.0.1:{port}/0": "refused this relay (AuthenticationError: ",
+    }
+    for url, said in refusals.items():
+        for argv in (["attach", url], ["web", "attach", url]):
+            assert cli_main(argv) == 2, (argv, capsys.readouterr())
+            out, err = capsys.readouterr()
+            assert said in err and err.count("\n") == 1, (argv, err)
+            assert secret not in out + err
+    assert cli_main(["attach", f"redis://:wrong@127.0.0.1:{port}/0", "--stream", "s"]) == 2
+    assert "wrong" not in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- on an in-process stream

@@ -65,6 +65,7 @@ ERROR_ARGS: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
     "PeriodicNotRunnable": (("nightly",), {"run_id": "r1", "status": "running"}),
     "ProtocolError": (("bad",), {}),
     "QueueFull": (("queue 'q'", 10, 19), {}),
+    "RelayRefused": (("redis://h", "AuthenticationError: WRONGPASS"), {}),
     "RemoteError": (("Custom", "it broke", {"why": 1}), {}),
     "ReplyTooLarge": (("the snapshot", 2_000_000, 1_000_000), {}),
     "RunNotCancellable": (("r1", "succeeded"), {}),

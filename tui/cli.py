@@ -835,11 +835,9 @@ def _attach_cluster(url: str, stream: str) -> int:
 
     from .cluster import ClusterApp
 
-    try:
-        relay = RedisEventRelay(url, stream=stream)
-    except TaskwatchError as exc:
-        return fail(str(exc))
-    return run_dashboard(ClusterApp(relay))
+    if (refused := _cannot_watch(url, stream=stream)) is not None:
+        return fail(refused)
+    return run_dashboard(ClusterApp(RedisEventRelay(url, stream=stream)))
 
 
 def _attach_database(url: str, lease: str, *, confirm: bool) -> int:
@@ -847,23 +845,42 @@ def _attach_database(url: str, lease: str, *, confirm: bool) -> int:
 
     from .cluster import ClusterApp
 
+    if (refused := _cannot_watch(url, lease=lease)) is not None:
+        return fail(refused)
+    return run_dashboard(ClusterApp(ClusterObserver(url, lease=lease or None), confirm=confirm))
+
+
+def _cannot_watch(url: str, *, stream: str = DEFAULT_STREAM, lease: str = DEFAULT_LEASE) -> str | None:
+    """Why the cluster at ``url`` (a Redis stream, a PostgreSQL database) cannot be watched, on
+    one plain line before a screen is taken or a browser tab opened; None if it can be.
+
+    The source is opened once and closed: a URL that cannot be read, a password or database
+    the server refuses, and a database that is no cluster's are told here. A Redis server out
+    of reach is not: the dashboard shows it DISCONNECTED, with why, until it answers.
+    """
+    from taskwatch.engine import ClusterObserver, RedisEventRelay
+
+    def make() -> Any:
+        if attach_kind(url) == "redis":
+            return RedisEventRelay(url, stream=stream)
+        return ClusterObserver(url, lease=lease or None)
+
     try:
-        observer = ClusterObserver(url, lease=lease or None)
+        public = make().public_url
     except TaskwatchError as exc:
-        return fail(str(exc))
+        return str(exc)
     try:
-        # a database that cannot be watched is said on one plain line, before the screen is taken
-        asyncio.run(_can_watch(ClusterObserver(url, lease=lease or None)))
+        asyncio.run(_open_and_close(make()))
     except (TaskwatchError, OSError) as exc:
-        return fail(f"cannot watch {observer.public_url}: {exc}")
-    return run_dashboard(ClusterApp(observer, confirm=confirm))
+        return f"cannot watch {public}: {exc}"
+    return None
 
 
-async def _can_watch(observer: Any) -> None:
-    """Open ``observer`` (a ClusterObserver: it checks the database's tables and schema
-    version, and reads the cluster once) and close it again."""
-    await observer.start()
-    await observer.stop()
+async def _open_and_close(source: Any) -> None:
+    """Start ``source`` (a ClusterObserver checks the database's tables and schema version and
+    reads the cluster once; a relay asks its stream for its newest entry) and stop it again."""
+    await source.start()
+    await source.stop()
 
 
 def _web(opts: argparse.Namespace) -> int:
@@ -903,6 +920,9 @@ def _web(opts: argparse.Namespace) -> int:
             return fail(str(exc))
     elif attach_kind(opts.target[1]) == "engine" and (refused := _cannot_attach(opts.target[1], token)):
         # tried once here: an engine that is not there, or turns the token away, is one line, not a failed tab each
+        return fail(refused)
+    elif attach_kind(opts.target[1]) != "engine" and (refused := _cannot_watch(opts.target[1])) is not None:
+        # so is a cluster that cannot be watched: each tab would close blank, saying nothing
         return fail(refused)
     try:
         socks = server.bind()

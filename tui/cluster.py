@@ -222,6 +222,13 @@ class ClusterApp(PlainApp):
                 self.manage = False
                 self.exit(return_code=2, message=f"taskwatch: cannot watch {self.source.public_url}: {exc}")
                 return
+            except Exception as exc:  # noqa: BLE001 - a client's own error: one line, not a traceback
+                # whose locals (the URL, the client's options) would show the password
+                self.manage = False
+                self.exit(
+                    return_code=2, message=f"taskwatch: cannot watch {self.source.public_url}: {type(exc).__name__}: {exc}"
+                )
+                return
         self._draw()
         self._timer = self.set_interval(1 / self.refresh_hz, self._draw)
         if self.observer is not None:
@@ -259,7 +266,9 @@ class ClusterApp(PlainApp):
         elif stats.errors == 0 and stats.received == 0:
             link = "[yellow]connecting…[/]"  # not failed yet: the first connection is under way
         else:
-            link = "[bold red]DISCONNECTED[/] (retrying)"
+            # why, where known: a wrong password met after the start is retried as an outage is
+            why = f": {as_written(stats.last_error)}" if stats.last_error else ""
+            link = f"[bold red]DISCONNECTED[/] (retrying{why})"
         missed = f"[bold red]{stats.missed} missed[/]" if stats.missed else "0 missed"
         parts = [f"[b]{as_written(stats.stream)}[/] on {as_written(self.source.public_url)}", link,
                  f"{len(nodes)} nodes", f"{stats.received} events", missed]  # fmt: skip
