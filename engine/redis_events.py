@@ -119,7 +119,10 @@ class RedisEventRelay(EventRelay):
             bus, stream=stream, batch=batch, linger=linger, max_pending=max_pending, from_start=since == "0",
             replay=replay,
         )
-        self.transient_errors = (self._errors.ConnectionError, self._errors.TimeoutError, OSError)
+        # every error Redis answers is retried, with its reason shown, as an outage is: one the
+        # server keeps giving after the start (the stream's key made another type, a password
+        # changed) must not end the loop that met it, leaving the relay deaf and "connected"
+        self.transient_errors = (self._errors.RedisError, OSError)
         self.url = url
         self.maxlen = maxlen
         self.since = since

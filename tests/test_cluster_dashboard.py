@@ -143,6 +143,30 @@ async def test_the_header_says_connecting_until_the_first_connection_succeeds_or
     assert not stray_tasks()
 
 
+async def test_a_stream_the_server_stops_serving_after_the_start_is_retried_and_shown(
+    redis_server: RedisServer,
+) -> None:
+    # an error Redis answers after the start (the stream's key made another type) ended the
+    # loop that met it: the dashboard read nothing more and went on saying "connected"
+    stream = f"test:{uuid.uuid4().hex[:8]}"
+    engine = node_engine(redis_server.url, "api-1", stream)
+    app = ClusterApp(RedisEventRelay(redis_server.url, stream=stream))
+    sync = redis.Redis(port=redis_server.port)
+    try:
+        async with engine, app.run_test(size=(150, 40)):
+            await eventually(lambda: "connected" in header(app) and "connecting" not in header(app), timeout=10.0)
+            sync.delete(stream)
+            sync.set(stream, "not a stream")
+            await eventually(lambda: "DISCONNECTED (retrying: ResponseError: WRONGTYPE" in header(app), timeout=10.0)
+            sync.delete(stream)
+            await engine.submit("hello")  # its events reach the dashboard again
+            await eventually(lambda: any("run.succeeded" in line for line in log_lines(app)), timeout=10.0)
+            assert "DISCONNECTED" not in header(app)
+    finally:
+        sync.close()
+    assert not stray_tasks()
+
+
 def test_attach_names_the_extra_when_the_url_is_bad(capsys: Any) -> None:
     assert cli_main(["attach", "redis://127.0.0.1:1/0", "--stream", ""]) != 0
     assert "stream" in capsys.readouterr().err
