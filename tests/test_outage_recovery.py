@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from taskwatch.engine.store import NewRun, PostgresStore
+from taskwatch.engine.runs import RunStatus
+from taskwatch.engine.store import NewRun, PostgresStore, Succeeded
 
 from .postgres_server import PostgresServer
 from .test_cluster import database, executions, start, wait_until
@@ -178,3 +179,27 @@ async def test_after_an_outage_no_node_is_judged_silent_until_it_could_have_been
         (item,) = await recovered()
         assert (item.run_id, item.reason, item.action) == (run.id, "owner_silent", "requeued")
         assert time.monotonic() - back >= node_ttl - 0.5
+
+
+async def test_after_an_outage_a_claim_that_ran_out_through_it_stays_its_live_owners(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    # no claim can be renewed while the database is down: just after it, the node back first
+    # took the other's claims as lease_expired, and runs that node had finished meanwhile ran
+    # a second time, their outcomes refused
+    node_ttl = 3 * TTL
+    a = PostgresStore(postgres_url, lease_ttl=TTL, node_ttl=node_ttl, reconnect_timeout=30)
+    b = PostgresStore(postgres_url, lease_ttl=TTL, node_ttl=node_ttl, reconnect_timeout=30)
+    async with a, b:
+        await a.register_node("a", "ia", "test")
+        await b.register_node("b", "ib", "test")
+        (run,) = await a.insert([NewRun("t")])
+        (claim,) = await a.claim("a", "ia", 1, {"t": None})
+        # the outage outlasts the claim's lease (and b's first call after it is a recovery)
+        (found,) = await outage(postgres_server, TTL + 1.5, b.recover())
+        assert found == []
+        assert await b.recover() == []
+        # a's outcome, finished while the database was down, lands with its claim's token
+        assert await a.finish(claim.token, Succeeded(result=1)) is RunStatus.SUCCEEDED
+        stored = await b.get(run.id)
+        assert stored is not None and (stored.status, stored.attempt, stored.lost_count) == (RunStatus.SUCCEEDED, 1, 0)

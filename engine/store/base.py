@@ -90,6 +90,13 @@ class Subscription:
         return self.poll()
 
 
+def in_outage_grace(now: float, node_ttl: float, answering_since: float | None) -> bool:
+    """Whether the store began to answer again after an outage too recently for silence to prove
+    anything: no node could heartbeat, nor renew a claim, while it was out of reach, and each
+    gets ``node_ttl`` of an answering store to be heard from again (see :func:`gone_incarnations`)."""
+    return answering_since is not None and answering_since > now - node_ttl
+
+
 def gone_incarnations(
     nodes: Iterable[NodeInfo], now: float, node_ttl: float, *, answering_since: float | None = None
 ) -> dict[str, LostReason]:
@@ -102,7 +109,7 @@ def gone_incarnations(
     answering store to be heard from: until then no node is judged silent.
     """
     gone: dict[str, LostReason] = {}
-    silence_counts = answering_since is None or answering_since <= now - node_ttl
+    silence_counts = not in_outage_grace(now, node_ttl, answering_since)
     newest: dict[str, NodeInfo] = {}
     rows = list(nodes)
     for n in rows:
@@ -195,11 +202,15 @@ def lost_reason(
     now: float,
     gone: Mapping[str, LostReason],
     live: Collection[str] | None,
+    held: Collection[str] = (),
 ) -> LostReason | None:
     """Why a running run is lost, or None while its owner may still hold it.
 
     A missing node row proves nothing (it may have been pruned or never
     written), so such a run is recovered only once its lease expired.
+    ``held``: owners whose leases running out proves nothing yet (live node rows, just after
+    an outage through which no claim could be renewed: see :func:`in_outage_grace`); their
+    finished runs' outcomes and renewals are on their way.
     """
     if incarnation is not None:
         why = gone.get(incarnation)
@@ -208,7 +219,7 @@ def lost_reason(
         if live is not None and incarnation not in live:
             return "owner_not_live"
     if lease_until is None or lease_until < now:
-        return "lease_expired"
+        return None if incarnation in held else "lease_expired"
     return None
 
 

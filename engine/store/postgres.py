@@ -59,6 +59,7 @@ from .base import (
     Store,
     adoptable,
     gone_incarnations,
+    in_outage_grace,
     lost_reason,
     merge_taken,
     merge_trigger_records,
@@ -1383,20 +1384,24 @@ class PostgresStore(Store):
         # others by what they could have done since, and re-queues at the time it does it
         now = self.clock()
         nodes = self._run_rows.nodes(await tx.fetch(Q.ALL_NODES, {}))
-        gone = gone_incarnations(nodes.nodes, now, self.node_ttl, answering_since=self.answering_since())
+        answering_since = self.answering_since()
+        gone = gone_incarnations(nodes.nodes, now, self.node_ttl, answering_since=answering_since)
         known = nodes.known
+        # just after an outage, a claim whose lease ran out through it is its live owner's still:
+        # taken at once, a run that owner finished meanwhile ran a second time, its outcome refused
+        held = known.difference(gone) if in_outage_grace(now, self.node_ttl, answering_since) else frozenset()
         out: list[Recovered] = []
         # every running claim is read without a lock (heartbeats and finishes of healthy
         # claims never wait for a recovery); the lost ones are then locked and judged again
         # on what they hold now, skipping those another node is recovering or finishing
         lost = [
             r[0] for r in await tx.fetch(_UNLOCKED_CLAIMS, {})
-            if lost_reason(r[4], claim_lease(r[4], r[6], known), now, gone, live)
+            if lost_reason(r[4], claim_lease(r[4], r[6], known), now, gone, live, held)
         ]  # fmt: skip
         if not lost:
             return out
         for row in await tx.fetch(Q.PG_LOCK_CLAIMS, {"seqs": lost}):
-            step = recovery_step(row, now, gone, live, self.max_lost, known)
+            step = recovery_step(row, now, gone, live, self.max_lost, known, held)
             if step is None:
                 continue  # judged again on what it holds now: it was heartbeaten or finished meanwhile
             await tx.fetch(step.sql, step.args)

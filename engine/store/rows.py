@@ -531,6 +531,7 @@ def recovery_step(
     live: Collection[str] | None,
     max_lost: int,
     known: Collection[str] = (),
+    held: Collection[str] = (),
 ) -> RecoveryStep | None:
     """The step for a claim row of ``queries.RUNNING_CLAIMS``'s columns; None while its owner may hold it.
 
@@ -538,7 +539,7 @@ def recovery_step(
     recovering transaction and book the record's action (totals, wakeups) the same way.
     """
     seq, run_id, task, node, inc, token, lease_until, cancel_req, lost_count, on_lost, attempt = row
-    why = lost_reason(inc, claim_lease(inc, lease_until, known), now, gone, live)
+    why = lost_reason(inc, claim_lease(inc, lease_until, known), now, gone, live, held)
     if why is None:
         return None
     # (a count changed by hand into no count is none)
