@@ -79,6 +79,11 @@ NODE_PRUNE_INTERVAL = 60.0
 #: the store's errors that trying again cannot help: it is closed, or its stopping engine gave up on it
 _GIVE_UP = (StoreClosed, StoreGaveUp)
 
+#: an outcome write the store keeps failing is logged at each try until this one, which says it
+#: is kept until the store answers; tried again at most every _OUTCOME_RETRY_MAX seconds
+_OUTCOME_TRIES_TOLD = 8
+_OUTCOME_RETRY_MAX = 1.0
+
 _PENDING = RunStatus.PENDING
 _RUNNING = RunStatus.RUNNING
 _SUCCEEDED = RunStatus.SUCCEEDED
@@ -344,6 +349,10 @@ class Execution:
             self.index.counts[_RUNNING] -= 1
             self.index.counts[_PENDING] += 1
             run.status = _PENDING
+        # a cancel asked of an earlier attempt whose request never reached the store (it was out
+        # of reach): this attempt's is the store's to tell, with the claim's heartbeats. Kept, it
+        # made this attempt's success read as a cancel the task swallowed
+        run.cancel_reason = None
         # the store's: a stop may have cut an attempt short elsewhere, which gave the run one more
         run.max_attempts = claim.max_attempts
         if claim.error is not None:
@@ -858,12 +867,15 @@ class Execution:
             self.executor.wake()
 
     async def _write_outcome(self, run: Run, token: str, outcome: Outcome) -> RunStatus | None:
-        """``store.finish``, tried again while the store is busy and the claim still holds.
+        """``store.finish``, tried again until the store answers it (or closes, or its stopping
+        engine's time for last writes runs out: the store's error is raised then).
 
-        The claim stays heartbeaten meanwhile, so a store that is merely busy keeps it
-        alive; the writer gives up (raising the store's error) once the claim's lease has
-        run out unrenewed, when recovery takes the run anyway, or at once if the store closed.
-        A store whose claims this node does not track gets 8 tries.
+        The claim stays heartbeaten meanwhile, so a store that is merely busy keeps it alive.
+        Through an outage that outlasts the claim's lease the outcome is kept too, and written
+        once the store answers: the store takes it while the claim is still this attempt's (no
+        other node takes a live node's claim just after an outage) and refuses it, with no
+        harm, once another node has taken the run. Given up at the lease's end, as it was, a
+        run that had finished ran a second time.
         """
         delay = 0.05
         tries = 0
@@ -871,13 +883,19 @@ class Execution:
             try:
                 return await self.store.finish(token, outcome, _last_progress(run))
             except StoreError as exc:
-                tries += 1
-                left = self.executor.lease_left(token)
-                if isinstance(exc, _GIVE_UP) or (tries >= 8 if left is None else left <= delay):
+                if isinstance(exc, _GIVE_UP):
                     raise
-                log.info("writing the outcome of run %s: %s; trying again in %g s", run.id, exc, delay)
+                tries += 1
+                # each try said, the later ones at DEBUG: an outage of minutes is one warning
+                level = logging.INFO if tries < _OUTCOME_TRIES_TOLD else logging.DEBUG
+                log.log(level, "writing the outcome of run %s: %s; trying again in %g s", run.id, exc, delay)
+                if tries == _OUTCOME_TRIES_TOLD:
+                    log.warning(
+                        "writing the outcome of run %s keeps failing (%s): it is kept, and written once the "
+                        "store answers (tried every %g s)", run.id, exc, _OUTCOME_RETRY_MAX,
+                    )  # fmt: skip
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                delay = min(delay * 2, _OUTCOME_RETRY_MAX)
 
     def _apply_outcome(
         self, run: Run, token: str, outcome: Outcome, error: RunError | None, status: RunStatus | None,

@@ -323,12 +323,6 @@ class Executor:
                 self._queued_log.succeeded()
             self._inserted(batch, inserted)
 
-    def lease_left(self, token: str) -> float | None:
-        """Seconds until the lease of the claim ``token`` runs out as this node last renewed it
-        (less than 0 once it has); None for a claim whose lease this node does not track."""
-        until = self._until.get(token)
-        return None if until is None else until - time.monotonic()
-
     def room(self) -> tuple[int, Mapping[str, int | None]]:
         """Free slots in all, and per task this node can run (None: no limit of its own)."""
         free = self.max_concurrency - self.running

@@ -406,7 +406,7 @@ async def test_an_outcome_write_waits_out_a_busy_file_while_its_claim_holds(
         await go.wait()
         return "written"
 
-    caplog.set_level(logging.INFO, logger="taskwatch.engine")
+    caplog.set_level(logging.DEBUG, logger="taskwatch.engine")
     async with engine:
         handle = await engine.submit("waits")
         await eventually(lambda: executions == [1])

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from taskwatch.engine import Engine, TaskContext
 from taskwatch.engine.runs import RunStatus
 from taskwatch.engine.store import NewRun, PostgresStore, Succeeded
 
@@ -203,3 +204,39 @@ async def test_after_an_outage_a_claim_that_ran_out_through_it_stays_its_live_ow
         assert await a.finish(claim.token, Succeeded(result=1)) is RunStatus.SUCCEEDED
         stored = await b.get(run.id)
         assert stored is not None and (stored.status, stored.attempt, stored.lost_count) == (RunStatus.SUCCEEDED, 1, 0)
+
+
+async def test_a_run_that_finishes_during_a_long_outage_has_its_outcome_written_once_it_is_over(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    # its outcome write gave up once the claim's lease had run out through the outage (8 tries):
+    # the succeeded run was then recovered and ran a second time
+    store = PostgresStore(postgres_url, lease_ttl=TTL, node_ttl=3 * TTL, reconnect_timeout=0.3)
+    engine = Engine(store=store, health_interval=None)
+    started, finish = asyncio.Event(), asyncio.Event()
+    ran = 0
+
+    @engine.task
+    async def work(ctx: TaskContext) -> int:
+        nonlocal ran
+        ran += 1
+        started.set()
+        await finish.wait()
+        return ran
+
+    async with engine:
+        handle = await engine.submit("work")
+        await asyncio.wait_for(started.wait(), 10)
+        await asyncio.to_thread(postgres_server.stop, "fast")
+        try:
+            finish.set()  # it finishes while the database is down
+            down_at = time.monotonic()
+            # long past the lease, and the 8 tries the write used to get
+            await asyncio.to_thread(wait_until, lambda: time.monotonic() - down_at >= 4 * TTL, 5 * TTL, "the outage")
+        finally:
+            await asyncio.to_thread(postgres_server.start)
+        record = await handle.wait(30)
+        assert (record.status, record.result, record.attempt) == (RunStatus.SUCCEEDED, 1, 1)
+        stored = await store.get(handle.id)
+        assert stored is not None and (stored.status, stored.attempt, stored.lost_count) == (RunStatus.SUCCEEDED, 1, 0)
+    assert ran == 1
