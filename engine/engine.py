@@ -2020,6 +2020,7 @@ class Engine:
             retries_total=index.retries_total,
             throughput=index.throughput(),
             throughput_window=index.throughput_window,
+            cut_off_for=self._executor.cut_off_for(),
             queues={
                 q.name: {
                     "depth": q.depth,

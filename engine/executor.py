@@ -207,6 +207,10 @@ class Executor:
         """True while this node cannot renew its claims (see the watchdog)."""
         return self._cut_since is not None
 
+    def cut_off_for(self) -> float | None:
+        """Seconds since this node last renewed its claims, while it is cut off; None otherwise."""
+        return None if self._cut_since is None else time.monotonic() - self._renewed_at
+
     @property
     def superseded(self) -> bool:
         """True once the store said a later start of this node id replaced this incarnation."""

@@ -250,6 +250,10 @@ class EngineStats(BaseModel):
     triggers: dict[str, dict[str, int]] = Field(default_factory=dict)
     supervised: dict[str, dict[str, Any]] = Field(default_factory=dict)
     bus: dict[str, int] = Field(default_factory=dict)
+    #: while this node cannot reach its store (it has stepped down: it claims nothing and
+    #: leads nothing), seconds since it last renewed its claims; None while it reaches it. A
+    #: health check reads "running" and this together: a cut-off node runs, but does no work
+    cut_off_for: float | None = None
 
 
 class Run:

@@ -40,6 +40,7 @@ from taskwatch.engine.store import NewRun, PostgresStore, Succeeded
 
 from .postgres_server import PostgresServer
 from .test_cluster import database, executions, start, wait_until
+from .helpers import eventually
 from .test_durable import Child
 
 #: the lease and node TTL of both nodes, and how long the server stays down (well past it)
@@ -231,10 +232,14 @@ async def test_a_run_that_finishes_during_a_long_outage_has_its_outcome_written_
         try:
             finish.set()  # it finishes while the database is down
             down_at = time.monotonic()
+            assert engine.stats().cut_off_for is None
+            # a health check sees the node cut off (it said "running" and nothing more)
+            await eventually(lambda: (engine.stats().cut_off_for or 0) > TTL, timeout=4 * TTL)
             # long past the lease, and the 8 tries the write used to get
             await asyncio.to_thread(wait_until, lambda: time.monotonic() - down_at >= 4 * TTL, 5 * TTL, "the outage")
         finally:
             await asyncio.to_thread(postgres_server.start)
+        await eventually(lambda: engine.stats().cut_off_for is None, timeout=30)
         record = await handle.wait(30)
         assert (record.status, record.result, record.attempt) == (RunStatus.SUCCEEDED, 1, 1)
         stored = await store.get(handle.id)
