@@ -270,6 +270,20 @@ async def test_failures_list_updated_before_mount_shows_them_once_mounted() -> N
         assert "KeyError: gone" in "\n".join(drawn_lines(failures))
 
 
+async def test_failures_list_shows_a_recovered_runs_tries_as_the_other_widgets_do() -> None:
+    # recovery runs a run allowed one try as its attempt 2 (the lost try counts): the runs table
+    # and the detail said "2/2", the failures list "2/1", in its row and its detail line
+    failures = FailuresList()
+    lost = record(
+        "run-lost-1", status=RunStatus.FAILED, attempt=2, max_attempts=1, error=RunError(type="WorkerLost", message="x")
+    )
+    async with Host(failures).run_test(size=(120, 40)) as pilot:
+        failures.update([lost], [])
+        await pilot.pause()
+        text = "\n".join(drawn_lines(failures))
+        assert "2/2" in text and "2/1" not in text
+
+
 async def test_event_log_and_store_badge_refuse_what_they_could_not_draw_and_change_nothing() -> None:
     log, badge = EventLog(), StoreBadge()
     async with Host(log, badge).run_test(size=(100, 12)) as pilot:

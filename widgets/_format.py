@@ -10,9 +10,12 @@ import json
 import math
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.cells import cell_len, set_cell_size
+
+if TYPE_CHECKING:
+    from taskwatch.engine import RunRecord
 
 #: Run status colours, as ``celery events`` users expect them.
 STATUS_STYLES: dict[str, str] = {
@@ -201,3 +204,13 @@ def compact(value: Any, limit: int = 40) -> str:
     if len(text) > limit:
         text = text[: limit - 1] + "…"
     return text
+
+
+def attempt_budget(record: RunRecord) -> int:
+    """The tries ``record`` may take, the ones taken counted: its ``max_attempts``, or its
+    attempt when that is higher. Recovery puts a run whose node was lost back as its next
+    attempt without raising ``max_attempts`` (the lost try counts; losses are bounded by the
+    store's ``max_lost`` instead), so a run allowed one try can be on its second. A failure is
+    retried while the attempt is below this, as the engine judges it (``attempt <
+    max_attempts``); shown as "2/2", not "2/1"."""
+    return max(record.max_attempts, record.attempt)

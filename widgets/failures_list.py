@@ -16,7 +16,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import Static
 
-from ._format import DASH, fmt_clock, printable, printable_lines, short_id
+from ._format import DASH, attempt_budget, fmt_clock, printable, printable_lines, short_id
 from ._keyed_rows import NAME_WIDTH
 from ._keyed_table import Cell, Column, KeyedTable
 
@@ -198,7 +198,7 @@ def _cells(item: _Item) -> tuple[Cell, ...]:
             ("run", "red"),
             (printable(item.task), "bold"),
             (printable(short_id(item.id)), "dim"),
-            (f"{item.attempt}/{item.max_attempts}", "yellow" if item.attempt > 1 else ""),
+            (f"{item.attempt}/{attempt_budget(item)}", "yellow" if item.attempt > 1 else ""),
             (_error_line(item.error), "red"),
             (fmt_clock(_run_time(item)), ""),
         )
@@ -221,7 +221,7 @@ def _detail(item: _Item | None, listed: bool = False) -> RenderableType:
     if isinstance(item, RunRecord):
         title = Text.assemble(
             ("run ", "dim"), (printable(item.id), "bold"), ("  task ", "dim"), (printable(item.task), "bold"),
-            ("  attempt ", "dim"), f"{item.attempt}/{item.max_attempts}",
+            ("  attempt ", "dim"), f"{item.attempt}/{attempt_budget(item)}",
             ("  failed at ", "dim"), fmt_clock(_run_time(item)),
         )
         error = item.error

@@ -18,7 +18,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import ProgressBar, Static
 
 from ._format import DASH, fmt_clock, fmt_duration, pretty_json, printable, printable_lines, status_style
-from .runs_table import attempt_budget
+from ._format import attempt_budget
 
 _UNSET: Any = object()
 

@@ -26,7 +26,7 @@ from taskwatch.engine import InvalidStatus, RunRecord, RunStatus, StoredRun
 from textual.binding import Binding
 from textual.message import Message
 
-from ._format import DASH, fmt_clock, fmt_duration, progress_bar, short_id, status_style
+from ._format import DASH, attempt_budget, fmt_clock, fmt_duration, progress_bar, short_id, status_style
 from ._keyed_table import Cell, Column
 from ._virtual_table import VirtualTable
 
@@ -39,16 +39,6 @@ MARKED_STYLE = "bold black on yellow"
 
 #: progress bar cells: 7 blocks and " 100%" fill the 12-wide progress column
 _BAR_WIDTH = 7
-
-
-def attempt_budget(record: RunRecord) -> int:
-    """The tries ``record`` may take, the ones taken counted: its ``max_attempts``, or its
-    attempt when that is higher. Recovery puts a run whose node was lost back as its next
-    attempt without raising ``max_attempts`` (the lost try counts; losses are bounded by the
-    store's ``max_lost`` instead), so a run allowed one try can be on its second. A failure is
-    retried while the attempt is below this, as the engine judges it (``attempt <
-    max_attempts``); shown as "2/2", not "2/1"."""
-    return max(record.max_attempts, record.attempt)
 
 
 def run_cells(record: RunRecord, now: float, marked: bool = False) -> tuple[Cell, ...]:
