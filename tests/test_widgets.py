@@ -836,6 +836,47 @@ async def test_params_form_enter_submits_parsed_params() -> None:
         assert submitted.params["user_id"] == "u-9" and submitted.params["contents"] == ["z"]
 
 
+class Tree(BaseModel):
+    name: str
+    children: list[Tree] = []
+
+
+class Toggles(BaseModel):
+    dry_run: bool = False
+
+
+def info_of(name: str, model: type[BaseModel]) -> TaskInfo:
+    return TaskInfo(
+        name=name, kind="task", description="", submittable=True, retries=0, timeout=None, concurrency=None,
+        params_schema=model.model_json_schema(),
+    )
+
+
+async def test_params_form_takes_a_model_that_refers_to_itself_and_submits_without_a_text_field() -> None:
+    # a tree's schema is all in $defs, its top a $ref: the form said "This task takes no params."
+    # and gave {}, which the engine refused; and a form of switches only could not post Submitted
+    assert set(Tree.model_json_schema()) == {"$defs", "$ref"}
+    tree, toggles = ParamsForm(info_of("tree", Tree)), ParamsForm(info_of("toggles", Toggles))
+    host = Host(tree, toggles)
+    async with host.run_test(size=SIZE) as pilot:
+        assert [spec.name for spec in tree.fields] == ["name", "children"]
+        tree.field_widget("name").value = "root"
+        tree.field_widget("children").value = '[{"name": "leaf"}]'
+        assert tree.submit()
+        toggles.field_widget("dry_run").value = True
+        assert toggles.submit()
+        await pilot.pause()
+        assert [m.params for m in host.of(ParamsForm.Submitted)] == [
+            {"name": "root", "children": [{"name": "leaf"}]},
+            {"dry_run": True},
+        ]
+        assert Tree.model_validate(host.of(ParamsForm.Submitted)[0].params).children[0].name == "leaf"
+        tree.field_widget("children").value = "[not json"
+        assert not tree.submit()  # told under its field, nothing posted
+        await pilot.pause()
+        assert len(host.of(ParamsForm.Submitted)) == 2 and tree.field_error("children")
+
+
 # ---------------------------------------------------------------- EventLog
 
 

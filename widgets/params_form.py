@@ -110,6 +110,12 @@ class FieldSpec:
 def fields_from_schema(schema: Mapping[str, Any]) -> list[FieldSpec]:
     """The fields of an object JSON schema, in declaration order."""
     defs: Mapping[str, Any] = schema.get("$defs") or schema.get("definitions") or {}
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and "properties" not in schema:
+        # a model that refers to itself (a tree's children) is all in $defs, its top a reference
+        target = defs.get(ref.rsplit("/", 1)[-1])
+        if isinstance(target, Mapping):
+            schema = target
     required = set(schema.get("required") or ())
     return [
         _field(name, prop if isinstance(prop, Mapping) else {}, name in required, defs)
@@ -261,7 +267,7 @@ class ParamsForm(Widget):
     OTHER_PARAMS = "(other params)"
 
     class Submitted(Message):
-        """Enter was pressed in a field and every field parsed."""
+        """Enter was pressed in a field (or :meth:`submit` called) and every field parsed."""
 
         def __init__(self, form: ParamsForm, params: dict[str, Any]) -> None:
             self.form = form
@@ -562,11 +568,22 @@ class ParamsForm(Widget):
     @on(Input.Submitted)
     def _submitted(self, event: Input.Submitted) -> None:
         event.stop()
+        self.submit()
+
+    def submit(self) -> bool:
+        """Post :class:`Submitted` with the params the fields hold, as Enter in a field does;
+        False (each problem shown under its field) when a field does not parse. For a form with
+        no text field to press Enter in (switches and choices only, or no params): call it
+        from a button of the app's, or bind a key to ``action_submit``."""
         try:
             params = self.collect()
         except ParamsFormError:
-            return
+            return False
         self.post_message(self.Submitted(self, params))
+        return True
+
+    def action_submit(self) -> None:
+        self.submit()
 
 
 _QUOTED_HINT = (
