@@ -1011,6 +1011,25 @@ async def test_event_log_cursor_follows_the_newest_line_and_enter_or_a_click_cho
         assert log.chosen is not None and log.chosen.seq == 61
 
 
+async def test_an_event_log_line_chosen_that_goes_off_the_top_leaves_nothing_chosen() -> None:
+    # the cursor landed on the oldest line left, and Enter chose an event never picked
+    log = EventLog(max_lines=20)
+    host = Host(log)
+    async with host.run_test(size=(120, 12)) as pilot:
+        log.add_events([ev("run.submitted", seq) for seq in range(1, 21)])
+        log.focus()
+        await pilot.press("up", "up")
+        assert log.chosen is not None and log.chosen.seq == 18
+        log.add_events([ev("run.submitted", seq) for seq in range(21, 45)])  # 18 goes off the top
+        await pilot.pause()
+        assert log.chosen is None and log.cursor_index is None
+        await pilot.press("enter")
+        await pilot.pause()
+        assert host.of(EventLog.EventChosen) == []
+        await pilot.press("down")  # a key starts again from the oldest line
+        assert log.chosen is not None and log.chosen.seq == 25
+
+
 async def test_event_log_draws_its_cursor_line_highlighted_only_with_focus() -> None:
     log = EventLog()
     host = Host(log)

@@ -351,12 +351,15 @@ class EventLog(RichLog):
 
     @property
     def cursor_index(self) -> int | None:
-        """The chosen line's position among the lines drawn now (None when there are none)."""
+        """The chosen line's position among the lines drawn now (None when there are none, or
+        when the chosen line went off the top: no other line is taken for it)."""
         if not self._shown:
             return None
         if self._cursor is None:
             return len(self._shown) - 1
-        return max(0, self._cursor - self._dropped)
+        if self._cursor < self._dropped:
+            return None
+        return self._cursor - self._dropped
 
     @property
     def chosen(self) -> BaseEvent | None:
@@ -493,11 +496,15 @@ class EventLog(RichLog):
         index = self.cursor_index
         if index is not None:
             self._move_to(index - 1)
+        else:
+            self._move_to(0)  # the chosen line went off the top: start again from the oldest
 
     def action_cursor_down(self) -> None:
         index = self.cursor_index
         if index is not None:
             self._move_to(index + 1)
+        else:
+            self._move_to(0)
 
     def action_cursor_first(self) -> None:
         self._move_to(0)
