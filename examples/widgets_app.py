@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from pydantic import BaseModel
-from taskwatch.engine import Engine, TaskContext
+from taskwatch.engine import Engine, RunNotFound, TaskContext
 from taskwatch.widgets import CountsBar, EventLog, RunsTable
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -46,7 +46,15 @@ class Jobs(App[None]):
             return  # the app is closing: its widgets may be gone before this timer is
         stats = engine.stats()
         self.query_one(CountsBar).update(stats.by_status, self.events.dropped, paused=False)
-        self.query_one(RunsTable).update_runs(engine.runs(limit=200), now=time.time())
+        table = self.query_one(RunsTable)
+        runs = engine.runs(limit=200)
+        # rows shown going that newer runs pushed out of those 200: read again, to their ends
+        for run_id in table.active_run_ids - {r.id for r in runs}:
+            try:
+                runs.append(engine.get(run_id))
+            except RunNotFound:
+                table.remove_runs([run_id])  # let go by the engine's history
+        table.update_runs(runs, now=time.time())
         self.query_one(EventLog).add_events(self.events.get_batch())
 
     def on_runs_table_run_selected(self, message: RunsTable.RunSelected) -> None:

@@ -196,6 +196,13 @@ class RunsTable(VirtualTable):
     def filter_text(self) -> str:
         return self._text
 
+    @property
+    def active_run_ids(self) -> frozenset[str]:
+        """The runs the table shows pending or running. A feed of the newest runs only (an
+        engine's ``runs(limit=N)``) leaves out one that a burst of newer runs pushed past ``N``
+        while it went on: read these again by id, or their rows keep an end they never get."""
+        return frozenset(self._active_ids)
+
     def record(self, run_id: str) -> RunRecord | None:
         """The last record passed in for ``run_id`` (shown or filtered out)."""
         return self._records.get(run_id)
