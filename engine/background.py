@@ -51,7 +51,7 @@ import urllib.parse
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypedDict, TypeVar, Unpack, overload
+from typing import TYPE_CHECKING, Any, Concatenate, NamedTuple, ParamSpec, TypedDict, TypeVar, Unpack, overload
 
 from pydantic import BaseModel
 
@@ -296,8 +296,8 @@ class BackgroundEngine:
         self._dashboard_dir: str | None = None
         self._dashboard_endpoint_lock = threading.Lock()
         self._dashboards: list[subprocess.Popen[bytes]] = []
-        #: the port each dashboard listens on, by its process id
-        self._dashboard_ports: dict[int, int] = {}
+        #: where each dashboard listens and what dashboard() returned for it, by its process id
+        self._dashboard_shown: dict[int, _WebDashboard] = {}
         # the loop thread starts with a context of its own, not the launcher's: in a notebook the
         # kernel keeps the cell that ran in a context variable, and runs would print (and the
         # engine log) into the cell that started the engine, long finished, instead of the one running
@@ -1084,8 +1084,12 @@ class BackgroundEngine:
     def dashboard(self, port: int = 8000, *, host: str = "127.0.0.1", ready_timeout: float = 60.0) -> Any:
         """Serve the Textual dashboard in a browser; returns an IPython ``IFrame`` (or the URL).
 
-        ``port=0`` takes a free port (the URL says which). A port something
-        else listens on raises :class:`OSError` (``EADDRINUSE``). The web server
+        ``port=0`` takes a free port (the URL says which). Called again for a
+        ``host`` and ``port`` this engine's dashboard still listens on (or with
+        ``port=0`` while one listens on that host), it returns that dashboard's
+        view, same URL, and starts nothing: a notebook cell run again shows the
+        dashboard it started. A port something else listens on (another
+        engine's dashboard too) raises :class:`OSError` (``EADDRINUSE``). The web server
         has ``ready_timeout`` seconds to start (a first start on a busy machine
         compiles Textual's modules: it may take many), else :class:`TimeoutError`.
 
@@ -1122,6 +1126,9 @@ class BackgroundEngine:
         with self._lock:
             if self._stopping or self._finished:
                 raise self._not_running()  # a server started now would outlive the stop
+        running = self._running_dashboard(host, port)
+        if running is not None:
+            return running.view
         argv, attach_env = attach_command(self._dashboard_server())
         secret = secrets.token_urlsafe(32)
         # sessions inherit the server's environment: theirs is the token of this endpoint or none
@@ -1160,10 +1167,15 @@ class BackgroundEngine:
                 # would hold its port until the engine stops; its closed stdin ends it
                 _close_stdin(proc)
                 if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+                    # the same dashboard() from another thread may have taken the port meanwhile
+                    running = self._running_dashboard(host, port)
+                    if running is not None:
+                        return running.view
                     raise OSError(errno.EADDRINUSE, _port_in_use(self, host, port)) from None
                 raise
+        view = _dashboard_view(url)
         with self._lock:
-            self._dashboard_ports[proc.pid] = urllib.parse.urlsplit(url).port or port
+            self._dashboard_shown[proc.pid] = _WebDashboard(host, urllib.parse.urlsplit(url).port or port, view)
         if not _is_loopback_host(host):
             # the server says so too, but on its stderr, which nobody reads
             warnings.warn(
@@ -1175,7 +1187,7 @@ class BackgroundEngine:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        return _dashboard_view(url)
+        return view
 
     def _dashboard_server(self) -> ServerInfo:
         """The endpoint the dashboards' sessions attach to: the one :meth:`serve` made last,
@@ -1230,14 +1242,28 @@ class BackgroundEngine:
             with self._lock:
                 if proc in self._dashboards:
                     self._dashboards.remove(proc)
-                self._dashboard_ports.pop(proc.pid, None)
+                self._dashboard_shown.pop(proc.pid, None)
 
-    def _dashboard_on(self, port: int) -> bool:
-        """Whether a dashboard of this facade's, still running, listens on ``port``."""
+    def _running_dashboards(self) -> list[_WebDashboard]:
+        """This facade's dashboards still running, oldest first."""
         with self._lock:
-            return any(
-                self._dashboard_ports.get(proc.pid) == port and proc.poll() is None for proc in self._dashboards
-            )
+            return [
+                shown
+                for proc in self._dashboards
+                if (shown := self._dashboard_shown.get(proc.pid)) is not None and proc.poll() is None
+            ]
+
+    def _running_dashboard(self, host: str, port: int) -> _WebDashboard | None:
+        """This facade's dashboard still running on ``host`` and ``port`` (port 0: any port, the
+        newest), which another dashboard() there returns rather than failing on its port."""
+        for shown in reversed(self._running_dashboards()):
+            if shown.host == host and port in (0, shown.port):
+                return shown
+        return None
+
+    def _dashboard_on(self, port: int) -> str | None:
+        """The host a dashboard of this facade's, still running, listens on at ``port`` (None: none does)."""
+        return next((shown.host for shown in self._running_dashboards() if shown.port == port), None)
 
     # ------------------------------------------------------------------ stopping
 
@@ -1438,6 +1464,15 @@ def _seconds(where: str, timeout: float) -> float:
     return checked
 
 
+class _WebDashboard(NamedTuple):
+    """A web server ``BackgroundEngine.dashboard()`` started: where it listens, and the view
+    of it that call returned."""
+
+    host: str
+    port: int
+    view: Any
+
+
 def _dashboard_view(url: str) -> Any:
     """An IPython ``IFrame`` of ``url`` that prints as the URL (or the URL itself, without IPython)."""
     try:
@@ -1496,10 +1531,15 @@ def _close_stdin(proc: subprocess.Popen[bytes]) -> None:
 def _port_in_use(bg: BackgroundEngine, host: str, port: int) -> str:
     """Why ``port`` is taken, naming the dashboard of this process that holds it if one does."""
     advice = "pass another port to dashboard(), or port=0 for a free one"
-    if bg._dashboard_on(port):
-        return f"{host}:{port} is already in use by this engine's own dashboard (an earlier bg.dashboard()); {advice}"
+    own = bg._dashboard_on(port)
+    if own is not None:
+        # on another host (the same host and port return that dashboard): the port is taken all the same
+        return (
+            f"{host}:{port} is already in use by this engine's own dashboard on {own}:{port} (an earlier "
+            f"bg.dashboard(host={own!r}), which that call returns again); {advice}"
+        )
     for other in list(_facades.values()):
-        if other is not bg and other._dashboard_on(port):
+        if other is not bg and other._dashboard_on(port) is not None:
             return (
                 f"{host}:{port} is already in use by the dashboard of {other!r}, started earlier in this "
                 "process (a notebook cell run again?) and still running: stop that engine with its "

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +27,7 @@ from taskwatch.engine import RemoteEngine, RunStatus, Snapshot
 from taskwatch.tui.app import TaskwatchApp
 from taskwatch.tui.remote_client import RemoteClient
 from taskwatch.tui.screens import SubmitScreen
-from taskwatch.widgets import CountsBar, LeaderBadge, ParamsForm, RunDetail, RunsTable, ScheduleTable
+from taskwatch.widgets import CountsBar, LeaderBadge, ParamsForm, RunDetail, RunsTable, ScheduleTable, StoreBadge
 from textual.widgets import Select
 
 from .helpers import eventually, screen_shown
@@ -461,6 +462,58 @@ async def test_attach_before_the_engine_is_up_connects_once_it_is(serve: ServeFn
         # the once-a-second overview (schedule, queues...) runs too, not only the event stream
         schedule = app.main.query_one(ScheduleTable)
         await eventually(lambda: "tick" in schedule.shown_keys, timeout=TIMEOUT)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then let go)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def visible(widget: Any) -> str:
+    """The widget's first line as drawn on screen (cut where the screen cuts it)."""
+    return str(widget.render_line(0).text)
+
+
+async def test_the_header_says_why_the_engine_cannot_be_reached_until_it_is(serve: ServeFn) -> None:
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    why = f"nothing listens on port {port} of 127.0.0.1"
+    token = "s3cret-token-0123456789"
+    app = attach(address, token)
+    async with app.run_test(size=SIZE) as pilot:
+        await eventually(lambda: why in visible(badge(app)), timeout=TIMEOUT)
+        said = visible(badge(app))
+        assert said.startswith("✖ DISCONNECTED — reconnecting… to " + address), said
+        assert badge(app).state == "disconnected" and app.client.retrying
+
+        # a narrow terminal: the reason is cut to the line, and the store badge keeps its place
+        await pilot.resize_terminal(80, 24)
+        await eventually(lambda: visible(badge(app)).startswith("✖ DISCONNECTED — reconnecting… (nothing listens"))
+        await pilot.pause()
+        said, store = visible(badge(app)), visible(app.main.query_one(StoreBadge))
+        assert said.rstrip().endswith("…)") and len(said) < 80, said
+        assert store.strip().startswith("store"), store
+
+        served = await serve(address, token=token, node_id="late")
+        await eventually(lambda: badge(app).state == "leader" and badge(app).node_id == "late", timeout=TIMEOUT)
+        await pilot.pause()
+        assert "nothing listens" not in visible(badge(app)) and app.client.last_error is None
+
+        # gone again: said anew, from the attempts that fail now
+        assert served.terminate() == 0
+        await eventually(lambda: badge(app).state == "disconnected", timeout=TIMEOUT)
+        await eventually(lambda: "(nothing listens" in visible(badge(app)), timeout=TIMEOUT)
+
+
+async def test_a_missing_socket_is_named_as_written_in_the_header(tmp_path: Path) -> None:
+    # the address is the user's own text: drawn as written, brackets and all, never read as markup
+    path = tmp_path / "[b]gone[/b].sock"
+    app = attach(str(path), None)
+    async with app.run_test(size=(len(str(path)) * 2 + 120, 24)):
+        said = await eventually(lambda: "no socket file" in visible(badge(app)) and visible(badge(app)), timeout=TIMEOUT)
+        assert f"(there is no socket file at {path} (No such file or directory))" in said, said
 
 
 async def test_wrong_token_is_final_reported_and_the_app_keeps_running(serve: ServeFn) -> None:

@@ -3,6 +3,7 @@
 The kernel is this interpreter (a ``python3`` kernelspec written to a temp
 dir that ``JUPYTER_PATH`` puts before any installed one), so the notebook sees
 the taskwatch under test. The checks read the outputs a user would look at.
+Then ``bg.dashboard()`` run again, as a cell is: the dashboard it started comes back.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import nbformat
+import psutil
 import pytest
 from ipykernel.kernelspec import write_kernel_spec
 from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
 from nbformat import NotebookNode
-from taskwatch.engine import RemoteEngine
+from taskwatch.engine import Engine, RemoteEngine
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "notebook.ipynb"
 
@@ -198,6 +200,55 @@ def test_notebook_runs_top_to_bottom(kernel_dir: Path) -> None:
     assert (with_secret, without) == (200, 403)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_a_dashboard_cell_run_again_shows_the_dashboard_it_started() -> None:
+    before = set(_web_servers())  # of other tests, in this test process
+
+    def started() -> set[int]:
+        return set(_web_servers()) - before
+
+    bg = Engine(node_id="notebook", health_interval=None).start_background()
+    try:
+        port = _free_port()
+        first = bg.dashboard(port=port)
+        url = str(first)
+        assert re.fullmatch(rf"http://127\.0\.0\.1:{port}/[A-Za-z0-9_-]{{43}}/", url), url
+        assert _status(url) == 200
+        servers = started()
+        assert len(servers) == 1
+
+        # the cell run again, and a port=0 one: the dashboard running, no second server
+        assert bg.dashboard(port=port) is first
+        assert bg.dashboard(port=0) is first
+        assert str(bg.dashboard(port=port)) == url
+        assert started() == servers
+        assert _status(url) == 200
+
+        # another port, asked for by its number: a dashboard there too
+        other_port = _free_port()
+        other = str(bg.dashboard(port=other_port))
+        assert other != url and other.startswith(f"http://127.0.0.1:{other_port}/"), other
+        assert _status(other) == 200 and _status(url) == 200
+        assert len(started()) == 2
+    finally:
+        bg.stop(timeout=5)
+    assert started() == set()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def _web_servers() -> list[int]:
+    """The web servers bg.dashboard() started in this process that still run."""
+    found = []
+    for child in psutil.Process().children():
+        try:
+            argv = child.cmdline()
+            if child.status() != psutil.STATUS_ZOMBIE and argv[1:2] == ["-c"] and "taskwatch.tui.web" in argv[2]:
+                found.append(child.pid)
+        except (psutil.NoSuchProcess, IndexError):
+            pass
+    return sorted(found)
 
 
 def _free_port() -> int:

@@ -994,6 +994,8 @@ class TaskwatchApp(PlainApp):
         now = self.clock() if now is None else now
         badge = self.main.query_one(LeaderBadge)
         failure = self.client.failure
+        # why the last attempt to reach the engine failed (a client that reconnects by itself)
+        reason = self.client.last_error
         gone = self.engine_gone
         if badge.display == gone:
             # the note says all there is: "reconnecting" would never come true, "leader" is over
@@ -1005,10 +1007,10 @@ class TaskwatchApp(PlainApp):
         elif self.state.leadership is not None:
             badge.update(
                 self.state.leadership, self.state.started_at, now, connected=self.client.connected,
-                silent_for=self.unresponsive_for(),
+                silent_for=self.unresponsive_for(), reason=reason,
             )
         else:
-            badge.update_disconnected(self.client.where)
+            badge.update_disconnected(self.client.where, reason)
         self.main.query_one(EngineStateNote).show(*self._engine_state_note(gone))
 
     def _engine_state_note(self, gone: bool) -> tuple[str, Text | None]:

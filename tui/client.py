@@ -68,6 +68,12 @@ class DashboardClient(ABC):
         return None
 
     @property
+    def last_error(self) -> str | None:
+        """Why its last attempt to connect failed, as plain text, while it keeps trying (None:
+        none failed since the last that got through; an in-process client never tries)."""
+        return None
+
+    @property
     def retrying(self) -> bool:
         """Whether the client reconnects by itself when the connection drops (an in-process
         client never needs to: its engine stopped, it is gone)."""

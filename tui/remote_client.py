@@ -5,7 +5,8 @@ when that drops, reconnects with backoff; each reconnect yields a fresh
 snapshot that the dashboard loads (``take_resync``) so it resynchronises
 instead of guessing what it missed. A refused token is final: retrying with
 the same token can only fail again, so it stops and says so (``failure``); so
-is an address ``RemoteEngine`` refuses (a non-loopback host).
+is an address ``RemoteEngine`` refuses (a non-loopback host). While it keeps
+trying, ``last_error`` says why the last attempt failed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from taskwatch.engine.errors import (
     AuthenticationFailed,
     CommandTimeout,
     ConnectionClosed,
+    EngineUnreachable,
     InvalidAddress,
     MessageTooLarge,
 )
@@ -69,6 +71,7 @@ class RemoteClient(DashboardClient):
         #: runs the snapshot of each (re)connect holds (the dashboard's ``max_rows``)
         self.runs_limit = 500
         self._failure: str | None = None
+        self._last_error: str | None = None
 
     @property
     def connected(self) -> bool:
@@ -77,6 +80,21 @@ class RemoteClient(DashboardClient):
     @property
     def failure(self) -> str | None:
         return self._failure
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the last attempt to connect failed, as plain text (it may quote the address and
+        what answered there: escape it to draw it); None before any failed, and again once one
+        succeeds. The dashboard shows it while it reconnects, which may be for good."""
+        return self._last_error
+
+    def _attempt_failed(self, exc: OSError | TaskwatchError) -> None:
+        # an unreachable engine's reason without the advice that follows it: the header has
+        # one line, and the advice went with the first failure's notification
+        if isinstance(exc, EngineUnreachable):
+            self._last_error = exc.reason
+        else:
+            self._last_error = str(exc) or type(exc).__name__
 
     @property
     def retrying(self) -> bool:
@@ -110,6 +128,7 @@ class RemoteClient(DashboardClient):
             # set together with _remote, before the await below: the dashboard must never
             # take the new connection's events without the snapshot they continue from
             self._resync = snap
+        self._last_error = None
         if old is not None:
             await old.close()
         self.connections += 1
@@ -121,6 +140,9 @@ class RemoteClient(DashboardClient):
             return await self._open()
         except (AuthenticationFailed, InvalidAddress) as exc:
             self._give_up(exc)
+            raise
+        except (OSError, TaskwatchError) as exc:
+            self._attempt_failed(exc)
             raise
         finally:
             # keep trying in the background if this first attempt failed for a reason that may pass
@@ -143,7 +165,8 @@ class RemoteClient(DashboardClient):
             except AuthenticationFailed as exc:
                 self._give_up(exc)  # the engine came back with another token: retrying cannot help
                 return
-            except (OSError, TaskwatchError):
+            except (OSError, TaskwatchError) as exc:
+                self._attempt_failed(exc)
                 delay = min(delay * 2, self.retry_max)
 
     def take_resync(self) -> Snapshot | None:

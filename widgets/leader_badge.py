@@ -4,19 +4,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.cells import cell_len
 from rich.text import Text
 from taskwatch.engine import Leadership
+from textual.geometry import Size
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from ._format import fmt_duration, printable
+from ._format import clip, fmt_duration, printable
+
+#: cells of the header line the badge leaves to what follows it (the store badge) while it
+#: is disconnected: a reason can be longer than the line (a long socket path)
+ROOM_LEFT = 12
 
 
 class LeaderBadge(Widget):
     """Node id, leader/follower, term (the fencing token), lease expiry and uptime.
 
     ``connected=False`` replaces all of it with a DISCONNECTED state: the
-    dashboard may be watching a remote engine whose connection dropped.
+    dashboard may be watching a remote engine whose connection dropped;
+    ``reason`` says why the last attempt to reconnect failed.
     ``silent_for`` (seconds) says the engine is connected but not answering (a
     hung process, a network path gone silent): what the badge knew is shown as
     last seen, not as live.
@@ -42,6 +49,8 @@ class LeaderBadge(Widget):
     failure: reactive[str | None] = reactive(None, layout=True)
     #: whole seconds the connected engine has not answered (None while it answers)
     silent_for: reactive[int | None] = reactive(None, layout=True)
+    #: why the last attempt to connect failed (shown while disconnected; None: not known)
+    reason: reactive[str | None] = reactive(None, layout=True)
 
     def update(
         self,
@@ -50,6 +59,7 @@ class LeaderBadge(Widget):
         now: float,
         connected: bool = True,
         silent_for: float | None = None,
+        reason: str | None = None,
     ) -> None:
         self.node_id = leadership.node_id
         self.is_leader = leadership.is_leader
@@ -61,6 +71,7 @@ class LeaderBadge(Widget):
         self.connected = connected
         # whole seconds: the count repaints once a second
         self.silent_for = None if silent_for is None else int(silent_for)
+        self.reason = reason
         self.known = True
 
     def update_failed(self, failure: str) -> None:
@@ -68,10 +79,11 @@ class LeaderBadge(Widget):
         self.failure = failure
         self.connected = False
 
-    def update_disconnected(self, where: str | None = None) -> None:
+    def update_disconnected(self, where: str | None = None, reason: str | None = None) -> None:
         """Show the DISCONNECTED state (keeping the last known node and term);
-        ``where`` names the engine being reconnected to."""
+        ``where`` names the engine being reconnected to, ``reason`` why the last attempt failed."""
         self.where = where
+        self.reason = reason
         self.connected = False
 
     @property
@@ -105,6 +117,52 @@ class LeaderBadge(Widget):
     def watch_silent_for(self) -> None:
         self._update_classes()
 
+    def get_content_width(self, container: Size, viewport: Size) -> int:
+        if self.state != "disconnected":
+            return super().get_content_width(container, viewport)
+        # fitted to the line anew (what render drew was fitted to the width the badge had
+        # before), and as wide as what that fitting keeps: parts of it give way, not the store badge
+        room = container.width - self.styles.gutter.width - ROOM_LEFT
+        return max(1, self._disconnected(max(1, room)).cell_len)
+
+    def _disconnected(self, width: int | None) -> Text:
+        """The DISCONNECTED line, within ``width`` cells (None: all of it). What gives way
+        first when it is short: the last term, the last node seen, the address, then the
+        end of the reason."""
+        head = Text("✖ DISCONNECTED — reconnecting…", style="bold red", no_wrap=True, overflow="ellipsis")
+        # the address and the reason may quote what the user typed and what answered there:
+        # escaped, and drawn as text, never read as markup
+        where = f" to {printable(self.where)}" if self.where else ""
+        reason = printable(self.reason) if self.reason else ""
+        last: list[str] = []
+        if self.node_id:
+            last.append(f"  last seen {printable(self.node_id)}")
+        if self.term:
+            last.append(f"  last term {self.term}")
+        if width is not None:
+            def length() -> int:
+                return (head.cell_len + cell_len(where) + (cell_len(reason) + 3 if reason else 0)
+                        + sum(cell_len(part) for part in last))
+
+            while length() > width and (last or where):
+                if last:
+                    last.pop()
+                else:
+                    where = ""
+            room = width - head.cell_len - 3  # " (" and ")"
+            if reason and cell_len(reason) > room:
+                # its end cut; in fewer than 8 cells none of it would say anything: left out
+                reason = clip(reason, room) if room >= 8 else ""
+        if where:
+            head.append(where, style="red")
+        if reason:
+            head.append(f" ({reason})", style="red")
+        for part in last:
+            head.append(part, style="dim")
+        if width is not None:
+            head.truncate(width, overflow="ellipsis")
+        return head
+
     def _update_classes(self) -> None:
         state = self.state
         self.set_class(state == "leader", "-leader")
@@ -119,14 +177,7 @@ class LeaderBadge(Widget):
         if state == "failed":
             return Text.assemble(("✖ NOT CONNECTED  ", "bold red"), (printable(self.failure or ""), "red"))
         if state == "disconnected":
-            text = Text("✖ DISCONNECTED — reconnecting…", style="bold red")
-            if self.where:
-                text.append(f" to {printable(self.where)}", style="red")
-            if self.node_id:
-                text.append(f"  last seen {node}", style="dim")
-            if self.term:
-                text.append(f"  last term {self.term}", style="dim")
-            return text
+            return self._disconnected(self.content_region.width or None)
         if state == "unknown":
             return Text("… connecting", style="dim italic")
         if state == "unresponsive":
