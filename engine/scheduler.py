@@ -147,6 +147,7 @@ from .events import (
     PeriodicSkipped,
 )
 from .runs import RunRecord, RunStatus
+from .store.rows import FIRE_AHEAD
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -1443,8 +1444,10 @@ class Scheduler:
         host on local time), or after a rolling deploy changed the expression, each fire it
         at their own times."""
         last = await self._last_fired(p)
-        if last is None or p.last_fire is None or last <= p.last_fire:
-            return  # none since: this node fired last, or none it knows of before
+        if last is None or p.last_fire is None or last <= p.last_fire or last > self._now() + FIRE_AHEAD:
+            # none since (this node fired last, or none it knows of before), or one a clock far
+            # ahead wrote, which the claim takes over and logs as such
+            return
         assert p.cron is not None
         try:
             ours = next_cron_due(p.cron, last - _SLOT_TOLERANCE, p.tz, fired=p.last_fire)
