@@ -10,7 +10,7 @@ import math
 import types
 import typing
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Any, Literal
@@ -576,24 +576,28 @@ def _refuse_raw_bytes(task: str, model: BaseModel) -> None:
 
 
 def _raw_bytes_at(data: Any, path: tuple[str | int, ...]) -> tuple[str | int, ...] | None:
-    """Where in a model's dump ``data`` the first bytes that are no UTF-8 text are, or None."""
-    if isinstance(data, (bytes, bytearray)):
-        try:
-            bytes(data).decode("utf-8")
-        except UnicodeDecodeError:
-            return path
-        return None
-    items: Iterable[tuple[str | int, Any]]
-    if isinstance(data, dict):
-        items = ((str(k), v) for k, v in data.items())
-    elif isinstance(data, (list, tuple)):
-        items = enumerate(data)
-    else:
-        return None
-    for key, value in items:
-        found = _raw_bytes_at(value, (*path, key))
-        if found is not None:
-            return found
+    """Where in a model's dump ``data`` the first bytes that are no UTF-8 text are, or None.
+
+    Walked with a stack of its own, not by recursion: params nested deeper than Python's
+    recursion limit are refused for that, and must not fail here first."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, path)]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, (bytes, bytearray)):
+            try:
+                bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                return where
+            continue
+        items: list[tuple[str | int, Any]]
+        if isinstance(value, dict):
+            items = [(str(k), v) for k, v in value.items()]
+        elif isinstance(value, (list, tuple)):
+            items = list(enumerate(value))
+        else:
+            continue
+        # reversed onto the stack: the first field is looked at first
+        stack.extend(((v, (*where, k)) for k, v in reversed(items)))
     return None
 
 
