@@ -419,6 +419,19 @@ async def test_health_sparklines_put_a_late_sample_in_time_order() -> None:
         assert graphs.history("cpu") == [7.5, 9.0, 10.0] and graphs.span == 25.0
 
 
+async def test_health_sparklines_axis_keeps_what_fits_in_a_narrow_graph() -> None:
+    # at 40 columns the graphs get a few cells: the axis ran its labels together ("-1.1s-0.5snow")
+    graphs = HealthSparklines(history=10)
+    async with Host(graphs).run_test(size=(100, 40)) as pilot:
+        graphs.add_sample(sample(T0, 1.0))
+        graphs.add_sample(sample(T0 + 2, 2.0))
+        await pilot.pause()
+        assert graphs.axis_text(30).plain.split() == ["-2.0s", "-1.0s", "now"]
+        assert graphs.axis_text(13).plain.split() == ["-2.0s", "now"]
+        assert graphs.axis_text(5).plain == "  now"
+        assert graphs.axis_text(2).plain == "  "
+
+
 # ---------------------------------------------------------------- StoreBadge
 
 

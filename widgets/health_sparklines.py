@@ -153,6 +153,14 @@ class HealthSparklines(Widget):
         left = f"-{fmt_duration(span)}" if span else ""
         middle = f"-{fmt_duration(span / 2)}" if span else ""
         right = "now"
+        # too narrow for every label with room between them: the middle goes first, then the
+        # left (a graph of a few cells under "-1.1s-0.5snow" read as nothing)
+        if len(left) + len(middle) + len(right) + 2 > width:
+            middle = ""
+        if len(left) + len(right) + 1 > width:
+            left = ""
+        if len(right) > width:
+            right = ""
         room = max(0, width - len(left) - len(middle) - len(right))
         gap1, gap2 = room // 2, room - room // 2
         return Text(f"{left}{' ' * gap1}{middle}{' ' * gap2}{right}", style="dim", no_wrap=True)
