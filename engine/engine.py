@@ -1756,7 +1756,9 @@ class Engine:
                 run_id, old.status.value, f"it belongs to the {spec.kind} {spec.name!r}, which runs it again itself"
                 + (f"; to run it now, use run_periodic({spec.name!r})" if spec.kind == "periodic" else ""),
             )
-        handle = await self._submit(self._prepare(old.task, old.params, old.key, f"retry:{run_id}", method="retry"))
+        # an empty key, which submits took before they refused one, is retried as no key
+        key = old.key or None
+        handle = await self._submit(self._prepare(old.task, old.params, key, f"retry:{run_id}", method="retry"))
         if self._inline:
             await handle.wait()
         return handle
@@ -1816,7 +1818,7 @@ class Engine:
             return await self._cancelled_elsewhere(run, result.run.to_record(), grace)
         run.cancel_reason = "user"  # set first: the store's notice of the request below then cancels nothing again
         run.handle.cancel()
-        self._run.keep_cancelling(run)
+        self._run.keep_cancelling(run, after=grace)
         if self._durable and not recorded:
             # while the task cleans up, the store holds the request too: a crash meanwhile must not
             # bring the run back as pending (recovery ends a run whose cancel was requested). Written

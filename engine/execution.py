@@ -1274,10 +1274,11 @@ class Execution:
             waiters.append(fut)
         return fut
 
-    def keep_cancelling(self, run: Run) -> None:
-        """Cancel the task of ``run``'s attempt again every ``cancel_grace`` seconds until it
-        ends, as a timeout and a stop do: one cancel is swallowed by a broad ``except``, and
-        the task would then go on for as long as its work takes, holding its slot."""
+    def keep_cancelling(self, run: Run, *, after: float) -> None:
+        """Once ``after`` seconds (the cancel's grace) have passed, cancel the task of ``run``'s
+        attempt again every ``cancel_grace`` seconds until it ends, as a timeout and a stop do:
+        one cancel is swallowed by a broad ``except``, and the task would then go on for as long
+        as its work takes, holding its slot. A cleanup that ends within the grace is left alone."""
         task, token = run.handle, run.token
         if task is None or token is None:
             return
@@ -1293,12 +1294,13 @@ class Execution:
                 cancels += 1
                 if cancels == 1:
                     log.warning(
-                        "run %s of task %r ignored its cancel; cancelling it again every %g s until it "
-                        "ends (a task should let CancelledError propagate)", run.id, run.task, every,
+                        "run %s of task %r still runs %g s after its cancel; cancelling it again every %g s "
+                        "until it ends (a task should let CancelledError propagate, after a short cleanup)",
+                        run.id, run.task, after, every,
                     )  # fmt: skip
             loop.call_later(every, again)
 
-        loop.call_later(every, again)
+        loop.call_later(max(after, _MIN_RECANCEL), again)
 
     def checked_grace(self, grace: float | None) -> float:
         """``Engine.cancel``'s ``grace`` checked before anything is cancelled, None as the engine's ``cancel_grace``."""

@@ -44,6 +44,8 @@ from taskwatch.engine import (
     is_truncated,
 )
 
+from taskwatch.engine.store import NewRun
+
 from .helpers import Recorder, eventually, stray_tasks
 
 SURROGATE = os.fsdecode(b"report-\xff.csv")  # what a non-UTF-8 file name decodes to
@@ -143,6 +145,18 @@ async def test_an_empty_dedup_key_is_refused_not_taken_as_one_key_for_every_subm
         first = await engine.submit("work", {"name": "a"}, key=None)
         second = await engine.submit("work", {"name": "b"}, key=None)
         assert first.id != second.id
+
+
+async def test_a_run_stored_with_an_empty_key_before_they_were_refused_is_retried_as_keyless(tmp_path: Path) -> None:
+    # a store keeps runs submitted with key="" when that was taken: retry() of one raised
+    # InvalidKey, from the API, the dashboard and the control endpoint alike
+    engine = make_engine(store=f"sqlite:///{tmp_path / 'runs.db'}")
+    async with engine:
+        # not due for an hour: it stays pending until its cancel
+        (old,) = await engine.store.insert([NewRun("work", params={"name": "a"}, key="", delay=3600)])
+        await engine.store.request_cancel(old.id, "user")
+        again = await engine.retry(old.id)
+        assert (again.record().key, again.record().params) == (None, {"name": "a"})
 
 
 class Upload(BaseModel):

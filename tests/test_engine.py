@@ -281,8 +281,42 @@ async def test_a_cancelled_run_that_swallows_the_cancel_is_cancelled_again_until
         await eventually(swallowed.is_set)
         record = await handle.wait(10)
         assert (record.status, record.cancel_reason) == (RunStatus.CANCELLED, "user")
-    assert "ignored its cancel; cancelling it again every 0.05 s" in caplog.text
+    assert "still runs 0 s after its cancel; cancelling it again every 0.05 s" in caplog.text
     assert not stray_tasks()
+
+
+async def test_a_cancelled_runs_cleanup_within_the_cancels_grace_is_not_cancelled_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # the well-behaved task: it catches the cancel, cleans up (longer than cancel_grace, within
+    # the grace the caller gave) and re-raises. Cancelled again at cancel_grace, its cleanup was cut
+    engine = make_engine(cancel_grace=0.05)
+    started, cleaning, cleaned = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    release = asyncio.Event()
+
+    @engine.task
+    async def tidy(ctx: TaskContext) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cleaning.set()
+            await release.wait()  # a rollback, say, that the test lets end
+            cleaned.set()
+            raise
+
+    async with engine:
+        handle = await engine.submit("tidy")
+        await started.wait()
+        cancelling = asyncio.create_task(engine.cancel(handle.id, grace=30))
+        await cleaning.wait()
+        # cancel_grace passes several times over while the cleanup goes on: nothing cancels it
+        done, _ = await asyncio.wait([cancelling], timeout=0.5)
+        assert not done and not cleaned.is_set()
+        release.set()
+        record = await cancelling
+        assert cleaned.is_set() and (record.status, record.cancel_reason) == (RunStatus.CANCELLED, "user")
+    assert "after its cancel" not in caplog.text
 
 
 async def test_cancel_unknown_run() -> None:
