@@ -1288,8 +1288,9 @@ class Execution:
 
         def again() -> None:
             nonlocal cancels
-            if task.done() or run.token != token:
-                return  # over, or no longer this attempt's
+            if task.done() or run.token != token or self.engine.state == "stopped":
+                # over, or no longer this attempt's; or the stop gave up on it, and said so
+                return
             if task.cancel():
                 cancels += 1
                 if cancels == 1:
