@@ -1818,7 +1818,9 @@ class Engine:
             return await self._cancelled_elsewhere(run, result.run.to_record(), grace)
         run.cancel_reason = "user"  # set first: the store's notice of the request below then cancels nothing again
         run.handle.cancel()
-        self._run.keep_cancelling(run, after=grace)
+        # its cleanup gets the engine's cancel_grace (as a stop's and a timeout's cancel give it),
+        # or the caller's grace if longer; a caller's shorter grace is how long it waits here
+        self._run.keep_cancelling(run, after=max(grace, self.cancel_grace))
         if self._durable and not recorded:
             # while the task cleans up, the store holds the request too: a crash meanwhile must not
             # bring the run back as pending (recovery ends a run whose cancel was requested). Written

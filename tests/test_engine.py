@@ -281,7 +281,7 @@ async def test_a_cancelled_run_that_swallows_the_cancel_is_cancelled_again_until
         await eventually(swallowed.is_set)
         record = await handle.wait(10)
         assert (record.status, record.cancel_reason) == (RunStatus.CANCELLED, "user")
-    assert "still runs 0 s after its cancel; cancelling it again every 0.05 s" in caplog.text
+    assert "still runs 0.05 s after its cancel; cancelling it again every 0.05 s" in caplog.text
     assert not stray_tasks()
 
 
