@@ -132,9 +132,6 @@ _SWEEP_STEP = 4096
 _FIRES_PER_STEP = 128
 #: runs a start reads from the store in one request when it takes up the keys' runs
 _READ_STEP = 1000
-#: pages of _READ_STEP runs a save that took keys from a gone holder reads, at most, looking for
-#: the runs that holder fired after its last save
-_TAKEN_RUN_PAGES = 20
 #: keys a save hands a durable store in one request: the store turns each into a row on the
 #: loop, and a hundred thousand changed keys in one request held the loop for a second
 _SAVE_STEP = 512
@@ -1441,9 +1438,6 @@ class Trigger:
         :meth:`_follow_unrecorded`), and the start's first sweep fires the keys due; later, the
         keys due among those taken up fire at once, and the merged keys are saved next."""
         following: list[tuple[str, _Key]] = []
-        #: keys taken from a holder gone while this node ran that this node did not count: the
-        #: runs that holder fired after its last save are looked for (see _follow_taken_unrecorded)
-        fresh: dict[str, TriggerKeyRecord] = {}
         step = 0
         for key, rec in saved.items():
             if step >= _SWEEP_STEP:
@@ -1453,8 +1447,6 @@ class Trigger:
             st = self._keys.get(key)
             if st is None:
                 st = self._keys[key] = _Key()
-                if not at_start:
-                    fresh[key] = rec
             merged = merge_trigger_records(self._record(st), rec)
             st.count, st.first_seen_at = merged.count, merged.first_seen_at
             # the store's row of the key now: the rows taken, merged with this node's own
@@ -1480,8 +1472,6 @@ class Trigger:
                 await self._take_up(following)
             if at_start:
                 await self._follow_unrecorded(saved)
-            elif fresh:
-                await self._follow_taken_unrecorded(fresh)
         except BaseException:
             # a start is tried again, and takes up the rows again (its own now); later, the counts
             # stay and the keys fire again rather than wait on runs nobody reads
@@ -1636,8 +1626,7 @@ class Trigger:
                 del self._active[st.run_id]
             st.run_id, st.captured, st.running = None, 0, False
         else:
-            # a run fired here after the save took the saved count with it: the taker follows that
-            # run too if it had counted none of the key (it looks for such runs), else fires again
+            # a run fired here after the save took the saved count with it: the taker fires it again
             st.captured = max(0, st.captured - st.saved)
         st.count = max(0, st.count - st.saved)
         st.saved, st.saved_run = 0, None
@@ -1721,13 +1710,9 @@ class Trigger:
             if here is None:
                 # not in this node's index (fired by a holder gone while this node ran, and run
                 # elsewhere): no event of it reaches this node, so its end is read from the store
-                self._follow_elsewhere(key, run_id)
-
-    def _follow_elsewhere(self, key: str, run_id: str) -> None:
-        """Follow ``key``'s run ``run_id``, which this node's index does not hold, to its end."""
-        watch = spawn(self._watch_elsewhere(key, run_id), name=f"taskwatch-trigger-{self.name}-watch")
-        self._watchers.add(watch)
-        watch.add_done_callback(self._watchers.discard)
+                watch = spawn(self._watch_elsewhere(key, run_id), name=f"taskwatch-trigger-{self.name}-watch")
+                self._watchers.add(watch)
+                watch.add_done_callback(self._watchers.discard)
 
     async def _watch_elsewhere(self, key: str, run_id: str) -> None:
         """Wait for the end of ``key``'s run ``run_id``, which this node's index does not hold,
@@ -1753,31 +1738,7 @@ class Trigger:
         if not self._active:
             self._wake_drainers()
 
-    async def _follow_taken_unrecorded(self, taken: Mapping[str, TriggerKeyRecord]) -> None:
-        """:meth:`_follow_unrecorded` for keys a save took from a holder gone while this node ran
-        (killed, or paused past ``node_ttl``) that this node had not counted: the runs it fired
-        after its last save are read from the store (this node's index may never have heard of
-        them) and followed, or their counts taken off. Fired again instead, each key ran a
-        second time for counts its first run had done."""
-        keys = {key: rec for key, rec in taken.items() if (st := self._keys.get(key)) is not None and st.run_id is None}
-        if not keys:
-            return
-        firsts = [rec.first_seen_at for rec in keys.values()]
-        since = None if None in firsts else min(f for f in firsts if f is not None)
-        runs: dict[str, RunRecord] = {}
-        before: str | None = None
-        for _ in range(_TAKEN_RUN_PAGES):
-            page = await self._engine.store.query(task=self.task_name, since=since, limit=_READ_STEP, before=before)
-            for stored in page.runs:
-                runs.setdefault(stored.id, stored.to_record())
-            if page.next is None:
-                break
-            before = page.next
-        await self._follow_unrecorded(keys, runs=runs.values(), only_saved=True)
-
-    async def _follow_unrecorded(
-        self, saved: Mapping[str, TriggerKeyRecord], *, runs: Iterable[RunRecord] | None = None, only_saved: bool = False
-    ) -> None:
+    async def _follow_unrecorded(self, saved: Mapping[str, TriggerKeyRecord]) -> None:
         """Take up the runs of this trigger's task that no saved key names: fired after the
         last save, before the process died.
 
@@ -1792,17 +1753,11 @@ class Trigger:
         its runs may be that node's, fired for that node's counts, and taking them for the
         saver's would drop counts nobody ran. A run a dead node fired after its last save may
         then run again beside a run fired here (at least once, never lost).
-
-        ``runs``: where to look (the index's runs of the task by default); ``only_saved``: for
-        the keys of ``saved`` alone (a run of another key is no concern of keys taken up later).
-        A run followed that this node's index does not hold is followed from the store.
         """
         by_key: dict[str, list[RunRecord]] = {}
-        for run in self._engine.runs(task=self.task_name, limit=None) if runs is None else runs:
+        for run in self._engine.runs(task=self.task_name, limit=None):
             key = run.params.get("key")
-            if not isinstance(key, str) or run.id in self._active or (only_saved and key not in saved):
-                continue
-            if not self._unrecorded(run, saved.get(key)):
+            if not isinstance(key, str) or run.id in self._active or not self._unrecorded(run, saved.get(key)):
                 continue
             if run.status.finished and key not in saved:
                 # no saved count to take off; and a key forgotten since (its record deleted) is
@@ -1837,8 +1792,6 @@ class Trigger:
                     st.running = found.status is RunStatus.RUNNING
                     self._active[found.id] = key
                     self._changed(key)
-                    if self._engine.current(found.id) is None:
-                        self._follow_elsewhere(key, found.id)  # from the store: no event of it comes here
                     break
                 self._ended(key, st, found.status.value, found.finished_at or self._now())
 

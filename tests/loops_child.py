@@ -6,15 +6,12 @@
     python -m tests.loops_child DB --node N --log LOG drain
     python -m tests.loops_child DB --node N notify --key K --count N
     python -m tests.loops_child DB --node N --log LOG notify --key K --count N --threshold T --hold
-    python -m tests.loops_child DB --node N notify --key K --count N --then M --save-interval S
 
 Prints one JSON line per step, flushed at once: ``ready``, ``started``
 (with ``adopted``: jobs taken up from the store), ``all_put`` (every
 ``await put`` returned, so every job is committed), ``notified``, and
 ``drained`` (the queue holds nothing and runs nothing), then ``stopped``.
 ``notified`` carries the trigger's ``fired`` count and the key's ``run_id``.
-With ``--then M`` the counts are saved after the first ``--count`` notifies
-(``save_changes()``), and ``M`` more follow, unsaved until the next save.
 
 With ``--hold`` the trigger's task appends ``{"key", "run", "attempt", "pid"}``
 to ``--log`` as it starts and then never ends; its saves come every
@@ -58,7 +55,6 @@ async def main() -> None:
     notify.add_argument("--threshold", type=int, default=1_000_000)
     notify.add_argument("--save-interval", type=float, default=0.1)
     notify.add_argument("--hold", action="store_true")
-    notify.add_argument("--then", type=int, default=0)
     args = parser.parse_args()
 
     engine = Engine(store=f"sqlite:///{args.db}", node_id=args.node, lease_ttl=2.0, health_interval=None)
@@ -96,10 +92,6 @@ async def main() -> None:
         elif args.mode == "notify":
             for _ in range(args.count):
                 trigger.notify(args.key)
-            if args.then:
-                await trigger.save_changes()
-                for _ in range(args.then):
-                    trigger.notify(args.key)
             [state] = [k for k in trigger.state().keys if k.key == args.key]
             emit(ev="notified", fired=trigger.fired, run_id=state.run_id)
             await asyncio.Event().wait()

@@ -215,50 +215,6 @@ async def test_a_killed_nodes_saved_counts_fire_once_on_a_node_that_keeps_runnin
         assert conn.execute("SELECT holder, count FROM trigger_keys").fetchall() == [(survivor.incarnation, 0)]
 
 
-async def test_a_key_a_killed_node_fired_after_its_last_save_is_not_fired_again_by_the_node_that_takes_it_up(
-    tmp_path: Path,
-) -> None:
-    # the child saves 6 for doc-1, then 4 more fire it (10, its threshold) and it dies before
-    # its next save: its row says 6 and names no run. The survivor took the 6 up and fired them
-    # again with its next 4 notifies, a second run for counts the first had done
-    db, log = tmp_path / "t.db", tmp_path / "handler.log"
-    fired: list[str] = []
-    survivor = Engine(store=f"sqlite:///{db}", node_id="survivor", lease_ttl=3.0, health_interval=None)
-
-    async def compile_key(ctx: TaskContext, key: str) -> None:
-        fired.append(ctx.run_id)
-
-    trigger = survivor.trigger("compile", compile_key, size_threshold=10, save_interval=0.1)
-    await survivor.start()
-    child = Child(
-        db, "killed", "notify", "--key", "doc-1", "--count", "6", "--then", "4", "--threshold", "10",
-        "--save-interval", "3600", "--hold", log=log, module="tests.loops_child",
-    )  # fmt: skip
-    try:
-        run_id = (await asyncio.to_thread(child.event, "notified"))["run_id"]
-        assert run_id is not None
-
-        def started() -> bool:  # the child runs it (and holds it) when it dies
-            return log.exists() and run_id in log.read_text()
-
-        await eventually(started, timeout=30)
-        with sqlite3.connect(db) as conn:
-            assert conn.execute("SELECT count, run_id FROM trigger_keys").fetchall() == [(6, None)]
-        await asyncio.to_thread(child.sigkill)
-        # taken up once the child is gone: the key follows the run it fired (run again here,
-        # recovered), which takes the 6 off
-        await eventually(lambda: trigger.adopted == 1 and fired == [run_id], timeout=30)
-        await trigger.drain(timeout=10)
-        trigger.notify("doc-1", 4)  # 4 of its own: below the threshold, nothing fires
-        await eventually(lambda: [(k.key, k.count) for k in trigger.state().keys] == [("doc-1", 4)], timeout=10)
-        assert trigger.fired == 0 and fired == [run_id]
-        runs = await trigger_runs(survivor)
-    finally:
-        child.close()
-        await survivor.stop()
-    assert [(r.id, r.status) for r in runs] == [(run_id, RunStatus.SUCCEEDED)]
-
-
 async def test_a_stopped_nodes_counts_are_taken_up_even_when_saves_are_rarer_than_node_ttl(shared: str) -> None:
     # saves once a minute (fewer writes), heartbeats good for a second: the looks for gone
     # holders keep their own pace, and the gap between two looks is not taken for a missed beat
@@ -542,56 +498,6 @@ async def test_a_paused_node_leaves_the_run_its_taken_row_named_to_the_node_that
         await eventually(lambda: keys(tb) == [("k", 0, False)], timeout=QTIMEOUT)
         assert await on(node_a, lambda: keys(ta)) == [("k", 3, False)]
         assert (ta.fired, tb.fired) == (1, 0)
-    finally:
-        gate.set()
-        await b.stop()
-        await node_a.run(a.stop())
-        node_a.close()
-
-
-async def test_a_key_a_paused_node_fired_after_its_last_save_is_followed_by_the_node_that_takes_it_up(
-    shared: str,
-) -> None:
-    # a saves 6 for k, 4 more fire it (10), and a is paused before its next save: its row says 6
-    # and names no run. b took the 6 up and fired them again, a second run for counts done
-    gate = threading.Event()
-    fired: list[str] = []
-    node_a = LoopThread()
-
-    def make(name: str, save_interval: float) -> tuple[Engine, Trigger]:
-        engine = Engine(store=shared, node_id=name, lease_ttl=QTTL, health_interval=None)
-
-        async def compile_key(ctx: TaskContext, key: str) -> None:
-            fired.append(ctx.run_id)
-            await asyncio.to_thread(gate.wait, QTIMEOUT)
-
-        return engine, engine.trigger("compile", compile_key, size_threshold=10, save_interval=save_interval)
-
-    (a, ta), (b, tb) = make("a", 3600), make("b", 0.05)
-
-    def keys(trigger: Trigger) -> list[tuple[str, int, bool]]:
-        return [(k.key, k.count, k.queued or k.running) for k in trigger.state().keys]
-
-    try:
-        await node_a.run(a.start())
-        await on(node_a, lambda: ta.notify("k", 6))
-        await node_a.run(ta.save_changes())
-        await on(node_a, lambda: ta.notify("k", 4))
-        [run_id] = await on(node_a, lambda: [k.run_id for k in ta.state().keys])
-        async with make_store(shared, lease_ttl=QTTL) as looker:  # written (a shared store's writes lag)
-            async with asyncio.timeout(QTIMEOUT):
-                while run_id not in await looker.get_many([run_id]):
-                    await asyncio.sleep(0.02)
-        await b.start()
-        await paused_until(node_a, lambda: tb.adopted == 1)
-        # b follows a's run with the 6 it took, rather than firing them again
-        await eventually(lambda: keys(tb) == [("k", 6, True)], timeout=QTIMEOUT)
-        gate.set()
-        await eventually(lambda: keys(tb) == [("k", 0, False)], timeout=QTIMEOUT)
-        tb.notify("k", 4)  # below the threshold: nothing fires
-        await tb.drain(timeout=QTIMEOUT)
-        assert (ta.fired, tb.fired) == (1, 0)
-        assert set(fired) == {run_id}  # (run again by b when a's claim ran out: the same run)
     finally:
         gate.set()
         await b.stop()
