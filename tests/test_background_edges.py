@@ -36,11 +36,14 @@ import aiohttp
 import pytest
 from rich.console import Console
 from taskwatch.engine import (
+    BackgroundEngine,
+    BackgroundRunHandle,
     Engine,
     EngineAlreadyRunning,
     EngineNotRunning,
     InvalidConfiguration,
     LoopThreadError,
+    RunHandle,
     RunStatus,
 )
 from taskwatch.engine import display
@@ -101,14 +104,19 @@ def test_a_background_cancel_refuses_a_grace_that_is_no_number_of_seconds_and_ca
         bg.stop(timeout=0)
 
 
+def forever_running(bg: BackgroundEngine) -> tuple[BackgroundRunHandle, RunHandle]:
+    """A run of "forever" going on ``bg``: its handle there, and the engine's own handle of it."""
+    handle = bg.submit("forever")
+    wait_until(lambda: handle.status is RunStatus.RUNNING)
+    return handle, bg.engine.handle(handle.id)
+
+
 def test_awaited_waits_on_another_loop_end_at_their_timeout_while_the_engines_loop_is_held() -> None:
     # timed only on the engine's loop, a wait from a notebook's own loop hung for as long as a
     # task held that loop (for good, held for good), where the blocking wait() ended on time
     bg = build_engine().start_background()
     try:
-        handle = bg.submit("forever")
-        wait_until(lambda: handle.status is RunStatus.RUNNING)
-        engine_handle = bg.engine.handle(handle.id)
+        handle, engine_handle = forever_running(bg)
         release = hold_loop(bg)
         outcomes: list[str] = []
         try:
@@ -133,9 +141,7 @@ def test_a_wait_on_another_loop_for_a_run_still_going_says_so_when_the_engines_l
     # only blame the engine's loop, came first about half the time for a run simply still going
     bg = build_engine().start_background()
     try:
-        handle = bg.submit("forever")
-        wait_until(lambda: handle.status is RunStatus.RUNNING)
-        engine_handle = bg.engine.handle(handle.id)
+        handle, engine_handle = forever_running(bg)
 
         async def waits() -> list[str]:
             said = []
