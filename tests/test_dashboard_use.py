@@ -479,6 +479,32 @@ async def test_the_header_names_the_node_and_the_store_it_watches(tmp_path: Any)
         assert "via in-process" in visible(store) and "dashboard-runs.db" in visible(store)
 
 
+async def test_the_header_says_when_the_engine_cannot_reach_its_store(tmp_path: Any) -> None:
+    # a node kept from its store past its claim lease steps down: it runs on, claims nothing and
+    # leads nothing, and the dashboard said so only as one red line in its event log
+    import sqlite3
+
+    from taskwatch.widgets import StoreBadge
+
+    db = tmp_path / "runs.db"
+    engine = make_engine(store=f"sqlite:///{db}?busy_timeout=50", lease_ttl=1.0)
+    async with dashboard(engine, size=LARGE) as (app, pilot):
+        store = app.main.query_one(StoreBadge)
+        await eventually(lambda: "runs.db" in visible(store))
+        assert "OUT OF REACH" not in visible(store)
+        holder = sqlite3.connect(db, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")  # another process holds the file
+        try:
+            await eventually(lambda: engine.stats().cut_off_for is not None, timeout=15)
+            await eventually(lambda: visible(store).startswith("✖ OUT OF REACH "), timeout=10)
+            assert "runs.db" in visible(store)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        await eventually(lambda: engine.stats().cut_off_for is None, timeout=15)
+        await eventually(lambda: "OUT OF REACH" not in visible(store), timeout=10)
+
+
 async def test_counts_are_totals_since_start_not_the_history_window() -> None:
     from taskwatch.widgets import CountsBar
 

@@ -445,6 +445,23 @@ async def test_store_badge_draws_what_its_docstring_shows() -> None:
         assert text(badge).strip() == example
 
 
+async def test_store_badge_says_first_how_long_the_engine_has_not_reached_its_store() -> None:
+    badge = StoreBadge()
+    async with Host(badge).run_test(size=(44, 5)) as pilot:
+        badge.update("sqlite:/var/app/runs.db", "3f2a91c4deadbeef", "tcp://127.0.0.1:7070")
+        with pytest.raises(TypeError, match="seconds is a number or None"):
+            badge.show_cut_off("75")  # type: ignore[arg-type]
+        badge.show_cut_off(75.4)
+        await pilot.pause()
+        # narrow: how it is reached and the incarnation give way, the warning and the store stay
+        shown = text(badge).strip()
+        assert shown.startswith("✖ OUT OF REACH 1m15s store sqlite") and shown.endswith("/runs.db"), shown
+        assert "via" not in shown and "incarnation" not in shown
+        badge.show_cut_off(None)
+        await pilot.pause()
+        assert "OUT OF REACH" not in text(badge)
+
+
 # ---------------------------------------------------------------- `taskwatch --plain --seconds`
 
 

@@ -1011,6 +1011,11 @@ class TaskwatchApp(PlainApp):
             )
         else:
             badge.update_disconnected(self.client.where, reason)
+        # an engine that cannot reach its store runs on, but claims and leads nothing: said
+        # beside the store, from the last overview (while the engine answers them)
+        stats = self.state.stats
+        cut_off = stats.cut_off_for if stats is not None and self.client.connected and not gone else None
+        self.main.query_one(StoreBadge).show_cut_off(cut_off)
         self.main.query_one(EngineStateNote).show(*self._engine_state_note(gone))
 
     def _engine_state_note(self, gone: bool) -> tuple[str, Text | None]:

@@ -8,7 +8,7 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.widget import Widget
 
-from ._format import printable
+from ._format import fmt_duration, printable
 
 
 def shorten_middle(text: str, limit: int) -> str:
@@ -38,6 +38,9 @@ class StoreBadge(Widget):
     incarnation: reactive[str] = reactive("")
     #: how the dashboard reaches the engine: "in-process" or the address attached to
     via: reactive[str] = reactive("")
+    #: whole seconds the engine has not reached its store (stepped down: it claims and leads
+    #: nothing); None while it reaches it
+    cut_off_for: reactive[int | None] = reactive(None)
 
     def update(self, store: str, incarnation: str, via: str) -> None:
         """Show ``store`` (its description), ``incarnation`` and ``via``; ``TypeError`` for a
@@ -49,6 +52,13 @@ class StoreBadge(Widget):
         self.incarnation = incarnation
         self.via = via
 
+    def show_cut_off(self, seconds: float | None) -> None:
+        """Say that the engine cannot reach its store, for ``seconds`` (an engine's
+        ``stats().cut_off_for``); None: it reaches it."""
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))):
+            raise TypeError(f"StoreBadge.show_cut_off: seconds is a number or None; got {type(seconds).__name__}")
+        self.cut_off_for = None if seconds is None or seconds != seconds else int(seconds)
+
     def render(self) -> Text:
         width = max(1, self.content_region.width or 80)
         # what gives way first when the line is short: the incarnation, then how it is reached
@@ -59,13 +69,17 @@ class StoreBadge(Widget):
         if self.incarnation:
             extras.append(("incarnation", printable(self.incarnation[:8])))
         store = printable(self.store) or "?"
+        # said first, whatever else gives way: the engine runs, but does no work
+        warning = "" if self.cut_off_for is None else f"✖ OUT OF REACH {fmt_duration(self.cut_off_for)} "
         while True:
             tail = "".join(f" · {label} {value}" for label, value in extras)
-            room = width - len("store ") - len(tail)
+            room = width - len(warning) - len("store ") - len(tail)
             if room >= min(len(store), 20) or not extras:
                 break
             extras.pop()
         text = Text(no_wrap=True, overflow="ellipsis")
+        if warning:
+            text.append(warning, style="bold red")
         text.append("store ", style="dim")
         text.append(shorten_middle(store, max(1, room)), style="bold" if self.store else "dim")
         for label, value in extras:
