@@ -180,7 +180,7 @@ class RedisEventRelay(EventRelay):
                 newest = await self._reader.xrevrange(self.stream, count=1)
         except TimeoutError:
             return "$"
-        except (self._errors.RedisError, OSError) as exc:
+        except self.transient_errors as exc:
             if redis_refused(exc, self._errors):
                 # a wrong password, a database index the server does not have: no outage, which
                 # would be retried for ever, showing the dashboard DISCONNECTED with no reason

@@ -860,19 +860,16 @@ def _cannot_watch(url: str, *, stream: str = DEFAULT_STREAM, lease: str = DEFAUL
     """
     from taskwatch.engine import ClusterObserver, RedisEventRelay
 
-    def make() -> Any:
-        if attach_kind(url) == "redis":
-            return RedisEventRelay(url, stream=stream)
-        return ClusterObserver(url, lease=lease or None)
-
     try:
-        public = make().public_url
+        source: Any = (
+            RedisEventRelay(url, stream=stream) if attach_kind(url) == "redis" else ClusterObserver(url, lease=lease or None)
+        )
     except TaskwatchError as exc:
         return str(exc)
     try:
-        asyncio.run(_open_and_close(make()))
+        asyncio.run(_open_and_close(source))
     except (TaskwatchError, OSError) as exc:
-        return f"cannot watch {public}: {exc}"
+        return f"cannot watch {source.public_url}: {exc}"
     return None
 
 
