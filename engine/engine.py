@@ -63,7 +63,7 @@ from .execution import Execution, RunWait, checked_timeout
 from .handle import RunHandle
 from .health import HealthSampler
 from .hop import (
-    Escaped, as_future, call_on, cancel_and_wait, current_loop, home_here, refuse_in_fork, ship, spawn, work_context,
+    Escaped, as_future, call_blocking, call_on, cancel_and_wait, current_loop, home_here, refuse_in_fork, ship, spawn, work_context,
     works_for,
 )
 from .index import (
@@ -2264,20 +2264,26 @@ class Engine:
         Periodic tasks that were disabled for want of it (and need nothing else)
         are enabled at once, as at a start, each with a ``periodic.registered``
         event; a shared store's runs of tasks requiring it are claimed here from now
-        on. Safe from any thread: off the engine's loop the change is applied there.
+        on. Safe from any thread: off the engine's loop the change is made there, and
+        this returns once it holds.
         """
         if (problem := name_problem("name", name)) is not None:
             raise InvalidConfiguration("a resource", [problem])
-        self._needs_changed(self.resources.__setitem__, name, resource)
+        self._change_needs(self.resources.__setitem__, name, resource)
 
     def withdraw(self, name: str) -> Any:
         """Take the resource ``name`` away and return it.
 
         Periodic tasks requiring it are disabled at once (a run in progress
-        finishes, keeping it), with the reason and a ``periodic.registered`` event. Raises
+        finishes, keeping it), with the reason and a ``periodic.registered`` event;
+        no run starts with it once this has returned. Raises
         :class:`InvalidConfiguration` when no resource of that name is provided. Safe
-        from any thread, as :meth:`provide` is.
+        from any thread, as :meth:`provide` is: the object returned is the one taken
+        away, whatever was provided just before from any thread.
         """
+        return self._change_needs(self._take_resource, name)
+
+    def _take_resource(self, name: str) -> Any:
         if not isinstance(name, str) or name not in self.resources:
             known = sorted(str(r) for r in self.resources)
             near = difflib.get_close_matches(name, known, n=1) if isinstance(name, str) else []
@@ -2286,9 +2292,7 @@ class Engine:
                 f"resource {name!r}",
                 [f"no resource of that name is provided{hint}; provided: {', '.join(known) or 'none'}"],
             )
-        resource = self.resources[name]
-        self._needs_changed(self._forget_resource, name, resource)
-        return resource
+        return self.resources.pop(name)
 
     def set_flag(self, name: str, on: bool) -> None:
         """Turn the flag ``name`` on or off; ``opt_in`` periodic tasks follow at once.
@@ -2302,34 +2306,23 @@ class Engine:
             problems.append(f"on={on!r}: a flag is True or False")
         if problems:
             raise InvalidConfiguration(f"flag {name!r}", problems)
-        self._needs_changed(self.flags.__setitem__, name, on)
+        self._change_needs(self.flags.__setitem__, name, on)
 
-    def _needs_changed(self, change: Callable[..., object], *args: Any) -> None:
-        """Apply ``change(*args)`` to the resources or flags, then what follows from it, on the
-        engine's loop: the scheduler reads those dicts and starts and cancels tasks there, so a
-        call from another thread (in any state, a stop under way included) is handed to it."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed() and threading.get_ident() != self._loop_thread:
-            # before the try: this refusal is a RuntimeError too, which there means a closed loop
-            refuse_in_fork(loop)
-            try:
-                loop.call_soon_threadsafe(self._apply_needs, change, args)
-                return
-            except RuntimeError:
-                pass  # closed meanwhile: nothing runs on it any more
-        self._apply_needs(change, args)
+    def _change_needs(self, change: Callable[..., _R], *args: Any) -> _R:
+        """``change(*args)`` on the resources or flags, then what follows from it, made on the
+        engine's loop and returned from there: the scheduler and the claims read those dicts
+        there, so a change (and a withdraw's check of what is provided) made from another
+        thread waits its turn behind the changes made before it, and holds once this returns.
+        With no loop running (a stop's last moments included) it is made here."""
+        return call_blocking(self._loop, self._apply_needs, change, args)
 
-    def _apply_needs(self, change: Callable[..., object], args: tuple[Any, ...]) -> None:
-        change(*args)
+    def _apply_needs(self, change: Callable[..., _R], args: tuple[Any, ...]) -> _R:
+        result = change(*args)
         self._refresh_limits()
         self._scheduler.needs_changed()
         # a run of a task its resource was withdrawn from waits here: claim it now, not at the next poll
         self._executor.wake()
-
-    def _forget_resource(self, name: str, resource: Any) -> None:
-        # only the object withdrawn: one provided again since stays
-        if self.resources.get(name) is resource:
-            del self.resources[name]
+        return result
 
     # ------------------------------------------------------------------ queues and triggers
 

@@ -183,12 +183,14 @@ class PeriodicRegistered(BaseEvent):
 
 
 class PeriodicSkipped(BaseEvent):
-    """A tick came due while the previous run was still going; it was not overlapped."""
+    """A tick came due and passed without a run: the previous run was still going
+    (``reason="overlap"``, naming it), or the engine's run queue was full (``"queue_full"``)."""
 
     kind: Literal["periodic.skipped"] = "periodic.skipped"
     name: str
     running_run_id: str | None = None
     skipped_total: int = 0
+    reason: Literal["overlap", "queue_full"] = "overlap"
 
 
 class PeriodicPaused(BaseEvent):

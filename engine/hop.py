@@ -38,6 +38,7 @@ import functools
 import inspect
 import os
 import threading
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
@@ -384,19 +385,37 @@ def unheard(answer: asyncio.Future[Any]) -> None:
         answer.exception()
 
 
+#: how often a thread waiting for a call on a loop looks whether that loop still runs
+_LOOK_EVERY = 0.05
+
+
 def call_blocking(
     loop: asyncio.AbstractEventLoop | None, fn: Callable[..., T], *args: Any, timeout: float | None = 5.0, **kwargs: Any
 ) -> T:
     """``fn(*args, **kwargs)`` run on ``loop``, waiting for it on this thread (``fn`` must not be async).
 
-    On the loop's own thread, or when the loop is not running, it runs here. In a fork of the
-    process the loop runs in it raises :class:`EngineInAnotherProcess` at once.
+    On the loop's own thread, or when the loop is not running, it runs here; so it does when
+    the loop stops before it took the call (an engine's loop ending under a ``bg.stop()``):
+    shipped calls left on a loop that stopped are never run. In a fork of the process the
+    loop runs in it raises :class:`EngineInAnotherProcess` at once.
     """
     if loop is None or loop.is_closed() or not loop.is_running() or loop is current_loop():
         return fn(*args, **kwargs)
     call = ship(loop, fn, *args, **kwargs)
+    ends = None if timeout is None else time.monotonic() + timeout
     try:
-        return call.future.result(timeout)  # type: ignore[no-any-return]
+        while True:
+            left = _LOOK_EVERY if ends is None else min(_LOOK_EVERY, max(0.0, ends - time.monotonic()))
+            try:
+                return call.future.result(left)  # type: ignore[no-any-return]
+            except TimeoutError:
+                if call.future.done():
+                    raise  # the call's own TimeoutError
+                if not loop.is_running() and call.give_up():
+                    # never taken, and never will be: nothing runs on the loop meanwhile either
+                    return fn(*args, **kwargs)
+                if ends is not None and time.monotonic() >= ends:
+                    raise
     except Escaped as escaped:
         raise escaped.exc from None
     except BaseException as exc:

@@ -207,10 +207,12 @@ class PeriodicInfo(BaseModel):
     last_status: str | None = None
     last_started: float | None = None
     last_duration: float | None = None
-    #: runs submitted, runs that ended failed, ticks skipped
+    #: runs submitted, runs that ended failed, ticks that passed without a run (a run still
+    #: going, or the run queue full), and of those the ones the full run queue refused
     runs: int = 0
     failures: int = 0
     skipped: int = 0
+    refused: int = 0
     #: slots that passed without a tick while the loop was held up (a blocked event loop,
     #: a suspended process, a stopped engine; not the task disabled): the late tick fired once
     #: for all of them. Slots up to the last one another node sharing the store fired are not counted
@@ -479,6 +481,12 @@ def _validate_signature(fn: Any, name: str, requires: tuple[str, ...]) -> None:
             f"periodic task {name!r} must take a TaskContext as its first argument: "
             f"async def {getattr(fn, '__name__', name)}(ctx, ...)"
         )
+    if params[0].name in requires and params[0].kind is params[0].POSITIONAL_OR_KEYWORD:
+        # passed as a keyword beside the TaskContext in that place: every run would fail
+        raise TaskDefinitionError(
+            f"periodic task {name!r} requires a resource named {params[0].name!r}, the name of its first "
+            f"parameter, which receives the TaskContext: rename that parameter (or the resource)"
+        )
     rest = params[1:]
     takes_any = any(p.kind is p.VAR_KEYWORD for p in rest)
     by_keyword = {p.name for p in rest if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
@@ -562,6 +570,11 @@ class _Periodic:
     runs: int = 0
     failures: int = 0
     skipped: int = 0
+    refused: int = 0
+    #: when (``time.monotonic()``) the last warning of a tick the full queue refused was logged,
+    #: and those refused since: a queue that stays full refuses every tick
+    refused_warned: float | None = None
+    refused_held: int = 0
     missed: int = 0
     #: when (``time.monotonic()``) the last warning of a late tick was logged, and the late ticks
     #: and slots missed since that were held back: a loop that cannot keep up (every=0.001)
@@ -713,6 +726,17 @@ class Scheduler:
                 reasons.append(f"flag {p.opt_in} is off")
         return "; ".join(reasons) or None
 
+    def _looks_misspelled(self, p: _Periodic) -> bool:
+        """True when a resource ``p`` needs is missing, or its flag is not set at all, and the
+        engine has one of a close name."""
+        engine = self._engine
+        have = [str(r) for r in list(engine.resources)]
+        flags = [str(f) for f in list(engine.flags)]
+        missing = [r for r in p.requires if r not in engine.resources]
+        if p.opt_in is not None and p.opt_in not in engine.flags and _near(p.opt_in, flags):
+            return True
+        return any(_near(r, have) for r in missing)
+
     def _recheck(self, p: _Periodic) -> bool:
         """Decide again whether ``p``'s needs are met; True when that changed ``p``'s state or reason."""
         if p.reason == _NEVER_AGAIN:
@@ -790,6 +814,7 @@ class Scheduler:
             runs=p.runs,
             failures=p.failures,
             skipped=p.skipped,
+            refused=p.refused,
             missed=p.missed,
             requires=p.requires,
             opt_in=p.opt_in,
@@ -1007,8 +1032,11 @@ class Scheduler:
             else:
                 self._launch(p, self._first_slot(p))
         elif not p.enabled:
-            # a misspelled resource or flag name would otherwise leave no trace in the log
-            log.info("periodic task %r is disabled until its needs are met: %s", p.name, p.reason)
+            # a misspelled resource or flag name would otherwise leave no trace in the log; one
+            # that looks misspelled is warned of, where the default logging shows it (a need
+            # not met yet is no news: a resource provided later, a flag left off)
+            level = logging.WARNING if self._looks_misspelled(p) else logging.INFO
+            log.log(level, "periodic task %r is disabled until its needs are met: %s", p.name, p.reason)
         self._emit_registered(p)
 
     def _emit_registered(self, p: _Periodic) -> None:
@@ -1340,6 +1368,13 @@ class Scheduler:
             )  # fmt: skip
         p.late_warned = None
         p.late_held = p.late_held_missed = 0
+        if p.refused_held and p.refused_warned is not None:
+            log.warning(
+                "periodic task %r: %d more tick(s) refused by the full run queue since the warning %.0f s ago",
+                p.name, p.refused_held, time.monotonic() - p.refused_warned,
+            )  # fmt: skip
+        p.refused_warned = None
+        p.refused_held = 0
 
     def _slots_passed(self, p: _Periodic, slot: float, planned: float, fired_at: float, following: float) -> int:
         """The slots between ``slot`` (planned for ``planned``), fired at ``fired_at``, and ``following``."""
@@ -1406,8 +1441,7 @@ class Scheduler:
         try:
             fired = await self._engine.submit_periodic(p.name, slot, gap)
         except QueueFull:
-            log.warning("periodic task %r: engine run queue full; tick skipped", p.name)
-            self._skip(p, None)
+            self._refused(p)
             fired = None
         finally:
             if p.writer is me:
@@ -1584,6 +1618,30 @@ class Scheduler:
         p.skipped += 1
         self._engine.bus.emit(PeriodicSkipped, name=p.name, running_run_id=running_run_id, skipped_total=p.skipped)
 
+    def _refused(self, p: _Periodic) -> None:
+        """A tick the engine's full run queue refused: skipped, counted apart, and warned of as
+        late ticks are (at most once every ``_LATE_WARNING_EVERY`` seconds, with how many)."""
+        p.skipped += 1
+        p.refused += 1
+        now = time.monotonic()
+        if p.refused_warned is None or now - p.refused_warned >= _LATE_WARNING_EVERY:
+            held = (
+                f"; {p.refused_held} more tick(s) refused since the previous warning {now - p.refused_warned:.0f} s "
+                f"ago (logged at most once every {_LATE_WARNING_EVERY:g} s)"
+                if p.refused_held and p.refused_warned is not None
+                else ""
+            )
+            log.warning(
+                "periodic task %r: the engine's run queue is full (max_queue); tick skipped%s", p.name, held
+            )
+            p.refused_warned = now
+            p.refused_held = 0
+        else:
+            p.refused_held += 1
+        self._engine.bus.emit(
+            PeriodicSkipped, name=p.name, running_run_id=None, skipped_total=p.skipped, reason="queue_full"
+        )
+
     def _on_run_finished(self, event: BaseEvent) -> None:
         """Bus callback: record the outcome of one of our runs as soon as it finishes."""
         found = self._inflight.pop(event.run_id, None)  # type: ignore[attr-defined]
@@ -1614,10 +1672,16 @@ class Scheduler:
         p.last_end = end
 
 
+def _near(name: str, known: list[str]) -> str | None:
+    """The nearest of ``known`` when ``name`` looks like a typo of one."""
+    near = difflib.get_close_matches(name, known, n=1)
+    return near[0] if near else None
+
+
 def _with_suggestion(name: str, known: list[str]) -> str:
     """``name``, with the nearest of ``known`` when it looks like a typo of one."""
-    near = difflib.get_close_matches(name, known, n=1)
-    return f"{name} (did you mean {near[0]}?)" if near else name
+    near = _near(name, known)
+    return f"{name} (did you mean {near}?)" if near else name
 
 
 def _grid_slot(anchor: float, every: float, ref: float) -> float:

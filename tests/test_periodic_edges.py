@@ -138,6 +138,90 @@ async def test_needs_changed_from_another_thread_reach_the_engine_loop() -> None
     assert not stray_tasks()
 
 
+async def test_a_withdraw_from_another_thread_takes_away_what_that_thread_just_provided() -> None:
+    class Pool:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+    a, b, c = Pool("A"), Pool("B"), Pool("C")
+    engine = make_engine(resources={"db": a})
+
+    @engine.periodic(every=3600, requires=("db",), initial_delay=3600)
+    async def uses_db(ctx: TaskContext, db: Pool) -> None: ...
+
+    def provide_then_withdraw(pool: Pool) -> tuple[object, bool]:
+        engine.provide("db", pool)
+        taken = engine.withdraw("db")
+        # once withdraw() returned, the task is off: nothing starts with the pool any more
+        return taken, info(engine, "uses_db").enabled
+
+    async with engine:
+        # the withdraw read what was provided before the provide reached the engine's loop: it
+        # returned A, and B stayed provided with the task on
+        assert await asyncio.to_thread(provide_then_withdraw, b) == (b, False)
+        assert engine.resources == {}
+        # and with nothing provided it raised "no resource of that name", leaving C provided
+        assert await asyncio.to_thread(provide_then_withdraw, c) == (c, False)
+        assert engine.resources == {} and not info(engine, "uses_db").enabled
+        with pytest.raises(InvalidConfiguration, match="no resource of that name is provided"):
+            await asyncio.to_thread(engine.withdraw, "db")
+    assert not stray_tasks()
+
+
+def test_a_call_made_on_a_loop_that_stops_before_taking_it_runs_on_the_callers_thread() -> None:
+    """What a provide() from another thread meets while a background engine ends: its loop
+    stops before it takes the call, which it then never runs."""
+    from taskwatch.engine.hop import call_blocking
+
+    loop = asyncio.new_event_loop()
+    held, go = threading.Event(), threading.Event()
+
+    def hold_then_stop() -> None:
+        held.set()
+        go.wait(5)
+        loop.stop()  # this turn ends the loop: what was shipped meanwhile stays unrun
+
+    loop.call_soon(hold_then_stop)
+    runner = threading.Thread(target=loop.run_forever)
+    runner.start()
+    ran: list[str] = []
+    answer: list[object] = []
+
+    def call() -> None:
+        try:
+            answer.append(call_blocking(loop, lambda: ran.append(threading.current_thread().name) or "done"))
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            answer.append(exc)
+
+    caller = threading.Thread(target=call, name="caller")
+    try:
+        assert held.wait(5)
+        caller.start()
+        # the caller has shipped its call and waits for the answer (its thread sits in a wait)
+        wait_until(lambda: _waiting(caller), timeout=5)
+        go.set()
+        runner.join(5)
+        assert not loop.is_running()
+        caller.join(3)  # it used to wait out call_blocking's 5 s, and raise TimeoutError
+        assert not caller.is_alive() and answer == ["done"] and ran == ["caller"]
+    finally:
+        go.set()
+        runner.join(5)
+        caller.join(5)
+        loop.close()
+
+
+def _waiting(thread: threading.Thread) -> bool:
+    import sys
+
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == "result":  # a concurrent.futures.Future's wait for its answer
+            return True
+        frame = frame.f_back
+    return False
+
+
 async def test_a_tick_whose_resource_was_deleted_disables_the_task_instead_of_failing_runs() -> None:
     engine = make_engine(resources={"db": "D"})
 
@@ -215,6 +299,12 @@ async def test_a_task_disabled_at_the_start_is_logged_with_what_it_waits_for(cap
     @engine.periodic(every=60.0, opt_in="kg")
     async def flagged(ctx: TaskContext) -> None: ...
 
+    @engine.periodic(every=60.0, opt_in="kgg")
+    async def flag_typo(ctx: TaskContext) -> None: ...
+
+    @engine.periodic(every=60.0, requires=("cache",))
+    async def later(ctx: TaskContext, cache: object) -> None: ...
+
     @engine.periodic(every=60.0, initial_delay=60.0)
     async def fine(ctx: TaskContext) -> None: ...
 
@@ -222,9 +312,12 @@ async def test_a_task_disabled_at_the_start_is_logged_with_what_it_waits_for(cap
         async with engine:
             pass
     said = {(r.levelno, r.getMessage()) for r in caplog.records if r.name == "taskwatch.scheduler"}
+    # what looks like a typo is a warning, which the default logging shows; a need not met yet is not
     assert said == {
-        (logging.INFO, "periodic task 'typo' is disabled until its needs are met: missing resource: reddis (did you mean redis?)"),
+        (logging.WARNING, "periodic task 'typo' is disabled until its needs are met: missing resource: reddis (did you mean redis?)"),
+        (logging.WARNING, "periodic task 'flag_typo' is disabled until its needs are met: flag kgg (did you mean kg?) is not set; the engine's flags: kg"),
         (logging.INFO, "periodic task 'flagged' is disabled until its needs are met: flag kg is off"),
+        (logging.INFO, "periodic task 'later' is disabled until its needs are met: missing resource: cache"),
     }
 
 
@@ -1063,3 +1156,35 @@ async def test_a_node_sharing_the_store_that_fires_a_cron_task_at_other_times_is
         else:
             await eventually(lambda: fired() >= 3, timeout=15)
             assert "no time of its cron" not in caplog.text
+
+
+async def test_ticks_the_full_run_queue_refuses_are_told_apart_from_overlaps_and_warned_of_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = make_engine(max_concurrency=1, max_queue=2)
+    release = asyncio.Event()
+
+    @engine.task
+    async def busy(ctx: TaskContext) -> None:
+        await release.wait()
+
+    @engine.periodic(every=0.02)
+    async def beat(ctx: TaskContext) -> None: ...
+
+    rec = Recorder(engine, ("periodic.skipped",))
+    caplog.set_level(logging.WARNING, logger="taskwatch")
+    async with engine:
+        # one running and two queued: every tick of beat finds the queue full
+        for _ in range(3):
+            await engine.submit("busy")
+        await eventually(lambda: len(rec.of("periodic.skipped")) >= 4)
+        skips = rec.of("periodic.skipped")
+        assert {(e.reason, e.running_run_id) for e in skips} == {("queue_full", None)}
+        p = info(engine, "beat")
+        assert p.refused == p.skipped >= 4 and p.runs == 0
+        # one line for them all, where every tick logged one
+        full = [r for r in caplog.records if "run queue is full" in r.getMessage()]
+        assert len(full) == 1 and full[0].levelno == logging.WARNING
+        release.set()
+        await eventually(lambda: info(engine, "beat").runs >= 1)
+    assert not stray_tasks()

@@ -181,6 +181,21 @@ def test_function_must_be_async_and_accept_its_resources() -> None:
         engine.periodic(unfilled, every=1.0, requires=("redis",))
 
 
+def test_a_resource_named_like_the_context_parameter_is_refused_where_every_run_would_fail() -> None:
+    engine = make_engine(resources={"ctx": "R"})
+
+    async def tick(ctx: TaskContext, **resources: object) -> None: ...
+
+    # each run would have called tick(context, ctx=R): "got multiple values for argument 'ctx'"
+    with pytest.raises(TaskDefinitionError, match="requires a resource named 'ctx', the name of its first parameter"):
+        engine.periodic(tick, every=1.0, requires=("ctx",))
+    assert engine.schedule() == [] and "tick" not in engine.tasks()
+    # positional-only, the keyword lands in **resources: nothing to refuse
+    async def posonly(ctx: TaskContext, /, **resources: object) -> None: ...
+
+    engine.periodic(posonly, every=1.0, requires=("ctx",))
+
+
 # ---------------------------------------------------------------- registry: enabled or why not
 
 
@@ -329,8 +344,8 @@ async def test_a_slow_run_is_not_overlapped_and_skipped_ticks_are_counted() -> N
         # fixed rate: the next tick stays scheduled while the run goes on
         assert p.next_due is not None
         skipped = rec.of("periodic.skipped")
-        assert {e.running_run_id for e in skipped} == {p.running_run_id}
-        assert [e.skipped_total for e in skipped[:3]] == [1, 2, 3]
+        assert {(e.running_run_id, e.reason) for e in skipped} == {(p.running_run_id, "overlap")}
+        assert [e.skipped_total for e in skipped[:3]] == [1, 2, 3] and p.refused == 0
         release.set()
         await eventually(lambda: info(engine, "slow").runs >= 2)
     assert not stray_tasks()

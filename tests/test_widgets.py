@@ -1163,10 +1163,14 @@ async def test_schedule_table_shows_state_next_due_and_selection() -> None:
             periodic("cleanup", paused=True, next_due=now + 5),
             periodic("billing", enabled=False, reason="leader only", trigger="cron 0 3 * * *", trigger_kind="cron"),
             periodic("ticker", enabled=False, reason="flag tick is off", paused=True),
+            periodic("beat", skipped=7, refused=5),
         ]
         table.update_schedule(infos, now)
         await pilot.pause()
-        assert table.shown_keys == ["billing", "cleanup", "reindex", "ticker"]
+        assert table.shown_keys == ["beat", "billing", "cleanup", "reindex", "ticker"]
+        # ticks the full run queue refused are no overlaps: the note says how many of the skipped
+        assert cell(table, "beat", "note") == "5 of the skipped refused: run queue full"
+        assert cell(table, "reindex", "note") == ""
         assert cell(table, "reindex", "next") == "42s"
         assert cell(table, "reindex", "last") == "failed"
         assert cell(table, "reindex", "failures") == "2"

@@ -29,6 +29,9 @@ def _state(info: PeriodicInfo) -> Cell:
 def _note(info: PeriodicInfo) -> Cell:
     if not info.enabled:
         return (f"disabled: {info.reason}" if info.reason else "disabled", "dim red")
+    if info.refused:
+        # skipped for want of room, not because a run was still going: a queue to make room in
+        return (f"{info.refused} of the skipped refused: run queue full", "yellow")
     return ("", "")
 
 
