@@ -406,20 +406,31 @@ def call_blocking(
     try:
         while True:
             left = _LOOK_EVERY if ends is None else min(_LOOK_EVERY, max(0.0, ends - time.monotonic()))
-            try:
-                return call.future.result(left)  # type: ignore[no-any-return]
-            except TimeoutError:
-                if call.future.done():
-                    raise  # the call's own TimeoutError
-                if not loop.is_running() and call.give_up():
-                    # never taken, and never will be: nothing runs on the loop meanwhile either
+            if call.cut:
+                # cancelled by the loop's owner before it started (ending the loop's last tasks,
+                # as a background engine's stop does): it runs here once that is over
+                if not loop.is_running():
                     return fn(*args, **kwargs)
-                if ends is not None and time.monotonic() >= ends:
-                    raise
+                time.sleep(left)
+            else:
+                try:
+                    return call.future.result(left)  # type: ignore[no-any-return]
+                except concurrent.futures.CancelledError:
+                    if not call.cut:
+                        raise
+                    continue
+                except TimeoutError:
+                    if call.future.done():
+                        raise  # the call's own TimeoutError
+                    if not loop.is_running() and call.give_up():
+                        # never taken, and never will be: nothing runs on the loop meanwhile either
+                        return fn(*args, **kwargs)
+            if ends is not None and time.monotonic() >= ends:
+                raise TimeoutError
     except Escaped as escaped:
         raise escaped.exc from None
     except BaseException as exc:
-        if call.future.done():
+        if call.future.done() and not call.cut:
             raise  # the call's own error
         call.give_up()  # timed out or interrupted: nobody waits for it any more
         if isinstance(exc, TimeoutError):

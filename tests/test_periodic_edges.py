@@ -211,6 +211,52 @@ def test_a_call_made_on_a_loop_that_stops_before_taking_it_runs_on_the_callers_t
         loop.close()
 
 
+def test_a_call_the_loops_owner_cancels_before_it_started_runs_on_the_callers_thread() -> None:
+    """A background engine's end cancels the tasks left on its loop, a shipped call's among
+    them: the call never ran, and its caller got CancelledError for a provide() that was lost."""
+    from taskwatch.engine.hop import call_blocking
+
+    loop = asyncio.new_event_loop()
+    held, go = threading.Event(), threading.Event()
+
+    def cancel_what_is_left() -> None:
+        for task in asyncio.all_tasks(loop):  # the call's, before its first step
+            task.cancel()
+            task.add_done_callback(lambda _: loop.stop())  # after the call has heard of it
+
+    def hold() -> None:
+        held.set()
+        go.wait(5)
+        loop.call_soon(cancel_what_is_left)  # behind the call shipped meanwhile
+
+    loop.call_soon(hold)
+    runner = threading.Thread(target=loop.run_forever)
+    runner.start()
+    answer: list[object] = []
+    ran: list[str] = []
+
+    def call() -> None:
+        try:
+            answer.append(call_blocking(loop, lambda: ran.append(threading.current_thread().name) or "done"))
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            answer.append(exc)
+
+    caller = threading.Thread(target=call, name="caller")
+    try:
+        assert held.wait(5)
+        caller.start()
+        wait_until(lambda: _waiting(caller), timeout=5)
+        go.set()
+        runner.join(5)
+        caller.join(3)
+        assert not caller.is_alive() and answer == ["done"] and ran == ["caller"]
+    finally:
+        go.set()
+        runner.join(5)
+        caller.join(5)
+        loop.close()
+
+
 def _waiting(thread: threading.Thread) -> bool:
     import sys
 
