@@ -282,6 +282,7 @@ class RemoteEngine:
         self.server_version: str | None = None
         #: the connect() in progress: a second call made meanwhile shares its outcome
         self._connecting: asyncio.Future[Snapshot] | None = None
+        self._closes = 0  # close() calls: one made while a connect() is under way ends that connect
         self._reset()
 
     def _reset(self) -> None:
@@ -356,6 +357,7 @@ class RemoteEngine:
         await self.close()
         self._reset()
         self.close_reason = None
+        closes = self._closes
         target = self._target
         loop = asyncio.get_running_loop()
         writer: asyncio.StreamWriter | None = None
@@ -388,6 +390,12 @@ class RemoteEngine:
                 raise
             except OSError as exc:  # TimeoutError too
                 raise self._unreachable(exc, opened) from exc
+            if self._closes != closes:
+                # close() was called meanwhile: its caller is done with this connection, which
+                # would otherwise stay open, holding a place on the engine and reading events
+                raise ConnectionClosed(
+                    f"close() was called while connecting to {self.address}: the connection was closed again"
+                )
         except BaseException:
             if writer is not None:
                 writer.close()
@@ -553,8 +561,11 @@ class RemoteEngine:
 
         A connection already ended on a loop that has finished (a previous
         ``asyncio.run``) is only forgotten; one still open on another loop
-        raises :class:`~taskwatch.engine.errors.LoopThreadError`.
+        raises :class:`~taskwatch.engine.errors.LoopThreadError`. A ``connect()``
+        under way then raises :class:`~taskwatch.engine.errors.ConnectionClosed`
+        rather than leave a connection open.
         """
+        self._closes += 1
         if self._foreign_loop():
             loop, task = self._loop, self._read_task
             assert loop is not None
@@ -699,17 +710,21 @@ class RemoteEngine:
         return self._events.take(limit)
 
     async def wait(self, timeout: float | None = None) -> bool:
-        """Wait until events are buffered or the connection ends. True if events are ready."""
+        """Wait until events are buffered, the connection ends or ``timeout`` passes. True if
+        events are ready; False without a timeout means the connection is gone."""
         if self._events:
             return True
         if not self._connected:
             return False
         if self._foreign_loop():
             raise self._wrong_loop("wait")
-        self._ready.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                await self._ready.wait()
+                # a wake whose events a snapshot reply took back before this ran (they are in
+                # that snapshot: a snapshot() called meanwhile) is no end: wait on
+                while not self._events and self._connected:
+                    self._ready.clear()
+                    await self._ready.wait()
         return bool(self._events)
 
     async def events(self) -> AsyncIterator[Event]:
