@@ -346,6 +346,29 @@ async def test_attach_over_a_unix_socket(serve: ServeFn, sock_path: Path) -> Non
         await eventually(lambda: set(served.submitted()[before:]) <= shown(app), timeout=TIMEOUT)
 
 
+async def test_a_run_cut_off_with_its_engine_is_not_shown_going_on(serve: ServeFn, sock_path: Path) -> None:
+    served = await serve(str(sock_path), node_id="doomed", interval=60.0)
+    later = [0.0]  # seconds the dashboard's clock is moved on by
+    app = TaskwatchApp(RemoteClient(served.address, token=None), clock=lambda: time.time() + later[0])
+    async with app.run_test(size=SIZE):
+        served.send("submit forever")
+        await eventually(lambda: served.submitted("forever"), timeout=TIMEOUT)
+        [run_id] = served.submitted("forever")
+        table = app.main.query_one(RunsTable)
+        await eventually(lambda: run_id in shown(app) and str(table.get_cell(run_id, "status")) == "running",
+                         timeout=TIMEOUT)
+        served.proc.kill()  # SIGKILL: no word of the run's end will ever come
+        await eventually(lambda: badge(app).state == "disconnected", timeout=TIMEOUT)
+        frames = app.frames
+        await eventually(lambda: app.frames > frames + 1)
+        took = str(table.get_cell(run_id, "duration"))
+        later[0] = 3600.0
+        frames = app.frames
+        await eventually(lambda: app.frames > frames + 2)
+        # an hour on, the run the dashboard cannot see end does not read an hour longer
+        assert str(table.get_cell(run_id, "duration")) == took
+
+
 async def test_reconnects_and_resynchronises_when_the_engine_comes_back(serve: ServeFn, sock_path: Path) -> None:
     first = await serve(str(sock_path), node_id="first")
     app = attach(first.address, None)

@@ -461,6 +461,8 @@ class TaskwatchApp(PlainApp):
         self.clock = clock
         self._resyncing = False
         self._connected_once = False
+        #: the last time (``clock``) the engine was seen answering: running durations stop there
+        self._answering_at: float | None = None
         #: the overview of the in-process engine as it stopped is shown (see refresh_overview)
         self._stopped_overview_shown = False
         #: redraws done, and events drained, since start (for tests and the load bench)
@@ -765,10 +767,8 @@ class TaskwatchApp(PlainApp):
         now = self.clock()
         with self.batch_update():
             dirty = self.state.take_dirty()
-            if dirty or full:
-                self._update_runs(now, dirty, full)
-            else:
-                self._update_runs(now, dirty, full)  # running durations tick, backfill
+            # running durations tick (and rows are backfilled) in frames with nothing new too
+            self._update_runs(self._runs_clock(now), dirty, full)
             if self._reselect is not None:
                 # the refill may take a few frames (rows_per_frame); give up once it is complete
                 if self.main.query_one(RunsTable).select_run(self._reselect) or not self._backfill:
@@ -781,6 +781,16 @@ class TaskwatchApp(PlainApp):
             self._update_counts()
             # "next in" counts down between the once-a-second schedule refreshes
             self.main.query_one(ScheduleTable).update_schedule(self.state.schedule, now)
+
+    def _runs_clock(self, now: float | None = None) -> float:
+        """The time running runs' durations count to: now while the engine answers, else when
+        it last did. A dashboard cut off from its engine cannot see a run end: its duration
+        is not shown growing on (the header says the engine is out of reach)."""
+        now = self.clock() if now is None else now
+        if self.client.connected and self.unresponsive_for() is None:
+            self._answering_at = now
+            return now
+        return now if self._answering_at is None else min(now, self._answering_at)
 
     def _restore_marks(self) -> None:
         """Mark again the runs marked before the reload, as the refill brings them; once it is
@@ -858,7 +868,7 @@ class TaskwatchApp(PlainApp):
     def _show_detail(self, run_id: str | None) -> None:
         seen = self.state.attempts(run_id)
         attempts = None if seen is None else [RunAttempt(**fields) for fields in seen]
-        self.main.query_one(RunDetail).show(self._complete(self.state.record(run_id)), self.clock(), attempts)
+        self.main.query_one(RunDetail).show(self._complete(self.state.record(run_id)), self._runs_clock(), attempts)
 
     def _complete(self, record: RunRecord | None) -> RunRecord | None:
         """``record`` with its full values when the wire cut some down; fetched once, in the background.
