@@ -492,8 +492,9 @@ class Engine:
         self._triggers: dict[str, Trigger] = {}
         self._supervisor = Supervisor(self)
         self._health = HealthSampler(self, health_interval)
-        # control endpoints started by serve(); stopped last so clients see the shutdown
-        self._servers: list[Any] = []
+        # control endpoints listening on this engine (serve()'s, and any ControlServer started
+        # on it: see keep_server); stopped last so clients see the shutdown
+        self._servers: list[ControlServer] = []
 
     # ------------------------------------------------------------------ registry
 
@@ -2115,9 +2116,26 @@ class Engine:
         check_option_names("Engine.serve()", options, ControlServer)
         self._require_running()
         server = ControlServer(self, address, **options)
-        await server.start()
-        self._servers.append(server)
+        await server.start()  # which hands it to keep_server: this engine's stop() stops it
         return server
+
+    @_on_loop
+    def keep_server(self, server: ControlServer) -> None:
+        """Stop ``server`` at this engine's next :meth:`stop`: what a :class:`ControlServer`
+        listening on this engine calls once it listens (from :meth:`serve` or a start of its own,
+        a restarted engine's included). :class:`EngineNotRunning` unless the engine runs: a server
+        started on an engine that is stopping would outlive it, serving a stopped engine and
+        holding its address."""
+        if self._state != "running":
+            raise EngineNotRunning(self._state)
+        if server not in self._servers:
+            self._servers.append(server)
+
+    @_on_loop
+    def forget_server(self, server: ControlServer) -> None:
+        """``server`` stopped by itself: this engine's stop has nothing more to stop there."""
+        if server in self._servers:
+            self._servers.remove(server)
 
     @_on_loop
     def catalog(self) -> list[TaskInfo]:

@@ -15,13 +15,17 @@ without bound:
   it sent -- no task, no timer, no stream -- so a flood of connections that
   never speak, or send a byte and stall, costs the engine a few system calls
   each. When the pool is full, the connection that has waited longest without
-  a whole hello is closed to make room; one whose bytes are waiting is read
-  first (its socket is peeked), and one whose whole hello is here is never
-  closed: a real client sends its hello at once, and it is read within a few
-  turns of the loop. So the server goes on accepting during such a flood --
-  a listener that paused would let the kernel's queue overflow, dropping a
-  real client's connection with the flood's -- and idle or slow sockets
-  cannot keep a real client out.
+  a whole hello is closed to make room, once it has waited
+  ``_EVICTABLE_AFTER`` (0.1 s); one whose bytes are waiting is read first (its
+  socket is peeked), and one whose whole hello is here is never closed: a real
+  client sends its hello at once, and it is read within a few turns of the
+  loop. Until the oldest may be closed accepting pauses, the connections
+  waiting in the kernel's queue meanwhile: so a burst of real clients whose
+  hellos are on their way all get in, and during a flood the server still
+  takes ``max_handshakes`` connections per 0.1 s at the least (a listener that
+  paused for long would let the kernel's queue overflow, dropping a real
+  client's connection with the flood's): idle or slow sockets cannot keep a
+  real client out.
 * After a valid hello a connection counts against ``max_connections``; one more
   is told so and closed.
 * Every connection has its own reader and writer tasks. Events reach it
@@ -224,6 +228,15 @@ _STALE_PROBE_TIMEOUT = 2.0
 
 #: connections accepted per wake of the listener: bounds what one wake costs the loop
 _ACCEPTS_PER_WAKE = 16
+
+#: seconds a connection that has not sent its whole hello is safe from being closed to make
+#: room. Over a Unix socket a client's connect() returns as soon as it is queued, and its hello
+#: follows a turn or two of its loop later: dashboards (re)connecting in a burst of more than
+#: max_handshakes were accepted ahead of their hellos, and the oldest of them closed for
+#: newer ones while their hellos were on the way. Sockets still silent after this are closed
+#: as before; until one is, accepting pauses (the rest wait in the kernel's queue), so an idle
+#: flood is still churned, max_handshakes sockets per this long at the least
+_EVICTABLE_AFTER = 0.1
 
 #: what a peek at a silent connection's socket found
 _SILENT, _SPOKE, _GONE = range(3)
@@ -479,11 +492,14 @@ class ControlServer:
         Connections that have not yet said hello, at once (default 64, room for
         every dashboard reconnecting at once after a restart). When one more
         arrives, the one that has waited longest without sending a whole hello
-        line is closed (counted as ``handshakes_evicted``); a connection whose
-        whole hello has arrived is never closed to make room. Only while every
-        place is held by such a hello does accepting pause, until the first of
-        them is read (a few turns of the loop). Idle or trickling sockets cannot
-        keep a real client out, nor count against ``max_connections``.
+        line is closed (counted as ``handshakes_evicted``), once it has waited
+        0.1 s: a client's hello may still be on its way until then, and
+        accepting pauses meanwhile (more clients wait in the kernel's queue). A
+        connection whose whole hello has arrived is never closed to make room;
+        while every place is held by such a hello accepting pauses too, until
+        the first of them is read (a few turns of the loop). Idle or trickling
+        sockets cannot keep a real client out, nor count against
+        ``max_connections``.
     hello_timeout:
         Seconds a new connection has for its whole handshake: sending its hello
         and, if refused, reading why (default 5).
@@ -680,10 +696,22 @@ class ControlServer:
     async def start(self) -> None:
         """Listen at the address; again after :meth:`stop` (over TCP with port 0, at a new port).
 
-        Does nothing while already listening.
+        Does nothing while already listening. The engine must be running
+        (:class:`~taskwatch.engine.errors.EngineNotRunning` otherwise): its next stop stops
+        this server, whether :meth:`Engine.serve` started it or this did (after a restart of
+        the engine, say). Awaited on another loop than the engine's, it listens on the
+        engine's, as :meth:`Engine.serve` does.
         """
         if self._listener is not None:
             return
+        loop = self.engine.loop
+        if loop is not None and loop is not current_loop() and loop.is_running():
+            # its connections read the engine's bus and call the engine: on the engine's loop
+            await call_on(loop, self.start)
+            return
+        if self.engine.state != "running":
+            # refused before binding anything: nothing would stop it with the engine
+            raise EngineNotRunning(self.engine.state)
         self._stopped = False
         self._address = None
         # a lock is bound to the loop it was first waited on: this start's loop may be another
@@ -700,6 +728,15 @@ class ControlServer:
             absolute = Path(os.path.abspath(target.path))
             fits = len(os.fsencode(absolute)) <= _MAX_SOCKET_PATH
             await self._start_unix(absolute if fits else Path(target.path))
+        try:
+            # at once, with no await since listen(): the engine's stop, if one began while the
+            # socket was bound, must not miss a server that listens after it
+            self.engine.keep_server(self)
+        except BaseException:
+            self._close_listener()
+            self._remove_socket_file()
+            self._address = None
+            raise
         # never the token itself, in the log or on standard output (often a log too): a log is
         # read by more people than may drive the engine
         extra = " (with a token made here: the returned server's .token)" if self.token and self._generated else ""
@@ -794,6 +831,7 @@ class ControlServer:
             await call_on(loop, self.stop)
             return
         self._stopped = True
+        self.engine.forget_server(self)
         self._close_listener()
         for fd in list(self._silent):
             self._drop_silent(fd)
@@ -879,18 +917,20 @@ class ControlServer:
                 sock.close()
                 continue
             if not self._make_room():
-                # a silent socket spoke between the check and the accept: this one is refused
+                # the silent socket _has_room found spoke between the check and the accept, and
+                # no other may be closed yet: this one is refused
                 self._counts["handshakes_evicted"] += 1
                 with contextlib.suppress(OSError):
                     sock.send(self._evicted_line)
                 sock.close()
                 continue
-            deadline = self._now() + self.hello_timeout
+            accepted = self._now()
+            deadline = accepted + self.hello_timeout
             if self._hello_complete(data):
                 # its whole hello is already here (the usual case for a real client)
                 self._start_connection(sock, deadline, data)
             else:
-                self._add_silent(sock, deadline, data)
+                self._add_silent(sock, accepted, deadline, data)
 
     def _has_room(self) -> bool:
         """Whether one more connection fits once a silent socket is closed; else accepting
@@ -902,7 +942,13 @@ class ControlServer:
                 fd, silent = next(iter(self._silent.items()))
                 state = _peek(silent.sock)
                 if state == _SILENT:
-                    return True
+                    evictable_at = silent.accepted + _EVICTABLE_AFTER
+                    if evictable_at <= self._now():
+                        return True
+                    # the oldest (so every one) may be a client whose hello is on its way:
+                    # accept again once it may be closed, or when a place frees up first
+                    self._pause_accepting(evictable_at)
+                    return False
                 if state == _SPOKE:
                     self._silent_readable(fd)  # it stays silent if its hello is still partial
                 else:
@@ -928,6 +974,8 @@ class ControlServer:
                 self._silent_readable(fd)
             elif state == _GONE:
                 self._drop_silent(fd)
+            elif silent.accepted + _EVICTABLE_AFTER > self._now():
+                return False  # too young to be taken for idle (see _EVICTABLE_AFTER)
             else:
                 self._counts["handshakes_evicted"] += 1
                 self._drop_silent(fd, self._evicted_line)
@@ -963,10 +1011,10 @@ class ControlServer:
         assert self._loop is not None
         return self._loop.time()
 
-    def _add_silent(self, sock: socket.socket, deadline: float, data: bytes) -> None:
+    def _add_silent(self, sock: socket.socket, accepted: float, deadline: float, data: bytes) -> None:
         assert self._loop is not None
         fd = sock.fileno()
-        self._silent[fd] = _Silent(sock, deadline, data)
+        self._silent[fd] = _Silent(sock, accepted, deadline, data)
         self._loop.add_reader(fd, self._silent_readable, fd)
         if self._silent_timer is None:
             self._silent_timer = self._loop.call_at(self._silent[fd].deadline, self._expire_silent)
@@ -1096,7 +1144,9 @@ class ControlServer:
         return True
 
     def _handshake_over(self, conn: _Connection) -> None:
-        if self._handshaking.pop(conn, None) is not None:
+        # (membership, not pop()'s answer: the dict's values are all None)
+        if conn in self._handshaking:
+            del self._handshaking[conn]
             self._resume_accepting()  # a place in the pool is free
 
     def count(self, what: str, n: int = 1) -> None:
@@ -1389,10 +1439,12 @@ class _Silent:
     """An accepted socket whose hello has not all arrived: what it sent of it (``data``), and
     when its hello_timeout is up."""
 
-    __slots__ = ("sock", "deadline", "data")
+    __slots__ = ("sock", "accepted", "deadline", "data")
 
-    def __init__(self, sock: socket.socket, deadline: float, data: bytes) -> None:
+    def __init__(self, sock: socket.socket, accepted: float, deadline: float, data: bytes) -> None:
         self.sock = sock
+        #: loop time of the accept: a younger socket than _EVICTABLE_AFTER is never closed for room
+        self.accepted = accepted
         self.deadline = deadline
         self.data = data
 
