@@ -12,7 +12,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -171,63 +171,41 @@ async def test_a_withdraw_from_another_thread_takes_away_what_that_thread_just_p
 def test_a_call_made_on_a_loop_that_stops_before_taking_it_runs_on_the_callers_thread() -> None:
     """What a provide() from another thread meets while a background engine ends: its loop
     stops before it takes the call, which it then never runs."""
-    from taskwatch.engine.hop import call_blocking
-
-    loop = asyncio.new_event_loop()
-    held, go = threading.Event(), threading.Event()
-
-    def hold_then_stop() -> None:
-        held.set()
-        go.wait(5)
-        loop.stop()  # this turn ends the loop: what was shipped meanwhile stays unrun
-
-    loop.call_soon(hold_then_stop)
-    runner = threading.Thread(target=loop.run_forever)
-    runner.start()
-    ran: list[str] = []
-    answer: list[object] = []
-
-    def call() -> None:
-        try:
-            answer.append(call_blocking(loop, lambda: ran.append(threading.current_thread().name) or "done"))
-        except BaseException as exc:  # noqa: BLE001 - the test reads it
-            answer.append(exc)
-
-    caller = threading.Thread(target=call, name="caller")
-    try:
-        assert held.wait(5)
-        caller.start()
-        # the caller has shipped its call and waits for the answer (its thread sits in a wait)
-        wait_until(lambda: _waiting(caller), timeout=5)
-        go.set()
-        runner.join(5)
-        assert not loop.is_running()
-        caller.join(3)  # it used to wait out call_blocking's 5 s, and raise TimeoutError
-        assert not caller.is_alive() and answer == ["done"] and ran == ["caller"]
-    finally:
-        go.set()
-        runner.join(5)
-        caller.join(5)
-        loop.close()
+    # this turn ends the loop: what was shipped meanwhile stays unrun
+    answer, ran = _call_while_the_loop_ends(lambda loop: loop.stop())
+    # it used to wait out call_blocking's 5 s, and raise TimeoutError
+    assert answer == ["done"] and ran == ["caller"]
 
 
 def test_a_call_the_loops_owner_cancels_before_it_started_runs_on_the_callers_thread() -> None:
     """A background engine's end cancels the tasks left on its loop, a shipped call's among
     them: the call never ran, and its caller got CancelledError for a provide() that was lost."""
+
+    def cancel_what_is_left(loop: asyncio.AbstractEventLoop) -> None:
+        for task in asyncio.all_tasks(loop):  # the call's, before its first step
+            task.cancel()
+            task.add_done_callback(lambda _: loop.stop())  # after the call has heard of it
+
+    # behind the call shipped meanwhile
+    answer, ran = _call_while_the_loop_ends(lambda loop: loop.call_soon(cancel_what_is_left, loop))
+    assert answer == ["done"] and ran == ["caller"]
+
+
+def _call_while_the_loop_ends(
+    then: Callable[[asyncio.AbstractEventLoop], object],
+) -> tuple[list[object], list[str]]:
+    """``call_blocking`` from a thread named "caller" while a loop running in another thread is
+    held; once the call is shipped, the loop is let go and does ``then(loop)``. Returns what
+    the call answered (or raised) and the names of the threads the call ran on."""
     from taskwatch.engine.hop import call_blocking
 
     loop = asyncio.new_event_loop()
     held, go = threading.Event(), threading.Event()
 
-    def cancel_what_is_left() -> None:
-        for task in asyncio.all_tasks(loop):  # the call's, before its first step
-            task.cancel()
-            task.add_done_callback(lambda _: loop.stop())  # after the call has heard of it
-
     def hold() -> None:
         held.set()
         go.wait(5)
-        loop.call_soon(cancel_what_is_left)  # behind the call shipped meanwhile
+        then(loop)
 
     loop.call_soon(hold)
     runner = threading.Thread(target=loop.run_forever)
@@ -245,11 +223,14 @@ def test_a_call_the_loops_owner_cancels_before_it_started_runs_on_the_callers_th
     try:
         assert held.wait(5)
         caller.start()
+        # the caller has shipped its call and waits for the answer (its thread sits in a wait)
         wait_until(lambda: _waiting(caller), timeout=5)
         go.set()
         runner.join(5)
+        assert not loop.is_running()
         caller.join(3)
-        assert not caller.is_alive() and answer == ["done"] and ran == ["caller"]
+        assert not caller.is_alive()
+        return answer, ran
     finally:
         go.set()
         runner.join(5)
