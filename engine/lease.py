@@ -34,11 +34,12 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from .hop import spawn, as_future
+from .hop import as_future, cancel_and_wait, spawn
 from .errors import InvalidConfiguration, LeaseRefused, LeaseUnavailable, NotATaskwatchStore
 from .events import LeaseAcquired, LeaseEvent, LeaseLost, LeaseReleased, LeaseRenewed
 from .options import MIN_INTERVAL, LeaseOptions, PositiveSeconds, Seconds, check_options
@@ -59,6 +60,10 @@ _READS = frozenset({"holder lookup", "check"})
 
 #: called with True when this node becomes leader, False when it stops being one
 LeadershipListener = Callable[[bool], None]
+
+#: the elector a lease call is made for (None: made outside any, by a test or an operator): what
+#: tells an :class:`InProcessLease`'s holders apart, as a remote lease's token does its processes'
+_CALLER: ContextVar[object | None] = ContextVar("taskwatch_lease_caller", default=None)
 
 _SECONDS = TypeAdapter(Seconds)
 _POSITIVE_SECONDS = TypeAdapter(PositiveSeconds)
@@ -297,6 +302,9 @@ class ReportsHealth:
 class InProcessLease(Lease):
     """A lease kept in memory: engines in one process sharing this object elect one leader.
 
+    Its holders are the electors that took it, not their node ids: two engines given the same
+    ``node_id`` by mistake are two holders, and neither takes the other's lease.
+
     ``clock`` (default :func:`time.time`) lets tests expire a lease without sleeping.
     """
 
@@ -310,6 +318,8 @@ class InProcessLease(Lease):
         super().__init__(ttl, renew_interval=renew_interval)
         self._clock = clock or time.time
         self._state: LeaseState | None = None
+        #: the elector that took the lease in its current term (None: a call outside any)
+        self._taker: object | None = None
         # the last term handed out; kept across releases so terms never repeat
         self._last_term = 0
 
@@ -324,16 +334,25 @@ class InProcessLease(Lease):
 
     def _holds(self, node_id: str, term: int) -> bool:
         current = self._current()
-        return current is not None and current.holder == node_id and current.term == term
+        return current is not None and current.holder == node_id and current.term == term and self._taken_by_caller()
+
+    def _taken_by_caller(self) -> bool:
+        """Whether the call comes from the elector that took the lease: two engines sharing this
+        lease under one node id by mistake are two holders, and neither takes, renews or releases
+        the other's term. A call made outside any elector (a test, an operator) goes by node id
+        and term alone."""
+        caller = _CALLER.get()
+        return caller is None or self._taker is None or caller is self._taker
 
     # no awaits inside these methods, so each one is atomic on the event loop
 
     async def acquire(self, node_id: str) -> LeaseState | None:
         current = self._current()
-        if current is not None and current.holder != node_id:
+        if current is not None and (current.holder != node_id or not self._taken_by_caller()):
             return None
         self._last_term += 1
         self._state = LeaseState(holder=node_id, term=self._last_term, expires_at=self.now() + self.ttl)
+        self._taker = _CALLER.get()
         return self._state
 
     async def renew(self, node_id: str, term: int) -> LeaseState | None:
@@ -345,11 +364,16 @@ class InProcessLease(Lease):
     async def release(self, node_id: str, term: int) -> bool:
         if not self._holds(node_id, term):
             return False
-        self._state = None
+        self._state = self._taker = None
         return True
 
     async def holder(self) -> LeaseState | None:
         return self._current()
+
+    async def check(self, node_id: str, term: int) -> bool:
+        # through holder(), as the base class's: a subclass standing for a store changes that alone
+        state = await self.holder()
+        return state is not None and state.holder == node_id and state.term == term and self._taken_by_caller()
 
     def __repr__(self) -> str:
         return f"<InProcessLease ttl={self.ttl:g} state={self._current()!r}>"
@@ -401,6 +425,10 @@ class LeaderElector:
         self._call_failed = False
         #: the renew loop ends after the step under way (see _end_elections)
         self._exit = False
+        #: who this elector is to an InProcessLease shared with engines under the same node id
+        self._caller = object()
+        #: the last lease check ensure_leader() began, shared by its callers (see _shared_check)
+        self._check: asyncio.Task[tuple[int, bool | None]] | None = None
         self._wake = asyncio.Event()
         #: what the last failed lease call was logged as (None: the last call succeeded)
         self._logged: str | None = None
@@ -447,10 +475,11 @@ class LeaderElector:
     async def verify(self) -> int | None:
         """This node's term if it leads by its own view *and* by the lease's, else ``None``.
 
-        The lease is asked at this moment (bounded by what is left of the
-        lease), so a node that was paused, or lost the lease without noticing
-        yet, is told so before it does destructive work. Without a lease it is
-        always 1, on every node: nothing was asked, so it proves nothing.
+        The lease is asked after this call (bounded by what is left of the
+        lease; concurrent calls share one check, see :meth:`_shared_check`), so
+        a node that was paused, or lost the lease without noticing yet, is told
+        so before it does destructive work. Without a lease it is always 1, on
+        every node: nothing was asked, so it proves nothing.
         """
         if self.lease is None:
             return self.term
@@ -463,10 +492,8 @@ class LeaderElector:
             self._lapsed()
             return None
         term = self.term
-        ok = await self._call(
-            self.lease.check(self.node_id, term), min(self.lease.renew_interval, self._time_left()), "check"
-        )
-        if not self.is_leader or self.term != term:
+        checked, ok = await self._shared_check()
+        if not self.is_leader or self.term != term or checked != term:
             return None  # stepped down (or another term began) while the check was on its way
         if not self.lease_valid():
             # lapsed while the check was on its way: its answer came too late to count
@@ -479,6 +506,39 @@ class LeaderElector:
         log.warning("lease of %s (term %d) not confirmed by the lease store; stepping down", self.node_id, term)
         self._lose()
         return None
+
+    async def _shared_check(self) -> tuple[int, bool | None]:
+        """The answer of a lease check begun after this call: the term it asked about and what
+        the lease said (None: it could not say).
+
+        Concurrent callers share one: a worker fanning out hundreds of ``ensure_leader()`` calls
+        must not open hundreds of connections to the store (a full client pool, a server out of
+        connections), each failure stepping the leader down. A check already on its way when
+        this is called may have been answered before the call, so it says nothing of the lease
+        since: it is waited out, and the first of its waiters to wake begins the next, which the
+        others join. So at most one check is on its way at a time, and a caller waits for two at most.
+        """
+        seen = self._check
+        if seen is not None and not seen.done():
+            await asyncio.wait([seen])
+        # one begun since (by another of its waiters) began after this call: it answers for it too
+        check = self._check
+        if check is None or check is seen:
+            check = self._check = spawn(self._check_lease(), name=f"taskwatch-lease-check-{self.node_id}")
+        await asyncio.wait([check])
+        if check.cancelled():
+            return 0, None  # the engine stops: no term's answer (term 0 is never one)
+        return check.result()
+
+    async def _check_lease(self) -> tuple[int, bool | None]:
+        assert self.lease is not None
+        term = self.term
+        if not self.is_leader or not self.lease_valid():
+            return term, None  # the callers find that out themselves
+        ok = await self._call(
+            self.lease.check(self.node_id, term), min(self.lease.renew_interval, self._time_left()), "check"
+        )
+        return term, ok
 
     @property
     def suspended(self) -> bool:
@@ -573,14 +633,18 @@ class LeaderElector:
         so another node leads during that drain instead of a whole drain later. Elections
         end here for this node: :meth:`stop` then only closes the lease. ``release=False``
         (leader-only code still runs, having ignored every cancel): the lease is not handed
-        over but left to lapse at the end of its ttl, renewed no more.
+        over but left to lapse at the end of its ttl, renewed no more; so is a term this node
+        gave up (:meth:`suspend`) and still held for that code's cleanup.
         """
         self.stop_competing()
         if self.lease is None:
             return
         await self._end_elections(deadline)
         if self._to_release is not None:
-            await self._release_given_up()
+            if release:
+                await self._release_given_up(deadline)
+            else:
+                self._abandon_given_up()
         await self._release_unanswered(deadline)
         if release:
             await self._step_down(deadline)
@@ -592,10 +656,12 @@ class LeaderElector:
         await self._end_elections(deadline)
         try:
             if self._to_release is not None:
-                await self._release_given_up()
+                await self._release_given_up(deadline)
             await self._release_unanswered(deadline)
             await self._step_down(deadline)
         finally:
+            check, self._check = self._check, None
+            await cancel_and_wait(check)
             await self._close()
 
     async def _end_elections(self, deadline: float) -> None:
@@ -736,24 +802,37 @@ class LeaderElector:
             previous_term=previous_term,
         )
 
-    async def _release_given_up(self) -> None:
-        """Release the term :meth:`suspend` gave up, if the lease can be reached (best effort:
-        otherwise it lapses at its ttl, as a silent leader's would)."""
+    async def _release_given_up(self, deadline: float | None = None) -> None:
+        """Release the term :meth:`suspend` gave up once what holds it has ended, if the lease can
+        be reached (best effort: otherwise it lapses at its ttl, as a silent leader's would).
+
+        Meanwhile the term is renewed. ``deadline`` (loop time; the renew loop has none) bounds
+        the wait: a hold still going then (leader-only code ignoring every cancel as the engine
+        stops) leaves the term to lapse, not released.
+        """
         assert self.lease is not None
         term = self._to_release
         if term is None:
             return
+        loop = asyncio.get_running_loop()
         held = True
         for hold in self._release_holds:
             waiting = as_future(hold())
             try:
                 while not waiting.done():
-                    await asyncio.wait([waiting], timeout=self.lease.renew_interval)
-                    if held and not waiting.done():
+                    wait = self.lease.renew_interval
+                    if deadline is not None:
+                        if deadline <= loop.time():
+                            self._abandon_given_up()
+                            return
+                        wait = min(wait, deadline - loop.time())
+                    await asyncio.wait([waiting], timeout=wait)
+                    if held and not waiting.done() and (deadline is None or loop.time() < deadline):
                         renewed = await self._call(self.lease.renew(self.node_id, term), self.lease.renew_interval, "renew")
                         held = renewed is not None
             finally:
                 # cancelled itself (the engine stops): the stop waits for the work, then releases
+                # (or, if that work outlasts the stop, leaves the term to lapse)
                 waiting.cancel()
         self._to_release = None
         # even when a renew failed: the release names its term, so it frees nothing another node took
@@ -764,6 +843,19 @@ class LeaderElector:
             self._engine.bus.emit(
                 LeaseReleased, holder=None, term=term, expires_at=None, previous_holder=self.node_id, previous_term=term
             )
+
+    def _abandon_given_up(self) -> None:
+        """The engine stops while leader-only code still runs in the term :meth:`suspend` gave up:
+        released, the lease would let another node start that work beside it, so the term is left
+        to lapse at the end of its ttl, renewed no more (as a stopping leader's is)."""
+        term, self._to_release = self._to_release, None
+        if term is None or self.lease is None:
+            return
+        log.warning(
+            "node %s stops while leader-only work of the term %d it gave up still runs (it ignored "
+            "every cancel): the lease is left to lapse at the end of its ttl rather than released now",
+            self.node_id, term,
+        )  # fmt: skip
 
     async def _try_acquire(self) -> None:
         assert self.lease is not None
@@ -806,16 +898,21 @@ class LeaderElector:
         """
         bound = asyncio.timeout(timeout)
         self._call_failed = True
+        caller = _CALLER.set(self._caller)
         try:
             async with bound:
                 result = await op
         except Exception as exc:  # includes TimeoutError
+            # again, after the await: a check on its way beside this call may have ended meanwhile
+            self._call_failed = True
             expired = bound.expired()
             if expired and self.lease is not None:
                 # a store that answers nothing raises nothing: the lease only learns it here
                 self.lease.timed_out(what, timeout)
             self._failed(what, exc, f"no answer within {timeout:.3g} s" if expired else None)
             return None
+        finally:
+            _CALLER.reset(caller)
         self._call_failed = False
         if what not in _READS:
             if self._logged is not None:

@@ -31,7 +31,9 @@ row end after half a renew interval (``lock_timeout``), before the elector
 gives up on them, so they read as "another node holds the lease", not as a
 database out of reach. A term is committed durably (``synchronous_commit``)
 before the holder is told it. Tables dropped under a running cluster (a
-restore, a schema reset) are created again by the next operation.
+restore, a schema reset) are created again by the next operation, with the
+lease's row held by nobody and free only a ttl later: the last holder may
+think it leads until its deadline.
 """
 
 from __future__ import annotations
@@ -100,11 +102,17 @@ _RAISE_TERMS = "SELECT setval('lease_terms', {term}) FROM lease_terms WHERE last
 #: the lease's row, free, if there is none yet (term 0 is no term: it is never handed out)
 _MAKE_ROW = "INSERT INTO leases (name, holder, term, expires_at) VALUES ($1, NULL, 0, 0) ON CONFLICT (name) DO NOTHING"
 
-#: the row locked if it is free, expired or already the caller's; checked again on the newest
-#: version once a racer that locked it first has committed
+#: the lease's row made again with the tables (dropped under a running cluster): held by nobody,
+#: and free only a ttl from now, when the last holder's term has surely lapsed (see _set_up)
+_HOLD_OFF_ROW = f"""
+INSERT INTO leases (name, holder, term, expires_at) VALUES ($1, NULL, 0, {_NOW} + $2)
+ON CONFLICT (name) DO NOTHING"""
+
+#: the row locked if it is free (released, or never taken: its expiry is 0), expired or already
+#: the caller's; checked again on the newest version once a racer that locked it first has committed
 _LOCK_IF_FREE = f"""
 SELECT 1 FROM leases
-WHERE name = $1 AND (holder IS NULL OR expires_at <= {_NOW} OR holder = $2)
+WHERE name = $1 AND (expires_at <= {_NOW} OR holder = $2)
 FOR UPDATE"""
 
 #: the locked row taken, with the new term (a statement of its own: it sees the row as locked)
@@ -220,6 +228,8 @@ class PostgresLease(ReportsHealth, Lease):
         #: written beside the node id: two processes started with the same node id by mistake
         #: are still two holders, and neither renews or releases the other's lease
         self._token = os.urandom(8).hex()
+        #: the process the token was made in: a forked child makes its own (see _holder)
+        self._token_pid = os.getpid()
         self._ready = False
         #: the highest term this lease object has seen: a sequence made again starts above it
         self._term_seen = 0
@@ -281,9 +291,13 @@ class PostgresLease(ReportsHealth, Lease):
                 except self._driver.UndefinedTableError:
                     # the table or the sequence was dropped under the running cluster (a restore,
                     # a schema reset): made again here, or no node would lead until restarted
-                    log.warning("the lease tables of %s are gone; creating them again", self._where)
+                    log.warning(
+                        "the lease tables of %s are gone; creating them again (the lease can be taken "
+                        "a ttl, %g s, from now: its last holder may think it leads until then)",
+                        self._where, self.ttl,
+                    )  # fmt: skip
                     self._ready = False
-                    await self._set_up(conn)
+                    await self._set_up(conn, dropped=True)
                     row = await work(conn)
                 back = time.time()
             except BaseException:
@@ -311,8 +325,14 @@ class PostgresLease(ReportsHealth, Lease):
             self._offset = row[-1] - (sent + back) / 2
         return row, back - sent
 
-    async def _set_up(self, conn: Any) -> None:
-        """Create the table and the sequence if they are missing (under the migrations' lock)."""
+    async def _set_up(self, conn: Any, *, dropped: bool = False) -> None:
+        """Create the table and the sequence if they are missing (under the migrations' lock).
+
+        ``dropped``: they were there, and were dropped under the running cluster. The lease's
+        last holder still thinks it leads until its own deadline, within a ttl of its last
+        renew: the lease's row is made again held off for a ttl (as RedisLease waits a ttl after
+        Redis lost its data), in the same transaction, so no node takes it before then.
+        """
         async with conn.transaction():
             for statement in _SETUP_LOCKS:
                 await conn.execute(statement)
@@ -324,6 +344,8 @@ class PostgresLease(ReportsHealth, Lease):
                 # terms only grow, also across a sequence dropped and made again: a fencing
                 # target that saw a term would refuse every lower one, the new leader's too
                 await conn.execute(_RAISE_TERMS.format(term=int(self._term_seen)))
+            if dropped:
+                await conn.execute(_HOLD_OFF_ROW, self.name, float(self.ttl))
         self._ready = True
 
     def _saw(self, term: int) -> int:
@@ -343,6 +365,10 @@ class PostgresLease(ReportsHealth, Lease):
             )  # fmt: skip
 
     def _holder(self, node_id: str) -> str:
+        if os.getpid() != self._token_pid:
+            # a preforking server builds its app (the engine and this lease) before it forks its
+            # workers: sharing the parent's token, they would be one holder, taking it in turns
+            self._token, self._token_pid = os.urandom(8).hex(), os.getpid()
         return f"{node_id}#{self._token}"
 
     def _state(self, holder: str, term: int, expires_at: float, rtt: float) -> LeaseState:

@@ -9,8 +9,8 @@ holes of the hand-written versions closed:
   own (say the node stepped down after a slow renew and the key is still
   there) it takes it again with a new term; otherwise it refuses. The value is
   ``"<term>:<token>:<node_id>"``, where the token is random per
-  :class:`RedisLease` object, so two processes misconfigured with one node id
-  never take each other's lease.
+  :class:`RedisLease` object and process (made again in a forked child), so
+  two processes misconfigured with one node id never take each other's lease.
 - **Renew** and **release** are compare-and-set scripts on that whole value:
   only the holder of that term may extend or delete it (a plain ``PEXPIRE``
   would let a stale holder extend a lease someone else took).
@@ -46,7 +46,8 @@ holes of the hand-written versions closed:
   nothing before that: see :meth:`RedisLease.timed_out`), the lease waits
   ``backoff`` seconds, doubling up to ``backoff_max``, before it touches the
   network again, failing fast with :class:`LeaseUnavailable` meanwhile, and
-  reports Redis unreachable until a call is answered again. A command written
+  reports Redis unreachable until a call is answered again (a call refused by
+  this client's own full connection pool is neither: Redis was not asked). A command written
   to a Redis that hangs still runs when it resumes, but only the one in flight
   when it hung: the call given up on closes its connection, and a new one
   waits for Redis to answer its handshake before it sends anything. A Redis
@@ -135,6 +136,9 @@ _PASSING = ("ReadOnlyError", "OutOfMemoryError", "TryAgainError", "ClusterDownEr
 
 #: connection errors to redis-py that are the server refusing this client, not an outage
 _REFUSED_CONNECTIONS = ("AuthenticationError", "AuthorizationError")
+
+#: this client's own connection pool is full: Redis was not asked, and says nothing of being down
+_POOL_FULL = ("MaxConnectionsError",)
 
 
 def _classes(errors: Any, names: tuple[str, ...]) -> tuple[type[BaseException], ...]:
@@ -260,7 +264,9 @@ class RedisLease(ReportsHealth, Lease):
         self.safety_margin = margin
         self.backoff = step
         self.backoff_max = top
-        self.token = os.urandom(8).hex()
+        self._token = os.urandom(8).hex()
+        #: the process the token was made in (see token)
+        self._token_pid = os.getpid()
         self._client: Any = None
         self._scripts: dict[str, Any] = {}
         # the monotonic clock, read as UNIX seconds: anchored once, never stepped by NTP
@@ -280,6 +286,26 @@ class RedisLease(ReportsHealth, Lease):
 
     def now(self) -> float:
         return self._anchor + time.monotonic()
+
+    @property
+    def token(self) -> str:
+        """The random token written beside the node id: what tells this holder from another
+        process's under the same node id. Made again in a process forked from the one that made
+        it: a preforking server builds its app (the engine and this lease) before it forks its
+        workers, which would otherwise all be one holder, taking the lease from each other."""
+        self._forked()
+        return self._token
+
+    def _forked(self) -> None:
+        """In a process forked from the one that made the token: a token of its own."""
+        if os.getpid() == self._token_pid:
+            return
+        self._token, self._token_pid = os.urandom(8).hex(), os.getpid()
+        # what the parent took is not this process's to take back at once (see acquire), and
+        # its connections are not this process's to use (nor to close)
+        self._own_term = 0
+        self._held_until = 0.0
+        self._client, self._scripts = None, {}
 
     def _claimant(self, node_id: str) -> str:
         return f"{self.token}:{node_id}"
@@ -312,6 +338,7 @@ class RedisLease(ReportsHealth, Lease):
     # ------------------------------------------------------------------ connection
 
     def _redis(self) -> Any:
+        self._forked()
         if self._client is None:
             self._client = self._redis_module.Redis.from_url(
                 self.url,
@@ -343,6 +370,9 @@ class RedisLease(ReportsHealth, Lease):
         except (errors.RedisError, OSError) as exc:
             if task is not None and task.cancelling() > cancels:
                 raise asyncio.CancelledError from exc
+            if isinstance(exc, _classes(errors, _POOL_FULL)):
+                # no backoff, no "unreachable": the next call may well get a connection
+                raise
             error = f"{type(exc).__name__}: {exc}"
             if self._refused(exc):
                 self._health.refused(error)

@@ -367,9 +367,7 @@ class Supervisor:
     def leader_only_running(self) -> list[str]:
         """The leader-only workers whose code still runs (after a stop: a cleanup that
         ignored every cancel), by name."""
-        return sorted(
-            w.name for w in self._workers.values() if w.leader_only and w.task is not None and not w.task.done()
-        )
+        return sorted(w.name for w in self._running_leader_only())
 
     def on_leadership(self, is_leader: bool) -> None:
         """The elector's listener: start or cancel the leader-only workers."""
@@ -392,10 +390,18 @@ class Supervisor:
                 self._wind_down(task)
 
     async def wound_down(self) -> None:
-        """Return once the leader-only workers cancelled on a lost leadership have ended,
-        however long a cleanup that ignores every cancel takes (a stop cancels this wait)."""
-        while self._winding_down:
-            await asyncio.wait(list(self._winding_down))
+        """Return once no leader-only worker's code runs any more: those cancelled on a lost
+        leadership have ended, however long a cleanup that ignores every cancel takes.
+
+        It waits on the workers' own tasks, not on the waiters that re-cancel them: a stop
+        ends those waiters (the stop re-cancels the workers itself), not the code still running,
+        and a term released when they end would start the worker on another node beside it.
+        """
+        while running := [w.task for w in self._running_leader_only() if w.task is not None]:
+            await asyncio.wait(running)
+
+    def _running_leader_only(self) -> list[_Worker]:
+        return [w for w in self._workers.values() if w.leader_only and w.task is not None and not w.task.done()]
 
     def _wind_down(self, task: asyncio.Task[None]) -> None:
         loop = asyncio.get_running_loop()
@@ -404,13 +410,12 @@ class Supervisor:
         waiter.add_done_callback(self._winding_down.discard)
 
     async def _outlast(self, task: asyncio.Task[None], deadline: float) -> None:
-        """Re-cancel a leader-only worker that lost its leadership, then wait for its end: code
-        still running after every cancel is still this node's leader-only code, and the term
-        given up stays held (renewed) until it ends, or another node would start the worker
-        beside it. Only a stop gives up on it (the lease then lapses rather than being handed over)."""
+        """Re-cancel a leader-only worker that lost its leadership (warning of one that ignores
+        every cancel). Code still running after that is still this node's leader-only code:
+        :meth:`wound_down` waits for it, so the term given up stays held (renewed) until it ends,
+        or another node would start the worker beside it. Only the engine's stop gives up on
+        it, at its deadline (the term then lapses at its ttl rather than being handed over)."""
         await self._await_cancelled([task], deadline)
-        if not task.done():
-            await asyncio.wait([task])
 
     # ------------------------------------------------------------------ leaders without a lease
 

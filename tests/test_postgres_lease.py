@@ -452,30 +452,6 @@ async def test_a_stalled_node_that_wakes_after_its_session_was_ended_has_lost_th
     assert not stray_tasks()
 
 
-async def test_the_lease_tables_dropped_under_running_nodes_are_made_again_and_terms_still_grow(
-    postgres_url: str,
-) -> None:
-    # a database restored from an older dump, a schema reset: the nodes lead again without a
-    # restart, and a fencing target that saw the old terms accepts the new leader's
-    a, b = PostgresLease(postgres_url, ttl=30), PostgresLease(postgres_url, ttl=30)
-    held = await a.acquire("a")
-    assert held is not None
-    seen = await b.holder()
-    assert seen is not None and seen.term == held.term
-    conn = await asyncpg.connect(postgres_url)
-    try:
-        await conn.execute("DROP TABLE leases; DROP SEQUENCE lease_terms")
-    finally:
-        await conn.close()
-    taken = await b.acquire("b")
-    assert taken is not None and taken.term > held.term
-    assert await a.renew("a", held.term) is None  # its row went with the table
-    now = await a.holder()
-    assert now is not None and (now.holder, now.term) == ("b", taken.term)
-    assert a.refusals == b.refusals == 0 and a.failures == b.failures == 0
-    assert "refused" not in a.describe() + b.describe()
-
-
 @pytest.fixture
 def crashing_server() -> Iterator[PostgresServer]:
     """A PostgreSQL server of the test's own, to crash and start again on its data."""
