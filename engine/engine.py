@@ -2294,7 +2294,8 @@ class Engine:
 
         Periodic tasks requiring it are disabled at once (a run in progress
         finishes, keeping it), with the reason and a ``periodic.registered`` event;
-        no run starts with it once this has returned. Raises
+        no run is claimed with it once this has returned (one claimed just before,
+        in the same turn of the loop, may still take its first step with it). Raises
         :class:`InvalidConfiguration` when no resource of that name is provided. Safe
         from any thread, as :meth:`provide` is: the object returned is the one taken
         away, whatever was provided just before from any thread.
@@ -2331,8 +2332,18 @@ class Engine:
         engine's loop and returned from there: the scheduler and the claims read those dicts
         there, so a change (and a withdraw's check of what is provided) made from another
         thread waits its turn behind the changes made before it, and holds once this returns.
-        With no loop running (a stop's last moments included) it is made here."""
-        return call_blocking(self._loop, self._apply_needs, change, args)
+        Made here once no loop will take it: the loop is closed, or it does not run while the
+        engine does not need it (a stop's last moments included). The scheduler's loops and
+        waits are the running engine's loop's: on a loop driven in pieces (``run_until_complete``
+        again and again) a change waits for the next piece."""
+        loop = self._loop
+
+        def gone() -> bool:
+            assert loop is not None
+            needed = self._state in ("running", "stopping") or self._starting is not None
+            return not needed and not loop.is_running()
+
+        return call_blocking(loop, self._apply_needs, change, args, gone=gone)
 
     def _apply_needs(self, change: Callable[..., _R], args: tuple[Any, ...]) -> _R:
         result = change(*args)

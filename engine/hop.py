@@ -390,16 +390,30 @@ _LOOK_EVERY = 0.05
 
 
 def call_blocking(
-    loop: asyncio.AbstractEventLoop | None, fn: Callable[..., T], *args: Any, timeout: float | None = 5.0, **kwargs: Any
+    loop: asyncio.AbstractEventLoop | None,
+    fn: Callable[..., T],
+    *args: Any,
+    timeout: float | None = 5.0,
+    gone: Callable[[], bool] | None = None,
+    **kwargs: Any,
 ) -> T:
     """``fn(*args, **kwargs)`` run on ``loop``, waiting for it on this thread (``fn`` must not be async).
 
-    On the loop's own thread, or when the loop is not running, it runs here; so it does when
-    the loop stops before it took the call (an engine's loop ending under a ``bg.stop()``):
-    shipped calls left on a loop that stopped are never run. In a fork of the process the
-    loop runs in it raises :class:`EngineInAnotherProcess` at once.
+    On the loop's own thread, or when the loop takes no more calls, it runs here: when the loop
+    is closed, or ``gone()`` says so (by default: when the loop is not running; a loop driven in
+    pieces by ``run_until_complete`` is not running between them, and the caller may know it will
+    run again). So it does when the loop stops taking calls before it took this one (an engine's
+    loop ending under a ``bg.stop()``, which may also cancel the call before it started): shipped
+    calls left on a loop that stopped are never run. ``TimeoutError`` after ``timeout`` seconds
+    if the call has not started by then (it then never will); one that started is waited for. In
+    a fork of the process the loop runs in it raises :class:`EngineInAnotherProcess` at once.
     """
-    if loop is None or loop.is_closed() or not loop.is_running() or loop is current_loop():
+
+    def no_more() -> bool:
+        assert loop is not None
+        return loop.is_closed() or (not loop.is_running() if gone is None else gone())
+
+    if loop is None or loop is current_loop() or no_more():
         return fn(*args, **kwargs)
     call = ship(loop, fn, *args, **kwargs)
     ends = None if timeout is None else time.monotonic() + timeout
@@ -409,7 +423,7 @@ def call_blocking(
             if call.cut:
                 # cancelled by the loop's owner before it started (ending the loop's last tasks,
                 # as a background engine's stop does): it runs here once that is over
-                if not loop.is_running():
+                if no_more():
                     return fn(*args, **kwargs)
                 time.sleep(left)
             else:
@@ -421,23 +435,23 @@ def call_blocking(
                     continue
                 except TimeoutError:
                     if call.future.done():
-                        raise  # the call's own TimeoutError
-                    if not loop.is_running() and call.give_up():
+                        # answered between the wait's end and this look (its own error included)
+                        return call.future.result(0)  # type: ignore[no-any-return]
+                    if no_more() and call.give_up():
                         # never taken, and never will be: nothing runs on the loop meanwhile either
                         return fn(*args, **kwargs)
             if ends is not None and time.monotonic() >= ends:
-                raise TimeoutError
+                if call.cut or call.give_up():
+                    raise TimeoutError(
+                        f"the engine's event loop did not answer within {timeout:g} s: it is busy or blocked "
+                        "(a task running blocking code on it?); the call was not made"
+                    )
+                return call.future.result()  # type: ignore[no-any-return]  # it started: its answer
     except Escaped as escaped:
         raise escaped.exc from None
-    except BaseException as exc:
-        if call.future.done() and not call.cut:
-            raise  # the call's own error
-        call.give_up()  # timed out or interrupted: nobody waits for it any more
-        if isinstance(exc, TimeoutError):
-            raise TimeoutError(
-                f"the engine's event loop did not answer within {timeout:g} s: it is busy or blocked "
-                "(a task running blocking code on it?)"
-            ) from None
+    except BaseException:
+        if not call.future.done():
+            call.give_up()  # interrupted: nobody waits for it any more
         raise
 
 

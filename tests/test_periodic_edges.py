@@ -168,6 +168,43 @@ async def test_a_withdraw_from_another_thread_takes_away_what_that_thread_just_p
     assert not stray_tasks()
 
 
+def test_a_provide_from_another_thread_between_two_pieces_of_the_engines_loop_waits_for_the_next() -> None:
+    """A program driving the engine's loop in pieces (``run_until_complete`` again and again):
+    between them the loop runs nothing, and the engine needs it to start the task's loop."""
+    loop = asyncio.new_event_loop()
+    engine = make_engine()
+    fired = threading.Event()
+
+    @engine.periodic(every=0.01, requires=("db",))
+    async def uses_db(ctx: TaskContext, db: object) -> None:
+        fired.set()
+
+    said: list[object] = []
+
+    def provide() -> None:
+        try:
+            said.append(engine.provide("db", "DB"))
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            said.append(exc)
+
+    async def until_fired() -> None:
+        await eventually(fired.is_set)
+
+    giver = threading.Thread(target=provide)
+    try:
+        loop.run_until_complete(engine.start())
+        giver.start()
+        wait_until(lambda: _waiting(giver), timeout=5)  # it waits for the loop's next piece
+        loop.run_until_complete(until_fired())
+        giver.join(5)
+        # it raised "no running event loop", the resource set and the task shown enabled, never firing
+        assert said == [None] and info(engine, "uses_db").enabled
+    finally:
+        giver.join(5)
+        loop.run_until_complete(engine.stop())
+        loop.close()
+
+
 def test_a_call_made_on_a_loop_that_stops_before_taking_it_runs_on_the_callers_thread() -> None:
     """What a provide() from another thread meets while a background engine ends: its loop
     stops before it takes the call, which it then never runs."""

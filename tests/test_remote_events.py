@@ -4,10 +4,12 @@ dropped for it after a snapshot is announced, even when the run of losses began 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from taskwatch.engine import ConnectionClosed, Engine, RemoteEngine
-from taskwatch.engine.events import Event, EventsDropped
+from taskwatch.engine.events import EngineStarted, Event, EventsDropped
+from taskwatch.engine.wire import PROTOCOL_VERSION, EventMessage, OkReply, SnapshotMessage, Welcome, encode_message
 
 from .cutting_proxy import StallingProxy
 from .helpers import eventually
@@ -67,50 +69,60 @@ async def test_events_dropped_after_a_snapshot_taken_inside_the_gap_are_announce
     assert remote.dropped >= sum(e.count for e in seen if isinstance(e, EventsDropped))
 
 
-async def test_the_event_stream_goes_on_while_snapshots_are_taken_beside_it() -> None:
-    """A snapshot's reply may take back events the stream had just been woken for (they are in
-    that snapshot): ``events()`` took that wake for the end of the connection, and stopped."""
-    engine = Engine(health_interval=None)
-    going = asyncio.Event()
-    going.set()
-
-    @engine.task
-    async def ticker(ctx: Any) -> None:
-        i = 0
-        while going.is_set():
-            i += 1
-            await ctx.progress(i % 100, 100, "tick")
-            await asyncio.sleep(0)
-
+async def test_the_event_stream_goes_on_after_a_snapshot_reply_ahead_of_events_it_covers() -> None:
+    """The engine sends a snapshot's reply ahead of the events it still had queued for the
+    client, and those the snapshot covers are taken back once the reply is read. Arriving in
+    one read, they woke the stream and were taken back before it ran: ``events()`` took that
+    wake for the end of the connection, and stopped, connected."""
+    engine = Engine(health_interval=None, node_id="ahead")
     async with engine:
-        server = await serve(engine, "tcp://127.0.0.1:0")
-        remote = RemoteEngine(server.address, token=server.token)
-        await remote.connect()
-        run = await engine.submit("ticker")
-        read = 0
-        ended = asyncio.Event()
+        at = engine.snapshot()
 
-        async def consume() -> None:
-            nonlocal read
-            async for _ in remote.events():
-                read += 1
-            ended.set()
+        def event(seq: int) -> bytes:
+            started = engine.bus.make(EngineStarted, backend="memory").model_copy(update={"seq": seq})
+            return encode_message(EventMessage(event=started))
 
-        consuming = asyncio.create_task(consume())
+        later = asyncio.Event()
+
+        async def server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readline()  # the hello
+            writer.write(encode_message(Welcome(version=PROTOCOL_VERSION, node_id="ahead")))
+            writer.write(encode_message(SnapshotMessage(snapshot=at)))
+            command = json.loads(await reader.readline())  # the snapshot() below
+            newer = at.model_copy(update={"last_seq": at.last_seq + 10})
+            # the reply, then an event it covers, in one write: one read for the client
+            writer.write(
+                encode_message(OkReply(id=command["id"], result=newer.model_dump(mode="json")))
+                + event(at.last_seq + 5)
+            )
+            await later.wait()
+            writer.write(event(at.last_seq + 11))  # after the snapshot: the stream reads it
+            await writer.drain()
+            await reader.read()  # until the client closes
+
+        service = await asyncio.start_server(server, "127.0.0.1", 0)
+        port = service.sockets[0].getsockname()[1]
+        remote = RemoteEngine(f"tcp://127.0.0.1:{port}", token="x" * 20, timeout=5)
         try:
-            for _ in range(300):  # a dashboard's refresh, as fast as it goes
-                await remote.snapshot()
-                assert not ended.is_set(), f"events() ended after {read} events while connected={remote.connected}"
-            assert remote.connected and read > 0
-            # and an end of the connection still ends it
+            await remote.connect()
+            read: list[int] = []
+
+            async def consume() -> None:
+                async for e in remote.events():
+                    read.append(e.seq)
+
+            consuming = asyncio.create_task(consume())
+            await remote.snapshot()
+            later.set()
+            await eventually(lambda: consuming.done() or read)
+            assert not consuming.done(), "events() ended while connected"
+            assert read == [at.last_seq + 11] and remote.connected
             await remote.close()
-            await asyncio.wait_for(ended.wait(), 5)
+            await asyncio.wait_for(consuming, 5)  # the end of the connection ends it
         finally:
-            going.clear()
-            consuming.cancel()
-            await asyncio.gather(consuming, return_exceptions=True)
             await remote.close()
-            await run.wait(timeout=5)
+            service.close()
+            await service.wait_closed()
 
 
 async def test_a_close_made_while_connecting_leaves_no_connection_open() -> None:
