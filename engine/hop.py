@@ -434,6 +434,8 @@ def call_blocking(
                         raise
                     continue
                 except TimeoutError:
+                    if call.cut:
+                        continue  # cut meanwhile: see above
                     if call.future.done():
                         # answered between the wait's end and this look (its own error included)
                         return call.future.result(0)  # type: ignore[no-any-return]
