@@ -167,8 +167,13 @@ class Executor:
         # the heartbeat loop is kept by name too: nothing of the engine's cancels it while the
         # engine runs, which makes it the first one torn_down looks at
         self._heartbeat = spawn(self._heartbeat_loop(), name="taskwatch-executor-heartbeat")
+        claim = spawn(self._claim_rounds(), name="taskwatch-executor-claim")
+        # at the loop's end, however it ends: a task cancelled before its first step (a
+        # SystemExit out of the loop right after the start, the teardown then cancelling what
+        # is left) runs no handler of its own, and the runs submit_nowait accepted were lost
+        claim.add_done_callback(self._hand_over_unwritten)
         self._loops = [
-            spawn(self._claim_loop(), name="taskwatch-executor-claim"),
+            claim,
             self._heartbeat,
             spawn(self._maintenance_loop(), name="taskwatch-executor-maintenance"),
         ]
@@ -383,14 +388,7 @@ class Executor:
 
     # ------------------------------------------------------------------ loops
 
-    async def _claim_loop(self) -> None:
-        try:
-            await self._claim_rounds()
-        except asyncio.CancelledError:
-            self._hand_over_unwritten()
-            raise
-
-    def _hand_over_unwritten(self) -> None:
+    def _hand_over_unwritten(self, _claim_loop: asyncio.Task[None] | None = None) -> None:
         """The claim loop ends: give the store the runs still queued without waiting, without
         waiting for it. A stop wrote them already; the loop's teardown (``asyncio.run`` ending
         with no ``engine.stop()``) cancels this loop wherever it is, and the runs it accepted

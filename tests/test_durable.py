@@ -622,3 +622,44 @@ def test_runs_submit_nowait_accepted_are_kept_by_a_program_that_ends_without_sto
     # the teardown started none of them and claimed none: the next start runs each as attempt 1
     assert {(r["status"], r["attempt"], r["lost_count"]) for r in rows.values()} == {("pending", 1, 0)}
     assert total(db, "inserted") == len(ids)
+
+
+_ENDS_AT_ONCE = r"""
+import asyncio, sys
+from taskwatch.engine import Engine, TaskContext
+
+engine = Engine(store=f"sqlite:///{sys.argv[1]}", node_id="n", health_interval=None)
+
+@engine.task
+async def job(ctx: TaskContext) -> None: ...
+
+async def main(how):
+    await engine.start()
+    # in the step the start returned in: the engine's claim loop has not taken its first step
+    ids = [engine.submit_nowait("job").id for _ in range(100)]
+    print(" ".join(ids), flush=True)
+    if how == "exit":
+        sys.exit(3)
+    raise KeyboardInterrupt
+
+asyncio.run(main(sys.argv[2]))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("how", "code"), [("exit", 3), ("interrupt", -signal.SIGINT)])
+def test_runs_submit_nowait_accepted_right_after_the_start_are_kept_by_a_program_that_exits_at_once(
+    tmp_path: Path, how: str, code: int
+) -> None:
+    # a SystemExit (or KeyboardInterrupt) leaves the loop in the middle of its turn: the claim
+    # loop, whose end handed the runs to the store, never began, and all 100 were lost unsaid
+    db = tmp_path / "runs.db"
+    done = subprocess.run(
+        [sys.executable, "-c", _ENDS_AT_ONCE, str(db), how], capture_output=True, text=True, timeout=EXIT_TIMEOUT
+    )
+    assert done.returncode == code, done.stderr
+    ids = done.stdout.split()
+    assert len(ids) == 100
+    rows = table(db)
+    assert sorted(rows) == sorted(ids), f"{len(set(ids) - set(rows))} of the {len(ids)} accepted runs are not in the file"
+    assert {(r["status"], r["attempt"]) for r in rows.values()} == {("pending", 1)}

@@ -429,6 +429,35 @@ async def test_a_store_whose_file_was_removed_refuses_writes_instead_of_losing_t
             await engine.submit("work")
 
 
+async def test_a_stop_after_the_file_was_removed_under_running_runs_ends(tmp_path: Path) -> None:
+    # the runs' outcomes cannot be written any more: their writes were tried again for ever,
+    # past the stop's time for last writes, and the stop never returned
+    folder = tmp_path / "data"
+    engine = Engine(store=f"sqlite:///{folder / 'runs.db'}", node_id="n", health_interval=None, cancel_grace=0.2)
+    release = asyncio.Event()
+    running = 0
+
+    @engine.task
+    async def work(ctx: TaskContext) -> None:
+        nonlocal running
+        running += 1
+        await release.wait()
+
+    await engine.start()
+    try:
+        await engine.submit_many([("work", None)] * 2)
+        await eventually(lambda: running == 2)
+        shutil.rmtree(folder)
+        release.set()  # their outcomes now go to a file that is gone
+        async with asyncio.timeout(30):  # it did not return in ten minutes
+            await engine.stop(0.5)
+        assert engine.state == "stopped"
+    finally:
+        release.set()
+        if engine.state != "stopped":
+            await asyncio.wait_for(engine.stop(0), 30)
+
+
 async def test_a_run_queued_with_submit_nowait_outlasts_a_lock_held_past_busy_timeout(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -695,6 +695,12 @@ async def test_make_store_specs(tmp_path: Path) -> None:
     for bad in ("redis://x", "sqlite://host/x.db", "sqlite:///", "mem"):
         with pytest.raises(UnknownStore):
             make_store(bad)
+    # a '#' began a fragment: 'jobs#2.db?synchronous=full' named the file 'jobs', synchronous normal
+    for bad in ("sqlite:///jobs#2.db?synchronous=full", "sqlite:///team#a/runs.db", "sqlite:///runs.db#"):
+        with pytest.raises(UnknownStore, match="write it as %23"):
+            make_store(bad)
+    hashed = make_store(f"sqlite:///{tmp_path}/jobs%232.db?synchronous=full")
+    assert isinstance(hashed, SqliteStore) and (hashed.path, hashed.synchronous) == (f"{tmp_path}/jobs#2.db", "full")
     # a store the URL names well, with an option it cannot take
     for bad, why in [("sqlite:///a.db?colour=red", "unknown option 'colour'"), ("sqlite:///a.db?busy_timeout=x", "not a valid int")]:
         with pytest.raises(InvalidConfiguration, match=f"run store sqlite:///a.db.*{why}"):

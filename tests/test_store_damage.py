@@ -166,7 +166,9 @@ async def test_a_store_error_at_start_says_to_start_again_and_one_later_that_no_
     with pytest.raises(StoreUnavailable) as info:
         await engine.start()  # the file opens: registering, recovering or reading the runs fails
     assert "database disk image is malformed" in str(info.value)
-    assert str(info.value).endswith("Check the disk and the file, then start the engine again")
+    # no start again helps: it says what does
+    assert str(info.value).endswith("`sqlite3 FILE .recover` may save what it still holds")
+    assert "restore it from a backup, or move it aside (with its -wal and -shm files)" in str(info.value)
     assert engine.state == "new"
 
     # once started, a failure (a full disk, as SQLite sees it) needs no restart, also one of

@@ -119,6 +119,9 @@ def make_store(spec: str | Store, **options: Any) -> Store:
         raise UnknownStore(spec)
     if parts.netloc:
         raise UnknownStore(spec, "a SQLite URL has no host: write three slashes before a relative path, four before an absolute one")
+    if "#" in spec:
+        # a URL's fragment: what follows it (the rest of the file name, the options) was dropped
+        raise UnknownStore(spec, "'#' starts a URL's fragment, which would cut the file name or options short: write it as %23")
     path = unquote(parts.path[1:]) if parts.path.startswith("/") else ""
     if not path:
         raise UnknownStore(spec, "the URL names no file")

@@ -108,6 +108,24 @@ _MIGRATION_NAMES = {version: name for version, name, _ in Q.MIGRATIONS}
 #: on and the next operation tries the file again (a full disk freed, say)
 _OPEN_ADVICE = "Check the disk and the file, then start the engine again"
 _LATER_ADVICE = "Check the disk and the file; later operations try it again, so no restart is needed once it is fixed"
+#: for a file SQLite cannot read as a database, and one whose pages are damaged: neither a retry nor a
+#: restart helps
+_NOTADB_ADVICE = (
+    "The file is not a SQLite database (another program's file, or one written over): point the store "
+    "at another path, or at the file you meant"
+)
+_CORRUPT_ADVICE = (
+    "The file is damaged: restore it from a backup, or move it aside (with its -wal and -shm files) and "
+    "start on a new one; `sqlite3 FILE .recover` may save what it still holds"
+)
+#: for a file removed or replaced under the open store: its -wal and -shm stay beside the path
+#: while any process has the old file open, and SQLite reads them onto whatever opens it next
+#: (a backup put back read as malformed, or silently as the old data)
+_GONE_ADVICE = (
+    "Stop this process, and every other that has the old file open, before anything opens the path "
+    "again; a file put back there (a backup restored) must have no -wal or -shm file left beside it "
+    "from the old one: delete them first, or SQLite reads them onto it. Then start the engine again"
+)
 
 
 #: how long one try to begin a transaction waits for another process's lock (ms): the writer
@@ -548,7 +566,11 @@ class SqliteStore(Store):
         tx = _Tx(cur)
         gone = self._file_gone() if write else self._gone
         if gone is not None:
-            lost = StoreUnavailable(self._where, gone, "Put the file back where it was, or start the engine again")
+            lost: StoreError = (
+                StoreGaveUp(self._where, gone)  # (a stop's writes would retry for ever)
+                if self._gave_up()
+                else StoreUnavailable(self._where, gone, _GONE_ADVICE)
+            )
             self._deliver_threadsafe([(op[2], None, lost) for op in batch], tx)
             return
         began = time.monotonic()
@@ -685,15 +707,22 @@ class SqliteStore(Store):
     def _translate(self, exc: BaseException, advice: str = _LATER_ADVICE) -> BaseException:
         if isinstance(exc, StoreError) or not isinstance(exc, sqlite3.Error):
             return exc
-        if isinstance(exc, sqlite3.OperationalError) and self._gave_up() and (
-            "locked" in str(exc) or "interrupted" in str(exc)
-        ):
-            gave_up = StoreGaveUp(self._where, f"another process held the file's lock ({exc})")
+        if self._gave_up():
+            # past the stopping engine's time for last writes, whatever keeps the store from
+            # answering (a lock, a full disk, a file gone): the stop's writes would retry for ever
+            held = isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "interrupted" in str(exc))
+            gave_up = StoreGaveUp(
+                self._where, f"another process held the file's lock ({exc})" if held else f"{type(exc).__name__}: {exc}"
+            )
             gave_up.__cause__ = exc
             return gave_up
         unwritable = None
-        if getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY")):
+        code = getattr(exc, "sqlite_errorname", "")
+        if code.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY")):
             unwritable = self._why_unwritable()
+        elif code.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
+            # no retry or restart helps either: what to do is told as it is
+            advice = _NOTADB_ADVICE if code.startswith("SQLITE_NOTADB") else _CORRUPT_ADVICE
         if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
             since = self._locked_since
             err: StoreError = StoreBusy(self._where, self.busy_timeout, None if since is None else time.monotonic() - since)
