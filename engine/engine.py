@@ -2287,7 +2287,7 @@ class Engine:
         """
         if (problem := name_problem("name", name)) is not None:
             raise InvalidConfiguration("a resource", [problem])
-        self._change_needs(self.resources.__setitem__, name, resource)
+        self._change_needs("provide", self.resources.__setitem__, name, resource)
 
     def withdraw(self, name: str) -> Any:
         """Take the resource ``name`` away and return it.
@@ -2300,7 +2300,7 @@ class Engine:
         from any thread, as :meth:`provide` is: the object returned is the one taken
         away, whatever was provided just before from any thread.
         """
-        return self._change_needs(self._take_resource, name)
+        return self._change_needs("withdraw", self._take_resource, name)
 
     def _take_resource(self, name: str) -> Any:
         if not isinstance(name, str) or name not in self.resources:
@@ -2325,25 +2325,50 @@ class Engine:
             problems.append(f"on={on!r}: a flag is True or False")
         if problems:
             raise InvalidConfiguration(f"flag {name!r}", problems)
-        self._change_needs(self.flags.__setitem__, name, on)
+        self._change_needs("set_flag", self.flags.__setitem__, name, on)
 
-    def _change_needs(self, change: Callable[..., _R], *args: Any) -> _R:
+    def _change_needs(self, what: str, change: Callable[..., _R], *args: Any) -> _R:
         """``change(*args)`` on the resources or flags, then what follows from it, made on the
-        engine's loop and returned from there: the scheduler and the claims read those dicts
+        engine's loop (see :meth:`on_its_loop`): the scheduler and the claims read those dicts
         there, so a change (and a withdraw's check of what is provided) made from another
-        thread waits its turn behind the changes made before it, and holds once this returns.
-        Made here once no loop will take it: the loop is closed, or it does not run while the
-        engine does not need it (a stop's last moments included). The scheduler's loops and
-        waits are the running engine's loop's: on a loop driven in pieces (``run_until_complete``
-        again and again) a change waits for the next piece."""
+        thread waits its turn behind the changes made before it, and holds once this returns."""
+        return self.on_its_loop(self._apply_needs, change, args, what=what)
+
+    def on_its_loop(self, fn: Callable[..., _R], *args: Any, what: str) -> _R:
+        """``fn(*args)`` (not async) made on the engine's loop and returned from there: for what
+        starts, cancels or reads tasks and state of that loop (the scheduler's, the supervisor's,
+        the resources). From another thread it waits for it (5 s at most, else TimeoutError and
+        nothing made), also for the loop's next piece on a loop a program drives with
+        ``run_until_complete`` while the engine runs. Made here when no loop will take it: the
+        loop is closed, or it is idle while the engine does not need it (a stop's last moments
+        included). On the loop's own thread between two such pieces, while the engine runs,
+        it raises :class:`LoopThreadError` at once: nothing else can run that loop, and the
+        call would only wait out its 5 s."""
         loop = self._loop
+        if (
+            loop is not None
+            and not loop.is_closed()
+            and not loop.is_running()
+            and threading.get_ident() == self._loop_thread
+            and self._needs_its_loop()
+        ):
+            raise LoopThreadError(
+                what,
+                f"Engine.{what}() was called on the engine's loop's thread while that loop does not run "
+                "(between two run_until_complete calls, say): what it does is made on that loop, which "
+                "nothing runs now. Call it from a coroutine or callback on the running loop, or from "
+                "another thread; nothing was changed",
+            )
 
         def gone() -> bool:
             assert loop is not None
-            needed = self._state in ("running", "stopping") or self._starting is not None
-            return not needed and not loop.is_running()
+            return not self._needs_its_loop() and not loop.is_running()
 
-        return call_blocking(loop, self._apply_needs, change, args, gone=gone)
+        return call_blocking(loop, fn, *args, gone=gone)
+
+    def _needs_its_loop(self) -> bool:
+        """Whether the engine's tasks and state live on its loop now (it starts, runs or stops)."""
+        return self._state in ("running", "stopping") or self._starting is not None
 
     def _apply_needs(self, change: Callable[..., _R], args: tuple[Any, ...]) -> _R:
         result = change(*args)

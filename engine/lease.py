@@ -644,7 +644,7 @@ class LeaderElector:
             if release:
                 await self._release_given_up(deadline)
             else:
-                self._abandon_given_up()
+                await self._abandon_given_up()
         await self._release_unanswered(deadline)
         if release:
             await self._step_down(deadline)
@@ -823,7 +823,7 @@ class LeaderElector:
                     wait = self.lease.renew_interval
                     if deadline is not None:
                         if deadline <= loop.time():
-                            self._abandon_given_up()
+                            await self._abandon_given_up()
                             return
                         wait = min(wait, deadline - loop.time())
                     await asyncio.wait([waiting], timeout=wait)
@@ -844,13 +844,15 @@ class LeaderElector:
                 LeaseReleased, holder=None, term=term, expires_at=None, previous_holder=self.node_id, previous_term=term
             )
 
-    def _abandon_given_up(self) -> None:
+    async def _abandon_given_up(self) -> None:
         """The engine stops while leader-only code still runs in the term :meth:`suspend` gave up:
         released, the lease would let another node start that work beside it, so the term is left
-        to lapse at the end of its ttl, renewed no more (as a stopping leader's is)."""
+        to lapse, as a stopping leader's is. Renewed once more first: its last renew may be up
+        to two renew intervals old, and the code still running gets a whole ttl from now."""
         term, self._to_release = self._to_release, None
         if term is None or self.lease is None:
             return
+        await self._call(self.lease.renew(self.node_id, term), self.lease.renew_interval, "renew")
         log.warning(
             "node %s stops while leader-only work of the term %d it gave up still runs (it ignored "
             "every cancel): the lease is left to lapse at the end of its ttl rather than released now",

@@ -31,9 +31,10 @@ row end after half a renew interval (``lock_timeout``), before the elector
 gives up on them, so they read as "another node holds the lease", not as a
 database out of reach. A term is committed durably (``synchronous_commit``)
 before the holder is told it. Tables dropped under a running cluster (a
-restore, a schema reset) are created again by the next operation, with the
-lease's row held by nobody and free only a ttl later: the last holder may
-think it leads until its deadline.
+schema reset) are created again by the next operation, with the lease's row
+held by nobody and free only a ttl later: the last holder may think it leads
+until its deadline. Tables a restore puts back with older contents are not
+noticed: stop the nodes before restoring them.
 """
 
 from __future__ import annotations

@@ -140,6 +140,10 @@ _REFUSED_CONNECTIONS = ("AuthenticationError", "AuthorizationError")
 #: this client's own connection pool is full: Redis was not asked, and says nothing of being down
 _POOL_FULL = ("MaxConnectionsError",)
 
+#: Redis clients a forked process inherited from its parent's leases: never used, never collected
+#: (see RedisLease._forked)
+_INHERITED: list[Any] = []
+
 
 def _classes(errors: Any, names: tuple[str, ...]) -> tuple[type[BaseException], ...]:
     """The exception classes of ``names`` this redis-py has (an older one may lack some)."""
@@ -302,9 +306,14 @@ class RedisLease(ReportsHealth, Lease):
             return
         self._token, self._token_pid = os.urandom(8).hex(), os.getpid()
         # what the parent took is not this process's to take back at once (see acquire), and
-        # its connections are not this process's to use (nor to close)
+        # its connections are not this process's to use, nor to close: collected here, their
+        # transports would close through the parent's copied event loop, taking the parent's
+        # sockets out of the epoll the two processes share (the parent's renews then went
+        # unanswered). So the inherited client is kept, unused, for this process's life
         self._own_term = 0
         self._held_until = 0.0
+        if self._client is not None:
+            _INHERITED.append(self._client)
         self._client, self._scripts = None, {}
 
     def _claimant(self, node_id: str) -> str:

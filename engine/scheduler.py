@@ -124,7 +124,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from cronsim import CronSim, CronSimError
 from pydantic import BaseModel, ConfigDict
 
-from .hop import call_blocking, spawn
+from .hop import spawn
 from .errors import (
     EngineNotRunning,
     InvalidConfiguration,
@@ -676,7 +676,7 @@ class Scheduler:
         )
         # the engine's registry, this one and the task's loop belong to the engine's loop: from
         # another thread (start_background) the rest is done there, its error raised here
-        return call_blocking(self._engine.loop, self._record, fn, entry, retries, timeout)
+        return self._engine.on_its_loop(self._record, fn, entry, retries, timeout, what="periodic")
 
     def _record(self, fn: Any, entry: _Periodic, retries: int, timeout: float | None) -> PeriodicInfo:
         task_name = entry.name
@@ -825,7 +825,7 @@ class Scheduler:
         """Stop scheduling ``name`` (a run in progress finishes normally, and so does a tick's
         write of its run under way: see the module's "Pause"). Callable from any thread: the
         loop it cancels is the engine's, so the pause is made there."""
-        return call_blocking(self._engine.loop, self._pause, name)
+        return self._engine.on_its_loop(self._pause, name, what="pause_periodic")
 
     def _pause(self, name: str) -> PeriodicInfo:
         p = self._get(name)
@@ -846,7 +846,7 @@ class Scheduler:
         Its needs are checked again: a resource withdrawn meanwhile leaves it
         disabled (with the reason), one provided meanwhile enables it. Callable from
         any thread: its loop is started on the engine's, so the resume is made there."""
-        return call_blocking(self._engine.loop, self._resume, name)
+        return self._engine.on_its_loop(self._resume, name, what="resume_periodic")
 
     def _resume(self, name: str) -> PeriodicInfo:
         p = self._get(name)

@@ -62,7 +62,7 @@ from .errors import (
 )
 from .events import WorkerCrashed, WorkerResumed, WorkerStarted, WorkerStopped
 from .logs import log_safely, log_text, traceback_block
-from .hop import call_blocking, cancel_and_wait, spawn
+from .hop import cancel_and_wait, spawn
 from .jsonsafe import name_problem
 from .options import MIN_INTERVAL, WorkerOptions, check_options
 from .runs import RunError
@@ -214,7 +214,7 @@ class Supervisor:
             raise InvalidConfiguration(where, problems)
         worker = _Worker(worker_name, fn, leader_only, options.backoff, options.backoff_max)
         # the registry and the worker's task belong to the engine's loop
-        return call_blocking(self._engine.loop, self._register, worker)
+        return self._engine.on_its_loop(self._register, worker, what="supervised")
 
     def _register(self, worker: _Worker) -> WorkerInfo:
         if worker.name in self._workers:

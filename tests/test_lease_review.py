@@ -325,6 +325,56 @@ async def test_processes_forked_with_one_lease_object_and_one_node_id_are_two_ho
     assert said[1] == {"parent": None}  # held by the child, another holder
 
 
+#: a leader forks a helper that reads the lease with the app's lease object, and collects its garbage
+FORKED_HELPER = """
+import asyncio, gc, json, os, sys
+from taskwatch.engine import Engine, RedisLease
+
+lease = RedisLease(sys.argv[1], key="test:fork-helper", ttl=1.5)
+engine = Engine(node_id="parent", lease=lease, health_interval=None)
+seen = []
+engine.bus.add_callback(lambda e: seen.append((e.kind, e.term)), ["lease."])
+
+async def child():
+    state = await lease.holder()
+    return None if state is None else state.holder
+
+async def main():
+    async with engine:
+        while ("lease.renewed", 1) not in seen:  # it leads, and renewed over its pooled connection
+            await asyncio.sleep(0.01)
+        pid = os.fork()
+        if pid == 0:
+            holder = asyncio.run(child())
+            gc.collect()  # the client inherited from the parent goes with the garbage
+            print(json.dumps({"child": holder}), flush=True)
+            os._exit(0)
+        await asyncio.to_thread(os.waitpid, pid, 0)
+        renewed = seen.count(("lease.renewed", 1))
+        for _ in range(1000):  # three more renews, or the lease lost (bounded: 10 s)
+            if seen.count(("lease.renewed", 1)) >= renewed + 3 or any(k == "lease.lost" for k, _ in seen):
+                break
+            await asyncio.sleep(0.01)
+        print(json.dumps({"parent": seen}), flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_forked_helper_reading_the_lease_leaves_the_parents_connections_alone(redis_server: RedisServer) -> None:
+    # its garbage collector closed the parent's inherited connections through the parent's
+    # copied loop, taking them out of the epoll the two share: the parent's renews went unheard
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", FORKED_HELPER, redis_server.url], capture_output=True, text=True,
+        timeout=60, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    said = [json.loads(line) for line in done.stdout.splitlines()]
+    assert said[0] == {"child": "parent"}
+    events = [tuple(e) for e in said[1]["parent"]]
+    assert ("lease.lost", 1) not in events and events.count(("lease.renewed", 1)) >= 4, events
+
+
 # ---------------------------------------------------------------- the PostgreSQL lease tables dropped
 
 

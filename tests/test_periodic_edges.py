@@ -19,7 +19,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from taskwatch.engine import DuplicateTask, Engine, InvalidConfiguration, PeriodicInfo, TaskContext
+from taskwatch.engine import DuplicateTask, Engine, InvalidConfiguration, LoopThreadError, PeriodicInfo, TaskContext
 from taskwatch.engine.scheduler import next_cron_due
 
 from .helpers import Recorder, eventually, in_thread, stray_tasks, wait_until
@@ -199,10 +199,28 @@ def test_a_provide_from_another_thread_between_two_pieces_of_the_engines_loop_wa
         giver.join(5)
         # it raised "no running event loop", the resource set and the task shown enabled, never firing
         assert said == [None] and info(engine, "uses_db").enabled
+        # so do the scheduler's own changes (a pause made on the loop, a resume from a thread)
+        loop.run_until_complete(_on(engine.pause_periodic, "uses_db"))
+        resumer = threading.Thread(target=lambda: said.append(engine.resume_periodic("uses_db").enabled))
+        resumer.start()
+        wait_until(lambda: _waiting(resumer), timeout=5)
+        runs = info(engine, "uses_db").runs
+        loop.run_until_complete(eventually(lambda: len(said) == 2 and info(engine, "uses_db").runs > runs))
+        resumer.join(5)
+        assert said == [None, True]
+        # on the loop's own thread between two pieces nothing could run the loop: said at once
+        started = time.monotonic()
+        with pytest.raises(LoopThreadError, match=r"Engine.withdraw\(\) was called on the engine's loop's thread"):
+            engine.withdraw("db")
+        assert time.monotonic() - started < 1.0 and engine.resources == {"db": "DB"}
     finally:
         giver.join(5)
         loop.run_until_complete(engine.stop())
         loop.close()
+
+
+async def _on(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
 
 
 def test_a_call_made_on_a_loop_that_stops_before_taking_it_runs_on_the_callers_thread() -> None:
