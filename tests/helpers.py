@@ -151,3 +151,33 @@ def each_store(kind: str, request: pytest.FixtureRequest, tmp_path: Path, clock:
     if kind == "sqlite":
         return SqliteStore(tmp_path / "runs.db", clock=clock, lease_ttl=lease_ttl)
     return PostgresStore(request.getfixturevalue("postgres_url"), clock=clock, lease_ttl=lease_ttl)
+
+
+def stubborn_leader_engine(
+    node_id: str,
+    lease: Any,
+    cleanup_may_end: asyncio.Event,
+    swallowed: list[str],
+    started: Callable[[str], object],
+    ended: Callable[[str], object] = lambda node_id: None,
+) -> Engine:
+    """An engine on ``lease`` whose leader-only worker "poller" waits until it is cancelled,
+    then cleans up until ``cleanup_may_end`` is set, swallowing every cancel meanwhile (each
+    one noted in ``swallowed``): a bug in a worker, which the engine must outlast. ``started``
+    and ``ended`` are told the node id as the worker starts and as its cleanup ends."""
+    engine = Engine(node_id=node_id, lease=lease, cancel_grace=0.05, health_interval=None)
+
+    @engine.supervised(name="poller", leader_only=True)
+    async def poller(ctx: Any) -> None:
+        started(node_id)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            while not cleanup_may_end.is_set():
+                try:
+                    await cleanup_may_end.wait()
+                except asyncio.CancelledError:
+                    swallowed.append(node_id)
+            ended(node_id)
+
+    return engine

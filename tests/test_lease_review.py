@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 from taskwatch.engine import Engine, InProcessLease, Lease, NotLeader, PostgresLease, RedisLease, TaskContext
 
-from .helpers import Recorder, eventually, stray_tasks
+from .helpers import Recorder, eventually, stray_tasks, stubborn_leader_engine
 from .processes import REPO
 from .redis_server import RedisServer
 
@@ -39,21 +39,9 @@ async def test_a_stop_while_a_stepped_down_leaders_cleanup_still_runs_leaves_its
     cleanup_may_end = asyncio.Event()
 
     def build(node_id: str) -> Engine:
-        engine = Engine(node_id=node_id, lease=lease, cancel_grace=0.05, health_interval=None)
-
-        @engine.supervised(name="poller", leader_only=True)
-        async def poller(ctx: TaskContext) -> None:
-            starts.append((node_id, lease.now()))
-            try:
-                await asyncio.Event().wait()
-            finally:
-                while not cleanup_may_end.is_set():
-                    try:
-                        await cleanup_may_end.wait()
-                    except asyncio.CancelledError:
-                        swallowed.append(node_id)  # a bug in this worker, which the engine outlasts
-
-        return engine
+        return stubborn_leader_engine(
+            node_id, lease, cleanup_may_end, swallowed, started=lambda node: starts.append((node, lease.now()))
+        )
 
     old, follower = build("x"), build("y")
     rec = Recorder(old, ("lease.",))

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from taskwatch.engine import Engine, InProcessLease, InvalidConfiguration, TaskContext, TaskDefinitionError
 
-from .helpers import eventually, stray_tasks
+from .helpers import eventually, stray_tasks, stubborn_leader_engine
 
 
 def engine_with(**options: object) -> Engine:
@@ -236,22 +236,10 @@ async def test_a_leader_that_steps_down_keeps_the_lease_while_a_cleanup_ignoring
     cleanup_may_end = asyncio.Event()
 
     def build(node_id: str) -> Engine:
-        engine = Engine(node_id=node_id, lease=lease, cancel_grace=0.05, health_interval=None)
-
-        @engine.supervised(name="poller", leader_only=True)
-        async def poller(ctx: TaskContext) -> None:
-            timeline.append((node_id, "start"))
-            try:
-                await asyncio.Event().wait()
-            finally:
-                while not cleanup_may_end.is_set():
-                    try:
-                        await cleanup_may_end.wait()
-                    except asyncio.CancelledError:
-                        swallowed.append(node_id)  # a bug in this worker, which the engine outlasts
-                timeline.append((node_id, "ended"))
-
-        return engine
+        return stubborn_leader_engine(
+            node_id, lease, cleanup_may_end, swallowed,
+            started=lambda node: timeline.append((node, "start")), ended=lambda node: timeline.append((node, "ended")),
+        )  # fmt: skip
 
     old, follower = build("x"), build("y")
     await old.start()
