@@ -181,3 +181,17 @@ def stubborn_leader_engine(
             ended(node_id)
 
     return engine
+
+
+def leader_contexts(lease: Any) -> tuple[Engine, list[Any]]:
+    """An engine (node "a") on ``lease`` whose leader-only worker keeps the context of each of
+    its starts in the list returned, and waits: what a test calls ``ensure_leader()`` from."""
+    engine = Engine(node_id="a", lease=lease, health_interval=None)
+    contexts: list[Any] = []
+
+    @engine.supervised(name="guarded", leader_only=True, backoff=0.05)
+    async def guarded(ctx: Any) -> None:
+        contexts.append(ctx)
+        await asyncio.Event().wait()
+
+    return engine, contexts

@@ -16,9 +16,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from taskwatch.engine import Engine, InProcessLease, Lease, NotLeader, PostgresLease, RedisLease, TaskContext
+from taskwatch.engine import Engine, InProcessLease, NotLeader, PostgresLease, RedisLease, TaskContext
 
-from .helpers import Recorder, eventually, stray_tasks, stubborn_leader_engine
+from .helpers import Recorder, eventually, leader_contexts, stray_tasks, stubborn_leader_engine
 from .processes import REPO
 from .redis_server import RedisServer
 
@@ -104,19 +104,6 @@ async def test_a_stop_after_a_stepped_down_leaders_cleanup_ended_releases_its_te
 # ---------------------------------------------------------------- many ensure_leader() calls at once
 
 
-def fanning_out(lease: Lease) -> tuple[Engine, list[TaskContext]]:
-    """An engine on ``lease`` with a leader-only worker whose context the test fans out from."""
-    engine = Engine(node_id="a", lease=lease, health_interval=None)
-    contexts: list[TaskContext] = []
-
-    @engine.supervised(name="fanout", leader_only=True, backoff=0.05)
-    async def fanout(ctx: TaskContext) -> None:
-        contexts.append(ctx)
-        await asyncio.Event().wait()
-
-    return engine, contexts
-
-
 async def passes(ctx: TaskContext, callers: int, rounds: int) -> list[int | str]:
     """What ``callers`` concurrent loops of ``rounds`` ensure_leader() calls each got (a term, or "NotLeader")."""
 
@@ -137,7 +124,7 @@ async def test_more_ensure_leader_calls_at_once_than_the_redis_client_has_connec
 ) -> None:
     # one per item of work, as the README advises: past redis-py's pool (100 connections) each
     # call that found it full stepped the leader down, over and over
-    engine, contexts = fanning_out(RedisLease(redis_server.url, key="test:fanout", ttl=3.0))
+    engine, contexts = leader_contexts(RedisLease(redis_server.url, key="test:fanout", ttl=3.0))
     rec = Recorder(engine, ("lease.lost",))
     async with engine:
         await eventually(lambda: contexts)
@@ -182,7 +169,7 @@ async def test_more_ensure_leader_calls_at_once_than_postgres_lets_the_node_conn
 ) -> None:
     # each call opened a connection of its own: past the server's limit, every refused one
     # stepped the leader down ("too many connections"), over and over
-    engine, contexts = fanning_out(PostgresLease(limited_role_url, ttl=3.0))
+    engine, contexts = leader_contexts(PostgresLease(limited_role_url, ttl=3.0))
     rec = Recorder(engine, ("lease.lost",))
     async with engine:
         await eventually(lambda: contexts)
@@ -210,7 +197,7 @@ class GatedCheckLease(InProcessLease):
 
 async def test_concurrent_ensure_leader_calls_share_a_check_begun_after_each_call() -> None:
     lease = GatedCheckLease()
-    engine, contexts = fanning_out(lease)
+    engine, contexts = leader_contexts(lease)
     async with engine:
         await eventually(lambda: contexts)
         ctx = contexts[0]

@@ -23,7 +23,7 @@ from taskwatch.engine import Engine, InvalidConfiguration, PostgresLease, TaskCo
 from taskwatch.engine.errors import LeaseRefused, LeaseUnavailable, NotATaskwatchStore
 
 from .cutting_proxy import CuttingProxy, Match, StallingProxy
-from .helpers import eventually, stray_tasks
+from .helpers import eventually, leader_contexts, stray_tasks
 from .postgres_server import PostgresServer, start_server
 from .test_durable import Child
 
@@ -71,18 +71,6 @@ def test_a_url_naming_several_servers_or_a_socket_is_the_drivers_to_read() -> No
         assert PostgresLease(url).url == url
 
 
-def engine_on(lease: PostgresLease) -> tuple[Engine, list[TaskContext]]:
-    engine = Engine(node_id="a", lease=lease, health_interval=None)
-    contexts: list[TaskContext] = []
-
-    @engine.supervised(name="guarded", leader_only=True, backoff=0.05)
-    async def guarded(ctx: TaskContext) -> None:
-        contexts.append(ctx)
-        await asyncio.Event().wait()
-
-    return engine, contexts
-
-
 @pytest.mark.parametrize(
     ("change", "refusal"),
     [
@@ -95,7 +83,7 @@ def engine_on(lease: PostgresLease) -> tuple[Engine, list[TaskContext]]:
 async def test_a_lease_the_server_refuses_fails_the_start(postgres_url: str, change: Any, refusal: str) -> None:
     # as a store on that URL does: the node could never lead, and waiting changes nothing
     url = change(postgres_url)
-    engine, contexts = engine_on(PostgresLease(url, ttl=1.0))
+    engine, contexts = leader_contexts(PostgresLease(url, ttl=1.0))
     with pytest.raises(LeaseRefused, match=refusal) as info:
         await engine.start()
     assert "s3cret" not in str(info.value)
@@ -109,7 +97,7 @@ async def test_another_applications_leases_table_fails_the_start(postgres_url: s
         await conn.execute("CREATE TABLE leases (id serial PRIMARY KEY, tenant text)")
     finally:
         await conn.close()
-    engine, contexts = engine_on(PostgresLease(postgres_url, ttl=1.0))
+    engine, contexts = leader_contexts(PostgresLease(postgres_url, ttl=1.0))
     with pytest.raises(NotATaskwatchStore, match=r"\(leases\)"):
         await engine.start()
     assert engine.state == "stopped" and contexts == []
@@ -125,7 +113,7 @@ async def test_a_database_that_starts_refusing_is_shown_in_the_backend_and_logge
     postgres_server.sql(f"CREATE ROLE {role} LOGIN")
     postgres_server.sql(f"ALTER DATABASE {database} OWNER TO {role}")
     lease = PostgresLease(postgres_url.replace("postgres@", f"{role}@"), ttl=1.0)
-    engine, contexts = engine_on(lease)
+    engine, contexts = leader_contexts(lease)
 
     def refusals() -> list[str]:
         return [r.getMessage() for r in caplog.records if "not permitted to log in" in r.getMessage()]
@@ -152,7 +140,7 @@ async def test_a_database_that_starts_refusing_is_shown_in_the_backend_and_logge
 
 async def test_the_backend_names_the_database_and_the_lease_without_the_password(postgres_url: str) -> None:
     url = postgres_url.replace("postgres@", "postgres:s3cret@")  # the test server trusts: any password does
-    engine, contexts = engine_on(PostgresLease(url, ttl=1.0, name="jobs"))
+    engine, contexts = leader_contexts(PostgresLease(url, ttl=1.0, name="jobs"))
     try:
         await engine.start()
         backend = engine.leadership().backend or ""
@@ -327,7 +315,7 @@ async def test_a_lease_row_held_by_a_silent_session_reads_as_held_not_as_unreach
     # a node stalled inside its acquire holds the row locked: the others' waits for it end on
     # the server, before the elector gives up on them, and say another node holds the lease
     lease = PostgresLease(postgres_url, ttl=6.0)
-    engine, contexts = engine_on(lease)
+    engine, contexts = leader_contexts(lease)
     holder, watcher = await asyncpg.connect(postgres_url), await asyncpg.connect(postgres_url)
     try:
         await lease.holder()  # the table made
@@ -389,7 +377,7 @@ async def test_a_node_stalled_inside_its_acquire_does_not_keep_the_others_from_l
         stuck = asyncio.ensure_future(stalled.acquire("stalled-node"))
         try:
             await eventually(lambda: proxy.silent)
-            engine, contexts = engine_on(PostgresLease(postgres_url, ttl=ttl))
+            engine, contexts = leader_contexts(PostgresLease(postgres_url, ttl=ttl))
             try:
                 await engine.start()
                 await eventually(lambda: contexts, timeout=20.0)
@@ -433,7 +421,7 @@ async def test_a_stalled_node_that_wakes_after_its_session_was_ended_has_lost_th
         try:
             await eventually(lambda: len(sent) == 2)
             other = PostgresLease(postgres_url, ttl=ttl)
-            engine, contexts = engine_on(other)
+            engine, contexts = leader_contexts(other)
             try:
                 await engine.start()
                 await eventually(lambda: contexts, timeout=20.0)
