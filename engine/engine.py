@@ -2334,7 +2334,7 @@ class Engine:
         thread waits its turn behind the changes made before it, and holds once this returns."""
         return self.on_its_loop(self._apply_needs, change, args, what=what)
 
-    def on_its_loop(self, fn: Callable[..., _R], *args: Any, what: str) -> _R:
+    def on_its_loop(self, fn: Callable[..., _R], *args: Any, what: str, idle_ok: bool = False) -> _R:
         """``fn(*args)`` (not async) made on the engine's loop and returned from there: for what
         starts, cancels or reads tasks and state of that loop (the scheduler's, the supervisor's,
         the resources). From another thread it waits for it (5 s at most, else TimeoutError and
@@ -2343,7 +2343,8 @@ class Engine:
         loop is closed, or it is idle while the engine does not need it (a stop's last moments
         included). On the loop's own thread between two such pieces, while the engine runs,
         it raises :class:`LoopThreadError` at once: nothing else can run that loop, and the
-        call would only wait out its 5 s."""
+        call would only wait out its 5 s; unless ``idle_ok`` says ``fn`` needs no running loop
+        (it only cancels tasks, which the loop's next piece sees through), and it is made here."""
         loop = self._loop
         if (
             loop is not None
@@ -2352,6 +2353,8 @@ class Engine:
             and threading.get_ident() == self._loop_thread
             and self._needs_its_loop()
         ):
+            if idle_ok:
+                return fn(*args)
             raise LoopThreadError(
                 what,
                 f"Engine.{what}() was called on the engine's loop's thread while that loop does not run "

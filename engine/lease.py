@@ -644,7 +644,7 @@ class LeaderElector:
             if release:
                 await self._release_given_up(deadline)
             else:
-                await self._abandon_given_up()
+                await self._abandon_given_up(deadline)
         await self._release_unanswered(deadline)
         if release:
             await self._step_down(deadline)
@@ -823,7 +823,7 @@ class LeaderElector:
                     wait = self.lease.renew_interval
                     if deadline is not None:
                         if deadline <= loop.time():
-                            await self._abandon_given_up()
+                            await self._abandon_given_up(deadline)
                             return
                         wait = min(wait, deadline - loop.time())
                     await asyncio.wait([waiting], timeout=wait)
@@ -844,15 +844,19 @@ class LeaderElector:
                 LeaseReleased, holder=None, term=term, expires_at=None, previous_holder=self.node_id, previous_term=term
             )
 
-    async def _abandon_given_up(self) -> None:
+    async def _abandon_given_up(self, deadline: float) -> None:
         """The engine stops while leader-only code still runs in the term :meth:`suspend` gave up:
         released, the lease would let another node start that work beside it, so the term is left
-        to lapse, as a stopping leader's is. Renewed once more first: its last renew may be up
-        to two renew intervals old, and the code still running gets a whole ttl from now."""
+        to lapse, as a stopping leader's is. Renewed once more first if ``deadline`` (loop time)
+        leaves time for it: its last renew may be up to two renew intervals old, and the code
+        still running then gets a whole ttl from now (a store that does not answer holds the
+        stop no longer than its deadline)."""
         term, self._to_release = self._to_release, None
         if term is None or self.lease is None:
             return
-        await self._call(self.lease.renew(self.node_id, term), self.lease.renew_interval, "renew")
+        left = min(self.lease.renew_interval, deadline - asyncio.get_running_loop().time())
+        if left > 0:
+            await self._call(self.lease.renew(self.node_id, term), left, "renew")
         log.warning(
             "node %s stops while leader-only work of the term %d it gave up still runs (it ignored "
             "every cancel): the lease is left to lapse at the end of its ttl rather than released now",

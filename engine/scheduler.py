@@ -825,7 +825,7 @@ class Scheduler:
         """Stop scheduling ``name`` (a run in progress finishes normally, and so does a tick's
         write of its run under way: see the module's "Pause"). Callable from any thread: the
         loop it cancels is the engine's, so the pause is made there."""
-        return self._engine.on_its_loop(self._pause, name, what="pause_periodic")
+        return self._engine.on_its_loop(self._pause, name, what="pause_periodic", idle_ok=True)
 
     def _pause(self, name: str) -> PeriodicInfo:
         p = self._get(name)

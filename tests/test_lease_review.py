@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -67,6 +68,35 @@ async def test_a_stop_while_a_stepped_down_leaders_cleanup_still_runs_leaves_its
         for engine in (follower, old):
             await engine.stop(1.0)
     assert stray_tasks() == set()
+
+
+async def test_a_stop_leaving_a_given_up_term_to_lapse_keeps_its_deadline_with_redis_silent(
+    redis_server: RedisServer,
+) -> None:
+    # its last renew of that term waited a whole renew interval for a Redis that answered
+    # nothing, past the stop's own deadline (10 s here, 5 s at the default ttl)
+    lease = RedisLease(redis_server.url, key="test:abandon", ttl=30.0)
+    cleanup_may_end = asyncio.Event()
+    started: list[str] = []
+    engine = stubborn_leader_engine("a", lease, cleanup_may_end, [], started=started.append)
+    await engine.start()
+    try:
+        await eventually(lambda: started == ["a"], 5)
+        engine.elector.suspend()  # the term given up, held for the cleanup that runs on
+        await eventually(lambda: not engine.leadership().is_leader, 5)
+        assert redis_server.proc is not None
+        redis_server.proc.send_signal(signal.SIGSTOP)  # accepts connections, answers nothing
+        try:
+            began = time.monotonic()
+            await engine.stop(0.5)
+            # the drain's 0.5 s, the cleanup's cancel rounds (3 x 0.05 s), the lease's second:
+            # some 1.5 s (a bound with room for a loaded machine, far below the 10 s it took)
+            assert time.monotonic() - began < 5.0
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+    finally:
+        cleanup_may_end.set()
+        await engine.stop(1.0)
 
 
 async def test_a_stop_after_a_stepped_down_leaders_cleanup_ended_releases_its_term() -> None:
