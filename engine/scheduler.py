@@ -178,6 +178,41 @@ _GOING_LOOKED_AT = 10
 _LATE_WARNING_EVERY = 60.0
 
 
+class _Throttle:
+    """Paces one kind of warning to at most one every ``_LATE_WARNING_EVERY`` seconds, counting
+    the occurrences held back in between (and a figure summed over them) for the next one.
+
+    The process's own clock, not the engine's (which may be frozen, or jump): this paces the
+    log lines as they are read, not the schedule."""
+
+    __slots__ = ("warned", "held", "held_sum")
+
+    def __init__(self) -> None:
+        self.warned: float | None = None
+        self.held = 0
+        self.held_sum = 0
+
+    def take(self, amount: int = 0) -> tuple[int, int, float] | None:
+        """One more occurrence (bringing ``amount``): None when it is held back, else to be
+        warned of now, with the held-back occurrences, their ``amount`` summed, and the seconds
+        since the previous warning (0 held back after none)."""
+        now = time.monotonic()
+        if self.warned is not None and now - self.warned < _LATE_WARNING_EVERY:
+            self.held += 1
+            self.held_sum += amount
+            return None
+        told = (self.held, self.held_sum, 0.0 if self.warned is None else now - self.warned)
+        self.warned, self.held, self.held_sum = now, 0, 0
+        return told
+
+    def left(self) -> tuple[int, int, float] | None:
+        """At a stop: what was held back since the last warning (None for nothing), which no later
+        warning will tell now; the next start's first occurrence is warned of at once."""
+        told = (self.held, self.held_sum, time.monotonic() - self.warned) if self.held and self.warned is not None else None
+        self.warned, self.held, self.held_sum = None, 0, 0
+        return told
+
+
 class PeriodicInfo(BaseModel):
     """One periodic task as ``engine.schedule()`` reports it. Times are UNIX seconds."""
 
@@ -571,17 +606,12 @@ class _Periodic:
     failures: int = 0
     skipped: int = 0
     refused: int = 0
-    #: when (``time.monotonic()``) the last warning of a tick the full queue refused was logged,
-    #: and those refused since: a queue that stays full refuses every tick
-    refused_warned: float | None = None
-    refused_held: int = 0
     missed: int = 0
-    #: when (``time.monotonic()``) the last warning of a late tick was logged, and the late ticks
-    #: and slots missed since that were held back: a loop that cannot keep up (every=0.001)
-    #: is late at every tick, and one line each would flood the log
-    late_warned: float | None = None
-    late_held: int = 0
-    late_held_missed: int = 0
+    #: the warnings of late ticks and of ticks the full queue refused, paced: a loop that cannot
+    #: keep up (every=0.001) is late at every tick, a queue that stays full refuses every tick,
+    #: and one line each would flood the log
+    late_log: _Throttle = field(default_factory=_Throttle)
+    refused_log: _Throttle = field(default_factory=_Throttle)
     #: a node sharing the store was seen firing this cron task off this node's times (warned
     #: once a start)
     other_grid_told: bool = False
@@ -1339,42 +1369,34 @@ class Scheduler:
         once, and then at most one every ``_LATE_WARNING_EVERY`` seconds, with how many were
         held back since the previous (a loop that cannot keep up is late at every tick, a
         thousand times a second at every=0.001). ``p.missed`` counts every slot all the same."""
-        # the process's own clock, not the engine's (which may be frozen, or jump): this paces
-        # the log lines as they are read, not the schedule
-        now = time.monotonic()
-        if p.late_warned is not None and now - p.late_warned < _LATE_WARNING_EVERY:
-            p.late_held += 1
-            p.late_held_missed += missed
+        told = p.late_log.take(missed)
+        if told is None:
             return
-        if p.late_held:
+        held, held_missed, ago = told
+        if held:
             text += (
                 "; before it, %d more late tick(s) since the previous warning %.0f s ago, %d slot(s) passed "
                 "without a run in all (late ticks are logged at most once every %g s)"
             )
-            assert p.late_warned is not None
-            args = (*args, p.late_held, now - p.late_warned, p.late_held_missed, _LATE_WARNING_EVERY)
-        p.late_warned = now
-        p.late_held = p.late_held_missed = 0
+            args = (*args, held, ago, held_missed, _LATE_WARNING_EVERY)
         log.warning(text, *args)
 
     def _tell_late_held(self, p: _Periodic) -> None:
-        """At a stop: the late ticks of ``p`` held back since its last warning, which no later
-        one will tell now; the next start's first late tick is warned of at once."""
-        if p.late_held and p.late_warned is not None:
+        """At a stop: the late ticks of ``p``, and the ticks the full queue refused, held back
+        since their last warnings, which no later one will tell now."""
+        if (late := p.late_log.left()) is not None:
+            held, held_missed, ago = late
             log.warning(
                 "periodic task %r: %d more late tick(s) since the warning %.0f s ago, %d slot(s) passed "
                 "without a run in all (late ticks are logged at most once every %g s)",
-                p.name, p.late_held, time.monotonic() - p.late_warned, p.late_held_missed, _LATE_WARNING_EVERY,
+                p.name, held, ago, held_missed, _LATE_WARNING_EVERY,
             )  # fmt: skip
-        p.late_warned = None
-        p.late_held = p.late_held_missed = 0
-        if p.refused_held and p.refused_warned is not None:
+        if (refused := p.refused_log.left()) is not None:
+            held, _, ago = refused
             log.warning(
                 "periodic task %r: %d more tick(s) refused by the full run queue since the warning %.0f s ago",
-                p.name, p.refused_held, time.monotonic() - p.refused_warned,
+                p.name, held, ago,
             )  # fmt: skip
-        p.refused_warned = None
-        p.refused_held = 0
 
     def _slots_passed(self, p: _Periodic, slot: float, planned: float, fired_at: float, following: float) -> int:
         """The slots between ``slot`` (planned for ``planned``), fired at ``fired_at``, and ``following``."""
@@ -1623,21 +1645,15 @@ class Scheduler:
         late ticks are (at most once every ``_LATE_WARNING_EVERY`` seconds, with how many)."""
         p.skipped += 1
         p.refused += 1
-        now = time.monotonic()
-        if p.refused_warned is None or now - p.refused_warned >= _LATE_WARNING_EVERY:
-            held = (
-                f"; {p.refused_held} more tick(s) refused since the previous warning {now - p.refused_warned:.0f} s "
-                f"ago (logged at most once every {_LATE_WARNING_EVERY:g} s)"
-                if p.refused_held and p.refused_warned is not None
+        if (told := p.refused_log.take()) is not None:
+            held, _, ago = told
+            since = (
+                f"; {held} more tick(s) refused since the previous warning {ago:.0f} s ago "
+                f"(logged at most once every {_LATE_WARNING_EVERY:g} s)"
+                if held
                 else ""
             )
-            log.warning(
-                "periodic task %r: the engine's run queue is full (max_queue); tick skipped%s", p.name, held
-            )
-            p.refused_warned = now
-            p.refused_held = 0
-        else:
-            p.refused_held += 1
+            log.warning("periodic task %r: the engine's run queue is full (max_queue); tick skipped%s", p.name, since)
         self._engine.bus.emit(
             PeriodicSkipped, name=p.name, running_run_id=None, skipped_total=p.skipped, reason="queue_full"
         )
