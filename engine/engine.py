@@ -16,7 +16,6 @@ drains, then cancels, then awaits, so no asyncio task outlives it.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import difflib
 import functools
 import logging
@@ -63,7 +62,7 @@ from .execution import Execution, RunWait, checked_timeout
 from .handle import RunHandle
 from .health import HealthSampler
 from .hop import (
-    Escaped, as_future, call_blocking, call_on, cancel_and_wait, current_loop, home_here, refuse_in_fork, ship, spawn, work_context,
+    as_future, call_blocking, call_on, cancel_and_wait, current_loop, home_here, refuse_in_fork, spawn, work_context,
     works_for,
 )
 from .index import (
@@ -157,7 +156,7 @@ SNAPSHOT_TRIGGER_KEYS = 500
 #: seconds a read or loop action called from another thread waits for the engine's loop (a
 #: ``BackgroundEngine`` call's default ``call_timeout``), and how often meanwhile it looks whether
 #: the loop closed (a stop ending), which would never take the call up
-_HOP_TIMEOUT, _HOP_PIECE = 60.0, 1.0
+_HOP_TIMEOUT = 60.0
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -1352,43 +1351,16 @@ class Engine:
             )
 
     def _hop(self, method: str, fn: Callable[..., _R], *args: Any, **kwargs: Any) -> _R:
-        """``fn(*args, **kwargs)`` (no coroutine) made on the engine's loop from another thread, waited for here.
+        """``fn(*args, **kwargs)`` (no coroutine) made on the engine's loop from another thread, waited
+        for here (:func:`~taskwatch.engine.hop.call_blocking`), at most :data:`_HOP_TIMEOUT` seconds.
 
-        At most :data:`_HOP_TIMEOUT` seconds, looking every :data:`_HOP_PIECE` whether the loop
-        closed meanwhile (a stop ending): a closed loop never takes up a call still waiting for
-        it, and with no loop running nothing changes what ``fn`` reads, so it is then made here.
-        """
+        With no loop running nothing changes what ``fn`` reads, so it is then made here; once
+        shipped, it waits for the loop until that loop closes (a stop ending), not only until it
+        stops running: a loop driven in pieces takes it up in its next one."""
         loop = self._loop
         if loop is None or not loop.is_running():
             return fn(*args, **kwargs)
-        self._refuse_in_fork()
-        try:
-            call = ship(loop, fn, *args, **kwargs)
-        except RuntimeError:
-            return fn(*args, **kwargs)  # closed meanwhile
-        future = call.future
-        deadline = time.monotonic() + _HOP_TIMEOUT
-        try:
-            while not future.done() and not loop.is_closed() and (left := deadline - time.monotonic()) > 0:
-                concurrent.futures.wait((future,), min(_HOP_PIECE, left))
-        except BaseException:
-            call.give_up()  # interrupted (Ctrl-C): a call not yet taken up never runs
-            raise
-        if not future.done() and call.give_up():
-            if loop.is_closed():
-                return fn(*args, **kwargs)
-            raise TimeoutError(
-                f"Engine.{method}() waited {_HOP_TIMEOUT:g} s for the engine's event loop, which runs in "
-                "another thread, and it did not take the call up: it is busy or blocked (a task running "
-                "blocking code on it?); the call did nothing"
-            )
-        try:
-            # taken up just as the wait ended: being no coroutine, it answers in the step it started in
-            return future.result()  # type: ignore[no-any-return]
-        except concurrent.futures.CancelledError:
-            return fn(*args, **kwargs)  # cancelled by the loop's end before its first step
-        except Escaped as escaped:
-            raise escaped.exc from None
+        return call_blocking(loop, fn, *args, timeout=_HOP_TIMEOUT, gone=loop.is_closed, what=method, **kwargs)
 
     def _prepare(
         self,

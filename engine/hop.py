@@ -395,6 +395,7 @@ def call_blocking(
     *args: Any,
     timeout: float | None = 5.0,
     gone: Callable[[], bool] | None = None,
+    what: str | None = None,
     **kwargs: Any,
 ) -> T:
     """``fn(*args, **kwargs)`` run on ``loop``, waiting for it on this thread (``fn`` must not be async).
@@ -405,8 +406,9 @@ def call_blocking(
     run again). So it does when the loop stops taking calls before it took this one (an engine's
     loop ending under a ``bg.stop()``, which may also cancel the call before it started): shipped
     calls left on a loop that stopped are never run. ``TimeoutError`` after ``timeout`` seconds
-    if the call has not started by then (it then never will); one that started is waited for. In
-    a fork of the process the loop runs in it raises :class:`EngineInAnotherProcess` at once.
+    if the call has not started by then (it then never will), naming ``Engine.what()`` if given;
+    one that started is waited for. In a fork of the process the loop runs in it raises
+    :class:`EngineInAnotherProcess` at once.
     """
 
     def no_more() -> bool:
@@ -444,9 +446,14 @@ def call_blocking(
                         return fn(*args, **kwargs)
             if ends is not None and time.monotonic() >= ends:
                 if call.cut or call.give_up():
+                    waited = (
+                        f"Engine.{what}() waited {timeout:g} s for the engine's event loop, which runs in another "
+                        "thread, and it did not take the call up"
+                        if what
+                        else f"the engine's event loop did not answer within {timeout:g} s"
+                    )
                     raise TimeoutError(
-                        f"the engine's event loop did not answer within {timeout:g} s: it is busy or blocked "
-                        "(a task running blocking code on it?); the call was not made"
+                        f"{waited}: it is busy or blocked (a task running blocking code on it?); the call did nothing"
                     )
                 return call.future.result()  # type: ignore[no-any-return]  # it started: its answer
     except Escaped as escaped:

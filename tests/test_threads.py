@@ -249,7 +249,6 @@ def test_reads_and_loop_actions_from_another_thread_wait_for_the_engines_loop(mo
     # the wait for the loop cut short, so that a read the loop does not take up gives up quickly
     engine_module = importlib.import_module("taskwatch.engine.engine")
     monkeypatch.setattr(engine_module, "_HOP_TIMEOUT", 0.2, raising=False)
-    monkeypatch.setattr(engine_module, "_HOP_PIECE", 0.05, raising=False)
     beats = Beats()
     engine = engine_of_every_kind(beats)
     bg = engine.start_background()
