@@ -621,7 +621,7 @@ async def test_a_cancel_asked_while_the_runs_outcome_was_on_its_way_says_it_fini
 
 async def test_a_submit_given_up_while_the_store_writes_still_indexes_and_announces_the_run(tmp_path: Path) -> None:
     # a control client that disconnects, or a timeout around submit(), cancels the submit
-    # while the store writes: the run lands in the store all the same, and must not go
+    # while the store commits it: the run lands in the store all the same, and must not go
     # unannounced and uncounted here
 
     from taskwatch.engine import RunStatus
@@ -637,17 +637,18 @@ async def test_a_submit_given_up_while_the_store_writes_still_indexes_and_announ
 
     recorder = Recorder(engine, ("run.submitted",))
     async with engine:
-        lock = sqlite3.connect(path, isolation_level=None)  # another process's write, say
-        try:
-            lock.execute("BEGIN EXCLUSIVE")
-            submitting = asyncio.create_task(engine.submit("job"))
-            await asyncio.sleep(0)  # one turn: the submit hands its row to the store, which waits
-            submitting.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await submitting
-        finally:
-            lock.execute("COMMIT")
-            lock.close()
+        submitting = asyncio.create_task(engine.submit("job"))
+        await asyncio.sleep(0)  # one turn: the submit hands its row to the store's writer
+        # the loop is held until the row is committed, so the writer's answer is on its way
+        # when the caller gives up, as when a timeout runs out during the commit
+        with contextlib.closing(sqlite3.connect(path)) as reader:
+            deadline = time.monotonic() + 10
+            while reader.execute("SELECT id FROM runs").fetchone() is None:
+                assert time.monotonic() < deadline, "the submit's row was never committed"
+                time.sleep(0.002)
+        submitting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await submitting
         [event] = await eventually(lambda: recorder.of("run.submitted"), timeout=10)
         record = await engine.wait_for(event.run_id, timeout=10)
         assert record.status is RunStatus.SUCCEEDED and record.result == "done"
@@ -1267,3 +1268,33 @@ async def test_a_run_that_succeeds_on_another_node_after_a_failed_attempt_keeps_
         stored = await a.store.get(handle.id)
         assert stored is not None and stored.error is not None and "on node-b" in stored.error.message
         assert record.error == a.get(handle.id).error == stored.error
+
+
+async def test_a_submit_given_up_on_while_another_process_holds_the_file_is_not_written(tmp_path: Path) -> None:
+    # the caller's wait_for ran out while the store waited for the file's lock: it was told
+    # nothing was submitted, so the run must not be written (and run) once the lock is let go
+    db = tmp_path / "runs.db"
+    engine = Engine(store=f"sqlite:///{db}?busy_timeout=30000", health_interval=None)
+    executions: list[str] = []
+
+    @engine.task
+    async def job(ctx: TaskContext) -> str:
+        executions.append(ctx.run_id)
+        return "ran"
+
+    async with engine:
+        other = sqlite3.connect(db, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(engine.submit("job"), 0.3)
+        finally:
+            other.rollback()
+            other.close()
+        # the store's writer takes operations in order: this one is written after the other's turn
+        after = await engine.submit("job")
+        assert (await after.wait(timeout=10)).status is RunStatus.SUCCEEDED
+        assert [run.id for run in engine.runs(limit=None)] == [after.id]
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT id FROM runs").fetchall() == [(after.id,)]
+    assert executions == [after.id]

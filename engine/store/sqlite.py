@@ -585,6 +585,12 @@ class SqliteStore(Store):
         self._locked_since = None
         insert = self._insert
         for fn, args, fut, _, single, advice in batch:
+            if fn == insert and fut.cancelled():
+                # its submitter stopped waiting before the write began (a wait_for that ran out
+                # while another process held the file): written now, the run would run although
+                # its caller was told nothing was submitted (a read of the state from this thread
+                # is safe; a cancel landing after it leaves the insert to be read back as before)
+                continue
             if fn != insert:
                 tx.pending = None
             # a failed operation leaves the batch as it found it: SQLite undoes a failed
