@@ -305,7 +305,13 @@ class Executor:
             done = self._flushing = asyncio.get_running_loop().create_future()
             self._writing = frozenset(r.id for r in batch)
             try:
-                inserted: list[Inserted] | BaseException = await self.store.insert(batch, max_pending=self.max_pending)
+                write = self.store.insert(batch, max_pending=self.max_pending)
+                # shielded: these runs were accepted already (each submit_nowait gave a handle),
+                # and a store skips an insert cancelled before it begins the write (a submit
+                # given up on), so a cancel of this loop (a teardown) must leave it to land
+                inserted: list[Inserted] | BaseException = await (
+                    asyncio.shield(write) if isinstance(write, asyncio.Future) else write
+                )
             except Exception as exc:  # noqa: BLE001 - the engine records each run's failure
                 inserted = exc
             finally:

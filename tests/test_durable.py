@@ -561,22 +561,29 @@ def emit(**fields):
 
 async def main(db, how):
     # busy_timeout: the writes wait for the test's lock however long a loaded machine takes
-    engine = Engine(store=f"sqlite:///{db}?busy_timeout=120000", node_id="n", poll_interval=0.05, health_interval=None)
+    engine = Engine(store=f"sqlite:///{db}?busy_timeout=120000", node_id="n", poll_interval=60, health_interval=None)
 
     @engine.task
     async def job(ctx: TaskContext) -> None:
         await asyncio.Event().wait()
 
     await engine.start()
+    # the store's writer takes operations in order: once a read queued after the claim loop's
+    # first claim is answered, that claim is over, and the loop idles (poll_interval is long);
+    # two reads, as the loop may not have queued its claim before the first
+    for _ in range(2):
+        await engine.query_runs(limit=1)
     # atexit runs the hook registered last first: this one, once the event loop is gone and
     # before the store's own, so the test frees the file while the process is exiting
     atexit.register(emit, ev="exiting")
     emit(ev="started")
     await asyncio.to_thread(sys.stdin.readline)
     first = engine.submit_nowait("job")
-    # one turn of the loop: the claim loop, woken by that submit, is now waiting on the store
-    # (writing it, or a claim it began before), so the runs below wait in the engine's own batch
-    await asyncio.sleep(0)
+    # a few turns of the loop: the claim loop, woken by that submit, is now waiting on the
+    # store writing it (no claim of its own is due, poll_interval is long), so the runs
+    # below wait in the engine's own batch; the teardown cancels the loop in that wait
+    for _ in range(20):
+        await asyncio.sleep(0)
     ids = [first.id] + [engine.submit_nowait("job").id for _ in range(5)]
     emit(ev="queued", ids=ids)
     if how == "raise":

@@ -355,7 +355,9 @@ class Store(ABC):
         ``max_pending``, raises :class:`QueueFull` (nothing inserted) when the
         new runs would take the pending count above it. Like :meth:`finish`,
         a store may hand back a future already on its way (every durable
-        submit awaits one insert).
+        submit awaits one insert). Cancelling what it hands back before the
+        store has begun the write inserts nothing (a submitter that gave up):
+        a caller whose runs were promised to someone already shields it.
         """
 
     @abstractmethod
