@@ -33,6 +33,7 @@ $(VENV)/.bench: $(STAMP)
 bench: $(VENV)/.bench
 	$(PY) bench/throughput.py
 	$(PY) bench/store.py
+	$(PY) bench/start.py
 
 screenshots: $(STAMP)
 	$(PY) -m taskwatch.tui.screenshots screenshots

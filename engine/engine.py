@@ -889,12 +889,17 @@ class Engine:
         # from them the newest `history` finished ones: one query across statuses would let
         # unfinished runs use up the history's quota. Pending before running: a run claimed
         # between the two reads shows in both (the later read wins), never in neither
-        unfinished: dict[str, StoredRun] = {}
+        # Each page becomes index entries at once (its rows, read for this alone, handed
+        # over as they are): only one page of rows is held at a time, not every row
+        # beside every entry made from it
+        tasks = self._tasks
+        unfinished: dict[str, Run] = {}
         for status in (RunStatus.PENDING, RunStatus.RUNNING):
             before: str | None = None
             while True:
                 page = await self._store.query(status=status.value, limit=10_000, before=before)
-                unfinished.update((r.id, r) for r in page.runs)
+                for stored in page.runs:
+                    unfinished[stored.id] = Run.from_record(stored, tasks.get(stored.task), own=True)
                 if page.next is None:
                     break
                 before = page.next
@@ -907,12 +912,13 @@ class Engine:
             del finished[self.history :]
             for stored in finished:
                 unfinished.pop(stored.id, None)  # it finished while the reads went on
-        records = sorted([*unfinished.values(), *finished], key=lambda r: r.created_at)
-        for stored in records:
-            self._index.add(Run.from_record(stored.to_record(), self._tasks.get(stored.task)))
-        await self._tell_of_runs_left_waiting(records)
+        runs = [*unfinished.values(), *(Run.from_record(r, tasks.get(r.task), own=True) for r in finished)]
+        runs.sort(key=lambda run: run.created_at)
+        for run in runs:
+            self._index.add(run)
+        await self._tell_of_runs_left_waiting(runs)
 
-    async def _tell_of_runs_left_waiting(self, records: list[StoredRun]) -> None:
+    async def _tell_of_runs_left_waiting(self, records: list[Run]) -> None:
         """Say so when pending runs in the store are of tasks this node does not run (a task
         removed from the code, or missing a resource): they wait until a node runs them."""
         waiting = Counter(r.task for r in records if r.status is RunStatus.PENDING and r.task not in self._limits)

@@ -1007,7 +1007,7 @@ class Execution:
                 if stored is None:
                     continue  # pruned meanwhile
                 # a previous incarnation's run, or another node's: the store's row says it all
-                untracked = Run.from_record(stored.to_record(), self.tasks.get(item.task))
+                untracked = Run.from_record(stored, self.tasks.get(item.task), own=True)
                 self.index.add(untracked)
             elif item.action == "requeued":
                 if run.token is not None and run.attempt >= item.attempt:

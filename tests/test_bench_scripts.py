@@ -43,3 +43,8 @@ def test_store_compares_sqlite_with_memory() -> None:
 def test_each_instructions_variant_runs(variant: str) -> None:
     # what callgrind counts, run without it (valgrind is not needed to see the variant works)
     run(str(BENCH / "instructions.py"), "--child", variant, "--runs", "200")
+
+
+def test_start_prints_what_a_start_with_many_pending_runs_costs() -> None:
+    out = run(str(BENCH / "start.py"), "--runs", "300", "--rounds", "1")
+    assert "engine.start()" in out and "memory held after it" in out
