@@ -93,3 +93,28 @@ async def test_runs_queued_before_the_snapshots_newest_are_listed_once_they_star
             # (and the two cancelled ones)
             assert cell_text(stats, "late_failure", "submitted") == str(QUEUED + 1)
             await app.action_quit()
+
+
+async def test_runs_that_finish_stay_listed_while_more_runs_wait_than_the_dashboard_keeps_finished() -> None:
+    # the model counted waiting runs against its limit of runs kept: with more than that
+    # waiting, every run was let go in the frame it finished, and the Runs tab showed none
+    from taskwatch.tui.state import DEFAULT_MAX_RUNS
+
+    engine = make_engine(max_concurrency=1, max_queue=DEFAULT_MAX_RUNS + 500)
+    async with engine:
+        app = TaskwatchApp(LocalClient(engine), refresh_hz=30.0, overview_interval=0.2, confirm=False)
+        async with app.run_test(size=LARGE):
+            await eventually(lambda: app.state.node_id == "dash-test")
+            waiting = await engine.submit_many([("hold", None)] * (DEFAULT_MAX_RUNS + 100))
+            # the newest waiting runs are cancelled: each ends, one after the other
+            ended = [h.id for h in waiting[-5:]]
+            for run_id in ended:
+                await engine.cancel(run_id)
+            await eventually(lambda: all(shown_status(app, run_id) == "cancelled" for run_id in ended), timeout=20)
+            assert all(app.state.runs[run_id].status is RunStatus.CANCELLED for run_id in ended)
+            # and they are still there a few frames on, while the queue still waits
+            frames = app.frames
+            await eventually(lambda: app.frames >= frames + 5)
+            assert [shown_status(app, run_id) for run_id in ended] == ["cancelled"] * 5
+            assert engine.stats().queue_depth >= DEFAULT_MAX_RUNS
+        engine.resources["release"].set()

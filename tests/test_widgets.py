@@ -1492,3 +1492,25 @@ async def test_event_log_refuses_an_event_without_a_kind_and_keeps_filtering() -
         log.set_filter("run.")  # redraws the history: nothing without a kind was kept in it
         await pilot.pause()
         assert log.total_events == 1 and len(log.lines) == 1
+
+
+async def test_runs_table_keeps_its_newest_finished_runs_however_many_newer_runs_wait() -> None:
+    # the trim counted waiting runs against max_rows: with more of them than that, every run
+    # older than the newest waiting ones was dropped the moment it finished
+    table = RunsTable(max_rows=20, trim_batch=5)
+    async with Host(table).run_test(size=SIZE) as pilot:
+        first = [run(f"0000000-fin{i:05d}", i, status=RunStatus.RUNNING, started=T0 + i) for i in range(40)]
+        waiting = [run(f"0000000-wait{i:04d}", 100 + i, status=RunStatus.PENDING) for i in range(100)]
+        table.update_runs(first + waiting, now=T0 + 200)
+        finished = [
+            r.model_copy(update={"status": RunStatus.SUCCEEDED, "finished_at": T0 + 150 + i}) for i, r in enumerate(first)
+        ]
+        table.update_runs(finished, now=T0 + 200)
+        await pilot.pause()
+        shown = table.shown_keys
+        kept = [r.id for r in finished if r.id in shown]
+        # the newest 20 finished runs, listed in order below every waiting run, which all stay
+        assert sorted(kept) == sorted(r.id for r in finished[20:])
+        assert all(r.id in shown for r in waiting)
+        assert shown == sorted(shown, key=lambda key: table.order_of(table.record(key)))  # type: ignore[arg-type]
+        assert table.row_count == 120

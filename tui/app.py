@@ -15,6 +15,7 @@ import difflib
 import functools
 import gc
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from itertools import islice
 from typing import Any, NamedTuple, TypeVar
@@ -477,6 +478,9 @@ class TaskwatchApp(PlainApp):
         self._dashboard_gone = False
         self._client_dropped = 0
         self._backfill = False
+        #: the runs still to be listed, newest first, while a backfill goes on: taken a frame's
+        #: room at a time (finding them again every frame walked every run the model holds)
+        self._backfill_queue: deque[str] | None = None
         self._table_stale = False
         #: after a reconnect, the run to select again once the refilled runs table shows it
         self._reselect: str | None = None
@@ -828,14 +832,28 @@ class TaskwatchApp(PlainApp):
             fresh.sort(key=lambda v: v.created_at, reverse=True)
             del fresh[budget:]
             self._backfill = True
+            self._backfill_queue = None  # the runs left out now are to be found again
         elif self._backfill:
             room = budget - len(fresh)
             shown = {v.id for v in fresh}
-            missing = [
-                v for v in state.views_to_show(self.max_rows, kept) if v.id not in shown and table.record(v.id) is None
-            ]
-            fresh += missing[:room]
-            self._backfill = len(missing) > room
+            queue = self._backfill_queue
+            found_now = queue is None
+            if queue is None:
+                queue = self._backfill_queue = deque(
+                    v.id for v in state.views_to_show(self.max_rows, kept) if v.id not in shown and table.record(v.id) is None
+                )
+            runs = state.runs
+            while queue and room > 0:
+                run_id = queue.popleft()
+                view = runs.get(run_id)
+                if view is not None and run_id not in shown and table.record(run_id) is None:
+                    fresh.append(view)
+                    room -= 1
+            if not queue:
+                # a queue found this frame and emptied: nothing is missing. One found before:
+                # the next frame looks once more for runs left out meanwhile
+                self._backfill_queue = None
+                self._backfill = not found_now
         candidates = [v.record() for v in known] + [v.record() for v in fresh]
         try:
             table.update_runs(candidates, now)

@@ -34,6 +34,10 @@ from .task_stats import TaskStatsBook
 
 _FINISHED = {RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED}
 
+
+def _finish_order(view: RunView) -> tuple[float, float]:
+    return (view.finished_at or view.created_at, view.created_at)
+
 #: the events of a run after its submission: each makes a run the model does not know yet
 #: known from then on (see :meth:`DashboardState._first_seen`)
 _LATER_RUN_EVENTS = frozenset(
@@ -82,6 +86,10 @@ class DashboardState:
         #: (our clock, runs finished in total) at each snapshot: the finish rate
         self._finished_samples: deque[tuple[float, int]] = deque(maxlen=11)
         self.runs: dict[str, RunView] = {}
+        #: finished runs, oldest finish first (an entry whose run is unfinished again, a retry,
+        #: stays until a trim finds it): only these are trimmed, so however many runs wait,
+        #: the newest ``max_runs`` finished ones stay to be seen
+        self._finished: dict[str, None] = {}
         self.tasks: list[TaskInfo] = []
         self.schedule: list[PeriodicInfo] = []
         self.queues: list[QueueInfo] = []
@@ -139,6 +147,9 @@ class DashboardState:
             listed = {view.id for view in views}
             views += [previous[run_id] for run_id in keep if run_id in previous and run_id not in listed]
         self.runs = {view.id: view for view in sorted(views, key=lambda v: v.created_at)}
+        self._finished = {
+            view.id: None for view in sorted(self.runs.values(), key=_finish_order) if view.status in _FINISHED
+        }
         for run_id, view in self.runs.items():
             # what we saw of a run's attempts outlives a reload (the snapshot has only the last)
             before = previous.get(run_id)
@@ -190,7 +201,7 @@ class DashboardState:
         """Absorb events; ``keep``: runs the trim must spare (the ones the user chose to act on)."""
         for event in events:
             self._apply_one(event)
-        if len(self.runs) > self.max_runs:
+        if len(self._finished) > self.max_runs:
             self._trim(keep)
 
     def _apply_one(self, event: BaseEvent) -> None:
@@ -233,6 +244,7 @@ class DashboardState:
                 run.finished_at = ts
                 run.cached = None
                 self.dirty.add(run.id)
+                self._finished[run.id] = None
         counts = self.by_status
         left = counts.get("pending", 0) + counts.get("running", 0)
         if left:
@@ -315,6 +327,10 @@ class DashboardState:
             return
         run.cached = None
         self.dirty.add(run_id)
+        if run.status in _FINISHED:
+            finished = self._finished
+            finished.pop(run_id, None)  # (a second finish, after a retry: newest again)
+            finished[run_id] = None
 
     def _first_seen(self, kind: str, e: Any) -> RunView:
         """A run heard of only after its submission: say one queued before the snapshot's
@@ -423,6 +439,8 @@ class DashboardState:
         if record.id not in self.runs:
             self.runs[record.id] = RunView.of(record)
             self.dirty.add(record.id)
+            if record.status in _FINISHED:
+                self._finished[record.id] = None
 
     def attempts(self, run_id: str | None) -> list[dict[str, Any]] | None:
         """What the dashboard saw of a run's attempts, oldest first, as the fields of
@@ -521,16 +539,30 @@ class DashboardState:
         return None
 
     def _trim(self, keep: Collection[str] = ()) -> None:
-        excess = len(self.runs) - self.max_runs
+        """Let the oldest finished runs go, down to the newest ``max_runs`` of them. Pending
+        and running runs stay (counted apart: a queue of thousands must not push every
+        finished run out the moment it finishes), and so do the ones kept (selected or
+        marked: an action on them must find them)."""
+        finished = self._finished
+        excess = len(finished) - self.max_runs
         if excess <= 0:
             return
-        # oldest finished runs leave first; pending and running runs stay, and so do the
-        # ones kept (selected or marked: an action on them must find them)
-        finished = (r.id for r in self.runs.values() if r.status in _FINISHED and r.id not in keep)
-        for run_id in list(islice(finished, excess)):
-            del self.runs[run_id]
+        runs = self.runs
+        for run_id in list(finished):
+            if excess <= 0:
+                break
+            view = runs.get(run_id)
+            if view is None or view.status not in _FINISHED:
+                del finished[run_id]  # gone with a reload, or retried since: not finished now
+                excess -= 1
+                continue
+            if run_id in keep:
+                continue
+            del finished[run_id]
+            del runs[run_id]
             self.dirty.discard(run_id)
             self.gone.add(run_id)
+            excess -= 1
 
     def uptime(self, now: float | None = None) -> float | None:
         if self.started_at is None:

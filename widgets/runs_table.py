@@ -347,16 +347,17 @@ class RunsTable(VirtualTable):
         return True
 
     def _trim(self) -> None:
-        """Drop the runs older than the newest max_rows (one batch, so one re-layout), but
-        never a pending or running one, the one under the cursor nor a marked one (the
-        user chose those to act on)."""
-        newest_first = sorted(self._records.values(), key=self.order_of)
-        keep = self._active_ids
+        """Drop the finished runs older than the newest max_rows finished ones (one batch, so
+        one re-layout). Pending and running runs are never dropped, nor counted: a queue of
+        thousands would otherwise push out every run the moment it finished. Nor is the one
+        under the cursor or a marked one (the user chose those to act on)."""
+        active = self._active_ids
+        newest_first = sorted((r for r in self._records.values() if r.id not in active), key=self.order_of)
         selected = self.selected_key
         marked = self._marked
         dropped = [
             record.id for record in newest_first[self.max_rows :]
-            if record.id not in keep and record.id != selected and record.id not in marked
+            if record.id != selected and record.id not in marked
         ]
         for run_id in dropped:
             del self._records[run_id]
