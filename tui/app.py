@@ -1101,13 +1101,18 @@ class TaskwatchApp(PlainApp):
         self._update_task_stats()
 
     def _update_task_stats(self) -> None:
+        if self.active_tab != "tasks":
+            # nothing on screen to keep up to date: the book keeps which tasks changed, and
+            # their rows are brought up to date when the tab is shown (see _tasks_shown)
+            return
         book = self.state.task_stats
         dropped = self.state.dropped + self.client.dropped
         if not book.changed and dropped == self._stats_dropped:
             return
-        book.changed = False
         self._stats_dropped = dropped
-        self.main.query_one(TaskStatsTable).update_stats([TaskStats(**row) for row in book.rows()])
+        # only the tasks whose figures moved: thousands of tasks are not all rebuilt each second
+        changed = book.take_changed()
+        self.main.query_one(TaskStatsTable).update_tasks([TaskStats(**book.row(task)) for task in changed])
         since = "" if book.since is None else time.strftime("%H:%M:%S", time.localtime(book.since))
         text = Text()
         if since:
@@ -1123,6 +1128,13 @@ class TaskwatchApp(PlainApp):
                 style="bold yellow",
             )
         self.main.query_one("#task-stats-since", Static).update(text)
+
+    @on(TabbedContent.TabActivated)
+    @while_dashboard_alive
+    def _tasks_shown(self, event: TabbedContent.TabActivated) -> None:
+        # hidden, the Tasks tab was left as it was: what changed since is shown now
+        if event.pane.id == "tasks":
+            self._update_task_stats()
 
     # ------------------------------------------------------------------ selection
 

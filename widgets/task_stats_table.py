@@ -112,6 +112,15 @@ class TaskStatsTable(KeyedTable):
         """Show exactly these tasks."""
         self.set_rows((row.task, row.task, stats_cells(row)) for row in rows)
 
+    def update_tasks(self, rows: Iterable[TaskStats]) -> None:
+        """Show these tasks' figures, as new rows or in place of their old ones; the other
+        rows stay as they are (with thousands of tasks, only the few whose figures moved
+        are given, and only their cells that changed are touched)."""
+        self._begin()
+        for row in rows:
+            self._upsert(row.task, row.task, stats_cells(row))
+        self._finish()
+
     def _highlight_message(self, key: str | None) -> Message:
         return self.TaskHighlighted(self, key)
 
