@@ -29,33 +29,55 @@ def figures(book: TaskStatsBook, task: str = "t") -> tuple[int, int, int, int]:
     return t.submitted, t.succeeded, t.failed, t.cancelled
 
 
-def test_runs_older_than_the_open_runs_kept_whole_are_counted_once_when_they_end() -> None:
-    # 50 runs queued with room for 10 open runs: the oldest 40 are let go of as more come
-    book = TaskStatsBook(remember_open=10)
-    for i in range(50):
+def test_runs_of_a_queue_deeper_than_a_hundred_thousand_are_each_counted_once() -> None:
+    # the book let go of open runs past 100,000: each was counted as submitted again when it
+    # was next heard of (110,000 submitted read 115,000 once the oldest 5,000 were cancelled)
+    book = TaskStatsBook()
+    deep = 110_000
+    for i in range(deep):
         book.on_event("run.submitted", ev.RunSubmitted(run_id=f"r{i}", task="t", ts=float(i)))
-    assert figures(book) == (50, 0, 0, 0)
+    assert figures(book) == (deep, 0, 0, 0)
 
     # the oldest are cancelled, started and finished, retried: none is counted as submitted again
-    for i in range(20):
-        book.on_event("run.cancelled", ev.RunCancelled(run_id=f"r{i}", task="t", ts=100.0 + i))
-    for i in range(20, 30):
-        book.on_event("run.started", ev.RunStarted(run_id=f"r{i}", task="t", ts=200.0 + i))
-        book.on_event("run.succeeded", ev.RunSucceeded(run_id=f"r{i}", task="t", ts=201.0 + i, duration=1.0))
+    for i in range(5_000):
+        book.on_event("run.cancelled", ev.RunCancelled(run_id=f"r{i}", task="t", ts=200_000.0 + i))
+    for i in range(5_000, 5_010):
+        book.on_event("run.started", ev.RunStarted(run_id=f"r{i}", task="t", ts=300_000.0 + i))
+        book.on_event("run.succeeded", ev.RunSucceeded(run_id=f"r{i}", task="t", ts=300_001.0 + i, duration=1.0))
     error = RunError(type="E", message="m")
-    book.on_event("run.retrying", ev.RunRetrying(run_id="r30", task="t", ts=300.0, attempt=2, delay=0.0, error=error))
-    book.on_event("run.failed", ev.RunFailed(run_id="r30", task="t", ts=301.0, attempt=2, error=error))
-    assert figures(book) == (50, 10, 1, 20)
+    book.on_event("run.retrying", ev.RunRetrying(run_id="r5010", task="t", ts=400_000.0, attempt=2, delay=0.0, error=error))
+    book.on_event("run.failed", ev.RunFailed(run_id="r5010", task="t", ts=400_001.0, attempt=2, error=error))
+    assert figures(book) == (deep, 10, 1, 5_000)
     assert book.tallies["t"].retried == 1
 
     # a reload's snapshot listing one of them as ended counts its end, not a second submission
-    record = RunRecord(id="r32", task="t", status=RunStatus.SUCCEEDED, created_at=32.0, started_at=400.0, finished_at=401.0)
-    book.seed([record], now=402.0)
-    assert figures(book) == (50, 11, 1, 20)
+    record = RunRecord(id="r5012", task="t", status=RunStatus.SUCCEEDED, created_at=5012.0, started_at=5e5, finished_at=5e5 + 1)
+    book.seed([record], now=5e5 + 2)
+    assert figures(book) == (deep, 11, 1, 5_000)
 
     # a run never heard of before is still counted when first heard of
-    book.on_event("run.started", ev.RunStarted(run_id="late", task="t", ts=500.0))
-    assert figures(book) == (51, 11, 1, 20)
+    book.on_event("run.started", ev.RunStarted(run_id="late", task="t", ts=6e5))
+    assert figures(book) == (deep + 1, 11, 1, 5_000)
+
+
+def test_a_failure_from_a_deep_queue_is_counted_once_however_many_reloads_list_it() -> None:
+    # snapshots list the newest failures however old: a failed run the book had forgotten
+    # among its ended runs must be taken as counted at each reload, not failed again
+    book = TaskStatsBook()
+    error = RunError(type="ValueError", message="m")
+    for i in range(100_050):
+        book.on_event("run.submitted", ev.RunSubmitted(run_id=f"r{i}", task="import", ts=float(i)))
+    failed = "r5"  # among the oldest: 100,000 runs queued behind it
+    book.on_event("run.failed", ev.RunFailed(run_id=failed, task="import", ts=2e5, error=error))
+    for i in range(100, 100 + book.remember + 10):  # enough runs end after it that it is let go
+        book.on_event("run.cancelled", ev.RunCancelled(run_id=f"r{i}", task="import", ts=3e5 + i))
+    record = RunRecord(
+        id=failed, task="import", status=RunStatus.FAILED, created_at=5.0, started_at=2e5 - 1, finished_at=2e5, error=error
+    )
+    for _ in range(3):
+        book.seed([record], now=4e5)
+    tally = book.tallies["import"]
+    assert (tally.submitted, tally.failed, tally.cancelled) == (100_050, 1, book.remember + 10)
 
 
 # ---------------------------------------------------------------- many tasks on the real app

@@ -10,10 +10,7 @@ snapshot corrects them for the runs it lists (see :class:`TaskStatsBook`).
 
 from __future__ import annotations
 
-from array import array
-from bisect import bisect_left
 from collections import Counter, deque
-from collections.abc import Iterable
 from typing import Any
 
 from taskwatch.engine import RunRecord, RunStatus
@@ -66,39 +63,6 @@ class TaskTally:
         }
 
 
-class _RunIdDigests:
-    """A set of run ids kept as their 64-bit hashes, 8 bytes each: sorted arrays that merge
-    as they grow (each about half the size of the one before), so adding a batch costs about
-    its own size and a lookup a binary search per array (a few). Two ids share a hash with
-    odds of about one in 2**64: the one this set does not hold would be taken as held."""
-
-    __slots__ = ("_levels", "_count")
-
-    def __init__(self) -> None:
-        self._levels: list[array[int]] = []
-        self._count = 0
-
-    def __len__(self) -> int:
-        return self._count
-
-    def add_many(self, run_ids: Iterable[str]) -> None:
-        level = array("q", sorted(hash(run_id) for run_id in run_ids))
-        self._count += len(level)
-        levels = self._levels
-        while levels and len(levels[-1]) <= 2 * len(level):
-            # two sorted runs: the sort merges them in one pass
-            level = array("q", sorted(levels.pop() + level))
-        levels.append(level)
-
-    def __contains__(self, run_id: object) -> bool:
-        digest = hash(run_id)
-        for level in self._levels:
-            at = bisect_left(level, digest)
-            if at < len(level) and level[at] == digest:
-                return True
-        return False
-
-
 class TaskStatsBook:
     """Every task's tally, fed one run event at a time, and corrected from each snapshot the
     dashboard reloads (after dropped events, or a reconnect).
@@ -107,19 +71,19 @@ class TaskStatsBook:
     that it never heard of are counted then, and the ends it missed of the runs it did. Runs
     whose events were dropped and that no snapshot lists stay missing (or unfinished): the
     app says so beside the figures. Of the runs that ended, the last ``remember`` are
-    remembered; a snapshot's run submitted before those let go is taken as counted. Of the
-    runs not ended, the newest ``remember_open`` are kept whole; the older ones (a queue
-    deeper than that, or runs whose end was dropped and that no snapshot listed) are kept as
-    8-byte digests of their ids, so each is still counted once however long it waits.
+    remembered; a snapshot's run submitted before those let go is taken as counted. Every
+    run not ended is remembered (about 100 bytes each, beside the few KB the dashboard's
+    model keeps of a waiting run): one let go would be counted as submitted again when
+    heard of again, however deep the queue. A run whose end was dropped stays so until a
+    snapshot lists it ended.
 
     Which tasks' figures changed is kept too (:meth:`take_changed`): a dashboard with
     thousands of tasks redraws the few that moved, not every one.
     """
 
-    def __init__(self, keep_durations: int = 1_000, remember: int = 20_000, remember_open: int = 100_000) -> None:
+    def __init__(self, keep_durations: int = 1_000, remember: int = 20_000) -> None:
         self.keep_durations = keep_durations
         self.remember = remember
-        self.remember_open = remember_open
         self.tallies: dict[str, TaskTally] = {}
         #: when the figures start (the first snapshot's time, or the first event's)
         self.since: float | None = None
@@ -130,10 +94,6 @@ class TaskStatsBook:
         #: runs counted as submitted that have not ended, oldest first: id -> (the attempt last
         #: known, when it was submitted or first heard of)
         self._open: dict[str, tuple[int, float]] = {}
-        #: the older open runs let go of ``_open``: counted already when heard of again
-        self._open_let_go = _RunIdDigests()
-        #: the latest submit time among them (their own went with them)
-        self._open_let_go_upto = 0.0
         #: runs whose end is counted, oldest first: id -> when it was submitted (or first heard of)
         self._ended: dict[str, float] = {}
         #: the latest submit time among the ended runs let go (None: none was)
@@ -162,16 +122,6 @@ class TaskStatsBook:
         """One task's figures (see :meth:`TaskTally.fields`)."""
         return self.tallies[task].fields()
 
-    def _let_go_open(self, run_id: str, attempt: int) -> tuple[int, float] | None:
-        """A run not in ``_open`` that was let go of it while open: open again (counted as
-        submitted already), or None when it is none of those."""
-        if not self._open_let_go or run_id not in self._open_let_go:
-            return None
-        # when it was submitted went with it: the latest of those let go is no earlier, and a
-        # later time only makes a reload take an older run as counted (see _reconcile), never
-        # count one twice
-        return self._opened(run_id, attempt, self._open_let_go_upto)
-
     def seed(self, runs: list[RunRecord], now: float) -> None:
         """Count a snapshot's runs: all of them the first time; later, those not counted yet
         and the ends not counted yet (their events were dropped, or came while disconnected)."""
@@ -186,9 +136,6 @@ class TaskStatsBook:
         if run_id in self._ended:
             return
         known = self._open.get(run_id)
-        if known is None:
-            # taken at the attempt listed: the retries before it were counted as their events came
-            known = self._let_go_open(run_id, record.attempt)
         if known is None:
             forgotten = self._forgotten_upto
             if forgotten is not None and record.created_at <= forgotten:
@@ -218,24 +165,7 @@ class TaskStatsBook:
 
     def _opened(self, run_id: str, attempt: int, submitted_at: float) -> tuple[int, float]:
         known = self._open[run_id] = (attempt, submitted_at)
-        if len(self._open) > self.remember_open:
-            self._let_go_oldest_open()
         return known
-
-    def _let_go_oldest_open(self) -> None:
-        # a tenth at a time: each batch is sorted once into the digests
-        count = max(1, self.remember_open // 10)
-        oldest = []
-        latest = self._open_let_go_upto
-        for run_id, (_, submitted_at) in self._open.items():
-            oldest.append(run_id)
-            latest = max(latest, submitted_at)
-            if len(oldest) == count:
-                break
-        for run_id in oldest:
-            del self._open[run_id]
-        self._open_let_go.add_many(oldest)
-        self._open_let_go_upto = latest
 
     def _end(self, run_id: str) -> None:
         known = self._open.pop(run_id, None)
@@ -268,8 +198,6 @@ class TaskStatsBook:
         if kind == "run.submitted":
             if self.since is None:
                 self.since = event.ts
-            # (not looked for among the open runs let go: a submission told twice comes soon
-            # after the first, and the look would cost every submission a search)
             if run_id in self._open:
                 return
             self._tally(event.task).submitted += 1
@@ -278,8 +206,6 @@ class TaskStatsBook:
             return
         tally = self._tally(event.task)
         known = self._open.get(run_id)
-        if known is None:
-            known = self._let_go_open(run_id, getattr(event, "attempt", 1))
         if known is None:
             tally.submitted += 1
             known = self._opened(run_id, getattr(event, "attempt", 1), event.ts)
