@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from taskwatch.engine import Engine, RunStatus, Snapshot, TaskContext
 from taskwatch.tui.app import TaskwatchApp
 from taskwatch.tui.client import LocalClient
@@ -107,7 +108,10 @@ async def test_an_in_process_engine_that_stopped_shows_its_queues_and_schedule_a
             bg.stop(timeout=5)
 
 
-async def test_an_in_process_engine_started_again_is_shown_with_its_new_incarnation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("refresh_hz", [30.0, 1.0], ids=["frames-often", "overview-before-the-frame"])
+async def test_an_in_process_engine_started_again_is_shown_with_its_new_incarnation(tmp_path: Path, refresh_hz: float) -> None:
+    # at one frame a second, an overview of the new start comes before the frame that applies
+    # its events: it says "running" first, and the start was not noticed by the events alone
     engine = Engine(node_id="again", store=f"sqlite:///{tmp_path / 'runs.db'}", health_interval=None)
 
     @engine.task
@@ -116,7 +120,7 @@ async def test_an_in_process_engine_started_again_is_shown_with_its_new_incarnat
 
     bg = engine.start_background()
     try:
-        app = TaskwatchApp(LocalClient(engine), refresh_hz=30.0, overview_interval=0.2, cursor_blink=False)
+        app = TaskwatchApp(LocalClient(engine), refresh_hz=refresh_hz, overview_interval=0.05, cursor_blink=False)
         async with app.run_test(size=(160, 40)):
             await eventually(lambda: app.state.node_id == "again")
             first = engine.incarnation

@@ -714,7 +714,13 @@ class TaskwatchApp(PlainApp):
             if self._overview_sent == sent:
                 self._overview_sent = None
         self._unanswered_since = None
+        known = self.state.incarnation
         self.state.apply_overview(snap)
+        if known and snap.incarnation != known and not self._resyncing:
+            # the in-process engine started again, and this overview came before the events of
+            # its start: the state moved from stopped to running here, so those events, when
+            # they come, move nothing, and the new start would never be reloaded
+            self.resync()
         if not self.view_paused:
             self.refresh_tables()
 
