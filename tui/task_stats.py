@@ -230,5 +230,3 @@ class TaskStatsBook:
             self._end(run_id)
         self._touch(event.task)
 
-    def rows(self) -> list[dict[str, Any]]:
-        return [self.tallies[task].fields() for task in sorted(self.tallies)]
