@@ -9,7 +9,7 @@
     bg.stop()                               # also runs at interpreter exit
 
 The engine is not thread-safe, so every call -- queries included -- is
-shipped to the engine's loop with :func:`~taskwatch.engine.hop.ship` and its
+shipped to the engine's loop with :meth:`~taskwatch.engine.hop.LoopCall.ship` and its
 outcome (value or exception) shipped back. Blocking methods wait on that
 future; ``a``-prefixed methods (``await bg.asubmit(...)``) await it via
 :func:`asyncio.wrap_future` for code already inside an event loop (a notebook
@@ -65,7 +65,7 @@ from .errors import (
 )
 from .execution import checked_grace, checked_timeout
 from .handle import caller_bound, no_answer_in_time
-from .hop import Escaped, LoopCall, call_apart, fail_waiting, ship, unheard
+from .hop import Escaped, LoopCall, call_apart, fail_waiting, unheard
 from .options import BackgroundOptions, WaitOptions, check_option_names, check_options
 from .runs import RunRecord, RunStatus
 
@@ -630,22 +630,25 @@ class BackgroundEngine:
         stayed there, and a call shipped to the loop object copied here would wait forever."""
         return self._pid != os.getpid()
 
-    def _schedule(self, fn: Callable[..., Any], *args: Any, read_: bool = False, **kwargs: Any) -> LoopCall:
+    def _schedule(self, call: LoopCall, *, read_: bool = False) -> None:
+        """Ship ``call`` to the engine's loop. Its caller made it first and calls this inside
+        the ``try`` that gives it up, so that an interrupt landing anywhere in here leaves
+        nothing on the loop that nobody waits for."""
         if self._forked():
             raise EngineInAnotherProcess(self._pid)
+        # before the lock: on a future already given up it runs at once, and takes the lock
+        call.future.add_done_callback(self._untrack)
         with self._lock:
             loop = self._loop
             # a stop under way takes no more work, but its engine still answers reads (as an
             # Engine does while it stops) until its loop ends
             if self._finished or (self._stopping and not read_) or loop is None:
                 raise self._not_running()
+            self._outstanding.add(call.future)
             try:
-                call = ship(loop, fn, *args, **kwargs)
+                call.ship(loop)
             except RuntimeError:
                 raise self._not_running() from None
-            self._outstanding.add(call.future)
-        call.future.add_done_callback(self._untrack)
-        return call
 
     def _call(
         self,
@@ -658,10 +661,11 @@ class BackgroundEngine:
     ) -> Any:
         if self._on_loop_thread():
             raise LoopThreadError(method)
-        call = self._schedule(fn, *args, read_=not changes_, **kwargs)
+        call = LoopCall(fn, args, kwargs)
         fut = call.future
         timeout = _thread_timeout(self.call_timeout if timeout_ is _UNSET else timeout_)
         try:
+            self._schedule(call, read_=not changes_)
             concurrent.futures.wait((fut,), timeout)
         except BaseException as exc:
             # interrupted (Ctrl-C, a notebook's interrupt): the call is given up, so is its
@@ -805,10 +809,11 @@ class BackgroundEngine:
         self, fn: Callable[..., Any], *args: Any, read_: bool = False, timeout_: Any = _UNSET, **kwargs: Any
     ) -> Any:
         """:meth:`_call` for a caller on another event loop, bounded alike (``call_timeout``, or ``timeout_``)."""
-        call = self._schedule(fn, *args, read_=read_, **kwargs)
+        call = LoopCall(fn, args, kwargs)
         timeout = self.call_timeout if timeout_ is _UNSET else timeout_
         answer = asyncio.wrap_future(call.future)
         try:
+            self._schedule(call, read_=read_)
             if timeout is not None and not (await asyncio.wait([answer], timeout=timeout))[0]:
                 # kept on this loop: the engine's, blocked by a task, would not end the call
                 method = getattr(fn, "__name__", "call")
@@ -830,6 +835,10 @@ class BackgroundEngine:
             raise
         except Escaped as escaped:
             raise escaped.exc from None
+        except BaseException:
+            if not call.future.done():
+                call.give_up()  # never shipped (the engine takes no more work), or interrupted
+            raise
 
     # the awaitable form first: a coroutine function's result is what it returns once awaited
     @overload

@@ -3,7 +3,7 @@
 The engine is not thread-safe: everything it does happens on its loop. The
 background thread's facade, the dashboard's local client and the notebook
 displays all need the same step, so it lives here once: ship a call to the
-loop, run it there (awaiting its result there if it is awaitable), and hand
+loop (:meth:`LoopCall.ship`), run it there (awaiting its result there if it is awaitable), and hand
 the result or the exception back to the caller's thread or loop. On the
 engine's own loop (or before it has one) the call runs directly.
 
@@ -171,23 +171,50 @@ class LoopCall:
     coroutine started once the loop got to it.)
     """
 
-    __slots__ = ("future", "cut", "_loop", "_task", "_given_up")
+    __slots__ = ("future", "cut", "_fn", "_args", "_kwargs", "_loop", "_task", "_given_up")
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         #: the loop cancelled the call (it was closing) without its caller giving it up
         self.cut = False
-        self._loop = loop
+        self._fn = fn
+        self._args = args
+        self._kwargs = kwargs
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[Any] | None = None
         self._given_up = False
-        loop.call_soon_threadsafe(self._create, fn, args, kwargs)
 
-    def _create(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def ship(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Schedule the call on ``loop`` from any thread; its result arrives in :attr:`future`.
+
+        Made apart from the call so that its caller holds the call before anything is on the
+        loop: shipped inside the ``try`` that gives it up, an interrupt (Ctrl-C) landing anywhere
+        between the two can no longer leave a call on the loop that nobody waits for.
+
+        Raises ``RuntimeError`` when ``loop`` is closed, :class:`EngineInAnotherProcess` (one too)
+        in a fork of the process it runs in. A SystemExit or KeyboardInterrupt from the call
+        arrives as :class:`Escaped`.
+        """
+        refuse_in_fork(loop)
+        future = self.future
+        with _unanswered_lock:
+            waiting = _unanswered.get(loop)
+            if waiting is None:
+                waiting = _unanswered[loop] = set()
+            waiting.add(future)
+        future.add_done_callback(functools.partial(_answered, waiting))
+        self._loop = loop
+        try:
+            loop.call_soon_threadsafe(self._create)
+        except RuntimeError:
+            future.cancel()  # never on the loop: answered, so nothing counts it as waiting
+            raise
+
+    def _create(self) -> None:
         if self.future.cancelled():
             return  # given up while it waited for the loop: not even a task
-        self._task = spawn(self._run(fn, args, kwargs), loop=self._loop)
+        assert self._loop is not None
+        self._task = spawn(self._run(self._fn, self._args, self._kwargs), loop=self._loop)
         self._task.add_done_callback(self._settle)
 
     async def _run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -234,7 +261,7 @@ class LoopCall:
         if self.future.cancel():
             return True
         self._given_up = True
-        if not self.future.done():
+        if not self.future.done() and self._loop is not None:
             try:
                 self._loop.call_soon_threadsafe(self._cancel_task)
             except RuntimeError:
@@ -262,25 +289,6 @@ _unanswered: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[concurrent
     weakref.WeakKeyDictionary()
 )
 _unanswered_lock = threading.Lock()
-
-
-def ship(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> LoopCall:
-    """Schedule ``fn(*args, **kwargs)`` on ``loop`` from any thread; its result arrives in the call's future.
-
-    Raises ``RuntimeError`` when ``loop`` is closed, :class:`EngineInAnotherProcess` (one too)
-    in a fork of the process it runs in. A SystemExit or KeyboardInterrupt from ``fn`` arrives
-    as :class:`Escaped`.
-    """
-    refuse_in_fork(loop)
-    call = LoopCall(loop, fn, args, kwargs)
-    future = call.future
-    with _unanswered_lock:
-        waiting = _unanswered.get(loop)
-        if waiting is None:
-            waiting = _unanswered[loop] = set()
-        waiting.add(future)
-    future.add_done_callback(functools.partial(_answered, waiting))
-    return call
 
 
 def _answered(waiting: set[concurrent.futures.Future[Any]], future: concurrent.futures.Future[Any]) -> None:
@@ -354,8 +362,9 @@ async def call_on(loop: asyncio.AbstractEventLoop | None, fn: Callable[..., Any]
         return await result if inspect.isawaitable(result) else result
     # before the ship below, whose RuntimeError (which this one is too) means a closed loop
     refuse_in_fork(loop)
+    call = LoopCall(fn, args, kwargs)
     try:
-        call = ship(loop, fn, *args, **kwargs)
+        call.ship(loop)
     except RuntimeError:
         raise EngineNotRunning("stopped") from None
     answer = asyncio.wrap_future(call.future)
@@ -417,9 +426,10 @@ def call_blocking(
 
     if loop is None or loop is current_loop() or no_more():
         return fn(*args, **kwargs)
-    call = ship(loop, fn, *args, **kwargs)
+    call = LoopCall(fn, args, kwargs)
     ends = None if timeout is None else time.monotonic() + timeout
     try:
+        call.ship(loop)
         while True:
             left = _LOOK_EVERY if ends is None else min(_LOOK_EVERY, max(0.0, ends - time.monotonic()))
             if call.cut:

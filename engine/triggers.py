@@ -90,7 +90,7 @@ from .errors import (
     StoppedBeforeDone,
     TaskDefinitionError,
 )
-from .hop import Escaped, call_on, cancel_and_wait, current_loop, refuse_in_fork, ship, spawn, working_for
+from .hop import Escaped, LoopCall, call_on, cancel_and_wait, current_loop, refuse_in_fork, spawn, working_for
 from .events import BaseEvent, TriggerFired
 from .execution import checked_timeout
 from .index import check_query, limit_problem
@@ -1181,9 +1181,10 @@ class Trigger:
         (:meth:`_rows_stepwise`). Waited for as long as the loop takes its steps: a million keys
         are no reason to give up, a loop that takes no step for ``_LIST_PATIENCE`` seconds is."""
         progress = [0]
-        call = ship(loop, self._rows_stepwise, keys_limit, progress)
+        call = LoopCall(self._rows_stepwise, (keys_limit, progress), {})
         seen = 0
         try:
+            call.ship(loop)
             while True:
                 try:
                     result: tuple[dict[str, Any], list[_Row]] = call.future.result(_LIST_PATIENCE)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import dis
 import errno
+import functools
 import html
 import math
 import re
@@ -14,12 +17,14 @@ import subprocess
 import sys
 import textwrap
 import threading
+import types
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import taskwatch.engine
 from pydantic import BaseModel
 from rich.console import Console
 from taskwatch.engine import (
@@ -442,6 +447,73 @@ def test_an_interrupted_blocking_call_leaves_nothing_going_on_the_engines_loop(b
     assert handle.status is RunStatus.RUNNING
     assert bg.cancel(handle.id).status is RunStatus.CANCELLED
 
+
+def test_an_interrupt_landing_anywhere_in_a_blocking_call_leaves_nothing_on_the_engines_loop(
+    bg: BackgroundEngine,
+) -> None:
+    # a real Ctrl-C lands wherever the caller's thread happens to be, and the signal above
+    # mostly finds it in the wait. Here the interrupt is raised at each place in the engine's
+    # code before the wait where Python checks for a signal, in turn: on entering a function
+    # and after a call returns. One that landed after the call was shipped, but before the code
+    # that gives it up, left its coroutine on the loop for as long as the run
+    handle = bg.submit("forever")
+    wait_until(lambda: handle.status is RunStatus.RUNNING)
+
+    def tasks() -> int:
+        return int(bg.call(lambda engine: len(asyncio.all_tasks())))
+
+    before = tasks()
+    engine_dir = str(Path(taskwatch.engine.__file__).parent)
+    waits = concurrent.futures.wait.__code__
+
+    @functools.cache
+    def after_calls(code: types.CodeType) -> frozenset[int]:
+        steps = list(dis.get_instructions(code))
+        return frozenset(step.offset for last, step in zip(steps, steps[1:]) if last.opname == "CALL")
+
+    landed: list[str] = []
+    point = 0
+    while not landed or landed[-1] != "the wait":
+        point += 1
+        seen = [0]
+
+        def interrupt_at(frame: types.FrameType) -> None:
+            seen[0] += 1
+            if seen[0] == point:
+                sys.settrace(None)
+                landed.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}")
+                raise KeyboardInterrupt
+
+        def in_engine(frame: types.FrameType, event: str, arg: Any) -> Any:
+            if event == "opcode" and frame.f_lasti in after_calls(frame.f_code):
+                interrupt_at(frame)
+            return in_engine
+
+        def on_call(frame: types.FrameType, event: str, arg: Any) -> Any:
+            if frame.f_code is waits:
+                sys.settrace(None)
+                landed.append("the wait")
+                raise KeyboardInterrupt
+            if not frame.f_code.co_filename.startswith(engine_dir):
+                return None
+            interrupt_at(frame)
+            frame.f_trace_lines = False
+            frame.f_trace_opcodes = True
+            return in_engine
+
+        sys.settrace(on_call)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                handle.wait()
+        finally:
+            sys.settrace(None)
+        try:
+            wait_until(lambda: tasks() == before, timeout=5)
+        except AssertionError:
+            pytest.fail(f"an interrupt at {landed[-1]} left the call's coroutine on the engine's loop")
+    assert len(landed) > 10, landed  # all the way, not only in the wait
+    assert handle.status is RunStatus.RUNNING
+    assert bg.cancel(handle.id).status is RunStatus.CANCELLED
 
 
 def hold_loop(bg: BackgroundEngine) -> threading.Event:
