@@ -560,8 +560,12 @@ class BackgroundEngine:
             self._finished = True
             pending, self._outstanding = self._outstanding, set()
         for fut in pending:
-            if not fut.done():
+            try:
                 fut.set_exception(error or self._not_running())
+            except concurrent.futures.InvalidStateError:
+                # answered meanwhile: at an exit the loop may still be alive, blocked, and answer
+                # a call between a look and the set; the rest must still be failed
+                pass
 
     def _not_running(self) -> EngineNotRunning:
         if self._crash is not None:
