@@ -57,6 +57,7 @@ from pydantic import BaseModel
 
 from .errors import (
     EngineAlreadyRunning,
+    EngineLoopClosed,
     EngineCrashed,
     EngineInAnotherProcess,
     EngineNotRunning,
@@ -324,6 +325,8 @@ class BackgroundEngine:
                     if current._forked():
                         raise EngineInAnotherProcess(current._pid)
                     raise EngineAlreadyRunning(current._phase(), repr(current))
+                if engine.loop_lost:
+                    raise EngineLoopClosed()
                 if engine.state not in ("new", "stopped"):
                     raise EngineAlreadyRunning(engine.state)
                 _facades[id(engine)] = bg

@@ -36,6 +36,7 @@ from .errors import (
     DuplicateRunId,
     DuplicateTask,
     EngineAlreadyRunning,
+    EngineLoopClosed,
     EngineNotRunning,
     InvalidConfiguration,
     InvalidKey,
@@ -476,6 +477,8 @@ class Engine:
         #: resolved once the start under way has ended (a second start() waits for it)
         self._starting: asyncio.Future[None] | None = None
         self._loop_thread: int | None = None
+        #: the loop closed under the engine and stop() tidied up what was left (see loop_lost)
+        self._loop_lost = False
         #: starts of queues and triggers made while the engine runs (a durable store's take
         #: reads and writes the store); the stop waits for them before stopping those
         self._late_starts: set[asyncio.Task[None]] = set()
@@ -797,6 +800,8 @@ class Engine:
         engine runs or starts on (a notebook's, beside ``start_background()``), it raises
         :class:`EngineAlreadyRunning` and starts nothing.
         """
+        if self.loop_lost:
+            raise EngineLoopClosed()
         starting = self._starting
         if starting is not None and starting.get_loop() is not asyncio.get_running_loop():
             raise EngineAlreadyRunning("starting")
@@ -976,6 +981,10 @@ class Engine:
         stopping) on, it raises :class:`LoopThreadError` and stops nothing.
         """
         timeout = check_options(StopOptions, "Engine.stop()", timeout=timeout).timeout
+        if self.loop_lost:
+            if not self._loop_lost:
+                await self._tidy_after_loop_lost()
+            return
         self._require_own_loop_to_stop()
         starting = self._starting
         if starting is not None:
@@ -1006,6 +1015,41 @@ class Engine:
                 self._stop(timeout), name="taskwatch-shutdown"
             )
         await asyncio.shield(self._shutdown)
+
+    @property
+    def loop_lost(self) -> bool:
+        """True once the event loop the engine was started on has closed under it, without
+        :meth:`stop` (an ``asyncio.run()`` that returned): its loops and runs ended with that
+        loop. Work is then refused with :class:`EngineLoopClosed`, :meth:`stop` tidies up what is
+        left, and the engine cannot start again."""
+        if self._loop_lost:
+            return True
+        loop = self._loop
+        return self._state in ("running", "stopping") and loop is not None and loop.is_closed()
+
+    async def _tidy_after_loop_lost(self) -> None:
+        """The part of a stop that needs no loop of the engine's: its store closed (its thread
+        joined), its subscribers told the bus has ended. What the store holds stays there: a
+        durable store's next start (another Engine's, or another process's) takes back the runs
+        this one had, as after a crash."""
+        self._loop_lost = True
+        log.warning(
+            "engine %s: the event loop it was started on closed without engine.stop(), and its runs and "
+            "loops ended with it; its store is closed now. Keep an engine on one loop for its life "
+            "(`async with engine:` inside the one asyncio.run()); build a new Engine to go on",
+            self.node_id,
+        )
+        try:
+            await self._store.close()
+        except Exception:  # noqa: BLE001 - a store tied to the closed loop may not close from another
+            log.warning("engine %s: its store could not be closed from this loop", self.node_id, exc_info=True)
+        finally:
+            self._state = "stopped"
+            self._draining = False
+            try:
+                self.bus.close()
+            except RuntimeError:
+                pass  # a subscriber's waiter belonged to the closed loop: it ended with that loop
 
     @_on_loop
     def hurry_stop(self, timeout: float, *, drain_advice: str | None = None) -> None:
@@ -1328,7 +1372,9 @@ class Engine:
         is left undone as the stop's cut leaves it, kept for the next start (see
         ``WorkQueue`` and ``Execution``)."""
         if self._state != "running" and not (self._draining and not self._durable and works_for(self)):
-            raise EngineNotRunning(self._state)
+            raise EngineLoopClosed() if self._loop_lost else EngineNotRunning(self._state)
+        if self._loop.is_closed():  # type: ignore[union-attr]  # (running: it has one)
+            raise EngineLoopClosed()
 
     def _refuse_in_fork(self) -> None:
         """Raise if the engine runs in the process this one was forked from: its loop looks

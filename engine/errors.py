@@ -238,6 +238,27 @@ class EngineNotRunning(TaskwatchError, RuntimeError):
         super().__init__(message)
 
 
+class EngineLoopClosed(EngineNotRunning):
+    """The event loop the engine was started on closed under it, without ``engine.stop()``.
+
+    An ``asyncio.run()`` that returned, say: ``asyncio.run(engine.start())`` and then
+    ``asyncio.run(main())``. The engine's loops and runs ended with that loop, so nothing
+    would ever take up new work; it is refused at once instead of waiting for good.
+    Nothing was done.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            "loop closed",
+            "the event loop this engine was started on has closed without engine.stop() (did an "
+            "asyncio.run() return?): its loops and runs ended with that loop, and nothing would take up "
+            "new work; nothing was done. Keep an engine on one loop for its life: start and stop it in "
+            "the coroutine that uses it (`async with engine:` inside the one asyncio.run()), or use "
+            "engine.start_background() to call it from plain code. `await engine.stop()` tidies this "
+            "one up (its store is closed); it cannot start again: build a new Engine",
+        )
+
+
 class EngineInAnotherProcess(EngineNotRunning):
     """The engine runs in the process this one was forked from (``os.fork()``, a pre-forking
     server such as gunicorn with ``--preload``, ``multiprocessing`` with the fork method).

@@ -80,6 +80,7 @@ from pydantic import BaseModel, ConfigDict, Secret, SecretBytes, SecretStr, Vali
 
 from .context import TaskContext
 from .errors import (
+    EngineLoopClosed,
     EngineNotRunning,
     InvalidConfiguration,
     InvalidJob,
@@ -605,6 +606,8 @@ class WorkQueue:
         return loop
 
     def _check_open(self) -> None:
+        if self._engine.loop_lost:
+            raise EngineLoopClosed()  # its consumers ended with that loop: the job would wait for good
         state = self._engine.state
         if state in _CLOSED_STATES and not (state == "stopping" and self._launched and works_for(self._engine)):
             # the engine's own work (a handler, a run) still puts while the stop drains, until

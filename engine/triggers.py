@@ -81,6 +81,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .context import TaskContext
 from .errors import (
+    EngineLoopClosed,
     EngineNotRunning,
     InvalidConfiguration,
     InvalidCount,
@@ -578,6 +579,8 @@ class Trigger:
         Call it on the engine's loop; :class:`LoopThreadError` from another thread.
         """
         check_key(f"trigger {self.name!r}", key)
+        if self._engine.loop_lost:
+            raise EngineLoopClosed()
         loop = self._engine.loop
         if self._engine.state == "running" and loop is not None and current_loop() is not loop:
             # said here: the engine's own refusal would name submit_nowait(), which nobody called

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from taskwatch.engine import (
     Engine,
     EngineCrashed,
+    EngineLoopClosed,
     InvalidConfiguration,
     InvalidProgress,
     JobNotSerializable,
@@ -34,7 +35,7 @@ from taskwatch.engine import (
 )
 from taskwatch.engine.store import NewRun, SqliteStore
 
-from .helpers import eventually
+from .helpers import eventually, taskwatch_threads
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0
@@ -394,3 +395,68 @@ async def test_a_key_holds_back_a_second_run_of_the_same_task_only() -> None:
         for handle in (a, elsewhere):
             assert (await handle.wait(TIMEOUT)).status is RunStatus.SUCCEEDED
 
+
+
+def test_an_engine_whose_event_loop_closed_without_a_stop_refuses_work_and_its_stop_tidies_up(tmp_path: Path) -> None:
+    # asyncio.run(engine.start()) then asyncio.run(main()): the first loop's end took the engine's
+    # loops and runs with it. A submit on the second loop was accepted and never ran, its wait
+    # hung, and stop() failed with a bare "Event loop is closed"
+    path = tmp_path / "runs.db"
+    before = taskwatch_threads()
+    engine = Engine(node_id="n1", store=SqliteStore(path), health_interval=None)
+    hold = asyncio.Event()
+
+    @engine.task
+    async def work(ctx: TaskContext) -> None:
+        await hold.wait()
+
+    async def handle(job: dict[str, Any]) -> None:
+        pass
+
+    queue = engine.queue("jobs", handle)
+
+    async def fire(ctx: TaskContext, key: str) -> None:
+        pass
+
+    trigger = engine.trigger("compile", fire, size_threshold=100)
+
+    async def first() -> str:
+        await engine.start()
+        return (await engine.submit("work")).id
+
+    run_id = asyncio.run(first())
+    assert engine.loop_lost
+
+    async def second() -> None:
+        for refused in (engine.submit("work"), queue.put({"a": 1}), engine.start()):
+            with pytest.raises(EngineLoopClosed, match=r"asyncio\.run\(\) return.*build a new Engine"):
+                await refused
+        with pytest.raises(EngineLoopClosed):
+            queue.put_nowait({"a": 1})
+        with pytest.raises(EngineLoopClosed):
+            trigger.fire("k")
+        assert engine.get(run_id).status is not RunStatus.SUCCEEDED  # what it knew still reads
+        await engine.stop()
+        assert engine.state == "stopped"
+        assert taskwatch_threads() <= before  # the store's thread joined
+        await engine.stop()  # again: nothing left to do
+        with pytest.raises(EngineLoopClosed):
+            await engine.start()
+
+    asyncio.run(second())
+    with pytest.raises(EngineLoopClosed):
+        engine.start_background()
+
+    # nothing queued is lost: the store kept the run, and the next engine on it takes it back
+    again = Engine(node_id="n1", store=SqliteStore(path), health_interval=None)
+
+    @again.task
+    async def work(ctx: TaskContext) -> str:  # noqa: F811 - the same task, in the next engine
+        return "done"
+
+    async def third() -> Any:
+        async with again:
+            return await again.handle(run_id).wait(TIMEOUT)
+
+    record = asyncio.run(third())
+    assert record.status is RunStatus.SUCCEEDED and record.result == "done"
