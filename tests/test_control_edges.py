@@ -335,13 +335,31 @@ def _no_terminal(*args: str, stdin: Any) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("command", [["attach", "/nonexistent/tw.sock"], []])
-def test_a_dashboard_without_a_terminal_is_refused_in_one_line(command: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("command", "advice"),
+    [
+        ([], ["--plain", "`taskwatch web`"]),
+        # attach has no --plain: its way without a terminal is the browser's, for an engine's address
+        (["attach", "/nonexistent/tw.sock"], ["`taskwatch web attach /nonexistent/tw.sock`"]),
+        (["attach", "redis://127.0.0.1:1/0"], []),
+    ],
+)
+def test_a_dashboard_without_a_terminal_is_refused_in_one_line_with_advice_that_works(
+    command: list[str], advice: list[str]
+) -> None:
     # stdin /dev/null (cron, nohup): Textual would spin on it for good
     result = _no_terminal(*command, stdin=subprocess.DEVNULL)
     assert result.returncode == 2, result.stderr[-600:]
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "needs a terminal" in lines[0] and "--plain" in lines[0], result.stderr[-600:]
+    assert len(lines) == 1 and "needs a terminal" in lines[0], result.stderr[-600:]
+    for way in advice:
+        assert way in lines[0]
+    if command:
+        assert "--plain" not in lines[0] and ("web" in lines[0]) == bool(advice)
+        if advice:
+            # what it advises takes this address without a terminal: it goes on to look for the engine
+            advised = _no_terminal(*advice[0].strip("`").split()[1:], stdin=subprocess.DEVNULL)
+            assert "cannot reach an engine at /nonexistent/tw.sock" in advised.stderr, advised.stderr[-600:]
 
 
 def test_a_demo_refused_for_want_of_a_terminal_starts_nothing(tmp_path: Path) -> None:

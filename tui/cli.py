@@ -659,11 +659,10 @@ class EndingSignals:
         return app.return_code or 0
 
 
-NO_TERMINAL = (
-    "the dashboard needs a terminal, and stdin or stdout is not one (a pipe, a file, "
-    "/dev/null); run it in a terminal, or use --plain to print the events, or "
-    "`taskwatch web` for a dashboard in the browser"
+NO_TERMINAL_HERE = (
+    "the dashboard needs a terminal, and stdin or stdout is not one (a pipe, a file, /dev/null); run it in a terminal"
 )
+NO_TERMINAL = f"{NO_TERMINAL_HERE}, or use --plain to print the events, or `taskwatch web` for a dashboard in the browser"
 
 
 def _has_terminal() -> bool:
@@ -816,6 +815,11 @@ def _attach(opts: argparse.Namespace) -> int:
     except ValueError as exc:
         return fail(str(exc))
     kind = attach_kind(opts.address)
+    if not _has_terminal():
+        # said here, before connecting: attach has no --plain, and only an engine's address
+        # has a browser dashboard
+        elsewhere = "" if kind in ("redis", "postgresql") else f", or `taskwatch web attach {shlex.quote(opts.address)}` for its dashboard in the browser"
+        return fail(NO_TERMINAL_HERE + elsewhere)
     if kind == "redis":
         return _attach_cluster(opts.address, DEFAULT_STREAM if opts.stream is None else opts.stream)
     if kind == "postgresql":
