@@ -40,6 +40,7 @@ ERROR_ARGS: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {
     "EngineAlreadyRunning": (("running",), {"holder": "a BackgroundEngine"}),
     "EngineCrashed": ((ValueError("boom"),), {}),
     "EngineInAnotherProcess": ((4242,), {}),
+    "EngineLoopClosed": ((), {}),
     "EngineNotRunning": (("new",), {}),
     "EngineUnreachable": (("tcp://127.0.0.1:1", "connection refused", "Check the port"), {}),
     "IncompatibleVersion": ((3, 2), {}),

@@ -560,6 +560,12 @@ ENDING_SIGNALS: tuple[signal.Signals, ...] = tuple(
 )
 
 
+NO_TERMINAL_HERE = (
+    "the dashboard needs a terminal, and stdin or stdout is not one (a pipe, a file, /dev/null); run it in a terminal"
+)
+NO_TERMINAL = f"{NO_TERMINAL_HERE}, or use --plain to print the events, or `taskwatch web` for a dashboard in the browser"
+
+
 class EndingSignals:
     """While entered, SIGTERM and SIGHUP quit the dashboard :meth:`run` runs, as `q` does
     (or, through :meth:`on_loop`, whatever else a loop runs: the web server).
@@ -628,13 +634,13 @@ class EndingSignals:
             signal.signal(sig, previous)
         self._previous.clear()
 
-    def run(self, app: App[Any]) -> int:
+    def run(self, app: App[Any], *, no_terminal: str = NO_TERMINAL) -> int:
         """Run ``app`` in this terminal until it quits; its exit status: 128 + the signal's
-        number if an ending signal ended it, 1 if it crashed, else 0 (2, and a line saying
-        why, if there is no terminal to run it in)."""
+        number if an ending signal ended it, 1 if it crashed, else 0 (2, and ``no_terminal``
+        said, if there is no terminal to run it in)."""
         if not _in_browser(app) and not _has_terminal():
             # Textual would draw to nothing and spin on a stdin that never blocks (cron, nohup)
-            return fail(NO_TERMINAL)
+            return fail(no_terminal)
 
         async def run_app() -> None:
             # on the loop (not a plain handler): it may tell the app to exit
@@ -657,12 +663,6 @@ class EndingSignals:
         if self.signum is not None:
             return 128 + self.signum
         return app.return_code or 0
-
-
-NO_TERMINAL_HERE = (
-    "the dashboard needs a terminal, and stdin or stdout is not one (a pipe, a file, /dev/null); run it in a terminal"
-)
-NO_TERMINAL = f"{NO_TERMINAL_HERE}, or use --plain to print the events, or `taskwatch web` for a dashboard in the browser"
 
 
 def _has_terminal() -> bool:
@@ -701,10 +701,11 @@ def _quit_when_stdin_hangs_up(app: App[Any]) -> None:
     threading.Thread(target=watch, name="taskwatch-stdin-hangup", daemon=True).start()
 
 
-def run_dashboard(app: App[Any]) -> int:
-    """Run ``app`` in this terminal until it quits or SIGTERM or SIGHUP ends it; its exit status."""
+def run_dashboard(app: App[Any], *, no_terminal: str = NO_TERMINAL) -> int:
+    """Run ``app`` in this terminal until it quits or SIGTERM or SIGHUP ends it; its exit status
+    (2, and ``no_terminal`` said, when there is no terminal to run it in)."""
     with EndingSignals() as catch:
-        return catch.run(app)
+        return catch.run(app, no_terminal=no_terminal)
 
 
 def _say(message: str) -> None:
@@ -815,11 +816,6 @@ def _attach(opts: argparse.Namespace) -> int:
     except ValueError as exc:
         return fail(str(exc))
     kind = attach_kind(opts.address)
-    if not _has_terminal():
-        # said here, before connecting: attach has no --plain, and only an engine's address
-        # has a browser dashboard
-        elsewhere = "" if kind in ("redis", "postgresql") else f", or `taskwatch web attach {shlex.quote(opts.address)}` for its dashboard in the browser"
-        return fail(NO_TERMINAL_HERE + elsewhere)
     if kind == "redis":
         return _attach_cluster(opts.address, DEFAULT_STREAM if opts.stream is None else opts.stream)
     if kind == "postgresql":
@@ -831,7 +827,11 @@ def _attach(opts: argparse.Namespace) -> int:
     from .app import TaskwatchApp
     from .remote_client import RemoteClient
 
-    return run_dashboard(TaskwatchApp(RemoteClient(opts.address, token=token), confirm=opts.confirm))
+    # attach has no --plain; an engine's address has a dashboard in the browser
+    in_browser = f"{NO_TERMINAL_HERE}, or `taskwatch web attach {shlex.quote(opts.address)}` for its dashboard in the browser"
+    return run_dashboard(
+        TaskwatchApp(RemoteClient(opts.address, token=token), confirm=opts.confirm), no_terminal=in_browser
+    )
 
 
 def _attach_cluster(url: str, stream: str) -> int:
@@ -841,7 +841,7 @@ def _attach_cluster(url: str, stream: str) -> int:
 
     if (refused := _cannot_watch(url, stream=stream)) is not None:
         return fail(refused)
-    return run_dashboard(ClusterApp(RedisEventRelay(url, stream=stream)))
+    return run_dashboard(ClusterApp(RedisEventRelay(url, stream=stream)), no_terminal=NO_TERMINAL_HERE)
 
 
 def _attach_database(url: str, lease: str, *, confirm: bool) -> int:
@@ -851,7 +851,7 @@ def _attach_database(url: str, lease: str, *, confirm: bool) -> int:
 
     if (refused := _cannot_watch(url, lease=lease)) is not None:
         return fail(refused)
-    return run_dashboard(ClusterApp(ClusterObserver(url, lease=lease or None), confirm=confirm))
+    return run_dashboard(ClusterApp(ClusterObserver(url, lease=lease or None), confirm=confirm), no_terminal=NO_TERMINAL_HERE)
 
 
 def _cannot_watch(url: str, *, stream: str = DEFAULT_STREAM, lease: str = DEFAULT_LEASE) -> str | None:
