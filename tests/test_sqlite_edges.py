@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import shutil
 import signal
@@ -531,3 +532,91 @@ async def test_a_claim_already_waiting_for_the_lock_ends_at_the_stops_give_up(tm
             other.execute("ROLLBACK")
             other.close()
         store.give_up_after(None)
+
+
+# ---------------------------------------------------------------- descriptors after a refusal
+
+
+#: holds the file's write lock from another process until a line on stdin
+_LOCK_HOLDER = """
+import json, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print(json.dumps({"ev": "locked"}), flush=True)
+sys.stdin.readline()
+conn.execute("ROLLBACK")
+conn.close()
+print(json.dumps({"ev": "released"}), flush=True)
+"""
+
+
+@contextlib.contextmanager
+def _locked_by_another_process(db: Path) -> Iterator[JsonLineProcess]:
+    """The file's write lock, held by another process until ``release`` is sent (or the block ends)."""
+    holder = JsonLineProcess([sys.executable, "-c", _LOCK_HOLDER, str(db)], "lock holder", 20.0)
+    try:
+        holder.event("locked")
+        yield holder
+    finally:
+        holder.close()
+
+
+def _release(holder: JsonLineProcess) -> None:
+    holder.send("release")
+    holder.event("released")
+    assert holder.proc.wait(20) == 0
+
+
+def _open_here(db: Path) -> list[str]:
+    """The names among the file, its -wal and its -shm that this process has a descriptor of."""
+    real = os.path.realpath(db)
+    ours = {real: db.name, f"{real}-wal": f"{db.name}-wal", f"{real}-shm": f"{db.name}-shm"}
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # (the listing's own descriptor, closed by now)
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target in ours:
+                found.append(ours[target])
+    return sorted(found)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+async def test_a_start_refused_as_busy_leaves_the_file_closed_while_its_error_is_kept(tmp_path: Path) -> None:
+    # the refused open's connection stayed open for as long as anything held the error (a lifespan
+    # keeping it to report, the engine's futures): one descriptor more for each refused retry
+    db = tmp_path / "runs.db"
+    engine = Engine(store=f"sqlite:///{db}?busy_timeout=300", node_id="b", health_interval=None)
+    await engine.start()  # a taskwatch file already, in WAL mode
+    await engine.stop()
+    assert _open_here(db) == []
+    refusals = []
+    with _locked_by_another_process(db) as holder:
+        for _ in range(2):
+            start = asyncio.create_task(engine.start())  # as a web framework's lifespan runs it
+            with pytest.raises(StoreBusy) as refused:
+                await start
+            refusals.append(refused.value)
+            gc.collect()
+            assert _open_here(db) == [], "the refused start left the file open"
+        _release(holder)
+    await engine.start()
+    await engine.stop()
+    assert engine.state == "stopped"
+    assert _open_here(db) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+async def test_an_operation_refused_as_busy_leaves_nothing_open_after_the_store_closes(tmp_path: Path) -> None:
+    db = tmp_path / "runs.db"
+    store = SqliteStore(db, busy_timeout=300)
+    await store.open()
+    try:
+        with _locked_by_another_process(db) as holder:
+            with pytest.raises(StoreBusy) as refused:
+                await store.insert([NewRun("a")])
+            _release(holder)
+    finally:
+        await store.close()
+    gc.collect()
+    assert refused.value is not None  # kept, as a caller reporting it would
+    assert _open_here(db) == [], "the closed store left the file open"

@@ -420,7 +420,7 @@ class SqliteStore(Store):
         try:
             deadline = time.monotonic() + self.busy_timeout / 1000
             # before anything changes: even the switch to WAL outlives a refusal
-            self._when_unlocked(lambda: self._refuse_foreign(conn.cursor()), deadline, abandon)
+            self._when_unlocked(lambda: self._refuse_foreign(conn), deadline, abandon)
             self._when_unlocked(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone(), deadline, abandon)
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             self._when_unlocked(lambda: self._migrate(conn), deadline, abandon)
@@ -455,31 +455,34 @@ class SqliteStore(Store):
             pause = min(pause * 2, 0.05)
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        cur = conn.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
-            self._refuse_foreign(cur)  # again under the write lock: another process may have written meanwhile
-            cur.execute(Q.CREATE_MIGRATIONS)
-            found = cur.execute(Q.SCHEMA_FOUND).fetchone()[0]
-            if found > Q.SCHEMA_VERSION:
-                raise SchemaTooNew(self._where, found, Q.SCHEMA_VERSION)
-            if 0 < found < Q.SCHEMA_VERSION:
-                # (under the write lock: no node of the earlier version heartbeats between this and the migration)
-                live = [n for (n,) in cur.execute(Q.LIVE_NODES, {"since": self.clock() - self.node_ttl}).fetchall()]
-                if live:
-                    raise SchemaInUse(self._where, found, Q.SCHEMA_VERSION, live, self.node_ttl)
-            for version, name, statements in Q.MIGRATIONS:
-                if version <= found:
-                    continue
-                for sql in statements:
-                    cur.execute(sql)
-                cur.execute(Q.RECORD_MIGRATION, {"version": version, "name": name, "now": self.clock()})
-            cur.execute("COMMIT")
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
+        # every cursor of the open is closed before it returns or raises: one whose statement failed
+        # holds that statement unfinalized, and SQLite's close of the connection then leaves the file,
+        # its -wal and -shm open for as long as the error is kept (its traceback holds the cursor)
+        with contextlib.closing(conn.cursor()) as cur:
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                self._refuse_foreign(conn)  # again under the write lock: another process may have written meanwhile
+                cur.execute(Q.CREATE_MIGRATIONS)
+                found = cur.execute(Q.SCHEMA_FOUND).fetchone()[0]
+                if found > Q.SCHEMA_VERSION:
+                    raise SchemaTooNew(self._where, found, Q.SCHEMA_VERSION)
+                if 0 < found < Q.SCHEMA_VERSION:
+                    # (under the write lock: no node of the earlier version heartbeats between this and the migration)
+                    live = [n for (n,) in cur.execute(Q.LIVE_NODES, {"since": self.clock() - self.node_ttl}).fetchall()]
+                    if live:
+                        raise SchemaInUse(self._where, found, Q.SCHEMA_VERSION, live, self.node_ttl)
+                for version, name, statements in Q.MIGRATIONS:
+                    if version <= found:
+                        continue
+                    for sql in statements:
+                        cur.execute(sql)
+                    cur.execute(Q.RECORD_MIGRATION, {"version": version, "name": name, "now": self.clock()})
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
 
-    def _refuse_foreign(self, cur: sqlite3.Cursor) -> None:
+    def _refuse_foreign(self, conn: sqlite3.Connection) -> None:
         """Raise :class:`NotATaskwatchStore` for a file holding another application's tables.
 
         A new (empty) file and taskwatch's own are used; migrating anything else would mix
@@ -488,16 +491,19 @@ class SqliteStore(Store):
         naming taskwatch's migrations (another tool's ledger may have the same columns).
         Versions past this taskwatch's are left to the schema check, which says to upgrade.
         """
-        tables = [name for (name,) in cur.execute(_FILE_TABLES).fetchall()]
-        if not tables:
-            return
-        if "schema_migrations" in tables:
-            columns = {row[1] for row in cur.execute("PRAGMA table_info(schema_migrations)").fetchall()}
-            if columns == _LEDGER_COLUMNS:
-                rows = cur.execute("SELECT version, name FROM schema_migrations").fetchall()
-                known = [_MIGRATION_NAMES.get(version) == name for version, name in rows if version in _MIGRATION_NAMES]
-                if (known and all(known)) or tables == ["schema_migrations"]:
-                    return
+        with contextlib.closing(conn.cursor()) as cur:  # (closed however it ends: see _migrate)
+            tables = [name for (name,) in cur.execute(_FILE_TABLES).fetchall()]
+            if not tables:
+                return
+            if "schema_migrations" in tables:
+                columns = {row[1] for row in cur.execute("PRAGMA table_info(schema_migrations)").fetchall()}
+                if columns == _LEDGER_COLUMNS:
+                    rows = cur.execute("SELECT version, name FROM schema_migrations").fetchall()
+                    known = [
+                        _MIGRATION_NAMES.get(version) == name for version, name in rows if version in _MIGRATION_NAMES
+                    ]
+                    if (known and all(known)) or tables == ["schema_migrations"]:
+                        return
         raise NotATaskwatchStore(self._where, tables)
 
     def _main(
@@ -560,7 +566,12 @@ class SqliteStore(Store):
                 self._deliver_threadsafe(self._all_failed(batch, exc), _Tx(conn.cursor()))
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
-        cur = conn.cursor()
+        # closed once the batch is over, as the open's are (see _migrate): an error handed to a
+        # caller holds the batch's cursor, and the caller may keep it past the store's close
+        with contextlib.closing(conn.cursor()) as cur:
+            self._run_batch_on(conn, cur, batch)
+
+    def _run_batch_on(self, conn: sqlite3.Connection, cur: sqlite3.Cursor, batch: list[_Op]) -> None:
         write = any(op[3] for op in batch)
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         tx = _Tx(cur)
