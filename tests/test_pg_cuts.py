@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -542,3 +544,40 @@ async def test_a_stop_right_after_an_outage_still_counts_the_other_nodes_alive(
             pb.accept()
             await a.stop()
             await b.stop()
+
+
+# ---------------------------------------------------------------- a server that never answers
+
+
+async def test_a_start_against_a_paused_server_fails_within_the_stores_timeout_saying_why(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    # a paused server (SIGSTOP) still has its connections accepted by the kernel, and answers
+    # none: the start waited out the driver's own 60 s connect timeout, then said "TimeoutError: "
+    engine = Engine(store=f"{postgres_url}?reconnect_timeout=1", node_id="n", health_interval=None)
+
+    @engine.task
+    async def t(ctx: TaskContext) -> str:
+        return "ran"
+
+    with open(os.path.join(postgres_server.data, "postmaster.pid")) as f:
+        postmaster = int(f.readline())
+    os.kill(postmaster, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        with pytest.raises(StoreUnavailable) as caught:
+            async with asyncio.timeout(120):
+                await engine.start()
+        took = time.monotonic() - began
+    finally:
+        os.kill(postmaster, signal.SIGCONT)
+    # the store's wait for an answer: its reconnect_timeout, here raised to the 5 s a connection
+    # is given at least; the bound leaves a loaded machine plenty of slack
+    assert took < 30, took
+    said = str(caught.value)
+    assert f"no answer from the server at 127.0.0.1:{postgres_server.port} within 5 s" in said, said
+    assert "reconnect_timeout" in said, said
+    # once the server answers again, the same engine starts
+    async with engine:
+        handle = await engine.submit("t")
+        assert (await asyncio.wait_for(handle.wait(), TIMEOUT)).result == "ran"

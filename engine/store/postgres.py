@@ -120,6 +120,11 @@ _CLOCK_MAX_RTT = 0.5
 #: node sends a few dozen notifications a second however many runs it writes
 _NOTIFY_SPACING = 0.02
 _ADVICE = "Check that the database server is up and reachable from this host"
+#: a connection attempt (and a start's first queries) waits at least this long for the server's
+#: answer, however short ``reconnect_timeout``: a connection is a few round trips (a TLS handshake,
+#: the login), which a loaded machine or a far server stretches past a second, and 0 means "wait
+#: out no outage", not "give a server no time to answer"
+_ANSWER_FLOOR = 5.0
 #: what to do about an error the server answered with, by SQLSTATE (or its class): the
 #: server is up, so "check it is reachable" would send the user the wrong way
 _ANSWERED_ADVICE = {
@@ -423,9 +428,18 @@ class PostgresStore(Store):
     ``reconnect_timeout``: how long an operation keeps retrying while the
     database is unreachable before it fails with :class:`StoreUnavailable`
     (default: ``lease_ttl``, after which other nodes recover this node's runs
-    anyway). ``clock``: leave unset to use the database's clock; tests pass
-    their own. ``schema`` (or ``?schema=NAME`` in the URL): the schema every
-    table, index and sequence of taskwatch's goes in, created at start
+    anyway). It also bounds, at 5 s at least, the wait for the server's
+    answer to a connection attempt, and at start (:meth:`open`) to the
+    connection and the first queries: a server that answers nothing (paused,
+    overloaded, behind a network that drops packets) would otherwise hold
+    them for the driver's 60 s. :meth:`open` then fails with
+    :class:`StoreUnavailable` saying so, as it does at once when the server
+    refuses the connection: a start waits out no outage. The migration at
+    start is not bounded by it: building an index over a big table, or waiting
+    for another node's migration, rightly takes longer. ``clock``: leave unset
+    to use the database's clock; tests pass their own. ``schema`` (or
+    ``?schema=NAME`` in the URL): the schema every table, index and sequence
+    of taskwatch's goes in, created at start
     (default: the connection's default schema, usually ``public``); :attr:`url`
     then names it, so a relay or a lease made from it uses the same one.
     ``migrate=False``: a watcher's store (the cluster observer's), which never creates or
@@ -474,12 +488,15 @@ class PostgresStore(Store):
         self.migrates = migrate
         self.pool_size = pool_size
         self.reconnect_timeout = lease_ttl if reconnect_timeout is None else reconnect_timeout
+        #: how long a connection attempt (and a start's first queries) waits for the server's answer
+        self._answer_wait = max(self.reconnect_timeout, _ANSWER_FLOOR)
         self.channel = channel
         self._db_clock = clock is None
         #: database clock minus local clock, measured by the listening connection
         self._offset = 0.0
         self._clock_synced = False
         self._where = redact_url(self.url)
+        self._server = _server_of(self._dsn)
         #: rows read one by one: a row changed by hand holds up no other run
         self._run_rows = RunRows(
             self._where, log, lambda sql: f"{sql} (in psql, on that database)",
@@ -565,9 +582,13 @@ class PostgresStore(Store):
         pool_log = logging.getLogger("asyncpg.pool")
         if _FLOOR_RETRIES not in pool_log.filters:
             pool_log.addFilter(_FLOOR_RETRIES)
+        answer_by = asyncio.get_running_loop().time() + self._answer_wait
         try:
             pool = await self._driver.create_pool(
                 self._dsn, min_size=1, max_size=self.pool_size, reset=_keep_session,
+                # every connection the pool makes, this first one and those replacing a lost one
+                # later (an operation's retries end at reconnect_timeout: an attempt need not outlast it)
+                timeout=self._answer_wait,
                 # a node paused or cut off inside a transaction (a submit holding the queue's
                 # lock, say) would hold its locks until the server gave up on the connection,
                 # hours on a silent network: the server ends such a session after a lease
@@ -576,20 +597,38 @@ class PostgresStore(Store):
                     **self._settings,
                 },
             )
+        except TimeoutError as exc:
+            raise self._unanswered("a connection attempt") from exc
         except Exception as exc:  # noqa: BLE001 - re-raised as the store's own error
             raise self._translate(exc) from exc
         self._pool = pool
+        silent = False
         try:
             async with pool.acquire() as conn:
+                try:
+                    # a server may go silent once it took the connection: its first answers are
+                    # waited for no longer than the connection's (the clock's samples, or a read
+                    # of the schema, are a few quick round trips)
+                    async with asyncio.timeout_at(answer_by):
+                        if self._db_clock:
+                            await self._sync_clock(conn)
+                        else:
+                            await conn.fetchval("SELECT 1")
+                        if not self.migrates:
+                            await check_schema(conn, self._where, self.schema)
+                except TimeoutError as exc:
+                    silent = True
+                    # handed back, the connection would wait for the answers first
+                    conn.terminate()
+                    raise self._unanswered("its first queries") from exc
                 if self.migrates:
                     await self._migrate(conn)
-                else:
-                    await check_schema(conn, self._where, self.schema)
-                if self._db_clock:
-                    await self._sync_clock(conn)
         except BaseException as exc:
             self._pool = None
-            await pool.close()
+            if silent:
+                pool.terminate()  # closing would wait for the silent server to see the others go
+            else:
+                await pool.close()
             if isinstance(exc, Exception) and not isinstance(exc, StoreError):
                 raise self._translate(exc) from exc
             raise
@@ -763,11 +802,11 @@ class PostgresStore(Store):
                 if now >= deadline:
                     raise StoreUnavailable(
                         self._where,
-                        f"unreachable for {self.reconnect_timeout:g} s ({type(exc).__name__}: {exc})",
+                        f"unreachable for {self.reconnect_timeout:g} s ({self._said(exc)})",
                         _ADVICE,
                     ) from exc
                 if self._give_up_at is not None and now >= self._give_up_at:
-                    raise StoreGaveUp(self._where, f"{type(exc).__name__}: {exc}") from exc
+                    raise StoreGaveUp(self._where, self._said(exc)) from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
         if self._down_since is not None:
@@ -779,6 +818,23 @@ class PostgresStore(Store):
                 self._notify(tx.work, tx.cancels, tx.finished)
             self._announce(tx.work, tx.cancels, tx.finished)
         return result
+
+    def _unanswered(self, what: str) -> StoreUnavailable:
+        """A start given up on a server that did not answer ``what`` in time."""
+        return StoreUnavailable(
+            self._where,
+            f"no answer from the server at {self._server} within {self._answer_wait:g} s (to {what})",
+            "Check that the database server is up, not paused or overloaded, and reachable from this "
+            "host without packets dropped on the way (the store's reconnect_timeout is how long it waits "
+            "for an answer, 5 s at least)",
+        )
+
+    def _said(self, exc: BaseException) -> str:
+        """``exc`` for a message: a timeout the driver raised says nothing of itself."""
+        text = str(exc)
+        if not text and isinstance(exc, TimeoutError):
+            text = f"no answer from the server at {self._server} within {self._answer_wait:g} s"
+        return f"{type(exc).__name__}: {text}"
 
     def _transient(self, exc: BaseException) -> bool:
         d = self._driver
@@ -813,7 +869,7 @@ class PostgresStore(Store):
                 "say), or report it as a bug of taskwatch's with this message"
             )
         else:
-            err = StoreUnavailable(self._where, f"{type(exc).__name__}: {exc}", _advice_for(exc))
+            err = StoreUnavailable(self._where, self._said(exc), _advice_for(exc))
         err.__cause__ = exc
         return err
 
@@ -875,7 +931,9 @@ class PostgresStore(Store):
         while True:
             conn = None
             try:
-                conn = await self._driver.connect(self._dsn, server_settings=self._settings)
+                conn = await self._driver.connect(
+                    self._dsn, server_settings=self._settings, timeout=self._answer_wait
+                )
                 down = asyncio.Event()
                 conn.add_termination_listener(lambda _c: down.set())
                 await conn.add_listener(self.channel, self._on_notification)
@@ -897,7 +955,7 @@ class PostgresStore(Store):
                 raise
             except Exception as exc:  # noqa: BLE001 - reconnect: waiters keep polling meanwhile
                 if not lost:
-                    log.info("listening for other nodes' changes failed (%s); reconnecting", exc)
+                    log.info("listening for other nodes' changes failed (%s); reconnecting", self._said(exc))
                 lost = True
                 self._listening.clear()
                 await asyncio.sleep(delay)
@@ -1741,6 +1799,14 @@ async def migrate(
                 await conn.execute(Q.postgres_ddl(sql))
             rec = _q(Q.RECORD_MIGRATION)
             await conn.execute(rec.sql, *rec.args({"version": version, "name": name, "now": time.time()}))
+
+
+def _server_of(dsn: str) -> str:
+    """The host(s) and port(s) ``dsn`` connects to, for a message (a socket directory given as
+    ``?host=``, or the driver's default when it names none)."""
+    parts = urlsplit(dsn)
+    hosts = parts.netloc.rpartition("@")[2] or dict(parse_qsl(parts.query)).get("host", "")
+    return hosts or "its default address (localhost)"
 
 
 def _nonce() -> str:
