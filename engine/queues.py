@@ -1490,7 +1490,12 @@ class WorkQueue:
         """Wait until nothing is queued or in flight; ``TimeoutError`` after ``timeout``.
 
         Raises :class:`StoppedBeforeDone` if the engine stops (or stopped) with jobs
-        of this queue left undone. Awaited on another loop than the engine's, it
+        of this queue left undone. With jobs not done while the engine is not started
+        (new, or stopped: a start that failed leaves it so) and no start is under way, it
+        raises :class:`EngineNotRunning` at once rather than wait for a start that may never
+        come; the jobs stay queued for the next start. A start under way on the caller's
+        loop is waited for, then the jobs. With nothing queued it returns at once, started
+        or not. Awaited on another loop than the engine's, it
         waits on the engine's loop. :class:`InvalidConfiguration` for a ``timeout`` that
         is no number of seconds >= 0 (as ``RunHandle.wait``'s).
         """
@@ -1509,9 +1514,45 @@ class WorkQueue:
                 if self._only_undone():
                     fut.cancel()
                     raise self._undone_at_stop()
+                if not self._launched and self._engine.state in ("new", "stopped"):
+                    starting = self._engine.starting
+                    if starting is None:
+                        self._drop_idle_waiter(fut)
+                        raise self._not_started()
+                    if starting.get_loop() is asyncio.get_running_loop():
+                        # its launch comes at its end (a start that fails leaves the jobs
+                        # here: the next turn raises)
+                        self._drop_idle_waiter(fut)
+                        await asyncio.wait([starting])
+                        continue
+                    # under way on another loop (start_background()): its consumers handle the
+                    # jobs, whose end wakes this join on its own loop
                 await fut
         if self._left_at_stop is not None:
             raise StoppedBeforeDone(*self._left_at_stop)
+
+    def _drop_idle_waiter(self, fut: asyncio.Future[None]) -> None:
+        """Take back a join's waiter it will not await (a failed join must not leave one behind)."""
+        fut.cancel()
+        with self._lock:
+            if fut in self._idle_waiters:
+                self._idle_waiters.remove(fut)
+
+    def _not_started(self) -> EngineNotRunning:
+        """What a join on jobs left is told while the engine is not started and no start is
+        under way: it would wait for good, as nothing handles them before a start."""
+        if self._engine.loop_lost:
+            return EngineLoopClosed()  # it cannot start again: the advice below would be wrong
+        state = self._engine.state
+        left = self.depth + self._in_flight + len(self._aside)
+        jobs, them, are = (f"{left} job", "it", "is") if left == 1 else (f"{left} jobs", "them", "are")
+        return EngineNotRunning(
+            state,
+            f"queue {self.name!r} has {jobs} not done, and the engine is {state}: nothing handles "
+            f"{them} before it starts, so join() would wait for good. Start the engine first "
+            f"(`async with engine:` or `await engine.start()`), then join(); the {jobs} {are} "
+            "kept for that start",
+        )
 
     # ------------------------------------------------------------ lifecycle
 

@@ -1042,7 +1042,11 @@ class Trigger:
         """Wait until no run of this trigger is queued or running (``TimeoutError`` after ``timeout``).
 
         Keys that reached their threshold before the start count: they fire first; so do keys
-        due that a full run queue refused (they are tried again until it takes them). From a
+        due that a full run queue refused (they are tried again until it takes them). With keys
+        due while the engine is not started (new, or stopped) and no start is under way, it
+        raises :class:`EngineNotRunning` at once, as nothing runs them before a start; they keep
+        their counts, and fire at that start. A start under way is waited for, then the runs;
+        with no key due it returns at once, started or not. From a
         loop other than the engine's (a ``start_background()`` engine) the wait is made on
         the engine's loop, which is the one that hears the runs end. A trigger made while
         the engine runs waits for its start first; a start that failed (logged) is not
@@ -1098,6 +1102,45 @@ class Trigger:
             due = [key for key in self._due_at_stop if (st := self._keys.get(key)) is not None and st.run_id is None]
             if due:
                 raise self._due_when_stopped(len(due))
+            if not self._launched and self._engine.state in ("new", "stopped") and (waiting := self._due_unfired()):
+                starting = self._engine.starting
+                if starting is None:
+                    raise self._not_started(waiting)
+                # its end launches the trigger, whose first sweep fires them: drained as usual then
+                # (a start that fails leaves them due: that drain raises)
+                if starting.get_loop() is loop:
+                    await asyncio.wait([starting])
+                else:
+                    # (under way on another loop: a start_background() engine's, whose future only
+                    # a wait there may await)
+                    await call_on(starting.get_loop(), asyncio.wait, [starting])
+                await self.drain()  # (within the caller's timeout: this runs on its loop)
+
+    def _due_unfired(self) -> int:
+        """How many keys are due (by size or staleness) with no run, while the engine is not
+        started: nothing fires them before a start (a key due then waits for its first sweep)."""
+        now = self._now()
+        # (no loop counts before a start: other threads count under the lock)
+        with self._lock:
+            return sum(
+                1 for st in self._keys.values()
+                if st.run_id is None and st.count > 0 and self._due_reason(st, now) is not None
+            )  # fmt: skip
+
+    def _not_started(self, due: int) -> EngineNotRunning:
+        """What a drain on ``due`` keys is told while the engine is not started and no start is
+        under way: returning would say they ran."""
+        if self._engine.loop_lost:
+            return EngineLoopClosed()  # it cannot start again: the advice below would be wrong
+        state = self._engine.state
+        them, kept = ("it", "it keeps its count") if due == 1 else ("them", "they keep their counts")
+        return EngineNotRunning(
+            state,
+            f"trigger {self.name!r} has {_counted(due, 'key')} due, and the engine is {state}: nothing "
+            f"runs {them} before it starts, so drain() would return as if {them} had run. Start the "
+            f"engine first (`async with engine:` or `await engine.start()`), then drain(); {kept} "
+            f"for that start, which fires {them}",
+        )
 
     def engine_stopped(self) -> None:
         """The engine has stopped: drains still waiting on runs it left pending (kept in a

@@ -4,9 +4,12 @@ would not read back from the store as put.
 - on a durable store, ``await put()`` on a queue made while the engine runs returns only
   once the job is committed (a process killed right after still has it at the next
   start), and ``join()`` on such a queue waits for the jobs the store holds;
-- a ``join()`` or a ``put()`` waiting for room, awaited on another loop before a
-  ``start_background()`` engine starts, is woken once the queue drains or room frees
-  (a durable put then returns once its job is committed);
+- a ``join()`` awaited on another loop while a ``start_background()`` start is under way,
+  or a ``put()`` waiting for room there before that engine starts, is woken once the queue
+  drains or room frees (a durable put then returns once its job is committed);
+- a ``join()`` on jobs put while the engine is not started, and no start is under way,
+  raises ``EngineNotRunning`` at once (the jobs run at the next start); a start under way
+  on its loop is waited for, and one that fails ends the join with ``EngineNotRunning``;
 - ``await put()``, ``join()`` and ``purge()`` awaited on the application's loop while
   the engine runs on its own (``start_background()``, a notebook) behave as on the
   engine's loop: a join returns once the work is done, a put waiting for room returns
@@ -57,6 +60,8 @@ from taskwatch.engine import (
     InvalidJob,
     InvalidProgress,
     JobNotSerializable,
+    MemoryStore,
+    NodeInfo,
     QueueFull,
     StoreBusy,
     TaskContext,
@@ -243,10 +248,30 @@ def _on_a_loop_of_its_own(make: Any) -> tuple[threading.Event, dict[str, Any], t
     return waiting, outcome, thread
 
 
-def test_a_join_on_another_loop_before_a_background_start_returns_once_the_queue_drains(
+class StartHeldAtRegister(MemoryStore):
+    """A memory store whose start is held at its node's registration until ``gate`` is set
+    (the engine is still "new", its start under way; threading events: the start may run on a
+    ``start_background()`` loop); ``fail`` makes that registration fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.reached = threading.Event()
+        self.fail = False
+
+    async def register_node(self, node: str, incarnation: str, version: str) -> NodeInfo:
+        self.reached.set()
+        await asyncio.to_thread(self.gate.wait, 60)
+        if self.fail:
+            raise ConnectionError("the store is not there (the test says so)")
+        return await super().register_node(node, incarnation, version)
+
+
+def test_a_join_on_another_loop_during_a_background_start_returns_once_the_queue_drains(
     stoppers: list[BackgroundEngine],
 ) -> None:
-    engine = Engine(health_interval=None)
+    store = StartHeldAtRegister()
+    engine = Engine(store=store, health_interval=None)
     handled: list[int] = []
 
     async def handler(job: int) -> None:
@@ -255,9 +280,22 @@ def test_a_join_on_another_loop_before_a_background_start_returns_once_the_queue
     queue = engine.queue("q", handler)
     for n in range(3):
         queue.put_nowait(n)
-    waiting, outcome, thread = _on_a_loop_of_its_own(lambda: queue.join(timeout=60))
-    assert waiting.wait(TIMEOUT)
-    stoppers.append(engine.start_background())
+    # before any start, nothing would handle the jobs: the join says so rather than wait
+    _, refused, thread = _on_a_loop_of_its_own(lambda: queue.join(timeout=60))
+    thread.join(TIMEOUT)
+    assert isinstance(refused.get("error"), EngineNotRunning), refused
+    launched: list[BackgroundEngine] = []
+    launching = threading.Thread(target=lambda: launched.append(engine.start_background()), daemon=True)
+    launching.start()
+    try:
+        assert store.reached.wait(TIMEOUT)  # the start is under way on the engine's own loop
+        waiting, outcome, thread = _on_a_loop_of_its_own(lambda: queue.join(timeout=60))
+        assert waiting.wait(TIMEOUT)
+        assert not outcome  # it waits for the start under way, not refused
+    finally:
+        store.gate.set()
+        launching.join(TIMEOUT)
+        stoppers.extend(launched)
     thread.join(TIMEOUT)
     # before: the join's future, of the other loop, was resolved from the engine's thread and
     # never woke that loop: the join waited out its whole timeout
@@ -877,3 +915,93 @@ async def test_a_job_dict_whose_keys_collide_in_json_is_refused_and_nothing_is_q
         await queue.put({"1": "b"})
         await queue.join()
     assert got == [{"1": "b"}]
+
+
+# ---------------------------------------------------------------- a join on an engine that is not started
+
+
+async def test_a_join_before_the_start_on_jobs_put_raises_engine_not_running_and_the_jobs_run_at_the_start() -> None:
+    engine = Engine(health_interval=None)
+    handled: list[int] = []
+
+    async def handler(job: int) -> None:
+        handled.append(job)
+
+    queue = engine.queue("q", handler)
+    await queue.put(1)  # accepted before the start, as documented
+    queue.put_nowait(2)
+    # bounded: before, the join waited for good, and nothing said the engine was not started
+    with pytest.raises(EngineNotRunning) as raised:
+        await asyncio.wait_for(queue.join(), 1.0)
+    assert raised.value.state == "new"
+    said = str(raised.value)
+    assert "2 jobs" in said and "`async with engine:`" in said and "`await engine.start()`" in said
+    assert queue.info().depth == 2 and handled == []  # kept for the start
+    async with engine:
+        await queue.join(timeout=TIMEOUT)
+        assert handled == [1, 2]
+
+
+async def test_a_join_with_nothing_put_before_the_start_returns() -> None:
+    engine = Engine(health_interval=None)
+
+    async def handler(job: int) -> None:
+        return None
+
+    queue = engine.queue("q", handler)
+    await asyncio.wait_for(queue.join(), 1.0)
+    await queue.join(timeout=0)
+
+
+async def test_a_join_during_a_start_under_way_on_its_loop_waits_for_it_then_for_the_jobs() -> None:
+    store = StartHeldAtRegister()
+    engine = Engine(store=store, health_interval=None)
+    handled: list[int] = []
+
+    async def handler(job: int) -> None:
+        handled.append(job)
+
+    queue = engine.queue("q", handler)
+    queue.put_nowait(1)
+    starting = asyncio.create_task(engine.start())
+    try:
+        assert await asyncio.to_thread(store.reached.wait, TIMEOUT)
+        assert engine.state == "new" and engine.starting is not None
+        joining = asyncio.create_task(queue.join(timeout=TIMEOUT))
+        done, _ = await asyncio.wait([joining], timeout=0.05)
+        assert not done  # it waits for the start, not refused
+        store.gate.set()
+        await asyncio.wait_for(joining, TIMEOUT)
+        assert handled == [1]
+        await starting
+    finally:
+        store.gate.set()
+        await engine.stop(timeout=5)
+
+
+async def test_a_join_waiting_for_a_start_that_fails_raises_engine_not_running_and_the_jobs_are_kept() -> None:
+    store = StartHeldAtRegister()
+    store.fail = True
+    engine = Engine(store=store, health_interval=None)
+    handled: list[int] = []
+
+    async def handler(job: int) -> None:
+        handled.append(job)
+
+    queue = engine.queue("q", handler)
+    queue.put_nowait(1)
+    starting = asyncio.create_task(engine.start())
+    assert await asyncio.to_thread(store.reached.wait, TIMEOUT)
+    joining = asyncio.create_task(queue.join(timeout=TIMEOUT))
+    await asyncio.sleep(0)  # one step: the join now waits for the start
+    assert not joining.done()
+    store.gate.set()
+    with pytest.raises(ConnectionError):
+        await starting
+    # before: the join waited out its whole timeout once the start had failed
+    with pytest.raises(EngineNotRunning, match="kept for that start"):
+        await asyncio.wait_for(joining, 1.0)
+    store.fail = False
+    async with engine:
+        await queue.join(timeout=TIMEOUT)
+        assert handled == [1]

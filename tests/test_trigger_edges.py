@@ -4,7 +4,9 @@ before the start, a drain right after the start or from another loop, state() fr
 thread, sweeps (and a durable store's saves and loads of many keys) that let the loop breathe,
 forgetting keys whatever their count, a late start that failed, options refused at registration
 or that could never work, the checks of drain()'s and join()'s timeouts, state()'s keys_limit
-and fire()'s thread, and a run whose task raises CancelledError though nothing cancelled it.
+and fire()'s thread, a run whose task raises CancelledError though nothing cancelled it,
+and a drain on keys due while the engine is not started (``EngineNotRunning``, unless a
+start is under way: that is waited for).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from typing import Any
 
 import pytest
 from taskwatch.engine import (
+    BackgroundEngine,
     Engine,
+    EngineNotRunning,
     InvalidConfiguration,
     InvalidKey,
     InvalidQuery,
@@ -38,6 +42,7 @@ from taskwatch.engine import (
 )
 
 from .helpers import Recorder, eventually, table_away, wait_until
+from .test_queue_edges import StartHeldAtRegister
 from .test_triggers import Clock, make_engine
 
 TIMEOUT = 10.0
@@ -1126,3 +1131,106 @@ async def test_a_run_whose_task_is_cancelled_from_outside_the_engine_is_still_ca
         (RunStatus.CANCELLED, "external"),
         (RunStatus.SUCCEEDED, None),
     ]
+
+
+# ------------------------------------------------------------ a drain on an engine that is not started
+
+
+@pytest.mark.parametrize("when", ["new", "stopped"])
+@pytest.mark.parametrize("due", ["size", "staleness"])
+async def test_a_drain_on_a_key_due_while_the_engine_is_not_started_raises_and_the_key_runs_at_the_start(
+    when: str, due: str
+) -> None:
+    clock = Clock()
+    engine = make_engine()
+    ran: list[str] = []
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    compile = engine.trigger("compile", run_compile, size_threshold=2, staleness=60, clock=clock)
+    if when == "stopped":
+        async with engine:
+            pass
+    compile.notify("bank-42", 2 if due == "size" else 1)
+    if due == "staleness":
+        clock.now += 61
+    # before: the drain returned at once, as if nothing were due
+    with pytest.raises(EngineNotRunning) as raised:
+        await asyncio.wait_for(compile.drain(), 1.0)
+    assert raised.value.state == when
+    said = str(raised.value)
+    assert "1 key due" in said and "`async with engine:`" in said and "`await engine.start()`" in said
+    assert ran == [] and counts(compile) == {"bank-42": 2 if due == "size" else 1}  # kept for the start
+    async with engine:
+        await compile.drain(timeout=TIMEOUT)
+        assert ran == ["bank-42"]
+        assert counts(compile) == {"bank-42": 0}
+
+
+async def test_a_drain_with_no_key_due_before_the_start_returns() -> None:
+    engine = make_engine()
+    compile = engine.trigger("compile", nothing, size_threshold=2)
+    await asyncio.wait_for(compile.drain(), 1.0)
+    compile.notify("bank-42")  # 1 of 2: not due
+    await asyncio.wait_for(compile.drain(), 1.0)
+    await compile.drain(timeout=0)
+
+
+async def test_a_drain_during_a_start_under_way_waits_for_it_then_for_the_due_keys_run() -> None:
+    store = StartHeldAtRegister()
+    engine = make_engine(store=store)
+    ran: list[str] = []
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    compile = engine.trigger("compile", run_compile, size_threshold=1)
+    compile.notify("bank-42")
+    starting = asyncio.create_task(engine.start())
+    try:
+        assert await asyncio.to_thread(store.reached.wait, TIMEOUT)
+        assert engine.state == "new" and engine.starting is not None
+        draining = asyncio.create_task(compile.drain(timeout=TIMEOUT))
+        await asyncio.sleep(0)  # one step: the drain now waits for the start
+        # before: it had returned already, the key not run
+        assert not draining.done()
+        store.gate.set()
+        await asyncio.wait_for(draining, TIMEOUT)
+        assert ran == ["bank-42"]
+        await starting
+    finally:
+        store.gate.set()
+        await engine.stop(timeout=5)
+
+
+def test_a_drain_on_another_loop_during_a_background_start_waits_for_the_due_keys_run() -> None:
+    store = StartHeldAtRegister()
+    engine = make_engine(store=store)
+    ran: list[str] = []
+
+    async def run_compile(ctx: TaskContext, key: str) -> None:
+        ran.append(key)
+
+    compile = engine.trigger("compile", run_compile, size_threshold=1)
+    compile.notify("bank-42")
+    launched: list[BackgroundEngine] = []
+    launching = threading.Thread(target=lambda: launched.append(engine.start_background()), daemon=True)
+    launching.start()
+    try:
+        assert store.reached.wait(TIMEOUT)  # the start is under way on the engine's own loop
+
+        async def app() -> None:
+            draining = asyncio.ensure_future(compile.drain(timeout=TIMEOUT))
+            done, _ = await asyncio.wait([draining], timeout=0.05)
+            assert not done  # it waits for the start under way there
+            store.gate.set()
+            await draining
+            assert ran == ["bank-42"]
+
+        asyncio.run(app())
+    finally:
+        store.gate.set()
+        launching.join(TIMEOUT)
+        for bg in launched:
+            bg.stop(timeout=5)
