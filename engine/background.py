@@ -97,6 +97,8 @@ _SLACK = 5.0
 #: rounds of ``cancel_grace`` a task left on the loop at its end gets, cancelled again each round
 #: (as many as Engine.stop gives the runs it cuts), before it is abandoned
 _END_ROUNDS = 3
+#: the rounds of ``cancel_grace`` the engine's stop gives each kind of code it cuts
+_STOP_ROUNDS = 3
 
 #: the longest drain a stop at interpreter exit waits for, unless start_background() was given a
 #: stop_timeout (in a Jupyter kernel, even then): a Jupyter kernel told to restart or shut down is
@@ -1360,8 +1362,8 @@ class BackgroundEngine:
                 )
             raise TimeoutError(
                 f"the background engine's loop did not end within {budget:g} s: code running on it blocks it "
-                "(a task calling blocking code without await?); the engine goes on stopping once that returns, "
-                "and bg.stop() again waits for it"
+                "(a task calling blocking code without await?), or ignores cancellation past every round of "
+                "cancel_grace; the engine goes on stopping once that returns, and bg.stop() again waits for it"
             )
         self._thread.join(_SLACK)  # its last steps, after _ended was set
         # only now: a stop cut short (Ctrl-C) is still the interpreter exit's to wait for
@@ -1377,7 +1379,9 @@ class BackgroundEngine:
         (plus its async generators and executor), and some slack for the last writes."""
         with self._lock:
             drain = self._drain_begun if self._drain_begun is not None else self._drain_timeout
-        return drain + (3 + _END_ROUNDS + 2) * self.engine.cancel_grace + 2 * _SLACK
+        # the engine's stop gives three kinds of stubborn code their rounds one after another
+        # (supervised workers, then queue handlers, then runs)
+        return drain + (3 * _STOP_ROUNDS + _END_ROUNDS + 2) * self.engine.cancel_grace + 2 * _SLACK
 
     async def astop(self, timeout: float | None = None) -> None:
         """Awaitable :meth:`stop`, for code on another event loop: that loop goes on while the engine stops."""

@@ -63,7 +63,8 @@ from .execution import Execution, RunWait, checked_timeout
 from .handle import RunHandle
 from .health import HealthSampler
 from .hop import (
-    as_future, call_blocking, call_on, cancel_and_wait, current_loop, home_here, refuse_in_fork, spawn, work_context,
+    as_future, call_blocking, call_on, cancel_and_wait, current_loop, home_here, outside_work, refuse_in_fork, spawn,
+    work_context,
     works_for,
 )
 from .index import (
@@ -978,7 +979,9 @@ class Engine:
         leave the engine half stopped. A ``timeout`` that is no finite number of
         seconds >= 0 raises :class:`InvalidConfiguration` before anything stops. Awaited on
         another event loop than the running one the engine is started (or starting, or
-        stopping) on, it raises :class:`LoopThreadError` and stops nothing.
+        stopping) on, it raises :class:`LoopThreadError` and stops nothing. Awaited by the
+        engine's own work (a run, a queue's handler, a task either started), it starts the stop
+        and returns at once: the stop drains that work as any other, so it cannot wait for its end.
         """
         timeout = check_options(StopOptions, "Engine.stop()", timeout=timeout).timeout
         if self.loop_lost:
@@ -1011,9 +1014,13 @@ class Engine:
             self._drain_advice = drain_advice
             if early is not None:
                 self._hurry_to(*early)
-            self._shutdown = spawn(
-                self._stop(timeout), name="taskwatch-shutdown"
-            )
+            # not in the caller's context: a stop a run asked for is not that run's own work
+            self._shutdown = spawn(self._stop(timeout), name="taskwatch-shutdown", context=outside_work())
+        if works_for(self):
+            # asked by the engine's own work (a run, a queue's handler, what either started): the
+            # stop drains that work too, so awaiting its end here would wait for itself until the
+            # timeout cut it short
+            return
         await asyncio.shield(self._shutdown)
 
     @property
@@ -1204,8 +1211,9 @@ class Engine:
             # submit a run, a run may put into a queue, so none is done while another still works
             await self._until_drain_cut(self._drain(deadline), "taskwatch-stop-drain")
             deadline = min(deadline, self._stop_deadline)  # (a stop that hurried this one)
-            for queue in list(self._queues.values()):
-                await queue.stop(deadline)
+            # side by side: each cuts its handlers and gives them their rounds of cancel_grace, and
+            # one after another a stubborn handler in each queue held the stop that long again
+            await asyncio.gather(*(queue.stop(deadline) for queue in list(self._queues.values())))
             if self._durable:
                 await self._executor.flush()
             # the writes of what exists nowhere else (queued jobs, runs not written yet, trigger
@@ -2023,12 +2031,13 @@ class Engine:
 
     @_on_loop
     def given_up_tasks(self) -> list[asyncio.Task[Any]]:
-        """The tasks of runs and queue handlers the last stop cancelled for every round of
+        """The tasks of runs, queue handlers and supervised workers the last stop cancelled for every round of
         ``cancel_grace`` and then left going (code that ignores cancellation); logged by the
         stop. Whoever closes the loop need not wait for them again."""
         tasks = list(self._run.left_going)
         for queue in list(self._queues.values()):
             tasks.extend(queue.left_going)
+        tasks.extend(self._supervisor.left_going())
         return [task for task in tasks if not task.done()]
 
     @_on_loop

@@ -65,6 +65,14 @@ def work_context(owner: object) -> contextvars.Context:
     return context
 
 
+def outside_work() -> contextvars.Context:
+    """A copy of the current context in which :func:`works_for` is false for every owner: for
+    what an engine starts on behalf of its own work that is not that work (a stop a run asked for)."""
+    context = contextvars.copy_context()
+    context.run(_working_for.set, None)
+    return context
+
+
 def works_for(owner: object) -> bool:
     """Whether the code running now is ``owner``'s own work (see :func:`work_context`)."""
     return _working_for.get() is owner

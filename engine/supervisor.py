@@ -364,6 +364,11 @@ class Supervisor:
             # else its code still runs (a cleanup that ignored every cancel): it says "running"
             # until it ends, when it says "stopped" (and starts again if the engine runs by then)
 
+    def left_going(self) -> list[asyncio.Task[None]]:
+        """The workers' tasks still going after :meth:`stop` gave up on them (code that
+        ignored every cancel): whoever closes the loop need not cancel them again."""
+        return [t for w in self._workers.values() if (t := w.task) is not None and not t.done()]
+
     def leader_only_running(self) -> list[str]:
         """The leader-only workers whose code still runs (after a stop: a cleanup that
         ignored every cancel), by name."""

@@ -243,6 +243,51 @@ def test_a_run_that_swallows_every_cancel_does_not_keep_the_engine_from_stopping
     again.stop(timeout=0)
 
 
+def test_stubborn_workers_and_handlers_are_cut_once_by_the_stop_queues_side_by_side(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # each queue's stubborn handler got its rounds of cancel_grace after the one before it, and
+    # the loop's end cancelled a stubborn supervised worker for as many rounds again: a stop took
+    # longer than the background engine allows it, which then blamed code blocking the loop
+    engine = Engine(health_interval=None, cancel_grace=0.1)
+    cancels: dict[str, list[float]] = {"worker": [], "a": [], "b": []}
+    started: dict[str, threading.Event] = {name: threading.Event() for name in cancels}
+
+    async def swallow(name: str) -> None:
+        started[name].set()
+        while True:  # a bug in the code: it swallows every cancel
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancels[name].append(asyncio.get_running_loop().time())
+
+    @engine.supervised
+    async def worker(ctx: Any) -> None:
+        await swallow("worker")
+
+    async def handle_a(job: Any) -> None:
+        await swallow("a")
+
+    async def handle_b(job: Any) -> None:
+        await swallow("b")
+
+    queues = [engine.queue("a", handle_a), engine.queue("b", handle_b)]
+    bg = engine.start_background()
+    for queue in queues:
+        queue.put_nowait({})  # from this thread: handed to the engine's loop
+    for event in started.values():
+        assert event.wait(10)
+    with caplog.at_level(logging.WARNING, logger="taskwatch"):
+        bg.stop(timeout=0)
+    messages = [r.getMessage() for r in caplog.records]
+    # cut as often as a handler is, by the stop's rounds, not by the loop end's as well
+    assert len(cancels["worker"]) == len(cancels["a"]) == len(cancels["b"]) > 1, cancels
+    assert not any("abandoned as the loop closed" in m for m in messages), messages
+    # both queues' handlers were cut before either's rounds had ended
+    assert max(cancels["a"][0], cancels["b"][0]) < min(cancels["a"][-1], cancels["b"][-1]), cancels
+    assert (bg.state, engine.state) == ("stopped", "stopped") and not bg.thread.is_alive()
+
+
 def test_a_run_blocked_in_to_thread_does_not_keep_the_engine_from_stopping() -> None:
     engine = Engine(health_interval=None, cancel_grace=0.2)
     release = threading.Event()

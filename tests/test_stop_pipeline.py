@@ -743,3 +743,43 @@ async def test_a_durable_stop_with_another_node_alive_lets_a_handler_wait_for_th
     assert seen["told"] == []
     info = seen["queue"].info()
     assert (info.processed, info.failed, info.kept) == (1, 0, 0)
+
+
+# ---------------------------------------------------------------- a stop the engine's own work asks for
+
+
+@pytest.mark.parametrize("asker", ["run", "handler"])
+async def test_a_stop_awaited_by_the_engines_own_work_starts_the_stop_and_lets_that_work_finish(
+    store: str, asker: str
+) -> None:
+    # the stop drained the very run (or handler) awaiting it, so it waited for itself until its
+    # timeout, then cut it short: the run ended cancelled, the job undone, the warning advising
+    # a longer timeout
+    engine = _engine(store)
+    said: list[str] = []
+
+    @engine.task
+    async def shut_down(ctx: TaskContext) -> str:
+        await engine.stop(timeout=LONG)
+        said.append("run")
+        return "asked"
+
+    async def handle(job: Any) -> None:
+        await engine.stop(timeout=LONG)
+        said.append("handler")
+
+    queue = engine.queue("control", handle)
+    await engine.start()
+    if asker == "run":
+        handle_ = await engine.submit("shut_down")
+    else:
+        await queue.put({"stop": True})
+    await eventually(lambda: engine.state != "running")  # the stop it asked for is under way
+    # an outside caller waits for the end: well inside LONG, as nothing waits for itself
+    await asyncio.wait_for(engine.stop(timeout=LONG), 10)
+    assert engine.state == "stopped" and said == [asker]
+    if asker == "run":
+        record = engine.get(handle_.id)
+        assert (record.status, record.result) == (RunStatus.SUCCEEDED, "asked")
+    else:
+        assert queue.processed == 1
