@@ -480,6 +480,9 @@ class Engine:
         self._loop_thread: int | None = None
         #: the loop closed under the engine and stop() tidied up what was left (see loop_lost)
         self._loop_lost = False
+        #: a start's open of the store while under way, and whether a stop gave it up
+        self._opening: asyncio.Task[None] | None = None
+        self._open_cut = False
         #: starts of queues and triggers made while the engine runs (a durable store's take
         #: reads and writes the store); the stop waits for them before stopping those
         self._late_starts: set[asyncio.Task[None]] = set()
@@ -851,7 +854,7 @@ class Engine:
         self._refresh_limits()  # resources may have been added since the tasks registered
         # what runs execute in: everything they start is the engine's own work (see _require_running)
         self._run.base_context = work_context(self)
-        await self._store.open()
+        await self._open_store()
         try:
             registered_at = time.monotonic()  # sent from here on: the store's clock reads no earlier
             await self._store.register_node(self.node_id, self.incarnation, __version__)
@@ -883,6 +886,33 @@ class Engine:
             self.bus.close()
             raise
         self._store.started()
+
+    async def _open_store(self) -> None:
+        """Open the store as a task a stop may cut: until it is open nothing has started, so a
+        stop meanwhile need not wait past its own timeout for a server that does not answer (or
+        a file another process holds locked); the start then raises :class:`EngineNotRunning`."""
+        opening = self._opening = spawn(self._store.open(), name="taskwatch-store-open")
+        try:
+            await opening  # (a cancel of the start's caller cancels the open with it)
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if self._open_cut and (me is None or not me.cancelling()):
+                raise EngineNotRunning(
+                    "stopped",
+                    f"engine.stop() was called while the engine was opening its store ({self._store.describe()}), "
+                    "so the open was given up and nothing was started; start it again to go on",
+                ) from None
+            raise
+        finally:
+            self._opening = None
+            self._open_cut = False
+
+    def _cut_open(self) -> None:
+        """A stop during a start, past its timeout: give up the store's open if still under way."""
+        opening = self._opening
+        if opening is not None and not opening.done():
+            self._open_cut = True
+            opening.cancel()
 
     async def _load_index(self) -> None:
         """Fill the run index from the store: its recent history and everything unfinished."""
@@ -982,6 +1012,10 @@ class Engine:
         stopping) on, it raises :class:`LoopThreadError` and stops nothing. Awaited by the
         engine's own work (a run, a queue's handler, a task either started), it starts the stop
         and returns at once: the stop drains that work as any other, so it cannot wait for its end.
+        During a start it waits for that start, then stops what it started; a start still opening
+        its store when ``timeout`` has passed is given up instead (it raises
+        :class:`EngineNotRunning`): nothing has started yet, and a store that does not answer
+        would otherwise hold the stop for as long as its own timeouts.
         """
         timeout = check_options(StopOptions, "Engine.stop()", timeout=timeout).timeout
         if self.loop_lost:
@@ -994,7 +1028,12 @@ class Engine:
             # stop what is being started, once it is (a start that fails leaves nothing to stop)
             self._stops_waiting_start += 1
             try:
-                await asyncio.wait([starting])
+                if not (await asyncio.wait([starting], timeout=timeout))[0]:
+                    # one still opening its store by the stop's timeout has started nothing: that
+                    # open (a server that does not answer, a file another process holds locked)
+                    # is given up rather than waited for past the time the stop was given
+                    self._cut_open()
+                    await asyncio.wait([starting])
             finally:
                 self._stops_waiting_start -= 1
                 early = self._early_hurry

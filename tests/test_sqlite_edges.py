@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from taskwatch.engine import Engine, TaskContext
+from taskwatch.engine import Engine, EngineNotRunning, TaskContext
 from taskwatch.engine.errors import InvalidConfiguration, NotATaskwatchStore, StoreBusy, StoreUnavailable
 from taskwatch.engine.store import NewRun, SqliteStore
 
@@ -620,3 +620,24 @@ async def test_an_operation_refused_as_busy_leaves_nothing_open_after_the_store_
     gc.collect()
     assert refused.value is not None  # kept, as a caller reporting it would
     assert _open_here(db) == [], "the closed store left the file open"
+
+
+async def test_a_stop_during_a_start_waiting_for_a_locked_file_gives_the_open_up_at_once(tmp_path: Path) -> None:
+    # the stop waited for the start, which waited out busy_timeout for another process's lock:
+    # a stop(timeout=1) took as long as that (a minute here), though nothing had started yet
+    db = tmp_path / "runs.db"
+    engine = Engine(store=f"sqlite:///{db}?busy_timeout=60000", node_id="s", health_interval=None)
+    await engine.start()  # a taskwatch file already: the next open waits for the lock
+    await engine.stop()
+    with _locked_by_another_process(db) as holder:
+        start = asyncio.create_task(engine.start())
+        await eventually(lambda: any(t.name.startswith("taskwatch-sqlite") for t in threading.enumerate()))
+        await asyncio.wait_for(engine.stop(timeout=1), 10)  # well inside busy_timeout
+        with pytest.raises(EngineNotRunning, match="stop.* while the engine was opening its store"):
+            await start
+        assert engine.state == "stopped"
+        await eventually(lambda: not any(t.name.startswith("taskwatch-sqlite") for t in threading.enumerate()))
+        _release(holder)
+    await engine.start()  # and it starts again, the lock gone
+    assert engine.state == "running"
+    await engine.stop()
