@@ -677,8 +677,9 @@ class Engine:
 
     @property
     def state(self) -> str:
-        """``new``, ``running``, ``stopping`` or ``stopped``."""
-        return self._state
+        """``new``, ``running``, ``stopping`` or ``stopped`` (also once its loop closed under
+        it: see :attr:`loop_lost`)."""
+        return "stopped" if self.loop_lost else self._state
 
     @property
     def history(self) -> int:
@@ -1079,17 +1080,19 @@ class Engine:
         durable store's next start (another Engine's, or another process's) takes back the runs
         this one had, as after a crash."""
         self._loop_lost = True
-        log.warning(
-            "engine %s: the event loop it was started on closed without engine.stop(), and its runs and "
-            "loops ended with it; its store is closed now. Keep an engine on one loop for its life "
-            "(`async with engine:` inside the one asyncio.run()); build a new Engine to go on",
-            self.node_id,
-        )
+        closed = "its store's close was cut short"
         try:
             await self._store.close()
-        except Exception:  # noqa: BLE001 - a store tied to the closed loop may not close from another
-            log.warning("engine %s: its store could not be closed from this loop", self.node_id, exc_info=True)
+            closed = "its store is closed now"
+        except Exception as exc:  # noqa: BLE001 - a store tied to the closed loop may not close from another
+            closed = f"its store could not be closed from this loop ({type(exc).__name__}: {exc}); it closes with the process"
         finally:
+            log.warning(
+                "engine %s: the event loop it was started on closed without engine.stop(), and its runs and "
+                "loops ended with it; %s. Keep an engine on one loop for its life (`async with engine:` "
+                "inside the one asyncio.run()); build a new Engine to go on",
+                self.node_id, closed,
+            )
             self._state = "stopped"
             self._draining = False
             try:
@@ -2085,7 +2088,7 @@ class Engine:
         counts = index.counts
         return EngineStats(
             node_id=self.node_id,
-            state=self._state,
+            state=self.state,
             by_status={s.value: n for s, n in counts.items()},
             queue_depth=counts[_PENDING],
             running=counts[_RUNNING],
@@ -2153,7 +2156,7 @@ class Engine:
         return Snapshot(
             node_id=self.node_id,
             version=__version__,
-            state=self._state,
+            state=self.state,
             started_at=self._started_at,
             runs=runs,
             tasks=self.catalog(),

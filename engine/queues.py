@@ -1495,7 +1495,8 @@ class WorkQueue:
         raises :class:`EngineNotRunning` at once rather than wait for a start that may never
         come; the jobs stay queued for the next start. A start under way on the caller's
         loop is waited for, then the jobs. With nothing queued it returns at once, started
-        or not. Awaited on another loop than the engine's, it
+        or not; once the engine's loop closed under it, it raises :class:`EngineLoopClosed`.
+        Awaited on another loop than the engine's, it
         waits on the engine's loop. :class:`InvalidConfiguration` for a ``timeout`` that
         is no number of seconds >= 0 (as ``RunHandle.wait``'s).
         """
@@ -1510,23 +1511,34 @@ class WorkQueue:
             # is still to come (a start that failed is not waited for: the jobs put here are)
             await self._late_start()
             # a job arriving from another thread can land after the idle signal: re-check
+            if self._engine.loop_lost:
+                # its consumers ended with that loop, cutting what they held: nothing handles
+                # the jobs any more, and a join that returned would say they were
+                raise EngineLoopClosed()
+            looked_again = False
             while (fut := self._idle_waiter()) is not None:
                 if self._only_undone():
                     fut.cancel()
                     raise self._undone_at_stop()
                 if not self._launched and self._engine.state in ("new", "stopped"):
                     starting = self._engine.starting
+                    self._drop_idle_waiter(fut)
                     if starting is None:
-                        self._drop_idle_waiter(fut)
-                        raise self._not_started()
-                    if starting.get_loop() is asyncio.get_running_loop():
-                        # its launch comes at its end (a start that fails leaves the jobs
-                        # here: the next turn raises)
-                        self._drop_idle_waiter(fut)
-                        await asyncio.wait([starting])
+                        if looked_again:
+                            raise self._not_started()
+                        # a start made in a task just before (an app's `async with engine:`)
+                        # takes its first step on this turn: looked for once more after it
+                        looked_again = True
+                        await asyncio.sleep(0)
                         continue
-                    # under way on another loop (start_background()): its consumers handle the
-                    # jobs, whose end wakes this join on its own loop
+                    # its launch comes at its end (a start that fails leaves the jobs here: the
+                    # next turn raises); one under way on another loop (start_background()) is
+                    # waited for there, where its future belongs
+                    if starting.get_loop() is asyncio.get_running_loop():
+                        await asyncio.wait([starting])
+                    else:
+                        await call_on(starting.get_loop(), asyncio.wait, [starting])
+                    continue
                 await fut
         if self._left_at_stop is not None:
             raise StoppedBeforeDone(*self._left_at_stop)

@@ -174,6 +174,8 @@ class Supervisor:
         self._running = False
         #: waits for leader-only workers cancelled on a lost leadership (the listener cannot await)
         self._winding_down: set[asyncio.Task[None]] = set()
+        #: the workers' tasks the last stop gave up on (code that ignored every cancel)
+        self._left_going: list[asyncio.Task[None]] = []
         #: looks for other live nodes on the store while leader-only workers run without a lease
         self._other_leaders_watch: asyncio.Task[None] | None = None
         engine.elector.add_listener(self.on_leadership)
@@ -326,6 +328,7 @@ class Supervisor:
 
     async def start(self) -> None:
         self._running = True
+        self._left_going = []
         for worker in self._workers.values():
             # one whose last copy still runs (its cleanup outlasted the last stop) is
             # started by that copy's done-callback once it has ended
@@ -353,6 +356,7 @@ class Supervisor:
         await cancel_and_wait(watch)
         tasks = [t for w in self._workers.values() if (t := self._cancel(w, "shutdown")) is not None]
         await self._await_cancelled(tasks, deadline)
+        self._left_going = [t for t in tasks if not t.done()]
         # the workers they wait for were just waited for (and warned about) here
         for waiter in list(self._winding_down):
             await cancel_and_wait(waiter)
@@ -365,9 +369,9 @@ class Supervisor:
             # until it ends, when it says "stopped" (and starts again if the engine runs by then)
 
     def left_going(self) -> list[asyncio.Task[None]]:
-        """The workers' tasks still going after :meth:`stop` gave up on them (code that
+        """The workers' tasks still going after the last :meth:`stop` gave up on them (code that
         ignored every cancel): whoever closes the loop need not cancel them again."""
-        return [t for w in self._workers.values() if (t := w.task) is not None and not t.done()]
+        return [t for t in self._left_going if not t.done()]
 
     def leader_only_running(self) -> list[str]:
         """The leader-only workers whose code still runs (after a stop: a cleanup that

@@ -518,10 +518,13 @@ class Trigger:
         O(1) and non-blocking. From another thread the count is handed to the
         engine's loop. Raises :class:`InvalidKey` for a key that is not a str
         and :class:`InvalidCount` for an ``n`` that is not an int of at least 1,
-        and in a fork of the process the engine runs in :class:`EngineInAnotherProcess`;
-        either way nothing is counted.
+        in a fork of the process the engine runs in :class:`EngineInAnotherProcess`, and
+        once the engine's loop closed under it :class:`EngineLoopClosed`; either way
+        nothing is counted.
         """
         check_key(f"trigger {self.name!r}", key)
+        if self._engine.loop_lost:
+            raise EngineLoopClosed()  # nothing would ever fire it: counted, it would only mislead
         if type(n) is not int or not 1 <= n <= _MAX_N:
             # checked here, on the caller's thread: a bad count raises to its caller, not later
             # on the loop, and a count of 0.5 or -3 would break the key's record
@@ -1064,8 +1067,10 @@ class Trigger:
         async with asyncio.timeout(timeout):
             await call_on(loop, self._drain_here)
 
-    async def _drain_here(self) -> None:
+    async def _drain_here(self, looked_again: bool = False) -> None:
         # (within drain()'s timeout, kept on the caller's loop: see drain())
+        if self._engine.loop_lost:
+            raise EngineLoopClosed()  # its runs and sweeps ended with that loop: none will come
         loop = asyncio.get_running_loop()
         if not self._launched and not self._start_failed and self._engine.state == "running":
             # made while the engine runs: its start is a task of the loop, not run yet
@@ -1105,7 +1110,13 @@ class Trigger:
             if not self._launched and self._engine.state in ("new", "stopped") and (waiting := self._due_unfired()):
                 starting = self._engine.starting
                 if starting is None:
-                    raise self._not_started(waiting)
+                    if looked_again:
+                        raise self._not_started(waiting)
+                    # a start made in a task just before (an app's `async with engine:`) takes its
+                    # first step on this turn: looked for once more after it
+                    await asyncio.sleep(0)
+                    await self._drain_here(looked_again=True)
+                    return
                 # its end launches the trigger, whose first sweep fires them: drained as usual then
                 # (a start that fails leaves them due: that drain raises)
                 if starting.get_loop() is loop:

@@ -411,7 +411,7 @@ def test_an_engine_whose_event_loop_closed_without_a_stop_refuses_work_and_its_s
         await hold.wait()
 
     async def handle(job: dict[str, Any]) -> None:
-        pass
+        await hold.wait()
 
     queue = engine.queue("jobs", handle)
 
@@ -422,10 +422,13 @@ def test_an_engine_whose_event_loop_closed_without_a_stop_refuses_work_and_its_s
 
     async def first() -> str:
         await engine.start()
+        await queue.put({"n": 0})  # in flight, its handler held: a join has something to wait for
         return (await engine.submit("work")).id
 
     run_id = asyncio.run(first())
     assert engine.loop_lost
+    # said as it is, to a dashboard or a health check as much as to the caller
+    assert engine.state == engine.stats().state == "stopped"
 
     async def second() -> None:
         for refused in (engine.submit("work"), queue.put({"a": 1}), engine.start()):
@@ -435,6 +438,12 @@ def test_an_engine_whose_event_loop_closed_without_a_stop_refuses_work_and_its_s
             queue.put_nowait({"a": 1})
         with pytest.raises(EngineLoopClosed):
             trigger.fire("k")
+        with pytest.raises(EngineLoopClosed):
+            trigger.notify("k")  # counted, it would never fire
+        # waits on what was there would wait for good, or return as if it had been done
+        for wait in (queue.join(), trigger.drain()):
+            with pytest.raises(EngineLoopClosed):
+                await asyncio.wait_for(wait, TIMEOUT)
         assert engine.get(run_id).status is not RunStatus.SUCCEEDED  # what it knew still reads
         await engine.stop()
         assert engine.state == "stopped"

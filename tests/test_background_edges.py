@@ -288,6 +288,25 @@ def test_stubborn_workers_and_handlers_are_cut_once_by_the_stop_queues_side_by_s
     assert (bg.state, engine.state) == ("stopped", "stopped") and not bg.thread.is_alive()
 
 
+def test_a_running_engines_workers_are_not_counted_as_given_up() -> None:
+    # given up on meant any worker still alive, the healthy ones of a running engine included:
+    # a loop's end would then have left them uncancelled
+    engine = Engine(health_interval=None)
+    started = threading.Event()
+
+    @engine.supervised
+    async def poller(ctx: Any) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    bg = engine.start_background()
+    try:
+        assert started.wait(10)
+        assert bg.call(lambda engine: [t.get_name() for t in engine.given_up_tasks()]) == []
+    finally:
+        bg.stop(timeout=5)
+
+
 def test_a_run_blocked_in_to_thread_does_not_keep_the_engine_from_stopping() -> None:
     engine = Engine(health_interval=None, cancel_grace=0.2)
     release = threading.Event()

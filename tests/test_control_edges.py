@@ -362,6 +362,19 @@ def test_a_dashboard_without_a_terminal_is_refused_in_one_line_with_advice_that_
             assert "cannot reach an engine at /nonexistent/tw.sock" in advised.stderr, advised.stderr[-600:]
 
 
+def test_attach_without_a_terminal_advises_the_browser_with_the_same_token_file(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-of-the-test\n")
+    token.chmod(0o600)
+    result = _no_terminal("attach", "/nonexistent/tw.sock", "--token-file", str(token), stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result.stderr[-600:]
+    advice = f"`taskwatch web attach /nonexistent/tw.sock --token-file {token}`"
+    assert advice in result.stderr and "s3cret" not in result.stderr, result.stderr[-600:]
+    # followed, it gets past the token to looking for the engine
+    advised = _no_terminal(*advice.strip("`").split()[1:], stdin=subprocess.DEVNULL)
+    assert "cannot reach an engine at /nonexistent/tw.sock" in advised.stderr, advised.stderr[-600:]
+
+
 def test_a_demo_refused_for_want_of_a_terminal_starts_nothing(tmp_path: Path) -> None:
     # refused before the engine starts: no store opened, no demo run started only to be stopped
     db = tmp_path / "demo.db"

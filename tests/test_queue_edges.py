@@ -304,6 +304,44 @@ def test_a_join_on_another_loop_during_a_background_start_returns_once_the_queue
     assert handled == [0, 1, 2]
 
 
+def test_a_join_on_another_loop_during_a_background_start_that_fails_is_told_at_once(
+    stoppers: list[BackgroundEngine],
+) -> None:
+    # it waited for the jobs' end on the engine's loop, which a failed start never gave them:
+    # the join waited out its whole timeout (a drain in the same spot was told at once)
+    store = StartHeldAtRegister()
+    store.fail = True
+    engine = Engine(store=store, health_interval=None)
+
+    async def handler(job: int) -> None:
+        pass
+
+    queue = engine.queue("q", handler)
+    queue.put_nowait(1)
+    failed: list[BaseException] = []
+
+    def launch() -> None:
+        try:
+            stoppers.append(engine.start_background())
+        except Exception as exc:  # noqa: BLE001 - the refusal under test
+            failed.append(exc)
+
+    launching = threading.Thread(target=launch, daemon=True)
+    launching.start()
+    try:
+        assert store.reached.wait(TIMEOUT)  # the start is under way on the engine's own loop
+        waiting, outcome, thread = _on_a_loop_of_its_own(lambda: queue.join(timeout=60))
+        assert waiting.wait(TIMEOUT)
+        assert not outcome  # it waits for the start under way
+    finally:
+        store.gate.set()  # which now fails
+        launching.join(TIMEOUT)
+    thread.join(TIMEOUT)
+    assert failed and not thread.is_alive()
+    assert isinstance(outcome.get("error"), EngineNotRunning), outcome
+    assert queue.depth == 1  # kept for a start that works
+
+
 @pytest.mark.parametrize("durable", [False, True])
 def test_a_put_waiting_for_room_on_another_loop_before_a_background_start_returns_once_room_frees(
     durable: bool, tmp_path: Path, stoppers: list[BackgroundEngine]
@@ -1005,3 +1043,36 @@ async def test_a_join_waiting_for_a_start_that_fails_raises_engine_not_running_a
     async with engine:
         await queue.join(timeout=TIMEOUT)
         assert handled == [1]
+
+
+async def test_a_join_and_a_drain_right_after_a_start_made_in_a_task_wait_for_that_start() -> None:
+    # an app starts its engine in a task (`async with engine:` in its server's coroutine) and goes
+    # on at once: the start had not taken its first step, and join() and drain() refused as if
+    # no start were coming
+    engine = Engine(health_interval=None)
+    handled: list[str] = []
+
+    async def handle(job: str) -> None:
+        handled.append(job)
+
+    queue = engine.queue("q", handle)
+
+    async def fire(ctx: TaskContext, key: str) -> None:
+        handled.append(key)
+
+    trigger = engine.trigger("t", fire, size_threshold=1)
+    stop = asyncio.Event()
+
+    async def serve() -> None:
+        async with engine:
+            await stop.wait()
+
+    server = asyncio.create_task(serve())
+    queue.put_nowait("job-1")
+    trigger.notify("key-1")
+    async with asyncio.timeout(10):  # (not wait_for: its task would give the start its turn first)
+        await queue.join()
+        await trigger.drain()
+    assert sorted(handled) == ["job-1", "key-1"]
+    stop.set()
+    await server

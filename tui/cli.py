@@ -827,8 +827,12 @@ def _attach(opts: argparse.Namespace) -> int:
     from .app import TaskwatchApp
     from .remote_client import RemoteClient
 
-    # attach has no --plain; an engine's address has a dashboard in the browser
-    in_browser = f"{NO_TERMINAL_HERE}, or `taskwatch web attach {shlex.quote(opts.address)}` for its dashboard in the browser"
+    # attach has no --plain; an engine's address has a dashboard in the browser, given the same token
+    advised = ["taskwatch", "web", "attach", opts.address]
+    if opts.token_file is not None:
+        advised += ["--token-file", opts.token_file]
+    token_note = " with the token in $TASKWATCH_TOKEN" if opts.token is not None else ""
+    in_browser = f"{NO_TERMINAL_HERE}, or `{shlex.join(advised)}`{token_note} for its dashboard in the browser"
     return run_dashboard(
         TaskwatchApp(RemoteClient(opts.address, token=token), confirm=opts.confirm), no_terminal=in_browser
     )
