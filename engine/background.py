@@ -841,6 +841,8 @@ class BackgroundEngine:
             # this caller was cancelled (asyncio.wait_for, say): a call not started yet never
             # starts (wrap_future cancelled its future); one under way ends at its next await
             call.give_up()
+            # what the given-up call still ends with is nobody's to hear now (as call_on says)
+            answer.add_done_callback(unheard)
             raise
         except Escaped as escaped:
             raise escaped.exc from None
@@ -1436,6 +1438,20 @@ _serving = threading.local()
 _facades: weakref.WeakValueDictionary[int, BackgroundEngine] = weakref.WeakValueDictionary()
 
 
+def _after_fork_in_child() -> None:
+    """A lock another thread of the parent held at the fork stays held in the child for good, that
+    thread not having come along: a read there (``bg.get()``, ``handle.wait()``) hung on it instead
+    of being told :class:`EngineInAnotherProcess`. The child gets its locks afresh."""
+    global _launch_lock
+    _launch_lock = threading.Lock()
+    for bg in list(_facades.values()):
+        bg._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _give_up_start(bg: BackgroundEngine) -> None:
     """Stop what a launch that gave up (timed out, or cut short) had started."""
     bg._abort_start()
@@ -1448,7 +1464,8 @@ def _give_up_start(bg: BackgroundEngine) -> None:
 
 def _ready(target: BackgroundEngine) -> BackgroundEngine:
     """``target``, once its loop is there to take calls (a facade just launched may not have it yet)."""
-    target._ready.wait(_thread_timeout(target.start_timeout))
+    if not target._ready.is_set():  # (a flag: no lock taken on every call once it is)
+        target._ready.wait(_thread_timeout(target.start_timeout))
     return target
 
 

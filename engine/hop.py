@@ -209,8 +209,12 @@ class LoopCall:
             waiting = _unanswered.get(loop)
             if waiting is None:
                 waiting = _unanswered[loop] = set()
-            waiting.add(future)
+        # the callback before the entry: an interrupt between the two then leaves no entry that
+        # nothing would ever remove (and the lock is not held: a done future calls back at once)
         future.add_done_callback(functools.partial(_answered, waiting))
+        with _unanswered_lock:
+            if not future.done():
+                waiting.add(future)
         self._loop = loop
         try:
             loop.call_soon_threadsafe(self._create)

@@ -7,7 +7,9 @@ import concurrent.futures
 import dis
 import errno
 import functools
+import gc
 import html
+import logging
 import math
 import re
 import signal
@@ -1025,3 +1027,22 @@ def test_ctrl_c_during_a_wait_on_a_loop_apart_frees_the_caller_at_once() -> None
     )
     assert child.returncode == 0, child.stderr[-2000:]
     assert child.stdout.strip() == '"interrupted while the call still waited"', child.stdout + child.stderr[-2000:]
+
+
+async def test_an_awaited_call_cancelled_while_under_way_leaves_no_error_logged(
+    bg: BackgroundEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the given-up call's end (a CancelledError) reached this loop's future of its answer, which
+    # nobody retrieved: asyncio logged "Future exception was never retrieved" once per cancel
+    def on_loop() -> int:
+        return int(bg.call(lambda engine: len(asyncio.all_tasks())))
+
+    before = await asyncio.to_thread(on_loop)
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        for _ in range(3):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(bg.acall(lambda engine: asyncio.sleep(30)), 0.2)
+        # the given-up calls have ended on the engine's loop (their answers came back meanwhile)
+        assert await asyncio.to_thread(lambda: wait_until(lambda: on_loop() == before))
+        gc.collect()
+    assert not [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
