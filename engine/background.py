@@ -291,6 +291,10 @@ class BackgroundEngine:
         self._outstanding: set[concurrent.futures.Future[Any]] = set()
         self._finished = False
         self._stopping = False
+        #: the loop's end has begun (_end_loop): no call is shipped to it any more
+        self._ending = False
+        #: the interpreter's exit went on without the loop (blocked), failing the calls left
+        self._left_at_exit = False
         #: the endpoint serve() made last
         self._server_info: ServerInfo | None = None
         #: the endpoint a dashboard() made for the dashboards' sessions when serve() had made none they
@@ -406,6 +410,12 @@ class BackgroundEngine:
         blocking code after one ``cancel_grace``: the loop closes and the thread ends anyway.
         """
         grace = self.engine.cancel_grace
+        # no call is shipped from here on (reads asked meanwhile are asked of the records once the
+        # loop has ended), and those shipped before are taken up now: their tasks are among what
+        # is ended below, not made as the async generators close, never to take a step
+        with self._lock:
+            self._ending = True
+        loop.run_until_complete(asyncio.sleep(0))
         # the engine's stop cancelled these for as many rounds already, and said so: waiting
         # for them again would only double how long a stubborn run holds the exit
         given_up = set(self.engine.given_up_tasks())
@@ -563,6 +573,9 @@ class BackgroundEngine:
     def _fail_outstanding(self, error: EngineNotRunning | None = None) -> None:
         with self._lock:
             self._finished = True
+            if error is not None:
+                # the interpreter's exit gave up on a loop still blocked: no read waits for its end
+                self._left_at_exit = True
             pending, self._outstanding = self._outstanding, set()
         for fut in pending:
             try:
@@ -651,7 +664,7 @@ class BackgroundEngine:
             loop = self._loop
             # a stop under way takes no more work, but its engine still answers reads (as an
             # Engine does while it stops) until its loop ends
-            if self._finished or (self._stopping and not read_) or loop is None:
+            if self._finished or self._ending or (self._stopping and not read_) or loop is None:
                 raise self._not_running()
             self._outstanding.add(call.future)
             try:
@@ -723,21 +736,44 @@ class BackgroundEngine:
         started again under another facade, the read goes to that one's loop.
         After a crash every call raises :class:`EngineCrashed`.
         """
-        with _launch_lock:
-            target = self._target()
-            if target is None:
-                # the engine is stopped, and no start_background() can begin while the lock is held
-                return fn(*args, **kwargs)
-        return _ready(target)._call(method, fn, *args, changes_=False, **kwargs)
+        while True:
+            with _launch_lock:
+                target = self._target()
+                if target is None:
+                    # the engine is stopped, and no start_background() can begin while the lock is held
+                    return fn(*args, **kwargs)
+            try:
+                return _ready(target)._call(method, fn, *args, changes_=False, **kwargs)
+            except EngineNotRunning:
+                if not target._ended_under_read():
+                    raise
+                # the loop ended under the read (a stop): asked again, of the records now
 
     async def _aread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        with _launch_lock:
-            target = self._target()
+        while True:
+            with _launch_lock:
+                target = self._target()
+                if target is None:
+                    result = fn(*args, **kwargs)  # here, on the caller's loop: the engine's is gone
             if target is None:
-                result = fn(*args, **kwargs)  # here, on the caller's loop: the engine's is gone
-        if target is None:
-            return await result if inspect.isawaitable(result) else result
-        return await (await _aready(target))._acall(fn, *args, read_=True, **kwargs)
+                return await result if inspect.isawaitable(result) else result
+            try:
+                return await (await _aready(target))._acall(fn, *args, read_=True, **kwargs)
+            except EngineNotRunning:
+                if not await asyncio.to_thread(target._ended_under_read):
+                    raise
+
+    def _ended_under_read(self) -> bool:
+        """After a read was refused as not running: whether this facade's loop has ended (or is
+        ending) cleanly, so the read is to be asked again, of the records a stopped engine keeps.
+        A stop's reads race its end: the documented promise is that they are answered."""
+        if self._forked():
+            return False  # (EngineInAnotherProcess: its loop ends in the other process, if ever)
+        with self._lock:
+            if self._crash is not None or self._left_at_exit or not (self._finished or self._stopping or self._ending):
+                return False
+        # its end comes right after (the loop's last steps); bounded: a blocked loop never ends
+        return self._ended.wait(_SLACK)
 
     def _target(self) -> BackgroundEngine | None:
         """The facade whose loop a read or a wait goes to, or None while the engine is stopped.
@@ -774,7 +810,15 @@ class BackgroundEngine:
                 # never more than call_timeout past it: a loop a task blocks answers nothing)
                 slack = _SLACK if self.call_timeout is None else min(_SLACK, self.call_timeout)
                 budget = None if left is None else left + slack
-                record: RunRecord = _ready(target)._call("wait", handle.wait, left, timeout_=budget, changes_=False)
+                try:
+                    record: RunRecord = _ready(target)._call("wait", handle.wait, left, timeout_=budget, changes_=False)
+                except EngineNotRunning:
+                    if not target._ended_under_read():
+                        raise
+                    # the loop ended under the wait (a stop): the rest of it is asked of the records
+                    if deadline is not None:
+                        left = max(0.0, deadline - time.monotonic())
+                    continue
                 return record
             # a stopped engine answers at once (the record, or StoppedBeforeDone); waited on a piece at
             # a time all the same, so that a start meanwhile sends the rest of the wait to its loop
@@ -804,6 +848,12 @@ class BackgroundEngine:
                     if not bound.expired():
                         raise
                     raise no_answer_in_time(handle.id, timeout) from None
+                except EngineNotRunning:
+                    if not await asyncio.to_thread(target._ended_under_read):
+                        raise
+                    if deadline is not None:
+                        left = max(0.0, deadline - time.monotonic())
+                    continue
                 return awaited
             piece = _STOPPED_SLICE if left is None else min(left, _STOPPED_SLICE)
             try:

@@ -307,6 +307,43 @@ def test_a_running_engines_workers_are_not_counted_as_given_up() -> None:
         bg.stop(timeout=5)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_reads_racing_a_stop_are_answered_of_the_records_not_refused() -> None:
+    # a read shipped as the loop ended (a stop) was refused as "stopped and accepts no work",
+    # though a stopping engine answers reads and a stopped one answers them of its records;
+    # and one whose task was made as the loop closed was left there ("coroutine ... was never
+    # awaited")
+    refused: list[str] = []
+    for _ in range(8):
+        bg = build_engine().start_background(call_timeout=5)
+        handle = bg.submit("forever")
+        wait_until(lambda: handle.status is RunStatus.RUNNING)
+        bg.cancel(handle.id)  # finished: every read of it has an answer, before the stop and after
+        quit_ = threading.Event()
+        answered = [0] * 4
+
+        def read(k: int) -> None:
+            while not quit_.is_set():
+                try:
+                    record = handle.wait(timeout=2) if k % 2 else bg.get(handle.id)
+                    assert record.status is RunStatus.CANCELLED
+                    answered[k] += 1
+                except Exception as exc:  # noqa: BLE001 - what a reader was told, under test
+                    refused.append(f"{type(exc).__name__}: {exc}")
+
+        readers = [threading.Thread(target=read, args=(k,), daemon=True) for k in range(4)]
+        for reader in readers:
+            reader.start()
+        wait_until(lambda: all(answered))  # every reader is reading
+        bg.stop(timeout=1)
+        before = list(answered)
+        wait_until(lambda: all(now > then for now, then in zip(answered, before)))  # and read after
+        quit_.set()
+        for reader in readers:
+            reader.join(10)
+    assert not refused, refused[:3]
+
+
 def test_a_run_blocked_in_to_thread_does_not_keep_the_engine_from_stopping() -> None:
     engine = Engine(health_interval=None, cancel_grace=0.2)
     release = threading.Event()
