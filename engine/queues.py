@@ -606,10 +606,11 @@ class WorkQueue:
         return loop
 
     def _check_open(self) -> None:
-        if self._engine.loop_lost:
-            raise EngineLoopClosed()  # its consumers ended with that loop: the job would wait for good
         state = self._engine.state
         if state in _CLOSED_STATES and not (state == "stopping" and self._launched and works_for(self._engine)):
+            if self._engine.loop_lost:
+                # (its state says stopped) its consumers ended with that loop: the job would wait for good
+                raise EngineLoopClosed()
             # the engine's own work (a handler, a run) still puts while the stop drains, until
             # this queue closes: refused, the job or run feeding it would fail (see Engine._stop)
             raise EngineNotRunning(state)
