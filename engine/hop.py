@@ -151,7 +151,8 @@ def as_future(aw: Awaitable[T], *, loop: asyncio.AbstractEventLoop | None = None
 
 
 class Escaped(Exception):
-    """Carries a SystemExit or KeyboardInterrupt raised by a hopped call back to its caller."""
+    """Carries a SystemExit or KeyboardInterrupt raised by a hopped call back to its caller, or
+    a CancelledError the call's own code ended with (not a cancel of the call)."""
 
     def __init__(self, exc: BaseException) -> None:
         super().__init__(repr(exc))
@@ -242,6 +243,14 @@ class LoopCall:
         # step, which may block the loop for seconds before its first await)
         try:
             result = await _invoke(fn, args, kwargs)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the call itself was cancelled (given up, or the loop's end): _settle says so
+            # the call's own outcome (it awaited a task something else cancelled), which its
+            # caller hears as it would awaiting the call there: taken for a cut call, it was
+            # reported as a stopped engine, and a blocking caller ran it a second time
+            _answer(self.future, Escaped(exc), failed=True)
         except Exception as exc:
             _answer(self.future, exc, failed=True)
         else:

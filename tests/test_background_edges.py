@@ -1092,3 +1092,44 @@ def test_a_dashboard_port_given_as_text_is_taken(http: Any) -> None:
         assert url.startswith("http://127.0.0.1:") and not url.startswith("http://127.0.0.1:0/")
     finally:
         bg.stop(timeout=5)
+
+
+def test_a_call_whose_own_code_ends_cancelled_raises_that_once_and_leaves_the_engine_running() -> None:
+    """A function given to ``bg.call`` that awaits a task something else cancelled ends in
+    ``CancelledError``, as it would awaited on the engine's loop. It was taken for a call the
+    engine cut: ``bg.call`` said the engine was not running, and a blocking hop (what an
+    Engine's methods called from another thread use) waited out its timeout, then said the
+    call did nothing."""
+    from taskwatch.engine.hop import call_blocking
+
+    engine = Engine(health_interval=None)
+    calls: list[str] = []
+
+    async def awaits_a_cancelled_task(engine: Engine, via: str) -> None:
+        calls.append(via)
+        helper = asyncio.ensure_future(asyncio.sleep(60))
+        asyncio.get_running_loop().call_soon(helper.cancel)
+        await helper
+
+    bg = engine.start_background(call_timeout=5)
+    try:
+        with pytest.raises(asyncio.CancelledError):
+            bg.call(awaits_a_cancelled_task, "call")
+
+        async def from_another_loop() -> None:
+            with pytest.raises(asyncio.CancelledError):
+                await bg.acall(awaits_a_cancelled_task, "acall")
+
+        asyncio.run(from_another_loop())
+
+        def cancelled_at_once() -> None:
+            calls.append("call_blocking")
+            raise asyncio.CancelledError
+
+        with pytest.raises(asyncio.CancelledError):
+            call_blocking(bg.loop, cancelled_at_once, timeout=30)
+        assert calls == ["call", "acall", "call_blocking"]
+        assert bg.state == "running" and bg.stats().state == "running"
+    finally:
+        bg.stop()
+    assert bg.state == "stopped"
