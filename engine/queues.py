@@ -781,10 +781,19 @@ class WorkQueue:
 
     # ------------------------------------------------------------ consumers
 
-    async def _consume(self, generation: int) -> None:
+    async def _consume(self, generation: int, after: asyncio.Task[Any] | None = None) -> None:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
+        if after is not None and not after.done():
+            # a handler the last stop left going (it ignored every cancel) holds this slot until
+            # it ends: a start right after would otherwise run one more handler than `concurrency`
+            try:
+                await asyncio.wait([after])
+            except asyncio.CancelledError:
+                if not self._abandon and generation == self._generation and not self._torn_down():
+                    self._consumer_lost()
+                raise
         # a first delivery's context says attempt 1 whoever keeps it: one serves them all
         first = TaskContext(self._engine, None, f"queue:{self.name}") if self._with_ctx else None
         while True:
@@ -1624,8 +1633,12 @@ class WorkQueue:
                     self._written = loop.create_future()
             self._keeper = spawn(self._keep_loop(self._kick), name=f"taskwatch-queue-{self.name}-store")
             self._hold_begins()
+        held = [t for t in self.left_going if not t.done()]
         self._consumers = [
-            spawn(self._consume(self._generation), name=f"taskwatch-queue-{self.name}-{i}", context=self._work_context())
+            spawn(
+                self._consume(self._generation, held[i] if i < len(held) else None),
+                name=f"taskwatch-queue-{self.name}-{i}", context=self._work_context(),
+            )
             for i in range(self.concurrency)
         ]
         if self._durable:
@@ -1727,7 +1740,8 @@ class WorkQueue:
         self._generation += 1
         self._in_flight -= len(stuck)
         self.ignored_cancel += len(stuck)
-        self.left_going = list(stuck)
+        # with those an earlier stop left and still going: they hold slots at the next start too
+        self.left_going = [*stuck, *(t for t in self.left_going if not t.done())]
         self._running.clear()
         for fut in self._putters:
             _wake(fut)  # waiting producers re-check and raise EngineNotRunning

@@ -93,6 +93,52 @@ async def test_a_stop_goes_on_without_a_handler_that_swallows_every_cancel(caplo
     assert (queue.info().processed, queue.info().failed, queue.info().in_flight) == (0, 0, 0)
 
 
+async def test_a_start_after_a_stop_left_a_handler_going_runs_no_more_handlers_than_concurrency() -> None:
+    """The handler a stop went without holds its slot at the next start until it ends, through
+    more stops and starts: with ``concurrency=1`` a job put after a quick restart waited for
+    nothing, and ran beside the old handler."""
+    engine = Engine(health_interval=None, cancel_grace=0.05)
+    release = asyncio.Event()
+    began: list[int] = []
+    ended: list[int] = []
+
+    async def handler(job: int) -> None:
+        began.append(job)
+        try:
+            while job == 1 and not release.is_set():
+                try:
+                    await release.wait()
+                except asyncio.CancelledError:
+                    pass  # a bug in the handler: it swallows every cancel
+        finally:
+            ended.append(job)
+
+    queue = engine.queue("mail", handler, concurrency=1)
+    await engine.start()
+    try:
+        queue.put_nowait(1)
+        await eventually(lambda: began == [1])
+        await asyncio.wait_for(engine.stop(timeout=0.05), TIMEOUT)
+        for _ in range(2):  # and after a stop while the slot is still held
+            await engine.start()
+            queue.put_nowait(2)
+            # loop turns enough for a free consumer to take the job and call its handler
+            for _ in range(50):
+                await asyncio.sleep(0)
+            assert began == [1], "a second handler ran beside the one the stop left going"
+            await asyncio.wait_for(engine.stop(timeout=0.05), TIMEOUT)
+            assert engine.state == "stopped"
+        await engine.start()
+        queue.put_nowait(3)
+        release.set()
+        await eventually(lambda: ended[-1:] == [3])
+        assert began == ended == [1, 3]  # job 2 was left undone by the stops (a memory store keeps none)
+    finally:
+        release.set()
+        await engine.stop()
+    assert not stray_tasks()
+
+
 async def test_a_handlers_long_cleanup_after_a_cancel_is_cut_short_by_the_next_round() -> None:
     engine = Engine(health_interval=None, cancel_grace=0.05)
     started = asyncio.Event()
