@@ -2071,6 +2071,14 @@ class Engine:
         submitted that other nodes of a shared store execute."""
         return self._executor.running
 
+    def still_going(self, task: str) -> list[tuple[asyncio.Task[Any], str, dict[str, Any]]]:
+        """The runs of ``task`` a stop gave up on (code that ignores cancellation) whose code
+        still runs, with the memory store, each as its asyncio task, its id and its params. Their
+        records say they ended (cancelled by the shutdown); a schedule's next run, and a
+        trigger key's, wait for their real end, so as never to overlap them. (A durable
+        store keeps such runs ``running`` until recovery, which says as much.)"""
+        return self._run.still_going(task)
+
     @_on_loop
     def given_up_tasks(self) -> list[asyncio.Task[Any]]:
         """The tasks of runs, queue handlers and supervised workers the last stop cancelled for every round of

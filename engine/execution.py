@@ -144,6 +144,8 @@ class Execution:
         self.bus = engine.bus
         #: run tasks the last stop cancelled for every round of ``cancel_grace`` and left going
         self.left_going: list[asyncio.Task[Any]] = []
+        #: of those, with the memory store, the run each one is (its record says it ended)
+        self._left_going_runs: dict[asyncio.Task[Any], Run] = {}
         self.store = store
         self.index = index
         self.tasks = tasks
@@ -1449,9 +1451,25 @@ class Execution:
         self.left_going = list(tasks)
         if self.memory is None:
             return
+        # an earlier stop's still going, too: a schedule's or a trigger key's next run waits for them
+        self._left_going_runs = {t: run for t, run in self._left_going_runs.items() if not t.done()}
         for token, run in list(self._claimed.items()):
             if run.handle in tasks:
+                self._left_going_runs[run.handle] = run
+                run.handle.add_done_callback(self._left_going_ended)
                 self._record(run, token, Cancelled("shutdown"), None)
+
+    def _left_going_ended(self, task: asyncio.Task[Any]) -> None:
+        self._left_going_runs.pop(task, None)
+
+    def still_going(self, task: str) -> list[tuple[asyncio.Task[Any], str, dict[str, Any]]]:
+        """The runs of ``task`` a stop gave up on (memory store) whose code still runs, each as
+        its asyncio task, its id and its params: their records say they ended, their code does not."""
+        return [
+            (t, run.id, run.params)
+            for t, run in self._left_going_runs.items()
+            if run.task == task and not t.done()
+        ]
 
 
 def _log_failed_outcome(write: asyncio.Future[Any]) -> None:

@@ -1261,6 +1261,14 @@ class Scheduler:
         is an interval after the end of its run still going (``p.current``)."""
         trouble = OutageLog(log, f"periodic task {p.name!r}: scheduling")
         me = _current_task()
+        if held := self._engine.still_going(p.name):
+            # a run a stop gave up on (its code ignored every cancel) still runs, though its
+            # record ended: runs of one task never overlap, and an end-based interval counts
+            # from its real end
+            await asyncio.wait([task for task, _, _ in held])
+            if p.every is not None and p.cron is None and not p.fixed_rate:
+                after_current = False
+                self._plan(p, next_interval_due(None, self._now(), p.every, False))
         if after_current:
             assert p.every is not None
             try:

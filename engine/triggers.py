@@ -66,6 +66,7 @@ a key that has a run queued or running already is not queued twice.
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import logging
 import operator
@@ -1406,6 +1407,8 @@ class Trigger:
         self._refused.clear()  # the first sweep, just below, tries every key due
         self._withheld.clear()
         self._window, self._probes = None, set()
+        if not self._engine.durable:
+            self._follow_left_going()
         # keys that reached their threshold before the engine ran fire now, once the rest of
         # the engine has started
         if self._first_check is None:
@@ -1414,6 +1417,38 @@ class Trigger:
         self._wake_launch_waiters()
         if self.check_interval is not None and self._sweeper is None:
             self._sweeper = spawn(self._sweep(self.check_interval), name=f"taskwatch-trigger-{self.name}")
+
+    def _follow_left_going(self) -> None:
+        """Make each run of this trigger a stop gave up on (its code ignored every cancel, and
+        still runs) its key's run again until its code ends: its record ended with the stop,
+        and the key, still due, fired a second run beside it at the next start. (A durable
+        store keeps such a run ``running``, and the start's take-up follows it.)"""
+        for going, run_id, params in self._engine.still_going(self.task_name):
+            key = params.get("key")
+            st = self._keys.get(key) if isinstance(key, str) else None
+            if st is None or st.run_id is not None or run_id in self._active:
+                continue
+            assert isinstance(key, str)
+            st.run_id, st.running = run_id, True
+            self._active[run_id] = key
+            going.add_done_callback(functools.partial(self._left_going_ended, key, run_id))
+
+    def _left_going_ended(self, key: str, run_id: str, _: asyncio.Task[Any]) -> None:
+        if self._active.get(run_id) != key:
+            return
+        del self._active[run_id]
+        st = self._keys.get(key)
+        if st is not None and st.run_id == run_id:
+            # its outcome was recorded by the stop (cancelled: the count stays)
+            st.running = False
+            st.last_run_id, st.run_id = run_id, None
+            if st.count >= self.size_threshold:
+                if self._loop is not None:
+                    self._loop.call_soon(self._refire, key)
+                else:
+                    self._due_at_stop.add(key)
+        if not self._active:
+            self._wake_drainers()
 
     def _wake_launch_waiters(self) -> None:
         waiters, self._launch_waiters = self._launch_waiters, []

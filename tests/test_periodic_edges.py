@@ -1269,3 +1269,54 @@ async def test_ticks_the_full_run_queue_refuses_are_told_apart_from_overlaps_and
         release.set()
         await eventually(lambda: info(engine, "beat").runs >= 1)
     assert not stray_tasks()
+
+
+@pytest.mark.parametrize("schedule", [{"every": 0.02}, {"every": 0.02, "fixed_rate": True}], ids=["end-based", "fixed-rate"])
+async def test_a_run_a_stop_gave_up_on_holds_its_schedule_at_the_next_start_until_it_ends(
+    schedule: dict[str, Any],
+) -> None:
+    """A periodic run whose code ignores every cancel outlives the stop, which records it
+    cancelled and goes on. A start right after fired the schedule's next run beside it: two
+    runs of one periodic task at once, which the schedule promises never happen. Now it
+    waits for that run's real end (the interval counts from there)."""
+    engine = make_engine(cancel_grace=0.02)
+    release = asyncio.Event()
+    stubborn_runs: list[str] = []
+    ticks = 0
+
+    @engine.periodic(**schedule)
+    async def stubborn(ctx: TaskContext) -> None:
+        stubborn_runs.append("began")
+        try:
+            while len(stubborn_runs) == 1 and not release.is_set():
+                try:
+                    await release.wait()
+                except asyncio.CancelledError:
+                    pass  # a bug in the task: it swallows every cancel
+        finally:
+            stubborn_runs.append("ended")
+
+    @engine.periodic(every=0.02)
+    async def ticker(ctx: TaskContext) -> None:
+        nonlocal ticks
+        ticks += 1
+
+    await engine.start()
+    try:
+        await eventually(lambda: stubborn_runs == ["began"])
+        await asyncio.wait_for(engine.stop(timeout=0.02), 30)
+        [record] = engine.runs(task="stubborn")
+        assert record.cancel_reason == "shutdown"  # the record ended; its code goes on
+        await engine.start()
+        seen = ticks
+        # the other schedule, on the same interval, runs a few times: the stubborn one's next
+        # slot has come and gone as often
+        await eventually(lambda: ticks >= seen + 5)
+        assert stubborn_runs == ["began"], "a second run of the periodic task ran beside the first"
+        release.set()
+        await eventually(lambda: len(stubborn_runs) >= 4)
+        assert stubborn_runs[:4] == ["began", "ended", "began", "ended"]
+    finally:
+        release.set()
+        await engine.stop()
+    assert not stray_tasks()

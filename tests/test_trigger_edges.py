@@ -1234,3 +1234,45 @@ def test_a_drain_on_another_loop_during_a_background_start_waits_for_the_due_key
         launching.join(TIMEOUT)
         for bg in launched:
             bg.stop(timeout=5)
+
+
+async def test_a_keys_run_a_stop_gave_up_on_is_its_run_until_its_code_ends() -> None:
+    """A key's run whose code ignores every cancel outlives the stop, which records it cancelled
+    (the key's count stays) and goes on. The next start fired the key again at once, a second
+    run beside the first; now the key waits for that code's end, and a drain with it."""
+    engine = make_engine(cancel_grace=0.02)
+    release = asyncio.Event()
+    runs: list[str] = []
+
+    async def stubborn(ctx: TaskContext, key: str) -> None:
+        runs.append("began")
+        try:
+            while len(runs) == 1 and not release.is_set():
+                try:
+                    await release.wait()
+                except asyncio.CancelledError:
+                    pass  # a bug in the task: it swallows every cancel
+        finally:
+            runs.append("ended")
+
+    compile = engine.trigger("compile", stubborn, size_threshold=1)
+    await engine.start()
+    try:
+        compile.notify("k")
+        await eventually(lambda: runs == ["began"])
+        await asyncio.wait_for(engine.stop(timeout=0.02), TIMEOUT)
+        await engine.start()
+        # loop turns enough for the start's first sweep to fire every key due
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert runs == ["began"], "the key fired a second run beside the one the stop left going"
+        drained = asyncio.ensure_future(compile.drain(TIMEOUT))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not drained.done()  # the key is due, and its run still goes
+        release.set()
+        await drained
+        assert runs == ["began", "ended", "began", "ended"]
+    finally:
+        release.set()
+        await engine.stop()
