@@ -1891,6 +1891,11 @@ class Engine:
                 self._run.apply_stored(run, result.run.to_record(), announced=False)
                 return run.record()
             return await self._cancelled_elsewhere(run, result.run.to_record(), grace)
+        if run.cancel_reason is not None:
+            # cancelled already, and cleaning up (a button clicked twice, a request retried): the
+            # cleanup keeps the time that cancel gave it, where another cancel would cut it short
+            await self._run.wait_finished(run, self.cancel_grace if grace is None else grace)
+            return run.record()
         run.cancel_reason = "user"  # set first: the store's notice of the request below then cancels nothing again
         run.handle.cancel()
         # its cleanup gets the engine's cancel_grace (as a stop's and a timeout's cancel give it),

@@ -99,6 +99,9 @@ class RunRetrying(RunEvent):
     #: the run's attempt budget from now on: one more than before when a stop cut the attempt
     #: short (a stop is no failure of its code). None from a node that does not say it
     max_attempts: int | None = None
+    #: True when this node read it from the store: another node's attempt failed (see
+    #: RunOutcomeEvent.from_store; a relay leaves it out, that node's own goes to the cluster)
+    from_store: bool = False
 
 
 class RunSucceeded(RunOutcomeEvent):

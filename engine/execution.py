@@ -699,6 +699,12 @@ class Execution:
                     except NotJsonSafe as exc:
                         # told apart from a NotJsonSafe the task's own code raised, which fails as any
                         raise _ResultNotJson(exc.detail) from None
+                    except Exception as exc:  # noqa: BLE001 - the value's own code, run by its conversion
+                        # a computed field or a serializer of the value that raises: the attempt did
+                        # its work all the same, and is not the task's own failure to retry
+                        raise _ResultNotJson(
+                            f"converting it raised {type(exc).__name__}: {safe_str(exc)}"
+                        ) from None
             except asyncio.CancelledError as exc:
                 current = asyncio.current_task()
                 if run.cancel_reason is None and current is not None and not current.cancelling():
@@ -923,7 +929,7 @@ class Execution:
             run.max_attempts += outcome.added_attempts  # as the store wrote it
             self.bus.post(
                 RunRetrying, run_id=run.id, task=run.task, attempt=run.attempt, delay=float(outcome.delay),
-                error=outcome.error, max_attempts=run.max_attempts,
+                error=outcome.error, max_attempts=run.max_attempts, from_store=False,
             )
             self.executor.wake()
             # (no error: a run handed back at a stop, which is no failure of its code)
@@ -1142,7 +1148,7 @@ class Execution:
                 # start: a row saying this node runs it is as old as that claim, or older)
                 continue
             else:
-                self._apply_stored(run, stored.to_record())
+                self._apply_stored(run, stored.to_record(), stored.run_after)
         if vanished:
             self._vanished(vanished)
 
@@ -1172,14 +1178,32 @@ class Execution:
         run.result = stored.result
         run.error = stored.error
 
-    def _apply_stored(self, run: Run, stored: RunRecord) -> None:
-        """Move ``run``'s index entry to what the store holds, announcing each transition."""
+    def _apply_stored(self, run: Run, stored: RunRecord, run_after: float = 0.0) -> None:
+        """Move ``run``'s index entry to what the store holds, announcing each transition.
+        ``run_after``: when a retry the store holds is due (the record does not say)."""
+        if run.status.finished:
+            # its end is known here already: this node's own, heard before the store's answer
+            # to a cancel made while its outcome was being written (announced again, the run
+            # ended twice on the bus and counted twice in the totals)
+            return
         if stored.status is _RUNNING and run.status is _PENDING:
             self.index.started(run, stored.attempt, stored.started_at, stored.node)
             # the attempt's own progress (its claim cleared the row's), not the last attempt's
             progress = stored.progress
             run.done, run.total, run.message = progress.done, progress.total, progress.message
             self.bus.emit(RunStarted, run_id=run.id, task=run.task, attempt=run.attempt, from_store=True)
+        elif stored.status is _PENDING and stored.attempt > run.attempt and stored.error is not None:
+            # an attempt ended on another node, which wrote its retry (this node may not have
+            # seen it start): with its error and due time, and said here too (that node
+            # announced it to its own bus only)
+            self.index.requeued(run, stored.error, run_after)
+            run.attempt = stored.attempt
+            run.max_attempts = stored.max_attempts  # more by one if its node's stop cut it short
+            delay = max(0.0, run_after - self.engine.clock()) if run_after else 0.0
+            self.bus.post(
+                RunRetrying, run_id=run.id, task=run.task, attempt=run.attempt, delay=delay,
+                error=stored.error, max_attempts=run.max_attempts, from_store=True,
+            )
         elif stored.status is _PENDING and run.status is _RUNNING:
             self.index.unclaimed(run)
             run.attempt = stored.attempt

@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import BaseModel, field_validator
-from taskwatch.engine import Engine, InvalidParams, Progress, RunStatus, TaskContext
+from pydantic import BaseModel, computed_field, field_validator
+from taskwatch.engine import Engine, InvalidParams, Progress, RunNotCancellable, RunStatus, TaskContext
 from taskwatch.engine.jsonsafe import NotJsonSafe
 from taskwatch.engine.runs import RunError, RunRecord
 from taskwatch.engine.store import NewRun, Retry, Store, StoredRun, make_store
 from taskwatch.tui.state import DashboardState
 
-from .helpers import Recorder, each_store
+from .helpers import Recorder, each_store, eventually
 
 TTL = 10.0
 
@@ -295,6 +295,36 @@ async def test_a_result_json_cannot_carry_fails_the_run_without_retries() -> Non
     assert "fee_ratio is nan" in record.error.message and "Not retried" in record.error.message
 
 
+async def test_a_result_whose_conversion_raises_fails_the_run_without_retries() -> None:
+    """A returned model whose computed field raises: the attempt did its work (the card is
+    charged), so the run fails at once as a result that cannot be sent, naming what its
+    conversion raised. It was retried, and reported as the task's own ZeroDivisionError."""
+
+    class Invoice(BaseModel):
+        total: float
+        count: int
+
+        @computed_field  # type: ignore[prop-decorator]
+        @property
+        def average(self) -> float:
+            return self.total / self.count
+
+    engine = Engine(health_interval=None)
+    charges: list[int] = []
+
+    @engine.task(retries=3, backoff=0, backoff_max=0)
+    async def charge_card(ctx: TaskContext) -> Invoice:
+        charges.append(ctx.attempt)
+        return Invoice(total=10.0, count=0)
+
+    async with engine:
+        record = await (await engine.submit("charge_card")).wait(10)
+    assert charges == [1]
+    assert (record.status, record.attempt) == (RunStatus.FAILED, 1)
+    assert record.error is not None and record.error.type == "ResultNotSerializable"
+    assert "ZeroDivisionError" in record.error.message and "Not retried" in record.error.message
+
+
 async def test_a_not_json_safe_the_task_raises_itself_is_a_failure_retried_as_any() -> None:
     engine = Engine(health_interval=None)
     tries: list[int] = []
@@ -382,3 +412,62 @@ async def test_a_validators_message_with_a_lone_surrogate_names_its_field(engine
         # nothing was queued
         assert engine.runs(limit=None) == []
         assert engine.stats().by_status["pending"] == 0
+
+
+# ---------------------------------------------------------------- what a node hears of another's attempts
+
+
+async def test_a_cancel_made_while_a_runs_outcome_is_written_ends_it_once(tmp_path: Path) -> None:
+    """A cancel that comes as the task returns, its success still on its way to the SQLite
+    file, is refused (the run ended). The store's answer was applied as another node's end
+    of the run: a second ``run.succeeded`` on the bus, and the run counted twice in stats."""
+    engine = Engine(health_interval=None, store=f"sqlite:///{tmp_path / 'runs.db'}")
+    returned: dict[str, asyncio.Event] = {}
+
+    @engine.task
+    async def ok(ctx: TaskContext) -> str:
+        returned[ctx.run_id].set()
+        return "done"
+
+    events = Recorder(engine, ("run.",))
+    refused = 0
+    async with engine:
+        for _ in range(10):
+            handle = await engine.submit("ok")
+            returned[handle.id] = asyncio.Event()
+            await returned[handle.id].wait()  # the task has returned; its outcome is being written
+            try:
+                await handle.cancel()
+            except RunNotCancellable:
+                refused += 1
+            assert (await handle.wait(10)).status is RunStatus.SUCCEEDED
+        stats = engine.stats()
+    assert refused == 10
+    succeeded = [e.run_id for e in events.of("run.succeeded")]
+    assert sorted(succeeded) == sorted(returned), "a run ended twice on the bus"
+    assert (stats.finished_total, stats.succeeded_total) == (10, 10)
+
+
+async def test_a_node_hears_the_retry_of_a_run_another_node_tried(tmp_path: Path) -> None:
+    """Node "a" submits a run only node "b" can run (it has the GPU); b's attempt fails and
+    waits for its retry. a showed it pending, attempt 2, with no error, and its dashboard
+    heard of no retry; now a's record has the error, and its bus a ``run.retrying`` read
+    from the store (which a relay leaves out: b's own goes to the cluster)."""
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    a = Engine(health_interval=None, store=url, node_id="a", poll_interval=0.05)
+    b = Engine(health_interval=None, store=url, node_id="b", poll_interval=0.05, resources={"gpu": object()})
+    for engine in (a, b):
+
+        async def render(ctx: TaskContext, gpu: Any) -> None:
+            raise RuntimeError(f"GPU out of memory on attempt {ctx.attempt}")
+
+        engine.register(render, name="render", retries=2, backoff=60.0, backoff_max=60.0, resources=("gpu",))
+    heard = Recorder(a, ("run.retrying",))
+    async with a, b:
+        handle = await a.submit("render")
+        [retrying] = await eventually(lambda: heard.of("run.retrying"), timeout=30)
+        record = a.get(handle.id)
+    assert (retrying.run_id, retrying.attempt, retrying.from_store) == (handle.id, 2, True)
+    assert retrying.error.message == "GPU out of memory on attempt 1" and 0 < retrying.delay <= 60
+    assert (record.status, record.attempt) == (RunStatus.PENDING, 2)
+    assert record.error is not None and record.error.message == "GPU out of memory on attempt 1"

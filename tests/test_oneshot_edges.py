@@ -4,6 +4,7 @@ run together as JSON, and values too big for ``repr`` in an error message."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import enum
 import math
@@ -29,6 +30,8 @@ from taskwatch.engine import (
 )
 from taskwatch.engine.jsonsafe import jsonable, non_finite_problem, safe_str
 from taskwatch.engine.store import NewRun, SqliteStore
+
+from .helpers import eventually
 
 TIMEOUT = 10
 
@@ -489,3 +492,48 @@ async def test_a_validator_raising_what_pydantic_does_not_report_refuses_the_par
         assert engine.runs() == []
         done = await (await engine.submit("deploy", {"region": "eu"})).wait(TIMEOUT)
         assert done.status is RunStatus.SUCCEEDED and done.result == "eu-west-1"
+
+
+# ------------------------------------------------------------ a cancel made twice
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_a_second_cancel_leaves_the_cleanup_the_first_one_allowed(kind: str, tmp_path: Path) -> None:
+    """A dashboard's button clicked twice, or a request retried: the second cancel of a run
+    already cleaning up after the first cut that cleanup short at once, well within the
+    engine's ``cancel_grace``. It now waits, as the first does."""
+    store = "memory" if kind == "memory" else f"sqlite:///{tmp_path / 'runs.db'}"
+    engine = make_engine(store=store, cancel_grace=30.0)
+    began = asyncio.Event()
+    cleanup_may_end = asyncio.Event()
+    steps: list[str] = []
+
+    @engine.task
+    async def upload(ctx: TaskContext) -> None:
+        began.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            steps.append("cleanup started")
+            try:
+                await cleanup_may_end.wait()  # removing the partial upload
+            except asyncio.CancelledError:
+                steps.append("cleanup cut short")
+                raise
+            steps.append("cleanup finished")
+            raise
+
+    async with engine:
+        handle = await engine.submit("upload")
+        await asyncio.wait_for(began.wait(), TIMEOUT)
+        first = await handle.cancel(grace=0)
+        await eventually(lambda: steps == ["cleanup started"])
+        second = await handle.cancel(grace=0)
+        for _ in range(20):  # loop turns enough for a cancel to reach the cleanup
+            await asyncio.sleep(0)
+        assert steps == ["cleanup started"]
+        assert first.status is second.status is RunStatus.RUNNING
+        cleanup_may_end.set()
+        record = await handle.wait(TIMEOUT)
+    assert steps == ["cleanup started", "cleanup finished"]
+    assert (record.status, record.cancel_reason) == (RunStatus.CANCELLED, "user")
