@@ -33,6 +33,7 @@ from pydantic.fields import FieldInfo
 
 from .errors import InvalidConfiguration, LoopThreadError, UnknownEventKind
 from .events import EVENT_KINDS, BaseEvent, Event, EventsDropped
+from .hop import call_blocking
 from .jsonsafe import NotJsonSafe, jsonable, utf8_text
 from .options import SubscribeOptions, check_options
 from .trusted import FAST, new, set_dict, set_extra, set_fields_set, set_private
@@ -91,12 +92,13 @@ class KindFilter:
 
     __slots__ = ("_exact", "_prefixes", "answers", "matches_all")
 
-    def __init__(self, kinds: Iterable[str] | None) -> None:
+    def __init__(self, kinds: Iterable[str] | None, *, always: Iterable[str] = ()) -> None:
         kinds = _checked_kinds(kinds)
         self._exact = frozenset(k for k in kinds if not k.endswith("."))
         self._prefixes = tuple(k for k in kinds if k.endswith("."))
-        #: kind -> whether it matches, filled in as kinds are seen (hot callers look here first)
-        self.answers: dict[str, bool] = {}
+        #: kind -> whether it matches, filled in as kinds are seen (hot callers look here first);
+        #: ``always`` are kinds matched whatever ``kinds`` say
+        self.answers: dict[str, bool] = dict.fromkeys(always, True)
         self.matches_all = not kinds
 
     def __call__(self, kind: str) -> bool:
@@ -522,7 +524,10 @@ class Subscription:
         self._bus = bus
         self._buffer = EventBuffer(maxsize, bus.node, bus.clock)
         self.maxsize = maxsize
-        self._filter = KindFilter(kinds)
+        # told of events missed further up (a cluster relay's, a server's) whatever its kinds, as
+        # it is of those its own full buffer drops: filtered out, a reader of run.failed missed
+        # failures without a word
+        self._filter = KindFilter(kinds, always=("bus.dropped",))
         self._all = self._filter.matches_all
         # a future per waiting coroutine: one cancelled waiter never cancels another's wait,
         # and waiting needs no shield (a future and two callbacks per wake on the hot path)
@@ -633,8 +638,22 @@ class Subscription:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self._bus._remove(self)
-            self._wake()
+            loop = self._bus.off_loop()
+            if loop is not None:
+                # from another thread: the removal and the wake-up are the loop's to make. A
+                # waiter's future woken from here would never call back on its loop (its reader
+                # neither ending nor cancellable), and the bus's list of subscribers, replaced
+                # here and there at once, could lose one or bring a closed one back
+                try:
+                    loop.call_soon_threadsafe(self._closed_here)
+                    return
+                except RuntimeError:
+                    pass  # the loop closed meanwhile: nothing publishes any more
+            self._closed_here()
+
+    def _closed_here(self) -> None:
+        self._bus._remove(self)
+        self._wake()
 
     async def __aenter__(self) -> Subscription:
         return self
@@ -855,7 +874,9 @@ class EventBus:
                     arg = event
                 try:
                     cb.fn(arg)
-                except Exception:
+                except (Exception, asyncio.CancelledError):
+                    # a CancelledError too (a callback reading a cancelled future's result): let
+                    # through, it ended the publish in the middle of a submit, or of a run's start
                     cb.errors += 1
                     self.callback_errors += 1
                     if cb.errors == 1:
@@ -872,11 +893,32 @@ class EventBus:
         ``kinds`` filters by exact kind (``"run.failed"``) or prefix (``"run."``).
         ``maxsize`` bounds the buffer; overflow is dropped for this subscriber only.
         A ``replay`` over ``maxsize`` replays the newest ``maxsize`` events: history the
-        buffer cannot hold is not counted as dropped, as no live event was lost.
+        buffer cannot hold is not counted as dropped, as no live event was lost. One made while
+        the engine is stopped (or not started yet) is fed from its next start. From another
+        thread than the running engine's loop's, the subscription is made on that loop.
         """
         check_options(SubscribeOptions, "bus.subscribe()", replay=replay, maxsize=maxsize)
         sub = Subscription(self, maxsize, kinds)
         replay = min(replay, maxsize)
+        loop = self.off_loop()
+        if loop is not None:
+            # from another thread: the replay's pick and the registration are made on the loop,
+            # between two publishes. Made here, events published in between were lost or given
+            # twice, and two threads replacing the list of subscribers at once could lose one
+            call_blocking(loop, self._register, sub, replay, what="bus.subscribe")
+        else:
+            self._register(sub, replay)
+        return sub
+
+    def off_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop that publishes, when it runs and this thread is not the one running it:
+        what changes the subscribers is then made there."""
+        loop = self.loop
+        if loop is not None and asyncio._get_running_loop() is not loop and loop.is_running():
+            return loop
+        return None
+
+    def _register(self, sub: Subscription, replay: int) -> None:
         if replay > 0:
             # the last ``replay`` events this subscriber would have received
             picked: list[BaseEvent | Posted] = []
@@ -889,12 +931,10 @@ class EventBus:
                         break
             for item in reversed(picked):
                 sub._offer(item, item.kind)
-        if self.closed:
-            sub.closed = True
-        else:
-            # a new list, never the one a publish is going over (from a callback, or another thread)
-            self._subs = [*self._subs, sub]
-        return sub
+        # registered on a closed bus too (an engine stopped): fed from its next start, as one made
+        # before the first start is. Ended at once, it missed every event of that start, silently
+        # (a new list, never the one a publish is going over, from a callback)
+        self._subs = [*self._subs, sub]
 
     # a callback gets every event its ``kinds`` match: typed as any event (narrow on ``kind``),
     # or declared for the one class the filter picks; with ``unbuilt``, posted events too

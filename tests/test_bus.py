@@ -775,3 +775,106 @@ def test_a_callback_that_cannot_be_called_or_kinds_that_are_no_list_are_refused_
     assert bus.subscribers == 0
     bus.emit(ev.PeriodicPaused, name="p")
     assert bus.callback_errors == 0
+
+
+# ---------------------------------------------------------------- from other threads, and across a restart
+
+
+def test_a_subscription_made_from_another_thread_misses_and_repeats_no_event() -> None:
+    """``subscribe(replay=...)`` from a thread while the engine's loop publishes: the replay was
+    picked there and the subscription registered after it, so events published in between were
+    lost (a hole in ``seq`` no drop notice announced) or given twice."""
+    engine = Engine(health_interval=None)
+
+    @engine.task
+    async def chatty(ctx: TaskContext) -> None:
+        i = 0
+        while True:
+            i += 1
+            await ctx.progress(i, None, "x")
+            if i % 50 == 0:
+                await asyncio.sleep(0)
+
+    bg = engine.start_background()
+    try:
+        for _ in range(4):
+            bg.submit("chatty")
+        bad: list[str] = []
+        for attempt in range(300):
+            sub = engine.bus.subscribe(replay=1000, maxsize=1_000_000)
+            for _ in range(3):
+                time.sleep(0)  # lets the loop's thread publish after the subscription
+            got = bg.call(lambda e: sub.get_batch())  # read on the engine's loop
+            sub.close()
+            seqs = [e.seq for e in got]
+            assert sub.dropped == 0 and all(e.kind != "bus.dropped" for e in got)
+            if seqs != list(range(seqs[0], seqs[0] + len(seqs))):
+                bad.append(f"subscription {attempt}: {[b - a for a, b in zip(seqs, seqs[1:]) if b - a != 1][:3]}")
+        assert bad == []
+    finally:
+        bg.stop(5)
+
+
+def test_a_subscription_closed_from_another_thread_ends_its_reader_on_the_engines_loop() -> None:
+    """The close woke the reader's future from the closing thread: never called back on its
+    loop (in asyncio's debug mode it raised in ``close()``), the reader neither ended nor
+    could be cancelled, and held the engine's stop."""
+    engine = Engine(health_interval=None)
+    bg = engine.start_background()
+    try:
+        bg.call(lambda e: asyncio.get_running_loop().set_debug(True))  # it checks every call's thread
+        sub = engine.bus.subscribe()
+        # in a list: an awaitable answer would be awaited by the call
+        [reading] = bg.call(lambda e: [asyncio.ensure_future(_read_all(sub))])
+        bg.call(lambda e: None)  # shipped after the reader's first step: it waits now
+        sub.close()
+        seen = bg.call(lambda e: asyncio.wait_for(asyncio.shield(reading), 10))
+        assert seen == []
+    finally:
+        bg.stop(5)
+
+
+async def _read_all(sub: Subscription) -> list[Any]:
+    return [event async for event in sub]
+
+
+async def test_a_callback_raising_cancelled_error_is_counted_and_the_engine_goes_on() -> None:
+    """A callback reading a cancelled future's result raises ``CancelledError``, which went
+    through the bus: the submit raised it although its run was queued (and ran), or a run's
+    start stopped half way, its run left ``running`` with nothing executing it."""
+    engine = Engine(health_interval=None)
+
+    @engine.task
+    async def quick(ctx: TaskContext) -> int:
+        return 1
+
+    gone = asyncio.get_running_loop().create_future()
+    gone.cancel()
+
+    def reads_a_cancelled_future(event: Any) -> None:
+        gone.result()
+
+    engine.bus.add_callback(reads_a_cancelled_future, ["run.submitted", "run.started"])
+    async with engine:
+        record = await (await engine.submit("quick")).wait(10)
+        stats = engine.stats()
+    assert (record.status, record.result) == (RunStatus.SUCCEEDED, 1)
+    assert engine.bus.callback_errors == 2 and stats.by_status["running"] == 0
+
+
+async def test_a_subscription_made_while_the_engine_is_stopped_is_fed_by_its_next_start() -> None:
+    """``sub = engine.bus.subscribe(); await engine.start()`` works for the first start; after a
+    stop the same code got a subscription ended at once, which missed every event, silently."""
+    engine = Engine(health_interval=None)
+
+    @engine.task
+    async def quick(ctx: TaskContext) -> int:
+        return 1
+
+    for start in (1, 2):
+        sub = engine.bus.subscribe()
+        async with engine:
+            await (await engine.submit("quick")).wait(10)
+        kinds = [e.kind for e in sub.get_batch() if e.kind.startswith("run.")]
+        assert kinds == ["run.submitted", "run.started", "run.succeeded"], f"start {start}"
+        assert sub.closed  # the stop ended it, as it ends every subscription

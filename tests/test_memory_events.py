@@ -26,7 +26,7 @@ from taskwatch.engine import (
     TaskContext,
 )
 from taskwatch.engine.bus import EventBus
-from taskwatch.engine.events import RunProgressed, RunStarted, RunSucceeded
+from taskwatch.engine.events import EventsDropped, RunProgressed, RunStarted, RunSucceeded
 from taskwatch.engine.relay import Outgoing, coalesce
 
 from .helpers import Recorder, eventually, stray_tasks
@@ -326,3 +326,31 @@ def test_bad_options_are_refused_naming_each() -> None:
     with pytest.raises(InvalidConfiguration) as info:
         Engine(events=object())  # type: ignore[arg-type]
     assert "MemoryEventStream" in str(info.value)
+
+
+async def test_a_burst_reaches_a_reader_of_a_memory_stream_as_it_would_over_redis() -> None:
+    """A node's burst (``submit_many``) was appended batch after batch without a turn for the
+    readers, and trimmed to the stream's length before they read any of it: the monitor
+    missed most of it, where the same burst over Redis reaches it whole."""
+    stream = MemoryEventStream(maxlen=2_000)  # a third of the burst's events
+    worker = cluster_engine("worker", stream, max_queue=5_000)
+    monitor = cluster_engine("monitor", stream)
+    async with monitor:
+        submitted = monitor.cluster.bus.subscribe(kinds=["run.submitted"], maxsize=10_000)
+        async with worker:
+            await worker.submit_many([("hello", None)] * 2_000)
+            await eventually(lambda: submitted.pending() >= 2_000)
+            got = submitted.get_batch()
+    assert sum(e.kind == "run.submitted" and e.node == "worker" for e in got) == 2_000
+    assert monitor.cluster.stats().missed == 0 and all(e.kind != "bus.dropped" for e in got)
+
+
+async def test_a_reader_of_some_kinds_hears_of_the_events_a_relay_missed() -> None:
+    """A monitor reading ``kinds=["run.failed"]`` off the cluster bus was not told of events
+    the shared stream trimmed before its relay read them: the relay's ``bus.dropped`` notice
+    was filtered out with the other kinds, so failures went missing without a word."""
+    bus = EventBus(node="monitor")
+    failures = bus.subscribe(kinds=["run.failed"])
+    bus.publish(EventsDropped(node="worker", ts=time.time(), count=301, total=301))  # as a relay does
+    [notice] = failures.get_batch()
+    assert (notice.kind, notice.node, notice.count) == ("bus.dropped", "worker", 301)
