@@ -567,6 +567,8 @@ class Executor:
             first = self._cut_since is None
             if first:
                 self._cut_since = self._renewed_at
+                # a silent server raises nothing the store would count as an outage: this does
+                self.store.heard_nothing(self._renewed_at)
                 log.warning(
                     "node %s has not reached its store for %.1f s (the claim lease is %g s): it stops "
                     "claiming and stepping down until the store answers again",

@@ -14,6 +14,7 @@ import glob
 import itertools
 import os
 import pwd
+import signal
 import shutil
 import socket
 import subprocess
@@ -100,6 +101,22 @@ class PostgresServer:
 
     def stop(self, mode: str = "fast") -> None:
         self.run("pg_ctl", "stop", "-D", self.data, "-m", mode, "-w", "-t", "60", timeout=90)
+
+    def _processes(self) -> list[int]:
+        with open(os.path.join(self.data, "postmaster.pid")) as f:
+            postmaster = int(f.readline())
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(postmaster)], capture_output=True, text=True)
+        return [postmaster, *(int(pid) for pid in children.stdout.split())]
+
+    def pause(self) -> None:
+        """SIGSTOP the server and every process of it: a database that answers nothing and
+        refuses nothing (a paused VM, a network that drops packets)."""
+        for pid in self._processes():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self._processes():
+            os.kill(pid, signal.SIGCONT)
 
     def restart(self) -> None:
         """``pg_ctl restart``: every connection is cut, the data stays."""

@@ -38,6 +38,7 @@ from taskwatch.engine import Engine, TaskContext
 from taskwatch.engine.runs import RunStatus
 from taskwatch.engine.store import NewRun, PostgresStore, Succeeded
 
+from .cutting_proxy import StallingProxy
 from .postgres_server import PostgresServer
 from .test_cluster import database, executions, start, wait_until
 from .helpers import eventually
@@ -244,4 +245,51 @@ async def test_a_run_that_finishes_during_a_long_outage_has_its_outcome_written_
         assert (record.status, record.result, record.attempt) == (RunStatus.SUCCEEDED, 1, 1)
         stored = await store.get(handle.id)
         assert stored is not None and (stored.status, stored.attempt, stored.lost_count) == (RunStatus.SUCCEEDED, 1, 0)
+    assert ran == 1
+
+
+async def test_after_a_silent_database_a_node_takes_no_claim_of_a_live_node_that_finished_meanwhile(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    """The server paused (SIGSTOP: it answers nothing and refuses nothing) past the lease, while
+    node a's run finishes. No operation of node b failed, they only waited, so b knew of no
+    outage: its first recovery once the server answered took a's claim, whose lease had run
+    out through the silence, and the run a had finished ran a second time, its outcome
+    refused. b's step-down (its heartbeats unanswered for a lease) now counts as the outage.
+    a reaches the server through a proxy held a while longer, so that b looks first."""
+    started, finish = asyncio.Event(), asyncio.Event()
+    ran = 0
+
+    async with StallingProxy(postgres_server.port) as a_network:
+        a = Engine(store=PostgresStore(a_network.url(postgres_url), lease_ttl=TTL, node_ttl=3 * TTL), node_id="a",
+                   health_interval=None)  # fmt: skip
+        b_store = PostgresStore(postgres_url, lease_ttl=TTL, node_ttl=3 * TTL)
+        b = Engine(store=b_store, node_id="b", health_interval=None)
+
+        @a.task
+        async def work(ctx: TaskContext) -> int:
+            nonlocal ran
+            ran += 1
+            started.set()
+            await finish.wait()
+            return ran
+
+        async with a, b:
+            handle = await a.submit("work")
+            await asyncio.wait_for(started.wait(), 10)
+            await asyncio.to_thread(postgres_server.pause)
+            try:
+                finish.set()  # it finishes while the database is silent
+                # both nodes step down: their heartbeats got no answer for a lease
+                await eventually(lambda: all((n.stats().cut_off_for or 0) > TTL for n in (a, b)), timeout=4 * TTL)
+                a_network.hold()
+            finally:
+                await asyncio.to_thread(postgres_server.resume)
+            try:
+                await eventually(lambda: b.stats().cut_off_for is None, timeout=30)
+                assert await b_store.recover() == []  # as b's maintenance does: a is alive
+            finally:
+                a_network.release()
+            record = await handle.wait(30)
+            assert (record.status, record.result, record.attempt) == (RunStatus.SUCCEEDED, 1, 1)
     assert ran == 1

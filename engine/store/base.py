@@ -287,6 +287,14 @@ class Store(ABC):
         on a server says so; others never do."""
         return None
 
+    def heard_nothing(self, since: float) -> None:
+        """This node's heartbeats have had no answer since ``since`` (``time.monotonic()``) for a
+        whole lease: count an outage from then, as one that refused connections would be. A server
+        that goes silent (paused, or a network that drops packets) raises nothing, it only leaves
+        operations waiting until they are given up, and without an outage known the first recovery
+        after it took the claims of live nodes whose leases ran out through it (a run finished
+        meanwhile ran again). Stores on no server ignore it."""
+
     @property
     def retry_period(self) -> float | None:
         """How long one call waits out an unreachable store before it gives up (a server's

@@ -791,12 +791,14 @@ class PostgresStore(Store):
                     self.reconnects += 1
                     # one warning per outage: every operation under way meets it, and each
                     # saying so would bury the one line that matters
+                    # named by its type too: a timeout's text is empty, and the driver's error on a
+                    # connection the server's shutdown broke speaks of its own states
                     if conflict:
-                        log.warning("an operation on the run store %s conflicted (%s); retrying", self._where, exc)
+                        log.warning("an operation on the run store %s conflicted (%s); retrying", self._where, self._said(exc))
                     elif self._down_since is None:
-                        log.warning("the run store %s is unreachable (%s); retrying", self._where, exc)
+                        log.warning("the run store %s is unreachable (%s); retrying", self._where, self._said(exc))
                     else:
-                        log.debug("the run store %s is still unreachable (%s); retrying", self._where, exc, exc_info=True)
+                        log.debug("the run store %s is still unreachable (%s); retrying", self._where, self._said(exc), exc_info=True)
                 if self._down_since is None and not conflict:
                     self._down_since = now  # the server or the way to it is gone
                 if now >= deadline:
@@ -1430,6 +1432,15 @@ class PostgresStore(Store):
     async def recover(self, live_incarnations: Collection[str] | None = None) -> list[Recovered]:
         live = None if live_incarnations is None else frozenset(live_incarnations)
         return await self._run(self._recover, live)  # type: ignore[no-any-return]
+
+    def heard_nothing(self, since: float) -> None:
+        if self._down_since is None:
+            log.warning(
+                "the run store %s has not answered this node for %.1f s (no error: a server that is "
+                "paused or overloaded, or a network that drops packets); counted as an outage",
+                self._where, time.monotonic() - since,
+            )  # fmt: skip
+            self._down_since = since
 
     def answering_since(self) -> float | None:
         """When the database began to answer this node again after its last outage (by
