@@ -1040,7 +1040,10 @@ class WorkQueue:
                 return  # the stop writes what is left
             kick.clear()
             try:
-                await self._flush()
+                # while the hold may have lapsed the rows of handled jobs stay until the retake has
+                # asked whose they are: deleted now, one another node took up (and runs again) would
+                # be gone from the store without this node ever saying it ran on both
+                await self._flush(deletes=self._observe() and not self._lapsed)
                 retry = None
                 if self._lapsed:
                     await self._retake()
@@ -1278,6 +1281,9 @@ class WorkQueue:
             self._lapsed = False
             mine = {job.id: job for job in jobs}
             known: set[int] = set(self._handled)  # handled; their rows are deleted at the next write
+            # handled here, their rows not deleted yet, and taken up by another node meanwhile: they
+            # run there too (the handler's end came too late to say this node had them)
+            twice = sum(1 for job_id in self._handled if job_id not in mine)
             lost = 0
             for task, kept in self._running.items():
                 if kept.id is None:
@@ -1308,15 +1314,16 @@ class WorkQueue:
                 self._items.extendleft(reversed(back))  # they were put first
                 self._items.extend(new)
             self.adopted += len(new)
-            self.given_up += given
+            self.given_up += given + twice
             for _ in range(len(back) + len(new)):
                 self._work_arrived()
             for _ in range(given):
                 self._wake_one(self._putters)
-            if given or lost:
+            if given or lost or twice:
                 log.warning(
                     "queue %r: another node took up %d job(s) of this node while its hold was lapsed: %d set aside "
-                    "dropped here, %d running cancelled here (they run there)", self.name, given + lost, given, lost,
+                    "dropped here, %d running cancelled here (they run there), %d handled here meanwhile (they may "
+                    "run there a second time)", self.name, given + lost + twice, given, lost, twice,
                 )  # fmt: skip
             self._maybe_idle()
 
