@@ -115,9 +115,27 @@ async def test_retried_run_retakes_its_key_only_if_free(store: Store) -> None:
     # the slot stayed with the newer run; the retried row is pending without it
     assert (await store.insert([NewRun("a", key="k")]))[0] == (second, False)
     await store.request_cancel(second)
-    assert await store.get(first) is not None
-    out = await store.insert([NewRun("a", key="k")])
-    assert out[0].new  # neither holds it now: a new run takes it
+    # the holder left pending: the retried run, still pending with the key, answers for it (a
+    # new run took it, and a third charge of the card was queued beside the retry)
+    assert (await store.insert([NewRun("a", key="k")]))[0] == (first, False)
+    assert (await store.insert([NewRun("a", key="k")]))[0] == (first, False)
+    assert (await store.counts()).pending == 1
+
+
+async def test_a_retry_waiting_for_its_key_takes_it_once_the_holder_is_claimed(store: Store) -> None:
+    (first,) = await insert_ids(store, NewRun("a", key="k", max_attempts=3))
+    (c1,) = await claim_all(store)
+    (second,) = await insert_ids(store, NewRun("a", key="k"))
+    assert await store.finish(c1.token, Retry(BOOM, delay=60)) is RunStatus.PENDING  # backing off
+    (c2,) = await claim_all(store)
+    assert c2.run_id == second
+    # pending for its retry, the first run holds the key again: a submit with it is answered
+    # with that run, by the store alone (the engine's index may not know of the hand-over)
+    assert (await store.insert([NewRun("a", key="k")]))[0] == (first, False)
+    assert (await store.insert([NewRun("a", key="k"), NewRun("a", key="k")])) == [(first, False), (first, False)]
+    assert (await store.counts()).pending == 1
+    await store.request_cancel(first)
+    assert (await store.insert([NewRun("a", key="k")]))[0].new  # nothing waits for it any more
 
 
 async def test_max_pending_refuses_the_whole_batch(store: Store) -> None:

@@ -228,6 +228,9 @@ class MemoryStore(Store):
         self._ready: dict[str, _Line] = {}
         self._delayed: list[tuple[float, int, MemoryRow]] = []
         self._keys: dict[tuple[str, str], MemoryRow] = {}
+        #: pending rows whose dedup key another pending row held when they became pending again
+        #: (a retry): the first still waiting takes the key at the next submit with it
+        self._key_waiting: dict[tuple[str, str], deque[MemoryRow]] = {}
         self._claims: dict[str, MemoryRow] = {}
         #: finished rows, oldest first (a row finishes once: nothing is ever looked up here)
         self._finished: deque[MemoryRow] = deque()
@@ -266,7 +269,7 @@ class MemoryStore(Store):
         for new in runs:
             key = new.key
             if key is not None:
-                held = keys.get((new.task, key))
+                held = keys.get((new.task, key)) or self._hand_key((new.task, key))
                 if held is not None:
                     out.append(Inserted(held.id, False))
                     continue
@@ -301,7 +304,7 @@ class MemoryStore(Store):
         key = run.key
         task = run.task
         if key is not None:
-            held = self._keys.get((task, key))
+            held = self._keys.get((task, key)) or self._hand_key((task, key))
             if held is not None:
                 return held.id
         run_id = run.id
@@ -341,7 +344,7 @@ class MemoryStore(Store):
         for r in runs:
             if r.key is not None:
                 k = (r.task, r.key)
-                if k in self._keys or k in seen:
+                if k in self._keys or k in seen or self._waiting_for(k) is not None:
                     continue
                 seen.add(k)
             if r.id is not None:
@@ -541,6 +544,27 @@ class MemoryStore(Store):
             return _PENDING
         raise TypeError(f"unknown outcome {outcome!r}; pass Succeeded, Failed, Cancelled or Retry")
 
+    def _waiting_for(self, key: tuple[str, str]) -> MemoryRow | None:
+        """The first row still pending without ``key`` it waits for (stale entries dropped)."""
+        waiting = self._key_waiting.get(key)
+        while waiting:
+            row = waiting[0]
+            if row.status is _PENDING and not row.holds_key:
+                return row
+            waiting.popleft()
+        self._key_waiting.pop(key, None)
+        return None
+
+    def _hand_key(self, key: tuple[str, str]) -> MemoryRow | None:
+        """No row holds ``key``: the first row waiting for it (a retry, while another held it)
+        takes it, and answers for the submit asking."""
+        row = self._waiting_for(key)
+        if row is not None:
+            self._key_waiting[key].popleft()
+            self._keys[key] = row
+            row.holds_key = True
+        return row
+
     def _release_key(self, row: MemoryRow) -> None:
         """The row no longer holds its dedup key (it left pending): another run may take it."""
         del self._keys[(row.task, row.key)]  # type: ignore[index,arg-type]
@@ -574,9 +598,13 @@ class MemoryStore(Store):
         row.node = row.incarnation = row.token = None
         row.lease_until = None
         row.error = error
-        if row.key is not None and (row.task, row.key) not in self._keys:
-            self._keys[(row.task, row.key)] = row
-            row.holds_key = True
+        if row.key is not None and not row.holds_key:
+            k = (row.task, row.key)
+            if k not in self._keys:
+                self._keys[k] = row
+                row.holds_key = True
+            else:
+                self._key_waiting.setdefault(k, deque()).append(row)
         if run_after <= now:
             self._line(row.task).put_back(row)
         else:

@@ -1071,7 +1071,9 @@ class PostgresStore(Store):
             if key is not None:
                 holder = held.get((row["task"], key))
                 if holder is None:
-                    holder = await tx.fetchval(Q.KEY_HOLDER, row)
+                    # the holder, else a run that waits for the key (a retry, while another held
+                    # it), which takes it now and answers for this submit
+                    holder = await tx.fetchval(Q.PG_KEY_HOLDER_OR_WAITING, row)
                 if holder is not None:
                     out.append(Inserted(holder, False))
                     continue

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 
 #: the newest schema this code knows; a database with a higher version is refused
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 #: finished rows are exactly those with a finished_at (a re-queued run has none)
 FINISHED = "finished_at IS NOT NULL"
@@ -234,6 +234,17 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "ALTER TABLE trigger_keys_held RENAME TO trigger_keys",
         ],
     ),
+    (
+        9,
+        "pending runs waiting for their dedup key",
+        [
+            # a retry that finds its key held by another pending run waits for it (KEY_WAITING):
+            # once the holder left pending, a submit with the key is answered with the waiting run
+            # rather than queueing one more. Few rows, if any: the index costs next to nothing
+            "CREATE INDEX runs_key_waiting ON runs (task, dedup_key, seq) "
+            "WHERE status = 'pending' AND dedup_key IS NOT NULL AND dedup_slot IS NULL",
+        ],
+    ),
 ]
 
 # ---------------------------------------------------------------- runs
@@ -252,6 +263,34 @@ VALUES (:id, :task, :params, 'pending', :max_attempts, :created_at, :run_after,
         :key, :key, :source, :on_lost)"""
 
 KEY_HOLDER = "SELECT id FROM runs WHERE task = :task AND dedup_slot = :key"
+
+#: the oldest pending run of a task with a dedup key it could not take: a retry (or a run
+#: recovered, or handed back) whose key another pending run held then (REQUEUE_CLAIMED)
+KEY_WAITING = """
+SELECT seq, id FROM runs
+WHERE task = :task AND dedup_key = :key AND status = 'pending' AND dedup_slot IS NULL
+ORDER BY seq
+LIMIT 1"""
+
+#: KEY_WAITING's run takes its key (no other run holds it: KEY_HOLDER found none)
+TAKE_KEY = "UPDATE runs SET dedup_slot = dedup_key WHERE seq = :seq AND status = 'pending' AND dedup_slot IS NULL"
+
+#: KEY_HOLDER, else KEY_WAITING's run, which takes its key, in one round trip (PostgreSQL)
+PG_KEY_HOLDER_OR_WAITING = """
+WITH holder AS (
+    SELECT id FROM runs WHERE task = :task AND dedup_slot = :key
+), waiting AS (
+    UPDATE runs SET dedup_slot = dedup_key
+    WHERE seq = (
+        SELECT seq FROM runs
+        WHERE task = :task AND dedup_key = :key AND status = 'pending' AND dedup_slot IS NULL
+        ORDER BY seq
+        LIMIT 1
+    ) AND NOT EXISTS (SELECT 1 FROM holder)
+    RETURNING id
+)
+SELECT id FROM holder UNION ALL SELECT id FROM waiting
+LIMIT 1"""
 
 RUN_ID_EXISTS = "SELECT 1 FROM runs WHERE id = :id"
 

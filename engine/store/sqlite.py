@@ -853,6 +853,13 @@ class SqliteStore(Store):
                 holder = held.get((new.task, key))
                 if holder is None:
                     found = cur.execute(Q.KEY_HOLDER, {"task": new.task, "key": key}).fetchone()
+                    if found is None:
+                        # no holder: a run that waits for the key (a retry, while another held it)
+                        # takes it now and answers for this submit
+                        waiting = cur.execute(Q.KEY_WAITING, {"task": new.task, "key": key}).fetchone()
+                        if waiting is not None:
+                            cur.execute(Q.TAKE_KEY, {"seq": waiting[0]})
+                            found = (waiting[1],)
                     holder = None if found is None else found[0]
                 if holder is not None:
                     out.append(Inserted(holder, False))
