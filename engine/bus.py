@@ -33,7 +33,6 @@ from pydantic.fields import FieldInfo
 
 from .errors import InvalidConfiguration, LoopThreadError, UnknownEventKind
 from .events import EVENT_KINDS, BaseEvent, Event, EventsDropped
-from .hop import call_blocking
 from .jsonsafe import NotJsonSafe, jsonable, utf8_text
 from .options import SubscribeOptions, check_options
 from .trusted import FAST, new, set_dict, set_extra, set_fields_set, set_private
@@ -895,7 +894,8 @@ class EventBus:
         A ``replay`` over ``maxsize`` replays the newest ``maxsize`` events: history the
         buffer cannot hold is not counted as dropped, as no live event was lost. One made while
         the engine is stopped (or not started yet) is fed from its next start. From another
-        thread than the running engine's loop's, the subscription is made on that loop.
+        thread than the running engine's loop's, the subscription is registered on that loop, at
+        its next step (not waited for: a blocked loop holds no caller).
         """
         check_options(SubscribeOptions, "bus.subscribe()", replay=replay, maxsize=maxsize)
         sub = Subscription(self, maxsize, kinds)
@@ -904,10 +904,14 @@ class EventBus:
         if loop is not None:
             # from another thread: the replay's pick and the registration are made on the loop,
             # between two publishes. Made here, events published in between were lost or given
-            # twice, and two threads replacing the list of subscribers at once could lose one
-            call_blocking(loop, self._register, sub, replay, what="bus.subscribe")
-        else:
-            self._register(sub, replay)
+            # twice, and two threads replacing the list of subscribers at once could lose one.
+            # Not waited for: a loop a task blocks would hold the caller as long
+            try:
+                loop.call_soon_threadsafe(self._register, sub, replay)
+                return sub
+            except RuntimeError:
+                pass  # the loop closed meanwhile: nothing publishes any more
+        self._register(sub, replay)
         return sub
 
     def off_loop(self) -> asyncio.AbstractEventLoop | None:
@@ -919,6 +923,8 @@ class EventBus:
         return None
 
     def _register(self, sub: Subscription, replay: int) -> None:
+        if sub.closed:
+            return  # closed from its thread before the loop got to this
         if replay > 0:
             # the last ``replay`` events this subscriber would have received
             picked: list[BaseEvent | Posted] = []

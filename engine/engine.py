@@ -2081,7 +2081,8 @@ class Engine:
         still runs, with the memory store, each as its asyncio task, its id and its params. Their
         records say they ended (cancelled by the shutdown); a schedule's next run, and a
         trigger key's, wait for their real end, so as never to overlap them. (A durable
-        store keeps such runs ``running`` until recovery, which says as much.)"""
+        store keeps such runs ``running`` until recovery takes them back, at the node's next
+        start at the latest, and the code of one may then still run beside its next attempt.)"""
         return self._run.still_going(task)
 
     @_on_loop

@@ -1196,7 +1196,10 @@ class Execution:
             # an attempt ended on another node, which wrote its retry (this node may not have
             # seen it start): with its error and due time, and said here too (that node
             # announced it to its own bus only)
-            self.index.requeued(run, stored.error, run_after)
+            # not among the retries this node wakes for: it may have no room or no resources for
+            # the task, and would look for it every few milliseconds until its next catch-up
+            self.index.requeued(run, stored.error, 0.0)
+            run.run_after = run_after
             run.attempt = stored.attempt
             run.max_attempts = stored.max_attempts  # more by one if its node's stop cut it short
             delay = max(0.0, run_after - self.engine.clock()) if run_after else 0.0
@@ -1476,7 +1479,7 @@ class Execution:
         if self.memory is None:
             return
         # an earlier stop's still going, too: a schedule's or a trigger key's next run waits for them
-        self._left_going_runs = {t: run for t, run in self._left_going_runs.items() if not t.done()}
+        self._left_going_runs = {t: run for t, run in self._left_going_runs.items() if _still_going(t)}
         for token, run in list(self._claimed.items()):
             if run.handle in tasks:
                 self._left_going_runs[run.handle] = run
@@ -1489,11 +1492,13 @@ class Execution:
     def still_going(self, task: str) -> list[tuple[asyncio.Task[Any], str, dict[str, Any]]]:
         """The runs of ``task`` a stop gave up on (memory store) whose code still runs, each as
         its asyncio task, its id and its params: their records say they ended, their code does not."""
-        return [
-            (t, run.id, run.params)
-            for t, run in self._left_going_runs.items()
-            if run.task == task and not t.done()
-        ]
+        return [(t, run.id, run.params) for t, run in self._left_going_runs.items() if run.task == task and _still_going(t)]
+
+
+def _still_going(task: asyncio.Task[Any]) -> bool:
+    """Whether ``task`` still runs on the running loop: one left on a loop that has closed since
+    (a background engine's, which gives such tasks up as it ends) never ends, and never runs."""
+    return not task.done() and task.get_loop() is asyncio.get_running_loop()
 
 
 def _log_failed_outcome(write: asyncio.Future[Any]) -> None:

@@ -520,6 +520,11 @@ class Executor:
             del until_of[token]  # finished or handed back since
         now = time.monotonic()
         lapsed = now >= self._renewed_at + self._ttl
+        if lapsed:
+            # a whole lease without a renewal, and no step-down yet (it takes a probe more): a
+            # server gone silent raises nothing the store would count as an outage, and the
+            # claims that ran out through it are those of live nodes (this one's among them)
+            self.store.heard_nothing(self._renewed_at)
         if sent > self._renewed_at:
             self._renewed_at = sent
         if lapsed and now < self._renewed_at + self._ttl:

@@ -1133,3 +1133,52 @@ def test_a_call_whose_own_code_ends_cancelled_raises_that_once_and_leaves_the_en
     finally:
         bg.stop()
     assert bg.state == "stopped"
+
+
+def test_a_background_restart_after_a_stop_gave_up_on_code_runs_its_schedule_queue_and_key_again() -> None:
+    """The stop of a background engine left a periodic run, a queue's handler and a trigger key's
+    run going (their code ignores every cancel), and its loop's end gave them up. Started again,
+    the engine waited for those tasks to end before the schedule's next run, the queue's next
+    job and the key's next run: tasks of a closed loop never end, so none came, for good."""
+    engine = Engine(health_interval=None, cancel_grace=0.05)
+    ticks: list[int] = []
+    handled: list[str] = []
+    compiled: list[str] = []
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                pass  # a bug in the code: it swallows every cancel
+
+    @engine.periodic(every=0.02)
+    async def tick(ctx: Any) -> None:
+        ticks.append(1)
+        if len(ticks) == 1:
+            await stubborn()
+
+    async def handle(job: str) -> None:
+        handled.append(job)
+        if job == "first":
+            await stubborn()
+
+    async def run_compile(ctx: Any, key: str) -> None:
+        compiled.append(key)
+        if len(compiled) == 1:
+            await stubborn()
+
+    queue = engine.queue("q", handle)
+    trigger = engine.trigger("compile", run_compile, size_threshold=1)
+    bg = engine.start_background()
+    try:
+        queue.put_nowait("first")
+        trigger.notify("k1")
+        wait_until(lambda: ticks and handled and compiled)
+        bg.stop(timeout=0.1)
+        bg = engine.start_background()
+        queue.put_nowait("second")
+        trigger.notify("k1")
+        wait_until(lambda: len(ticks) >= 3 and "second" in handled and len(compiled) >= 2)
+    finally:
+        bg.stop(5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -878,3 +879,26 @@ async def test_a_subscription_made_while_the_engine_is_stopped_is_fed_by_its_nex
         kinds = [e.kind for e in sub.get_batch() if e.kind.startswith("run.")]
         assert kinds == ["run.submitted", "run.started", "run.succeeded"], f"start {start}"
         assert sub.closed  # the stop ended it, as it ends every subscription
+
+
+def test_a_subscription_made_from_another_thread_while_the_loop_is_blocked_is_had_at_once() -> None:
+    """A task blocking the engine's loop held a subscribe from another thread for 5 s, then
+    failed it with a TimeoutError: the registration is the loop's to make, not to wait for."""
+    engine = Engine(health_interval=None)
+
+    @engine.task
+    async def quick(ctx: TaskContext) -> int:
+        return 1
+
+    bg = engine.start_background()
+    gate = threading.Event()
+    try:
+        bg.loop.call_soon_threadsafe(gate.wait)  # blocking code on the engine's loop
+        sub = engine.bus.subscribe(kinds=["run."])  # the loop is held meanwhile
+        gate.set()
+        bg.submit("quick").wait(10)
+        kinds = [e.kind for e in bg.call(lambda e: sub.get_batch())]
+        assert kinds == ["run.submitted", "run.started", "run.succeeded"]
+    finally:
+        gate.set()
+        bg.stop(5)

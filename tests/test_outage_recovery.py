@@ -248,15 +248,17 @@ async def test_a_run_that_finishes_during_a_long_outage_has_its_outcome_written_
     assert ran == 1
 
 
+@pytest.mark.parametrize("silence", ["past_the_step_down", "a_lease_and_a_second"])
 async def test_after_a_silent_database_a_node_takes_no_claim_of_a_live_node_that_finished_meanwhile(
-    postgres_server: PostgresServer, postgres_url: str
+    postgres_server: PostgresServer, postgres_url: str, silence: str
 ) -> None:
     """The server paused (SIGSTOP: it answers nothing and refuses nothing) past the lease, while
     node a's run finishes. No operation of node b failed, they only waited, so b knew of no
     outage: its first recovery once the server answered took a's claim, whose lease had run
     out through the silence, and the run a had finished ran a second time, its outcome
-    refused. b's step-down (its heartbeats unanswered for a lease) now counts as the outage.
-    a reaches the server through a proxy held a while longer, so that b looks first."""
+    refused. b's step-down (its heartbeats unanswered for a lease), or a heartbeat answered
+    only after its lease ran out (a silence too short for a step-down), now counts as the
+    outage. a reaches the server through a proxy held a while longer, so that b looks first."""
     started, finish = asyncio.Event(), asyncio.Event()
     ran = 0
 
@@ -278,10 +280,15 @@ async def test_after_a_silent_database_a_node_takes_no_claim_of_a_live_node_that
             handle = await a.submit("work")
             await asyncio.wait_for(started.wait(), 10)
             await asyncio.to_thread(postgres_server.pause)
+            paused_at = time.monotonic()
             try:
                 finish.set()  # it finishes while the database is silent
-                # both nodes step down: their heartbeats got no answer for a lease
-                await eventually(lambda: all((n.stats().cut_off_for or 0) > TTL for n in (a, b)), timeout=4 * TTL)
+                if silence == "past_the_step_down":
+                    # both nodes step down: their heartbeats got no answer for a lease
+                    await eventually(lambda: all((n.stats().cut_off_for or 0) > TTL for n in (a, b)), timeout=4 * TTL)
+                else:
+                    # past a's claim's lease, not long enough for a probe more and a step-down
+                    await asyncio.to_thread(wait_until, lambda: time.monotonic() - paused_at >= TTL + 1.0, 2 * TTL, "the silence")
                 a_network.hold()
             finally:
                 await asyncio.to_thread(postgres_server.resume)

@@ -1438,8 +1438,9 @@ class PostgresStore(Store):
     def heard_nothing(self, since: float) -> None:
         if self._down_since is None:
             log.warning(
-                "the run store %s has not answered this node for %.1f s (no error: a server that is "
-                "paused or overloaded, or a network that drops packets); counted as an outage",
+                "the run store %s gave this node no answer for %.1f s (no error: a server that is "
+                "paused or overloaded, or a network that drops packets); counted as an outage, so the "
+                "claims of live nodes that ran out through it are not taken at once",
                 self._where, time.monotonic() - since,
             )  # fmt: skip
             self._down_since = since
