@@ -1342,8 +1342,8 @@ class Scheduler:
         missed = self._slots_passed(p, slot, planned, fired_at, following)
         fresh, p.fresh = p.fresh, False
         warming, p.warming = p.warming, None
-        if missed <= 0 or warming == slot:
-            return
+        if missed <= 0 or warming == slot or p.fired_elsewhere:
+            return  # (fired elsewhere: the node that fired it counts what its tick let pass)
         # on a store nodes share, this loop being held up is no missed slot if another node fired
         # meanwhile: the store tells the last slot any node fired (the ones before it are not
         # known one by one, so they are not counted missed either)
@@ -1365,15 +1365,6 @@ class Scheduler:
                     "its slots meanwhile (the last %.3g s ago): none was missed",
                     p.name, max(0.0, fired_at - planned), max(0.0, fired_at - last),
                 )  # fmt: skip
-            return
-        if p.fired_elsewhere:
-            # a node held up alike fired this late slot (a stall or an outage of the store holds
-            # every node at once): that node counts the slots its tick let pass, once for all
-            log.info(
-                "periodic task %r: this node's tick came %.3g s late; a node sharing the store fired "
-                "that slot, and counts the %d slot(s) that passed before it",
-                p.name, max(0.0, fired_at - planned), missed,
-            )  # fmt: skip
             return
         p.missed += missed
         # the first tick after a start makes up for the time the engine was stopped, as
