@@ -615,9 +615,6 @@ class _Periodic:
     #: a node sharing the store was seen firing this cron task off this node's times (warned
     #: once a start)
     other_grid_told: bool = False
-    #: the latest tick's slot was fired by another node sharing the store: that node counts
-    #: the slots its late tick let pass, not this one too
-    fired_elsewhere: bool = False
     #: held by a tick and by a run by hand from their look at the run going to the
     #: submit of theirs: each awaits the store between the two, and must see the other's run
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -1342,8 +1339,8 @@ class Scheduler:
         missed = self._slots_passed(p, slot, planned, fired_at, following)
         fresh, p.fresh = p.fresh, False
         warming, p.warming = p.warming, None
-        if missed <= 0 or warming == slot or p.fired_elsewhere:
-            return  # (fired elsewhere: the node that fired it counts what its tick let pass)
+        if missed <= 0 or warming == slot:
+            return
         # on a store nodes share, this loop being held up is no missed slot if another node fired
         # meanwhile: the store tells the last slot any node fired (the ones before it are not
         # known one by one, so they are not counted missed either)
@@ -1456,7 +1453,6 @@ class Scheduler:
             await self._tick_locked(p, slot, gap)
 
     async def _tick_locked(self, p: _Periodic, slot: float, gap: float) -> None:
-        p.fired_elsewhere = False
         current = p.current
         going = current is not None and current.id in self._inflight  # its finished event has not come yet
         if going and not self._engine.durable:
@@ -1482,7 +1478,6 @@ class Scheduler:
                 p.writer = None
         if fired is None:
             if not going:
-                p.fired_elsewhere = True
                 # the slot is not this node's: an end-based interval counts from the end of
                 # the run the node that fired it started, not again from the end of a run that
                 # finished before it (that end would give this same slot back, refused again,
