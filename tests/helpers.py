@@ -46,6 +46,16 @@ async def screen_shown(app: Any, kind: type[S], *, other_than: object = None, ti
     return result
 
 
+async def swallowing_every_cancel(until: asyncio.Event) -> None:
+    """Wait for ``until``, swallowing every cancel meanwhile: a bug in a task or handler (a retry
+    loop with ``except BaseException``, say), which a stop gives up on and the engine outlasts."""
+    while not until.is_set():
+        try:
+            await until.wait()
+        except asyncio.CancelledError:
+            pass
+
+
 class Recorder:
     """Records every event an engine publishes (a synchronous bus callback)."""
 

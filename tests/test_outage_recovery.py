@@ -49,6 +49,22 @@ TTL = 2.0
 OUTAGE = 5.0
 
 
+class Gated:
+    """Registers the task "work" on ``engine``: each run counts itself (``ran``), says it
+    ``started``, waits for ``finish`` and returns its count."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.started, self.finish = asyncio.Event(), asyncio.Event()
+        self.ran = 0
+
+        @engine.task
+        async def work(ctx: TaskContext) -> int:
+            self.ran += 1
+            self.started.set()
+            await self.finish.wait()
+            return self.ran
+
+
 def run_rows(server: PostgresServer, url: str) -> dict[str, tuple[str, int, int]]:
     out = server.sql("SELECT id, status, attempt, lost_count FROM runs", database(url))
     rows = (line.split("|") for line in out.splitlines() if line)
@@ -215,16 +231,8 @@ async def test_a_run_that_finishes_during_a_long_outage_has_its_outcome_written_
     # the succeeded run was then recovered and ran a second time
     store = PostgresStore(postgres_url, lease_ttl=TTL, node_ttl=3 * TTL, reconnect_timeout=0.3)
     engine = Engine(store=store, health_interval=None)
-    started, finish = asyncio.Event(), asyncio.Event()
-    ran = 0
-
-    @engine.task
-    async def work(ctx: TaskContext) -> int:
-        nonlocal ran
-        ran += 1
-        started.set()
-        await finish.wait()
-        return ran
+    work = Gated(engine)
+    started, finish = work.started, work.finish
 
     async with engine:
         handle = await engine.submit("work")
@@ -245,7 +253,7 @@ async def test_a_run_that_finishes_during_a_long_outage_has_its_outcome_written_
         assert (record.status, record.result, record.attempt) == (RunStatus.SUCCEEDED, 1, 1)
         stored = await store.get(handle.id)
         assert stored is not None and (stored.status, stored.attempt, stored.lost_count) == (RunStatus.SUCCEEDED, 1, 0)
-    assert ran == 1
+    assert work.ran == 1
 
 
 @pytest.mark.parametrize("silence", ["past_the_step_down", "a_lease_and_a_second"])
@@ -259,22 +267,13 @@ async def test_after_a_silent_database_a_node_takes_no_claim_of_a_live_node_that
     refused. b's step-down (its heartbeats unanswered for a lease), or a heartbeat answered
     only after its lease ran out (a silence too short for a step-down), now counts as the
     outage. a reaches the server through a proxy held a while longer, so that b looks first."""
-    started, finish = asyncio.Event(), asyncio.Event()
-    ran = 0
-
     async with StallingProxy(postgres_server.port) as a_network:
         a = Engine(store=PostgresStore(a_network.url(postgres_url), lease_ttl=TTL, node_ttl=3 * TTL), node_id="a",
                    health_interval=None)  # fmt: skip
         b_store = PostgresStore(postgres_url, lease_ttl=TTL, node_ttl=3 * TTL)
         b = Engine(store=b_store, node_id="b", health_interval=None)
-
-        @a.task
-        async def work(ctx: TaskContext) -> int:
-            nonlocal ran
-            ran += 1
-            started.set()
-            await finish.wait()
-            return ran
+        work = Gated(a)
+        started, finish = work.started, work.finish
 
         async with a, b:
             handle = await a.submit("work")
@@ -299,4 +298,4 @@ async def test_after_a_silent_database_a_node_takes_no_claim_of_a_live_node_that
                 a_network.release()
             record = await handle.wait(30)
             assert (record.status, record.result, record.attempt) == (RunStatus.SUCCEEDED, 1, 1)
-    assert ran == 1
+    assert work.ran == 1

@@ -22,7 +22,7 @@ import pytest
 from taskwatch.engine import DuplicateTask, Engine, InvalidConfiguration, LoopThreadError, PeriodicInfo, TaskContext
 from taskwatch.engine.scheduler import next_cron_due
 
-from .helpers import Recorder, eventually, in_thread, stray_tasks, wait_until
+from .helpers import Recorder, eventually, in_thread, stray_tasks, swallowing_every_cancel, wait_until
 
 
 def make_engine(**kwargs: Any) -> Engine:
@@ -1288,11 +1288,8 @@ async def test_a_run_a_stop_gave_up_on_holds_its_schedule_at_the_next_start_unti
     async def stubborn(ctx: TaskContext) -> None:
         stubborn_runs.append("began")
         try:
-            while len(stubborn_runs) == 1 and not release.is_set():
-                try:
-                    await release.wait()
-                except asyncio.CancelledError:
-                    pass  # a bug in the task: it swallows every cancel
+            if len(stubborn_runs) == 1:
+                await swallowing_every_cancel(release)
         finally:
             stubborn_runs.append("ended")
 

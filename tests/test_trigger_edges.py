@@ -41,7 +41,7 @@ from taskwatch.engine import (
     WorkQueue,
 )
 
-from .helpers import Recorder, eventually, table_away, wait_until
+from .helpers import Recorder, eventually, swallowing_every_cancel, table_away, wait_until
 from .test_queue_edges import StartHeldAtRegister
 from .test_triggers import Clock, make_engine
 
@@ -1247,11 +1247,8 @@ async def test_a_keys_run_a_stop_gave_up_on_is_its_run_until_its_code_ends() -> 
     async def stubborn(ctx: TaskContext, key: str) -> None:
         runs.append("began")
         try:
-            while len(runs) == 1 and not release.is_set():
-                try:
-                    await release.wait()
-                except asyncio.CancelledError:
-                    pass  # a bug in the task: it swallows every cancel
+            if len(runs) == 1:
+                await swallowing_every_cancel(release)
         finally:
             runs.append("ended")
 
