@@ -103,10 +103,22 @@ class PostgresServer:
         self.run("pg_ctl", "stop", "-D", self.data, "-m", mode, "-w", "-t", "60", timeout=90)
 
     def _processes(self) -> list[int]:
+        """The postmaster and its children, read from /proc (no ``ps``: a slim image has none)."""
         with open(os.path.join(self.data, "postmaster.pid")) as f:
             postmaster = int(f.readline())
-        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(postmaster)], capture_output=True, text=True)
-        return [postmaster, *(int(pid) for pid in children.stdout.split())]
+        children = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    # the parent's pid is the second field after the command, which is in parentheses
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # ended meanwhile
+            if ppid == postmaster:
+                children.append(int(entry))
+        return [postmaster, *children]
 
     def pause(self) -> None:
         """SIGSTOP the server and every process of it: a database that answers nothing and
