@@ -1891,22 +1891,20 @@ class Engine:
                 self._run.apply_stored(run, result.run.to_record(), announced=False)
                 return run.record()
             return await self._cancelled_elsewhere(run, result.run.to_record(), grace)
-        if run.cancel_reason is not None:
-            # cancelled already, and cleaning up (a button clicked twice, a request retried): the
-            # cleanup keeps the time that cancel gave it, where another cancel would cut it short
-            await self._run.wait_finished(run, self.cancel_grace if grace is None else grace)
-            return run.record()
-        run.cancel_reason = "user"  # set first: the store's notice of the request below then cancels nothing again
-        run.handle.cancel()
-        # its cleanup gets the engine's cancel_grace (as a stop's and a timeout's cancel give it),
-        # or the caller's grace if longer; a caller's shorter grace is how long it waits here
-        self._run.keep_cancelling(run, after=max(grace, self.cancel_grace))
-        if self._durable and not recorded:
-            # while the task cleans up, the store holds the request too: a crash meanwhile must not
-            # bring the run back as pending (recovery ends a run whose cancel was requested). Written
-            # beside the grace, not before it: a busy store must not lengthen the wait
-            request = as_future(self._store.request_cancel(run_id, "user"))
-            self._run.keep_write(request, functools.partial(_cancel_recorded, run_id))
+        # cancelled already and cleaning up (a button clicked twice, a request retried): it is only
+        # waited for, as the cleanup keeps the time that cancel gave it, and another would cut it short
+        if run.cancel_reason is None:
+            run.cancel_reason = "user"  # set first: the store's notice of the request below then cancels nothing again
+            run.handle.cancel()
+            # its cleanup gets the engine's cancel_grace (as a stop's and a timeout's cancel give it),
+            # or the caller's grace if longer; a caller's shorter grace is how long it waits here
+            self._run.keep_cancelling(run, after=max(grace, self.cancel_grace))
+            if self._durable and not recorded:
+                # while the task cleans up, the store holds the request too: a crash meanwhile must
+                # not bring the run back as pending (recovery ends a run whose cancel was requested).
+                # Written beside the grace, not before it: a busy store must not lengthen the wait
+                request = as_future(self._store.request_cancel(run_id, "user"))
+                self._run.keep_write(request, functools.partial(_cancel_recorded, run_id))
         await self._run.wait_finished(run, self.cancel_grace if grace is None else grace)
         return run.record()
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from .hop import as_future, spawn
+from .hop import as_future, going_here, spawn
 from .context import TaskContext
 from .events import (
     RunCancelled,
@@ -1479,7 +1479,7 @@ class Execution:
         if self.memory is None:
             return
         # an earlier stop's still going, too: a schedule's or a trigger key's next run waits for them
-        self._left_going_runs = {t: run for t, run in self._left_going_runs.items() if _still_going(t)}
+        self._left_going_runs = {t: run for t, run in self._left_going_runs.items() if going_here(t)}
         for token, run in list(self._claimed.items()):
             if run.handle in tasks:
                 self._left_going_runs[run.handle] = run
@@ -1492,13 +1492,7 @@ class Execution:
     def still_going(self, task: str) -> list[tuple[asyncio.Task[Any], str, dict[str, Any]]]:
         """The runs of ``task`` a stop gave up on (memory store) whose code still runs, each as
         its asyncio task, its id and its params: their records say they ended, their code does not."""
-        return [(t, run.id, run.params) for t, run in self._left_going_runs.items() if run.task == task and _still_going(t)]
-
-
-def _still_going(task: asyncio.Task[Any]) -> bool:
-    """Whether ``task`` still runs on the running loop: one left on a loop that has closed since
-    (a background engine's, which gives such tasks up as it ends) never ends, and never runs."""
-    return not task.done() and task.get_loop() is asyncio.get_running_loop()
+        return [(t, run.id, run.params) for t, run in self._left_going_runs.items() if run.task == task and going_here(t)]
 
 
 def _log_failed_outcome(write: asyncio.Future[Any]) -> None:

@@ -495,6 +495,12 @@ def call_blocking(
         raise
 
 
+def going_here(task: asyncio.Task[Any]) -> bool:
+    """Whether ``task`` still runs on the running loop: one left on a loop that has closed since
+    (a background engine's, which gives such tasks up as it ends) never ends, and never runs."""
+    return not task.done() and task.get_loop() is asyncio.get_running_loop()
+
+
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     """Cancel ``task`` (if any) and wait until it has ended, without raising what it raised."""
     if task is None:

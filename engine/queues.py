@@ -90,7 +90,7 @@ from .errors import (
     TaskDefinitionError,
 )
 from .execution import checked_timeout
-from .hop import call_on, cancel_and_wait, current_loop, refuse_in_fork, spawn, work_context, works_for
+from .hop import call_on, cancel_and_wait, current_loop, going_here, refuse_in_fork, spawn, work_context, works_for
 from .jsonsafe import NotJsonSafe, jsonable, safe_str
 from .options import PutOptions, QueueOptions, check_options
 from .logs import OutageLog, log_safely, log_text, traceback_block
@@ -1640,7 +1640,7 @@ class WorkQueue:
                     self._written = loop.create_future()
             self._keeper = spawn(self._keep_loop(self._kick), name=f"taskwatch-queue-{self.name}-store")
             self._hold_begins()
-        held = [t for t in self.left_going if not t.done() and t.get_loop() is loop]
+        held = [t for t in self.left_going if going_here(t)]
         self._consumers = [
             spawn(
                 self._consume(self._generation, held[i] if i < len(held) else None),
@@ -1748,7 +1748,7 @@ class WorkQueue:
         self._in_flight -= len(stuck)
         self.ignored_cancel += len(stuck)
         # with those an earlier stop left and still going: they hold slots at the next start too
-        self.left_going = [*stuck, *(t for t in self.left_going if not t.done() and t.get_loop() is loop)]
+        self.left_going = [*stuck, *(t for t in self.left_going if going_here(t))]
         self._running.clear()
         for fut in self._putters:
             _wake(fut)  # waiting producers re-check and raise EngineNotRunning
