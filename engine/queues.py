@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import itertools
 import logging
 import threading
@@ -952,6 +953,7 @@ class WorkQueue:
         """
         write = self._write_task = spawn(self._flush_locked(deletes))
         write.add_done_callback(_retrieved)
+        write.add_done_callback(self._hand_over_unwritten)
         await asyncio.shield(write)
 
     async def _flush_locked(self, deletes: bool) -> None:
@@ -1057,6 +1059,52 @@ class WorkQueue:
                 self._store_trouble.failed(exc, "the jobs stay queued here, trying again in up to 1 s")
                 retry = 0.05 if retry is None else min(retry * 2, 1.0)
                 next_adopt = max(next_adopt, loop.time() + retry)
+
+    def _hand_over_unwritten(self, _ended: asyncio.Task[None]) -> None:
+        """The loop tears down with no stop (``asyncio.run`` ending with no ``engine.stop()``):
+        give the store the jobs put here and not yet written, without waiting for it.
+
+        A stop writes them itself (it takes the keeper first); the teardown cancels the keeper
+        and the write under way wherever they are, and the jobs ``put_nowait`` accepted would
+        be lost. Called as each of the two ends: once the write has put its jobs back (a write
+        cancelled before the store began it writes nothing). A store whose put is under way
+        once called (SQLite's writer queue) writes them, also once the loop is gone; with any
+        other, they stay unwritten, as runs do.
+        """
+        keeper = self._keeper
+        if keeper is None or not keeper.cancelled():
+            return  # still keeping, or taken by a stop, which writes what is left
+        write = self._write_task
+        if write is not None and not write.done():
+            return  # its end puts back what it did not write, and calls this
+        fresh: list[_Kept] = []
+        encoded: list[Any] = []
+        for kept in self._unwritten:
+            if kept.done:
+                continue
+            try:
+                encoded.append(jsonable(kept.job))
+            except NotJsonSafe:
+                continue  # (the write would have refused it too, and counted it lost)
+            fresh.append(kept)
+        if not fresh:
+            return
+        try:
+            put = self._engine.store.put_jobs(self.name, self._engine.incarnation, encoded)
+        except Exception:  # noqa: BLE001 - a store closed or failing: nothing more to do here
+            return
+        if not isinstance(put, asyncio.Future):
+            if inspect.iscoroutine(put):
+                put.close()  # it would run only on a loop going away
+            return
+        self._unwritten = []
+
+        def landed(done: asyncio.Future[list[int]]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                for kept, job_id in zip(fresh, done.result()):
+                    kept.id = job_id
+
+        put.add_done_callback(landed)
 
     def _revive(self, job: StoredJob, epoch: int) -> _Kept:
         """A job read back from the store, as the handler expects it (its model, when it names one)."""
@@ -1639,6 +1687,8 @@ class WorkQueue:
                 if self._written is None:
                     self._written = loop.create_future()
             self._keeper = spawn(self._keep_loop(self._kick), name=f"taskwatch-queue-{self.name}-store")
+            # at the keeper's end, however it ends: the loop's teardown cancels it with no stop
+            self._keeper.add_done_callback(self._hand_over_unwritten)
             self._hold_begins()
         held = [t for t in self.left_going if going_here(t)]
         self._consumers = [

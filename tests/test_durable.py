@@ -670,3 +670,92 @@ def test_runs_submit_nowait_accepted_right_after_the_start_are_kept_by_a_program
     rows = table(db)
     assert sorted(rows) == sorted(ids), f"{len(set(ids) - set(rows))} of the {len(ids)} accepted runs are not in the file"
     assert {(r["status"], r["attempt"]) for r in rows.values()} == {("pending", 1)}
+
+
+_PUTS_WITHOUT_STOP = r"""
+import asyncio, atexit, json, sys
+from taskwatch.engine import Engine
+
+def emit(**fields):
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+async def main(db, how):
+    engine = Engine(store=f"sqlite:///{db}?busy_timeout=120000", node_id="n", health_interval=None)
+    handling = asyncio.Event()
+
+    async def handle(job: dict) -> None:
+        handling.set()
+        await asyncio.Event().wait()  # cut short by the teardown: undone, it is kept
+
+    jobs = engine.queue("mail", handle, concurrency=1)
+    await engine.start()
+    atexit.register(emit, ev="exiting")
+    emit(ev="started")
+    await asyncio.to_thread(sys.stdin.readline)
+    for i in range(3):
+        jobs.put_nowait({"n": i})
+    await handling.wait()
+    # a few turns of the loop: the queue's write of the first three is under way, held up by
+    # the test's lock, when the next three are put
+    for _ in range(20):
+        await asyncio.sleep(0)
+    for i in range(3, 6):
+        jobs.put_nowait({"n": i})
+    emit(ev="queued")
+    if how == "raise":
+        raise RuntimeError("the program fails after queueing")
+    if how == "exit":
+        sys.exit(3)
+    if how == "interrupt":
+        await asyncio.Event().wait()  # until Ctrl-C
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("how", "code"), [("return", 0), ("raise", 1), ("exit", 3), ("interrupt", -signal.SIGINT)])
+async def test_queue_jobs_put_nowait_accepted_are_kept_by_a_program_that_ends_without_stop(
+    tmp_path: Path, how: str, code: int
+) -> None:
+    db = tmp_path / "runs.db"
+    child = JsonLineProcess([sys.executable, "-c", _PUTS_WITHOUT_STOP, str(db), how], f"ends by {how}", START_TIMEOUT)
+    try:
+        child.event("started")
+        # another process's long write holds the file: nothing the program hands its store
+        # can be committed until the program is already exiting
+        lock = sqlite3.connect(db, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            child.send("go")
+            child.event("queued")
+            if how == "interrupt":
+                os.kill(child.proc.pid, signal.SIGINT)
+            child.event("exiting")
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        assert child.proc.wait(EXIT_TIMEOUT) == code
+    finally:
+        child.close()
+
+    assert integrity(db) == "ok"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        stored = sorted(json.loads(job)["n"] for (job,) in conn.execute("SELECT job FROM queue_jobs"))
+    assert stored == list(range(6)), "each accepted job is in the file once"
+
+    # and the next start handles every one of them, the one the teardown cut short too
+    handled: list[int] = []
+    all_handled = asyncio.Event()
+
+    async def handle(job: dict[str, int]) -> None:
+        handled.append(job["n"])
+        if len(handled) == 6:
+            all_handled.set()
+
+    engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
+    engine.queue("mail", handle, concurrency=1)
+    async with engine:
+        await asyncio.wait_for(all_handled.wait(), 30)
+    assert sorted(handled) == list(range(6))

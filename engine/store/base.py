@@ -593,8 +593,14 @@ class Store(ABC):
     # ---------------------------------------------------------------- queue jobs
 
     @abstractmethod
-    async def put_jobs(self, queue: str, incarnation: str, jobs: Sequence[Any]) -> list[int]:
-        """Keep JSON ``jobs`` for ``queue``, held by ``incarnation``; their ids, in order."""
+    def put_jobs(self, queue: str, incarnation: str, jobs: Sequence[Any]) -> Awaitable[list[int]]:
+        """Keep JSON ``jobs`` for ``queue``, held by ``incarnation``; their ids, in order.
+
+        Like :meth:`insert`, a store may hand back a future already on its way (a queue
+        whose loop tears down with no stop hands its unwritten jobs over so), and
+        cancelling it before the store has begun the write puts nothing (the queue keeps
+        the jobs to put again).
+        """
 
     @abstractmethod
     async def done_jobs(self, ids: Sequence[int]) -> None:

@@ -594,13 +594,14 @@ class SqliteStore(Store):
             self._deliver_threadsafe(self._all_failed(batch, exc), tx)
             return
         self._locked_since = None
-        insert = self._insert
+        insert, put_jobs = self._insert, self._put_jobs
         for fn, args, fut, _, single, advice in batch:
-            if fn == insert and fut.cancelled():
+            if (fn == insert or fn == put_jobs) and fut.cancelled():
                 # its submitter stopped waiting before the write began (a wait_for that ran out
                 # while another process held the file): written now, the run would run although
                 # its caller was told nothing was submitted (a read of the state from this thread
-                # is safe; a cancel landing after it leaves the insert to be read back as before)
+                # is safe; a cancel landing after it leaves the insert to be read back as before);
+                # a queue whose put was cancelled keeps the jobs to put again
                 continue
             if fn != insert:
                 tx.pending = None
@@ -1354,11 +1355,14 @@ class SqliteStore(Store):
 
     # ---------------------------------------------------------------- queue jobs
 
-    async def put_jobs(self, queue: str, incarnation: str, jobs: Sequence[Any]) -> list[int]:
+    def put_jobs(self, queue: str, incarnation: str, jobs: Sequence[Any]) -> asyncio.Future[list[int]]:
+        # the writer's future itself, no coroutine around it (see Store.put_jobs)
         if not jobs:
-            return []
+            done: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+            done.set_result([])
+            return done
         encoded = [_dumps(job) for job in jobs]  # before the writer thread: a bad job fails only its caller
-        return await self._call(self._put_jobs, queue, incarnation, encoded)  # type: ignore[no-any-return]
+        return self._call(self._put_jobs, queue, incarnation, encoded)
 
     def _put_jobs(self, tx: _Tx, queue: str, incarnation: str, encoded: list[str]) -> list[int]:
         now = self.clock()
