@@ -36,7 +36,6 @@ engine's: the executor calls back into it through the functions it was given.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -46,6 +45,7 @@ from .logs import OutageLog
 from .runs import CancelReason, Progress
 from .errors import DuplicateRunId, StoreBusy, StoreGaveUp, StoreUnavailable
 from .store import Claim, Inserted, MemoryStore, NewRun, Recovered, Store
+from .store.base import on_its_way
 
 log = logging.getLogger("taskwatch.executor")
 
@@ -404,12 +404,10 @@ class Executor:
         if not batch:
             return
         try:
-            write = self.store.insert(batch, max_pending=self.max_pending)
+            write = on_its_way(self.store.insert(batch, max_pending=self.max_pending))
         except Exception:  # noqa: BLE001 - a store closed or failing: nothing more to do here
             return
-        if not isinstance(write, asyncio.Future):
-            if inspect.iscoroutine(write):
-                write.close()  # it would run only on a loop going away
+        if write is None:
             return
         self._unwritten = []
 

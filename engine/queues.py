@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import inspect
 import itertools
 import logging
 import threading
@@ -98,6 +97,7 @@ from .logs import OutageLog, log_safely, log_text, traceback_block
 from .events import QueueDrainIncomplete, QueueJobFailed, QueuePaused, QueuePurged, QueueResumed
 from .runs import RunError
 from .store import StoredJob
+from .store.base import on_its_way
 from .store.rows import UNREADABLE
 from .tasks import NotReadBack, async_signature, params_from_record, read_back, resolve_annotation
 
@@ -1090,12 +1090,10 @@ class WorkQueue:
         if not fresh:
             return
         try:
-            put = self._engine.store.put_jobs(self.name, self._engine.incarnation, encoded)
+            put = on_its_way(self._engine.store.put_jobs(self.name, self._engine.incarnation, encoded))
         except Exception:  # noqa: BLE001 - a store closed or failing: nothing more to do here
             return
-        if not isinstance(put, asyncio.Future):
-            if inspect.iscoroutine(put):
-                put.close()  # it would run only on a loop going away
+        if put is None:
             return
         self._unwritten = []
 

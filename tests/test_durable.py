@@ -549,9 +549,22 @@ def test_run_ids_differ_across_processes_whatever_the_application_seeds() -> Non
 # ---------------------------------------------------------------- 7. a program that ends with no stop()
 
 
+#: the end of a child's main(), once it has queued its work: as argv[2] says
+_ENDS_AS_TOLD = r"""
+    if how == "raise":
+        raise RuntimeError("the program fails after queueing")
+    if how == "exit":
+        sys.exit(3)
+    if how == "interrupt":
+        await asyncio.Event().wait()  # until Ctrl-C
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
 #: the program: an engine on the file; on a line from stdin (the test holds the file's write
 #: lock from then on) it accepts runs with submit_nowait, then ends as argv[2] says
-_ENDS_WITHOUT_STOP = """
+_ENDS_WITHOUT_STOP = ("""
 import asyncio, atexit, json, sys
 from taskwatch.engine import Engine, TaskContext
 
@@ -586,33 +599,26 @@ async def main(db, how):
         await asyncio.sleep(0)
     ids = [first.id] + [engine.submit_nowait("job").id for _ in range(5)]
     emit(ev="queued", ids=ids)
-    if how == "raise":
-        raise RuntimeError("the program fails after queueing")
-    if how == "exit":
-        sys.exit(3)
-    if how == "interrupt":
-        await asyncio.Event().wait()  # until Ctrl-C
-
-asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
+    + _ENDS_AS_TOLD
+)
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize(("how", "code"), [("return", 0), ("raise", 1), ("exit", 3), ("interrupt", -signal.SIGINT)])
-def test_runs_submit_nowait_accepted_are_kept_by_a_program_that_ends_without_stop(
-    tmp_path: Path, how: str, code: int
-) -> None:
-    db = tmp_path / "runs.db"
-    child = JsonLineProcess([sys.executable, "-c", _ENDS_WITHOUT_STOP, str(db), how], f"ends by {how}", START_TIMEOUT)
+def _end_holding_the_file(script: str, db: Path, how: str, code: int) -> Line:
+    """Run ``script`` on ``db`` until it says it queued its work, end it ``how`` (its own end,
+    or SIGINT for "interrupt") and check its exit ``code``; the "queued" line.
+
+    Another process's long write holds the file from the child's "go" until it is exiting:
+    nothing the program hands its store can be committed before its end.
+    """
+    child = JsonLineProcess([sys.executable, "-c", script, str(db), how], f"ends by {how}", START_TIMEOUT)
     try:
         child.event("started")
-        # another process's long write holds the file: nothing the program hands its store
-        # can be committed until the program is already exiting
         lock = sqlite3.connect(db, isolation_level=None)
         lock.execute("BEGIN IMMEDIATE")
         try:
             child.send("go")
-            ids = child.event("queued")["ids"]
+            queued = child.event("queued")
             if how == "interrupt":
                 os.kill(child.proc.pid, signal.SIGINT)
             child.event("exiting")
@@ -622,7 +628,16 @@ def test_runs_submit_nowait_accepted_are_kept_by_a_program_that_ends_without_sto
         assert child.proc.wait(EXIT_TIMEOUT) == code
     finally:
         child.close()
+    return queued
 
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("how", "code"), [("return", 0), ("raise", 1), ("exit", 3), ("interrupt", -signal.SIGINT)])
+def test_runs_submit_nowait_accepted_are_kept_by_a_program_that_ends_without_stop(
+    tmp_path: Path, how: str, code: int
+) -> None:
+    db = tmp_path / "runs.db"
+    ids = _end_holding_the_file(_ENDS_WITHOUT_STOP, db, how, code)["ids"]
     assert integrity(db) == "ok"
     rows = table(db)
     assert sorted(rows) == sorted(ids), f"{len(set(ids) - set(rows))} of the {len(ids)} accepted runs are not in the file"
@@ -672,7 +687,8 @@ def test_runs_submit_nowait_accepted_right_after_the_start_are_kept_by_a_program
     assert {(r["status"], r["attempt"]) for r in rows.values()} == {("pending", 1)}
 
 
-_PUTS_WITHOUT_STOP = r"""
+#: the same for a queue's jobs put with put_nowait, one of them being handled
+_PUTS_WITHOUT_STOP = (r"""
 import asyncio, atexit, json, sys
 from taskwatch.engine import Engine
 
@@ -703,15 +719,9 @@ async def main(db, how):
     for i in range(3, 6):
         jobs.put_nowait({"n": i})
     emit(ev="queued")
-    if how == "raise":
-        raise RuntimeError("the program fails after queueing")
-    if how == "exit":
-        sys.exit(3)
-    if how == "interrupt":
-        await asyncio.Event().wait()  # until Ctrl-C
-
-asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
+    + _ENDS_AS_TOLD
+)
 
 
 @pytest.mark.timeout(120)
@@ -720,26 +730,7 @@ async def test_queue_jobs_put_nowait_accepted_are_kept_by_a_program_that_ends_wi
     tmp_path: Path, how: str, code: int
 ) -> None:
     db = tmp_path / "runs.db"
-    child = JsonLineProcess([sys.executable, "-c", _PUTS_WITHOUT_STOP, str(db), how], f"ends by {how}", START_TIMEOUT)
-    try:
-        child.event("started")
-        # another process's long write holds the file: nothing the program hands its store
-        # can be committed until the program is already exiting
-        lock = sqlite3.connect(db, isolation_level=None)
-        lock.execute("BEGIN IMMEDIATE")
-        try:
-            child.send("go")
-            child.event("queued")
-            if how == "interrupt":
-                os.kill(child.proc.pid, signal.SIGINT)
-            child.event("exiting")
-        finally:
-            lock.execute("ROLLBACK")
-            lock.close()
-        assert child.proc.wait(EXIT_TIMEOUT) == code
-    finally:
-        child.close()
-
+    _end_holding_the_file(_PUTS_WITHOUT_STOP, db, how, code)
     assert integrity(db) == "ok"
     with contextlib.closing(sqlite3.connect(db)) as conn:
         stored = sorted(json.loads(job)["n"] for (job,) in conn.execute("SELECT job FROM queue_jobs"))

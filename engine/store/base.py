@@ -11,6 +11,7 @@ here, so the memory and SQL stores cannot drift apart.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import os
 import time
@@ -18,7 +19,7 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from ..options import StoreOptions, check_options
 from ..runs import CancelReason, Progress, RunStatus
@@ -41,6 +42,8 @@ from .models import (
     TriggerKeyRecord,
     Wakeup,
 )
+
+T = TypeVar("T")
 
 Clock = Callable[[], float]
 
@@ -616,6 +619,18 @@ class Store(ABC):
         returned too (an engine object started again). A job whose row holds no
         JSON (changed by hand) is handed over all the same, marked ``unreadable``.
         """
+
+
+def on_its_way(write: Awaitable[T]) -> asyncio.Future[T] | None:
+    """What a store call handed back, if it is a write already on its way: a future of the
+    store's own (SQLite's writer queue writes it, also once the loop is gone). A coroutine
+    would run only on a loop going away: it is closed unstarted, and None says the write
+    will not happen."""
+    if isinstance(write, asyncio.Future):
+        return write
+    if inspect.iscoroutine(write):
+        write.close()
+    return None
 
 
 def counter_from_random_start() -> Callable[[], int]:
