@@ -158,7 +158,8 @@ class Outgoing:
 
 class _NodeView:
     __slots__ = ("node", "seqs", "last_ts", "last_kind", "events", "missed", "coalesced", "is_leader", "term",
-                 "running", "cpu_percent", "rss_bytes", "stopped", "heard_at", "health_ts", "health_every", "started_ts")
+                 "running", "cpu_percent", "rss_bytes", "stopped", "stopped_buses", "heard_at", "health_ts",
+                 "health_every", "started_ts")
 
     def __init__(self, node: str) -> None:
         self.node = node
@@ -177,6 +178,9 @@ class _NodeView:
         self.cpu_percent: float | None = None
         self.rss_bytes: int | None = None
         self.stopped = False
+        #: the buses (of ``seqs``) whose process said it stopped: one under the same id that
+        #: has not, heard from later, is up (a superseded process stopped beside its successor)
+        self.stopped_buses: set[str | None] = set()
         #: when (this process's monotonic clock) the last event of the node was read
         self.heard_at = 0.0
         #: the node's clock at its last health sample, and the interval between its last two
@@ -621,7 +625,9 @@ class EventRelay:
                 # reading from the oldest kept event: what came before it was trimmed away
                 last = 0
             while len(view.seqs) >= BUSES_PER_NODE:
-                del view.seqs[next(iter(view.seqs))]
+                oldest = next(iter(view.seqs))
+                del view.seqs[oldest]
+                view.stopped_buses.discard(oldest)
         if last is not None:
             gap = event.seq - last - 1 - max(0, skipped)
             if event.seq <= last:
@@ -633,6 +639,7 @@ class EventRelay:
                     return
                 # numbers start again where the shared place names no bus: the node restarted
                 view.stopped = False
+                view.stopped_buses.discard(bus)
             elif gap > 0:
                 view.missed += gap
                 self.missed += gap
@@ -644,6 +651,12 @@ class EventRelay:
         view.last_kind = event.kind
         view.events += 1
         _note(view, event)
+        if event.kind == "engine.stopped":
+            view.stopped_buses.add(bus)
+        elif event.kind == "engine.started":
+            view.stopped_buses.discard(bus)
+        elif view.stopped and bus not in view.stopped_buses:
+            view.stopped = False  # a process of this name that has not stopped speaks: it is up
         if view.is_leader and event.kind in ("lease.acquired", "lease.renewed"):
             self._one_leader(view)
         self.received += 1

@@ -215,6 +215,32 @@ async def test_two_processes_under_one_node_id_are_not_taken_for_lost_events(
     assert not stray_tasks()
 
 
+async def test_one_of_two_processes_under_one_node_id_stopping_leaves_the_node_shown_up(
+    postgres_url: str, redis_server: RedisServer
+) -> None:
+    # a hung process replaced under its id, then stopped as it is told to: its engine.stopped
+    # is that process's, and the node goes on running in its successor
+    stream = f"edges:{uuid.uuid4().hex[:8]}"
+    for where, events in (("postgres", postgres_url), ("redis", f"{redis_server.url}?stream={stream}")):
+        reader: Any = PostgresEventRelay(postgres_url) if where == "postgres" else RedisEventRelay(events)
+        superseded, successor = (Engine(node_id="twin", events=events, health_interval=0.05) for _ in range(2))
+        async with reader:
+            await superseded.start()
+            await successor.start()
+            try:
+                await superseded.stop(2.0)
+                await eventually(lambda: events_of(reader, "twin", "engine.stopped"), timeout=TIMEOUT)
+                heard = len(events_of(reader, "twin", "health"))
+                # the successor's next sample is read after the stop: the node is up, and stays up
+                await eventually(lambda: len(events_of(reader, "twin", "health")) >= heard + 3, timeout=TIMEOUT)
+                assert (where, seen(reader, "twin").state) == (where, "up")
+            finally:
+                await successor.stop(2.0)
+            # and once the last process of the name has stopped, it shows as stopped
+            await eventually(lambda: seen(reader, "twin").state == "stopped", timeout=TIMEOUT)
+    assert not stray_tasks()
+
+
 async def test_a_node_killed_without_a_word_shows_as_unknown_once_it_missed_its_health_samples(
     redis_server: RedisServer, tmp_path: Path, nodes: list[Child]
 ) -> None:
