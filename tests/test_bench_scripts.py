@@ -48,3 +48,8 @@ def test_each_instructions_variant_runs(variant: str) -> None:
 def test_start_prints_what_a_start_with_many_pending_runs_costs() -> None:
     out = run(str(BENCH / "start.py"), "--runs", "300", "--rounds", "1")
     assert "engine.start()" in out and "memory held after it" in out
+
+
+def test_dashboard_memory_prints_what_the_dashboard_holds_per_waiting_run() -> None:
+    out = run(str(BENCH / "dashboard_memory.py"), "--runs", "300", "--top", "3")
+    assert "the dashboard" in out and "B a run" in out

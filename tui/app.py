@@ -764,10 +764,10 @@ class TaskwatchApp(PlainApp):
                 for sample in health:
                     lines.add_sample(sample)
         if self.view_paused:
-            # resuming redraws everything, so what changed meanwhile need not be kept
-            self.state.dirty.clear()
+            # what changes meanwhile stays dirty: resuming hands the runs table those runs, not
+            # every run again (a deep queue's waiting runs would each be made a record to compare)
             table = self.main.query_one(RunsTable)
-            self.state.gone = {run_id for run_id in self.state.gone if table.record(run_id) is not None}
+            self.state.gone = {run_id for run_id in self.state.gone if table.has_run(run_id)}
             self._update_counts()
             # the view holds still, not the connection: the badge says who answers (another
             # process now, after a restart; answering again, after a stall) as it changes
@@ -828,10 +828,14 @@ class TaskwatchApp(PlainApp):
             table.remove_runs(gone)
         if full or dirty is None:
             views = state.views_to_show(self.max_rows, kept)
+            if dirty is not None:
+                # a run the table holds changed only if the model says so (every change is
+                # dirty, paused or not; a reload empties the table)
+                views = [v for v in views if v.id in dirty or not table.has_run(v.id)]
         else:
             views = [state.runs[run_id] for run_id in dirty if run_id in state.runs]
-        known = [v for v in views if table.record(v.id) is not None]
-        fresh = [v for v in views if table.record(v.id) is None]
+        known = [v for v in views if table.has_run(v.id)]
+        fresh = [v for v in views if not table.has_run(v.id)]
         budget = self.rows_per_frame
         if len(fresh) > budget:
             # records are built only for what goes on screen this frame
@@ -846,13 +850,13 @@ class TaskwatchApp(PlainApp):
             found_now = queue is None
             if queue is None:
                 queue = self._backfill_queue = deque(
-                    v.id for v in state.views_to_show(self.max_rows, kept) if v.id not in shown and table.record(v.id) is None
+                    v.id for v in state.views_to_show(self.max_rows, kept) if v.id not in shown and not table.has_run(v.id)
                 )
             runs = state.runs
             while queue and room > 0:
                 run_id = queue.popleft()
                 view = runs.get(run_id)
-                if view is not None and run_id not in shown and table.record(run_id) is None:
+                if view is not None and run_id not in shown and not table.has_run(run_id):
                     fresh.append(view)
                     room -= 1
             if not queue:

@@ -7,6 +7,7 @@ leave first, as in the engine's own history.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable
@@ -29,6 +30,7 @@ from taskwatch.engine import (
     WorkerInfo,
 )
 from taskwatch.engine.events import HealthSample
+from taskwatch.engine.trusted import construct
 
 from .task_stats import TaskStatsBook
 
@@ -242,7 +244,6 @@ class DashboardState:
                 run.status = RunStatus.CANCELLED
                 run.cancel_reason = "shutdown"
                 run.finished_at = ts
-                run.cached = None
                 self.dirty.add(run.id)
                 self._finished[run.id] = None
         counts = self.by_status
@@ -258,9 +259,7 @@ class DashboardState:
         run_id = e.run_id
         self._count_run_event(kind, e, self.runs.get(run_id))
         if kind == "run.submitted":
-            self.runs[run_id] = RunView(
-                run_id, e.task, e.params, e.max_attempts, e.ts, e.key, e.source
-            )
+            self.runs[run_id] = RunView(run_id, e.task, e.params, e.max_attempts, e.ts, e.key, e.source)
             self.dirty.add(run_id)
             return
         run = self.runs.get(run_id)
@@ -281,8 +280,8 @@ class DashboardState:
             if not e.from_store:
                 # the node that started it (one that read the start from the store publishes an
                 # event of its own, under its own name: the node is then left to the next snapshot)
-                run.node = e.node or None
-            run.attempts.append(AttemptLog(e.attempt, e.ts))
+                run.node = _shared(e.node or None)
+            run.add_attempt(AttemptLog(e.attempt, e.ts))
         elif kind == "run.progress":
             run.progress = (e.done, e.total, e.message)
         elif kind == "run.retrying":
@@ -303,7 +302,6 @@ class DashboardState:
             run.status = RunStatus.FAILED
             run.error = e.error
             run.finished_at = e.ts
-            run.cached = None
             self._remember_failure(run)
             run.end_attempt(e.attempt, e.ts, "failed", error=e.error, duration=e.duration)
         elif kind == "run.cancelled":
@@ -325,7 +323,6 @@ class DashboardState:
                 run.node = None
         else:
             return
-        run.cached = None
         self.dirty.add(run_id)
         if run.status in _FINISHED:
             finished = self._finished
@@ -372,16 +369,15 @@ class DashboardState:
         if run is None or not run.partial:
             return
         run.partial = False
-        run.params = record.params
+        run.params = record.params or _NO_PARAMS
         run.max_attempts = max(record.max_attempts, run.attempt)
         run.created_at = record.created_at
         run.key = record.key
-        run.source = record.source
+        run.source = _name(record.source)
         if run.started_at is None:
             run.started_at = record.started_at
         if run.node is None:
-            run.node = record.node
-        run.cached = None
+            run.node = _shared(record.node)
         self.dirty.add(run.id)
         if run.id in self.failures:
             self.failures[run.id] = run.record()
@@ -593,14 +589,35 @@ class AttemptLog:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
+#: the params of a run that has none, shared by all of them: a deep queue of runs without
+#: params would otherwise hold an empty dict each (nothing here changes a record's params)
+_NO_PARAMS: dict[str, Any] = {}
+#: the progress of a run that reported none (frozen, so one instance serves every record)
+_NO_PROGRESS = Progress()
+_NO_PROGRESS_SEEN: tuple[float, float | None, str] = (0, None, "")
+#: the fields set of every record built here: each is given every field (see ``construct``)
+_RECORD_FIELDS = set(RunRecord.model_fields)
+
+
+def _name(text: str) -> str:
+    """``text`` as the one string object of its value: a remote engine's events bring every
+    run its own copy of its task's, source's and node's names, which a deep queue would keep
+    once per run (interned strings no run names any more are freed)."""
+    return sys.intern(text) if type(text) is str else text
+
+
+def _shared(text: str | None) -> str | None:
+    return None if text is None else _name(text)
+
+
 class RunView:
     """One run as the dashboard knows it: mutated in place by events, turned into a
-    :class:`RunRecord` only when a widget asks (and then cached until the next change),
-    so absorbing an event costs attribute writes, not a model copy."""
+    :class:`RunRecord` only when asked (and not kept: a deep queue of waiting runs would
+    hold a model each), so absorbing an event costs attribute writes, not a model copy."""
 
     __slots__ = (
         "id", "task", "params", "status", "attempt", "max_attempts", "created_at", "started_at",
-        "finished_at", "progress", "result", "error", "key", "source", "cancel_reason", "cached",
+        "finished_at", "progress", "result", "error", "key", "source", "cancel_reason",
         "attempts", "node", "partial",
     )
 
@@ -615,28 +632,35 @@ class RunView:
         source: str,
     ) -> None:
         self.id = run_id
-        self.task = task
-        self.params = params
+        self.task = _name(task)
+        self.params = params or _NO_PARAMS
         self.status = RunStatus.PENDING
         self.attempt = 1
         self.max_attempts = max_attempts
         self.created_at = created_at
         self.started_at: float | None = None
         self.finished_at: float | None = None
-        self.progress: tuple[float, float | None, str] = (0, None, "")
+        self.progress: tuple[float, float | None, str] = _NO_PROGRESS_SEEN
         self.result: Any = None
         self.error: RunError | None = None
         self.key = key
-        self.source = source
+        self.source = _name(source)
         self.cancel_reason: str | None = None
-        self.cached: RunRecord | None = None
-        #: the attempts seen through events (empty for a run known only from a snapshot)
-        self.attempts: list[AttemptLog] = []
+        #: the attempts seen through events (none for a run known only from a snapshot, nor
+        #: for one still waiting: an empty tuple until the first, not a list per run)
+        self.attempts: list[AttemptLog] | tuple[()] = ()
         #: the node running it, or the one that ran its last attempt
         self.node: str | None = None
         #: known only from events after its submission: params, key, source and submit time
         #: are stand-ins until its record fills them in
         self.partial = False
+
+    def add_attempt(self, log: AttemptLog) -> list[AttemptLog]:
+        attempts = self.attempts
+        if isinstance(attempts, tuple):
+            attempts = self.attempts = []
+        attempts.append(log)
+        return attempts
 
     def end_attempt(
         self,
@@ -656,8 +680,7 @@ class RunView:
         if log is None:
             started = ts - duration if duration is not None else None
             log = AttemptLog(number, started)
-            self.attempts.append(log)
-            self.attempts.sort(key=lambda a: a.number)
+            self.add_attempt(log).sort(key=lambda a: a.number)
         log.ended_at = ts
         log.outcome = outcome
         log.error = error
@@ -677,34 +700,39 @@ class RunView:
         view.attempt = record.attempt
         view.started_at = record.started_at
         view.finished_at = record.finished_at
-        view.progress = (record.progress.done, record.progress.total, record.progress.message)
+        progress = record.progress
+        if progress.done or progress.total is not None or progress.message:
+            view.progress = (progress.done, progress.total, progress.message)
         view.result = record.result
         view.error = record.error
         view.cancel_reason = record.cancel_reason
-        view.node = record.node
-        view.cached = record
+        view.node = _shared(record.node)
         return view
 
     def record(self) -> RunRecord:
-        cached = self.cached
-        if cached is None:
-            done, total, message = self.progress
-            cached = self.cached = RunRecord(
-                id=self.id,
-                task=self.task,
-                params=self.params,
-                status=self.status,
-                attempt=self.attempt,
-                max_attempts=self.max_attempts,
-                created_at=self.created_at,
-                started_at=self.started_at,
-                finished_at=self.finished_at,
-                progress=Progress(done=done, total=total, message=message),
-                result=self.result,
-                error=self.error,
-                key=self.key,
-                source=self.source,
-                cancel_reason=self.cancel_reason,  # type: ignore[arg-type]
-                node=self.node,
-            )
-        return cached
+        """The run as a :class:`RunRecord`, built now (each call gives a new one)."""
+        progress = self.progress
+        return construct(
+            RunRecord,
+            {
+                "id": self.id,
+                "task": self.task,
+                "params": self.params,
+                "status": self.status,
+                "attempt": self.attempt,
+                "max_attempts": self.max_attempts,
+                "created_at": self.created_at,
+                "started_at": self.started_at,
+                "finished_at": self.finished_at,
+                "progress": _NO_PROGRESS if progress == _NO_PROGRESS_SEEN else Progress(
+                    done=progress[0], total=progress[1], message=progress[2]
+                ),
+                "result": self.result,
+                "error": self.error,
+                "key": self.key,
+                "source": self.source,
+                "cancel_reason": self.cancel_reason,
+                "node": self.node,
+            },
+            _RECORD_FIELDS,
+        )

@@ -92,8 +92,9 @@ class TaskStatsBook:
         #: the tasks whose figures changed since :meth:`take_changed`
         self._changed_tasks: set[str] = set()
         #: runs counted as submitted that have not ended, oldest first: id -> (the attempt last
-        #: known, when it was submitted or first heard of)
-        self._open: dict[str, tuple[int, float]] = {}
+        #: known, when it was submitted or first heard of), or only the time while the attempt
+        #: is the first (a deep queue's waiting runs are each here: a tuple apiece adds up)
+        self._open: dict[str, tuple[int, float] | float] = {}
         #: runs whose end is counted, oldest first: id -> when it was submitted (or first heard of)
         self._ended: dict[str, float] = {}
         #: the latest submit time among the ended runs let go (None: none was)
@@ -135,7 +136,7 @@ class TaskStatsBook:
         run_id = record.id
         if run_id in self._ended:
             return
-        known = self._open.get(run_id)
+        known = self._open_run(run_id)
         if known is None:
             forgotten = self._forgotten_upto
             if forgotten is not None and record.created_at <= forgotten:
@@ -148,7 +149,7 @@ class TaskStatsBook:
         if record.attempt > attempt:
             # attempts whose retry (or recovery) events it missed
             tally.retried += record.attempt - attempt
-            self._open[run_id] = (record.attempt, submitted_at)
+            self._opened(run_id, record.attempt, submitted_at)
             self._touch(record.task)
         if not record.status.finished:
             return
@@ -164,12 +165,19 @@ class TaskStatsBook:
         self._touch(record.task)
 
     def _opened(self, run_id: str, attempt: int, submitted_at: float) -> tuple[int, float]:
-        known = self._open[run_id] = (attempt, submitted_at)
-        return known
+        self._open[run_id] = submitted_at if attempt == 1 else (attempt, submitted_at)
+        return attempt, submitted_at
+
+    def _open_run(self, run_id: str) -> tuple[int, float] | None:
+        """(the attempt last known, when it was submitted) of a run not ended, or None."""
+        known = self._open.get(run_id)
+        if known is None or isinstance(known, tuple):
+            return known
+        return 1, known
 
     def _end(self, run_id: str) -> None:
         known = self._open.pop(run_id, None)
-        self._ended[run_id] = known[1] if known is not None else 0.0
+        self._ended[run_id] = 0.0 if known is None else known[1] if isinstance(known, tuple) else known
         if len(self._ended) > self.remember:
             oldest = next(iter(self._ended))
             at = self._ended.pop(oldest)
@@ -205,7 +213,7 @@ class TaskStatsBook:
             self._touch(event.task)
             return
         tally = self._tally(event.task)
-        known = self._open.get(run_id)
+        known = self._open_run(run_id)
         if known is None:
             tally.submitted += 1
             known = self._opened(run_id, getattr(event, "attempt", 1), event.ts)
@@ -221,10 +229,10 @@ class TaskStatsBook:
             tally.cancelled += 1
         elif kind == "run.retrying":
             tally.retried += 1
-            self._open[run_id] = (event.attempt, known[1])
+            self._opened(run_id, event.attempt, known[1])
         else:
             if kind in ("run.started", "run.recovered") and event.attempt > known[0]:
-                self._open[run_id] = (event.attempt, known[1])
+                self._opened(run_id, event.attempt, known[1])
             return
         if kind in ("run.succeeded", "run.failed", "run.cancelled"):
             self._end(run_id)

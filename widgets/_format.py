@@ -10,12 +10,9 @@ import json
 import math
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from rich.cells import cell_len, set_cell_size
-
-if TYPE_CHECKING:
-    from taskwatch.engine import RunRecord
 
 #: Run status colours, as ``celery events`` users expect them.
 STATUS_STYLES: dict[str, str] = {
@@ -206,7 +203,17 @@ def compact(value: Any, limit: int = 40) -> str:
     return text
 
 
-def attempt_budget(record: RunRecord) -> int:
+class _Tries(Protocol):
+    """What :func:`attempt_budget` reads: a record, or a table's row of one."""
+
+    @property
+    def attempt(self) -> int: ...
+
+    @property
+    def max_attempts(self) -> int: ...
+
+
+def attempt_budget(record: _Tries) -> int:
     """The tries ``record`` may take, the ones taken counted: its ``max_attempts``, or its
     attempt when that is higher. Recovery puts a run whose node was lost back as its next
     attempt without raising ``max_attempts`` (the lost try counts; losses are bounded by the

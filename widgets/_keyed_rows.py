@@ -61,10 +61,14 @@ class KeyedRows:
         """
         self._begin()
         wanted: dict[str, tuple[Any, tuple[Cell, ...]]] = {key: (order, cells) for key, order, cells in rows}
-        self._remove([key for key in self._cells if key not in wanted])
+        self._remove([key for key in self._row_keys() if key not in wanted])
         for key, (order, cells) in wanted.items():
             self._upsert(key, order, cells)
         self._finish()
+
+    def _row_keys(self) -> Collection[str]:
+        """The keys of every row shown."""
+        return self._cells.keys()
 
     def _highlight_message(self, key: str | None) -> Message | None:
         """The message to post when the highlighted row changes (override)."""

@@ -185,7 +185,7 @@ class VirtualTable(KeyedRows, ScrollView, can_focus=True):
 
     def get_cell(self, key: str, column: str) -> Text:
         """The text (with its style) shown in row ``key``, column ``column``; KeyError when missing."""
-        cells = self._cells[key]
+        cells = self._row_cells(key)
         for index, spec in enumerate(self.COLUMNS):
             if spec.key == column:
                 return self._make_text(spec, cells[index])
@@ -193,12 +193,12 @@ class VirtualTable(KeyedRows, ScrollView, can_focus=True):
 
     def get_row(self, key: str) -> list[Text]:
         """The texts of row ``key``, one per column; KeyError when missing."""
-        return [self._make_text(spec, cell) for spec, cell in zip(self.COLUMNS, self._cells[key])]
+        return [self._make_text(spec, cell) for spec, cell in zip(self.COLUMNS, self._row_cells(key))]
 
     def select_key(self, key: str) -> bool:
         """Move the cursor to the row ``key`` and hold it there (it no longer follows the
         first row, even if ``key`` is the first row now); False when that row is not shown."""
-        if key not in self._cells:
+        if key not in self._orders:
             return False
         self._apply_rebuild()
         self._following = False
@@ -241,10 +241,12 @@ class VirtualTable(KeyedRows, ScrollView, can_focus=True):
         """Start a batch of changes: remember the selection so it survives reordering."""
         self._selection_before = self._cursor_key
 
-    def _upsert(self, key: str, order: Any, cells: tuple[Cell, ...]) -> bool:
+    def _upsert(self, key: str, order: Any, cells: tuple[Cell, ...] | None) -> bool:
         """Show ``cells`` in row ``key``, placed by ``order`` (ascending; orders of one
-        table must compare with each other); returns True when the row is new."""
-        self._cells[key] = cells
+        table must compare with each other); returns True when the row is new. Cells of
+        None: the subclass makes the row's cells when it is drawn (see ``_row_cells``)."""
+        if cells is not None:
+            self._cells[key] = cells
         if key not in self._orders:
             self._orders[key] = order
             if not self._rebuild_pending:
@@ -260,13 +262,13 @@ class VirtualTable(KeyedRows, ScrollView, can_focus=True):
 
     def _remove(self, keys: Collection[str]) -> None:
         """Remove rows; many at once become one pass over the rows."""
-        gone = [key for key in keys if key in self._cells]
+        gone = [key for key in keys if key in self._orders]
         if not gone:
             return
         if len(gone) > 8:
             self._rebuild_pending = True
         for key in gone:
-            del self._cells[key]
+            self._cells.pop(key, None)
             order = self._orders.pop(key)
             if not self._rebuild_pending:
                 del self._rows[bisect_left(self._rows, (order, key))]
@@ -294,7 +296,7 @@ class VirtualTable(KeyedRows, ScrollView, can_focus=True):
         if self._following:
             # nobody moved the cursor off the first row: show what arrives there
             self._place_cursor(0)
-        elif selected is not None and selected in self._cells:
+        elif selected is not None and selected in self._orders:
             index = self._index_of(selected)
             if index != self._cursor_index or self._cursor_key != selected:
                 self._place_cursor(index)
@@ -305,6 +307,15 @@ class VirtualTable(KeyedRows, ScrollView, can_focus=True):
         self._sync_highlight()
 
     # ------------------------------------------------------------ rows and cursor
+
+    def _row_cells(self, key: str) -> tuple[Cell, ...]:
+        """The cells of row ``key`` (KeyError when missing). A subclass that keeps what its
+        rows show passes no cells to ``_upsert`` and makes them here: only the rows drawn
+        need them, and a table of 100,000 rows would otherwise hold every row's texts."""
+        return self._cells[key]
+
+    def _row_keys(self) -> Collection[str]:
+        return self._orders.keys()
 
     def _index_of(self, key: str) -> int:
         self._apply_rebuild()
@@ -374,8 +385,8 @@ class VirtualTable(KeyedRows, ScrollView, can_focus=True):
         """Where the view starts, and the keys and cells of the rows in it."""
         top = round(self.scroll_y)
         rows = self._rows[top : top + self._rows_in_view()]
-        cells = self._cells
-        return top, [(key, cells[key]) for _, key in rows]
+        cells = self._row_cells
+        return top, [(key, cells(key)) for _, key in rows]
 
     def _refresh_if_changed(self) -> None:
         visible = self._visible()
@@ -478,7 +489,7 @@ class VirtualTable(KeyedRows, ScrollView, can_focus=True):
         row = self._row_at(event)
         # the run drawn under the pointer, even if newer rows have pushed it down since
         key = None if row is None else row[1]
-        if key is None or key not in self._cells:
+        if key is None or key not in self._orders:
             return
         event.stop()
         if key == self._cursor_key:
@@ -512,7 +523,7 @@ class VirtualTable(KeyedRows, ScrollView, can_focus=True):
                 self._drawn_lines.pop(y, None)
                 return Strip.blank(width, self._base_style)
             key = self._rows[index][1]
-            cells = self._cells[key]
+            cells = self._row_cells(key)
         self._drawn_lines[y] = (index, key)
         cursor = index == self._cursor_index and key is not None and key == self._cursor_key
         hover = self._show_hover and index == self._hover_index

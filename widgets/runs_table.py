@@ -1,7 +1,10 @@
 """RunsTable: the live list of runs, newest first, keyed by run id.
 
 ``update_runs`` takes any batch of run records (all of them or only the ones
-that changed) and diffs them against what is shown. Space marks runs (their
+that changed) and diffs them against what is shown. It keeps each run's
+fields in a compact row (not the record given, whose model holds a dict of
+them) and makes a row's texts only when the row is drawn: a deep queue of
+waiting runs costs the table a few hundred bytes a run. Space marks runs (their
 id shows highlighted) for actions on several at once: ``marked``. The table keeps
 the newest ``max_rows`` runs (plus a small slack, so trimming happens in batches)
 and, however old, every pending or running run, the selected one and the
@@ -20,9 +23,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from operator import attrgetter, itemgetter
+from typing import Any, ClassVar, NamedTuple
 
-from taskwatch.engine import InvalidStatus, RunRecord, RunStatus, StoredRun
+from taskwatch.engine import InvalidStatus, Progress, RunError, RunRecord, RunStatus, StoredRun
 from textual.binding import Binding
 from textual.message import Message
 
@@ -34,6 +38,9 @@ from ._virtual_table import VirtualTable
 _RunOrder = tuple[float, str]
 
 
+#: rows whose cells are kept between two changes: a few screenfuls (the rows in view have theirs)
+_DRAWN_CELLS_KEPT = 1_000
+
 #: how a marked run's id cell looks
 MARKED_STYLE = "bold black on yellow"
 
@@ -41,7 +48,58 @@ MARKED_STYLE = "bold black on yellow"
 _BAR_WIDTH = 7
 
 
-def run_cells(record: RunRecord, now: float, marked: bool = False) -> tuple[Cell, ...]:
+class RunRow(NamedTuple):
+    """What a runs table keeps of one run: the fields of its record (references to the
+    record's values, in a tuple: a pydantic model holds them in a dict of its own, and a
+    table of a deep queue holds a row for every waiting run), where the row goes, and the
+    record itself when it is more than those fields say (a subclass such as ``StoredRun``,
+    or a record given only some of its fields)."""
+
+    id: str
+    task: str
+    params: dict[str, Any]
+    status: RunStatus
+    attempt: int
+    max_attempts: int
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    progress: Progress
+    result: Any
+    error: RunError | None
+    key: str | None
+    source: str
+    cancel_reason: str | None
+    node: str | None
+    order: Any
+    whole: RunRecord | None
+
+
+_RECORD_FIELDS = tuple(RunRecord.model_fields)
+if RunRow._fields[: len(_RECORD_FIELDS)] != _RECORD_FIELDS:  # pragma: no cover - RunRecord changed
+    raise ImportError(f"RunRow's fields must be RunRecord's, in order: {_RECORD_FIELDS}")
+#: a record's field values, in RunRow's order, from its ``__dict__``
+_record_values = itemgetter(*_RECORD_FIELDS)
+#: every field given: the fields set of a record the row holds in full (and of its rebuilt record)
+_EVERY_FIELD = set(_RECORD_FIELDS)
+_order = attrgetter("order")
+
+
+def _row_of(record: RunRecord, order: Any) -> RunRow:
+    fields_set = record.__pydantic_fields_set__
+    plain = type(record) is RunRecord and (fields_set is _EVERY_FIELD or fields_set == _EVERY_FIELD)
+    return RunRow._make((*_record_values(record.__dict__), order, None if plain else record))
+
+
+def _same(row: RunRow, record: RunRecord) -> bool:
+    """Whether ``record`` says what the row does (as ``==`` between the records would)."""
+    whole = row.whole
+    if whole is not None:
+        return whole is record or whole == record
+    return type(record) is RunRecord and row[: len(_RECORD_FIELDS)] == _record_values(record.__dict__)
+
+
+def run_cells(record: RunRecord | RunRow, now: float, marked: bool = False) -> tuple[Cell, ...]:
     """The (text, style) of every column for one run."""
     status = record.status.value
     style = status_style(status)
@@ -64,7 +122,7 @@ def run_cells(record: RunRecord, now: float, marked: bool = False) -> tuple[Cell
     )
 
 
-def _progress_cell(record: RunRecord, fraction: float | None, style: str) -> Cell:
+def _progress_cell(record: RunRecord | RunRow, fraction: float | None, style: str) -> Cell:
     if fraction is not None:
         return (progress_bar(fraction, width=_BAR_WIDTH), style)
     done = record.progress.done
@@ -135,11 +193,11 @@ class RunsTable(VirtualTable):
         #: how far the table may overshoot max_rows before one batch trim
         self.trim_batch = trim_batch if trim_batch is not None else max(1, min(200, max_rows // 4))
         #: every run we know about (shown or filtered out), bounded like the table
-        self._records: dict[str, RunRecord] = {}
-        #: runs whose duration ticks: re-rendered on every update even if not passed in
-        self._running_ids: set[str] = set()
-        #: pending and running runs: never trimmed away
-        self._active_ids: set[str] = set()
+        self._runs: dict[str, RunRow] = {}
+        #: the cells of rows drawn since the last change (only rows in view have cells made)
+        self._drawn_cells: dict[str, tuple[Cell, ...]] = {}
+        #: how many of them are pending or running: those are never trimmed away
+        self._active = 0
         self._statuses: frozenset[str] | None = None
         self._text = ""
         self._tasks: frozenset[str] | None = None
@@ -163,16 +221,16 @@ class RunsTable(VirtualTable):
 
     def mark(self, run_id: str, marked: bool = True) -> bool:
         """Mark or unmark a shown run; False when that run is not in the table."""
-        record = self._records.get(run_id)
-        if record is None:
+        row = self._runs.get(run_id)
+        if row is None:
             return False
         if marked:
             self._marked[run_id] = None
         else:
             self._marked.pop(run_id, None)
-        if self._matches(record):
+        if self._matches(row):
             self._begin()
-            self._upsert(run_id, self.order_of(record), self._cells_of(record))
+            self._upsert(run_id, row.order, None)
             self._finish()
         return True
 
@@ -201,11 +259,21 @@ class RunsTable(VirtualTable):
         """The runs the table shows pending or running. A feed of the newest runs only (an
         engine's ``runs(limit=N)``) leaves out one that a burst of newer runs pushed past ``N``
         while it went on: read these again by id, or their rows keep an end they never get."""
-        return frozenset(self._active_ids)
+        return frozenset(row.id for row in self._runs.values() if not row.status.finished)
 
     def record(self, run_id: str) -> RunRecord | None:
-        """The last record passed in for ``run_id`` (shown or filtered out)."""
-        return self._records.get(run_id)
+        """The last record passed in for ``run_id`` (shown or filtered out), or one equal to it."""
+        row = self._runs.get(run_id)
+        if row is None:
+            return None
+        if row.whole is not None:
+            return row.whole
+        return RunRecord.model_construct(_EVERY_FIELD, **dict(zip(_RECORD_FIELDS, row)))
+
+    def has_run(self, run_id: str) -> bool:
+        """Whether the table holds ``run_id`` (shown or filtered out): ``record`` without
+        building one."""
+        return run_id in self._runs
 
     def update_runs(self, records: Iterable[RunRecord], now: float) -> None:
         """Show these runs (new or changed ones; unchanged ones cost a comparison).
@@ -231,32 +299,25 @@ class RunsTable(VirtualTable):
         self._now = now
         self._begin()
         changed: list[str] = []
-        known = self._records
+        known = self._runs
         for record in batch:
             previous = known.get(record.id)
-            if previous is record or previous == record:
+            if previous is not None and _same(previous, record):
                 continue
-            known[record.id] = record
+            known[record.id] = _row_of(record, self.order_of(record))
             changed.append(record.id)
-            if record.status is RunStatus.RUNNING:
-                self._running_ids.add(record.id)
-            else:
-                self._running_ids.discard(record.id)
-            if record.status.finished:
-                self._active_ids.discard(record.id)
-            else:
-                self._active_ids.add(record.id)
+            # counted, not listed: a set of a deep queue's ids would cost more than its rows
+            self._active += (not record.status.finished) - (previous is not None and not previous.status.finished)
         # the runs trimming may drop are the finished ones: trim once they overflow
-        if len(known) - len(self._active_ids) > self.max_rows + self.trim_batch:
+        if len(known) - self._active > self.max_rows + self.trim_batch:
             self._trim()
         hidden: list[str] = []
-        for run_id in (*changed, *(self._running_ids.difference(changed))):
-            shown = known.get(run_id)
-            if shown is None:  # trimmed just now
+        for run_id in changed:
+            row = known.get(run_id)
+            if row is None:  # trimmed just now
                 continue
-            record = shown
-            if self._matches(record):
-                self._upsert(run_id, self.order_of(record), self._cells_of(record))
+            if self._matches(row):
+                self._upsert(run_id, row.order, None)
             else:
                 hidden.append(run_id)
         if hidden and not self.following and self.selected_key in hidden:
@@ -272,8 +333,25 @@ class RunsTable(VirtualTable):
         may say so."""
         return _newest_first(record)
 
-    def _cells_of(self, record: RunRecord) -> tuple[Cell, ...]:
+    def _cells_of(self, record: RunRecord | RunRow) -> tuple[Cell, ...]:
         return run_cells(record, self._now, record.id in self._marked)
+
+    def _row_cells(self, key: str) -> tuple[Cell, ...]:
+        cells = self._drawn_cells.get(key)
+        if cells is None:
+            row = self._runs.get(key)
+            if row is None:
+                return super()._row_cells(key)
+            drawn = self._drawn_cells
+            if len(drawn) >= _DRAWN_CELLS_KEPT:  # scrolled far with nothing changing
+                drawn.clear()
+            cells = drawn[key] = self._cells_of(row)
+        return cells
+
+    def _begin(self) -> None:
+        # whatever changes now (a run, a mark, the time running durations count to) is drawn anew
+        self._drawn_cells.clear()
+        super()._begin()
 
     def set_filter(
         self,
@@ -299,9 +377,9 @@ class RunsTable(VirtualTable):
         self._text = new_text
         self._begin()
         hidden: list[str] = []
-        for run_id, record in self._records.items():
-            if self._matches(record):
-                self._upsert(run_id, self.order_of(record), self._cells_of(record))
+        for run_id, row in self._runs.items():
+            if self._matches(row):
+                self._upsert(run_id, row.order, None)
             else:
                 hidden.append(run_id)
         self._remove(hidden)
@@ -309,7 +387,7 @@ class RunsTable(VirtualTable):
 
     def remove_runs(self, run_ids: Iterable[str]) -> None:
         """Forget these runs (say, the dashboard's model let them go)."""
-        gone = [run_id for run_id in run_ids if run_id in self._records]
+        gone = [run_id for run_id in run_ids if run_id in self._runs]
         if not gone:
             return
         if self.selected_key in gone and not self.following:
@@ -318,25 +396,25 @@ class RunsTable(VirtualTable):
             self.clear_cursor()
         self._begin()
         for run_id in gone:
-            del self._records[run_id]
-            self._running_ids.discard(run_id)
-            self._active_ids.discard(run_id)
+            row = self._runs.pop(run_id, None)
+            if row is not None and not row.status.finished:
+                self._active -= 1
             self._marked.pop(run_id, None)
         self._remove(gone)
         self._finish()
 
     def clear_runs(self) -> None:
         """Forget every run (e.g. after reconnecting to another engine)."""
-        self._records.clear()
-        self._running_ids.clear()
-        self._active_ids.clear()
+        self._runs.clear()
+        self._drawn_cells.clear()
+        self._active = 0
         self._marked.clear()
         self._clear_rows()
         self._sync_highlight()
 
     # ------------------------------------------------------------ internals
 
-    def _matches(self, record: RunRecord) -> bool:
+    def _matches(self, record: RunRow) -> bool:
         if self._statuses is not None and record.status.value not in self._statuses:
             return False
         if self._tasks is not None and record.task not in self._tasks:
@@ -351,17 +429,15 @@ class RunsTable(VirtualTable):
         one re-layout). Pending and running runs are never dropped, nor counted: a queue of
         thousands would otherwise push out every run the moment it finished. Nor is the one
         under the cursor or a marked one (the user chose those to act on)."""
-        active = self._active_ids
-        newest_first = sorted((r for r in self._records.values() if r.id not in active), key=self.order_of)
+        newest_first = sorted((r for r in self._runs.values() if r.status.finished), key=_order)
         selected = self.selected_key
         marked = self._marked
         dropped = [
-            record.id for record in newest_first[self.max_rows :]
-            if record.id != selected and record.id not in marked
+            row.id for row in newest_first[self.max_rows :]
+            if row.id != selected and row.id not in marked
         ]
         for run_id in dropped:
-            del self._records[run_id]
-            self._running_ids.discard(run_id)
+            del self._runs[run_id]
             self._marked.pop(run_id, None)
         self._remove(dropped)
 
@@ -438,7 +514,7 @@ class ClusterRunsTable(RunsTable):
         # insertion order, which ids do not follow
         return (-record.created_at, -record.seq if isinstance(record, StoredRun) else 0, record.id)
 
-    def _cells_of(self, record: RunRecord) -> tuple[Cell, ...]:
+    def _cells_of(self, record: RunRecord | RunRow) -> tuple[Cell, ...]:
         cells = run_cells(record, self._now, record.id in self._marked)
         node = record.node
         return (*cells[:2], (node or DASH, "" if node else "dim"), *cells[2:])
