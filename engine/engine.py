@@ -1191,6 +1191,7 @@ class Engine:
         # a stopping node cannot start leader-only work: were it to take the lease, no node
         # would do that work until its stop ended
         self._leader.stop_competing()
+        done = False
         try:
             self.bus.emit(
                 EngineStopping,
@@ -1304,9 +1305,18 @@ class Engine:
                 # the stop itself is done; the others tell this incarnation is gone once it
                 # has been silent for node_ttl instead of at once
                 log.warning("could not tell the store that node %s stopped: %s", self.node_id, exc)
+            done = True
         finally:
             self._draining = False
             self._pending_kept = False
+            if not done:
+                # cut short (the loop's teardown cancels this task: a second Ctrl-C, a wait_for
+                # around stop() running out): the queue jobs and runs accepted and not written yet
+                # exist nowhere else; handed to the store before it closes, a store that writes
+                # what it was handed (SQLite's writer) keeps them for the next start
+                for queue in list(self._queues.values()):
+                    queue.hand_over_unwritten()
+                self._executor.hand_over_unwritten()
             try:
                 await self._store.close()
             finally:

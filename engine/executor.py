@@ -171,7 +171,7 @@ class Executor:
         # at the loop's end, however it ends: a task cancelled before its first step (a
         # SystemExit out of the loop right after the start, the teardown then cancelling what
         # is left) runs no handler of its own, and the runs submit_nowait accepted were lost
-        claim.add_done_callback(self._hand_over_unwritten)
+        claim.add_done_callback(self.hand_over_unwritten)
         self._loops = [
             claim,
             self._heartbeat,
@@ -394,12 +394,13 @@ class Executor:
 
     # ------------------------------------------------------------------ loops
 
-    def _hand_over_unwritten(self, _claim_loop: asyncio.Task[None] | None = None) -> None:
-        """The claim loop ends: give the store the runs still queued without waiting, without
-        waiting for it. A stop wrote them already; the loop's teardown (``asyncio.run`` ending
-        with no ``engine.stop()``) cancels this loop wherever it is, and the runs it accepted
-        would be lost. A store whose insert is under way once called (SQLite's writer queue)
-        writes them, also once the loop is gone; with any other, they stay unwritten."""
+    def hand_over_unwritten(self, _claim_loop: asyncio.Task[None] | None = None) -> None:
+        """The claim loop ends, or a stop was cut short: give the store the runs still queued,
+        without waiting for it. A stop wrote them already; the loop's teardown (``asyncio.run``
+        ending with no ``engine.stop()``, or cutting a stop short) cancels this loop wherever it
+        is, and the runs it accepted would be lost. A store whose insert is under way once
+        called (SQLite's writer queue) writes them, also once the loop is gone; with any other,
+        they stay unwritten."""
         batch = self._unwritten
         if not batch:
             return

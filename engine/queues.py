@@ -417,6 +417,10 @@ class WorkQueue:
         self._deleting = False
         #: the keeper is asked to end (after the write it is doing); stop writes the rest
         self._keeper_stop = False
+        #: the loop tears down: what is put is handed to the store as it comes (see
+        #: hand_over_unwritten); and the write the stop cut short on purpose (at a delete)
+        self._handing_over = False
+        self._cut_write: asyncio.Task[None] | None = None
         #: one write to the store at a time: a purge then knows which jobs have rows
         self._store_lock = asyncio.Lock()
         self._kick: asyncio.Event | None = None
@@ -690,6 +694,9 @@ class WorkQueue:
         """Durable store: wrap ``job`` and queue it for the next write (on the loop)."""
         kept = _Kept(job)
         self._unwritten.append(kept)
+        if self._handing_over:
+            self.hand_over_unwritten()  # nothing writes it otherwise any more
+            return kept
         if self._written is None and self._loop is not None:
             self._written = self._loop.create_future()
         if self._kick is not None:
@@ -953,7 +960,7 @@ class WorkQueue:
         """
         write = self._write_task = spawn(self._flush_locked(deletes))
         write.add_done_callback(_retrieved)
-        write.add_done_callback(self._hand_over_unwritten)
+        write.add_done_callback(self._write_ended)
         await asyncio.shield(write)
 
     async def _flush_locked(self, deletes: bool) -> None:
@@ -983,7 +990,19 @@ class WorkQueue:
                 fresh.append(kept)
             if fresh:
                 stamp = self._stamp()
-                ids = await store.put_jobs(self.name, self._engine.incarnation, encoded)
+                put = store.put_jobs(self.name, self._engine.incarnation, encoded)
+                if isinstance(put, asyncio.Future):
+                    try:
+                        ids = await asyncio.shield(put)
+                    except asyncio.CancelledError:
+                        # the loop's teardown (nothing else cuts a put short): the store's writer has
+                        # the jobs and writes them, at the process's exit if need be; put back for
+                        # another write, they would be stored twice
+                        put.add_done_callback(lambda done: _note_ids(done, fresh, stamp))
+                        batch = []
+                        raise
+                else:
+                    ids = await put
                 self._store_trouble.succeeded()
                 for kept, job_id in zip(fresh, ids):
                     kept.id = job_id
@@ -1060,23 +1079,32 @@ class WorkQueue:
                 retry = 0.05 if retry is None else min(retry * 2, 1.0)
                 next_adopt = max(next_adopt, loop.time() + retry)
 
-    def _hand_over_unwritten(self, _ended: asyncio.Task[None]) -> None:
-        """The loop tears down with no stop (``asyncio.run`` ending with no ``engine.stop()``):
-        give the store the jobs put here and not yet written, without waiting for it.
+    def _keeper_ended(self, keeper: asyncio.Task[None]) -> None:
+        # cancelled while still the keeper: the loop's teardown with no stop (a stop takes the
+        # keeper first, and writes what is left itself)
+        if keeper is self._keeper and keeper.cancelled():
+            self.hand_over_unwritten()
 
-        A stop writes them itself (it takes the keeper first); the teardown cancels the keeper
-        and the write under way wherever they are, and the jobs ``put_nowait`` accepted would
-        be lost. Called as each of the two ends: once the write has put its jobs back (a write
-        cancelled before the store began it writes nothing). A store whose put is under way
-        once called (SQLite's writer queue) writes them, also once the loop is gone; with any
-        other, they stay unwritten, as runs do.
+    def _write_ended(self, write: asyncio.Task[None]) -> None:
+        # cut short by anything but the stop giving up on a delete: the loop's teardown (of a
+        # keeper's write, a start's or a stop's); what the write put back (a PostgreSQL put
+        # cut short, a failed one), and whatever was put meanwhile, is handed over once it ends
+        if (write.cancelled() and write is not self._cut_write) or self._handing_over:
+            self.hand_over_unwritten()
+
+    def hand_over_unwritten(self) -> None:
+        """The loop tears down (``asyncio.run`` ending with no ``engine.stop()``, or cutting a
+        stop short): give the store the jobs put here and not yet written, without waiting for
+        it. Once called, every later put is handed over as it comes (another thread's puts
+        still land while the loop waits for its executor).
+
+        A store whose put is under way once called (SQLite's writer queue) writes them, also
+        once the loop is gone; with any other, they stay unwritten, as runs do. A write under
+        way is not waited for: its jobs are not among these, and the store (about to close,
+        at a stop cut short) takes this put after it; a write that fails puts its jobs back,
+        and its end calls this again.
         """
-        keeper = self._keeper
-        if keeper is None or not keeper.cancelled():
-            return  # still keeping, or taken by a stop, which writes what is left
-        write = self._write_task
-        if write is not None and not write.done():
-            return  # its end puts back what it did not write, and calls this
+        self._handing_over = True
         fresh: list[_Kept] = []
         encoded: list[Any] = []
         for kept in self._unwritten:
@@ -1096,13 +1124,8 @@ class WorkQueue:
         if put is None:
             return
         self._unwritten = []
-
-        def landed(done: asyncio.Future[list[int]]) -> None:
-            if not done.cancelled() and done.exception() is None:
-                for kept, job_id in zip(fresh, done.result()):
-                    kept.id = job_id
-
-        put.add_done_callback(landed)
+        stamp = self._stamp()
+        put.add_done_callback(lambda done: _note_ids(done, fresh, stamp))
 
     def _revive(self, job: StoredJob, epoch: int) -> _Kept:
         """A job read back from the store, as the handler expects it (its model, when it names one)."""
@@ -1679,6 +1702,7 @@ class WorkQueue:
         self._keep_queued()
         if self._durable:
             self._keeper_stop = False
+            self._handing_over = False
             self._kick = asyncio.Event()
             if self._unwritten:
                 self._kick.set()
@@ -1686,7 +1710,7 @@ class WorkQueue:
                     self._written = loop.create_future()
             self._keeper = spawn(self._keep_loop(self._kick), name=f"taskwatch-queue-{self.name}-store")
             # at the keeper's end, however it ends: the loop's teardown cancels it with no stop
-            self._keeper.add_done_callback(self._hand_over_unwritten)
+            self._keeper.add_done_callback(self._keeper_ended)
             self._hold_begins()
         held = [t for t in self.left_going if going_here(t)]
         self._consumers = [
@@ -1856,6 +1880,17 @@ class WorkQueue:
         keeper, self._keeper = self._keeper, None
         if keeper is None:
             return None
+        try:
+            return await self._write_out(keeper, deadline)
+        except asyncio.CancelledError:
+            # the loop's teardown cut the stop short (a second Ctrl-C while it drains, a wait_for
+            # around stop() running out): what it had not written is handed over, as a
+            # teardown's with no stop is
+            self.hand_over_unwritten()
+            raise
+
+    async def _write_out(self, keeper: asyncio.Task[None], deadline: float) -> int:
+        """:meth:`_stop_keeping`'s work, once it has taken the keeper."""
         loop = asyncio.get_running_loop()
         self._keeper_stop = True
         if self._kick is not None:
@@ -1872,6 +1907,7 @@ class WorkQueue:
                 # held up deleting handled jobs (a store out of reach retries for its whole
                 # reconnect_timeout), which no job depends on: given up, their rows stay and
                 # they run again at the next start. A put of jobs is never cut short
+                self._cut_write = write
                 await cancel_and_wait(write)
         async with self._store_lock:
             pass  # a write another thread's put began meanwhile ends first
@@ -1916,6 +1952,14 @@ class WorkQueue:
 
     def __repr__(self) -> str:
         return f"<WorkQueue {self.name} depth={self.depth} in_flight={self._in_flight}>"
+
+
+def _note_ids(done: asyncio.Future[list[int]], kept: list[_Kept], epoch: int) -> None:
+    """A put handed to the store's writer landed: its jobs have rows (ids) from now on."""
+    if not done.cancelled() and done.exception() is None:
+        for job, job_id in zip(kept, done.result()):
+            job.id = job_id
+            job.epoch = epoch
 
 
 def _hand_over(task: asyncio.Task[None], kept: _Kept) -> bool:

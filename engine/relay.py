@@ -178,8 +178,9 @@ class _NodeView:
         self.cpu_percent: float | None = None
         self.rss_bytes: int | None = None
         self.stopped = False
-        #: the buses (of ``seqs``) whose process said it stopped: one under the same id that
-        #: has not, heard from later, is up (a superseded process stopped beside its successor)
+        #: the buses (of ``seqs``) whose process said it stopped, or was superseded: one under
+        #: the same id that has not, heard from later, is up (a superseded process stopped
+        #: beside its successor)
         self.stopped_buses: set[str | None] = set()
         #: when (this process's monotonic clock) the last event of the node was read
         self.heard_at = 0.0
@@ -651,7 +652,9 @@ class EventRelay:
         view.last_kind = event.kind
         view.events += 1
         _note(view, event)
-        if event.kind == "engine.stopped":
+        if event.kind in ("engine.stopped", "node.superseded"):
+            # (a superseded process runs on, but claims, leads and starts nothing: its samples
+            # do not say the node is up)
             view.stopped_buses.add(bus)
         elif event.kind == "engine.started":
             view.stopped_buses.discard(bus)

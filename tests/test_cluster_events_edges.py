@@ -241,6 +241,35 @@ async def test_one_of_two_processes_under_one_node_id_stopping_leaves_the_node_s
     assert not stray_tasks()
 
 
+async def test_a_node_whose_current_process_stopped_shows_stopped_though_a_superseded_one_runs_on(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # the earlier process of the id, superseded by the later (one store tells), claims, leads and
+    # starts nothing: its samples do not make the node up once the later one has stopped
+    stream = f"edges:{uuid.uuid4().hex[:8]}"
+    events = f"{redis_server.url}?stream={stream}"
+    store = f"sqlite:///{tmp_path / 'runs.db'}"
+    async with RedisEventRelay(events) as reader:
+        earlier, later = (
+            Engine(node_id="twin", store=store, events=events, health_interval=0.05, lease_ttl=1.0) for _ in range(2)
+        )
+        await earlier.start()
+        try:
+            await later.start()
+            try:
+                await eventually(lambda: events_of(reader, "twin", "node.superseded"), timeout=TIMEOUT)
+            finally:
+                await later.stop(2.0)
+            await eventually(lambda: events_of(reader, "twin", "engine.stopped"), timeout=TIMEOUT)
+            heard = len(events_of(reader, "twin", "health"))
+            # the superseded process samples on, and is read
+            await eventually(lambda: len(events_of(reader, "twin", "health")) >= heard + 3, timeout=TIMEOUT)
+            assert seen(reader, "twin").state == "stopped"
+        finally:
+            await earlier.stop(2.0)
+    assert not stray_tasks()
+
+
 async def test_a_node_killed_without_a_word_shows_as_unknown_once_it_missed_its_health_samples(
     redis_server: RedisServer, tmp_path: Path, nodes: list[Child]
 ) -> None:

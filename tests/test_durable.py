@@ -604,12 +604,13 @@ async def main(db, how):
 )
 
 
-def _end_holding_the_file(script: str, db: Path, how: str, code: int) -> Line:
+def _end_holding_the_file(script: str, db: Path, how: str, code: int, held_until: str = "exiting") -> Line:
     """Run ``script`` on ``db`` until it says it queued its work, end it ``how`` (its own end,
-    or SIGINT for "interrupt") and check its exit ``code``; the "queued" line.
+    or SIGINT for "interrupt...") and check its exit ``code``; the "queued" line.
 
-    Another process's long write holds the file from the child's "go" until it is exiting:
-    nothing the program hands its store can be committed before its end.
+    Another process's long write holds the file from the child's "go" until the child says
+    ``held_until`` (by default that it is exiting): nothing the program hands its store can
+    be committed before then.
     """
     child = JsonLineProcess([sys.executable, "-c", script, str(db), how], f"ends by {how}", START_TIMEOUT)
     try:
@@ -619,12 +620,13 @@ def _end_holding_the_file(script: str, db: Path, how: str, code: int) -> Line:
         try:
             child.send("go")
             queued = child.event("queued")
-            if how == "interrupt":
+            if how.startswith("interrupt"):
                 os.kill(child.proc.pid, signal.SIGINT)
-            child.event("exiting")
+            child.event(held_until)
         finally:
             lock.execute("ROLLBACK")
             lock.close()
+        child.event("exiting")
         assert child.proc.wait(EXIT_TIMEOUT) == code
     finally:
         child.close()
@@ -706,6 +708,10 @@ async def main(db, how):
 
     jobs = engine.queue("mail", handle, concurrency=1)
     await engine.start()
+    if how == "interrupt-stop":
+        # nothing handled: the stop comes to its own write of the jobs at once, not after a drain
+        engine.pause_queue("mail")
+        handling.set()
     atexit.register(emit, ev="exiting")
     emit(ev="started")
     await asyncio.to_thread(sys.stdin.readline)
@@ -718,6 +724,17 @@ async def main(db, how):
         await asyncio.sleep(0)
     for i in range(3, 6):
         jobs.put_nowait({"n": i})
+    if how == "interrupt-stop":
+        stopping = asyncio.ensure_future(engine.stop(timeout=30))  # held up by the test's lock
+        # (not a wait for anything: half a second gives the stop time to come to its own write
+        # of the jobs, which is where Ctrl-C is to cut it; anywhere else, they are kept all the same)
+        await asyncio.sleep(0.5)
+        emit(ev="queued")
+        try:
+            await stopping
+        except asyncio.CancelledError:
+            emit(ev="cut")  # the teardown cancels the stop's own task next
+            raise
     emit(ev="queued")
 """
     + _ENDS_AS_TOLD
@@ -725,12 +742,17 @@ async def main(db, how):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(("how", "code"), [("return", 0), ("raise", 1), ("exit", 3), ("interrupt", -signal.SIGINT)])
+@pytest.mark.parametrize(
+    ("how", "code"),
+    [("return", 0), ("raise", 1), ("exit", 3), ("interrupt", -signal.SIGINT), ("interrupt-stop", -signal.SIGINT)],
+)
 async def test_queue_jobs_put_nowait_accepted_are_kept_by_a_program_that_ends_without_stop(
     tmp_path: Path, how: str, code: int
 ) -> None:
     db = tmp_path / "runs.db"
-    _end_holding_the_file(_PUTS_WITHOUT_STOP, db, how, code)
+    # a stop cut short closes its store, which waits for the writer: the file is let go once
+    # the stop was cut
+    _end_holding_the_file(_PUTS_WITHOUT_STOP, db, how, code, held_until="cut" if how == "interrupt-stop" else "exiting")
     assert integrity(db) == "ok"
     with contextlib.closing(sqlite3.connect(db)) as conn:
         stored = sorted(json.loads(job)["n"] for (job,) in conn.execute("SELECT job FROM queue_jobs"))
@@ -750,3 +772,87 @@ async def test_queue_jobs_put_nowait_accepted_are_kept_by_a_program_that_ends_wi
     async with engine:
         await asyncio.wait_for(all_handled.wait(), 30)
     assert sorted(handled) == list(range(6))
+
+
+_MANY_PUTS_THEN_RETURN = r"""
+import asyncio, sys
+from taskwatch.engine import Engine
+
+async def main(db, turns):
+    engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
+
+    async def handle(job: dict) -> None: ...
+
+    jobs = engine.queue("mail", handle, maxsize=5_000)
+    await engine.start()
+    engine.pause_queue("mail")  # the jobs wait: each is in the file or nowhere
+    for i in range(2_000):
+        jobs.put_nowait({"n": i})
+    for _ in range(turns):  # the keeper's write is handed to the store's writer, or under way there
+        await asyncio.sleep(0)
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("turns", [1, 5, 50, 500])
+def test_queue_jobs_a_teardown_cuts_off_while_they_are_written_are_kept_once(tmp_path: Path, turns: int) -> None:
+    # the teardown comes at some point of the keeper's write: before the writer took it, while it
+    # writes, after its commit and before the loop heard; written again, every job would run twice
+    db = tmp_path / "runs.db"
+    done = subprocess.run(
+        [sys.executable, "-c", _MANY_PUTS_THEN_RETURN, str(db), str(turns)],
+        capture_output=True, text=True, timeout=EXIT_TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        stored = sorted(json.loads(job)["n"] for (job,) in conn.execute("SELECT job FROM queue_jobs"))
+    assert stored == list(range(2_000)), f"{len(stored)} rows for 2,000 jobs, {len(set(stored))} of them"
+
+
+_PUTS_FROM_A_THREAD = r"""
+import asyncio, json, sys, threading, time
+from taskwatch.engine import Engine
+
+accepted = []
+
+def produce(jobs, ten_in):
+    for i in range(60):
+        jobs.put_nowait({"n": i})
+        accepted.append(i)
+        if i == 9:
+            ten_in()
+        time.sleep(0.005)  # the program's own pace: the rest come while its loop tears down
+
+async def main(db):
+    engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
+
+    async def handle(job: dict) -> None: ...
+
+    jobs = engine.queue("mail", handle)
+    await engine.start()
+    engine.pause_queue("mail")
+    loop = asyncio.get_running_loop()
+    ten = asyncio.Event()
+    loop.run_in_executor(None, produce, jobs, lambda: loop.call_soon_threadsafe(ten.set))
+    await ten.wait()
+    # main() returns, no stop: asyncio.run's teardown waits for the producing thread
+
+asyncio.run(main(sys.argv[1]))
+print(json.dumps(accepted))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_queue_jobs_another_thread_puts_while_the_loop_tears_down_are_kept(tmp_path: Path) -> None:
+    db = tmp_path / "runs.db"
+    done = subprocess.run(
+        [sys.executable, "-c", _PUTS_FROM_A_THREAD, str(db)], capture_output=True, text=True, timeout=EXIT_TIMEOUT
+    )
+    assert done.returncode == 0, done.stderr
+    accepted = json.loads(done.stdout)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        stored = sorted(json.loads(job)["n"] for (job,) in conn.execute("SELECT job FROM queue_jobs"))
+    assert accepted == list(range(60))
+    assert stored == accepted, f"{len(set(accepted) - set(stored))} of the jobs put_nowait accepted are not in the file"

@@ -630,6 +630,31 @@ async def test_a_run_recovered_past_its_tries_shows_its_attempt_against_what_it_
         assert "2 of 2" in summary and "of 1" not in summary
 
 
+async def test_a_run_waiting_for_its_retry_shows_no_duration_counting_on() -> None:
+    # pending again as its attempt 2, with its first attempt's start: it is not running, and its
+    # wait is no time taken (the attempts list has each attempt's); the table and the detail
+    # pane say the same, however the clock moves
+    waiting = run("0123456789abcdef", 0, status=RunStatus.PENDING, started=1, attempt=2, max_attempts=3)
+    running = run("feedfacefeedface", 0, status=RunStatus.RUNNING, started=1)
+    table, detail = RunsTable(), RunDetail()
+    async with Host(table, detail).run_test(size=SIZE) as pilot:
+        table.update_runs([waiting, running], now=T0 + 1.5)
+        for later in (10, 600):
+            table.update_runs([], now=T0 + 1.5 + later)
+            detail.show(waiting, now=T0 + 1.5 + later)
+            await pilot.pause()
+            assert cell(table, waiting.id, "duration") == "—"
+            assert cell(table, running.id, "duration") != "—"  # (the running one counts on)
+            summary = plain(detail.query_one("#run-detail-summary", Static).content)
+            assert "duration" in summary and "—" in summary.split("duration", 1)[1].splitlines()[0]
+        # a run the filter hides is no row of the table
+        table.set_filter("running")
+        await pilot.pause()
+        with pytest.raises(KeyError):
+            table.get_row(waiting.id)
+        assert cell(table, running.id, "status") == "running"
+
+
 async def test_run_detail_replaces_cut_down_params_once_the_full_record_arrives() -> None:
     # attached, a run first comes with its large params cut by the wire, then in full
     detail = RunDetail()

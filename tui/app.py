@@ -831,7 +831,15 @@ class TaskwatchApp(PlainApp):
             if dirty is not None:
                 # a run the table holds changed only if the model says so (every change is
                 # dirty, paused or not; a reload empties the table)
+                listed = {v.id for v in views}
                 views = [v for v in views if v.id in dirty or not table.has_run(v.id)]
+                # and one that changed is passed in wherever it is, listed or not: a run that
+                # ended while the view was paused and newer runs pushed out of the listed ones
+                # would stay shown as it was
+                views += [
+                    state.runs[run_id] for run_id in dirty
+                    if run_id not in listed and run_id in state.runs and table.has_run(run_id)
+                ]  # fmt: skip
         else:
             views = [state.runs[run_id] for run_id in dirty if run_id in state.runs]
         known = [v for v in views if table.has_run(v.id)]

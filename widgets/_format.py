@@ -13,6 +13,7 @@ import time
 from typing import Any, Protocol
 
 from rich.cells import cell_len, set_cell_size
+from taskwatch.engine import RunStatus
 
 #: Run status colours, as ``celery events`` users expect them.
 STATUS_STYLES: dict[str, str] = {
@@ -115,6 +116,35 @@ def fmt_clock_ms(ts: float) -> str:
     if clock == UNKNOWN:
         return clock
     return f"{clock}.{int((ts % 1) * 1000):03d}"
+
+
+class _Timed(Protocol):
+    """What :func:`run_duration` reads: a record, or a table's row of one."""
+
+    @property
+    def status(self) -> RunStatus: ...
+
+    @property
+    def started_at(self) -> float | None: ...
+
+    @property
+    def finished_at(self) -> float | None: ...
+
+
+def run_duration(record: _Timed, now: float) -> str:
+    """How long a run has taken, as shown: up to ``now`` while it runs, a dash before its
+    start and while it waits for its next attempt (a retry, or a run put back by recovery,
+    keeps its first start, and counting from it would make waiting look like work; the
+    attempts list gives the time of each)."""
+    started = record.started_at
+    if started is None:
+        return DASH
+    finished = record.finished_at
+    if finished is not None:
+        return fmt_duration(finished - started)
+    if record.status is not RunStatus.RUNNING:
+        return DASH
+    return fmt_duration(now - started)
 
 
 def fmt_duration(seconds: float | None) -> str:

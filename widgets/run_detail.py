@@ -17,7 +17,16 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import ProgressBar, Static
 
-from ._format import DASH, fmt_clock, fmt_duration, pretty_json, printable, printable_lines, status_style
+from ._format import (
+    DASH,
+    fmt_clock,
+    fmt_duration,
+    pretty_json,
+    printable,
+    printable_lines,
+    run_duration,
+    status_style,
+)
 from ._format import attempt_budget
 
 _UNSET: Any = object()
@@ -229,7 +238,7 @@ class RunDetail(VerticalScroll):
     # ------------------------------------------------------------ sections
 
     def _show_summary(self, record: RunRecord, now: float) -> None:
-        duration = _duration(record.started_at, record.finished_at, now)
+        duration = run_duration(record, now)
         key = (
             record.id, record.task, record.status, record.cancel_reason, record.attempt, record.max_attempts,
             getattr(record, "lost_count", 0),
@@ -255,7 +264,7 @@ class RunDetail(VerticalScroll):
         status = Text(record.status.value, style=status_style(record.status.value))
         if record.cancel_reason is not None:
             status.append(f" ({printable(record.cancel_reason)})", style="dim")
-        duration = _duration(record.started_at, record.finished_at, now)
+        duration = run_duration(record, now)
         rows: list[tuple[str, RenderableType]] = [
             ("run", Text(printable(record.id), style="bold")),
             ("task", Text(printable(record.task), style="bold")),

@@ -30,7 +30,7 @@ from taskwatch.engine import InvalidStatus, Progress, RunError, RunRecord, RunSt
 from textual.binding import Binding
 from textual.message import Message
 
-from ._format import DASH, attempt_budget, fmt_clock, fmt_duration, progress_bar, short_id, status_style
+from ._format import DASH, attempt_budget, fmt_clock, progress_bar, run_duration, short_id, status_style
 from ._keyed_table import Cell, Column
 from ._virtual_table import VirtualTable
 
@@ -104,12 +104,7 @@ def run_cells(record: RunRecord | RunRow, now: float, marked: bool = False) -> t
     status = record.status.value
     style = status_style(status)
     fraction = record.progress.fraction
-    if record.started_at is None:
-        duration = DASH
-    elif record.finished_at is None:
-        duration = fmt_duration(now - record.started_at)
-    else:
-        duration = fmt_duration(record.finished_at - record.started_at)
+    duration = run_duration(record, now)
     attempt_style = "yellow" if record.attempt > 1 else ""
     return (
         (short_id(record.id), MARKED_STYLE if marked else "dim"),
@@ -340,7 +335,7 @@ class RunsTable(VirtualTable):
         cells = self._drawn_cells.get(key)
         if cells is None:
             row = self._runs.get(key)
-            if row is None:
+            if row is None or key not in self._orders:  # (a run the filter hides is no row)
                 return super()._row_cells(key)
             drawn = self._drawn_cells
             if len(drawn) >= _DRAWN_CELLS_KEPT:  # scrolled far with nothing changing

@@ -599,10 +599,9 @@ class Store(ABC):
     def put_jobs(self, queue: str, incarnation: str, jobs: Sequence[Any]) -> Awaitable[list[int]]:
         """Keep JSON ``jobs`` for ``queue``, held by ``incarnation``; their ids, in order.
 
-        Like :meth:`insert`, a store may hand back a future already on its way (a queue
-        whose loop tears down with no stop hands its unwritten jobs over so), and
-        cancelling it before the store has begun the write puts nothing (the queue keeps
-        the jobs to put again).
+        Like :meth:`insert`, a store may hand back a future already on its way, which
+        writes the jobs whatever becomes of its caller (a queue whose loop tears down
+        leaves its jobs to it, and hands it those not yet written).
         """
 
     @abstractmethod

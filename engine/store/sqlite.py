@@ -594,14 +594,13 @@ class SqliteStore(Store):
             self._deliver_threadsafe(self._all_failed(batch, exc), tx)
             return
         self._locked_since = None
-        insert, put_jobs = self._insert, self._put_jobs
+        insert = self._insert
         for fn, args, fut, _, single, advice in batch:
-            if (fn == insert or fn == put_jobs) and fut.cancelled():
+            if fn == insert and fut.cancelled():
                 # its submitter stopped waiting before the write began (a wait_for that ran out
                 # while another process held the file): written now, the run would run although
                 # its caller was told nothing was submitted (a read of the state from this thread
-                # is safe; a cancel landing after it leaves the insert to be read back as before);
-                # a queue whose put was cancelled keeps the jobs to put again
+                # is safe; a cancel landing after it leaves the insert to be read back as before)
                 continue
             if fn != insert:
                 tx.pending = None
