@@ -215,6 +215,15 @@ async def test_two_processes_under_one_node_id_are_not_taken_for_lost_events(
     assert not stray_tasks()
 
 
+async def state_once_sampled_after_a_stop(reader: Any, node: str) -> str:
+    """The state ``reader`` gives ``node`` once it has read the node's engine.stopped and three
+    health samples after it (from a process of the node still running)."""
+    await eventually(lambda: events_of(reader, node, "engine.stopped"), timeout=TIMEOUT)
+    heard = len(events_of(reader, node, "health"))
+    await eventually(lambda: len(events_of(reader, node, "health")) >= heard + 3, timeout=TIMEOUT)
+    return str(seen(reader, node).state)
+
+
 async def test_one_of_two_processes_under_one_node_id_stopping_leaves_the_node_shown_up(
     postgres_url: str, redis_server: RedisServer
 ) -> None:
@@ -229,11 +238,8 @@ async def test_one_of_two_processes_under_one_node_id_stopping_leaves_the_node_s
             await successor.start()
             try:
                 await superseded.stop(2.0)
-                await eventually(lambda: events_of(reader, "twin", "engine.stopped"), timeout=TIMEOUT)
-                heard = len(events_of(reader, "twin", "health"))
-                # the successor's next sample is read after the stop: the node is up, and stays up
-                await eventually(lambda: len(events_of(reader, "twin", "health")) >= heard + 3, timeout=TIMEOUT)
-                assert (where, seen(reader, "twin").state) == (where, "up")
+                # the successor's samples are read after the stop: the node is up, and stays up
+                assert (where, await state_once_sampled_after_a_stop(reader, "twin")) == (where, "up")
             finally:
                 await successor.stop(2.0)
             # and once the last process of the name has stopped, it shows as stopped
@@ -260,11 +266,8 @@ async def test_a_node_whose_current_process_stopped_shows_stopped_though_a_super
                 await eventually(lambda: events_of(reader, "twin", "node.superseded"), timeout=TIMEOUT)
             finally:
                 await later.stop(2.0)
-            await eventually(lambda: events_of(reader, "twin", "engine.stopped"), timeout=TIMEOUT)
-            heard = len(events_of(reader, "twin", "health"))
             # the superseded process samples on, and is read
-            await eventually(lambda: len(events_of(reader, "twin", "health")) >= heard + 3, timeout=TIMEOUT)
-            assert seen(reader, "twin").state == "stopped"
+            assert await state_once_sampled_after_a_stop(reader, "twin") == "stopped"
         finally:
             await earlier.stop(2.0)
     assert not stray_tasks()
