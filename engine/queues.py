@@ -998,7 +998,7 @@ class WorkQueue:
                         # the loop's teardown (nothing else cuts a put short): the store's writer has
                         # the jobs and writes them, at the process's exit if need be; put back for
                         # another write, they would be stored twice
-                        put.add_done_callback(lambda done: _note_ids(done, fresh, stamp))
+                        put.add_done_callback(lambda done: self._put_landed(done, fresh, stamp))
                         batch = []
                         raise
                 else:
@@ -1079,6 +1079,17 @@ class WorkQueue:
                 retry = 0.05 if retry is None else min(retry * 2, 1.0)
                 next_adopt = max(next_adopt, loop.time() + retry)
 
+    def _put_landed(self, done: asyncio.Future[list[int]], kept: list[_Kept], epoch: int) -> None:
+        """A put handed to the store's writer landed: its jobs have rows (ids) from now on, and
+        one handled meanwhile is deleted at the next write (as :meth:`_flush_now` does)."""
+        if done.cancelled() or done.exception() is not None:
+            return
+        for job, job_id in zip(kept, done.result()):
+            job.id = job_id
+            job.epoch = epoch
+            if job.done:
+                self._handled.append(job_id)
+
     def _keeper_ended(self, keeper: asyncio.Task[None]) -> None:
         # cancelled while still the keeper: the loop's teardown with no stop (a stop takes the
         # keeper first, and writes what is left itself)
@@ -1125,7 +1136,7 @@ class WorkQueue:
             return
         self._unwritten = []
         stamp = self._stamp()
-        put.add_done_callback(lambda done: _note_ids(done, fresh, stamp))
+        put.add_done_callback(lambda done: self._put_landed(done, fresh, stamp))
 
     def _revive(self, job: StoredJob, epoch: int) -> _Kept:
         """A job read back from the store, as the handler expects it (its model, when it names one)."""
@@ -1952,14 +1963,6 @@ class WorkQueue:
 
     def __repr__(self) -> str:
         return f"<WorkQueue {self.name} depth={self.depth} in_flight={self._in_flight}>"
-
-
-def _note_ids(done: asyncio.Future[list[int]], kept: list[_Kept], epoch: int) -> None:
-    """A put handed to the store's writer landed: its jobs have rows (ids) from now on."""
-    if not done.cancelled() and done.exception() is None:
-        for job, job_id in zip(kept, done.result()):
-            job.id = job_id
-            job.epoch = epoch
 
 
 def _hand_over(task: asyncio.Task[None], kept: _Kept) -> bool:
