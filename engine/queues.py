@@ -210,7 +210,7 @@ class QueuePurge(BaseModel):
 class _Kept:
     """A job of a queue on a durable store, and its row once written (``id``)."""
 
-    __slots__ = ("job", "id", "done", "epoch", "cut", "lost", "unstorable", "attempt")
+    __slots__ = ("job", "id", "done", "epoch", "cut", "lost", "unstorable", "attempt", "handed")
 
     def __init__(self, job: Any, job_id: int | None = None, epoch: int = -1, attempt: int = 1) -> None:
         self.job = job
@@ -228,6 +228,9 @@ class _Kept:
         self.lost = False
         #: changed after its put into something not JSON-safe: it runs here, but has no row (counted lost)
         self.unstorable = False
+        #: handed to the store as the loop tore down: resolved once that write landed (as
+        #: ``WorkQueue._written`` is for the usual writes), for a put() waiting for it
+        self.handed: asyncio.Future[BaseException | None] | None = None
 
 
 class _Unreadable:
@@ -535,7 +538,7 @@ class WorkQueue:
         """Return once ``kept`` is committed (or handled); raise if its write failed and it was taken back."""
         failure: BaseException | None = None
         while kept.id is None and not kept.done:
-            pending = self._written or self._writing
+            pending = kept.handed or self._written or self._writing
             if pending is None:
                 # no write is to come any more (the stop's last one failed)
                 raise failure or EngineNotRunning("stopped")
@@ -694,12 +697,11 @@ class WorkQueue:
         """Durable store: wrap ``job`` and queue it for the next write (on the loop)."""
         kept = _Kept(job)
         self._unwritten.append(kept)
-        if self._handing_over:
-            self.hand_over_unwritten()  # nothing writes it otherwise any more
-            return kept
         if self._written is None and self._loop is not None:
             self._written = self._loop.create_future()
-        if self._kick is not None:
+        if self._handing_over:
+            self.hand_over_unwritten()  # nothing writes it otherwise any more
+        elif self._kick is not None:
             self._kick.set()
         return kept
 
@@ -997,9 +999,11 @@ class WorkQueue:
                     except asyncio.CancelledError:
                         # the loop's teardown (nothing else cuts a put short): the store's writer has
                         # the jobs and writes them, at the process's exit if need be; put back for
-                        # another write, they would be stored twice
-                        put.add_done_callback(lambda done: self._put_landed(done, fresh, stamp))
-                        batch = []
+                        # another write, they would be stored twice. A put() waiting for them
+                        # returns once they are written
+                        on_its_way_for = written
+                        put.add_done_callback(lambda done: self._put_landed(done, fresh, stamp, on_its_way_for))
+                        batch, written = [], None
                         raise
                 else:
                     ids = await put
@@ -1079,16 +1083,27 @@ class WorkQueue:
                 retry = 0.05 if retry is None else min(retry * 2, 1.0)
                 next_adopt = max(next_adopt, loop.time() + retry)
 
-    def _put_landed(self, done: asyncio.Future[list[int]], kept: list[_Kept], epoch: int) -> None:
-        """A put handed to the store's writer landed: its jobs have rows (ids) from now on, and
-        one handled meanwhile is deleted at the next write (as :meth:`_flush_now` does)."""
-        if done.cancelled() or done.exception() is not None:
-            return
-        for job, job_id in zip(kept, done.result()):
-            job.id = job_id
-            job.epoch = epoch
-            if job.done:
-                self._handled.append(job_id)
+    def _put_landed(
+        self,
+        done: asyncio.Future[list[int]],
+        kept: list[_Kept],
+        epoch: int,
+        written: asyncio.Future[BaseException | None] | None,
+    ) -> None:
+        """A put handed to the store's writer landed: its jobs have rows (ids) from now on, one
+        handled meanwhile is deleted at the next write (as :meth:`_flush_now` does), and the
+        ``put()`` calls waiting for them (on ``written``) return, or raise its failure."""
+        failure = EngineNotRunning("stopped") if done.cancelled() else done.exception()
+        if failure is None:
+            for job, job_id in zip(kept, done.result()):
+                job.id = job_id
+                job.epoch = epoch
+                if job.done:
+                    self._handled.append(job_id)
+        else:
+            self.lost += len(kept)
+        if written is not None and not written.done():
+            written.set_result(failure)
 
     def _keeper_ended(self, keeper: asyncio.Task[None]) -> None:
         # cancelled while still the keeper: the loop's teardown with no stop (a stop takes the
@@ -1126,17 +1141,34 @@ class WorkQueue:
             except NotJsonSafe:
                 continue  # (the write would have refused it too, and counted it lost)
             fresh.append(kept)
+        written, self._written = self._written, None
         if not fresh:
+            if written is not None and not written.done():
+                written.set_result(None)
             return
+        why: BaseException
         try:
             put = on_its_way(self._engine.store.put_jobs(self.name, self._engine.incarnation, encoded))
-        except Exception:  # noqa: BLE001 - a store closed or failing: nothing more to do here
-            return
+        except Exception as exc:  # noqa: BLE001 - a store closed or failing: said and counted below
+            put, why = None, exc
+        else:
+            why = EngineNotRunning("stopped")  # (a store that writes nothing once its loop is gone)
         if put is None:
+            self.lost += len(fresh)
+            log.error(
+                "queue %r: %d job(s) accepted as the program ended could not be handed to the store (%s); "
+                "they are lost (counted in info().lost)", self.name, len(fresh), safe_str(why),
+            )  # fmt: skip
+            if written is not None and not written.done():
+                written.set_result(why)
             return
         self._unwritten = []
         stamp = self._stamp()
-        put.add_done_callback(lambda done: self._put_landed(done, fresh, stamp))
+        if written is None and self._loop is not None:
+            written = self._loop.create_future()
+        for kept in fresh:
+            kept.handed = written
+        put.add_done_callback(lambda done: self._put_landed(done, fresh, stamp, written))
 
     def _revive(self, job: StoredJob, epoch: int) -> _Kept:
         """A job read back from the store, as the handler expects it (its model, when it names one)."""
@@ -1489,17 +1521,24 @@ class WorkQueue:
                 self._items.clear()
             kept = [item for item in dropped if type(item) is _Kept]
             stored = [item.id for item in kept if item.id is not None]
+            unwritten = [item for item in kept if item.id is None]
+            for item in unwritten:
+                # the next write leaves it out, and so does a hand-over to the store should the
+                # loop's teardown cut the delete below short (the delete may commit all the same,
+                # SQLite's writer's does: the purge stands)
+                item.done = True
             if stored:
                 try:
                     await self._engine.store.done_jobs(stored)
+                except asyncio.CancelledError:
+                    raise
                 except BaseException:
                     # the rows stay, so the jobs would come back at the next start: keep them queued
+                    for item in unwritten:
+                        item.done = False
                     with self._lock:
                         self._items.extendleft(reversed(dropped))
                     raise
-            for item in kept:
-                if item.id is None:
-                    item.done = True  # the next write leaves it out
         for _ in dropped:
             self._wake_one(self._putters)
         self.purged += len(dropped)

@@ -856,3 +856,89 @@ def test_queue_jobs_another_thread_puts_while_the_loop_tears_down_are_kept(tmp_p
         stored = sorted(json.loads(job)["n"] for (job,) in conn.execute("SELECT job FROM queue_jobs"))
     assert accepted == list(range(60))
     assert stored == accepted, f"{len(set(accepted) - set(stored))} of the jobs put_nowait accepted are not in the file"
+
+
+_PUT_IN_A_CLEANUP = r"""
+import asyncio, json, sys
+from taskwatch.engine import Engine
+
+async def main(db, turns):
+    engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
+    handling = asyncio.Event()
+
+    async def handle(job: dict) -> None:
+        handling.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            # the loop's teardown cancels the handler: its cleanup queues a follow-up job
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            try:
+                await jobs.put({"n": 100})
+                print(json.dumps("put returned"), flush=True)
+            except Exception as exc:
+                print(json.dumps(f"put raised {type(exc).__name__}"), flush=True)
+            raise
+
+    jobs = engine.queue("mail", handle)
+    await engine.start()
+    await jobs.put({"n": 0})
+    await handling.wait()
+    # main() returns, no stop
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("turns", [0, 1, 2, 5])
+def test_a_put_awaited_while_the_loop_tears_down_returns_once_its_job_is_kept(tmp_path: Path, turns: int) -> None:
+    # it neither waits for ever (the teardown would never end) nor raises for a job that is kept
+    db = tmp_path / "runs.db"
+    done = subprocess.run(
+        [sys.executable, "-c", _PUT_IN_A_CLEANUP, str(db), str(turns)],
+        capture_output=True, text=True, timeout=EXIT_TIMEOUT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == "put returned"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        stored = sorted(json.loads(job)["n"] for (job,) in conn.execute("SELECT job FROM queue_jobs"))
+    assert stored == [0, 100]
+
+
+_PURGE_CUT_SHORT = r"""
+import asyncio, sys
+from taskwatch.engine import Engine
+
+async def main(db, turns):
+    engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
+
+    async def handle(job: dict) -> None: ...
+
+    jobs = engine.queue("mail", handle)
+    await engine.start()
+    engine.pause_queue("mail")
+    for i in range(5):
+        await jobs.put({"n": i})  # in the file
+    for i in range(5, 10):
+        jobs.put_nowait({"n": i})  # not yet
+    purging = asyncio.ensure_future(jobs.purge())
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    # main() returns, no stop: the teardown cuts the purge short
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("turns", [1, 3, 50])
+def test_a_purge_the_teardown_cuts_short_stands_and_brings_back_no_job(tmp_path: Path, turns: int) -> None:
+    db = tmp_path / "runs.db"
+    done = subprocess.run(
+        [sys.executable, "-c", _PURGE_CUT_SHORT, str(db), str(turns)], capture_output=True, text=True, timeout=EXIT_TIMEOUT
+    )
+    assert done.returncode == 0, done.stderr
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT job FROM queue_jobs").fetchall() == []

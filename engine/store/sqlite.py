@@ -793,7 +793,14 @@ class SqliteStore(Store):
         try:
             loop.call_soon_threadsafe(self._deliver, results, tx.work, tx.cancels, tx.finished)
         except RuntimeError:
-            pass  # the loop is closed: nobody is awaiting any more
+            # the loop is closed: nobody is awaiting any more, and a write handed over as the
+            # program ended (runs, queue jobs) that failed would be lost without a word
+            failed = [exc for _, _, exc in results if exc is not None]
+            if failed:
+                log.error(
+                    "the SQLite store %s could not write %d operation(s) handed to it as the program "
+                    "ended (%s); what they held is lost", self._where, len(failed), failed[0],
+                )
 
     def _deliver(
         self,
