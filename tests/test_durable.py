@@ -145,6 +145,20 @@ def total(db: Path, name: str) -> int:
         return int(conn.execute("SELECT value FROM totals WHERE name = ?", (name,)).fetchone()[0])
 
 
+def stored_jobs(db: Path) -> list[int]:
+    """The ``n`` of every queue job row in the file, sorted (a job written twice shows twice)."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return sorted(json.loads(job)["n"] for (job,) in conn.execute("SELECT job FROM queue_jobs"))
+
+
+def run_to_its_end(script: str, *args: str, code: int = 0) -> str:
+    """Run ``script`` with ``args`` in a child process until it ends, check its exit ``code``;
+    what it printed."""
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=EXIT_TIMEOUT)
+    assert done.returncode == code, done.stderr
+    return done.stdout
+
+
 def executions(log: Path) -> list[Line]:
     """The execution log: one line per attempt a task started, in any process.
 
@@ -678,11 +692,7 @@ def test_runs_submit_nowait_accepted_right_after_the_start_are_kept_by_a_program
     # a SystemExit (or KeyboardInterrupt) leaves the loop in the middle of its turn: the claim
     # loop, whose end handed the runs to the store, never began, and all 100 were lost unsaid
     db = tmp_path / "runs.db"
-    done = subprocess.run(
-        [sys.executable, "-c", _ENDS_AT_ONCE, str(db), how], capture_output=True, text=True, timeout=EXIT_TIMEOUT
-    )
-    assert done.returncode == code, done.stderr
-    ids = done.stdout.split()
+    ids = run_to_its_end(_ENDS_AT_ONCE, str(db), how, code=code).split()
     assert len(ids) == 100
     rows = table(db)
     assert sorted(rows) == sorted(ids), f"{len(set(ids) - set(rows))} of the {len(ids)} accepted runs are not in the file"
@@ -754,8 +764,7 @@ async def test_queue_jobs_put_nowait_accepted_are_kept_by_a_program_that_ends_wi
     # the stop was cut
     _end_holding_the_file(_PUTS_WITHOUT_STOP, db, how, code, held_until="cut" if how == "interrupt-stop" else "exiting")
     assert integrity(db) == "ok"
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        stored = sorted(json.loads(job)["n"] for (job,) in conn.execute("SELECT job FROM queue_jobs"))
+    stored = stored_jobs(db)
     assert stored == list(range(6)), "each accepted job is in the file once"
 
     # and the next start handles every one of them, the one the teardown cut short too
@@ -801,13 +810,8 @@ def test_queue_jobs_a_teardown_cuts_off_while_they_are_written_are_kept_once(tmp
     # the teardown comes at some point of the keeper's write: before the writer took it, while it
     # writes, after its commit and before the loop heard; written again, every job would run twice
     db = tmp_path / "runs.db"
-    done = subprocess.run(
-        [sys.executable, "-c", _MANY_PUTS_THEN_RETURN, str(db), str(turns)],
-        capture_output=True, text=True, timeout=EXIT_TIMEOUT,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        stored = sorted(json.loads(job)["n"] for (job,) in conn.execute("SELECT job FROM queue_jobs"))
+    run_to_its_end(_MANY_PUTS_THEN_RETURN, str(db), str(turns))
+    stored = stored_jobs(db)
     assert stored == list(range(2_000)), f"{len(stored)} rows for 2,000 jobs, {len(set(stored))} of them"
 
 
@@ -847,13 +851,8 @@ print(json.dumps(accepted))
 @pytest.mark.timeout(120)
 def test_queue_jobs_another_thread_puts_while_the_loop_tears_down_are_kept(tmp_path: Path) -> None:
     db = tmp_path / "runs.db"
-    done = subprocess.run(
-        [sys.executable, "-c", _PUTS_FROM_A_THREAD, str(db)], capture_output=True, text=True, timeout=EXIT_TIMEOUT
-    )
-    assert done.returncode == 0, done.stderr
-    accepted = json.loads(done.stdout)
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        stored = sorted(json.loads(job)["n"] for (job,) in conn.execute("SELECT job FROM queue_jobs"))
+    accepted = json.loads(run_to_its_end(_PUTS_FROM_A_THREAD, str(db)))
+    stored = stored_jobs(db)
     assert accepted == list(range(60))
     assert stored == accepted, f"{len(set(accepted) - set(stored))} of the jobs put_nowait accepted are not in the file"
 
@@ -896,14 +895,8 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 def test_a_put_awaited_while_the_loop_tears_down_returns_once_its_job_is_kept(tmp_path: Path, turns: int) -> None:
     # it neither waits for ever (the teardown would never end) nor raises for a job that is kept
     db = tmp_path / "runs.db"
-    done = subprocess.run(
-        [sys.executable, "-c", _PUT_IN_A_CLEANUP, str(db), str(turns)],
-        capture_output=True, text=True, timeout=EXIT_TIMEOUT,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == "put returned"
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        stored = sorted(json.loads(job)["n"] for (job,) in conn.execute("SELECT job FROM queue_jobs"))
+    assert json.loads(run_to_its_end(_PUT_IN_A_CLEANUP, str(db), str(turns))) == "put returned"
+    stored = stored_jobs(db)
     assert stored == [0, 100]
 
 
@@ -936,9 +929,5 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2])))
 @pytest.mark.parametrize("turns", [1, 3, 50])
 def test_a_purge_the_teardown_cuts_short_stands_and_brings_back_no_job(tmp_path: Path, turns: int) -> None:
     db = tmp_path / "runs.db"
-    done = subprocess.run(
-        [sys.executable, "-c", _PURGE_CUT_SHORT, str(db), str(turns)], capture_output=True, text=True, timeout=EXIT_TIMEOUT
-    )
-    assert done.returncode == 0, done.stderr
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        assert conn.execute("SELECT job FROM queue_jobs").fetchall() == []
+    run_to_its_end(_PURGE_CUT_SHORT, str(db), str(turns))
+    assert stored_jobs(db) == []
