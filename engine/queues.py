@@ -965,6 +965,26 @@ class WorkQueue:
         write.add_done_callback(self._write_ended)
         await asyncio.shield(write)
 
+    def _storable(self, batch: list[_Kept]) -> tuple[list[_Kept], list[Any]]:
+        """The jobs of ``batch`` still to write, and their JSON. One no longer JSON-safe is left
+        out for good (counted lost): written again and again it would hold up every other job."""
+        fresh: list[_Kept] = []
+        encoded: list[Any] = []
+        for kept in batch:
+            if kept.done:
+                continue
+            try:
+                encoded.append(jsonable(kept.job))
+            except NotJsonSafe:
+                # changed since it was put
+                kept.done = kept.unstorable = True
+                self.lost += 1
+                log.error("queue %r: a job is no longer JSON-safe; it runs here but is not kept (counted "
+                          "in info().lost)", self.name)  # fmt: skip
+                continue
+            fresh.append(kept)
+        return fresh, encoded
+
     async def _flush_locked(self, deletes: bool) -> None:
         async with self._store_lock:
             await self._flush_now(deletes)
@@ -976,20 +996,7 @@ class WorkQueue:
         self._writing = written
         failure: BaseException | None = None
         try:
-            fresh, encoded = [], []
-            for kept in batch:
-                if kept.done:
-                    continue
-                try:
-                    encoded.append(jsonable(kept.job))
-                except NotJsonSafe:
-                    # changed since it was put: written again and again it would hold up every other job
-                    kept.done = kept.unstorable = True
-                    self.lost += 1
-                    log.error("queue %r: a job is no longer JSON-safe; it runs here but is not kept (counted "
-                              "in info().lost)", self.name)  # fmt: skip
-                    continue
-                fresh.append(kept)
+            fresh, encoded = self._storable(batch)
             if fresh:
                 stamp = self._stamp()
                 put = store.put_jobs(self.name, self._engine.incarnation, encoded)
@@ -1131,16 +1138,7 @@ class WorkQueue:
         and its end calls this again.
         """
         self._handing_over = True
-        fresh: list[_Kept] = []
-        encoded: list[Any] = []
-        for kept in self._unwritten:
-            if kept.done:
-                continue
-            try:
-                encoded.append(jsonable(kept.job))
-            except NotJsonSafe:
-                continue  # (the write would have refused it too, and counted it lost)
-            fresh.append(kept)
+        fresh, encoded = self._storable(self._unwritten)
         written, self._written = self._written, None
         if not fresh:
             if written is not None and not written.done():
