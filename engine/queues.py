@@ -687,7 +687,10 @@ class WorkQueue:
         with self._lock:
             if len(self._items) + len(self._transits) >= self.maxsize:
                 return _FULL
-            item = self._keep(job) if self._durable else job
+            if self._durable and self._handing_over:
+                item = self._hand_over_one(job)
+            else:
+                item = self._keep(job) if self._durable else job
             self._items.append(item)
             self.accepted += 1
         self._work_arrived()
@@ -699,11 +702,36 @@ class WorkQueue:
         self._unwritten.append(kept)
         if self._written is None and self._loop is not None:
             self._written = self._loop.create_future()
-        if self._handing_over:
-            self.hand_over_unwritten()  # nothing writes it otherwise any more
-        elif self._kick is not None:
+        if self._kick is not None:
             self._kick.set()
         return kept
+
+    def _hand_over_one(self, job: Any) -> _Kept:
+        """The loop tears down: give ``job``, put on the loop, to the store's writer at once, or
+        refuse it (EngineNotRunning): nothing would write it any more (see hand_over_unwritten)."""
+        kept = _Kept(job)
+        put = self._give_to_store(job)
+        self._await_landing(put, [kept], None)
+        return kept
+
+    def _give_to_store(self, job: Any) -> asyncio.Future[list[int]]:
+        """Hand ``job`` to the store's writer as the loop tears down (any thread), or raise
+        EngineNotRunning: the store is closed, or its write would need the loop."""
+        try:
+            put = on_its_way(self._engine.store.put_jobs(self.name, self._engine.incarnation, [jsonable(job)]))
+        except Exception as exc:  # noqa: BLE001 - a store closed or failing, a job changed since: refused
+            raise EngineNotRunning(
+                "stopping",
+                f"queue {self.name!r} no longer accepts jobs: the program is ending and the store cannot "
+                f"take them any more ({safe_str(exc)})",
+            ) from None
+        if put is None:
+            raise EngineNotRunning(
+                "stopping",
+                f"queue {self.name!r} no longer accepts jobs: the program is ending, and the store writes "
+                "nothing once the engine's loop is gone",
+            )
+        return put
 
     def _put_from_thread(self, loop: asyncio.AbstractEventLoop, job: Any) -> bool:
         # (put_nowait asked already; a put waiting for room gets here too) before the slot is
@@ -718,6 +746,11 @@ class WorkQueue:
                     raise EngineNotRunning("stopping")
                 if len(self._items) + len(self._transits) >= self.maxsize:
                     return False
+                if self._durable and self._handing_over:
+                    # the loop tears down, and may have had its last turn: no handover lands now
+                    self._hand_from_thread(loop, job)
+                    self.accepted += 1
+                    return True
                 # the slot is taken now, so the caller learns about QueueFull synchronously; one
                 # dict operation, so an interrupt can never leave half a reservation behind
                 self._transits[transit] = None
@@ -726,6 +759,14 @@ class WorkQueue:
             # after the handover is queued, never before: a transit the loop lands ahead of its
             # handover is one whose put cannot be withdrawn below any more
             transit.sent = True
+            if self._handing_over:
+                # the teardown began meanwhile, and landed the transits sent by then: this one,
+                # if still here, is the thread's to hand over (whoever takes it first, under the lock)
+                with self._lock:
+                    if transit in self._transits:
+                        self._hand_from_thread(loop, job)
+                        del self._transits[transit]
+                self._check_landed()
         except BaseException as exc:
             # the loop is closed, or the thread was interrupted (Ctrl-C) with the handover maybe
             # queued: the put did not happen, and a handover that still comes is ignored
@@ -762,6 +803,19 @@ class WorkQueue:
             self._work_arrived()
         if landing:
             self._check_landed()
+            if self._handing_over and self._durable:
+                self._hand_over_now()  # nothing writes them otherwise any more
+
+    def _hand_from_thread(self, loop: asyncio.AbstractEventLoop, job: Any) -> None:
+        """The loop tears down: give ``job``, put from another thread, to the store's writer
+        from here, or refuse it (EngineNotRunning). Its handover to the loop could come after
+        the loop's last turn, and be dropped with the loop unsaid."""
+        put = self._give_to_store(job)
+        kept = _Kept(job)
+        try:
+            loop.call_soon_threadsafe(self._await_landing, put, [kept], None)
+        except RuntimeError:
+            pass  # the loop is closed: the store's writer logs a write of it that fails
 
     def _check_landed(self) -> None:
         """Resolve stop()'s wait once nothing is in transit from other threads (any thread)."""
@@ -1109,6 +1163,10 @@ class WorkQueue:
                     self._handled.append(job_id)
         else:
             self.lost += len(kept)
+            log.error(
+                "queue %r: the store could not write %d job(s) handed to it as the program ended (%s); "
+                "they are lost (counted in info().lost)", self.name, len(kept), safe_str(failure),
+            )  # fmt: skip
         if written is not None and not written.done():
             written.set_result(failure)
 
@@ -1137,8 +1195,15 @@ class WorkQueue:
         at a stop cut short) takes this put after it; a write that fails puts its jobs back,
         and its end calls this again.
         """
-        self._handing_over = True
+        with self._lock:
+            # under the lock other threads' puts take: each later one hands its job over itself
+            self._handing_over = True
+        self._land()  # the jobs of other threads' puts that returned: their handovers may never run
+        self._hand_over_now()
+
+    def _hand_over_now(self) -> None:
         fresh, encoded = self._storable(self._unwritten)
+        self._unwritten = []
         written, self._written = self._written, None
         if not fresh:
             if written is not None and not written.done():
@@ -1160,13 +1225,19 @@ class WorkQueue:
             if written is not None and not written.done():
                 written.set_result(why)
             return
-        self._unwritten = []
+        self._await_landing(put, fresh, written)
+
+    def _await_landing(
+        self, put: asyncio.Future[list[int]], kept: list[_Kept], written: asyncio.Future[BaseException | None] | None
+    ) -> None:
+        """On the loop: ``kept``, handed to the store's writer by ``put``, get their rows once it
+        lands; ``put()`` calls waiting for them return then (see _until_written)."""
         stamp = self._stamp()
         if written is None and self._loop is not None:
             written = self._loop.create_future()
-        for kept in fresh:
-            kept.handed = written
-        put.add_done_callback(lambda done: self._put_landed(done, fresh, stamp, written))
+        for job in kept:
+            job.handed = written
+        put.add_done_callback(lambda done: self._put_landed(done, kept, stamp, written))
 
     def _revive(self, job: StoredJob, epoch: int) -> _Kept:
         """A job read back from the store, as the handler expects it (its model, when it names one)."""
