@@ -2536,7 +2536,13 @@ class Engine:
 
     def _late_started(self, service: WorkQueue | Trigger, what: str, delay: float, task: asyncio.Task[None]) -> None:
         self._late_starts.discard(task)
-        if task.cancelled() or (exc := task.exception()) is None:
+        if task.cancelled():
+            if self._state == "running" and isinstance(service, WorkQueue):
+                # the loop's teardown, with no stop (a stop is "stopping" before it cancels a late
+                # start): the jobs put since the queue was made are in no store yet
+                service.hand_over_unwritten()
+            return
+        if (exc := task.exception()) is None:
             return
         if self._state != "running" or self._loop is None:
             log.error("%s made while node %s runs could not start: %s", what, self.node_id, exc, exc_info=exc)

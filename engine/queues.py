@@ -1198,6 +1198,7 @@ class WorkQueue:
         with self._lock:
             # under the lock other threads' puts take: each later one hands its job over itself
             self._handing_over = True
+        self._keep_queued()  # a queue whose start never came (made while the engine ran) has plain jobs
         self._land()  # the jobs of other threads' puts that returned: their handovers may never run
         self._hand_over_now()
 

@@ -908,6 +908,33 @@ def test_every_put_a_thread_makes_through_the_teardown_is_kept_or_refused(tmp_pa
         assert stored == accepted, f"{sorted(set(accepted) - set(stored))[:10]} were accepted and are not in the file"
 
 
+_PUTS_TO_A_QUEUE_STILL_STARTING = r"""
+import asyncio, json, sys
+from taskwatch.engine import Engine
+
+async def main(db):
+    engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
+    await engine.start()
+
+    async def handle(job: dict) -> None: ...
+
+    jobs = engine.queue("mail", handle)  # made while the engine runs: its start reads the store first
+    for i in range(5):
+        jobs.put_nowait({"n": i})
+    print(json.dumps(jobs.info().depth), flush=True)
+    # main() returns, no stop: the teardown cuts the queue's start short
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_queue_jobs_put_before_a_late_start_the_teardown_cuts_short_are_kept(tmp_path: Path) -> None:
+    db = tmp_path / "runs.db"
+    assert json.loads(run_to_its_end(_PUTS_TO_A_QUEUE_STILL_STARTING, str(db))) == 5
+    assert stored_jobs(db) == [0, 1, 2, 3, 4]
+
+
 _PUT_NOWAIT_IN_A_CLEANUP = r"""
 import asyncio, json, sys
 from taskwatch.engine import Engine, EngineNotRunning
