@@ -487,7 +487,7 @@ class Engine:
         #: reads and writes the store); the stop waits for them before stopping those
         self._late_starts: set[asyncio.Task[None]] = set()
         #: late starts that failed, waiting to be tried again
-        self._late_retries: dict[WorkQueue | Trigger, asyncio.TimerHandle] = {}
+        self._late_retries: dict[WorkQueue | Trigger, asyncio.Task[None]] = {}
         self._started_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._leader = LeaderElector(self, lease)
@@ -1205,9 +1205,10 @@ class Engine:
             # that "crash"); their cleanup gets up to the deadline, queues and runs still going
             # meanwhile (a cleanup may wait for what it fed). Then the periodic scheduler
             self._supervisor.halt()
-            for retry in self._late_retries.values():
-                retry.cancel()
+            retries = list(self._late_retries.values())
             self._late_retries.clear()
+            for retry in retries:
+                await cancel_and_wait(retry)
             await self._scheduler.stop(deadline)
             await self._supervisor.stop(deadline)
             # its leader-only work has ended: let another node lead while this one drains its
@@ -2524,7 +2525,6 @@ class Engine:
         loop.call_soon_threadsafe(self._begin_late, service, what)
 
     def _begin_late(self, service: WorkQueue | Trigger, what: str, delay: float = _LATE_RETRY_FIRST) -> None:
-        self._late_retries.pop(service, None)
         if self._state != "running":
             return  # stopped meanwhile: the next start starts it with the rest
         if not self._durable:
@@ -2551,9 +2551,19 @@ class Engine:
         # no consumers or a trigger with no sweep until the next engine start: try again
         log.error("%s made while node %s runs could not start (trying again in %.3g s): %s",
                   what, self.node_id, delay, exc, exc_info=exc)  # fmt: skip
-        self._late_retries[service] = self._loop.call_later(
-            delay, self._begin_late, service, what, min(delay * 2, _LATE_RETRY_MAX)
-        )
+        # a task, not a timer: the loop's teardown cancels a task, and a queue waiting for its
+        # retry holds jobs that are in no store yet (a timer would be dropped unsaid)
+        retry = spawn(asyncio.sleep(delay), name=f"taskwatch-retry-start-{what}")
+        self._late_retries[service] = retry
+        retry.add_done_callback(functools.partial(self._late_retry_due, service, what, min(delay * 2, _LATE_RETRY_MAX)))
+
+    def _late_retry_due(self, service: WorkQueue | Trigger, what: str, delay: float, retry: asyncio.Task[None]) -> None:
+        if self._late_retries.get(service) is retry:
+            del self._late_retries[service]
+        if not retry.cancelled():
+            self._begin_late(service, what, delay)
+        elif self._state == "running" and isinstance(service, WorkQueue):
+            service.hand_over_unwritten()  # the loop's teardown (a stop cancels it while "stopping")
 
     @_on_loop
     def queues(self) -> list[QueueInfo]:

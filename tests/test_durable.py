@@ -935,6 +935,38 @@ def test_queue_jobs_put_before_a_late_start_the_teardown_cuts_short_are_kept(tmp
     assert stored_jobs(db) == [0, 1, 2, 3, 4]
 
 
+_PUTS_TO_A_QUEUE_WAITING_TO_START_AGAIN = r"""
+import asyncio, json, sqlite3, sys
+from taskwatch.engine import Engine
+
+async def main(db):
+    engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
+    await engine.start()
+
+    async def handle(job: dict) -> None: ...
+
+    # another process changes the file under the engine: the queue's start cannot read its jobs
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("ALTER TABLE queue_jobs RENAME TO queue_jobs_away")
+    jobs = engine.queue("mail", handle)
+    await jobs.put({"n": 0})  # returns once the start failed: the job waits here for one that works
+    other.execute("ALTER TABLE queue_jobs_away RENAME TO queue_jobs")
+    for i in range(1, 5):
+        jobs.put_nowait({"n": i})
+    print(json.dumps(jobs.info().depth), flush=True)
+    # main() returns, no stop, before the engine tries the start again
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_queue_jobs_waiting_for_a_failed_late_start_to_be_tried_again_are_kept_by_a_teardown(tmp_path: Path) -> None:
+    db = tmp_path / "runs.db"
+    assert json.loads(run_to_its_end(_PUTS_TO_A_QUEUE_WAITING_TO_START_AGAIN, str(db))) == 5
+    assert stored_jobs(db) == [0, 1, 2, 3, 4]
+
+
 _PUT_NOWAIT_IN_A_CLEANUP = r"""
 import asyncio, json, sys
 from taskwatch.engine import Engine, EngineNotRunning
