@@ -815,19 +815,37 @@ def test_queue_jobs_a_teardown_cuts_off_while_they_are_written_are_kept_once(tmp
     assert stored == list(range(2_000)), f"{len(stored)} rows for 2,000 jobs, {len(set(stored))} of them"
 
 
-_PUTS_FROM_A_THREAD = r"""
+_PUTS_FROM_THREADS_THROUGH_THE_TEARDOWN = r"""
 import asyncio, json, sys, threading, time
-from taskwatch.engine import Engine
+from taskwatch.engine import Engine, EngineNotRunning
 
-accepted = []
+last_turn_over = threading.Event()
+put_done = threading.Event()
+paced, late = [], []
 
-def produce(jobs, ten_in):
+class Loop(asyncio.SelectorEventLoop):
+    def close(self):
+        if not self.is_closed():
+            # the teardown has run the loop for the last time: a handover queued to it now
+            # would never run (closing it drops it); the late thread puts right here
+            last_turn_over.set()
+            put_done.wait(30)
+        super().close()
+
+def produce_paced(jobs, ten_in):
     for i in range(60):
         jobs.put_nowait({"n": i})
-        accepted.append(i)
+        paced.append(i)
         if i == 9:
             ten_in()
         time.sleep(0.005)  # the program's own pace: the rest come while its loop tears down
+
+def produce_late(jobs):
+    last_turn_over.wait(30)
+    for i in range(100, 110):
+        jobs.put_nowait({"n": i})
+        late.append(i)
+    put_done.set()
 
 async def main(db):
     engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
@@ -839,80 +857,30 @@ async def main(db):
     engine.pause_queue("mail")
     loop = asyncio.get_running_loop()
     ten = asyncio.Event()
-    loop.run_in_executor(None, produce, jobs, lambda: loop.call_soon_threadsafe(ten.set))
+    loop.run_in_executor(None, produce_paced, jobs, lambda: loop.call_soon_threadsafe(ten.set))
+    threading.Thread(target=produce_late, args=(jobs,)).start()
     await ten.wait()
-    # main() returns, no stop: asyncio.run's teardown waits for the producing thread
-
-asyncio.run(main(sys.argv[1]))
-print(json.dumps(accepted))
-"""
-
-
-@pytest.mark.timeout(120)
-def test_queue_jobs_another_thread_puts_while_the_loop_tears_down_are_kept(tmp_path: Path) -> None:
-    db = tmp_path / "runs.db"
-    accepted = json.loads(run_to_its_end(_PUTS_FROM_A_THREAD, str(db)))
-    stored = stored_jobs(db)
-    assert accepted == list(range(60))
-    assert stored == accepted, f"{len(set(accepted) - set(stored))} of the jobs put_nowait accepted are not in the file"
-
-
-_A_THREAD_PUTS_AFTER_THE_LOOPS_LAST_TURN = r"""
-import asyncio, json, sys, threading
-from taskwatch.engine import Engine, EngineNotRunning
-
-last_turn_over = threading.Event()
-put_done = threading.Event()
-said = []
-
-class Loop(asyncio.SelectorEventLoop):
-    def close(self):
-        if not self.is_closed():
-            # the teardown has run the loop for the last time: a handover queued to it now
-            # would never run (closing it drops it); the thread puts right here
-            last_turn_over.set()
-            put_done.wait(30)
-        super().close()
-
-def produce(jobs):
-    for i in range(10):
-        jobs.put_nowait({"n": i})
-        said.append(i)
-    last_turn_over.wait(30)
-    for i in range(10, 20):
-        jobs.put_nowait({"n": i})
-        said.append(i)
-    put_done.set()
-
-async def main(db):
-    engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
-
-    async def handle(job: dict) -> None: ...
-
-    jobs = engine.queue("mail", handle)
-    await engine.start()
-    engine.pause_queue("mail")
-    producer = threading.Thread(target=produce, args=(jobs,))
-    producer.start()
-    return jobs  # no stop
+    return jobs  # no stop: the teardown waits for the executor's thread, puts and all
 
 with asyncio.Runner(loop_factory=Loop) as runner:
     jobs = runner.run(main(sys.argv[1]))
 try:
-    jobs.put_nowait({"n": 20})
+    jobs.put_nowait({"n": 200})
 except EngineNotRunning:
-    said.append("refused once the loop is closed")
-print(json.dumps(said))
+    late.append("refused once the loop is closed")
+print(json.dumps([paced, late]))
 """
 
 
 @pytest.mark.timeout(120)
-def test_queue_jobs_another_thread_puts_after_the_loops_last_turn_are_kept(tmp_path: Path) -> None:
-    # their handover to the loop would never run: those jobs were accepted and lost unsaid
+def test_queue_jobs_other_threads_put_while_the_loop_tears_down_are_kept(tmp_path: Path) -> None:
+    # those put after the loop's last turn too: their handover to the loop would never run,
+    # and they were accepted and lost unsaid
     db = tmp_path / "runs.db"
-    said = json.loads(run_to_its_end(_A_THREAD_PUTS_AFTER_THE_LOOPS_LAST_TURN, str(db)))
-    assert said == [*range(20), "refused once the loop is closed"]
-    assert stored_jobs(db) == list(range(20))
+    paced, late = json.loads(run_to_its_end(_PUTS_FROM_THREADS_THROUGH_THE_TEARDOWN, str(db)))
+    assert paced == list(range(60))
+    assert late == [*range(100, 110), "refused once the loop is closed"]
+    assert stored_jobs(db) == paced + late[:-1]
 
 
 _PUTS_TO_A_QUEUE_NOT_STARTED = r"""
@@ -953,55 +921,12 @@ def test_queue_jobs_put_before_a_late_start_went_through_are_kept_by_a_teardown(
     assert stored_jobs(db) == [0, 1, 2, 3, 4]
 
 
-_PUT_NOWAIT_IN_A_CLEANUP = r"""
-import asyncio, json, sys
-from taskwatch.engine import Engine, EngineNotRunning
-
-async def main(url):
-    engine = Engine(store=url, node_id="n", health_interval=None)
-    handling = asyncio.Event()
-
-    async def handle(job: dict) -> None:
-        handling.set()
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            # the loop's teardown cancels the handler; a few turns on, the queue's keeper has
-            # ended too: what is put now can only be handed to the store as it is
-            for _ in range(5):
-                await asyncio.sleep(0)
-            try:
-                jobs.put_nowait({"n": 100})
-                print(json.dumps(["accepted", jobs.info().lost]), flush=True)
-            except EngineNotRunning as exc:
-                print(json.dumps(["refused", str(exc)]), flush=True)
-            raise
-
-    jobs = engine.queue("mail", handle)
-    await engine.start()
-    await jobs.put({"n": 0})
-    await handling.wait()
-    # main() returns, no stop
-
-asyncio.run(main(sys.argv[1]))
-"""
-
-
-@pytest.mark.timeout(120)
-def test_a_put_nowait_as_the_loop_tears_down_is_refused_when_the_store_cannot_keep_it(postgres_url: str) -> None:
-    # PostgreSQL writes on the loop, which is going: the job would be accepted and lost (logged,
-    # counted); refused, the handler learns it at once
-    said, detail = json.loads(run_to_its_end(_PUT_NOWAIT_IN_A_CLEANUP, postgres_url))
-    assert said == "refused", f"accepted, lost: {detail}"
-    assert "the program is ending" in detail and "mail" in detail
-
-
 _PUT_IN_A_CLEANUP = r"""
 import asyncio, json, sys
 from taskwatch.engine import Engine
 
-async def main(db, turns):
-    engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
+async def main(url, turns, how):
+    engine = Engine(store=url, node_id="n", health_interval=None)
     handling = asyncio.Event()
 
     async def handle(job: dict) -> None:
@@ -1013,10 +938,13 @@ async def main(db, turns):
             for _ in range(turns):
                 await asyncio.sleep(0)
             try:
-                await jobs.put({"n": 100})
-                print(json.dumps("put returned"), flush=True)
+                if how == "put":
+                    await jobs.put({"n": 100})
+                else:
+                    jobs.put_nowait({"n": 100})
+                print(json.dumps(["returned", jobs.info().lost]), flush=True)
             except Exception as exc:
-                print(json.dumps(f"put raised {type(exc).__name__}"), flush=True)
+                print(json.dumps([f"raised {type(exc).__name__}", str(exc)]), flush=True)
             raise
 
     jobs = engine.queue("mail", handle)
@@ -1025,18 +953,29 @@ async def main(db, turns):
     await handling.wait()
     # main() returns, no stop
 
-asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
 """
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["put", "put_nowait"])
 @pytest.mark.parametrize("turns", [0, 1, 2, 5])
-def test_a_put_awaited_while_the_loop_tears_down_returns_once_its_job_is_kept(tmp_path: Path, turns: int) -> None:
+def test_a_put_while_the_loop_tears_down_returns_once_its_job_is_kept(tmp_path: Path, turns: int, how: str) -> None:
     # it neither waits for ever (the teardown would never end) nor raises for a job that is kept
     db = tmp_path / "runs.db"
-    assert json.loads(run_to_its_end(_PUT_IN_A_CLEANUP, str(db), str(turns))) == "put returned"
-    stored = stored_jobs(db)
-    assert stored == [0, 100]
+    said, _ = json.loads(run_to_its_end(_PUT_IN_A_CLEANUP, f"sqlite:///{db}", str(turns), how))
+    assert said == "returned"
+    assert stored_jobs(db) == [0, 100]
+
+
+@pytest.mark.timeout(120)
+def test_a_put_nowait_as_the_loop_tears_down_is_refused_when_the_store_cannot_keep_it(postgres_url: str) -> None:
+    # PostgreSQL writes on the loop, which is going: a few turns into the teardown, once the
+    # queue's keeper has ended, the job would be accepted and lost (logged, counted); refused,
+    # the handler learns it at once
+    said, detail = json.loads(run_to_its_end(_PUT_IN_A_CLEANUP, postgres_url, "5", "put_nowait"))
+    assert said == "raised EngineNotRunning", f"accepted, lost: {detail}"
+    assert "the program is ending" in detail and "mail" in detail
 
 
 _PURGE_CUT_SHORT = r"""
