@@ -82,8 +82,14 @@ class OutageLog:
         #: the kinds of error the streak has said: one of another kind is said too, once
         self._said: set[type[BaseException]] = set()
 
-    def failed(self, exc: BaseException, retry: str) -> None:
-        """A try failed; ``retry`` says what happens next ("trying again in 1 s")."""
+    def failed(self, exc: BaseException, retry: str, *, ends: bool = False) -> None:
+        """A try failed; ``retry`` says what happens next ("trying again in 1 s"). ``ends``: it
+        left nothing to try again, so it is said, and the streak (if any) ends with it."""
+        if ends:
+            self._since, self._failures = None, 0
+            self._said.clear()
+            self._say(exc, retry, "")
+            return
         self._failures += 1
         if type(exc) in self._said:
             log_safely(self._log, logging.DEBUG, "%s failed again (%s); %s", self._what, _named(exc), retry, exc_info=exc)
@@ -93,14 +99,24 @@ class OutageLog:
         if self._since is None:
             self._since = time.monotonic()
         self._said.add(type(exc))
+        self._say(exc, retry, f" ({_UNTIL_IT_WORKS})")
+
+    def _say(self, exc: BaseException, retry: str, then: str) -> None:
         if isinstance(exc, self._expected):
             # a store error's message names the store, what failed and what to check, a driver's
             # what the network said: the traceback would only show the engine's own frames
-            log_safely(
-                self._log, logging.WARNING, "%s failed (%s); %s (%s)", self._what, _named(exc), retry, _UNTIL_IT_WORKS
-            )
+            log_safely(self._log, logging.WARNING, "%s failed (%s); %s%s", self._what, _named(exc), retry, then)
         else:
-            log_safely(self._log, logging.ERROR, "%s failed; %s (%s)", self._what, retry, _UNTIL_IT_WORKS, exc_info=exc)
+            log_safely(self._log, logging.ERROR, "%s failed; %s%s", self._what, retry, then, exc_info=exc)
+
+    def given_up(self, why: str) -> None:
+        """Nothing is left to try again (``why``): the streak ends unresolved, said once, and the
+        next failure is said again as a new streak's first."""
+        if self._since is None:
+            return
+        self._since, self._failures = None, 0
+        self._said.clear()
+        log_safely(self._log, logging.INFO, "%s: %s; nothing is left to try again", self._what, why)
 
     def succeeded(self) -> None:
         """A try worked: the end of a streak is said once."""

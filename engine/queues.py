@@ -113,6 +113,9 @@ _STOP_DELETE_GRACE = 1.0
 
 _CLOSED_STATES = ("stopping", "stopped")
 
+#: a write of jobs failed and left nothing to write again: how the log says it
+_TAKEN_BACK = "the put() waiting for the jobs' write took them back and raised its error: nothing is left to write"
+
 #: what ``_try_put`` answers when there is no room
 _FULL = object()
 
@@ -598,6 +601,9 @@ class WorkQueue:
                 return False
             self.accepted -= 1
         self._unwritten = [k for k in self._unwritten if k is not kept]
+        if not self._unwritten and not self._handled and self._writing is None:
+            # (said once the keeper has said the failure it would try again: else the keeper says it)
+            self._store_trouble.given_up(_TAKEN_BACK)
         self._wake_one(self._putters)
         self._maybe_idle()
         return True
@@ -1125,11 +1131,13 @@ class WorkQueue:
             if self._keeper_stop:
                 return  # the stop writes what is left
             kick.clear()
+            writing = True
             try:
                 # while the hold may have lapsed the rows of handled jobs stay until the retake has
                 # asked whose they are: deleted now, one another node took up (and runs again) would
                 # be gone from the store without this node ever saying it ran on both
                 await self._flush(deletes=self._observe() and not self._lapsed)
+                writing = False
                 retry = None
                 if self._lapsed:
                     await self._retake()
@@ -1139,8 +1147,12 @@ class WorkQueue:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # a busy or failing store may work on the next round: the jobs stay queued here
-                self._store_trouble.failed(exc, "the jobs stay queued here, trying again in up to 1 s")
+                if writing and not self._unwritten and not self._handled:
+                    # the put() calls waiting for the jobs' write took them back, and raised
+                    self._store_trouble.failed(exc, _TAKEN_BACK, ends=True)
+                else:
+                    # a busy or failing store may work on the next round: the jobs stay queued here
+                    self._store_trouble.failed(exc, "the jobs stay queued here, trying again in up to 1 s")
                 retry = 0.05 if retry is None else min(retry * 2, 1.0)
                 next_adopt = max(next_adopt, loop.time() + retry)
 

@@ -729,6 +729,34 @@ def test_a_durable_put_on_another_loop_raises_the_stores_error_and_returns_once_
         lock.close()
 
 
+async def test_each_put_refused_by_a_busy_store_is_said_and_no_write_of_it_is_promised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "q.db"
+    engine = Engine(store=f"sqlite:///{db}?busy_timeout=200", node_id="n1", health_interval=None)
+    queue, _gate, _handled = _gated(engine, "q")
+    lock = sqlite3.connect(db, isolation_level=None, timeout=0)
+    async with engine:
+        engine.pause_queue("q")  # no consumer takes the job: the put waits for its own write
+        try:
+            lock.execute("BEGIN EXCLUSIVE")  # the store is busy past its busy_timeout
+            with caplog.at_level(logging.INFO, logger="taskwatch.queues"):
+                for i in range(2):
+                    with pytest.raises(StoreBusy):
+                        await asyncio.wait_for(queue.put({"i": i}), TIMEOUT)
+                    # said once the keeper and the put have both taken up the failure, in either order
+                    await eventually(
+                        lambda n=i + 1: sum("nothing is left" in r.getMessage() for r in caplog.records) == n
+                    )
+        finally:
+            lock.close()
+    said = [r for r in caplog.records if r.name == "taskwatch.queues"]
+    # before: the first was said as "the jobs stay queued here, trying again", and the second,
+    # a failure of that same streak, only at debug level
+    assert sum(r.levelno == logging.WARNING for r in said) == 2, [r.getMessage() for r in said]
+    assert queue.info().depth == 0
+
+
 def test_purge_on_another_loop_drops_the_waiting_jobs(stoppers: list[BackgroundEngine]) -> None:
     engine = Engine(health_interval=None)
     queue, _gate, handled = _gated(engine, "q")
