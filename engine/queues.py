@@ -213,7 +213,7 @@ class QueuePurge(BaseModel):
 class _Kept:
     """A job of a queue on a durable store, and its row once written (``id``)."""
 
-    __slots__ = ("job", "id", "done", "epoch", "cut", "lost", "unstorable", "attempt", "handed")
+    __slots__ = ("job", "id", "done", "epoch", "cut", "lost", "unstorable", "attempt", "handed", "dropped")
 
     def __init__(self, job: Any, job_id: int | None = None, epoch: int = -1, attempt: int = 1) -> None:
         self.job = job
@@ -234,6 +234,8 @@ class _Kept:
         #: handed to the store as the loop tore down: resolved once that write landed (as
         #: ``WorkQueue._written`` is for the usual writes), for a put() waiting for it
         self.handed: asyncio.Future[BaseException | None] | None = None
+        #: that hand-over failed: no write of it is to come (counted lost)
+        self.dropped = False
 
 
 class _Unreadable:
@@ -540,16 +542,21 @@ class WorkQueue:
     async def _until_written(self, kept: _Kept) -> None:
         """Return once ``kept`` is committed (or handled); raise if its write failed and it was taken back."""
         failure: BaseException | None = None
+        answered: asyncio.Future[BaseException | None] | None = None
         while kept.id is None and not kept.done:
             pending = kept.handed or self._written or self._writing
-            if pending is None:
-                # no write is to come any more (the stop's last one failed)
+            if pending is None or pending is answered:
+                # no write is to come any more (the stop's last one failed, a hand-over failed)
                 raise failure or EngineNotRunning("stopped")
             outcome = await asyncio.shield(pending)
+            answered = pending
             if outcome is None or kept.id is not None or kept.done:
                 continue
             failure = outcome
             if self._withdraw(kept):
+                raise outcome
+            if kept.dropped:
+                self._refused_after_all(kept)
                 raise outcome
             # a consumer has the job already (or a new write of it is under way): wait for the next write
 
@@ -587,6 +594,19 @@ class WorkQueue:
         waiters, self._launch_waiters = self._launch_waiters, []
         for fut in waiters:
             _wake(fut)
+
+    def _refused_after_all(self, kept: _Kept) -> None:
+        """``kept``'s hand-over to the store failed (counted lost) and its put() raises: the
+        job was not queued after all, and is not counted as accepted or lost."""
+        with self._lock:
+            for i, item in enumerate(self._items):
+                if item is kept:
+                    del self._items[i]
+                    break
+            else:
+                return  # a consumer has it: it runs here, with no row (lost, as counted)
+            self.accepted -= 1
+        self.lost -= 1
 
     def _withdraw(self, kept: _Kept) -> bool:
         """Take back a job whose write failed, if no consumer and no write has it; True if taken."""
@@ -765,7 +785,7 @@ class WorkQueue:
             # after the handover is queued, never before: a transit the loop lands ahead of its
             # handover is one whose put cannot be withdrawn below any more
             transit.sent = True
-            if self._handing_over:
+            if self._durable and self._handing_over:
                 # the teardown began meanwhile, and landed the transits sent by then: this one,
                 # if still here, is the thread's to hand over (whoever takes it first, under the lock)
                 with self._lock:
@@ -1175,9 +1195,12 @@ class WorkQueue:
                     self._handled.append(job_id)
         else:
             self.lost += len(kept)
+            for job in kept:
+                job.dropped = True
             log.error(
-                "queue %r: the store could not write %d job(s) handed to it as the program ended (%s); "
-                "they are lost (counted in info().lost)", self.name, len(kept), safe_str(failure),
+                "queue %r: the store could not write %d job(s) handed to it as the program ended (%s); a "
+                "put() waiting for one raises the error, the others are lost (counted in info().lost)",
+                self.name, len(kept), safe_str(failure),
             )  # fmt: skip
         if written is not None and not written.done():
             written.set_result(failure)
@@ -1207,6 +1230,8 @@ class WorkQueue:
         at a stop cut short) takes this put after it; a write that fails puts its jobs back,
         and its end calls this again.
         """
+        if not self._engine.durable:
+            return  # nothing to hand over: the memory store keeps nothing past the process
         with self._lock:
             # under the lock other threads' puts take: each later one hands its job over itself
             self._handing_over = True
@@ -1231,6 +1256,8 @@ class WorkQueue:
             why = EngineNotRunning("stopped")  # (a store that writes nothing once its loop is gone)
         if put is None:
             self.lost += len(fresh)
+            for kept in fresh:
+                kept.dropped = True
             log.error(
                 "queue %r: %d job(s) accepted as the program ended could not be handed to the store (%s); "
                 "they are lost (counted in info().lost)", self.name, len(fresh), safe_str(why),
@@ -1822,11 +1849,13 @@ class WorkQueue:
         On a durable store, jobs already queued here are written first; jobs
         left in the store by an earlier start are taken up by :meth:`start`.
         """
-        if self._consumers:
+        if self._launched_here():
             return
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._loop_thread = threading.get_ident()
+        self._consumers = []
+        self._handing_over = False
         self._closing = self._abandon = self._stop_answers_joins = False
         self._left_at_stop = None
         self._lost = 0
@@ -1834,7 +1863,6 @@ class WorkQueue:
         self._keep_queued()
         if self._durable:
             self._keeper_stop = False
-            self._handing_over = False
             self._kick = asyncio.Event()
             if self._unwritten:
                 self._kick.set()
@@ -1858,6 +1886,11 @@ class WorkQueue:
         self._start_failed = False
         self._wake_launch_waiters()
 
+    def _launched_here(self) -> bool:
+        """Consumers run (a launch is done): not so for those of a loop whose teardown cut the
+        engine's stop short (they ended with it, and a start on a new loop launches anew)."""
+        return any(not consumer.done() for consumer in self._consumers)
+
     def _keep_queued(self) -> None:
         """Durable store: make the jobs put before the first start kept ones (queued for a write)."""
         if self._engine.durable and not self._durable:
@@ -1873,7 +1906,7 @@ class WorkQueue:
         unwritten: this write is what keeps it)."""
         self._start_failed = False
         try:
-            if self._engine.durable and not self._consumers:
+            if self._engine.durable and not self._launched_here():
                 self._hold_begins()
                 stamp = self._stamp()
                 # jobs an earlier start left (or queued and never ran) go first

@@ -922,10 +922,10 @@ def test_queue_jobs_put_before_a_late_start_went_through_are_kept_by_a_teardown(
 
 
 _PUT_IN_A_CLEANUP = r"""
-import asyncio, json, sys
+import asyncio, json, sqlite3, sys
 from taskwatch.engine import Engine
 
-async def main(url, turns, how):
+async def main(url, turns, how, locked):
     engine = Engine(store=url, node_id="n", health_interval=None)
     handling = asyncio.Event()
 
@@ -944,16 +944,20 @@ async def main(url, turns, how):
                     jobs.put_nowait({"n": 100})
                 print(json.dumps(["returned", jobs.info().lost]), flush=True)
             except Exception as exc:
-                print(json.dumps([f"raised {type(exc).__name__}", str(exc)]), flush=True)
+                print(json.dumps([f"raised {type(exc).__name__}", str(exc), jobs.info().lost]), flush=True)
             raise
 
     jobs = engine.queue("mail", handle)
     await engine.start()
     await jobs.put({"n": 0})
     await handling.wait()
+    if locked:
+        # another process (a backup, the sqlite3 shell) holds the file past busy_timeout
+        main.lock = sqlite3.connect(url.removeprefix("sqlite:///").split("?")[0], timeout=0, isolation_level=None)
+        main.lock.execute("BEGIN IMMEDIATE")
     # main() returns, no stop
 
-asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:] == ["locked"]))
 """
 
 
@@ -963,9 +967,21 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
 def test_a_put_while_the_loop_tears_down_returns_once_its_job_is_kept(tmp_path: Path, turns: int, how: str) -> None:
     # it neither waits for ever (the teardown would never end) nor raises for a job that is kept
     db = tmp_path / "runs.db"
-    said, _ = json.loads(run_to_its_end(_PUT_IN_A_CLEANUP, f"sqlite:///{db}", str(turns), how))
+    said, *_ = json.loads(run_to_its_end(_PUT_IN_A_CLEANUP, f"sqlite:///{db}", str(turns), how))
     assert said == "returned"
     assert stored_jobs(db) == [0, 100]
+
+
+@pytest.mark.timeout(120)
+def test_a_put_while_the_loop_tears_down_raises_when_the_store_cannot_write_its_job(tmp_path: Path) -> None:
+    # before: it waited for ever, at full CPU, and the program never ended
+    db = tmp_path / "runs.db"
+    said, detail, lost = json.loads(
+        run_to_its_end(_PUT_IN_A_CLEANUP, f"sqlite:///{db}?busy_timeout=200", "5", "put", "locked")
+    )
+    assert said == "raised StoreBusy", detail
+    assert lost == 0  # the put says it: the job was not queued
+    assert stored_jobs(db) == [0]
 
 
 @pytest.mark.timeout(120)
@@ -973,7 +989,7 @@ def test_a_put_nowait_as_the_loop_tears_down_is_refused_when_the_store_cannot_ke
     # PostgreSQL writes on the loop, which is going: a few turns into the teardown, once the
     # queue's keeper has ended, the job would be accepted and lost (logged, counted); refused,
     # the handler learns it at once
-    said, detail = json.loads(run_to_its_end(_PUT_IN_A_CLEANUP, postgres_url, "5", "put_nowait"))
+    said, detail, _ = json.loads(run_to_its_end(_PUT_IN_A_CLEANUP, postgres_url, "5", "put_nowait"))
     assert said == "raised EngineNotRunning", f"accepted, lost: {detail}"
     assert "the program is ending" in detail and "mail" in detail
 

@@ -757,6 +757,46 @@ async def test_each_put_refused_by_a_busy_store_is_said_and_no_write_of_it_is_pr
     assert queue.info().depth == 0
 
 
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_a_queue_works_again_when_the_engine_starts_after_a_stop_the_loops_teardown_cut_short(
+    tmp_path: Path, store: str
+) -> None:
+    engine = Engine(store="memory" if store == "memory" else f"sqlite:///{tmp_path / 'q.db'}", health_interval=None)
+    handled: list[int] = []
+    first_run = True
+
+    async def handle(job: dict[str, int]) -> None:
+        handled.append(job["n"])
+        if first_run:
+            await asyncio.Event().wait()  # keeps the stop draining
+
+    queue = engine.queue("q", handle)
+
+    async def first() -> None:
+        await engine.start()
+        queue.put_nowait({"n": 0})
+        await eventually(lambda: handled == [0], TIMEOUT)
+        asyncio.get_running_loop().create_task(engine.stop(timeout=30))
+        await eventually(lambda: engine.state == "stopping", TIMEOUT)
+        # main() returns: the loop's teardown cuts the stop short while it drains
+
+    asyncio.run(first())
+    first_run = False
+
+    async def second() -> None:
+        async with engine:
+            await asyncio.to_thread(queue.put_nowait, {"n": 1})  # another thread's
+            await queue.put({"n": 2})
+            # before: the queue took them and never handled them (memory: refused the thread's)
+            await eventually(lambda: {1, 2} <= set(handled), TIMEOUT)
+            await asyncio.wait_for(queue.join(), TIMEOUT)
+
+    asyncio.run(second())
+    # the durable store kept the job the cut stop left going, and handed it out again
+    assert sorted(handled) == ([0, 1, 2] if store == "memory" else [0, 0, 1, 2])
+    assert engine.state == "stopped"
+
+
 def test_purge_on_another_loop_drops_the_waiting_jobs(stoppers: list[BackgroundEngine]) -> None:
     engine = Engine(health_interval=None)
     queue, _gate, handled = _gated(engine, "q")
