@@ -994,6 +994,66 @@ def test_a_put_nowait_as_the_loop_tears_down_is_refused_when_the_store_cannot_ke
     assert "the program is ending" in detail and "mail" in detail
 
 
+_EXIT_WAITS_FOR_THE_FILE = r"""
+import asyncio, json, logging, sys
+from taskwatch.engine import Engine
+
+def emit(**fields):
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+class Say(logging.Handler):
+    def emit(self, record):
+        emit(ev=record.levelname.lower(), msg=record.getMessage())
+
+logging.getLogger("taskwatch.store.sqlite").addHandler(Say())
+logging.getLogger("taskwatch.store.sqlite").setLevel(logging.INFO)
+
+async def main(db):
+    # busy_timeout: the writes wait for the test's lock however long a loaded machine takes
+    engine = Engine(store=f"sqlite:///{db}?busy_timeout=120000", node_id="n", health_interval=None)
+
+    async def handle(job: dict) -> None: ...
+
+    jobs = engine.queue("mail", handle)
+    await engine.start()
+    engine.pause_queue("mail")
+    emit(ev="started")
+    await asyncio.to_thread(sys.stdin.readline)  # the test holds the file from now on
+    for i in range(1_000):
+        jobs.put_nowait({"n": i})
+    emit(ev="queued")
+    # main() returns, no stop: the exit waits for the store's writer, which waits for the file
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_ctrl_c_while_the_exit_waits_for_the_file_is_said_and_loses_nothing(tmp_path: Path) -> None:
+    # before: it ended the wait, and the writer (a daemon thread) died with the transaction
+    # holding every job, unsaid but for "Exception ignored in atexit callback"
+    db = tmp_path / "runs.db"
+    child = JsonLineProcess([sys.executable, "-c", _EXIT_WAITS_FOR_THE_FILE, str(db)], "exits", START_TIMEOUT)
+    try:
+        child.event("started")
+        lock = sqlite3.connect(db, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            child.send("go")
+            child.event("queued")
+            assert "waits" in child.event("info")["msg"]  # the exit says why it takes a while
+            os.kill(child.proc.pid, signal.SIGINT)
+            assert "Ctrl-C again" in child.event("warning")["msg"]
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        assert child.proc.wait(EXIT_TIMEOUT) == 0
+    finally:
+        child.close()
+    assert stored_jobs(db) == list(range(1_000))
+
+
 _PURGE_CUT_SHORT = r"""
 import asyncio, sys
 from taskwatch.engine import Engine

@@ -176,6 +176,8 @@ def _remove_folders(created: list[str]) -> None:
 #: seconds a process that is exiting waits, beyond a store's busy_timeout, for its writer to
 #: commit what it was handed (a disk that hangs must not hang the exit for good)
 _EXIT_GRACE = 5.0
+#: seconds into the exit's wait for a writer before the log says the process waits, and why
+_EXIT_SAY_AFTER = 0.5
 
 #: stores whose writer thread runs, each written out before the interpreter exits (weakly
 #: held: the writer thread holds its store while it runs)
@@ -205,13 +207,57 @@ def _write_out_at_exit() -> None:
         store._queue.put(None)
         waits.append((store, exited, time.monotonic() + store.busy_timeout / 1000 + _EXIT_GRACE))
     for store, exited, deadline in waits:
+        if not _wait_for_writer(store, exited, deadline):
+            return  # Ctrl-C twice: the user gives up on every store's last writes
+
+
+def _wait_for_writer(store: SqliteStore, exited: concurrent.futures.Future[None], deadline: float) -> bool:
+    """Wait until ``store``'s writer has committed what it was handed and ended, or until
+    ``deadline``; False if the user gave up (a second Ctrl-C). A first Ctrl-C is said and
+    waited through: cut short here, the writer (a daemon thread) would die with the whole
+    transaction it holds, every job and run of it lost without a word."""
+    # "first": a short wait, then "say" why the exit takes a while, then the "rest" of it
+    phase = "first"
+    interrupts = told = 0
+    while True:
+        # (everything inside the try: a Ctrl-C may come at any line, a log call's included)
         try:
-            exited.result(timeout=max(0.0, deadline - time.monotonic()))
-        except concurrent.futures.TimeoutError:
-            log.warning(
-                "the SQLite store %s had not written everything it was handed when the process exited; "
-                "what it had left is lost", store._where,
-            )
+            if interrupts > told:
+                told = interrupts
+                if interrupts > 1:
+                    log.error(
+                        "the SQLite store %s: gave up committing what the program handed it (a second Ctrl-C); "
+                        "what it had left is lost", store._where,
+                    )
+                    return False
+                phase = "rest"
+                log.warning(
+                    "the SQLite store %s is committing what the program handed it before the process exits; "
+                    "waiting for it (Ctrl-C again gives up, and loses what it had left)", store._where,
+                )
+            if phase == "say":
+                phase = "rest"
+                log.info(
+                    "the process waits (up to %.0f s) for the SQLite store %s to commit what the program handed it",
+                    deadline - time.monotonic(), store._where,
+                )
+            wait = deadline - time.monotonic()
+            if phase == "first":
+                wait = min(wait, _EXIT_SAY_AFTER)
+            try:
+                exited.result(timeout=max(0.0, wait))
+                return True
+            except concurrent.futures.TimeoutError:
+                if phase == "first" and time.monotonic() < deadline:
+                    phase = "say"
+                    continue
+                log.warning(
+                    "the SQLite store %s had not written everything it was handed when the process exited; "
+                    "what it had left is lost", store._where,
+                )
+                return True
+        except KeyboardInterrupt:
+            interrupts += 1
 
 
 def _write_out_before_exit(store: SqliteStore) -> None:
