@@ -598,28 +598,24 @@ class WorkQueue:
     def _refused_after_all(self, kept: _Kept) -> None:
         """``kept``'s hand-over to the store failed (counted lost) and its put() raises: the
         job was not queued after all, and is not counted as accepted or lost."""
+        if self._take_out(kept):
+            self.lost -= 1
+        # (else a consumer has it: it runs here, with no row: lost, as counted)
+
+    def _take_out(self, kept: _Kept) -> bool:
+        """Take ``kept`` out of the waiting jobs, its put no longer accepted; False if a consumer has it."""
         with self._lock:
             for i, item in enumerate(self._items):
                 if item is kept:
                     del self._items[i]
-                    break
-            else:
-                return  # a consumer has it: it runs here, with no row (lost, as counted)
-            self.accepted -= 1
-        self.lost -= 1
+                    self.accepted -= 1
+                    return True
+        return False
 
     def _withdraw(self, kept: _Kept) -> bool:
         """Take back a job whose write failed, if no consumer and no write has it; True if taken."""
-        if not any(k is kept for k in self._unwritten):
+        if not any(k is kept for k in self._unwritten) or not self._take_out(kept):
             return False
-        with self._lock:
-            for i, item in enumerate(self._items):
-                if item is kept:
-                    del self._items[i]
-                    break
-            else:
-                return False
-            self.accepted -= 1
         self._unwritten = [k for k in self._unwritten if k is not kept]
         if not self._unwritten and not self._handled and self._writing is None:
             # (said once the keeper has said the failure it would try again: else the keeper says it)
