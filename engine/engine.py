@@ -16,6 +16,7 @@ drains, then cancels, then awaits, so no asyncio task outlives it.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import difflib
 import functools
 import logging
@@ -23,6 +24,7 @@ import os
 import reprlib
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from threading import get_ident
@@ -149,6 +151,29 @@ _KIND_NAMES = {"task": "task", "periodic": "periodic task", "trigger": "trigger'
 
 #: a queue's or trigger's late start that failed is tried again after this, doubling up to the max
 _LATE_RETRY_FIRST, _LATE_RETRY_MAX = 0.5, 30.0
+
+#: engines on a durable store started in this process (see _hand_over_at_exit)
+_durable_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_exit_hook_lock = threading.Lock()
+_exit_hook_registered = False
+
+
+def _hand_over_at_exit() -> None:
+    """The last chance for what an engine that never stopped accepted and did not write yet:
+    a second Ctrl-C (any exception) out of the loop's teardown ends it before the
+    teardown's own hand-over ran. Registered after the SQLite store's exit hook, so it runs
+    first (atexit runs the last registered first), and that hook commits what this hands over."""
+    for engine in list(_durable_engines):
+        engine._hand_over_left()
+
+
+def _hand_over_before_exit(engine: Engine) -> None:
+    global _exit_hook_registered
+    _durable_engines.add(engine)
+    with _exit_hook_lock:
+        if not _exit_hook_registered:
+            atexit.register(_hand_over_at_exit)
+            _exit_hook_registered = True
 
 #: the failed runs a snapshot carries however old (a dashboard's failures list holds as many)
 SNAPSHOT_FAILURES = 200
@@ -856,6 +881,8 @@ class Engine:
         # what runs execute in: everything they start is the engine's own work (see _require_running)
         self._run.base_context = work_context(self)
         await self._open_store()
+        if self._durable:
+            _hand_over_before_exit(self)
         try:
             registered_at = time.monotonic()  # sent from here on: the store's clock reads no earlier
             await self._store.register_node(self.node_id, self.incarnation, __version__)
@@ -2523,6 +2550,23 @@ class Engine:
         # what the caller does next (notify, put) goes to the loop too, queued behind the start
         service.bind_loop(loop, self._loop_thread)
         loop.call_soon_threadsafe(self._begin_late, service, what)
+
+    def _hand_over_left(self) -> None:
+        """The process exits and this engine did not stop, its loop gone: hand the store what
+        its queues and runs accepted and did not write (each once: what the loop's teardown
+        handed over already is not handed again). Nothing while its loop still runs (another
+        thread's), and nothing in a fork of the process that started it."""
+        if self._state == "stopped" or self._pid != os.getpid() or (self._loop is not None and self._loop.is_running()):
+            return
+        for queue in list(self._queues.values()):
+            try:
+                queue.hand_over_unwritten()
+            except Exception:  # noqa: BLE001 - the others are handed over all the same
+                log.exception("queue %r: what it accepted could not be handed to the store as the process exited", queue.name)
+        try:
+            self._executor.hand_over_unwritten()
+        except Exception:  # noqa: BLE001
+            log.exception("the runs node %s accepted could not be handed to the store as the process exited", self.node_id)
 
     def _begin_late(self, service: WorkQueue | Trigger, what: str, delay: float = _LATE_RETRY_FIRST) -> None:
         if self._state != "running":

@@ -994,6 +994,46 @@ def test_a_put_nowait_as_the_loop_tears_down_is_refused_when_the_store_cannot_ke
     assert "the program is ending" in detail and "mail" in detail
 
 
+_TEARDOWN_CUT_AS_IT_BEGINS = r"""
+import asyncio, json, sys
+from taskwatch.engine import Engine
+
+class Loop(asyncio.SelectorEventLoop):
+    turns = 0
+
+    def run_until_complete(self, future):
+        Loop.turns += 1
+        if Loop.turns == 2:
+            # the teardown's first run of the loop: a second Ctrl-C as it begins, so nothing of
+            # it runs, the hand-overs of what the engine accepted included
+            raise KeyboardInterrupt
+        return super().run_until_complete(future)
+
+async def main(db):
+    engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
+
+    async def handle(job: dict) -> None: ...
+
+    jobs = engine.queue("mail", handle)
+    await engine.start()
+    engine.pause_queue("mail")
+    for i in range(5):
+        jobs.put_nowait({"n": i})
+    # main() returns, no stop
+
+with asyncio.Runner(loop_factory=Loop) as runner:
+    runner.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_queue_jobs_are_kept_when_a_second_ctrl_c_cuts_the_loops_teardown_short(tmp_path: Path) -> None:
+    # before: the teardown's hand-over never ran, and the jobs were lost unsaid
+    db = tmp_path / "runs.db"
+    run_to_its_end(_TEARDOWN_CUT_AS_IT_BEGINS, str(db), code=-signal.SIGINT)
+    assert stored_jobs(db) == [0, 1, 2, 3, 4]
+
+
 _EXIT_WAITS_FOR_THE_FILE = r"""
 import asyncio, json, logging, sys
 from taskwatch.engine import Engine
