@@ -1236,20 +1236,22 @@ class WorkQueue:
         self._hand_over_now()
 
     def _hand_over_now(self) -> None:
+        # nothing changes here before the store has the jobs or refused them: a Ctrl-C in the
+        # middle (their encoding takes a while) leaves them for the exit's hand-over
         fresh, encoded = self._storable(self._unwritten)
+        put: asyncio.Future[list[int]] | None = None
+        why: BaseException = EngineNotRunning("stopped")  # (a store that writes nothing once its loop is gone)
+        if fresh:
+            try:
+                put = on_its_way(self._engine.store.put_jobs(self.name, self._engine.incarnation, encoded))
+            except Exception as exc:  # noqa: BLE001 - a store closed or failing: said and counted below
+                why = exc
         self._unwritten = []
         written, self._written = self._written, None
         if not fresh:
             if written is not None and not written.done():
                 written.set_result(None)
             return
-        why: BaseException
-        try:
-            put = on_its_way(self._engine.store.put_jobs(self.name, self._engine.incarnation, encoded))
-        except Exception as exc:  # noqa: BLE001 - a store closed or failing: said and counted below
-            put, why = None, exc
-        else:
-            why = EngineNotRunning("stopped")  # (a store that writes nothing once its loop is gone)
         if put is None:
             self.lost += len(fresh)
             for kept in fresh:
