@@ -16,7 +16,6 @@ drains, then cancels, then awaits, so no asyncio task outlives it.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import difflib
 import functools
 import logging
@@ -24,7 +23,6 @@ import os
 import reprlib
 import threading
 import time
-import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from threading import get_ident
@@ -108,7 +106,7 @@ from .store import (
     StoreError,
     make_store,
 )
-from .store.base import gone_incarnations, new_run_id
+from .store.base import at_exit, gone_incarnations, new_run_id
 from .supervisor import Supervisor, WorkerInfo
 from .tasks import TaskFn, TaskInfo, TaskSpec, params_model_of, registered_name
 from .triggers import Trigger, TriggerFire, TriggerState
@@ -152,28 +150,43 @@ _KIND_NAMES = {"task": "task", "periodic": "periodic task", "trigger": "trigger'
 #: a queue's or trigger's late start that failed is tried again after this, doubling up to the max
 _LATE_RETRY_FIRST, _LATE_RETRY_MAX = 0.5, 30.0
 
-#: engines on a durable store started in this process (see _hand_over_at_exit)
-_durable_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-_exit_hook_lock = threading.Lock()
-_exit_hook_registered = False
+#: engines on a durable store started in this process and not stopped since (see
+#: _hand_over_at_exit); held, not weakly: one only reference cycles hold once its loop is gone
+#: would be collected with what it accepted
+_running_engines: set[Engine] = set()
 
 
 def _hand_over_at_exit() -> None:
     """The last chance for what an engine that never stopped accepted and did not write yet:
     a second Ctrl-C (any exception) out of the loop's teardown ends it before the
-    teardown's own hand-over ran. Registered after the SQLite store's exit hook, so it runs
-    first (atexit runs the last registered first), and that hook commits what this hands over."""
-    for engine in list(_durable_engines):
-        engine._hand_over_left()
+    teardown's own hand-over ran. The stores write out what this hands over right after
+    (see store.base.at_exit). A Ctrl-C here is said and the hand-over goes on; a second
+    one gives up."""
+    interrupted = False
+    for engine in list(_running_engines):
+        for what, hand_over in engine._what_to_hand_over():
+            while True:
+                try:
+                    hand_over()
+                    break
+                except KeyboardInterrupt:
+                    if interrupted:
+                        log.error("gave up handing what the engine accepted to the store (a second Ctrl-C): it is lost")
+                        return
+                    interrupted = True
+                    log.warning(
+                        "handing what the engine accepted to the store before the process exits "
+                        "(Ctrl-C again gives up, and loses it)"
+                    )
+                except Exception:  # noqa: BLE001 - the others are handed over all the same
+                    log.exception("%s could not be handed to the store as the process exited", what)
+                    break
 
 
 def _hand_over_before_exit(engine: Engine) -> None:
-    global _exit_hook_registered
-    _durable_engines.add(engine)
-    with _exit_hook_lock:
-        if not _exit_hook_registered:
-            atexit.register(_hand_over_at_exit)
-            _exit_hook_registered = True
+    _running_engines.add(engine)
+    at_exit("hand over", _hand_over_at_exit)
+
 
 #: the failed runs a snapshot carries however old (a dashboard's failures list holds as many)
 SNAPSHOT_FAILURES = 200
@@ -881,8 +894,6 @@ class Engine:
         # what runs execute in: everything they start is the engine's own work (see _require_running)
         self._run.base_context = work_context(self)
         await self._open_store()
-        if self._durable:
-            _hand_over_before_exit(self)
         try:
             registered_at = time.monotonic()  # sent from here on: the store's clock reads no earlier
             await self._store.register_node(self.node_id, self.incarnation, __version__)
@@ -894,6 +905,8 @@ class Engine:
             raise
         self.bus.reopen()
         self._state = "running"
+        if self._durable:
+            _hand_over_before_exit(self)
         self._started_at = self.clock()
         self.bus.emit(EngineStarted, backend=self._store.name)
         if recovered:
@@ -911,6 +924,7 @@ class Engine:
             await self._executor.stop()
             await self._store.close()
             self._state = "stopped"
+            _running_engines.discard(self)
             self.bus.close()
             raise
         self._store.started()
@@ -1121,6 +1135,7 @@ class Engine:
                 self.node_id, closed,
             )
             self._state = "stopped"
+            _running_engines.discard(self)
             self._draining = False
             try:
                 self.bus.close()
@@ -1350,6 +1365,7 @@ class Engine:
             finally:
                 self.bus.close()
                 self._state = "stopped"
+                _running_engines.discard(self)
                 self._shutdown = None
                 self._stop_deadline = self._drain_cut = self._drain_advice = None
                 if self._cut_timer is not None:
@@ -2551,22 +2567,20 @@ class Engine:
         service.bind_loop(loop, self._loop_thread)
         loop.call_soon_threadsafe(self._begin_late, service, what)
 
-    def _hand_over_left(self) -> None:
-        """The process exits and this engine did not stop, its loop gone: hand the store what
-        its queues and runs accepted and did not write (each once: what the loop's teardown
-        handed over already is not handed again). Nothing while its loop still runs (another
-        thread's), and nothing in a fork of the process that started it."""
-        if self._state == "stopped" or self._pid != os.getpid() or (self._loop is not None and self._loop.is_running()):
-            return
-        for queue in list(self._queues.values()):
-            try:
-                queue.hand_over_unwritten()
-            except Exception:  # noqa: BLE001 - the others are handed over all the same
-                log.exception("queue %r: what it accepted could not be handed to the store as the process exited", queue.name)
-        try:
-            self._executor.hand_over_unwritten()
-        except Exception:  # noqa: BLE001
-            log.exception("the runs node %s accepted could not be handed to the store as the process exited", self.node_id)
+    def _what_to_hand_over(self) -> list[tuple[str, Callable[[], None]]]:
+        """The process exits and this engine did not stop, its loop gone: what hands the store
+        what its queues and runs accepted and did not write (each once: what the loop's
+        teardown handed over already is not handed again). Nothing while its loop still runs
+        (another thread's), and nothing in a fork of the process that started it."""
+        if self._state not in ("running", "stopping") or self._pid != os.getpid():
+            return []
+        if self._loop is not None and self._loop.is_running():
+            return []
+        parts: list[tuple[str, Callable[[], None]]] = [
+            (f"what queue {queue.name!r} accepted", queue.hand_over_unwritten) for queue in self._queues.values()
+        ]
+        parts.append((f"the runs node {self.node_id} accepted", self._executor.hand_over_unwritten))
+        return parts
 
     def _begin_late(self, service: WorkQueue | Trigger, what: str, delay: float = _LATE_RETRY_FIRST) -> None:
         if self._state != "running":

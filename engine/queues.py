@@ -1884,6 +1884,17 @@ class WorkQueue:
         self._start_failed = False
         self._wake_launch_waiters()
 
+    def _forget_a_cut_loop(self) -> None:
+        """The last launch's loop ended with the engine's stop cut short (its teardown): the
+        jobs it held are the store's now (written, or handed over as it ended) and this start
+        takes them up from there; kept here as well, each would run twice. Jobs put since,
+        not written yet, stay."""
+        with self._lock:
+            self._items = deque(
+                item for item in self._items if not (type(item) is _Kept and (item.id is not None or item.handed is not None))
+            )
+        self._consumers = []
+
     def _launched_here(self) -> bool:
         """Consumers run (a launch is done): not so for those of a loop whose teardown cut the
         engine's stop short (they ended with it, and a start on a new loop launches anew)."""
@@ -1905,10 +1916,16 @@ class WorkQueue:
         self._start_failed = False
         try:
             if self._engine.durable and not self._launched_here():
+                if self._consumers:
+                    self._forget_a_cut_loop()
                 self._hold_begins()
                 stamp = self._stamp()
                 # jobs an earlier start left (or queued and never ran) go first
                 adopted = await self._engine.store.adopt_jobs(self.name, self._engine.incarnation, own=True)
+                if self._handled:
+                    # handled before a cut stop could delete their rows: not run again here
+                    done = set(self._handled)
+                    adopted = [job for job in adopted if job.id not in done]
                 if adopted:
                     with self._lock:
                         self._items.extendleft(self._revive(j, stamp) for j in reversed(adopted))
@@ -1957,6 +1974,7 @@ class WorkQueue:
                 await asyncio.wait(self._consumers, timeout=max(0.0, deadline - loop.time()))
             else:
                 await self._wait_idle(deadline - loop.time())
+        unlaunched_lost = await self._write_unlaunched() if self._keeper is None else None
         with self._lock:
             # jobs set aside by a lapse keep their rows: the next start (or another node) takes them up;
             # so do jobs whose handler the stopping engine refused work
@@ -1988,6 +2006,8 @@ class WorkQueue:
         for fut in self._putters:
             _wake(fut)  # waiting producers re-check and raise EngineNotRunning
         lost = await self._stop_keeping(deadline)
+        if lost is None:
+            lost = unlaunched_lost
         with self._lock:
             # taken up from the store while the keeper was stopping: their rows stay for the next start
             left += len(self._items)
@@ -2011,6 +2031,24 @@ class WorkQueue:
             joins, self._idle_waiters = self._idle_waiters, []
         for fut in joins:
             _wake(fut, None if self._left_at_stop is None else StoppedBeforeDone(*self._left_at_stop))
+
+    async def _write_unlaunched(self) -> int | None:
+        """A queue on a durable store that never launched (made while the engine ran, its start
+        failed and not tried again yet) holds its jobs in no store: written at its stop, as a
+        launched queue's keeper writes what is left. How many could not be (lost); None when
+        the store keeps nothing."""
+        if not self._engine.durable:
+            return None
+        self._keep_queued()
+        if not self._unwritten:
+            return 0
+        try:
+            await self._flush(deletes=False)
+        except Exception as exc:  # noqa: BLE001 - said, and counted lost by the stop
+            log.error("queue %r: its start never went through, and the stop could not write its %d job(s): %s",
+                      self.name, len(self._unwritten), safe_str(exc))  # fmt: skip
+            return len(self._unwritten)
+        return 0
 
     async def _await_consumers(self, consumers: list[asyncio.Task[None]]) -> list[asyncio.Task[None]]:
         """Await the cancelled consumers, cancelling again those whose handler swallows the cancel;

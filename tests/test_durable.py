@@ -995,7 +995,7 @@ def test_a_put_nowait_as_the_loop_tears_down_is_refused_when_the_store_cannot_ke
 
 
 _TEARDOWN_CUT_AS_IT_BEGINS = r"""
-import asyncio, json, sys
+import asyncio, gc, json, sys
 from taskwatch.engine import Engine
 
 class Loop(asyncio.SelectorEventLoop):
@@ -1009,7 +1009,11 @@ class Loop(asyncio.SelectorEventLoop):
             raise KeyboardInterrupt
         return super().run_until_complete(future)
 
-async def main(db):
+async def main(db, earlier):
+    if earlier != "-":
+        # another engine, on another durable store, started (and stopped) first in the process
+        async with Engine(store=earlier, node_id="other", health_interval=None):
+            pass
     engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
 
     async def handle(job: dict) -> None: ...
@@ -1021,8 +1025,12 @@ async def main(db):
         jobs.put_nowait({"n": i})
     # main() returns, no stop
 
-with asyncio.Runner(loop_factory=Loop) as runner:
-    runner.run(main(sys.argv[1]))
+try:
+    with asyncio.Runner(loop_factory=Loop) as runner:
+        runner.run(main(sys.argv[1], sys.argv[2]))
+except KeyboardInterrupt:
+    pass  # as a program does that says "Bye" on Ctrl-C
+gc.collect()  # nothing holds the engine any more but reference cycles
 """
 
 
@@ -1030,8 +1038,53 @@ with asyncio.Runner(loop_factory=Loop) as runner:
 def test_queue_jobs_are_kept_when_a_second_ctrl_c_cuts_the_loops_teardown_short(tmp_path: Path) -> None:
     # before: the teardown's hand-over never ran, and the jobs were lost unsaid
     db = tmp_path / "runs.db"
-    run_to_its_end(_TEARDOWN_CUT_AS_IT_BEGINS, str(db), code=-signal.SIGINT)
+    run_to_its_end(_TEARDOWN_CUT_AS_IT_BEGINS, str(db), "-")
     assert stored_jobs(db) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.timeout(120)
+def test_queue_jobs_a_cut_teardown_left_are_kept_when_an_engine_on_postgresql_started_first(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    # the exit hands them over before the SQLite store writes out, whatever started first: an
+    # earlier engine on PostgreSQL put the two the other way round, and the jobs were lost
+    db = tmp_path / "runs.db"
+    run_to_its_end(_TEARDOWN_CUT_AS_IT_BEGINS, str(db), postgres_url)
+    assert stored_jobs(db) == [0, 1, 2, 3, 4]
+
+
+_START_FAILS = r"""
+import asyncio, sqlite3, sys
+from taskwatch.engine import Engine, StoreError
+
+async def main(db):
+    async with Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None):
+        pass  # the file is made
+    # another process changes the file: the start below cannot register its engine
+    sqlite3.connect(db, isolation_level=None).execute("ALTER TABLE nodes RENAME TO nodes_away")
+    engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
+
+    async def handle(job: dict) -> None: ...
+
+    jobs = engine.queue("mail", handle)
+    for i in range(3):
+        jobs.put_nowait({"n": i})
+    try:
+        await engine.start()
+    except StoreError:
+        pass
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_an_engine_whose_start_failed_says_nothing_at_the_exit(tmp_path: Path) -> None:
+    # before: the exit's hand-over took it for one running, and said its jobs were lost
+    done = subprocess.run(
+        [sys.executable, "-c", _START_FAILS, str(tmp_path / "runs.db")], capture_output=True, text=True, timeout=EXIT_TIMEOUT
+    )
+    assert (done.returncode, done.stderr) == (0, "")
 
 
 _EXIT_WAITS_FOR_THE_FILE = r"""

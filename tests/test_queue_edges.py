@@ -774,7 +774,8 @@ def test_a_queue_works_again_when_the_engine_starts_after_a_stop_the_loops_teard
 
     async def first() -> None:
         await engine.start()
-        queue.put_nowait({"n": 0})
+        for n in (0, 10, 11, 12):
+            queue.put_nowait({"n": n})  # 10 to 12 wait behind 0 when the stop is cut
         await eventually(lambda: handled == [0], TIMEOUT)
         asyncio.get_running_loop().create_task(engine.stop(timeout=30))
         await eventually(lambda: engine.state == "stopping", TIMEOUT)
@@ -788,12 +789,13 @@ def test_a_queue_works_again_when_the_engine_starts_after_a_stop_the_loops_teard
             await asyncio.to_thread(queue.put_nowait, {"n": 1})  # another thread's
             await queue.put({"n": 2})
             # before: the queue took them and never handled them (memory: refused the thread's)
-            await eventually(lambda: {1, 2} <= set(handled), TIMEOUT)
+            await eventually(lambda: {1, 2, 10, 11, 12} <= set(handled), TIMEOUT)
             await asyncio.wait_for(queue.join(), TIMEOUT)
 
     asyncio.run(second())
-    # the durable store kept the job the cut stop left going, and handed it out again
-    assert sorted(handled) == ([0, 1, 2] if store == "memory" else [0, 0, 1, 2])
+    # the durable store kept the job the cut stop left going, and handed it out again; the jobs
+    # waiting then ran once (before: twice on SQLite, from the store and from the queue's memory)
+    assert sorted(handled) == ([0, 1, 2, 10, 11, 12] if store == "memory" else [0, 0, 1, 2, 10, 11, 12])
     assert engine.state == "stopped"
 
 
@@ -948,6 +950,36 @@ async def test_a_queue_whose_late_start_failed_handles_its_jobs_once_the_store_a
     async with again:
         await asyncio.wait_for(q.join(), 5)
     assert seen == [] and q.adopted == 0
+
+
+async def test_a_stop_keeps_the_jobs_of_a_queue_whose_late_start_failed_and_waits_to_be_tried_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "runs.db"
+
+    async def handle(job: int) -> None: ...
+
+    engine = Engine(health_interval=None, store=f"sqlite:///{path}")
+    async with engine:
+        async with table_away(path, "queue_jobs"):
+            with caplog.at_level(logging.ERROR):
+                queue = engine.queue("late", handle)
+                await eventually(lambda: any("trying again" in r.getMessage() for r in caplog.records))
+            for job in range(3):
+                await queue.put(job)  # not waiting for the start tried again: kept here meanwhile
+        # the engine stops before that try
+    # before: dropped unsaid (abandoned, and neither kept nor lost)
+    assert (queue.info().kept, queue.info().lost) == (3, 0)
+    seen: list[int] = []
+
+    async def keep(job: int) -> None:
+        seen.append(job)
+
+    again = Engine(health_interval=None, store=f"sqlite:///{path}")
+    q = again.queue("late", keep)
+    async with again:
+        await asyncio.wait_for(q.join(), 5)
+    assert seen == [0, 1, 2]
 
 
 # ---------------------------------------------------------------- a queue made while the engine stops

@@ -11,9 +11,11 @@ here, so the memory and SQL stores cannot drift apart.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import inspect
 import itertools
 import os
+import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
@@ -618,6 +620,32 @@ class Store(ABC):
         returned too (an engine object started again). A job whose row holds no
         JSON (changed by hand) is handed over all the same, marked ``unreadable``.
         """
+
+
+#: what the process's exit does for the stores, in this order whatever the order things
+#: were registered in: engines hand over what they accepted and did not write, then stores
+#: write out what they were handed
+ExitStep = Literal["hand over", "write out"]
+_exit_steps: dict[ExitStep, list[Callable[[], None]]] = {"hand over": [], "write out": []}
+_exit_lock = threading.Lock()
+_exit_registered = False
+
+
+def at_exit(step: ExitStep, action: Callable[[], None]) -> None:
+    """Run ``action`` (once, however often registered) at the process's exit, in ``step``."""
+    global _exit_registered
+    with _exit_lock:
+        if action not in _exit_steps[step]:
+            _exit_steps[step].append(action)
+        if not _exit_registered:
+            atexit.register(_run_exit_steps)
+            _exit_registered = True
+
+
+def _run_exit_steps() -> None:
+    for step in ("hand over", "write out"):
+        for action in list(_exit_steps[step]):
+            action()
 
 
 def on_its_way(write: Awaitable[T]) -> asyncio.Future[T] | None:

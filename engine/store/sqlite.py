@@ -13,7 +13,6 @@ claiming from one file are serialised and never claim the same run.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import concurrent.futures
 import contextlib
 import logging
@@ -47,6 +46,7 @@ from .base import (
     Clock,
     Store,
     adoptable,
+    at_exit,
     counter_from_random_start,
     gone_incarnations,
     merge_taken,
@@ -182,8 +182,6 @@ _EXIT_SAY_AFTER = 0.5
 #: stores whose writer thread runs, each written out before the interpreter exits (weakly
 #: held: the writer thread holds its store while it runs)
 _open_stores: weakref.WeakSet[SqliteStore] = weakref.WeakSet()
-_exit_hook_lock = threading.Lock()
-_exit_hook_registered = False
 
 
 def _write_out_at_exit() -> None:
@@ -261,12 +259,8 @@ def _wait_for_writer(store: SqliteStore, exited: concurrent.futures.Future[None]
 
 
 def _write_out_before_exit(store: SqliteStore) -> None:
-    global _exit_hook_registered
     _open_stores.add(store)
-    with _exit_hook_lock:
-        if not _exit_hook_registered:
-            atexit.register(_write_out_at_exit)
-            _exit_hook_registered = True
+    at_exit("write out", _write_out_at_exit)
 
 
 class SqliteStore(Store):
