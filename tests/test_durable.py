@@ -618,9 +618,12 @@ async def main(db, how):
 )
 
 
-def _end_holding_the_file(script: str, db: Path, how: str, code: int, held_until: str = "exiting") -> Line:
+def _end_holding_the_file(
+    script: str, db: Path, how: str, code: int, held_until: str = "exiting", interrupt_after: str | None = None
+) -> Line:
     """Run ``script`` on ``db`` until it says it queued its work, end it ``how`` (its own end,
-    or SIGINT for "interrupt...") and check its exit ``code``; the "queued" line.
+    or SIGINT for "interrupt...", once it has said ``interrupt_after``: by default at once)
+    and check its exit ``code``; the "queued" line.
 
     Another process's long write holds the file from the child's "go" until the child says
     ``held_until`` (by default that it is exiting): nothing the program hands its store can
@@ -635,6 +638,8 @@ def _end_holding_the_file(script: str, db: Path, how: str, code: int, held_until
             child.send("go")
             queued = child.event("queued")
             if how.startswith("interrupt"):
+                if interrupt_after is not None:
+                    child.event(interrupt_after)
                 os.kill(child.proc.pid, signal.SIGINT)
             child.event(held_until)
         finally:
@@ -783,18 +788,29 @@ async def test_queue_jobs_put_nowait_accepted_are_kept_by_a_program_that_ends_wi
     assert sorted(handled) == list(range(6))
 
 
-_MANY_PUTS_THEN_RETURN = r"""
+#: for a child program: an engine on the SQLite file ``db`` (``options`` its URL's query),
+#: started, and its queue "mail", paused, so the jobs put wait there
+_PAUSED_QUEUE = r"""
+from taskwatch.engine import Engine
+
+async def paused_queue(db, options="", maxsize=1000):
+    engine = Engine(store=f"sqlite:///{db}{options}", node_id="n", health_interval=None)
+
+    async def handle(job: dict) -> None: ...
+
+    jobs = engine.queue("mail", handle, maxsize=maxsize)
+    await engine.start()
+    engine.pause_queue("mail")
+    return engine, jobs
+"""
+
+
+_MANY_PUTS_THEN_RETURN = _PAUSED_QUEUE + r"""
 import asyncio, sys
 from taskwatch.engine import Engine
 
 async def main(db, turns):
-    engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
-
-    async def handle(job: dict) -> None: ...
-
-    jobs = engine.queue("mail", handle, maxsize=5_000)
-    await engine.start()
-    engine.pause_queue("mail")  # the jobs wait: each is in the file or nowhere
+    engine, jobs = await paused_queue(db, maxsize=5_000)  # the jobs wait: each is in the file or nowhere
     for i in range(2_000):
         jobs.put_nowait({"n": i})
     for _ in range(turns):  # the keeper's write is handed to the store's writer, or under way there
@@ -815,7 +831,7 @@ def test_queue_jobs_a_teardown_cuts_off_while_they_are_written_are_kept_once(tmp
     assert stored == list(range(2_000)), f"{len(stored)} rows for 2,000 jobs, {len(set(stored))} of them"
 
 
-_PUTS_FROM_THREADS_THROUGH_THE_TEARDOWN = r"""
+_PUTS_FROM_THREADS_THROUGH_THE_TEARDOWN = _PAUSED_QUEUE + r"""
 import asyncio, json, sys, threading, time
 from taskwatch.engine import Engine, EngineNotRunning
 
@@ -848,13 +864,7 @@ def produce_late(jobs):
     put_done.set()
 
 async def main(db):
-    engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
-
-    async def handle(job: dict) -> None: ...
-
-    jobs = engine.queue("mail", handle)
-    await engine.start()
-    engine.pause_queue("mail")
+    engine, jobs = await paused_queue(db)
     loop = asyncio.get_running_loop()
     ten = asyncio.Event()
     loop.run_in_executor(None, produce_paced, jobs, lambda: loop.call_soon_threadsafe(ten.set))
@@ -994,7 +1004,7 @@ def test_a_put_nowait_as_the_loop_tears_down_is_refused_when_the_store_cannot_ke
     assert "the program is ending" in detail and "mail" in detail
 
 
-_TEARDOWN_CUT_AS_IT_BEGINS = r"""
+_TEARDOWN_CUT_AS_IT_BEGINS = _PAUSED_QUEUE + r"""
 import asyncio, gc, json, sys
 from taskwatch.engine import Engine
 
@@ -1014,13 +1024,7 @@ async def main(db, earlier):
         # another engine, on another durable store, started (and stopped) first in the process
         async with Engine(store=earlier, node_id="other", health_interval=None):
             pass
-    engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
-
-    async def handle(job: dict) -> None: ...
-
-    jobs = engine.queue("mail", handle)
-    await engine.start()
-    engine.pause_queue("mail")
+    engine, jobs = await paused_queue(db)
     for i in range(5):
         jobs.put_nowait({"n": i})
     # main() returns, no stop
@@ -1087,8 +1091,8 @@ def test_an_engine_whose_start_failed_says_nothing_at_the_exit(tmp_path: Path) -
     assert (done.returncode, done.stderr) == (0, "")
 
 
-_EXIT_WAITS_FOR_THE_FILE = r"""
-import asyncio, json, logging, sys
+_EXIT_WAITS_FOR_THE_FILE = _PAUSED_QUEUE + r"""
+import asyncio, atexit, json, logging, sys
 from taskwatch.engine import Engine
 
 def emit(**fields):
@@ -1104,17 +1108,12 @@ logging.getLogger("taskwatch.store.sqlite").setLevel(logging.INFO)
 
 async def main(db):
     # busy_timeout: the writes wait for the test's lock however long a loaded machine takes
-    engine = Engine(store=f"sqlite:///{db}?busy_timeout=120000", node_id="n", health_interval=None)
-
-    async def handle(job: dict) -> None: ...
-
-    jobs = engine.queue("mail", handle)
-    await engine.start()
-    engine.pause_queue("mail")
+    engine, jobs = await paused_queue(db, "?busy_timeout=120000")
     emit(ev="started")
     await asyncio.to_thread(sys.stdin.readline)  # the test holds the file from now on
     for i in range(1_000):
         jobs.put_nowait({"n": i})
+    atexit.register(emit, ev="exiting")
     emit(ev="queued")
     # main() returns, no stop: the exit waits for the store's writer, which waits for the file
 
@@ -1125,40 +1124,19 @@ asyncio.run(main(sys.argv[1]))
 @pytest.mark.timeout(120)
 def test_a_ctrl_c_while_the_exit_waits_for_the_file_is_said_and_loses_nothing(tmp_path: Path) -> None:
     # before: it ended the wait, and the writer (a daemon thread) died with the transaction
-    # holding every job, unsaid but for "Exception ignored in atexit callback"
+    # holding every job, unsaid but for "Exception ignored in atexit callback". Ctrl-C once the
+    # exit has said why it waits; the file is held until the Ctrl-C is said
     db = tmp_path / "runs.db"
-    child = JsonLineProcess([sys.executable, "-c", _EXIT_WAITS_FOR_THE_FILE, str(db)], "exits", START_TIMEOUT)
-    try:
-        child.event("started")
-        lock = sqlite3.connect(db, isolation_level=None)
-        lock.execute("BEGIN IMMEDIATE")
-        try:
-            child.send("go")
-            child.event("queued")
-            assert "waits" in child.event("info")["msg"]  # the exit says why it takes a while
-            os.kill(child.proc.pid, signal.SIGINT)
-            assert "Ctrl-C again" in child.event("warning")["msg"]
-        finally:
-            lock.execute("ROLLBACK")
-            lock.close()
-        assert child.proc.wait(EXIT_TIMEOUT) == 0
-    finally:
-        child.close()
+    _end_holding_the_file(_EXIT_WAITS_FOR_THE_FILE, db, "interrupt-exit", 0, held_until="warning", interrupt_after="info")
     assert stored_jobs(db) == list(range(1_000))
 
 
-_PURGE_CUT_SHORT = r"""
+_PURGE_CUT_SHORT = _PAUSED_QUEUE + r"""
 import asyncio, sys
 from taskwatch.engine import Engine
 
 async def main(db, turns):
-    engine = Engine(store=f"sqlite:///{db}", node_id="n", health_interval=None)
-
-    async def handle(job: dict) -> None: ...
-
-    jobs = engine.queue("mail", handle)
-    await engine.start()
-    engine.pause_queue("mail")
+    engine, jobs = await paused_queue(db)
     for i in range(5):
         await jobs.put({"n": i})  # in the file
     for i in range(5, 10):
