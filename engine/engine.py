@@ -1356,7 +1356,10 @@ class Engine:
                 # cut short (the loop's teardown cancels this task: a second Ctrl-C, a wait_for
                 # around stop() running out): the queue jobs and runs accepted and not written yet
                 # exist nowhere else; handed to the store before it closes, a store that writes
-                # what it was handed (SQLite's writer) keeps them for the next start
+                # what it was handed (SQLite's writer) keeps them for the next start. The engine's
+                # loops and tasks ended with that loop half stopped: it cannot start again, as
+                # one whose loop closed with no stop cannot
+                self._loop_lost = True
                 for queue in list(self._queues.values()):
                     queue.hand_over_unwritten()
                 self._executor.hand_over_unwritten()

@@ -250,8 +250,8 @@ class EngineLoopClosed(EngineNotRunning):
     def __init__(self) -> None:
         super().__init__(
             "loop closed",
-            "the event loop this engine was started on has closed without engine.stop() (did an "
-            "asyncio.run() return?): its loops and runs ended with that loop, and nothing would take up "
+            "the event loop this engine was started on has closed without engine.stop(), or before "
+            "it finished (did an asyncio.run() return?): its loops and runs ended with that loop, and nothing would take up "
             "new work; nothing was done. Keep an engine on one loop for its life: start and stop it in "
             "the coroutine that uses it (`async with engine:` inside the one asyncio.run()), or use "
             "engine.start_background() to call it from plain code. `await engine.stop()` tidies this "

@@ -41,6 +41,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from .hop import spawn
+from .jsonsafe import safe_str
 from .logs import OutageLog
 from .runs import CancelReason, Progress
 from .errors import DuplicateRunId, StoreBusy, StoreGaveUp, StoreUnavailable
@@ -304,6 +305,7 @@ class Executor:
             batch, self._unwritten = self._unwritten, []
             done = self._flushing = asyncio.get_running_loop().create_future()
             self._writing = frozenset(r.id for r in batch)
+            write: Awaitable[list[Inserted]] | None = None
             try:
                 write = self.store.insert(batch, max_pending=self.max_pending)
                 # shielded: these runs were accepted already (each submit_nowait gave a handle),
@@ -314,6 +316,12 @@ class Executor:
                 )
             except Exception as exc:  # noqa: BLE001 - the engine records each run's failure
                 inserted = exc
+            except asyncio.CancelledError:
+                if not isinstance(write, asyncio.Future):
+                    # a store that writes on the loop, cut short by its teardown: the runs are
+                    # handed over with the rest, or said to be lost there
+                    self._unwritten[:0] = batch
+                raise
             finally:
                 self._flushing = None
                 self._writing = frozenset()
@@ -404,13 +412,18 @@ class Executor:
         batch = self._unwritten
         if not batch:
             return
+        why = "the store writes on the engine's loop, which is gone"
         try:
             write = on_its_way(self.store.insert(batch, max_pending=self.max_pending))
-        except Exception:  # noqa: BLE001 - a store closed or failing: nothing more to do here
-            return
-        if write is None:
-            return
+        except Exception as exc:  # noqa: BLE001 - a store closed or failing: said below
+            write, why = None, safe_str(exc)
         self._unwritten = []
+        if write is None:
+            log.error(
+                "node %s: %d run(s) accepted as the program ended could not be handed to the store (%s); "
+                "they are lost", self.node, len(batch), why,
+            )  # fmt: skip
+            return
 
         def landed(done: asyncio.Future[list[Inserted]]) -> None:
             if not done.cancelled():

@@ -1240,7 +1240,7 @@ class WorkQueue:
         # middle (their encoding takes a while) leaves them for the exit's hand-over
         fresh, encoded = self._storable(self._unwritten)
         put: asyncio.Future[list[int]] | None = None
-        why: BaseException = EngineNotRunning("stopped")  # (a store that writes nothing once its loop is gone)
+        why: BaseException = EngineNotRunning("stopping", "the store writes on the engine's loop, which is ending")
         if fresh:
             try:
                 put = on_its_way(self._engine.store.put_jobs(self.name, self._engine.incarnation, encoded))
@@ -1884,17 +1884,6 @@ class WorkQueue:
         self._start_failed = False
         self._wake_launch_waiters()
 
-    def _forget_a_cut_loop(self) -> None:
-        """The last launch's loop ended with the engine's stop cut short (its teardown): the
-        jobs it held are the store's now (written, or handed over as it ended) and this start
-        takes them up from there; kept here as well, each would run twice. Jobs put since,
-        not written yet, stay."""
-        with self._lock:
-            self._items = deque(
-                item for item in self._items if not (type(item) is _Kept and (item.id is not None or item.handed is not None))
-            )
-        self._consumers = []
-
     def _launched_here(self) -> bool:
         """Consumers run (a launch is done): not so for those of a loop whose teardown cut the
         engine's stop short (they ended with it, and a start on a new loop launches anew)."""
@@ -1914,22 +1903,22 @@ class WorkQueue:
         loses none of them (an ``await put()`` made before the start returns at once, its job
         unwritten: this write is what keeps it)."""
         self._start_failed = False
+        taken: list[_Kept] = []
         try:
             if self._engine.durable and not self._launched_here():
-                if self._consumers:
-                    self._forget_a_cut_loop()
                 self._hold_begins()
                 stamp = self._stamp()
                 # jobs an earlier start left (or queued and never ran) go first
                 adopted = await self._engine.store.adopt_jobs(self.name, self._engine.incarnation, own=True)
                 if self._handled:
-                    # handled before a cut stop could delete their rows: not run again here
+                    # handled, and their rows not deleted yet (the stop could not): not run again
                     done = set(self._handled)
                     adopted = [job for job in adopted if job.id not in done]
                 if adopted:
+                    taken = [self._revive(j, stamp) for j in adopted]
                     with self._lock:
-                        self._items.extendleft(self._revive(j, stamp) for j in reversed(adopted))
-                    self.adopted += len(adopted)
+                        self._items.extendleft(reversed(taken))
+                    self.adopted += len(taken)
                 self._keep_queued()
                 if self._unwritten:
                     # a write that fails fails the start (the engine's, or a late start tried again):
@@ -1937,6 +1926,13 @@ class WorkQueue:
                     await self._flush(deletes=False)
             self.launch()
         except BaseException:
+            if taken:
+                # still in the store: the next start takes them up again, with the rest (kept here
+                # as well, each would run twice)
+                again = set(map(id, taken))
+                with self._lock:
+                    self._items = deque(item for item in self._items if id(item) not in again)
+                self.adopted -= len(taken)
             # puts and joins waiting for this start go on, not waiting for a launch that is not coming
             self._start_failed = True
             self._wake_launch_waiters()

@@ -38,6 +38,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -48,6 +49,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from taskwatch.engine import Engine, TaskContext
 from taskwatch.engine.store import SqliteStore
@@ -1055,6 +1057,88 @@ def test_queue_jobs_a_cut_teardown_left_are_kept_when_an_engine_on_postgresql_st
     db = tmp_path / "runs.db"
     run_to_its_end(_TEARDOWN_CUT_AS_IT_BEGINS, str(db), postgres_url)
     assert stored_jobs(db) == [0, 1, 2, 3, 4]
+
+
+_A_MULTIPROCESSING_CHILD_RETURNS = r"""
+import asyncio, multiprocessing, sys
+from taskwatch.engine import Engine, TaskContext
+
+def child(db):
+    async def main():
+        engine = Engine(store=f"sqlite:///{db}", node_id="child", health_interval=None)
+
+        @engine.task
+        async def job(ctx: TaskContext) -> None:
+            await asyncio.Event().wait()
+
+        async def handle(job: dict) -> None: ...
+
+        jobs = engine.queue("mail", handle)
+        await engine.start()
+        engine.pause_queue("mail")
+        for i in range(7):
+            jobs.put_nowait({"n": i})
+        for _ in range(3):
+            engine.submit_nowait("job")
+        # main() returns, no stop
+
+    asyncio.run(main())
+
+if __name__ == "__main__":
+    process = multiprocessing.get_context(sys.argv[2]).Process(target=child, args=(sys.argv[1],))
+    process.start()
+    process.join()
+    sys.exit(process.exitcode)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("context", ["fork", "forkserver"])
+def test_a_multiprocessing_child_that_ends_without_stop_keeps_what_it_accepted(tmp_path: Path, context: str) -> None:
+    # such a child ends with os._exit, which runs no atexit hook: before, the store's writer
+    # died with every job and run it was handed, unsaid
+    program = tmp_path / "program.py"
+    program.write_text(_A_MULTIPROCESSING_CHILD_RETURNS)
+    db = tmp_path / "runs.db"
+    done = subprocess.run([sys.executable, str(program), str(db), context], capture_output=True, text=True, timeout=EXIT_TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert stored_jobs(db) == list(range(7))
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] == 3
+
+
+_SUBMITS_THEN_RETURNS = r"""
+import asyncio, sys
+from taskwatch.engine import Engine, TaskContext
+
+async def main(url):
+    engine = Engine(store=url, node_id="n", health_interval=None)
+
+    @engine.task
+    async def job(ctx: TaskContext) -> None:
+        await asyncio.Event().wait()
+
+    await engine.start()
+    for _ in range(100):
+        engine.submit_nowait("job")
+    # main() returns, no stop: the runs' insert, on the loop, is cut short
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_runs_postgresql_could_not_write_as_the_program_ended_are_said_lost(postgres_url: str) -> None:
+    # PostgreSQL writes on the loop, which is going (as the README says); before, the runs of
+    # an insert the teardown cut short were lost without a word
+    done = subprocess.run(
+        [sys.executable, "-c", _SUBMITS_THEN_RETURNS, postgres_url], capture_output=True, text=True, timeout=EXIT_TIMEOUT
+    )
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(postgres_url) as conn:
+        stored = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+    said = [int(n) for n in re.findall(r"(\d+) run\(s\) accepted as the program ended could not be handed", done.stderr)]
+    assert stored + sum(said) == 100, done.stderr
 
 
 _START_FAILS = r"""

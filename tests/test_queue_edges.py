@@ -55,6 +55,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from taskwatch.engine import (
     BackgroundEngine,
     Engine,
+    EngineLoopClosed,
     EngineNotRunning,
     InvalidConfiguration,
     InvalidJob,
@@ -64,6 +65,7 @@ from taskwatch.engine import (
     NodeInfo,
     QueueFull,
     StoreBusy,
+    StoreError,
     TaskContext,
     TaskDefinitionError,
 )
@@ -757,17 +759,16 @@ async def test_each_put_refused_by_a_busy_store_is_said_and_no_write_of_it_is_pr
     assert queue.info().depth == 0
 
 
-@pytest.mark.parametrize("store", ["memory", "sqlite"])
-def test_a_queue_works_again_when_the_engine_starts_after_a_stop_the_loops_teardown_cut_short(
-    tmp_path: Path, store: str
+def test_an_engine_whose_stop_the_loops_teardown_cut_short_refuses_to_start_and_a_new_one_takes_up_its_jobs(
+    tmp_path: Path,
 ) -> None:
-    engine = Engine(store="memory" if store == "memory" else f"sqlite:///{tmp_path / 'q.db'}", health_interval=None)
+    path = tmp_path / "q.db"
+    engine = Engine(store=f"sqlite:///{path}", node_id="n", health_interval=None)
     handled: list[int] = []
-    first_run = True
 
     async def handle(job: dict[str, int]) -> None:
         handled.append(job["n"])
-        if first_run:
+        if job["n"] == 0:
             await asyncio.Event().wait()  # keeps the stop draining
 
     queue = engine.queue("q", handle)
@@ -782,21 +783,20 @@ def test_a_queue_works_again_when_the_engine_starts_after_a_stop_the_loops_teard
         # main() returns: the loop's teardown cuts the stop short while it drains
 
     asyncio.run(first())
-    first_run = False
 
     async def second() -> None:
-        async with engine:
-            await asyncio.to_thread(queue.put_nowait, {"n": 1})  # another thread's
-            await queue.put({"n": 2})
-            # before: the queue took them and never handled them (memory: refused the thread's)
-            await eventually(lambda: {1, 2, 10, 11, 12} <= set(handled), TIMEOUT)
-            await asyncio.wait_for(queue.join(), TIMEOUT)
+        # its loops, tasks and queues ended half stopped with that loop: before, a start went
+        # on with them (a queue running its jobs twice or never, a stop raising half way)
+        with pytest.raises(EngineLoopClosed):
+            await engine.start()
+        with pytest.raises(EngineLoopClosed):
+            queue.put_nowait({"n": 1})
+        await engine.stop()  # tidies up, at once
 
     asyncio.run(second())
-    # the durable store kept the job the cut stop left going, and handed it out again; the jobs
-    # waiting then ran once (before: twice on SQLite, from the store and from the queue's memory)
-    assert sorted(handled) == ([0, 1, 2, 10, 11, 12] if store == "memory" else [0, 0, 1, 2, 10, 11, 12])
-    assert engine.state == "stopped"
+    # the jobs it held are in the file: a new engine of the node takes them up, each once (0
+    # again: its handler was cut short)
+    assert asyncio.run(handled_by_a_next_start(path, "q", "n")) == [{"n": n} for n in (0, 10, 11, 12)]
 
 
 def test_purge_on_another_loop_drops_the_waiting_jobs(stoppers: list[BackgroundEngine]) -> None:
@@ -972,14 +972,50 @@ async def test_a_stop_keeps_the_jobs_of_a_queue_whose_late_start_failed_and_wait
     assert await handled_by_a_next_start(path, "late") == [0, 1, 2]
 
 
-async def handled_by_a_next_start(path: Path, name: str) -> list[int]:
-    """The jobs a new engine on the file ``path`` takes up into queue ``name`` and handles."""
+async def test_a_start_tried_again_after_its_write_failed_runs_each_stored_job_once(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    first = Engine(store=f"sqlite:///{path}", node_id="n", health_interval=None)
+
+    async def wait(job: dict[str, int]) -> None: ...
+
+    earlier = first.queue("mail", wait)
+    async with first:
+        first.pause_queue("mail")
+        for n in range(5):
+            await earlier.put({"n": n})  # kept in the file by the stop, for the next start
+    engine = Engine(store=f"sqlite:///{path}", node_id="n", health_interval=None)
     seen: list[int] = []
 
-    async def keep(job: int) -> None:
+    async def handle(job: dict[str, int]) -> None:
+        seen.append(job["n"])
+
+    queue = engine.queue("mail", handle)
+    queue.put_nowait({"n": 100})  # written by the start, after it took up the stored jobs
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        # another process refuses writes of jobs for a moment (a trigger, a migration)
+        other.execute("CREATE TRIGGER no_insert BEFORE INSERT ON queue_jobs BEGIN SELECT RAISE(ABORT, 'not now'); END")
+        with pytest.raises(StoreError):
+            await engine.start()
+        other.execute("DROP TRIGGER no_insert")
+    finally:
+        other.close()
+    async with engine:  # started again, as the start's error says to
+        await asyncio.wait_for(queue.join(), TIMEOUT)
+    # before: the first start's take of the stored jobs was kept too, and each ran twice
+    assert sorted(seen) == [0, 1, 2, 3, 4, 100]
+    assert queue.info().adopted == 5
+
+
+async def handled_by_a_next_start(path: Path, name: str, node_id: str | None = None) -> list[int]:
+    """The jobs a new engine on the file ``path`` (as node ``node_id``) takes up into queue
+    ``name`` and handles."""
+    seen: list[Any] = []
+
+    async def keep(job: Any) -> None:
         seen.append(job)
 
-    again = Engine(health_interval=None, store=f"sqlite:///{path}")
+    again = Engine(health_interval=None, store=f"sqlite:///{path}", node_id=node_id)
     queue = again.queue(name, keep)
     async with again:
         await asyncio.wait_for(queue.join(), 5)

@@ -628,21 +628,37 @@ class Store(ABC):
 ExitStep = Literal["hand over", "write out"]
 _exit_steps: dict[ExitStep, list[Callable[[], None]]] = {"hand over": [], "write out": []}
 _exit_lock = threading.Lock()
-_exit_registered = False
+#: the process the exit steps are registered for, and the one they last ran in (a fork
+#: inherits both from its parent)
+_exit_registered_in: int | None = None
+_exit_ran_in: int | None = None
 
 
 def at_exit(step: ExitStep, action: Callable[[], None]) -> None:
     """Run ``action`` (once, however often registered) at the process's exit, in ``step``."""
-    global _exit_registered
+    global _exit_registered_in
     with _exit_lock:
         if action not in _exit_steps[step]:
             _exit_steps[step].append(action)
-        if not _exit_registered:
-            atexit.register(_run_exit_steps)
-            _exit_registered = True
+        pid = os.getpid()
+        if _exit_registered_in == pid:
+            return
+        if _exit_registered_in is None:
+            atexit.register(_run_exit_steps)  # (a fork has its parent's registration)
+        _exit_registered_in = pid
+        import multiprocessing.util  # (here: a program that never uses it does not pay its import)
+
+        if multiprocessing.parent_process() is not None:
+            # a multiprocessing child: fork and forkserver ones end with os._exit, which runs no
+            # atexit hook, after running these finalizers (a spawned one runs both: once is done)
+            multiprocessing.util.Finalize(None, _run_exit_steps, exitpriority=0)
 
 
 def _run_exit_steps() -> None:
+    global _exit_ran_in
+    if _exit_ran_in == os.getpid():
+        return
+    _exit_ran_in = os.getpid()
     for step in ("hand over", "write out"):
         for action in list(_exit_steps[step]):
             action()
