@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
+import asyncpg
 import pytest
 from taskwatch.engine import Engine, TaskContext
 from taskwatch.engine.store import SqliteStore
@@ -1135,10 +1135,17 @@ def test_runs_postgresql_could_not_write_as_the_program_ended_are_said_lost(post
         [sys.executable, "-c", _SUBMITS_THEN_RETURNS, postgres_url], capture_output=True, text=True, timeout=EXIT_TIMEOUT
     )
     assert done.returncode == 0, done.stderr
-    with psycopg.connect(postgres_url) as conn:
-        stored = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
+    stored = asyncio.run(_count_runs(postgres_url))
     said = [int(n) for n in re.findall(r"(\d+) run\(s\) accepted as the program ended could not be handed", done.stderr)]
     assert stored + sum(said) == 100, done.stderr
+
+
+async def _count_runs(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM runs"))
+    finally:
+        await conn.close()
 
 
 _START_FAILS = r"""
