@@ -1360,6 +1360,12 @@ class Engine:
                 # loops and tasks ended with that loop half stopped: it cannot start again, as
                 # one whose loop closed with no stop cannot
                 self._loop_lost = True
+                log.warning(
+                    "engine %s: its stop was cut short by the end of its event loop (a Ctrl-C while it "
+                    "drained?): runs it had not put back are left to recovery at the next start, and what it "
+                    "had not written was handed to the store; it cannot start again: build a new Engine",
+                    self.node_id,
+                )
                 for queue in list(self._queues.values()):
                     queue.hand_over_unwritten()
                 self._executor.hand_over_unwritten()

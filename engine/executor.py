@@ -136,6 +136,8 @@ class Executor:
         self._cut_since: float | None = None
         #: runs queued without waiting, written by the claim loop in one batch
         self._unwritten: list[NewRun] = []
+        #: runs whose insert (on a store writing on the loop) the loop's end cut short
+        self._cut_write: list[NewRun] = []
         self._wake = asyncio.Event()
         self._claiming = True
         #: resolved once the claim now in flight has returned and its runs are launched
@@ -318,9 +320,9 @@ class Executor:
                 inserted = exc
             except asyncio.CancelledError:
                 if not isinstance(write, asyncio.Future):
-                    # a store that writes on the loop, cut short by its teardown: the runs are
-                    # handed over with the rest, or said to be lost there
-                    self._unwritten[:0] = batch
+                    # a store that writes on the loop, cut short by its teardown: the insert may
+                    # have been committed or not (said so at the hand-over)
+                    self._cut_write.extend(batch)
                 raise
             finally:
                 self._flushing = None
@@ -409,6 +411,13 @@ class Executor:
         is, and the runs it accepted would be lost. A store whose insert is under way once
         called (SQLite's writer queue) writes them, also once the loop is gone; with any other,
         they stay unwritten."""
+        cut, self._cut_write = self._cut_write, []
+        if cut:
+            log.error(
+                "node %s: the insert of %d run(s) accepted as the program ended was cut short by the loop's "
+                "end; they may or may not be in the store (look them up before submitting them again)",
+                self.node, len(cut),
+            )  # fmt: skip
         batch = self._unwritten
         if not batch:
             return

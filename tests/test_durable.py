@@ -1063,29 +1063,42 @@ _A_MULTIPROCESSING_CHILD_RETURNS = r"""
 import asyncio, multiprocessing, sys
 from taskwatch.engine import Engine, TaskContext
 
-def child(db):
-    async def main():
-        engine = Engine(store=f"sqlite:///{db}", node_id="child", health_interval=None)
+def child(db, how):
+    engine = Engine(store=f"sqlite:///{db}", node_id="child", health_interval=None)
 
-        @engine.task
-        async def job(ctx: TaskContext) -> None:
-            await asyncio.Event().wait()
+    @engine.task
+    async def job(ctx: TaskContext) -> None:
+        await asyncio.Event().wait()
 
-        async def handle(job: dict) -> None: ...
+    async def handle(job: dict) -> None: ...
 
-        jobs = engine.queue("mail", handle)
-        await engine.start()
+    jobs = engine.queue("mail", handle)
+
+    def accept():
         engine.pause_queue("mail")
         for i in range(7):
             jobs.put_nowait({"n": i})
         for _ in range(3):
             engine.submit_nowait("job")
+
+    async def main():
+        await engine.start()
+        accept()
         # main() returns, no stop
 
-    asyncio.run(main())
+    if how == "background":
+        bg = engine.start_background()
+        bg.pause_queue("mail")
+        for i in range(7):
+            jobs.put_nowait({"n": i})
+        for _ in range(3):
+            bg.submit("job")
+        # the child returns, no bg.stop(): the exit stops it
+    else:
+        asyncio.run(main())
 
 if __name__ == "__main__":
-    process = multiprocessing.get_context(sys.argv[2]).Process(target=child, args=(sys.argv[1],))
+    process = multiprocessing.get_context(sys.argv[2]).Process(target=child, args=(sys.argv[1], sys.argv[3]))
     process.start()
     process.join()
     sys.exit(process.exitcode)
@@ -1093,15 +1106,22 @@ if __name__ == "__main__":
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("context", ["fork", "forkserver"])
-def test_a_multiprocessing_child_that_ends_without_stop_keeps_what_it_accepted(tmp_path: Path, context: str) -> None:
-    # such a child ends with os._exit, which runs no atexit hook: before, the store's writer
-    # died with every job and run it was handed, unsaid
+@pytest.mark.parametrize(
+    ("context", "how"), [("fork", "asyncio.run"), ("forkserver", "asyncio.run"), ("fork", "background"), ("spawn", "background")]
+)
+def test_a_multiprocessing_child_that_ends_without_stop_keeps_what_it_accepted(
+    tmp_path: Path, context: str, how: str
+) -> None:
+    # such a child ends with os._exit, which runs no atexit hook: the store's writer died with
+    # every job and run it was handed, unsaid; and it runs its finalizers before its threads'
+    # exit (a BackgroundEngine's stop): written out then, the store was closed under that stop
     program = tmp_path / "program.py"
     program.write_text(_A_MULTIPROCESSING_CHILD_RETURNS)
     db = tmp_path / "runs.db"
-    done = subprocess.run([sys.executable, str(program), str(db), context], capture_output=True, text=True, timeout=EXIT_TIMEOUT)
-    assert done.returncode == 0, done.stderr
+    done = subprocess.run(
+        [sys.executable, str(program), str(db), context, how], capture_output=True, text=True, timeout=EXIT_TIMEOUT
+    )
+    assert (done.returncode, done.stderr) == (0, "")
     assert stored_jobs(db) == list(range(7))
     with contextlib.closing(sqlite3.connect(db)) as conn:
         assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] == 3
@@ -1136,8 +1156,10 @@ def test_runs_postgresql_could_not_write_as_the_program_ended_are_said_lost(post
     )
     assert done.returncode == 0, done.stderr
     stored = asyncio.run(_count_runs(postgres_url))
-    said = [int(n) for n in re.findall(r"(\d+) run\(s\) accepted as the program ended could not be handed", done.stderr)]
-    assert stored + sum(said) == 100, done.stderr
+    lost = sum(int(n) for n in re.findall(r"(\d+) run\(s\) accepted as the program ended could not be handed", done.stderr))
+    # an insert the teardown cut while PostgreSQL committed it: said to be maybe written
+    maybe = sum(int(n) for n in re.findall(r"the insert of (\d+) run\(s\) accepted as the program ended", done.stderr))
+    assert stored + lost <= 100 <= stored + lost + maybe, done.stderr
 
 
 async def _count_runs(url: str) -> int:

@@ -651,7 +651,18 @@ def at_exit(step: ExitStep, action: Callable[[], None]) -> None:
         if multiprocessing.parent_process() is not None:
             # a multiprocessing child: fork and forkserver ones end with os._exit, which runs no
             # atexit hook, after running these finalizers (a spawned one runs both: once is done)
-            multiprocessing.util.Finalize(None, _run_exit_steps, exitpriority=0)
+            multiprocessing.util.Finalize(None, _run_exit_steps_in_a_child, exitpriority=0)
+
+
+def _run_exit_steps_in_a_child() -> None:
+    """A multiprocessing child runs its finalizers before it joins its threads: first what an
+    interpreter's exit does before its atexit hooks (the threads' own exit hooks, a
+    BackgroundEngine's stop among them, then joining the threads still running), as the child
+    does itself right after (it is done once); then the steps."""
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    _run_exit_steps()
 
 
 def _run_exit_steps() -> None:
