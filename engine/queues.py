@@ -1847,12 +1847,11 @@ class WorkQueue:
         On a durable store, jobs already queued here are written first; jobs
         left in the store by an earlier start are taken up by :meth:`start`.
         """
-        if self._launched_here():
+        if self._consumers:
             return
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._loop_thread = threading.get_ident()
-        self._consumers = []
         self._handing_over = False
         self._closing = self._abandon = self._stop_answers_joins = False
         self._left_at_stop = None
@@ -1884,11 +1883,6 @@ class WorkQueue:
         self._start_failed = False
         self._wake_launch_waiters()
 
-    def _launched_here(self) -> bool:
-        """Consumers run (a launch is done): not so for those of a loop whose teardown cut the
-        engine's stop short (they ended with it, and a start on a new loop launches anew)."""
-        return any(not consumer.done() for consumer in self._consumers)
-
     def _keep_queued(self) -> None:
         """Durable store: make the jobs put before the first start kept ones (queued for a write)."""
         if self._engine.durable and not self._durable:
@@ -1905,7 +1899,7 @@ class WorkQueue:
         self._start_failed = False
         taken: list[_Kept] = []
         try:
-            if self._engine.durable and not self._launched_here():
+            if self._engine.durable and not self._consumers:
                 self._hold_begins()
                 stamp = self._stamp()
                 # jobs an earlier start left (or queued and never ran) go first
