@@ -1366,9 +1366,8 @@ class Engine:
                     "had not written was handed to the store; it cannot start again: build a new Engine",
                     self.node_id,
                 )
-                for queue in list(self._queues.values()):
-                    queue.hand_over_unwritten()
-                self._executor.hand_over_unwritten()
+                for _, hand_over in self._hand_overs():
+                    hand_over()
             try:
                 await self._store.close()
             finally:
@@ -2585,11 +2584,23 @@ class Engine:
             return []
         if self._loop is not None and self._loop.is_running():
             return []
+        return self._hand_overs()
+
+    def _hand_overs(self) -> list[tuple[str, Callable[[], None]]]:
+        """What each hands the store what the queues and the runs accepted and did not write
+        (as the loop ends, or the process), and what it is, as a log would say it."""
         parts: list[tuple[str, Callable[[], None]]] = [
-            (f"what queue {queue.name!r} accepted", queue.hand_over_unwritten) for queue in self._queues.values()
+            (f"what queue {queue.name!r} accepted", queue.hand_over_unwritten) for queue in list(self._queues.values())
         ]
         parts.append((f"the runs node {self.node_id} accepted", self._executor.hand_over_unwritten))
         return parts
+
+    def _hand_over_if_torn_down(self, service: WorkQueue | Trigger) -> None:
+        """A late start of ``service``, or the wait to try it again, was cancelled: by the loop's
+        teardown with no stop (a stop is "stopping" before it cancels them), a queue's jobs put
+        since it was made are in no store yet."""
+        if self._state == "running" and isinstance(service, WorkQueue):
+            service.hand_over_unwritten()
 
     def _begin_late(self, service: WorkQueue | Trigger, what: str, delay: float = _LATE_RETRY_FIRST) -> None:
         if self._state != "running":
@@ -2604,10 +2615,7 @@ class Engine:
     def _late_started(self, service: WorkQueue | Trigger, what: str, delay: float, task: asyncio.Task[None]) -> None:
         self._late_starts.discard(task)
         if task.cancelled():
-            if self._state == "running" and isinstance(service, WorkQueue):
-                # the loop's teardown, with no stop (a stop is "stopping" before it cancels a late
-                # start): the jobs put since the queue was made are in no store yet
-                service.hand_over_unwritten()
+            self._hand_over_if_torn_down(service)
             return
         if (exc := task.exception()) is None:
             return
@@ -2627,10 +2635,10 @@ class Engine:
     def _late_retry_due(self, service: WorkQueue | Trigger, what: str, delay: float, retry: asyncio.Task[None]) -> None:
         if self._late_retries.get(service) is retry:
             del self._late_retries[service]
-        if not retry.cancelled():
+        if retry.cancelled():
+            self._hand_over_if_torn_down(service)
+        else:
             self._begin_late(service, what, delay)
-        elif self._state == "running" and isinstance(service, WorkQueue):
-            service.hand_over_unwritten()  # the loop's teardown (a stop cancels it while "stopping")
 
     @_on_loop
     def queues(self) -> list[QueueInfo]:

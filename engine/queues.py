@@ -737,22 +737,24 @@ class WorkQueue:
         return kept
 
     def _give_to_store(self, job: Any) -> asyncio.Future[list[int]]:
-        """Hand ``job`` to the store's writer as the loop tears down (any thread), or raise
-        EngineNotRunning: the store is closed, or its write would need the loop."""
+        """Hand ``job`` to the store's writer as the loop tears down (any thread), or refuse it
+        (EngineNotRunning, saying why the store cannot take it)."""
         try:
-            put = on_its_way(self._engine.store.put_jobs(self.name, self._engine.incarnation, [jsonable(job)]))
+            return self._to_writer([jsonable(job)])
         except Exception as exc:  # noqa: BLE001 - a store closed or failing, a job changed since: refused
             raise EngineNotRunning(
                 "stopping",
-                f"queue {self.name!r} no longer accepts jobs: the program is ending and the store cannot "
+                f"queue {self.name!r} no longer accepts jobs: the program is ending, and the store cannot "
                 f"take them any more ({safe_str(exc)})",
             ) from None
+
+    def _to_writer(self, encoded: list[Any]) -> asyncio.Future[list[int]]:
+        """Hand the ``encoded`` jobs to the store's writer as the loop tears down: the writer's
+        future, or raises what keeps the store from taking them (closed, failing, or writing
+        on the loop that is ending)."""
+        put = on_its_way(self._engine.store.put_jobs(self.name, self._engine.incarnation, encoded))
         if put is None:
-            raise EngineNotRunning(
-                "stopping",
-                f"queue {self.name!r} no longer accepts jobs: the program is ending, and the store writes "
-                "nothing once the engine's loop is gone",
-            )
+            raise EngineNotRunning("stopping", "the store writes on the engine's loop, which is ending")
         return put
 
     def _put_from_thread(self, loop: asyncio.AbstractEventLoop, job: Any) -> bool:
@@ -1239,16 +1241,14 @@ class WorkQueue:
         # nothing changes here before the store has the jobs or refused them: a Ctrl-C in the
         # middle (their encoding takes a while) leaves them for the exit's hand-over
         fresh, encoded = self._storable(self._unwritten)
-        put: asyncio.Future[list[int]] | None = None
-        why: BaseException = EngineNotRunning("stopping", "the store writes on the engine's loop, which is ending")
-        if fresh:
-            try:
-                put = on_its_way(self._engine.store.put_jobs(self.name, self._engine.incarnation, encoded))
-            except Exception as exc:  # noqa: BLE001 - a store closed or failing: said and counted below
-                why = exc
+        why: Exception | None = None
+        try:
+            put = self._to_writer(encoded) if fresh else None
+        except Exception as exc:  # noqa: BLE001 - a store closed or failing: said and counted below
+            put, why = None, exc
         self._unwritten = []
         written, self._written = self._written, None
-        if not fresh:
+        if put is None and why is None:
             if written is not None and not written.done():
                 written.set_result(None)
             return
